@@ -1,0 +1,373 @@
+// Package cpu is the pure-Go float32 backend: the numerical reference and the
+// embedded default. Work is spread over GOMAXPROCS goroutines.
+package cpu
+
+import (
+	"fmt"
+	"math"
+	"runtime"
+	"sync"
+
+	"github.com/peftd/peftd/runtime/engine"
+	"github.com/peftd/peftd/runtime/llama"
+	"github.com/peftd/peftd/runtime/lora"
+	"github.com/peftd/peftd/runtime/safetensors"
+)
+
+// Buffer is a row-major [rows, cols] float32 matrix.
+type Buffer struct {
+	data       []float32
+	rows, cols int
+}
+
+// Cols is the row width.
+func (b *Buffer) Cols() int { return b.cols }
+
+func (b *Buffer) row(i int) []float32 { return b.data[i*b.cols : (i+1)*b.cols] }
+
+// weight is a row-major float32 matrix (vectors have rows = 1).
+type weight struct {
+	data       []float32
+	rows, cols int
+}
+
+// Backend is the CPU backend.
+type Backend struct {
+	workers int
+	cfg     *llama.Config
+	kv      engine.KVSpec
+	kcache  [][]float32 // per layer: [blocks*blockSize, kvHeads*headDim]
+	vcache  [][]float32
+	slots   []*lora.Adapter
+	meta    *engine.StepMeta
+	rowSeq  []int32 // sequence index of each row
+}
+
+// New returns a CPU backend using workers goroutines (0: GOMAXPROCS).
+func New(workers int) *Backend {
+	if workers <= 0 {
+		workers = runtime.GOMAXPROCS(0)
+	}
+	return &Backend{workers: workers}
+}
+
+// Name is "cpu".
+func (b *Backend) Name() string { return "cpu" }
+
+// Init allocates the KV cache.
+func (b *Backend) Init(cfg *llama.Config, maxTokens int, kv engine.KVSpec) error {
+	b.cfg, b.kv = cfg, kv
+	width := kv.KVHeads * kv.HeadDim
+	n := kv.Blocks * kv.BlockSize * width
+	b.kcache = make([][]float32, kv.Layers)
+	b.vcache = make([][]float32, kv.Layers)
+	for l := range b.kcache {
+		b.kcache[l] = make([]float32, n)
+		b.vcache[l] = make([]float32, n)
+	}
+	b.rowSeq = make([]int32, maxTokens)
+	return nil
+}
+
+// Upload converts a tensor to float32.
+func (b *Backend) Upload(name string, dtype safetensors.DType, shape []int, raw []byte) (engine.Weight, error) {
+	n := 1
+	for _, d := range shape {
+		n *= d
+	}
+	w := &weight{data: make([]float32, n), rows: 1, cols: n}
+	if len(shape) == 2 {
+		w.rows, w.cols = shape[0], shape[1]
+	}
+	if err := safetensors.DecodeFloat32(w.data, raw, dtype); err != nil {
+		return nil, fmt.Errorf("%s: %w", name, err)
+	}
+	return w, nil
+}
+
+// NewBuffer allocates an activation matrix.
+func (b *Backend) NewBuffer(rows, cols int) (engine.Buffer, error) {
+	return &Buffer{data: make([]float32, rows*cols), rows: rows, cols: cols}, nil
+}
+
+// LoadAdapter keeps a reference to the adapter's float32 weights.
+func (b *Backend) LoadAdapter(slot int, a *lora.Adapter) error {
+	for len(b.slots) <= slot {
+		b.slots = append(b.slots, nil)
+	}
+	b.slots[slot] = a
+	return nil
+}
+
+// UnloadAdapter drops the slot.
+func (b *Backend) UnloadAdapter(slot int) error {
+	if slot < len(b.slots) {
+		b.slots[slot] = nil
+	}
+	return nil
+}
+
+// Begin records the step's metadata.
+func (b *Backend) Begin(meta *engine.StepMeta) error {
+	b.meta = meta
+	for si, s := range meta.Seqs {
+		for r := s.Start; r < s.Start+s.Len; r++ {
+			b.rowSeq[r] = int32(si)
+		}
+	}
+	return nil
+}
+
+// End finishes the step (the CPU backend is synchronous).
+func (b *Backend) End() error { b.meta = nil; return nil }
+
+// Close releases memory.
+func (b *Backend) Close() error { b.kcache, b.vcache, b.slots = nil, nil, nil; return nil }
+
+func (b *Backend) rows() int { return len(b.meta.Tokens) }
+
+// parallel runs fn over [0, n) split into contiguous chunks.
+func (b *Backend) parallel(n int, fn func(lo, hi int)) {
+	w := b.workers
+	if w > n {
+		w = n
+	}
+	if w <= 1 {
+		fn(0, n)
+		return
+	}
+	var wg sync.WaitGroup
+	chunk := (n + w - 1) / w
+	for lo := 0; lo < n; lo += chunk {
+		hi := min(lo+chunk, n)
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			fn(lo, hi)
+		}()
+	}
+	wg.Wait()
+}
+
+// Embed gathers embedding rows.
+func (b *Backend) Embed(out engine.Buffer, table engine.Weight) {
+	o, t := out.(*Buffer), table.(*weight)
+	for r, id := range b.meta.Tokens {
+		copy(o.row(r), t.data[int(id)*t.cols:(int(id)+1)*t.cols])
+	}
+}
+
+func rmsnorm(dst, x, w []float32, eps float32) {
+	var ss float32
+	for _, v := range x {
+		ss += v * v
+	}
+	inv := float32(1 / math.Sqrt(float64(ss/float32(len(x))+eps)))
+	for i, v := range x {
+		dst[i] = w[i] * (v * inv)
+	}
+}
+
+// AddRMSNorm adds delta into x, then normalizes x into out.
+func (b *Backend) AddRMSNorm(x, delta, out engine.Buffer, w engine.Weight, eps float32) {
+	xb := x.(*Buffer)
+	n := b.rows()
+	if delta != nil {
+		d := delta.(*Buffer)
+		for i := range xb.data[:n*xb.cols] {
+			xb.data[i] += d.data[i]
+		}
+	}
+	if out == nil {
+		return
+	}
+	o, wt := out.(*Buffer), w.(*weight)
+	for r := 0; r < n; r++ {
+		rmsnorm(o.row(r), xb.row(r), wt.data, eps)
+	}
+}
+
+// Linear computes out = in @ W^T, parallel over output features.
+func (b *Backend) Linear(out, in engine.Buffer, w engine.Weight) {
+	o, x, wt := out.(*Buffer), in.(*Buffer), w.(*weight)
+	matmulT(o, x, wt.data, wt.rows, wt.cols, b.rows(), nil, b)
+}
+
+// matmulT: for rows r in [0,n) (or rowIdx[r] when given), o[r] = x[row] @ W^T.
+func matmulT(o, x *Buffer, w []float32, outF, inF, n int, rowIdx []int32, b *Backend) {
+	b.parallel(outF, func(lo, hi int) {
+		for r := 0; r < n; r++ {
+			src := r
+			if rowIdx != nil {
+				src = int(rowIdx[r])
+			}
+			xr := x.row(src)[:inF]
+			or := o.row(r)
+			for j := lo; j < hi; j++ {
+				or[j] = dot(xr, w[j*inF:(j+1)*inF])
+			}
+		}
+	})
+}
+
+// dot is a float32 dot product with four partial sums.
+func dot(a, b []float32) float32 {
+	var s0, s1, s2, s3 float32
+	n := len(a)
+	b = b[:n]
+	i := 0
+	for ; i+4 <= n; i += 4 {
+		s0 += a[i] * b[i]
+		s1 += a[i+1] * b[i+1]
+		s2 += a[i+2] * b[i+2]
+		s3 += a[i+3] * b[i+3]
+	}
+	for ; i < n; i++ {
+		s0 += a[i] * b[i]
+	}
+	return (s0 + s1) + (s2 + s3)
+}
+
+// LoRA adds each row's adapter update for projection m of layer.
+func (b *Backend) LoRA(out, in engine.Buffer, layer int, m llama.Module) {
+	o, x := out.(*Buffer), in.(*Buffer)
+	for _, seg := range b.meta.LoRA {
+		a := b.slots[seg.Slot]
+		p := a.Layers[layer][m]
+		if p == nil {
+			continue
+		}
+		inF := len(p.A) / p.Rank
+		outF := len(p.B) / p.Rank
+		b.parallel(seg.End-seg.Start, func(lo, hi int) {
+			t := make([]float32, p.Rank)
+			for r := seg.Start + lo; r < seg.Start+hi; r++ {
+				xr := x.row(r)[:inF]
+				for k := range t {
+					t[k] = dot(xr, p.A[k*inF:(k+1)*inF]) * p.Scale
+				}
+				or := o.row(r)[:outF]
+				for j := range or {
+					or[j] += dot(t, p.B[j*p.Rank:(j+1)*p.Rank])
+				}
+			}
+		})
+	}
+}
+
+// RoPE rotates q and k in place (rotate-half: pairs i and i+headDim/2).
+func (b *Backend) RoPE(q, k engine.Buffer, invFreq []float32, heads, kvHeads, headDim int) {
+	qb, kb := q.(*Buffer), k.(*Buffer)
+	half := headDim / 2
+	cos := make([]float32, half)
+	sin := make([]float32, half)
+	for r, pos := range b.meta.Positions {
+		for i, f := range invFreq {
+			ang := float32(pos) * f
+			cos[i] = float32(math.Cos(float64(ang)))
+			sin[i] = float32(math.Sin(float64(ang)))
+		}
+		for _, t := range []struct {
+			row []float32
+			h   int
+		}{{qb.row(r), heads}, {kb.row(r), kvHeads}} {
+			for h := 0; h < t.h; h++ {
+				v := t.row[h*headDim : (h+1)*headDim]
+				for i := 0; i < half; i++ {
+					x1, x2 := v[i], v[i+half]
+					v[i] = x1*cos[i] - x2*sin[i]
+					v[i+half] = x2*cos[i] + x1*sin[i]
+				}
+			}
+		}
+	}
+}
+
+// Attention stores k and v in the paged cache, then runs causal attention
+// for every row and head over its sequence's pages.
+func (b *Backend) Attention(out, q, k, v engine.Buffer, layer int, scale float32) {
+	o, qb, kb, vb := out.(*Buffer), q.(*Buffer), k.(*Buffer), v.(*Buffer)
+	kv := b.kv
+	width := kv.KVHeads * kv.HeadDim
+	kc, vc := b.kcache[layer], b.vcache[layer]
+	for r, slot := range b.meta.KVSlots {
+		copy(kc[int(slot)*width:(int(slot)+1)*width], kb.row(r))
+		copy(vc[int(slot)*width:(int(slot)+1)*width], vb.row(r))
+	}
+	heads, hd := b.cfg.Heads, kv.HeadDim
+	group := heads / kv.KVHeads
+	n := b.rows()
+	b.parallel(n*heads, func(lo, hi int) {
+		var scores []float32
+		for job := lo; job < hi; job++ {
+			r, h := job/heads, job%heads
+			s := &b.meta.Seqs[b.rowSeq[r]]
+			ctx := s.Context - s.Len + (r - s.Start) + 1 // causal: positions [0, ctx)
+			if cap(scores) < ctx {
+				scores = make([]float32, ctx)
+			}
+			scores = scores[:ctx]
+			qh := qb.row(r)[h*hd : (h+1)*hd]
+			kvOff := (h / group) * hd
+			maxS := float32(math.Inf(-1))
+			for p := 0; p < ctx; p++ {
+				slot := int(s.Blocks[p/kv.BlockSize])*kv.BlockSize + p%kv.BlockSize
+				sc := dot(qh, kc[slot*width+kvOff:slot*width+kvOff+hd]) * scale
+				scores[p] = sc
+				if sc > maxS {
+					maxS = sc
+				}
+			}
+			var sum float32
+			for p := range scores {
+				e := float32(math.Exp(float64(scores[p] - maxS)))
+				scores[p] = e
+				sum += e
+			}
+			oh := o.row(r)[h*hd : (h+1)*hd]
+			clear(oh)
+			inv := 1 / sum
+			for p := 0; p < ctx; p++ {
+				slot := int(s.Blocks[p/kv.BlockSize])*kv.BlockSize + p%kv.BlockSize
+				wgt := scores[p] * inv
+				vv := vc[slot*width+kvOff : slot*width+kvOff+hd]
+				for i := range oh {
+					oh[i] += wgt * vv[i]
+				}
+			}
+		}
+	})
+}
+
+// SiLUMul computes out = silu(gate) * up.
+func (b *Backend) SiLUMul(out, gate, up engine.Buffer) {
+	o, g, u := out.(*Buffer), gate.(*Buffer), up.(*Buffer)
+	n := b.rows() * o.cols
+	for i := 0; i < n; i++ {
+		x := g.data[i]
+		o.data[i] = x / (1 + float32(math.Exp(float64(-x)))) * u.data[i]
+	}
+}
+
+// Logits normalizes the selected rows and projects them onto the vocabulary.
+func (b *Backend) Logits(out, x engine.Buffer, norm, head engine.Weight, eps float32) {
+	o, xb, nw, hw := out.(*Buffer), x.(*Buffer), norm.(*weight), head.(*weight)
+	rows := b.meta.LogitRows
+	normed := &Buffer{data: make([]float32, len(rows)*xb.cols), rows: len(rows), cols: xb.cols}
+	for i, r := range rows {
+		rmsnorm(normed.row(i), xb.row(int(r)), nw.data, eps)
+	}
+	matmulT(o, normed, hw.data, hw.rows, hw.cols, len(rows), nil, b)
+}
+
+// Read copies rows of b into dst.
+func (b *Backend) Read(buf engine.Buffer, rows int, dst []float32) error {
+	x := buf.(*Buffer)
+	if len(dst) < rows*x.cols {
+		return fmt.Errorf("cpu: read of %d rows needs %d values, dst has %d", rows, rows*x.cols, len(dst))
+	}
+	copy(dst, x.data[:rows*x.cols])
+	return nil
+}
+
+var _ engine.Backend = (*Backend)(nil)

@@ -1,0 +1,78 @@
+// Package engine runs the Llama forward pass over a batch of sequences, each
+// with its own LoRA adapter (or none), on a Backend, with a paged KV cache.
+package engine
+
+import (
+	"github.com/peftd/peftd/runtime/llama"
+	"github.com/peftd/peftd/runtime/lora"
+	"github.com/peftd/peftd/runtime/safetensors"
+)
+
+// Buffer is a backend-owned activation matrix of [rows, cols] float values.
+type Buffer interface{ Cols() int }
+
+// Weight is a backend-owned model weight.
+type Weight interface{}
+
+// KVSpec sizes the paged KV cache.
+type KVSpec struct {
+	Layers, Blocks, BlockSize, KVHeads, HeadDim int
+}
+
+// SeqMeta describes one sequence's tokens in a step.
+type SeqMeta struct {
+	Start   int     // first row of the sequence in the step's token rows
+	Len     int     // rows this step
+	Context int     // tokens in the KV cache after this step (the last row's position + 1)
+	Blocks  []int32 // page table: KV block of each BlockSize-token page
+}
+
+// Segment is a run of rows [Start, End) that share an adapter slot.
+type Segment struct{ Start, End, Slot int }
+
+// StepMeta is the host-side description of one forward pass.
+type StepMeta struct {
+	Tokens    []int32 // token id of each row
+	Positions []int32 // position of each row
+	KVSlots   []int32 // KV cache slot of each row: block*BlockSize + offset
+	Seqs      []SeqMeta
+	LoRA      []Segment // rows with an adapter; rows outside every segment use none
+	LogitRows []int32   // rows whose logits are returned, in output order
+}
+
+// Backend runs the forward pass primitives. Ops act on the first
+// len(meta.Tokens) rows of their buffers (LogitRows for Logits) and may run
+// asynchronously until Read or End. One goroutine drives a backend.
+type Backend interface {
+	Name() string
+	// Init sizes per-step scratch for up to maxTokens rows and the KV cache.
+	Init(cfg *llama.Config, maxTokens int, kv KVSpec) error
+	// Upload turns a checkpoint tensor (raw little-endian data) into a Weight.
+	Upload(name string, dtype safetensors.DType, shape []int, raw []byte) (Weight, error)
+	NewBuffer(rows, cols int) (Buffer, error)
+	// LoadAdapter places an adapter's weights in a device slot, replacing what was there.
+	LoadAdapter(slot int, a *lora.Adapter) error
+	UnloadAdapter(slot int) error
+
+	Begin(meta *StepMeta) error
+	Embed(out Buffer, table Weight)
+	// AddRMSNorm: if delta != nil, x += delta; then, if out != nil, out = rmsnorm(x) * w.
+	AddRMSNorm(x, delta, out Buffer, w Weight, eps float32)
+	// Linear: out = in @ W^T.
+	Linear(out, in Buffer, w Weight)
+	// LoRA: out += scale * (in @ A^T) @ B^T with each row's adapter (meta.LoRA).
+	LoRA(out, in Buffer, layer int, m llama.Module)
+	// RoPE rotates q and k in place at meta.Positions (rotate-half layout).
+	RoPE(q, k Buffer, invFreq []float32, heads, kvHeads, headDim int)
+	// Attention writes k, v into the cache at meta.KVSlots, then computes causal
+	// attention of q over each sequence's cache.
+	Attention(out, q, k, v Buffer, layer int, scale float32)
+	// SiLUMul: out = silu(gate) * up.
+	SiLUMul(out, gate, up Buffer)
+	// Logits: out[i] = rmsnorm(x[LogitRows[i]]) * norm @ head^T.
+	Logits(out, x Buffer, norm, head Weight, eps float32)
+	// Read copies the first rows of b to dst (rows*cols values), waiting for the step.
+	Read(b Buffer, rows int, dst []float32) error
+	End() error
+	Close() error
+}

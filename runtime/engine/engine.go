@@ -1,0 +1,377 @@
+package engine
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math"
+	"sort"
+
+	"github.com/peftd/peftd/runtime/llama"
+	"github.com/peftd/peftd/runtime/lora"
+)
+
+// Errors returned (wrapped) by the engine.
+var (
+	ErrKVFull     = errors.New("engine: KV cache full")
+	ErrTooMany    = errors.New("engine: step exceeds the token budget")
+	ErrBadInput   = errors.New("engine: bad step input")
+	ErrNoSlot     = errors.New("engine: no such adapter slot")
+	ErrContextLen = errors.New("engine: sequence exceeds the model's context length")
+)
+
+// Options size the engine.
+type Options struct {
+	MaxTokens    int // rows per step (prefill chunk budget + decodes)
+	KVBlocks     int // KV cache pages
+	BlockSize    int // tokens per page
+	AdapterSlots int // adapters resident at once
+	MaxContext   int // per-sequence token limit; 0 means max_position_embeddings
+}
+
+// DefaultOptions suit the small CPU models.
+func DefaultOptions() Options {
+	return Options{MaxTokens: 512, KVBlocks: 1024, BlockSize: 16, AdapterSlots: 8}
+}
+
+type layerWeights struct {
+	inNorm, postNorm Weight
+	proj             [llama.NumModules]Weight
+}
+
+// Engine owns a model on a backend, the KV page allocator and adapter slots.
+// It is not safe for concurrent use: one scheduler goroutine drives it.
+type Engine struct {
+	cfg     *llama.Config
+	b       Backend
+	opts    Options
+	invFreq []float32
+
+	embed, norm, head Weight
+	layers            []layerWeights
+
+	x, h, q, k, v, attn, tmp, gate, up, logits Buffer
+
+	freeBlocks []int32
+	slots      []*lora.Adapter
+	// adapterSlot[l][m] reports whether any loaded adapter touches projection m of layer l.
+	loraUse [][llama.NumModules]int
+}
+
+// New uploads the model's weights to the backend.
+func New(m *llama.Model, b Backend, opts Options) (*Engine, error) {
+	c := m.Config
+	if opts.BlockSize <= 0 || opts.KVBlocks <= 0 || opts.MaxTokens <= 0 || opts.AdapterSlots < 0 {
+		return nil, fmt.Errorf("%w: options %+v", ErrBadInput, opts)
+	}
+	if opts.MaxContext <= 0 || (c.MaxPositions > 0 && opts.MaxContext > c.MaxPositions) {
+		opts.MaxContext = c.MaxPositions
+		if opts.MaxContext <= 0 {
+			opts.MaxContext = 4096
+		}
+	}
+	e := &Engine{cfg: c, b: b, opts: opts, invFreq: c.InvFreq(),
+		slots: make([]*lora.Adapter, opts.AdapterSlots), loraUse: make([][llama.NumModules]int, c.Layers)}
+	kv := KVSpec{Layers: c.Layers, Blocks: opts.KVBlocks, BlockSize: opts.BlockSize, KVHeads: c.KVHeads, HeadDim: c.HeadDim}
+	if err := b.Init(c, opts.MaxTokens, kv); err != nil {
+		return nil, fmt.Errorf("engine: %s backend: %w", b.Name(), err)
+	}
+	up := func(name string) (Weight, error) {
+		raw, info, err := m.Tensors.Bytes(name)
+		if err != nil {
+			return nil, err
+		}
+		w, err := b.Upload(name, info.DType, info.Shape, raw)
+		if err != nil {
+			return nil, fmt.Errorf("engine: upload %s: %w", name, err)
+		}
+		return w, nil
+	}
+	var err error
+	if e.embed, err = up(llama.EmbedName); err != nil {
+		return nil, err
+	}
+	if e.norm, err = up(llama.NormName); err != nil {
+		return nil, err
+	}
+	if e.head, err = up(c.HeadTensor()); err != nil {
+		return nil, err
+	}
+	e.layers = make([]layerWeights, c.Layers)
+	for l := range e.layers {
+		in, post := llama.LayerNormNames(l)
+		if e.layers[l].inNorm, err = up(in); err != nil {
+			return nil, err
+		}
+		if e.layers[l].postNorm, err = up(post); err != nil {
+			return nil, err
+		}
+		for p := llama.Module(0); p < llama.NumModules; p++ {
+			if e.layers[l].proj[p], err = up(p.Path(l) + ".weight"); err != nil {
+				return nil, err
+			}
+		}
+	}
+	T := opts.MaxTokens
+	qd, kvd := c.Heads*c.HeadDim, c.KVHeads*c.HeadDim
+	for _, s := range []struct {
+		p    *Buffer
+		cols int
+	}{{&e.x, c.Hidden}, {&e.h, c.Hidden}, {&e.q, qd}, {&e.k, kvd}, {&e.v, kvd}, {&e.attn, qd},
+		{&e.tmp, c.Hidden}, {&e.gate, c.Intermediate}, {&e.up, c.Intermediate}, {&e.logits, c.VocabSize}} {
+		if *s.p, err = b.NewBuffer(T, s.cols); err != nil {
+			return nil, fmt.Errorf("engine: activations: %w", err)
+		}
+	}
+	e.freeBlocks = make([]int32, opts.KVBlocks)
+	for i := range e.freeBlocks {
+		e.freeBlocks[i] = int32(opts.KVBlocks - 1 - i) // pop from the end: block 0 first
+	}
+	return e, nil
+}
+
+// Config is the model's configuration.
+func (e *Engine) Config() *llama.Config { return e.cfg }
+
+// Options are the engine's sizes.
+func (e *Engine) Options() Options { return e.opts }
+
+// Backend is the backend the engine runs on.
+func (e *Engine) Backend() Backend { return e.b }
+
+// FreeBlocks is the number of unused KV pages.
+func (e *Engine) FreeBlocks() int { return len(e.freeBlocks) }
+
+// BlocksFor is the number of KV pages a sequence of n tokens holds.
+func (e *Engine) BlocksFor(n int) int { return (n + e.opts.BlockSize - 1) / e.opts.BlockSize }
+
+// Close releases the backend.
+func (e *Engine) Close() error { return e.b.Close() }
+
+// LoadAdapter places a in slot, replacing any adapter there.
+func (e *Engine) LoadAdapter(slot int, a *lora.Adapter) error {
+	if slot < 0 || slot >= len(e.slots) {
+		return fmt.Errorf("%w: %d (have %d)", ErrNoSlot, slot, len(e.slots))
+	}
+	if len(a.Layers) != e.cfg.Layers {
+		return fmt.Errorf("%w: adapter %s has %d layers, model has %d", lora.ErrMismatch, a.Name, len(a.Layers), e.cfg.Layers)
+	}
+	if err := e.b.LoadAdapter(slot, a); err != nil {
+		return fmt.Errorf("engine: load adapter %s into slot %d: %w", a.Name, slot, err)
+	}
+	e.setSlot(slot, a)
+	return nil
+}
+
+// UnloadAdapter empties slot.
+func (e *Engine) UnloadAdapter(slot int) error {
+	if slot < 0 || slot >= len(e.slots) {
+		return fmt.Errorf("%w: %d (have %d)", ErrNoSlot, slot, len(e.slots))
+	}
+	if err := e.b.UnloadAdapter(slot); err != nil {
+		return err
+	}
+	e.setSlot(slot, nil)
+	return nil
+}
+
+func (e *Engine) setSlot(slot int, a *lora.Adapter) {
+	for _, ad := range []*lora.Adapter{e.slots[slot], a} {
+		if ad == nil {
+			continue
+		}
+		d := 1
+		if ad == e.slots[slot] {
+			d = -1
+		}
+		for l := range ad.Layers {
+			for m, p := range ad.Layers[l] {
+				if p != nil {
+					e.loraUse[l][m] += d
+				}
+			}
+		}
+	}
+	e.slots[slot] = a
+}
+
+// Sequence is one sequence's KV cache state.
+type Sequence struct {
+	blocks []int32
+	n      int
+}
+
+// Len is the number of tokens in the sequence's cache.
+func (s *Sequence) Len() int { return s.n }
+
+// Release returns a sequence's KV pages to the pool; the sequence is empty after.
+func (e *Engine) Release(s *Sequence) {
+	e.freeBlocks = append(e.freeBlocks, s.blocks...)
+	s.blocks, s.n = nil, 0
+}
+
+// Input is one sequence's part of a step.
+type Input struct {
+	Seq       *Sequence
+	Tokens    []int32 // tokens to append (a prefill chunk, or one decode token)
+	Slot      int     // adapter slot, or -1 for the base model
+	AllLogits bool    // logits for every token, not only the last
+}
+
+// Step runs one forward pass over every input and returns, per input in
+// order, the logits rows (one row, or len(Tokens) rows with AllLogits).
+// On error no sequence changes.
+func (e *Engine) Step(ctx context.Context, in []Input) ([][]float32, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	c := e.cfg
+	total, rows, need := 0, 0, 0
+	seen := map[*Sequence]bool{}
+	for i, x := range in {
+		if x.Seq == nil || len(x.Tokens) == 0 {
+			return nil, fmt.Errorf("%w: input %d has no sequence or no tokens", ErrBadInput, i)
+		}
+		if seen[x.Seq] {
+			return nil, fmt.Errorf("%w: sequence appears twice in one step", ErrBadInput)
+		}
+		seen[x.Seq] = true
+		if x.Slot >= len(e.slots) || x.Slot < -1 || (x.Slot >= 0 && e.slots[x.Slot] == nil) {
+			return nil, fmt.Errorf("%w: input %d uses empty or missing slot %d", ErrNoSlot, i, x.Slot)
+		}
+		for _, t := range x.Tokens {
+			if t < 0 || int(t) >= c.VocabSize {
+				return nil, fmt.Errorf("%w: token id %d outside the vocabulary [0, %d)", ErrBadInput, t, c.VocabSize)
+			}
+		}
+		n := x.Seq.n + len(x.Tokens)
+		if n > e.opts.MaxContext {
+			return nil, fmt.Errorf("%w: %d tokens > %d", ErrContextLen, n, e.opts.MaxContext)
+		}
+		total += len(x.Tokens)
+		if x.AllLogits {
+			rows += len(x.Tokens)
+		} else {
+			rows++
+		}
+		need += e.BlocksFor(n) - len(x.Seq.blocks)
+	}
+	if total > e.opts.MaxTokens {
+		return nil, fmt.Errorf("%w: %d tokens > %d", ErrTooMany, total, e.opts.MaxTokens)
+	}
+	if need > len(e.freeBlocks) {
+		return nil, fmt.Errorf("%w: need %d pages, %d free", ErrKVFull, need, len(e.freeBlocks))
+	}
+	// Group rows by adapter slot so each adapter's tokens are one segment.
+	order := make([]int, len(in))
+	for i := range order {
+		order[i] = i
+	}
+	sort.SliceStable(order, func(a, b int) bool { return in[order[a]].Slot < in[order[b]].Slot })
+
+	meta := &StepMeta{
+		Tokens: make([]int32, 0, total), Positions: make([]int32, 0, total), KVSlots: make([]int32, 0, total),
+		Seqs: make([]SeqMeta, 0, len(in)), LogitRows: make([]int32, 0, rows),
+	}
+	outRow := make([]int, len(in)) // first logits row of each input
+	grown := make([]int, 0, len(in))
+	for _, i := range order {
+		x := in[i]
+		s := x.Seq
+		for len(s.blocks) < e.BlocksFor(s.n+len(x.Tokens)) {
+			b := e.freeBlocks[len(e.freeBlocks)-1]
+			e.freeBlocks = e.freeBlocks[:len(e.freeBlocks)-1]
+			s.blocks = append(s.blocks, b)
+		}
+		grown = append(grown, i)
+		start := len(meta.Tokens)
+		for j, t := range x.Tokens {
+			pos := s.n + j
+			meta.Tokens = append(meta.Tokens, t)
+			meta.Positions = append(meta.Positions, int32(pos))
+			meta.KVSlots = append(meta.KVSlots, s.blocks[pos/e.opts.BlockSize]*int32(e.opts.BlockSize)+int32(pos%e.opts.BlockSize))
+		}
+		meta.Seqs = append(meta.Seqs, SeqMeta{Start: start, Len: len(x.Tokens), Context: s.n + len(x.Tokens), Blocks: s.blocks})
+		if x.Slot >= 0 {
+			if k := len(meta.LoRA) - 1; k >= 0 && meta.LoRA[k].Slot == x.Slot && meta.LoRA[k].End == start {
+				meta.LoRA[k].End = len(meta.Tokens)
+			} else {
+				meta.LoRA = append(meta.LoRA, Segment{Start: start, End: len(meta.Tokens), Slot: x.Slot})
+			}
+		}
+		outRow[i] = len(meta.LogitRows)
+		if x.AllLogits {
+			for r := start; r < len(meta.Tokens); r++ {
+				meta.LogitRows = append(meta.LogitRows, int32(r))
+			}
+		} else {
+			meta.LogitRows = append(meta.LogitRows, int32(len(meta.Tokens)-1))
+		}
+	}
+	logits, err := e.forward(meta)
+	if err != nil {
+		// Undo page growth so the sequences are as they were.
+		for _, i := range grown {
+			s := in[i].Seq
+			keep := e.BlocksFor(s.n)
+			e.freeBlocks = append(e.freeBlocks, s.blocks[keep:]...)
+			s.blocks = s.blocks[:keep]
+		}
+		return nil, err
+	}
+	out := make([][]float32, len(in))
+	V := c.VocabSize
+	for i, x := range in {
+		n := 1
+		if x.AllLogits {
+			n = len(x.Tokens)
+		}
+		out[i] = logits[outRow[i]*V : (outRow[i]+n)*V : (outRow[i]+n)*V]
+		x.Seq.n += len(x.Tokens)
+	}
+	return out, nil
+}
+
+func (e *Engine) forward(meta *StepMeta) ([]float32, error) {
+	c := e.cfg
+	b := e.b
+	eps := float32(c.RMSNormEps)
+	if err := b.Begin(meta); err != nil {
+		return nil, err
+	}
+	hasLoRA := len(meta.LoRA) > 0
+	proj := func(out, in Buffer, l int, m llama.Module) {
+		b.Linear(out, in, e.layers[l].proj[m])
+		if hasLoRA && e.loraUse[l][m] > 0 {
+			b.LoRA(out, in, l, m)
+		}
+	}
+	b.Embed(e.x, e.embed)
+	scale := float32(1 / math.Sqrt(float64(c.HeadDim)))
+	for l := range e.layers {
+		lw := &e.layers[l]
+		if l == 0 {
+			b.AddRMSNorm(e.x, nil, e.h, lw.inNorm, eps)
+		} else {
+			b.AddRMSNorm(e.x, e.tmp, e.h, lw.inNorm, eps) // adds the previous layer's MLP output
+		}
+		proj(e.q, e.h, l, llama.Q)
+		proj(e.k, e.h, l, llama.K)
+		proj(e.v, e.h, l, llama.V)
+		b.RoPE(e.q, e.k, e.invFreq, c.Heads, c.KVHeads, c.HeadDim)
+		b.Attention(e.attn, e.q, e.k, e.v, l, scale)
+		proj(e.tmp, e.attn, l, llama.O)
+		b.AddRMSNorm(e.x, e.tmp, e.h, lw.postNorm, eps)
+		proj(e.gate, e.h, l, llama.Gate)
+		proj(e.up, e.h, l, llama.Up)
+		b.SiLUMul(e.gate, e.gate, e.up)
+		proj(e.tmp, e.gate, l, llama.Down)
+	}
+	b.AddRMSNorm(e.x, e.tmp, nil, nil, eps) // x += the last MLP output
+	b.Logits(e.logits, e.x, e.norm, e.head, eps)
+	out := make([]float32, len(meta.LogitRows)*c.VocabSize)
+	if err := b.Read(e.logits, len(meta.LogitRows), out); err != nil {
+		return nil, err
+	}
+	return out, b.End()
+}
