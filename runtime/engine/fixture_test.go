@@ -2,82 +2,26 @@ package engine_test
 
 import (
 	"context"
-	"encoding/json"
 	"math"
-	"os"
-	"path/filepath"
 	"testing"
 
+	"github.com/peftd/peftd/internal/fixture"
 	"github.com/peftd/peftd/runtime/cpu"
 	"github.com/peftd/peftd/runtime/engine"
 	"github.com/peftd/peftd/runtime/llama"
 	"github.com/peftd/peftd/runtime/lora"
-	"github.com/peftd/peftd/runtime/safetensors"
 )
 
-const fixture = "../../testdata/tiny-llama-lora"
-
-type fixtureCase struct {
-	ID      int     `json:"id"`
-	Adapter *string `json:"adapter"`
-	Prompt  []int32 `json:"prompt"`
-	Decode  int     `json:"decode"`
-}
-
-type refCase struct {
-	fixtureCase
-	prefill, decode []float32 // row-major [n, vocab]
-	greedy          []int32
-}
+type refCase = fixture.Case
 
 func loadFixture(t testing.TB) (*llama.Model, map[string]*lora.Adapter, []refCase) {
 	t.Helper()
-	m, err := llama.Open(filepath.Join(fixture, "base"))
+	f, err := fixture.Load()
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { m.Close() })
-	var spec struct{ Cases []fixtureCase }
-	b, err := os.ReadFile(filepath.Join(fixture, "cases.json"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := json.Unmarshal(b, &spec); err != nil {
-		t.Fatal(err)
-	}
-	exp, err := safetensors.Open(filepath.Join(fixture, "expected.safetensors"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer exp.Close()
-	adapters := map[string]*lora.Adapter{}
-	var cases []refCase
-	for _, c := range spec.Cases {
-		rc := refCase{fixtureCase: c}
-		p := func(s string) string { return "case" + itoa(c.ID) + "." + s }
-		if rc.prefill, _, err = exp.Float32(p("prefill_logits")); err != nil {
-			t.Fatal(err)
-		}
-		if rc.decode, _, err = exp.Float32(p("decode_logits")); err != nil {
-			t.Fatal(err)
-		}
-		g, _, err := exp.Int64(p("greedy"))
-		if err != nil {
-			t.Fatal(err)
-		}
-		for _, x := range g {
-			rc.greedy = append(rc.greedy, int32(x))
-		}
-		if c.Adapter != nil && adapters[*c.Adapter] == nil {
-			a, err := lora.Load(filepath.Join(fixture, "adapters", *c.Adapter), m.Config)
-			if err != nil {
-				t.Fatal(err)
-			}
-			adapters[*c.Adapter] = a
-		}
-		cases = append(cases, rc)
-	}
-	return m, adapters, cases
+	t.Cleanup(func() { f.Close() })
+	return f.Model, f.Adapters, f.Cases
 }
 
 func itoa(i int) string { return string(rune('0' + i)) }
@@ -125,13 +69,13 @@ func runCases(t *testing.T, e *engine.Engine, slots map[string]int, cases []refC
 	worst := 0.0
 	defer func() { t.Logf("%d cases: worst relative error %.3g", len(cases), worst) }()
 	for i, c := range cases {
-		r := relErr(out[i], c.prefill)
+		r := relErr(out[i], c.Prefill)
 		worst = max(worst, r)
 		if r > 1e-4 {
 			t.Errorf("case %d (%v): prefill logits relative error %.3g > 1e-4", c.ID, name(c), r)
 		}
-		if g := argmax(out[i][len(out[i])-V:]); g != c.greedy[0] {
-			t.Errorf("case %d: first greedy token %d, want %d", c.ID, g, c.greedy[0])
+		if g := argmax(out[i][len(out[i])-V:]); g != c.Greedy[0] {
+			t.Errorf("case %d: first greedy token %d, want %d", c.ID, g, c.Greedy[0])
 		}
 	}
 	for j := 0; ; j++ {
@@ -139,7 +83,7 @@ func runCases(t *testing.T, e *engine.Engine, slots map[string]int, cases []refC
 		var idx []int
 		for i, c := range cases {
 			if j < c.Decode {
-				step = append(step, engine.Input{Seq: seqs[i], Tokens: []int32{c.greedy[j]}, Slot: in[i].Slot})
+				step = append(step, engine.Input{Seq: seqs[i], Tokens: []int32{c.Greedy[j]}, Slot: in[i].Slot})
 				idx = append(idx, i)
 			}
 		}
@@ -152,14 +96,14 @@ func runCases(t *testing.T, e *engine.Engine, slots map[string]int, cases []refC
 		}
 		for k, i := range idx {
 			c := cases[i]
-			r := relErr(out[k], c.decode[j*V:(j+1)*V])
+			r := relErr(out[k], c.DecodeLogits[j*V:(j+1)*V])
 			worst = max(worst, r)
 			if r > 1e-4 {
 				t.Errorf("case %d decode %d: relative error %.3g > 1e-4", c.ID, j, r)
 			}
-			if j+1 < len(c.greedy) {
-				if g := argmax(out[k]); g != c.greedy[j+1] {
-					t.Errorf("case %d decode %d: greedy %d, want %d", c.ID, j, g, c.greedy[j+1])
+			if j+1 < len(c.Greedy) {
+				if g := argmax(out[k]); g != c.Greedy[j+1] {
+					t.Errorf("case %d decode %d: greedy %d, want %d", c.ID, j, g, c.Greedy[j+1])
 				}
 			}
 		}
@@ -169,12 +113,7 @@ func runCases(t *testing.T, e *engine.Engine, slots map[string]int, cases []refC
 	}
 }
 
-func name(c refCase) string {
-	if c.Adapter == nil {
-		return "base"
-	}
-	return *c.Adapter
-}
+func name(c refCase) string { return c.AdapterName() }
 
 func newFixtureEngine(t *testing.T, m *llama.Model, adapters map[string]*lora.Adapter, blockSize int) (*engine.Engine, map[string]int) {
 	t.Helper()
@@ -186,7 +125,7 @@ func newFixtureEngine(t *testing.T, m *llama.Model, adapters map[string]*lora.Ad
 		t.Fatal(err)
 	}
 	slots := map[string]int{}
-	for _, n := range []string{"qv-r8", "all-r16", "attn-r32-rslora", "mlp-r64"} {
+	for _, n := range fixture.AdapterNames {
 		slots[n] = len(slots)
 		if err := e.LoadAdapter(slots[n], adapters[n]); err != nil {
 			t.Fatal(err)

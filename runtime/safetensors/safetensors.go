@@ -150,8 +150,11 @@ func Parse(buf []byte) (*File, error) {
 			return nil, fmt.Errorf("%w: tensor %q has dtype %q", ErrDType, name, e.DType)
 		}
 		begin, end := e.Offsets[0], e.Offsets[1]
-		if begin > end || end > uint64(len(data)) {
-			return nil, fmt.Errorf("%w: tensor %q offsets [%d,%d) outside the %d-byte data section", ErrFormat, name, begin, end, len(data))
+		if begin > end {
+			return nil, fmt.Errorf("%w: tensor %q has reversed offsets [%d,%d)", ErrFormat, name, begin, end)
+		}
+		if end > uint64(len(data)) {
+			return nil, fmt.Errorf("%w: tensor %q ends at byte %d of a %d-byte data section (truncated file?)", ErrFormat, name, end, len(data))
 		}
 		elems := uint64(1)
 		shape := make([]int, len(e.Shape))

