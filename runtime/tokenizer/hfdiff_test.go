@@ -1,7 +1,10 @@
 package tokenizer
 
 import (
+	"encoding/json"
+	"maps"
 	"os"
+	"path/filepath"
 	"slices"
 	"testing"
 )
@@ -10,6 +13,10 @@ import (
 // tokenizers library (testdata/hf_diff.json, see testdata/gen_hf_diff.js).
 func TestHFDifferential(t *testing.T) {
 	type cases struct {
+		Variant *struct {
+			Base string         `json:"base"`
+			Set  map[string]any `json:"set"`
+		} `json:"variant"`
 		Encode []struct {
 			Text string  `json:"text"`
 			IDs  []int32 `json:"ids"`
@@ -28,11 +35,34 @@ func TestHFDifferential(t *testing.T) {
 	readJSON(t, file, &all)
 	for name, c := range all {
 		t.Run(name, func(t *testing.T) {
+			base := name
+			if c.Variant != nil {
+				base = c.Variant.Base
+			}
 			var tk *Tokenizer
-			if name == "llama3" {
+			dir := storiesDir
+			if base == "llama3" {
 				tk = loadLlama3(t)
+				dir = llama3Dir
 			} else {
 				tk = loadStories(t)
+			}
+			if c.Variant != nil {
+				data, err := os.ReadFile(filepath.Join(dir, "tokenizer.json"))
+				if err != nil {
+					t.Fatal(err)
+				}
+				var m map[string]any
+				if err := json.Unmarshal(data, &m); err != nil {
+					t.Fatal(err)
+				}
+				maps.Copy(m, c.Variant.Set)
+				if data, err = json.Marshal(m); err != nil {
+					t.Fatal(err)
+				}
+				if tk, err = Parse(data, nil); err != nil {
+					t.Fatal(err)
+				}
 			}
 			bad := 0
 			for _, e := range c.Encode {

@@ -64,27 +64,58 @@ func (t *Tokenizer) normalize(s string) string {
 // ---- added tokens ----
 
 type addedMatcher struct {
-	toks    []addedToken
-	byFirst [256][]int32 // candidate indices per first byte, longest first
+	toks   []addedToken
+	first  [256]bool          // some token starts with this byte
+	single [256][]int32       // one-byte tokens
+	multi  map[uint16][]int32 // tokens of 2+ bytes by their first two bytes, longest first
 }
 
 func newAddedMatcher(toks []addedToken) *addedMatcher {
 	if len(toks) == 0 {
 		return nil
 	}
-	m := &addedMatcher{toks: toks}
+	m := &addedMatcher{toks: toks, multi: map[uint16][]int32{}}
 	for i, tk := range toks {
-		c := tk.content[0]
-		m.byFirst[c] = append(m.byFirst[c], int32(i))
+		c := tk.content
+		m.first[c[0]] = true
+		if len(c) == 1 {
+			m.single[c[0]] = append(m.single[c[0]], int32(i))
+		} else {
+			k := uint16(c[0])<<8 | uint16(c[1])
+			m.multi[k] = append(m.multi[k], int32(i))
+		}
 	}
-	for c := range m.byFirst {
-		l := m.byFirst[c]
+	for _, l := range m.multi {
 		sort.SliceStable(l, func(i, j int) bool { return len(toks[l[i]].content) > len(toks[l[j]].content) })
 	}
 	return m
 }
 
-func isWordChar(r rune) bool { return r == '_' || unicode.IsLetter(r) || unicode.IsNumber(r) }
+// longest returns the index of the longest token that is a prefix of s, or -1.
+func (m *addedMatcher) longest(s string) int32 {
+	if !m.first[s[0]] {
+		return -1
+	}
+	if len(s) >= 2 {
+		for _, ci := range m.multi[uint16(s[0])<<8|uint16(s[1])] {
+			if strings.HasPrefix(s, m.toks[ci].content) {
+				return ci
+			}
+		}
+	}
+	if l := m.single[s[0]]; len(l) > 0 {
+		return l[0]
+	}
+	return -1
+}
+
+// isWordChar matches Rust regex's Unicode \w (Alphabetic, Mark,
+// Decimal_Number, Connector_Punctuation, Join_Control), used by tokenizers for
+// single_word added tokens.
+func isWordChar(r rune) bool {
+	return unicode.IsLetter(r) || unicode.IsMark(r) || unicode.Is(unicode.Nd, r) || unicode.Is(unicode.Pc, r) ||
+		unicode.Is(unicode.Nl, r) || unicode.Is(unicode.Other_Alphabetic, r) || r == 0x200C || r == 0x200D
+}
 
 // split calls fn for each segment of s in order: plain text segments with
 // id -1, and matched added tokens with their id (seg is then the matched
@@ -99,13 +130,7 @@ func (m *addedMatcher) split(s string, fn func(seg string, id int32)) {
 	}
 	start := 0
 	for i := 0; i < len(s); {
-		found := int32(-1)
-		for _, ci := range m.byFirst[s[i]] {
-			if strings.HasPrefix(s[i:], m.toks[ci].content) {
-				found = ci
-				break
-			}
-		}
+		found := m.longest(s[i:])
 		if found < 0 {
 			i++
 			continue

@@ -62,6 +62,7 @@ type Tokenizer struct {
 	hasBOS         bool
 	eos            []int32
 	vocabSize      int
+	cleanUp        bool
 }
 
 // Load reads dir/tokenizer.json and, when present, dir/tokenizer_config.json.
@@ -166,6 +167,7 @@ type jsonConfig struct {
 	BOS            json.RawMessage `json:"bos_token"`
 	EOS            json.RawMessage `json:"eos_token"`
 	TokenizerClass string          `json:"tokenizer_class"`
+	CleanUp        *bool           `json:"clean_up_tokenization_spaces"`
 }
 
 func isNull(raw json.RawMessage) bool {
@@ -312,6 +314,7 @@ func (t *Tokenizer) applyConfig(data []byte) error {
 		eos = []int32{id}
 	}
 	t.eos = eos
+	t.cleanUp = c.CleanUp != nil && *c.CleanUp
 	// Tokenizer classes whose fast implementation rebuilds the post-processor
 	// from add_bos_token/add_eos_token (transformers update_post_processor).
 	switch c.TokenizerClass {
@@ -437,6 +440,21 @@ func (t *Tokenizer) BOS() (int32, bool) { return t.bos, t.hasBOS }
 
 // EOS returns the end-of-sequence tokens from tokenizer_config eos_token (may be empty).
 func (t *Tokenizer) EOS() []int32 { return append([]int32(nil), t.eos...) }
+
+// CleanUpTokenizationSpaces reports tokenizer_config's
+// clean_up_tokenization_spaces. Decode never applies it (it follows the
+// tokenizers library, like streaming detokenizers do); callers that want
+// transformers' decode() output can apply CleanUpSpaces to the result.
+func (t *Tokenizer) CleanUpTokenizationSpaces() bool { return t.cleanUp }
+
+// CleanUpSpaces applies transformers' clean_up_tokenization (" ." -> "." etc.).
+func CleanUpSpaces(s string) string {
+	for _, p := range [][2]string{{" .", "."}, {" ?", "?"}, {" !", "!"}, {" ,", ","}, {" ' ", "'"},
+		{" n't", "n't"}, {" 'm", "'m"}, {" 's", "'s"}, {" 've", "'ve"}, {" 're", "'re"}} {
+		s = strings.ReplaceAll(s, p[0], p[1])
+	}
+	return s
+}
 
 // Encode tokenizes text. Added tokens appearing literally in text are matched
 // as single tokens. With addSpecial the post-processor's special tokens (e.g.

@@ -195,6 +195,12 @@ func TestLlama3Meta(t *testing.T) {
 			t.Errorf("TokenID(%q) = %d %v, want %d", s, id, ok, want)
 		}
 	}
+	if !tk.CleanUpTokenizationSpaces() {
+		t.Error("CleanUpTokenizationSpaces = false, want true (tokenizer_config)")
+	}
+	if got := CleanUpSpaces("Hello , world ! I 'm here ."); got != "Hello, world! I'm here." {
+		t.Errorf("CleanUpSpaces = %q", got)
+	}
 	ids := tk.Encode("<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>", false)
 	want := []int32{128006, 882, 128007, 271, 13347, 128009}
 	if !slices.Equal(ids, want) {

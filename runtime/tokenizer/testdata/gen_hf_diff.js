@@ -20,7 +20,7 @@ const atoms = [
   '٣', '½', 'Ⅻ', '²', '①',
   '!', '?', '.', ',', ';', ':', '-', '_', '"', '(', ')', '{', '}', '[', ']', '<', '>', '|', '/', '\\', '@', '#', '$', '%', '^', '&', '*', '+', '=', '~', '`', '...', '—', '“', '”', '…', '→',
   '🙂', '👍🏽', '🇫🇷', '👨‍👩‍👧', '🦙', '𝔘',
-  '<|eot_id|>', '<|begin_of_text|>', '<|start_header_id|>', '<|eot', '<|', '<s>', '</s>', '<unk>', '▁', '▁▁',
+  '<|eot_id|>', '<|begin_of_text|>', '<mask>', ' <mask> ', '[X]', '[X]  ', 'hello', ' hello', 'ab', ' ab ', 'xab', '<|start_header_id|>', '<|eot', '<|', '<s>', '</s>', '<unk>', '▁', '▁▁',
 ];
 function randText() {
   const n = rnd(process.env.HF_DIFF_N ? 40 : 12);
@@ -31,9 +31,33 @@ function randText() {
 (async () => {
   const out = {};
   const models = { llama3: 'testdata/llama3-tokenizer/model/tokenizer.json', stories260K: 'models/stories260K/tokenizer.json' };
-  const sizes = { llama3: 128256, stories260K: 512 };
-  for (const [name, file] of Object.entries(models)) {
-    const tok = Tokenizer.fromFile(path.join(root, file));
+  const sizes = { llama3: 128256, stories260K: 512, stories_added: 520, llama3_gpt2: 128256 };
+  // Variants: a base model with top-level members replaced ("set").
+  const variants = {
+    stories_added: { base: 'stories260K', set: { added_tokens: [
+      { id: 0, content: '<unk>', single_word: false, lstrip: false, rstrip: false, normalized: false, special: true },
+      { id: 1, content: '<s>', single_word: false, lstrip: false, rstrip: false, normalized: false, special: true },
+      { id: 2, content: '</s>', single_word: false, lstrip: false, rstrip: false, normalized: false, special: true },
+      { id: 512, content: '<mask>', single_word: false, lstrip: true, rstrip: false, normalized: false, special: true },
+      { id: 513, content: '[X]', single_word: false, lstrip: false, rstrip: true, normalized: false, special: true },
+      { id: 514, content: 'hello', single_word: false, lstrip: false, rstrip: false, normalized: true, special: false },
+      { id: 515, content: 'ab', single_word: true, lstrip: false, rstrip: false, normalized: false, special: false },
+      { id: 516, content: '<|eot', single_word: false, lstrip: true, rstrip: true, normalized: false, special: false },
+    ] } },
+    llama3_gpt2: { base: 'llama3', set: { pre_tokenizer: { type: 'ByteLevel', add_prefix_space: true, trim_offsets: true, use_regex: true } } },
+  };
+  const all = Object.assign({}, models, variants);
+  for (const [name, spec] of Object.entries(all)) {
+    let tok;
+    if (typeof spec === 'string') {
+      tok = Tokenizer.fromFile(path.join(root, spec));
+    } else {
+      const j = JSON.parse(fs.readFileSync(path.join(root, models[spec.base]), 'utf8'));
+      Object.assign(j, spec.set);
+      const tmp = path.join(require('os').tmpdir(), 'hf_diff_' + name + '.json');
+      fs.writeFileSync(tmp, JSON.stringify(j));
+      tok = Tokenizer.fromFile(tmp);
+    }
     const enc = [], dec = [];
     for (let i = 0; i < N; i++) {
       const text = randText();
@@ -49,7 +73,7 @@ function randText() {
       }
       dec.push({ ids, text: await tok.decode(ids, false), skip: await tok.decode(ids, true) });
     }
-    out[name] = { encode: enc, decode: dec };
+    out[name] = { variant: typeof spec === 'string' ? null : spec, encode: enc, decode: dec };
   }
   fs.writeFileSync(process.env.HF_DIFF_OUT || path.join(__dirname, 'hf_diff.json'), JSON.stringify(out));
 })();
