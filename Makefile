@@ -3,7 +3,9 @@ GO ?= go
 BIN := bin/peftd
 PROMPT ?= Once upon a time
 
-.PHONY: run build test test-short setup fuzz bench vet gpu-check clean
+.PHONY: run build test test-short setup fuzz bench vet clean
+
+include scripts/gpu-check.mk
 
 build:
 	$(GO) build -o $(BIN) ./cmd/peftd

@@ -1,0 +1,267 @@
+//go:build cuda
+
+package cuda
+
+import (
+	"errors"
+	"fmt"
+	"math"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"sync"
+	"testing"
+)
+
+var (
+	testCtxOnce sync.Once
+	testCtx     *Context
+	testCtxErr  error
+)
+
+func ctx(t *testing.T) *Context {
+	t.Helper()
+	testCtxOnce.Do(func() { testCtx, testCtxErr = NewContext(0) })
+	if testCtxErr != nil {
+		t.Fatal(testCtxErr)
+	}
+	return testCtx
+}
+
+func TestGPUDevice(t *testing.T) {
+	c := ctx(t)
+	v, _ := DriverVersion()
+	maj, min, err := NVRTCVersion()
+	if err != nil {
+		t.Fatal(err)
+	}
+	bv, err := CublasLtVersion()
+	if err != nil {
+		t.Fatal(err)
+	}
+	free, total, err := c.MemInfo()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("device %v; driver %s CUDA %d; NVRTC %d.%d (%s); cuBLASLt %d (%s); free %d/%d MiB",
+		c.Device(), DriverPath(), v, maj, min, NVRTCPath(), bv, CublasLtPath(), free>>20, total>>20)
+}
+
+func TestGPUCopyRoundTrip(t *testing.T) {
+	c := ctx(t)
+	s, err := c.NewStream()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Destroy()
+	for _, n := range []int{1, 7, 4099, 1 << 20} {
+		src := make([]float32, n)
+		for i := range src {
+			src[i] = rand.Float32()*2 - 1
+		}
+		d, err := c.Alloc(4 * n)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := CopyHtoD(s, d.Ptr(), src); err != nil {
+			t.Fatal(err)
+		}
+		// pinned path back
+		h, err := c.AllocHost(4 * n)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := CopyDtoH(s, h.Float32s(), d.Ptr()); err != nil {
+			t.Fatal(err)
+		}
+		if err := s.Synchronize(); err != nil {
+			t.Fatal(err)
+		}
+		for i, v := range h.Float32s() {
+			if v != src[i] {
+				t.Fatalf("n=%d: element %d = %v, want %v", n, i, v, src[i])
+			}
+		}
+		h.Free()
+		d.Free()
+	}
+}
+
+func TestGPUOutOfMemory(t *testing.T) {
+	c := ctx(t)
+	_, err := c.Alloc(1 << 50)
+	if !errors.Is(err, ErrOutOfMemory) {
+		t.Fatalf("1 PiB allocation: %v, want ErrOutOfMemory", err)
+	}
+	t.Logf("OOM: %v", err)
+}
+
+const saxpy = `
+extern "C" __global__ void saxpy(float* y, const float* x, float a, int n) {
+	int i = blockIdx.x * blockDim.x + threadIdx.x;
+	if (i < n) y[i] = a * x[i] + y[i];
+}`
+
+func TestGPUCompileLaunchEvents(t *testing.T) {
+	c := ctx(t)
+	cubin, log, err := Compile(saxpy, "saxpy.cu", []string{"-arch=" + c.Device().Arch()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if log != "" {
+		t.Logf("nvrtc log: %s", log)
+	}
+	_, _, err = Compile("this is not C++", "bad.cu", []string{"-arch=" + c.Device().Arch()})
+	if !errors.Is(err, ErrCompile) {
+		t.Errorf("bad source: %v, want ErrCompile", err)
+	}
+	m, err := c.LoadModule(cubin)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Unload()
+	f, err := m.Function("saxpy")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := m.Function("nope"); err == nil {
+		t.Error("missing kernel found")
+	}
+	s, _ := c.NewStream()
+	defer s.Destroy()
+	n := 100003
+	x, y := make([]float32, n), make([]float32, n)
+	for i := range x {
+		x[i], y[i] = rand.Float32(), rand.Float32()
+	}
+	dx, _ := c.Alloc(4 * n)
+	dy, _ := c.Alloc(4 * n)
+	defer dx.Free()
+	defer dy.Free()
+	CopyHtoD(s, dx.Ptr(), x)
+	CopyHtoD(s, dy.Ptr(), y)
+	e0, _ := c.NewEvent(true)
+	e1, _ := c.NewEvent(true)
+	e0.Record(s)
+	if err := f.Launch(s, Dim3{X: (n + 255) / 256}, Dim3{X: 256}, 0, dy, dx, float32(2.5), n); err != nil {
+		t.Fatal(err)
+	}
+	e1.Record(s)
+	got := make([]float32, n)
+	if err := CopyDtoH(s, got, dy.Ptr()); err != nil {
+		t.Fatal(err)
+	}
+	if err := e1.Synchronize(); err != nil {
+		t.Fatal(err)
+	}
+	ms, err := e1.Since(e0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range got {
+		if want := 2.5*x[i] + y[i]; math.Abs(float64(got[i]-want)) > 1e-6 {
+			t.Fatalf("y[%d] = %v, want %v", i, got[i], want)
+		}
+	}
+	t.Logf("saxpy n=%d: %.3f ms", n, ms)
+	// A launch from a goroutine other than the executor works (Do hops).
+	var wg sync.WaitGroup
+	for g := 0; g < 4; g++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := f.Launch(s, Dim3{X: (n + 255) / 256}, Dim3{X: 256}, 0, dy, dx, float32(0), n); err != nil {
+				t.Error(err)
+			}
+		}()
+	}
+	wg.Wait()
+	if err := s.Synchronize(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func bf16(x float32) uint16 {
+	b := math.Float32bits(x)
+	b += 0x7fff + (b>>16)&1
+	return uint16(b >> 16)
+}
+
+func unbf16(h uint16) float32 { return math.Float32frombits(uint32(h) << 16) }
+
+func TestGPUGemmTN(t *testing.T) {
+	c := ctx(t)
+	s, _ := c.NewStream()
+	defer s.Destroy()
+	mm, err := c.NewMatmul(32 << 20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer mm.Close()
+	for _, sh := range [][3]int{{1, 64, 64}, {5, 77, 172}, {33, 512, 128}, {7, 300, 9}} {
+		T, N, K := sh[0], sh[1], sh[2]
+		for _, outT := range []DataType{R16BF, R32F} {
+			in, w := make([]uint16, T*K), make([]uint16, N*K)
+			for i := range in {
+				in[i] = bf16(rand.Float32()*2 - 1)
+			}
+			for i := range w {
+				w[i] = bf16(rand.Float32()*2 - 1)
+			}
+			din, _ := c.Alloc(2 * len(in))
+			dw, _ := c.Alloc(2 * len(w))
+			dout, _ := c.Alloc(outT.Size() * T * N)
+			CopyHtoD(s, din.Ptr(), in)
+			CopyHtoD(s, dw.Ptr(), w)
+			if err := mm.GemmTN(s, dout.Ptr(), outT, din.Ptr(), R16BF, dw.Ptr(), R16BF, T, N, K, 1, 0); err != nil {
+				t.Fatalf("%v %v: %v", sh, outT, err)
+			}
+			got := make([]float32, T*N)
+			if outT == R32F {
+				CopyDtoH(s, got, dout.Ptr())
+			} else {
+				h := make([]uint16, T*N)
+				CopyDtoH(s, h, dout.Ptr())
+				for i := range h {
+					got[i] = unbf16(h[i])
+				}
+			}
+			var d, nn float64
+			for r := 0; r < T; r++ {
+				for j := 0; j < N; j++ {
+					var ref float64
+					for k := 0; k < K; k++ {
+						ref += float64(unbf16(in[r*K+k])) * float64(unbf16(w[j*K+k]))
+					}
+					x := float64(got[r*N+j]) - ref
+					d += x * x
+					nn += ref * ref
+				}
+			}
+			rel := math.Sqrt(d / nn)
+			tol := 1e-5
+			if outT == R16BF {
+				tol = 5e-3
+			}
+			if !(rel <= tol) {
+				t.Errorf("GemmTN %v -> %v: relative error %.3g > %.1g", sh, outT, rel, tol)
+			}
+			t.Logf("GemmTN T=%d N=%d K=%d -> %v: maxrel=%.3g", T, N, K, outT, rel)
+			din.Free()
+			dw.Free()
+			dout.Free()
+		}
+	}
+}
+
+func TestMain(m *testing.M) {
+	code := m.Run()
+	if testCtx != nil {
+		if err := testCtx.Close(); err != nil {
+			fmt.Fprintln(os.Stderr, "close:", err)
+			code = 1
+		}
+	}
+	_ = filepath.Join
+	os.Exit(code)
+}

@@ -1,0 +1,61 @@
+package cuda
+
+import (
+	"errors"
+	"fmt"
+	"strings"
+	"testing"
+)
+
+// TestInitWithoutDriver runs everywhere: on a machine without libcuda.so.1,
+// Init must fail with ErrNoDriver in one line; with a driver it must succeed
+// or fail with ErrNoDevice.
+func TestInitWithoutDriver(t *testing.T) {
+	err := Init()
+	if err == nil {
+		t.Skipf("a driver is present: %s", DriverPath())
+	}
+	t.Logf("Init: %v", err)
+	if !errors.Is(err, ErrNoDriver) && !errors.Is(err, ErrNoDevice) {
+		t.Fatalf("Init error %v wraps neither ErrNoDriver nor ErrNoDevice", err)
+	}
+	if strings.Contains(err.Error(), "\n") {
+		t.Errorf("Init error spans several lines: %q", err)
+	}
+	if _, err := NewContext(0); err == nil {
+		t.Error("NewContext succeeded without a driver")
+	}
+}
+
+func TestErrorMapping(t *testing.T) {
+	for _, c := range []struct {
+		code Result
+		want error
+	}{{ErrorOutOfMemory, ErrOutOfMemory}, {ErrorNoDevice, ErrNoDevice}, {ErrorInsufficientDriver, ErrNoDriver},
+		{ErrorIllegalAddress, ErrLaunch}, {ErrorInvalidContext, ErrInvalidContext}, {ErrorNoBinaryForGPU, ErrNoBinary}} {
+		err := fmt.Errorf("wrapped: %w", &Error{Op: "cuX", Code: c.code})
+		if !errors.Is(err, c.want) {
+			t.Errorf("code %d does not match %v", c.code, c.want)
+		}
+	}
+	if errors.Is(&Error{Code: ErrorOutOfMemory}, ErrNoDevice) {
+		t.Error("out of memory matches ErrNoDevice")
+	}
+	if !errors.Is(&BLASError{Code: 3}, ErrOutOfMemory) || !errors.Is(&NVRTCError{Code: 6}, ErrCompile) {
+		t.Error("cuBLAS/NVRTC error mapping")
+	}
+	if s := (&Error{Op: "cuMemAlloc_v2", Code: 2, Name: "CUDA_ERROR_OUT_OF_MEMORY", Msg: "out of memory"}).Error(); s != "cuda: cuMemAlloc_v2: CUDA_ERROR_OUT_OF_MEMORY (out of memory)" {
+		t.Errorf("message %q", s)
+	}
+}
+
+func TestDeviceArch(t *testing.T) {
+	for _, c := range []struct {
+		maj, min int
+		want     string
+	}{{9, 0, "sm_90a"}, {8, 0, "sm_80"}, {8, 9, "sm_89"}, {10, 0, "sm_100"}} {
+		if got := (Device{Major: c.maj, Minor: c.min}).Arch(); got != c.want {
+			t.Errorf("%d.%d: %s, want %s", c.maj, c.min, got, c.want)
+		}
+	}
+}

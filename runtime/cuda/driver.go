@@ -1,0 +1,125 @@
+package cuda
+
+import (
+	"fmt"
+	"unsafe"
+)
+
+// Opaque driver handles.
+type (
+	cuContext  = uintptr
+	cuModule   = uintptr
+	cuFunction = uintptr
+	cuStream   = uintptr
+	cuEvent    = uintptr
+	// DevicePtr is a device address (CUdeviceptr).
+	DevicePtr = uint64
+)
+
+// driver holds the raw driver-API symbols. Versioned names are bound
+// explicitly (cuMemAlloc_v2, not the cuMemAlloc macro target of old headers).
+type driver struct {
+	path string
+
+	cuInit                    func(flags uint32) int32
+	cuDriverGetVersion        func(v *int32) int32
+	cuGetErrorName            func(r int32, s **byte) int32
+	cuGetErrorString          func(r int32, s **byte) int32
+	cuDeviceGetCount          func(n *int32) int32
+	cuDeviceGet               func(dev *int32, ordinal int32) int32
+	cuDeviceGetName           func(name *byte, n int32, dev int32) int32
+	cuDeviceGetAttribute      func(v *int32, attr int32, dev int32) int32
+	cuDeviceTotalMem          func(b *uint64, dev int32) int32
+	cuDevicePrimaryCtxRetain  func(ctx *cuContext, dev int32) int32
+	cuDevicePrimaryCtxRelease func(dev int32) int32
+	cuCtxSetCurrent           func(ctx cuContext) int32
+	cuCtxSynchronize          func() int32
+	cuMemGetInfo              func(free, total *uint64) int32
+	cuMemAlloc                func(p *DevicePtr, n uint64) int32
+	cuMemFree                 func(p DevicePtr) int32
+	cuMemAllocHost            func(p *unsafe.Pointer, n uint64) int32
+	cuMemFreeHost             func(p unsafe.Pointer) int32
+	cuMemcpyHtoD              func(dst DevicePtr, src unsafe.Pointer, n uint64) int32
+	cuMemcpyDtoH              func(dst unsafe.Pointer, src DevicePtr, n uint64) int32
+	cuMemcpyHtoDAsync         func(dst DevicePtr, src unsafe.Pointer, n uint64, s cuStream) int32
+	cuMemcpyDtoHAsync         func(dst unsafe.Pointer, src DevicePtr, n uint64, s cuStream) int32
+	cuMemcpyDtoDAsync         func(dst, src DevicePtr, n uint64, s cuStream) int32
+	cuMemsetD8Async           func(dst DevicePtr, v uint8, n uint64, s cuStream) int32
+	cuMemsetD32Async          func(dst DevicePtr, v uint32, n uint64, s cuStream) int32
+	cuStreamCreate            func(s *cuStream, flags uint32) int32
+	cuStreamDestroy           func(s cuStream) int32
+	cuStreamSynchronize       func(s cuStream) int32
+	cuStreamWaitEvent         func(s cuStream, e cuEvent, flags uint32) int32
+	cuEventCreate             func(e *cuEvent, flags uint32) int32
+	cuEventDestroy            func(e cuEvent) int32
+	cuEventRecord             func(e cuEvent, s cuStream) int32
+	cuEventSynchronize        func(e cuEvent) int32
+	cuEventQuery              func(e cuEvent) int32
+	cuEventElapsedTime        func(ms *float32, start, end cuEvent) int32
+	cuModuleLoadData          func(m *cuModule, image unsafe.Pointer) int32
+	cuModuleUnload            func(m cuModule) int32
+	cuModuleGetFunction       func(f *cuFunction, m cuModule, name string) int32
+	cuFuncSetAttribute        func(f cuFunction, attr int32, v int32) int32
+	cuLaunchKernel            func(f cuFunction, gx, gy, gz, bx, by, bz, shmem uint32, s cuStream, params unsafe.Pointer, extra unsafe.Pointer) int32
+}
+
+var (
+	drv     driver
+	drvLoad lazy
+)
+
+func loadDriver() error {
+	return drvLoad.do(func() error {
+		h, path, err := dlopen("libcuda.so.1", "LD_LIBRARY_PATH, the ldconfig cache, /usr/local/nvidia/lib64", []string{"libcuda.so.1", "/usr/lib/x86_64-linux-gnu/libcuda.so.1", "/usr/local/nvidia/lib64/libcuda.so.1", "/usr/lib64/libcuda.so.1", "libcuda.so"})
+		if err != nil {
+			return fmt.Errorf("%w: %v", ErrNoDriver, err)
+		}
+		d := driver{path: path}
+		b := &binder{lib: path, h: h}
+		b.fn(&d.cuInit, "cuInit")
+		b.fn(&d.cuDriverGetVersion, "cuDriverGetVersion")
+		b.fn(&d.cuGetErrorName, "cuGetErrorName")
+		b.fn(&d.cuGetErrorString, "cuGetErrorString")
+		b.fn(&d.cuDeviceGetCount, "cuDeviceGetCount")
+		b.fn(&d.cuDeviceGet, "cuDeviceGet")
+		b.fn(&d.cuDeviceGetName, "cuDeviceGetName")
+		b.fn(&d.cuDeviceGetAttribute, "cuDeviceGetAttribute")
+		b.fn(&d.cuDeviceTotalMem, "cuDeviceTotalMem_v2")
+		b.fn(&d.cuDevicePrimaryCtxRetain, "cuDevicePrimaryCtxRetain")
+		b.fn(&d.cuDevicePrimaryCtxRelease, "cuDevicePrimaryCtxRelease_v2")
+		b.fn(&d.cuCtxSetCurrent, "cuCtxSetCurrent")
+		b.fn(&d.cuCtxSynchronize, "cuCtxSynchronize")
+		b.fn(&d.cuMemGetInfo, "cuMemGetInfo_v2")
+		b.fn(&d.cuMemAlloc, "cuMemAlloc_v2")
+		b.fn(&d.cuMemFree, "cuMemFree_v2")
+		b.fn(&d.cuMemAllocHost, "cuMemAllocHost_v2")
+		b.fn(&d.cuMemFreeHost, "cuMemFreeHost")
+		b.fn(&d.cuMemcpyHtoD, "cuMemcpyHtoD_v2")
+		b.fn(&d.cuMemcpyDtoH, "cuMemcpyDtoH_v2")
+		b.fn(&d.cuMemcpyHtoDAsync, "cuMemcpyHtoDAsync_v2")
+		b.fn(&d.cuMemcpyDtoHAsync, "cuMemcpyDtoHAsync_v2")
+		b.fn(&d.cuMemcpyDtoDAsync, "cuMemcpyDtoDAsync_v2")
+		b.fn(&d.cuMemsetD8Async, "cuMemsetD8Async")
+		b.fn(&d.cuMemsetD32Async, "cuMemsetD32Async")
+		b.fn(&d.cuStreamCreate, "cuStreamCreate")
+		b.fn(&d.cuStreamDestroy, "cuStreamDestroy_v2")
+		b.fn(&d.cuStreamSynchronize, "cuStreamSynchronize")
+		b.fn(&d.cuStreamWaitEvent, "cuStreamWaitEvent")
+		b.fn(&d.cuEventCreate, "cuEventCreate")
+		b.fn(&d.cuEventDestroy, "cuEventDestroy_v2")
+		b.fn(&d.cuEventRecord, "cuEventRecord")
+		b.fn(&d.cuEventSynchronize, "cuEventSynchronize")
+		b.fn(&d.cuEventQuery, "cuEventQuery")
+		b.fn(&d.cuEventElapsedTime, "cuEventElapsedTime_v2", "cuEventElapsedTime")
+		b.fn(&d.cuModuleLoadData, "cuModuleLoadData")
+		b.fn(&d.cuModuleUnload, "cuModuleUnload")
+		b.fn(&d.cuModuleGetFunction, "cuModuleGetFunction")
+		b.fn(&d.cuFuncSetAttribute, "cuFuncSetAttribute")
+		b.fn(&d.cuLaunchKernel, "cuLaunchKernel")
+		if b.err != nil {
+			return fmt.Errorf("%w: %v (driver too old?)", ErrNoDriver, b.err)
+		}
+		drv = d
+		return nil
+	})
+}

@@ -1,0 +1,5 @@
+package cuda
+
+import "unsafe"
+
+func nextByte(p *byte) *byte { return (*byte)(unsafe.Add(unsafe.Pointer(p), 1)) }

@@ -1,0 +1,762 @@
+// Package gpu is the CUDA backend of the engine: bf16 weights and
+// activations with float32 arithmetic, a paged bf16 KV cache, cuBLASLt GEMMs,
+// NVRTC-compiled kernels (package kernels) and segmented LoRA (SGMV) over
+// per-slot adapter weights. Everything runs on one stream of one device,
+// driven from one goroutine (the engine's); CUDA calls hop to the context's
+// locked executor thread.
+package gpu
+
+import (
+	"errors"
+	"fmt"
+	"math"
+
+	"github.com/peftd/peftd/kernels"
+	"github.com/peftd/peftd/runtime/cuda"
+	"github.com/peftd/peftd/runtime/engine"
+	"github.com/peftd/peftd/runtime/llama"
+	"github.com/peftd/peftd/runtime/lora"
+	"github.com/peftd/peftd/runtime/safetensors"
+)
+
+// ErrBadStep marks step metadata the backend refuses (it would index outside its buffers).
+var ErrBadStep = errors.New("gpu: bad step metadata")
+
+// Available reports whether a usable GPU is present: nil when the driver,
+// a device, NVRTC and cuBLASLt all load; otherwise an error wrapping
+// cuda.ErrNoDriver, cuda.ErrNoDevice or cuda.ErrNoLibrary.
+func Available() error {
+	if err := cuda.Init(); err != nil {
+		return err
+	}
+	if _, _, err := cuda.NVRTCVersion(); err != nil {
+		return err
+	}
+	if _, err := cuda.CublasLtVersion(); err != nil {
+		return err
+	}
+	return nil
+}
+
+// Options configure New.
+type Options struct {
+	Device         int             // CUDA device ordinal
+	Kernels        kernels.Options // kernel cache and NVRTC options
+	WorkspaceBytes int             // cuBLASLt workspace; default 32 MiB
+}
+
+// Buffer is a device activation matrix [rows, cols], bf16 (or float32 once
+// Logits has written it).
+type Buffer struct {
+	mem        *cuda.DeviceBuffer // bf16
+	f32        *cuda.DeviceBuffer // float32 storage, allocated by Logits
+	isF32      bool
+	rows, cols int
+}
+
+// Cols is the row width.
+func (b *Buffer) Cols() int { return b.cols }
+
+type weight struct {
+	mem        *cuda.DeviceBuffer
+	rows, cols int
+}
+
+type slotState struct {
+	mem     *cuda.DeviceBuffer
+	maxRank int
+}
+
+type funcs struct {
+	embed, addRMSNorm, rmsnormRows, rope, kvStore, attention, siluMul, shrink, expand *cuda.Function
+}
+
+// Backend implements engine.Backend on one CUDA device.
+type Backend struct {
+	ctx *cuda.Context
+	s   *cuda.Stream
+	mm  *cuda.Matmul
+	mod *cuda.Module
+	fn  funcs
+	// KernelInfo tells whether the kernels were compiled or read from the cache.
+	KernelInfo kernels.Info
+
+	cfg    *llama.Config
+	kv     engine.KVSpec
+	maxT   int
+	kcache *cuda.DeviceBuffer
+	vcache *cuda.DeviceBuffer
+	layerB int // bytes of one layer's K (or V) cache
+
+	meta     *engine.StepMeta
+	metaHost *cuda.HostBuffer
+	metaDev  *cuda.DeviceBuffer
+	off      metaOffsets
+	nLora    int
+
+	invFreqHost []float32
+	invFreq     *cuda.DeviceBuffer
+	normed      *cuda.DeviceBuffer
+	readHost    *cuda.HostBuffer
+
+	slots     []*slotState
+	table     *cuda.DeviceBuffer
+	tableHost []uint64 // 4 words per entry: a, b, rank|scale<<32, 0
+	loraTmp   *cuda.DeviceBuffer
+	maxRank   int
+
+	weights []*weight
+	buffers []*Buffer
+	err     error
+}
+
+type metaOffsets struct {
+	tokens, pos, kvSlots, rowSeq, seqInfo, pages, loraRows, loraSlots, logitRows, end int
+}
+
+// New opens device opts.Device and loads the kernels (compiling them on a cold cache).
+func New(opts Options) (*Backend, error) {
+	ctx, err := cuda.NewContext(opts.Device)
+	if err != nil {
+		return nil, err
+	}
+	b := &Backend{ctx: ctx}
+	if err := b.open(opts); err != nil {
+		b.Close()
+		return nil, err
+	}
+	return b, nil
+}
+
+func (b *Backend) open(opts Options) error {
+	var err error
+	if b.s, err = b.ctx.NewStream(); err != nil {
+		return err
+	}
+	ws := opts.WorkspaceBytes
+	if ws <= 0 {
+		ws = 32 << 20
+	}
+	if b.mm, err = b.ctx.NewMatmul(ws); err != nil {
+		return err
+	}
+	if b.mod, b.KernelInfo, err = kernels.Load(b.ctx, kernels.Llama, opts.Kernels); err != nil {
+		return err
+	}
+	for _, f := range []struct {
+		p    **cuda.Function
+		name string
+	}{{&b.fn.embed, "embed"}, {&b.fn.addRMSNorm, "add_rmsnorm"}, {&b.fn.rmsnormRows, "rmsnorm_rows"}, {&b.fn.rope, "rope"},
+		{&b.fn.kvStore, "kv_store"}, {&b.fn.attention, "attention"}, {&b.fn.siluMul, "silu_mul"},
+		{&b.fn.shrink, "lora_shrink"}, {&b.fn.expand, "lora_expand"}} {
+		if *f.p, err = b.mod.Function(f.name); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// Device describes the GPU.
+func (b *Backend) Device() cuda.Device { return b.ctx.Device() }
+
+// Name is "cuda".
+func (b *Backend) Name() string { return "cuda" }
+
+// Init allocates the KV cache and per-step scratch.
+func (b *Backend) Init(cfg *llama.Config, maxTokens int, kv engine.KVSpec) error {
+	if kv.KVHeads != cfg.KVHeads || kv.HeadDim != cfg.HeadDim || kv.Layers != cfg.Layers {
+		return fmt.Errorf("gpu: KV spec %+v does not match the model", kv)
+	}
+	if cfg.HeadDim > 256 {
+		return fmt.Errorf("gpu: head_dim %d > 256 is not supported by the attention kernel", cfg.HeadDim)
+	}
+	b.cfg, b.kv, b.maxT = cfg, kv, maxTokens
+	width := kv.KVHeads * kv.HeadDim
+	b.layerB = kv.Blocks * kv.BlockSize * width * 2
+	var err error
+	if b.kcache, err = b.ctx.Alloc(kv.Layers * b.layerB); err != nil {
+		return fmt.Errorf("gpu: KV cache: %w", err)
+	}
+	if b.vcache, err = b.ctx.Alloc(kv.Layers * b.layerB); err != nil {
+		return fmt.Errorf("gpu: KV cache: %w", err)
+	}
+	if err := b.growMeta(11*maxTokens + kv.Blocks + 16); err != nil {
+		return err
+	}
+	if b.normed, err = b.ctx.Alloc(maxTokens * cfg.Hidden * 2); err != nil {
+		return err
+	}
+	if b.invFreq, err = b.ctx.Alloc(cfg.HeadDim / 2 * 4); err != nil {
+		return err
+	}
+	return nil
+}
+
+func (b *Backend) growMeta(n int) error {
+	if b.metaHost != nil && b.metaHost.Size() >= 4*n {
+		return nil
+	}
+	if err := b.s.Synchronize(); err != nil {
+		return err
+	}
+	b.metaHost.Free()
+	b.metaDev.Free()
+	var err error
+	if b.metaHost, err = b.ctx.AllocHost(4 * n); err != nil {
+		return err
+	}
+	b.metaDev, err = b.ctx.Alloc(4 * n)
+	return err
+}
+
+// Upload converts a tensor to bf16 on the device.
+func (b *Backend) Upload(name string, dtype safetensors.DType, shape []int, raw []byte) (engine.Weight, error) {
+	n := 1
+	for _, d := range shape {
+		n *= d
+	}
+	w := &weight{rows: 1, cols: n}
+	if len(shape) == 2 {
+		w.rows, w.cols = shape[0], shape[1]
+	} else if len(shape) != 1 {
+		return nil, fmt.Errorf("gpu: %s: %d-dimensional tensors are not supported", name, len(shape))
+	}
+	host := make([]uint16, n)
+	if err := encodeBF16(host, raw, dtype); err != nil {
+		return nil, fmt.Errorf("%s: %w", name, err)
+	}
+	var err error
+	if w.mem, err = b.ctx.Alloc(2 * n); err != nil {
+		return nil, fmt.Errorf("%s: %w", name, err)
+	}
+	if err := cuda.CopyHtoD(b.s, w.mem.Ptr(), host); err != nil {
+		return nil, err
+	}
+	b.weights = append(b.weights, w)
+	return w, nil
+}
+
+// NewBuffer allocates a bf16 activation matrix.
+func (b *Backend) NewBuffer(rows, cols int) (engine.Buffer, error) {
+	m, err := b.ctx.Alloc(rows * cols * 2)
+	if err != nil {
+		return nil, err
+	}
+	buf := &Buffer{mem: m, rows: rows, cols: cols}
+	b.buffers = append(b.buffers, buf)
+	return buf, nil
+}
+
+const entryWords = 4 // a, b, rank|scale, pad: struct LoraEntry in llama.cu
+
+func (b *Backend) entry(slot, layer int, m llama.Module) int {
+	return (slot*b.cfg.Layers+layer)*int(llama.NumModules) + int(m)
+}
+
+// LoadAdapter copies an adapter's A and B matrices (bf16, exact ranks) into
+// one device allocation for the slot and points the slot's table entries at them.
+func (b *Backend) LoadAdapter(slot int, a *lora.Adapter) error {
+	if slot < 0 {
+		return fmt.Errorf("gpu: slot %d", slot)
+	}
+	if len(a.Layers) != b.cfg.Layers {
+		return fmt.Errorf("gpu: adapter %s has %d layers, model has %d", a.Name, len(a.Layers), b.cfg.Layers)
+	}
+	const align = 128 // elements (256 bytes)
+	total := 0
+	st := &slotState{}
+	for _, l := range a.Layers {
+		for m, p := range l {
+			if p == nil {
+				continue
+			}
+			in, out := b.cfg.Dims(llama.Module(m))
+			if len(p.A) != p.Rank*in || len(p.B) != out*p.Rank {
+				return fmt.Errorf("gpu: adapter %s: %s has A %d and B %d values for rank %d, want %d and %d",
+					a.Name, llama.Module(m), len(p.A), len(p.B), p.Rank, p.Rank*in, out*p.Rank)
+			}
+			total += (len(p.A)+align-1)/align*align + (len(p.B)+align-1)/align*align
+			st.maxRank = max(st.maxRank, p.Rank)
+		}
+	}
+	if err := b.s.Synchronize(); err != nil { // nothing in flight may read the old slot
+		return err
+	}
+	for len(b.slots) <= slot {
+		b.slots = append(b.slots, nil)
+	}
+	if err := b.growTable(len(b.slots)); err != nil {
+		return err
+	}
+	b.clearSlot(slot)
+	host := make([]uint16, max(total, 1))
+	var err error
+	if st.mem, err = b.ctx.Alloc(2 * len(host)); err != nil {
+		return fmt.Errorf("gpu: adapter %s: %w", a.Name, err)
+	}
+	off := 0
+	base := st.mem.Ptr()
+	for l, lay := range a.Layers {
+		for m, p := range lay {
+			if p == nil {
+				continue
+			}
+			aOff := off
+			f32ToBF16(host[off:off+len(p.A)], p.A)
+			off += (len(p.A) + align - 1) / align * align
+			bOff := off
+			f32ToBF16(host[off:off+len(p.B)], p.B)
+			off += (len(p.B) + align - 1) / align * align
+			e := b.entry(slot, l, llama.Module(m)) * entryWords
+			b.tableHost[e] = base + uint64(2*aOff)
+			b.tableHost[e+1] = base + uint64(2*bOff)
+			b.tableHost[e+2] = uint64(uint32(p.Rank)) | uint64(math.Float32bits(p.Scale))<<32
+		}
+	}
+	if err := cuda.CopyHtoD(b.s, base, host); err != nil {
+		st.mem.Free()
+		b.clearSlot(slot)
+		return err
+	}
+	b.slots[slot] = st
+	return b.syncTable()
+}
+
+func (b *Backend) clearSlot(slot int) {
+	if slot < len(b.slots) && b.slots[slot] != nil {
+		b.slots[slot].mem.Free()
+		b.slots[slot] = nil
+	}
+	n := b.cfg.Layers * int(llama.NumModules) * entryWords
+	clear(b.tableHost[slot*n : (slot+1)*n])
+}
+
+func (b *Backend) growTable(slots int) error {
+	n := slots * b.cfg.Layers * int(llama.NumModules) * entryWords
+	if len(b.tableHost) >= n {
+		return nil
+	}
+	b.tableHost = append(b.tableHost, make([]uint64, n-len(b.tableHost))...)
+	b.table.Free()
+	var err error
+	b.table, err = b.ctx.Alloc(8 * n)
+	return err
+}
+
+// syncTable uploads the LoRA table and sizes the shrink scratch for the largest rank.
+func (b *Backend) syncTable() error {
+	b.maxRank = 0
+	for _, s := range b.slots {
+		if s != nil {
+			b.maxRank = max(b.maxRank, s.maxRank)
+		}
+	}
+	if need := b.maxT * max(b.maxRank, 1) * 4; b.loraTmp == nil || b.loraTmp.Size() < need {
+		b.loraTmp.Free()
+		var err error
+		if b.loraTmp, err = b.ctx.Alloc(need); err != nil {
+			return err
+		}
+	}
+	if err := cuda.CopyHtoD(b.s, b.table.Ptr(), b.tableHost); err != nil {
+		return err
+	}
+	return b.s.Synchronize()
+}
+
+// UnloadAdapter frees the slot's device weights.
+func (b *Backend) UnloadAdapter(slot int) error {
+	if slot < 0 || slot >= len(b.slots) || b.slots[slot] == nil {
+		return nil
+	}
+	if err := b.s.Synchronize(); err != nil {
+		return err
+	}
+	b.clearSlot(slot)
+	return b.syncTable()
+}
+
+func (b *Backend) i32(off int) cuda.DevicePtr { return b.metaDev.Ptr() + uint64(4*off) }
+
+// Begin validates the step's metadata and uploads it in one copy.
+func (b *Backend) Begin(meta *engine.StepMeta) error {
+	b.err = nil
+	T := len(meta.Tokens)
+	if T == 0 || T > b.maxT {
+		return fmt.Errorf("%w: %d rows (max %d)", ErrBadStep, T, b.maxT)
+	}
+	if len(meta.Positions) != T || len(meta.KVSlots) != T {
+		return fmt.Errorf("%w: %d tokens, %d positions, %d KV slots", ErrBadStep, T, len(meta.Positions), len(meta.KVSlots))
+	}
+	pages, nLora := 0, 0
+	for _, s := range meta.Seqs {
+		pages += len(s.Blocks)
+	}
+	for _, g := range meta.LoRA {
+		if g.Start < 0 || g.End > T || g.Start > g.End {
+			return fmt.Errorf("%w: LoRA segment [%d,%d) outside %d rows", ErrBadStep, g.Start, g.End, T)
+		}
+		if g.Slot < 0 || g.Slot >= len(b.slots) || b.slots[g.Slot] == nil {
+			return fmt.Errorf("%w: LoRA segment uses empty slot %d", ErrBadStep, g.Slot)
+		}
+		nLora += g.End - g.Start
+	}
+	o := metaOffsets{tokens: 0, pos: T, kvSlots: 2 * T, rowSeq: 3 * T, seqInfo: 4 * T}
+	o.pages = o.seqInfo + 4*len(meta.Seqs)
+	o.loraRows = o.pages + pages
+	o.loraSlots = o.loraRows + nLora
+	o.logitRows = o.loraSlots + nLora
+	o.end = o.logitRows + len(meta.LogitRows)
+	if err := b.s.Synchronize(); err != nil { // the pinned staging may still feed a copy
+		return err
+	}
+	if err := b.growMeta(o.end); err != nil {
+		return err
+	}
+	h := b.metaHost.Int32s()
+	V := int32(b.cfg.VocabSize)
+	nSlots := int32(b.kv.Blocks * b.kv.BlockSize)
+	for i, t := range meta.Tokens {
+		if t < 0 || t >= V {
+			return fmt.Errorf("%w: token %d outside the vocabulary", ErrBadStep, t)
+		}
+		if meta.KVSlots[i] < 0 || meta.KVSlots[i] >= nSlots {
+			return fmt.Errorf("%w: KV slot %d outside the cache (%d)", ErrBadStep, meta.KVSlots[i], nSlots)
+		}
+		h[o.tokens+i] = t
+	}
+	copy(h[o.pos:], meta.Positions)
+	copy(h[o.kvSlots:], meta.KVSlots)
+	for i := range T {
+		h[o.rowSeq+i] = -1
+	}
+	p := o.pages
+	for si, s := range meta.Seqs {
+		if s.Start < 0 || s.Len <= 0 || s.Start+s.Len > T || s.Context < s.Len || (s.Context+b.kv.BlockSize-1)/b.kv.BlockSize > len(s.Blocks) {
+			return fmt.Errorf("%w: sequence %d %+v", ErrBadStep, si, s)
+		}
+		for r := s.Start; r < s.Start+s.Len; r++ {
+			h[o.rowSeq+r] = int32(si)
+		}
+		h[o.seqInfo+4*si] = int32(s.Start)
+		h[o.seqInfo+4*si+1] = int32(s.Len)
+		h[o.seqInfo+4*si+2] = int32(s.Context)
+		h[o.seqInfo+4*si+3] = int32(p - o.pages) // offset into the pages array
+		for _, blk := range s.Blocks {
+			if blk < 0 || int(blk) >= b.kv.Blocks {
+				return fmt.Errorf("%w: KV block %d outside the cache (%d)", ErrBadStep, blk, b.kv.Blocks)
+			}
+			h[p] = blk
+			p++
+		}
+	}
+	for i := range T {
+		if h[o.rowSeq+i] < 0 {
+			return fmt.Errorf("%w: row %d belongs to no sequence", ErrBadStep, i)
+		}
+	}
+	l := 0
+	for _, g := range meta.LoRA {
+		for r := g.Start; r < g.End; r++ {
+			h[o.loraRows+l] = int32(r)
+			h[o.loraSlots+l] = int32(g.Slot)
+			l++
+		}
+	}
+	for i, r := range meta.LogitRows {
+		if r < 0 || int(r) >= T {
+			return fmt.Errorf("%w: logit row %d outside %d rows", ErrBadStep, r, T)
+		}
+		h[o.logitRows+i] = r
+	}
+	if err := cuda.CopyHtoD(b.s, b.metaDev.Ptr(), h[:o.end]); err != nil {
+		return err
+	}
+	b.meta, b.off, b.nLora = meta, o, nLora
+	return nil
+}
+
+// fail records the first error of the step.
+func (b *Backend) fail(err error) {
+	if err != nil && b.err == nil {
+		b.err = err
+	}
+}
+
+func (b *Backend) ok() bool { return b.err == nil && b.meta != nil }
+
+func (b *Backend) rows() int { return len(b.meta.Tokens) }
+
+func (b *Backend) launch(f *cuda.Function, grid, block cuda.Dim3, args ...any) {
+	if b.err != nil {
+		return
+	}
+	b.fail(f.Launch(b.s, grid, block, 0, args...))
+}
+
+func buf(x engine.Buffer) *Buffer {
+	if x == nil {
+		return nil
+	}
+	return x.(*Buffer)
+}
+
+func ptr(x *Buffer) uint64 {
+	if x == nil {
+		return 0
+	}
+	return x.mem.Ptr()
+}
+
+func (b *Backend) check(cond bool, format string, args ...any) bool {
+	if !cond {
+		b.fail(fmt.Errorf("gpu: "+format, args...))
+	}
+	return cond
+}
+
+// Embed gathers embedding rows.
+func (b *Backend) Embed(out engine.Buffer, table engine.Weight) {
+	if !b.ok() {
+		return
+	}
+	o, t := buf(out), table.(*weight)
+	if !b.check(o.cols == t.cols, "embed: buffer width %d, table width %d", o.cols, t.cols) {
+		return
+	}
+	b.launch(b.fn.embed, cuda.Dim3{X: b.rows()}, cuda.Dim3{X: 256}, o.mem, t.mem, b.i32(b.off.tokens), t.cols)
+}
+
+// AddRMSNorm: x += delta (if any), then out = rmsnorm(x) * w (if out).
+func (b *Backend) AddRMSNorm(x, delta, out engine.Buffer, w engine.Weight, eps float32) {
+	if !b.ok() {
+		return
+	}
+	xb, d, o := buf(x), buf(delta), buf(out)
+	if d == nil && o == nil {
+		return
+	}
+	var wp uint64
+	if o != nil {
+		wt := w.(*weight)
+		if !b.check(wt.cols == xb.cols && o.cols == xb.cols, "rmsnorm: widths %d, %d, %d", xb.cols, o.cols, wt.cols) {
+			return
+		}
+		wp = wt.mem.Ptr()
+	}
+	b.launch(b.fn.addRMSNorm, cuda.Dim3{X: b.rows()}, cuda.Dim3{X: 256}, xb.mem, ptr(d), ptr(o), wp, eps, xb.cols)
+}
+
+// Linear: out = in @ W^T through cuBLASLt (bf16 in, float32 accumulate, bf16 out).
+func (b *Backend) Linear(out, in engine.Buffer, w engine.Weight) {
+	if !b.ok() {
+		return
+	}
+	o, x, wt := buf(out), buf(in), w.(*weight)
+	if !b.check(x.cols == wt.cols && o.cols == wt.rows, "linear: in width %d, out width %d, weight [%d,%d]", x.cols, o.cols, wt.rows, wt.cols) {
+		return
+	}
+	b.fail(b.mm.GemmTN(b.s, o.mem.Ptr(), cuda.R16BF, x.mem.Ptr(), cuda.R16BF, wt.mem.Ptr(), cuda.R16BF, b.rows(), wt.rows, wt.cols, 1, 0))
+}
+
+// LoRA adds each row's adapter update: one shrink launch and one expand
+// launch over every segment, each row at its own adapter's rank.
+func (b *Backend) LoRA(out, in engine.Buffer, layer int, m llama.Module) {
+	if !b.ok() || b.nLora == 0 || b.maxRank == 0 {
+		return
+	}
+	o, x := buf(out), buf(in)
+	inF, outF := b.cfg.Dims(m)
+	if !b.check(x.cols == inF && o.cols == outF, "lora %s: widths %d -> %d, want %d -> %d", m, x.cols, o.cols, inF, outF) {
+		return
+	}
+	base, stride := layer*int(llama.NumModules)+int(m), b.cfg.Layers*int(llama.NumModules)
+	rows, slots := b.i32(b.off.loraRows), b.i32(b.off.loraSlots)
+	b.launch(b.fn.shrink, cuda.Dim3{X: b.nLora, Y: (b.maxRank + 7) / 8}, cuda.Dim3{X: 256},
+		b.loraTmp, x.mem, b.table, rows, slots, base, stride, inF, x.cols, b.maxRank)
+	b.launch(b.fn.expand, cuda.Dim3{X: b.nLora, Y: (outF + 255) / 256}, cuda.Dim3{X: 256},
+		o.mem, b.loraTmp, b.table, rows, slots, base, stride, outF, o.cols, b.maxRank)
+}
+
+// RoPE rotates q and k in place at the step's positions.
+func (b *Backend) RoPE(q, k engine.Buffer, invFreq []float32, heads, kvHeads, headDim int) {
+	if !b.ok() {
+		return
+	}
+	qb, kb := buf(q), buf(k)
+	if !b.check(qb.cols == heads*headDim && kb.cols == kvHeads*headDim && len(invFreq) == headDim/2 && 4*len(invFreq) <= b.invFreq.Size(),
+		"rope: widths %d, %d for %d/%d heads of %d", qb.cols, kb.cols, heads, kvHeads, headDim) {
+		return
+	}
+	if !equalF32(b.invFreqHost, invFreq) {
+		b.invFreqHost = append(b.invFreqHost[:0], invFreq...)
+		b.fail(cuda.CopyHtoD(b.s, b.invFreq.Ptr(), b.invFreqHost))
+	}
+	b.launch(b.fn.rope, cuda.Dim3{X: b.rows()}, cuda.Dim3{X: 128}, qb.mem, kb.mem, b.invFreq, b.i32(b.off.pos), heads, kvHeads, headDim)
+}
+
+func equalF32(a, c []float32) bool {
+	if len(a) != len(c) {
+		return false
+	}
+	for i := range a {
+		if a[i] != c[i] {
+			return false
+		}
+	}
+	return true
+}
+
+// Attention stores k and v at the step's KV slots, then attends each row
+// over its sequence's pages (causal).
+func (b *Backend) Attention(out, q, k, v engine.Buffer, layer int, scale float32) {
+	if !b.ok() {
+		return
+	}
+	o, qb, kb, vb := buf(out), buf(q), buf(k), buf(v)
+	c := b.cfg
+	width := b.kv.KVHeads * b.kv.HeadDim
+	if !b.check(kb.cols == width && vb.cols == width && qb.cols == c.Heads*c.HeadDim && o.cols == qb.cols && layer >= 0 && layer < b.kv.Layers,
+		"attention: widths q %d k %d v %d out %d, layer %d", qb.cols, kb.cols, vb.cols, o.cols, layer) {
+		return
+	}
+	kc, vc := b.kcache.Ptr()+uint64(layer*b.layerB), b.vcache.Ptr()+uint64(layer*b.layerB)
+	b.launch(b.fn.kvStore, cuda.Dim3{X: b.rows()}, cuda.Dim3{X: 128}, kc, vc, kb.mem, vb.mem, b.i32(b.off.kvSlots), width)
+	b.launch(b.fn.attention, cuda.Dim3{X: b.rows(), Y: c.Heads}, cuda.Dim3{X: 128}, o.mem, qb.mem, kc, vc,
+		b.i32(b.off.rowSeq), b.i32(b.off.seqInfo), b.i32(b.off.pages), c.Heads, b.kv.KVHeads, b.kv.HeadDim, b.kv.BlockSize, scale)
+}
+
+// SiLUMul computes out = silu(gate) * up.
+func (b *Backend) SiLUMul(out, gate, up engine.Buffer) {
+	if !b.ok() {
+		return
+	}
+	o, g, u := buf(out), buf(gate), buf(up)
+	if !b.check(o.cols == g.cols && g.cols == u.cols, "silu_mul: widths %d %d %d", o.cols, g.cols, u.cols) {
+		return
+	}
+	n := b.rows() * o.cols
+	b.launch(b.fn.siluMul, cuda.Dim3{X: min((n+255)/256, 8192)}, cuda.Dim3{X: 256}, o.mem, g.mem, u.mem, int64(n))
+}
+
+// Logits normalizes the LogitRows rows of x and projects them to float32 logits in out.
+func (b *Backend) Logits(out, x engine.Buffer, norm, head engine.Weight, eps float32) {
+	if !b.ok() {
+		return
+	}
+	o, xb, nw, hw := buf(out), buf(x), norm.(*weight), head.(*weight)
+	n := len(b.meta.LogitRows)
+	if n == 0 {
+		return
+	}
+	if !b.check(hw.cols == xb.cols && nw.cols == xb.cols && o.cols == hw.rows && n <= o.rows && n <= b.maxT,
+		"logits: x width %d, norm %d, head [%d,%d], out width %d", xb.cols, nw.cols, hw.rows, hw.cols, o.cols) {
+		return
+	}
+	if need := n * xb.cols * 2; b.normed == nil || b.normed.Size() < need {
+		b.normed.Free()
+		var err error
+		if b.normed, err = b.ctx.Alloc(max(need, b.maxT*b.cfg.Hidden*2)); err != nil {
+			b.fail(err)
+			return
+		}
+	}
+	if o.f32 == nil {
+		var err error
+		if o.f32, err = b.ctx.Alloc(o.rows * o.cols * 4); err != nil {
+			b.fail(err)
+			return
+		}
+	}
+	o.isF32 = true
+	b.launch(b.fn.rmsnormRows, cuda.Dim3{X: n}, cuda.Dim3{X: 256}, b.normed, xb.mem, b.i32(b.off.logitRows), nw.mem, eps, xb.cols)
+	if b.err == nil {
+		b.fail(b.mm.GemmTN(b.s, o.f32.Ptr(), cuda.R32F, b.normed.Ptr(), cuda.R16BF, hw.mem.Ptr(), cuda.R16BF, n, hw.rows, hw.cols, 1, 0))
+	}
+}
+
+// Read waits for the step and copies the first rows of buf to dst as float32.
+func (b *Backend) Read(x engine.Buffer, rows int, dst []float32) error {
+	if b.err != nil {
+		return b.err
+	}
+	xb := buf(x)
+	n := rows * xb.cols
+	if len(dst) < n || rows > xb.rows {
+		return fmt.Errorf("gpu: read of %d rows of %d needs %d values, dst has %d", rows, xb.cols, n, len(dst))
+	}
+	if n == 0 {
+		return nil
+	}
+	size := 4 * n
+	if b.readHost == nil || b.readHost.Size() < size {
+		b.readHost.Free()
+		var err error
+		if b.readHost, err = b.ctx.AllocHost(max(size, 1<<20)); err != nil {
+			return err
+		}
+	}
+	var err error
+	if xb.isF32 {
+		err = cuda.CopyDtoH(b.s, b.readHost.Float32s()[:n], xb.f32.Ptr())
+	} else {
+		err = cuda.CopyDtoH(b.s, b.readHost.Uint16s()[:n], xb.mem.Ptr())
+	}
+	if err != nil {
+		return err
+	}
+	if err := b.s.Synchronize(); err != nil {
+		return fmt.Errorf("gpu: step failed: %w", err)
+	}
+	if xb.isF32 {
+		copy(dst, b.readHost.Float32s()[:n])
+	} else {
+		for i, h := range b.readHost.Uint16s()[:n] {
+			dst[i] = fromBF16(h)
+		}
+	}
+	return nil
+}
+
+// End finishes the step, reporting the first error of any op.
+func (b *Backend) End() error {
+	err := b.err
+	if err == nil {
+		err = b.s.Synchronize()
+	}
+	b.meta = nil
+	return err
+}
+
+// Close frees every device resource and releases the context.
+func (b *Backend) Close() error {
+	if b.ctx == nil {
+		return nil
+	}
+	var errs []error
+	if b.s != nil {
+		errs = append(errs, b.s.Synchronize())
+	}
+	for _, w := range b.weights {
+		errs = append(errs, w.mem.Free())
+	}
+	for _, x := range b.buffers {
+		errs = append(errs, x.mem.Free(), x.f32.Free())
+	}
+	for _, s := range b.slots {
+		if s != nil {
+			errs = append(errs, s.mem.Free())
+		}
+	}
+	for _, d := range []*cuda.DeviceBuffer{b.kcache, b.vcache, b.metaDev, b.invFreq, b.normed, b.table, b.loraTmp} {
+		errs = append(errs, d.Free())
+	}
+	for _, h := range []*cuda.HostBuffer{b.metaHost, b.readHost} {
+		errs = append(errs, h.Free())
+	}
+	errs = append(errs, b.mm.Close(), b.mod.Unload(), b.s.Destroy(), b.ctx.Close())
+	b.weights, b.buffers, b.slots, b.ctx = nil, nil, nil, nil
+	return errors.Join(errs...)
+}
+
+var _ engine.Backend = (*Backend)(nil)

@@ -1,0 +1,13 @@
+//go:build cuda
+
+package gpu
+
+import "github.com/peftd/peftd/runtime/cuda"
+
+func copyHtoD(b *Backend, x *Buffer, h []uint16) error {
+	if err := cuda.CopyHtoD(b.s, x.mem.Ptr(), h); err != nil {
+		return err
+	}
+	x.isF32 = false
+	return b.s.Synchronize()
+}

@@ -1,0 +1,354 @@
+//go:build cuda
+
+package gpu
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"math"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/peftd/peftd/runtime/engine"
+	"github.com/peftd/peftd/runtime/llama"
+	"github.com/peftd/peftd/runtime/lora"
+	"github.com/peftd/peftd/runtime/safetensors"
+)
+
+// The model tests run whole forward passes through engine.New on this
+// backend and compare with references made by transformers + PEFT in float32.
+
+const (
+	fixture = "../../testdata/tiny-llama-lora"
+	// fixtureTol bounds each case's relative error over all its logits rows
+	// (prefill and decode together): bf16 weights and activations against a
+	// float32 reference.
+	fixtureTol = 2e-2
+	// rowTol bounds every single row. Two decode rows of case 3 (the float32
+	// rsLoRA adapter, scale 5.66) sit at 0.025 on the GPU; a CPU emulation of
+	// the same bf16 pipeline gives 0.0255 there, and rounding only that
+	// adapter's weights to bf16 (float32 everything else) gives 0.032, so the
+	// excess is bf16 storage of the adapter, not a kernel error.
+	rowTol = 3e-2
+	// tieTol: a greedy choice may differ from the reference only where the
+	// reference's own top two logits are closer than this (case 3 of the
+	// fixture has a 0.0004 gap, far below bf16 resolution) and the chosen
+	// token is within tieTol of the reference maximum.
+	tieTol = 0.02
+)
+
+type fixtureCase struct {
+	ID      int     `json:"id"`
+	Adapter *string `json:"adapter"`
+	Prompt  []int32 `json:"prompt"`
+	Decode  int     `json:"decode"`
+}
+
+type refCase struct {
+	fixtureCase
+	prefill, decode []float32
+	greedy          []int32
+}
+
+func loadFixture(t testing.TB) (*llama.Model, map[string]*lora.Adapter, []refCase) {
+	t.Helper()
+	m, err := llama.Open(filepath.Join(fixture, "base"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { m.Close() })
+	var spec struct{ Cases []fixtureCase }
+	b, err := os.ReadFile(filepath.Join(fixture, "cases.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := json.Unmarshal(b, &spec); err != nil {
+		t.Fatal(err)
+	}
+	exp, err := safetensors.Open(filepath.Join(fixture, "expected.safetensors"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer exp.Close()
+	adapters := map[string]*lora.Adapter{}
+	var cases []refCase
+	for _, c := range spec.Cases {
+		rc := refCase{fixtureCase: c}
+		p := func(s string) string { return fmt.Sprintf("case%d.%s", c.ID, s) }
+		if rc.prefill, _, err = exp.Float32(p("prefill_logits")); err != nil {
+			t.Fatal(err)
+		}
+		if rc.decode, _, err = exp.Float32(p("decode_logits")); err != nil {
+			t.Fatal(err)
+		}
+		g, _, err := exp.Int64(p("greedy"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, x := range g {
+			rc.greedy = append(rc.greedy, int32(x))
+		}
+		if c.Adapter != nil && adapters[*c.Adapter] == nil {
+			a, err := lora.Load(filepath.Join(fixture, "adapters", *c.Adapter), m.Config)
+			if err != nil {
+				t.Fatal(err)
+			}
+			adapters[*c.Adapter] = a
+		}
+		cases = append(cases, rc)
+	}
+	return m, adapters, cases
+}
+
+func relErr(got, want []float32) float64 {
+	var d, n float64
+	for i := range want {
+		if math.IsNaN(float64(got[i])) {
+			return math.Inf(1)
+		}
+		x := float64(got[i]) - float64(want[i])
+		d += x * x
+		n += float64(want[i]) * float64(want[i])
+	}
+	return math.Sqrt(d / n)
+}
+
+func argmax(v []float32) int32 {
+	best := 0
+	for i, x := range v {
+		if x > v[best] {
+			best = i
+		}
+	}
+	return int32(best)
+}
+
+type greedyStats struct{ match, ties, total int }
+
+// checkGreedy: got must be the reference's choice, or a near-tie of it.
+func checkGreedy(t *testing.T, what string, got []float32, ref []float32, want int32, st *greedyStats) {
+	t.Helper()
+	st.total++
+	g := argmax(got)
+	if g == want {
+		st.match++
+		return
+	}
+	mx := ref[argmax(ref)]
+	if mx-ref[g] <= tieTol {
+		st.ties++
+		t.Logf("%s: greedy %d instead of %d, a reference near-tie (gap %.4f)", what, g, want, mx-ref[g])
+		return
+	}
+	t.Errorf("%s: greedy %d, want %d (reference gap %.4f)", what, g, want, mx-ref[g])
+}
+
+func runCases(t *testing.T, e *engine.Engine, slots map[string]int, cases []refCase) (float64, float64, greedyStats) {
+	t.Helper()
+	ctx := context.Background()
+	V := e.Config().VocabSize
+	seqs := make([]*engine.Sequence, len(cases))
+	in := make([]engine.Input, len(cases))
+	for i, c := range cases {
+		seqs[i] = &engine.Sequence{}
+		slot := -1
+		if c.Adapter != nil {
+			slot = slots[*c.Adapter]
+		}
+		in[i] = engine.Input{Seq: seqs[i], Tokens: c.Prompt, Slot: slot, AllLogits: true}
+	}
+	out, err := e.Step(ctx, in)
+	if err != nil {
+		t.Fatal(err)
+	}
+	worstRow := 0.0
+	agg := make([]errAcc, len(cases))
+	var st greedyStats
+	for i, c := range cases {
+		r := relErr(out[i], c.prefill)
+		worstRow = max(worstRow, r)
+		if !(r <= rowTol) {
+			t.Errorf("case %d (%s): prefill logits relative error %.3g > %.0e", c.ID, name(c), r, rowTol)
+		}
+		agg[i].add(out[i], c.prefill)
+		n := len(c.Prompt)
+		checkGreedy(t, fmt.Sprintf("case %d prefill", c.ID), out[i][(n-1)*V:], c.prefill[(n-1)*V:], c.greedy[0], &st)
+	}
+	for j := 0; ; j++ {
+		var step []engine.Input
+		var idx []int
+		for i, c := range cases {
+			if j < c.Decode {
+				step = append(step, engine.Input{Seq: seqs[i], Tokens: []int32{c.greedy[j]}, Slot: in[i].Slot})
+				idx = append(idx, i)
+			}
+		}
+		if len(step) == 0 {
+			break
+		}
+		out, err := e.Step(ctx, step)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for k, i := range idx {
+			c := cases[i]
+			ref := c.decode[j*V : (j+1)*V]
+			r := relErr(out[k], ref)
+			worstRow = max(worstRow, r)
+			if !(r <= rowTol) {
+				t.Errorf("case %d decode %d: relative error %.3g > %.0e", c.ID, j, r, rowTol)
+			}
+			agg[i].add(out[k], ref)
+			if j+1 < len(c.greedy) {
+				checkGreedy(t, fmt.Sprintf("case %d decode %d", c.ID, j), out[k], ref, c.greedy[j+1], &st)
+			}
+		}
+	}
+	for _, s := range seqs {
+		e.Release(s)
+	}
+	worst := 0.0
+	for i, c := range cases {
+		r := agg[i].rel()
+		worst = max(worst, r)
+		if !(r <= fixtureTol) {
+			t.Errorf("case %d (%s): relative error over all rows %.3g > %.0e", c.ID, name(c), r, fixtureTol)
+		}
+	}
+	t.Logf("%d cases: worst case-level relative error %.3g, worst single row %.3g", len(cases), worst, worstRow)
+	return worst, worstRow, st
+}
+
+// errAcc accumulates a norm-wise relative error over several rows.
+type errAcc struct{ d, n float64 }
+
+func (a *errAcc) add(got, want []float32) {
+	for i := range want {
+		x := float64(got[i]) - float64(want[i])
+		if math.IsNaN(x) {
+			x = math.Inf(1)
+		}
+		a.d += x * x
+		a.n += float64(want[i]) * float64(want[i])
+	}
+}
+
+func (a *errAcc) rel() float64 { return math.Sqrt(a.d / a.n) }
+
+func name(c refCase) string {
+	if c.Adapter == nil {
+		return "base"
+	}
+	return *c.Adapter
+}
+
+func newEngine(t *testing.T, m *llama.Model, opts engine.Options) *engine.Engine {
+	t.Helper()
+	b, err := New(Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	e, err := engine.New(m, b, opts)
+	if err != nil {
+		b.Close()
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := e.Close(); err != nil {
+			t.Errorf("close: %v", err)
+		}
+	})
+	return e
+}
+
+func TestFixtureCoBatched(t *testing.T) {
+	m, adapters, cases := loadFixture(t)
+	worst, worstRow := 0.0, 0.0
+	var all greedyStats
+	for _, bs := range []int{16, 1, 5} {
+		t.Run(fmt.Sprintf("block%d", bs), func(t *testing.T) {
+			opts := engine.DefaultOptions()
+			opts.BlockSize = bs
+			opts.KVBlocks = 4096 / bs
+			e := newEngine(t, m, opts)
+			slots := map[string]int{}
+			for _, n := range []string{"qv-r8", "all-r16", "attn-r32-rslora", "mlp-r64"} {
+				slots[n] = len(slots)
+				if err := e.LoadAdapter(slots[n], adapters[n]); err != nil {
+					t.Fatal(err)
+				}
+			}
+			w, wr, st := runCases(t, e, slots, cases)
+			worst, worstRow = max(worst, w), max(worstRow, wr)
+			all.match, all.ties, all.total = all.match+st.match, all.ties+st.ties, all.total+st.total
+			t.Logf("block %d: %d cases co-batched, worst relative error %.3g, greedy %d/%d exact, %d near-ties", bs, len(cases), w, st.match, st.total, st.ties)
+			if e.FreeBlocks() != e.Options().KVBlocks {
+				t.Errorf("pages leaked: %d free of %d", e.FreeBlocks(), e.Options().KVBlocks)
+			}
+		})
+	}
+	t.Logf("maxrel=%.3g (per case, all rows); worst single row %.3g; greedy %d/%d exact, %d near-ties", worst, worstRow, all.match, all.total, all.ties)
+}
+
+func TestFixtureOneByOne(t *testing.T) {
+	m, adapters, cases := loadFixture(t)
+	e := newEngine(t, m, engine.DefaultOptions())
+	slots := map[string]int{}
+	for _, n := range []string{"mlp-r64", "attn-r32-rslora", "qv-r8", "all-r16"} { // other slot order
+		slots[n] = len(slots) + 2
+		if err := e.LoadAdapter(slots[n], adapters[n]); err != nil {
+			t.Fatal(err)
+		}
+	}
+	worst, worstRow := 0.0, 0.0
+	for _, c := range cases {
+		w, wr, _ := runCases(t, e, slots, []refCase{c})
+		worst, worstRow = max(worst, w), max(worstRow, wr)
+	}
+	t.Logf("maxrel=%.3g (per case, all rows); worst single row %.3g", worst, worstRow)
+}
+
+func TestStories260KGreedy(t *testing.T) {
+	dir := "../../models/stories260K"
+	m, err := llama.Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	var exp struct {
+		Prompt []int32 `json:"prompt_token_ids"`
+		Gen    []int32 `json:"generated_token_ids"`
+	}
+	b, err := os.ReadFile(filepath.Join(dir, "expected.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := json.Unmarshal(b, &exp); err != nil {
+		t.Fatal(err)
+	}
+	prompt := []int32{1, 403, 407, 261, 378}
+	e := newEngine(t, m, engine.DefaultOptions())
+	seq := &engine.Sequence{}
+	toks := prompt
+	var got []int32
+	n := min(40, len(exp.Gen))
+	t0 := time.Now()
+	for i := 0; i < n; i++ {
+		out, err := e.Step(context.Background(), []engine.Input{{Seq: seq, Tokens: toks, Slot: -1}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		g := argmax(out[0])
+		got = append(got, g)
+		toks = []int32{g} // free-running greedy
+	}
+	for i := range got {
+		if got[i] != exp.Gen[i] {
+			t.Fatalf("token %d: %d, want %d\ngot  %v\nwant %v", i, got[i], exp.Gen[i], got, exp.Gen[:n])
+		}
+	}
+	t.Logf("stories260K: %d/%d greedy tokens match (%.2f ms per step, batch 1, unoptimized)", n, n, float64(time.Since(t0).Microseconds())/1000/float64(n))
+}

@@ -1,0 +1,10 @@
+# GPU checks: include from the top-level Makefile (include scripts/gpu-check.mk).
+# `make gpu-check` builds the tagged test binaries here (CGO_ENABLED=0) into
+# bin/gpu; run them on the GPU machine with
+#   bash scripts/gpu-check.sh --on-device        (carry bin/gpu)
+.PHONY: gpu-check gpu-check-device
+gpu-check:
+	bash scripts/gpu-check.sh
+
+gpu-check-device:
+	bash scripts/gpu-check.sh --on-device
