@@ -1,0 +1,4 @@
+package store
+
+// EventsFor exposes eventsFor to the tests.
+var EventsFor = eventsFor

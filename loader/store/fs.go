@@ -1,0 +1,155 @@
+package store
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io/fs"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/peftd/peftd/loader/internal/atomicdir"
+)
+
+// FSOptions configure a folder store.
+type FSOptions struct {
+	// PollInterval is Watch's scan period (default 1s).
+	PollInterval time.Duration
+	Logger       *slog.Logger
+}
+
+// FS is a Store on a local folder: <root>/<id>/adapter_config.json and
+// <root>/<id>/adapter_model.safetensors. Puts replace an adapter's folder
+// atomically. ETags derive from each file's size, mtime and inode.
+type FS struct {
+	root string
+	opts FSOptions
+}
+
+var _ Store = (*FS)(nil)
+
+// NewFS opens (creating if needed) a folder store.
+func NewFS(root string, opts FSOptions) (*FS, error) {
+	if root == "" {
+		return nil, errors.New("store: empty folder path")
+	}
+	if err := os.MkdirAll(root, 0o755); err != nil {
+		return nil, fmt.Errorf("store: %w", err)
+	}
+	if opts.PollInterval <= 0 {
+		opts.PollInterval = time.Second
+	}
+	opts.Logger = orDefault(opts.Logger)
+	return &FS{root: root, opts: opts}, nil
+}
+
+// Root is the store's folder.
+func (s *FS) Root() string { return s.root }
+
+func fileETag(fi os.FileInfo) string {
+	return fmt.Sprintf("%x.%x.%x", fi.Size(), fi.ModTime().UnixNano(), inode(fi))
+}
+
+func objectOf(id string, cfg, w os.FileInfo) Object {
+	mod := cfg.ModTime()
+	if w.ModTime().After(mod) {
+		mod = w.ModTime()
+	}
+	return Object{ID: id, ETag: CombineETag(fileETag(cfg), fileETag(w)), Size: cfg.Size() + w.Size(), Modified: mod}
+}
+
+func notFound(id string, err error) error {
+	if errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("%w: %s", ErrNotFound, id)
+	}
+	return fmt.Errorf("store: %s: %w", id, err)
+}
+
+// List implements Store.
+func (s *FS) List(ctx context.Context) ([]Object, error) {
+	ents, err := os.ReadDir(s.root)
+	if err != nil {
+		return nil, fmt.Errorf("store: %w", err)
+	}
+	var out []Object
+	for _, e := range ents {
+		if err := ctx.Err(); err != nil {
+			return nil, err
+		}
+		if !e.IsDir() || atomicdir.IsTemp(e.Name()) || ValidateID(e.Name()) != nil {
+			continue
+		}
+		fis, err := atomicdir.Stat(s.root, e.Name(), ConfigFile, WeightsFile)
+		if err != nil {
+			continue // incomplete or vanished
+		}
+		out = append(out, objectOf(e.Name(), fis[0], fis[1]))
+	}
+	return out, nil
+}
+
+// Stat implements Store.
+func (s *FS) Stat(ctx context.Context, id string) (Object, error) {
+	if err := ValidateID(id); err != nil {
+		return Object{}, err
+	}
+	fis, err := atomicdir.Stat(s.root, id, ConfigFile, WeightsFile)
+	if err != nil {
+		return Object{}, notFound(id, err)
+	}
+	return objectOf(id, fis[0], fis[1]), nil
+}
+
+// Get implements Store.
+func (s *FS) Get(ctx context.Context, id string, opts GetOptions) ([]byte, []byte, string, error) {
+	if err := ValidateID(id); err != nil {
+		return nil, nil, "", err
+	}
+	max := opts.MaxBytes
+	if max <= 0 {
+		max = -1
+	}
+	bs, fis, err := atomicdir.Read(s.root, id,
+		atomicdir.Limit{Name: ConfigFile, Max: MaxConfigSize},
+		atomicdir.Limit{Name: WeightsFile, Max: max, Progress: opts.Progress})
+	if errors.Is(err, atomicdir.ErrTooLarge) {
+		return nil, nil, "", fmt.Errorf("%w: %s: %v", ErrTooLarge, id, err)
+	}
+	if err != nil {
+		return nil, nil, "", notFound(id, err)
+	}
+	return bs[0], bs[1], objectOf(id, fis[0], fis[1]).ETag, nil
+}
+
+// Put implements Store.
+func (s *FS) Put(ctx context.Context, id string, config, weights []byte) (string, error) {
+	if err := ValidateID(id); err != nil {
+		return "", err
+	}
+	if err := atomicdir.Write(s.root, id, map[string][]byte{ConfigFile: config, WeightsFile: weights}); err != nil {
+		return "", fmt.Errorf("store: put %s: %w", id, err)
+	}
+	o, err := s.Stat(ctx, id)
+	return o.ETag, err
+}
+
+// Delete implements Store.
+func (s *FS) Delete(ctx context.Context, id string) error {
+	if err := ValidateID(id); err != nil {
+		return err
+	}
+	if err := atomicdir.Remove(s.root, id); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("store: delete %s: %w", id, err)
+	}
+	return nil
+}
+
+// Watch implements Store by scanning the folder every PollInterval.
+func (s *FS) Watch(ctx context.Context) <-chan Event {
+	return pollWatch(ctx, s.opts.PollInterval, s.List, s.opts.Logger)
+}
+
+// Path is the folder of adapter id (for tools and tests).
+func (s *FS) Path(id string) string { return filepath.Join(s.root, id) }
