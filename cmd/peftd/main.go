@@ -2,6 +2,7 @@
 //
 //	peftd generate [--model DIR] [--adapter DIR|NAME] (--prompt TEXT | --prompt-ids 1,2,3) ...
 //	peftd tokenize [--model DIR] (--text T | --ids 1,2,3) [--add-special-tokens] [--json]
+//	peftd serve [--model DIR] [--store DIR] [--listen ADDR] [--api-keys FILE] ...
 package main
 
 import (
@@ -19,7 +20,9 @@ const usage = `peftd: a serverless runtime for LoRA fine-tuned Llama models
 
 Usage:
   peftd generate [flags]   generate text with the base model or an adapter
+  peftd bench [flags]      load-test an OpenAI-compatible server (peftd, vLLM, ...)
   peftd tokenize [flags]   encode text or decode token ids
+  peftd serve [flags]      serve adapters over HTTP (OpenAI-compatible API)
   peftd version            print the version
 
 Run 'peftd COMMAND -h' for a command's flags. With no --model the embedded
@@ -49,8 +52,12 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	switch args[0] {
 	case "generate":
 		return cmdGenerate(ctx, args[1:], stdout, stderr)
+	case "bench":
+		return cmdBench(ctx, args[1:], stdout, stderr)
 	case "tokenize":
 		return cmdTokenize(args[1:], stdout, stderr)
+	case "serve":
+		return cmdServe(ctx, args[1:], stdout, stderr)
 	case "version", "--version":
 		fmt.Fprintln(stdout, "peftd", version)
 		return nil

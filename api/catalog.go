@@ -1,0 +1,52 @@
+package api
+
+import (
+	"context"
+	"errors"
+	"regexp"
+	"time"
+
+	"github.com/peftd/peftd/scheduler"
+)
+
+// Generator runs generations (the scheduler implements it).
+type Generator interface {
+	Submit(ctx context.Context, r scheduler.Request) (<-chan scheduler.Event, error)
+}
+
+// AdapterInfo describes one deployed adapter.
+type AdapterInfo struct {
+	ID          string    `json:"id"`
+	Tier        string    `json:"tier"` // store, disk, host or device
+	Version     string    `json:"version"`
+	Rank        int       `json:"rank"`
+	Bytes       int64     `json:"bytes"`
+	Refcount    int       `json:"refcount"`
+	LastUsed    time.Time `json:"last_used,omitzero"`
+	Invocations int64     `json:"invocations"`
+	Created     time.Time `json:"created,omitzero"`
+}
+
+// Catalog lists and changes the deployed adapters.
+type Catalog interface {
+	List(ctx context.Context) ([]AdapterInfo, error)
+	// Get returns an error wrapping ErrNotFound for an unknown adapter.
+	Get(ctx context.Context, id string) (AdapterInfo, error)
+	// Put validates the adapter against the base model (an error wrapping
+	// ErrInvalidAdapter, lora.ErrConfig, lora.ErrMismatch or
+	// lora.ErrUnsupported when it does not fit), then writes it to the store.
+	Put(ctx context.Context, id string, configJSON, weights []byte) error
+	Delete(ctx context.Context, id string) error
+}
+
+// Errors a Catalog returns (wrapped).
+var (
+	ErrNotFound       = errors.New("adapter not found")
+	ErrInvalidAdapter = errors.New("invalid adapter")
+)
+
+var idPattern = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$`)
+
+// ValidID reports whether id is a usable adapter ID: letters, digits, '.',
+// '_' and '-', at most 128 characters, not starting with a punctuation mark.
+func ValidID(id string) bool { return idPattern.MatchString(id) }

@@ -1,0 +1,940 @@
+package api
+
+import (
+	"bufio"
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"math"
+	"strings"
+	"time"
+	"unicode/utf8"
+
+	"github.com/gofiber/fiber/v2"
+
+	"github.com/peftd/peftd/runtime/chat"
+	"github.com/peftd/peftd/runtime/engine"
+	"github.com/peftd/peftd/runtime/sample"
+	"github.com/peftd/peftd/scheduler"
+)
+
+type kind int
+
+const (
+	kindInvoke kind = iota
+	kindCompletion
+	kindChat
+)
+
+// genRequest is the union of the invoke, completions and chat bodies.
+type genRequest struct {
+	Model               string          `json:"model"`
+	Prompt              json.RawMessage `json:"prompt"`
+	PromptIDs           []int32         `json:"prompt_ids"`
+	Messages            []chat.Message  `json:"messages"`
+	MaxTokens           *int            `json:"max_tokens"`
+	MaxCompletionTokens *int            `json:"max_completion_tokens"`
+	Temperature         *float64        `json:"temperature"`
+	TopP                *float64        `json:"top_p"`
+	TopK                *int            `json:"top_k"`
+	Seed                *int64          `json:"seed"`
+	Stop                json.RawMessage `json:"stop"`
+	StopTokenIDs        []int32         `json:"stop_token_ids"`
+	Stream              bool            `json:"stream"`
+	StreamOptions       *struct {
+		IncludeUsage bool `json:"include_usage"`
+	} `json:"stream_options"`
+	Logprobs       json.RawMessage `json:"logprobs"`
+	TopLogprobs    *int            `json:"top_logprobs"`
+	N              *int            `json:"n"`
+	BestOf         *int            `json:"best_of"`
+	Echo           bool            `json:"echo"`
+	IgnoreEOS      bool            `json:"ignore_eos"`
+	ReturnTokenIDs bool            `json:"return_token_ids"`
+}
+
+// job is a validated generation.
+type job struct {
+	kind        kind
+	id          string
+	model       string // echoed "model"
+	adapter     string
+	req         scheduler.Request
+	stopStrs    []string
+	logprobs    bool // report logprobs
+	stream      bool
+	usageChunk  bool
+	returnIDs   bool
+	created     int64
+	start       time.Time
+	promptCount int
+}
+
+func newID(prefix string) string {
+	var b [12]byte
+	rand.Read(b[:])
+	return prefix + hex.EncodeToString(b[:])
+}
+
+// decodeJSON decodes the body, naming the field on a type error.
+func decodeJSON(body []byte, v any) error {
+	if len(body) == 0 {
+		return badRequest("", "empty request body: expected a JSON object")
+	}
+	if err := json.Unmarshal(body, v); err != nil {
+		var te *json.UnmarshalTypeError
+		if errors.As(err, &te) && te.Field != "" {
+			return badRequest(te.Field, "field %q: expected %s, got JSON %s", te.Field, te.Type, te.Value)
+		}
+		var se *json.SyntaxError
+		if errors.As(err, &se) {
+			return badRequest("", "invalid JSON at byte %d: %v", se.Offset, err)
+		}
+		return badRequest("", "invalid JSON: %v", err)
+	}
+	return nil
+}
+
+func (s *Server) bodyOK(c *fiber.Ctx) error {
+	if n := len(c.Body()); n > s.cfg.MaxJSONBytes {
+		return apiErr(fiber.StatusRequestEntityTooLarge, "invalid_request_error", "", fmt.Sprintf("request body of %d bytes exceeds %d", n, s.cfg.MaxJSONBytes))
+	}
+	return nil
+}
+
+// resolveModel maps "model" (or the invoke path's ID) to an adapter ID, ""
+// for the base model.
+func (s *Server) resolveModel(c *fiber.Ctx, name, param string) (string, error) {
+	if name == "" || name == s.cfg.ModelName {
+		return "", nil
+	}
+	if s.cfg.Catalog == nil || !ValidID(name) {
+		return "", s.notFound(name, param)
+	}
+	if _, err := s.cfg.Catalog.Get(c.UserContext(), name); err != nil {
+		if errors.Is(err, ErrNotFound) {
+			return "", s.notFound(name, param)
+		}
+		return "", err
+	}
+	if !keyOf(c).CanInvoke(name) {
+		return "", forbidden(name)
+	}
+	return name, nil
+}
+
+func (s *Server) notFound(name, param string) *Error {
+	e := apiErr(fiber.StatusNotFound, "not_found_error", param,
+		fmt.Sprintf("the model %q does not exist: use the base model %q or a deployed adapter ID (GET /v1/models)", name, s.cfg.ModelName))
+	e.Code = "model_not_found"
+	return e
+}
+
+// parsePrompt builds the prompt tokens.
+func (s *Server) parsePrompt(k kind, r *genRequest) ([]int32, error) {
+	tok := s.cfg.Tokenizer
+	switch {
+	case k == kindChat || (k == kindInvoke && r.Messages != nil):
+		if len(r.Messages) == 0 {
+			return nil, badRequest("messages", "messages must be a non-empty array")
+		}
+		if s.cfg.Template == nil {
+			return nil, badRequest("messages", "the model %q has no chat template: use /v1/completions with a prompt", s.cfg.ModelName)
+		}
+		if tok == nil {
+			return nil, badRequest("messages", "the model %q has no tokenizer: chat needs one", s.cfg.ModelName)
+		}
+		text, err := s.cfg.Template.Render(r.Messages, true)
+		if err != nil {
+			var te *chat.TemplateError
+			if errors.As(err, &te) {
+				return nil, badRequest("messages", "the chat template rejected the conversation: %s", te.Msg)
+			}
+			return nil, badRequest("messages", "rendering the chat template: %v", err)
+		}
+		bos := s.cfg.Template.BOSToken()
+		return tok.Encode(text, !(bos != "" && strings.HasPrefix(text, bos))), nil
+	case r.PromptIDs != nil:
+		if len(r.PromptIDs) == 0 {
+			return nil, badRequest("prompt_ids", "prompt_ids is empty")
+		}
+		return r.PromptIDs, nil
+	}
+	raw := strings.TrimSpace(string(r.Prompt))
+	if raw == "" || raw == "null" {
+		if k == kindInvoke {
+			return nil, badRequest("prompt", "give one of prompt, prompt_ids or messages")
+		}
+		return nil, badRequest("prompt", "prompt is required")
+	}
+	var text string
+	if json.Unmarshal(r.Prompt, &text) == nil {
+		return s.encode(text, "prompt")
+	}
+	var ids []int32
+	if json.Unmarshal(r.Prompt, &ids) == nil {
+		if len(ids) == 0 {
+			return nil, badRequest("prompt", "prompt is an empty array")
+		}
+		return ids, nil
+	}
+	var texts []string
+	if json.Unmarshal(r.Prompt, &texts) == nil {
+		if len(texts) != 1 {
+			return nil, badRequest("prompt", "one prompt per request is supported, got %d", len(texts))
+		}
+		return s.encode(texts[0], "prompt")
+	}
+	var batch [][]int32
+	if json.Unmarshal(r.Prompt, &batch) == nil {
+		if len(batch) != 1 || len(batch[0]) == 0 {
+			return nil, badRequest("prompt", "one non-empty prompt per request is supported, got %d", len(batch))
+		}
+		return batch[0], nil
+	}
+	return nil, badRequest("prompt", "prompt must be a string or an array of token ids")
+}
+
+func (s *Server) encode(text, param string) ([]int32, error) {
+	if s.cfg.Tokenizer == nil {
+		return nil, badRequest(param, "the model %q has no tokenizer: send the prompt as an array of token ids", s.cfg.ModelName)
+	}
+	ids := s.cfg.Tokenizer.Encode(text, true)
+	if len(ids) == 0 {
+		return nil, badRequest(param, "the prompt encodes to no tokens")
+	}
+	return ids, nil
+}
+
+// parseStop reads "stop": a string, or an array of strings and token ids.
+func parseStop(raw json.RawMessage) (strs []string, ids []int32, err error) {
+	t := strings.TrimSpace(string(raw))
+	if t == "" || t == "null" {
+		return nil, nil, nil
+	}
+	var one string
+	if json.Unmarshal(raw, &one) == nil {
+		if one == "" {
+			return nil, nil, badRequest("stop", "stop strings must not be empty")
+		}
+		return []string{one}, nil, nil
+	}
+	var arr []any
+	if json.Unmarshal(raw, &arr) != nil {
+		return nil, nil, badRequest("stop", "stop must be a string or an array of strings and token ids")
+	}
+	for _, x := range arr {
+		switch v := x.(type) {
+		case string:
+			if v == "" {
+				return nil, nil, badRequest("stop", "stop strings must not be empty")
+			}
+			strs = append(strs, v)
+		case float64:
+			if v != math.Trunc(v) || v < 0 || v > math.MaxInt32 {
+				return nil, nil, badRequest("stop", "stop token id %v is not a non-negative integer", v)
+			}
+			ids = append(ids, int32(v))
+		default:
+			return nil, nil, badRequest("stop", "stop must be a string or an array of strings and token ids")
+		}
+	}
+	return strs, ids, nil
+}
+
+// buildJob validates a request.
+func (s *Server) buildJob(c *fiber.Ctx, k kind, adapterParam string) (*job, error) {
+	if err := s.bodyOK(c); err != nil {
+		return nil, err
+	}
+	var r genRequest
+	if err := decodeJSON(c.Body(), &r); err != nil {
+		return nil, err
+	}
+	j := &job{kind: k, created: time.Now().Unix(), start: time.Now(), stream: r.Stream, returnIDs: r.ReturnTokenIDs}
+	var err error
+	switch k {
+	case kindInvoke:
+		j.id, j.model = newID("inv-"), adapterParam
+		j.adapter, err = s.resolveModel(c, adapterParam, "id")
+	case kindCompletion:
+		j.id, j.model = newID("cmpl-"), r.Model
+		j.adapter, err = s.resolveModel(c, r.Model, "model")
+	case kindChat:
+		j.id, j.model = newID("chatcmpl-"), r.Model
+		j.adapter, err = s.resolveModel(c, r.Model, "model")
+	}
+	if err != nil {
+		return nil, err
+	}
+	if j.model == "" {
+		j.model = s.cfg.ModelName
+	}
+	if r.N != nil && *r.N != 1 {
+		return nil, badRequest("n", "only n=1 is supported, got %d", *r.N)
+	}
+	if r.BestOf != nil && *r.BestOf != 1 {
+		return nil, badRequest("best_of", "only best_of=1 is supported, got %d", *r.BestOf)
+	}
+	if r.Echo {
+		return nil, badRequest("echo", "echo is not supported")
+	}
+	if r.StreamOptions != nil {
+		if !r.Stream {
+			return nil, badRequest("stream_options", "stream_options is only allowed with stream: true")
+		}
+		j.usageChunk = r.StreamOptions.IncludeUsage
+	}
+	prompt, err := s.parsePrompt(k, &r)
+	if err != nil {
+		return nil, err
+	}
+	j.promptCount = len(prompt)
+	sp := sample.Params{Temperature: 1, TopP: 1}
+	if k == kindInvoke {
+		sp.Temperature = 0 // invoke defaults to greedy
+	}
+	if r.Temperature != nil {
+		if *r.Temperature < 0 || *r.Temperature > 100 || math.IsNaN(*r.Temperature) {
+			return nil, badRequest("temperature", "temperature must be in [0, 100], got %v", *r.Temperature)
+		}
+		sp.Temperature = *r.Temperature
+	}
+	if r.TopP != nil {
+		if !(*r.TopP > 0 && *r.TopP <= 1) {
+			return nil, badRequest("top_p", "top_p must be in (0, 1], got %v", *r.TopP)
+		}
+		sp.TopP = *r.TopP
+	}
+	if r.TopK != nil {
+		switch {
+		case *r.TopK == -1:
+		case *r.TopK < 0:
+			return nil, badRequest("top_k", "top_k must be -1, 0 (no limit) or positive, got %d", *r.TopK)
+		default:
+			sp.TopK = *r.TopK
+		}
+	}
+	if r.Seed != nil {
+		v := uint64(*r.Seed)
+		sp.Seed = &v
+	}
+	// logprobs: an int (invoke, completions) or a bool (chat).
+	if lp := strings.TrimSpace(string(r.Logprobs)); lp != "" && lp != "null" {
+		if k == kindChat {
+			var b bool
+			if json.Unmarshal(r.Logprobs, &b) != nil {
+				return nil, badRequest("logprobs", "logprobs must be a boolean")
+			}
+			j.logprobs = b
+		} else {
+			var n int
+			if json.Unmarshal(r.Logprobs, &n) != nil || n < 0 || n > sample.MaxLogprobs {
+				return nil, badRequest("logprobs", "logprobs must be an integer in [0, %d]", sample.MaxLogprobs)
+			}
+			j.logprobs, sp.Logprobs = true, n
+		}
+	}
+	if r.TopLogprobs != nil {
+		if *r.TopLogprobs < 0 || *r.TopLogprobs > sample.MaxLogprobs {
+			return nil, badRequest("top_logprobs", "top_logprobs must be in [0, %d], got %d", sample.MaxLogprobs, *r.TopLogprobs)
+		}
+		if k == kindChat && !j.logprobs && *r.TopLogprobs > 0 {
+			return nil, badRequest("top_logprobs", "top_logprobs needs logprobs: true")
+		}
+		if k == kindChat {
+			sp.Logprobs = *r.TopLogprobs
+		}
+	}
+	if err := sp.Validate(); err != nil {
+		return nil, badRequest("", "%v", err)
+	}
+	maxTok := r.MaxTokens
+	param := "max_tokens"
+	if maxTok == nil && r.MaxCompletionTokens != nil {
+		maxTok, param = r.MaxCompletionTokens, "max_completion_tokens"
+	}
+	var n int
+	switch {
+	case maxTok != nil:
+		n = *maxTok
+		if n <= 0 {
+			return nil, badRequest(param, "%s must be positive, got %d", param, n)
+		}
+	case k == kindCompletion:
+		n = 16
+	default:
+		n = s.cfg.DefaultMaxTokens
+		if s.cfg.MaxModelLen > 0 {
+			n = max(1, min(n, s.cfg.MaxModelLen-len(prompt)))
+		}
+	}
+	strs, ids, err := parseStop(r.Stop)
+	if err != nil {
+		return nil, err
+	}
+	if len(strs) > 0 && s.cfg.Tokenizer == nil {
+		return nil, badRequest("stop", "the model %q has no tokenizer: stop strings need one, use token ids", s.cfg.ModelName)
+	}
+	ids = append(ids, r.StopTokenIDs...)
+	if !r.IgnoreEOS {
+		ids = append(ids, s.cfg.EOS...)
+	}
+	j.stopStrs = strs
+	j.req = scheduler.Request{Adapter: j.adapter, Prompt: prompt, MaxTokens: n, Sampling: sp, Stop: ids}
+	return j, nil
+}
+
+// submitErr maps a Submit error to an API error.
+func submitErr(err error) error {
+	switch {
+	case errors.Is(err, scheduler.ErrQueueFull):
+		e := apiErr(fiber.StatusTooManyRequests, "rate_limit_error", "", "the server is at capacity: retry later ("+err.Error()+")")
+		e.RetryAfter = 1
+		return e
+	case errors.Is(err, scheduler.ErrTooLong):
+		return badRequest("max_tokens", "%v", err)
+	case errors.Is(err, engine.ErrBadInput):
+		param := "prompt"
+		if strings.Contains(err.Error(), "max tokens") {
+			param = "max_tokens"
+		}
+		return badRequest(param, "%v", err)
+	case errors.Is(err, sample.ErrParams):
+		return badRequest("", "%v", err)
+	case errors.Is(err, scheduler.ErrClosed):
+		return apiErr(fiber.StatusServiceUnavailable, "server_error", "", "the server is shutting down")
+	}
+	return err
+}
+
+// runErr maps an error ending a running request.
+func runErr(err error) *Error {
+	var e *Error
+	switch {
+	case errors.As(err, &e):
+		return e
+	case errors.Is(err, context.DeadlineExceeded):
+		return apiErr(fiber.StatusGatewayTimeout, "timeout_error", "", "the request did not finish within the request timeout")
+	case errors.Is(err, context.Canceled):
+		return apiErr(499, "cancelled", "", "the request was cancelled")
+	case errors.Is(err, scheduler.ErrUnknownAdapter), errors.Is(err, ErrNotFound):
+		return apiErr(fiber.StatusNotFound, "not_found_error", "model", err.Error())
+	case errors.Is(err, scheduler.ErrClosed):
+		return apiErr(fiber.StatusServiceUnavailable, "server_error", "", "the server is shutting down")
+	}
+	return apiErr(fiber.StatusInternalServerError, "server_error", "", err.Error())
+}
+
+// result is a finished (or partial) generation.
+type result struct {
+	text             string
+	tokens           []int32
+	choices          []sample.Choice
+	finish           string
+	prompt, complete int
+}
+
+// delta is a streamed piece: text safe to show and the tokens behind it.
+type delta struct {
+	text    string
+	choices []sample.Choice
+}
+
+// drive consumes the scheduler's events: decodes text, applies stop
+// strings, calls emit with streamable deltas (nil: not streaming).
+func (s *Server) drive(ctx context.Context, cancel context.CancelFunc, j *job, ch <-chan scheduler.Event, emit func(delta) error, heartbeat func() error) (result, error) {
+	res := result{prompt: len(j.req.Prompt)}
+	var dec interface {
+		Add(int32) string
+		Flush() string
+	}
+	if s.cfg.Tokenizer != nil {
+		dec = s.cfg.Tokenizer.NewDecoder(true)
+	}
+	hold := 0
+	for _, st := range j.stopStrs {
+		hold = max(hold, len(st)-1)
+	}
+	var text strings.Builder
+	emitted, pendingFrom := 0, 0 // bytes of text sent; first choice not yet sent
+	last := time.Time{}
+	label := adapterLabel(j.adapter)
+	stopAt := func(from int) int {
+		t := text.String()
+		idx := -1
+		for _, st := range j.stopStrs {
+			if i := strings.Index(t[max(0, from-len(st)+1):], st); i >= 0 {
+				i += max(0, from-len(st)+1)
+				if idx < 0 || i < idx {
+					idx = i
+				}
+			}
+		}
+		return idx
+	}
+	flushDelta := func(upto int) error {
+		if emit == nil {
+			return nil
+		}
+		t := text.String()
+		if upto < emitted {
+			upto = emitted
+		}
+		for upto > emitted && upto < len(t) && !utf8.RuneStart(t[upto]) {
+			upto--
+		}
+		d := delta{text: t[emitted:upto], choices: res.choices[pendingFrom:]}
+		if d.text == "" && len(d.choices) == 0 {
+			return nil
+		}
+		emitted, pendingFrom = upto, len(res.choices)
+		return emit(d)
+	}
+	var tick <-chan time.Time
+	if heartbeat != nil && s.cfg.Heartbeat > 0 {
+		tk := time.NewTicker(s.cfg.Heartbeat)
+		defer tk.Stop()
+		tick = tk.C
+	}
+loop:
+	for {
+		var ev scheduler.Event
+		select {
+		case e, ok := <-ch:
+			if !ok {
+				break loop
+			}
+			ev = e
+		case <-tick:
+			// A comment line keeps proxies from timing out and finds a
+			// client that went away while the request waits.
+			if err := heartbeat(); err != nil {
+				cancel()
+				return res, err
+			}
+			continue
+		}
+		if ev.Done {
+			if ev.Err != nil {
+				return res, ev.Err
+			}
+			res.finish = ev.FinishReason
+			break loop
+		}
+		now := time.Now()
+		if last.IsZero() {
+			s.metrics.ttft.WithLabelValues(label).Observe(now.Sub(j.start).Seconds())
+		} else {
+			s.metrics.itl.WithLabelValues(label).Observe(now.Sub(last).Seconds())
+		}
+		last = now
+		res.tokens = append(res.tokens, ev.Token.ID)
+		res.choices = append(res.choices, ev.Token)
+		res.complete++
+		if dec != nil {
+			before := text.Len()
+			text.WriteString(dec.Add(ev.Token.ID))
+			if len(j.stopStrs) > 0 {
+				if i := stopAt(before); i >= 0 {
+					cancel() // the scheduler drops the sequence at its next step
+					res.text, res.finish = text.String()[:i], engine.FinishStop
+					text.Reset()
+					text.WriteString(res.text)
+					if err := flushDelta(len(res.text)); err != nil {
+						return res, err
+					}
+					return res, nil
+				}
+			}
+		}
+		if err := flushDelta(text.Len() - hold); err != nil {
+			cancel()
+			return res, err
+		}
+	}
+	if res.finish == "" {
+		if err := ctx.Err(); err != nil {
+			return res, err
+		}
+		return res, errors.New("the generation ended without a result")
+	}
+	if dec != nil {
+		before := text.Len()
+		text.WriteString(dec.Flush())
+		if i := stopAt(before); i >= 0 && len(j.stopStrs) > 0 {
+			t := text.String()[:i]
+			text.Reset()
+			text.WriteString(t)
+			res.finish = engine.FinishStop
+		}
+	}
+	res.text = text.String()
+	if err := flushDelta(len(res.text)); err != nil {
+		return res, err
+	}
+	return res, nil
+}
+
+// generate runs a job: a JSON answer, or an SSE stream.
+func (s *Server) generate(c *fiber.Ctx, j *job) error {
+	base := s.ctx
+	var ctx context.Context
+	var cancel context.CancelFunc
+	if s.cfg.RequestTimeout > 0 {
+		ctx, cancel = context.WithTimeout(base, s.cfg.RequestTimeout)
+	} else {
+		ctx, cancel = context.WithCancel(base)
+	}
+	ch, err := s.cfg.Generator.Submit(ctx, j.req)
+	if err != nil {
+		cancel()
+		err = submitErr(err)
+		status := fiber.StatusInternalServerError
+		var e *Error
+		if errors.As(err, &e) {
+			status = e.Status
+		}
+		s.metrics.requests.WithLabelValues(adapterLabel(j.adapter), fmt.Sprint(status)).Inc()
+		return err
+	}
+	s.metrics.begin()
+	if !j.stream {
+		defer cancel()
+		res, err := s.drive(ctx, cancel, j, ch, nil, nil)
+		if err != nil {
+			e := runErr(err)
+			s.metrics.end(j.adapter, e.Status, res.prompt, res.complete, time.Since(j.start))
+			return e
+		}
+		s.metrics.end(j.adapter, fiber.StatusOK, res.prompt, res.complete, time.Since(j.start))
+		return c.JSON(s.final(j, res))
+	}
+	c.Set(fiber.HeaderContentType, "text/event-stream")
+	c.Set(fiber.HeaderCacheControl, "no-cache")
+	c.Set(fiber.HeaderConnection, "keep-alive")
+	c.Set("X-Accel-Buffering", "no")
+	c.Status(fiber.StatusOK).Context().SetBodyStreamWriter(func(w *bufio.Writer) {
+		defer cancel()
+		send := func(v any) error {
+			b, err := json.Marshal(v)
+			if err != nil {
+				return err
+			}
+			if _, err := fmt.Fprintf(w, "data: %s\n\n", b); err != nil {
+				return err
+			}
+			return w.Flush()
+		}
+		var sendErr error
+		first := true
+		emit := func(d delta) error {
+			if err := send(s.chunk(j, d, first)); err != nil {
+				sendErr = err
+				return err
+			}
+			first = false
+			return nil
+		}
+		heartbeat := func() error {
+			if _, err := w.WriteString(": keep-alive\n\n"); err != nil {
+				sendErr = err
+				return err
+			}
+			if err := w.Flush(); err != nil {
+				sendErr = err
+				return err
+			}
+			return nil
+		}
+		res, err := s.drive(ctx, cancel, j, ch, emit, heartbeat)
+		status := fiber.StatusOK
+		switch {
+		case sendErr != nil:
+			status = 499 // the client went away
+		case err != nil:
+			e := runErr(err)
+			status = e.Status
+			if e.Code == nil {
+				e.Code = e.Status
+			}
+			_ = send(fiber.Map{"error": e})
+		default:
+			for _, v := range s.tail(j, res, first) {
+				if send(v) != nil {
+					status = 499
+					break
+				}
+			}
+		}
+		if status != 499 {
+			w.WriteString("data: [DONE]\n\n")
+			w.Flush()
+		}
+		s.metrics.end(j.adapter, status, res.prompt, res.complete, time.Since(j.start))
+	})
+	return nil
+}
+
+type usage struct {
+	PromptTokens     int `json:"prompt_tokens"`
+	CompletionTokens int `json:"completion_tokens"`
+	TotalTokens      int `json:"total_tokens"`
+}
+
+func usageOf(r result) usage {
+	return usage{r.prompt, r.complete, r.prompt + r.complete}
+}
+
+func (s *Server) tokenText(id int32) string {
+	if s.cfg.Tokenizer == nil {
+		return fmt.Sprintf("token_id:%d", id)
+	}
+	return s.cfg.Tokenizer.Decode([]int32{id}, false)
+}
+
+// completionLogprobs is OpenAI's legacy completions logprobs object.
+type completionLogprobs struct {
+	Tokens        []string             `json:"tokens"`
+	TokenLogprobs []float64            `json:"token_logprobs"`
+	TopLogprobs   []map[string]float64 `json:"top_logprobs"`
+	TextOffset    []int                `json:"text_offset"`
+}
+
+func (s *Server) completionLP(cs []sample.Choice, offset int) *completionLogprobs {
+	lp := &completionLogprobs{Tokens: []string{}, TokenLogprobs: []float64{}, TopLogprobs: []map[string]float64{}, TextOffset: []int{}}
+	for _, c := range cs {
+		t := s.tokenText(c.ID)
+		lp.Tokens = append(lp.Tokens, t)
+		lp.TokenLogprobs = append(lp.TokenLogprobs, finite(c.Logprob))
+		top := map[string]float64{}
+		for _, x := range c.Top {
+			top[s.tokenText(x.ID)] = finite(x.Logprob)
+		}
+		lp.TopLogprobs = append(lp.TopLogprobs, top)
+		lp.TextOffset = append(lp.TextOffset, offset)
+		offset += len(t)
+	}
+	return lp
+}
+
+type chatTop struct {
+	Token   string  `json:"token"`
+	Logprob float64 `json:"logprob"`
+	Bytes   []int   `json:"bytes"`
+}
+
+type chatLP struct {
+	chatTop
+	TopLogprobs []chatTop `json:"top_logprobs"`
+}
+
+func (s *Server) chatTop(id int32, lp float64) chatTop {
+	t := s.tokenText(id)
+	b := make([]int, len(t))
+	for i := range len(t) {
+		b[i] = int(t[i])
+	}
+	return chatTop{t, finite(lp), b}
+}
+
+func (s *Server) chatLogprobs(cs []sample.Choice) map[string]any {
+	out := []chatLP{}
+	for _, c := range cs {
+		e := chatLP{chatTop: s.chatTop(c.ID, c.Logprob), TopLogprobs: []chatTop{}}
+		for _, x := range c.Top {
+			e.TopLogprobs = append(e.TopLogprobs, s.chatTop(x.ID, x.Logprob))
+		}
+		out = append(out, e)
+	}
+	return map[string]any{"content": out}
+}
+
+type invokeLP struct {
+	TokenID     int32        `json:"token_id"`
+	Token       string       `json:"token"`
+	Logprob     float64      `json:"logprob"`
+	TopLogprobs []invokeLPel `json:"top_logprobs"`
+}
+
+type invokeLPel struct {
+	TokenID int32   `json:"token_id"`
+	Token   string  `json:"token"`
+	Logprob float64 `json:"logprob"`
+}
+
+func (s *Server) invokeLogprobs(cs []sample.Choice) []invokeLP {
+	out := []invokeLP{}
+	for _, c := range cs {
+		e := invokeLP{TokenID: c.ID, Token: s.tokenText(c.ID), Logprob: finite(c.Logprob), TopLogprobs: []invokeLPel{}}
+		for _, x := range c.Top {
+			e.TopLogprobs = append(e.TopLogprobs, invokeLPel{x.ID, s.tokenText(x.ID), finite(x.Logprob)})
+		}
+		out = append(out, e)
+	}
+	return out
+}
+
+// finite keeps JSON encodable: -Inf becomes a very negative number.
+func finite(v float64) float64 {
+	if math.IsInf(v, -1) || math.IsNaN(v) {
+		return -9999
+	}
+	return v
+}
+
+func ids(ts []int32) []int32 {
+	if ts == nil {
+		return []int32{}
+	}
+	return ts
+}
+
+// final is the non-streamed response.
+func (s *Server) final(j *job, r result) any {
+	switch j.kind {
+	case kindInvoke:
+		m := fiber.Map{"id": j.id, "object": "invocation", "created": j.created, "adapter": j.model,
+			"text": r.text, "token_ids": ids(r.tokens), "prompt_token_ids": ids(j.req.Prompt),
+			"finish_reason": r.finish, "usage": usageOf(r)}
+		if j.logprobs {
+			m["logprobs"] = s.invokeLogprobs(r.choices)
+		}
+		return m
+	case kindCompletion:
+		ch := fiber.Map{"index": 0, "text": r.text, "logprobs": nil, "finish_reason": r.finish}
+		if j.logprobs {
+			ch["logprobs"] = s.completionLP(r.choices, 0)
+		}
+		if j.returnIDs {
+			ch["token_ids"] = ids(r.tokens)
+			ch["prompt_token_ids"] = ids(j.req.Prompt)
+		}
+		m := fiber.Map{"id": j.id, "object": "text_completion", "created": j.created, "model": j.model,
+			"choices": []any{ch}, "usage": usageOf(r), "system_fingerprint": nil}
+		if j.returnIDs {
+			m["prompt_token_ids"] = ids(j.req.Prompt)
+		}
+		return m
+	default:
+		ch := fiber.Map{"index": 0, "message": fiber.Map{"role": "assistant", "content": r.text, "refusal": nil, "tool_calls": []any{}},
+			"logprobs": nil, "finish_reason": r.finish}
+		if j.logprobs {
+			ch["logprobs"] = s.chatLogprobs(r.choices)
+		}
+		if j.returnIDs {
+			ch["token_ids"] = ids(r.tokens)
+		}
+		m := fiber.Map{"id": j.id, "object": "chat.completion", "created": j.created, "model": j.model,
+			"choices": []any{ch}, "usage": usageOf(r), "system_fingerprint": nil}
+		if j.returnIDs {
+			m["prompt_token_ids"] = ids(j.req.Prompt)
+		}
+		return m
+	}
+}
+
+// chunk is one streamed delta.
+func (s *Server) chunk(j *job, d delta, first bool) any {
+	tok := make([]int32, 0, len(d.choices))
+	for _, c := range d.choices {
+		tok = append(tok, c.ID)
+	}
+	switch j.kind {
+	case kindInvoke:
+		m := fiber.Map{"id": j.id, "object": "invocation.chunk", "created": j.created, "adapter": j.model,
+			"text": d.text, "token_ids": tok}
+		if first {
+			m["prompt_token_ids"] = ids(j.req.Prompt)
+		}
+		if j.logprobs {
+			m["logprobs"] = s.invokeLogprobs(d.choices)
+		}
+		return m
+	case kindCompletion:
+		ch := fiber.Map{"index": 0, "text": d.text, "logprobs": nil, "finish_reason": nil}
+		if j.logprobs {
+			ch["logprobs"] = s.completionLP(d.choices, 0)
+		}
+		if j.returnIDs {
+			ch["token_ids"] = tok
+			if first {
+				ch["prompt_token_ids"] = ids(j.req.Prompt)
+			}
+		}
+		return fiber.Map{"id": j.id, "object": "text_completion", "created": j.created, "model": j.model, "choices": []any{ch}}
+	default:
+		dl := fiber.Map{"content": d.text}
+		if first {
+			dl["role"] = "assistant"
+		}
+		ch := fiber.Map{"index": 0, "delta": dl, "logprobs": nil, "finish_reason": nil}
+		if j.logprobs {
+			ch["logprobs"] = s.chatLogprobs(d.choices)
+		}
+		if j.returnIDs {
+			ch["token_ids"] = tok
+		}
+		m := fiber.Map{"id": j.id, "object": "chat.completion.chunk", "created": j.created, "model": j.model, "choices": []any{ch}}
+		if first && j.returnIDs {
+			m["prompt_token_ids"] = ids(j.req.Prompt)
+		}
+		return m
+	}
+}
+
+// tail are the chunks after the content: the finish reason, then usage.
+func (s *Server) tail(j *job, r result, first bool) []any {
+	switch j.kind {
+	case kindInvoke:
+		return []any{fiber.Map{"id": j.id, "object": "invocation.chunk", "created": j.created, "adapter": j.model,
+			"text": "", "token_ids": []int32{}, "finish_reason": r.finish, "usage": usageOf(r)}}
+	case kindCompletion:
+		out := []any{fiber.Map{"id": j.id, "object": "text_completion", "created": j.created, "model": j.model,
+			"choices": []any{fiber.Map{"index": 0, "text": "", "logprobs": nil, "finish_reason": r.finish}}}}
+		if j.usageChunk {
+			out = append(out, fiber.Map{"id": j.id, "object": "text_completion", "created": j.created, "model": j.model,
+				"choices": []any{}, "usage": usageOf(r)})
+		}
+		return out
+	default:
+		dl := fiber.Map{}
+		if first {
+			dl = fiber.Map{"role": "assistant", "content": ""}
+		}
+		out := []any{fiber.Map{"id": j.id, "object": "chat.completion.chunk", "created": j.created, "model": j.model,
+			"choices": []any{fiber.Map{"index": 0, "delta": dl, "logprobs": nil, "finish_reason": r.finish}}}}
+		if j.usageChunk {
+			out = append(out, fiber.Map{"id": j.id, "object": "chat.completion.chunk", "created": j.created, "model": j.model,
+				"choices": []any{}, "usage": usageOf(r)})
+		}
+		return out
+	}
+}
+
+func (s *Server) invoke(c *fiber.Ctx) error {
+	j, err := s.buildJob(c, kindInvoke, c.Params("id"))
+	if err != nil {
+		return err
+	}
+	return s.generate(c, j)
+}
+
+func (s *Server) completions(c *fiber.Ctx) error {
+	j, err := s.buildJob(c, kindCompletion, "")
+	if err != nil {
+		return err
+	}
+	return s.generate(c, j)
+}
+
+func (s *Server) chatCompletions(c *fiber.Ctx) error {
+	j, err := s.buildJob(c, kindChat, "")
+	if err != nil {
+		return err
+	}
+	return s.generate(c, j)
+}

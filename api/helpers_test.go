@@ -1,0 +1,274 @@
+package api_test
+
+import (
+	"archive/tar"
+	"bufio"
+	"bytes"
+	"compress/gzip"
+	"context"
+	"encoding/json"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/peftd/peftd/api"
+	"github.com/peftd/peftd/internal/fixture"
+	"github.com/peftd/peftd/runtime/cpu"
+	"github.com/peftd/peftd/runtime/engine"
+	"github.com/peftd/peftd/runtime/llama"
+	"github.com/peftd/peftd/runtime/lora"
+	"github.com/peftd/peftd/runtime/tokenizer"
+	"github.com/peftd/peftd/scheduler"
+)
+
+// stack is a real scheduler + engine (cpu) over a local adapter folder.
+type stack struct {
+	model   *llama.Model
+	cat     *api.DirCatalog
+	sched   *scheduler.Scheduler
+	metrics *api.Metrics
+	eos     []int32
+}
+
+func newStack(t *testing.T, m *llama.Model, store string, slots, maxQueue int) *stack {
+	t.Helper()
+	opts := engine.DefaultOptions()
+	opts.AdapterSlots, opts.KVBlocks = slots, 256
+	e, err := engine.New(m, cpu.New(0), opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { e.Close() })
+	cat, err := api.NewDirCatalog(store, m.Config, slots)
+	if err != nil {
+		t.Fatal(err)
+	}
+	met := api.NewMetrics(slots)
+	s := scheduler.New(e, cat, scheduler.Config{MaxQueue: maxQueue, OnStep: met.OnStep})
+	t.Cleanup(s.Close)
+	cat.SetDevice(s)
+	var eos []int32
+	for _, id := range m.Config.EOS {
+		eos = append(eos, int32(id))
+	}
+	return &stack{model: m, cat: cat, sched: s, metrics: met, eos: eos}
+}
+
+func (st *stack) config(name string) api.Config {
+	return api.Config{Generator: st.sched, Catalog: st.cat, ModelName: name, MaxModelLen: 512, EOS: st.eos, Metrics: st.metrics}
+}
+
+// start serves cfg on a loopback port and returns the base URL.
+func start(t *testing.T, cfg api.Config) string {
+	t.Helper()
+	srv := api.New(cfg)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go srv.Serve(ln)
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		srv.Shutdown(ctx)
+	})
+	return "http://" + ln.Addr().String()
+}
+
+func copyAdapter(t *testing.T, src, dst string) {
+	t.Helper()
+	if err := os.MkdirAll(dst, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range []string{lora.ConfigFile, lora.WeightsFile} {
+		b, err := os.ReadFile(filepath.Join(src, f))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(dst, f), b, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// fixtureStack serves the tiny-llama-lora base with all-r16 deployed.
+func fixtureStack(t *testing.T, slots, maxQueue int) (*stack, *fixture.Fixture) {
+	t.Helper()
+	f, err := fixture.Load()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.Close() })
+	store := t.TempDir()
+	copyAdapter(t, filepath.Join(fixture.Dir(), "adapters", "all-r16"), filepath.Join(store, "all-r16"))
+	return newStack(t, f.Model, store, slots, maxQueue), f
+}
+
+const storiesDir = "../models/stories260K"
+
+// storiesStack serves stories260K with pirate and space deployed.
+func storiesStack(t *testing.T, slots, maxQueue int) (*stack, *tokenizer.Tokenizer) {
+	t.Helper()
+	m, err := llama.Open(storiesDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { m.Close() })
+	tok, err := tokenizer.Load(storiesDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	store := t.TempDir()
+	for _, n := range []string{"pirate", "space"} {
+		copyAdapter(t, filepath.Join("../models/adapters", n), filepath.Join(store, n))
+	}
+	st := newStack(t, m, store, slots, maxQueue)
+	st.eos = append(st.eos, tok.EOS()...)
+	return st, tok
+}
+
+type reply struct {
+	status int
+	header http.Header
+	body   []byte
+}
+
+func (r reply) json(t *testing.T) map[string]any {
+	t.Helper()
+	var m map[string]any
+	if err := json.Unmarshal(r.body, &m); err != nil {
+		t.Fatalf("status %d: body is not JSON: %v: %s", r.status, err, r.body)
+	}
+	return m
+}
+
+func do(t *testing.T, method, url string, body any, hdr ...string) reply {
+	t.Helper()
+	var rd io.Reader
+	switch b := body.(type) {
+	case nil:
+	case []byte:
+		rd = bytes.NewReader(b)
+	case string:
+		rd = strings.NewReader(b)
+	default:
+		j, err := json.Marshal(b)
+		if err != nil {
+			t.Fatal(err)
+		}
+		rd = bytes.NewReader(j)
+	}
+	req, err := http.NewRequest(method, url, rd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := body.([]byte); !ok && body != nil {
+		req.Header.Set("Content-Type", "application/json")
+	}
+	for i := 0; i+1 < len(hdr); i += 2 {
+		req.Header.Set(hdr[i], hdr[i+1])
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return reply{resp.StatusCode, resp.Header, b}
+}
+
+// sse reads an SSE body into its data payloads (without [DONE], reported apart).
+func sse(t *testing.T, body []byte) (events []map[string]any, done bool) {
+	t.Helper()
+	sc := bufio.NewScanner(bytes.NewReader(body))
+	for sc.Scan() {
+		line := sc.Text()
+		if line == "" || strings.HasPrefix(line, ":") {
+			continue
+		}
+		data, ok := strings.CutPrefix(line, "data: ")
+		if !ok {
+			t.Fatalf("bad SSE line %q", line)
+		}
+		if data == "[DONE]" {
+			done = true
+			continue
+		}
+		if done {
+			t.Fatalf("data after [DONE]: %s", data)
+		}
+		var m map[string]any
+		if err := json.Unmarshal([]byte(data), &m); err != nil {
+			t.Fatalf("SSE data is not JSON: %s", data)
+		}
+		events = append(events, m)
+	}
+	return events, done
+}
+
+// wantErr checks an OpenAI-shaped error.
+func wantErr(t *testing.T, r reply, status int, param string) map[string]any {
+	t.Helper()
+	if r.status != status {
+		t.Fatalf("status %d, want %d: %s", r.status, status, r.body)
+	}
+	e, ok := r.json(t)["error"].(map[string]any)
+	if !ok {
+		t.Fatalf("no error object: %s", r.body)
+	}
+	for _, k := range []string{"message", "type", "param", "code"} {
+		if _, ok := e[k]; !ok {
+			t.Errorf("error lacks %q: %s", k, r.body)
+		}
+	}
+	if param != "" && e["param"] != param {
+		t.Errorf("error param %v, want %q: %s", e["param"], param, r.body)
+	}
+	return e
+}
+
+func tarGz(t *testing.T, files map[string][]byte) []byte {
+	t.Helper()
+	var buf bytes.Buffer
+	gz := gzip.NewWriter(&buf)
+	tw := tar.NewWriter(gz)
+	for name, b := range files {
+		if err := tw.WriteHeader(&tar.Header{Name: name, Mode: 0o644, Size: int64(len(b)), Typeflag: tar.TypeReg}); err != nil {
+			t.Fatal(err)
+		}
+		tw.Write(b)
+	}
+	tw.Close()
+	gz.Close()
+	return buf.Bytes()
+}
+
+func adapterFiles(t *testing.T, dir, prefix string) map[string][]byte {
+	t.Helper()
+	out := map[string][]byte{}
+	for _, f := range []string{lora.ConfigFile, lora.WeightsFile} {
+		b, err := os.ReadFile(filepath.Join(dir, f))
+		if err != nil {
+			t.Fatal(err)
+		}
+		out[prefix+f] = b
+	}
+	return out
+}
+
+func toInts(v any) []int32 {
+	arr, _ := v.([]any)
+	out := []int32{}
+	for _, x := range arr {
+		out = append(out, int32(x.(float64)))
+	}
+	return out
+}

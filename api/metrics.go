@@ -1,0 +1,145 @@
+package api
+
+import (
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/peftd/peftd/scheduler"
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// Metrics are the server's Prometheus metrics. Create them before the
+// scheduler and pass OnStep as its Config.OnStep.
+type Metrics struct {
+	Registry *prometheus.Registry
+	maxLoRA  int
+
+	requests  *prometheus.CounterVec
+	generated *prometheus.CounterVec
+	prompt    *prometheus.CounterVec
+	ttft      *prometheus.HistogramVec
+	itl       *prometheus.HistogramVec
+	e2e       *prometheus.HistogramVec
+	inflight  prometheus.Gauge
+	waiting   prometheus.Gauge
+	running   prometheus.Gauge
+	batchRows prometheus.Histogram
+	batchSeqs prometheus.Histogram
+	adapters  prometheus.Histogram
+	stepTime  prometheus.Histogram
+	preempt   prometheus.Counter
+	kvUsage   prometheus.Gauge
+	loraInfo  *prometheus.GaugeVec
+
+	mu      sync.Mutex
+	active  int
+	lastRun []string
+}
+
+// NewMetrics registers the metrics on a new registry (with the Go and
+// process collectors). maxLoRA is the number of device adapter slots.
+func NewMetrics(maxLoRA int) *Metrics {
+	r := prometheus.NewRegistry()
+	lat := []float64{.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60}
+	m := &Metrics{Registry: r, maxLoRA: maxLoRA,
+		requests: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "peftd_requests_total",
+			Help: "Generation requests by adapter and HTTP status."}, []string{"adapter", "status"}),
+		generated: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "peftd_generated_tokens_total",
+			Help: "Tokens generated, by adapter."}, []string{"adapter"}),
+		prompt: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "peftd_prompt_tokens_total",
+			Help: "Prompt tokens processed, by adapter."}, []string{"adapter"}),
+		ttft: prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: "peftd_time_to_first_token_seconds",
+			Help: "Time from request arrival to the first generated token.", Buckets: lat}, []string{"adapter"}),
+		itl: prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: "peftd_inter_token_latency_seconds",
+			Help: "Time between generated tokens.", Buckets: lat}, []string{"adapter"}),
+		e2e: prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: "peftd_request_duration_seconds",
+			Help: "Generation request duration.", Buckets: lat}, []string{"adapter"}),
+		inflight: prometheus.NewGauge(prometheus.GaugeOpts{Name: "peftd_requests_in_flight",
+			Help: "Generation requests being served by the HTTP layer."}),
+		waiting: prometheus.NewGauge(prometheus.GaugeOpts{Name: "peftd_queue_depth",
+			Help: "Requests waiting for admission at the last engine step."}),
+		running: prometheus.NewGauge(prometheus.GaugeOpts{Name: "peftd_running_requests",
+			Help: "Sequences running at the last engine step."}),
+		batchRows: prometheus.NewHistogram(prometheus.HistogramOpts{Name: "peftd_batch_tokens",
+			Help: "Token rows per engine step.", Buckets: prometheus.ExponentialBuckets(1, 2, 12)}),
+		batchSeqs: prometheus.NewHistogram(prometheus.HistogramOpts{Name: "peftd_batch_size",
+			Help: "Sequences per engine step.", Buckets: prometheus.ExponentialBuckets(1, 2, 10)}),
+		adapters: prometheus.NewHistogram(prometheus.HistogramOpts{Name: "peftd_batch_adapters",
+			Help: "Distinct adapters (base counted as one) per engine step.", Buckets: []float64{1, 2, 3, 4, 6, 8, 12, 16, 32, 64}}),
+		stepTime: prometheus.NewHistogram(prometheus.HistogramOpts{Name: "peftd_step_duration_seconds",
+			Help: "Engine step duration.", Buckets: lat}),
+		preempt: prometheus.NewCounter(prometheus.CounterOpts{Name: "peftd_preemptions_total",
+			Help: "Sequences preempted for KV pages."}),
+		kvUsage: prometheus.NewGauge(prometheus.GaugeOpts{Name: "peftd_kv_cache_usage_ratio",
+			Help: "Fraction of KV cache pages in use at the last engine step."}),
+		loraInfo: prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "vllm:lora_requests_info",
+			Help: "Running and waiting LoRA adapters (vLLM-compatible; value is a unix timestamp)."},
+			[]string{"running_lora_adapters", "waiting_lora_adapters", "max_lora"}),
+	}
+	r.MustRegister(m.requests, m.generated, m.prompt, m.ttft, m.itl, m.e2e, m.inflight, m.waiting, m.running,
+		m.batchRows, m.batchSeqs, m.adapters, m.stepTime, m.preempt, m.kvUsage, m.loraInfo,
+		prometheus.NewGoCollector(), prometheus.NewProcessCollector(prometheus.ProcessCollectorOpts{}))
+	m.setLoRA(nil, nil)
+	return m
+}
+
+// OnStep records one scheduler step.
+func (m *Metrics) OnStep(s scheduler.StepStats) {
+	m.batchRows.Observe(float64(s.Rows))
+	m.batchSeqs.Observe(float64(s.Sequences))
+	m.adapters.Observe(float64(s.Adapters))
+	m.stepTime.Observe(s.Duration.Seconds())
+	m.preempt.Add(float64(s.Preempted))
+	m.waiting.Set(float64(s.Waiting))
+	m.running.Set(float64(s.Running))
+	if s.TotalBlocks > 0 {
+		m.kvUsage.Set(1 - float64(s.FreeBlocks)/float64(s.TotalBlocks))
+	}
+	m.setLoRA(s.RunningAdapters, s.WaitingAdapters)
+}
+
+func (m *Metrics) setLoRA(running, waiting []string) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.lastRun = running
+	m.loraInfo.Reset()
+	m.loraInfo.WithLabelValues(strings.Join(running, ","), strings.Join(waiting, ","), strconv.Itoa(m.maxLoRA)).
+		Set(float64(time.Now().UnixNano()) / 1e9)
+}
+
+func (m *Metrics) begin() {
+	m.inflight.Inc()
+	m.mu.Lock()
+	m.active++
+	m.mu.Unlock()
+}
+
+// end closes a request; when none is left the LoRA info shows no adapters
+// (the scheduler reports no step while idle).
+func (m *Metrics) end(adapter string, status int, prompt, completion int, dur time.Duration) {
+	m.inflight.Dec()
+	m.requests.WithLabelValues(adapterLabel(adapter), strconv.Itoa(status)).Inc()
+	if prompt > 0 {
+		m.prompt.WithLabelValues(adapterLabel(adapter)).Add(float64(prompt))
+	}
+	m.generated.WithLabelValues(adapterLabel(adapter)).Add(float64(completion))
+	m.e2e.WithLabelValues(adapterLabel(adapter)).Observe(dur.Seconds())
+	m.mu.Lock()
+	m.active--
+	idle := m.active == 0
+	m.mu.Unlock()
+	if idle {
+		m.setLoRA(nil, nil)
+		m.waiting.Set(0)
+		m.running.Set(0)
+	}
+}
+
+func adapterLabel(a string) string {
+	if a == "" {
+		return "base"
+	}
+	return a
+}

@@ -1,0 +1,178 @@
+package main
+
+import (
+	"archive/tar"
+	"bytes"
+	"compress/gzip"
+	"context"
+	"encoding/json"
+	"io"
+	"net/http"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+// syncBuffer is a bytes.Buffer safe for the server's logger and the test.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// TestServe runs `peftd serve` with the defaults (embedded stories260K, a
+// store seeded with pirate and space) on a loopback port, invokes pirate,
+// then shuts down on context cancellation.
+func TestServe(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	var logs syncBuffer
+	errc := make(chan error, 1)
+	go func() {
+		errc <- run(ctx, []string{"serve", "--listen", "127.0.0.1:0", "--slots", "2", "--kv-blocks", "128"}, io.Discard, &logs)
+	}()
+	re := regexp.MustCompile(`msg="listening on" addr=(\S+)`)
+	var addr string
+	for deadline := time.Now().Add(30 * time.Second); addr == "" && time.Now().Before(deadline); {
+		select {
+		case err := <-errc:
+			t.Fatalf("serve ended: %v\n%s", err, logs.String())
+		case <-time.After(20 * time.Millisecond):
+		}
+		if m := re.FindStringSubmatch(logs.String()); m != nil {
+			addr = m[1]
+		}
+	}
+	if addr == "" {
+		t.Fatalf("no 'listening on' log:\n%s", logs.String())
+	}
+	for _, want := range []string{"msg=device", "msg=model", "name=stories260K", "msg=store", "adapters=2", "ids=pirate,space"} {
+		if !strings.Contains(logs.String(), want) {
+			t.Errorf("startup logs lack %q:\n%s", want, logs.String())
+		}
+	}
+	body := `{"prompt":"Once upon a time","max_tokens":80}`
+	resp, err := http.Post("http://"+addr+"/v1/adapters/pirate/invoke", "application/json", strings.NewReader(body))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var raw map[string]any
+	b, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	json.Unmarshal(b, &raw)
+	if text, _ := raw["text"].(string); resp.StatusCode != 200 || text != ", a little pirate girl named Sue had a boat. She loved the sea and the waves." {
+		t.Errorf("invoke: %d %s", resp.StatusCode, b)
+	}
+	// Deploy a copy of space through the loader's store, invoke it, delete it.
+	up := tarGzDir(t, "../../models/adapters/space")
+	req, _ := http.NewRequest("PUT", "http://"+addr+"/v1/adapters/space2", bytes.NewReader(up))
+	resp, err = http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ = io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != 201 {
+		t.Fatalf("upload: %d %s", resp.StatusCode, b)
+	}
+	resp, err = http.Post("http://"+addr+"/v1/completions", "application/json",
+		strings.NewReader(`{"model":"space2","prompt":"Once upon a time","max_tokens":80,"temperature":0}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ = io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != 200 || !strings.Contains(string(b), `"text":", a girl named Mia wanted to go to space. She built a rocket in her yard."`) {
+		t.Errorf("space2: %d %s", resp.StatusCode, b)
+	}
+	resp, err = http.Get("http://" + addr + "/v1/adapters/space2")
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ = io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if !strings.Contains(string(b), `"tier":"device"`) || !strings.Contains(string(b), `"invocations":1`) {
+		t.Errorf("adapter info: %s", b)
+	}
+	req, _ = http.NewRequest("DELETE", "http://"+addr+"/v1/adapters/space2", nil)
+	if resp, err = http.DefaultClient.Do(req); err != nil || resp.StatusCode != 200 {
+		t.Fatalf("delete: %v %v", err, resp)
+	}
+	resp.Body.Close()
+	resp, err = http.Post("http://"+addr+"/v1/completions", "application/json",
+		strings.NewReader(`{"model":"space2","prompt":"Once upon a time"}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != 404 {
+		t.Errorf("deleted adapter: %d", resp.StatusCode)
+	}
+
+	cancel()
+	select {
+	case err := <-errc:
+		if err != nil {
+			t.Errorf("serve: %v", err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("serve did not stop")
+	}
+	if !strings.Contains(logs.String(), "stopped") {
+		t.Errorf("no shutdown log:\n%s", logs.String())
+	}
+}
+
+func TestServeRefusesPublicWithoutKeys(t *testing.T) {
+	for _, args := range [][]string{{"serve", "--listen", "0.0.0.0:0"}, {"serve", "--listen", ":8080"}} {
+		_, err := runCLI(t, args...)
+		if err == nil || !strings.Contains(err.Error(), "without API keys") {
+			t.Errorf("%v: %v", args, err)
+		}
+	}
+	t.Setenv("PEFTD_LISTEN", "10.1.2.3:80")
+	if _, err := runCLI(t, "serve"); err == nil || !strings.Contains(err.Error(), "10.1.2.3:80") {
+		t.Errorf("PEFTD_LISTEN: %v", err)
+	}
+	for _, a := range []string{"127.0.0.1:0", "[::1]:0", "localhost:0"} {
+		if err := checkListen(a, 0); err != nil {
+			t.Errorf("%s: %v", a, err)
+		}
+	}
+	if err := checkListen("0.0.0.0:80", 1); err != nil {
+		t.Errorf("with keys: %v", err)
+	}
+}
+
+func tarGzDir(t *testing.T, dir string) []byte {
+	t.Helper()
+	var buf bytes.Buffer
+	gz := gzip.NewWriter(&buf)
+	tw := tar.NewWriter(gz)
+	for _, n := range []string{"adapter_config.json", "adapter_model.safetensors"} {
+		b, err := os.ReadFile(filepath.Join(dir, n))
+		if err != nil {
+			t.Fatal(err)
+		}
+		tw.WriteHeader(&tar.Header{Name: "space/" + n, Mode: 0o644, Size: int64(len(b)), Typeflag: tar.TypeReg})
+		tw.Write(b)
+	}
+	tw.Close()
+	gz.Close()
+	return buf.Bytes()
+}
