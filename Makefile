@@ -3,15 +3,20 @@ GO ?= go
 BIN := bin/peftd
 PROMPT ?= Once upon a time
 
-.PHONY: run build test test-short setup fuzz bench vet clean
+.PHONY: run demo build test test-short setup fuzz bench vet clean
 
 include scripts/gpu-check.mk
 
 build:
 	$(GO) build -o $(BIN) ./cmd/peftd
 
-# Runs the embedded stories260K model three ways: base, pirate and space adapters.
+# Starts the server on 127.0.0.1:8080 with the embedded stories260K model and
+# a local adapter store seeded with the pirate and space demo adapters.
 run: build
+	./$(BIN) serve
+
+# Tells three stories with the embedded model from the CLI: base, pirate and space.
+demo: build
 	@for a in "" pirate space; do \
 		echo "== adapter: $${a:-none (base model)}"; \
 		./$(BIN) generate --prompt "$(PROMPT)" --max-tokens 60 $${a:+--adapter $$a} || exit 1; \
