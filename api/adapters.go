@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"path"
+	"slices"
 	"strings"
 
 	"github.com/gofiber/fiber/v2"
@@ -205,6 +206,17 @@ func (s *Server) fromArchive(body []byte) (cfg, weights []byte, err error) {
 		}
 		return strings.Count(name, "/") <= 1
 	}
+	// Entries that climb out of the archive (../x) or are absolute are
+	// refused: nothing is written from them, but such an archive is not an
+	// adapter folder.
+	unsafe := func(name string) error {
+		n := strings.ReplaceAll(name, "\\", "/")
+		if strings.HasPrefix(n, "/") || slices.Contains(strings.Split(n, "/"), "..") {
+			return badRequest("body", "archive entry %q leaves the adapter folder (absolute path or '..'): "+
+				"archive the adapter folder's files with relative paths", name)
+		}
+		return nil
+	}
 	limit := s.cfg.MaxUploadBytes
 	keep := func(name string, r io.Reader) error {
 		b, err := io.ReadAll(io.LimitReader(r, limit+1))
@@ -228,6 +240,9 @@ func (s *Server) fromArchive(body []byte) (cfg, weights []byte, err error) {
 			return nil, nil, badRequest("body", "bad zip archive: %v", err)
 		}
 		for _, f := range zr.File {
+			if err := unsafe(f.Name); err != nil {
+				return nil, nil, err
+			}
 			if f.FileInfo().IsDir() || !want(f.Name) {
 				continue
 			}
@@ -264,6 +279,9 @@ func (s *Server) fromArchive(body []byte) (cfg, weights []byte, err error) {
 				return nil, nil, badRequest("body", "bad tar archive: %v", err)
 			}
 			n++
+			if err := unsafe(h.Name); err != nil {
+				return nil, nil, err
+			}
 			if h.Typeflag != tar.TypeReg || !want(h.Name) {
 				continue
 			}

@@ -167,6 +167,14 @@ func apiErr(status int, typ, param, msg string) *Error {
 	return e
 }
 
+// unavailableErr is a 503 naming the failure, with Retry-After.
+func unavailableErr(err error) *Error {
+	e := apiErr(fiber.StatusServiceUnavailable, "server_error", "", err.Error())
+	e.Code = "service_unavailable"
+	e.RetryAfter = 5
+	return e
+}
+
 func badRequest(param, format string, args ...any) *Error {
 	return apiErr(fiber.StatusBadRequest, "invalid_request_error", param, fmt.Sprintf(format, args...))
 }
@@ -186,6 +194,9 @@ func (s *Server) errorHandler(c *fiber.Ctx, err error) error {
 			typ = "server_error"
 		}
 		e = apiErr(fe.Code, typ, "", msg)
+	case errors.Is(err, ErrUnavailable):
+		s.log.Warn("request failed: unavailable", "method", c.Method(), "path", c.Path(), "err", err)
+		e = unavailableErr(err)
 	default:
 		s.log.Error("request failed", "method", c.Method(), "path", c.Path(), "err", err)
 		e = apiErr(fiber.StatusInternalServerError, "server_error", "", err.Error())

@@ -43,6 +43,9 @@ type Catalog interface {
 var (
 	ErrNotFound       = errors.New("adapter not found")
 	ErrInvalidAdapter = errors.New("invalid adapter")
+	// ErrUnavailable: a dependency (the adapter store) failed; the request
+	// may succeed later. Answered with 503.
+	ErrUnavailable = errors.New("service unavailable")
 )
 
 var idPattern = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$`)

@@ -423,6 +423,10 @@ func runErr(err error) *Error {
 		return apiErr(499, "cancelled", "", "the request was cancelled")
 	case errors.Is(err, scheduler.ErrUnknownAdapter), errors.Is(err, ErrNotFound):
 		return apiErr(fiber.StatusNotFound, "not_found_error", "model", err.Error())
+	case errors.Is(err, ErrUnavailable):
+		return unavailableErr(err)
+	case errors.Is(err, ErrInvalidAdapter):
+		return badRequest("model", "%v", err)
 	case errors.Is(err, scheduler.ErrClosed):
 		return apiErr(fiber.StatusServiceUnavailable, "server_error", "", "the server is shutting down")
 	}

@@ -18,45 +18,45 @@ import (
 
 	"github.com/peftd/peftd/api"
 	"github.com/peftd/peftd/internal/fixture"
+	"github.com/peftd/peftd/loader"
+	"github.com/peftd/peftd/loader/store"
 	"github.com/peftd/peftd/runtime/cpu"
-	"github.com/peftd/peftd/runtime/engine"
 	"github.com/peftd/peftd/runtime/llama"
 	"github.com/peftd/peftd/runtime/lora"
 	"github.com/peftd/peftd/runtime/tokenizer"
 	"github.com/peftd/peftd/scheduler"
+	"github.com/peftd/peftd/server"
 )
 
-// stack is a real scheduler + engine (cpu) over a local adapter folder.
+// stack is the real serving core (engine on cpu, scheduler, loader) over
+// an fs store in a test folder, wired by server.NewCore as peftd serve does.
 type stack struct {
 	model   *llama.Model
-	cat     *api.DirCatalog
+	core    *server.Core
+	cat     api.Catalog
+	loader  *loader.Manager
 	sched   *scheduler.Scheduler
 	metrics *api.Metrics
 	eos     []int32
 }
 
-func newStack(t *testing.T, m *llama.Model, store string, slots, maxQueue int) *stack {
+func newStack(t *testing.T, m *llama.Model, dir string, slots, maxQueue int) *stack {
 	t.Helper()
-	opts := engine.DefaultOptions()
-	opts.AdapterSlots, opts.KVBlocks = slots, 256
-	e, err := engine.New(m, cpu.New(0), opts)
+	st, err := store.NewFS(dir, store.FSOptions{PollInterval: 100 * time.Millisecond})
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { e.Close() })
-	cat, err := api.NewDirCatalog(store, m.Config, slots)
+	core, err := server.NewCore(context.Background(), server.CoreConfig{Model: m, Backend: cpu.New(0), Store: st,
+		Slots: slots, KVBlocks: 256, MaxQueue: maxQueue, CacheDir: t.TempDir()})
 	if err != nil {
 		t.Fatal(err)
 	}
-	met := api.NewMetrics(slots)
-	s := scheduler.New(e, cat, scheduler.Config{MaxQueue: maxQueue, OnStep: met.OnStep})
-	t.Cleanup(s.Close)
-	cat.SetDevice(s)
+	t.Cleanup(func() { core.Close() })
 	var eos []int32
 	for _, id := range m.Config.EOS {
 		eos = append(eos, int32(id))
 	}
-	return &stack{model: m, cat: cat, sched: s, metrics: met, eos: eos}
+	return &stack{model: m, core: core, cat: core.Catalog, loader: core.Loader, sched: core.Scheduler, metrics: core.Metrics, eos: eos}
 }
 
 func (st *stack) config(name string) api.Config {

@@ -212,7 +212,7 @@ func TestQueueFullAndTimeout(t *testing.T) {
 	cfg := st.config("stories260K")
 	cfg.Tokenizer, cfg.RequestTimeout = tok, 1500*time.Millisecond
 	url := start(t, cfg)
-	lease, err := st.cat.Acquire(context.Background(), "pirate")
+	lease, err := st.loader.Acquire(context.Background(), "pirate")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -292,7 +292,7 @@ func TestDisconnectCancels(t *testing.T) {
 	cfg := st.config("stories260K")
 	cfg.Tokenizer, cfg.Heartbeat = tok, 20*time.Millisecond
 	url := start(t, cfg)
-	lease, err := st.cat.Acquire(context.Background(), "pirate")
+	lease, err := st.loader.Acquire(context.Background(), "pirate")
 	if err != nil {
 		t.Fatal(err)
 	}

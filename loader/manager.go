@@ -35,7 +35,20 @@ var (
 	ErrNoSlots = errors.New("loader: no device slots")
 	// ErrTooManyPinned: pinning would leave no slot for other adapters.
 	ErrTooManyPinned = errors.New("loader: too many pinned adapters")
+	// ErrStoreUnavailable: the store could not be reached (or failed) while
+	// the adapter was needed from it; retrying later may succeed.
+	ErrStoreUnavailable = errors.New("loader: store unavailable")
 )
+
+// storeErr marks a store failure other than a missing adapter, a bad id or
+// a size limit as ErrStoreUnavailable.
+func storeErr(err error) error {
+	if err == nil || errors.Is(err, store.ErrNotFound) || errors.Is(err, store.ErrBadID) || errors.Is(err, store.ErrTooLarge) ||
+		errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
+		return err
+	}
+	return fmt.Errorf("%w: %w", ErrStoreUnavailable, err)
+}
 
 // Device places adapters in device slots. Implementations must be safe to
 // call from any goroutine (the scheduler runs each call on the engine
@@ -104,7 +117,11 @@ type Options struct {
 	NoWatch bool
 	// Progress, if set, is called while an adapter downloads.
 	Progress func(id string, done, total int64)
-	Logger   *slog.Logger
+	// OnLoad, if set, is called after each device load with where the
+	// adapter came from (TierStore, TierDisk or TierHost) and how long it
+	// took from the first need to the adapter sitting in its slot.
+	OnLoad func(id string, source Tier, d time.Duration)
+	Logger *slog.Logger
 	// Now is the clock (tests); default time.Now.
 	Now func() time.Time
 }
@@ -479,7 +496,7 @@ func (m *Manager) resolve(ctx context.Context, id string) (*adapterRow, error) {
 		m.log.Warn("loader: store check failed; serving the known version", "id", id, "err", err)
 		return cur, nil
 	case err != nil:
-		return nil, fmt.Errorf("loader: adapter %s: %w", id, err)
+		return nil, fmt.Errorf("loader: adapter %s: %w", id, storeErr(err))
 	}
 	return m.observe(id, o.ETag, o.Size, now), nil
 }
@@ -657,6 +674,9 @@ func (m *Manager) Acquire(ctx context.Context, id string) (*Lease, error) {
 		m.deviceLoads.Add(1)
 		txn.Commit()
 		m.log.Debug("loader: adapter loaded", "id", id, "version", c.Version, "slot", slot, "source", source, "latency", c.LoadLatency)
+		if m.opts.OnLoad != nil {
+			m.opts.OnLoad(id, source, c.LoadLatency)
+		}
 		return &Lease{m: m, key: c.Key, id: id, ver: c.Version, slot: slot, adapter: a}, nil
 	}
 }
@@ -794,7 +814,7 @@ func (m *Manager) fetch(id, version string) (*lora.Adapter, Tier, error) {
 			return nil, 0, fmt.Errorf("loader: adapter %s: %w", id, err)
 		}
 		if err != nil {
-			return nil, 0, fmt.Errorf("loader: fetch %s: %w", id, err)
+			return nil, 0, fmt.Errorf("loader: fetch %s: %w", id, storeErr(err))
 		}
 		cfg, w = c, wb
 		if etag != version {
@@ -894,6 +914,18 @@ func (m *Manager) evictHost(txn *memdb.Txn, keep string) {
 		mustInsert(txn, c)
 		m.hostEvictions.Add(1)
 	}
+}
+
+// Offer records that the store now holds id at version (as returned by the
+// store's Put) and keeps a, the parsed copy of those bytes, in host memory,
+// so the first Acquire needs no fetch. The caller must have parsed exactly
+// the bytes it stored.
+func (m *Manager) Offer(id, version string, a *lora.Adapter, storeBytes int64) {
+	r := m.observe(id, version, storeBytes, m.now())
+	if r.Version != version || r.Host != nil || r.Err != "" {
+		return
+	}
+	m.attachHost(r.Key, a, r.OnDisk, storeBytes)
 }
 
 // Pin makes id resident and keeps it on the device (and in host memory)

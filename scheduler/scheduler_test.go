@@ -167,35 +167,59 @@ func TestQueueFullAndCancel(t *testing.T) {
 	}
 }
 
-// TestFairness: a cold adapter's request submitted behind a burst for a hot
-// adapter is admitted in the first round, not after the burst.
+// TestFairness: with the engine held busy while a burst for a hot adapter
+// and then one request for a cold adapter queue up, deficit round robin
+// admits the cold request before most of the burst.
 func TestFairness(t *testing.T) {
 	s, f := setup(t, engine.Options{MaxTokens: 16, KVBlocks: 16, BlockSize: 4, AdapterSlots: 4}, Config{Quantum: 8})
 	hot, cold := f.Cases[1], f.Cases[3] // qv-r8 (19 tokens), attn-r32-rslora (5 tokens)
+	release := make(chan struct{})
+	held := make(chan struct{})
+	go s.Do(context.Background(), func(*engine.Engine) error { close(held); <-release; return nil })
+	<-held
 	var order []string
 	var mu sync.Mutex
 	var wg sync.WaitGroup
-	run := func(c fixture.Case, tag string) {
-		defer wg.Done()
+	submit := func(c fixture.Case, tag string) {
 		ch, err := s.Submit(context.Background(), Request{Adapter: c.AdapterName(), Prompt: c.Prompt, MaxTokens: 2})
 		if err != nil {
-			t.Error(err)
-			return
+			t.Fatal(err)
 		}
-		collect(t, ch)
-		mu.Lock()
-		order = append(order, tag)
-		mu.Unlock()
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			collect(t, ch)
+			mu.Lock()
+			order = append(order, tag)
+			mu.Unlock()
+		}()
 	}
 	for i := 0; i < 6; i++ {
-		wg.Add(1)
-		go run(hot, "hot")
+		submit(hot, "hot")
 	}
-	time.Sleep(20 * time.Millisecond)
-	wg.Add(1)
-	go run(cold, "cold")
+	waitQueued(t, s, 6)
+	submit(cold, "cold")
+	waitQueued(t, s, 7)
+	close(release)
 	wg.Wait()
-	if i := slices.Index(order, "cold"); i > 3 {
+	if i := slices.Index(order, "cold"); i > 1 {
 		t.Errorf("cold adapter finished at position %d of %v", i, order)
 	}
+}
+
+// waitQueued waits until n requests sit in the adapter queues.
+func waitQueued(t *testing.T, s *Scheduler, n int) {
+	t.Helper()
+	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(time.Millisecond) {
+		s.mu.Lock()
+		q := 0
+		for _, a := range s.order {
+			q += len(s.queues[a])
+		}
+		s.mu.Unlock()
+		if q == n {
+			return
+		}
+	}
+	t.Fatalf("never saw %d queued requests", n)
 }

@@ -7,6 +7,7 @@ import (
 	"context"
 	"encoding/json"
 	"io"
+	"log/slog"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -15,6 +16,9 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/peftd/peftd/runtime/gpu"
+	"github.com/peftd/peftd/server"
 )
 
 // syncBuffer is a bytes.Buffer safe for the server's logger and the test.
@@ -175,4 +179,32 @@ func tarGzDir(t *testing.T, dir string) []byte {
 	tw.Close()
 	gz.Close()
 	return buf.Bytes()
+}
+
+// TestServeDevice: --device cuda without a usable GPU is an error naming the
+// cause; auto falls back to cpu with one "device" line saying why.
+func TestServeDevice(t *testing.T) {
+	if gpu.Available() == nil {
+		t.Skip("a usable GPU is present")
+	}
+	_, err := runCLI(t, "serve", "--listen", "127.0.0.1:0", "--device", "cuda")
+	if err == nil || !strings.Contains(err.Error(), "--device cuda") || !strings.Contains(err.Error(), gpu.Available().Error()) {
+		t.Errorf("--device cuda: %v", err)
+	}
+	if _, err := runCLI(t, "serve", "--listen", "127.0.0.1:0", "--device", "tpu"); err == nil || !strings.Contains(err.Error(), "auto, cpu or cuda") {
+		t.Errorf("--device tpu: %v", err)
+	}
+	var logs bytes.Buffer
+	srv, err := server.New(context.Background(), server.Config{Device: server.DeviceAuto, Store: t.TempDir(),
+		CacheDir: "-", Logger: slog.New(slog.NewTextHandler(&logs, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := srv.Shutdown(context.Background()); err != nil {
+		t.Errorf("shutdown: %v", err)
+	}
+	if n := strings.Count(logs.String(), "msg=device"); n != 1 || !strings.Contains(logs.String(), "device=cpu") ||
+		!strings.Contains(logs.String(), "reason=\"no usable GPU: ") {
+		t.Errorf("auto without a GPU logged %d device lines:\n%s", n, logs.String())
+	}
 }

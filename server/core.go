@@ -1,0 +1,233 @@
+package server
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/peftd/peftd/api"
+	"github.com/peftd/peftd/loader"
+	"github.com/peftd/peftd/loader/store"
+	"github.com/peftd/peftd/runtime/engine"
+	"github.com/peftd/peftd/runtime/llama"
+	"github.com/peftd/peftd/runtime/lora"
+	"github.com/peftd/peftd/scheduler"
+)
+
+// CoreConfig configures a Core: the engine, scheduler and loader over an
+// opened model, a backend and a store.
+type CoreConfig struct {
+	Model   *llama.Model
+	Backend engine.Backend // closed by Core.Close (and by NewCore when it fails)
+	Store   store.Store
+	// Slots is the number of device adapter slots (required, > 0).
+	Slots int
+	// KVBlocks and MaxBatchTokens size the engine; 0: the engine defaults.
+	KVBlocks, MaxBatchTokens int
+	// MaxQueue bounds pending requests (0: the scheduler default).
+	MaxQueue int
+	// CacheDir is the loader's disk cache; empty: no disk tier.
+	CacheDir string
+	// MaxAdapterBytes bounds an adapter download; 0: none.
+	MaxAdapterBytes int64
+	// DeviceTTL and HostTTL: 0 means never.
+	DeviceTTL, HostTTL time.Duration
+	// RecheckInterval and JanitorInterval tune the loader (0: its defaults).
+	RecheckInterval, JanitorInterval time.Duration
+	// Metrics gets the loader collector and the scheduler's steps; nil: a new one.
+	Metrics *api.Metrics
+	Logger  *slog.Logger
+}
+
+// Core is the serving stack below HTTP: engine, scheduler (the loader's
+// device) and loader (the scheduler's residency), with an api.Catalog over
+// the loader and its store.
+type Core struct {
+	Engine    *engine.Engine
+	Scheduler *scheduler.Scheduler
+	Loader    *loader.Manager
+	Store     store.Store
+	Catalog   api.Catalog
+	Metrics   *api.Metrics
+
+	closeOnce sync.Once
+	closeErr  error
+}
+
+// NewCore builds the stack. On error everything it made is closed,
+// Backend included.
+func NewCore(ctx context.Context, cc CoreConfig) (*Core, error) {
+	if cc.Model == nil || cc.Backend == nil || cc.Store == nil {
+		return nil, errors.New("server: CoreConfig needs Model, Backend and Store")
+	}
+	if cc.Slots <= 0 {
+		cc.Backend.Close()
+		return nil, fmt.Errorf("server: slots must be positive, got %d", cc.Slots)
+	}
+	if cc.DeviceTTL < 0 || cc.HostTTL < 0 {
+		cc.Backend.Close()
+		return nil, errors.New("server: the device and host TTLs must not be negative")
+	}
+	log := cc.Logger
+	if log == nil {
+		log = slog.Default()
+	}
+	opts := engine.DefaultOptions()
+	opts.AdapterSlots = cc.Slots
+	if cc.KVBlocks > 0 {
+		opts.KVBlocks = cc.KVBlocks
+	}
+	if cc.MaxBatchTokens > 0 {
+		opts.MaxTokens = cc.MaxBatchTokens
+	}
+	e, err := engine.New(cc.Model, cc.Backend, opts)
+	if err != nil {
+		cc.Backend.Close()
+		return nil, err
+	}
+	met := cc.Metrics
+	if met == nil {
+		met = api.NewMetrics(cc.Slots)
+	}
+	res := &residency{}
+	sched := scheduler.New(e, res, scheduler.Config{MaxQueue: cc.MaxQueue, Logger: log, OnStep: met.OnStep})
+	col := newLoaderCollector()
+	mgr, err := loader.New(ctx, loader.Options{Store: cc.Store, Device: sched, Base: cc.Model.Config, Slots: cc.Slots,
+		CacheDir: cc.CacheDir, MaxAdapterBytes: cc.MaxAdapterBytes, DeviceTTL: cc.DeviceTTL, HostTTL: cc.HostTTL,
+		RecheckInterval: cc.RecheckInterval, JanitorInterval: cc.JanitorInterval, OnLoad: col.onLoad, Logger: log})
+	if err != nil {
+		sched.Close()
+		e.Close()
+		return nil, err
+	}
+	res.m.Store(mgr)
+	c := &Core{Engine: e, Scheduler: sched, Loader: mgr, Store: cc.Store, Metrics: met,
+		Catalog: &loaderCatalog{m: mgr, st: cc.Store, base: cc.Model.Config}}
+	col.core.Store(c)
+	if err := met.Registry.Register(col); err != nil {
+		c.Close()
+		return nil, fmt.Errorf("server: metrics: %w", err)
+	}
+	return c, nil
+}
+
+// Idle reports that no request is pending in the scheduler and the loader
+// holds nothing on the device or in host memory: the replica may stop.
+func (c *Core) Idle() bool { return c.Scheduler.Pending() == 0 && c.Loader.Idle() }
+
+// Close stops the scheduler (running requests end with scheduler.ErrClosed),
+// then the loader, then the engine (and its backend). Later calls return
+// the first call's result.
+func (c *Core) Close() error {
+	c.closeOnce.Do(func() {
+		c.Scheduler.Close()
+		var errs []error
+		if err := c.Loader.Close(); err != nil {
+			errs = append(errs, fmt.Errorf("loader: %w", err))
+		}
+		if err := c.Engine.Close(); err != nil {
+			errs = append(errs, fmt.Errorf("engine: %w", err))
+		}
+		c.closeErr = errors.Join(errs...)
+	})
+	return c.closeErr
+}
+
+// residency is the scheduler's Residency over the loader's Manager, which is
+// created after the scheduler (the Manager's Device is the scheduler).
+type residency struct {
+	m atomic.Pointer[loader.Manager]
+}
+
+func (r *residency) Acquire(ctx context.Context, id string) (scheduler.Lease, error) {
+	m := r.m.Load()
+	if m == nil {
+		return nil, errors.New("server: the adapter loader is not ready")
+	}
+	l, err := m.Acquire(ctx, id)
+	switch {
+	case err == nil:
+		return l, nil
+	case errors.Is(err, loader.ErrNotFound) || errors.Is(err, loader.ErrBadID):
+		return nil, fmt.Errorf("%w %q: %w", scheduler.ErrUnknownAdapter, id, err)
+	case errors.Is(err, loader.ErrStoreUnavailable):
+		return nil, fmt.Errorf("%w: adapter %q is not cached here and the store failed: %w", api.ErrUnavailable, id, err)
+	case errors.Is(err, loader.ErrInvalidAdapter):
+		return nil, fmt.Errorf("%w: %w", api.ErrInvalidAdapter, err)
+	}
+	return nil, err
+}
+
+// loaderCatalog is api.Catalog over the loader's index and its store.
+type loaderCatalog struct {
+	m    *loader.Manager
+	st   store.Store
+	base *llama.Config
+}
+
+func toInfo(a loader.AdapterInfo) api.AdapterInfo {
+	return api.AdapterInfo{ID: a.ID, Tier: a.Tier.String(), Version: a.Version, Rank: a.Rank, Bytes: a.StoreBytes,
+		Refcount: a.Refs, LastUsed: a.LastUsed, Invocations: int64(a.Invocations)}
+}
+
+// unavailable marks store failures (not a missing adapter or a bad ID) as
+// api.ErrUnavailable.
+func unavailable(err error) error {
+	if err == nil || errors.Is(err, store.ErrNotFound) || errors.Is(err, store.ErrBadID) || errors.Is(err, store.ErrTooLarge) ||
+		errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
+		return err
+	}
+	return fmt.Errorf("%w: the adapter store failed: %w", api.ErrUnavailable, err)
+}
+
+func (c *loaderCatalog) List(ctx context.Context) ([]api.AdapterInfo, error) {
+	out := []api.AdapterInfo{}
+	for _, a := range c.m.List() {
+		if a.Current && !a.Deleted && a.Error == "" {
+			out = append(out, toInfo(a))
+		}
+	}
+	return out, nil
+}
+
+func (c *loaderCatalog) Get(ctx context.Context, id string) (api.AdapterInfo, error) {
+	a, ok := c.m.Get(id)
+	if !ok || a.Deleted || !a.Current || a.Error != "" {
+		return api.AdapterInfo{}, fmt.Errorf("%w: %q", api.ErrNotFound, id)
+	}
+	return toInfo(a), nil
+}
+
+func (c *loaderCatalog) Put(ctx context.Context, id string, configJSON, weights []byte) error {
+	if err := store.ValidateID(id); err != nil {
+		return fmt.Errorf("%w: %w", api.ErrInvalidAdapter, err)
+	}
+	a, err := lora.Parse(id, configJSON, weights, c.base)
+	if err != nil {
+		return fmt.Errorf("%w: %w", api.ErrInvalidAdapter, err)
+	}
+	etag, err := c.st.Put(ctx, id, configJSON, weights)
+	if err != nil {
+		return unavailable(err)
+	}
+	// The loader keeps the parsed copy: the first request needs no fetch.
+	c.m.Offer(id, etag, a, int64(len(configJSON)+len(weights)))
+	return unavailable(c.m.Sync(ctx))
+}
+
+func (c *loaderCatalog) Delete(ctx context.Context, id string) error {
+	if _, err := c.Get(ctx, id); err != nil {
+		return err
+	}
+	if err := c.st.Delete(ctx, id); err != nil {
+		if errors.Is(err, store.ErrNotFound) {
+			return fmt.Errorf("%w: %q", api.ErrNotFound, id)
+		}
+		return unavailable(err)
+	}
+	return unavailable(c.m.Sync(ctx))
+}

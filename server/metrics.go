@@ -1,0 +1,111 @@
+package server
+
+import (
+	"sync/atomic"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/peftd/peftd/loader"
+)
+
+// loaderCollector exports the loader's Stats, read at scrape time, the
+// replica's idleness and the adapter load latency histogram.
+type loaderCollector struct {
+	core atomic.Pointer[Core]
+
+	evictions, adapters, bytes        *prometheus.Desc
+	fetches, diskHits, loads, invalid *prometheus.Desc
+	idle, slots, slotsUsed            *prometheus.Desc
+	loadSeconds                       *prometheus.HistogramVec
+}
+
+var tiers = []loader.Tier{loader.TierStore, loader.TierDisk, loader.TierHost, loader.TierDevice}
+
+func newLoaderCollector() *loaderCollector {
+	d := func(name, help string, labels ...string) *prometheus.Desc {
+		return prometheus.NewDesc(name, help, labels, nil)
+	}
+	c := &loaderCollector{
+		evictions: d("peftd_adapter_evictions_total", "Adapters evicted, by tier: device (LRU replacement or device TTL), host (memory budget or host TTL).", "tier"),
+		adapters:  d("peftd_adapters", "Adapters (versions) by the nearest tier holding them: store, disk, host or device.", "tier"),
+		bytes: d("peftd_adapter_bytes", "Bytes of adapters held at each tier (float32 weights on device and host; "+
+			"file bytes on disk and in the store). An adapter on the device also counts on host and disk.", "tier"),
+		fetches:   d("peftd_adapter_store_fetches_total", "Adapter downloads from the store."),
+		diskHits:  d("peftd_adapter_disk_hits_total", "Adapters read from the local disk cache instead of the store."),
+		loads:     d("peftd_adapter_loads_total", "Adapter loads into device slots."),
+		invalid:   d("peftd_adapter_invalid_uploads_total", "Adapter versions refused because they do not fit the base model."),
+		idle:      d("peftd_idle", "1 when no request is pending and no adapter is on the device or in host memory (the replica may be stopped)."),
+		slots:     d("peftd_adapter_slots", "Device adapter slots."),
+		slotsUsed: d("peftd_adapter_slots_used", "Device adapter slots holding an adapter."),
+		loadSeconds: prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: "peftd_adapter_load_seconds",
+			Help:    "Time from an adapter being needed to it sitting in a device slot, by where it came from (store, disk, host).",
+			Buckets: []float64{.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60}}, []string{"source"}),
+	}
+	for _, t := range []loader.Tier{loader.TierStore, loader.TierDisk, loader.TierHost} {
+		c.loadSeconds.WithLabelValues(t.String()) // export zeros before the first load
+	}
+	return c
+}
+
+func (c *loaderCollector) onLoad(id string, source loader.Tier, d time.Duration) {
+	c.loadSeconds.WithLabelValues(source.String()).Observe(d.Seconds())
+}
+
+// Describe implements prometheus.Collector.
+func (c *loaderCollector) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range []*prometheus.Desc{c.evictions, c.adapters, c.bytes, c.fetches, c.diskHits, c.loads, c.invalid,
+		c.idle, c.slots, c.slotsUsed} {
+		ch <- d
+	}
+	c.loadSeconds.Describe(ch)
+}
+
+// Collect implements prometheus.Collector.
+func (c *loaderCollector) Collect(ch chan<- prometheus.Metric) {
+	c.loadSeconds.Collect(ch)
+	core := c.core.Load()
+	if core == nil {
+		return
+	}
+	s := core.Loader.Stats()
+	counter := func(d *prometheus.Desc, v uint64, labels ...string) {
+		ch <- prometheus.MustNewConstMetric(d, prometheus.CounterValue, float64(v), labels...)
+	}
+	gauge := func(d *prometheus.Desc, v float64, labels ...string) {
+		ch <- prometheus.MustNewConstMetric(d, prometheus.GaugeValue, v, labels...)
+	}
+	counter(c.evictions, s.DeviceEvictions, "device")
+	counter(c.evictions, s.HostEvictions, "host")
+	counter(c.fetches, s.StoreFetches)
+	counter(c.diskHits, s.DiskHits)
+	counter(c.loads, s.DeviceLoads)
+	counter(c.invalid, s.InvalidUploads)
+
+	count := map[loader.Tier]int{}
+	var storeBytes int64
+	for _, a := range s.Adapters {
+		// Replaced versions count while they still occupy memory.
+		if a.Tier == loader.TierNone || (!a.Current && a.Tier < loader.TierHost) {
+			continue
+		}
+		count[a.Tier]++
+		if a.Current && !a.Deleted {
+			storeBytes += a.StoreBytes
+		}
+	}
+	for _, t := range tiers {
+		gauge(c.adapters, float64(count[t]), t.String())
+	}
+	gauge(c.bytes, float64(storeBytes), loader.TierStore.String())
+	gauge(c.bytes, float64(s.DiskBytes), loader.TierDisk.String())
+	gauge(c.bytes, float64(s.HostBytes), loader.TierHost.String())
+	gauge(c.bytes, float64(s.DeviceBytes), loader.TierDevice.String())
+	gauge(c.slots, float64(s.Slots))
+	gauge(c.slotsUsed, float64(s.SlotsUsed))
+	idle := 0.0
+	if core.Idle() {
+		idle = 1
+	}
+	gauge(c.idle, idle)
+}

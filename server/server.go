@@ -1,0 +1,415 @@
+// Package server wires peftd together: the base model, a compute backend
+// (CPU or CUDA), the engine, the continuous-batching scheduler, the adapter
+// loader over a store, and the HTTP API with its metrics.
+package server
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io/fs"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/peftd/peftd/api"
+	"github.com/peftd/peftd/loader/store"
+	"github.com/peftd/peftd/models"
+	"github.com/peftd/peftd/runtime/chat"
+	"github.com/peftd/peftd/runtime/cpu"
+	"github.com/peftd/peftd/runtime/engine"
+	"github.com/peftd/peftd/runtime/gpu"
+	"github.com/peftd/peftd/runtime/llama"
+	"github.com/peftd/peftd/runtime/lora"
+	"github.com/peftd/peftd/runtime/tokenizer"
+)
+
+// Scale-to-zero defaults for peftd serve: an adapter unused this long leaves
+// the device, then host memory; with both gone and nothing pending the
+// replica reports peftd_idle 1.
+const (
+	DefaultDeviceTTL = 5 * time.Minute
+	DefaultHostTTL   = 30 * time.Minute
+)
+
+// Devices accepted in Config.Device.
+const (
+	DeviceAuto = "auto"
+	DeviceCPU  = "cpu"
+	DeviceCUDA = "cuda"
+)
+
+// Config is peftd serve's configuration.
+type Config struct {
+	// Model is the model folder; empty: the embedded stories260K.
+	Model string
+	// Store is a folder, file:// or s3:// URL (see store.Open); empty: a
+	// folder in the peftd cache seeded with the demo adapters pirate and space.
+	Store string
+	// Listen is the address ListenAndServe uses (default 127.0.0.1:8080).
+	Listen string
+	// Device is auto (CUDA when a usable GPU is present, else CPU), cpu or cuda.
+	Device string
+	// GPU is the CUDA device ordinal.
+	GPU int
+	// Threads are the CPU backend's workers (0: all cores).
+	Threads int
+	// Slots are the device adapter slots (default 4).
+	Slots int
+	// KVBlocks and MaxBatchTokens size the engine (0: its defaults).
+	KVBlocks, MaxBatchTokens int
+	// MaxQueue bounds pending requests; more get 429 (default 256).
+	MaxQueue int
+	// RequestTimeout bounds a generation (504 past it); 0: none.
+	RequestTimeout time.Duration
+	// DeviceTTL and HostTTL unload adapters unused this long; 0: never.
+	// peftd serve defaults them to DefaultDeviceTTL and DefaultHostTTL.
+	DeviceTTL, HostTTL time.Duration
+	// APIKeys is an API key file (see api.LoadKeys); Keys, when set, wins.
+	APIKeys string
+	Keys    *api.Keys
+	// MaxUpload bounds request bodies and adapter downloads (default 2 GiB).
+	MaxUpload int64
+	// CacheDir is the loader's disk cache; empty: a folder per store in the
+	// peftd cache. "-" disables the disk tier.
+	CacheDir string
+	// RecheckInterval and JanitorInterval tune the loader (0: its defaults).
+	RecheckInterval, JanitorInterval time.Duration
+	Logger                           *slog.Logger
+}
+
+// Server is a running peftd: call Serve, then Shutdown.
+type Server struct {
+	cfg    Config
+	log    *slog.Logger
+	model  *llama.Model
+	core   *Core
+	api    *api.Server
+	keys   *api.Keys
+	device string
+
+	shutOnce sync.Once
+	shutErr  error
+}
+
+// New opens the model, picks the backend, builds the engine, scheduler,
+// loader and HTTP API, and logs what it did. It does not listen.
+func New(ctx context.Context, cfg Config) (*Server, error) {
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	if cfg.Slots == 0 {
+		cfg.Slots = 4
+	}
+	if cfg.MaxQueue == 0 {
+		cfg.MaxQueue = 256
+	}
+	if cfg.MaxUpload <= 0 {
+		cfg.MaxUpload = 2 << 30
+	}
+	if cfg.Listen == "" {
+		cfg.Listen = "127.0.0.1:8080"
+	}
+	if cfg.Device == "" {
+		cfg.Device = DeviceAuto
+	}
+	log := cfg.Logger
+	if cfg.Slots < 0 {
+		return nil, fmt.Errorf("server: slots must be positive, got %d", cfg.Slots)
+	}
+	if cfg.DeviceTTL < 0 || cfg.HostTTL < 0 {
+		return nil, errors.New("server: the device and host TTLs must not be negative")
+	}
+	keys := cfg.Keys
+	if keys == nil && cfg.APIKeys != "" {
+		k, err := api.LoadKeys(cfg.APIKeys)
+		if err != nil {
+			return nil, fmt.Errorf("server: API keys: %w", err)
+		}
+		keys = k
+	}
+	s := &Server{cfg: cfg, log: log, keys: keys}
+	ok := false
+	defer func() {
+		if !ok {
+			s.closeParts()
+		}
+	}()
+
+	be, dev, err := pickBackend(cfg, log)
+	if err != nil {
+		return nil, err
+	}
+	s.device = dev
+	m, tok, err := openModel(cfg.Model)
+	if err != nil {
+		be.Close()
+		return nil, err
+	}
+	s.model = m
+	mc := m.Config
+	name := mc.Name
+	if name == "" {
+		name = filepath.Base(m.Dir)
+	}
+	tmpl, err := chat.LoadTemplate(m.Dir)
+	if err != nil {
+		if !errors.Is(err, chat.ErrNoTemplate) && !errors.Is(err, fs.ErrNotExist) {
+			be.Close()
+			return nil, err
+		}
+		tmpl = nil
+	}
+	log.Info("model", "name", name, "dir", m.Dir, "layers", mc.Layers, "hidden", mc.Hidden,
+		"heads", mc.Heads, "kv_heads", mc.KVHeads, "vocab", mc.VocabSize, "max_positions", mc.MaxPositions,
+		"tokenizer", tok != nil, "chat_template", tmpl != nil)
+
+	storeURL := cfg.Store
+	if storeURL == "" {
+		storeURL = filepath.Join(models.DefaultCacheDir(), "adapters")
+		if err := seedStore(storeURL); err != nil {
+			be.Close()
+			return nil, err
+		}
+	}
+	st, err := store.Open(storeURL, log)
+	if err != nil {
+		be.Close()
+		return nil, fmt.Errorf("server: store: %w", err)
+	}
+	cacheDir := cfg.CacheDir
+	switch cacheDir {
+	case "":
+		cacheDir = filepath.Join(models.DefaultCacheDir(), "adapter-cache", cacheKey(storeURL))
+	case "-":
+		cacheDir = ""
+	}
+	met := api.NewMetrics(cfg.Slots)
+	core, err := NewCore(ctx, CoreConfig{Model: m, Backend: be, Store: st, Slots: cfg.Slots, KVBlocks: cfg.KVBlocks,
+		MaxBatchTokens: cfg.MaxBatchTokens, MaxQueue: cfg.MaxQueue, CacheDir: cacheDir, MaxAdapterBytes: cfg.MaxUpload,
+		DeviceTTL: cfg.DeviceTTL, HostTTL: cfg.HostTTL, RecheckInterval: cfg.RecheckInterval,
+		JanitorInterval: cfg.JanitorInterval, Metrics: met, Logger: log})
+	if err != nil {
+		return nil, err
+	}
+	s.core = core
+	opts := core.Engine.Options()
+	log.Info("engine", "backend", dev, "slots", opts.AdapterSlots, "kv_blocks", opts.KVBlocks, "block_size", opts.BlockSize,
+		"max_batch_tokens", opts.MaxTokens, "max_context", opts.MaxContext)
+	list, err := core.Catalog.List(ctx)
+	if err != nil {
+		return nil, err
+	}
+	ids := make([]string, len(list))
+	for i, a := range list {
+		ids[i] = a.ID
+	}
+	log.Info("store", "store", storeURL, "adapters", len(list), "ids", strings.Join(ids, ","), "cache", cacheDir,
+		"device_ttl", cfg.DeviceTTL.String(), "host_ttl", cfg.HostTTL.String())
+
+	var eos []int32
+	for _, id := range mc.EOS {
+		eos = append(eos, int32(id))
+	}
+	if tok != nil {
+		eos = append(eos, tok.EOS()...)
+	}
+	s.api = api.New(api.Config{
+		Generator: core.Scheduler, Catalog: core.Catalog, Tokenizer: tok, Template: tmpl, ModelName: name,
+		MaxModelLen: opts.MaxContext, EOS: eos, Keys: keys, RequestTimeout: cfg.RequestTimeout,
+		MaxUploadBytes: cfg.MaxUpload, Metrics: met, Logger: log,
+	})
+	ok = true
+	return s, nil
+}
+
+// pickBackend chooses the compute backend for cfg.Device and logs one
+// "device" line saying which and, for auto falling back to CPU, why.
+func pickBackend(cfg Config, log *slog.Logger) (engine.Backend, string, error) {
+	switch cfg.Device {
+	case DeviceCPU:
+		log.Info("device", "device", DeviceCPU, "requested", cfg.Device, "threads", threads(cfg.Threads))
+		return cpu.New(cfg.Threads), DeviceCPU, nil
+	case DeviceCUDA:
+		b, err := newGPU(cfg)
+		if err != nil {
+			return nil, "", fmt.Errorf("server: --device cuda: %w", err)
+		}
+		logGPU(log, cfg, b)
+		return b, DeviceCUDA, nil
+	case DeviceAuto:
+		err := gpu.Available()
+		if err == nil {
+			b, gerr := newGPU(cfg)
+			if gerr == nil {
+				logGPU(log, cfg, b)
+				return b, DeviceCUDA, nil
+			}
+			err = gerr
+		}
+		log.Info("device", "device", DeviceCPU, "requested", cfg.Device, "threads", threads(cfg.Threads),
+			"reason", "no usable GPU: "+oneLine(err.Error()))
+		return cpu.New(cfg.Threads), DeviceCPU, nil
+	}
+	return nil, "", fmt.Errorf("server: --device %q: want auto, cpu or cuda", cfg.Device)
+}
+
+func newGPU(cfg Config) (*gpu.Backend, error) {
+	if err := gpu.Available(); err != nil {
+		return nil, err
+	}
+	// Kernels compile once (NVRTC) into the default kernel cache; later
+	// starts read the cubin.
+	return gpu.New(gpu.Options{Device: cfg.GPU})
+}
+
+func logGPU(log *slog.Logger, cfg Config, b *gpu.Backend) {
+	d := b.Device()
+	log.Info("device", "device", DeviceCUDA, "requested", cfg.Device, "ordinal", d.Ordinal, "name", d.Name,
+		"compute_capability", fmt.Sprintf("%d.%d", d.Major, d.Minor), "memory_gib", fmt.Sprintf("%.1f", float64(d.TotalMem)/(1<<30)))
+}
+
+func threads(n int) string {
+	if n <= 0 {
+		return "all cores"
+	}
+	return fmt.Sprint(n)
+}
+
+func oneLine(s string) string { return strings.Join(strings.Fields(s), " ") }
+
+// Serve accepts HTTP connections on ln until Shutdown.
+func (s *Server) Serve(ln net.Listener) error {
+	s.log.Info("listening on", "addr", ln.Addr().String(), "api_keys", s.keys.Len(), "max_queue", s.cfg.MaxQueue,
+		"request_timeout", s.cfg.RequestTimeout.String())
+	return s.api.Serve(ln)
+}
+
+// ListenAndServe listens on Config.Listen and serves.
+func (s *Server) ListenAndServe() error {
+	ln, err := net.Listen("tcp", s.cfg.Listen)
+	if err != nil {
+		return fmt.Errorf("server: %w", err)
+	}
+	return s.Serve(ln)
+}
+
+// Shutdown stops HTTP (waiting for requests until ctx ends), then the
+// scheduler, the loader, the engine and the model, in that order; every
+// failure is reported. Later calls return the first call's result.
+func (s *Server) Shutdown(ctx context.Context) error {
+	s.shutOnce.Do(func() {
+		s.log.Info("shutting down")
+		var errs []error
+		if err := s.api.Shutdown(ctx); err != nil {
+			errs = append(errs, fmt.Errorf("http: %w", err))
+		}
+		if err := s.closeParts(); err != nil {
+			errs = append(errs, err)
+		}
+		s.shutErr = errors.Join(errs...)
+		if s.shutErr != nil {
+			s.log.Warn("shutdown", "err", s.shutErr)
+		}
+		s.log.Info("stopped")
+	})
+	return s.shutErr
+}
+
+// closeParts closes the core (scheduler, loader, engine) and the model.
+func (s *Server) closeParts() error {
+	var errs []error
+	if s.core != nil {
+		if err := s.core.Close(); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if s.model != nil {
+		if err := s.model.Close(); err != nil {
+			errs = append(errs, fmt.Errorf("model: %w", err))
+		}
+		s.model = nil
+	}
+	return errors.Join(errs...)
+}
+
+// API is the HTTP server.
+func (s *Server) API() *api.Server { return s.api }
+
+// Core is the engine, scheduler, loader and catalog.
+func (s *Server) Core() *Core { return s.core }
+
+// Metrics are the Prometheus metrics (also served on /metrics).
+func (s *Server) Metrics() *api.Metrics { return s.core.Metrics }
+
+// Device is the backend in use: cpu or cuda.
+func (s *Server) Device() string { return s.device }
+
+// KeyCount is the number of API keys guarding the server.
+func (s *Server) KeyCount() int { return s.keys.Len() }
+
+// openModel opens dir (the embedded default model when empty) and its
+// tokenizer (nil in token-id mode).
+func openModel(dir string) (*llama.Model, *tokenizer.Tokenizer, error) {
+	if dir == "" {
+		root, err := models.Extract(models.DefaultCacheDir())
+		if err != nil {
+			return nil, nil, err
+		}
+		dir = filepath.Join(root, models.DefaultModel)
+	}
+	m, err := llama.Open(dir)
+	if err != nil {
+		return nil, nil, err
+	}
+	tok, err := tokenizer.Load(dir)
+	if err != nil && !errors.Is(err, tokenizer.ErrNoTokenizer) {
+		m.Close()
+		return nil, nil, err
+	}
+	return m, tok, nil
+}
+
+// seedStore creates dir with the embedded demo adapters (pirate, space) the
+// first time.
+func seedStore(dir string) error {
+	if _, err := os.Stat(dir); err == nil {
+		return nil
+	}
+	root, err := models.Extract(models.DefaultCacheDir())
+	if err != nil {
+		return err
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return err
+	}
+	for _, n := range []string{"pirate", "space"} {
+		src := filepath.Join(root, models.AdaptersDir, n)
+		dst := filepath.Join(dir, n)
+		if err := os.MkdirAll(dst, 0o755); err != nil {
+			return err
+		}
+		for _, fn := range []string{lora.ConfigFile, lora.WeightsFile} {
+			b, err := os.ReadFile(filepath.Join(src, fn))
+			if err != nil {
+				return err
+			}
+			if err := os.WriteFile(filepath.Join(dst, fn), b, 0o644); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// cacheKey names a store's disk cache folder.
+func cacheKey(store string) string {
+	h := sha256.Sum256([]byte(store))
+	return hex.EncodeToString(h[:8])
+}
