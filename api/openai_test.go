@@ -81,6 +81,10 @@ const cs = await client.chat.completions.create({ model: 'space', messages: [{ r
   max_tokens: 8, temperature: 0, stream: true });
 out.chatStreamed = '';
 for await (const ch of cs) { if (ch.choices.length) out.chatStreamed += ch.choices[0].delta.content ?? ''; }
+const ids = await client.completions.create({ model: 'pirate', prompt: [1, 403, 407, 261, 378], max_tokens: 80, temperature: 0,
+  return_token_ids: true });
+out.idsText = ids.choices[0].text;
+out.idsTokens = ids.choices[0].token_ids;
 const models = await client.models.list();
 out.models = models.data.map(m => m.id);
 try {
@@ -107,7 +111,8 @@ func TestOpenAINodeClient(t *testing.T) {
 	var got struct {
 		Completion, CompletionFinish, Streamed, StreamFinish string
 		Usage, StreamUsage                                   map[string]int
-		Chat, ChatRole, ChatStreamed                         string
+		Chat, ChatRole, ChatStreamed, IDsText                string
+		IDsTokens                                            []int32
 		ChatLogprobs                                         int
 		Models                                               []string
 		ErrStatus                                            int
@@ -125,6 +130,9 @@ func TestOpenAINodeClient(t *testing.T) {
 	}
 	if got.Chat == "" || got.ChatRole != "assistant" || got.ChatStreamed != got.Chat || got.ChatLogprobs == 0 {
 		t.Errorf("chat: %s", out)
+	}
+	if got.IDsText != want || len(got.IDsTokens) == 0 || got.IDsTokens[len(got.IDsTokens)-1] != 1 {
+		t.Errorf("token-id prompt: text %q, token_ids %v", got.IDsText, got.IDsTokens)
 	}
 	if strings.Join(got.Models, ",") != "stories260K,pirate,space" || got.ErrStatus != 404 {
 		t.Errorf("models / error: %s", out)

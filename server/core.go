@@ -34,6 +34,8 @@ type CoreConfig struct {
 	CacheDir string
 	// MaxAdapterBytes bounds an adapter download; 0: none.
 	MaxAdapterBytes int64
+	// HostBytes bounds parsed adapters in host memory; 0: no bound.
+	HostBytes int64
 	// DeviceTTL and HostTTL: 0 means never.
 	DeviceTTL, HostTTL time.Duration
 	// RecheckInterval and JanitorInterval tune the loader (0: its defaults).
@@ -97,7 +99,7 @@ func NewCore(ctx context.Context, cc CoreConfig) (*Core, error) {
 	sched := scheduler.New(e, res, scheduler.Config{MaxQueue: cc.MaxQueue, Logger: log, OnStep: met.OnStep})
 	col := newLoaderCollector()
 	mgr, err := loader.New(ctx, loader.Options{Store: cc.Store, Device: sched, Base: cc.Model.Config, Slots: cc.Slots,
-		CacheDir: cc.CacheDir, MaxAdapterBytes: cc.MaxAdapterBytes, DeviceTTL: cc.DeviceTTL, HostTTL: cc.HostTTL,
+		CacheDir: cc.CacheDir, MaxAdapterBytes: cc.MaxAdapterBytes, HostBytes: cc.HostBytes, DeviceTTL: cc.DeviceTTL, HostTTL: cc.HostTTL,
 		RecheckInterval: cc.RecheckInterval, JanitorInterval: cc.JanitorInterval, OnLoad: col.onLoad, Logger: log})
 	if err != nil {
 		sched.Close()

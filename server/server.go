@@ -76,6 +76,8 @@ type Config struct {
 	Keys    *api.Keys
 	// MaxUpload bounds request bodies and adapter downloads (default 2 GiB).
 	MaxUpload int64
+	// HostBytes bounds adapters held in host memory; 0: no bound.
+	HostBytes int64
 	// CacheDir is the loader's disk cache; empty: a folder per store in the
 	// peftd cache. "-" disables the disk tier.
 	CacheDir string
@@ -192,7 +194,7 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 	}
 	met := api.NewMetrics(cfg.Slots)
 	core, err := NewCore(ctx, CoreConfig{Model: m, Backend: be, Store: st, Slots: cfg.Slots, KVBlocks: cfg.KVBlocks,
-		MaxBatchTokens: cfg.MaxBatchTokens, MaxQueue: cfg.MaxQueue, CacheDir: cacheDir, MaxAdapterBytes: cfg.MaxUpload,
+		MaxBatchTokens: cfg.MaxBatchTokens, MaxQueue: cfg.MaxQueue, CacheDir: cacheDir, MaxAdapterBytes: cfg.MaxUpload, HostBytes: cfg.HostBytes,
 		DeviceTTL: cfg.DeviceTTL, HostTTL: cfg.HostTTL, RecheckInterval: cfg.RecheckInterval,
 		JanitorInterval: cfg.JanitorInterval, Metrics: met, Logger: log})
 	if err != nil {

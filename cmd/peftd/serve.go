@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"flag"
 	"fmt"
 	"io"
@@ -9,6 +10,7 @@ import (
 	"net"
 	"os"
 	"os/signal"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -23,8 +25,8 @@ type serveFlags struct {
 	slots, kvBlocks, maxBatchTokens       int
 	maxQueue                              int
 	requestTimeout, deviceTTL, hostTTL    time.Duration
-	maxUpload                             int64
-	logLevel                              string
+	maxUpload, hostBytes                  int64
+	cacheDir, logLevel                    string
 }
 
 func envName(flag string) string {
@@ -53,8 +55,27 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	fs.DurationVar(&f.deviceTTL, "device-ttl", server.DefaultDeviceTTL, "unload adapters unused this long from the device (0: only when a slot is needed)")
 	fs.DurationVar(&f.hostTTL, "host-ttl", server.DefaultHostTTL, "drop adapters unused this long from host memory (0: never); with both TTLs past and no request pending, peftd_idle is 1")
 	fs.Int64Var(&f.maxUpload, "max-upload-bytes", 2<<30, "largest request body, adapter uploads included (413 past it)")
+	fs.Int64Var(&f.hostBytes, "host-cache-bytes", 0, "bound on adapters held in host memory, in bytes (0: no bound; LRU past it)")
+	fs.StringVar(&f.cacheDir, "cache-dir", "", "adapter disk cache folder (default: one per store in the peftd cache; - disables the disk tier)")
 	fs.StringVar(&f.logLevel, "log-level", "info", "debug, info, warn or error")
-	// PEFTD_* variables set the defaults; flags win.
+	config := fs.String("config", "", "config file: a JSON object of flag names to values, e.g. {\"listen\": \"127.0.0.1:9000\", \"slots\": 8}; env and flags win")
+	// A config file, then PEFTD_* variables, set the defaults; flags win.
+	cfgFile := os.Getenv(envName("config"))
+	for i, a := range args { // the file must be read before the flags it sets are parsed
+		if v, ok := strings.CutPrefix(a, "--config="); ok {
+			cfgFile = v
+		} else if v, ok := strings.CutPrefix(a, "-config="); ok {
+			cfgFile = v
+		} else if (a == "--config" || a == "-config") && i+1 < len(args) {
+			cfgFile = args[i+1]
+		}
+	}
+	if cfgFile != "" {
+		*config = cfgFile
+		if err := applyConfigFile(fs, cfgFile); err != nil {
+			return err
+		}
+	}
 	var envErr error
 	fs.VisitAll(func(fl *flag.Flag) {
 		if v, ok := os.LookupEnv(envName(fl.Name)); ok && envErr == nil {
@@ -128,7 +149,7 @@ func serve(ctx context.Context, f serveFlags, log *slog.Logger) error {
 	srv, err := server.New(ctx, server.Config{Model: f.model, Store: f.store, Listen: f.listen, Device: f.device,
 		Slots: f.slots, KVBlocks: f.kvBlocks, MaxBatchTokens: f.maxBatchTokens, MaxQueue: f.maxQueue,
 		RequestTimeout: f.requestTimeout, DeviceTTL: f.deviceTTL, HostTTL: f.hostTTL, Keys: keys,
-		MaxUpload: f.maxUpload, Logger: log})
+		MaxUpload: f.maxUpload, HostBytes: f.hostBytes, CacheDir: f.cacheDir, Logger: log})
 	if err != nil {
 		return fmt.Errorf("serve: %w", err)
 	}
@@ -152,6 +173,41 @@ func serve(ctx context.Context, f serveFlags, log *slog.Logger) error {
 	}
 	if shutErr != nil {
 		return fmt.Errorf("serve: shutdown: %w", shutErr)
+	}
+	return nil
+}
+
+// applyConfigFile sets flags from a JSON object of flag names to values
+// (strings, numbers or booleans); an unknown name is an error.
+func applyConfigFile(fs *flag.FlagSet, path string) error {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return fmt.Errorf("serve: --config: %w", err)
+	}
+	var m map[string]any
+	if err := json.Unmarshal(b, &m); err != nil {
+		return fmt.Errorf("serve: --config %s: want a JSON object of flag names to values: %w", path, err)
+	}
+	for k, v := range m {
+		fl := fs.Lookup(k)
+		if fl == nil || k == "config" {
+			return fmt.Errorf("serve: --config %s: unknown setting %q (use the flag names of peftd serve -h)", path, k)
+		}
+		var s string
+		switch v := v.(type) {
+		case string:
+			s = v
+		case float64:
+			s = strconv.FormatFloat(v, 'f', -1, 64)
+		case bool:
+			s = strconv.FormatBool(v)
+		default:
+			return fmt.Errorf("serve: --config %s: %q must be a string, number or boolean", path, k)
+		}
+		if err := fl.Value.Set(s); err != nil {
+			return fmt.Errorf("serve: --config %s: %s=%q: %w", path, k, s, err)
+		}
+		fl.DefValue = s
 	}
 	return nil
 }

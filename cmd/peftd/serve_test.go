@@ -6,6 +6,7 @@ import (
 	"compress/gzip"
 	"context"
 	"encoding/json"
+	"flag"
 	"io"
 	"log/slog"
 	"net/http"
@@ -206,5 +207,41 @@ func TestServeDevice(t *testing.T) {
 	if n := strings.Count(logs.String(), "msg=device"); n != 1 || !strings.Contains(logs.String(), "device=cpu") ||
 		!strings.Contains(logs.String(), "reason=\"no usable GPU: ") {
 		t.Errorf("auto without a GPU logged %d device lines:\n%s", n, logs.String())
+	}
+}
+
+func TestServeConfigFile(t *testing.T) {
+	dir := t.TempDir()
+	write := func(s string) string {
+		p := filepath.Join(dir, "c.json")
+		if err := os.WriteFile(p, []byte(s), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	fs := flag.NewFlagSet("t", flag.ContinueOnError)
+	listen := fs.String("listen", "", "")
+	slots := fs.Int("slots", 1, "")
+	big := fs.Int64("max-upload-bytes", 0, "")
+	if err := applyConfigFile(fs, write(`{"listen":"127.0.0.1:9","slots":8,"max-upload-bytes":3221225472}`)); err != nil {
+		t.Fatal(err)
+	}
+	if *listen != "127.0.0.1:9" || *slots != 8 || *big != 3221225472 {
+		t.Errorf("got %q %d %d", *listen, *slots, *big)
+	}
+	for cfg, msg := range map[string]string{
+		`{"nope":1}`:    `unknown setting "nope"`,
+		`{"slots":"x"}`: `slots="x"`,
+		`[1]`:           "JSON object",
+		`{"slots":[1]}`: "string, number or boolean",
+	} {
+		if err := applyConfigFile(fs, write(cfg)); err == nil || !strings.Contains(err.Error(), msg) {
+			t.Errorf("%s: %v, want %q", cfg, err, msg)
+		}
+	}
+	// Through the command: a bad file stops serve before anything starts.
+	var out, errb bytes.Buffer
+	if err := run(context.Background(), []string{"serve", "--config", write(`{"device":"tpu"}`)}, &out, &errb); err == nil || !strings.Contains(err.Error(), "tpu") {
+		t.Errorf("serve with a bad config: %v", err)
 	}
 }
