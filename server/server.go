@@ -78,6 +78,8 @@ type Config struct {
 	MaxUpload int64
 	// HostBytes bounds adapters held in host memory; 0: no bound.
 	HostBytes int64
+	// Pin lists adapters loaded at start and kept on the device (at most Slots-1).
+	Pin []string
 	// CacheDir is the loader's disk cache; empty: a folder per store in the
 	// peftd cache. "-" disables the disk tier.
 	CacheDir string
@@ -214,6 +216,12 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 	}
 	log.Info("store", "store", storeURL, "adapters", len(list), "ids", strings.Join(ids, ","), "cache", cacheDir,
 		"device_ttl", cfg.DeviceTTL.String(), "host_ttl", cfg.HostTTL.String())
+	for _, id := range cfg.Pin {
+		if err := core.Loader.Pin(ctx, id); err != nil {
+			return nil, fmt.Errorf("server: pin %s: %w", id, err)
+		}
+		log.Info("pinned", "adapter", id)
+	}
 
 	var eos []int32
 	for _, id := range mc.EOS {

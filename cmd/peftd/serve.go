@@ -26,7 +26,7 @@ type serveFlags struct {
 	maxQueue                              int
 	requestTimeout, deviceTTL, hostTTL    time.Duration
 	maxUpload, hostBytes                  int64
-	cacheDir, logLevel                    string
+	cacheDir, logLevel, pin               string
 }
 
 func envName(flag string) string {
@@ -58,6 +58,7 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	fs.Int64Var(&f.hostBytes, "host-cache-bytes", 0, "bound on adapters held in host memory, in bytes (0: no bound; LRU past it)")
 	fs.StringVar(&f.cacheDir, "cache-dir", "", "adapter disk cache folder (default: one per store in the peftd cache; - disables the disk tier)")
 	fs.StringVar(&f.logLevel, "log-level", "info", "debug, info, warn or error")
+	fs.StringVar(&f.pin, "pin", "", "comma-separated adapter IDs loaded at start and kept on the device (at most slots-1)")
 	config := fs.String("config", "", "config file: a JSON object of flag names to values, e.g. {\"listen\": \"127.0.0.1:9000\", \"slots\": 8}; env and flags win")
 	// A config file, then PEFTD_* variables, set the defaults; flags win.
 	cfgFile := os.Getenv(envName("config"))
@@ -149,7 +150,7 @@ func serve(ctx context.Context, f serveFlags, log *slog.Logger) error {
 	srv, err := server.New(ctx, server.Config{Model: f.model, Store: f.store, Listen: f.listen, Device: f.device,
 		Slots: f.slots, KVBlocks: f.kvBlocks, MaxBatchTokens: f.maxBatchTokens, MaxQueue: f.maxQueue,
 		RequestTimeout: f.requestTimeout, DeviceTTL: f.deviceTTL, HostTTL: f.hostTTL, Keys: keys,
-		MaxUpload: f.maxUpload, HostBytes: f.hostBytes, CacheDir: f.cacheDir, Logger: log})
+		MaxUpload: f.maxUpload, HostBytes: f.hostBytes, CacheDir: f.cacheDir, Pin: splitList(f.pin), Logger: log})
 	if err != nil {
 		return fmt.Errorf("serve: %w", err)
 	}
@@ -210,4 +211,15 @@ func applyConfigFile(fs *flag.FlagSet, path string) error {
 		fl.DefValue = s
 	}
 	return nil
+}
+
+// splitList splits a comma-separated list, dropping empty items.
+func splitList(s string) []string {
+	var out []string
+	for _, x := range strings.Split(s, ",") {
+		if x = strings.TrimSpace(x); x != "" {
+			out = append(out, x)
+		}
+	}
+	return out
 }

@@ -49,7 +49,7 @@ func TestServe(t *testing.T) {
 	var logs syncBuffer
 	errc := make(chan error, 1)
 	go func() {
-		errc <- run(ctx, []string{"serve", "--listen", "127.0.0.1:0", "--slots", "2", "--kv-blocks", "128"}, io.Discard, &logs)
+		errc <- run(ctx, []string{"serve", "--listen", "127.0.0.1:0", "--slots", "2", "--kv-blocks", "128", "--pin", "space"}, io.Discard, &logs)
 	}()
 	re := regexp.MustCompile(`msg="listening on" addr=(\S+)`)
 	var addr string
@@ -66,7 +66,7 @@ func TestServe(t *testing.T) {
 	if addr == "" {
 		t.Fatalf("no 'listening on' log:\n%s", logs.String())
 	}
-	for _, want := range []string{"msg=device", "msg=model", "name=stories260K", "msg=store", "adapters=2", "ids=pirate,space"} {
+	for _, want := range []string{"msg=device", "msg=model", "name=stories260K", "msg=store", "adapters=2", "ids=pirate,space", "msg=pinned adapter=space"} {
 		if !strings.Contains(logs.String(), want) {
 			t.Errorf("startup logs lack %q:\n%s", want, logs.String())
 		}
