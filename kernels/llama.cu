@@ -234,3 +234,234 @@ extern "C" __global__ void lora_expand(bf16* out, const float* tmp, const LoraEn
     bf16* o = out + (i64)rows[i] * o_stride + j;
     *o = tobf(ld(o) + acc);
 }
+
+// ---------------------------------------------------------------------------
+// SGMV v1: segment-tiled LoRA shrink (tensor cores) and expand (bf16x8 loads).
+//
+// Rows that share an adapter form tiles of up to 16 consecutive rows
+// (int4 {row0, nrows, slot, 0}, built on the host from the step's segments).
+// One launch may cover up to three projections that read the same input
+// ("slices": fused q/k/v or gate/up): slice s uses table entry m_s and writes
+// output columns [off_s, off_s + out_s) of a fused output row.
+//
+// tmp layout: [ksplit][T][t_stride] float32, slice s at columns
+// [s*max_rank, s*max_rank + rank_s); the shrink writes one partial sum per K
+// split, the expand adds them up. Requirements (else the backend uses the
+// v0 kernels): in_f % 8 == 0, every slice width even, 16-byte aligned rows.
+// ---------------------------------------------------------------------------
+
+#define SG_TR 16     // rows per tile (the MMA's M)
+#define SG_WARPS 8   // shrink: warps per block, splitting K
+
+__device__ __forceinline__ int sg_mod(int s, int m0, int m1, int m2) { return s == 0 ? m0 : (s == 1 ? m1 : m2); }
+
+// mma.sync m16n8k16 bf16 -> f32: c += a * b.
+__device__ __forceinline__ void mma16816(float* c, unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0, unsigned b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ uint4 ldg16(const bf16* p) { return __ldg(reinterpret_cast<const uint4*>(p)); }
+
+// sgmv_shrink (8 rank rows per block) / sgmv_shrink4 (32): tmp[z][row][s*max_rank + k]
+// = scale * sum over this block's K range of x[row] . A_s[k].
+// grid (tiles, slices*rank_tiles, ksplit), block 256. Each block takes one
+// tile of 16 rows and 8*NB rank rows of one slice; its 8 warps split the K
+// range, each warp running m16n8k16 MMAs on 32 columns at a time. The K order
+// inside a 32-column chunk is permuted the same way for x and A (each lane
+// loads 8 contiguous values of both), so every load is 16 bytes. NB=4 reads
+// each x tile once per 32 rank rows instead of 8 (prefill); NB=1 gives more
+// blocks when there are few rows (decode).
+template <int NB>
+__device__ __forceinline__ void shrink_body(
+    float* __restrict__ tmp, const bf16* __restrict__ x, const LoraEntry* __restrict__ table, const int4* __restrict__ tiles,
+    int entry_base, int entry_stride, int m0, int m1, int m2, int rank_tiles, int max_rank,
+    int in_f, int x_stride, int t_stride, int rows_total, int kchunk, float* red) {
+    const int4 tile = tiles[blockIdx.x];
+    const int s = blockIdx.y / rank_tiles, k0 = (blockIdx.y % rank_tiles) * 8 * NB;
+    const LoraEntry e = table[entry_base + tile.z * entry_stride + sg_mod(s, m0, m1, m2)];
+    if (k0 >= e.rank) return; // uniform over the block
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
+    const int kbeg = blockIdx.z * kchunk, kend = min(in_f, kbeg + kchunk);
+    const bool v0 = g < tile.y, v1 = g + 8 < tile.y;
+    const bf16* x0 = x + (i64)(tile.x + (v0 ? g : 0)) * x_stride;
+    const bf16* x1 = x + (i64)(tile.x + (v1 ? g + 8 : 0)) * x_stride;
+    bool va[NB];
+    const bf16* ar[NB];
+#pragma unroll
+    for (int nb = 0; nb < NB; nb++) {
+        va[nb] = k0 + nb * 8 + g < e.rank;
+        ar[nb] = e.a + (i64)(va[nb] ? k0 + nb * 8 + g : 0) * in_f;
+    }
+    float c[NB][4];
+#pragma unroll
+    for (int nb = 0; nb < NB; nb++) c[nb][0] = c[nb][1] = c[nb][2] = c[nb][3] = 0.f;
+    const uint4 z4 = make_uint4(0, 0, 0, 0);
+#pragma unroll 4
+    for (int cb = kbeg + warp * 32; cb < kend; cb += 32 * SG_WARPS) {
+        const int col = cb + q * 8;
+        const bool in = col < kend;
+        const uint4 xa = (in && v0) ? ldg16(x0 + col) : z4;
+        const uint4 xb = (in && v1) ? ldg16(x1 + col) : z4;
+#pragma unroll
+        for (int nb = 0; nb < NB; nb++) {
+            const uint4 aa = (in && va[nb]) ? ldg16(ar[nb] + col) : z4;
+            mma16816(c[nb], xa.x, xb.x, xa.y, xb.y, aa.x, aa.y);
+            mma16816(c[nb], xa.z, xb.z, xa.w, xb.w, aa.z, aa.w);
+        }
+    }
+    // c0,c1: row g, rank cols 2q,2q+1; c2,c3: row g+8. red: [warp][row][8*NB]
+    const int W = 8 * NB;
+#pragma unroll
+    for (int nb = 0; nb < NB; nb++) {
+        float* rw = red + warp * SG_TR * W + nb * 8 + 2 * q;
+        rw[g * W] = c[nb][0];
+        rw[g * W + 1] = c[nb][1];
+        rw[(g + 8) * W] = c[nb][2];
+        rw[(g + 8) * W + 1] = c[nb][3];
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < SG_TR * W; i += blockDim.x) {
+        const int r = i / W, kk = i - r * W;
+        if (r < tile.y && k0 + kk < e.rank) {
+            float sum = 0.f;
+#pragma unroll
+            for (int w = 0; w < SG_WARPS; w++) sum += red[w * SG_TR * W + i];
+            tmp[((i64)blockIdx.z * rows_total + tile.x + r) * t_stride + s * max_rank + k0 + kk] = sum * e.scale;
+        }
+    }
+}
+
+#define SHRINK_ARGS                                                                                                      \
+    float *__restrict__ tmp, const bf16 *__restrict__ x, const LoraEntry *__restrict__ table, const int4 *__restrict__ tiles, \
+        int entry_base, int entry_stride, int m0, int m1, int m2, int rank_tiles, int max_rank, int in_f, int x_stride,    \
+        int t_stride, int rows_total, int kchunk
+#define SHRINK_PASS tmp, x, table, tiles, entry_base, entry_stride, m0, m1, m2, rank_tiles, max_rank, in_f, x_stride, t_stride, rows_total, kchunk
+
+extern "C" __global__ void __launch_bounds__(32 * SG_WARPS) sgmv_shrink(SHRINK_ARGS) {
+    __shared__ float red[SG_WARPS * SG_TR * 8];
+    shrink_body<1>(SHRINK_PASS, red);
+}
+
+extern "C" __global__ void __launch_bounds__(32 * SG_WARPS) sgmv_shrink4(SHRINK_ARGS) {
+    __shared__ float red[SG_WARPS * SG_TR * 32];
+    shrink_body<4>(SHRINK_PASS, red);
+}
+
+// sgmv_expand: out[row][off_s + j] += sum_k tmp[row][s*max_rank + k] * B_s[j][k]
+// (tmp summed over the ksplit partials). grid (tiles, ceil(out_total/256)),
+// block 128: each thread owns two adjacent output columns. Its B rows (the
+// first 64 ranks, 16 bytes a load) and the tile's output values are loaded
+// before the tile's tmp rows are staged in shared memory, so the three
+// streams are in flight together; then every row of the tile is updated.
+#define SG_EX_THREADS 128
+#define SG_EX_CHUNKS 8 // B loads kept in registers: ranks up to 64
+
+// expand_chunk: acc{0,1}[r] += t[r*w + 0..7] . (8 bf16 of B row j, j+1) for rows r < n.
+__device__ __forceinline__ void expand_chunk(float* acc0, float* acc1, const float* t, int w, int n, uint4 a, uint4 b) {
+    float f0[8], f1[8];
+    const __nv_bfloat162* p0 = reinterpret_cast<const __nv_bfloat162*>(&a);
+    const __nv_bfloat162* p1 = reinterpret_cast<const __nv_bfloat162*>(&b);
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        const float2 x0 = __bfloat1622float2(p0[i]), x1 = __bfloat1622float2(p1[i]);
+        f0[2 * i] = x0.x, f0[2 * i + 1] = x0.y, f1[2 * i] = x1.x, f1[2 * i + 1] = x1.y;
+    }
+#pragma unroll
+    for (int r = 0; r < SG_TR; r++) {
+        if (r < n) {
+            const float4 ta = *reinterpret_cast<const float4*>(t + r * w);
+            const float4 tb = *reinterpret_cast<const float4*>(t + r * w + 4);
+            acc0[r] += ta.x * f0[0] + ta.y * f0[1] + ta.z * f0[2] + ta.w * f0[3] + tb.x * f0[4] + tb.y * f0[5] + tb.z * f0[6] + tb.w * f0[7];
+            acc1[r] += ta.x * f1[0] + ta.y * f1[1] + ta.z * f1[2] + ta.w * f1[3] + tb.x * f1[4] + tb.y * f1[5] + tb.z * f1[6] + tb.w * f1[7];
+        }
+    }
+}
+extern "C" __global__ void __launch_bounds__(SG_EX_THREADS) sgmv_expand(
+    bf16* __restrict__ out, const float* __restrict__ tmp, const LoraEntry* __restrict__ table, const int4* __restrict__ tiles,
+    int entry_base, int entry_stride, int m0, int m1, int m2, int nslices, int off1, int off2, int out_total,
+    int max_rank, int o_stride, int t_stride, int rows_total, int ksplit) {
+    extern __shared__ float sm[]; // [SG_TR][nslices * mr8]
+    const int4 tile = tiles[blockIdx.x];
+    const int mr8 = (max_rank + 7) & ~7, w = nslices * mr8, n = tile.y;
+    const int j = (blockIdx.y * SG_EX_THREADS + threadIdx.x) * 2;
+    const bool active = j < out_total;
+    const int s = j >= off2 ? 2 : (j >= off1 ? 1 : 0);
+    const int off = s == 0 ? 0 : (s == 1 ? off1 : off2);
+    LoraEntry e = {};
+    if (active) e = table[entry_base + tile.z * entry_stride + sg_mod(s, m0, m1, m2)];
+    const int rank = e.rank;
+    const bf16* b0 = e.b + (i64)(j - off) * rank;
+    const bf16* b1 = b0 + rank;
+    const bool vec = (rank & 7) == 0;
+    uint4 u0[SG_EX_CHUNKS], u1[SG_EX_CHUNKS];
+#pragma unroll
+    for (int c = 0; c < SG_EX_CHUNKS; c++) {
+        const bool ok = vec && c * 8 < rank;
+        u0[c] = ok ? ldg16(b0 + c * 8) : make_uint4(0, 0, 0, 0);
+        u1[c] = ok ? ldg16(b1 + c * 8) : make_uint4(0, 0, 0, 0);
+    }
+    __nv_bfloat162 ov[SG_TR];
+#pragma unroll
+    for (int r = 0; r < SG_TR; r++)
+        if (r < n && rank > 0) ov[r] = *reinterpret_cast<const __nv_bfloat162*>(out + (i64)(tile.x + r) * o_stride + j);
+    for (int i = threadIdx.x; i < SG_TR * w; i += blockDim.x) {
+        const int r = i / w, col = i - r * w, s2 = col / mr8, k = col - s2 * mr8;
+        float v = 0.f;
+        if (r < n && k < max_rank) {
+            const int rk = table[entry_base + tile.z * entry_stride + sg_mod(s2, m0, m1, m2)].rank;
+            if (k < rk)
+                for (int z = 0; z < ksplit; z++) v += tmp[((i64)z * rows_total + tile.x + r) * t_stride + s2 * max_rank + k];
+        }
+        sm[i] = v;
+    }
+    __syncthreads();
+    if (rank == 0) return;
+    const float* t = sm + s * mr8;
+    float acc0[SG_TR], acc1[SG_TR];
+#pragma unroll
+    for (int r = 0; r < SG_TR; r++) acc0[r] = acc1[r] = 0.f;
+    if (vec) {
+#pragma unroll
+        for (int c = 0; c < SG_EX_CHUNKS; c++) {
+            if (c * 8 >= rank) break;
+            expand_chunk(acc0, acc1, t + c * 8, w, n, u0[c], u1[c]);
+        }
+        for (int k = 8 * SG_EX_CHUNKS; k < rank; k += 8) expand_chunk(acc0, acc1, t + k, w, n, ldg16(b0 + k), ldg16(b1 + k));
+    } else {
+        for (int k = 0; k < rank; k += 8) {
+            unsigned short h0[8], h1[8];
+#pragma unroll
+            for (int i = 0; i < 8; i++) {
+                h0[i] = k + i < rank ? __bfloat16_as_ushort(b0[k + i]) : 0;
+                h1[i] = k + i < rank ? __bfloat16_as_ushort(b1[k + i]) : 0;
+            }
+            uint4 a, b;
+            a.x = h0[0] | (unsigned)h0[1] << 16, a.y = h0[2] | (unsigned)h0[3] << 16, a.z = h0[4] | (unsigned)h0[5] << 16, a.w = h0[6] | (unsigned)h0[7] << 16;
+            b.x = h1[0] | (unsigned)h1[1] << 16, b.y = h1[2] | (unsigned)h1[3] << 16, b.z = h1[4] | (unsigned)h1[5] << 16, b.w = h1[6] | (unsigned)h1[7] << 16;
+            expand_chunk(acc0, acc1, t + k, w, n, a, b);
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < SG_TR; r++) {
+        if (r < n) {
+            const float2 v = __bfloat1622float2(ov[r]);
+            *reinterpret_cast<__nv_bfloat162*>(out + (i64)(tile.x + r) * o_stride + j) = __floats2bfloat162_rn(v.x + acc0[r], v.y + acc1[r]);
+        }
+    }
+}
+
+// l2_flush: reads n 16-byte words (a buffer larger than L2) and writes nothing
+// unless the impossible happens, so the cache ends up full of clean lines.
+// Benchmarks run it between timed replays (a memset would leave dirty lines
+// whose write-back lands in the next timed region).
+extern "C" __global__ void l2_flush(const uint4* __restrict__ p, i64 n, unsigned* sink) {
+    unsigned acc = 0;
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
+        const uint4 v = p[i];
+        acc ^= v.x ^ v.y ^ v.z ^ v.w;
+    }
+    if (acc == 0x9e3779b9u && n < 0) *sink = acc;
+}

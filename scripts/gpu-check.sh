@@ -1,14 +1,33 @@
 #!/usr/bin/env bash
-# GPU checks for runtime/cuda and runtime/gpu (tests behind the `cuda` build tag).
+# GPU checks and benchmarks for runtime/cuda and runtime/gpu (tests behind the
+# `cuda` build tag).
 #
 # Here (no GPU needed):   bash scripts/gpu-check.sh
 #   builds the tagged test binaries with CGO_ENABLED=0 into bin/gpu/ and
 #   prints how to run them on the device machine.
-# On the GPU machine:     bash scripts/gpu-check.sh --on-device
-#   runs every binary with -test.v, then each once under
-#   compute-sanitizer --tool memcheck (API errors not reported: the tests
-#   provoke some on purpose, e.g. an out-of-memory allocation), and prints a table last
-#   (test, result, max relative error). Logs go to $OUT (or bin/gpu/logs).
+# On the GPU machine:     bash scripts/gpu-check.sh --on-device [PHASE...]
+#   PHASEs, in this order, default all:
+#     tests      every test binary with -test.v (benchmarks skip themselves)
+#     memcheck   each binary once under compute-sanitizer --tool memcheck (API
+#                errors not reported: the tests provoke some on purpose, e.g. an
+#                out-of-memory allocation)
+#     fixture8b  makes the Llama-3.1-8B-shape fixture (tools/llama8b-shape.json,
+#                ~3 GB under /tmp, stays there) and runs TestFixture8BShape on it
+#     lorabench  TestLoRABench: the LoRA path of one 8B layer, CUDA-graph replays
+#     decode     makes a random 32-layer 8B checkpoint + 4 rank-32 adapters
+#                (tools/make_random_llama.py, ~16 GB under /tmp) and runs
+#                TestDecodeBench (decode tokens/s at batch 1, 16, 64, 256)
+#   and prints a short table last (tests: result and max relative error;
+#   benchmarks: the key rows). Logs and full tables go to $OUT (or bin/gpu/logs).
+#
+# The exact device invocation (the `run` tool; ~6-9 minutes on an H100, most
+# of it writing and loading the 16 GB checkpoint):
+#   run(command="bash scripts/gpu-check.sh --on-device", carry=["bin/gpu"], timeout_s=600)
+# or split it over two calls when the budget is tight:
+#   run(command="bash scripts/gpu-check.sh --on-device tests memcheck fixture8b lorabench", carry=["bin/gpu"])
+#   run(command="bash scripts/gpu-check.sh --on-device decode", carry=["bin/gpu"])
+# Knobs: GPU_TEST_RUN (a -test.run pattern for tests/memcheck), SKIP_MEMCHECK=1,
+# PEFTD_DECODE_BATCHES (e.g. 1,16), DECODE_LAYERS (layers of the random checkpoint, default 32).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,12 +45,14 @@ if [[ "${1:-}" != "--on-device" ]]; then
 	cat <<'HINT'
 
 Run on the device (the `run` tool), carrying the binaries:
-  run(command="bash scripts/gpu-check.sh --on-device", carry=["bin/gpu"])
+  run(command="bash scripts/gpu-check.sh --on-device", carry=["bin/gpu"], timeout_s=600)
 HINT
 	exit 0
 fi
 
-LOG="${OUT:-bin/gpu/logs}"
+# $OUT brings back at most 8 files: logs go to a folder that is packed into
+# $OUT/logs.tgz at the end, beside copies of the summary and benchmark tables.
+if [[ -n "${OUT:-}" ]]; then LOG=/tmp/gpu-check-logs; else LOG=bin/gpu/logs; fi
 mkdir -p "$LOG"
 ROOT="$PWD"
 export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
@@ -41,8 +62,22 @@ export XDG_CACHE_HOME="${XDG_CACHE_HOME:-$(mktemp -d)}" # a cold kernel cache on
 	ls "$CUDA_HOME"/lib64/libnvrtc.so* "$CUDA_HOME"/lib64/libcublasLt.so* 2>&1 | head -6
 } | tee "$LOG/env.txt"
 
+shift
+PHASES=("$@")
+[[ ${#PHASES[@]} -gt 0 ]] || PHASES=(tests memcheck fixture8b lorabench decode)
+want() { local x; for x in "${PHASES[@]}"; do [[ "$x" == "$1" ]] && return 0; done; return 1; }
+unset PEFTD_FIXTURE_8B PEFTD_LORA_BENCH PEFTD_MODEL_8B
+GPUBIN="$ROOT/$(bin_of runtime/gpu)"
+T0=$SECONDS
+stamp() { echo "--- $1 done at +$((SECONDS - T0))s"; }
+# keep the whole run inside the device's 600 s command limit: each benchmark
+# phase gets at most what is left of DEADLINE seconds
+DEADLINE="${DEADLINE:-575}"
+left() { local l=$((DEADLINE - SECONDS)); ((l > $1)) && l=$1; ((l < 10)) && l=10; echo $l; }
+save() { [[ -n "${OUT:-}" ]] && cp "$@" "$OUT/" 2>/dev/null; return 0; }
+
 status=0
-for p in "${PKGS[@]}"; do
+want tests && for p in "${PKGS[@]}"; do
 	b="$ROOT/$(bin_of "$p")"
 	n="$(basename "$b" .test)"
 	[[ -x "$b" ]] || { echo "missing $b: build it here first (bash scripts/gpu-check.sh)"; status=1; continue; }
@@ -50,7 +85,8 @@ for p in "${PKGS[@]}"; do
 	(cd "$p" && timeout 120 "$b" -test.v -test.count=1 ${GPU_TEST_RUN:+-test.run "$GPU_TEST_RUN"}) >"$LOG/$n.log" 2>&1 || status=1
 	tail -n 3 "$LOG/$n.log"
 done
-if [[ "${SKIP_MEMCHECK:-0}" != 1 ]] && command -v compute-sanitizer >/dev/null; then
+want tests && stamp tests
+if want memcheck && [[ "${SKIP_MEMCHECK:-0}" != 1 ]] && command -v compute-sanitizer >/dev/null; then
 	for p in "${PKGS[@]}"; do
 		b="$ROOT/$(bin_of "$p")"
 		n="$(basename "$b" .test)"
@@ -60,6 +96,48 @@ if [[ "${SKIP_MEMCHECK:-0}" != 1 ]] && command -v compute-sanitizer >/dev/null; 
 		echo "memcheck $n: exit $rc; $(grep -E 'ERROR SUMMARY' "$LOG/$n.memcheck.log" | tail -1)"
 		[[ $rc == 0 ]] || status=1
 	done
+	stamp memcheck
+fi
+
+PY="${PYTHON:-python3}"
+export PYTHONUNBUFFERED=1
+if want fixture8b; then
+	FX=/tmp/peftd-fixture-8b
+	echo "=== fixture8b: make $FX"
+	if [[ -f $FX/expected.safetensors ]] || timeout "$(left 300)" "$PY" tools/make_lora_fixture.py tools/llama8b-shape.json "$FX" >"$LOG/fixture8b.make.log" 2>&1; then
+		tail -n 6 "$LOG/fixture8b.make.log" 2>/dev/null
+		(cd runtime/gpu && PEFTD_FIXTURE_8B=$FX timeout "$(left 300)" "$GPUBIN" -test.v -test.count=1 -test.run '^TestFixture8BShape$') >"$LOG/fixture8b.log" 2>&1 || status=1
+		tail -n 4 "$LOG/fixture8b.log"
+		save "$LOG/fixture8b.log"
+	else
+		status=1
+		tail -n 20 "$LOG/fixture8b.make.log"
+	fi
+	stamp fixture8b
+fi
+if want lorabench; then
+	echo "=== lorabench"
+	(cd runtime/gpu && PEFTD_LORA_BENCH=1 timeout "$(left 300)" "$GPUBIN" -test.v -test.count=1 -test.run '^TestLoRABench$') >"$LOG/lorabench.log" 2>&1 || status=1
+	grep '^BENCH lora' "$LOG/lorabench.log" >"$LOG/lorabench.txt"
+	save "$LOG/lorabench.txt"
+	grep -E -- '--- (PASS|FAIL|SKIP)|panic|Error' "$LOG/lorabench.log" | head -5
+	stamp lorabench
+fi
+if want decode; then
+	MD=/tmp/llama8b-random
+	echo "=== decode: make $MD"
+	if [[ -f $MD/base/model.safetensors.index.json ]] || timeout "$(left 300)" "$PY" tools/make_random_llama.py "$MD" --layers "${DECODE_LAYERS:-32}" >"$LOG/decode.make.log" 2>&1; then
+		OUT_DECODE="${OUT:-$LOG}/decode.partial.txt"
+		tail -n 2 "$LOG/decode.make.log" 2>/dev/null
+		(cd runtime/gpu && PEFTD_MODEL_8B=$MD timeout "$(left 480)" "$GPUBIN" -test.v -test.count=1 -test.run '^TestDecodeBench$') 2>&1 | tee "$LOG/decode.log" | grep --line-buffered '^BENCH' >"$OUT_DECODE"
+		[[ ${PIPESTATUS[0]} == 0 ]] || status=1
+		grep '^BENCH decode' "$LOG/decode.log" >"$LOG/decode.txt"
+		grep -E -- '--- (PASS|FAIL|SKIP)|panic|Error' "$LOG/decode.log" | head -5
+	else
+		status=1
+		tail -n 20 "$LOG/decode.make.log"
+	fi
+	stamp decode
 fi
 
 # Table: top-level test, result, the largest maxrel= it logged.
@@ -77,5 +155,23 @@ fi
 		m="$LOG/$n.memcheck.log"
 		[[ -f "$m" ]] && printf '%-34s %-6s %s\n' "$n.memcheck" "$(grep -q '^PASS$' "$m" && grep -q 'ERROR SUMMARY: 0 errors' "$m" && echo PASS || echo FAIL)" "$(grep -E 'ERROR SUMMARY' "$m" | tail -1)"
 	done
+	if [[ -f "$LOG/fixture8b.log" ]]; then
+		printf '%-34s %-6s %s\n' fixture8b.TestFixture8BShape "$(grep -oE -- '--- (PASS|FAIL|SKIP)' "$LOG/fixture8b.log" | tail -1 | cut -c5-)" \
+			"$(grep -oE 'maxrel=[0-9.eE+-]+.*' "$LOG/fixture8b.log" | tail -1 | cut -c1-90)"
+	fi
+	if [[ -s "$LOG/lorabench.txt" ]]; then
+		echo "LoRA path per 8B layer (median us over graph replays, L2 flushed; 4 adapters; full table in lorabench.txt):"
+		grep -E '^BENCH lora (device|eager|N |4 )' "$LOG/lorabench.txt" | grep -vE ' (16|64) ' | cut -c12-
+		grep -E '^BENCH lora 4 +(16|64) +(1|256|4x512pf) ' "$LOG/lorabench.txt" | cut -c12-
+	fi
+	if [[ -s "$LOG/decode.txt" ]]; then
+		echo "Decode throughput (128 new tokens after 512-token prompts):"
+		cut -c14- "$LOG/decode.txt"
+	fi
+	echo "elapsed ${SECONDS}s"
 } | tee "$LOG/summary.txt"
+if [[ -n "${OUT:-}" ]]; then
+	tar czf "$OUT/logs.tgz" -C "$LOG" . 2>/dev/null
+	for f in summary.txt lorabench.txt decode.txt; do [[ -f "$LOG/$f" ]] && cp "$LOG/$f" "$OUT/"; done
+fi
 exit $status

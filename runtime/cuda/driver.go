@@ -7,11 +7,13 @@ import (
 
 // Opaque driver handles.
 type (
-	cuContext  = uintptr
-	cuModule   = uintptr
-	cuFunction = uintptr
-	cuStream   = uintptr
-	cuEvent    = uintptr
+	cuContext   = uintptr
+	cuModule    = uintptr
+	cuFunction  = uintptr
+	cuStream    = uintptr
+	cuEvent     = uintptr
+	cuGraph     = uintptr
+	cuGraphExec = uintptr
 	// DevicePtr is a device address (CUdeviceptr).
 	DevicePtr = uint64
 )
@@ -61,6 +63,13 @@ type driver struct {
 	cuModuleGetFunction       func(f *cuFunction, m cuModule, name string) int32
 	cuFuncSetAttribute        func(f cuFunction, attr int32, v int32) int32
 	cuLaunchKernel            func(f cuFunction, gx, gy, gz, bx, by, bz, shmem uint32, s cuStream, params unsafe.Pointer, extra unsafe.Pointer) int32
+	// Stream capture and graphs (optional: nil on drivers without them).
+	cuStreamBeginCapture        func(s cuStream, mode int32) int32
+	cuStreamEndCapture          func(s cuStream, g *cuGraph) int32
+	cuGraphInstantiateWithFlags func(e *cuGraphExec, g cuGraph, flags uint64) int32
+	cuGraphLaunch               func(e cuGraphExec, s cuStream) int32
+	cuGraphExecDestroy          func(e cuGraphExec) int32
+	cuGraphDestroy              func(g cuGraph) int32
 }
 
 var (
@@ -119,6 +128,13 @@ func loadDriver() error {
 		if b.err != nil {
 			return fmt.Errorf("%w: %v (driver too old?)", ErrNoDriver, b.err)
 		}
+		b.opt = true
+		b.fn(&d.cuStreamBeginCapture, "cuStreamBeginCapture_v2")
+		b.fn(&d.cuStreamEndCapture, "cuStreamEndCapture")
+		b.fn(&d.cuGraphInstantiateWithFlags, "cuGraphInstantiateWithFlags")
+		b.fn(&d.cuGraphLaunch, "cuGraphLaunch")
+		b.fn(&d.cuGraphExecDestroy, "cuGraphExecDestroy")
+		b.fn(&d.cuGraphDestroy, "cuGraphDestroy")
 		drv = d
 		return nil
 	})

@@ -69,6 +69,7 @@ type slotState struct {
 
 type funcs struct {
 	embed, addRMSNorm, rmsnormRows, rope, kvStore, attention, siluMul, shrink, expand *cuda.Function
+	sgShrink, sgShrink4, sgExpand                                                     *cuda.Function
 }
 
 // Backend implements engine.Backend on one CUDA device.
@@ -104,14 +105,44 @@ type Backend struct {
 	tableHost []uint64 // 4 words per entry: a, b, rank|scale<<32, 0
 	loraTmp   *cuda.DeviceBuffer
 	maxRank   int
+	nTiles    int // SGMV row tiles of the step
+	// loraV0 forces the first (row-at-a-time) LoRA kernels; the benchmark compares them.
+	loraV0      bool
+	shrinkNB    int // 0: choose; 1 or 4: force sgmv_shrink or sgmv_shrink4 (benchmark)
+	expandShmem int // dynamic shared memory sgmv_expand may use (raised on demand)
 
 	weights []*weight
 	buffers []*Buffer
 	err     error
+
+	// step timing (SetTiming): events around the device work of a step
+	timing       bool
+	evBeg, evEnd *cuda.Event
+	timed        bool
+	lastStepMs   float32
 }
 
+// SetTiming turns on device timing of each step: from the metadata upload
+// in Begin to the start of the result copy in Read (StepMs reads it).
+func (b *Backend) SetTiming(on bool) error {
+	if on && b.evBeg == nil {
+		var err error
+		if b.evBeg, err = b.ctx.NewEvent(true); err != nil {
+			return err
+		}
+		if b.evEnd, err = b.ctx.NewEvent(true); err != nil {
+			return err
+		}
+	}
+	b.timing = on
+	return nil
+}
+
+// StepMs is the device time of the last timed step in milliseconds (0 if none).
+func (b *Backend) StepMs() float32 { return b.lastStepMs }
+
 type metaOffsets struct {
-	tokens, pos, kvSlots, rowSeq, seqInfo, pages, loraRows, loraSlots, logitRows, end int
+	tokens, pos, kvSlots, rowSeq, seqInfo, pages, loraRows, loraSlots, logitRows, tiles, end int
 }
 
 // New opens device opts.Device and loads the kernels (compiling them on a cold cache).
@@ -148,7 +179,8 @@ func (b *Backend) open(opts Options) error {
 		name string
 	}{{&b.fn.embed, "embed"}, {&b.fn.addRMSNorm, "add_rmsnorm"}, {&b.fn.rmsnormRows, "rmsnorm_rows"}, {&b.fn.rope, "rope"},
 		{&b.fn.kvStore, "kv_store"}, {&b.fn.attention, "attention"}, {&b.fn.siluMul, "silu_mul"},
-		{&b.fn.shrink, "lora_shrink"}, {&b.fn.expand, "lora_expand"}} {
+		{&b.fn.shrink, "lora_shrink"}, {&b.fn.expand, "lora_expand"},
+		{&b.fn.sgShrink, "sgmv_shrink"}, {&b.fn.sgShrink4, "sgmv_shrink4"}, {&b.fn.sgExpand, "sgmv_expand"}} {
 		if *f.p, err = b.mod.Function(f.name); err != nil {
 			return err
 		}
@@ -351,7 +383,7 @@ func (b *Backend) syncTable() error {
 			b.maxRank = max(b.maxRank, s.maxRank)
 		}
 	}
-	if need := b.maxT * max(b.maxRank, 1) * 4; b.loraTmp == nil || b.loraTmp.Size() < need {
+	if need := b.tmpFloats() * 4; b.loraTmp == nil || b.loraTmp.Size() < need {
 		b.loraTmp.Free()
 		var err error
 		if b.loraTmp, err = b.ctx.Alloc(need); err != nil {
@@ -406,12 +438,24 @@ func (b *Backend) Begin(meta *engine.StepMeta) error {
 	o.loraRows = o.pages + pages
 	o.loraSlots = o.loraRows + nLora
 	o.logitRows = o.loraSlots + nLora
-	o.end = o.logitRows + len(meta.LogitRows)
+	o.tiles = (o.logitRows + len(meta.LogitRows) + 3) &^ 3 // int4 aligned
+	nTiles := 0
+	for _, g := range meta.LoRA {
+		nTiles += (g.End - g.Start + sgTileRows - 1) / sgTileRows
+	}
+	o.end = o.tiles + 4*nTiles
 	if err := b.s.Synchronize(); err != nil { // the pinned staging may still feed a copy
 		return err
 	}
 	if err := b.growMeta(o.end); err != nil {
 		return err
+	}
+	b.timed = false
+	if b.timing {
+		if err := b.evBeg.Record(b.s); err != nil {
+			return err
+		}
+		b.timed = true
 	}
 	h := b.metaHost.Int32s()
 	V := int32(b.cfg.VocabSize)
@@ -469,10 +513,17 @@ func (b *Backend) Begin(meta *engine.StepMeta) error {
 		}
 		h[o.logitRows+i] = r
 	}
+	tl := o.tiles
+	for _, g := range meta.LoRA {
+		for r := g.Start; r < g.End; r += sgTileRows {
+			h[tl], h[tl+1], h[tl+2], h[tl+3] = int32(r), int32(min(sgTileRows, g.End-r)), int32(g.Slot), 0
+			tl += 4
+		}
+	}
 	if err := cuda.CopyHtoD(b.s, b.metaDev.Ptr(), h[:o.end]); err != nil {
 		return err
 	}
-	b.meta, b.off, b.nLora = meta, o, nLora
+	b.meta, b.off, b.nLora, b.nTiles = meta, o, nLora, nTiles
 	return nil
 }
 
@@ -570,12 +621,98 @@ func (b *Backend) LoRA(out, in engine.Buffer, layer int, m llama.Module) {
 	if !b.check(x.cols == inF && o.cols == outF, "lora %s: widths %d -> %d, want %d -> %d", m, x.cols, o.cols, inF, outF) {
 		return
 	}
-	base, stride := layer*int(llama.NumModules)+int(m), b.cfg.Layers*int(llama.NumModules)
-	rows, slots := b.i32(b.off.loraRows), b.i32(b.off.loraSlots)
-	b.launch(b.fn.shrink, cuda.Dim3{X: b.nLora, Y: (b.maxRank + 7) / 8}, cuda.Dim3{X: 256},
-		b.loraTmp, x.mem, b.table, rows, slots, base, stride, inF, x.cols, b.maxRank)
-	b.launch(b.fn.expand, cuda.Dim3{X: b.nLora, Y: (outF + 255) / 256}, cuda.Dim3{X: 256},
-		o.mem, b.loraTmp, b.table, rows, slots, base, stride, outF, o.cols, b.maxRank)
+	b.loraSlices(o.mem.Ptr(), o.cols, x, layer, []llama.Module{m})
+}
+
+// sgTileRows is SG_TR in llama.cu: rows per SGMV tile.
+const sgTileRows = 16
+
+// tmpFloats is the size of the LoRA scratch: room for three fused slices at
+// the largest rank for every row, times 4 for K-split partial sums.
+func (b *Backend) tmpFloats() int { return 4 * b.maxT * 3 * max(b.maxRank, 1) }
+
+// loraSlices adds the LoRA updates of up to three projections that read the
+// same input x (fused q/k/v or gate/up) to the output rows at outPtr (row
+// stride outStride elements), the projections' outputs side by side in
+// mods order. Segments come from the step's metadata.
+func (b *Backend) loraSlices(outPtr cuda.DevicePtr, outStride int, x *Buffer, layer int, mods []llama.Module) {
+	if !b.ok() || b.nLora == 0 || b.maxRank == 0 {
+		return
+	}
+	if !b.check(len(mods) >= 1 && len(mods) <= 3 && layer >= 0 && layer < b.cfg.Layers, "lora: %d slices, layer %d", len(mods), layer) {
+		return
+	}
+	inF, _ := b.cfg.Dims(mods[0])
+	offs := make([]int, len(mods)+1)
+	for i, m := range mods {
+		in, out := b.cfg.Dims(m)
+		if !b.check(in == inF, "lora: fused projections read different widths") {
+			return
+		}
+		offs[i+1] = offs[i] + out
+	}
+	total := offs[len(mods)]
+	if !b.check(x.cols >= inF && outStride >= total, "lora: input width %d < %d or output stride %d < %d", x.cols, inF, outStride, total) {
+		return
+	}
+	base, stride := layer*int(llama.NumModules), b.cfg.Layers*int(llama.NumModules)
+	even := outStride%2 == 0 && outPtr%4 == 0
+	for i := range mods {
+		even = even && offs[i+1]%2 == 0
+	}
+	if b.loraV0 || inF%8 != 0 || x.cols%8 != 0 || !even {
+		rows, slots := b.i32(b.off.loraRows), b.i32(b.off.loraSlots)
+		for i, m := range mods {
+			_, outF := b.cfg.Dims(m)
+			b.launch(b.fn.shrink, cuda.Dim3{X: b.nLora, Y: (b.maxRank + 7) / 8}, cuda.Dim3{X: 256},
+				b.loraTmp, x.mem, b.table, rows, slots, base+int(m), stride, inF, x.cols, b.maxRank)
+			b.launch(b.fn.expand, cuda.Dim3{X: b.nLora, Y: (outF + 255) / 256}, cuda.Dim3{X: 256},
+				outPtr+uint64(2*offs[i]), b.loraTmp, b.table, rows, slots, base+int(m), stride, outF, outStride, b.maxRank)
+		}
+		return
+	}
+	ms := [3]int{int(mods[0]), -1, -1}
+	off1, off2 := total, total
+	if len(mods) > 1 {
+		ms[1], off1 = int(mods[1]), offs[1]
+	}
+	if len(mods) > 2 {
+		ms[2], off2 = int(mods[2]), offs[2]
+	}
+	T := b.rows()
+	tStride := len(mods) * b.maxRank
+	// Rank rows per shrink block: 32 when the tiles are well filled (each x
+	// tile is then read once per 32 ranks, not per 8), else 8 for more blocks.
+	shrink, nb := b.fn.sgShrink, 8
+	if b.shrinkNB == 4 || (b.shrinkNB == 0 && b.nLora >= 8*b.nTiles && b.nTiles*len(mods) >= 16) {
+		shrink, nb = b.fn.sgShrink4, 32
+	}
+	rankTiles := (b.maxRank + nb - 1) / nb
+	blocks := b.nTiles * len(mods) * rankTiles
+	// Split K across blocks until the grid covers the SMs about twice over,
+	// keeping at least 512 columns per block and the partials in the scratch.
+	groups := (inF + 255) / 256
+	ks := min(max(1, (2*b.ctx.Device().SMs+blocks-1)/blocks), max(1, groups/2), max(1, b.tmpFloats()/(T*tStride)))
+	kchunk := (groups + ks - 1) / ks * 256
+	ks = (inF + kchunk - 1) / kchunk
+	tiles := b.i32(b.off.tiles)
+	b.launch(shrink, cuda.Dim3{X: b.nTiles, Y: len(mods) * rankTiles, Z: ks}, cuda.Dim3{X: 256},
+		b.loraTmp, x.mem, b.table, tiles, base, stride, ms[0], ms[1], ms[2], rankTiles, b.maxRank,
+		inF, x.cols, tStride, T, kchunk)
+	shmem := sgTileRows * len(mods) * ((b.maxRank + 7) &^ 7) * 4 // [16][slices * rank rounded up to 8] floats
+	if shmem > 48<<10 && shmem > b.expandShmem {
+		if err := b.fn.sgExpand.SetMaxDynamicShared(shmem); err != nil {
+			b.fail(err)
+			return
+		}
+		b.expandShmem = shmem
+	}
+	if b.err != nil {
+		return
+	}
+	b.fail(b.fn.sgExpand.Launch(b.s, cuda.Dim3{X: b.nTiles, Y: (total + 255) / 256}, cuda.Dim3{X: 128}, shmem,
+		outPtr, b.loraTmp, b.table, tiles, base, stride, ms[0], ms[1], ms[2], len(mods), off1, off2, total,
+		b.maxRank, outStride, tStride, T, ks))
 }
 
 // RoPE rotates q and k in place at the step's positions.
@@ -688,6 +825,11 @@ func (b *Backend) Read(x engine.Buffer, rows int, dst []float32) error {
 	if n == 0 {
 		return nil
 	}
+	if b.timed {
+		if err := b.evEnd.Record(b.s); err != nil {
+			return err
+		}
+	}
 	size := 4 * n
 	if b.readHost == nil || b.readHost.Size() < size {
 		b.readHost.Free()
@@ -707,6 +849,12 @@ func (b *Backend) Read(x engine.Buffer, rows int, dst []float32) error {
 	}
 	if err := b.s.Synchronize(); err != nil {
 		return fmt.Errorf("gpu: step failed: %w", err)
+	}
+	if b.timed {
+		b.timed = false
+		if ms, err := b.evEnd.Since(b.evBeg); err == nil {
+			b.lastStepMs = ms
+		}
 	}
 	if xb.isF32 {
 		copy(dst, b.readHost.Float32s()[:n])
@@ -754,6 +902,7 @@ func (b *Backend) Close() error {
 	for _, h := range []*cuda.HostBuffer{b.metaHost, b.readHost} {
 		errs = append(errs, h.Free())
 	}
+	errs = append(errs, b.evBeg.Destroy(), b.evEnd.Destroy())
 	errs = append(errs, b.mm.Close(), b.mod.Unload(), b.s.Destroy(), b.ctx.Close())
 	b.weights, b.buffers, b.slots, b.ctx = nil, nil, nil, nil
 	return errors.Join(errs...)

@@ -55,6 +55,12 @@ type refCase struct {
 
 func loadFixture(t testing.TB) (*llama.Model, map[string]*lora.Adapter, []refCase) {
 	t.Helper()
+	return loadFixtureDir(t, fixture)
+}
+
+// loadFixtureDir reads a fixture made by tools/make_lora_fixture.py.
+func loadFixtureDir(t testing.TB, fixture string) (*llama.Model, map[string]*lora.Adapter, []refCase) {
+	t.Helper()
 	m, err := llama.Open(filepath.Join(fixture, "base"))
 	if err != nil {
 		t.Fatal(err)
@@ -291,6 +297,42 @@ func TestFixtureCoBatched(t *testing.T) {
 		})
 	}
 	t.Logf("maxrel=%.3g (per case, all rows); worst single row %.3g; greedy %d/%d exact, %d near-ties", worst, worstRow, all.match, all.total, all.ties)
+}
+
+// TestFixture8BShape runs the fixture made from tools/llama8b-shape.json
+// (Llama-3.1-8B layer shapes, 2 layers, vocab 128256, four rank-32 adapters
+// on all seven projections) with every case co-batched, teacher-forced, under
+// the same rules as the tiny fixture. The fixture (~3 GB) is made on the
+// device by scripts/gpu-check.sh; set PEFTD_FIXTURE_8B to its folder.
+func TestFixture8BShape(t *testing.T) {
+	dir := os.Getenv("PEFTD_FIXTURE_8B")
+	if dir == "" {
+		t.Skip("PEFTD_FIXTURE_8B is not set (make the fixture with tools/make_lora_fixture.py tools/llama8b-shape.json DIR)")
+	}
+	t0 := time.Now()
+	m, adapters, cases := loadFixtureDir(t, dir)
+	opts := engine.Options{MaxTokens: 1024, KVBlocks: 512, BlockSize: 16, AdapterSlots: len(adapters)}
+	e := newEngine(t, m, opts)
+	slots := map[string]int{}
+	var names []string
+	for _, c := range cases {
+		if c.Adapter != nil && slots[*c.Adapter] == 0 {
+			names = append(names, *c.Adapter)
+			slots[*c.Adapter] = len(names) // 1-based while collecting
+		}
+	}
+	for _, n := range names {
+		slots[n]--
+		if err := e.LoadAdapter(slots[n], adapters[n]); err != nil {
+			t.Fatal(err)
+		}
+	}
+	t.Logf("loaded %s (%d layers, hidden %d, vocab %d) and %d adapters in %v", dir, m.Config.Layers, m.Config.Hidden, m.Config.VocabSize, len(names), time.Since(t0).Round(time.Millisecond))
+	worst, worstRow, st := runCases(t, e, slots, cases)
+	if e.FreeBlocks() != e.Options().KVBlocks {
+		t.Errorf("pages leaked: %d free of %d", e.FreeBlocks(), e.Options().KVBlocks)
+	}
+	t.Logf("maxrel=%.3g (per case, all rows); worst single row %.3g; greedy %d/%d exact, %d near-ties; %d cases co-batched", worst, worstRow, st.match, st.total, st.ties, len(cases))
 }
 
 func TestFixtureOneByOne(t *testing.T) {

@@ -1,0 +1,452 @@
+//go:build cuda
+
+package gpu
+
+import (
+	"context"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/peftd/peftd/runtime/cuda"
+	"github.com/peftd/peftd/runtime/engine"
+	"github.com/peftd/peftd/runtime/llama"
+	"github.com/peftd/peftd/runtime/lora"
+)
+
+// Benchmarks at Llama-3.1-8B shapes. They print tables (lines starting with
+// "BENCH") and are skipped unless asked for: PEFTD_LORA_BENCH=1 for the LoRA
+// microbenchmark, PEFTD_MODEL_8B=DIR for decode throughput (DIR from
+// tools/make_random_llama.py). scripts/gpu-check.sh runs both on the device.
+
+func bench(format string, args ...any) { fmt.Printf("BENCH "+format+"\n", args...) }
+
+func median(v []float32) float64 {
+	s := slices.Clone(v)
+	slices.Sort(s)
+	n := len(s)
+	if n%2 == 1 {
+		return float64(s[n/2])
+	}
+	return float64(s[n/2-1]+s[n/2]) / 2
+}
+
+// copyBandwidth measures device-to-device copy bandwidth in bytes/s, counting
+// bytes read plus bytes written (median of 10 copies of 1 GiB).
+func copyBandwidth(t testing.TB, b *Backend) float64 {
+	const n = 1 << 30
+	src, err := b.ctx.Alloc(n)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer src.Free()
+	dst, err := b.ctx.Alloc(n)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dst.Free()
+	if err := b.s.Memset32(src.Ptr(), 0x3f803f80, n/4); err != nil {
+		t.Fatal(err)
+	}
+	e0, _ := b.ctx.NewEvent(true)
+	e1, _ := b.ctx.NewEvent(true)
+	defer e0.Destroy()
+	defer e1.Destroy()
+	var ms []float32
+	for i := 0; i < 12; i++ {
+		e0.Record(b.s)
+		if err := b.s.CopyDtoD(dst.Ptr(), src.Ptr(), n); err != nil {
+			t.Fatal(err)
+		}
+		e1.Record(b.s)
+		if err := e1.Synchronize(); err != nil {
+			t.Fatal(err)
+		}
+		x, err := e1.Since(e0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if i >= 2 {
+			ms = append(ms, x)
+		}
+	}
+	return 2 * n / (median(ms) / 1e3)
+}
+
+// cfg8B is Llama-3.1-8B's configuration with the given number of layers.
+func cfg8B(layers int) *llama.Config { return testConfig(4096, 14336, 32, 8, 128, 128256, layers) }
+
+// randomAdapter makes an adapter of rank r on all seven projections of every layer.
+func randomAdapter(rng *rand.Rand, cfg *llama.Config, r int, scale float32) *lora.Adapter {
+	a := &lora.Adapter{Name: fmt.Sprintf("r%d", r), Layers: make([][llama.NumModules]*lora.Pair, cfg.Layers)}
+	rnd := func(n int, s float32) []float32 {
+		v := make([]float32, n)
+		for i := range v {
+			v[i] = (rng.Float32()*2 - 1) * s
+		}
+		return v
+	}
+	for l := range a.Layers {
+		for m := llama.Module(0); m < llama.NumModules; m++ {
+			in, out := cfg.Dims(m)
+			a.Layers[l][m] = &lora.Pair{Rank: r, Scale: scale, A: rnd(r*in, 0.02), B: rnd(out*r, 0.02)}
+		}
+	}
+	return a
+}
+
+// loraParamsPerRank is sum over the seven projections of (in + out) at 8B shapes.
+func loraParamsPerRank(cfg *llama.Config) int {
+	n := 0
+	for m := llama.Module(0); m < llama.NumModules; m++ {
+		in, out := cfg.Dims(m)
+		n += in + out
+	}
+	return n
+}
+
+// TestLoRABench times the LoRA path alone (shrink + expand) of one decoder
+// layer at 8B shapes: fused q/k/v (4096 -> 6144), o (4096 -> 4096), fused
+// gate/up (4096 -> 28672), down (14336 -> 4096), captured once into a CUDA
+// graph and replayed with the L2 cache flushed before each replay (a kernel
+// reading 256 MiB, leaving clean lines: a memset flush left ~50 MB of dirty
+// lines whose write-back added ~15-20 us to every replay); the median of the
+// replays' event times. Adapters are assigned to
+// tokens round-robin (the engine groups them into segments); v0 is the first
+// row-at-a-time kernels, v1 the SGMV kernels.
+func TestLoRABench(t *testing.T) {
+	if os.Getenv("PEFTD_LORA_BENCH") == "" {
+		t.Skip("set PEFTD_LORA_BENCH=1 to run")
+	}
+	const maxT = 2048
+	cfg := cfg8B(1)
+	r := newRig(t, cfg, maxT, engine.KVSpec{Layers: 1, Blocks: maxT / 16, BlockSize: 16, KVHeads: 8, HeadDim: 128})
+	b := r.b
+	bw := copyBandwidth(t, b)
+	dev := b.Device()
+	bench("lora device %s; copy bandwidth %.0f GB/s (D2D 1 GiB, read+write)", dev.Name, bw/1e9)
+	{ // host cost of one eager kernel launch (purego call + hop to the CUDA thread)
+		x := r.buffer(1, 256)
+		r.fill(x, r.rnd(256, 1))
+		const n = 4000
+		if err := b.fn.siluMul.Launch(b.s, cuda.Dim3{X: 1}, cuda.Dim3{X: 256}, 0, x.mem, x.mem, x.mem, int64(256)); err != nil {
+			t.Fatal(err)
+		}
+		b.s.Synchronize()
+		t0 := time.Now()
+		for i := 0; i < n; i++ {
+			if err := b.fn.siluMul.Launch(b.s, cuda.Dim3{X: 1}, cuda.Dim3{X: 256}, 0, x.mem, x.mem, x.mem, int64(256)); err != nil {
+				t.Fatal(err)
+			}
+		}
+		host := time.Since(t0)
+		if err := b.s.Synchronize(); err != nil {
+			t.Fatal(err)
+		}
+		bench("lora eager launch: %.1f us host time per kernel launch (%d tiny launches, %.1f us each end to end)", float64(host.Microseconds())/n, n, float64(time.Since(t0).Microseconds())/n)
+	}
+	flush, err := b.ctx.Alloc(256 << 20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer flush.Free()
+	if err := b.s.Memset32(flush.Ptr(), 0x12345678, flush.Size()/4); err != nil {
+		t.Fatal(err)
+	}
+	flushFn, err := b.mod.Function("l2_flush")
+	if err != nil {
+		t.Fatal(err)
+	}
+	// activations: inputs and outputs of the four LoRA ops of a layer
+	type op struct {
+		name string
+		x    *Buffer
+		out  *Buffer
+		mods []llama.Module
+	}
+	ops := []op{
+		{"qkv", r.buffer(maxT, 4096), r.buffer(maxT, 6144), []llama.Module{llama.Q, llama.K, llama.V}},
+		{"o", r.buffer(maxT, 4096), r.buffer(maxT, 4096), []llama.Module{llama.O}},
+		{"gate_up", r.buffer(maxT, 4096), r.buffer(maxT, 28672), []llama.Module{llama.Gate, llama.Up}},
+		{"down", r.buffer(maxT, 14336), r.buffer(maxT, 4096), []llama.Module{llama.Down}},
+	}
+	for _, o := range ops {
+		r.fill(o.x, r.rnd(maxT*o.x.cols, 1))
+		r.fill(o.out, r.rnd(maxT*o.out.cols, 1))
+	}
+	const reps = 40
+	evs := make([]*cuda.Event, 2*reps)
+	for i := range evs {
+		if evs[i], err = b.ctx.NewEvent(true); err != nil {
+			t.Fatal(err)
+		}
+		defer evs[i].Destroy()
+	}
+	// timeGraph captures the layer's LoRA ops and returns the median replay time in µs.
+	timeGraph := func() float64 {
+		if err := b.s.BeginCapture(); err != nil {
+			t.Fatal(err)
+		}
+		for _, o := range ops {
+			b.loraSlices(o.out.mem.Ptr(), o.out.cols, o.x, 0, o.mods)
+		}
+		g, err := b.s.EndCapture()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if b.err != nil {
+			t.Fatal(b.err)
+		}
+		defer g.Destroy()
+		ge, err := g.Instantiate()
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer ge.Destroy()
+		for i := 0; i < 3; i++ {
+			if err := ge.Launch(b.s); err != nil {
+				t.Fatal(err)
+			}
+		}
+		for i := 0; i < reps; i++ {
+			if err := flushFn.Launch(b.s, cuda.Dim3{X: 4 * dev.SMs}, cuda.Dim3{X: 512}, 0, flush.Ptr(), int64(flush.Size()/16), flush.Ptr()); err != nil {
+				t.Fatal(err)
+			}
+			evs[2*i].Record(b.s)
+			if err := ge.Launch(b.s); err != nil {
+				t.Fatal(err)
+			}
+			evs[2*i+1].Record(b.s)
+		}
+		if err := b.s.Synchronize(); err != nil {
+			t.Fatal(err)
+		}
+		ms := make([]float32, reps)
+		for i := range ms {
+			if ms[i], err = evs[2*i+1].Since(evs[2*i]); err != nil {
+				t.Fatal(err)
+			}
+		}
+		return median(ms) * 1e3
+	}
+	perRank := loraParamsPerRank(cfg)
+	actBytes := func(T int) float64 { // x read once per op, out read and written
+		n := 0
+		for _, o := range ops {
+			n += o.x.cols + 2*o.out.cols
+		}
+		return float64(2 * T * n)
+	}
+	bench("lora %-4s %-4s %-9s %9s %9s %9s %8s %9s %9s %7s %7s", "N", "rank", "T", "v0_us", "v1_us", "v1nb1_us", "adapt_MB", "floor_us", "floorA_us", "v1_frac", "v1/v0")
+	rng := rand.New(rand.NewPCG(1, 2))
+	for _, nAd := range []int{1, 4, 16} {
+		for _, rank := range []int{16, 32, 64} {
+			for s := 0; s < 16; s++ {
+				if err := b.UnloadAdapter(s); err != nil {
+					t.Fatal(err)
+				}
+			}
+			for s := 0; s < nAd; s++ {
+				if err := b.LoadAdapter(s, randomAdapter(rng, cfg, rank, 2)); err != nil {
+					t.Fatal(err)
+				}
+			}
+			type tc struct {
+				label string
+				segs  []int // rows per adapter, in slot order
+			}
+			var cases []tc
+			for _, T := range []int{1, 8, 32, 64, 128, 256} {
+				segs := make([]int, min(nAd, T))
+				for i := 0; i < T; i++ {
+					segs[i%nAd]++
+				}
+				cases = append(cases, tc{fmt.Sprint(T), segs})
+			}
+			if nAd == 4 {
+				cases = append(cases, tc{"4x512pf", []int{512, 512, 512, 512}})
+			}
+			for _, c := range cases {
+				T := 0
+				var segs []engine.Segment
+				for s, n := range c.segs {
+					segs = append(segs, engine.Segment{Start: T, End: T + n, Slot: s})
+					T += n
+				}
+				m := oneSeq(T, 16, zeros(T))
+				m.LoRA = segs
+				var us [3]float64 // v0, v1, v1 with 8-rank shrink blocks forced
+				for v := range us {
+					b.loraV0, b.shrinkNB = v == 0, 0
+					if v == 2 {
+						b.shrinkNB = 1
+					}
+					r.begin(m)
+					us[v] = timeGraph()
+					r.end()
+				}
+				b.loraV0, b.shrinkNB = false, 0
+				adBytes := float64(2 * rank * perRank * len(c.segs))
+				floor := adBytes / bw * 1e6
+				floorAll := (adBytes + actBytes(T)) / bw * 1e6
+				bench("lora %-4d %-4d %-9s %9.1f %9.1f %9.1f %8.1f %9.1f %9.1f %7.2f %7.2f", nAd, rank, c.label, us[0], us[1], us[2], adBytes/1e6, floor, floorAll, floor/us[1], us[0]/us[1])
+			}
+		}
+	}
+}
+
+// TestDecodeBench measures decode throughput of a random-weight
+// Llama-3.1-8B-shaped checkpoint (tools/make_random_llama.py) through
+// engine.Step: per batch size, prompts of 512 random tokens are prefilled in
+// chunks of 8 prompts, then 128 decode steps of one token per sequence
+// (random token ids: decode cost does not depend on them), once with no
+// adapters and once with the four rank-32 adapters round-robin over the
+// sequences. Reports wall-clock and device-time tokens/s and the byte
+// roofline: (weights + adapters touched + KV read and written per step) /
+// the measured copy bandwidth.
+func TestDecodeBench(t *testing.T) {
+	dir := os.Getenv("PEFTD_MODEL_8B")
+	if dir == "" {
+		t.Skip("PEFTD_MODEL_8B is not set (make one with tools/make_random_llama.py)")
+	}
+	t0 := time.Now()
+	m, err := llama.Open(filepath.Join(dir, "base"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	c := m.Config
+	var ads []*lora.Adapter
+	entries, _ := os.ReadDir(filepath.Join(dir, "adapters"))
+	for _, e := range entries {
+		a, err := lora.Load(filepath.Join(dir, "adapters", e.Name()), c)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ads = append(ads, a)
+	}
+	batches := []int{1, 16, 64, 256}
+	if s := os.Getenv("PEFTD_DECODE_BATCHES"); s != "" {
+		batches = nil
+		for _, f := range strings.Split(s, ",") {
+			var n int
+			fmt.Sscan(f, &n)
+			batches = append(batches, n)
+		}
+	}
+	const prompt, newTok, chunk = 512, 128, 8
+	maxB := slices.Max(batches)
+	opts := engine.Options{MaxTokens: chunk * prompt, BlockSize: 16, KVBlocks: maxB*(prompt+newTok)/16 + 64, AdapterSlots: len(ads)}
+	gb, err := New(Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	bw := copyBandwidth(t, gb)
+	e, err := engine.New(m, gb, opts)
+	if err != nil {
+		gb.Close()
+		t.Fatal(err)
+	}
+	defer e.Close()
+	for i, a := range ads {
+		if err := e.LoadAdapter(i, a); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := gb.SetTiming(true); err != nil {
+		t.Fatal(err)
+	}
+	load := time.Since(t0)
+	// bytes per decode step that do not depend on the batch: every weight but the embedding table
+	var wBytes float64
+	for _, name := range m.Tensors.Names() {
+		if name == llama.EmbedName && !c.TieEmbeddings {
+			continue
+		}
+		info, ok := m.Tensors.Info(name)
+		if !ok {
+			t.Fatalf("no tensor %s", name)
+		}
+		n := 1
+		for _, d := range info.Shape {
+			n *= d
+		}
+		wBytes += float64(2 * n) // bf16 on the device
+	}
+	adBytes := 0.0
+	if len(ads) > 0 {
+		adBytes = float64(ads[0].Params * 2)
+	}
+	kvTok := float64(2 * c.Layers * c.KVHeads * c.HeadDim * 2) // K and V, bf16, all layers
+	bench("decode device %s; %s: %d layers, hidden %d, vocab %d; %d adapters of %.0f MB; copy bandwidth %.0f GB/s; loaded in %v",
+		gb.Device().Name, dir, c.Layers, c.Hidden, c.VocabSize, len(ads), adBytes/1e6, bw/1e9, load.Round(time.Second))
+	bench("decode %-5s %-5s %10s %10s %10s %9s %9s %9s %9s %10s", "batch", "lora", "wall_tok/s", "gpu_tok/s", "roof_tok/s", "gpu_frac", "wall_ms", "gpu_ms", "roof_ms", "prefill_s")
+	rng := rand.New(rand.NewPCG(3, 4))
+	ctx := context.Background()
+	for _, B := range batches {
+		for _, withLoRA := range []bool{false, true} {
+			if withLoRA && len(ads) == 0 {
+				continue
+			}
+			seqs := make([]*engine.Sequence, B)
+			slot := func(i int) int {
+				if !withLoRA {
+					return -1
+				}
+				return i % len(ads)
+			}
+			tp := time.Now()
+			for i := 0; i < B; i += chunk {
+				var in []engine.Input
+				for j := i; j < min(B, i+chunk); j++ {
+					seqs[j] = &engine.Sequence{}
+					toks := make([]int32, prompt)
+					for k := range toks {
+						toks[k] = int32(rng.IntN(c.VocabSize))
+					}
+					in = append(in, engine.Input{Seq: seqs[j], Tokens: toks, Slot: slot(j)})
+				}
+				if _, err := e.Step(ctx, in); err != nil {
+					t.Fatal(err)
+				}
+			}
+			prefill := time.Since(tp)
+			var wall time.Duration
+			var gpuMs, roofS float64
+			in := make([]engine.Input, B)
+			for step := 0; step < newTok; step++ {
+				kvRead := 0.0
+				for i := range in {
+					in[i] = engine.Input{Seq: seqs[i], Tokens: []int32{int32(rng.IntN(c.VocabSize))}, Slot: slot(i)}
+					kvRead += float64(seqs[i].Len()+1) * kvTok
+				}
+				ts := time.Now()
+				if _, err := e.Step(ctx, in); err != nil {
+					t.Fatal(err)
+				}
+				wall += time.Since(ts)
+				gpuMs += float64(gb.StepMs())
+				bytes := wBytes + kvRead + float64(B)*kvTok
+				if withLoRA {
+					bytes += adBytes * float64(min(B, len(ads)))
+				}
+				roofS += bytes / bw
+			}
+			for _, s := range seqs {
+				e.Release(s)
+			}
+			toks := float64(B * newTok)
+			lbl := "no"
+			if withLoRA {
+				lbl = fmt.Sprintf("%dxr%d", len(ads), ads[0].MaxRank())
+			}
+			bench("decode %-5d %-5s %10.0f %10.0f %10.0f %9.2f %9.2f %9.2f %9.2f %10.1f", B, lbl, toks/wall.Seconds(), toks/(gpuMs/1e3), toks/roofS,
+				roofS*1e3/gpuMs, wall.Seconds()*1e3/newTok, gpuMs/newTok, roofS*1e3/newTok, prefill.Seconds())
+		}
+	}
+}

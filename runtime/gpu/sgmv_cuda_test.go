@@ -1,0 +1,115 @@
+//go:build cuda
+
+package gpu
+
+import (
+	"fmt"
+	"testing"
+
+	"github.com/peftd/peftd/runtime/engine"
+	"github.com/peftd/peftd/runtime/llama"
+	"github.com/peftd/peftd/runtime/lora"
+)
+
+// loraRef adds the float64 LoRA update of mods (outputs side by side) to want.
+func loraRef(want []float64, xv []float32, in, total int, segs []engine.Segment, ads map[int]*lora.Adapter, layer int, mods []llama.Module, cfg *llama.Config) {
+	off := 0
+	for _, mod := range mods {
+		_, outF := cfg.Dims(mod)
+		for _, g := range segs {
+			p := ads[g.Slot].Layers[layer][mod]
+			if p == nil {
+				continue
+			}
+			for row := g.Start; row < g.End; row++ {
+				tmp := make([]float64, p.Rank)
+				for k := range tmp {
+					for c := 0; c < in; c++ {
+						tmp[k] += float64(xv[row*in+c]) * float64(fromBF16(toBF16(p.A[k*in+c])))
+					}
+					tmp[k] *= float64(p.Scale)
+				}
+				for j := 0; j < outF; j++ {
+					var s float64
+					for k := range tmp {
+						s += tmp[k] * float64(fromBF16(toBF16(p.B[j*p.Rank+k])))
+					}
+					want[row*total+off+j] += s
+				}
+			}
+		}
+		off += outF
+	}
+}
+
+// TestOpLoRAFused checks the SGMV kernels (and the v0 fallback) on fused
+// q/k/v, gate/up and single projections: heterogeneous ranks (multiples of 8
+// and not), segments longer than one 16-row tile, rows without adapter,
+// adapters that skip a projection, and K split across blocks.
+func TestOpLoRAFused(t *testing.T) {
+	cfg := testConfig(1024, 2816, 8, 2, 128, 32, 2)
+	T := 70
+	r := newRig(t, cfg, T, engine.KVSpec{Layers: 2, Blocks: 8, BlockSize: 16, KVHeads: 2, HeadDim: 128})
+	mk := func(rank int, scale float32, mods ...llama.Module) *lora.Adapter {
+		a := &lora.Adapter{Name: "r", Layers: make([][llama.NumModules]*lora.Pair, cfg.Layers)}
+		for l := range a.Layers {
+			for _, m := range mods {
+				in, out := cfg.Dims(m)
+				a.Layers[l][m] = &lora.Pair{Rank: rank, Scale: scale, A: r.rnd(rank*in, 0.1), B: r.rnd(out*rank, 0.1)}
+			}
+		}
+		return a
+	}
+	all := []llama.Module{llama.Q, llama.K, llama.V, llama.O, llama.Gate, llama.Up, llama.Down}
+	ads := map[int]*lora.Adapter{0: mk(16, 2, all...), 1: mk(64, 0.5, all...), 2: mk(5, 1.25, llama.Q, llama.V, llama.Up, llama.Down),
+		5: mk(24, 1, llama.K, llama.Gate), 6: mk(8, 3, all...)}
+	for s, a := range ads {
+		if err := r.b.LoadAdapter(s, a); err != nil {
+			t.Fatal(err)
+		}
+	}
+	segs := []engine.Segment{{Start: 0, End: 37, Slot: 1}, {Start: 40, End: 41, Slot: 0}, {Start: 41, End: 50, Slot: 2},
+		{Start: 50, End: 52, Slot: 5}, {Start: 52, End: 69, Slot: 6}}
+	for _, v0 := range []bool{false, true} {
+		r.b.loraV0 = v0
+		for _, mods := range [][]llama.Module{{llama.Q, llama.K, llama.V}, {llama.Gate, llama.Up}, {llama.Down}, {llama.O}, {llama.K}} {
+			in, _ := cfg.Dims(mods[0])
+			total := 0
+			for _, m := range mods {
+				_, o := cfg.Dims(m)
+				total += o
+			}
+			layer := len(mods) % 2
+			xv, ov := r.rnd(T*in, 1), r.rnd(T*total, 1)
+			x, out := r.buffer(T, in), r.buffer(T, total)
+			r.fill(x, xv)
+			r.fill(out, ov)
+			m := oneSeq(T, 16, zeros(T))
+			m.LoRA = segs
+			r.begin(m)
+			r.b.loraSlices(out.mem.Ptr(), total, x, layer, mods)
+			got := r.read(out, T)
+			r.end()
+			want := make([]float64, T*total)
+			for i := range want {
+				want[i] = float64(ov[i])
+			}
+			loraRef(want, xv, in, total, segs, ads, layer, mods, cfg)
+			for _, row := range []int{37, 38, 39, 69} { // no adapter: untouched
+				for j := 0; j < total; j++ {
+					if got[row*total+j] != ov[row*total+j] {
+						t.Fatalf("v0=%v %v: row %d (no adapter) changed at %d", v0, mods, row, j)
+					}
+				}
+			}
+			// compare the LoRA delta itself, so the base values do not hide its errors
+			gd, wd := make([]float32, len(got)), make([]float64, len(want))
+			for i := range got {
+				gd[i] = got[i] - ov[i]
+				wd[i] = want[i] - float64(ov[i])
+			}
+			r.compare(fmt.Sprintf("lora v0=%v %v delta", v0, mods), gd, wd, 2e-2)
+			r.compare(fmt.Sprintf("lora v0=%v %v", v0, mods), got, want, opTol)
+		}
+	}
+}
