@@ -12,6 +12,7 @@ import (
 	"io/fs"
 	"log/slog"
 	"net"
+	"net/url"
 	"os"
 	"path/filepath"
 	"strings"
@@ -25,6 +26,7 @@ import (
 	"github.com/peftd/peftd/runtime/cpu"
 	"github.com/peftd/peftd/runtime/engine"
 	"github.com/peftd/peftd/runtime/gpu"
+	"github.com/peftd/peftd/runtime/gpuinfo"
 	"github.com/peftd/peftd/runtime/llama"
 	"github.com/peftd/peftd/runtime/lora"
 	"github.com/peftd/peftd/runtime/tokenizer"
@@ -52,6 +54,10 @@ type Config struct {
 	// Store is a folder, file:// or s3:// URL (see store.Open); empty: a
 	// folder in the peftd cache seeded with the demo adapters pirate and space.
 	Store string
+	// SQSQueueURL, when set, makes the s3:// store receive S3 event
+	// notifications from this SQS queue (the store URL's sqs_queue
+	// parameter; notify defaults to sqs). An error with any other store.
+	SQSQueueURL string
 	// Listen is the address ListenAndServe uses (default 127.0.0.1:8080).
 	Listen string
 	// Device is auto (CUDA when a usable GPU is present, else CPU), cpu or cuda.
@@ -91,6 +97,7 @@ type Config struct {
 // Server is a running peftd: call Serve, then Shutdown.
 type Server struct {
 	cfg    Config
+	mon    *gpuinfo.Monitor // nil without NVML
 	log    *slog.Logger
 	model  *llama.Model
 	core   *Core
@@ -129,6 +136,11 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 	}
 	if cfg.DeviceTTL < 0 || cfg.HostTTL < 0 {
 		return nil, errors.New("server: the device and host TTLs must not be negative")
+	}
+	if cfg.SQSQueueURL != "" { // fail before loading anything
+		if _, err := withSQSQueue(cfg.Store, cfg.SQSQueueURL); err != nil {
+			return nil, err
+		}
 	}
 	keys := cfg.Keys
 	if keys == nil && cfg.APIKeys != "" {
@@ -182,7 +194,12 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 			return nil, err
 		}
 	}
-	st, err := store.Open(storeURL, log)
+	openURL, err := withSQSQueue(storeURL, cfg.SQSQueueURL)
+	if err != nil { // checked at the top already
+		be.Close()
+		return nil, err
+	}
+	st, err := store.Open(openURL, log)
 	if err != nil {
 		be.Close()
 		return nil, fmt.Errorf("server: store: %w", err)
@@ -195,7 +212,25 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 		cacheDir = ""
 	}
 	met := api.NewMetrics(cfg.Slots)
-	core, err := NewCore(ctx, CoreConfig{Model: m, Backend: be, Store: st, Slots: cfg.Slots, KVBlocks: cfg.KVBlocks,
+	kvBlocks := cfg.KVBlocks
+	if dev == DeviceCUDA {
+		if s.mon = gpuMonitor(log); s.mon != nil {
+			met.Registry.MustRegister(newGPUCollector(s.mon))
+			if ds, err := s.mon.Devices(); err == nil && kvBlocks == 0 && cfg.GPU < len(ds) {
+				o := engine.DefaultOptions()
+				o.AdapterSlots = cfg.Slots
+				if cfg.MaxBatchTokens > 0 {
+					o.MaxTokens = cfg.MaxBatchTokens
+				}
+				if kvBlocks = kvBlocksFor(ds[cfg.GPU].MemFree, m.Config, o); kvBlocks == 0 {
+					return nil, fmt.Errorf("server: GPU %d has %.1f GiB free: too little for the model's weights, %d adapter slots and activations",
+						cfg.GPU, float64(ds[cfg.GPU].MemFree)/(1<<30), cfg.Slots)
+				}
+				log.Info("kv cache sized from free GPU memory", "blocks", kvBlocks, "tokens", kvBlocks*o.BlockSize)
+			}
+		}
+	}
+	core, err := NewCore(ctx, CoreConfig{Model: m, Backend: be, Store: st, Slots: cfg.Slots, KVBlocks: kvBlocks,
 		MaxBatchTokens: cfg.MaxBatchTokens, MaxQueue: cfg.MaxQueue, CacheDir: cacheDir, MaxAdapterBytes: cfg.MaxUpload, HostBytes: cfg.HostBytes,
 		DeviceTTL: cfg.DeviceTTL, HostTTL: cfg.HostTTL, RecheckInterval: cfg.RecheckInterval,
 		JanitorInterval: cfg.JanitorInterval, Metrics: met, Logger: log})
@@ -340,6 +375,10 @@ func (s *Server) closeParts() error {
 			errs = append(errs, err)
 		}
 	}
+	if s.mon != nil {
+		s.mon.Close()
+		s.mon = nil
+	}
 	if s.model != nil {
 		if err := s.model.Close(); err != nil {
 			errs = append(errs, fmt.Errorf("model: %w", err))
@@ -416,6 +455,36 @@ func seedStore(dir string) error {
 		}
 	}
 	return nil
+}
+
+// withSQSQueue returns the store URL with its sqs_queue parameter set to
+// queue; it refuses a store that is not s3:// and a URL naming another queue.
+func withSQSQueue(storeURL, queue string) (string, error) {
+	if queue == "" {
+		return storeURL, nil
+	}
+	if storeURL == "" {
+		return "", errors.New("server: an SQS queue (--sqs-queue-url) needs an s3:// store (--store s3://bucket/prefix)")
+	}
+	parsed, err := store.ParseURL(storeURL)
+	if err != nil {
+		return "", fmt.Errorf("server: store: %w", err)
+	}
+	o, ok := parsed.(store.S3Options)
+	if !ok {
+		return "", fmt.Errorf("server: an SQS queue (--sqs-queue-url) needs an s3:// store, not %q", storeURL)
+	}
+	if o.SQSQueueURL != "" && o.SQSQueueURL != queue {
+		return "", fmt.Errorf("server: the store URL names the SQS queue %q and --sqs-queue-url %q", o.SQSQueueURL, queue)
+	}
+	u, err := url.Parse(storeURL)
+	if err != nil {
+		return "", fmt.Errorf("server: store: %w", err)
+	}
+	q := u.Query()
+	q.Set("sqs_queue", queue)
+	u.RawQuery = q.Encode()
+	return u.String(), nil
 }
 
 // cacheKey names a store's disk cache folder.
