@@ -33,6 +33,10 @@ type Metrics struct {
 	kvUsage   prometheus.Gauge
 	loraInfo  *prometheus.GaugeVec
 
+	// vLLM-compatible gauges, read by the Gateway API Inference Extension
+	// endpoint picker (see package infra).
+	vllmWaiting, vllmRunning, vllmKV prometheus.Gauge
+
 	mu      sync.Mutex
 	active  int
 	lastRun []string
@@ -77,9 +81,16 @@ func NewMetrics(maxLoRA int) *Metrics {
 		loraInfo: prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "vllm:lora_requests_info",
 			Help: "Running and waiting LoRA adapters (vLLM-compatible; value is a unix timestamp)."},
 			[]string{"running_lora_adapters", "waiting_lora_adapters", "max_lora"}),
+		vllmWaiting: prometheus.NewGauge(prometheus.GaugeOpts{Name: "vllm:num_requests_waiting",
+			Help: "Requests waiting for admission (vLLM-compatible; same as peftd_queue_depth)."}),
+		vllmRunning: prometheus.NewGauge(prometheus.GaugeOpts{Name: "vllm:num_requests_running",
+			Help: "Sequences running on the engine (vLLM-compatible; same as peftd_running_requests)."}),
+		vllmKV: prometheus.NewGauge(prometheus.GaugeOpts{Name: "vllm:kv_cache_usage_perc",
+			Help: "KV cache usage, 0 to 1 (1 means 100 percent; vLLM-compatible; same as peftd_kv_cache_usage_ratio)."}),
 	}
 	r.MustRegister(m.requests, m.generated, m.prompt, m.ttft, m.itl, m.e2e, m.inflight, m.waiting, m.running,
 		m.batchRows, m.batchSeqs, m.adapters, m.stepTime, m.preempt, m.kvUsage, m.loraInfo,
+		m.vllmWaiting, m.vllmRunning, m.vllmKV,
 		prometheus.NewGoCollector(), prometheus.NewProcessCollector(prometheus.ProcessCollectorOpts{}))
 	m.setLoRA(nil, nil)
 	return m
@@ -92,10 +103,11 @@ func (m *Metrics) OnStep(s scheduler.StepStats) {
 	m.adapters.Observe(float64(s.Adapters))
 	m.stepTime.Observe(s.Duration.Seconds())
 	m.preempt.Add(float64(s.Preempted))
-	m.waiting.Set(float64(s.Waiting))
-	m.running.Set(float64(s.Running))
+	m.setQueue(s.Waiting, s.Running)
 	if s.TotalBlocks > 0 {
-		m.kvUsage.Set(1 - float64(s.FreeBlocks)/float64(s.TotalBlocks))
+		u := 1 - float64(s.FreeBlocks)/float64(s.TotalBlocks)
+		m.kvUsage.Set(u)
+		m.vllmKV.Set(u)
 	}
 	m.setLoRA(s.RunningAdapters, s.WaitingAdapters)
 }
@@ -117,7 +129,8 @@ func (m *Metrics) begin() {
 }
 
 // end closes a request; when none is left the LoRA info shows no adapters
-// (the scheduler reports no step while idle).
+// and the queue and KV gauges read 0 (the scheduler reports no step while
+// idle).
 func (m *Metrics) end(adapter string, status int, prompt, completion int, dur time.Duration) {
 	m.inflight.Dec()
 	m.requests.WithLabelValues(adapterLabel(adapter), strconv.Itoa(status)).Inc()
@@ -132,9 +145,18 @@ func (m *Metrics) end(adapter string, status int, prompt, completion int, dur ti
 	m.mu.Unlock()
 	if idle {
 		m.setLoRA(nil, nil)
-		m.waiting.Set(0)
-		m.running.Set(0)
+		m.setQueue(0, 0)
+		m.kvUsage.Set(0) // sequences free their pages when they end
+		m.vllmKV.Set(0)
 	}
+}
+
+// setQueue sets peftd's and the vLLM-compatible queue gauges.
+func (m *Metrics) setQueue(waiting, running int) {
+	m.waiting.Set(float64(waiting))
+	m.running.Set(float64(running))
+	m.vllmWaiting.Set(float64(waiting))
+	m.vllmRunning.Set(float64(running))
 }
 
 func adapterLabel(a string) string {

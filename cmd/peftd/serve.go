@@ -22,6 +22,7 @@ import (
 // serveFlags are peftd serve's settings; every flag has a PEFTD_* variable.
 type serveFlags struct {
 	model, store, listen, device, apiKeys string
+	sqsQueueURL                           string
 	slots, kvBlocks, maxBatchTokens       int
 	maxQueue                              int
 	requestTimeout, deviceTTL, hostTTL    time.Duration
@@ -44,6 +45,7 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	}
 	fs.StringVar(&f.model, "model", "", "model folder (default: the embedded stories260K)")
 	fs.StringVar(&f.store, "store", "", "adapter store: a folder (one sub-folder per adapter ID), file:// or s3://bucket/prefix URL (default: a folder in the peftd cache seeded with the demo adapters pirate and space)")
+	fs.StringVar(&f.sqsQueueURL, "sqs-queue-url", "", "SQS queue receiving the s3:// store's S3 event notifications (sets the store URL's sqs_queue; an error with other stores)")
 	fs.StringVar(&f.listen, "listen", "127.0.0.1:8080", "address to listen on (a non-loopback address needs --api-keys)")
 	fs.StringVar(&f.device, "device", "auto", "compute device: auto (cuda when a usable GPU is present, else cpu), cpu or cuda")
 	fs.IntVar(&f.slots, "slots", 4, "adapters resident on the device at once")
@@ -147,7 +149,7 @@ func serve(ctx context.Context, f serveFlags, log *slog.Logger) error {
 	default:
 		return fmt.Errorf("serve: --device %q: want auto, cpu or cuda", f.device)
 	}
-	srv, err := server.New(ctx, server.Config{Model: f.model, Store: f.store, Listen: f.listen, Device: f.device,
+	srv, err := server.New(ctx, server.Config{Model: f.model, Store: f.store, SQSQueueURL: f.sqsQueueURL, Listen: f.listen, Device: f.device,
 		Slots: f.slots, KVBlocks: f.kvBlocks, MaxBatchTokens: f.maxBatchTokens, MaxQueue: f.maxQueue,
 		RequestTimeout: f.requestTimeout, DeviceTTL: f.deviceTTL, HostTTL: f.hostTTL, Keys: keys,
 		MaxUpload: f.maxUpload, HostBytes: f.hostBytes, CacheDir: f.cacheDir, Pin: splitList(f.pin), Logger: log})

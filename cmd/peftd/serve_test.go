@@ -239,6 +239,16 @@ func TestServeConfigFile(t *testing.T) {
 			t.Errorf("%s: %v, want %q", cfg, err, msg)
 		}
 	}
+	// --sqs-queue-url / PEFTD_SQS_QUEUE_URL need an s3:// store.
+	if _, err := runCLI(t, "serve", "--listen", "127.0.0.1:0", "--store", t.TempDir(), "--sqs-queue-url", "https://sqs.us-east-1.amazonaws.com/1/q"); err == nil ||
+		!strings.Contains(err.Error(), "needs an s3:// store") {
+		t.Errorf("--sqs-queue-url with a folder store: %v", err)
+	}
+	t.Setenv("PEFTD_SQS_QUEUE_URL", "https://sqs.us-east-1.amazonaws.com/1/q")
+	if _, err := runCLI(t, "serve", "--listen", "127.0.0.1:0", "--store", t.TempDir()); err == nil ||
+		!strings.Contains(err.Error(), "needs an s3:// store") {
+		t.Errorf("PEFTD_SQS_QUEUE_URL with a folder store: %v", err)
+	}
 	// Through the command: a bad file stops serve before anything starts.
 	var out, errb bytes.Buffer
 	if err := run(context.Background(), []string{"serve", "--config", write(`{"device":"tpu"}`)}, &out, &errb); err == nil || !strings.Contains(err.Error(), "tpu") {

@@ -126,11 +126,19 @@ func (b *Backend) Close() error { b.kcache, b.vcache, b.slots = nil, nil, nil; r
 
 func (b *Backend) rows() int { return len(b.meta.Tokens) }
 
-// parallel runs fn over [0, n) split into contiguous chunks.
-func (b *Backend) parallel(n int, fn func(lo, hi int)) {
+// minParallelWork is the work (multiply-adds) below which splitting across
+// goroutines costs more than it saves.
+const minParallelWork = 1 << 16
+
+// parallel runs fn over [0, n) split into contiguous chunks; cost is the
+// work per item, so small jobs run inline.
+func (b *Backend) parallel(n, cost int, fn func(lo, hi int)) {
 	w := b.workers
 	if w > n {
 		w = n
+	}
+	if n*cost < minParallelWork {
+		w = 1
 	}
 	if w <= 1 {
 		fn(0, n)
@@ -190,24 +198,65 @@ func (b *Backend) AddRMSNorm(x, delta, out engine.Buffer, w engine.Weight, eps f
 // Linear computes out = in @ W^T, parallel over output features.
 func (b *Backend) Linear(out, in engine.Buffer, w engine.Weight) {
 	o, x, wt := out.(*Buffer), in.(*Buffer), w.(*weight)
-	matmulT(o, x, wt.data, wt.rows, wt.cols, b.rows(), nil, b)
+	matmulT(o, x, wt.data, wt.rows, wt.cols, b.rows(), b)
 }
 
-// matmulT: for rows r in [0,n) (or rowIdx[r] when given), o[r] = x[row] @ W^T.
-func matmulT(o, x *Buffer, w []float32, outF, inF, n int, rowIdx []int32, b *Backend) {
-	b.parallel(outF, func(lo, hi int) {
-		for r := 0; r < n; r++ {
-			src := r
-			if rowIdx != nil {
-				src = int(rowIdx[r])
+// matmulT: for rows r in [0,n), o[r] = x[r] @ W^T, parallel over output
+// features. Rows go four at a time so each weight element loaded serves four
+// multiply-adds.
+func matmulT(o, x *Buffer, w []float32, outF, inF, n int, b *Backend) {
+	b.parallel(outF, inF*n, func(lo, hi int) {
+		r := 0
+		for ; r+4 <= n; r += 4 {
+			x0, x1, x2, x3 := x.row(r)[:inF], x.row(r + 1)[:inF], x.row(r + 2)[:inF], x.row(r + 3)[:inF]
+			o0, o1, o2, o3 := o.row(r), o.row(r+1), o.row(r+2), o.row(r+3)
+			for j := lo; j < hi; j++ {
+				o0[j], o1[j], o2[j], o3[j] = dot4(x0, x1, x2, x3, w[j*inF:(j+1)*inF])
 			}
-			xr := x.row(src)[:inF]
+		}
+		for ; r < n; r++ {
+			xr := x.row(r)[:inF]
 			or := o.row(r)
 			for j := lo; j < hi; j++ {
 				or[j] = dot(xr, w[j*inF:(j+1)*inF])
 			}
 		}
 	})
+}
+
+// dot4 is four dot products against one shared vector w, each summed in the
+// same order as dot (so a row's result does not depend on its batch).
+func dot4(a0, a1, a2, a3, w []float32) (float32, float32, float32, float32) {
+	n := len(w)
+	a0, a1, a2, a3 = a0[:n], a1[:n], a2[:n], a3[:n]
+	var s00, s01, s02, s03, s10, s11, s12, s13, s20, s21, s22, s23, s30, s31, s32, s33 float32
+	i := 0
+	for ; i+4 <= n; i += 4 {
+		w0, w1, w2, w3 := w[i], w[i+1], w[i+2], w[i+3]
+		s00 += a0[i] * w0
+		s01 += a0[i+1] * w1
+		s02 += a0[i+2] * w2
+		s03 += a0[i+3] * w3
+		s10 += a1[i] * w0
+		s11 += a1[i+1] * w1
+		s12 += a1[i+2] * w2
+		s13 += a1[i+3] * w3
+		s20 += a2[i] * w0
+		s21 += a2[i+1] * w1
+		s22 += a2[i+2] * w2
+		s23 += a2[i+3] * w3
+		s30 += a3[i] * w0
+		s31 += a3[i+1] * w1
+		s32 += a3[i+2] * w2
+		s33 += a3[i+3] * w3
+	}
+	for ; i < n; i++ {
+		s00 += a0[i] * w[i]
+		s10 += a1[i] * w[i]
+		s20 += a2[i] * w[i]
+		s30 += a3[i] * w[i]
+	}
+	return (s00 + s01) + (s02 + s03), (s10 + s11) + (s12 + s13), (s20 + s21) + (s22 + s23), (s30 + s31) + (s32 + s33)
 }
 
 // dot is a float32 dot product with four partial sums.
@@ -239,7 +288,7 @@ func (b *Backend) LoRA(out, in engine.Buffer, layer int, m llama.Module) {
 		}
 		inF := len(p.A) / p.Rank
 		outF := len(p.B) / p.Rank
-		b.parallel(seg.End-seg.Start, func(lo, hi int) {
+		b.parallel(seg.End-seg.Start, p.Rank*(inF+outF), func(lo, hi int) {
 			t := make([]float32, p.Rank)
 			for r := seg.Start + lo; r < seg.Start+hi; r++ {
 				xr := x.row(r)[:inF]
@@ -297,7 +346,7 @@ func (b *Backend) Attention(out, q, k, v engine.Buffer, layer int, scale float32
 	heads, hd := b.cfg.Heads, kv.HeadDim
 	group := heads / kv.KVHeads
 	n := b.rows()
-	b.parallel(n*heads, func(lo, hi int) {
+	b.parallel(n*heads, hd*(kv.BlockSize+b.meta.Seqs[0].Context), func(lo, hi int) {
 		var scores []float32
 		for job := lo; job < hi; job++ {
 			r, h := job/heads, job%heads
@@ -357,7 +406,7 @@ func (b *Backend) Logits(out, x engine.Buffer, norm, head engine.Weight, eps flo
 	for i, r := range rows {
 		rmsnorm(normed.row(i), xb.row(int(r)), nw.data, eps)
 	}
-	matmulT(o, normed, hw.data, hw.rows, hw.cols, len(rows), nil, b)
+	matmulT(o, normed, hw.data, hw.rows, hw.cols, len(rows), b)
 }
 
 // Read copies rows of b into dst.
