@@ -465,3 +465,249 @@ extern "C" __global__ void l2_flush(const uint4* __restrict__ p, i64 n, unsigned
     }
     if (acc == 0x9e3779b9u && n < 0) *sink = acc;
 }
+
+// ---------------------------------------------------------------------------
+// Sampling on the device (runtime/gpu SampleRows). One block of SM_THREADS per
+// sampled row; the logits are float32 rows of width V. Semantics follow
+// runtime/sample: log-softmax of the raw logits; greedy is the first argmax;
+// otherwise temperature, then top-k, then top-p over the tokens ordered by
+// (logit desc, id asc), then one draw from the kept set. The draw uses
+// Philox4x32-10 keyed by the row's seed at the row's counter (the token's
+// index in its sequence), so a seeded request is reproducible whatever else
+// is in the batch. Thresholds are found by bisection over the ordered bits of
+// the logits (32 counting passes) and, on ties at the threshold, over ids.
+
+#define SM_THREADS 1024
+#define SP_WORDS 12 // per row: temp, top_p, top_k, n_top, seed lo/hi, ctr lo/hi, row, 3 pad
+#define SO_MAXTOP 20
+#define SO_WORDS (2 + 2 * SO_MAXTOP) // id, logprob, top ids, top logprobs
+
+__device__ __forceinline__ unsigned fkey(float x) {
+    const unsigned u = __float_as_uint(x);
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+__device__ __forceinline__ unsigned long long combo(unsigned key, int i) {
+    return ((unsigned long long)key << 32) | (unsigned)(0xffffffffu - (unsigned)i);
+}
+
+// block_max64: max over the block; sh holds 33 u64.
+__device__ unsigned long long block_max64(unsigned long long v, unsigned long long* sh) {
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const unsigned long long x = __shfl_xor_sync(0xffffffffu, v, o);
+        v = x > v ? x : v;
+    }
+    if (lane == 0) sh[w] = v;
+    __syncthreads();
+    if (w == 0) {
+        unsigned long long x = lane < nw ? sh[lane] : 0ull;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            const unsigned long long y = __shfl_xor_sync(0xffffffffu, x, o);
+            x = y > x ? y : x;
+        }
+        if (lane == 0) sh[32] = x;
+    }
+    __syncthreads();
+    const unsigned long long r = sh[32];
+    __syncthreads();
+    return r;
+}
+
+__device__ __forceinline__ uint4 philox4x32(uint4 c, uint2 k) {
+#pragma unroll
+    for (int r = 0; r < 10; r++) {
+        const unsigned lo0 = 0xD2511F53u * c.x, hi0 = __umulhi(0xD2511F53u, c.x);
+        const unsigned lo1 = 0xCD9E8D57u * c.z, hi1 = __umulhi(0xCD9E8D57u, c.z);
+        c = make_uint4(hi1 ^ c.y ^ k.x, lo1, hi0 ^ c.w ^ k.y, lo0);
+        k.x += 0x9E3779B9u;
+        k.y += 0xBB67AE85u;
+    }
+    return c;
+}
+
+// kept: inside the cut (K, I) of the order (key desc, id asc).
+__device__ __forceinline__ bool in_cut(unsigned key, int i, unsigned K, int I) { return key > K || (key == K && i <= I); }
+
+extern "C" __global__ void __launch_bounds__(SM_THREADS) sample_rows(int* out, const float* logits, const int* params, int V) {
+    __shared__ float shf[33];
+    __shared__ unsigned long long shu[33];
+    __shared__ float scan[SM_THREADS / 32];
+    __shared__ int pick;
+    const int* P = params + blockIdx.x * SP_WORDS;
+    const float temp = __int_as_float(P[0]), top_p = __int_as_float(P[1]);
+    const int top_k = P[2], n_top = min(min(P[3], SO_MAXTOP), V);
+    const uint2 seed = make_uint2((unsigned)P[4], (unsigned)P[5]);
+    const uint4 ctr = make_uint4((unsigned)P[6], (unsigned)P[7], 0x5eedu, 0u);
+    const float* x = logits + (i64)P[8] * V;
+    int* o = out + blockIdx.x * SO_WORDS;
+    const int tid = threadIdx.x, nt = blockDim.x;
+
+    // max (first index on ties) and log-sum-exp of the raw logits
+    unsigned long long best = 0;
+    for (int i = tid; i < V; i += nt) {
+        const unsigned long long c = combo(fkey(x[i]), i);
+        best = c > best ? c : best;
+    }
+    best = block_max64(best, shu);
+    const int amax = (int)(0xffffffffu - (unsigned)(best & 0xffffffffu));
+    const float xmax = x[amax];
+    float s = 0.f;
+    for (int i = tid; i < V; i += nt) s += expf(x[i] - xmax);
+    const float lse = xmax + logf(block_sum(s, shf));
+
+    // the n_top most likely tokens, largest first (ties: lower id first)
+    unsigned long long prev = best;
+    for (int j = 0; j < n_top; j++) {
+        unsigned long long b = 0;
+        if (j == 0) {
+            b = best;
+        } else {
+            for (int i = tid; i < V; i += nt) {
+                const unsigned long long c = combo(fkey(x[i]), i);
+                if (c < prev && c > b) b = c;
+            }
+            b = block_max64(b, shu);
+        }
+        prev = b;
+        const int id = (int)(0xffffffffu - (unsigned)(b & 0xffffffffu));
+        if (tid == 0) {
+            o[2 + j] = id;
+            o[2 + SO_MAXTOP + j] = __float_as_int(x[id] - lse);
+        }
+    }
+
+    int chosen = amax;
+    if (temp > 0.f) {
+        const float inv_t = 1.f / temp;
+        unsigned K = 0u; // cut: everything
+        int I = V - 1;
+        if (top_k > 0 && top_k < V) {
+            unsigned t = 0u;
+            for (int bit = 31; bit >= 0; bit--) {
+                const unsigned cand = t | (1u << bit);
+                float c = 0.f;
+                for (int i = tid; i < V; i += nt) c += fkey(x[i]) >= cand ? 1.f : 0.f;
+                if (block_sum(c, shf) >= (float)top_k) t = cand;
+            }
+            float cgt = 0.f, ceq = 0.f;
+            for (int i = tid; i < V; i += nt) {
+                const unsigned k = fkey(x[i]);
+                cgt += k > t ? 1.f : 0.f;
+                ceq += k == t ? 1.f : 0.f;
+            }
+            cgt = block_sum(cgt, shf);
+            ceq = block_sum(ceq, shf);
+            const float need = (float)top_k - cgt;
+            K = t;
+            if (need < ceq) { // ties at the threshold: keep the lowest ids
+                int lo = 0, hi = V - 1;
+                while (lo < hi) {
+                    const int mid = (lo + hi) >> 1;
+                    float c = 0.f;
+                    for (int i = tid; i <= mid; i += nt) c += fkey(x[i]) == t ? 1.f : 0.f;
+                    if (block_sum(c, shf) >= need) hi = mid; else lo = mid + 1;
+                }
+                I = lo;
+            }
+        }
+        if (top_p > 0.f && top_p < 1.f) {
+            float z = 0.f;
+            for (int i = tid; i < V; i += nt) {
+                const unsigned k = fkey(x[i]);
+                if (in_cut(k, i, K, I)) z += expf((x[i] - xmax) * inv_t);
+            }
+            const float target = top_p * block_sum(z, shf);
+            unsigned t = 0u;
+            for (int bit = 31; bit >= 0; bit--) {
+                const unsigned cand = t | (1u << bit);
+                float m = 0.f;
+                for (int i = tid; i < V; i += nt) {
+                    const unsigned k = fkey(x[i]);
+                    if (k >= cand && in_cut(k, i, K, I)) m += expf((x[i] - xmax) * inv_t);
+                }
+                if (block_sum(m, shf) >= target) t = cand;
+            }
+            float mgt = 0.f, ceq = 0.f;
+            for (int i = tid; i < V; i += nt) {
+                const unsigned k = fkey(x[i]);
+                if (!in_cut(k, i, K, I)) continue;
+                if (k > t) mgt += expf((x[i] - xmax) * inv_t);
+                if (k == t) ceq += 1.f;
+            }
+            mgt = block_sum(mgt, shf);
+            ceq = block_sum(ceq, shf);
+            int I2 = (t == K) ? I : V - 1;
+            if (ceq > 1.f) {
+                int lo = 0, hi = I2;
+                while (lo < hi) {
+                    const int mid = (lo + hi) >> 1;
+                    float m = 0.f;
+                    for (int i = tid; i <= mid; i += nt)
+                        if (fkey(x[i]) == t) m += expf((x[i] - xmax) * inv_t);
+                    if (mgt + block_sum(m, shf) >= target) hi = mid; else lo = mid + 1;
+                }
+                I2 = lo;
+            }
+            if (t > K) I = I2; else I = min(I, I2); // the top-p prefix lies inside the top-k one
+            K = t > K ? t : K;
+        }
+        // draw: prefix sums of the kept weights in id order, one chunk per thread
+        const int chunk = (V + nt - 1) / nt;
+        const int b0 = min(V, tid * chunk), b1 = min(V, b0 + chunk);
+        float m = 0.f;
+        for (int i = b0; i < b1; i++) {
+            const unsigned k = fkey(x[i]);
+            if (in_cut(k, i, K, I)) m += expf((x[i] - xmax) * inv_t);
+        }
+        // inclusive scan over the block: warps, then warp totals
+        const int lane = tid & 31, w = tid >> 5;
+        float inc = m;
+#pragma unroll
+        for (int d = 1; d < 32; d <<= 1) {
+            const float y = __shfl_up_sync(0xffffffffu, inc, d);
+            if (lane >= d) inc += y;
+        }
+        if (lane == 31) scan[w] = inc;
+        if (tid == 0) pick = -1;
+        __syncthreads();
+        if (w == 0) {
+            float v = lane < nt / 32 ? scan[lane] : 0.f;
+#pragma unroll
+            for (int d = 1; d < 32; d <<= 1) {
+                const float y = __shfl_up_sync(0xffffffffu, v, d);
+                if (lane >= d) v += y;
+            }
+            if (lane < nt / 32) scan[lane] = v;
+        }
+        __syncthreads();
+        const float excl = inc - m + (w > 0 ? scan[w - 1] : 0.f);
+        const float total = scan[nt / 32 - 1];
+        const uint4 r = philox4x32(ctr, seed);
+        const double u = ((double)(r.x >> 5) * 67108864.0 + (double)(r.y >> 6)) * (1.0 / 9007199254740992.0);
+        const float target = (float)(u * (double)total);
+        // the last thread holding any mass takes a target rounded up to the total
+        unsigned long long lastc = m > 0.f ? (unsigned long long)tid : 0ull;
+        const int last = (int)block_max64(lastc, shu);
+        if (m > 0.f && excl <= target && (target < excl + m || tid == last)) {
+            float acc = excl;
+            int sel = -1;
+            for (int i = b0; i < b1; i++) {
+                const unsigned k = fkey(x[i]);
+                if (!in_cut(k, i, K, I)) continue;
+                sel = i;
+                acc += expf((x[i] - xmax) * inv_t);
+                if (acc > target) break;
+            }
+            atomicMax(&pick, sel);
+        }
+        __syncthreads();
+        chosen = pick >= 0 ? pick : amax;
+    }
+    if (tid == 0) {
+        o[0] = chosen;
+        o[1] = __float_as_int(x[chosen] - lse);
+    }
+}

@@ -10,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math/rand/v2"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -84,6 +85,7 @@ type seq struct {
 	slot     int
 	out      chan Event
 	sampler  *sample.Sampler
+	seed     uint64 // keys device sampling (engine.Sampling.Seed)
 	kv       engine.Sequence
 	tokens   []int32 // prompt followed by what was generated
 	fed      int     // tokens of `tokens` in the KV cache
@@ -205,7 +207,10 @@ func (s *Scheduler) Submit(ctx context.Context, r Request) (<-chan Event, error)
 		return nil, fmt.Errorf("%w: %d requests pending", ErrQueueFull, s.cfg.MaxQueue)
 	}
 	q := &seq{ctx: ctx, req: r, slot: -1, out: make(chan Event, r.MaxTokens+1), sampler: smp,
-		tokens: slices.Clone(r.Prompt)}
+		seed: rand.Uint64(), tokens: slices.Clone(r.Prompt)}
+	if r.Sampling.Seed != nil {
+		q.seed = *r.Sampling.Seed
+	}
 	if r.Adapter == "" {
 		s.enqueue(q)
 		return q.out, nil
@@ -370,7 +375,13 @@ func (s *Scheduler) step() {
 			return
 		}
 		start := time.Now()
-		logits, err := s.e.Step(context.Background(), in)
+		sp := make([]engine.Sampling, len(in))
+		for k, q := range who {
+			n := len(in[k].Tokens)
+			sp[k] = engine.Sampling{Skip: q.fed+n < len(q.tokens), Params: q.req.Sampling, Seed: q.seed,
+				Index: uint64(q.fed + n), CPU: q.sampler}
+		}
+		choices, err := s.e.StepSample(context.Background(), in, sp)
 		if errors.Is(err, engine.ErrKVFull) {
 			if !s.preempt() {
 				s.failAll(err)
@@ -384,7 +395,7 @@ func (s *Scheduler) step() {
 			return
 		}
 		stats.Duration = time.Since(start)
-		s.afterStep(in, who, logits)
+		s.afterStep(in, who, choices)
 		break
 	}
 	stats.FreeBlocks = s.e.FreeBlocks()
@@ -474,14 +485,14 @@ func (s *Scheduler) failAll(err error) {
 	s.running = nil
 }
 
-func (s *Scheduler) afterStep(in []engine.Input, who []*seq, logits [][]float32) {
+func (s *Scheduler) afterStep(in []engine.Input, who []*seq, choices []sample.Choice) {
 	var ended []*seq
 	for k, q := range who {
 		q.fed += len(in[k].Tokens)
 		if q.fed < len(q.tokens) {
 			continue // more prompt (or recompute) to feed
 		}
-		c := q.sampler.Sample(logits[k])
+		c := choices[k]
 		q.tokens = append(q.tokens, c.ID)
 		q.gen++
 		q.out <- Event{Token: c}

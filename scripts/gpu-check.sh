@@ -17,6 +17,14 @@
 #     decode     makes a random 32-layer 8B checkpoint + 4 rank-32 adapters
 #                (tools/make_random_llama.py, ~16 GB under /tmp) and runs
 #                TestDecodeBench (decode tokens/s at batch 1, 16, 64, 256)
+#     serve      bin/gpu/peftd serve --device cuda on the embedded stories260K:
+#                startup logs name the GPU, the pirate invoke gives the known
+#                text, peftd bench (96 requests, concurrency 16), /metrics has
+#                peftd_gpu_memory_used_bytes
+#     serve8b    serves the random 8B checkpoint (from decode) with --device
+#                cuda and its 4 adapters from a store folder; closed-loop load
+#                at concurrency 64, base model alone vs the 4 adapters
+#                (scripts/serve_bench.py, token-id prompts)
 #   and prints a short table last (tests: result and max relative error;
 #   benchmarks: the key rows). Logs and full tables go to $OUT (or bin/gpu/logs).
 #
@@ -42,6 +50,9 @@ if [[ "${1:-}" != "--on-device" ]]; then
 		CGO_ENABLED=0 go test -c -tags cuda -o "$(bin_of "$p")" "./$p/"
 		echo "built $(bin_of "$p")"
 	done
+	# the server binary: go-nvml needs cgo (it runs on the device's newer glibc)
+	CGO_ENABLED=1 CGO_CFLAGS='-g -O2 -Wno-deprecated-declarations' go build -o bin/gpu/peftd ./cmd/peftd
+	echo "built bin/gpu/peftd"
 	cat <<'HINT'
 
 Run on the device (the `run` tool), carrying the binaries:
@@ -64,7 +75,7 @@ export XDG_CACHE_HOME="${XDG_CACHE_HOME:-$(mktemp -d)}" # a cold kernel cache on
 
 shift
 PHASES=("$@")
-[[ ${#PHASES[@]} -gt 0 ]] || PHASES=(tests memcheck fixture8b lorabench decode)
+[[ ${#PHASES[@]} -gt 0 ]] || PHASES=(tests memcheck fixture8b serve lorabench decode serve8b)
 want() { local x; for x in "${PHASES[@]}"; do [[ "$x" == "$1" ]] && return 0; done; return 1; }
 unset PEFTD_FIXTURE_8B PEFTD_LORA_BENCH PEFTD_MODEL_8B
 GPUBIN="$ROOT/$(bin_of runtime/gpu)"
@@ -82,7 +93,7 @@ want tests && for p in "${PKGS[@]}"; do
 	n="$(basename "$b" .test)"
 	[[ -x "$b" ]] || { echo "missing $b: build it here first (bash scripts/gpu-check.sh)"; status=1; continue; }
 	echo "=== $n"
-	(cd "$p" && timeout 120 "$b" -test.v -test.count=1 ${GPU_TEST_RUN:+-test.run "$GPU_TEST_RUN"}) >"$LOG/$n.log" 2>&1 || status=1
+	(cd "$p" && PEFTD_SAMPLE_BENCH=1 timeout 120 "$b" -test.v -test.count=1 ${GPU_TEST_RUN:+-test.run "$GPU_TEST_RUN"}) >"$LOG/$n.log" 2>&1 || status=1
 	tail -n 3 "$LOG/$n.log"
 done
 want tests && stamp tests
@@ -115,6 +126,45 @@ if want fixture8b; then
 	fi
 	stamp fixture8b
 fi
+
+# serve_wait LOGFILE: wait for "listening on" (or the server's exit)
+serve_wait() {
+	local i
+	for i in $(seq 1 "${2:-120}"); do
+		grep -q 'listening on' "$1" && return 0
+		kill -0 "$SRV" 2>/dev/null || return 1
+		sleep 1
+	done
+	return 1
+}
+serve_stop() { [[ -n "${SRV:-}" ]] && kill "$SRV" 2>/dev/null && wait "$SRV" 2>/dev/null; SRV=; }
+if want serve; then
+	echo "=== serve: bin/gpu/peftd serve --device cuda (stories260K)"
+	PD="$ROOT/bin/gpu/peftd"
+	SD=$(mktemp -d)
+	ok=1
+	PEFTD_CACHE=$SD "$PD" serve --device cuda --listen 127.0.0.1:8080 >"$LOG/serve.log" 2>&1 &
+	SRV=$!
+	if serve_wait "$LOG/serve.log" 60; then
+		gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
+		if grep -E 'device=cuda' "$LOG/serve.log" | grep -qF "$gpu"; then echo "serve: startup log names the GPU ($gpu)"; else echo "serve: FAIL: no startup log line names $gpu"; ok=0; fi
+		curl -sS -X POST http://127.0.0.1:8080/v1/adapters/pirate/invoke -H 'Content-Type: application/json' \
+			-d '{"prompt":"Once upon a time","max_tokens":80}' >"$LOG/serve.invoke.json" 2>&1
+		cat "$LOG/serve.invoke.json"; echo
+		if grep -qF ', a little pirate girl named Sue had a boat. She loved the sea and the waves.' "$LOG/serve.invoke.json"; then echo "serve: pirate text OK"; else echo "serve: FAIL: pirate text differs"; ok=0; fi
+		timeout "$(left 120)" "$PD" bench --url http://127.0.0.1:8080 --models pirate,space,stories260K --requests 96 --concurrency 16 --max-tokens 64 --quiet >"$LOG/serve.bench.txt" 2>&1 || { echo "serve: FAIL: bench"; ok=0; }
+		cat "$LOG/serve.bench.txt"
+		curl -sS http://127.0.0.1:8080/metrics >"$LOG/serve.metrics.txt"
+		if grep -q '^peftd_gpu_memory_used_bytes' "$LOG/serve.metrics.txt"; then echo "serve: metrics: $(grep '^peftd_gpu_memory_used_bytes' "$LOG/serve.metrics.txt" | head -1)"; else echo "serve: FAIL: no peftd_gpu_memory_used_bytes"; ok=0; fi
+	else
+		echo "serve: FAIL: server did not start"; tail -n 20 "$LOG/serve.log"; ok=0
+	fi
+	serve_stop
+	grep -E 'device|gpu|listening' "$LOG/serve.log" | head -6
+	echo "SERVE stories260K: $([[ $ok == 1 ]] && echo PASS || echo FAIL)" | tee "$LOG/serve.result"
+	[[ $ok == 1 ]] || status=1
+	stamp serve
+fi
 if want lorabench; then
 	echo "=== lorabench"
 	(cd runtime/gpu && PEFTD_LORA_BENCH=1 timeout "$(left 300)" "$GPUBIN" -test.v -test.count=1 -test.run '^TestLoRABench$') >"$LOG/lorabench.log" 2>&1 || status=1
@@ -138,6 +188,30 @@ if want decode; then
 		tail -n 20 "$LOG/decode.make.log"
 	fi
 	stamp decode
+fi
+
+
+if want serve8b; then
+	MD=/tmp/llama8b-random
+	echo "=== serve8b: peftd serve --device cuda --model $MD/base (4 adapters in a store folder)"
+	if [[ -f $MD/base/model.safetensors.index.json ]]; then
+		SD=$(mktemp -d)
+		PEFTD_CACHE=$SD "$ROOT/bin/gpu/peftd" serve --device cuda --model "$MD/base" --store "$MD/adapters" --slots 5 --max-queue 1024 --listen 127.0.0.1:8081 >"$LOG/serve8b.log" 2>&1 &
+		SRV=$!
+		if serve_wait "$LOG/serve8b.log" "$(left 200)"; then
+			grep -E 'engine|kv cache|device' "$LOG/serve8b.log" | head -4 | cut -c1-240
+			AD=$(ls "$MD/adapters" | paste -sd, -)
+			"$PY" scripts/serve_bench.py http://127.0.0.1:8081 base 32 32 16 8 128256 >/dev/null 2>&1 # warm
+			"$PY" scripts/serve_bench.py http://127.0.0.1:8081 base 256 64 128 64 128256 2>&1 | tee "$LOG/serve8b.txt"
+			"$PY" scripts/serve_bench.py http://127.0.0.1:8081 "$AD" 256 64 128 64 128256 2>&1 | tee -a "$LOG/serve8b.txt"
+		else
+			echo "serve8b: FAIL: server did not start"; tail -n 20 "$LOG/serve8b.log"; status=1
+		fi
+		serve_stop
+	else
+		echo "serve8b: no checkpoint (run the decode phase first)"
+	fi
+	stamp serve8b
 fi
 
 # Table: top-level test, result, the largest maxrel= it logged.
@@ -164,6 +238,9 @@ fi
 		grep -E '^BENCH lora (device|eager|N |4 )' "$LOG/lorabench.txt" | grep -vE ' (16|64) ' | cut -c12-
 		grep -E '^BENCH lora 4 +(16|64) +(1|256|4x512pf) ' "$LOG/lorabench.txt" | cut -c12-
 	fi
+	[[ -f "$LOG/serve.result" ]] && cat "$LOG/serve.result" && grep -E 'tok|req|TTFT|thr' "$LOG/serve.bench.txt" | head -8
+	[[ -f "$LOG/serve8b.txt" ]] && grep SERVEBENCH "$LOG/serve8b.txt" | cut -c1-220
+	grep -h '^BENCH \(launch\|sample\)' "$LOG"/*.log 2>/dev/null | cut -c7-
 	if [[ -s "$LOG/decode.txt" ]]; then
 		echo "Decode throughput (128 new tokens after 512-token prompts):"
 		cut -c14- "$LOG/decode.txt"
@@ -172,6 +249,6 @@ fi
 } | tee "$LOG/summary.txt"
 if [[ -n "${OUT:-}" ]]; then
 	tar czf "$OUT/logs.tgz" -C "$LOG" . 2>/dev/null
-	for f in summary.txt lorabench.txt decode.txt; do [[ -f "$LOG/$f" ]] && cp "$LOG/$f" "$OUT/"; done
+	for f in summary.txt lorabench.txt decode.txt serve8b.txt; do [[ -f "$LOG/$f" ]] && cp "$LOG/$f" "$OUT/"; done
 fi
 exit $status

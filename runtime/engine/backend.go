@@ -6,6 +6,7 @@ import (
 	"github.com/peftd/peftd/runtime/llama"
 	"github.com/peftd/peftd/runtime/lora"
 	"github.com/peftd/peftd/runtime/safetensors"
+	"github.com/peftd/peftd/runtime/sample"
 )
 
 // Buffer is a backend-owned activation matrix of [rows, cols] float values.
@@ -75,4 +76,30 @@ type Backend interface {
 	Read(b Buffer, rows int, dst []float32) error
 	End() error
 	Close() error
+}
+
+// Runner is an optional Backend capability: Run calls fn, which issues every
+// op of one step, in the backend's own execution context (for the CUDA
+// backend: on the OS thread that holds the device context), so the ops of a
+// step pay no per-op hand-off. Run returns fn's error.
+type Runner interface {
+	Run(fn func() error) error
+}
+
+// RowSample asks a DeviceSampler for one token from one logits row.
+type RowSample struct {
+	Row    int           // row of the logits buffer (output order, as LogitRows)
+	Params sample.Params // valid; Params.Seed is ignored (Seed below is used)
+	// Seed and Counter key the counter-based random stream: the draw for
+	// (Seed, Counter) is fixed, whatever else is in the step.
+	Seed, Counter uint64
+}
+
+// DeviceSampler is an optional Backend capability: it samples tokens from
+// the logits the step's Logits op wrote without copying the logits to the
+// host. SampleRows waits for the step and fills out[i] for rows[i]: the
+// token, the log-softmax of the raw logits at it, and the Params.Logprobs
+// most likely tokens with theirs (as sample.Sampler.Sample).
+type DeviceSampler interface {
+	SampleRows(logits Buffer, rows []RowSample, out []sample.Choice) error
 }

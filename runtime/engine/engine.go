@@ -9,6 +9,7 @@ import (
 
 	"github.com/peftd/peftd/runtime/llama"
 	"github.com/peftd/peftd/runtime/lora"
+	"github.com/peftd/peftd/runtime/sample"
 )
 
 // Errors returned (wrapped) by the engine.
@@ -222,31 +223,152 @@ type Input struct {
 // order, the logits rows (one row, or len(Tokens) rows with AllLogits).
 // On error no sequence changes.
 func (e *Engine) Step(ctx context.Context, in []Input) ([][]float32, error) {
-	if err := ctx.Err(); err != nil {
+	meta, outRow, err := e.prepare(ctx, in)
+	if err != nil {
 		return nil, err
+	}
+	var logits []float32
+	err = e.run(in, meta, func() error {
+		logits = make([]float32, len(meta.LogitRows)*e.cfg.VocabSize)
+		return e.b.Read(e.logits, len(meta.LogitRows), logits)
+	})
+	if err != nil {
+		return nil, err
+	}
+	out := make([][]float32, len(in))
+	V := e.cfg.VocabSize
+	for i, x := range in {
+		n := 1
+		if x.AllLogits {
+			n = len(x.Tokens)
+		}
+		out[i] = logits[outRow[i]*V : (outRow[i]+n)*V : (outRow[i]+n)*V]
+	}
+	return out, nil
+}
+
+// Sampling says how StepSample draws the next token of one input.
+type Sampling struct {
+	Skip   bool          // no token wanted (a prefill chunk that does not end the prompt)
+	Params sample.Params // valid sampling parameters (Params.Seed is not used: Seed is)
+	// Seed and Index key the draw on a DeviceSampler: the same (Seed, Index,
+	// logits) give the same token. Index is the new token's position in its
+	// sequence.
+	Seed, Index uint64
+	// CPU, when set, draws on the host path (a backend without DeviceSampler)
+	// from this sampler's own stream; nil: a sampler seeded from (Seed, Index).
+	CPU *sample.Sampler
+}
+
+// DeviceSampling reports whether StepSample samples on the backend.
+func (e *Engine) DeviceSampling() bool {
+	_, ok := e.b.(DeviceSampler)
+	return ok
+}
+
+// StepSample runs one forward pass like Step and draws one token per input
+// from its last logits row, on the device when the backend is a
+// DeviceSampler (only token ids and log-probabilities come back), else on
+// the host with package sample. Skipped inputs get a zero Choice.
+func (e *Engine) StepSample(ctx context.Context, in []Input, sp []Sampling) ([]sample.Choice, error) {
+	if len(sp) != len(in) {
+		return nil, fmt.Errorf("%w: %d inputs, %d samplings", ErrBadInput, len(in), len(sp))
+	}
+	for i := range sp {
+		if !sp[i].Skip {
+			if err := sp[i].Params.Validate(); err != nil {
+				return nil, err
+			}
+		}
+	}
+	ds, ok := e.b.(DeviceSampler)
+	out := make([]sample.Choice, len(in))
+	if !ok {
+		logits, err := e.Step(ctx, in)
+		if err != nil {
+			return nil, err
+		}
+		V := e.cfg.VocabSize
+		for i, s := range sp {
+			if s.Skip {
+				continue
+			}
+			smp := s.CPU
+			if smp == nil {
+				p := s.Params
+				seed := s.Seed ^ (s.Index+1)*0x9e3779b97f4a7c15
+				p.Seed = &seed
+				var err error
+				if smp, err = sample.New(p); err != nil {
+					return nil, err
+				}
+			}
+			l := logits[i]
+			out[i] = smp.Sample(l[len(l)-V:])
+		}
+		return out, nil
+	}
+	meta, outRow, err := e.prepare(ctx, in)
+	if err != nil {
+		return nil, err
+	}
+	var rows []RowSample
+	var who []int
+	for i, s := range sp {
+		if s.Skip {
+			continue
+		}
+		n := 1
+		if in[i].AllLogits {
+			n = len(in[i].Tokens)
+		}
+		rows = append(rows, RowSample{Row: outRow[i] + n - 1, Params: s.Params, Seed: s.Seed, Counter: s.Index})
+		who = append(who, i)
+	}
+	got := make([]sample.Choice, len(rows))
+	err = e.run(in, meta, func() error {
+		if len(rows) == 0 {
+			return nil
+		}
+		return ds.SampleRows(e.logits, rows, got)
+	})
+	if err != nil {
+		return nil, err
+	}
+	for k, i := range who {
+		out[i] = got[k]
+	}
+	return out, nil
+}
+
+// prepare validates a step, grows the sequences' page tables and builds the
+// step's metadata; outRow[i] is the first logits row of input i.
+func (e *Engine) prepare(ctx context.Context, in []Input) (*StepMeta, []int, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, nil, err
 	}
 	c := e.cfg
 	total, rows, need := 0, 0, 0
 	seen := map[*Sequence]bool{}
 	for i, x := range in {
 		if x.Seq == nil || len(x.Tokens) == 0 {
-			return nil, fmt.Errorf("%w: input %d has no sequence or no tokens", ErrBadInput, i)
+			return nil, nil, fmt.Errorf("%w: input %d has no sequence or no tokens", ErrBadInput, i)
 		}
 		if seen[x.Seq] {
-			return nil, fmt.Errorf("%w: sequence appears twice in one step", ErrBadInput)
+			return nil, nil, fmt.Errorf("%w: sequence appears twice in one step", ErrBadInput)
 		}
 		seen[x.Seq] = true
 		if x.Slot >= len(e.slots) || x.Slot < -1 || (x.Slot >= 0 && e.slots[x.Slot] == nil) {
-			return nil, fmt.Errorf("%w: input %d uses empty or missing slot %d", ErrNoSlot, i, x.Slot)
+			return nil, nil, fmt.Errorf("%w: input %d uses empty or missing slot %d", ErrNoSlot, i, x.Slot)
 		}
 		for _, t := range x.Tokens {
 			if t < 0 || int(t) >= c.VocabSize {
-				return nil, fmt.Errorf("%w: token id %d outside the vocabulary [0, %d)", ErrBadInput, t, c.VocabSize)
+				return nil, nil, fmt.Errorf("%w: token id %d outside the vocabulary [0, %d)", ErrBadInput, t, c.VocabSize)
 			}
 		}
 		n := x.Seq.n + len(x.Tokens)
 		if n > e.opts.MaxContext {
-			return nil, fmt.Errorf("%w: %d tokens > %d", ErrContextLen, n, e.opts.MaxContext)
+			return nil, nil, fmt.Errorf("%w: %d tokens > %d", ErrContextLen, n, e.opts.MaxContext)
 		}
 		total += len(x.Tokens)
 		if x.AllLogits {
@@ -257,10 +379,10 @@ func (e *Engine) Step(ctx context.Context, in []Input) ([][]float32, error) {
 		need += e.BlocksFor(n) - len(x.Seq.blocks)
 	}
 	if total > e.opts.MaxTokens {
-		return nil, fmt.Errorf("%w: %d tokens > %d", ErrTooMany, total, e.opts.MaxTokens)
+		return nil, nil, fmt.Errorf("%w: %d tokens > %d", ErrTooMany, total, e.opts.MaxTokens)
 	}
 	if need > len(e.freeBlocks) {
-		return nil, fmt.Errorf("%w: need %d pages, %d free", ErrKVFull, need, len(e.freeBlocks))
+		return nil, nil, fmt.Errorf("%w: need %d pages, %d free", ErrKVFull, need, len(e.freeBlocks))
 	}
 	// Group rows by adapter slot so each adapter's tokens are one segment.
 	order := make([]int, len(in))
@@ -274,7 +396,6 @@ func (e *Engine) Step(ctx context.Context, in []Input) ([][]float32, error) {
 		Seqs: make([]SeqMeta, 0, len(in)), LogitRows: make([]int32, 0, rows),
 	}
 	outRow := make([]int, len(in)) // first logits row of each input
-	grown := make([]int, 0, len(in))
 	for _, i := range order {
 		x := in[i]
 		s := x.Seq
@@ -283,7 +404,6 @@ func (e *Engine) Step(ctx context.Context, in []Input) ([][]float32, error) {
 			e.freeBlocks = e.freeBlocks[:len(e.freeBlocks)-1]
 			s.blocks = append(s.blocks, b)
 		}
-		grown = append(grown, i)
 		start := len(meta.Tokens)
 		for j, t := range x.Tokens {
 			pos := s.n + j
@@ -308,36 +428,42 @@ func (e *Engine) Step(ctx context.Context, in []Input) ([][]float32, error) {
 			meta.LogitRows = append(meta.LogitRows, int32(len(meta.Tokens)-1))
 		}
 	}
-	logits, err := e.forward(meta)
+	return meta, outRow, nil
+}
+
+// run executes the forward pass of a prepared step and tail (which reads its
+// result), inside the backend's Runner when it has one; on success the
+// sequences advance, on error their page growth is undone.
+func (e *Engine) run(in []Input, meta *StepMeta, tail func() error) error {
+	f := func() error { return e.forward(meta, tail) }
+	var err error
+	if r, ok := e.b.(Runner); ok {
+		err = r.Run(f)
+	} else {
+		err = f()
+	}
 	if err != nil {
 		// Undo page growth so the sequences are as they were.
-		for _, i := range grown {
-			s := in[i].Seq
+		for _, x := range in {
+			s := x.Seq
 			keep := e.BlocksFor(s.n)
 			e.freeBlocks = append(e.freeBlocks, s.blocks[keep:]...)
 			s.blocks = s.blocks[:keep]
 		}
-		return nil, err
+		return err
 	}
-	out := make([][]float32, len(in))
-	V := c.VocabSize
-	for i, x := range in {
-		n := 1
-		if x.AllLogits {
-			n = len(x.Tokens)
-		}
-		out[i] = logits[outRow[i]*V : (outRow[i]+n)*V : (outRow[i]+n)*V]
+	for _, x := range in {
 		x.Seq.n += len(x.Tokens)
 	}
-	return out, nil
+	return nil
 }
 
-func (e *Engine) forward(meta *StepMeta) ([]float32, error) {
+func (e *Engine) forward(meta *StepMeta, tail func() error) error {
 	c := e.cfg
 	b := e.b
 	eps := float32(c.RMSNormEps)
 	if err := b.Begin(meta); err != nil {
-		return nil, err
+		return err
 	}
 	hasLoRA := len(meta.LoRA) > 0
 	proj := func(out, in Buffer, l int, m llama.Module) {
@@ -369,9 +495,9 @@ func (e *Engine) forward(meta *StepMeta) ([]float32, error) {
 	}
 	b.AddRMSNorm(e.x, e.tmp, nil, nil, eps) // x += the last MLP output
 	b.Logits(e.logits, e.x, e.norm, e.head, eps)
-	out := make([]float32, len(meta.LogitRows)*c.VocabSize)
-	if err := b.Read(e.logits, len(meta.LogitRows), out); err != nil {
-		return nil, err
+	if err := tail(); err != nil {
+		b.End()
+		return err
 	}
-	return out, b.End()
+	return b.End()
 }

@@ -3,7 +3,8 @@
 // NVRTC-compiled kernels (package kernels) and segmented LoRA (SGMV) over
 // per-slot adapter weights. Everything runs on one stream of one device,
 // driven from one goroutine (the engine's); CUDA calls hop to the context's
-// locked executor thread.
+// locked executor thread, once per step when the engine wraps the step in
+// Backend.Run (engine.Runner).
 package gpu
 
 import (
@@ -17,6 +18,7 @@ import (
 	"github.com/peftd/peftd/runtime/llama"
 	"github.com/peftd/peftd/runtime/lora"
 	"github.com/peftd/peftd/runtime/safetensors"
+	"github.com/peftd/peftd/runtime/sample"
 )
 
 // ErrBadStep marks step metadata the backend refuses (it would index outside its buffers).
@@ -69,7 +71,7 @@ type slotState struct {
 
 type funcs struct {
 	embed, addRMSNorm, rmsnormRows, rope, kvStore, attention, siluMul, shrink, expand *cuda.Function
-	sgShrink, sgShrink4, sgExpand                                                     *cuda.Function
+	sgShrink, sgShrink4, sgExpand, sample                                             *cuda.Function
 }
 
 // Backend implements engine.Backend on one CUDA device.
@@ -99,6 +101,8 @@ type Backend struct {
 	invFreq     *cuda.DeviceBuffer
 	normed      *cuda.DeviceBuffer
 	readHost    *cuda.HostBuffer
+	smpHost     *cuda.HostBuffer // SampleRows: parameters, then results
+	smpDev      *cuda.DeviceBuffer
 
 	slots     []*slotState
 	table     *cuda.DeviceBuffer
@@ -180,7 +184,8 @@ func (b *Backend) open(opts Options) error {
 	}{{&b.fn.embed, "embed"}, {&b.fn.addRMSNorm, "add_rmsnorm"}, {&b.fn.rmsnormRows, "rmsnorm_rows"}, {&b.fn.rope, "rope"},
 		{&b.fn.kvStore, "kv_store"}, {&b.fn.attention, "attention"}, {&b.fn.siluMul, "silu_mul"},
 		{&b.fn.shrink, "lora_shrink"}, {&b.fn.expand, "lora_expand"},
-		{&b.fn.sgShrink, "sgmv_shrink"}, {&b.fn.sgShrink4, "sgmv_shrink4"}, {&b.fn.sgExpand, "sgmv_expand"}} {
+		{&b.fn.sgShrink, "sgmv_shrink"}, {&b.fn.sgShrink4, "sgmv_shrink4"}, {&b.fn.sgExpand, "sgmv_expand"},
+		{&b.fn.sample, "sample_rows"}} {
 		if *f.p, err = b.mod.Function(f.name); err != nil {
 			return err
 		}
@@ -896,10 +901,10 @@ func (b *Backend) Close() error {
 			errs = append(errs, s.mem.Free())
 		}
 	}
-	for _, d := range []*cuda.DeviceBuffer{b.kcache, b.vcache, b.metaDev, b.invFreq, b.normed, b.table, b.loraTmp} {
+	for _, d := range []*cuda.DeviceBuffer{b.kcache, b.vcache, b.metaDev, b.invFreq, b.normed, b.table, b.loraTmp, b.smpDev} {
 		errs = append(errs, d.Free())
 	}
-	for _, h := range []*cuda.HostBuffer{b.metaHost, b.readHost} {
+	for _, h := range []*cuda.HostBuffer{b.metaHost, b.readHost, b.smpHost} {
 		errs = append(errs, h.Free())
 	}
 	errs = append(errs, b.evBeg.Destroy(), b.evEnd.Destroy())
@@ -908,4 +913,119 @@ func (b *Backend) Close() error {
 	return errors.Join(errs...)
 }
 
-var _ engine.Backend = (*Backend)(nil)
+// Run calls fn on the CUDA context's thread: every op fn issues runs inline
+// there (no per-op hop to the executor goroutine). The engine wraps each
+// step in it (engine.Runner).
+func (b *Backend) Run(fn func() error) error { return b.ctx.Do(fn) }
+
+// Words per row of the sample_rows kernel's parameters and results (SP_WORDS,
+// SO_WORDS, SO_MAXTOP in llama.cu).
+const (
+	spWords  = 12
+	soMaxTop = 20
+	soWords  = 2 + 2*soMaxTop
+)
+
+// SampleRows draws one token per requested logits row on the device
+// (kernel sample_rows) and copies back only the tokens and log-probabilities.
+// It waits for the step.
+func (b *Backend) SampleRows(logits engine.Buffer, rows []engine.RowSample, out []sample.Choice) error {
+	if b.err != nil {
+		return b.err
+	}
+	if b.meta == nil {
+		return fmt.Errorf("%w: SampleRows outside a step", ErrBadStep)
+	}
+	lb := buf(logits)
+	n := len(rows)
+	if len(out) < n {
+		return fmt.Errorf("gpu: sample: %d rows, %d results", n, len(out))
+	}
+	if n == 0 {
+		return nil
+	}
+	if !lb.isF32 || lb.f32 == nil {
+		return fmt.Errorf("gpu: sample: the buffer holds no float32 logits")
+	}
+	if soMaxTop < sample.MaxLogprobs {
+		return fmt.Errorf("gpu: sample: %d alternatives, the kernel returns %d", sample.MaxLogprobs, soMaxTop)
+	}
+	words := n * (spWords + soWords)
+	if b.smpHost == nil || b.smpHost.Size() < 4*words {
+		b.smpHost.Free()
+		b.smpDev.Free()
+		b.smpHost, b.smpDev = nil, nil
+		var err error
+		if b.smpHost, err = b.ctx.AllocHost(4 * max(words, 4096)); err != nil {
+			return err
+		}
+		if b.smpDev, err = b.ctx.Alloc(4 * max(words, 4096)); err != nil {
+			return err
+		}
+	}
+	h := b.smpHost.Int32s()
+	nLogit := len(b.meta.LogitRows)
+	for i, r := range rows {
+		if r.Row < 0 || r.Row >= nLogit {
+			return fmt.Errorf("%w: sample row %d outside %d logits rows", ErrBadStep, r.Row, nLogit)
+		}
+		if err := r.Params.Validate(); err != nil {
+			return err
+		}
+		p := h[i*spWords : (i+1)*spWords]
+		p[0] = int32(math.Float32bits(float32(r.Params.Temperature)))
+		p[1] = int32(math.Float32bits(float32(r.Params.TopP)))
+		p[2] = int32(r.Params.TopK)
+		p[3] = int32(r.Params.Logprobs)
+		p[4], p[5] = int32(uint32(r.Seed)), int32(uint32(r.Seed>>32))
+		p[6], p[7] = int32(uint32(r.Counter)), int32(uint32(r.Counter>>32))
+		p[8] = int32(r.Row)
+		p[9], p[10], p[11] = 0, 0, 0
+	}
+	pDev := b.smpDev.Ptr()
+	oDev := pDev + uint64(4*n*spWords)
+	if err := cuda.CopyHtoD(b.s, pDev, h[:n*spWords]); err != nil {
+		return err
+	}
+	b.launch(b.fn.sample, cuda.Dim3{X: n}, cuda.Dim3{X: 1024}, oDev, lb.f32, pDev, lb.cols)
+	if b.err != nil {
+		return b.err
+	}
+	if b.timed {
+		if err := b.evEnd.Record(b.s); err != nil {
+			return err
+		}
+	}
+	res := h[n*spWords : n*spWords+n*soWords]
+	if err := cuda.CopyDtoH(b.s, res, oDev); err != nil {
+		return err
+	}
+	if err := b.s.Synchronize(); err != nil {
+		return fmt.Errorf("gpu: step failed: %w", err)
+	}
+	if b.timed {
+		b.timed = false
+		if ms, err := b.evEnd.Since(b.evBeg); err == nil {
+			b.lastStepMs = ms
+		}
+	}
+	for i, r := range rows {
+		o := res[i*soWords : (i+1)*soWords]
+		id := o[0]
+		if id < 0 || int(id) >= lb.cols {
+			return fmt.Errorf("gpu: sample: kernel returned token %d", id)
+		}
+		c := sample.Choice{ID: id, Logprob: float64(math.Float32frombits(uint32(o[1])))}
+		for j := 0; j < r.Params.Logprobs && j < lb.cols; j++ {
+			c.Top = append(c.Top, sample.TokenLogprob{ID: o[2+j], Logprob: float64(math.Float32frombits(uint32(o[2+soMaxTop+j])))})
+		}
+		out[i] = c
+	}
+	return nil
+}
+
+var (
+	_ engine.Backend       = (*Backend)(nil)
+	_ engine.Runner        = (*Backend)(nil)
+	_ engine.DeviceSampler = (*Backend)(nil)
+)

@@ -17,6 +17,7 @@ import (
 	"github.com/peftd/peftd/runtime/engine"
 	"github.com/peftd/peftd/runtime/llama"
 	"github.com/peftd/peftd/runtime/lora"
+	"github.com/peftd/peftd/runtime/sample"
 )
 
 // Benchmarks at Llama-3.1-8B shapes. They print tables (lines starting with
@@ -389,7 +390,8 @@ func TestDecodeBench(t *testing.T) {
 	rng := rand.New(rand.NewPCG(3, 4))
 	ctx := context.Background()
 	for _, B := range batches {
-		for _, withLoRA := range []bool{false, true} {
+		for variant := 0; variant < 3; variant++ {
+			withLoRA, sampled := variant == 1, variant == 2 // 2: no adapter, tokens sampled on the device (StepSample)
 			if withLoRA && len(ads) == 0 {
 				continue
 			}
@@ -426,7 +428,15 @@ func TestDecodeBench(t *testing.T) {
 					kvRead += float64(seqs[i].Len()+1) * kvTok
 				}
 				ts := time.Now()
-				if _, err := e.Step(ctx, in); err != nil {
+				if sampled {
+					sp := make([]engine.Sampling, B)
+					for i := range sp {
+						sp[i] = engine.Sampling{Params: sample.Params{Temperature: 0.8, TopP: 0.95}, Seed: uint64(i), Index: uint64(seqs[i].Len())}
+					}
+					if _, err := e.StepSample(ctx, in, sp); err != nil {
+						t.Fatal(err)
+					}
+				} else if _, err := e.Step(ctx, in); err != nil {
 					t.Fatal(err)
 				}
 				wall += time.Since(ts)
@@ -442,6 +452,9 @@ func TestDecodeBench(t *testing.T) {
 			}
 			toks := float64(B * newTok)
 			lbl := "no"
+			if sampled {
+				lbl = "no+ds"
+			}
 			if withLoRA {
 				lbl = fmt.Sprintf("%dxr%d", len(ads), ads[0].MaxRank())
 			}
