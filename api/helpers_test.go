@@ -1,28 +1,24 @@
 package api_test
 
 import (
-	"archive/tar"
 	"bufio"
 	"bytes"
-	"compress/gzip"
 	"context"
 	"encoding/json"
-	"io"
 	"net"
-	"net/http"
-	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/peftd/peftd/api"
+	"github.com/peftd/peftd/internal/adaptertest"
+	"github.com/peftd/peftd/internal/apitest"
 	"github.com/peftd/peftd/internal/fixture"
 	"github.com/peftd/peftd/loader"
 	"github.com/peftd/peftd/loader/store"
 	"github.com/peftd/peftd/runtime/cpu"
 	"github.com/peftd/peftd/runtime/llama"
-	"github.com/peftd/peftd/runtime/lora"
 	"github.com/peftd/peftd/runtime/tokenizer"
 	"github.com/peftd/peftd/scheduler"
 	"github.com/peftd/peftd/server"
@@ -80,22 +76,6 @@ func start(t *testing.T, cfg api.Config) string {
 	return "http://" + ln.Addr().String()
 }
 
-func copyAdapter(t *testing.T, src, dst string) {
-	t.Helper()
-	if err := os.MkdirAll(dst, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	for _, f := range []string{lora.ConfigFile, lora.WeightsFile} {
-		b, err := os.ReadFile(filepath.Join(src, f))
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := os.WriteFile(filepath.Join(dst, f), b, 0o644); err != nil {
-			t.Fatal(err)
-		}
-	}
-}
-
 // fixtureStack serves the tiny-llama-lora base with all-r16 deployed.
 func fixtureStack(t *testing.T, slots, maxQueue int) (*stack, *fixture.Fixture) {
 	t.Helper()
@@ -105,7 +85,7 @@ func fixtureStack(t *testing.T, slots, maxQueue int) (*stack, *fixture.Fixture) 
 	}
 	t.Cleanup(func() { f.Close() })
 	store := t.TempDir()
-	copyAdapter(t, filepath.Join(fixture.Dir(), "adapters", "all-r16"), filepath.Join(store, "all-r16"))
+	adaptertest.Copy(t, filepath.Join(fixture.Dir(), "adapters", "all-r16"), filepath.Join(store, "all-r16"))
 	return newStack(t, f.Model, store, slots, maxQueue), f
 }
 
@@ -125,64 +105,21 @@ func storiesStack(t *testing.T, slots, maxQueue int) (*stack, *tokenizer.Tokeniz
 	}
 	store := t.TempDir()
 	for _, n := range []string{"pirate", "space"} {
-		copyAdapter(t, filepath.Join("../models/adapters", n), filepath.Join(store, n))
+		adaptertest.Copy(t, filepath.Join("../models/adapters", n), filepath.Join(store, n))
 	}
 	st := newStack(t, m, store, slots, maxQueue)
 	st.eos = append(st.eos, tok.EOS()...)
 	return st, tok
 }
 
-type reply struct {
-	status int
-	header http.Header
-	body   []byte
-}
+type reply = apitest.Reply
 
-func (r reply) json(t *testing.T) map[string]any {
-	t.Helper()
-	var m map[string]any
-	if err := json.Unmarshal(r.body, &m); err != nil {
-		t.Fatalf("status %d: body is not JSON: %v: %s", r.status, err, r.body)
-	}
-	return m
-}
+// httpc's failed requests end the test.
+var httpc = apitest.Client{Fatal: true}
 
 func do(t *testing.T, method, url string, body any, hdr ...string) reply {
 	t.Helper()
-	var rd io.Reader
-	switch b := body.(type) {
-	case nil:
-	case []byte:
-		rd = bytes.NewReader(b)
-	case string:
-		rd = strings.NewReader(b)
-	default:
-		j, err := json.Marshal(b)
-		if err != nil {
-			t.Fatal(err)
-		}
-		rd = bytes.NewReader(j)
-	}
-	req, err := http.NewRequest(method, url, rd)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, ok := body.([]byte); !ok && body != nil {
-		req.Header.Set("Content-Type", "application/json")
-	}
-	for i := 0; i+1 < len(hdr); i += 2 {
-		req.Header.Set(hdr[i], hdr[i+1])
-	}
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	b, err := io.ReadAll(resp.Body)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return reply{resp.StatusCode, resp.Header, b}
+	return httpc.Do(t, method, url, body, hdr...)
 }
 
 // sse reads an SSE body into its data payloads (without [DONE], reported apart).
@@ -217,51 +154,22 @@ func sse(t *testing.T, body []byte) (events []map[string]any, done bool) {
 // wantErr checks an OpenAI-shaped error.
 func wantErr(t *testing.T, r reply, status int, param string) map[string]any {
 	t.Helper()
-	if r.status != status {
-		t.Fatalf("status %d, want %d: %s", r.status, status, r.body)
+	if r.Status != status {
+		t.Fatalf("status %d, want %d: %s", r.Status, status, r.Body)
 	}
-	e, ok := r.json(t)["error"].(map[string]any)
+	e, ok := r.JSON(t)["error"].(map[string]any)
 	if !ok {
-		t.Fatalf("no error object: %s", r.body)
+		t.Fatalf("no error object: %s", r.Body)
 	}
 	for _, k := range []string{"message", "type", "param", "code"} {
 		if _, ok := e[k]; !ok {
-			t.Errorf("error lacks %q: %s", k, r.body)
+			t.Errorf("error lacks %q: %s", k, r.Body)
 		}
 	}
 	if param != "" && e["param"] != param {
-		t.Errorf("error param %v, want %q: %s", e["param"], param, r.body)
+		t.Errorf("error param %v, want %q: %s", e["param"], param, r.Body)
 	}
 	return e
-}
-
-func tarGz(t *testing.T, files map[string][]byte) []byte {
-	t.Helper()
-	var buf bytes.Buffer
-	gz := gzip.NewWriter(&buf)
-	tw := tar.NewWriter(gz)
-	for name, b := range files {
-		if err := tw.WriteHeader(&tar.Header{Name: name, Mode: 0o644, Size: int64(len(b)), Typeflag: tar.TypeReg}); err != nil {
-			t.Fatal(err)
-		}
-		tw.Write(b)
-	}
-	tw.Close()
-	gz.Close()
-	return buf.Bytes()
-}
-
-func adapterFiles(t *testing.T, dir, prefix string) map[string][]byte {
-	t.Helper()
-	out := map[string][]byte{}
-	for _, f := range []string{lora.ConfigFile, lora.WeightsFile} {
-		b, err := os.ReadFile(filepath.Join(dir, f))
-		if err != nil {
-			t.Fatal(err)
-		}
-		out[prefix+f] = b
-	}
-	return out
 }
 
 func toInts(v any) []int32 {

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/peftd/peftd/api"
+	"github.com/peftd/peftd/internal/adaptertest"
 	"github.com/peftd/peftd/runtime/chat"
 )
 
@@ -46,25 +47,25 @@ func TestStoriesInvoke(t *testing.T) {
 	want := strings.TrimPrefix(pirateText, storyPrompt)
 
 	r := do(t, "POST", url+"/v1/adapters/pirate/invoke", map[string]any{"prompt": storyPrompt, "max_tokens": 80})
-	if r.status != 200 {
-		t.Fatalf("%d %s", r.status, r.body)
+	if r.Status != 200 {
+		t.Fatalf("%d %s", r.Status, r.Body)
 	}
-	m := r.json(t)
+	m := r.JSON(t)
 	if m["text"] != want || m["finish_reason"] != "stop" || m["adapter"] != "pirate" {
-		t.Errorf("invoke: %s\nwant text %q", r.body, want)
+		t.Errorf("invoke: %s\nwant text %q", r.Body, want)
 	}
 	if p := toInts(m["prompt_token_ids"]); len(p) != 5 || p[0] != 1 {
 		t.Errorf("prompt ids %v", p)
 	}
 
 	r = do(t, "POST", url+"/v1/adapters/pirate/invoke", map[string]any{"prompt": storyPrompt, "max_tokens": 80, "stream": true})
-	evs, done := sse(t, r.body)
+	evs, done := sse(t, r.Body)
 	var text strings.Builder
 	for _, e := range evs {
 		text.WriteString(e["text"].(string))
 	}
 	if !done || text.String() != want || evs[len(evs)-1]["finish_reason"] != "stop" {
-		t.Errorf("stream: %q done=%v: %s", text.String(), done, r.body)
+		t.Errorf("stream: %q done=%v: %s", text.String(), done, r.Body)
 	}
 
 	// A stop string ends and trims the text, streamed or not.
@@ -73,7 +74,7 @@ func TestStoriesInvoke(t *testing.T) {
 			"max_tokens": 80, "temperature": 0, "stop": []string{"Sue", "zzz"}, "stream": stream})
 		var got, fin string
 		if stream {
-			evs, _ := sse(t, r.body)
+			evs, _ := sse(t, r.Body)
 			for _, e := range evs {
 				ch := e["choices"].([]any)[0].(map[string]any)
 				got += ch["text"].(string)
@@ -82,7 +83,7 @@ func TestStoriesInvoke(t *testing.T) {
 				}
 			}
 		} else {
-			ch := r.json(t)["choices"].([]any)[0].(map[string]any)
+			ch := r.JSON(t)["choices"].([]any)[0].(map[string]any)
 			got, fin = ch["text"].(string), ch["finish_reason"].(string)
 		}
 		if w := ", a little pirate girl named "; got != w || fin != "stop" {
@@ -92,13 +93,13 @@ func TestStoriesInvoke(t *testing.T) {
 
 	// The space adapter and the base model through the same server.
 	r = do(t, "POST", url+"/v1/completions", map[string]any{"model": "space", "prompt": storyPrompt, "max_tokens": 80, "temperature": 0})
-	if ch := r.json(t)["choices"].([]any)[0].(map[string]any); ch["text"] != strings.TrimPrefix("Once upon a time, a girl named Mia wanted to go to space. She built a rocket in her yard.", storyPrompt) {
-		t.Errorf("space: %s", r.body)
+	if ch := r.JSON(t)["choices"].([]any)[0].(map[string]any); ch["text"] != strings.TrimPrefix("Once upon a time, a girl named Mia wanted to go to space. She built a rocket in her yard.", storyPrompt) {
+		t.Errorf("space: %s", r.Body)
 	}
 
 	// logprobs in OpenAI's completions shape
 	r = do(t, "POST", url+"/v1/completions", map[string]any{"model": "pirate", "prompt": storyPrompt, "max_tokens": 3, "temperature": 0, "logprobs": 2})
-	lp := r.json(t)["choices"].([]any)[0].(map[string]any)["logprobs"].(map[string]any)
+	lp := r.JSON(t)["choices"].([]any)[0].(map[string]any)["logprobs"].(map[string]any)
 	for _, k := range []string{"tokens", "token_logprobs", "top_logprobs", "text_offset"} {
 		if v, ok := lp[k].([]any); !ok || len(v) != 3 {
 			t.Errorf("logprobs.%s: %v", k, lp[k])
@@ -117,10 +118,10 @@ func TestChat(t *testing.T) {
 	url, _ = storiesServer(t, true, nil)
 	r := do(t, "POST", url+"/v1/chat/completions", map[string]any{"model": "pirate", "messages": msgs, "max_tokens": 8,
 		"temperature": 0, "return_token_ids": true, "logprobs": true, "top_logprobs": 2})
-	if r.status != 200 {
-		t.Fatalf("%d %s", r.status, r.body)
+	if r.Status != 200 {
+		t.Fatalf("%d %s", r.Status, r.Body)
 	}
-	m := r.json(t)
+	m := r.JSON(t)
 	prompt := toInts(m["prompt_token_ids"])
 	bos := 0
 	for _, id := range prompt {
@@ -134,16 +135,16 @@ func TestChat(t *testing.T) {
 	ch := m["choices"].([]any)[0].(map[string]any)
 	msg := ch["message"].(map[string]any)
 	if m["object"] != "chat.completion" || msg["role"] != "assistant" || msg["content"] == "" {
-		t.Errorf("chat: %s", r.body)
+		t.Errorf("chat: %s", r.Body)
 	}
 	content := ch["logprobs"].(map[string]any)["content"].([]any)
 	if len(content) != len(toInts(ch["token_ids"])) || len(content[0].(map[string]any)["top_logprobs"].([]any)) != 2 {
-		t.Errorf("chat logprobs: %s", r.body)
+		t.Errorf("chat logprobs: %s", r.Body)
 	}
 
 	r = do(t, "POST", url+"/v1/chat/completions", map[string]any{"model": "pirate", "messages": msgs, "max_tokens": 8,
 		"temperature": 0, "stream": true, "stream_options": map[string]any{"include_usage": true}})
-	evs, done := sse(t, r.body)
+	evs, done := sse(t, r.Body)
 	var text string
 	for _, e := range evs {
 		if e["object"] != "chat.completion.chunk" {
@@ -155,7 +156,7 @@ func TestChat(t *testing.T) {
 		}
 	}
 	if !done || text != msg["content"] || evs[len(evs)-1]["usage"] == nil {
-		t.Errorf("chat stream %q vs %q: %s", text, msg["content"], r.body)
+		t.Errorf("chat stream %q vs %q: %s", text, msg["content"], r.Body)
 	}
 	first := evs[0]["choices"].([]any)[0].(map[string]any)["delta"].(map[string]any)
 	if first["role"] != "assistant" {
@@ -164,17 +165,17 @@ func TestChat(t *testing.T) {
 
 	// tokenize / detokenize
 	r = do(t, "POST", url+"/tokenize", map[string]any{"prompt": storyPrompt})
-	tm := r.json(t)
+	tm := r.JSON(t)
 	toks := toInts(tm["tokens"])
 	if len(toks) != 5 || int(tm["count"].(float64)) != 5 || tm["max_model_len"].(float64) != 512 {
-		t.Errorf("tokenize: %s", r.body)
+		t.Errorf("tokenize: %s", r.Body)
 	}
 	r = do(t, "POST", url+"/detokenize", map[string]any{"tokens": toks[1:]})
-	if p := r.json(t)["prompt"]; p != storyPrompt {
-		t.Errorf("detokenize: %s", r.body)
+	if p := r.JSON(t)["prompt"]; p != storyPrompt {
+		t.Errorf("detokenize: %s", r.Body)
 	}
 	r = do(t, "POST", url+"/tokenize", map[string]any{"messages": msgs})
-	if got := toInts(r.json(t)["tokens"]); !slices.Equal(got, prompt) {
+	if got := toInts(r.JSON(t)["tokens"]); !slices.Equal(got, prompt) {
 		t.Errorf("tokenize messages %v, chat prompt %v", got, prompt)
 	}
 }
@@ -229,15 +230,15 @@ func TestQueueFullAndTimeout(t *testing.T) {
 	}
 	r := do(t, "POST", url+"/v1/completions", map[string]any{"model": "pirate", "prompt": storyPrompt, "max_tokens": 5})
 	wantErr(t, r, 429, "")
-	if r.header.Get("Retry-After") == "" {
+	if r.Header.Get("Retry-After") == "" {
 		t.Error("429 without Retry-After")
 	}
 	wg.Wait()
 	wantErr(t, slow, 504, "")
 	lease.Release()
 	r = do(t, "POST", url+"/v1/completions", map[string]any{"model": "space", "prompt": storyPrompt, "max_tokens": 5})
-	if r.status != 200 {
-		t.Errorf("after release: %d %s", r.status, r.body)
+	if r.Status != 200 {
+		t.Errorf("after release: %d %s", r.Status, r.Body)
 	}
 }
 
@@ -252,35 +253,35 @@ func TestAuthAndMetrics(t *testing.T) {
 	body := map[string]any{"prompt": storyPrompt, "max_tokens": 4}
 	wantErr(t, do(t, "POST", url+"/v1/adapters/pirate/invoke", body), 401, "")
 	wantErr(t, do(t, "POST", url+"/v1/adapters/pirate/invoke", body, "Authorization", "Bearer wrong"), 401, "")
-	if r := do(t, "POST", url+"/v1/adapters/pirate/invoke", body, "Authorization", "Bearer sk-pirate"); r.status != 200 {
-		t.Errorf("tenant on its adapter: %d %s", r.status, r.body)
+	if r := do(t, "POST", url+"/v1/adapters/pirate/invoke", body, "Authorization", "Bearer sk-pirate"); r.Status != 200 {
+		t.Errorf("tenant on its adapter: %d %s", r.Status, r.Body)
 	}
 	wantErr(t, do(t, "POST", url+"/v1/adapters/space/invoke", body, "Authorization", "Bearer sk-pirate"), 403, "")
-	up := tarGz(t, adapterFiles(t, "../models/adapters/space", ""))
+	up := adaptertest.TarGz(t, adaptertest.Files(t, "../models/adapters/space", ""))
 	wantErr(t, do(t, "PUT", url+"/v1/adapters/pirate", up, "Authorization", "Bearer sk-pirate"), 403, "")
 	wantErr(t, do(t, "PUT", url+"/v1/adapters/other", up, "Authorization", "Bearer sk-acme"), 403, "")
-	if r := do(t, "PUT", url+"/v1/adapters/acme-space", up, "Authorization", "Bearer sk-acme"); r.status != 201 {
-		t.Errorf("tenant deploy under its prefix: %d %s", r.status, r.body)
+	if r := do(t, "PUT", url+"/v1/adapters/acme-space", up, "Authorization", "Bearer sk-acme"); r.Status != 201 {
+		t.Errorf("tenant deploy under its prefix: %d %s", r.Status, r.Body)
 	}
 	r := do(t, "GET", url+"/v1/models", nil, "Authorization", "Bearer sk-acme")
-	if n := len(r.json(t)["data"].([]any)); n != 2 {
-		t.Errorf("acme sees %d models: %s", n, r.body)
+	if n := len(r.JSON(t)["data"].([]any)); n != 2 {
+		t.Errorf("acme sees %d models: %s", n, r.Body)
 	}
-	if r := do(t, "DELETE", url+"/v1/adapters/acme-space", nil, "Authorization", "Bearer sk-admin"); r.status != 200 {
-		t.Errorf("admin delete: %d %s", r.status, r.body)
+	if r := do(t, "DELETE", url+"/v1/adapters/acme-space", nil, "Authorization", "Bearer sk-admin"); r.Status != 200 {
+		t.Errorf("admin delete: %d %s", r.Status, r.Body)
 	}
-	if r := do(t, "GET", url+"/healthz", nil); r.status != 200 {
-		t.Errorf("healthz %d", r.status)
+	if r := do(t, "GET", url+"/healthz", nil); r.Status != 200 {
+		t.Errorf("healthz %d", r.Status)
 	}
-	if r := do(t, "GET", url+"/readyz", nil); r.status != 200 {
-		t.Errorf("readyz %d", r.status)
+	if r := do(t, "GET", url+"/readyz", nil); r.Status != 200 {
+		t.Errorf("readyz %d", r.Status)
 	}
 	r = do(t, "GET", url+"/metrics", nil)
 	for _, name := range []string{"peftd_requests_total", "peftd_generated_tokens_total", "peftd_time_to_first_token_seconds",
 		"peftd_inter_token_latency_seconds", "peftd_queue_depth", "peftd_batch_size", "peftd_batch_adapters",
 		"peftd_kv_cache_usage_ratio", "vllm:lora_requests_info", `max_lora="2"`, `adapter="pirate",status="200"`} {
-		if !strings.Contains(string(r.body), name) {
-			t.Errorf("/metrics lacks %s:\n%s", name, r.body)
+		if !strings.Contains(string(r.Body), name) {
+			t.Errorf("/metrics lacks %s:\n%s", name, r.Body)
 		}
 	}
 }
@@ -322,7 +323,7 @@ func TestDisconnectCancels(t *testing.T) {
 		t.Fatalf("the request still pends after the client left (%d)", n)
 	}
 	r := do(t, "GET", url+"/metrics", nil)
-	if !strings.Contains(string(r.body), `peftd_requests_total{adapter="space",status="499"} 1`) {
-		t.Errorf("no 499 in metrics:\n%s", r.body)
+	if !strings.Contains(string(r.Body), `peftd_requests_total{adapter="space",status="499"} 1`) {
+		t.Errorf("no 499 in metrics:\n%s", r.Body)
 	}
 }

@@ -454,6 +454,13 @@ func (m *Manager) observe(id, version string, size int64, seen time.Time) *adapt
 }
 
 func (m *Manager) markDeleted(id string) {
+	m.updateRows(id, func(c *adapterRow) { c.Current, c.Deleted = false, true })
+	m.kickJanitor()
+}
+
+// updateRows replaces every row (version) of id with a copy changed by edit,
+// in one write transaction.
+func (m *Manager) updateRows(id string, edit func(c *adapterRow)) {
 	txn := m.db.Txn(true)
 	defer txn.Abort()
 	it, err := txn.Get(tableAdapters, indexAdapter, id)
@@ -466,11 +473,10 @@ func (m *Manager) markDeleted(id string) {
 	}
 	for _, r := range rows {
 		c := r.copy()
-		c.Current, c.Deleted = false, true
+		edit(c)
 		mustInsert(txn, c)
 	}
 	txn.Commit()
-	m.kickJanitor()
 }
 
 func (m *Manager) isPinned(id string) bool {
@@ -962,22 +968,7 @@ func (m *Manager) Unpin(id string) {
 }
 
 func (m *Manager) setPinned(id string, on bool) {
-	txn := m.db.Txn(true)
-	defer txn.Abort()
-	it, err := txn.Get(tableAdapters, indexAdapter, id)
-	if err != nil {
-		panic(err)
-	}
-	var rows []*adapterRow
-	for o := it.Next(); o != nil; o = it.Next() {
-		rows = append(rows, o.(*adapterRow))
-	}
-	for _, r := range rows {
-		c := r.copy()
-		c.Pinned = on && r.Current
-		mustInsert(txn, c)
-	}
-	txn.Commit()
+	m.updateRows(id, func(c *adapterRow) { c.Pinned = on && c.Current })
 }
 
 // List returns every adapter version the Manager knows, by id then version.

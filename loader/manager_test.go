@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/peftd/peftd/internal/adaptertest"
 	"github.com/peftd/peftd/loader"
 	"github.com/peftd/peftd/loader/store"
 	"github.com/peftd/peftd/runtime/cpu"
@@ -97,15 +98,7 @@ type env struct {
 
 func readAdapter(t testing.TB, name string) (cfg, weights []byte) {
 	t.Helper()
-	var err error
-	dir := filepath.Join(fixture, "adapters", name)
-	if cfg, err = os.ReadFile(filepath.Join(dir, lora.ConfigFile)); err != nil {
-		t.Fatal(err)
-	}
-	if weights, err = os.ReadFile(filepath.Join(dir, lora.WeightsFile)); err != nil {
-		t.Fatal(err)
-	}
-	return cfg, weights
+	return adaptertest.Read(t, filepath.Join(fixture, "adapters", name))
 }
 
 // newEnv copies the fixture adapters into a temp folder store and starts a

@@ -1,7 +1,6 @@
 package loader_test
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"testing"
@@ -9,8 +8,8 @@ import (
 
 	"github.com/minio/minio-go/v7"
 
+	"github.com/peftd/peftd/internal/s3test"
 	"github.com/peftd/peftd/loader"
-	"github.com/peftd/peftd/loader/internal/s3test"
 	"github.com/peftd/peftd/loader/store"
 )
 
@@ -33,14 +32,7 @@ func TestS3DeployReplaceDelete(t *testing.T) {
 	upload := func(id, fixtureName string) {
 		t.Helper()
 		c, w := readAdapter(t, fixtureName)
-		for _, o := range []struct {
-			file string
-			b    []byte
-		}{{store.WeightsFile, w}, {store.ConfigFile, c}} { // weights first, as store.S3.Put does
-			if _, err := srv.Client.PutObject(ctx, "models", "lora/"+id+"/"+o.file, bytes.NewReader(o.b), int64(len(o.b)), minio.PutObjectOptions{}); err != nil {
-				t.Fatal(err)
-			}
-		}
+		srv.Put(t, "models", "lora/"+id, c, w) // weights first, as store.S3.Put does
 	}
 	if _, err := e.m.Acquire(ctx, "prod"); !errors.Is(err, loader.ErrNotFound) {
 		t.Fatalf("Acquire before upload: %v", err)

@@ -7,6 +7,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/peftd/peftd/internal/adaptertest"
 	"github.com/peftd/peftd/runtime/lora"
 	"github.com/peftd/peftd/server"
 )
@@ -17,8 +18,8 @@ func TestBadInputs(t *testing.T) {
 	const maxUpload = 1 << 20 // every fixture adapter fits; the oversized upload does not
 	_, url := start(t, server.Config{Store: fixtureStore(t), Slots: 2, MaxUpload: maxUpload})
 	wantServes(t, url, "qv-r8")
-	qvCfg, qvW := readAdapter(t, adapterDir("qv-r8"))
-	pirateCfg, pirateW := readAdapter(t, filepath.Join("..", "models", "adapters", "pirate"))
+	qvCfg, qvW := adaptertest.Read(t, adapterDir("qv-r8"))
+	pirateCfg, pirateW := adaptertest.Read(t, filepath.Join("..", "models", "adapters", "pirate"))
 	put := func(id string, body []byte) reply {
 		return do(t, "PUT", url+"/v1/adapters/"+id, body, "Content-Type", "application/gzip")
 	}
@@ -37,23 +38,23 @@ func TestBadInputs(t *testing.T) {
 		want   []string // substrings of the error message
 	}{
 		{"corrupt safetensors", func() reply {
-			return put("corrupt", tarGz(t, map[string][]byte{lora.ConfigFile: qvCfg, lora.WeightsFile: bytes.Repeat([]byte{0xff}, 4096)}))
+			return put("corrupt", adaptertest.TarGz(t, map[string][]byte{lora.ConfigFile: qvCfg, lora.WeightsFile: bytes.Repeat([]byte{0xff}, 4096)}))
 		}, 400, []string{"does not fit", "safetensors"}},
 		{"another base model's adapter", func() reply {
-			return put("pirate", tarGz(t, map[string][]byte{lora.ConfigFile: pirateCfg, lora.WeightsFile: pirateW}))
+			return put("pirate", adaptertest.TarGz(t, map[string][]byte{lora.ConfigFile: pirateCfg, lora.WeightsFile: pirateW}))
 		}, 400, []string{"does not fit", "shape"}},
 		{"rank mismatch", func() reply {
-			return put("rank", tarGz(t, map[string][]byte{lora.ConfigFile: rankCfg, lora.WeightsFile: qvW}))
+			return put("rank", adaptertest.TarGz(t, map[string][]byte{lora.ConfigFile: rankCfg, lora.WeightsFile: qvW}))
 		}, 400, []string{"rank 8", "adapter_config.json says 4"}},
 		{"missing file in the archive", func() reply {
-			return put("half", tarGz(t, map[string][]byte{"half/" + lora.ConfigFile: qvCfg}))
+			return put("half", adaptertest.TarGz(t, map[string][]byte{"half/" + lora.ConfigFile: qvCfg}))
 		}, 400, []string{lora.WeightsFile}},
 		{"../ in the ID", func() reply {
-			return put("..%2Fx", tarGz(t, map[string][]byte{lora.ConfigFile: qvCfg, lora.WeightsFile: qvW}))
+			return put("..%2Fx", adaptertest.TarGz(t, map[string][]byte{lora.ConfigFile: qvCfg, lora.WeightsFile: qvW}))
 		},
 			400, []string{"bad adapter ID"}},
 		{"../ paths in the archive", func() reply {
-			return put("escape", tarGz(t, map[string][]byte{"../" + lora.ConfigFile: qvCfg, "../" + lora.WeightsFile: qvW}))
+			return put("escape", adaptertest.TarGz(t, map[string][]byte{"../" + lora.ConfigFile: qvCfg, "../" + lora.WeightsFile: qvW}))
 		}, 400, []string{"../", "leaves the adapter folder"}},
 		{"unknown adapter (completions)", func() reply {
 			return do(t, "POST", url+"/v1/completions", map[string]any{"model": "nope", "prompt": []int{1, 2}, "max_tokens": 2})
@@ -78,22 +79,22 @@ func TestBadInputs(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			r := tc.do()
-			if r.status != tc.status {
-				t.Fatalf("status %d, want %d: %s", r.status, tc.status, r.body)
+			if r.Status != tc.status {
+				t.Fatalf("status %d, want %d: %s", r.Status, tc.status, r.Body)
 			}
-			msg := r.errMessage(t)
+			msg := r.ErrMessage(t)
 			for _, w := range tc.want {
 				if !strings.Contains(msg, w) {
 					t.Errorf("message %q lacks %q", msg, w)
 				}
 			}
-			t.Logf("%d %s", r.status, msg)
+			t.Logf("%d %s", r.Status, msg)
 			wantServes(t, url, "qv-r8")
 		})
 	}
 	// Nothing bad was deployed.
 	r := do(t, "GET", url+"/v1/adapters", nil)
-	if n := len(r.json(t)["data"].([]any)); n != 4 {
-		t.Errorf("%d adapters listed, want the fixture's 4: %s", n, r.body)
+	if n := len(r.JSON(t)["data"].([]any)); n != 4 {
+		t.Errorf("%d adapters listed, want the fixture's 4: %s", n, r.Body)
 	}
 }

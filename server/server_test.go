@@ -3,11 +3,11 @@ package server_test
 import (
 	"fmt"
 	"slices"
-	"strings"
 	"sync"
 	"testing"
 	"time"
 
+	"github.com/peftd/peftd/internal/apitest"
 	"github.com/peftd/peftd/server"
 )
 
@@ -42,39 +42,39 @@ func TestConcurrentCoBatched(t *testing.T) {
 	}
 	t.Logf("%d requests over %d cases in %v", n, len(fix.Cases), time.Since(start))
 
-	ms := scrape(t, url)
-	if v, ok := value(ms, "peftd_adapter_evictions_total", `tier="device"`); !ok || v <= 0 {
+	ms := httpc.Scrape(t, url)
+	if v, ok := apitest.Value(ms, "peftd_adapter_evictions_total", "tier", "device"); !ok || v <= 0 {
 		t.Errorf("peftd_adapter_evictions_total{tier=\"device\"} = %v (present %v), want > 0", v, ok)
 	}
-	if v, _ := value(ms, "peftd_adapter_loads_total"); v < 4 {
+	if v, _ := apitest.Value(ms, "peftd_adapter_loads_total"); v < 4 {
 		t.Errorf("peftd_adapter_loads_total = %v, want >= 4", v)
 	}
-	if v, _ := value(ms, "peftd_adapter_store_fetches_total"); v != 4 {
+	if v, _ := apitest.Value(ms, "peftd_adapter_store_fetches_total"); v != 4 {
 		t.Errorf("peftd_adapter_store_fetches_total = %v, want 4 (one per adapter)", v)
 	}
 	// Every device load is in the histogram, by where it came from.
 	var timed float64
 	for _, src := range []string{"store", "disk", "host"} {
-		v, _ := value(ms, "peftd_adapter_load_seconds_count", `source="`+src+`"`)
+		v, _ := apitest.Value(ms, "peftd_adapter_load_seconds_count", "source", src)
 		timed += v
 	}
-	if loads, _ := value(ms, "peftd_adapter_loads_total"); timed != loads {
+	if loads, _ := apitest.Value(ms, "peftd_adapter_loads_total"); timed != loads {
 		t.Errorf("peftd_adapter_load_seconds counts %v loads, peftd_adapter_loads_total %v", timed, loads)
 	}
-	if v, ok := value(ms, "peftd_adapters", `tier="device"`); !ok || v != 2 {
+	if v, ok := apitest.Value(ms, "peftd_adapters", "tier", "device"); !ok || v != 2 {
 		t.Errorf("peftd_adapters{tier=\"device\"} = %v, want 2", v)
 	}
-	if v, ok := value(ms, "peftd_idle"); !ok || v != 0 {
+	if v, ok := apitest.Value(ms, "peftd_idle"); !ok || v != 0 {
 		t.Errorf("peftd_idle = %v (present %v), want 0 (adapters resident, no TTL)", v, ok)
 	}
 	var total float64
 	for _, m := range ms {
-		if m.name != "peftd_requests_total" {
+		if m.Name != "peftd_requests_total" {
 			continue
 		}
-		total += m.value
-		if !strings.Contains(m.labels, `status="200"`) {
-			t.Errorf("a request failed: peftd_requests_total%s %v", m.labels, m.value)
+		total += m.Value
+		if m.Labels["status"] != "200" {
+			t.Errorf("a request failed: peftd_requests_total%v %v", m.Labels, m.Value)
 		}
 	}
 	if total != n {
@@ -100,7 +100,7 @@ func TestDeviceTTL(t *testing.T) {
 	if got != "host" && got != "disk" {
 		t.Errorf("tier after the device TTL %q, want host or disk", got)
 	}
-	if v, _ := value(scrape(t, url), "peftd_adapter_evictions_total", `tier="device"`); v < 1 {
+	if v, _ := apitest.Value(httpc.Scrape(t, url), "peftd_adapter_evictions_total", "tier", "device"); v < 1 {
 		t.Errorf("device evictions %v after a TTL unload", v)
 	}
 	wantServes(t, url, "qv-r8")
@@ -108,7 +108,7 @@ func TestDeviceTTL(t *testing.T) {
 		t.Errorf("tier after coming back %q, want device", got)
 	}
 	took = eventually(t, 6*time.Second, "peftd_idle 1", func() bool {
-		v, _ := value(scrape(t, url), "peftd_idle")
+		v, _ := apitest.Value(httpc.Scrape(t, url), "peftd_idle")
 		return v == 1
 	})
 	t.Logf("idle %v after the last request", took)

@@ -1,9 +1,7 @@
 package main
 
 import (
-	"archive/tar"
 	"bytes"
-	"compress/gzip"
 	"context"
 	"encoding/json"
 	"flag"
@@ -14,31 +12,14 @@ import (
 	"path/filepath"
 	"regexp"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
+	"github.com/peftd/peftd/internal/adaptertest"
+	"github.com/peftd/peftd/internal/testlog"
 	"github.com/peftd/peftd/runtime/gpu"
 	"github.com/peftd/peftd/server"
 )
-
-// syncBuffer is a bytes.Buffer safe for the server's logger and the test.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
 
 // TestServe runs `peftd serve` with the defaults (embedded stories260K, a
 // store seeded with pirate and space) on a loopback port, invokes pirate,
@@ -46,7 +27,7 @@ func (s *syncBuffer) String() string {
 func TestServe(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	var logs syncBuffer
+	var logs testlog.Buffer
 	errc := make(chan error, 1)
 	go func() {
 		errc <- run(ctx, []string{"serve", "--listen", "127.0.0.1:0", "--slots", "2", "--kv-blocks", "128", "--pin", "space"}, io.Discard, &logs)
@@ -84,7 +65,7 @@ func TestServe(t *testing.T) {
 		t.Errorf("invoke: %d %s", resp.StatusCode, b)
 	}
 	// Deploy a copy of space through the loader's store, invoke it, delete it.
-	up := tarGzDir(t, "../../models/adapters/space")
+	up := adaptertest.TarGz(t, adaptertest.Files(t, "../../models/adapters/space", "space/"))
 	req, _ := http.NewRequest("PUT", "http://"+addr+"/v1/adapters/space2", bytes.NewReader(up))
 	resp, err = http.DefaultClient.Do(req)
 	if err != nil {
@@ -162,24 +143,6 @@ func TestServeRefusesPublicWithoutKeys(t *testing.T) {
 	if err := checkListen("0.0.0.0:80", 1); err != nil {
 		t.Errorf("with keys: %v", err)
 	}
-}
-
-func tarGzDir(t *testing.T, dir string) []byte {
-	t.Helper()
-	var buf bytes.Buffer
-	gz := gzip.NewWriter(&buf)
-	tw := tar.NewWriter(gz)
-	for _, n := range []string{"adapter_config.json", "adapter_model.safetensors"} {
-		b, err := os.ReadFile(filepath.Join(dir, n))
-		if err != nil {
-			t.Fatal(err)
-		}
-		tw.WriteHeader(&tar.Header{Name: "space/" + n, Mode: 0o644, Size: int64(len(b)), Typeflag: tar.TypeReg})
-		tw.Write(b)
-	}
-	tw.Close()
-	gz.Close()
-	return buf.Bytes()
 }
 
 // TestServeDevice: --device cuda without a usable GPU is an error naming the

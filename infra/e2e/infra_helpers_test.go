@@ -1,10 +1,6 @@
 package e2e
 
 import (
-	"bytes"
-	"context"
-	"fmt"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -13,124 +9,15 @@ import (
 	"testing"
 	"time"
 
-	"github.com/minio/minio-go/v7"
-	"github.com/minio/minio-go/v7/pkg/credentials"
-
-	"github.com/peftd/peftd/runtime/lora"
+	"github.com/peftd/peftd/internal/testlog"
 )
-
-// versity is a real S3 server (versitygw, posix backend, installed by
-// .ci/setup-s3.sh into .cache/bin; PEFTD_VERSITYGW overrides the path).
-type versity struct {
-	addr, access, secret, region string
-	cmd                          *exec.Cmd
-	exited                       chan error
-	out                          syncBuffer
-	client                       *minio.Client
-}
-
-// startVersity runs versitygw until the test ends; without the binary the
-// test fails (skips with PEFTD_SKIP_S3=1). It sets the AWS_* variables the
-// servers' S3 stores read.
-func startVersity(t *testing.T) *versity {
-	t.Helper()
-	if os.Getenv("PEFTD_SKIP_S3") == "1" {
-		t.Skip("PEFTD_SKIP_S3=1")
-	}
-	bin := os.Getenv("PEFTD_VERSITYGW")
-	if bin == "" {
-		bin = filepath.Join(repoRoot(t), ".cache", "bin", "versitygw")
-	}
-	if _, err := os.Stat(bin); err != nil {
-		t.Fatalf("this test needs versitygw (%v): run .ci/setup-s3.sh, or set PEFTD_SKIP_S3=1 to skip it", err)
-	}
-	v := &versity{access: "peftdtest", secret: "peftdtestsecret", region: "us-east-1"}
-	root := t.TempDir()
-	var err error
-	for range 3 {
-		v.addr = freePort(t)
-		if err = v.start(bin, root); err == nil {
-			break
-		}
-	}
-	if err != nil {
-		t.Fatalf("versitygw did not start: %v", err)
-	}
-	t.Cleanup(func() {
-		_ = v.cmd.Process.Kill()
-		<-v.exited
-	})
-	v.client, err = minio.New(v.addr, &minio.Options{Creds: credentials.NewStaticV4(v.access, v.secret, ""),
-		Region: v.region, BucketLookup: minio.BucketLookupPath})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Setenv("AWS_ACCESS_KEY_ID", v.access)
-	t.Setenv("AWS_SECRET_ACCESS_KEY", v.secret)
-	t.Setenv("AWS_REGION", v.region)
-	return v
-}
-
-func (v *versity) start(bin, root string) error {
-	v.cmd = exec.Command(bin, "--port", v.addr, "--access", v.access, "--secret", v.secret,
-		"--region", v.region, "--quiet", "posix", root)
-	v.cmd.Stdout, v.cmd.Stderr = &v.out, &v.out
-	if err := v.cmd.Start(); err != nil {
-		return err
-	}
-	exited := make(chan error, 1)
-	go func(cmd *exec.Cmd) { exited <- cmd.Wait() }(v.cmd)
-	v.exited = exited
-	for deadline := time.Now().Add(20 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
-		select {
-		case err := <-exited:
-			return fmt.Errorf("versitygw exited: %v: %s", err, v.out.String())
-		default:
-		}
-		if c, err := net.DialTimeout("tcp", v.addr, 200*time.Millisecond); err == nil {
-			c.Close()
-			return nil
-		}
-	}
-	_ = v.cmd.Process.Kill()
-	<-exited
-	return fmt.Errorf("versitygw not listening on %s: %s", v.addr, v.out.String())
-}
-
-// storeURL is the s3:// store URL of bucket, polled every 200ms.
-func (v *versity) storeURL(bucket string) string {
-	return "s3://" + bucket + "/?endpoint=http://" + v.addr + "&path_style=true&notify=poll&poll=200ms"
-}
-
-func (v *versity) makeBucket(t *testing.T, name string) {
-	t.Helper()
-	if err := v.client.MakeBucket(context.Background(), name, minio.MakeBucketOptions{Region: v.region}); err != nil {
-		t.Fatal(err)
-	}
-}
-
-// upload puts the adapter folder dir under id with a plain S3 client
-// (weights first, then the config, as a deploy tool would).
-func (v *versity) upload(t *testing.T, bucket, id, dir string) {
-	t.Helper()
-	for _, f := range []string{lora.WeightsFile, lora.ConfigFile} {
-		b, err := os.ReadFile(filepath.Join(dir, f))
-		if err != nil {
-			t.Fatal(err)
-		}
-		if _, err := v.client.PutObject(context.Background(), bucket, id+"/"+f, bytes.NewReader(b), int64(len(b)),
-			minio.PutObjectOptions{}); err != nil {
-			t.Fatal(err)
-		}
-	}
-}
 
 // haproxy runs infra/haproxy/haproxy.cfg as shipped (hashing, bounded load,
 // health checks) with only its three servers rewritten to backends and its
 // frontends bound to free loopback ports.
 type haproxy struct {
 	url, stats string
-	out        syncBuffer
+	out        testlog.Buffer
 }
 
 // requireHAProxy returns haproxy's path; without it the test fails (CI

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/peftd/peftd/infra"
+	"github.com/peftd/peftd/internal/apitest"
 	"github.com/peftd/peftd/models"
 	"github.com/peftd/peftd/runtime/lora"
 	"github.com/peftd/peftd/server"
@@ -51,37 +52,37 @@ func splitAdapters(s string) []string {
 // checkContract asserts the names the endpoint picker reads, on one scrape:
 // exactly one LoRA info sample with the three labels and max_lora = slots,
 // and the queue and KV-cache gauges (KV in 0..1, as vLLM).
-func checkContract(t *testing.T, ms []sample, slots int) (info sample) {
+func checkContract(t *testing.T, ms []apitest.Sample, slots int) (info apitest.Sample) {
 	t.Helper()
-	infos := find(ms, infra.LoRAInfoMetric)
+	infos := apitest.Find(ms, infra.LoRAInfoMetric)
 	if len(infos) != 1 {
 		t.Fatalf("%s: %d samples, want 1: %v", infra.LoRAInfoMetric, len(infos), infos)
 	}
 	info = infos[0]
 	for _, l := range []string{infra.LoRARunningLabel, infra.LoRAWaitingLabel, infra.LoRAMaxLabel} {
-		if _, ok := info.labels[l]; !ok {
-			t.Errorf("%s lacks the label %s: %v", infra.LoRAInfoMetric, l, info.labels)
+		if _, ok := info.Labels[l]; !ok {
+			t.Errorf("%s lacks the label %s: %v", infra.LoRAInfoMetric, l, info.Labels)
 		}
 	}
-	if len(info.labels) != 3 {
-		t.Errorf("%s labels = %v, want exactly %s, %s, %s", infra.LoRAInfoMetric, info.labels,
+	if len(info.Labels) != 3 {
+		t.Errorf("%s labels = %v, want exactly %s, %s, %s", infra.LoRAInfoMetric, info.Labels,
 			infra.LoRARunningLabel, infra.LoRAWaitingLabel, infra.LoRAMaxLabel)
 	}
-	if got := info.labels[infra.LoRAMaxLabel]; got != strconv.Itoa(slots) {
+	if got := info.Labels[infra.LoRAMaxLabel]; got != strconv.Itoa(slots) {
 		t.Errorf("%s = %q, want %d (the device slots)", infra.LoRAMaxLabel, got, slots)
 	}
 	// vLLM sets the value to the time of the update; the EPP takes the newest.
-	if now := float64(time.Now().Unix()); info.value < now-3600 || info.value > now+60 {
-		t.Errorf("%s value = %v, want a recent unix timestamp", infra.LoRAInfoMetric, info.value)
+	if now := float64(time.Now().Unix()); info.Value < now-3600 || info.Value > now+60 {
+		t.Errorf("%s value = %v, want a recent unix timestamp", infra.LoRAInfoMetric, info.Value)
 	}
 	for _, name := range []string{infra.QueuedRequestsMetric, infra.KVCacheUsageMetric, "vllm:num_requests_running"} {
-		s := find(ms, name)
+		s := apitest.Find(ms, name)
 		if len(s) != 1 {
 			t.Errorf("%s: %d samples, want 1", name, len(s))
 			continue
 		}
-		if s[0].value < 0 || (name == infra.KVCacheUsageMetric && s[0].value > 1) {
-			t.Errorf("%s = %v out of range", name, s[0].value)
+		if s[0].Value < 0 || (name == infra.KVCacheUsageMetric && s[0].Value > 1) {
+			t.Errorf("%s = %v out of range", name, s[0].Value)
 		}
 	}
 	return info
@@ -97,9 +98,9 @@ func TestEndpointPickerMetrics(t *testing.T) {
 	const slots = 2
 	_, url := startServer(t, "peftd", server.Config{Store: demoStore(t), Slots: slots})
 
-	info := checkContract(t, scrape(t, url), slots)
-	if info.labels[infra.LoRARunningLabel] != "" || info.labels[infra.LoRAWaitingLabel] != "" {
-		t.Errorf("idle: %v, want no adapters", info.labels)
+	info := checkContract(t, httpc.Scrape(t, url), slots)
+	if info.Labels[infra.LoRARunningLabel] != "" || info.Labels[infra.LoRAWaitingLabel] != "" {
+		t.Errorf("idle: %v, want no adapters", info.Labels)
 	}
 
 	// A long stream for pirate; scrape in a loop from the first token to the
@@ -135,17 +136,17 @@ func TestEndpointPickerMetrics(t *testing.T) {
 				time.Sleep(time.Millisecond)
 				continue
 			}
-			ms := scrape(t, url)
+			ms := httpc.Scrape(t, url)
 			info := checkContract(t, ms, slots)
 			mu.Lock()
 			scrapes++
-			for _, a := range splitAdapters(info.labels[infra.LoRARunningLabel]) {
+			for _, a := range splitAdapters(info.Labels[infra.LoRARunningLabel]) {
 				if !slices.Contains(sawRun, a) {
 					sawRun = append(sawRun, a)
 				}
 			}
-			r, _ := value(ms, "vllm:num_requests_running")
-			kv, _ := value(ms, infra.KVCacheUsageMetric)
+			r, _ := apitest.Value(ms, "vllm:num_requests_running")
+			kv, _ := apitest.Value(ms, infra.KVCacheUsageMetric)
 			maxRun, maxKV = max(maxRun, r), max(maxKV, kv)
 			mu.Unlock()
 			if slices.Contains(sawRun, "pirate") && maxRun >= 1 && maxKV > 0 {
@@ -168,21 +169,21 @@ func TestEndpointPickerMetrics(t *testing.T) {
 
 	// Done: nothing running or waiting, gauges at 0.
 	eventually(t, 10*time.Second, "the LoRA info to empty after the stream", func() bool {
-		ms := scrape(t, url)
+		ms := httpc.Scrape(t, url)
 		info := checkContract(t, ms, slots)
-		r, _ := value(ms, "vllm:num_requests_running")
-		w, _ := value(ms, infra.QueuedRequestsMetric)
-		kv, _ := value(ms, infra.KVCacheUsageMetric)
-		return info.labels[infra.LoRARunningLabel] == "" && info.labels[infra.LoRAWaitingLabel] == "" && r == 0 && w == 0 && kv == 0
+		r, _ := apitest.Value(ms, "vllm:num_requests_running")
+		w, _ := apitest.Value(ms, infra.QueuedRequestsMetric)
+		kv, _ := apitest.Value(ms, infra.KVCacheUsageMetric)
+		return info.Labels[infra.LoRARunningLabel] == "" && info.Labels[infra.LoRAWaitingLabel] == "" && r == 0 && w == 0 && kv == 0
 	})
 	// peftd's own gauges stay alongside.
-	ms := scrape(t, url)
+	ms := httpc.Scrape(t, url)
 	for _, n := range []string{"peftd_queue_depth", "peftd_running_requests", "peftd_kv_cache_usage_ratio", "peftd_adapter_slots"} {
-		if len(find(ms, n)) != 1 {
+		if len(apitest.Find(ms, n)) != 1 {
 			t.Errorf("%s missing", n)
 		}
 	}
-	if v, _ := value(ms, "peftd_requests_total", "adapter", "pirate", "status", "200"); v != 1 {
+	if v, _ := apitest.Value(ms, "peftd_requests_total", "adapter", "pirate", "status", "200"); v != 1 {
 		t.Errorf(`peftd_requests_total{adapter="pirate",status="200"} = %v, want 1`, v)
 	}
 }

@@ -11,7 +11,9 @@ import (
 	"time"
 
 	"github.com/peftd/peftd/infra"
+	"github.com/peftd/peftd/internal/apitest"
 	"github.com/peftd/peftd/internal/fixture"
+	"github.com/peftd/peftd/internal/s3test"
 	"github.com/peftd/peftd/server"
 )
 
@@ -27,11 +29,11 @@ type counters struct {
 
 func (r replica) counters(t *testing.T, adapter string) counters {
 	t.Helper()
-	ms := scrape(t, r.url)
+	ms := httpc.Scrape(t, r.url)
 	var c counters
-	c.fetches, _ = value(ms, "peftd_adapter_store_fetches_total")
-	c.loads, _ = value(ms, "peftd_adapter_loads_total")
-	c.requests, _ = value(ms, "peftd_requests_total", "adapter", adapter, "status", "200")
+	c.fetches, _ = apitest.Value(ms, "peftd_adapter_store_fetches_total")
+	c.loads, _ = apitest.Value(ms, "peftd_adapter_loads_total")
+	c.requests, _ = apitest.Value(ms, "peftd_requests_total", "adapter", adapter, "status", "200")
 	return c
 }
 
@@ -64,16 +66,16 @@ func complete(t *testing.T, url, model string, c fixture.Case, maxTokens int) []
 	t.Helper()
 	r := do(t, "POST", url+"/v1/completions", map[string]any{"model": model, "prompt": c.Prompt,
 		"max_tokens": maxTokens, "temperature": 0, "ignore_eos": true, "return_token_ids": true})
-	if r.status != 200 {
-		t.Fatalf("%s via %s: %d %s", model, url, r.status, r.body)
+	if r.Status != 200 {
+		t.Fatalf("%s via %s: %d %s", model, url, r.Status, r.Body)
 	}
 	var m struct {
 		Choices []struct {
 			TokenIDs []int32 `json:"token_ids"`
 		} `json:"choices"`
 	}
-	if err := json.Unmarshal(r.body, &m); err != nil || len(m.Choices) != 1 {
-		t.Fatalf("bad completion: %v %s", err, r.body)
+	if err := json.Unmarshal(r.Body, &m); err != nil || len(m.Choices) != 1 {
+		t.Fatalf("bad completion: %v %s", err, r.Body)
 	}
 	return m.Choices[0].TokenIDs
 }
@@ -99,22 +101,14 @@ func TestScaleOutHAProxy(t *testing.T) {
 	}
 	t0 := time.Now()
 	requireHAProxy(t)
-	v := startVersity(t)
-	v.makeBucket(t, "adapters")
+	v := s3test.Start(t)
+	v.SetCredentialsEnv(t) // the replicas' S3 stores read them
+	v.MakeBucket(t, "adapters")
 	fx, err := fixture.Load()
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer fx.Close()
-	caseFor := func(adapter string) fixture.Case {
-		for _, c := range fx.Cases {
-			if c.AdapterName() == adapter {
-				return c
-			}
-		}
-		t.Fatalf("no fixture case for %q", adapter)
-		return fixture.Case{}
-	}
 	adapterDir := func(n string) string { return filepath.Join(fixture.Dir(), "adapters", n) }
 
 	const (
@@ -125,7 +119,7 @@ func TestScaleOutHAProxy(t *testing.T) {
 	var backends []string
 	for i := range 3 {
 		name := fmt.Sprintf("peftd%d", i+1)
-		_, url := startServer(t, name, server.Config{Model: filepath.Join(fixture.Dir(), "base"), Store: v.storeURL("adapters"),
+		_, url := startServer(t, name, server.Config{Model: filepath.Join(fixture.Dir(), "base"), Store: v.StoreURL("adapters", "notify=poll", "poll=200ms"),
 			Slots: 4, Threads: 1, DeviceTTL: deviceTTL, HostTTL: hostTTL, JanitorInterval: 100 * time.Millisecond})
 		rs = append(rs, replica{name, url})
 		backends = append(backends, strings.TrimPrefix(url, "http://"))
@@ -135,16 +129,16 @@ func TestScaleOutHAProxy(t *testing.T) {
 
 	// 1. Uploaded once, serves from every replica.
 	t1 := time.Now()
-	v.upload(t, "adapters", "shared", adapterDir("qv-r8"))
-	v.upload(t, "adapters", "light", adapterDir("all-r16"))
-	v.upload(t, "adapters", "hot", adapterDir("mlp-r64"))
+	v.Upload(t, "adapters", "shared", adapterDir("qv-r8"))
+	v.Upload(t, "adapters", "light", adapterDir("all-r16"))
+	v.Upload(t, "adapters", "hot", adapterDir("mlp-r64"))
 	for _, r := range rs {
 		eventually(t, 30*time.Second, r.name+" to list the uploads", func() bool {
 			return tier(t, r.url, "shared") != "" && tier(t, r.url, "light") != "" && tier(t, r.url, "hot") != ""
 		})
 	}
 	t.Logf("all replicas list the uploads %v after them", time.Since(t1))
-	qv := caseFor("qv-r8")
+	qv := fx.Case(t, "qv-r8")
 	for _, r := range rs {
 		if got := complete(t, r.url, "shared", qv, len(qv.Greedy)); !slices.Equal(got, qv.Greedy) {
 			t.Errorf("%s: shared (qv-r8) = %v, want %v", r.name, got, qv.Greedy)
@@ -155,7 +149,7 @@ func TestScaleOutHAProxy(t *testing.T) {
 	}
 
 	// 2. Light use: sequential requests through haproxy land on one replica.
-	all := caseFor("all-r16")
+	all := fx.Case(t, "all-r16")
 	before := snapshot(t, rs, "light")
 	const light = 5
 	for range light {
@@ -188,7 +182,7 @@ func TestScaleOutHAProxy(t *testing.T) {
 	}
 
 	// 3. Hot: first find its primary with sequential requests, then burst.
-	mlp := caseFor("mlp-r64")
+	mlp := fx.Case(t, "mlp-r64")
 	before = snapshot(t, rs, "hot")
 	for range 3 {
 		complete(t, h.url, "hot", mlp, 4)
@@ -281,7 +275,7 @@ func TestScaleOutHAProxy(t *testing.T) {
 	}
 	// The picker's view agrees: no replica lists hot as running now.
 	for _, r := range rs {
-		if run := find(scrape(t, r.url), infra.LoRAInfoMetric); len(run) != 1 || run[0].labels[infra.LoRARunningLabel] != "" {
+		if run := apitest.Find(httpc.Scrape(t, r.url), infra.LoRAInfoMetric); len(run) != 1 || run[0].Labels[infra.LoRARunningLabel] != "" {
 			t.Errorf("%s: %v after the traffic, want no running adapters", r.name, run)
 		}
 	}

@@ -5,7 +5,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/peftd/peftd/loader/internal/s3test"
+	"github.com/peftd/peftd/internal/s3test"
 	"github.com/peftd/peftd/loader/store"
 )
 

@@ -1,0 +1,199 @@
+// Package s3test runs a real S3 server (versitygw in posix mode, installed
+// by .ci/setup-s3.sh) on a loopback port for tests, which can stop it and
+// start it again on the same address and data.
+package s3test
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/minio/minio-go/v7"
+	"github.com/minio/minio-go/v7/pkg/credentials"
+
+	"github.com/peftd/peftd/internal/adaptertest"
+	"github.com/peftd/peftd/internal/testlog"
+	"github.com/peftd/peftd/runtime/lora"
+)
+
+// Server is a running versitygw.
+type Server struct {
+	Addr              string // 127.0.0.1:port
+	Endpoint          string // http://127.0.0.1:port
+	AccessKey, Secret string
+	Region            string
+	Client            *minio.Client
+
+	bin, root string
+	cmd       *exec.Cmd
+	exited    chan error
+	out       testlog.Buffer
+}
+
+// Binary finds versitygw: $PEFTD_VERSITYGW, else <repo>/.cache/bin/versitygw.
+func Binary() (string, error) {
+	if p := os.Getenv("PEFTD_VERSITYGW"); p != "" {
+		return p, nil
+	}
+	dir, err := os.Getwd()
+	if err != nil {
+		return "", err
+	}
+	for {
+		if _, err := os.Stat(filepath.Join(dir, "go.mod")); err == nil {
+			p := filepath.Join(dir, ".cache", "bin", "versitygw")
+			if _, err := os.Stat(p); err != nil {
+				return "", fmt.Errorf("%s is missing", p)
+			}
+			return p, nil
+		}
+		parent := filepath.Dir(dir)
+		if parent == dir {
+			return "", fmt.Errorf("no go.mod above the test's folder")
+		}
+		dir = parent
+	}
+}
+
+// Start runs versitygw with a temp posix backend until the test ends. When
+// the binary is missing the test fails (skips with PEFTD_SKIP_S3=1).
+func Start(t testing.TB) *Server {
+	t.Helper()
+	if os.Getenv("PEFTD_SKIP_S3") == "1" {
+		t.Skip("PEFTD_SKIP_S3=1")
+	}
+	bin, err := Binary()
+	if err != nil {
+		t.Fatalf("S3 tests need versitygw (%v): run .ci/setup-s3.sh, or set PEFTD_SKIP_S3=1 to skip them", err)
+	}
+	s := &Server{bin: bin, root: t.TempDir(), AccessKey: "peftdtest", Secret: "peftdtestsecret", Region: "us-east-1"}
+	var lastErr error
+	for range 3 {
+		if s.Addr, err = freeAddr(); err != nil {
+			t.Fatal(err)
+		}
+		if lastErr = s.Restart(); lastErr == nil {
+			break
+		}
+	}
+	if lastErr != nil {
+		t.Fatalf("versitygw did not start: %v", lastErr)
+	}
+	t.Cleanup(s.Stop)
+	s.Endpoint = "http://" + s.Addr
+	s.Client, err = minio.New(s.Addr, &minio.Options{Creds: credentials.NewStaticV4(s.AccessKey, s.Secret, ""),
+		Region: s.Region, BucketLookup: minio.BucketLookupPath})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
+// Restart runs versitygw (again, after Stop) on s.Addr over the same data
+// folder and waits until it listens.
+func (s *Server) Restart() error {
+	if s.cmd != nil {
+		return fmt.Errorf("versitygw is already running on %s", s.Addr)
+	}
+	s.out.Reset()
+	cmd := exec.Command(s.bin, "--port", s.Addr, "--access", s.AccessKey, "--secret", s.Secret,
+		"--region", s.Region, "--quiet", "posix", s.root)
+	cmd.Stdout, cmd.Stderr = &s.out, &s.out
+	if err := cmd.Start(); err != nil {
+		return fmt.Errorf("start versitygw: %v", err)
+	}
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait() }()
+	s.cmd, s.exited = cmd, exited
+	const within = 20 * time.Second
+	for deadline := time.Now().Add(within); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
+		select {
+		case err := <-exited:
+			s.cmd = nil
+			return fmt.Errorf("versitygw exited: %v; output:\n%s", err, s.out.String())
+		default:
+		}
+		if c, err := net.DialTimeout("tcp", s.Addr, 200*time.Millisecond); err == nil {
+			c.Close()
+			return nil
+		}
+	}
+	s.Stop()
+	return fmt.Errorf("versitygw not listening on %s after %v; output:\n%s", s.Addr, within, s.out.String())
+}
+
+// Stop kills versitygw (a no-op when it is not running); Restart brings it
+// back on the same address and data.
+func (s *Server) Stop() {
+	if s.cmd == nil {
+		return
+	}
+	_ = s.cmd.Process.Kill()
+	<-s.exited
+	s.cmd = nil
+}
+
+// StoreURL is the s3:// store URL of bucket on this server (path style),
+// with each of query ("key=value") appended.
+func (s *Server) StoreURL(bucket string, query ...string) string {
+	u := "s3://" + bucket + "/?endpoint=" + s.Endpoint + "&path_style=true"
+	if len(query) > 0 {
+		u += "&" + strings.Join(query, "&")
+	}
+	return u
+}
+
+// SetCredentialsEnv sets the AWS_* variables an S3 store reads its
+// credentials and region from, until the test ends.
+func (s *Server) SetCredentialsEnv(t testing.TB) {
+	t.Helper()
+	t.Setenv("AWS_ACCESS_KEY_ID", s.AccessKey)
+	t.Setenv("AWS_SECRET_ACCESS_KEY", s.Secret)
+	t.Setenv("AWS_REGION", s.Region)
+}
+
+// MakeBucket creates a bucket.
+func (s *Server) MakeBucket(t testing.TB, name string) {
+	t.Helper()
+	if err := s.Client.MakeBucket(context.Background(), name, minio.MakeBucketOptions{Region: s.Region}); err != nil {
+		t.Fatalf("make bucket %s: %v", name, err)
+	}
+}
+
+// Upload puts the adapter folder dir's two files under key/ with a plain S3
+// client (weights first, then the config, as a deploy tool would).
+func (s *Server) Upload(t testing.TB, bucket, key, dir string) {
+	t.Helper()
+	cfg, weights := adaptertest.Read(t, dir)
+	s.Put(t, bucket, key, cfg, weights)
+}
+
+// Put uploads an adapter's config and weights under key/ (weights first).
+func (s *Server) Put(t testing.TB, bucket, key string, cfg, weights []byte) {
+	t.Helper()
+	for _, o := range []struct {
+		name string
+		b    []byte
+	}{{lora.WeightsFile, weights}, {lora.ConfigFile, cfg}} {
+		if _, err := s.Client.PutObject(context.Background(), bucket, key+"/"+o.name, bytes.NewReader(o.b), int64(len(o.b)),
+			minio.PutObjectOptions{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+func freeAddr() (string, error) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return "", err
+	}
+	defer l.Close()
+	return l.Addr().String(), nil
+}
