@@ -123,6 +123,36 @@ var ErrTooLarge = errors.New("file exceeds the size limit")
 // a concurrent Write (which swaps folders) cannot mix old and new files.
 // It also returns the os.FileInfo of each file as read.
 func Read(parent, name string, files ...Limit) ([][]byte, []os.FileInfo, error) {
+	return retrySwapped(func() ([][]byte, []os.FileInfo, error) { return readOnce(parent, name, files) })
+}
+
+// swapRetries bounds how often a read restarts because a concurrent Write
+// swapped the folder away and removed it while it was being read.
+const swapRetries = 8
+
+// retrySwapped reruns fn when it fails with a missing file: the folder it had
+// opened may have been replaced and deleted meanwhile (the new one is then in
+// place). A folder that is really gone fails on the open of the folder itself.
+func retrySwapped(fn func() ([][]byte, []os.FileInfo, error)) ([][]byte, []os.FileInfo, error) {
+	for i := 0; ; i++ {
+		b, fi, err := fn()
+		var swapped *swappedError
+		if !errors.As(err, &swapped) || i == swapRetries {
+			if swapped != nil {
+				err = swapped.err
+			}
+			return b, fi, err
+		}
+	}
+}
+
+// swappedError marks a file missing from a folder that was opened fine.
+type swappedError struct{ err error }
+
+func (e *swappedError) Error() string { return e.err.Error() }
+func (e *swappedError) Unwrap() error { return e.err }
+
+func readOnce(parent, name string, files []Limit) ([][]byte, []os.FileInfo, error) {
 	root, err := os.OpenRoot(filepath.Join(parent, name))
 	if err != nil {
 		return nil, nil, err
@@ -133,6 +163,9 @@ func Read(parent, name string, files ...Limit) ([][]byte, []os.FileInfo, error) 
 	for i, l := range files {
 		f, err := root.Open(l.Name)
 		if err != nil {
+			if errors.Is(err, os.ErrNotExist) {
+				err = &swappedError{err}
+			}
 			return nil, nil, err
 		}
 		fi, err := f.Stat()
@@ -156,18 +189,24 @@ func Read(parent, name string, files ...Limit) ([][]byte, []os.FileInfo, error) 
 
 // Stat stats files in parent/name through one folder handle.
 func Stat(parent, name string, files ...string) ([]os.FileInfo, error) {
-	root, err := os.OpenRoot(filepath.Join(parent, name))
-	if err != nil {
-		return nil, err
-	}
-	defer root.Close()
-	out := make([]os.FileInfo, len(files))
-	for i, fn := range files {
-		if out[i], err = root.Stat(fn); err != nil {
-			return nil, err
+	_, out, err := retrySwapped(func() ([][]byte, []os.FileInfo, error) {
+		root, err := os.OpenRoot(filepath.Join(parent, name))
+		if err != nil {
+			return nil, nil, err
 		}
-	}
-	return out, nil
+		defer root.Close()
+		out := make([]os.FileInfo, len(files))
+		for i, fn := range files {
+			if out[i], err = root.Stat(fn); err != nil {
+				if errors.Is(err, os.ErrNotExist) {
+					err = &swappedError{err}
+				}
+				return nil, nil, err
+			}
+		}
+		return nil, out, nil
+	})
+	return out, err
 }
 
 const chunk = 4 << 20
