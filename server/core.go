@@ -11,6 +11,7 @@ import (
 
 	"github.com/peftd/peftd/api"
 	"github.com/peftd/peftd/loader"
+	"github.com/peftd/peftd/loader/modelfetch"
 	"github.com/peftd/peftd/loader/store"
 	"github.com/peftd/peftd/runtime/engine"
 	"github.com/peftd/peftd/runtime/llama"
@@ -100,7 +101,8 @@ func NewCore(ctx context.Context, cc CoreConfig) (*Core, error) {
 	col := newLoaderCollector()
 	mgr, err := loader.New(ctx, loader.Options{Store: cc.Store, Device: sched, Base: cc.Model.Config, Slots: cc.Slots,
 		CacheDir: cc.CacheDir, MaxAdapterBytes: cc.MaxAdapterBytes, HostBytes: cc.HostBytes, DeviceTTL: cc.DeviceTTL, HostTTL: cc.HostTTL,
-		RecheckInterval: cc.RecheckInterval, JanitorInterval: cc.JanitorInterval, OnLoad: col.onLoad, Logger: log})
+		RecheckInterval: cc.RecheckInterval, JanitorInterval: cc.JanitorInterval, OnLoad: col.onLoad, Logger: log,
+		Progress: modelfetch.LogProgress(log, "downloading adapter", 5*time.Second)})
 	if err != nil {
 		sched.Close()
 		e.Close()

@@ -1,7 +1,11 @@
 package server_test
 
 import (
+	"bytes"
 	"context"
+	"log/slog"
+	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
@@ -10,6 +14,7 @@ import (
 	"github.com/minio/minio-go/v7"
 
 	"github.com/peftd/peftd/internal/s3test"
+	"github.com/peftd/peftd/internal/testlog"
 	"github.com/peftd/peftd/runtime/lora"
 	"github.com/peftd/peftd/server"
 )
@@ -118,4 +123,33 @@ func TestStoreOutage(t *testing.T) {
 		t.Errorf("cold after the outage: %d %v, want %v: %s", status, got, all.Greedy, body)
 	}
 	t.Logf("cold served %v after the store came back", time.Since(t0))
+}
+
+// TestModelFromS3 starts a server whose base model is an s3:// URL: it is
+// mirrored to the cache with progress and serves exactly.
+func TestModelFromS3(t *testing.T) {
+	v := startVersity(t)
+	v.MakeBucket(t, "base")
+	t.Setenv("PEFTD_CACHE", t.TempDir())
+	for _, f := range []string{"config.json", "model.safetensors"} {
+		b, err := os.ReadFile(filepath.Join(baseDir(), f))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := v.Client.PutObject(context.Background(), "base", "tiny/"+f, bytes.NewReader(b), int64(len(b)), minio.PutObjectOptions{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var logs testlog.Buffer
+	model := strings.Replace(v.StoreURL("base"), "s3://base/", "s3://base/tiny", 1)
+	_, url := start(t, server.Config{Model: model, Store: t.TempDir(), Logger: slog.New(slog.NewTextHandler(&logs, nil))})
+	c := caseFor(t, "")
+	if status, got, body := generate(t, url, "tiny", c); status != 200 || !slices.Equal(got, c.Greedy) {
+		t.Fatalf("base from S3: %d %v, want %v: %s", status, got, c.Greedy, body)
+	}
+	for _, want := range []string{`msg="downloading model" file=model.safetensors`, `msg="model fetched"`} {
+		if !strings.Contains(logs.String(), want) {
+			t.Errorf("logs lack %q:\n%s", want, logs.String())
+		}
+	}
 }

@@ -20,6 +20,7 @@ import (
 	"time"
 
 	"github.com/peftd/peftd/api"
+	"github.com/peftd/peftd/loader/modelfetch"
 	"github.com/peftd/peftd/loader/store"
 	"github.com/peftd/peftd/models"
 	"github.com/peftd/peftd/runtime/chat"
@@ -163,7 +164,7 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 		return nil, err
 	}
 	s.device = dev
-	m, tok, err := openModel(cfg.Model)
+	m, tok, err := openModel(ctx, cfg.Model, log)
 	if err != nil {
 		be.Close()
 		return nil, err
@@ -405,7 +406,19 @@ func (s *Server) KeyCount() int { return s.keys.Len() }
 
 // openModel opens dir (the embedded default model when empty) and its
 // tokenizer (nil in token-id mode).
-func openModel(dir string) (*llama.Model, *tokenizer.Tokenizer, error) {
+func openModel(ctx context.Context, dir string, log *slog.Logger) (*llama.Model, *tokenizer.Tokenizer, error) {
+	if modelfetch.IsRemote(dir) {
+		local, err := modelfetch.Fetch(ctx, dir, models.DefaultCacheDir(), modelfetch.LogProgress(log, "downloading model", 5*time.Second), log)
+		if err != nil {
+			return nil, nil, err
+		}
+		log.Info("model fetched", "url", dir, "dir", local)
+		m, tok, err := openModel(ctx, local, log)
+		if err == nil {
+			m.Config.Name = modelfetch.Name(dir)
+		}
+		return m, tok, err
+	}
 	if dir == "" {
 		root, err := models.Extract(models.DefaultCacheDir())
 		if err != nil {
