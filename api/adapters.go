@@ -16,6 +16,7 @@ import (
 
 	"github.com/peftd/peftd/runtime/chat"
 	"github.com/peftd/peftd/runtime/lora"
+	"github.com/peftd/peftd/runtime/tokenizer"
 )
 
 func (s *Server) models(c *fiber.Ctx) error {
@@ -310,15 +311,9 @@ func (s *Server) tokenize(c *fiber.Ctx) error {
 		return err
 	}
 	var r tokenizeRequest
-	if err := decodeJSON(c.Body(), &r); err != nil {
+	tok, err := s.tokenizerFor(c, &r, &r.Model)
+	if err != nil {
 		return err
-	}
-	if _, err := s.resolveModel(c, r.Model, "model"); err != nil {
-		return err
-	}
-	tok := s.cfg.Tokenizer
-	if tok == nil {
-		return badRequest("model", "the model %q has no tokenizer", s.cfg.ModelName)
 	}
 	var ids []int32
 	switch {
@@ -342,6 +337,21 @@ func (s *Server) tokenize(c *fiber.Ctx) error {
 	return c.JSON(fiber.Map{"tokens": ids32(ids), "count": len(ids), "max_model_len": s.cfg.MaxModelLen})
 }
 
+// tokenizerFor decodes the body into req, checks its model names this
+// server's model (or an adapter of it) and returns the model's tokenizer.
+func (s *Server) tokenizerFor(c *fiber.Ctx, req any, model *string) (*tokenizer.Tokenizer, error) {
+	if err := decodeJSON(c.Body(), req); err != nil {
+		return nil, err
+	}
+	if _, err := s.resolveModel(c, *model, "model"); err != nil {
+		return nil, err
+	}
+	if s.cfg.Tokenizer == nil {
+		return nil, badRequest("model", "the model %q has no tokenizer", s.cfg.ModelName)
+	}
+	return s.cfg.Tokenizer, nil
+}
+
 func ids32(v []int32) []int32 {
 	if v == nil {
 		return []int32{}
@@ -357,15 +367,9 @@ func (s *Server) detokenize(c *fiber.Ctx) error {
 		Model  string  `json:"model"`
 		Tokens []int32 `json:"tokens"`
 	}
-	if err := decodeJSON(c.Body(), &r); err != nil {
+	tok, err := s.tokenizerFor(c, &r, &r.Model)
+	if err != nil {
 		return err
-	}
-	if _, err := s.resolveModel(c, r.Model, "model"); err != nil {
-		return err
-	}
-	tok := s.cfg.Tokenizer
-	if tok == nil {
-		return badRequest("model", "the model %q has no tokenizer", s.cfg.ModelName)
 	}
 	if r.Tokens == nil {
 		return badRequest("tokens", "tokens is required")
