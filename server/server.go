@@ -164,7 +164,7 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 		return nil, err
 	}
 	s.device = dev
-	m, tok, err := openModel(ctx, cfg.Model, log)
+	m, tok, err := OpenModel(ctx, cfg.Model, log)
 	if err != nil {
 		be.Close()
 		return nil, err
@@ -172,9 +172,6 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 	s.model = m
 	mc := m.Config
 	name := mc.Name
-	if name == "" {
-		name = filepath.Base(m.Dir)
-	}
 	tmpl, err := chat.LoadTemplate(m.Dir)
 	if err != nil {
 		if !errors.Is(err, chat.ErrNoTemplate) && !errors.Is(err, fs.ErrNotExist) {
@@ -404,32 +401,43 @@ func (s *Server) Device() string { return s.device }
 // KeyCount is the number of API keys guarding the server.
 func (s *Server) KeyCount() int { return s.keys.Len() }
 
-// openModel opens dir (the embedded default model when empty) and its
-// tokenizer (nil in token-id mode).
-func openModel(ctx context.Context, dir string, log *slog.Logger) (*llama.Model, *tokenizer.Tokenizer, error) {
-	if modelfetch.IsRemote(dir) {
-		local, err := modelfetch.Fetch(ctx, dir, models.DefaultCacheDir(), modelfetch.LogProgress(log, "downloading model", 5*time.Second), log)
-		if err != nil {
-			return nil, nil, err
-		}
-		log.Info("model fetched", "url", dir, "dir", local)
-		m, tok, err := openModel(ctx, local, log)
-		if err == nil {
-			m.Config.Name = modelfetch.Name(dir)
-		}
-		return m, tok, err
-	}
-	if dir == "" {
+// ResolveModel turns a --model value into a local folder: the embedded
+// stories260K when empty, an s3:// model mirrored into the peftd cache, or
+// the folder itself. name is the model's name (the folder's or the URL's).
+func ResolveModel(ctx context.Context, model string, log *slog.Logger) (dir, name string, err error) {
+	switch {
+	case model == "":
 		root, err := models.Extract(models.DefaultCacheDir())
 		if err != nil {
-			return nil, nil, err
+			return "", "", err
 		}
-		dir = filepath.Join(root, models.DefaultModel)
+		return filepath.Join(root, models.DefaultModel), models.DefaultModel, nil
+	case modelfetch.IsRemote(model):
+		if log == nil {
+			log = slog.Default()
+		}
+		dir, err := modelfetch.Fetch(ctx, model, models.DefaultCacheDir(), modelfetch.LogProgress(log, "downloading model", 5*time.Second), log)
+		if err != nil {
+			return "", "", err
+		}
+		log.Info("model fetched", "url", model, "dir", dir)
+		return dir, modelfetch.Name(model), nil
+	}
+	return model, filepath.Base(filepath.Clean(model)), nil
+}
+
+// OpenModel opens the model ResolveModel finds and its tokenizer (nil in
+// token-id mode, when the folder has no tokenizer.json).
+func OpenModel(ctx context.Context, model string, log *slog.Logger) (*llama.Model, *tokenizer.Tokenizer, error) {
+	dir, name, err := ResolveModel(ctx, model, log)
+	if err != nil {
+		return nil, nil, err
 	}
 	m, err := llama.Open(dir)
 	if err != nil {
 		return nil, nil, err
 	}
+	m.Config.Name = name
 	tok, err := tokenizer.Load(dir)
 	if err != nil && !errors.Is(err, tokenizer.ErrNoTokenizer) {
 		m.Close()

@@ -6,11 +6,13 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"log/slog"
 
 	"github.com/peftd/peftd/runtime/cpu"
 	"github.com/peftd/peftd/runtime/engine"
 	"github.com/peftd/peftd/runtime/lora"
 	"github.com/peftd/peftd/runtime/sample"
+	"github.com/peftd/peftd/server"
 )
 
 type genOutput struct {
@@ -56,12 +58,12 @@ func cmdGenerate(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	if err := sp.Validate(); err != nil {
 		return fmt.Errorf("generate: %w", err)
 	}
-	lm, err := loadModel(*modelDir)
+	model, tok, err := server.OpenModel(ctx, *modelDir, slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: slog.LevelWarn})))
 	if err != nil {
 		return err
 	}
-	defer lm.model.Close()
-	cfg := lm.model.Config
+	defer model.Close()
+	cfg := model.Config
 
 	var ids []int32
 	if *promptIDs != "" {
@@ -69,17 +71,17 @@ func cmdGenerate(ctx context.Context, args []string, stdout, stderr io.Writer) e
 			return fmt.Errorf("generate: --prompt-ids: %w", err)
 		}
 	} else {
-		if lm.tok == nil {
-			return fmt.Errorf("generate: model %s has no tokenizer.json: use --prompt-ids", lm.model.Dir)
+		if tok == nil {
+			return fmt.Errorf("generate: model %s has no tokenizer.json: use --prompt-ids", model.Dir)
 		}
-		ids = lm.tok.Encode(*prompt, true)
+		ids = tok.Encode(*prompt, true)
 		if len(ids) == 0 {
 			return fmt.Errorf("generate: the prompt encodes to no tokens")
 		}
 	}
 	opts := engine.DefaultOptions()
 	opts.KVBlocks = (len(ids)+*maxTokens)/opts.BlockSize + 2
-	e, err := engine.New(lm.model, cpu.New(0), opts)
+	e, err := engine.New(model, cpu.New(0), opts)
 	if err != nil {
 		return err
 	}
@@ -103,13 +105,13 @@ func cmdGenerate(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	for _, id := range cfg.EOS {
 		stop = append(stop, int32(id))
 	}
-	if lm.tok != nil {
-		stop = append(stop, lm.tok.EOS()...)
+	if tok != nil {
+		stop = append(stop, tok.EOS()...)
 	}
 	req := engine.Request{Prompt: ids, Slot: slot, MaxTokens: *maxTokens, Sampling: sp, Stop: stop}
-	if !*asJSON && lm.tok != nil {
-		dec := lm.tok.NewDecoder(true)
-		fmt.Fprint(stdout, lm.tok.Decode(ids, true))
+	if !*asJSON && tok != nil {
+		dec := tok.NewDecoder(true)
+		fmt.Fprint(stdout, tok.Decode(ids, true))
 		req.OnToken = func(c sample.Choice) { fmt.Fprint(stdout, dec.Add(c.ID)) }
 		defer func() { fmt.Fprintln(stdout, dec.Flush()) }()
 	}
@@ -120,8 +122,8 @@ func cmdGenerate(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	r := res[0]
 	out := genOutput{PromptTokenIDs: ids, TokenIDs: r.Tokens, FinishReason: r.FinishReason,
 		Logprobs: []float64{}, TopLogprobs: [][]sample.TokenLogprob{}}
-	if lm.tok != nil {
-		out.Text = lm.tok.Decode(r.Tokens, true)
+	if tok != nil {
+		out.Text = tok.Decode(r.Tokens, true)
 	}
 	for _, c := range r.Choices {
 		out.Logprobs = append(out.Logprobs, c.Logprob)
@@ -136,7 +138,7 @@ func cmdGenerate(ctx context.Context, args []string, stdout, stderr io.Writer) e
 		enc := json.NewEncoder(stdout)
 		enc.SetEscapeHTML(false)
 		return enc.Encode(out)
-	case lm.tok == nil:
+	case tok == nil:
 		fmt.Fprintln(stdout, formatIDs(r.Tokens))
 	}
 	return nil

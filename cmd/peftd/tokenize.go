@@ -1,12 +1,14 @@
 package main
 
 import (
+	"context"
 	"encoding/json"
 	"flag"
 	"fmt"
 	"io"
 
 	"github.com/peftd/peftd/runtime/tokenizer"
+	"github.com/peftd/peftd/server"
 )
 
 func cmdTokenize(args []string, stdout, stderr io.Writer) error {
@@ -28,7 +30,7 @@ func cmdTokenize(args []string, stdout, stderr io.Writer) error {
 	if textSet == idsSet {
 		return fmt.Errorf("tokenize: give exactly one of --text and --ids")
 	}
-	d, err := resolveModel(*dir)
+	d, _, err := server.ResolveModel(context.Background(), *dir, nil)
 	if err != nil {
 		return err
 	}
