@@ -114,12 +114,14 @@ extern "C" __global__ void kv_store(bf16* kc, bf16* vc, const bf16* k, const bf1
 // paged cache. grid (T, heads), block 32*ATT_WARPS. Each warp takes every
 // ATT_WARPS-th position with an online softmax; the warps merge at the end.
 // seq_info: per sequence {start, len, context, page_offset}; pages: the page tables.
+// row_list: if not null, block x takes row row_list[x] (the prefill rows when
+// decode rows go to attn_decode), else row x.
 extern "C" __global__ void __launch_bounds__(32 * ATT_WARPS) attention(
     bf16* out, const bf16* q, const bf16* kc, const bf16* vc, const int* row_seq, const int* seq_info,
-    const int* pages, int heads, int kvh, int hd, int bs, float scale) {
+    const int* pages, int heads, int kvh, int hd, int bs, float scale, const int* row_list) {
     __shared__ float sm[ATT_WARPS], sl[ATT_WARPS];
     __shared__ float sacc[ATT_WARPS][32 * ATT_MAXJ];
-    const int r = blockIdx.x, h = blockIdx.y;
+    const int r = row_list ? row_list[blockIdx.x] : blockIdx.x, h = blockIdx.y;
     const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
     const int s = row_seq[r];
     const int start = seq_info[4 * s], len = seq_info[4 * s + 1], total = seq_info[4 * s + 2], poff = seq_info[4 * s + 3];
@@ -183,6 +185,159 @@ extern "C" __global__ void __launch_bounds__(32 * ATT_WARPS) attention(
                 o[d] = tobf(x / L);
             }
         }
+    }
+}
+
+#define DEC_THREADS 128
+#define DEC_MAXG 8
+
+__device__ __forceinline__ void unpack8(const uint4 u, float* f) {
+    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        const float2 x = __bfloat1622float2(h[i]);
+        f[2 * i] = x.x;
+        f[2 * i + 1] = x.y;
+    }
+}
+
+// attn_decode: split-KV (flash-decoding) attention for decode sequences (one
+// new row each, already stored in the cache). grid (nDec, kvh, nsplit), block
+// DEC_THREADS; dynamic shared (DEC_THREADS / (hd/8)) * G * (hd + 2) floats.
+// A block takes positions [split*chunk, split*chunk + chunk) of one
+// sequence's cache for one KV head and all G = heads/kvh query heads that
+// share it, so each K/V row is read once. hd/8 threads share one position
+// (16-byte loads); the block's position groups run an online softmax each,
+// then merge through shared memory. nsplit == 1: the block writes the output
+// row; else it writes (acc[hd], max, sum) per (sequence, head, split) to part
+// for attn_reduce. Requires hd a power of two in [8, 256] and G <= DEC_MAXG.
+extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode(
+    bf16* out, float* part, const bf16* q, const bf16* kc, const bf16* vc, const int* dec_seq, const int* seq_info,
+    const int* pages, int heads, int kvh, int hd, int bs, float scale, int chunk, int nsplit) {
+    extern __shared__ float dsh[];
+    const int di = blockIdx.x, kh = blockIdx.y, sp = blockIdx.z;
+    const int s = dec_seq[di];
+    const int row = seq_info[4 * s], ctx = seq_info[4 * s + 2], poff = seq_info[4 * s + 3];
+    const int G = heads / kvh;
+    const int tpr = hd >> 3, ngr = DEC_THREADS / tpr;
+    const int grp = threadIdx.x / tpr, t = threadIdx.x - grp * tpr;
+    const int width = kvh * hd, d0 = t * 8;
+    float qv[DEC_MAXG][8], acc[DEC_MAXG][8], m[DEC_MAXG], l[DEC_MAXG];
+#pragma unroll
+    for (int g = 0; g < DEC_MAXG; g++) {
+        m[g] = NEG_INF;
+        l[g] = 0.f;
+#pragma unroll
+        for (int i = 0; i < 8; i++) acc[g][i] = 0.f;
+        if (g < G) {
+            const uint4 u = *reinterpret_cast<const uint4*>(q + (i64)row * heads * hd + (i64)(kh * G + g) * hd + d0);
+            unpack8(u, qv[g]);
+#pragma unroll
+            for (int i = 0; i < 8; i++) qv[g][i] *= scale;
+        } else {
+#pragma unroll
+            for (int i = 0; i < 8; i++) qv[g][i] = 0.f;
+        }
+    }
+    const int p0 = sp * chunk, p1 = min(ctx, p0 + chunk);
+    // every thread runs the same number of iterations (the shuffles need the whole warp)
+    for (int base = p0; base < p1; base += ngr) {
+        const int p = base + grp;
+        const bool valid = p < p1;
+        float kf[8], vf[8];
+        if (valid) {
+            const i64 slot = (i64)pages[poff + p / bs] * bs + p % bs;
+            const i64 off = slot * width + (i64)kh * hd + d0;
+            const uint4 ku = *reinterpret_cast<const uint4*>(kc + off);
+            const uint4 vu = *reinterpret_cast<const uint4*>(vc + off);
+            unpack8(ku, kf);
+            unpack8(vu, vf);
+        } else {
+#pragma unroll
+            for (int i = 0; i < 8; i++) kf[i] = vf[i] = 0.f;
+        }
+#pragma unroll
+        for (int g = 0; g < DEC_MAXG; g++) {
+            if (g >= G) break;
+            float dot = 0.f;
+#pragma unroll
+            for (int i = 0; i < 8; i++) dot += qv[g][i] * kf[i];
+            for (int o = tpr >> 1; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
+            if (valid) {
+                const float mn = fmaxf(m[g], dot);
+                const float corr = expf(m[g] - mn), pe = expf(dot - mn);
+                l[g] = l[g] * corr + pe;
+#pragma unroll
+                for (int i = 0; i < 8; i++) acc[g][i] = acc[g][i] * corr + pe * vf[i];
+                m[g] = mn;
+            }
+        }
+    }
+    // merge the position groups: sacc[(grp*G + g)*hd + d], sm/sl[grp*G + g]
+    float* sacc = dsh;
+    float* smx = dsh + ngr * G * hd;
+    float* sl = smx + ngr * G;
+#pragma unroll
+    for (int g = 0; g < DEC_MAXG; g++) {
+        if (g >= G) break;
+#pragma unroll
+        for (int i = 0; i < 8; i++) sacc[(grp * G + g) * hd + d0 + i] = acc[g][i];
+        if (t == 0) {
+            smx[grp * G + g] = m[g];
+            sl[grp * G + g] = l[g];
+        }
+    }
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < G * hd; idx += DEC_THREADS) {
+        const int g = idx / hd, d = idx - g * hd;
+        float M = NEG_INF;
+        for (int i = 0; i < ngr; i++)
+            if (sl[i * G + g] > 0.f) M = fmaxf(M, smx[i * G + g]);
+        float L = 0.f, A = 0.f;
+        for (int i = 0; i < ngr; i++) {
+            const float li = sl[i * G + g];
+            if (li > 0.f) {
+                const float f = expf(smx[i * G + g] - M);
+                L += li * f;
+                A += sacc[(i * G + g) * hd + d] * f;
+            }
+        }
+        const int h = kh * G + g;
+        if (nsplit == 1) {
+            out[(i64)row * heads * hd + (i64)h * hd + d] = tobf(A / L);
+        } else {
+            float* pp = part + ((i64)(di * heads + h) * nsplit + sp) * (hd + 2);
+            pp[d] = A;
+            if (d == 0) {
+                pp[hd] = M;
+                pp[hd + 1] = L;
+            }
+        }
+    }
+}
+
+// attn_reduce: merges attn_decode's nsplit partials of each (decode
+// sequence, head) into the output row. grid (nDec, heads), block 128.
+extern "C" __global__ void attn_reduce(bf16* out, const float* part, const int* dec_seq, const int* seq_info,
+                                       int heads, int hd, int nsplit) {
+    const int di = blockIdx.x, h = blockIdx.y;
+    const int row = seq_info[4 * dec_seq[di]];
+    const float* pp = part + (i64)(di * heads + h) * nsplit * (hd + 2);
+    float M = NEG_INF;
+    for (int i = 0; i < nsplit; i++)
+        if (pp[i * (hd + 2) + hd + 1] > 0.f) M = fmaxf(M, pp[i * (hd + 2) + hd]);
+    float L = 0.f;
+    for (int i = 0; i < nsplit; i++) {
+        const float li = pp[i * (hd + 2) + hd + 1];
+        if (li > 0.f) L += li * expf(pp[i * (hd + 2) + hd] - M);
+    }
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+        float A = 0.f;
+        for (int i = 0; i < nsplit; i++) {
+            const float* pi = pp + i * (hd + 2);
+            if (pi[hd + 1] > 0.f) A += pi[d] * expf(pi[hd] - M);
+        }
+        out[(i64)row * heads * hd + (i64)h * hd + d] = tobf(A / L);
     }
 }
 

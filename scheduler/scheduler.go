@@ -160,8 +160,20 @@ func (s *Scheduler) Do(ctx context.Context, fn func(e *engine.Engine) error) err
 
 // Device adapts the scheduler to the loader's device interface: loads run on
 // the engine goroutine between steps.
+//
+// The host-side work (conversion to the device format, staging in pinned
+// memory) runs first on the caller's goroutine (engine.PrepareAdapter), while
+// steps go on; only the commit runs on the engine goroutine, and on backends
+// that support it the upload overlaps the following steps (only the first
+// step that uses the slot waits for it).
 func (s *Scheduler) Load(ctx context.Context, slot int, a *lora.Adapter) error {
-	return s.Do(ctx, func(e *engine.Engine) error { return e.LoadAdapter(slot, a) })
+	p, err := s.e.PrepareAdapter(a)
+	if err != nil {
+		return err
+	}
+	err = s.Do(ctx, func(e *engine.Engine) error { return e.LoadPrepared(slot, p) })
+	p.Release() // no-op once loaded; frees the staging if the load never ran
+	return err
 }
 
 // Unload empties a device slot between steps.

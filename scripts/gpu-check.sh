@@ -16,14 +16,17 @@
 #     lorabench  TestLoRABench: the LoRA path of one 8B layer, CUDA-graph replays
 #     decode     makes a random 32-layer 8B checkpoint + 4 rank-32 adapters
 #                (tools/make_random_llama.py, ~16 GB under /tmp) and runs
-#                TestDecodeBench (decode tokens/s at batch 1, 16, 64, 256)
+#                TestDecodeBench (decode tokens/s at batch 1, 16, 64, 256;
+#                split-KV vs per-row attention; then the step-time hiccup of
+#                a rank-64 adapter load, synchronous vs prepared/async)
 #     serve      bin/gpu/peftd serve --device cuda on the embedded stories260K:
 #                startup logs name the GPU, the pirate invoke gives the known
 #                text, peftd bench (96 requests, concurrency 16), /metrics has
 #                peftd_gpu_memory_used_bytes
 #     serve8b    serves the random 8B checkpoint (from decode) with --device
 #                cuda and its 4 adapters from a store folder; closed-loop load
-#                at concurrency 64, base model alone vs the 4 adapters
+#                at concurrency 64, base model alone vs the 4 adapters vs one
+#                adapter, all adapters warmed up (loaded) before timing
 #                (scripts/serve_bench.py, token-id prompts)
 #   and prints a short table last (tests: result and max relative error;
 #   benchmarks: the key rows). Logs and full tables go to $OUT (or bin/gpu/logs).
@@ -181,7 +184,7 @@ if want decode; then
 		tail -n 2 "$LOG/decode.make.log" 2>/dev/null
 		(cd runtime/gpu && PEFTD_MODEL_8B=$MD timeout "$(left 480)" "$GPUBIN" -test.v -test.count=1 -test.run '^TestDecodeBench$') 2>&1 | tee "$LOG/decode.log" | grep --line-buffered '^BENCH' >"$OUT_DECODE"
 		[[ ${PIPESTATUS[0]} == 0 ]] || status=1
-		grep '^BENCH decode' "$LOG/decode.log" >"$LOG/decode.txt"
+		grep -E '^BENCH (decode|adapterload)' "$LOG/decode.log" >"$LOG/decode.txt"
 		grep -E -- '--- (PASS|FAIL|SKIP)|panic|Error' "$LOG/decode.log" | head -5
 	else
 		status=1
@@ -201,9 +204,16 @@ if want serve8b; then
 		if serve_wait "$LOG/serve8b.log" "$(left 200)"; then
 			grep -E 'engine|kv cache|device' "$LOG/serve8b.log" | head -4 | cut -c1-240
 			AD=$(ls "$MD/adapters" | paste -sd, -)
-			"$PY" scripts/serve_bench.py http://127.0.0.1:8081 base 32 32 16 8 128256 >/dev/null 2>&1 # warm
+			# warm-up: the base model, then every adapter (fetched, parsed and
+			# uploaded into its slot here, not during the timed runs; 5 slots hold all 4)
+			"$PY" scripts/serve_bench.py http://127.0.0.1:8081 base 32 32 16 8 128256 >/dev/null 2>&1
+			"$PY" scripts/serve_bench.py http://127.0.0.1:8081 "$AD" 32 32 16 8 128256 2>&1 | sed 's/^SERVEBENCH/WARMUP/' | tee "$LOG/serve8b.warm.txt"
 			"$PY" scripts/serve_bench.py http://127.0.0.1:8081 base 256 64 128 64 128256 2>&1 | tee "$LOG/serve8b.txt"
 			"$PY" scripts/serve_bench.py http://127.0.0.1:8081 "$AD" 256 64 128 64 128256 2>&1 | tee -a "$LOG/serve8b.txt"
+			# one adapter only: LoRA compute without the split into four adapter queues
+			"$PY" scripts/serve_bench.py http://127.0.0.1:8081 "${AD%%,*}" 256 64 128 64 128256 2>&1 | tee -a "$LOG/serve8b.txt"
+			"$PY" scripts/serve_bench.py http://127.0.0.1:8081 base 256 64 128 64 128256 2>&1 | tee -a "$LOG/serve8b.txt"
+			grep -E 'adapter|load' "$LOG/serve8b.log" | tail -n 12 | cut -c1-240
 		else
 			echo "serve8b: FAIL: server did not start"; tail -n 20 "$LOG/serve8b.log"; status=1
 		fi
@@ -241,9 +251,10 @@ fi
 	[[ -f "$LOG/serve.result" ]] && cat "$LOG/serve.result" && grep -E 'tok|req|TTFT|thr' "$LOG/serve.bench.txt" | head -8
 	[[ -f "$LOG/serve8b.txt" ]] && grep SERVEBENCH "$LOG/serve8b.txt" | cut -c1-220
 	grep -h '^BENCH \(launch\|sample\)' "$LOG"/*.log 2>/dev/null | cut -c7-
+	grep -h '^BENCH adapterload' "$LOG"/decode.log 2>/dev/null | cut -c7-
 	if [[ -s "$LOG/decode.txt" ]]; then
 		echo "Decode throughput (128 new tokens after 512-token prompts):"
-		cut -c14- "$LOG/decode.txt"
+		grep "^BENCH decode" "$LOG/decode.txt" | cut -c14-
 	fi
 	echo "elapsed ${SECONDS}s"
 } | tee "$LOG/summary.txt"

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"math"
 	"runtime"
+	"sync"
 	"unsafe"
 )
 
@@ -106,6 +107,8 @@ const maxKernelArgs = 64
 // Context is a device's primary context with its executor thread.
 type Context struct {
 	exec   *Executor
+	aux    *Executor // second thread with the context current (AllocHostAside); started on first use
+	auxMu  sync.Mutex
 	dev    Device
 	handle int32
 	ctx    cuContext
@@ -201,6 +204,11 @@ func (c *Context) Close() error {
 		return e2
 	})
 	c.closed = true
+	c.auxMu.Lock()
+	if c.aux != nil {
+		c.aux.Close()
+	}
+	c.auxMu.Unlock()
 	c.exec.Close()
 	c.pin.Unpin()
 	return err
@@ -249,9 +257,45 @@ func (b *DeviceBuffer) Free() error {
 
 // HostBuffer is page-locked host memory, for truly asynchronous copies.
 type HostBuffer struct {
-	c    *Context
-	p    unsafe.Pointer
-	size int
+	c     *Context
+	p     unsafe.Pointer
+	size  int
+	aside bool // allocated (and freed) on the aux thread
+}
+
+// doAside runs fn on a second OS thread where the context is current, so that
+// slow driver calls (pinning hundreds of MB) do not hold up the executor
+// thread that issues the running steps.
+func (c *Context) doAside(fn func() error) error {
+	if c.closed {
+		return ErrClosed
+	}
+	c.auxMu.Lock()
+	if c.aux == nil {
+		ex, err := NewExecutor(func() error { return check("cuCtxSetCurrent", drv.cuCtxSetCurrent(c.ctx)) })
+		if err != nil {
+			c.auxMu.Unlock()
+			return err
+		}
+		c.aux = ex
+	}
+	ex := c.aux
+	c.auxMu.Unlock()
+	return ex.Do(fn)
+}
+
+// AllocHostAside allocates n bytes of pinned host memory on the context's
+// second thread (safe to call from any goroutine while steps run); its Free
+// runs there too.
+func (c *Context) AllocHostAside(n int) (*HostBuffer, error) {
+	if n <= 0 {
+		return nil, fmt.Errorf("%w: host allocation of %d bytes", ErrInvalidValue, n)
+	}
+	h := &HostBuffer{c: c, size: n, aside: true}
+	if err := c.doAside(func() error { return check("cuMemAllocHost_v2", drv.cuMemAllocHost(&h.p, uint64(n))) }); err != nil {
+		return nil, err
+	}
+	return h, nil
 }
 
 // AllocHost allocates n bytes of pinned host memory.
@@ -289,6 +333,9 @@ func (h *HostBuffer) Free() error {
 	}
 	p := h.p
 	h.p = nil
+	if h.aside {
+		return h.c.doAside(func() error { return check("cuMemFreeHost", drv.cuMemFreeHost(p)) })
+	}
 	return h.c.Do(func() error { return check("cuMemFreeHost", drv.cuMemFreeHost(p)) })
 }
 

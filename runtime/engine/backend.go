@@ -103,3 +103,23 @@ type RowSample struct {
 type DeviceSampler interface {
 	SampleRows(logits Buffer, rows []RowSample, out []sample.Choice) error
 }
+
+// PreparedAdapter is an adapter staged by an AdapterPreparer for
+// LoadPrepared. Release frees the staging if it was never loaded; it is safe
+// to call more than once, and after a load (then it does nothing).
+type PreparedAdapter interface {
+	Release()
+}
+
+// AdapterPreparer is an optional Backend capability: loading an adapter in
+// two parts so that the running batch never waits for it. PrepareAdapter
+// does the host work (conversion, layout, staging) and may be called from
+// any goroutine while steps run; LoadPrepared, on the goroutine that drives
+// the backend and between steps, places the staged adapter in slot, as
+// LoadAdapter would, without waiting for the upload: the first step that
+// uses the slot waits for it, other steps do not. LoadPrepared consumes p,
+// also when it fails.
+type AdapterPreparer interface {
+	PrepareAdapter(a *lora.Adapter) (PreparedAdapter, error)
+	LoadPrepared(slot int, p PreparedAdapter) error
+}

@@ -11,6 +11,7 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"sync"
 
 	"github.com/peftd/peftd/kernels"
 	"github.com/peftd/peftd/runtime/cuda"
@@ -72,6 +73,7 @@ type slotState struct {
 type funcs struct {
 	embed, addRMSNorm, rmsnormRows, rope, kvStore, attention, siluMul, shrink, expand *cuda.Function
 	sgShrink, sgShrink4, sgExpand, sample                                             *cuda.Function
+	attnDecode, attnReduce                                                            *cuda.Function
 }
 
 // Backend implements engine.Backend on one CUDA device.
@@ -115,6 +117,23 @@ type Backend struct {
 	shrinkNB    int // 0: choose; 1 or 4: force sgmv_shrink or sgmv_shrink4 (benchmark)
 	expandShmem int // dynamic shared memory sgmv_expand may use (raised on demand)
 
+	// Split-KV decode attention (attn_decode + attn_reduce) for sequences
+	// with one row in the step; the per-row kernel takes the other rows.
+	// attnV0 forces the per-row kernel for every row (benchmark, tests).
+	attnV0     bool
+	decOK      bool // the model's head shape suits attn_decode
+	nDec, nPre int  // decode sequences and prefill rows of the step
+	decChunk   int  // positions per split
+	decSplit   int  // splits per (sequence, KV head)
+	attnPart   *cuda.DeviceBuffer
+
+	// asynchronous adapter loads (PrepareAdapter / LoadPrepared)
+	cs       *cuda.Stream // copy stream
+	loads    []*pendingLoad
+	hostMu   sync.Mutex
+	hostPool []*cuda.HostBuffer
+	events   []*cuda.Event
+
 	weights []*weight
 	buffers []*Buffer
 	err     error
@@ -146,7 +165,7 @@ func (b *Backend) SetTiming(on bool) error {
 func (b *Backend) StepMs() float32 { return b.lastStepMs }
 
 type metaOffsets struct {
-	tokens, pos, kvSlots, rowSeq, seqInfo, pages, loraRows, loraSlots, logitRows, tiles, end int
+	tokens, pos, kvSlots, rowSeq, seqInfo, pages, loraRows, loraSlots, logitRows, tiles, decSeqs, preRows, end int
 }
 
 // New opens device opts.Device and loads the kernels (compiling them on a cold cache).
@@ -168,6 +187,9 @@ func (b *Backend) open(opts Options) error {
 	if b.s, err = b.ctx.NewStream(); err != nil {
 		return err
 	}
+	if b.cs, err = b.ctx.NewStream(); err != nil {
+		return err
+	}
 	ws := opts.WorkspaceBytes
 	if ws <= 0 {
 		ws = 32 << 20
@@ -185,7 +207,7 @@ func (b *Backend) open(opts Options) error {
 		{&b.fn.kvStore, "kv_store"}, {&b.fn.attention, "attention"}, {&b.fn.siluMul, "silu_mul"},
 		{&b.fn.shrink, "lora_shrink"}, {&b.fn.expand, "lora_expand"},
 		{&b.fn.sgShrink, "sgmv_shrink"}, {&b.fn.sgShrink4, "sgmv_shrink4"}, {&b.fn.sgExpand, "sgmv_expand"},
-		{&b.fn.sample, "sample_rows"}} {
+		{&b.fn.sample, "sample_rows"}, {&b.fn.attnDecode, "attn_decode"}, {&b.fn.attnReduce, "attn_reduce"}} {
 		if *f.p, err = b.mod.Function(f.name); err != nil {
 			return err
 		}
@@ -208,6 +230,8 @@ func (b *Backend) Init(cfg *llama.Config, maxTokens int, kv engine.KVSpec) error
 		return fmt.Errorf("gpu: head_dim %d > 256 is not supported by the attention kernel", cfg.HeadDim)
 	}
 	b.cfg, b.kv, b.maxT = cfg, kv, maxTokens
+	hd := kv.HeadDim
+	b.decOK = hd >= 8 && hd <= 256 && hd&(hd-1) == 0 && cfg.Heads%kv.KVHeads == 0 && cfg.Heads/kv.KVHeads <= decMaxG
 	width := kv.KVHeads * kv.HeadDim
 	b.layerB = kv.Blocks * kv.BlockSize * width * 2
 	var err error
@@ -319,6 +343,9 @@ func (b *Backend) LoadAdapter(slot int, a *lora.Adapter) error {
 	if err := b.s.Synchronize(); err != nil { // nothing in flight may read the old slot
 		return err
 	}
+	if err := b.settle(slot); err != nil { // nor an asynchronous load still fill it
+		return err
+	}
 	for len(b.slots) <= slot {
 		b.slots = append(b.slots, nil)
 	}
@@ -409,6 +436,9 @@ func (b *Backend) UnloadAdapter(slot int) error {
 	if err := b.s.Synchronize(); err != nil {
 		return err
 	}
+	if err := b.settle(slot); err != nil {
+		return err
+	}
 	b.clearSlot(slot)
 	return b.syncTable()
 }
@@ -448,11 +478,36 @@ func (b *Backend) Begin(meta *engine.StepMeta) error {
 	for _, g := range meta.LoRA {
 		nTiles += (g.End - g.Start + sgTileRows - 1) / sgTileRows
 	}
-	o.end = o.tiles + 4*nTiles
+	o.decSeqs = o.tiles + 4*nTiles
+	nDec, maxDecCtx := 0, 0
+	useDec := b.decOK && !b.attnV0
+	if useDec {
+		for _, s := range meta.Seqs {
+			if s.Len == 1 {
+				nDec++
+				maxDecCtx = max(maxDecCtx, s.Context)
+			}
+		}
+	}
+	o.preRows = o.decSeqs + nDec
+	nPre := T
+	if nDec > 0 {
+		nPre = T - nDec
+	}
+	o.end = o.preRows + nPre
 	if err := b.s.Synchronize(); err != nil { // the pinned staging may still feed a copy
 		return err
 	}
 	if err := b.growMeta(o.end); err != nil {
+		return err
+	}
+	b.decSplit, b.decChunk = 1, max(maxDecCtx, 1)
+	if nDec > 0 {
+		if err := b.planDecode(nDec, maxDecCtx); err != nil {
+			return err
+		}
+	}
+	if err := b.waitLoads(meta); err != nil {
 		return err
 	}
 	b.timed = false
@@ -518,6 +573,20 @@ func (b *Backend) Begin(meta *engine.StepMeta) error {
 		}
 		h[o.logitRows+i] = r
 	}
+	if nDec > 0 {
+		d, p := o.decSeqs, o.preRows
+		for si, s := range meta.Seqs {
+			if s.Len == 1 {
+				h[d] = int32(si)
+				d++
+			} else {
+				for r := s.Start; r < s.Start+s.Len; r++ {
+					h[p] = int32(r)
+					p++
+				}
+			}
+		}
+	}
 	tl := o.tiles
 	for _, g := range meta.LoRA {
 		for r := g.Start; r < g.End; r += sgTileRows {
@@ -529,6 +598,37 @@ func (b *Backend) Begin(meta *engine.StepMeta) error {
 		return err
 	}
 	b.meta, b.off, b.nLora, b.nTiles = meta, o, nLora, nTiles
+	b.nDec, b.nPre = nDec, nPre
+	return nil
+}
+
+// decMaxG is DEC_MAXG in llama.cu: query heads per KV head attn_decode handles.
+const decMaxG = 8
+
+// planDecode chooses the KV split of the step's decode sequences: enough
+// splits that the grid covers the SMs about four times, at least 32
+// positions per split, and the partials' scratch sized for it. The stream is
+// idle (Begin synchronized it).
+func (b *Backend) planDecode(nDec, maxCtx int) error {
+	const minChunk = 32
+	blocks := nDec * b.kv.KVHeads
+	want := (4*b.ctx.Device().SMs + blocks - 1) / blocks
+	split := max(1, min(want, (maxCtx+minChunk-1)/minChunk, 64))
+	chunk := (maxCtx + split - 1) / split
+	chunk = (chunk + 7) &^ 7
+	split = (maxCtx + chunk - 1) / chunk
+	b.decSplit, b.decChunk = split, chunk
+	if split > 1 {
+		need := 4 * nDec * b.cfg.Heads * split * (b.kv.HeadDim + 2)
+		if b.attnPart == nil || b.attnPart.Size() < need {
+			b.attnPart.Free()
+			b.attnPart = nil
+			var err error
+			if b.attnPart, err = b.ctx.Alloc(max(need, 1<<20)); err != nil {
+				return err
+			}
+		}
+	}
 	return nil
 }
 
@@ -764,9 +864,36 @@ func (b *Backend) Attention(out, q, k, v engine.Buffer, layer int, scale float32
 	}
 	kc, vc := b.kcache.Ptr()+uint64(layer*b.layerB), b.vcache.Ptr()+uint64(layer*b.layerB)
 	b.launch(b.fn.kvStore, cuda.Dim3{X: b.rows()}, cuda.Dim3{X: 128}, kc, vc, kb.mem, vb.mem, b.i32(b.off.kvSlots), width)
-	b.launch(b.fn.attention, cuda.Dim3{X: b.rows(), Y: c.Heads}, cuda.Dim3{X: 128}, o.mem, qb.mem, kc, vc,
-		b.i32(b.off.rowSeq), b.i32(b.off.seqInfo), b.i32(b.off.pages), c.Heads, b.kv.KVHeads, b.kv.HeadDim, b.kv.BlockSize, scale)
+	if b.nDec == 0 {
+		b.launch(b.fn.attention, cuda.Dim3{X: b.rows(), Y: c.Heads}, cuda.Dim3{X: 128}, o.mem, qb.mem, kc, vc,
+			b.i32(b.off.rowSeq), b.i32(b.off.seqInfo), b.i32(b.off.pages), c.Heads, b.kv.KVHeads, b.kv.HeadDim, b.kv.BlockSize, scale, uint64(0))
+		return
+	}
+	if b.nPre > 0 {
+		b.launch(b.fn.attention, cuda.Dim3{X: b.nPre, Y: c.Heads}, cuda.Dim3{X: 128}, o.mem, qb.mem, kc, vc,
+			b.i32(b.off.rowSeq), b.i32(b.off.seqInfo), b.i32(b.off.pages), c.Heads, b.kv.KVHeads, b.kv.HeadDim, b.kv.BlockSize, scale,
+			b.i32(b.off.preRows))
+	}
+	hd, G := b.kv.HeadDim, c.Heads/b.kv.KVHeads
+	shmem := (decThreads / (hd / 8)) * G * (hd + 2) * 4
+	var part uint64
+	if b.decSplit > 1 {
+		part = b.attnPart.Ptr()
+	}
+	if b.err != nil {
+		return
+	}
+	b.fail(b.fn.attnDecode.Launch(b.s, cuda.Dim3{X: b.nDec, Y: b.kv.KVHeads, Z: b.decSplit}, cuda.Dim3{X: decThreads}, shmem,
+		o.mem, part, qb.mem, kc, vc, b.i32(b.off.decSeqs), b.i32(b.off.seqInfo), b.i32(b.off.pages),
+		c.Heads, b.kv.KVHeads, hd, b.kv.BlockSize, scale, b.decChunk, b.decSplit))
+	if b.decSplit > 1 {
+		b.launch(b.fn.attnReduce, cuda.Dim3{X: b.nDec, Y: c.Heads}, cuda.Dim3{X: 128}, o.mem, part,
+			b.i32(b.off.decSeqs), b.i32(b.off.seqInfo), c.Heads, hd, b.decSplit)
+	}
 }
+
+// decThreads is DEC_THREADS in llama.cu.
+const decThreads = 128
 
 // SiLUMul computes out = silu(gate) * up.
 func (b *Backend) SiLUMul(out, gate, up engine.Buffer) {
@@ -901,14 +1028,15 @@ func (b *Backend) Close() error {
 			errs = append(errs, s.mem.Free())
 		}
 	}
-	for _, d := range []*cuda.DeviceBuffer{b.kcache, b.vcache, b.metaDev, b.invFreq, b.normed, b.table, b.loraTmp, b.smpDev} {
+	errs = append(errs, b.closeLoads())
+	for _, d := range []*cuda.DeviceBuffer{b.kcache, b.vcache, b.metaDev, b.invFreq, b.normed, b.table, b.loraTmp, b.smpDev, b.attnPart} {
 		errs = append(errs, d.Free())
 	}
 	for _, h := range []*cuda.HostBuffer{b.metaHost, b.readHost, b.smpHost} {
 		errs = append(errs, h.Free())
 	}
 	errs = append(errs, b.evBeg.Destroy(), b.evEnd.Destroy())
-	errs = append(errs, b.mm.Close(), b.mod.Unload(), b.s.Destroy(), b.ctx.Close())
+	errs = append(errs, b.mm.Close(), b.mod.Unload(), b.s.Destroy(), b.cs.Destroy(), b.ctx.Close())
 	b.weights, b.buffers, b.slots, b.ctx = nil, nil, nil, nil
 	return errors.Join(errs...)
 }
