@@ -265,33 +265,39 @@ func (s *Scheduler) finish(q *seq, reason string, err error) {
 func (s *Scheduler) loop() {
 	defer close(s.done)
 	for {
-		// Run queued engine commands (adapter loads) between steps.
 		if len(s.running) == 0 && !s.hasWaiting() {
+			// Nothing to step: block until a command or a request arrives.
 			select {
 			case fn, ok := <-s.cmds:
-				if !ok {
-					s.shutdown()
+				if !s.runCmd(fn, ok) {
 					return
 				}
-				fn()
 			case <-s.wake:
 			}
 			continue
 		}
-		for drained := false; !drained; {
-			select {
-			case fn, ok := <-s.cmds:
-				if !ok {
-					s.shutdown()
-					return
-				}
-				fn()
-			default:
-				drained = true
+		// Engine commands (adapter loads) run between steps: drain them first.
+		select {
+		case fn, ok := <-s.cmds:
+			if !s.runCmd(fn, ok) {
+				return
 			}
+			continue
+		default:
 		}
 		s.step()
 	}
+}
+
+// runCmd runs one engine command; it reports false once the scheduler is
+// closing (the command channel closed), after shutting down.
+func (s *Scheduler) runCmd(fn func(), ok bool) bool {
+	if !ok {
+		s.shutdown()
+		return false
+	}
+	fn()
+	return true
 }
 
 func (s *Scheduler) hasWaiting() bool {
