@@ -41,6 +41,12 @@ const (
 	DefaultHostTTL   = 30 * time.Minute
 )
 
+// Weight formats accepted in Config.Weights.
+const (
+	WeightsBF16 = gpu.WeightsBF16
+	WeightsFP8  = gpu.WeightsFP8
+)
+
 // Devices accepted in Config.Device.
 const (
 	DeviceAuto = "auto"
@@ -65,6 +71,10 @@ type Config struct {
 	Device string
 	// GPU is the CUDA device ordinal.
 	GPU int
+	// Weights is the format of the base model's projection weights on the
+	// GPU: bf16 (default) or fp8 (see gpu.WeightsFP8). The CPU backend
+	// computes in float32 whatever it says.
+	Weights string
 	// Threads are the CPU backend's workers (0: all cores).
 	Threads int
 	// Slots are the device adapter slots (default 4).
@@ -131,6 +141,11 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 	if cfg.Device == "" {
 		cfg.Device = DeviceAuto
 	}
+	w, err := gpu.ParseWeightFormat(cfg.Weights)
+	if err != nil {
+		return nil, fmt.Errorf("server: %w", err)
+	}
+	cfg.Weights = w
 	log := cfg.Logger
 	if cfg.Slots < 0 {
 		return nil, fmt.Errorf("server: slots must be positive, got %d", cfg.Slots)
@@ -277,7 +292,7 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 func pickBackend(cfg Config, log *slog.Logger) (engine.Backend, string, error) {
 	switch cfg.Device {
 	case DeviceCPU:
-		log.Info("device", "device", DeviceCPU, "requested", cfg.Device, "threads", threads(cfg.Threads))
+		log.Info("device", "device", DeviceCPU, "requested", cfg.Device, "threads", threads(cfg.Threads), "weights", "f32")
 		return cpu.New(cfg.Threads), DeviceCPU, nil
 	case DeviceCUDA:
 		b, err := newGPU(cfg)
@@ -296,7 +311,7 @@ func pickBackend(cfg Config, log *slog.Logger) (engine.Backend, string, error) {
 			}
 			err = gerr
 		}
-		log.Info("device", "device", DeviceCPU, "requested", cfg.Device, "threads", threads(cfg.Threads),
+		log.Info("device", "device", DeviceCPU, "requested", cfg.Device, "threads", threads(cfg.Threads), "weights", "f32",
 			"reason", "no usable GPU: "+oneLine(err.Error()))
 		return cpu.New(cfg.Threads), DeviceCPU, nil
 	}
@@ -309,13 +324,13 @@ func newGPU(cfg Config) (*gpu.Backend, error) {
 	}
 	// Kernels compile once (NVRTC) into the default kernel cache; later
 	// starts read the cubin.
-	return gpu.New(gpu.Options{Device: cfg.GPU})
+	return gpu.New(gpu.Options{Device: cfg.GPU, WeightFormat: cfg.Weights})
 }
 
 func logGPU(log *slog.Logger, cfg Config, b *gpu.Backend) {
 	d := b.Device()
 	log.Info("device", "device", DeviceCUDA, "requested", cfg.Device, "ordinal", d.Ordinal, "name", d.Name,
-		"compute_capability", fmt.Sprintf("%d.%d", d.Major, d.Minor), "memory_gib", fmt.Sprintf("%.1f", float64(d.TotalMem)/(1<<30)))
+		"compute_capability", fmt.Sprintf("%d.%d", d.Major, d.Minor), "memory_gib", fmt.Sprintf("%.1f", float64(d.TotalMem)/(1<<30)), "weights", cfg.Weights)
 }
 
 func threads(n int) string {

@@ -28,6 +28,7 @@ type serveFlags struct {
 	requestTimeout, deviceTTL, hostTTL    time.Duration
 	maxUpload, hostBytes                  int64
 	cacheDir, logLevel, pin               string
+	weights                               string
 }
 
 func envName(flag string) string {
@@ -48,6 +49,7 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	fs.StringVar(&f.sqsQueueURL, "sqs-queue-url", "", "SQS queue receiving the s3:// store's S3 event notifications (sets the store URL's sqs_queue; an error with other stores)")
 	fs.StringVar(&f.listen, "listen", "127.0.0.1:8080", "address to listen on (a non-loopback address needs --api-keys)")
 	fs.StringVar(&f.device, "device", "auto", "compute device: auto (cuda when a usable GPU is present, else cpu), cpu or cuda")
+	fs.StringVar(&f.weights, "weights", "bf16", "base model projection weights on the GPU: bf16, or fp8 (e4m3, one scale per output row, activations quantized per token; embeddings, norms, lm_head and LoRA stay bf16)")
 	fs.IntVar(&f.slots, "slots", 4, "adapters resident on the device at once")
 	fs.IntVar(&f.kvBlocks, "kv-blocks", 0, "KV cache pages (0: the engine default)")
 	fs.IntVar(&f.maxBatchTokens, "max-batch-tokens", 0, "token rows per engine step (0: the engine default)")
@@ -149,7 +151,12 @@ func serve(ctx context.Context, f serveFlags, log *slog.Logger) error {
 	default:
 		return fmt.Errorf("serve: --device %q: want auto, cpu or cuda", f.device)
 	}
-	srv, err := server.New(ctx, server.Config{Model: f.model, Store: f.store, SQSQueueURL: f.sqsQueueURL, Listen: f.listen, Device: f.device,
+	switch f.weights {
+	case server.WeightsBF16, server.WeightsFP8:
+	default:
+		return fmt.Errorf("serve: --weights %q: want bf16 or fp8", f.weights)
+	}
+	srv, err := server.New(ctx, server.Config{Model: f.model, Store: f.store, SQSQueueURL: f.sqsQueueURL, Listen: f.listen, Device: f.device, Weights: f.weights,
 		Slots: f.slots, KVBlocks: f.kvBlocks, MaxBatchTokens: f.maxBatchTokens, MaxQueue: f.maxQueue,
 		RequestTimeout: f.requestTimeout, DeviceTTL: f.deviceTTL, HostTTL: f.hostTTL, Keys: keys,
 		MaxUpload: f.maxUpload, HostBytes: f.hostBytes, CacheDir: f.cacheDir, Pin: splitList(f.pin), Logger: log})

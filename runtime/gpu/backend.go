@@ -46,6 +46,10 @@ type Options struct {
 	Device         int             // CUDA device ordinal
 	Kernels        kernels.Options // kernel cache and NVRTC options
 	WorkspaceBytes int             // cuBLASLt workspace; default 32 MiB
+	// WeightFormat is the format of the decoder layers' projection weights:
+	// WeightsBF16 ("" too) or WeightsFP8 (e4m3 with per-output-row scales,
+	// activations quantized per token; see fp8.go).
+	WeightFormat string
 }
 
 // Buffer is a device activation matrix [rows, cols], bf16 (or float32 once
@@ -116,6 +120,17 @@ type Backend struct {
 	loraV0      bool
 	shrinkNB    int // 0: choose; 1 or 4: force sgmv_shrink or sgmv_shrink4 (benchmark)
 	expandShmem int // dynamic shared memory sgmv_expand may use (raised on demand)
+	// SGMV v2 (kernels/sgmv.cu, shrink + expand in one launch per op), loaded
+	// with the first adapter; nil when that module failed to build or load
+	// (sgErr), and then v1 runs. loraV1 / loraV2 force v1 / v2 (benchmark,
+	// tests); otherwise v2 runs where tiles average >= sgV2MinRows rows.
+	sgMod      *cuda.Module
+	sgFused    [2]*cuda.Function // 8 and 32 rank rows per shrink item
+	sgErr      error
+	sgTried    bool
+	loraV1     bool
+	loraV2     bool
+	fusedShmem int
 
 	// Split-KV decode attention (attn_decode + attn_reduce) for sequences
 	// with one row in the step; the per-row kernel takes the other rows.
@@ -135,6 +150,11 @@ type Backend struct {
 	events   []*cuda.Event
 
 	weights []*weight
+	// FP8 projections (Options.WeightFormat fp8; nil for bf16) and the write
+	// generation of the activation buffers: ops that may write one bump gen,
+	// so the FP8 path re-uses a quantized input only while it is unchanged.
+	f8      *fp8State
+	gen     uint64
 	buffers []*Buffer
 	err     error
 
@@ -199,6 +219,15 @@ func (b *Backend) open(opts Options) error {
 	}
 	if b.mod, b.KernelInfo, err = kernels.Load(b.ctx, kernels.Llama, opts.Kernels); err != nil {
 		return err
+	}
+	format, err := ParseWeightFormat(opts.WeightFormat)
+	if err != nil {
+		return err
+	}
+	if format == WeightsFP8 {
+		if b.f8, err = newFP8(b.ctx, b.s, b.mm, opts.Kernels); err != nil {
+			return err
+		}
 	}
 	for _, f := range []struct {
 		p    **cuda.Function
@@ -270,7 +299,9 @@ func (b *Backend) growMeta(n int) error {
 	return err
 }
 
-// Upload converts a tensor to bf16 on the device.
+// Upload converts a tensor to bf16 on the device; with FP8 weights, a
+// decoder layer's projection is then quantized to e4m3 on the device (one
+// float32 scale per output row) and only the e4m3 copy is kept.
 func (b *Backend) Upload(name string, dtype safetensors.DType, shape []int, raw []byte) (engine.Weight, error) {
 	n := 1
 	for _, d := range shape {
@@ -285,6 +316,13 @@ func (b *Backend) Upload(name string, dtype safetensors.DType, shape []int, raw 
 	host := make([]uint16, n)
 	if err := encodeBF16(host, raw, dtype); err != nil {
 		return nil, fmt.Errorf("%s: %w", name, err)
+	}
+	if b.f8 != nil && fp8Projection(name, shape) {
+		fw, err := b.f8.upload(host, w.rows, w.cols)
+		if err != nil {
+			return nil, fmt.Errorf("%s: %w", name, err)
+		}
+		return fw, nil
 	}
 	var err error
 	if w.mem, err = b.ctx.Alloc(2 * n); err != nil {
@@ -415,12 +453,21 @@ func (b *Backend) syncTable() error {
 			b.maxRank = max(b.maxRank, s.maxRank)
 		}
 	}
-	if need := b.tmpFloats() * 4; b.loraTmp == nil || b.loraTmp.Size() < need {
+	if need := b.tmpFloats()*4 + sgCtrBytes; b.loraTmp == nil || b.loraTmp.Size() < need {
 		b.loraTmp.Free()
 		var err error
 		if b.loraTmp, err = b.ctx.Alloc(need); err != nil {
 			return err
 		}
+	}
+	// the fused kernels' counters sit after the scratch, whose size follows
+	// maxRank: zero them where they now are (stream-ordered after any launch)
+	if err := b.s.Memset32(b.loraCtr(), 0, sgCtrBytes/4); err != nil {
+		return err
+	}
+	if !b.sgTried && b.maxRank > 0 {
+		b.sgTried = true
+		b.loadSgmv()
 	}
 	if err := cuda.CopyHtoD(b.s, b.table.Ptr(), b.tableHost); err != nil {
 		return err
@@ -448,6 +495,7 @@ func (b *Backend) i32(off int) cuda.DevicePtr { return b.metaDev.Ptr() + uint64(
 // Begin validates the step's metadata and uploads it in one copy.
 func (b *Backend) Begin(meta *engine.StepMeta) error {
 	b.err = nil
+	b.gen++
 	T := len(meta.Tokens)
 	if T == 0 || T > b.maxT {
 		return fmt.Errorf("%w: %d rows (max %d)", ErrBadStep, T, b.maxT)
@@ -673,6 +721,7 @@ func (b *Backend) check(cond bool, format string, args ...any) bool {
 
 // Embed gathers embedding rows.
 func (b *Backend) Embed(out engine.Buffer, table engine.Weight) {
+	b.gen++
 	if !b.ok() {
 		return
 	}
@@ -685,6 +734,7 @@ func (b *Backend) Embed(out engine.Buffer, table engine.Weight) {
 
 // AddRMSNorm: x += delta (if any), then out = rmsnorm(x) * w (if out).
 func (b *Backend) AddRMSNorm(x, delta, out engine.Buffer, w engine.Weight, eps float32) {
+	b.gen++
 	if !b.ok() {
 		return
 	}
@@ -703,9 +753,21 @@ func (b *Backend) AddRMSNorm(x, delta, out engine.Buffer, w engine.Weight, eps f
 	b.launch(b.fn.addRMSNorm, cuda.Dim3{X: b.rows()}, cuda.Dim3{X: 256}, xb.mem, ptr(d), ptr(o), wp, eps, xb.cols)
 }
 
-// Linear: out = in @ W^T through cuBLASLt (bf16 in, float32 accumulate, bf16 out).
+// Linear: out = in @ W^T through cuBLASLt (bf16 in, float32 accumulate, bf16
+// out); for an FP8 weight, in's rows are quantized per token (once for
+// consecutive projections of the same input) and the product is cuBLASLt's
+// FP8 GEMM with both operands' row scales.
 func (b *Backend) Linear(out, in engine.Buffer, w engine.Weight) {
 	if !b.ok() {
+		return
+	}
+	b.wrote(out)
+	if fw, ok := w.(*fp8Weight); ok {
+		o, x := buf(out), buf(in)
+		if !b.check(x.cols == fw.cols && o.cols == fw.rows && o != x, "linear: in width %d, out width %d, fp8 weight [%d,%d]", x.cols, o.cols, fw.rows, fw.cols) {
+			return
+		}
+		b.fail(b.f8.linear(o.mem.Ptr(), x.mem.Ptr(), b.rows(), fw, b.gen))
 		return
 	}
 	o, x, wt := buf(out), buf(in), w.(*weight)
@@ -718,6 +780,7 @@ func (b *Backend) Linear(out, in engine.Buffer, w engine.Weight) {
 // LoRA adds each row's adapter update: one shrink launch and one expand
 // launch over every segment, each row at its own adapter's rank.
 func (b *Backend) LoRA(out, in engine.Buffer, layer int, m llama.Module) {
+	b.wrote(out)
 	if !b.ok() || b.nLora == 0 || b.maxRank == 0 {
 		return
 	}
@@ -729,8 +792,51 @@ func (b *Backend) LoRA(out, in engine.Buffer, layer int, m llama.Module) {
 	b.loraSlices(o.mem.Ptr(), o.cols, x, layer, []llama.Module{m})
 }
 
+// wrote tells the FP8 path that x may change (a Linear or LoRA output):
+// a quantized copy of it is stale.
+func (b *Backend) wrote(x engine.Buffer) {
+	if b.f8 != nil && x != nil && b.f8.cIn == buf(x).mem.Ptr() {
+		b.f8.invalidate()
+	}
+}
+
 // sgTileRows is SG_TR in llama.cu: rows per SGMV tile.
 const sgTileRows = 16
+
+// SGMV v2 limits, as in kernels/sgmv.cu: threads per block, output columns
+// per expand item, tiles and slots*slices staged in shared memory.
+const (
+	sgFuThreads  = 256
+	sgFuCols     = 2 * sgFuThreads
+	sgFuMaxTiles = 128
+	sgFuMaxEnt   = 192
+	sgCtrBytes   = 64 // ticket, shrink items done, blocks done (+ pad)
+	// v2 is chosen when the step's LoRA rows fill its tiles to at least this
+	// many rows on average: below it (T = 1; 4 adapters at T = 8; 16 adapters
+	// up to T = 64) v2 measured 0.82-0.97x of v1 on the H100, above it
+	// 1.02-1.36x (docs/PERFORMANCE.md, v0.6).
+	sgV2MinRows = 6
+)
+
+// loadSgmv loads the fused SGMV module (compiling it on a cold cache, default
+// kernel options). A failure is kept in sgErr, not returned: v1 then runs.
+func (b *Backend) loadSgmv() {
+	m, _, err := kernels.Load(b.ctx, kernels.Sgmv, kernels.Options{})
+	if err == nil {
+		var f1, f4 *cuda.Function
+		if f1, err = m.Function("sgmv_fused1"); err == nil {
+			if f4, err = m.Function("sgmv_fused4"); err == nil {
+				b.sgMod, b.sgFused = m, [2]*cuda.Function{f1, f4}
+				return
+			}
+		}
+		m.Unload()
+	}
+	b.sgErr = fmt.Errorf("gpu: SGMV v2 unavailable, using v1: %w", err)
+}
+
+// loraCtr is the fused kernels' counters: sgCtrBytes after the scratch.
+func (b *Backend) loraCtr() cuda.DevicePtr { return b.loraTmp.Ptr() + uint64(4*b.tmpFloats()) }
 
 // tmpFloats is the size of the LoRA scratch: room for three fused slices at
 // the largest rank for every row, times 4 for K-split partial sums.
@@ -801,6 +907,31 @@ func (b *Backend) loraSlices(outPtr cuda.DevicePtr, outStride int, x *Buffer, la
 	kchunk := (groups + ks - 1) / ks * 256
 	ks = (inF + kchunk - 1) / kchunk
 	tiles := b.i32(b.off.tiles)
+	// v2: one launch, blocks taking shrink items first and expand items
+	// (512 output columns of one tile) after them; see kernels/sgmv.cu.
+	v2 := b.loraV2 || (!b.loraV1 && b.nLora >= sgV2MinRows*b.nTiles)
+	if f := b.sgFused[nb/32]; f != nil && v2 && b.nTiles <= sgFuMaxTiles && len(b.slots)*len(mods) <= sgFuMaxEnt {
+		nShrink := b.nTiles * len(mods) * rankTiles * ks
+		grid := nShrink + b.nTiles*((total+sgFuCols-1)/sgFuCols)
+		shmem := max(8*sgTileRows*nb*4, sgTileRows*len(mods)*((b.maxRank+7)&^7)*4)
+		if shmem > 39<<10 && shmem > b.fusedShmem { // 8.2 KB of static shared memory besides
+			for _, g := range b.sgFused {
+				if err := g.SetMaxDynamicShared(shmem); err != nil {
+					b.fail(err)
+					return
+				}
+			}
+			b.fusedShmem = shmem
+		}
+		if b.err != nil {
+			return
+		}
+		b.fail(f.Launch(b.s, cuda.Dim3{X: grid}, cuda.Dim3{X: sgFuThreads}, shmem,
+			outPtr, b.loraTmp, x.mem, b.table, tiles, b.loraCtr(), b.nTiles, len(b.slots), base, stride,
+			ms[0], ms[1], ms[2], len(mods), rankTiles, ks, kchunk, nShrink, off1, off2, total,
+			b.maxRank, inF, x.cols, outStride, tStride, T))
+		return
+	}
 	b.launch(shrink, cuda.Dim3{X: b.nTiles, Y: len(mods) * rankTiles, Z: ks}, cuda.Dim3{X: 256},
 		b.loraTmp, x.mem, b.table, tiles, base, stride, ms[0], ms[1], ms[2], rankTiles, b.maxRank,
 		inF, x.cols, tStride, T, kchunk)
@@ -822,6 +953,7 @@ func (b *Backend) loraSlices(outPtr cuda.DevicePtr, outStride int, x *Buffer, la
 
 // RoPE rotates q and k in place at the step's positions.
 func (b *Backend) RoPE(q, k engine.Buffer, invFreq []float32, heads, kvHeads, headDim int) {
+	b.gen++
 	if !b.ok() {
 		return
 	}
@@ -852,6 +984,7 @@ func equalF32(a, c []float32) bool {
 // Attention stores k and v at the step's KV slots, then attends each row
 // over its sequence's pages (causal).
 func (b *Backend) Attention(out, q, k, v engine.Buffer, layer int, scale float32) {
+	b.gen++
 	if !b.ok() {
 		return
 	}
@@ -897,6 +1030,7 @@ const decThreads = 128
 
 // SiLUMul computes out = silu(gate) * up.
 func (b *Backend) SiLUMul(out, gate, up engine.Buffer) {
+	b.gen++
 	if !b.ok() {
 		return
 	}
@@ -910,6 +1044,7 @@ func (b *Backend) SiLUMul(out, gate, up engine.Buffer) {
 
 // Logits normalizes the LogitRows rows of x and projects them to float32 logits in out.
 func (b *Backend) Logits(out, x engine.Buffer, norm, head engine.Weight, eps float32) {
+	b.gen++
 	if !b.ok() {
 		return
 	}
@@ -1036,6 +1171,7 @@ func (b *Backend) Close() error {
 		errs = append(errs, h.Free())
 	}
 	errs = append(errs, b.evBeg.Destroy(), b.evEnd.Destroy())
+	errs = append(errs, b.f8.close())
 	errs = append(errs, b.mm.Close(), b.mod.Unload(), b.s.Destroy(), b.cs.Destroy(), b.ctx.Close())
 	b.weights, b.buffers, b.slots, b.ctx = nil, nil, nil, nil
 	return errors.Join(errs...)

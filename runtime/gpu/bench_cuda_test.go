@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -119,7 +120,8 @@ func loraParamsPerRank(cfg *llama.Config) int {
 // lines whose write-back added ~15-20 us to every replay); the median of the
 // replays' event times. Adapters are assigned to
 // tokens round-robin (the engine groups them into segments); v0 is the first
-// row-at-a-time kernels, v1 the SGMV kernels.
+// row-at-a-time kernels, v1 the SGMV kernels (two launches per op), v2 the
+// fused SGMV kernels of kernels/sgmv.cu (one launch per op).
 func TestLoRABench(t *testing.T) {
 	if os.Getenv("PEFTD_LORA_BENCH") == "" {
 		t.Skip("set PEFTD_LORA_BENCH=1 to run")
@@ -131,7 +133,24 @@ func TestLoRABench(t *testing.T) {
 	bw := copyBandwidth(t, b)
 	dev := b.Device()
 	bench("lora device %s; copy bandwidth %.0f GB/s (D2D 1 GiB, read+write)", dev.Name, bw/1e9)
-	{ // host cost of one eager kernel launch (purego call + hop to the CUDA thread)
+	// PEFTD_LORA_BENCH_ONLY=N,rank,T (e.g. 4,32,8): that case alone, v1 then
+	// v2, one untimed replay each and no warm-up (for ncu: 8 + 4 kernels).
+	reps, warm := 40, 3
+	var only []int
+	if o := os.Getenv("PEFTD_LORA_BENCH_ONLY"); o != "" {
+		for _, f := range strings.Split(o, ",") {
+			v, err := strconv.Atoi(strings.TrimSpace(f))
+			if err != nil {
+				t.Fatalf("PEFTD_LORA_BENCH_ONLY=%q: %v", o, err)
+			}
+			only = append(only, v)
+		}
+		if len(only) != 3 {
+			t.Fatalf("PEFTD_LORA_BENCH_ONLY=%q: want N,rank,T", o)
+		}
+		reps, warm = 1, 0
+	}
+	if only == nil { // host cost of one eager kernel launch (purego call + hop to the CUDA thread)
 		x := r.buffer(1, 256)
 		r.fill(x, r.rnd(256, 1))
 		const n = 4000
@@ -180,7 +199,9 @@ func TestLoRABench(t *testing.T) {
 		r.fill(o.x, r.rnd(maxT*o.x.cols, 1))
 		r.fill(o.out, r.rnd(maxT*o.out.cols, 1))
 	}
-	const reps = 40
+	if b.sgFused[0] == nil && b.sgErr != nil {
+		t.Logf("%v", b.sgErr)
+	}
 	evs := make([]*cuda.Event, 2*reps)
 	for i := range evs {
 		if evs[i], err = b.ctx.NewEvent(true); err != nil {
@@ -209,7 +230,7 @@ func TestLoRABench(t *testing.T) {
 			t.Fatal(err)
 		}
 		defer ge.Destroy()
-		for i := 0; i < 3; i++ {
+		for i := 0; i < warm; i++ {
 			if err := ge.Launch(b.s); err != nil {
 				t.Fatal(err)
 			}
@@ -243,10 +264,13 @@ func TestLoRABench(t *testing.T) {
 		}
 		return float64(2 * T * n)
 	}
-	bench("lora %-4s %-4s %-9s %9s %9s %9s %8s %9s %9s %7s %7s", "N", "rank", "T", "v0_us", "v1_us", "v1nb1_us", "adapt_MB", "floor_us", "floorA_us", "v1_frac", "v1/v0")
+	bench("lora %-4s %-4s %-9s %9s %9s %9s %8s %9s %9s %7s %7s %7s", "N", "rank", "T", "v0_us", "v1_us", "v2_us", "adapt_MB", "floor_us", "floorA_us", "v1_frac", "v2_frac", "v1/v2")
 	rng := rand.New(rand.NewPCG(1, 2))
 	for _, nAd := range []int{1, 4, 16} {
 		for _, rank := range []int{16, 32, 64} {
+			if only != nil && (nAd != only[0] || rank != only[1]) {
+				continue
+			}
 			for s := 0; s < 16; s++ {
 				if err := b.UnloadAdapter(s); err != nil {
 					t.Fatal(err)
@@ -273,6 +297,9 @@ func TestLoRABench(t *testing.T) {
 				cases = append(cases, tc{"4x512pf", []int{512, 512, 512, 512}})
 			}
 			for _, c := range cases {
+				if only != nil && c.label != fmt.Sprint(only[2]) {
+					continue
+				}
 				T := 0
 				var segs []engine.Segment
 				for s, n := range c.segs {
@@ -281,21 +308,21 @@ func TestLoRABench(t *testing.T) {
 				}
 				m := oneSeq(T, 16, zeros(T))
 				m.LoRA = segs
-				var us [3]float64 // v0, v1, v1 with 8-rank shrink blocks forced
+				var us [3]float64 // v0, v1, v2 (fused; v1 where the v2 module is missing)
 				for v := range us {
-					b.loraV0, b.shrinkNB = v == 0, 0
-					if v == 2 {
-						b.shrinkNB = 1
+					if only != nil && v == 0 {
+						continue
 					}
+					b.loraV0, b.loraV1, b.loraV2 = v == 0, v == 1, v == 2
 					r.begin(m)
 					us[v] = timeGraph()
 					r.end()
 				}
-				b.loraV0, b.shrinkNB = false, 0
+				b.loraV0, b.loraV1, b.loraV2 = false, false, false
 				adBytes := float64(2 * rank * perRank * len(c.segs))
 				floor := adBytes / bw * 1e6
 				floorAll := (adBytes + actBytes(T)) / bw * 1e6
-				bench("lora %-4d %-4d %-9s %9.1f %9.1f %9.1f %8.1f %9.1f %9.1f %7.2f %7.2f", nAd, rank, c.label, us[0], us[1], us[2], adBytes/1e6, floor, floorAll, floor/us[1], us[0]/us[1])
+				bench("lora %-4d %-4d %-9s %9.1f %9.1f %9.1f %8.1f %9.1f %9.1f %7.2f %7.2f %7.2f", nAd, rank, c.label, us[0], us[1], us[2], adBytes/1e6, floor, floorAll, floor/us[1], floor/us[2], us[1]/us[2])
 			}
 		}
 	}
@@ -343,7 +370,7 @@ func TestDecodeBench(t *testing.T) {
 	const prompt, newTok, chunk = 512, 128, 8
 	maxB := slices.Max(batches)
 	opts := engine.Options{MaxTokens: chunk * prompt, BlockSize: 16, KVBlocks: maxB*(prompt+newTok)/16 + 64, AdapterSlots: len(ads) + 1}
-	gb, err := New(Options{})
+	gb, err := New(Options{WeightFormat: os.Getenv("PEFTD_WEIGHTS")}) // bf16 unless PEFTD_WEIGHTS=fp8
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -377,15 +404,23 @@ func TestDecodeBench(t *testing.T) {
 		for _, d := range info.Shape {
 			n *= d
 		}
-		wBytes += float64(2 * n) // bf16 on the device
+		if gb.f8 != nil && fp8Projection(name, info.Shape) {
+			wBytes += float64(n + 4*info.Shape[0]) // e4m3 values and a float32 scale per row
+		} else {
+			wBytes += float64(2 * n) // bf16 on the device
+		}
 	}
 	adBytes := 0.0
 	if len(ads) > 0 {
 		adBytes = float64(ads[0].Params * 2)
 	}
 	kvTok := float64(2 * c.Layers * c.KVHeads * c.HeadDim * 2) // K and V, bf16, all layers
-	bench("decode device %s; %s: %d layers, hidden %d, vocab %d; %d adapters of %.0f MB; copy bandwidth %.0f GB/s; loaded in %v",
-		gb.Device().Name, dir, c.Layers, c.Hidden, c.VocabSize, len(ads), adBytes/1e6, bw/1e9, load.Round(time.Second))
+	wf := WeightsBF16
+	if gb.f8 != nil {
+		wf = WeightsFP8
+	}
+	bench("decode device %s; weights %s; %s: %d layers, hidden %d, vocab %d; %d adapters of %.0f MB; copy bandwidth %.0f GB/s; loaded in %v",
+		gb.Device().Name, wf, dir, c.Layers, c.Hidden, c.VocabSize, len(ads), adBytes/1e6, bw/1e9, load.Round(time.Second))
 	bench("decode %-5s %-5s %10s %10s %10s %9s %9s %9s %9s %10s", "batch", "lora", "wall_tok/s", "gpu_tok/s", "roof_tok/s", "gpu_frac", "wall_ms", "gpu_ms", "roof_ms", "prefill_s")
 	rng := rand.New(rand.NewPCG(3, 4))
 	ctx := context.Background()

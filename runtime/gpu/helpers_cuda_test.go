@@ -9,5 +9,6 @@ func copyHtoD(b *Backend, x *Buffer, h []uint16) error {
 		return err
 	}
 	x.isF32 = false
+	b.gen++ // the FP8 path must not re-use a quantized copy of x
 	return b.s.Synchronize()
 }

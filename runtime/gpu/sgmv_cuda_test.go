@@ -4,6 +4,7 @@ package gpu
 
 import (
 	"fmt"
+	"math"
 	"testing"
 
 	"github.com/peftd/peftd/runtime/engine"
@@ -42,7 +43,8 @@ func loraRef(want []float64, xv []float32, in, total int, segs []engine.Segment,
 	}
 }
 
-// TestOpLoRAFused checks the SGMV kernels (and the v0 fallback) on fused
+// TestOpLoRAFused checks the SGMV kernels (v2 fused, v1 and the v0
+// fallback; v2 also for bitwise repeatability) on fused
 // q/k/v, gate/up and single projections: heterogeneous ranks (multiples of 8
 // and not), segments longer than one 16-row tile, rows without adapter,
 // adapters that skip a projection, and K split across blocks.
@@ -70,8 +72,11 @@ func TestOpLoRAFused(t *testing.T) {
 	}
 	segs := []engine.Segment{{Start: 0, End: 37, Slot: 1}, {Start: 40, End: 41, Slot: 0}, {Start: 41, End: 50, Slot: 2},
 		{Start: 50, End: 52, Slot: 5}, {Start: 52, End: 69, Slot: 6}}
-	for _, v0 := range []bool{false, true} {
-		r.b.loraV0 = v0
+	if r.b.sgFused[0] == nil {
+		t.Fatalf("SGMV v2 not loaded: %v", r.b.sgErr)
+	}
+	for _, mode := range []string{"v2", "v1", "v0"} {
+		r.b.loraV0, r.b.loraV1, r.b.loraV2 = mode == "v0", mode == "v1", mode == "v2"
 		for _, mods := range [][]llama.Module{{llama.Q, llama.K, llama.V}, {llama.Gate, llama.Up}, {llama.Down}, {llama.O}, {llama.K}} {
 			in, _ := cfg.Dims(mods[0])
 			total := 0
@@ -89,6 +94,16 @@ func TestOpLoRAFused(t *testing.T) {
 			r.begin(m)
 			r.b.loraSlices(out.mem.Ptr(), total, x, layer, mods)
 			got := r.read(out, T)
+			if mode == "v2" { // deterministic: the same bits again (K-split partials summed in a fixed order)
+				r.fill(out, ov)
+				r.b.loraSlices(out.mem.Ptr(), total, x, layer, mods)
+				again := r.read(out, T)
+				for i := range got {
+					if math.Float32bits(got[i]) != math.Float32bits(again[i]) {
+						t.Fatalf("v2 %v: second run differs at %d: %g vs %g", mods, i, got[i], again[i])
+					}
+				}
+			}
 			r.end()
 			want := make([]float64, T*total)
 			for i := range want {
@@ -98,7 +113,7 @@ func TestOpLoRAFused(t *testing.T) {
 			for _, row := range []int{37, 38, 39, 69} { // no adapter: untouched
 				for j := 0; j < total; j++ {
 					if got[row*total+j] != ov[row*total+j] {
-						t.Fatalf("v0=%v %v: row %d (no adapter) changed at %d", v0, mods, row, j)
+						t.Fatalf("%s %v: row %d (no adapter) changed at %d", mode, mods, row, j)
 					}
 				}
 			}
@@ -108,8 +123,8 @@ func TestOpLoRAFused(t *testing.T) {
 				gd[i] = got[i] - ov[i]
 				wd[i] = want[i] - float64(ov[i])
 			}
-			r.compare(fmt.Sprintf("lora v0=%v %v delta", v0, mods), gd, wd, 2e-2)
-			r.compare(fmt.Sprintf("lora v0=%v %v", v0, mods), got, want, opTol)
+			r.compare(fmt.Sprintf("lora %s %v delta", mode, mods), gd, wd, 2e-2)
+			r.compare(fmt.Sprintf("lora %s %v", mode, mods), got, want, opTol)
 		}
 	}
 }

@@ -1,0 +1,712 @@
+//go:build cuda
+
+package gpu
+
+import (
+	"fmt"
+	"math"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"regexp"
+	"runtime"
+	"slices"
+	"strconv"
+	"sync"
+	"testing"
+
+	"context"
+
+	"github.com/peftd/peftd/kernels"
+	"github.com/peftd/peftd/runtime/cuda"
+	"github.com/peftd/peftd/runtime/engine"
+	"github.com/peftd/peftd/runtime/llama"
+	"github.com/peftd/peftd/runtime/lora"
+	"github.com/peftd/peftd/runtime/safetensors"
+)
+
+// fp8Rig is a context, stream, cuBLASLt handle and FP8 state without a model.
+type fp8Rig struct {
+	t   testing.TB
+	ctx *cuda.Context
+	s   *cuda.Stream
+	mm  *cuda.Matmul
+	f   *fp8State
+	rng *rand.Rand
+}
+
+func newFP8Rig(t testing.TB) *fp8Rig {
+	t.Helper()
+	if err := Available(); err != nil {
+		t.Skipf("no GPU: %v", err)
+	}
+	ctx, err := cuda.NewContext(0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := &fp8Rig{t: t, ctx: ctx, rng: rand.New(rand.NewPCG(rand.Uint64(), 8))}
+	t.Cleanup(func() {
+		r.f.close()
+		r.mm.Close()
+		if r.s != nil {
+			r.s.Destroy()
+		}
+		ctx.Close()
+	})
+	if r.s, err = ctx.NewStream(); err != nil {
+		t.Fatal(err)
+	}
+	if r.mm, err = ctx.NewMatmul(32 << 20); err != nil {
+		t.Fatal(err)
+	}
+	if r.f, err = newFP8(ctx, r.s, r.mm, kernels.Options{}); err != nil {
+		t.Fatal(err)
+	}
+	return r
+}
+
+func (r *fp8Rig) alloc(n int) *cuda.DeviceBuffer {
+	b, err := r.ctx.Alloc(n)
+	if err != nil {
+		r.t.Fatal(err)
+	}
+	r.t.Cleanup(func() { b.Free() })
+	return b
+}
+
+// bf16Rand is n bf16 values ~ N(0, std^2) (never all zeros).
+func (r *fp8Rig) bf16Rand(n int, std float64) []uint16 {
+	h := make([]uint16, n)
+	for i := range h {
+		h[i] = toBF16(float32(r.rng.NormFloat64() * std))
+	}
+	return h
+}
+
+func (r *fp8Rig) up(h []uint16) *cuda.DeviceBuffer {
+	b := r.alloc(2 * len(h))
+	if err := cuda.CopyHtoD(r.s, b.Ptr(), h); err != nil {
+		r.t.Fatal(err)
+	}
+	return b
+}
+
+func (r *fp8Rig) sync() {
+	if err := r.s.Synchronize(); err != nil {
+		r.t.Fatal(err)
+	}
+}
+
+// refQuant is quant_rows_e4m3 on the host: the same float32 operations.
+func refQuant(x []uint16, rows, cols int) ([]byte, []float32) {
+	q := make([]byte, rows*cols)
+	s := make([]float32, rows)
+	for i := range rows {
+		row := x[i*cols : (i+1)*cols]
+		var m float32
+		bad := false
+		for _, h := range row {
+			a := float32(math.Abs(float64(fromBF16(h))))
+			if !(a <= 3.4e38) {
+				bad = true
+			}
+			m = max(m, a)
+		}
+		var inv float32
+		switch {
+		case bad:
+			s[i], inv = float32(math.NaN()), 0
+		case m == 0:
+			s[i], inv = 1, 0
+		default:
+			s[i], inv = m/448, 448/m
+		}
+		for k, h := range row {
+			q[i*cols+k] = float32ToE4M3(fromBF16(h) * inv)
+		}
+	}
+	return q, s
+}
+
+// TestFP8Enums checks the cuBLASLt and CUDA enum values the FP8 path hard-codes
+// against the headers of the toolkit on this machine.
+func TestFP8Enums(t *testing.T) {
+	inc := kernels.IncludeDir()
+	var src []byte
+	for _, f := range []string{"cublasLt.h", "library_types.h"} {
+		b, err := os.ReadFile(filepath.Join(inc, f))
+		if err != nil {
+			t.Skipf("no CUDA headers: %v", err)
+		}
+		src = append(src, b...)
+	}
+	for name, want := range cuda.FP8Enums() {
+		m := regexp.MustCompile(`\b` + name + `\s*=\s*(\d+)`).FindSubmatch(src)
+		if m == nil {
+			t.Errorf("%s not found in %s", name, inc)
+			continue
+		}
+		got, _ := strconv.Atoi(string(m[1]))
+		if got != want {
+			t.Errorf("%s = %d in the headers, the bindings use %d", name, got, want)
+		}
+	}
+}
+
+// TestFP8Quant compares quant_rows_e4m3 bit for bit with the host encoder:
+// vector and scalar paths, a zero row, a row with a NaN, a strided input.
+func TestFP8Quant(t *testing.T) {
+	r := newFP8Rig(t)
+	for _, sz := range []struct{ rows, cols, ld int }{{1, 4096, 4096}, {7, 14336, 14336}, {33, 96, 96}, {5, 100, 100}, {3, 37, 40}, {4, 64, 72}} {
+		x := r.bf16Rand(sz.rows*sz.ld, 1)
+		for k := range sz.cols {
+			x[k] = 0 // row 0 is zero
+		}
+		if sz.rows > 2 {
+			x[2*sz.ld+sz.cols/2] = toBF16(float32(math.NaN()))
+			x[sz.ld+1] = toBF16(-3e4) // a large outlier sets row 1's scale
+		}
+		dx := r.up(x)
+		dq, ds := r.alloc(sz.rows*sz.cols+16), r.alloc(4*sz.rows)
+		r.s.Memset8(dq.Ptr(), 0xAA, sz.rows*sz.cols)
+		if err := r.f.quantRows(dq.Ptr(), ds.Ptr(), dx.Ptr(), sz.rows, sz.cols, sz.ld); err != nil {
+			t.Fatal(err)
+		}
+		q := make([]byte, sz.rows*sz.cols)
+		s := make([]float32, sz.rows)
+		cuda.CopyDtoH(r.s, q, dq.Ptr())
+		cuda.CopyDtoH(r.s, s, ds.Ptr())
+		r.sync()
+		packed := make([]uint16, sz.rows*sz.cols)
+		for i := range sz.rows {
+			copy(packed[i*sz.cols:], x[i*sz.ld:i*sz.ld+sz.cols])
+		}
+		wq, ws := refQuant(packed, sz.rows, sz.cols)
+		bad := 0
+		for i := range q {
+			if q[i] != wq[i] {
+				if bad < 3 {
+					t.Errorf("%v: q[%d] = %#x, want %#x (x %v, scale %v)", sz, i, q[i], wq[i], fromBF16(packed[i]), ws[i/sz.cols])
+				}
+				bad++
+			}
+		}
+		for i := range s {
+			if math.Float32bits(s[i]) != math.Float32bits(ws[i]) && !(s[i] != s[i] && ws[i] != ws[i]) {
+				t.Errorf("%v: scale[%d] = %v, want %v", sz, i, s[i], ws[i])
+			}
+		}
+		// dequantized error: within half an e4m3 step (2^-4 relative) of x for normals
+		var d, n float64
+		for i, h := range packed {
+			if s[i/sz.cols] != s[i/sz.cols] {
+				continue
+			}
+			v := float64(fromBF16(h))
+			e := float64(e4m3ToFloat32(q[i])) * float64(s[i/sz.cols])
+			d += (e - v) * (e - v)
+			n += v * v
+		}
+		t.Logf("rows %d cols %d ld %d: %d/%d codes differ from the host encoder; dequantized relative error %.3g (finite non-zero rows)", sz.rows, sz.cols, sz.ld, bad, len(q), math.Sqrt(d/max(n, 1e-30)))
+	}
+}
+
+// gemmRef computes out[t,n] = sum_k a(t,k) * b(n,k) in float64 over all cores.
+func gemmRef(T, N, K int, a, b func(i, k int) float64) []float64 {
+	out := make([]float64, T*N)
+	A := make([]float64, T*K)
+	B := make([]float64, N*K)
+	for i := range T {
+		for k := range K {
+			A[i*K+k] = a(i, k)
+		}
+	}
+	for j := range N {
+		for k := range K {
+			B[j*K+k] = b(j, k)
+		}
+	}
+	var wg sync.WaitGroup
+	workers := runtime.GOMAXPROCS(0)
+	for w := range workers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for j := w; j < N; j += workers {
+				bj := B[j*K : (j+1)*K]
+				for i := range T {
+					ai := A[i*K : (i+1)*K]
+					s := 0.0
+					for k, v := range ai {
+						s += v * bj[k]
+					}
+					out[i*N+j] = s
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	return out
+}
+
+func relErr64(got []float32, want []float64) float64 {
+	var d, n float64
+	for i, w := range want {
+		x := float64(got[i]) - w
+		if math.IsNaN(x) {
+			return math.Inf(1)
+		}
+		d += x * x
+		n += w * w
+	}
+	return math.Sqrt(d / n)
+}
+
+// TestFP8Gemm checks the FP8 GEMM (activation rows quantized on the GPU,
+// weight rows quantized on the GPU, cuBLASLt outer-vector scaled product,
+// bf16 out) against a float64 product of the dequantized operands (tight:
+// only the bf16 output rounding and float32 accumulation remain), and
+// reports how far it and the bf16 GEMM are from the float64 product of the
+// original bf16 operands, and from each other. Odd T and widths included.
+func TestFP8Gemm(t *testing.T) {
+	r := newFP8Rig(t)
+	const tight = 4e-3 // bf16 output rounding (unit roundoff 2^-9 after rounding to nearest)
+	for _, sz := range []struct{ T, N, K int }{{1, 4096, 4096}, {7, 96, 272}, {33, 1000, 528}, {3, 100, 4096}, {64, 1024, 14336}, {129, 6144, 4096}, {300, 512, 4096}, {5, 97, 64}} {
+		xh, wh := r.bf16Rand(sz.T*sz.K, 1), r.bf16Rand(sz.N*sz.K, 0.02)
+		dx, dw := r.up(xh), r.up(wh)
+		w, err := r.f.upload(wh, sz.N, sz.K)
+		if err != nil {
+			t.Fatal(err)
+		}
+		out8, out16 := r.alloc(2*sz.T*sz.N), r.alloc(2*sz.T*sz.N)
+		r.s.Memset8(out8.Ptr(), 0xFF, 2*sz.T*sz.N) // NaN poison: every element must be written
+		r.s.Memset8(out16.Ptr(), 0xFF, 2*sz.T*sz.N)
+		r.f.invalidate()
+		err = r.f.linear(out8.Ptr(), dx.Ptr(), sz.T, w, 1)
+		if err != nil {
+			r.sync()
+			t.Logf("T=%d N=%d K=%d: FP8 GEMM not available: %v", sz.T, sz.N, sz.K, err)
+			if sz.N%8 == 0 { // fp8Projection's rule: these must work
+				t.Errorf("T=%d N=%d K=%d: %v", sz.T, sz.N, sz.K, err)
+			}
+			continue
+		}
+		if err := r.mm.GemmTN(r.s, out16.Ptr(), cuda.R16BF, dx.Ptr(), cuda.R16BF, dw.Ptr(), cuda.R16BF, sz.T, sz.N, sz.K, 1, 0); err != nil {
+			t.Fatal(err)
+		}
+		g8, g16 := make([]uint16, sz.T*sz.N), make([]uint16, sz.T*sz.N)
+		qx, sx := make([]byte, sz.T*sz.K), make([]float32, sz.T)
+		qw, sw := make([]byte, sz.N*sz.K), make([]float32, sz.N)
+		cuda.CopyDtoH(r.s, g8, out8.Ptr())
+		cuda.CopyDtoH(r.s, g16, out16.Ptr())
+		cuda.CopyDtoH(r.s, qx, r.f.actQ.Ptr())
+		cuda.CopyDtoH(r.s, sx, r.f.actS.Ptr())
+		cuda.CopyDtoH(r.s, qw, w.q.Ptr())
+		cuda.CopyDtoH(r.s, sw, w.scale.Ptr())
+		r.sync()
+		f8, f16 := make([]float32, len(g8)), make([]float32, len(g16))
+		for i := range g8 {
+			f8[i], f16[i] = fromBF16(g8[i]), fromBF16(g16[i])
+		}
+		deq := gemmRef(sz.T, sz.N, sz.K,
+			func(i, k int) float64 { return float64(e4m3ToFloat32(qx[i*sz.K+k])) * float64(sx[i]) },
+			func(j, k int) float64 { return float64(e4m3ToFloat32(qw[j*sz.K+k])) * float64(sw[j]) })
+		exact := gemmRef(sz.T, sz.N, sz.K,
+			func(i, k int) float64 { return float64(fromBF16(xh[i*sz.K+k])) },
+			func(j, k int) float64 { return float64(fromBF16(wh[j*sz.K+k])) })
+		eDeq, e8, e16 := relErr64(f8, deq), relErr64(f8, exact), relErr64(f16, exact)
+		f16d := make([]float64, len(f16))
+		for i, v := range f16 {
+			f16d[i] = float64(v)
+		}
+		e816 := relErr64(f8, f16d)
+		t.Logf("T=%4d N=%5d K=%5d: fp8 vs float64(dequantized) maxrel=%.3g; vs float64(bf16 operands): fp8 %.3g, bf16 GEMM %.3g; fp8 vs bf16 GEMM %.3g",
+			sz.T, sz.N, sz.K, eDeq, e8, e16, e816)
+		if !(eDeq <= tight) {
+			t.Errorf("T=%d N=%d K=%d: FP8 GEMM vs dequantized float64 reference %.3g > %.0e", sz.T, sz.N, sz.K, eDeq, tight)
+		}
+		if !(e8 <= 0.1) {
+			t.Errorf("T=%d N=%d K=%d: FP8 GEMM vs float64 of the bf16 operands %.3g > 0.1", sz.T, sz.N, sz.K, e8)
+		}
+		r.f.weights = slices.DeleteFunc(r.f.weights, func(x *fp8Weight) bool { return x == w })
+		w.q.Free()
+		w.scale.Free()
+	}
+}
+
+// TestFP8GemmBench times the FP8 GEMM (with and without the activation
+// quantization) against the bf16 GEMM at Llama-3.1-8B projection shapes,
+// rotating among weight copies that together exceed L2, median of per-launch
+// event times. PEFTD_FP8_BENCH=1 runs it.
+func TestFP8GemmBench(t *testing.T) {
+	if os.Getenv("PEFTD_FP8_BENCH") == "" {
+		t.Skip("PEFTD_FP8_BENCH is not set")
+	}
+	r := newFP8Rig(t)
+	bw := r.copyBW()
+	const peak16, peak8 = 989e12, 1979e12 // H100 SXM dense bf16 / fp8 tensor FLOP/s (datasheet)
+	bench("fp8gemm device %s; copy bandwidth %.0f GB/s; peaks bf16 %.0f, fp8 %.0f TFLOP/s (datasheet); median of 30 per-launch event times, weights rotated over >= 150 MB",
+		r.ctx.Device().Name, bw/1e9, peak16/1e12, peak8/1e12)
+	bench("fp8gemm %-8s %5s %9s %9s %9s %9s %8s %9s %9s %7s %7s %7s", "shape", "T", "bf16_us", "fp8_us", "quant_us", "fp8+q_us", "speedup", "floor16", "floor8", "frac16", "frac8", "TF/s8")
+	shapes := []struct {
+		name string
+		N, K int
+	}{{"qkv", 6144, 4096}, {"o", 4096, 4096}, {"gate_up", 28672, 4096}, {"down", 4096, 14336}}
+	Ts := []int{1, 16, 64, 256, 2048}
+	e0, _ := r.ctx.NewEvent(true)
+	e1, _ := r.ctx.NewEvent(true)
+	defer e0.Destroy()
+	defer e1.Destroy()
+	timeIt := func(reps int, fn func(i int) error) float64 {
+		var ms []float32
+		for i := range reps + 5 {
+			e0.Record(r.s)
+			if err := fn(i); err != nil {
+				t.Fatal(err)
+			}
+			e1.Record(r.s)
+			if err := e1.Synchronize(); err != nil {
+				t.Fatal(err)
+			}
+			x, _ := e1.Since(e0)
+			if i >= 5 {
+				ms = append(ms, x)
+			}
+		}
+		return median(ms) * 1e3
+	}
+	maxT := slices.Max(Ts)
+	for _, sh := range shapes {
+		N, K := sh.N, sh.K
+		wh := r.bf16Rand(N*K, 0.02)
+		n16 := max(2, (150<<20)/(2*N*K)+1)
+		n8 := max(2, (150<<20)/(N*K)+1)
+		w16 := make([]*cuda.DeviceBuffer, n16)
+		w16[0] = r.up(wh)
+		for i := 1; i < n16; i++ {
+			w16[i] = r.alloc(2 * N * K)
+			r.s.CopyDtoD(w16[i].Ptr(), w16[0].Ptr(), 2*N*K)
+		}
+		w8 := make([]*fp8Weight, n8)
+		var err error
+		if w8[0], err = r.f.upload(wh, N, K); err != nil {
+			t.Fatal(err)
+		}
+		for i := 1; i < n8; i++ {
+			w8[i] = &fp8Weight{q: r.alloc(N * K), scale: r.alloc(4 * N), rows: N, cols: K}
+			r.s.CopyDtoD(w8[i].q.Ptr(), w8[0].q.Ptr(), N*K)
+			r.s.CopyDtoD(w8[i].scale.Ptr(), w8[0].scale.Ptr(), 4*N)
+		}
+		x := r.up(r.bf16Rand(maxT*K, 1))
+		out := r.alloc(2 * maxT * N)
+		r.sync()
+		for _, T := range Ts {
+			t16 := timeIt(30, func(i int) error {
+				return r.mm.GemmTN(r.s, out.Ptr(), cuda.R16BF, x.Ptr(), cuda.R16BF, w16[i%n16].Ptr(), cuda.R16BF, T, N, K, 1, 0)
+			})
+			r.f.invalidate()
+			if err := r.f.linear(out.Ptr(), x.Ptr(), T, w8[0], 7); err != nil { // quantizes x once (cached below)
+				t.Fatal(err)
+			}
+			t8 := timeIt(30, func(i int) error { return r.f.linear(out.Ptr(), x.Ptr(), T, w8[i%n8], 7) })
+			tq := timeIt(30, func(i int) error {
+				return r.f.quantRows(r.f.actQ.Ptr(), r.f.actS.Ptr(), x.Ptr(), T, K, K)
+			})
+			tt := timeIt(30, func(i int) error {
+				r.f.invalidate()
+				return r.f.linear(out.Ptr(), x.Ptr(), T, w8[i%n8], 7)
+			})
+			fl := 2 * float64(T) * float64(N) * float64(K)
+			b16 := 2*float64(N*K) + 2*float64(T*K) + 2*float64(T*N)
+			b8 := float64(N*K) + 4*float64(N) + float64(T*K) + 4*float64(T) + 2*float64(T*N)
+			fl16 := max(b16/bw, fl/peak16) * 1e6
+			fl8 := max(b8/bw, fl/peak8) * 1e6
+			bench("fp8gemm %-8s %5d %9.1f %9.1f %9.1f %9.1f %8.2f %9.1f %9.1f %7.2f %7.2f %7.0f", fmt.Sprintf("%s", sh.name), T, t16, t8, tq, tt, t16/tt, fl16, fl8, fl16/t16, fl8/t8, fl/(t8*1e-6)/1e12)
+		}
+		r.sync()
+		for i := 1; i < n8; i++ {
+			w8[i].q.Free()
+			w8[i].scale.Free()
+		}
+		for i := 1; i < n16; i++ {
+			w16[i].Free()
+		}
+		r.f.weights = slices.DeleteFunc(r.f.weights, func(x *fp8Weight) bool { return x == w8[0] })
+		w8[0].q.Free()
+		w8[0].scale.Free()
+	}
+}
+
+// copyBW is device-to-device copy bandwidth (bytes read + written per second).
+func (r *fp8Rig) copyBW() float64 {
+	const n = 1 << 30
+	src, dst := r.alloc(n), r.alloc(n)
+	r.s.Memset32(src.Ptr(), 0x3f803f80, n/4)
+	e0, _ := r.ctx.NewEvent(true)
+	e1, _ := r.ctx.NewEvent(true)
+	defer e0.Destroy()
+	defer e1.Destroy()
+	var ms []float32
+	for i := range 12 {
+		e0.Record(r.s)
+		r.s.CopyDtoD(dst.Ptr(), src.Ptr(), n)
+		e1.Record(r.s)
+		if err := e1.Synchronize(); err != nil {
+			r.t.Fatal(err)
+		}
+		x, _ := e1.Since(e0)
+		if i >= 2 {
+			ms = append(ms, x)
+		}
+	}
+	src.Free()
+	dst.Free()
+	return 2 * n / (median(ms) / 1e3)
+}
+
+// quality is how far an engine's logits are from the float32 reference over
+// the fixture's cases (no limits applied: the FP8 tests report it).
+type quality struct {
+	perCase             []float64 // relative error over all of a case's rows
+	worstRow            float64
+	kl                  float64 // mean KL(reference || engine) of the softmaxes, nats per row
+	rows                int
+	match, ties, misses int // greedy: same token, reference near-tie (<= tieTol), other
+	worstMissGap        float64
+}
+
+func (q quality) worst() float64 { return slices.Max(q.perCase) }
+
+func klRow(ref, got []float32) float64 {
+	lse := func(v []float32) float64 {
+		m := float64(v[argmax(v)])
+		s := 0.0
+		for _, x := range v {
+			s += math.Exp(float64(x) - m)
+		}
+		return m + math.Log(s)
+	}
+	lr, lg := lse(ref), lse(got)
+	kl := 0.0
+	for i := range ref {
+		pr := float64(ref[i]) - lr
+		kl += math.Exp(pr) * (pr - (float64(got[i]) - lg))
+	}
+	return kl
+}
+
+// measureCases runs the fixture's cases co-batched and teacher-forced as
+// runCases does, measuring instead of asserting.
+func measureCases(t *testing.T, e *engine.Engine, slots map[string]int, cases []refCase) quality {
+	t.Helper()
+	ctx := context.Background()
+	V := e.Config().VocabSize
+	seqs := make([]*engine.Sequence, len(cases))
+	in := make([]engine.Input, len(cases))
+	for i, c := range cases {
+		seqs[i] = &engine.Sequence{}
+		slot := -1
+		if c.Adapter != nil {
+			slot = slots[*c.Adapter]
+		}
+		in[i] = engine.Input{Seq: seqs[i], Tokens: c.Prompt, Slot: slot, AllLogits: true}
+	}
+	var q quality
+	agg := make([]errAcc, len(cases))
+	row := func(i int, got, ref []float32, want int32, greedy bool) {
+		q.worstRow = max(q.worstRow, relErr(got, ref))
+		agg[i].add(got, ref)
+		q.kl += klRow(ref, got)
+		q.rows++
+		if !greedy {
+			return
+		}
+		g := argmax(got)
+		gap := float64(ref[argmax(ref)] - ref[g])
+		switch {
+		case g == want:
+			q.match++
+		case gap <= tieTol:
+			q.ties++
+		default:
+			q.misses++
+			q.worstMissGap = max(q.worstMissGap, gap)
+		}
+	}
+	out, err := e.Step(ctx, in)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, c := range cases {
+		n := len(c.Prompt)
+		for r := 0; r < n; r++ {
+			row(i, out[i][r*V:(r+1)*V], c.prefill[r*V:(r+1)*V], c.greedy[0], r == n-1)
+		}
+	}
+	for j := 0; ; j++ {
+		var step []engine.Input
+		var idx []int
+		for i, c := range cases {
+			if j < c.Decode {
+				step = append(step, engine.Input{Seq: seqs[i], Tokens: []int32{c.greedy[j]}, Slot: in[i].Slot})
+				idx = append(idx, i)
+			}
+		}
+		if len(step) == 0 {
+			break
+		}
+		out, err := e.Step(ctx, step)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for k, i := range idx {
+			c := cases[i]
+			var want int32
+			if j+1 < len(c.greedy) {
+				want = c.greedy[j+1]
+			}
+			row(i, out[k], c.decode[j*V:(j+1)*V], want, j+1 < len(c.greedy))
+		}
+	}
+	for _, s := range seqs {
+		e.Release(s)
+	}
+	for i := range cases {
+		q.perCase = append(q.perCase, agg[i].rel())
+	}
+	q.kl /= float64(q.rows)
+	return q
+}
+
+// compareFormats runs the fixture with bf16 and then fp8 weights (same
+// cases, co-batched, every adapter loaded) and logs both side by side.
+func compareFormats(t *testing.T, m *llama.Model, adapters map[string]*lora.Adapter, cases []refCase, opts engine.Options) map[string]quality {
+	res := map[string]quality{}
+	for _, wf := range []string{WeightsBF16, WeightsFP8} {
+		b, err := New(Options{WeightFormat: wf})
+		if err != nil {
+			t.Fatal(err)
+		}
+		e, err := engine.New(m, b, opts)
+		if err != nil {
+			b.Close()
+			t.Fatal(err)
+		}
+		slots := map[string]int{}
+		for n := range adapters {
+			slots[n] = len(slots)
+		}
+		for n, sl := range slots {
+			if err := e.LoadAdapter(sl, adapters[n]); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if wf == WeightsFP8 {
+			t.Logf("fp8: %d projection weights, %.1f MB in e4m3 + scales", len(b.f8.weights), float64(b.f8.bytes())/1e6)
+		}
+		q := measureCases(t, e, slots, cases)
+		if err := e.Close(); err != nil {
+			t.Errorf("close: %v", err)
+		}
+		res[wf] = q
+	}
+	t.Logf("%-4s %-18s %9s %9s", "case", "adapter", "bf16_rel", "fp8_rel")
+	for i, c := range cases {
+		t.Logf("%-4d %-18s %9.4f %9.4f", c.ID, name(c), res[WeightsBF16].perCase[i], res[WeightsFP8].perCase[i])
+	}
+	for _, wf := range []string{WeightsBF16, WeightsFP8} {
+		q := res[wf]
+		t.Logf("%s maxrel=%.4g (worst case, all rows); worst row %.4g; mean KL(ref||%s) %.3g nats over %d rows; greedy %d/%d exact, %d near-ties, %d misses (worst reference gap %.3g)",
+			wf, q.worst(), q.worstRow, wf, q.kl, q.rows, q.match, q.match+q.ties+q.misses, q.ties, q.misses, q.worstMissGap)
+	}
+	return res
+}
+
+// TestFP8Fixture: the tiny fixture (hidden 128) with bf16 and fp8 weights.
+// The bf16 run must meet the usual limits; the fp8 run is reported, with
+// only a gross-error bound (a broken FP8 path, e.g. scales applied to the
+// wrong axis, gives errors near 1). Measured on the H100: worst case 0.099
+// here, 0.176 on the 8B-shape fixture (bf16: 0.014, 0.015); e4m3's 3
+// mantissa bits cost 0.037 per GEMM (TestFP8Gemm), so this is the format's
+// error, not a kernel's.
+func TestFP8Fixture(t *testing.T) {
+	if err := Available(); err != nil {
+		t.Skipf("no GPU: %v", err)
+	}
+	m, adapters, cases := loadFixture(t)
+	opts := engine.DefaultOptions()
+	opts.AdapterSlots = len(adapters)
+	res := compareFormats(t, m, adapters, cases, opts)
+	if w := res[WeightsBF16].worst(); !(w <= fixtureTol) {
+		t.Errorf("bf16: worst case %.3g > %.0e", w, fixtureTol)
+	}
+	if w := res[WeightsFP8].worst(); !(w <= fp8GrossTol) {
+		t.Errorf("fp8: worst case %.3g > %.2g", w, fp8GrossTol)
+	}
+}
+
+// fp8GrossTol bounds the FP8 fixtures' worst case: it catches a broken FP8
+// path, it does not say FP8 matches bf16 (it does not: see TestFP8Fixture).
+const fp8GrossTol = 0.3
+
+// TestFP8Fixture8BShape: the 8B-shape fixture (PEFTD_FIXTURE_8B) with bf16
+// and fp8 weights, same cases.
+func TestFP8Fixture8BShape(t *testing.T) {
+	dir := os.Getenv("PEFTD_FIXTURE_8B")
+	if dir == "" {
+		t.Skip("PEFTD_FIXTURE_8B is not set")
+	}
+	m, adapters, cases := loadFixtureDir(t, dir)
+	opts := engine.Options{MaxTokens: 1024, KVBlocks: 512, BlockSize: 16, AdapterSlots: len(adapters)}
+	res := compareFormats(t, m, adapters, cases, opts)
+	if w := res[WeightsBF16].worst(); !(w <= fixtureTol) {
+		t.Errorf("bf16: worst case %.3g > %.0e", w, fixtureTol)
+	}
+	if w := res[WeightsFP8].worst(); !(w <= fp8GrossTol) {
+		t.Errorf("fp8: worst case %.3g > %.2g", w, fp8GrossTol)
+	}
+}
+
+// TestFP8ActivationCache: consecutive projections of one input quantize it
+// once; a write to the input (here a LoRA-free Linear into it, then a
+// host copy) makes the next projection quantize again.
+func TestFP8ActivationCache(t *testing.T) {
+	cfg := testConfig(256, 512, 4, 2, 64, 64, 1)
+	r := newRig(t, cfg, 8, engine.KVSpec{Layers: 1, Blocks: 4, BlockSize: 16, KVHeads: 2, HeadDim: 64})
+	var err error
+	if r.b.f8, err = newFP8(r.b.ctx, r.b.s, r.b.mm, kernels.Options{}); err != nil {
+		t.Fatal(err)
+	}
+	T, K, N := 5, 256, 512
+	w := r.rnd(N*K, 0.05)
+	raw := make([]byte, 4*len(w))
+	for i, v := range w {
+		u := math.Float32bits(v)
+		raw[4*i], raw[4*i+1], raw[4*i+2], raw[4*i+3] = byte(u), byte(u>>8), byte(u>>16), byte(u>>24)
+	}
+	fw, err := r.b.Upload("model.layers.0.mlp.up_proj.weight", safetensors.F32, []int{N, K}, raw)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := fw.(*fp8Weight); !ok {
+		t.Fatalf("projection uploaded as %T, want *fp8Weight", fw)
+	}
+	x, o1, o2 := r.buffer(T, K), r.buffer(T, N), r.buffer(T, N)
+	run := func(v []float32) ([]float32, []float32) {
+		r.fill(x, v)
+		r.begin(oneSeq(T, 16, zeros(T)))
+		r.b.Linear(o1, x, fw)
+		r.b.Linear(o2, x, fw) // cached quantization
+		g1, g2 := r.read(o1, T), r.read(o2, T)
+		r.end()
+		return g1, g2
+	}
+	a1, a2 := run(r.rnd(T*K, 1))
+	b1, b2 := run(r.rnd(T*K, 1))
+	if !slices.Equal(a1, a2) || !slices.Equal(b1, b2) {
+		t.Error("two projections of one input differ")
+	}
+	if slices.Equal(a1, b1) {
+		t.Error("a new input gave the old result: stale quantized activations")
+	}
+}

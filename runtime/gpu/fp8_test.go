@@ -1,0 +1,61 @@
+package gpu
+
+import (
+	"math"
+	"testing"
+)
+
+func TestParseWeightFormat(t *testing.T) {
+	for in, want := range map[string]string{"": WeightsBF16, "bf16": WeightsBF16, "FP8": WeightsFP8, " fp8 ": WeightsFP8, "e4m3": WeightsFP8} {
+		if got, err := ParseWeightFormat(in); err != nil || got != want {
+			t.Errorf("%q: %q, %v; want %q", in, got, err, want)
+		}
+	}
+	if _, err := ParseWeightFormat("int4"); err == nil {
+		t.Error("int4 accepted")
+	}
+}
+
+func TestFP8Projection(t *testing.T) {
+	for _, c := range []struct {
+		name  string
+		shape []int
+		want  bool
+	}{
+		{"model.layers.0.self_attn.q_proj.weight", []int{4096, 4096}, true},
+		{"model.layers.31.mlp.down_proj.weight", []int{4096, 14336}, true},
+		{"model.layers.0.self_attn.k_proj.weight", []int{100, 4096}, false}, // N % 8
+		{"model.layers.0.mlp.up_proj.weight", []int{352, 120}, false},       // K % 16
+		{"model.embed_tokens.weight", []int{128256, 4096}, false},
+		{"lm_head.weight", []int{128256, 4096}, false},
+		{"model.layers.0.input_layernorm.weight", []int{4096}, false},
+	} {
+		if got := fp8Projection(c.name, c.shape); got != c.want {
+			t.Errorf("%s %v: %v, want %v", c.name, c.shape, got, c.want)
+		}
+	}
+}
+
+// The host e4m3 codec (used by the GPU tests as the reference encoder).
+func TestE4M3Codec(t *testing.T) {
+	for c := 0; c < 256; c++ {
+		v := e4m3ToFloat32(byte(c))
+		if c&0x7f == 0x7f {
+			if !math.IsNaN(float64(v)) {
+				t.Errorf("code %#x: %v, want NaN", c, v)
+			}
+			continue
+		}
+		if got := float32ToE4M3(v); got != byte(c) && !(v == 0 && got&0x7f == 0) {
+			t.Errorf("code %#x (%v) re-encodes to %#x", c, v, got)
+		}
+	}
+	for _, x := range []struct {
+		v    float32
+		want byte
+	}{{448, 0x7e}, {460, 0x7e}, {1000, 0x7e}, {-1000, 0xfe}, {1.0625, 0x38}, {1.1875, 0x3a}, {0.5 / 512, 0}, {0.51 / 512, 1}, {float32(math.NaN()), 0x7f}} {
+		if got := float32ToE4M3(x.v); got != x.want {
+			t.Errorf("%v -> %#x, want %#x", x.v, got, x.want)
+		}
+	}
+}
