@@ -37,8 +37,8 @@ func TestFetch(t *testing.T) {
 		}
 		put(t, s, "llama/tiny/"+f, b)
 	}
-	put(t, s, "llama/tiny/pytorch_model.bin", []byte("pickle"))     // not read by the engine: skipped
-	put(t, s, "llama/tiny/sub/config.json", []byte(`{"x":1}`))        // a sub-folder: skipped
+	put(t, s, "llama/tiny/pytorch_model.bin", []byte("pickle"))      // not read by the engine: skipped
+	put(t, s, "llama/tiny/sub/config.json", []byte(`{"x":1}`))       // a sub-folder: skipped
 	put(t, s, "llama/tiny-other/config.json", []byte(`{"other":1}`)) // a sibling prefix: skipped
 	url := strings.Replace(s.StoreURL("models"), "s3://models/", "s3://models/llama/tiny", 1)
 	cache := t.TempDir()
