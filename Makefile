@@ -32,7 +32,7 @@ setup:
 
 vet:
 	$(GO) vet ./...
-	@test -z "$$(gofmt -l cmd runtime loader api scheduler kernels models infra 2>/dev/null)" || { gofmt -l cmd runtime loader api scheduler kernels models infra; echo "gofmt needed"; exit 1; }
+	@files=$$(git ls-files '*.go' | xargs gofmt -l); test -z "$$files" || { echo "gofmt needed: $$files"; exit 1; }
 
 test: setup vet
 	$(GO) test -race -count=1 ./...
