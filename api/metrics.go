@@ -8,6 +8,7 @@ import (
 
 	"github.com/peftd/peftd/scheduler"
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
 )
 
 // Metrics are the server's Prometheus metrics. Create them before the
@@ -91,7 +92,7 @@ func NewMetrics(maxLoRA int) *Metrics {
 	r.MustRegister(m.requests, m.generated, m.prompt, m.ttft, m.itl, m.e2e, m.inflight, m.waiting, m.running,
 		m.batchRows, m.batchSeqs, m.adapters, m.stepTime, m.preempt, m.kvUsage, m.loraInfo,
 		m.vllmWaiting, m.vllmRunning, m.vllmKV,
-		prometheus.NewGoCollector(), prometheus.NewProcessCollector(prometheus.ProcessCollectorOpts{}))
+		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	m.setLoRA(nil, nil)
 	return m
 }

@@ -13,7 +13,6 @@
 package cuda
 
 import (
-	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -124,8 +123,6 @@ func cString(p *byte) string {
 
 // nullTerm returns s as a NUL-terminated byte slice.
 func nullTerm(s string) []byte { return append([]byte(s), 0) }
-
-var errLoadOnce = errors.New("cuda: not loaded")
 
 type lazy struct {
 	once sync.Once

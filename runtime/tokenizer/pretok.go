@@ -43,7 +43,7 @@ func parseNormalizer(raw json.RawMessage) ([]normalizer, error) {
 			return nil, errors.New("unsupported Replace normalizer: only string patterns are supported")
 		}
 		if *n.Pattern.String == "" {
-			return nil, errors.New("Replace normalizer with empty pattern")
+			return nil, errors.New("tokenizer: a Replace normalizer has an empty pattern")
 		}
 		return []normalizer{{from: *n.Pattern.String, to: n.Content}}, nil
 	}
