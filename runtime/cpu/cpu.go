@@ -224,9 +224,8 @@ func matmulT(o, x *Buffer, w []float32, outF, inF, n int, b *Backend) {
 	})
 }
 
-// dot4 is four dot products against one shared vector w, each summed in the
-// same order as dot (so a row's result does not depend on its batch).
-func dot4(a0, a1, a2, a3, w []float32) (float32, float32, float32, float32) {
+// dot4Go is the portable dot4: each row summed in dotGo's order.
+func dot4Go(a0, a1, a2, a3, w []float32) (float32, float32, float32, float32) {
 	n := len(w)
 	a0, a1, a2, a3 = a0[:n], a1[:n], a2[:n], a3[:n]
 	var s00, s01, s02, s03, s10, s11, s12, s13, s20, s21, s22, s23, s30, s31, s32, s33 float32
@@ -259,8 +258,43 @@ func dot4(a0, a1, a2, a3, w []float32) (float32, float32, float32, float32) {
 	return (s00 + s01) + (s02 + s03), (s10 + s11) + (s12 + s13), (s20 + s21) + (s22 + s23), (s30 + s31) + (s32 + s33)
 }
 
-// dot is a float32 dot product with four partial sums.
+// dot is a float32 dot product: AVX2+FMA over whole groups of eight where
+// the CPU has them (the scalar tail added last), else four partial sums.
 func dot(a, b []float32) float32 {
+	n := len(a)
+	b = b[:n]
+	if !useAVX || n < 8 {
+		return dotGo(a, b)
+	}
+	m := n &^ 7
+	s := dotAVX(&a[0], &b[0], m)
+	for i := m; i < n; i++ {
+		s += a[i] * b[i]
+	}
+	return s
+}
+
+// dot4 is four dot products against one shared vector w, each row summed
+// exactly as dot sums it (so a row's result does not depend on its batch).
+func dot4(a0, a1, a2, a3, w []float32) (float32, float32, float32, float32) {
+	n := len(w)
+	a0, a1, a2, a3 = a0[:n], a1[:n], a2[:n], a3[:n]
+	if !useAVX || n < 8 {
+		return dot4Go(a0, a1, a2, a3, w)
+	}
+	m := n &^ 7
+	r0, r1, r2, r3 := dot4AVX(&a0[0], &a1[0], &a2[0], &a3[0], &w[0], m)
+	for i := m; i < n; i++ {
+		r0 += a0[i] * w[i]
+		r1 += a1[i] * w[i]
+		r2 += a2[i] * w[i]
+		r3 += a3[i] * w[i]
+	}
+	return r0, r1, r2, r3
+}
+
+// dotGo is the portable dot product with four partial sums.
+func dotGo(a, b []float32) float32 {
 	var s0, s1, s2, s3 float32
 	n := len(a)
 	b = b[:n]
@@ -358,14 +392,22 @@ func (b *Backend) Attention(out, q, k, v engine.Buffer, layer int, scale float32
 			scores = scores[:ctx]
 			qh := qb.row(r)[h*hd : (h+1)*hd]
 			kvOff := (h / group) * hd
-			maxS := float32(math.Inf(-1))
-			for p := 0; p < ctx; p++ {
+			key := func(p int) []float32 {
 				slot := int(s.Blocks[p/kv.BlockSize])*kv.BlockSize + p%kv.BlockSize
-				sc := dot(qh, kc[slot*width+kvOff:slot*width+kvOff+hd]) * scale
-				scores[p] = sc
-				if sc > maxS {
-					maxS = sc
-				}
+				return kc[slot*width+kvOff : slot*width+kvOff+hd]
+			}
+			// q·k four positions at a time (dot4 sums each exactly as dot does).
+			p := 0
+			for ; p+4 <= ctx; p += 4 {
+				s0, s1, s2, s3 := dot4(key(p), key(p+1), key(p+2), key(p+3), qh)
+				scores[p], scores[p+1], scores[p+2], scores[p+3] = s0*scale, s1*scale, s2*scale, s3*scale
+			}
+			for ; p < ctx; p++ {
+				scores[p] = dot(key(p), qh) * scale
+			}
+			maxS := float32(math.Inf(-1))
+			for _, sc := range scores {
+				maxS = max(maxS, sc)
 			}
 			var sum float32
 			for p := range scores {
