@@ -10,6 +10,7 @@ import (
 	"log/slog"
 	"net"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/gofiber/fiber/v2"
@@ -61,6 +62,9 @@ type Server struct {
 	created int64
 	ctx     context.Context // cancelled by Shutdown: ends streams
 	stop    context.CancelFunc
+
+	mu        sync.Mutex
+	listeners []*connTracker
 }
 
 // New builds the server and its routes.
@@ -137,12 +141,25 @@ func New(cfg Config) *Server {
 func (s *Server) App() *fiber.App { return s.app }
 
 // Serve accepts connections on ln until Shutdown.
-func (s *Server) Serve(ln net.Listener) error { return s.app.Listener(ln) }
+func (s *Server) Serve(ln net.Listener) error {
+	t := newConnTracker(ln)
+	s.mu.Lock()
+	s.listeners = append(s.listeners, t)
+	s.mu.Unlock()
+	return s.app.Listener(t)
+}
 
 // Shutdown ends open streams and stops the server, waiting for requests
 // until ctx ends.
 func (s *Server) Shutdown(ctx context.Context) error {
 	s.stop()
+	done := make(chan struct{})
+	defer close(done)
+	s.mu.Lock()
+	for _, t := range s.listeners {
+		go t.reapUnused(done, 50*time.Millisecond)
+	}
+	s.mu.Unlock()
 	return s.app.ShutdownWithContext(ctx)
 }
 
