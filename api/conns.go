@@ -31,6 +31,9 @@ func (c *trackedConn) Read(b []byte) (int, error) {
 	return n, err
 }
 
+// Unwrap is the accepted connection.
+func (c *trackedConn) Unwrap() net.Conn { return c.Conn }
+
 func (c *trackedConn) Close() error {
 	c.t.mu.Lock()
 	delete(c.t.conns, c)

@@ -450,7 +450,7 @@ type delta struct {
 
 // drive consumes the scheduler's events: decodes text, applies stop
 // strings, calls emit with streamable deltas (nil: not streaming).
-func (s *Server) drive(ctx context.Context, cancel context.CancelFunc, j *job, ch <-chan scheduler.Event, emit func(delta) error, heartbeat func() error) (result, error) {
+func (s *Server) drive(ctx context.Context, cancel context.CancelFunc, j *job, ch <-chan scheduler.Event, emit func(delta) error, heartbeat func() error, every time.Duration) (result, error) {
 	res := result{prompt: len(j.req.Prompt)}
 	var dec interface {
 		Add(int32) string
@@ -499,8 +499,8 @@ func (s *Server) drive(ctx context.Context, cancel context.CancelFunc, j *job, c
 		return emit(d)
 	}
 	var tick <-chan time.Time
-	if heartbeat != nil && s.cfg.Heartbeat > 0 {
-		tk := time.NewTicker(s.cfg.Heartbeat)
+	if heartbeat != nil && every > 0 {
+		tk := time.NewTicker(every)
 		defer tk.Stop()
 		tick = tk.C
 	}
@@ -514,8 +514,8 @@ loop:
 			}
 			ev = e
 		case <-tick:
-			// A comment line keeps proxies from timing out and finds a
-			// client that went away while the request waits.
+			// A comment line (SSE) keeps proxies from timing out; it, or a
+			// peek at the socket, finds a client that went away.
 			if err := heartbeat(); err != nil {
 				cancel()
 				return res, err
@@ -583,6 +583,10 @@ loop:
 	return res, nil
 }
 
+// disconnectProbe is how often a non-streaming request checks that its
+// client is still connected (a client that leaves frees its KV pages).
+const disconnectProbe = 200 * time.Millisecond
+
 // generate runs a job: a JSON answer, or an SSE stream.
 func (s *Server) generate(c *fiber.Ctx, j *job) error {
 	base := s.ctx
@@ -608,7 +612,14 @@ func (s *Server) generate(c *fiber.Ctx, j *job) error {
 	s.metrics.begin()
 	if !j.stream {
 		defer cancel()
-		res, err := s.drive(ctx, cancel, j, ch, nil, nil)
+		conn := c.Context().Conn()
+		probe := func() error {
+			if peerClosed(conn) {
+				return context.Canceled // answered 499: the client went away
+			}
+			return nil
+		}
+		res, err := s.drive(ctx, cancel, j, ch, nil, probe, disconnectProbe)
 		if err != nil {
 			e := runErr(err)
 			s.metrics.end(j.adapter, e.Status, res.prompt, res.complete, time.Since(j.start))
@@ -654,7 +665,7 @@ func (s *Server) generate(c *fiber.Ctx, j *job) error {
 			}
 			return nil
 		}
-		res, err := s.drive(ctx, cancel, j, ch, emit, heartbeat)
+		res, err := s.drive(ctx, cancel, j, ch, emit, heartbeat, s.cfg.Heartbeat)
 		status := fiber.StatusOK
 		switch {
 		case sendErr != nil:

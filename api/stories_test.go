@@ -327,3 +327,45 @@ func TestDisconnectCancels(t *testing.T) {
 		t.Errorf("no 499 in metrics:\n%s", r.Body)
 	}
 }
+
+// TestDisconnectCancelsNonStreaming: a plain JSON request whose client goes
+// away while it waits is cancelled too (the socket is peeked for EOF).
+func TestDisconnectCancelsNonStreaming(t *testing.T) {
+	st, tok := storiesStack(t, 1, 4)
+	cfg := st.config("stories260K")
+	cfg.Tokenizer = tok
+	url := start(t, cfg)
+	lease, err := st.loader.Acquire(context.Background(), "pirate")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer lease.Release()
+	ctx, cancel := context.WithCancel(context.Background())
+	req, _ := http.NewRequestWithContext(ctx, "POST", url+"/v1/completions",
+		strings.NewReader(`{"model":"space","prompt":"Once upon a time","max_tokens":50}`))
+	req.Header.Set("Content-Type", "application/json")
+	errc := make(chan error, 1)
+	go func() {
+		_, err := http.DefaultClient.Do(req)
+		errc <- err
+	}()
+	deadline := time.Now().Add(5 * time.Second)
+	for st.sched.Pending() != 1 && time.Now().Before(deadline) {
+		time.Sleep(5 * time.Millisecond)
+	}
+	if n := st.sched.Pending(); n != 1 {
+		t.Fatalf("pending %d, want 1 (the request waits for the only slot)", n)
+	}
+	cancel() // the client gives up: its connection closes
+	<-errc
+	for st.sched.Pending() != 0 && time.Now().Before(deadline.Add(5*time.Second)) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if n := st.sched.Pending(); n != 0 {
+		t.Fatalf("the request still pends after the client left (%d)", n)
+	}
+	r := do(t, "GET", url+"/metrics", nil)
+	if !strings.Contains(string(r.Body), `peftd_requests_total{adapter="space",status="499"} 1`) {
+		t.Errorf("no 499 in metrics:\n%s", r.Body)
+	}
+}
