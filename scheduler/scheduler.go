@@ -252,14 +252,15 @@ func (s *Scheduler) enqueue(q *seq) {
 	}
 }
 
-// finish ends a request: the Done event, the lease released.
+// finish ends a request. The lease and the pending count are released
+// before the Done event, so a caller that has seen Done sees them released.
 func (s *Scheduler) finish(q *seq, reason string, err error) {
-	q.out <- Event{Done: true, FinishReason: reason, Err: err, PromptTokens: len(q.req.Prompt), CompletionTokens: q.gen}
-	close(q.out)
 	if q.lease != nil {
 		q.lease.Release()
 	}
 	s.pending.Add(-1)
+	q.out <- Event{Done: true, FinishReason: reason, Err: err, PromptTokens: len(q.req.Prompt), CompletionTokens: q.gen}
+	close(q.out)
 }
 
 func (s *Scheduler) loop() {
