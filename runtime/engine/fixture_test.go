@@ -2,7 +2,6 @@ package engine_test
 
 import (
 	"context"
-	"math"
 	"testing"
 
 	"github.com/peftd/peftd/internal/fixture"
@@ -10,6 +9,7 @@ import (
 	"github.com/peftd/peftd/runtime/engine"
 	"github.com/peftd/peftd/runtime/llama"
 	"github.com/peftd/peftd/runtime/lora"
+	"github.com/peftd/peftd/runtime/sample"
 )
 
 type refCase = fixture.Case
@@ -25,26 +25,6 @@ func loadFixture(t testing.TB) (*llama.Model, map[string]*lora.Adapter, []refCas
 }
 
 func itoa(i int) string { return string(rune('0' + i)) }
-
-func relErr(got, want []float32) float64 {
-	var d, n float64
-	for i := range want {
-		x := float64(got[i]) - float64(want[i])
-		d += x * x
-		n += float64(want[i]) * float64(want[i])
-	}
-	return math.Sqrt(d / n)
-}
-
-func argmax(v []float32) int32 {
-	best := 0
-	for i, x := range v {
-		if x > v[best] {
-			best = i
-		}
-	}
-	return int32(best)
-}
 
 // runCases runs the cases co-batched in one engine (prefill together, then
 // teacher-forced decode steps together) and checks every row.
@@ -69,12 +49,12 @@ func runCases(t *testing.T, e *engine.Engine, slots map[string]int, cases []refC
 	worst := 0.0
 	defer func() { t.Logf("%d cases: worst relative error %.3g", len(cases), worst) }()
 	for i, c := range cases {
-		r := relErr(out[i], c.Prefill)
+		r := fixture.RelErr(out[i], c.Prefill)
 		worst = max(worst, r)
 		if r > 1e-4 {
 			t.Errorf("case %d (%v): prefill logits relative error %.3g > 1e-4", c.ID, name(c), r)
 		}
-		if g := argmax(out[i][len(out[i])-V:]); g != c.Greedy[0] {
+		if g := sample.Argmax(out[i][len(out[i])-V:]); g != c.Greedy[0] {
 			t.Errorf("case %d: first greedy token %d, want %d", c.ID, g, c.Greedy[0])
 		}
 	}
@@ -96,13 +76,13 @@ func runCases(t *testing.T, e *engine.Engine, slots map[string]int, cases []refC
 		}
 		for k, i := range idx {
 			c := cases[i]
-			r := relErr(out[k], c.DecodeLogits[j*V:(j+1)*V])
+			r := fixture.RelErr(out[k], c.DecodeLogits[j*V:(j+1)*V])
 			worst = max(worst, r)
 			if r > 1e-4 {
 				t.Errorf("case %d decode %d: relative error %.3g > 1e-4", c.ID, j, r)
 			}
 			if j+1 < len(c.Greedy) {
-				if g := argmax(out[k]); g != c.Greedy[j+1] {
+				if g := sample.Argmax(out[k]); g != c.Greedy[j+1] {
 					t.Errorf("case %d decode %d: greedy %d, want %d", c.ID, j, g, c.Greedy[j+1])
 				}
 			}

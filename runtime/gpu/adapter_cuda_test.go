@@ -6,6 +6,7 @@ import (
 	"context"
 	"testing"
 
+	fx "github.com/peftd/peftd/internal/fixture"
 	"github.com/peftd/peftd/runtime/engine"
 )
 
@@ -106,7 +107,7 @@ func TestAsyncAdapterLoad(t *testing.T) {
 			t.Fatalf("step %d: %d vs %d outputs", i, len(outs[0]), len(outs[1]))
 		}
 		for j := range outs[0] {
-			e := relErr(outs[1][j], outs[0][j])
+			e := fx.RelErr(outs[1][j], outs[0][j])
 			worst = max(worst, e)
 			if e != 0 {
 				t.Errorf("step %d input %d: async-load engine differs from the synchronous one (rel %.3g)", i, j, e)

@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	fx "github.com/peftd/peftd/internal/fixture"
 	"github.com/peftd/peftd/runtime/cuda"
 	"github.com/peftd/peftd/runtime/engine"
 	"github.com/peftd/peftd/runtime/llama"
@@ -649,7 +650,7 @@ wait:
 	}
 	other1 := one(0) // while the upload may be in flight
 	gotA := one(slot)
-	dOther, dNew := relErr(other1, other0), relErr(gotA, gotS)
+	dOther, dNew := fx.RelErr(other1, other0), fx.RelErr(gotA, gotS)
 	bench("adapterload check: other slot during the upload rel %.3g; first step on the new slot, async vs sync load rel %.3g", dOther, dNew)
 	if dOther != 0 || dNew != 0 {
 		t.Errorf("async adapter load changed results: other slot %.3g, new slot %.3g", dOther, dNew)

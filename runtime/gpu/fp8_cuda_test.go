@@ -3,6 +3,7 @@
 package gpu
 
 import (
+	"context"
 	"fmt"
 	"math"
 	"math/rand/v2"
@@ -15,14 +16,14 @@ import (
 	"sync"
 	"testing"
 
-	"context"
-
+	fx "github.com/peftd/peftd/internal/fixture"
 	"github.com/peftd/peftd/kernels"
 	"github.com/peftd/peftd/runtime/cuda"
 	"github.com/peftd/peftd/runtime/engine"
 	"github.com/peftd/peftd/runtime/llama"
 	"github.com/peftd/peftd/runtime/lora"
 	"github.com/peftd/peftd/runtime/safetensors"
+	"github.com/peftd/peftd/runtime/sample"
 )
 
 // fp8Rig is a context, stream, cuBLASLt handle and FP8 state without a model.
@@ -479,7 +480,7 @@ func (q quality) worst() float64 { return slices.Max(q.perCase) }
 
 func klRow(ref, got []float32) float64 {
 	lse := func(v []float32) float64 {
-		m := float64(v[argmax(v)])
+		m := float64(v[sample.Argmax(v)])
 		s := 0.0
 		for _, x := range v {
 			s += math.Exp(float64(x) - m)
@@ -514,15 +515,15 @@ func measureCases(t *testing.T, e *engine.Engine, slots map[string]int, cases []
 	var q quality
 	agg := make([]errAcc, len(cases))
 	row := func(i int, got, ref []float32, want int32, greedy bool) {
-		q.worstRow = max(q.worstRow, relErr(got, ref))
+		q.worstRow = max(q.worstRow, fx.RelErr(got, ref))
 		agg[i].add(got, ref)
 		q.kl += klRow(ref, got)
 		q.rows++
 		if !greedy {
 			return
 		}
-		g := argmax(got)
-		gap := float64(ref[argmax(ref)] - ref[g])
+		g := sample.Argmax(got)
+		gap := float64(ref[sample.Argmax(ref)] - ref[g])
 		switch {
 		case g == want:
 			q.match++
@@ -540,7 +541,7 @@ func measureCases(t *testing.T, e *engine.Engine, slots map[string]int, cases []
 	for i, c := range cases {
 		n := len(c.Prompt)
 		for r := 0; r < n; r++ {
-			row(i, out[i][r*V:(r+1)*V], c.prefill[r*V:(r+1)*V], c.greedy[0], r == n-1)
+			row(i, out[i][r*V:(r+1)*V], c.Prefill[r*V:(r+1)*V], c.Greedy[0], r == n-1)
 		}
 	}
 	for j := 0; ; j++ {
@@ -548,7 +549,7 @@ func measureCases(t *testing.T, e *engine.Engine, slots map[string]int, cases []
 		var idx []int
 		for i, c := range cases {
 			if j < c.Decode {
-				step = append(step, engine.Input{Seq: seqs[i], Tokens: []int32{c.greedy[j]}, Slot: in[i].Slot})
+				step = append(step, engine.Input{Seq: seqs[i], Tokens: []int32{c.Greedy[j]}, Slot: in[i].Slot})
 				idx = append(idx, i)
 			}
 		}
@@ -562,10 +563,10 @@ func measureCases(t *testing.T, e *engine.Engine, slots map[string]int, cases []
 		for k, i := range idx {
 			c := cases[i]
 			var want int32
-			if j+1 < len(c.greedy) {
-				want = c.greedy[j+1]
+			if j+1 < len(c.Greedy) {
+				want = c.Greedy[j+1]
 			}
-			row(i, out[k], c.decode[j*V:(j+1)*V], want, j+1 < len(c.greedy))
+			row(i, out[k], c.DecodeLogits[j*V:(j+1)*V], want, j+1 < len(c.Greedy))
 		}
 	}
 	for _, s := range seqs {

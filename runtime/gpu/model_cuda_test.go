@@ -12,10 +12,11 @@ import (
 	"testing"
 	"time"
 
+	fx "github.com/peftd/peftd/internal/fixture"
 	"github.com/peftd/peftd/runtime/engine"
 	"github.com/peftd/peftd/runtime/llama"
 	"github.com/peftd/peftd/runtime/lora"
-	"github.com/peftd/peftd/runtime/safetensors"
+	"github.com/peftd/peftd/runtime/sample"
 )
 
 // The model tests run whole forward passes through engine.New on this
@@ -40,18 +41,7 @@ const (
 	tieTol = 0.02
 )
 
-type fixtureCase struct {
-	ID      int     `json:"id"`
-	Adapter *string `json:"adapter"`
-	Prompt  []int32 `json:"prompt"`
-	Decode  int     `json:"decode"`
-}
-
-type refCase struct {
-	fixtureCase
-	prefill, decode []float32
-	greedy          []int32
-}
+type refCase = fx.Case
 
 func loadFixture(t testing.TB) (*llama.Model, map[string]*lora.Adapter, []refCase) {
 	t.Helper()
@@ -59,77 +49,14 @@ func loadFixture(t testing.TB) (*llama.Model, map[string]*lora.Adapter, []refCas
 }
 
 // loadFixtureDir reads a fixture made by tools/make_lora_fixture.py.
-func loadFixtureDir(t testing.TB, fixture string) (*llama.Model, map[string]*lora.Adapter, []refCase) {
+func loadFixtureDir(t testing.TB, dir string) (*llama.Model, map[string]*lora.Adapter, []refCase) {
 	t.Helper()
-	m, err := llama.Open(filepath.Join(fixture, "base"))
+	f, err := fx.LoadDir(dir)
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { m.Close() })
-	var spec struct{ Cases []fixtureCase }
-	b, err := os.ReadFile(filepath.Join(fixture, "cases.json"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := json.Unmarshal(b, &spec); err != nil {
-		t.Fatal(err)
-	}
-	exp, err := safetensors.Open(filepath.Join(fixture, "expected.safetensors"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer exp.Close()
-	adapters := map[string]*lora.Adapter{}
-	var cases []refCase
-	for _, c := range spec.Cases {
-		rc := refCase{fixtureCase: c}
-		p := func(s string) string { return fmt.Sprintf("case%d.%s", c.ID, s) }
-		if rc.prefill, _, err = exp.Float32(p("prefill_logits")); err != nil {
-			t.Fatal(err)
-		}
-		if rc.decode, _, err = exp.Float32(p("decode_logits")); err != nil {
-			t.Fatal(err)
-		}
-		g, _, err := exp.Int64(p("greedy"))
-		if err != nil {
-			t.Fatal(err)
-		}
-		for _, x := range g {
-			rc.greedy = append(rc.greedy, int32(x))
-		}
-		if c.Adapter != nil && adapters[*c.Adapter] == nil {
-			a, err := lora.Load(filepath.Join(fixture, "adapters", *c.Adapter), m.Config)
-			if err != nil {
-				t.Fatal(err)
-			}
-			adapters[*c.Adapter] = a
-		}
-		cases = append(cases, rc)
-	}
-	return m, adapters, cases
-}
-
-func relErr(got, want []float32) float64 {
-	var d, n float64
-	for i := range want {
-		if math.IsNaN(float64(got[i])) {
-			return math.Inf(1)
-		}
-		x := float64(got[i]) - float64(want[i])
-		d += x * x
-		n += float64(want[i]) * float64(want[i])
-	}
-	return math.Sqrt(d / n)
-}
-
-func argmax(v []float32) int32 {
-	best := 0
-	for i, x := range v {
-		if x > v[best] {
-			best = i
-		}
-	}
-	return int32(best)
+	t.Cleanup(func() { f.Close() })
+	return f.Model, f.Adapters, f.Cases
 }
 
 type greedyStats struct{ match, ties, total int }
@@ -138,12 +65,12 @@ type greedyStats struct{ match, ties, total int }
 func checkGreedy(t *testing.T, what string, got []float32, ref []float32, want int32, st *greedyStats) {
 	t.Helper()
 	st.total++
-	g := argmax(got)
+	g := sample.Argmax(got)
 	if g == want {
 		st.match++
 		return
 	}
-	mx := ref[argmax(ref)]
+	mx := ref[sample.Argmax(ref)]
 	if mx-ref[g] <= tieTol {
 		st.ties++
 		t.Logf("%s: greedy %d instead of %d, a reference near-tie (gap %.4f)", what, g, want, mx-ref[g])
@@ -174,21 +101,21 @@ func runCases(t *testing.T, e *engine.Engine, slots map[string]int, cases []refC
 	agg := make([]errAcc, len(cases))
 	var st greedyStats
 	for i, c := range cases {
-		r := relErr(out[i], c.prefill)
+		r := fx.RelErr(out[i], c.Prefill)
 		worstRow = max(worstRow, r)
 		if !(r <= rowTol) {
 			t.Errorf("case %d (%s): prefill logits relative error %.3g > %.0e", c.ID, name(c), r, rowTol)
 		}
-		agg[i].add(out[i], c.prefill)
+		agg[i].add(out[i], c.Prefill)
 		n := len(c.Prompt)
-		checkGreedy(t, fmt.Sprintf("case %d prefill", c.ID), out[i][(n-1)*V:], c.prefill[(n-1)*V:], c.greedy[0], &st)
+		checkGreedy(t, fmt.Sprintf("case %d prefill", c.ID), out[i][(n-1)*V:], c.Prefill[(n-1)*V:], c.Greedy[0], &st)
 	}
 	for j := 0; ; j++ {
 		var step []engine.Input
 		var idx []int
 		for i, c := range cases {
 			if j < c.Decode {
-				step = append(step, engine.Input{Seq: seqs[i], Tokens: []int32{c.greedy[j]}, Slot: in[i].Slot})
+				step = append(step, engine.Input{Seq: seqs[i], Tokens: []int32{c.Greedy[j]}, Slot: in[i].Slot})
 				idx = append(idx, i)
 			}
 		}
@@ -201,15 +128,15 @@ func runCases(t *testing.T, e *engine.Engine, slots map[string]int, cases []refC
 		}
 		for k, i := range idx {
 			c := cases[i]
-			ref := c.decode[j*V : (j+1)*V]
-			r := relErr(out[k], ref)
+			ref := c.DecodeLogits[j*V : (j+1)*V]
+			r := fx.RelErr(out[k], ref)
 			worstRow = max(worstRow, r)
 			if !(r <= rowTol) {
 				t.Errorf("case %d decode %d: relative error %.3g > %.0e", c.ID, j, r, rowTol)
 			}
 			agg[i].add(out[k], ref)
-			if j+1 < len(c.greedy) {
-				checkGreedy(t, fmt.Sprintf("case %d decode %d", c.ID, j), out[k], ref, c.greedy[j+1], &st)
+			if j+1 < len(c.Greedy) {
+				checkGreedy(t, fmt.Sprintf("case %d decode %d", c.ID, j), out[k], ref, c.Greedy[j+1], &st)
 			}
 		}
 	}
@@ -383,7 +310,7 @@ func TestStories260KGreedy(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		g := argmax(out[0])
+		g := sample.Argmax(out[0])
 		got = append(got, g)
 		toks = []int32{g} // free-running greedy
 	}
