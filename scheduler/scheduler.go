@@ -108,8 +108,9 @@ type Scheduler struct {
 	deficit map[string]int
 	pending atomic.Int64 // waiting + running + acquiring
 
-	running []*seq // engine goroutine only
-	done    chan struct{}
+	running []*seq        // engine goroutine only
+	done    chan struct{} // closed when the engine goroutine has exited
+	quit    chan struct{} // closed by Close
 	closed  atomic.Bool
 }
 
@@ -125,7 +126,7 @@ func New(e *engine.Engine, res Residency, cfg Config) *Scheduler {
 		cfg.Logger = slog.Default()
 	}
 	s := &Scheduler{e: e, res: res, cfg: cfg, log: cfg.Logger, cmds: make(chan func(), 64), wake: make(chan struct{}, 1),
-		queues: map[string][]*seq{}, deficit: map[string]int{}, done: make(chan struct{})}
+		queues: map[string][]*seq{}, deficit: map[string]int{}, done: make(chan struct{}), quit: make(chan struct{})}
 	go s.loop()
 	return s
 }
@@ -135,7 +136,7 @@ func (s *Scheduler) Close() {
 	if s.closed.Swap(true) {
 		return
 	}
-	close(s.cmds)
+	close(s.quit) // never close cmds: Do may be sending on it from another goroutine
 	<-s.done
 }
 
@@ -147,6 +148,8 @@ func (s *Scheduler) Do(ctx context.Context, fn func(e *engine.Engine) error) err
 	}
 	select {
 	case s.cmds <- func() { res <- fn(s.e) }:
+	case <-s.quit:
+		return ErrClosed
 	case <-ctx.Done():
 		return ctx.Err()
 	}
@@ -269,36 +272,27 @@ func (s *Scheduler) loop() {
 		if len(s.running) == 0 && !s.hasWaiting() {
 			// Nothing to step: block until a command or a request arrives.
 			select {
-			case fn, ok := <-s.cmds:
-				if !s.runCmd(fn, ok) {
-					return
-				}
+			case fn := <-s.cmds:
+				fn()
 			case <-s.wake:
+			case <-s.quit:
+				s.shutdown()
+				return
 			}
 			continue
 		}
 		// Engine commands (adapter loads) run between steps: drain them first.
 		select {
-		case fn, ok := <-s.cmds:
-			if !s.runCmd(fn, ok) {
-				return
-			}
+		case fn := <-s.cmds:
+			fn()
 			continue
+		case <-s.quit:
+			s.shutdown()
+			return
 		default:
 		}
 		s.step()
 	}
-}
-
-// runCmd runs one engine command; it reports false once the scheduler is
-// closing (the command channel closed), after shutting down.
-func (s *Scheduler) runCmd(fn func(), ok bool) bool {
-	if !ok {
-		s.shutdown()
-		return false
-	}
-	fn()
-	return true
 }
 
 func (s *Scheduler) hasWaiting() bool {
