@@ -20,6 +20,8 @@ const usage = `peftd: a serverless runtime for LoRA fine-tuned Llama models
 
 Usage:
   peftd generate [flags]   generate text with the base model or an adapter
+  peftd deploy [flags] DIR upload an adapter folder to a server (validated there, then stored)
+  peftd invoke [flags]     run an adapter on a server by its ID
   peftd bench [flags]      load-test an OpenAI-compatible server (peftd, vLLM, ...)
   peftd tokenize [flags]   encode text or decode token ids
   peftd serve [flags]      serve adapters over HTTP (OpenAI-compatible API)
@@ -52,6 +54,10 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	switch args[0] {
 	case "generate":
 		return cmdGenerate(ctx, args[1:], stdout, stderr)
+	case "deploy":
+		return cmdDeploy(ctx, args[1:], stdout, stderr)
+	case "invoke":
+		return cmdInvoke(ctx, args[1:], stdout, stderr)
 	case "bench":
 		return cmdBench(ctx, args[1:], stdout, stderr)
 	case "tokenize":
