@@ -1,6 +1,6 @@
 // Package modelfetch mirrors a base model folder from S3 (or MinIO) onto the
-// local disk so it can be memory-mapped: every config, tokenizer and
-// safetensors object directly under the URL's prefix is downloaded once,
+// local disk so it can be memory-mapped: its config, tokenizer and
+// safetensors objects (found by name: no bucket listing) are downloaded once,
 // streamed to disk with progress, and kept in a cache keyed by the URL;
 // later starts download only objects whose ETag changed.
 package modelfetch
@@ -30,15 +30,6 @@ import (
 var ErrNoModel = errors.New("modelfetch: no model under the URL")
 
 const manifestName = ".peftd-manifest.json"
-
-// wanted reports whether an object is part of a model folder the engine reads.
-func wanted(name string) bool {
-	switch {
-	case strings.HasSuffix(name, ".safetensors"), strings.HasSuffix(name, ".json"), strings.HasSuffix(name, ".jinja"):
-		return !strings.HasPrefix(name, ".")
-	}
-	return false
-}
 
 // IsRemote reports whether model names an object store rather than a folder.
 func IsRemote(model string) bool { return strings.HasPrefix(strings.ToLower(model), "s3://") }
@@ -76,20 +67,16 @@ func Fetch(ctx context.Context, rawURL, cacheRoot string, progress Progress, log
 		prefix += "/"
 	}
 	old := readManifest(dst)
-	objs, err := list(ctx, s3.Client(), opts.Bucket, prefix)
+	objs, err := discover(ctx, s3.Client(), opts.Bucket, prefix)
+	if errors.Is(err, ErrNoModel) {
+		return "", fmt.Errorf("%w: %s has no config.json (or it is not readable)", ErrNoModel, rawURL)
+	}
 	if err != nil {
 		if _, e := os.Stat(filepath.Join(dst, "config.json")); e == nil && len(old) > 0 {
 			log.Warn("model store unreachable; using the cached copy", "url", rawURL, "dir", dst, "err", err)
 			return dst, nil
 		}
-		return "", fmt.Errorf("modelfetch: list %s: %w", rawURL, err)
-	}
-	hasConfig := false
-	for _, o := range objs {
-		hasConfig = hasConfig || o.Key == prefix+"config.json"
-	}
-	if !hasConfig {
-		return "", fmt.Errorf("%w: %s has no config.json (found %d objects)", ErrNoModel, rawURL, len(objs))
+		return "", fmt.Errorf("modelfetch: %s: %w", rawURL, err)
 	}
 	manifest := map[string]string{}
 	for _, o := range objs {
@@ -122,14 +109,86 @@ func Fetch(ctx context.Context, rawURL, cacheRoot string, progress Progress, log
 	return dst, nil
 }
 
-func list(ctx context.Context, c *minio.Client, bucket, prefix string) ([]minio.ObjectInfo, error) {
-	var out []minio.ObjectInfo
-	for o := range c.ListObjects(ctx, bucket, minio.ListObjectsOptions{Prefix: prefix}) {
-		if o.Err != nil {
-			return nil, o.Err
+// optional are the files of a Hugging Face model folder the engine reads
+// besides config.json and the weights; absent ones are skipped.
+var optional = []string{"generation_config.json", "tokenizer.json", "tokenizer_config.json",
+	"special_tokens_map.json", "chat_template.jinja", "chat_template.json"}
+
+// discover finds the model's objects by name, without listing the bucket (so
+// read access to the model's objects is all the fetch needs): config.json,
+// the optional files, and model.safetensors or the shards named by
+// model.safetensors.index.json.
+func discover(ctx context.Context, c *minio.Client, bucket, prefix string) ([]minio.ObjectInfo, error) {
+	// Without s3:ListBucket, S3 answers 403 rather than 404 for a missing
+	// key: both mean "absent" here (config.json's absence is reported).
+	stat := func(name string) (minio.ObjectInfo, bool, error) {
+		o, err := c.StatObject(ctx, bucket, prefix+name, minio.StatObjectOptions{})
+		if err != nil {
+			if r := minio.ToErrorResponse(err); r.StatusCode == 404 || r.StatusCode == 403 || r.Code == "NoSuchKey" {
+				return o, false, nil
+			}
+			return o, false, fmt.Errorf("stat %s: %w", name, err)
 		}
-		if strings.Contains(strings.TrimPrefix(o.Key, prefix), "/") || !wanted(path.Base(o.Key)) {
-			continue // sub-folders and files the engine does not read
+		return o, true, nil
+	}
+	cfg, ok, err := stat("config.json")
+	if err != nil {
+		return nil, err
+	}
+	if !ok {
+		return nil, ErrNoModel // or no read access to it
+	}
+	out := []minio.ObjectInfo{cfg}
+	for _, name := range optional {
+		o, ok, err := stat(name)
+		if err != nil {
+			return nil, err
+		}
+		if ok {
+			out = append(out, o)
+		}
+	}
+	idx, ok, err := stat("model.safetensors.index.json")
+	if err != nil {
+		return nil, err
+	}
+	if !ok {
+		w, ok, err := stat("model.safetensors")
+		if err != nil {
+			return nil, err
+		}
+		if !ok {
+			return nil, fmt.Errorf("neither model.safetensors nor model.safetensors.index.json is there (or readable)")
+		}
+		return append(out, w), nil
+	}
+	out = append(out, idx)
+	r, err := c.GetObject(ctx, bucket, idx.Key, minio.GetObjectOptions{})
+	if err != nil {
+		return nil, err
+	}
+	defer r.Close()
+	var index struct {
+		WeightMap map[string]string `json:"weight_map"`
+	}
+	if err := json.NewDecoder(io.LimitReader(r, 64<<20)).Decode(&index); err != nil {
+		return nil, fmt.Errorf("model.safetensors.index.json: %w", err)
+	}
+	seen := map[string]bool{}
+	for _, shard := range index.WeightMap {
+		if seen[shard] {
+			continue
+		}
+		seen[shard] = true
+		if shard != path.Base(shard) || !strings.HasSuffix(shard, ".safetensors") {
+			return nil, fmt.Errorf("model.safetensors.index.json names shard %q: want a plain .safetensors file name", shard)
+		}
+		o, ok, err := stat(shard)
+		if err != nil {
+			return nil, err
+		}
+		if !ok {
+			return nil, fmt.Errorf("shard %s named by the index is missing", shard)
 		}
 		out = append(out, o)
 	}

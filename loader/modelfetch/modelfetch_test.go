@@ -3,6 +3,7 @@ package modelfetch_test
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"os"
 	"path/filepath"
@@ -92,6 +93,35 @@ func TestFetch(t *testing.T) {
 	}
 	if err := s.Restart(); err != nil {
 		t.Fatal(err)
+	}
+	// A sharded checkpoint: the index names its shards.
+	weights, _ := os.ReadFile(filepath.Join(base, "model.safetensors"))
+	config, _ := os.ReadFile(filepath.Join(base, "config.json"))
+	m0, err := llama.Open(base)
+	if err != nil {
+		t.Fatal(err)
+	}
+	wm := map[string]string{}
+	for _, n := range m0.Tensors.Names() {
+		wm[n] = "model-00001-of-00001.safetensors"
+	}
+	m0.Close()
+	index, _ := json.Marshal(map[string]any{"weight_map": wm})
+	put(t, s, "llama/sharded/config.json", config)
+	put(t, s, "llama/sharded/model.safetensors.index.json", index)
+	put(t, s, "llama/sharded/model-00001-of-00001.safetensors", weights)
+	sharded := strings.Replace(url, "llama/tiny", "llama/sharded", 1)
+	sdir, err := modelfetch.Fetch(ctx, sharded, t.TempDir(), nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if m, err := llama.Open(sdir); err != nil {
+		t.Fatalf("sharded model does not open: %v", err)
+	} else {
+		m.Close()
+	}
+	if got := modelfetch.Name(sharded); got != "sharded" {
+		t.Errorf("Name = %q", got)
 	}
 	// No model under the prefix.
 	bad := strings.Replace(url, "llama/tiny", "llama/none", 1)
