@@ -109,6 +109,7 @@ func (s *Server) deleteAdapter(c *fiber.Ctx) error {
 		}
 		return err
 	}
+	s.log.Info("adapter deleted", "id", id)
 	return c.JSON(fiber.Map{"id": id, "object": "adapter", "deleted": true})
 }
 
@@ -142,6 +143,7 @@ func (s *Server) putAdapter(c *fiber.Ctx) error {
 	_, existed := cat.Get(c.UserContext(), id)
 	if err := cat.Put(c.UserContext(), id, cfg, weights); err != nil {
 		if errors.Is(err, ErrInvalidAdapter) || errors.Is(err, lora.ErrConfig) || errors.Is(err, lora.ErrMismatch) || errors.Is(err, lora.ErrUnsupported) {
+			s.log.Warn("adapter upload refused", "id", id, "err", err)
 			return badRequest("body", "the adapter does not fit the base model %q: %v", s.cfg.ModelName, err)
 		}
 		return err
@@ -154,6 +156,7 @@ func (s *Server) putAdapter(c *fiber.Ctx) error {
 	if existed == nil {
 		status = fiber.StatusOK
 	}
+	s.log.Info("adapter deployed", "id", id, "version", info.Version, "rank", info.Rank, "bytes", len(cfg)+len(weights), "replaced", existed == nil)
 	return c.Status(status).JSON(info)
 }
 

@@ -622,10 +622,10 @@ func (s *Server) generate(c *fiber.Ctx, j *job) error {
 		res, err := s.drive(ctx, cancel, j, ch, nil, probe, disconnectProbe)
 		if err != nil {
 			e := runErr(err)
-			s.metrics.end(j.adapter, e.Status, res.prompt, res.complete, time.Since(j.start))
+			s.finished(j, e.Status, res, err)
 			return e
 		}
-		s.metrics.end(j.adapter, fiber.StatusOK, res.prompt, res.complete, time.Since(j.start))
+		s.finished(j, fiber.StatusOK, res, nil)
 		return c.JSON(s.final(j, res))
 	}
 	c.Set(fiber.HeaderContentType, "text/event-stream")
@@ -689,9 +689,23 @@ func (s *Server) generate(c *fiber.Ctx, j *job) error {
 			w.WriteString("data: [DONE]\n\n")
 			w.Flush()
 		}
-		s.metrics.end(j.adapter, status, res.prompt, res.complete, time.Since(j.start))
+		s.finished(j, status, res, nil)
 	})
 	return nil
+}
+
+// finished records a generation in the metrics and the log (one line per
+// request: who, what, how it ended, how long).
+func (s *Server) finished(j *job, status int, res result, err error) {
+	dur := time.Since(j.start)
+	s.metrics.end(j.adapter, status, res.prompt, res.complete, dur)
+	attrs := []any{"id", j.id, "model", j.model, "status", status, "stream", j.stream,
+		"prompt_tokens", res.prompt, "completion_tokens", res.complete, "finish", res.finish,
+		"ms", dur.Milliseconds()}
+	if err != nil {
+		attrs = append(attrs, "err", err.Error())
+	}
+	s.log.Info("request", attrs...)
 }
 
 type usage struct {

@@ -86,6 +86,12 @@ func TestServe(t *testing.T) {
 	if resp.StatusCode != 200 || !strings.Contains(string(b), `"text":", a girl named Mia wanted to go to space. She built a rocket in her yard."`) {
 		t.Errorf("space2: %d %s", resp.StatusCode, b)
 	}
+	// One structured log line per request and per deploy.
+	for _, re := range []string{`msg="adapter deployed" id=space2 version=\S+ rank=8`, `msg=request id=cmpl-\S+ model=space2 status=200 stream=false prompt_tokens=5 completion_tokens=\d+ finish=stop`} {
+		if !regexp.MustCompile(re).MatchString(logs.String()) {
+			t.Errorf("logs lack %s:\n%s", re, logs.String())
+		}
+	}
 	resp, err = http.Get("http://" + addr + "/v1/adapters/space2")
 	if err != nil {
 		t.Fatal(err)
