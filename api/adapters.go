@@ -113,6 +113,47 @@ func (s *Server) deleteAdapter(c *fiber.Ctx) error {
 	return c.JSON(fiber.Map{"id": id, "object": "adapter", "deleted": true})
 }
 
+// pinAdapter keeps an adapter on the device (PUT .../pin) or lets it go
+// again (DELETE .../pin).
+func (s *Server) pinAdapter(c *fiber.Ctx) error {
+	cat, err := s.catalog()
+	if err != nil {
+		return err
+	}
+	p, ok := cat.(Pinner)
+	if !ok {
+		return apiErr(fiber.StatusNotImplemented, "server_error", "", "this server's catalog cannot pin adapters")
+	}
+	id := c.Params("id")
+	if !keyOf(c).CanManage(id) {
+		return forbidden(id)
+	}
+	if _, err := cat.Get(c.UserContext(), id); err != nil {
+		if errors.Is(err, ErrNotFound) {
+			return s.adapterNotFound(id)
+		}
+		return err
+	}
+	pin := c.Method() == fiber.MethodPut
+	if pin {
+		err = p.Pin(c.UserContext(), id)
+	} else {
+		err = p.Unpin(c.UserContext(), id)
+	}
+	switch {
+	case errors.Is(err, ErrTooManyPinned):
+		return apiErr(fiber.StatusConflict, "invalid_request_error", "id", err.Error())
+	case err != nil:
+		return err
+	}
+	info, err := cat.Get(c.UserContext(), id)
+	if err != nil {
+		return err
+	}
+	s.log.Info("adapter pin", "id", id, "pinned", pin)
+	return c.JSON(info)
+}
+
 func (s *Server) putAdapter(c *fiber.Ctx) error {
 	cat, err := s.catalog()
 	if err != nil {

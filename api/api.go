@@ -131,6 +131,8 @@ func New(cfg Config) *Server {
 	a.Get("/v1/adapters/:id", s.getAdapter)
 	a.Put("/v1/adapters/:id", s.putAdapter)
 	a.Delete("/v1/adapters/:id", s.deleteAdapter)
+	a.Put("/v1/adapters/:id/pin", s.pinAdapter)
+	a.Delete("/v1/adapters/:id/pin", s.pinAdapter)
 	a.Use(func(c *fiber.Ctx) error {
 		return apiErr(fiber.StatusNotFound, "not_found_error", "", fmt.Sprintf("no route %s %s", c.Method(), c.Path()))
 	})

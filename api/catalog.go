@@ -24,6 +24,7 @@ type AdapterInfo struct {
 	Refcount    int       `json:"refcount"`
 	LastUsed    time.Time `json:"last_used,omitzero"`
 	Invocations int64     `json:"invocations"`
+	Pinned      bool      `json:"pinned"`
 	Created     time.Time `json:"created,omitzero"`
 }
 
@@ -39,10 +40,19 @@ type Catalog interface {
 	Delete(ctx context.Context, id string) error
 }
 
+// Pinner keeps adapters resident on the device (a Catalog may implement it).
+type Pinner interface {
+	// Pin loads id and keeps it on the device until Unpin; an error wrapping
+	// ErrTooManyPinned when pinning would leave no slot for other adapters.
+	Pin(ctx context.Context, id string) error
+	Unpin(ctx context.Context, id string) error
+}
+
 // Errors a Catalog returns (wrapped).
 var (
 	ErrNotFound       = errors.New("adapter not found")
 	ErrInvalidAdapter = errors.New("invalid adapter")
+	ErrTooManyPinned  = errors.New("too many pinned adapters")
 	// ErrUnavailable: a dependency (the adapter store) failed; the request
 	// may succeed later. Answered with 503.
 	ErrUnavailable = errors.New("service unavailable")

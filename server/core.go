@@ -175,7 +175,24 @@ type loaderCatalog struct {
 
 func toInfo(a loader.AdapterInfo) api.AdapterInfo {
 	return api.AdapterInfo{ID: a.ID, Tier: a.Tier.String(), Version: a.Version, Rank: a.Rank, Bytes: a.StoreBytes,
-		Refcount: a.Refs, LastUsed: a.LastUsed, Invocations: int64(a.Invocations)}
+		Refcount: a.Refs, LastUsed: a.LastUsed, Invocations: int64(a.Invocations), Pinned: a.Pinned}
+}
+
+// Pin loads id and keeps it on the device (api.Pinner).
+func (c *loaderCatalog) Pin(ctx context.Context, id string) error {
+	if err := c.m.Pin(ctx, id); err != nil {
+		if errors.Is(err, loader.ErrTooManyPinned) {
+			return fmt.Errorf("%w: %w", api.ErrTooManyPinned, err)
+		}
+		return err
+	}
+	return nil
+}
+
+// Unpin lets id leave the device again.
+func (c *loaderCatalog) Unpin(ctx context.Context, id string) error {
+	c.m.Unpin(id)
+	return nil
 }
 
 // unavailable marks store failures (not a missing adapter or a bad ID) as
