@@ -58,19 +58,21 @@ type genRequest struct {
 
 // job is a validated generation.
 type job struct {
-	kind        kind
-	id          string
-	model       string // echoed "model"
-	adapter     string
-	req         scheduler.Request
-	stopStrs    []string
-	logprobs    bool // report logprobs
-	stream      bool
-	usageChunk  bool
-	returnIDs   bool
-	created     int64
-	start       time.Time
-	promptCount int
+	kind       kind
+	id         string
+	model      string // echoed "model"
+	adapter    string
+	req        scheduler.Request
+	stopStrs   []string
+	logprobs   bool // report logprobs
+	stream     bool
+	usageChunk bool
+	returnIDs  bool
+	created    int64
+	start      time.Time
+	// prompts are the batch's prompts (completions may have several);
+	// req.Prompt is prompts[0].
+	prompts [][]int32
 }
 
 func newID(prefix string) string {
@@ -133,8 +135,9 @@ func (s *Server) notFound(name, param string) *Error {
 	return e
 }
 
-// parsePrompt builds the prompt tokens.
-func (s *Server) parsePrompt(k kind, r *genRequest) ([]int32, error) {
+// parsePrompt builds the prompts' tokens: one, or (completions) a batch of
+// up to MaxBatchPrompts from an array of strings or of token-id arrays.
+func (s *Server) parsePrompt(k kind, r *genRequest) ([][]int32, error) {
 	tok := s.cfg.Tokenizer
 	switch {
 	case k == kindChat || (k == kindInvoke && r.Messages != nil):
@@ -156,12 +159,12 @@ func (s *Server) parsePrompt(k kind, r *genRequest) ([]int32, error) {
 			return nil, badRequest("messages", "rendering the chat template: %v", err)
 		}
 		bos := s.cfg.Template.BOSToken()
-		return tok.Encode(text, !(bos != "" && strings.HasPrefix(text, bos))), nil
+		return [][]int32{tok.Encode(text, !(bos != "" && strings.HasPrefix(text, bos)))}, nil
 	case r.PromptIDs != nil:
 		if len(r.PromptIDs) == 0 {
 			return nil, badRequest("prompt_ids", "prompt_ids is empty")
 		}
-		return r.PromptIDs, nil
+		return [][]int32{r.PromptIDs}, nil
 	}
 	raw := strings.TrimSpace(string(r.Prompt))
 	if raw == "" || raw == "null" {
@@ -172,30 +175,74 @@ func (s *Server) parsePrompt(k kind, r *genRequest) ([]int32, error) {
 	}
 	var text string
 	if json.Unmarshal(r.Prompt, &text) == nil {
-		return s.encode(text, "prompt")
+		p, err := s.encode(text, "prompt")
+		return one(p, err)
 	}
 	var ids []int32
 	if json.Unmarshal(r.Prompt, &ids) == nil {
 		if len(ids) == 0 {
 			return nil, badRequest("prompt", "prompt is an empty array")
 		}
-		return ids, nil
+		return [][]int32{ids}, nil
 	}
 	var texts []string
 	if json.Unmarshal(r.Prompt, &texts) == nil {
-		if len(texts) != 1 {
-			return nil, badRequest("prompt", "one prompt per request is supported, got %d", len(texts))
+		if err := s.batchSize(k, len(texts)); err != nil {
+			return nil, err
 		}
-		return s.encode(texts[0], "prompt")
+		out := make([][]int32, len(texts))
+		for i, t := range texts {
+			if t == "" && len(texts) > 1 {
+				return nil, badRequest("prompt", "prompt[%d] is an empty string", i)
+			}
+			p, err := s.encode(t, "prompt")
+			if err != nil {
+				if len(texts) > 1 {
+					return nil, badRequest("prompt", "prompt[%d]: %v", i, err)
+				}
+				return nil, err
+			}
+			out[i] = p
+		}
+		return out, nil
 	}
 	var batch [][]int32
 	if json.Unmarshal(r.Prompt, &batch) == nil {
-		if len(batch) != 1 || len(batch[0]) == 0 {
-			return nil, badRequest("prompt", "one non-empty prompt per request is supported, got %d", len(batch))
+		if err := s.batchSize(k, len(batch)); err != nil {
+			return nil, err
 		}
-		return batch[0], nil
+		for i, p := range batch {
+			if len(p) == 0 {
+				return nil, badRequest("prompt", "prompt[%d] is an empty array", i)
+			}
+		}
+		return batch, nil
 	}
-	return nil, badRequest("prompt", "prompt must be a string or an array of token ids")
+	return nil, badRequest("prompt", "prompt must be a string, an array of token ids, or (completions) an array of either")
+}
+
+// MaxBatchPrompts bounds the prompts of one completions request.
+const MaxBatchPrompts = 64
+
+// batchSize checks the number of prompts in a prompt array: several only
+// for completions, at most MaxBatchPrompts.
+func (s *Server) batchSize(k kind, n int) error {
+	switch {
+	case n == 0:
+		return badRequest("prompt", "prompt is an empty array")
+	case n > 1 && k != kindCompletion:
+		return badRequest("prompt", "one prompt per request is supported, got %d", n)
+	case n > MaxBatchPrompts:
+		return badRequest("prompt", "at most %d prompts per request are supported, got %d", MaxBatchPrompts, n)
+	}
+	return nil
+}
+
+func one(p []int32, err error) ([][]int32, error) {
+	if err != nil {
+		return nil, err
+	}
+	return [][]int32{p}, nil
 }
 
 func (s *Server) encode(text, param string) ([]int32, error) {
@@ -288,11 +335,11 @@ func (s *Server) buildJob(c *fiber.Ctx, k kind, adapterParam string) (*job, erro
 		}
 		j.usageChunk = r.StreamOptions.IncludeUsage
 	}
-	prompt, err := s.parsePrompt(k, &r)
+	prompts, err := s.parsePrompt(k, &r)
 	if err != nil {
 		return nil, err
 	}
-	j.promptCount = len(prompt)
+	prompt := prompts[0]
 	sp := sample.Params{Temperature: 1, TopP: 1}
 	if k == kindInvoke {
 		sp.Temperature = 0 // invoke defaults to greedy
@@ -385,6 +432,7 @@ func (s *Server) buildJob(c *fiber.Ctx, k kind, adapterParam string) (*job, erro
 	}
 	j.stopStrs = strs
 	j.req = scheduler.Request{Adapter: j.adapter, Prompt: prompt, MaxTokens: n, Sampling: sp, Stop: ids}
+	j.prompts = prompts
 	return j, nil
 }
 
@@ -589,6 +637,9 @@ const disconnectProbe = 200 * time.Millisecond
 
 // generate runs a job: a JSON answer, or an SSE stream.
 func (s *Server) generate(c *fiber.Ctx, j *job) error {
+	if len(j.prompts) > 1 {
+		return s.generateBatch(c, j)
+	}
 	base := s.ctx
 	var ctx context.Context
 	var cancel context.CancelFunc
@@ -834,14 +885,7 @@ func (s *Server) final(j *job, r result) any {
 		}
 		return m
 	case kindCompletion:
-		ch := fiber.Map{"index": 0, "text": r.text, "logprobs": nil, "finish_reason": r.finish}
-		if j.logprobs {
-			ch["logprobs"] = s.completionLP(r.choices, 0)
-		}
-		if j.returnIDs {
-			ch["token_ids"] = ids(r.tokens)
-			ch["prompt_token_ids"] = ids(j.req.Prompt)
-		}
+		ch := s.completionChoice(j, 0, j.req.Prompt, r)
 		m := fiber.Map{"id": j.id, "object": "text_completion", "created": j.created, "model": j.model,
 			"choices": []any{ch}, "usage": usageOf(r), "system_fingerprint": nil}
 		if j.returnIDs {
@@ -866,6 +910,44 @@ func (s *Server) final(j *job, r result) any {
 	}
 }
 
+// completionChoice is choice index of a completions answer.
+func (s *Server) completionChoice(j *job, index int, prompt []int32, r result) fiber.Map {
+	ch := fiber.Map{"index": index, "text": r.text, "logprobs": nil, "finish_reason": r.finish}
+	if j.logprobs {
+		ch["logprobs"] = s.completionLP(r.choices, 0)
+	}
+	if j.returnIDs {
+		ch["token_ids"] = ids(r.tokens)
+		ch["prompt_token_ids"] = ids(prompt)
+	}
+	return ch
+}
+
+// completionChunk is a streamed delta of choice index of a completion.
+func (s *Server) completionChunk(j *job, index int, prompt []int32, d delta, first bool) fiber.Map {
+	tok := make([]int32, 0, len(d.choices))
+	for _, c := range d.choices {
+		tok = append(tok, c.ID)
+	}
+	ch := fiber.Map{"index": index, "text": d.text, "logprobs": nil, "finish_reason": nil}
+	if j.logprobs {
+		ch["logprobs"] = s.completionLP(d.choices, 0)
+	}
+	if j.returnIDs {
+		ch["token_ids"] = tok
+		if first {
+			ch["prompt_token_ids"] = ids(prompt)
+		}
+	}
+	return fiber.Map{"id": j.id, "object": "text_completion", "created": j.created, "model": j.model, "choices": []any{ch}}
+}
+
+// completionFinish is the chunk that ends choice index of a stream.
+func completionFinish(j *job, index int, finish string) fiber.Map {
+	return fiber.Map{"id": j.id, "object": "text_completion", "created": j.created, "model": j.model,
+		"choices": []any{fiber.Map{"index": index, "text": "", "logprobs": nil, "finish_reason": finish}}}
+}
+
 // chunk is one streamed delta.
 func (s *Server) chunk(j *job, d delta, first bool) any {
 	tok := make([]int32, 0, len(d.choices))
@@ -884,17 +966,7 @@ func (s *Server) chunk(j *job, d delta, first bool) any {
 		}
 		return m
 	case kindCompletion:
-		ch := fiber.Map{"index": 0, "text": d.text, "logprobs": nil, "finish_reason": nil}
-		if j.logprobs {
-			ch["logprobs"] = s.completionLP(d.choices, 0)
-		}
-		if j.returnIDs {
-			ch["token_ids"] = tok
-			if first {
-				ch["prompt_token_ids"] = ids(j.req.Prompt)
-			}
-		}
-		return fiber.Map{"id": j.id, "object": "text_completion", "created": j.created, "model": j.model, "choices": []any{ch}}
+		return s.completionChunk(j, 0, j.req.Prompt, d, first)
 	default:
 		dl := fiber.Map{"content": d.text}
 		if first {
@@ -922,8 +994,7 @@ func (s *Server) tail(j *job, r result, first bool) []any {
 		return []any{fiber.Map{"id": j.id, "object": "invocation.chunk", "created": j.created, "adapter": j.model,
 			"text": "", "token_ids": []int32{}, "finish_reason": r.finish, "usage": usageOf(r)}}
 	case kindCompletion:
-		out := []any{fiber.Map{"id": j.id, "object": "text_completion", "created": j.created, "model": j.model,
-			"choices": []any{fiber.Map{"index": 0, "text": "", "logprobs": nil, "finish_reason": r.finish}}}}
+		out := []any{completionFinish(j, 0, r.finish)}
 		if j.usageChunk {
 			out = append(out, fiber.Map{"id": j.id, "object": "text_completion", "created": j.created, "model": j.model,
 				"choices": []any{}, "usage": usageOf(r)})

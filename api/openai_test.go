@@ -85,6 +85,19 @@ const ids = await client.completions.create({ model: 'pirate', prompt: [1, 403, 
   return_token_ids: true });
 out.idsText = ids.choices[0].text;
 out.idsTokens = ids.choices[0].token_ids;
+const batch = await client.completions.create({ model: 'pirate', prompt: [[1, 403, 407, 261, 378], [1, 403, 407]], max_tokens: 80,
+  temperature: 0 });
+out.batch = batch.choices.map(c => ({ index: c.index, text: c.text, finish: c.finish_reason }));
+out.batchUsage = batch.usage;
+const alone = await client.completions.create({ model: 'pirate', prompt: [1, 403, 407], max_tokens: 80, temperature: 0 });
+out.alone = alone.choices[0].text;
+const bs = await client.completions.create({ model: 'pirate', prompt: [[1, 403, 407, 261, 378], [1, 403, 407]], max_tokens: 80,
+  temperature: 0, stream: true, stream_options: { include_usage: true } });
+out.batchStreamed = ['', ''];
+for await (const ch of bs) {
+  for (const c of ch.choices) out.batchStreamed[c.index] += c.text;
+  if (ch.usage) out.batchStreamUsage = ch.usage;
+}
 const models = await client.models.list();
 out.models = models.data.map(m => m.id);
 try {
@@ -116,6 +129,13 @@ func TestOpenAINodeClient(t *testing.T) {
 		ChatLogprobs                                         int
 		Models                                               []string
 		ErrStatus                                            int
+		Batch                                                []struct {
+			Index        int
+			Text, Finish string
+		}
+		BatchUsage, BatchStreamUsage map[string]int
+		Alone                        string
+		BatchStreamed                []string
 	}
 	lines := strings.Split(strings.TrimSpace(string(out)), "\n")
 	if err := json.Unmarshal([]byte(lines[len(lines)-1]), &got); err != nil {
@@ -133,6 +153,14 @@ func TestOpenAINodeClient(t *testing.T) {
 	}
 	if got.IDsText != want || len(got.IDsTokens) == 0 || got.IDsTokens[len(got.IDsTokens)-1] != 1 {
 		t.Errorf("token-id prompt: text %q, token_ids %v", got.IDsText, got.IDsTokens)
+	}
+	if len(got.Batch) != 2 || got.Batch[0].Index != 0 || got.Batch[1].Index != 1 || got.Batch[0].Text != want ||
+		got.Batch[1].Text != got.Alone || got.Batch[0].Finish != "stop" || got.BatchUsage["prompt_tokens"] != 8 {
+		t.Errorf("batched completion: %s", out)
+	}
+	if len(got.BatchStreamed) != 2 || got.BatchStreamed[0] != want || got.BatchStreamed[1] != got.Alone ||
+		got.BatchStreamUsage["completion_tokens"] != got.BatchUsage["completion_tokens"] {
+		t.Errorf("streamed batched completion: %s", out)
 	}
 	if strings.Join(got.Models, ",") != "stories260K,pirate,space" || got.ErrStatus != 404 {
 		t.Errorf("models / error: %s", out)
