@@ -3,7 +3,6 @@ package api
 import (
 	"bufio"
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"strings"
@@ -171,10 +170,7 @@ func (s *Server) generateBatch(c *fiber.Ctx, j *job) error {
 		return c.JSON(fiber.Map{"id": j.id, "object": "text_completion", "created": j.created, "model": j.model,
 			"choices": choices, "usage": usageOf(t), "system_fingerprint": nil})
 	}
-	c.Set(fiber.HeaderContentType, "text/event-stream")
-	c.Set(fiber.HeaderCacheControl, "no-cache")
-	c.Set(fiber.HeaderConnection, "keep-alive")
-	c.Set("X-Accel-Buffering", "no")
+	startSSE(c)
 	c.Status(fiber.StatusOK).Context().SetBodyStreamWriter(func(w *bufio.Writer) {
 		defer cancel()
 		var mu sync.Mutex // the writer, sendErr
@@ -191,18 +187,7 @@ func (s *Server) generateBatch(c *fiber.Ctx, j *job) error {
 			}
 			return nil
 		}
-		send := func(v any) error {
-			data, err := json.Marshal(v)
-			if err != nil {
-				return err
-			}
-			return write(func() error {
-				if _, err := fmt.Fprintf(w, "data: %s\n\n", data); err != nil {
-					return err
-				}
-				return w.Flush()
-			})
-		}
+		send := func(v any) error { return write(func() error { return sseEvent(w, v) }) }
 		emit := func(i int, d delta, first bool) error {
 			return send(s.completionChunk(j, i, ms[i].j.req.Prompt, d, first))
 		}
@@ -237,12 +222,9 @@ func (s *Server) generateBatch(c *fiber.Ctx, j *job) error {
 		case gone:
 			status = 499 // the client went away
 		case err != nil:
-			e := runErr(err)
-			status = e.Status
-			if e.Code == nil {
-				e.Code = e.Status
-			}
-			_ = send(fiber.Map{"error": e})
+			var ev fiber.Map
+			status, ev = streamErr(err)
+			_ = send(ev)
 		case j.usageChunk:
 			if send(fiber.Map{"id": j.id, "object": "text_completion", "created": j.created, "model": j.model,
 				"choices": []any{}, "usage": usageOf(t)}) != nil {
@@ -250,8 +232,7 @@ func (s *Server) generateBatch(c *fiber.Ctx, j *job) error {
 			}
 		}
 		if status != 499 {
-			w.WriteString("data: [DONE]\n\n")
-			w.Flush()
+			sseDone(w)
 		}
 		s.finished(j, status, t, nil)
 	})

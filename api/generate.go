@@ -679,22 +679,10 @@ func (s *Server) generate(c *fiber.Ctx, j *job) error {
 		s.finished(j, fiber.StatusOK, res, nil)
 		return c.JSON(s.final(j, res))
 	}
-	c.Set(fiber.HeaderContentType, "text/event-stream")
-	c.Set(fiber.HeaderCacheControl, "no-cache")
-	c.Set(fiber.HeaderConnection, "keep-alive")
-	c.Set("X-Accel-Buffering", "no")
+	startSSE(c)
 	c.Status(fiber.StatusOK).Context().SetBodyStreamWriter(func(w *bufio.Writer) {
 		defer cancel()
-		send := func(v any) error {
-			b, err := json.Marshal(v)
-			if err != nil {
-				return err
-			}
-			if _, err := fmt.Fprintf(w, "data: %s\n\n", b); err != nil {
-				return err
-			}
-			return w.Flush()
-		}
+		send := func(v any) error { return sseEvent(w, v) }
 		var sendErr error
 		first := true
 		emit := func(d delta) error {
@@ -722,12 +710,9 @@ func (s *Server) generate(c *fiber.Ctx, j *job) error {
 		case sendErr != nil:
 			status = 499 // the client went away
 		case err != nil:
-			e := runErr(err)
-			status = e.Status
-			if e.Code == nil {
-				e.Code = e.Status
-			}
-			_ = send(fiber.Map{"error": e})
+			var ev fiber.Map
+			status, ev = streamErr(err)
+			_ = send(ev)
 		default:
 			for _, v := range s.tail(j, res, first) {
 				if send(v) != nil {
@@ -737,8 +722,7 @@ func (s *Server) generate(c *fiber.Ctx, j *job) error {
 			}
 		}
 		if status != 499 {
-			w.WriteString("data: [DONE]\n\n")
-			w.Flush()
+			sseDone(w)
 		}
 		s.finished(j, status, res, nil)
 	})
