@@ -1,7 +1,6 @@
 package api_test
 
 import (
-	"context"
 	"fmt"
 	"net/http"
 	"slices"
@@ -275,15 +274,7 @@ func TestBatchStories(t *testing.T) {
 // TestBatchDisconnect: a streamed batch whose client goes away while its
 // sequences wait for a device slot cancels them all, counted as one 499.
 func TestBatchDisconnect(t *testing.T) {
-	st, tok := storiesStack(t, 1, 8)
-	cfg := st.config("stories260K")
-	cfg.Tokenizer, cfg.Heartbeat = tok, 20*time.Millisecond
-	url := start(t, cfg)
-	lease, err := st.loader.Acquire(context.Background(), "pirate")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer lease.Release()
+	url, st, _ := slotHeldServer(t, 8, func(c *api.Config) { c.Heartbeat = 20 * time.Millisecond })
 	req, _ := http.NewRequest("POST", url+"/v1/completions",
 		strings.NewReader(`{"model":"space","prompt":["Once upon a time","The cat","One day"],"max_tokens":50,"stream":true}`))
 	req.Header.Set("Content-Type", "application/json")

@@ -180,3 +180,24 @@ func toInts(v any) []int32 {
 	}
 	return out
 }
+
+// slotHeldServer serves stories260K with one device slot, held by a lease on
+// pirate, so requests for any other adapter wait for residency. mod adjusts
+// the config; release the returned lease (Release is idempotent) to free
+// the slot early — the test's end releases it otherwise.
+func slotHeldServer(t *testing.T, maxQueue int, mod func(*api.Config)) (string, *stack, *loader.Lease) {
+	t.Helper()
+	st, tok := storiesStack(t, 1, maxQueue)
+	cfg := st.config("stories260K")
+	cfg.Tokenizer = tok
+	if mod != nil {
+		mod(&cfg)
+	}
+	url := start(t, cfg)
+	lease, err := st.loader.Acquire(context.Background(), "pirate")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(lease.Release)
+	return url, st, lease
+}

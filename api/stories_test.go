@@ -209,14 +209,7 @@ func TestErrors(t *testing.T) {
 // adapter waits for residency; the queue (1) is then full -> 429 with
 // Retry-After, and the waiting one hits the request timeout -> 504.
 func TestQueueFullAndTimeout(t *testing.T) {
-	st, tok := storiesStack(t, 1, 1)
-	cfg := st.config("stories260K")
-	cfg.Tokenizer, cfg.RequestTimeout = tok, 1500*time.Millisecond
-	url := start(t, cfg)
-	lease, err := st.loader.Acquire(context.Background(), "pirate")
-	if err != nil {
-		t.Fatal(err)
-	}
+	url, st, lease := slotHeldServer(t, 1, func(c *api.Config) { c.RequestTimeout = 1500 * time.Millisecond })
 	var wg sync.WaitGroup
 	var slow reply
 	wg.Add(1)
@@ -289,15 +282,7 @@ func TestAuthAndMetrics(t *testing.T) {
 // TestDisconnectCancels: a streaming client that goes away while its request
 // waits for a device slot cancels the request (found by the SSE heartbeat).
 func TestDisconnectCancels(t *testing.T) {
-	st, tok := storiesStack(t, 1, 4)
-	cfg := st.config("stories260K")
-	cfg.Tokenizer, cfg.Heartbeat = tok, 20*time.Millisecond
-	url := start(t, cfg)
-	lease, err := st.loader.Acquire(context.Background(), "pirate")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer lease.Release()
+	url, st, _ := slotHeldServer(t, 4, func(c *api.Config) { c.Heartbeat = 20 * time.Millisecond })
 	req, _ := http.NewRequest("POST", url+"/v1/completions",
 		strings.NewReader(`{"model":"space","prompt":"Once upon a time","max_tokens":50,"stream":true}`))
 	req.Header.Set("Content-Type", "application/json")
@@ -331,15 +316,7 @@ func TestDisconnectCancels(t *testing.T) {
 // TestDisconnectCancelsNonStreaming: a plain JSON request whose client goes
 // away while it waits is cancelled too (the socket is peeked for EOF).
 func TestDisconnectCancelsNonStreaming(t *testing.T) {
-	st, tok := storiesStack(t, 1, 4)
-	cfg := st.config("stories260K")
-	cfg.Tokenizer = tok
-	url := start(t, cfg)
-	lease, err := st.loader.Acquire(context.Background(), "pirate")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer lease.Release()
+	url, st, _ := slotHeldServer(t, 4, nil)
 	ctx, cancel := context.WithCancel(context.Background())
 	req, _ := http.NewRequestWithContext(ctx, "POST", url+"/v1/completions",
 		strings.NewReader(`{"model":"space","prompt":"Once upon a time","max_tokens":50}`))
