@@ -5,6 +5,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -460,10 +461,10 @@ func TestReplace(t *testing.T) {
 				t.Fatalf("new lease: version %s slot %d; want %s in a slot other than %d", l.Version(), l.Slot(), etag, old.Slot())
 			}
 			// The old lease still runs the old weights.
-			if got := e.dev.step(t, old.Slot()); !equal(got, oldOut) {
+			if got := e.dev.step(t, old.Slot()); !slices.Equal(got, oldOut) {
 				t.Error("old lease's slot changed under it")
 			}
-			if equal(e.dev.step(t, l.Slot()), oldOut) {
+			if slices.Equal(e.dev.step(t, l.Slot()), oldOut) {
 				t.Error("new version computes like the old one")
 			}
 			if n := len(e.m.List()); n != 5 {
@@ -481,18 +482,6 @@ func TestReplace(t *testing.T) {
 			l.Release()
 		})
 	}
-}
-
-func equal(a, b []float32) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	for i := range a {
-		if a[i] != b[i] {
-			return false
-		}
-	}
-	return true
 }
 
 func TestDelete(t *testing.T) {

@@ -3,6 +3,7 @@ package loader_test
 import (
 	"context"
 	"errors"
+	"slices"
 	"testing"
 	"time"
 
@@ -57,7 +58,7 @@ func TestS3DeployReplaceDelete(t *testing.T) {
 	if l2.Version() == l1.Version() || l2.Slot() == l1.Slot() {
 		t.Fatalf("replacement: version %s slot %d, old %s slot %d", l2.Version(), l2.Slot(), l1.Version(), l1.Slot())
 	}
-	if !equal(e.dev.step(t, l1.Slot()), out1) || equal(e.dev.step(t, l2.Slot()), out1) {
+	if !slices.Equal(e.dev.step(t, l1.Slot()), out1) || slices.Equal(e.dev.step(t, l2.Slot()), out1) {
 		t.Error("slots do not hold old and new weights")
 	}
 	l1.Release()

@@ -3,6 +3,7 @@ package llama
 import (
 	"errors"
 	"fmt"
+	"slices"
 
 	"github.com/peftd/peftd/runtime/safetensors"
 )
@@ -126,7 +127,7 @@ func (c *Config) CheckTensors(ts Tensors) error {
 		if !ok {
 			return fmt.Errorf("%w: checkpoint lacks %s (shape %v)", ErrShape, s.Name, s.Shape)
 		}
-		if !sameShape(info.Shape, s.Shape) {
+		if !slices.Equal(info.Shape, s.Shape) {
 			return fmt.Errorf("%w: %s has shape %v, config.json implies %v", ErrShape, s.Name, info.Shape, s.Shape)
 		}
 		switch info.DType {
@@ -136,18 +137,6 @@ func (c *Config) CheckTensors(ts Tensors) error {
 		}
 	}
 	return nil
-}
-
-func sameShape(a, b []int) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	for i := range a {
-		if a[i] != b[i] {
-			return false
-		}
-	}
-	return true
 }
 
 // Model is an opened checkpoint: its config and its tensors.
