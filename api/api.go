@@ -9,12 +9,14 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/http"
 	"strings"
 	"sync"
 	"time"
 
 	"github.com/gofiber/fiber/v2"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"github.com/valyala/fasthttp"
 	"github.com/valyala/fasthttp/fasthttpadaptor"
 
 	"github.com/peftd/peftd/runtime/chat"
@@ -44,6 +46,12 @@ type Config struct {
 	// DefaultMaxTokens is max_tokens for invoke and chat when not given
 	// (capped by the context left); completions default to 16 as OpenAI's.
 	DefaultMaxTokens int
+	// ReadTimeout bounds reading a request (headers and body): a client
+	// that sends slowly is cut off with a 408; default 60s. Adapter
+	// uploads get UploadTimeout instead.
+	ReadTimeout time.Duration
+	// UploadTimeout bounds reading an adapter upload; default 10m.
+	UploadTimeout time.Duration
 	// Heartbeat is the interval of SSE comment lines while a stream waits
 	// (they also detect clients that went away); default 5s.
 	Heartbeat time.Duration
@@ -78,6 +86,12 @@ func New(cfg Config) *Server {
 	if cfg.DefaultMaxTokens <= 0 {
 		cfg.DefaultMaxTokens = 256
 	}
+	if cfg.ReadTimeout <= 0 {
+		cfg.ReadTimeout = time.Minute
+	}
+	if cfg.UploadTimeout <= 0 {
+		cfg.UploadTimeout = 10 * time.Minute
+	}
 	if cfg.Heartbeat <= 0 {
 		cfg.Heartbeat = 5 * time.Second
 	}
@@ -100,11 +114,12 @@ func New(cfg Config) *Server {
 		DisableStartupMessage: true,
 		Immutable:             true, // Params and headers outlive handlers (metrics labels, streams)
 		ErrorHandler:          s.errorHandler,
-		ReadTimeout:           10 * time.Minute,
+		ReadTimeout:           cfg.ReadTimeout,
 		IdleTimeout:           2 * time.Minute,
 		AppName:               "peftd",
 	})
 	a := s.app
+	a.Use(s.recoverPanics)
 	a.Get("/healthz", func(c *fiber.Ctx) error { return c.JSON(fiber.Map{"status": "ok"}) })
 	a.Get("/readyz", func(c *fiber.Ctx) error {
 		if s.ctx.Err() != nil {
@@ -136,6 +151,14 @@ func New(cfg Config) *Server {
 	a.Use(func(c *fiber.Ctx) error {
 		return apiErr(fiber.StatusNotFound, "not_found_error", "", fmt.Sprintf("no route %s %s", c.Method(), c.Path()))
 	})
+	srv := s.app.Server()
+	srv.Handler = s.outerHandler(srv.Handler)
+	srv.HeaderReceived = func(h *fasthttp.RequestHeader) fasthttp.RequestConfig {
+		if string(h.Method()) == fiber.MethodPut && strings.HasPrefix(string(h.RequestURI()), "/v1/adapters/") {
+			return fasthttp.RequestConfig{ReadTimeout: cfg.UploadTimeout}
+		}
+		return fasthttp.RequestConfig{}
+	}
 	return s
 }
 
@@ -171,7 +194,9 @@ type Error struct {
 	Message string `json:"message"`
 	Type    string `json:"type"`
 	Param   any    `json:"param"`
-	Code    any    `json:"code"`
+	// Code is always a string: a specific one ("model_not_found") or the
+	// status's name ("bad_request", "payload_too_large").
+	Code string `json:"code"`
 	// RetryAfter sets the Retry-After header (seconds) when positive.
 	RetryAfter int `json:"-"`
 }
@@ -223,10 +248,30 @@ func (s *Server) errorHandler(c *fiber.Ctx, err error) error {
 	if e.RetryAfter > 0 {
 		c.Set(fiber.HeaderRetryAfter, fmt.Sprint(e.RetryAfter))
 	}
-	if e.Code == nil {
-		e.Code = e.Status
+	return c.Status(e.Status).JSON(e.body())
+}
+
+// body is the JSON error object, with the code filled in from the status
+// when none was set.
+func (e *Error) body() fiber.Map {
+	if e.Code == "" {
+		e.Code = statusCode(e.Status)
 	}
-	return c.Status(e.Status).JSON(fiber.Map{"error": e})
+	return fiber.Map{"error": e}
+}
+
+// statusCode names a status for the error "code": "not_found",
+// "too_many_requests", ...; 499 (not in the standard) is "cancelled".
+func statusCode(status int) string {
+	if status == 499 {
+		return "cancelled"
+	}
+	t := http.StatusText(status)
+	if t == "" {
+		return fmt.Sprintf("status_%d", status)
+	}
+	t = strings.NewReplacer(" ", "_", "-", "_", "'", "").Replace(strings.ToLower(t))
+	return t
 }
 
 type keyCtx struct{}

@@ -171,7 +171,7 @@ func (s *Server) generateBatch(c *fiber.Ctx, j *job) error {
 			"choices": choices, "usage": usageOf(t), "system_fingerprint": nil})
 	}
 	startSSE(c)
-	c.Status(fiber.StatusOK).Context().SetBodyStreamWriter(func(w *bufio.Writer) {
+	s.streamBody(c, func(w *bufio.Writer) {
 		defer cancel()
 		var mu sync.Mutex // the writer, sendErr
 		var sendErr error

@@ -113,6 +113,11 @@ func (s *Server) resolveModel(c *fiber.Ctx, name, param string) (string, error) 
 	if name == "" || name == s.cfg.ModelName {
 		return "", nil
 	}
+	// The key's scope first: an ID outside it answers 403 whether or not
+	// it exists, so a tenant cannot enumerate the others' adapters.
+	if !keyOf(c).CanInvoke(name) {
+		return "", forbidden(name)
+	}
 	if s.cfg.Catalog == nil || !ValidID(name) {
 		return "", s.notFound(name, param)
 	}
@@ -121,9 +126,6 @@ func (s *Server) resolveModel(c *fiber.Ctx, name, param string) (string, error) 
 			return "", s.notFound(name, param)
 		}
 		return "", err
-	}
-	if !keyOf(c).CanInvoke(name) {
-		return "", forbidden(name)
 	}
 	return name, nil
 }
@@ -447,8 +449,9 @@ func submitErr(err error) error {
 		return badRequest("max_tokens", "%v", err)
 	case errors.Is(err, engine.ErrBadInput):
 		param := "prompt"
-		if strings.Contains(err.Error(), "max tokens") {
-			param = "max_tokens"
+		var fe *scheduler.FieldError
+		if errors.As(err, &fe) {
+			param = fe.Field
 		}
 		return badRequest(param, "%v", err)
 	case errors.Is(err, sample.ErrParams):
@@ -477,6 +480,14 @@ func runErr(err error) *Error {
 		return badRequest("model", "%v", err)
 	case errors.Is(err, scheduler.ErrClosed):
 		return apiErr(fiber.StatusServiceUnavailable, "server_error", "", "the server is shutting down")
+	case errors.Is(err, scheduler.ErrNonFinite):
+		e := apiErr(fiber.StatusInternalServerError, "server_error", "model", err.Error())
+		e.Code = "non_finite_logits"
+		return e
+	case errors.Is(err, scheduler.ErrInternal):
+		e := apiErr(fiber.StatusInternalServerError, "server_error", "", err.Error())
+		e.Code = "internal_error"
+		return e
 	}
 	return apiErr(fiber.StatusInternalServerError, "server_error", "", err.Error())
 }
@@ -488,31 +499,45 @@ type result struct {
 	choices          []sample.Choice
 	finish           string
 	prompt, complete int
+	pieces           []string  // what each token adds to the text: they concatenate to text
+	info             []tokInfo // with logprobs
 }
 
 // delta is a streamed piece: text safe to show and the tokens behind it.
 type delta struct {
 	text    string
 	choices []sample.Choice
+	pieces  []string  // what each token adds to the text: they concatenate to text
+	info    []tokInfo // with logprobs
+	offset  int       // where text starts in the whole text, in characters
 }
 
 // drive consumes the scheduler's events: decodes text, applies stop
 // strings, calls emit with streamable deltas (nil: not streaming).
+//
+// The text is decoded incrementally after the prompt (the decoder keeps a
+// few of the prompt's last tokens as context, like vLLM's
+// detokenize_incrementally), so the first token reads as it does after the
+// prompt: " upon" after "Once", not "upon". Each token's piece is what it
+// adds to the text; the pieces concatenate to the text (cut at a stop
+// string, and the last one takes what Flush adds), streamed deltas end on
+// token boundaries so that their pieces concatenate to their text, and with
+// logprobs each token's bytes and alternatives are decoded in the same
+// context (tokInfo).
 func (s *Server) drive(ctx context.Context, cancel context.CancelFunc, j *job, ch <-chan scheduler.Event, emit func(delta) error, heartbeat func() error, every time.Duration) (result, error) {
 	res := result{prompt: len(j.req.Prompt)}
-	var dec interface {
-		Add(int32) string
-		Flush() string
-	}
+	var dec textDecoder
 	if s.cfg.Tokenizer != nil {
-		dec = s.cfg.Tokenizer.NewDecoder(true)
+		dec = s.cfg.Tokenizer.NewDecoderAfter(j.req.Prompt, true)
 	}
 	hold := 0
 	for _, st := range j.stopStrs {
 		hold = max(hold, len(st)-1)
 	}
 	var text strings.Builder
-	emitted, pendingFrom := 0, 0 // bytes of text sent; first choice not yet sent
+	var ends []int // ends[k]: where token k's piece ends in text (non-decreasing)
+	// Bytes and characters of text sent; first token not yet sent.
+	emitted, emittedChars, pendingFrom := 0, 0, 0
 	last := time.Time{}
 	label := adapterLabel(j.adapter)
 	stopAt := func(from int) int {
@@ -528,22 +553,35 @@ func (s *Server) drive(ctx context.Context, cancel context.CancelFunc, j *job, c
 		}
 		return idx
 	}
-	flushDelta := func(upto int) error {
+	// flushDelta sends the text up to upto, cut back to the end of a token,
+	// with the tokens behind it; final sends all the rest.
+	flushDelta := func(upto int, final bool) error {
 		if emit == nil {
 			return nil
 		}
 		t := text.String()
-		if upto < emitted {
-			upto = emitted
+		n := len(res.choices)
+		if final {
+			upto = len(t)
+		} else {
+			for n > pendingFrom && ends[n-1] > upto {
+				n--
+			}
+			if n == pendingFrom {
+				return nil
+			}
+			upto = ends[n-1]
 		}
-		for upto > emitted && upto < len(t) && !utf8.RuneStart(t[upto]) {
-			upto--
+		upto = max(upto, emitted)
+		d := delta{text: t[emitted:upto], offset: emittedChars, choices: res.choices[pendingFrom:n],
+			pieces: pieces(t, ends[pendingFrom:n], emitted, upto)}
+		if res.info != nil {
+			d.info = res.info[pendingFrom:n]
 		}
-		d := delta{text: t[emitted:upto], choices: res.choices[pendingFrom:]}
 		if d.text == "" && len(d.choices) == 0 {
 			return nil
 		}
-		emitted, pendingFrom = upto, len(res.choices)
+		emitted, emittedChars, pendingFrom = upto, emittedChars+utf8.RuneCountInString(d.text), n
 		return emit(d)
 	}
 	var tick <-chan time.Time
@@ -587,23 +625,28 @@ loop:
 		res.tokens = append(res.tokens, ev.Token.ID)
 		res.choices = append(res.choices, ev.Token)
 		res.complete++
+		before := text.Len()
 		if dec != nil {
-			before := text.Len()
+			if j.logprobs {
+				res.info = append(res.info, s.tokInfo(dec, ev.Token))
+			}
 			text.WriteString(dec.Add(ev.Token.ID))
-			if len(j.stopStrs) > 0 {
-				if i := stopAt(before); i >= 0 {
-					cancel() // the scheduler drops the sequence at its next step
-					res.text, res.finish = text.String()[:i], engine.FinishStop
-					text.Reset()
-					text.WriteString(res.text)
-					if err := flushDelta(len(res.text)); err != nil {
-						return res, err
-					}
-					return res, nil
+		}
+		ends = append(ends, text.Len())
+		if dec != nil && len(j.stopStrs) > 0 {
+			if i := stopAt(before); i >= 0 {
+				cancel() // the scheduler drops the sequence at its next step
+				res.text, res.finish = text.String()[:i], engine.FinishStop
+				text.Reset()
+				text.WriteString(res.text)
+				res.pieces = pieces(res.text, ends, 0, len(res.text))
+				if err := flushDelta(0, true); err != nil {
+					return res, err
 				}
+				return res, nil
 			}
 		}
-		if err := flushDelta(text.Len() - hold); err != nil {
+		if err := flushDelta(text.Len()-hold, false); err != nil {
 			cancel()
 			return res, err
 		}
@@ -625,10 +668,35 @@ loop:
 		}
 	}
 	res.text = text.String()
-	if err := flushDelta(len(res.text)); err != nil {
+	res.pieces = pieces(res.text, ends, 0, len(res.text))
+	if err := flushDelta(0, true); err != nil {
 		return res, err
 	}
 	return res, nil
+}
+
+// textDecoder is a tokenizer.StreamDecoder.
+type textDecoder interface {
+	Add(id int32) string
+	Flush() string
+	Peek(id int32) string
+	PeekBytes(id int32) []byte
+}
+
+// pieces cuts text[from:to] into the pieces of the tokens ending at ends
+// (clipped to [from, to]; the last piece reaches to).
+func pieces(text string, ends []int, from, to int) []string {
+	out := make([]string, len(ends))
+	at := from
+	for k, e := range ends {
+		e = min(max(e, at), to)
+		if k == len(ends)-1 {
+			e = to
+		}
+		out[k] = text[at:e]
+		at = e
+	}
+	return out
 }
 
 // disconnectProbe is how often a non-streaming request checks that its
@@ -680,7 +748,7 @@ func (s *Server) generate(c *fiber.Ctx, j *job) error {
 		return c.JSON(s.final(j, res))
 	}
 	startSSE(c)
-	c.Status(fiber.StatusOK).Context().SetBodyStreamWriter(func(w *bufio.Writer) {
+	s.streamBody(c, func(w *bufio.Writer) {
 		defer cancel()
 		send := func(v any) error { return sseEvent(w, v) }
 		var sendErr error
@@ -760,6 +828,75 @@ func (s *Server) tokenText(id int32) string {
 	return s.cfg.Tokenizer.Decode([]int32{id}, false)
 }
 
+// Logprobs' token strings are decoded in context, after the prompt and the
+// tokens before them, never alone (a SentencePiece "▁upon" alone loses its
+// space):
+//   - a sampled token's string is its piece, what it adds to the text, so
+//     that the strings concatenate to the text and text_offset lines up.
+//     A token that is an incomplete character on its own (a byte-fallback
+//     byte, part of a byte-level character) adds nothing until the token
+//     that completes the character, whose string holds all of it: as with
+//     the text, incomplete UTF-8 is never shown. Its own bytes are in chat's
+//     "bytes" (OpenAI's practice; concatenated over the tokens they give the
+//     text's bytes). A special token, such as the stop token, is not part of
+//     the text (skip_special_tokens, as vLLM), so its string is empty (vLLM
+//     shows "<s>" only with skip_special_tokens false).
+//   - an alternative's string is the text it would have added in place of
+//     the sampled token, had it ended the text (Peek: a character it leaves
+//     incomplete reads U+FFFD); a special token reads as itself ("</s>"),
+//     since nothing has to join there.
+
+// tokInfo is a sampled token's own bytes and its alternatives, decoded
+// where the token was sampled.
+type tokInfo struct {
+	bytes []byte
+	top   []altInfo // as sample.Choice.Top
+}
+
+type altInfo struct {
+	text  string
+	bytes []byte
+}
+
+func (s *Server) tokInfo(dec textDecoder, c sample.Choice) tokInfo {
+	ti := tokInfo{bytes: dec.PeekBytes(c.ID), top: make([]altInfo, len(c.Top))}
+	tok := s.cfg.Tokenizer
+	for a, x := range c.Top {
+		switch t, ok := tok.Token(x.ID); {
+		case !ok: // an id the model has and the tokenizer not
+			t = fmt.Sprintf("token_id:%d", x.ID)
+			ti.top[a] = altInfo{t, []byte(t)}
+		case tok.IsSpecial(x.ID):
+			ti.top[a] = altInfo{t, []byte(t)}
+		default:
+			ti.top[a] = altInfo{dec.Peek(x.ID), dec.PeekBytes(x.ID)}
+		}
+	}
+	return ti
+}
+
+// sampled is the string and bytes of token k of cs (see above).
+func (s *Server) sampled(k int, cs []sample.Choice, pieces []string, info []tokInfo) (string, []byte) {
+	if s.cfg.Tokenizer == nil || k >= len(pieces) {
+		t := s.tokenText(cs[k].ID)
+		return t, []byte(t)
+	}
+	var b []byte
+	if k < len(info) {
+		b = info[k].bytes
+	}
+	return pieces[k], b
+}
+
+// alternative is the string and bytes of alternative a of token k of cs.
+func (s *Server) alternative(k, a int, cs []sample.Choice, info []tokInfo) (string, []byte) {
+	if s.cfg.Tokenizer == nil || k >= len(info) || a >= len(info[k].top) {
+		t := s.tokenText(cs[k].Top[a].ID)
+		return t, []byte(t)
+	}
+	return info[k].top[a].text, info[k].top[a].bytes
+}
+
 // completionLogprobs is OpenAI's legacy completions logprobs object.
 type completionLogprobs struct {
 	Tokens        []string             `json:"tokens"`
@@ -768,19 +905,27 @@ type completionLogprobs struct {
 	TextOffset    []int                `json:"text_offset"`
 }
 
-func (s *Server) completionLP(cs []sample.Choice, offset int) *completionLogprobs {
+// completionLP is the logprobs of cs, whose text starts offset characters
+// into the completion's text. text_offset[i] is where token i's string
+// starts in the completion's text (not the prompt's: echo is not
+// supported), counted in characters (Unicode code points, as vLLM's Python
+// len() and OpenAI); streamed chunks continue the count.
+func (s *Server) completionLP(cs []sample.Choice, pieces []string, info []tokInfo, offset int) *completionLogprobs {
 	lp := &completionLogprobs{Tokens: []string{}, TokenLogprobs: []float64{}, TopLogprobs: []map[string]float64{}, TextOffset: []int{}}
-	for _, c := range cs {
-		t := s.tokenText(c.ID)
+	for k, c := range cs {
+		t, _ := s.sampled(k, cs, pieces, info)
 		lp.Tokens = append(lp.Tokens, t)
 		lp.TokenLogprobs = append(lp.TokenLogprobs, finite(c.Logprob))
 		top := map[string]float64{}
-		for _, x := range c.Top {
-			top[s.tokenText(x.ID)] = finite(x.Logprob)
+		for a, x := range c.Top {
+			key, _ := s.alternative(k, a, cs, info)
+			if _, dup := top[key]; !dup { // alternatives that read alike: the likeliest
+				top[key] = finite(x.Logprob)
+			}
 		}
 		lp.TopLogprobs = append(lp.TopLogprobs, top)
 		lp.TextOffset = append(lp.TextOffset, offset)
-		offset += len(t)
+		offset += utf8.RuneCountInString(t)
 	}
 	return lp
 }
@@ -796,21 +941,22 @@ type chatLP struct {
 	TopLogprobs []chatTop `json:"top_logprobs"`
 }
 
-func (s *Server) chatTop(id int32, lp float64) chatTop {
-	t := s.tokenText(id)
-	b := make([]int, len(t))
-	for i := range len(t) {
-		b[i] = int(t[i])
+func chatTopOf(t string, bs []byte, lp float64) chatTop {
+	b := make([]int, len(bs))
+	for i, c := range bs {
+		b[i] = int(c)
 	}
 	return chatTop{t, finite(lp), b}
 }
 
-func (s *Server) chatLogprobs(cs []sample.Choice) map[string]any {
+func (s *Server) chatLogprobs(cs []sample.Choice, pieces []string, info []tokInfo) map[string]any {
 	out := []chatLP{}
-	for _, c := range cs {
-		e := chatLP{chatTop: s.chatTop(c.ID, c.Logprob), TopLogprobs: []chatTop{}}
-		for _, x := range c.Top {
-			e.TopLogprobs = append(e.TopLogprobs, s.chatTop(x.ID, x.Logprob))
+	for k, c := range cs {
+		t, b := s.sampled(k, cs, pieces, info)
+		e := chatLP{chatTop: chatTopOf(t, b, c.Logprob), TopLogprobs: []chatTop{}}
+		for a, x := range c.Top {
+			t, b := s.alternative(k, a, cs, info)
+			e.TopLogprobs = append(e.TopLogprobs, chatTopOf(t, b, x.Logprob))
 		}
 		out = append(out, e)
 	}
@@ -830,12 +976,14 @@ type invokeLPel struct {
 	Logprob float64 `json:"logprob"`
 }
 
-func (s *Server) invokeLogprobs(cs []sample.Choice) []invokeLP {
+func (s *Server) invokeLogprobs(cs []sample.Choice, pieces []string, info []tokInfo) []invokeLP {
 	out := []invokeLP{}
-	for _, c := range cs {
-		e := invokeLP{TokenID: c.ID, Token: s.tokenText(c.ID), Logprob: finite(c.Logprob), TopLogprobs: []invokeLPel{}}
-		for _, x := range c.Top {
-			e.TopLogprobs = append(e.TopLogprobs, invokeLPel{x.ID, s.tokenText(x.ID), finite(x.Logprob)})
+	for k, c := range cs {
+		t, _ := s.sampled(k, cs, pieces, info)
+		e := invokeLP{TokenID: c.ID, Token: t, Logprob: finite(c.Logprob), TopLogprobs: []invokeLPel{}}
+		for a, x := range c.Top {
+			t, _ := s.alternative(k, a, cs, info)
+			e.TopLogprobs = append(e.TopLogprobs, invokeLPel{x.ID, t, finite(x.Logprob)})
 		}
 		out = append(out, e)
 	}
@@ -865,7 +1013,7 @@ func (s *Server) final(j *job, r result) any {
 			"text": r.text, "token_ids": ids(r.tokens), "prompt_token_ids": ids(j.req.Prompt),
 			"finish_reason": r.finish, "usage": usageOf(r)}
 		if j.logprobs {
-			m["logprobs"] = s.invokeLogprobs(r.choices)
+			m["logprobs"] = s.invokeLogprobs(r.choices, r.pieces, r.info)
 		}
 		return m
 	case kindCompletion:
@@ -880,7 +1028,7 @@ func (s *Server) final(j *job, r result) any {
 		ch := fiber.Map{"index": 0, "message": fiber.Map{"role": "assistant", "content": r.text, "refusal": nil, "tool_calls": []any{}},
 			"logprobs": nil, "finish_reason": r.finish}
 		if j.logprobs {
-			ch["logprobs"] = s.chatLogprobs(r.choices)
+			ch["logprobs"] = s.chatLogprobs(r.choices, r.pieces, r.info)
 		}
 		if j.returnIDs {
 			ch["token_ids"] = ids(r.tokens)
@@ -898,7 +1046,7 @@ func (s *Server) final(j *job, r result) any {
 func (s *Server) completionChoice(j *job, index int, prompt []int32, r result) fiber.Map {
 	ch := fiber.Map{"index": index, "text": r.text, "logprobs": nil, "finish_reason": r.finish}
 	if j.logprobs {
-		ch["logprobs"] = s.completionLP(r.choices, 0)
+		ch["logprobs"] = s.completionLP(r.choices, r.pieces, r.info, 0)
 	}
 	if j.returnIDs {
 		ch["token_ids"] = ids(r.tokens)
@@ -915,7 +1063,7 @@ func (s *Server) completionChunk(j *job, index int, prompt []int32, d delta, fir
 	}
 	ch := fiber.Map{"index": index, "text": d.text, "logprobs": nil, "finish_reason": nil}
 	if j.logprobs {
-		ch["logprobs"] = s.completionLP(d.choices, 0)
+		ch["logprobs"] = s.completionLP(d.choices, d.pieces, d.info, d.offset)
 	}
 	if j.returnIDs {
 		ch["token_ids"] = tok
@@ -946,7 +1094,7 @@ func (s *Server) chunk(j *job, d delta, first bool) any {
 			m["prompt_token_ids"] = ids(j.req.Prompt)
 		}
 		if j.logprobs {
-			m["logprobs"] = s.invokeLogprobs(d.choices)
+			m["logprobs"] = s.invokeLogprobs(d.choices, d.pieces, d.info)
 		}
 		return m
 	case kindCompletion:
@@ -958,7 +1106,7 @@ func (s *Server) chunk(j *job, d delta, first bool) any {
 		}
 		ch := fiber.Map{"index": 0, "delta": dl, "logprobs": nil, "finish_reason": nil}
 		if j.logprobs {
-			ch["logprobs"] = s.chatLogprobs(d.choices)
+			ch["logprobs"] = s.chatLogprobs(d.choices, d.pieces, d.info)
 		}
 		if j.returnIDs {
 			ch["token_ids"] = tok

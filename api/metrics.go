@@ -33,6 +33,7 @@ type Metrics struct {
 	preempt   prometheus.Counter
 	kvUsage   prometheus.Gauge
 	loraInfo  *prometheus.GaugeVec
+	panics    *prometheus.CounterVec
 
 	// vLLM-compatible gauges, read by the Gateway API Inference Extension
 	// endpoint picker (see package infra).
@@ -82,6 +83,8 @@ func NewMetrics(maxLoRA int) *Metrics {
 		loraInfo: prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "vllm:lora_requests_info",
 			Help: "Running and waiting LoRA adapters (vLLM-compatible; value is a unix timestamp)."},
 			[]string{"running_lora_adapters", "waiting_lora_adapters", "max_lora"}),
+		panics: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "peftd_panics_total",
+			Help: "Panics recovered (the request failed with a 500, the server went on), by where: http, stream, engine."}, []string{"where"}),
 		vllmWaiting: prometheus.NewGauge(prometheus.GaugeOpts{Name: "vllm:num_requests_waiting",
 			Help: "Requests waiting for admission (vLLM-compatible; same as peftd_queue_depth)."}),
 		vllmRunning: prometheus.NewGauge(prometheus.GaugeOpts{Name: "vllm:num_requests_running",
@@ -91,11 +94,17 @@ func NewMetrics(maxLoRA int) *Metrics {
 	}
 	r.MustRegister(m.requests, m.generated, m.prompt, m.ttft, m.itl, m.e2e, m.inflight, m.waiting, m.running,
 		m.batchRows, m.batchSeqs, m.adapters, m.stepTime, m.preempt, m.kvUsage, m.loraInfo,
-		m.vllmWaiting, m.vllmRunning, m.vllmKV,
+		m.vllmWaiting, m.vllmRunning, m.vllmKV, m.panics,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	for _, w := range []string{"http", "stream", "engine"} {
+		m.panics.WithLabelValues(w) // export zeros
+	}
 	m.setLoRA(nil, nil)
 	return m
 }
+
+// Panic counts a recovered panic; where is http, stream or engine.
+func (m *Metrics) Panic(where string) { m.panics.WithLabelValues(where).Inc() }
 
 // OnStep records one scheduler step.
 func (m *Metrics) OnStep(s scheduler.StepStats) {

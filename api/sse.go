@@ -39,8 +39,5 @@ func sseDone(w *bufio.Writer) {
 // and the error event to send.
 func streamErr(err error) (int, fiber.Map) {
 	e := runErr(err)
-	if e.Code == nil {
-		e.Code = e.Status
-	}
-	return e.Status, fiber.Map{"error": e}
+	return e.Status, e.body()
 }

@@ -10,7 +10,9 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
 	"math/rand/v2"
+	"runtime/debug"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -26,7 +28,29 @@ var (
 	ErrQueueFull = errors.New("scheduler: queue full")
 	ErrClosed    = errors.New("scheduler: closed")
 	ErrTooLong   = errors.New("scheduler: request does not fit")
+	// ErrNonFinite: the model produced NaN or infinite logits for a
+	// sequence (a broken adapter or base model); the request fails
+	// instead of emitting meaningless tokens.
+	ErrNonFinite = errors.New("scheduler: the model produced non-finite logits (NaN or Inf)")
+	// ErrInternal: the engine step panicked; the requests in it fail and
+	// the scheduler goes on.
+	ErrInternal = errors.New("scheduler: internal error in the engine step")
 )
+
+// FieldError is a request field the scheduler refuses (it wraps
+// engine.ErrBadInput); Field names it as the API does: prompt, max_tokens,
+// stop.
+type FieldError struct {
+	Field string
+	Msg   string
+}
+
+func (e *FieldError) Error() string { return e.Msg }
+func (e *FieldError) Unwrap() error { return engine.ErrBadInput }
+
+func badField(field, format string, args ...any) error {
+	return &FieldError{Field: field, Msg: fmt.Sprintf(format, args...)}
+}
 
 // Lease holds an adapter resident in a device slot until Release.
 type Lease interface {
@@ -61,11 +85,16 @@ type Event struct {
 
 // Config sizes the scheduler.
 type Config struct {
-	MaxQueue int           // requests waiting or running at most; more get ErrQueueFull
-	Quantum  int           // DRR tokens credited to an adapter queue per round
-	IdleWait time.Duration // unused: the loop blocks when idle
+	MaxQueue int // requests waiting or running at most; more get ErrQueueFull
+	Quantum  int // DRR tokens credited to an adapter queue per round
 	Logger   *slog.Logger
-	OnStep   func(StepStats)
+	// OnStep receives the statistics of every step, and a zero-load
+	// report when the scheduler goes idle, so gauges read from it are
+	// never stale.
+	OnStep func(StepStats)
+	// OnPanic is called (after logging) when a step or an engine command
+	// panicked and was recovered.
+	OnPanic func()
 }
 
 // StepStats describes one engine step (for metrics).
@@ -83,7 +112,8 @@ type seq struct {
 	req      Request
 	lease    Lease
 	slot     int
-	out      chan Event
+	out      chan Event // read by the client; fed by box
+	box      *outbox
 	sampler  *sample.Sampler
 	seed     uint64 // keys device sampling (engine.Sampling.Seed)
 	kv       engine.Sequence
@@ -91,6 +121,7 @@ type seq struct {
 	fed      int     // tokens of `tokens` in the KV cache
 	gen      int     // generated tokens
 	admitted time.Time
+	ended    bool // finish ran
 }
 
 // Scheduler owns the engine goroutine.
@@ -147,7 +178,15 @@ func (s *Scheduler) Do(ctx context.Context, fn func(e *engine.Engine) error) err
 		return ErrClosed
 	}
 	select {
-	case s.cmds <- func() { res <- fn(s.e) }:
+	case s.cmds <- func() {
+		defer func() {
+			if v := recover(); v != nil {
+				res <- fmt.Errorf("%w: %v", ErrInternal, v)
+				panic(v) // logged and counted by the loop's guard
+			}
+		}()
+		res <- fn(s.e)
+	}:
 	case <-s.quit:
 		return ErrClosed
 	case <-ctx.Done():
@@ -195,13 +234,15 @@ func (s *Scheduler) Submit(ctx context.Context, r Request) (<-chan Event, error)
 		return nil, ErrClosed
 	}
 	if len(r.Prompt) == 0 {
-		return nil, fmt.Errorf("%w: empty prompt", engine.ErrBadInput)
+		return nil, badField("prompt", "empty prompt")
 	}
 	if r.MaxTokens <= 0 {
-		return nil, fmt.Errorf("%w: max tokens must be positive", engine.ErrBadInput)
+		return nil, badField("max_tokens", "max tokens must be positive, got %d", r.MaxTokens)
 	}
 	opts := s.e.Options()
-	if n := len(r.Prompt) + r.MaxTokens; n > opts.MaxContext {
+	// Compared without adding: MaxTokens is a client's number and
+	// len(Prompt)+MaxTokens can overflow.
+	if len(r.Prompt) > opts.MaxContext || r.MaxTokens > opts.MaxContext-len(r.Prompt) {
 		return nil, fmt.Errorf("%w: prompt (%d tokens) + max tokens (%d) exceeds the context length %d", ErrTooLong, len(r.Prompt), r.MaxTokens, opts.MaxContext)
 	}
 	if need := s.e.BlocksFor(len(r.Prompt) + r.MaxTokens); need > opts.KVBlocks {
@@ -210,7 +251,12 @@ func (s *Scheduler) Submit(ctx context.Context, r Request) (<-chan Event, error)
 	vocab := s.e.Config().VocabSize
 	for _, t := range r.Prompt {
 		if t < 0 || int(t) >= vocab {
-			return nil, fmt.Errorf("%w: token id %d outside the vocabulary [0, %d)", engine.ErrBadInput, t, vocab)
+			return nil, badField("prompt", "prompt token id %d outside the vocabulary [0, %d)", t, vocab)
+		}
+	}
+	for _, t := range r.Stop {
+		if t < 0 || int(t) >= vocab {
+			return nil, badField("stop", "stop token id %d outside the vocabulary [0, %d)", t, vocab)
 		}
 	}
 	smp, err := sample.New(r.Sampling)
@@ -221,8 +267,10 @@ func (s *Scheduler) Submit(ctx context.Context, r Request) (<-chan Event, error)
 		s.pending.Add(-1)
 		return nil, fmt.Errorf("%w: %d requests pending", ErrQueueFull, s.cfg.MaxQueue)
 	}
-	q := &seq{ctx: ctx, req: r, slot: -1, out: make(chan Event, r.MaxTokens+1), sampler: smp,
+	out := make(chan Event, 8)
+	q := &seq{ctx: ctx, req: r, slot: -1, out: out, box: newOutbox(), sampler: smp,
 		seed: rand.Uint64(), tokens: slices.Clone(r.Prompt)}
+	go q.box.forward(ctx, out)
 	if r.Sampling.Seed != nil {
 		q.seed = *r.Sampling.Seed
 	}
@@ -258,22 +306,31 @@ func (s *Scheduler) enqueue(q *seq) {
 // finish ends a request. The lease and the pending count are released
 // before the Done event, so a caller that has seen Done sees them released.
 func (s *Scheduler) finish(q *seq, reason string, err error) {
+	if q.ended {
+		return // a step that panicked may fail a sequence it had ended
+	}
+	q.ended = true
 	if q.lease != nil {
 		q.lease.Release()
 	}
 	s.pending.Add(-1)
-	q.out <- Event{Done: true, FinishReason: reason, Err: err, PromptTokens: len(q.req.Prompt), CompletionTokens: q.gen}
-	close(q.out)
+	q.box.put(Event{Done: true, FinishReason: reason, Err: err, PromptTokens: len(q.req.Prompt), CompletionTokens: q.gen})
 }
 
 func (s *Scheduler) loop() {
 	defer close(s.done)
+	idleReported := true
 	for {
 		if len(s.running) == 0 && !s.hasWaiting() {
+			if !idleReported {
+				// The gauges read from the last report must say "idle".
+				s.report(StepStats{TotalBlocks: s.e.Options().KVBlocks, FreeBlocks: s.e.FreeBlocks()})
+				idleReported = true
+			}
 			// Nothing to step: block until a command or a request arrives.
 			select {
 			case fn := <-s.cmds:
-				fn()
+				s.guard("engine command", fn)
 			case <-s.wake:
 			case <-s.quit:
 				s.shutdown()
@@ -284,15 +341,38 @@ func (s *Scheduler) loop() {
 		// Engine commands (adapter loads) run between steps: drain them first.
 		select {
 		case fn := <-s.cmds:
-			fn()
+			s.guard("engine command", fn)
 			continue
 		case <-s.quit:
 			s.shutdown()
 			return
 		default:
 		}
-		s.step()
+		idleReported = false
+		if !s.guard("engine step", s.step) {
+			// The step's sequences are in an unknown state: fail them
+			// (their pages are returned) and go on serving.
+			s.guard("failing the requests of a panicked step", func() { s.failAll(ErrInternal) })
+			s.running = nil
+		}
 	}
+}
+
+// guard runs fn, recovering a panic: it is logged with its stack and
+// counted, and guard reports false. A bug hit by one request must not end
+// the process for every tenant.
+func (s *Scheduler) guard(what string, fn func()) (ok bool) {
+	defer func() {
+		if v := recover(); v != nil {
+			ok = false
+			s.log.Error("recovered from a panic", "in", what, "panic", fmt.Sprint(v), "stack", string(debug.Stack()))
+			if s.cfg.OnPanic != nil {
+				s.cfg.OnPanic()
+			}
+		}
+	}()
+	fn()
+	return true
 }
 
 func (s *Scheduler) hasWaiting() bool {
@@ -324,6 +404,7 @@ func (s *Scheduler) shutdown() {
 func (s *Scheduler) admit() {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	s.dropCancelledLocked()
 	free := s.e.FreeBlocks()
 	for _, q := range s.running {
 		free -= s.e.BlocksFor(len(q.tokens)+1) - s.e.BlocksFor(q.fed) // pages running sequences still need soon
@@ -364,8 +445,34 @@ func (s *Scheduler) admit() {
 	}
 }
 
-// step runs one engine step over the running sequences.
+// dropCancelledLocked ends the waiting requests whose context is done, in
+// every queue (not only at the heads), so the queue gauges count only
+// requests somebody still waits for.
+func (s *Scheduler) dropCancelledLocked() {
+	for i := 0; i < len(s.order); i++ {
+		a := s.order[i]
+		s.queues[a] = slices.DeleteFunc(s.queues[a], func(q *seq) bool {
+			if err := q.ctx.Err(); err != nil {
+				s.finish(q, "", err)
+				return true
+			}
+			return false
+		})
+		if len(s.queues[a]) == 0 {
+			delete(s.queues, a)
+			delete(s.deficit, a)
+			s.order = slices.Delete(s.order, i, i+1)
+			i--
+		}
+	}
+}
+
+// step runs one engine step over the running sequences and reports it
+// (also when it had nothing to run: the gauges must not keep the load of a
+// step whose sequences have all been cancelled since).
 func (s *Scheduler) step() {
+	stats := StepStats{TotalBlocks: s.e.Options().KVBlocks}
+	defer func() { s.reportStep(&stats) }()
 	s.admit()
 	// Drop cancelled sequences first: their pages free at once.
 	live := s.running[:0]
@@ -377,11 +484,11 @@ func (s *Scheduler) step() {
 		}
 		live = append(live, q)
 	}
+	clear(s.running[len(live):])
 	s.running = live
 	if len(s.running) == 0 {
 		return
 	}
-	stats := StepStats{TotalBlocks: s.e.Options().KVBlocks}
 	for {
 		in, who := s.plan(&stats)
 		if len(in) == 0 {
@@ -409,26 +516,40 @@ func (s *Scheduler) step() {
 		}
 		stats.Duration = time.Since(start)
 		s.afterStep(in, who, choices)
-		break
+		return
+	}
+}
+
+// reportStep completes a step's statistics with the state after it and
+// hands them to OnStep.
+func (s *Scheduler) reportStep(stats *StepStats) {
+	if s.cfg.OnStep == nil {
+		return
 	}
 	stats.FreeBlocks = s.e.FreeBlocks()
-	if s.cfg.OnStep != nil {
-		s.mu.Lock()
-		for _, a := range s.order {
-			stats.Waiting += len(s.queues[a])
-			stats.WaitingAdapters = append(stats.WaitingAdapters, a)
+	stats.Running = len(s.running)
+	seen := map[string]bool{}
+	for _, q := range s.running {
+		if !seen[q.req.Adapter] && q.req.Adapter != "" {
+			seen[q.req.Adapter] = true
+			stats.RunningAdapters = append(stats.RunningAdapters, q.req.Adapter)
 		}
-		s.mu.Unlock()
-		stats.Running = len(s.running)
-		seen := map[string]bool{}
-		for _, q := range s.running {
-			if !seen[q.req.Adapter] && q.req.Adapter != "" {
-				seen[q.req.Adapter] = true
-				stats.RunningAdapters = append(stats.RunningAdapters, q.req.Adapter)
-			}
-		}
-		s.cfg.OnStep(stats)
 	}
+	s.report(*stats)
+}
+
+// report adds the waiting queues to stats and calls OnStep.
+func (s *Scheduler) report(stats StepStats) {
+	if s.cfg.OnStep == nil {
+		return
+	}
+	s.mu.Lock()
+	for _, a := range s.order {
+		stats.Waiting += len(s.queues[a])
+		stats.WaitingAdapters = append(stats.WaitingAdapters, a)
+	}
+	s.mu.Unlock()
+	s.cfg.OnStep(stats)
 }
 
 // plan packs decode rows first, then prefill chunks, within the token budget.
@@ -506,9 +627,19 @@ func (s *Scheduler) afterStep(in []engine.Input, who []*seq, choices []sample.Ch
 			continue // more prompt (or recompute) to feed
 		}
 		c := choices[k]
+		if math.IsNaN(c.Logprob) || math.IsInf(c.Logprob, 0) {
+			s.e.Release(&q.kv)
+			adapter := q.req.Adapter
+			if adapter == "" {
+				adapter = "the base model"
+			}
+			s.finish(q, "", fmt.Errorf("%w at generated token %d (adapter %s)", ErrNonFinite, q.gen, adapter))
+			ended = append(ended, q)
+			continue
+		}
 		q.tokens = append(q.tokens, c.ID)
 		q.gen++
-		q.out <- Event{Token: c}
+		q.box.put(Event{Token: c})
 		reason := ""
 		switch {
 		case slices.Contains(q.req.Stop, c.ID):

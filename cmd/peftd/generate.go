@@ -110,7 +110,9 @@ func cmdGenerate(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	}
 	req := engine.Request{Prompt: ids, Slot: slot, MaxTokens: *maxTokens, Sampling: sp, Stop: stop}
 	if !*asJSON && tok != nil {
-		dec := tok.NewDecoder(true)
+		// The completion is decoded after the prompt, so that its first
+		// token reads as it does there (" upon" after "Once").
+		dec := tok.NewDecoderAfter(ids, true)
 		fmt.Fprint(stdout, tok.Decode(ids, true))
 		req.OnToken = func(c sample.Choice) { fmt.Fprint(stdout, dec.Add(c.ID)) }
 		defer func() { fmt.Fprintln(stdout, dec.Flush()) }()
@@ -123,7 +125,7 @@ func cmdGenerate(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	out := genOutput{PromptTokenIDs: ids, TokenIDs: r.Tokens, FinishReason: r.FinishReason,
 		Logprobs: []float64{}, TopLogprobs: [][]sample.TokenLogprob{}}
 	if tok != nil {
-		out.Text = tok.Decode(r.Tokens, true)
+		out.Text = tok.DecodeAfter(ids, r.Tokens, true)
 	}
 	for _, c := range r.Choices {
 		out.Logprobs = append(out.Logprobs, c.Logprob)

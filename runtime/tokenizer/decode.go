@@ -209,9 +209,11 @@ func appendLossy(dst *strings.Builder, b []byte, final bool) int {
 type StreamDecoder struct {
 	t    *Tokenizer
 	skip bool
+	raw  bool // PeekBytes: bytes as they are, nothing held back
 	st   []stageState
 	out  strings.Builder
 	tmp  strings.Builder
+	peek *StreamDecoder // scratch copy for Peek and PeekBytes
 }
 
 type stageState struct {
@@ -219,6 +221,7 @@ type stageState struct {
 	startLeft int    // Strip: leading chars still to examine
 	held      string // Strip: trailing content chars held back
 	notFirst  bool   // Metaspace / JoinSpace
+	shown     int    // ByteFallback/ByteLevel: pending bytes of the context, already shown as U+FFFD (NewDecoderAfter)
 }
 
 // NewDecoder returns a streaming decoder. With skipSpecial, special added tokens are dropped.
@@ -286,6 +289,10 @@ func (d *StreamDecoder) emit(i int, s string) {
 		d.emit(i+1, s)
 	case stByteFallback:
 		if b, ok := byteToken(s); ok {
+			if d.raw {
+				d.emit(i+1, string([]byte{b}))
+				return
+			}
 			ss.pending = append(ss.pending, b)
 			return
 		}
@@ -312,11 +319,22 @@ func (d *StreamDecoder) emit(i int, s string) {
 			}
 			ss.pending = append(ss.pending, byte(runeToByte[r]))
 		}
+		if d.raw {
+			b := string(ss.pending)
+			ss.pending = ss.pending[:0]
+			d.emit(i+1, b)
+			return
+		}
+		shown := byteLevelShown(ss, false)
 		d.tmp.Reset()
 		n := appendLossy(&d.tmp, ss.pending, false)
 		ss.pending = ss.pending[:copy(ss.pending, ss.pending[n:])]
-		if d.tmp.Len() > 0 {
-			d.emit(i+1, d.tmp.String())
+		out := d.tmp.String()
+		if shown {
+			out = strings.TrimPrefix(out, "\uFFFD")
+		}
+		if out != "" {
+			d.emit(i+1, out)
 		}
 	case stStrip:
 		if !sp.fused {
@@ -332,7 +350,7 @@ func (d *StreamDecoder) emit(i int, s string) {
 			s = s[w:]
 			ss.startLeft--
 		}
-		if sp.stop == 0 {
+		if sp.stop == 0 || d.raw {
 			if s != "" {
 				d.emit(i+1, s)
 			}
@@ -357,6 +375,21 @@ func (d *StreamDecoder) emit(i int, s string) {
 	}
 }
 
+// byteLevelShown reports whether the first character of ss.pending, now
+// resolved, is an invalid sequence that began with the context's pending
+// bytes: Decode(context) already shows its U+FFFD (see NewDecoderAfter).
+func byteLevelShown(ss *stageState, final bool) bool {
+	if ss.shown == 0 || len(ss.pending) == 0 {
+		return false
+	}
+	_, ok, inc := utf8Seq(ss.pending)
+	if inc && !final {
+		return false
+	}
+	ss.shown = 0
+	return !ok
+}
+
 func stripToken(s string, content rune, start, stop int) string {
 	for k := 0; k < start && s != ""; k++ {
 		r, w := utf8.DecodeRuneInString(s)
@@ -377,13 +410,16 @@ func stripToken(s string, content rune, start, stop int) string {
 
 func (d *StreamDecoder) flushByteRun(i int) {
 	ss := &d.st[i]
+	shown := ss.shown
+	ss.shown = 0
 	if len(ss.pending) == 0 {
 		return
 	}
 	if utf8.Valid(ss.pending) {
 		d.emit(i+1, string(ss.pending))
 	} else {
-		for range ss.pending {
+		// One U+FFFD per byte; Decode(context) already has those of its bytes.
+		for range ss.pending[shown:] {
 			d.emit(i+1, "\uFFFD")
 		}
 	}
@@ -400,10 +436,17 @@ func (d *StreamDecoder) finish(i int) {
 		d.flushByteRun(i)
 	case stByteLevel:
 		if len(ss.pending) > 0 {
+			shown := byteLevelShown(ss, true)
 			var b strings.Builder
 			appendLossy(&b, ss.pending, true)
 			ss.pending = ss.pending[:0]
-			d.emit(i+1, b.String())
+			out := b.String()
+			if shown {
+				out = strings.TrimPrefix(out, "\uFFFD")
+			}
+			if out != "" {
+				d.emit(i+1, out)
+			}
 		}
 	case stStrip:
 		ss.held = "" // trailing content chars are stripped

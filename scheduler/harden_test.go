@@ -1,0 +1,181 @@
+package scheduler
+
+import (
+	"context"
+	"errors"
+	"math"
+	"slices"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/peftd/peftd/internal/fixture"
+	"github.com/peftd/peftd/runtime/cpu"
+	"github.com/peftd/peftd/runtime/engine"
+	"github.com/peftd/peftd/runtime/llama"
+	"github.com/peftd/peftd/runtime/lora"
+)
+
+// TestHugeMaxTokens: a client's max tokens near the int limits is refused
+// as too long (it used to overflow prompt+max and size a channel by it).
+func TestHugeMaxTokens(t *testing.T) {
+	s, f := setup(t, engine.Options{MaxTokens: 64, KVBlocks: 64, BlockSize: 4, AdapterSlots: 4}, Config{})
+	p := f.Cases[0].Prompt
+	for _, n := range []int{math.MaxInt, math.MaxInt - 1, math.MaxInt - len(p) + 1, math.MaxInt32, 1 << 40} {
+		if _, err := s.Submit(context.Background(), Request{Prompt: p, MaxTokens: n}); !errors.Is(err, ErrTooLong) {
+			t.Errorf("max tokens %d: %v, want ErrTooLong", n, err)
+		}
+	}
+	ch, err := s.Submit(context.Background(), Request{Prompt: p, MaxTokens: 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if toks, end := collect(t, ch); len(toks) != 2 || end.Err != nil {
+		t.Errorf("after the refusals: %d tokens, %v", len(toks), end.Err)
+	}
+}
+
+// panicky is the CPU backend with a Logits that panics while armed.
+type panicky struct {
+	engine.Backend
+	armed atomic.Bool
+}
+
+func (p *panicky) Logits(out, x engine.Buffer, norm, head engine.Weight, eps float32) {
+	if p.armed.Load() {
+		panic("injected fault")
+	}
+	p.Backend.Logits(out, x, norm, head, eps)
+}
+
+// TestStepPanicRecovered: a panic inside an engine step fails the requests
+// of that step with ErrInternal, is counted, and the scheduler goes on
+// serving with every KV page returned.
+func TestStepPanicRecovered(t *testing.T) {
+	f, err := fixture.Load()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.Close() })
+	b := &panicky{Backend: cpu.New(0)}
+	e, err := engine.New(f.Model, b, engine.Options{MaxTokens: 64, KVBlocks: 64, BlockSize: 4, AdapterSlots: 4})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var panics atomic.Int64
+	s := New(e, Static{}, Config{OnPanic: func() { panics.Add(1) }})
+	t.Cleanup(s.Close)
+	c := f.Cases[0]
+	b.armed.Store(true)
+	ch, err := s.Submit(context.Background(), Request{Prompt: c.Prompt, MaxTokens: 4})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, end := collect(t, ch); !errors.Is(end.Err, ErrInternal) {
+		t.Fatalf("request in a panicking step ended with %v, want ErrInternal", end.Err)
+	}
+	if panics.Load() != 1 {
+		t.Errorf("OnPanic called %d times, want 1", panics.Load())
+	}
+	// A panicking engine command answers its caller with ErrInternal.
+	if err := s.Do(context.Background(), func(*engine.Engine) error { panic("command fault") }); !errors.Is(err, ErrInternal) {
+		t.Errorf("panicking command: %v, want ErrInternal", err)
+	}
+	b.armed.Store(false)
+	ch, err = s.Submit(context.Background(), Request{Prompt: c.Prompt, MaxTokens: len(c.Greedy)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	toks, end := collect(t, ch)
+	if end.Err != nil || !slices.Equal(toks, c.Greedy) {
+		t.Errorf("after the panic: %v %v, want %v", toks, end.Err, c.Greedy)
+	}
+	var free int
+	s.Do(context.Background(), func(e *engine.Engine) error { free = e.FreeBlocks(); return nil })
+	if free != 64 {
+		t.Errorf("%d of 64 pages free after recovery", free)
+	}
+	if s.Pending() != 0 {
+		t.Errorf("%d requests pending", s.Pending())
+	}
+}
+
+// TestNonFiniteLogits: an adapter whose scale is +Inf (loaded behind the
+// validator's back) makes NaN logits; its request fails with ErrNonFinite
+// instead of emitting tokens, and the base model still serves.
+func TestNonFiniteLogits(t *testing.T) {
+	f, err := fixture.Load()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.Close() })
+	e, err := engine.New(f.Model, cpu.New(0), engine.Options{MaxTokens: 64, KVBlocks: 64, BlockSize: 4, AdapterSlots: 4})
+	if err != nil {
+		t.Fatal(err)
+	}
+	src := f.Adapters[fixture.AdapterNames[1]]
+	bad := *src
+	bad.Layers = make([][llama.NumModules]*lora.Pair, len(src.Layers))
+	for l, mods := range src.Layers {
+		for m, p := range mods {
+			if p != nil {
+				q := *p
+				q.Scale = float32(math.Inf(1))
+				bad.Layers[l][m] = &q
+			}
+		}
+	}
+	if err := e.LoadAdapter(0, &bad); err != nil {
+		t.Fatal(err)
+	}
+	s := New(e, Static{"inf": 0}, Config{})
+	t.Cleanup(s.Close)
+	c := f.Cases[0]
+	ch, err := s.Submit(context.Background(), Request{Adapter: "inf", Prompt: c.Prompt, MaxTokens: 8})
+	if err != nil {
+		t.Fatal(err)
+	}
+	toks, end := collect(t, ch)
+	if !errors.Is(end.Err, ErrNonFinite) || len(toks) != 0 {
+		t.Errorf("non-finite adapter: %d tokens, %v; want none and ErrNonFinite", len(toks), end.Err)
+	}
+	ch, _ = s.Submit(context.Background(), Request{Prompt: c.Prompt, MaxTokens: 2})
+	if _, end := collect(t, ch); end.Err != nil {
+		t.Errorf("base after a non-finite adapter: %v", end.Err)
+	}
+}
+
+// TestIdleReport: after every sequence is cancelled, the scheduler reports
+// a step with nothing running or waiting (gauges must not stay stale).
+func TestIdleReport(t *testing.T) {
+	var last atomic.Pointer[StepStats]
+	s, f := setup(t, engine.Options{MaxTokens: 64, KVBlocks: 64, BlockSize: 4, AdapterSlots: 4},
+		Config{OnStep: func(st StepStats) { last.Store(&st) }})
+	c := f.Cases[0]
+	ctx, cancel := context.WithCancel(context.Background())
+	var chans []<-chan Event
+	for range 6 {
+		ch, err := s.Submit(ctx, Request{Prompt: c.Prompt, MaxTokens: 50})
+		if err != nil {
+			t.Fatal(err)
+		}
+		chans = append(chans, ch)
+	}
+	<-chans[0] // running
+	cancel()
+	for _, ch := range chans {
+		for range ch { // the forwarder closes every channel
+		}
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		st := last.Load()
+		if st != nil && st.Running == 0 && st.Waiting == 0 && len(st.RunningAdapters) == 0 && st.FreeBlocks == st.TotalBlocks {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("last report after cancelling everything: %+v", st)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
