@@ -6,6 +6,7 @@ import (
 	"regexp"
 	"time"
 
+	"github.com/peftd/peftd/runtime/llama"
 	"github.com/peftd/peftd/scheduler"
 )
 
@@ -26,7 +27,18 @@ type AdapterInfo struct {
 	Invocations int64     `json:"invocations"`
 	Pinned      bool      `json:"pinned"`
 	Created     time.Time `json:"created,omitzero"`
+	// Status is StatusReady, or StatusInvalid when this version failed
+	// validation against the base model (Error says why; invoking it
+	// answers 400 with the same message).
+	Status string `json:"status"`
+	Error  string `json:"error,omitempty"`
 }
+
+// Adapter statuses.
+const (
+	StatusReady   = "ready"
+	StatusInvalid = "invalid"
+)
 
 // Catalog lists and changes the deployed adapters.
 type Catalog interface {
@@ -46,6 +58,19 @@ type Pinner interface {
 	// ErrTooManyPinned when pinning would leave no slot for other adapters.
 	Pin(ctx context.Context, id string) error
 	Unpin(ctx context.Context, id string) error
+}
+
+// BaseModeler is a Catalog that knows the base model adapters are validated
+// against: uploads are then bounded by what an adapter for that model can
+// be (lora.MaxWeightsBytes) and checked while they stream.
+type BaseModeler interface {
+	BaseModel() *llama.Config
+}
+
+// InvalidUploadCounter is a Catalog that counts uploads the server refused
+// (peftd_adapter_invalid_uploads_total).
+type InvalidUploadCounter interface {
+	CountInvalidUpload()
 }
 
 // Errors a Catalog returns (wrapped).

@@ -2,12 +2,16 @@ package api
 
 import (
 	"bufio"
+	"bytes"
+	"compress/gzip"
+	"compress/zlib"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"math"
 	"strings"
 	"time"
@@ -100,11 +104,56 @@ func decodeJSON(body []byte, v any) error {
 	return nil
 }
 
-func (s *Server) bodyOK(c *fiber.Ctx) error {
-	if n := len(c.Body()); n > s.cfg.MaxJSONBytes {
-		return apiErr(fiber.StatusRequestEntityTooLarge, "invalid_request_error", "", fmt.Sprintf("request body of %d bytes exceeds %d", n, s.cfg.MaxJSONBytes))
+// readJSON decodes the request body into v. The body is bounded by
+// MaxJSONBytes after any gzip or deflate Content-Encoding is undone, while
+// it is undone (c.Body() would inflate a compressed bomb whole first).
+func (s *Server) readJSON(c *fiber.Ctx, v any) error {
+	body, err := s.jsonBody(c)
+	if err != nil {
+		return err
 	}
-	return nil
+	return decodeJSON(body, v)
+}
+
+func (s *Server) jsonBody(c *fiber.Ctx) ([]byte, error) {
+	limit := s.cfg.MaxJSONBytes
+	tooBig := func() error {
+		return apiErr(fiber.StatusRequestEntityTooLarge, "invalid_request_error", "",
+			fmt.Sprintf("request body larger than %d bytes (decompressed)", limit))
+	}
+	raw := c.Request().Body()
+	enc := strings.ToLower(strings.TrimSpace(c.Get(fiber.HeaderContentEncoding)))
+	var r io.Reader
+	switch enc {
+	case "", "identity":
+		if len(raw) > limit {
+			return nil, tooBig()
+		}
+		return raw, nil
+	case "gzip", "x-gzip":
+		gz, err := gzip.NewReader(bytes.NewReader(raw))
+		if err != nil {
+			return nil, badRequest("", "bad gzip Content-Encoding: %v", err)
+		}
+		r = gz
+	case "deflate":
+		zr, err := zlib.NewReader(bytes.NewReader(raw))
+		if err != nil {
+			return nil, badRequest("", "bad deflate Content-Encoding: %v", err)
+		}
+		r = zr
+	default:
+		return nil, apiErr(fiber.StatusUnsupportedMediaType, "invalid_request_error", "",
+			fmt.Sprintf("unsupported Content-Encoding %.40q: send JSON as is, or gzip or deflate it", enc))
+	}
+	b, err := io.ReadAll(io.LimitReader(r, int64(limit)+1))
+	if err != nil {
+		return nil, badRequest("", "bad %s Content-Encoding: %v", enc, err)
+	}
+	if len(b) > limit {
+		return nil, tooBig()
+	}
+	return b, nil
 }
 
 // resolveModel maps "model" (or the invoke path's ID) to an adapter ID, ""
@@ -296,11 +345,8 @@ func parseStop(raw json.RawMessage) (strs []string, ids []int32, err error) {
 
 // buildJob validates a request.
 func (s *Server) buildJob(c *fiber.Ctx, k kind, adapterParam string) (*job, error) {
-	if err := s.bodyOK(c); err != nil {
-		return nil, err
-	}
 	var r genRequest
-	if err := decodeJSON(c.Body(), &r); err != nil {
+	if err := s.readJSON(c, &r); err != nil {
 		return nil, err
 	}
 	j := &job{kind: k, created: time.Now().Unix(), start: time.Now(), stream: r.Stream, returnIDs: r.ReturnTokenIDs}

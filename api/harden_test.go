@@ -2,6 +2,8 @@ package api_test
 
 import (
 	"bufio"
+	"bytes"
+	"compress/gzip"
 	"context"
 	"fmt"
 	"math"
@@ -9,6 +11,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"testing"
 	"time"
@@ -222,4 +225,45 @@ func TestStreamWriterStaysUp(t *testing.T) {
 	if d := time.Since(start); d > 5*time.Second {
 		t.Errorf("a known request took %v while a client did not read its stream", d)
 	}
+}
+
+// TestCompressedJSONBomb: a gzip Content-Encoding on a JSON route is
+// inflated only up to the JSON body bound (it used to be inflated whole
+// before the size check).
+func TestCompressedJSONBomb(t *testing.T) {
+	url, _ := storiesServer(t, false, func(c *api.Config) { c.MaxJSONBytes = 1 << 20 })
+	var buf bytes.Buffer
+	zw, _ := gzip.NewWriterLevel(&buf, gzip.BestCompression)
+	zw.Write([]byte(`{"model":"pirate","prompt":"`))
+	chunk := bytes.Repeat([]byte("a"), 1<<20)
+	for range 32 { // 32 MiB of prompt, 32 times the bound
+		zw.Write(chunk)
+	}
+	zw.Write([]byte(`"}`))
+	zw.Close()
+	var before, after runtime.MemStats
+	runtime.ReadMemStats(&before)
+	start := time.Now()
+	for _, route := range []string{"/v1/completions", "/tokenize"} {
+		r := do(t, "POST", url+route, buf.Bytes(), "Content-Type", "application/json", "Content-Encoding", "gzip")
+		wantErr(t, r, 413, "")
+	}
+	if d := time.Since(start); d > 2*time.Second {
+		t.Errorf("refusing two 32 MiB JSON bombs took %v", d)
+	}
+	runtime.ReadMemStats(&after)
+	if grew := after.TotalAlloc - before.TotalAlloc; grew > 256<<20 {
+		t.Errorf("refusing the bombs allocated %d MiB", grew>>20)
+	}
+	// A small gzipped request is served.
+	buf.Reset()
+	zw = gzip.NewWriter(&buf)
+	zw.Write([]byte(`{"prompt":"Once upon a time","max_tokens":80}`))
+	zw.Close()
+	r := do(t, "POST", url+"/v1/adapters/pirate/invoke", buf.Bytes(), "Content-Type", "application/json", "Content-Encoding", "gzip")
+	if got := r.JSON(t)["text"]; got != strings.TrimPrefix(pirateText, storyPrompt) {
+		t.Errorf("gzipped invoke: %s", r.Body)
+	}
+	wantErr(t, do(t, "POST", url+"/v1/completions", `{"model":"pirate","prompt":"x"}`, "Content-Encoding", "br"), 415, "")
+	wantErr(t, do(t, "POST", url+"/v1/completions", `{"model":"pirate","prompt":"x"}`, "Content-Encoding", "gzip"), 400, "")
 }

@@ -48,9 +48,10 @@ func (m *Manager) sweep() {
 			m.unload(r.Key, func(r *adapterRow) bool { return r.Dev == devLoaded && idle(r, m.opts.DeviceTTL) })
 		}
 		if r.Current && r.Host != nil && idle(r, m.opts.HostTTL) {
-			m.dropHost(r.Key, func(r *adapterRow) bool { return r.Host != nil && r.Dev != devLoading && idle(r, m.opts.HostTTL) })
+			m.dropHost(r.Key, func(r *adapterRow) bool { return hostEvictable(r) && idle(r, m.opts.HostTTL) })
 		}
 	}
+	m.trimHost()
 }
 
 // unload takes a version off the device if still(r) holds: the slot is

@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -39,6 +40,25 @@ var (
 	// the adapter was needed from it; retrying later may succeed.
 	ErrStoreUnavailable = errors.New("loader: store unavailable")
 )
+
+// InvalidError is the error for an adapter version that does not validate
+// against the base model (it matches ErrInvalidAdapter). Its message says
+// what is wrong once.
+type InvalidError struct {
+	ID, Version string
+	Reason      string // what is wrong (the validation error's message)
+	Err         error  // the validation error, when this call found it
+}
+
+func (e *InvalidError) Error() string {
+	return fmt.Sprintf("adapter %q (version %s) is invalid: %s", e.ID, e.Version, e.Reason)
+}
+
+// Is matches ErrInvalidAdapter.
+func (e *InvalidError) Is(target error) bool { return target == ErrInvalidAdapter }
+
+// Unwrap gives the validation error, if any.
+func (e *InvalidError) Unwrap() error { return e.Err }
 
 // storeErr marks a store failure other than a missing adapter, a bad id or
 // a size limit as ErrStoreUnavailable.
@@ -98,8 +118,16 @@ type Options struct {
 	// CacheDir is the disk cache folder; empty disables the disk tier.
 	CacheDir string
 	// HostBytes bounds parsed adapters in host memory (float32 weights);
-	// 0 means no bound.
+	// 0 means no bound. Past it the least recently used adapters that are
+	// neither on the device, loading, pinned nor leased leave host memory;
+	// when only such adapters remain the bound is overshot (and logged)
+	// until they are let go. HostCacheBound derives a default.
 	HostBytes int64
+	// DiskBytes bounds the disk cache (file bytes); 0 means no bound. Past
+	// it the least recently used entries not being read or written are
+	// removed; an adapter that does not fit is not cached. DiskCacheBound
+	// derives a default.
+	DiskBytes int64
 	// MaxAdapterBytes bounds a download of adapter_model.safetensors; 0: none.
 	MaxAdapterBytes int64
 	// DeviceTTL unloads an adapter unused this long from the device; 0: never.
@@ -153,7 +181,8 @@ type adapterRow struct {
 	Pinned  bool
 	OnDisk  bool
 	Host    *lora.Adapter
-	Fetch   bool // a fetch into host memory is running
+	HostAt  time.Time // when Host was set (the host LRU orders by this or LastUsed)
+	Fetch   bool      // a fetch into host memory is running
 
 	Bytes       int64 // float32 weights in host/device memory
 	StoreBytes  int64 // the two files
@@ -223,7 +252,8 @@ type Stats struct {
 	Adapters                    []AdapterInfo
 	Slots, SlotsUsed            int
 	DeviceBytes, HostBytes      int64
-	DiskBytes                   int64
+	DiskBytes                   int64  // the disk cache's files (writes under way included)
+	HostLimit, DiskLimit        int64  // Options.HostBytes and DiskBytes (0: none)
 	DeviceEvictions             uint64 // LRU replacements and TTL unloads
 	HostEvictions               uint64 // byte budget and TTL drops
 	StoreFetches, DiskHits      uint64
@@ -250,6 +280,7 @@ type Manager struct {
 	storeFetches, diskHits         atomic.Uint64
 	deviceLoads, invalid           atomic.Uint64
 	closed                         atomic.Bool
+	hostOver                       warnEvery // host memory past HostBytes
 }
 
 // New starts a Manager: it lists the store, then watches it and runs the
@@ -280,11 +311,12 @@ func New(ctx context.Context, opts Options) (*Manager, error) {
 		return nil, fmt.Errorf("loader: index: %w", err)
 	}
 	m := &Manager{opts: opts, log: opts.Logger, db: db, kick: make(chan struct{}, 1), pinned: map[string]bool{}}
+	m.hostOver.interval = time.Minute
 	if m.log == nil {
 		m.log = slog.Default()
 	}
 	if opts.CacheDir != "" {
-		if m.disk, err = newDiskCache(opts.CacheDir); err != nil {
+		if m.disk, err = newDiskCache(opts.CacheDir, opts.DiskBytes, m.log, m.diskEvicted); err != nil {
 			return nil, fmt.Errorf("loader: disk cache: %w", err)
 		}
 	}
@@ -584,7 +616,7 @@ func (m *Manager) Acquire(ctx context.Context, id string) (*Lease, error) {
 			return nil, err
 		}
 		if cur.Err != "" {
-			return nil, fmt.Errorf("%w: %s (version %s): %s", ErrInvalidAdapter, id, cur.Version, cur.Err)
+			return nil, &InvalidError{ID: id, Version: cur.Version, Reason: cur.Err}
 		}
 		if aKey != cur.Key {
 			a, aKey, source, start = nil, cur.Key, TierNone, time.Time{}
@@ -616,7 +648,10 @@ func (m *Manager) Acquire(ctx context.Context, id string) (*Lease, error) {
 			start = m.now()
 		}
 		if a == nil && r.Host != nil {
-			a, source = r.Host, TierHost
+			a = r.Host
+			if source == TierNone { // else it came from there before a wait for a slot
+				source = TierHost
+			}
 		}
 		if a == nil {
 			txn.Abort()
@@ -633,6 +668,9 @@ func (m *Manager) Acquire(ctx context.Context, id string) (*Lease, error) {
 		slot, victim, ws := m.pickSlot(txn)
 		if slot < 0 {
 			txn.Abort()
+			// Waiting, hold no parsed copy the host budget does not see: take
+			// the row's again (or fetch it, from disk) once a slot frees.
+			a = nil
 			ws.Add(rowWatch)
 			if err := m.wait(ctx, ws...); err != nil {
 				return nil, fmt.Errorf("loader: waiting for a free slot for %s: %w", id, err)
@@ -648,9 +686,10 @@ func (m *Manager) Acquire(ctx context.Context, id string) (*Lease, error) {
 		c := r.copy()
 		c.Dev, c.Slot = devLoading, slot
 		if c.Host == nil { // budget evicted it meanwhile: keep ours while loading
-			c.Host, c.Bytes, c.Rank = a, adapterBytes(a), a.MaxRank()
+			c.Host, c.Bytes, c.Rank, c.HostAt = a, adapterBytes(a), a.MaxRank(), m.now()
 		}
 		mustInsert(txn, c)
+		m.evictHost(txn, c.Key) // the victim may leave host memory too
 		txn.Commit()
 
 		lerr := m.opts.Device.Load(ctx, slot, a)
@@ -794,7 +833,7 @@ func (m *Manager) fetch(id, version string) (*lora.Adapter, Tier, error) {
 		return r.Host, TierHost, nil
 	}
 	if r.Err != "" {
-		return nil, 0, fmt.Errorf("%w: %s (version %s): %s", ErrInvalidAdapter, id, version, r.Err)
+		return nil, 0, &InvalidError{ID: id, Version: version, Reason: r.Err}
 	}
 	m.setFetch(key, true)
 	defer m.setFetch(key, false)
@@ -843,7 +882,7 @@ func (m *Manager) fetch(id, version string) (*lora.Adapter, Tier, error) {
 			_ = m.disk.remove(id)
 		}
 		m.log.Warn("loader: adapter refused", "id", id, "version", version, "err", err)
-		return nil, 0, fmt.Errorf("%w: %s (version %s): %v", ErrInvalidAdapter, id, version, err)
+		return nil, 0, &InvalidError{ID: id, Version: version, Reason: err.Error(), Err: err}
 	}
 	onDisk := src == TierDisk
 	if src == TierStore && m.disk != nil {
@@ -872,7 +911,7 @@ func (m *Manager) recordInvalid(key string, err error) {
 }
 
 // attachHost puts a parsed adapter in host memory, evicting the least
-// recently used others beyond HostBytes.
+// recently used others beyond HostBytes (see evictHost).
 func (m *Manager) attachHost(key string, a *lora.Adapter, onDisk bool, storeBytes int64) {
 	txn := m.db.Txn(true)
 	defer txn.Abort()
@@ -881,46 +920,110 @@ func (m *Manager) attachHost(key string, a *lora.Adapter, onDisk bool, storeByte
 		return
 	}
 	c := r.copy()
-	c.Host, c.Bytes, c.Rank = a, adapterBytes(a), a.MaxRank()
-	c.OnDisk = c.OnDisk || onDisk
+	c.Host, c.Bytes, c.Rank, c.HostAt = a, adapterBytes(a), a.MaxRank(), m.now()
+	// onDisk says the fetch wrote the entry, but the disk bound may have
+	// declined or removed it since: the disk cache's index is the truth.
+	c.OnDisk = m.disk != nil && m.disk.has(c.ID, c.Version)
 	c.StoreBytes = storeBytes
 	mustInsert(txn, c)
-	if m.opts.HostBytes > 0 {
-		m.evictHost(txn, key)
-	}
+	m.evictHost(txn, key)
 	txn.Commit()
 }
 
+// hostEvictable reports whether the host budget may drop r's parsed copy:
+// not while it is on the device (or moving there or back), pinned, leased
+// or being fetched. (On the CPU backend a device slot is the host copy.)
+func hostEvictable(r *adapterRow) bool {
+	return r.Host != nil && r.Dev == devNone && r.Refs == 0 && !r.Pinned && !r.Fetch
+}
+
+// hostLRU orders host copies for eviction: replaced versions first, then
+// by last use (an adapter fetched but not used yet counts from its fetch).
+func hostLRU(a, b *adapterRow) int {
+	if a.Current != b.Current {
+		if !a.Current {
+			return -1
+		}
+		return 1
+	}
+	ta, tb := a.LastUsed, b.LastUsed
+	if a.HostAt.After(ta) {
+		ta = a.HostAt
+	}
+	if b.HostAt.After(tb) {
+		tb = b.HostAt
+	}
+	return ta.Compare(tb)
+}
+
+// evictHost drops least recently used parsed adapters (hostEvictable ones,
+// never keep) from host memory until the total fits HostBytes. When the
+// rest cannot be dropped the total overshoots (logged, at Warn at most once
+// a minute) until the next attach, device replacement or janitor pass.
 func (m *Manager) evictHost(txn *memdb.Txn, keep string) {
-	for {
-		it, err := txn.Get(tableAdapters, indexID)
-		if err != nil {
-			panic(err)
+	if m.opts.HostBytes <= 0 {
+		return
+	}
+	it, err := txn.Get(tableAdapters, indexID)
+	if err != nil {
+		panic(err)
+	}
+	var total int64
+	var cands []*adapterRow
+	for o := it.Next(); o != nil; o = it.Next() {
+		r := o.(*adapterRow)
+		if r.Host == nil {
+			continue
 		}
-		var total int64
-		var lru *adapterRow
-		for o := it.Next(); o != nil; o = it.Next() {
-			r := o.(*adapterRow)
-			if r.Host == nil {
-				continue
-			}
-			total += r.Bytes
-			if r.Key == keep || r.Dev == devLoading {
-				continue
-			}
-			if lru == nil || r.LastUsed.Before(lru.LastUsed) {
-				lru = r
-			}
+		total += r.Bytes
+		if r.Key != keep && hostEvictable(r) {
+			cands = append(cands, r)
 		}
-		if total <= m.opts.HostBytes || lru == nil {
-			return
+	}
+	if total > m.opts.HostBytes {
+		slices.SortFunc(cands, hostLRU)
+		for _, r := range cands {
+			if total <= m.opts.HostBytes {
+				break
+			}
+			c := r.copy()
+			c.Host = nil
+			mustInsert(txn, c)
+			m.hostEvictions.Add(1)
+			total -= r.Bytes
+			m.log.Debug("loader: host budget evicted", "id", r.ID, "version", r.Version, "bytes", r.Bytes)
 		}
-		c := lru.copy()
-		c.Host = nil
-		mustInsert(txn, c)
-		m.hostEvictions.Add(1)
+	}
+	if total > m.opts.HostBytes {
+		m.hostOver.log(m.log, "loader: host adapter cache over its bound for now: every other adapter held is on the device, pinned, leased or loading",
+			"bytes", total, "limit", m.opts.HostBytes, "adding", keep)
 	}
 }
+
+// trimHost applies the host budget outside an attach (the janitor): copies
+// that became evictable since an overshoot leave.
+func (m *Manager) trimHost() {
+	if m.opts.HostBytes <= 0 {
+		return
+	}
+	txn := m.db.Txn(true)
+	defer txn.Abort()
+	m.evictHost(txn, "")
+	txn.Commit()
+}
+
+// diskEvicted is the disk cache's onEvict: the rows of ids learn that
+// their entry is gone.
+func (m *Manager) diskEvicted(ids []string) {
+	for _, id := range ids {
+		m.updateRows(id, func(c *adapterRow) { c.OnDisk = m.disk.has(c.ID, c.Version) })
+	}
+}
+
+// CountInvalidUpload counts an upload refused before it reached the store
+// (Stats.InvalidUploads counts these and store versions that failed
+// validation).
+func (m *Manager) CountInvalidUpload() { m.invalid.Add(1) }
 
 // Offer records that the store now holds id at version (as returned by the
 // store's Put) and keeps a, the parsed copy of those bytes, in host memory,
@@ -1049,9 +1152,10 @@ func (m *Manager) Stats() Stats {
 		if r.Host != nil {
 			s.HostBytes += r.Bytes
 		}
-		if r.OnDisk && r.Current {
-			s.DiskBytes += r.StoreBytes
-		}
 	}
+	if m.disk != nil {
+		s.DiskBytes = m.disk.bytes()
+	}
+	s.HostLimit, s.DiskLimit = max(m.opts.HostBytes, 0), max(m.opts.DiskBytes, 0)
 	return s
 }

@@ -39,7 +39,7 @@ func TestBadInputs(t *testing.T) {
 	}{
 		{"corrupt safetensors", func() reply {
 			return put("corrupt", adaptertest.TarGz(t, map[string][]byte{lora.ConfigFile: qvCfg, lora.WeightsFile: bytes.Repeat([]byte{0xff}, 4096)}))
-		}, 400, []string{"does not fit", "safetensors"}},
+		}, 400, []string{"adapter_model.safetensors is corrupt"}},
 		{"another base model's adapter", func() reply {
 			return put("pirate", adaptertest.TarGz(t, map[string][]byte{lora.ConfigFile: pirateCfg, lora.WeightsFile: pirateW}))
 		}, 400, []string{"does not fit", "shape"}},

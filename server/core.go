@@ -35,8 +35,9 @@ type CoreConfig struct {
 	CacheDir string
 	// MaxAdapterBytes bounds an adapter download; 0: none.
 	MaxAdapterBytes int64
-	// HostBytes bounds parsed adapters in host memory; 0: no bound.
-	HostBytes int64
+	// HostBytes bounds parsed adapters in host memory and DiskBytes the
+	// disk cache; 0: no bound (server.New derives defaults for serve).
+	HostBytes, DiskBytes int64
 	// DeviceTTL and HostTTL: 0 means never.
 	DeviceTTL, HostTTL time.Duration
 	// RecheckInterval and JanitorInterval tune the loader (0: its defaults).
@@ -97,10 +98,11 @@ func NewCore(ctx context.Context, cc CoreConfig) (*Core, error) {
 		met = api.NewMetrics(cc.Slots)
 	}
 	res := &residency{}
-	sched := scheduler.New(e, res, scheduler.Config{MaxQueue: cc.MaxQueue, Logger: log, OnStep: met.OnStep})
+	sched := scheduler.New(e, res, scheduler.Config{MaxQueue: cc.MaxQueue, Logger: log, OnStep: met.OnStep,
+		OnPanic: func() { met.Panic("engine") }})
 	col := newLoaderCollector()
 	mgr, err := loader.New(ctx, loader.Options{Store: cc.Store, Device: sched, Base: cc.Model.Config, Slots: cc.Slots,
-		CacheDir: cc.CacheDir, MaxAdapterBytes: cc.MaxAdapterBytes, HostBytes: cc.HostBytes, DeviceTTL: cc.DeviceTTL, HostTTL: cc.HostTTL,
+		CacheDir: cc.CacheDir, MaxAdapterBytes: adapterBound(cc), HostBytes: max(cc.HostBytes, 0), DiskBytes: max(cc.DiskBytes, 0), DeviceTTL: cc.DeviceTTL, HostTTL: cc.HostTTL,
 		RecheckInterval: cc.RecheckInterval, JanitorInterval: cc.JanitorInterval, OnLoad: col.onLoad, Logger: log,
 		Progress: modelfetch.LogProgress(log, "downloading adapter", 5*time.Second)})
 	if err != nil {
@@ -161,10 +163,18 @@ func (r *residency) Acquire(ctx context.Context, id string) (scheduler.Lease, er
 	case errors.Is(err, loader.ErrStoreUnavailable):
 		return nil, fmt.Errorf("%w: adapter %q is not cached here and the store failed: %w", api.ErrUnavailable, id, err)
 	case errors.Is(err, loader.ErrInvalidAdapter):
-		return nil, fmt.Errorf("%w: %w", api.ErrInvalidAdapter, err)
+		return nil, invalidAdapter{err}
 	}
 	return nil, err
 }
+
+// invalidAdapter marks err (which says what is wrong) as
+// api.ErrInvalidAdapter without repeating that in its message.
+type invalidAdapter struct{ err error }
+
+func (e invalidAdapter) Error() string        { return e.err.Error() }
+func (e invalidAdapter) Unwrap() error        { return e.err }
+func (e invalidAdapter) Is(target error) bool { return target == api.ErrInvalidAdapter }
 
 // loaderCatalog is api.Catalog over the loader's index and its store.
 type loaderCatalog struct {
@@ -174,15 +184,29 @@ type loaderCatalog struct {
 }
 
 func toInfo(a loader.AdapterInfo) api.AdapterInfo {
+	status := api.StatusReady
+	if a.Error != "" {
+		status = api.StatusInvalid
+	}
 	return api.AdapterInfo{ID: a.ID, Tier: a.Tier.String(), Version: a.Version, Rank: a.Rank, Bytes: a.StoreBytes,
-		Refcount: a.Refs, LastUsed: a.LastUsed, Invocations: int64(a.Invocations), Pinned: a.Pinned}
+		Refcount: a.Refs, LastUsed: a.LastUsed, Invocations: int64(a.Invocations), Pinned: a.Pinned,
+		Status: status, Error: a.Error}
 }
+
+// BaseModel is the model adapters are validated against (api.BaseModeler).
+func (c *loaderCatalog) BaseModel() *llama.Config { return c.base }
+
+// CountInvalidUpload counts a refused upload (api.InvalidUploadCounter).
+func (c *loaderCatalog) CountInvalidUpload() { c.m.CountInvalidUpload() }
 
 // Pin loads id and keeps it on the device (api.Pinner).
 func (c *loaderCatalog) Pin(ctx context.Context, id string) error {
 	if err := c.m.Pin(ctx, id); err != nil {
 		if errors.Is(err, loader.ErrTooManyPinned) {
 			return fmt.Errorf("%w: %w", api.ErrTooManyPinned, err)
+		}
+		if errors.Is(err, loader.ErrInvalidAdapter) {
+			return invalidAdapter{err}
 		}
 		return err
 	}
@@ -208,7 +232,7 @@ func unavailable(err error) error {
 func (c *loaderCatalog) List(ctx context.Context) ([]api.AdapterInfo, error) {
 	out := []api.AdapterInfo{}
 	for _, a := range c.m.List() {
-		if a.Current && !a.Deleted && a.Error == "" {
+		if a.Current && !a.Deleted {
 			out = append(out, toInfo(a))
 		}
 	}
@@ -217,7 +241,7 @@ func (c *loaderCatalog) List(ctx context.Context) ([]api.AdapterInfo, error) {
 
 func (c *loaderCatalog) Get(ctx context.Context, id string) (api.AdapterInfo, error) {
 	a, ok := c.m.Get(id)
-	if !ok || a.Deleted || !a.Current || a.Error != "" {
+	if !ok || a.Deleted || !a.Current {
 		return api.AdapterInfo{}, fmt.Errorf("%w: %q", api.ErrNotFound, id)
 	}
 	return toInfo(a), nil
@@ -225,11 +249,11 @@ func (c *loaderCatalog) Get(ctx context.Context, id string) (api.AdapterInfo, er
 
 func (c *loaderCatalog) Put(ctx context.Context, id string, configJSON, weights []byte) error {
 	if err := store.ValidateID(id); err != nil {
-		return fmt.Errorf("%w: %w", api.ErrInvalidAdapter, err)
+		return invalidAdapter{err}
 	}
 	a, err := lora.Parse(id, configJSON, weights, c.base)
 	if err != nil {
-		return fmt.Errorf("%w: %w", api.ErrInvalidAdapter, err)
+		return invalidAdapter{err}
 	}
 	etag, err := c.st.Put(ctx, id, configJSON, weights)
 	if err != nil {
@@ -251,4 +275,15 @@ func (c *loaderCatalog) Delete(ctx context.Context, id string) error {
 		return unavailable(err)
 	}
 	return unavailable(c.m.Sync(ctx))
+}
+
+// adapterBound bounds an adapter download from the store: what an adapter
+// of this base model can be at the largest accepted rank
+// (lora.MaxWeightsBytes), or MaxAdapterBytes when smaller.
+func adapterBound(cc CoreConfig) int64 {
+	b := lora.MaxWeightsBytes(cc.Model.Config)
+	if cc.MaxAdapterBytes > 0 && cc.MaxAdapterBytes < b {
+		b = cc.MaxAdapterBytes
+	}
+	return b
 }

@@ -15,6 +15,7 @@ type loaderCollector struct {
 	core atomic.Pointer[Core]
 
 	evictions, adapters, bytes        *prometheus.Desc
+	cacheLimit                        *prometheus.Desc
 	fetches, diskHits, loads, invalid *prometheus.Desc
 	idle, slots, slotsUsed            *prometheus.Desc
 	loadSeconds                       *prometheus.HistogramVec
@@ -31,10 +32,12 @@ func newLoaderCollector() *loaderCollector {
 		adapters:  d("peftd_adapters", "Adapters (versions) by the nearest tier holding them: store, disk, host or device.", "tier"),
 		bytes: d("peftd_adapter_bytes", "Bytes of adapters held at each tier (float32 weights on device and host; "+
 			"file bytes on disk and in the store). An adapter on the device also counts on host and disk.", "tier"),
+		cacheLimit: d("peftd_adapter_cache_limit_bytes", "Bound on the bytes of adapters at a cache tier (host: float32 weights in memory; "+
+			"disk: files in the disk cache), to compare with peftd_adapter_bytes; absent when the tier is unbounded or disabled.", "tier"),
 		fetches:   d("peftd_adapter_store_fetches_total", "Adapter downloads from the store."),
 		diskHits:  d("peftd_adapter_disk_hits_total", "Adapters read from the local disk cache instead of the store."),
 		loads:     d("peftd_adapter_loads_total", "Adapter loads into device slots."),
-		invalid:   d("peftd_adapter_invalid_uploads_total", "Adapter versions refused because they do not fit the base model."),
+		invalid:   d("peftd_adapter_invalid_uploads_total", "Adapter uploads and store versions refused as invalid: corrupt, too large, unsupported, or not fitting the base model."),
 		idle:      d("peftd_idle", "1 when no request is pending and no adapter is on the device or in host memory (the replica may be stopped)."),
 		slots:     d("peftd_adapter_slots", "Device adapter slots."),
 		slotsUsed: d("peftd_adapter_slots_used", "Device adapter slots holding an adapter."),
@@ -54,7 +57,7 @@ func (c *loaderCollector) onLoad(id string, source loader.Tier, d time.Duration)
 
 // Describe implements prometheus.Collector.
 func (c *loaderCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{c.evictions, c.adapters, c.bytes, c.fetches, c.diskHits, c.loads, c.invalid,
+	for _, d := range []*prometheus.Desc{c.evictions, c.adapters, c.bytes, c.cacheLimit, c.fetches, c.diskHits, c.loads, c.invalid,
 		c.idle, c.slots, c.slotsUsed} {
 		ch <- d
 	}
@@ -101,6 +104,12 @@ func (c *loaderCollector) Collect(ch chan<- prometheus.Metric) {
 	gauge(c.bytes, float64(s.DiskBytes), loader.TierDisk.String())
 	gauge(c.bytes, float64(s.HostBytes), loader.TierHost.String())
 	gauge(c.bytes, float64(s.DeviceBytes), loader.TierDevice.String())
+	if s.HostLimit > 0 {
+		gauge(c.cacheLimit, float64(s.HostLimit), loader.TierHost.String())
+	}
+	if s.DiskLimit > 0 {
+		gauge(c.cacheLimit, float64(s.DiskLimit), loader.TierDisk.String())
+	}
 	gauge(c.slots, float64(s.Slots))
 	gauge(c.slotsUsed, float64(s.SlotsUsed))
 	idle := 0.0

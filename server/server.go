@@ -93,8 +93,12 @@ type Config struct {
 	Keys    *api.Keys
 	// MaxUpload bounds request bodies and adapter downloads (default 2 GiB).
 	MaxUpload int64
-	// HostBytes bounds adapters held in host memory; 0: no bound.
-	HostBytes int64
+	// HostBytes bounds adapters held in host memory and DiskBytes the disk
+	// cache. 0 derives a bound from the machine (loader.HostCacheBound: the
+	// cgroup limit or MemAvailable less the base model's host needs;
+	// loader.DiskCacheBound: the cache file system's space); negative: no
+	// bound.
+	HostBytes, DiskBytes int64
 	// Pin lists adapters loaded at start and kept on the device (at most Slots-1).
 	Pin []string
 	// CacheDir is the loader's disk cache; empty: a folder per store in the
@@ -243,8 +247,10 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 			}
 		}
 	}
+	hostBytes, diskBytes := cacheBounds(cfg, m, dev, kvBlocks, cacheDir, log)
 	core, err := NewCore(ctx, CoreConfig{Model: m, Backend: be, Store: st, Slots: cfg.Slots, KVBlocks: kvBlocks,
-		MaxBatchTokens: cfg.MaxBatchTokens, MaxQueue: cfg.MaxQueue, CacheDir: cacheDir, MaxAdapterBytes: cfg.MaxUpload, HostBytes: cfg.HostBytes,
+		MaxBatchTokens: cfg.MaxBatchTokens, MaxQueue: cfg.MaxQueue, CacheDir: cacheDir, MaxAdapterBytes: cfg.MaxUpload,
+		HostBytes: hostBytes, DiskBytes: diskBytes,
 		DeviceTTL: cfg.DeviceTTL, HostTTL: cfg.HostTTL, RecheckInterval: cfg.RecheckInterval,
 		JanitorInterval: cfg.JanitorInterval, Metrics: met, Logger: log})
 	if err != nil {

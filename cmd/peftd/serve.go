@@ -26,7 +26,7 @@ type serveFlags struct {
 	slots, kvBlocks, maxBatchTokens       int
 	maxQueue                              int
 	requestTimeout, deviceTTL, hostTTL    time.Duration
-	maxUpload, hostBytes                  int64
+	maxUpload, hostBytes, diskBytes       int64
 	cacheDir, logLevel, pin               string
 	weights                               string
 }
@@ -59,7 +59,10 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	fs.DurationVar(&f.deviceTTL, "device-ttl", server.DefaultDeviceTTL, "unload adapters unused this long from the device (0: only when a slot is needed)")
 	fs.DurationVar(&f.hostTTL, "host-ttl", server.DefaultHostTTL, "drop adapters unused this long from host memory (0: never); with both TTLs past and no request pending, peftd_idle is 1")
 	fs.Int64Var(&f.maxUpload, "max-upload-bytes", 2<<30, "largest request body, adapter uploads included (413 past it)")
-	fs.Int64Var(&f.hostBytes, "host-cache-bytes", 0, "bound on adapters held in host memory, in bytes (0: no bound; LRU past it)")
+	fs.Int64Var(&f.hostBytes, "host-cache-bytes", 0, "bound on adapters held in host memory, in bytes; LRU past it, sparing adapters on the device or in use "+
+		"(0: half of the cgroup memory limit or MemAvailable left after the base model and a 10% margin, at least a few adapters; -1: no bound)")
+	fs.Int64Var(&f.diskBytes, "disk-cache-bytes", 0, "bound on the adapter disk cache, in bytes; LRU past it "+
+		"(0: half of the cache file system's free space plus what the cache holds, at least 1 GiB if there is room; -1: no bound)")
 	fs.StringVar(&f.cacheDir, "cache-dir", "", "adapter disk cache folder (default: one per store in the peftd cache; - disables the disk tier)")
 	fs.StringVar(&f.logLevel, "log-level", "info", "debug, info, warn or error")
 	fs.StringVar(&f.pin, "pin", "", "comma-separated adapter IDs loaded at start and kept on the device (at most slots-1)")
@@ -159,7 +162,7 @@ func serve(ctx context.Context, f serveFlags, log *slog.Logger) error {
 	srv, err := server.New(ctx, server.Config{Model: f.model, Store: f.store, SQSQueueURL: f.sqsQueueURL, Listen: f.listen, Device: f.device, Weights: f.weights,
 		Slots: f.slots, KVBlocks: f.kvBlocks, MaxBatchTokens: f.maxBatchTokens, MaxQueue: f.maxQueue,
 		RequestTimeout: f.requestTimeout, DeviceTTL: f.deviceTTL, HostTTL: f.hostTTL, Keys: keys,
-		MaxUpload: f.maxUpload, HostBytes: f.hostBytes, CacheDir: f.cacheDir, Pin: splitList(f.pin), Logger: log})
+		MaxUpload: f.maxUpload, HostBytes: f.hostBytes, DiskBytes: f.diskBytes, CacheDir: f.cacheDir, Pin: splitList(f.pin), Logger: log})
 	if err != nil {
 		return fmt.Errorf("serve: %w", err)
 	}

@@ -344,3 +344,37 @@ func TestLaunchOverhead(t *testing.T) {
 	bench("launch host us per kernel: hop %.2f, inline (Backend.Run) %.2f (median of 5 x %d launches)", median(hop), median(in), n)
 	t.Logf("host us per launch: hop %.2f, inline %.2f", median(hop), median(in))
 }
+
+// TestDeviceSampleNonFinite: a row holding NaN or +Inf logits comes back
+// with a non-finite logprob (greedy and sampled), which the scheduler turns
+// into an error for that request; finite rows beside it are unaffected.
+func TestDeviceSampleNonFinite(t *testing.T) {
+	const B, V = 8, 4096
+	s := newSampleRig(t, B, V)
+	rows := make([][]float32, B)
+	rs := make([]engine.RowSample, B)
+	for i := range rows {
+		rows[i] = make([]float32, V)
+		for j := range rows[i] {
+			rows[i][j] = float32(s.rng.NormFloat64())
+		}
+		p := sample.Params{}
+		if i%2 == 1 {
+			p = sample.Params{Temperature: 0.8, TopP: 0.9}
+		}
+		rs[i] = engine.RowSample{Row: i, Params: p, Seed: uint64(i)}
+	}
+	nan, inf := float32(math.NaN()), float32(math.Inf(1))
+	rows[0][5], rows[1][7] = nan, nan // one NaN
+	rows[2][9], rows[3][11] = inf, inf
+	for j := range rows[4] { // every logit NaN (an Inf scale)
+		rows[4][j], rows[5][j] = nan, nan
+	}
+	got := s.draw(rows, rs)
+	for i, c := range got {
+		bad := math.IsNaN(c.Logprob) || math.IsInf(c.Logprob, 0)
+		if want := i < 6; bad != want {
+			t.Errorf("row %d: logprob %v (non-finite %v, want %v)", i, c.Logprob, bad, want)
+		}
+	}
+}

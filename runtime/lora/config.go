@@ -7,8 +7,11 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math"
 	"regexp"
 	"strings"
+
+	"github.com/peftd/peftd/runtime/llama"
 )
 
 // Errors returned (wrapped) by this package.
@@ -16,6 +19,10 @@ var (
 	ErrConfig      = errors.New("lora: bad adapter_config.json")
 	ErrUnsupported = errors.New("lora: unsupported adapter feature")
 	ErrMismatch    = errors.New("lora: adapter does not fit the base model")
+	// ErrCorrupt: adapter_model.safetensors is truncated or malformed.
+	ErrCorrupt = errors.New("lora: adapter_model.safetensors is truncated or corrupt")
+	// ErrWeights: a LoRA weight is NaN or infinite.
+	ErrWeights = errors.New("lora: bad adapter weights")
 )
 
 // MaxConfigSize bounds adapter_config.json.
@@ -64,7 +71,7 @@ func (p *Pattern) compile(field string) error {
 		// PEFT: re.match(rf"(.*\.)?({key})$", module_name)
 		re, err := regexp.Compile(`^(.*\.)?(` + k + `)$`)
 		if err != nil {
-			return fmt.Errorf("%w: %s key %q is not a regular expression Go supports: %v", ErrConfig, field, k, err)
+			return fail(ErrConfig, "%s key %q is not a regular expression Go supports: %v", field, k, err)
 		}
 		p.res[i] = re
 	}
@@ -73,12 +80,18 @@ func (p *Pattern) compile(field string) error {
 
 // Lookup returns the value for module path, if a key matches.
 func (p *Pattern) Lookup(path string) (float64, bool) {
+	_, v, ok := p.lookup(path)
+	return v, ok
+}
+
+// lookup also returns the key that matched.
+func (p *Pattern) lookup(path string) (string, float64, bool) {
 	for i, re := range p.res {
 		if re.MatchString(path) {
-			return p.Values[i], true
+			return p.Keys[i], p.Values[i], true
 		}
 	}
-	return 0, false
+	return "", 0, false
 }
 
 // Targets is target_modules: a list of names (suffix match) or one regex.
@@ -106,7 +119,7 @@ func (t *Targets) UnmarshalJSON(b []byte) error {
 
 // Config is adapter_config.json.
 type Config struct {
-	PeftType          string          `json:"peft_type"`
+	PeftType          *string         `json:"peft_type"` // nil: absent (taken as LORA)
 	TaskType          string          `json:"task_type"`
 	BaseModel         string          `json:"base_model_name_or_path"`
 	R                 int             `json:"r"`
@@ -156,38 +169,38 @@ func isFalsy(v json.RawMessage) bool {
 // ParseConfig decodes and checks adapter_config.json.
 func ParseConfig(b []byte) (*Config, error) {
 	if len(b) > MaxConfigSize {
-		return nil, fmt.Errorf("%w: %d bytes exceeds the %d byte limit", ErrConfig, len(b), MaxConfigSize)
+		return nil, fail(ErrConfig, "%d bytes exceeds the %d-byte limit", len(b), MaxConfigSize)
 	}
 	var raw map[string]json.RawMessage
 	if err := json.Unmarshal(b, &raw); err != nil {
-		return nil, fmt.Errorf("%w: %v", ErrConfig, err)
+		return nil, fail(ErrConfig, "%v", err)
 	}
 	var c Config
 	if err := json.Unmarshal(b, &c); err != nil {
-		return nil, fmt.Errorf("%w: %v", ErrConfig, err)
+		return nil, fail(ErrConfig, "%v", err)
 	}
-	if c.PeftType != "" && c.PeftType != "LORA" {
-		return nil, fmt.Errorf("%w: peft_type %q (only LORA is served)", ErrUnsupported, c.PeftType)
+	if c.PeftType != nil && *c.PeftType != "LORA" {
+		return nil, fail(ErrUnsupported, "peft_type %q (only LORA is served)", *c.PeftType)
 	}
 	if c.TaskType != "" && c.TaskType != "CAUSAL_LM" {
-		return nil, fmt.Errorf("%w: task_type %q (only CAUSAL_LM is served)", ErrUnsupported, c.TaskType)
+		return nil, fail(ErrUnsupported, "task_type %q (only CAUSAL_LM is served)", c.TaskType)
 	}
 	for _, u := range unsupported {
 		if v, ok := raw[u.field]; ok && !u.neutral(v) {
-			return nil, fmt.Errorf("%w: %s = %s is not supported", ErrUnsupported, u.field, strings.TrimSpace(string(v)))
+			return nil, fail(ErrUnsupported, "%s = %s is not supported", u.field, strings.TrimSpace(string(v)))
 		}
 	}
 	if c.Bias != "" && c.Bias != "none" {
-		return nil, fmt.Errorf("%w: bias = %q is not supported (want \"none\")", ErrUnsupported, c.Bias)
+		return nil, fail(ErrUnsupported, "bias = %q is not supported (want \"none\")", c.Bias)
 	}
 	if c.R <= 0 || c.R > 4096 {
-		return nil, fmt.Errorf("%w: r = %d (want 1..4096)", ErrConfig, c.R)
+		return nil, fail(ErrConfig, "r = %d (want 1..4096)", c.R)
 	}
 	if c.Alpha == 0 {
 		c.Alpha = 8 // PEFT's default lora_alpha
 	}
 	if c.TargetModules == nil || (c.TargetModules.Regex == "" && len(c.TargetModules.Names) == 0) {
-		return nil, fmt.Errorf("%w: target_modules is missing or empty", ErrConfig)
+		return nil, fail(ErrConfig, "target_modules is missing or empty")
 	}
 	for _, t := range []*Targets{c.TargetModules, c.ExcludeModules} {
 		if t == nil || t.Regex == "" || t.Regex == "all-linear" {
@@ -195,12 +208,17 @@ func ParseConfig(b []byte) (*Config, error) {
 		}
 		re, err := regexp.Compile(`^(?:` + t.Regex + `)$`)
 		if err != nil {
-			return nil, fmt.Errorf("%w: module regex %q is not a regular expression Go supports: %v", ErrConfig, t.Regex, err)
+			return nil, fail(ErrConfig, "module regex %q is not a regular expression Go supports: %v", t.Regex, err)
 		}
 		t.re = re
 	}
 	if err := c.RankPattern.compile("rank_pattern"); err != nil {
 		return nil, err
+	}
+	for i, v := range c.RankPattern.Values {
+		if v != math.Trunc(v) || v < 1 || v > 4096 {
+			return nil, fail(ErrConfig, "rank_pattern[%q] = %g (want an integer 1..4096)", c.RankPattern.Keys[i], v)
+		}
 	}
 	if err := c.AlphaPattern.compile("alpha_pattern"); err != nil {
 		return nil, err
@@ -211,7 +229,7 @@ func ParseConfig(b []byte) (*Config, error) {
 		if err := json.Unmarshal(c.LayersToTransform, &one); err == nil {
 			many = []int{one}
 		} else if err := json.Unmarshal(c.LayersToTransform, &many); err != nil {
-			return nil, fmt.Errorf("%w: layers_to_transform must be an int or a list of ints", ErrConfig)
+			return nil, fail(ErrConfig, "layers_to_transform must be an int or a list of ints")
 		}
 		c.layers = map[int]bool{}
 		for _, l := range many {
@@ -224,7 +242,7 @@ func ParseConfig(b []byte) (*Config, error) {
 		if err := json.Unmarshal(c.LayersPattern, &one); err == nil {
 			many = []string{one}
 		} else if err := json.Unmarshal(c.LayersPattern, &many); err != nil {
-			return nil, fmt.Errorf("%w: layers_pattern must be a string or a list of strings", ErrConfig)
+			return nil, fail(ErrConfig, "layers_pattern must be a string or a list of strings")
 		}
 		c.layerPatterns = many
 	}
@@ -281,12 +299,74 @@ func (c *Config) Targets(path string, layer int) bool {
 
 // RankAlpha gives the rank and alpha PEFT uses for the module at path.
 func (c *Config) RankAlpha(path string) (int, float64) {
-	r, alpha := c.R, c.Alpha
-	if v, ok := c.RankPattern.Lookup(path); ok {
-		r = int(v)
-	}
-	if v, ok := c.AlphaPattern.Lookup(path); ok {
-		alpha = v
-	}
+	r, _, alpha, _ := c.rankAlpha(path)
 	return r, alpha
+}
+
+// rankAlpha also names the fields the rank and alpha come from.
+func (c *Config) rankAlpha(path string) (r int, rField string, alpha float64, aField string) {
+	r, rField, alpha, aField = c.R, "r", c.Alpha, "lora_alpha"
+	if k, v, ok := c.RankPattern.lookup(path); ok {
+		r, rField = int(v), fmt.Sprintf("rank_pattern[%q]", k)
+	}
+	if k, v, ok := c.AlphaPattern.lookup(path); ok {
+		alpha, aField = v, fmt.Sprintf("alpha_pattern[%q]", k)
+	}
+	return r, rField, alpha, aField
+}
+
+// Scale is the factor PEFT applies to B @ A: alpha/r, or alpha/sqrt(r)
+// with use_rslora.
+func (c *Config) Scale(alpha float64, r int) float64 {
+	if c.UseRSLoRA {
+		return alpha / math.Sqrt(float64(r))
+	}
+	return alpha / float64(r)
+}
+
+// Check validates the config against base before any weight is read: the
+// target module names, and the rank (1..MaxRank(base)) and scale (finite
+// in float32, |scale| <= MaxScale) of every projection it selects.
+func (c *Config) Check(base *llama.Config) error {
+	if t := c.TargetModules; t.Regex == "" {
+		for _, n := range t.Names {
+			last := n
+			if i := strings.LastIndexByte(n, '.'); i >= 0 {
+				last = n[i+1:]
+			}
+			if _, ok := llama.ModuleByName(last); !ok {
+				return fail(ErrMismatch, "unknown target module %q (the base model's linear layers are q_proj k_proj v_proj o_proj gate_proj up_proj down_proj)", n)
+			}
+		}
+	}
+	maxR := MaxRank(base)
+	formula := "alpha/r"
+	if c.UseRSLoRA {
+		formula = "alpha/sqrt(r)"
+	}
+	for l := 0; l < base.Layers; l++ {
+		for mod := llama.Module(0); mod < llama.NumModules; mod++ {
+			path := mod.Path(l)
+			if !c.Targets(path, l) {
+				continue
+			}
+			r, rField, alpha, aField := c.rankAlpha(path)
+			if r > maxR {
+				return fail(ErrMismatch, "%s = %d for %s is above %d, the largest rank served for this base model (%s)", rField, r, path, maxR, maxRankWhy(base))
+			}
+			s := float32(c.Scale(alpha, r))
+			if math.IsNaN(float64(s)) || math.IsInf(float64(s), 0) || math.Abs(float64(s)) > MaxScale {
+				return fail(ErrConfig, "%s %g gives scale %s = %g/%s = %v in float32 for %s (want a finite scale, |scale| <= %g)",
+					aField, alpha, formula, alpha, rankTerm(c.UseRSLoRA, r), s, path, float64(MaxScale))
+			}
+		}
+	}
+	return nil
+}
+
+func rankTerm(rs bool, r int) string {
+	if rs {
+		return fmt.Sprintf("sqrt(%d)", r)
+	}
+	return fmt.Sprint(r)
 }

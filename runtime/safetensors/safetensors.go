@@ -8,6 +8,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"math"
 	"os"
 	"sort"
@@ -49,9 +50,12 @@ func (d DType) Size() int {
 
 // Errors returned (wrapped) by this package.
 var (
-	ErrFormat   = errors.New("safetensors: malformed file")
-	ErrNotFound = errors.New("safetensors: tensor not found")
-	ErrDType    = errors.New("safetensors: unsupported dtype")
+	ErrFormat = errors.New("safetensors: malformed file")
+	// ErrTruncated: the file ends before the data its header describes
+	// (errors matching it match ErrFormat too).
+	ErrTruncated = errors.New("safetensors: truncated file")
+	ErrNotFound  = errors.New("safetensors: tensor not found")
+	ErrDType     = errors.New("safetensors: unsupported dtype")
 )
 
 // MaxHeaderSize bounds the JSON header (the reference implementation uses 100 MB).
@@ -82,6 +86,7 @@ type File struct {
 	tensors  map[string]Info
 	names    []string
 	data     []byte // the data section
+	dataSize int64  // the end of the last tensor in the data section
 	unmap    func() error
 }
 
@@ -110,25 +115,100 @@ func Open(path string) (*File, error) {
 	return sf, nil
 }
 
+// FormatError is a malformed or truncated file. It matches ErrFormat, and
+// ErrTruncated when the file ends before what its header describes.
+type FormatError struct {
+	Truncated bool
+	Detail    string // what is wrong, without the package's prefix
+}
+
+func (e *FormatError) Error() string {
+	if e.Truncated {
+		return ErrTruncated.Error() + ": " + e.Detail
+	}
+	return ErrFormat.Error() + ": " + e.Detail
+}
+
+// Is matches ErrFormat, and ErrTruncated for a truncated file.
+func (e *FormatError) Is(target error) bool {
+	return target == ErrFormat || (e.Truncated && target == ErrTruncated)
+}
+
+func malformed(format string, args ...any) error {
+	return &FormatError{Detail: fmt.Sprintf(format, args...)}
+}
+
+func truncated(format string, args ...any) error {
+	return &FormatError{Truncated: true, Detail: fmt.Sprintf(format, args...)}
+}
+
 // Parse reads a safetensors file held in memory. The returned File aliases buf.
 func Parse(buf []byte) (*File, error) {
 	if len(buf) < 8 {
-		return nil, fmt.Errorf("%w: %d bytes is shorter than the 8-byte header length", ErrFormat, len(buf))
+		return nil, truncated("%d bytes is shorter than the 8-byte header length", len(buf))
 	}
 	n := binary.LittleEndian.Uint64(buf)
 	if n > MaxHeaderSize {
-		return nil, fmt.Errorf("%w: header length %d exceeds the %d byte limit", ErrFormat, n, MaxHeaderSize)
+		return nil, malformed("header length %d exceeds the %d-byte limit", n, MaxHeaderSize)
 	}
 	if n > uint64(len(buf)-8) {
-		return nil, fmt.Errorf("%w: header length %d runs past the end of the file (%d bytes)", ErrFormat, n, len(buf))
+		return nil, truncated("header length %d runs past the end of the file (%d bytes)", n, len(buf))
 	}
-	hdr := buf[8 : 8+n]
+	f, err := parseHeader(buf[8 : 8+n])
+	if err != nil {
+		return nil, err
+	}
 	data := buf[8+n:]
+	if f.dataSize > int64(len(data)) {
+		return nil, truncated("the header describes %d bytes of tensor data, the file holds %d", f.dataSize, len(data))
+	}
+	f.data = data
+	return f, nil
+}
+
+// ReadHeader reads the header length and the JSON header from r, refusing a
+// header longer than maxHeader bytes (and MaxHeaderSize) before reading it.
+// The File describes the tensors but holds no data: DataSize bytes of
+// tensor data follow the header. prefix is what was read (the length and
+// the header), the start of the file.
+func ReadHeader(r io.Reader, maxHeader int64) (f *File, prefix []byte, err error) {
+	var lb [8]byte
+	if k, err := io.ReadFull(r, lb[:]); err != nil {
+		if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
+			return nil, nil, truncated("%d bytes is shorter than the 8-byte header length", k)
+		}
+		return nil, nil, err
+	}
+	n := binary.LittleEndian.Uint64(lb[:])
+	if limit := uint64(min(maxHeader, MaxHeaderSize)); n > limit {
+		return nil, nil, malformed("header length %d exceeds the %d-byte limit", n, limit)
+	}
+	prefix = make([]byte, 8+n)
+	copy(prefix, lb[:])
+	if k, err := io.ReadFull(r, prefix[8:]); err != nil {
+		if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
+			return nil, nil, truncated("header length %d runs past the end of the file (%d bytes)", n, 8+k)
+		}
+		return nil, nil, err
+	}
+	f, err = parseHeader(prefix[8:])
+	if err != nil {
+		return nil, nil, err
+	}
+	return f, prefix, nil
+}
+
+// DataSize is the length of the tensor data the header describes (the end
+// of the last tensor).
+func (f *File) DataSize() int64 { return f.dataSize }
+
+// parseHeader checks the JSON header; the data section is not looked at.
+func parseHeader(hdr []byte) (*File, error) {
 	var raw map[string]json.RawMessage
 	if err := json.Unmarshal(hdr, &raw); err != nil {
-		return nil, fmt.Errorf("%w: header JSON: %v", ErrFormat, err)
+		return nil, malformed("header JSON: %v", err)
 	}
-	f := &File{tensors: make(map[string]Info, len(raw)), data: data}
+	f := &File{tensors: make(map[string]Info, len(raw))}
 	type entry struct {
 		DType   DType     `json:"dtype"`
 		Shape   []int64   `json:"shape"`
@@ -137,13 +217,13 @@ func Parse(buf []byte) (*File, error) {
 	for name, msg := range raw {
 		if name == "__metadata__" {
 			if err := json.Unmarshal(msg, &f.Metadata); err != nil {
-				return nil, fmt.Errorf("%w: __metadata__: %v", ErrFormat, err)
+				return nil, malformed("__metadata__: %v", err)
 			}
 			continue
 		}
 		var e entry
 		if err := json.Unmarshal(msg, &e); err != nil {
-			return nil, fmt.Errorf("%w: tensor %q: %v", ErrFormat, name, err)
+			return nil, malformed("tensor %q: %v", name, err)
 		}
 		sz := e.DType.Size()
 		if sz == 0 {
@@ -151,28 +231,29 @@ func Parse(buf []byte) (*File, error) {
 		}
 		begin, end := e.Offsets[0], e.Offsets[1]
 		if begin > end {
-			return nil, fmt.Errorf("%w: tensor %q has reversed offsets [%d,%d)", ErrFormat, name, begin, end)
+			return nil, malformed("tensor %q has reversed offsets [%d,%d)", name, begin, end)
 		}
-		if end > uint64(len(data)) {
-			return nil, fmt.Errorf("%w: tensor %q ends at byte %d of a %d-byte data section (truncated file?)", ErrFormat, name, end, len(data))
+		if end > math.MaxInt64 {
+			return nil, malformed("tensor %q ends at byte %d", name, end)
 		}
 		elems := uint64(1)
 		shape := make([]int, len(e.Shape))
 		for i, d := range e.Shape {
 			if d < 0 || d > math.MaxInt32 {
-				return nil, fmt.Errorf("%w: tensor %q has dimension %d", ErrFormat, name, d)
+				return nil, malformed("tensor %q has dimension %d", name, d)
 			}
 			shape[i] = int(d)
 			if d != 0 && elems > math.MaxInt64/uint64(d) {
-				return nil, fmt.Errorf("%w: tensor %q shape %v overflows", ErrFormat, name, e.Shape)
+				return nil, malformed("tensor %q shape %v overflows", name, e.Shape)
 			}
 			elems *= uint64(d)
 		}
 		if span := end - begin; span%uint64(sz) != 0 || elems != span/uint64(sz) {
-			return nil, fmt.Errorf("%w: tensor %q shape %v of %s needs %d elements, offsets give %d bytes", ErrFormat, name, e.Shape, e.DType, elems, span)
+			return nil, malformed("tensor %q shape %v of %s needs %d elements, offsets give %d bytes", name, e.Shape, e.DType, elems, span)
 		}
 		f.tensors[name] = Info{Name: name, DType: e.DType, Shape: shape, Begin: int64(begin), End: int64(end)}
 		f.names = append(f.names, name)
+		f.dataSize = max(f.dataSize, int64(end))
 	}
 	sort.Strings(f.names)
 	// Tensors must not overlap.
@@ -185,7 +266,7 @@ func Parse(buf []byte) (*File, error) {
 	sort.Slice(byOff, func(i, j int) bool { return byOff[i].Begin < byOff[j].Begin })
 	for i := 1; i < len(byOff); i++ {
 		if byOff[i].Begin < byOff[i-1].End {
-			return nil, fmt.Errorf("%w: tensors %q and %q overlap", ErrFormat, byOff[i-1].Name, byOff[i].Name)
+			return nil, malformed("tensors %q and %q overlap", byOff[i-1].Name, byOff[i].Name)
 		}
 	}
 	return f, nil
