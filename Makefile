@@ -5,7 +5,7 @@ export CGO_CFLAGS ?= -g -O2 -Wno-deprecated-declarations
 BIN := bin/peftd
 PROMPT ?= Once upon a time
 
-.PHONY: run demo build test test-short setup fuzz bench vet clean
+.PHONY: run demo build test test-short setup fuzz bench vet clean soak
 
 include scripts/gpu-check.mk
 
@@ -42,12 +42,20 @@ test-short:
 	$(GO) test -short ./...
 
 FUZZTIME ?= 30s
+# FuzzRequests (every JSON route through the full HTTP handler) runs a fixed
+# number of inputs: a million, about 3-4 minutes on two cores.
+FUZZ_REQUESTS ?= 1000000x
 fuzz:
 	$(GO) test -run '^$$' -fuzz '^FuzzParse$$' -fuzztime $(FUZZTIME) ./runtime/safetensors
 	$(GO) test -run '^$$' -fuzz '^FuzzParseConfig$$' -fuzztime $(FUZZTIME) ./runtime/lora
+	$(GO) test -run '^$$' -fuzz '^FuzzRequests$$' -fuzztime $(FUZZ_REQUESTS) ./api
 
 bench:
 	$(GO) test -run '^$$' -bench . -benchtime 5x ./runtime/engine
+
+SOAK_MINUTES ?= 5
+soak:
+	SOAK_MINUTES=$(SOAK_MINUTES) bash scripts/soak.sh
 
 clean:
 	rm -rf bin

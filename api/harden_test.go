@@ -9,8 +9,6 @@ import (
 	"math"
 	"net"
 	"net/http"
-	"os"
-	"path/filepath"
 	"runtime"
 	"strings"
 	"testing"
@@ -127,13 +125,7 @@ func TestErrorShape(t *testing.T) {
 // TestNoAdapterEnumeration: with a key scoped to pirate, an out-of-scope
 // ID answers 403 whether it exists or not, on every route that takes one.
 func TestNoAdapterEnumeration(t *testing.T) {
-	keyFile := filepath.Join(t.TempDir(), "keys")
-	os.WriteFile(keyFile, []byte("sk-pirate pirate\n"), 0o600)
-	keys, err := api.LoadKeys(keyFile)
-	if err != nil {
-		t.Fatal(err)
-	}
-	url, _ := storiesServer(t, false, func(c *api.Config) { c.Keys = keys })
+	url := keyedServer(t, "sk-pirate pirate\n")
 	auth := []string{"Authorization", "Bearer sk-pirate"}
 	for _, id := range []string{"space", "zz-missing", "bad..id", "-lead"} {
 		for _, req := range []struct{ method, path, body string }{

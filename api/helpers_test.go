@@ -6,6 +6,7 @@ import (
 	"context"
 	"encoding/json"
 	"net"
+	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -78,6 +79,12 @@ func start(t *testing.T, cfg api.Config) string {
 
 // fixtureStack serves the tiny-llama-lora base with all-r16 deployed.
 func fixtureStack(t *testing.T, slots, maxQueue int) (*stack, *fixture.Fixture) {
+	return fixtureStackWith(t, slots, maxQueue, nil)
+}
+
+// fixtureStackWith is fixtureStack with prep run on the store folder
+// before the server starts (nil: nothing more).
+func fixtureStackWith(t *testing.T, slots, maxQueue int, prep func(store string)) (*stack, *fixture.Fixture) {
 	t.Helper()
 	f, err := fixture.Load()
 	if err != nil {
@@ -86,7 +93,25 @@ func fixtureStack(t *testing.T, slots, maxQueue int) (*stack, *fixture.Fixture) 
 	t.Cleanup(func() { f.Close() })
 	store := t.TempDir()
 	adaptertest.Copy(t, filepath.Join(fixture.Dir(), "adapters", "all-r16"), filepath.Join(store, "all-r16"))
+	if prep != nil {
+		prep(store)
+	}
 	return newStack(t, f.Model, store, slots, maxQueue), f
+}
+
+// keyedServer serves stories260K with the API keys of a key file's lines.
+func keyedServer(t *testing.T, lines string) string {
+	t.Helper()
+	keyFile := filepath.Join(t.TempDir(), "keys")
+	if err := os.WriteFile(keyFile, []byte(lines), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	keys, err := api.LoadKeys(keyFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	url, _ := storiesServer(t, false, func(c *api.Config) { c.Keys = keys })
+	return url
 }
 
 const storiesDir = "../models/stories260K"

@@ -6,8 +6,6 @@ import (
 	"io"
 	"net"
 	"net/http"
-	"os"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -300,13 +298,7 @@ func TestSlowAndVanishingClients(t *testing.T) {
 // TestHostileKeys: authentication failures are 401/403 JSON errors that do
 // not depend on whether the adapter exists.
 func TestHostileKeys(t *testing.T) {
-	keyFile := filepath.Join(t.TempDir(), "keys")
-	os.WriteFile(keyFile, []byte("sk-admin * admin\nsk-pirate pirate\n"), 0o600)
-	keys, err := api.LoadKeys(keyFile)
-	if err != nil {
-		t.Fatal(err)
-	}
-	url, _ := storiesServer(t, false, func(c *api.Config) { c.Keys = keys })
+	url := keyedServer(t, "sk-admin * admin\nsk-pirate pirate\n")
 	body := `{"model":"pirate","prompt":"Once"}`
 	cases := []hostileCase{
 		{name: "no key", hdr: nil, status: 401},

@@ -389,18 +389,14 @@ func TestUploadRefusals(t *testing.T) {
 // the same reason), said once, listed by GET /v1/adapters but not
 // /v1/models, refused for pinning, and can be deleted.
 func TestInvalidAdapterInStore(t *testing.T) {
-	f, err := fixture.Load()
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { f.Close() })
-	store := t.TempDir()
-	adaptertest.Copy(t, filepath.Join(fixture.Dir(), "adapters", "all-r16"), filepath.Join(store, "all-r16"))
 	qvCfg, qvW := adaptertest.Read(t, filepath.Join(fixture.Dir(), "adapters", "qv-r8"))
-	os.MkdirAll(filepath.Join(store, "broken"), 0o755)
-	os.WriteFile(filepath.Join(store, "broken", lora.ConfigFile), qvCfg, 0o644)
-	os.WriteFile(filepath.Join(store, "broken", lora.WeightsFile), qvW[:len(qvW)/2], 0o644)
-	st := newStack(t, f.Model, store, 2, 16)
+	var store string
+	st, f := fixtureStackWith(t, 2, 16, func(dir string) {
+		store = dir
+		os.MkdirAll(filepath.Join(store, "broken"), 0o755)
+		os.WriteFile(filepath.Join(store, "broken", lora.ConfigFile), qvCfg, 0o644)
+		os.WriteFile(filepath.Join(store, "broken", lora.WeightsFile), qvW[:len(qvW)/2], 0o644)
+	})
 	url := start(t, st.config("base"))
 	const reason = "adapter_model.safetensors is truncated: the header describes"
 

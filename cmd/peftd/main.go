@@ -23,6 +23,7 @@ Usage:
   peftd deploy [flags] DIR upload an adapter folder to a server (validated there, then stored)
   peftd invoke [flags]     run an adapter on a server by its ID
   peftd bench [flags]      load-test an OpenAI-compatible server (peftd, vLLM, ...)
+  peftd soak [flags]       soak-test a peftd server (store outage, adapter replaced; make soak)
   peftd tokenize [flags]   encode text or decode token ids
   peftd serve [flags]      serve adapters over HTTP (OpenAI-compatible API)
   peftd version            print the version
@@ -60,6 +61,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return cmdInvoke(ctx, args[1:], stdout, stderr)
 	case "bench":
 		return cmdBench(ctx, args[1:], stdout, stderr)
+	case "soak":
+		return cmdSoak(ctx, args[1:], stdout, stderr)
 	case "tokenize":
 		return cmdTokenize(args[1:], stdout, stderr)
 	case "serve":
