@@ -140,6 +140,16 @@ type Options struct {
 	// RecheckInterval throttles Acquire's check of the store's ETag
 	// (default 1s; negative: check on every Acquire).
 	RecheckInterval time.Duration
+	// StatTimeout bounds the store check on a request's path (default 2s):
+	// a store that hangs or retries must not hold requests for long.
+	StatTimeout time.Duration
+	// StoreBackoff is how long, after a store failure, requests do not wait
+	// on the store again (default 2s): known versions serve, adapters
+	// found nowhere else fail at once with ErrStoreUnavailable.
+	StoreBackoff time.Duration
+	// FetchStall ends an adapter download during which the store sent no
+	// data for this long (default 10s).
+	FetchStall time.Duration
 	// NoWatch disables the store Watch (changes are then seen only by
 	// Acquire's recheck).
 	NoWatch bool
@@ -281,6 +291,44 @@ type Manager struct {
 	deviceLoads, invalid           atomic.Uint64
 	closed                         atomic.Bool
 	hostOver                       warnEvery // host memory past HostBytes
+	storeDown                      atomic.Pointer[storeFailure]
+	storeTrial                     atomic.Bool // a request tries the store during a backoff
+	probing                        sync.Map    // adapter ID -> a background store probe runs
+	storeWarn                      warnEvery   // store checks failing
+}
+
+// storeFailure is the last store failure on a request's path and until
+// when requests do not wait on the store again.
+type storeFailure struct {
+	until time.Time
+	err   error
+}
+
+// storeFailed records a store failure on a request's path: for
+// StoreBackoff, requests skip the store.
+func (m *Manager) storeFailed(err error) {
+	if errors.Is(err, context.DeadlineExceeded) || errors.Is(err, context.Canceled) {
+		// The store's own timeout: requests that meet this failure later
+		// must not read it as their own deadline (a 504).
+		err = fmt.Errorf("store: no answer in time (%v)", err)
+	}
+	m.storeDown.Store(&storeFailure{until: m.now().Add(m.opts.StoreBackoff), err: err})
+}
+
+// storeBackingOff returns the recent store failure while requests should
+// not wait on the store, else nil. During the backoff one caller at a time
+// still goes to the store (it gets a nil error and calls release when its
+// store call is over): a store that refuses at once costs nothing to try
+// and is seen back at once; one that hangs holds one request, not all.
+func (m *Manager) storeBackingOff() (release func(), err error) {
+	f := m.storeDown.Load()
+	if f == nil || !m.now().Before(f.until) {
+		return func() {}, nil
+	}
+	if m.storeTrial.CompareAndSwap(false, true) {
+		return func() { m.storeTrial.Store(false) }, nil
+	}
+	return nil, fmt.Errorf("the store failed %s ago: %w", m.now().Sub(f.until.Add(-m.opts.StoreBackoff)).Round(time.Millisecond), f.err)
 }
 
 // New starts a Manager: it lists the store, then watches it and runs the
@@ -294,6 +342,15 @@ func New(ctx context.Context, opts Options) (*Manager, error) {
 	}
 	if opts.RecheckInterval == 0 {
 		opts.RecheckInterval = DefaultRecheckInterval
+	}
+	if opts.StatTimeout <= 0 {
+		opts.StatTimeout = 2 * time.Second
+	}
+	if opts.StoreBackoff <= 0 {
+		opts.StoreBackoff = 2 * time.Second
+	}
+	if opts.FetchStall <= 0 {
+		opts.FetchStall = 10 * time.Second
 	}
 	if opts.Now == nil {
 		opts.Now = time.Now
@@ -312,6 +369,7 @@ func New(ctx context.Context, opts Options) (*Manager, error) {
 	}
 	m := &Manager{opts: opts, log: opts.Logger, db: db, kick: make(chan struct{}, 1), pinned: map[string]bool{}}
 	m.hostOver.interval = time.Minute
+	m.storeWarn.interval = 10 * time.Second
 	if m.log == nil {
 		m.log = slog.Default()
 	}
@@ -406,6 +464,76 @@ func (m *Manager) refresh(ctx context.Context, id string) error {
 	}
 	m.observe(id, o.ETag, o.Size, start)
 	return nil
+}
+
+// errStalled ends a download during which the store sent nothing for
+// FetchStall.
+var errStalled = errors.New("the store sent no data")
+
+// stallGuard is a context for one download that ends when progressed has
+// not been called for FetchStall (a hung connection, a store retrying
+// forever); stop releases it.
+func (m *Manager) stallGuard() (ctx context.Context, progressed func(), stop func()) {
+	ctx, cancel := context.WithCancelCause(m.ctx)
+	var last atomic.Int64
+	last.Store(time.Now().UnixNano())
+	done := make(chan struct{})
+	stall := m.opts.FetchStall
+	go func() {
+		t := time.NewTicker(max(stall/8, time.Millisecond))
+		defer t.Stop()
+		for {
+			select {
+			case <-done:
+				return
+			case now := <-t.C:
+				if now.Sub(time.Unix(0, last.Load())) > stall {
+					cancel(fmt.Errorf("%w for %v", errStalled, stall))
+					return
+				}
+			}
+		}
+	}()
+	return ctx, func() { last.Store(time.Now().UnixNano()) }, func() { close(done); cancel(nil) }
+}
+
+// probe checks id in the store in the background (one probe per adapter
+// at a time), for a request that serves the known version meanwhile.
+func (m *Manager) probe(id string) {
+	if m.ctx.Err() != nil {
+		return
+	}
+	if _, busy := m.probing.LoadOrStore(id, true); busy {
+		return
+	}
+	release, err := m.storeBackingOff()
+	if err != nil {
+		m.probing.Delete(id)
+		return // another trial is out; a later request probes again
+	}
+	// Not in m.wg: it ends within StatTimeout, and after Close it only
+	// touches the index.
+	go func() {
+		defer m.probing.Delete(id)
+		defer release()
+		ctx, cancel := context.WithTimeout(m.ctx, m.opts.StatTimeout)
+		defer cancel()
+		start := m.now()
+		o, err := m.opts.Store.Stat(ctx, id)
+		switch {
+		case errors.Is(err, store.ErrNotFound):
+			m.storeDown.Store(nil)
+			m.markDeleted(id)
+		case err != nil:
+			if m.ctx.Err() == nil {
+				m.storeFailed(err)
+				m.storeWarn.log(m.log, "loader: store check failed; serving the known version", "id", id, "err", err)
+			}
+		default:
+			m.storeDown.Store(nil)
+			m.observe(id, o.ETag, o.Size, start)
+		}
+	}()
 }
 
 // currentRow returns id's current version row.
@@ -525,17 +653,40 @@ func (m *Manager) resolve(ctx context.Context, id string) (*adapterRow, error) {
 	if cur != nil && m.opts.RecheckInterval > 0 && now.Sub(cur.CheckedAt) < m.opts.RecheckInterval {
 		return cur, nil
 	}
-	o, err := m.opts.Store.Stat(ctx, id)
+	// While the store is failing, a known version serves without waiting
+	// on it (the store is probed in the background) and an unknown one
+	// fails at once, but for one trial request at a time.
+	if cur != nil && m.storeDown.Load() != nil {
+		m.probe(id)
+		return cur, nil
+	}
+	release, err := m.storeBackingOff()
+	if err != nil {
+		return nil, fmt.Errorf("loader: adapter %s: %w", id, storeErr(err))
+	}
+	sctx, cancel := context.WithTimeout(ctx, m.opts.StatTimeout)
+	o, err := m.opts.Store.Stat(sctx, id)
+	cancel()
+	release()
+	if err != nil && ctx.Err() == nil && errors.Is(err, context.DeadlineExceeded) {
+		// The store's timeout, not the request's: not a context error.
+		err = fmt.Errorf("store: no answer within %v (%v)", m.opts.StatTimeout, err)
+	}
 	switch {
 	case errors.Is(err, store.ErrNotFound):
 		m.markDeleted(id)
 		return nil, fmt.Errorf("loader: adapter %s: %w", id, err)
-	case err != nil && cur != nil:
-		m.log.Warn("loader: store check failed; serving the known version", "id", id, "err", err)
-		return cur, nil
+	case err != nil && ctx.Err() != nil:
+		return nil, ctx.Err() // the request ended, not the store
 	case err != nil:
+		m.storeFailed(err)
+		if cur != nil {
+			m.storeWarn.log(m.log, "loader: store check failed; serving the known version", "id", id, "err", err)
+			return cur, nil
+		}
 		return nil, fmt.Errorf("loader: adapter %s: %w", id, storeErr(err))
 	}
+	m.storeDown.Store(nil)
 	return m.observe(id, o.ETag, o.Size, now), nil
 }
 
@@ -847,18 +998,33 @@ func (m *Manager) fetch(id, version string) (*lora.Adapter, Tier, error) {
 		}
 	}
 	if src == TierStore {
-		seen := m.now()
-		var prog func(done, total int64)
-		if p := m.opts.Progress; p != nil {
-			prog = func(done, total int64) { p(id, done, total) }
+		release, err := m.storeBackingOff()
+		if err != nil {
+			return nil, 0, fmt.Errorf("loader: fetch %s: %w", id, storeErr(err))
 		}
-		c, wb, etag, err := m.opts.Store.Get(m.ctx, id, store.GetOptions{MaxBytes: m.opts.MaxAdapterBytes, Progress: prog})
+		defer release()
+		seen := m.now()
+		gctx, progressed, stop := m.stallGuard()
+		prog := func(done, total int64) {
+			progressed()
+			if p := m.opts.Progress; p != nil {
+				p(id, done, total)
+			}
+		}
+		c, wb, etag, err := m.opts.Store.Get(gctx, id, store.GetOptions{MaxBytes: m.opts.MaxAdapterBytes, Progress: prog})
+		if cause := context.Cause(gctx); err != nil && cause != nil && m.ctx.Err() == nil {
+			err = cause
+		}
+		stop()
 		m.storeFetches.Add(1)
 		if errors.Is(err, store.ErrNotFound) {
 			m.markDeleted(id)
 			return nil, 0, fmt.Errorf("loader: adapter %s: %w", id, err)
 		}
 		if err != nil {
+			if m.ctx.Err() == nil && !errors.Is(err, store.ErrTooLarge) {
+				m.storeFailed(err)
+			}
 			return nil, 0, fmt.Errorf("loader: fetch %s: %w", id, storeErr(err))
 		}
 		cfg, w = c, wb

@@ -60,11 +60,34 @@ func objectOf(id string, cfg, w os.FileInfo) Object {
 	return Object{ID: id, ETag: CombineETag(fileETag(cfg), fileETag(w)), Size: cfg.Size() + w.Size(), Modified: mod}
 }
 
-func notFound(id string, err error) error {
+// notFound maps a failed read of adapter id: missing files are
+// ErrNotFound, unless the store's folder itself is gone or unreadable (an
+// unmounted volume, a renamed folder): that is the store failing, not the
+// adapter missing, and adapters must not be forgotten for it.
+func (s *FS) notFound(id string, err error) error {
 	if errors.Is(err, fs.ErrNotExist) {
+		if rerr := s.rootErr(); rerr != nil {
+			return rerr
+		}
 		return fmt.Errorf("%w: %s", ErrNotFound, id)
 	}
 	return fmt.Errorf("store: %s: %w", id, err)
+}
+
+// rootErr reports the store's folder missing, unreadable or not a folder.
+func (s *FS) rootErr() error {
+	f, err := os.Open(s.root)
+	if err == nil {
+		var fi os.FileInfo
+		if fi, err = f.Stat(); err == nil && !fi.IsDir() {
+			err = errors.New("not a folder")
+		}
+		f.Close()
+	}
+	if err != nil {
+		return fmt.Errorf("store: the folder %s is unavailable: %w", s.root, err)
+	}
+	return nil
 }
 
 // List implements Store.
@@ -97,7 +120,7 @@ func (s *FS) Stat(ctx context.Context, id string) (Object, error) {
 	}
 	fis, err := atomicdir.Stat(s.root, id, ConfigFile, WeightsFile)
 	if err != nil {
-		return Object{}, notFound(id, err)
+		return Object{}, s.notFound(id, err)
 	}
 	return objectOf(id, fis[0], fis[1]), nil
 }
@@ -118,7 +141,7 @@ func (s *FS) Get(ctx context.Context, id string, opts GetOptions) ([]byte, []byt
 		return nil, nil, "", fmt.Errorf("%w: %s: %v", ErrTooLarge, id, err)
 	}
 	if err != nil {
-		return nil, nil, "", notFound(id, err)
+		return nil, nil, "", s.notFound(id, err)
 	}
 	return bs[0], bs[1], objectOf(id, fis[0], fis[1]).ETag, nil
 }
