@@ -297,32 +297,38 @@ type Manager struct {
 	storeWarn                      warnEvery   // store checks failing
 }
 
-// storeFailure is the last store failure on a request's path and until
-// when requests do not wait on the store again.
+// storeFailure is the last store failure on a request's path, until when
+// requests do not wait on the store again, and whether the store was slow
+// to fail (it hung or retried until a timeout).
 type storeFailure struct {
 	until time.Time
 	err   error
+	slow  bool
 }
 
-// storeFailed records a store failure on a request's path: for
-// StoreBackoff, requests skip the store.
-func (m *Manager) storeFailed(err error) {
+// slowStoreFailure: a store call that failed after this long is a store
+// that hangs; one that failed sooner refuses, and trying it costs nothing.
+const slowStoreFailure = time.Second
+
+// storeFailed records a store failure on a request's path after a call
+// that took took.
+func (m *Manager) storeFailed(err error, took time.Duration) {
 	if errors.Is(err, context.DeadlineExceeded) || errors.Is(err, context.Canceled) {
 		// The store's own timeout: requests that meet this failure later
 		// must not read it as their own deadline (a 504).
 		err = fmt.Errorf("store: no answer in time (%v)", err)
 	}
-	m.storeDown.Store(&storeFailure{until: m.now().Add(m.opts.StoreBackoff), err: err})
+	m.storeDown.Store(&storeFailure{until: m.now().Add(m.opts.StoreBackoff), err: err, slow: took >= slowStoreFailure})
 }
 
-// storeBackingOff returns the recent store failure while requests should
-// not wait on the store, else nil. During the backoff one caller at a time
-// still goes to the store (it gets a nil error and calls release when its
-// store call is over): a store that refuses at once costs nothing to try
-// and is seen back at once; one that hangs holds one request, not all.
+// storeBackingOff says whether a request may call the store: after a
+// failure that was slow (a hanging store), for StoreBackoff, one caller at
+// a time (it gets a nil error and calls release when its store call is
+// over) and the others fail at once with the failure; after a fast failure
+// (a store that refuses) everybody may try, so its return is seen at once.
 func (m *Manager) storeBackingOff() (release func(), err error) {
 	f := m.storeDown.Load()
-	if f == nil || !m.now().Before(f.until) {
+	if f == nil || !f.slow || !m.now().Before(f.until) {
 		return func() {}, nil
 	}
 	if m.storeTrial.CompareAndSwap(false, true) {
@@ -526,7 +532,7 @@ func (m *Manager) probe(id string) {
 			m.markDeleted(id)
 		case err != nil:
 			if m.ctx.Err() == nil {
-				m.storeFailed(err)
+				m.storeFailed(err, m.now().Sub(start))
 				m.storeWarn.log(m.log, "loader: store check failed; serving the known version", "id", id, "err", err)
 			}
 		default:
@@ -668,6 +674,7 @@ func (m *Manager) resolve(ctx context.Context, id string) (*adapterRow, error) {
 	o, err := m.opts.Store.Stat(sctx, id)
 	cancel()
 	release()
+	took := m.now().Sub(now)
 	if err != nil && ctx.Err() == nil && errors.Is(err, context.DeadlineExceeded) {
 		// The store's timeout, not the request's: not a context error.
 		err = fmt.Errorf("store: no answer within %v (%v)", m.opts.StatTimeout, err)
@@ -679,7 +686,7 @@ func (m *Manager) resolve(ctx context.Context, id string) (*adapterRow, error) {
 	case err != nil && ctx.Err() != nil:
 		return nil, ctx.Err() // the request ended, not the store
 	case err != nil:
-		m.storeFailed(err)
+		m.storeFailed(err, took)
 		if cur != nil {
 			m.storeWarn.log(m.log, "loader: store check failed; serving the known version", "id", id, "err", err)
 			return cur, nil
@@ -1023,7 +1030,7 @@ func (m *Manager) fetch(id, version string) (*lora.Adapter, Tier, error) {
 		}
 		if err != nil {
 			if m.ctx.Err() == nil && !errors.Is(err, store.ErrTooLarge) {
-				m.storeFailed(err)
+				m.storeFailed(err, m.now().Sub(seen))
 			}
 			return nil, 0, fmt.Errorf("loader: fetch %s: %w", id, storeErr(err))
 		}

@@ -139,7 +139,11 @@ func NewS3(opts S3Options) (*S3, error) {
 	if opts.PathStyle {
 		lookup = minio.BucketLookupPath
 	}
-	c, err := minio.New(host, &minio.Options{Creds: creds, Secure: secure, Region: opts.Region, BucketLookup: lookup, Transport: opts.Transport})
+	// Two tries per call, not minio-go's ten (~8 s against a server that
+	// refuses connections): the loader backs off and retries itself, and a
+	// request must learn of an outage in time.
+	c, err := minio.New(host, &minio.Options{Creds: creds, Secure: secure, Region: opts.Region, BucketLookup: lookup,
+		Transport: opts.Transport, MaxRetries: 2})
 	if err != nil {
 		return nil, fmt.Errorf("store: s3: %w", err)
 	}
