@@ -23,6 +23,11 @@
 #                startup logs name the GPU, the pirate invoke gives the known
 #                text, peftd bench (96 requests, concurrency 16), /metrics has
 #                peftd_gpu_memory_used_bytes
+#     soak8b     make soak on the GPU: an 8B-shape checkpoint (SOAK_LAYERS, default 8
+#                layers) with 200 copies of two rank-8 adapters in an S3 store
+#                (versitygw from bin/gpu/versitygw.gz), 8 slots, a store outage
+#                and an adapter replacement; not in the default phases (run it
+#                by name: it takes most of one call)
 #     serve8b    serves the random 8B checkpoint (from decode) with --device
 #                cuda and its 4 adapters from a store folder; closed-loop load
 #                at concurrency 64, base model alone vs the 4 adapters vs one
@@ -49,13 +54,18 @@ bin_of() { echo "bin/gpu/$(echo "$1" | tr / _).test"; }
 if [[ "${1:-}" != "--on-device" ]]; then
 	set -e
 	mkdir -p bin/gpu
+	# stripped (-s -w): what travels to the device is bounded (64 MiB)
 	for p in "${PKGS[@]}"; do
-		CGO_ENABLED=0 go test -c -tags cuda -o "$(bin_of "$p")" "./$p/"
+		CGO_ENABLED=0 go test -c -tags cuda -ldflags "-s -w" -o "$(bin_of "$p")" "./$p/"
 		echo "built $(bin_of "$p")"
 	done
 	# the server binary: go-nvml needs cgo (it runs on the device's newer glibc)
-	CGO_ENABLED=1 CGO_CFLAGS='-g -O2 -Wno-deprecated-declarations' go build -o bin/gpu/peftd ./cmd/peftd
+	CGO_ENABLED=1 CGO_CFLAGS='-g -O2 -Wno-deprecated-declarations' go build -ldflags "-s -w" -o bin/gpu/peftd ./cmd/peftd
 	echo "built bin/gpu/peftd"
+	# the soak8b phase's S3 server, stripped and gzipped (bash .ci/setup-s3.sh builds it)
+	if [[ -x .cache/bin/versitygw && ! -f bin/gpu/versitygw.gz ]]; then
+		strip -o bin/gpu/versitygw .cache/bin/versitygw && gzip -9 -f bin/gpu/versitygw && echo "packed bin/gpu/versitygw.gz"
+	fi
 	cat <<'HINT'
 
 Run on the device (the `run` tool), carrying the binaries:
@@ -224,6 +234,32 @@ if want serve8b; then
 	stamp serve8b
 fi
 
+if want soak8b; then
+	# The hardening soak on the GPU: an 8B-shape checkpoint (SOAK_LAYERS layers
+	# of Llama 3.1 8B's shapes, default 8, so it is written in about a minute)
+	# with two rank-8 adapters copied into 200, S3 store on versitygw (carry it
+	# as bin/gpu/versitygw.gz; without it the store is a folder), 8 slots, for
+	# the minutes the deadline leaves (at most SOAK_MINUTES, default 5).
+	SK=/tmp/llama8b-soak
+	echo "=== soak8b: make $SK (${SOAK_LAYERS:-8} layers of the 8B shapes, 2 rank-8 adapters)"
+	if [[ -f $SK/base/model.safetensors.index.json ]] || timeout "$(left 300)" "$PY" tools/make_random_llama.py "$SK" --layers "${SOAK_LAYERS:-8}" --adapters 2 --rank 8 >"$LOG/soak8b.make.log" 2>&1; then
+		mins=$(( ($(left 900) - 120) / 60 ))
+		((mins > ${SOAK_MINUTES:-5})) && mins=${SOAK_MINUTES:-5}
+		((mins < 1)) && mins=1
+		VGW=; [[ -f bin/gpu/versitygw.gz ]] && VGW="$ROOT/bin/gpu/versitygw.gz"
+		mkdir -p "$LOG/soak8b"
+		SOAK_BIN="$ROOT/bin/gpu/peftd" SOAK_VERSITYGW="$VGW" SOAK_STORE="${VGW:+s3}" SOAK_MODEL=$SK/base SOAK_ADAPTERS_SRC=$SK/adapters \
+			SOAK_DEVICE=cuda SOAK_MINUTES=$mins SOAK_OUT="$LOG/soak8b" SOAK_ARGS="--warmup-max 90s" \
+			timeout "$(left 900)" bash scripts/soak.sh >"$LOG/soak8b.log" 2>&1 || status=1
+		sed -n '/== soak report/,/^PASS\|^FAIL/p' "$LOG/soak8b.log" >"$LOG/soak8b.txt"
+		tail -n 3 "$LOG/soak8b.log"
+	else
+		status=1
+		tail -n 20 "$LOG/soak8b.make.log"
+	fi
+	stamp soak8b
+fi
+
 # Table: top-level test, result, the largest maxrel= it logged.
 {
 	printf '%-34s %-6s %s\n' TEST RESULT MAX_REL_ERR
@@ -250,6 +286,7 @@ fi
 	fi
 	[[ -f "$LOG/serve.result" ]] && cat "$LOG/serve.result" && grep -E 'tok|req|TTFT|thr' "$LOG/serve.bench.txt" | head -8
 	[[ -f "$LOG/serve8b.txt" ]] && grep SERVEBENCH "$LOG/serve8b.txt" | cut -c1-220
+	[[ -s "$LOG/soak8b.txt" ]] && echo "Soak on the GPU (8B shapes; full report in soak8b.txt):" && grep -E '^(requests|failures|allowed|latency (overall|hot)|served/s|server RSS|GPU memory|PASS|FAIL)' "$LOG/soak8b.txt" | cut -c1-200
 	grep -h '^BENCH \(launch\|sample\)' "$LOG"/*.log 2>/dev/null | cut -c7-
 	grep -h '^BENCH adapterload' "$LOG"/decode.log 2>/dev/null | cut -c7-
 	if [[ -s "$LOG/decode.txt" ]]; then
@@ -260,6 +297,6 @@ fi
 } | tee "$LOG/summary.txt"
 if [[ -n "${OUT:-}" ]]; then
 	tar czf "$OUT/logs.tgz" -C "$LOG" . 2>/dev/null
-	for f in summary.txt lorabench.txt decode.txt serve8b.txt; do [[ -f "$LOG/$f" ]] && cp "$LOG/$f" "$OUT/"; done
+	for f in summary.txt lorabench.txt decode.txt serve8b.txt soak8b.txt; do [[ -f "$LOG/$f" ]] && cp "$LOG/$f" "$OUT/"; done
 fi
 exit $status
