@@ -489,35 +489,53 @@ func (s *Scheduler) step() {
 	if len(s.running) == 0 {
 		return
 	}
+	// Plan, then give every planned sequence its KV pages before the step
+	// is issued; when the pool runs short, preempt the most recently
+	// admitted sequence and plan again. The engine never fails the step
+	// for want of pages.
+	var in []engine.Input
+	var who []*seq
 	for {
-		in, who := s.plan(&stats)
+		in, who = s.plan(&stats)
 		if len(in) == 0 {
 			return
 		}
-		start := time.Now()
-		sp := make([]engine.Sampling, len(in))
-		for k, q := range who {
-			n := len(in[k].Tokens)
-			sp[k] = engine.Sampling{Skip: q.fed+n < len(q.tokens), Params: q.req.Sampling, Seed: q.seed,
-				Index: uint64(q.fed + n), CPU: q.sampler}
+		err := s.reserve(in)
+		if err == nil {
+			break
 		}
-		choices, err := s.e.StepSample(context.Background(), in, sp)
-		if errors.Is(err, engine.ErrKVFull) {
-			if !s.preempt() {
-				s.failAll(err)
-				return
-			}
-			stats.Preempted++
-			continue
-		}
-		if err != nil {
-			s.failAll(err)
+		if !s.preempt() {
+			s.failAll(fmt.Errorf("scheduler: a lone sequence does not fit the KV cache: %w", err))
 			return
 		}
-		stats.Duration = time.Since(start)
-		s.afterStep(in, who, choices)
+		stats.Preempted++
+	}
+	start := time.Now()
+	sp := make([]engine.Sampling, len(in))
+	for k, q := range who {
+		n := len(in[k].Tokens)
+		sp[k] = engine.Sampling{Skip: q.fed+n < len(q.tokens), Params: q.req.Sampling, Seed: q.seed,
+			Index: uint64(q.fed + n), CPU: q.sampler}
+	}
+	choices, err := s.e.StepSample(context.Background(), in, sp)
+	if err != nil {
+		s.failAll(err)
 		return
 	}
+	stats.Duration = time.Since(start)
+	s.afterStep(in, who, choices)
+}
+
+// reserve gives each input's sequence the pages its tokens need, in plan
+// order (decode rows first); pages reserved before a failure stay with
+// their sequences.
+func (s *Scheduler) reserve(in []engine.Input) error {
+	for _, x := range in {
+		if err := s.e.Reserve(x.Seq, x.Seq.Len()+len(x.Tokens)); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // reportStep completes a step's statistics with the state after it and

@@ -269,6 +269,27 @@ func (e *Engine) Release(s *Sequence) {
 	s.blocks, s.n = nil, 0
 }
 
+// Reserve gives s pages for n tokens in all (those in its cache and those
+// the coming steps append); pages it holds stay. With too few free pages
+// it fails with ErrKVFull and allocates nothing. The scheduler reserves
+// every input's pages before it issues a step, so a step it issues never
+// fails for want of pages.
+func (e *Engine) Reserve(s *Sequence, n int) error {
+	need := e.BlocksFor(n) - len(s.blocks)
+	if need <= 0 {
+		return nil
+	}
+	if need > len(e.freeBlocks) {
+		return fmt.Errorf("%w: need %d pages, %d free", ErrKVFull, need, len(e.freeBlocks))
+	}
+	for range need {
+		b := e.freeBlocks[len(e.freeBlocks)-1]
+		e.freeBlocks = e.freeBlocks[:len(e.freeBlocks)-1]
+		s.blocks = append(s.blocks, b)
+	}
+	return nil
+}
+
 // Input is one sequence's part of a step.
 type Input struct {
 	Seq       *Sequence
@@ -279,7 +300,8 @@ type Input struct {
 
 // Step runs one forward pass over every input and returns, per input in
 // order, the logits rows (one row, or len(Tokens) rows with AllLogits).
-// On error no sequence changes.
+// On error no sequence's length changes (pages reserved for it stay, as
+// Reserve's do).
 func (e *Engine) Step(ctx context.Context, in []Input) ([][]float32, error) {
 	meta, outRow, err := e.prepare(ctx, in)
 	if err != nil {
@@ -434,12 +456,13 @@ func (e *Engine) prepare(ctx context.Context, in []Input) (*StepMeta, []int, err
 		} else {
 			rows++
 		}
-		need += e.BlocksFor(n) - len(x.Seq.blocks)
+		need += max(0, e.BlocksFor(n)-len(x.Seq.blocks))
 	}
 	if total > e.opts.MaxTokens {
 		return nil, nil, fmt.Errorf("%w: %d tokens > %d", ErrTooMany, total, e.opts.MaxTokens)
 	}
 	if need > len(e.freeBlocks) {
+		// Only a caller that did not Reserve gets here (the scheduler does).
 		return nil, nil, fmt.Errorf("%w: need %d pages, %d free", ErrKVFull, need, len(e.freeBlocks))
 	}
 	// Group rows by adapter slot so each adapter's tokens are one segment.
@@ -457,11 +480,7 @@ func (e *Engine) prepare(ctx context.Context, in []Input) (*StepMeta, []int, err
 	for _, i := range order {
 		x := in[i]
 		s := x.Seq
-		for len(s.blocks) < e.BlocksFor(s.n+len(x.Tokens)) {
-			b := e.freeBlocks[len(e.freeBlocks)-1]
-			e.freeBlocks = e.freeBlocks[:len(e.freeBlocks)-1]
-			s.blocks = append(s.blocks, b)
-		}
+		e.Reserve(s, s.n+len(x.Tokens)) // cannot fail: checked above
 		start := len(meta.Tokens)
 		for j, t := range x.Tokens {
 			pos := s.n + j
@@ -491,7 +510,7 @@ func (e *Engine) prepare(ctx context.Context, in []Input) (*StepMeta, []int, err
 
 // run executes the forward pass of a prepared step and tail (which reads its
 // result), inside the backend's Runner when it has one; on success the
-// sequences advance, on error their page growth is undone.
+// sequences advance; on error they stay as they were (with their pages).
 func (e *Engine) run(in []Input, meta *StepMeta, tail func() error) error {
 	f := func() error { return e.forward(meta, tail) }
 	var err error
@@ -501,14 +520,7 @@ func (e *Engine) run(in []Input, meta *StepMeta, tail func() error) error {
 		err = f()
 	}
 	if err != nil {
-		// Undo page growth so the sequences are as they were.
-		for _, x := range in {
-			s := x.Seq
-			keep := e.BlocksFor(s.n)
-			e.freeBlocks = append(e.freeBlocks, s.blocks[keep:]...)
-			s.blocks = s.blocks[:keep]
-		}
-		return err
+		return err // the sequences keep their pages and their length
 	}
 	for _, x := range in {
 		x.Seq.n += len(x.Tokens)
