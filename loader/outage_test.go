@@ -53,7 +53,7 @@ func TestStoreOutage(t *testing.T) {
 	}
 	hs := &hangingStore{Store: fs}
 	e := newEnvWithStore(t, 2, hs, loader.Options{StatTimeout: 300 * time.Millisecond, StoreBackoff: time.Second,
-		RecheckInterval: 10 * time.Millisecond, FetchStall: 300 * time.Millisecond, CacheDir: "-"})
+		RecheckInterval: 10 * time.Millisecond, FetchStall: 300 * time.Millisecond})
 	hot, cold := fixtureAdapters[0], fixtureAdapters[1]
 	e.acquire(hot).Release()
 	hs.down.Store(true)
@@ -103,7 +103,7 @@ func TestStoreOutage(t *testing.T) {
 // store unavailable, not every adapter missing; a resident adapter keeps
 // serving, and every adapter is back when the folder is.
 func TestFSStoreFolderGone(t *testing.T) {
-	e := newEnv(t, 2, loader.Options{StatTimeout: 300 * time.Millisecond, StoreBackoff: 200 * time.Millisecond, CacheDir: "-"})
+	e := newEnv(t, 2, loader.Options{StatTimeout: 300 * time.Millisecond, StoreBackoff: 200 * time.Millisecond})
 	hot, cold := fixtureAdapters[0], fixtureAdapters[1]
 	e.acquire(hot).Release()
 	root := e.fs.Root()
