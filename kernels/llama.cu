@@ -65,6 +65,26 @@ extern "C" __global__ void add_rmsnorm(bf16* x, const bf16* delta, bf16* out, co
     for (int i = threadIdx.x; i < H; i += blockDim.x) o[i] = tobf(ld(w + i) * (ld(xr + i) * inv));
 }
 
+// add_bias: x[r] += b (rounded to bf16 in x); grid (T), any block (Qwen2's q/k/v biases).
+extern "C" __global__ void add_bias(bf16* x, const bf16* b, int H) {
+    bf16* xr = x + (i64)blockIdx.x * H;
+    for (int i = threadIdx.x; i < H; i += blockDim.x) xr[i] = tobf(ld(xr + i) + ld(b + i));
+}
+
+// head_rmsnorm: each head (hd values) of row r of x, in place: rmsnorm(head) * w.
+// grid (T, heads), block 32 (Qwen3's q_norm and k_norm).
+extern "C" __global__ void head_rmsnorm(bf16* x, const bf16* w, float eps, int heads, int hd) {
+    bf16* p = x + ((i64)blockIdx.x * heads + blockIdx.y) * hd;
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < hd; i += 32) {
+        const float v = ld(p + i);
+        ss += v * v;
+    }
+    ss = warp_sum(ss);
+    const float inv = 1.f / sqrtf(ss / (float)hd + eps);
+    for (int i = threadIdx.x; i < hd; i += 32) p[i] = tobf(ld(w + i) * (ld(p + i) * inv));
+}
+
 // rmsnorm_rows: out[i] = rmsnorm(x[rows[i]]) * w; grid (n), block multiple of 32.
 extern "C" __global__ void rmsnorm_rows(bf16* out, const bf16* x, const int* rows, const bf16* w, float eps, int H) {
     __shared__ float sh[33];

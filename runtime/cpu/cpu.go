@@ -195,6 +195,30 @@ func (b *Backend) AddRMSNorm(x, delta, out engine.Buffer, w engine.Weight, eps f
 	}
 }
 
+// AddBias adds bias to every row of out (engine.FamilyOps).
+func (b *Backend) AddBias(out engine.Buffer, bias engine.Weight) {
+	o, w := out.(*Buffer), bias.(*weight)
+	for r := 0; r < b.rows(); r++ {
+		row := o.row(r)
+		for i, v := range w.data {
+			row[i] += v
+		}
+	}
+}
+
+// HeadRMSNorm normalizes each head of every row of x in place
+// (engine.FamilyOps).
+func (b *Backend) HeadRMSNorm(x engine.Buffer, heads, headDim int, w engine.Weight, eps float32) {
+	xb, wt := x.(*Buffer), w.(*weight)
+	for r := 0; r < b.rows(); r++ {
+		row := xb.row(r)
+		for h := 0; h < heads; h++ {
+			v := row[h*headDim : (h+1)*headDim]
+			rmsnorm(v, v, wt.data, eps)
+		}
+	}
+}
+
 // Linear computes out = in @ W^T, parallel over output features.
 func (b *Backend) Linear(out, in engine.Buffer, w engine.Weight) {
 	o, x, wt := out.(*Buffer), in.(*Buffer), w.(*weight)

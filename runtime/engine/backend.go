@@ -123,3 +123,15 @@ type AdapterPreparer interface {
 	PrepareAdapter(a *lora.Adapter) (PreparedAdapter, error)
 	LoadPrepared(slot int, p PreparedAdapter) error
 }
+
+// FamilyOps are what models beyond Llama's layout need; a backend without
+// them runs Llama and Mistral models, and New refuses the others by name.
+type FamilyOps interface {
+	// AddBias adds bias (one value per column) to every row of out (Qwen2's
+	// q, k and v projections).
+	AddBias(out Buffer, bias Weight)
+	// HeadRMSNorm normalizes each head of every row of x in place: the row
+	// is heads slices of headDim values, each RMS-normalized and scaled by
+	// w (headDim values) (Qwen3's q_norm and k_norm).
+	HeadRMSNorm(x Buffer, heads, headDim int, w Weight, eps float32)
+}

@@ -38,6 +38,8 @@ func DefaultOptions() Options {
 type layerWeights struct {
 	inNorm, postNorm Weight
 	proj             [llama.NumModules]Weight
+	bias             [llama.NumModules]Weight // Qwen2: q, k and v; nil elsewhere
+	qNorm, kNorm     Weight                   // Qwen3: per-head norms; nil elsewhere
 }
 
 // Engine owns a model on a backend, the KV page allocator and adapter slots.
@@ -65,10 +67,16 @@ func New(m *llama.Model, b Backend, opts Options) (*Engine, error) {
 	if opts.BlockSize <= 0 || opts.KVBlocks <= 0 || opts.MaxTokens <= 0 || opts.AdapterSlots < 0 {
 		return nil, fmt.Errorf("%w: options %+v", ErrBadInput, opts)
 	}
-	if opts.MaxContext <= 0 || (c.MaxPositions > 0 && opts.MaxContext > c.MaxPositions) {
-		opts.MaxContext = c.MaxPositions
+	if limit := c.MaxContext(); opts.MaxContext <= 0 || (limit > 0 && opts.MaxContext > limit) {
+		opts.MaxContext = limit
 		if opts.MaxContext <= 0 {
 			opts.MaxContext = 4096
+		}
+	}
+	if c.QKVBias() || c.QKNorm() {
+		if _, ok := b.(FamilyOps); !ok {
+			return nil, fmt.Errorf("%w: the %s backend cannot run %s models yet (they need q/k/v biases or per-head q/k norms); use --device cpu",
+				ErrBadInput, b.Name(), c.Family())
 		}
 	}
 	e := &Engine{cfg: c, b: b, opts: opts, invFreq: c.InvFreq(),
@@ -109,6 +117,20 @@ func New(m *llama.Model, b Backend, opts Options) (*Engine, error) {
 		}
 		for p := llama.Module(0); p < llama.NumModules; p++ {
 			if e.layers[l].proj[p], err = up(p.Path(l) + ".weight"); err != nil {
+				return nil, err
+			}
+			if c.QKVBias() && (p == llama.Q || p == llama.K || p == llama.V) {
+				if e.layers[l].bias[p], err = up(p.Path(l) + ".bias"); err != nil {
+					return nil, err
+				}
+			}
+		}
+		if c.QKNorm() {
+			qn, kn := llama.QKNormNames(l)
+			if e.layers[l].qNorm, err = up(qn); err != nil {
+				return nil, err
+			}
+			if e.layers[l].kNorm, err = up(kn); err != nil {
 				return nil, err
 			}
 		}
@@ -536,8 +558,12 @@ func (e *Engine) forward(meta *StepMeta, tail func() error) error {
 		return err
 	}
 	hasLoRA := len(meta.LoRA) > 0
+	fo, _ := b.(FamilyOps) // New checked it is there when the model needs it
 	proj := func(out, in Buffer, l int, m llama.Module) {
 		b.Linear(out, in, e.layers[l].proj[m])
+		if bias := e.layers[l].bias[m]; bias != nil {
+			fo.AddBias(out, bias)
+		}
 		if hasLoRA && e.loraUse[l][m] > 0 {
 			b.LoRA(out, in, l, m)
 		}
@@ -554,6 +580,10 @@ func (e *Engine) forward(meta *StepMeta, tail func() error) error {
 		proj(e.q, e.h, l, llama.Q)
 		proj(e.k, e.h, l, llama.K)
 		proj(e.v, e.h, l, llama.V)
+		if lw.qNorm != nil {
+			fo.HeadRMSNorm(e.q, c.Heads, c.HeadDim, lw.qNorm, eps)
+			fo.HeadRMSNorm(e.k, c.KVHeads, c.HeadDim, lw.kNorm, eps)
+		}
 		b.RoPE(e.q, e.k, e.invFreq, c.Heads, c.KVHeads, c.HeadDim)
 		b.Attention(e.attn, e.q, e.k, e.v, l, scale)
 		proj(e.tmp, e.attn, l, llama.O)

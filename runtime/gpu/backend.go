@@ -76,6 +76,7 @@ type slotState struct {
 
 type funcs struct {
 	embed, addRMSNorm, rmsnormRows, rope, kvStore, attention, siluMul, shrink, expand *cuda.Function
+	addBias, headRMSNorm                                                              *cuda.Function
 	sgShrink, sgShrink4, sgExpand, sample                                             *cuda.Function
 	attnDecode, attnReduce                                                            *cuda.Function
 }
@@ -236,7 +237,8 @@ func (b *Backend) open(opts Options) error {
 		{&b.fn.kvStore, "kv_store"}, {&b.fn.attention, "attention"}, {&b.fn.siluMul, "silu_mul"},
 		{&b.fn.shrink, "lora_shrink"}, {&b.fn.expand, "lora_expand"},
 		{&b.fn.sgShrink, "sgmv_shrink"}, {&b.fn.sgShrink4, "sgmv_shrink4"}, {&b.fn.sgExpand, "sgmv_expand"},
-		{&b.fn.sample, "sample_rows"}, {&b.fn.attnDecode, "attn_decode"}, {&b.fn.attnReduce, "attn_reduce"}} {
+		{&b.fn.sample, "sample_rows"}, {&b.fn.attnDecode, "attn_decode"}, {&b.fn.attnReduce, "attn_reduce"},
+		{&b.fn.addBias, "add_bias"}, {&b.fn.headRMSNorm, "head_rmsnorm"}} {
 		if *f.p, err = b.mod.Function(f.name); err != nil {
 			return err
 		}
@@ -751,6 +753,35 @@ func (b *Backend) AddRMSNorm(x, delta, out engine.Buffer, w engine.Weight, eps f
 		wp = wt.mem.Ptr()
 	}
 	b.launch(b.fn.addRMSNorm, cuda.Dim3{X: b.rows()}, cuda.Dim3{X: 256}, xb.mem, ptr(d), ptr(o), wp, eps, xb.cols)
+}
+
+// AddBias adds bias to every row of out (engine.FamilyOps: Qwen2).
+func (b *Backend) AddBias(out engine.Buffer, bias engine.Weight) {
+	b.gen++
+	if !b.ok() {
+		return
+	}
+	o, wt := buf(out), bias.(*weight)
+	if !b.check(wt.cols == o.cols, "add_bias: widths %d, %d", o.cols, wt.cols) {
+		return
+	}
+	b.launch(b.fn.addBias, cuda.Dim3{X: b.rows()}, cuda.Dim3{X: 256}, o.mem, wt.mem.Ptr(), o.cols)
+	b.wrote(out)
+}
+
+// HeadRMSNorm normalizes each head of every row of x in place
+// (engine.FamilyOps: Qwen3's q_norm, k_norm).
+func (b *Backend) HeadRMSNorm(x engine.Buffer, heads, headDim int, w engine.Weight, eps float32) {
+	b.gen++
+	if !b.ok() {
+		return
+	}
+	xb, wt := buf(x), w.(*weight)
+	if !b.check(heads*headDim == xb.cols && wt.cols == headDim, "head_rmsnorm: %d heads x %d for width %d, weight %d", heads, headDim, xb.cols, wt.cols) {
+		return
+	}
+	b.launch(b.fn.headRMSNorm, cuda.Dim3{X: b.rows(), Y: heads}, cuda.Dim3{X: 32}, xb.mem, wt.mem.Ptr(), eps, heads, headDim)
+	b.wrote(x)
 }
 
 // Linear: out = in @ W^T through cuBLASLt (bf16 in, float32 accumulate, bf16

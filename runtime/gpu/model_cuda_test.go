@@ -6,9 +6,11 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"maps"
 	"math"
 	"os"
 	"path/filepath"
+	"slices"
 	"testing"
 	"time"
 
@@ -320,4 +322,30 @@ func TestStories260KGreedy(t *testing.T) {
 		}
 	}
 	t.Logf("stories260K: %d/%d greedy tokens match (%.2f ms per step, batch 1, unoptimized)", n, n, float64(time.Since(t0).Microseconds())/1000/float64(n))
+}
+
+// TestFamilyFixtures runs the Qwen2, Qwen3 and Mistral fixtures
+// (tools/tiny-*-lora.json) co-batched on the GPU under the tiny Llama
+// fixture's limits.
+func TestFamilyFixtures(t *testing.T) {
+	worst := 0.0
+	for _, fam := range []string{"qwen2", "qwen3", "mistral"} {
+		t.Run(fam, func(t *testing.T) {
+			m, adapters, cases := loadFixtureDir(t, "../../testdata/tiny-"+fam+"-lora")
+			opts := engine.DefaultOptions()
+			opts.BlockSize, opts.KVBlocks = 16, 256
+			e := newEngine(t, m, opts)
+			slots := map[string]int{}
+			for _, n := range slices.Sorted(maps.Keys(adapters)) {
+				slots[n] = len(slots)
+				if err := e.LoadAdapter(slots[n], adapters[n]); err != nil {
+					t.Fatal(err)
+				}
+			}
+			w, wr, st := runCases(t, e, slots, cases)
+			worst = max(worst, w)
+			t.Logf("%s: %d cases co-batched, worst relative error %.3g (row %.3g), greedy %d/%d exact, %d near-ties", fam, len(cases), w, wr, st.match, st.total, st.ties)
+		})
+	}
+	t.Logf("maxrel=%.3g", worst)
 }

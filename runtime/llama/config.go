@@ -26,26 +26,32 @@ type RopeScaling struct {
 
 // Config is the part of config.json the engine needs.
 type Config struct {
-	Architectures []string        `json:"architectures"`
-	ModelType     string          `json:"model_type"`
-	VocabSize     int             `json:"vocab_size"`
-	Hidden        int             `json:"hidden_size"`
-	Intermediate  int             `json:"intermediate_size"`
-	Layers        int             `json:"num_hidden_layers"`
-	Heads         int             `json:"num_attention_heads"`
-	KVHeads       int             `json:"num_key_value_heads"`
-	HeadDim       int             `json:"head_dim"`
-	MaxPositions  int             `json:"max_position_embeddings"`
-	RMSNormEps    float64         `json:"rms_norm_eps"`
-	RopeTheta     float64         `json:"rope_theta"`
-	RopeScaling   *RopeScaling    `json:"rope_scaling"`
-	TieEmbeddings bool            `json:"tie_word_embeddings"`
-	HiddenAct     string          `json:"hidden_act"`
-	AttentionBias bool            `json:"attention_bias"`
-	MLPBias       bool            `json:"mlp_bias"`
-	TorchDType    string          `json:"torch_dtype"`
-	BOS           *int            `json:"bos_token_id"`
-	EOSRaw        json.RawMessage `json:"eos_token_id"`
+	Architectures []string     `json:"architectures"`
+	ModelType     string       `json:"model_type"`
+	VocabSize     int          `json:"vocab_size"`
+	Hidden        int          `json:"hidden_size"`
+	Intermediate  int          `json:"intermediate_size"`
+	Layers        int          `json:"num_hidden_layers"`
+	Heads         int          `json:"num_attention_heads"`
+	KVHeads       int          `json:"num_key_value_heads"`
+	HeadDim       int          `json:"head_dim"`
+	MaxPositions  int          `json:"max_position_embeddings"`
+	RMSNormEps    float64      `json:"rms_norm_eps"`
+	RopeTheta     float64      `json:"rope_theta"`
+	RopeScaling   *RopeScaling `json:"rope_scaling"`
+	TieEmbeddings bool         `json:"tie_word_embeddings"`
+	HiddenAct     string       `json:"hidden_act"`
+	AttentionBias bool         `json:"attention_bias"`
+	// Sliding-window attention (Mistral, Qwen2): served only where the
+	// window is inert (no window, or one at least as long as the context:
+	// MaxContext caps the context at it).
+	SlidingWindow    *int            `json:"sliding_window"`
+	UseSlidingWindow *bool           `json:"use_sliding_window"`
+	MoE              int             `json:"num_experts"` // > 0: a mixture of experts (refused)
+	MLPBias          bool            `json:"mlp_bias"`
+	TorchDType       string          `json:"torch_dtype"`
+	BOS              *int            `json:"bos_token_id"`
+	EOSRaw           json.RawMessage `json:"eos_token_id"`
 
 	// EOS is eos_token_id as a list (config.json allows an int or a list);
 	// generation_config.json's value replaces it when present.
@@ -130,10 +136,50 @@ func ParseConfig(b []byte) (*Config, error) {
 	return &c, c.Validate()
 }
 
+// Families the engine runs: Llama's decoder and its close relatives.
+const (
+	FamilyLlama   = "llama"
+	FamilyMistral = "mistral" // Llama's layout
+	FamilyQwen2   = "qwen2"   // biases on q, k and v
+	FamilyQwen3   = "qwen3"   // RMSNorm of each query and key head (q_norm, k_norm)
+)
+
+// Family is the model's family ("llama" when config.json names none).
+func (c *Config) Family() string {
+	if c.ModelType == "" {
+		return FamilyLlama
+	}
+	return c.ModelType
+}
+
+// QKVBias reports biases on the q, k and v projections (Qwen2).
+func (c *Config) QKVBias() bool { return c.Family() == FamilyQwen2 }
+
+// QKNorm reports a per-head RMSNorm of queries and keys before RoPE (Qwen3).
+func (c *Config) QKNorm() bool { return c.Family() == FamilyQwen3 }
+
+// MaxContext is the longest context the engine may serve: the model's
+// max_position_embeddings, or a sliding window in use when shorter (so
+// the window never takes effect); 0 when the config gives neither.
+func (c *Config) MaxContext() int {
+	n := c.MaxPositions
+	if w := c.SlidingWindow; w != nil && *w > 0 && (c.UseSlidingWindow == nil || *c.UseSlidingWindow) {
+		if n == 0 || *w < n {
+			n = *w
+		}
+	}
+	return n
+}
+
 // Validate checks that the engine can run this configuration.
 func (c *Config) Validate() error {
-	if c.ModelType != "" && c.ModelType != "llama" {
-		return fmt.Errorf("%w: model_type %q is not supported (want llama)", ErrConfig, c.ModelType)
+	switch c.Family() {
+	case FamilyLlama, FamilyMistral, FamilyQwen2, FamilyQwen3:
+	default:
+		return fmt.Errorf("%w: model_type %q is not supported (llama, mistral, qwen2, qwen3)", ErrConfig, c.ModelType)
+	}
+	if c.MoE > 0 {
+		return fmt.Errorf("%w: num_experts %d: mixture-of-experts models are not supported", ErrConfig, c.MoE)
 	}
 	for _, f := range []struct {
 		name string
@@ -154,7 +200,8 @@ func (c *Config) Validate() error {
 		return fmt.Errorf("%w: hidden_act %q is not supported (want silu)", ErrConfig, c.HiddenAct)
 	}
 	if c.AttentionBias {
-		return fmt.Errorf("%w: attention_bias true is not supported", ErrConfig)
+		// (Qwen2's q/k/v biases are not this flag: they are always there.)
+		return fmt.Errorf("%w: attention_bias true is not supported (biases on every attention projection)", ErrConfig)
 	}
 	if c.MLPBias {
 		return fmt.Errorf("%w: mlp_bias true is not supported", ErrConfig)

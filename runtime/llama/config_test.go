@@ -25,7 +25,12 @@ func TestParseConfig(t *testing.T) {
 		{"bad GQA", `{` + base + `"num_key_value_heads":3}`, nil, 0, 0, "not a multiple"},
 		{"bad rope", `{` + base + `"rope_scaling":{"rope_type":"yarn","factor":4}}`, nil, 0, 0, `"yarn" is not supported`},
 		{"bad act", `{` + base + `"hidden_act":"gelu"}`, nil, 0, 0, "hidden_act"},
-		{"not llama", `{` + base + `"model_type":"mistral"}`, nil, 0, 0, "model_type"},
+		{"mistral", `{` + base + `"model_type":"mistral","sliding_window":null}`, nil, 4, 4, ""},
+		{"qwen2", `{` + base + `"model_type":"qwen2","use_sliding_window":false,"sliding_window":4096}`, nil, 4, 4, ""},
+		{"qwen3", `{` + base + `"model_type":"qwen3","head_dim":8}`, nil, 4, 8, ""},
+		{"unknown family", `{` + base + `"model_type":"gemma2"}`, nil, 0, 0, `model_type "gemma2" is not supported`},
+		{"moe", `{` + base + `"model_type":"qwen3","num_experts":8}`, nil, 0, 0, "mixture-of-experts"},
+		{"attention_bias", `{` + base + `"model_type":"qwen3","attention_bias":true}`, nil, 0, 0, "attention_bias"},
 		{"missing size", `{"vocab_size":32}`, nil, 0, 0, "hidden_size = 0"},
 		{"eos string", `{` + base + `"eos_token_id":"x"}`, nil, 0, 0, "eos_token_id"},
 	} {
@@ -92,5 +97,33 @@ func TestInvFreq(t *testing.T) {
 	lin, _ := ParseConfig([]byte(`{` + base + `"rope_scaling":{"type":"linear","factor":2}}`))
 	if got := lin.InvFreq()[0]; got != 0.5 {
 		t.Errorf("linear scaling f[0] = %v", got)
+	}
+}
+
+// TestFamilies: what each family adds, and the context a sliding window
+// in use caps.
+func TestFamilies(t *testing.T) {
+	for _, tc := range []struct {
+		name, json     string
+		family         string
+		qkvBias, qkNrm bool
+		maxContext     int
+	}{
+		{"llama", `{` + base + `"max_position_embeddings":8192}`, "llama", false, false, 8192},
+		{"mistral window in use", `{` + base + `"model_type":"mistral","max_position_embeddings":32768,"sliding_window":4096}`, "mistral", false, false, 4096},
+		{"mistral no window", `{` + base + `"model_type":"mistral","max_position_embeddings":32768,"sliding_window":null}`, "mistral", false, false, 32768},
+		{"qwen2 window off", `{` + base + `"model_type":"qwen2","max_position_embeddings":32768,"use_sliding_window":false,"sliding_window":4096}`, "qwen2", true, false, 32768},
+		{"qwen2 window on", `{` + base + `"model_type":"qwen2","max_position_embeddings":32768,"use_sliding_window":true,"sliding_window":4096}`, "qwen2", true, false, 4096},
+		{"qwen3", `{` + base + `"model_type":"qwen3","max_position_embeddings":40960}`, "qwen3", false, true, 40960},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c, err := ParseConfig([]byte(tc.json))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if c.Family() != tc.family || c.QKVBias() != tc.qkvBias || c.QKNorm() != tc.qkNrm || c.MaxContext() != tc.maxContext {
+				t.Errorf("family %s bias %v qknorm %v context %d", c.Family(), c.QKVBias(), c.QKNorm(), c.MaxContext())
+			}
+		})
 	}
 }

@@ -107,9 +107,22 @@ func (c *Config) Expected() []TensorSpec {
 		for m := Module(0); m < NumModules; m++ {
 			i, o := c.Dims(m)
 			specs = append(specs, TensorSpec{m.Path(l) + ".weight", []int{o, i}})
+			if c.QKVBias() && (m == Q || m == K || m == V) {
+				specs = append(specs, TensorSpec{m.Path(l) + ".bias", []int{o}})
+			}
+		}
+		if c.QKNorm() {
+			q, k := QKNormNames(l)
+			specs = append(specs, TensorSpec{q, []int{c.HeadDim}}, TensorSpec{k, []int{c.HeadDim}})
 		}
 	}
 	return specs
+}
+
+// QKNormNames returns the per-head query and key RMSNorm weight names (Qwen3).
+func QKNormNames(layer int) (q, k string) {
+	p := fmt.Sprintf("model.layers.%d.self_attn.", layer)
+	return p + "q_norm.weight", p + "k_norm.weight"
 }
 
 // Tensors is where weights come from (a safetensors.Set).
