@@ -233,17 +233,11 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 	if dev == DeviceCUDA {
 		if s.mon = gpuMonitor(log); s.mon != nil {
 			met.Registry.MustRegister(newGPUCollector(s.mon))
-			if ds, err := s.mon.Devices(); err == nil && kvBlocks == 0 && cfg.GPU < len(ds) {
-				o := engine.DefaultOptions()
-				o.AdapterSlots = cfg.Slots
-				if cfg.MaxBatchTokens > 0 {
-					o.MaxTokens = cfg.MaxBatchTokens
+			if kvBlocks == 0 {
+				if kvBlocks, err = gpuKVBlocks(s.mon, cfg, m.Config, log); err != nil {
+					be.Close()
+					return nil, err
 				}
-				if kvBlocks = kvBlocksFor(ds[cfg.GPU].MemFree, m.Config, o); kvBlocks == 0 {
-					return nil, fmt.Errorf("server: GPU %d has %.1f GiB free: too little for the model's weights, %d adapter slots and activations",
-						cfg.GPU, float64(ds[cfg.GPU].MemFree)/(1<<30), cfg.Slots)
-				}
-				log.Info("kv cache sized from free GPU memory", "blocks", kvBlocks, "tokens", kvBlocks*o.BlockSize)
 			}
 		}
 	}

@@ -8,10 +8,11 @@ import (
 	"io"
 	"log/slog"
 
-	"github.com/peftd/peftd/runtime/cpu"
-	"github.com/peftd/peftd/runtime/engine"
+	"github.com/peftd/peftd/runtime/llama"
 	"github.com/peftd/peftd/runtime/lora"
 	"github.com/peftd/peftd/runtime/sample"
+	"github.com/peftd/peftd/runtime/tokenizer"
+	"github.com/peftd/peftd/scheduler"
 	"github.com/peftd/peftd/server"
 )
 
@@ -38,6 +39,8 @@ func cmdGenerate(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	seed := fs.Int64("seed", -1, "random seed (-1: random)")
 	logprobs := fs.Int("logprobs", 0, "top alternatives to report per token (with --json)")
 	asJSON := fs.Bool("json", false, "print one JSON object")
+	device := fs.String("device", server.DeviceAuto, "compute device: auto (cuda when a usable GPU is present, else cpu), cpu or cuda")
+	weights := fs.String("weights", server.WeightsBF16, "base model projection weights on the GPU: bf16 or fp8 (see peftd serve --help)")
 	if err := fs.Parse(args); err != nil {
 		return errUsage
 	}
@@ -50,6 +53,16 @@ func cmdGenerate(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	if *maxTokens <= 0 {
 		return fmt.Errorf("generate: --max-tokens must be positive, got %d", *maxTokens)
 	}
+	switch *device {
+	case server.DeviceAuto, server.DeviceCPU, server.DeviceCUDA:
+	default:
+		return fmt.Errorf("generate: --device %q: want auto, cpu or cuda", *device)
+	}
+	switch *weights {
+	case server.WeightsBF16, server.WeightsFP8:
+	default:
+		return fmt.Errorf("generate: --weights %q: want bf16 or fp8", *weights)
+	}
 	sp := sample.Params{Temperature: *temp, TopP: *topP, TopK: *topK, Logprobs: *logprobs}
 	if *seed >= 0 {
 		s := uint64(*seed)
@@ -58,35 +71,28 @@ func cmdGenerate(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	if err := sp.Validate(); err != nil {
 		return fmt.Errorf("generate: %w", err)
 	}
-	model, tok, err := server.OpenModel(ctx, *modelDir, slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: slog.LevelWarn})))
-	if err != nil {
-		return err
-	}
-	defer model.Close()
-	cfg := model.Config
-
+	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	// The engine is built as peftd serve builds it (backend, model, weights),
+	// its KV cache sized for this one request once the prompt is encoded.
 	var ids []int32
-	if *promptIDs != "" {
-		if ids, err = parseIDs(*promptIDs); err != nil {
-			return fmt.Errorf("generate: --prompt-ids: %w", err)
-		}
-	} else {
-		if tok == nil {
-			return fmt.Errorf("generate: model %s has no tokenizer.json: use --prompt-ids", model.Dir)
-		}
-		ids = tok.Encode(*prompt, true)
-		if len(ids) == 0 {
-			return fmt.Errorf("generate: the prompt encodes to no tokens")
-		}
-	}
-	opts := engine.DefaultOptions()
-	opts.KVBlocks = (len(ids)+*maxTokens)/opts.BlockSize + 2
-	e, err := engine.New(model, cpu.New(0), opts)
+	e, info, err := server.OpenEngine(ctx, server.EngineConfig{Model: *modelDir, Device: *device, Weights: *weights, Slots: 1, Logger: log,
+		KVTokens: func(m *llama.Model, tok *tokenizer.Tokenizer) (int, error) {
+			var err error
+			ids, err = promptTokens(m, tok, *prompt, *promptIDs)
+			return len(ids) + *maxTokens, err
+		}})
 	if err != nil {
 		return err
 	}
+	model, tok := info.Model, info.Tokenizer
+	defer model.Close()
 	defer e.Close()
-	slot := -1
+	cfg := model.Config
+	// Generation ends at the model's context (finish reason "length").
+	if n := e.Options().MaxContext - len(ids); n > 0 && *maxTokens > n {
+		*maxTokens = n
+	}
+	adapter := ""
 	if *adapterArg != "" {
 		dir, err := resolveAdapter(*adapterArg)
 		if err != nil {
@@ -99,8 +105,10 @@ func cmdGenerate(ctx context.Context, args []string, stdout, stderr io.Writer) e
 		if err := e.LoadAdapter(0, a); err != nil {
 			return err
 		}
-		slot = 0
+		adapter = *adapterArg
 	}
+	sched := scheduler.New(e, scheduler.Static{adapter: 0}, scheduler.Config{MaxQueue: 1, Logger: log})
+	defer sched.Close()
 	var stop []int32
 	for _, id := range cfg.EOS {
 		stop = append(stop, int32(id))
@@ -108,26 +116,31 @@ func cmdGenerate(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	if tok != nil {
 		stop = append(stop, tok.EOS()...)
 	}
-	req := engine.Request{Prompt: ids, Slot: slot, MaxTokens: *maxTokens, Sampling: sp, Stop: stop}
+	events, err := sched.Submit(ctx, scheduler.Request{Adapter: adapter, Prompt: ids, MaxTokens: *maxTokens, Sampling: sp, Stop: stop})
+	if err != nil {
+		return err
+	}
+	onToken := func(sample.Choice) {}
 	if !*asJSON && tok != nil {
 		// The completion is decoded after the prompt, so that its first
 		// token reads as it does there (" upon" after "Once").
 		dec := tok.NewDecoderAfter(ids, true)
 		fmt.Fprint(stdout, tok.Decode(ids, true))
-		req.OnToken = func(c sample.Choice) { fmt.Fprint(stdout, dec.Add(c.ID)) }
+		onToken = func(c sample.Choice) { fmt.Fprint(stdout, dec.Add(c.ID)) }
 		defer func() { fmt.Fprintln(stdout, dec.Flush()) }()
 	}
-	res, err := e.Generate(ctx, []engine.Request{req})
-	if err != nil {
-		return err
-	}
-	r := res[0]
-	out := genOutput{PromptTokenIDs: ids, TokenIDs: r.Tokens, FinishReason: r.FinishReason,
-		Logprobs: []float64{}, TopLogprobs: [][]sample.TokenLogprob{}}
-	if tok != nil {
-		out.Text = tok.DecodeAfter(ids, r.Tokens, true)
-	}
-	for _, c := range r.Choices {
+	out := genOutput{PromptTokenIDs: ids, TokenIDs: []int32{}, Logprobs: []float64{}, TopLogprobs: [][]sample.TokenLogprob{}}
+	for ev := range events { // closed after the Done event
+		if ev.Done {
+			if ev.Err != nil {
+				return ev.Err
+			}
+			out.FinishReason = ev.FinishReason
+			continue
+		}
+		c := ev.Token
+		onToken(c)
+		out.TokenIDs = append(out.TokenIDs, c.ID)
 		out.Logprobs = append(out.Logprobs, c.Logprob)
 		top := c.Top
 		if top == nil {
@@ -135,15 +148,38 @@ func cmdGenerate(ctx context.Context, args []string, stdout, stderr io.Writer) e
 		}
 		out.TopLogprobs = append(out.TopLogprobs, top)
 	}
+	if tok != nil {
+		out.Text = tok.DecodeAfter(ids, out.TokenIDs, true)
+	}
 	switch {
 	case *asJSON:
 		enc := json.NewEncoder(stdout)
 		enc.SetEscapeHTML(false)
 		return enc.Encode(out)
 	case tok == nil:
-		fmt.Fprintln(stdout, formatIDs(r.Tokens))
+		fmt.Fprintln(stdout, formatIDs(out.TokenIDs))
 	}
 	return nil
+}
+
+// promptTokens is the prompt as token ids: --prompt-ids parsed, or --prompt
+// encoded with the model's tokenizer.
+func promptTokens(m *llama.Model, tok *tokenizer.Tokenizer, prompt, promptIDs string) ([]int32, error) {
+	if promptIDs != "" {
+		ids, err := parseIDs(promptIDs)
+		if err != nil {
+			return nil, fmt.Errorf("generate: --prompt-ids: %w", err)
+		}
+		return ids, nil
+	}
+	if tok == nil {
+		return nil, fmt.Errorf("generate: model %s has no tokenizer.json: use --prompt-ids", m.Dir)
+	}
+	ids := tok.Encode(prompt, true)
+	if len(ids) == 0 {
+		return nil, fmt.Errorf("generate: the prompt encodes to no tokens")
+	}
+	return ids, nil
 }
 
 func formatIDs(ids []int32) string {

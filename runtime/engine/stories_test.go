@@ -5,12 +5,14 @@ import (
 	"encoding/json"
 	"os"
 	"slices"
+	"sync/atomic"
 	"testing"
 
 	"github.com/peftd/peftd/runtime/cpu"
 	"github.com/peftd/peftd/runtime/engine"
 	"github.com/peftd/peftd/runtime/llama"
 	"github.com/peftd/peftd/runtime/lora"
+	"github.com/peftd/peftd/scheduler"
 )
 
 const stories = "../../models/stories260K"
@@ -54,6 +56,9 @@ func storyCases(t testing.TB) []storyCase {
 	return cases
 }
 
+// TestStoriesGreedy generates the stories of expected.json and the demo
+// adapters' greedy references through the scheduler (the path peftd serve
+// and peftd generate take), one at a time and all at once, co-batched.
 func TestStoriesGreedy(t *testing.T) {
 	m, err := llama.Open(stories)
 	if err != nil {
@@ -64,7 +69,9 @@ func TestStoriesGreedy(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	slots := map[string]int{"base40": -1, "base": -1}
+	defer e.Close()
+	adapters := map[string]string{"base40": "", "base": ""}
+	res := scheduler.Static{}
 	for i, n := range []string{"pirate", "space"} {
 		a, err := lora.Load("../../models/adapters/"+n, m.Config)
 		if err != nil {
@@ -73,46 +80,68 @@ func TestStoriesGreedy(t *testing.T) {
 		if err := e.LoadAdapter(i, a); err != nil {
 			t.Fatal(err)
 		}
-		slots[n] = i
+		adapters[n], res[n] = n, i
 	}
+	var maxAdapters atomic.Int64
+	s := scheduler.New(e, res, scheduler.Config{OnStep: func(st scheduler.StepStats) {
+		if n := int64(st.Adapters); n > maxAdapters.Load() {
+			maxAdapters.Store(n)
+		}
+	}})
+	defer s.Close()
 	cases := storyCases(t)
 	stop := []int32{}
 	for _, id := range m.Config.EOS {
 		stop = append(stop, int32(id))
 	}
-	req := func(c storyCase) engine.Request {
-		return engine.Request{Prompt: c.prompt, Slot: slots[c.name], MaxTokens: len(c.want), Stop: stop}
-	}
-	check := func(t *testing.T, c storyCase, r engine.Result) {
-		if !slices.Equal(r.Tokens, c.want) {
-			t.Errorf("%s: got %v\nwant %v", c.name, r.Tokens, c.want)
-		}
-	}
-	t.Run("alone", func(t *testing.T) {
-		for _, c := range cases {
-			res, err := e.Generate(context.Background(), []engine.Request{req(c)})
-			if err != nil {
-				t.Fatal(err)
-			}
-			check(t, c, res[0])
-		}
-	})
-	t.Run("co-batched", func(t *testing.T) {
-		var reqs []engine.Request
-		for _, c := range cases {
-			reqs = append(reqs, req(c))
-		}
-		res, err := e.Generate(context.Background(), reqs)
+	submit := func(t *testing.T, c storyCase) <-chan scheduler.Event {
+		ch, err := s.Submit(context.Background(), scheduler.Request{Adapter: adapters[c.name], Prompt: c.prompt, MaxTokens: len(c.want), Stop: stop})
 		if err != nil {
 			t.Fatal(err)
 		}
-		for i, c := range cases {
-			check(t, c, res[i])
+		return ch
+	}
+	collect := func(t *testing.T, c storyCase, ch <-chan scheduler.Event) string {
+		var got []int32
+		reason := ""
+		for ev := range ch {
+			if ev.Done {
+				if ev.Err != nil {
+					t.Fatalf("%s: %v", c.name, ev.Err)
+				}
+				reason = ev.FinishReason
+				continue
+			}
+			got = append(got, ev.Token.ID)
 		}
-		if res[1].FinishReason != engine.FinishStop || res[0].FinishReason != engine.FinishLength {
-			t.Errorf("finish reasons %q %q", res[1].FinishReason, res[0].FinishReason)
+		if !slices.Equal(got, c.want) {
+			t.Errorf("%s: got %v\nwant %v", c.name, got, c.want)
+		}
+		return reason
+	}
+	t.Run("alone", func(t *testing.T) {
+		for _, c := range cases {
+			collect(t, c, submit(t, c))
 		}
 	})
+	t.Run("co-batched", func(t *testing.T) {
+		maxAdapters.Store(0)
+		chs := make([]<-chan scheduler.Event, len(cases))
+		for i, c := range cases {
+			chs[i] = submit(t, c)
+		}
+		reasons := make([]string, len(cases))
+		for i, c := range cases {
+			reasons[i] = collect(t, c, chs[i])
+		}
+		if reasons[1] != engine.FinishStop || reasons[0] != engine.FinishLength {
+			t.Errorf("finish reasons %q %q", reasons[1], reasons[0])
+		}
+		if maxAdapters.Load() < 2 {
+			t.Errorf("no step mixed adapters (at most %d in one step)", maxAdapters.Load())
+		}
+	})
+	s.Close() // the engine is the test's again
 	if e.FreeBlocks() != e.Options().KVBlocks {
 		t.Errorf("pages leaked: %d free of %d", e.FreeBlocks(), e.Options().KVBlocks)
 	}

@@ -1,0 +1,152 @@
+package server
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+
+	"github.com/peftd/peftd/runtime/engine"
+	"github.com/peftd/peftd/runtime/gpu"
+	"github.com/peftd/peftd/runtime/gpuinfo"
+	"github.com/peftd/peftd/runtime/llama"
+	"github.com/peftd/peftd/runtime/tokenizer"
+)
+
+// EngineConfig configures OpenEngine.
+type EngineConfig struct {
+	// Model is a model folder or s3:// URL (see ResolveModel); empty: the
+	// embedded stories260K.
+	Model string
+	// Device (auto, cpu or cuda; empty: auto), GPU, Weights and Threads
+	// pick and set up the backend exactly as Config's fields of those
+	// names do for peftd serve.
+	Device  string
+	GPU     int
+	Weights string
+	Threads int
+	// Slots are the engine's adapter slots (default 4).
+	Slots int
+	// MaxBatchTokens bounds the rows of a step (0: the engine default).
+	MaxBatchTokens int
+	// KVBlocks sizes the KV cache. 0: KVTokens decides when set; else, as
+	// for peftd serve, free GPU memory on cuda and the engine default on cpu.
+	KVBlocks int
+	// KVTokens, when set (and KVBlocks is 0), is called once the model is
+	// open, before the engine is built, with the model and its tokenizer
+	// (nil in token-id mode); the KV cache then holds that many tokens,
+	// capped at the model's context. An error it returns is OpenEngine's.
+	KVTokens func(m *llama.Model, tok *tokenizer.Tokenizer) (int, error)
+	Logger   *slog.Logger
+}
+
+// EngineInfo is what OpenEngine opened besides the engine.
+type EngineInfo struct {
+	Device    string               // the backend in use: cpu or cuda
+	Model     *llama.Model         // the caller closes it after the engine
+	Tokenizer *tokenizer.Tokenizer // nil in token-id mode
+}
+
+// OpenEngine builds an engine the way peftd serve builds its own: the backend
+// cfg.Device picks (pickBackend, with the same log lines and errors), the
+// model and tokenizer OpenModel opens, and the KV cache sized as described
+// in EngineConfig.KVBlocks. Close the engine (it closes the backend), then
+// info.Model. On error nothing stays open.
+func OpenEngine(ctx context.Context, cfg EngineConfig) (e *engine.Engine, info EngineInfo, err error) {
+	log := cfg.Logger
+	if log == nil {
+		log = slog.Default()
+	}
+	if cfg.Slots == 0 {
+		cfg.Slots = 4
+	}
+	if cfg.Slots < 0 {
+		return nil, info, fmt.Errorf("server: slots must be positive, got %d", cfg.Slots)
+	}
+	if cfg.Device == "" {
+		cfg.Device = DeviceAuto
+	}
+	w, err := gpu.ParseWeightFormat(cfg.Weights)
+	if err != nil {
+		return nil, info, fmt.Errorf("server: %w", err)
+	}
+	sc := Config{Device: cfg.Device, GPU: cfg.GPU, Weights: w, Threads: cfg.Threads, Slots: cfg.Slots,
+		KVBlocks: cfg.KVBlocks, MaxBatchTokens: cfg.MaxBatchTokens}
+	be, dev, err := pickBackend(sc, log)
+	if err != nil {
+		return nil, info, err
+	}
+	m, tok, err := OpenModel(ctx, cfg.Model, log)
+	if err != nil {
+		be.Close()
+		return nil, info, err
+	}
+	defer func() {
+		if err != nil {
+			m.Close()
+		}
+	}()
+	opts := engineOptions(sc)
+	switch {
+	case cfg.KVBlocks > 0:
+	case cfg.KVTokens != nil:
+		n, err := cfg.KVTokens(m, tok)
+		if err != nil {
+			be.Close()
+			return nil, info, err
+		}
+		if c := m.Config.MaxPositions; c > 0 {
+			n = min(n, c)
+		}
+		opts.KVBlocks = (max(n, 1)+opts.BlockSize-1)/opts.BlockSize + 1
+	case dev == DeviceCUDA:
+		if mon := gpuMonitor(log); mon != nil {
+			n, err := gpuKVBlocks(mon, sc, m.Config, log)
+			mon.Close()
+			if err != nil {
+				be.Close()
+				return nil, info, err
+			}
+			if n > 0 {
+				opts.KVBlocks = n
+			}
+		}
+	}
+	if e, err = engine.New(m, be, opts); err != nil {
+		be.Close()
+		return nil, info, err
+	}
+	return e, EngineInfo{Device: dev, Model: m, Tokenizer: tok}, nil
+}
+
+// engineOptions are the engine's defaults with cfg's slots, KV blocks and
+// batch tokens where set.
+func engineOptions(cfg Config) engine.Options {
+	o := engine.DefaultOptions()
+	o.AdapterSlots = cfg.Slots
+	if cfg.KVBlocks > 0 {
+		o.KVBlocks = cfg.KVBlocks
+	}
+	if cfg.MaxBatchTokens > 0 {
+		o.MaxTokens = cfg.MaxBatchTokens
+	}
+	return o
+}
+
+// gpuKVBlocks sizes the KV cache from the free memory of GPU cfg.GPU
+// (kvBlocksFor) for cfg's slots and batch tokens, and logs it; 0 when NVML
+// does not list that GPU (the engine default then), an error when the GPU
+// has too little memory free.
+func gpuKVBlocks(mon *gpuinfo.Monitor, cfg Config, c *llama.Config, log *slog.Logger) (int, error) {
+	ds, err := mon.Devices()
+	if err != nil || cfg.GPU >= len(ds) {
+		return 0, nil
+	}
+	o := engineOptions(Config{Slots: cfg.Slots, MaxBatchTokens: cfg.MaxBatchTokens})
+	n := kvBlocksFor(ds[cfg.GPU].MemFree, c, o)
+	if n == 0 {
+		return 0, fmt.Errorf("server: GPU %d has %.1f GiB free: too little for the model's weights, %d adapter slots and activations",
+			cfg.GPU, float64(ds[cfg.GPU].MemFree)/(1<<30), cfg.Slots)
+	}
+	log.Info("kv cache sized from free GPU memory", "blocks", n, "tokens", n*o.BlockSize)
+	return n, nil
+}
