@@ -18,6 +18,7 @@ import (
 
 	"github.com/gofiber/fiber/v2"
 
+	"github.com/peftd/peftd/loader/store"
 	"github.com/peftd/peftd/runtime/chat"
 	"github.com/peftd/peftd/runtime/llama"
 	"github.com/peftd/peftd/runtime/lora"
@@ -167,8 +168,8 @@ func (s *Server) putAdapter(c *fiber.Ctx) error {
 		return err
 	}
 	id := c.Params("id")
-	if !ValidID(id) {
-		return badRequest("id", "bad adapter ID %q: use letters, digits, '.', '_' and '-' (at most 128)", id)
+	if err := store.ValidateID(id); err != nil {
+		return badRequest("id", "%v", err)
 	}
 	if id == s.cfg.ModelName {
 		return badRequest("id", "adapter ID %q is the base model's name", id)

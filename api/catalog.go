@@ -3,9 +3,9 @@ package api
 import (
 	"context"
 	"errors"
-	"regexp"
 	"time"
 
+	"github.com/peftd/peftd/loader/store"
 	"github.com/peftd/peftd/runtime/llama"
 	"github.com/peftd/peftd/scheduler"
 )
@@ -83,8 +83,8 @@ var (
 	ErrUnavailable = errors.New("service unavailable")
 )
 
-var idPattern = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$`)
-
-// ValidID reports whether id is a usable adapter ID: letters, digits, '.',
-// '_' and '-', at most 128 characters, not starting with a punctuation mark.
-func ValidID(id string) bool { return idPattern.MatchString(id) }
+// ValidID reports whether id is a usable adapter ID (store.IDRule: letters,
+// digits, '.', '_' and '-', at most 128 characters, starting with a letter
+// or digit, no ".."). The rule is store.ValidateID's, the one every layer
+// applies; its error says what is wrong with an ID.
+func ValidID(id string) bool { return store.ValidateID(id) == nil }

@@ -19,6 +19,7 @@ import (
 
 	"github.com/gofiber/fiber/v2"
 
+	"github.com/peftd/peftd/loader/store"
 	"github.com/peftd/peftd/runtime/chat"
 	"github.com/peftd/peftd/runtime/engine"
 	"github.com/peftd/peftd/runtime/sample"
@@ -167,7 +168,10 @@ func (s *Server) resolveModel(c *fiber.Ctx, name, param string) (string, error) 
 	if !keyOf(c).CanInvoke(name) {
 		return "", forbidden(name)
 	}
-	if s.cfg.Catalog == nil || !ValidID(name) {
+	if err := store.ValidateID(name); err != nil {
+		return "", badRequest(param, "%q is neither the base model %q nor a valid adapter ID: %v", name, s.cfg.ModelName, err)
+	}
+	if s.cfg.Catalog == nil {
 		return "", s.notFound(name, param)
 	}
 	if _, err := s.cfg.Catalog.Get(c.UserContext(), name); err != nil {

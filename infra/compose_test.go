@@ -113,7 +113,7 @@ func TestComposeConfig(t *testing.T) {
 func TestDockerfile(t *testing.T) {
 	df := string(readFile(t, "infra/docker/Dockerfile"))
 	for _, want := range []string{
-		"FROM golang:${GO_VERSION} AS build",
+		"FROM golang:${GO_VERSION} AS go",
 		"ARG GO_VERSION=1.26",
 		"FROM nvidia/cuda:${CUDA_VERSION}-runtime-ubuntu24.04",
 		"ARG CUDA_VERSION=13.0.",
@@ -127,6 +127,116 @@ func TestDockerfile(t *testing.T) {
 		if !strings.Contains(df, want) {
 			t.Errorf("Dockerfile lacks %q", want)
 		}
+	}
+}
+
+// dockerStage is one FROM ... [AS name] of a Dockerfile and its instructions
+// (continuation lines joined, comments dropped).
+type dockerStage struct {
+	from, name string
+	instrs     []string
+}
+
+func dockerStages(df string) []dockerStage {
+	var stages []dockerStage
+	var cur string
+	flush := func() {
+		line := strings.Join(strings.Fields(cur), " ")
+		cur = ""
+		if line == "" {
+			return
+		}
+		if f := strings.Fields(line); strings.EqualFold(f[0], "FROM") {
+			st := dockerStage{from: f[1]}
+			if len(f) == 4 && strings.EqualFold(f[2], "AS") {
+				st.name = f[3]
+			}
+			stages = append(stages, st)
+		} else if len(stages) > 0 {
+			stages[len(stages)-1].instrs = append(stages[len(stages)-1].instrs, line)
+		}
+	}
+	for _, l := range strings.Split(df, "\n") {
+		if strings.HasPrefix(strings.TrimSpace(l), "#") {
+			continue
+		}
+		if c, ok := strings.CutSuffix(l, "\\"); ok {
+			cur += c + " "
+			continue
+		}
+		cur += l
+		flush()
+	}
+	flush()
+	return stages
+}
+
+// TestDockerfileCgo: the binary is built with cgo (go-nvml: GPU metrics and
+// the KV cache sized from free device memory), with a C compiler, on the
+// runtime image's Ubuntu (so that it needs no newer glibc than it runs on),
+// and the image runs as a non-root user.
+func TestDockerfileCgo(t *testing.T) {
+	stages := dockerStages(string(readFile(t, "infra/docker/Dockerfile")))
+	if len(stages) < 2 {
+		t.Fatalf("%d stages", len(stages))
+	}
+	var build *dockerStage
+	for i := range stages {
+		if stages[i].name == "build" {
+			build = &stages[i]
+		}
+	}
+	runtime := stages[len(stages)-1]
+	if build == nil {
+		t.Fatal("no stage named build")
+	}
+	var cgo, gcc bool
+	for _, in := range build.instrs {
+		if strings.HasPrefix(in, "RUN ") && strings.Contains(in, " go build ") {
+			cgo = strings.Contains(in, "CGO_ENABLED=1 ")
+		}
+		if strings.HasPrefix(in, "RUN ") && strings.Contains(in, "apt-get install") && strings.Contains(in, " gcc ") {
+			gcc = true
+		}
+	}
+	if !cgo {
+		t.Errorf("the build stage's go build does not set CGO_ENABLED=1: %q", build.instrs)
+	}
+	if !gcc {
+		t.Errorf("the build stage installs no gcc (cgo needs it): %q", build.instrs)
+	}
+	for _, st := range stages {
+		for _, in := range st.instrs {
+			if strings.Contains(in, "CGO_ENABLED=0") {
+				t.Errorf("stage %s: %q", st.from, in)
+			}
+		}
+	}
+	// glibc: the build stage is the runtime image's Ubuntu release.
+	ubuntu := func(from string) string {
+		if i := strings.LastIndex(from, "ubuntu"); i >= 0 {
+			return strings.TrimPrefix(strings.TrimPrefix(from[i+len("ubuntu"):], ":"), "-")
+		}
+		return ""
+	}
+	if b, r := ubuntu(build.from), ubuntu(runtime.from); b == "" || b != r {
+		t.Errorf("build stage FROM %s, runtime FROM %s: want the same Ubuntu release (glibc)", build.from, runtime.from)
+	}
+	if !strings.HasPrefix(runtime.from, "nvidia/cuda:") || !strings.Contains(runtime.from, "-runtime-") {
+		t.Errorf("runtime stage FROM %s: want an nvidia/cuda runtime image", runtime.from)
+	}
+	// Non-root: the runtime stage's last USER is a non-zero uid.
+	user := ""
+	for _, in := range runtime.instrs {
+		if u, ok := strings.CutPrefix(in, "USER "); ok {
+			user = u
+		}
+	}
+	if uid, _, _ := strings.Cut(user, ":"); uid == "" || uid == "0" || uid == "root" {
+		t.Errorf("runtime stage runs as %q: want a non-root user", user)
+	}
+	if !slices.ContainsFunc(runtime.instrs, func(in string) bool { return strings.HasPrefix(in, "COPY --from=build /out/peftd ") }) {
+		t.Errorf("runtime stage does not copy the build stage's binary: %q", runtime.instrs)
 	}
 }
 

@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"encoding/json"
-	"flag"
 	"fmt"
 	"io"
 	"strings"
@@ -12,8 +11,7 @@ import (
 )
 
 func cmdBench(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := flag.NewFlagSet("bench", flag.ContinueOnError)
-	fs.SetOutput(stderr)
+	fs := newFlagSet(ctx, "bench", stdout, stderr)
 	cfg := loadgen.Config{}
 	fs.StringVar(&cfg.URL, "url", "http://127.0.0.1:8080", "base URL of an OpenAI-compatible server (peftd, vLLM, ...)")
 	fs.StringVar(&cfg.APIKey, "api-key", "", "Bearer token")

@@ -73,20 +73,15 @@ func (c *clientFlags) do(ctx context.Context, method, path, contentType string, 
 // with a tar.gz of its two files. The server validates it against its base
 // model and writes it to its store.
 func cmdDeploy(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := flag.NewFlagSet("deploy", flag.ContinueOnError)
-	fs.SetOutput(stderr)
+	fs := newFlagSet(ctx, "deploy", stdout, stderr)
 	var c clientFlags
 	c.register(fs)
 	id := fs.String("id", "", "adapter ID to deploy as (default: the folder's name)")
-	fs.Usage = func() {
-		fmt.Fprint(stderr, "Usage: peftd deploy [flags] ADAPTER_DIR\n\nUpload a PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors) to a server.\n\n")
-		fs.PrintDefaults()
-	}
 	if err := fs.Parse(args); err != nil {
 		return errUsage
 	}
 	if fs.NArg() != 1 {
-		fs.Usage()
+		printUsage(stderr, fs)
 		return fmt.Errorf("deploy: give exactly one adapter folder")
 	}
 	dir := fs.Arg(0)
@@ -127,8 +122,7 @@ func cmdDeploy(ctx context.Context, args []string, stdout, stderr io.Writer) err
 // cmdInvoke runs POST /v1/adapters/{id}/invoke and prints the text (as it
 // arrives with --stream), or the JSON answer with --json.
 func cmdInvoke(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := flag.NewFlagSet("invoke", flag.ContinueOnError)
-	fs.SetOutput(stderr)
+	fs := newFlagSet(ctx, "invoke", stdout, stderr)
 	var c clientFlags
 	c.register(fs)
 	adapter := fs.String("adapter", "", "adapter ID (or the base model's name)")

@@ -28,6 +28,7 @@ type genOutput struct {
 func cmdGenerate(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs := flag.NewFlagSet("generate", flag.ContinueOnError)
 	fs.SetOutput(stderr)
+	setUsage(ctx, fs, stdout, stderr)
 	modelDir := fs.String("model", "", "model folder (default: the embedded stories260K)")
 	adapterArg := fs.String("adapter", "", "PEFT LoRA adapter folder, or an embedded demo adapter name (pirate, space)")
 	prompt := fs.String("prompt", "", "prompt text")

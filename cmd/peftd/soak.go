@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"encoding/json"
-	"flag"
 	"fmt"
 	"io"
 	"net/http"
@@ -23,8 +22,7 @@ import (
 // failed. scripts/soak.sh (make soak) sets up the server, the store and
 // the outage commands.
 func cmdSoak(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := flag.NewFlagSet("soak", flag.ContinueOnError)
-	fs.SetOutput(stderr)
+	fs := newFlagSet(ctx, "soak", stdout, stderr)
 	var c clientFlags
 	c.register(fs)
 	cfg := loadgen.SoakConfig{}
@@ -59,12 +57,6 @@ func cmdSoak(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	gpuSlack := fs.String("gpu-slack", "256MiB", "fail when peftd_gpu_memory_used_bytes grows by more than this")
 	asJSON := fs.Bool("json", false, "print the report as JSON")
 	quiet := fs.Bool("quiet", false, "no progress lines")
-	fs.Usage = func() {
-		fmt.Fprint(stderr, "Usage: peftd soak [flags]\n\nSoak-test a peftd server: mixed invoke/completions load over many adapters (a hot set and cold ones),\n"+
-			"one adapter-store outage and one adapter replacement mid-run; report failures by status, latencies and the\n"+
-			"server's memory at the start and the end. scripts/soak.sh (make soak) sets up everything.\n\n")
-		fs.PrintDefaults()
-	}
 	if err := fs.Parse(args); err != nil {
 		return errUsage
 	}

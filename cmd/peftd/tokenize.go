@@ -11,9 +11,8 @@ import (
 	"github.com/peftd/peftd/server"
 )
 
-func cmdTokenize(args []string, stdout, stderr io.Writer) error {
-	fs := flag.NewFlagSet("tokenize", flag.ContinueOnError)
-	fs.SetOutput(stderr)
+func cmdTokenize(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := newFlagSet(ctx, "tokenize", stdout, stderr)
 	dir := fs.String("model", "", "model or tokenizer folder (default: the embedded stories260K)")
 	text := fs.String("text", "", "text to encode")
 	ids := fs.String("ids", "", "token ids to decode: 1,2,3")
@@ -30,7 +29,7 @@ func cmdTokenize(args []string, stdout, stderr io.Writer) error {
 	if textSet == idsSet {
 		return fmt.Errorf("tokenize: give exactly one of --text and --ids")
 	}
-	d, _, err := server.ResolveModel(context.Background(), *dir, nil)
+	d, _, err := server.ResolveModel(ctx, *dir, nil)
 	if err != nil {
 		return err
 	}

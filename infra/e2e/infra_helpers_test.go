@@ -20,8 +20,10 @@ type haproxy struct {
 	out        testlog.Buffer
 }
 
-// requireHAProxy returns haproxy's path; without it the test fails (CI
-// installs it with .ci/setup-infra.sh) unless PEFTD_SKIP_INFRA=1 skips it.
+// requireHAProxy returns haproxy's path. Without it the test is skipped,
+// naming it (as with PEFTD_SKIP_INFRA=1), except in CI (CI set), where it
+// fails: .ci/setup-infra.sh installs it there. infra's requireTool has the
+// same rule.
 func requireHAProxy(t *testing.T) string {
 	t.Helper()
 	p, err := exec.LookPath("haproxy")
@@ -31,7 +33,12 @@ func requireHAProxy(t *testing.T) string {
 	if os.Getenv("PEFTD_SKIP_INFRA") == "1" {
 		t.Skip("haproxy not installed (PEFTD_SKIP_INFRA=1)")
 	}
-	t.Fatal("haproxy not installed: run `bash .ci/setup-infra.sh` (or set PEFTD_SKIP_INFRA=1 to skip this test)")
+	const msg = "haproxy not installed, so the scale-out through HAProxy is not checked " +
+		"(Debian package haproxy, >= 2.6: bash .ci/setup-infra.sh installs it as root)"
+	if os.Getenv("CI") != "" {
+		t.Fatal(msg + "; CI runs every check: install it, or set PEFTD_SKIP_INFRA=1 to skip the infra tool checks")
+	}
+	t.Skip(msg)
 	return ""
 }
 

@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"sync"
 	"time"
 
 	"github.com/peftd/peftd/loader/internal/atomicdir"
@@ -24,8 +25,9 @@ type FSOptions struct {
 // <root>/<id>/adapter_model.safetensors. Puts replace an adapter's folder
 // atomically. ETags derive from each file's size, mtime and inode.
 type FS struct {
-	root string
-	opts FSOptions
+	root   string
+	opts   FSOptions
+	badIDs sync.Map // folder names already reported as not adapter IDs
 }
 
 var _ Store = (*FS)(nil)
@@ -101,7 +103,13 @@ func (s *FS) List(ctx context.Context) ([]Object, error) {
 		if err := ctx.Err(); err != nil {
 			return nil, err
 		}
-		if !e.IsDir() || atomicdir.IsTemp(e.Name()) || ValidateID(e.Name()) != nil {
+		if !e.IsDir() || atomicdir.IsTemp(e.Name()) {
+			continue
+		}
+		if err := ValidateID(e.Name()); err != nil {
+			if _, seen := s.badIDs.LoadOrStore(e.Name(), true); !seen {
+				s.opts.Logger.Warn("store: folder skipped: its name is not an adapter ID", "folder", filepath.Join(s.root, e.Name()), "err", err)
+			}
 			continue
 		}
 		fis, err := atomicdir.Stat(s.root, e.Name(), ConfigFile, WeightsFile)

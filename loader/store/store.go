@@ -87,15 +87,27 @@ type Store interface {
 	Watch(ctx context.Context) <-chan Event
 }
 
-// ValidateID checks an adapter id: 1 to 128 of [A-Za-z0-9._-], not "." or "..".
+// IDRule is the adapter ID rule, as ValidateID's errors state it. Every
+// layer (the HTTP API, the loader, the stores) checks IDs with ValidateID.
+const IDRule = `an adapter ID is 1 to 128 of A-Z a-z 0-9 . _ -, starts with a letter or digit and has no ".."`
+
+// ValidateID checks an adapter id against IDRule; the error (wrapping
+// ErrBadID) says what is wrong and states the rule. IDs that start with
+// '.', '_' or '-', or hold "..", passed the stores' check before the rule
+// was made one for every layer (the API refused the former, served the
+// latter): such an adapter is not listed or served until its folder or S3
+// prefix is renamed, and the error says so.
 func ValidateID(id string) error {
+	bad := func(format string, a ...any) error {
+		return fmt.Errorf("%w: %s (%s)", ErrBadID, fmt.Sprintf(format, a...), IDRule)
+	}
 	switch {
 	case id == "":
-		return fmt.Errorf("%w: empty", ErrBadID)
+		return bad("empty")
 	case len(id) > 128:
-		return fmt.Errorf("%w: %d characters, at most 128", ErrBadID, len(id))
+		return bad("%d characters, at most 128", len(id))
 	case id == "." || id == "..":
-		return fmt.Errorf("%w: %q is a path element", ErrBadID, id)
+		return bad("%q is a path element", id)
 	}
 	for i := 0; i < len(id); i++ {
 		c := id[i]
@@ -109,7 +121,14 @@ func ValidateID(id string) error {
 		case c >= 0x80:
 			what = fmt.Sprintf("non-ASCII byte 0x%02x", c)
 		}
-		return fmt.Errorf("%w: %q has %s at offset %d (allowed: A-Z a-z 0-9 . _ -)", ErrBadID, id, what, i)
+		return bad("%q has %s at offset %d", id, what, i)
+	}
+	const rename = "; an adapter stored under such an ID is no longer listed or served: rename its folder or S3 prefix"
+	if c := id[0]; c == '.' || c == '_' || c == '-' {
+		return bad("%q starts with %q%s", id, c, rename)
+	}
+	if i := strings.Index(id, ".."); i >= 0 {
+		return bad("%q has \"..\" at offset %d%s", id, i, rename)
 	}
 	return nil
 }

@@ -16,6 +16,10 @@ import (
 	"github.com/peftd/peftd/loader/store"
 )
 
+// TestValidateID is the adapter ID rule, the one every layer (API, loader,
+// stores) applies: 1 to 128 of [A-Za-z0-9._-], starting with a letter or
+// digit, no "..". Every refusal wraps ErrBadID, says what is wrong and
+// states the rule.
 func TestValidateID(t *testing.T) {
 	cases := []struct {
 		id   string
@@ -24,7 +28,11 @@ func TestValidateID(t *testing.T) {
 	}{
 		{"qv-r8", true, ""},
 		{"A.b_c-9", true, ""},
-		{".hidden", true, ""},
+		{"7b", true, ""},
+		{"a", true, ""},
+		{"v1.2", true, ""},
+		{"trailing.", true, ""},
+		{"trailing-_", true, ""},
 		{strings.Repeat("x", 128), true, ""},
 		{"", false, "empty"},
 		{".", false, "path element"},
@@ -36,6 +44,13 @@ func TestValidateID(t *testing.T) {
 		{"a b", false, "' '"},
 		{"naïve", false, "non-ASCII"},
 		{"a\x00", false, "offset 1"},
+		// Accepted by the stores before the rule was one for every layer:
+		// the error says how to serve them again.
+		{".hidden", false, `starts with '.'`},
+		{"_x", false, `starts with '_'`},
+		{"-lead", false, `starts with '-'`},
+		{"bad..id", false, `has ".." at offset 3`},
+		{"a...", false, `has ".." at offset 1`},
 	}
 	for _, c := range cases {
 		err := store.ValidateID(c.id)
@@ -43,8 +58,15 @@ func TestValidateID(t *testing.T) {
 			t.Errorf("ValidateID(%q) = %v, want ok=%v", c.id, err, c.ok)
 			continue
 		}
-		if err != nil && (!errors.Is(err, store.ErrBadID) || !strings.Contains(err.Error(), c.want)) {
-			t.Errorf("ValidateID(%q) = %v, want ErrBadID naming %q", c.id, err, c.want)
+		if err == nil {
+			continue
+		}
+		if !errors.Is(err, store.ErrBadID) || !strings.Contains(err.Error(), c.want) || !strings.Contains(err.Error(), store.IDRule) {
+			t.Errorf("ValidateID(%q) = %v, want ErrBadID naming %q and the rule", c.id, err, c.want)
+		}
+		legacy := strings.Contains(c.want, "starts with") || strings.Contains(c.want, `".."`)
+		if legacy != strings.Contains(err.Error(), "rename") {
+			t.Errorf("ValidateID(%q) = %v: want a rename hint only for IDs the stores used to accept", c.id, err)
 		}
 	}
 }
