@@ -34,6 +34,9 @@ type Metrics struct {
 	kvUsage   prometheus.Gauge
 	loraInfo  *prometheus.GaugeVec
 	panics    *prometheus.CounterVec
+	// Prefix cache (tokens): peftd's names and vLLM's.
+	prefixQueries, prefixHits, vllmPrefixQueries, vllmPrefixHits prometheus.Counter
+	prefixPages                                                  prometheus.Gauge
 
 	// vLLM-compatible gauges, read by the Gateway API Inference Extension
 	// endpoint picker (see package infra).
@@ -85,6 +88,16 @@ func NewMetrics(maxLoRA int) *Metrics {
 			[]string{"running_lora_adapters", "waiting_lora_adapters", "max_lora"}),
 		panics: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "peftd_panics_total",
 			Help: "Panics recovered (the request failed with a 500, the server went on), by where: http, stream, engine."}, []string{"where"}),
+		prefixQueries: prometheus.NewCounter(prometheus.CounterOpts{Name: "peftd_prefix_cache_queries_tokens_total",
+			Help: "Prompt tokens looked up in the prefix cache."}),
+		prefixHits: prometheus.NewCounter(prometheus.CounterOpts{Name: "peftd_prefix_cache_hits_tokens_total",
+			Help: "Prompt tokens found in the prefix cache (their KV was reused, not computed)."}),
+		vllmPrefixQueries: prometheus.NewCounter(prometheus.CounterOpts{Name: "vllm:prefix_cache_queries_total",
+			Help: "Prefix cache queries in tokens (vLLM-compatible; same as peftd_prefix_cache_queries_tokens_total)."}),
+		vllmPrefixHits: prometheus.NewCounter(prometheus.CounterOpts{Name: "vllm:prefix_cache_hits_total",
+			Help: "Prefix cache hits in tokens (vLLM-compatible; same as peftd_prefix_cache_hits_tokens_total)."}),
+		prefixPages: prometheus.NewGauge(prometheus.GaugeOpts{Name: "peftd_prefix_cache_pages",
+			Help: "KV pages kept by the prefix cache at the last step."}),
 		vllmWaiting: prometheus.NewGauge(prometheus.GaugeOpts{Name: "vllm:num_requests_waiting",
 			Help: "Requests waiting for admission (vLLM-compatible; same as peftd_queue_depth)."}),
 		vllmRunning: prometheus.NewGauge(prometheus.GaugeOpts{Name: "vllm:num_requests_running",
@@ -95,6 +108,7 @@ func NewMetrics(maxLoRA int) *Metrics {
 	r.MustRegister(m.requests, m.generated, m.prompt, m.ttft, m.itl, m.e2e, m.inflight, m.waiting, m.running,
 		m.batchRows, m.batchSeqs, m.adapters, m.stepTime, m.preempt, m.kvUsage, m.loraInfo,
 		m.vllmWaiting, m.vllmRunning, m.vllmKV, m.panics,
+		m.prefixQueries, m.prefixHits, m.vllmPrefixQueries, m.vllmPrefixHits, m.prefixPages,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	for _, w := range []string{"http", "stream", "engine"} {
 		m.panics.WithLabelValues(w) // export zeros
@@ -113,9 +127,15 @@ func (m *Metrics) OnStep(s scheduler.StepStats) {
 	m.adapters.Observe(float64(s.Adapters))
 	m.stepTime.Observe(s.Duration.Seconds())
 	m.preempt.Add(float64(s.Preempted))
+	m.prefixQueries.Add(float64(s.PrefixQueries))
+	m.vllmPrefixQueries.Add(float64(s.PrefixQueries))
+	m.prefixHits.Add(float64(s.PrefixHits))
+	m.vllmPrefixHits.Add(float64(s.PrefixHits))
+	m.prefixPages.Set(float64(s.CachedPages))
 	m.setQueue(s.Waiting, s.Running)
 	if s.TotalBlocks > 0 {
-		u := 1 - float64(s.FreeBlocks)/float64(s.TotalBlocks)
+		// Pages only the prefix cache holds are free for the taking (as vLLM counts them).
+		u := 1 - float64(s.FreeBlocks+s.EvictablePages)/float64(s.TotalBlocks)
 		m.kvUsage.Set(u)
 		m.vllmKV.Set(u)
 	}

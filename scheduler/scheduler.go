@@ -95,6 +95,9 @@ type Config struct {
 	// OnPanic is called (after logging) when a step or an engine command
 	// panicked and was recovered.
 	OnPanic func()
+	// PrefixCache keeps full KV pages for reuse by later sequences whose
+	// tokens start the same way with the same adapter version.
+	PrefixCache bool
 }
 
 // StepStats describes one engine step (for metrics).
@@ -105,6 +108,11 @@ type StepStats struct {
 	Waiting, Running                           int
 	RunningAdapters, WaitingAdapters           []string
 	Preempted                                  int
+	// Prefix cache since the last report: prompt tokens looked up and
+	// found; pages kept (CachedPages, of which EvictablePages only the
+	// cache holds).
+	PrefixQueries, PrefixHits   int
+	CachedPages, EvictablePages int
 }
 
 type seq struct {
@@ -122,6 +130,10 @@ type seq struct {
 	gen      int     // generated tokens
 	admitted time.Time
 	ended    bool // finish ran
+	// Prefix cache: chain is the key of the last full page of tokens known
+	// to the cache (keyed tokens), rooted in the adapter's version.
+	chain prefixKey
+	keyed int
 }
 
 // Scheduler owns the engine goroutine.
@@ -139,10 +151,13 @@ type Scheduler struct {
 	deficit map[string]int
 	pending atomic.Int64 // waiting + running + acquiring
 
-	running []*seq        // engine goroutine only
-	done    chan struct{} // closed when the engine goroutine has exited
-	quit    chan struct{} // closed by Close
-	closed  atomic.Bool
+	running []*seq       // engine goroutine only
+	cache   *prefixCache // engine goroutine only; nil: prefix caching off
+	// Prefix cache statistics since the last report (tokens).
+	prefixQueries, prefixHits int
+	done                      chan struct{} // closed when the engine goroutine has exited
+	quit                      chan struct{} // closed by Close
+	closed                    atomic.Bool
 }
 
 // New starts the engine goroutine.
@@ -158,6 +173,9 @@ func New(e *engine.Engine, res Residency, cfg Config) *Scheduler {
 	}
 	s := &Scheduler{e: e, res: res, cfg: cfg, log: cfg.Logger, cmds: make(chan func(), 64), wake: make(chan struct{}, 1),
 		queues: map[string][]*seq{}, deficit: map[string]int{}, done: make(chan struct{}), quit: make(chan struct{})}
+	if cfg.PrefixCache {
+		s.cache = newPrefixCache(e)
+	}
 	go s.loop()
 	return s
 }
@@ -383,7 +401,7 @@ func (s *Scheduler) hasWaiting() bool {
 
 func (s *Scheduler) shutdown() {
 	for _, q := range s.running {
-		s.e.Release(&q.kv)
+		s.release(q)
 		s.finish(q, "", ErrClosed)
 	}
 	s.running = nil
@@ -406,6 +424,9 @@ func (s *Scheduler) admit() {
 	defer s.mu.Unlock()
 	s.dropCancelledLocked()
 	free := s.e.FreeBlocks()
+	if s.cache != nil {
+		free += s.cache.evictable() // evicted when pages are reserved
+	}
 	for _, q := range s.running {
 		free -= s.e.BlocksFor(len(q.tokens)+1) - s.e.BlocksFor(q.fed) // pages running sequences still need soon
 	}
@@ -432,6 +453,7 @@ func (s *Scheduler) admit() {
 				s.deficit[a] -= cost
 				free -= need
 				q.admitted = time.Now()
+				s.attachPrefix(q)
 				s.running = append(s.running, q)
 				progressed = true
 			}
@@ -478,7 +500,7 @@ func (s *Scheduler) step() {
 	live := s.running[:0]
 	for _, q := range s.running {
 		if err := q.ctx.Err(); err != nil {
-			s.e.Release(&q.kv)
+			s.release(q)
 			s.finish(q, "", err)
 			continue
 		}
@@ -531,7 +553,11 @@ func (s *Scheduler) step() {
 // their sequences.
 func (s *Scheduler) reserve(in []engine.Input) error {
 	for _, x := range in {
-		if err := s.e.Reserve(x.Seq, x.Seq.Len()+len(x.Tokens)); err != nil {
+		n := x.Seq.Len() + len(x.Tokens)
+		if short := s.e.BlocksFor(n) - len(x.Seq.Blocks()) - s.e.FreeBlocks(); short > 0 && s.cache != nil {
+			s.cache.evict(short) // cached prefixes nobody uses give way first
+		}
+		if err := s.e.Reserve(x.Seq, n); err != nil {
 			return err
 		}
 	}
@@ -556,10 +582,16 @@ func (s *Scheduler) reportStep(stats *StepStats) {
 	s.report(*stats)
 }
 
-// report adds the waiting queues to stats and calls OnStep.
+// report adds the waiting queues and the prefix cache to stats and calls
+// OnStep.
 func (s *Scheduler) report(stats StepStats) {
 	if s.cfg.OnStep == nil {
 		return
+	}
+	stats.PrefixQueries, stats.PrefixHits = s.prefixQueries, s.prefixHits
+	s.prefixQueries, s.prefixHits = 0, 0
+	if s.cache != nil {
+		stats.CachedPages, stats.EvictablePages = len(s.cache.pages), s.cache.evictable()
 	}
 	s.mu.Lock()
 	for _, a := range s.order {
@@ -616,7 +648,7 @@ func (s *Scheduler) preempt() bool {
 	}
 	q := s.running[victim]
 	s.running = slices.Delete(s.running, victim, victim+1)
-	s.e.Release(&q.kv)
+	s.release(q)
 	q.fed = 0
 	s.mu.Lock()
 	if len(s.queues[q.req.Adapter]) == 0 {
@@ -631,7 +663,7 @@ func (s *Scheduler) preempt() bool {
 func (s *Scheduler) failAll(err error) {
 	s.log.Error("engine step failed", "err", err)
 	for _, q := range s.running {
-		s.e.Release(&q.kv)
+		s.release(q)
 		s.finish(q, "", err)
 	}
 	s.running = nil
@@ -641,12 +673,13 @@ func (s *Scheduler) afterStep(in []engine.Input, who []*seq, choices []sample.Ch
 	var ended []*seq
 	for k, q := range who {
 		q.fed += len(in[k].Tokens)
+		s.keepPages(q)
 		if q.fed < len(q.tokens) {
 			continue // more prompt (or recompute) to feed
 		}
 		c := choices[k]
 		if math.IsNaN(c.Logprob) || math.IsInf(c.Logprob, 0) {
-			s.e.Release(&q.kv)
+			s.release(q)
 			adapter := q.req.Adapter
 			if adapter == "" {
 				adapter = "the base model"
@@ -666,12 +699,69 @@ func (s *Scheduler) afterStep(in []engine.Input, who []*seq, choices []sample.Ch
 			reason = engine.FinishLength
 		}
 		if reason != "" {
-			s.e.Release(&q.kv)
+			s.release(q)
 			s.finish(q, reason, nil)
 			ended = append(ended, q)
 		}
 	}
 	if len(ended) > 0 {
 		s.running = slices.DeleteFunc(s.running, func(q *seq) bool { return slices.Contains(ended, q) })
+	}
+}
+
+// release returns a sequence's KV pages (those the prefix cache keeps stay
+// with it).
+func (s *Scheduler) release(q *seq) {
+	if s.cache != nil {
+		s.cache.done(q.kv.Blocks())
+	}
+	s.e.Release(&q.kv)
+	q.chain, q.keyed = prefixKey{}, 0
+}
+
+// attachPrefix starts an admitted sequence with no KV on the cached pages
+// of the longest prefix of its tokens (whole pages, leaving at least its
+// last token to compute).
+func (s *Scheduler) attachPrefix(q *seq) {
+	if s.cache == nil || q.fed != 0 || q.kv.Len() != 0 {
+		return
+	}
+	version := ""
+	if q.lease != nil {
+		version = q.lease.Version()
+	}
+	q.chain, q.keyed = prefixRoot(q.req.Adapter, version), 0
+	bs := s.e.Options().BlockSize
+	blocks := s.cache.match(q.chain, q.tokens, bs, len(q.tokens)-1)
+	s.prefixQueries += len(q.tokens)
+	if len(blocks) == 0 {
+		return
+	}
+	n := len(blocks) * bs
+	if err := s.e.Attach(&q.kv, blocks, n); err != nil {
+		s.log.Error("prefix cache: attach failed", "err", err)
+		return
+	}
+	s.cache.use(blocks)
+	for i := range blocks {
+		q.chain = q.chain.next(q.tokens[i*bs : (i+1)*bs])
+	}
+	q.fed, q.keyed = n, n
+	s.prefixHits += n
+}
+
+// keepPages offers the prefix cache the sequence's pages that its fed
+// tokens have filled since the last call.
+func (s *Scheduler) keepPages(q *seq) {
+	if s.cache == nil {
+		return
+	}
+	bs := s.e.Options().BlockSize
+	blocks := q.kv.Blocks()
+	for q.keyed+bs <= q.fed && q.keyed+bs <= len(q.tokens) {
+		i := q.keyed / bs
+		q.chain = q.chain.next(q.tokens[q.keyed : q.keyed+bs])
+		s.cache.add(q.chain, blocks[i])
+		q.keyed += bs
 	}
 }

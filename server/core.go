@@ -31,6 +31,9 @@ type CoreConfig struct {
 	KVBlocks, MaxBatchTokens int
 	// MaxQueue bounds pending requests (0: the scheduler default).
 	MaxQueue int
+	// NoPrefixCache turns off the reuse of KV pages across requests that
+	// start with the same tokens and adapter version.
+	NoPrefixCache bool
 	// CacheDir is the loader's disk cache; empty: no disk tier.
 	CacheDir string
 	// MaxAdapterBytes bounds an adapter download; 0: none.
@@ -98,7 +101,7 @@ func NewCore(ctx context.Context, cc CoreConfig) (*Core, error) {
 		met = api.NewMetrics(cc.Slots)
 	}
 	res := &residency{}
-	sched := scheduler.New(e, res, scheduler.Config{MaxQueue: cc.MaxQueue, Logger: log, OnStep: met.OnStep,
+	sched := scheduler.New(e, res, scheduler.Config{MaxQueue: cc.MaxQueue, Logger: log, OnStep: met.OnStep, PrefixCache: !cc.NoPrefixCache,
 		OnPanic: func() { met.Panic("engine") }})
 	col := newLoaderCollector()
 	mgr, err := loader.New(ctx, loader.Options{Store: cc.Store, Device: sched, Base: cc.Model.Config, Slots: cc.Slots,

@@ -20,6 +20,7 @@ import (
 	"time"
 
 	"github.com/peftd/peftd/api"
+	"github.com/peftd/peftd/loader/hub"
 	"github.com/peftd/peftd/loader/modelfetch"
 	"github.com/peftd/peftd/loader/store"
 	"github.com/peftd/peftd/models"
@@ -99,6 +100,8 @@ type Config struct {
 	// loader.DiskCacheBound: the cache file system's space); negative: no
 	// bound.
 	HostBytes, DiskBytes int64
+	// NoPrefixCache turns automatic prefix caching off.
+	NoPrefixCache bool
 	// Pin lists adapters loaded at start and kept on the device (at most Slots-1).
 	Pin []string
 	// CacheDir is the loader's disk cache; empty: a folder per store in the
@@ -242,7 +245,7 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 		}
 	}
 	hostBytes, diskBytes := cacheBounds(cfg, m, dev, kvBlocks, cacheDir, log)
-	core, err := NewCore(ctx, CoreConfig{Model: m, Backend: be, Store: st, Slots: cfg.Slots, KVBlocks: kvBlocks,
+	core, err := NewCore(ctx, CoreConfig{Model: m, Backend: be, Store: st, Slots: cfg.Slots, KVBlocks: kvBlocks, NoPrefixCache: cfg.NoPrefixCache,
 		MaxBatchTokens: cfg.MaxBatchTokens, MaxQueue: cfg.MaxQueue, CacheDir: cacheDir, MaxAdapterBytes: cfg.MaxUpload,
 		HostBytes: hostBytes, DiskBytes: diskBytes,
 		DeviceTTL: cfg.DeviceTTL, HostTTL: cfg.HostTTL, RecheckInterval: cfg.RecheckInterval,
@@ -417,8 +420,10 @@ func (s *Server) Device() string { return s.device }
 func (s *Server) KeyCount() int { return s.keys.Len() }
 
 // ResolveModel turns a --model value into a local folder: the embedded
-// stories260K when empty, an s3:// model mirrored into the peftd cache, or
-// the folder itself. name is the model's name (the folder's or the URL's).
+// stories260K when empty, an s3:// model mirrored into the peftd cache, a
+// Hugging Face Hub model (ORG/NAME[@REVISION]) in the Hugging Face cache, or
+// the folder itself. name is the model's name (the folder's, the URL's, or
+// ORG/NAME).
 func ResolveModel(ctx context.Context, model string, log *slog.Logger) (dir, name string, err error) {
 	switch {
 	case model == "":
@@ -437,6 +442,15 @@ func ResolveModel(ctx context.Context, model string, log *slog.Logger) (dir, nam
 		}
 		log.Info("model fetched", "url", model, "dir", dir)
 		return dir, modelfetch.Name(model), nil
+	case hub.Is(model): // ORG/NAME[@REVISION] that is no local path, or hf://...
+		if log == nil {
+			log = slog.Default()
+		}
+		dir, err := hub.Resolve(ctx, model, hub.FromEnv(log))
+		if err != nil {
+			return "", "", err
+		}
+		return dir, hub.Name(model), nil
 	}
 	return model, filepath.Base(filepath.Clean(model)), nil
 }

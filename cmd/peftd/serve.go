@@ -25,6 +25,7 @@ type serveFlags struct {
 	sqsQueueURL                           string
 	slots, kvBlocks, maxBatchTokens       int
 	maxQueue                              int
+	noPrefixCache                         bool
 	requestTimeout, deviceTTL, hostTTL    time.Duration
 	maxUpload, hostBytes, diskBytes       int64
 	cacheDir, logLevel, pin               string
@@ -36,14 +37,8 @@ func envName(flag string) string {
 }
 
 func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := flag.NewFlagSet("serve", flag.ContinueOnError)
-	fs.SetOutput(stderr)
+	fs := newFlagSet(ctx, "serve", stdout, stderr)
 	var f serveFlags
-	fs.Usage = func() {
-		fmt.Fprint(stderr, "Usage: peftd serve [flags]\n\nServe the base model and its LoRA adapters over HTTP (OpenAI-compatible).\n"+
-			"Every flag can also be set with a PEFTD_<FLAG> variable, e.g. PEFTD_LISTEN, PEFTD_API_KEYS; flags win.\n\n")
-		fs.PrintDefaults()
-	}
 	fs.StringVar(&f.model, "model", "", "model folder (default: the embedded stories260K)")
 	fs.StringVar(&f.store, "store", "", "adapter store: a folder (one sub-folder per adapter ID), file:// or s3://bucket/prefix URL (default: a folder in the peftd cache seeded with the demo adapters pirate and space)")
 	fs.StringVar(&f.sqsQueueURL, "sqs-queue-url", "", "SQS queue receiving the s3:// store's S3 event notifications (sets the store URL's sqs_queue; an error with other stores)")
@@ -54,6 +49,7 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	fs.IntVar(&f.kvBlocks, "kv-blocks", 0, "KV cache pages (0: the engine default)")
 	fs.IntVar(&f.maxBatchTokens, "max-batch-tokens", 0, "token rows per engine step (0: the engine default)")
 	fs.IntVar(&f.maxQueue, "max-queue", 256, "requests waiting or running at most; more get 429")
+	fs.BoolVar(&f.noPrefixCache, "no-prefix-cache", false, "do not reuse KV pages across requests that start with the same tokens and adapter version")
 	fs.DurationVar(&f.requestTimeout, "request-timeout", 5*time.Minute, "generation deadline (504 past it; 0: none)")
 	fs.StringVar(&f.apiKeys, "api-keys", "", "API key file (JSON array of {key, adapters, admin}, or lines KEY [ADAPTERS] [admin])")
 	fs.DurationVar(&f.deviceTTL, "device-ttl", server.DefaultDeviceTTL, "unload adapters unused this long from the device (0: only when a slot is needed)")
@@ -160,7 +156,7 @@ func serve(ctx context.Context, f serveFlags, log *slog.Logger) error {
 		return fmt.Errorf("serve: --weights %q: want bf16 or fp8", f.weights)
 	}
 	srv, err := server.New(ctx, server.Config{Model: f.model, Store: f.store, SQSQueueURL: f.sqsQueueURL, Listen: f.listen, Device: f.device, Weights: f.weights,
-		Slots: f.slots, KVBlocks: f.kvBlocks, MaxBatchTokens: f.maxBatchTokens, MaxQueue: f.maxQueue,
+		Slots: f.slots, KVBlocks: f.kvBlocks, MaxBatchTokens: f.maxBatchTokens, MaxQueue: f.maxQueue, NoPrefixCache: f.noPrefixCache,
 		RequestTimeout: f.requestTimeout, DeviceTTL: f.deviceTTL, HostTTL: f.hostTTL, Keys: keys,
 		MaxUpload: f.maxUpload, HostBytes: f.hostBytes, DiskBytes: f.diskBytes, CacheDir: f.cacheDir, Pin: splitList(f.pin), Logger: log})
 	if err != nil {

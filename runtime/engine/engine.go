@@ -56,6 +56,10 @@ type Engine struct {
 	x, h, q, k, v, attn, tmp, gate, up, logits Buffer
 
 	freeBlocks []int32
+	// refs counts the holders of each page: the sequences whose page table
+	// lists it and, for a page kept for prefix reuse, its keeper (Retain).
+	// A page returns to freeBlocks when its count reaches 0.
+	refs []int32
 	slots      []*lora.Adapter
 	// adapterSlot[l][m] reports whether any loaded adapter touches projection m of layer l.
 	loraUse [][llama.NumModules]int
@@ -146,6 +150,7 @@ func New(m *llama.Model, b Backend, opts Options) (*Engine, error) {
 			return nil, fmt.Errorf("engine: activations: %w", err)
 		}
 	}
+	e.refs = make([]int32, opts.KVBlocks)
 	e.freeBlocks = make([]int32, opts.KVBlocks)
 	for i := range e.freeBlocks {
 		e.freeBlocks[i] = int32(opts.KVBlocks - 1 - i) // pop from the end: block 0 first
@@ -287,7 +292,9 @@ func (s *Sequence) Len() int { return s.n }
 
 // Release returns a sequence's KV pages to the pool; the sequence is empty after.
 func (e *Engine) Release(s *Sequence) {
-	e.freeBlocks = append(e.freeBlocks, s.blocks...)
+	for _, b := range s.blocks {
+		e.Unref(b)
+	}
 	s.blocks, s.n = nil, 0
 }
 
@@ -307,9 +314,47 @@ func (e *Engine) Reserve(s *Sequence, n int) error {
 	for range need {
 		b := e.freeBlocks[len(e.freeBlocks)-1]
 		e.freeBlocks = e.freeBlocks[:len(e.freeBlocks)-1]
+		e.refs[b] = 1
 		s.blocks = append(s.blocks, b)
 	}
 	return nil
+}
+
+// Attach starts an empty sequence on pages that already hold the KV of its
+// first n tokens (a cached prefix: full pages, so the sequence's own tokens
+// go to pages of its own); each page gains a holder.
+func (e *Engine) Attach(s *Sequence, blocks []int32, n int) error {
+	if s.n != 0 || len(s.blocks) != 0 {
+		return fmt.Errorf("%w: attach to a sequence that holds tokens", ErrBadInput)
+	}
+	if n != len(blocks)*e.opts.BlockSize {
+		return fmt.Errorf("%w: attach %d tokens to %d pages of %d", ErrBadInput, n, len(blocks), e.opts.BlockSize)
+	}
+	for _, b := range blocks {
+		if b < 0 || int(b) >= len(e.refs) || e.refs[b] <= 0 {
+			return fmt.Errorf("%w: attach page %d that nobody holds", ErrBadInput, b)
+		}
+	}
+	for _, b := range blocks {
+		e.refs[b]++
+	}
+	s.blocks, s.n = append([]int32(nil), blocks...), n
+	return nil
+}
+
+// Blocks is the sequence's page table (not to be modified).
+func (s *Sequence) Blocks() []int32 { return s.blocks }
+
+// Retain adds a holder to a page a sequence holds (the prefix cache keeps
+// it past the sequence); Unref drops one.
+func (e *Engine) Retain(b int32) { e.refs[b]++ }
+
+// Unref drops a holder of page b; the page is free when none is left.
+func (e *Engine) Unref(b int32) {
+	e.refs[b]--
+	if e.refs[b] == 0 {
+		e.freeBlocks = append(e.freeBlocks, b)
+	}
 }
 
 // Input is one sequence's part of a step.
