@@ -28,6 +28,9 @@
 #                (versitygw from bin/gpu/versitygw.gz), 8 slots, a store outage
 #                and an adapter replacement; not in the default phases (run it
 #                by name: it takes most of one call)
+#     prefix8b   prefix caching on the GPU: the soak8b checkpoint, a shared
+#                2000-token prefix at concurrency 32, cache on vs off (TTFT,
+#                throughput) and greedy outputs compared; run it by name
 #     serve8b    serves the random 8B checkpoint (from decode) with --device
 #                cuda and its 4 adapters from a store folder; closed-loop load
 #                at concurrency 64, base model alone vs the 4 adapters vs one
@@ -260,6 +263,58 @@ if want soak8b; then
 	stamp soak8b
 fi
 
+if want prefix8b; then
+	# Automatic prefix caching on the GPU: the soak8b checkpoint (made here if
+	# absent), a shared 2000-token prefix + 32 tokens per request, streamed, at
+	# concurrency 32 over the base model and its two adapters; the same load
+	# with the cache on and with --no-prefix-cache; then greedy outputs of the
+	# two runs compared.
+	SK=/tmp/llama8b-soak
+	echo "=== prefix8b: $SK"
+	if [[ -f $SK/base/model.safetensors.index.json ]] || timeout "$(left 300)" "$PY" tools/make_random_llama.py "$SK" --layers "${SOAK_LAYERS:-8}" --adapters 2 --rank 8 >"$LOG/prefix8b.make.log" 2>&1; then
+			AD=$(ls "$SK/adapters" | paste -sd, -)
+		for mode in on off; do
+			SD=$(mktemp -d)
+			extra=(); [[ $mode == off ]] && extra=(--no-prefix-cache)
+			PEFTD_CACHE=$SD "$ROOT/bin/gpu/peftd" serve --device cuda --model "$SK/base" --store "$SK/adapters" --slots 4 --max-queue 1024 --listen 127.0.0.1:8082 "${extra[@]}" >"$LOG/prefix8b.$mode.log" 2>&1 &
+			SRV=$!
+			if serve_wait "$LOG/prefix8b.$mode.log" "$(left 200)"; then
+				"$PY" scripts/prefix_bench.py http://127.0.0.1:8082 "base,$AD" 6 3 64 8 4 128256 warmup >/dev/null 2>&1
+				timeout "$(left 200)" "$PY" scripts/prefix_bench.py http://127.0.0.1:8082 "base,$AD" 128 32 2000 32 32 128256 "cache-$mode" 2>&1 | tee -a "$LOG/prefix8b.txt"
+				# greedy outputs of fixed prompts, for the on/off comparison
+				"$PY" - "$mode" "base,$AD" >"$LOG/prefix8b.greedy.$mode.json" 2>&1 <<'PYEOF'
+import json, random, sys, urllib.request
+mode, models = sys.argv[1], sys.argv[2].split(",")
+rng = random.Random(7)
+system = [rng.randrange(3, 128256) for _ in range(2000)]
+out = []
+for i in range(24):
+    ids = system + [3 + i, 5 + i, 7 + i]
+    body = json.dumps({"model": models[i % len(models)], "prompt": ids, "max_tokens": 16, "temperature": 0, "ignore_eos": True, "return_token_ids": True}).encode()
+    r = json.load(urllib.request.urlopen(urllib.request.Request("http://127.0.0.1:8082/v1/completions", body, {"Content-Type": "application/json"}), timeout=120))
+    out.append(r["choices"][0]["token_ids"])
+print(json.dumps(out))
+PYEOF
+				curl -s http://127.0.0.1:8082/metrics | grep -E '^(vllm:prefix_cache|peftd_prefix_cache)' >>"$LOG/prefix8b.txt"
+			else
+				echo "prefix8b: FAIL: server ($mode) did not start"; tail -n 20 "$LOG/prefix8b.$mode.log"; status=1
+			fi
+			serve_stop
+		done
+		"$PY" - "$LOG/prefix8b.greedy.on.json" "$LOG/prefix8b.greedy.off.json" <<'PYEOF' | tee -a "$LOG/prefix8b.txt"
+import json, sys
+a, b = (json.load(open(f)) for f in sys.argv[1:3])
+same = sum(x == y for x, y in zip(a, b))
+tok = sum(sum(p == q for p, q in zip(x, y)) for x, y in zip(a, b))
+print(f"PREFIXGREEDY identical sequences {same}/{len(a)}, identical tokens {tok}/{sum(len(x) for x in a)}")
+PYEOF
+	else
+		status=1
+		tail -n 20 "$LOG/prefix8b.make.log"
+	fi
+	stamp prefix8b
+fi
+
 # Table: top-level test, result, the largest maxrel= it logged.
 {
 	printf '%-34s %-6s %s\n' TEST RESULT MAX_REL_ERR
@@ -286,6 +341,7 @@ fi
 	fi
 	[[ -f "$LOG/serve.result" ]] && cat "$LOG/serve.result" && grep -E 'tok|req|TTFT|thr' "$LOG/serve.bench.txt" | head -8
 	[[ -f "$LOG/serve8b.txt" ]] && grep SERVEBENCH "$LOG/serve8b.txt" | cut -c1-220
+	[[ -s "$LOG/prefix8b.txt" ]] && echo "Prefix caching (8B shapes, 8 layers; 2000-token shared prefix, concurrency 32):" && grep -E '^(PREFIXBENCH|PREFIXGREEDY)' "$LOG/prefix8b.txt" | cut -c1-230
 	[[ -s "$LOG/soak8b.txt" ]] && echo "Soak on the GPU (8B shapes; full report in soak8b.txt):" && grep -E '^(requests|failures|allowed|latency (overall|hot)|served/s|server RSS|GPU memory|PASS|FAIL)' "$LOG/soak8b.txt" | cut -c1-200
 	grep -h '^BENCH \(launch\|sample\)' "$LOG"/*.log 2>/dev/null | cut -c7-
 	grep -h '^BENCH adapterload' "$LOG"/decode.log 2>/dev/null | cut -c7-
@@ -297,6 +353,6 @@ fi
 } | tee "$LOG/summary.txt"
 if [[ -n "${OUT:-}" ]]; then
 	tar czf "$OUT/logs.tgz" -C "$LOG" . 2>/dev/null
-	for f in summary.txt lorabench.txt decode.txt serve8b.txt soak8b.txt; do [[ -f "$LOG/$f" ]] && cp "$LOG/$f" "$OUT/"; done
+	for f in summary.txt lorabench.txt decode.txt serve8b.txt soak8b.txt prefix8b.txt; do [[ -f "$LOG/$f" ]] && cp "$LOG/$f" "$OUT/"; done
 fi
 exit $status
