@@ -29,7 +29,7 @@ func cmdGenerate(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	fs := flag.NewFlagSet("generate", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	setUsage(ctx, fs, stdout, stderr)
-	modelDir := fs.String("model", "", "model folder (default: the embedded stories260K)")
+	modelDir := fs.String("model", "", "model: a folder, s3://bucket/prefix, or a Hugging Face Hub ID ORG/NAME[@REVISION] (default: the embedded stories260K)")
 	adapterArg := fs.String("adapter", "", "PEFT LoRA adapter folder, or an embedded demo adapter name (pirate, space)")
 	prompt := fs.String("prompt", "", "prompt text")
 	promptIDs := fs.String("prompt-ids", "", "prompt as token ids: 1,2,3")

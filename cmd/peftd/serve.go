@@ -39,7 +39,7 @@ func envName(flag string) string {
 func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs := newFlagSet(ctx, "serve", stdout, stderr)
 	var f serveFlags
-	fs.StringVar(&f.model, "model", "", "model folder (default: the embedded stories260K)")
+	fs.StringVar(&f.model, "model", "", "model: a folder, s3://bucket/prefix, or a Hugging Face Hub ID ORG/NAME[@REVISION] (default: the embedded stories260K)")
 	fs.StringVar(&f.store, "store", "", "adapter store: a folder (one sub-folder per adapter ID), file:// or s3://bucket/prefix URL (default: a folder in the peftd cache seeded with the demo adapters pirate and space)")
 	fs.StringVar(&f.sqsQueueURL, "sqs-queue-url", "", "SQS queue receiving the s3:// store's S3 event notifications (sets the store URL's sqs_queue; an error with other stores)")
 	fs.StringVar(&f.listen, "listen", "127.0.0.1:8080", "address to listen on (a non-loopback address needs --api-keys)")

@@ -349,3 +349,77 @@ func TestFamilyFixtures(t *testing.T) {
 	}
 	t.Logf("maxrel=%.3g", worst)
 }
+
+// TestPrefixReuseFixture: a sequence started on another sequence's cached
+// pages (Engine.Attach, as the scheduler's prefix cache does) computes the
+// rest of its prompt and its decode steps within the fixture's limits of
+// the transformers + PEFT reference, on every case long enough to share a
+// page, co-batched with the sequence that wrote the pages.
+func TestPrefixReuseFixture(t *testing.T) {
+	m, adapters, cases := loadFixture(t)
+	const bs = 4
+	opts := engine.DefaultOptions()
+	opts.BlockSize, opts.KVBlocks = bs, 1024
+	e := newEngine(t, m, opts)
+	slots := map[string]int{}
+	for _, n := range []string{"qv-r8", "all-r16", "attn-r32-rslora", "mlp-r64"} {
+		slots[n] = len(slots)
+		if err := e.LoadAdapter(slots[n], adapters[n]); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ctx := context.Background()
+	V := e.Config().VocabSize
+	worst, shared := 0.0, 0
+	for _, c := range cases {
+		k := (len(c.Prompt) - 1) / bs // whole pages of the prompt, leaving its last token
+		if k == 0 {
+			continue
+		}
+		slot := -1
+		if c.Adapter != nil {
+			slot = slots[*c.Adapter]
+		}
+		var writer, reader engine.Sequence
+		if _, err := e.Step(ctx, []engine.Input{{Seq: &writer, Tokens: c.Prompt, Slot: slot}}); err != nil {
+			t.Fatal(err)
+		}
+		if err := e.Attach(&reader, writer.Blocks()[:k], k*bs); err != nil {
+			t.Fatal(err)
+		}
+		shared += k * bs
+		var acc errAcc
+		out, err := e.Step(ctx, []engine.Input{{Seq: &reader, Tokens: c.Prompt[k*bs:], Slot: slot, AllLogits: true},
+			{Seq: &writer, Tokens: []int32{c.Greedy[0]}, Slot: slot}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		ref := c.Prefill[k*bs*V:]
+		if r := fx.RelErr(out[0], ref); !(r <= rowTol*2) {
+			t.Errorf("case %d: prefill after %d shared tokens: relative error %.3g", c.ID, k*bs, r)
+		}
+		acc.add(out[0], ref)
+		for j := 0; j < c.Decode; j++ {
+			out, err := e.Step(ctx, []engine.Input{{Seq: &reader, Tokens: []int32{c.Greedy[j]}, Slot: slot}})
+			if err != nil {
+				t.Fatal(err)
+			}
+			want := c.DecodeLogits[j*V : (j+1)*V]
+			if r := fx.RelErr(out[0], want); !(r <= rowTol) {
+				t.Errorf("case %d decode %d after a shared prefix: relative error %.3g > %.0e", c.ID, j, r, rowTol)
+			}
+			acc.add(out[0], want)
+		}
+		r := acc.rel()
+		worst = max(worst, r)
+		if !(r <= fixtureTol) {
+			t.Errorf("case %d: relative error over all rows %.3g > %.0e", c.ID, r, fixtureTol)
+		}
+		e.Release(&reader)
+		e.Release(&writer)
+	}
+	if e.FreeBlocks() != opts.KVBlocks {
+		t.Errorf("pages leaked: %d free of %d", e.FreeBlocks(), opts.KVBlocks)
+	}
+	t.Logf("maxrel=%.3g over cases sharing %d prompt tokens in all", worst, shared)
+}
