@@ -59,8 +59,8 @@ type Engine struct {
 	// refs counts the holders of each page: the sequences whose page table
 	// lists it and, for a page kept for prefix reuse, its keeper (Retain).
 	// A page returns to freeBlocks when its count reaches 0.
-	refs []int32
-	slots      []*lora.Adapter
+	refs  []int32
+	slots []*lora.Adapter
 	// adapterSlot[l][m] reports whether any loaded adapter touches projection m of layer l.
 	loraUse [][llama.NumModules]int
 }
