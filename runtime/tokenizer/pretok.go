@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"golang.org/x/text/unicode/norm"
 	"sort"
 	"strings"
 	"unicode"
@@ -13,8 +14,10 @@ import (
 // ---- normalizers ----
 
 type normalizer struct {
-	prepend  string // Prepend: prepended when the string is non-empty
-	from, to string // Replace (string pattern)
+	prepend  string    // Prepend: prepended when the string is non-empty
+	from, to string    // Replace (string pattern)
+	form     norm.Form // NFC, NFD, NFKC, NFKD (with unicode set)
+	unicode  bool
 }
 
 func parseNormalizer(raw json.RawMessage) ([]normalizer, error) {
@@ -38,6 +41,14 @@ func parseNormalizer(raw json.RawMessage) ([]normalizer, error) {
 		return out, nil
 	case "Prepend":
 		return []normalizer{{prepend: n.Prepend}}, nil
+	case "NFC":
+		return []normalizer{{form: norm.NFC, unicode: true}}, nil
+	case "NFD":
+		return []normalizer{{form: norm.NFD, unicode: true}}, nil
+	case "NFKC":
+		return []normalizer{{form: norm.NFKC, unicode: true}}, nil
+	case "NFKD":
+		return []normalizer{{form: norm.NFKD, unicode: true}}, nil
 	case "Replace":
 		if n.Pattern == nil || n.Pattern.String == nil {
 			return nil, errors.New("unsupported Replace normalizer: only string patterns are supported")
@@ -52,7 +63,9 @@ func parseNormalizer(raw json.RawMessage) ([]normalizer, error) {
 
 func (t *Tokenizer) normalize(s string) string {
 	for _, n := range t.normalizers {
-		if n.from != "" {
+		if n.unicode {
+			s = n.form.String(s)
+		} else if n.from != "" {
 			s = strings.ReplaceAll(s, n.from, n.to)
 		} else if s != "" {
 			s = n.prepend + s

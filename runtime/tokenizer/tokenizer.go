@@ -6,7 +6,7 @@
 // time instead of being approximated):
 //   - model: BPE (merges as "a b" strings or [a, b] pairs, byte_fallback,
 //     fuse_unk, ignore_merges, continuing_subword_prefix, end_of_word_suffix).
-//   - normalizer: null, Sequence, Prepend, Replace (string pattern).
+//   - normalizer: null, Sequence, Prepend, Replace (string pattern), NFC/NFD/NFKC/NFKD.
 //   - pre_tokenizer: null, Sequence, Split (Isolated, not inverted) with the
 //     Llama 3, Qwen 2 or GPT-2 regex, ByteLevel.
 //   - post_processor: null, TemplateProcessing, ByteLevel, Sequence,

@@ -1,0 +1,53 @@
+package chat
+
+import (
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"testing"
+)
+
+// TestQwenTemplates renders the chat cases of the Qwen2.5 and Qwen3
+// fixtures (transformers' apply_chat_template) with the real
+// tokenizer_config.json templates and compares byte for byte.
+func TestQwenTemplates(t *testing.T) {
+	for _, name := range []string{"qwen2.5", "qwen3"} {
+		t.Run(name, func(t *testing.T) {
+			root := filepath.Join("..", "..", "testdata", name+"-tokenizer")
+			model := filepath.Join(root, "model")
+			if _, err := os.Stat(filepath.Join(model, "tokenizer_config.json")); err != nil {
+				if os.Getenv("PEFTD_SKIP_NPM") == "1" {
+					t.Skipf("PEFTD_SKIP_NPM=1 and %s is missing", model)
+				}
+				t.Fatalf("%s missing: run .ci/setup-tokenizer.sh (or set PEFTD_SKIP_NPM=1 to skip)", model)
+			}
+			tmpl, err := LoadTemplate(model)
+			if err != nil {
+				t.Fatalf("LoadTemplate: %v", err)
+			}
+			raw, err := os.ReadFile(filepath.Join(root, "expected.json"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			var fx struct {
+				Chat []chatCase `json:"chat"`
+			}
+			if err := json.Unmarshal(raw, &fx); err != nil {
+				t.Fatal(err)
+			}
+			if len(fx.Chat) == 0 {
+				t.Fatal("no chat cases")
+			}
+			for i, c := range fx.Chat {
+				got, err := tmpl.Render(c.Messages, c.AddGenerationPrompt)
+				if err != nil {
+					t.Errorf("case %d: Render: %v", i, err)
+					continue
+				}
+				if got != c.Text {
+					t.Errorf("case %d: Render mismatch\n got: %q\nwant: %q", i, got, c.Text)
+				}
+			}
+		})
+	}
+}
