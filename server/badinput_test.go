@@ -52,7 +52,7 @@ func TestBadInputs(t *testing.T) {
 		{"../ in the ID", func() reply {
 			return put("..%2Fx", adaptertest.TarGz(t, map[string][]byte{lora.ConfigFile: qvCfg, lora.WeightsFile: qvW}))
 		},
-			400, []string{"bad adapter ID"}},
+			400, []string{"bad adapter id", "has character"}},
 		{"../ paths in the archive", func() reply {
 			return put("escape", adaptertest.TarGz(t, map[string][]byte{"../" + lora.ConfigFile: qvCfg, "../" + lora.WeightsFile: qvW}))
 		}, 400, []string{"../", "leaves the adapter folder"}},
