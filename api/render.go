@@ -1,0 +1,348 @@
+// Rendering: results and deltas in each route's wire format.
+
+package api
+
+import (
+	"fmt"
+	"math"
+	"unicode/utf8"
+
+	"github.com/gofiber/fiber/v2"
+	"github.com/peftd/peftd/runtime/sample"
+)
+
+type usage struct {
+	PromptTokens     int `json:"prompt_tokens"`
+	CompletionTokens int `json:"completion_tokens"`
+	TotalTokens      int `json:"total_tokens"`
+}
+
+func usageOf(r result) usage {
+	return usage{r.prompt, r.complete, r.prompt + r.complete}
+}
+
+func (s *Server) tokenText(id int32) string {
+	if s.cfg.Tokenizer == nil {
+		return fmt.Sprintf("token_id:%d", id)
+	}
+	return s.cfg.Tokenizer.Decode([]int32{id}, false)
+}
+
+// Logprobs' token strings are decoded in context, after the prompt and the
+// tokens before them, never alone (a SentencePiece "▁upon" alone loses its
+// space):
+//   - a sampled token's string is its piece, what it adds to the text, so
+//     that the strings concatenate to the text and text_offset lines up.
+//     A token that is an incomplete character on its own (a byte-fallback
+//     byte, part of a byte-level character) adds nothing until the token
+//     that completes the character, whose string holds all of it: as with
+//     the text, incomplete UTF-8 is never shown. Its own bytes are in chat's
+//     "bytes" (OpenAI's practice; concatenated over the tokens they give the
+//     text's bytes). A special token, such as the stop token, is not part of
+//     the text (skip_special_tokens, as vLLM), so its string is empty (vLLM
+//     shows "<s>" only with skip_special_tokens false).
+//   - an alternative's string is the text it would have added in place of
+//     the sampled token, had it ended the text (Peek: a character it leaves
+//     incomplete reads U+FFFD); a special token reads as itself ("</s>"),
+//     since nothing has to join there.
+
+// tokInfo is a sampled token's own bytes and its alternatives, decoded
+// where the token was sampled.
+type tokInfo struct {
+	bytes []byte
+	top   []altInfo // as sample.Choice.Top
+}
+
+type altInfo struct {
+	text  string
+	bytes []byte
+}
+
+func (s *Server) tokInfo(dec textDecoder, c sample.Choice) tokInfo {
+	ti := tokInfo{bytes: dec.PeekBytes(c.ID), top: make([]altInfo, len(c.Top))}
+	tok := s.cfg.Tokenizer
+	for a, x := range c.Top {
+		switch t, ok := tok.Token(x.ID); {
+		case !ok: // an id the model has and the tokenizer not
+			t = fmt.Sprintf("token_id:%d", x.ID)
+			ti.top[a] = altInfo{t, []byte(t)}
+		case tok.IsSpecial(x.ID):
+			ti.top[a] = altInfo{t, []byte(t)}
+		default:
+			ti.top[a] = altInfo{dec.Peek(x.ID), dec.PeekBytes(x.ID)}
+		}
+	}
+	return ti
+}
+
+// sampled is the string and bytes of token k of cs (see above).
+func (s *Server) sampled(k int, cs []sample.Choice, pieces []string, info []tokInfo) (string, []byte) {
+	if s.cfg.Tokenizer == nil || k >= len(pieces) {
+		t := s.tokenText(cs[k].ID)
+		return t, []byte(t)
+	}
+	var b []byte
+	if k < len(info) {
+		b = info[k].bytes
+	}
+	return pieces[k], b
+}
+
+// alternative is the string and bytes of alternative a of token k of cs.
+func (s *Server) alternative(k, a int, cs []sample.Choice, info []tokInfo) (string, []byte) {
+	if s.cfg.Tokenizer == nil || k >= len(info) || a >= len(info[k].top) {
+		t := s.tokenText(cs[k].Top[a].ID)
+		return t, []byte(t)
+	}
+	return info[k].top[a].text, info[k].top[a].bytes
+}
+
+// completionLogprobs is OpenAI's legacy completions logprobs object.
+type completionLogprobs struct {
+	Tokens        []string             `json:"tokens"`
+	TokenLogprobs []float64            `json:"token_logprobs"`
+	TopLogprobs   []map[string]float64 `json:"top_logprobs"`
+	TextOffset    []int                `json:"text_offset"`
+}
+
+// completionLP is the logprobs of cs, whose text starts offset characters
+// into the completion's text. text_offset[i] is where token i's string
+// starts in the completion's text (not the prompt's: echo is not
+// supported), counted in characters (Unicode code points, as vLLM's Python
+// len() and OpenAI); streamed chunks continue the count.
+func (s *Server) completionLP(cs []sample.Choice, pieces []string, info []tokInfo, offset int) *completionLogprobs {
+	lp := &completionLogprobs{Tokens: []string{}, TokenLogprobs: []float64{}, TopLogprobs: []map[string]float64{}, TextOffset: []int{}}
+	for k, c := range cs {
+		t, _ := s.sampled(k, cs, pieces, info)
+		lp.Tokens = append(lp.Tokens, t)
+		lp.TokenLogprobs = append(lp.TokenLogprobs, finite(c.Logprob))
+		top := map[string]float64{}
+		for a, x := range c.Top {
+			key, _ := s.alternative(k, a, cs, info)
+			if _, dup := top[key]; !dup { // alternatives that read alike: the likeliest
+				top[key] = finite(x.Logprob)
+			}
+		}
+		lp.TopLogprobs = append(lp.TopLogprobs, top)
+		lp.TextOffset = append(lp.TextOffset, offset)
+		offset += utf8.RuneCountInString(t)
+	}
+	return lp
+}
+
+type chatTop struct {
+	Token   string  `json:"token"`
+	Logprob float64 `json:"logprob"`
+	Bytes   []int   `json:"bytes"`
+}
+
+type chatLP struct {
+	chatTop
+	TopLogprobs []chatTop `json:"top_logprobs"`
+}
+
+func chatTopOf(t string, bs []byte, lp float64) chatTop {
+	b := make([]int, len(bs))
+	for i, c := range bs {
+		b[i] = int(c)
+	}
+	return chatTop{t, finite(lp), b}
+}
+
+func (s *Server) chatLogprobs(cs []sample.Choice, pieces []string, info []tokInfo) map[string]any {
+	out := []chatLP{}
+	for k, c := range cs {
+		t, b := s.sampled(k, cs, pieces, info)
+		e := chatLP{chatTop: chatTopOf(t, b, c.Logprob), TopLogprobs: []chatTop{}}
+		for a, x := range c.Top {
+			t, b := s.alternative(k, a, cs, info)
+			e.TopLogprobs = append(e.TopLogprobs, chatTopOf(t, b, x.Logprob))
+		}
+		out = append(out, e)
+	}
+	return map[string]any{"content": out}
+}
+
+type invokeLP struct {
+	TokenID     int32        `json:"token_id"`
+	Token       string       `json:"token"`
+	Logprob     float64      `json:"logprob"`
+	TopLogprobs []invokeLPel `json:"top_logprobs"`
+}
+
+type invokeLPel struct {
+	TokenID int32   `json:"token_id"`
+	Token   string  `json:"token"`
+	Logprob float64 `json:"logprob"`
+}
+
+func (s *Server) invokeLogprobs(cs []sample.Choice, pieces []string, info []tokInfo) []invokeLP {
+	out := []invokeLP{}
+	for k, c := range cs {
+		t, _ := s.sampled(k, cs, pieces, info)
+		e := invokeLP{TokenID: c.ID, Token: t, Logprob: finite(c.Logprob), TopLogprobs: []invokeLPel{}}
+		for a, x := range c.Top {
+			t, _ := s.alternative(k, a, cs, info)
+			e.TopLogprobs = append(e.TopLogprobs, invokeLPel{x.ID, t, finite(x.Logprob)})
+		}
+		out = append(out, e)
+	}
+	return out
+}
+
+// finite keeps JSON encodable: -Inf becomes a very negative number.
+func finite(v float64) float64 {
+	if math.IsInf(v, -1) || math.IsNaN(v) {
+		return -9999
+	}
+	return v
+}
+
+func ids(ts []int32) []int32 {
+	if ts == nil {
+		return []int32{}
+	}
+	return ts
+}
+
+// final is the non-streamed response.
+func (s *Server) final(j *job, r result) any {
+	switch j.kind {
+	case kindInvoke:
+		m := fiber.Map{"id": j.id, "object": "invocation", "created": j.created, "adapter": j.model,
+			"text": r.text, "token_ids": ids(r.tokens), "prompt_token_ids": ids(j.req.Prompt),
+			"finish_reason": r.finish, "usage": usageOf(r)}
+		if j.logprobs {
+			m["logprobs"] = s.invokeLogprobs(r.choices, r.pieces, r.info)
+		}
+		return m
+	case kindCompletion:
+		ch := s.completionChoice(j, 0, j.req.Prompt, r)
+		m := fiber.Map{"id": j.id, "object": "text_completion", "created": j.created, "model": j.model,
+			"choices": []any{ch}, "usage": usageOf(r), "system_fingerprint": nil}
+		if j.returnIDs {
+			m["prompt_token_ids"] = ids(j.req.Prompt)
+		}
+		return m
+	default:
+		ch := fiber.Map{"index": 0, "message": fiber.Map{"role": "assistant", "content": r.text, "refusal": nil, "tool_calls": []any{}},
+			"logprobs": nil, "finish_reason": r.finish}
+		if j.logprobs {
+			ch["logprobs"] = s.chatLogprobs(r.choices, r.pieces, r.info)
+		}
+		if j.returnIDs {
+			ch["token_ids"] = ids(r.tokens)
+		}
+		m := fiber.Map{"id": j.id, "object": "chat.completion", "created": j.created, "model": j.model,
+			"choices": []any{ch}, "usage": usageOf(r), "system_fingerprint": nil}
+		if j.returnIDs {
+			m["prompt_token_ids"] = ids(j.req.Prompt)
+		}
+		return m
+	}
+}
+
+// completionChoice is choice index of a completions answer.
+func (s *Server) completionChoice(j *job, index int, prompt []int32, r result) fiber.Map {
+	ch := fiber.Map{"index": index, "text": r.text, "logprobs": nil, "finish_reason": r.finish}
+	if j.logprobs {
+		ch["logprobs"] = s.completionLP(r.choices, r.pieces, r.info, 0)
+	}
+	if j.returnIDs {
+		ch["token_ids"] = ids(r.tokens)
+		ch["prompt_token_ids"] = ids(prompt)
+	}
+	return ch
+}
+
+// completionChunk is a streamed delta of choice index of a completion.
+func (s *Server) completionChunk(j *job, index int, prompt []int32, d delta, first bool) fiber.Map {
+	tok := make([]int32, 0, len(d.choices))
+	for _, c := range d.choices {
+		tok = append(tok, c.ID)
+	}
+	ch := fiber.Map{"index": index, "text": d.text, "logprobs": nil, "finish_reason": nil}
+	if j.logprobs {
+		ch["logprobs"] = s.completionLP(d.choices, d.pieces, d.info, d.offset)
+	}
+	if j.returnIDs {
+		ch["token_ids"] = tok
+		if first {
+			ch["prompt_token_ids"] = ids(prompt)
+		}
+	}
+	return fiber.Map{"id": j.id, "object": "text_completion", "created": j.created, "model": j.model, "choices": []any{ch}}
+}
+
+// completionFinish is the chunk that ends choice index of a stream.
+func completionFinish(j *job, index int, finish string) fiber.Map {
+	return fiber.Map{"id": j.id, "object": "text_completion", "created": j.created, "model": j.model,
+		"choices": []any{fiber.Map{"index": index, "text": "", "logprobs": nil, "finish_reason": finish}}}
+}
+
+// chunk is one streamed delta.
+func (s *Server) chunk(j *job, d delta, first bool) any {
+	tok := make([]int32, 0, len(d.choices))
+	for _, c := range d.choices {
+		tok = append(tok, c.ID)
+	}
+	switch j.kind {
+	case kindInvoke:
+		m := fiber.Map{"id": j.id, "object": "invocation.chunk", "created": j.created, "adapter": j.model,
+			"text": d.text, "token_ids": tok}
+		if first {
+			m["prompt_token_ids"] = ids(j.req.Prompt)
+		}
+		if j.logprobs {
+			m["logprobs"] = s.invokeLogprobs(d.choices, d.pieces, d.info)
+		}
+		return m
+	case kindCompletion:
+		return s.completionChunk(j, 0, j.req.Prompt, d, first)
+	default:
+		dl := fiber.Map{"content": d.text}
+		if first {
+			dl["role"] = "assistant"
+		}
+		ch := fiber.Map{"index": 0, "delta": dl, "logprobs": nil, "finish_reason": nil}
+		if j.logprobs {
+			ch["logprobs"] = s.chatLogprobs(d.choices, d.pieces, d.info)
+		}
+		if j.returnIDs {
+			ch["token_ids"] = tok
+		}
+		m := fiber.Map{"id": j.id, "object": "chat.completion.chunk", "created": j.created, "model": j.model, "choices": []any{ch}}
+		if first && j.returnIDs {
+			m["prompt_token_ids"] = ids(j.req.Prompt)
+		}
+		return m
+	}
+}
+
+// tail are the chunks after the content: the finish reason, then usage.
+func (s *Server) tail(j *job, r result, first bool) []any {
+	switch j.kind {
+	case kindInvoke:
+		return []any{fiber.Map{"id": j.id, "object": "invocation.chunk", "created": j.created, "adapter": j.model,
+			"text": "", "token_ids": []int32{}, "finish_reason": r.finish, "usage": usageOf(r)}}
+	case kindCompletion:
+		out := []any{completionFinish(j, 0, r.finish)}
+		if j.usageChunk {
+			out = append(out, fiber.Map{"id": j.id, "object": "text_completion", "created": j.created, "model": j.model,
+				"choices": []any{}, "usage": usageOf(r)})
+		}
+		return out
+	default:
+		dl := fiber.Map{}
+		if first {
+			dl = fiber.Map{"role": "assistant", "content": ""}
+		}
+		out := []any{fiber.Map{"id": j.id, "object": "chat.completion.chunk", "created": j.created, "model": j.model,
+			"choices": []any{fiber.Map{"index": 0, "delta": dl, "logprobs": nil, "finish_reason": r.finish}}}}
+		if j.usageChunk {
+			out = append(out, fiber.Map{"id": j.id, "object": "chat.completion.chunk", "created": j.created, "model": j.model,
+				"choices": []any{}, "usage": usageOf(r)})
+		}
+		return out
+	}
+}
