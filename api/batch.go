@@ -163,12 +163,13 @@ func (s *Server) generateBatch(c *fiber.Ctx, j *job) error {
 			return e
 		}
 		s.finished(j, fiber.StatusOK, t, nil)
-		choices := make([]any, len(ms))
+		choices := make([]completionChoiceJSON, len(ms))
 		for i, m := range ms {
 			choices[i] = s.completionChoice(j, i, m.j.req.Prompt, m.res)
 		}
-		return c.JSON(fiber.Map{"id": j.id, "object": "text_completion", "created": j.created, "model": j.model,
-			"choices": choices, "usage": usageOf(t), "system_fingerprint": nil})
+		u := usageOf(t)
+		return c.JSON(completionResponse{ID: j.id, Object: "text_completion", Created: j.created, Model: j.model,
+			Choices: choices, Usage: &u, SystemFingerprint: true})
 	}
 	startSSE(c)
 	s.streamBody(c, func(w *bufio.Writer) {
@@ -226,8 +227,9 @@ func (s *Server) generateBatch(c *fiber.Ctx, j *job) error {
 			status, ev = streamErr(err)
 			_ = send(ev)
 		case j.usageChunk:
-			if send(fiber.Map{"id": j.id, "object": "text_completion", "created": j.created, "model": j.model,
-				"choices": []any{}, "usage": usageOf(t)}) != nil {
+			u := usageOf(t)
+			if send(completionResponse{ID: j.id, Object: "text_completion", Created: j.created, Model: j.model,
+				Choices: []completionChoiceJSON{}, Usage: &u}) != nil {
 				status = 499
 			}
 		}

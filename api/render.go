@@ -7,7 +7,6 @@ import (
 	"math"
 	"unicode/utf8"
 
-	"github.com/gofiber/fiber/v2"
 	"github.com/peftd/peftd/runtime/sample"
 )
 
@@ -209,139 +208,140 @@ func ids(ts []int32) []int32 {
 func (s *Server) final(j *job, r result) any {
 	switch j.kind {
 	case kindInvoke:
-		m := fiber.Map{"id": j.id, "object": "invocation", "created": j.created, "adapter": j.model,
-			"text": r.text, "token_ids": ids(r.tokens), "prompt_token_ids": ids(j.req.Prompt),
-			"finish_reason": r.finish, "usage": usageOf(r)}
+		out := invokeResponse{ID: j.id, Object: "invocation", Created: j.created, Adapter: j.model,
+			Text: r.text, TokenIDs: ids(r.tokens), PromptTokenIDs: ids(j.req.Prompt), FinishReason: r.finish, Usage: usageOf(r)}
 		if j.logprobs {
-			m["logprobs"] = s.invokeLogprobs(r.choices, r.pieces, r.info)
+			out.Logprobs = s.invokeLogprobs(r.choices, r.pieces, r.info)
 		}
-		return m
+		return out
 	case kindCompletion:
-		ch := s.completionChoice(j, 0, j.req.Prompt, r)
-		m := fiber.Map{"id": j.id, "object": "text_completion", "created": j.created, "model": j.model,
-			"choices": []any{ch}, "usage": usageOf(r), "system_fingerprint": nil}
+		u := usageOf(r)
+		out := completionResponse{ID: j.id, Object: "text_completion", Created: j.created, Model: j.model,
+			Choices: []completionChoiceJSON{s.completionChoice(j, 0, j.req.Prompt, r)}, Usage: &u, SystemFingerprint: true}
 		if j.returnIDs {
-			m["prompt_token_ids"] = ids(j.req.Prompt)
+			out.PromptTokenIDs = ids(j.req.Prompt)
 		}
-		return m
+		return out
 	default:
-		ch := fiber.Map{"index": 0, "message": fiber.Map{"role": "assistant", "content": r.text, "refusal": nil, "tool_calls": []any{}},
-			"logprobs": nil, "finish_reason": r.finish}
+		ch := chatChoice{Message: &chatMessage{Role: "assistant", Content: r.text, ToolCalls: []any{}}, FinishReason: r.finish}
 		if j.logprobs {
-			ch["logprobs"] = s.chatLogprobs(r.choices, r.pieces, r.info)
+			ch.Logprobs = s.chatLogprobs(r.choices, r.pieces, r.info)
 		}
 		if j.returnIDs {
-			ch["token_ids"] = ids(r.tokens)
+			ch.TokenIDs = ids(r.tokens)
 		}
-		m := fiber.Map{"id": j.id, "object": "chat.completion", "created": j.created, "model": j.model,
-			"choices": []any{ch}, "usage": usageOf(r), "system_fingerprint": nil}
+		u := usageOf(r)
+		out := chatResponse{ID: j.id, Object: "chat.completion", Created: j.created, Model: j.model,
+			Choices: []chatChoice{ch}, Usage: &u, SystemFingerprint: true}
 		if j.returnIDs {
-			m["prompt_token_ids"] = ids(j.req.Prompt)
+			out.PromptTokenIDs = ids(j.req.Prompt)
 		}
-		return m
+		return out
 	}
 }
 
 // completionChoice is choice index of a completions answer.
-func (s *Server) completionChoice(j *job, index int, prompt []int32, r result) fiber.Map {
-	ch := fiber.Map{"index": index, "text": r.text, "logprobs": nil, "finish_reason": r.finish}
+func (s *Server) completionChoice(j *job, index int, prompt []int32, r result) completionChoiceJSON {
+	ch := completionChoiceJSON{Index: index, Text: r.text, FinishReason: r.finish}
 	if j.logprobs {
-		ch["logprobs"] = s.completionLP(r.choices, r.pieces, r.info, 0)
+		ch.Logprobs = s.completionLP(r.choices, r.pieces, r.info, 0)
 	}
 	if j.returnIDs {
-		ch["token_ids"] = ids(r.tokens)
-		ch["prompt_token_ids"] = ids(prompt)
+		ch.TokenIDs, ch.PromptTokenIDs = ids(r.tokens), ids(prompt)
 	}
 	return ch
 }
 
-// completionChunk is a streamed delta of choice index of a completion.
-func (s *Server) completionChunk(j *job, index int, prompt []int32, d delta, first bool) fiber.Map {
-	tok := make([]int32, 0, len(d.choices))
-	for _, c := range d.choices {
+func tokenIDs(cs []sample.Choice) []int32 {
+	tok := make([]int32, 0, len(cs))
+	for _, c := range cs {
 		tok = append(tok, c.ID)
 	}
-	ch := fiber.Map{"index": index, "text": d.text, "logprobs": nil, "finish_reason": nil}
+	return tok
+}
+
+// completionChunk is a streamed delta of choice index of a completion.
+func (s *Server) completionChunk(j *job, index int, prompt []int32, d delta, first bool) completionResponse {
+	ch := completionChoiceJSON{Index: index, Text: d.text}
 	if j.logprobs {
-		ch["logprobs"] = s.completionLP(d.choices, d.pieces, d.info, d.offset)
+		ch.Logprobs = s.completionLP(d.choices, d.pieces, d.info, d.offset)
 	}
 	if j.returnIDs {
-		ch["token_ids"] = tok
+		ch.TokenIDs = tokenIDs(d.choices)
 		if first {
-			ch["prompt_token_ids"] = ids(prompt)
+			ch.PromptTokenIDs = ids(prompt)
 		}
 	}
-	return fiber.Map{"id": j.id, "object": "text_completion", "created": j.created, "model": j.model, "choices": []any{ch}}
+	return completionResponse{ID: j.id, Object: "text_completion", Created: j.created, Model: j.model, Choices: []completionChoiceJSON{ch}}
 }
 
 // completionFinish is the chunk that ends choice index of a stream.
-func completionFinish(j *job, index int, finish string) fiber.Map {
-	return fiber.Map{"id": j.id, "object": "text_completion", "created": j.created, "model": j.model,
-		"choices": []any{fiber.Map{"index": index, "text": "", "logprobs": nil, "finish_reason": finish}}}
+func completionFinish(j *job, index int, finish string) completionResponse {
+	return completionResponse{ID: j.id, Object: "text_completion", Created: j.created, Model: j.model,
+		Choices: []completionChoiceJSON{{Index: index, FinishReason: finish}}}
 }
 
 // chunk is one streamed delta.
 func (s *Server) chunk(j *job, d delta, first bool) any {
-	tok := make([]int32, 0, len(d.choices))
-	for _, c := range d.choices {
-		tok = append(tok, c.ID)
-	}
 	switch j.kind {
 	case kindInvoke:
-		m := fiber.Map{"id": j.id, "object": "invocation.chunk", "created": j.created, "adapter": j.model,
-			"text": d.text, "token_ids": tok}
+		out := invokeChunk{ID: j.id, Object: "invocation.chunk", Created: j.created, Adapter: j.model,
+			Text: d.text, TokenIDs: tokenIDs(d.choices)}
 		if first {
-			m["prompt_token_ids"] = ids(j.req.Prompt)
+			out.PromptTokenIDs = ids(j.req.Prompt)
 		}
 		if j.logprobs {
-			m["logprobs"] = s.invokeLogprobs(d.choices, d.pieces, d.info)
+			out.Logprobs = s.invokeLogprobs(d.choices, d.pieces, d.info)
 		}
-		return m
+		return out
 	case kindCompletion:
 		return s.completionChunk(j, 0, j.req.Prompt, d, first)
 	default:
-		dl := fiber.Map{"content": d.text}
+		text := d.text
+		dl := &chatDelta{Content: &text}
 		if first {
-			dl["role"] = "assistant"
+			dl.Role = "assistant"
 		}
-		ch := fiber.Map{"index": 0, "delta": dl, "logprobs": nil, "finish_reason": nil}
+		ch := chatChoice{Delta: dl}
 		if j.logprobs {
-			ch["logprobs"] = s.chatLogprobs(d.choices, d.pieces, d.info)
+			ch.Logprobs = s.chatLogprobs(d.choices, d.pieces, d.info)
 		}
 		if j.returnIDs {
-			ch["token_ids"] = tok
+			ch.TokenIDs = tokenIDs(d.choices)
 		}
-		m := fiber.Map{"id": j.id, "object": "chat.completion.chunk", "created": j.created, "model": j.model, "choices": []any{ch}}
+		out := chatResponse{ID: j.id, Object: "chat.completion.chunk", Created: j.created, Model: j.model, Choices: []chatChoice{ch}}
 		if first && j.returnIDs {
-			m["prompt_token_ids"] = ids(j.req.Prompt)
+			out.PromptTokenIDs = ids(j.req.Prompt)
 		}
-		return m
+		return out
 	}
 }
 
 // tail are the chunks after the content: the finish reason, then usage.
 func (s *Server) tail(j *job, r result, first bool) []any {
+	u := usageOf(r)
 	switch j.kind {
 	case kindInvoke:
-		return []any{fiber.Map{"id": j.id, "object": "invocation.chunk", "created": j.created, "adapter": j.model,
-			"text": "", "token_ids": []int32{}, "finish_reason": r.finish, "usage": usageOf(r)}}
+		return []any{invokeChunk{ID: j.id, Object: "invocation.chunk", Created: j.created, Adapter: j.model,
+			TokenIDs: []int32{}, FinishReason: r.finish, Usage: &u}}
 	case kindCompletion:
 		out := []any{completionFinish(j, 0, r.finish)}
 		if j.usageChunk {
-			out = append(out, fiber.Map{"id": j.id, "object": "text_completion", "created": j.created, "model": j.model,
-				"choices": []any{}, "usage": usageOf(r)})
+			out = append(out, completionResponse{ID: j.id, Object: "text_completion", Created: j.created, Model: j.model,
+				Choices: []completionChoiceJSON{}, Usage: &u})
 		}
 		return out
 	default:
-		dl := fiber.Map{}
+		dl := &chatDelta{}
 		if first {
-			dl = fiber.Map{"role": "assistant", "content": ""}
+			empty := ""
+			dl = &chatDelta{Role: "assistant", Content: &empty}
 		}
-		out := []any{fiber.Map{"id": j.id, "object": "chat.completion.chunk", "created": j.created, "model": j.model,
-			"choices": []any{fiber.Map{"index": 0, "delta": dl, "logprobs": nil, "finish_reason": r.finish}}}}
+		out := []any{chatResponse{ID: j.id, Object: "chat.completion.chunk", Created: j.created, Model: j.model,
+			Choices: []chatChoice{{Delta: dl, FinishReason: r.finish}}}}
 		if j.usageChunk {
-			out = append(out, fiber.Map{"id": j.id, "object": "chat.completion.chunk", "created": j.created, "model": j.model,
-				"choices": []any{}, "usage": usageOf(r)})
+			out = append(out, chatResponse{ID: j.id, Object: "chat.completion.chunk", Created: j.created, Model: j.model,
+				Choices: []chatChoice{}, Usage: &u})
 		}
 		return out
 	}
