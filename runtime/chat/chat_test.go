@@ -47,7 +47,15 @@ func TestLlama31Fixture(t *testing.T) {
 		t.Errorf("eos_token = %q, want %q", got, want)
 	}
 
-	raw, err := os.ReadFile(filepath.Join(llama3Dir, "expected.json"))
+	checkChatFixture(t, tmpl, filepath.Join(llama3Dir, "expected.json"))
+}
+
+// checkChatFixture renders every chat case of a tokenizer fixture
+// (tools/make_tokenizer_fixture.py: transformers' apply_chat_template) with
+// tmpl and compares byte for byte.
+func checkChatFixture(t *testing.T, tmpl *Template, path string) {
+	t.Helper()
+	raw, err := os.ReadFile(path)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -58,7 +66,7 @@ func TestLlama31Fixture(t *testing.T) {
 		t.Fatal(err)
 	}
 	if len(fx.Chat) == 0 {
-		t.Fatal("expected.json has no chat cases")
+		t.Fatalf("%s has no chat cases", path)
 	}
 	for i, c := range fx.Chat {
 		got, err := tmpl.Render(c.Messages, c.AddGenerationPrompt)

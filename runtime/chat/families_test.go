@@ -1,7 +1,6 @@
 package chat
 
 import (
-	"encoding/json"
 	"os"
 	"path/filepath"
 	"testing"
@@ -25,29 +24,7 @@ func TestFamilyTemplates(t *testing.T) {
 			if err != nil {
 				t.Fatalf("LoadTemplate: %v", err)
 			}
-			raw, err := os.ReadFile(filepath.Join(root, "expected.json"))
-			if err != nil {
-				t.Fatal(err)
-			}
-			var fx struct {
-				Chat []chatCase `json:"chat"`
-			}
-			if err := json.Unmarshal(raw, &fx); err != nil {
-				t.Fatal(err)
-			}
-			if len(fx.Chat) == 0 {
-				t.Fatal("no chat cases")
-			}
-			for i, c := range fx.Chat {
-				got, err := tmpl.Render(c.Messages, c.AddGenerationPrompt)
-				if err != nil {
-					t.Errorf("case %d: Render: %v", i, err)
-					continue
-				}
-				if got != c.Text {
-					t.Errorf("case %d: Render mismatch\n got: %q\nwant: %q", i, got, c.Text)
-				}
-			}
+			checkChatFixture(t, tmpl, filepath.Join(root, "expected.json"))
 		})
 	}
 }
