@@ -23,43 +23,51 @@ func (m *Manager) janitor() {
 	}
 }
 
-// sweep runs one janitor pass.
+// sweep runs one janitor pass: replaced and deleted versions no lease
+// holds leave every tier; then current versions unused for DeviceTTL leave
+// the device, then (read again, so that those just unloaded count) those
+// unused for HostTTL leave host memory; then the host budget applies.
+// Pinned adapters stay. Each step asks its index for its rows alone.
 func (m *Manager) sweep() {
 	now := m.now()
-	var rows []*adapterRow
-	it, err := m.db.Txn(false).Get(tableAdapters, indexID)
-	if err != nil {
-		panic(err)
-	}
-	for o := it.Next(); o != nil; o = it.Next() {
-		rows = append(rows, o.(*adapterRow))
-	}
 	idle := func(r *adapterRow, ttl time.Duration) bool {
-		return ttl > 0 && r.Refs == 0 && !r.Pinned && now.Sub(r.LastUsed) >= ttl
+		return r.Refs == 0 && now.Sub(r.LastUsed) >= ttl
 	}
-	for _, r := range rows {
+	for _, r := range reapableRows(m.db.Txn(false)) {
 		if m.ctx.Err() != nil {
 			return
 		}
-		switch {
-		case !r.Current && r.Refs == 0:
-			m.reap(r)
-		case r.Dev == devLoaded && idle(r, m.opts.DeviceTTL):
-			m.unload(r.Key, func(r *adapterRow) bool { return r.Dev == devLoaded && idle(r, m.opts.DeviceTTL) })
+		m.reap(r)
+	}
+	if ttl := m.opts.DeviceTTL; ttl > 0 {
+		for _, r := range idleRows(m.db.Txn(false), indexDeviceLRU, now, ttl) {
+			if m.ctx.Err() != nil {
+				return
+			}
+			m.unload(r.Key, func(txn *memdb.Txn, r *adapterRow) bool {
+				return r.Dev == devLoaded && idle(r, ttl) && !pinned(txn, r)
+			})
 		}
-		if r.Current && r.Host != nil && idle(r, m.opts.HostTTL) {
-			m.dropHost(r.Key, func(r *adapterRow) bool { return hostEvictable(r) && idle(r, m.opts.HostTTL) })
+	}
+	if ttl := m.opts.HostTTL; ttl > 0 {
+		for _, r := range idleRows(m.db.Txn(false), indexHostIdle, now, ttl) {
+			if m.ctx.Err() != nil {
+				return
+			}
+			m.dropHost(r.Key, func(txn *memdb.Txn, r *adapterRow) bool {
+				return hostEvictable(r) && idle(r, ttl) && !pinned(txn, r)
+			})
 		}
 	}
 	m.trimHost()
 }
 
-// unload takes a version off the device if still(r) holds: the slot is
+// unload takes a version off the device if still(txn, r) holds: the slot is
 // marked unloading (not free, not servable) during the Device call.
-func (m *Manager) unload(key string, still func(*adapterRow) bool) bool {
+func (m *Manager) unload(key string, still func(*memdb.Txn, *adapterRow) bool) bool {
 	txn := m.db.Txn(true)
 	r, _ := rowByKey(txn, key)
-	if r == nil || !still(r) {
+	if r == nil || !still(txn, r) {
 		txn.Abort()
 		return false
 	}
@@ -83,11 +91,11 @@ func (m *Manager) unload(key string, still func(*adapterRow) bool) bool {
 	return true
 }
 
-func (m *Manager) dropHost(key string, still func(*adapterRow) bool) {
+func (m *Manager) dropHost(key string, still func(*memdb.Txn, *adapterRow) bool) {
 	txn := m.db.Txn(true)
 	defer txn.Abort()
 	r, _ := rowByKey(txn, key)
-	if r == nil || !still(r) {
+	if r == nil || !still(txn, r) {
 		return
 	}
 	c := r.copy()
@@ -99,32 +107,21 @@ func (m *Manager) dropHost(key string, still func(*adapterRow) bool) {
 
 // reap removes a replaced or deleted version from every tier once unused.
 func (m *Manager) reap(r *adapterRow) {
-	unused := func(r *adapterRow) bool { return !r.Current && r.Refs == 0 }
 	if r.Dev == devLoaded {
-		m.unload(r.Key, func(r *adapterRow) bool { return unused(r) && r.Dev == devLoaded })
+		m.unload(r.Key, func(_ *memdb.Txn, r *adapterRow) bool { return reapable(r) && r.Dev == devLoaded })
 	}
 	txn := m.db.Txn(true)
 	defer txn.Abort()
 	cur, _ := rowByKey(txn, r.Key)
-	if cur == nil || !unused(cur) || cur.Dev != devNone || cur.Fetch {
+	if cur == nil || !reapable(cur) || cur.Dev != devNone || cur.Fetch {
 		return
 	}
-	if err := txn.Delete(tableAdapters, cur); err != nil {
-		panic(err)
-	}
-	remaining := first(txn, cur.ID)
+	schemaBug(txn.Delete(tableAdapters, cur))
+	remaining := hasVersion(txn, cur.ID)
 	txn.Commit()
-	if m.disk != nil && cur.Deleted && remaining == nil {
+	if m.disk != nil && cur.Deleted && !remaining {
 		if err := m.disk.remove(cur.ID); err != nil {
 			m.log.Warn("loader: disk cache remove failed", "id", cur.ID, "err", err)
 		}
 	}
-}
-
-func first(txn *memdb.Txn, id string) any {
-	o, err := txn.First(tableAdapters, indexAdapter, id)
-	if err != nil {
-		panic(err)
-	}
-	return o
 }

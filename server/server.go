@@ -114,14 +114,17 @@ type Config struct {
 
 // Server is a running peftd: call Serve, then Shutdown.
 type Server struct {
-	cfg    Config
-	mon    *gpuinfo.Monitor // nil without NVML
-	log    *slog.Logger
-	model  *llama.Model
-	core   *Core
-	api    *api.Server
-	keys   *api.Keys
-	device string
+	cfg   Config
+	mon   *gpuinfo.Monitor // nil without NVML
+	log   *slog.Logger
+	model *llama.Model
+	// backend is the compute backend until NewCore takes it over (it then
+	// closes it, also when it fails).
+	backend engine.Backend
+	core    *Core
+	api     *api.Server
+	keys    *api.Keys
+	device  string
 
 	shutOnce sync.Once
 	shutErr  error
@@ -185,10 +188,9 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 	if err != nil {
 		return nil, err
 	}
-	s.device = dev
+	s.device, s.backend = dev, be
 	m, tok, err := OpenModel(ctx, cfg.Model, log)
 	if err != nil {
-		be.Close()
 		return nil, err
 	}
 	s.model = m
@@ -197,7 +199,6 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 	tmpl, err := chat.LoadTemplate(m.Dir)
 	if err != nil {
 		if !errors.Is(err, chat.ErrNoTemplate) && !errors.Is(err, fs.ErrNotExist) {
-			be.Close()
 			return nil, err
 		}
 		tmpl = nil
@@ -210,18 +211,15 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 	if storeURL == "" {
 		storeURL = filepath.Join(models.DefaultCacheDir(), "adapters")
 		if err := seedStore(storeURL); err != nil {
-			be.Close()
 			return nil, err
 		}
 	}
 	openURL, err := withSQSQueue(storeURL, cfg.SQSQueueURL)
 	if err != nil { // checked at the top already
-		be.Close()
 		return nil, err
 	}
 	st, err := store.Open(openURL, log)
 	if err != nil {
-		be.Close()
 		return nil, fmt.Errorf("server: store: %w", err)
 	}
 	cacheDir := cfg.CacheDir
@@ -238,13 +236,13 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 			met.Registry.MustRegister(newGPUCollector(s.mon))
 			if kvBlocks == 0 {
 				if kvBlocks, err = gpuKVBlocks(s.mon, cfg, m.Config, log); err != nil {
-					be.Close()
 					return nil, err
 				}
 			}
 		}
 	}
 	hostBytes, diskBytes := cacheBounds(cfg, m, dev, kvBlocks, cacheDir, log)
+	s.backend = nil // NewCore owns it from here, and closes it if it fails
 	core, err := NewCore(ctx, CoreConfig{Model: m, Backend: be, Store: st, Slots: cfg.Slots, KVBlocks: kvBlocks, NoPrefixCache: cfg.NoPrefixCache,
 		MaxBatchTokens: cfg.MaxBatchTokens, MaxQueue: cfg.MaxQueue, CacheDir: cacheDir, MaxAdapterBytes: cfg.MaxUpload,
 		HostBytes: hostBytes, DiskBytes: diskBytes,
@@ -386,6 +384,12 @@ func (s *Server) Shutdown(ctx context.Context) error {
 // closeParts closes the core (scheduler, loader, engine) and the model.
 func (s *Server) closeParts() error {
 	var errs []error
+	if s.backend != nil {
+		if err := s.backend.Close(); err != nil {
+			errs = append(errs, fmt.Errorf("backend: %w", err))
+		}
+		s.backend = nil
+	}
 	if s.core != nil {
 		if err := s.core.Close(); err != nil {
 			errs = append(errs, err)
