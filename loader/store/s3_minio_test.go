@@ -96,7 +96,7 @@ func TestMinIOUploadSeenThroughEvents(t *testing.T) {
 	srv.MakeBucket(t, "events")
 	s := minioStore(t, srv, "events", "adapters", store.S3Options{})
 	ch := watch(t, s)
-	proof := waitFor(t, 10*time.Second, "notification stream proven", func() bool { return store.ListenProven(s) })
+	proof := waitFor(t, 20*time.Second, "notification stream proven", func() bool { return store.ListenProven(s) })
 	t.Logf("stream proven %v after Watch", proof.Round(time.Millisecond))
 	for i, id := range []string{"first", "second", "third"} {
 		d := uploadAndWait(t, srv, ch, "events", "adapters/"+id, id, 10*time.Second)
@@ -185,14 +185,14 @@ func TestMinIOFallbackWhenStreamDies(t *testing.T) {
 		s := minioStore(t, srv, "fallback", "r", store.S3Options{PollInterval: time.Second})
 		store.SetListenTiming(s, 2*time.Second, 25*time.Second, 100*time.Millisecond, time.Second)
 		ch := watch(t, s)
-		waitFor(t, 10*time.Second, "proven", func() bool { return store.ListenProven(s) })
+		waitFor(t, 20*time.Second, "proven", func() bool { return store.ListenProven(s) })
 		srv.Stop()
 		d := waitFor(t, 10*time.Second, "back to polling", func() bool { return !store.ListenProven(s) })
 		t.Logf("stream loss noticed after %v", d.Round(time.Millisecond))
 		if err := srv.Restart(); err != nil {
 			t.Fatal(err)
 		}
-		d = waitFor(t, 15*time.Second, "proven again", func() bool { return store.ListenProven(s) })
+		d = waitFor(t, 25*time.Second, "proven again", func() bool { return store.ListenProven(s) })
 		t.Logf("stream proven again %v after the restart", d.Round(time.Millisecond))
 		if d := uploadAndWait(t, srv, ch, "fallback", "r/back", "back", 5*time.Second); d > time.Second {
 			t.Errorf("upload after the restart seen after %v", d)
@@ -204,20 +204,25 @@ func TestMinIOFallbackWhenStreamDies(t *testing.T) {
 		s := minioStore(t, srv, "fallback", "c", store.S3Options{PollInterval: 2 * time.Second})
 		store.SetListenTiming(s, time.Second, 25*time.Second, 100*time.Millisecond, time.Second)
 		real := store.RealListen(s)
+		// Real streams until the test cuts a proven one (a real stream that
+		// fails on its own before, e.g. on a server still starting, is just
+		// reopened); silent ones after.
 		var mu sync.Mutex
 		var cut context.CancelFunc
+		cutDone := false
 		store.SetListen(s, func(ctx context.Context) <-chan notification.Info {
 			mu.Lock()
 			defer mu.Unlock()
-			if cut != nil {
+			if cutDone {
 				return silentListen(ctx)
 			}
 			ctx, cut = context.WithCancel(ctx)
 			return real(ctx)
 		})
 		ch := watch(t, s)
-		waitFor(t, 10*time.Second, "proven", func() bool { return store.ListenProven(s) })
+		waitFor(t, 20*time.Second, "proven", func() bool { return store.ListenProven(s) })
 		mu.Lock()
+		cutDone = true
 		cut()
 		mu.Unlock()
 		waitFor(t, 10*time.Second, "back to polling", func() bool { return !store.ListenProven(s) })
