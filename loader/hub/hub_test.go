@@ -16,29 +16,13 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/peftd/peftd/internal/testlog"
 )
 
-// syncBuffer collects log lines from parallel downloads.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
 // testOptions points at the fake Hub, with a fresh cache and fast retries.
-func testOptions(t *testing.T, h *fakeHub) (Options, *syncBuffer) {
-	buf := &syncBuffer{}
+func testOptions(t *testing.T, h *fakeHub) (Options, *testlog.Buffer) {
+	buf := &testlog.Buffer{}
 	log := slog.New(slog.NewTextHandler(buf, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	t.Cleanup(func() {
 		if t.Failed() {

@@ -1,7 +1,6 @@
 package store
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"log/slog"
@@ -13,6 +12,7 @@ import (
 
 	"github.com/minio/minio-go/v7"
 	"github.com/minio/minio-go/v7/pkg/notification"
+	"github.com/peftd/peftd/internal/testlog"
 )
 
 // fakeBucket is a bucket with a notification stream, for the mode logic
@@ -131,35 +131,17 @@ func (f *fakeBucket) set(fn func(f *fakeBucket)) {
 	fn(f)
 }
 
-// syncBuffer is a log sink safe for concurrent writes.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
 type watchRun struct {
 	f      *fakeBucket
 	proven *atomic.Bool
 	ch     chan Event
-	logs   *syncBuffer
+	logs   *testlog.Buffer
 }
 
 func startWatch(t *testing.T, f *fakeBucket, poll, resync time.Duration, tm listenTiming) *watchRun {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
-	r := &watchRun{f: f, proven: new(atomic.Bool), ch: make(chan Event, 64), logs: &syncBuffer{}}
+	r := &watchRun{f: f, proven: new(atomic.Bool), ch: make(chan Event, 64), logs: &testlog.Buffer{}}
 	w := &listenWatch{prefix: "p/", list: f.list, listen: f.listen, putProbe: f.putProbe, poll: poll, resync: resync,
 		timing: tm, log: slog.New(slog.NewTextHandler(r.logs, nil)), proven: r.proven}
 	done := make(chan struct{})
