@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"sync/atomic"
 	"time"
 
@@ -166,7 +167,11 @@ func (m *Manager) Acquire(ctx context.Context, id string) (*Lease, error) {
 		m.evictHost(txn, c.Key) // the victim may leave host memory too
 		txn.Commit()
 
+		t0 := m.now()
 		lerr := m.opts.Device.Load(ctx, slot, a)
+		if lerr == nil {
+			m.phase(id, "device", t0)
+		}
 
 		if lerr != nil {
 			// Clear the slot while it is still ours (devLoading), then free it.
@@ -192,7 +197,12 @@ func (m *Manager) Acquire(ctx context.Context, id string) (*Lease, error) {
 		mustInsert(txn, c)
 		m.deviceLoads.Add(1)
 		txn.Commit()
-		m.log.Debug("loader: adapter loaded", "id", id, "version", c.Version, "slot", slot, "source", source, "latency", c.LoadLatency)
+		lvl := slog.LevelDebug
+		if source == TierStore {
+			lvl = slog.LevelInfo // a cold load: say where its time went (phases in peftd_adapter_load_phase_seconds)
+		}
+		m.log.Log(ctx, lvl, "adapter loaded", "id", id, "version", c.Version, "slot", slot, "source", source.String(),
+			"ms", float64(c.LoadLatency.Microseconds())/1000)
 		if m.opts.OnLoad != nil {
 			m.opts.OnLoad(id, source, c.LoadLatency)
 		}

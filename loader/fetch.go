@@ -104,9 +104,11 @@ func (m *Manager) fetch(id, version string) (*lora.Adapter, Tier, error) {
 	var cfg, w []byte
 	src := TierStore
 	if m.disk != nil {
+		t0 := m.now()
 		if c, wb, ok := m.disk.get(id, version, m.opts.MaxAdapterBytes); ok {
 			cfg, w, src = c, wb, TierDisk
 			m.diskHits.Add(1)
+			m.phase(id, "fetch_disk", t0)
 		}
 	}
 	if src == TierStore {
@@ -140,6 +142,7 @@ func (m *Manager) fetch(id, version string) (*lora.Adapter, Tier, error) {
 			return nil, 0, fmt.Errorf("loader: fetch %s: %w", id, storeErr(err))
 		}
 		cfg, w = c, wb
+		m.phase(id, "fetch_store", seen)
 		if etag != version {
 			// The store moved on between Stat and Get: what we hold is etag.
 			m.setFetch(key, false)
@@ -152,7 +155,9 @@ func (m *Manager) fetch(id, version string) (*lora.Adapter, Tier, error) {
 			defer m.setFetch(key, false)
 		}
 	}
+	t0 := m.now()
 	a, err := lora.Parse(id, cfg, w, m.opts.Base)
+	m.phase(id, "validate", t0)
 	if err != nil {
 		m.invalid.Add(1)
 		m.recordInvalid(key, err)
@@ -164,7 +169,10 @@ func (m *Manager) fetch(id, version string) (*lora.Adapter, Tier, error) {
 	}
 	onDisk := src == TierDisk
 	if src == TierStore && m.disk != nil {
-		if err := m.disk.put(id, version, cfg, w); err != nil {
+		t0 := m.now()
+		err := m.disk.put(id, version, cfg, w)
+		m.phase(id, "disk_write", t0)
+		if err != nil {
 			m.log.Warn("loader: disk cache write failed", "id", id, "err", err)
 		} else {
 			onDisk = true

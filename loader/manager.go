@@ -152,6 +152,12 @@ type Options struct {
 	NoWatch bool
 	// Progress, if set, is called while an adapter downloads.
 	Progress func(id string, done, total int64)
+	// OnPhase, if set, is called as an adapter makes its way to the device,
+	// with how long each phase took: "fetch_store" or "fetch_disk" (the
+	// files read), "validate" (parsed and checked against the base model),
+	// "disk_write" (the disk tier written, on the request's path), "device"
+	// (Device.Load: staging and upload).
+	OnPhase func(id, phase string, d time.Duration)
 	// OnLoad, if set, is called after each device load with where the
 	// adapter came from (TierStore, TierDisk or TierHost) and how long it
 	// took from the first need to the adapter sitting in its slot.
@@ -266,5 +272,12 @@ func (m *Manager) kickJanitor() {
 	select {
 	case m.kick <- struct{}{}:
 	default:
+	}
+}
+
+// phase reports how long a load phase took (Options.OnPhase).
+func (m *Manager) phase(id, name string, since time.Time) {
+	if m.opts.OnPhase != nil {
+		m.opts.OnPhase(id, name, m.now().Sub(since))
 	}
 }

@@ -106,7 +106,7 @@ func NewCore(ctx context.Context, cc CoreConfig) (*Core, error) {
 	col := newLoaderCollector()
 	mgr, err := loader.New(ctx, loader.Options{Store: cc.Store, Device: sched, Base: cc.Model.Config, Slots: cc.Slots,
 		CacheDir: cc.CacheDir, MaxAdapterBytes: adapterBound(cc), HostBytes: max(cc.HostBytes, 0), DiskBytes: max(cc.DiskBytes, 0), DeviceTTL: cc.DeviceTTL, HostTTL: cc.HostTTL,
-		RecheckInterval: cc.RecheckInterval, JanitorInterval: cc.JanitorInterval, OnLoad: col.onLoad, Logger: log,
+		RecheckInterval: cc.RecheckInterval, JanitorInterval: cc.JanitorInterval, OnLoad: col.onLoad, OnPhase: col.onPhase, Logger: log,
 		Progress: modelfetch.LogProgress(log, "downloading adapter", 5*time.Second)})
 	if err != nil {
 		sched.Close()

@@ -18,7 +18,7 @@ type loaderCollector struct {
 	cacheLimit                        *prometheus.Desc
 	fetches, diskHits, loads, invalid *prometheus.Desc
 	idle, slots, slotsUsed            *prometheus.Desc
-	loadSeconds                       *prometheus.HistogramVec
+	loadSeconds, phaseSeconds         *prometheus.HistogramVec
 }
 
 var tiers = []loader.Tier{loader.TierStore, loader.TierDisk, loader.TierHost, loader.TierDevice}
@@ -45,14 +45,24 @@ func newLoaderCollector() *loaderCollector {
 			Help:    "Time from an adapter being needed to it sitting in a device slot, by where it came from (store, disk, host).",
 			Buckets: []float64{.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60}}, []string{"source"}),
 	}
+	c.phaseSeconds = prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: "peftd_adapter_load_phase_seconds",
+		Help:    "Where a cold adapter's time goes, by phase: fetch_store, fetch_disk (files read), validate (parsed and checked against the base model), disk_write (the disk tier written), device (staged and uploaded into its slot).",
+		Buckets: []float64{.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30}}, []string{"phase"})
 	for _, t := range []loader.Tier{loader.TierStore, loader.TierDisk, loader.TierHost} {
 		c.loadSeconds.WithLabelValues(t.String()) // export zeros before the first load
+	}
+	for _, p := range []string{"fetch_store", "fetch_disk", "validate", "disk_write", "device"} {
+		c.phaseSeconds.WithLabelValues(p)
 	}
 	return c
 }
 
 func (c *loaderCollector) onLoad(id string, source loader.Tier, d time.Duration) {
 	c.loadSeconds.WithLabelValues(source.String()).Observe(d.Seconds())
+}
+
+func (c *loaderCollector) onPhase(id, phase string, d time.Duration) {
+	c.phaseSeconds.WithLabelValues(phase).Observe(d.Seconds())
 }
 
 // Describe implements prometheus.Collector.
@@ -62,11 +72,13 @@ func (c *loaderCollector) Describe(ch chan<- *prometheus.Desc) {
 		ch <- d
 	}
 	c.loadSeconds.Describe(ch)
+	c.phaseSeconds.Describe(ch)
 }
 
 // Collect implements prometheus.Collector.
 func (c *loaderCollector) Collect(ch chan<- prometheus.Metric) {
 	c.loadSeconds.Collect(ch)
+	c.phaseSeconds.Collect(ch)
 	core := c.core.Load()
 	if core == nil {
 		return

@@ -61,6 +61,20 @@ func TestConcurrentCoBatched(t *testing.T) {
 	if loads, _ := apitest.Value(ms, "peftd_adapter_loads_total"); timed != loads {
 		t.Errorf("peftd_adapter_load_seconds counts %v loads, peftd_adapter_loads_total %v", timed, loads)
 	}
+	// Where cold time goes: every store fetch was read, validated and
+	// written to disk; every device load is a device phase.
+	for phase, want := range map[string]float64{"fetch_store": 4, "disk_write": 4} {
+		if v, _ := apitest.Value(ms, "peftd_adapter_load_phase_seconds_count", "phase", phase); v != want {
+			t.Errorf("peftd_adapter_load_phase_seconds{phase=%q} counts %v, want %v", phase, v, want)
+		}
+	}
+	fetched, _ := apitest.Value(ms, "peftd_adapter_load_phase_seconds_count", "phase", "fetch_disk")
+	if v, _ := apitest.Value(ms, "peftd_adapter_load_phase_seconds_count", "phase", "validate"); v != 4+fetched {
+		t.Errorf("validate phases %v, want one per fetch (%v)", v, 4+fetched)
+	}
+	if v, _ := apitest.Value(ms, "peftd_adapter_load_phase_seconds_count", "phase", "device"); v != timed {
+		t.Errorf("device phases %v, want one per device load (%v)", v, timed)
+	}
 	if v, ok := apitest.Value(ms, "peftd_adapters", "tier", "device"); !ok || v != 2 {
 		t.Errorf("peftd_adapters{tier=\"device\"} = %v, want 2", v)
 	}
