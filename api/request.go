@@ -19,9 +19,9 @@ import (
 
 	"github.com/gofiber/fiber/v2"
 	"github.com/peftd/peftd/loader/store"
-	"github.com/peftd/peftd/runtime/chat"
 	"github.com/peftd/peftd/runtime/sample"
 	"github.com/peftd/peftd/scheduler"
+	"github.com/peftd/peftd/text/chat"
 )
 
 type kind int

@@ -13,7 +13,7 @@ import (
 
 	"github.com/peftd/peftd/api"
 	"github.com/peftd/peftd/internal/adaptertest"
-	"github.com/peftd/peftd/runtime/chat"
+	"github.com/peftd/peftd/text/chat"
 )
 
 const (

@@ -7,7 +7,7 @@ import (
 	"testing"
 	"unicode/utf8"
 
-	"github.com/peftd/peftd/runtime/tokenizer"
+	"github.com/peftd/peftd/text/tokenizer"
 )
 
 // generation is what one choice of a route returned, streamed or not.

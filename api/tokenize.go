@@ -4,8 +4,8 @@ package api
 
 import (
 	"github.com/gofiber/fiber/v2"
-	"github.com/peftd/peftd/runtime/chat"
-	"github.com/peftd/peftd/runtime/tokenizer"
+	"github.com/peftd/peftd/text/chat"
+	"github.com/peftd/peftd/text/tokenizer"
 )
 
 type tokenizeRequest struct {

@@ -25,8 +25,8 @@ import (
 	"github.com/peftd/peftd/loadgen"
 	"github.com/peftd/peftd/runtime/cpu"
 	"github.com/peftd/peftd/runtime/llama"
-	"github.com/peftd/peftd/runtime/tokenizer"
 	"github.com/peftd/peftd/server"
+	"github.com/peftd/peftd/text/tokenizer"
 )
 
 func TestSoakClassify(t *testing.T) {

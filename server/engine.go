@@ -9,7 +9,7 @@ import (
 	"github.com/peftd/peftd/runtime/gpu"
 	"github.com/peftd/peftd/runtime/gpuinfo"
 	"github.com/peftd/peftd/runtime/llama"
-	"github.com/peftd/peftd/runtime/tokenizer"
+	"github.com/peftd/peftd/text/tokenizer"
 )
 
 // EngineConfig configures OpenEngine.

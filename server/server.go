@@ -24,14 +24,14 @@ import (
 	"github.com/peftd/peftd/loader/modelfetch"
 	"github.com/peftd/peftd/loader/store"
 	"github.com/peftd/peftd/models"
-	"github.com/peftd/peftd/runtime/chat"
 	"github.com/peftd/peftd/runtime/cpu"
 	"github.com/peftd/peftd/runtime/engine"
 	"github.com/peftd/peftd/runtime/gpu"
 	"github.com/peftd/peftd/runtime/gpuinfo"
 	"github.com/peftd/peftd/runtime/llama"
 	"github.com/peftd/peftd/runtime/lora"
-	"github.com/peftd/peftd/runtime/tokenizer"
+	"github.com/peftd/peftd/text/chat"
+	"github.com/peftd/peftd/text/tokenizer"
 )
 
 // Scale-to-zero defaults for peftd serve: an adapter unused this long leaves

@@ -11,9 +11,9 @@ import (
 	"github.com/peftd/peftd/runtime/llama"
 	"github.com/peftd/peftd/runtime/lora"
 	"github.com/peftd/peftd/runtime/sample"
-	"github.com/peftd/peftd/runtime/tokenizer"
 	"github.com/peftd/peftd/scheduler"
 	"github.com/peftd/peftd/server"
+	"github.com/peftd/peftd/text/tokenizer"
 )
 
 type genOutput struct {

@@ -7,8 +7,8 @@ import (
 	"fmt"
 	"io"
 
-	"github.com/peftd/peftd/runtime/tokenizer"
 	"github.com/peftd/peftd/server"
+	"github.com/peftd/peftd/text/tokenizer"
 )
 
 func cmdTokenize(ctx context.Context, args []string, stdout, stderr io.Writer) error {

@@ -11,7 +11,7 @@ import (
 
 	"github.com/peftd/peftd/models"
 	"github.com/peftd/peftd/runtime/llama"
-	"github.com/peftd/peftd/runtime/tokenizer"
+	"github.com/peftd/peftd/text/tokenizer"
 )
 
 // TestStories260KFromTheHub is what `peftd generate --model
