@@ -16,11 +16,11 @@ import (
 	"github.com/peftd/peftd/internal/adaptertest"
 )
 
-// uploadCase is a hostile adapter upload: its body and content type.
+// uploadCase is a hostile adapter upload and the status it must get.
 type uploadCase struct {
-	name, ctype string
-	body        []byte
-	status      int // 0: any 4xx
+	name   string
+	body   []byte
+	status int // 0: any 4xx
 }
 
 // mutateConfig returns the pirate adapter's config with key set to raw

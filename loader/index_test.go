@@ -34,11 +34,10 @@ func loaded(slot int, used time.Time) func(*adapterRow) {
 		r.Host, r.Bytes = &lora.Adapter{}, 100
 	}
 }
-func dev(d devState) func(*adapterRow)   { return func(r *adapterRow) { r.Dev = d } }
-func refs(n int) func(*adapterRow)       { return func(r *adapterRow) { r.Refs = n } }
-func replaced(r *adapterRow)             { r.Current = false }
-func fetching(r *adapterRow)             { r.Fetch = true }
-func used(t time.Time) func(*adapterRow) { return func(r *adapterRow) { r.LastUsed = t } }
+func dev(d devState) func(*adapterRow) { return func(r *adapterRow) { r.Dev = d } }
+func refs(n int) func(*adapterRow)     { return func(r *adapterRow) { r.Refs = n } }
+func replaced(r *adapterRow)           { r.Current = false }
+func fetching(r *adapterRow)           { r.Fetch = true }
 func inHostMem(bytes int64, used, fetched time.Time) func(*adapterRow) {
 	return func(r *adapterRow) {
 		r.Host, r.Bytes, r.LastUsed, r.HostAt = &lora.Adapter{}, bytes, used, fetched

@@ -106,6 +106,16 @@ func readAdapter(t testing.TB, name string) (cfg, weights []byte) {
 // Manager over a CPU engine with opts' other fields.
 func newEnv(t *testing.T, slots int, opts loader.Options) *env {
 	t.Helper()
+	fs := fixtureFS(t)
+	e := newEnvWithStore(t, slots, fs, opts)
+	e.fs = fs
+	return e
+}
+
+// fixtureFS is a folder store (polled every 20ms) holding the fixture
+// adapters.
+func fixtureFS(t *testing.T) *store.FS {
+	t.Helper()
 	fs, err := store.NewFS(filepath.Join(t.TempDir(), "store"), store.FSOptions{PollInterval: 20 * time.Millisecond})
 	if err != nil {
 		t.Fatal(err)
@@ -116,9 +126,7 @@ func newEnv(t *testing.T, slots int, opts loader.Options) *env {
 			t.Fatal(err)
 		}
 	}
-	e := newEnvWithStore(t, slots, fs, opts)
-	e.fs = fs
-	return e
+	return fs
 }
 
 // newEnvWithStore starts a Manager on st over a CPU engine.

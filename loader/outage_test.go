@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"os"
-	"path/filepath"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -41,17 +40,7 @@ func (h *hangingStore) Get(ctx context.Context, id string, o store.GetOptions) (
 // ErrStoreUnavailable (not ErrNotFound: nothing is forgotten), and after
 // the store returns the cold one is served.
 func TestStoreOutage(t *testing.T) {
-	fs, err := store.NewFS(filepath.Join(t.TempDir(), "store"), store.FSOptions{PollInterval: 20 * time.Millisecond})
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, name := range fixtureAdapters {
-		c, w := readAdapter(t, name)
-		if _, err := fs.Put(context.Background(), name, c, w); err != nil {
-			t.Fatal(err)
-		}
-	}
-	hs := &hangingStore{Store: fs}
+	hs := &hangingStore{Store: fixtureFS(t)}
 	e := newEnvWithStore(t, 2, hs, loader.Options{StatTimeout: 300 * time.Millisecond, StoreBackoff: time.Second,
 		RecheckInterval: 10 * time.Millisecond, FetchStall: 300 * time.Millisecond})
 	hot, cold := fixtureAdapters[0], fixtureAdapters[1]

@@ -83,19 +83,20 @@ func (c *prefixCache) evict(n int) int {
 }
 
 // match returns the pages holding the longest cached prefix of tokens, in
-// whole pages, at most limit tokens long.
-func (c *prefixCache) match(root prefixKey, tokens []int32, bs, limit int) []int32 {
+// whole pages, at most limit tokens long, and the key of its last page
+// (root when none matched).
+func (c *prefixCache) match(root prefixKey, tokens []int32, bs, limit int) ([]int32, prefixKey) {
 	var blocks []int32
-	k := root
+	last := root
 	for end := bs; end <= limit && end <= len(tokens); end += bs {
-		k = k.next(tokens[end-bs : end])
+		k := last.next(tokens[end-bs : end])
 		p := c.pages[k]
 		if p == nil {
 			break
 		}
-		blocks = append(blocks, p.block)
+		blocks, last = append(blocks, p.block), k
 	}
-	return blocks
+	return blocks, last
 }
 
 // use marks pages as held by one more sequence (out of the evictable set).

@@ -730,9 +730,10 @@ func (s *Scheduler) attachPrefix(q *seq) {
 	if q.lease != nil {
 		version = q.lease.Version()
 	}
-	q.chain, q.keyed = prefixRoot(q.req.Adapter, version), 0
+	root := prefixRoot(q.req.Adapter, version)
+	q.chain, q.keyed = root, 0
 	bs := s.e.Options().BlockSize
-	blocks := s.cache.match(q.chain, q.tokens, bs, len(q.tokens)-1)
+	blocks, last := s.cache.match(root, q.tokens, bs, len(q.tokens)-1)
 	s.prefixQueries += len(q.tokens)
 	if len(blocks) == 0 {
 		return
@@ -743,10 +744,7 @@ func (s *Scheduler) attachPrefix(q *seq) {
 		return
 	}
 	s.cache.use(blocks)
-	for i := range blocks {
-		q.chain = q.chain.next(q.tokens[i*bs : (i+1)*bs])
-	}
-	q.fed, q.keyed = n, n
+	q.chain, q.fed, q.keyed = last, n, n
 	s.prefixHits += n
 }
 

@@ -83,15 +83,7 @@ func NewCore(ctx context.Context, cc CoreConfig) (*Core, error) {
 	if log == nil {
 		log = slog.Default()
 	}
-	opts := engine.DefaultOptions()
-	opts.AdapterSlots = cc.Slots
-	if cc.KVBlocks > 0 {
-		opts.KVBlocks = cc.KVBlocks
-	}
-	if cc.MaxBatchTokens > 0 {
-		opts.MaxTokens = cc.MaxBatchTokens
-	}
-	e, err := engine.New(cc.Model, cc.Backend, opts)
+	e, err := engine.New(cc.Model, cc.Backend, engineOptions(cc.Slots, cc.KVBlocks, cc.MaxBatchTokens))
 	if err != nil {
 		cc.Backend.Close()
 		return nil, err

@@ -85,7 +85,7 @@ func OpenEngine(ctx context.Context, cfg EngineConfig) (e *engine.Engine, info E
 			m.Close()
 		}
 	}()
-	opts := engineOptions(sc)
+	opts := engineOptions(sc.Slots, sc.KVBlocks, sc.MaxBatchTokens)
 	switch {
 	case cfg.KVBlocks > 0:
 	case cfg.KVTokens != nil:
@@ -118,16 +118,17 @@ func OpenEngine(ctx context.Context, cfg EngineConfig) (e *engine.Engine, info E
 	return e, EngineInfo{Device: dev, Model: m, Tokenizer: tok}, nil
 }
 
-// engineOptions are the engine's defaults with cfg's slots, KV blocks and
-// batch tokens where set.
-func engineOptions(cfg Config) engine.Options {
+// engineOptions are the engine's defaults with the given slots, and KV
+// blocks and batch tokens where positive (serve's and generate's engines
+// alike).
+func engineOptions(slots, kvBlocks, maxBatchTokens int) engine.Options {
 	o := engine.DefaultOptions()
-	o.AdapterSlots = cfg.Slots
-	if cfg.KVBlocks > 0 {
-		o.KVBlocks = cfg.KVBlocks
+	o.AdapterSlots = slots
+	if kvBlocks > 0 {
+		o.KVBlocks = kvBlocks
 	}
-	if cfg.MaxBatchTokens > 0 {
-		o.MaxTokens = cfg.MaxBatchTokens
+	if maxBatchTokens > 0 {
+		o.MaxTokens = maxBatchTokens
 	}
 	return o
 }
@@ -141,7 +142,7 @@ func gpuKVBlocks(mon *gpuinfo.Monitor, cfg Config, c *llama.Config, log *slog.Lo
 	if err != nil || cfg.GPU >= len(ds) {
 		return 0, nil
 	}
-	o := engineOptions(Config{Slots: cfg.Slots, MaxBatchTokens: cfg.MaxBatchTokens})
+	o := engineOptions(cfg.Slots, 0, cfg.MaxBatchTokens)
 	n := kvBlocksFor(ds[cfg.GPU].MemFree, c, o)
 	if n == 0 {
 		return 0, fmt.Errorf("server: GPU %d has %.1f GiB free: too little for the model's weights, %d adapter slots and activations",

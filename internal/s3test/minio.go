@@ -11,32 +11,7 @@ import (
 
 // MinIOBinary finds the MinIO server: $PEFTD_MINIO, else
 // <repo>/.cache/bin/minio (built by .ci/setup-minio.sh).
-func MinIOBinary() (string, error) {
-	if p := os.Getenv("PEFTD_MINIO"); p != "" {
-		if _, err := os.Stat(p); err != nil {
-			return "", fmt.Errorf("PEFTD_MINIO: %w", err)
-		}
-		return p, nil
-	}
-	dir, err := os.Getwd()
-	if err != nil {
-		return "", err
-	}
-	for {
-		if _, err := os.Stat(filepath.Join(dir, "go.mod")); err == nil {
-			p := filepath.Join(dir, ".cache", "bin", "minio")
-			if _, err := os.Stat(p); err != nil {
-				return "", fmt.Errorf("%s is missing", p)
-			}
-			return p, nil
-		}
-		parent := filepath.Dir(dir)
-		if parent == dir {
-			return "", fmt.Errorf("no go.mod above the test's folder")
-		}
-		dir = parent
-	}
-}
+func MinIOBinary() (string, error) { return cachedBinary("PEFTD_MINIO", "minio") }
 
 // StartMinIO runs a MinIO server (one drive in a temp folder, credentials
 // through MINIO_ROOT_USER/MINIO_ROOT_PASSWORD) on a free loopback port

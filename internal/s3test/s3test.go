@@ -43,8 +43,16 @@ type Server struct {
 }
 
 // Binary finds versitygw: $PEFTD_VERSITYGW, else <repo>/.cache/bin/versitygw.
-func Binary() (string, error) {
-	if p := os.Getenv("PEFTD_VERSITYGW"); p != "" {
+func Binary() (string, error) { return cachedBinary("PEFTD_VERSITYGW", "versitygw") }
+
+// cachedBinary finds a test server's binary: the path in the environment
+// variable env, else <repo>/.cache/bin/<name> (built by .ci/setup-*.sh),
+// <repo> being the first folder above the test's with a go.mod.
+func cachedBinary(env, name string) (string, error) {
+	if p := os.Getenv(env); p != "" {
+		if _, err := os.Stat(p); err != nil {
+			return "", fmt.Errorf("%s: %w", env, err)
+		}
 		return p, nil
 	}
 	dir, err := os.Getwd()
@@ -53,7 +61,7 @@ func Binary() (string, error) {
 	}
 	for {
 		if _, err := os.Stat(filepath.Join(dir, "go.mod")); err == nil {
-			p := filepath.Join(dir, ".cache", "bin", "versitygw")
+			p := filepath.Join(dir, ".cache", "bin", name)
 			if _, err := os.Stat(p); err != nil {
 				return "", fmt.Errorf("%s is missing", p)
 			}

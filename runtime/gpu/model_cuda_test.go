@@ -180,6 +180,20 @@ func name(c refCase) string {
 	return *c.Adapter
 }
 
+// loadSlots loads the named adapters into consecutive slots from first and
+// returns each one's slot.
+func loadSlots(t *testing.T, e *engine.Engine, adapters map[string]*lora.Adapter, names []string, first int) map[string]int {
+	t.Helper()
+	slots := map[string]int{}
+	for _, n := range names {
+		slots[n] = first + len(slots)
+		if err := e.LoadAdapter(slots[n], adapters[n]); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return slots
+}
+
 func newEngine(t *testing.T, m *llama.Model, opts engine.Options) *engine.Engine {
 	t.Helper()
 	b, err := New(Options{})
@@ -209,13 +223,7 @@ func TestFixtureCoBatched(t *testing.T) {
 			opts.BlockSize = bs
 			opts.KVBlocks = 4096 / bs
 			e := newEngine(t, m, opts)
-			slots := map[string]int{}
-			for _, n := range []string{"qv-r8", "all-r16", "attn-r32-rslora", "mlp-r64"} {
-				slots[n] = len(slots)
-				if err := e.LoadAdapter(slots[n], adapters[n]); err != nil {
-					t.Fatal(err)
-				}
-			}
+			slots := loadSlots(t, e, adapters, fx.AdapterNames, 0)
 			w, wr, st := runCases(t, e, slots, cases)
 			worst, worstRow = max(worst, w), max(worstRow, wr)
 			all.match, all.ties, all.total = all.match+st.match, all.ties+st.ties, all.total+st.total
@@ -267,13 +275,7 @@ func TestFixture8BShape(t *testing.T) {
 func TestFixtureOneByOne(t *testing.T) {
 	m, adapters, cases := loadFixture(t)
 	e := newEngine(t, m, engine.DefaultOptions())
-	slots := map[string]int{}
-	for _, n := range []string{"mlp-r64", "attn-r32-rslora", "qv-r8", "all-r16"} { // other slot order
-		slots[n] = len(slots) + 2
-		if err := e.LoadAdapter(slots[n], adapters[n]); err != nil {
-			t.Fatal(err)
-		}
-	}
+	slots := loadSlots(t, e, adapters, []string{"mlp-r64", "attn-r32-rslora", "qv-r8", "all-r16"}, 2) // other slot order
 	worst, worstRow := 0.0, 0.0
 	for _, c := range cases {
 		w, wr, _ := runCases(t, e, slots, []refCase{c})
@@ -335,13 +337,7 @@ func TestFamilyFixtures(t *testing.T) {
 			opts := engine.DefaultOptions()
 			opts.BlockSize, opts.KVBlocks = 16, 256
 			e := newEngine(t, m, opts)
-			slots := map[string]int{}
-			for _, n := range slices.Sorted(maps.Keys(adapters)) {
-				slots[n] = len(slots)
-				if err := e.LoadAdapter(slots[n], adapters[n]); err != nil {
-					t.Fatal(err)
-				}
-			}
+			slots := loadSlots(t, e, adapters, slices.Sorted(maps.Keys(adapters)), 0)
 			w, wr, st := runCases(t, e, slots, cases)
 			worst = max(worst, w)
 			t.Logf("%s: %d cases co-batched, worst relative error %.3g (row %.3g), greedy %d/%d exact, %d near-ties", fam, len(cases), w, wr, st.match, st.total, st.ties)
@@ -361,13 +357,7 @@ func TestPrefixReuseFixture(t *testing.T) {
 	opts := engine.DefaultOptions()
 	opts.BlockSize, opts.KVBlocks = bs, 1024
 	e := newEngine(t, m, opts)
-	slots := map[string]int{}
-	for _, n := range []string{"qv-r8", "all-r16", "attn-r32-rslora", "mlp-r64"} {
-		slots[n] = len(slots)
-		if err := e.LoadAdapter(slots[n], adapters[n]); err != nil {
-			t.Fatal(err)
-		}
-	}
+	slots := loadSlots(t, e, adapters, fx.AdapterNames, 0)
 	ctx := context.Background()
 	V := e.Config().VocabSize
 	worst, shared := 0.0, 0

@@ -400,18 +400,8 @@ func (sc *scanner) match(s string, p int) int {
 			return p + w0
 		}
 		//  ?[^\s\p{L}\p{N}]+[\r\n/]*
-		q := p
-		if r0 == ' ' {
-			q = p + 1
-		}
-		if q < len(s) {
-			if r, _ := decodeAt(s, q); isP(r) {
-				e := scanWhile(s, q, isP)
-				for e < len(s) && (s[e] == '\r' || s[e] == '\n' || s[e] == '/') {
-					e++
-				}
-				return e
-			}
+		if e := punctuation(s, p, r0, "\r\n/"); e > 0 {
+			return e
 		}
 		return sc.spaces(s, p, r0, w0)
 	}
@@ -444,18 +434,8 @@ func (sc *scanner) match(s string, p int) int {
 			return e
 		}
 		//  ?[^\s\p{L}\p{N}]+[\r\n]*
-		q := p
-		if r0 == ' ' {
-			q = p + 1
-		}
-		if q < len(s) {
-			if r, _ := decodeAt(s, q); isP(r) {
-				e := scanWhile(s, q, isP)
-				for e < len(s) && (s[e] == '\r' || s[e] == '\n') {
-					e++
-				}
-				return e
-			}
+		if e := punctuation(s, p, r0, "\r\n"); e > 0 {
+			return e
 		}
 	} else {
 		//  ?\p{L}+ |  ?\p{N}+ |  ?[^\s\p{L}\p{N}]+
@@ -476,6 +456,26 @@ func (sc *scanner) match(s string, p int) int {
 		}
 	}
 	return sc.spaces(s, p, r0, w0)
+}
+
+// punctuation matches " ?[^\s\p{L}\p{N}]+[trail]*" at p (trail: ASCII
+// bytes), or returns 0.
+func punctuation(s string, p int, r0 rune, trail string) int {
+	q := p
+	if r0 == ' ' {
+		q = p + 1
+	}
+	if q >= len(s) {
+		return 0
+	}
+	if r, _ := decodeAt(s, q); !isP(r) {
+		return 0
+	}
+	e := scanWhile(s, q, isP)
+	for e < len(s) && strings.IndexByte(trail, s[e]) >= 0 {
+		e++
+	}
+	return e
 }
 
 // spaces matches the whitespace alternatives: \s*[\r\n]+ (Llama 3, Qwen 2,
