@@ -118,8 +118,10 @@ extern "C" __global__ void rope(bf16* q, bf16* k, const float* inv_freq, const i
 }
 
 // kv_store: kc/vc[slots[r]] = k/v[r] for one layer's cache [slots, width]; grid (T).
+// A row with a negative slot (padding of a recorded step) stores nothing.
 extern "C" __global__ void kv_store(bf16* kc, bf16* vc, const bf16* k, const bf16* v, const int* slots, int width) {
     const int r = blockIdx.x;
+    if (slots[r] < 0) return;
     const i64 dst = (i64)slots[r] * width;
     for (int i = threadIdx.x; i < width; i += blockDim.x) {
         kc[dst + i] = k[(i64)r * width + i];
@@ -230,7 +232,11 @@ __device__ __forceinline__ void unpack8(const uint4 u, float* f) {
 // (16-byte loads); the block's position groups run an online softmax each,
 // then merge through shared memory. nsplit == 1: the block writes the output
 // row; else it writes (acc[hd], max, sum) per (sequence, head, split) to part
-// for attn_reduce. Requires hd a power of two in [8, 256] and G <= DEC_MAXG.
+// for attn_reduce. chunk <= 0: each sequence's chunk is its context split
+// nsplit ways (at least 32 positions, a multiple of 8; splits past the
+// context are empty), so one recorded launch fits every step. A sequence
+// with no context (padding) gets zeros. Requires hd a power of two in
+// [8, 256] and G <= DEC_MAXG.
 extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode(
     bf16* out, float* part, const bf16* q, const bf16* kc, const bf16* vc, const int* dec_seq, const int* seq_info,
     const int* pages, int heads, int kvh, int hd, int bs, float scale, int chunk, int nsplit) {
@@ -259,6 +265,7 @@ extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode(
             for (int i = 0; i < 8; i++) qv[g][i] = 0.f;
         }
     }
+    if (chunk <= 0) chunk = max(32, (((ctx + nsplit - 1) / nsplit) + 7) & ~7);
     const int p0 = sp * chunk, p1 = min(ctx, p0 + chunk);
     // every thread runs the same number of iterations (the shuffles need the whole warp)
     for (int base = p0; base < p1; base += ngr) {
@@ -324,7 +331,7 @@ extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode(
         }
         const int h = kh * G + g;
         if (nsplit == 1) {
-            out[(i64)row * heads * hd + (i64)h * hd + d] = tobf(A / L);
+            out[(i64)row * heads * hd + (i64)h * hd + d] = tobf(L > 0.f ? A / L : 0.f);
         } else {
             float* pp = part + ((i64)(di * heads + h) * nsplit + sp) * (hd + 2);
             pp[d] = A;
@@ -357,7 +364,7 @@ extern "C" __global__ void attn_reduce(bf16* out, const float* part, const int* 
             const float* pi = pp + i * (hd + 2);
             if (pi[hd + 1] > 0.f) A += pi[d] * expf(pi[hd] - M);
         }
-        out[(i64)row * heads * hd + (i64)h * hd + d] = tobf(A / L);
+        out[(i64)row * heads * hd + (i64)h * hd + d] = tobf(L > 0.f ? A / L : 0.f);
     }
 }
 
@@ -385,6 +392,7 @@ extern "C" __global__ void lora_shrink(float* tmp, const bf16* x, const LoraEntr
                                        int entry_base, int entry_stride, int in_f, int x_stride, int t_stride) {
     const int i = blockIdx.x, lane = threadIdx.x & 31;
     const int k = blockIdx.y * 8 + (threadIdx.x >> 5);
+    if (slots[i] < 0) return; // a row without an adapter (recorded steps)
     const LoraEntry e = table[entry_base + slots[i] * entry_stride];
     if (k >= e.rank) return;
     const bf16* xr = x + (i64)rows[i] * x_stride;
@@ -400,6 +408,7 @@ extern "C" __global__ void lora_expand(bf16* out, const float* tmp, const LoraEn
                                        int entry_base, int entry_stride, int out_f, int o_stride, int t_stride) {
     const int i = blockIdx.x;
     const int j = blockIdx.y * blockDim.x + threadIdx.x;
+    if (slots[i] < 0) return;
     const LoraEntry e = table[entry_base + slots[i] * entry_stride];
     if (e.rank == 0 || j >= out_f) return;
     const float* t = tmp + (i64)i * t_stride;
@@ -455,6 +464,7 @@ __device__ __forceinline__ void shrink_body(
     int entry_base, int entry_stride, int m0, int m1, int m2, int rank_tiles, int max_rank,
     int in_f, int x_stride, int t_stride, int rows_total, int kchunk, float* red) {
     const int4 tile = tiles[blockIdx.x];
+    if (tile.y == 0) return; // no rows (a recorded step's spare tile)
     const int s = blockIdx.y / rank_tiles, k0 = (blockIdx.y % rank_tiles) * 8 * NB;
     const LoraEntry e = table[entry_base + tile.z * entry_stride + sg_mod(s, m0, m1, m2)];
     if (k0 >= e.rank) return; // uniform over the block
@@ -560,6 +570,7 @@ extern "C" __global__ void __launch_bounds__(SG_EX_THREADS) sgmv_expand(
     int max_rank, int o_stride, int t_stride, int rows_total, int ksplit) {
     extern __shared__ float sm[]; // [SG_TR][nslices * mr8]
     const int4 tile = tiles[blockIdx.x];
+    if (tile.y == 0) return; // no rows (a recorded step's spare tile)
     const int mr8 = (max_rank + 7) & ~7, w = nslices * mr8, n = tile.y;
     const int j = (blockIdx.y * SG_EX_THREADS + threadIdx.x) * 2;
     const bool active = j < out_total;

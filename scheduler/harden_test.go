@@ -35,17 +35,22 @@ func TestHugeMaxTokens(t *testing.T) {
 	}
 }
 
-// panicky is the CPU backend with a Logits that panics while armed.
+// panicky is the CPU backend whose step programs panic after their last op
+// while armed.
 type panicky struct {
 	engine.Backend
 	armed atomic.Bool
 }
 
-func (p *panicky) Logits(out, x engine.Buffer, norm, head engine.Weight, eps float32) {
-	if p.armed.Load() {
-		panic("injected fault")
+func (p *panicky) Execute(meta *engine.StepMeta, prog engine.Program) error {
+	run := prog.Run
+	prog.Run = func(o engine.Ops) {
+		run(o)
+		if p.armed.Load() {
+			panic("injected fault")
+		}
 	}
-	p.Backend.Logits(out, x, norm, head, eps)
+	return p.Backend.Execute(meta, prog)
 }
 
 // TestStepPanicRecovered: a panic inside an engine step fails the requests

@@ -31,6 +31,10 @@
 #     prefix8b   prefix caching on the GPU: the soak8b checkpoint, a shared
 #                2000-token prefix at concurrency 32, cache on vs off (TTFT,
 #                throughput) and greedy outputs compared; run it by name
+#     profile    ncu over one decode step without and one with the 4 adapters
+#                per batch (PEFTD_PROFILE_BATCHES, default 1,64) on the decode
+#                checkpoint (made if missing): kernel time per step and the
+#                largest kernels (scripts/ncu_steps.py); run it by name
 #     serve8b    serves the random 8B checkpoint (from decode) with --device
 #                cuda and its 4 adapters from a store folder; closed-loop load
 #                at concurrency 64, base model alone vs the 4 adapters vs one
@@ -206,6 +210,23 @@ if want decode; then
 	stamp decode
 fi
 
+if want profile; then
+	MD=/tmp/llama8b-random
+	echo "=== profile: ncu over one decode step per batch, base and 4 adapters"
+	if [[ -f $MD/base/model.safetensors.index.json ]] || timeout "$(left 300)" "$PY" tools/make_random_llama.py "$MD" --layers "${DECODE_LAYERS:-32}" >"$LOG/decode.make.log" 2>&1; then
+		NCU="$(command -v ncu || echo "$CUDA_HOME/bin/ncu")"
+		PB="${PEFTD_PROFILE_BATCHES:-1,64}"
+		(cd runtime/gpu && PEFTD_MODEL_8B=$MD PEFTD_PROFILE=1 PEFTD_PROFILE_BATCHES=$PB timeout "$(left 400)" "$NCU" --profile-from-start off --csv --print-units base \
+			--metrics gpu__time_duration.sum "$GPUBIN" -test.v -test.count=1 -test.run '^TestDecodeProfile$') >"$LOG/profile.csv" 2>"$LOG/profile.err" || status=1
+		labels=(); IFS=, read -ra bs <<<"$PB"; for b in "${bs[@]}"; do labels+=("batch$b-base" "batch$b-4xr32"); done
+		"$PY" scripts/ncu_steps.py "$LOG/profile.csv" "${labels[@]}" | tee "$LOG/profile.txt"
+		save "$LOG/profile.txt"
+		tail -n 3 "$LOG/profile.err"
+	else
+		status=1
+	fi
+	stamp profile
+fi
 
 if want serve8b; then
 	MD=/tmp/llama8b-random

@@ -88,6 +88,10 @@ func NewCore(ctx context.Context, cc CoreConfig) (*Core, error) {
 		cc.Backend.Close()
 		return nil, err
 	}
+	if err := warmEngine(e, log); err != nil {
+		e.Close()
+		return nil, err
+	}
 	met := cc.Metrics
 	if met == nil {
 		met = api.NewMetrics(cc.Slots)

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"time"
 
 	"github.com/peftd/peftd/runtime/engine"
 	"github.com/peftd/peftd/runtime/gpu"
@@ -24,6 +25,8 @@ type EngineConfig struct {
 	GPU     int
 	Weights string
 	Threads int
+	// Eager runs every GPU step op by op (no CUDA graphs), as Config.Eager.
+	Eager bool
 	// Slots are the engine's adapter slots (default 4).
 	Slots int
 	// MaxBatchTokens bounds the rows of a step (0: the engine default).
@@ -69,7 +72,7 @@ func OpenEngine(ctx context.Context, cfg EngineConfig) (e *engine.Engine, info E
 	if err != nil {
 		return nil, info, fmt.Errorf("server: %w", err)
 	}
-	sc := Config{Device: cfg.Device, GPU: cfg.GPU, Weights: w, Threads: cfg.Threads, Slots: cfg.Slots,
+	sc := Config{Device: cfg.Device, GPU: cfg.GPU, Weights: w, Eager: cfg.Eager, Threads: cfg.Threads, Slots: cfg.Slots,
 		KVBlocks: cfg.KVBlocks, MaxBatchTokens: cfg.MaxBatchTokens}
 	be, dev, err := pickBackend(sc, log)
 	if err != nil {
@@ -115,7 +118,25 @@ func OpenEngine(ctx context.Context, cfg EngineConfig) (e *engine.Engine, info E
 		be.Close()
 		return nil, info, err
 	}
+	if err = warmEngine(e, log); err != nil {
+		e.Close()
+		return nil, info, err
+	}
 	return e, EngineInfo{Device: dev, Model: m, Tokenizer: tok}, nil
+}
+
+// warmEngine records the backend's step programs before the first request
+// (the CUDA backend's decode graphs; nothing on the CPU) and logs what it did.
+func warmEngine(e *engine.Engine, log *slog.Logger) error {
+	t0 := time.Now()
+	if err := e.Warmup(); err != nil {
+		return fmt.Errorf("server: warm up the engine: %w", err)
+	}
+	if g, ok := e.Backend().(*gpu.Backend); ok {
+		n, _ := g.GraphStats()
+		log.Info("decode graphs", "recorded", n, "seconds", fmt.Sprintf("%.2f", time.Since(t0).Seconds()))
+	}
+	return nil
 }
 
 // engineOptions are the engine's defaults with the given slots, and KV

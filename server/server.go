@@ -76,6 +76,9 @@ type Config struct {
 	// GPU: bf16 (default) or fp8 (see gpu.WeightsFP8). The CPU backend
 	// computes in float32 whatever it says.
 	Weights string
+	// Eager runs every GPU step op by op: no CUDA graphs for decode steps
+	// (for debugging and comparison).
+	Eager bool
 	// Threads are the CPU backend's workers (0: all cores).
 	Threads int
 	// Slots are the device adapter slots (default 4).
@@ -325,7 +328,7 @@ func newGPU(cfg Config) (*gpu.Backend, error) {
 	}
 	// Kernels compile once (NVRTC) into the default kernel cache; later
 	// starts read the cubin.
-	return gpu.New(gpu.Options{Device: cfg.GPU, WeightFormat: cfg.Weights})
+	return gpu.New(gpu.Options{Device: cfg.GPU, WeightFormat: cfg.Weights, Eager: cfg.Eager})
 }
 
 func logGPU(log *slog.Logger, cfg Config, b *gpu.Backend) {

@@ -41,6 +41,7 @@ func cmdGenerate(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	logprobs := fs.Int("logprobs", 0, "top alternatives to report per token (with --json)")
 	asJSON := fs.Bool("json", false, "print one JSON object")
 	device := fs.String("device", server.DeviceAuto, "compute device: auto (cuda when a usable GPU is present, else cpu), cpu or cuda")
+	eager := fs.Bool("eager", false, "GPU: run every step op by op, without CUDA graphs (see peftd serve --help)")
 	weights := fs.String("weights", server.WeightsBF16, "base model projection weights on the GPU: bf16 or fp8 (see peftd serve --help)")
 	if err := fs.Parse(args); err != nil {
 		return errUsage
@@ -76,7 +77,7 @@ func cmdGenerate(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	// The engine is built as peftd serve builds it (backend, model, weights),
 	// its KV cache sized for this one request once the prompt is encoded.
 	var ids []int32
-	e, info, err := server.OpenEngine(ctx, server.EngineConfig{Model: *modelDir, Device: *device, Weights: *weights, Slots: 1, Logger: log,
+	e, info, err := server.OpenEngine(ctx, server.EngineConfig{Model: *modelDir, Device: *device, Weights: *weights, Eager: *eager, Slots: 1, Logger: log,
 		KVTokens: func(m *llama.Model, tok *tokenizer.Tokenizer) (int, error) {
 			var err error
 			ids, err = promptTokens(m, tok, *prompt, *promptIDs)

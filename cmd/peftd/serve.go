@@ -26,6 +26,7 @@ type serveFlags struct {
 	slots, kvBlocks, maxBatchTokens       int
 	maxQueue                              int
 	noPrefixCache                         bool
+	eager                                 bool
 	requestTimeout, deviceTTL, hostTTL    time.Duration
 	maxUpload, hostBytes, diskBytes       int64
 	cacheDir, logLevel, pin               string
@@ -49,6 +50,7 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	fs.IntVar(&f.kvBlocks, "kv-blocks", 0, "KV cache pages (0: the engine default)")
 	fs.IntVar(&f.maxBatchTokens, "max-batch-tokens", 0, "token rows per engine step (0: the engine default)")
 	fs.IntVar(&f.maxQueue, "max-queue", 256, "requests waiting or running at most; more get 429")
+	fs.BoolVar(&f.eager, "eager", false, "GPU: run every step op by op, without CUDA graphs for decode steps (for debugging and comparison)")
 	fs.BoolVar(&f.noPrefixCache, "no-prefix-cache", false, "do not reuse KV pages across requests that start with the same tokens and adapter version")
 	fs.DurationVar(&f.requestTimeout, "request-timeout", 5*time.Minute, "generation deadline (504 past it; 0: none)")
 	fs.StringVar(&f.apiKeys, "api-keys", "", "API key file (JSON array of {key, adapters, admin}, or lines KEY [ADAPTERS] [admin])")
@@ -155,7 +157,7 @@ func serve(ctx context.Context, f serveFlags, log *slog.Logger) error {
 	default:
 		return fmt.Errorf("serve: --weights %q: want bf16 or fp8", f.weights)
 	}
-	srv, err := server.New(ctx, server.Config{Model: f.model, Store: f.store, SQSQueueURL: f.sqsQueueURL, Listen: f.listen, Device: f.device, Weights: f.weights,
+	srv, err := server.New(ctx, server.Config{Model: f.model, Store: f.store, SQSQueueURL: f.sqsQueueURL, Listen: f.listen, Device: f.device, Weights: f.weights, Eager: f.eager,
 		Slots: f.slots, KVBlocks: f.kvBlocks, MaxBatchTokens: f.maxBatchTokens, MaxQueue: f.maxQueue, NoPrefixCache: f.noPrefixCache,
 		RequestTimeout: f.requestTimeout, DeviceTTL: f.deviceTTL, HostTTL: f.hostTTL, Keys: keys,
 		MaxUpload: f.maxUpload, HostBytes: f.hostBytes, DiskBytes: f.diskBytes, CacheDir: f.cacheDir, Pin: splitList(f.pin), Logger: log})

@@ -55,7 +55,8 @@ func New(workers int) *Backend {
 func (b *Backend) Name() string { return "cpu" }
 
 // Init allocates the KV cache.
-func (b *Backend) Init(cfg *llama.Config, maxTokens int, kv engine.KVSpec) error {
+func (b *Backend) Init(cfg *llama.Config, spec engine.Spec) error {
+	kv, maxTokens := spec.KV, spec.MaxTokens
 	b.cfg, b.kv = cfg, kv
 	width := kv.KVHeads * kv.HeadDim
 	n := kv.Blocks * kv.BlockSize * width
@@ -115,6 +116,16 @@ func (b *Backend) Begin(meta *engine.StepMeta) error {
 			b.rowSeq[r] = int32(si)
 		}
 	}
+	return nil
+}
+
+// Execute runs the program's ops one after the other (the CPU backend
+// records nothing).
+func (b *Backend) Execute(meta *engine.StepMeta, prog engine.Program) error {
+	if err := b.Begin(meta); err != nil {
+		return err
+	}
+	prog.Run(b)
 	return nil
 }
 

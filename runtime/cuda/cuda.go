@@ -240,7 +240,12 @@ func (c *Context) Alloc(n int) (*DeviceBuffer, error) {
 }
 
 // Ptr is the buffer's device address.
-func (b *DeviceBuffer) Ptr() DevicePtr { return b.ptr }
+func (b *DeviceBuffer) Ptr() DevicePtr {
+	if b == nil {
+		return 0
+	}
+	return b.ptr
+}
 
 // Size is the buffer's size in bytes.
 func (b *DeviceBuffer) Size() int { return b.size }

@@ -70,6 +70,9 @@ type driver struct {
 	cuGraphLaunch               func(e cuGraphExec, s cuStream) int32
 	cuGraphExecDestroy          func(e cuGraphExec) int32
 	cuGraphDestroy              func(g cuGraph) int32
+	// Profiler range (optional): what ncu --profile-from-start off records.
+	cuProfilerStart func() int32
+	cuProfilerStop  func() int32
 }
 
 var (
@@ -135,6 +138,8 @@ func loadDriver() error {
 		b.fn(&d.cuGraphLaunch, "cuGraphLaunch")
 		b.fn(&d.cuGraphExecDestroy, "cuGraphExecDestroy")
 		b.fn(&d.cuGraphDestroy, "cuGraphDestroy")
+		b.fn(&d.cuProfilerStart, "cuProfilerStart")
+		b.fn(&d.cuProfilerStop, "cuProfilerStop")
 		drv = d
 		return nil
 	})

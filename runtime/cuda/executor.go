@@ -3,6 +3,7 @@ package cuda
 import (
 	"fmt"
 	"runtime"
+	"runtime/debug"
 	"sync"
 )
 
@@ -17,7 +18,10 @@ type Executor struct {
 	done chan struct{}
 }
 
-type panicked struct{ v any }
+type panicked struct {
+	v     any
+	stack []byte
+}
 
 // NewExecutor starts the executor goroutine and runs setup on it first.
 func NewExecutor(setup func() error) (*Executor, error) {
@@ -61,7 +65,7 @@ func (e *Executor) Do(fn func() error) error {
 	case e.work <- func() {
 		defer func() {
 			if p := recover(); p != nil {
-				res <- panicked{p}
+				res <- panicked{v: p, stack: debug.Stack()}
 			}
 		}()
 		res <- fn()
@@ -71,7 +75,7 @@ func (e *Executor) Do(fn func() error) error {
 	}
 	switch r := (<-res).(type) {
 	case panicked:
-		panic(fmt.Sprintf("cuda executor: %v", r.v))
+		panic(fmt.Sprintf("cuda executor: %v\n\n[executor thread]\n%s", r.v, r.stack))
 	case error:
 		return r
 	}

@@ -22,6 +22,10 @@ func graphsBound() error {
 	return nil
 }
 
+// GraphsSupported reports (nil) whether the driver has the stream capture
+// and graph entry points.
+func GraphsSupported() error { return graphsBound() }
+
 // captureModeThreadLocal is CU_STREAM_CAPTURE_MODE_THREAD_LOCAL: only this
 // thread's unsafe API calls are refused while capturing (all CUDA calls run
 // on the context's executor thread).
@@ -84,4 +88,21 @@ func (e *GraphExec) Destroy() error {
 	h := e.e
 	e.e = 0
 	return e.c.Do(func() error { return check("cuGraphExecDestroy", drv.cuGraphExecDestroy(h)) })
+}
+
+// ProfilerStart and ProfilerStop bound the work a profiler started with
+// "profile from start off" (ncu --profile-from-start off) records.
+func (c *Context) ProfilerStart() error {
+	if drv.cuProfilerStart == nil {
+		return fmt.Errorf("%w: the driver lacks cuProfilerStart", ErrNotSupported)
+	}
+	return c.Do(func() error { return check("cuProfilerStart", drv.cuProfilerStart()) })
+}
+
+// ProfilerStop ends the range ProfilerStart began.
+func (c *Context) ProfilerStop() error {
+	if drv.cuProfilerStop == nil {
+		return fmt.Errorf("%w: the driver lacks cuProfilerStop", ErrNotSupported)
+	}
+	return c.Do(func() error { return check("cuProfilerStop", drv.cuProfilerStop()) })
 }

@@ -41,27 +41,27 @@ type StepMeta struct {
 	LogitRows []int32   // rows whose logits are returned, in output order
 }
 
-// Backend runs the forward pass primitives. Ops act on the first
-// len(meta.Tokens) rows of their buffers (LogitRows for Logits) and may run
-// asynchronously until Read or End. One goroutine drives a backend.
-type Backend interface {
-	Name() string
-	// Init sizes per-step scratch for up to maxTokens rows and the KV cache.
-	Init(cfg *llama.Config, maxTokens int, kv KVSpec) error
-	// Upload turns a checkpoint tensor (raw little-endian data) into a Weight.
-	Upload(name string, dtype safetensors.DType, shape []int, raw []byte) (Weight, error)
-	NewBuffer(rows, cols int) (Buffer, error)
-	// LoadAdapter places an adapter's weights in a device slot, replacing what was there.
-	LoadAdapter(slot int, a *lora.Adapter) error
-	UnloadAdapter(slot int) error
+// Spec sizes what a backend allocates once, at Init.
+type Spec struct {
+	MaxTokens    int // rows per step
+	KV           KVSpec
+	AdapterSlots int // adapter slots the engine uses (0..AdapterSlots-1)
+	MaxContext   int // tokens per sequence (a page table holds at most its pages)
+}
 
-	Begin(meta *StepMeta) error
+// Ops are the forward pass primitives a Program issues. They act on the
+// first len(meta.Tokens) rows of their buffers (LogitRows for Logits), or on
+// more rows where the backend pads a step (rows past the step's own are
+// scratch: they never touch another row, the KV cache or an output row).
+type Ops interface {
 	Embed(out Buffer, table Weight)
 	// AddRMSNorm: if delta != nil, x += delta; then, if out != nil, out = rmsnorm(x) * w.
 	AddRMSNorm(x, delta, out Buffer, w Weight, eps float32)
 	// Linear: out = in @ W^T.
 	Linear(out, in Buffer, w Weight)
-	// LoRA: out += scale * (in @ A^T) @ B^T with each row's adapter (meta.LoRA).
+	// LoRA: out += scale * (in @ A^T) @ B^T with each row's adapter (meta.LoRA);
+	// rows without an adapter, and adapters without projection m in this
+	// layer, add nothing.
 	LoRA(out, in Buffer, layer int, m llama.Module)
 	// RoPE rotates q and k in place at meta.Positions (rotate-half layout).
 	RoPE(q, k Buffer, invFreq []float32, heads, kvHeads, headDim int)
@@ -72,10 +72,57 @@ type Backend interface {
 	SiLUMul(out, gate, up Buffer)
 	// Logits: out[i] = rmsnorm(x[LogitRows[i]]) * norm @ head^T.
 	Logits(out, x Buffer, norm, head Weight, eps float32)
+}
+
+// Shape is what the ops a Program issues depend on besides the values in
+// the step's metadata: a backend may record a program's ops once per
+// (Shape, step size) and replay the record for every later step of that
+// kind (the CUDA backend captures decode steps as CUDA graphs).
+type Shape struct {
+	// LoRA has bit m set when the program applies adapters to projection m
+	// (llama.Module); 0 for a step without adapters.
+	LoRA uint8
+}
+
+// Program is one step's forward pass: Run issues its ops, always the same
+// ones for the same Shape.
+type Program struct {
+	Shape Shape
+	Run   func(Ops)
+}
+
+// Backend runs whole steps: the engine hands it a step's metadata and its
+// program, and the backend decides how the program's ops execute (one at a
+// time, or replayed from a recording). The work may run asynchronously
+// until Read, a DeviceSampler's SampleRows, or End. One goroutine drives a
+// backend.
+type Backend interface {
+	Name() string
+	// Init sizes the KV cache, per-step scratch and the adapter table.
+	Init(cfg *llama.Config, spec Spec) error
+	// Upload turns a checkpoint tensor (raw little-endian data) into a Weight.
+	Upload(name string, dtype safetensors.DType, shape []int, raw []byte) (Weight, error)
+	NewBuffer(rows, cols int) (Buffer, error)
+	// LoadAdapter places an adapter's weights in a device slot, replacing what was there.
+	LoadAdapter(slot int, a *lora.Adapter) error
+	UnloadAdapter(slot int) error
+
+	// Execute runs prog over the step meta describes. An error in the
+	// metadata is returned; an error of the work itself may surface only
+	// in Read, SampleRows or End.
+	Execute(meta *StepMeta, prog Program) error
 	// Read copies the first rows of b to dst (rows*cols values), waiting for the step.
 	Read(b Buffer, rows int, dst []float32) error
+	// End finishes the step, reporting the first error of its work.
 	End() error
 	Close() error
+}
+
+// Warmer is an optional Backend capability: Warmup prepares, before the
+// first request, whatever the backend records per program and step size
+// (CUDA graphs), so that serving never pays for it.
+type Warmer interface {
+	Warmup(progs []Program) error
 }
 
 // Runner is an optional Backend capability: Run calls fn, which issues every

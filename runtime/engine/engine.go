@@ -61,7 +61,7 @@ type Engine struct {
 	// A page returns to freeBlocks when its count reaches 0.
 	refs  []int32
 	slots []*lora.Adapter
-	// adapterSlot[l][m] reports whether any loaded adapter touches projection m of layer l.
+	// loraUse[l][m] counts the loaded adapters that change projection m of layer l.
 	loraUse [][llama.NumModules]int
 }
 
@@ -86,7 +86,7 @@ func New(m *llama.Model, b Backend, opts Options) (*Engine, error) {
 	e := &Engine{cfg: c, b: b, opts: opts, invFreq: c.InvFreq(),
 		slots: make([]*lora.Adapter, opts.AdapterSlots), loraUse: make([][llama.NumModules]int, c.Layers)}
 	kv := KVSpec{Layers: c.Layers, Blocks: opts.KVBlocks, BlockSize: opts.BlockSize, KVHeads: c.KVHeads, HeadDim: c.HeadDim}
-	if err := b.Init(c, opts.MaxTokens, kv); err != nil {
+	if err := b.Init(c, Spec{MaxTokens: opts.MaxTokens, KV: kv, AdapterSlots: opts.AdapterSlots, MaxContext: opts.MaxContext}); err != nil {
 		return nil, fmt.Errorf("engine: %s backend: %w", b.Name(), err)
 	}
 	up := func(name string) (Weight, error) {
@@ -575,11 +575,61 @@ func (e *Engine) prepare(ctx context.Context, in []Input) (*StepMeta, []int, err
 	return meta, outRow, nil
 }
 
-// run executes the forward pass of a prepared step and tail (which reads its
-// result), inside the backend's Runner when it has one; on success the
-// sequences advance; on error they stay as they were (with their pages).
+// loraMask is the Shape.LoRA of a step with adapters: every projection that
+// some loaded adapter changes in some layer.
+func (e *Engine) loraMask() uint8 {
+	var m uint8
+	for l := range e.loraUse {
+		for p, n := range e.loraUse[l] {
+			if n > 0 {
+				m |= 1 << p
+			}
+		}
+	}
+	return m
+}
+
+// program is the forward pass for steps of shape s.
+func (e *Engine) program(s Shape) Program {
+	return Program{Shape: s, Run: func(b Ops) { e.forward(b, s) }}
+}
+
+// Warmup lets a backend that records programs (CUDA graphs) record the
+// engine's programs for steps without adapters and with adapters on every
+// projection before the first request. Other backends do nothing.
+func (e *Engine) Warmup() error {
+	w, ok := e.b.(Warmer)
+	if !ok {
+		return nil
+	}
+	progs := []Program{e.program(Shape{}), e.program(Shape{LoRA: 1<<llama.NumModules - 1})}
+	f := func() error { return w.Warmup(progs) }
+	if r, ok := e.b.(Runner); ok {
+		return r.Run(f)
+	}
+	return f()
+}
+
+// run executes a prepared step and tail (which reads its result), inside
+// the backend's Runner when it has one; on success the sequences advance;
+// on error they stay as they were (with their pages).
 func (e *Engine) run(in []Input, meta *StepMeta, tail func() error) error {
-	f := func() error { return e.forward(meta, tail) }
+	var s Shape
+	if len(meta.LoRA) > 0 {
+		s.LoRA = e.loraMask()
+	}
+	prog := e.program(s)
+	f := func() error {
+		if err := e.b.Execute(meta, prog); err != nil {
+			e.b.End()
+			return err
+		}
+		if err := tail(); err != nil {
+			e.b.End()
+			return err
+		}
+		return e.b.End()
+	}
 	var err error
 	if r, ok := e.b.(Runner); ok {
 		err = r.Run(f)
@@ -595,21 +645,18 @@ func (e *Engine) run(in []Input, meta *StepMeta, tail func() error) error {
 	return nil
 }
 
-func (e *Engine) forward(meta *StepMeta, tail func() error) error {
+// forward issues the ops of one step of shape s: the model, written once
+// for every backend.
+func (e *Engine) forward(b Ops, s Shape) {
 	c := e.cfg
-	b := e.b
 	eps := float32(c.RMSNormEps)
-	if err := b.Begin(meta); err != nil {
-		return err
-	}
-	hasLoRA := len(meta.LoRA) > 0
 	fo, _ := b.(FamilyOps) // New checked it is there when the model needs it
 	proj := func(out, in Buffer, l int, m llama.Module) {
 		b.Linear(out, in, e.layers[l].proj[m])
 		if bias := e.layers[l].bias[m]; bias != nil {
 			fo.AddBias(out, bias)
 		}
-		if hasLoRA && e.loraUse[l][m] > 0 {
+		if s.LoRA&(1<<m) != 0 {
 			b.LoRA(out, in, l, m)
 		}
 	}
@@ -640,9 +687,4 @@ func (e *Engine) forward(meta *StepMeta, tail func() error) error {
 	}
 	b.AddRMSNorm(e.x, e.tmp, nil, nil, eps) // x += the last MLP output
 	b.Logits(e.logits, e.x, e.norm, e.head, eps)
-	if err := tail(); err != nil {
-		b.End()
-		return err
-	}
-	return b.End()
 }

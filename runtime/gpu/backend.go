@@ -50,6 +50,8 @@ type Options struct {
 	// WeightsBF16 ("" too) or WeightsFP8 (e4m3 with per-output-row scales,
 	// activations quantized per token; see fp8.go).
 	WeightFormat string
+	// Eager runs every step op by op: no CUDA graphs for decode steps.
+	Eager bool
 }
 
 // Buffer is a device activation matrix [rows, cols], bf16 (or float32 once
@@ -101,8 +103,21 @@ type Backend struct {
 	meta     *engine.StepMeta
 	metaHost *cuda.HostBuffer
 	metaDev  *cuda.DeviceBuffer
-	off      metaOffsets
-	nLora    int
+
+	// The step's launch parameters, set by Begin (eager, the metadata in
+	// metaDev) or fillGraphMeta (graph layout, padded to a bucket): the ops
+	// read nothing else of the step.
+	off           metaOffsets
+	metaBase      cuda.DevicePtr // device address of the metadata words
+	nRows         int            // rows the ops run over
+	nLogit        int            // logits rows
+	nLora         int            // LoRA rows (v0 kernels)
+	stepRank      int            // LoRA rank the launches are sized for (0: no LoRA)
+	stepTmp       cuda.DevicePtr // LoRA scratch and its size in floats
+	stepTmpFloats int
+	part          *cuda.DeviceBuffer // attn_decode partials
+	graphLayout   bool               // the fixed-layout launches (graph.go)
+	g             graphState
 
 	invFreqHost []float32
 	invFreq     *cuda.DeviceBuffer
@@ -204,6 +219,7 @@ func New(opts Options) (*Backend, error) {
 }
 
 func (b *Backend) open(opts Options) error {
+	b.g.off = opts.Eager
 	var err error
 	if b.s, err = b.ctx.NewStream(); err != nil {
 		return err
@@ -253,7 +269,8 @@ func (b *Backend) Device() cuda.Device { return b.ctx.Device() }
 func (b *Backend) Name() string { return "cuda" }
 
 // Init allocates the KV cache and per-step scratch.
-func (b *Backend) Init(cfg *llama.Config, maxTokens int, kv engine.KVSpec) error {
+func (b *Backend) Init(cfg *llama.Config, spec engine.Spec) error {
+	kv, maxTokens := spec.KV, spec.MaxTokens
 	if kv.KVHeads != cfg.KVHeads || kv.HeadDim != cfg.HeadDim || kv.Layers != cfg.Layers {
 		return fmt.Errorf("gpu: KV spec %+v does not match the model", kv)
 	}
@@ -281,7 +298,24 @@ func (b *Backend) Init(cfg *llama.Config, maxTokens int, kv engine.KVSpec) error
 	if b.invFreq, err = b.ctx.Alloc(cfg.HeadDim / 2 * 4); err != nil {
 		return err
 	}
-	return nil
+	// Sized once, so that recorded graphs never see them move.
+	if err := b.growTable(max(spec.AdapterSlots, 1)); err != nil {
+		return err
+	}
+	if b.f8 != nil {
+		if err := b.f8.reserve(maxTokens, max(cfg.Hidden, cfg.Intermediate)); err != nil {
+			return err
+		}
+	}
+	b.g.slots = max(spec.AdapterSlots, 1)
+	maxContext := spec.MaxContext
+	if maxContext <= 0 {
+		maxContext = kv.Blocks * kv.BlockSize
+	}
+	if !graphsUsable() {
+		b.g.off = true
+	}
+	return b.initGraphs(maxContext)
 }
 
 func (b *Backend) growMeta(n int) error {
@@ -492,7 +526,7 @@ func (b *Backend) UnloadAdapter(slot int) error {
 	return b.syncTable()
 }
 
-func (b *Backend) i32(off int) cuda.DevicePtr { return b.metaDev.Ptr() + uint64(4*off) }
+func (b *Backend) i32(off int) cuda.DevicePtr { return b.metaBase + uint64(4*off) }
 
 // Begin validates the step's metadata and uploads it in one copy.
 func (b *Backend) Begin(meta *engine.StepMeta) error {
@@ -648,7 +682,12 @@ func (b *Backend) Begin(meta *engine.StepMeta) error {
 		return err
 	}
 	b.meta, b.off, b.nLora, b.nTiles = meta, o, nLora, nTiles
-	b.nDec, b.nPre = nDec, nPre
+	b.metaBase, b.nRows, b.nLogit, b.graphLayout = b.metaDev.Ptr(), T, len(meta.LogitRows), false
+	b.nDec, b.nPre, b.part = nDec, nPre, b.attnPart
+	b.stepRank, b.stepTmp, b.stepTmpFloats = b.maxRank, 0, 0
+	if b.loraTmp != nil {
+		b.stepTmp, b.stepTmpFloats = b.loraTmp.Ptr(), b.tmpFloats()
+	}
 	return nil
 }
 
@@ -691,7 +730,7 @@ func (b *Backend) fail(err error) {
 
 func (b *Backend) ok() bool { return b.err == nil && b.meta != nil }
 
-func (b *Backend) rows() int { return len(b.meta.Tokens) }
+func (b *Backend) rows() int { return b.nRows }
 
 func (b *Backend) launch(f *cuda.Function, grid, block cuda.Dim3, args ...any) {
 	if b.err != nil {
@@ -812,7 +851,7 @@ func (b *Backend) Linear(out, in engine.Buffer, w engine.Weight) {
 // launch over every segment, each row at its own adapter's rank.
 func (b *Backend) LoRA(out, in engine.Buffer, layer int, m llama.Module) {
 	b.wrote(out)
-	if !b.ok() || b.nLora == 0 || b.maxRank == 0 {
+	if !b.ok() || b.nLora == 0 || b.stepRank == 0 {
 		return
 	}
 	o, x := buf(out), buf(in)
@@ -878,7 +917,7 @@ func (b *Backend) tmpFloats() int { return 4 * b.maxT * 3 * max(b.maxRank, 1) }
 // stride outStride elements), the projections' outputs side by side in
 // mods order. Segments come from the step's metadata.
 func (b *Backend) loraSlices(outPtr cuda.DevicePtr, outStride int, x *Buffer, layer int, mods []llama.Module) {
-	if !b.ok() || b.nLora == 0 || b.maxRank == 0 {
+	if !b.ok() || b.nLora == 0 || b.stepRank == 0 {
 		return
 	}
 	if !b.check(len(mods) >= 1 && len(mods) <= 3 && layer >= 0 && layer < b.cfg.Layers, "lora: %d slices, layer %d", len(mods), layer) {
@@ -906,10 +945,10 @@ func (b *Backend) loraSlices(outPtr cuda.DevicePtr, outStride int, x *Buffer, la
 		rows, slots := b.i32(b.off.loraRows), b.i32(b.off.loraSlots)
 		for i, m := range mods {
 			_, outF := b.cfg.Dims(m)
-			b.launch(b.fn.shrink, cuda.Dim3{X: b.nLora, Y: (b.maxRank + 7) / 8}, cuda.Dim3{X: 256},
-				b.loraTmp, x.mem, b.table, rows, slots, base+int(m), stride, inF, x.cols, b.maxRank)
+			b.launch(b.fn.shrink, cuda.Dim3{X: b.nLora, Y: (b.stepRank + 7) / 8}, cuda.Dim3{X: 256},
+				b.stepTmp, x.mem, b.table, rows, slots, base+int(m), stride, inF, x.cols, b.stepRank)
 			b.launch(b.fn.expand, cuda.Dim3{X: b.nLora, Y: (outF + 255) / 256}, cuda.Dim3{X: 256},
-				outPtr+uint64(2*offs[i]), b.loraTmp, b.table, rows, slots, base+int(m), stride, outF, outStride, b.maxRank)
+				outPtr+uint64(2*offs[i]), b.stepTmp, b.table, rows, slots, base+int(m), stride, outF, outStride, b.stepRank)
 		}
 		return
 	}
@@ -922,29 +961,29 @@ func (b *Backend) loraSlices(outPtr cuda.DevicePtr, outStride int, x *Buffer, la
 		ms[2], off2 = int(mods[2]), offs[2]
 	}
 	T := b.rows()
-	tStride := len(mods) * b.maxRank
+	tStride := len(mods) * b.stepRank
 	// Rank rows per shrink block: 32 when the tiles are well filled (each x
 	// tile is then read once per 32 ranks, not per 8), else 8 for more blocks.
 	shrink, nb := b.fn.sgShrink, 8
-	if b.shrinkNB == 4 || (b.shrinkNB == 0 && b.nLora >= 8*b.nTiles && b.nTiles*len(mods) >= 16) {
+	if b.shrinkNB == 4 || (b.shrinkNB == 0 && !b.graphLayout && b.nLora >= 8*b.nTiles && b.nTiles*len(mods) >= 16) {
 		shrink, nb = b.fn.sgShrink4, 32
 	}
-	rankTiles := (b.maxRank + nb - 1) / nb
+	rankTiles := (b.stepRank + nb - 1) / nb
 	blocks := b.nTiles * len(mods) * rankTiles
 	// Split K across blocks until the grid covers the SMs about twice over,
 	// keeping at least 512 columns per block and the partials in the scratch.
 	groups := (inF + 255) / 256
-	ks := min(max(1, (2*b.ctx.Device().SMs+blocks-1)/blocks), max(1, groups/2), max(1, b.tmpFloats()/(T*tStride)))
+	ks := min(max(1, (2*b.ctx.Device().SMs+blocks-1)/blocks), max(1, groups/2), max(1, b.stepTmpFloats/(T*tStride)))
 	kchunk := (groups + ks - 1) / ks * 256
 	ks = (inF + kchunk - 1) / kchunk
 	tiles := b.i32(b.off.tiles)
 	// v2: one launch, blocks taking shrink items first and expand items
 	// (512 output columns of one tile) after them; see kernels/sgmv.cu.
-	v2 := b.loraV2 || (!b.loraV1 && b.nLora >= sgV2MinRows*b.nTiles)
+	v2 := !b.graphLayout && (b.loraV2 || (!b.loraV1 && b.nLora >= sgV2MinRows*b.nTiles))
 	if f := b.sgFused[nb/32]; f != nil && v2 && b.nTiles <= sgFuMaxTiles && len(b.slots)*len(mods) <= sgFuMaxEnt {
 		nShrink := b.nTiles * len(mods) * rankTiles * ks
 		grid := nShrink + b.nTiles*((total+sgFuCols-1)/sgFuCols)
-		shmem := max(8*sgTileRows*nb*4, sgTileRows*len(mods)*((b.maxRank+7)&^7)*4)
+		shmem := max(8*sgTileRows*nb*4, sgTileRows*len(mods)*((b.stepRank+7)&^7)*4)
 		if shmem > 39<<10 && shmem > b.fusedShmem { // 8.2 KB of static shared memory besides
 			for _, g := range b.sgFused {
 				if err := g.SetMaxDynamicShared(shmem); err != nil {
@@ -958,15 +997,15 @@ func (b *Backend) loraSlices(outPtr cuda.DevicePtr, outStride int, x *Buffer, la
 			return
 		}
 		b.fail(f.Launch(b.s, cuda.Dim3{X: grid}, cuda.Dim3{X: sgFuThreads}, shmem,
-			outPtr, b.loraTmp, x.mem, b.table, tiles, b.loraCtr(), b.nTiles, len(b.slots), base, stride,
+			outPtr, b.stepTmp, x.mem, b.table, tiles, b.loraCtr(), b.nTiles, len(b.slots), base, stride,
 			ms[0], ms[1], ms[2], len(mods), rankTiles, ks, kchunk, nShrink, off1, off2, total,
-			b.maxRank, inF, x.cols, outStride, tStride, T))
+			b.stepRank, inF, x.cols, outStride, tStride, T))
 		return
 	}
 	b.launch(shrink, cuda.Dim3{X: b.nTiles, Y: len(mods) * rankTiles, Z: ks}, cuda.Dim3{X: 256},
-		b.loraTmp, x.mem, b.table, tiles, base, stride, ms[0], ms[1], ms[2], rankTiles, b.maxRank,
+		b.stepTmp, x.mem, b.table, tiles, base, stride, ms[0], ms[1], ms[2], rankTiles, b.stepRank,
 		inF, x.cols, tStride, T, kchunk)
-	shmem := sgTileRows * len(mods) * ((b.maxRank + 7) &^ 7) * 4 // [16][slices * rank rounded up to 8] floats
+	shmem := sgTileRows * len(mods) * ((b.stepRank + 7) &^ 7) * 4 // [16][slices * rank rounded up to 8] floats
 	if shmem > 48<<10 && shmem > b.expandShmem {
 		if err := b.fn.sgExpand.SetMaxDynamicShared(shmem); err != nil {
 			b.fail(err)
@@ -978,8 +1017,8 @@ func (b *Backend) loraSlices(outPtr cuda.DevicePtr, outStride int, x *Buffer, la
 		return
 	}
 	b.fail(b.fn.sgExpand.Launch(b.s, cuda.Dim3{X: b.nTiles, Y: (total + 255) / 256}, cuda.Dim3{X: 128}, shmem,
-		outPtr, b.loraTmp, b.table, tiles, base, stride, ms[0], ms[1], ms[2], len(mods), off1, off2, total,
-		b.maxRank, outStride, tStride, T, ks))
+		outPtr, b.stepTmp, b.table, tiles, base, stride, ms[0], ms[1], ms[2], len(mods), off1, off2, total,
+		b.stepRank, outStride, tStride, T, ks))
 }
 
 // RoPE rotates q and k in place at the step's positions.
@@ -1042,7 +1081,7 @@ func (b *Backend) Attention(out, q, k, v engine.Buffer, layer int, scale float32
 	shmem := (decThreads / (hd / 8)) * G * (hd + 2) * 4
 	var part uint64
 	if b.decSplit > 1 {
-		part = b.attnPart.Ptr()
+		part = b.part.Ptr()
 	}
 	if b.err != nil {
 		return
@@ -1080,7 +1119,7 @@ func (b *Backend) Logits(out, x engine.Buffer, norm, head engine.Weight, eps flo
 		return
 	}
 	o, xb, nw, hw := buf(out), buf(x), norm.(*weight), head.(*weight)
-	n := len(b.meta.LogitRows)
+	n := b.nLogit
 	if n == 0 {
 		return
 	}
@@ -1195,10 +1234,12 @@ func (b *Backend) Close() error {
 		}
 	}
 	errs = append(errs, b.closeLoads())
-	for _, d := range []*cuda.DeviceBuffer{b.kcache, b.vcache, b.metaDev, b.invFreq, b.normed, b.table, b.loraTmp, b.smpDev, b.attnPart} {
+	errs = append(errs, b.dropGraphs())
+	for _, d := range []*cuda.DeviceBuffer{b.kcache, b.vcache, b.metaDev, b.invFreq, b.normed, b.table, b.loraTmp, b.smpDev, b.attnPart,
+		b.g.dev, b.g.part, b.g.tmp} {
 		errs = append(errs, d.Free())
 	}
-	for _, h := range []*cuda.HostBuffer{b.metaHost, b.readHost, b.smpHost} {
+	for _, h := range []*cuda.HostBuffer{b.metaHost, b.readHost, b.smpHost, b.g.host} {
 		errs = append(errs, h.Free())
 	}
 	errs = append(errs, b.evBeg.Destroy(), b.evEnd.Destroy())

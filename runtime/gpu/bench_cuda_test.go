@@ -390,6 +390,12 @@ func TestDecodeBench(t *testing.T) {
 	if err := gb.SetTiming(true); err != nil {
 		t.Fatal(err)
 	}
+	tw := time.Now()
+	if err := e.Warmup(); err != nil {
+		t.Fatal(err)
+	}
+	warm := time.Since(tw)
+	recorded, _ := gb.GraphStats()
 	load := time.Since(t0)
 	// bytes per decode step that do not depend on the batch: every weight but the embedding table
 	var wBytes float64
@@ -420,15 +426,15 @@ func TestDecodeBench(t *testing.T) {
 	if gb.f8 != nil {
 		wf = WeightsFP8
 	}
-	bench("decode device %s; weights %s; %s: %d layers, hidden %d, vocab %d; %d adapters of %.0f MB; copy bandwidth %.0f GB/s; loaded in %v",
-		gb.Device().Name, wf, dir, c.Layers, c.Hidden, c.VocabSize, len(ads), adBytes/1e6, bw/1e9, load.Round(time.Second))
-	bench("decode %-5s %-5s %10s %10s %10s %9s %9s %9s %9s %10s", "batch", "lora", "wall_tok/s", "gpu_tok/s", "roof_tok/s", "gpu_frac", "wall_ms", "gpu_ms", "roof_ms", "prefill_s")
+	bench("decode device %s; weights %s; %s: %d layers, hidden %d, vocab %d; %d adapters of %.0f MB; copy bandwidth %.0f GB/s; loaded in %v; %d decode graphs recorded in %v",
+		gb.Device().Name, wf, dir, c.Layers, c.Hidden, c.VocabSize, len(ads), adBytes/1e6, bw/1e9, load.Round(time.Second), recorded, warm.Round(time.Millisecond))
+	bench("decode %-5s %-11s %10s %10s %10s %9s %9s %9s %9s %10s", "batch", "lora", "wall_tok/s", "gpu_tok/s", "roof_tok/s", "gpu_frac", "wall_ms", "gpu_ms", "roof_ms", "prefill_s")
 	rng := rand.New(rand.NewPCG(3, 4))
 	ctx := context.Background()
 	for _, B := range batches {
-		for variant := 0; variant < 4; variant++ {
-			withLoRA, sampled := variant == 1, variant == 2 // 2: no adapter, tokens sampled on the device (StepSample)
-			gb.attnV0 = variant == 3                        // 3: no adapter, the per-row attention kernel for decode rows too (v0.3)
+		for variant := 0; variant < 5; variant++ {
+			withLoRA, sampled := variant == 1 || variant == 4, variant == 2 // 2: no adapter, tokens sampled on the device (StepSample)
+			gb.g.off = variant >= 3                                          // 3, 4: every op launched eagerly (no graphs), as before v0.11
 			if withLoRA && len(ads) == 0 {
 				continue
 			}
@@ -492,17 +498,22 @@ func TestDecodeBench(t *testing.T) {
 			if sampled {
 				lbl = "no+ds"
 			}
-			if gb.attnV0 {
-				lbl = "no+v0"
-			}
 			if withLoRA {
 				lbl = fmt.Sprintf("%dxr%d", len(ads), ads[0].MaxRank())
 			}
-			bench("decode %-5d %-5s %10.0f %10.0f %10.0f %9.2f %9.2f %9.2f %9.2f %10.1f", B, lbl, toks/wall.Seconds(), toks/(gpuMs/1e3), toks/roofS,
+			if gb.g.off {
+				lbl += "+eager"
+			}
+			bench("decode %-5d %-11s %10.0f %10.0f %10.0f %9.2f %9.2f %9.2f %9.2f %10.1f", B, lbl, toks/wall.Seconds(), toks/(gpuMs/1e3), toks/roofS,
 				roofS*1e3/gpuMs, wall.Seconds()*1e3/newTok, gpuMs/newTok, roofS*1e3/newTok, prefill.Seconds())
 		}
 	}
-	gb.attnV0 = false
+	gb.g.off = false
+	rec, rep := gb.GraphStats()
+	bench("decode graphs: %d recorded, %d steps replayed", rec, rep)
+	if rec != recorded {
+		t.Errorf("%d decode graphs recorded after Warmup's %d: a decode step needed a new recording", rec, recorded)
+	}
 	if len(ads) > 0 {
 		adapterLoadBench(t, e, c, ads, rng)
 	}
@@ -657,5 +668,111 @@ wait:
 	}
 	if err := e.UnloadAdapter(slot); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestDecodeProfile runs one decode step without adapters and one with the
+// four adapters at each batch size of PEFTD_PROFILE_BATCHES (default 1,64)
+// inside a profiler range (cuProfilerStart/Stop), for
+// ncu --profile-from-start off: scripts/gpu-check.sh's profile phase turns
+// the kernels' durations into a table per step. Needs PEFTD_MODEL_8B and
+// PEFTD_PROFILE=1.
+func TestDecodeProfile(t *testing.T) {
+	dir := os.Getenv("PEFTD_MODEL_8B")
+	if dir == "" || os.Getenv("PEFTD_PROFILE") == "" {
+		t.Skip("PEFTD_MODEL_8B and PEFTD_PROFILE=1 are not both set")
+	}
+	m, err := llama.Open(filepath.Join(dir, "base"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	c := m.Config
+	var ads []*lora.Adapter
+	entries, _ := os.ReadDir(filepath.Join(dir, "adapters"))
+	for _, e := range entries {
+		a, err := lora.Load(filepath.Join(dir, "adapters", e.Name()), c)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ads = append(ads, a)
+	}
+	batches := []int{1, 64}
+	if s := os.Getenv("PEFTD_PROFILE_BATCHES"); s != "" {
+		batches = nil
+		for _, f := range strings.Split(s, ",") {
+			n, err := strconv.Atoi(f)
+			if err != nil {
+				t.Fatal(err)
+			}
+			batches = append(batches, n)
+		}
+	}
+	const prompt = 512
+	maxB := slices.Max(batches)
+	opts := engine.Options{MaxTokens: 8 * prompt, BlockSize: 16, KVBlocks: maxB*(prompt+8)/16 + 64, AdapterSlots: len(ads) + 1}
+	gb, err := New(Options{WeightFormat: os.Getenv("PEFTD_WEIGHTS"), Eager: os.Getenv("PEFTD_EAGER") != ""})
+	if err != nil {
+		t.Fatal(err)
+	}
+	e, err := engine.New(m, gb, opts)
+	if err != nil {
+		gb.Close()
+		t.Fatal(err)
+	}
+	defer e.Close()
+	for i, a := range ads {
+		if err := e.LoadAdapter(i, a); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := e.Warmup(); err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	rng := rand.New(rand.NewPCG(5, 6))
+	for _, B := range batches {
+		seqs := make([]*engine.Sequence, B)
+		for i := 0; i < B; i += 8 {
+			var in []engine.Input
+			for j := i; j < min(B, i+8); j++ {
+				seqs[j] = &engine.Sequence{}
+				toks := make([]int32, prompt)
+				for k := range toks {
+					toks[k] = int32(rng.IntN(c.VocabSize))
+				}
+				in = append(in, engine.Input{Seq: seqs[j], Tokens: toks, Slot: -1})
+			}
+			if _, err := e.Step(ctx, in); err != nil {
+				t.Fatal(err)
+			}
+		}
+		step := func(withLoRA bool) {
+			in := make([]engine.Input, B)
+			for i := range in {
+				slot := -1
+				if withLoRA && len(ads) > 0 {
+					slot = i % len(ads)
+				}
+				in[i] = engine.Input{Seq: seqs[i], Tokens: []int32{int32(rng.IntN(c.VocabSize))}, Slot: slot}
+			}
+			if _, err := e.Step(ctx, in); err != nil {
+				t.Fatal(err)
+			}
+		}
+		step(false) // outside the range: any first-use work
+		step(true)
+		if err := gb.ctx.ProfilerStart(); err != nil {
+			t.Fatal(err)
+		}
+		step(false)
+		step(true)
+		if err := gb.ctx.ProfilerStop(); err != nil {
+			t.Fatal(err)
+		}
+		bench("profile batch %d: steps base, %d adapters", B, len(ads))
+		for _, s := range seqs {
+			e.Release(s)
+		}
 	}
 }

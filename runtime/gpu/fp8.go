@@ -109,6 +109,15 @@ func (f *fp8State) grow(b **cuda.DeviceBuffer, n int) error {
 	return err
 }
 
+// reserve sizes the activation scratch for rows rows of up to cols values,
+// so that it never moves afterwards (recorded graphs use it).
+func (f *fp8State) reserve(rows, cols int) error {
+	if err := f.grow(&f.actQ, (rows*cols+15)&^15); err != nil {
+		return err
+	}
+	return f.grow(&f.actS, 4*rows)
+}
+
 // upload quantizes a bf16 weight [rows, cols] on the device.
 func (f *fp8State) upload(host []uint16, rows, cols int) (*fp8Weight, error) {
 	if len(host) != rows*cols || cols%16 != 0 {

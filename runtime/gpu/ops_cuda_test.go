@@ -41,7 +41,7 @@ func newRig(t *testing.T, cfg *llama.Config, maxT int, kv engine.KVSpec) *rig {
 			t.Errorf("close: %v", err)
 		}
 	})
-	if err := b.Init(cfg, maxT, kv); err != nil {
+	if err := b.Init(cfg, engine.Spec{MaxTokens: maxT, KV: kv, AdapterSlots: 8}); err != nil {
 		t.Fatal(err)
 	}
 	r := &rig{t: t, b: b, cfg: cfg, kv: kv, rng: rand.New(rand.NewPCG(rand.Uint64(), 7))}

@@ -1,0 +1,426 @@
+package gpu
+
+import (
+	"errors"
+	"fmt"
+	"math/bits"
+
+	"github.com/peftd/peftd/runtime/cuda"
+	"github.com/peftd/peftd/runtime/engine"
+)
+
+// Decode steps (every sequence one new row, logits for every row) run as
+// CUDA graph replays: one graph per (row bucket, program shape, LoRA rank
+// class), recorded the first time that key is seen (Warmup records the
+// common ones before serving) by running the program's ops under stream
+// capture. What a recording must not change between replays is fixed:
+//
+//   - the step is padded to its bucket's rows; padded rows are one-row
+//     sequences with no context, no KV slot (kv_store skips them), no
+//     adapter, and their logits are never read;
+//   - the metadata has one layout per backend (graphMeta), filled on the
+//     host and copied to a fixed device buffer by one async copy before the
+//     replay; attn_decode sizes its KV chunks per sequence on the device;
+//   - the LoRA launches are sized for the bucket's worst case (tiles with
+//     no rows exit at once) and a rank class (the loaded adapters' largest
+//     rank rounded up to a power of two, at least 64), with their own
+//     scratch, so loading or evicting adapters never forces a recording;
+//   - every buffer a recording reads or writes is allocated at Init (or by
+//     the eager run that precedes each recording) and never moves: the
+//     pointers are checked before each replay and the graphs dropped if one
+//     did (they are then recorded again).
+//
+// Mixed and prefill steps run their ops eagerly.
+
+// graphBuckets are the step sizes decode graphs are recorded for; a decode
+// step of n rows replays the smallest bucket >= n.
+var graphBuckets = []int{1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256}
+
+// minGraphRank is the smallest LoRA rank class.
+const minGraphRank = 64
+
+type graphKey struct {
+	rows int   // bucket
+	lora uint8 // engine.Shape.LoRA
+	rank int   // LoRA rank class; 0 without LoRA
+}
+
+// graphState is the CUDA-graph side of the backend.
+type graphState struct {
+	off     bool // Options.Eager, or the driver lacks graph symbols
+	maxRows int  // largest bucket that fits the backend's MaxTokens
+	slots   int  // adapter slots the tiles are sized for (Spec.AdapterSlots)
+	execs   map[graphKey]*cuda.GraphExec
+	// fixed layout (int32 words) of the metadata, for maxRows rows; the
+	// page tables follow the fixed part
+	lay      metaOffsets
+	pagesCap int
+	host     *cuda.HostBuffer
+	dev      *cuda.DeviceBuffer
+	part     *cuda.DeviceBuffer // attn_decode partials
+	tmp      *cuda.DeviceBuffer // LoRA scratch
+	tmpRank  int                // rank class tmp is sized for
+	ptrs     [6]cuda.DevicePtr  // buffers the recordings use (see pointers)
+	// counters, for tests and the benchmark
+	Recorded, Replayed int
+}
+
+// GraphStats reports how many decode graphs were recorded and how many
+// steps replayed one.
+func (b *Backend) GraphStats() (recorded, replayed int) { return b.g.Recorded, b.g.Replayed }
+
+// tilesCap is the most SGMV tiles a step of n rows can have with slots
+// adapter slots: one partial tile per segment plus the full ones.
+func tilesCap(n, slots int) int { return min(n, (n+sgTileRows-1)/sgTileRows+max(slots, 1)) }
+
+// decSplitFor is the KV split of attn_decode for a decode step of n rows:
+// enough (sequence, KV head, split) blocks to cover the SMs about four times.
+func (b *Backend) decSplitFor(n int) int {
+	blocks := n * b.kv.KVHeads
+	return max(1, min((4*b.ctx.Device().SMs+blocks-1)/blocks, 64))
+}
+
+// initGraphs sizes the graph metadata for the backend's largest bucket.
+func (b *Backend) initGraphs(maxContext int) error {
+	b.g.execs = map[graphKey]*cuda.GraphExec{}
+	b.g.maxRows = 0
+	for _, n := range graphBuckets {
+		if n <= b.maxT {
+			b.g.maxRows = n
+		}
+	}
+	if b.g.off || !b.decOK || b.g.maxRows == 0 {
+		b.g.off = true
+		return nil
+	}
+	M := b.g.maxRows
+	o := metaOffsets{tokens: 0, pos: M, kvSlots: 2 * M, rowSeq: 3 * M, seqInfo: 4 * M}
+	o.loraRows = 8 * M
+	o.loraSlots = 9 * M
+	o.logitRows = 10 * M
+	o.decSeqs = 11 * M
+	o.tiles = (12*M + 3) &^ 3
+	o.pages = o.tiles + 4*tilesCap(M, b.g.slots)
+	o.preRows = o.pages // no prefill rows
+	perSeq := (maxContext + b.kv.BlockSize - 1) / b.kv.BlockSize
+	b.g.pagesCap = M * min(max(perSeq, 1), b.kv.Blocks)
+	o.end = o.pages + b.g.pagesCap
+	b.g.lay = o
+	var err error
+	if b.g.host, err = b.ctx.AllocHost(4 * o.end); err != nil {
+		return fmt.Errorf("gpu: graph metadata: %w", err)
+	}
+	if b.g.dev, err = b.ctx.Alloc(4 * o.end); err != nil {
+		return fmt.Errorf("gpu: graph metadata: %w", err)
+	}
+	part := 0
+	for _, n := range graphBuckets[:bucketIndex(M)+1] {
+		if s := b.decSplitFor(n); s > 1 {
+			part = max(part, 4*n*b.cfg.Heads*s*(b.kv.HeadDim+2))
+		}
+	}
+	if b.g.part, err = b.ctx.Alloc(max(part, 256)); err != nil {
+		return fmt.Errorf("gpu: graph attention scratch: %w", err)
+	}
+	return b.growGraphTmp(minGraphRank) // before any recording: growing it drops them
+}
+
+// graphsUsable reports whether the driver can record and replay graphs.
+func graphsUsable() bool { return cuda.GraphsSupported() == nil }
+
+func bucketIndex(n int) int {
+	for i, v := range graphBuckets {
+		if v >= n {
+			return i
+		}
+	}
+	return len(graphBuckets) - 1
+}
+
+// rankClass is the LoRA rank the recordings of a step are sized for.
+func rankClass(maxRank int) int {
+	if maxRank <= minGraphRank {
+		return minGraphRank
+	}
+	return 1 << bits.Len(uint(maxRank-1))
+}
+
+// growGraphTmp sizes the graph LoRA scratch for rank class r (three fused
+// slices, up to four K-split partials, maxRows rows). Growing it moves it,
+// which drops the recordings (pointers).
+func (b *Backend) growGraphTmp(r int) error {
+	if b.g.tmp != nil && b.g.tmpRank >= r {
+		return nil
+	}
+	if err := b.s.Synchronize(); err != nil {
+		return err
+	}
+	b.g.tmp.Free()
+	b.g.tmp = nil
+	var err error
+	if b.g.tmp, err = b.ctx.Alloc(4 * b.graphTmpFloats(r)); err != nil {
+		return err
+	}
+	b.g.tmpRank = r
+	return nil
+}
+
+func (b *Backend) graphTmpFloats(r int) int { return 4 * b.g.maxRows * 3 * r }
+
+// pointers are the buffers a recording bakes in that are not fixed for the
+// backend's life by construction.
+func (b *Backend) pointers() [6]cuda.DevicePtr {
+	var p [6]cuda.DevicePtr
+	p[0] = b.table.Ptr()
+	p[1] = b.normed.Ptr()
+	if b.f8 != nil {
+		p[2], p[3] = b.f8.actQ.Ptr(), b.f8.actS.Ptr()
+	}
+	p[4] = b.g.tmp.Ptr()
+	for _, x := range b.buffers {
+		p[5] ^= x.f32.Ptr() // the logits' float32 storage (allocated by the first Logits)
+	}
+	return p
+}
+
+// dropGraphs destroys every recording.
+func (b *Backend) dropGraphs() error {
+	var errs []error
+	for k, e := range b.g.execs {
+		errs = append(errs, e.Destroy())
+		delete(b.g.execs, k)
+	}
+	return errors.Join(errs...)
+}
+
+// graphable reports whether meta is a decode step the graphs cover.
+func (b *Backend) graphable(meta *engine.StepMeta) bool {
+	T := len(meta.Tokens)
+	if b.g.off || b.attnV0 || T == 0 || T > b.g.maxRows || len(meta.Seqs) != T || len(meta.LogitRows) != T {
+		return false
+	}
+	for i, s := range meta.Seqs {
+		if s.Len != 1 || s.Start != i || meta.LogitRows[i] != int32(i) {
+			return false
+		}
+	}
+	return true
+}
+
+// Execute runs prog over the step: a decode step replays (or first
+// records) its bucket's CUDA graph; any other step runs the ops eagerly.
+func (b *Backend) Execute(meta *engine.StepMeta, prog engine.Program) error {
+	if b.graphable(meta) {
+		return b.replay(meta, prog)
+	}
+	if err := b.Begin(meta); err != nil {
+		return err
+	}
+	prog.Run(b)
+	return nil
+}
+
+// replay fills the graph metadata for meta padded to its bucket and
+// launches the bucket's graph, recording it first if needed.
+func (b *Backend) replay(meta *engine.StepMeta, prog engine.Program) error {
+	n := graphBuckets[bucketIndex(len(meta.Tokens))]
+	key := graphKey{rows: n, lora: prog.Shape.LoRA}
+	if key.lora != 0 {
+		key.rank = rankClass(b.maxRank)
+		if err := b.growGraphTmp(key.rank); err != nil {
+			return err
+		}
+	}
+	if err := b.fillGraphMeta(meta, n, key.rank); err != nil {
+		return err
+	}
+	if err := b.waitLoads(meta); err != nil {
+		return err
+	}
+	if p := b.pointers(); p != b.g.ptrs {
+		if err := b.dropGraphs(); err != nil {
+			return err
+		}
+		b.g.ptrs = p
+	}
+	b.timed = false
+	if b.timing {
+		if err := b.evBeg.Record(b.s); err != nil {
+			return err
+		}
+		b.timed = true
+	}
+	if e := b.g.execs[key]; e != nil {
+		b.g.Replayed++
+		return e.Launch(b.s)
+	}
+	// First step of this kind: run it eagerly with the graph layout (this
+	// also makes every lazy allocation and choice the recording needs),
+	// then record the same ops for the next steps.
+	prog.Run(b)
+	if b.err != nil {
+		return nil // End reports it
+	}
+	if err := b.s.Synchronize(); err != nil {
+		return err
+	}
+	if p := b.pointers(); p != b.g.ptrs { // the eager run allocated: earlier recordings are stale
+		if err := b.dropGraphs(); err != nil {
+			return err
+		}
+		b.g.ptrs = p
+	}
+	e, err := b.record(prog)
+	if err != nil {
+		return fmt.Errorf("gpu: record decode graph for %d rows: %w", n, err)
+	}
+	b.g.execs[key] = e
+	b.g.Recorded++
+	return nil
+}
+
+// record captures prog's ops on the compute stream as a graph.
+func (b *Backend) record(prog engine.Program) (*cuda.GraphExec, error) {
+	if err := b.s.BeginCapture(); err != nil {
+		return nil, err
+	}
+	prog.Run(b)
+	g, cerr := b.s.EndCapture()
+	if err := errors.Join(b.err, cerr); err != nil {
+		b.err = nil
+		g.Destroy()
+		return nil, err
+	}
+	defer g.Destroy()
+	return g.Instantiate()
+}
+
+// fillGraphMeta writes meta, padded to n rows, in the graph layout and
+// copies it to the device; it sets the step's launch parameters.
+func (b *Backend) fillGraphMeta(meta *engine.StepMeta, n, rank int) error {
+	b.err = nil
+	b.gen++
+	o := b.g.lay
+	T := len(meta.Tokens)
+	if len(meta.Positions) != T || len(meta.KVSlots) != T {
+		return fmt.Errorf("%w: %d tokens, %d positions, %d KV slots", ErrBadStep, T, len(meta.Positions), len(meta.KVSlots))
+	}
+	h := b.g.host.Int32s()
+	V := int32(b.cfg.VocabSize)
+	nSlots := int32(b.kv.Blocks * b.kv.BlockSize)
+	p := o.pages
+	for i := range n {
+		h[o.loraRows+i], h[o.logitRows+i], h[o.decSeqs+i] = int32(i), int32(i), int32(i)
+		h[o.rowSeq+i] = int32(i)
+		h[o.loraSlots+i] = -1
+		if i >= T { // padding: token 0 at position 0, no KV slot, no context
+			h[o.tokens+i], h[o.pos+i], h[o.kvSlots+i] = 0, 0, -1
+			h[o.seqInfo+4*i], h[o.seqInfo+4*i+1], h[o.seqInfo+4*i+2], h[o.seqInfo+4*i+3] = int32(i), 1, 0, 0
+			continue
+		}
+		t, s := meta.Tokens[i], meta.Seqs[i]
+		if t < 0 || t >= V {
+			return fmt.Errorf("%w: token %d outside the vocabulary", ErrBadStep, t)
+		}
+		if meta.KVSlots[i] < 0 || meta.KVSlots[i] >= nSlots {
+			return fmt.Errorf("%w: KV slot %d outside the cache (%d)", ErrBadStep, meta.KVSlots[i], nSlots)
+		}
+		if s.Context < 1 || (s.Context+b.kv.BlockSize-1)/b.kv.BlockSize > len(s.Blocks) {
+			return fmt.Errorf("%w: sequence %d %+v", ErrBadStep, i, s)
+		}
+		if p+len(s.Blocks) > o.pages+b.g.pagesCap {
+			return fmt.Errorf("%w: page tables exceed %d pages", ErrBadStep, b.g.pagesCap)
+		}
+		h[o.tokens+i], h[o.pos+i], h[o.kvSlots+i] = t, meta.Positions[i], meta.KVSlots[i]
+		h[o.seqInfo+4*i], h[o.seqInfo+4*i+1], h[o.seqInfo+4*i+2], h[o.seqInfo+4*i+3] = int32(i), 1, int32(s.Context), int32(p-o.pages)
+		for _, blk := range s.Blocks {
+			if blk < 0 || int(blk) >= b.kv.Blocks {
+				return fmt.Errorf("%w: KV block %d outside the cache (%d)", ErrBadStep, blk, b.kv.Blocks)
+			}
+			h[p] = blk
+			p++
+		}
+	}
+	nTiles, tl := tilesCap(n, b.g.slots), o.tiles
+	for _, g := range meta.LoRA {
+		if g.Start < 0 || g.End > T || g.Start > g.End {
+			return fmt.Errorf("%w: LoRA segment [%d,%d) outside %d rows", ErrBadStep, g.Start, g.End, T)
+		}
+		if g.Slot < 0 || g.Slot >= len(b.slots) || b.slots[g.Slot] == nil {
+			return fmt.Errorf("%w: LoRA segment uses empty slot %d", ErrBadStep, g.Slot)
+		}
+		for r := g.Start; r < g.End; r++ {
+			h[o.loraSlots+r] = int32(g.Slot)
+		}
+		for r := g.Start; r < g.End; r += sgTileRows {
+			if tl >= o.tiles+4*nTiles {
+				return fmt.Errorf("%w: more LoRA tiles than %d", ErrBadStep, nTiles)
+			}
+			h[tl], h[tl+1], h[tl+2], h[tl+3] = int32(r), int32(min(sgTileRows, g.End-r)), int32(g.Slot), 0
+			tl += 4
+		}
+	}
+	clear(h[tl : o.tiles+4*nTiles]) // tiles with no rows
+	if err := cuda.CopyHtoD(b.s, b.g.dev.Ptr(), h[:p]); err != nil {
+		return err
+	}
+	b.meta, b.off, b.metaBase = meta, o, b.g.dev.Ptr()
+	b.nRows, b.nLogit = n, n
+	b.nDec, b.nPre = n, 0
+	b.decSplit, b.decChunk, b.part = b.decSplitFor(n), 0, b.g.part
+	b.nLora, b.nTiles = 0, 0
+	b.stepRank, b.stepTmp, b.stepTmpFloats = 0, 0, 0
+	if rank > 0 {
+		b.nLora, b.nTiles = n, nTiles
+		b.stepRank, b.stepTmp, b.stepTmpFloats = rank, b.g.tmp.Ptr(), b.graphTmpFloats(rank)
+	}
+	b.graphLayout = true
+	return nil
+}
+
+// Warmup records the decode graphs of every bucket for progs (engine.Warmer):
+// each is run once on padding alone (no sequence is touched), then recorded.
+func (b *Backend) Warmup(progs []engine.Program) error {
+	if b.g.off {
+		return nil
+	}
+	empty := &engine.StepMeta{}
+	for _, prog := range progs {
+		for _, n := range graphBuckets[:bucketIndex(b.g.maxRows)+1] {
+			key := graphKey{rows: n, lora: prog.Shape.LoRA}
+			if key.lora != 0 {
+				key.rank = rankClass(b.maxRank)
+				if err := b.growGraphTmp(key.rank); err != nil {
+					return err
+				}
+			}
+			if b.g.execs[key] != nil {
+				continue
+			}
+			if err := b.fillGraphMeta(empty, n, key.rank); err != nil {
+				return err
+			}
+			prog.Run(b)
+			err := errors.Join(b.err, b.s.Synchronize())
+			b.meta = nil
+			if err != nil {
+				return fmt.Errorf("gpu: warm up %d rows: %w", n, err)
+			}
+			if p := b.pointers(); p != b.g.ptrs {
+				if err := b.dropGraphs(); err != nil {
+					return err
+				}
+				b.g.ptrs = p
+			}
+			b.meta = empty
+			e, err := b.record(prog)
+			b.meta = nil
+			if err != nil {
+				return fmt.Errorf("gpu: record decode graph for %d rows: %w", n, err)
+			}
+			b.g.execs[key] = e
+			b.g.Recorded++
+		}
+	}
+	return nil
+}
