@@ -44,11 +44,61 @@ extern "C" __global__ void embed(bf16* out, const bf16* table, const int* tokens
 
 // add_rmsnorm: if delta: x += delta (rounded to bf16 in x); if out: out = rmsnorm(x) * w.
 // grid (T), block multiple of 32.
+// unpack8/pack8: 8 bf16 in a 16-byte word <-> 8 floats.
+__device__ __forceinline__ void unpack8(uint4 u, float* f) {
+    const __nv_bfloat162* p = reinterpret_cast<const __nv_bfloat162*>(&u);
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        const float2 v = __bfloat1622float2(p[i]);
+        f[2 * i] = v.x, f[2 * i + 1] = v.y;
+    }
+}
+__device__ __forceinline__ uint4 pack8(const float* f) {
+    uint4 u;
+    __nv_bfloat162* p = reinterpret_cast<__nv_bfloat162*>(&u);
+#pragma unroll
+    for (int i = 0; i < 4; i++) p[i] = __floats2bfloat162_rn(f[2 * i], f[2 * i + 1]);
+    return u;
+}
+
 extern "C" __global__ void add_rmsnorm(bf16* x, const bf16* delta, bf16* out, const bf16* w, float eps, int H) {
     __shared__ float sh[33];
     const int r = blockIdx.x;
     bf16* xr = x + (i64)r * H;
     float ss = 0.f;
+    if ((H & 7) == 0) { // 16-byte words: every load of a row in flight at once
+        uint4* x8 = reinterpret_cast<uint4*>(xr);
+        const uint4* d8 = delta ? reinterpret_cast<const uint4*>(delta + (i64)r * H) : nullptr;
+        for (int c = threadIdx.x; c < H / 8; c += blockDim.x) {
+            float v[8];
+            unpack8(x8[c], v);
+            if (d8) {
+                float d[8];
+                unpack8(d8[c], d);
+#pragma unroll
+                for (int i = 0; i < 8; i++) v[i] += d[i];
+                const uint4 b = pack8(v);
+                x8[c] = b;
+                unpack8(b, v); // the rounded sum, as stored
+            }
+#pragma unroll
+            for (int i = 0; i < 8; i++) ss += v[i] * v[i];
+        }
+        if (!out) return;
+        ss = block_sum(ss, sh);
+        const float inv = 1.f / sqrtf(ss / (float)H + eps);
+        uint4* o8 = reinterpret_cast<uint4*>(out + (i64)r * H);
+        const uint4* w8 = reinterpret_cast<const uint4*>(w);
+        for (int c = threadIdx.x; c < H / 8; c += blockDim.x) {
+            float v[8], g[8];
+            unpack8(x8[c], v);
+            unpack8(w8[c], g);
+#pragma unroll
+            for (int i = 0; i < 8; i++) v[i] = g[i] * (v[i] * inv);
+            o8[c] = pack8(v);
+        }
+        return;
+    }
     for (int i = threadIdx.x; i < H; i += blockDim.x) {
         float v = ld(xr + i);
         if (delta) {
@@ -101,19 +151,23 @@ extern "C" __global__ void rmsnorm_rows(bf16* out, const bf16* x, const int* row
 }
 
 // rope: rotate-half RoPE of q [T, heads*hd] and k [T, kvh*hd] in place; grid (T).
+// Each thread takes one frequency i (one sincosf) and a share of the heads.
 extern "C" __global__ void rope(bf16* q, bf16* k, const float* inv_freq, const int* pos, int heads, int kvh, int hd) {
     const int r = blockIdx.x, half = hd / 2;
     const float p = (float)pos[r];
-    const int total = (heads + kvh) * half;
-    for (int idx = threadIdx.x; idx < total; idx += blockDim.x) {
-        const int h = idx / half, i = idx - h * half;
-        bf16* v = h < heads ? q + (i64)r * heads * hd + h * hd : k + (i64)r * kvh * hd + (h - heads) * hd;
-        const float ang = p * inv_freq[i];
+    const int groups = max(1, (int)blockDim.x / half); // head groups working side by side
+    const int g0 = threadIdx.x / half;
+    if (g0 >= groups) return;
+    const int step = half > (int)blockDim.x ? (int)blockDim.x : half;
+    for (int i = threadIdx.x - g0 * half; i < half; i += step) {
         float s, c;
-        sincosf(ang, &s, &c);
-        const float x1 = ld(v + i), x2 = ld(v + i + half);
-        v[i] = tobf(x1 * c - x2 * s);
-        v[i + half] = tobf(x2 * c + x1 * s);
+        sincosf(p * inv_freq[i], &s, &c);
+        for (int h = g0; h < heads + kvh; h += groups) {
+            bf16* v = h < heads ? q + (i64)r * heads * hd + h * hd : k + (i64)r * kvh * hd + (h - heads) * hd;
+            const float x1 = ld(v + i), x2 = ld(v + i + half);
+            v[i] = tobf(x1 * c - x2 * s);
+            v[i + half] = tobf(x2 * c + x1 * s);
+        }
     }
 }
 
@@ -212,34 +266,30 @@ extern "C" __global__ void __launch_bounds__(32 * ATT_WARPS) attention(
 
 #define DEC_THREADS 128
 #define DEC_MAXG 8
+#define DEC_P 2 // positions per position group in flight at once
 
-__device__ __forceinline__ void unpack8(const uint4 u, float* f) {
-    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
-#pragma unroll
-    for (int i = 0; i < 4; i++) {
-        const float2 x = __bfloat1622float2(h[i]);
-        f[2 * i] = x.x;
-        f[2 * i + 1] = x.y;
-    }
-}
-
-// attn_decode: split-KV (flash-decoding) attention for decode sequences (one
-// new row each, already stored in the cache). grid (nDec, kvh, nsplit), block
-// DEC_THREADS; dynamic shared (DEC_THREADS / (hd/8)) * G * (hd + 2) floats.
-// A block takes positions [split*chunk, split*chunk + chunk) of one
-// sequence's cache for one KV head and all G = heads/kvh query heads that
-// share it, so each K/V row is read once. hd/8 threads share one position
-// (16-byte loads); the block's position groups run an online softmax each,
-// then merge through shared memory. nsplit == 1: the block writes the output
-// row; else it writes (acc[hd], max, sum) per (sequence, head, split) to part
-// for attn_reduce. chunk <= 0: each sequence's chunk is its context split
-// nsplit ways (at least 32 positions, a multiple of 8; splits past the
-// context are empty), so one recorded launch fits every step. A sequence
-// with no context (padding) gets zeros. Requires hd a power of two in
-// [8, 256] and G <= DEC_MAXG.
-extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode(
-    bf16* out, float* part, const bf16* q, const bf16* kc, const bf16* vc, const int* dec_seq, const int* seq_info,
-    const int* pages, int heads, int kvh, int hd, int bs, float scale, int chunk, int nsplit) {
+// attn_decode_g{1,2,4,8}: split-KV (flash-decoding) attention for decode
+// sequences (one new row each, already stored in the cache). grid (nDec,
+// kvh, nsplit), block DEC_THREADS; dynamic shared (DEC_THREADS / (hd/8)) *
+// G * (hd + 2) floats. A block takes positions [split*chunk, split*chunk +
+// chunk) of one sequence's cache for one KV head and all G = heads/kvh
+// query heads that share it, so each K/V row is read once. hd/8 threads
+// share one position (16-byte loads), DEC_P positions per iteration with
+// all their loads issued before any arithmetic; the block's position groups
+// run an online softmax each, then merge through shared memory. nsplit ==
+// 1: the block writes the output row; else it writes (acc[hd], max, sum)
+// per (sequence, head, split) to part for attn_reduce. chunk <= 0: each
+// sequence's chunk is its context split nsplit ways (at least 32 positions,
+// a multiple of 8; splits past the context are empty), so one recorded
+// launch fits every step. A sequence with no context (padding) gets zeros.
+// GM (the kernel's name) bounds G: the host picks the smallest of 1, 2, 4, 8
+// that holds it, so the registers are sized for the model. Requires hd a
+// power of two in [8, 256].
+template <int GM>
+__device__ __forceinline__ void attn_decode_body(
+    bf16* __restrict__ out, float* __restrict__ part, const bf16* __restrict__ q, const bf16* __restrict__ kc,
+    const bf16* __restrict__ vc, const int* __restrict__ dec_seq, const int* __restrict__ seq_info,
+    const int* __restrict__ pages, int heads, int kvh, int hd, int bs, float scale, int chunk, int nsplit) {
     extern __shared__ float dsh[];
     const int di = blockIdx.x, kh = blockIdx.y, sp = blockIdx.z;
     const int s = dec_seq[di];
@@ -248,16 +298,15 @@ extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode(
     const int tpr = hd >> 3, ngr = DEC_THREADS / tpr;
     const int grp = threadIdx.x / tpr, t = threadIdx.x - grp * tpr;
     const int width = kvh * hd, d0 = t * 8;
-    float qv[DEC_MAXG][8], acc[DEC_MAXG][8], m[DEC_MAXG], l[DEC_MAXG];
+    float qv[GM][8], acc[GM][8], m[GM], l[GM];
 #pragma unroll
-    for (int g = 0; g < DEC_MAXG; g++) {
+    for (int g = 0; g < GM; g++) {
         m[g] = NEG_INF;
         l[g] = 0.f;
 #pragma unroll
         for (int i = 0; i < 8; i++) acc[g][i] = 0.f;
         if (g < G) {
-            const uint4 u = *reinterpret_cast<const uint4*>(q + (i64)row * heads * hd + (i64)(kh * G + g) * hd + d0);
-            unpack8(u, qv[g]);
+            unpack8(*reinterpret_cast<const uint4*>(q + (i64)row * heads * hd + (i64)(kh * G + g) * hd + d0), qv[g]);
 #pragma unroll
             for (int i = 0; i < 8; i++) qv[g][i] *= scale;
         } else {
@@ -267,36 +316,41 @@ extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode(
     }
     if (chunk <= 0) chunk = max(32, (((ctx + nsplit - 1) / nsplit) + 7) & ~7);
     const int p0 = sp * chunk, p1 = min(ctx, p0 + chunk);
+    const uint4 z4 = make_uint4(0, 0, 0, 0);
     // every thread runs the same number of iterations (the shuffles need the whole warp)
-    for (int base = p0; base < p1; base += ngr) {
-        const int p = base + grp;
-        const bool valid = p < p1;
-        float kf[8], vf[8];
-        if (valid) {
-            const i64 slot = (i64)pages[poff + p / bs] * bs + p % bs;
-            const i64 off = slot * width + (i64)kh * hd + d0;
-            const uint4 ku = *reinterpret_cast<const uint4*>(kc + off);
-            const uint4 vu = *reinterpret_cast<const uint4*>(vc + off);
-            unpack8(ku, kf);
-            unpack8(vu, vf);
-        } else {
+    for (int base = p0; base < p1; base += ngr * DEC_P) {
+        uint4 ku[DEC_P], vu[DEC_P];
+        bool valid[DEC_P];
 #pragma unroll
-            for (int i = 0; i < 8; i++) kf[i] = vf[i] = 0.f;
+        for (int j = 0; j < DEC_P; j++) {
+            const int p = base + j * ngr + grp;
+            valid[j] = p < p1;
+            ku[j] = vu[j] = z4;
+            if (valid[j]) {
+                const i64 off = ((i64)pages[poff + p / bs] * bs + p % bs) * width + (i64)kh * hd + d0;
+                ku[j] = __ldg(reinterpret_cast<const uint4*>(kc + off));
+                vu[j] = __ldg(reinterpret_cast<const uint4*>(vc + off));
+            }
         }
 #pragma unroll
-        for (int g = 0; g < DEC_MAXG; g++) {
-            if (g >= G) break;
-            float dot = 0.f;
+        for (int j = 0; j < DEC_P; j++) {
+            float kf[8], vf[8];
+            unpack8(ku[j], kf);
+            unpack8(vu[j], vf);
 #pragma unroll
-            for (int i = 0; i < 8; i++) dot += qv[g][i] * kf[i];
-            for (int o = tpr >> 1; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
-            if (valid) {
-                const float mn = fmaxf(m[g], dot);
-                const float corr = expf(m[g] - mn), pe = expf(dot - mn);
-                l[g] = l[g] * corr + pe;
+            for (int g = 0; g < GM; g++) {
+                float dot = 0.f;
 #pragma unroll
-                for (int i = 0; i < 8; i++) acc[g][i] = acc[g][i] * corr + pe * vf[i];
-                m[g] = mn;
+                for (int i = 0; i < 8; i++) dot += qv[g][i] * kf[i];
+                for (int o = tpr >> 1; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
+                if (valid[j] && g < G) {
+                    const float mn = fmaxf(m[g], dot);
+                    const float corr = expf(m[g] - mn), pe = expf(dot - mn);
+                    l[g] = l[g] * corr + pe;
+#pragma unroll
+                    for (int i = 0; i < 8; i++) acc[g][i] = acc[g][i] * corr + pe * vf[i];
+                    m[g] = mn;
+                }
             }
         }
     }
@@ -305,13 +359,14 @@ extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode(
     float* smx = dsh + ngr * G * hd;
     float* sl = smx + ngr * G;
 #pragma unroll
-    for (int g = 0; g < DEC_MAXG; g++) {
-        if (g >= G) break;
+    for (int g = 0; g < GM; g++) {
+        if (g < G) {
 #pragma unroll
-        for (int i = 0; i < 8; i++) sacc[(grp * G + g) * hd + d0 + i] = acc[g][i];
-        if (t == 0) {
-            smx[grp * G + g] = m[g];
-            sl[grp * G + g] = l[g];
+            for (int i = 0; i < 8; i++) sacc[(grp * G + g) * hd + d0 + i] = acc[g][i];
+            if (t == 0) {
+                smx[grp * G + g] = m[g];
+                sl[grp * G + g] = l[g];
+            }
         }
     }
     __syncthreads();
@@ -343,27 +398,52 @@ extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode(
     }
 }
 
-// attn_reduce: merges attn_decode's nsplit partials of each (decode
-// sequence, head) into the output row. grid (nDec, heads), block 128.
-extern "C" __global__ void attn_reduce(bf16* out, const float* part, const int* dec_seq, const int* seq_info,
-                                       int heads, int hd, int nsplit) {
-    const int di = blockIdx.x, h = blockIdx.y;
+#define ATTN_DECODE_ARGS                                                                                              \
+    bf16 *out, float *part, const bf16 *q, const bf16 *kc, const bf16 *vc, const int *dec_seq, const int *seq_info, \
+        const int *pages, int heads, int kvh, int hd, int bs, float scale, int chunk, int nsplit
+#define ATTN_DECODE_PASS out, part, q, kc, vc, dec_seq, seq_info, pages, heads, kvh, hd, bs, scale, chunk, nsplit
+extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode_g1(ATTN_DECODE_ARGS) { attn_decode_body<1>(ATTN_DECODE_PASS); }
+extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode_g2(ATTN_DECODE_ARGS) { attn_decode_body<2>(ATTN_DECODE_PASS); }
+extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode_g4(ATTN_DECODE_ARGS) { attn_decode_body<4>(ATTN_DECODE_PASS); }
+extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode_g8(ATTN_DECODE_ARGS) { attn_decode_body<8>(ATTN_DECODE_PASS); }
+
+// attn_reduce: merges attn_decode's nsplit (<= 64) partials of each (decode
+// sequence, head) into the output row. grid (nDec, heads), block 128: the
+// split weights exp(max_i - max) are computed once, in parallel, then each
+// thread sums its output columns over the splits with independent loads.
+extern "C" __global__ void __launch_bounds__(128) attn_reduce(bf16* out, const float* __restrict__ part, const int* dec_seq,
+                                                              const int* seq_info, int heads, int hd, int nsplit) {
+    __shared__ float wsp[64], red[4];
+    __shared__ float sM, sL;
+    const int di = blockIdx.x, h = blockIdx.y, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int row = seq_info[4 * dec_seq[di]];
     const float* pp = part + (i64)(di * heads + h) * nsplit * (hd + 2);
-    float M = NEG_INF;
-    for (int i = 0; i < nsplit; i++)
-        if (pp[i * (hd + 2) + hd + 1] > 0.f) M = fmaxf(M, pp[i * (hd + 2) + hd]);
-    float L = 0.f;
-    for (int i = 0; i < nsplit; i++) {
-        const float li = pp[i * (hd + 2) + hd + 1];
-        if (li > 0.f) L += li * expf(pp[i * (hd + 2) + hd] - M);
+    float mi = NEG_INF, li = 0.f;
+    if (tid < nsplit) {
+        li = pp[tid * (hd + 2) + hd + 1];
+        if (li > 0.f) mi = pp[tid * (hd + 2) + hd];
     }
-    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+    float M = mi;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, o));
+    if (lane == 0) red[warp] = M;
+    __syncthreads();
+    if (tid == 0) sM = fmaxf(fmaxf(red[0], red[1]), fmaxf(red[2], red[3]));
+    __syncthreads();
+    M = sM;
+    const float wi = li > 0.f ? expf(mi - M) : 0.f;
+    if (tid < 64) wsp[tid] = wi;
+    float L = warp_sum(li * wi);
+    __syncthreads();
+    if (lane == 0) red[warp] = L;
+    __syncthreads();
+    if (tid == 0) sL = red[0] + red[1] + red[2] + red[3];
+    __syncthreads();
+    L = sL;
+    for (int d = tid; d < hd; d += blockDim.x) {
         float A = 0.f;
-        for (int i = 0; i < nsplit; i++) {
-            const float* pi = pp + i * (hd + 2);
-            if (pi[hd + 1] > 0.f) A += pi[d] * expf(pi[hd] - M);
-        }
+        for (int i = 0; i < nsplit; i++)
+            if (wsp[i] != 0.f) A += pp[i * (hd + 2) + d] * wsp[i];
         out[(i64)row * heads * hd + (i64)h * hd + d] = tobf(L > 0.f ? A / L : 0.f);
     }
 }

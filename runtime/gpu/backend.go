@@ -80,7 +80,8 @@ type funcs struct {
 	embed, addRMSNorm, rmsnormRows, rope, kvStore, attention, siluMul, shrink, expand *cuda.Function
 	addBias, headRMSNorm                                                              *cuda.Function
 	sgShrink, sgShrink4, sgExpand, sample                                             *cuda.Function
-	attnDecode, attnReduce                                                            *cuda.Function
+	attnReduce                                                                        *cuda.Function
+	attnDecode                                                                        [4]*cuda.Function // attn_decode_g1, g2, g4, g8
 }
 
 // Backend implements engine.Backend on one CUDA device.
@@ -253,7 +254,8 @@ func (b *Backend) open(opts Options) error {
 		{&b.fn.kvStore, "kv_store"}, {&b.fn.attention, "attention"}, {&b.fn.siluMul, "silu_mul"},
 		{&b.fn.shrink, "lora_shrink"}, {&b.fn.expand, "lora_expand"},
 		{&b.fn.sgShrink, "sgmv_shrink"}, {&b.fn.sgShrink4, "sgmv_shrink4"}, {&b.fn.sgExpand, "sgmv_expand"},
-		{&b.fn.sample, "sample_rows"}, {&b.fn.attnDecode, "attn_decode"}, {&b.fn.attnReduce, "attn_reduce"},
+		{&b.fn.sample, "sample_rows"}, {&b.fn.attnDecode[0], "attn_decode_g1"}, {&b.fn.attnDecode[1], "attn_decode_g2"},
+		{&b.fn.attnDecode[2], "attn_decode_g4"}, {&b.fn.attnDecode[3], "attn_decode_g8"}, {&b.fn.attnReduce, "attn_reduce"},
 		{&b.fn.addBias, "add_bias"}, {&b.fn.headRMSNorm, "head_rmsnorm"}} {
 		if *f.p, err = b.mod.Function(f.name); err != nil {
 			return err
@@ -1086,13 +1088,27 @@ func (b *Backend) Attention(out, q, k, v engine.Buffer, layer int, scale float32
 	if b.err != nil {
 		return
 	}
-	b.fail(b.fn.attnDecode.Launch(b.s, cuda.Dim3{X: b.nDec, Y: b.kv.KVHeads, Z: b.decSplit}, cuda.Dim3{X: decThreads}, shmem,
+	b.fail(b.decodeKernel(G).Launch(b.s, cuda.Dim3{X: b.nDec, Y: b.kv.KVHeads, Z: b.decSplit}, cuda.Dim3{X: decThreads}, shmem,
 		o.mem, part, qb.mem, kc, vc, b.i32(b.off.decSeqs), b.i32(b.off.seqInfo), b.i32(b.off.pages),
 		c.Heads, b.kv.KVHeads, hd, b.kv.BlockSize, scale, b.decChunk, b.decSplit))
 	if b.decSplit > 1 {
 		b.launch(b.fn.attnReduce, cuda.Dim3{X: b.nDec, Y: c.Heads}, cuda.Dim3{X: 128}, o.mem, part,
 			b.i32(b.off.decSeqs), b.i32(b.off.seqInfo), c.Heads, hd, b.decSplit)
 	}
+}
+
+// decodeKernel is the attn_decode variant whose registers hold G query
+// heads per KV head: the smallest of 1, 2, 4, 8 that is >= G.
+func (b *Backend) decodeKernel(G int) *cuda.Function {
+	switch {
+	case G <= 1:
+		return b.fn.attnDecode[0]
+	case G <= 2:
+		return b.fn.attnDecode[1]
+	case G <= 4:
+		return b.fn.attnDecode[2]
+	}
+	return b.fn.attnDecode[3]
 }
 
 // decThreads is DEC_THREADS in llama.cu.

@@ -434,7 +434,7 @@ func TestDecodeBench(t *testing.T) {
 	for _, B := range batches {
 		for variant := 0; variant < 5; variant++ {
 			withLoRA, sampled := variant == 1 || variant == 4, variant == 2 // 2: no adapter, tokens sampled on the device (StepSample)
-			gb.g.off = variant >= 3                                          // 3, 4: every op launched eagerly (no graphs), as before v0.11
+			gb.g.off = variant >= 3                                         // 3, 4: every op launched eagerly (no graphs), as before v0.11
 			if withLoRA && len(ads) == 0 {
 				continue
 			}
