@@ -122,9 +122,9 @@ extern "C" __global__ void add_bias(bf16* x, const bf16* b, int H) {
 }
 
 // head_rmsnorm: each head (hd values) of row r of x, in place: rmsnorm(head) * w.
-// grid (T, heads), block 32 (Qwen3's q_norm and k_norm).
-extern "C" __global__ void head_rmsnorm(bf16* x, const bf16* w, float eps, int heads, int hd) {
-    bf16* p = x + ((i64)blockIdx.x * heads + blockIdx.y) * hd;
+// Rows are ldx values apart. grid (T, heads), block 32 (Qwen3's q_norm and k_norm).
+extern "C" __global__ void head_rmsnorm(bf16* x, const bf16* w, float eps, int heads, int hd, int ldx) {
+    bf16* p = x + (i64)blockIdx.x * ldx + (i64)blockIdx.y * hd;
     float ss = 0.f;
     for (int i = threadIdx.x; i < hd; i += 32) {
         const float v = ld(p + i);
@@ -150,36 +150,46 @@ extern "C" __global__ void rmsnorm_rows(bf16* out, const bf16* x, const int* row
     for (int i = threadIdx.x; i < H; i += blockDim.x) o[i] = tobf(ld(w + i) * (ld(xr + i) * inv));
 }
 
-// rope: rotate-half RoPE of q [T, heads*hd] and k [T, kvh*hd] in place; grid (T).
-// Each thread takes one frequency i (one sincosf) and a share of the heads.
-extern "C" __global__ void rope(bf16* q, bf16* k, const float* inv_freq, const int* pos, int heads, int kvh, int hd) {
-    const int r = blockIdx.x, half = hd / 2;
+// rope_store: rotate-half RoPE of q [T, heads*hd] and k [T, kvh*hd] in
+// place (rows ldq and ldk values apart), and, when kc is not null, k (as
+// rotated) and v (rows ldv apart) stored at the row's KV slot of one
+// layer's cache [slots, kvh*hd]; a row with a negative slot (padding of a
+// recorded step) stores nothing. grid (T, heads + 2*kvh): block y < heads
+// takes query head y, then the key heads, then the value heads (a copy).
+// block: any multiple of 32; each thread takes frequencies i (one sincosf
+// each). inv_freq null: no rotation (k stored as it is).
+extern "C" __global__ void rope_store(bf16* q, bf16* k, const bf16* v, bf16* kc, bf16* vc, const float* inv_freq, const int* pos,
+                                      const int* slots, int heads, int kvh, int hd, int ldq, int ldk, int ldv) {
+    const int r = blockIdx.x, h = blockIdx.y, half = hd / 2, width = kvh * hd;
+    const int slot = kc ? slots[r] : -1;
+    if (h >= heads + kvh) { // a value head: copy it to the cache
+        if (slot < 0) return;
+        const int vh = h - heads - kvh;
+        const bf16* src = v + (i64)r * ldv + (i64)vh * hd;
+        bf16* dst = vc + (i64)slot * width + (i64)vh * hd;
+        for (int i = threadIdx.x; i < hd; i += blockDim.x) dst[i] = src[i];
+        return;
+    }
     const float p = (float)pos[r];
-    const int groups = max(1, (int)blockDim.x / half); // head groups working side by side
-    const int g0 = threadIdx.x / half;
-    if (g0 >= groups) return;
-    const int step = half > (int)blockDim.x ? (int)blockDim.x : half;
-    for (int i = threadIdx.x - g0 * half; i < half; i += step) {
+    const bool isk = h >= heads;
+    bf16* x = isk ? k + (i64)r * ldk + (i64)(h - heads) * hd : q + (i64)r * ldq + (i64)h * hd;
+    bf16* dst = isk && slot >= 0 ? kc + (i64)slot * width + (i64)(h - heads) * hd : nullptr;
+    if (!inv_freq) { // no rotation: store k as it is
+        if (dst)
+            for (int i = threadIdx.x; i < hd; i += blockDim.x) dst[i] = x[i];
+        return;
+    }
+    for (int i = threadIdx.x; i < half; i += blockDim.x) {
         float s, c;
         sincosf(p * inv_freq[i], &s, &c);
-        for (int h = g0; h < heads + kvh; h += groups) {
-            bf16* v = h < heads ? q + (i64)r * heads * hd + h * hd : k + (i64)r * kvh * hd + (h - heads) * hd;
-            const float x1 = ld(v + i), x2 = ld(v + i + half);
-            v[i] = tobf(x1 * c - x2 * s);
-            v[i + half] = tobf(x2 * c + x1 * s);
+        const float x1 = ld(x + i), x2 = ld(x + i + half);
+        const bf16 y1 = tobf(x1 * c - x2 * s), y2 = tobf(x2 * c + x1 * s);
+        x[i] = y1;
+        x[i + half] = y2;
+        if (dst) {
+            dst[i] = y1;
+            dst[i + half] = y2;
         }
-    }
-}
-
-// kv_store: kc/vc[slots[r]] = k/v[r] for one layer's cache [slots, width]; grid (T).
-// A row with a negative slot (padding of a recorded step) stores nothing.
-extern "C" __global__ void kv_store(bf16* kc, bf16* vc, const bf16* k, const bf16* v, const int* slots, int width) {
-    const int r = blockIdx.x;
-    if (slots[r] < 0) return;
-    const i64 dst = (i64)slots[r] * width;
-    for (int i = threadIdx.x; i < width; i += blockDim.x) {
-        kc[dst + i] = k[(i64)r * width + i];
-        vc[dst + i] = v[(i64)r * width + i];
     }
 }
 
@@ -191,10 +201,10 @@ extern "C" __global__ void kv_store(bf16* kc, bf16* vc, const bf16* k, const bf1
 // ATT_WARPS-th position with an online softmax; the warps merge at the end.
 // seq_info: per sequence {start, len, context, page_offset}; pages: the page tables.
 // row_list: if not null, block x takes row row_list[x] (the prefill rows when
-// decode rows go to attn_decode), else row x.
+// decode rows go to attn_decode), else row x. q's rows are ldq values apart.
 extern "C" __global__ void __launch_bounds__(32 * ATT_WARPS) attention(
     bf16* out, const bf16* q, const bf16* kc, const bf16* vc, const int* row_seq, const int* seq_info,
-    const int* pages, int heads, int kvh, int hd, int bs, float scale, const int* row_list) {
+    const int* pages, int heads, int kvh, int hd, int bs, float scale, const int* row_list, int ldq) {
     __shared__ float sm[ATT_WARPS], sl[ATT_WARPS];
     __shared__ float sacc[ATT_WARPS][32 * ATT_MAXJ];
     const int r = row_list ? row_list[blockIdx.x] : blockIdx.x, h = blockIdx.y;
@@ -203,7 +213,7 @@ extern "C" __global__ void __launch_bounds__(32 * ATT_WARPS) attention(
     const int start = seq_info[4 * s], len = seq_info[4 * s + 1], total = seq_info[4 * s + 2], poff = seq_info[4 * s + 3];
     const int ctx = total - len + (r - start) + 1;
     const int width = kvh * hd, kvoff = (h / (heads / kvh)) * hd;
-    const bf16* qr = q + (i64)r * heads * hd + (i64)h * hd;
+    const bf16* qr = q + (i64)r * ldq + (i64)h * hd;
     float qv[ATT_MAXJ], acc[ATT_MAXJ];
 #pragma unroll
     for (int j = 0; j < ATT_MAXJ; j++) {
@@ -282,6 +292,7 @@ extern "C" __global__ void __launch_bounds__(32 * ATT_WARPS) attention(
 // sequence's chunk is its context split nsplit ways (at least 32 positions,
 // a multiple of 8; splits past the context are empty), so one recorded
 // launch fits every step. A sequence with no context (padding) gets zeros.
+// q's rows are ldq values apart.
 // GM (the kernel's name) bounds G: the host picks the smallest of 1, 2, 4, 8
 // that holds it, so the registers are sized for the model. Requires hd a
 // power of two in [8, 256].
@@ -289,7 +300,7 @@ template <int GM>
 __device__ __forceinline__ void attn_decode_body(
     bf16* __restrict__ out, float* __restrict__ part, const bf16* __restrict__ q, const bf16* __restrict__ kc,
     const bf16* __restrict__ vc, const int* __restrict__ dec_seq, const int* __restrict__ seq_info,
-    const int* __restrict__ pages, int heads, int kvh, int hd, int bs, float scale, int chunk, int nsplit) {
+    const int* __restrict__ pages, int heads, int kvh, int hd, int bs, float scale, int chunk, int nsplit, int ldq) {
     extern __shared__ float dsh[];
     const int di = blockIdx.x, kh = blockIdx.y, sp = blockIdx.z;
     const int s = dec_seq[di];
@@ -306,7 +317,7 @@ __device__ __forceinline__ void attn_decode_body(
 #pragma unroll
         for (int i = 0; i < 8; i++) acc[g][i] = 0.f;
         if (g < G) {
-            unpack8(*reinterpret_cast<const uint4*>(q + (i64)row * heads * hd + (i64)(kh * G + g) * hd + d0), qv[g]);
+            unpack8(*reinterpret_cast<const uint4*>(q + (i64)row * ldq + (i64)(kh * G + g) * hd + d0), qv[g]);
 #pragma unroll
             for (int i = 0; i < 8; i++) qv[g][i] *= scale;
         } else {
@@ -400,8 +411,8 @@ __device__ __forceinline__ void attn_decode_body(
 
 #define ATTN_DECODE_ARGS                                                                                              \
     bf16 *out, float *part, const bf16 *q, const bf16 *kc, const bf16 *vc, const int *dec_seq, const int *seq_info, \
-        const int *pages, int heads, int kvh, int hd, int bs, float scale, int chunk, int nsplit
-#define ATTN_DECODE_PASS out, part, q, kc, vc, dec_seq, seq_info, pages, heads, kvh, hd, bs, scale, chunk, nsplit
+        const int *pages, int heads, int kvh, int hd, int bs, float scale, int chunk, int nsplit, int ldq
+#define ATTN_DECODE_PASS out, part, q, kc, vc, dec_seq, seq_info, pages, heads, kvh, hd, bs, scale, chunk, nsplit, ldq
 extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode_g1(ATTN_DECODE_ARGS) { attn_decode_body<1>(ATTN_DECODE_PASS); }
 extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode_g2(ATTN_DECODE_ARGS) { attn_decode_body<2>(ATTN_DECODE_PASS); }
 extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode_g4(ATTN_DECODE_ARGS) { attn_decode_body<4>(ATTN_DECODE_PASS); }
@@ -448,11 +459,28 @@ extern "C" __global__ void __launch_bounds__(128) attn_reduce(bf16* out, const f
     }
 }
 
-// silu_mul: out = silu(g) * u over n elements (out may alias g or u).
-extern "C" __global__ void silu_mul(bf16* out, const bf16* g, const bf16* u, i64 n) {
-    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
-        const float x = ld(g + i);
-        out[i] = tobf(x / (1.f + expf(-x)) * ld(u + i));
+// silu_mul: out[r, c] = silu(g[r, c]) * u[r, c] for rows x cols values;
+// out's rows are cols apart, g's and u's ldg (views of one gate_up row).
+// Grid-stride over 8-value words when cols and ldg are multiples of 8.
+extern "C" __global__ void silu_mul(bf16* out, const bf16* g, const bf16* u, int rows, int cols, int ldg) {
+    const i64 stride = (i64)gridDim.x * blockDim.x;
+    if ((cols & 7) == 0 && (ldg & 7) == 0) {
+        const int w = cols / 8;
+        for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < (i64)rows * w; i += stride) {
+            const i64 r = i / w, c = (i - r * w) * 8;
+            float a[8], b[8];
+            unpack8(*reinterpret_cast<const uint4*>(g + r * ldg + c), a);
+            unpack8(*reinterpret_cast<const uint4*>(u + r * ldg + c), b);
+#pragma unroll
+            for (int j = 0; j < 8; j++) a[j] = a[j] / (1.f + expf(-a[j])) * b[j];
+            *reinterpret_cast<uint4*>(out + r * cols + c) = pack8(a);
+        }
+        return;
+    }
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < (i64)rows * cols; i += stride) {
+        const i64 r = i / cols, c = i - r * cols;
+        const float x = ld(g + r * ldg + c);
+        out[i] = tobf(x / (1.f + expf(-x)) * ld(u + r * ldg + c));
     }
 }
 

@@ -18,12 +18,13 @@ import (
 type Buffer struct {
 	data       []float32
 	rows, cols int
+	ld         int // row stride: cols, or the parent's for a view
 }
 
 // Cols is the row width.
 func (b *Buffer) Cols() int { return b.cols }
 
-func (b *Buffer) row(i int) []float32 { return b.data[i*b.cols : (i+1)*b.cols] }
+func (b *Buffer) row(i int) []float32 { return b.data[i*b.ld : i*b.ld+b.cols : i*b.ld+b.cols] }
 
 // weight is a row-major float32 matrix (vectors have rows = 1).
 type weight struct {
@@ -88,7 +89,19 @@ func (b *Backend) Upload(name string, dtype safetensors.DType, shape []int, raw 
 
 // NewBuffer allocates an activation matrix.
 func (b *Backend) NewBuffer(rows, cols int) (engine.Buffer, error) {
-	return &Buffer{data: make([]float32, rows*cols), rows: rows, cols: cols}, nil
+	return &Buffer{data: make([]float32, rows*cols), rows: rows, cols: cols, ld: cols}, nil
+}
+
+// NewView is columns [col, col+cols) of every row of parent.
+func (b *Backend) NewView(parent engine.Buffer, col, cols int) (engine.Buffer, error) {
+	p, ok := parent.(*Buffer)
+	if !ok || p == nil {
+		return nil, fmt.Errorf("cpu: view of a buffer of another backend")
+	}
+	if col < 0 || cols <= 0 || col+cols > p.cols {
+		return nil, fmt.Errorf("cpu: view [%d, %d) of a buffer of %d columns", col, col+cols, p.cols)
+	}
+	return &Buffer{data: p.data[col:], rows: p.rows, cols: cols, ld: p.ld}, nil
 }
 
 // LoadAdapter keeps a reference to the adapter's float32 weights.
@@ -193,8 +206,11 @@ func (b *Backend) AddRMSNorm(x, delta, out engine.Buffer, w engine.Weight, eps f
 	n := b.rows()
 	if delta != nil {
 		d := delta.(*Buffer)
-		for i := range xb.data[:n*xb.cols] {
-			xb.data[i] += d.data[i]
+		for r := range n {
+			xr, dr := xb.row(r), d.row(r)
+			for i := range xr {
+				xr[i] += dr[i]
+			}
 		}
 	}
 	if out == nil {
@@ -401,11 +417,14 @@ func (b *Backend) RoPE(q, k engine.Buffer, invFreq []float32, heads, kvHeads, he
 	}
 }
 
-// Attention stores k and v in the paged cache, then runs causal attention
-// for every row and head over its sequence's pages.
-func (b *Backend) Attention(out, q, k, v engine.Buffer, layer int, scale float32) {
+// Attention rotates q and k (RoPE), stores k and v in the paged cache,
+// then runs causal attention for every row and head over its sequence's pages.
+func (b *Backend) Attention(out, q, k, v engine.Buffer, layer int, scale float32, invFreq []float32) {
 	o, qb, kb, vb := out.(*Buffer), q.(*Buffer), k.(*Buffer), v.(*Buffer)
 	kv := b.kv
+	if invFreq != nil {
+		b.RoPE(q, k, invFreq, b.cfg.Heads, kv.KVHeads, kv.HeadDim)
+	}
 	width := kv.KVHeads * kv.HeadDim
 	kc, vc := b.kcache[layer], b.vcache[layer]
 	for r, slot := range b.meta.KVSlots {
@@ -468,10 +487,11 @@ func (b *Backend) Attention(out, q, k, v engine.Buffer, layer int, scale float32
 // SiLUMul computes out = silu(gate) * up.
 func (b *Backend) SiLUMul(out, gate, up engine.Buffer) {
 	o, g, u := out.(*Buffer), gate.(*Buffer), up.(*Buffer)
-	n := b.rows() * o.cols
-	for i := 0; i < n; i++ {
-		x := g.data[i]
-		o.data[i] = x / (1 + float32(math.Exp(float64(-x)))) * u.data[i]
+	for r := range b.rows() {
+		or, gr, ur := o.row(r), g.row(r), u.row(r)
+		for i, x := range gr {
+			or[i] = x / (1 + float32(math.Exp(float64(-x)))) * ur[i]
+		}
 	}
 }
 
@@ -479,7 +499,7 @@ func (b *Backend) SiLUMul(out, gate, up engine.Buffer) {
 func (b *Backend) Logits(out, x engine.Buffer, norm, head engine.Weight, eps float32) {
 	o, xb, nw, hw := out.(*Buffer), x.(*Buffer), norm.(*weight), head.(*weight)
 	rows := b.meta.LogitRows
-	normed := &Buffer{data: make([]float32, len(rows)*xb.cols), rows: len(rows), cols: xb.cols}
+	normed := &Buffer{data: make([]float32, len(rows)*xb.cols), rows: len(rows), cols: xb.cols, ld: xb.cols}
 	for i, r := range rows {
 		rmsnorm(normed.row(i), xb.row(int(r)), nw.data, eps)
 	}
@@ -492,7 +512,9 @@ func (b *Backend) Read(buf engine.Buffer, rows int, dst []float32) error {
 	if len(dst) < rows*x.cols {
 		return fmt.Errorf("cpu: read of %d rows needs %d values, dst has %d", rows, rows*x.cols, len(dst))
 	}
-	copy(dst, x.data[:rows*x.cols])
+	for r := range rows {
+		copy(dst[r*x.cols:(r+1)*x.cols], x.row(r))
+	}
 	return nil
 }
 

@@ -63,11 +63,11 @@ type Ops interface {
 	// rows without an adapter, and adapters without projection m in this
 	// layer, add nothing.
 	LoRA(out, in Buffer, layer int, m llama.Module)
-	// RoPE rotates q and k in place at meta.Positions (rotate-half layout).
-	RoPE(q, k Buffer, invFreq []float32, heads, kvHeads, headDim int)
-	// Attention writes k, v into the cache at meta.KVSlots, then computes causal
-	// attention of q over each sequence's cache.
-	Attention(out, q, k, v Buffer, layer int, scale float32)
+	// Attention rotates q and k in place at meta.Positions (RoPE,
+	// rotate-half layout, frequencies invFreq), writes k and v into the
+	// cache at meta.KVSlots, then computes causal attention of q over each
+	// sequence's cache. A nil invFreq rotates nothing.
+	Attention(out, q, k, v Buffer, layer int, scale float32, invFreq []float32)
 	// SiLUMul: out = silu(gate) * up.
 	SiLUMul(out, gate, up Buffer)
 	// Logits: out[i] = rmsnorm(x[LogitRows[i]]) * norm @ head^T.
@@ -103,6 +103,9 @@ type Backend interface {
 	// Upload turns a checkpoint tensor (raw little-endian data) into a Weight.
 	Upload(name string, dtype safetensors.DType, shape []int, raw []byte) (Weight, error)
 	NewBuffer(rows, cols int) (Buffer, error)
+	// NewView is columns [col, col+cols) of every row of a buffer from
+	// NewBuffer, sharing its memory (the q, k and v of a fused qkv output).
+	NewView(b Buffer, col, cols int) (Buffer, error)
 	// LoadAdapter places an adapter's weights in a device slot, replacing what was there.
 	LoadAdapter(slot int, a *lora.Adapter) error
 	UnloadAdapter(slot int) error

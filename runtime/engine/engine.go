@@ -2,6 +2,7 @@ package engine
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"math"
@@ -9,6 +10,7 @@ import (
 
 	"github.com/peftd/peftd/runtime/llama"
 	"github.com/peftd/peftd/runtime/lora"
+	"github.com/peftd/peftd/runtime/safetensors"
 	"github.com/peftd/peftd/runtime/sample"
 )
 
@@ -35,11 +37,15 @@ func DefaultOptions() Options {
 	return Options{MaxTokens: 512, KVBlocks: 1024, BlockSize: 16, AdapterSlots: 8}
 }
 
+// layerWeights are one decoder layer's weights; the q, k and v projections
+// are one weight (their rows stacked: one GEMM writes q|k|v side by side),
+// and so are gate and up.
 type layerWeights struct {
 	inNorm, postNorm Weight
-	proj             [llama.NumModules]Weight
-	bias             [llama.NumModules]Weight // Qwen2: q, k and v; nil elsewhere
-	qNorm, kNorm     Weight                   // Qwen3: per-head norms; nil elsewhere
+	qkv, o           Weight
+	gateUp, down     Weight
+	qkvBias          Weight // Qwen2: the q|k|v biases; nil elsewhere
+	qNorm, kNorm     Weight // Qwen3: per-head norms; nil elsewhere
 }
 
 // Engine owns a model on a backend, the KV page allocator and adapter slots.
@@ -53,7 +59,9 @@ type Engine struct {
 	embed, norm, head Weight
 	layers            []layerWeights
 
-	x, h, q, k, v, attn, tmp, gate, up, logits Buffer
+	// activations: qkv and gateUp are the fused projections' outputs, q, k,
+	// v and gate, up views of their columns; act is silu(gate) * up
+	x, h, qkv, q, k, v, attn, tmp, gateUp, gate, up, act, logits Buffer
 
 	freeBlocks []int32
 	// refs counts the holders of each page: the sequences whose page table
@@ -112,29 +120,45 @@ func New(m *llama.Model, b Backend, opts Options) (*Engine, error) {
 	}
 	e.layers = make([]layerWeights, c.Layers)
 	for l := range e.layers {
+		lw := &e.layers[l]
 		in, post := llama.LayerNormNames(l)
-		if e.layers[l].inNorm, err = up(in); err != nil {
+		if lw.inNorm, err = up(in); err != nil {
 			return nil, err
 		}
-		if e.layers[l].postNorm, err = up(post); err != nil {
+		if lw.postNorm, err = up(post); err != nil {
 			return nil, err
 		}
-		for p := llama.Module(0); p < llama.NumModules; p++ {
-			if e.layers[l].proj[p], err = up(p.Path(l) + ".weight"); err != nil {
-				return nil, err
+		weights := func(ms ...llama.Module) []string {
+			var n []string
+			for _, m := range ms {
+				n = append(n, m.Path(l)+".weight")
 			}
-			if c.QKVBias() && (p == llama.Q || p == llama.K || p == llama.V) {
-				if e.layers[l].bias[p], err = up(p.Path(l) + ".bias"); err != nil {
-					return nil, err
-				}
+			return n
+		}
+		if lw.qkv, err = upStacked(m, b, fmt.Sprintf("model.layers.%d.self_attn.qkv_proj.weight", l), weights(llama.Q, llama.K, llama.V)); err != nil {
+			return nil, err
+		}
+		if lw.o, err = up(llama.O.Path(l) + ".weight"); err != nil {
+			return nil, err
+		}
+		if lw.gateUp, err = upStacked(m, b, fmt.Sprintf("model.layers.%d.mlp.gate_up_proj.weight", l), weights(llama.Gate, llama.Up)); err != nil {
+			return nil, err
+		}
+		if lw.down, err = up(llama.Down.Path(l) + ".weight"); err != nil {
+			return nil, err
+		}
+		if c.QKVBias() {
+			names := []string{llama.Q.Path(l) + ".bias", llama.K.Path(l) + ".bias", llama.V.Path(l) + ".bias"}
+			if lw.qkvBias, err = upStacked(m, b, fmt.Sprintf("model.layers.%d.self_attn.qkv_proj.bias", l), names); err != nil {
+				return nil, err
 			}
 		}
 		if c.QKNorm() {
 			qn, kn := llama.QKNormNames(l)
-			if e.layers[l].qNorm, err = up(qn); err != nil {
+			if lw.qNorm, err = up(qn); err != nil {
 				return nil, err
 			}
-			if e.layers[l].kNorm, err = up(kn); err != nil {
+			if lw.kNorm, err = up(kn); err != nil {
 				return nil, err
 			}
 		}
@@ -144,9 +168,19 @@ func New(m *llama.Model, b Backend, opts Options) (*Engine, error) {
 	for _, s := range []struct {
 		p    *Buffer
 		cols int
-	}{{&e.x, c.Hidden}, {&e.h, c.Hidden}, {&e.q, qd}, {&e.k, kvd}, {&e.v, kvd}, {&e.attn, qd},
-		{&e.tmp, c.Hidden}, {&e.gate, c.Intermediate}, {&e.up, c.Intermediate}, {&e.logits, c.VocabSize}} {
+	}{{&e.x, c.Hidden}, {&e.h, c.Hidden}, {&e.qkv, qd + 2*kvd}, {&e.attn, qd},
+		{&e.tmp, c.Hidden}, {&e.gateUp, 2 * c.Intermediate}, {&e.act, c.Intermediate}, {&e.logits, c.VocabSize}} {
 		if *s.p, err = b.NewBuffer(T, s.cols); err != nil {
+			return nil, fmt.Errorf("engine: activations: %w", err)
+		}
+	}
+	for _, v := range []struct {
+		p         *Buffer
+		of        Buffer
+		col, cols int
+	}{{&e.q, e.qkv, 0, qd}, {&e.k, e.qkv, qd, kvd}, {&e.v, e.qkv, qd + kvd, kvd},
+		{&e.gate, e.gateUp, 0, c.Intermediate}, {&e.up, e.gateUp, c.Intermediate, c.Intermediate}} {
+		if *v.p, err = b.NewView(v.of, v.col, v.cols); err != nil {
 			return nil, fmt.Errorf("engine: activations: %w", err)
 		}
 	}
@@ -156,6 +190,55 @@ func New(m *llama.Model, b Backend, opts Options) (*Engine, error) {
 		e.freeBlocks[i] = int32(opts.KVBlocks - 1 - i) // pop from the end: block 0 first
 	}
 	return e, nil
+}
+
+// upStacked uploads the tensors names as one weight named name: their rows
+// stacked in order (1-D tensors: concatenated), in their common dtype, or
+// in float32 when they differ.
+func upStacked(m *llama.Model, b Backend, name string, names []string) (Weight, error) {
+	raws := make([][]byte, len(names))
+	infos := make([]safetensors.Info, len(names))
+	for i, n := range names {
+		var err error
+		if raws[i], infos[i], err = m.Tensors.Bytes(n); err != nil {
+			return nil, err
+		}
+		a, z := infos[0].Shape, infos[i].Shape
+		if len(z) < 1 || len(z) > 2 || len(z) != len(a) || (len(z) == 2 && z[1] != a[1]) {
+			return nil, fmt.Errorf("%w: %s has shape %v, %s has %v: they cannot be stacked", ErrBadInput, n, z, names[0], a)
+		}
+	}
+	dtype := infos[0].DType
+	for _, in := range infos {
+		if in.DType != dtype {
+			dtype = safetensors.F32
+		}
+	}
+	var all []byte
+	rows := 0
+	for i, raw := range raws {
+		if infos[i].DType != dtype { // mixed dtypes: everything in float32
+			f := make([]float32, len(raw)/infos[i].DType.Size())
+			if err := safetensors.DecodeFloat32(f, raw, infos[i].DType); err != nil {
+				return nil, fmt.Errorf("engine: %s: %w", names[i], err)
+			}
+			raw = make([]byte, 4*len(f))
+			for j, v := range f {
+				binary.LittleEndian.PutUint32(raw[4*j:], math.Float32bits(v))
+			}
+		}
+		all = append(all, raw...)
+		rows += infos[i].Shape[0]
+	}
+	shape := []int{rows}
+	if len(infos[0].Shape) == 2 {
+		shape = []int{rows, infos[0].Shape[1]}
+	}
+	w, err := b.Upload(name, dtype, shape, all)
+	if err != nil {
+		return nil, fmt.Errorf("engine: upload %s: %w", name, err)
+	}
+	return w, nil
 }
 
 // Config is the model's configuration.
@@ -651,11 +734,7 @@ func (e *Engine) forward(b Ops, s Shape) {
 	c := e.cfg
 	eps := float32(c.RMSNormEps)
 	fo, _ := b.(FamilyOps) // New checked it is there when the model needs it
-	proj := func(out, in Buffer, l int, m llama.Module) {
-		b.Linear(out, in, e.layers[l].proj[m])
-		if bias := e.layers[l].bias[m]; bias != nil {
-			fo.AddBias(out, bias)
-		}
+	lora := func(out, in Buffer, l int, m llama.Module) {
 		if s.LoRA&(1<<m) != 0 {
 			b.LoRA(out, in, l, m)
 		}
@@ -669,21 +748,27 @@ func (e *Engine) forward(b Ops, s Shape) {
 		} else {
 			b.AddRMSNorm(e.x, e.tmp, e.h, lw.inNorm, eps) // adds the previous layer's MLP output
 		}
-		proj(e.q, e.h, l, llama.Q)
-		proj(e.k, e.h, l, llama.K)
-		proj(e.v, e.h, l, llama.V)
+		b.Linear(e.qkv, e.h, lw.qkv)
+		if lw.qkvBias != nil {
+			fo.AddBias(e.qkv, lw.qkvBias)
+		}
+		lora(e.q, e.h, l, llama.Q)
+		lora(e.k, e.h, l, llama.K)
+		lora(e.v, e.h, l, llama.V)
 		if lw.qNorm != nil {
 			fo.HeadRMSNorm(e.q, c.Heads, c.HeadDim, lw.qNorm, eps)
 			fo.HeadRMSNorm(e.k, c.KVHeads, c.HeadDim, lw.kNorm, eps)
 		}
-		b.RoPE(e.q, e.k, e.invFreq, c.Heads, c.KVHeads, c.HeadDim)
-		b.Attention(e.attn, e.q, e.k, e.v, l, scale)
-		proj(e.tmp, e.attn, l, llama.O)
+		b.Attention(e.attn, e.q, e.k, e.v, l, scale, e.invFreq)
+		b.Linear(e.tmp, e.attn, lw.o)
+		lora(e.tmp, e.attn, l, llama.O)
 		b.AddRMSNorm(e.x, e.tmp, e.h, lw.postNorm, eps)
-		proj(e.gate, e.h, l, llama.Gate)
-		proj(e.up, e.h, l, llama.Up)
-		b.SiLUMul(e.gate, e.gate, e.up)
-		proj(e.tmp, e.gate, l, llama.Down)
+		b.Linear(e.gateUp, e.h, lw.gateUp)
+		lora(e.gate, e.h, l, llama.Gate)
+		lora(e.up, e.h, l, llama.Up)
+		b.SiLUMul(e.act, e.gate, e.up)
+		b.Linear(e.tmp, e.act, lw.down)
+		lora(e.tmp, e.act, l, llama.Down)
 	}
 	b.AddRMSNorm(e.x, e.tmp, nil, nil, eps) // x += the last MLP output
 	b.Logits(e.logits, e.x, e.norm, e.head, eps)

@@ -144,7 +144,7 @@ func TestOpAttentionDecode(t *testing.T) {
 					}
 					t.Logf("decode split %d x %d positions", r.b.decSplit, r.b.decChunk)
 				}
-				r.b.Attention(out, q, k, v, layer, scale)
+				r.b.Attention(out, q, k, v, layer, scale, nil)
 				got := r.read(out, T)
 				r.end()
 				name := "split-KV decode + per-row prefill"

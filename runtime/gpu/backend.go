@@ -55,13 +55,18 @@ type Options struct {
 }
 
 // Buffer is a device activation matrix [rows, cols], bf16 (or float32 once
-// Logits has written it).
+// Logits has written it); a view (NewView) is columns [off, off+cols) of
+// another buffer's rows, ld values apart.
 type Buffer struct {
 	mem        *cuda.DeviceBuffer // bf16
 	f32        *cuda.DeviceBuffer // float32 storage, allocated by Logits
 	isF32      bool
 	rows, cols int
+	off, ld    int // first column and row stride, in values
 }
+
+// whole reports whether the buffer is not a view (its rows are contiguous).
+func (x *Buffer) whole() bool { return x.off == 0 && x.ld == x.cols }
 
 // Cols is the row width.
 func (b *Buffer) Cols() int { return b.cols }
@@ -77,11 +82,11 @@ type slotState struct {
 }
 
 type funcs struct {
-	embed, addRMSNorm, rmsnormRows, rope, kvStore, attention, siluMul, shrink, expand *cuda.Function
-	addBias, headRMSNorm                                                              *cuda.Function
-	sgShrink, sgShrink4, sgExpand, sample                                             *cuda.Function
-	attnReduce                                                                        *cuda.Function
-	attnDecode                                                                        [4]*cuda.Function // attn_decode_g1, g2, g4, g8
+	embed, addRMSNorm, rmsnormRows, ropeStore, attention, siluMul, shrink, expand *cuda.Function
+	addBias, headRMSNorm                                                          *cuda.Function
+	sgShrink, sgShrink4, sgExpand, sample                                         *cuda.Function
+	attnReduce                                                                    *cuda.Function
+	attnDecode                                                                    [4]*cuda.Function // attn_decode_g1, g2, g4, g8
 }
 
 // Backend implements engine.Backend on one CUDA device.
@@ -250,8 +255,8 @@ func (b *Backend) open(opts Options) error {
 	for _, f := range []struct {
 		p    **cuda.Function
 		name string
-	}{{&b.fn.embed, "embed"}, {&b.fn.addRMSNorm, "add_rmsnorm"}, {&b.fn.rmsnormRows, "rmsnorm_rows"}, {&b.fn.rope, "rope"},
-		{&b.fn.kvStore, "kv_store"}, {&b.fn.attention, "attention"}, {&b.fn.siluMul, "silu_mul"},
+	}{{&b.fn.embed, "embed"}, {&b.fn.addRMSNorm, "add_rmsnorm"}, {&b.fn.rmsnormRows, "rmsnorm_rows"}, {&b.fn.ropeStore, "rope_store"},
+		{&b.fn.attention, "attention"}, {&b.fn.siluMul, "silu_mul"},
 		{&b.fn.shrink, "lora_shrink"}, {&b.fn.expand, "lora_expand"},
 		{&b.fn.sgShrink, "sgmv_shrink"}, {&b.fn.sgShrink4, "sgmv_shrink4"}, {&b.fn.sgExpand, "sgmv_expand"},
 		{&b.fn.sample, "sample_rows"}, {&b.fn.attnDecode[0], "attn_decode_g1"}, {&b.fn.attnDecode[1], "attn_decode_g2"},
@@ -379,9 +384,23 @@ func (b *Backend) NewBuffer(rows, cols int) (engine.Buffer, error) {
 	if err != nil {
 		return nil, err
 	}
-	buf := &Buffer{mem: m, rows: rows, cols: cols}
+	buf := &Buffer{mem: m, rows: rows, cols: cols, ld: cols}
 	b.buffers = append(b.buffers, buf)
 	return buf, nil
+}
+
+// NewView is columns [col, col+cols) of every row of parent (a buffer from
+// NewBuffer): the q, k and v of a fused qkv output, the gate and up of a
+// fused gate_up output.
+func (b *Backend) NewView(parent engine.Buffer, col, cols int) (engine.Buffer, error) {
+	p, ok := parent.(*Buffer)
+	if !ok || p == nil || !p.whole() {
+		return nil, fmt.Errorf("gpu: view of a buffer that is not a whole buffer of this backend")
+	}
+	if col < 0 || cols <= 0 || col+cols > p.cols {
+		return nil, fmt.Errorf("gpu: view [%d, %d) of a buffer of %d columns", col, col+cols, p.cols)
+	}
+	return &Buffer{mem: p.mem, rows: p.rows, cols: cols, off: col, ld: p.ld}, nil
 }
 
 const entryWords = 4 // a, b, rank|scale, pad: struct LoraEntry in llama.cu
@@ -752,7 +771,7 @@ func ptr(x *Buffer) uint64 {
 	if x == nil {
 		return 0
 	}
-	return x.mem.Ptr()
+	return x.mem.Ptr() + uint64(2*x.off)
 }
 
 func (b *Backend) check(cond bool, format string, args ...any) bool {
@@ -769,7 +788,7 @@ func (b *Backend) Embed(out engine.Buffer, table engine.Weight) {
 		return
 	}
 	o, t := buf(out), table.(*weight)
-	if !b.check(o.cols == t.cols, "embed: buffer width %d, table width %d", o.cols, t.cols) {
+	if !b.check(o.cols == t.cols && o.whole(), "embed: buffer width %d, table width %d", o.cols, t.cols) {
 		return
 	}
 	b.launch(b.fn.embed, cuda.Dim3{X: b.rows()}, cuda.Dim3{X: 256}, o.mem, t.mem, b.i32(b.off.tokens), t.cols)
@@ -783,6 +802,9 @@ func (b *Backend) AddRMSNorm(x, delta, out engine.Buffer, w engine.Weight, eps f
 	}
 	xb, d, o := buf(x), buf(delta), buf(out)
 	if d == nil && o == nil {
+		return
+	}
+	if !b.check(xb.whole() && (d == nil || d.whole()) && (o == nil || o.whole()), "rmsnorm: views are not supported") {
 		return
 	}
 	var wp uint64
@@ -803,7 +825,7 @@ func (b *Backend) AddBias(out engine.Buffer, bias engine.Weight) {
 		return
 	}
 	o, wt := buf(out), bias.(*weight)
-	if !b.check(wt.cols == o.cols, "add_bias: widths %d, %d", o.cols, wt.cols) {
+	if !b.check(wt.cols == o.cols && o.whole(), "add_bias: widths %d, %d", o.cols, wt.cols) {
 		return
 	}
 	b.launch(b.fn.addBias, cuda.Dim3{X: b.rows()}, cuda.Dim3{X: 256}, o.mem, wt.mem.Ptr(), o.cols)
@@ -821,7 +843,7 @@ func (b *Backend) HeadRMSNorm(x engine.Buffer, heads, headDim int, w engine.Weig
 	if !b.check(heads*headDim == xb.cols && wt.cols == headDim, "head_rmsnorm: %d heads x %d for width %d, weight %d", heads, headDim, xb.cols, wt.cols) {
 		return
 	}
-	b.launch(b.fn.headRMSNorm, cuda.Dim3{X: b.rows(), Y: heads}, cuda.Dim3{X: 32}, xb.mem, wt.mem.Ptr(), eps, heads, headDim)
+	b.launch(b.fn.headRMSNorm, cuda.Dim3{X: b.rows(), Y: heads}, cuda.Dim3{X: 32}, ptr(xb), wt.mem.Ptr(), eps, heads, headDim, xb.ld)
 	b.wrote(x)
 }
 
@@ -836,14 +858,14 @@ func (b *Backend) Linear(out, in engine.Buffer, w engine.Weight) {
 	b.wrote(out)
 	if fw, ok := w.(*fp8Weight); ok {
 		o, x := buf(out), buf(in)
-		if !b.check(x.cols == fw.cols && o.cols == fw.rows && o != x, "linear: in width %d, out width %d, fp8 weight [%d,%d]", x.cols, o.cols, fw.rows, fw.cols) {
+		if !b.check(x.cols == fw.cols && o.cols == fw.rows && o != x && o.whole() && x.whole(), "linear: in width %d, out width %d, fp8 weight [%d,%d]", x.cols, o.cols, fw.rows, fw.cols) {
 			return
 		}
 		b.fail(b.f8.linear(o.mem.Ptr(), x.mem.Ptr(), b.rows(), fw, b.gen))
 		return
 	}
 	o, x, wt := buf(out), buf(in), w.(*weight)
-	if !b.check(x.cols == wt.cols && o.cols == wt.rows, "linear: in width %d, out width %d, weight [%d,%d]", x.cols, o.cols, wt.rows, wt.cols) {
+	if !b.check(x.cols == wt.cols && o.cols == wt.rows && o.whole() && x.whole(), "linear: in width %d, out width %d, weight [%d,%d]", x.cols, o.cols, wt.rows, wt.cols) {
 		return
 	}
 	b.fail(b.mm.GemmTN(b.s, o.mem.Ptr(), cuda.R16BF, x.mem.Ptr(), cuda.R16BF, wt.mem.Ptr(), cuda.R16BF, b.rows(), wt.rows, wt.cols, 1, 0))
@@ -861,13 +883,13 @@ func (b *Backend) LoRA(out, in engine.Buffer, layer int, m llama.Module) {
 	if !b.check(x.cols == inF && o.cols == outF, "lora %s: widths %d -> %d, want %d -> %d", m, x.cols, o.cols, inF, outF) {
 		return
 	}
-	b.loraSlices(o.mem.Ptr(), o.cols, x, layer, []llama.Module{m})
+	b.loraSlices(ptr(o), o.ld, x, layer, []llama.Module{m})
 }
 
 // wrote tells the FP8 path that x may change (a Linear or LoRA output):
 // a quantized copy of it is stale.
 func (b *Backend) wrote(x engine.Buffer) {
-	if b.f8 != nil && x != nil && b.f8.cIn == buf(x).mem.Ptr() {
+	if b.f8 != nil && x != nil && b.f8.cIn == ptr(buf(x)) {
 		b.f8.invalidate()
 	}
 }
@@ -943,12 +965,12 @@ func (b *Backend) loraSlices(outPtr cuda.DevicePtr, outStride int, x *Buffer, la
 	for i := range mods {
 		even = even && offs[i+1]%2 == 0
 	}
-	if b.loraV0 || inF%8 != 0 || x.cols%8 != 0 || !even {
+	if b.loraV0 || inF%8 != 0 || x.ld%8 != 0 || ptr(x)%16 != 0 || !even {
 		rows, slots := b.i32(b.off.loraRows), b.i32(b.off.loraSlots)
 		for i, m := range mods {
 			_, outF := b.cfg.Dims(m)
 			b.launch(b.fn.shrink, cuda.Dim3{X: b.nLora, Y: (b.stepRank + 7) / 8}, cuda.Dim3{X: 256},
-				b.stepTmp, x.mem, b.table, rows, slots, base+int(m), stride, inF, x.cols, b.stepRank)
+				b.stepTmp, ptr(x), b.table, rows, slots, base+int(m), stride, inF, x.ld, b.stepRank)
 			b.launch(b.fn.expand, cuda.Dim3{X: b.nLora, Y: (outF + 255) / 256}, cuda.Dim3{X: 256},
 				outPtr+uint64(2*offs[i]), b.stepTmp, b.table, rows, slots, base+int(m), stride, outF, outStride, b.stepRank)
 		}
@@ -999,14 +1021,14 @@ func (b *Backend) loraSlices(outPtr cuda.DevicePtr, outStride int, x *Buffer, la
 			return
 		}
 		b.fail(f.Launch(b.s, cuda.Dim3{X: grid}, cuda.Dim3{X: sgFuThreads}, shmem,
-			outPtr, b.stepTmp, x.mem, b.table, tiles, b.loraCtr(), b.nTiles, len(b.slots), base, stride,
+			outPtr, b.stepTmp, ptr(x), b.table, tiles, b.loraCtr(), b.nTiles, len(b.slots), base, stride,
 			ms[0], ms[1], ms[2], len(mods), rankTiles, ks, kchunk, nShrink, off1, off2, total,
-			b.stepRank, inF, x.cols, outStride, tStride, T))
+			b.stepRank, inF, x.ld, outStride, tStride, T))
 		return
 	}
 	b.launch(shrink, cuda.Dim3{X: b.nTiles, Y: len(mods) * rankTiles, Z: ks}, cuda.Dim3{X: 256},
-		b.stepTmp, x.mem, b.table, tiles, base, stride, ms[0], ms[1], ms[2], rankTiles, b.stepRank,
-		inF, x.cols, tStride, T, kchunk)
+		b.stepTmp, ptr(x), b.table, tiles, base, stride, ms[0], ms[1], ms[2], rankTiles, b.stepRank,
+		inF, x.ld, tStride, T, kchunk)
 	shmem := sgTileRows * len(mods) * ((b.stepRank + 7) &^ 7) * 4 // [16][slices * rank rounded up to 8] floats
 	if shmem > 48<<10 && shmem > b.expandShmem {
 		if err := b.fn.sgExpand.SetMaxDynamicShared(shmem); err != nil {
@@ -1023,22 +1045,40 @@ func (b *Backend) loraSlices(outPtr cuda.DevicePtr, outStride int, x *Buffer, la
 		b.stepRank, outStride, tStride, T, ks))
 }
 
-// RoPE rotates q and k in place at the step's positions.
+// RoPE rotates q and k in place at the step's positions (the rotation
+// Attention applies before it stores k; the op tests check it alone).
 func (b *Backend) RoPE(q, k engine.Buffer, invFreq []float32, heads, kvHeads, headDim int) {
+	b.ropeStore(buf(q), buf(k), nil, -1, invFreq, heads, kvHeads, headDim)
+}
+
+// ropeStore launches rope_store: q and k rotated in place and, for layer >=
+// 0, k and v stored in that layer's cache at the step's KV slots.
+func (b *Backend) ropeStore(qb, kb, vb *Buffer, layer int, invFreq []float32, heads, kvHeads, headDim int) {
 	b.gen++
 	if !b.ok() {
 		return
 	}
-	qb, kb := buf(q), buf(k)
-	if !b.check(qb.cols == heads*headDim && kb.cols == kvHeads*headDim && len(invFreq) == headDim/2 && 4*len(invFreq) <= b.invFreq.Size(),
+	if !b.check(qb.cols == heads*headDim && kb.cols == kvHeads*headDim && (invFreq == nil || len(invFreq) == headDim/2) && 4*len(invFreq) <= b.invFreq.Size(),
 		"rope: widths %d, %d for %d/%d heads of %d", qb.cols, kb.cols, heads, kvHeads, headDim) {
 		return
 	}
-	if !equalF32(b.invFreqHost, invFreq) {
-		b.invFreqHost = append(b.invFreqHost[:0], invFreq...)
-		b.fail(cuda.CopyHtoD(b.s, b.invFreq.Ptr(), b.invFreqHost))
+	var freq uint64 // nil invFreq: no rotation
+	if invFreq != nil {
+		if !equalF32(b.invFreqHost, invFreq) {
+			b.invFreqHost = append(b.invFreqHost[:0], invFreq...)
+			b.fail(cuda.CopyHtoD(b.s, b.invFreq.Ptr(), b.invFreqHost))
+		}
+		freq = b.invFreq.Ptr()
 	}
-	b.launch(b.fn.rope, cuda.Dim3{X: b.rows()}, cuda.Dim3{X: 128}, qb.mem, kb.mem, b.invFreq, b.i32(b.off.pos), heads, kvHeads, headDim)
+	var kc, vc uint64
+	ldv, ny := 0, heads+kvHeads
+	if layer >= 0 {
+		kc, vc = b.kcache.Ptr()+uint64(layer*b.layerB), b.vcache.Ptr()+uint64(layer*b.layerB)
+		ldv, ny = vb.ld, heads+2*kvHeads
+	}
+	threads := min(128, max(32, (headDim/2+31)&^31))
+	b.launch(b.fn.ropeStore, cuda.Dim3{X: b.rows(), Y: ny}, cuda.Dim3{X: threads}, ptr(qb), ptr(kb), ptr(vb), kc, vc,
+		freq, b.i32(b.off.pos), b.i32(b.off.kvSlots), heads, kvHeads, headDim, qb.ld, kb.ld, ldv)
 }
 
 func equalF32(a, c []float32) bool {
@@ -1053,31 +1093,31 @@ func equalF32(a, c []float32) bool {
 	return true
 }
 
-// Attention stores k and v at the step's KV slots, then attends each row
-// over its sequence's pages (causal).
-func (b *Backend) Attention(out, q, k, v engine.Buffer, layer int, scale float32) {
-	b.gen++
+// Attention rotates q and k (RoPE at the step's positions; none for a nil
+// invFreq), stores k and v at the step's KV slots (one kernel for the
+// three), then attends each row over its sequence's pages (causal).
+func (b *Backend) Attention(out, q, k, v engine.Buffer, layer int, scale float32, invFreq []float32) {
 	if !b.ok() {
 		return
 	}
 	o, qb, kb, vb := buf(out), buf(q), buf(k), buf(v)
 	c := b.cfg
 	width := b.kv.KVHeads * b.kv.HeadDim
-	if !b.check(kb.cols == width && vb.cols == width && qb.cols == c.Heads*c.HeadDim && o.cols == qb.cols && layer >= 0 && layer < b.kv.Layers,
+	if !b.check(kb.cols == width && vb.cols == width && qb.cols == c.Heads*c.HeadDim && o.cols == qb.cols && o.whole() && layer >= 0 && layer < b.kv.Layers,
 		"attention: widths q %d k %d v %d out %d, layer %d", qb.cols, kb.cols, vb.cols, o.cols, layer) {
 		return
 	}
+	b.ropeStore(qb, kb, vb, layer, invFreq, c.Heads, b.kv.KVHeads, b.kv.HeadDim)
 	kc, vc := b.kcache.Ptr()+uint64(layer*b.layerB), b.vcache.Ptr()+uint64(layer*b.layerB)
-	b.launch(b.fn.kvStore, cuda.Dim3{X: b.rows()}, cuda.Dim3{X: 128}, kc, vc, kb.mem, vb.mem, b.i32(b.off.kvSlots), width)
 	if b.nDec == 0 {
-		b.launch(b.fn.attention, cuda.Dim3{X: b.rows(), Y: c.Heads}, cuda.Dim3{X: 128}, o.mem, qb.mem, kc, vc,
-			b.i32(b.off.rowSeq), b.i32(b.off.seqInfo), b.i32(b.off.pages), c.Heads, b.kv.KVHeads, b.kv.HeadDim, b.kv.BlockSize, scale, uint64(0))
+		b.launch(b.fn.attention, cuda.Dim3{X: b.rows(), Y: c.Heads}, cuda.Dim3{X: 128}, ptr(o), ptr(qb), kc, vc,
+			b.i32(b.off.rowSeq), b.i32(b.off.seqInfo), b.i32(b.off.pages), c.Heads, b.kv.KVHeads, b.kv.HeadDim, b.kv.BlockSize, scale, uint64(0), qb.ld)
 		return
 	}
 	if b.nPre > 0 {
-		b.launch(b.fn.attention, cuda.Dim3{X: b.nPre, Y: c.Heads}, cuda.Dim3{X: 128}, o.mem, qb.mem, kc, vc,
+		b.launch(b.fn.attention, cuda.Dim3{X: b.nPre, Y: c.Heads}, cuda.Dim3{X: 128}, ptr(o), ptr(qb), kc, vc,
 			b.i32(b.off.rowSeq), b.i32(b.off.seqInfo), b.i32(b.off.pages), c.Heads, b.kv.KVHeads, b.kv.HeadDim, b.kv.BlockSize, scale,
-			b.i32(b.off.preRows))
+			b.i32(b.off.preRows), qb.ld)
 	}
 	hd, G := b.kv.HeadDim, c.Heads/b.kv.KVHeads
 	shmem := (decThreads / (hd / 8)) * G * (hd + 2) * 4
@@ -1089,10 +1129,10 @@ func (b *Backend) Attention(out, q, k, v engine.Buffer, layer int, scale float32
 		return
 	}
 	b.fail(b.decodeKernel(G).Launch(b.s, cuda.Dim3{X: b.nDec, Y: b.kv.KVHeads, Z: b.decSplit}, cuda.Dim3{X: decThreads}, shmem,
-		o.mem, part, qb.mem, kc, vc, b.i32(b.off.decSeqs), b.i32(b.off.seqInfo), b.i32(b.off.pages),
-		c.Heads, b.kv.KVHeads, hd, b.kv.BlockSize, scale, b.decChunk, b.decSplit))
+		ptr(o), part, ptr(qb), kc, vc, b.i32(b.off.decSeqs), b.i32(b.off.seqInfo), b.i32(b.off.pages),
+		c.Heads, b.kv.KVHeads, hd, b.kv.BlockSize, scale, b.decChunk, b.decSplit, qb.ld))
 	if b.decSplit > 1 {
-		b.launch(b.fn.attnReduce, cuda.Dim3{X: b.nDec, Y: c.Heads}, cuda.Dim3{X: 128}, o.mem, part,
+		b.launch(b.fn.attnReduce, cuda.Dim3{X: b.nDec, Y: c.Heads}, cuda.Dim3{X: 128}, ptr(o), part,
 			b.i32(b.off.decSeqs), b.i32(b.off.seqInfo), c.Heads, hd, b.decSplit)
 	}
 }
@@ -1121,11 +1161,14 @@ func (b *Backend) SiLUMul(out, gate, up engine.Buffer) {
 		return
 	}
 	o, g, u := buf(out), buf(gate), buf(up)
-	if !b.check(o.cols == g.cols && g.cols == u.cols, "silu_mul: widths %d %d %d", o.cols, g.cols, u.cols) {
+	if !b.check(o.cols == g.cols && g.cols == u.cols && o.whole() && g.ld == u.ld, "silu_mul: widths %d %d %d", o.cols, g.cols, u.cols) {
 		return
 	}
-	n := b.rows() * o.cols
-	b.launch(b.fn.siluMul, cuda.Dim3{X: min((n+255)/256, 8192)}, cuda.Dim3{X: 256}, o.mem, g.mem, u.mem, int64(n))
+	words := b.rows() * o.cols
+	if o.cols%8 == 0 && g.ld%8 == 0 {
+		words /= 8
+	}
+	b.launch(b.fn.siluMul, cuda.Dim3{X: max(1, min((words+255)/256, 8192))}, cuda.Dim3{X: 256}, ptr(o), ptr(g), ptr(u), b.rows(), o.cols, g.ld)
 }
 
 // Logits normalizes the LogitRows rows of x and projects them to float32 logits in out.
@@ -1139,7 +1182,7 @@ func (b *Backend) Logits(out, x engine.Buffer, norm, head engine.Weight, eps flo
 	if n == 0 {
 		return
 	}
-	if !b.check(hw.cols == xb.cols && nw.cols == xb.cols && o.cols == hw.rows && n <= o.rows && n <= b.maxT,
+	if !b.check(hw.cols == xb.cols && nw.cols == xb.cols && o.cols == hw.rows && n <= o.rows && n <= b.maxT && o.whole() && xb.whole(),
 		"logits: x width %d, norm %d, head [%d,%d], out width %d", xb.cols, nw.cols, hw.rows, hw.cols, o.cols) {
 		return
 	}

@@ -16,7 +16,7 @@ import (
 // capture. What a recording must not change between replays is fixed:
 //
 //   - the step is padded to its bucket's rows; padded rows are one-row
-//     sequences with no context, no KV slot (kv_store skips them), no
+//     sequences with no context, no KV slot (rope_store skips them), no
 //     adapter, and their logits are never read;
 //   - the metadata has one layout per backend (graphMeta), filled on the
 //     host and copied to a fixed device buffer by one async copy before the

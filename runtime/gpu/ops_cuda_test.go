@@ -397,7 +397,7 @@ func TestOpAttention(t *testing.T) {
 			r.fill(v, vv)
 			r.poison(out)
 			r.begin(m)
-			r.b.Attention(out, q, k, v, 1, scale)
+			r.b.Attention(out, q, k, v, 1, scale, nil)
 			got := r.read(out, T)
 			r.end()
 			// reference
