@@ -1,10 +1,14 @@
 # GPU checks: include from the top-level Makefile (include scripts/gpu-check.mk).
-# `make gpu-check` builds the tagged test binaries here (CGO_ENABLED=0) into
-# bin/gpu; run them on the GPU machine with
+# `make gpu-check` checks the kernels' syntax with clang (when installed) and
+# builds the tagged test binaries here (CGO_ENABLED=0) into bin/gpu; run them
+# on the GPU machine with
 #   bash scripts/gpu-check.sh --on-device        (carry bin/gpu)
-.PHONY: gpu-check gpu-check-device
-gpu-check:
+.PHONY: gpu-check gpu-check-device kernels-check
+gpu-check: kernels-check
 	bash scripts/gpu-check.sh
 
 gpu-check-device:
 	bash scripts/gpu-check.sh --on-device
+
+kernels-check:
+	bash scripts/kernels-check.sh
