@@ -247,7 +247,12 @@ if want serve8b; then
 			# one adapter only: LoRA compute without the split into four adapter queues
 			"$PY" scripts/serve_bench.py http://127.0.0.1:8081 "${AD%%,*}" 256 64 128 64 128256 2>&1 | tee -a "$LOG/serve8b.txt"
 			"$PY" scripts/serve_bench.py http://127.0.0.1:8081 base 256 64 128 64 128256 2>&1 | tee -a "$LOG/serve8b.txt"
-			grep -E 'adapter|load' "$LOG/serve8b.log" | tail -n 12 | cut -c1-240
+			# what the steps were like over all the runs: count, mean duration, rows and sequences
+			curl -sS http://127.0.0.1:8081/metrics >"$LOG/serve8b.metrics.txt"
+			awk '/^peftd_step_duration_seconds_(sum|count) /{v[$1]=$2} /^peftd_batch_tokens_(sum|count) /{v[$1]=$2} /^peftd_batch_size_(sum|count) /{v[$1]=$2}
+				END {n=v["peftd_step_duration_seconds_count"]; if (n>0) printf "SERVESTEPS steps=%d mean_ms=%.2f mean_rows=%.1f mean_seqs=%.1f\n", n, 1000*v["peftd_step_duration_seconds_sum"]/n, v["peftd_batch_tokens_sum"]/v["peftd_batch_tokens_count"], v["peftd_batch_size_sum"]/v["peftd_batch_size_count"]}' \
+				"$LOG/serve8b.metrics.txt" | tee -a "$LOG/serve8b.txt"
+			grep -E 'adapter|load|graphs' "$LOG/serve8b.log" | tail -n 12 | cut -c1-240
 		else
 			echo "serve8b: FAIL: server did not start"; tail -n 20 "$LOG/serve8b.log"; status=1
 		fi

@@ -14,6 +14,7 @@ import (
 	"github.com/peftd/peftd/loader/modelfetch"
 	"github.com/peftd/peftd/loader/store"
 	"github.com/peftd/peftd/runtime/engine"
+	"github.com/peftd/peftd/runtime/gpu"
 	"github.com/peftd/peftd/runtime/llama"
 	"github.com/peftd/peftd/runtime/lora"
 	"github.com/peftd/peftd/scheduler"
@@ -61,6 +62,7 @@ type Core struct {
 	Catalog   api.Catalog
 	Metrics   *api.Metrics
 
+	log       *slog.Logger
 	closeOnce sync.Once
 	closeErr  error
 }
@@ -110,7 +112,7 @@ func NewCore(ctx context.Context, cc CoreConfig) (*Core, error) {
 		return nil, err
 	}
 	res.m.Store(mgr)
-	c := &Core{Engine: e, Scheduler: sched, Loader: mgr, Store: cc.Store, Metrics: met,
+	c := &Core{Engine: e, Scheduler: sched, Loader: mgr, Store: cc.Store, Metrics: met, log: log,
 		Catalog: &loaderCatalog{m: mgr, st: cc.Store, base: cc.Model.Config}}
 	col.core.Store(c)
 	if err := met.Registry.Register(col); err != nil {
@@ -130,6 +132,10 @@ func (c *Core) Idle() bool { return c.Scheduler.Pending() == 0 && c.Loader.Idle(
 func (c *Core) Close() error {
 	c.closeOnce.Do(func() {
 		c.Scheduler.Close()
+		if g, ok := c.Engine.Backend().(*gpu.Backend); ok {
+			rec, rep := g.GraphStats()
+			c.log.Info("decode graphs", "recorded", rec, "steps_replayed", rep)
+		}
 		var errs []error
 		if err := c.Loader.Close(); err != nil {
 			errs = append(errs, fmt.Errorf("loader: %w", err))
