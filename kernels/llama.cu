@@ -276,7 +276,7 @@ extern "C" __global__ void __launch_bounds__(32 * ATT_WARPS) attention(
 
 #define DEC_THREADS 128
 #define DEC_MAXG 8
-#define DEC_TILE 256 // positions whose page ids a block stages in shared memory at a time
+#define DEC_P 2 // positions per position group in flight at once
 
 // attn_decode_g{1,2,4,8}: split-KV (flash-decoding) attention for decode
 // sequences (one new row each, already stored in the cache). grid (nDec,
@@ -284,10 +284,8 @@ extern "C" __global__ void __launch_bounds__(32 * ATT_WARPS) attention(
 // G * (hd + 2) floats. A block takes positions [split*chunk, split*chunk +
 // chunk) of one sequence's cache for one KV head and all G = heads/kvh
 // query heads that share it, so each K/V row is read once. hd/8 threads
-// share one position (16-byte loads), four positions per iteration (two for
-// G > 4) with all their loads issued before any arithmetic, the page ids of
-// DEC_TILE positions at a time staged in shared memory (no dependent load
-// per position); the block's position groups
+// share one position (16-byte loads), DEC_P positions per iteration with
+// all their loads issued before any arithmetic; the block's position groups
 // run an online softmax each, then merge through shared memory. nsplit ==
 // 1: the block writes the output row; else it writes (acc[hd], max, sum)
 // per (sequence, head, split) to part for attn_reduce. chunk <= 0: each
@@ -330,47 +328,39 @@ __device__ __forceinline__ void attn_decode_body(
     if (chunk <= 0) chunk = max(32, (((ctx + nsplit - 1) / nsplit) + 7) & ~7);
     const int p0 = sp * chunk, p1 = min(ctx, p0 + chunk);
     const uint4 z4 = make_uint4(0, 0, 0, 0);
-    constexpr int P = GM <= 4 ? 4 : 2; // positions per group in flight
-    __shared__ int spg[DEC_TILE + 1];
     // every thread runs the same number of iterations (the shuffles need the whole warp)
-    for (int tile = p0; tile < p1; tile += DEC_TILE) {
-        const int te = min(p1, tile + DEC_TILE), pg0 = tile / bs, npg = (te - 1) / bs - pg0 + 1;
-        __syncthreads(); // nobody reads the previous tile's page ids any more
-        for (int i = threadIdx.x; i < npg; i += DEC_THREADS) spg[i] = pages[poff + pg0 + i];
-        __syncthreads();
-        for (int base = tile; base < te; base += ngr * P) {
-            uint4 ku[P], vu[P];
-            bool valid[P];
+    for (int base = p0; base < p1; base += ngr * DEC_P) {
+        uint4 ku[DEC_P], vu[DEC_P];
+        bool valid[DEC_P];
 #pragma unroll
-            for (int j = 0; j < P; j++) {
-                const int p = base + j * ngr + grp;
-                valid[j] = p < te;
-                ku[j] = vu[j] = z4;
-                if (valid[j]) {
-                    const i64 off = ((i64)spg[p / bs - pg0] * bs + p % bs) * width + (i64)kh * hd + d0;
-                    ku[j] = __ldg(reinterpret_cast<const uint4*>(kc + off));
-                    vu[j] = __ldg(reinterpret_cast<const uint4*>(vc + off));
-                }
+        for (int j = 0; j < DEC_P; j++) {
+            const int p = base + j * ngr + grp;
+            valid[j] = p < p1;
+            ku[j] = vu[j] = z4;
+            if (valid[j]) {
+                const i64 off = ((i64)pages[poff + p / bs] * bs + p % bs) * width + (i64)kh * hd + d0;
+                ku[j] = __ldg(reinterpret_cast<const uint4*>(kc + off));
+                vu[j] = __ldg(reinterpret_cast<const uint4*>(vc + off));
             }
+        }
 #pragma unroll
-            for (int j = 0; j < P; j++) {
-                float kf[8], vf[8];
-                unpack8(ku[j], kf);
-                unpack8(vu[j], vf);
+        for (int j = 0; j < DEC_P; j++) {
+            float kf[8], vf[8];
+            unpack8(ku[j], kf);
+            unpack8(vu[j], vf);
 #pragma unroll
-                for (int g = 0; g < GM; g++) {
-                    float dot = 0.f;
+            for (int g = 0; g < GM; g++) {
+                float dot = 0.f;
 #pragma unroll
-                    for (int i = 0; i < 8; i++) dot += qv[g][i] * kf[i];
-                    for (int o = tpr >> 1; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
-                    if (valid[j] && g < G) {
-                        const float mn = fmaxf(m[g], dot);
-                        const float corr = expf(m[g] - mn), pe = expf(dot - mn);
-                        l[g] = l[g] * corr + pe;
+                for (int i = 0; i < 8; i++) dot += qv[g][i] * kf[i];
+                for (int o = tpr >> 1; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
+                if (valid[j] && g < G) {
+                    const float mn = fmaxf(m[g], dot);
+                    const float corr = expf(m[g] - mn), pe = expf(dot - mn);
+                    l[g] = l[g] * corr + pe;
 #pragma unroll
-                        for (int i = 0; i < 8; i++) acc[g][i] = acc[g][i] * corr + pe * vf[i];
-                        m[g] = mn;
-                    }
+                    for (int i = 0; i < 8; i++) acc[g][i] = acc[g][i] * corr + pe * vf[i];
+                    m[g] = mn;
                 }
             }
         }

@@ -716,13 +716,13 @@ func (b *Backend) Begin(meta *engine.StepMeta) error {
 const decMaxG = 8
 
 // planDecode chooses the KV split of the step's decode sequences: enough
-// splits that the grid has about decBlocksPerSM blocks per SM, at least 32
+// splits that the grid covers the SMs about four times, at least 32
 // positions per split, and the partials' scratch sized for it. The stream is
 // idle (Begin synchronized it).
 func (b *Backend) planDecode(nDec, maxCtx int) error {
 	const minChunk = 32
 	blocks := nDec * b.kv.KVHeads
-	want := (decBlocksPerSM*b.ctx.Device().SMs + blocks - 1) / blocks
+	want := (4*b.ctx.Device().SMs + blocks - 1) / blocks
 	split := max(1, min(want, (maxCtx+minChunk-1)/minChunk, 64))
 	chunk := (maxCtx + split - 1) / split
 	chunk = (chunk + 7) &^ 7
@@ -1150,11 +1150,6 @@ func (b *Backend) decodeKernel(G int) *cuda.Function {
 	}
 	return b.fn.attnDecode[3]
 }
-
-// decBlocksPerSM is how many attn_decode blocks per SM the KV split aims
-// for (at least 32 positions per split): more splits at small batches keep
-// more loads in flight; attn_reduce merges them.
-const decBlocksPerSM = 8
 
 // decThreads is DEC_THREADS in llama.cu.
 const decThreads = 128

@@ -74,10 +74,10 @@ func (b *Backend) GraphStats() (recorded, replayed int) { return b.g.Recorded, b
 func tilesCap(n, slots int) int { return min(n, (n+sgTileRows-1)/sgTileRows+max(slots, 1)) }
 
 // decSplitFor is the KV split of attn_decode for a decode step of n rows:
-// enough (sequence, KV head, split) blocks to cover the SMs about eight times.
+// enough (sequence, KV head, split) blocks to cover the SMs about four times.
 func (b *Backend) decSplitFor(n int) int {
 	blocks := n * b.kv.KVHeads
-	return max(1, min((decBlocksPerSM*b.ctx.Device().SMs+blocks-1)/blocks, 64))
+	return max(1, min((4*b.ctx.Device().SMs+blocks-1)/blocks, 64))
 }
 
 // initGraphs sizes the graph metadata for the backend's largest bucket.
