@@ -130,6 +130,8 @@ type seq struct {
 	gen      int     // generated tokens
 	admitted time.Time
 	ended    bool // finish ran
+	// acquiring: an Acquire for this waiting request runs (admission.go)
+	acquiring bool
 	// Prefix cache: chain is the key of the last full page of tokens known
 	// to the cache (keyed tokens), rooted in the adapter's version.
 	chain prefixKey
@@ -150,8 +152,14 @@ type Scheduler struct {
 	order   []string          // adapters with waiting requests, round-robin order
 	deficit map[string]int
 	pending atomic.Int64 // waiting + running + acquiring
+	// Slot admission (admission.go): loads is the number of Acquires under
+	// way that take a free slot; draining maps an adapter that yields its
+	// slot (its waiting requests are held back) to the one it yields for.
+	loads    int
+	draining map[string]string
 
 	running []*seq       // engine goroutine only
+	stepped bool         // engine goroutine only: the last step ran sequences
 	cache   *prefixCache // engine goroutine only; nil: prefix caching off
 	// Prefix cache statistics since the last report (tokens).
 	prefixQueries, prefixHits int
@@ -172,7 +180,8 @@ func New(e *engine.Engine, res Residency, cfg Config) *Scheduler {
 		cfg.Logger = slog.Default()
 	}
 	s := &Scheduler{e: e, res: res, cfg: cfg, log: cfg.Logger, cmds: make(chan func(), 64), wake: make(chan struct{}, 1),
-		queues: map[string][]*seq{}, deficit: map[string]int{}, done: make(chan struct{}), quit: make(chan struct{})}
+		queues: map[string][]*seq{}, deficit: map[string]int{}, draining: map[string]string{},
+		done: make(chan struct{}), quit: make(chan struct{})}
 	if cfg.PrefixCache {
 		s.cache = newPrefixCache(e)
 	}
@@ -292,21 +301,15 @@ func (s *Scheduler) Submit(ctx context.Context, r Request) (<-chan Event, error)
 	if r.Sampling.Seed != nil {
 		q.seed = *r.Sampling.Seed
 	}
-	if r.Adapter == "" {
-		s.enqueue(q)
-		return q.out, nil
-	}
-	go func() { // residency may wait for a load or a free slot
-		l, err := s.res.Acquire(ctx, r.Adapter)
-		if err != nil {
-			s.finish(q, "", err)
-			return
-		}
-		q.lease, q.slot = l, l.Slot()
-		s.enqueue(q)
-	}()
+	// An adapter's lease is taken when the request's turn comes (admit):
+	// the deficit round robin decides who gets a device slot.
+	s.enqueue(q)
 	return q.out, nil
 }
+
+// admitPoll is how often the scheduler looks again at waiting requests it
+// could not admit when nothing runs and nothing signals.
+const admitPoll = 20 * time.Millisecond
 
 func (s *Scheduler) enqueue(q *seq) {
 	s.mu.Lock()
@@ -373,6 +376,20 @@ func (s *Scheduler) loop() {
 			s.guard("failing the requests of a panicked step", func() { s.failAll(ErrInternal) })
 			s.running = nil
 		}
+		if !s.stepped {
+			// Requests wait, but none could be admitted (a lease on its way,
+			// a slot to free): wait for a change, and look again now and
+			// then (a slot can free outside the scheduler: an unpin).
+			select {
+			case fn := <-s.cmds:
+				s.guard("engine command", fn)
+			case <-s.wake:
+			case <-time.After(admitPoll):
+			case <-s.quit:
+				s.shutdown()
+				return
+			}
+		}
 	}
 }
 
@@ -423,12 +440,21 @@ func (s *Scheduler) admit() {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.dropCancelledLocked()
+	for b, a := range s.draining { // nobody waits for the slot any more
+		if len(s.queues[a]) == 0 {
+			delete(s.draining, b)
+		}
+	}
 	free := s.e.FreeBlocks()
 	if s.cache != nil {
 		free += s.cache.evictable() // evicted when pages are reserved
 	}
 	for _, q := range s.running {
 		free -= s.e.BlocksFor(len(q.tokens)+1) - s.e.BlocksFor(q.fed) // pages running sequences still need soon
+	}
+	running := map[string]int{} // running sequences per adapter (drain candidates)
+	for _, q := range s.running {
+		running[q.req.Adapter]++
 	}
 	for progressed := true; progressed && len(s.order) > 0; {
 		progressed = false
@@ -445,6 +471,9 @@ func (s *Scheduler) admit() {
 				if q.ctx.Err() == nil && (need > free || cost > s.deficit[a]) {
 					break
 				}
+				if q.ctx.Err() == nil && q.lease == nil && a != "" && !s.leaseLocked(q, running) {
+					break // acquiring, waiting for a slot, or yielding its slot
+				}
 				s.queues[a] = s.queues[a][1:]
 				if q.ctx.Err() != nil {
 					s.finish(q, "", q.ctx.Err())
@@ -455,6 +484,7 @@ func (s *Scheduler) admit() {
 				q.admitted = time.Now()
 				s.attachPrefix(q)
 				s.running = append(s.running, q)
+				running[a]++
 				progressed = true
 			}
 			if len(s.queues[a]) == 0 {
@@ -495,6 +525,7 @@ func (s *Scheduler) dropCancelledLocked() {
 func (s *Scheduler) step() {
 	stats := StepStats{TotalBlocks: s.e.Options().KVBlocks}
 	defer func() { s.reportStep(&stats) }()
+	s.stepped = false
 	s.admit()
 	// Drop cancelled sequences first: their pages free at once.
 	live := s.running[:0]
@@ -539,6 +570,7 @@ func (s *Scheduler) step() {
 		sp[k] = engine.Sampling{Skip: q.fed+n < len(q.tokens), Params: q.req.Sampling, Seed: q.seed,
 			Index: uint64(q.fed + n), CPU: q.sampler}
 	}
+	s.stepped = true
 	choices, err := s.e.StepSample(context.Background(), in, sp)
 	if err != nil {
 		s.failAll(err)

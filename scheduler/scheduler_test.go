@@ -104,8 +104,14 @@ func TestConcurrentMatchesReference(t *testing.T) {
 			if strings.HasPrefix(tc.name, "tight") && preempted.Load() == 0 {
 				t.Error("the tight configuration never preempted")
 			}
-			if maxAdapters.Load() < 3 || prefillWithDecode.Load() == 0 {
-				t.Error("steps did not mix adapters or prefill with decode")
+			// The tight cache (96 tokens) holds few sequences at once: how many
+			// adapters meet in one step depends on arrival timing, two always do.
+			wantAdapters := int64(3)
+			if strings.HasPrefix(tc.name, "tight") {
+				wantAdapters = 2
+			}
+			if maxAdapters.Load() < wantAdapters || prefillWithDecode.Load() == 0 {
+				t.Errorf("steps did not mix adapters (at most %d in a step, want %d) or prefill with decode (%d steps)", maxAdapters.Load(), wantAdapters, prefillWithDecode.Load())
 			}
 			if s.Pending() != 0 {
 				t.Errorf("%d requests still pending", s.Pending())
@@ -179,25 +185,24 @@ func TestQueueFullAndCancel(t *testing.T) {
 func TestFairness(t *testing.T) {
 	s, f := setup(t, engine.Options{MaxTokens: 16, KVBlocks: 16, BlockSize: 4, AdapterSlots: 4}, Config{Quantum: 8})
 	hot, cold := f.Cases[1], f.Cases[3] // qv-r8 (19 tokens), attn-r32-rslora (5 tokens)
+	rec := &releaseOrder{Static: s.res.(Static)}
+	s.res = rec // before any request: the engine goroutine reads it under s.mu
 	release := make(chan struct{})
 	held := make(chan struct{})
 	go s.Do(context.Background(), func(*engine.Engine) error { close(held); <-release; return nil })
 	<-held
-	var order []string
-	var mu sync.Mutex
+	tags := map[string]string{}
 	var wg sync.WaitGroup
 	submit := func(c fixture.Case, tag string) {
 		ch, err := s.Submit(context.Background(), Request{Adapter: c.AdapterName(), Prompt: c.Prompt, MaxTokens: 2})
 		if err != nil {
 			t.Fatal(err)
 		}
+		tags[c.AdapterName()] = tag
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
 			collect(t, ch)
-			mu.Lock()
-			order = append(order, tag)
-			mu.Unlock()
 		}()
 	}
 	for i := 0; i < 6; i++ {
@@ -208,9 +213,54 @@ func TestFairness(t *testing.T) {
 	waitQueued(t, s, 7)
 	close(release)
 	wg.Wait()
-	if i := slices.Index(order, "cold"); i > 1 {
+	// The order requests finished in, on the engine goroutine (their
+	// leases are released there), not as their readers happen to wake.
+	rec.mu.Lock()
+	var order []string
+	for _, id := range rec.order {
+		order = append(order, tags[id])
+	}
+	rec.mu.Unlock()
+	if i := slices.Index(order, "cold"); i < 0 || i > 1 {
 		t.Errorf("cold adapter finished at position %d of %v", i, order)
 	}
+}
+
+// releaseOrder is a Static residency that records the adapter of every
+// lease released, in order.
+type releaseOrder struct {
+	Static
+	mu    sync.Mutex
+	order []string
+}
+
+type recordedLease struct {
+	Lease
+	r  *releaseOrder
+	id string
+}
+
+func (l recordedLease) Release() {
+	l.r.mu.Lock()
+	l.r.order = append(l.r.order, l.id)
+	l.r.mu.Unlock()
+	l.Lease.Release()
+}
+
+func (r *releaseOrder) TryAcquire(id string) (Lease, Admission) {
+	l, st := r.Static.TryAcquire(id)
+	if st == Leased {
+		l = recordedLease{Lease: l, r: r, id: id}
+	}
+	return l, st
+}
+
+func (r *releaseOrder) Acquire(ctx context.Context, id string) (Lease, error) {
+	l, err := r.Static.Acquire(ctx, id)
+	if err != nil {
+		return nil, err
+	}
+	return recordedLease{Lease: l, r: r, id: id}, nil
 }
 
 // waitQueued waits until n requests sit in the adapter queues.

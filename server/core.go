@@ -173,6 +173,32 @@ func (r *residency) Acquire(ctx context.Context, id string) (scheduler.Lease, er
 	return nil, err
 }
 
+// TryAcquire and FreeSlots make the residency a scheduler.SlotAdmission:
+// the scheduler's round robin decides which adapter takes a free slot.
+func (r *residency) TryAcquire(id string) (scheduler.Lease, scheduler.Admission) {
+	m := r.m.Load()
+	if m == nil {
+		return nil, scheduler.AcquireNow
+	}
+	l, st := m.TryAcquire(id)
+	switch st {
+	case loader.Leased:
+		return l, scheduler.Leased
+	case loader.NeedsSlot:
+		return nil, scheduler.NeedsSlot
+	}
+	return nil, scheduler.AcquireNow
+}
+
+func (r *residency) FreeSlots() int {
+	if m := r.m.Load(); m != nil {
+		return m.FreeSlots()
+	}
+	return 0
+}
+
+var _ scheduler.SlotAdmission = (*residency)(nil)
+
 // invalidAdapter marks err (which says what is wrong) as
 // api.ErrInvalidAdapter without repeating that in its message.
 type invalidAdapter struct{ err error }

@@ -1,0 +1,60 @@
+package loader_test
+
+import (
+	"testing"
+	"time"
+
+	"github.com/peftd/peftd/loader"
+)
+
+// TestTryAcquire: a lease without waiting only for an adapter on the device
+// whose version was checked lately; NeedsSlot for a known one off the
+// device; AcquireNow for the rest. FreeSlots counts empty and unleased slots.
+func TestTryAcquire(t *testing.T) {
+	e := newEnv(t, 2, loader.Options{RecheckInterval: time.Hour})
+	eventually(t, 5*time.Second, "qv-r8, listed by the store and not loaded, to need a slot", func() bool {
+		_, st := e.m.TryAcquire("qv-r8")
+		return st == loader.NeedsSlot
+	})
+	if _, st := e.m.TryAcquire("no-such"); st != loader.AcquireNow {
+		t.Errorf("unknown: %v, want AcquireNow", st)
+	}
+	if n := e.m.FreeSlots(); n != 2 {
+		t.Errorf("FreeSlots with nothing loaded = %d, want 2", n)
+	}
+	l := e.acquire("qv-r8")
+	if n := e.m.FreeSlots(); n != 1 {
+		t.Errorf("FreeSlots with qv-r8 leased = %d, want 1", n)
+	}
+	l2, st := e.m.TryAcquire("qv-r8")
+	if st != loader.Leased || l2 == nil || l2.Slot() != l.Slot() || l2.Version() != l.Version() {
+		t.Fatalf("on the device: %v %v, want a lease on slot %d", st, l2, l.Slot())
+	}
+	l.Release()
+	if n := e.m.FreeSlots(); n != 1 {
+		t.Errorf("FreeSlots with qv-r8 still leased once = %d, want 1", n)
+	}
+	l2.Release()
+	if n := e.m.FreeSlots(); n != 2 {
+		t.Errorf("FreeSlots with qv-r8 unleased = %d, want 2 (it may be replaced)", n)
+	}
+	// Known (checked) but off the device once evicted: NeedsSlot.
+	e.acquire("all-r16").Release()
+	e.acquire("mlp-r64").Release() // evicts qv-r8 (LRU)
+	if _, st := e.m.TryAcquire("qv-r8"); st != loader.NeedsSlot {
+		t.Errorf("evicted: %v, want NeedsSlot", st)
+	}
+	// Pinned adapters are not free slots.
+	if err := e.m.Pin(t.Context(), "mlp-r64"); err != nil {
+		t.Fatal(err)
+	}
+	if n := e.m.FreeSlots(); n != 1 {
+		t.Errorf("FreeSlots with mlp-r64 pinned = %d, want 1", n)
+	}
+	// A version not checked within RecheckInterval goes to Acquire.
+	e2 := newEnv(t, 1, loader.Options{RecheckInterval: -1})
+	e2.acquire("qv-r8").Release()
+	if _, st := e2.m.TryAcquire("qv-r8"); st != loader.AcquireNow {
+		t.Errorf("recheck on every Acquire: %v, want AcquireNow", st)
+	}
+}
