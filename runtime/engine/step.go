@@ -1,0 +1,331 @@
+package engine
+
+import (
+	"context"
+	"fmt"
+	"math"
+	"sort"
+
+	"github.com/peftd/peftd/runtime/llama"
+	"github.com/peftd/peftd/runtime/sample"
+)
+
+// Input is one sequence's part of a step.
+type Input struct {
+	Seq       *Sequence
+	Tokens    []int32 // tokens to append (a prefill chunk, or one decode token)
+	Slot      int     // adapter slot, or -1 for the base model
+	AllLogits bool    // logits for every token, not only the last
+}
+
+// Step runs one forward pass over every input and returns, per input in
+// order, the logits rows (one row, or len(Tokens) rows with AllLogits).
+// On error no sequence's length changes (pages reserved for it stay, as
+// Reserve's do).
+func (e *Engine) Step(ctx context.Context, in []Input) ([][]float32, error) {
+	meta, outRow, err := e.prepare(ctx, in)
+	if err != nil {
+		return nil, err
+	}
+	var logits []float32
+	err = e.run(in, meta, func() error {
+		logits = make([]float32, len(meta.LogitRows)*e.cfg.VocabSize)
+		return e.b.Read(e.logits, len(meta.LogitRows), logits)
+	})
+	if err != nil {
+		return nil, err
+	}
+	out := make([][]float32, len(in))
+	V := e.cfg.VocabSize
+	for i, x := range in {
+		n := 1
+		if x.AllLogits {
+			n = len(x.Tokens)
+		}
+		out[i] = logits[outRow[i]*V : (outRow[i]+n)*V : (outRow[i]+n)*V]
+	}
+	return out, nil
+}
+
+// Sampling says how StepSample draws the next token of one input.
+type Sampling struct {
+	Skip   bool          // no token wanted (a prefill chunk that does not end the prompt)
+	Params sample.Params // valid sampling parameters (Params.Seed is not used: Seed is)
+	// Seed and Index key the draw on a DeviceSampler: the same (Seed, Index,
+	// logits) give the same token. Index is the new token's position in its
+	// sequence.
+	Seed, Index uint64
+	// CPU, when set, draws on the host path (a backend without DeviceSampler)
+	// from this sampler's own stream; nil: a sampler seeded from (Seed, Index).
+	CPU *sample.Sampler
+}
+
+// DeviceSampling reports whether StepSample samples on the backend.
+func (e *Engine) DeviceSampling() bool {
+	_, ok := e.b.(DeviceSampler)
+	return ok
+}
+
+// StepSample runs one forward pass like Step and draws one token per input
+// from its last logits row, on the device when the backend is a
+// DeviceSampler (only token ids and log-probabilities come back), else on
+// the host with package sample. Skipped inputs get a zero Choice.
+func (e *Engine) StepSample(ctx context.Context, in []Input, sp []Sampling) ([]sample.Choice, error) {
+	if len(sp) != len(in) {
+		return nil, fmt.Errorf("%w: %d inputs, %d samplings", ErrBadInput, len(in), len(sp))
+	}
+	for i := range sp {
+		if !sp[i].Skip {
+			if err := sp[i].Params.Validate(); err != nil {
+				return nil, err
+			}
+		}
+	}
+	ds, ok := e.b.(DeviceSampler)
+	out := make([]sample.Choice, len(in))
+	if !ok {
+		logits, err := e.Step(ctx, in)
+		if err != nil {
+			return nil, err
+		}
+		V := e.cfg.VocabSize
+		for i, s := range sp {
+			if s.Skip {
+				continue
+			}
+			smp := s.CPU
+			if smp == nil {
+				p := s.Params
+				seed := s.Seed ^ (s.Index+1)*0x9e3779b97f4a7c15
+				p.Seed = &seed
+				var err error
+				if smp, err = sample.New(p); err != nil {
+					return nil, err
+				}
+			}
+			l := logits[i]
+			out[i] = smp.Sample(l[len(l)-V:])
+		}
+		return out, nil
+	}
+	meta, outRow, err := e.prepare(ctx, in)
+	if err != nil {
+		return nil, err
+	}
+	var rows []RowSample
+	var who []int
+	for i, s := range sp {
+		if s.Skip {
+			continue
+		}
+		n := 1
+		if in[i].AllLogits {
+			n = len(in[i].Tokens)
+		}
+		rows = append(rows, RowSample{Row: outRow[i] + n - 1, Params: s.Params, Seed: s.Seed, Counter: s.Index})
+		who = append(who, i)
+	}
+	got := make([]sample.Choice, len(rows))
+	err = e.run(in, meta, func() error {
+		if len(rows) == 0 {
+			return nil
+		}
+		return ds.SampleRows(e.logits, rows, got)
+	})
+	if err != nil {
+		return nil, err
+	}
+	for k, i := range who {
+		out[i] = got[k]
+	}
+	return out, nil
+}
+
+// prepare validates a step, grows the sequences' page tables and builds the
+// step's metadata; outRow[i] is the first logits row of input i.
+func (e *Engine) prepare(ctx context.Context, in []Input) (*StepMeta, []int, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, nil, err
+	}
+	c := e.cfg
+	total, rows, need := 0, 0, 0
+	seen := map[*Sequence]bool{}
+	for i, x := range in {
+		if x.Seq == nil || len(x.Tokens) == 0 {
+			return nil, nil, fmt.Errorf("%w: input %d has no sequence or no tokens", ErrBadInput, i)
+		}
+		if seen[x.Seq] {
+			return nil, nil, fmt.Errorf("%w: sequence appears twice in one step", ErrBadInput)
+		}
+		seen[x.Seq] = true
+		if x.Slot >= len(e.slots) || x.Slot < -1 || (x.Slot >= 0 && e.slots[x.Slot] == nil) {
+			return nil, nil, fmt.Errorf("%w: input %d uses empty or missing slot %d", ErrNoSlot, i, x.Slot)
+		}
+		for _, t := range x.Tokens {
+			if t < 0 || int(t) >= c.VocabSize {
+				return nil, nil, fmt.Errorf("%w: token id %d outside the vocabulary [0, %d)", ErrBadInput, t, c.VocabSize)
+			}
+		}
+		n := x.Seq.n + len(x.Tokens)
+		if n > e.opts.MaxContext {
+			return nil, nil, fmt.Errorf("%w: %d tokens > %d", ErrContextLen, n, e.opts.MaxContext)
+		}
+		total += len(x.Tokens)
+		if x.AllLogits {
+			rows += len(x.Tokens)
+		} else {
+			rows++
+		}
+		need += max(0, e.BlocksFor(n)-len(x.Seq.blocks))
+	}
+	if total > e.opts.MaxTokens {
+		return nil, nil, fmt.Errorf("%w: %d tokens > %d", ErrTooMany, total, e.opts.MaxTokens)
+	}
+	if need > len(e.freeBlocks) {
+		// Only a caller that did not Reserve gets here (the scheduler does).
+		return nil, nil, fmt.Errorf("%w: need %d pages, %d free", ErrKVFull, need, len(e.freeBlocks))
+	}
+	// Group rows by adapter slot so each adapter's tokens are one segment.
+	order := make([]int, len(in))
+	for i := range order {
+		order[i] = i
+	}
+	sort.SliceStable(order, func(a, b int) bool { return in[order[a]].Slot < in[order[b]].Slot })
+
+	meta := &StepMeta{
+		Tokens: make([]int32, 0, total), Positions: make([]int32, 0, total), KVSlots: make([]int32, 0, total),
+		Seqs: make([]SeqMeta, 0, len(in)), LogitRows: make([]int32, 0, rows),
+	}
+	outRow := make([]int, len(in)) // first logits row of each input
+	for _, i := range order {
+		x := in[i]
+		s := x.Seq
+		e.Reserve(s, s.n+len(x.Tokens)) // cannot fail: checked above
+		start := len(meta.Tokens)
+		for j, t := range x.Tokens {
+			pos := s.n + j
+			meta.Tokens = append(meta.Tokens, t)
+			meta.Positions = append(meta.Positions, int32(pos))
+			meta.KVSlots = append(meta.KVSlots, s.blocks[pos/e.opts.BlockSize]*int32(e.opts.BlockSize)+int32(pos%e.opts.BlockSize))
+		}
+		meta.Seqs = append(meta.Seqs, SeqMeta{Start: start, Len: len(x.Tokens), Context: s.n + len(x.Tokens), Blocks: s.blocks})
+		if x.Slot >= 0 {
+			if k := len(meta.LoRA) - 1; k >= 0 && meta.LoRA[k].Slot == x.Slot && meta.LoRA[k].End == start {
+				meta.LoRA[k].End = len(meta.Tokens)
+			} else {
+				meta.LoRA = append(meta.LoRA, Segment{Start: start, End: len(meta.Tokens), Slot: x.Slot})
+			}
+		}
+		outRow[i] = len(meta.LogitRows)
+		if x.AllLogits {
+			for r := start; r < len(meta.Tokens); r++ {
+				meta.LogitRows = append(meta.LogitRows, int32(r))
+			}
+		} else {
+			meta.LogitRows = append(meta.LogitRows, int32(len(meta.Tokens)-1))
+		}
+	}
+	return meta, outRow, nil
+}
+
+// program is the forward pass for steps of shape s.
+func (e *Engine) program(s Shape) Program {
+	return Program{Shape: s, Run: func(b Ops) { e.forward(b, s) }}
+}
+
+// Warmup lets a backend that records programs (CUDA graphs) record the
+// engine's programs for steps without adapters and with adapters on every
+// projection before the first request. Other backends do nothing.
+func (e *Engine) Warmup() error {
+	w, ok := e.b.(Warmer)
+	if !ok {
+		return nil
+	}
+	progs := []Program{e.program(Shape{}), e.program(Shape{LoRA: 1<<llama.NumModules - 1})}
+	f := func() error { return w.Warmup(progs) }
+	if r, ok := e.b.(Runner); ok {
+		return r.Run(f)
+	}
+	return f()
+}
+
+// run executes a prepared step and tail (which reads its result), inside
+// the backend's Runner when it has one; on success the sequences advance;
+// on error they stay as they were (with their pages).
+func (e *Engine) run(in []Input, meta *StepMeta, tail func() error) error {
+	var s Shape
+	if len(meta.LoRA) > 0 {
+		s.LoRA = e.loraMask()
+	}
+	prog := e.program(s)
+	f := func() error {
+		if err := e.b.Execute(meta, prog); err != nil {
+			e.b.End()
+			return err
+		}
+		if err := tail(); err != nil {
+			e.b.End()
+			return err
+		}
+		return e.b.End()
+	}
+	var err error
+	if r, ok := e.b.(Runner); ok {
+		err = r.Run(f)
+	} else {
+		err = f()
+	}
+	if err != nil {
+		return err // the sequences keep their pages and their length
+	}
+	for _, x := range in {
+		x.Seq.n += len(x.Tokens)
+	}
+	return nil
+}
+
+// forward issues the ops of one step of shape s: the model, written once
+// for every backend.
+func (e *Engine) forward(b Ops, s Shape) {
+	c := e.cfg
+	eps := float32(c.RMSNormEps)
+	fo, _ := b.(FamilyOps) // New checked it is there when the model needs it
+	lora := func(out, in Buffer, l int, m llama.Module) {
+		if s.LoRA&(1<<m) != 0 {
+			b.LoRA(out, in, l, m)
+		}
+	}
+	b.Embed(e.x, e.embed)
+	scale := float32(1 / math.Sqrt(float64(c.HeadDim)))
+	for l := range e.layers {
+		lw := &e.layers[l]
+		if l == 0 {
+			b.AddRMSNorm(e.x, nil, e.h, lw.inNorm, eps)
+		} else {
+			b.AddRMSNorm(e.x, e.tmp, e.h, lw.inNorm, eps) // adds the previous layer's MLP output
+		}
+		b.Linear(e.qkv, e.h, lw.qkv)
+		if lw.qkvBias != nil {
+			fo.AddBias(e.qkv, lw.qkvBias)
+		}
+		lora(e.q, e.h, l, llama.Q)
+		lora(e.k, e.h, l, llama.K)
+		lora(e.v, e.h, l, llama.V)
+		if lw.qNorm != nil {
+			fo.HeadRMSNorm(e.q, c.Heads, c.HeadDim, lw.qNorm, eps)
+			fo.HeadRMSNorm(e.k, c.KVHeads, c.HeadDim, lw.kNorm, eps)
+		}
+		b.Attention(e.attn, e.q, e.k, e.v, l, scale, e.invFreq)
+		b.Linear(e.tmp, e.attn, lw.o)
+		lora(e.tmp, e.attn, l, llama.O)
+		b.AddRMSNorm(e.x, e.tmp, e.h, lw.postNorm, eps)
+		b.Linear(e.gateUp, e.h, lw.gateUp)
+		lora(e.gate, e.h, l, llama.Gate)
+		lora(e.up, e.h, l, llama.Up)
+		b.SiLUMul(e.act, e.gate, e.up)
+		b.Linear(e.tmp, e.act, lw.down)
+		lora(e.tmp, e.act, l, llama.Down)
+	}
+	b.AddRMSNorm(e.x, e.tmp, nil, nil, eps) // x += the last MLP output
+	b.Logits(e.logits, e.x, e.norm, e.head, eps)
+}

@@ -1,0 +1,330 @@
+package gpu
+
+import (
+	"fmt"
+	"math"
+
+	"github.com/peftd/peftd/kernels"
+	"github.com/peftd/peftd/runtime/cuda"
+	"github.com/peftd/peftd/runtime/engine"
+	"github.com/peftd/peftd/runtime/llama"
+	"github.com/peftd/peftd/runtime/lora"
+)
+
+const entryWords = 4 // a, b, rank|scale, pad: struct LoraEntry in llama.cu
+
+func (b *Backend) entry(slot, layer int, m llama.Module) int {
+	return (slot*b.cfg.Layers+layer)*int(llama.NumModules) + int(m)
+}
+
+// LoadAdapter copies an adapter's A and B matrices (bf16, exact ranks) into
+// one device allocation for the slot and points the slot's table entries at them.
+func (b *Backend) LoadAdapter(slot int, a *lora.Adapter) error {
+	if slot < 0 {
+		return fmt.Errorf("gpu: slot %d", slot)
+	}
+	if len(a.Layers) != b.cfg.Layers {
+		return fmt.Errorf("gpu: adapter %s has %d layers, model has %d", a.Name, len(a.Layers), b.cfg.Layers)
+	}
+	const align = 128 // elements (256 bytes)
+	total := 0
+	st := &slotState{}
+	for _, l := range a.Layers {
+		for m, p := range l {
+			if p == nil {
+				continue
+			}
+			in, out := b.cfg.Dims(llama.Module(m))
+			if len(p.A) != p.Rank*in || len(p.B) != out*p.Rank {
+				return fmt.Errorf("gpu: adapter %s: %s has A %d and B %d values for rank %d, want %d and %d",
+					a.Name, llama.Module(m), len(p.A), len(p.B), p.Rank, p.Rank*in, out*p.Rank)
+			}
+			total += (len(p.A)+align-1)/align*align + (len(p.B)+align-1)/align*align
+			st.maxRank = max(st.maxRank, p.Rank)
+		}
+	}
+	if err := b.s.Synchronize(); err != nil { // nothing in flight may read the old slot
+		return err
+	}
+	if err := b.settle(slot); err != nil { // nor an asynchronous load still fill it
+		return err
+	}
+	for len(b.slots) <= slot {
+		b.slots = append(b.slots, nil)
+	}
+	if err := b.growTable(len(b.slots)); err != nil {
+		return err
+	}
+	b.clearSlot(slot)
+	host := make([]uint16, max(total, 1))
+	var err error
+	if st.mem, err = b.ctx.Alloc(2 * len(host)); err != nil {
+		return fmt.Errorf("gpu: adapter %s: %w", a.Name, err)
+	}
+	off := 0
+	base := st.mem.Ptr()
+	for l, lay := range a.Layers {
+		for m, p := range lay {
+			if p == nil {
+				continue
+			}
+			aOff := off
+			f32ToBF16(host[off:off+len(p.A)], p.A)
+			off += (len(p.A) + align - 1) / align * align
+			bOff := off
+			f32ToBF16(host[off:off+len(p.B)], p.B)
+			off += (len(p.B) + align - 1) / align * align
+			e := b.entry(slot, l, llama.Module(m)) * entryWords
+			b.tableHost[e] = base + uint64(2*aOff)
+			b.tableHost[e+1] = base + uint64(2*bOff)
+			b.tableHost[e+2] = uint64(uint32(p.Rank)) | uint64(math.Float32bits(p.Scale))<<32
+		}
+	}
+	if err := cuda.CopyHtoD(b.s, base, host); err != nil {
+		st.mem.Free()
+		b.clearSlot(slot)
+		return err
+	}
+	b.slots[slot] = st
+	return b.syncTable()
+}
+
+func (b *Backend) clearSlot(slot int) {
+	if slot < len(b.slots) && b.slots[slot] != nil {
+		b.slots[slot].mem.Free()
+		b.slots[slot] = nil
+	}
+	n := b.cfg.Layers * int(llama.NumModules) * entryWords
+	clear(b.tableHost[slot*n : (slot+1)*n])
+}
+
+func (b *Backend) growTable(slots int) error {
+	n := slots * b.cfg.Layers * int(llama.NumModules) * entryWords
+	if len(b.tableHost) >= n {
+		return nil
+	}
+	b.tableHost = append(b.tableHost, make([]uint64, n-len(b.tableHost))...)
+	b.table.Free()
+	var err error
+	b.table, err = b.ctx.Alloc(8 * n)
+	return err
+}
+
+// syncTable uploads the LoRA table and sizes the shrink scratch for the largest rank.
+func (b *Backend) syncTable() error {
+	b.maxRank = 0
+	for _, s := range b.slots {
+		if s != nil {
+			b.maxRank = max(b.maxRank, s.maxRank)
+		}
+	}
+	if need := b.tmpFloats()*4 + sgCtrBytes; b.loraTmp == nil || b.loraTmp.Size() < need {
+		b.loraTmp.Free()
+		var err error
+		if b.loraTmp, err = b.ctx.Alloc(need); err != nil {
+			return err
+		}
+	}
+	// the fused kernels' counters sit after the scratch, whose size follows
+	// maxRank: zero them where they now are (stream-ordered after any launch)
+	if err := b.s.Memset32(b.loraCtr(), 0, sgCtrBytes/4); err != nil {
+		return err
+	}
+	if !b.sgTried && b.maxRank > 0 {
+		b.sgTried = true
+		b.loadSgmv()
+	}
+	if err := cuda.CopyHtoD(b.s, b.table.Ptr(), b.tableHost); err != nil {
+		return err
+	}
+	return b.s.Synchronize()
+}
+
+// UnloadAdapter frees the slot's device weights.
+func (b *Backend) UnloadAdapter(slot int) error {
+	if slot < 0 || slot >= len(b.slots) || b.slots[slot] == nil {
+		return nil
+	}
+	if err := b.s.Synchronize(); err != nil {
+		return err
+	}
+	if err := b.settle(slot); err != nil {
+		return err
+	}
+	b.clearSlot(slot)
+	return b.syncTable()
+}
+
+// LoRA adds each row's adapter update: one shrink launch and one expand
+// launch over every segment, each row at its own adapter's rank.
+func (b *Backend) LoRA(out, in engine.Buffer, layer int, m llama.Module) {
+	b.wrote(out)
+	if !b.ok() || b.nLora == 0 || b.stepRank == 0 {
+		return
+	}
+	o, x := buf(out), buf(in)
+	inF, outF := b.cfg.Dims(m)
+	if !b.check(x.cols == inF && o.cols == outF, "lora %s: widths %d -> %d, want %d -> %d", m, x.cols, o.cols, inF, outF) {
+		return
+	}
+	b.loraSlices(ptr(o), o.ld, x, layer, []llama.Module{m})
+}
+
+// wrote tells the FP8 path that x may change (a Linear or LoRA output):
+// a quantized copy of it is stale.
+func (b *Backend) wrote(x engine.Buffer) {
+	if b.f8 != nil && x != nil && b.f8.cIn == ptr(buf(x)) {
+		b.f8.invalidate()
+	}
+}
+
+// sgTileRows is SG_TR in llama.cu: rows per SGMV tile.
+const sgTileRows = 16
+
+// SGMV v2 limits, as in kernels/sgmv.cu: threads per block, output columns
+// per expand item, tiles and slots*slices staged in shared memory.
+const (
+	sgFuThreads  = 256
+	sgFuCols     = 2 * sgFuThreads
+	sgFuMaxTiles = 128
+	sgFuMaxEnt   = 192
+	sgCtrBytes   = 64 // ticket, shrink items done, blocks done (+ pad)
+	// v2 is chosen when the step's LoRA rows fill its tiles to at least this
+	// many rows on average: below it (T = 1; 4 adapters at T = 8; 16 adapters
+	// up to T = 64) v2 measured 0.82-0.97x of v1 on the H100, above it
+	// 1.02-1.36x (docs/PERFORMANCE.md, v0.6).
+	sgV2MinRows = 6
+)
+
+// loadSgmv loads the fused SGMV module (compiling it on a cold cache, default
+// kernel options). A failure is kept in sgErr, not returned: v1 then runs.
+func (b *Backend) loadSgmv() {
+	m, _, err := kernels.Load(b.ctx, kernels.Sgmv, kernels.Options{})
+	if err == nil {
+		var f1, f4 *cuda.Function
+		if f1, err = m.Function("sgmv_fused1"); err == nil {
+			if f4, err = m.Function("sgmv_fused4"); err == nil {
+				b.sgMod, b.sgFused = m, [2]*cuda.Function{f1, f4}
+				return
+			}
+		}
+		m.Unload()
+	}
+	b.sgErr = fmt.Errorf("gpu: SGMV v2 unavailable, using v1: %w", err)
+}
+
+// loraCtr is the fused kernels' counters: sgCtrBytes after the scratch.
+func (b *Backend) loraCtr() cuda.DevicePtr { return b.loraTmp.Ptr() + uint64(4*b.tmpFloats()) }
+
+// tmpFloats is the size of the LoRA scratch: room for three fused slices at
+// the largest rank for every row, times 4 for K-split partial sums.
+func (b *Backend) tmpFloats() int { return 4 * b.maxT * 3 * max(b.maxRank, 1) }
+
+// loraSlices adds the LoRA updates of up to three projections that read the
+// same input x (fused q/k/v or gate/up) to the output rows at outPtr (row
+// stride outStride elements), the projections' outputs side by side in
+// mods order. Segments come from the step's metadata.
+func (b *Backend) loraSlices(outPtr cuda.DevicePtr, outStride int, x *Buffer, layer int, mods []llama.Module) {
+	if !b.ok() || b.nLora == 0 || b.stepRank == 0 {
+		return
+	}
+	if !b.check(len(mods) >= 1 && len(mods) <= 3 && layer >= 0 && layer < b.cfg.Layers, "lora: %d slices, layer %d", len(mods), layer) {
+		return
+	}
+	inF, _ := b.cfg.Dims(mods[0])
+	offs := make([]int, len(mods)+1)
+	for i, m := range mods {
+		in, out := b.cfg.Dims(m)
+		if !b.check(in == inF, "lora: fused projections read different widths") {
+			return
+		}
+		offs[i+1] = offs[i] + out
+	}
+	total := offs[len(mods)]
+	if !b.check(x.cols >= inF && outStride >= total, "lora: input width %d < %d or output stride %d < %d", x.cols, inF, outStride, total) {
+		return
+	}
+	base, stride := layer*int(llama.NumModules), b.cfg.Layers*int(llama.NumModules)
+	even := outStride%2 == 0 && outPtr%4 == 0
+	for i := range mods {
+		even = even && offs[i+1]%2 == 0
+	}
+	if b.loraV0 || inF%8 != 0 || x.ld%8 != 0 || ptr(x)%16 != 0 || !even {
+		rows, slots := b.i32(b.off.loraRows), b.i32(b.off.loraSlots)
+		for i, m := range mods {
+			_, outF := b.cfg.Dims(m)
+			b.launch(b.fn.shrink, cuda.Dim3{X: b.nLora, Y: (b.stepRank + 7) / 8}, cuda.Dim3{X: 256},
+				b.stepTmp, ptr(x), b.table, rows, slots, base+int(m), stride, inF, x.ld, b.stepRank)
+			b.launch(b.fn.expand, cuda.Dim3{X: b.nLora, Y: (outF + 255) / 256}, cuda.Dim3{X: 256},
+				outPtr+uint64(2*offs[i]), b.stepTmp, b.table, rows, slots, base+int(m), stride, outF, outStride, b.stepRank)
+		}
+		return
+	}
+	ms := [3]int{int(mods[0]), -1, -1}
+	off1, off2 := total, total
+	if len(mods) > 1 {
+		ms[1], off1 = int(mods[1]), offs[1]
+	}
+	if len(mods) > 2 {
+		ms[2], off2 = int(mods[2]), offs[2]
+	}
+	T := b.rows()
+	tStride := len(mods) * b.stepRank
+	// Rank rows per shrink block: 32 when the tiles are well filled (each x
+	// tile is then read once per 32 ranks, not per 8), else 8 for more blocks.
+	shrink, nb := b.fn.sgShrink, 8
+	if b.shrinkNB == 4 || (b.shrinkNB == 0 && !b.graphLayout && b.nLora >= 8*b.nTiles && b.nTiles*len(mods) >= 16) {
+		shrink, nb = b.fn.sgShrink4, 32
+	}
+	rankTiles := (b.stepRank + nb - 1) / nb
+	blocks := b.nTiles * len(mods) * rankTiles
+	// Split K across blocks until the grid covers the SMs about twice over,
+	// keeping at least 512 columns per block and the partials in the scratch.
+	groups := (inF + 255) / 256
+	ks := min(max(1, (2*b.ctx.Device().SMs+blocks-1)/blocks), max(1, groups/2), max(1, b.stepTmpFloats/(T*tStride)))
+	kchunk := (groups + ks - 1) / ks * 256
+	ks = (inF + kchunk - 1) / kchunk
+	tiles := b.i32(b.off.tiles)
+	// v2: one launch, blocks taking shrink items first and expand items
+	// (512 output columns of one tile) after them; see kernels/sgmv.cu.
+	v2 := !b.graphLayout && (b.loraV2 || (!b.loraV1 && b.nLora >= sgV2MinRows*b.nTiles))
+	if f := b.sgFused[nb/32]; f != nil && v2 && b.nTiles <= sgFuMaxTiles && len(b.slots)*len(mods) <= sgFuMaxEnt {
+		nShrink := b.nTiles * len(mods) * rankTiles * ks
+		grid := nShrink + b.nTiles*((total+sgFuCols-1)/sgFuCols)
+		shmem := max(8*sgTileRows*nb*4, sgTileRows*len(mods)*((b.stepRank+7)&^7)*4)
+		if shmem > 39<<10 && shmem > b.fusedShmem { // 8.2 KB of static shared memory besides
+			for _, g := range b.sgFused {
+				if err := g.SetMaxDynamicShared(shmem); err != nil {
+					b.fail(err)
+					return
+				}
+			}
+			b.fusedShmem = shmem
+		}
+		if b.err != nil {
+			return
+		}
+		b.fail(f.Launch(b.s, cuda.Dim3{X: grid}, cuda.Dim3{X: sgFuThreads}, shmem,
+			outPtr, b.stepTmp, ptr(x), b.table, tiles, b.loraCtr(), b.nTiles, len(b.slots), base, stride,
+			ms[0], ms[1], ms[2], len(mods), rankTiles, ks, kchunk, nShrink, off1, off2, total,
+			b.stepRank, inF, x.ld, outStride, tStride, T))
+		return
+	}
+	b.launch(shrink, cuda.Dim3{X: b.nTiles, Y: len(mods) * rankTiles, Z: ks}, cuda.Dim3{X: 256},
+		b.stepTmp, ptr(x), b.table, tiles, base, stride, ms[0], ms[1], ms[2], rankTiles, b.stepRank,
+		inF, x.ld, tStride, T, kchunk)
+	shmem := sgTileRows * len(mods) * ((b.stepRank + 7) &^ 7) * 4 // [16][slices * rank rounded up to 8] floats
+	if shmem > 48<<10 && shmem > b.expandShmem {
+		if err := b.fn.sgExpand.SetMaxDynamicShared(shmem); err != nil {
+			b.fail(err)
+			return
+		}
+		b.expandShmem = shmem
+	}
+	if b.err != nil {
+		return
+	}
+	b.fail(b.fn.sgExpand.Launch(b.s, cuda.Dim3{X: b.nTiles, Y: (total + 255) / 256}, cuda.Dim3{X: 128}, shmem,
+		outPtr, b.stepTmp, b.table, tiles, base, stride, ms[0], ms[1], ms[2], len(mods), off1, off2, total,
+		b.stepRank, outStride, tStride, T, ks))
+}

@@ -1,0 +1,325 @@
+package gpu
+
+import (
+	"fmt"
+
+	"github.com/peftd/peftd/runtime/cuda"
+	"github.com/peftd/peftd/runtime/engine"
+)
+
+// Embed gathers embedding rows.
+func (b *Backend) Embed(out engine.Buffer, table engine.Weight) {
+	b.gen++
+	if !b.ok() {
+		return
+	}
+	o, t := buf(out), table.(*weight)
+	if !b.check(o.cols == t.cols && o.whole(), "embed: buffer width %d, table width %d", o.cols, t.cols) {
+		return
+	}
+	b.launch(b.fn.embed, cuda.Dim3{X: b.rows()}, cuda.Dim3{X: 256}, o.mem, t.mem, b.i32(b.off.tokens), t.cols)
+}
+
+// AddRMSNorm: x += delta (if any), then out = rmsnorm(x) * w (if out).
+func (b *Backend) AddRMSNorm(x, delta, out engine.Buffer, w engine.Weight, eps float32) {
+	b.gen++
+	if !b.ok() {
+		return
+	}
+	xb, d, o := buf(x), buf(delta), buf(out)
+	if d == nil && o == nil {
+		return
+	}
+	if !b.check(xb.whole() && (d == nil || d.whole()) && (o == nil || o.whole()), "rmsnorm: views are not supported") {
+		return
+	}
+	var wp uint64
+	if o != nil {
+		wt := w.(*weight)
+		if !b.check(wt.cols == xb.cols && o.cols == xb.cols, "rmsnorm: widths %d, %d, %d", xb.cols, o.cols, wt.cols) {
+			return
+		}
+		wp = wt.mem.Ptr()
+	}
+	b.launch(b.fn.addRMSNorm, cuda.Dim3{X: b.rows()}, cuda.Dim3{X: 256}, xb.mem, ptr(d), ptr(o), wp, eps, xb.cols)
+}
+
+// AddBias adds bias to every row of out (engine.FamilyOps: Qwen2).
+func (b *Backend) AddBias(out engine.Buffer, bias engine.Weight) {
+	b.gen++
+	if !b.ok() {
+		return
+	}
+	o, wt := buf(out), bias.(*weight)
+	if !b.check(wt.cols == o.cols && o.whole(), "add_bias: widths %d, %d", o.cols, wt.cols) {
+		return
+	}
+	b.launch(b.fn.addBias, cuda.Dim3{X: b.rows()}, cuda.Dim3{X: 256}, o.mem, wt.mem.Ptr(), o.cols)
+	b.wrote(out)
+}
+
+// HeadRMSNorm normalizes each head of every row of x in place
+// (engine.FamilyOps: Qwen3's q_norm, k_norm).
+func (b *Backend) HeadRMSNorm(x engine.Buffer, heads, headDim int, w engine.Weight, eps float32) {
+	b.gen++
+	if !b.ok() {
+		return
+	}
+	xb, wt := buf(x), w.(*weight)
+	if !b.check(heads*headDim == xb.cols && wt.cols == headDim, "head_rmsnorm: %d heads x %d for width %d, weight %d", heads, headDim, xb.cols, wt.cols) {
+		return
+	}
+	b.launch(b.fn.headRMSNorm, cuda.Dim3{X: b.rows(), Y: heads}, cuda.Dim3{X: 32}, ptr(xb), wt.mem.Ptr(), eps, heads, headDim, xb.ld)
+	b.wrote(x)
+}
+
+// Linear: out = in @ W^T through cuBLASLt (bf16 in, float32 accumulate, bf16
+// out); for an FP8 weight, in's rows are quantized per token (once for
+// consecutive projections of the same input) and the product is cuBLASLt's
+// FP8 GEMM with both operands' row scales.
+func (b *Backend) Linear(out, in engine.Buffer, w engine.Weight) {
+	if !b.ok() {
+		return
+	}
+	b.wrote(out)
+	if fw, ok := w.(*fp8Weight); ok {
+		o, x := buf(out), buf(in)
+		if !b.check(x.cols == fw.cols && o.cols == fw.rows && o != x && o.whole() && x.whole(), "linear: in width %d, out width %d, fp8 weight [%d,%d]", x.cols, o.cols, fw.rows, fw.cols) {
+			return
+		}
+		b.fail(b.f8.linear(o.mem.Ptr(), x.mem.Ptr(), b.rows(), fw, b.gen))
+		return
+	}
+	o, x, wt := buf(out), buf(in), w.(*weight)
+	if !b.check(x.cols == wt.cols && o.cols == wt.rows && o.whole() && x.whole(), "linear: in width %d, out width %d, weight [%d,%d]", x.cols, o.cols, wt.rows, wt.cols) {
+		return
+	}
+	b.fail(b.mm.GemmTN(b.s, o.mem.Ptr(), cuda.R16BF, x.mem.Ptr(), cuda.R16BF, wt.mem.Ptr(), cuda.R16BF, b.rows(), wt.rows, wt.cols, 1, 0))
+}
+
+// RoPE rotates q and k in place at the step's positions (the rotation
+// Attention applies before it stores k; the op tests check it alone).
+func (b *Backend) RoPE(q, k engine.Buffer, invFreq []float32, heads, kvHeads, headDim int) {
+	b.ropeStore(buf(q), buf(k), nil, -1, invFreq, heads, kvHeads, headDim)
+}
+
+// ropeStore launches rope_store: q and k rotated in place and, for layer >=
+// 0, k and v stored in that layer's cache at the step's KV slots.
+func (b *Backend) ropeStore(qb, kb, vb *Buffer, layer int, invFreq []float32, heads, kvHeads, headDim int) {
+	b.gen++
+	if !b.ok() {
+		return
+	}
+	if !b.check(qb.cols == heads*headDim && kb.cols == kvHeads*headDim && (invFreq == nil || len(invFreq) == headDim/2) && 4*len(invFreq) <= b.invFreq.Size(),
+		"rope: widths %d, %d for %d/%d heads of %d", qb.cols, kb.cols, heads, kvHeads, headDim) {
+		return
+	}
+	var freq uint64 // nil invFreq: no rotation
+	if invFreq != nil {
+		if !equalF32(b.invFreqHost, invFreq) {
+			b.invFreqHost = append(b.invFreqHost[:0], invFreq...)
+			b.fail(cuda.CopyHtoD(b.s, b.invFreq.Ptr(), b.invFreqHost))
+		}
+		freq = b.invFreq.Ptr()
+	}
+	var kc, vc uint64
+	ldv, ny := 0, heads+kvHeads
+	if layer >= 0 {
+		kc, vc = b.kcache.Ptr()+uint64(layer*b.layerB), b.vcache.Ptr()+uint64(layer*b.layerB)
+		ldv, ny = vb.ld, heads+2*kvHeads
+	}
+	threads := min(128, max(32, (headDim/2+31)&^31))
+	b.launch(b.fn.ropeStore, cuda.Dim3{X: b.rows(), Y: ny}, cuda.Dim3{X: threads}, ptr(qb), ptr(kb), ptr(vb), kc, vc,
+		freq, b.i32(b.off.pos), b.i32(b.off.kvSlots), heads, kvHeads, headDim, qb.ld, kb.ld, ldv)
+}
+
+func equalF32(a, c []float32) bool {
+	if len(a) != len(c) {
+		return false
+	}
+	for i := range a {
+		if a[i] != c[i] {
+			return false
+		}
+	}
+	return true
+}
+
+// Attention rotates q and k (RoPE at the step's positions; none for a nil
+// invFreq), stores k and v at the step's KV slots (one kernel for the
+// three), then attends each row over its sequence's pages (causal).
+func (b *Backend) Attention(out, q, k, v engine.Buffer, layer int, scale float32, invFreq []float32) {
+	if !b.ok() {
+		return
+	}
+	o, qb, kb, vb := buf(out), buf(q), buf(k), buf(v)
+	c := b.cfg
+	width := b.kv.KVHeads * b.kv.HeadDim
+	if !b.check(kb.cols == width && vb.cols == width && qb.cols == c.Heads*c.HeadDim && o.cols == qb.cols && o.whole() && layer >= 0 && layer < b.kv.Layers,
+		"attention: widths q %d k %d v %d out %d, layer %d", qb.cols, kb.cols, vb.cols, o.cols, layer) {
+		return
+	}
+	b.ropeStore(qb, kb, vb, layer, invFreq, c.Heads, b.kv.KVHeads, b.kv.HeadDim)
+	kc, vc := b.kcache.Ptr()+uint64(layer*b.layerB), b.vcache.Ptr()+uint64(layer*b.layerB)
+	if b.nDec == 0 {
+		b.launch(b.fn.attention, cuda.Dim3{X: b.rows(), Y: c.Heads}, cuda.Dim3{X: 128}, ptr(o), ptr(qb), kc, vc,
+			b.i32(b.off.rowSeq), b.i32(b.off.seqInfo), b.i32(b.off.pages), c.Heads, b.kv.KVHeads, b.kv.HeadDim, b.kv.BlockSize, scale, uint64(0), qb.ld)
+		return
+	}
+	if b.nPre > 0 {
+		b.launch(b.fn.attention, cuda.Dim3{X: b.nPre, Y: c.Heads}, cuda.Dim3{X: 128}, ptr(o), ptr(qb), kc, vc,
+			b.i32(b.off.rowSeq), b.i32(b.off.seqInfo), b.i32(b.off.pages), c.Heads, b.kv.KVHeads, b.kv.HeadDim, b.kv.BlockSize, scale,
+			b.i32(b.off.preRows), qb.ld)
+	}
+	hd, G := b.kv.HeadDim, c.Heads/b.kv.KVHeads
+	shmem := (decThreads / (hd / 8)) * G * (hd + 2) * 4
+	var part uint64
+	if b.decSplit > 1 {
+		part = b.part.Ptr()
+	}
+	if b.err != nil {
+		return
+	}
+	b.fail(b.decodeKernel(G).Launch(b.s, cuda.Dim3{X: b.nDec, Y: b.kv.KVHeads, Z: b.decSplit}, cuda.Dim3{X: decThreads}, shmem,
+		ptr(o), part, ptr(qb), kc, vc, b.i32(b.off.decSeqs), b.i32(b.off.seqInfo), b.i32(b.off.pages),
+		c.Heads, b.kv.KVHeads, hd, b.kv.BlockSize, scale, b.decChunk, b.decSplit, qb.ld))
+	if b.decSplit > 1 {
+		b.launch(b.fn.attnReduce, cuda.Dim3{X: b.nDec, Y: c.Heads}, cuda.Dim3{X: 128}, ptr(o), part,
+			b.i32(b.off.decSeqs), b.i32(b.off.seqInfo), c.Heads, hd, b.decSplit)
+	}
+}
+
+// decodeKernel is the attn_decode variant whose registers hold G query
+// heads per KV head: the smallest of 1, 2, 4, 8 that is >= G.
+func (b *Backend) decodeKernel(G int) *cuda.Function {
+	switch {
+	case G <= 1:
+		return b.fn.attnDecode[0]
+	case G <= 2:
+		return b.fn.attnDecode[1]
+	case G <= 4:
+		return b.fn.attnDecode[2]
+	}
+	return b.fn.attnDecode[3]
+}
+
+// decThreads is DEC_THREADS in llama.cu.
+const decThreads = 128
+
+// SiLUMul computes out = silu(gate) * up.
+func (b *Backend) SiLUMul(out, gate, up engine.Buffer) {
+	b.gen++
+	if !b.ok() {
+		return
+	}
+	o, g, u := buf(out), buf(gate), buf(up)
+	if !b.check(o.cols == g.cols && g.cols == u.cols && o.whole() && g.ld == u.ld, "silu_mul: widths %d %d %d", o.cols, g.cols, u.cols) {
+		return
+	}
+	words := b.rows() * o.cols
+	if o.cols%8 == 0 && g.ld%8 == 0 {
+		words /= 8
+	}
+	b.launch(b.fn.siluMul, cuda.Dim3{X: max(1, min((words+255)/256, 8192))}, cuda.Dim3{X: 256}, ptr(o), ptr(g), ptr(u), b.rows(), o.cols, g.ld)
+}
+
+// Logits normalizes the LogitRows rows of x and projects them to float32 logits in out.
+func (b *Backend) Logits(out, x engine.Buffer, norm, head engine.Weight, eps float32) {
+	b.gen++
+	if !b.ok() {
+		return
+	}
+	o, xb, nw, hw := buf(out), buf(x), norm.(*weight), head.(*weight)
+	n := b.nLogit
+	if n == 0 {
+		return
+	}
+	if !b.check(hw.cols == xb.cols && nw.cols == xb.cols && o.cols == hw.rows && n <= o.rows && n <= b.maxT && o.whole() && xb.whole(),
+		"logits: x width %d, norm %d, head [%d,%d], out width %d", xb.cols, nw.cols, hw.rows, hw.cols, o.cols) {
+		return
+	}
+	if need := n * xb.cols * 2; b.normed == nil || b.normed.Size() < need {
+		b.normed.Free()
+		var err error
+		if b.normed, err = b.ctx.Alloc(max(need, b.maxT*b.cfg.Hidden*2)); err != nil {
+			b.fail(err)
+			return
+		}
+	}
+	if o.f32 == nil {
+		var err error
+		if o.f32, err = b.ctx.Alloc(o.rows * o.cols * 4); err != nil {
+			b.fail(err)
+			return
+		}
+	}
+	o.isF32 = true
+	b.launch(b.fn.rmsnormRows, cuda.Dim3{X: n}, cuda.Dim3{X: 256}, b.normed, xb.mem, b.i32(b.off.logitRows), nw.mem, eps, xb.cols)
+	if b.err == nil {
+		b.fail(b.mm.GemmTN(b.s, o.f32.Ptr(), cuda.R32F, b.normed.Ptr(), cuda.R16BF, hw.mem.Ptr(), cuda.R16BF, n, hw.rows, hw.cols, 1, 0))
+	}
+}
+
+// Read waits for the step and copies the first rows of buf to dst as float32.
+func (b *Backend) Read(x engine.Buffer, rows int, dst []float32) error {
+	if b.err != nil {
+		return b.err
+	}
+	xb := buf(x)
+	n := rows * xb.cols
+	if len(dst) < n || rows > xb.rows {
+		return fmt.Errorf("gpu: read of %d rows of %d needs %d values, dst has %d", rows, xb.cols, n, len(dst))
+	}
+	if n == 0 {
+		return nil
+	}
+	if b.timed {
+		if err := b.evEnd.Record(b.s); err != nil {
+			return err
+		}
+	}
+	size := 4 * n
+	if b.readHost == nil || b.readHost.Size() < size {
+		b.readHost.Free()
+		var err error
+		if b.readHost, err = b.ctx.AllocHost(max(size, 1<<20)); err != nil {
+			return err
+		}
+	}
+	var err error
+	if xb.isF32 {
+		err = cuda.CopyDtoH(b.s, b.readHost.Float32s()[:n], xb.f32.Ptr())
+	} else {
+		err = cuda.CopyDtoH(b.s, b.readHost.Uint16s()[:n], xb.mem.Ptr())
+	}
+	if err != nil {
+		return err
+	}
+	if err := b.s.Synchronize(); err != nil {
+		return fmt.Errorf("gpu: step failed: %w", err)
+	}
+	if b.timed {
+		b.timed = false
+		if ms, err := b.evEnd.Since(b.evBeg); err == nil {
+			b.lastStepMs = ms
+		}
+	}
+	if xb.isF32 {
+		copy(dst, b.readHost.Float32s()[:n])
+	} else {
+		for i, h := range b.readHost.Uint16s()[:n] {
+			dst[i] = fromBF16(h)
+		}
+	}
+	return nil
+}
+
+// End finishes the step, reporting the first error of any op.
+func (b *Backend) End() error {
+	err := b.err
+	if err == nil {
+		err = b.s.Synchronize()
+	}
+	b.meta = nil
+	return err
+}

@@ -1,0 +1,116 @@
+package gpu
+
+import (
+	"fmt"
+	"math"
+
+	"github.com/peftd/peftd/runtime/cuda"
+	"github.com/peftd/peftd/runtime/engine"
+	"github.com/peftd/peftd/runtime/sample"
+)
+
+// Words per row of the sample_rows kernel's parameters and results (SP_WORDS,
+// SO_WORDS, SO_MAXTOP in llama.cu).
+const (
+	spWords  = 12
+	soMaxTop = 20
+	soWords  = 2 + 2*soMaxTop
+)
+
+// SampleRows draws one token per requested logits row on the device
+// (kernel sample_rows) and copies back only the tokens and log-probabilities.
+// It waits for the step.
+func (b *Backend) SampleRows(logits engine.Buffer, rows []engine.RowSample, out []sample.Choice) error {
+	if b.err != nil {
+		return b.err
+	}
+	if b.meta == nil {
+		return fmt.Errorf("%w: SampleRows outside a step", ErrBadStep)
+	}
+	lb := buf(logits)
+	n := len(rows)
+	if len(out) < n {
+		return fmt.Errorf("gpu: sample: %d rows, %d results", n, len(out))
+	}
+	if n == 0 {
+		return nil
+	}
+	if !lb.isF32 || lb.f32 == nil {
+		return fmt.Errorf("gpu: sample: the buffer holds no float32 logits")
+	}
+	if soMaxTop < sample.MaxLogprobs {
+		return fmt.Errorf("gpu: sample: %d alternatives, the kernel returns %d", sample.MaxLogprobs, soMaxTop)
+	}
+	words := n * (spWords + soWords)
+	if b.smpHost == nil || b.smpHost.Size() < 4*words {
+		b.smpHost.Free()
+		b.smpDev.Free()
+		b.smpHost, b.smpDev = nil, nil
+		var err error
+		if b.smpHost, err = b.ctx.AllocHost(4 * max(words, 4096)); err != nil {
+			return err
+		}
+		if b.smpDev, err = b.ctx.Alloc(4 * max(words, 4096)); err != nil {
+			return err
+		}
+	}
+	h := b.smpHost.Int32s()
+	nLogit := len(b.meta.LogitRows)
+	for i, r := range rows {
+		if r.Row < 0 || r.Row >= nLogit {
+			return fmt.Errorf("%w: sample row %d outside %d logits rows", ErrBadStep, r.Row, nLogit)
+		}
+		if err := r.Params.Validate(); err != nil {
+			return err
+		}
+		p := h[i*spWords : (i+1)*spWords]
+		p[0] = int32(math.Float32bits(float32(r.Params.Temperature)))
+		p[1] = int32(math.Float32bits(float32(r.Params.TopP)))
+		p[2] = int32(r.Params.TopK)
+		p[3] = int32(r.Params.Logprobs)
+		p[4], p[5] = int32(uint32(r.Seed)), int32(uint32(r.Seed>>32))
+		p[6], p[7] = int32(uint32(r.Counter)), int32(uint32(r.Counter>>32))
+		p[8] = int32(r.Row)
+		p[9], p[10], p[11] = 0, 0, 0
+	}
+	pDev := b.smpDev.Ptr()
+	oDev := pDev + uint64(4*n*spWords)
+	if err := cuda.CopyHtoD(b.s, pDev, h[:n*spWords]); err != nil {
+		return err
+	}
+	b.launch(b.fn.sample, cuda.Dim3{X: n}, cuda.Dim3{X: 1024}, oDev, lb.f32, pDev, lb.cols)
+	if b.err != nil {
+		return b.err
+	}
+	if b.timed {
+		if err := b.evEnd.Record(b.s); err != nil {
+			return err
+		}
+	}
+	res := h[n*spWords : n*spWords+n*soWords]
+	if err := cuda.CopyDtoH(b.s, res, oDev); err != nil {
+		return err
+	}
+	if err := b.s.Synchronize(); err != nil {
+		return fmt.Errorf("gpu: step failed: %w", err)
+	}
+	if b.timed {
+		b.timed = false
+		if ms, err := b.evEnd.Since(b.evBeg); err == nil {
+			b.lastStepMs = ms
+		}
+	}
+	for i, r := range rows {
+		o := res[i*soWords : (i+1)*soWords]
+		id := o[0]
+		if id < 0 || int(id) >= lb.cols {
+			return fmt.Errorf("gpu: sample: kernel returned token %d", id)
+		}
+		c := sample.Choice{ID: id, Logprob: float64(math.Float32frombits(uint32(o[1])))}
+		for j := 0; j < r.Params.Logprobs && j < lb.cols; j++ {
+			c.Top = append(c.Top, sample.TokenLogprob{ID: o[2+j], Logprob: float64(math.Float32frombits(uint32(o[2+soMaxTop+j])))})
+		}
+		out[i] = c
+	}
+	return nil
+}

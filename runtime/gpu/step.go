@@ -1,0 +1,246 @@
+package gpu
+
+import (
+	"fmt"
+
+	"github.com/peftd/peftd/runtime/cuda"
+	"github.com/peftd/peftd/runtime/engine"
+)
+
+type metaOffsets struct {
+	tokens, pos, kvSlots, rowSeq, seqInfo, pages, loraRows, loraSlots, logitRows, tiles, decSeqs, preRows, end int
+}
+
+func (b *Backend) i32(off int) cuda.DevicePtr { return b.metaBase + uint64(4*off) }
+
+// Begin validates the step's metadata and uploads it in one copy.
+func (b *Backend) Begin(meta *engine.StepMeta) error {
+	b.err = nil
+	b.gen++
+	T := len(meta.Tokens)
+	if T == 0 || T > b.maxT {
+		return fmt.Errorf("%w: %d rows (max %d)", ErrBadStep, T, b.maxT)
+	}
+	if len(meta.Positions) != T || len(meta.KVSlots) != T {
+		return fmt.Errorf("%w: %d tokens, %d positions, %d KV slots", ErrBadStep, T, len(meta.Positions), len(meta.KVSlots))
+	}
+	pages, nLora := 0, 0
+	for _, s := range meta.Seqs {
+		pages += len(s.Blocks)
+	}
+	for _, g := range meta.LoRA {
+		if g.Start < 0 || g.End > T || g.Start > g.End {
+			return fmt.Errorf("%w: LoRA segment [%d,%d) outside %d rows", ErrBadStep, g.Start, g.End, T)
+		}
+		if g.Slot < 0 || g.Slot >= len(b.slots) || b.slots[g.Slot] == nil {
+			return fmt.Errorf("%w: LoRA segment uses empty slot %d", ErrBadStep, g.Slot)
+		}
+		nLora += g.End - g.Start
+	}
+	o := metaOffsets{tokens: 0, pos: T, kvSlots: 2 * T, rowSeq: 3 * T, seqInfo: 4 * T}
+	o.pages = o.seqInfo + 4*len(meta.Seqs)
+	o.loraRows = o.pages + pages
+	o.loraSlots = o.loraRows + nLora
+	o.logitRows = o.loraSlots + nLora
+	o.tiles = (o.logitRows + len(meta.LogitRows) + 3) &^ 3 // int4 aligned
+	nTiles := 0
+	for _, g := range meta.LoRA {
+		nTiles += (g.End - g.Start + sgTileRows - 1) / sgTileRows
+	}
+	o.decSeqs = o.tiles + 4*nTiles
+	nDec, maxDecCtx := 0, 0
+	useDec := b.decOK && !b.attnV0
+	if useDec {
+		for _, s := range meta.Seqs {
+			if s.Len == 1 {
+				nDec++
+				maxDecCtx = max(maxDecCtx, s.Context)
+			}
+		}
+	}
+	o.preRows = o.decSeqs + nDec
+	nPre := T
+	if nDec > 0 {
+		nPre = T - nDec
+	}
+	o.end = o.preRows + nPre
+	if err := b.s.Synchronize(); err != nil { // the pinned staging may still feed a copy
+		return err
+	}
+	if err := b.growMeta(o.end); err != nil {
+		return err
+	}
+	b.decSplit, b.decChunk = 1, max(maxDecCtx, 1)
+	if nDec > 0 {
+		if err := b.planDecode(nDec, maxDecCtx); err != nil {
+			return err
+		}
+	}
+	if err := b.waitLoads(meta); err != nil {
+		return err
+	}
+	b.timed = false
+	if b.timing {
+		if err := b.evBeg.Record(b.s); err != nil {
+			return err
+		}
+		b.timed = true
+	}
+	h := b.metaHost.Int32s()
+	V := int32(b.cfg.VocabSize)
+	nSlots := int32(b.kv.Blocks * b.kv.BlockSize)
+	for i, t := range meta.Tokens {
+		if t < 0 || t >= V {
+			return fmt.Errorf("%w: token %d outside the vocabulary", ErrBadStep, t)
+		}
+		if meta.KVSlots[i] < 0 || meta.KVSlots[i] >= nSlots {
+			return fmt.Errorf("%w: KV slot %d outside the cache (%d)", ErrBadStep, meta.KVSlots[i], nSlots)
+		}
+		h[o.tokens+i] = t
+	}
+	copy(h[o.pos:], meta.Positions)
+	copy(h[o.kvSlots:], meta.KVSlots)
+	for i := range T {
+		h[o.rowSeq+i] = -1
+	}
+	p := o.pages
+	for si, s := range meta.Seqs {
+		if s.Start < 0 || s.Len <= 0 || s.Start+s.Len > T || s.Context < s.Len || (s.Context+b.kv.BlockSize-1)/b.kv.BlockSize > len(s.Blocks) {
+			return fmt.Errorf("%w: sequence %d %+v", ErrBadStep, si, s)
+		}
+		for r := s.Start; r < s.Start+s.Len; r++ {
+			h[o.rowSeq+r] = int32(si)
+		}
+		h[o.seqInfo+4*si] = int32(s.Start)
+		h[o.seqInfo+4*si+1] = int32(s.Len)
+		h[o.seqInfo+4*si+2] = int32(s.Context)
+		h[o.seqInfo+4*si+3] = int32(p - o.pages) // offset into the pages array
+		for _, blk := range s.Blocks {
+			if blk < 0 || int(blk) >= b.kv.Blocks {
+				return fmt.Errorf("%w: KV block %d outside the cache (%d)", ErrBadStep, blk, b.kv.Blocks)
+			}
+			h[p] = blk
+			p++
+		}
+	}
+	for i := range T {
+		if h[o.rowSeq+i] < 0 {
+			return fmt.Errorf("%w: row %d belongs to no sequence", ErrBadStep, i)
+		}
+	}
+	l := 0
+	for _, g := range meta.LoRA {
+		for r := g.Start; r < g.End; r++ {
+			h[o.loraRows+l] = int32(r)
+			h[o.loraSlots+l] = int32(g.Slot)
+			l++
+		}
+	}
+	for i, r := range meta.LogitRows {
+		if r < 0 || int(r) >= T {
+			return fmt.Errorf("%w: logit row %d outside %d rows", ErrBadStep, r, T)
+		}
+		h[o.logitRows+i] = r
+	}
+	if nDec > 0 {
+		d, p := o.decSeqs, o.preRows
+		for si, s := range meta.Seqs {
+			if s.Len == 1 {
+				h[d] = int32(si)
+				d++
+			} else {
+				for r := s.Start; r < s.Start+s.Len; r++ {
+					h[p] = int32(r)
+					p++
+				}
+			}
+		}
+	}
+	tl := o.tiles
+	for _, g := range meta.LoRA {
+		for r := g.Start; r < g.End; r += sgTileRows {
+			h[tl], h[tl+1], h[tl+2], h[tl+3] = int32(r), int32(min(sgTileRows, g.End-r)), int32(g.Slot), 0
+			tl += 4
+		}
+	}
+	if err := cuda.CopyHtoD(b.s, b.metaDev.Ptr(), h[:o.end]); err != nil {
+		return err
+	}
+	b.meta, b.off, b.nLora, b.nTiles = meta, o, nLora, nTiles
+	b.metaBase, b.nRows, b.nLogit, b.graphLayout = b.metaDev.Ptr(), T, len(meta.LogitRows), false
+	b.nDec, b.nPre, b.part = nDec, nPre, b.attnPart
+	b.stepRank, b.stepTmp, b.stepTmpFloats = b.maxRank, 0, 0
+	if b.loraTmp != nil {
+		b.stepTmp, b.stepTmpFloats = b.loraTmp.Ptr(), b.tmpFloats()
+	}
+	return nil
+}
+
+// decMaxG is DEC_MAXG in llama.cu: query heads per KV head attn_decode handles.
+const decMaxG = 8
+
+// planDecode chooses the KV split of the step's decode sequences: enough
+// splits that the grid covers the SMs about four times, at least 32
+// positions per split, and the partials' scratch sized for it. The stream is
+// idle (Begin synchronized it).
+func (b *Backend) planDecode(nDec, maxCtx int) error {
+	const minChunk = 32
+	blocks := nDec * b.kv.KVHeads
+	want := (4*b.ctx.Device().SMs + blocks - 1) / blocks
+	split := max(1, min(want, (maxCtx+minChunk-1)/minChunk, 64))
+	chunk := (maxCtx + split - 1) / split
+	chunk = (chunk + 7) &^ 7
+	split = (maxCtx + chunk - 1) / chunk
+	b.decSplit, b.decChunk = split, chunk
+	if split > 1 {
+		need := 4 * nDec * b.cfg.Heads * split * (b.kv.HeadDim + 2)
+		if b.attnPart == nil || b.attnPart.Size() < need {
+			b.attnPart.Free()
+			b.attnPart = nil
+			var err error
+			if b.attnPart, err = b.ctx.Alloc(max(need, 1<<20)); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// fail records the first error of the step.
+func (b *Backend) fail(err error) {
+	if err != nil && b.err == nil {
+		b.err = err
+	}
+}
+
+func (b *Backend) ok() bool { return b.err == nil && b.meta != nil }
+
+func (b *Backend) rows() int { return b.nRows }
+
+func (b *Backend) launch(f *cuda.Function, grid, block cuda.Dim3, args ...any) {
+	if b.err != nil {
+		return
+	}
+	b.fail(f.Launch(b.s, grid, block, 0, args...))
+}
+
+func buf(x engine.Buffer) *Buffer {
+	if x == nil {
+		return nil
+	}
+	return x.(*Buffer)
+}
+
+func ptr(x *Buffer) uint64 {
+	if x == nil {
+		return 0
+	}
+	return x.mem.Ptr() + uint64(2*x.off)
+}
+
+func (b *Backend) check(cond bool, format string, args ...any) bool {
+	if !cond {
+		b.fail(fmt.Errorf("gpu: "+format, args...))
+	}
+	return cond
+}

@@ -1,0 +1,218 @@
+package scheduler
+
+import (
+	"context"
+	"fmt"
+	"math"
+	"slices"
+	"time"
+
+	"github.com/peftd/peftd/runtime/engine"
+	"github.com/peftd/peftd/runtime/sample"
+)
+
+// step runs one engine step over the running sequences and reports it
+// (also when it had nothing to run: the gauges must not keep the load of a
+// step whose sequences have all been cancelled since).
+func (s *Scheduler) step() {
+	stats := StepStats{TotalBlocks: s.e.Options().KVBlocks}
+	defer func() { s.reportStep(&stats) }()
+	s.stepped = false
+	s.admit()
+	// Drop cancelled sequences first: their pages free at once.
+	live := s.running[:0]
+	for _, q := range s.running {
+		if err := q.ctx.Err(); err != nil {
+			s.release(q)
+			s.finish(q, "", err)
+			continue
+		}
+		live = append(live, q)
+	}
+	clear(s.running[len(live):])
+	s.running = live
+	if len(s.running) == 0 {
+		return
+	}
+	// Plan, then give every planned sequence its KV pages before the step
+	// is issued; when the pool runs short, preempt the most recently
+	// admitted sequence and plan again. The engine never fails the step
+	// for want of pages.
+	var in []engine.Input
+	var who []*seq
+	for {
+		in, who = s.plan(&stats)
+		if len(in) == 0 {
+			return
+		}
+		err := s.reserve(in)
+		if err == nil {
+			break
+		}
+		if !s.preempt() {
+			s.failAll(fmt.Errorf("scheduler: a lone sequence does not fit the KV cache: %w", err))
+			return
+		}
+		stats.Preempted++
+	}
+	start := time.Now()
+	sp := make([]engine.Sampling, len(in))
+	for k, q := range who {
+		n := len(in[k].Tokens)
+		sp[k] = engine.Sampling{Skip: q.fed+n < len(q.tokens), Params: q.req.Sampling, Seed: q.seed,
+			Index: uint64(q.fed + n), CPU: q.sampler}
+	}
+	s.stepped = true
+	choices, err := s.e.StepSample(context.Background(), in, sp)
+	if err != nil {
+		s.failAll(err)
+		return
+	}
+	stats.Duration = time.Since(start)
+	s.afterStep(in, who, choices)
+}
+
+// reserve gives each input's sequence the pages its tokens need, in plan
+// order (decode rows first); pages reserved before a failure stay with
+// their sequences.
+func (s *Scheduler) reserve(in []engine.Input) error {
+	for _, x := range in {
+		n := x.Seq.Len() + len(x.Tokens)
+		if short := s.e.BlocksFor(n) - len(x.Seq.Blocks()) - s.e.FreeBlocks(); short > 0 && s.cache != nil {
+			s.cache.evict(short) // cached prefixes nobody uses give way first
+		}
+		if err := s.e.Reserve(x.Seq, n); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// reportStep completes a step's statistics with the state after it and
+// hands them to OnStep.
+func (s *Scheduler) reportStep(stats *StepStats) {
+	if s.cfg.OnStep == nil {
+		return
+	}
+	stats.FreeBlocks = s.e.FreeBlocks()
+	stats.Running = len(s.running)
+	seen := map[string]bool{}
+	for _, q := range s.running {
+		if !seen[q.req.Adapter] && q.req.Adapter != "" {
+			seen[q.req.Adapter] = true
+			stats.RunningAdapters = append(stats.RunningAdapters, q.req.Adapter)
+		}
+	}
+	s.report(*stats)
+}
+
+// report adds the waiting queues and the prefix cache to stats and calls
+// OnStep.
+func (s *Scheduler) report(stats StepStats) {
+	if s.cfg.OnStep == nil {
+		return
+	}
+	stats.PrefixQueries, stats.PrefixHits = s.prefixQueries, s.prefixHits
+	s.prefixQueries, s.prefixHits = 0, 0
+	if s.cache != nil {
+		stats.CachedPages, stats.EvictablePages = len(s.cache.pages), s.cache.evictable()
+	}
+	s.mu.Lock()
+	for _, a := range s.order {
+		stats.Waiting += len(s.queues[a])
+		stats.WaitingAdapters = append(stats.WaitingAdapters, a)
+	}
+	s.mu.Unlock()
+	s.cfg.OnStep(stats)
+}
+
+// plan packs decode rows first, then prefill chunks, within the token budget.
+func (s *Scheduler) plan(st *StepStats) ([]engine.Input, []*seq) {
+	budget := s.e.Options().MaxTokens
+	var in []engine.Input
+	var who []*seq
+	adapters := map[int]bool{}
+	add := func(q *seq, n int) {
+		in = append(in, engine.Input{Seq: &q.kv, Tokens: q.tokens[q.fed : q.fed+n], Slot: q.slot})
+		who = append(who, q)
+		adapters[q.slot] = true
+		budget -= n
+	}
+	*st = StepStats{TotalBlocks: st.TotalBlocks, Preempted: st.Preempted}
+	for _, q := range s.running {
+		if budget > 0 && len(q.tokens)-q.fed == 1 {
+			add(q, 1)
+			st.Decode++
+		}
+	}
+	for _, q := range s.running {
+		if n := len(q.tokens) - q.fed; budget > 0 && n > 1 {
+			add(q, min(n, budget))
+			st.Prefill++
+		}
+	}
+	st.Sequences, st.Adapters = len(in), len(adapters)
+	for _, x := range in {
+		st.Rows += len(x.Tokens)
+	}
+	return in, who
+}
+
+func (s *Scheduler) failAll(err error) {
+	s.log.Error("engine step failed", "err", err)
+	for _, q := range s.running {
+		s.release(q)
+		s.finish(q, "", err)
+	}
+	s.running = nil
+}
+
+func (s *Scheduler) afterStep(in []engine.Input, who []*seq, choices []sample.Choice) {
+	var ended []*seq
+	for k, q := range who {
+		q.fed += len(in[k].Tokens)
+		s.keepPages(q)
+		if q.fed < len(q.tokens) {
+			continue // more prompt (or recompute) to feed
+		}
+		c := choices[k]
+		if math.IsNaN(c.Logprob) || math.IsInf(c.Logprob, 0) {
+			s.release(q)
+			adapter := q.req.Adapter
+			if adapter == "" {
+				adapter = "the base model"
+			}
+			s.finish(q, "", fmt.Errorf("%w at generated token %d (adapter %s)", ErrNonFinite, q.gen, adapter))
+			ended = append(ended, q)
+			continue
+		}
+		q.tokens = append(q.tokens, c.ID)
+		q.gen++
+		q.box.put(Event{Token: c})
+		reason := ""
+		switch {
+		case slices.Contains(q.req.Stop, c.ID):
+			reason = engine.FinishStop
+		case q.gen >= q.req.MaxTokens:
+			reason = engine.FinishLength
+		}
+		if reason != "" {
+			s.release(q)
+			s.finish(q, reason, nil)
+			ended = append(ended, q)
+		}
+	}
+	if len(ended) > 0 {
+		s.running = slices.DeleteFunc(s.running, func(q *seq) bool { return slices.Contains(ended, q) })
+	}
+}
+
+// release returns a sequence's KV pages (those the prefix cache keeps stay
+// with it).
+func (s *Scheduler) release(q *seq) {
+	if s.cache != nil {
+		s.cache.done(q.kv.Blocks())
+	}
+	s.e.Release(&q.kv)
+	q.chain, q.keyed = prefixKey{}, 0
+}
