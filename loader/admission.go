@@ -1,5 +1,7 @@
 package loader
 
+import "errors"
+
 // What the scheduler's slot admission asks of the loader (scheduler.SlotAdmission
 // through the server's residency): a lease without waiting when the adapter
 // is on the device, and how many slots a load could take now.
@@ -66,4 +68,24 @@ func (m *Manager) FreeSlots() int {
 		}
 	}
 	return n
+}
+
+// Prefetch starts bringing id's current version into host memory (from the
+// disk cache or the store) without taking a device slot, so that its load
+// takes only the upload once a slot frees. It returns at once; it does
+// nothing for an adapter already in host memory or on its way there, or
+// one the loader does not know as valid.
+func (m *Manager) Prefetch(id string) {
+	if m.closed.Load() {
+		return
+	}
+	cur, _ := currentRow(m.db.Txn(false), id)
+	if cur == nil || cur.Err != "" || cur.Host != nil || cur.Fetch || cur.Dev != devNone {
+		return
+	}
+	m.background(func() {
+		if _, _, err := m.ensureHost(m.ctx, cur); err != nil && !errors.Is(err, errRetry) && m.ctx.Err() == nil {
+			m.log.Debug("loader: prefetch failed", "id", id, "err", err)
+		}
+	})
 }

@@ -58,3 +58,26 @@ func TestTryAcquire(t *testing.T) {
 		t.Errorf("recheck on every Acquire: %v, want AcquireNow", st)
 	}
 }
+
+// TestPrefetch: a prefetched adapter is in host memory without a slot, and
+// its load then comes from there.
+func TestPrefetch(t *testing.T) {
+	e := newEnv(t, 1, loader.Options{RecheckInterval: time.Hour})
+	eventually(t, 5*time.Second, "mlp-r64 to be known from the store", func() bool {
+		_, st := e.m.TryAcquire("mlp-r64")
+		return st == loader.NeedsSlot
+	})
+	l := e.acquire("qv-r8") // holds the only slot
+	e.m.Prefetch("mlp-r64")
+	e.waitTier("mlp-r64", loader.TierHost, 5*time.Second)
+	if n := e.m.FreeSlots(); n != 0 {
+		t.Errorf("FreeSlots = %d after a prefetch, want 0 (it takes no slot)", n)
+	}
+	e.m.Prefetch("mlp-r64") // already there: nothing to do
+	e.m.Prefetch("no-such") // unknown: nothing to do
+	l.Release()
+	e.acquire("mlp-r64").Release()
+	if info, _ := e.m.Get("mlp-r64"); info.LastLoadSource != loader.TierHost {
+		t.Errorf("mlp-r64 loaded from %v, want host (prefetched)", info.LastLoadSource)
+	}
+}

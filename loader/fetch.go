@@ -167,18 +167,22 @@ func (m *Manager) fetch(id, version string) (*lora.Adapter, Tier, error) {
 		m.log.Warn("loader: adapter refused", "id", id, "version", version, "err", err)
 		return nil, 0, &InvalidError{ID: id, Version: version, Reason: err.Error(), Err: err}
 	}
-	onDisk := src == TierDisk
 	if src == TierStore && m.disk != nil {
-		t0 := m.now()
-		err := m.disk.put(id, version, cfg, w)
-		m.phase(id, "disk_write", t0)
-		if err != nil {
-			m.log.Warn("loader: disk cache write failed", "id", id, "err", err)
-		} else {
-			onDisk = true
-		}
+		// The disk tier is written off the load's path: the adapter goes
+		// on to the device while its bytes go to disk; the row learns it
+		// is on disk when the write is done.
+		m.background(func() {
+			t0 := m.now()
+			err := m.disk.put(id, version, cfg, w)
+			m.phase(id, "disk_write", t0)
+			if err != nil {
+				m.log.Warn("loader: disk cache write failed", "id", id, "err", err)
+				return
+			}
+			m.updateRows(id, func(c *adapterRow) { c.OnDisk = m.disk.has(c.ID, c.Version) })
+		})
 	}
-	m.attachHost(key, a, onDisk, int64(len(cfg)+len(w)))
+	m.attachHost(key, a, src == TierDisk, int64(len(cfg)+len(w)))
 	if key != rowKey(id, r.Version) {
 		return nil, 0, errRetry // fetched a newer version; the caller re-resolves
 	}

@@ -181,6 +181,10 @@ type Manager struct {
 	ctx    context.Context // ends at Close
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
+	// background disk-cache writes (fetch.go): counted in bg while bgOpen
+	bgMu   sync.Mutex
+	bg     sync.WaitGroup
+	bgDone bool
 	kick   chan struct{}
 
 	deviceEvictions, hostEvictions atomic.Uint64
@@ -263,7 +267,27 @@ func (m *Manager) Close() error {
 	}
 	m.cancel()
 	m.wg.Wait()
+	m.bgMu.Lock()
+	m.bgDone = true
+	m.bgMu.Unlock()
+	m.bg.Wait()
 	return nil
+}
+
+// background runs fn on its own goroutine unless the Manager is closing;
+// Close waits for it.
+func (m *Manager) background(fn func()) bool {
+	m.bgMu.Lock()
+	defer m.bgMu.Unlock()
+	if m.bgDone {
+		return false
+	}
+	m.bg.Add(1)
+	go func() {
+		defer m.bg.Done()
+		fn()
+	}()
+	return true
 }
 
 func (m *Manager) now() time.Time { return m.opts.Now() }

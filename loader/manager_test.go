@@ -495,9 +495,10 @@ func TestReplace(t *testing.T) {
 func TestDelete(t *testing.T) {
 	e := newEnv(t, 2, loader.Options{})
 	l := e.acquire("attn-r32-rslora")
-	if _, err := os.Stat(filepath.Join(e.cache, "attn-r32-rslora")); err != nil {
-		t.Fatalf("not in the disk cache: %v", err)
-	}
+	eventually(t, 5*time.Second, "the disk cache to hold attn-r32-rslora (written in the background)", func() bool {
+		_, err := os.Stat(filepath.Join(e.cache, "attn-r32-rslora"))
+		return err == nil
+	})
 	if err := e.fs.Delete(context.Background(), "attn-r32-rslora"); err != nil {
 		t.Fatal(err)
 	}
@@ -572,9 +573,7 @@ func TestHostBudget(t *testing.T) {
 	e := newEnv(t, 1, loader.Options{HostBytes: 1})
 	e.acquire("qv-r8").Release()
 	e.acquire("all-r16").Release() // evicts qv-r8 from the device, then from host memory
-	if tr := e.tier("qv-r8"); tr != loader.TierDisk {
-		t.Errorf("qv-r8 at %v, want disk (host budget)", tr)
-	}
+	e.waitTier("qv-r8", loader.TierDisk, 5*time.Second) // the disk copy is written in the background
 	if st := e.m.Stats(); st.HostEvictions != 1 {
 		t.Errorf("host evictions %d, want 1", st.HostEvictions)
 	}

@@ -10,10 +10,11 @@ package scheduler
 //     deficit allow;
 //   - an adapter that needs a slot starts its load (Residency.Acquire, on
 //     its own goroutine) only when a slot is free for it; until then it
-//     keeps its place in the round robin, and one adapter that holds a slot
-//     yields it: its waiting requests are held back (it is "draining") so
-//     its running ones finish and release the slot. Without this a hot
-//     adapter with a steady stream of requests would keep its slot forever;
+//     keeps its place in the round robin, is fetched into host memory
+//     (Prefetcher), and one adapter that holds a slot yields it: its
+//     waiting requests are held back (it is "draining") so its running ones
+//     finish and release the slot. Without this a hot adapter with a steady
+//     stream of requests would keep its slot forever;
 //   - anything else (an unknown or replaced adapter, a version not checked
 //     against the store lately) goes to Acquire at once, which answers or
 //     waits as the loader decides.
@@ -45,6 +46,14 @@ type SlotAdmission interface {
 	FreeSlots() int
 }
 
+// Prefetcher is an optional SlotAdmission capability: an adapter that waits
+// for a slot is brought to host memory meanwhile, so that its load, when a
+// slot frees, is only the upload.
+type Prefetcher interface {
+	// Prefetch starts that and returns at once.
+	Prefetch(id string)
+}
+
 // leaseLocked tries to give q (waiting, at the head of its adapter's queue,
 // whose turn it is) its lease; true when it has one now. Otherwise the
 // lease is on its way (an Acquire runs), or the adapter waits for a slot
@@ -71,6 +80,9 @@ func (s *Scheduler) leaseLocked(q *seq, running map[string]int) bool {
 			return false
 		}
 		s.askToYield(a, running)
+		if p, ok := s.res.(Prefetcher); ok {
+			p.Prefetch(a)
+		}
 	default:
 		s.acquireAsync(q, false)
 	}

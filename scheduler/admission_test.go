@@ -26,7 +26,14 @@ type slotted struct {
 	on       map[string]bool
 	refs     map[string]int
 	released []string
-	changed  chan struct{} // closed and replaced at every release
+	prefetch map[string]int // Prefetch calls per adapter
+	changed  chan struct{}  // closed and replaced at every release
+}
+
+func (r *slotted) Prefetch(id string) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.prefetch[id]++
 }
 
 type slottedLease struct {
@@ -115,7 +122,7 @@ func (r *slotted) Acquire(ctx context.Context, id string) (Lease, error) {
 // finish and release the slot), the cold one loads and runs, then the hot
 // one comes back. Before, every request took its lease on arrival, so the
 // hot adapter held the slot until its whole queue had run and the cold
-// request finished last. Every request gives the reference tokens, and an
+// request finished last. The cold adapter is prefetched while it waits. Every request gives the reference tokens, and an
 // unknown adapter fails at once while the slot is busy.
 func TestSlotAdmission(t *testing.T) {
 	f, err := fixture.Load()
@@ -127,7 +134,7 @@ func TestSlotAdmission(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	res := &slotted{slot: map[string]int{}, n: 1, on: map[string]bool{}, refs: map[string]int{}, changed: make(chan struct{})}
+	res := &slotted{slot: map[string]int{}, n: 1, on: map[string]bool{}, refs: map[string]int{}, prefetch: map[string]int{}, changed: make(chan struct{})}
 	for i, n := range fixture.AdapterNames {
 		if err := e.LoadAdapter(i, f.Adapters[n]); err != nil {
 			t.Fatal(err)
@@ -185,5 +192,10 @@ func TestSlotAdmission(t *testing.T) {
 	}
 	if s.Pending() != 0 {
 		t.Errorf("%d requests still pending", s.Pending())
+	}
+	res.mu.Lock()
+	defer res.mu.Unlock()
+	if res.prefetch[cold.AdapterName()] == 0 {
+		t.Errorf("the cold adapter waited for the slot without a prefetch (prefetches: %v)", res.prefetch)
 	}
 }

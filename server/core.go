@@ -197,7 +197,17 @@ func (r *residency) FreeSlots() int {
 	return 0
 }
 
-var _ scheduler.SlotAdmission = (*residency)(nil)
+// Prefetch brings a waiting adapter into host memory (scheduler.Prefetcher).
+func (r *residency) Prefetch(id string) {
+	if m := r.m.Load(); m != nil {
+		m.Prefetch(id)
+	}
+}
+
+var (
+	_ scheduler.SlotAdmission = (*residency)(nil)
+	_ scheduler.Prefetcher    = (*residency)(nil)
+)
 
 // invalidAdapter marks err (which says what is wrong) as
 // api.ErrInvalidAdapter without repeating that in its message.
