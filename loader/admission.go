@@ -20,11 +20,14 @@ const (
 	AcquireNow
 )
 
-// TryAcquire leases id when its current version is loaded on the device
-// and was checked against the store within RecheckInterval (as Acquire
-// would lease it, without waiting and without calling the store); else it
-// reports whether a load would need a free slot. It is safe to call from
-// any goroutine, also the one that runs Device calls.
+// TryAcquire leases id when its current version is loaded on the device,
+// without waiting and without calling the store: as Acquire would, except
+// that a version not checked within RecheckInterval is leased too while a
+// check runs in the background (the next requests see what it finds), and
+// while the store is failing the known version serves (as Acquire does).
+// Else it reports whether a load would need a free slot. With
+// RecheckInterval <= 0 (check on every Acquire) it leases nothing. It is
+// safe to call from any goroutine, also the one that runs Device calls.
 func (m *Manager) TryAcquire(id string) (*Lease, Admission) {
 	if m.closed.Load() || m.opts.Slots == 0 || m.opts.RecheckInterval <= 0 {
 		return nil, AcquireNow
@@ -33,8 +36,15 @@ func (m *Manager) TryAcquire(id string) (*Lease, Admission) {
 	txn := m.db.Txn(true)
 	defer txn.Abort()
 	cur, _ := currentRow(txn, id)
-	if cur == nil || cur.Err != "" || now.Sub(cur.CheckedAt) >= m.opts.RecheckInterval || m.storeDown.Load() != nil {
+	if cur == nil || cur.Err != "" {
 		return nil, AcquireNow
+	}
+	if now.Sub(cur.CheckedAt) >= m.opts.RecheckInterval {
+		if m.storeDown.Load() != nil {
+			m.probe(id)
+		} else {
+			m.recheck(id)
+		}
 	}
 	switch cur.Dev {
 	case devLoaded:
@@ -49,6 +59,22 @@ func (m *Manager) TryAcquire(id string) (*Lease, Admission) {
 		return nil, NeedsSlot
 	}
 	return nil, AcquireNow // loading or unloading: Acquire waits for it
+}
+
+// recheck asks the store for id's version in the background, one check per
+// adapter at a time (what resolve does on Acquire's path).
+func (m *Manager) recheck(id string) {
+	if _, busy := m.rechecking.LoadOrStore(id, true); busy {
+		return
+	}
+	if !m.background(func() {
+		defer m.rechecking.Delete(id)
+		if _, err := m.resolve(m.ctx, id); err != nil && m.ctx.Err() == nil {
+			m.log.Debug("loader: background store check failed", "id", id, "err", err)
+		}
+	}) {
+		m.rechecking.Delete(id)
+	}
 }
 
 // FreeSlots is the number of device slots a load could take now: empty

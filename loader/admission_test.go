@@ -1,10 +1,14 @@
 package loader_test
 
 import (
+	"context"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/peftd/peftd/loader"
+	"github.com/peftd/peftd/loader/store"
 )
 
 // TestTryAcquire: a lease without waiting only for an adapter on the device
@@ -80,4 +84,49 @@ func TestPrefetch(t *testing.T) {
 	if info, _ := e.m.Get("mlp-r64"); info.LastLoadSource != loader.TierHost {
 		t.Errorf("mlp-r64 loaded from %v, want host (prefetched)", info.LastLoadSource)
 	}
+}
+
+// statCounter counts Stats through to the real store.
+type statCounter struct {
+	store.Store
+	stats atomic.Int64
+}
+
+func (c *statCounter) Stat(ctx context.Context, id string) (store.Object, error) {
+	c.stats.Add(1)
+	return c.Store.Stat(ctx, id)
+}
+
+// TestTryAcquireStale: a loaded version not checked within RecheckInterval
+// is leased at once while one check runs in the background (then it is
+// fresh again); a deleted adapter stops being leased once that check has
+// seen it gone.
+func TestTryAcquireStale(t *testing.T) {
+	var mu sync.Mutex
+	now := time.Now()
+	clock := func() time.Time { mu.Lock(); defer mu.Unlock(); return now }
+	advance := func(d time.Duration) { mu.Lock(); now = now.Add(d); mu.Unlock() }
+	fs := fixtureFS(t)
+	sc := &statCounter{Store: fs}
+	e := newEnvWithStore(t, 1, sc, loader.Options{RecheckInterval: time.Second, Now: clock})
+	e.acquire("qv-r8").Release()
+	advance(2 * time.Second)
+	before := sc.stats.Load()
+	l, st := e.m.TryAcquire("qv-r8")
+	if st != loader.Leased {
+		t.Fatalf("stale but loaded: %v, want Leased", st)
+	}
+	l.Release()
+	eventually(t, 5*time.Second, "the background store check", func() bool { return sc.stats.Load() > before })
+	if err := fs.Delete(context.Background(), "qv-r8"); err != nil {
+		t.Fatal(err)
+	}
+	advance(2 * time.Second)
+	eventually(t, 5*time.Second, "qv-r8 to stop being leased once its deletion is seen", func() bool {
+		l, st := e.m.TryAcquire("qv-r8")
+		if l != nil {
+			l.Release()
+		}
+		return st != loader.Leased
+	})
 }

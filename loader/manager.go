@@ -185,7 +185,9 @@ type Manager struct {
 	bgMu   sync.Mutex
 	bg     sync.WaitGroup
 	bgDone bool
-	kick   chan struct{}
+	// adapters whose version a background check asks the store for (TryAcquire)
+	rechecking sync.Map
+	kick       chan struct{}
 
 	deviceEvictions, hostEvictions atomic.Uint64
 	storeFetches, diskHits         atomic.Uint64
