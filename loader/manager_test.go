@@ -572,7 +572,7 @@ func TestHostBudget(t *testing.T) {
 	// all-r16 is 2*(7 projections)*... float32; a budget that holds only one adapter.
 	e := newEnv(t, 1, loader.Options{HostBytes: 1})
 	e.acquire("qv-r8").Release()
-	e.acquire("all-r16").Release() // evicts qv-r8 from the device, then from host memory
+	e.acquire("all-r16").Release()                      // evicts qv-r8 from the device, then from host memory
 	e.waitTier("qv-r8", loader.TierDisk, 5*time.Second) // the disk copy is written in the background
 	if st := e.m.Stats(); st.HostEvictions != 1 {
 		t.Errorf("host evictions %d, want 1", st.HostEvictions)

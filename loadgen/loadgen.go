@@ -166,36 +166,11 @@ func one(ctx context.Context, cfg Config, model, prompt string) Sample {
 		s.Err = fmt.Errorf("HTTP %d: %s", resp.StatusCode, bytes.TrimSpace(msg))
 		return s
 	}
-	sc := bufio.NewScanner(resp.Body)
-	sc.Buffer(make([]byte, 64<<10), 1<<20)
 	chunks := 0
-	for sc.Scan() {
-		line := sc.Text()
-		data, ok := strings.CutPrefix(line, "data: ")
-		if !ok {
-			continue
-		}
-		if data == "[DONE]" {
-			break
-		}
-		var ch struct {
-			Choices []struct {
-				Text string `json:"text"`
-			} `json:"choices"`
-			Usage *struct {
-				CompletionTokens int `json:"completion_tokens"`
-			} `json:"usage"`
-			Error *struct {
-				Message string `json:"message"`
-			} `json:"error"`
-		}
-		if err := json.Unmarshal([]byte(data), &ch); err != nil {
-			s.Err = fmt.Errorf("bad SSE chunk %q: %w", data, err)
-			return s
-		}
+	_, err = readSSE(resp.Body, func(ch *sseChunk) bool {
 		if ch.Error != nil {
 			s.Err = errors.New(ch.Error.Message)
-			return s
+			return false
 		}
 		if len(ch.Choices) > 0 {
 			if chunks == 0 {
@@ -206,9 +181,13 @@ func one(ctx context.Context, cfg Config, model, prompt string) Sample {
 		if ch.Usage != nil {
 			s.OutputTokens = ch.Usage.CompletionTokens
 		}
-	}
-	if err := sc.Err(); err != nil {
+		return true
+	})
+	if err != nil {
 		s.Err = err
+		return s
+	}
+	if s.Err != nil {
 		return s
 	}
 	if s.OutputTokens == 0 {
@@ -273,4 +252,44 @@ func (r *Report) Print(w io.Writer) {
 	for _, e := range r.Errors {
 		fmt.Fprintf(w, "error         %s\n", e)
 	}
+}
+
+// sseChunk is one streamed completions event: a piece of text, the usage
+// (with the last chunk), or an error the server met mid-stream.
+type sseChunk struct {
+	Choices []struct {
+		Text string `json:"text"`
+	} `json:"choices"`
+	Usage *struct {
+		CompletionTokens int `json:"completion_tokens"`
+	} `json:"usage"`
+	Error *struct {
+		Message string `json:"message"`
+		Code    string `json:"code"`
+	} `json:"error"`
+}
+
+// readSSE decodes the `data:` events of a completions stream into fn until
+// [DONE] (done), fn returns false, or the stream ends; a line longer than
+// 4 MiB or an event that is not JSON is an error.
+func readSSE(r io.Reader, fn func(*sseChunk) bool) (done bool, err error) {
+	sc := bufio.NewScanner(r)
+	sc.Buffer(make([]byte, 64<<10), 4<<20)
+	for sc.Scan() {
+		data, ok := strings.CutPrefix(sc.Text(), "data: ")
+		if !ok {
+			continue
+		}
+		if data == "[DONE]" {
+			return true, nil
+		}
+		var ch sseChunk
+		if err := json.Unmarshal([]byte(data), &ch); err != nil {
+			return false, fmt.Errorf("bad SSE event %q: %w", data, err)
+		}
+		if !fn(&ch) {
+			return false, nil
+		}
+	}
+	return false, sc.Err()
 }

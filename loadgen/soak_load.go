@@ -1,11 +1,9 @@
 package loadgen
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"encoding/json"
-	"fmt"
 	"io"
 	"math/rand/v2"
 	"net/http"
@@ -215,45 +213,24 @@ func (k *soaker) one(ctx context.Context, rng *rand.Rand, phase, a string) (s So
 		s.Tokens = r.Usage.CompletionTokens
 		return s
 	}
-	sc := bufio.NewScanner(resp.Body)
-	sc.Buffer(make([]byte, 64<<10), 4<<20)
-	done := false
-	for sc.Scan() {
-		data, ok := strings.CutPrefix(sc.Text(), "data: ")
-		if !ok {
-			continue
-		}
-		if data == "[DONE]" {
-			done = true
-			break
-		}
-		var ev struct {
-			Usage *struct {
-				CompletionTokens int `json:"completion_tokens"`
-			} `json:"usage"`
-			Error *struct {
-				Message string `json:"message"`
-				Code    string `json:"code"`
-			} `json:"error"`
-		}
-		if err := json.Unmarshal([]byte(data), &ev); err != nil {
-			s.Message = fmt.Sprintf("bad SSE event %q: %v", data, err)
-			return s
-		}
+	failed := false
+	done, err := readSSE(resp.Body, func(ev *sseChunk) bool {
 		if ev.Error != nil {
 			s.Status = statusOfCode(ev.Error.Code)
 			s.Message = "(in the stream) " + ev.Error.Message
-			return s
+			failed = true
+			return false
 		}
 		if ev.Usage != nil {
 			s.Tokens = ev.Usage.CompletionTokens
 		}
-	}
-	if err := sc.Err(); err != nil {
+		return true
+	})
+	switch {
+	case failed:
+	case err != nil:
 		s.Message = "reading the stream: " + err.Error()
-		return s
-	}
-	if !done {
+	case !done:
 		s.Message = "the stream ended without [DONE]"
 	}
 	return s

@@ -175,16 +175,7 @@ func (w *listenWatch) run(ctx context.Context, ch chan<- Event) {
 	w.proven.Store(false)
 	defer w.proven.Store(false)
 
-	send := func(evs ...Event) bool {
-		for _, ev := range evs {
-			select {
-			case ch <- ev:
-			case <-ctx.Done():
-				return false
-			}
-		}
-		return true
-	}
+	send := func(evs ...Event) bool { return sendEvents(ctx, ch, evs) }
 	period := func() time.Duration {
 		if proven {
 			return w.resync

@@ -152,16 +152,7 @@ func (s *S3) watchSQS(ctx context.Context, ch chan<- Event) map[string]string {
 		return nil
 	}
 	prev := snapshot(objs)
-	send := func(evs []Event) bool {
-		for _, ev := range evs {
-			select {
-			case ch <- ev:
-			case <-ctx.Done():
-				return false
-			}
-		}
-		return true
-	}
+	send := func(evs []Event) bool { return sendEvents(ctx, ch, evs) }
 	lastSync, failures := time.Now(), 0
 	for ctx.Err() == nil {
 		if time.Since(lastSync) >= s.opts.ResyncInterval {

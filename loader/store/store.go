@@ -191,3 +191,15 @@ func orDefault(l *slog.Logger) *slog.Logger {
 	}
 	return l
 }
+
+// sendEvents sends evs on ch in order; false when ctx ends first.
+func sendEvents(ctx context.Context, ch chan<- Event, evs []Event) bool {
+	for _, ev := range evs {
+		select {
+		case ch <- ev:
+		case <-ctx.Done():
+			return false
+		}
+	}
+	return true
+}

@@ -344,30 +344,9 @@ func TestDecodeBench(t *testing.T) {
 		t.Skip("PEFTD_MODEL_8B is not set (make one with tools/make_random_llama.py)")
 	}
 	t0 := time.Now()
-	m, err := llama.Open(filepath.Join(dir, "base"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer m.Close()
+	m, ads := openRandom8B(t, dir)
 	c := m.Config
-	var ads []*lora.Adapter
-	entries, _ := os.ReadDir(filepath.Join(dir, "adapters"))
-	for _, e := range entries {
-		a, err := lora.Load(filepath.Join(dir, "adapters", e.Name()), c)
-		if err != nil {
-			t.Fatal(err)
-		}
-		ads = append(ads, a)
-	}
-	batches := []int{1, 16, 64, 256}
-	if s := os.Getenv("PEFTD_DECODE_BATCHES"); s != "" {
-		batches = nil
-		for _, f := range strings.Split(s, ",") {
-			var n int
-			fmt.Sscan(f, &n)
-			batches = append(batches, n)
-		}
-	}
+	batches := envBatches(t, "PEFTD_DECODE_BATCHES", []int{1, 16, 64, 256})
 	const prompt, newTok, chunk = 512, 128, 8
 	maxB := slices.Max(batches)
 	opts := engine.Options{MaxTokens: chunk * prompt, BlockSize: 16, KVBlocks: maxB*(prompt+newTok)/16 + 64, AdapterSlots: len(ads) + 1}
@@ -382,11 +361,7 @@ func TestDecodeBench(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer e.Close()
-	for i, a := range ads {
-		if err := e.LoadAdapter(i, a); err != nil {
-			t.Fatal(err)
-		}
-	}
+	loadAdapters(t, e, ads)
 	if err := gb.SetTiming(true); err != nil {
 		t.Fatal(err)
 	}
@@ -671,6 +646,56 @@ wait:
 	}
 }
 
+// openRandom8B opens the checkpoint tools/make_random_llama.py wrote in dir
+// (base/) and its adapters (adapters/*); the model closes with the test.
+func openRandom8B(t *testing.T, dir string) (*llama.Model, []*lora.Adapter) {
+	t.Helper()
+	m, err := llama.Open(filepath.Join(dir, "base"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { m.Close() })
+	var ads []*lora.Adapter
+	entries, _ := os.ReadDir(filepath.Join(dir, "adapters"))
+	for _, e := range entries {
+		a, err := lora.Load(filepath.Join(dir, "adapters", e.Name()), m.Config)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ads = append(ads, a)
+	}
+	return m, ads
+}
+
+// envBatches is the comma-separated batch sizes in environment variable
+// name, or def when it is not set.
+func envBatches(t *testing.T, name string, def []int) []int {
+	t.Helper()
+	s := os.Getenv(name)
+	if s == "" {
+		return def
+	}
+	var out []int
+	for _, f := range strings.Split(s, ",") {
+		n, err := strconv.Atoi(strings.TrimSpace(f))
+		if err != nil || n <= 0 {
+			t.Fatalf("%s=%q: want batch sizes like 1,16,64", name, s)
+		}
+		out = append(out, n)
+	}
+	return out
+}
+
+// loadAdapters puts ads in slots 0, 1, ...
+func loadAdapters(t *testing.T, e *engine.Engine, ads []*lora.Adapter) {
+	t.Helper()
+	for i, a := range ads {
+		if err := e.LoadAdapter(i, a); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
 // TestDecodeProfile runs one decode step without adapters and one with the
 // four adapters at each batch size of PEFTD_PROFILE_BATCHES (default 1,64)
 // inside a profiler range (cuProfilerStart/Stop), for
@@ -682,50 +707,15 @@ func TestDecodeProfile(t *testing.T) {
 	if dir == "" || os.Getenv("PEFTD_PROFILE") == "" {
 		t.Skip("PEFTD_MODEL_8B and PEFTD_PROFILE=1 are not both set")
 	}
-	m, err := llama.Open(filepath.Join(dir, "base"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer m.Close()
+	m, ads := openRandom8B(t, dir)
 	c := m.Config
-	var ads []*lora.Adapter
-	entries, _ := os.ReadDir(filepath.Join(dir, "adapters"))
-	for _, e := range entries {
-		a, err := lora.Load(filepath.Join(dir, "adapters", e.Name()), c)
-		if err != nil {
-			t.Fatal(err)
-		}
-		ads = append(ads, a)
-	}
-	batches := []int{1, 64}
-	if s := os.Getenv("PEFTD_PROFILE_BATCHES"); s != "" {
-		batches = nil
-		for _, f := range strings.Split(s, ",") {
-			n, err := strconv.Atoi(f)
-			if err != nil {
-				t.Fatal(err)
-			}
-			batches = append(batches, n)
-		}
-	}
+	batches := envBatches(t, "PEFTD_PROFILE_BATCHES", []int{1, 64})
 	const prompt = 512
 	maxB := slices.Max(batches)
 	opts := engine.Options{MaxTokens: 8 * prompt, BlockSize: 16, KVBlocks: maxB*(prompt+8)/16 + 64, AdapterSlots: len(ads) + 1}
-	gb, err := New(Options{WeightFormat: os.Getenv("PEFTD_WEIGHTS"), Eager: os.Getenv("PEFTD_EAGER") != ""})
-	if err != nil {
-		t.Fatal(err)
-	}
-	e, err := engine.New(m, gb, opts)
-	if err != nil {
-		gb.Close()
-		t.Fatal(err)
-	}
-	defer e.Close()
-	for i, a := range ads {
-		if err := e.LoadAdapter(i, a); err != nil {
-			t.Fatal(err)
-		}
-	}
+	e := newEngineWith(t, m, opts, Options{WeightFormat: os.Getenv("PEFTD_WEIGHTS"), Eager: os.Getenv("PEFTD_EAGER") != ""})
+	gb := e.Backend().(*Backend)
+	loadAdapters(t, e, ads)
 	if err := e.Warmup(); err != nil {
 		t.Fatal(err)
 	}

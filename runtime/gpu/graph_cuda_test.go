@@ -37,22 +37,13 @@ func TestGraphDecodeMatchesEager(t *testing.T) {
 	names := slices.Sorted(maps.Keys(adapters))
 	opts := engine.Options{MaxTokens: 512, KVBlocks: 2048, BlockSize: 16, AdapterSlots: len(names)}
 	mk := func(eager bool) (*engine.Engine, *Backend) {
-		b, err := New(Options{Eager: eager})
-		if err != nil {
-			t.Fatal(err)
-		}
-		e, err := engine.New(m, b, opts)
-		if err != nil {
-			b.Close()
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { e.Close() })
+		e := newEngineWith(t, m, opts, Options{Eager: eager})
 		for i, n := range names {
 			if err := e.LoadAdapter(i, adapters[n]); err != nil {
 				t.Fatal(err)
 			}
 		}
-		return e, b
+		return e, e.Backend().(*Backend)
 	}
 	eg, gb := mk(false)
 	ee, eb := mk(true)

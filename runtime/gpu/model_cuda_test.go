@@ -196,7 +196,14 @@ func loadSlots(t *testing.T, e *engine.Engine, adapters map[string]*lora.Adapter
 
 func newEngine(t *testing.T, m *llama.Model, opts engine.Options) *engine.Engine {
 	t.Helper()
-	b, err := New(Options{})
+	return newEngineWith(t, m, opts, Options{})
+}
+
+// newEngineWith is newEngine on a backend made with bo; the engine closes
+// with the test.
+func newEngineWith(t *testing.T, m *llama.Model, opts engine.Options, bo Options) *engine.Engine {
+	t.Helper()
+	b, err := New(bo)
 	if err != nil {
 		t.Fatal(err)
 	}
