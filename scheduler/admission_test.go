@@ -148,6 +148,11 @@ func TestSlotAdmission(t *testing.T) {
 		t.Fatalf("fixture cases 1 and 3 use adapters %q and %q", hot.AdapterName(), cold.AdapterName())
 	}
 	const nHot = 24
+	// Every request queues before the first admission (the engine goroutine
+	// is held meanwhile), so the test does not depend on how fast steps run.
+	release, held := make(chan struct{}), make(chan struct{})
+	go s.Do(context.Background(), func(*engine.Engine) error { close(held); <-release; return nil })
+	<-held
 	var wg sync.WaitGroup
 	run := func(c fixture.Case) {
 		ch, err := s.Submit(context.Background(), Request{Adapter: c.AdapterName(), Prompt: c.Prompt, MaxTokens: min(4, c.Decode)})
@@ -167,6 +172,8 @@ func TestSlotAdmission(t *testing.T) {
 		run(hot)
 	}
 	run(cold)
+	waitQueued(t, s, nHot+1)
+	close(release)
 	// An unknown adapter is refused at once, slot busy or not.
 	t0 := time.Now()
 	ch, err := s.Submit(context.Background(), Request{Adapter: "no-such-adapter", Prompt: hot.Prompt, MaxTokens: 2})
