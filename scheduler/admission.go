@@ -1,5 +1,7 @@
 package scheduler
 
+import "slices"
+
 // Adapter slot admission. A request for an adapter takes its lease when its
 // turn in the deficit round robin comes, not when it arrives, so the
 // scheduler, not a race between waiting goroutines, decides which adapter
@@ -157,20 +159,12 @@ func (s *Scheduler) acquireAsync(q *seq, load bool) {
 // removeWaitingLocked takes q out of its adapter's queue. s.mu is held.
 func (s *Scheduler) removeWaitingLocked(q *seq) {
 	a := q.req.Adapter
-	for i, x := range s.queues[a] {
-		if x == q {
-			s.queues[a] = append(s.queues[a][:i:i], s.queues[a][i+1:]...)
-			break
-		}
-	}
+	s.queues[a] = slices.DeleteFunc(s.queues[a], func(x *seq) bool { return x == q })
 	if len(s.queues[a]) == 0 {
-		delete(s.queues, a)
-		delete(s.deficit, a)
-		for i, b := range s.order {
-			if b == a {
-				s.order = append(s.order[:i:i], s.order[i+1:]...)
-				break
-			}
+		if i := slices.Index(s.order, a); i >= 0 {
+			s.forgetQueueLocked(i)
+		} else {
+			delete(s.queues, a)
 		}
 	}
 }

@@ -59,13 +59,20 @@ func (s *Scheduler) admit() {
 				progressed = true
 			}
 			if len(s.queues[a]) == 0 {
-				delete(s.queues, a)
-				delete(s.deficit, a)
-				s.order = slices.Delete(s.order, i, i+1)
+				s.forgetQueueLocked(i)
 				i--
 			}
 		}
 	}
+}
+
+// forgetQueueLocked takes adapter s.order[i], whose queue is empty, out of
+// the round robin. s.mu is held.
+func (s *Scheduler) forgetQueueLocked(i int) {
+	a := s.order[i]
+	delete(s.queues, a)
+	delete(s.deficit, a)
+	s.order = slices.Delete(s.order, i, i+1)
 }
 
 // dropCancelledLocked ends the waiting requests whose context is done, in
@@ -82,9 +89,7 @@ func (s *Scheduler) dropCancelledLocked() {
 			return false
 		})
 		if len(s.queues[a]) == 0 {
-			delete(s.queues, a)
-			delete(s.deficit, a)
-			s.order = slices.Delete(s.order, i, i+1)
+			s.forgetQueueLocked(i)
 			i--
 		}
 	}

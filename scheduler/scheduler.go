@@ -318,10 +318,7 @@ func (s *Scheduler) enqueue(q *seq) {
 	}
 	s.queues[q.req.Adapter] = append(s.queues[q.req.Adapter], q)
 	s.mu.Unlock()
-	select {
-	case s.wake <- struct{}{}:
-	default:
-	}
+	s.signal()
 }
 
 // finish ends a request. The lease and the pending count are released
