@@ -224,12 +224,9 @@ func (b *Backend) Execute(meta *engine.StepMeta, prog engine.Program) error {
 // launches the bucket's graph, recording it first if needed.
 func (b *Backend) replay(meta *engine.StepMeta, prog engine.Program) error {
 	n := graphBuckets[bucketIndex(len(meta.Tokens))]
-	key := graphKey{rows: n, lora: prog.Shape.LoRA}
-	if key.lora != 0 {
-		key.rank = rankClass(b.maxRank)
-		if err := b.growGraphTmp(key.rank); err != nil {
-			return err
-		}
+	key, err := b.graphKeyFor(n, prog.Shape)
+	if err != nil {
+		return err
 	}
 	if err := b.fillGraphMeta(meta, n, key.rank); err != nil {
 		return err
@@ -237,11 +234,8 @@ func (b *Backend) replay(meta *engine.StepMeta, prog engine.Program) error {
 	if err := b.waitLoads(meta); err != nil {
 		return err
 	}
-	if p := b.pointers(); p != b.g.ptrs {
-		if err := b.dropGraphs(); err != nil {
-			return err
-		}
-		b.g.ptrs = p
+	if err := b.checkPointers(); err != nil {
+		return err
 	}
 	b.timed = false
 	if b.timing {
@@ -254,25 +248,56 @@ func (b *Backend) replay(meta *engine.StepMeta, prog engine.Program) error {
 		b.g.Replayed++
 		return e.Launch(b.s)
 	}
-	// First step of this kind: run it eagerly with the graph layout (this
-	// also makes every lazy allocation and choice the recording needs),
-	// then record the same ops for the next steps.
-	prog.Run(b)
+	// First step of this kind: run it eagerly, then record it.
+	err = b.runThenRecord(key, prog)
 	if b.err != nil {
-		return nil // End reports it
+		return nil // the step's own ops failed: End reports it
 	}
-	if err := b.s.Synchronize(); err != nil {
-		return err
+	return err
+}
+
+// graphKeyFor is the key of a recording for steps of rows rows and program
+// shape s, with the LoRA scratch sized for it.
+func (b *Backend) graphKeyFor(rows int, s engine.Shape) (graphKey, error) {
+	key := graphKey{rows: rows, lora: s.LoRA}
+	if key.lora != 0 {
+		key.rank = rankClass(b.maxRank)
+		if err := b.growGraphTmp(key.rank); err != nil {
+			return key, err
+		}
 	}
-	if p := b.pointers(); p != b.g.ptrs { // the eager run allocated: earlier recordings are stale
+	return key, nil
+}
+
+// checkPointers drops every recording when a buffer they use has moved.
+func (b *Backend) checkPointers() error {
+	if p := b.pointers(); p != b.g.ptrs {
 		if err := b.dropGraphs(); err != nil {
 			return err
 		}
 		b.g.ptrs = p
 	}
+	return nil
+}
+
+// runThenRecord runs prog eagerly in the graph layout fillGraphMeta set
+// (this also makes every lazy allocation and choice the recording needs),
+// waits for it, then records the same ops as key's graph. An error of the
+// eager run's ops stays in b.err.
+func (b *Backend) runThenRecord(key graphKey, prog engine.Program) error {
+	prog.Run(b)
+	if b.err != nil {
+		return b.err
+	}
+	if err := b.s.Synchronize(); err != nil {
+		return err
+	}
+	if err := b.checkPointers(); err != nil { // the eager run allocated: earlier recordings are stale
+		return err
+	}
 	e, err := b.record(prog)
 	if err != nil {
-		return fmt.Errorf("gpu: record decode graph for %d rows: %w", n, err)
+		return fmt.Errorf("gpu: record decode graph for %d rows: %w", key.rows, err)
 	}
 	b.g.execs[key] = e
 	b.g.Recorded++
@@ -387,12 +412,9 @@ func (b *Backend) Warmup(progs []engine.Program) error {
 	empty := &engine.StepMeta{}
 	for _, prog := range progs {
 		for _, n := range graphBuckets[:bucketIndex(b.g.maxRows)+1] {
-			key := graphKey{rows: n, lora: prog.Shape.LoRA}
-			if key.lora != 0 {
-				key.rank = rankClass(b.maxRank)
-				if err := b.growGraphTmp(key.rank); err != nil {
-					return err
-				}
+			key, err := b.graphKeyFor(n, prog.Shape)
+			if err != nil {
+				return err
 			}
 			if b.g.execs[key] != nil {
 				continue
@@ -400,26 +422,11 @@ func (b *Backend) Warmup(progs []engine.Program) error {
 			if err := b.fillGraphMeta(empty, n, key.rank); err != nil {
 				return err
 			}
-			prog.Run(b)
-			err := errors.Join(b.err, b.s.Synchronize())
-			b.meta = nil
+			err = b.runThenRecord(key, prog)
+			b.meta, b.err = nil, nil
 			if err != nil {
 				return fmt.Errorf("gpu: warm up %d rows: %w", n, err)
 			}
-			if p := b.pointers(); p != b.g.ptrs {
-				if err := b.dropGraphs(); err != nil {
-					return err
-				}
-				b.g.ptrs = p
-			}
-			b.meta = empty
-			e, err := b.record(prog)
-			b.meta = nil
-			if err != nil {
-				return fmt.Errorf("gpu: record decode graph for %d rows: %w", n, err)
-			}
-			b.g.execs[key] = e
-			b.g.Recorded++
 		}
 	}
 	return nil
