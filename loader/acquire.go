@@ -105,13 +105,7 @@ func (m *Manager) Acquire(ctx context.Context, id string) (*Lease, error) {
 		}
 		switch r.Dev {
 		case devLoaded:
-			c := r.copy()
-			c.Refs++
-			c.Invocations++
-			c.LastUsed = m.now()
-			mustInsert(txn, c)
-			txn.Commit()
-			return &Lease{m: m, key: c.Key, id: id, ver: c.Version, slot: c.Slot, adapter: r.Host}, nil
+			return m.leaseLoaded(txn, r, m.now()), nil
 		case devLoading, devUnloading:
 			txn.Abort()
 			if err := m.wait(ctx, rowWatch); err != nil {
@@ -208,6 +202,18 @@ func (m *Manager) Acquire(ctx context.Context, id string) (*Lease, error) {
 		}
 		return &Lease{m: m, key: c.Key, id: id, ver: c.Version, slot: slot, adapter: a}, nil
 	}
+}
+
+// leaseLoaded takes a lease on r, a version on the device, in txn and
+// commits it.
+func (m *Manager) leaseLoaded(txn *memdb.Txn, r *adapterRow, now time.Time) *Lease {
+	c := r.copy()
+	c.Refs++
+	c.Invocations++
+	c.LastUsed = now
+	mustInsert(txn, c)
+	txn.Commit()
+	return &Lease{m: m, key: c.Key, id: c.ID, ver: c.Version, slot: c.Slot, adapter: r.Host}
 }
 
 type watchList []<-chan struct{}

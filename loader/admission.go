@@ -48,13 +48,7 @@ func (m *Manager) TryAcquire(id string) (*Lease, Admission) {
 	}
 	switch cur.Dev {
 	case devLoaded:
-		c := cur.copy()
-		c.Refs++
-		c.Invocations++
-		c.LastUsed = now
-		mustInsert(txn, c)
-		txn.Commit()
-		return &Lease{m: m, key: c.Key, id: id, ver: c.Version, slot: c.Slot, adapter: cur.Host}, Leased
+		return m.leaseLoaded(txn, cur, now), Leased
 	case devNone:
 		return nil, NeedsSlot
 	}
