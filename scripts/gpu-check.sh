@@ -132,6 +132,14 @@ fi
 
 PY="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1
+# random_ckpt DIR PHASE ARGS...: a random checkpoint (tools/make_random_llama.py
+# DIR ARGS) unless DIR holds one already; the log goes to $LOG/PHASE.make.log.
+random_ckpt() {
+	local dir=$1 phase=$2
+	shift 2
+	[[ -f $dir/base/model.safetensors.index.json ]] ||
+		timeout "$(left 300)" "$PY" tools/make_random_llama.py "$dir" "$@" >"$LOG/$phase.make.log" 2>&1
+}
 if want fixture8b; then
 	FX=/tmp/peftd-fixture-8b
 	echo "=== fixture8b: make $FX"
@@ -196,7 +204,7 @@ fi
 if want decode; then
 	MD=/tmp/llama8b-random
 	echo "=== decode: make $MD"
-	if [[ -f $MD/base/model.safetensors.index.json ]] || timeout "$(left 300)" "$PY" tools/make_random_llama.py "$MD" --layers "${DECODE_LAYERS:-32}" >"$LOG/decode.make.log" 2>&1; then
+	if random_ckpt "$MD" decode --layers "${DECODE_LAYERS:-32}"; then
 		OUT_DECODE="${OUT:-$LOG}/decode.partial.txt"
 		tail -n 2 "$LOG/decode.make.log" 2>/dev/null
 		(cd runtime/gpu && PEFTD_MODEL_8B=$MD timeout "$(left 480)" "$GPUBIN" -test.v -test.count=1 -test.run '^TestDecodeBench$') 2>&1 | tee "$LOG/decode.log" | grep --line-buffered '^BENCH' >"$OUT_DECODE"
@@ -213,7 +221,7 @@ fi
 if want profile; then
 	MD=/tmp/llama8b-random
 	echo "=== profile: ncu over one decode step per batch, base and 4 adapters"
-	if [[ -f $MD/base/model.safetensors.index.json ]] || timeout "$(left 300)" "$PY" tools/make_random_llama.py "$MD" --layers "${DECODE_LAYERS:-32}" >"$LOG/decode.make.log" 2>&1; then
+	if random_ckpt "$MD" decode --layers "${DECODE_LAYERS:-32}"; then
 		NCU="$(command -v ncu || echo "$CUDA_HOME/bin/ncu")"
 		PB="${PEFTD_PROFILE_BATCHES:-1,64}"
 		(cd runtime/gpu && PEFTD_MODEL_8B=$MD PEFTD_PROFILE=1 PEFTD_PROFILE_BATCHES=$PB timeout "$(left 400)" "$NCU" --profile-from-start off --csv --print-units base \
@@ -271,7 +279,7 @@ if want soak8b; then
 	# the minutes the deadline leaves (at most SOAK_MINUTES, default 5).
 	SK=/tmp/llama8b-soak
 	echo "=== soak8b: make $SK (${SOAK_LAYERS:-8} layers of the 8B shapes, 2 rank-8 adapters)"
-	if [[ -f $SK/base/model.safetensors.index.json ]] || timeout "$(left 300)" "$PY" tools/make_random_llama.py "$SK" --layers "${SOAK_LAYERS:-8}" --adapters 2 --rank 8 >"$LOG/soak8b.make.log" 2>&1; then
+	if random_ckpt "$SK" soak8b --layers "${SOAK_LAYERS:-8}" --adapters 2 --rank 8; then
 		mins=$(( ($(left 900) - 120) / 60 ))
 		((mins > ${SOAK_MINUTES:-5})) && mins=${SOAK_MINUTES:-5}
 		((mins < 1)) && mins=1
@@ -297,7 +305,7 @@ if want prefix8b; then
 	# two runs compared.
 	SK=/tmp/llama8b-soak
 	echo "=== prefix8b: $SK"
-	if [[ -f $SK/base/model.safetensors.index.json ]] || timeout "$(left 300)" "$PY" tools/make_random_llama.py "$SK" --layers "${SOAK_LAYERS:-8}" --adapters 2 --rank 8 >"$LOG/prefix8b.make.log" 2>&1; then
+	if random_ckpt "$SK" prefix8b --layers "${SOAK_LAYERS:-8}" --adapters 2 --rank 8; then
 			AD=$(ls "$SK/adapters" | paste -sd, -)
 		for mode in on off off2; do
 			SD=$(mktemp -d)
