@@ -203,6 +203,34 @@ func (b *Backend) SetTiming(on bool) error {
 // StepMs is the device time of the last timed step in milliseconds (0 if none).
 func (b *Backend) StepMs() float32 { return b.lastStepMs }
 
+// startTiming records the step's start event when timing is on.
+func (b *Backend) startTiming() error {
+	b.timed = false
+	if b.timing {
+		if err := b.evBeg.Record(b.s); err != nil {
+			return err
+		}
+		b.timed = true
+	}
+	return nil
+}
+
+// waitStep waits for the step's work and, when it was timed, keeps its
+// device time (from startTiming's event to the end event Read or
+// SampleRows recorded before their result copy).
+func (b *Backend) waitStep() error {
+	if err := b.s.Synchronize(); err != nil {
+		return fmt.Errorf("gpu: step failed: %w", err)
+	}
+	if b.timed {
+		b.timed = false
+		if ms, err := b.evEnd.Since(b.evBeg); err == nil {
+			b.lastStepMs = ms
+		}
+	}
+	return nil
+}
+
 // New opens device opts.Device and loads the kernels (compiling them on a cold cache).
 func New(opts Options) (*Backend, error) {
 	ctx, err := cuda.NewContext(opts.Device)

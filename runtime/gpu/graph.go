@@ -237,12 +237,8 @@ func (b *Backend) replay(meta *engine.StepMeta, prog engine.Program) error {
 	if err := b.checkPointers(); err != nil {
 		return err
 	}
-	b.timed = false
-	if b.timing {
-		if err := b.evBeg.Record(b.s); err != nil {
-			return err
-		}
-		b.timed = true
+	if err := b.startTiming(); err != nil {
+		return err
 	}
 	if e := b.g.execs[key]; e != nil {
 		b.g.Replayed++

@@ -295,14 +295,8 @@ func (b *Backend) Read(x engine.Buffer, rows int, dst []float32) error {
 	if err != nil {
 		return err
 	}
-	if err := b.s.Synchronize(); err != nil {
-		return fmt.Errorf("gpu: step failed: %w", err)
-	}
-	if b.timed {
-		b.timed = false
-		if ms, err := b.evEnd.Since(b.evBeg); err == nil {
-			b.lastStepMs = ms
-		}
+	if err := b.waitStep(); err != nil {
+		return err
 	}
 	if xb.isF32 {
 		copy(dst, b.readHost.Float32s()[:n])

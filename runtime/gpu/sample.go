@@ -91,14 +91,8 @@ func (b *Backend) SampleRows(logits engine.Buffer, rows []engine.RowSample, out 
 	if err := cuda.CopyDtoH(b.s, res, oDev); err != nil {
 		return err
 	}
-	if err := b.s.Synchronize(); err != nil {
-		return fmt.Errorf("gpu: step failed: %w", err)
-	}
-	if b.timed {
-		b.timed = false
-		if ms, err := b.evEnd.Since(b.evBeg); err == nil {
-			b.lastStepMs = ms
-		}
+	if err := b.waitStep(); err != nil {
+		return err
 	}
 	for i, r := range rows {
 		o := res[i*soWords : (i+1)*soWords]

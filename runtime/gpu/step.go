@@ -79,12 +79,8 @@ func (b *Backend) Begin(meta *engine.StepMeta) error {
 	if err := b.waitLoads(meta); err != nil {
 		return err
 	}
-	b.timed = false
-	if b.timing {
-		if err := b.evBeg.Record(b.s); err != nil {
-			return err
-		}
-		b.timed = true
+	if err := b.startTiming(); err != nil {
+		return err
 	}
 	h := b.metaHost.Int32s()
 	V := int32(b.cfg.VocabSize)
