@@ -10,7 +10,7 @@ func TestSourceAndKey(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, k := range []string{"embed", "add_rmsnorm", "rmsnorm_rows", "rope_store", "attention", "attn_decode_g1", "attn_decode_g2", "attn_decode_g4", "attn_decode_g8", "attn_reduce", "silu_mul", "lora_shrink", "lora_expand"} {
+	for _, k := range []string{"embed", "add_rmsnorm", "rmsnorm_rows", "rope_store", "attention", "attn_decode_d32", "attn_decode_d64", "attn_decode_d128", "attn_decode_d256", "silu_mul", "lora_shrink", "lora_expand"} {
 		if !strings.Contains(src, "extern \"C\" __global__ void "+k+"(") && !strings.Contains(src, ") "+k+"(") {
 			t.Errorf("kernel %s missing from %s", k, Llama)
 		}

@@ -274,190 +274,325 @@ extern "C" __global__ void __launch_bounds__(32 * ATT_WARPS) attention(
     }
 }
 
-#define DEC_THREADS 128
+#define DEC_WARPS 4
+#define DEC_THREADS (DEC_WARPS * 32)
 #define DEC_MAXG 8
-#define DEC_P 2 // positions per position group in flight at once
+#define DEC_TILE 16 // positions per warp tile
+#define LOG2E 1.4426950408889634f
 
-// attn_decode_g{1,2,4,8}: split-KV (flash-decoding) attention for decode
-// sequences (one new row each, already stored in the cache). grid (nDec,
-// kvh, nsplit), block DEC_THREADS; dynamic shared (DEC_THREADS / (hd/8)) *
-// G * (hd + 2) floats. A block takes positions [split*chunk, split*chunk +
-// chunk) of one sequence's cache for one KV head and all G = heads/kvh
-// query heads that share it, so each K/V row is read once. hd/8 threads
-// share one position (16-byte loads), DEC_P positions per iteration with
-// all their loads issued before any arithmetic; the block's position groups
-// run an online softmax each, then merge through shared memory. nsplit ==
-// 1: the block writes the output row; else it writes (acc[hd], max, sum)
-// per (sequence, head, split) to part for attn_reduce. chunk <= 0: each
-// sequence's chunk is its context split nsplit ways (at least 32 positions,
-// a multiple of 8; splits past the context are empty), so one recorded
-// launch fits every step. A sequence with no context (padding) gets zeros.
-// q's rows are ldq values apart.
-// GM (the kernel's name) bounds G: the host picks the smallest of 1, 2, 4, 8
-// that holds it, so the registers are sized for the model. Requires hd a
-// power of two in [8, 256].
-template <int GM>
+// cp_async16 copies 16 bytes from global to shared memory without passing
+// through registers (n == 0: fills zeros, reads nothing); cp_async_commit
+// closes a group, cp_async_wait<N> waits until at most N of this thread's
+// groups are pending.
+__device__ __forceinline__ void cp_async16(unsigned dst, const void* src, int n) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+// ldsm4 / ldsm4t: four 8x8 bf16 matrices from shared memory (lane l gives
+// the address of row l%8 of matrix l/8), as mma fragments; t: transposed.
+__device__ __forceinline__ void ldsm4(unsigned a, unsigned* r) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
+__device__ __forceinline__ void ldsm4t(unsigned a, unsigned* r) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
+
+// mma8: d += a * b on the tensor cores (m16n8k16, bf16 in, f32 out) for
+// rows 0-7 of A only: rows 8-15 are zero and their outputs dropped. a0/a2
+// hold A[lane/4][2*(lane%4) + {0,1}] and the same 8 columns on; b0/b1
+// B[2*(lane%4) + {0,1}][lane/4] and 8 rows on; d[0..1] is
+// D[lane/4][2*(lane%4) + {0,1}].
+__device__ __forceinline__ void mma8(float* d, unsigned a0, unsigned a2, unsigned b0, unsigned b1) {
+    float x2, x3;
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%10,%10};\n"
+        : "+f"(d[0]), "+f"(d[1]), "=f"(x2), "=f"(x3)
+        : "r"(a0), "r"(0u), "r"(a2), "r"(0u), "r"(b0), "r"(b1), "f"(0.f));
+}
+
+__device__ __forceinline__ unsigned pack_bf2(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<unsigned*>(&v);
+}
+
+// dec_stages: cp.async stages per warp in attn_decode_d{HD} (shared memory
+// DEC_WARPS * stages * 64 * HD bytes: 96 KB at HD 128, 128 KB at 256).
+template <int HD> struct DecShape {
+    static constexpr int C = HD / 8;                 // 16-byte chunks per K or V row
+    static constexpr int ST = HD >= 256 ? 2 : 3;     // stages per warp
+    static constexpr int TILE_B = DEC_TILE * HD * 2; // bytes of K (or V) per tile
+    static constexpr int WARP_B = ST * 2 * TILE_B;   // a warp's stage buffers
+    // swz: the 16-byte slot of chunk c of row r within its row, XOR-swizzled
+    // so that the 8 rows an ldmatrix reads fall in 8 different bank groups.
+    static __device__ __forceinline__ int swz(int r, int c) {
+        return C >= 8 ? (c ^ (r & 7)) : (c ^ ((r >> 1) & (C - 1)));
+    }
+};
+
+// attn_decode_d{32,64,128,256}: split-KV (flash-decoding) attention for
+// decode sequences (one new row each, already stored in the cache), on the
+// tensor cores. grid (nDec, kvh, nsplit), block DEC_THREADS, dynamic shared
+// DEC_WARPS * DecShape<HD>::WARP_B bytes. A block takes positions
+// [split*chunk, split*chunk + chunk) of one sequence's cache for one KV head
+// and the G = heads/kvh <= 8 query heads that share it, so each K/V row is
+// read once.
+//
+// Each warp takes 16-position tiles (the block's warps interleave) and runs
+// its own pipeline: cp.async copies a tile's K and V rows (zero-filled past
+// the chunk) into the warp's shared buffers DecShape::ST - 1 tiles ahead of
+// the one it computes; each lane loads the page slot of one row of the tile
+// after that one tile earlier, so no dependent load stalls the loop. Per
+// tile: S = Q K^T as m16n8k16 MMAs with the G query heads as the rows of A
+// (the other rows zero) and K read by ldmatrix; an online softmax over the
+// tile in the log2 domain (scale*log2(e) folded in, exp2f; a row's max over
+// 4 lanes by 2 shuffles); O += P V with P straight from S's accumulators as
+// the A fragment, split into two bf16 parts (hi + lo: P keeps its float32
+// precision, so the result does not depend on where tiles and splits
+// begin), and V read by ldmatrix.trans. The warps
+// merge through shared memory at the end.
+//
+// nsplit == 1: the block writes the output row. Else it writes (acc[hd],
+// max, sum) per (sequence, head, split) to part, and the last block of the
+// (sequence, KV head) to finish (a counter in done, left at zero again)
+// merges the splits that hold positions into the output row: no second
+// launch. Each sequence's chunk is its context split nsplit ways (at least
+// 32 positions, a multiple of 8; splits past the context are empty), so one
+// recorded launch fits every step. A sequence with no context
+// (padding) gets zeros. q's rows are ldq values apart. Requires nsplit <= 64.
+template <int HD>
 __device__ __forceinline__ void attn_decode_body(
-    bf16* __restrict__ out, float* __restrict__ part, const bf16* __restrict__ q, const bf16* __restrict__ kc,
-    const bf16* __restrict__ vc, const int* __restrict__ dec_seq, const int* __restrict__ seq_info,
-    const int* __restrict__ pages, int heads, int kvh, int hd, int bs, float scale, int chunk, int nsplit, int ldq) {
-    extern __shared__ float dsh[];
-    const int di = blockIdx.x, kh = blockIdx.y, sp = blockIdx.z;
+    bf16* __restrict__ out, float* __restrict__ part, int* __restrict__ done, const bf16* __restrict__ q,
+    const bf16* __restrict__ kc, const bf16* __restrict__ vc, const int* __restrict__ dec_seq,
+    const int* __restrict__ seq_info, const int* __restrict__ pages, int heads, int kvh, int bs, float scale, int nsplit,
+    int ldq) {
+    typedef DecShape<HD> D;
+    extern __shared__ __align__(128) unsigned char dsm[];
+    const int di = blockIdx.x, kh = blockIdx.y, sp = blockIdx.z, tid = threadIdx.x;
+    const int lane = tid & 31, warp = tid >> 5, g = lane >> 2, tig = lane & 3;
     const int s = dec_seq[di];
     const int row = seq_info[4 * s], ctx = seq_info[4 * s + 2], poff = seq_info[4 * s + 3];
-    const int G = heads / kvh;
-    const int tpr = hd >> 3, ngr = DEC_THREADS / tpr;
-    const int grp = threadIdx.x / tpr, t = threadIdx.x - grp * tpr;
-    const int width = kvh * hd, d0 = t * 8;
-    float qv[GM][8], acc[GM][8], m[GM], l[GM];
-#pragma unroll
-    for (int g = 0; g < GM; g++) {
-        m[g] = NEG_INF;
-        l[g] = 0.f;
-#pragma unroll
-        for (int i = 0; i < 8; i++) acc[g][i] = 0.f;
-        if (g < G) {
-            unpack8(*reinterpret_cast<const uint4*>(q + (i64)row * ldq + (i64)(kh * G + g) * hd + d0), qv[g]);
-#pragma unroll
-            for (int i = 0; i < 8; i++) qv[g][i] *= scale;
-        } else {
-#pragma unroll
-            for (int i = 0; i < 8; i++) qv[g][i] = 0.f;
-        }
-    }
-    if (chunk <= 0) chunk = max(32, (((ctx + nsplit - 1) / nsplit) + 7) & ~7);
+    const int G = heads / kvh, width = kvh * HD;
+    const int chunk = max(32, (((ctx + nsplit - 1) / nsplit) + 7) & ~7);
     const int p0 = sp * chunk, p1 = min(ctx, p0 + chunk);
-    const uint4 z4 = make_uint4(0, 0, 0, 0);
-    // every thread runs the same number of iterations (the shuffles need the whole warp)
-    for (int base = p0; base < p1; base += ngr * DEC_P) {
-        uint4 ku[DEC_P], vu[DEC_P];
-        bool valid[DEC_P];
+    const int ntiles = p0 < p1 ? (p1 - p0 + DEC_TILE - 1) / DEC_TILE : 0;
+    const int nk = ntiles > warp ? (ntiles - warp + DEC_WARPS - 1) / DEC_WARPS : 0; // this warp's tiles
+
+    float o[D::C][2], m = NEG_INF, l = 0.f; // O[g][8j + 2*tig + {0,1}], the row's max and this lane's part of its sum
 #pragma unroll
-        for (int j = 0; j < DEC_P; j++) {
-            const int p = base + j * ngr + grp;
-            valid[j] = p < p1;
-            ku[j] = vu[j] = z4;
-            if (valid[j]) {
-                const i64 off = ((i64)pages[poff + p / bs] * bs + p % bs) * width + (i64)kh * hd + d0;
-                ku[j] = __ldg(reinterpret_cast<const uint4*>(kc + off));
-                vu[j] = __ldg(reinterpret_cast<const uint4*>(vc + off));
+    for (int j = 0; j < D::C; j++) o[j][0] = o[j][1] = 0.f;
+    if (nk > 0) {
+        unsigned qa[HD / 16][2]; // A fragments of Q (rows: the query heads)
+#pragma unroll
+        for (int ks = 0; ks < HD / 16; ks++) {
+            qa[ks][0] = qa[ks][1] = 0u;
+            if (g < G) {
+                const bf16* qr = q + (i64)row * ldq + (i64)(kh * G + g) * HD + ks * 16 + tig * 2;
+                qa[ks][0] = *reinterpret_cast<const unsigned*>(qr);
+                qa[ks][1] = *reinterpret_cast<const unsigned*>(qr + 8);
             }
         }
+        const float qs = scale * LOG2E;
+        const bool pow2 = (bs & (bs - 1)) == 0;
+        const int bsh = __ffs(bs) - 1;
+        const unsigned wbase = (unsigned)__cvta_generic_to_shared(dsm) + warp * D::WARP_B;
+        int slot = -1; // cache row of row (lane % 16) of the next tile to issue (-1: past the chunk)
+        auto rows = [&](int k) {
+            const int p = p0 + (warp + k * DEC_WARPS) * DEC_TILE + (lane & 15);
+            slot = -1;
+            if (p < p1) {
+                const int pi = pow2 ? p >> bsh : p / bs;
+                slot = __ldg(pages + poff + pi) * bs + (p - pi * bs);
+            }
+        };
+        auto issue = [&](int k) {
+            if (k < nk) {
+                const unsigned kb = wbase + (k % D::ST) * 2 * D::TILE_B, vb = kb + D::TILE_B;
 #pragma unroll
-        for (int j = 0; j < DEC_P; j++) {
-            float kf[8], vf[8];
-            unpack8(ku[j], kf);
-            unpack8(vu[j], vf);
-#pragma unroll
-            for (int g = 0; g < GM; g++) {
-                float dot = 0.f;
-#pragma unroll
-                for (int i = 0; i < 8; i++) dot += qv[g][i] * kf[i];
-                for (int o = tpr >> 1; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
-                if (valid[j] && g < G) {
-                    const float mn = fmaxf(m[g], dot);
-                    const float corr = expf(m[g] - mn), pe = expf(dot - mn);
-                    l[g] = l[g] * corr + pe;
-#pragma unroll
-                    for (int i = 0; i < 8; i++) acc[g][i] = acc[g][i] * corr + pe * vf[i];
-                    m[g] = mn;
+                for (int i = 0; i < D::C / 2; i++) {
+                    const int idx = lane + 32 * i, r = idx / D::C, c = idx % D::C;
+                    const int sl = __shfl_sync(0xffffffffu, slot, r);
+                    const i64 off = (i64)max(sl, 0) * width + (i64)kh * HD + c * 8;
+                    const unsigned so = r * HD * 2 + D::swz(r, c) * 16;
+                    cp_async16(kb + so, kc + off, sl >= 0 ? 16 : 0);
+                    cp_async16(vb + so, vc + off, sl >= 0 ? 16 : 0);
                 }
             }
+            cp_async_commit(); // empty past the end: the group count stays uniform
+        };
+        rows(0);
+#pragma unroll
+        for (int k = 0; k < D::ST - 1; k++) {
+            issue(k);
+            rows(k + 1);
         }
-    }
-    // merge the position groups: sacc[(grp*G + g)*hd + d], sm/sl[grp*G + g]
-    float* sacc = dsh;
-    float* smx = dsh + ngr * G * hd;
-    float* sl = smx + ngr * G;
+        for (int k = 0; k < nk; k++) {
+            issue(k + D::ST - 1); // slot holds its rows
+            rows(k + D::ST);      // for the next iteration: the load's latency hides behind this tile
+            cp_async_wait<D::ST - 1>();
+            __syncwarp(); // every lane's copies of tile k have landed
+            const unsigned kb = wbase + (k % D::ST) * 2 * D::TILE_B, vb = kb + D::TILE_B;
+            // S[g][pos]: positions 0-7 in s[0], 8-15 in s[1]
+            float sc[2][2] = {{0.f, 0.f}, {0.f, 0.f}};
 #pragma unroll
-    for (int g = 0; g < GM; g++) {
-        if (g < G) {
+            for (int kk = 0; kk < D::C / 4; kk++) {
 #pragma unroll
-            for (int i = 0; i < 8; i++) sacc[(grp * G + g) * hd + d0 + i] = acc[g][i];
-            if (t == 0) {
-                smx[grp * G + g] = m[g];
-                sl[grp * G + g] = l[g];
+                for (int nt = 0; nt < 2; nt++) {
+                    unsigned b[4];
+                    const int r = nt * 8 + (lane & 7), c = 4 * kk + (lane >> 3);
+                    ldsm4(kb + r * HD * 2 + D::swz(r, c) * 16, b);
+                    mma8(sc[nt], qa[2 * kk][0], qa[2 * kk][1], b[0], b[1]);
+                    mma8(sc[nt], qa[2 * kk + 1][0], qa[2 * kk + 1][1], b[2], b[3]);
+                }
             }
+            const int pb = p0 + (warp + k * DEC_WARPS) * DEC_TILE + tig * 2;
+            float mx = NEG_INF;
+#pragma unroll
+            for (int nt = 0; nt < 2; nt++)
+#pragma unroll
+                for (int e = 0; e < 2; e++) {
+                    sc[nt][e] = pb + nt * 8 + e < p1 ? sc[nt][e] * qs : NEG_INF;
+                    mx = fmaxf(mx, sc[nt][e]);
+                }
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            const float mn = fmaxf(m, mx);
+            const float corr = mn == NEG_INF ? 1.f : exp2f(m - mn);
+            float sum = 0.f;
+#pragma unroll
+            for (int nt = 0; nt < 2; nt++)
+#pragma unroll
+                for (int e = 0; e < 2; e++) {
+                    sc[nt][e] = sc[nt][e] == NEG_INF ? 0.f : exp2f(sc[nt][e] - mn);
+                    sum += sc[nt][e];
+                }
+            l = l * corr + sum;
+            m = mn;
+            // P = hi + lo, both bf16: two MMAs keep P's float32 precision
+            unsigned ph[2], pl[2];
+#pragma unroll
+            for (int nt = 0; nt < 2; nt++) {
+                const bf16 h0 = tobf(sc[nt][0]), h1 = tobf(sc[nt][1]);
+                ph[nt] = pack_bf2(__bfloat162float(h0), __bfloat162float(h1));
+                pl[nt] = pack_bf2(sc[nt][0] - __bfloat162float(h0), sc[nt][1] - __bfloat162float(h1));
+            }
+#pragma unroll
+            for (int j = 0; j < D::C; j += 2) {
+                unsigned b[4];
+                const int r = ((lane >> 3) & 1) * 8 + (lane & 7), c = j + (lane >> 4);
+                ldsm4t(vb + r * HD * 2 + D::swz(r, c) * 16, b);
+                o[j][0] *= corr, o[j][1] *= corr, o[j + 1][0] *= corr, o[j + 1][1] *= corr;
+                mma8(o[j], ph[0], ph[1], b[0], b[1]);
+                mma8(o[j], pl[0], pl[1], b[0], b[1]);
+                mma8(o[j + 1], ph[0], ph[1], b[2], b[3]);
+                mma8(o[j + 1], pl[0], pl[1], b[2], b[3]);
+            }
+            __syncwarp(); // done reading the buffer the next issue overwrites
+        }
+        cp_async_wait<0>();
+        l += __shfl_xor_sync(0xffffffffu, l, 1);
+        l += __shfl_xor_sync(0xffffffffu, l, 2);
+    }
+    // merge the warps: wo[(warp*G + g)*HD + d], wm/wl[warp*G + g]
+    float* wo = reinterpret_cast<float*>(dsm);
+    float* wm = wo + DEC_WARPS * G * HD;
+    float* wl = wm + DEC_WARPS * G;
+    __syncthreads(); // the stage buffers become the merge area
+    if (g < G) {
+#pragma unroll
+        for (int j = 0; j < D::C; j++) {
+            wo[(warp * G + g) * HD + 8 * j + tig * 2] = o[j][0];
+            wo[(warp * G + g) * HD + 8 * j + tig * 2 + 1] = o[j][1];
+        }
+        if (tig == 0) {
+            wm[warp * G + g] = m;
+            wl[warp * G + g] = l;
         }
     }
     __syncthreads();
-    for (int idx = threadIdx.x; idx < G * hd; idx += DEC_THREADS) {
-        const int g = idx / hd, d = idx - g * hd;
+    for (int idx = tid; idx < G * HD; idx += DEC_THREADS) {
+        const int hg = idx / HD, d = idx - hg * HD;
         float M = NEG_INF;
-        for (int i = 0; i < ngr; i++)
-            if (sl[i * G + g] > 0.f) M = fmaxf(M, smx[i * G + g]);
+        for (int i = 0; i < DEC_WARPS; i++)
+            if (wl[i * G + hg] > 0.f) M = fmaxf(M, wm[i * G + hg]);
         float L = 0.f, A = 0.f;
-        for (int i = 0; i < ngr; i++) {
-            const float li = sl[i * G + g];
+        for (int i = 0; i < DEC_WARPS; i++) {
+            const float li = wl[i * G + hg];
             if (li > 0.f) {
-                const float f = expf(smx[i * G + g] - M);
+                const float f = exp2f(wm[i * G + hg] - M);
                 L += li * f;
-                A += sacc[(i * G + g) * hd + d] * f;
+                A += wo[(i * G + hg) * HD + d] * f;
             }
         }
-        const int h = kh * G + g;
+        const int h = kh * G + hg;
         if (nsplit == 1) {
-            out[(i64)row * heads * hd + (i64)h * hd + d] = tobf(L > 0.f ? A / L : 0.f);
-        } else {
-            float* pp = part + ((i64)(di * heads + h) * nsplit + sp) * (hd + 2);
+            out[(i64)row * heads * HD + (i64)h * HD + d] = tobf(L > 0.f ? A / L : 0.f);
+        } else if (ntiles > 0) {
+            float* pp = part + ((i64)(di * heads + h) * nsplit + sp) * (HD + 2);
             pp[d] = A;
             if (d == 0) {
-                pp[hd] = M;
-                pp[hd + 1] = L;
+                pp[HD] = M;
+                pp[HD + 1] = L;
             }
         }
     }
-}
-
-#define ATTN_DECODE_ARGS                                                                                              \
-    bf16 *out, float *part, const bf16 *q, const bf16 *kc, const bf16 *vc, const int *dec_seq, const int *seq_info, \
-        const int *pages, int heads, int kvh, int hd, int bs, float scale, int chunk, int nsplit, int ldq
-#define ATTN_DECODE_PASS out, part, q, kc, vc, dec_seq, seq_info, pages, heads, kvh, hd, bs, scale, chunk, nsplit, ldq
-extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode_g1(ATTN_DECODE_ARGS) { attn_decode_body<1>(ATTN_DECODE_PASS); }
-extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode_g2(ATTN_DECODE_ARGS) { attn_decode_body<2>(ATTN_DECODE_PASS); }
-extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode_g4(ATTN_DECODE_ARGS) { attn_decode_body<4>(ATTN_DECODE_PASS); }
-extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode_g8(ATTN_DECODE_ARGS) { attn_decode_body<8>(ATTN_DECODE_PASS); }
-
-// attn_reduce: merges attn_decode's nsplit (<= 64) partials of each (decode
-// sequence, head) into the output row. grid (nDec, heads), block 128: the
-// split weights exp(max_i - max) are computed once, in parallel, then each
-// thread sums its output columns over the splits with independent loads.
-extern "C" __global__ void __launch_bounds__(128) attn_reduce(bf16* out, const float* __restrict__ part, const int* dec_seq,
-                                                              const int* seq_info, int heads, int hd, int nsplit) {
-    __shared__ float wsp[64], red[4];
-    __shared__ float sM, sL;
-    const int di = blockIdx.x, h = blockIdx.y, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int row = seq_info[4 * dec_seq[di]];
-    const float* pp = part + (i64)(di * heads + h) * nsplit * (hd + 2);
-    float mi = NEG_INF, li = 0.f;
-    if (tid < nsplit) {
-        li = pp[tid * (hd + 2) + hd + 1];
-        if (li > 0.f) mi = pp[tid * (hd + 2) + hd];
-    }
-    float M = mi;
+    if (nsplit == 1) return;
+    // The last split block of this (sequence, KV head) merges the partials.
+    int* last = reinterpret_cast<int*>(wl + DEC_WARPS * G);
+    float* ws = reinterpret_cast<float*>(last + 4); // [g][64] merge weights
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) *last = atomicAdd(done + di * kvh + kh, 1) == nsplit - 1;
+    __syncthreads();
+    if (!*last) return;
+    __threadfence();
+    const int nv = ctx > 0 ? min(nsplit, (ctx + chunk - 1) / chunk) : 0; // splits that hold positions
+    for (int hg = warp; hg < G; hg += DEC_WARPS) {
+        const float* pp = part + (i64)(di * heads + kh * G + hg) * nsplit * (HD + 2);
+        float M0 = NEG_INF, M1 = NEG_INF, L0 = 0.f, L1 = 0.f;
+        if (lane < nv) {
+            L0 = __ldcg(pp + lane * (HD + 2) + HD + 1);
+            if (L0 > 0.f) M0 = __ldcg(pp + lane * (HD + 2) + HD);
+        }
+        if (lane + 32 < nv) {
+            L1 = __ldcg(pp + (lane + 32) * (HD + 2) + HD + 1);
+            if (L1 > 0.f) M1 = __ldcg(pp + (lane + 32) * (HD + 2) + HD);
+        }
+        float M = fmaxf(M0, M1);
 #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, o));
-    if (lane == 0) red[warp] = M;
-    __syncthreads();
-    if (tid == 0) sM = fmaxf(fmaxf(red[0], red[1]), fmaxf(red[2], red[3]));
-    __syncthreads();
-    M = sM;
-    const float wi = li > 0.f ? expf(mi - M) : 0.f;
-    if (tid < 64) wsp[tid] = wi;
-    float L = warp_sum(li * wi);
-    __syncthreads();
-    if (lane == 0) red[warp] = L;
-    __syncthreads();
-    if (tid == 0) sL = red[0] + red[1] + red[2] + red[3];
-    __syncthreads();
-    L = sL;
-    for (int d = tid; d < hd; d += blockDim.x) {
-        float A = 0.f;
-        for (int i = 0; i < nsplit; i++)
-            if (wsp[i] != 0.f) A += pp[i * (hd + 2) + d] * wsp[i];
-        out[(i64)row * heads * hd + (i64)h * hd + d] = tobf(L > 0.f ? A / L : 0.f);
+        for (int x = 16; x > 0; x >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, x));
+        const float w0 = L0 > 0.f ? exp2f(M0 - M) : 0.f, w1 = L1 > 0.f ? exp2f(M1 - M) : 0.f;
+        const float L = warp_sum(L0 * w0 + L1 * w1);
+        const float inv = L > 0.f ? 1.f / L : 0.f;
+        ws[hg * 64 + lane] = w0 * inv;
+        ws[hg * 64 + lane + 32] = w1 * inv;
     }
+    __syncthreads();
+    for (int idx = tid; idx < G * HD; idx += DEC_THREADS) {
+        const int hg = idx / HD, d = idx - hg * HD, h = kh * G + hg;
+        const float* pp = part + (i64)(di * heads + h) * nsplit * (HD + 2);
+        float A = 0.f;
+        for (int i = 0; i < nv; i++) {
+            const float wi = ws[hg * 64 + i];
+            if (wi != 0.f) A += __ldcg(pp + i * (HD + 2) + d) * wi;
+        }
+        out[(i64)row * heads * HD + (i64)h * HD + d] = tobf(A);
+    }
+    if (tid == 0) done[di * kvh + kh] = 0; // ready for the next launch
 }
+
+#define ATTN_DECODE_ARGS                                                                                           \
+    bf16 *out, float *part, int *done, const bf16 *q, const bf16 *kc, const bf16 *vc, const int *dec_seq,        \
+        const int *seq_info, const int *pages, int heads, int kvh, int bs, float scale, int nsplit, int ldq
+#define ATTN_DECODE_PASS out, part, done, q, kc, vc, dec_seq, seq_info, pages, heads, kvh, bs, scale, nsplit, ldq
+extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode_d32(ATTN_DECODE_ARGS) { attn_decode_body<32>(ATTN_DECODE_PASS); }
+extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode_d64(ATTN_DECODE_ARGS) { attn_decode_body<64>(ATTN_DECODE_PASS); }
+extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode_d128(ATTN_DECODE_ARGS) { attn_decode_body<128>(ATTN_DECODE_PASS); }
+extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode_d256(ATTN_DECODE_ARGS) { attn_decode_body<256>(ATTN_DECODE_PASS); }
 
 // silu_mul: out[r, c] = silu(g[r, c]) * u[r, c] for rows x cols values;
 // out's rows are cols apart, g's and u's ldg (views of one gate_up row).

@@ -538,6 +538,20 @@ func (f *Function) SetMaxDynamicShared(n int) error {
 	})
 }
 
+// Resources reports what the compiled kernel uses per thread: registers and
+// local memory (spilled registers and arrays the compiler kept off them).
+func (f *Function) Resources() (regs, localBytes int, err error) {
+	const numRegs, localSizeBytes = 4, 3 // CU_FUNC_ATTRIBUTE_NUM_REGS, CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES
+	var r, l int32
+	err = f.c.Do(func() error {
+		if err := check("cuFuncGetAttribute", drv.cuFuncGetAttribute(&r, numRegs, f.f)); err != nil {
+			return err
+		}
+		return check("cuFuncGetAttribute", drv.cuFuncGetAttribute(&l, localSizeBytes, f.f))
+	})
+	return int(r), int(l), err
+}
+
 // Dim3 is a grid or block shape; zero components count as 1.
 type Dim3 struct{ X, Y, Z int }
 

@@ -62,6 +62,7 @@ type driver struct {
 	cuModuleUnload            func(m cuModule) int32
 	cuModuleGetFunction       func(f *cuFunction, m cuModule, name string) int32
 	cuFuncSetAttribute        func(f cuFunction, attr int32, v int32) int32
+	cuFuncGetAttribute        func(v *int32, attr int32, f cuFunction) int32
 	cuLaunchKernel            func(f cuFunction, gx, gy, gz, bx, by, bz, shmem uint32, s cuStream, params unsafe.Pointer, extra unsafe.Pointer) int32
 	// Stream capture and graphs (optional: nil on drivers without them).
 	cuStreamBeginCapture        func(s cuStream, mode int32) int32
@@ -127,6 +128,7 @@ func loadDriver() error {
 		b.fn(&d.cuModuleUnload, "cuModuleUnload")
 		b.fn(&d.cuModuleGetFunction, "cuModuleGetFunction")
 		b.fn(&d.cuFuncSetAttribute, "cuFuncSetAttribute")
+		b.fn(&d.cuFuncGetAttribute, "cuFuncGetAttribute")
 		b.fn(&d.cuLaunchKernel, "cuLaunchKernel")
 		if b.err != nil {
 			return fmt.Errorf("%w: %v (driver too old?)", ErrNoDriver, b.err)

@@ -11,15 +11,16 @@ import (
 	"github.com/peftd/peftd/runtime/engine"
 )
 
-// TestOpAttentionDecode checks the split-KV decode kernel (attn_decode +
-// attn_reduce) against a float64 reference: decode sequences with contexts
+// TestOpAttentionDecode checks the split-KV decode kernel (attn_decode, its
+// splits merged in the kernel) against a float64 reference: decode sequences with contexts
 // of 1, 17, 640 and 4097 tokens, page sizes 1, 5 and 16, page tables drawn
 // from a shuffled free list, mixed in one step with prefill rows (which the
 // per-row kernel takes), and the same step again with the per-row kernel for
 // every row (attnV0).
 func TestOpAttentionDecode(t *testing.T) {
 	type shape struct{ heads, kvh, hd, bs int }
-	shapes := []shape{{32, 8, 128, 1}, {32, 8, 128, 5}, {32, 8, 128, 16}, {4, 2, 64, 5}, {8, 8, 32, 16}, {8, 1, 8, 1}, {16, 2, 256, 16}}
+	// head_dim 48 and 8: no attn_decode variant, the per-row kernel takes every row
+	shapes := []shape{{32, 8, 128, 1}, {32, 8, 128, 5}, {32, 8, 128, 16}, {4, 2, 64, 5}, {8, 8, 32, 16}, {8, 1, 32, 1}, {16, 2, 256, 16}, {4, 2, 48, 16}, {8, 4, 8, 1}}
 	for _, sh := range shapes {
 		t.Run(fmt.Sprintf("h%d_kv%d_d%d_bs%d", sh.heads, sh.kvh, sh.hd, sh.bs), func(t *testing.T) {
 			heads, kvh, hd, bs := sh.heads, sh.kvh, sh.hd, sh.bs
@@ -134,26 +135,43 @@ func TestOpAttentionDecode(t *testing.T) {
 			r.fill(q, qv)
 			r.fill(k, kv)
 			r.fill(v, vv)
-			for _, v0 := range []bool{false, true} {
+			// The split path twice: its merge counters must be back at zero.
+			for i, v0 := range []bool{false, false, true} {
 				r.b.attnV0 = v0
 				r.poison(out)
 				r.begin(m)
-				if !v0 {
+				if !v0 && !r.b.decOK {
+					if r.b.nDec != 0 {
+						t.Fatalf("head_dim %d: %d rows took attn_decode, which has no variant for it", hd, r.b.nDec)
+					}
+				} else if !v0 {
 					if r.b.nDec != len(ctxs) || r.b.nPre != T-len(ctxs) {
 						t.Fatalf("split path: %d decode sequences and %d prefill rows, want %d and %d", r.b.nDec, r.b.nPre, len(ctxs), T-len(ctxs))
 					}
-					t.Logf("decode split %d x %d positions", r.b.decSplit, r.b.decChunk)
+					t.Logf("decode split %d ways", r.b.decSplit)
 				}
 				r.b.Attention(out, q, k, v, layer, scale, nil)
 				got := r.read(out, T)
 				r.end()
 				name := "split-KV decode + per-row prefill"
+				if i == 1 {
+					name += ", again"
+				}
 				if v0 {
 					name = "per-row kernel (v0), all rows"
 				}
 				r.compare(name, got, want, opTol)
 			}
 			r.b.attnV0 = false
+			if !r.b.decOK {
+				return
+			}
+			f := r.b.decodeKernel(hd)
+			regs, local, err := f.Resources()
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Logf("%s: %d registers, %d bytes of local memory per thread", f.Name, regs, local)
 		})
 	}
 }

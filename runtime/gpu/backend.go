@@ -82,8 +82,7 @@ type funcs struct {
 	embed, addRMSNorm, rmsnormRows, ropeStore, attention, siluMul, shrink, expand *cuda.Function
 	addBias, headRMSNorm                                                          *cuda.Function
 	sgShrink, sgShrink4, sgExpand, sample                                         *cuda.Function
-	attnReduce                                                                    *cuda.Function
-	attnDecode                                                                    [4]*cuda.Function // attn_decode_g1, g2, g4, g8
+	attnDecode                                                                    [4]*cuda.Function // attn_decode_d32, d64, d128, d256
 }
 
 // Backend implements engine.Backend on one CUDA device.
@@ -151,15 +150,15 @@ type Backend struct {
 	loraV2     bool
 	fusedShmem int
 
-	// Split-KV decode attention (attn_decode + attn_reduce) for sequences
+	// Split-KV decode attention (attn_decode) for sequences
 	// with one row in the step; the per-row kernel takes the other rows.
 	// attnV0 forces the per-row kernel for every row (benchmark, tests).
 	attnV0     bool
-	decOK      bool // the model's head shape suits attn_decode
+	decOK      bool // the model's head shape suits attn_decode (head_dim 32, 64, 128 or 256; <= 8 query heads per KV head)
 	nDec, nPre int  // decode sequences and prefill rows of the step
-	decChunk   int  // positions per split
 	decSplit   int  // splits per (sequence, KV head)
 	attnPart   *cuda.DeviceBuffer
+	attnDone   *cuda.DeviceBuffer // attn_decode's per-(row, KV head) split counters
 
 	// asynchronous adapter loads (PrepareAdapter / LoadPrepared)
 	cs       *cuda.Stream // copy stream
@@ -280,10 +279,15 @@ func (b *Backend) open(opts Options) error {
 		{&b.fn.attention, "attention"}, {&b.fn.siluMul, "silu_mul"},
 		{&b.fn.shrink, "lora_shrink"}, {&b.fn.expand, "lora_expand"},
 		{&b.fn.sgShrink, "sgmv_shrink"}, {&b.fn.sgShrink4, "sgmv_shrink4"}, {&b.fn.sgExpand, "sgmv_expand"},
-		{&b.fn.sample, "sample_rows"}, {&b.fn.attnDecode[0], "attn_decode_g1"}, {&b.fn.attnDecode[1], "attn_decode_g2"},
-		{&b.fn.attnDecode[2], "attn_decode_g4"}, {&b.fn.attnDecode[3], "attn_decode_g8"}, {&b.fn.attnReduce, "attn_reduce"},
+		{&b.fn.sample, "sample_rows"}, {&b.fn.attnDecode[0], "attn_decode_d32"}, {&b.fn.attnDecode[1], "attn_decode_d64"},
+		{&b.fn.attnDecode[2], "attn_decode_d128"}, {&b.fn.attnDecode[3], "attn_decode_d256"},
 		{&b.fn.addBias, "add_bias"}, {&b.fn.headRMSNorm, "head_rmsnorm"}} {
 		if *f.p, err = b.mod.Function(f.name); err != nil {
+			return err
+		}
+	}
+	for i, f := range b.fn.attnDecode {
+		if err := f.SetMaxDynamicShared(decShared(32 << i)); err != nil {
 			return err
 		}
 	}
@@ -307,7 +311,7 @@ func (b *Backend) Init(cfg *llama.Config, spec engine.Spec) error {
 	}
 	b.cfg, b.kv, b.maxT = cfg, kv, maxTokens
 	hd := kv.HeadDim
-	b.decOK = hd >= 8 && hd <= 256 && hd&(hd-1) == 0 && cfg.Heads%kv.KVHeads == 0 && cfg.Heads/kv.KVHeads <= decMaxG
+	b.decOK = hd >= 32 && hd <= 256 && hd&(hd-1) == 0 && cfg.Heads%kv.KVHeads == 0 && cfg.Heads/kv.KVHeads <= decMaxG
 	width := kv.KVHeads * kv.HeadDim
 	b.layerB = kv.Blocks * kv.BlockSize * width * 2
 	var err error
@@ -324,6 +328,14 @@ func (b *Backend) Init(cfg *llama.Config, spec engine.Spec) error {
 		return err
 	}
 	if b.invFreq, err = b.ctx.Alloc(cfg.HeadDim / 2 * 4); err != nil {
+		return err
+	}
+	// attn_decode's split counters: one per (decode row, KV head), zero
+	// between launches (the block that merges a row's splits resets its own).
+	if b.attnDone, err = b.ctx.Alloc(4 * maxTokens * kv.KVHeads); err != nil {
+		return err
+	}
+	if err := cuda.CopyHtoD(b.s, b.attnDone.Ptr(), make([]int32, maxTokens*kv.KVHeads)); err != nil {
 		return err
 	}
 	// Sized once, so that recorded graphs never see them move.
@@ -446,7 +458,7 @@ func (b *Backend) Close() error {
 	}
 	errs = append(errs, b.closeLoads())
 	errs = append(errs, b.dropGraphs())
-	for _, d := range []*cuda.DeviceBuffer{b.kcache, b.vcache, b.metaDev, b.invFreq, b.normed, b.table, b.loraTmp, b.smpDev, b.attnPart,
+	for _, d := range []*cuda.DeviceBuffer{b.kcache, b.vcache, b.metaDev, b.invFreq, b.normed, b.table, b.loraTmp, b.smpDev, b.attnPart, b.attnDone,
 		b.g.dev, b.g.part, b.g.tmp} {
 		errs = append(errs, d.Free())
 	}

@@ -388,7 +388,7 @@ func (b *Backend) fillGraphMeta(meta *engine.StepMeta, n, rank int) error {
 	b.meta, b.off, b.metaBase = meta, o, b.g.dev.Ptr()
 	b.nRows, b.nLogit = n, n
 	b.nDec, b.nPre = n, 0
-	b.decSplit, b.decChunk, b.part = b.decSplitFor(n), 0, b.g.part
+	b.decSplit, b.part = b.decSplitFor(n), b.g.part
 	b.nLora, b.nTiles = 0, 0
 	b.stepRank, b.stepTmp, b.stepTmpFloats = 0, 0, 0
 	if rank > 0 {

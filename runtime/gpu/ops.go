@@ -2,6 +2,7 @@ package gpu
 
 import (
 	"fmt"
+	"math/bits"
 
 	"github.com/peftd/peftd/runtime/cuda"
 	"github.com/peftd/peftd/runtime/engine"
@@ -171,8 +172,7 @@ func (b *Backend) Attention(out, q, k, v engine.Buffer, layer int, scale float32
 			b.i32(b.off.rowSeq), b.i32(b.off.seqInfo), b.i32(b.off.pages), c.Heads, b.kv.KVHeads, b.kv.HeadDim, b.kv.BlockSize, scale,
 			b.i32(b.off.preRows), qb.ld)
 	}
-	hd, G := b.kv.HeadDim, c.Heads/b.kv.KVHeads
-	shmem := (decThreads / (hd / 8)) * G * (hd + 2) * 4
+	hd := b.kv.HeadDim
 	var part uint64
 	if b.decSplit > 1 {
 		part = b.part.Ptr()
@@ -180,31 +180,29 @@ func (b *Backend) Attention(out, q, k, v engine.Buffer, layer int, scale float32
 	if b.err != nil {
 		return
 	}
-	b.fail(b.decodeKernel(G).Launch(b.s, cuda.Dim3{X: b.nDec, Y: b.kv.KVHeads, Z: b.decSplit}, cuda.Dim3{X: decThreads}, shmem,
-		ptr(o), part, ptr(qb), kc, vc, b.i32(b.off.decSeqs), b.i32(b.off.seqInfo), b.i32(b.off.pages),
-		c.Heads, b.kv.KVHeads, hd, b.kv.BlockSize, scale, b.decChunk, b.decSplit, qb.ld))
-	if b.decSplit > 1 {
-		b.launch(b.fn.attnReduce, cuda.Dim3{X: b.nDec, Y: c.Heads}, cuda.Dim3{X: 128}, ptr(o), part,
-			b.i32(b.off.decSeqs), b.i32(b.off.seqInfo), c.Heads, hd, b.decSplit)
-	}
+	b.fail(b.decodeKernel(hd).Launch(b.s, cuda.Dim3{X: b.nDec, Y: b.kv.KVHeads, Z: b.decSplit}, cuda.Dim3{X: decThreads}, decShared(hd),
+		ptr(o), part, b.attnDone, ptr(qb), kc, vc, b.i32(b.off.decSeqs), b.i32(b.off.seqInfo), b.i32(b.off.pages),
+		c.Heads, b.kv.KVHeads, b.kv.BlockSize, scale, b.decSplit, qb.ld))
 }
 
-// decodeKernel is the attn_decode variant whose registers hold G query
-// heads per KV head: the smallest of 1, 2, 4, 8 that is >= G.
-func (b *Backend) decodeKernel(G int) *cuda.Function {
-	switch {
-	case G <= 1:
-		return b.fn.attnDecode[0]
-	case G <= 2:
-		return b.fn.attnDecode[1]
-	case G <= 4:
-		return b.fn.attnDecode[2]
-	}
-	return b.fn.attnDecode[3]
+// decodeKernel is the attn_decode variant for head dimension hd (32, 64,
+// 128 or 256: decOK).
+func (b *Backend) decodeKernel(hd int) *cuda.Function {
+	return b.fn.attnDecode[bits.TrailingZeros(uint(hd))-5]
 }
 
-// decThreads is DEC_THREADS in llama.cu.
+// decThreads is DEC_THREADS in llama.cu; decShared(hd) is the dynamic
+// shared memory of attn_decode_d{hd}: DEC_WARPS warps x DecShape<hd>::ST
+// stages x a 16-position tile of K and V (the end-of-block merge reuses it).
 const decThreads = 128
+
+func decShared(hd int) int {
+	stages := 3
+	if hd >= 256 {
+		stages = 2
+	}
+	return decThreads / 32 * stages * 2 * 16 * hd * 2
+}
 
 // SiLUMul computes out = silu(gate) * up.
 func (b *Backend) SiLUMul(out, gate, up engine.Buffer) {

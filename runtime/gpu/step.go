@@ -48,13 +48,12 @@ func (b *Backend) Begin(meta *engine.StepMeta) error {
 		nTiles += (g.End - g.Start + sgTileRows - 1) / sgTileRows
 	}
 	o.decSeqs = o.tiles + 4*nTiles
-	nDec, maxDecCtx := 0, 0
+	nDec := 0
 	useDec := b.decOK && !b.attnV0
 	if useDec {
 		for _, s := range meta.Seqs {
 			if s.Len == 1 {
 				nDec++
-				maxDecCtx = max(maxDecCtx, s.Context)
 			}
 		}
 	}
@@ -70,9 +69,9 @@ func (b *Backend) Begin(meta *engine.StepMeta) error {
 	if err := b.growMeta(o.end); err != nil {
 		return err
 	}
-	b.decSplit, b.decChunk = 1, max(maxDecCtx, 1)
+	b.decSplit = 1
 	if nDec > 0 {
-		if err := b.planDecode(nDec, maxDecCtx); err != nil {
+		if err := b.planDecode(nDec); err != nil {
 			return err
 		}
 	}
@@ -175,19 +174,18 @@ func (b *Backend) Begin(meta *engine.StepMeta) error {
 // decMaxG is DEC_MAXG in llama.cu: query heads per KV head attn_decode handles.
 const decMaxG = 8
 
-// planDecode chooses the KV split of the step's decode sequences: enough
-// splits that the grid covers the SMs about four times, at least 32
-// positions per split, and the partials' scratch sized for it. The stream is
-// idle (Begin synchronized it).
-func (b *Backend) planDecode(nDec, maxCtx int) error {
-	const minChunk = 32
-	blocks := nDec * b.kv.KVHeads
-	want := (4*b.ctx.Device().SMs + blocks - 1) / blocks
-	split := max(1, min(want, (maxCtx+minChunk-1)/minChunk, 64))
-	chunk := (maxCtx + split - 1) / split
-	chunk = (chunk + 7) &^ 7
-	split = (maxCtx + chunk - 1) / chunk
-	b.decSplit, b.decChunk = split, chunk
+// planDecode chooses the KV split of the step's decode sequences as the
+// recorded step of the same bucket does (decSplitFor of the bucket; each
+// sequence's chunk computed on the device from its context), so eager and
+// replayed steps compute the same sums; and sizes the partials' scratch for
+// it. The stream is idle (Begin synchronized it).
+func (b *Backend) planDecode(nDec int) error {
+	n := nDec
+	if i := bucketIndex(nDec); graphBuckets[i] >= nDec {
+		n = graphBuckets[i]
+	}
+	split := b.decSplitFor(n)
+	b.decSplit = split
 	if split > 1 {
 		need := 4 * nDec * b.cfg.Heads * split * (b.kv.HeadDim + 2)
 		if b.attnPart == nil || b.attnPart.Size() < need {
