@@ -552,6 +552,16 @@ func (f *Function) Resources() (regs, localBytes int, err error) {
 	return int(r), int(l), err
 }
 
+// BlocksPerSM is how many blocks of the kernel fit on one multiprocessor
+// at once with block threads and shared bytes of dynamic shared memory.
+func (f *Function) BlocksPerSM(block, shared int) (int, error) {
+	var n int32
+	err := f.c.Do(func() error {
+		return check("cuOccupancyMaxActiveBlocksPerMultiprocessor", drv.cuOccupancyMaxActiveBlocks(&n, f.f, int32(block), uint64(shared)))
+	})
+	return int(n), err
+}
+
 // Dim3 is a grid or block shape; zero components count as 1.
 type Dim3 struct{ X, Y, Z int }
 

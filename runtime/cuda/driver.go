@@ -23,47 +23,48 @@ type (
 type driver struct {
 	path string
 
-	cuInit                    func(flags uint32) int32
-	cuDriverGetVersion        func(v *int32) int32
-	cuGetErrorName            func(r int32, s **byte) int32
-	cuGetErrorString          func(r int32, s **byte) int32
-	cuDeviceGetCount          func(n *int32) int32
-	cuDeviceGet               func(dev *int32, ordinal int32) int32
-	cuDeviceGetName           func(name *byte, n int32, dev int32) int32
-	cuDeviceGetAttribute      func(v *int32, attr int32, dev int32) int32
-	cuDeviceTotalMem          func(b *uint64, dev int32) int32
-	cuDevicePrimaryCtxRetain  func(ctx *cuContext, dev int32) int32
-	cuDevicePrimaryCtxRelease func(dev int32) int32
-	cuCtxSetCurrent           func(ctx cuContext) int32
-	cuCtxSynchronize          func() int32
-	cuMemGetInfo              func(free, total *uint64) int32
-	cuMemAlloc                func(p *DevicePtr, n uint64) int32
-	cuMemFree                 func(p DevicePtr) int32
-	cuMemAllocHost            func(p *unsafe.Pointer, n uint64) int32
-	cuMemFreeHost             func(p unsafe.Pointer) int32
-	cuMemcpyHtoD              func(dst DevicePtr, src unsafe.Pointer, n uint64) int32
-	cuMemcpyDtoH              func(dst unsafe.Pointer, src DevicePtr, n uint64) int32
-	cuMemcpyHtoDAsync         func(dst DevicePtr, src unsafe.Pointer, n uint64, s cuStream) int32
-	cuMemcpyDtoHAsync         func(dst unsafe.Pointer, src DevicePtr, n uint64, s cuStream) int32
-	cuMemcpyDtoDAsync         func(dst, src DevicePtr, n uint64, s cuStream) int32
-	cuMemsetD8Async           func(dst DevicePtr, v uint8, n uint64, s cuStream) int32
-	cuMemsetD32Async          func(dst DevicePtr, v uint32, n uint64, s cuStream) int32
-	cuStreamCreate            func(s *cuStream, flags uint32) int32
-	cuStreamDestroy           func(s cuStream) int32
-	cuStreamSynchronize       func(s cuStream) int32
-	cuStreamWaitEvent         func(s cuStream, e cuEvent, flags uint32) int32
-	cuEventCreate             func(e *cuEvent, flags uint32) int32
-	cuEventDestroy            func(e cuEvent) int32
-	cuEventRecord             func(e cuEvent, s cuStream) int32
-	cuEventSynchronize        func(e cuEvent) int32
-	cuEventQuery              func(e cuEvent) int32
-	cuEventElapsedTime        func(ms *float32, start, end cuEvent) int32
-	cuModuleLoadData          func(m *cuModule, image unsafe.Pointer) int32
-	cuModuleUnload            func(m cuModule) int32
-	cuModuleGetFunction       func(f *cuFunction, m cuModule, name string) int32
-	cuFuncSetAttribute        func(f cuFunction, attr int32, v int32) int32
-	cuFuncGetAttribute        func(v *int32, attr int32, f cuFunction) int32
-	cuLaunchKernel            func(f cuFunction, gx, gy, gz, bx, by, bz, shmem uint32, s cuStream, params unsafe.Pointer, extra unsafe.Pointer) int32
+	cuInit                     func(flags uint32) int32
+	cuDriverGetVersion         func(v *int32) int32
+	cuGetErrorName             func(r int32, s **byte) int32
+	cuGetErrorString           func(r int32, s **byte) int32
+	cuDeviceGetCount           func(n *int32) int32
+	cuDeviceGet                func(dev *int32, ordinal int32) int32
+	cuDeviceGetName            func(name *byte, n int32, dev int32) int32
+	cuDeviceGetAttribute       func(v *int32, attr int32, dev int32) int32
+	cuDeviceTotalMem           func(b *uint64, dev int32) int32
+	cuDevicePrimaryCtxRetain   func(ctx *cuContext, dev int32) int32
+	cuDevicePrimaryCtxRelease  func(dev int32) int32
+	cuCtxSetCurrent            func(ctx cuContext) int32
+	cuCtxSynchronize           func() int32
+	cuMemGetInfo               func(free, total *uint64) int32
+	cuMemAlloc                 func(p *DevicePtr, n uint64) int32
+	cuMemFree                  func(p DevicePtr) int32
+	cuMemAllocHost             func(p *unsafe.Pointer, n uint64) int32
+	cuMemFreeHost              func(p unsafe.Pointer) int32
+	cuMemcpyHtoD               func(dst DevicePtr, src unsafe.Pointer, n uint64) int32
+	cuMemcpyDtoH               func(dst unsafe.Pointer, src DevicePtr, n uint64) int32
+	cuMemcpyHtoDAsync          func(dst DevicePtr, src unsafe.Pointer, n uint64, s cuStream) int32
+	cuMemcpyDtoHAsync          func(dst unsafe.Pointer, src DevicePtr, n uint64, s cuStream) int32
+	cuMemcpyDtoDAsync          func(dst, src DevicePtr, n uint64, s cuStream) int32
+	cuMemsetD8Async            func(dst DevicePtr, v uint8, n uint64, s cuStream) int32
+	cuMemsetD32Async           func(dst DevicePtr, v uint32, n uint64, s cuStream) int32
+	cuStreamCreate             func(s *cuStream, flags uint32) int32
+	cuStreamDestroy            func(s cuStream) int32
+	cuStreamSynchronize        func(s cuStream) int32
+	cuStreamWaitEvent          func(s cuStream, e cuEvent, flags uint32) int32
+	cuEventCreate              func(e *cuEvent, flags uint32) int32
+	cuEventDestroy             func(e cuEvent) int32
+	cuEventRecord              func(e cuEvent, s cuStream) int32
+	cuEventSynchronize         func(e cuEvent) int32
+	cuEventQuery               func(e cuEvent) int32
+	cuEventElapsedTime         func(ms *float32, start, end cuEvent) int32
+	cuModuleLoadData           func(m *cuModule, image unsafe.Pointer) int32
+	cuModuleUnload             func(m cuModule) int32
+	cuModuleGetFunction        func(f *cuFunction, m cuModule, name string) int32
+	cuFuncSetAttribute         func(f cuFunction, attr int32, v int32) int32
+	cuFuncGetAttribute         func(v *int32, attr int32, f cuFunction) int32
+	cuOccupancyMaxActiveBlocks func(n *int32, f cuFunction, blockSize int32, shared uint64) int32
+	cuLaunchKernel             func(f cuFunction, gx, gy, gz, bx, by, bz, shmem uint32, s cuStream, params unsafe.Pointer, extra unsafe.Pointer) int32
 	// Stream capture and graphs (optional: nil on drivers without them).
 	cuStreamBeginCapture        func(s cuStream, mode int32) int32
 	cuStreamEndCapture          func(s cuStream, g *cuGraph) int32
@@ -129,6 +130,7 @@ func loadDriver() error {
 		b.fn(&d.cuModuleGetFunction, "cuModuleGetFunction")
 		b.fn(&d.cuFuncSetAttribute, "cuFuncSetAttribute")
 		b.fn(&d.cuFuncGetAttribute, "cuFuncGetAttribute")
+		b.fn(&d.cuOccupancyMaxActiveBlocks, "cuOccupancyMaxActiveBlocksPerMultiprocessor")
 		b.fn(&d.cuLaunchKernel, "cuLaunchKernel")
 		if b.err != nil {
 			return fmt.Errorf("%w: %v (driver too old?)", ErrNoDriver, b.err)

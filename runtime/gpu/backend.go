@@ -153,12 +153,13 @@ type Backend struct {
 	// Split-KV decode attention (attn_decode) for sequences
 	// with one row in the step; the per-row kernel takes the other rows.
 	// attnV0 forces the per-row kernel for every row (benchmark, tests).
-	attnV0     bool
-	decOK      bool // the model's head shape suits attn_decode (head_dim 32, 64, 128 or 256; <= 8 query heads per KV head)
-	nDec, nPre int  // decode sequences and prefill rows of the step
-	decSplit   int  // splits per (sequence, KV head)
-	attnPart   *cuda.DeviceBuffer
-	attnDone   *cuda.DeviceBuffer // attn_decode's per-(row, KV head) split counters
+	attnV0      bool
+	decOK       bool // the model's head shape suits attn_decode (head_dim 32, 64, 128 or 256; <= 8 query heads per KV head)
+	decResident int  // attn_decode blocks resident at once (sizeDecode)
+	nDec, nPre  int  // decode sequences and prefill rows of the step
+	decSplit    int  // splits per (sequence, KV head)
+	attnPart    *cuda.DeviceBuffer
+	attnDone    *cuda.DeviceBuffer // attn_decode's per-(row, KV head) split counters
 
 	// asynchronous adapter loads (PrepareAdapter / LoadPrepared)
 	cs       *cuda.Stream // copy stream
@@ -294,6 +295,21 @@ func (b *Backend) open(opts Options) error {
 	return nil
 }
 
+// sizeDecode records how many attn_decode blocks the GPU holds at once for
+// the model's head dimension (decSplitFor plans waves of them).
+func (b *Backend) sizeDecode() error {
+	b.decResident = b.ctx.Device().SMs
+	if !b.decOK {
+		return nil
+	}
+	per, err := b.decodeKernel(b.kv.HeadDim).BlocksPerSM(decThreads, decShared(b.kv.HeadDim))
+	if err != nil {
+		return fmt.Errorf("gpu: attn_decode occupancy: %w", err)
+	}
+	b.decResident = max(1, per) * b.ctx.Device().SMs
+	return nil
+}
+
 // Device describes the GPU.
 func (b *Backend) Device() cuda.Device { return b.ctx.Device() }
 
@@ -312,6 +328,9 @@ func (b *Backend) Init(cfg *llama.Config, spec engine.Spec) error {
 	b.cfg, b.kv, b.maxT = cfg, kv, maxTokens
 	hd := kv.HeadDim
 	b.decOK = hd >= 32 && hd <= 256 && hd&(hd-1) == 0 && cfg.Heads%kv.KVHeads == 0 && cfg.Heads/kv.KVHeads <= decMaxG
+	if err := b.sizeDecode(); err != nil {
+		return err
+	}
 	width := kv.KVHeads * kv.HeadDim
 	b.layerB = kv.Blocks * kv.BlockSize * width * 2
 	var err error

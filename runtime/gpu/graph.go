@@ -1,6 +1,7 @@
 package gpu
 
 import (
+	"math"
 	"errors"
 	"fmt"
 	"math/bits"
@@ -73,11 +74,23 @@ func (b *Backend) GraphStats() (recorded, replayed int) { return b.g.Recorded, b
 // adapter slots: one partial tile per segment plus the full ones.
 func tilesCap(n, slots int) int { return min(n, (n+sgTileRows-1)/sgTileRows+max(slots, 1)) }
 
-// decSplitFor is the KV split of attn_decode for a decode step of n rows:
-// enough (sequence, KV head, split) blocks to cover the SMs about four times.
+// decSplitFor is the KV split of attn_decode for a decode step of n rows.
+// Blocks run in waves of decResident (the blocks the GPU holds at once); a
+// block costs its share of the context plus a fixed part (its pipeline's
+// start, the merge: about an eighth of a whole context's time at 8B
+// shapes), so the split minimizing waves x (1/split + 1/8) wins: one full
+// wave of whole contexts beats two of halves, and few sequences get split
+// until they fill a wave.
 func (b *Backend) decSplitFor(n int) int {
-	blocks := n * b.kv.KVHeads
-	return max(1, min((4*b.ctx.Device().SMs+blocks-1)/blocks, 64))
+	pairs := n * b.kv.KVHeads
+	best, bestCost := 1, math.Inf(1)
+	for s := 1; s <= 64; s++ {
+		waves := (pairs*s + b.decResident - 1) / b.decResident
+		if c := float64(waves) * (1/float64(s) + 0.125); c < bestCost-1e-9 {
+			best, bestCost = s, c
+		}
+	}
+	return best
 }
 
 // initGraphs sizes the graph metadata for the backend's largest bucket.
