@@ -712,7 +712,8 @@ func TestDecodeProfile(t *testing.T) {
 	batches := envBatches(t, "PEFTD_PROFILE_BATCHES", []int{1, 64})
 	const prompt = 512
 	maxB := slices.Max(batches)
-	opts := engine.Options{MaxTokens: 8 * prompt, BlockSize: 16, KVBlocks: maxB*(prompt+8)/16 + 64, AdapterSlots: len(ads) + 1}
+	// each sequence: the prompt and the four profiled tokens, in whole pages
+	opts := engine.Options{MaxTokens: 8 * prompt, BlockSize: 16, KVBlocks: maxB*((prompt+8+15)/16) + 64, AdapterSlots: len(ads) + 1}
 	e := newEngineWith(t, m, opts, Options{WeightFormat: os.Getenv("PEFTD_WEIGHTS"), Eager: os.Getenv("PEFTD_EAGER") != ""})
 	gb := e.Backend().(*Backend)
 	loadAdapters(t, e, ads)
