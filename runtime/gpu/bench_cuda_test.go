@@ -767,3 +767,89 @@ func TestDecodeProfile(t *testing.T) {
 		}
 	}
 }
+
+// TestGemvBench times gemv_t{T} against cuBLASLt's GEMM on the bf16
+// projections of Llama 3.1 8B (qkv, o, gate_up, down) at T = 1, 2, 4:
+// the median over 5 rounds of 40 calls each, rotating over copies of the
+// weight that together exceed L2, so every call reads its weight from
+// memory. Needs PEFTD_GEMV_BENCH=1 (gpu-check.sh's decode phase sets it).
+func TestGemvBench(t *testing.T) {
+	if os.Getenv("PEFTD_GEMV_BENCH") == "" {
+		t.Skip("PEFTD_GEMV_BENCH is not set")
+	}
+	r := newRig(t, testConfig(64, 128, 4, 2, 16, 32, 1), gemvMaxT, engine.KVSpec{Layers: 1, Blocks: 4, BlockSize: 16, KVHeads: 2, HeadDim: 16})
+	b := r.b
+	beg, err := b.ctx.NewEvent(true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	end, err := b.ctx.NewEvent(true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer beg.Destroy()
+	defer end.Destroy()
+	shapes := []struct {
+		name string
+		n, k int
+	}{{"qkv", 6144, 4096}, {"o", 4096, 4096}, {"gate_up", 28672, 4096}, {"down", 4096, 14336}}
+	bench("gemv shape      T   gemv_us  gemm_us  gemv_GB/s  gemm_GB/s")
+	for _, sh := range shapes {
+		wb := sh.n * sh.k * 2
+		copies := max(2, (256<<20)/wb+1)
+		ws := make([]*cuda.DeviceBuffer, copies)
+		for i := range ws {
+			if ws[i], err = b.ctx.Alloc(wb); err != nil {
+				t.Fatal(err)
+			}
+		}
+		x, err := b.ctx.Alloc(gemvMaxT * sh.k * 2)
+		if err != nil {
+			t.Fatal(err)
+		}
+		out, err := b.ctx.Alloc(gemvMaxT * sh.n * 2)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, T := range []int{1, 2, 4} {
+			time := func(call func(w *cuda.DeviceBuffer) error) float64 {
+				const calls = 40
+				var rounds []float32
+				for range 6 {
+					if err := beg.Record(b.s); err != nil {
+						t.Fatal(err)
+					}
+					for i := range calls {
+						if err := call(ws[i%copies]); err != nil {
+							t.Fatal(err)
+						}
+					}
+					if err := end.Record(b.s); err != nil {
+						t.Fatal(err)
+					}
+					if err := end.Synchronize(); err != nil {
+						t.Fatal(err)
+					}
+					ms, err := end.Since(beg)
+					if err != nil {
+						t.Fatal(err)
+					}
+					rounds = append(rounds, ms*1000/calls)
+				}
+				return median(rounds[1:]) // the first round warms up
+			}
+			gv := time(func(w *cuda.DeviceBuffer) error {
+				return b.fn.gemv[T-1].Launch(b.s, cuda.Dim3{X: (sh.n + 7) / 8}, cuda.Dim3{X: 256}, 0, out, x, w, sh.n, sh.k)
+			})
+			gm := time(func(w *cuda.DeviceBuffer) error {
+				return b.mm.GemmTN(b.s, out.Ptr(), cuda.R16BF, x.Ptr(), cuda.R16BF, w.Ptr(), cuda.R16BF, T, sh.n, sh.k, 1, 0)
+			})
+			bench("gemv %-9s %d %9.2f %8.2f %10.0f %10.0f", sh.name, T, gv, gm, float64(wb)/gv/1e3, float64(wb)/gm/1e3)
+		}
+		for _, w := range ws {
+			w.Free()
+		}
+		x.Free()
+		out.Free()
+	}
+}
