@@ -594,68 +594,6 @@ extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode_d64(ATTN_D
 extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode_d128(ATTN_DECODE_ARGS) { attn_decode_body<128>(ATTN_DECODE_PASS); }
 extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode_d256(ATTN_DECODE_ARGS) { attn_decode_body<256>(ATTN_DECODE_PASS); }
 
-// gemv_t{1,2,3,4}: out[t, n] = sum_k x[t, k] * w[n, k] for the T rows of a
-// decode step with few sequences (bf16 in and out, float32 sums): there a
-// GEMM's tiles leave SMs idle or split K and reduce in a second kernel,
-// while this reads w once at the memory's pace. One warp per output column
-// (a row of w), 16-byte loads, eight in flight per lane, w read without
-// allocating in L1 so that x (read by every warp of the block) stays there.
-// Each row is summed in the same order whatever T is, so a step padded to a
-// larger T gives the same values. grid ceil(N / 8), block 256; K % 8 == 0.
-__device__ __forceinline__ uint4 ld_stream16(const uint4* p) {
-    uint4 v;
-    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-                 : "l"(p));
-    return v;
-}
-
-#define GEMV_UNROLL 8
-template <int T>
-__device__ __forceinline__ void gemv_body(bf16* __restrict__ out, const bf16* __restrict__ x, const bf16* __restrict__ w,
-                                          int N, int K) {
-    const int lane = threadIdx.x & 31, n = blockIdx.x * 8 + (threadIdx.x >> 5);
-    if (n >= N) return;
-    const uint4* wr = reinterpret_cast<const uint4*>(w + (i64)n * K);
-    const int kc = K >> 3;
-    float acc[T];
-#pragma unroll
-    for (int t = 0; t < T; t++) acc[t] = 0.f;
-    for (int c0 = 0; c0 < kc; c0 += 32 * GEMV_UNROLL) {
-        uint4 wv[GEMV_UNROLL];
-#pragma unroll
-        for (int u = 0; u < GEMV_UNROLL; u++) {
-            const int c = c0 + u * 32 + lane;
-            wv[u] = c < kc ? ld_stream16(wr + c) : make_uint4(0, 0, 0, 0);
-        }
-#pragma unroll
-        for (int u = 0; u < GEMV_UNROLL; u++) {
-            const int c = c0 + u * 32 + lane;
-            if (c < kc) {
-                float wf[8];
-                unpack8(wv[u], wf);
-#pragma unroll
-                for (int t = 0; t < T; t++) {
-                    float xf[8];
-                    unpack8(__ldg(reinterpret_cast<const uint4*>(x + (i64)t * K) + c), xf);
-#pragma unroll
-                    for (int i = 0; i < 8; i++) acc[t] += wf[i] * xf[i];
-                }
-            }
-        }
-    }
-#pragma unroll
-    for (int t = 0; t < T; t++) acc[t] = warp_sum(acc[t]);
-    if (lane == 0) {
-#pragma unroll
-        for (int t = 0; t < T; t++) out[(i64)t * N + n] = tobf(acc[t]);
-    }
-}
-extern "C" __global__ void __launch_bounds__(256) gemv_t1(bf16* out, const bf16* x, const bf16* w, int N, int K) { gemv_body<1>(out, x, w, N, K); }
-extern "C" __global__ void __launch_bounds__(256) gemv_t2(bf16* out, const bf16* x, const bf16* w, int N, int K) { gemv_body<2>(out, x, w, N, K); }
-extern "C" __global__ void __launch_bounds__(256) gemv_t3(bf16* out, const bf16* x, const bf16* w, int N, int K) { gemv_body<3>(out, x, w, N, K); }
-extern "C" __global__ void __launch_bounds__(256) gemv_t4(bf16* out, const bf16* x, const bf16* w, int N, int K) { gemv_body<4>(out, x, w, N, K); }
-
 // silu_mul: out[r, c] = silu(g[r, c]) * u[r, c] for rows x cols values;
 // out's rows are cols apart, g's and u's ldg (views of one gate_up row).
 // Grid-stride over 8-value words when cols and ldg are multiples of 8.

@@ -83,7 +83,6 @@ type funcs struct {
 	addBias, headRMSNorm                                                          *cuda.Function
 	sgShrink, sgShrink4, sgExpand, sample                                         *cuda.Function
 	attnDecode                                                                    [4]*cuda.Function // attn_decode_d32, d64, d128, d256
-	gemv                                                                          [gemvMaxT]*cuda.Function // gemv_t1 .. gemv_t4
 }
 
 // Backend implements engine.Backend on one CUDA device.
@@ -283,8 +282,7 @@ func (b *Backend) open(opts Options) error {
 		{&b.fn.sgShrink, "sgmv_shrink"}, {&b.fn.sgShrink4, "sgmv_shrink4"}, {&b.fn.sgExpand, "sgmv_expand"},
 		{&b.fn.sample, "sample_rows"}, {&b.fn.attnDecode[0], "attn_decode_d32"}, {&b.fn.attnDecode[1], "attn_decode_d64"},
 		{&b.fn.attnDecode[2], "attn_decode_d128"}, {&b.fn.attnDecode[3], "attn_decode_d256"},
-		{&b.fn.addBias, "add_bias"}, {&b.fn.headRMSNorm, "head_rmsnorm"},
-		{&b.fn.gemv[0], "gemv_t1"}, {&b.fn.gemv[1], "gemv_t2"}, {&b.fn.gemv[2], "gemv_t3"}, {&b.fn.gemv[3], "gemv_t4"}} {
+		{&b.fn.addBias, "add_bias"}, {&b.fn.headRMSNorm, "head_rmsnorm"}} {
 		if *f.p, err = b.mod.Function(f.name); err != nil {
 			return err
 		}

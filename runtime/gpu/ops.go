@@ -95,16 +95,8 @@ func (b *Backend) Linear(out, in engine.Buffer, w engine.Weight) {
 	if !b.check(x.cols == wt.cols && o.cols == wt.rows && o.whole() && x.whole(), "linear: in width %d, out width %d, weight [%d,%d]", x.cols, o.cols, wt.rows, wt.cols) {
 		return
 	}
-	if T := b.rows(); T <= gemvMaxT && wt.cols%8 == 0 {
-		b.launch(b.fn.gemv[T-1], cuda.Dim3{X: (wt.rows + 7) / 8}, cuda.Dim3{X: 256}, o.mem, x.mem, wt.mem, wt.rows, wt.cols)
-		return
-	}
 	b.fail(b.mm.GemmTN(b.s, o.mem.Ptr(), cuda.R16BF, x.mem.Ptr(), cuda.R16BF, wt.mem.Ptr(), cuda.R16BF, b.rows(), wt.rows, wt.cols, 1, 0))
 }
-
-// gemvMaxT is the most rows Linear computes with gemv_t{T} instead of
-// cuBLASLt (a graph bucket: a step padded up to it stays on the same path).
-const gemvMaxT = 4
 
 // RoPE rotates q and k in place at the step's positions (the rotation
 // Attention applies before it stores k; the op tests check it alone).

@@ -261,12 +261,8 @@ func TestOpAddRMSNorm(t *testing.T) {
 	}
 }
 
-// TestOpLinear checks Linear against a float64 reference: cuBLASLt shapes
-// and, for T <= gemvMaxT with K % 8 == 0, gemv_t{T} (K past a whole
-// unrolled round, N not a multiple of a block's 8 columns, K = 8).
 func TestOpLinear(t *testing.T) {
-	for _, sh := range [][3]int{{1, 64, 64}, {5, 77, 172}, {33, 352, 128}, {17, 512, 128}, {3, 1000, 333},
-		{2, 300, 4104}, {4, 257, 2056}, {3, 33, 8}, {1, 4096, 14336}} {
+	for _, sh := range [][3]int{{1, 64, 64}, {5, 77, 172}, {33, 352, 128}, {17, 512, 128}, {3, 1000, 333}} {
 		T, N, K := sh[0], sh[1], sh[2]
 		r := newRig(t, testConfig(64, 128, 4, 2, 16, 32, 1), T, engine.KVSpec{Layers: 1, Blocks: 4, BlockSize: 16, KVHeads: 2, HeadDim: 16})
 		w, wv := r.weight(N, K, 0.5)
