@@ -1,7 +1,7 @@
 package engine_test
 
 import (
-	"context"
+	"fmt"
 	"testing"
 
 	"github.com/peftd/peftd/internal/fixture"
@@ -27,70 +27,28 @@ func loadFixture(t testing.TB) (*llama.Model, map[string]*lora.Adapter, []refCas
 func itoa(i int) string { return string(rune('0' + i)) }
 
 // runCases runs the cases co-batched in one engine (prefill together, then
-// teacher-forced decode steps together) and checks every row.
+// teacher-forced decode steps together) and checks every row: the CPU
+// backend computes in float32 as the reference does.
 func runCases(t *testing.T, e *engine.Engine, slots map[string]int, cases []refCase) {
 	t.Helper()
-	ctx := context.Background()
 	V := e.Config().VocabSize
-	seqs := make([]*engine.Sequence, len(cases))
-	in := make([]engine.Input, len(cases))
-	for i, c := range cases {
-		seqs[i] = &engine.Sequence{}
-		slot := -1
-		if c.Adapter != nil {
-			slot = slots[*c.Adapter]
-		}
-		in[i] = engine.Input{Seq: seqs[i], Tokens: c.Prompt, Slot: slot, AllLogits: true}
-	}
-	out, err := e.Step(ctx, in)
-	if err != nil {
-		t.Fatal(err)
-	}
 	worst := 0.0
 	defer func() { t.Logf("%d cases: worst relative error %.3g", len(cases), worst) }()
-	for i, c := range cases {
-		r := fixture.RelErr(out[i], c.Prefill)
-		worst = max(worst, r)
-		if r > 1e-4 {
-			t.Errorf("case %d (%v): prefill logits relative error %.3g > 1e-4", c.ID, name(c), r)
+	fixture.Run(t, e, slots, cases, func(r fixture.Row) {
+		c := cases[r.Case]
+		rel := fixture.RelErr(r.Got, r.Ref)
+		worst = max(worst, rel)
+		what := fmt.Sprintf("case %d (%v) prefill", c.ID, name(c))
+		if r.Decode >= 0 {
+			what = fmt.Sprintf("case %d decode %d", c.ID, r.Decode)
 		}
-		if g := sample.Argmax(out[i][len(out[i])-V:]); g != c.Greedy[0] {
-			t.Errorf("case %d: first greedy token %d, want %d", c.ID, g, c.Greedy[0])
+		if rel > 1e-4 {
+			t.Errorf("%s: logits relative error %.3g > 1e-4", what, rel)
 		}
-	}
-	for j := 0; ; j++ {
-		var step []engine.Input
-		var idx []int
-		for i, c := range cases {
-			if j < c.Decode {
-				step = append(step, engine.Input{Seq: seqs[i], Tokens: []int32{c.Greedy[j]}, Slot: in[i].Slot})
-				idx = append(idx, i)
-			}
+		if g := sample.Argmax(r.Got[len(r.Got)-V:]); r.Check && g != r.Want {
+			t.Errorf("%s: greedy %d, want %d", what, g, r.Want)
 		}
-		if len(step) == 0 {
-			break
-		}
-		out, err := e.Step(ctx, step)
-		if err != nil {
-			t.Fatal(err)
-		}
-		for k, i := range idx {
-			c := cases[i]
-			r := fixture.RelErr(out[k], c.DecodeLogits[j*V:(j+1)*V])
-			worst = max(worst, r)
-			if r > 1e-4 {
-				t.Errorf("case %d decode %d: relative error %.3g > 1e-4", c.ID, j, r)
-			}
-			if j+1 < len(c.Greedy) {
-				if g := sample.Argmax(out[k]); g != c.Greedy[j+1] {
-					t.Errorf("case %d decode %d: greedy %d, want %d", c.ID, j, g, c.Greedy[j+1])
-				}
-			}
-		}
-	}
-	for _, s := range seqs {
-		e.Release(s)
-	}
+	})
 }
 
 func name(c refCase) string { return c.AdapterName() }

@@ -3,7 +3,6 @@
 package gpu
 
 import (
-	"context"
 	"fmt"
 	"math"
 	"math/rand/v2"
@@ -496,36 +495,29 @@ func klRow(ref, got []float32) float64 {
 	return kl
 }
 
-// measureCases runs the fixture's cases co-batched and teacher-forced as
-// runCases does, measuring instead of asserting.
+// measureCases runs the fixture's cases co-batched and teacher-forced
+// (fx.Run, as runCases), measuring every row instead of asserting.
 func measureCases(t *testing.T, e *engine.Engine, slots map[string]int, cases []refCase) quality {
 	t.Helper()
-	ctx := context.Background()
 	V := e.Config().VocabSize
-	seqs := make([]*engine.Sequence, len(cases))
-	in := make([]engine.Input, len(cases))
-	for i, c := range cases {
-		seqs[i] = &engine.Sequence{}
-		slot := -1
-		if c.Adapter != nil {
-			slot = slots[*c.Adapter]
-		}
-		in[i] = engine.Input{Seq: seqs[i], Tokens: c.Prompt, Slot: slot, AllLogits: true}
-	}
 	var q quality
-	agg := make([]errAcc, len(cases))
-	row := func(i int, got, ref []float32, want int32, greedy bool) {
-		q.worstRow = max(q.worstRow, fx.RelErr(got, ref))
-		agg[i].add(got, ref)
-		q.kl += klRow(ref, got)
-		q.rows++
-		if !greedy {
+	agg := make([]fx.ErrAcc, len(cases))
+	fx.Run(t, e, slots, cases, func(r fx.Row) {
+		for o := 0; o < len(r.Got); o += V {
+			got, ref := r.Got[o:o+V], r.Ref[o:o+V]
+			q.worstRow = max(q.worstRow, fx.RelErr(got, ref))
+			agg[r.Case].Add(got, ref)
+			q.kl += klRow(ref, got)
+			q.rows++
+		}
+		if !r.Check {
 			return
 		}
+		got, ref := r.Got[len(r.Got)-V:], r.Ref[len(r.Ref)-V:]
 		g := sample.Argmax(got)
 		gap := float64(ref[sample.Argmax(ref)] - ref[g])
 		switch {
-		case g == want:
+		case g == r.Want:
 			q.match++
 		case gap <= tieTol:
 			q.ties++
@@ -533,47 +525,9 @@ func measureCases(t *testing.T, e *engine.Engine, slots map[string]int, cases []
 			q.misses++
 			q.worstMissGap = max(q.worstMissGap, gap)
 		}
-	}
-	out, err := e.Step(ctx, in)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for i, c := range cases {
-		n := len(c.Prompt)
-		for r := 0; r < n; r++ {
-			row(i, out[i][r*V:(r+1)*V], c.Prefill[r*V:(r+1)*V], c.Greedy[0], r == n-1)
-		}
-	}
-	for j := 0; ; j++ {
-		var step []engine.Input
-		var idx []int
-		for i, c := range cases {
-			if j < c.Decode {
-				step = append(step, engine.Input{Seq: seqs[i], Tokens: []int32{c.Greedy[j]}, Slot: in[i].Slot})
-				idx = append(idx, i)
-			}
-		}
-		if len(step) == 0 {
-			break
-		}
-		out, err := e.Step(ctx, step)
-		if err != nil {
-			t.Fatal(err)
-		}
-		for k, i := range idx {
-			c := cases[i]
-			var want int32
-			if j+1 < len(c.Greedy) {
-				want = c.Greedy[j+1]
-			}
-			row(i, out[k], c.DecodeLogits[j*V:(j+1)*V], want, j+1 < len(c.Greedy))
-		}
-	}
-	for _, s := range seqs {
-		e.Release(s)
-	}
+	})
 	for i := range cases {
-		q.perCase = append(q.perCase, agg[i].rel())
+		q.perCase = append(q.perCase, agg[i].Rel())
 	}
 	q.kl /= float64(q.rows)
 	return q

@@ -1,9 +1,9 @@
 package gpu
 
 import (
-	"math"
 	"errors"
 	"fmt"
+	"math"
 	"math/bits"
 
 	"github.com/peftd/peftd/runtime/cuda"

@@ -7,7 +7,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"maps"
-	"math"
 	"os"
 	"path/filepath"
 	"slices"
@@ -81,73 +80,36 @@ func checkGreedy(t *testing.T, what string, got []float32, ref []float32, want i
 	t.Errorf("%s: greedy %d, want %d (reference gap %.4f)", what, g, want, mx-ref[g])
 }
 
+// runCases runs the cases co-batched and teacher-forced (fx.Run) and
+// checks every row within rowTol, every case over all its rows within
+// fixtureTol, and every greedy choice (or a near-tie of it); it returns the
+// worst case-level and single-row errors and the greedy counts.
 func runCases(t *testing.T, e *engine.Engine, slots map[string]int, cases []refCase) (float64, float64, greedyStats) {
 	t.Helper()
-	ctx := context.Background()
 	V := e.Config().VocabSize
-	seqs := make([]*engine.Sequence, len(cases))
-	in := make([]engine.Input, len(cases))
-	for i, c := range cases {
-		seqs[i] = &engine.Sequence{}
-		slot := -1
-		if c.Adapter != nil {
-			slot = slots[*c.Adapter]
-		}
-		in[i] = engine.Input{Seq: seqs[i], Tokens: c.Prompt, Slot: slot, AllLogits: true}
-	}
-	out, err := e.Step(ctx, in)
-	if err != nil {
-		t.Fatal(err)
-	}
 	worstRow := 0.0
-	agg := make([]errAcc, len(cases))
+	agg := make([]fx.ErrAcc, len(cases))
 	var st greedyStats
-	for i, c := range cases {
-		r := fx.RelErr(out[i], c.Prefill)
-		worstRow = max(worstRow, r)
-		if !(r <= rowTol) {
-			t.Errorf("case %d (%s): prefill logits relative error %.3g > %.0e", c.ID, name(c), r, rowTol)
+	fx.Run(t, e, slots, cases, func(r fx.Row) {
+		c := cases[r.Case]
+		what := fmt.Sprintf("case %d (%s) prefill", c.ID, name(c))
+		if r.Decode >= 0 {
+			what = fmt.Sprintf("case %d decode %d", c.ID, r.Decode)
 		}
-		agg[i].add(out[i], c.Prefill)
-		n := len(c.Prompt)
-		checkGreedy(t, fmt.Sprintf("case %d prefill", c.ID), out[i][(n-1)*V:], c.Prefill[(n-1)*V:], c.Greedy[0], &st)
-	}
-	for j := 0; ; j++ {
-		var step []engine.Input
-		var idx []int
-		for i, c := range cases {
-			if j < c.Decode {
-				step = append(step, engine.Input{Seq: seqs[i], Tokens: []int32{c.Greedy[j]}, Slot: in[i].Slot})
-				idx = append(idx, i)
-			}
+		rel := fx.RelErr(r.Got, r.Ref)
+		worstRow = max(worstRow, rel)
+		if !(rel <= rowTol) {
+			t.Errorf("%s: logits relative error %.3g > %.0e", what, rel, rowTol)
 		}
-		if len(step) == 0 {
-			break
+		agg[r.Case].Add(r.Got, r.Ref)
+		if r.Check {
+			n := len(r.Got)
+			checkGreedy(t, what, r.Got[n-V:], r.Ref[n-V:], r.Want, &st)
 		}
-		out, err := e.Step(ctx, step)
-		if err != nil {
-			t.Fatal(err)
-		}
-		for k, i := range idx {
-			c := cases[i]
-			ref := c.DecodeLogits[j*V : (j+1)*V]
-			r := fx.RelErr(out[k], ref)
-			worstRow = max(worstRow, r)
-			if !(r <= rowTol) {
-				t.Errorf("case %d decode %d: relative error %.3g > %.0e", c.ID, j, r, rowTol)
-			}
-			agg[i].add(out[k], ref)
-			if j+1 < len(c.Greedy) {
-				checkGreedy(t, fmt.Sprintf("case %d decode %d", c.ID, j), out[k], ref, c.Greedy[j+1], &st)
-			}
-		}
-	}
-	for _, s := range seqs {
-		e.Release(s)
-	}
+	})
 	worst := 0.0
 	for i, c := range cases {
-		r := agg[i].rel()
+		r := agg[i].Rel()
 		worst = max(worst, r)
 		if !(r <= fixtureTol) {
 			t.Errorf("case %d (%s): relative error over all rows %.3g > %.0e", c.ID, name(c), r, fixtureTol)
@@ -156,22 +118,6 @@ func runCases(t *testing.T, e *engine.Engine, slots map[string]int, cases []refC
 	t.Logf("%d cases: worst case-level relative error %.3g, worst single row %.3g", len(cases), worst, worstRow)
 	return worst, worstRow, st
 }
-
-// errAcc accumulates a norm-wise relative error over several rows.
-type errAcc struct{ d, n float64 }
-
-func (a *errAcc) add(got, want []float32) {
-	for i := range want {
-		x := float64(got[i]) - float64(want[i])
-		if math.IsNaN(x) {
-			x = math.Inf(1)
-		}
-		a.d += x * x
-		a.n += float64(want[i]) * float64(want[i])
-	}
-}
-
-func (a *errAcc) rel() float64 { return math.Sqrt(a.d / a.n) }
 
 func name(c refCase) string {
 	if c.Adapter == nil {
@@ -385,7 +331,7 @@ func TestPrefixReuseFixture(t *testing.T) {
 			t.Fatal(err)
 		}
 		shared += k * bs
-		var acc errAcc
+		var acc fx.ErrAcc
 		out, err := e.Step(ctx, []engine.Input{{Seq: &reader, Tokens: c.Prompt[k*bs:], Slot: slot, AllLogits: true},
 			{Seq: &writer, Tokens: []int32{c.Greedy[0]}, Slot: slot}})
 		if err != nil {
@@ -395,7 +341,7 @@ func TestPrefixReuseFixture(t *testing.T) {
 		if r := fx.RelErr(out[0], ref); !(r <= rowTol*2) {
 			t.Errorf("case %d: prefill after %d shared tokens: relative error %.3g", c.ID, k*bs, r)
 		}
-		acc.add(out[0], ref)
+		acc.Add(out[0], ref)
 		for j := 0; j < c.Decode; j++ {
 			out, err := e.Step(ctx, []engine.Input{{Seq: &reader, Tokens: []int32{c.Greedy[j]}, Slot: slot}})
 			if err != nil {
@@ -405,9 +351,9 @@ func TestPrefixReuseFixture(t *testing.T) {
 			if r := fx.RelErr(out[0], want); !(r <= rowTol) {
 				t.Errorf("case %d decode %d after a shared prefix: relative error %.3g > %.0e", c.ID, j, r, rowTol)
 			}
-			acc.add(out[0], want)
+			acc.Add(out[0], want)
 		}
-		r := acc.rel()
+		r := acc.Rel()
 		worst = max(worst, r)
 		if !(r <= fixtureTol) {
 			t.Errorf("case %d: relative error over all rows %.3g > %.0e", c.ID, r, fixtureTol)
