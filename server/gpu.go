@@ -6,7 +6,7 @@ import (
 	"strconv"
 
 	"github.com/peftd/peftd/runtime/engine"
-	"github.com/peftd/peftd/runtime/gpuinfo"
+	"github.com/peftd/peftd/server/gpuinfo"
 	"github.com/peftd/peftd/runtime/llama"
 	"github.com/prometheus/client_golang/prometheus"
 )
