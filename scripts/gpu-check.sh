@@ -31,6 +31,8 @@
 #     prefix8b   prefix caching on the GPU: the soak8b checkpoint, a shared
 #                2000-token prefix at concurrency 32, cache on vs off (TTFT,
 #                throughput) and greedy outputs compared; run it by name
+#     load       TestLoadBench: engine.New's weight upload time on the decode
+#                phase's random 8B checkpoint (not in the default phases)
 #     profile    ncu over one decode step without and one with the 4 adapters
 #                per batch (PEFTD_PROFILE_BATCHES, default 1,64) on the decode
 #                checkpoint (made if missing): kernel time per step and the
@@ -216,6 +218,20 @@ if want decode; then
 		tail -n 20 "$LOG/decode.make.log"
 	fi
 	stamp decode
+fi
+
+if want load; then
+	MD=/tmp/llama8b-random
+	echo "=== load: engine.New on the random 8B checkpoint (staged weight uploads)"
+	if random_ckpt "$MD" decode --layers "${DECODE_LAYERS:-32}"; then
+		(cd runtime/gpu && PEFTD_LOAD_BENCH=1 PEFTD_MODEL_8B=$MD timeout "$(left 300)" "$GPUBIN" -test.v -test.count=1 -test.run '^TestLoadBench$') 2>&1 | tee "$LOG/load.log" | grep -E '^BENCH|--- (PASS|FAIL)|Error'
+		[[ ${PIPESTATUS[0]} == 0 ]] || status=1
+		grep '^BENCH load' "$LOG/load.log" >"$LOG/load.txt"
+		save "$LOG/load.txt"
+	else
+		status=1
+	fi
+	stamp load
 fi
 
 if want profile; then

@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"runtime"
+	"sync"
 
 	"github.com/peftd/peftd/runtime/llama"
 	"github.com/peftd/peftd/runtime/lora"
@@ -211,7 +213,6 @@ func upStacked(m *llama.Model, b Backend, name string, names []string) (Weight, 
 			dtype = safetensors.F32
 		}
 	}
-	var all []byte
 	rows := 0
 	for i, raw := range raws {
 		if infos[i].DType != dtype { // mixed dtypes: everything in float32
@@ -224,9 +225,10 @@ func upStacked(m *llama.Model, b Backend, name string, names []string) (Weight, 
 				binary.LittleEndian.PutUint32(raw[4*j:], math.Float32bits(v))
 			}
 		}
-		all = append(all, raw...)
+		raws[i] = raw
 		rows += infos[i].Shape[0]
 	}
+	all := concat(raws)
 	shape := []int{rows}
 	if len(infos[0].Shape) == 2 {
 		shape = []int{rows, infos[0].Shape[1]}
@@ -255,3 +257,33 @@ func (e *Engine) BlocksFor(n int) int { return (n + e.opts.BlockSize - 1) / e.op
 
 // Close releases the backend.
 func (e *Engine) Close() error { return e.b.Close() }
+
+// concat joins parts into one new slice, copying on several goroutines
+// (the stacked projections of an 8B model are gigabytes: one goroutine's
+// memmove from a mapped checkpoint was a good part of the load).
+func concat(parts [][]byte) []byte {
+	total := 0
+	for _, p := range parts {
+		total += len(p)
+	}
+	all := make([]byte, total)
+	const chunk = 16 << 20
+	var wg sync.WaitGroup
+	sem := make(chan struct{}, min(runtime.GOMAXPROCS(0), 8))
+	off := 0
+	for _, p := range parts {
+		for i := 0; i < len(p); i += chunk {
+			dst, src := all[off+i:], p[i:min(len(p), i+chunk)]
+			sem <- struct{}{}
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				copy(dst, src)
+				<-sem
+			}()
+		}
+		off += len(p)
+	}
+	wg.Wait()
+	return all
+}

@@ -161,6 +161,8 @@ type Backend struct {
 	attnPart    *cuda.DeviceBuffer
 	attnDone    *cuda.DeviceBuffer // attn_decode's per-(row, KV head) split counters
 
+	stage *staging // weight uploads' pinned staging (upload.go), freed before the first step
+
 	// asynchronous adapter loads (PrepareAdapter / LoadPrepared)
 	cs       *cuda.Stream // copy stream
 	loads    []*pendingLoad
@@ -408,11 +410,11 @@ func (b *Backend) Upload(name string, dtype safetensors.DType, shape []int, raw 
 	} else if len(shape) != 1 {
 		return nil, fmt.Errorf("gpu: %s: %d-dimensional tensors are not supported", name, len(shape))
 	}
-	host := make([]uint16, n)
-	if err := encodeBF16(host, raw, dtype); err != nil {
-		return nil, fmt.Errorf("%s: %w", name, err)
-	}
 	if b.f8 != nil && fp8Projection(name, shape) {
+		host := make([]uint16, n)
+		if err := encodeBF16Parallel(host, raw, dtype); err != nil {
+			return nil, fmt.Errorf("%s: %w", name, err)
+		}
 		fw, err := b.f8.upload(host, w.rows, w.cols)
 		if err != nil {
 			return nil, fmt.Errorf("%s: %w", name, err)
@@ -423,10 +425,10 @@ func (b *Backend) Upload(name string, dtype safetensors.DType, shape []int, raw 
 	if w.mem, err = b.ctx.Alloc(2 * n); err != nil {
 		return nil, fmt.Errorf("%s: %w", name, err)
 	}
-	if err := cuda.CopyHtoD(b.s, w.mem.Ptr(), host); err != nil {
-		return nil, err
-	}
 	b.weights = append(b.weights, w)
+	if err := b.stageUpload(w.mem.Ptr(), raw, dtype, n); err != nil {
+		return nil, fmt.Errorf("%s: %w", name, err)
+	}
 	return w, nil
 }
 
@@ -464,6 +466,7 @@ func (b *Backend) Close() error {
 	if b.s != nil {
 		errs = append(errs, b.s.Synchronize())
 	}
+	errs = append(errs, b.freeStaging())
 	for _, w := range b.weights {
 		errs = append(errs, w.mem.Free())
 	}

@@ -28,6 +28,10 @@ func encodeBF16(dst []uint16, raw []byte, dt safetensors.DType) error {
 	}
 	switch dt {
 	case safetensors.BF16:
+		if littleEndian {
+			copy(asBytes(dst), raw)
+			break
+		}
 		for i := range dst {
 			dst[i] = binary.LittleEndian.Uint16(raw[2*i:])
 		}

@@ -223,6 +223,9 @@ func (b *Backend) graphable(meta *engine.StepMeta) bool {
 // Execute runs prog over the step: a decode step replays (or first
 // records) its bucket's CUDA graph; any other step runs the ops eagerly.
 func (b *Backend) Execute(meta *engine.StepMeta, prog engine.Program) error {
+	if err := b.freeStaging(); err != nil {
+		return err
+	}
 	if b.graphable(meta) {
 		return b.replay(meta, prog)
 	}
@@ -415,6 +418,9 @@ func (b *Backend) fillGraphMeta(meta *engine.StepMeta, n, rank int) error {
 // Warmup records the decode graphs of every bucket for progs (engine.Warmer):
 // each is run once on padding alone (no sequence is touched), then recorded.
 func (b *Backend) Warmup(progs []engine.Program) error {
+	if err := b.freeStaging(); err != nil {
+		return err
+	}
 	if b.g.off {
 		return nil
 	}

@@ -1,0 +1,140 @@
+package gpu
+
+import (
+	"encoding/binary"
+	"fmt"
+	"runtime"
+	"sync"
+	"unsafe"
+
+	"github.com/peftd/peftd/runtime/cuda"
+	"github.com/peftd/peftd/runtime/safetensors"
+)
+
+// Weights reach the device through two pinned staging buffers used in turn:
+// a piece of a tensor is converted to bf16 into one (on several goroutines)
+// while the copy stream moves the other's piece to the device, and the
+// compute stream waits for every copy before its next work. The buffers
+// are freed before the first step.
+
+// uploadStage is the bytes of one staging buffer.
+const uploadStage = 64 << 20
+
+type staging struct {
+	buf  [2]*cuda.HostBuffer
+	done [2]*cuda.Event // the last copy out of each buffer
+	next int
+}
+
+// stageUpload copies the n values of raw (dtype) to dst as bf16.
+func (b *Backend) stageUpload(dst cuda.DevicePtr, raw []byte, dt safetensors.DType, n int) error {
+	if dt.Size() == 0 || len(raw) != n*dt.Size() {
+		return fmt.Errorf("%w: %d bytes of %s for %d values", safetensors.ErrDType, len(raw), dt, n)
+	}
+	st := b.stage
+	if st == nil {
+		st = &staging{}
+		for i := range st.buf {
+			var err error
+			if st.buf[i], err = b.ctx.AllocHost(uploadStage); err != nil {
+				b.stage = st
+				return fmt.Errorf("gpu: upload staging: %w", err)
+			}
+			if st.done[i], err = b.ctx.NewEvent(false); err != nil {
+				b.stage = st
+				return fmt.Errorf("gpu: upload staging: %w", err)
+			}
+		}
+		b.stage = st
+	}
+	per, sz := uploadStage/2, dt.Size()
+	for i0 := 0; i0 < n; i0 += per {
+		i1 := min(n, i0+per)
+		k := st.next
+		st.next ^= 1
+		if err := st.done[k].Synchronize(); err != nil { // its previous piece has left
+			return err
+		}
+		piece := st.buf[k].Uint16s()[:i1-i0]
+		if err := encodeBF16Parallel(piece, raw[i0*sz:i1*sz], dt); err != nil {
+			return err
+		}
+		if err := cuda.CopyHtoD(b.cs, dst+cuda.DevicePtr(2*i0), piece); err != nil {
+			return err
+		}
+		if err := st.done[k].Record(b.cs); err != nil {
+			return err
+		}
+		if err := b.s.Wait(st.done[k]); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// freeStaging waits for the last copies and frees the staging buffers.
+func (b *Backend) freeStaging() error {
+	st := b.stage
+	if st == nil {
+		return nil
+	}
+	b.stage = nil
+	var first error
+	keep := func(err error) {
+		if first == nil {
+			first = err
+		}
+	}
+	if b.cs != nil {
+		keep(b.cs.Synchronize())
+	}
+	for i := range st.buf {
+		keep(st.buf[i].Free())
+		if st.done[i] != nil {
+			keep(st.done[i].Destroy())
+		}
+	}
+	return first
+}
+
+// encodeBF16Parallel is encodeBF16 split over up to 8 goroutines.
+func encodeBF16Parallel(dst []uint16, raw []byte, dt safetensors.DType) error {
+	n := len(dst)
+	const minPart = 1 << 20
+	parts := min(runtime.GOMAXPROCS(0), 8, max(1, n/minPart))
+	if parts <= 1 {
+		return encodeBF16(dst, raw, dt)
+	}
+	sz := dt.Size()
+	if sz == 0 || len(raw) != n*sz {
+		return encodeBF16(dst, raw, dt) // reports the mismatch
+	}
+	var wg sync.WaitGroup
+	errs := make([]error, parts)
+	for p := range parts {
+		i0, i1 := n*p/parts, n*(p+1)/parts
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			errs[p] = encodeBF16(dst[i0:i1], raw[i0*sz:i1*sz], dt)
+		}()
+	}
+	wg.Wait()
+	for _, err := range errs {
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// littleEndian: bf16 safetensors bytes are the host's uint16s as they are.
+var littleEndian = binary.NativeEndian.Uint16([]byte{1, 0}) == 1
+
+// asBytes is dst's memory as bytes.
+func asBytes(dst []uint16) []byte {
+	if len(dst) == 0 {
+		return nil
+	}
+	return unsafe.Slice((*byte)(unsafe.Pointer(unsafe.SliceData(dst))), 2*len(dst))
+}
