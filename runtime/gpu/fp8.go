@@ -180,15 +180,6 @@ func (f *fp8State) linear(out, x cuda.DevicePtr, T int, w *fp8Weight, gen uint64
 	return f.mm.GemmTNScaled(f.s, out, cuda.R16BF, f.actQ.Ptr(), f.actS.Ptr(), w.q.Ptr(), w.scale.Ptr(), T, w.rows, K)
 }
 
-// bytes is the device memory of the FP8 weights (values and scales).
-func (f *fp8State) bytes() int {
-	n := 0
-	for _, w := range f.weights {
-		n += w.q.Size() + w.scale.Size()
-	}
-	return n
-}
-
 func (f *fp8State) close() error {
 	if f == nil {
 		return nil

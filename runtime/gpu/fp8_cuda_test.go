@@ -557,7 +557,7 @@ func compareFormats(t *testing.T, m *llama.Model, adapters map[string]*lora.Adap
 			}
 		}
 		if wf == WeightsFP8 {
-			t.Logf("fp8: %d projection weights, %.1f MB in e4m3 + scales", len(b.f8.weights), float64(b.f8.bytes())/1e6)
+			t.Logf("fp8: %d projection weights, %.1f MB in e4m3 + scales", len(b.f8.weights), float64(fp8Bytes(b.f8))/1e6)
 		}
 		q := measureCases(t, e, slots, cases)
 		if err := e.Close(); err != nil {
@@ -664,4 +664,13 @@ func TestFP8ActivationCache(t *testing.T) {
 	if slices.Equal(a1, b1) {
 		t.Error("a new input gave the old result: stale quantized activations")
 	}
+}
+
+// fp8Bytes is the device memory of the FP8 weights (values and scales).
+func fp8Bytes(f *fp8State) int {
+	n := 0
+	for _, w := range f.weights {
+		n += w.q.Size() + w.scale.Size()
+	}
+	return n
 }
