@@ -6,6 +6,7 @@ import (
 	"archive/tar"
 	"bytes"
 	"compress/gzip"
+	"io"
 	"maps"
 	"os"
 	"path/filepath"
@@ -54,7 +55,29 @@ func TarGz(t testing.TB, files map[string][]byte) []byte {
 	t.Helper()
 	var buf bytes.Buffer
 	gz := gzip.NewWriter(&buf)
-	tw := tar.NewWriter(gz)
+	writeTar(t, gz, files)
+	if err := gz.Close(); err != nil {
+		t.Fatal(err)
+	}
+	return buf.Bytes()
+}
+
+// Tar is a plain tar of files (name to content), in name order: what
+// peftd deploy sends.
+func Tar(t testing.TB, files map[string][]byte) []byte {
+	t.Helper()
+	n := 0
+	for _, b := range files {
+		n += len(b) + 1024
+	}
+	buf := bytes.NewBuffer(make([]byte, 0, n+2048))
+	writeTar(t, buf, files)
+	return buf.Bytes()
+}
+
+func writeTar(t testing.TB, w io.Writer, files map[string][]byte) {
+	t.Helper()
+	tw := tar.NewWriter(w)
 	for _, name := range slices.Sorted(maps.Keys(files)) {
 		b := files[name]
 		if err := tw.WriteHeader(&tar.Header{Name: name, Mode: 0o644, Size: int64(len(b)), Typeflag: tar.TypeReg}); err != nil {
@@ -67,8 +90,4 @@ func TarGz(t testing.TB, files map[string][]byte) []byte {
 	if err := tw.Close(); err != nil {
 		t.Fatal(err)
 	}
-	if err := gz.Close(); err != nil {
-		t.Fatal(err)
-	}
-	return buf.Bytes()
 }

@@ -1,0 +1,49 @@
+package store_test
+
+import (
+	"bytes"
+	"context"
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/minio/minio-go/v7"
+
+	"github.com/peftd/peftd/internal/adaptertest"
+	"github.com/peftd/peftd/internal/s3test"
+)
+
+// BenchmarkPutOptions: minio-go PutObject of a 168 MB adapter weights file
+// into versitygw with various PutObjectOptions (median MB/s of -benchtime Nx).
+func BenchmarkPutOptions(b *testing.B) {
+	v := s3test.Start(b)
+	v.MakeBucket(b, "bench")
+	_, weights := adaptertest.Random(b, adaptertest.Llama8B(b), 32, 1)
+	for _, c := range []struct {
+		name string
+		opts minio.PutObjectOptions
+	}{
+		{"default", minio.PutObjectOptions{}},
+		{"unsigned", minio.PutObjectOptions{DisableContentSha256: true}},
+		{"single", minio.PutObjectOptions{DisableMultipart: true}},
+		{"single-unsigned", minio.PutObjectOptions{DisableMultipart: true, DisableContentSha256: true}},
+		{"md5-single-unsigned", minio.PutObjectOptions{DisableMultipart: true, DisableContentSha256: true, SendContentMd5: true}},
+		{"parts64M-unsigned", minio.PutObjectOptions{PartSize: 64 << 20, DisableContentSha256: true}},
+		{"parts32M-8threads-unsigned", minio.PutObjectOptions{PartSize: 32 << 20, NumThreads: 8, DisableContentSha256: true}},
+	} {
+		b.Run(c.name, func(b *testing.B) {
+			var times []time.Duration
+			b.SetBytes(int64(len(weights)))
+			for range b.N {
+				t0 := time.Now()
+				if _, err := v.Client.PutObject(context.Background(), "bench", "x/adapter_model.safetensors", bytes.NewReader(weights), int64(len(weights)), c.opts); err != nil {
+					b.Fatal(err)
+				}
+				times = append(times, time.Since(t0))
+			}
+			b.Logf("%v", times)
+			slices.Sort(times)
+			b.ReportMetric(float64(len(weights))/1e6/times[len(times)/2].Seconds(), "MB/s_median")
+		})
+	}
+}
