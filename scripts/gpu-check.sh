@@ -31,6 +31,8 @@
 #     prefix8b   prefix caching on the GPU: the soak8b checkpoint, a shared
 #                2000-token prefix at concurrency 32, cache on vs off (TTFT,
 #                throughput) and greedy outputs compared; run it by name
+#     ready8b    peftd serve start -> /readyz on the random 8B checkpoint, cold
+#                and warm kernel cache, and the first requests after ready
 #     load       TestLoadBench: engine.New's weight upload time on the decode
 #                phase's random 8B checkpoint (not in the default phases)
 #     profile    ncu over one decode step without and one with the 4 adapters
@@ -285,6 +287,43 @@ if want serve8b; then
 		echo "serve8b: no checkpoint (run the decode phase first)"
 	fi
 	stamp serve8b
+fi
+
+if want ready8b; then
+	# Issue 12's first rows: process start -> /readyz 200 for the random 8B
+	# checkpoint from the page cache, with a cold kernel cache and again with
+	# the warm one, and the first base request after ready vs the next.
+	MD=/tmp/llama8b-random
+	echo "=== ready8b: peftd serve start -> ready on $MD/base"
+	if random_ckpt "$MD" decode --layers "${DECODE_LAYERS:-32}"; then
+		cat "$MD"/base/*.safetensors >/dev/null
+		SD=$(mktemp -d)
+		for run in cold warm; do
+			t0=$(date +%s.%N)
+			PEFTD_CACHE=$SD "$ROOT/bin/gpu/peftd" serve --device cuda --model "$MD/base" --store "$MD/adapters" --slots 5 --listen 127.0.0.1:8083 >"$LOG/ready8b.$run.log" 2>&1 &
+			SRV=$!
+			ok=0
+			for i in $(seq 1 1200); do
+				if [[ $(curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:8083/readyz) == 200 ]]; then ok=1; break; fi
+				kill -0 "$SRV" 2>/dev/null || break
+				sleep 0.05
+			done
+			t1=$(date +%s.%N)
+			if ((ok)); then
+				req() { curl -s -o /dev/null -w '%{time_total}' -H 'Content-Type: application/json' -d '{"model":"base","prompt":[1,2,3,4],"max_tokens":1}' http://127.0.0.1:8083/v1/completions; }
+				r1=$(req); r2=$(req); r3=$(req)
+				awk -v a="$t0" -v b="$t1" -v r1="$r1" -v r2="$r2" -v r3="$r3" -v run="$run" 'BEGIN{printf "READY8B %s kernel cache: start -> ready %.2f s; first request %.1f ms, then %.1f, %.1f ms\n", run, b-a, 1000*r1, 1000*r2, 1000*r3}' | tee -a "$LOG/ready8b.txt"
+				grep -E 'engine|graphs|kernels|model' "$LOG/ready8b.$run.log" | head -6 | cut -c1-200
+			else
+				echo "ready8b: FAIL: $run server not ready"; tail -n 20 "$LOG/ready8b.$run.log"; status=1
+			fi
+			serve_stop
+		done
+		save "$LOG/ready8b.txt"
+	else
+		status=1
+	fi
+	stamp ready8b
 fi
 
 if want soak8b; then
