@@ -1,9 +1,9 @@
 package lora
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
-	"math"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -98,11 +98,23 @@ func Load(dir string, base *llama.Config) (*Adapter, error) {
 // Parse builds an adapter from the bytes of its two files. Its errors are
 // *Error (but for a nil base).
 func Parse(name string, configJSON, weights []byte, base *llama.Config) (*Adapter, error) {
+	c, err := Check(name, configJSON, weights, base)
+	if err != nil {
+		return nil, err
+	}
+	return c.Adapter(), nil
+}
+
+// Check validates an adapter from the bytes of its two files as Parse does,
+// refusing what Parse refuses with the same errors, without converting its
+// weights: the returned Checked converts them, and aliases weights until
+// then.
+func Check(name string, configJSON, weights []byte, base *llama.Config) (*Checked, error) {
 	f, err := safetensors.Parse(weights)
 	if err != nil {
 		return nil, weightsErr(err)
 	}
-	return Build(name, configJSON, f, base)
+	return check(name, configJSON, f, base)
 }
 
 var keyRE = regexp.MustCompile(`^base_model\.model\.(.+)\.lora_([AB])(?:\.[A-Za-z0-9_-]+)?\.weight$`)
@@ -111,6 +123,31 @@ var layerRE = regexp.MustCompile(`^model\.layers\.(\d{1,9})\.(self_attn|mlp)\.([
 // Build validates the config and tensors against base and copies the
 // weights out as float32.
 func Build(name string, configJSON []byte, f *safetensors.File, base *llama.Config) (*Adapter, error) {
+	c, err := check(name, configJSON, f, base)
+	if err != nil {
+		return nil, err
+	}
+	return c.Adapter(), nil
+}
+
+// Checked is an adapter validated against its base model whose weights are
+// still the safetensors file's: Adapter copies them out as float32.
+type Checked struct {
+	name   string
+	cfg    *Config
+	f      *safetensors.File
+	pairs  []checkedPair
+	layers int
+}
+
+type checkedPair struct {
+	tensorPair
+	scale float32
+}
+
+// check validates the config, the tensors' names, shapes and dtypes against
+// base and every weight's value (finite), reading the weights in place.
+func check(name string, configJSON []byte, f *safetensors.File, base *llama.Config) (*Checked, error) {
 	c, err := ParseConfig(configJSON)
 	if err != nil {
 		return nil, err
@@ -122,7 +159,8 @@ func Build(name string, configJSON []byte, f *safetensors.File, base *llama.Conf
 	if err != nil {
 		return nil, err
 	}
-	a := &Adapter{Name: name, Config: c, Layers: make([][llama.NumModules]*Pair, base.Layers)}
+	ck := &Checked{name: name, cfg: c, f: f, pairs: make([]checkedPair, 0, len(pairs)), layers: base.Layers}
+	have := make([][llama.NumModules]bool, base.Layers)
 	for _, p := range pairs {
 		if !c.Targets(p.path, p.layer) {
 			return nil, fail(ErrMismatch, "%s has weights for %q, which target_modules does not select", WeightsFile, p.path)
@@ -131,38 +169,105 @@ func Build(name string, configJSON []byte, f *safetensors.File, base *llama.Conf
 		if p.rank != wantR {
 			return nil, fail(ErrMismatch, "%s has rank %d, adapter_config.json says %d", p.a, p.rank, wantR)
 		}
-		av, err := finite(f, p.a)
-		if err != nil {
+		if err := finite(f, p.a); err != nil {
 			return nil, err
 		}
-		bv, err := finite(f, p.b)
-		if err != nil {
+		if err := finite(f, p.b); err != nil {
 			return nil, err
 		}
-		a.Layers[p.layer][p.mod] = &Pair{Rank: p.rank, Scale: float32(c.Scale(alpha, p.rank)), A: av, B: bv}
-		a.Params += int64(len(av) + len(bv))
+		ck.pairs = append(ck.pairs, checkedPair{tensorPair: p, scale: float32(c.Scale(alpha, p.rank))})
+		have[p.layer][p.mod] = true
 	}
 	// Every targeted projection must have weights, or PEFT would have saved them.
 	for l := 0; l < base.Layers; l++ {
 		for mod := llama.Module(0); mod < llama.NumModules; mod++ {
-			if c.Targets(mod.Path(l), l) && a.Layers[l][mod] == nil {
+			if c.Targets(mod.Path(l), l) && !have[l][mod] {
 				return nil, fail(ErrMismatch, "target_modules selects %s but %s has no weights for it", mod.Path(l), WeightsFile)
 			}
 		}
 	}
-	return a, nil
+	return ck, nil
 }
 
-// finite converts the named tensor to float32, refusing NaN and infinities.
-func finite(f *safetensors.File, name string) ([]float32, error) {
-	v, _, err := f.Float32(name)
-	if err != nil {
-		return nil, weightsErr(err)
+// Adapter copies the checked weights out as float32. It cannot fail: every
+// tensor's dtype, shape and values were checked.
+func (ck *Checked) Adapter() *Adapter {
+	a := &Adapter{Name: ck.name, Config: ck.cfg, Layers: make([][llama.NumModules]*Pair, ck.layers)}
+	for _, p := range ck.pairs {
+		av, bv := float32s(ck.f, p.a), float32s(ck.f, p.b)
+		a.Layers[p.layer][p.mod] = &Pair{Rank: p.rank, Scale: p.scale, A: av, B: bv}
+		a.Params += int64(len(av) + len(bv))
 	}
-	for i, x := range v {
-		if math.IsNaN(float64(x)) || math.IsInf(float64(x), 0) {
-			return nil, fail(ErrWeights, "%s holds %v at element %d (LoRA weights must be finite)", name, x, i)
+	return a
+}
+
+// float32s converts a checked tensor to float32.
+func float32s(f *safetensors.File, name string) []float32 {
+	v, _, err := f.Float32(name)
+	if err != nil { // checked: a float dtype of the size its shape says
+		panic(fmt.Sprintf("lora: checked tensor %s: %v", name, err))
+	}
+	return v
+}
+
+// finite refuses a tensor holding NaN or an infinity (LoRA weights must be
+// finite), reading its raw F32, F16 or BF16 data in place: a value is not
+// finite when its exponent bits are all set.
+func finite(f *safetensors.File, name string) error {
+	b, info, err := f.Bytes(name)
+	if err != nil {
+		return weightsErr(err)
+	}
+	var size int
+	var exp uint64 // the exponent bits of each value in a 64-bit word
+	switch info.DType {
+	case safetensors.F32:
+		size, exp = 4, 0x7f800000_7f800000
+	case safetensors.F16:
+		size, exp = 2, 0x7c00_7c00_7c00_7c00
+	case safetensors.BF16:
+		size, exp = 2, 0x7f80_7f80_7f80_7f80
+	default:
+		e := fail(ErrUnsupported, "%s has dtype %s (want F32, F16 or BF16)", name, info.DType)
+		e.Err = safetensors.ErrDType
+		return e
+	}
+	i := nonFinite(b, size, exp)
+	if i < 0 {
+		return nil
+	}
+	k := i / size
+	var x [1]float32
+	_ = safetensors.DecodeFloat32(x[:], b[i:i+size], info.DType)
+	return fail(ErrWeights, "%s holds %v at element %d (LoRA weights must be finite)", name, x[0], k)
+}
+
+// nonFinite is the byte offset of the first value of b (little-endian, size
+// 2 or 4 bytes each) whose exponent bits, exp in each lane of a 64-bit word,
+// are all set; -1 if none. Eight bytes at a time: a lane's masked exponent
+// plus its lowest bit carries into the lane's sign bit exactly when the
+// exponent is all ones.
+func nonFinite(b []byte, size int, exp uint64) int {
+	low := exp & -exp // the lowest exponent bit of the first lane
+	lanes, signs := low|low<<32, uint64(0x80000000_80000000)
+	if size == 2 {
+		lanes, signs = low|low<<16|low<<32|low<<48, 0x8000_8000_8000_8000
+	}
+	i := 0
+	for ; i+8 <= len(b); i += 8 {
+		if ((binary.LittleEndian.Uint64(b[i:])&exp)+lanes)&signs != 0 {
+			break
 		}
 	}
-	return v, nil
+	e := exp & (1<<(8*size) - 1)
+	for ; i+size <= len(b); i += size {
+		v := uint64(binary.LittleEndian.Uint16(b[i:]))
+		if size == 4 {
+			v = uint64(binary.LittleEndian.Uint32(b[i:]))
+		}
+		if v&e == e {
+			return i
+		}
+	}
+	return -1
 }
