@@ -292,11 +292,17 @@ func (c *loaderCatalog) Put(ctx context.Context, id string, configJSON, weights 
 	if err := store.ValidateID(id); err != nil {
 		return invalidAdapter{err}
 	}
-	a, err := lora.Parse(id, configJSON, weights, c.base)
+	// Everything is checked before anything is written: a refused upload
+	// leaves the store (and an adapter it would replace) as it was.
+	chk, err := lora.Check(id, configJSON, weights, c.base)
 	if err != nil {
 		return invalidAdapter{err}
 	}
+	// The float32 copy the loader keeps is made while the store writes.
+	parsed := make(chan *lora.Adapter, 1)
+	go func() { parsed <- chk.Adapter() }()
 	etag, err := c.st.Put(ctx, id, configJSON, weights)
+	a := <-parsed // weights may alias the request body: nothing reads them past Put
 	if err != nil {
 		return unavailable(err)
 	}
