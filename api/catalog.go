@@ -48,6 +48,8 @@ type Catalog interface {
 	// Put validates the adapter against the base model (an error wrapping
 	// ErrInvalidAdapter, lora.ErrConfig, lora.ErrMismatch or
 	// lora.ErrUnsupported when it does not fit), then writes it to the store.
+	// configJSON and weights may alias the request body, which is reused
+	// once the handler returns: Put must not keep them past its return.
 	Put(ctx context.Context, id string, configJSON, weights []byte) error
 	Delete(ctx context.Context, id string) error
 }

@@ -81,6 +81,10 @@ type upload struct {
 	s     *Server
 	lim   uploadLimits
 	files map[string][]byte
+	// body is the request body when a tar is read from it as it is, through
+	// at: the weights are then taken in place, not copied.
+	body []byte
+	at   *bytes.Reader
 }
 
 func (u *upload) cap(r io.Reader) io.Reader { return &capReader{r: r, max: u.lim.total} }
@@ -197,7 +201,7 @@ func (u *upload) fromMultipart(r io.Reader, boundary string) error {
 			p.Close()
 			continue
 		}
-		b, err := u.read(name, p, -1)
+		b, err := u.read(name, p, -1, nil)
 		p.Close()
 		if err != nil {
 			return err
@@ -207,8 +211,12 @@ func (u *upload) fromMultipart(r io.Reader, boundary string) error {
 }
 
 // fromArchive reads a tar, tar.gz or zip; raw is the body when r is it
-// undecoded (a zip is then read in place).
+// undecoded (a zip or tar is then read in place).
 func (u *upload) fromArchive(r io.Reader, raw []byte) error {
+	if raw != nil && !bytes.HasPrefix(raw, []byte("PK")) && !bytes.HasPrefix(raw, []byte{0x1f, 0x8b}) {
+		u.body, u.at = raw, bytes.NewReader(raw)
+		return u.fromTar(u.at)
+	}
 	br := bufio.NewReaderSize(r, 64<<10)
 	head, _ := br.Peek(4)
 	switch {
@@ -276,7 +284,7 @@ func (u *upload) fromZip(body []byte) error {
 		if err != nil {
 			return badRequest("body", "bad zip entry %s: %v", f.Name, err)
 		}
-		err = u.keep(f.Name, rc, size)
+		err = u.keep(f.Name, rc, size, nil)
 		rc.Close()
 		if err != nil {
 			return err
@@ -311,10 +319,30 @@ func (u *upload) fromTar(r io.Reader) error {
 		if h.Typeflag != tar.TypeReg || !want(h.Name) {
 			continue
 		}
-		if err := u.keep(h.Name, tr, h.Size); err != nil {
+		if err := u.keep(h.Name, tr, h.Size, u.inPlace(h)); err != nil {
 			return err
 		}
 	}
+}
+
+// inPlace is the data of the tar entry h in the body when the tar is read
+// from it as it is (u.at) and the entry's data lies there whole: a regular
+// file, not sparse, that the tar reader is about to read from u.at's
+// position; nil otherwise.
+func (u *upload) inPlace(h *tar.Header) []byte {
+	if u.at == nil || h.Typeflag != tar.TypeReg || h.Size < 0 {
+		return nil
+	}
+	for k := range h.PAXRecords {
+		if strings.HasPrefix(k, "GNU.sparse.") {
+			return nil
+		}
+	}
+	pos := u.at.Size() - int64(u.at.Len())
+	if pos < 0 || h.Size > int64(len(u.body))-pos {
+		return nil
+	}
+	return u.body[pos : pos+h.Size : pos+h.Size]
 }
 
 // fits refuses an archive entry whose declared size is past its bound,
@@ -335,14 +363,15 @@ func (u *upload) fits(name string, size int64) error {
 	return nil
 }
 
-// keep reads a wanted archive entry; size is its declared size.
-func (u *upload) keep(name string, r io.Reader, size int64) error {
+// keep reads a wanted archive entry; size is its declared size, and
+// inPlace its data in the body, if there (see read).
+func (u *upload) keep(name string, r io.Reader, size int64, inPlace []byte) error {
 	clean := strings.TrimPrefix(path.Clean("/"+name), "/")
 	base := path.Base(clean)
 	if _, dup := u.files[base]; dup && strings.Contains(clean, "/") {
 		return nil // a top-level file wins
 	}
-	b, err := u.read(base, r, size)
+	b, err := u.read(base, r, size, inPlace)
 	if err != nil {
 		return err
 	}
@@ -352,8 +381,11 @@ func (u *upload) keep(name string, r io.Reader, size int64) error {
 
 // read reads file (lora.ConfigFile or lora.WeightsFile) from r, size bytes
 // when size >= 0, and checks it against the base model as it comes: the
-// config whole, the weights' header before their data.
-func (u *upload) read(file string, r io.Reader, size int64) ([]byte, error) {
+// config whole, the weights' header before their data. inPlace, when not
+// nil, is what r holds, in the request body: the weights are returned as
+// that slice once their header is read from r and found there, not copied
+// (the rest of r is left unread), so they alias the body.
+func (u *upload) read(file string, r io.Reader, size int64, inPlace []byte) ([]byte, error) {
 	if file == lora.ConfigFile {
 		b, err := io.ReadAll(io.LimitReader(r, u.lim.config+1))
 		if err != nil {
@@ -395,6 +427,9 @@ func (u *upload) read(file string, r io.Reader, size int64) ([]byte, error) {
 		return nil, badRequest("body", "%s is truncated: its header describes %d bytes of tensor data, the upload holds %d", file, f.DataSize(), size-int64(len(prefix)))
 	case size > total:
 		return nil, badRequest("body", "%s is corrupt: %d bytes follow the tensor data its header describes", file, size-total)
+	}
+	if int64(len(inPlace)) == total && bytes.Equal(inPlace[:len(prefix)], prefix) {
+		return inPlace, nil
 	}
 	buf := make([]byte, total)
 	copy(buf, prefix)
