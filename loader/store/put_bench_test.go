@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/minio/minio-go/v7"
+	"github.com/minio/minio-go/v7/pkg/credentials"
 
 	"github.com/peftd/peftd/internal/adaptertest"
 	"github.com/peftd/peftd/internal/s3test"
@@ -19,24 +20,36 @@ func BenchmarkPutOptions(b *testing.B) {
 	v := s3test.Start(b)
 	v.MakeBucket(b, "bench")
 	_, weights := adaptertest.Random(b, adaptertest.Llama8B(b), 32, 1)
+	trailing, err := minio.New(v.Addr, &minio.Options{Creds: credentials.NewStaticV4(v.AccessKey, v.Secret, ""), Region: v.Region,
+		BucketLookup: minio.BucketLookupPath, TrailingHeaders: true})
+	if err != nil {
+		b.Fatal(err)
+	}
 	for _, c := range []struct {
-		name string
-		opts minio.PutObjectOptions
+		name     string
+		opts     minio.PutObjectOptions
+		trailing bool // a CRC32C trailer (minio.Options.TrailingHeaders)
 	}{
-		{"default", minio.PutObjectOptions{}},
-		{"unsigned", minio.PutObjectOptions{DisableContentSha256: true}},
-		{"single", minio.PutObjectOptions{DisableMultipart: true}},
-		{"single-unsigned", minio.PutObjectOptions{DisableMultipart: true, DisableContentSha256: true}},
-		{"md5-single-unsigned", minio.PutObjectOptions{DisableMultipart: true, DisableContentSha256: true, SendContentMd5: true}},
-		{"parts64M-unsigned", minio.PutObjectOptions{PartSize: 64 << 20, DisableContentSha256: true}},
-		{"parts32M-8threads-unsigned", minio.PutObjectOptions{PartSize: 32 << 20, NumThreads: 8, DisableContentSha256: true}},
+		{"default", minio.PutObjectOptions{}, false},
+		{"unsigned", minio.PutObjectOptions{DisableContentSha256: true}, false},
+		{"single", minio.PutObjectOptions{DisableMultipart: true}, false},
+		{"single-unsigned", minio.PutObjectOptions{DisableMultipart: true, DisableContentSha256: true}, false},
+		{"md5-single-unsigned", minio.PutObjectOptions{DisableMultipart: true, DisableContentSha256: true, SendContentMd5: true}, false},
+		{"parts64M-unsigned", minio.PutObjectOptions{PartSize: 64 << 20, DisableContentSha256: true}, false},
+		{"parts32M-8threads-unsigned", minio.PutObjectOptions{PartSize: 32 << 20, NumThreads: 8, DisableContentSha256: true}, false},
+		{"unsigned-crc32c", minio.PutObjectOptions{DisableContentSha256: true}, true},
+		{"single-unsigned-crc32c", minio.PutObjectOptions{DisableMultipart: true, DisableContentSha256: true}, true},
 	} {
+		clnt := v.Client
+		if c.trailing {
+			clnt = trailing
+		}
 		b.Run(c.name, func(b *testing.B) {
 			var times []time.Duration
 			b.SetBytes(int64(len(weights)))
 			for range b.N {
 				t0 := time.Now()
-				if _, err := v.Client.PutObject(context.Background(), "bench", "x/adapter_model.safetensors", bytes.NewReader(weights), int64(len(weights)), c.opts); err != nil {
+				if _, err := clnt.PutObject(context.Background(), "bench", "x/adapter_model.safetensors", bytes.NewReader(weights), int64(len(weights)), c.opts); err != nil {
 					b.Fatal(err)
 				}
 				times = append(times, time.Since(t0))

@@ -107,7 +107,7 @@ const probeBody = "peftd writes and deletes this object to check that bucket not
 
 func (s *S3) putProbe(ctx context.Context, key string) (func(context.Context) error, error) {
 	info, err := s.c.PutObject(ctx, s.opts.Bucket, key, bytesReader([]byte(probeBody)), int64(len(probeBody)),
-		minio.PutObjectOptions{ContentType: "text/plain"})
+		s.putOptions("text/plain"))
 	if err != nil {
 		return nil, err
 	}

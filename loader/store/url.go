@@ -14,6 +14,7 @@ import (
 //	/path/to/folder, ./rel, file:///path        a folder (FS)
 //	s3://bucket/prefix?endpoint=http://host:9000&region=us-east-1&path_style=true
 //	    &notify=auto|listen|poll|sqs&poll=5s&resync=1m&sqs_queue=https://sqs...
+//	    &sign_payload=true (S3Options.SignPayload)
 //
 // S3 credentials come from the environment (see S3Options).
 func Open(raw string, log *slog.Logger) (Store, error) {
@@ -88,6 +89,13 @@ func ParseURL(raw string) (any, error) {
 			}
 			o.PathStyle = b
 		}
+		if v := q.Get("sign_payload"); v != "" {
+			b, err := strconv.ParseBool(v)
+			if err != nil {
+				return nil, fmt.Errorf("store: URL %q: sign_payload=%q is not a boolean", raw, v)
+			}
+			o.SignPayload = b
+		}
 		if o.PollInterval, err = dur("poll"); err != nil {
 			return nil, err
 		}
@@ -96,7 +104,7 @@ func ParseURL(raw string) (any, error) {
 		}
 		for k := range q {
 			switch k {
-			case "endpoint", "region", "path_style", "notify", "poll", "resync", "sqs_queue", "sqs_endpoint":
+			case "endpoint", "region", "path_style", "sign_payload", "notify", "poll", "resync", "sqs_queue", "sqs_endpoint":
 			default:
 				return nil, fmt.Errorf("store: URL %q: unknown parameter %q", raw, k)
 			}
