@@ -30,7 +30,7 @@ func (nopDevice) Unload(context.Context, int) error              { return nil }
 // BenchmarkDeploy times the phases of PUT /v1/adapters/{id} (what peftd
 // deploy calls) for a 168 MB rank-32 adapter of Llama-3.1-8B shapes (bf16,
 // all seven projections) into a local S3 server (versitygw; skipped without
-// it): lora.Parse, the store's Put, the catalog's Put (validation, store,
+// it): lora.Check (validation alone), lora.Parse, the store's Put, the catalog's Put (validation, store,
 // the loader's Offer and Sync) and the whole PUT of a plain tar over HTTP
 // through the API server. The server has no engine (an 8B base model has
 // no weights here): a deploy does not use it. Run with -benchtime Nx; it
@@ -69,6 +69,7 @@ func BenchmarkDeploy(b *testing.B) {
 		name string
 		run  func(i int) error
 	}{
+		{"check", func(int) error { _, err := lora.Check("bench", cfg, weights, base); return err }},
 		{"parse", func(int) error { _, err := lora.Parse("bench", cfg, weights, base); return err }},
 		{"s3put", func(int) error { _, err := st.Put(ctx, "bench-store", cfg, weights); return err }},
 		{"catalog", func(int) error { return cat.Put(ctx, "bench-catalog", cfg, weights) }},
