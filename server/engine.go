@@ -8,8 +8,8 @@ import (
 
 	"github.com/peftd/peftd/runtime/engine"
 	"github.com/peftd/peftd/runtime/gpu"
-	"github.com/peftd/peftd/server/gpuinfo"
 	"github.com/peftd/peftd/runtime/llama"
+	"github.com/peftd/peftd/server/gpuinfo"
 	"github.com/peftd/peftd/text/tokenizer"
 )
 

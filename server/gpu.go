@@ -6,8 +6,8 @@ import (
 	"strconv"
 
 	"github.com/peftd/peftd/runtime/engine"
-	"github.com/peftd/peftd/server/gpuinfo"
 	"github.com/peftd/peftd/runtime/llama"
+	"github.com/peftd/peftd/server/gpuinfo"
 	"github.com/prometheus/client_golang/prometheus"
 )
 

@@ -27,9 +27,9 @@ import (
 	"github.com/peftd/peftd/runtime/cpu"
 	"github.com/peftd/peftd/runtime/engine"
 	"github.com/peftd/peftd/runtime/gpu"
-	"github.com/peftd/peftd/server/gpuinfo"
 	"github.com/peftd/peftd/runtime/llama"
 	"github.com/peftd/peftd/runtime/lora"
+	"github.com/peftd/peftd/server/gpuinfo"
 	"github.com/peftd/peftd/text/chat"
 	"github.com/peftd/peftd/text/tokenizer"
 )
