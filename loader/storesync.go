@@ -90,6 +90,12 @@ func (m *Manager) Sync(ctx context.Context) error {
 func (m *Manager) watch(events <-chan store.Event) {
 	defer m.wg.Done()
 	for ev := range events {
+		if ev.Type == store.EventSync {
+			if err := m.Sync(m.ctx); err != nil && m.ctx.Err() == nil {
+				m.log.Warn("loader: store listing after the watch began failed", "err", err)
+			}
+			continue
+		}
 		if err := m.refresh(m.ctx, ev.ID); err != nil && m.ctx.Err() == nil && !errors.Is(err, ErrNotFound) {
 			m.log.Warn("loader: refresh after store event failed", "id", ev.ID, "event", ev.Type, "err", err)
 		}

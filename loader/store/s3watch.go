@@ -385,7 +385,11 @@ func (w *listenWatch) run(ctx context.Context, ch chan<- Event) {
 				continue
 			}
 			cur := snapshot(r.objs)
-			if prev != nil && !send(diff(prev, cur)...) {
+			evs := []Event{{Type: EventSync}} // the first listing: the baseline
+			if prev != nil {
+				evs = diff(prev, cur)
+			}
+			if !send(evs...) {
 				return
 			}
 			prev, lastList = cur, r.started

@@ -45,6 +45,11 @@ type EventType int
 const (
 	EventPut EventType = iota + 1
 	EventDelete
+	// EventSync (no ID): list the store again. A watch sends it after its
+	// first listing, which it keeps as the baseline of later changes: what
+	// changed before that listing (and after the consumer's own) is sent
+	// as no other event.
+	EventSync
 )
 
 func (t EventType) String() string {
@@ -53,6 +58,8 @@ func (t EventType) String() string {
 		return "put"
 	case EventDelete:
 		return "delete"
+	case EventSync:
+		return "sync"
 	}
 	return fmt.Sprintf("EventType(%d)", int(t))
 }
@@ -166,14 +173,12 @@ func pollLoop(ctx context.Context, interval time.Duration, list func(context.Con
 			for _, o := range objs {
 				cur[o.ID] = o.ETag
 			}
+			evs := []Event{{Type: EventSync}} // the first listing: the baseline
 			if prev != nil {
-				for _, ev := range diff(prev, cur) {
-					select {
-					case ch <- ev:
-					case <-ctx.Done():
-						return
-					}
-				}
+				evs = diff(prev, cur)
+			}
+			if !sendEvents(ctx, ch, evs) {
+				return
 			}
 			prev = cur
 		}
