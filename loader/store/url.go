@@ -14,7 +14,7 @@ import (
 //	/path/to/folder, ./rel, file:///path        a folder (FS)
 //	s3://bucket/prefix?endpoint=http://host:9000&region=us-east-1&path_style=true
 //	    &notify=auto|listen|poll|sqs&poll=5s&resync=1m&sqs_queue=https://sqs...
-//	    &sign_payload=true (S3Options.SignPayload)
+//	    &sign_payload=true (S3Options.SignPayload)&fetch_streams=8 (S3Options.FetchStreams)
 //
 // S3 credentials come from the environment (see S3Options).
 func Open(raw string, log *slog.Logger) (Store, error) {
@@ -96,6 +96,13 @@ func ParseURL(raw string) (any, error) {
 			}
 			o.SignPayload = b
 		}
+		if v := q.Get("fetch_streams"); v != "" {
+			n, err := strconv.Atoi(v)
+			if err != nil || n < 1 || n > 64 {
+				return nil, fmt.Errorf("store: URL %q: fetch_streams=%q is not a number from 1 to 64", raw, v)
+			}
+			o.FetchStreams = n
+		}
 		if o.PollInterval, err = dur("poll"); err != nil {
 			return nil, err
 		}
@@ -104,7 +111,7 @@ func ParseURL(raw string) (any, error) {
 		}
 		for k := range q {
 			switch k {
-			case "endpoint", "region", "path_style", "sign_payload", "notify", "poll", "resync", "sqs_queue", "sqs_endpoint":
+			case "endpoint", "region", "path_style", "sign_payload", "fetch_streams", "notify", "poll", "resync", "sqs_queue", "sqs_endpoint":
 			default:
 				return nil, fmt.Errorf("store: URL %q: unknown parameter %q", raw, k)
 			}
