@@ -97,7 +97,7 @@ func New(m *llama.Model, b Backend, opts Options) (*Engine, error) {
 		return nil, fmt.Errorf("engine: %s backend: %w", b.Name(), err)
 	}
 	up := func(name string) (Weight, error) {
-		raw, info, err := m.Tensors.Bytes(name)
+		raw, info, err := m.Weight(name)
 		if err != nil {
 			return nil, err
 		}
@@ -199,7 +199,7 @@ func upStacked(m *llama.Model, b Backend, name string, names []string) (Weight, 
 	infos := make([]safetensors.Info, len(names))
 	for i, n := range names {
 		var err error
-		if raws[i], infos[i], err = m.Tensors.Bytes(n); err != nil {
+		if raws[i], infos[i], err = m.Weight(n); err != nil {
 			return nil, err
 		}
 		a, z := infos[0].Shape, infos[i].Shape

@@ -48,6 +48,7 @@ type Config struct {
 	SlidingWindow    *int            `json:"sliding_window"`
 	UseSlidingWindow *bool           `json:"use_sliding_window"`
 	MoE              int             `json:"num_experts"` // > 0: a mixture of experts (refused)
+	Quantization     *Quantization   `json:"quantization_config"`
 	MLPBias          bool            `json:"mlp_bias"`
 	TorchDType       string          `json:"torch_dtype"`
 	BOS              *int            `json:"bos_token_id"`
@@ -177,6 +178,11 @@ func (c *Config) Validate() error {
 	case FamilyLlama, FamilyMistral, FamilyQwen2, FamilyQwen3:
 	default:
 		return fmt.Errorf("%w: model_type %q is not supported (llama, mistral, qwen2, qwen3)", ErrConfig, c.ModelType)
+	}
+	if c.Quantization != nil {
+		if err := c.Quantization.check(); err != nil {
+			return err
+		}
 	}
 	if c.MoE > 0 {
 		return fmt.Errorf("%w: num_experts %d: mixture-of-experts models are not supported", ErrConfig, c.MoE)

@@ -145,8 +145,15 @@ func (c *Config) CheckTensors(ts Tensors) error {
 		}
 		switch info.DType {
 		case safetensors.F32, safetensors.BF16, safetensors.F16:
+		case safetensors.F8E4:
+			if !isProjection(s.Name) {
+				return fmt.Errorf("%w: %s has dtype F8_E4M3 (FP8 is read for the projection weights only)", safetensors.ErrDType, s.Name)
+			}
+			if err := c.checkFP8(ts, s.Name, info.Shape); err != nil {
+				return err
+			}
 		default:
-			return fmt.Errorf("%w: %s has dtype %s (want F32, BF16 or F16)", safetensors.ErrDType, s.Name, info.DType)
+			return fmt.Errorf("%w: %s has dtype %s (want F32, BF16 or F16; F8_E4M3 for projections)", safetensors.ErrDType, s.Name, info.DType)
 		}
 	}
 	return nil

@@ -1,0 +1,164 @@
+package llama
+
+import (
+	"encoding/binary"
+	"fmt"
+	"math"
+	"runtime"
+	"strings"
+	"sync"
+
+	"github.com/peftd/peftd/runtime/safetensors"
+)
+
+// Quantization is config.json's quantization_config, as far as peftd reads
+// it: FP8 (e4m3) projection weights with a float scale per output row or
+// per tensor, as published for Llama 3.1 8B Instruct ("compressed-tensors",
+// format float-quantized: the "FP8 dynamic" checkpoints), by Meta
+// ("fbgemm_fp8") and by vLLM's tools ("fp8"). Each such weight W is stored
+// as Q (F8_E4M3) with W = Q * weight_scale; activations are peftd's own
+// concern (bf16, or quantized per token by --weights fp8).
+type Quantization struct {
+	QuantMethod  string                `json:"quant_method"`
+	Format       string                `json:"format"`
+	ConfigGroups map[string]quantGroup `json:"config_groups"`
+}
+
+type quantGroup struct {
+	Weights *struct {
+		NumBits  int    `json:"num_bits"`
+		Type     string `json:"type"`
+		Strategy string `json:"strategy"`
+	} `json:"weights"`
+}
+
+// check refuses what peftd cannot load, saying what it is.
+func (q *Quantization) check() error {
+	switch q.QuantMethod {
+	case "fbgemm_fp8", "fp8":
+		return nil
+	case "compressed-tensors":
+		if q.Format != "float-quantized" {
+			return fmt.Errorf("%w: quantization_config: compressed-tensors format %q is not supported (float-quantized: FP8 weights)", ErrConfig, q.Format)
+		}
+		for name, g := range q.ConfigGroups {
+			w := g.Weights
+			if w == nil {
+				continue
+			}
+			if w.NumBits != 8 || w.Type != "float" || (w.Strategy != "channel" && w.Strategy != "tensor") {
+				return fmt.Errorf("%w: quantization_config group %s: weights of %d-bit %s by %s are not supported (8-bit float by channel or tensor)",
+					ErrConfig, name, w.NumBits, w.Type, w.Strategy)
+			}
+		}
+		return nil
+	}
+	return fmt.Errorf("%w: quantization_config quant_method %q is not supported (FP8: compressed-tensors float-quantized, fbgemm_fp8, fp8)", ErrConfig, q.QuantMethod)
+}
+
+// ScaleName is the name of the scale tensor of an FP8 weight.
+func ScaleName(weight string) string { return weight + "_scale" }
+
+// checkFP8 verifies an F8_E4M3 weight of shape [rows, cols]: the config
+// declares FP8 weights and its scale is there, one per row or one in all,
+// in a float dtype.
+func (c *Config) checkFP8(ts Tensors, name string, shape []int) error {
+	if c.Quantization == nil {
+		return fmt.Errorf("%w: %s is F8_E4M3 but config.json has no quantization_config", safetensors.ErrDType, name)
+	}
+	if len(shape) != 2 {
+		return fmt.Errorf("%w: %s is F8_E4M3 with shape %v (FP8 is read for matrices only)", safetensors.ErrDType, name, shape)
+	}
+	info, ok := ts.Info(ScaleName(name))
+	if !ok {
+		return fmt.Errorf("%w: %s is F8_E4M3 but the checkpoint lacks %s", ErrShape, name, ScaleName(name))
+	}
+	switch info.DType {
+	case safetensors.F32, safetensors.BF16, safetensors.F16:
+	default:
+		return fmt.Errorf("%w: %s has dtype %s (want F32, BF16 or F16)", safetensors.ErrDType, ScaleName(name), info.DType)
+	}
+	if n := info.NumElements(); n != 1 && n != int64(shape[0]) {
+		return fmt.Errorf("%w: %s has shape %v: want one scale per row of %s (%d) or one in all", ErrShape, ScaleName(name), info.Shape, name, shape[0])
+	}
+	return nil
+}
+
+// Weight returns a tensor's bytes for a backend's Upload: as stored, or
+// for an FP8 weight, dequantized (Q * scale, rounded to bf16) on several
+// goroutines into a new buffer, with its Info saying BF16.
+func (m *Model) Weight(name string) ([]byte, safetensors.Info, error) {
+	raw, info, err := m.Tensors.Bytes(name)
+	if err != nil || info.DType != safetensors.F8E4 {
+		return raw, info, err
+	}
+	scale, _, err := m.Tensors.Float32(ScaleName(name))
+	if err != nil {
+		return nil, info, err
+	}
+	rows, cols := info.Shape[0], info.Shape[1]
+	out := make([]byte, 2*len(raw))
+	dequantFP8(out, raw, scale, rows, cols)
+	info.DType = safetensors.BF16
+	return out, info, nil
+}
+
+// dequantFP8 writes bf16(e4m3(q) * scale[row]) (or scale[0] for all rows)
+// for q of rows x cols.
+func dequantFP8(out, q []byte, scale []float32, rows, cols int) {
+	parts := max(1, min(runtime.GOMAXPROCS(0), 8, rows))
+	var wg sync.WaitGroup
+	for p := range parts {
+		r0, r1 := rows*p/parts, rows*(p+1)/parts
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for r := r0; r < r1; r++ {
+				s := scale[0]
+				if len(scale) > 1 {
+					s = scale[r]
+				}
+				for i := r * cols; i < (r+1)*cols; i++ {
+					binary.LittleEndian.PutUint16(out[2*i:], bf16(e4m3[q[i]]*s))
+				}
+			}
+		}()
+	}
+	wg.Wait()
+}
+
+// e4m3 decodes float8 e4m3fn (no infinities; 0x7f and 0xff are NaN).
+var e4m3 = func() (t [256]float32) {
+	for b := range 256 {
+		exp, man := (b>>3)&15, b&7
+		var v float64
+		switch {
+		case exp == 15 && man == 7:
+			v = math.NaN()
+		case exp == 0:
+			v = float64(man) / 8 * math.Ldexp(1, -6)
+		default:
+			v = (1 + float64(man)/8) * math.Ldexp(1, exp-7)
+		}
+		if b&0x80 != 0 {
+			v = -v
+		}
+		t[b] = float32(v)
+	}
+	return t
+}()
+
+// bf16 rounds to the nearest even bf16; NaN stays NaN.
+func bf16(f float32) uint16 {
+	b := math.Float32bits(f)
+	if b&0x7fffffff > 0x7f800000 {
+		return uint16(b>>16) | 0x40
+	}
+	b += 0x7fff + (b>>16)&1
+	return uint16(b >> 16)
+}
+
+// isProjection: FP8 is read for the projection weights only.
+func isProjection(name string) bool {
+	return strings.HasSuffix(name, "_proj.weight")
+}
