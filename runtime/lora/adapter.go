@@ -7,6 +7,9 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"runtime"
+	"sync"
+	"sync/atomic"
 
 	"github.com/peftd/peftd/runtime/llama"
 	"github.com/peftd/peftd/runtime/safetensors"
@@ -189,14 +192,33 @@ func check(name string, configJSON []byte, f *safetensors.File, base *llama.Conf
 	return ck, nil
 }
 
-// Adapter copies the checked weights out as float32. It cannot fail: every
-// tensor's dtype, shape and values were checked.
+// Adapter copies the checked weights out as float32, the pairs converted
+// on up to 8 goroutines (a cold adapter's load waits on it: 168 MB of bf16
+// weights was ~170 ms on one core). It cannot fail: every tensor's dtype,
+// shape and values were checked.
 func (ck *Checked) Adapter() *Adapter {
 	a := &Adapter{Name: ck.name, Config: ck.cfg, Layers: make([][llama.NumModules]*Pair, ck.layers)}
-	for _, p := range ck.pairs {
-		av, bv := float32s(ck.f, p.a), float32s(ck.f, p.b)
-		a.Layers[p.layer][p.mod] = &Pair{Rank: p.rank, Scale: p.scale, A: av, B: bv}
-		a.Params += int64(len(av) + len(bv))
+	pairs := make([]*Pair, len(ck.pairs))
+	var next atomic.Int64
+	var wg sync.WaitGroup
+	for range min(runtime.GOMAXPROCS(0), 8, len(ck.pairs)) {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				i := int(next.Add(1) - 1)
+				if i >= len(ck.pairs) {
+					return
+				}
+				p := ck.pairs[i]
+				pairs[i] = &Pair{Rank: p.rank, Scale: p.scale, A: float32s(ck.f, p.a), B: float32s(ck.f, p.b)}
+			}
+		}()
+	}
+	wg.Wait()
+	for i, p := range ck.pairs {
+		a.Layers[p.layer][p.mod] = pairs[i]
+		a.Params += int64(len(pairs[i].A) + len(pairs[i].B))
 	}
 	return a
 }
