@@ -6,7 +6,6 @@ package api
 import (
 	"context"
 	"errors"
-	"strings"
 	"time"
 	"unicode/utf8"
 
@@ -35,69 +34,44 @@ type delta struct {
 	offset  int       // where text starts in the whole text, in characters
 }
 
-// drive consumes the scheduler's events: decodes text, applies stop
-// strings, calls emit with streamable deltas (nil: not streaming).
+// drive consumes the scheduler's events: the text (Output: decoded after
+// the prompt, cut at a stop string), TTFT and inter-token metrics, and
+// emit with streamable deltas (nil: not streaming).
 //
-// The text is decoded incrementally after the prompt (the decoder keeps a
-// few of the prompt's last tokens as context, like vLLM's
-// detokenize_incrementally), so the first token reads as it does after the
-// prompt: " upon" after "Once", not "upon". Each token's piece is what it
-// adds to the text; the pieces concatenate to the text (cut at a stop
-// string, and the last one takes what Flush adds), streamed deltas end on
-// token boundaries so that their pieces concatenate to their text, and with
-// logprobs each token's bytes and alternatives are decoded in the same
-// context (tokInfo).
+// Each token's piece is what it adds to the text; the pieces concatenate to
+// the text (cut at a stop string, and the last one takes what the
+// decoder's flush adds), streamed deltas end on token boundaries so that
+// their pieces concatenate to their text, and with logprobs each token's
+// bytes and alternatives are decoded in the same context (tokInfo).
 func (s *Server) drive(ctx context.Context, cancel context.CancelFunc, j *job, ch <-chan scheduler.Event, emit func(delta) error, heartbeat func() error, every time.Duration) (result, error) {
 	res := result{prompt: len(j.req.Prompt)}
-	var dec textDecoder
-	if s.cfg.Tokenizer != nil {
-		dec = s.cfg.Tokenizer.NewDecoderAfter(j.req.Prompt, true)
-	}
-	hold := 0
-	for _, st := range j.stopStrs {
-		hold = max(hold, len(st)-1)
-	}
-	var text strings.Builder
-	var ends []int // ends[k]: where token k's piece ends in text (non-decreasing)
+	out := NewOutput(s.cfg.Tokenizer, j.req.Prompt, j.stopStrs)
 	// Bytes and characters of text sent; first token not yet sent.
 	emitted, emittedChars, pendingFrom := 0, 0, 0
 	last := time.Time{}
 	label := adapterLabel(j.adapter)
-	stopAt := func(from int) int {
-		t := text.String()
-		idx := -1
-		for _, st := range j.stopStrs {
-			if i := strings.Index(t[max(0, from-len(st)+1):], st); i >= 0 {
-				i += max(0, from-len(st)+1)
-				if idx < 0 || i < idx {
-					idx = i
-				}
-			}
-		}
-		return idx
-	}
 	// flushDelta sends the text up to upto, cut back to the end of a token,
 	// with the tokens behind it; final sends all the rest.
 	flushDelta := func(upto int, final bool) error {
 		if emit == nil {
 			return nil
 		}
-		t := text.String()
+		t := out.Text()
 		n := len(res.choices)
 		if final {
 			upto = len(t)
 		} else {
-			for n > pendingFrom && ends[n-1] > upto {
+			for n > pendingFrom && out.ends[n-1] > upto {
 				n--
 			}
 			if n == pendingFrom {
 				return nil
 			}
-			upto = ends[n-1]
+			upto = out.ends[n-1]
 		}
 		upto = max(upto, emitted)
 		d := delta{text: t[emitted:upto], offset: emittedChars, choices: res.choices[pendingFrom:n],
-			pieces: pieces(t, ends[pendingFrom:n], emitted, upto)}
+			pieces: out.Pieces(pendingFrom, n, emitted, upto)}
 		if res.info != nil {
 			d.info = res.info[pendingFrom:n]
 		}
@@ -148,28 +122,19 @@ loop:
 		res.tokens = append(res.tokens, ev.Token.ID)
 		res.choices = append(res.choices, ev.Token)
 		res.complete++
-		before := text.Len()
-		if dec != nil {
-			if j.logprobs {
-				res.info = append(res.info, s.tokInfo(dec, ev.Token))
-			}
-			text.WriteString(dec.Add(ev.Token.ID))
+		if dec := out.decoder(); dec != nil && j.logprobs {
+			res.info = append(res.info, s.tokInfo(dec, ev.Token))
 		}
-		ends = append(ends, text.Len())
-		if dec != nil && len(j.stopStrs) > 0 {
-			if i := stopAt(before); i >= 0 {
-				cancel() // the scheduler drops the sequence at its next step
-				res.text, res.finish = text.String()[:i], engine.FinishStop
-				text.Reset()
-				text.WriteString(res.text)
-				res.pieces = pieces(res.text, ends, 0, len(res.text))
-				if err := flushDelta(0, true); err != nil {
-					return res, err
-				}
-				return res, nil
+		if out.Add(ev.Token.ID) {
+			cancel() // the scheduler drops the sequence at its next step
+			res.text, res.finish = out.Text(), engine.FinishStop
+			res.pieces = out.Pieces(0, len(res.choices), 0, len(res.text))
+			if err := flushDelta(0, true); err != nil {
+				return res, err
 			}
+			return res, nil
 		}
-		if err := flushDelta(text.Len()-hold, false); err != nil {
+		if err := flushDelta(out.Shown(), false); err != nil {
 			cancel()
 			return res, err
 		}
@@ -180,18 +145,11 @@ loop:
 		}
 		return res, errors.New("the generation ended without a result")
 	}
-	if dec != nil {
-		before := text.Len()
-		text.WriteString(dec.Flush())
-		if i := stopAt(before); i >= 0 && len(j.stopStrs) > 0 {
-			t := text.String()[:i]
-			text.Reset()
-			text.WriteString(t)
-			res.finish = engine.FinishStop
-		}
+	if out.Finish() {
+		res.finish = engine.FinishStop
 	}
-	res.text = text.String()
-	res.pieces = pieces(res.text, ends, 0, len(res.text))
+	res.text = out.Text()
+	res.pieces = out.Pieces(0, len(res.choices), 0, len(res.text))
 	if err := flushDelta(0, true); err != nil {
 		return res, err
 	}

@@ -7,7 +7,11 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"strings"
+	"unicode/utf8"
 
+	"github.com/peftd/peftd/api"
+	"github.com/peftd/peftd/runtime/engine"
 	"github.com/peftd/peftd/runtime/llama"
 	"github.com/peftd/peftd/runtime/lora"
 	"github.com/peftd/peftd/runtime/sample"
@@ -43,6 +47,8 @@ func cmdGenerate(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	device := fs.String("device", server.DeviceAuto, "compute device: auto (cuda when a usable GPU is present, else cpu), cpu or cuda")
 	eager := fs.Bool("eager", false, "GPU: run every step op by op, without CUDA graphs (see peftd serve --help)")
 	weights := fs.String("weights", server.WeightsBF16, "base model projection weights on the GPU: bf16 or fp8 (see peftd serve --help)")
+	var stops stopList
+	fs.Var(&stops, "stop", "end the text before this string (repeat for several; the text is cut there, as the API's stop does)")
 	if err := fs.Parse(args); err != nil {
 		return errUsage
 	}
@@ -118,18 +124,32 @@ func cmdGenerate(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	if tok != nil {
 		stop = append(stop, tok.EOS()...)
 	}
-	events, err := sched.Submit(ctx, scheduler.Request{Adapter: adapter, Prompt: ids, MaxTokens: *maxTokens, Sampling: sp, Stop: stop})
+	gctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	events, err := sched.Submit(gctx, scheduler.Request{Adapter: adapter, Prompt: ids, MaxTokens: *maxTokens, Sampling: sp, Stop: stop})
 	if err != nil {
 		return err
 	}
-	onToken := func(sample.Choice) {}
+	// The text as the API makes it (api.Output): decoded after the prompt,
+	// so that its first token reads as it does there (" upon" after
+	// "Once"), and cut at the first --stop string.
+	text := api.NewOutput(tok, ids, stops)
+	shown := 0
+	show := func(upto int) {
+		if *asJSON || tok == nil {
+			return
+		}
+		t := text.Text()
+		for upto > shown && upto < len(t) && !utf8.RuneStart(t[upto]) {
+			upto--
+		}
+		if upto > shown {
+			fmt.Fprint(stdout, t[shown:upto])
+			shown = upto
+		}
+	}
 	if !*asJSON && tok != nil {
-		// The completion is decoded after the prompt, so that its first
-		// token reads as it does there (" upon" after "Once").
-		dec := tok.NewDecoderAfter(ids, true)
 		fmt.Fprint(stdout, tok.Decode(ids, true))
-		onToken = func(c sample.Choice) { fmt.Fprint(stdout, dec.Add(c.ID)) }
-		defer func() { fmt.Fprintln(stdout, dec.Flush()) }()
 	}
 	out := genOutput{PromptTokenIDs: ids, TokenIDs: []int32{}, Logprobs: []float64{}, TopLogprobs: [][]sample.TokenLogprob{}}
 	for ev := range events { // closed after the Done event
@@ -138,10 +158,12 @@ func cmdGenerate(ctx context.Context, args []string, stdout, stderr io.Writer) e
 				return ev.Err
 			}
 			out.FinishReason = ev.FinishReason
-			continue
+			if text.Finish() {
+				out.FinishReason = engine.FinishStop
+			}
+			break
 		}
 		c := ev.Token
-		onToken(c)
 		out.TokenIDs = append(out.TokenIDs, c.ID)
 		out.Logprobs = append(out.Logprobs, c.Logprob)
 		top := c.Top
@@ -149,9 +171,19 @@ func cmdGenerate(ctx context.Context, args []string, stdout, stderr io.Writer) e
 			top = []sample.TokenLogprob{}
 		}
 		out.TopLogprobs = append(out.TopLogprobs, top)
+		if text.Add(c.ID) {
+			cancel() // the scheduler drops the sequence at its next step
+			out.FinishReason = engine.FinishStop
+			break
+		}
+		show(text.Shown())
 	}
 	if tok != nil {
-		out.Text = tok.DecodeAfter(ids, out.TokenIDs, true)
+		out.Text = text.Text()
+		show(len(out.Text))
+		if !*asJSON {
+			fmt.Fprintln(stdout)
+		}
 	}
 	switch {
 	case *asJSON:
@@ -193,4 +225,17 @@ func formatIDs(ids []int32) string {
 		b = fmt.Appendf(b, "%d", id)
 	}
 	return string(b)
+}
+
+// stopList is --stop, given once per string.
+type stopList []string
+
+func (s *stopList) String() string { return strings.Join(*s, ",") }
+
+func (s *stopList) Set(v string) error {
+	if v == "" {
+		return fmt.Errorf("an empty stop string")
+	}
+	*s = append(*s, v)
+	return nil
 }

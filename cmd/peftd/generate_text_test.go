@@ -37,3 +37,31 @@ func TestGenerateKeepsLeadingSpace(t *testing.T) {
 		}
 	}
 }
+
+// --stop ends the text before the first stop string, printed or in
+// --json's text (finish_reason "stop"), as the API's stop does; the
+// generation stops there too.
+func TestGenerateStop(t *testing.T) {
+	args := []string{"generate", "--prompt", "Once upon a time", "--adapter", "pirate", "--max-tokens", "60", "--stop", " named", "--stop", "zzz"}
+	out, err := runCLI(t, args...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := "Once upon a time, a little pirate girl\n"; out != want {
+		t.Errorf("%q, want %q", out, want)
+	}
+	out, err = runCLI(t, append(args, "--json")...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var g genOutput
+	if err := json.Unmarshal([]byte(out), &g); err != nil {
+		t.Fatalf("%v: %s", err, out)
+	}
+	if g.Text != ", a little pirate girl" || g.FinishReason != "stop" || len(g.TokenIDs) >= 20 {
+		t.Errorf("--json: text %q, finish %q, %d tokens", g.Text, g.FinishReason, len(g.TokenIDs))
+	}
+	if _, err := runCLI(t, "generate", "--prompt", "Once", "--stop", ""); err == nil {
+		t.Error("an empty --stop was accepted")
+	}
+}
