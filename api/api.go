@@ -19,6 +19,7 @@ import (
 	"github.com/valyala/fasthttp"
 	"github.com/valyala/fasthttp/fasthttpadaptor"
 
+	"github.com/peftd/peftd/metrics"
 	"github.com/peftd/peftd/text/chat"
 	"github.com/peftd/peftd/text/tokenizer"
 )
@@ -55,7 +56,7 @@ type Config struct {
 	// Heartbeat is the interval of SSE comment lines while a stream waits
 	// (they also detect clients that went away); default 5s.
 	Heartbeat time.Duration
-	Metrics   *Metrics // nil: a new one
+	Metrics   *metrics.Metrics // nil: a new one
 	Logger    *slog.Logger
 	// Ready reports readiness for /readyz; nil: always ready.
 	Ready func() error
@@ -66,7 +67,7 @@ type Server struct {
 	cfg     Config
 	app     *fiber.App
 	log     *slog.Logger
-	metrics *Metrics
+	metrics *metrics.Metrics
 	created int64
 	ctx     context.Context // cancelled by Shutdown: ends streams
 	stop    context.CancelFunc
@@ -99,7 +100,7 @@ func New(cfg Config) *Server {
 		cfg.Logger = slog.Default()
 	}
 	if cfg.Metrics == nil {
-		cfg.Metrics = NewMetrics(0)
+		cfg.Metrics = metrics.New(0)
 	}
 	if cfg.ModelName == "" {
 		cfg.ModelName = "base"

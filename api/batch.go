@@ -98,12 +98,12 @@ func (s *Server) generateBatch(c *fiber.Ctx, j *job) error {
 			if errors.As(err, &e) {
 				status = e.Status
 			}
-			s.metrics.requests.WithLabelValues(adapterLabel(j.adapter), fmt.Sprint(status)).Inc()
+			s.metrics.Refused(j.adapter, status)
 			return err
 		}
 		ms[i] = &member{j: &mj, ch: ch, cancel: mcancel}
 	}
-	s.metrics.begin()
+	s.metrics.Begin()
 	b := &batchRun{cancel: cancel}
 	// run drives every member; emit (nil: not streaming) sends member i's
 	// deltas, done its end. It returns when all have ended.

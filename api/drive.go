@@ -49,7 +49,6 @@ func (s *Server) drive(ctx context.Context, cancel context.CancelFunc, j *job, c
 	// Bytes and characters of text sent; first token not yet sent.
 	emitted, emittedChars, pendingFrom := 0, 0, 0
 	last := time.Time{}
-	label := adapterLabel(j.adapter)
 	// flushDelta sends the text up to upto, cut back to the end of a token,
 	// with the tokens behind it; final sends all the rest.
 	flushDelta := func(upto int, final bool) error {
@@ -114,9 +113,9 @@ loop:
 		}
 		now := time.Now()
 		if last.IsZero() {
-			s.metrics.ttft.WithLabelValues(label).Observe(now.Sub(j.start).Seconds())
+			s.metrics.FirstToken(j.adapter, now.Sub(j.start))
 		} else {
-			s.metrics.itl.WithLabelValues(label).Observe(now.Sub(last).Seconds())
+			s.metrics.NextToken(j.adapter, now.Sub(last))
 		}
 		last = now
 		res.tokens = append(res.tokens, ev.Token.ID)

@@ -9,7 +9,6 @@ import (
 	"strings"
 	"testing"
 
-	dto "github.com/prometheus/client_model/go"
 	"github.com/valyala/fasthttp"
 
 	"github.com/peftd/peftd/runtime/engine"
@@ -174,10 +173,4 @@ func setupFuzz(tb testing.TB) func(t *testing.T, route uint8, body []byte) {
 	}
 }
 
-func counterValue(s *Server, where string) float64 {
-	var m dto.Metric
-	if err := s.metrics.panics.WithLabelValues(where).Write(&m); err != nil {
-		panic(err)
-	}
-	return m.GetCounter().GetValue()
-}
+func counterValue(s *Server, where string) float64 { return s.metrics.Panics(where) }

@@ -4,7 +4,6 @@ import (
 	"bufio"
 	"context"
 	"errors"
-	"fmt"
 	"time"
 
 	"github.com/gofiber/fiber/v2"
@@ -36,10 +35,10 @@ func (s *Server) generate(c *fiber.Ctx, j *job) error {
 		if errors.As(err, &e) {
 			status = e.Status
 		}
-		s.metrics.requests.WithLabelValues(adapterLabel(j.adapter), fmt.Sprint(status)).Inc()
+		s.metrics.Refused(j.adapter, status)
 		return err
 	}
-	s.metrics.begin()
+	s.metrics.Begin()
 	if !j.stream {
 		defer cancel()
 		conn := c.Context().Conn()
@@ -112,7 +111,7 @@ func (s *Server) generate(c *fiber.Ctx, j *job) error {
 // request: who, what, how it ended, how long).
 func (s *Server) finished(j *job, status int, res result, err error) {
 	dur := time.Since(j.start)
-	s.metrics.end(j.adapter, status, res.prompt, res.complete, dur)
+	s.metrics.End(j.adapter, status, res.prompt, res.complete, dur)
 	attrs := []any{"id", j.id, "model", j.model, "status", status, "stream", j.stream,
 		"prompt_tokens", res.prompt, "completion_tokens", res.complete, "finish", res.finish,
 		"ms", dur.Milliseconds()}

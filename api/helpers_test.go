@@ -18,6 +18,7 @@ import (
 	"github.com/peftd/peftd/internal/fixture"
 	"github.com/peftd/peftd/loader"
 	"github.com/peftd/peftd/loader/store"
+	"github.com/peftd/peftd/metrics"
 	"github.com/peftd/peftd/runtime/cpu"
 	"github.com/peftd/peftd/runtime/llama"
 	"github.com/peftd/peftd/scheduler"
@@ -33,7 +34,7 @@ type stack struct {
 	cat     api.Catalog
 	loader  *loader.Manager
 	sched   *scheduler.Scheduler
-	metrics *api.Metrics
+	metrics *metrics.Metrics
 	eos     []int32
 }
 

@@ -13,6 +13,7 @@ import (
 	"github.com/peftd/peftd/loader"
 	"github.com/peftd/peftd/loader/modelfetch"
 	"github.com/peftd/peftd/loader/store"
+	"github.com/peftd/peftd/metrics"
 	"github.com/peftd/peftd/runtime/engine"
 	"github.com/peftd/peftd/runtime/gpu"
 	"github.com/peftd/peftd/runtime/llama"
@@ -47,7 +48,7 @@ type CoreConfig struct {
 	// RecheckInterval and JanitorInterval tune the loader (0: its defaults).
 	RecheckInterval, JanitorInterval time.Duration
 	// Metrics gets the loader collector and the scheduler's steps; nil: a new one.
-	Metrics *api.Metrics
+	Metrics *metrics.Metrics
 	Logger  *slog.Logger
 }
 
@@ -60,7 +61,7 @@ type Core struct {
 	Loader    *loader.Manager
 	Store     store.Store
 	Catalog   api.Catalog
-	Metrics   *api.Metrics
+	Metrics   *metrics.Metrics
 
 	log       *slog.Logger
 	closeOnce sync.Once
@@ -96,15 +97,15 @@ func NewCore(ctx context.Context, cc CoreConfig) (*Core, error) {
 	}
 	met := cc.Metrics
 	if met == nil {
-		met = api.NewMetrics(cc.Slots)
+		met = metrics.New(cc.Slots)
 	}
 	res := &residency{}
 	sched := scheduler.New(e, res, scheduler.Config{MaxQueue: cc.MaxQueue, Logger: log, OnStep: met.OnStep, PrefixCache: !cc.NoPrefixCache,
 		OnPanic: func() { met.Panic("engine") }})
-	col := newLoaderCollector()
+	col := metrics.NewLoader()
 	mgr, err := loader.New(ctx, loader.Options{Store: cc.Store, Device: sched, Base: cc.Model.Config, Slots: cc.Slots,
 		CacheDir: cc.CacheDir, MaxAdapterBytes: adapterBound(cc), HostBytes: max(cc.HostBytes, 0), DiskBytes: max(cc.DiskBytes, 0), DeviceTTL: cc.DeviceTTL, HostTTL: cc.HostTTL,
-		RecheckInterval: cc.RecheckInterval, JanitorInterval: cc.JanitorInterval, OnLoad: col.onLoad, OnPhase: col.onPhase, Logger: log,
+		RecheckInterval: cc.RecheckInterval, JanitorInterval: cc.JanitorInterval, OnLoad: col.OnLoad, OnPhase: col.OnPhase, Logger: log,
 		Progress: modelfetch.LogProgress(log, "downloading adapter", 5*time.Second)})
 	if err != nil {
 		sched.Close()
@@ -114,7 +115,7 @@ func NewCore(ctx context.Context, cc CoreConfig) (*Core, error) {
 	res.m.Store(mgr)
 	c := &Core{Engine: e, Scheduler: sched, Loader: mgr, Store: cc.Store, Metrics: met, log: log,
 		Catalog: &loaderCatalog{m: mgr, st: cc.Store, base: cc.Model.Config}}
-	col.core.Store(c)
+	col.Use(c.Loader.Stats, c.Idle)
 	if err := met.Registry.Register(col); err != nil {
 		c.Close()
 		return nil, fmt.Errorf("server: metrics: %w", err)

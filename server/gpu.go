@@ -3,12 +3,10 @@ package server
 import (
 	"fmt"
 	"log/slog"
-	"strconv"
 
 	"github.com/peftd/peftd/runtime/engine"
 	"github.com/peftd/peftd/runtime/llama"
 	"github.com/peftd/peftd/server/gpuinfo"
-	"github.com/prometheus/client_golang/prometheus"
 )
 
 // kvBlocksFor sizes the KV cache from free device memory: what is left after
@@ -56,50 +54,4 @@ func gpuMonitor(log *slog.Logger) *gpuinfo.Monitor {
 			"memory_total_gib", fmt.Sprintf("%.1f", float64(d.MemTotal)/(1<<30)), "temp_c", d.TempC, "throttle", d.Throttle)
 	}
 	return mon
-}
-
-// gpuCollector exports NVML readings at scrape time.
-type gpuCollector struct {
-	mon                                      *gpuinfo.Monitor
-	memUsed, memTotal, util, temp, power, ok *prometheus.Desc
-}
-
-func newGPUCollector(mon *gpuinfo.Monitor) *gpuCollector {
-	l := []string{"gpu", "name"}
-	return &gpuCollector{mon: mon,
-		memUsed:  prometheus.NewDesc("peftd_gpu_memory_used_bytes", "GPU memory in use (NVML).", l, nil),
-		memTotal: prometheus.NewDesc("peftd_gpu_memory_total_bytes", "GPU memory (NVML).", l, nil),
-		util:     prometheus.NewDesc("peftd_gpu_utilization_ratio", "Fraction of the last sample period a kernel ran (NVML).", l, nil),
-		temp:     prometheus.NewDesc("peftd_gpu_temperature_celsius", "GPU temperature (NVML).", l, nil),
-		power:    prometheus.NewDesc("peftd_gpu_power_watts", "GPU power draw (NVML).", l, nil),
-		ok:       prometheus.NewDesc("peftd_gpu_healthy", "1 unless NVML reports hardware or thermal throttling.", l, nil),
-	}
-}
-
-func (c *gpuCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{c.memUsed, c.memTotal, c.util, c.temp, c.power, c.ok} {
-		ch <- d
-	}
-}
-
-func (c *gpuCollector) Collect(ch chan<- prometheus.Metric) {
-	ds, err := c.mon.Devices()
-	if err != nil {
-		return
-	}
-	for _, d := range ds {
-		l := []string{strconv.Itoa(d.Index), d.Name}
-		healthy := 1.0
-		for _, t := range d.Throttle {
-			if t != "sw_power_cap" {
-				healthy = 0
-			}
-		}
-		ch <- prometheus.MustNewConstMetric(c.memUsed, prometheus.GaugeValue, float64(d.MemUsed), l...)
-		ch <- prometheus.MustNewConstMetric(c.memTotal, prometheus.GaugeValue, float64(d.MemTotal), l...)
-		ch <- prometheus.MustNewConstMetric(c.util, prometheus.GaugeValue, float64(d.UtilGPU)/100, l...)
-		ch <- prometheus.MustNewConstMetric(c.temp, prometheus.GaugeValue, float64(d.TempC), l...)
-		ch <- prometheus.MustNewConstMetric(c.power, prometheus.GaugeValue, d.PowerW, l...)
-		ch <- prometheus.MustNewConstMetric(c.ok, prometheus.GaugeValue, healthy, l...)
-	}
 }

@@ -23,6 +23,7 @@ import (
 	"github.com/peftd/peftd/loader/hub"
 	"github.com/peftd/peftd/loader/modelfetch"
 	"github.com/peftd/peftd/loader/store"
+	"github.com/peftd/peftd/metrics"
 	"github.com/peftd/peftd/models"
 	"github.com/peftd/peftd/runtime/cpu"
 	"github.com/peftd/peftd/runtime/engine"
@@ -232,11 +233,11 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 	case "-":
 		cacheDir = ""
 	}
-	met := api.NewMetrics(cfg.Slots)
+	met := metrics.New(cfg.Slots)
 	kvBlocks := cfg.KVBlocks
 	if dev == DeviceCUDA {
 		if s.mon = gpuMonitor(log); s.mon != nil {
-			met.Registry.MustRegister(newGPUCollector(s.mon))
+			met.Registry.MustRegister(metrics.NewGPU(s.mon))
 			if kvBlocks == 0 {
 				if kvBlocks, err = gpuKVBlocks(s.mon, cfg, m.Config, log); err != nil {
 					return nil, err
@@ -418,7 +419,7 @@ func (s *Server) API() *api.Server { return s.api }
 func (s *Server) Core() *Core { return s.core }
 
 // Metrics are the Prometheus metrics (also served on /metrics).
-func (s *Server) Metrics() *api.Metrics { return s.core.Metrics }
+func (s *Server) Metrics() *metrics.Metrics { return s.core.Metrics }
 
 // Device is the backend in use: cpu or cuda.
 func (s *Server) Device() string { return s.device }

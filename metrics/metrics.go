@@ -1,4 +1,8 @@
-package api
+// Package metrics is peftd's Prometheus metrics, in one place: requests,
+// tokens and latency (observed by the API), engine steps (the scheduler's
+// OnStep), adapters and their loads (the loader, read at scrape) and GPU
+// readings (NVML, read at scrape), all on one registry served at /metrics.
+package metrics
 
 import (
 	"strconv"
@@ -9,10 +13,11 @@ import (
 	"github.com/peftd/peftd/scheduler"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
+	dto "github.com/prometheus/client_model/go"
 )
 
-// Metrics are the server's Prometheus metrics. Create them before the
-// scheduler and pass OnStep as its Config.OnStep.
+// Metrics are the server's request and step metrics and its registry.
+// Create them before the scheduler and pass OnStep as its Config.OnStep.
 type Metrics struct {
 	Registry *prometheus.Registry
 	maxLoRA  int
@@ -47,9 +52,9 @@ type Metrics struct {
 	lastRun []string
 }
 
-// NewMetrics registers the metrics on a new registry (with the Go and
-// process collectors). maxLoRA is the number of device adapter slots.
-func NewMetrics(maxLoRA int) *Metrics {
+// New registers the metrics on a new registry (with the Go and process
+// collectors). maxLoRA is the number of device adapter slots.
+func New(maxLoRA int) *Metrics {
 	r := prometheus.NewRegistry()
 	lat := []float64{.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60}
 	m := &Metrics{Registry: r, maxLoRA: maxLoRA,
@@ -120,6 +125,33 @@ func NewMetrics(maxLoRA int) *Metrics {
 // Panic counts a recovered panic; where is http, stream or engine.
 func (m *Metrics) Panic(where string) { m.panics.WithLabelValues(where).Inc() }
 
+// Panics is how many panics were recovered where.
+func (m *Metrics) Panics(where string) float64 { return counterValue(m.panics.WithLabelValues(where)) }
+
+// Refused counts a request that ended before it began generating (its
+// status says why).
+func (m *Metrics) Refused(adapter string, status int) {
+	m.requests.WithLabelValues(adapterLabel(adapter), strconv.Itoa(status)).Inc()
+}
+
+// FirstToken observes the time from a request's arrival to its first token.
+func (m *Metrics) FirstToken(adapter string, d time.Duration) {
+	m.ttft.WithLabelValues(adapterLabel(adapter)).Observe(d.Seconds())
+}
+
+// NextToken observes the time between two tokens of a request.
+func (m *Metrics) NextToken(adapter string, d time.Duration) {
+	m.itl.WithLabelValues(adapterLabel(adapter)).Observe(d.Seconds())
+}
+
+func counterValue(c prometheus.Counter) float64 {
+	var d dto.Metric
+	if err := c.Write(&d); err != nil {
+		return 0
+	}
+	return d.GetCounter().GetValue()
+}
+
 // OnStep records one scheduler step.
 func (m *Metrics) OnStep(s scheduler.StepStats) {
 	m.batchRows.Observe(float64(s.Rows))
@@ -151,17 +183,18 @@ func (m *Metrics) setLoRA(running, waiting []string) {
 		Set(float64(time.Now().UnixNano()) / 1e9)
 }
 
-func (m *Metrics) begin() {
+// Begin counts a request that begins generating.
+func (m *Metrics) Begin() {
 	m.inflight.Inc()
 	m.mu.Lock()
 	m.active++
 	m.mu.Unlock()
 }
 
-// end closes a request; when none is left the LoRA info shows no adapters
+// End closes a request that began; when none is left the LoRA info shows no adapters
 // and the queue and KV gauges read 0 (the scheduler reports no step while
 // idle).
-func (m *Metrics) end(adapter string, status int, prompt, completion int, dur time.Duration) {
+func (m *Metrics) End(adapter string, status int, prompt, completion int, dur time.Duration) {
 	m.inflight.Dec()
 	m.requests.WithLabelValues(adapterLabel(adapter), strconv.Itoa(status)).Inc()
 	if prompt > 0 {

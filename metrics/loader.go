@@ -1,4 +1,4 @@
-package server
+package metrics
 
 import (
 	"sync/atomic"
@@ -9,10 +9,11 @@ import (
 	"github.com/peftd/peftd/loader"
 )
 
-// loaderCollector exports the loader's Stats, read at scrape time, the
-// replica's idleness and the adapter load latency histogram.
-type loaderCollector struct {
-	core atomic.Pointer[Core]
+// Loader exports the loader's Stats, read at scrape time, the replica's
+// idleness and the adapter load latency histograms. Its source is set
+// once the loader exists (Use); until then it exports the histograms only.
+type Loader struct {
+	src atomic.Pointer[loaderSource]
 
 	evictions, adapters, bytes        *prometheus.Desc
 	cacheLimit                        *prometheus.Desc
@@ -23,11 +24,12 @@ type loaderCollector struct {
 
 var tiers = []loader.Tier{loader.TierStore, loader.TierDisk, loader.TierHost, loader.TierDevice}
 
-func newLoaderCollector() *loaderCollector {
+// NewLoader makes the collector; register it on Metrics.Registry.
+func NewLoader() *Loader {
 	d := func(name, help string, labels ...string) *prometheus.Desc {
 		return prometheus.NewDesc(name, help, labels, nil)
 	}
-	c := &loaderCollector{
+	c := &Loader{
 		evictions: d("peftd_adapter_evictions_total", "Adapters evicted, by tier: device (LRU replacement or device TTL), host (memory budget or host TTL).", "tier"),
 		adapters:  d("peftd_adapters", "Adapters (versions) by the nearest tier holding them: store, disk, host or device.", "tier"),
 		bytes: d("peftd_adapter_bytes", "Bytes of adapters held at each tier (float32 weights on device and host; "+
@@ -57,16 +59,29 @@ func newLoaderCollector() *loaderCollector {
 	return c
 }
 
-func (c *loaderCollector) onLoad(id string, source loader.Tier, d time.Duration) {
+type loaderSource struct {
+	stats func() loader.Stats
+	idle  func() bool
+}
+
+// Use sets where Collect reads: the loader's Stats and whether the replica
+// is idle.
+func (c *Loader) Use(stats func() loader.Stats, idle func() bool) {
+	c.src.Store(&loaderSource{stats, idle})
+}
+
+// OnLoad observes an adapter load (loader.Options.OnLoad).
+func (c *Loader) OnLoad(id string, source loader.Tier, d time.Duration) {
 	c.loadSeconds.WithLabelValues(source.String()).Observe(d.Seconds())
 }
 
-func (c *loaderCollector) onPhase(id, phase string, d time.Duration) {
+// OnPhase observes a phase of a cold load (loader.Options.OnPhase).
+func (c *Loader) OnPhase(id, phase string, d time.Duration) {
 	c.phaseSeconds.WithLabelValues(phase).Observe(d.Seconds())
 }
 
 // Describe implements prometheus.Collector.
-func (c *loaderCollector) Describe(ch chan<- *prometheus.Desc) {
+func (c *Loader) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{c.evictions, c.adapters, c.bytes, c.cacheLimit, c.fetches, c.diskHits, c.loads, c.invalid,
 		c.idle, c.slots, c.slotsUsed} {
 		ch <- d
@@ -76,14 +91,14 @@ func (c *loaderCollector) Describe(ch chan<- *prometheus.Desc) {
 }
 
 // Collect implements prometheus.Collector.
-func (c *loaderCollector) Collect(ch chan<- prometheus.Metric) {
+func (c *Loader) Collect(ch chan<- prometheus.Metric) {
 	c.loadSeconds.Collect(ch)
 	c.phaseSeconds.Collect(ch)
-	core := c.core.Load()
-	if core == nil {
+	src := c.src.Load()
+	if src == nil {
 		return
 	}
-	s := core.Loader.Stats()
+	s := src.stats()
 	counter := func(d *prometheus.Desc, v uint64, labels ...string) {
 		ch <- prometheus.MustNewConstMetric(d, prometheus.CounterValue, float64(v), labels...)
 	}
@@ -125,7 +140,7 @@ func (c *loaderCollector) Collect(ch chan<- prometheus.Metric) {
 	gauge(c.slots, float64(s.Slots))
 	gauge(c.slotsUsed, float64(s.SlotsUsed))
 	idle := 0.0
-	if core.Idle() {
+	if src.idle() {
 		idle = 1
 	}
 	gauge(c.idle, idle)

@@ -1,0 +1,79 @@
+package metrics
+
+import (
+	"testing"
+	"time"
+
+	"github.com/peftd/peftd/loader"
+	"github.com/peftd/peftd/scheduler"
+)
+
+// values gathers the registry: metric family name -> the sum of its samples.
+func values(t *testing.T, m *Metrics) map[string]float64 {
+	t.Helper()
+	fams, err := m.Registry.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := map[string]float64{}
+	for _, f := range fams {
+		for _, x := range f.GetMetric() {
+			switch {
+			case x.Counter != nil:
+				out[f.GetName()] += x.GetCounter().GetValue()
+			case x.Gauge != nil:
+				out[f.GetName()] += x.GetGauge().GetValue()
+			case x.Histogram != nil:
+				out[f.GetName()] += float64(x.GetHistogram().GetSampleCount())
+			}
+		}
+	}
+	return out
+}
+
+func TestRequestAndStepMetrics(t *testing.T) {
+	m := New(4)
+	m.Refused("a", 429)
+	m.Begin()
+	if v := values(t, m); v["peftd_requests_in_flight"] != 1 || v["peftd_requests_total"] != 1 {
+		t.Errorf("after a refusal and a start: in flight %v, requests %v", v["peftd_requests_in_flight"], v["peftd_requests_total"])
+	}
+	m.FirstToken("a", 10*time.Millisecond)
+	m.NextToken("a", time.Millisecond)
+	m.OnStep(scheduler.StepStats{Rows: 3, Sequences: 2, Adapters: 1, Waiting: 5, Running: 2, TotalBlocks: 10, FreeBlocks: 4})
+	v := values(t, m)
+	if v["peftd_time_to_first_token_seconds"] != 1 || v["peftd_inter_token_latency_seconds"] != 1 || v["peftd_queue_depth"] != 5 ||
+		v["vllm:num_requests_waiting"] != 5 || v["peftd_kv_cache_usage_ratio"] != 0.6 {
+		t.Errorf("after tokens and a step: %v", v)
+	}
+	m.End("a", 200, 7, 3, time.Second)
+	v = values(t, m)
+	if v["peftd_requests_in_flight"] != 0 || v["peftd_requests_total"] != 2 || v["peftd_generated_tokens_total"] != 3 ||
+		v["peftd_prompt_tokens_total"] != 7 || v["peftd_queue_depth"] != 0 || v["peftd_kv_cache_usage_ratio"] != 0 {
+		t.Errorf("after the last request ended: %v", v)
+	}
+	m.Panic("engine")
+	if m.Panics("engine") != 1 || m.Panics("http") != 0 {
+		t.Errorf("panics: engine %v, http %v", m.Panics("engine"), m.Panics("http"))
+	}
+}
+
+func TestLoaderCollector(t *testing.T) {
+	m := New(2)
+	l := NewLoader()
+	m.Registry.MustRegister(l)
+	l.OnLoad("a", loader.TierStore, 20*time.Millisecond)
+	l.OnPhase("a", "fetch_store", 10*time.Millisecond)
+	v := values(t, m)
+	if v["peftd_adapter_load_seconds"] != 1 || v["peftd_adapter_load_phase_seconds"] != 1 {
+		t.Errorf("load histograms: %v", v)
+	}
+	if _, ok := v["peftd_adapter_slots"]; ok {
+		t.Error("loader gauges exported before the loader was set")
+	}
+	l.Use(func() loader.Stats { return loader.Stats{Slots: 2, SlotsUsed: 1, DeviceLoads: 3} }, func() bool { return true })
+	v = values(t, m)
+	if v["peftd_adapter_slots"] != 2 || v["peftd_adapter_slots_used"] != 1 || v["peftd_adapter_loads_total"] != 3 || v["peftd_idle"] != 1 {
+		t.Errorf("loader gauges: %v", v)
+	}
+}
