@@ -3,7 +3,7 @@ package metrics
 import (
 	"strconv"
 
-	"github.com/peftd/peftd/server/gpuinfo"
+	"github.com/peftd/peftd/gpuinfo"
 	"github.com/prometheus/client_golang/prometheus"
 )
 

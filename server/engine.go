@@ -6,10 +6,10 @@ import (
 	"log/slog"
 	"time"
 
+	"github.com/peftd/peftd/gpuinfo"
 	"github.com/peftd/peftd/runtime/engine"
 	"github.com/peftd/peftd/runtime/gpu"
 	"github.com/peftd/peftd/runtime/llama"
-	"github.com/peftd/peftd/server/gpuinfo"
 	"github.com/peftd/peftd/text/tokenizer"
 )
 

@@ -4,9 +4,9 @@ import (
 	"fmt"
 	"log/slog"
 
+	"github.com/peftd/peftd/gpuinfo"
 	"github.com/peftd/peftd/runtime/engine"
 	"github.com/peftd/peftd/runtime/llama"
-	"github.com/peftd/peftd/server/gpuinfo"
 )
 
 // kvBlocksFor sizes the KV cache from free device memory: what is left after

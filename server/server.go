@@ -20,6 +20,7 @@ import (
 	"time"
 
 	"github.com/peftd/peftd/api"
+	"github.com/peftd/peftd/gpuinfo"
 	"github.com/peftd/peftd/loader/hub"
 	"github.com/peftd/peftd/loader/modelfetch"
 	"github.com/peftd/peftd/loader/store"
@@ -30,7 +31,6 @@ import (
 	"github.com/peftd/peftd/runtime/gpu"
 	"github.com/peftd/peftd/runtime/llama"
 	"github.com/peftd/peftd/runtime/lora"
-	"github.com/peftd/peftd/server/gpuinfo"
 	"github.com/peftd/peftd/text/chat"
 	"github.com/peftd/peftd/text/tokenizer"
 )
