@@ -114,6 +114,9 @@ loop:
 		now := time.Now()
 		if last.IsZero() {
 			s.metrics.FirstToken(j.adapter, now.Sub(j.start))
+			if ev.Loaded != "" {
+				s.metrics.ColdFirstToken(ev.Loaded, now.Sub(j.start))
+			}
 		} else {
 			s.metrics.NextToken(j.adapter, now.Sub(last))
 		}

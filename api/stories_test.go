@@ -272,7 +272,9 @@ func TestAuthAndMetrics(t *testing.T) {
 	r = do(t, "GET", url+"/metrics", nil)
 	for _, name := range []string{"peftd_requests_total", "peftd_generated_tokens_total", "peftd_time_to_first_token_seconds",
 		"peftd_inter_token_latency_seconds", "peftd_queue_depth", "peftd_batch_size", "peftd_batch_adapters",
-		"peftd_kv_cache_usage_ratio", "vllm:lora_requests_info", `max_lora="2"`, `adapter="pirate",status="200"`} {
+		"peftd_kv_cache_usage_ratio", "vllm:lora_requests_info", `max_lora="2"`, `adapter="pirate",status="200"`,
+		// the first pirate request loaded pirate from the store
+		`peftd_adapter_cold_first_token_seconds_count{source="store"} 1`} {
 		if !strings.Contains(string(r.Body), name) {
 			t.Errorf("/metrics lacks %s:\n%s", name, r.Body)
 		}

@@ -21,6 +21,7 @@ type Lease struct {
 	id, ver  string
 	slot     int
 	adapter  *lora.Adapter
+	from     Tier // where taking the lease loaded the adapter from; TierNone: it was on the device
 	released atomic.Bool
 }
 
@@ -36,6 +37,16 @@ func (l *Lease) Version() string { return l.ver }
 // Adapter is the parsed adapter in the slot (nil if host memory has
 // dropped it since; the device copy is unaffected).
 func (l *Lease) Adapter() *lora.Adapter { return l.adapter }
+
+// LoadSource is where taking this lease loaded the adapter from into its
+// slot (store, disk or host), or "" when it was on the device already
+// (scheduler.LoadReporter).
+func (l *Lease) LoadSource() string {
+	if l.from == TierNone {
+		return ""
+	}
+	return l.from.String()
+}
 
 // Release gives the slot back; later calls do nothing.
 func (l *Lease) Release() {
@@ -200,7 +211,7 @@ func (m *Manager) Acquire(ctx context.Context, id string) (*Lease, error) {
 		if m.opts.OnLoad != nil {
 			m.opts.OnLoad(id, source, c.LoadLatency)
 		}
-		return &Lease{m: m, key: c.Key, id: id, ver: c.Version, slot: slot, adapter: a}, nil
+		return &Lease{m: m, key: c.Key, id: id, ver: c.Version, slot: slot, adapter: a, from: source}, nil
 	}
 }
 

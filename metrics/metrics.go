@@ -26,6 +26,7 @@ type Metrics struct {
 	generated *prometheus.CounterVec
 	prompt    *prometheus.CounterVec
 	ttft      *prometheus.HistogramVec
+	coldTTFT  *prometheus.HistogramVec
 	itl       *prometheus.HistogramVec
 	e2e       *prometheus.HistogramVec
 	inflight  prometheus.Gauge
@@ -66,6 +67,9 @@ func New(maxLoRA int) *Metrics {
 			Help: "Prompt tokens processed, by adapter."}, []string{"adapter"}),
 		ttft: prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: "peftd_time_to_first_token_seconds",
 			Help: "Time from request arrival to the first generated token.", Buckets: lat}, []string{"adapter"}),
+		coldTTFT: prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: "peftd_adapter_cold_first_token_seconds",
+			Help: "Time from the arrival of a request whose adapter was loaded for it (into a device slot, from the store, disk or host memory) " +
+				"to its first token: the cold start its client saw, by where the adapter came from.", Buckets: lat}, []string{"source"}),
 		itl: prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: "peftd_inter_token_latency_seconds",
 			Help: "Time between generated tokens.", Buckets: lat}, []string{"adapter"}),
 		e2e: prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: "peftd_request_duration_seconds",
@@ -110,13 +114,16 @@ func New(maxLoRA int) *Metrics {
 		vllmKV: prometheus.NewGauge(prometheus.GaugeOpts{Name: "vllm:kv_cache_usage_perc",
 			Help: "KV cache usage, 0 to 1 (1 means 100 percent; vLLM-compatible; same as peftd_kv_cache_usage_ratio)."}),
 	}
-	r.MustRegister(m.requests, m.generated, m.prompt, m.ttft, m.itl, m.e2e, m.inflight, m.waiting, m.running,
+	r.MustRegister(m.requests, m.generated, m.prompt, m.ttft, m.coldTTFT, m.itl, m.e2e, m.inflight, m.waiting, m.running,
 		m.batchRows, m.batchSeqs, m.adapters, m.stepTime, m.preempt, m.kvUsage, m.loraInfo,
 		m.vllmWaiting, m.vllmRunning, m.vllmKV, m.panics,
 		m.prefixQueries, m.prefixHits, m.vllmPrefixQueries, m.vllmPrefixHits, m.prefixPages,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	for _, w := range []string{"http", "stream", "engine"} {
 		m.panics.WithLabelValues(w) // export zeros
+	}
+	for _, src := range []string{"store", "disk", "host"} {
+		m.coldTTFT.WithLabelValues(src)
 	}
 	m.setLoRA(nil, nil)
 	return m
@@ -137,6 +144,12 @@ func (m *Metrics) Refused(adapter string, status int) {
 // FirstToken observes the time from a request's arrival to its first token.
 func (m *Metrics) FirstToken(adapter string, d time.Duration) {
 	m.ttft.WithLabelValues(adapterLabel(adapter)).Observe(d.Seconds())
+}
+
+// ColdFirstToken observes the time to the first token of a request whose
+// adapter was loaded for it from source (store, disk or host).
+func (m *Metrics) ColdFirstToken(source string, d time.Duration) {
+	m.coldTTFT.WithLabelValues(source).Observe(d.Seconds())
 }
 
 // NextToken observes the time between two tokens of a request.

@@ -39,10 +39,11 @@ func TestRequestAndStepMetrics(t *testing.T) {
 		t.Errorf("after a refusal and a start: in flight %v, requests %v", v["peftd_requests_in_flight"], v["peftd_requests_total"])
 	}
 	m.FirstToken("a", 10*time.Millisecond)
+	m.ColdFirstToken("store", 300*time.Millisecond)
 	m.NextToken("a", time.Millisecond)
 	m.OnStep(scheduler.StepStats{Rows: 3, Sequences: 2, Adapters: 1, Waiting: 5, Running: 2, TotalBlocks: 10, FreeBlocks: 4})
 	v := values(t, m)
-	if v["peftd_time_to_first_token_seconds"] != 1 || v["peftd_inter_token_latency_seconds"] != 1 || v["peftd_queue_depth"] != 5 ||
+	if v["peftd_time_to_first_token_seconds"] != 1 || v["peftd_adapter_cold_first_token_seconds"] != 1 || v["peftd_inter_token_latency_seconds"] != 1 || v["peftd_queue_depth"] != 5 ||
 		v["vllm:num_requests_waiting"] != 5 || v["peftd_kv_cache_usage_ratio"] != 0.6 {
 		t.Errorf("after tokens and a step: %v", v)
 	}

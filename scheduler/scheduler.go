@@ -59,6 +59,13 @@ type Lease interface {
 	Release()
 }
 
+// LoadReporter is a Lease that says whether taking it loaded its adapter.
+type LoadReporter interface {
+	// LoadSource is where taking the lease loaded the adapter from into
+	// its slot (store, disk or host), or "" when it was there already.
+	LoadSource() string
+}
+
 // Residency makes adapters resident (the loader implements it).
 type Residency interface {
 	Acquire(ctx context.Context, id string) (Lease, error)
@@ -81,6 +88,9 @@ type Event struct {
 	Err          error  // with Done, when the request failed
 	// Set with Done.
 	PromptTokens, CompletionTokens int
+	// Loaded, with a request's first token: where its adapter was loaded
+	// from for it (its lease's LoadSource), "" when it was resident.
+	Loaded string
 }
 
 // Config sizes the scheduler.

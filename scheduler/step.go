@@ -188,7 +188,11 @@ func (s *Scheduler) afterStep(in []engine.Input, who []*seq, choices []sample.Ch
 		}
 		q.tokens = append(q.tokens, c.ID)
 		q.gen++
-		q.box.put(Event{Token: c})
+		ev := Event{Token: c}
+		if r, ok := q.lease.(LoadReporter); ok && q.gen == 1 {
+			ev.Loaded = r.LoadSource()
+		}
+		q.box.put(ev)
 		reason := ""
 		switch {
 		case slices.Contains(q.req.Stop, c.ID):
