@@ -4,7 +4,6 @@ import (
 	"archive/tar"
 	"bufio"
 	"bytes"
-	"compress/gzip"
 	"context"
 	"encoding/json"
 	"flag"
@@ -43,7 +42,13 @@ func envOr(name, def string) string {
 func (c *clientFlags) do(ctx context.Context, method, path, contentType string, body io.Reader) (*http.Response, error) {
 	req, err := http.NewRequestWithContext(ctx, method, strings.TrimRight(c.url, "/")+path, body)
 	if err != nil {
+		if rc, ok := body.(io.Closer); ok {
+			rc.Close()
+		}
 		return nil, err
+	}
+	if s, ok := body.(sized); ok {
+		req.ContentLength = s.n
 	}
 	if contentType != "" {
 		req.Header.Set("Content-Type", contentType)
@@ -88,11 +93,11 @@ func cmdDeploy(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	if *id == "" {
 		*id = filepath.Base(filepath.Clean(dir))
 	}
-	buf, err := adapterArchive(dir, false)
+	body, n, err := adapterStream(dir)
 	if err != nil {
 		return fmt.Errorf("deploy: %w", err)
 	}
-	resp, err := c.do(ctx, http.MethodPut, "/v1/adapters/"+*id, "application/x-tar", buf)
+	resp, err := c.do(ctx, http.MethodPut, "/v1/adapters/"+*id, "application/x-tar", sized{body, n})
 	if err != nil {
 		return fmt.Errorf("deploy %s: %w", *id, err)
 	}
@@ -102,46 +107,63 @@ func cmdDeploy(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	return err
 }
 
-// adapterArchive is a tar of an adapter folder's two files, gzipped when
-// compress is set. Deploy sends it plain: the weights are floating-point
-// numbers gzip barely shrinks, and compressing them was most of a deploy's
-// time (BenchmarkAdapterArchive).
-func adapterArchive(dir string, compress bool) (*bytes.Buffer, error) {
-	var buf bytes.Buffer
-	var w io.Writer = &buf
-	var gz *gzip.Writer
-	if compress {
-		gz = gzip.NewWriter(&buf)
-		w = gz
+// adapterStream is a tar of an adapter folder's two files, written while
+// it is read (the request sends it as the files are read: no copy of the
+// adapter in memory), and its exact length. The files are opened and
+// sized first, so a missing one fails before any request. Plain tar: the
+// weights are floating-point numbers gzip barely shrinks, and compressing
+// them was most of a deploy's time.
+func adapterStream(dir string) (io.ReadCloser, int64, error) {
+	names := []string{lora.ConfigFile, lora.WeightsFile}
+	files := make([]*os.File, len(names))
+	sizes := make([]int64, len(names))
+	closeAll := func() {
+		for _, f := range files {
+			if f != nil {
+				f.Close()
+			}
+		}
 	}
-	tw := tar.NewWriter(w)
-	for _, name := range []string{lora.ConfigFile, lora.WeightsFile} {
+	total := int64(1024) // the end-of-archive blocks
+	for i, name := range names {
 		f, err := os.Open(filepath.Join(dir, name))
 		if err != nil {
-			return nil, err
+			closeAll()
+			return nil, 0, err
 		}
+		files[i] = f
 		st, err := f.Stat()
-		if err == nil {
-			err = tw.WriteHeader(&tar.Header{Name: name, Mode: 0o644, Size: st.Size(), ModTime: time.Now()})
-		}
-		if err == nil {
-			buf.Grow(int(st.Size()) + 1024)
-			_, err = io.Copy(tw, f)
-		}
-		f.Close()
 		if err != nil {
-			return nil, err
+			closeAll()
+			return nil, 0, err
 		}
+		sizes[i] = st.Size()
+		total += 512 + (st.Size()+511)&^511 // a USTAR header, the data padded to blocks
 	}
-	if err := tw.Close(); err != nil {
-		return nil, err
-	}
-	if gz != nil {
-		if err := gz.Close(); err != nil {
-			return nil, err
+	pr, pw := io.Pipe()
+	go func() {
+		defer closeAll()
+		tw := tar.NewWriter(pw)
+		now := time.Now().Truncate(time.Second) // whole seconds: a plain USTAR header
+		for i, name := range names {
+			err := tw.WriteHeader(&tar.Header{Name: name, Mode: 0o644, Size: sizes[i], ModTime: now, Format: tar.FormatUSTAR})
+			if err == nil {
+				_, err = io.Copy(tw, files[i])
+			}
+			if err != nil {
+				pw.CloseWithError(err)
+				return
+			}
 		}
-	}
-	return &buf, nil
+		pw.CloseWithError(tw.Close())
+	}()
+	return pr, total, nil
+}
+
+// sized is a request body of a known length.
+type sized struct {
+	io.ReadCloser
+	n int64
 }
 
 // cmdInvoke runs POST /v1/adapters/{id}/invoke and prints the text (as it
