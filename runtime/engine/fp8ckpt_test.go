@@ -9,7 +9,6 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
-	"sort"
 	"strings"
 	"testing"
 
@@ -19,48 +18,6 @@ import (
 	"github.com/peftd/peftd/runtime/llama"
 	"github.com/peftd/peftd/runtime/safetensors"
 )
-
-// e4m3Value decodes an e4m3fn code (the test's own decoder; finite codes).
-func e4m3Value(b byte) float64 {
-	exp, man := int(b>>3)&15, float64(b&7)
-	v := (1 + man/8) * math.Ldexp(1, exp-7)
-	if exp == 0 {
-		v = man / 8 * math.Ldexp(1, -6)
-	}
-	if b&0x80 != 0 {
-		v = -v
-	}
-	return v
-}
-
-// e4m3Encode rounds x to the nearest finite e4m3fn code (saturating).
-func e4m3Encode(x float64) byte {
-	type code struct {
-		v float64
-		b byte
-	}
-	var pos []code
-	for b := 0; b < 0x7f; b++ { // 0x7f is NaN
-		pos = append(pos, code{e4m3Value(byte(b)), byte(b)})
-	}
-	sort.Slice(pos, func(i, j int) bool { return pos[i].v < pos[j].v })
-	a := math.Abs(x)
-	i := sort.Search(len(pos), func(i int) bool { return pos[i].v >= a })
-	best := pos[min(i, len(pos)-1)]
-	if i > 0 && (i == len(pos) || a-pos[i-1].v <= pos[i].v-a) {
-		best = pos[i-1]
-	}
-	if x < 0 && best.v != 0 {
-		return best.b | 0x80
-	}
-	return best.b
-}
-
-func bf16Bits(f float32) uint16 {
-	b := math.Float32bits(f)
-	b += 0x7fff + (b>>16)&1
-	return uint16(b >> 16)
-}
 
 // TestFP8Checkpoint loads an FP8 checkpoint in the compressed-tensors
 // "FP8 dynamic" layout (F8_E4M3 projection weights, a float32 weight_scale
@@ -117,8 +74,8 @@ func TestFP8Checkpoint(t *testing.T) {
 		deq := make([]byte, 2*len(w))
 		for i, v := range w {
 			s := scales[i/cols]
-			q[i] = e4m3Encode(float64(v) / float64(s))
-			binary.LittleEndian.PutUint16(deq[2*i:], bf16Bits(float32(e4m3Value(q[i]))*s))
+			q[i] = safetensors.Float32ToE4M3(v / s)
+			binary.LittleEndian.PutUint16(deq[2*i:], safetensors.Float32ToBF16(safetensors.E4M3ToFloat32(q[i])*s))
 		}
 		scaleShape, scaleVals := []int{rows, 1}, scales
 		if perTensor {

@@ -9,6 +9,7 @@ import (
 
 	"github.com/peftd/peftd/runtime/cuda"
 	"github.com/peftd/peftd/runtime/engine"
+	"github.com/peftd/peftd/runtime/safetensors"
 )
 
 // TestOpAttentionDecode checks the split-KV decode kernel (attn_decode, its
@@ -55,7 +56,7 @@ func TestOpAttentionDecode(t *testing.T) {
 			kImg := make([]uint16, blocks*bs*width)
 			vImg := make([]uint16, blocks*bs*width)
 			for i := range kImg { // unused slots: large values, so a stray read shows
-				kImg[i], vImg[i] = toBF16(50), toBF16(-50)
+				kImg[i], vImg[i] = safetensors.Float32ToBF16(50), safetensors.Float32ToBF16(-50)
 			}
 			for _, s := range seqs {
 				n := s.cached + s.rows

@@ -8,16 +8,6 @@ import (
 	"github.com/peftd/peftd/runtime/safetensors"
 )
 
-// toBF16 rounds to nearest even; NaN stays NaN.
-func toBF16(f float32) uint16 {
-	b := math.Float32bits(f)
-	if b&0x7fffffff > 0x7f800000 {
-		return uint16(b>>16) | 0x40
-	}
-	b += 0x7fff + (b>>16)&1
-	return uint16(b >> 16)
-}
-
 func fromBF16(h uint16) float32 { return math.Float32frombits(uint32(h) << 16) }
 
 // encodeBF16 converts a raw little-endian tensor to bf16 values.
@@ -37,11 +27,11 @@ func encodeBF16(dst []uint16, raw []byte, dt safetensors.DType) error {
 		}
 	case safetensors.F16:
 		for i := range dst {
-			dst[i] = toBF16(safetensors.HalfToFloat32(binary.LittleEndian.Uint16(raw[2*i:])))
+			dst[i] = safetensors.Float32ToBF16(safetensors.HalfToFloat32(binary.LittleEndian.Uint16(raw[2*i:])))
 		}
 	case safetensors.F32:
 		for i := range dst {
-			dst[i] = toBF16(math.Float32frombits(binary.LittleEndian.Uint32(raw[4*i:])))
+			dst[i] = safetensors.Float32ToBF16(math.Float32frombits(binary.LittleEndian.Uint32(raw[4*i:])))
 		}
 	default:
 		return fmt.Errorf("%w: %s (want F32, F16 or BF16)", safetensors.ErrDType, dt)
@@ -51,6 +41,6 @@ func encodeBF16(dst []uint16, raw []byte, dt safetensors.DType) error {
 
 func f32ToBF16(dst []uint16, src []float32) {
 	for i, v := range src {
-		dst[i] = toBF16(v)
+		dst[i] = safetensors.Float32ToBF16(v)
 	}
 }

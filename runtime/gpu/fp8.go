@@ -2,7 +2,6 @@ package gpu
 
 import (
 	"fmt"
-	"math"
 	"strings"
 
 	"github.com/peftd/peftd/kernels"
@@ -204,56 +203,4 @@ func (f *fp8State) close() error {
 		f.mod = nil
 	}
 	return first
-}
-
-// e4m3ToFloat32 decodes an FP8 e4m3 (fn) byte: bias 7, no infinities,
-// 0x7f/0xff are NaN, subnormals 2^-6 * m/8.
-func e4m3ToFloat32(b byte) float32 {
-	s := float32(1)
-	if b&0x80 != 0 {
-		s = -1
-	}
-	e, m := int(b>>3&0xf), int(b&7)
-	if e == 15 && m == 7 {
-		return float32(math.NaN())
-	}
-	if e == 0 {
-		return s * float32(m) / 8 * float32(math.Ldexp(1, -6))
-	}
-	return s * (1 + float32(m)/8) * float32(math.Ldexp(1, e-7))
-}
-
-// float32ToE4M3 rounds to the nearest e4m3 value (ties to even), saturating
-// to ±448 (the __NV_SATFINITE conversion); NaN gives 0x7f.
-func float32ToE4M3(v float32) byte {
-	if v != v {
-		return 0x7f
-	}
-	var sign byte
-	if math.Signbit(float64(v)) {
-		sign = 0x80
-		v = -v
-	}
-	if v >= 464 { // halfway between 448 and the next step (480) rounds to even 448... and beyond saturates
-		return sign | 0x7e
-	}
-	// search the 127 non-negative finite codes: exact rounding by comparison
-	lo, hi := 0, 126
-	for lo < hi { // largest code with value <= v
-		mid := (lo + hi + 1) / 2
-		if e4m3ToFloat32(byte(mid)) <= v {
-			lo = mid
-		} else {
-			hi = mid - 1
-		}
-	}
-	c := lo
-	if c < 126 {
-		a, b := float64(e4m3ToFloat32(byte(c))), float64(e4m3ToFloat32(byte(c+1)))
-		d0, d1 := float64(v)-a, b-float64(v)
-		if d1 < d0 || (d1 == d0 && (c+1)%2 == 0) {
-			c++
-		}
-	}
-	return sign | byte(c)
 }

@@ -78,7 +78,7 @@ func (r *fp8Rig) alloc(n int) *cuda.DeviceBuffer {
 func (r *fp8Rig) bf16Rand(n int, std float64) []uint16 {
 	h := make([]uint16, n)
 	for i := range h {
-		h[i] = toBF16(float32(r.rng.NormFloat64() * std))
+		h[i] = safetensors.Float32ToBF16(float32(r.rng.NormFloat64() * std))
 	}
 	return h
 }
@@ -122,7 +122,7 @@ func refQuant(x []uint16, rows, cols int) ([]byte, []float32) {
 			s[i], inv = m/448, 448/m
 		}
 		for k, h := range row {
-			q[i*cols+k] = float32ToE4M3(fromBF16(h) * inv)
+			q[i*cols+k] = safetensors.Float32ToE4M3(fromBF16(h) * inv)
 		}
 	}
 	return q, s
@@ -163,8 +163,8 @@ func TestFP8Quant(t *testing.T) {
 			x[k] = 0 // row 0 is zero
 		}
 		if sz.rows > 2 {
-			x[2*sz.ld+sz.cols/2] = toBF16(float32(math.NaN()))
-			x[sz.ld+1] = toBF16(-3e4) // a large outlier sets row 1's scale
+			x[2*sz.ld+sz.cols/2] = safetensors.Float32ToBF16(float32(math.NaN()))
+			x[sz.ld+1] = safetensors.Float32ToBF16(-3e4) // a large outlier sets row 1's scale
 		}
 		dx := r.up(x)
 		dq, ds := r.alloc(sz.rows*sz.cols+16), r.alloc(4*sz.rows)
@@ -203,7 +203,7 @@ func TestFP8Quant(t *testing.T) {
 				continue
 			}
 			v := float64(fromBF16(h))
-			e := float64(e4m3ToFloat32(q[i])) * float64(s[i/sz.cols])
+			e := float64(safetensors.E4M3ToFloat32(q[i])) * float64(s[i/sz.cols])
 			d += (e - v) * (e - v)
 			n += v * v
 		}
@@ -309,8 +309,8 @@ func TestFP8Gemm(t *testing.T) {
 			f8[i], f16[i] = fromBF16(g8[i]), fromBF16(g16[i])
 		}
 		deq := gemmRef(sz.T, sz.N, sz.K,
-			func(i, k int) float64 { return float64(e4m3ToFloat32(qx[i*sz.K+k])) * float64(sx[i]) },
-			func(j, k int) float64 { return float64(e4m3ToFloat32(qw[j*sz.K+k])) * float64(sw[j]) })
+			func(i, k int) float64 { return float64(safetensors.E4M3ToFloat32(qx[i*sz.K+k])) * float64(sx[i]) },
+			func(j, k int) float64 { return float64(safetensors.E4M3ToFloat32(qw[j*sz.K+k])) * float64(sw[j]) })
 		exact := gemmRef(sz.T, sz.N, sz.K,
 			func(i, k int) float64 { return float64(fromBF16(xh[i*sz.K+k])) },
 			func(j, k int) float64 { return float64(fromBF16(wh[j*sz.K+k])) })

@@ -63,7 +63,7 @@ func testConfig(hidden, inter, heads, kvHeads, headDim, vocab, layers int) *llam
 func (r *rig) rnd(n int, s float32) []float32 {
 	v := make([]float32, n)
 	for i := range v {
-		v[i] = fromBF16(toBF16((r.rng.Float32()*2 - 1) * s))
+		v[i] = fromBF16(safetensors.Float32ToBF16((r.rng.Float32()*2 - 1) * s))
 	}
 	return v
 }
@@ -243,7 +243,7 @@ func TestOpAddRMSNorm(t *testing.T) {
 				for j := 0; j < H; j++ {
 					v := xv[i*H+j]
 					if db != nil {
-						v = fromBF16(toBF16(v + dv[i*H+j]))
+						v = fromBF16(safetensors.Float32ToBF16(v + dv[i*H+j]))
 					}
 					wantX[i*H+j] = float64(v)
 					ss += float64(v) * float64(v)
@@ -496,14 +496,14 @@ func TestOpLoRA(t *testing.T) {
 					tmp := make([]float64, p.Rank)
 					for k := range tmp {
 						for c := 0; c < in; c++ {
-							tmp[k] += float64(xv[row*in+c]) * float64(fromBF16(toBF16(p.A[k*in+c])))
+							tmp[k] += float64(xv[row*in+c]) * float64(fromBF16(safetensors.Float32ToBF16(p.A[k*in+c])))
 						}
 						tmp[k] *= float64(p.Scale)
 					}
 					for j := 0; j < outF; j++ {
 						var s float64
 						for k := range tmp {
-							s += tmp[k] * float64(fromBF16(toBF16(p.B[j*p.Rank+k])))
+							s += tmp[k] * float64(fromBF16(safetensors.Float32ToBF16(p.B[j*p.Rank+k])))
 						}
 						want[row*outF+j] += s
 					}
@@ -553,7 +553,7 @@ func TestOpLogits(t *testing.T) {
 			inv := float32(1 / math.Sqrt(ss/float64(H)+1e-5))
 			nr := make([]float64, H)
 			for j := range nr {
-				nr[j] = float64(fromBF16(toBF16(nv[j] * (xv[int(row)*H+j] * inv))))
+				nr[j] = float64(fromBF16(safetensors.Float32ToBF16(nv[j] * (xv[int(row)*H+j] * inv))))
 			}
 			for v := 0; v < V; v++ {
 				var s float64

@@ -10,6 +10,7 @@ import (
 	"github.com/peftd/peftd/runtime/engine"
 	"github.com/peftd/peftd/runtime/llama"
 	"github.com/peftd/peftd/runtime/lora"
+	"github.com/peftd/peftd/runtime/safetensors"
 )
 
 // loraRef adds the float64 LoRA update of mods (outputs side by side) to want.
@@ -26,14 +27,14 @@ func loraRef(want []float64, xv []float32, in, total int, segs []engine.Segment,
 				tmp := make([]float64, p.Rank)
 				for k := range tmp {
 					for c := 0; c < in; c++ {
-						tmp[k] += float64(xv[row*in+c]) * float64(fromBF16(toBF16(p.A[k*in+c])))
+						tmp[k] += float64(xv[row*in+c]) * float64(fromBF16(safetensors.Float32ToBF16(p.A[k*in+c])))
 					}
 					tmp[k] *= float64(p.Scale)
 				}
 				for j := 0; j < outF; j++ {
 					var s float64
 					for k := range tmp {
-						s += tmp[k] * float64(fromBF16(toBF16(p.B[j*p.Rank+k])))
+						s += tmp[k] * float64(fromBF16(safetensors.Float32ToBF16(p.B[j*p.Rank+k])))
 					}
 					want[row*total+off+j] += s
 				}

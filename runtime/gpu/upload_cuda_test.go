@@ -44,7 +44,7 @@ func TestUploadRoundTrip(t *testing.T) {
 			v := float32(rng.NormFloat64())
 			switch c.dt {
 			case safetensors.BF16:
-				binary.LittleEndian.PutUint16(raw[2*i:], toBF16(v))
+				binary.LittleEndian.PutUint16(raw[2*i:], safetensors.Float32ToBF16(v))
 			case safetensors.F16:
 				binary.LittleEndian.PutUint16(raw[2*i:], float32ToHalf(v))
 			case safetensors.F32:

@@ -3,7 +3,6 @@ package llama
 import (
 	"encoding/binary"
 	"fmt"
-	"math"
 	"runtime"
 	"strings"
 	"sync"
@@ -119,7 +118,7 @@ func dequantFP8(out, q []byte, scale []float32, rows, cols int) {
 					s = scale[r]
 				}
 				for i := r * cols; i < (r+1)*cols; i++ {
-					binary.LittleEndian.PutUint16(out[2*i:], bf16(e4m3[q[i]]*s))
+					binary.LittleEndian.PutUint16(out[2*i:], safetensors.Float32ToBF16(e4m3[q[i]]*s))
 				}
 			}
 		}()
@@ -127,36 +126,13 @@ func dequantFP8(out, q []byte, scale []float32, rows, cols int) {
 	wg.Wait()
 }
 
-// e4m3 decodes float8 e4m3fn (no infinities; 0x7f and 0xff are NaN).
+// e4m3 is safetensors.E4M3ToFloat32 by code, for the dequantizing loop.
 var e4m3 = func() (t [256]float32) {
 	for b := range 256 {
-		exp, man := (b>>3)&15, b&7
-		var v float64
-		switch {
-		case exp == 15 && man == 7:
-			v = math.NaN()
-		case exp == 0:
-			v = float64(man) / 8 * math.Ldexp(1, -6)
-		default:
-			v = (1 + float64(man)/8) * math.Ldexp(1, exp-7)
-		}
-		if b&0x80 != 0 {
-			v = -v
-		}
-		t[b] = float32(v)
+		t[b] = safetensors.E4M3ToFloat32(byte(b))
 	}
 	return t
 }()
-
-// bf16 rounds to the nearest even bf16; NaN stays NaN.
-func bf16(f float32) uint16 {
-	b := math.Float32bits(f)
-	if b&0x7fffffff > 0x7f800000 {
-		return uint16(b>>16) | 0x40
-	}
-	b += 0x7fff + (b>>16)&1
-	return uint16(b >> 16)
-}
 
 // isProjection: FP8 is read for the projection weights only.
 func isProjection(name string) bool {
