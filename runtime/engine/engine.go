@@ -5,9 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"math"
-	"runtime"
-	"sync"
 
+	"github.com/peftd/peftd/internal/parallel"
 	"github.com/peftd/peftd/runtime/llama"
 	"github.com/peftd/peftd/runtime/lora"
 	"github.com/peftd/peftd/runtime/safetensors"
@@ -267,23 +266,15 @@ func concat(parts [][]byte) []byte {
 		total += len(p)
 	}
 	all := make([]byte, total)
-	const chunk = 16 << 20
-	var wg sync.WaitGroup
-	sem := make(chan struct{}, min(runtime.GOMAXPROCS(0), 8))
-	off := 0
-	for _, p := range parts {
-		for i := 0; i < len(p); i += chunk {
-			dst, src := all[off+i:], p[i:min(len(p), i+chunk)]
-			sem <- struct{}{}
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				copy(dst, src)
-				<-sem
-			}()
+	parallel.Ranges(total, 16<<20, func(lo, hi int) error {
+		off := 0
+		for _, p := range parts {
+			if a, b := max(lo, off), min(hi, off+len(p)); a < b {
+				copy(all[a:b], p[a-off:b-off])
+			}
+			off += len(p)
 		}
-		off += len(p)
-	}
-	wg.Wait()
+		return nil
+	})
 	return all
 }

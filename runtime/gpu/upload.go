@@ -3,10 +3,9 @@ package gpu
 import (
 	"encoding/binary"
 	"fmt"
-	"runtime"
-	"sync"
 	"unsafe"
 
+	"github.com/peftd/peftd/internal/parallel"
 	"github.com/peftd/peftd/runtime/cuda"
 	"github.com/peftd/peftd/runtime/safetensors"
 )
@@ -97,35 +96,16 @@ func (b *Backend) freeStaging() error {
 	return first
 }
 
-// encodeBF16Parallel is encodeBF16 split over up to 8 goroutines.
+// encodeBF16Parallel is encodeBF16 over ranges of at least 1M values on
+// several goroutines.
 func encodeBF16Parallel(dst []uint16, raw []byte, dt safetensors.DType) error {
-	n := len(dst)
-	const minPart = 1 << 20
-	parts := min(runtime.GOMAXPROCS(0), 8, max(1, n/minPart))
-	if parts <= 1 {
-		return encodeBF16(dst, raw, dt)
-	}
 	sz := dt.Size()
-	if sz == 0 || len(raw) != n*sz {
+	if sz == 0 || len(raw) != len(dst)*sz {
 		return encodeBF16(dst, raw, dt) // reports the mismatch
 	}
-	var wg sync.WaitGroup
-	errs := make([]error, parts)
-	for p := range parts {
-		i0, i1 := n*p/parts, n*(p+1)/parts
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			errs[p] = encodeBF16(dst[i0:i1], raw[i0*sz:i1*sz], dt)
-		}()
-	}
-	wg.Wait()
-	for _, err := range errs {
-		if err != nil {
-			return err
-		}
-	}
-	return nil
+	return parallel.Ranges(len(dst), 1<<20, func(lo, hi int) error {
+		return encodeBF16(dst[lo:hi], raw[lo*sz:hi*sz], dt)
+	})
 }
 
 // littleEndian: bf16 safetensors bytes are the host's uint16s as they are.

@@ -3,10 +3,9 @@ package llama
 import (
 	"encoding/binary"
 	"fmt"
-	"runtime"
 	"strings"
-	"sync"
 
+	"github.com/peftd/peftd/internal/parallel"
 	"github.com/peftd/peftd/runtime/safetensors"
 )
 
@@ -105,25 +104,18 @@ func (m *Model) Weight(name string) ([]byte, safetensors.Info, error) {
 // dequantFP8 writes bf16(e4m3(q) * scale[row]) (or scale[0] for all rows)
 // for q of rows x cols.
 func dequantFP8(out, q []byte, scale []float32, rows, cols int) {
-	parts := max(1, min(runtime.GOMAXPROCS(0), 8, rows))
-	var wg sync.WaitGroup
-	for p := range parts {
-		r0, r1 := rows*p/parts, rows*(p+1)/parts
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for r := r0; r < r1; r++ {
-				s := scale[0]
-				if len(scale) > 1 {
-					s = scale[r]
-				}
-				for i := r * cols; i < (r+1)*cols; i++ {
-					binary.LittleEndian.PutUint16(out[2*i:], safetensors.Float32ToBF16(e4m3[q[i]]*s))
-				}
+	parallel.Ranges(rows, 1, func(r0, r1 int) error {
+		for r := r0; r < r1; r++ {
+			s := scale[0]
+			if len(scale) > 1 {
+				s = scale[r]
 			}
-		}()
-	}
-	wg.Wait()
+			for i := r * cols; i < (r+1)*cols; i++ {
+				binary.LittleEndian.PutUint16(out[2*i:], safetensors.Float32ToBF16(e4m3[q[i]]*s))
+			}
+		}
+		return nil
+	})
 }
 
 // e4m3 is safetensors.E4M3ToFloat32 by code, for the dequantizing loop.

@@ -7,10 +7,8 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
-	"runtime"
-	"sync"
-	"sync/atomic"
 
+	"github.com/peftd/peftd/internal/parallel"
 	"github.com/peftd/peftd/runtime/llama"
 	"github.com/peftd/peftd/runtime/safetensors"
 )
@@ -193,29 +191,18 @@ func check(name string, configJSON []byte, f *safetensors.File, base *llama.Conf
 }
 
 // Adapter copies the checked weights out as float32, the pairs converted
-// on up to 8 goroutines (a cold adapter's load waits on it: 168 MB of bf16
+// on several goroutines (a cold adapter's load waits on it: 168 MB of bf16
 // weights was ~170 ms on one core). It cannot fail: every tensor's dtype,
 // shape and values were checked.
 func (ck *Checked) Adapter() *Adapter {
 	a := &Adapter{Name: ck.name, Config: ck.cfg, Layers: make([][llama.NumModules]*Pair, ck.layers)}
 	pairs := make([]*Pair, len(ck.pairs))
-	var next atomic.Int64
-	var wg sync.WaitGroup
-	for range min(runtime.GOMAXPROCS(0), 8, len(ck.pairs)) {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for {
-				i := int(next.Add(1) - 1)
-				if i >= len(ck.pairs) {
-					return
-				}
-				p := ck.pairs[i]
-				pairs[i] = &Pair{Rank: p.rank, Scale: p.scale, A: float32s(ck.f, p.a), B: float32s(ck.f, p.b)}
-			}
-		}()
-	}
-	wg.Wait()
+	parallel.Ranges(len(ck.pairs), 1, func(lo, hi int) error {
+		for i, p := range ck.pairs[lo:hi] {
+			pairs[lo+i] = &Pair{Rank: p.rank, Scale: p.scale, A: float32s(ck.f, p.a), B: float32s(ck.f, p.b)}
+		}
+		return nil
+	})
 	for i, p := range ck.pairs {
 		a.Layers[p.layer][p.mod] = pairs[i]
 		a.Params += int64(len(pairs[i].A) + len(pairs[i].B))
