@@ -290,18 +290,33 @@ func (s *S3) Stat(ctx context.Context, id string) (Object, error) {
 }
 
 func (s *S3) getOne(ctx context.Context, id, file string, max int64, progress func(done, total int64)) ([]byte, minio.ObjectInfo, error) {
-	obj, err := s.c.GetObject(ctx, s.opts.Bucket, s.key(id, file), minio.GetObjectOptions{})
+	// open starts the download and checks the size bound.
+	open := func() (*minio.Object, minio.ObjectInfo, error) {
+		obj, err := s.c.GetObject(ctx, s.opts.Bucket, s.key(id, file), minio.GetObjectOptions{})
+		if err != nil {
+			return nil, minio.ObjectInfo{}, s.mapErr(id, err)
+		}
+		info, err := obj.Stat()
+		if err == nil && max > 0 && info.Size > max {
+			err = fmt.Errorf("%w: %s/%s is %d bytes, limit %d", ErrTooLarge, id, file, info.Size, max)
+		} else if err != nil {
+			err = s.mapErr(id, err)
+		}
+		if err != nil {
+			obj.Close()
+			return nil, info, err
+		}
+		return obj, info, nil
+	}
+	obj, info, err := open()
 	if err != nil {
-		return nil, minio.ObjectInfo{}, s.mapErr(id, err)
+		return nil, info, err
 	}
-	defer obj.Close()
-	info, err := obj.Stat()
-	if err != nil {
-		return nil, info, s.mapErr(id, err)
-	}
-	if max > 0 && info.Size > max {
-		return nil, info, fmt.Errorf("%w: %s/%s is %d bytes, limit %d", ErrTooLarge, id, file, info.Size, max)
-	}
+	defer func() {
+		if obj != nil {
+			obj.Close()
+		}
+	}()
 	if streams := s.fetchStreams(); streams > 1 && info.Size >= 2*rangePart {
 		obj.Close()
 		buf, err := s.getRanges(ctx, s.key(id, file), info, streams, progress)
@@ -312,15 +327,8 @@ func (s *S3) getOne(ctx context.Context, id, file string, max int64, progress fu
 			return nil, info, s.mapErr(id, err)
 		}
 		// Replaced while it downloaded: read the new version in one stream.
-		if obj, err = s.c.GetObject(ctx, s.opts.Bucket, s.key(id, file), minio.GetObjectOptions{}); err != nil {
-			return nil, minio.ObjectInfo{}, s.mapErr(id, err)
-		}
-		defer obj.Close()
-		if info, err = obj.Stat(); err != nil {
-			return nil, info, s.mapErr(id, err)
-		}
-		if max > 0 && info.Size > max {
-			return nil, info, fmt.Errorf("%w: %s/%s is %d bytes, limit %d", ErrTooLarge, id, file, info.Size, max)
+		if obj, info, err = open(); err != nil {
+			return nil, info, err
 		}
 	}
 	buf := make([]byte, 0, max0(info.Size))
