@@ -43,6 +43,10 @@ extern "C" __global__ void embed(bf16* out, const bf16* table, const int* tokens
 }
 
 // add_rmsnorm: if delta: x += delta (rounded to bf16 in x); if out: out = rmsnorm(x) * w.
+// d2 (may be null; only with delta): a float32 LoRA update of delta computed
+// beside it, rows H apart, for the rows whose rl (row adapter slot) is >= 0:
+// delta + d2 is rounded to bf16 first (the projection's output as an update
+// in place would have left it), then added to x.
 // grid (T), block multiple of 32.
 // unpack8/pack8: 8 bf16 in a 16-byte word <-> 8 floats.
 __device__ __forceinline__ void unpack8(uint4 u, float* f) {
@@ -61,20 +65,29 @@ __device__ __forceinline__ uint4 pack8(const float* f) {
     return u;
 }
 
-extern "C" __global__ void add_rmsnorm(bf16* x, const bf16* delta, bf16* out, const bf16* w, float eps, int H) {
+extern "C" __global__ void add_rmsnorm(bf16* x, const bf16* delta, const float* d2, const int* rl, bf16* out, const bf16* w, float eps, int H) {
     __shared__ float sh[33];
     const int r = blockIdx.x;
     bf16* xr = x + (i64)r * H;
+    if (d2 && rl[r] < 0) d2 = nullptr; // a row without an adapter
     float ss = 0.f;
     if ((H & 7) == 0) { // 16-byte words: every load of a row in flight at once
         uint4* x8 = reinterpret_cast<uint4*>(xr);
         const uint4* d8 = delta ? reinterpret_cast<const uint4*>(delta + (i64)r * H) : nullptr;
+        const float4* e8 = d2 ? reinterpret_cast<const float4*>(d2 + (i64)r * H) : nullptr;
         for (int c = threadIdx.x; c < H / 8; c += blockDim.x) {
             float v[8];
             unpack8(x8[c], v);
             if (d8) {
                 float d[8];
                 unpack8(d8[c], d);
+                if (e8) {
+                    const float4 e0 = e8[2 * c], e1 = e8[2 * c + 1];
+                    float e[8] = {e0.x, e0.y, e0.z, e0.w, e1.x, e1.y, e1.z, e1.w};
+#pragma unroll
+                    for (int i = 0; i < 8; i++) e[i] += d[i];
+                    unpack8(pack8(e), d);
+                }
 #pragma unroll
                 for (int i = 0; i < 8; i++) v[i] += d[i];
                 const uint4 b = pack8(v);
@@ -102,7 +115,9 @@ extern "C" __global__ void add_rmsnorm(bf16* x, const bf16* delta, bf16* out, co
     for (int i = threadIdx.x; i < H; i += blockDim.x) {
         float v = ld(xr + i);
         if (delta) {
-            bf16 b = tobf(v + ld(delta + (i64)r * H + i));
+            float d = ld(delta + (i64)r * H + i);
+            if (d2) d = __bfloat162float(tobf(d + d2[(i64)r * H + i]));
+            bf16 b = tobf(v + d);
             xr[i] = b;
             v = __bfloat162float(b);
         }
@@ -113,6 +128,20 @@ extern "C" __global__ void add_rmsnorm(bf16* x, const bf16* delta, bf16* out, co
     const float inv = 1.f / sqrtf(ss / (float)H + eps);
     bf16* o = out + (i64)r * H;
     for (int i = threadIdx.x; i < H; i += blockDim.x) o[i] = tobf(ld(w + i) * (ld(xr + i) * inv));
+}
+
+// add_delta: x[r][c] += d[r][c] (rounded to bf16 in x) for c < cols and
+// the rows whose rl (row adapter slot) is >= 0, x rows ldx values apart, d
+// (float32) rows cols apart: a LoRA update computed on the LoRA stream,
+// added where no op folds it in. grid-stride over rows*cols.
+extern "C" __global__ void add_delta(bf16* x, const float* d, const int* rl, int rows, int cols, int ldx) {
+    const i64 n = (i64)rows * cols, stride = (i64)gridDim.x * blockDim.x;
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        const i64 r = i / cols, c = i - r * cols;
+        if (rl[r] < 0) continue;
+        bf16* p = x + r * ldx + c;
+        *p = tobf(ld(p) + d[i]);
+    }
 }
 
 // add_bias: x[r] += b (rounded to bf16 in x); grid (T), any block (Qwen2's q/k/v biases).
@@ -154,35 +183,50 @@ extern "C" __global__ void rmsnorm_rows(bf16* out, const bf16* x, const int* row
 // place (rows ldq and ldk values apart), and, when kc is not null, k (as
 // rotated) and v (rows ldv apart) stored at the row's KV slot of one
 // layer's cache [slots, kvh*hd]; a row with a negative slot (padding of a
-// recorded step) stores nothing. grid (T, heads + 2*kvh): block y < heads
-// takes query head y, then the key heads, then the value heads (a copy).
-// block: any multiple of 32; each thread takes frequencies i (one sincosf
-// each). inv_freq null: no rotation (k stored as it is).
+// recorded step) stores nothing. dq, dk, dv (null, or all set): float32
+// LoRA updates of q, k, v computed beside the qkv projection, rows ldd
+// apart, added first in the rows whose rl (row adapter slot) is >= 0
+// (rounded to bf16, as an update in place would have left them; q and k
+// keep the sum). grid (T, heads + 2*kvh): block y < heads takes query
+// head y, then the key heads, then the value heads (a copy). block: any
+// multiple of 32; each thread takes frequencies i (one sincosf each).
+// inv_freq null: no rotation (k stored as it is).
+__device__ __forceinline__ float plus(const bf16* x, const float* d, int i) {
+    return d ? __bfloat162float(tobf(ld(x + i) + d[i])) : ld(x + i);
+}
+
 extern "C" __global__ void rope_store(bf16* q, bf16* k, const bf16* v, bf16* kc, bf16* vc, const float* inv_freq, const int* pos,
-                                      const int* slots, int heads, int kvh, int hd, int ldq, int ldk, int ldv) {
+                                      const int* slots, const float* dq, const float* dk, const float* dv, const int* rl,
+                                      int heads, int kvh, int hd, int ldq, int ldk, int ldv, int ldd) {
     const int r = blockIdx.x, h = blockIdx.y, half = hd / 2, width = kvh * hd;
     const int slot = kc ? slots[r] : -1;
+    if (dq && rl[r] < 0) dq = dk = dv = nullptr; // a row without an adapter
     if (h >= heads + kvh) { // a value head: copy it to the cache
         if (slot < 0) return;
         const int vh = h - heads - kvh;
         const bf16* src = v + (i64)r * ldv + (i64)vh * hd;
+        const float* d = dv ? dv + (i64)r * ldd + (i64)vh * hd : nullptr;
         bf16* dst = vc + (i64)slot * width + (i64)vh * hd;
-        for (int i = threadIdx.x; i < hd; i += blockDim.x) dst[i] = src[i];
+        for (int i = threadIdx.x; i < hd; i += blockDim.x) dst[i] = d ? tobf(plus(src, d, i)) : src[i];
         return;
     }
     const float p = (float)pos[r];
     const bool isk = h >= heads;
     bf16* x = isk ? k + (i64)r * ldk + (i64)(h - heads) * hd : q + (i64)r * ldq + (i64)h * hd;
+    const float* d = isk ? (dk ? dk + (i64)r * ldd + (i64)(h - heads) * hd : nullptr) : (dq ? dq + (i64)r * ldd + (i64)h * hd : nullptr);
     bf16* dst = isk && slot >= 0 ? kc + (i64)slot * width + (i64)(h - heads) * hd : nullptr;
-    if (!inv_freq) { // no rotation: store k as it is
-        if (dst)
-            for (int i = threadIdx.x; i < hd; i += blockDim.x) dst[i] = x[i];
+    if (!inv_freq) { // no rotation: add the update, store k as it is
+        for (int i = threadIdx.x; i < hd; i += blockDim.x) {
+            const bf16 y = d ? tobf(plus(x, d, i)) : x[i];
+            if (d) x[i] = y;
+            if (dst) dst[i] = y;
+        }
         return;
     }
     for (int i = threadIdx.x; i < half; i += blockDim.x) {
         float s, c;
         sincosf(p * inv_freq[i], &s, &c);
-        const float x1 = ld(x + i), x2 = ld(x + i + half);
+        const float x1 = plus(x, d, i), x2 = plus(x, d, i + half);
         const bf16 y1 = tobf(x1 * c - x2 * s), y2 = tobf(x2 * c + x1 * s);
         x[i] = y1;
         x[i + half] = y2;
@@ -596,16 +640,31 @@ extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode_d256(ATTN_
 
 // silu_mul: out[r, c] = silu(g[r, c]) * u[r, c] for rows x cols values;
 // out's rows are cols apart, g's and u's ldg (views of one gate_up row).
-// Grid-stride over 8-value words when cols and ldg are multiples of 8.
-extern "C" __global__ void silu_mul(bf16* out, const bf16* g, const bf16* u, int rows, int cols, int ldg) {
+// dg, du (null, or both set): float32 LoRA updates of g and u computed
+// beside the gate_up projection, rows ldd apart, added first (rounded to
+// bf16, as an update in place would have left g and u) in the rows whose
+// rl (row adapter slot) is >= 0. Grid-stride over 8-value words when cols,
+// ldg and ldd are multiples of 8.
+__device__ __forceinline__ void add8(float* a, const float* d) {
+    const float4 d0 = *reinterpret_cast<const float4*>(d), d1 = *reinterpret_cast<const float4*>(d + 4);
+    float f[8] = {a[0] + d0.x, a[1] + d0.y, a[2] + d0.z, a[3] + d0.w, a[4] + d1.x, a[5] + d1.y, a[6] + d1.z, a[7] + d1.w};
+    unpack8(pack8(f), a);
+}
+
+extern "C" __global__ void silu_mul(bf16* out, const bf16* g, const bf16* u, const float* dg, const float* du, const int* rl,
+                                    int rows, int cols, int ldg, int ldd) {
     const i64 stride = (i64)gridDim.x * blockDim.x;
-    if ((cols & 7) == 0 && (ldg & 7) == 0) {
+    if ((cols & 7) == 0 && (ldg & 7) == 0 && (ldd & 7) == 0) {
         const int w = cols / 8;
         for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < (i64)rows * w; i += stride) {
             const i64 r = i / w, c = (i - r * w) * 8;
             float a[8], b[8];
             unpack8(*reinterpret_cast<const uint4*>(g + r * ldg + c), a);
             unpack8(*reinterpret_cast<const uint4*>(u + r * ldg + c), b);
+            if (dg && rl[r] >= 0) {
+                add8(a, dg + r * ldd + c);
+                add8(b, du + r * ldd + c);
+            }
 #pragma unroll
             for (int j = 0; j < 8; j++) a[j] = a[j] / (1.f + expf(-a[j])) * b[j];
             *reinterpret_cast<uint4*>(out + r * cols + c) = pack8(a);
@@ -614,8 +673,12 @@ extern "C" __global__ void silu_mul(bf16* out, const bf16* g, const bf16* u, int
     }
     for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < (i64)rows * cols; i += stride) {
         const i64 r = i / cols, c = i - r * cols;
-        const float x = ld(g + r * ldg + c);
-        out[i] = tobf(x / (1.f + expf(-x)) * ld(u + r * ldg + c));
+        float x = ld(g + r * ldg + c), y = ld(u + r * ldg + c);
+        if (dg && rl[r] >= 0) {
+            x = __bfloat162float(tobf(x + dg[r * ldd + c]));
+            y = __bfloat162float(tobf(y + du[r * ldd + c]));
+        }
+        out[i] = tobf(x / (1.f + expf(-x)) * y);
     }
 }
 
@@ -779,7 +842,9 @@ extern "C" __global__ void __launch_bounds__(32 * SG_WARPS) sgmv_shrink4(SHRINK_
 }
 
 // sgmv_expand: out[row][off_s + j] += sum_k tmp[row][s*max_rank + k] * B_s[j][k]
-// (tmp summed over the ksplit partials). grid (tiles, ceil(out_total/256)),
+// (tmp summed over the ksplit partials); with accum 0, out is float32 (rows
+// o_stride floats apart) and gets the sum alone, zero where the slice has no
+// adapter (a LoRA update computed beside its projection). grid (tiles, ceil(out_total/256)),
 // block 128: each thread owns two adjacent output columns. Its B rows (the
 // first 64 ranks, 16 bytes a load) and the tile's output values are loaded
 // before the tile's tmp rows are staged in shared memory, so the three
@@ -810,7 +875,7 @@ __device__ __forceinline__ void expand_chunk(float* acc0, float* acc1, const flo
 extern "C" __global__ void __launch_bounds__(SG_EX_THREADS) sgmv_expand(
     bf16* __restrict__ out, const float* __restrict__ tmp, const LoraEntry* __restrict__ table, const int4* __restrict__ tiles,
     int entry_base, int entry_stride, int m0, int m1, int m2, int nslices, int off1, int off2, int out_total,
-    int max_rank, int o_stride, int t_stride, int rows_total, int ksplit) {
+    int max_rank, int o_stride, int t_stride, int rows_total, int ksplit, int accum) {
     extern __shared__ float sm[]; // [SG_TR][nslices * mr8]
     const int4 tile = tiles[blockIdx.x];
     if (tile.y == 0) return; // no rows (a recorded step's spare tile)
@@ -834,8 +899,10 @@ extern "C" __global__ void __launch_bounds__(SG_EX_THREADS) sgmv_expand(
     }
     __nv_bfloat162 ov[SG_TR];
 #pragma unroll
-    for (int r = 0; r < SG_TR; r++)
-        if (r < n && rank > 0) ov[r] = *reinterpret_cast<const __nv_bfloat162*>(out + (i64)(tile.x + r) * o_stride + j);
+    for (int r = 0; r < SG_TR; r++) {
+        ov[r] = __floats2bfloat162_rn(0.f, 0.f);
+        if (accum && r < n && rank > 0) ov[r] = *reinterpret_cast<const __nv_bfloat162*>(out + (i64)(tile.x + r) * o_stride + j);
+    }
     for (int i = threadIdx.x; i < SG_TR * w; i += blockDim.x) {
         const int r = i / w, col = i - r * w, s2 = col / mr8, k = col - s2 * mr8;
         float v = 0.f;
@@ -847,7 +914,11 @@ extern "C" __global__ void __launch_bounds__(SG_EX_THREADS) sgmv_expand(
         sm[i] = v;
     }
     __syncthreads();
-    if (rank == 0) return;
+    if (rank == 0) {
+        if (!accum && active)
+            for (int r = 0; r < n; r++) *reinterpret_cast<float2*>(reinterpret_cast<float*>(out) + (i64)(tile.x + r) * o_stride + j) = make_float2(0.f, 0.f);
+        return;
+    }
     const float* t = sm + s * mr8;
     float acc0[SG_TR], acc1[SG_TR];
 #pragma unroll
@@ -877,7 +948,10 @@ extern "C" __global__ void __launch_bounds__(SG_EX_THREADS) sgmv_expand(
     for (int r = 0; r < SG_TR; r++) {
         if (r < n) {
             const float2 v = __bfloat1622float2(ov[r]);
-            *reinterpret_cast<__nv_bfloat162*>(out + (i64)(tile.x + r) * o_stride + j) = __floats2bfloat162_rn(v.x + acc0[r], v.y + acc1[r]);
+            if (accum)
+                *reinterpret_cast<__nv_bfloat162*>(out + (i64)(tile.x + r) * o_stride + j) = __floats2bfloat162_rn(v.x + acc0[r], v.y + acc1[r]);
+            else
+                *reinterpret_cast<float2*>(reinterpret_cast<float*>(out) + (i64)(tile.x + r) * o_stride + j) = make_float2(acc0[r], acc1[r]);
         }
     }
 }

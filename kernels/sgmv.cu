@@ -154,7 +154,7 @@ __device__ __forceinline__ void fu_shrink(
 __device__ __forceinline__ void fu_expand(
     bf16* __restrict__ out, const float* __restrict__ tmp, const LoraEntry* ent, const int4 tile, int cb, const unsigned* done,
     unsigned n_shrink, int nslices, int off1, int off2, int out_total, int max_rank, int o_stride, int t_stride,
-    int rows_total, int ksplit, float* sm) {
+    int rows_total, int ksplit, int accum, float* sm) {
     const int mr8 = (max_rank + 7) & ~7, w = nslices * mr8, n = tile.y;
     const int j = (cb * SG_FU_THREADS + threadIdx.x) * 2;
     const bool active = j < out_total;
@@ -174,8 +174,10 @@ __device__ __forceinline__ void fu_expand(
     }
     __nv_bfloat162 ov[SG_TR];
 #pragma unroll
-    for (int r = 0; r < SG_TR; r++)
-        if (r < n && rank > 0) ov[r] = *reinterpret_cast<const __nv_bfloat162*>(out + (i64)(tile.x + r) * o_stride + j);
+    for (int r = 0; r < SG_TR; r++) {
+        ov[r] = __floats2bfloat162_rn(0.f, 0.f);
+        if (accum && r < n && rank > 0) ov[r] = *reinterpret_cast<const __nv_bfloat162*>(out + (i64)(tile.x + r) * o_stride + j);
+    }
     // wait for every shrink item of this launch
     if (threadIdx.x == 0) {
         const unsigned long long t0 = globaltimer_ns();
@@ -194,7 +196,11 @@ __device__ __forceinline__ void fu_expand(
         sm[i] = v;
     }
     __syncthreads();
-    if (rank == 0) return;
+    if (rank == 0) {
+        if (!accum && active)
+            for (int r = 0; r < n; r++) *reinterpret_cast<float2*>(reinterpret_cast<float*>(out) + (i64)(tile.x + r) * o_stride + j) = make_float2(0.f, 0.f);
+        return;
+    }
     const float* t = sm + s * mr8;
     float acc0[SG_TR], acc1[SG_TR];
 #pragma unroll
@@ -224,7 +230,10 @@ __device__ __forceinline__ void fu_expand(
     for (int r = 0; r < SG_TR; r++) {
         if (r < n) {
             const float2 v = __bfloat1622float2(ov[r]);
-            *reinterpret_cast<__nv_bfloat162*>(out + (i64)(tile.x + r) * o_stride + j) = __floats2bfloat162_rn(v.x + acc0[r], v.y + acc1[r]);
+            if (accum)
+                *reinterpret_cast<__nv_bfloat162*>(out + (i64)(tile.x + r) * o_stride + j) = __floats2bfloat162_rn(v.x + acc0[r], v.y + acc1[r]);
+            else
+                *reinterpret_cast<float2*>(reinterpret_cast<float*>(out) + (i64)(tile.x + r) * o_stride + j) = make_float2(acc0[r], acc1[r]);
         }
     }
 }
@@ -237,7 +246,7 @@ __device__ __forceinline__ void fused_body(
     bf16* __restrict__ out, float* __restrict__ tmp, const bf16* __restrict__ x, const LoraEntry* __restrict__ table,
     const int4* __restrict__ tiles, unsigned* ctr, int ntiles, int nslots, int entry_base, int entry_stride,
     int m0, int m1, int m2, int nslices, int rank_tiles, int ksplit, int kchunk, int n_shrink,
-    int off1, int off2, int out_total, int max_rank, int in_f, int x_stride, int o_stride, int t_stride, int rows_total) {
+    int off1, int off2, int out_total, int max_rank, int in_f, int x_stride, int o_stride, int t_stride, int rows_total, int accum) {
     extern __shared__ __align__(16) float fsm[]; // float4 reads in the expand
     __shared__ int4 tl[SG_FU_MAXTILES];
     __shared__ LoraEntry ent[SG_FU_MAXENT];
@@ -262,7 +271,7 @@ __device__ __forceinline__ void fused_body(
     } else {
         const int u = t - n_shrink;
         fu_expand(out, tmp, ent, tl[u % ntiles], u / ntiles, ctr + 1, (unsigned)n_shrink, nslices, off1, off2, out_total,
-                  max_rank, o_stride, t_stride, rows_total, ksplit, fsm);
+                  max_rank, o_stride, t_stride, rows_total, ksplit, accum, fsm);
     }
     if (threadIdx.x == 0 && atomicAdd(ctr + 2, 1u) == gridDim.x - 1) { // last block out: reset for the next launch
         atomicExch(ctr, 0u);
@@ -275,10 +284,10 @@ __device__ __forceinline__ void fused_body(
     bf16 *__restrict__ out, float *__restrict__ tmp, const bf16 *__restrict__ x, const LoraEntry *__restrict__ table,     \
         const int4 *__restrict__ tiles, unsigned *ctr, int ntiles, int nslots, int entry_base, int entry_stride, int m0,  \
         int m1, int m2, int nslices, int rank_tiles, int ksplit, int kchunk, int n_shrink, int off1, int off2,           \
-        int out_total, int max_rank, int in_f, int x_stride, int o_stride, int t_stride, int rows_total
+        int out_total, int max_rank, int in_f, int x_stride, int o_stride, int t_stride, int rows_total, int accum
 #define FUSED_PASS                                                                                                       \
     out, tmp, x, table, tiles, ctr, ntiles, nslots, entry_base, entry_stride, m0, m1, m2, nslices, rank_tiles, ksplit,   \
-        kchunk, n_shrink, off1, off2, out_total, max_rank, in_f, x_stride, o_stride, t_stride, rows_total
+        kchunk, n_shrink, off1, off2, out_total, max_rank, in_f, x_stride, o_stride, t_stride, rows_total, accum
 
 extern "C" __global__ void __launch_bounds__(SG_FU_THREADS, 2) sgmv_fused1(FUSED_ARGS) { fused_body<1>(FUSED_PASS); }
 extern "C" __global__ void __launch_bounds__(SG_FU_THREADS, 2) sgmv_fused4(FUSED_ARGS) { fused_body<4>(FUSED_PASS); }

@@ -362,9 +362,20 @@ func dotGo(a, b []float32) float32 {
 	return (s0 + s1) + (s2 + s3)
 }
 
-// LoRA adds each row's adapter update for projection m of layer.
-func (b *Backend) LoRA(out, in engine.Buffer, layer int, m llama.Module) {
+// LoRA adds each row's adapter update for the projections mods of layer,
+// whose outputs sit side by side in out's columns.
+func (b *Backend) LoRA(out, in engine.Buffer, layer int, mods []llama.Module) {
 	o, x := out.(*Buffer), in.(*Buffer)
+	off := 0
+	for _, m := range mods {
+		_, width := b.cfg.Dims(m)
+		b.loraOne(o, x, layer, m, off)
+		off += width
+	}
+}
+
+// loraOne adds projection m's update to columns [off, off+out) of o.
+func (b *Backend) loraOne(o, x *Buffer, layer int, m llama.Module, off int) {
 	for _, seg := range b.meta.LoRA {
 		a := b.slots[seg.Slot]
 		p := a.Layers[layer][m]
@@ -380,7 +391,7 @@ func (b *Backend) LoRA(out, in engine.Buffer, layer int, m llama.Module) {
 				for k := range t {
 					t[k] = dot(xr, p.A[k*inF:(k+1)*inF]) * p.Scale
 				}
-				or := o.row(r)[:outF]
+				or := o.row(r)[off : off+outF]
 				for j := range or {
 					or[j] += dot(t, p.B[j*p.Rank:(j+1)*p.Rank])
 				}

@@ -40,7 +40,8 @@ const (
 	cublasCompute32F            = 68
 	descTransA                  = 3 // CUBLASLT_MATMUL_DESC_TRANSA
 	descTransB                  = 4
-	prefMaxWorkspaceBytes       = 1 // CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES
+	descSMCountTarget           = 15 // CUBLASLT_MATMUL_DESC_SM_COUNT_TARGET, int32
+	prefMaxWorkspaceBytes       = 1  // CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES
 	opN, opT              int32 = 0, 1
 	heuristicResultSize         = 96 // sizeof(cublasLtMatmulHeuristicResult_t)
 )
@@ -111,6 +112,7 @@ type gemmKey struct {
 	t, n, k    int
 	in, w, out DataType
 	beta0      bool
+	sms        int32 // CUBLASLT_MATMUL_DESC_SM_COUNT_TARGET (0: every SM)
 }
 
 type gemmPlan struct {
@@ -127,6 +129,7 @@ type Matmul struct {
 	pref        uintptr
 	plans       map[gemmKey]*gemmPlan
 	alpha, beta *[1]float32
+	sms         int32 // SetSMTarget
 	pin         runtime.Pinner
 }
 
@@ -172,6 +175,9 @@ func (m *Matmul) plan(k gemmKey) (*gemmPlan, error) {
 	if err := checkBLAS("cublasLtMatmulDescCreate", blas.cublasLtMatmulDescCreate(&p.desc, cublasCompute32F, int32(R32F))); err != nil {
 		return fail(err)
 	}
+	if err := setSMTarget(p.desc, k.sms); err != nil {
+		return fail(err)
+	}
 	ta, tb := opT, opN
 	if err := checkBLAS("cublasLtMatmulDescSetAttribute", blas.cublasLtMatmulDescSetAttribute(p.desc, descTransA, unsafe.Pointer(&ta), 4)); err != nil {
 		return fail(err)
@@ -201,6 +207,18 @@ func (m *Matmul) plan(k gemmKey) (*gemmPlan, error) {
 	return p, nil
 }
 
+// SetSMTarget makes the products enqueued from now on plan for n
+// multiprocessors (cuBLASLt's SM count target: its heuristic and grid
+// then leave the rest to work on another stream); 0 restores every SM.
+func (m *Matmul) SetSMTarget(n int) { m.sms = int32(max(n, 0)) }
+
+func setSMTarget(desc uintptr, n int32) error {
+	if n == 0 {
+		return nil
+	}
+	return checkBLAS("cublasLtMatmulDescSetAttribute", blas.cublasLtMatmulDescSetAttribute(desc, descSMCountTarget, unsafe.Pointer(&n), 4))
+}
+
 func (m *Matmul) destroyPlan(p *gemmPlan) {
 	for _, l := range []uintptr{p.a, p.b, p.d} {
 		if l != 0 {
@@ -219,7 +237,7 @@ func (m *Matmul) GemmTN(s *Stream, out DevicePtr, outType DataType, in DevicePtr
 		return fmt.Errorf("%w: GemmTN T=%d N=%d K=%d", ErrInvalidValue, T, N, K)
 	}
 	return m.c.Do(func() error {
-		p, err := m.plan(gemmKey{t: T, n: N, k: K, in: inType, w: wType, out: outType, beta0: beta == 0})
+		p, err := m.plan(gemmKey{t: T, n: N, k: K, in: inType, w: wType, out: outType, beta0: beta == 0, sms: m.sms})
 		if err != nil {
 			return err
 		}

@@ -35,8 +35,8 @@ func FP8Enums() map[string]int {
 
 // scaledKey marks a plan for the scaled FP8 product in the plan map (its
 // gemmKey has both operand types R8FE4M3; beta0 is always true).
-func scaledKey(T, N, K int, out DataType) gemmKey {
-	return gemmKey{t: T, n: N, k: K, in: R8FE4M3, w: R8FE4M3, out: out, beta0: true}
+func scaledKey(T, N, K int, out DataType, sms int32) gemmKey {
+	return gemmKey{t: T, n: N, k: K, in: R8FE4M3, w: R8FE4M3, out: out, beta0: true, sms: sms}
 }
 
 // planScaled makes (or finds) the plan of a scaled FP8 product. The scale
@@ -63,6 +63,9 @@ func (m *Matmul) planScaled(k gemmKey, inScale, wScale DevicePtr) (*gemmPlan, er
 		}
 	}
 	if err := setScales(p.desc, inScale, wScale); err != nil {
+		return fail(err)
+	}
+	if err := setSMTarget(p.desc, k.sms); err != nil {
 		return fail(err)
 	}
 	for _, a := range [][2]int32{{descAScaleMode, scaleOuterVec32F}, {descBScaleMode, scaleOuterVec32F}} {
@@ -101,7 +104,7 @@ func (m *Matmul) GemmTNScaled(s *Stream, out DevicePtr, outType DataType, in, in
 		return fmt.Errorf("%w: GemmTNScaled T=%d N=%d K=%d (K must be a positive multiple of 16)", ErrInvalidValue, T, N, K)
 	}
 	return m.c.Do(func() error {
-		p, err := m.planScaled(scaledKey(T, N, K, outType), inScale, wScale)
+		p, err := m.planScaled(scaledKey(T, N, K, outType, m.sms), inScale, wScale)
 		if err != nil {
 			return err
 		}

@@ -360,6 +360,24 @@ func (c *Context) NewStream() (*Stream, error) {
 	return s, nil
 }
 
+// NewPriorityStream creates a stream whose blocks the device schedules
+// ahead of those of default-priority streams (the greatest priority the
+// context allows): work that runs beside a long kernel and should take
+// each multiprocessor it frees first.
+func (c *Context) NewPriorityStream() (*Stream, error) {
+	s := &Stream{c: c}
+	if err := c.Do(func() error {
+		var least, greatest int32
+		if err := check("cuCtxGetStreamPriorityRange", drv.cuCtxGetStreamPriorities(&least, &greatest)); err != nil {
+			return err
+		}
+		return check("cuStreamCreateWithPriority", drv.cuStreamCreateWithPriority(&s.s, 0, greatest))
+	}); err != nil {
+		return nil, err
+	}
+	return s, nil
+}
+
 // Synchronize waits for the stream's work.
 func (s *Stream) Synchronize() error {
 	return s.c.Do(func() error { return check("cuStreamSynchronize", drv.cuStreamSynchronize(s.s)) })

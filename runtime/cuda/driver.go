@@ -49,6 +49,8 @@ type driver struct {
 	cuMemsetD8Async            func(dst DevicePtr, v uint8, n uint64, s cuStream) int32
 	cuMemsetD32Async           func(dst DevicePtr, v uint32, n uint64, s cuStream) int32
 	cuStreamCreate             func(s *cuStream, flags uint32) int32
+	cuStreamCreateWithPriority func(s *cuStream, flags uint32, priority int32) int32
+	cuCtxGetStreamPriorities   func(least, greatest *int32) int32
 	cuStreamDestroy            func(s cuStream) int32
 	cuStreamSynchronize        func(s cuStream) int32
 	cuStreamWaitEvent          func(s cuStream, e cuEvent, flags uint32) int32
@@ -116,6 +118,8 @@ func loadDriver() error {
 		b.fn(&d.cuMemsetD8Async, "cuMemsetD8Async")
 		b.fn(&d.cuMemsetD32Async, "cuMemsetD32Async")
 		b.fn(&d.cuStreamCreate, "cuStreamCreate")
+		b.fn(&d.cuStreamCreateWithPriority, "cuStreamCreateWithPriority")
+		b.fn(&d.cuCtxGetStreamPriorities, "cuCtxGetStreamPriorityRange")
 		b.fn(&d.cuStreamDestroy, "cuStreamDestroy_v2")
 		b.fn(&d.cuStreamSynchronize, "cuStreamSynchronize")
 		b.fn(&d.cuStreamWaitEvent, "cuStreamWaitEvent")

@@ -59,10 +59,15 @@ type Ops interface {
 	AddRMSNorm(x, delta, out Buffer, w Weight, eps float32)
 	// Linear: out = in @ W^T.
 	Linear(out, in Buffer, w Weight)
-	// LoRA: out += scale * (in @ A^T) @ B^T with each row's adapter (meta.LoRA);
-	// rows without an adapter, and adapters without projection m in this
-	// layer, add nothing.
-	LoRA(out, in Buffer, layer int, m llama.Module)
+	// LoRA: for each projection mods[i] of one fused group (q, k, v or
+	// gate, up: projections that read the same input), the columns of out
+	// that hold its output (out holds the group's outputs side by side, in
+	// mods order) += scale * (in @ A^T) @ B^T with each row's adapter
+	// (meta.LoRA); rows without an adapter, and adapters without a
+	// projection in this layer, add nothing. A backend may run the update
+	// beside the group's Linear and fold it into the next op that reads
+	// out, as long as every op sees out with the update added.
+	LoRA(out, in Buffer, layer int, mods []llama.Module)
 	// Attention rotates q and k in place at meta.Positions (RoPE,
 	// rotate-half layout, frequencies invFreq), writes k and v into the
 	// cache at meta.KVSlots, then computes causal attention of q over each

@@ -290,9 +290,15 @@ func (e *Engine) forward(b Ops, s Shape) {
 	c := e.cfg
 	eps := float32(c.RMSNormEps)
 	fo, _ := b.(FamilyOps) // New checked it is there when the model needs it
-	lora := func(out, in Buffer, l int, m llama.Module) {
-		if s.LoRA&(1<<m) != 0 {
-			b.LoRA(out, in, l, m)
+	// lora issues one LoRA op for a fused group when the step's adapters
+	// change any projection of it (slots without one have rank 0 there).
+	groups := [...][]llama.Module{{llama.Q, llama.K, llama.V}, {llama.O}, {llama.Gate, llama.Up}, {llama.Down}}
+	lora := func(out, in Buffer, l int, g int) {
+		for _, m := range groups[g] {
+			if s.LoRA&(1<<m) != 0 {
+				b.LoRA(out, in, l, groups[g])
+				return
+			}
 		}
 	}
 	b.Embed(e.x, e.embed)
@@ -308,23 +314,20 @@ func (e *Engine) forward(b Ops, s Shape) {
 		if lw.qkvBias != nil {
 			fo.AddBias(e.qkv, lw.qkvBias)
 		}
-		lora(e.q, e.h, l, llama.Q)
-		lora(e.k, e.h, l, llama.K)
-		lora(e.v, e.h, l, llama.V)
+		lora(e.qkv, e.h, l, 0)
 		if lw.qNorm != nil {
 			fo.HeadRMSNorm(e.q, c.Heads, c.HeadDim, lw.qNorm, eps)
 			fo.HeadRMSNorm(e.k, c.KVHeads, c.HeadDim, lw.kNorm, eps)
 		}
 		b.Attention(e.attn, e.q, e.k, e.v, l, scale, e.invFreq)
 		b.Linear(e.tmp, e.attn, lw.o)
-		lora(e.tmp, e.attn, l, llama.O)
+		lora(e.tmp, e.attn, l, 1)
 		b.AddRMSNorm(e.x, e.tmp, e.h, lw.postNorm, eps)
 		b.Linear(e.gateUp, e.h, lw.gateUp)
-		lora(e.gate, e.h, l, llama.Gate)
-		lora(e.up, e.h, l, llama.Up)
+		lora(e.gateUp, e.h, l, 2)
 		b.SiLUMul(e.act, e.gate, e.up)
 		b.Linear(e.tmp, e.act, lw.down)
-		lora(e.tmp, e.act, l, llama.Down)
+		lora(e.tmp, e.act, l, 3)
 	}
 	b.AddRMSNorm(e.x, e.tmp, nil, nil, eps) // x += the last MLP output
 	b.Logits(e.logits, e.x, e.norm, e.head, eps)

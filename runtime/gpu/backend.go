@@ -49,6 +49,15 @@ type Options struct {
 	WeightFormat string
 	// Eager runs every step op by op: no CUDA graphs for decode steps.
 	Eager bool
+	// SerialLoRA runs each LoRA update on the compute stream after its
+	// projection. By default it runs on a second (high-priority) stream
+	// beside the projection's GEMM and the op that next reads the
+	// projection's output adds it (lora.go).
+	SerialLoRA bool
+	// LoRASMs is how many multiprocessors the GEMMs of a step with LoRA
+	// leave to the LoRA stream (cuBLASLt's SM count target); 0: none held
+	// back, the LoRA blocks take SMs as the GEMM's blocks free them.
+	LoRASMs int
 }
 
 // Buffer is a device activation matrix [rows, cols], bf16 (or float32 once
@@ -80,7 +89,7 @@ type slotState struct {
 
 type funcs struct {
 	embed, addRMSNorm, rmsnormRows, ropeStore, attention, siluMul, shrink, expand *cuda.Function
-	addBias, headRMSNorm                                                          *cuda.Function
+	addBias, headRMSNorm, addDelta                                                *cuda.Function
 	sgShrink, sgShrink4, sgExpand, sample                                         *cuda.Function
 	attnDecode                                                                    [4]*cuda.Function // attn_decode_d32, d64, d128, d256
 }
@@ -162,6 +171,8 @@ type Backend struct {
 	attnDone    *cuda.DeviceBuffer // attn_decode's per-(row, KV head) split counters
 
 	stage *staging // weight uploads' pinned staging (upload.go), freed before the first step
+
+	la loraAside // the LoRA stream and the update it has in flight (lora.go)
 
 	// asynchronous adapter loads (PrepareAdapter / LoadPrepared)
 	cs       *cuda.Stream // copy stream
@@ -256,6 +267,16 @@ func (b *Backend) open(opts Options) error {
 	if b.cs, err = b.ctx.NewStream(); err != nil {
 		return err
 	}
+	b.la.on, b.la.sms = !opts.SerialLoRA, max(opts.LoRASMs, 0)
+	if b.la.s, err = b.ctx.NewPriorityStream(); err != nil {
+		return err
+	}
+	if b.la.fork, err = b.ctx.NewEvent(false); err != nil {
+		return err
+	}
+	if b.la.join, err = b.ctx.NewEvent(false); err != nil {
+		return err
+	}
 	ws := opts.WorkspaceBytes
 	if ws <= 0 {
 		ws = 32 << 20
@@ -284,7 +305,7 @@ func (b *Backend) open(opts Options) error {
 		{&b.fn.sgShrink, "sgmv_shrink"}, {&b.fn.sgShrink4, "sgmv_shrink4"}, {&b.fn.sgExpand, "sgmv_expand"},
 		{&b.fn.sample, "sample_rows"}, {&b.fn.attnDecode[0], "attn_decode_d32"}, {&b.fn.attnDecode[1], "attn_decode_d64"},
 		{&b.fn.attnDecode[2], "attn_decode_d128"}, {&b.fn.attnDecode[3], "attn_decode_d256"},
-		{&b.fn.addBias, "add_bias"}, {&b.fn.headRMSNorm, "head_rmsnorm"}} {
+		{&b.fn.addBias, "add_bias"}, {&b.fn.headRMSNorm, "head_rmsnorm"}, {&b.fn.addDelta, "add_delta"}} {
 		if *f.p, err = b.mod.Function(f.name); err != nil {
 			return err
 		}
@@ -361,6 +382,9 @@ func (b *Backend) Init(cfg *llama.Config, spec engine.Spec) error {
 	}
 	// Sized once, so that recorded graphs never see them move.
 	if err := b.growTable(max(spec.AdapterSlots, 1)); err != nil {
+		return err
+	}
+	if err := b.la.alloc(b.ctx, min(maxTokens, graphBuckets[len(graphBuckets)-1]), cfg); err != nil {
 		return err
 	}
 	if b.f8 != nil {
@@ -481,13 +505,13 @@ func (b *Backend) Close() error {
 	errs = append(errs, b.closeLoads())
 	errs = append(errs, b.dropGraphs())
 	for _, d := range []*cuda.DeviceBuffer{b.kcache, b.vcache, b.metaDev, b.invFreq, b.normed, b.table, b.loraTmp, b.smpDev, b.attnPart, b.attnDone,
-		b.g.dev, b.g.part, b.g.tmp} {
+		b.g.dev, b.g.part, b.g.tmp, b.la.delta} {
 		errs = append(errs, d.Free())
 	}
 	for _, h := range []*cuda.HostBuffer{b.metaHost, b.readHost, b.smpHost, b.g.host} {
 		errs = append(errs, h.Free())
 	}
-	errs = append(errs, b.evBeg.Destroy(), b.evEnd.Destroy())
+	errs = append(errs, b.evBeg.Destroy(), b.evEnd.Destroy(), b.la.fork.Destroy(), b.la.join.Destroy(), b.la.s.Destroy())
 	errs = append(errs, b.f8.close())
 	errs = append(errs, b.mm.Close(), b.mod.Unload(), b.s.Destroy(), b.cs.Destroy(), b.ctx.Close())
 	b.weights, b.buffers, b.slots, b.ctx = nil, nil, nil, nil

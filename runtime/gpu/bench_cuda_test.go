@@ -155,13 +155,13 @@ func TestLoRABench(t *testing.T) {
 		x := r.buffer(1, 256)
 		r.fill(x, r.rnd(256, 1))
 		const n = 4000
-		if err := b.fn.siluMul.Launch(b.s, cuda.Dim3{X: 1}, cuda.Dim3{X: 256}, 0, x.mem, x.mem, x.mem, int64(256)); err != nil {
+		if err := b.fn.siluMul.Launch(b.s, cuda.Dim3{X: 1}, cuda.Dim3{X: 256}, 0, x.mem, x.mem, x.mem, uint64(0), uint64(0), uint64(0), 1, 256, 256, 0); err != nil {
 			t.Fatal(err)
 		}
 		b.s.Synchronize()
 		t0 := time.Now()
 		for i := 0; i < n; i++ {
-			if err := b.fn.siluMul.Launch(b.s, cuda.Dim3{X: 1}, cuda.Dim3{X: 256}, 0, x.mem, x.mem, x.mem, int64(256)); err != nil {
+			if err := b.fn.siluMul.Launch(b.s, cuda.Dim3{X: 1}, cuda.Dim3{X: 256}, 0, x.mem, x.mem, x.mem, uint64(0), uint64(0), uint64(0), 1, 256, 256, 0); err != nil {
 				t.Fatal(err)
 			}
 		}
@@ -216,7 +216,7 @@ func TestLoRABench(t *testing.T) {
 			t.Fatal(err)
 		}
 		for _, o := range ops {
-			b.loraSlices(o.out.mem.Ptr(), o.out.cols, o.x, 0, o.mods)
+			b.loraSlices(b.s, o.out.mem.Ptr(), o.out.cols, o.x, 0, o.mods, true)
 		}
 		g, err := b.s.EndCapture()
 		if err != nil {
@@ -407,11 +407,29 @@ func TestDecodeBench(t *testing.T) {
 	rng := rand.New(rand.NewPCG(3, 4))
 	ctx := context.Background()
 	for _, B := range batches {
-		for variant := 0; variant < 5; variant++ {
-			withLoRA, sampled := variant == 1 || variant == 4, variant == 2 // 2: no adapter, tokens sampled on the device (StepSample)
-			gb.g.off = variant >= 3                                         // 3, 4: every op launched eagerly (no graphs), as before v0.11
+		// base, adapters, base sampled on the device (StepSample), both
+		// eagerly (no graphs, as before v0.11), then adapters with every
+		// LoRA update on the compute stream (SerialLoRA) and with the GEMMs
+		// holding 16 or 32 SMs back for the LoRA stream (LoRASMs)
+		for _, v := range []struct {
+			lora, sampled, eager, serial bool
+			sms                          int
+		}{{}, {lora: true}, {sampled: true}, {eager: true}, {lora: true, eager: true},
+			{lora: true, serial: true}, {lora: true, sms: 16}, {lora: true, sms: 32}} {
+			withLoRA, sampled := v.lora, v.sampled
+			gb.g.off = v.eager
 			if withLoRA && len(ads) == 0 {
 				continue
+			}
+			if gb.la.on == v.serial || gb.la.sms != v.sms { // recordings bake the LoRA mode in
+				gb.la.on, gb.la.sms = !v.serial, v.sms
+				if err := gb.dropGraphs(); err != nil {
+					t.Fatal(err)
+				}
+				if err := e.Warmup(); err != nil {
+					t.Fatal(err)
+				}
+				recorded, _ = gb.GraphStats()
 			}
 			seqs := make([]*engine.Sequence, B)
 			slot := func(i int) int {
@@ -478,6 +496,12 @@ func TestDecodeBench(t *testing.T) {
 			}
 			if gb.g.off {
 				lbl += "+eager"
+			}
+			if v.serial {
+				lbl += "+serial"
+			}
+			if v.sms > 0 {
+				lbl += fmt.Sprintf("+sms%d", v.sms)
 			}
 			bench("decode %-5d %-11s %10.0f %10.0f %10.0f %9.2f %9.2f %9.2f %9.2f %10.1f", B, lbl, toks/wall.Seconds(), toks/(gpuMs/1e3), toks/roofS,
 				roofS*1e3/gpuMs, wall.Seconds()*1e3/newTok, gpuMs/newTok, roofS*1e3/newTok, prefill.Seconds())

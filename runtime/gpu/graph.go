@@ -110,6 +110,7 @@ func (b *Backend) initGraphs(maxContext int) error {
 	o := metaOffsets{tokens: 0, pos: M, kvSlots: 2 * M, rowSeq: 3 * M, seqInfo: 4 * M}
 	o.loraRows = 8 * M
 	o.loraSlots = 9 * M
+	o.rowLora = o.loraSlots // per row here: loraRows[i] = i
 	o.logitRows = 10 * M
 	o.decSeqs = 11 * M
 	o.tiles = (12*M + 3) &^ 3
@@ -337,6 +338,7 @@ func (b *Backend) record(prog engine.Program) (*cuda.GraphExec, error) {
 func (b *Backend) fillGraphMeta(meta *engine.StepMeta, n, rank int) error {
 	b.err = nil
 	b.gen++
+	b.la.pend, b.la.forkIn = pendingDelta{}, 0
 	o := b.g.lay
 	T := len(meta.Tokens)
 	if len(meta.Positions) != T || len(meta.KVSlots) != T {

@@ -155,19 +155,183 @@ func (b *Backend) UnloadAdapter(slot int) error {
 	return b.syncTable()
 }
 
-// LoRA adds each row's adapter update: one shrink launch and one expand
-// launch over every segment, each row at its own adapter's rank.
-func (b *Backend) LoRA(out, in engine.Buffer, layer int, m llama.Module) {
+// LoRA adds each row's adapter update for the fused group mods (their
+// outputs side by side in out). When the LoRA stream may take it (aside),
+// the update runs there beside the group's GEMM, into the delta buffer, and
+// the next op that reads out adds it; otherwise shrink and expand run on
+// the compute stream and add it in place.
+func (b *Backend) LoRA(out, in engine.Buffer, layer int, mods []llama.Module) {
+	b.join()
 	b.wrote(out)
 	if !b.ok() || b.nLora == 0 || b.stepRank == 0 {
 		return
 	}
 	o, x := buf(out), buf(in)
-	inF, outF := b.cfg.Dims(m)
-	if !b.check(x.cols == inF && o.cols == outF, "lora %s: widths %d -> %d, want %d -> %d", m, x.cols, o.cols, inF, outF) {
+	if !b.check(len(mods) >= 1 && len(mods) <= 3, "lora: %d projections in one group", len(mods)) {
 		return
 	}
-	b.loraSlices(ptr(o), o.ld, x, layer, []llama.Module{m})
+	inF, _ := b.cfg.Dims(mods[0])
+	total := 0
+	for _, m := range mods {
+		in, outF := b.cfg.Dims(m)
+		if !b.check(in == inF, "lora: %v read different widths", mods) {
+			return
+		}
+		total += outF
+	}
+	if !b.check(x.cols == inF && o.cols == total, "lora %v: widths %d -> %d, want %d -> %d", mods, x.cols, o.cols, inF, total) {
+		return
+	}
+	if b.asideOK() && b.la.forkIn == ptr(x) && b.sgmvOK(x, mods, total, 0) {
+		b.loraAside(o, x, layer, mods, total)
+		return
+	}
+	b.loraSlices(b.s, ptr(o), o.ld, x, layer, mods, true)
+}
+
+// loraAside is the LoRA stream and the update it computes beside a GEMM.
+//
+// Linear records fork on the compute stream just before a GEMM (forkIn is
+// the GEMM's input); LoRA of the same input then has the LoRA stream wait
+// for fork, compute the group's update into delta (float32, so that adding
+// it later rounds once, as the update in place does; zero for projections
+// an adapter lacks; rows without an adapter are not written and the ops
+// skip them) and record join. The update is
+// pending until an op reads the projection's output: SiLUMul, Attention
+// (rope_store) and AddRMSNorm fold it into their own reads (fuse); any
+// other op first adds it with add_delta (join). Either way the compute
+// stream waits for join first, so recorded graphs fork and join the LoRA
+// stream the same way. The next group's update starts only after the next
+// GEMM's fork, which follows the op that consumed this one: delta and the
+// LoRA scratch are free again by then.
+type loraAside struct {
+	on         bool // Options.SerialLoRA unset
+	sms        int  // Options.LoRASMs
+	s          *cuda.Stream
+	fork, join *cuda.Event
+	forkIn     cuda.DevicePtr // input of the GEMM fork was recorded before (0: none)
+	delta      *cuda.DeviceBuffer
+	rows, cols int // delta holds rows x cols float32 values
+	pend       pendingDelta
+}
+
+// pendingDelta is an update on the LoRA stream not yet added to its output:
+// columns [0, cols) of the rows at base (ld values apart) get delta
+// (float32, rows cols apart).
+type pendingDelta struct {
+	base, delta cuda.DevicePtr
+	ld, cols    int
+}
+
+// alloc sizes delta for rows rows of the widest fused group.
+func (a *loraAside) alloc(ctx *cuda.Context, rows int, cfg *llama.Config) error {
+	cols := 0
+	for _, g := range [][]llama.Module{{llama.Q, llama.K, llama.V}, {llama.O}, {llama.Gate, llama.Up}, {llama.Down}} {
+		w := 0
+		for _, m := range g {
+			_, out := cfg.Dims(m)
+			w += out
+		}
+		cols = max(cols, w)
+	}
+	var err error
+	if a.delta, err = ctx.Alloc(max(4*rows*cols, 256)); err != nil {
+		return fmt.Errorf("gpu: LoRA update buffer: %w", err)
+	}
+	a.rows, a.cols = rows, cols
+	return nil
+}
+
+// asideOK reports whether the step's LoRA updates may run on the LoRA stream.
+func (b *Backend) asideOK() bool {
+	return b.la.on && b.la.delta != nil && b.nLora > 0 && b.stepRank > 0 && b.rows() <= b.la.rows
+}
+
+// forkAt marks the compute stream's position before a GEMM reading x: a
+// LoRA update of x may start there.
+func (b *Backend) forkAt(x *Buffer) {
+	b.la.forkIn = 0
+	if !b.asideOK() || b.err != nil {
+		return
+	}
+	if err := b.la.fork.Record(b.s); err != nil {
+		b.fail(err)
+		return
+	}
+	b.la.forkIn = ptr(x)
+}
+
+// loraAside enqueues the update of group mods on the LoRA stream into delta.
+func (b *Backend) loraAside(o, x *Buffer, layer int, mods []llama.Module, total int) {
+	b.la.forkIn = 0
+	d := b.la.delta.Ptr()
+	b.fail(b.la.s.Wait(b.la.fork))
+	b.loraSlices(b.la.s, d, total, x, layer, mods, false)
+	if b.err == nil {
+		b.fail(b.la.join.Record(b.la.s))
+	}
+	if b.err == nil {
+		b.la.pend = pendingDelta{base: ptr(o), delta: d, ld: o.ld, cols: total}
+	}
+}
+
+// join adds a pending update to its output (after the LoRA stream's work).
+func (b *Backend) join() {
+	p := b.la.pend
+	if p.delta == 0 {
+		return
+	}
+	b.la.pend = pendingDelta{}
+	if b.err != nil {
+		return
+	}
+	b.fail(b.s.Wait(b.la.join))
+	n := b.rows() * p.cols
+	b.launch(b.fn.addDelta, cuda.Dim3{X: max(1, min((n+255)/256, 4096))}, cuda.Dim3{X: 256}, p.base, p.delta, b.rowLora(), b.rows(), p.cols, p.ld)
+	b.gen++
+}
+
+// fuse hands an op that reads views (which together cover the pending
+// update's output exactly) each view's part of the update and the
+// update's row stride, after the LoRA stream's work; with no pending
+// update it returns nil; with one the views do not cover, it joins it
+// first and returns nil.
+func (b *Backend) fuse(views ...*Buffer) ([]cuda.DevicePtr, int) {
+	p := b.la.pend
+	if p.delta == 0 {
+		return nil, 0
+	}
+	d := make([]cuda.DevicePtr, len(views))
+	n := 0
+	for i, v := range views {
+		if v == nil || ptr(v) < p.base || v.ld != p.ld || int(ptr(v)-p.base)/2+v.cols > p.cols {
+			b.join()
+			return nil, 0
+		}
+		d[i] = p.delta + 2*(ptr(v)-p.base) // float32 update of a bf16 view
+		n += v.cols
+	}
+	if n != p.cols {
+		b.join()
+		return nil, 0
+	}
+	b.la.pend = pendingDelta{}
+	if b.err != nil {
+		return nil, 0
+	}
+	b.fail(b.s.Wait(b.la.join))
+	return d, p.cols
+}
+
+// rowLora is the device array of each row's adapter slot (-1: none).
+func (b *Backend) rowLora() cuda.DevicePtr { return b.i32(b.off.rowLora) }
+
+// opStart is where an op that may write a buffer begins: a pending update
+// lands first and no GEMM input is marked any more.
+func (b *Backend) opStart() {
+	b.join()
+	b.gen++
+	b.la.forkIn = 0
 }
 
 // wrote tells the FP8 path that x may change (a Linear or LoRA output):
@@ -224,7 +388,7 @@ func (b *Backend) tmpFloats() int { return 4 * b.maxT * 3 * max(b.maxRank, 1) }
 // same input x (fused q/k/v or gate/up) to the output rows at outPtr (row
 // stride outStride elements), the projections' outputs side by side in
 // mods order. Segments come from the step's metadata.
-func (b *Backend) loraSlices(outPtr cuda.DevicePtr, outStride int, x *Buffer, layer int, mods []llama.Module) {
+func (b *Backend) loraSlices(st *cuda.Stream, outPtr cuda.DevicePtr, outStride int, x *Buffer, layer int, mods []llama.Module, accum bool) {
 	if !b.ok() || b.nLora == 0 || b.stepRank == 0 {
 		return
 	}
@@ -232,6 +396,10 @@ func (b *Backend) loraSlices(outPtr cuda.DevicePtr, outStride int, x *Buffer, la
 		return
 	}
 	inF, _ := b.cfg.Dims(mods[0])
+	acc := 0
+	if accum {
+		acc = 1
+	}
 	offs := make([]int, len(mods)+1)
 	for i, m := range mods {
 		in, out := b.cfg.Dims(m)
@@ -245,17 +413,16 @@ func (b *Backend) loraSlices(outPtr cuda.DevicePtr, outStride int, x *Buffer, la
 		return
 	}
 	base, stride := layer*int(llama.NumModules), b.cfg.Layers*int(llama.NumModules)
-	even := outStride%2 == 0 && outPtr%4 == 0
-	for i := range mods {
-		even = even && offs[i+1]%2 == 0
-	}
-	if b.loraV0 || inF%8 != 0 || x.ld%8 != 0 || ptr(x)%16 != 0 || !even {
+	if !b.sgmvOK(x, mods, outStride, outPtr) {
+		if !b.check(accum, "lora: the row-at-a-time kernels only add in place") {
+			return
+		}
 		rows, slots := b.i32(b.off.loraRows), b.i32(b.off.loraSlots)
 		for i, m := range mods {
 			_, outF := b.cfg.Dims(m)
-			b.launch(b.fn.shrink, cuda.Dim3{X: b.nLora, Y: (b.stepRank + 7) / 8}, cuda.Dim3{X: 256},
+			b.launchOn(st, b.fn.shrink, cuda.Dim3{X: b.nLora, Y: (b.stepRank + 7) / 8}, cuda.Dim3{X: 256},
 				b.stepTmp, ptr(x), b.table, rows, slots, base+int(m), stride, inF, x.ld, b.stepRank)
-			b.launch(b.fn.expand, cuda.Dim3{X: b.nLora, Y: (outF + 255) / 256}, cuda.Dim3{X: 256},
+			b.launchOn(st, b.fn.expand, cuda.Dim3{X: b.nLora, Y: (outF + 255) / 256}, cuda.Dim3{X: 256},
 				outPtr+uint64(2*offs[i]), b.stepTmp, b.table, rows, slots, base+int(m), stride, outF, outStride, b.stepRank)
 		}
 		return
@@ -304,13 +471,13 @@ func (b *Backend) loraSlices(outPtr cuda.DevicePtr, outStride int, x *Buffer, la
 		if b.err != nil {
 			return
 		}
-		b.fail(f.Launch(b.s, cuda.Dim3{X: grid}, cuda.Dim3{X: sgFuThreads}, shmem,
+		b.fail(f.Launch(st, cuda.Dim3{X: grid}, cuda.Dim3{X: sgFuThreads}, shmem,
 			outPtr, b.stepTmp, ptr(x), b.table, tiles, b.loraCtr(), b.nTiles, len(b.slots), base, stride,
 			ms[0], ms[1], ms[2], len(mods), rankTiles, ks, kchunk, nShrink, off1, off2, total,
-			b.stepRank, inF, x.ld, outStride, tStride, T))
+			b.stepRank, inF, x.ld, outStride, tStride, T, acc))
 		return
 	}
-	b.launch(shrink, cuda.Dim3{X: b.nTiles, Y: len(mods) * rankTiles, Z: ks}, cuda.Dim3{X: 256},
+	b.launchOn(st, shrink, cuda.Dim3{X: b.nTiles, Y: len(mods) * rankTiles, Z: ks}, cuda.Dim3{X: 256},
 		b.stepTmp, ptr(x), b.table, tiles, base, stride, ms[0], ms[1], ms[2], rankTiles, b.stepRank,
 		inF, x.ld, tStride, T, kchunk)
 	shmem := sgTileRows * len(mods) * ((b.stepRank + 7) &^ 7) * 4 // [16][slices * rank rounded up to 8] floats
@@ -324,7 +491,22 @@ func (b *Backend) loraSlices(outPtr cuda.DevicePtr, outStride int, x *Buffer, la
 	if b.err != nil {
 		return
 	}
-	b.fail(b.fn.sgExpand.Launch(b.s, cuda.Dim3{X: b.nTiles, Y: (total + 255) / 256}, cuda.Dim3{X: 128}, shmem,
+	b.fail(b.fn.sgExpand.Launch(st, cuda.Dim3{X: b.nTiles, Y: (total + 255) / 256}, cuda.Dim3{X: 128}, shmem,
 		outPtr, b.stepTmp, b.table, tiles, base, stride, ms[0], ms[1], ms[2], len(mods), off1, off2, total,
-		b.stepRank, outStride, tStride, T, ks))
+		b.stepRank, outStride, tStride, T, ks, acc))
+}
+
+// sgmvOK reports whether the SGMV kernels take group mods reading x into
+// rows outStride values apart at outPtr (0: any aligned buffer): 16-byte
+// input rows, even output widths, offsets and strides.
+func (b *Backend) sgmvOK(x *Buffer, mods []llama.Module, outStride int, outPtr cuda.DevicePtr) bool {
+	if b.loraV0 || outStride%2 != 0 || outPtr%4 != 0 {
+		return false
+	}
+	for _, m := range mods {
+		if _, out := b.cfg.Dims(m); out%2 != 0 {
+			return false
+		}
+	}
+	return x.cols%8 == 0 && x.ld%8 == 0 && ptr(x)%16 == 0
 }

@@ -170,12 +170,19 @@ func TestFixtureCoBatched(t *testing.T) {
 	m, adapters, cases := loadFixture(t)
 	worst, worstRow := 0.0, 0.0
 	var all greedyStats
-	for _, bs := range []int{16, 1, 5} {
-		t.Run(fmt.Sprintf("block%d", bs), func(t *testing.T) {
+	// the LoRA stream (default), the same holding SMs back from the GEMMs,
+	// and every update on the compute stream (SerialLoRA)
+	for _, c := range []struct {
+		bs   int
+		name string
+		bo   Options
+	}{{16, "", Options{}}, {1, "", Options{}}, {5, "", Options{}}, {16, "-serial", Options{SerialLoRA: true}}, {16, "-sms32", Options{LoRASMs: 32}}} {
+		bs := c.bs
+		t.Run(fmt.Sprintf("block%d%s", bs, c.name), func(t *testing.T) {
 			opts := engine.DefaultOptions()
 			opts.BlockSize = bs
 			opts.KVBlocks = 4096 / bs
-			e := newEngine(t, m, opts)
+			e := newEngineWith(t, m, opts, c.bo)
 			slots := loadSlots(t, e, adapters, fx.AdapterNames, 0)
 			w, wr, st := runCases(t, e, slots, cases)
 			worst, worstRow = max(worst, w), max(worstRow, wr)

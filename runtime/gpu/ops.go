@@ -10,7 +10,7 @@ import (
 
 // Embed gathers embedding rows.
 func (b *Backend) Embed(out engine.Buffer, table engine.Weight) {
-	b.gen++
+	b.opStart()
 	if !b.ok() {
 		return
 	}
@@ -23,11 +23,17 @@ func (b *Backend) Embed(out engine.Buffer, table engine.Weight) {
 
 // AddRMSNorm: x += delta (if any), then out = rmsnorm(x) * w (if out).
 func (b *Backend) AddRMSNorm(x, delta, out engine.Buffer, w engine.Weight, eps float32) {
-	b.gen++
+	xb, d, o := buf(x), buf(delta), buf(out)
+	var d2 uint64 // a LoRA update of delta (o or down) from the LoRA stream
+	if d != nil && d.whole() {
+		if p, _ := b.fuse(d); p != nil {
+			d2 = p[0]
+		}
+	}
+	b.opStart()
 	if !b.ok() {
 		return
 	}
-	xb, d, o := buf(x), buf(delta), buf(out)
 	if d == nil && o == nil {
 		return
 	}
@@ -42,11 +48,12 @@ func (b *Backend) AddRMSNorm(x, delta, out engine.Buffer, w engine.Weight, eps f
 		}
 		wp = wt.mem.Ptr()
 	}
-	b.launch(b.fn.addRMSNorm, cuda.Dim3{X: b.rows()}, cuda.Dim3{X: 256}, xb.mem, ptr(d), ptr(o), wp, eps, xb.cols)
+	b.launch(b.fn.addRMSNorm, cuda.Dim3{X: b.rows()}, cuda.Dim3{X: 256}, xb.mem, ptr(d), d2, b.rowLora(), ptr(o), wp, eps, xb.cols)
 }
 
 // AddBias adds bias to every row of out (engine.FamilyOps: Qwen2).
 func (b *Backend) AddBias(out engine.Buffer, bias engine.Weight) {
+	b.join() // keeps the GEMM input mark: a LoRA update of that input may follow
 	b.gen++
 	if !b.ok() {
 		return
@@ -62,7 +69,7 @@ func (b *Backend) AddBias(out engine.Buffer, bias engine.Weight) {
 // HeadRMSNorm normalizes each head of every row of x in place
 // (engine.FamilyOps: Qwen3's q_norm, k_norm).
 func (b *Backend) HeadRMSNorm(x engine.Buffer, heads, headDim int, w engine.Weight, eps float32) {
-	b.gen++
+	b.opStart()
 	if !b.ok() {
 		return
 	}
@@ -79,10 +86,16 @@ func (b *Backend) HeadRMSNorm(x engine.Buffer, heads, headDim int, w engine.Weig
 // consecutive projections of the same input) and the product is cuBLASLt's
 // FP8 GEMM with both operands' row scales.
 func (b *Backend) Linear(out, in engine.Buffer, w engine.Weight) {
+	b.join()
 	if !b.ok() {
 		return
 	}
 	b.wrote(out)
+	b.forkAt(buf(in))
+	if b.la.forkIn != 0 && b.la.sms > 0 {
+		b.mm.SetSMTarget(max(1, b.ctx.Device().SMs-b.la.sms))
+		defer b.mm.SetSMTarget(0)
+	}
 	if fw, ok := w.(*fp8Weight); ok {
 		o, x := buf(out), buf(in)
 		if !b.check(x.cols == fw.cols && o.cols == fw.rows && o != x && o.whole() && x.whole(), "linear: in width %d, out width %d, fp8 weight [%d,%d]", x.cols, o.cols, fw.rows, fw.cols) {
@@ -107,7 +120,14 @@ func (b *Backend) RoPE(q, k engine.Buffer, invFreq []float32, heads, kvHeads, he
 // ropeStore launches rope_store: q and k rotated in place and, for layer >=
 // 0, k and v stored in that layer's cache at the step's KV slots.
 func (b *Backend) ropeStore(qb, kb, vb *Buffer, layer int, invFreq []float32, heads, kvHeads, headDim int) {
-	b.gen++
+	var dq, dk, dv uint64 // LoRA updates of q, k, v from the LoRA stream
+	ldd := 0
+	if vb != nil {
+		if p, ld := b.fuse(qb, kb, vb); p != nil {
+			dq, dk, dv, ldd = p[0], p[1], p[2], ld
+		}
+	}
+	b.opStart()
 	if !b.ok() {
 		return
 	}
@@ -131,7 +151,7 @@ func (b *Backend) ropeStore(qb, kb, vb *Buffer, layer int, invFreq []float32, he
 	}
 	threads := min(128, max(32, (headDim/2+31)&^31))
 	b.launch(b.fn.ropeStore, cuda.Dim3{X: b.rows(), Y: ny}, cuda.Dim3{X: threads}, ptr(qb), ptr(kb), ptr(vb), kc, vc,
-		freq, b.i32(b.off.pos), b.i32(b.off.kvSlots), heads, kvHeads, headDim, qb.ld, kb.ld, ldv)
+		freq, b.i32(b.off.pos), b.i32(b.off.kvSlots), dq, dk, dv, b.rowLora(), heads, kvHeads, headDim, qb.ld, kb.ld, ldv, ldd)
 }
 
 func equalF32(a, c []float32) bool {
@@ -206,24 +226,29 @@ func decShared(hd int) int {
 
 // SiLUMul computes out = silu(gate) * up.
 func (b *Backend) SiLUMul(out, gate, up engine.Buffer) {
-	b.gen++
+	o, g, u := buf(out), buf(gate), buf(up)
+	var dg, du uint64 // LoRA updates of gate and up from the LoRA stream
+	ldd := 0
+	if p, ld := b.fuse(g, u); p != nil {
+		dg, du, ldd = p[0], p[1], ld
+	}
+	b.opStart()
 	if !b.ok() {
 		return
 	}
-	o, g, u := buf(out), buf(gate), buf(up)
 	if !b.check(o.cols == g.cols && g.cols == u.cols && o.whole() && g.ld == u.ld, "silu_mul: widths %d %d %d", o.cols, g.cols, u.cols) {
 		return
 	}
 	words := b.rows() * o.cols
-	if o.cols%8 == 0 && g.ld%8 == 0 {
+	if o.cols%8 == 0 && g.ld%8 == 0 && ldd%8 == 0 {
 		words /= 8
 	}
-	b.launch(b.fn.siluMul, cuda.Dim3{X: max(1, min((words+255)/256, 8192))}, cuda.Dim3{X: 256}, ptr(o), ptr(g), ptr(u), b.rows(), o.cols, g.ld)
+	b.launch(b.fn.siluMul, cuda.Dim3{X: max(1, min((words+255)/256, 8192))}, cuda.Dim3{X: 256}, ptr(o), ptr(g), ptr(u), dg, du, b.rowLora(), b.rows(), o.cols, g.ld, ldd)
 }
 
 // Logits normalizes the LogitRows rows of x and projects them to float32 logits in out.
 func (b *Backend) Logits(out, x engine.Buffer, norm, head engine.Weight, eps float32) {
-	b.gen++
+	b.opStart()
 	if !b.ok() {
 		return
 	}
@@ -260,6 +285,7 @@ func (b *Backend) Logits(out, x engine.Buffer, norm, head engine.Weight, eps flo
 
 // Read waits for the step and copies the first rows of buf to dst as float32.
 func (b *Backend) Read(x engine.Buffer, rows int, dst []float32) error {
+	b.join()
 	if b.err != nil {
 		return b.err
 	}
@@ -308,6 +334,9 @@ func (b *Backend) Read(x engine.Buffer, rows int, dst []float32) error {
 
 // End finishes the step, reporting the first error of any op.
 func (b *Backend) End() error {
+	if b.meta != nil {
+		b.join()
+	}
 	err := b.err
 	if err == nil {
 		err = b.s.Synchronize()

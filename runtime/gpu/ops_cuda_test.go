@@ -4,6 +4,7 @@ package gpu
 
 import (
 	"encoding/binary"
+	"fmt"
 	"math"
 	"math/rand/v2"
 	"testing"
@@ -470,8 +471,15 @@ func TestOpLoRA(t *testing.T) {
 		t.Fatal(err)
 	}
 	segs := []engine.Segment{{Start: 0, End: 3, Slot: 1}, {Start: 4, End: 9, Slot: 0}, {Start: 9, End: 10, Slot: 3}, {Start: 10, End: 12, Slot: 4}}
-	for _, layer := range []int{0, 1} {
-		for _, mod := range []llama.Module{llama.Q, llama.Down} {
+	// aside: the update runs on the LoRA stream into the delta buffer (as
+	// after a Linear of x) and Read adds it (add_delta)
+	for _, c := range []struct {
+		layer int
+		mod   llama.Module
+		aside bool
+	}{{0, llama.Q, false}, {0, llama.Down, false}, {1, llama.Q, false}, {1, llama.Down, false}, {0, llama.Q, true}, {1, llama.Down, true}} {
+		layer, mod := c.layer, c.mod
+		{
 			in, outF := cfg.Dims(mod)
 			xv, ov := r.rnd(T*in, 1), r.rnd(T*outF, 1)
 			x, out := r.buffer(T, in), r.buffer(T, outF)
@@ -480,7 +488,16 @@ func TestOpLoRA(t *testing.T) {
 			m := oneSeq(T, 16, zeros(T))
 			m.LoRA = segs
 			r.begin(m)
-			r.b.LoRA(out, x, layer, mod)
+			if c.aside {
+				r.b.forkAt(x)
+				if r.b.la.forkIn == 0 {
+					t.Fatal("the LoRA stream does not take the update")
+				}
+			}
+			r.b.LoRA(out, x, layer, []llama.Module{mod})
+			if c.aside && r.b.la.pend.delta == 0 {
+				t.Fatal("the update is not pending on the LoRA stream")
+			}
 			got := r.read(out, T)
 			r.end()
 			want := make([]float64, T*outF)
@@ -515,7 +532,7 @@ func TestOpLoRA(t *testing.T) {
 					t.Fatalf("row 3 (no adapter) changed at %d: %v -> %v", j, ov[3*outF+j], got[3*outF+j])
 				}
 			}
-			r.compare("lora "+mod.String(), got, want, opTol)
+			r.compare(fmt.Sprintf("lora %s aside=%v", mod, c.aside), got, want, opTol)
 		}
 	}
 	if err := r.b.UnloadAdapter(1); err != nil {

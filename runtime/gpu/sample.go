@@ -21,6 +21,7 @@ const (
 // (kernel sample_rows) and copies back only the tokens and log-probabilities.
 // It waits for the step.
 func (b *Backend) SampleRows(logits engine.Buffer, rows []engine.RowSample, out []sample.Choice) error {
+	b.join()
 	if b.err != nil {
 		return b.err
 	}

@@ -93,11 +93,11 @@ func TestOpLoRAFused(t *testing.T) {
 			m := oneSeq(T, 16, zeros(T))
 			m.LoRA = segs
 			r.begin(m)
-			r.b.loraSlices(out.mem.Ptr(), total, x, layer, mods)
+			r.b.loraSlices(r.b.s, out.mem.Ptr(), total, x, layer, mods, true)
 			got := r.read(out, T)
 			if mode == "v2" { // deterministic: the same bits again (K-split partials summed in a fixed order)
 				r.fill(out, ov)
-				r.b.loraSlices(out.mem.Ptr(), total, x, layer, mods)
+				r.b.loraSlices(r.b.s, out.mem.Ptr(), total, x, layer, mods, true)
 				again := r.read(out, T)
 				for i := range got {
 					if math.Float32bits(got[i]) != math.Float32bits(again[i]) {

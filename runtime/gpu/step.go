@@ -9,6 +9,7 @@ import (
 
 type metaOffsets struct {
 	tokens, pos, kvSlots, rowSeq, seqInfo, pages, loraRows, loraSlots, logitRows, tiles, decSeqs, preRows, end int
+	rowLora int // each row's adapter slot, -1 for none (the ops that add a LoRA update skip those rows)
 }
 
 func (b *Backend) i32(off int) cuda.DevicePtr { return b.metaBase + uint64(4*off) }
@@ -17,6 +18,7 @@ func (b *Backend) i32(off int) cuda.DevicePtr { return b.metaBase + uint64(4*off
 func (b *Backend) Begin(meta *engine.StepMeta) error {
 	b.err = nil
 	b.gen++
+	b.la.pend, b.la.forkIn = pendingDelta{}, 0
 	T := len(meta.Tokens)
 	if T == 0 || T > b.maxT {
 		return fmt.Errorf("%w: %d rows (max %d)", ErrBadStep, T, b.maxT)
@@ -62,7 +64,8 @@ func (b *Backend) Begin(meta *engine.StepMeta) error {
 	if nDec > 0 {
 		nPre = T - nDec
 	}
-	o.end = o.preRows + nPre
+	o.rowLora = o.preRows + nPre
+	o.end = o.rowLora + T
 	if err := b.s.Synchronize(); err != nil { // the pinned staging may still feed a copy
 		return err
 	}
@@ -123,9 +126,13 @@ func (b *Backend) Begin(meta *engine.StepMeta) error {
 			return fmt.Errorf("%w: row %d belongs to no sequence", ErrBadStep, i)
 		}
 	}
+	for i := range T {
+		h[o.rowLora+i] = -1
+	}
 	l := 0
 	for _, g := range meta.LoRA {
 		for r := g.Start; r < g.End; r++ {
+			h[o.rowLora+r] = int32(g.Slot)
 			h[o.loraRows+l] = int32(r)
 			h[o.loraSlots+l] = int32(g.Slot)
 			l++
@@ -212,10 +219,15 @@ func (b *Backend) ok() bool { return b.err == nil && b.meta != nil }
 func (b *Backend) rows() int { return b.nRows }
 
 func (b *Backend) launch(f *cuda.Function, grid, block cuda.Dim3, args ...any) {
+	b.launchOn(b.s, f, grid, block, args...)
+}
+
+// launchOn enqueues f on stream st (the LoRA stream or the compute stream).
+func (b *Backend) launchOn(st *cuda.Stream, f *cuda.Function, grid, block cuda.Dim3, args ...any) {
 	if b.err != nil {
 		return
 	}
-	b.fail(f.Launch(b.s, grid, block, 0, args...))
+	b.fail(f.Launch(st, grid, block, 0, args...))
 }
 
 func buf(x engine.Buffer) *Buffer {
