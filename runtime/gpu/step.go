@@ -9,7 +9,7 @@ import (
 
 type metaOffsets struct {
 	tokens, pos, kvSlots, rowSeq, seqInfo, pages, loraRows, loraSlots, logitRows, tiles, decSeqs, preRows, end int
-	rowLora int // each row's adapter slot, -1 for none (the ops that add a LoRA update skip those rows)
+	rowLora                                                                                                    int // each row's adapter slot, -1 for none (the ops that add a LoRA update skip those rows)
 }
 
 func (b *Backend) i32(off int) cuda.DevicePtr { return b.metaBase + uint64(4*off) }
