@@ -956,6 +956,134 @@ extern "C" __global__ void __launch_bounds__(SG_EX_THREADS) sgmv_expand(
     }
 }
 
+// sgmv_expand_tc{1,2,4}: the expand on the tensor cores, for adapters whose
+// ranks are multiples of 8 (at most 32*KC) and slices whose widths are
+// multiples of 8. Same contract as sgmv_expand (accum, tmp partials, tile
+// and table layout). grid (sum over slices of ceil(width_s / block
+// columns), tiles), block 256: each block takes one slice's column range
+// of one tile; blk1 and blk2 are the first blockIdx.x of slices 1 and 2.
+// Each warp takes 8*NG columns: lane (g, q) loads 8 consecutive ranks
+// [32kc + 8q, +8) of column g of each 8-column group (16 bytes of B's row),
+// all of them before anything else waits; the tile's rows of tmp (summed
+// over the K-split partials) go to shared memory, and from there into A
+// fragments whose K order is permuted the same way (MMA k 2q, 2q+1, 2q+8,
+// 2q+9 <-> ranks 8q..8q+3, then 8q+4..8q+7), split into a bf16 high part
+// and the bf16 residual so the product keeps float32 precision. Versus
+// sgmv_expand: B is read with 16-byte loads that are all in flight at once
+// and the products run as MMAs, so a block of 256 threads covers 512
+// columns (rank 32) with ~16 instructions per column group.
+template <int KC>
+struct TcShape {
+    static constexpr int NG = KC == 1 ? 8 : (KC == 2 ? 4 : 2); // 8-column groups per warp
+    static constexpr int COLS = 8 * 8 * NG;                     // columns per block (8 warps)
+};
+
+// split2 (pack_bf2: attn_decode's): the bf16 pair of (a, b) and the bf16 pair of their residuals.
+__device__ __forceinline__ void split2(float a, float b, unsigned& hi, unsigned& lo) {
+    hi = pack_bf2(a, b);
+    const __nv_bfloat162 h = *reinterpret_cast<const __nv_bfloat162*>(&hi);
+    const float2 f = __bfloat1622float2(h);
+    lo = pack_bf2(a - f.x, b - f.y);
+}
+
+template <int KC>
+__device__ __forceinline__ void expand_tc_body(
+    bf16* __restrict__ out, const float* __restrict__ tmp, const LoraEntry* __restrict__ table, const int4* __restrict__ tiles,
+    int entry_base, int entry_stride, int m0, int m1, int m2, int blk1, int blk2, int off1, int off2, int out_total,
+    int max_rank, int o_stride, int t_stride, int rows_total, int ksplit, int accum) {
+    constexpr int NG = TcShape<KC>::NG, R = 32 * KC, W = R + 4;
+    __shared__ __align__(16) float ts[SG_TR * W];
+    const int4 tile = tiles[blockIdx.y];
+    if (tile.y == 0) return; // no rows (a recorded step's spare tile)
+    const int bx = blockIdx.x;
+    const int s = bx >= blk2 ? 2 : (bx >= blk1 ? 1 : 0);
+    const int sOff = s == 0 ? 0 : (s == 1 ? off1 : off2);
+    const int sEnd = s == 0 ? off1 : (s == 1 ? off2 : out_total);
+    const int chunk = bx - (s == 0 ? 0 : (s == 1 ? blk1 : blk2));
+    const LoraEntry e = table[entry_base + tile.z * entry_stride + sg_mod(s, m0, m1, m2)];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
+    const int col0 = sOff + chunk * TcShape<KC>::COLS + warp * 8 * NG;
+    const int n = tile.y, rank = e.rank;
+    uint4 bv[NG][KC];
+#pragma unroll
+    for (int ng = 0; ng < NG; ng++) {
+        const int c = col0 + ng * 8 + g;
+#pragma unroll
+        for (int kc = 0; kc < KC; kc++) {
+            const int k = kc * 32 + q * 8;
+            bv[ng][kc] = (c < sEnd && k < rank) ? ldg16(e.b + (i64)(c - sOff) * rank + k) : make_uint4(0, 0, 0, 0);
+        }
+    }
+    if (rank > 0) {
+        for (int i = threadIdx.x; i < SG_TR * R; i += blockDim.x) {
+            const int r = i / R, k = i - r * R;
+            float v = 0.f;
+            if (r < n && k < rank)
+                for (int z = 0; z < ksplit; z++) v += __ldcg(tmp + ((i64)z * rows_total + tile.x + r) * t_stride + s * max_rank + k);
+            ts[r * W + k] = v;
+        }
+    }
+    __syncthreads();
+    float c[NG][4];
+#pragma unroll
+    for (int ng = 0; ng < NG; ng++) c[ng][0] = c[ng][1] = c[ng][2] = c[ng][3] = 0.f;
+    if (rank > 0) {
+#pragma unroll
+        for (int kc = 0; kc < KC; kc++) {
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                const int k = kc * 32 + q * 8 + 4 * h;
+                const float4 t0 = *reinterpret_cast<const float4*>(ts + g * W + k);
+                const float4 t1 = *reinterpret_cast<const float4*>(ts + (g + 8) * W + k);
+                unsigned ah[4], al[4];
+                split2(t0.x, t0.y, ah[0], al[0]);
+                split2(t1.x, t1.y, ah[1], al[1]);
+                split2(t0.z, t0.w, ah[2], al[2]);
+                split2(t1.z, t1.w, ah[3], al[3]);
+#pragma unroll
+                for (int ng = 0; ng < NG; ng++) {
+                    const unsigned b0 = h == 0 ? bv[ng][kc].x : bv[ng][kc].z;
+                    const unsigned b1 = h == 0 ? bv[ng][kc].y : bv[ng][kc].w;
+                    mma16816(c[ng], ah[0], ah[1], ah[2], ah[3], b0, b1);
+                    mma16816(c[ng], al[0], al[1], al[2], al[3], b0, b1);
+                }
+            }
+        }
+    } else if (accum) {
+        return; // nothing to add
+    }
+#pragma unroll
+    for (int ng = 0; ng < NG; ng++) {
+        const int col = col0 + ng * 8 + 2 * q;
+        if (col >= sEnd) continue;
+#pragma unroll
+        for (int half = 0; half < 2; half++) {
+            const int r = g + 8 * half;
+            if (r >= n) continue;
+            const float v0 = c[ng][2 * half], v1 = c[ng][2 * half + 1];
+            if (accum) {
+                __nv_bfloat162* p = reinterpret_cast<__nv_bfloat162*>(out + (i64)(tile.x + r) * o_stride + col);
+                const float2 o = __bfloat1622float2(*p);
+                *p = __floats2bfloat162_rn(o.x + v0, o.y + v1);
+            } else {
+                *reinterpret_cast<float2*>(reinterpret_cast<float*>(out) + (i64)(tile.x + r) * o_stride + col) = make_float2(v0, v1);
+            }
+        }
+    }
+}
+
+#define EXPAND_TC_ARGS                                                                                                   \
+    bf16 *__restrict__ out, const float *__restrict__ tmp, const LoraEntry *__restrict__ table, const int4 *__restrict__ tiles, \
+        int entry_base, int entry_stride, int m0, int m1, int m2, int blk1, int blk2, int off1, int off2, int out_total,  \
+        int max_rank, int o_stride, int t_stride, int rows_total, int ksplit, int accum
+#define EXPAND_TC_PASS                                                                                                   \
+    out, tmp, table, tiles, entry_base, entry_stride, m0, m1, m2, blk1, blk2, off1, off2, out_total, max_rank, o_stride, \
+        t_stride, rows_total, ksplit, accum
+
+extern "C" __global__ void __launch_bounds__(256) sgmv_expand_tc1(EXPAND_TC_ARGS) { expand_tc_body<1>(EXPAND_TC_PASS); }
+extern "C" __global__ void __launch_bounds__(256) sgmv_expand_tc2(EXPAND_TC_ARGS) { expand_tc_body<2>(EXPAND_TC_PASS); }
+extern "C" __global__ void __launch_bounds__(256) sgmv_expand_tc4(EXPAND_TC_ARGS) { expand_tc_body<4>(EXPAND_TC_PASS); }
+
 // l2_flush: reads n 16-byte words (a buffer larger than L2) and writes nothing
 // unless the impossible happens, so the cache ends up full of clean lines.
 // Benchmarks run it between timed replays (a memset would leave dirty lines

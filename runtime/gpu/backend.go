@@ -85,6 +85,7 @@ type weight struct {
 type slotState struct {
 	mem     *cuda.DeviceBuffer
 	maxRank int
+	odd     bool // some rank is not a multiple of 8 (no tensor-core expand)
 }
 
 type funcs struct {
@@ -92,6 +93,7 @@ type funcs struct {
 	addBias, headRMSNorm, addDelta                                                *cuda.Function
 	sgShrink, sgShrink4, sgExpand, sample                                         *cuda.Function
 	attnDecode                                                                    [4]*cuda.Function // attn_decode_d32, d64, d128, d256
+	sgExpandTC                                                                    [3]*cuda.Function // sgmv_expand_tc1, tc2, tc4
 }
 
 // Backend implements engine.Backend on one CUDA device.
@@ -142,7 +144,8 @@ type Backend struct {
 	tableHost []uint64 // 4 words per entry: a, b, rank|scale<<32, 0
 	loraTmp   *cuda.DeviceBuffer
 	maxRank   int
-	nTiles    int // SGMV row tiles of the step
+	oddRank   bool // a loaded adapter has a rank that is not a multiple of 8
+	nTiles    int  // SGMV row tiles of the step
 	// loraV0 forces the first (row-at-a-time) LoRA kernels; the benchmark compares them.
 	loraV0      bool
 	shrinkNB    int // 0: choose; 1 or 4: force sgmv_shrink or sgmv_shrink4 (benchmark)
@@ -305,7 +308,8 @@ func (b *Backend) open(opts Options) error {
 		{&b.fn.sgShrink, "sgmv_shrink"}, {&b.fn.sgShrink4, "sgmv_shrink4"}, {&b.fn.sgExpand, "sgmv_expand"},
 		{&b.fn.sample, "sample_rows"}, {&b.fn.attnDecode[0], "attn_decode_d32"}, {&b.fn.attnDecode[1], "attn_decode_d64"},
 		{&b.fn.attnDecode[2], "attn_decode_d128"}, {&b.fn.attnDecode[3], "attn_decode_d256"},
-		{&b.fn.addBias, "add_bias"}, {&b.fn.headRMSNorm, "head_rmsnorm"}, {&b.fn.addDelta, "add_delta"}} {
+		{&b.fn.addBias, "add_bias"}, {&b.fn.headRMSNorm, "head_rmsnorm"}, {&b.fn.addDelta, "add_delta"},
+		{&b.fn.sgExpandTC[0], "sgmv_expand_tc1"}, {&b.fn.sgExpandTC[1], "sgmv_expand_tc2"}, {&b.fn.sgExpandTC[2], "sgmv_expand_tc4"}} {
 		if *f.p, err = b.mod.Function(f.name); err != nil {
 			return err
 		}

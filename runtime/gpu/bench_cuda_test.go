@@ -265,7 +265,7 @@ func TestLoRABench(t *testing.T) {
 		}
 		return float64(2 * T * n)
 	}
-	bench("lora %-4s %-4s %-9s %9s %9s %9s %8s %9s %9s %7s %7s %7s", "N", "rank", "T", "v0_us", "v1_us", "v2_us", "adapt_MB", "floor_us", "floorA_us", "v1_frac", "v2_frac", "v1/v2")
+	bench("lora %-4s %-4s %-9s %9s %9s %9s %9s %8s %9s %9s %7s %7s %7s %7s", "N", "rank", "T", "v0_us", "v1_us", "v2_us", "tc_us", "adapt_MB", "floor_us", "floorA_us", "v1_frac", "v2_frac", "tcA_frac", "v1/tc")
 	rng := rand.New(rand.NewPCG(1, 2))
 	for _, nAd := range []int{1, 4, 16} {
 		for _, rank := range []int{16, 32, 64} {
@@ -309,7 +309,7 @@ func TestLoRABench(t *testing.T) {
 				}
 				m := oneSeq(T, 16, zeros(T))
 				m.LoRA = segs
-				var us [3]float64 // v0, v1, v2 (fused; v1 where the v2 module is missing)
+				var us [4]float64 // v0, v1, v2 (fused; v1 where the v2 module is missing), tc (the default: shrink + tensor-core expand)
 				for v := range us {
 					if only != nil && v == 0 {
 						continue
@@ -323,7 +323,7 @@ func TestLoRABench(t *testing.T) {
 				adBytes := float64(2 * rank * perRank * len(c.segs))
 				floor := adBytes / bw * 1e6
 				floorAll := (adBytes + actBytes(T)) / bw * 1e6
-				bench("lora %-4d %-4d %-9s %9.1f %9.1f %9.1f %8.1f %9.1f %9.1f %7.2f %7.2f %7.2f", nAd, rank, c.label, us[0], us[1], us[2], adBytes/1e6, floor, floorAll, floor/us[1], floor/us[2], us[1]/us[2])
+				bench("lora %-4d %-4d %-9s %9.1f %9.1f %9.1f %9.1f %8.1f %9.1f %9.1f %7.2f %7.2f %7.2f %7.2f", nAd, rank, c.label, us[0], us[1], us[2], us[3], adBytes/1e6, floor, floorAll, floor/us[1], floor/us[2], floorAll/us[3], us[1]/us[3])
 			}
 		}
 	}

@@ -3,6 +3,7 @@ package gpu
 import (
 	"fmt"
 	"math"
+	"math/bits"
 
 	"github.com/peftd/peftd/kernels"
 	"github.com/peftd/peftd/runtime/cuda"
@@ -41,6 +42,7 @@ func (b *Backend) LoadAdapter(slot int, a *lora.Adapter) error {
 			}
 			total += (len(p.A)+align-1)/align*align + (len(p.B)+align-1)/align*align
 			st.maxRank = max(st.maxRank, p.Rank)
+			st.odd = st.odd || p.Rank%8 != 0
 		}
 	}
 	if err := b.s.Synchronize(); err != nil { // nothing in flight may read the old slot
@@ -112,10 +114,11 @@ func (b *Backend) growTable(slots int) error {
 
 // syncTable uploads the LoRA table and sizes the shrink scratch for the largest rank.
 func (b *Backend) syncTable() error {
-	b.maxRank = 0
+	b.maxRank, b.oddRank = 0, false
 	for _, s := range b.slots {
 		if s != nil {
 			b.maxRank = max(b.maxRank, s.maxRank)
+			b.oddRank = b.oddRank || s.odd
 		}
 	}
 	if need := b.tmpFloats()*4 + sgCtrBytes; b.loraTmp == nil || b.loraTmp.Size() < need {
@@ -454,7 +457,8 @@ func (b *Backend) loraSlices(st *cuda.Stream, outPtr cuda.DevicePtr, outStride i
 	tiles := b.i32(b.off.tiles)
 	// v2: one launch, blocks taking shrink items first and expand items
 	// (512 output columns of one tile) after them; see kernels/sgmv.cu.
-	v2 := !b.graphLayout && (b.loraV2 || (!b.loraV1 && b.nLora >= sgV2MinRows*b.nTiles))
+	tc := b.tcChunks(mods)
+	v2 := !b.graphLayout && (b.loraV2 || (!b.loraV1 && tc == 0 && b.nLora >= sgV2MinRows*b.nTiles))
 	if f := b.sgFused[nb/32]; f != nil && v2 && b.nTiles <= sgFuMaxTiles && len(b.slots)*len(mods) <= sgFuMaxEnt {
 		nShrink := b.nTiles * len(mods) * rankTiles * ks
 		grid := nShrink + b.nTiles*((total+sgFuCols-1)/sgFuCols)
@@ -480,6 +484,26 @@ func (b *Backend) loraSlices(st *cuda.Stream, outPtr cuda.DevicePtr, outStride i
 	b.launchOn(st, shrink, cuda.Dim3{X: b.nTiles, Y: len(mods) * rankTiles, Z: ks}, cuda.Dim3{X: 256},
 		b.stepTmp, ptr(x), b.table, tiles, base, stride, ms[0], ms[1], ms[2], rankTiles, b.stepRank,
 		inF, x.ld, tStride, T, kchunk)
+	if tc > 0 {
+		// blocks per slice of sgmv_expand_tc{tc}; blk1, blk2: where slices 1 and 2 start
+		cols := tcBlockCols(tc)
+		var start [4]int
+		for i := range mods {
+			start[i+1] = start[i] + (offs[i+1]-offs[i]+cols-1)/cols
+		}
+		grid := start[len(mods)]
+		blk1, blk2 := grid, grid
+		if len(mods) > 1 {
+			blk1 = start[1]
+		}
+		if len(mods) > 2 {
+			blk2 = start[2]
+		}
+		b.launchOn(st, b.fn.sgExpandTC[bits.TrailingZeros(uint(tc))], cuda.Dim3{X: grid, Y: b.nTiles}, cuda.Dim3{X: 256},
+			outPtr, b.stepTmp, b.table, tiles, base, stride, ms[0], ms[1], ms[2], blk1, blk2, off1, off2, total,
+			b.stepRank, outStride, tStride, T, ks, acc)
+		return
+	}
 	shmem := sgTileRows * len(mods) * ((b.stepRank + 7) &^ 7) * 4 // [16][slices * rank rounded up to 8] floats
 	if shmem > 48<<10 && shmem > b.expandShmem {
 		if err := b.fn.sgExpand.SetMaxDynamicShared(shmem); err != nil {
@@ -495,6 +519,32 @@ func (b *Backend) loraSlices(st *cuda.Stream, outPtr cuda.DevicePtr, outStride i
 		outPtr, b.stepTmp, b.table, tiles, base, stride, ms[0], ms[1], ms[2], len(mods), off1, off2, total,
 		b.stepRank, outStride, tStride, T, ks, acc))
 }
+
+// tcChunks is the 32-rank chunks of the tensor-core expand for the step's
+// rank (1, 2 or 4), or 0 where it does not apply: a loaded adapter's rank
+// is not a multiple of 8, or a projection's width is not, or the rank
+// exceeds 128.
+func (b *Backend) tcChunks(mods []llama.Module) int {
+	if b.oddRank || b.loraV1 || b.stepRank > 128 {
+		return 0
+	}
+	for _, m := range mods {
+		if _, out := b.cfg.Dims(m); out%8 != 0 {
+			return 0
+		}
+	}
+	switch {
+	case b.stepRank <= 32:
+		return 1
+	case b.stepRank <= 64:
+		return 2
+	}
+	return 4
+}
+
+// tcBlockCols is the output columns one block of sgmv_expand_tc{kc} takes
+// (TcShape in llama.cu): 8 warps x 8 columns x 8, 4 or 2 groups.
+func tcBlockCols(kc int) int { return 64 * (8 / kc) }
 
 // sgmvOK reports whether the SGMV kernels take group mods reading x into
 // rows outStride values apart at outPtr (0: any aligned buffer): 16-byte

@@ -76,8 +76,18 @@ func TestOpLoRAFused(t *testing.T) {
 	if r.b.sgFused[0] == nil {
 		t.Fatalf("SGMV v2 not loaded: %v", r.b.sgErr)
 	}
-	for _, mode := range []string{"v2", "v1", "v0"} {
+	// v2, v1, v0 with a rank-5 adapter among them; then, its slot holding a
+	// rank-40 one (every rank a multiple of 8), the tensor-core expand
+	// adding in place (tc) and into the LoRA stream's float32 update that
+	// Read adds (tc-aside)
+	for _, mode := range []string{"v2", "v1", "v0", "tc", "tc-aside"} {
 		r.b.loraV0, r.b.loraV1, r.b.loraV2 = mode == "v0", mode == "v1", mode == "v2"
+		if mode == "tc" {
+			ads[2] = mk(40, 1.25, llama.Q, llama.V, llama.Up, llama.Down)
+			if err := r.b.LoadAdapter(2, ads[2]); err != nil {
+				t.Fatal(err)
+			}
+		}
 		for _, mods := range [][]llama.Module{{llama.Q, llama.K, llama.V}, {llama.Gate, llama.Up}, {llama.Down}, {llama.O}, {llama.K}} {
 			in, _ := cfg.Dims(mods[0])
 			total := 0
@@ -93,7 +103,21 @@ func TestOpLoRAFused(t *testing.T) {
 			m := oneSeq(T, 16, zeros(T))
 			m.LoRA = segs
 			r.begin(m)
-			r.b.loraSlices(r.b.s, out.mem.Ptr(), total, x, layer, mods, true)
+			switch mode {
+			case "tc", "tc-aside":
+				if kc := r.b.tcChunks(mods); kc != 2 {
+					t.Fatalf("%s %v: tensor-core expand chunks %d, want 2 (rank 64)", mode, mods, kc)
+				}
+			}
+			if mode == "tc-aside" {
+				r.b.forkAt(x)
+				r.b.LoRA(out, x, layer, mods)
+				if r.b.la.pend.delta == 0 {
+					t.Fatalf("%v: the update is not pending on the LoRA stream", mods)
+				}
+			} else {
+				r.b.loraSlices(r.b.s, out.mem.Ptr(), total, x, layer, mods, true)
+			}
 			got := r.read(out, T)
 			if mode == "v2" { // deterministic: the same bits again (K-split partials summed in a fixed order)
 				r.fill(out, ov)
