@@ -80,6 +80,10 @@ type Config struct {
 	// Eager runs every GPU step op by op: no CUDA graphs for decode steps
 	// (for debugging and comparison).
 	Eager bool
+	// SerialLoRA and LoRASMs are gpu.Options': LoRA updates on the compute
+	// stream, and the SMs the GEMMs leave to the LoRA stream.
+	SerialLoRA bool
+	LoRASMs    int
 	// Threads are the CPU backend's workers (0: all cores).
 	Threads int
 	// Slots are the device adapter slots (default 4).
@@ -329,7 +333,7 @@ func newGPU(cfg Config) (*gpu.Backend, error) {
 	}
 	// Kernels compile once (NVRTC) into the default kernel cache; later
 	// starts read the cubin.
-	return gpu.New(gpu.Options{Device: cfg.GPU, WeightFormat: cfg.Weights, Eager: cfg.Eager})
+	return gpu.New(gpu.Options{Device: cfg.GPU, WeightFormat: cfg.Weights, Eager: cfg.Eager, SerialLoRA: cfg.SerialLoRA, LoRASMs: cfg.LoRASMs})
 }
 
 func logGPU(log *slog.Logger, cfg Config, b *gpu.Backend) {

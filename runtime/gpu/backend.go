@@ -55,10 +55,17 @@ type Options struct {
 	// projection's output adds it (lora.go).
 	SerialLoRA bool
 	// LoRASMs is how many multiprocessors the GEMMs of a step with LoRA
-	// leave to the LoRA stream (cuBLASLt's SM count target); 0: none held
-	// back, the LoRA blocks take SMs as the GEMM's blocks free them.
+	// leave to the LoRA stream (cuBLASLt's SM count target): 0 is
+	// DefaultLoRASMs; negative holds none back (the LoRA blocks then take
+	// SMs as the GEMM's blocks free them).
 	LoRASMs int
 }
+
+// DefaultLoRASMs is Options.LoRASMs's default: on the H200 (132 SMs) 16
+// and 32 both took decode with four rank-32 adapters from 0.80-0.91 to
+// 0.90-1.0 of the base model's speed at batch 16-256 (docs/PERFORMANCE.md
+// v0.13); 16 lost least at batch 1.
+const DefaultLoRASMs = 16
 
 // Buffer is a device activation matrix [rows, cols], bf16 (or float32 once
 // Logits has written it); a view (NewView) is columns [off, off+cols) of
@@ -271,6 +278,9 @@ func (b *Backend) open(opts Options) error {
 		return err
 	}
 	b.la.on, b.la.sms = !opts.SerialLoRA, max(opts.LoRASMs, 0)
+	if opts.LoRASMs == 0 {
+		b.la.sms = DefaultLoRASMs
+	}
 	if b.la.s, err = b.ctx.NewPriorityStream(); err != nil {
 		return err
 	}
