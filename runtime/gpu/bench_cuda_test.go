@@ -410,19 +410,24 @@ func TestDecodeBench(t *testing.T) {
 		// base, adapters, base sampled on the device (StepSample), both
 		// eagerly (no graphs, as before v0.11), then adapters with every
 		// LoRA update on the compute stream (SerialLoRA) and with the GEMMs
-		// holding 16 or 32 SMs back for the LoRA stream (LoRASMs)
+		// holding no SMs or 32 SMs back for the LoRA stream (LoRASMs; the
+		// others hold DefaultLoRASMs back)
 		for _, v := range []struct {
 			lora, sampled, eager, serial bool
-			sms                          int
-		}{{}, {lora: true}, {sampled: true}, {eager: true}, {lora: true, eager: true},
-			{lora: true, serial: true}, {lora: true, sms: 16}, {lora: true, sms: 32}} {
+			sms                          int // -1: DefaultLoRASMs
+		}{{sms: -1}, {lora: true, sms: -1}, {sampled: true, sms: -1}, {eager: true, sms: -1}, {lora: true, eager: true, sms: -1},
+			{lora: true, serial: true, sms: -1}, {lora: true, sms: 0}, {lora: true, sms: 32}} {
 			withLoRA, sampled := v.lora, v.sampled
 			gb.g.off = v.eager
 			if withLoRA && len(ads) == 0 {
 				continue
 			}
-			if gb.la.on == v.serial || gb.la.sms != v.sms { // recordings bake the LoRA mode in
-				gb.la.on, gb.la.sms = !v.serial, v.sms
+			sms := v.sms
+			if sms < 0 {
+				sms = DefaultLoRASMs
+			}
+			if gb.la.on == v.serial || gb.la.sms != sms { // recordings bake the LoRA mode in
+				gb.la.on, gb.la.sms = !v.serial, sms
 				if err := gb.dropGraphs(); err != nil {
 					t.Fatal(err)
 				}
@@ -500,7 +505,7 @@ func TestDecodeBench(t *testing.T) {
 			if v.serial {
 				lbl += "+serial"
 			}
-			if v.sms > 0 {
+			if v.sms >= 0 {
 				lbl += fmt.Sprintf("+sms%d", v.sms)
 			}
 			bench("decode %-5d %-11s %10.0f %10.0f %10.0f %9.2f %9.2f %9.2f %9.2f %10.1f", B, lbl, toks/wall.Seconds(), toks/(gpuMs/1e3), toks/roofS,
