@@ -16,7 +16,6 @@ import (
 	"time"
 
 	"github.com/peftd/peftd/api"
-	"github.com/peftd/peftd/runtime/gpu"
 	"github.com/peftd/peftd/server"
 )
 
@@ -55,7 +54,7 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	fs.IntVar(&f.maxQueue, "max-queue", 256, "requests waiting or running at most; more get 429")
 	fs.BoolVar(&f.eager, "eager", false, "GPU: run every step op by op, without CUDA graphs for decode steps (for debugging and comparison)")
 	fs.BoolVar(&f.serialLoRA, "serial-lora", false, "GPU: run each LoRA update on the compute stream after its projection, not beside it on the LoRA stream (for comparison)")
-	fs.IntVar(&f.loraSMs, "lora-sms", 0, fmt.Sprintf("GPU: multiprocessors the GEMMs of a step with adapters leave to the LoRA stream (0: %d; -1: none)", gpu.DefaultLoRASMs))
+	fs.IntVar(&f.loraSMs, "lora-sms", 0, "GPU: multiprocessors the GEMMs of a step with adapters leave to the LoRA stream (0: chosen by the step's rows, 0-32 on an H200; -1: none)")
 	fs.BoolVar(&f.noPrefixCache, "no-prefix-cache", false, "do not reuse KV pages across requests that start with the same tokens and adapter version")
 	fs.DurationVar(&f.requestTimeout, "request-timeout", 5*time.Minute, "generation deadline (504 past it; 0: none)")
 	fs.StringVar(&f.apiKeys, "api-keys", "", "API key file (JSON array of {key, adapters, admin}, or lines KEY [ADAPTERS] [admin])")

@@ -4,9 +4,11 @@ import (
 	"errors"
 	"fmt"
 	"math"
-	"runtime"
-	"sync"
+	"sort"
 	"sync/atomic"
+	"unsafe"
+
+	"github.com/peftd/peftd/internal/parallel"
 
 	"github.com/peftd/peftd/runtime/cuda"
 	"github.com/peftd/peftd/runtime/engine"
@@ -15,14 +17,21 @@ import (
 )
 
 // Asynchronous adapter loads (engine.AdapterPreparer). PrepareAdapter runs on
-// the caller's goroutine while steps run: it converts the adapter to bf16
-// into a pinned host buffer laid out as the slot's device image (pinned on
-// the context's second thread, so the step thread is not held). LoadPrepared
-// runs on the engine goroutine between steps: it allocates the slot, points
-// the LoRA table at it, enqueues the host-to-device copy on a copy stream
-// and records an event. The compute stream waits on that event in Begin of
-// the first step whose LoRA segments use the slot; steps that do not use it
-// never wait.
+// the caller's goroutine while steps run: it allocates the slot's device
+// image and streams the adapter into it through the uploader's ring of
+// pinned chunks (converting each chunk to bf16 as the previous one is
+// copied), all on the context's second thread, so neither a step nor the
+// thread that issues it waits for it, and no memory is pinned after Init.
+// LoadPrepared runs on the engine goroutine between steps: it points the
+// LoRA table at the image; the compute stream waits for the image's last
+// copy in Begin of the first step whose LoRA segments use the slot; steps
+// that do not use it never wait.
+
+// The uploader's ring: 4 pinned chunks of 16 MiB (64 MiB pinned at Init).
+const (
+	stageChunks     = 4
+	stageChunkBytes = 16 << 20
+)
 
 // adapterAlign is the element alignment of each A and B matrix in a slot image.
 const adapterAlign = 128
@@ -61,67 +70,113 @@ func (b *Backend) slotLayout(a *lora.Adapter) (total, maxRank int, ents []prepEn
 	return max(total, 1), maxRank, ents, nil
 }
 
-// preparedAdapter is an adapter's slot image in pinned host memory.
+// preparedAdapter is an adapter's slot image on the device, its upload
+// possibly still in flight (ev).
 type preparedAdapter struct {
 	b       *Backend
 	name    string
-	host    *cuda.HostBuffer
-	n       int // bf16 values
+	mem     *cuda.DeviceBuffer
+	ev      *cuda.Event // the image's last copy
+	n       int         // bf16 values
 	maxRank int
+	odd     bool // some rank is not a multiple of 8
 	ents    []prepEntry
-	done    atomic.Bool // committed or released: the host buffer is no longer ours
+	done    atomic.Bool // committed or released: the image is no longer ours
 }
 
-// Release returns the staging buffer if the adapter was never committed.
+// Release frees the device image if the adapter was never committed (after
+// its upload, on the second thread).
 func (p *preparedAdapter) Release() {
 	if p != nil && !p.done.Swap(true) {
-		p.b.putHost(p.host)
+		p.b.up.Wait(p.ev)
+		p.ev.Destroy()
+		p.mem.Free()
 	}
 }
 
 // Bytes is the size of the slot image.
 func (p *preparedAdapter) Bytes() int { return 2 * p.n }
 
-// PrepareAdapter stages a for LoadPrepared. Safe to call from any goroutine
-// while the engine goroutine runs steps.
+// PrepareAdapter uploads a's slot image for LoadPrepared. Safe to call from
+// any goroutine while the engine goroutine runs steps.
 func (b *Backend) PrepareAdapter(a *lora.Adapter) (engine.PreparedAdapter, error) {
 	total, maxRank, ents, err := b.slotLayout(a)
 	if err != nil {
 		return nil, err
 	}
-	h, err := b.getHost(2 * total)
+	if b.up == nil {
+		return nil, fmt.Errorf("gpu: adapter %s: backend not initialized", a.Name)
+	}
+	mem, err := b.ctx.AllocAside(2 * total)
 	if err != nil {
-		return nil, fmt.Errorf("gpu: adapter %s: pinned staging: %w", a.Name, err)
+		return nil, fmt.Errorf("gpu: adapter %s: %w", a.Name, err)
 	}
-	dst := h.Uint16s()[:total]
-	// Convert in parallel over the projections (a few hundred MB at 8B shapes).
-	workers := min(max(runtime.GOMAXPROCS(0)/2, 1), 8, len(ents))
-	var wg sync.WaitGroup
-	var next atomic.Int64
-	for range workers {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for {
-				i := int(next.Add(1) - 1)
-				if i >= len(ents) {
-					return
-				}
-				e := ents[i]
-				p := a.Layers[e.layer][e.module]
-				f32ToBF16(dst[e.aOff:e.aOff+len(p.A)], p.A)
-				clear(dst[e.aOff+len(p.A) : e.bOff])
-				f32ToBF16(dst[e.bOff:e.bOff+len(p.B)], p.B)
-				end := total
-				if i+1 < len(ents) {
-					end = ents[i+1].aOff
-				}
-				clear(dst[e.bOff+len(p.B) : end])
-			}
-		}()
+	ev, err := b.up.Upload(mem.Ptr(), 2*total, func(chunk []byte, off int) error {
+		dst := unsafe.Slice((*uint16)(unsafe.Pointer(&chunk[0])), len(chunk)/2)
+		lo := off / 2
+		// a few hundred MB at 8B shapes: convert each chunk on several cores
+		return parallel.Ranges(len(dst), 1<<18, func(i, j int) error {
+			fillImage(dst[i:j], lo+i, a, ents, total)
+			return nil
+		})
+	})
+	if err != nil {
+		mem.Free()
+		return nil, fmt.Errorf("gpu: adapter %s: upload: %w", a.Name, err)
 	}
-	wg.Wait()
-	return &preparedAdapter{b: b, name: a.Name, host: h, n: total, maxRank: maxRank, ents: ents}, nil
+	odd := false
+	for _, e := range ents {
+		odd = odd || e.rank%8 != 0
+	}
+	return &preparedAdapter{b: b, name: a.Name, mem: mem, ev: ev, n: total, maxRank: maxRank, odd: odd, ents: ents}, nil
+}
+
+// fillImage writes elements [lo, lo+len(dst)) of a's slot image (layout
+// ents, total elements: each A and B in bf16 at its offset, zeros between)
+// into dst.
+func fillImage(dst []uint16, lo int, a *lora.Adapter, ents []prepEntry, total int) {
+	hi := lo + len(dst)
+	put := func(src []float32, off int) { // src's elements at off, clipped to [lo, hi)
+		if s, t := max(off, lo), min(off+len(src), hi); s < t {
+			f32ToBF16(dst[s-lo:t-lo], src[s-off:t-off])
+		}
+	}
+	zero := func(from, to int) {
+		if s, t := max(from, lo), min(to, hi); s < t {
+			clear(dst[s-lo : t-lo])
+		}
+	}
+	// the first entry whose regions reach lo: entries are in image order
+	i := sort.Search(len(ents), func(i int) bool {
+		next := total
+		if i+1 < len(ents) {
+			next = ents[i+1].aOff
+		}
+		return next > lo
+	})
+	if i == 0 {
+		zero(0, min(total, firstOff(ents, total)))
+	}
+	for ; i < len(ents) && ents[i].aOff < hi; i++ {
+		e := ents[i]
+		p := a.Layers[e.layer][e.module]
+		put(p.A, e.aOff)
+		zero(e.aOff+len(p.A), e.bOff)
+		put(p.B, e.bOff)
+		next := total
+		if i+1 < len(ents) {
+			next = ents[i+1].aOff
+		}
+		zero(e.bOff+len(p.B), next)
+	}
+}
+
+// firstOff is where the first entry starts (total when there is none).
+func firstOff(ents []prepEntry, total int) int {
+	if len(ents) == 0 {
+		return total
+	}
+	return ents[0].aOff
 }
 
 // LoadPrepared commits a prepared adapter to slot (engine goroutine, between
@@ -156,13 +211,7 @@ func (b *Backend) LoadPrepared(slot int, pa engine.PreparedAdapter) error {
 		return err
 	}
 	b.clearSlot(slot)
-	st := &slotState{maxRank: p.maxRank}
-	var err error
-	if st.mem, err = b.ctx.Alloc(2 * p.n); err != nil {
-		p.Release()
-		b.syncTable()
-		return fmt.Errorf("gpu: adapter %s: %w", p.name, err)
-	}
+	st := &slotState{mem: p.mem, maxRank: p.maxRank, odd: p.odd}
 	base := st.mem.Ptr()
 	for _, e := range p.ents {
 		i := b.entry(slot, e.layer, llama.Module(e.module)) * entryWords
@@ -171,39 +220,21 @@ func (b *Backend) LoadPrepared(slot int, pa engine.PreparedAdapter) error {
 		b.tableHost[i+2] = uint64(uint32(e.rank)) | uint64(math.Float32bits(e.scale))<<32
 	}
 	b.slots[slot] = st
-	// Table and scratch first: syncTable may free and reallocate the LoRA
-	// scratch, which must not wait behind the copy below.
+	p.done.Store(true) // the image is the slot's now; its upload may still be in flight
+	b.loads = append(b.loads, &pendingLoad{slot: slot, ev: p.ev})
 	if err := b.syncTable(); err != nil {
-		st.mem.Free()
-		b.slots[slot] = nil
+		b.settle(slot)
 		b.clearSlot(slot)
-		p.Release()
 		return err
 	}
-	ev, err := b.getEvent()
-	if err == nil {
-		if err = cuda.CopyHtoD(b.cs, base, p.host.Uint16s()[:p.n]); err == nil {
-			err = ev.Record(b.cs)
-		}
-	}
-	if err != nil {
-		b.cs.Synchronize()
-		b.clearSlot(slot)
-		b.syncTable()
-		p.Release()
-		return err
-	}
-	p.done.Store(true) // the host buffer now belongs to the pending load
-	b.loads = append(b.loads, &pendingLoad{slot: slot, ev: ev, host: p.host})
 	return nil
 }
 
-// pendingLoad is a copy in flight on the copy stream.
+// pendingLoad is an adapter image whose upload may be in flight.
 type pendingLoad struct {
 	slot   int
-	ev     *cuda.Event
-	host   *cuda.HostBuffer
-	waited bool // the compute stream already waits on ev
+	ev     *cuda.Event // the upload's last copy (its own event: destroyed when done)
+	waited bool        // the compute stream already waits on ev
 }
 
 // waitLoads (Begin) makes the compute stream wait for the pending copy of
@@ -230,8 +261,9 @@ func (b *Backend) waitLoads(meta *engine.StepMeta) error {
 			return err
 		}
 		if done {
-			b.putHost(l.host)
-			b.events = append(b.events, l.ev)
+			if err := l.ev.Destroy(); err != nil {
+				return err
+			}
 			continue
 		}
 		keep = append(keep, l)
@@ -251,91 +283,22 @@ func (b *Backend) settle(slot int) error {
 			keep = append(keep, l)
 			continue
 		}
-		errs = append(errs, l.ev.Synchronize())
-		b.putHost(l.host)
-		b.events = append(b.events, l.ev)
+		errs = append(errs, l.ev.Synchronize(), l.ev.Destroy())
 	}
 	clear(b.loads[len(keep):])
 	b.loads = keep
 	return errors.Join(errs...)
 }
 
-func (b *Backend) getEvent() (*cuda.Event, error) {
-	if n := len(b.events); n > 0 {
-		ev := b.events[n-1]
-		b.events = b.events[:n-1]
-		return ev, nil
-	}
-	return b.ctx.NewEvent(false)
-}
-
-// maxPooled pinned staging buffers are kept for reuse; pinning is slow.
-const maxPooled = 2
-
-// getHost takes a pooled pinned buffer of at least n bytes or pins a new one
-// on the context's second thread.
-func (b *Backend) getHost(n int) (*cuda.HostBuffer, error) {
-	b.hostMu.Lock()
-	best := -1
-	for i, h := range b.hostPool {
-		if h.Size() >= n && (best < 0 || h.Size() < b.hostPool[best].Size()) {
-			best = i
-		}
-	}
-	if best >= 0 {
-		h := b.hostPool[best]
-		b.hostPool = append(b.hostPool[:best], b.hostPool[best+1:]...)
-		b.hostMu.Unlock()
-		return h, nil
-	}
-	b.hostMu.Unlock()
-	return b.ctx.AllocHostAside(n)
-}
-
-func (b *Backend) putHost(h *cuda.HostBuffer) {
-	if h == nil {
-		return
-	}
-	b.hostMu.Lock()
-	b.hostPool = append(b.hostPool, h)
-	var drop *cuda.HostBuffer
-	if len(b.hostPool) > maxPooled { // drop the smallest
-		s := 0
-		for i, x := range b.hostPool {
-			if x.Size() < b.hostPool[s].Size() {
-				s = i
-			}
-		}
-		drop = b.hostPool[s]
-		b.hostPool = append(b.hostPool[:s], b.hostPool[s+1:]...)
-	}
-	b.hostMu.Unlock()
-	if drop != nil {
-		drop.Free()
-	}
-}
-
-// closeLoads waits for every copy and frees the staging buffers and events.
+// closeLoads waits for every upload and frees the uploader.
 func (b *Backend) closeLoads() error {
 	var errs []error
-	if b.cs != nil {
-		errs = append(errs, b.cs.Synchronize())
-	}
 	for _, l := range b.loads {
-		errs = append(errs, l.host.Free(), l.ev.Destroy())
+		errs = append(errs, l.ev.Synchronize(), l.ev.Destroy())
 	}
 	b.loads = nil
-	for _, ev := range b.events {
-		errs = append(errs, ev.Destroy())
-	}
-	b.events = nil
-	b.hostMu.Lock()
-	pool := b.hostPool
-	b.hostPool = nil
-	b.hostMu.Unlock()
-	for _, h := range pool {
-		errs = append(errs, h.Free())
-	}
+	errs = append(errs, b.up.Close())
+	b.up = nil
 	return errors.Join(errs...)
 }
 

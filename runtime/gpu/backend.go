@@ -10,7 +10,6 @@ package gpu
 import (
 	"errors"
 	"fmt"
-	"sync"
 
 	"github.com/peftd/peftd/kernels"
 	"github.com/peftd/peftd/runtime/cuda"
@@ -55,17 +54,27 @@ type Options struct {
 	// projection's output adds it (lora.go).
 	SerialLoRA bool
 	// LoRASMs is how many multiprocessors the GEMMs of a step with LoRA
-	// leave to the LoRA stream (cuBLASLt's SM count target): 0 is
-	// DefaultLoRASMs; negative holds none back (the LoRA blocks then take
-	// SMs as the GEMM's blocks free them).
+	// leave to the LoRA stream (cuBLASLt's SM count target): 0 chooses by
+	// the step's rows (autoLoRASMs); negative holds none back (the LoRA
+	// blocks then take SMs as the GEMM's blocks free them).
 	LoRASMs int
 }
 
-// DefaultLoRASMs is Options.LoRASMs's default: on the H200 (132 SMs) 16
-// and 32 both took decode with four rank-32 adapters from 0.80-0.91 to
-// 0.90-1.0 of the base model's speed at batch 16-256 (docs/PERFORMANCE.md
-// v0.13); 16 lost least at batch 1.
-const DefaultLoRASMs = 16
+// autoLoRASMs is the SMs a step of rows rows with adapters leaves to the
+// LoRA stream when Options.LoRASMs is 0. Measured on the H200 (132 SMs),
+// decode with four rank-32 adapters, two runs (docs/PERFORMANCE.md v0.13):
+// at batch 1 holding none back was fastest (5.32 ms vs 5.43-5.47), at 16
+// holding 16 (5.81 vs 5.92-6.16), at 64 and 256 holding 32 (7.22 vs 7.31
+// and 14.15-14.56 vs 14.19-15.37).
+func autoLoRASMs(rows int) int {
+	switch {
+	case rows <= 4:
+		return 0
+	case rows <= 32:
+		return 16
+	}
+	return 32
+}
 
 // Buffer is a device activation matrix [rows, cols], bf16 (or float32 once
 // Logits has written it); a view (NewView) is columns [off, off+cols) of
@@ -185,11 +194,9 @@ type Backend struct {
 	la loraAside // the LoRA stream and the update it has in flight (lora.go)
 
 	// asynchronous adapter loads (PrepareAdapter / LoadPrepared)
-	cs       *cuda.Stream // copy stream
-	loads    []*pendingLoad
-	hostMu   sync.Mutex
-	hostPool []*cuda.HostBuffer
-	events   []*cuda.Event
+	cs    *cuda.Stream   // copy stream (weight uploads)
+	up    *cuda.Uploader // adapter images, through pinned chunks (adapter.go)
+	loads []*pendingLoad
 
 	weights []*weight
 	// FP8 projections (Options.WeightFormat fp8; nil for bf16) and the write
@@ -279,7 +286,7 @@ func (b *Backend) open(opts Options) error {
 	}
 	b.la.on, b.la.sms = !opts.SerialLoRA, max(opts.LoRASMs, 0)
 	if opts.LoRASMs == 0 {
-		b.la.sms = DefaultLoRASMs
+		b.la.sms = -1 // by the step's rows
 	}
 	if b.la.s, err = b.ctx.NewPriorityStream(); err != nil {
 		return err
@@ -401,6 +408,11 @@ func (b *Backend) Init(cfg *llama.Config, spec engine.Spec) error {
 	if err := b.la.alloc(b.ctx, min(maxTokens, graphBuckets[len(graphBuckets)-1]), cfg); err != nil {
 		return err
 	}
+	if b.up == nil { // pinned once, before any step: no adapter load pins memory while steps run
+		if b.up, err = b.ctx.NewUploader(stageChunks, stageChunkBytes); err != nil {
+			return fmt.Errorf("gpu: adapter staging: %w", err)
+		}
+	}
 	if b.f8 != nil {
 		if err := b.f8.reserve(maxTokens, max(cfg.Hidden, cfg.Intermediate)); err != nil {
 			return err
@@ -505,6 +517,7 @@ func (b *Backend) Close() error {
 		errs = append(errs, b.s.Synchronize())
 	}
 	errs = append(errs, b.freeStaging())
+	errs = append(errs, b.closeLoads()) // adapter uploads may still fill a slot
 	for _, w := range b.weights {
 		errs = append(errs, w.mem.Free())
 	}
@@ -516,7 +529,6 @@ func (b *Backend) Close() error {
 			errs = append(errs, s.mem.Free())
 		}
 	}
-	errs = append(errs, b.closeLoads())
 	errs = append(errs, b.dropGraphs())
 	for _, d := range []*cuda.DeviceBuffer{b.kcache, b.vcache, b.metaDev, b.invFreq, b.normed, b.table, b.loraTmp, b.smpDev, b.attnPart, b.attnDone,
 		b.g.dev, b.g.part, b.g.tmp, b.la.delta} {

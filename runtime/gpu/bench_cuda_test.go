@@ -410,24 +410,20 @@ func TestDecodeBench(t *testing.T) {
 		// base, adapters, base sampled on the device (StepSample), both
 		// eagerly (no graphs, as before v0.11), then adapters with every
 		// LoRA update on the compute stream (SerialLoRA) and with the GEMMs
-		// holding no SMs or 32 SMs back for the LoRA stream (LoRASMs; the
-		// others hold DefaultLoRASMs back)
+		// holding 0, 16 or 32 SMs back for the LoRA stream whatever the
+		// batch (LoRASMs; the others choose by the batch: autoLoRASMs)
 		for _, v := range []struct {
 			lora, sampled, eager, serial bool
-			sms                          int // -1: DefaultLoRASMs
+			sms                          int // -1: autoLoRASMs
 		}{{sms: -1}, {lora: true, sms: -1}, {sampled: true, sms: -1}, {eager: true, sms: -1}, {lora: true, eager: true, sms: -1},
-			{lora: true, serial: true, sms: -1}, {lora: true, sms: 0}, {lora: true, sms: 32}} {
+			{lora: true, serial: true, sms: -1}, {lora: true, sms: 0}, {lora: true, sms: 16}, {lora: true, sms: 32}} {
 			withLoRA, sampled := v.lora, v.sampled
 			gb.g.off = v.eager
 			if withLoRA && len(ads) == 0 {
 				continue
 			}
-			sms := v.sms
-			if sms < 0 {
-				sms = DefaultLoRASMs
-			}
-			if gb.la.on == v.serial || gb.la.sms != sms { // recordings bake the LoRA mode in
-				gb.la.on, gb.la.sms = !v.serial, sms
+			if gb.la.on == v.serial || gb.la.sms != v.sms { // recordings bake the LoRA mode in
+				gb.la.on, gb.la.sms = !v.serial, v.sms
 				if err := gb.dropGraphs(); err != nil {
 					t.Fatal(err)
 				}

@@ -209,7 +209,7 @@ func (b *Backend) LoRA(out, in engine.Buffer, layer int, mods []llama.Module) {
 // LoRA scratch are free again by then.
 type loraAside struct {
 	on         bool // Options.SerialLoRA unset
-	sms        int  // Options.LoRASMs
+	sms        int  // Options.LoRASMs (-1: autoLoRASMs)
 	s          *cuda.Stream
 	fork, join *cuda.Event
 	forkIn     cuda.DevicePtr // input of the GEMM fork was recorded before (0: none)
@@ -243,6 +243,14 @@ func (a *loraAside) alloc(ctx *cuda.Context, rows int, cfg *llama.Config) error 
 	}
 	a.rows, a.cols = rows, cols
 	return nil
+}
+
+// loraSMs is the SMs the step's GEMMs leave to the LoRA stream.
+func (b *Backend) loraSMs() int {
+	if b.la.sms < 0 {
+		return autoLoRASMs(b.rows())
+	}
+	return b.la.sms
 }
 
 // asideOK reports whether the step's LoRA updates may run on the LoRA stream.

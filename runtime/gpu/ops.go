@@ -92,8 +92,8 @@ func (b *Backend) Linear(out, in engine.Buffer, w engine.Weight) {
 	}
 	b.wrote(out)
 	b.forkAt(buf(in))
-	if b.la.forkIn != 0 && b.la.sms > 0 {
-		b.mm.SetSMTarget(max(1, b.ctx.Device().SMs-b.la.sms))
+	if sms := b.loraSMs(); b.la.forkIn != 0 && sms > 0 {
+		b.mm.SetSMTarget(max(1, b.ctx.Device().SMs-sms))
 		defer b.mm.SetSMTarget(0)
 	}
 	if fw, ok := w.(*fp8Weight); ok {
