@@ -5,7 +5,7 @@ export CGO_CFLAGS ?= -g -O2 -Wno-deprecated-declarations
 BIN := bin/peftd
 PROMPT ?= Once upon a time
 
-.PHONY: run demo build test test-short setup fuzz bench vet clean soak
+.PHONY: run demo build test test-short setup fuzz bench vet clean soak cold
 
 include scripts/gpu-check.mk
 
@@ -64,6 +64,10 @@ bench:
 SOAK_MINUTES ?= 5
 soak:
 	SOAK_MINUTES=$(SOAK_MINUTES) bash scripts/soak.sh
+
+# cold: the cold-start table against a local S3 server (scripts/cold.sh).
+cold:
+	bash scripts/cold.sh
 
 clean:
 	rm -rf bin

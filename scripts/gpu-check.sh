@@ -33,6 +33,10 @@
 #                throughput) and greedy outputs compared; run it by name
 #     ready8b    peftd serve start -> /readyz on the random 8B checkpoint, cold
 #                and warm kernel cache, and the first requests after ready
+#     cold8b     scripts/cold.sh on the random 8B checkpoint: start -> ready, peftd
+#                deploy, an adapter from the bucket (versitygw) to its first token,
+#                resident, from host memory, after the idle TTLs; phase metrics
+#                (not in the default phases)
 #     load       TestLoadBench: engine.New's weight upload time on the decode
 #                phase's random 8B checkpoint (not in the default phases)
 #     profile    ncu over one decode step without and one with the 4 adapters
@@ -326,6 +330,26 @@ if want ready8b; then
 	stamp ready8b
 fi
 
+if want cold8b; then
+	# Issue 12's whole table against a local S3 server (scripts/cold.sh): start
+	# -> ready, deploy, bucket -> listed, S3 -> first token, resident, host ->
+	# token, after the idle TTLs, and the server's phase metrics; the random 8B
+	# checkpoint and its four rank-32 adapters (168 MB each).
+	MD=/tmp/llama8b-random
+	echo "=== cold8b: $MD/base, adapters through versitygw"
+	if random_ckpt "$MD" decode --layers "${DECODE_LAYERS:-32}" && [[ -f bin/gpu/versitygw.gz ]]; then
+		cat "$MD"/base/*.safetensors >/dev/null
+		COLD_BIN="$ROOT/bin/gpu/peftd" COLD_VERSITYGW="$ROOT/bin/gpu/versitygw.gz" COLD_MODEL="$MD/base" COLD_ADAPTERS_SRC="$MD/adapters" \
+			COLD_DEVICE=cuda COLD_OUT="$LOG/cold8b" timeout "$(left 300)" bash scripts/cold.sh >"$LOG/cold8b.log" 2>&1 || status=1
+		grep '^COLD' "$LOG/cold8b.log" | tee "$LOG/cold8b.txt"
+		[[ -s "$LOG/cold8b.txt" ]] || tail -n 20 "$LOG/cold8b.log"
+		save "$LOG/cold8b.txt"
+	else
+		echo "cold8b: no checkpoint or no bin/gpu/versitygw.gz"; status=1
+	fi
+	stamp cold8b
+fi
+
 if want soak8b; then
 	# The hardening soak on the GPU: an 8B-shape checkpoint (SOAK_LAYERS layers
 	# of Llama 3.1 8B's shapes, default 8, so it is written in about a minute)
@@ -435,6 +459,8 @@ fi
 	[[ -f "$LOG/serve.result" ]] && cat "$LOG/serve.result" && grep -E 'tok|req|TTFT|thr' "$LOG/serve.bench.txt" | head -8
 	[[ -f "$LOG/serve8b.txt" ]] && grep SERVEBENCH "$LOG/serve8b.txt" | cut -c1-220
 	[[ -s "$LOG/prefix8b.txt" ]] && echo "Prefix caching (8B shapes, 8 layers; 2000-token shared prefix, concurrency 32):" && grep -E '^(PREFIXBENCH|PREFIXGREEDY)' "$LOG/prefix8b.txt" | cut -c1-230
+	[[ -s "$LOG/cold8b.txt" ]] && echo "Cold start (8B shapes, versitygw; scripts/cold.sh):" && cut -c6-200 "$LOG/cold8b.txt"
+	[[ -s "$LOG/ready8b.txt" ]] && cat "$LOG/ready8b.txt"
 	[[ -s "$LOG/soak8b.txt" ]] && echo "Soak on the GPU (8B shapes; full report in soak8b.txt):" && grep -E '^(requests|failures|allowed|latency (overall|hot)|served/s|server RSS|GPU memory|PASS|FAIL)' "$LOG/soak8b.txt" | cut -c1-200
 	grep -h '^BENCH \(launch\|sample\)' "$LOG"/*.log 2>/dev/null | cut -c7-
 	grep -h '^BENCH adapterload' "$LOG"/decode.log 2>/dev/null | cut -c7-
@@ -446,6 +472,6 @@ fi
 } | tee "$LOG/summary.txt"
 if [[ -n "${OUT:-}" ]]; then
 	tar czf "$OUT/logs.tgz" -C "$LOG" . 2>/dev/null
-	for f in summary.txt lorabench.txt decode.txt serve8b.txt soak8b.txt prefix8b.txt; do [[ -f "$LOG/$f" ]] && cp "$LOG/$f" "$OUT/"; done
+	for f in summary.txt lorabench.txt decode.txt serve8b.txt soak8b.txt prefix8b.txt cold8b.txt ready8b.txt; do [[ -f "$LOG/$f" ]] && cp "$LOG/$f" "$OUT/"; done
 fi
 exit $status

@@ -46,47 +46,8 @@ SK=peftdsoaksecret
 REGION=us-east-1
 BUCKET=soak
 
-# s3 CMD ARGS...: curl with SigV4 against the soak's versitygw.
-s3() {
-	curl -sS --fail-with-body --aws-sigv4 "aws:amz:$REGION:s3" --user "$AK:$SK" \
-		-H "x-amz-content-sha256: UNSIGNED-PAYLOAD" "$@"
-}
-
-# listening HOST:PORT: true once something accepts connections there.
-listening() { (exec 3<>"/dev/tcp/${1%:*}/${1##*:}") 2>/dev/null; }
-
-# vgw_start WORK: runs versitygw on the address in WORK/s3.env and waits
-# until it listens.
-vgw_start() {
-	local work="$1"
-	# shellcheck disable=SC1091
-	. "$work/s3.env"
-	"$VGW" --port "$S3ADDR" --access "$AK" --secret "$SK" --region "$REGION" --quiet posix "$work/s3" \
-		>>"$work/versitygw.log" 2>&1 &
-	echo $! >"$work/versitygw.pid"
-	for _ in $(seq 200); do
-		if listening "$S3ADDR"; then return 0; fi
-		kill -0 "$(cat "$work/versitygw.pid")" 2>/dev/null || break
-		sleep 0.1
-	done
-	echo "soak.sh: versitygw did not start on $S3ADDR:" >&2
-	tail -20 "$work/versitygw.log" >&2
-	return 1
-}
-
-# vgw_stop WORK: kills versitygw and waits until it is gone.
-vgw_stop() {
-	local work="$1" pid
-	[ -f "$work/versitygw.pid" ] || return 0
-	pid="$(cat "$work/versitygw.pid")"
-	rm -f "$work/versitygw.pid"
-	kill "$pid" 2>/dev/null || return 0
-	for _ in $(seq 100); do
-		kill -0 "$pid" 2>/dev/null || return 0
-		sleep 0.1
-	done
-	kill -9 "$pid" 2>/dev/null || true
-}
+# shellcheck source=scripts/s3lib.sh
+. "$ROOT/scripts/s3lib.sh"
 
 # The outage commands peftd soak runs: soak.sh __outage start|stop WORK.
 if [ "${1:-}" = "__outage" ]; then
@@ -127,18 +88,10 @@ for d in "$SRC"/*/; do
 done
 [ "${#SRCS[@]}" -gt 0 ] || { echo "soak.sh: no adapter folders under $SRC" >&2; exit 2; }
 
-find_vgw() {
-	local c
-	for c in "${SOAK_VERSITYGW:-}" "${PEFTD_VERSITYGW:-}" "$(command -v versitygw || true)" "$ROOT/.cache/bin/versitygw" \
-		"$(go env GOPATH 2>/dev/null || true)/bin/versitygw"; do
-		if [ -n "$c" ] && { [ -x "$c" ] || { [ "${c%.gz}" != "$c" ] && [ -f "$c" ]; }; }; then echo "$c"; return 0; fi
-	done
-	return 1
-}
 KIND="${SOAK_STORE:-auto}"
 VGW=""
 if [ "$KIND" != fs ]; then
-	if VGW="$(find_vgw)"; then
+	if VGW="$(find_vgw "${SOAK_VERSITYGW:-}")"; then
 		KIND=s3
 	elif [ "$KIND" = s3 ]; then
 		echo "soak.sh: SOAK_STORE=s3 but no versitygw (bash .ci/setup-s3.sh installs it; or set SOAK_VERSITYGW)" >&2
@@ -148,16 +101,6 @@ if [ "$KIND" != fs ]; then
 		echo "soak.sh: no versitygw found (bash .ci/setup-s3.sh): using a folder store; its outage moves the folder away" >&2
 	fi
 fi
-
-# free_port: a loopback port nothing listens on.
-free_port() {
-	local p
-	for _ in $(seq 50); do
-		p=$((20000 + RANDOM % 40000))
-		listening "127.0.0.1:$p" || { echo "$p"; return 0; }
-	done
-	return 1
-}
 
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/peftd-soak.XXXXXX")"
 SERVE_PID=""
@@ -189,14 +132,7 @@ ids=()
 for i in $(seq 0 $((N - 1))); do ids+=("$(printf 'soak-%03d' "$i")"); done
 echo "soak.sh: $N adapters from ${#SRCS[@]} source adapter(s) under $SRC into a $KIND store"
 if [ "$KIND" = s3 ]; then
-	if [ "${VGW%.gz}" != "$VGW" ]; then
-		gzip -dc "$VGW" >"$WORK/versitygw" && chmod +x "$WORK/versitygw"
-		VGW="$WORK/versitygw"
-	fi
-	S3ADDR="127.0.0.1:$(free_port)"
-	mkdir -p "$WORK/s3"
-	printf 'VGW=%q\nS3ADDR=%q\n' "$VGW" "$S3ADDR" >"$WORK/s3.env"
-	vgw_start "$WORK"
+	vgw_setup "$WORK" "$VGW"
 	s3 -o /dev/null -X PUT "http://$S3ADDR/$BUCKET"
 	# A plain S3 client deploys them (weights first, then the config), as a deploy tool would.
 	for i in "${!ids[@]}"; do
