@@ -1,0 +1,141 @@
+package scheduler
+
+import (
+	"context"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/peftd/peftd/internal/fixture"
+	"github.com/peftd/peftd/runtime/engine"
+	"github.com/peftd/peftd/runtime/llama"
+	"github.com/peftd/peftd/runtime/lora"
+	"github.com/peftd/peftd/runtime/safetensors"
+	"github.com/peftd/peftd/runtime/sample"
+)
+
+// nullBackend is an engine backend that computes nothing: steps cost only
+// the scheduler's and the engine's host work. Its device sampler returns a
+// token that depends on the row's counter, never EOS-like (requests ignore
+// it anyway).
+type nullBackend struct{ vocab int }
+
+type nullBuf int
+
+func (b nullBuf) Cols() int { return int(b) }
+
+func (n *nullBackend) Name() string { return "null" }
+func (n *nullBackend) Init(cfg *llama.Config, _ engine.Spec) error {
+	n.vocab = cfg.VocabSize
+	return nil
+}
+func (n *nullBackend) Upload(string, safetensors.DType, []int, []byte) (engine.Weight, error) {
+	return struct{}{}, nil
+}
+func (n *nullBackend) NewBuffer(_, cols int) (engine.Buffer, error) { return nullBuf(cols), nil }
+func (n *nullBackend) NewView(_ engine.Buffer, _, cols int) (engine.Buffer, error) {
+	return nullBuf(cols), nil
+}
+func (n *nullBackend) LoadAdapter(int, *lora.Adapter) error           { return nil }
+func (n *nullBackend) UnloadAdapter(int) error                        { return nil }
+func (n *nullBackend) Execute(*engine.StepMeta, engine.Program) error { return nil }
+func (n *nullBackend) End() error                                     { return nil }
+func (n *nullBackend) Close() error                                   { return nil }
+func (n *nullBackend) Read(b engine.Buffer, rows int, dst []float32) error {
+	clear(dst[:rows*b.Cols()])
+	return nil
+}
+func (n *nullBackend) SampleRows(_ engine.Buffer, rows []engine.RowSample, out []sample.Choice) error {
+	for i, r := range rows {
+		out[i] = sample.Choice{ID: int32(3 + (r.Counter*7919+r.Seed)%uint64(n.vocab-3)), Logprob: -1}
+	}
+	return nil
+}
+
+// BenchmarkSchedulerHost measures the host work of serving, per engine step,
+// with a backend that computes nothing (nullBackend): 64 clients in a closed
+// loop, each request a 128-token prompt and 64 new tokens, over the base
+// model and the four fixture adapters; 256 requests per iteration (the
+// serve8b load). host_us/step is what a GPU step must hide, or what is
+// added to it when the host is the bottleneck.
+func BenchmarkSchedulerHost(b *testing.B) {
+	f, err := fixture.Load()
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer f.Close()
+	opts := engine.DefaultOptions()
+	opts.AdapterSlots = len(fixture.AdapterNames)
+	e, err := engine.New(f.Model, &nullBackend{}, opts)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer e.Close()
+	res := Static{}
+	for i, n := range fixture.AdapterNames {
+		if err := e.LoadAdapter(i, f.Adapters[n]); err != nil {
+			b.Fatal(err)
+		}
+		res[n] = i
+	}
+	var steps, rows int
+	var mu sync.Mutex
+	s := New(e, res, Config{MaxQueue: 1024, OnStep: func(st StepStats) {
+		if st.Rows > 0 {
+			mu.Lock()
+			steps++
+			rows += st.Rows
+			mu.Unlock()
+		}
+	}})
+	defer s.Close()
+	const clients, perClient, prompt, maxTok = 64, 4, 128, 64
+	models := append([]string{""}, fixture.AdapterNames...)
+	V := int32(f.Model.Config.VocabSize)
+	ctx := context.Background()
+	b.ResetTimer()
+	t0 := time.Now()
+	for range b.N {
+		var wg sync.WaitGroup
+		for c := range clients {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for r := range perClient {
+					p := make([]int32, prompt)
+					for i := range p {
+						p[i] = 3 + int32(c*131+r*17+i)%(V-3)
+					}
+					ch, err := s.Submit(ctx, Request{Adapter: models[(c+r)%len(models)], Prompt: p, MaxTokens: maxTok})
+					if err != nil {
+						b.Error(err)
+						return
+					}
+					n := 0
+					for ev := range ch {
+						if ev.Done {
+							if ev.Err != nil {
+								b.Error(ev.Err)
+							}
+							break
+						}
+						n++
+					}
+					if n != maxTok {
+						b.Errorf("request got %d tokens, want %d", n, maxTok)
+					}
+				}
+			}()
+		}
+		wg.Wait()
+	}
+	el := time.Since(t0)
+	b.StopTimer()
+	mu.Lock()
+	defer mu.Unlock()
+	if steps > 0 {
+		b.ReportMetric(float64(el.Microseconds())/float64(steps), "host_us/step")
+		b.ReportMetric(float64(rows)/float64(steps), "rows/step")
+		b.ReportMetric(float64(b.N*clients*perClient*maxTok)/el.Seconds(), "tok/s")
+	}
+}
