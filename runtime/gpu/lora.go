@@ -199,10 +199,10 @@ func (b *Backend) LoRA(out, in engine.Buffer, layer int, mods []llama.Module) {
 // for fork, compute the group's update into delta (float32, so that adding
 // it later rounds once, as the update in place does; zero for projections
 // an adapter lacks; rows without an adapter are not written and the ops
-// skip them) and record join. The update is
-// pending until an op reads the projection's output: SiLUMul, Attention
-// (rope_store) and AddRMSNorm fold it into their own reads (fuse); any
-// other op first adds it with add_delta (join). Either way the compute
+// skip them) and record join. The update is pending until an op reads the
+// projection's output: SiLUMul, Attention (rope_store) and AddRMSNorm fold
+// it into their own reads (fuse); any other op first adds it with
+// add_delta (join). Either way the compute
 // stream waits for join first, so recorded graphs fork and join the LoRA
 // stream the same way. The next group's update starts only after the next
 // GEMM's fork, which follows the op that consumed this one: delta and the
