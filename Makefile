@@ -41,6 +41,7 @@ vet:
 test: setup vet
 	$(GO) test -race -count=1 ./...
 	$(MAKE) fuzz FUZZTIME=300000x
+	bash scripts/cold.sh
 
 test-short:
 	$(GO) test -short ./...
