@@ -33,6 +33,9 @@
 #                throughput) and greedy outputs compared; run it by name
 #     ready8b    peftd serve start -> /readyz on the random 8B checkpoint, cold
 #                and warm kernel cache, and the first requests after ready
+#     nsys8b     serve8b's load (base and 4 adapters mixed, concurrency 64) under nsys:
+#                GPU busy fraction, idle gaps, top kernels, CUDA API calls
+#                (scripts/nsys_busy.py; needs the decode checkpoint; not default)
 #     cold8b     scripts/cold.sh on the random 8B checkpoint: start -> ready, peftd
 #                deploy, an adapter from the bucket (versitygw) to its first token,
 #                resident, from host memory, after the idle TTLs; phase metrics
@@ -330,6 +333,40 @@ if want ready8b; then
 	stamp ready8b
 fi
 
+if want nsys8b; then
+	# Where serving time goes: serve8b's base load (concurrency 64) with four
+	# adapters mixed in, under nsys (CUDA API and GPU trace, graph nodes
+	# traced): GPU busy fraction, idle gaps between kernels, the kernels that
+	# took the time (scripts/nsys_busy.py), and the CUDA API calls.
+	MD=/tmp/llama8b-random
+	NSYS="$(command -v nsys || ls /usr/local/cuda/bin/nsys /opt/nvidia/nsight-systems/*/bin/nsys 2>/dev/null | head -1)"
+	echo "=== nsys8b: ${NSYS:-no nsys}"
+	if [[ -n "$NSYS" && -f $MD/base/model.safetensors.index.json ]]; then
+		SD=$(mktemp -d)
+		PEFTD_CACHE=$SD "$NSYS" profile -t cuda,osrt --cuda-graph-trace=node -o "$LOG/nsys8b" -f true \
+			"$ROOT/bin/gpu/peftd" serve --device cuda --model "$MD/base" --store "$MD/adapters" --slots 5 --max-queue 1024 --listen 127.0.0.1:8084 >"$LOG/nsys8b.log" 2>&1 &
+		SRV=$!
+		if serve_wait "$LOG/nsys8b.log" "$(left 200)"; then
+			AD=$(ls "$MD/adapters" | paste -sd, -)
+			"$PY" scripts/serve_bench.py http://127.0.0.1:8084 "$AD" 32 32 16 8 128256 >/dev/null 2>&1
+			"$PY" scripts/serve_bench.py http://127.0.0.1:8084 "base,$AD" 128 64 128 64 128256 2>&1 | tee "$LOG/nsys8b.txt"
+			serve_stop
+			sleep 2
+			"$NSYS" stats --report cuda_gpu_trace --format csv -o "$LOG/nsys8b" "$LOG/nsys8b.nsys-rep" >/dev/null 2>&1
+			"$NSYS" stats --report cuda_api_sum --format csv -o "$LOG/nsys8b" "$LOG/nsys8b.nsys-rep" >/dev/null 2>&1
+			"$PY" scripts/nsys_busy.py "$LOG"/nsys8b_cuda_gpu_trace.csv 2>&1 | tee -a "$LOG/nsys8b.txt"
+			head -12 "$LOG"/nsys8b_cuda_api_sum.csv 2>/dev/null | cut -c1-160 | sed 's/^/NSYS api /' | tee -a "$LOG/nsys8b.txt"
+			save "$LOG/nsys8b.txt"
+		else
+			echo "nsys8b: FAIL: server did not start"; tail -n 20 "$LOG/nsys8b.log"; status=1
+			serve_stop
+		fi
+	else
+		echo "nsys8b: no nsys or no checkpoint (run decode first)"
+	fi
+	stamp nsys8b
+fi
+
 if want cold8b; then
 	# Issue 12's whole table against a local S3 server (scripts/cold.sh): start
 	# -> ready, deploy, bucket -> listed, S3 -> first token, resident, host ->
@@ -459,6 +496,7 @@ fi
 	[[ -f "$LOG/serve.result" ]] && cat "$LOG/serve.result" && grep -E 'tok|req|TTFT|thr' "$LOG/serve.bench.txt" | head -8
 	[[ -f "$LOG/serve8b.txt" ]] && grep SERVEBENCH "$LOG/serve8b.txt" | cut -c1-220
 	[[ -s "$LOG/prefix8b.txt" ]] && echo "Prefix caching (8B shapes, 8 layers; 2000-token shared prefix, concurrency 32):" && grep -E '^(PREFIXBENCH|PREFIXGREEDY)' "$LOG/prefix8b.txt" | cut -c1-230
+	[[ -s "$LOG/nsys8b.txt" ]] && echo "Serving under nsys (8B shapes, concurrency 64):" && grep -E '^(SERVEBENCH|NSYS)' "$LOG/nsys8b.txt" | cut -c1-200
 	[[ -s "$LOG/cold8b.txt" ]] && echo "Cold start (8B shapes, versitygw; scripts/cold.sh):" && cut -c6-200 "$LOG/cold8b.txt"
 	[[ -s "$LOG/ready8b.txt" ]] && cat "$LOG/ready8b.txt"
 	[[ -s "$LOG/soak8b.txt" ]] && echo "Soak on the GPU (8B shapes; full report in soak8b.txt):" && grep -E '^(requests|failures|allowed|latency (overall|hot)|served/s|server RSS|GPU memory|PASS|FAIL)' "$LOG/soak8b.txt" | cut -c1-200
@@ -472,6 +510,6 @@ fi
 } | tee "$LOG/summary.txt"
 if [[ -n "${OUT:-}" ]]; then
 	tar czf "$OUT/logs.tgz" -C "$LOG" . 2>/dev/null
-	for f in summary.txt lorabench.txt decode.txt serve8b.txt soak8b.txt prefix8b.txt cold8b.txt ready8b.txt; do [[ -f "$LOG/$f" ]] && cp "$LOG/$f" "$OUT/"; done
+	for f in summary.txt lorabench.txt decode.txt serve8b.txt soak8b.txt prefix8b.txt cold8b.txt ready8b.txt nsys8b.txt; do [[ -f "$LOG/$f" ]] && cp "$LOG/$f" "$OUT/"; done
 fi
 exit $status
