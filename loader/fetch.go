@@ -45,7 +45,7 @@ func (m *Manager) stallGuard() (ctx context.Context, progressed func(), stop fun
 	return ctx, func() { last.Store(time.Now().UnixNano()) }, func() { close(done); cancel(nil) }
 }
 
-func adapterBytes(a *lora.Adapter) int64 { return a.Params * 4 }
+func adapterBytes(a *lora.Adapter) int64 { return a.HostBytes() }
 
 // ensureHost makes r's version resident in host memory: one fetch per
 // version however many callers (singleflight), from the disk cache when it

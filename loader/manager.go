@@ -114,7 +114,8 @@ type Options struct {
 	Slots int
 	// CacheDir is the disk cache folder; empty disables the disk tier.
 	CacheDir string
-	// HostBytes bounds parsed adapters in host memory (float32 weights);
+	// HostBytes bounds parsed adapters in host memory (their weights as held:
+	// bf16 as in the file, else float32; lora.Adapter.HostBytes);
 	// 0 means no bound. Past it the least recently used adapters that are
 	// neither on the device, loading, pinned nor leased leave host memory;
 	// when only such adapters remain the bound is overshot (and logged)

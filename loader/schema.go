@@ -82,7 +82,7 @@ type adapterRow struct {
 	HostAt  time.Time // when Host was set (the host LRU orders by this or LastUsed)
 	Fetch   bool      // a fetch into host memory is running
 
-	Bytes       int64 // float32 weights in host/device memory
+	Bytes       int64 // weights in host memory (lora.Adapter.HostBytes)
 	StoreBytes  int64 // the two files
 	Rank        int
 	LastUsed    time.Time

@@ -19,7 +19,7 @@ type AdapterInfo struct {
 	Pinned  bool // a pin holds this version (the current one of a pinned adapter)
 	Loading bool // a fetch or device load is running
 	OnDisk  bool
-	// Bytes is the parsed size (float32 weights); StoreBytes the files.
+	// Bytes is the parsed size (lora.Adapter.HostBytes); StoreBytes the files.
 	Bytes, StoreBytes int64
 	Rank              int
 	LastUsed          time.Time

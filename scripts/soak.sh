@@ -156,8 +156,8 @@ fi
 echo "STORE_KIND=$KIND" >"$WORK/store.env"
 
 # The host tier holds 48 adapters (6 per slot): the warm-up fills it, so
-# the RSS at the start is the steady state. Bytes: float32 weights, at
-# most twice a bf16 file.
+# the RSS at the start is the steady state. Bytes: at most twice a file
+# (bf16 weights are kept as they are, others as float32).
 HOSTB="${SOAK_HOST_CACHE_BYTES:-}"
 if [ -z "$HOSTB" ]; then
 	wb=0

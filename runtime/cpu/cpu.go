@@ -104,12 +104,12 @@ func (b *Backend) NewView(parent engine.Buffer, col, cols int) (engine.Buffer, e
 	return &Buffer{data: p.data[col:], rows: p.rows, cols: cols, ld: p.ld}, nil
 }
 
-// LoadAdapter keeps a reference to the adapter's float32 weights.
+// LoadAdapter keeps a reference to the adapter's weights in float32.
 func (b *Backend) LoadAdapter(slot int, a *lora.Adapter) error {
 	for len(b.slots) <= slot {
 		b.slots = append(b.slots, nil)
 	}
-	b.slots[slot] = a
+	b.slots[slot] = a.Float32() // bf16 pairs widened: the LoRA op computes in float32
 	return nil
 }
 

@@ -55,14 +55,15 @@ func (b *Backend) slotLayout(a *lora.Adapter) (total, maxRank int, ents []prepEn
 				continue
 			}
 			in, out := b.cfg.Dims(llama.Module(m))
-			if len(p.A) != p.Rank*in || len(p.B) != out*p.Rank {
+			na, nb := p.Len()
+			if na != p.Rank*in || nb != out*p.Rank {
 				return 0, 0, nil, fmt.Errorf("gpu: adapter %s: %s has A %d and B %d values for rank %d, want %d and %d",
-					a.Name, llama.Module(m), len(p.A), len(p.B), p.Rank, p.Rank*in, out*p.Rank)
+					a.Name, llama.Module(m), na, nb, p.Rank, p.Rank*in, out*p.Rank)
 			}
 			e := prepEntry{layer: l, module: m, aOff: total, rank: p.Rank, scale: p.Scale}
-			total += (len(p.A) + adapterAlign - 1) / adapterAlign * adapterAlign
+			total += (na + adapterAlign - 1) / adapterAlign * adapterAlign
 			e.bOff = total
-			total += (len(p.B) + adapterAlign - 1) / adapterAlign * adapterAlign
+			total += (nb + adapterAlign - 1) / adapterAlign * adapterAlign
 			ents = append(ents, e)
 			maxRank = max(maxRank, p.Rank)
 		}
@@ -136,9 +137,10 @@ func (b *Backend) PrepareAdapter(a *lora.Adapter) (engine.PreparedAdapter, error
 // into dst.
 func fillImage(dst []uint16, lo int, a *lora.Adapter, ents []prepEntry, total int) {
 	hi := lo + len(dst)
-	put := func(src []float32, off int) { // src's elements at off, clipped to [lo, hi)
-		if s, t := max(off, lo), min(off+len(src), hi); s < t {
-			f32ToBF16(dst[s-lo:t-lo], src[s-off:t-off])
+	put := func(f32 []float32, bf []uint16, off int) { // the matrix's elements at off, clipped to [lo, hi)
+		n := max(len(f32), len(bf))
+		if s, t := max(off, lo), min(off+n, hi); s < t {
+			putBF16(dst[s-lo:t-lo], f32, bf, s-off)
 		}
 	}
 	zero := func(from, to int) {
@@ -160,15 +162,27 @@ func fillImage(dst []uint16, lo int, a *lora.Adapter, ents []prepEntry, total in
 	for ; i < len(ents) && ents[i].aOff < hi; i++ {
 		e := ents[i]
 		p := a.Layers[e.layer][e.module]
-		put(p.A, e.aOff)
-		zero(e.aOff+len(p.A), e.bOff)
-		put(p.B, e.bOff)
+		na, nb := p.Len()
+		put(p.A, p.A16, e.aOff)
+		zero(e.aOff+na, e.bOff)
+		put(p.B, p.B16, e.bOff)
 		next := total
 		if i+1 < len(ents) {
 			next = ents[i+1].aOff
 		}
-		zero(e.bOff+len(p.B), next)
+		zero(e.bOff+nb, next)
 	}
+}
+
+// putBF16 writes len(dst) values of a matrix from its element from on, as
+// bf16: a copy of its bf16 bits when it has them (bf), else its float32
+// values (f32) rounded.
+func putBF16(dst []uint16, f32 []float32, bf []uint16, from int) {
+	if f32 == nil {
+		copy(dst, bf[from:from+len(dst)])
+		return
+	}
+	f32ToBF16(dst, f32[from:from+len(dst)])
 }
 
 // firstOff is where the first entry starts (total when there is none).

@@ -12,8 +12,9 @@ import (
 
 // TestFillImageChunks: the slot image an adapter is streamed as, written a
 // chunk at a time (any chunk size, any split of a chunk over goroutines),
-// is the whole image: each A and B in bf16 at its offset, zeros between and
-// after, whatever the previous chunk left in the buffer.
+// is the whole image: each A and B in bf16 at its offset (float32 pairs
+// rounded, bf16 pairs copied), zeros between and after, whatever the
+// previous chunk left in the buffer.
 func TestFillImageChunks(t *testing.T) {
 	cfg := &llama.Config{VocabSize: 64, Hidden: 48, Intermediate: 80, Layers: 3, Heads: 4, KVHeads: 2, HeadDim: 12,
 		RMSNormEps: 1e-5, RopeTheta: 10000, MaxPositions: 256, HiddenAct: "silu"}
@@ -36,6 +37,12 @@ func TestFillImageChunks(t *testing.T) {
 			for i := range p.B {
 				p.B[i] = rng.Float32()*2 - 1
 			}
+			if (l+int(m))%2 == 0 { // held as bf16 bits, as a bf16 file gives them
+				p.A16, p.B16 = make([]uint16, len(p.A)), make([]uint16, len(p.B))
+				f32ToBF16(p.A16, p.A)
+				f32ToBF16(p.B16, p.B)
+				p.A, p.B = nil, nil
+			}
 			a.Layers[l][m] = p
 		}
 	}
@@ -45,14 +52,22 @@ func TestFillImageChunks(t *testing.T) {
 		t.Fatal(err)
 	}
 	want := make([]uint16, total)
+	bf16Pairs := 0
 	for _, e := range ents {
 		p := a.Layers[e.layer][e.module]
-		for i, v := range p.A {
+		if p.A16 != nil {
+			bf16Pairs++
+		}
+		fa, fb := p.Float32()
+		for i, v := range fa {
 			want[e.aOff+i] = safetensors.Float32ToBF16(v)
 		}
-		for i, v := range p.B {
+		for i, v := range fb {
 			want[e.bOff+i] = safetensors.Float32ToBF16(v)
 		}
+	}
+	if bf16Pairs == 0 || bf16Pairs == len(ents) {
+		t.Fatalf("%d of %d pairs in bf16: want both forms", bf16Pairs, len(ents))
 	}
 	for _, chunk := range []int{1, 7, 128, 1000, 4096, total} {
 		got := make([]uint16, total)

@@ -36,11 +36,12 @@ func (b *Backend) LoadAdapter(slot int, a *lora.Adapter) error {
 				continue
 			}
 			in, out := b.cfg.Dims(llama.Module(m))
-			if len(p.A) != p.Rank*in || len(p.B) != out*p.Rank {
+			na, nb := p.Len()
+			if na != p.Rank*in || nb != out*p.Rank {
 				return fmt.Errorf("gpu: adapter %s: %s has A %d and B %d values for rank %d, want %d and %d",
-					a.Name, llama.Module(m), len(p.A), len(p.B), p.Rank, p.Rank*in, out*p.Rank)
+					a.Name, llama.Module(m), na, nb, p.Rank, p.Rank*in, out*p.Rank)
 			}
-			total += (len(p.A)+align-1)/align*align + (len(p.B)+align-1)/align*align
+			total += (na+align-1)/align*align + (nb+align-1)/align*align
 			st.maxRank = max(st.maxRank, p.Rank)
 			st.odd = st.odd || p.Rank%8 != 0
 		}
@@ -70,12 +71,13 @@ func (b *Backend) LoadAdapter(slot int, a *lora.Adapter) error {
 			if p == nil {
 				continue
 			}
+			na, nb := p.Len()
 			aOff := off
-			f32ToBF16(host[off:off+len(p.A)], p.A)
-			off += (len(p.A) + align - 1) / align * align
+			putBF16(host[off:off+na], p.A, p.A16, 0)
+			off += (na + align - 1) / align * align
 			bOff := off
-			f32ToBF16(host[off:off+len(p.B)], p.B)
-			off += (len(p.B) + align - 1) / align * align
+			putBF16(host[off:off+nb], p.B, p.B16, 0)
+			off += (nb + align - 1) / align * align
 			e := b.entry(slot, l, llama.Module(m)) * entryWords
 			b.tableHost[e] = base + uint64(2*aOff)
 			b.tableHost[e+1] = base + uint64(2*bOff)

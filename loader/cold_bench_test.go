@@ -1,0 +1,87 @@
+package loader_test
+
+import (
+	"context"
+	"fmt"
+	"runtime"
+	"slices"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/peftd/peftd/internal/adaptertest"
+	"github.com/peftd/peftd/internal/s3test"
+	"github.com/peftd/peftd/loader"
+	"github.com/peftd/peftd/loader/store"
+	"github.com/peftd/peftd/runtime/lora"
+)
+
+// nopDevice takes every adapter into its slot at once: the host side of a
+// cold load alone.
+type nopDevice struct{}
+
+func (nopDevice) Load(context.Context, int, *lora.Adapter) error { return nil }
+func (nopDevice) Unload(context.Context, int) error              { return nil }
+
+// BenchmarkColdLoad8B: the host side of an adapter's cold load, S3 to its
+// slot, through the Manager: a rank-32 adapter at Llama-3.1-8B shapes
+// (168 MB bf16) put in versitygw under a new ID each iteration, then one
+// Acquire. Reports the median Acquire and each phase the Manager reports
+// (OnPhase: fetch_store, validate, disk_write, device), in ms. The device
+// stands in (nopDevice): the GPU's part is measured by TestDecodeBench's
+// adapter-load bench and gpu-check's cold8b.
+func BenchmarkColdLoad8B(b *testing.B) {
+	v := s3test.Start(b)
+	v.MakeBucket(b, "bench")
+	base := adaptertest.Llama8B(b)
+	cfg, weights := adaptertest.Random(b, base, 32, 1)
+	ctx := context.Background()
+	st, err := store.NewS3(store.S3Options{Endpoint: v.Endpoint, Region: v.Region, Bucket: "bench", PathStyle: true,
+		AccessKey: v.AccessKey, SecretKey: v.Secret, Notify: store.NotifyPoll})
+	if err != nil {
+		b.Fatal(err)
+	}
+	var mu sync.Mutex
+	phases := map[string][]time.Duration{}
+	m, err := loader.New(ctx, loader.Options{Store: st, Device: nopDevice{}, Base: base, Slots: 1, CacheDir: b.TempDir(),
+		HostBytes: 4 << 30, RecheckInterval: -1, OnPhase: func(_, phase string, d time.Duration) {
+			mu.Lock()
+			phases[phase] = append(phases[phase], d)
+			mu.Unlock()
+		}})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer m.Close()
+	var acquire []time.Duration
+	b.SetBytes(int64(len(weights)))
+	b.ResetTimer()
+	for i := range b.N {
+		b.StopTimer()
+		id := fmt.Sprintf("cold-%d", i)
+		if _, err := st.Put(ctx, id, cfg, weights); err != nil {
+			b.Fatal(err)
+		}
+		runtime.GC() // the previous iteration's garbage is not this one's cost
+		b.StartTimer()
+		t0 := time.Now()
+		l, err := m.Acquire(ctx, id)
+		if err != nil {
+			b.Fatal(err)
+		}
+		acquire = append(acquire, time.Since(t0))
+		l.Release()
+	}
+	b.StopTimer()
+	med := func(ds []time.Duration) float64 {
+		ds = slices.Clone(ds)
+		slices.Sort(ds)
+		return float64(ds[len(ds)/2].Microseconds()) / 1e3
+	}
+	b.ReportMetric(med(acquire), "acquire_ms")
+	mu.Lock()
+	defer mu.Unlock()
+	for p, ds := range phases {
+		b.ReportMetric(med(ds), p+"_ms")
+	}
+}
