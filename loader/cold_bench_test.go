@@ -27,9 +27,11 @@ func (nopDevice) Unload(context.Context, int) error              { return nil }
 // slot, through the Manager: a rank-32 adapter at Llama-3.1-8B shapes
 // (168 MB bf16) put in versitygw under a new ID each iteration, then one
 // Acquire. Reports the median Acquire and each phase the Manager reports
-// (OnPhase: fetch_store, validate, disk_write, device), in ms. The device
-// stands in (nopDevice): the GPU's part is measured by TestDecodeBench's
-// adapter-load bench and gpu-check's cold8b.
+// (OnPhase: fetch_store, validate, disk_write, device), in ms. The host
+// tier holds three such adapters, so after the untimed first loads it
+// evicts one per load and its memory is reused, as in a busy server. The
+// device stands in (nopDevice): the GPU's part is measured by
+// TestDecodeBench's adapter-load bench and gpu-check's cold8b.
 func BenchmarkColdLoad8B(b *testing.B) {
 	v := s3test.Start(b)
 	v.MakeBucket(b, "bench")
@@ -44,7 +46,7 @@ func BenchmarkColdLoad8B(b *testing.B) {
 	var mu sync.Mutex
 	phases := map[string][]time.Duration{}
 	m, err := loader.New(ctx, loader.Options{Store: st, Device: nopDevice{}, Base: base, Slots: 1, CacheDir: b.TempDir(),
-		HostBytes: 4 << 30, RecheckInterval: -1, OnPhase: func(_, phase string, d time.Duration) {
+		HostBytes: 3 * int64(len(weights)), RecheckInterval: -1, OnPhase: func(_, phase string, d time.Duration) {
 			mu.Lock()
 			phases[phase] = append(phases[phase], d)
 			mu.Unlock()
@@ -54,23 +56,34 @@ func BenchmarkColdLoad8B(b *testing.B) {
 	}
 	defer m.Close()
 	var acquire []time.Duration
-	b.SetBytes(int64(len(weights)))
-	b.ResetTimer()
-	for i := range b.N {
+	load := func(i int) time.Duration {
 		b.StopTimer()
 		id := fmt.Sprintf("cold-%d", i)
 		if _, err := st.Put(ctx, id, cfg, weights); err != nil {
 			b.Fatal(err)
 		}
-		runtime.GC() // the previous iteration's garbage is not this one's cost
+		runtime.GC() // the previous load's garbage is not this one's cost
 		b.StartTimer()
 		t0 := time.Now()
 		l, err := m.Acquire(ctx, id)
 		if err != nil {
 			b.Fatal(err)
 		}
-		acquire = append(acquire, time.Since(t0))
+		d := time.Since(t0)
 		l.Release()
+		return d
+	}
+	const warm = 4 // fill the host tier: later loads reuse evicted memory
+	for i := range warm {
+		load(-1 - i)
+	}
+	mu.Lock()
+	clear(phases)
+	mu.Unlock()
+	b.SetBytes(int64(len(weights)))
+	b.ResetTimer()
+	for i := range b.N {
+		acquire = append(acquire, load(i))
 	}
 	b.StopTimer()
 	med := func(ds []time.Duration) float64 {
