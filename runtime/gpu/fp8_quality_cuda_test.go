@@ -35,7 +35,11 @@ func TestFP8QualityStories(t *testing.T) {
 		}
 		return storyEngine(t, m, ads, b)
 	}
-	r := storyQuality(t, m, tok, storyEngine(t, m, ads, cpu.New(0)), gpuEngine(WeightsBF16), gpuEngine(WeightsFP8))
+	f8 := gpuEngine(WeightsFP8)
+	// stories260K's MLP width (172) is not FP8-able (rows % 8, cols % 16):
+	// gate, up and down stay bf16, q, k, v and o go FP8.
+	t.Logf("fp8 engine: %d of %d projection weights in e4m3", len(f8.Backend().(*Backend).f8.weights), 7*m.Config.Layers)
+	r := storyQuality(t, m, tok, storyEngine(t, m, ads, cpu.New(0)), gpuEngine(WeightsBF16), f8)
 	if !(r.kl <= 0.5) || float64(r.agree) < 0.5*float64(r.n) || !(r.worstRatio <= 1.5) {
 		t.Errorf("fp8 grossly off bf16: KL %.3g nats/token, agreement %d/%d, perplexity ratio %.3g", r.kl, r.agree, r.n, r.worstRatio)
 	}
