@@ -41,13 +41,22 @@ type prepEntry struct {
 	scale                           float32
 }
 
+// slotImage is the layout of an adapter's slot image: total bf16 values,
+// each A and B at its entry's offsets.
+type slotImage struct {
+	total, maxRank int
+	odd            bool // some rank is not a multiple of 8 (no tensor-core expand)
+	ents           []prepEntry
+}
+
 // slotLayout checks an adapter against the model and lays out its slot image.
-func (b *Backend) slotLayout(a *lora.Adapter) (total, maxRank int, ents []prepEntry, err error) {
+func (b *Backend) slotLayout(a *lora.Adapter) (slotImage, error) {
+	var img slotImage
 	if b.cfg == nil {
-		return 0, 0, nil, fmt.Errorf("gpu: backend not initialized")
+		return img, fmt.Errorf("gpu: backend not initialized")
 	}
 	if len(a.Layers) != b.cfg.Layers {
-		return 0, 0, nil, fmt.Errorf("gpu: adapter %s has %d layers, model has %d", a.Name, len(a.Layers), b.cfg.Layers)
+		return img, fmt.Errorf("gpu: adapter %s has %d layers, model has %d", a.Name, len(a.Layers), b.cfg.Layers)
 	}
 	for l, lay := range a.Layers {
 		for m, p := range lay {
@@ -57,32 +66,70 @@ func (b *Backend) slotLayout(a *lora.Adapter) (total, maxRank int, ents []prepEn
 			in, out := b.cfg.Dims(llama.Module(m))
 			na, nb := p.Len()
 			if na != p.Rank*in || nb != out*p.Rank {
-				return 0, 0, nil, fmt.Errorf("gpu: adapter %s: %s has A %d and B %d values for rank %d, want %d and %d",
+				return img, fmt.Errorf("gpu: adapter %s: %s has A %d and B %d values for rank %d, want %d and %d",
 					a.Name, llama.Module(m), na, nb, p.Rank, p.Rank*in, out*p.Rank)
 			}
-			e := prepEntry{layer: l, module: m, aOff: total, rank: p.Rank, scale: p.Scale}
-			total += (na + adapterAlign - 1) / adapterAlign * adapterAlign
-			e.bOff = total
-			total += (nb + adapterAlign - 1) / adapterAlign * adapterAlign
-			ents = append(ents, e)
-			maxRank = max(maxRank, p.Rank)
+			e := prepEntry{layer: l, module: m, aOff: img.total, rank: p.Rank, scale: p.Scale}
+			img.total += (na + adapterAlign - 1) / adapterAlign * adapterAlign
+			e.bOff = img.total
+			img.total += (nb + adapterAlign - 1) / adapterAlign * adapterAlign
+			img.ents = append(img.ents, e)
+			img.maxRank = max(img.maxRank, p.Rank)
+			img.odd = img.odd || p.Rank%8 != 0
 		}
 	}
-	return max(total, 1), maxRank, ents, nil
+	img.total = max(img.total, 1)
+	return img, nil
+}
+
+// fill writes elements [lo, lo+len(dst)) of a's slot image into dst, split
+// over goroutines (a few hundred MB at 8B shapes).
+func (img *slotImage) fill(dst []uint16, lo int, a *lora.Adapter) {
+	parallel.Ranges(len(dst), 1<<18, func(i, j int) error {
+		fillImage(dst[i:j], lo+i, a, img.ents, img.total)
+		return nil
+	})
+}
+
+// emptySlot readies slot for a new image: nothing in flight reads it (the
+// compute stream is idle between steps) nor an upload still fills it, the
+// table has room for it, and its old image is freed.
+func (b *Backend) emptySlot(slot int) error {
+	if err := b.s.Synchronize(); err != nil {
+		return err
+	}
+	if err := b.settle(slot); err != nil {
+		return err
+	}
+	for len(b.slots) <= slot {
+		b.slots = append(b.slots, nil)
+	}
+	if err := b.growTable(len(b.slots)); err != nil {
+		return err
+	}
+	b.clearSlot(slot)
+	return nil
+}
+
+// pointSlot points slot's table entries at the image at base.
+func (b *Backend) pointSlot(slot int, base cuda.DevicePtr, ents []prepEntry) {
+	for _, e := range ents {
+		i := b.entry(slot, e.layer, llama.Module(e.module)) * entryWords
+		b.tableHost[i] = base + uint64(2*e.aOff)
+		b.tableHost[i+1] = base + uint64(2*e.bOff)
+		b.tableHost[i+2] = uint64(uint32(e.rank)) | uint64(math.Float32bits(e.scale))<<32
+	}
 }
 
 // preparedAdapter is an adapter's slot image on the device, its upload
 // possibly still in flight (ev).
 type preparedAdapter struct {
-	b       *Backend
-	name    string
-	mem     *cuda.DeviceBuffer
-	ev      *cuda.Event // the image's last copy
-	n       int         // bf16 values
-	maxRank int
-	odd     bool // some rank is not a multiple of 8
-	ents    []prepEntry
-	done    atomic.Bool // committed or released: the image is no longer ours
+	b    *Backend
+	name string
+	mem  *cuda.DeviceBuffer
+	ev   *cuda.Event // the image's last copy
+	img  slotImage
+	done atomic.Bool // committed or released: the image is no longer ours
 }
 
 // Release frees the device image if the adapter was never committed (after
@@ -96,40 +143,31 @@ func (p *preparedAdapter) Release() {
 }
 
 // Bytes is the size of the slot image.
-func (p *preparedAdapter) Bytes() int { return 2 * p.n }
+func (p *preparedAdapter) Bytes() int { return 2 * p.img.total }
 
 // PrepareAdapter uploads a's slot image for LoadPrepared. Safe to call from
 // any goroutine while the engine goroutine runs steps.
 func (b *Backend) PrepareAdapter(a *lora.Adapter) (engine.PreparedAdapter, error) {
-	total, maxRank, ents, err := b.slotLayout(a)
+	img, err := b.slotLayout(a)
 	if err != nil {
 		return nil, err
 	}
 	if b.up == nil {
 		return nil, fmt.Errorf("gpu: adapter %s: backend not initialized", a.Name)
 	}
-	mem, err := b.ctx.AllocAside(2 * total)
+	mem, err := b.ctx.AllocAside(2 * img.total)
 	if err != nil {
 		return nil, fmt.Errorf("gpu: adapter %s: %w", a.Name, err)
 	}
-	ev, err := b.up.Upload(mem.Ptr(), 2*total, func(chunk []byte, off int) error {
-		dst := unsafe.Slice((*uint16)(unsafe.Pointer(&chunk[0])), len(chunk)/2)
-		lo := off / 2
-		// a few hundred MB at 8B shapes: convert each chunk on several cores
-		return parallel.Ranges(len(dst), 1<<18, func(i, j int) error {
-			fillImage(dst[i:j], lo+i, a, ents, total)
-			return nil
-		})
+	ev, err := b.up.Upload(mem.Ptr(), 2*img.total, func(chunk []byte, off int) error {
+		img.fill(unsafe.Slice((*uint16)(unsafe.Pointer(&chunk[0])), len(chunk)/2), off/2, a)
+		return nil
 	})
 	if err != nil {
 		mem.Free()
 		return nil, fmt.Errorf("gpu: adapter %s: upload: %w", a.Name, err)
 	}
-	odd := false
-	for _, e := range ents {
-		odd = odd || e.rank%8 != 0
-	}
-	return &preparedAdapter{b: b, name: a.Name, mem: mem, ev: ev, n: total, maxRank: maxRank, odd: odd, ents: ents}, nil
+	return &preparedAdapter{b: b, name: a.Name, mem: mem, ev: ev, img: img}, nil
 }
 
 // fillImage writes elements [lo, lo+len(dst)) of a's slot image (layout
@@ -208,31 +246,12 @@ func (b *Backend) LoadPrepared(slot int, pa engine.PreparedAdapter) error {
 	if p.done.Load() {
 		return fmt.Errorf("gpu: adapter %s: prepared image already used or released", p.name)
 	}
-	// Nothing in flight may read the old slot (between steps the stream is idle).
-	if err := b.s.Synchronize(); err != nil {
+	if err := b.emptySlot(slot); err != nil {
 		p.Release()
 		return err
 	}
-	if err := b.settle(slot); err != nil {
-		p.Release()
-		return err
-	}
-	for len(b.slots) <= slot {
-		b.slots = append(b.slots, nil)
-	}
-	if err := b.growTable(len(b.slots)); err != nil {
-		p.Release()
-		return err
-	}
-	b.clearSlot(slot)
-	st := &slotState{mem: p.mem, maxRank: p.maxRank, odd: p.odd}
-	base := st.mem.Ptr()
-	for _, e := range p.ents {
-		i := b.entry(slot, e.layer, llama.Module(e.module)) * entryWords
-		b.tableHost[i] = base + uint64(2*e.aOff)
-		b.tableHost[i+1] = base + uint64(2*e.bOff)
-		b.tableHost[i+2] = uint64(uint32(e.rank)) | uint64(math.Float32bits(e.scale))<<32
-	}
+	st := &slotState{mem: p.mem, maxRank: p.img.maxRank, odd: p.img.odd}
+	b.pointSlot(slot, st.mem.Ptr(), p.img.ents)
 	b.slots[slot] = st
 	p.done.Store(true) // the image is the slot's now; its upload may still be in flight
 	b.loads = append(b.loads, &pendingLoad{slot: slot, ev: p.ev})

@@ -47,10 +47,11 @@ func TestFillImageChunks(t *testing.T) {
 		}
 	}
 	b := &Backend{cfg: cfg}
-	total, _, ents, err := b.slotLayout(a)
+	img, err := b.slotLayout(a)
 	if err != nil {
 		t.Fatal(err)
 	}
+	total, ents := img.total, img.ents
 	want := make([]uint16, total)
 	bf16Pairs := 0
 	for _, e := range ents {

@@ -2,7 +2,6 @@ package gpu
 
 import (
 	"fmt"
-	"math"
 	"math/bits"
 
 	"github.com/peftd/peftd/kernels"
@@ -19,72 +18,28 @@ func (b *Backend) entry(slot, layer int, m llama.Module) int {
 }
 
 // LoadAdapter copies an adapter's A and B matrices (bf16, exact ranks) into
-// one device allocation for the slot and points the slot's table entries at them.
+// one device allocation for the slot and points the slot's table entries at
+// them, on the engine goroutine (PrepareAdapter and LoadPrepared do the same
+// off it).
 func (b *Backend) LoadAdapter(slot int, a *lora.Adapter) error {
 	if slot < 0 {
 		return fmt.Errorf("gpu: slot %d", slot)
 	}
-	if len(a.Layers) != b.cfg.Layers {
-		return fmt.Errorf("gpu: adapter %s has %d layers, model has %d", a.Name, len(a.Layers), b.cfg.Layers)
-	}
-	const align = 128 // elements (256 bytes)
-	total := 0
-	st := &slotState{}
-	for _, l := range a.Layers {
-		for m, p := range l {
-			if p == nil {
-				continue
-			}
-			in, out := b.cfg.Dims(llama.Module(m))
-			na, nb := p.Len()
-			if na != p.Rank*in || nb != out*p.Rank {
-				return fmt.Errorf("gpu: adapter %s: %s has A %d and B %d values for rank %d, want %d and %d",
-					a.Name, llama.Module(m), na, nb, p.Rank, p.Rank*in, out*p.Rank)
-			}
-			total += (na+align-1)/align*align + (nb+align-1)/align*align
-			st.maxRank = max(st.maxRank, p.Rank)
-			st.odd = st.odd || p.Rank%8 != 0
-		}
-	}
-	if err := b.s.Synchronize(); err != nil { // nothing in flight may read the old slot
+	img, err := b.slotLayout(a)
+	if err != nil {
 		return err
 	}
-	if err := b.settle(slot); err != nil { // nor an asynchronous load still fill it
+	if err := b.emptySlot(slot); err != nil {
 		return err
 	}
-	for len(b.slots) <= slot {
-		b.slots = append(b.slots, nil)
-	}
-	if err := b.growTable(len(b.slots)); err != nil {
-		return err
-	}
-	b.clearSlot(slot)
-	host := make([]uint16, max(total, 1))
-	var err error
+	host := make([]uint16, img.total)
+	img.fill(host, 0, a)
+	st := &slotState{maxRank: img.maxRank, odd: img.odd}
 	if st.mem, err = b.ctx.Alloc(2 * len(host)); err != nil {
 		return fmt.Errorf("gpu: adapter %s: %w", a.Name, err)
 	}
-	off := 0
-	base := st.mem.Ptr()
-	for l, lay := range a.Layers {
-		for m, p := range lay {
-			if p == nil {
-				continue
-			}
-			na, nb := p.Len()
-			aOff := off
-			putBF16(host[off:off+na], p.A, p.A16, 0)
-			off += (na + align - 1) / align * align
-			bOff := off
-			putBF16(host[off:off+nb], p.B, p.B16, 0)
-			off += (nb + align - 1) / align * align
-			e := b.entry(slot, l, llama.Module(m)) * entryWords
-			b.tableHost[e] = base + uint64(2*aOff)
-			b.tableHost[e+1] = base + uint64(2*bOff)
-			b.tableHost[e+2] = uint64(uint32(p.Rank)) | uint64(math.Float32bits(p.Scale))<<32
-		}
-	}
-	if err := cuda.CopyHtoD(b.s, base, host); err != nil {
+	b.pointSlot(slot, st.mem.Ptr(), img.ents)
+	if err := cuda.CopyHtoD(b.s, st.mem.Ptr(), host); err != nil {
 		st.mem.Free()
 		b.clearSlot(slot)
 		return err
