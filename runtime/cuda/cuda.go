@@ -222,12 +222,19 @@ type DeviceBuffer struct {
 }
 
 // Alloc allocates n bytes of device memory (errors.Is(err, ErrOutOfMemory) when it does not fit).
-func (c *Context) Alloc(n int) (*DeviceBuffer, error) {
+func (c *Context) Alloc(n int) (*DeviceBuffer, error) { return c.alloc(n, c.Do) }
+
+// AllocAside allocates device memory on the context's second thread (safe
+// from any goroutine while steps run); the buffer frees like any other.
+func (c *Context) AllocAside(n int) (*DeviceBuffer, error) { return c.alloc(n, c.doAside) }
+
+// alloc allocates n bytes of device memory on the thread do runs on.
+func (c *Context) alloc(n int, do func(func() error) error) (*DeviceBuffer, error) {
 	if n <= 0 {
 		return nil, fmt.Errorf("%w: allocation of %d bytes", ErrInvalidValue, n)
 	}
 	b := &DeviceBuffer{c: c, size: n}
-	err := c.Do(func() error {
+	err := do(func() error {
 		if err := check("cuMemAlloc_v2", drv.cuMemAlloc(&b.ptr, uint64(n))); err != nil {
 			return fmt.Errorf("%w (%d bytes)", err, n)
 		}
@@ -292,25 +299,22 @@ func (c *Context) doAside(fn func() error) error {
 // AllocHostAside allocates n bytes of pinned host memory on the context's
 // second thread (safe to call from any goroutine while steps run); its Free
 // runs there too.
-func (c *Context) AllocHostAside(n int) (*HostBuffer, error) {
-	if n <= 0 {
-		return nil, fmt.Errorf("%w: host allocation of %d bytes", ErrInvalidValue, n)
-	}
-	h := &HostBuffer{c: c, size: n, aside: true}
-	if err := c.doAside(func() error { return check("cuMemAllocHost_v2", drv.cuMemAllocHost(&h.p, uint64(n))) }); err != nil {
-		return nil, err
-	}
-	return h, nil
-}
+func (c *Context) AllocHostAside(n int) (*HostBuffer, error) { return c.allocHost(n, true) }
 
 // AllocHost allocates n bytes of pinned host memory.
-func (c *Context) AllocHost(n int) (*HostBuffer, error) {
+func (c *Context) AllocHost(n int) (*HostBuffer, error) { return c.allocHost(n, false) }
+
+// allocHost pins n bytes, on the second thread when aside (and its Free runs there too).
+func (c *Context) allocHost(n int, aside bool) (*HostBuffer, error) {
 	if n <= 0 {
 		return nil, fmt.Errorf("%w: host allocation of %d bytes", ErrInvalidValue, n)
 	}
-	h := &HostBuffer{c: c, size: n}
-	err := c.Do(func() error { return check("cuMemAllocHost_v2", drv.cuMemAllocHost(&h.p, uint64(n))) })
-	if err != nil {
+	h := &HostBuffer{c: c, size: n, aside: aside}
+	do := c.Do
+	if aside {
+		do = c.doAside
+	}
+	if err := do(func() error { return check("cuMemAllocHost_v2", drv.cuMemAllocHost(&h.p, uint64(n))) }); err != nil {
 		return nil, err
 	}
 	return h, nil

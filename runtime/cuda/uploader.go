@@ -110,25 +110,6 @@ func (u *Uploader) Wait(ev *Event) error {
 	return u.c.doAside(func() error { return check("cuEventSynchronize", drv.cuEventSynchronize(ev.e)) })
 }
 
-// AllocAside allocates device memory on the context's second thread (safe
-// from any goroutine while steps run); the buffer frees like any other.
-func (c *Context) AllocAside(n int) (*DeviceBuffer, error) {
-	if n <= 0 {
-		return nil, fmt.Errorf("%w: allocation of %d bytes", ErrInvalidValue, n)
-	}
-	b := &DeviceBuffer{c: c, size: n}
-	err := c.doAside(func() error {
-		if err := check("cuMemAlloc_v2", drv.cuMemAlloc(&b.ptr, uint64(n))); err != nil {
-			return fmt.Errorf("%w (%d bytes)", err, n)
-		}
-		return nil
-	})
-	if err != nil {
-		return nil, err
-	}
-	return b, nil
-}
-
 // Close waits for the copies in flight and frees the ring and the stream.
 func (u *Uploader) Close() error {
 	if u == nil {

@@ -292,11 +292,10 @@ func (e *Engine) forward(b Ops, s Shape) {
 	fo, _ := b.(FamilyOps) // New checked it is there when the model needs it
 	// lora issues one LoRA op for a fused group when the step's adapters
 	// change any projection of it (slots without one have rank 0 there).
-	groups := [...][]llama.Module{{llama.Q, llama.K, llama.V}, {llama.O}, {llama.Gate, llama.Up}, {llama.Down}}
 	lora := func(out, in Buffer, l int, g int) {
-		for _, m := range groups[g] {
+		for _, m := range llama.FusedGroups[g] {
 			if s.LoRA&(1<<m) != 0 {
-				b.LoRA(out, in, l, groups[g])
+				b.LoRA(out, in, l, llama.FusedGroups[g])
 				return
 			}
 		}

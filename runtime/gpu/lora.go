@@ -186,7 +186,7 @@ type pendingDelta struct {
 // alloc sizes delta for rows rows of the widest fused group.
 func (a *loraAside) alloc(ctx *cuda.Context, rows int, cfg *llama.Config) error {
 	cols := 0
-	for _, g := range [][]llama.Module{{llama.Q, llama.K, llama.V}, {llama.O}, {llama.Gate, llama.Up}, {llama.Down}} {
+	for _, g := range llama.FusedGroups {
 		w := 0
 		for _, m := range g {
 			_, out := cfg.Dims(m)

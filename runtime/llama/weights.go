@@ -26,6 +26,12 @@ const (
 	NumModules
 )
 
+// FusedGroups are the projections that read the same input, each group in
+// the order its outputs sit side by side in the fused projection (q|k|v,
+// gate|up): the model's LoRA ops (one per group) and the buffers sized for
+// a group's output follow it.
+var FusedGroups = [...][]Module{{Q, K, V}, {O}, {Gate, Up}, {Down}}
+
 var moduleNames = [NumModules]string{"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
 func (m Module) String() string {
