@@ -13,15 +13,7 @@ import (
 	"github.com/peftd/peftd/internal/s3test"
 	"github.com/peftd/peftd/loader"
 	"github.com/peftd/peftd/loader/store"
-	"github.com/peftd/peftd/runtime/lora"
 )
-
-// nopDevice takes every adapter into its slot at once: the host side of a
-// cold load alone.
-type nopDevice struct{}
-
-func (nopDevice) Load(context.Context, int, *lora.Adapter) error { return nil }
-func (nopDevice) Unload(context.Context, int) error              { return nil }
 
 // BenchmarkColdLoad8B: the host side of an adapter's cold load, S3 to its
 // slot, through the Manager: a rank-32 adapter at Llama-3.1-8B shapes
@@ -30,7 +22,7 @@ func (nopDevice) Unload(context.Context, int) error              { return nil }
 // (OnPhase: fetch_store, validate, disk_write, device), in ms. The host
 // tier holds three such adapters, so after the untimed first loads it
 // evicts one per load and its memory is reused, as in a busy server. The
-// device stands in (nopDevice): the GPU's part is measured by
+// device stands in (adaptertest.NopDevice): the GPU's part is measured by
 // TestDecodeBench's adapter-load bench and gpu-check's cold8b.
 func BenchmarkColdLoad8B(b *testing.B) {
 	v := s3test.Start(b)
@@ -45,7 +37,7 @@ func BenchmarkColdLoad8B(b *testing.B) {
 	}
 	var mu sync.Mutex
 	phases := map[string][]time.Duration{}
-	m, err := loader.New(ctx, loader.Options{Store: st, Device: nopDevice{}, Base: base, Slots: 1, CacheDir: b.TempDir(),
+	m, err := loader.New(ctx, loader.Options{Store: st, Device: adaptertest.NopDevice{}, Base: base, Slots: 1, CacheDir: b.TempDir(),
 		HostBytes: 3 * int64(len(weights)), RecheckInterval: -1, OnPhase: func(_, phase string, d time.Duration) {
 			mu.Lock()
 			phases[phase] = append(phases[phase], d)

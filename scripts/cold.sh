@@ -58,11 +58,7 @@ SERVE_PID=""
 STATUS=1
 cleanup() {
 	set +e
-	if [ -n "$SERVE_PID" ] && kill -0 "$SERVE_PID" 2>/dev/null; then
-		kill "$SERVE_PID"
-		for _ in $(seq 300); do kill -0 "$SERVE_PID" 2>/dev/null || break; sleep 0.1; done
-		kill -9 "$SERVE_PID" 2>/dev/null
-	fi
+	stop_pid "$SERVE_PID"
 	vgw_stop "$WORK"
 	if [ -n "${COLD_OUT:-}" ]; then
 		mkdir -p "$COLD_OUT"

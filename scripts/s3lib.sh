@@ -1,5 +1,5 @@
 # Helpers shared by scripts/soak.sh and scripts/cold.sh (sourced): a local
-# S3 server (versitygw, posix backend) and loopback ports.
+# S3 server (versitygw, posix backend), loopback ports, stopping a server.
 #
 # Needs: AK, SK, REGION set by the caller (versitygw's root credentials).
 
@@ -20,6 +20,17 @@ free_port() {
 		listening "127.0.0.1:$p" || { echo "$p"; return 0; }
 	done
 	return 1
+}
+
+# stop_pid PID: stops a process (TERM, up to 30 s, then KILL); nothing if
+# PID is empty or gone.
+stop_pid() {
+	local pid="$1"
+	[ -n "$pid" ] && kill -0 "$pid" 2>/dev/null || return 0
+	kill "$pid"
+	for _ in $(seq 300); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.1; done
+	kill -9 "$pid" 2>/dev/null
+	return 0
 }
 
 # find_vgw [PREFERRED]: the first versitygw binary (or gzip of one) among

@@ -20,13 +20,6 @@ import (
 	"github.com/peftd/peftd/runtime/lora"
 )
 
-// nopDevice is a loader Device with no engine behind it: a deploy never
-// loads the adapter onto the device.
-type nopDevice struct{}
-
-func (nopDevice) Load(context.Context, int, *lora.Adapter) error { return nil }
-func (nopDevice) Unload(context.Context, int) error              { return nil }
-
 // BenchmarkDeploy times the phases of PUT /v1/adapters/{id} (what peftd
 // deploy calls) for a 168 MB rank-32 adapter of Llama-3.1-8B shapes (bf16,
 // all seven projections) into a local S3 server (versitygw; skipped without
@@ -49,7 +42,7 @@ func BenchmarkDeploy(b *testing.B) {
 	body := adaptertest.Tar(b, map[string][]byte{lora.ConfigFile: cfg, lora.WeightsFile: weights})
 	ctx := context.Background()
 	log := testlog.Logger(b)
-	mgr, err := loader.New(ctx, loader.Options{Store: st, Device: nopDevice{}, Base: base, Slots: 2, CacheDir: b.TempDir(),
+	mgr, err := loader.New(ctx, loader.Options{Store: st, Device: adaptertest.NopDevice{}, Base: base, Slots: 2, CacheDir: b.TempDir(),
 		MaxAdapterBytes: lora.MaxWeightsBytes(base), Logger: log})
 	if err != nil {
 		b.Fatal(err)

@@ -6,6 +6,7 @@ import (
 	"archive/tar"
 	"bytes"
 	"compress/gzip"
+	"context"
 	"io"
 	"maps"
 	"os"
@@ -91,3 +92,14 @@ func writeTar(t testing.TB, w io.Writer, files map[string][]byte) {
 		t.Fatal(err)
 	}
 }
+
+// NopDevice is a loader device with no engine behind it: every adapter goes
+// into its slot at once and nothing computes (benchmarks of the host side
+// of deploys and cold loads).
+type NopDevice struct{}
+
+// Load implements the loader's Device.
+func (NopDevice) Load(context.Context, int, *lora.Adapter) error { return nil }
+
+// Unload implements the loader's Device.
+func (NopDevice) Unload(context.Context, int) error { return nil }
