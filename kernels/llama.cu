@@ -359,6 +359,14 @@ __device__ __forceinline__ void mma8(float* d, unsigned a0, unsigned a2, unsigne
         : "r"(a0), "r"(0u), "r"(a2), "r"(0u), "r"(b0), "r"(b1), "f"(0.f));
 }
 
+// mma.sync m16n8k16 bf16 -> f32: c += a * b.
+__device__ __forceinline__ void mma16816(float* c, unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0, unsigned b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
 __device__ __forceinline__ unsigned pack_bf2(float lo, float hi) {
     __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
     return *reinterpret_cast<unsigned*>(&v);
@@ -407,7 +415,8 @@ template <int HD> struct DecShape {
 // launch. Each sequence's chunk is its context split nsplit ways (at least
 // 32 positions, a multiple of 8; splits past the context are empty), so one
 // recorded launch fits every step. A sequence with no context
-// (padding) gets zeros. q's rows are ldq values apart. Requires nsplit <= 64.
+// (padding) gets zeros; a dec_seq entry of -1 none (its blocks exit). q's
+// rows are ldq values apart. Requires nsplit <= 64.
 template <int HD>
 __device__ __forceinline__ void attn_decode_body(
     bf16* __restrict__ out, float* __restrict__ part, int* __restrict__ done, const bf16* __restrict__ q,
@@ -419,6 +428,7 @@ __device__ __forceinline__ void attn_decode_body(
     const int di = blockIdx.x, kh = blockIdx.y, sp = blockIdx.z, tid = threadIdx.x;
     const int lane = tid & 31, warp = tid >> 5, g = lane >> 2, tig = lane & 3;
     const int s = dec_seq[di];
+    if (s < 0) return; // no sequence (a recording's spare entry)
     const int row = seq_info[4 * s], ctx = seq_info[4 * s + 2], poff = seq_info[4 * s + 3];
     const int G = heads / kvh, width = kvh * HD;
     const int chunk = max(32, (((ctx + nsplit - 1) / nsplit) + 7) & ~7);
@@ -638,6 +648,218 @@ extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode_d64(ATTN_D
 extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode_d128(ATTN_DECODE_ARGS) { attn_decode_body<128>(ATTN_DECODE_PASS); }
 extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode_d256(ATTN_DECODE_ARGS) { attn_decode_body<256>(ATTN_DECODE_PASS); }
 
+// attn_prefill_d{32,64,128}: causal attention of prefill rows on the tensor
+// cores (flash-attention style). grid (tiles, heads), block PRE_THREADS,
+// dynamic shared PreShape<HD>::SMEM bytes. tiles[4 * x] = {first row, rows
+// (<= PRE_ROWS; 0: the block exits), sequence, 0}: consecutive rows of one
+// sequence, whose K and V are already in the cache (rope_store). Warp w takes
+// rows 16w..16w+15 of the tile as the M of m16n8k16 MMAs for query head
+// blockIdx.y; the block streams the sequence's K and V through shared memory
+// in PRE_KT-position stages (cp.async, PreShape::ST - 1 stages ahead, rows
+// XOR-swizzled for conflict-free ldmatrix; each thread looks its rows' page
+// slots up one stage before it copies them), up to the tile's last row's
+// position. Per stage: S = Q K^T, the causal mask (row r attends positions
+// <= its own), an online softmax in the log2 domain, O += P V with P split
+// into two bf16 parts (hi + lo) so P keeps its float32 precision, as in
+// attn_decode. A warp skips the stages past its last row's position. q's
+// rows are ldq values apart; out's heads*HD.
+#define PRE_WARPS 4
+#define PRE_THREADS (32 * PRE_WARPS)
+#define PRE_ROWS (16 * PRE_WARPS) // query rows per tile
+#define PRE_KT 64                 // positions per K/V stage
+
+template <int HD> struct PreShape {
+    static constexpr int C = HD / 8;                     // 16-byte chunks per K or V row
+    static constexpr int ST = 2;                         // stages
+    static constexpr int TILE_B = PRE_KT * HD * 2;       // bytes of K (or V) per stage
+    static constexpr int SMEM = ST * 2 * TILE_B;         // dynamic shared memory
+    static constexpr int NR = PRE_KT * C / PRE_THREADS;  // chunks (and rows) per thread per stage
+    static constexpr int RSTEP = PRE_THREADS / C;        // rows between a thread's chunks
+    static __device__ __forceinline__ int swz(int r, int c) {
+        return C >= 8 ? (c ^ (r & 7)) : (c ^ ((r >> 1) & (C - 1)));
+    }
+};
+
+template <int HD>
+__device__ __forceinline__ void attn_prefill_body(bf16* __restrict__ out, const bf16* __restrict__ q,
+                                                  const bf16* __restrict__ kc, const bf16* __restrict__ vc,
+                                                  const int* __restrict__ tiles, const int* __restrict__ seq_info,
+                                                  const int* __restrict__ pages, int heads, int kvh, int bs, float scale,
+                                                  int ldq) {
+    typedef PreShape<HD> P;
+    extern __shared__ __align__(128) unsigned char psm[];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, tig = lane & 3;
+    const int r0 = tiles[4 * blockIdx.x], nr = tiles[4 * blockIdx.x + 1], s = tiles[4 * blockIdx.x + 2];
+    if (nr <= 0) return;
+    const int h = blockIdx.y, kh = h / (heads / kvh), width = kvh * HD;
+    const int start = seq_info[4 * s], len = seq_info[4 * s + 1], ctx = seq_info[4 * s + 2], poff = seq_info[4 * s + 3];
+    const int pos0 = ctx - len + (r0 - start); // the tile's first row's position
+    const int plast = pos0 + nr - 1;           // the tile attends positions [0, plast]
+    const int nst = plast / PRE_KT + 1;        // stages
+    const int wr = 16 * warp;                  // this warp's first row in the tile
+    const int pa = wr + g < nr ? pos0 + wr + g : -1, pb = wr + g + 8 < nr ? pos0 + wr + g + 8 : -1;
+    const int wlast = wr < nr ? pos0 + min(nr - 1, wr + 15) : -1; // the warp's last position
+
+    unsigned qa[HD / 16][4]; // A fragments of Q: rows g, g + 8 of the warp's 16
+#pragma unroll
+    for (int ks = 0; ks < HD / 16; ks++) {
+        qa[ks][0] = qa[ks][1] = qa[ks][2] = qa[ks][3] = 0u;
+        const bf16* qr = q + (i64)(r0 + wr + g) * ldq + (i64)h * HD + ks * 16 + tig * 2;
+        if (pa >= 0) {
+            qa[ks][0] = *reinterpret_cast<const unsigned*>(qr);
+            qa[ks][2] = *reinterpret_cast<const unsigned*>(qr + 8);
+        }
+        if (pb >= 0) {
+            qa[ks][1] = *reinterpret_cast<const unsigned*>(qr + 8 * (i64)ldq);
+            qa[ks][3] = *reinterpret_cast<const unsigned*>(qr + 8 * (i64)ldq + 8);
+        }
+    }
+    float o[P::C][4]; // O[g][8j + 2tig + {0,1}] in [0..1], row g + 8 in [2..3]
+#pragma unroll
+    for (int j = 0; j < P::C; j++) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
+    float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.f, 0.f};
+    const float qs = scale * LOG2E;
+    const bool pow2 = (bs & (bs - 1)) == 0;
+    const int bsh = __ffs(bs) - 1;
+    const unsigned base = (unsigned)__cvta_generic_to_shared(psm);
+    int slot[P::NR]; // cache rows of this thread's chunks of the next stage to issue (-1: past the tile)
+    auto rows = [&](int k) {
+#pragma unroll
+        for (int i = 0; i < P::NR; i++) {
+            const int p = k * PRE_KT + tid / P::C + i * P::RSTEP;
+            slot[i] = -1;
+            if (k < nst && p <= plast) {
+                const int pi = pow2 ? p >> bsh : p / bs;
+                slot[i] = __ldg(pages + poff + pi) * bs + (p - pi * bs);
+            }
+        }
+    };
+    auto issue = [&](int k) {
+        if (k < nst) {
+            const unsigned kb = base + (k % P::ST) * 2 * P::TILE_B, vb = kb + P::TILE_B;
+#pragma unroll
+            for (int i = 0; i < P::NR; i++) {
+                const int r = tid / P::C + i * P::RSTEP, c = tid % P::C;
+                const i64 off = (i64)max(slot[i], 0) * width + (i64)kh * HD + c * 8;
+                const unsigned so = r * HD * 2 + P::swz(r, c) * 16;
+                cp_async16(kb + so, kc + off, slot[i] >= 0 ? 16 : 0);
+                cp_async16(vb + so, vc + off, slot[i] >= 0 ? 16 : 0);
+            }
+        }
+        cp_async_commit();
+    };
+    rows(0);
+#pragma unroll
+    for (int k = 0; k < P::ST - 1; k++) {
+        issue(k);
+        rows(k + 1);
+    }
+    for (int k = 0; k < nst; k++) {
+        issue(k + P::ST - 1);
+        rows(k + P::ST);
+        cp_async_wait<P::ST - 1>();
+        __syncthreads(); // every thread's copies of stage k have landed
+        const int kbase = k * PRE_KT;
+        if (kbase <= wlast) {
+            const unsigned kb = base + (k % P::ST) * 2 * P::TILE_B, vb = kb + P::TILE_B;
+            float sc[PRE_KT / 8][4];
+#pragma unroll
+            for (int nt = 0; nt < PRE_KT / 8; nt++) sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.f;
+#pragma unroll
+            for (int kk = 0; kk < P::C / 4; kk++) {
+#pragma unroll
+                for (int nt = 0; nt < PRE_KT / 8; nt++) {
+                    unsigned b[4];
+                    const int r = nt * 8 + (lane & 7), c = 4 * kk + (lane >> 3);
+                    ldsm4(kb + r * HD * 2 + P::swz(r, c) * 16, b);
+                    mma16816(sc[nt], qa[2 * kk][0], qa[2 * kk][1], qa[2 * kk][2], qa[2 * kk][3], b[0], b[1]);
+                    mma16816(sc[nt], qa[2 * kk + 1][0], qa[2 * kk + 1][1], qa[2 * kk + 1][2], qa[2 * kk + 1][3], b[2], b[3]);
+                }
+            }
+            float mx[2] = {NEG_INF, NEG_INF};
+#pragma unroll
+            for (int nt = 0; nt < PRE_KT / 8; nt++)
+#pragma unroll
+                for (int e = 0; e < 2; e++) {
+                    const int p = kbase + nt * 8 + tig * 2 + e;
+                    sc[nt][e] = p <= pa ? sc[nt][e] * qs : NEG_INF;
+                    sc[nt][2 + e] = p <= pb ? sc[nt][2 + e] * qs : NEG_INF;
+                    mx[0] = fmaxf(mx[0], sc[nt][e]);
+                    mx[1] = fmaxf(mx[1], sc[nt][2 + e]);
+                }
+            float corr[2];
+#pragma unroll
+            for (int i = 0; i < 2; i++) {
+                mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
+                mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
+                const float mn = fmaxf(m[i], mx[i]);
+                corr[i] = mn == NEG_INF ? 1.f : exp2f(m[i] - mn);
+                m[i] = mn;
+            }
+            float sum[2] = {0.f, 0.f};
+#pragma unroll
+            for (int nt = 0; nt < PRE_KT / 8; nt++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    sc[nt][e] = sc[nt][e] == NEG_INF ? 0.f : exp2f(sc[nt][e] - m[e >> 1]);
+                    sum[e >> 1] += sc[nt][e];
+                }
+            l[0] = l[0] * corr[0] + sum[0];
+            l[1] = l[1] * corr[1] + sum[1];
+#pragma unroll
+            for (int j = 0; j < P::C; j++) {
+                o[j][0] *= corr[0], o[j][1] *= corr[0];
+                o[j][2] *= corr[1], o[j][3] *= corr[1];
+            }
+#pragma unroll
+            for (int kk = 0; kk < PRE_KT / 16; kk++) {
+                // P's A fragment for positions 16kk..16kk+15, hi + lo
+                unsigned ph[4], pl[4];
+#pragma unroll
+                for (int x = 0; x < 4; x++) {
+                    const float* v = &sc[2 * kk + (x >> 1)][(x & 1) * 2];
+                    const bf16 h0 = tobf(v[0]), h1 = tobf(v[1]);
+                    ph[x] = pack_bf2(__bfloat162float(h0), __bfloat162float(h1));
+                    pl[x] = pack_bf2(v[0] - __bfloat162float(h0), v[1] - __bfloat162float(h1));
+                }
+#pragma unroll
+                for (int j = 0; j < P::C; j += 2) {
+                    unsigned b[4];
+                    const int r = 16 * kk + ((lane >> 3) & 1) * 8 + (lane & 7), c = j + (lane >> 4);
+                    ldsm4t(vb + r * HD * 2 + P::swz(r, c) * 16, b);
+                    mma16816(o[j], ph[0], ph[1], ph[2], ph[3], b[0], b[1]);
+                    mma16816(o[j], pl[0], pl[1], pl[2], pl[3], b[0], b[1]);
+                    mma16816(o[j + 1], ph[0], ph[1], ph[2], ph[3], b[2], b[3]);
+                    mma16816(o[j + 1], pl[0], pl[1], pl[2], pl[3], b[2], b[3]);
+                }
+            }
+        }
+        __syncthreads(); // done reading the stage the next issue overwrites
+    }
+    cp_async_wait<0>();
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        l[i] += __shfl_xor_sync(0xffffffffu, l[i], 1);
+        l[i] += __shfl_xor_sync(0xffffffffu, l[i], 2);
+    }
+    const float ia = l[0] > 0.f ? 1.f / l[0] : 0.f, ib = l[1] > 0.f ? 1.f / l[1] : 0.f;
+    bf16* oa = out + (i64)(r0 + wr + g) * heads * HD + (i64)h * HD + tig * 2;
+    bf16* ob = oa + 8 * (i64)heads * HD;
+#pragma unroll
+    for (int j = 0; j < P::C; j++) {
+        if (pa >= 0) *reinterpret_cast<unsigned*>(oa + 8 * j) = pack_bf2(o[j][0] * ia, o[j][1] * ia);
+        if (pb >= 0) *reinterpret_cast<unsigned*>(ob + 8 * j) = pack_bf2(o[j][2] * ib, o[j][3] * ib);
+    }
+}
+
+#define ATTN_PREFILL_ARGS                                                                                        \
+    bf16 *out, const bf16 *q, const bf16 *kc, const bf16 *vc, const int *tiles, const int *seq_info, const int *pages, \
+        int heads, int kvh, int bs, float scale, int ldq
+#define ATTN_PREFILL_PASS out, q, kc, vc, tiles, seq_info, pages, heads, kvh, bs, scale, ldq
+extern "C" __global__ void __launch_bounds__(PRE_THREADS) attn_prefill_d32(ATTN_PREFILL_ARGS) { attn_prefill_body<32>(ATTN_PREFILL_PASS); }
+extern "C" __global__ void __launch_bounds__(PRE_THREADS) attn_prefill_d64(ATTN_PREFILL_ARGS) { attn_prefill_body<64>(ATTN_PREFILL_PASS); }
+extern "C" __global__ void __launch_bounds__(PRE_THREADS) attn_prefill_d128(ATTN_PREFILL_ARGS) { attn_prefill_body<128>(ATTN_PREFILL_PASS); }
+
 // silu_mul: out[r, c] = silu(g[r, c]) * u[r, c] for rows x cols values;
 // out's rows are cols apart, g's and u's ldg (views of one gate_up row).
 // dg, du (null, or both set): float32 LoRA updates of g and u computed
@@ -744,14 +966,6 @@ extern "C" __global__ void lora_expand(bf16* out, const float* tmp, const LoraEn
 #define SG_WARPS 8   // shrink: warps per block, splitting K
 
 __device__ __forceinline__ int sg_mod(int s, int m0, int m1, int m2) { return s == 0 ? m0 : (s == 1 ? m1 : m2); }
-
-// mma.sync m16n8k16 bf16 -> f32: c += a * b.
-__device__ __forceinline__ void mma16816(float* c, unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0, unsigned b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
 
 __device__ __forceinline__ uint4 ldg16(const bf16* p) { return __ldg(reinterpret_cast<const uint4*>(p)); }
 

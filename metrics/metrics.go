@@ -22,24 +22,25 @@ type Metrics struct {
 	Registry *prometheus.Registry
 	maxLoRA  int
 
-	requests  *prometheus.CounterVec
-	generated *prometheus.CounterVec
-	prompt    *prometheus.CounterVec
-	ttft      *prometheus.HistogramVec
-	coldTTFT  *prometheus.HistogramVec
-	itl       *prometheus.HistogramVec
-	e2e       *prometheus.HistogramVec
-	inflight  prometheus.Gauge
-	waiting   prometheus.Gauge
-	running   prometheus.Gauge
-	batchRows prometheus.Histogram
-	batchSeqs prometheus.Histogram
-	adapters  prometheus.Histogram
-	stepTime  prometheus.Histogram
-	preempt   prometheus.Counter
-	kvUsage   prometheus.Gauge
-	loraInfo  *prometheus.GaugeVec
-	panics    *prometheus.CounterVec
+	requests   *prometheus.CounterVec
+	generated  *prometheus.CounterVec
+	prompt     *prometheus.CounterVec
+	ttft       *prometheus.HistogramVec
+	coldTTFT   *prometheus.HistogramVec
+	itl        *prometheus.HistogramVec
+	e2e        *prometheus.HistogramVec
+	inflight   prometheus.Gauge
+	waiting    prometheus.Gauge
+	running    prometheus.Gauge
+	batchRows  prometheus.Histogram
+	batchSeqs  prometheus.Histogram
+	adapters   prometheus.Histogram
+	stepTime   prometheus.Histogram
+	stepDevice prometheus.Histogram
+	preempt    prometheus.Counter
+	kvUsage    prometheus.Gauge
+	loraInfo   *prometheus.GaugeVec
+	panics     *prometheus.CounterVec
 	// Prefix cache (tokens): peftd's names and vLLM's.
 	prefixQueries, prefixHits, vllmPrefixQueries, vllmPrefixHits prometheus.Counter
 	prefixPages                                                  prometheus.Gauge
@@ -88,6 +89,9 @@ func New(maxLoRA int) *Metrics {
 			Help: "Distinct adapters (base counted as one) per engine step.", Buckets: []float64{1, 2, 3, 4, 6, 8, 12, 16, 32, 64}}),
 		stepTime: prometheus.NewHistogram(prometheus.HistogramOpts{Name: "peftd_step_duration_seconds",
 			Help: "Engine step duration.", Buckets: lat}),
+		stepDevice: prometheus.NewHistogram(prometheus.HistogramOpts{Name: "peftd_step_device_seconds",
+			Help: "Device time of an engine step (GPU backends: from the metadata upload to the result copy); " +
+				"with peftd_step_duration_seconds, the host's share of a step.", Buckets: lat}),
 		preempt: prometheus.NewCounter(prometheus.CounterOpts{Name: "peftd_preemptions_total",
 			Help: "Sequences preempted for KV pages."}),
 		kvUsage: prometheus.NewGauge(prometheus.GaugeOpts{Name: "peftd_kv_cache_usage_ratio",
@@ -115,7 +119,7 @@ func New(maxLoRA int) *Metrics {
 			Help: "KV cache usage, 0 to 1 (1 means 100 percent; vLLM-compatible; same as peftd_kv_cache_usage_ratio)."}),
 	}
 	r.MustRegister(m.requests, m.generated, m.prompt, m.ttft, m.coldTTFT, m.itl, m.e2e, m.inflight, m.waiting, m.running,
-		m.batchRows, m.batchSeqs, m.adapters, m.stepTime, m.preempt, m.kvUsage, m.loraInfo,
+		m.batchRows, m.batchSeqs, m.adapters, m.stepTime, m.stepDevice, m.preempt, m.kvUsage, m.loraInfo,
 		m.vllmWaiting, m.vllmRunning, m.vllmKV, m.panics,
 		m.prefixQueries, m.prefixHits, m.vllmPrefixQueries, m.vllmPrefixHits, m.prefixPages,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
@@ -171,6 +175,9 @@ func (m *Metrics) OnStep(s scheduler.StepStats) {
 	m.batchSeqs.Observe(float64(s.Sequences))
 	m.adapters.Observe(float64(s.Adapters))
 	m.stepTime.Observe(s.Duration.Seconds())
+	if s.Device > 0 {
+		m.stepDevice.Observe(s.Device.Seconds())
+	}
 	m.preempt.Add(float64(s.Preempted))
 	m.prefixQueries.Add(float64(s.PrefixQueries))
 	m.vllmPrefixQueries.Add(float64(s.PrefixQueries))

@@ -41,8 +41,14 @@ func TestRequestAndStepMetrics(t *testing.T) {
 	m.FirstToken("a", 10*time.Millisecond)
 	m.ColdFirstToken("store", 300*time.Millisecond)
 	m.NextToken("a", time.Millisecond)
-	m.OnStep(scheduler.StepStats{Rows: 3, Sequences: 2, Adapters: 1, Waiting: 5, Running: 2, TotalBlocks: 10, FreeBlocks: 4})
+	m.OnStep(scheduler.StepStats{Rows: 3, Sequences: 2, Adapters: 1, Waiting: 5, Running: 2, TotalBlocks: 10, FreeBlocks: 4,
+		Duration: 3 * time.Millisecond, Device: 2 * time.Millisecond})
+	m.OnStep(scheduler.StepStats{Rows: 3, Sequences: 2, Adapters: 1, Waiting: 5, Running: 2, TotalBlocks: 10, FreeBlocks: 4,
+		Duration: 3 * time.Millisecond}) // a backend that does not time its steps
 	v := values(t, m)
+	if v["peftd_step_duration_seconds"] != 2 || v["peftd_step_device_seconds"] != 1 {
+		t.Errorf("two steps, one device-timed: %v steps, %v device times", v["peftd_step_duration_seconds"], v["peftd_step_device_seconds"])
+	}
 	if v["peftd_time_to_first_token_seconds"] != 1 || v["peftd_adapter_cold_first_token_seconds"] != 1 || v["peftd_inter_token_latency_seconds"] != 1 || v["peftd_queue_depth"] != 5 ||
 		v["vllm:num_requests_waiting"] != 5 || v["peftd_kv_cache_usage_ratio"] != 0.6 {
 		t.Errorf("after tokens and a step: %v", v)

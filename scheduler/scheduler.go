@@ -114,10 +114,14 @@ type Config struct {
 type StepStats struct {
 	Rows, Sequences, Adapters, Prefill, Decode int
 	Duration                                   time.Duration
-	FreeBlocks, TotalBlocks                    int
-	Waiting, Running                           int
-	RunningAdapters, WaitingAdapters           []string
-	Preempted                                  int
+	// Device is the step's device time (GPU: from the metadata upload to
+	// the result copy), 0 when the backend does not measure it; Duration
+	// minus Device is the host's share.
+	Device                           time.Duration
+	FreeBlocks, TotalBlocks          int
+	Waiting, Running                 int
+	RunningAdapters, WaitingAdapters []string
+	Preempted                        int
 	// Prefix cache since the last report: prompt tokens looked up and
 	// found; pages kept (CachedPages, of which EvictablePages only the
 	// cache holds).

@@ -67,9 +67,15 @@ func TestConcurrentMatchesReference(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			var preempted, maxAdapters, prefillWithDecode atomic.Int64
-			var evictable atomic.Int64
+			var evictable, timed, badTime atomic.Int64
 			s, f := setup(t, tc.opts, Config{PrefixCache: tc.cache, OnStep: func(st StepStats) {
 				evictable.Store(int64(st.EvictablePages))
+				if st.Device > 0 {
+					timed.Add(1)
+				}
+				if st.Device > st.Duration {
+					badTime.Add(1)
+				}
 				preempted.Add(int64(st.Preempted))
 				if int64(st.Adapters) > maxAdapters.Load() {
 					maxAdapters.Store(int64(st.Adapters))
@@ -101,6 +107,9 @@ func TestConcurrentMatchesReference(t *testing.T) {
 			}
 			wg.Wait()
 			t.Logf("preemptions %d, most adapters in one step %d, mixed prefill+decode steps %d", preempted.Load(), maxAdapters.Load(), prefillWithDecode.Load())
+			if timed.Load() == 0 || badTime.Load() > 0 {
+				t.Errorf("steps with a device (compute) time: %d; longer than the step itself: %d", timed.Load(), badTime.Load())
+			}
 			if strings.HasPrefix(tc.name, "tight") && preempted.Load() == 0 {
 				t.Error("the tight configuration never preempted")
 			}

@@ -69,6 +69,9 @@ func (s *Scheduler) step() {
 		return
 	}
 	stats.Duration = time.Since(start)
+	if d, ok := s.e.DeviceTime(); ok {
+		stats.Device = d
+	}
 	s.afterStep(in, who, choices)
 }
 

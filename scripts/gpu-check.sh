@@ -13,6 +13,8 @@
 #                out-of-memory allocation)
 #     fixture8b  makes the Llama-3.1-8B-shape fixture (tools/llama8b-shape.json,
 #                ~3 GB under /tmp, stays there) and runs TestFixture8BShape on it
+#     attnbench  TestAttnBench: prefill attention of one 8B layer, tensor-core
+#                kernel vs per-row kernel (not in the default phases)
 #     lorabench  TestLoRABench: the LoRA path of one 8B layer, CUDA-graph replays
 #     decode     makes a random 32-layer 8B checkpoint + 4 rank-32 adapters
 #                (tools/make_random_llama.py, ~16 GB under /tmp) and runs
@@ -35,7 +37,7 @@
 #                and warm kernel cache, and the first requests after ready
 #     nsys8b     serve8b's load (base and 4 adapters mixed, concurrency 64) under nsys:
 #                GPU busy fraction, idle gaps, top kernels, CUDA API calls
-#                (scripts/nsys_busy.py; needs the decode checkpoint; not default)
+#                (scripts/nsys_busy.py; makes the decode checkpoint; not default)
 #     cold8b     scripts/cold.sh on the random 8B checkpoint: start -> ready, peftd
 #                deploy, an adapter from the bucket (versitygw) to its first token,
 #                resident, from host memory, after the idle TTLs; phase metrics
@@ -83,6 +85,18 @@ if [[ "${1:-}" != "--on-device" ]]; then
 	# the soak8b phase's S3 server, stripped and gzipped (bash .ci/setup-s3.sh builds it)
 	if [[ -x .cache/bin/versitygw && ! -f bin/gpu/versitygw.gz ]]; then
 		strip -o bin/gpu/versitygw .cache/bin/versitygw && gzip -9 -f bin/gpu/versitygw && echo "packed bin/gpu/versitygw.gz"
+	fi
+	# nsys8b: the nsys bundled with Nsight Compute on the device cannot import
+	# its own trace (its QdstrmImporter needs libdw.so.1, which the device
+	# lacks); elfutils' libdw and libelf from this machine's packages travel along
+	if [[ ! -f bin/gpu/nsyslib/libdw.so.1 ]] && command -v apt-get >/dev/null; then
+		d=$(mktemp -d)
+		if (cd "$d" && apt-get download libdw1 libelf1 >/dev/null 2>&1); then
+			mkdir -p bin/gpu/nsyslib
+			for deb in "$d"/*.deb; do dpkg-deb -x "$deb" "$d/x"; done
+			cp -L "$d"/x/usr/lib/x86_64-linux-gnu/{libdw.so.1,libelf.so.1} bin/gpu/nsyslib/ && echo "packed bin/gpu/nsyslib (libdw, libelf for nsys's importer)"
+		fi
+		rm -rf "$d"
 	fi
 	cat <<'HINT'
 
@@ -204,6 +218,14 @@ if want serve; then
 	[[ $ok == 1 ]] || status=1
 	stamp serve
 fi
+if want attnbench; then
+	echo "=== attnbench"
+	(cd runtime/gpu && PEFTD_ATTN_BENCH=1 timeout "$(left 200)" "$GPUBIN" -test.v -test.count=1 -test.run '^TestAttnBench$') >"$LOG/attnbench.log" 2>&1 || status=1
+	grep '^BENCH attn' "$LOG/attnbench.log" | tee "$LOG/attnbench.txt"
+	save "$LOG/attnbench.txt"
+	grep -E -- '--- (PASS|FAIL|SKIP)|panic|Error' "$LOG/attnbench.log" | head -5
+	stamp attnbench
+fi
 if want lorabench; then
 	echo "=== lorabench"
 	(cd runtime/gpu && PEFTD_LORA_BENCH=1 timeout "$(left 300)" "$GPUBIN" -test.v -test.count=1 -test.run '^TestLoRABench$') >"$LOG/lorabench.log" 2>&1 || status=1
@@ -264,7 +286,7 @@ fi
 if want serve8b; then
 	MD=/tmp/llama8b-random
 	echo "=== serve8b: peftd serve --device cuda --model $MD/base (4 adapters in a store folder)"
-	if [[ -f $MD/base/model.safetensors.index.json ]]; then
+	if random_ckpt "$MD" decode --layers "${DECODE_LAYERS:-32}"; then
 		SD=$(mktemp -d)
 		PEFTD_CACHE=$SD "$ROOT/bin/gpu/peftd" serve --device cuda --model "$MD/base" --store "$MD/adapters" --slots 5 --max-queue 1024 --listen 127.0.0.1:8081 >"$LOG/serve8b.log" 2>&1 &
 		SRV=$!
@@ -282,8 +304,8 @@ if want serve8b; then
 			"$PY" scripts/serve_bench.py http://127.0.0.1:8081 base 256 64 128 64 128256 2>&1 | tee -a "$LOG/serve8b.txt"
 			# what the steps were like over all the runs: count, mean duration, rows and sequences
 			curl -sS http://127.0.0.1:8081/metrics >"$LOG/serve8b.metrics.txt"
-			awk '/^peftd_step_duration_seconds_(sum|count) /{v[$1]=$2} /^peftd_batch_tokens_(sum|count) /{v[$1]=$2} /^peftd_batch_size_(sum|count) /{v[$1]=$2}
-				END {n=v["peftd_step_duration_seconds_count"]; if (n>0) printf "SERVESTEPS steps=%d mean_ms=%.2f mean_rows=%.1f mean_seqs=%.1f\n", n, 1000*v["peftd_step_duration_seconds_sum"]/n, v["peftd_batch_tokens_sum"]/v["peftd_batch_tokens_count"], v["peftd_batch_size_sum"]/v["peftd_batch_size_count"]}' \
+			awk '/^peftd_step_(duration|device)_seconds_(sum|count) /{v[$1]=$2} /^peftd_batch_tokens_(sum|count) /{v[$1]=$2} /^peftd_batch_size_(sum|count) /{v[$1]=$2}
+				END {n=v["peftd_step_duration_seconds_count"]; d=v["peftd_step_device_seconds_count"]; if (n>0) printf "SERVESTEPS steps=%d mean_ms=%.2f device_mean_ms=%.2f mean_rows=%.1f mean_seqs=%.1f\n", n, 1000*v["peftd_step_duration_seconds_sum"]/n, (d>0 ? 1000*v["peftd_step_device_seconds_sum"]/d : 0), v["peftd_batch_tokens_sum"]/v["peftd_batch_tokens_count"], v["peftd_batch_size_sum"]/v["peftd_batch_size_count"]}' \
 				"$LOG/serve8b.metrics.txt" | tee -a "$LOG/serve8b.txt"
 			grep -E 'adapter|load|graphs' "$LOG/serve8b.log" | tail -n 12 | cut -c1-240
 		else
@@ -339,9 +361,9 @@ if want nsys8b; then
 	# traced): GPU busy fraction, idle gaps between kernels, the kernels that
 	# took the time (scripts/nsys_busy.py), and the CUDA API calls.
 	MD=/tmp/llama8b-random
-	NSYS="$(command -v nsys || ls /usr/local/cuda/bin/nsys /opt/nvidia/nsight-systems/*/bin/nsys 2>/dev/null | head -1)"
+	NSYS="$(command -v nsys || ls /usr/local/cuda/bin/nsys /opt/nvidia/nsight-systems/*/bin/nsys /opt/nvidia/nsight-compute/*/host/target-linux-x64/nsys 2>/dev/null | head -1)"
 	echo "=== nsys8b: ${NSYS:-no nsys}"
-	if [[ -n "$NSYS" && -f $MD/base/model.safetensors.index.json ]]; then
+	if [[ -n "$NSYS" ]] && random_ckpt "$MD" decode --layers "${DECODE_LAYERS:-32}"; then
 		SD=$(mktemp -d)
 		PEFTD_CACHE=$SD "$NSYS" profile -t cuda,osrt --cuda-graph-trace=node -o "$LOG/nsys8b" -f true \
 			"$ROOT/bin/gpu/peftd" serve --device cuda --model "$MD/base" --store "$MD/adapters" --slots 5 --max-queue 1024 --listen 127.0.0.1:8084 >"$LOG/nsys8b.log" 2>&1 &
@@ -352,6 +374,13 @@ if want nsys8b; then
 			"$PY" scripts/serve_bench.py http://127.0.0.1:8084 "base,$AD" 128 64 128 64 128256 2>&1 | tee "$LOG/nsys8b.txt"
 			serve_stop
 			sleep 2
+			# a bundled nsys leaves a .qdstrm when its importer cannot start:
+			# import it with the libraries that travel in bin/gpu/nsyslib
+			if [[ ! -f "$LOG/nsys8b.nsys-rep" && -f "$LOG/nsys8b.qdstrm" ]]; then
+				QI=$(ls "$(dirname "$NSYS")"/../linux-desktop-glibc_2_11_3-x64/QdstrmImporter "$(dirname "$NSYS")"/QdstrmImporter 2>/dev/null | head -1)
+				[[ -n "$QI" ]] && LD_LIBRARY_PATH="$ROOT/bin/gpu/nsyslib:$(dirname "$QI")" "$QI" -i "$LOG/nsys8b.qdstrm" >"$LOG/nsys8b.import.log" 2>&1
+				tail -n 3 "$LOG/nsys8b.import.log" 2>/dev/null
+			fi
 			"$NSYS" stats --report cuda_gpu_trace --format csv -o "$LOG/nsys8b" "$LOG/nsys8b.nsys-rep" >/dev/null 2>&1
 			"$NSYS" stats --report cuda_api_sum --format csv -o "$LOG/nsys8b" "$LOG/nsys8b.nsys-rep" >/dev/null 2>&1
 			"$PY" scripts/nsys_busy.py "$LOG"/nsys8b_cuda_gpu_trace.csv 2>&1 | tee -a "$LOG/nsys8b.txt"
@@ -362,7 +391,7 @@ if want nsys8b; then
 			serve_stop
 		fi
 	else
-		echo "nsys8b: no nsys or no checkpoint (run decode first)"
+		echo "nsys8b: no nsys, or the random checkpoint could not be made"
 	fi
 	stamp nsys8b
 fi
@@ -493,6 +522,7 @@ fi
 		grep -E '^BENCH lora (device|eager|N |4 )' "$LOG/lorabench.txt" | grep -vE ' (16|64) ' | cut -c12-
 		grep -E '^BENCH lora 4 +(16|64) +(1|256|4x512pf) ' "$LOG/lorabench.txt" | cut -c12-
 	fi
+	[[ -s "$LOG/attnbench.txt" ]] && echo "Prefill attention per 8B layer (median us):" && cut -c12- "$LOG/attnbench.txt"
 	[[ -f "$LOG/serve.result" ]] && cat "$LOG/serve.result" && grep -E 'tok|req|TTFT|thr' "$LOG/serve.bench.txt" | head -8
 	[[ -f "$LOG/serve8b.txt" ]] && grep SERVEBENCH "$LOG/serve8b.txt" | cut -c1-220
 	[[ -s "$LOG/prefix8b.txt" ]] && echo "Prefix caching (8B shapes, 8 layers; 2000-token shared prefix, concurrency 32):" && grep -E '^(PREFIXBENCH|PREFIXGREEDY)' "$LOG/prefix8b.txt" | cut -c1-230
@@ -509,7 +539,8 @@ fi
 	echo "elapsed ${SECONDS}s"
 } | tee "$LOG/summary.txt"
 if [[ -n "${OUT:-}" ]]; then
-	tar czf "$OUT/logs.tgz" -C "$LOG" . 2>/dev/null
-	for f in summary.txt lorabench.txt decode.txt serve8b.txt soak8b.txt prefix8b.txt cold8b.txt ready8b.txt nsys8b.txt; do [[ -f "$LOG/$f" ]] && cp "$LOG/$f" "$OUT/"; done
+	# the trace files are large: the tables from them are in nsys8b.txt
+	tar czf "$OUT/logs.tgz" --exclude='*.qdstrm' --exclude='*.nsys-rep' --exclude='*.sqlite' --exclude='*.csv' -C "$LOG" . 2>/dev/null
+	for f in summary.txt lorabench.txt attnbench.txt decode.txt serve8b.txt soak8b.txt prefix8b.txt cold8b.txt ready8b.txt nsys8b.txt; do [[ -f "$LOG/$f" ]] && cp "$LOG/$f" "$OUT/"; done
 fi
 exit $status

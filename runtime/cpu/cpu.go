@@ -3,6 +3,8 @@
 package cpu
 
 import (
+	"time"
+
 	"fmt"
 	"math"
 	"runtime"
@@ -42,6 +44,10 @@ type Backend struct {
 	slots   []*lora.Adapter
 	meta    *engine.StepMeta
 	rowSeq  []int32 // sequence index of each row
+	// the compute time of the last step (engine.StepTimer): from Execute
+	// to End
+	began    time.Time
+	lastStep time.Duration
 }
 
 // New returns a CPU backend using workers goroutines (0: GOMAXPROCS).
@@ -135,6 +141,7 @@ func (b *Backend) Begin(meta *engine.StepMeta) error {
 // Execute runs the program's ops one after the other (the CPU backend
 // records nothing).
 func (b *Backend) Execute(meta *engine.StepMeta, prog engine.Program) error {
+	b.began, b.lastStep = time.Now(), 0
 	if err := b.Begin(meta); err != nil {
 		return err
 	}
@@ -143,7 +150,17 @@ func (b *Backend) Execute(meta *engine.StepMeta, prog engine.Program) error {
 }
 
 // End finishes the step (the CPU backend is synchronous).
-func (b *Backend) End() error { b.meta = nil; return nil }
+func (b *Backend) End() error {
+	if !b.began.IsZero() {
+		b.lastStep, b.began = time.Since(b.began), time.Time{}
+	}
+	b.meta = nil
+	return nil
+}
+
+// StepDeviceTime is the compute time of the last step run by Execute: the
+// forward pass and whatever read its result before End (engine.StepTimer).
+func (b *Backend) StepDeviceTime() (time.Duration, bool) { return b.lastStep, b.lastStep > 0 }
 
 // Close releases memory.
 func (b *Backend) Close() error { b.kcache, b.vcache, b.slots = nil, nil, nil; return nil }
@@ -529,4 +546,7 @@ func (b *Backend) Read(buf engine.Buffer, rows int, dst []float32) error {
 	return nil
 }
 
-var _ engine.Backend = (*Backend)(nil)
+var (
+	_ engine.Backend   = (*Backend)(nil)
+	_ engine.StepTimer = (*Backend)(nil)
+)

@@ -3,6 +3,8 @@
 package engine
 
 import (
+	"time"
+
 	"github.com/peftd/peftd/runtime/llama"
 	"github.com/peftd/peftd/runtime/lora"
 	"github.com/peftd/peftd/runtime/safetensors"
@@ -131,6 +133,12 @@ type Backend interface {
 // (CUDA graphs), so that serving never pays for it.
 type Warmer interface {
 	Warmup(progs []Program) error
+}
+
+// StepTimer is an optional Backend capability: the device time of the last
+// step (ok false when it was not measured).
+type StepTimer interface {
+	StepDeviceTime() (d time.Duration, ok bool)
 }
 
 // Runner is an optional Backend capability: Run calls fn, which issues every

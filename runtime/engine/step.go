@@ -1,6 +1,8 @@
 package engine
 
 import (
+	"time"
+
 	"context"
 	"fmt"
 	"math"
@@ -58,6 +60,15 @@ type Sampling struct {
 	// CPU, when set, draws on the host path (a backend without DeviceSampler)
 	// from this sampler's own stream; nil: a sampler seeded from (Seed, Index).
 	CPU *sample.Sampler
+}
+
+// DeviceTime is the device time of the last step, when the backend
+// measures it (StepTimer).
+func (e *Engine) DeviceTime() (time.Duration, bool) {
+	if t, ok := e.b.(StepTimer); ok {
+		return t.StepDeviceTime()
+	}
+	return 0, false
 }
 
 // DeviceSampling reports whether StepSample samples on the backend.

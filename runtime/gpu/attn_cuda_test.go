@@ -5,6 +5,8 @@ package gpu
 import (
 	"fmt"
 	"math"
+	"math/bits"
+	"os"
 	"testing"
 
 	"github.com/peftd/peftd/runtime/cuda"
@@ -13,21 +15,23 @@ import (
 )
 
 // TestOpAttentionDecode checks the split-KV decode kernel (attn_decode, its
-// splits merged in the kernel) against a float64 reference: decode sequences with contexts
-// of 1, 17, 640 and 4097 tokens, page sizes 1, 5 and 16, page tables drawn
-// from a shuffled free list, mixed in one step with prefill rows (which the
-// per-row kernel takes), and the same step again with the per-row kernel for
-// every row (attnV0).
+// splits merged in the kernel) and the prefill kernel (attn_prefill) against
+// a float64 reference: decode sequences with contexts of 1, 17, 640 and 4097
+// tokens, page sizes 1, 5 and 16, page tables drawn from a shuffled free
+// list, mixed in one step with prefill rows (13, 6, 150 and 64 rows after 0,
+// 30, 70 and 0 cached tokens: partial, several and exactly one 64-row tile),
+// and the same step again with the per-row kernel for every row (attnV0).
 func TestOpAttentionDecode(t *testing.T) {
 	type shape struct{ heads, kvh, hd, bs int }
 	// head_dim 48 and 8: no attn_decode variant, the per-row kernel takes every row
-	shapes := []shape{{32, 8, 128, 1}, {32, 8, 128, 5}, {32, 8, 128, 16}, {4, 2, 64, 5}, {8, 8, 32, 16}, {8, 1, 32, 1}, {16, 2, 256, 16}, {4, 2, 48, 16}, {8, 4, 8, 1}}
+	// 16 query heads per KV head: no attn_decode (<= 8), attn_prefill takes every row
+	shapes := []shape{{32, 8, 128, 1}, {32, 8, 128, 5}, {32, 8, 128, 16}, {4, 2, 64, 5}, {8, 8, 32, 16}, {8, 1, 32, 1}, {16, 2, 256, 16}, {4, 2, 48, 16}, {8, 4, 8, 1}, {16, 1, 64, 16}}
 	for _, sh := range shapes {
 		t.Run(fmt.Sprintf("h%d_kv%d_d%d_bs%d", sh.heads, sh.kvh, sh.hd, sh.bs), func(t *testing.T) {
 			heads, kvh, hd, bs := sh.heads, sh.kvh, sh.hd, sh.bs
 			cfg := testConfig(heads*hd, 128, heads, kvh, hd, 32, 2)
-			ctxs := []int{1, 17, 640, 4097}   // decode contexts after the step
-			pre := [][2]int{{0, 13}, {30, 6}} // prefill: tokens cached before, rows this step
+			ctxs := []int{1, 17, 640, 4097}                       // decode contexts after the step
+			pre := [][2]int{{0, 13}, {30, 6}, {70, 150}, {0, 64}} // prefill: tokens cached before, rows this step
 			blocks := 0
 			for _, c := range ctxs {
 				blocks += (c + bs - 1) / bs
@@ -37,7 +41,7 @@ func TestOpAttentionDecode(t *testing.T) {
 			}
 			blocks += 16
 			const layer = 1
-			r := newRig(t, cfg, 64, engine.KVSpec{Layers: 2, Blocks: blocks, BlockSize: bs, KVHeads: kvh, HeadDim: hd})
+			r := newRig(t, cfg, 256, engine.KVSpec{Layers: 2, Blocks: blocks, BlockSize: bs, KVHeads: kvh, HeadDim: hd})
 			width := kvh * hd
 			free := r.rng.Perm(blocks)
 			type seq struct {
@@ -141,6 +145,17 @@ func TestOpAttentionDecode(t *testing.T) {
 				r.b.attnV0 = v0
 				r.poison(out)
 				r.begin(m)
+				if !v0 {
+					wantTiles := 0
+					for _, s := range m.Seqs {
+						if r.b.preOK && (!r.b.decOK || s.Len > 1) {
+							wantTiles += (s.Len + preRows - 1) / preRows
+						}
+					}
+					if r.b.nPreTiles != wantTiles {
+						t.Fatalf("%d attn_prefill tiles, want %d", r.b.nPreTiles, wantTiles)
+					}
+				}
 				if !v0 && !r.b.decOK {
 					if r.b.nDec != 0 {
 						t.Fatalf("head_dim %d: %d rows took attn_decode, which has no variant for it", hd, r.b.nDec)
@@ -154,7 +169,10 @@ func TestOpAttentionDecode(t *testing.T) {
 				r.b.Attention(out, q, k, v, layer, scale, nil)
 				got := r.read(out, T)
 				r.end()
-				name := "split-KV decode + per-row prefill"
+				name := "split-KV decode + tensor-core prefill"
+				if !r.b.preOK {
+					name = "split-KV decode + per-row prefill"
+				}
 				if i == 1 {
 					name += ", again"
 				}
@@ -164,15 +182,120 @@ func TestOpAttentionDecode(t *testing.T) {
 				r.compare(name, got, want, opTol)
 			}
 			r.b.attnV0 = false
-			if !r.b.decOK {
-				return
+			var fs []*cuda.Function
+			if r.b.decOK {
+				fs = append(fs, r.b.decodeKernel(hd))
 			}
-			f := r.b.decodeKernel(hd)
-			regs, local, err := f.Resources()
+			if r.b.preOK {
+				fs = append(fs, r.b.fn.attnPrefill[bits.TrailingZeros(uint(hd))-5])
+			}
+			for _, f := range fs {
+				regs, local, err := f.Resources()
+				if err != nil {
+					t.Fatal(err)
+				}
+				t.Logf("%s: %d registers, %d bytes of local memory per thread", f.Name, regs, local)
+			}
+		})
+	}
+}
+
+// TestAttnBench times the prefill attention of one 8B layer (32 query
+// heads, 8 KV heads, head_dim 128, pages of 16; rope_store included) for
+// the tensor-core kernel (attn_prefill) and the per-row kernel (attnV0),
+// median over 20 replays of a graph of 5 back-to-back calls. Cases: serving's
+// steady mix (4 sequences of 128 new rows), a 512-token prompt, 4 x 512,
+// and 128 rows after a cached 2,000-token prefix. It prints the effective
+// tensor throughput (QK^T and PV multiply-adds of the causal rows).
+// Set PEFTD_ATTN_BENCH=1 to run.
+func TestAttnBench(t *testing.T) {
+	if os.Getenv("PEFTD_ATTN_BENCH") == "" {
+		t.Skip("set PEFTD_ATTN_BENCH=1 to run")
+	}
+	const heads, kvh, hd, bs = 32, 8, 128, 16
+	cases := []struct {
+		name         string
+		seqs, cached int
+		rows         int
+	}{{"4x128 new", 4, 0, 128}, {"1x512 new", 1, 0, 512}, {"4x512 new", 4, 0, 512}, {"1x128 after 2000", 1, 2000, 128}}
+	cfg := testConfig(heads*hd, 128, heads, kvh, hd, 32, 1)
+	r := newRig(t, cfg, 2048, engine.KVSpec{Layers: 1, Blocks: 4096, BlockSize: bs, KVHeads: kvh, HeadDim: hd})
+	e0, _ := r.b.ctx.NewEvent(true)
+	e1, _ := r.b.ctx.NewEvent(true)
+	defer e0.Destroy()
+	defer e1.Destroy()
+	for _, c := range cases {
+		m := &engine.StepMeta{}
+		next := int32(0)
+		var flops float64
+		for range c.seqs {
+			n := c.cached + c.rows
+			var blocks []int32
+			for len(blocks)*bs < n {
+				blocks = append(blocks, next)
+				next++
+			}
+			m.Seqs = append(m.Seqs, engine.SeqMeta{Start: len(m.Tokens), Len: c.rows, Context: n, Blocks: blocks})
+			for j := range c.rows {
+				p := c.cached + j
+				m.Tokens = append(m.Tokens, 0)
+				m.Positions = append(m.Positions, int32(p))
+				m.KVSlots = append(m.KVSlots, blocks[p/bs]*bs+int32(p%bs))
+				flops += 4 * float64(heads*hd) * float64(p+1)
+			}
+		}
+		T := len(m.Tokens)
+		q, k, v, out := r.buffer(T, heads*hd), r.buffer(T, kvh*hd), r.buffer(T, kvh*hd), r.buffer(T, heads*hd)
+		r.fill(q, r.rnd(T*heads*hd, 1))
+		r.fill(k, r.rnd(T*kvh*hd, 1))
+		r.fill(v, r.rnd(T*kvh*hd, 1))
+		for _, v0 := range []bool{false, true} {
+			r.b.attnV0 = v0
+			r.begin(m)
+			// recorded as a graph: launched one by one from the test, the
+			// kernels would wait for the host's launches
+			if err := r.b.s.BeginCapture(); err != nil {
+				t.Fatal(err)
+			}
+			for range 5 {
+				r.b.Attention(out, q, k, v, 0, 0.088, nil)
+			}
+			g, err := r.b.s.EndCapture()
+			if err != nil || r.b.err != nil {
+				t.Fatal(err, r.b.err)
+			}
+			ge, err := g.Instantiate()
+			g.Destroy()
 			if err != nil {
 				t.Fatal(err)
 			}
-			t.Logf("%s: %d registers, %d bytes of local memory per thread", f.Name, regs, local)
-		})
+			var us []float32
+			for i := range 22 {
+				e0.Record(r.b.s)
+				if err := ge.Launch(r.b.s); err != nil {
+					t.Fatal(err)
+				}
+				e1.Record(r.b.s)
+				if err := e1.Synchronize(); err != nil {
+					t.Fatal(err)
+				}
+				x, err := e1.Since(e0)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if i >= 2 {
+					us = append(us, x*1000/5)
+				}
+			}
+			ge.Destroy()
+			r.end()
+			kind := "attn_prefill (tensor cores)"
+			if v0 {
+				kind = "per-row kernel"
+			}
+			med := median(us)
+			bench("attn %-18s %-28s %8.1f us  %6.1f TFLOP/s", c.name, kind, med, flops/(med*1e-6)/1e12)
+		}
+		r.b.attnV0 = false
 	}
 }

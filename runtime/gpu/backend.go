@@ -8,6 +8,8 @@
 package gpu
 
 import (
+	"time"
+
 	"errors"
 	"fmt"
 
@@ -109,6 +111,7 @@ type funcs struct {
 	addBias, headRMSNorm, addDelta                                                *cuda.Function
 	sgShrink, sgShrink4, sgExpand, sample                                         *cuda.Function
 	attnDecode                                                                    [4]*cuda.Function // attn_decode_d32, d64, d128, d256
+	attnPrefill                                                                   [3]*cuda.Function // attn_prefill_d32, d64, d128
 	sgExpandTC                                                                    [3]*cuda.Function // sgmv_expand_tc1, tc2, tc4
 }
 
@@ -184,7 +187,9 @@ type Backend struct {
 	attnV0      bool
 	decOK       bool // the model's head shape suits attn_decode (head_dim 32, 64, 128 or 256; <= 8 query heads per KV head)
 	decResident int  // attn_decode blocks resident at once (sizeDecode)
+	preOK       bool // the head shape suits attn_prefill (head_dim 32, 64 or 128)
 	nDec, nPre  int  // decode sequences and prefill rows of the step
+	nPreTiles   int  // attn_prefill tiles of the step (0: the per-row kernel takes the prefill rows)
 	decSplit    int  // splits per (sequence, KV head)
 	attnPart    *cuda.DeviceBuffer
 	attnDone    *cuda.DeviceBuffer // attn_decode's per-(row, KV head) split counters
@@ -212,6 +217,7 @@ type Backend struct {
 	evBeg, evEnd *cuda.Event
 	timed        bool
 	lastStepMs   float32
+	lastTimed    bool // lastStepMs is the last step's
 }
 
 // SetTiming turns on device timing of each step: from the metadata upload
@@ -233,9 +239,15 @@ func (b *Backend) SetTiming(on bool) error {
 // StepMs is the device time of the last timed step in milliseconds (0 if none).
 func (b *Backend) StepMs() float32 { return b.lastStepMs }
 
+// StepDeviceTime is the device time of the last step when it was timed
+// (engine.StepTimer).
+func (b *Backend) StepDeviceTime() (time.Duration, bool) {
+	return time.Duration(float64(b.lastStepMs) * 1e6), b.lastTimed
+}
+
 // startTiming records the step's start event when timing is on.
 func (b *Backend) startTiming() error {
-	b.timed = false
+	b.timed, b.lastTimed = false, false
 	if b.timing {
 		if err := b.evBeg.Record(b.s); err != nil {
 			return err
@@ -255,7 +267,7 @@ func (b *Backend) waitStep() error {
 	if b.timed {
 		b.timed = false
 		if ms, err := b.evEnd.Since(b.evBeg); err == nil {
-			b.lastStepMs = ms
+			b.lastStepMs, b.lastTimed = ms, true
 		}
 	}
 	return nil
@@ -325,6 +337,7 @@ func (b *Backend) open(opts Options) error {
 		{&b.fn.sgShrink, "sgmv_shrink"}, {&b.fn.sgShrink4, "sgmv_shrink4"}, {&b.fn.sgExpand, "sgmv_expand"},
 		{&b.fn.sample, "sample_rows"}, {&b.fn.attnDecode[0], "attn_decode_d32"}, {&b.fn.attnDecode[1], "attn_decode_d64"},
 		{&b.fn.attnDecode[2], "attn_decode_d128"}, {&b.fn.attnDecode[3], "attn_decode_d256"},
+		{&b.fn.attnPrefill[0], "attn_prefill_d32"}, {&b.fn.attnPrefill[1], "attn_prefill_d64"}, {&b.fn.attnPrefill[2], "attn_prefill_d128"},
 		{&b.fn.addBias, "add_bias"}, {&b.fn.headRMSNorm, "head_rmsnorm"}, {&b.fn.addDelta, "add_delta"},
 		{&b.fn.sgExpandTC[0], "sgmv_expand_tc1"}, {&b.fn.sgExpandTC[1], "sgmv_expand_tc2"}, {&b.fn.sgExpandTC[2], "sgmv_expand_tc4"}} {
 		if *f.p, err = b.mod.Function(f.name); err != nil {
@@ -333,6 +346,11 @@ func (b *Backend) open(opts Options) error {
 	}
 	for i, f := range b.fn.attnDecode {
 		if err := f.SetMaxDynamicShared(decShared(32 << i)); err != nil {
+			return err
+		}
+	}
+	for i, f := range b.fn.attnPrefill {
+		if err := f.SetMaxDynamicShared(preShared(32 << i)); err != nil {
 			return err
 		}
 	}
@@ -372,6 +390,7 @@ func (b *Backend) Init(cfg *llama.Config, spec engine.Spec) error {
 	b.cfg, b.kv, b.maxT = cfg, kv, maxTokens
 	hd := kv.HeadDim
 	b.decOK = hd >= 32 && hd <= 256 && hd&(hd-1) == 0 && cfg.Heads%kv.KVHeads == 0 && cfg.Heads/kv.KVHeads <= decMaxG
+	b.preOK = hd >= 32 && hd <= 128 && hd&(hd-1) == 0 && cfg.Heads%kv.KVHeads == 0
 	if err := b.sizeDecode(); err != nil {
 		return err
 	}
@@ -425,6 +444,11 @@ func (b *Backend) Init(cfg *llama.Config, spec engine.Spec) error {
 	}
 	if !graphsUsable() {
 		b.g.off = true
+	}
+	// every step is timed on the device (two events): the scheduler
+	// reports it beside the step's wall time
+	if err := b.SetTiming(true); err != nil {
+		return err
 	}
 	return b.initGraphs(maxContext)
 }
@@ -553,4 +577,5 @@ var (
 	_ engine.Backend       = (*Backend)(nil)
 	_ engine.Runner        = (*Backend)(nil)
 	_ engine.DeviceSampler = (*Backend)(nil)
+	_ engine.StepTimer     = (*Backend)(nil)
 )

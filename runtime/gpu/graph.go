@@ -10,15 +10,22 @@ import (
 	"github.com/peftd/peftd/runtime/engine"
 )
 
-// Decode steps (every sequence one new row, logits for every row) run as
-// CUDA graph replays: one graph per (row bucket, program shape, LoRA rank
-// class), recorded the first time that key is seen (Warmup records the
-// common ones before serving) by running the program's ops under stream
-// capture. What a recording must not change between replays is fixed:
+// Steps of up to the largest bucket's rows run as CUDA graph replays: one
+// graph per (row bucket, program shape, LoRA rank class, mixed), recorded
+// the first time that key is seen (Warmup records them all before serving)
+// by running the program's ops under stream capture. A decode step (every
+// sequence one new row) replays a decode graph; a step with prefill rows
+// (mixed: prompt chunks beside decode rows) replays a mixed graph, which
+// also launches attn_prefill over a fixed number of prefill tiles (tiles
+// with no rows exit at once). What a recording must not change between
+// replays is fixed:
 //
 //   - the step is padded to its bucket's rows; padded rows are one-row
 //     sequences with no context, no KV slot (rope_store skips them), no
-//     adapter, and their logits are never read;
+//     adapter, and their logits are never read; attn_decode takes the
+//     decode sequences, then the padding, and its blocks past those exit;
+//   - logits are computed for every row of the bucket (the step's logit
+//     rows first), and only the step's are sampled or read;
 //   - the metadata has one layout per backend (graphMeta), filled on the
 //     host and copied to a fixed device buffer by one async copy before the
 //     replay; attn_decode sizes its KV chunks per sequence on the device;
@@ -31,7 +38,8 @@ import (
 //     pointers are checked before each replay and the graphs dropped if one
 //     did (they are then recorded again).
 //
-// Mixed and prefill steps run their ops eagerly.
+// Larger steps, steps with more prefill tiles or LoRA tiles than a
+// recording holds, and models without attn_prefill run their ops eagerly.
 
 // graphBuckets are the step sizes decode graphs are recorded for; a decode
 // step of n rows replays the smallest bucket >= n.
@@ -41,9 +49,10 @@ var graphBuckets = []int{1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256}
 const minGraphRank = 64
 
 type graphKey struct {
-	rows int   // bucket
-	lora uint8 // engine.Shape.LoRA
-	rank int   // LoRA rank class; 0 without LoRA
+	rows  int   // bucket
+	lora  uint8 // engine.Shape.LoRA
+	rank  int   // LoRA rank class; 0 without LoRA
+	mixed bool  // the step has prefill rows: attn_prefill runs too
 }
 
 // graphState is the CUDA-graph side of the backend.
@@ -69,6 +78,11 @@ type graphState struct {
 // GraphStats reports how many decode graphs were recorded and how many
 // steps replayed one.
 func (b *Backend) GraphStats() (recorded, replayed int) { return b.g.Recorded, b.g.Replayed }
+
+// preTilesCap is the attn_prefill tiles a mixed recording of n rows
+// launches: enough for its prefill rows in whole tiles plus a partial tile
+// for each of up to 16 prefill sequences. A step needing more runs eagerly.
+func preTilesCap(n int) int { return (n+preRows-1)/preRows + min(n/2, 16) }
 
 // tilesCap is the most SGMV tiles a step of n rows can have with slots
 // adapter slots: one partial tile per segment plus the full ones.
@@ -114,8 +128,9 @@ func (b *Backend) initGraphs(maxContext int) error {
 	o.logitRows = 10 * M
 	o.decSeqs = 11 * M
 	o.tiles = (12*M + 3) &^ 3
-	o.pages = o.tiles + 4*tilesCap(M, b.g.slots)
-	o.preRows = o.pages // no prefill rows
+	o.preTiles = o.tiles + 4*tilesCap(M, b.g.slots)
+	o.pages = o.preTiles + 4*preTilesCap(M)
+	o.preRows = o.pages // the per-row kernel never runs in a recording
 	perSeq := (maxContext + b.kv.BlockSize - 1) / b.kv.BlockSize
 	b.g.pagesCap = M * min(max(perSeq, 1), b.kv.Blocks)
 	o.end = o.pages + b.g.pagesCap
@@ -207,28 +222,42 @@ func (b *Backend) dropGraphs() error {
 	return errors.Join(errs...)
 }
 
-// graphable reports whether meta is a decode step the graphs cover.
-func (b *Backend) graphable(meta *engine.StepMeta) bool {
+// graphable reports whether a recording covers meta, and whether that is a
+// mixed one (the step has prefill rows).
+func (b *Backend) graphable(meta *engine.StepMeta) (ok, mixed bool) {
 	T := len(meta.Tokens)
-	if b.g.off || b.attnV0 || T == 0 || T > b.g.maxRows || len(meta.Seqs) != T || len(meta.LogitRows) != T {
-		return false
+	if b.g.off || b.attnV0 || T == 0 || T > b.g.maxRows {
+		return false, false
 	}
-	for i, s := range meta.Seqs {
-		if s.Len != 1 || s.Start != i || meta.LogitRows[i] != int32(i) {
-			return false
+	n := graphBuckets[bucketIndex(T)]
+	pre := 0
+	for _, s := range meta.Seqs {
+		if s.Len > 1 {
+			pre += (s.Len + preRows - 1) / preRows
 		}
 	}
-	return true
+	if pre > 0 && (!b.preOK || pre > preTilesCap(n)) {
+		return false, false
+	}
+	lt := 0
+	for _, g := range meta.LoRA {
+		lt += (g.End - g.Start + sgTileRows - 1) / sgTileRows
+	}
+	if lt > tilesCap(n, b.g.slots) {
+		return false, false
+	}
+	return true, pre > 0
 }
 
-// Execute runs prog over the step: a decode step replays (or first
-// records) its bucket's CUDA graph; any other step runs the ops eagerly.
+// Execute runs prog over the step: a step a recording covers replays (or
+// first records) its bucket's CUDA graph; any other step runs the ops
+// eagerly.
 func (b *Backend) Execute(meta *engine.StepMeta, prog engine.Program) error {
 	if err := b.freeStaging(); err != nil {
 		return err
 	}
-	if b.graphable(meta) {
-		return b.replay(meta, prog)
+	if ok, mixed := b.graphable(meta); ok {
+		return b.replay(meta, prog, mixed)
 	}
 	if err := b.Begin(meta); err != nil {
 		return err
@@ -239,13 +268,13 @@ func (b *Backend) Execute(meta *engine.StepMeta, prog engine.Program) error {
 
 // replay fills the graph metadata for meta padded to its bucket and
 // launches the bucket's graph, recording it first if needed.
-func (b *Backend) replay(meta *engine.StepMeta, prog engine.Program) error {
+func (b *Backend) replay(meta *engine.StepMeta, prog engine.Program, mixed bool) error {
 	n := graphBuckets[bucketIndex(len(meta.Tokens))]
-	key, err := b.graphKeyFor(n, prog.Shape)
+	key, err := b.graphKeyFor(n, prog.Shape, mixed)
 	if err != nil {
 		return err
 	}
-	if err := b.fillGraphMeta(meta, n, key.rank); err != nil {
+	if err := b.fillGraphMeta(meta, n, key.rank, mixed); err != nil {
 		return err
 	}
 	if err := b.waitLoads(meta); err != nil {
@@ -271,8 +300,8 @@ func (b *Backend) replay(meta *engine.StepMeta, prog engine.Program) error {
 
 // graphKeyFor is the key of a recording for steps of rows rows and program
 // shape s, with the LoRA scratch sized for it.
-func (b *Backend) graphKeyFor(rows int, s engine.Shape) (graphKey, error) {
-	key := graphKey{rows: rows, lora: s.LoRA}
+func (b *Backend) graphKeyFor(rows int, s engine.Shape, mixed bool) (graphKey, error) {
+	key := graphKey{rows: rows, lora: s.LoRA, mixed: mixed}
 	if key.lora != 0 {
 		key.rank = rankClass(b.maxRank)
 		if err := b.growGraphTmp(key.rank); err != nil {
@@ -334,44 +363,52 @@ func (b *Backend) record(prog engine.Program) (*cuda.GraphExec, error) {
 }
 
 // fillGraphMeta writes meta, padded to n rows, in the graph layout and
-// copies it to the device; it sets the step's launch parameters.
-func (b *Backend) fillGraphMeta(meta *engine.StepMeta, n, rank int) error {
+// copies it to the device; it sets the step's launch parameters. mixed: the
+// step may have prefill rows (graphable checked their tiles fit).
+func (b *Backend) fillGraphMeta(meta *engine.StepMeta, n, rank int, mixed bool) error {
 	b.err = nil
 	b.gen++
 	b.la.pend, b.la.forkIn = pendingDelta{}, 0
 	o := b.g.lay
-	T := len(meta.Tokens)
-	if len(meta.Positions) != T || len(meta.KVSlots) != T {
-		return fmt.Errorf("%w: %d tokens, %d positions, %d KV slots", ErrBadStep, T, len(meta.Positions), len(meta.KVSlots))
+	T, S := len(meta.Tokens), len(meta.Seqs)
+	if len(meta.Positions) != T || len(meta.KVSlots) != T || S > T || len(meta.LogitRows) > T {
+		return fmt.Errorf("%w: %d tokens, %d positions, %d KV slots, %d sequences, %d logit rows", ErrBadStep, T, len(meta.Positions), len(meta.KVSlots), S, len(meta.LogitRows))
 	}
 	h := b.g.host.Int32s()
 	V := int32(b.cfg.VocabSize)
 	nSlots := int32(b.kv.Blocks * b.kv.BlockSize)
-	p := o.pages
 	for i := range n {
-		h[o.loraRows+i], h[o.logitRows+i], h[o.decSeqs+i] = int32(i), int32(i), int32(i)
-		h[o.rowSeq+i] = int32(i)
-		h[o.loraSlots+i] = -1
-		if i >= T { // padding: token 0 at position 0, no KV slot, no context
+		h[o.loraRows+i], h[o.loraSlots+i], h[o.rowSeq+i], h[o.logitRows+i] = int32(i), -1, -1, 0
+		if i >= T { // padding: token 0 at position 0, no KV slot
 			h[o.tokens+i], h[o.pos+i], h[o.kvSlots+i] = 0, 0, -1
-			h[o.seqInfo+4*i], h[o.seqInfo+4*i+1], h[o.seqInfo+4*i+2], h[o.seqInfo+4*i+3] = int32(i), 1, 0, 0
 			continue
 		}
-		t, s := meta.Tokens[i], meta.Seqs[i]
+		t := meta.Tokens[i]
 		if t < 0 || t >= V {
 			return fmt.Errorf("%w: token %d outside the vocabulary", ErrBadStep, t)
 		}
 		if meta.KVSlots[i] < 0 || meta.KVSlots[i] >= nSlots {
 			return fmt.Errorf("%w: KV slot %d outside the cache (%d)", ErrBadStep, meta.KVSlots[i], nSlots)
 		}
-		if s.Context < 1 || (s.Context+b.kv.BlockSize-1)/b.kv.BlockSize > len(s.Blocks) {
-			return fmt.Errorf("%w: sequence %d %+v", ErrBadStep, i, s)
+		h[o.tokens+i], h[o.pos+i], h[o.kvSlots+i] = t, meta.Positions[i], meta.KVSlots[i]
+	}
+	// the step's sequences, then one per padding row (no context); the
+	// decode sequences and the padding ones go to attn_decode
+	p, d := o.pages, o.decSeqs
+	for si, s := range meta.Seqs {
+		if s.Start < 0 || s.Len <= 0 || s.Start+s.Len > T || s.Context < s.Len || (s.Context+b.kv.BlockSize-1)/b.kv.BlockSize > len(s.Blocks) {
+			return fmt.Errorf("%w: sequence %d %+v", ErrBadStep, si, s)
+		}
+		if s.Len > 1 && !mixed {
+			return fmt.Errorf("%w: sequence %d has %d rows in a decode step", ErrBadStep, si, s.Len)
 		}
 		if p+len(s.Blocks) > o.pages+b.g.pagesCap {
 			return fmt.Errorf("%w: page tables exceed %d pages", ErrBadStep, b.g.pagesCap)
 		}
-		h[o.tokens+i], h[o.pos+i], h[o.kvSlots+i] = t, meta.Positions[i], meta.KVSlots[i]
-		h[o.seqInfo+4*i], h[o.seqInfo+4*i+1], h[o.seqInfo+4*i+2], h[o.seqInfo+4*i+3] = int32(i), 1, int32(s.Context), int32(p-o.pages)
+		for r := s.Start; r < s.Start+s.Len; r++ {
+			h[o.rowSeq+r] = int32(si)
+		}
+		h[o.seqInfo+4*si], h[o.seqInfo+4*si+1], h[o.seqInfo+4*si+2], h[o.seqInfo+4*si+3] = int32(s.Start), int32(s.Len), int32(s.Context), int32(p-o.pages)
 		for _, blk := range s.Blocks {
 			if blk < 0 || int(blk) >= b.kv.Blocks {
 				return fmt.Errorf("%w: KV block %d outside the cache (%d)", ErrBadStep, blk, b.kv.Blocks)
@@ -379,6 +416,46 @@ func (b *Backend) fillGraphMeta(meta *engine.StepMeta, n, rank int) error {
 			h[p] = blk
 			p++
 		}
+		if s.Len == 1 {
+			h[d] = int32(si)
+			d++
+		}
+	}
+	for i := range T {
+		if h[o.rowSeq+i] < 0 {
+			return fmt.Errorf("%w: row %d belongs to no sequence", ErrBadStep, i)
+		}
+	}
+	for i := T; i < n; i++ {
+		si := S + i - T
+		h[o.rowSeq+i] = int32(si)
+		h[o.seqInfo+4*si], h[o.seqInfo+4*si+1], h[o.seqInfo+4*si+2], h[o.seqInfo+4*si+3] = int32(i), 1, 0, 0
+		h[d] = int32(si)
+		d++
+	}
+	for ; d < o.decSeqs+n; d++ {
+		h[d] = -1 // no sequence: the blocks exit
+	}
+	nPreTiles := 0
+	if mixed {
+		nPreTiles = preTilesCap(n)
+		pt, end := o.preTiles, o.preTiles+4*nPreTiles
+		for si, s := range meta.Seqs {
+			for r := s.Start; s.Len > 1 && r < s.Start+s.Len; r += preRows {
+				if pt >= end {
+					return fmt.Errorf("%w: more prefill tiles than %d", ErrBadStep, nPreTiles)
+				}
+				h[pt], h[pt+1], h[pt+2], h[pt+3] = int32(r), int32(min(preRows, s.Start+s.Len-r)), int32(si), 0
+				pt += 4
+			}
+		}
+		clear(h[pt:end]) // tiles with no rows
+	}
+	for i, r := range meta.LogitRows {
+		if r < 0 || int(r) >= T {
+			return fmt.Errorf("%w: logit row %d outside %d rows", ErrBadStep, r, T)
+		}
+		h[o.logitRows+i] = r
 	}
 	nTiles, tl := tilesCap(n, b.g.slots), o.tiles
 	for _, g := range meta.LoRA {
@@ -405,7 +482,7 @@ func (b *Backend) fillGraphMeta(meta *engine.StepMeta, n, rank int) error {
 	}
 	b.meta, b.off, b.metaBase = meta, o, b.g.dev.Ptr()
 	b.nRows, b.nLogit = n, n
-	b.nDec, b.nPre = n, 0
+	b.nDec, b.nPre, b.nPreTiles = n, 0, nPreTiles
 	b.decSplit, b.part = b.decSplitFor(n), b.g.part
 	b.nLora, b.nTiles = 0, 0
 	b.stepRank, b.stepTmp, b.stepTmpFloats = 0, 0, 0
@@ -417,8 +494,9 @@ func (b *Backend) fillGraphMeta(meta *engine.StepMeta, n, rank int) error {
 	return nil
 }
 
-// Warmup records the decode graphs of every bucket for progs (engine.Warmer):
-// each is run once on padding alone (no sequence is touched), then recorded.
+// Warmup records the decode and mixed graphs of every bucket for progs
+// (engine.Warmer): each is run once on padding alone (no sequence is
+// touched), then recorded.
 func (b *Backend) Warmup(progs []engine.Program) error {
 	if err := b.freeStaging(); err != nil {
 		return err
@@ -427,22 +505,28 @@ func (b *Backend) Warmup(progs []engine.Program) error {
 		return nil
 	}
 	empty := &engine.StepMeta{}
+	kinds := []bool{false}
+	if b.preOK {
+		kinds = append(kinds, true)
+	}
 	for _, prog := range progs {
-		for _, n := range graphBuckets[:bucketIndex(b.g.maxRows)+1] {
-			key, err := b.graphKeyFor(n, prog.Shape)
-			if err != nil {
-				return err
-			}
-			if b.g.execs[key] != nil {
-				continue
-			}
-			if err := b.fillGraphMeta(empty, n, key.rank); err != nil {
-				return err
-			}
-			err = b.runThenRecord(key, prog)
-			b.meta, b.err = nil, nil
-			if err != nil {
-				return fmt.Errorf("gpu: warm up %d rows: %w", n, err)
+		for _, mixed := range kinds {
+			for _, n := range graphBuckets[:bucketIndex(b.g.maxRows)+1] {
+				key, err := b.graphKeyFor(n, prog.Shape, mixed)
+				if err != nil {
+					return err
+				}
+				if b.g.execs[key] != nil {
+					continue
+				}
+				if err := b.fillGraphMeta(empty, n, key.rank, mixed); err != nil {
+					return err
+				}
+				err = b.runThenRecord(key, prog)
+				b.meta, b.err = nil, nil
+				if err != nil {
+					return fmt.Errorf("gpu: warm up %d rows: %w", n, err)
+				}
 			}
 		}
 	}

@@ -22,16 +22,17 @@ import (
 const graphTol = 1e-2
 
 // TestGraphDecodeMatchesEager runs the same workload on two engines over
-// the tiny fixture model, one replaying decode steps from CUDA graphs and
-// one running every op eagerly: prompts of random lengths with the four
-// fixture adapters (ranks 8-64, different projections) and the base model
-// co-batched, then decode steps over changing subsets of the sequences (so
-// most buckets, padding and page tables of every length are used), then
-// the same after unloading three adapters (the program's LoRA shape
-// changes, a graph is recorded for it) and with device sampling. Every
-// logits row must agree within graphTol and the greedy choices must match
-// (or be near-ties); after Warmup, steps with all adapters loaded need no
-// new recording.
+// the tiny fixture model, one replaying steps from CUDA graphs and one
+// running every op eagerly: prompts of random lengths with the four fixture
+// adapters (ranks 8-64, different projections) and the base model
+// co-batched (prefill steps of up to 256 rows replay mixed graphs), then
+// decode steps over changing subsets of the sequences (so most buckets,
+// padding and page tables of every length are used), then mixed steps (new
+// prompts beside decode rows), then the same after unloading three adapters
+// (the program's LoRA shape changes, a graph is recorded for it) and with
+// device sampling. Every logits row must agree within graphTol and the
+// greedy choices must match (or be near-ties); after Warmup, steps with all
+// adapters loaded need no new recording.
 func TestGraphDecodeMatchesEager(t *testing.T) {
 	m, adapters, _ := loadFixture(t)
 	names := slices.Sorted(maps.Keys(adapters))
@@ -54,8 +55,11 @@ func TestGraphDecodeMatchesEager(t *testing.T) {
 		t.Fatal(err)
 	}
 	warm, _ := gb.GraphStats()
-	if want := 2 * (bucketIndex(gb.g.maxRows) + 1); warm != want {
-		t.Errorf("Warmup recorded %d graphs, want %d (two programs x every bucket up to %d rows)", warm, want, gb.g.maxRows)
+	if !gb.preOK {
+		t.Fatal("the fixture model's head shape has no attn_prefill: mixed graphs are not tested")
+	}
+	if want := 2 * 2 * (bucketIndex(gb.g.maxRows) + 1); warm != want {
+		t.Errorf("Warmup recorded %d graphs, want %d (two programs x decode and mixed x every bucket up to %d rows)", warm, want, gb.g.maxRows)
 	}
 	if n, _ := eb.GraphStats(); n != 0 {
 		t.Errorf("the eager backend recorded %d graphs", n)
@@ -77,14 +81,6 @@ func TestGraphDecodeMatchesEager(t *testing.T) {
 		prefG = append(prefG, engine.Input{Seq: gs[i], Tokens: toks, Slot: slot[i]})
 		prefE = append(prefE, engine.Input{Seq: es[i], Tokens: toks, Slot: slot[i]})
 	}
-	for lo := 0; lo < nSeq; lo += 10 { // prefill in chunks (eager on both)
-		if _, err := eg.Step(ctx, prefG[lo:lo+10]); err != nil {
-			t.Fatal(err)
-		}
-		if _, err := ee.Step(ctx, prefE[lo:lo+10]); err != nil {
-			t.Fatal(err)
-		}
-	}
 	worst, rows, ties := 0.0, 0, 0
 	compare := func(what string, got, want []float32) {
 		r := fx.RelErr(got, want)
@@ -99,6 +95,19 @@ func TestGraphDecodeMatchesEager(t *testing.T) {
 				t.Errorf("%s: graph picks token %d, eager %d (logits %.4f vs %.4f)", what, gi, wi, want[gi], want[wi])
 			}
 			ties++
+		}
+	}
+	for lo := 0; lo < nSeq; lo += 10 { // prefill in chunks: mixed graphs up to 256 rows, eager above
+		og, err := eg.Step(ctx, prefG[lo:lo+10])
+		if err != nil {
+			t.Fatal(err)
+		}
+		oe, err := ee.Step(ctx, prefE[lo:lo+10])
+		if err != nil {
+			t.Fatal(err)
+		}
+		for k := range og {
+			compare(fmt.Sprintf("prefill of seq %d (%d tokens)", lo+k, len(prefG[lo+k].Tokens)), og[k], oe[k])
 		}
 	}
 	step := 0
@@ -128,8 +137,45 @@ func TestGraphDecodeMatchesEager(t *testing.T) {
 	sizes := []int{1, 2, 3, 5, 8, 13, 16, 17, 24, 31, 40, 48, 63, 64, 65, 97, 100, 7, 1}
 	decode(sizes)
 	decode(sizes)
-	if rec, rep := gb.GraphStats(); rec != warm || rep < 2*len(sizes) {
-		t.Errorf("after the decode steps: %d graphs recorded (Warmup: %d), %d replays (want >= %d)", rec, warm, rep, 2*len(sizes))
+	// Mixed steps: a few new prompts (2-70 tokens) beside decode rows of
+	// older sequences.
+	for round := range 6 {
+		var ig, ie []engine.Input
+		var seqsG []*engine.Sequence
+		for range 1 + round%3 {
+			toks := make([]int32, 2+rng.IntN(69))
+			for k := range toks {
+				toks[k] = int32(rng.IntN(V))
+			}
+			sg, se := &engine.Sequence{}, &engine.Sequence{}
+			seqsG = append(seqsG, sg, se)
+			sl := rng.IntN(len(names)+1) - 1
+			ig = append(ig, engine.Input{Seq: sg, Tokens: toks, Slot: sl})
+			ie = append(ie, engine.Input{Seq: se, Tokens: toks, Slot: sl})
+		}
+		for _, i := range rng.Perm(nSeq)[:10+round*15] {
+			tok := int32(rng.IntN(V))
+			ig = append(ig, engine.Input{Seq: gs[i], Tokens: []int32{tok}, Slot: slot[i]})
+			ie = append(ie, engine.Input{Seq: es[i], Tokens: []int32{tok}, Slot: slot[i]})
+		}
+		og, err := eg.Step(ctx, ig)
+		if err != nil {
+			t.Fatal(err)
+		}
+		oe, err := ee.Step(ctx, ie)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for k := range og {
+			compare(fmt.Sprintf("mixed round %d input %d (%d tokens)", round, k, len(ig[k].Tokens)), og[k], oe[k])
+		}
+		for i := 0; i < len(seqsG); i += 2 {
+			eg.Release(seqsG[i])
+			ee.Release(seqsG[i+1])
+		}
+	}
+	if rec, rep := gb.GraphStats(); rec != warm || rep < 2*len(sizes)+6 {
+		t.Errorf("after the decode and mixed steps: %d graphs recorded (Warmup: %d), %d replays (want >= %d)", rec, warm, rep, 2*len(sizes)+6)
 	}
 	// A step whose adapters touch fewer projections: another program shape.
 	for i := range names[:len(names)-1] {

@@ -182,15 +182,24 @@ func (b *Backend) Attention(out, q, k, v engine.Buffer, layer int, scale float32
 	}
 	b.ropeStore(qb, kb, vb, layer, invFreq, c.Heads, b.kv.KVHeads, b.kv.HeadDim)
 	kc, vc := b.kcache.Ptr()+uint64(layer*b.layerB), b.vcache.Ptr()+uint64(layer*b.layerB)
-	if b.nDec == 0 {
+	switch {
+	case b.nPreTiles > 0: // the prefill rows (every row without decode sequences) on the tensor cores
+		if b.err == nil {
+			hd := b.kv.HeadDim
+			b.fail(b.fn.attnPrefill[bits.TrailingZeros(uint(hd))-5].Launch(b.s, cuda.Dim3{X: b.nPreTiles, Y: c.Heads}, cuda.Dim3{X: preThreads}, preShared(hd),
+				ptr(o), ptr(qb), kc, vc, b.i32(b.off.preTiles), b.i32(b.off.seqInfo), b.i32(b.off.pages),
+				c.Heads, b.kv.KVHeads, b.kv.BlockSize, scale, qb.ld))
+		}
+	case b.nDec == 0: // the per-row kernel for every row
 		b.launch(b.fn.attention, cuda.Dim3{X: b.rows(), Y: c.Heads}, cuda.Dim3{X: 128}, ptr(o), ptr(qb), kc, vc,
 			b.i32(b.off.rowSeq), b.i32(b.off.seqInfo), b.i32(b.off.pages), c.Heads, b.kv.KVHeads, b.kv.HeadDim, b.kv.BlockSize, scale, uint64(0), qb.ld)
-		return
-	}
-	if b.nPre > 0 {
+	case b.nPre > 0: // the per-row kernel for the prefill rows
 		b.launch(b.fn.attention, cuda.Dim3{X: b.nPre, Y: c.Heads}, cuda.Dim3{X: 128}, ptr(o), ptr(qb), kc, vc,
 			b.i32(b.off.rowSeq), b.i32(b.off.seqInfo), b.i32(b.off.pages), c.Heads, b.kv.KVHeads, b.kv.HeadDim, b.kv.BlockSize, scale,
 			b.i32(b.off.preRows), qb.ld)
+	}
+	if b.nDec == 0 {
+		return
 	}
 	hd := b.kv.HeadDim
 	var part uint64
@@ -223,6 +232,16 @@ func decShared(hd int) int {
 	}
 	return decThreads / 32 * stages * 2 * 16 * hd * 2
 }
+
+// preThreads, preRows are PRE_THREADS and PRE_ROWS in llama.cu; preShared(hd)
+// is the dynamic shared memory of attn_prefill_d{hd}: PreShape<hd>::ST (2)
+// stages of a 64-position tile of K and V.
+const (
+	preThreads = 128
+	preRows    = 64
+)
+
+func preShared(hd int) int { return 2 * 2 * 64 * hd * 2 }
 
 // SiLUMul computes out = silu(gate) * up.
 func (b *Backend) SiLUMul(out, gate, up engine.Buffer) {

@@ -8,8 +8,8 @@ import (
 )
 
 type metaOffsets struct {
-	tokens, pos, kvSlots, rowSeq, seqInfo, pages, loraRows, loraSlots, logitRows, tiles, decSeqs, preRows, end int
-	rowLora                                                                                                    int // each row's adapter slot, -1 for none (the ops that add a LoRA update skip those rows)
+	tokens, pos, kvSlots, rowSeq, seqInfo, pages, loraRows, loraSlots, logitRows, tiles, decSeqs, preRows, preTiles, end int
+	rowLora                                                                                                              int // each row's adapter slot, -1 for none (the ops that add a LoRA update skip those rows)
 }
 
 func (b *Backend) i32(off int) cuda.DevicePtr { return b.metaBase + uint64(4*off) }
@@ -65,7 +65,18 @@ func (b *Backend) Begin(meta *engine.StepMeta) error {
 		nPre = T - nDec
 	}
 	o.rowLora = o.preRows + nPre
-	o.end = o.rowLora + T
+	// attn_prefill tiles: PRE_ROWS consecutive rows of a sequence that is
+	// not a decode sequence
+	nPreTiles := 0
+	if b.preOK && !b.attnV0 {
+		for _, s := range meta.Seqs {
+			if nDec == 0 || s.Len != 1 {
+				nPreTiles += (s.Len + preRows - 1) / preRows
+			}
+		}
+	}
+	o.preTiles = o.rowLora + T
+	o.end = o.preTiles + 4*nPreTiles
 	if err := b.s.Synchronize(); err != nil { // the pinned staging may still feed a copy
 		return err
 	}
@@ -158,6 +169,16 @@ func (b *Backend) Begin(meta *engine.StepMeta) error {
 			}
 		}
 	}
+	pt := o.preTiles
+	for si, s := range meta.Seqs {
+		if nPreTiles == 0 || (nDec > 0 && s.Len == 1) {
+			continue
+		}
+		for r := s.Start; r < s.Start+s.Len; r += preRows {
+			h[pt], h[pt+1], h[pt+2], h[pt+3] = int32(r), int32(min(preRows, s.Start+s.Len-r)), int32(si), 0
+			pt += 4
+		}
+	}
 	tl := o.tiles
 	for _, g := range meta.LoRA {
 		for r := g.Start; r < g.End; r += sgTileRows {
@@ -170,7 +191,7 @@ func (b *Backend) Begin(meta *engine.StepMeta) error {
 	}
 	b.meta, b.off, b.nLora, b.nTiles = meta, o, nLora, nTiles
 	b.metaBase, b.nRows, b.nLogit, b.graphLayout = b.metaDev.Ptr(), T, len(meta.LogitRows), false
-	b.nDec, b.nPre, b.part = nDec, nPre, b.attnPart
+	b.nDec, b.nPre, b.nPreTiles, b.part = nDec, nPre, nPreTiles, b.attnPart
 	b.stepRank, b.stepTmp, b.stepTmpFloats = b.maxRank, 0, 0
 	if b.loraTmp != nil {
 		b.stepTmp, b.stepTmpFloats = b.loraTmp.Ptr(), b.tmpFloats()
