@@ -156,7 +156,7 @@ func (m *Manager) fetch(id, version string) (*lora.Adapter, Tier, error) {
 		}
 	}
 	t0 := m.now()
-	a, err := lora.Parse(id, cfg, w, m.opts.Base)
+	a, err := lora.ParseOwned(id, cfg, w, m.opts.Base) // cfg and w are this fetch's own
 	m.phase(id, "validate", t0)
 	if err != nil {
 		m.invalid.Add(1)

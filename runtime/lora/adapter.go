@@ -177,6 +177,18 @@ func Parse(name string, configJSON, weights []byte, base *llama.Config) (*Adapte
 	return c.Adapter(), nil
 }
 
+// ParseOwned is Parse for a caller that hands weights over: nothing else
+// may write them afterwards. When every pair is bf16 the adapter's A16 and
+// B16 alias weights instead of copying them (a cold load skips a copy of
+// the whole file and the page faults of a new buffer of its size).
+func ParseOwned(name string, configJSON, weights []byte, base *llama.Config) (*Adapter, error) {
+	c, err := Check(name, configJSON, weights, base)
+	if err != nil {
+		return nil, err
+	}
+	return c.adapter(true), nil
+}
+
 // Check validates an adapter from the bytes of its two files as Parse does,
 // refusing what Parse refuses with the same errors, without converting its
 // weights: the returned Checked converts them, and aliases weights until
@@ -266,12 +278,32 @@ func check(name string, configJSON []byte, f *safetensors.File, base *llama.Conf
 // their bf16 bits (A16, B16: a copy, no conversion, half the memory of
 // float32), any other is converted to float32. It cannot fail: every
 // tensor's dtype, shape and values were checked.
-func (ck *Checked) Adapter() *Adapter {
+func (ck *Checked) Adapter() *Adapter { return ck.adapter(false) }
+
+// adapter copies the weights out, or with own aliases the bf16 bits of the
+// weights when every pair is bf16 (ParseOwned).
+func (ck *Checked) adapter(own bool) *Adapter {
 	a := &Adapter{Name: ck.name, Config: ck.cfg, Layers: make([][llama.NumModules]*Pair, ck.layers)}
+	alias := own && nativeLittle
+	for _, p := range ck.pairs {
+		if !alias {
+			break
+		}
+		for _, name := range []string{p.a, p.b} {
+			if b, info, err := ck.f.Bytes(name); err != nil || info.DType != safetensors.BF16 || uintptr(unsafe.Pointer(unsafe.SliceData(b)))%2 != 0 {
+				alias = false
+			}
+		}
+	}
 	pairs := make([]*Pair, len(ck.pairs))
 	parallel.Ranges(len(ck.pairs), 1, func(lo, hi int) error {
 		for i, p := range ck.pairs[lo:hi] {
 			pr := &Pair{Rank: p.rank, Scale: p.scale}
+			if alias {
+				pr.A16, pr.B16 = bf16Alias(ck.f, p.a), bf16Alias(ck.f, p.b)
+				pairs[lo+i] = pr
+				continue
+			}
 			if a16, ok := bf16s(ck.f, p.a); ok {
 				if b16, ok := bf16s(ck.f, p.b); ok {
 					pr.A16, pr.B16 = a16, b16
@@ -307,6 +339,16 @@ func bf16s(f *safetensors.File, name string) ([]uint16, bool) {
 		out[i] = binary.LittleEndian.Uint16(b[2*i:])
 	}
 	return out, true
+}
+
+// bf16Alias is a checked BF16 tensor's bits in place (2-byte aligned, on a
+// little-endian machine: adapter checked both).
+func bf16Alias(f *safetensors.File, name string) []uint16 {
+	b, _, _ := f.Bytes(name)
+	if len(b) == 0 {
+		return []uint16{}
+	}
+	return unsafe.Slice((*uint16)(unsafe.Pointer(unsafe.SliceData(b))), len(b)/2)
 }
 
 // nativeLittle: this machine stores a uint16's low byte first, as the

@@ -5,6 +5,7 @@ import (
 	"math"
 	"slices"
 	"testing"
+	"unsafe"
 
 	"github.com/peftd/peftd/internal/adaptertest"
 	"github.com/peftd/peftd/runtime/llama"
@@ -101,5 +102,82 @@ func TestBF16PairsKeepTheirBits(t *testing.T) {
 	p := a32.Layers[0][llama.Q]
 	if p.A == nil || p.A16 != nil || a32.HostBytes() != 4*params || a32.Params != params {
 		t.Errorf("float32 file: A %v A16 %v, HostBytes %d, Params %d", p.A != nil, p.A16 != nil, a32.HostBytes(), a32.Params)
+	}
+}
+
+// TestParseOwnedAliases: ParseOwned keeps the file's bf16 bits in place
+// (each A16/B16 points into the weights it was handed, with the values
+// Parse copies out), while Parse copies; a file with one float32 pair is
+// copied whole (no alias keeps the file alive beside float32 copies).
+func TestParseOwnedAliases(t *testing.T) {
+	base := adaptertest.Llama8B(t)
+	base.Layers = 2
+	cfg, weights := adaptertest.Random(t, base, 8, 5)
+	inside := func(v []uint16, b []byte) bool {
+		if len(v) == 0 {
+			return false
+		}
+		p, lo := uintptr(unsafe.Pointer(&v[0])), uintptr(unsafe.Pointer(&b[0]))
+		return p >= lo && p < lo+uintptr(len(b))
+	}
+	copied, err := lora.Parse("c", cfg, weights, base)
+	if err != nil {
+		t.Fatal(err)
+	}
+	owned, err := lora.ParseOwned("o", cfg, weights, base)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for l := range base.Layers {
+		for m := llama.Module(0); m < llama.NumModules; m++ {
+			c, o := copied.Layers[l][m], owned.Layers[l][m]
+			if inside(c.A16, weights) || inside(c.B16, weights) {
+				t.Fatalf("layer %d %s: Parse aliases the weights", l, m)
+			}
+			if !inside(o.A16, weights) || !inside(o.B16, weights) {
+				t.Fatalf("layer %d %s: ParseOwned copied a bf16 pair", l, m)
+			}
+			if !slices.Equal(c.A16, o.A16) || !slices.Equal(c.B16, o.B16) || c.Rank != o.Rank || c.Scale != o.Scale {
+				t.Fatalf("layer %d %s: ParseOwned and Parse differ", l, m)
+			}
+		}
+	}
+	if owned.HostBytes() != copied.HostBytes() || owned.Params != copied.Params {
+		t.Errorf("HostBytes %d vs %d, Params %d vs %d", owned.HostBytes(), copied.HostBytes(), owned.Params, copied.Params)
+	}
+
+	// One pair in float32: nothing aliases.
+	f, err := safetensors.Parse(weights)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ts []safetensors.Tensor
+	f32 := "base_model.model." + llama.Down.Path(1) + ".lora_A.weight"
+	for _, name := range f.Names() {
+		raw, info, err := f.Bytes(name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		tn := safetensors.Tensor{Name: name, DType: info.DType, Shape: info.Shape, Data: raw}
+		if name == f32 {
+			v, _, _ := f.Float32(name)
+			b := make([]byte, 4*len(v))
+			for i, x := range v {
+				binary.LittleEndian.PutUint32(b[4*i:], math.Float32bits(x))
+			}
+			tn.DType, tn.Data = safetensors.F32, b
+		}
+		ts = append(ts, tn)
+	}
+	mixed, err := safetensors.Encode(ts, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	om, err := lora.ParseOwned("m", cfg, mixed, base)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if p := om.Layers[0][llama.Q]; inside(p.A16, mixed) || p.A16 == nil {
+		t.Error("a file with a float32 pair: bf16 pairs alias it, or were converted")
 	}
 }

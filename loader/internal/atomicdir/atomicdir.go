@@ -11,6 +11,10 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
+	"sync/atomic"
+
+	"github.com/peftd/peftd/internal/parallel"
 )
 
 // TempPrefix starts the names of the temporary folders Write makes next to
@@ -177,7 +181,7 @@ func readOnce(parent, name string, files []Limit) ([][]byte, []os.FileInfo, erro
 			f.Close()
 			return nil, nil, fmt.Errorf("%w: %s is %d bytes, limit %d", ErrTooLarge, l.Name, fi.Size(), l.Max)
 		}
-		b, err := readAll(f, fi.Size(), l.Progress)
+		b, err := readFile(f, fi.Size(), l.Progress)
 		f.Close()
 		if err != nil {
 			return nil, nil, fmt.Errorf("%s: %w", l.Name, err)
@@ -211,11 +215,83 @@ func Stat(parent, name string, files ...string) ([]os.FileInfo, error) {
 
 const chunk = 4 << 20
 
+// parallelMin is the size from which a file is read by positional reads on
+// several goroutines: a cold adapter's load waits on the read, which is
+// mostly copying from the page cache and faulting in the new buffer's
+// pages, both of which scale with cores.
+const parallelMin = 16 << 20
+
+// readFile reads f, stated to be size bytes: in parallel ranges when large,
+// then on to the end (a file that grew while being read is read whole).
+func readFile(f *os.File, size int64, progress func(done, total int64)) ([]byte, error) {
+	if size < parallelMin {
+		return readAll(f, size, progress)
+	}
+	b := make([]byte, size)
+	var done atomic.Int64
+	var mu sync.Mutex // progress is called by one goroutine at a time
+	err := parallel.Ranges(int(size/chunk)+1, 1, func(lo, hi int) error {
+		for c := lo; c < hi; c++ {
+			off := int64(c) * chunk
+			end := min(size, off+chunk)
+			if off >= end {
+				continue
+			}
+			n, err := f.ReadAt(b[off:end], off)
+			if err != nil && !(errors.Is(err, io.EOF) && int64(n) == end-off) {
+				return err
+			}
+			if progress != nil {
+				d := done.Add(int64(n))
+				mu.Lock()
+				progress(d, size)
+				mu.Unlock()
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	// anything past the stated size: a file that grew while we read
+	if _, err := f.Seek(size, io.SeekStart); err != nil {
+		return nil, err
+	}
+	rest, err := readAll(f, 0, nil)
+	if err != nil {
+		return nil, err
+	}
+	if len(rest) > 0 {
+		b = append(b, rest...)
+		if progress != nil {
+			progress(int64(len(b)), size)
+		}
+	}
+	return b, nil
+}
+
 func readAll(r io.Reader, size int64, progress func(done, total int64)) ([]byte, error) {
 	b := make([]byte, 0, size)
 	for {
 		if len(b) == cap(b) {
-			b = append(b, 0)[:len(b)] // grew while we read: let append size it
+			// The stated size is read: one small read tells the end from a
+			// file that grew while we read (only then does b grow; growing
+			// it to look would copy the whole file).
+			var probe [512]byte
+			n, err := r.Read(probe[:])
+			if n > 0 {
+				b = append(b, probe[:n]...)
+				if progress != nil {
+					progress(int64(len(b)), size)
+				}
+			}
+			if err == io.EOF {
+				return b, nil
+			}
+			if err != nil {
+				return b, err
+			}
+			continue
 		}
 		end := min(cap(b), len(b)+chunk)
 		n, err := r.Read(b[len(b):end])
