@@ -253,14 +253,23 @@ func check(name string, configJSON []byte, f *safetensors.File, base *llama.Conf
 		if p.rank != wantR {
 			return nil, fail(ErrMismatch, "%s has rank %d, adapter_config.json says %d", p.a, p.rank, wantR)
 		}
-		if err := finite(f, p.a); err != nil {
-			return nil, err
-		}
-		if err := finite(f, p.b); err != nil {
-			return nil, err
-		}
 		ck.pairs = append(ck.pairs, checkedPair{tensorPair: p, scale: float32(c.Scale(alpha, p.rank))})
 		have[p.layer][p.mod] = true
+	}
+	// Every value, on several goroutines (a cold adapter's load waits on
+	// it); the first pair in file order that fails is the one reported.
+	if err := parallel.Ranges(len(ck.pairs), 1, func(lo, hi int) error {
+		for _, p := range ck.pairs[lo:hi] {
+			if err := finite(f, p.a); err != nil {
+				return err
+			}
+			if err := finite(f, p.b); err != nil {
+				return err
+			}
+		}
+		return nil
+	}); err != nil {
+		return nil, err
 	}
 	// Every targeted projection must have weights, or PEFT would have saved them.
 	for l := 0; l < base.Layers; l++ {
