@@ -63,7 +63,9 @@
 #   run(command="bash scripts/gpu-check.sh --on-device tests memcheck fixture8b lorabench", carry=["bin/gpu"])
 #   run(command="bash scripts/gpu-check.sh --on-device decode", carry=["bin/gpu"])
 # Knobs: GPU_TEST_RUN (a -test.run pattern for tests/memcheck), SKIP_MEMCHECK=1,
-# PEFTD_DECODE_BATCHES (e.g. 1,16), DECODE_LAYERS (layers of the random checkpoint, default 32).
+# PEFTD_DECODE_BATCHES (e.g. 1,16), PEFTD_DECODE_QUICK=1 (decode: base and
+# adapters only), PEFTD_WEIGHTS=fp8 (decode), SERVE8B_ARGS (e.g. "--weights
+# fp8"), DECODE_LAYERS (layers of the random checkpoint, default 32).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -288,7 +290,8 @@ if want serve8b; then
 	echo "=== serve8b: peftd serve --device cuda --model $MD/base (4 adapters in a store folder)"
 	if random_ckpt "$MD" decode --layers "${DECODE_LAYERS:-32}"; then
 		SD=$(mktemp -d)
-		PEFTD_CACHE=$SD "$ROOT/bin/gpu/peftd" serve --device cuda --model "$MD/base" --store "$MD/adapters" --slots 5 --max-queue 1024 --listen 127.0.0.1:8081 >"$LOG/serve8b.log" 2>&1 &
+		# SERVE8B_ARGS: more serve flags (e.g. --weights fp8)
+		PEFTD_CACHE=$SD "$ROOT/bin/gpu/peftd" serve --device cuda --model "$MD/base" --store "$MD/adapters" --slots 5 --max-queue 1024 --listen 127.0.0.1:8081 ${SERVE8B_ARGS:-} >"$LOG/serve8b.log" 2>&1 &
 		SRV=$!
 		if serve_wait "$LOG/serve8b.log" "$(left 200)"; then
 			grep -E 'engine|kv cache|device' "$LOG/serve8b.log" | head -4 | cut -c1-240

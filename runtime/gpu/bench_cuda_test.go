@@ -412,11 +412,16 @@ func TestDecodeBench(t *testing.T) {
 		// LoRA update on the compute stream (SerialLoRA) and with the GEMMs
 		// holding 0, 16 or 32 SMs back for the LoRA stream whatever the
 		// batch (LoRASMs; the others choose by the batch: autoLoRASMs)
-		for _, v := range []struct {
+		type variant struct {
 			lora, sampled, eager, serial bool
 			sms                          int // -1: autoLoRASMs
-		}{{sms: -1}, {lora: true, sms: -1}, {sampled: true, sms: -1}, {eager: true, sms: -1}, {lora: true, eager: true, sms: -1},
-			{lora: true, serial: true, sms: -1}, {lora: true, sms: 0}, {lora: true, sms: 16}, {lora: true, sms: 32}} {
+		}
+		vs := []variant{{sms: -1}, {lora: true, sms: -1}, {sampled: true, sms: -1}, {eager: true, sms: -1}, {lora: true, eager: true, sms: -1},
+			{lora: true, serial: true, sms: -1}, {lora: true, sms: 0}, {lora: true, sms: 16}, {lora: true, sms: 32}}
+		if os.Getenv("PEFTD_DECODE_QUICK") != "" { // base and adapters only
+			vs = vs[:2]
+		}
+		for _, v := range vs {
 			withLoRA, sampled := v.lora, v.sampled
 			gb.g.off = v.eager
 			if withLoRA && len(ads) == 0 {
