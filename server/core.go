@@ -135,7 +135,7 @@ func (c *Core) Close() error {
 		c.Scheduler.Close()
 		if g, ok := c.Engine.Backend().(*gpu.Backend); ok {
 			rec, rep := g.GraphStats()
-			c.log.Info("decode graphs", "recorded", rec, "steps_replayed", rep)
+			c.log.Info("CUDA graphs (decode and mixed steps)", "recorded", rec, "steps_replayed", rep)
 		}
 		var errs []error
 		if err := c.Loader.Close(); err != nil {

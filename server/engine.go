@@ -126,7 +126,8 @@ func OpenEngine(ctx context.Context, cfg EngineConfig) (e *engine.Engine, info E
 }
 
 // warmEngine records the backend's step programs before the first request
-// (the CUDA backend's decode graphs; nothing on the CPU) and logs what it did.
+// (the CUDA backend's decode and mixed-step graphs; nothing on the CPU)
+// and logs what it did.
 func warmEngine(e *engine.Engine, log *slog.Logger) error {
 	t0 := time.Now()
 	if err := e.Warmup(); err != nil {
@@ -134,7 +135,7 @@ func warmEngine(e *engine.Engine, log *slog.Logger) error {
 	}
 	if g, ok := e.Backend().(*gpu.Backend); ok {
 		n, _ := g.GraphStats()
-		log.Info("decode graphs", "recorded", n, "seconds", fmt.Sprintf("%.2f", time.Since(t0).Seconds()))
+		log.Info("CUDA graphs (decode and mixed steps)", "recorded", n, "seconds", fmt.Sprintf("%.2f", time.Since(t0).Seconds()))
 	}
 	return nil
 }
