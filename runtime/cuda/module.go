@@ -1,0 +1,155 @@
+package cuda
+
+import (
+	"fmt"
+	"math"
+	"runtime"
+	"unsafe"
+)
+
+// Modules, kernels and launches.
+
+// Module is loaded device code.
+type Module struct {
+	c *Context
+	m cuModule
+}
+
+// LoadModule loads a cubin (or PTX, NUL-terminated) image.
+func (c *Context) LoadModule(image []byte) (*Module, error) {
+	if len(image) == 0 {
+		return nil, fmt.Errorf("%w: empty module image", ErrInvalidValue)
+	}
+	m := &Module{c: c}
+	err := c.Do(func() error { return check("cuModuleLoadData", drv.cuModuleLoadData(&m.m, unsafe.Pointer(&image[0]))) })
+	runtime.KeepAlive(image)
+	if err != nil {
+		return nil, err
+	}
+	return m, nil
+}
+
+// Unload releases the module.
+func (m *Module) Unload() error {
+	if m == nil || m.m == 0 {
+		return nil
+	}
+	h := m.m
+	m.m = 0
+	return m.c.Do(func() error { return check("cuModuleUnload", drv.cuModuleUnload(h)) })
+}
+
+// Function is a kernel of a module.
+type Function struct {
+	c    *Context
+	f    cuFunction
+	Name string
+}
+
+// Function looks up a kernel by its (extern "C") name.
+func (m *Module) Function(name string) (*Function, error) {
+	f := &Function{c: m.c, Name: name}
+	err := m.c.Do(func() error { return check("cuModuleGetFunction", drv.cuModuleGetFunction(&f.f, m.m, name)) })
+	if err != nil {
+		return nil, fmt.Errorf("kernel %s: %w", name, err)
+	}
+	return f, nil
+}
+
+// SetMaxDynamicShared lets launches use up to n bytes of dynamic shared memory.
+func (f *Function) SetMaxDynamicShared(n int) error {
+	const maxDynamicSharedSizeBytes = 8 // CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+	return f.c.Do(func() error {
+		return check("cuFuncSetAttribute", drv.cuFuncSetAttribute(f.f, maxDynamicSharedSizeBytes, int32(n)))
+	})
+}
+
+// Resources reports what the compiled kernel uses per thread: registers and
+// local memory (spilled registers and arrays the compiler kept off them).
+func (f *Function) Resources() (regs, localBytes int, err error) {
+	const numRegs, localSizeBytes = 4, 3 // CU_FUNC_ATTRIBUTE_NUM_REGS, CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES
+	var r, l int32
+	err = f.c.Do(func() error {
+		if err := check("cuFuncGetAttribute", drv.cuFuncGetAttribute(&r, numRegs, f.f)); err != nil {
+			return err
+		}
+		return check("cuFuncGetAttribute", drv.cuFuncGetAttribute(&l, localSizeBytes, f.f))
+	})
+	return int(r), int(l), err
+}
+
+// BlocksPerSM is how many blocks of the kernel fit on one multiprocessor
+// at once with block threads and shared bytes of dynamic shared memory.
+func (f *Function) BlocksPerSM(block, shared int) (int, error) {
+	var n int32
+	err := f.c.Do(func() error {
+		return check("cuOccupancyMaxActiveBlocksPerMultiprocessor", drv.cuOccupancyMaxActiveBlocks(&n, f.f, int32(block), uint64(shared)))
+	})
+	return int(n), err
+}
+
+// Dim3 is a grid or block shape; zero components count as 1.
+type Dim3 struct{ X, Y, Z int }
+
+func (d Dim3) u() (uint32, uint32, uint32) {
+	one := func(v int) uint32 {
+		if v <= 0 {
+			return 1
+		}
+		return uint32(v)
+	}
+	return one(d.X), one(d.Y), one(d.Z)
+}
+
+// Launch enqueues the kernel on s. Arguments are passed by value: int, int32,
+// uint32, int64, uint64 (DevicePtr), float32, float64, bool, *DeviceBuffer
+// (its address; nil is a null pointer). A kernel parameter declared int
+// receives the low 32 bits of an int.
+func (f *Function) Launch(s *Stream, grid, block Dim3, shared int, args ...any) error {
+	if len(args) > maxKernelArgs {
+		return fmt.Errorf("%w: %d kernel arguments (max %d)", ErrInvalidValue, len(args), maxKernelArgs)
+	}
+	return f.c.Do(func() error {
+		a := f.c.args
+		for i, v := range args {
+			var x uint64
+			switch v := v.(type) {
+			case int:
+				x = uint64(int64(v))
+			case int32:
+				x = uint64(uint32(v))
+			case uint32:
+				x = uint64(v)
+			case int64:
+				x = uint64(v)
+			case uint64:
+				x = v
+			case float32:
+				x = uint64(math.Float32bits(v))
+			case float64:
+				x = math.Float64bits(v)
+			case bool:
+				if v {
+					x = 1
+				}
+			case *DeviceBuffer:
+				if v != nil {
+					x = v.ptr
+				}
+			default:
+				return fmt.Errorf("%w: kernel %s argument %d has unsupported type %T", ErrInvalidValue, f.Name, i, v)
+			}
+			a.vals[i] = x
+		}
+		gx, gy, gz := grid.u()
+		bx, by, bz := block.u()
+		var params unsafe.Pointer
+		if len(args) > 0 {
+			params = unsafe.Pointer(&a.ptrs[0])
+		}
+		if err := check("cuLaunchKernel", drv.cuLaunchKernel(f.f, gx, gy, gz, bx, by, bz, uint32(shared), s.s, params, nil)); err != nil {
+			return fmt.Errorf("kernel %s grid %v block %v: %w", f.Name, grid, block, err)
+		}
+		return nil
+	})
+}
