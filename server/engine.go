@@ -165,7 +165,10 @@ func gpuKVBlocks(mon *gpuinfo.Monitor, cfg Config, c *llama.Config, log *slog.Lo
 		return 0, nil
 	}
 	o := engineOptions(cfg.Slots, 0, cfg.MaxBatchTokens)
-	n := kvBlocksFor(ds[cfg.GPU].MemFree, c, o)
+	n, err := kvBlocksFor(ds[cfg.GPU].MemFree, c, o, cfg.Weights)
+	if err != nil {
+		return 0, err
+	}
 	if n == 0 {
 		return 0, fmt.Errorf("server: GPU %d has %.1f GiB free: too little for the model's weights, %d adapter slots and activations",
 			cfg.GPU, float64(ds[cfg.GPU].MemFree)/(1<<30), cfg.Slots)

@@ -6,33 +6,24 @@ import (
 
 	"github.com/peftd/peftd/gpuinfo"
 	"github.com/peftd/peftd/runtime/engine"
+	"github.com/peftd/peftd/runtime/gpu"
 	"github.com/peftd/peftd/runtime/llama"
 )
 
 // kvBlocksFor sizes the KV cache from free device memory: what is left after
-// the bf16 weights, slots adapters of rank 64 on all seven projections, and
-// the step's activations, keeping 10% of free memory in reserve.
-func kvBlocksFor(free uint64, c *llama.Config, opts engine.Options) int {
-	const bf16 = 2
-	var weights, adapter uint64
-	for _, s := range c.Expected() {
-		n := uint64(1)
-		for _, d := range s.Shape {
-			n *= uint64(d)
-		}
-		weights += n * bf16
+// what the CUDA backend says it takes besides its pages (gpu.MemoryNeeds:
+// the weights in their format, adapter slots, a step's activations), keeping
+// 10% of free memory in reserve.
+func kvBlocksFor(free uint64, c *llama.Config, opts engine.Options, weights string) (int, error) {
+	fixed, perBlock, err := gpu.MemoryNeeds(c, opts.MaxTokens, opts.BlockSize, opts.AdapterSlots, weights)
+	if err != nil {
+		return 0, err
 	}
-	for m := llama.Module(0); m < llama.NumModules; m++ {
-		in, out := c.Dims(m)
-		adapter += uint64(c.Layers) * 64 * uint64(in+out) * bf16
-	}
-	acts := uint64(opts.MaxTokens) * uint64(8*c.Hidden+3*c.Intermediate+4*c.VocabSize) * 4
-	perBlock := uint64(c.Layers) * 2 * uint64(opts.BlockSize) * uint64(c.KVHeads*c.HeadDim) * bf16
-	need := weights + uint64(opts.AdapterSlots)*adapter + acts + free/10
+	need := fixed + free/10
 	if free <= need || perBlock == 0 {
-		return 0
+		return 0, nil
 	}
-	return int((free - need) / perBlock)
+	return int((free - need) / perBlock), nil
 }
 
 // gpuMonitor opens NVML for memory sizing, health and metrics; without it
