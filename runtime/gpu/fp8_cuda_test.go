@@ -3,7 +3,6 @@
 package gpu
 
 import (
-	"fmt"
 	"math"
 	"math/rand/v2"
 	"os"
@@ -271,7 +270,10 @@ func relErr64(got []float32, want []float64) float64 {
 func TestFP8Gemm(t *testing.T) {
 	r := newFP8Rig(t)
 	const tight = 4e-3 // bf16 output rounding (unit roundoff 2^-9 after rounding to nearest)
-	for _, sz := range []struct{ T, N, K int }{{1, 4096, 4096}, {7, 96, 272}, {33, 1000, 528}, {3, 100, 4096}, {64, 1024, 14336}, {129, 6144, 4096}, {300, 512, 4096}, {5, 97, 64}} {
+	// fp8_gemv takes T <= 16 with K % 64 == 0 and N % 16 == 0 (the first
+	// seven); cuBLASLt the rest
+	for _, sz := range []struct{ T, N, K int }{{1, 4096, 4096}, {16, 6144, 4096}, {9, 28672, 4096}, {2, 4096, 14336}, {8, 48, 128}, {11, 32, 64}, {4, 16, 64},
+		{7, 96, 272}, {33, 1000, 528}, {3, 100, 4096}, {64, 1024, 14336}, {129, 6144, 4096}, {300, 512, 4096}, {5, 97, 64}, {17, 4096, 4096}} {
 		xh, wh := r.bf16Rand(sz.T*sz.K, 1), r.bf16Rand(sz.N*sz.K, 0.02)
 		dx, dw := r.up(xh), r.up(wh)
 		w, err := r.f.upload(wh, sz.N, sz.K)
@@ -320,8 +322,12 @@ func TestFP8Gemm(t *testing.T) {
 			f16d[i] = float64(v)
 		}
 		e816 := relErr64(f8, f16d)
-		t.Logf("T=%4d N=%5d K=%5d: fp8 vs float64(dequantized) maxrel=%.3g; vs float64(bf16 operands): fp8 %.3g, bf16 GEMM %.3g; fp8 vs bf16 GEMM %.3g",
-			sz.T, sz.N, sz.K, eDeq, e8, e16, e816)
+		path := "cuBLASLt"
+		if gemvFits(sz.T, sz.N, sz.K) {
+			path = "fp8_gemv"
+		}
+		t.Logf("T=%4d N=%5d K=%5d (%s): fp8 vs float64(dequantized) maxrel=%.3g; vs float64(bf16 operands): fp8 %.3g, bf16 GEMM %.3g; fp8 vs bf16 GEMM %.3g",
+			sz.T, sz.N, sz.K, path, eDeq, e8, e16, e816)
 		if !(eDeq <= tight) {
 			t.Errorf("T=%d N=%d K=%d: FP8 GEMM vs dequantized float64 reference %.3g > %.0e", sz.T, sz.N, sz.K, eDeq, tight)
 		}
@@ -347,12 +353,12 @@ func TestFP8GemmBench(t *testing.T) {
 	const peak16, peak8 = 989e12, 1979e12 // H100 SXM dense bf16 / fp8 tensor FLOP/s (datasheet)
 	bench("fp8gemm device %s; copy bandwidth %.0f GB/s; peaks bf16 %.0f, fp8 %.0f TFLOP/s (datasheet); median of 30 per-launch event times, weights rotated over >= 150 MB",
 		r.ctx.Device().Name, bw/1e9, peak16/1e12, peak8/1e12)
-	bench("fp8gemm %-8s %5s %9s %9s %9s %9s %8s %9s %9s %7s %7s %7s", "shape", "T", "bf16_us", "fp8_us", "quant_us", "fp8+q_us", "speedup", "floor16", "floor8", "frac16", "frac8", "TF/s8")
+	bench("fp8gemm %-8s %5s %9s %9s %9s %9s %9s %8s %9s %9s %7s %7s %7s", "shape", "T", "bf16_us", "fp8_us", "lt8_us", "quant_us", "fp8+q_us", "speedup", "floor16", "floor8", "frac16", "frac8", "TF/s8")
 	shapes := []struct {
 		name string
 		N, K int
 	}{{"qkv", 6144, 4096}, {"o", 4096, 4096}, {"gate_up", 28672, 4096}, {"down", 4096, 14336}}
-	Ts := []int{1, 16, 64, 256, 2048}
+	Ts := []int{1, 4, 16, 64, 256, 2048}
 	e0, _ := r.ctx.NewEvent(true)
 	e1, _ := r.ctx.NewEvent(true)
 	defer e0.Destroy()
@@ -409,6 +415,10 @@ func TestFP8GemmBench(t *testing.T) {
 				t.Fatal(err)
 			}
 			t8 := timeIt(30, func(i int) error { return r.f.linear(out.Ptr(), x.Ptr(), T, w8[i%n8], 7) })
+			lt := timeIt(30, func(i int) error { // cuBLASLt's FP8 product whatever T (fp8_gemv's alternative)
+				w := w8[i%n8]
+				return r.mm.GemmTNScaled(r.s, out.Ptr(), cuda.R16BF, r.f.actQ.Ptr(), r.f.actS.Ptr(), w.q.Ptr(), w.scale.Ptr(), T, N, K)
+			})
 			tq := timeIt(30, func(i int) error {
 				return r.f.quantRows(r.f.actQ.Ptr(), r.f.actS.Ptr(), x.Ptr(), T, K, K)
 			})
@@ -421,7 +431,7 @@ func TestFP8GemmBench(t *testing.T) {
 			b8 := float64(N*K) + 4*float64(N) + float64(T*K) + 4*float64(T) + 2*float64(T*N)
 			fl16 := max(b16/bw, fl/peak16) * 1e6
 			fl8 := max(b8/bw, fl/peak8) * 1e6
-			bench("fp8gemm %-8s %5d %9.1f %9.1f %9.1f %9.1f %8.2f %9.1f %9.1f %7.2f %7.2f %7.0f", fmt.Sprintf("%s", sh.name), T, t16, t8, tq, tt, t16/tt, fl16, fl8, fl16/t16, fl8/t8, fl/(t8*1e-6)/1e12)
+			bench("fp8gemm %-8s %5d %9.1f %9.1f %9.1f %9.1f %9.1f %8.2f %9.1f %9.1f %7.2f %7.2f %7.0f", sh.name, T, t16, t8, lt, tq, tt, t16/tt, fl16, fl8, fl16/t16, fl8/t8, fl/(t8*1e-6)/1e12)
 		}
 		r.sync()
 		for i := 1; i < n8; i++ {
