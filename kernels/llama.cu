@@ -2,6 +2,7 @@
 // Activations and weights are bf16, arithmetic is float32. Compiled at run
 // time by NVRTC (kernels.Load) for the device's architecture.
 #include <cuda_bf16.h>
+#include <cuda_fp8.h>
 
 typedef __nv_bfloat16 bf16;
 typedef long long i64;
@@ -26,6 +27,25 @@ __device__ float block_sum(float v, float* sh) {
     if (w == 0) {
         float x = lane < nw ? sh[lane] : 0.f;
         x = warp_sum(x);
+        if (lane == 0) sh[32] = x;
+    }
+    __syncthreads();
+    float r = sh[32];
+    __syncthreads();
+    return r;
+}
+
+// block_max: max over the block, as block_sum.
+__device__ float block_max(float v, float* sh) {
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    if (lane == 0) sh[w] = v;
+    __syncthreads();
+    if (w == 0) {
+        float x = lane < nw ? sh[lane] : 0.f;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
         if (lane == 0) sh[32] = x;
     }
     __syncthreads();
@@ -65,7 +85,55 @@ __device__ __forceinline__ uint4 pack8(const float* f) {
     return u;
 }
 
-extern "C" __global__ void add_rmsnorm(bf16* x, const bf16* delta, const float* d2, const int* rl, bf16* out, const bf16* w, float eps, int H) {
+// quant_row_e4m3 quantizes the row out (n values, 16-byte words when vec)
+// that this block has just written, as quant_rows_e4m3 (fp8.cu) would from
+// the same bf16 values: scale = amax / 448 (1 for a zero row, NaN for a row
+// holding Inf or NaN, whose values become zeros), q = e4m3_satfinite(v /
+// scale). m and bad are this thread's max |v| and non-finite flag over the
+// values it wrote; every thread of the block calls it.
+__device__ void quant_row_e4m3(const bf16* out, unsigned char* q, float* qscale, int n, bool vec, float m, int bad, float* sh) {
+    bad = __syncthreads_or(bad);
+    const float amax = block_max(m, sh);
+    float s, inv;
+    if (bad) {
+        s = __int_as_float(0x7fc00000);
+        inv = 0.f;
+    } else if (amax == 0.f) {
+        s = 1.f;
+        inv = 0.f;
+    } else {
+        s = amax / 448.f;
+        inv = 448.f / amax;
+    }
+    if (threadIdx.x == 0) *qscale = s;
+    if (vec) {
+        const uint4* o8 = reinterpret_cast<const uint4*>(out);
+        for (int c = threadIdx.x; c < n / 8; c += blockDim.x) {
+            const uint4 u = o8[c];
+            const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
+            uint2 o;
+            unsigned short* os = reinterpret_cast<unsigned short*>(&o);
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                float2 f = __bfloat1622float2(h[j]);
+                f.x *= inv;
+                f.y *= inv;
+                os[j] = __nv_cvt_float2_to_fp8x2(f, __NV_SATFINITE, __NV_E4M3);
+            }
+            *reinterpret_cast<uint2*>(q + 8 * c) = o;
+        }
+    } else {
+        for (int i = threadIdx.x; i < n; i += blockDim.x) q[i] = __nv_cvt_float_to_fp8(__bfloat162float(out[i]) * inv, __NV_SATFINITE, __NV_E4M3);
+    }
+}
+
+// add_rmsnorm: x[r] += delta[r] (and the LoRA update d2 of the rows whose
+// rl is >= 0), rounded to bf16; then, when out is set, out[r] =
+// rmsnorm(x[r]) * w; and when q is set too, out[r] quantized per row to
+// e4m3 into q[r] (H bytes) and qscale[r] for the FP8 projections that read
+// it (no quant_rows_e4m3 launch).
+extern "C" __global__ void add_rmsnorm(bf16* x, const bf16* delta, const float* d2, const int* rl, bf16* out, const bf16* w, float eps, int H,
+                                       unsigned char* q, float* qscale) {
     __shared__ float sh[33];
     const int r = blockIdx.x;
     bf16* xr = x + (i64)r * H;
@@ -102,14 +170,27 @@ extern "C" __global__ void add_rmsnorm(bf16* x, const bf16* delta, const float* 
         const float inv = 1.f / sqrtf(ss / (float)H + eps);
         uint4* o8 = reinterpret_cast<uint4*>(out + (i64)r * H);
         const uint4* w8 = reinterpret_cast<const uint4*>(w);
+        float m = 0.f;
+        int bad = 0;
         for (int c = threadIdx.x; c < H / 8; c += blockDim.x) {
             float v[8], g[8];
             unpack8(x8[c], v);
             unpack8(w8[c], g);
 #pragma unroll
             for (int i = 0; i < 8; i++) v[i] = g[i] * (v[i] * inv);
-            o8[c] = pack8(v);
+            const uint4 b = pack8(v);
+            o8[c] = b;
+            if (q) {
+                unpack8(b, v); // the stored values
+#pragma unroll
+                for (int i = 0; i < 8; i++) {
+                    const float a = fabsf(v[i]);
+                    bad |= !(a <= 3.4e38f);
+                    m = fmaxf(m, a);
+                }
+            }
         }
+        if (q) quant_row_e4m3(out + (i64)r * H, q + (i64)r * H, qscale + r, H, true, m, bad, sh);
         return;
     }
     for (int i = threadIdx.x; i < H; i += blockDim.x) {
@@ -127,7 +208,16 @@ extern "C" __global__ void add_rmsnorm(bf16* x, const bf16* delta, const float* 
     ss = block_sum(ss, sh);
     const float inv = 1.f / sqrtf(ss / (float)H + eps);
     bf16* o = out + (i64)r * H;
-    for (int i = threadIdx.x; i < H; i += blockDim.x) o[i] = tobf(ld(w + i) * (ld(xr + i) * inv));
+    float m = 0.f;
+    int bad = 0;
+    for (int i = threadIdx.x; i < H; i += blockDim.x) {
+        const bf16 b = tobf(ld(w + i) * (ld(xr + i) * inv));
+        o[i] = b;
+        const float a = fabsf(__bfloat162float(b));
+        bad |= !(a <= 3.4e38f);
+        m = fmaxf(m, a);
+    }
+    if (q) quant_row_e4m3(o, q + (i64)r * H, qscale + r, H, false, m, bad, sh);
 }
 
 // add_delta: x[r][c] += d[r][c] (rounded to bf16 in x) for c < cols and

@@ -154,6 +154,19 @@ func (f *fp8State) upload(host []uint16, rows, cols int) (*fp8Weight, error) {
 	return w, nil
 }
 
+// fits reports whether the activation scratch holds rows rows of cols
+// values (reserve sized it; it never moves).
+func (f *fp8State) fits(rows, cols int) bool {
+	return f.actQ != nil && f.actS != nil && f.actQ.Size() >= rows*cols && f.actS.Size() >= 4*rows
+}
+
+// holds records that a kernel that wrote x (rows of cols values, write
+// generation gen) also quantized it into the activation scratch: the next
+// FP8 projection of x uses it as it is.
+func (f *fp8State) holds(x cuda.DevicePtr, rows, cols int, gen uint64) {
+	f.cIn, f.cRows, f.cCols, f.cGen, f.cValid = x, rows, cols, gen, true
+}
+
 // invalidate forgets the quantized activation rows.
 func (f *fp8State) invalidate() { f.cValid = false }
 

@@ -3,6 +3,8 @@
 package gpu
 
 import (
+	"encoding/binary"
+	"fmt"
 	"math"
 	"math/rand/v2"
 	"os"
@@ -683,4 +685,92 @@ func fp8Bytes(f *fp8State) int {
 		n += w.q.Size() + w.scale.Size()
 	}
 	return n
+}
+
+// TestFP8FusedQuant: with FP8 projections add_rmsnorm quantizes the rows it
+// normalizes into the activation scratch, byte for byte what
+// quant_rows_e4m3 makes of them (16-byte words at H = 256, one value at a
+// time at H = 264; a zero row gets scale 1), and marks the scratch as
+// holding them, so the next FP8 projection quantizes nothing; that
+// projection equals the one after a fresh quantization.
+func TestFP8FusedQuant(t *testing.T) {
+	for _, H := range []int{256, 264} {
+		t.Run(fmt.Sprint(H), func(t *testing.T) {
+			cfg := testConfig(H, 512, 4, 2, 64, 64, 1)
+			r := newRig(t, cfg, 8, engine.KVSpec{Layers: 1, Blocks: 4, BlockSize: 16, KVHeads: 2, HeadDim: 64})
+			f8, err := newFP8(r.b.ctx, r.b.s, r.b.mm, kernels.Options{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			r.b.f8 = f8
+			const T = 5
+			if err := f8.reserve(T, H); err != nil {
+				t.Fatal(err)
+			}
+			xv := r.rnd(T*H, 1)
+			clear(xv[2*H : 3*H]) // a zero row
+			x, out := r.buffer(T, H), r.buffer(T, H)
+			nw, _ := r.weight(1, H, 1)
+			r.fill(x, xv)
+			r.begin(oneSeq(T, 16, zeros(T)))
+			r.b.AddRMSNorm(x, nil, out, nw, 1e-5)
+			if !f8.cValid || f8.cIn != out.mem.Ptr() || f8.cRows != T || f8.cCols != H {
+				t.Fatalf("the scratch is not marked as holding the normalized rows: %+v", f8)
+			}
+			qF, sF := make([]byte, T*H), make([]float32, T)
+			if err := cuda.CopyDtoH(r.b.s, qF, f8.actQ.Ptr()); err != nil {
+				t.Fatal(err)
+			}
+			if err := cuda.CopyDtoH(r.b.s, sF, f8.actS.Ptr()); err != nil {
+				t.Fatal(err)
+			}
+			if err := f8.quantRows(f8.actQ.Ptr(), f8.actS.Ptr(), out.mem.Ptr(), T, H, H); err != nil {
+				t.Fatal(err)
+			}
+			qU, sU := make([]byte, T*H), make([]float32, T)
+			if err := cuda.CopyDtoH(r.b.s, qU, f8.actQ.Ptr()); err != nil {
+				t.Fatal(err)
+			}
+			if err := cuda.CopyDtoH(r.b.s, sU, f8.actS.Ptr()); err != nil {
+				t.Fatal(err)
+			}
+			r.end()
+			if !slices.Equal(qF, qU) {
+				t.Error("fused e4m3 values differ from quant_rows_e4m3's")
+			}
+			for i := range sF {
+				if math.Float32bits(sF[i]) != math.Float32bits(sU[i]) {
+					t.Errorf("row %d: fused scale %g, quant_rows_e4m3 %g", i, sF[i], sU[i])
+				}
+			}
+			if sF[2] != 1 {
+				t.Errorf("zero row: scale %g, want 1", sF[2])
+			}
+			if H%16 != 0 {
+				return
+			}
+			// the next projection uses the fused copy; a fresh quantization gives the same
+			const N = 128
+			w := r.rnd(N*H, 0.05)
+			raw := make([]byte, 4*len(w))
+			for i, v := range w {
+				binary.LittleEndian.PutUint32(raw[4*i:], math.Float32bits(v))
+			}
+			fw, err := r.b.Upload("model.layers.0.mlp.up_proj.weight", safetensors.F32, []int{N, H}, raw)
+			if err != nil {
+				t.Fatal(err)
+			}
+			o1, o2 := r.buffer(T, N), r.buffer(T, N)
+			r.begin(oneSeq(T, 16, zeros(T)))
+			r.b.AddRMSNorm(x, nil, out, nw, 1e-5)
+			r.b.Linear(o1, out, fw)
+			f8.invalidate()
+			r.b.Linear(o2, out, fw)
+			g1, g2 := r.read(o1, T), r.read(o2, T)
+			r.end()
+			if !slices.Equal(g1, g2) {
+				t.Error("the projection of the fused copy differs from the one after a fresh quantization")
+			}
+		})
+	}
 }
