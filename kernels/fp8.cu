@@ -9,6 +9,20 @@
 typedef __nv_bfloat16 bf16;
 typedef long long i64;
 
+// pdl_entry: with Programmatic Dependent Launch (runtime/cuda
+// Stream.SetProgrammaticLaunch) a kernel's blocks may start while the kernel
+// before it on the stream still runs. Every kernel calls this first: it
+// waits for that kernel to finish and its writes to be visible (so nothing
+// is read early, nor overwritten while the other kernel still reads it),
+// then lets the next kernel's blocks be scheduled as this one's finish. A
+// no-op for a normal launch, and before sm_90.
+__device__ __forceinline__ void pdl_entry() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
 #define E4M3_MAX 448.0f
 
 __device__ __forceinline__ float warp_max(float v) {
@@ -43,6 +57,7 @@ __device__ float block_max(float v, float* sh) {
 // 16-byte loads and 8-byte stores when cols, ldx and the pointers allow.
 extern "C" __global__ void quant_rows_e4m3(unsigned char* __restrict__ q, float* __restrict__ scale,
                                            const bf16* __restrict__ x, int cols, i64 ldx) {
+    pdl_entry();
     __shared__ float sh[33];
     const i64 r = blockIdx.x;
     const bf16* xr = x + r * ldx;
