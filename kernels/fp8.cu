@@ -10,6 +10,20 @@
 typedef __nv_bfloat16 bf16;
 typedef long long i64;
 
+// pdl_entry: with Programmatic Dependent Launch (runtime/cuda
+// Stream.SetProgrammaticLaunch) a kernel's blocks may start while the kernel
+// before it on the stream still runs. Every kernel calls this first: it
+// waits for that kernel to finish and its writes to be visible (so nothing
+// is read early, nor overwritten while the other kernel still reads it),
+// then lets the next kernel's blocks be scheduled as this one's finish. A
+// no-op for a normal launch, and before sm_90.
+__device__ __forceinline__ void pdl_entry() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
 #define E4M3_MAX 448.0f
 
 __device__ __forceinline__ float warp_max(float v) {
@@ -44,6 +58,7 @@ __device__ float block_max(float v, float* sh) {
 // 16-byte loads and 8-byte stores when cols, ldx and the pointers allow.
 extern "C" __global__ void quant_rows_e4m3(unsigned char* __restrict__ q, float* __restrict__ scale,
                                            const bf16* __restrict__ x, int cols, i64 ldx) {
+    pdl_entry();
     __shared__ float sh[33];
     const i64 r = blockIdx.x;
     const bf16* xr = x + r * ldx;
@@ -188,5 +203,5 @@ __device__ __forceinline__ void fp8_gemv_body(bf16* __restrict__ out, const unsi
 #define FP8_GEMV_ARGS                                                                                        \
     bf16 *out, const unsigned char *qx, const float *sx, const unsigned char *qw, const float *sw, int M, int N, \
         int K
-extern "C" __global__ void __launch_bounds__(32 * GV_WARPS) fp8_gemv_n8(FP8_GEMV_ARGS) { fp8_gemv_body<1>(out, qx, sx, qw, sw, M, N, K); }
-extern "C" __global__ void __launch_bounds__(32 * GV_WARPS) fp8_gemv_n16(FP8_GEMV_ARGS) { fp8_gemv_body<2>(out, qx, sx, qw, sw, M, N, K); }
+extern "C" __global__ void __launch_bounds__(32 * GV_WARPS) fp8_gemv_n8(FP8_GEMV_ARGS) { pdl_entry(); fp8_gemv_body<1>(out, qx, sx, qw, sw, M, N, K); }
+extern "C" __global__ void __launch_bounds__(32 * GV_WARPS) fp8_gemv_n16(FP8_GEMV_ARGS) { pdl_entry(); fp8_gemv_body<2>(out, qx, sx, qw, sw, M, N, K); }

@@ -1,6 +1,8 @@
 package cuda
 
 import (
+	"errors"
+	"fmt"
 	"runtime"
 	"unsafe"
 )
@@ -12,7 +14,32 @@ import (
 type Stream struct {
 	c *Context
 	s cuStream
+	// pdl: kernels launched on the stream may begin while the kernel before
+	// them finishes (SetProgrammaticLaunch)
+	pdl bool
 }
+
+// ErrNoPDL: the driver or the GPU cannot launch kernels programmatically
+// (Programmatic Dependent Launch needs cuLaunchKernelEx and sm_90 or newer).
+var ErrNoPDL = errors.New("cuda: programmatic dependent launch is not supported")
+
+// SetProgrammaticLaunch turns Programmatic Dependent Launch on or off for
+// the kernels launched on s from now on (stream capture records it as
+// programmatic edges): a kernel's blocks may be scheduled while the kernel
+// before it on s still runs, so its launch and prologue overlap that
+// kernel's tail. Every kernel launched this way must execute
+// griddepcontrol.wait (cudaGridDependencySynchronize) before it reads what
+// the kernel before it wrote: peftd's kernels do so first thing.
+func (s *Stream) SetProgrammaticLaunch(on bool) error {
+	if on && (drv.cuLaunchKernelEx == nil || s.c.dev.Major < 9) {
+		return fmt.Errorf("%w (driver %s, compute capability %d.%d)", ErrNoPDL, drv.path, s.c.dev.Major, s.c.dev.Minor)
+	}
+	s.pdl = on
+	return nil
+}
+
+// ProgrammaticLaunch reports whether s launches kernels programmatically.
+func (s *Stream) ProgrammaticLaunch() bool { return s.pdl }
 
 // NewStream creates a stream.
 func (c *Context) NewStream() (*Stream, error) {
