@@ -172,7 +172,9 @@ func (f *Function) Launch(s *Stream, grid, block Dim3, shared int, args ...any) 
 		if len(args) > 0 {
 			params = unsafe.Pointer(&a.ptrs[0])
 		}
-		if s.pdl {
+		programmatic := s.pdl && s.afterKernel
+		s.afterKernel = true
+		if programmatic {
 			a.cfg = launchConfig{gridX: gx, gridY: gy, gridZ: gz, blockX: bx, blockY: by, blockZ: bz, shared: uint32(shared),
 				stream: s.s, attrs: unsafe.Pointer(&a.attr), numAttrs: 1}
 			a.attr = launchAttr{id: launchAttrProgrammaticStreamSerialization}

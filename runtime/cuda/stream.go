@@ -15,8 +15,10 @@ type Stream struct {
 	c *Context
 	s cuStream
 	// pdl: kernels launched on the stream may begin while the kernel before
-	// them finishes (SetProgrammaticLaunch)
-	pdl bool
+	// them finishes (SetProgrammaticLaunch); afterKernel: the stream's last
+	// operation was a kernel (only then is a launch programmatic: a copy, a
+	// memset, an event wait or a graph before it keeps its full dependency)
+	pdl, afterKernel bool
 }
 
 // ErrNoPDL: the driver or the GPU cannot launch kernels programmatically
@@ -97,7 +99,10 @@ func CopyHtoD[T any](s *Stream, dst DevicePtr, src []T) error {
 	if n == 0 {
 		return nil
 	}
-	err := s.c.Do(func() error { return check("cuMemcpyHtoDAsync_v2", drv.cuMemcpyHtoDAsync(dst, p, n, s.s)) })
+	err := s.c.Do(func() error {
+		s.afterKernel = false
+		return check("cuMemcpyHtoDAsync_v2", drv.cuMemcpyHtoDAsync(dst, p, n, s.s))
+	})
 	runtime.KeepAlive(src)
 	return err
 }
@@ -110,24 +115,36 @@ func CopyDtoH[T any](s *Stream, dst []T, src DevicePtr) error {
 	if n == 0 {
 		return nil
 	}
-	err := s.c.Do(func() error { return check("cuMemcpyDtoHAsync_v2", drv.cuMemcpyDtoHAsync(p, src, n, s.s)) })
+	err := s.c.Do(func() error {
+		s.afterKernel = false
+		return check("cuMemcpyDtoHAsync_v2", drv.cuMemcpyDtoHAsync(p, src, n, s.s))
+	})
 	runtime.KeepAlive(dst)
 	return err
 }
 
 // CopyDtoD enqueues a device-to-device copy of n bytes.
 func (s *Stream) CopyDtoD(dst, src DevicePtr, n int) error {
-	return s.c.Do(func() error { return check("cuMemcpyDtoDAsync_v2", drv.cuMemcpyDtoDAsync(dst, src, uint64(n), s.s)) })
+	return s.c.Do(func() error {
+		s.afterKernel = false
+		return check("cuMemcpyDtoDAsync_v2", drv.cuMemcpyDtoDAsync(dst, src, uint64(n), s.s))
+	})
 }
 
 // Memset8 sets n bytes at dst to v.
 func (s *Stream) Memset8(dst DevicePtr, v uint8, n int) error {
-	return s.c.Do(func() error { return check("cuMemsetD8Async", drv.cuMemsetD8Async(dst, v, uint64(n), s.s)) })
+	return s.c.Do(func() error {
+		s.afterKernel = false
+		return check("cuMemsetD8Async", drv.cuMemsetD8Async(dst, v, uint64(n), s.s))
+	})
 }
 
 // Memset32 sets n 32-bit words at dst to v.
 func (s *Stream) Memset32(dst DevicePtr, v uint32, n int) error {
-	return s.c.Do(func() error { return check("cuMemsetD32Async", drv.cuMemsetD32Async(dst, v, uint64(n), s.s)) })
+	return s.c.Do(func() error {
+		s.afterKernel = false
+		return check("cuMemsetD32Async", drv.cuMemsetD32Async(dst, v, uint64(n), s.s))
+	})
 }
 
 // Event is a CUDA event.
@@ -178,7 +195,10 @@ func (e *Event) Since(start *Event) (float32, error) {
 
 // Wait makes s wait for the event.
 func (s *Stream) Wait(e *Event) error {
-	return s.c.Do(func() error { return check("cuStreamWaitEvent", drv.cuStreamWaitEvent(s.s, e.e, 0)) })
+	return s.c.Do(func() error {
+		s.afterKernel = false
+		return check("cuStreamWaitEvent", drv.cuStreamWaitEvent(s.s, e.e, 0))
+	})
 }
 
 // Destroy releases the event.
