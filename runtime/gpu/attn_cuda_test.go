@@ -220,10 +220,6 @@ func TestAttnBench(t *testing.T) {
 	}{{"4x128 new", 4, 0, 128}, {"1x512 new", 1, 0, 512}, {"4x512 new", 4, 0, 512}, {"1x128 after 2000", 1, 2000, 128}}
 	cfg := testConfig(heads*hd, 128, heads, kvh, hd, 32, 1)
 	r := newRig(t, cfg, 2048, engine.KVSpec{Layers: 1, Blocks: 4096, BlockSize: bs, KVHeads: kvh, HeadDim: hd})
-	e0, _ := r.b.ctx.NewEvent(true)
-	e1, _ := r.b.ctx.NewEvent(true)
-	defer e0.Destroy()
-	defer e1.Destroy()
 	for _, c := range cases {
 		m := &engine.StepMeta{}
 		next := int32(0)
@@ -269,31 +265,13 @@ func TestAttnBench(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			var us []float32
-			for i := range 22 {
-				e0.Record(r.b.s)
-				if err := ge.Launch(r.b.s); err != nil {
-					t.Fatal(err)
-				}
-				e1.Record(r.b.s)
-				if err := e1.Synchronize(); err != nil {
-					t.Fatal(err)
-				}
-				x, err := e1.Since(e0)
-				if err != nil {
-					t.Fatal(err)
-				}
-				if i >= 2 {
-					us = append(us, x*1000/5)
-				}
-			}
+			med := eventMedianMs(t, r.b.ctx, r.b.s, 2, 20, func(int) error { return ge.Launch(r.b.s) }) * 1000 / 5
 			ge.Destroy()
 			r.end()
 			kind := "attn_prefill (tensor cores)"
 			if v0 {
 				kind = "per-row kernel"
 			}
-			med := median(us)
 			bench("attn %-18s %-28s %8.1f us  %6.1f TFLOP/s", c.name, kind, med, flops/(med*1e-6)/1e12)
 		}
 		r.b.attnV0 = false

@@ -39,34 +39,31 @@ func median(v []float32) float64 {
 	return float64(s[n/2-1]+s[n/2]) / 2
 }
 
-// copyBandwidth measures device-to-device copy bandwidth in bytes/s, counting
-// bytes read plus bytes written (median of 10 copies of 1 GiB).
-func copyBandwidth(t testing.TB, b *Backend) float64 {
-	const n = 1 << 30
-	src, err := b.ctx.Alloc(n)
+// eventMedianMs runs fn(i) warm+reps times on s, each between two timing
+// events, and returns the median device time of the last reps in ms.
+func eventMedianMs(t testing.TB, c *cuda.Context, s *cuda.Stream, warm, reps int, fn func(i int) error) float64 {
+	t.Helper()
+	e0, err := c.NewEvent(true)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer src.Free()
-	dst, err := b.ctx.Alloc(n)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer dst.Free()
-	if err := b.s.Memset32(src.Ptr(), 0x3f803f80, n/4); err != nil {
-		t.Fatal(err)
-	}
-	e0, _ := b.ctx.NewEvent(true)
-	e1, _ := b.ctx.NewEvent(true)
 	defer e0.Destroy()
+	e1, err := c.NewEvent(true)
+	if err != nil {
+		t.Fatal(err)
+	}
 	defer e1.Destroy()
-	var ms []float32
-	for i := 0; i < 12; i++ {
-		e0.Record(b.s)
-		if err := b.s.CopyDtoD(dst.Ptr(), src.Ptr(), n); err != nil {
+	ms := make([]float32, 0, reps)
+	for i := range warm + reps {
+		if err := e0.Record(s); err != nil {
 			t.Fatal(err)
 		}
-		e1.Record(b.s)
+		if err := fn(i); err != nil {
+			t.Fatal(err)
+		}
+		if err := e1.Record(s); err != nil {
+			t.Fatal(err)
+		}
 		if err := e1.Synchronize(); err != nil {
 			t.Fatal(err)
 		}
@@ -74,12 +71,36 @@ func copyBandwidth(t testing.TB, b *Backend) float64 {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if i >= 2 {
+		if i >= warm {
 			ms = append(ms, x)
 		}
 	}
-	return 2 * n / (median(ms) / 1e3)
+	return median(ms)
 }
+
+// deviceCopyBW measures device-to-device copy bandwidth on s in bytes/s,
+// counting bytes read plus bytes written (median of 10 copies of 1 GiB).
+func deviceCopyBW(t testing.TB, c *cuda.Context, s *cuda.Stream) float64 {
+	const n = 1 << 30
+	src, err := c.Alloc(n)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer src.Free()
+	dst, err := c.Alloc(n)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dst.Free()
+	if err := s.Memset32(src.Ptr(), 0x3f803f80, n/4); err != nil {
+		t.Fatal(err)
+	}
+	ms := eventMedianMs(t, c, s, 2, 10, func(int) error { return s.CopyDtoD(dst.Ptr(), src.Ptr(), n) })
+	return 2 * n / (ms / 1e3)
+}
+
+// copyBandwidth is deviceCopyBW on the backend's compute stream.
+func copyBandwidth(t testing.TB, b *Backend) float64 { return deviceCopyBW(t, b.ctx, b.s) }
 
 // cfg8B is Llama-3.1-8B's configuration with the given number of layers.
 func cfg8B(layers int) *llama.Config { return testConfig(4096, 14336, 32, 8, 128, 128256, layers) }

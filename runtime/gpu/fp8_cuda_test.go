@@ -361,28 +361,7 @@ func TestFP8GemmBench(t *testing.T) {
 		N, K int
 	}{{"qkv", 6144, 4096}, {"o", 4096, 4096}, {"gate_up", 28672, 4096}, {"down", 4096, 14336}}
 	Ts := []int{1, 4, 16, 64, 256, 2048}
-	e0, _ := r.ctx.NewEvent(true)
-	e1, _ := r.ctx.NewEvent(true)
-	defer e0.Destroy()
-	defer e1.Destroy()
-	timeIt := func(reps int, fn func(i int) error) float64 {
-		var ms []float32
-		for i := range reps + 5 {
-			e0.Record(r.s)
-			if err := fn(i); err != nil {
-				t.Fatal(err)
-			}
-			e1.Record(r.s)
-			if err := e1.Synchronize(); err != nil {
-				t.Fatal(err)
-			}
-			x, _ := e1.Since(e0)
-			if i >= 5 {
-				ms = append(ms, x)
-			}
-		}
-		return median(ms) * 1e3
-	}
+	timeIt := func(reps int, fn func(i int) error) float64 { return eventMedianMs(t, r.ctx, r.s, 5, reps, fn) * 1e3 }
 	maxT := slices.Max(Ts)
 	for _, sh := range shapes {
 		N, K := sh.N, sh.K
@@ -450,31 +429,7 @@ func TestFP8GemmBench(t *testing.T) {
 }
 
 // copyBW is device-to-device copy bandwidth (bytes read + written per second).
-func (r *fp8Rig) copyBW() float64 {
-	const n = 1 << 30
-	src, dst := r.alloc(n), r.alloc(n)
-	r.s.Memset32(src.Ptr(), 0x3f803f80, n/4)
-	e0, _ := r.ctx.NewEvent(true)
-	e1, _ := r.ctx.NewEvent(true)
-	defer e0.Destroy()
-	defer e1.Destroy()
-	var ms []float32
-	for i := range 12 {
-		e0.Record(r.s)
-		r.s.CopyDtoD(dst.Ptr(), src.Ptr(), n)
-		e1.Record(r.s)
-		if err := e1.Synchronize(); err != nil {
-			r.t.Fatal(err)
-		}
-		x, _ := e1.Since(e0)
-		if i >= 2 {
-			ms = append(ms, x)
-		}
-	}
-	src.Free()
-	dst.Free()
-	return 2 * n / (median(ms) / 1e3)
-}
+func (r *fp8Rig) copyBW() float64 { return deviceCopyBW(r.t, r.ctx, r.s) }
 
 // quality is how far an engine's logits are from the float32 reference over
 // the fixture's cases (no limits applied: the FP8 tests report it).

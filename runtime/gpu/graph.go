@@ -233,7 +233,7 @@ func (b *Backend) graphable(meta *engine.StepMeta) (ok, mixed bool) {
 	pre := 0
 	for _, s := range meta.Seqs {
 		if s.Len > 1 {
-			pre += (s.Len + preRows - 1) / preRows
+			pre += tilesOf(s.Len, preRows)
 		}
 	}
 	if pre > 0 && (!b.preOK || pre > preTilesCap(n)) {
@@ -241,7 +241,7 @@ func (b *Backend) graphable(meta *engine.StepMeta) (ok, mixed bool) {
 	}
 	lt := 0
 	for _, g := range meta.LoRA {
-		lt += (g.End - g.Start + sgTileRows - 1) / sgTileRows
+		lt += tilesOf(g.End-g.Start, sgTileRows)
 	}
 	if lt > tilesCap(n, b.g.slots) {
 		return false, false
@@ -386,29 +386,23 @@ func (b *Backend) fillGraphMeta(meta *engine.StepMeta, n, rank int, mixed bool) 
 		return fmt.Errorf("%w: %d tokens, %d positions, %d KV slots, %d sequences, %d logit rows", ErrBadStep, T, len(meta.Positions), len(meta.KVSlots), S, len(meta.LogitRows))
 	}
 	h := b.g.host.Int32s()
-	V := int32(b.cfg.VocabSize)
-	nSlots := int32(b.kv.Blocks * b.kv.BlockSize)
 	for i := range n {
 		h[o.loraRows+i], h[o.loraSlots+i], h[o.rowSeq+i], h[o.logitRows+i] = int32(i), -1, -1, 0
 		if i >= T { // padding: token 0 at position 0, no KV slot
 			h[o.tokens+i], h[o.pos+i], h[o.kvSlots+i] = 0, 0, -1
 			continue
 		}
-		t := meta.Tokens[i]
-		if t < 0 || t >= V {
-			return fmt.Errorf("%w: token %d outside the vocabulary", ErrBadStep, t)
+		if err := b.checkRow(meta, i); err != nil {
+			return err
 		}
-		if meta.KVSlots[i] < 0 || meta.KVSlots[i] >= nSlots {
-			return fmt.Errorf("%w: KV slot %d outside the cache (%d)", ErrBadStep, meta.KVSlots[i], nSlots)
-		}
-		h[o.tokens+i], h[o.pos+i], h[o.kvSlots+i] = t, meta.Positions[i], meta.KVSlots[i]
+		h[o.tokens+i], h[o.pos+i], h[o.kvSlots+i] = meta.Tokens[i], meta.Positions[i], meta.KVSlots[i]
 	}
 	// the step's sequences, then one per padding row (no context); the
 	// decode sequences and the padding ones go to attn_decode
 	p, d := o.pages, o.decSeqs
 	for si, s := range meta.Seqs {
-		if s.Start < 0 || s.Len <= 0 || s.Start+s.Len > T || s.Context < s.Len || (s.Context+b.kv.BlockSize-1)/b.kv.BlockSize > len(s.Blocks) {
-			return fmt.Errorf("%w: sequence %d %+v", ErrBadStep, si, s)
+		if err := b.checkSeq(si, s, T); err != nil {
+			return err
 		}
 		if s.Len > 1 && !mixed {
 			return fmt.Errorf("%w: sequence %d has %d rows in a decode step", ErrBadStep, si, s.Len)
@@ -420,13 +414,7 @@ func (b *Backend) fillGraphMeta(meta *engine.StepMeta, n, rank int, mixed bool) 
 			h[o.rowSeq+r] = int32(si)
 		}
 		h[o.seqInfo+4*si], h[o.seqInfo+4*si+1], h[o.seqInfo+4*si+2], h[o.seqInfo+4*si+3] = int32(s.Start), int32(s.Len), int32(s.Context), int32(p-o.pages)
-		for _, blk := range s.Blocks {
-			if blk < 0 || int(blk) >= b.kv.Blocks {
-				return fmt.Errorf("%w: KV block %d outside the cache (%d)", ErrBadStep, blk, b.kv.Blocks)
-			}
-			h[p] = blk
-			p++
-		}
+		p += copy(h[p:], s.Blocks)
 		if s.Len == 1 {
 			h[d] = int32(si)
 			d++
@@ -452,40 +440,34 @@ func (b *Backend) fillGraphMeta(meta *engine.StepMeta, n, rank int, mixed bool) 
 		nPreTiles = preTilesCap(n)
 		pt, end := o.preTiles, o.preTiles+4*nPreTiles
 		for si, s := range meta.Seqs {
-			for r := s.Start; s.Len > 1 && r < s.Start+s.Len; r += preRows {
-				if pt >= end {
-					return fmt.Errorf("%w: more prefill tiles than %d", ErrBadStep, nPreTiles)
-				}
-				h[pt], h[pt+1], h[pt+2], h[pt+3] = int32(r), int32(min(preRows, s.Start+s.Len-r)), int32(si), 0
-				pt += 4
+			if s.Len == 1 {
+				continue
 			}
+			if pt+4*tilesOf(s.Len, preRows) > end {
+				return fmt.Errorf("%w: more prefill tiles than %d", ErrBadStep, nPreTiles)
+			}
+			pt = putTiles(h, pt, s.Start, s.Start+s.Len, preRows, int32(si))
 		}
 		clear(h[pt:end]) // tiles with no rows
 	}
 	for i, r := range meta.LogitRows {
-		if r < 0 || int(r) >= T {
-			return fmt.Errorf("%w: logit row %d outside %d rows", ErrBadStep, r, T)
+		if err := checkLogitRow(r, T); err != nil {
+			return err
 		}
 		h[o.logitRows+i] = r
 	}
 	nTiles, tl := tilesCap(n, b.g.slots), o.tiles
 	for _, g := range meta.LoRA {
-		if g.Start < 0 || g.End > T || g.Start > g.End {
-			return fmt.Errorf("%w: LoRA segment [%d,%d) outside %d rows", ErrBadStep, g.Start, g.End, T)
-		}
-		if g.Slot < 0 || g.Slot >= len(b.slots) || b.slots[g.Slot] == nil {
-			return fmt.Errorf("%w: LoRA segment uses empty slot %d", ErrBadStep, g.Slot)
+		if err := b.checkSegment(g, T); err != nil {
+			return err
 		}
 		for r := g.Start; r < g.End; r++ {
 			h[o.loraSlots+r] = int32(g.Slot)
 		}
-		for r := g.Start; r < g.End; r += sgTileRows {
-			if tl >= o.tiles+4*nTiles {
-				return fmt.Errorf("%w: more LoRA tiles than %d", ErrBadStep, nTiles)
-			}
-			h[tl], h[tl+1], h[tl+2], h[tl+3] = int32(r), int32(min(sgTileRows, g.End-r)), int32(g.Slot), 0
-			tl += 4
+		if tl+4*tilesOf(g.End-g.Start, sgTileRows) > o.tiles+4*nTiles {
+			return fmt.Errorf("%w: more LoRA tiles than %d", ErrBadStep, nTiles)
 		}
+		tl = putTiles(h, tl, g.Start, g.End, sgTileRows, int32(g.Slot))
 	}
 	clear(h[tl : o.tiles+4*nTiles]) // tiles with no rows
 	if err := cuda.CopyHtoD(b.s, b.g.dev.Ptr(), h[:p]); err != nil {

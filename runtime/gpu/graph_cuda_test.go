@@ -97,15 +97,27 @@ func TestGraphDecodeMatchesEager(t *testing.T) {
 			ties++
 		}
 	}
+	// stepBoth runs one step on each engine (ig on the graph one, ie on the
+	// eager one) and returns both steps' logits.
+	stepBoth := func(ig, ie []engine.Input) (og, oe [][]float32) {
+		og, err := eg.Step(ctx, ig)
+		if err != nil {
+			t.Fatal(err)
+		}
+		oe, err = ee.Step(ctx, ie)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return og, oe
+	}
+	// decodeRow appends sequence i's next (random) token to both steps' inputs.
+	decodeRow := func(ig, ie *[]engine.Input, i int) {
+		tok := int32(rng.IntN(V))
+		*ig = append(*ig, engine.Input{Seq: gs[i], Tokens: []int32{tok}, Slot: slot[i]})
+		*ie = append(*ie, engine.Input{Seq: es[i], Tokens: []int32{tok}, Slot: slot[i]})
+	}
 	for lo := 0; lo < nSeq; lo += 10 { // prefill in chunks: mixed graphs up to 256 rows, eager above
-		og, err := eg.Step(ctx, prefG[lo:lo+10])
-		if err != nil {
-			t.Fatal(err)
-		}
-		oe, err := ee.Step(ctx, prefE[lo:lo+10])
-		if err != nil {
-			t.Fatal(err)
-		}
+		og, oe := stepBoth(prefG[lo:lo+10], prefE[lo:lo+10])
 		for k := range og {
 			compare(fmt.Sprintf("prefill of seq %d (%d tokens)", lo+k, len(prefG[lo+k].Tokens)), og[k], oe[k])
 		}
@@ -116,18 +128,9 @@ func TestGraphDecodeMatchesEager(t *testing.T) {
 			pick := rng.Perm(nSeq)[:n]
 			var ig, ie []engine.Input
 			for _, i := range pick {
-				tok := int32(rng.IntN(V))
-				ig = append(ig, engine.Input{Seq: gs[i], Tokens: []int32{tok}, Slot: slot[i]})
-				ie = append(ie, engine.Input{Seq: es[i], Tokens: []int32{tok}, Slot: slot[i]})
+				decodeRow(&ig, &ie, i)
 			}
-			og, err := eg.Step(ctx, ig)
-			if err != nil {
-				t.Fatal(err)
-			}
-			oe, err := ee.Step(ctx, ie)
-			if err != nil {
-				t.Fatal(err)
-			}
+			og, oe := stepBoth(ig, ie)
 			for k, i := range pick {
 				compare(fmt.Sprintf("step %d (%d rows) seq %d slot %d", step, n, i, slot[i]), og[k], oe[k])
 			}
@@ -154,18 +157,9 @@ func TestGraphDecodeMatchesEager(t *testing.T) {
 			ie = append(ie, engine.Input{Seq: se, Tokens: toks, Slot: sl})
 		}
 		for _, i := range rng.Perm(nSeq)[:10+round*15] {
-			tok := int32(rng.IntN(V))
-			ig = append(ig, engine.Input{Seq: gs[i], Tokens: []int32{tok}, Slot: slot[i]})
-			ie = append(ie, engine.Input{Seq: es[i], Tokens: []int32{tok}, Slot: slot[i]})
+			decodeRow(&ig, &ie, i)
 		}
-		og, err := eg.Step(ctx, ig)
-		if err != nil {
-			t.Fatal(err)
-		}
-		oe, err := ee.Step(ctx, ie)
-		if err != nil {
-			t.Fatal(err)
-		}
+		og, oe := stepBoth(ig, ie)
 		for k := range og {
 			compare(fmt.Sprintf("mixed round %d input %d (%d tokens)", round, k, len(ig[k].Tokens)), og[k], oe[k])
 		}
@@ -195,9 +189,7 @@ func TestGraphDecodeMatchesEager(t *testing.T) {
 	var ig, ie []engine.Input
 	var sp []engine.Sampling
 	for i := range 20 {
-		tok := int32(rng.IntN(V))
-		ig = append(ig, engine.Input{Seq: gs[i], Tokens: []int32{tok}, Slot: slot[i]})
-		ie = append(ie, engine.Input{Seq: es[i], Tokens: []int32{tok}, Slot: slot[i]})
+		decodeRow(&ig, &ie, i)
 		sp = append(sp, engine.Sampling{Params: sample.Params{Temperature: 0}, Seed: uint64(i), Index: uint64(gs[i].Len())})
 	}
 	cg, err := eg.StepSample(ctx, ig, sp)

@@ -2,6 +2,7 @@ package gpu
 
 import (
 	"math/rand/v2"
+	"slices"
 	"testing"
 )
 
@@ -56,6 +57,26 @@ func TestTilesCap(t *testing.T) {
 		}
 		if c := tilesCap(n, slots); tiles > c {
 			t.Fatalf("%d rows in segments %v (%d slots): %d tiles > tilesCap %d", n, sizes, slots, tiles, c)
+		}
+	}
+}
+
+// TestPutTiles: tiles of up to size rows cover [start, end) in order, the
+// last one partial, each tagged; tilesOf counts them.
+func TestPutTiles(t *testing.T) {
+	for _, c := range []struct {
+		start, end, size int
+		want             []int32
+	}{
+		{3, 3, 16, nil},
+		{0, 16, 16, []int32{0, 16, 7, 0}},
+		{5, 40, 16, []int32{5, 16, 7, 0, 21, 16, 7, 0, 37, 3, 7, 0}},
+		{10, 11, 64, []int32{10, 1, 7, 0}},
+	} {
+		h := make([]int32, 2+4*tilesOf(c.end-c.start, c.size))
+		at := putTiles(h, 2, c.start, c.end, c.size, 7)
+		if at != len(h) || !slices.Equal(h[2:], c.want) {
+			t.Errorf("rows [%d,%d) in %d: %v (end %d), want %v", c.start, c.end, c.size, h[2:at], at, c.want)
 		}
 	}
 }

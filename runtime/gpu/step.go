@@ -14,6 +14,69 @@ type metaOffsets struct {
 
 func (b *Backend) i32(off int) cuda.DevicePtr { return b.metaBase + uint64(4*off) }
 
+// The checks of a step's metadata, shared by Begin and fillGraphMeta (the
+// eager and the recorded layouts).
+
+// checkRow: row i's token is in the vocabulary and its KV slot in the cache.
+func (b *Backend) checkRow(meta *engine.StepMeta, i int) error {
+	if t := meta.Tokens[i]; t < 0 || t >= int32(b.cfg.VocabSize) {
+		return fmt.Errorf("%w: token %d outside the vocabulary", ErrBadStep, t)
+	}
+	if s, n := meta.KVSlots[i], int32(b.kv.Blocks*b.kv.BlockSize); s < 0 || s >= n {
+		return fmt.Errorf("%w: KV slot %d outside the cache (%d)", ErrBadStep, s, n)
+	}
+	return nil
+}
+
+// checkSeq: sequence si's rows lie within the step's T, its pages cover its
+// context and are in the cache.
+func (b *Backend) checkSeq(si int, s engine.SeqMeta, T int) error {
+	if s.Start < 0 || s.Len <= 0 || s.Start+s.Len > T || s.Context < s.Len || (s.Context+b.kv.BlockSize-1)/b.kv.BlockSize > len(s.Blocks) {
+		return fmt.Errorf("%w: sequence %d %+v", ErrBadStep, si, s)
+	}
+	for _, blk := range s.Blocks {
+		if blk < 0 || int(blk) >= b.kv.Blocks {
+			return fmt.Errorf("%w: KV block %d outside the cache (%d)", ErrBadStep, blk, b.kv.Blocks)
+		}
+	}
+	return nil
+}
+
+// checkSegment: a LoRA segment lies within the step's T rows and uses a
+// loaded slot.
+func (b *Backend) checkSegment(g engine.Segment, T int) error {
+	if g.Start < 0 || g.End > T || g.Start > g.End {
+		return fmt.Errorf("%w: LoRA segment [%d,%d) outside %d rows", ErrBadStep, g.Start, g.End, T)
+	}
+	if g.Slot < 0 || g.Slot >= len(b.slots) || b.slots[g.Slot] == nil {
+		return fmt.Errorf("%w: LoRA segment uses empty slot %d", ErrBadStep, g.Slot)
+	}
+	return nil
+}
+
+// tilesOf is how many tiles of up to size rows hold n rows.
+func tilesOf(n, size int) int { return (n + size - 1) / size }
+
+// putTiles writes the tiles {first row, rows, tag, 0} that cover rows
+// [start, end) in pieces of up to size rows at h[at:] (LoRA tiles: tag is
+// the adapter slot; prefill tiles: the sequence) and returns the index
+// after them.
+func putTiles(h []int32, at, start, end, size int, tag int32) int {
+	for r := start; r < end; r += size {
+		h[at], h[at+1], h[at+2], h[at+3] = int32(r), int32(min(size, end-r)), tag, 0
+		at += 4
+	}
+	return at
+}
+
+// checkLogitRow: a logits row is one of the step's T rows.
+func checkLogitRow(r int32, T int) error {
+	if r < 0 || int(r) >= T {
+		return fmt.Errorf("%w: logit row %d outside %d rows", ErrBadStep, r, T)
+	}
+	return nil
+}
+
 // Begin validates the step's metadata and uploads it in one copy.
 func (b *Backend) Begin(meta *engine.StepMeta) error {
 	b.err = nil
@@ -31,11 +94,8 @@ func (b *Backend) Begin(meta *engine.StepMeta) error {
 		pages += len(s.Blocks)
 	}
 	for _, g := range meta.LoRA {
-		if g.Start < 0 || g.End > T || g.Start > g.End {
-			return fmt.Errorf("%w: LoRA segment [%d,%d) outside %d rows", ErrBadStep, g.Start, g.End, T)
-		}
-		if g.Slot < 0 || g.Slot >= len(b.slots) || b.slots[g.Slot] == nil {
-			return fmt.Errorf("%w: LoRA segment uses empty slot %d", ErrBadStep, g.Slot)
+		if err := b.checkSegment(g, T); err != nil {
+			return err
 		}
 		nLora += g.End - g.Start
 	}
@@ -47,7 +107,7 @@ func (b *Backend) Begin(meta *engine.StepMeta) error {
 	o.tiles = (o.logitRows + len(meta.LogitRows) + 3) &^ 3 // int4 aligned
 	nTiles := 0
 	for _, g := range meta.LoRA {
-		nTiles += (g.End - g.Start + sgTileRows - 1) / sgTileRows
+		nTiles += tilesOf(g.End-g.Start, sgTileRows)
 	}
 	o.decSeqs = o.tiles + 4*nTiles
 	nDec := 0
@@ -71,7 +131,7 @@ func (b *Backend) Begin(meta *engine.StepMeta) error {
 	if b.preOK && !b.attnV0 {
 		for _, s := range meta.Seqs {
 			if nDec == 0 || s.Len != 1 {
-				nPreTiles += (s.Len + preRows - 1) / preRows
+				nPreTiles += tilesOf(s.Len, preRows)
 			}
 		}
 	}
@@ -96,14 +156,9 @@ func (b *Backend) Begin(meta *engine.StepMeta) error {
 		return err
 	}
 	h := b.metaHost.Int32s()
-	V := int32(b.cfg.VocabSize)
-	nSlots := int32(b.kv.Blocks * b.kv.BlockSize)
 	for i, t := range meta.Tokens {
-		if t < 0 || t >= V {
-			return fmt.Errorf("%w: token %d outside the vocabulary", ErrBadStep, t)
-		}
-		if meta.KVSlots[i] < 0 || meta.KVSlots[i] >= nSlots {
-			return fmt.Errorf("%w: KV slot %d outside the cache (%d)", ErrBadStep, meta.KVSlots[i], nSlots)
+		if err := b.checkRow(meta, i); err != nil {
+			return err
 		}
 		h[o.tokens+i] = t
 	}
@@ -114,8 +169,8 @@ func (b *Backend) Begin(meta *engine.StepMeta) error {
 	}
 	p := o.pages
 	for si, s := range meta.Seqs {
-		if s.Start < 0 || s.Len <= 0 || s.Start+s.Len > T || s.Context < s.Len || (s.Context+b.kv.BlockSize-1)/b.kv.BlockSize > len(s.Blocks) {
-			return fmt.Errorf("%w: sequence %d %+v", ErrBadStep, si, s)
+		if err := b.checkSeq(si, s, T); err != nil {
+			return err
 		}
 		for r := s.Start; r < s.Start+s.Len; r++ {
 			h[o.rowSeq+r] = int32(si)
@@ -124,13 +179,7 @@ func (b *Backend) Begin(meta *engine.StepMeta) error {
 		h[o.seqInfo+4*si+1] = int32(s.Len)
 		h[o.seqInfo+4*si+2] = int32(s.Context)
 		h[o.seqInfo+4*si+3] = int32(p - o.pages) // offset into the pages array
-		for _, blk := range s.Blocks {
-			if blk < 0 || int(blk) >= b.kv.Blocks {
-				return fmt.Errorf("%w: KV block %d outside the cache (%d)", ErrBadStep, blk, b.kv.Blocks)
-			}
-			h[p] = blk
-			p++
-		}
+		p += copy(h[p:], s.Blocks)
 	}
 	for i := range T {
 		if h[o.rowSeq+i] < 0 {
@@ -150,8 +199,8 @@ func (b *Backend) Begin(meta *engine.StepMeta) error {
 		}
 	}
 	for i, r := range meta.LogitRows {
-		if r < 0 || int(r) >= T {
-			return fmt.Errorf("%w: logit row %d outside %d rows", ErrBadStep, r, T)
+		if err := checkLogitRow(r, T); err != nil {
+			return err
 		}
 		h[o.logitRows+i] = r
 	}
@@ -174,17 +223,11 @@ func (b *Backend) Begin(meta *engine.StepMeta) error {
 		if nPreTiles == 0 || (nDec > 0 && s.Len == 1) {
 			continue
 		}
-		for r := s.Start; r < s.Start+s.Len; r += preRows {
-			h[pt], h[pt+1], h[pt+2], h[pt+3] = int32(r), int32(min(preRows, s.Start+s.Len-r)), int32(si), 0
-			pt += 4
-		}
+		pt = putTiles(h, pt, s.Start, s.Start+s.Len, preRows, int32(si))
 	}
 	tl := o.tiles
 	for _, g := range meta.LoRA {
-		for r := g.Start; r < g.End; r += sgTileRows {
-			h[tl], h[tl+1], h[tl+2], h[tl+3] = int32(r), int32(min(sgTileRows, g.End-r)), int32(g.Slot), 0
-			tl += 4
-		}
+		tl = putTiles(h, tl, g.Start, g.End, sgTileRows, int32(g.Slot))
 	}
 	if err := cuda.CopyHtoD(b.s, b.metaDev.Ptr(), h[:o.end]); err != nil {
 		return err

@@ -12,7 +12,6 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
-	"sync/atomic"
 
 	"github.com/peftd/peftd/internal/parallel"
 )
@@ -228,8 +227,8 @@ func readFile(f *os.File, size int64, progress func(done, total int64)) ([]byte,
 		return readAll(f, size, progress)
 	}
 	b := make([]byte, size)
-	var done atomic.Int64
-	var mu sync.Mutex // progress is called by one goroutine at a time
+	var done int64
+	var mu sync.Mutex // guards done; progress is called by one goroutine at a time
 	err := parallel.Ranges(int(size/chunk)+1, 1, func(lo, hi int) error {
 		for c := lo; c < hi; c++ {
 			off := int64(c) * chunk
@@ -241,10 +240,10 @@ func readFile(f *os.File, size int64, progress func(done, total int64)) ([]byte,
 			if err != nil && !(errors.Is(err, io.EOF) && int64(n) == end-off) {
 				return err
 			}
-			if progress != nil {
-				d := done.Add(int64(n))
+			if progress != nil { // in order: the count and the call under one lock
 				mu.Lock()
-				progress(d, size)
+				done += int64(n)
+				progress(done, size)
 				mu.Unlock()
 			}
 		}
