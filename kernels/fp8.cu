@@ -1,13 +1,28 @@
 // FP8 (e4m3) quantization kernels for peftd's FP8 weight path (runtime/gpu
 // fp8.go). Weights are quantized once at upload with one float32 scale per
 // output row; activations per token (row) before each FP8 GEMM. The GEMM
-// itself is cuBLASLt's (outer-vector scales on both operands, bf16 out).
+// itself is cuBLASLt's (outer-vector scales on both operands, bf16 out),
+// except for steps of up to 16 rows (fp8_gemv, below).
 // Compiled at run time by NVRTC (kernels.Load) like llama.cu.
 #include <cuda_bf16.h>
 #include <cuda_fp8.h>
 
 typedef __nv_bfloat16 bf16;
 typedef long long i64;
+
+// pdl_entry: with Programmatic Dependent Launch (runtime/cuda
+// Stream.SetProgrammaticLaunch) a kernel's blocks may start while the kernel
+// before it on the stream still runs. Every kernel calls this first: it
+// waits for that kernel to finish and its writes to be visible (so nothing
+// is read early, nor overwritten while the other kernel still reads it),
+// then lets the next kernel's blocks be scheduled as this one's finish. A
+// no-op for a normal launch, and before sm_90.
+__device__ __forceinline__ void pdl_entry() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
 
 #define E4M3_MAX 448.0f
 
@@ -43,6 +58,7 @@ __device__ float block_max(float v, float* sh) {
 // 16-byte loads and 8-byte stores when cols, ldx and the pointers allow.
 extern "C" __global__ void quant_rows_e4m3(unsigned char* __restrict__ q, float* __restrict__ scale,
                                            const bf16* __restrict__ x, int cols, i64 ldx) {
+    pdl_entry();
     __shared__ float sh[33];
     const i64 r = blockIdx.x;
     const bf16* xr = x + r * ldx;
@@ -104,3 +120,88 @@ extern "C" __global__ void quant_rows_e4m3(unsigned char* __restrict__ q, float*
         }
     }
 }
+
+// fp8_gemv_n{8,16}: the FP8 product for a few rows (M <= 8 or 16):
+//   out[m, n] = bf16(sx[m] * sw[n] * sum_k qx[m, k] * qw[n, k])
+// for e4m3 activations qx [M, K] and weights qw [N, K] with float32 scales
+// per row (what cuBLASLt's outer-vector product computes, summed in another
+// order). On the tensor cores with the operands swapped: 16 weight rows are
+// the M of an m16n8k32 MMA and the activation rows its N, so a step of one
+// row reads the weights once at full width instead of padding M to a tile.
+// grid N/16, block GV_WARPS warps splitting K in 64-byte spans; K % 64 ==
+// 0, N % 16 == 0, 16-byte aligned rows. Each lane loads 16 contiguous bytes
+// of its weight rows g and g + 8 and of its activation row g per span and
+// feeds them to two MMAs: the k order inside a span is permuted the same way
+// for both operands (it depends only on the lane's column group), so the
+// sum is the same. The warps' partial sums meet in shared memory.
+#define GV_WARPS 8
+
+__device__ __forceinline__ void mma_e4m3(float* c, unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0, unsigned b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 890
+    __trap(); // no FP8 tensor cores before sm_89 (the Go side never launches it there)
+#else
+    asm("mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#endif
+}
+
+template <int NT>
+__device__ __forceinline__ void fp8_gemv_body(bf16* __restrict__ out, const unsigned char* __restrict__ qx,
+                                              const float* __restrict__ sx, const unsigned char* __restrict__ qw,
+                                              const float* __restrict__ sw, int M, int N, int K) {
+    __shared__ float red[GV_WARPS][NT][4][32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, tig = lane & 3;
+    const int n0 = blockIdx.x * 16;
+    const unsigned char* wa = qw + (i64)(n0 + g) * K + 16 * tig;
+    const unsigned char* wb = wa + 8 * (i64)K;
+    const unsigned char* xr[NT];
+    bool xv[NT];
+#pragma unroll
+    for (int t = 0; t < NT; t++) {
+        const int m = g + 8 * t;
+        xv[t] = m < M;
+        xr[t] = qx + (i64)(xv[t] ? m : 0) * K + 16 * tig;
+    }
+    float c[NT][4];
+#pragma unroll
+    for (int t = 0; t < NT; t++) c[t][0] = c[t][1] = c[t][2] = c[t][3] = 0.f;
+    const int spans = K / 64;
+#pragma unroll 4
+    for (int s = warp; s < spans; s += GV_WARPS) {
+        const i64 k = (i64)s * 64;
+        const uint4 A = __ldg(reinterpret_cast<const uint4*>(wa + k));
+        const uint4 B = __ldg(reinterpret_cast<const uint4*>(wb + k));
+#pragma unroll
+        for (int t = 0; t < NT; t++) {
+            uint4 X = make_uint4(0u, 0u, 0u, 0u);
+            if (xv[t]) X = __ldg(reinterpret_cast<const uint4*>(xr[t] + k));
+            mma_e4m3(c[t], A.x, B.x, A.y, B.y, X.x, X.y);
+            mma_e4m3(c[t], A.z, B.z, A.w, B.w, X.z, X.w);
+        }
+    }
+#pragma unroll
+    for (int t = 0; t < NT; t++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) red[warp][t][e][lane] = c[t][e];
+    __syncthreads();
+    if (warp != 0) return;
+#pragma unroll
+    for (int t = 0; t < NT; t++) {
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            float v = 0.f;
+#pragma unroll
+            for (int w = 0; w < GV_WARPS; w++) v += red[w][t][e][lane];
+            // c[e]: row n0 + g (+8 for e >= 2), column m = 8t + 2tig + (e & 1)
+            const int m = 8 * t + 2 * tig + (e & 1), n = n0 + g + (e >= 2 ? 8 : 0);
+            if (m < M) out[(i64)m * N + n] = __float2bfloat16_rn(v * sx[m] * sw[n]);
+        }
+    }
+}
+
+#define FP8_GEMV_ARGS                                                                                        \
+    bf16 *out, const unsigned char *qx, const float *sx, const unsigned char *qw, const float *sw, int M, int N, \
+        int K
+extern "C" __global__ void __launch_bounds__(32 * GV_WARPS) fp8_gemv_n8(FP8_GEMV_ARGS) { pdl_entry(); fp8_gemv_body<1>(out, qx, sx, qw, sw, M, N, K); }
+extern "C" __global__ void __launch_bounds__(32 * GV_WARPS) fp8_gemv_n16(FP8_GEMV_ARGS) { pdl_entry(); fp8_gemv_body<2>(out, qx, sx, qw, sw, M, N, K); }

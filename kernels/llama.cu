@@ -2,9 +2,24 @@
 // Activations and weights are bf16, arithmetic is float32. Compiled at run
 // time by NVRTC (kernels.Load) for the device's architecture.
 #include <cuda_bf16.h>
+#include <cuda_fp8.h>
 
 typedef __nv_bfloat16 bf16;
 typedef long long i64;
+
+// pdl_entry: with Programmatic Dependent Launch (runtime/cuda
+// Stream.SetProgrammaticLaunch) a kernel's blocks may start while the kernel
+// before it on the stream still runs. Every kernel calls this first: it
+// waits for that kernel to finish and its writes to be visible (so nothing
+// is read early, nor overwritten while the other kernel still reads it),
+// then lets the next kernel's blocks be scheduled as this one's finish. A
+// no-op for a normal launch, and before sm_90.
+__device__ __forceinline__ void pdl_entry() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
 
 #define NEG_INF (__int_as_float(0xff800000))
 
@@ -34,8 +49,28 @@ __device__ float block_sum(float v, float* sh) {
     return r;
 }
 
+// block_max: max over the block, as block_sum.
+__device__ float block_max(float v, float* sh) {
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    if (lane == 0) sh[w] = v;
+    __syncthreads();
+    if (w == 0) {
+        float x = lane < nw ? sh[lane] : 0.f;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
+        if (lane == 0) sh[32] = x;
+    }
+    __syncthreads();
+    float r = sh[32];
+    __syncthreads();
+    return r;
+}
+
 // embed: out[r] = table[tokens[r]]; grid (T), any block.
 extern "C" __global__ void embed(bf16* out, const bf16* table, const int* tokens, int H) {
+    pdl_entry();
     const int r = blockIdx.x;
     const bf16* src = table + (i64)tokens[r] * H;
     bf16* dst = out + (i64)r * H;
@@ -65,7 +100,56 @@ __device__ __forceinline__ uint4 pack8(const float* f) {
     return u;
 }
 
-extern "C" __global__ void add_rmsnorm(bf16* x, const bf16* delta, const float* d2, const int* rl, bf16* out, const bf16* w, float eps, int H) {
+// quant_row_e4m3 quantizes the row out (n values, 16-byte words when vec)
+// that this block has just written, as quant_rows_e4m3 (fp8.cu) would from
+// the same bf16 values: scale = amax / 448 (1 for a zero row, NaN for a row
+// holding Inf or NaN, whose values become zeros), q = e4m3_satfinite(v /
+// scale). m and bad are this thread's max |v| and non-finite flag over the
+// values it wrote; every thread of the block calls it.
+__device__ void quant_row_e4m3(const bf16* out, unsigned char* q, float* qscale, int n, bool vec, float m, int bad, float* sh) {
+    bad = __syncthreads_or(bad);
+    const float amax = block_max(m, sh);
+    float s, inv;
+    if (bad) {
+        s = __int_as_float(0x7fc00000);
+        inv = 0.f;
+    } else if (amax == 0.f) {
+        s = 1.f;
+        inv = 0.f;
+    } else {
+        s = amax / 448.f;
+        inv = 448.f / amax;
+    }
+    if (threadIdx.x == 0) *qscale = s;
+    if (vec) {
+        const uint4* o8 = reinterpret_cast<const uint4*>(out);
+        for (int c = threadIdx.x; c < n / 8; c += blockDim.x) {
+            const uint4 u = o8[c];
+            const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
+            uint2 o;
+            unsigned short* os = reinterpret_cast<unsigned short*>(&o);
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                float2 f = __bfloat1622float2(h[j]);
+                f.x *= inv;
+                f.y *= inv;
+                os[j] = __nv_cvt_float2_to_fp8x2(f, __NV_SATFINITE, __NV_E4M3);
+            }
+            *reinterpret_cast<uint2*>(q + 8 * c) = o;
+        }
+    } else {
+        for (int i = threadIdx.x; i < n; i += blockDim.x) q[i] = __nv_cvt_float_to_fp8(__bfloat162float(out[i]) * inv, __NV_SATFINITE, __NV_E4M3);
+    }
+}
+
+// add_rmsnorm: x[r] += delta[r] (and the LoRA update d2 of the rows whose
+// rl is >= 0), rounded to bf16; then, when out is set, out[r] =
+// rmsnorm(x[r]) * w; and when q is set too, out[r] quantized per row to
+// e4m3 into q[r] (H bytes) and qscale[r] for the FP8 projections that read
+// it (no quant_rows_e4m3 launch).
+extern "C" __global__ void add_rmsnorm(bf16* x, const bf16* delta, const float* d2, const int* rl, bf16* out, const bf16* w, float eps, int H,
+                                       unsigned char* q, float* qscale) {
+    pdl_entry();
     __shared__ float sh[33];
     const int r = blockIdx.x;
     bf16* xr = x + (i64)r * H;
@@ -102,14 +186,27 @@ extern "C" __global__ void add_rmsnorm(bf16* x, const bf16* delta, const float* 
         const float inv = 1.f / sqrtf(ss / (float)H + eps);
         uint4* o8 = reinterpret_cast<uint4*>(out + (i64)r * H);
         const uint4* w8 = reinterpret_cast<const uint4*>(w);
+        float m = 0.f;
+        int bad = 0;
         for (int c = threadIdx.x; c < H / 8; c += blockDim.x) {
             float v[8], g[8];
             unpack8(x8[c], v);
             unpack8(w8[c], g);
 #pragma unroll
             for (int i = 0; i < 8; i++) v[i] = g[i] * (v[i] * inv);
-            o8[c] = pack8(v);
+            const uint4 b = pack8(v);
+            o8[c] = b;
+            if (q) {
+                unpack8(b, v); // the stored values
+#pragma unroll
+                for (int i = 0; i < 8; i++) {
+                    const float a = fabsf(v[i]);
+                    bad |= !(a <= 3.4e38f);
+                    m = fmaxf(m, a);
+                }
+            }
         }
+        if (q) quant_row_e4m3(out + (i64)r * H, q + (i64)r * H, qscale + r, H, true, m, bad, sh);
         return;
     }
     for (int i = threadIdx.x; i < H; i += blockDim.x) {
@@ -127,7 +224,16 @@ extern "C" __global__ void add_rmsnorm(bf16* x, const bf16* delta, const float* 
     ss = block_sum(ss, sh);
     const float inv = 1.f / sqrtf(ss / (float)H + eps);
     bf16* o = out + (i64)r * H;
-    for (int i = threadIdx.x; i < H; i += blockDim.x) o[i] = tobf(ld(w + i) * (ld(xr + i) * inv));
+    float m = 0.f;
+    int bad = 0;
+    for (int i = threadIdx.x; i < H; i += blockDim.x) {
+        const bf16 b = tobf(ld(w + i) * (ld(xr + i) * inv));
+        o[i] = b;
+        const float a = fabsf(__bfloat162float(b));
+        bad |= !(a <= 3.4e38f);
+        m = fmaxf(m, a);
+    }
+    if (q) quant_row_e4m3(o, q + (i64)r * H, qscale + r, H, false, m, bad, sh);
 }
 
 // add_delta: x[r][c] += d[r][c] (rounded to bf16 in x) for c < cols and
@@ -135,6 +241,7 @@ extern "C" __global__ void add_rmsnorm(bf16* x, const bf16* delta, const float* 
 // (float32) rows cols apart: a LoRA update computed on the LoRA stream,
 // added where no op folds it in. grid-stride over rows*cols.
 extern "C" __global__ void add_delta(bf16* x, const float* d, const int* rl, int rows, int cols, int ldx) {
+    pdl_entry();
     const i64 n = (i64)rows * cols, stride = (i64)gridDim.x * blockDim.x;
     for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
         const i64 r = i / cols, c = i - r * cols;
@@ -146,6 +253,7 @@ extern "C" __global__ void add_delta(bf16* x, const float* d, const int* rl, int
 
 // add_bias: x[r] += b (rounded to bf16 in x); grid (T), any block (Qwen2's q/k/v biases).
 extern "C" __global__ void add_bias(bf16* x, const bf16* b, int H) {
+    pdl_entry();
     bf16* xr = x + (i64)blockIdx.x * H;
     for (int i = threadIdx.x; i < H; i += blockDim.x) xr[i] = tobf(ld(xr + i) + ld(b + i));
 }
@@ -153,6 +261,7 @@ extern "C" __global__ void add_bias(bf16* x, const bf16* b, int H) {
 // head_rmsnorm: each head (hd values) of row r of x, in place: rmsnorm(head) * w.
 // Rows are ldx values apart. grid (T, heads), block 32 (Qwen3's q_norm and k_norm).
 extern "C" __global__ void head_rmsnorm(bf16* x, const bf16* w, float eps, int heads, int hd, int ldx) {
+    pdl_entry();
     bf16* p = x + (i64)blockIdx.x * ldx + (i64)blockIdx.y * hd;
     float ss = 0.f;
     for (int i = threadIdx.x; i < hd; i += 32) {
@@ -166,6 +275,7 @@ extern "C" __global__ void head_rmsnorm(bf16* x, const bf16* w, float eps, int h
 
 // rmsnorm_rows: out[i] = rmsnorm(x[rows[i]]) * w; grid (n), block multiple of 32.
 extern "C" __global__ void rmsnorm_rows(bf16* out, const bf16* x, const int* rows, const bf16* w, float eps, int H) {
+    pdl_entry();
     __shared__ float sh[33];
     const bf16* xr = x + (i64)rows[blockIdx.x] * H;
     float ss = 0.f;
@@ -198,6 +308,7 @@ __device__ __forceinline__ float plus(const bf16* x, const float* d, int i) {
 extern "C" __global__ void rope_store(bf16* q, bf16* k, const bf16* v, bf16* kc, bf16* vc, const float* inv_freq, const int* pos,
                                       const int* slots, const float* dq, const float* dk, const float* dv, const int* rl,
                                       int heads, int kvh, int hd, int ldq, int ldk, int ldv, int ldd) {
+    pdl_entry();
     const int r = blockIdx.x, h = blockIdx.y, half = hd / 2, width = kvh * hd;
     const int slot = kc ? slots[r] : -1;
     if (dq && rl[r] < 0) dq = dk = dv = nullptr; // a row without an adapter
@@ -249,6 +360,7 @@ extern "C" __global__ void rope_store(bf16* q, bf16* k, const bf16* v, bf16* kc,
 extern "C" __global__ void __launch_bounds__(32 * ATT_WARPS) attention(
     bf16* out, const bf16* q, const bf16* kc, const bf16* vc, const int* row_seq, const int* seq_info,
     const int* pages, int heads, int kvh, int hd, int bs, float scale, const int* row_list, int ldq) {
+    pdl_entry();
     __shared__ float sm[ATT_WARPS], sl[ATT_WARPS];
     __shared__ float sacc[ATT_WARPS][32 * ATT_MAXJ];
     const int r = row_list ? row_list[blockIdx.x] : blockIdx.x, h = blockIdx.y;
@@ -643,10 +755,10 @@ __device__ __forceinline__ void attn_decode_body(
     bf16 *out, float *part, int *done, const bf16 *q, const bf16 *kc, const bf16 *vc, const int *dec_seq,        \
         const int *seq_info, const int *pages, int heads, int kvh, int bs, float scale, int nsplit, int ldq
 #define ATTN_DECODE_PASS out, part, done, q, kc, vc, dec_seq, seq_info, pages, heads, kvh, bs, scale, nsplit, ldq
-extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode_d32(ATTN_DECODE_ARGS) { attn_decode_body<32>(ATTN_DECODE_PASS); }
-extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode_d64(ATTN_DECODE_ARGS) { attn_decode_body<64>(ATTN_DECODE_PASS); }
-extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode_d128(ATTN_DECODE_ARGS) { attn_decode_body<128>(ATTN_DECODE_PASS); }
-extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode_d256(ATTN_DECODE_ARGS) { attn_decode_body<256>(ATTN_DECODE_PASS); }
+extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode_d32(ATTN_DECODE_ARGS) { pdl_entry(); attn_decode_body<32>(ATTN_DECODE_PASS); }
+extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode_d64(ATTN_DECODE_ARGS) { pdl_entry(); attn_decode_body<64>(ATTN_DECODE_PASS); }
+extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode_d128(ATTN_DECODE_ARGS) { pdl_entry(); attn_decode_body<128>(ATTN_DECODE_PASS); }
+extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode_d256(ATTN_DECODE_ARGS) { pdl_entry(); attn_decode_body<256>(ATTN_DECODE_PASS); }
 
 // attn_prefill_d{32,64,128}: causal attention of prefill rows on the tensor
 // cores (flash-attention style). grid (tiles, heads), block PRE_THREADS,
@@ -856,9 +968,9 @@ __device__ __forceinline__ void attn_prefill_body(bf16* __restrict__ out, const 
     bf16 *out, const bf16 *q, const bf16 *kc, const bf16 *vc, const int *tiles, const int *seq_info, const int *pages, \
         int heads, int kvh, int bs, float scale, int ldq
 #define ATTN_PREFILL_PASS out, q, kc, vc, tiles, seq_info, pages, heads, kvh, bs, scale, ldq
-extern "C" __global__ void __launch_bounds__(PRE_THREADS) attn_prefill_d32(ATTN_PREFILL_ARGS) { attn_prefill_body<32>(ATTN_PREFILL_PASS); }
-extern "C" __global__ void __launch_bounds__(PRE_THREADS) attn_prefill_d64(ATTN_PREFILL_ARGS) { attn_prefill_body<64>(ATTN_PREFILL_PASS); }
-extern "C" __global__ void __launch_bounds__(PRE_THREADS) attn_prefill_d128(ATTN_PREFILL_ARGS) { attn_prefill_body<128>(ATTN_PREFILL_PASS); }
+extern "C" __global__ void __launch_bounds__(PRE_THREADS) attn_prefill_d32(ATTN_PREFILL_ARGS) { pdl_entry(); attn_prefill_body<32>(ATTN_PREFILL_PASS); }
+extern "C" __global__ void __launch_bounds__(PRE_THREADS) attn_prefill_d64(ATTN_PREFILL_ARGS) { pdl_entry(); attn_prefill_body<64>(ATTN_PREFILL_PASS); }
+extern "C" __global__ void __launch_bounds__(PRE_THREADS) attn_prefill_d128(ATTN_PREFILL_ARGS) { pdl_entry(); attn_prefill_body<128>(ATTN_PREFILL_PASS); }
 
 // silu_mul: out[r, c] = silu(g[r, c]) * u[r, c] for rows x cols values;
 // out's rows are cols apart, g's and u's ldg (views of one gate_up row).
@@ -875,6 +987,7 @@ __device__ __forceinline__ void add8(float* a, const float* d) {
 
 extern "C" __global__ void silu_mul(bf16* out, const bf16* g, const bf16* u, const float* dg, const float* du, const int* rl,
                                     int rows, int cols, int ldg, int ldd) {
+    pdl_entry();
     const i64 stride = (i64)gridDim.x * blockDim.x;
     if ((cols & 7) == 0 && (ldg & 7) == 0 && (ldd & 7) == 0) {
         const int w = cols / 8;
@@ -918,6 +1031,7 @@ struct LoraEntry {
 // adapter's rank. grid (n, ceil(max_rank/8)), block 256: one warp per k.
 extern "C" __global__ void lora_shrink(float* tmp, const bf16* x, const LoraEntry* table, const int* rows, const int* slots,
                                        int entry_base, int entry_stride, int in_f, int x_stride, int t_stride) {
+    pdl_entry();
     const int i = blockIdx.x, lane = threadIdx.x & 31;
     const int k = blockIdx.y * 8 + (threadIdx.x >> 5);
     if (slots[i] < 0) return; // a row without an adapter (recorded steps)
@@ -934,6 +1048,7 @@ extern "C" __global__ void lora_shrink(float* tmp, const bf16* x, const LoraEntr
 // lora_expand: out[rows[i], j] += tmp[i, :rank] . B[j]; grid (n, ceil(out_f/256)), block 256.
 extern "C" __global__ void lora_expand(bf16* out, const float* tmp, const LoraEntry* table, const int* rows, const int* slots,
                                        int entry_base, int entry_stride, int out_f, int o_stride, int t_stride) {
+    pdl_entry();
     const int i = blockIdx.x;
     const int j = blockIdx.y * blockDim.x + threadIdx.x;
     if (slots[i] < 0) return;
@@ -1046,11 +1161,13 @@ __device__ __forceinline__ void shrink_body(
 #define SHRINK_PASS tmp, x, table, tiles, entry_base, entry_stride, m0, m1, m2, rank_tiles, max_rank, in_f, x_stride, t_stride, rows_total, kchunk
 
 extern "C" __global__ void __launch_bounds__(32 * SG_WARPS) sgmv_shrink(SHRINK_ARGS) {
+    pdl_entry();
     __shared__ float red[SG_WARPS * SG_TR * 8];
     shrink_body<1>(SHRINK_PASS, red);
 }
 
 extern "C" __global__ void __launch_bounds__(32 * SG_WARPS) sgmv_shrink4(SHRINK_ARGS) {
+    pdl_entry();
     __shared__ float red[SG_WARPS * SG_TR * 32];
     shrink_body<4>(SHRINK_PASS, red);
 }
@@ -1090,6 +1207,7 @@ extern "C" __global__ void __launch_bounds__(SG_EX_THREADS) sgmv_expand(
     bf16* __restrict__ out, const float* __restrict__ tmp, const LoraEntry* __restrict__ table, const int4* __restrict__ tiles,
     int entry_base, int entry_stride, int m0, int m1, int m2, int nslices, int off1, int off2, int out_total,
     int max_rank, int o_stride, int t_stride, int rows_total, int ksplit, int accum) {
+    pdl_entry();
     extern __shared__ float sm[]; // [SG_TR][nslices * mr8]
     const int4 tile = tiles[blockIdx.x];
     if (tile.y == 0) return; // no rows (a recorded step's spare tile)
@@ -1294,15 +1412,16 @@ __device__ __forceinline__ void expand_tc_body(
     out, tmp, table, tiles, entry_base, entry_stride, m0, m1, m2, blk1, blk2, off1, off2, out_total, max_rank, o_stride, \
         t_stride, rows_total, ksplit, accum
 
-extern "C" __global__ void __launch_bounds__(256) sgmv_expand_tc1(EXPAND_TC_ARGS) { expand_tc_body<1>(EXPAND_TC_PASS); }
-extern "C" __global__ void __launch_bounds__(256) sgmv_expand_tc2(EXPAND_TC_ARGS) { expand_tc_body<2>(EXPAND_TC_PASS); }
-extern "C" __global__ void __launch_bounds__(256) sgmv_expand_tc4(EXPAND_TC_ARGS) { expand_tc_body<4>(EXPAND_TC_PASS); }
+extern "C" __global__ void __launch_bounds__(256) sgmv_expand_tc1(EXPAND_TC_ARGS) { pdl_entry(); expand_tc_body<1>(EXPAND_TC_PASS); }
+extern "C" __global__ void __launch_bounds__(256) sgmv_expand_tc2(EXPAND_TC_ARGS) { pdl_entry(); expand_tc_body<2>(EXPAND_TC_PASS); }
+extern "C" __global__ void __launch_bounds__(256) sgmv_expand_tc4(EXPAND_TC_ARGS) { pdl_entry(); expand_tc_body<4>(EXPAND_TC_PASS); }
 
 // l2_flush: reads n 16-byte words (a buffer larger than L2) and writes nothing
 // unless the impossible happens, so the cache ends up full of clean lines.
 // Benchmarks run it between timed replays (a memset would leave dirty lines
 // whose write-back lands in the next timed region).
 extern "C" __global__ void l2_flush(const uint4* __restrict__ p, i64 n, unsigned* sink) {
+    pdl_entry();
     unsigned acc = 0;
     for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
         const uint4 v = p[i];
@@ -1377,6 +1496,7 @@ __device__ __forceinline__ uint4 philox4x32(uint4 c, uint2 k) {
 __device__ __forceinline__ bool in_cut(unsigned key, int i, unsigned K, int I) { return key > K || (key == K && i <= I); }
 
 extern "C" __global__ void __launch_bounds__(SM_THREADS) sample_rows(int* out, const float* logits, const int* params, int V) {
+    pdl_entry();
     __shared__ float shf[33];
     __shared__ unsigned long long shu[33];
     __shared__ float scan[SM_THREADS / 32];

@@ -8,6 +8,20 @@
 typedef __nv_bfloat16 bf16;
 typedef long long i64;
 
+// pdl_entry: with Programmatic Dependent Launch (runtime/cuda
+// Stream.SetProgrammaticLaunch) a kernel's blocks may start while the kernel
+// before it on the stream still runs. Every kernel calls this first: it
+// waits for that kernel to finish and its writes to be visible (so nothing
+// is read early, nor overwritten while the other kernel still reads it),
+// then lets the next kernel's blocks be scheduled as this one's finish. A
+// no-op for a normal launch, and before sm_90.
+__device__ __forceinline__ void pdl_entry() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
 // LoRA table entry, one per (slot, layer, module): A [rank, in], B [out, rank].
 struct LoraEntry {
     const bf16* a;
@@ -289,6 +303,6 @@ __device__ __forceinline__ void fused_body(
     out, tmp, x, table, tiles, ctr, ntiles, nslots, entry_base, entry_stride, m0, m1, m2, nslices, rank_tiles, ksplit,   \
         kchunk, n_shrink, off1, off2, out_total, max_rank, in_f, x_stride, o_stride, t_stride, rows_total, accum
 
-extern "C" __global__ void __launch_bounds__(SG_FU_THREADS, 2) sgmv_fused1(FUSED_ARGS) { fused_body<1>(FUSED_PASS); }
-extern "C" __global__ void __launch_bounds__(SG_FU_THREADS, 2) sgmv_fused4(FUSED_ARGS) { fused_body<4>(FUSED_PASS); }
+extern "C" __global__ void __launch_bounds__(SG_FU_THREADS, 2) sgmv_fused1(FUSED_ARGS) { pdl_entry(); fused_body<1>(FUSED_PASS); }
+extern "C" __global__ void __launch_bounds__(SG_FU_THREADS, 2) sgmv_fused4(FUSED_ARGS) { pdl_entry(); fused_body<4>(FUSED_PASS); }
 

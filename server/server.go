@@ -84,6 +84,9 @@ type Config struct {
 	// stream, and the SMs the GEMMs leave to the LoRA stream.
 	SerialLoRA bool
 	LoRASMs    int
+	// NoPDL is gpu.Options': kernels launched one after the other, without
+	// Programmatic Dependent Launch (for comparison).
+	NoPDL bool
 	// Threads are the CPU backend's workers (0: all cores).
 	Threads int
 	// Slots are the device adapter slots (default 4).
@@ -333,13 +336,14 @@ func newGPU(cfg Config) (*gpu.Backend, error) {
 	}
 	// Kernels compile once (NVRTC) into the default kernel cache; later
 	// starts read the cubin.
-	return gpu.New(gpu.Options{Device: cfg.GPU, WeightFormat: cfg.Weights, Eager: cfg.Eager, SerialLoRA: cfg.SerialLoRA, LoRASMs: cfg.LoRASMs})
+	return gpu.New(gpu.Options{Device: cfg.GPU, WeightFormat: cfg.Weights, Eager: cfg.Eager, SerialLoRA: cfg.SerialLoRA, LoRASMs: cfg.LoRASMs, NoPDL: cfg.NoPDL})
 }
 
 func logGPU(log *slog.Logger, cfg Config, b *gpu.Backend) {
 	d := b.Device()
 	log.Info("device", "device", DeviceCUDA, "requested", cfg.Device, "ordinal", d.Ordinal, "name", d.Name,
-		"compute_capability", fmt.Sprintf("%d.%d", d.Major, d.Minor), "memory_gib", fmt.Sprintf("%.1f", float64(d.TotalMem)/(1<<30)), "weights", cfg.Weights)
+		"compute_capability", fmt.Sprintf("%d.%d", d.Major, d.Minor), "memory_gib", fmt.Sprintf("%.1f", float64(d.TotalMem)/(1<<30)), "weights", cfg.Weights,
+		"pdl", b.PDL())
 }
 
 func threads(n int) string {

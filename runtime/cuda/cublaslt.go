@@ -242,8 +242,12 @@ func (m *Matmul) GemmTN(s *Stream, out DevicePtr, outType DataType, in DevicePtr
 			return err
 		}
 		m.alpha[0], m.beta[0] = alpha, beta
-		return checkBLAS("cublasLtMatmul", blas.cublasLtMatmul(m.h, p.desc, unsafe.Pointer(m.alpha), w, p.a, in, p.b,
+		err = checkBLAS("cublasLtMatmul", blas.cublasLtMatmul(m.h, p.desc, unsafe.Pointer(m.alpha), w, p.a, in, p.b,
 			unsafe.Pointer(m.beta), out, p.d, out, p.d, unsafe.Pointer(&p.algo[0]), m.ws.Ptr(), uint64(m.ws.Size()), s.s))
+		if err == nil {
+			s.afterKernel = true // cuBLASLt's last operation is its GEMM (or split-K reduce) kernel
+		}
+		return err
 	})
 }
 

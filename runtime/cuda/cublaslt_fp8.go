@@ -114,8 +114,12 @@ func (m *Matmul) GemmTNScaled(s *Stream, out DevicePtr, outType DataType, in, in
 			return err
 		}
 		m.alpha[0], m.beta[0] = 1, 0
-		return checkBLAS("cublasLtMatmul", blas.cublasLtMatmul(m.h, p.desc, unsafe.Pointer(m.alpha), w, p.a, in, p.b,
+		err = checkBLAS("cublasLtMatmul", blas.cublasLtMatmul(m.h, p.desc, unsafe.Pointer(m.alpha), w, p.a, in, p.b,
 			unsafe.Pointer(m.beta), out, p.d, out, p.d, unsafe.Pointer(&p.algo[0]), m.ws.Ptr(), uint64(m.ws.Size()), s.s))
+		if err == nil {
+			s.afterKernel = true // cuBLASLt's last operation is its GEMM (or split-K reduce) kernel
+		}
+		return err
 	})
 }
 

@@ -95,10 +95,14 @@ func (d Device) String() string {
 }
 
 // paramArena holds kernel arguments: vals are the values, ptrs point at them
-// (the kernelParams array). It is pinned so the driver may read it.
+// (the kernelParams array); cfg and attr are cuLaunchKernelEx's launch
+// configuration and its one attribute. It is pinned so the driver may read
+// it.
 type paramArena struct {
 	vals [maxKernelArgs]uint64
 	ptrs [maxKernelArgs]unsafe.Pointer
+	cfg  launchConfig
+	attr launchAttr
 }
 
 const maxKernelArgs = 64

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"strings"
 	"testing"
+	"unsafe"
 )
 
 // TestInitWithoutDriver runs everywhere: on a machine without libcuda.so.1,
@@ -56,6 +57,31 @@ func TestDeviceArch(t *testing.T) {
 	}{{9, 0, "sm_90a"}, {8, 0, "sm_80"}, {8, 9, "sm_89"}, {10, 0, "sm_100"}} {
 		if got := (Device{Major: c.maj, Minor: c.min}).Arch(); got != c.want {
 			t.Errorf("%d.%d: %s, want %s", c.maj, c.min, got, c.want)
+		}
+	}
+}
+
+// TestLaunchConfigLayout: the structs handed to cuLaunchKernelEx have
+// cuda.h's layout on 64-bit Linux (CUlaunchConfig: 56 bytes, hStream at
+// 32, attrs at 40, numAttrs at 48; CUlaunchAttribute: 72 bytes, the value
+// union at 8).
+func TestLaunchConfigLayout(t *testing.T) {
+	var c launchConfig
+	var a launchAttr
+	for _, x := range []struct {
+		name      string
+		got, want uintptr
+	}{
+		{"sizeof(CUlaunchConfig)", unsafe.Sizeof(c), 56},
+		{"offsetof(sharedMemBytes)", unsafe.Offsetof(c.shared), 24},
+		{"offsetof(hStream)", unsafe.Offsetof(c.stream), 32},
+		{"offsetof(attrs)", unsafe.Offsetof(c.attrs), 40},
+		{"offsetof(numAttrs)", unsafe.Offsetof(c.numAttrs), 48},
+		{"sizeof(CUlaunchAttribute)", unsafe.Sizeof(a), 72},
+		{"offsetof(value)", unsafe.Offsetof(a.value), 8},
+	} {
+		if x.got != x.want {
+			t.Errorf("%s = %d, want %d", x.name, x.got, x.want)
 		}
 	}
 }

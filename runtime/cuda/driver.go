@@ -67,6 +67,9 @@ type driver struct {
 	cuFuncGetAttribute         func(v *int32, attr int32, f cuFunction) int32
 	cuOccupancyMaxActiveBlocks func(n *int32, f cuFunction, blockSize int32, shared uint64) int32
 	cuLaunchKernel             func(f cuFunction, gx, gy, gz, bx, by, bz, shmem uint32, s cuStream, params unsafe.Pointer, extra unsafe.Pointer) int32
+	// cuLaunchKernelEx (optional: CUDA 12+): launches with attributes
+	// (Programmatic Dependent Launch)
+	cuLaunchKernelEx func(cfg unsafe.Pointer, f cuFunction, params unsafe.Pointer, extra unsafe.Pointer) int32
 	// Stream capture and graphs (optional: nil on drivers without them).
 	cuStreamBeginCapture        func(s cuStream, mode int32) int32
 	cuStreamEndCapture          func(s cuStream, g *cuGraph) int32
@@ -146,6 +149,7 @@ func loadDriver() error {
 		b.fn(&d.cuGraphLaunch, "cuGraphLaunch")
 		b.fn(&d.cuGraphExecDestroy, "cuGraphExecDestroy")
 		b.fn(&d.cuGraphDestroy, "cuGraphDestroy")
+		b.fn(&d.cuLaunchKernelEx, "cuLaunchKernelEx")
 		b.fn(&d.cuProfilerStart, "cuProfilerStart")
 		b.fn(&d.cuProfilerStop, "cuProfilerStop")
 		drv = d

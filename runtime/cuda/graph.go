@@ -38,6 +38,7 @@ func (s *Stream) BeginCapture() error {
 		return err
 	}
 	return s.c.Do(func() error {
+		s.afterKernel = false // the recording's first kernel has no kernel before it
 		return check("cuStreamBeginCapture_v2", drv.cuStreamBeginCapture(s.s, captureModeThreadLocal))
 	})
 }
@@ -77,7 +78,10 @@ func (g *Graph) Destroy() error {
 
 // Launch enqueues the graph on s.
 func (e *GraphExec) Launch(s *Stream) error {
-	return e.c.Do(func() error { return check("cuGraphLaunch", drv.cuGraphLaunch(e.e, s.s)) })
+	return e.c.Do(func() error {
+		s.afterKernel = false
+		return check("cuGraphLaunch", drv.cuGraphLaunch(e.e, s.s))
+	})
 }
 
 // Destroy releases the executable graph.

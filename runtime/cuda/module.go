@@ -101,6 +101,31 @@ func (d Dim3) u() (uint32, uint32, uint32) {
 	return one(d.X), one(d.Y), one(d.Z)
 }
 
+// launchConfig is CUlaunchConfig (cuda.h): 56 bytes, the stream at 32, the
+// attributes at 40, their count at 48.
+type launchConfig struct {
+	gridX, gridY, gridZ    uint32
+	blockX, blockY, blockZ uint32
+	shared                 uint32
+	_                      uint32
+	stream                 cuStream
+	attrs                  unsafe.Pointer
+	numAttrs               uint32
+	_                      uint32
+}
+
+// launchAttr is CUlaunchAttribute: the id, padding to 8 bytes, a 64-byte
+// value union (72 bytes).
+type launchAttr struct {
+	id    uint32
+	_     uint32
+	value [16]int32
+}
+
+// launchAttrProgrammaticStreamSerialization is
+// CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION.
+const launchAttrProgrammaticStreamSerialization = 6
+
 // Launch enqueues the kernel on s. Arguments are passed by value: int, int32,
 // uint32, int64, uint64 (DevicePtr), float32, float64, bool, *DeviceBuffer
 // (its address; nil is a null pointer). A kernel parameter declared int
@@ -146,6 +171,18 @@ func (f *Function) Launch(s *Stream, grid, block Dim3, shared int, args ...any) 
 		var params unsafe.Pointer
 		if len(args) > 0 {
 			params = unsafe.Pointer(&a.ptrs[0])
+		}
+		programmatic := s.pdl && s.afterKernel
+		s.afterKernel = true
+		if programmatic {
+			a.cfg = launchConfig{gridX: gx, gridY: gy, gridZ: gz, blockX: bx, blockY: by, blockZ: bz, shared: uint32(shared),
+				stream: s.s, attrs: unsafe.Pointer(&a.attr), numAttrs: 1}
+			a.attr = launchAttr{id: launchAttrProgrammaticStreamSerialization}
+			a.attr.value[0] = 1 // programmaticStreamSerializationAllowed
+			if err := check("cuLaunchKernelEx", drv.cuLaunchKernelEx(unsafe.Pointer(&a.cfg), f.f, params, nil)); err != nil {
+				return fmt.Errorf("kernel %s grid %v block %v (programmatic): %w", f.Name, grid, block, err)
+			}
+			return nil
 		}
 		if err := check("cuLaunchKernel", drv.cuLaunchKernel(f.f, gx, gy, gz, bx, by, bz, uint32(shared), s.s, params, nil)); err != nil {
 			return fmt.Errorf("kernel %s grid %v block %v: %w", f.Name, grid, block, err)

@@ -1,6 +1,8 @@
 package cuda
 
 import (
+	"errors"
+	"fmt"
 	"runtime"
 	"unsafe"
 )
@@ -12,7 +14,34 @@ import (
 type Stream struct {
 	c *Context
 	s cuStream
+	// pdl: kernels launched on the stream may begin while the kernel before
+	// them finishes (SetProgrammaticLaunch); afterKernel: the stream's last
+	// operation was a kernel (only then is a launch programmatic: a copy, a
+	// memset, an event wait or a graph before it keeps its full dependency)
+	pdl, afterKernel bool
 }
+
+// ErrNoPDL: the driver or the GPU cannot launch kernels programmatically
+// (Programmatic Dependent Launch needs cuLaunchKernelEx and sm_90 or newer).
+var ErrNoPDL = errors.New("cuda: programmatic dependent launch is not supported")
+
+// SetProgrammaticLaunch turns Programmatic Dependent Launch on or off for
+// the kernels launched on s from now on (stream capture records it as
+// programmatic edges): a kernel's blocks may be scheduled while the kernel
+// before it on s still runs, so its launch and prologue overlap that
+// kernel's tail. Every kernel launched this way must execute
+// griddepcontrol.wait (cudaGridDependencySynchronize) before it reads what
+// the kernel before it wrote: peftd's kernels do so first thing.
+func (s *Stream) SetProgrammaticLaunch(on bool) error {
+	if on && (drv.cuLaunchKernelEx == nil || s.c.dev.Major < 9) {
+		return fmt.Errorf("%w (driver %s, compute capability %d.%d)", ErrNoPDL, drv.path, s.c.dev.Major, s.c.dev.Minor)
+	}
+	s.pdl = on
+	return nil
+}
+
+// ProgrammaticLaunch reports whether s launches kernels programmatically.
+func (s *Stream) ProgrammaticLaunch() bool { return s.pdl }
 
 // NewStream creates a stream.
 func (c *Context) NewStream() (*Stream, error) {
@@ -70,7 +99,10 @@ func CopyHtoD[T any](s *Stream, dst DevicePtr, src []T) error {
 	if n == 0 {
 		return nil
 	}
-	err := s.c.Do(func() error { return check("cuMemcpyHtoDAsync_v2", drv.cuMemcpyHtoDAsync(dst, p, n, s.s)) })
+	err := s.c.Do(func() error {
+		s.afterKernel = false
+		return check("cuMemcpyHtoDAsync_v2", drv.cuMemcpyHtoDAsync(dst, p, n, s.s))
+	})
 	runtime.KeepAlive(src)
 	return err
 }
@@ -83,24 +115,36 @@ func CopyDtoH[T any](s *Stream, dst []T, src DevicePtr) error {
 	if n == 0 {
 		return nil
 	}
-	err := s.c.Do(func() error { return check("cuMemcpyDtoHAsync_v2", drv.cuMemcpyDtoHAsync(p, src, n, s.s)) })
+	err := s.c.Do(func() error {
+		s.afterKernel = false
+		return check("cuMemcpyDtoHAsync_v2", drv.cuMemcpyDtoHAsync(p, src, n, s.s))
+	})
 	runtime.KeepAlive(dst)
 	return err
 }
 
 // CopyDtoD enqueues a device-to-device copy of n bytes.
 func (s *Stream) CopyDtoD(dst, src DevicePtr, n int) error {
-	return s.c.Do(func() error { return check("cuMemcpyDtoDAsync_v2", drv.cuMemcpyDtoDAsync(dst, src, uint64(n), s.s)) })
+	return s.c.Do(func() error {
+		s.afterKernel = false
+		return check("cuMemcpyDtoDAsync_v2", drv.cuMemcpyDtoDAsync(dst, src, uint64(n), s.s))
+	})
 }
 
 // Memset8 sets n bytes at dst to v.
 func (s *Stream) Memset8(dst DevicePtr, v uint8, n int) error {
-	return s.c.Do(func() error { return check("cuMemsetD8Async", drv.cuMemsetD8Async(dst, v, uint64(n), s.s)) })
+	return s.c.Do(func() error {
+		s.afterKernel = false
+		return check("cuMemsetD8Async", drv.cuMemsetD8Async(dst, v, uint64(n), s.s))
+	})
 }
 
 // Memset32 sets n 32-bit words at dst to v.
 func (s *Stream) Memset32(dst DevicePtr, v uint32, n int) error {
-	return s.c.Do(func() error { return check("cuMemsetD32Async", drv.cuMemsetD32Async(dst, v, uint64(n), s.s)) })
+	return s.c.Do(func() error {
+		s.afterKernel = false
+		return check("cuMemsetD32Async", drv.cuMemsetD32Async(dst, v, uint64(n), s.s))
+	})
 }
 
 // Event is a CUDA event.
@@ -151,7 +195,10 @@ func (e *Event) Since(start *Event) (float32, error) {
 
 // Wait makes s wait for the event.
 func (s *Stream) Wait(e *Event) error {
-	return s.c.Do(func() error { return check("cuStreamWaitEvent", drv.cuStreamWaitEvent(s.s, e.e, 0)) })
+	return s.c.Do(func() error {
+		s.afterKernel = false
+		return check("cuStreamWaitEvent", drv.cuStreamWaitEvent(s.s, e.e, 0))
+	})
 }
 
 // Destroy releases the event.

@@ -60,6 +60,12 @@ type Options struct {
 	// the step's rows (autoLoRASMs); negative holds none back (the LoRA
 	// blocks then take SMs as the GEMM's blocks free them).
 	LoRASMs int
+	// NoPDL launches the compute stream's kernels one after the other. By
+	// default, where the driver and GPU allow it (sm_90+), they launch with
+	// Programmatic Dependent Launch: a kernel's blocks are scheduled while
+	// the one before it finishes (each waits for it first thing), in
+	// eager steps and in recorded graphs alike.
+	NoPDL bool
 }
 
 // autoLoRASMs is the SMs a step of rows rows with adapters leaves to the
@@ -188,6 +194,7 @@ type Backend struct {
 	decOK       bool // the model's head shape suits attn_decode (head_dim 32, 64, 128 or 256; <= 8 query heads per KV head)
 	decResident int  // attn_decode blocks resident at once (sizeDecode)
 	preOK       bool // the head shape suits attn_prefill (head_dim 32, 64 or 128)
+	pdl         bool // the compute stream launches kernels programmatically (Options.NoPDL)
 	nDec, nPre  int  // decode sequences and prefill rows of the step
 	nPreTiles   int  // attn_prefill tiles of the step (0: the per-row kernel takes the prefill rows)
 	decSplit    int  // splits per (sequence, KV head)
@@ -296,6 +303,10 @@ func (b *Backend) open(opts Options) error {
 	if b.cs, err = b.ctx.NewStream(); err != nil {
 		return err
 	}
+	if !opts.NoPDL {
+		// not every GPU can: then the kernels launch as before
+		b.pdl = b.s.SetProgrammaticLaunch(true) == nil
+	}
 	b.la.on, b.la.sms = !opts.SerialLoRA, max(opts.LoRASMs, 0)
 	if opts.LoRASMs == 0 {
 		b.la.sms = -1 // by the step's rows
@@ -371,6 +382,10 @@ func (b *Backend) sizeDecode() error {
 	b.decResident = max(1, per) * b.ctx.Device().SMs
 	return nil
 }
+
+// PDL reports whether the compute stream launches kernels with
+// Programmatic Dependent Launch (Options.NoPDL).
+func (b *Backend) PDL() bool { return b.pdl }
 
 // Device describes the GPU.
 func (b *Backend) Device() cuda.Device { return b.ctx.Device() }

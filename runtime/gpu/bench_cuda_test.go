@@ -427,6 +427,8 @@ func TestDecodeBench(t *testing.T) {
 	bench("decode %-5s %-11s %10s %10s %10s %9s %9s %9s %9s %10s", "batch", "lora", "wall_tok/s", "gpu_tok/s", "roof_tok/s", "gpu_frac", "wall_ms", "gpu_ms", "roof_ms", "prefill_s")
 	rng := rand.New(rand.NewPCG(3, 4))
 	ctx := context.Background()
+	pdlOK := gb.PDL() // the card launches programmatically: the +nopdl rows are the A/B
+	bench("decode programmatic dependent launch: %v", pdlOK)
 	for _, B := range batches {
 		// base, adapters, base sampled on the device (StepSample), both
 		// eagerly (no graphs, as before v0.11), then adapters with every
@@ -435,21 +437,26 @@ func TestDecodeBench(t *testing.T) {
 		// batch (LoRASMs; the others choose by the batch: autoLoRASMs)
 		type variant struct {
 			lora, sampled, eager, serial bool
-			sms                          int // -1: autoLoRASMs
+			sms                          int  // -1: autoLoRASMs
+			nopdl                        bool // kernels launched one after the other (Options.NoPDL)
 		}
-		vs := []variant{{sms: -1}, {lora: true, sms: -1}, {sampled: true, sms: -1}, {eager: true, sms: -1}, {lora: true, eager: true, sms: -1},
+		vs := []variant{{sms: -1}, {lora: true, sms: -1}, {sms: -1, nopdl: true}, {lora: true, sms: -1, nopdl: true},
+			{sampled: true, sms: -1}, {eager: true, sms: -1}, {lora: true, eager: true, sms: -1},
 			{lora: true, serial: true, sms: -1}, {lora: true, sms: 0}, {lora: true, sms: 16}, {lora: true, sms: 32}}
-		if os.Getenv("PEFTD_DECODE_QUICK") != "" { // base and adapters only
-			vs = vs[:2]
+		if os.Getenv("PEFTD_DECODE_QUICK") != "" { // base and adapters, with and without PDL
+			vs = vs[:4]
 		}
 		for _, v := range vs {
 			withLoRA, sampled := v.lora, v.sampled
 			gb.g.off = v.eager
-			if withLoRA && len(ads) == 0 {
+			if withLoRA && len(ads) == 0 || v.nopdl && !pdlOK {
 				continue
 			}
-			if gb.la.on == v.serial || gb.la.sms != v.sms { // recordings bake the LoRA mode in
+			if wantPDL := pdlOK && !v.nopdl; gb.la.on == v.serial || gb.la.sms != v.sms || gb.s.ProgrammaticLaunch() != wantPDL { // recordings bake the LoRA and launch modes in
 				gb.la.on, gb.la.sms = !v.serial, v.sms
+				if err := gb.s.SetProgrammaticLaunch(wantPDL); err != nil {
+					t.Fatal(err)
+				}
 				if err := gb.dropGraphs(); err != nil {
 					t.Fatal(err)
 				}
@@ -529,6 +536,9 @@ func TestDecodeBench(t *testing.T) {
 			}
 			if v.sms >= 0 {
 				lbl += fmt.Sprintf("+sms%d", v.sms)
+			}
+			if v.nopdl && pdlOK {
+				lbl += "+nopdl"
 			}
 			bench("decode %-5d %-11s %10.0f %10.0f %10.0f %9.2f %9.2f %9.2f %9.2f %10.1f", B, lbl, toks/wall.Seconds(), toks/(gpuMs/1e3), toks/roofS,
 				roofS*1e3/gpuMs, wall.Seconds()*1e3/newTok, gpuMs/newTok, roofS*1e3/newTok, prefill.Seconds())

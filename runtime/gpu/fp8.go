@@ -58,6 +58,7 @@ type fp8State struct {
 	mm    *cuda.Matmul
 	mod   *cuda.Module
 	quant *cuda.Function
+	gemv  [2]*cuda.Function // fp8_gemv_n8, fp8_gemv_n16
 	Info  kernels.Info
 
 	tmp        *cuda.DeviceBuffer // bf16 staging of a weight being quantized (freed at the first Linear)
@@ -78,9 +79,14 @@ func newFP8(ctx *cuda.Context, s *cuda.Stream, mm *cuda.Matmul, ko kernels.Optio
 	if f.mod, f.Info, err = kernels.Load(ctx, kernels.FP8, ko); err != nil {
 		return nil, err
 	}
-	if f.quant, err = f.mod.Function("quant_rows_e4m3"); err != nil {
-		f.mod.Unload()
-		return nil, err
+	for _, fn := range []struct {
+		p    **cuda.Function
+		name string
+	}{{&f.quant, "quant_rows_e4m3"}, {&f.gemv[0], "fp8_gemv_n8"}, {&f.gemv[1], "fp8_gemv_n16"}} {
+		if *fn.p, err = f.mod.Function(fn.name); err != nil {
+			f.mod.Unload()
+			return nil, err
+		}
 	}
 	return f, nil
 }
@@ -148,6 +154,19 @@ func (f *fp8State) upload(host []uint16, rows, cols int) (*fp8Weight, error) {
 	return w, nil
 }
 
+// fits reports whether the activation scratch holds rows rows of cols
+// values (reserve sized it; it never moves).
+func (f *fp8State) fits(rows, cols int) bool {
+	return f.actQ != nil && f.actS != nil && f.actQ.Size() >= rows*cols && f.actS.Size() >= 4*rows
+}
+
+// holds records that a kernel that wrote x (rows of cols values, write
+// generation gen) also quantized it into the activation scratch: the next
+// FP8 projection of x uses it as it is.
+func (f *fp8State) holds(x cuda.DevicePtr, rows, cols int, gen uint64) {
+	f.cIn, f.cRows, f.cCols, f.cGen, f.cValid = x, rows, cols, gen, true
+}
+
 // invalidate forgets the quantized activation rows.
 func (f *fp8State) invalidate() { f.cValid = false }
 
@@ -176,7 +195,29 @@ func (f *fp8State) linear(out, x cuda.DevicePtr, T int, w *fp8Weight, gen uint64
 		}
 		f.cIn, f.cRows, f.cCols, f.cGen, f.cValid = x, T, K, gen, true
 	}
+	if gemvFits(T, w.rows, K) {
+		return f.gemvLaunch(out, T, w)
+	}
 	return f.mm.GemmTNScaled(f.s, out, cuda.R16BF, f.actQ.Ptr(), f.actS.Ptr(), w.q.Ptr(), w.scale.Ptr(), T, w.rows, K)
+}
+
+// gemvMaxRows is the most rows fp8_gemv takes: below it cuBLASLt pads the
+// rows to its smallest tile and reads the weights at a fraction of the
+// bandwidth (FP8 decode at batch 1 ran slower than bf16 with it alone).
+const gemvMaxRows = 16
+
+// gemvFits reports whether fp8_gemv computes a [T, N] x [N, K] product: a
+// few rows, K a multiple of its 64-byte spans, N of its 16-row tiles.
+func gemvFits(T, N, K int) bool { return T >= 1 && T <= gemvMaxRows && K%64 == 0 && N%16 == 0 }
+
+// gemvLaunch enqueues fp8_gemv on the quantized activation rows.
+func (f *fp8State) gemvLaunch(out cuda.DevicePtr, T int, w *fp8Weight) error {
+	fn := f.gemv[0]
+	if T > 8 {
+		fn = f.gemv[1]
+	}
+	return fn.Launch(f.s, cuda.Dim3{X: w.rows / 16}, cuda.Dim3{X: 256}, 0, uint64(out), uint64(f.actQ.Ptr()), uint64(f.actS.Ptr()),
+		uint64(w.q.Ptr()), uint64(w.scale.Ptr()), T, w.rows, w.cols)
 }
 
 func (f *fp8State) close() error {

@@ -3,6 +3,7 @@
 package gpu
 
 import (
+	"encoding/binary"
 	"fmt"
 	"math"
 	"math/rand/v2"
@@ -271,7 +272,10 @@ func relErr64(got []float32, want []float64) float64 {
 func TestFP8Gemm(t *testing.T) {
 	r := newFP8Rig(t)
 	const tight = 4e-3 // bf16 output rounding (unit roundoff 2^-9 after rounding to nearest)
-	for _, sz := range []struct{ T, N, K int }{{1, 4096, 4096}, {7, 96, 272}, {33, 1000, 528}, {3, 100, 4096}, {64, 1024, 14336}, {129, 6144, 4096}, {300, 512, 4096}, {5, 97, 64}} {
+	// fp8_gemv takes T <= 16 with K % 64 == 0 and N % 16 == 0 (the first
+	// seven); cuBLASLt the rest
+	for _, sz := range []struct{ T, N, K int }{{1, 4096, 4096}, {16, 6144, 4096}, {9, 28672, 4096}, {2, 4096, 14336}, {8, 48, 128}, {11, 32, 64}, {4, 16, 64},
+		{7, 96, 272}, {33, 1000, 528}, {3, 100, 4096}, {64, 1024, 14336}, {129, 6144, 4096}, {300, 512, 4096}, {5, 97, 64}, {17, 4096, 4096}} {
 		xh, wh := r.bf16Rand(sz.T*sz.K, 1), r.bf16Rand(sz.N*sz.K, 0.02)
 		dx, dw := r.up(xh), r.up(wh)
 		w, err := r.f.upload(wh, sz.N, sz.K)
@@ -320,8 +324,12 @@ func TestFP8Gemm(t *testing.T) {
 			f16d[i] = float64(v)
 		}
 		e816 := relErr64(f8, f16d)
-		t.Logf("T=%4d N=%5d K=%5d: fp8 vs float64(dequantized) maxrel=%.3g; vs float64(bf16 operands): fp8 %.3g, bf16 GEMM %.3g; fp8 vs bf16 GEMM %.3g",
-			sz.T, sz.N, sz.K, eDeq, e8, e16, e816)
+		path := "cuBLASLt"
+		if gemvFits(sz.T, sz.N, sz.K) {
+			path = "fp8_gemv"
+		}
+		t.Logf("T=%4d N=%5d K=%5d (%s): fp8 vs float64(dequantized) maxrel=%.3g; vs float64(bf16 operands): fp8 %.3g, bf16 GEMM %.3g; fp8 vs bf16 GEMM %.3g",
+			sz.T, sz.N, sz.K, path, eDeq, e8, e16, e816)
 		if !(eDeq <= tight) {
 			t.Errorf("T=%d N=%d K=%d: FP8 GEMM vs dequantized float64 reference %.3g > %.0e", sz.T, sz.N, sz.K, eDeq, tight)
 		}
@@ -347,12 +355,12 @@ func TestFP8GemmBench(t *testing.T) {
 	const peak16, peak8 = 989e12, 1979e12 // H100 SXM dense bf16 / fp8 tensor FLOP/s (datasheet)
 	bench("fp8gemm device %s; copy bandwidth %.0f GB/s; peaks bf16 %.0f, fp8 %.0f TFLOP/s (datasheet); median of 30 per-launch event times, weights rotated over >= 150 MB",
 		r.ctx.Device().Name, bw/1e9, peak16/1e12, peak8/1e12)
-	bench("fp8gemm %-8s %5s %9s %9s %9s %9s %8s %9s %9s %7s %7s %7s", "shape", "T", "bf16_us", "fp8_us", "quant_us", "fp8+q_us", "speedup", "floor16", "floor8", "frac16", "frac8", "TF/s8")
+	bench("fp8gemm %-8s %5s %9s %9s %9s %9s %9s %8s %9s %9s %7s %7s %7s", "shape", "T", "bf16_us", "fp8_us", "lt8_us", "quant_us", "fp8+q_us", "speedup", "floor16", "floor8", "frac16", "frac8", "TF/s8")
 	shapes := []struct {
 		name string
 		N, K int
 	}{{"qkv", 6144, 4096}, {"o", 4096, 4096}, {"gate_up", 28672, 4096}, {"down", 4096, 14336}}
-	Ts := []int{1, 16, 64, 256, 2048}
+	Ts := []int{1, 4, 16, 64, 256, 2048}
 	timeIt := func(reps int, fn func(i int) error) float64 { return eventMedianMs(t, r.ctx, r.s, 5, reps, fn) * 1e3 }
 	maxT := slices.Max(Ts)
 	for _, sh := range shapes {
@@ -388,6 +396,10 @@ func TestFP8GemmBench(t *testing.T) {
 				t.Fatal(err)
 			}
 			t8 := timeIt(30, func(i int) error { return r.f.linear(out.Ptr(), x.Ptr(), T, w8[i%n8], 7) })
+			lt := timeIt(30, func(i int) error { // cuBLASLt's FP8 product whatever T (fp8_gemv's alternative)
+				w := w8[i%n8]
+				return r.mm.GemmTNScaled(r.s, out.Ptr(), cuda.R16BF, r.f.actQ.Ptr(), r.f.actS.Ptr(), w.q.Ptr(), w.scale.Ptr(), T, N, K)
+			})
 			tq := timeIt(30, func(i int) error {
 				return r.f.quantRows(r.f.actQ.Ptr(), r.f.actS.Ptr(), x.Ptr(), T, K, K)
 			})
@@ -400,7 +412,7 @@ func TestFP8GemmBench(t *testing.T) {
 			b8 := float64(N*K) + 4*float64(N) + float64(T*K) + 4*float64(T) + 2*float64(T*N)
 			fl16 := max(b16/bw, fl/peak16) * 1e6
 			fl8 := max(b8/bw, fl/peak8) * 1e6
-			bench("fp8gemm %-8s %5d %9.1f %9.1f %9.1f %9.1f %8.2f %9.1f %9.1f %7.2f %7.2f %7.0f", fmt.Sprintf("%s", sh.name), T, t16, t8, tq, tt, t16/tt, fl16, fl8, fl16/t16, fl8/t8, fl/(t8*1e-6)/1e12)
+			bench("fp8gemm %-8s %5d %9.1f %9.1f %9.1f %9.1f %9.1f %8.2f %9.1f %9.1f %7.2f %7.2f %7.0f", sh.name, T, t16, t8, lt, tq, tt, t16/tt, fl16, fl8, fl16/t16, fl8/t8, fl/(t8*1e-6)/1e12)
 		}
 		r.sync()
 		for i := 1; i < n8; i++ {
@@ -628,4 +640,92 @@ func fp8Bytes(f *fp8State) int {
 		n += w.q.Size() + w.scale.Size()
 	}
 	return n
+}
+
+// TestFP8FusedQuant: with FP8 projections add_rmsnorm quantizes the rows it
+// normalizes into the activation scratch, byte for byte what
+// quant_rows_e4m3 makes of them (16-byte words at H = 256, one value at a
+// time at H = 264; a zero row gets scale 1), and marks the scratch as
+// holding them, so the next FP8 projection quantizes nothing; that
+// projection equals the one after a fresh quantization.
+func TestFP8FusedQuant(t *testing.T) {
+	for _, H := range []int{256, 264} {
+		t.Run(fmt.Sprint(H), func(t *testing.T) {
+			cfg := testConfig(H, 512, 4, 2, 64, 64, 1)
+			r := newRig(t, cfg, 8, engine.KVSpec{Layers: 1, Blocks: 4, BlockSize: 16, KVHeads: 2, HeadDim: 64})
+			f8, err := newFP8(r.b.ctx, r.b.s, r.b.mm, kernels.Options{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			r.b.f8 = f8
+			const T = 5
+			if err := f8.reserve(T, H); err != nil {
+				t.Fatal(err)
+			}
+			xv := r.rnd(T*H, 1)
+			clear(xv[2*H : 3*H]) // a zero row
+			x, out := r.buffer(T, H), r.buffer(T, H)
+			nw, _ := r.weight(1, H, 1)
+			r.fill(x, xv)
+			r.begin(oneSeq(T, 16, zeros(T)))
+			r.b.AddRMSNorm(x, nil, out, nw, 1e-5)
+			if !f8.cValid || f8.cIn != out.mem.Ptr() || f8.cRows != T || f8.cCols != H {
+				t.Fatalf("the scratch is not marked as holding the normalized rows: %+v", f8)
+			}
+			qF, sF := make([]byte, T*H), make([]float32, T)
+			if err := cuda.CopyDtoH(r.b.s, qF, f8.actQ.Ptr()); err != nil {
+				t.Fatal(err)
+			}
+			if err := cuda.CopyDtoH(r.b.s, sF, f8.actS.Ptr()); err != nil {
+				t.Fatal(err)
+			}
+			if err := f8.quantRows(f8.actQ.Ptr(), f8.actS.Ptr(), out.mem.Ptr(), T, H, H); err != nil {
+				t.Fatal(err)
+			}
+			qU, sU := make([]byte, T*H), make([]float32, T)
+			if err := cuda.CopyDtoH(r.b.s, qU, f8.actQ.Ptr()); err != nil {
+				t.Fatal(err)
+			}
+			if err := cuda.CopyDtoH(r.b.s, sU, f8.actS.Ptr()); err != nil {
+				t.Fatal(err)
+			}
+			r.end()
+			if !slices.Equal(qF, qU) {
+				t.Error("fused e4m3 values differ from quant_rows_e4m3's")
+			}
+			for i := range sF {
+				if math.Float32bits(sF[i]) != math.Float32bits(sU[i]) {
+					t.Errorf("row %d: fused scale %g, quant_rows_e4m3 %g", i, sF[i], sU[i])
+				}
+			}
+			if sF[2] != 1 {
+				t.Errorf("zero row: scale %g, want 1", sF[2])
+			}
+			if H%16 != 0 {
+				return
+			}
+			// the next projection uses the fused copy; a fresh quantization gives the same
+			const N = 128
+			w := r.rnd(N*H, 0.05)
+			raw := make([]byte, 4*len(w))
+			for i, v := range w {
+				binary.LittleEndian.PutUint32(raw[4*i:], math.Float32bits(v))
+			}
+			fw, err := r.b.Upload("model.layers.0.mlp.up_proj.weight", safetensors.F32, []int{N, H}, raw)
+			if err != nil {
+				t.Fatal(err)
+			}
+			o1, o2 := r.buffer(T, N), r.buffer(T, N)
+			r.begin(oneSeq(T, 16, zeros(T)))
+			r.b.AddRMSNorm(x, nil, out, nw, 1e-5)
+			r.b.Linear(o1, out, fw)
+			f8.invalidate()
+			r.b.Linear(o2, out, fw)
+			g1, g2 := r.read(o1, T), r.read(o2, T)
+			r.end()
+			if !slices.Equal(g1, g2) {
+				t.Error("the projection of the fused copy differs from the one after a fresh quantization")
+			}
+		})
+	}
 }

@@ -34,3 +34,17 @@ func TestFP8Projection(t *testing.T) {
 		}
 	}
 }
+
+// TestGemvFits: fp8_gemv takes 1-16 rows when K is a multiple of 64 and N
+// of 16; everything else goes to cuBLASLt.
+func TestGemvFits(t *testing.T) {
+	for _, c := range []struct {
+		T, N, K int
+		want    bool
+	}{{1, 4096, 4096, true}, {16, 28672, 4096, true}, {17, 4096, 4096, false}, {0, 4096, 4096, false},
+		{4, 4096, 14336, true}, {4, 100, 4096, false}, {4, 96, 272, false}, {8, 16, 64, true}} {
+		if got := gemvFits(c.T, c.N, c.K); got != c.want {
+			t.Errorf("gemvFits(%d, %d, %d) = %v, want %v", c.T, c.N, c.K, got, c.want)
+		}
+	}
+}

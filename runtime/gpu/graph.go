@@ -338,6 +338,17 @@ func (b *Backend) runThenRecord(key graphKey, prog engine.Program) error {
 		return err
 	}
 	e, err := b.record(prog)
+	if err != nil && b.pdl {
+		// a driver that cannot record programmatic launches: record (and
+		// from now on launch) without them
+		if b.s.SetProgrammaticLaunch(false) == nil {
+			b.pdl = false
+			if derr := b.dropGraphs(); derr != nil {
+				return derr
+			}
+			e, err = b.record(prog)
+		}
+	}
 	if err != nil {
 		return fmt.Errorf("gpu: record decode graph for %d rows: %w", key.rows, err)
 	}

@@ -48,7 +48,16 @@ func (b *Backend) AddRMSNorm(x, delta, out engine.Buffer, w engine.Weight, eps f
 		}
 		wp = wt.mem.Ptr()
 	}
-	b.launch(b.fn.addRMSNorm, cuda.Dim3{X: b.rows()}, cuda.Dim3{X: 256}, xb.mem, ptr(d), d2, b.rowLora(), ptr(o), wp, eps, xb.cols)
+	// with FP8 projections the normalized rows (what they read next) are
+	// quantized by the same kernel, into the activation scratch
+	var q, qs uint64
+	if o != nil && b.f8 != nil && b.f8.fits(b.rows(), xb.cols) {
+		q, qs = b.f8.actQ.Ptr(), b.f8.actS.Ptr()
+	}
+	b.launch(b.fn.addRMSNorm, cuda.Dim3{X: b.rows()}, cuda.Dim3{X: 256}, xb.mem, ptr(d), d2, b.rowLora(), ptr(o), wp, eps, xb.cols, q, qs)
+	if q != 0 && b.err == nil {
+		b.f8.holds(o.mem.Ptr(), b.rows(), xb.cols, b.gen)
+	}
 }
 
 // AddBias adds bias to every row of out (engine.FamilyOps: Qwen2).
