@@ -128,13 +128,23 @@ extern "C" __global__ void quant_rows_e4m3(unsigned char* __restrict__ q, float*
 // order). On the tensor cores with the operands swapped: 16 weight rows are
 // the M of an m16n8k32 MMA and the activation rows its N, so a step of one
 // row reads the weights once at full width instead of padding M to a tile.
-// grid N/16, block GV_WARPS warps splitting K in 64-byte spans; K % 64 ==
+// grid N/16, block of up to GV_MAX_WARPS warps splitting K in 64-byte spans; K % 64 ==
 // 0, N % 16 == 0, 16-byte aligned rows. Each lane loads 16 contiguous bytes
 // of its weight rows g and g + 8 and of its activation row g per span and
 // feeds them to two MMAs: the k order inside a span is permuted the same way
 // for both operands (it depends only on the lane's column group), so the
 // sum is the same. The warps' partial sums meet in shared memory.
-#define GV_WARPS 8
+#define GV_MAX_WARPS 16
+#define GV_U 4
+
+// ld_stream16: 16 bytes read once (weights): not kept in L1.
+__device__ __forceinline__ uint4 ld_stream16(const unsigned char* p) {
+    uint4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(p));
+    return v;
+}
 
 __device__ __forceinline__ void mma_e4m3(float* c, unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0, unsigned b1) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 890
@@ -150,8 +160,8 @@ template <int NT>
 __device__ __forceinline__ void fp8_gemv_body(bf16* __restrict__ out, const unsigned char* __restrict__ qx,
                                               const float* __restrict__ sx, const unsigned char* __restrict__ qw,
                                               const float* __restrict__ sw, int M, int N, int K) {
-    __shared__ float red[GV_WARPS][NT][4][32];
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, tig = lane & 3;
+    __shared__ float red[GV_MAX_WARPS][NT][4][32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, tig = lane & 3, nw = blockDim.x >> 5;
     const int n0 = blockIdx.x * 16;
     const unsigned char* wa = qw + (i64)(n0 + g) * K + 16 * tig;
     const unsigned char* wb = wa + 8 * (i64)K;
@@ -167,17 +177,29 @@ __device__ __forceinline__ void fp8_gemv_body(bf16* __restrict__ out, const unsi
 #pragma unroll
     for (int t = 0; t < NT; t++) c[t][0] = c[t][1] = c[t][2] = c[t][3] = 0.f;
     const int spans = K / 64;
-#pragma unroll 4
-    for (int s = warp; s < spans; s += GV_WARPS) {
-        const i64 k = (i64)s * 64;
-        const uint4 A = __ldg(reinterpret_cast<const uint4*>(wa + k));
-        const uint4 B = __ldg(reinterpret_cast<const uint4*>(wb + k));
+    // GV_U spans per warp in flight: every load of a batch is issued before
+    // its MMAs (clamped addresses, no branch between them), so a warp keeps
+    // GV_U KB of weights in flight, not one span's 1 KB: small grids (o,
+    // down: 256 blocks, a third of a wave) are otherwise latency-bound.
+    for (int s0 = warp; s0 < spans; s0 += nw * GV_U) {
+        uint4 A[GV_U], B[GV_U], X[GV_U][NT];
 #pragma unroll
-        for (int t = 0; t < NT; t++) {
-            uint4 X = make_uint4(0u, 0u, 0u, 0u);
-            if (xv[t]) X = __ldg(reinterpret_cast<const uint4*>(xr[t] + k));
-            mma_e4m3(c[t], A.x, B.x, A.y, B.y, X.x, X.y);
-            mma_e4m3(c[t], A.z, B.z, A.w, B.w, X.z, X.w);
+        for (int u = 0; u < GV_U; u++) {
+            const i64 k = (i64)min(s0 + u * nw, spans - 1) * 64;
+            A[u] = ld_stream16(wa + k);
+            B[u] = ld_stream16(wb + k);
+#pragma unroll
+            for (int t = 0; t < NT; t++) X[u][t] = __ldg(reinterpret_cast<const uint4*>(xr[t] + k));
+        }
+#pragma unroll
+        for (int u = 0; u < GV_U; u++) {
+            if (s0 + u * nw >= spans) break; // warp-uniform
+#pragma unroll
+            for (int t = 0; t < NT; t++) {
+                const uint4 x = xv[t] ? X[u][t] : make_uint4(0u, 0u, 0u, 0u);
+                mma_e4m3(c[t], A[u].x, B[u].x, A[u].y, B[u].y, x.x, x.y);
+                mma_e4m3(c[t], A[u].z, B[u].z, A[u].w, B[u].w, x.z, x.w);
+            }
         }
     }
 #pragma unroll
@@ -192,7 +214,7 @@ __device__ __forceinline__ void fp8_gemv_body(bf16* __restrict__ out, const unsi
         for (int e = 0; e < 4; e++) {
             float v = 0.f;
 #pragma unroll
-            for (int w = 0; w < GV_WARPS; w++) v += red[w][t][e][lane];
+            for (int w = 0; w < nw; w++) v += red[w][t][e][lane];
             // c[e]: row n0 + g (+8 for e >= 2), column m = 8t + 2tig + (e & 1)
             const int m = 8 * t + 2 * tig + (e & 1), n = n0 + g + (e >= 2 ? 8 : 0);
             if (m < M) out[(i64)m * N + n] = __float2bfloat16_rn(v * sx[m] * sw[n]);
@@ -203,5 +225,5 @@ __device__ __forceinline__ void fp8_gemv_body(bf16* __restrict__ out, const unsi
 #define FP8_GEMV_ARGS                                                                                        \
     bf16 *out, const unsigned char *qx, const float *sx, const unsigned char *qw, const float *sw, int M, int N, \
         int K
-extern "C" __global__ void __launch_bounds__(32 * GV_WARPS) fp8_gemv_n8(FP8_GEMV_ARGS) { pdl_entry(); fp8_gemv_body<1>(out, qx, sx, qw, sw, M, N, K); }
-extern "C" __global__ void __launch_bounds__(32 * GV_WARPS) fp8_gemv_n16(FP8_GEMV_ARGS) { pdl_entry(); fp8_gemv_body<2>(out, qx, sx, qw, sw, M, N, K); }
+extern "C" __global__ void __launch_bounds__(32 * GV_MAX_WARPS) fp8_gemv_n8(FP8_GEMV_ARGS) { pdl_entry(); fp8_gemv_body<1>(out, qx, sx, qw, sw, M, N, K); }
+extern "C" __global__ void __launch_bounds__(32 * GV_MAX_WARPS) fp8_gemv_n16(FP8_GEMV_ARGS) { pdl_entry(); fp8_gemv_body<2>(out, qx, sx, qw, sw, M, N, K); }

@@ -978,7 +978,11 @@ extern "C" __global__ void __launch_bounds__(PRE_THREADS) attn_prefill_d128(ATTN
 // beside the gate_up projection, rows ldd apart, added first (rounded to
 // bf16, as an update in place would have left g and u) in the rows whose
 // rl (row adapter slot) is >= 0. Grid-stride over 8-value words when cols,
-// ldg and ldd are multiples of 8.
+// ldg and ldd are multiples of 8. q, qscale (null, or both set; then cols,
+// ldg and ldd must be multiples of 8 and the grid is one block per row): each
+// out row is also quantized to e4m3 into q (cols bytes per row) and its scale
+// into qscale, as quant_rows_e4m3 would from the stored values, for the FP8
+// down projection (no quantization launch).
 __device__ __forceinline__ void add8(float* a, const float* d) {
     const float4 d0 = *reinterpret_cast<const float4*>(d), d1 = *reinterpret_cast<const float4*>(d + 4);
     float f[8] = {a[0] + d0.x, a[1] + d0.y, a[2] + d0.z, a[3] + d0.w, a[4] + d1.x, a[5] + d1.y, a[6] + d1.z, a[7] + d1.w};
@@ -986,8 +990,37 @@ __device__ __forceinline__ void add8(float* a, const float* d) {
 }
 
 extern "C" __global__ void silu_mul(bf16* out, const bf16* g, const bf16* u, const float* dg, const float* du, const int* rl,
-                                    int rows, int cols, int ldg, int ldd) {
+                                    int rows, int cols, int ldg, int ldd, unsigned char* q, float* qscale) {
     pdl_entry();
+    if (q) { // one block per row, quantized as it is stored
+        __shared__ float sh[33];
+        const i64 r = blockIdx.x;
+        const bool lo = dg && rl[r] >= 0;
+        float m = 0.f;
+        int bad = 0;
+        for (int c = 8 * threadIdx.x; c < cols; c += 8 * blockDim.x) {
+            float a[8], b[8];
+            unpack8(*reinterpret_cast<const uint4*>(g + r * ldg + c), a);
+            unpack8(*reinterpret_cast<const uint4*>(u + r * ldg + c), b);
+            if (lo) {
+                add8(a, dg + r * ldd + c);
+                add8(b, du + r * ldd + c);
+            }
+#pragma unroll
+            for (int j = 0; j < 8; j++) a[j] = a[j] / (1.f + expf(-a[j])) * b[j];
+            const uint4 w = pack8(a);
+            *reinterpret_cast<uint4*>(out + r * cols + c) = w;
+            unpack8(w, a); // the stored values
+#pragma unroll
+            for (int j = 0; j < 8; j++) {
+                const float x = fabsf(a[j]);
+                bad |= !(x <= 3.4e38f);
+                m = fmaxf(m, x);
+            }
+        }
+        quant_row_e4m3(out + r * cols, q + r * cols, qscale + r, cols, true, m, bad, sh);
+        return;
+    }
     const i64 stride = (i64)gridDim.x * blockDim.x;
     if ((cols & 7) == 0 && (ldg & 7) == 0 && (ldd & 7) == 0) {
         const int w = cols / 8;

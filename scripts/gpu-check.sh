@@ -48,6 +48,11 @@
 #                per batch (PEFTD_PROFILE_BATCHES, default 1,64) on the decode
 #                checkpoint (made if missing): kernel time per step and the
 #                largest kernels (scripts/ncu_steps.py); run it by name
+#     kdetail    ncu --set full on the first launches of the kernels matching
+#                PEFTD_NCU_KERNELS (an ncu -k regex, default fp8_gemv|attn_decode|
+#                add_rmsnorm; PEFTD_NCU_COUNT launches, default 6) inside the
+#                profile phase's batch-1 decode step: throughput, occupancy,
+#                stall reasons per kernel (kdetail.txt); run it by name
 #     serve8b    serves the random 8B checkpoint (from decode) with --device
 #                cuda and its 4 adapters from a store folder; closed-loop load
 #                at concurrency 64, base model alone vs the 4 adapters vs one
@@ -283,6 +288,24 @@ if want profile; then
 		status=1
 	fi
 	stamp profile
+fi
+
+if want kdetail; then
+	MD=/tmp/llama8b-random
+	echo "=== kdetail: ncu --set full on kernels of one batch-1 decode step"
+	if random_ckpt "$MD" decode --layers "${DECODE_LAYERS:-32}"; then
+		NCU="$(command -v ncu || echo "$CUDA_HOME/bin/ncu")"
+		KRE="${PEFTD_NCU_KERNELS:-fp8_gemv|attn_decode|add_rmsnorm}"
+		(cd runtime/gpu && PEFTD_MODEL_8B=$MD PEFTD_PROFILE=1 PEFTD_PROFILE_BATCHES=1 timeout "$(left 400)" "$NCU" --profile-from-start off \
+			--set full -k "regex:$KRE" --launch-count "${PEFTD_NCU_COUNT:-6}" --print-units base \
+			"$GPUBIN" -test.v -test.count=1 -test.run '^TestDecodeProfile$') >"$LOG/kdetail.txt" 2>"$LOG/kdetail.err" || status=1
+		save "$LOG/kdetail.txt"
+		grep -E '^  [a-z_0-9]+.*\(|DRAM Throughput|Memory Throughput|Duration|Achieved Occupancy|Registers Per|Theoretical Occupancy' "$LOG/kdetail.txt" | head -80
+		tail -n 3 "$LOG/kdetail.err"
+	else
+		status=1
+	fi
+	stamp kdetail
 fi
 
 if want serve8b; then

@@ -248,25 +248,11 @@ func TestAttnBench(t *testing.T) {
 		for _, v0 := range []bool{false, true} {
 			r.b.attnV0 = v0
 			r.begin(m)
-			// recorded as a graph: launched one by one from the test, the
-			// kernels would wait for the host's launches
-			if err := r.b.s.BeginCapture(); err != nil {
-				t.Fatal(err)
-			}
-			for range 5 {
+			// five calls recorded as a graph (graphMedianUs)
+			med := graphMedianUs(t, r.b.ctx, r.b.s, 5, 20, func(int) error {
 				r.b.Attention(out, q, k, v, 0, 0.088, nil)
-			}
-			g, err := r.b.s.EndCapture()
-			if err != nil || r.b.err != nil {
-				t.Fatal(err, r.b.err)
-			}
-			ge, err := g.Instantiate()
-			g.Destroy()
-			if err != nil {
-				t.Fatal(err)
-			}
-			med := eventMedianMs(t, r.b.ctx, r.b.s, 2, 20, func(int) error { return ge.Launch(r.b.s) }) * 1000 / 5
-			ge.Destroy()
+				return r.b.err
+			})
 			r.end()
 			kind := "attn_prefill (tensor cores)"
 			if v0 {

@@ -78,6 +78,34 @@ func eventMedianMs(t testing.TB, c *cuda.Context, s *cuda.Stream, warm, reps int
 	return median(ms)
 }
 
+// graphMedianUs records fn(0..calls-1) on s as one CUDA graph and returns the
+// median device time per call in microseconds over reps replays. Launched one
+// by one from the test, short kernels would be timed waiting for the host's
+// launches; a replayed graph keeps the GPU fed.
+func graphMedianUs(t testing.TB, c *cuda.Context, s *cuda.Stream, calls, reps int, fn func(i int) error) float64 {
+	t.Helper()
+	if err := s.BeginCapture(); err != nil {
+		t.Fatal(err)
+	}
+	for i := range calls {
+		if err := fn(i); err != nil {
+			s.EndCapture()
+			t.Fatal(err)
+		}
+	}
+	g, err := s.EndCapture()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ge, err := g.Instantiate()
+	g.Destroy()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ge.Destroy()
+	return eventMedianMs(t, c, s, 2, reps, func(int) error { return ge.Launch(s) }) * 1000 / float64(calls)
+}
+
 // deviceCopyBW measures device-to-device copy bandwidth on s in bytes/s,
 // counting bytes read plus bytes written (median of 10 copies of 1 GiB).
 func deviceCopyBW(t testing.TB, c *cuda.Context, s *cuda.Stream) float64 {
@@ -176,13 +204,13 @@ func TestLoRABench(t *testing.T) {
 		x := r.buffer(1, 256)
 		r.fill(x, r.rnd(256, 1))
 		const n = 4000
-		if err := b.fn.siluMul.Launch(b.s, cuda.Dim3{X: 1}, cuda.Dim3{X: 256}, 0, x.mem, x.mem, x.mem, uint64(0), uint64(0), uint64(0), 1, 256, 256, 0); err != nil {
+		if err := b.fn.siluMul.Launch(b.s, cuda.Dim3{X: 1}, cuda.Dim3{X: 256}, 0, x.mem, x.mem, x.mem, uint64(0), uint64(0), uint64(0), 1, 256, 256, 0, uint64(0), uint64(0)); err != nil {
 			t.Fatal(err)
 		}
 		b.s.Synchronize()
 		t0 := time.Now()
 		for i := 0; i < n; i++ {
-			if err := b.fn.siluMul.Launch(b.s, cuda.Dim3{X: 1}, cuda.Dim3{X: 256}, 0, x.mem, x.mem, x.mem, uint64(0), uint64(0), uint64(0), 1, 256, 256, 0); err != nil {
+			if err := b.fn.siluMul.Launch(b.s, cuda.Dim3{X: 1}, cuda.Dim3{X: 256}, 0, x.mem, x.mem, x.mem, uint64(0), uint64(0), uint64(0), 1, 256, 256, 0, uint64(0), uint64(0)); err != nil {
 				t.Fatal(err)
 			}
 		}

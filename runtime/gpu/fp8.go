@@ -71,6 +71,8 @@ type fp8State struct {
 	cRows, cCols int
 	cGen         uint64
 	cValid       bool
+
+	gvWarps int // warps per fp8_gemv block when set (benchmarks), else gemvMaxWarps
 }
 
 func newFP8(ctx *cuda.Context, s *cuda.Stream, mm *cuda.Matmul, ko kernels.Options) (*fp8State, error) {
@@ -210,13 +212,26 @@ const gemvMaxRows = 16
 // few rows, K a multiple of its 64-byte spans, N of its 16-row tiles.
 func gemvFits(T, N, K int) bool { return T >= 1 && T <= gemvMaxRows && K%64 == 0 && N%16 == 0 }
 
+// gemvMaxWarps is GV_MAX_WARPS in fp8.cu: the most warps of an fp8_gemv
+// block, and the number it runs with.
+const gemvMaxWarps = 16
+
+// gemvWarps is the warps per fp8_gemv block: gemvMaxWarps unless a benchmark
+// set gvWarps (1-16) to compare.
+func (f *fp8State) gemvWarps() int {
+	if f.gvWarps > 0 {
+		return f.gvWarps
+	}
+	return gemvMaxWarps
+}
+
 // gemvLaunch enqueues fp8_gemv on the quantized activation rows.
 func (f *fp8State) gemvLaunch(out cuda.DevicePtr, T int, w *fp8Weight) error {
 	fn := f.gemv[0]
 	if T > 8 {
 		fn = f.gemv[1]
 	}
-	return fn.Launch(f.s, cuda.Dim3{X: w.rows / 16}, cuda.Dim3{X: 256}, 0, uint64(out), uint64(f.actQ.Ptr()), uint64(f.actS.Ptr()),
+	return fn.Launch(f.s, cuda.Dim3{X: w.rows / 16}, cuda.Dim3{X: 32 * f.gemvWarps()}, 0, uint64(out), uint64(f.actQ.Ptr()), uint64(f.actS.Ptr()),
 		uint64(w.q.Ptr()), uint64(w.scale.Ptr()), T, w.rows, w.cols)
 }
 

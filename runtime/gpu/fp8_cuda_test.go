@@ -344,8 +344,8 @@ func TestFP8Gemm(t *testing.T) {
 
 // TestFP8GemmBench times the FP8 GEMM (with and without the activation
 // quantization) against the bf16 GEMM at Llama-3.1-8B projection shapes,
-// rotating among weight copies that together exceed L2, median of per-launch
-// event times. PEFTD_FP8_BENCH=1 runs it.
+// rotating among weight copies that together exceed L2, timed as replays of
+// a recorded graph (graphMedianUs). PEFTD_FP8_BENCH=1 runs it.
 func TestFP8GemmBench(t *testing.T) {
 	if os.Getenv("PEFTD_FP8_BENCH") == "" {
 		t.Skip("PEFTD_FP8_BENCH is not set")
@@ -353,15 +353,16 @@ func TestFP8GemmBench(t *testing.T) {
 	r := newFP8Rig(t)
 	bw := r.copyBW()
 	const peak16, peak8 = 989e12, 1979e12 // H100 SXM dense bf16 / fp8 tensor FLOP/s (datasheet)
-	bench("fp8gemm device %s; copy bandwidth %.0f GB/s; peaks bf16 %.0f, fp8 %.0f TFLOP/s (datasheet); median of 30 per-launch event times, weights rotated over >= 150 MB",
+	bench("fp8gemm device %s; copy bandwidth %.0f GB/s; peaks bf16 %.0f, fp8 %.0f TFLOP/s (datasheet); median of 15 replays of 20 calls recorded as a graph, weights rotated over >= 150 MB",
 		r.ctx.Device().Name, bw/1e9, peak16/1e12, peak8/1e12)
-	bench("fp8gemm %-8s %5s %9s %9s %9s %9s %9s %8s %9s %9s %7s %7s %7s", "shape", "T", "bf16_us", "fp8_us", "lt8_us", "quant_us", "fp8+q_us", "speedup", "floor16", "floor8", "frac16", "frac8", "TF/s8")
+	bench("fp8gemm %-8s %5s %9s %9s %9s %9s %9s %9s %8s %9s %9s %7s %7s %7s", "shape", "T", "bf16_us", "fp8_us", "gv8w_us", "lt8_us", "quant_us", "fp8+q_us", "speedup", "floor16", "floor8", "frac16", "frac8", "TF/s8")
 	shapes := []struct {
 		name string
 		N, K int
 	}{{"qkv", 6144, 4096}, {"o", 4096, 4096}, {"gate_up", 28672, 4096}, {"down", 4096, 14336}}
 	Ts := []int{1, 4, 16, 64, 256, 2048}
-	timeIt := func(reps int, fn func(i int) error) float64 { return eventMedianMs(t, r.ctx, r.s, 5, reps, fn) * 1e3 }
+	// 20 calls per recorded graph (rotating the weights), median of 15 replays
+	timeIt := func(_ int, fn func(i int) error) float64 { return graphMedianUs(t, r.ctx, r.s, 20, 15, fn) }
 	maxT := slices.Max(Ts)
 	for _, sh := range shapes {
 		N, K := sh.N, sh.K
@@ -396,6 +397,12 @@ func TestFP8GemmBench(t *testing.T) {
 				t.Fatal(err)
 			}
 			t8 := timeIt(30, func(i int) error { return r.f.linear(out.Ptr(), x.Ptr(), T, w8[i%n8], 7) })
+			gv8 := math.NaN() // fp8_gemv with 8 warps per block (the default is gemvMaxWarps)
+			if gemvFits(T, N, K) {
+				r.f.gvWarps = 8
+				gv8 = timeIt(30, func(i int) error { return r.f.linear(out.Ptr(), x.Ptr(), T, w8[i%n8], 7) })
+				r.f.gvWarps = 0
+			}
 			lt := timeIt(30, func(i int) error { // cuBLASLt's FP8 product whatever T (fp8_gemv's alternative)
 				w := w8[i%n8]
 				return r.mm.GemmTNScaled(r.s, out.Ptr(), cuda.R16BF, r.f.actQ.Ptr(), r.f.actS.Ptr(), w.q.Ptr(), w.scale.Ptr(), T, N, K)
@@ -412,7 +419,7 @@ func TestFP8GemmBench(t *testing.T) {
 			b8 := float64(N*K) + 4*float64(N) + float64(T*K) + 4*float64(T) + 2*float64(T*N)
 			fl16 := max(b16/bw, fl/peak16) * 1e6
 			fl8 := max(b8/bw, fl/peak8) * 1e6
-			bench("fp8gemm %-8s %5d %9.1f %9.1f %9.1f %9.1f %9.1f %8.2f %9.1f %9.1f %7.2f %7.2f %7.0f", sh.name, T, t16, t8, lt, tq, tt, t16/tt, fl16, fl8, fl16/t16, fl8/t8, fl/(t8*1e-6)/1e12)
+			bench("fp8gemm %-8s %5d %9.1f %9.1f %9.1f %9.1f %9.1f %9.1f %8.2f %9.1f %9.1f %7.2f %7.2f %7.0f", sh.name, T, t16, t8, gv8, lt, tq, tt, t16/tt, fl16, fl8, fl16/t16, fl8/t8, fl/(t8*1e-6)/1e12)
 		}
 		r.sync()
 		for i := 1; i < n8; i++ {
@@ -669,35 +676,8 @@ func TestFP8FusedQuant(t *testing.T) {
 			r.fill(x, xv)
 			r.begin(oneSeq(T, 16, zeros(T)))
 			r.b.AddRMSNorm(x, nil, out, nw, 1e-5)
-			if !f8.cValid || f8.cIn != out.mem.Ptr() || f8.cRows != T || f8.cCols != H {
-				t.Fatalf("the scratch is not marked as holding the normalized rows: %+v", f8)
-			}
-			qF, sF := make([]byte, T*H), make([]float32, T)
-			if err := cuda.CopyDtoH(r.b.s, qF, f8.actQ.Ptr()); err != nil {
-				t.Fatal(err)
-			}
-			if err := cuda.CopyDtoH(r.b.s, sF, f8.actS.Ptr()); err != nil {
-				t.Fatal(err)
-			}
-			if err := f8.quantRows(f8.actQ.Ptr(), f8.actS.Ptr(), out.mem.Ptr(), T, H, H); err != nil {
-				t.Fatal(err)
-			}
-			qU, sU := make([]byte, T*H), make([]float32, T)
-			if err := cuda.CopyDtoH(r.b.s, qU, f8.actQ.Ptr()); err != nil {
-				t.Fatal(err)
-			}
-			if err := cuda.CopyDtoH(r.b.s, sU, f8.actS.Ptr()); err != nil {
-				t.Fatal(err)
-			}
+			sF := checkFusedQuant(t, r, f8, out, T, H)
 			r.end()
-			if !slices.Equal(qF, qU) {
-				t.Error("fused e4m3 values differ from quant_rows_e4m3's")
-			}
-			for i := range sF {
-				if math.Float32bits(sF[i]) != math.Float32bits(sU[i]) {
-					t.Errorf("row %d: fused scale %g, quant_rows_e4m3 %g", i, sF[i], sU[i])
-				}
-			}
 			if sF[2] != 1 {
 				t.Errorf("zero row: scale %g, want 1", sF[2])
 			}
@@ -725,6 +705,91 @@ func TestFP8FusedQuant(t *testing.T) {
 			r.end()
 			if !slices.Equal(g1, g2) {
 				t.Error("the projection of the fused copy differs from the one after a fresh quantization")
+			}
+		})
+	}
+}
+
+// checkFusedQuant compares the e4m3 rows and scales a fused kernel left in
+// f8's activation scratch with what quant_rows_e4m3 makes of out (T rows of
+// H values) and returns the fused scales.
+func checkFusedQuant(t *testing.T, r *rig, f8 *fp8State, out engine.Buffer, T, H int) []float32 {
+	t.Helper()
+	o := buf(out)
+	if !f8.cValid || f8.cIn != o.mem.Ptr() || f8.cRows != T || f8.cCols != H {
+		t.Fatalf("the scratch is not marked as holding the rows: %+v", f8)
+	}
+	scratch := func() ([]byte, []float32) {
+		q, sc := make([]byte, T*H), make([]float32, T)
+		if err := cuda.CopyDtoH(r.b.s, q, f8.actQ.Ptr()); err != nil {
+			t.Fatal(err)
+		}
+		if err := cuda.CopyDtoH(r.b.s, sc, f8.actS.Ptr()); err != nil {
+			t.Fatal(err)
+		}
+		return q, sc
+	}
+	qF, sF := scratch()
+	if err := f8.quantRows(f8.actQ.Ptr(), f8.actS.Ptr(), o.mem.Ptr(), T, H, H); err != nil {
+		t.Fatal(err)
+	}
+	qU, sU := scratch()
+	if !slices.Equal(qF, qU) {
+		t.Error("fused e4m3 values differ from quant_rows_e4m3's")
+	}
+	for i := range sF {
+		if math.Float32bits(sF[i]) != math.Float32bits(sU[i]) {
+			t.Errorf("row %d: fused scale %g, quant_rows_e4m3 %g", i, sF[i], sU[i])
+		}
+	}
+	return sF
+}
+
+// TestFP8FusedQuantSiLU: with FP8 projections silu_mul quantizes its rows
+// for the down projection (one block per row); the bf16 product is the
+// same as without the fusion and the e4m3 rows and scales are
+// quant_rows_e4m3's. A width that is not a multiple of 8 takes the unfused
+// kernel.
+func TestFP8FusedQuantSiLU(t *testing.T) {
+	for _, H := range []int{256, 1032, 260} {
+		t.Run(fmt.Sprint(H), func(t *testing.T) {
+			cfg := testConfig(128, H, 4, 2, 32, 64, 1)
+			r := newRig(t, cfg, 8, engine.KVSpec{Layers: 1, Blocks: 4, BlockSize: 16, KVHeads: 2, HeadDim: 32})
+			f8, err := newFP8(r.b.ctx, r.b.s, r.b.mm, kernels.Options{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			const T = 5
+			if err := f8.reserve(T, H); err != nil {
+				t.Fatal(err)
+			}
+			gv, uv := r.rnd(T*H, 3), r.rnd(T*H, 2)
+			clear(gv[2*H : 3*H]) // a zero row
+			g, u, out := r.buffer(T, H), r.buffer(T, H), r.buffer(T, H)
+			r.fill(g, gv)
+			r.fill(u, uv)
+			r.begin(oneSeq(T, 16, zeros(T)))
+			r.b.SiLUMul(out, g, u)
+			plain := r.read(out, T)
+			r.end()
+			r.b.f8 = f8
+			r.begin(oneSeq(T, 16, zeros(T)))
+			r.b.SiLUMul(out, g, u)
+			fused := r.read(out, T)
+			if H%8 != 0 {
+				if f8.cValid {
+					t.Error("a width that is not a multiple of 8 marked the scratch as holding the rows")
+				}
+				r.end()
+				return
+			}
+			sF := checkFusedQuant(t, r, f8, out, T, H)
+			r.end()
+			if !slices.Equal(plain, fused) {
+				t.Error("the fused kernel's bf16 product differs from the unfused one's")
+			}
+			if sF[2] != 1 {
+				t.Errorf("zero row: scale %g, want 1", sF[2])
 			}
 		})
 	}

@@ -267,11 +267,24 @@ func (b *Backend) SiLUMul(out, gate, up engine.Buffer) {
 	if !b.check(o.cols == g.cols && g.cols == u.cols && o.whole() && g.ld == u.ld, "silu_mul: widths %d %d %d", o.cols, g.cols, u.cols) {
 		return
 	}
+	vec := o.cols%8 == 0 && g.ld%8 == 0 && ldd%8 == 0
+	// with FP8 projections the product (the down projection's input) is
+	// quantized by the same kernel, one block per row, into the activation
+	// scratch
+	if vec && b.f8 != nil && b.f8.fits(b.rows(), o.cols) {
+		b.launch(b.fn.siluMul, cuda.Dim3{X: b.rows()}, cuda.Dim3{X: 512}, ptr(o), ptr(g), ptr(u), dg, du, b.rowLora(), b.rows(), o.cols, g.ld, ldd,
+			b.f8.actQ.Ptr(), b.f8.actS.Ptr())
+		if b.err == nil {
+			b.f8.holds(o.mem.Ptr(), b.rows(), o.cols, b.gen)
+		}
+		return
+	}
 	words := b.rows() * o.cols
-	if o.cols%8 == 0 && g.ld%8 == 0 && ldd%8 == 0 {
+	if vec {
 		words /= 8
 	}
-	b.launch(b.fn.siluMul, cuda.Dim3{X: max(1, min((words+255)/256, 8192))}, cuda.Dim3{X: 256}, ptr(o), ptr(g), ptr(u), dg, du, b.rowLora(), b.rows(), o.cols, g.ld, ldd)
+	b.launch(b.fn.siluMul, cuda.Dim3{X: max(1, min((words+255)/256, 8192))}, cuda.Dim3{X: 256}, ptr(o), ptr(g), ptr(u), dg, du, b.rowLora(), b.rows(), o.cols, g.ld, ldd,
+		uint64(0), uint64(0))
 }
 
 // Logits normalizes the LogitRows rows of x and projects them to float32 logits in out.
