@@ -135,7 +135,6 @@ extern "C" __global__ void quant_rows_e4m3(unsigned char* __restrict__ q, float*
 // for both operands (it depends only on the lane's column group), so the
 // sum is the same. The warps' partial sums meet in shared memory.
 #define GV_MAX_WARPS 16
-#define GV_U 4
 
 // ld_stream16: 16 bytes read once (weights): not kept in L1.
 __device__ __forceinline__ uint4 ld_stream16(const unsigned char* p) {
@@ -177,14 +176,16 @@ __device__ __forceinline__ void fp8_gemv_body(bf16* __restrict__ out, const unsi
 #pragma unroll
     for (int t = 0; t < NT; t++) c[t][0] = c[t][1] = c[t][2] = c[t][3] = 0.f;
     const int spans = K / 64;
-    // GV_U spans per warp in flight: every load of a batch is issued before
+    // U spans per warp in flight: every load of a batch is issued before
     // its MMAs (clamped addresses, no branch between them), so a warp keeps
-    // GV_U KB of weights in flight, not one span's 1 KB: small grids (o,
-    // down: 256 blocks, a third of a wave) are otherwise latency-bound.
-    for (int s0 = warp; s0 < spans; s0 += nw * GV_U) {
-        uint4 A[GV_U], B[GV_U], X[GV_U][NT];
+    // U KB of weights in flight, not one span's 1 KB: small grids (o, down:
+    // 256 blocks, a third of a wave) are otherwise latency-bound. Two
+    // activation tiles take half as many (registers).
+    constexpr int U = NT == 1 ? 4 : 2;
+    for (int s0 = warp; s0 < spans; s0 += nw * U) {
+        uint4 A[U], B[U], X[U][NT];
 #pragma unroll
-        for (int u = 0; u < GV_U; u++) {
+        for (int u = 0; u < U; u++) {
             const i64 k = (i64)min(s0 + u * nw, spans - 1) * 64;
             A[u] = ld_stream16(wa + k);
             B[u] = ld_stream16(wb + k);
@@ -192,7 +193,7 @@ __device__ __forceinline__ void fp8_gemv_body(bf16* __restrict__ out, const unsi
             for (int t = 0; t < NT; t++) X[u][t] = __ldg(reinterpret_cast<const uint4*>(xr[t] + k));
         }
 #pragma unroll
-        for (int u = 0; u < GV_U; u++) {
+        for (int u = 0; u < U; u++) {
             if (s0 + u * nw >= spans) break; // warp-uniform
 #pragma unroll
             for (int t = 0; t < NT; t++) {

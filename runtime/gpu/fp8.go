@@ -72,7 +72,7 @@ type fp8State struct {
 	cGen         uint64
 	cValid       bool
 
-	gvWarps int // warps per fp8_gemv block when set (benchmarks), else gemvMaxWarps
+	gvWarps int // warps per fp8_gemv block when set (benchmarks, 1-16), else gemvWarpsFor
 }
 
 func newFP8(ctx *cuda.Context, s *cuda.Stream, mm *cuda.Matmul, ko kernels.Options) (*fp8State, error) {
@@ -213,16 +213,30 @@ const gemvMaxRows = 16
 func gemvFits(T, N, K int) bool { return T >= 1 && T <= gemvMaxRows && K%64 == 0 && N%16 == 0 }
 
 // gemvMaxWarps is GV_MAX_WARPS in fp8.cu: the most warps of an fp8_gemv
-// block, and the number it runs with.
+// block.
 const gemvMaxWarps = 16
 
-// gemvWarps is the warps per fp8_gemv block: gemvMaxWarps unless a benchmark
-// set gvWarps (1-16) to compare.
-func (f *fp8State) gemvWarps() int {
+// gemvWarpsFor is the warps per fp8_gemv block for an N-row
+// weight on a GPU of sms SMs: 16 when the grid (N/16 blocks) is under two
+// blocks per SM, so that each SM has enough loads in flight; else 8 (more
+// blocks resident). H200, TestFP8GemmBench, v0.15, us at T = 1 and 16 for
+// 8 vs 16 warps: o (256 blocks) 9.6/12.0 vs 8.4/11.0, down (256) 25.7/30.0
+// vs 19.7/23.8; qkv (384) 11.0/12.9 vs 13.1/17.1, gate_up (1792) 36.8/45.5
+// vs 41.8/52.8.
+func gemvWarpsFor(N, sms int) int {
+	if N/16 < 2*sms {
+		return 16
+	}
+	return 8
+}
+
+// gemvWarps is the warps per fp8_gemv block for w: gvWarps when
+// a benchmark set it, else gemvWarpsFor.
+func (f *fp8State) gemvWarps(w *fp8Weight) int {
 	if f.gvWarps > 0 {
 		return f.gvWarps
 	}
-	return gemvMaxWarps
+	return gemvWarpsFor(w.rows, f.ctx.Device().SMs)
 }
 
 // gemvLaunch enqueues fp8_gemv on the quantized activation rows.
@@ -231,7 +245,7 @@ func (f *fp8State) gemvLaunch(out cuda.DevicePtr, T int, w *fp8Weight) error {
 	if T > 8 {
 		fn = f.gemv[1]
 	}
-	return fn.Launch(f.s, cuda.Dim3{X: w.rows / 16}, cuda.Dim3{X: 32 * f.gemvWarps()}, 0, uint64(out), uint64(f.actQ.Ptr()), uint64(f.actS.Ptr()),
+	return fn.Launch(f.s, cuda.Dim3{X: w.rows / 16}, cuda.Dim3{X: 32 * f.gemvWarps(w)}, 0, uint64(out), uint64(f.actQ.Ptr()), uint64(f.actS.Ptr()),
 		uint64(w.q.Ptr()), uint64(w.scale.Ptr()), T, w.rows, w.cols)
 }
 

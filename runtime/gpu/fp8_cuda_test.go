@@ -355,7 +355,7 @@ func TestFP8GemmBench(t *testing.T) {
 	const peak16, peak8 = 989e12, 1979e12 // H100 SXM dense bf16 / fp8 tensor FLOP/s (datasheet)
 	bench("fp8gemm device %s; copy bandwidth %.0f GB/s; peaks bf16 %.0f, fp8 %.0f TFLOP/s (datasheet); median of 15 replays of 20 calls recorded as a graph, weights rotated over >= 150 MB",
 		r.ctx.Device().Name, bw/1e9, peak16/1e12, peak8/1e12)
-	bench("fp8gemm %-8s %5s %9s %9s %9s %9s %9s %9s %8s %9s %9s %7s %7s %7s", "shape", "T", "bf16_us", "fp8_us", "gv8w_us", "lt8_us", "quant_us", "fp8+q_us", "speedup", "floor16", "floor8", "frac16", "frac8", "TF/s8")
+	bench("fp8gemm %-8s %5s %9s %9s %9s %9s %9s %9s %8s %9s %9s %7s %7s %7s", "shape", "T", "bf16_us", "fp8_us", "gvalt_us", "lt8_us", "quant_us", "fp8+q_us", "speedup", "floor16", "floor8", "frac16", "frac8", "TF/s8")
 	shapes := []struct {
 		name string
 		N, K int
@@ -397,9 +397,9 @@ func TestFP8GemmBench(t *testing.T) {
 				t.Fatal(err)
 			}
 			t8 := timeIt(30, func(i int) error { return r.f.linear(out.Ptr(), x.Ptr(), T, w8[i%n8], 7) })
-			gv8 := math.NaN() // fp8_gemv with 8 warps per block (the default is gemvMaxWarps)
+			gv8 := math.NaN() // fp8_gemv with the other block size (8 or 16 warps) than gemvWarpsFor's
 			if gemvFits(T, N, K) {
-				r.f.gvWarps = 8
+				r.f.gvWarps = 24 - gemvWarpsFor(N, r.ctx.Device().SMs)
 				gv8 = timeIt(30, func(i int) error { return r.f.linear(out.Ptr(), x.Ptr(), T, w8[i%n8], 7) })
 				r.f.gvWarps = 0
 			}

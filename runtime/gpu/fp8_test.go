@@ -48,3 +48,15 @@ func TestGemvFits(t *testing.T) {
 		}
 	}
 }
+
+// TestGemvWarpsFor: 16 warps for the small grids (8B o and down on 132
+// SMs), 8 for the large ones.
+func TestGemvWarpsFor(t *testing.T) {
+	for _, c := range []struct{ N, sms, want int }{
+		{4096, 132, 16}, {6144, 132, 8}, {28672, 132, 8}, {4096, 100, 8}, {1024, 8, 8}, {240, 8, 16},
+	} {
+		if got := gemvWarpsFor(c.N, c.sms); got != c.want {
+			t.Errorf("gemvWarpsFor(N=%d, %d SMs) = %d, want %d", c.N, c.sms, got, c.want)
+		}
+	}
+}
