@@ -142,7 +142,7 @@ func TestOpAttentionDecode(t *testing.T) {
 			r.fill(v, vv)
 			// The split path twice: its merge counters must be back at zero.
 			for i, v0 := range []bool{false, false, true} {
-				r.b.attnV0 = v0
+				r.b.force.attnRows = v0
 				r.poison(out)
 				r.begin(m)
 				if !v0 {
@@ -181,7 +181,7 @@ func TestOpAttentionDecode(t *testing.T) {
 				}
 				r.compare(name, got, want, opTol)
 			}
-			r.b.attnV0 = false
+			r.b.force.attnRows = false
 			var fs []*cuda.Function
 			if r.b.decOK {
 				fs = append(fs, r.b.decodeKernel(hd))
@@ -246,7 +246,7 @@ func TestAttnBench(t *testing.T) {
 		r.fill(k, r.rnd(T*kvh*hd, 1))
 		r.fill(v, r.rnd(T*kvh*hd, 1))
 		for _, v0 := range []bool{false, true} {
-			r.b.attnV0 = v0
+			r.b.force.attnRows = v0
 			r.begin(m)
 			// five calls recorded as a graph (graphMedianUs)
 			med := graphMedianUs(t, r.b.ctx, r.b.s, 5, 20, func(int) error {
@@ -260,6 +260,6 @@ func TestAttnBench(t *testing.T) {
 			}
 			bench("attn %-18s %-28s %8.1f us  %6.1f TFLOP/s", c.name, kind, med, flops/(med*1e-6)/1e12)
 		}
-		r.b.attnV0 = false
+		r.b.force.attnRows = false
 	}
 }

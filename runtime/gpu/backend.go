@@ -122,6 +122,16 @@ type funcs struct {
 }
 
 // Backend implements engine.Backend on one CUDA device.
+// kernelForce makes the steps of a Backend take one kernel family where the
+// Backend otherwise chooses by shape: the tests check every family against
+// the reference and the benchmarks compare them. Production never sets it.
+type kernelForce struct {
+	loraRows bool // LoRA: the row-at-a-time kernels (lora_shrink, lora_expand)
+	loraV1   bool // LoRA: SGMV v1 (sgmv_shrink, then an expand launch)
+	loraV2   bool // LoRA: SGMV v2 (one launch per op) wherever it fits
+	attnRows bool // attention: the per-row kernel for every row (no attn_decode, attn_prefill, graphs)
+}
+
 type Backend struct {
 	ctx *cuda.Context
 	s   *cuda.Stream
@@ -164,33 +174,28 @@ type Backend struct {
 	smpHost     *cuda.HostBuffer // SampleRows: parameters, then results
 	smpDev      *cuda.DeviceBuffer
 
-	slots     []*slotState
-	table     *cuda.DeviceBuffer
-	tableHost []uint64 // 4 words per entry: a, b, rank|scale<<32, 0
-	loraTmp   *cuda.DeviceBuffer
-	maxRank   int
-	oddRank   bool // a loaded adapter has a rank that is not a multiple of 8
-	nTiles    int  // SGMV row tiles of the step
-	// loraV0 forces the first (row-at-a-time) LoRA kernels; the benchmark compares them.
-	loraV0      bool
-	shrinkNB    int // 0: choose; 1 or 4: force sgmv_shrink or sgmv_shrink4 (benchmark)
-	expandShmem int // dynamic shared memory sgmv_expand may use (raised on demand)
+	force kernelForce // zero in production; tests and benchmarks compare kernel families with it
+
+	slots       []*slotState
+	table       *cuda.DeviceBuffer
+	tableHost   []uint64 // 4 words per entry: a, b, rank|scale<<32, 0
+	loraTmp     *cuda.DeviceBuffer
+	maxRank     int
+	oddRank     bool // a loaded adapter has a rank that is not a multiple of 8
+	nTiles      int  // SGMV row tiles of the step
+	expandShmem int  // dynamic shared memory sgmv_expand may use (raised on demand)
 	// SGMV v2 (kernels/sgmv.cu, shrink + expand in one launch per op), loaded
 	// with the first adapter; nil when that module failed to build or load
-	// (sgErr), and then v1 runs. loraV1 / loraV2 force v1 / v2 (benchmark,
-	// tests); otherwise v2 runs where tiles average >= sgV2MinRows rows.
+	// (sgErr), and then v1 runs; v2 runs where tiles average >= sgV2MinRows
+	// rows.
 	sgMod      *cuda.Module
 	sgFused    [2]*cuda.Function // 8 and 32 rank rows per shrink item
 	sgErr      error
 	sgTried    bool
-	loraV1     bool
-	loraV2     bool
 	fusedShmem int
 
 	// Split-KV decode attention (attn_decode) for sequences
 	// with one row in the step; the per-row kernel takes the other rows.
-	// attnV0 forces the per-row kernel for every row (benchmark, tests).
-	attnV0      bool
 	decOK       bool // the model's head shape suits attn_decode (head_dim 32, 64, 128 or 256; <= 8 query heads per KV head)
 	decResident int  // attn_decode blocks resident at once (sizeDecode)
 	preOK       bool // the head shape suits attn_prefill (head_dim 32, 64 or 128)

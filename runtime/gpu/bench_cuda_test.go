@@ -363,12 +363,12 @@ func TestLoRABench(t *testing.T) {
 					if only != nil && v == 0 {
 						continue
 					}
-					b.loraV0, b.loraV1, b.loraV2 = v == 0, v == 1, v == 2
+					b.force = kernelForce{loraRows: v == 0, loraV1: v == 1, loraV2: v == 2}
 					r.begin(m)
 					us[v] = timeGraph()
 					r.end()
 				}
-				b.loraV0, b.loraV1, b.loraV2 = false, false, false
+				b.force = kernelForce{}
 				adBytes := float64(2 * rank * perRank * len(c.segs))
 				floor := adBytes / bw * 1e6
 				floorAll := (adBytes + actBytes(T)) / bw * 1e6

@@ -226,7 +226,7 @@ func (b *Backend) dropGraphs() error {
 // mixed one (the step has prefill rows).
 func (b *Backend) graphable(meta *engine.StepMeta) (ok, mixed bool) {
 	T := len(meta.Tokens)
-	if b.g.off || b.attnV0 || T == 0 || T > b.g.maxRows {
+	if b.g.off || b.force.attnRows || T == 0 || T > b.g.maxRows {
 		return false, false
 	}
 	n := graphBuckets[bucketIndex(T)]

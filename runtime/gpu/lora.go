@@ -408,7 +408,7 @@ func (b *Backend) loraSlices(st *cuda.Stream, outPtr cuda.DevicePtr, outStride i
 	// Rank rows per shrink block: 32 when the tiles are well filled (each x
 	// tile is then read once per 32 ranks, not per 8), else 8 for more blocks.
 	shrink, nb := b.fn.sgShrink, 8
-	if b.shrinkNB == 4 || (b.shrinkNB == 0 && !b.graphLayout && b.nLora >= 8*b.nTiles && b.nTiles*len(mods) >= 16) {
+	if !b.graphLayout && b.nLora >= 8*b.nTiles && b.nTiles*len(mods) >= 16 {
 		shrink, nb = b.fn.sgShrink4, 32
 	}
 	rankTiles := (b.stepRank + nb - 1) / nb
@@ -423,7 +423,7 @@ func (b *Backend) loraSlices(st *cuda.Stream, outPtr cuda.DevicePtr, outStride i
 	// v2: one launch, blocks taking shrink items first and expand items
 	// (512 output columns of one tile) after them; see kernels/sgmv.cu.
 	tc := b.tcChunks(mods)
-	v2 := !b.graphLayout && (b.loraV2 || (!b.loraV1 && tc == 0 && b.nLora >= sgV2MinRows*b.nTiles))
+	v2 := !b.graphLayout && (b.force.loraV2 || (!b.force.loraV1 && tc == 0 && b.nLora >= sgV2MinRows*b.nTiles))
 	if f := b.sgFused[nb/32]; f != nil && v2 && b.nTiles <= sgFuMaxTiles && len(b.slots)*len(mods) <= sgFuMaxEnt {
 		nShrink := b.nTiles * len(mods) * rankTiles * ks
 		grid := nShrink + b.nTiles*((total+sgFuCols-1)/sgFuCols)
@@ -490,7 +490,7 @@ func (b *Backend) loraSlices(st *cuda.Stream, outPtr cuda.DevicePtr, outStride i
 // is not a multiple of 8, or a projection's width is not, or the rank
 // exceeds 128.
 func (b *Backend) tcChunks(mods []llama.Module) int {
-	if b.oddRank || b.loraV1 || b.stepRank > 128 {
+	if b.oddRank || b.force.loraV1 || b.stepRank > 128 {
 		return 0
 	}
 	for _, m := range mods {
@@ -515,7 +515,7 @@ func tcBlockCols(kc int) int { return 64 * (8 / kc) }
 // rows outStride values apart at outPtr (0: any aligned buffer): 16-byte
 // input rows, even output widths, offsets and strides.
 func (b *Backend) sgmvOK(x *Buffer, mods []llama.Module, outStride int, outPtr cuda.DevicePtr) bool {
-	if b.loraV0 || outStride%2 != 0 || outPtr%4 != 0 {
+	if b.force.loraRows || outStride%2 != 0 || outPtr%4 != 0 {
 		return false
 	}
 	for _, m := range mods {

@@ -3,6 +3,7 @@ package gpu
 import (
 	"fmt"
 	"math/bits"
+	"slices"
 
 	"github.com/peftd/peftd/runtime/cuda"
 	"github.com/peftd/peftd/runtime/engine"
@@ -146,7 +147,7 @@ func (b *Backend) ropeStore(qb, kb, vb *Buffer, layer int, invFreq []float32, he
 	}
 	var freq uint64 // nil invFreq: no rotation
 	if invFreq != nil {
-		if !equalF32(b.invFreqHost, invFreq) {
+		if !slices.Equal(b.invFreqHost, invFreq) {
 			b.invFreqHost = append(b.invFreqHost[:0], invFreq...)
 			b.fail(cuda.CopyHtoD(b.s, b.invFreq.Ptr(), b.invFreqHost))
 		}
@@ -161,18 +162,6 @@ func (b *Backend) ropeStore(qb, kb, vb *Buffer, layer int, invFreq []float32, he
 	threads := min(128, max(32, (headDim/2+31)&^31))
 	b.launch(b.fn.ropeStore, cuda.Dim3{X: b.rows(), Y: ny}, cuda.Dim3{X: threads}, ptr(qb), ptr(kb), ptr(vb), kc, vc,
 		freq, b.i32(b.off.pos), b.i32(b.off.kvSlots), dq, dk, dv, b.rowLora(), heads, kvHeads, headDim, qb.ld, kb.ld, ldv, ldd)
-}
-
-func equalF32(a, c []float32) bool {
-	if len(a) != len(c) {
-		return false
-	}
-	for i := range a {
-		if a[i] != c[i] {
-			return false
-		}
-	}
-	return true
 }
 
 // Attention rotates q and k (RoPE at the step's positions; none for a nil

@@ -81,7 +81,7 @@ func TestOpLoRAFused(t *testing.T) {
 	// adding in place (tc) and into the LoRA stream's float32 update that
 	// Read adds (tc-aside)
 	for _, mode := range []string{"v2", "v1", "v0", "tc", "tc-aside"} {
-		r.b.loraV0, r.b.loraV1, r.b.loraV2 = mode == "v0", mode == "v1", mode == "v2"
+		r.b.force = kernelForce{loraRows: mode == "v0", loraV1: mode == "v1", loraV2: mode == "v2"}
 		if mode == "tc" {
 			ads[2] = mk(40, 1.25, llama.Q, llama.V, llama.Up, llama.Down)
 			if err := r.b.LoadAdapter(2, ads[2]); err != nil {

@@ -111,7 +111,7 @@ func (b *Backend) Begin(meta *engine.StepMeta) error {
 	}
 	o.decSeqs = o.tiles + 4*nTiles
 	nDec := 0
-	useDec := b.decOK && !b.attnV0
+	useDec := b.decOK && !b.force.attnRows
 	if useDec {
 		for _, s := range meta.Seqs {
 			if s.Len == 1 {
@@ -128,7 +128,7 @@ func (b *Backend) Begin(meta *engine.StepMeta) error {
 	// attn_prefill tiles: PRE_ROWS consecutive rows of a sequence that is
 	// not a decode sequence
 	nPreTiles := 0
-	if b.preOK && !b.attnV0 {
+	if b.preOK && !b.force.attnRows {
 		for _, s := range meta.Seqs {
 			if nDec == 0 || s.Len != 1 {
 				nPreTiles += tilesOf(s.Len, preRows)
