@@ -1,0 +1,156 @@
+//go:build cuda
+
+package cuda
+
+import (
+	"encoding/binary"
+	"fmt"
+	"math"
+	"os"
+	"slices"
+	"testing"
+	"unsafe"
+)
+
+// TestFP8AlgoSweep asks cuBLASLt for up to 16 algorithms of the scaled FP8
+// product at Llama-3.1-8B projection shapes and 32-256 rows and times each
+// (20 back-to-back products, weights rotated over >= 150 MB so they come
+// from DRAM): how far the heuristic's first choice, which the engine
+// takes, is from the best one it offers. PEFTD_FP8_SWEEP=1 runs it.
+func TestFP8AlgoSweep(t *testing.T) {
+	if os.Getenv("PEFTD_FP8_SWEEP") == "" {
+		t.Skip("PEFTD_FP8_SWEEP is not set")
+	}
+	c := ctx(t)
+	s, err := c.NewStream()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Destroy()
+	m, err := c.NewMatmul(32 << 20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	e0, _ := c.NewEvent(true)
+	e1, _ := c.NewEvent(true)
+	defer e0.Destroy()
+	defer e1.Destroy()
+	alloc := func(n int, fill uint8) *DeviceBuffer {
+		b, err := c.Alloc(n)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := s.Memset8(b.Ptr(), fill, n); err != nil {
+			t.Fatal(err)
+		}
+		return b
+	}
+	const bw = 4.0e12 // bytes/s, H200 copy bandwidth (docs/PERFORMANCE.md)
+	t.Logf("SWEEP %-8s %4s %9s %9s %5s %9s %7s %s", "shape", "T", "first_us", "best_us", "best", "floor_us", "algos", "all_us")
+	for _, sh := range []struct {
+		name string
+		N, K int
+	}{{"qkv", 6144, 4096}, {"o", 4096, 4096}, {"gate_up", 28672, 4096}, {"down", 4096, 14336}} {
+		N, K := sh.N, sh.K
+		copies := (150<<20)/(N*K) + 2
+		w := alloc(copies*N*K, 0x30) // e4m3 0x30 = 0.5
+		ws := alloc(4*N, 0)
+		if err := s.Memset32(ws.Ptr(), math.Float32bits(1), N); err != nil {
+			t.Fatal(err)
+		}
+		for _, T := range []int{32, 64, 128, 256} {
+			x := alloc(T*K, 0x38) // 1.0
+			xs := alloc(4*T, 0)
+			if err := s.Memset32(xs.Ptr(), math.Float32bits(1), T); err != nil {
+				t.Fatal(err)
+			}
+			out := alloc(2*T*N, 0)
+			var algos [][heuristicResultSize]byte
+			err := c.Do(func() error {
+				p, err := m.planScaled(scaledKey(T, N, K, R16BF, 0), xs.Ptr(), ws.Ptr())
+				if err != nil {
+					return err
+				}
+				res := make([]byte, 16*heuristicResultSize)
+				var ret int32
+				if err := checkBLAS("cublasLtMatmulAlgoGetHeuristic", blas.cublasLtMatmulAlgoGetHeuristic(m.h, p.desc, p.a, p.b, p.d, p.d, m.pref, 16, unsafe.Pointer(&res[0]), &ret)); err != nil {
+					return err
+				}
+				for i := range int(ret) {
+					r := res[i*heuristicResultSize : (i+1)*heuristicResultSize]
+					if binary.LittleEndian.Uint32(r[72:]) != 0 { // state: not CUBLAS_STATUS_SUCCESS
+						continue
+					}
+					var a [heuristicResultSize]byte
+					copy(a[:], r)
+					algos = append(algos, a)
+				}
+				return nil
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			run := func(a *[heuristicResultSize]byte, i int) error {
+				return c.Do(func() error {
+					p, err := m.planScaled(scaledKey(T, N, K, R16BF, 0), xs.Ptr(), ws.Ptr())
+					if err != nil {
+						return err
+					}
+					m.alpha[0], m.beta[0] = 1, 0
+					wp := w.Ptr() + DevicePtr((i%copies)*N*K)
+					return checkBLAS("cublasLtMatmul", blas.cublasLtMatmul(m.h, p.desc, unsafe.Pointer(m.alpha), wp, p.a, x.Ptr(), p.b,
+						unsafe.Pointer(m.beta), out.Ptr(), p.d, out.Ptr(), p.d, unsafe.Pointer(&a[0]), m.ws.Ptr(), uint64(m.ws.Size()), s.s))
+				})
+			}
+			var us []float64
+			for ai := range algos {
+				a := &algos[ai]
+				var reps []float64
+				for range 5 {
+					if err := e0.Record(s); err != nil {
+						t.Fatal(err)
+					}
+					for i := range 20 {
+						if err := run(a, i); err != nil {
+							t.Fatal(err)
+						}
+					}
+					if err := e1.Record(s); err != nil {
+						t.Fatal(err)
+					}
+					if err := e1.Synchronize(); err != nil {
+						t.Fatal(err)
+					}
+					ms, err := e1.Since(e0)
+					if err != nil {
+						t.Fatal(err)
+					}
+					reps = append(reps, float64(ms)*1000/20)
+				}
+				slices.Sort(reps)
+				us = append(us, reps[len(reps)/2])
+			}
+			if len(us) == 0 {
+				t.Fatalf("%s T=%d: no algorithm", sh.name, T)
+			}
+			best := 0
+			for i := range us {
+				if us[i] < us[best] {
+					best = i
+				}
+			}
+			floor := float64(N*K+T*K+2*T*N) / bw * 1e6
+			all := ""
+			for _, u := range us {
+				all += fmt.Sprintf(" %.1f", u)
+			}
+			t.Logf("SWEEP %-8s %4d %9.1f %9.1f %5d %9.1f %7d%s", sh.name, T, us[0], us[best], best, floor, len(us), all)
+			x.Free()
+			xs.Free()
+			out.Free()
+		}
+		w.Free()
+		ws.Free()
+	}
+}
