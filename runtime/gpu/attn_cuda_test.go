@@ -20,7 +20,7 @@ import (
 // tokens, page sizes 1, 5 and 16, page tables drawn from a shuffled free
 // list, mixed in one step with prefill rows (13, 6, 150 and 64 rows after 0,
 // 30, 70 and 0 cached tokens: partial, several and exactly one 64-row tile),
-// and the same step again with the per-row kernel for every row (attnV0).
+// and the same step again with the per-row kernel for every row (kernelForce.attnRows).
 func TestOpAttentionDecode(t *testing.T) {
 	type shape struct{ heads, kvh, hd, bs int }
 	// head_dim 48 and 8: no attn_decode variant, the per-row kernel takes every row
@@ -202,7 +202,7 @@ func TestOpAttentionDecode(t *testing.T) {
 
 // TestAttnBench times the prefill attention of one 8B layer (32 query
 // heads, 8 KV heads, head_dim 128, pages of 16; rope_store included) for
-// the tensor-core kernel (attn_prefill) and the per-row kernel (attnV0),
+// the tensor-core kernel (attn_prefill) and the per-row kernel (kernelForce.attnRows),
 // median over 20 replays of a graph of 5 back-to-back calls. Cases: serving's
 // steady mix (4 sequences of 128 new rows), a 512-token prompt, 4 x 512,
 // and 128 rows after a cached 2,000-token prefix. It prints the effective
