@@ -59,6 +59,10 @@ type fp8State struct {
 	mod   *cuda.Module
 	quant *cuda.Function
 	gemv  [2]*cuda.Function // fp8_gemv_n8, fp8_gemv_n16
+	// fp8_gemm_skinny_n32, _n64, and their split-K partials and counters
+	// (reserveSkinny)
+	skinny         [2]*cuda.Function
+	skPart, skDone *cuda.DeviceBuffer
 	Info  kernels.Info
 
 	tmp        *cuda.DeviceBuffer // bf16 staging of a weight being quantized (freed at the first Linear)
@@ -84,8 +88,15 @@ func newFP8(ctx *cuda.Context, s *cuda.Stream, mm *cuda.Matmul, ko kernels.Optio
 	for _, fn := range []struct {
 		p    **cuda.Function
 		name string
-	}{{&f.quant, "quant_rows_e4m3"}, {&f.gemv[0], "fp8_gemv_n8"}, {&f.gemv[1], "fp8_gemv_n16"}} {
+	}{{&f.quant, "quant_rows_e4m3"}, {&f.gemv[0], "fp8_gemv_n8"}, {&f.gemv[1], "fp8_gemv_n16"},
+		{&f.skinny[0], "fp8_gemm_skinny_n32"}, {&f.skinny[1], "fp8_gemm_skinny_n64"}} {
 		if *fn.p, err = f.mod.Function(fn.name); err != nil {
+			f.mod.Unload()
+			return nil, err
+		}
+	}
+	for i, tr := range []int{32, 64} {
+		if err := f.skinny[i].SetMaxDynamicShared(skinnyShared(tr)); err != nil {
 			f.mod.Unload()
 			return nil, err
 		}
@@ -122,7 +133,10 @@ func (f *fp8State) reserve(rows, cols int) error {
 	if err := f.grow(&f.actQ, (rows*cols+15)&^15); err != nil {
 		return err
 	}
-	return f.grow(&f.actS, 4*rows)
+	if err := f.grow(&f.actS, 4*rows); err != nil {
+		return err
+	}
+	return f.reserveSkinny()
 }
 
 // upload quantizes a bf16 weight [rows, cols] on the device.
@@ -200,6 +214,9 @@ func (f *fp8State) linear(out, x cuda.DevicePtr, T int, w *fp8Weight, gen uint64
 	if gemvFits(T, w.rows, K) {
 		return f.gemvLaunch(out, T, w)
 	}
+	if skinnyFits(T, w.rows, K) {
+		return f.skinnyLaunch(out, T, w)
+	}
 	return f.mm.GemmTNScaled(f.s, out, cuda.R16BF, f.actQ.Ptr(), f.actS.Ptr(), w.q.Ptr(), w.scale.Ptr(), T, w.rows, K)
 }
 
@@ -264,10 +281,10 @@ func (f *fp8State) close() error {
 		keep(w.scale.Free())
 	}
 	f.weights = nil
-	for _, b := range []*cuda.DeviceBuffer{f.tmp, f.actQ, f.actS} {
+	for _, b := range []*cuda.DeviceBuffer{f.tmp, f.actQ, f.actS, f.skPart, f.skDone} {
 		keep(b.Free())
 	}
-	f.tmp, f.actQ, f.actS = nil, nil, nil
+	f.tmp, f.actQ, f.actS, f.skPart, f.skDone = nil, nil, nil, nil, nil
 	if f.mod != nil {
 		keep(f.mod.Unload())
 		f.mod = nil

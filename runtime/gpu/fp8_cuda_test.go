@@ -273,9 +273,12 @@ func TestFP8Gemm(t *testing.T) {
 	r := newFP8Rig(t)
 	const tight = 4e-3 // bf16 output rounding (unit roundoff 2^-9 after rounding to nearest)
 	// fp8_gemv takes T <= 16 with K % 64 == 0 and N % 16 == 0 (the first
-	// seven); cuBLASLt the rest
+	// seven); fp8_gemm_skinny 17-64 rows with N % 64 == 0 and K % 64 == 0
+	// (split K over 2-8 blocks per weight tile, or not: 28672 rows, one
+	// span); cuBLASLt the rest
 	for _, sz := range []struct{ T, N, K int }{{1, 4096, 4096}, {16, 6144, 4096}, {9, 28672, 4096}, {2, 4096, 14336}, {8, 48, 128}, {11, 32, 64}, {4, 16, 64},
-		{7, 96, 272}, {33, 1000, 528}, {3, 100, 4096}, {64, 1024, 14336}, {129, 6144, 4096}, {300, 512, 4096}, {5, 97, 64}, {17, 4096, 4096}} {
+		{17, 4096, 4096}, {64, 1024, 14336}, {33, 6144, 4096}, {48, 4096, 14336}, {32, 28672, 4096}, {20, 256, 4096}, {40, 128, 64}, {64, 192, 512},
+		{7, 96, 272}, {33, 1000, 528}, {3, 100, 4096}, {129, 6144, 4096}, {300, 512, 4096}, {5, 97, 64}, {65, 4096, 4096}} {
 		xh, wh := r.bf16Rand(sz.T*sz.K, 1), r.bf16Rand(sz.N*sz.K, 0.02)
 		dx, dw := r.up(xh), r.up(wh)
 		w, err := r.f.upload(wh, sz.N, sz.K)
@@ -325,8 +328,24 @@ func TestFP8Gemm(t *testing.T) {
 		}
 		e816 := relErr64(f8, f16d)
 		path := "cuBLASLt"
-		if gemvFits(sz.T, sz.N, sz.K) {
+		switch {
+		case gemvFits(sz.T, sz.N, sz.K):
 			path = "fp8_gemv"
+		case skinnyFits(sz.T, sz.N, sz.K):
+			path = fmt.Sprintf("fp8_gemm_skinny, K split %d ways", skinnySplit(sz.N, sz.K, r.ctx.Device().SMs))
+			// again: the split's counters were left at zero, and the sum
+			// is the same whichever block finishes last
+			again := r.alloc(2 * sz.T * sz.N)
+			if err := r.f.linear(again.Ptr(), dx.Ptr(), sz.T, w, 1); err != nil {
+				t.Fatal(err)
+			}
+			g2 := make([]uint16, sz.T*sz.N)
+			cuda.CopyDtoH(r.s, g2, again.Ptr())
+			r.sync()
+			if !slices.Equal(g2, g8) {
+				t.Errorf("T=%d N=%d K=%d: a second fp8_gemm_skinny product differs from the first", sz.T, sz.N, sz.K)
+			}
+			again.Free()
 		}
 		t.Logf("T=%4d N=%5d K=%5d (%s): fp8 vs float64(dequantized) maxrel=%.3g; vs float64(bf16 operands): fp8 %.3g, bf16 GEMM %.3g; fp8 vs bf16 GEMM %.3g",
 			sz.T, sz.N, sz.K, path, eDeq, e8, e16, e816)
@@ -360,7 +379,7 @@ func TestFP8GemmBench(t *testing.T) {
 		name string
 		N, K int
 	}{{"qkv", 6144, 4096}, {"o", 4096, 4096}, {"gate_up", 28672, 4096}, {"down", 4096, 14336}}
-	Ts := []int{1, 4, 16, 64, 256, 2048}
+	Ts := []int{1, 4, 16, 32, 48, 64, 256, 2048}
 	// 20 calls per recorded graph (rotating the weights), median of 15 replays
 	timeIt := func(_ int, fn func(i int) error) float64 { return graphMedianUs(t, r.ctx, r.s, 20, 15, fn) }
 	maxT := slices.Max(Ts)

@@ -60,3 +60,41 @@ func TestGemvWarpsFor(t *testing.T) {
 		}
 	}
 }
+
+func TestSkinnyFits(t *testing.T) {
+	for _, c := range []struct {
+		T, N, K int
+		want    bool
+	}{{17, 4096, 4096, true}, {64, 28672, 4096, true}, {16, 4096, 4096, false}, {65, 4096, 4096, false},
+		{32, 4096 + 16, 4096, false}, {32, 4096, 4096 + 16, false}, {32, 64, 64, true}} {
+		if got := skinnyFits(c.T, c.N, c.K); got != c.want {
+			t.Errorf("skinnyFits(%d, %d, %d) = %v, want %v", c.T, c.N, c.K, got, c.want)
+		}
+	}
+}
+
+// TestSkinnySplit: K is split only for grids under two blocks per SM, into
+// at most 8 parts of at least 4 spans; tiles * split stays under the bound
+// the partials are sized for.
+func TestSkinnySplit(t *testing.T) {
+	for _, c := range []struct{ N, K, sms, want int }{
+		{4096, 4096, 132, 5}, {4096, 14336, 132, 5}, {6144, 4096, 132, 3}, {28672, 4096, 132, 1},
+		{256, 4096, 132, 8}, {128, 64, 132, 1}, {192, 512, 132, 2}, {16896, 4096, 132, 1}, {64, 4096, 1, 2},
+	} {
+		got := skinnySplit(c.N, c.K, c.sms)
+		if got != c.want {
+			t.Errorf("skinnySplit(N=%d, K=%d, %d SMs) = %d, want %d", c.N, c.K, c.sms, got, c.want)
+		}
+		if bytes := c.N / skinnyRows * got * skinnyRows * skinnyMaxRows * 4; bytes > skinnyPartBytes(c.sms) {
+			t.Errorf("N=%d K=%d %d SMs: partials of %d bytes over the %d reserved", c.N, c.K, c.sms, bytes, skinnyPartBytes(c.sms))
+		}
+	}
+	for sms := 1; sms <= 200; sms++ { // the bound for every tile count
+		for tiles := 1; tiles <= 4*sms; tiles++ {
+			S := skinnySplit(tiles*skinnyRows, 1<<16, sms)
+			if tiles*S*skinnyRows*skinnyMaxRows*4 > skinnyPartBytes(sms) {
+				t.Fatalf("%d SMs, %d tiles: split %d exceeds the partials", sms, tiles, S)
+			}
+		}
+	}
+}
