@@ -63,7 +63,7 @@ type fp8State struct {
 	// (reserveSkinny)
 	skinny         [2]*cuda.Function
 	skPart, skDone *cuda.DeviceBuffer
-	Info  kernels.Info
+	Info           kernels.Info
 
 	tmp        *cuda.DeviceBuffer // bf16 staging of a weight being quantized (freed at the first Linear)
 	actQ, actS *cuda.DeviceBuffer // quantized activation rows and their scales
