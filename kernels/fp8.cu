@@ -5,50 +5,9 @@
 // except for steps of up to 16 rows (fp8_gemv, below) and of 17-64 rows
 // (fp8_gemm_skinny, at the end).
 // Compiled at run time by NVRTC (kernels.Load) like llama.cu.
-#include <cuda_bf16.h>
-#include <cuda_fp8.h>
-
-typedef __nv_bfloat16 bf16;
-typedef long long i64;
-
-// pdl_entry: with Programmatic Dependent Launch (runtime/cuda
-// Stream.SetProgrammaticLaunch) a kernel's blocks may start while the kernel
-// before it on the stream still runs. Every kernel calls this first: it
-// waits for that kernel to finish and its writes to be visible (so nothing
-// is read early, nor overwritten while the other kernel still reads it),
-// then lets the next kernel's blocks be scheduled as this one's finish. A
-// no-op for a normal launch, and before sm_90.
-__device__ __forceinline__ void pdl_entry() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.wait;\n" ::: "memory");
-    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-#endif
-}
+#include "common.cuh"
 
 #define E4M3_MAX 448.0f
-
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-    return v;
-}
-
-// block_max: max over the block (blockDim.x a multiple of 32); sh holds 33 floats.
-__device__ float block_max(float v, float* sh) {
-    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
-    v = warp_max(v);
-    if (lane == 0) sh[w] = v;
-    __syncthreads();
-    if (w == 0) {
-        float x = lane < nw ? sh[lane] : 0.f;
-        x = warp_max(x);
-        if (lane == 0) sh[32] = x;
-    }
-    __syncthreads();
-    float r = sh[32];
-    __syncthreads();
-    return r;
-}
 
 // quant_rows_e4m3: for each row r (grid.x = rows, block a multiple of 32):
 //   amax = max |x[r, :cols]|, scale[r] = amax / 448,

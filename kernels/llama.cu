@@ -1,72 +1,12 @@
 // Llama forward-pass kernels for peftd's GPU backend (runtime/gpu).
 // Activations and weights are bf16, arithmetic is float32. Compiled at run
 // time by NVRTC (kernels.Load) for the device's architecture.
-#include <cuda_bf16.h>
-#include <cuda_fp8.h>
-
-typedef __nv_bfloat16 bf16;
-typedef long long i64;
-
-// pdl_entry: with Programmatic Dependent Launch (runtime/cuda
-// Stream.SetProgrammaticLaunch) a kernel's blocks may start while the kernel
-// before it on the stream still runs. Every kernel calls this first: it
-// waits for that kernel to finish and its writes to be visible (so nothing
-// is read early, nor overwritten while the other kernel still reads it),
-// then lets the next kernel's blocks be scheduled as this one's finish. A
-// no-op for a normal launch, and before sm_90.
-__device__ __forceinline__ void pdl_entry() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.wait;\n" ::: "memory");
-    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-#endif
-}
+#include "common.cuh"
 
 #define NEG_INF (__int_as_float(0xff800000))
 
 __device__ __forceinline__ float ld(const bf16* p) { return __bfloat162float(*p); }
 __device__ __forceinline__ bf16 tobf(float x) { return __float2bfloat16_rn(x); }
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
-
-// block_sum: sum over the block (blockDim.x a multiple of 32); sh holds 33 floats.
-__device__ float block_sum(float v, float* sh) {
-    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
-    v = warp_sum(v);
-    if (lane == 0) sh[w] = v;
-    __syncthreads();
-    if (w == 0) {
-        float x = lane < nw ? sh[lane] : 0.f;
-        x = warp_sum(x);
-        if (lane == 0) sh[32] = x;
-    }
-    __syncthreads();
-    float r = sh[32];
-    __syncthreads();
-    return r;
-}
-
-// block_max: max over the block, as block_sum.
-__device__ float block_max(float v, float* sh) {
-    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-    if (lane == 0) sh[w] = v;
-    __syncthreads();
-    if (w == 0) {
-        float x = lane < nw ? sh[lane] : 0.f;
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
-        if (lane == 0) sh[32] = x;
-    }
-    __syncthreads();
-    float r = sh[32];
-    __syncthreads();
-    return r;
-}
 
 // embed: out[r] = table[tokens[r]]; grid (T), any block.
 extern "C" __global__ void embed(bf16* out, const bf16* table, const int* tokens, int H) {
@@ -77,12 +17,6 @@ extern "C" __global__ void embed(bf16* out, const bf16* table, const int* tokens
     for (int i = threadIdx.x; i < H; i += blockDim.x) dst[i] = src[i];
 }
 
-// add_rmsnorm: if delta: x += delta (rounded to bf16 in x); if out: out = rmsnorm(x) * w.
-// d2 (may be null; only with delta): a float32 LoRA update of delta computed
-// beside it, rows H apart, for the rows whose rl (row adapter slot) is >= 0:
-// delta + d2 is rounded to bf16 first (the projection's output as an update
-// in place would have left it), then added to x.
-// grid (T), block multiple of 32.
 // unpack8/pack8: 8 bf16 in a 16-byte word <-> 8 floats.
 __device__ __forceinline__ void unpack8(uint4 u, float* f) {
     const __nv_bfloat162* p = reinterpret_cast<const __nv_bfloat162*>(&u);
@@ -143,10 +77,12 @@ __device__ void quant_row_e4m3(const bf16* out, unsigned char* q, float* qscale,
 }
 
 // add_rmsnorm: x[r] += delta[r] (and the LoRA update d2 of the rows whose
-// rl is >= 0), rounded to bf16; then, when out is set, out[r] =
-// rmsnorm(x[r]) * w; and when q is set too, out[r] quantized per row to
-// e4m3 into q[r] (H bytes) and qscale[r] for the FP8 projections that read
-// it (no quant_rows_e4m3 launch).
+// rl is >= 0, rows H apart; delta + d2 is rounded to bf16 first, as the
+// projection's output updated in place would have been), rounded to bf16;
+// then, when out is set, out[r] = rmsnorm(x[r]) * w; and when q is set
+// too, out[r] quantized per row to e4m3 into q[r] (H bytes) and qscale[r]
+// for the FP8 projections that read it (no quant_rows_e4m3 launch).
+// grid (T), block a multiple of 32.
 extern "C" __global__ void add_rmsnorm(bf16* x, const bf16* delta, const float* d2, const int* rl, bf16* out, const bf16* w, float eps, int H,
                                        unsigned char* q, float* qscale) {
     pdl_entry();
@@ -436,16 +372,6 @@ extern "C" __global__ void __launch_bounds__(32 * ATT_WARPS) attention(
 #define DEC_TILE 16 // positions per warp tile
 #define LOG2E 1.4426950408889634f
 
-// cp_async16 copies 16 bytes from global to shared memory without passing
-// through registers (n == 0: fills zeros, reads nothing); cp_async_commit
-// closes a group, cp_async_wait<N> waits until at most N of this thread's
-// groups are pending.
-__device__ __forceinline__ void cp_async16(unsigned dst, const void* src, int n) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
-
 // ldsm4 / ldsm4t: four 8x8 bf16 matrices from shared memory (lane l gives
 // the address of row l%8 of matrix l/8), as mma fragments; t: transposed.
 __device__ __forceinline__ void ldsm4(unsigned a, unsigned* r) {
@@ -469,14 +395,6 @@ __device__ __forceinline__ void mma8(float* d, unsigned a0, unsigned a2, unsigne
     asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%10,%10};\n"
         : "+f"(d[0]), "+f"(d[1]), "=f"(x2), "=f"(x3)
         : "r"(a0), "r"(0u), "r"(a2), "r"(0u), "r"(b0), "r"(b1), "f"(0.f));
-}
-
-// mma.sync m16n8k16 bf16 -> f32: c += a * b.
-__device__ __forceinline__ void mma16816(float* c, unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0, unsigned b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
 __device__ __forceinline__ unsigned pack_bf2(float lo, float hi) {
@@ -1050,15 +968,6 @@ extern "C" __global__ void silu_mul(bf16* out, const bf16* g, const bf16* u, con
     }
 }
 
-// LoRA table entry, one per (slot, layer, module): A [rank, in], B [out, rank].
-struct LoraEntry {
-    const bf16* a;
-    const bf16* b;
-    int rank;
-    float scale;
-    int pad[2];
-};
-
 // lora_shrink: tmp[i, k] = scale * x[rows[i]] . A[k] for each LoRA row i
 // (rows[i] its activation row, slots[i] its adapter slot) and k < that
 // adapter's rank. grid (n, ceil(max_rank/8)), block 256: one warp per k.
@@ -1110,12 +1019,6 @@ extern "C" __global__ void lora_expand(bf16* out, const float* tmp, const LoraEn
 // v0 kernels): in_f % 8 == 0, every slice width even, 16-byte aligned rows.
 // ---------------------------------------------------------------------------
 
-#define SG_TR 16     // rows per tile (the MMA's M)
-#define SG_WARPS 8   // shrink: warps per block, splitting K
-
-__device__ __forceinline__ int sg_mod(int s, int m0, int m1, int m2) { return s == 0 ? m0 : (s == 1 ? m1 : m2); }
-
-__device__ __forceinline__ uint4 ldg16(const bf16* p) { return __ldg(reinterpret_cast<const uint4*>(p)); }
 
 // sgmv_shrink (8 rank rows per block) / sgmv_shrink4 (32): tmp[z][row][s*max_rank + k]
 // = scale * sum over this block's K range of x[row] . A_s[k].
@@ -1214,28 +1117,7 @@ extern "C" __global__ void __launch_bounds__(32 * SG_WARPS) sgmv_shrink4(SHRINK_
 // before the tile's tmp rows are staged in shared memory, so the three
 // streams are in flight together; then every row of the tile is updated.
 #define SG_EX_THREADS 128
-#define SG_EX_CHUNKS 8 // B loads kept in registers: ranks up to 64
 
-// expand_chunk: acc{0,1}[r] += t[r*w + 0..7] . (8 bf16 of B row j, j+1) for rows r < n.
-__device__ __forceinline__ void expand_chunk(float* acc0, float* acc1, const float* t, int w, int n, uint4 a, uint4 b) {
-    float f0[8], f1[8];
-    const __nv_bfloat162* p0 = reinterpret_cast<const __nv_bfloat162*>(&a);
-    const __nv_bfloat162* p1 = reinterpret_cast<const __nv_bfloat162*>(&b);
-#pragma unroll
-    for (int i = 0; i < 4; i++) {
-        const float2 x0 = __bfloat1622float2(p0[i]), x1 = __bfloat1622float2(p1[i]);
-        f0[2 * i] = x0.x, f0[2 * i + 1] = x0.y, f1[2 * i] = x1.x, f1[2 * i + 1] = x1.y;
-    }
-#pragma unroll
-    for (int r = 0; r < SG_TR; r++) {
-        if (r < n) {
-            const float4 ta = *reinterpret_cast<const float4*>(t + r * w);
-            const float4 tb = *reinterpret_cast<const float4*>(t + r * w + 4);
-            acc0[r] += ta.x * f0[0] + ta.y * f0[1] + ta.z * f0[2] + ta.w * f0[3] + tb.x * f0[4] + tb.y * f0[5] + tb.z * f0[6] + tb.w * f0[7];
-            acc1[r] += ta.x * f1[0] + ta.y * f1[1] + ta.z * f1[2] + ta.w * f1[3] + tb.x * f1[4] + tb.y * f1[5] + tb.z * f1[6] + tb.w * f1[7];
-        }
-    }
-}
 extern "C" __global__ void __launch_bounds__(SG_EX_THREADS) sgmv_expand(
     bf16* __restrict__ out, const float* __restrict__ tmp, const LoraEntry* __restrict__ table, const int4* __restrict__ tiles,
     int entry_base, int entry_stride, int m0, int m1, int m2, int nslices, int off1, int off2, int out_total,
