@@ -210,11 +210,6 @@ extern "C" __global__ void __launch_bounds__(32 * GV_MAX_WARPS) fp8_gemv_n16(FP8
 #define SK_STAGES 4
 #define SK_LD (SK_U * 64 + 64) // bytes per staged row: 16-byte reads of 8 lanes hit 32 different banks
 
-__device__ __forceinline__ void sk_cp16(unsigned dst, const void* src, int n) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n));
-}
-__device__ __forceinline__ void sk_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N> __device__ __forceinline__ void sk_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 __device__ __forceinline__ uint4 sk_lds(unsigned a) {
     uint4 v;
     asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(a));
@@ -251,10 +246,10 @@ __device__ __forceinline__ void fp8_skinny_body(bf16* __restrict__ out, float* _
                 const int xr = r - SK_ROWS;
                 const bool ok = s < s1 && (w || xr < M);
                 const unsigned char* src = w ? qw + (i64)(n0 + r) * K : qx + (i64)(ok ? xr : 0) * K;
-                sk_cp16(b + r * SK_LD + c * 16, src + (i64)(ok ? s : s0) * 64 + (c & 3) * 16, ok ? 16 : 0);
+                cp_async16(b + r * SK_LD + c * 16, src + (i64)(ok ? s : s0) * 64 + (c & 3) * 16, ok ? 16 : 0);
             }
         }
-        sk_commit(); // empty past the end: the group count stays uniform
+        cp_async_commit(); // empty past the end: the group count stays uniform
     };
 
     float c[NT][4];
@@ -264,7 +259,7 @@ __device__ __forceinline__ void fp8_skinny_body(bf16* __restrict__ out, float* _
     for (int j = 0; j < SK_STAGES - 1; j++) issue(j);
     const unsigned wrow = (warp * 16 + g) * SK_LD + tig * 16;
     for (int j = 0; j < nst; j++) {
-        sk_wait<SK_STAGES - 2>(); // this thread's copies of stage j have landed
+        cp_async_wait<SK_STAGES - 2>(); // this thread's copies of stage j have landed
         __syncthreads();          // everyone's have; and everyone is done with stage j - 1's buffer
         issue(j + SK_STAGES - 1);
         const unsigned b = base + (j % SK_STAGES) * SB;
@@ -279,7 +274,7 @@ __device__ __forceinline__ void fp8_skinny_body(bf16* __restrict__ out, float* _
             }
         }
     }
-    sk_wait<0>();
+    cp_async_wait<0>();
     // c[t][e]: weight row n0 + 16*warp + g (+8 for e >= 2), activation row 8t + 2tig + (e & 1)
     if (S == 1) {
 #pragma unroll
