@@ -35,6 +35,7 @@
 #                throughput) and greedy outputs compared; run it by name
 #     ready8b    peftd serve start -> /readyz on the random 8B checkpoint, cold
 #                and warm kernel cache, and the first requests after ready
+#                (READY8B_FP8=1: an FP8 checkpoint with --weights fp8)
 #     nsys8b     serve8b's load (base and 4 adapters mixed, concurrency 64) under nsys:
 #                GPU busy fraction, idle gaps, top kernels, CUDA API calls
 #                (scripts/nsys_busy.py; makes the decode checkpoint; not default)
@@ -348,14 +349,19 @@ if want ready8b; then
 	# Issue 12's first rows: process start -> /readyz 200 for the random 8B
 	# checkpoint from the page cache, with a cold kernel cache and again with
 	# the warm one, and the first base request after ready vs the next.
-	MD=/tmp/llama8b-random
-	echo "=== ready8b: peftd serve start -> ready on $MD/base"
-	if random_ckpt "$MD" decode --layers "${DECODE_LAYERS:-32}"; then
+	# READY8B_FP8=1: an FP8 checkpoint (tools/make_random_llama.py --fp8,
+	# ~8.5 GB) served with --weights fp8, its weights uploaded as stored
+	MD=/tmp/llama8b-random R8ARGS=() R8MAKE=()
+	if [[ -n "${READY8B_FP8:-}" ]]; then
+		MD=/tmp/llama8b-fp8 R8ARGS=(--weights fp8) R8MAKE=(--fp8 --adapters 1)
+	fi
+	echo "=== ready8b: peftd serve start -> ready on $MD/base ${R8ARGS[*]}"
+	if random_ckpt "$MD" ready8b --layers "${DECODE_LAYERS:-32}" "${R8MAKE[@]}"; then
 		cat "$MD"/base/*.safetensors >/dev/null
 		SD=$(mktemp -d)
 		for run in cold warm; do
 			t0=$(date +%s.%N)
-			PEFTD_CACHE=$SD "$ROOT/bin/gpu/peftd" serve --device cuda --model "$MD/base" --store "$MD/adapters" --slots 5 --listen 127.0.0.1:8083 >"$LOG/ready8b.$run.log" 2>&1 &
+			PEFTD_CACHE=$SD "$ROOT/bin/gpu/peftd" serve --device cuda --model "$MD/base" --store "$MD/adapters" --slots 5 --listen 127.0.0.1:8083 "${R8ARGS[@]}" >"$LOG/ready8b.$run.log" 2>&1 &
 			SRV=$!
 			ok=0
 			for i in $(seq 1 1200); do

@@ -187,6 +187,17 @@ type AdapterPreparer interface {
 	LoadPrepared(slot int, p PreparedAdapter) error
 }
 
+// FP8Uploader is a Backend that computes with FP8 (e4m3) projection
+// weights and takes an FP8 checkpoint's weights as stored: e4m3 bytes q
+// [rows, cols] with one float32 scale per row (W = q * scale[row]), not
+// dequantized to bf16 and quantized again. New hands it every projection
+// (q, k and v stacked; gate and up stacked) whose parts are all F8_E4M3
+// and that KeepsFP8 accepts; the others go through Upload.
+type FP8Uploader interface {
+	KeepsFP8(name string, rows, cols int) bool
+	UploadFP8(name string, rows, cols int, q []byte, scale []float32) (Weight, error)
+}
+
 // FamilyOps are what models beyond Llama's layout need; a backend without
 // them runs Llama and Mistral models, and New refuses the others by name.
 type FamilyOps interface {

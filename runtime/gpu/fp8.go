@@ -139,14 +139,23 @@ func (f *fp8State) reserve(rows, cols int) error {
 	return f.reserveSkinny()
 }
 
-// upload quantizes a bf16 weight [rows, cols] on the device.
-func (f *fp8State) upload(host []uint16, rows, cols int) (*fp8Weight, error) {
-	if len(host) != rows*cols || cols%16 != 0 {
-		return nil, fmt.Errorf("gpu: fp8 weight [%d,%d] from %d values", rows, cols, len(host))
+// uploadQuantized copies an e4m3 weight q [rows, cols] and its row scales
+// to the device as they are.
+func (f *fp8State) uploadQuantized(q []byte, scale []float32, rows, cols int) (*fp8Weight, error) {
+	if len(q) != rows*cols || len(scale) != rows || cols%16 != 0 {
+		return nil, fmt.Errorf("gpu: fp8 weight [%d,%d] from %d bytes and %d scales", rows, cols, len(q), len(scale))
 	}
-	if err := f.grow(&f.tmp, 2*len(host)); err != nil {
-		return nil, err
-	}
+	return f.newWeight(rows, cols, func(w *fp8Weight) error {
+		if err := cuda.CopyHtoD(f.s, w.q.Ptr(), q); err != nil {
+			return err
+		}
+		return cuda.CopyHtoD(f.s, w.scale.Ptr(), scale)
+	})
+}
+
+// newWeight allocates an FP8 weight [rows, cols], fills it with fill and
+// keeps it (freed by close); on an error nothing is kept.
+func (f *fp8State) newWeight(rows, cols int, fill func(*fp8Weight) error) (*fp8Weight, error) {
 	w := &fp8Weight{rows: rows, cols: cols}
 	var err error
 	if w.q, err = f.ctx.Alloc(rows * cols); err != nil {
@@ -156,18 +165,32 @@ func (f *fp8State) upload(host []uint16, rows, cols int) (*fp8Weight, error) {
 		w.q.Free()
 		return nil, err
 	}
-	if err = cuda.CopyHtoD(f.s, f.tmp.Ptr(), host); err == nil {
-		if err = f.quantRows(w.q.Ptr(), w.scale.Ptr(), f.tmp.Ptr(), rows, cols, cols); err == nil {
-			err = f.s.Synchronize() // the staging is re-used by the next upload
-		}
-	}
-	if err != nil {
+	if err := fill(w); err != nil {
 		w.q.Free()
 		w.scale.Free()
 		return nil, err
 	}
 	f.weights = append(f.weights, w)
 	return w, nil
+}
+
+// upload quantizes a bf16 weight [rows, cols] on the device.
+func (f *fp8State) upload(host []uint16, rows, cols int) (*fp8Weight, error) {
+	if len(host) != rows*cols || cols%16 != 0 {
+		return nil, fmt.Errorf("gpu: fp8 weight [%d,%d] from %d values", rows, cols, len(host))
+	}
+	if err := f.grow(&f.tmp, 2*len(host)); err != nil {
+		return nil, err
+	}
+	return f.newWeight(rows, cols, func(w *fp8Weight) error {
+		if err := cuda.CopyHtoD(f.s, f.tmp.Ptr(), host); err != nil {
+			return err
+		}
+		if err := f.quantRows(w.q.Ptr(), w.scale.Ptr(), f.tmp.Ptr(), rows, cols, cols); err != nil {
+			return err
+		}
+		return f.s.Synchronize() // the staging is re-used by the next upload
+	})
 }
 
 // fits reports whether the activation scratch holds rows rows of cols
