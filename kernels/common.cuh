@@ -13,11 +13,12 @@ typedef long long i64;
 
 // pdl_entry: with Programmatic Dependent Launch (runtime/cuda
 // Stream.SetProgrammaticLaunch) a kernel's blocks may start while the kernel
-// before it on the stream still runs. Every kernel calls this first: it
-// waits for that kernel to finish and its writes to be visible (so nothing
-// is read early, nor overwritten while the other kernel still reads it),
-// then lets the next kernel's blocks be scheduled as this one's finish. A
-// no-op for a normal launch, and before sm_90.
+// before it on the stream still runs. Every kernel calls this first (or
+// after touching only what no kernel writes: fp8_gemv asks L2 for its
+// weights first): it waits for that kernel to finish and its writes to be
+// visible (so nothing is read early, nor overwritten while the other kernel
+// still reads it), then lets the next kernel's blocks be scheduled as this
+// one's finish. A no-op for a normal launch, and before sm_90.
 __device__ __forceinline__ void pdl_entry() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;\n" ::: "memory");

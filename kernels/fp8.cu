@@ -95,6 +95,10 @@ extern "C" __global__ void quant_rows_e4m3(unsigned char* __restrict__ q, float*
 // for both operands (it depends only on the lane's column group), so the
 // sum is the same. The warps' partial sums meet in shared memory.
 #define GV_MAX_WARPS 16
+#define GV_PREFETCH 4096 // bytes of each weight row asked of L2 before pdl_entry (at most 64 KB a block)
+
+// prefetch_l2: bring the 128-byte line holding p into L2 (no register, no wait).
+__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p)); }
 
 // ld_stream16: 16 bytes read once (weights): not kept in L1.
 __device__ __forceinline__ uint4 ld_stream16(const unsigned char* p) {
@@ -122,6 +126,18 @@ __device__ __forceinline__ void fp8_gemv_body(bf16* __restrict__ out, const unsi
     __shared__ float red[GV_MAX_WARPS][NT][4][32];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, tig = lane & 3, nw = blockDim.x >> 5;
     const int n0 = blockIdx.x * 16;
+    // The weights never change during a step: before waiting for the kernel
+    // before (which writes the activations), ask L2 for the first
+    // GV_PREFETCH bytes of each of the block's 16 rows, so that with
+    // Programmatic Dependent Launch the fetch overlaps that kernel's tail.
+    {
+        const int lines = min(K, GV_PREFETCH) / 128; // 128-byte lines per row (K % 64 == 0: a last half line is left out)
+        for (int i = threadIdx.x; i < 16 * lines; i += blockDim.x) {
+            const int r = i / lines, l = i - r * lines;
+            prefetch_l2(qw + (i64)(n0 + r) * K + l * 128);
+        }
+    }
+    pdl_entry();
     const unsigned char* wa = qw + (i64)(n0 + g) * K + 16 * tig;
     const unsigned char* wb = wa + 8 * (i64)K;
     const unsigned char* xr[NT];
@@ -186,8 +202,8 @@ __device__ __forceinline__ void fp8_gemv_body(bf16* __restrict__ out, const unsi
 #define FP8_GEMV_ARGS                                                                                        \
     bf16 *out, const unsigned char *qx, const float *sx, const unsigned char *qw, const float *sw, int M, int N, \
         int K
-extern "C" __global__ void __launch_bounds__(32 * GV_MAX_WARPS) fp8_gemv_n8(FP8_GEMV_ARGS) { pdl_entry(); fp8_gemv_body<1>(out, qx, sx, qw, sw, M, N, K); }
-extern "C" __global__ void __launch_bounds__(32 * GV_MAX_WARPS) fp8_gemv_n16(FP8_GEMV_ARGS) { pdl_entry(); fp8_gemv_body<2>(out, qx, sx, qw, sw, M, N, K); }
+extern "C" __global__ void __launch_bounds__(32 * GV_MAX_WARPS) fp8_gemv_n8(FP8_GEMV_ARGS) { fp8_gemv_body<1>(out, qx, sx, qw, sw, M, N, K); }
+extern "C" __global__ void __launch_bounds__(32 * GV_MAX_WARPS) fp8_gemv_n16(FP8_GEMV_ARGS) { fp8_gemv_body<2>(out, qx, sx, qw, sw, M, N, K); }
 
 // fp8_gemm_skinny_n{32,64}: the same product for 17-64 rows (M <= 32 or 64),
 // where cuBLASLt's one FP8 algorithm reads the weights at 0.3-0.5 of the
@@ -234,34 +250,46 @@ __device__ __forceinline__ void fp8_skinny_body(bf16* __restrict__ out, float* _
     const int nst = (s1 - s0 + SK_U - 1) / SK_U; // stages of this block (0 for an empty split)
     const unsigned base = (unsigned)__cvta_generic_to_shared(skm);
 
-    // issue(j): stage j (spans s0 + j*SK_U on) into buffer j % SK_STAGES;
-    // spans past s1 and activation rows past M are zero-filled (they add 0)
-    auto issue = [&](int j) {
-        if (j < nst) {
-            const unsigned b = base + (j % SK_STAGES) * SB;
-            const int sa = s0 + j * SK_U;
-            for (int i = tid; i < (SK_ROWS + TR) * CH; i += SK_WARPS * 32) {
-                const int r = i / CH, c = i - r * CH, s = sa + c / 4;
-                const bool w = r < SK_ROWS;
-                const int xr = r - SK_ROWS;
-                const bool ok = s < s1 && (w || xr < M);
-                const unsigned char* src = w ? qw + (i64)(n0 + r) * K : qx + (i64)(ok ? xr : 0) * K;
-                cp_async16(b + r * SK_LD + c * 16, src + (i64)(ok ? s : s0) * 64 + (c & 3) * 16, ok ? 16 : 0);
-            }
+    // copy(j, lo, hi): staged rows [lo, hi) (weights 0..SK_ROWS-1, then the
+    // activation rows) of stage j (spans s0 + j*SK_U on) into buffer j %
+    // SK_STAGES; spans past s1 and activation rows past M are zero-filled
+    // (they add 0)
+    auto copy = [&](int j, int lo, int hi) {
+        if (j >= nst) return;
+        const unsigned b = base + (j % SK_STAGES) * SB;
+        const int sa = s0 + j * SK_U;
+        for (int i = lo * CH + tid; i < hi * CH; i += SK_WARPS * 32) {
+            const int r = i / CH, c = i - r * CH, s = sa + c / 4;
+            const bool w = r < SK_ROWS;
+            const int xr = r - SK_ROWS;
+            const bool ok = s < s1 && (w || xr < M);
+            const unsigned char* src = w ? qw + (i64)(n0 + r) * K : qx + (i64)(ok ? xr : 0) * K;
+            cp_async16(b + r * SK_LD + c * 16, src + (i64)(ok ? s : s0) * 64 + (c & 3) * 16, ok ? 16 : 0);
         }
-        cp_async_commit(); // empty past the end: the group count stays uniform
     };
 
     float c[NT][4];
 #pragma unroll
     for (int t = 0; t < NT; t++) c[t][0] = c[t][1] = c[t][2] = c[t][3] = 0.f;
+    // The weights never change during a step: their first stages are
+    // copied before waiting for the kernel before (which writes the
+    // activations), so with Programmatic Dependent Launch the fetch
+    // overlaps its tail. They join the first commit group (a wait for stage
+    // 0 waits for them all: they were issued first).
 #pragma unroll
-    for (int j = 0; j < SK_STAGES - 1; j++) issue(j);
+    for (int j = 0; j < SK_STAGES - 1; j++) copy(j, 0, SK_ROWS);
+    pdl_entry();
+#pragma unroll
+    for (int j = 0; j < SK_STAGES - 1; j++) {
+        copy(j, SK_ROWS, SK_ROWS + TR);
+        cp_async_commit(); // empty past the end: the group count stays uniform
+    }
     const unsigned wrow = (warp * 16 + g) * SK_LD + tig * 16;
     for (int j = 0; j < nst; j++) {
         cp_async_wait<SK_STAGES - 2>(); // this thread's copies of stage j have landed
         __syncthreads();          // everyone's have; and everyone is done with stage j - 1's buffer
-        issue(j + SK_STAGES - 1);
+        copy(j + SK_STAGES - 1, 0, SK_ROWS + TR);
+        cp_async_commit();
         const unsigned b = base + (j % SK_STAGES) * SB;
 #pragma unroll
         for (int u = 0; u < SK_U; u++) {
@@ -312,5 +340,5 @@ __device__ __forceinline__ void fp8_skinny_body(bf16* __restrict__ out, float* _
     bf16 *out, float *part, int *done, const unsigned char *qx, const float *sx, const unsigned char *qw,    \
         const float *sw, int M, int N, int K
 #define FP8_SKINNY_PASS out, part, done, qx, sx, qw, sw, M, N, K
-extern "C" __global__ void __launch_bounds__(32 * SK_WARPS) fp8_gemm_skinny_n32(FP8_SKINNY_ARGS) { pdl_entry(); fp8_skinny_body<4>(FP8_SKINNY_PASS); }
-extern "C" __global__ void __launch_bounds__(32 * SK_WARPS) fp8_gemm_skinny_n64(FP8_SKINNY_ARGS) { pdl_entry(); fp8_skinny_body<8>(FP8_SKINNY_PASS); }
+extern "C" __global__ void __launch_bounds__(32 * SK_WARPS) fp8_gemm_skinny_n32(FP8_SKINNY_ARGS) { fp8_skinny_body<4>(FP8_SKINNY_PASS); }
+extern "C" __global__ void __launch_bounds__(32 * SK_WARPS) fp8_gemm_skinny_n64(FP8_SKINNY_ARGS) { fp8_skinny_body<8>(FP8_SKINNY_PASS); }
