@@ -14,11 +14,14 @@ import (
 	"github.com/peftd/peftd/scheduler"
 )
 
-// member is one prompt of a batched completions request: its own sequence
-// in the scheduler (they co-batch there), with its own context so a stop
-// string ends it alone.
+// member is one generation of a request with several: one of the prompts
+// of a batched completions request, or one of the n choices for a prompt.
+// It is its own sequence in the scheduler (they co-batch there), with its
+// own context so a stop string ends it alone.
 type member struct {
-	j      *job // the request's job with req.Prompt set to this prompt
+	j      *job // the request's job with req.Prompt (and the seed) set to this member's
+	index  int  // its choice index: prompt * n + k
+	first  bool // k == 0: the usage counts its prompt tokens (once per prompt, however many choices)
 	ch     <-chan scheduler.Event
 	cancel context.CancelFunc
 	res    result
@@ -53,7 +56,9 @@ func total(ms []*member) result {
 	var order []string
 	count := map[string]int{}
 	for _, m := range ms {
-		t.prompt += m.res.prompt
+		if m.first {
+			t.prompt += m.res.prompt
+		}
 		t.complete += m.res.complete
 		f := m.res.finish
 		if f == "" {
@@ -72,9 +77,11 @@ func total(ms []*member) result {
 	return t
 }
 
-// generateBatch runs a completions request with several prompts: one
-// choice per prompt, index its position; streamed chunks of all prompts
-// interleave as they are produced. It counts as one request.
+// generateBatch runs a request with several generations: n choices for
+// each prompt (completions may have several prompts), index prompt * n + k
+// as OpenAI orders them; streamed chunks of all of them interleave as they
+// are produced. Choice k > 0 of a request with a seed samples with seed +
+// k: the choices differ, and repeat. It counts as one request.
 func (s *Server) generateBatch(c *fiber.Ctx, j *job) error {
 	var ctx context.Context
 	var cancel context.CancelFunc
@@ -83,31 +90,42 @@ func (s *Server) generateBatch(c *fiber.Ctx, j *job) error {
 	} else {
 		ctx, cancel = context.WithCancel(s.ctx)
 	}
-	ms := make([]*member, len(j.prompts))
-	for i, p := range j.prompts {
-		mj := *j
-		mj.req.Prompt = p
-		mctx, mcancel := context.WithCancel(ctx)
-		ch, err := s.cfg.Generator.Submit(mctx, mj.req)
-		if err != nil {
-			mcancel()
-			cancel() // the ones already submitted
-			err = submitErr(fmt.Errorf("prompt[%d]: %w", i, err))
-			status := fiber.StatusInternalServerError
-			var e *Error
-			if errors.As(err, &e) {
-				status = e.Status
+	ms := make([]*member, 0, len(j.prompts)*j.n)
+	for p, prompt := range j.prompts {
+		for k := range j.n {
+			mj := *j
+			mj.req.Prompt = prompt
+			if sd := j.req.Sampling.Seed; sd != nil && k > 0 {
+				v := *sd + uint64(k)
+				mj.req.Sampling.Seed = &v
 			}
-			s.metrics.Refused(j.adapter, status)
-			return err
+			mctx, mcancel := context.WithCancel(ctx)
+			ch, err := s.cfg.Generator.Submit(mctx, mj.req)
+			if err != nil {
+				mcancel()
+				cancel() // the ones already submitted
+				what := fmt.Sprintf("prompt[%d]", p)
+				if j.n > 1 {
+					what = fmt.Sprintf("choice %d", p*j.n+k)
+				}
+				err = submitErr(fmt.Errorf("%s: %w", what, err))
+				status := fiber.StatusInternalServerError
+				var e *Error
+				if errors.As(err, &e) {
+					status = e.Status
+				}
+				s.metrics.Refused(j.adapter, status)
+				return err
+			}
+			ms = append(ms, &member{j: &mj, index: p*j.n + k, first: k == 0, ch: ch, cancel: mcancel})
 		}
-		ms[i] = &member{j: &mj, ch: ch, cancel: mcancel}
 	}
 	s.metrics.Begin()
 	b := &batchRun{cancel: cancel}
 	// run drives every member; emit (nil: not streaming) sends member i's
-	// deltas, done its end. It returns when all have ended.
-	run := func(emit func(i int, d delta, first bool) error, done func(i int, r result) error, wait func(<-chan struct{})) {
+	// deltas, done its end (first: no delta of it was sent). It returns
+	// when all have ended.
+	run := func(emit func(i int, d delta, first bool) error, done func(i int, r result, first bool) error, wait func(<-chan struct{})) {
 		var wg sync.WaitGroup
 		for i, m := range ms {
 			wg.Add(1)
@@ -115,8 +133,8 @@ func (s *Server) generateBatch(c *fiber.Ctx, j *job) error {
 				defer wg.Done()
 				defer m.cancel()
 				var em func(delta) error
+				first := true
 				if emit != nil {
-					first := true
 					em = func(d delta) error {
 						err := emit(i, d, first)
 						first = false
@@ -128,7 +146,7 @@ func (s *Server) generateBatch(c *fiber.Ctx, j *job) error {
 					m.err = errors.New("the generation ended without a result")
 				}
 				if m.err == nil && done != nil {
-					m.err = done(i, m.res)
+					m.err = done(i, m.res, first)
 				}
 				if m.err != nil {
 					b.fail(m.err)
@@ -163,9 +181,16 @@ func (s *Server) generateBatch(c *fiber.Ctx, j *job) error {
 			return e
 		}
 		s.finished(j, fiber.StatusOK, t, nil)
+		if j.kind == kindChat {
+			choices := make([]chatChoice, len(ms))
+			for i, m := range ms {
+				choices[i] = s.chatChoiceOf(j, m.index, m.res)
+			}
+			return c.JSON(s.chatAnswer(j, choices, t))
+		}
 		choices := make([]completionChoiceJSON, len(ms))
 		for i, m := range ms {
-			choices[i] = s.completionChoice(j, i, m.j.req.Prompt, m.res)
+			choices[i] = s.completionChoice(j, m.index, m.j.req.Prompt, m.res)
 		}
 		u := usageOf(t)
 		return c.JSON(completionResponse{ID: j.id, Object: "text_completion", Created: j.created, Model: j.model,
@@ -190,9 +215,17 @@ func (s *Server) generateBatch(c *fiber.Ctx, j *job) error {
 		}
 		send := func(v any) error { return write(func() error { return sseEvent(w, v) }) }
 		emit := func(i int, d delta, first bool) error {
-			return send(s.completionChunk(j, i, ms[i].j.req.Prompt, d, first))
+			if j.kind == kindChat {
+				return send(s.chatChunk(j, ms[i].index, d, first))
+			}
+			return send(s.completionChunk(j, ms[i].index, ms[i].j.req.Prompt, d, first))
 		}
-		done := func(i int, r result) error { return send(completionFinish(j, i, r.finish)) }
+		done := func(i int, r result, first bool) error {
+			if j.kind == kindChat {
+				return send(chatFinish(j, ms[i].index, r.finish, first))
+			}
+			return send(completionFinish(j, ms[i].index, r.finish))
+		}
 		run(emit, done, func(all <-chan struct{}) {
 			tk := time.NewTicker(s.cfg.Heartbeat)
 			defer tk.Stop()
@@ -228,8 +261,13 @@ func (s *Server) generateBatch(c *fiber.Ctx, j *job) error {
 			_ = send(ev)
 		case j.usageChunk:
 			u := usageOf(t)
-			if send(completionResponse{ID: j.id, Object: "text_completion", Created: j.created, Model: j.model,
-				Choices: []completionChoiceJSON{}, Usage: &u}) != nil {
+			var last any = completionResponse{ID: j.id, Object: "text_completion", Created: j.created, Model: j.model,
+				Choices: []completionChoiceJSON{}, Usage: &u}
+			if j.kind == kindChat {
+				last = chatResponse{ID: j.id, Object: "chat.completion.chunk", Created: j.created, Model: j.model,
+					Choices: []chatChoice{}, Usage: &u}
+			}
+			if send(last) != nil {
 				status = 499
 			}
 		}

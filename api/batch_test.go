@@ -158,9 +158,11 @@ func TestBatchFixture(t *testing.T) {
 	if chs := choicesOf(t, r); len(chs) != api.MaxBatchPrompts {
 		t.Errorf("%d choices", len(chs))
 	}
-	// invoke and chat stay single-prompt; n>1 stays 400
+	// invoke and chat stay single-prompt; prompts x n beyond the limit is 400
+	// (n itself: TestChoicesN)
 	wantErr(t, do(t, "POST", url+"/v1/adapters/base/invoke", map[string]any{"prompt": prompts[:2]}), 400, "prompt")
-	wantErr(t, do(t, "POST", url+"/v1/completions", map[string]any{"model": "base", "prompt": prompts[:2], "n": 2}), 400, "n")
+	wantErr(t, do(t, "POST", url+"/v1/completions", map[string]any{"model": "base", "n": 2,
+		"prompt": slices.Repeat([][]int32{c.Prompt}, api.MaxBatchPrompts/2+1)}), 400, "n")
 }
 
 // TestBatchQueueFull: a batch the queue cannot take answers 429 and leaves

@@ -15,7 +15,7 @@ const disconnectProbe = 200 * time.Millisecond
 
 // generate runs a job: a JSON answer, or an SSE stream.
 func (s *Server) generate(c *fiber.Ctx, j *job) error {
-	if len(j.prompts) > 1 {
+	if len(j.prompts) > 1 || j.n > 1 {
 		return s.generateBatch(c, j)
 	}
 	base := s.ctx

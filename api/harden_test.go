@@ -106,7 +106,7 @@ func TestErrorShape(t *testing.T) {
 		{"POST", "/v1/completions", "{", 400, "bad_request"},
 		{"POST", "/v1/completions", `{"model":"zz-missing","prompt":"x"}`, 404, "model_not_found"},
 		{"GET", "/v1/adapters/zz-missing", "", 404, "adapter_not_found"},
-		{"POST", "/v1/completions", `{"model":"pirate","prompt":"x","n":3}`, 400, "bad_request"},
+		{"POST", "/v1/completions", `{"model":"pirate","prompt":"x","n":0}`, 400, "bad_request"},
 	}
 	for _, c := range cases {
 		r := do(t, c.method, url+c.path, c.body)

@@ -223,21 +223,31 @@ func (s *Server) final(j *job, r result) any {
 		}
 		return out
 	default:
-		ch := chatChoice{Message: &chatMessage{Role: "assistant", Content: r.text, ToolCalls: []any{}}, FinishReason: r.finish}
-		if j.logprobs {
-			ch.Logprobs = s.chatLogprobs(r.choices, r.pieces, r.info)
-		}
-		if j.returnIDs {
-			ch.TokenIDs = ids(r.tokens)
-		}
-		u := usageOf(r)
-		out := chatResponse{ID: j.id, Object: "chat.completion", Created: j.created, Model: j.model,
-			Choices: []chatChoice{ch}, Usage: &u, SystemFingerprint: true}
-		if j.returnIDs {
-			out.PromptTokenIDs = ids(j.req.Prompt)
-		}
-		return out
+		return s.chatAnswer(j, []chatChoice{s.chatChoiceOf(j, 0, r)}, r)
 	}
+}
+
+// chatChoiceOf is choice index of a chat answer.
+func (s *Server) chatChoiceOf(j *job, index int, r result) chatChoice {
+	ch := chatChoice{Index: index, Message: &chatMessage{Role: "assistant", Content: r.text, ToolCalls: []any{}}, FinishReason: r.finish}
+	if j.logprobs {
+		ch.Logprobs = s.chatLogprobs(r.choices, r.pieces, r.info)
+	}
+	if j.returnIDs {
+		ch.TokenIDs = ids(r.tokens)
+	}
+	return ch
+}
+
+// chatAnswer is a chat answer with these choices; total is the usage.
+func (s *Server) chatAnswer(j *job, choices []chatChoice, total result) chatResponse {
+	u := usageOf(total)
+	out := chatResponse{ID: j.id, Object: "chat.completion", Created: j.created, Model: j.model,
+		Choices: choices, Usage: &u, SystemFingerprint: true}
+	if j.returnIDs {
+		out.PromptTokenIDs = ids(j.req.Prompt)
+	}
+	return out
 }
 
 // completionChoice is choice index of a completions answer.
@@ -297,24 +307,41 @@ func (s *Server) chunk(j *job, d delta, first bool) any {
 	case kindCompletion:
 		return s.completionChunk(j, 0, j.req.Prompt, d, first)
 	default:
-		text := d.text
-		dl := &chatDelta{Content: &text}
-		if first {
-			dl.Role = "assistant"
-		}
-		ch := chatChoice{Delta: dl}
-		if j.logprobs {
-			ch.Logprobs = s.chatLogprobs(d.choices, d.pieces, d.info)
-		}
-		if j.returnIDs {
-			ch.TokenIDs = tokenIDs(d.choices)
-		}
-		out := chatResponse{ID: j.id, Object: "chat.completion.chunk", Created: j.created, Model: j.model, Choices: []chatChoice{ch}}
-		if first && j.returnIDs {
-			out.PromptTokenIDs = ids(j.req.Prompt)
-		}
-		return out
+		return s.chatChunk(j, 0, d, first)
 	}
+}
+
+// chatChunk is a streamed delta of choice index of a chat answer.
+func (s *Server) chatChunk(j *job, index int, d delta, first bool) chatResponse {
+	text := d.text
+	dl := &chatDelta{Content: &text}
+	if first {
+		dl.Role = "assistant"
+	}
+	ch := chatChoice{Index: index, Delta: dl}
+	if j.logprobs {
+		ch.Logprobs = s.chatLogprobs(d.choices, d.pieces, d.info)
+	}
+	if j.returnIDs {
+		ch.TokenIDs = tokenIDs(d.choices)
+	}
+	out := chatResponse{ID: j.id, Object: "chat.completion.chunk", Created: j.created, Model: j.model, Choices: []chatChoice{ch}}
+	if first && j.returnIDs {
+		out.PromptTokenIDs = ids(j.req.Prompt)
+	}
+	return out
+}
+
+// chatFinish is the chunk that ends choice index of a chat stream; first:
+// nothing of it was sent before (it still says the role).
+func chatFinish(j *job, index int, finish string, first bool) chatResponse {
+	dl := &chatDelta{}
+	if first {
+		empty := ""
+		dl = &chatDelta{Role: "assistant", Content: &empty}
+	}
+	return chatResponse{ID: j.id, Object: "chat.completion.chunk", Created: j.created, Model: j.model,
+		Choices: []chatChoice{{Index: index, Delta: dl, FinishReason: finish}}}
 }
 
 // tail are the chunks after the content: the finish reason, then usage.
@@ -332,13 +359,7 @@ func (s *Server) tail(j *job, r result, first bool) []any {
 		}
 		return out
 	default:
-		dl := &chatDelta{}
-		if first {
-			empty := ""
-			dl = &chatDelta{Role: "assistant", Content: &empty}
-		}
-		out := []any{chatResponse{ID: j.id, Object: "chat.completion.chunk", Created: j.created, Model: j.model,
-			Choices: []chatChoice{{Delta: dl, FinishReason: r.finish}}}}
+		out := []any{chatFinish(j, 0, r.finish, first)}
 		if j.usageChunk {
 			out = append(out, chatResponse{ID: j.id, Object: "chat.completion.chunk", Created: j.created, Model: j.model,
 				Choices: []chatChoice{}, Usage: &u})

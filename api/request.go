@@ -76,6 +76,7 @@ type job struct {
 	// prompts are the batch's prompts (completions may have several);
 	// req.Prompt is prompts[0].
 	prompts [][]int32
+	n       int // choices per prompt ("n")
 }
 
 func newID(prefix string) string {
@@ -274,7 +275,8 @@ func (s *Server) parsePrompt(k kind, r *genRequest) ([][]int32, error) {
 	return nil, badRequest("prompt", "prompt must be a string, an array of token ids, or (completions) an array of either")
 }
 
-// MaxBatchPrompts bounds the prompts of one completions request.
+// MaxBatchPrompts bounds the generations of one request: its prompts
+// (completions may have several) times n.
 const MaxBatchPrompts = 64
 
 // batchSize checks the number of prompts in a prompt array: several only
@@ -370,8 +372,17 @@ func (s *Server) buildJob(c *fiber.Ctx, k kind, adapterParam string) (*job, erro
 	if j.model == "" {
 		j.model = s.cfg.ModelName
 	}
-	if r.N != nil && *r.N != 1 {
-		return nil, badRequest("n", "only n=1 is supported, got %d", *r.N)
+	j.n = 1
+	if r.N != nil {
+		switch {
+		case *r.N < 1:
+			return nil, badRequest("n", "n must be a positive integer, got %d", *r.N)
+		case *r.N > 1 && k == kindInvoke:
+			return nil, badRequest("n", "invoke returns one generation: n > 1 is for /v1/completions and /v1/chat/completions")
+		case *r.N > MaxBatchPrompts:
+			return nil, badRequest("n", "n must be at most %d, got %d", MaxBatchPrompts, *r.N)
+		}
+		j.n = *r.N
 	}
 	if r.BestOf != nil && *r.BestOf != 1 {
 		return nil, badRequest("best_of", "only best_of=1 is supported, got %d", *r.BestOf)
@@ -388,6 +399,9 @@ func (s *Server) buildJob(c *fiber.Ctx, k kind, adapterParam string) (*job, erro
 	prompts, err := s.parsePrompt(k, &r)
 	if err != nil {
 		return nil, err
+	}
+	if len(prompts)*j.n > MaxBatchPrompts {
+		return nil, badRequest("n", "%d prompts x n=%d is %d generations: at most %d per request", len(prompts), j.n, len(prompts)*j.n, MaxBatchPrompts)
 	}
 	prompt := prompts[0]
 	sp := sample.Params{Temperature: 1, TopP: 1}

@@ -188,7 +188,7 @@ func TestErrors(t *testing.T) {
 	wantErr(t, do(t, "POST", p, map[string]any{"model": "pirate", "prompt": "x", "max_tokens": 0}), 400, "max_tokens")
 	wantErr(t, do(t, "POST", p, map[string]any{"model": "pirate", "prompt": "x", "temperature": -1}), 400, "temperature")
 	wantErr(t, do(t, "POST", p, map[string]any{"model": "pirate", "prompt": "x", "top_p": 0}), 400, "top_p")
-	wantErr(t, do(t, "POST", p, map[string]any{"model": "pirate", "prompt": "x", "n": 2}), 400, "n")
+	wantErr(t, do(t, "POST", p, map[string]any{"model": "pirate", "prompt": "x", "n": 0}), 400, "n")
 	wantErr(t, do(t, "POST", p, map[string]any{"model": "pirate", "prompt": "x", "stop": 3.5}), 400, "stop")
 	wantErr(t, do(t, "POST", p, map[string]any{"model": "pirate", "prompt": "x", "logprobs": 50}), 400, "logprobs")
 	wantErr(t, do(t, "POST", p, map[string]any{"model": "pirate"}), 400, "prompt")

@@ -27,7 +27,8 @@ func TestWireGolden(t *testing.T) {
 		{"completions-stop", "/v1/completions", `{"model":"pirate","prompt":"Once upon a time","max_tokens":40,"temperature":0,"stop":["Sue"]}`},
 		{"chat", "/v1/chat/completions", `{"model":"pirate","messages":[{"role":"user","content":"hi"}],"max_tokens":4,"temperature":0,"logprobs":true,"top_logprobs":1,"return_token_ids":true}`},
 		{"chat-stream", "/v1/chat/completions", `{"model":"space","messages":[{"role":"user","content":"hi"}],"max_tokens":3,"temperature":0,"stream":true,"stream_options":{"include_usage":true},"logprobs":true}`},
-		{"error", "/v1/completions", `{"model":"pirate","prompt":"x","n":2}`},
+		{"chat-n", "/v1/chat/completions", `{"model":"pirate","messages":[{"role":"user","content":"hi"}],"max_tokens":3,"temperature":0,"n":2}`},
+		{"error", "/v1/completions", `{"model":"pirate","prompt":"x","n":0}`},
 	}
 	got := map[string]any{}
 	for _, r := range reqs {
