@@ -526,27 +526,6 @@ func (b *Backend) Upload(name string, dtype safetensors.DType, shape []int, raw 
 	return w, nil
 }
 
-// KeepsFP8 reports whether the backend keeps the weight name [rows, cols]
-// in FP8 (engine.FP8Uploader): with FP8 weights, a decoder layer's
-// projections.
-func (b *Backend) KeepsFP8(name string, rows, cols int) bool {
-	return b.f8 != nil && fp8Projection(name, []int{rows, cols})
-}
-
-// UploadFP8 copies an FP8 checkpoint's weight to the device as it is
-// stored: e4m3 bytes q [rows, cols] and one float32 scale per row, what the
-// FP8 projections compute with (engine.FP8Uploader).
-func (b *Backend) UploadFP8(name string, rows, cols int, q []byte, scale []float32) (engine.Weight, error) {
-	if !b.KeepsFP8(name, rows, cols) {
-		return nil, fmt.Errorf("gpu: %s [%d,%d] is not kept in FP8", name, rows, cols)
-	}
-	fw, err := b.f8.uploadQuantized(q, scale, rows, cols)
-	if err != nil {
-		return nil, fmt.Errorf("%s: %w", name, err)
-	}
-	return fw, nil
-}
-
 // NewBuffer allocates a bf16 activation matrix.
 func (b *Backend) NewBuffer(rows, cols int) (engine.Buffer, error) {
 	m, err := b.ctx.Alloc(rows * cols * 2)

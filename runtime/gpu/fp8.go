@@ -6,6 +6,7 @@ import (
 
 	"github.com/peftd/peftd/kernels"
 	"github.com/peftd/peftd/runtime/cuda"
+	"github.com/peftd/peftd/runtime/engine"
 )
 
 // Weight formats of the base model's projections on the device (Options.WeightFormat).
@@ -313,4 +314,25 @@ func (f *fp8State) close() error {
 		f.mod = nil
 	}
 	return first
+}
+
+// KeepsFP8 reports whether the backend keeps the weight name [rows, cols]
+// in FP8 (engine.FP8Uploader): with FP8 weights, a decoder layer's
+// projections.
+func (b *Backend) KeepsFP8(name string, rows, cols int) bool {
+	return b.f8 != nil && fp8Projection(name, []int{rows, cols})
+}
+
+// UploadFP8 copies an FP8 checkpoint's weight to the device as it is
+// stored: e4m3 bytes q [rows, cols] and one float32 scale per row, what the
+// FP8 projections compute with (engine.FP8Uploader).
+func (b *Backend) UploadFP8(name string, rows, cols int, q []byte, scale []float32) (engine.Weight, error) {
+	if !b.KeepsFP8(name, rows, cols) {
+		return nil, fmt.Errorf("gpu: %s [%d,%d] is not kept in FP8", name, rows, cols)
+	}
+	fw, err := b.f8.uploadQuantized(q, scale, rows, cols)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", name, err)
+	}
+	return fw, nil
 }
