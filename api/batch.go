@@ -77,6 +77,20 @@ func total(ms []*member) result {
 	return t
 }
 
+// every calls f every period until done is closed.
+func every(done <-chan struct{}, period time.Duration, f func()) {
+	tk := time.NewTicker(period)
+	defer tk.Stop()
+	for {
+		select {
+		case <-done:
+			return
+		case <-tk.C:
+			f()
+		}
+	}
+}
+
 // generateBatch runs a request with several generations: n choices for
 // each prompt (completions may have several prompts), index prompt * n + k
 // as OpenAI orders them; streamed chunks of all of them interleave as they
@@ -108,14 +122,7 @@ func (s *Server) generateBatch(c *fiber.Ctx, j *job) error {
 				if j.n > 1 {
 					what = fmt.Sprintf("choice %d", p*j.n+k)
 				}
-				err = submitErr(fmt.Errorf("%s: %w", what, err))
-				status := fiber.StatusInternalServerError
-				var e *Error
-				if errors.As(err, &e) {
-					status = e.Status
-				}
-				s.metrics.Refused(j.adapter, status)
-				return err
+				return s.refused(j, fmt.Errorf("%s: %w", what, err))
 			}
 			ms = append(ms, &member{j: &mj, index: p*j.n + k, first: k == 0, ch: ch, cancel: mcancel})
 		}
@@ -161,18 +168,11 @@ func (s *Server) generateBatch(c *fiber.Ctx, j *job) error {
 		defer cancel()
 		conn := c.Context().Conn()
 		run(nil, nil, func(all <-chan struct{}) {
-			tk := time.NewTicker(disconnectProbe)
-			defer tk.Stop()
-			for {
-				select {
-				case <-all:
-					return
-				case <-tk.C:
-					if peerClosed(conn) {
-						b.fail(context.Canceled) // answered 499: the client went away
-					}
+			every(all, disconnectProbe, func() {
+				if peerClosed(conn) {
+					b.fail(context.Canceled) // answered 499: the client went away
 				}
-			}
+			})
 		})
 		t := total(ms)
 		if err := b.failed(); err != nil {
@@ -227,25 +227,18 @@ func (s *Server) generateBatch(c *fiber.Ctx, j *job) error {
 			return send(completionFinish(j, ms[i].index, r.finish))
 		}
 		run(emit, done, func(all <-chan struct{}) {
-			tk := time.NewTicker(s.cfg.Heartbeat)
-			defer tk.Stop()
-			for {
-				select {
-				case <-all:
-					return
-				case <-tk.C:
-					// A comment line (SSE) keeps proxies from timing out; it
-					// finds a client that went away.
-					if err := write(func() error {
-						if _, err := w.WriteString(": keep-alive\n\n"); err != nil {
-							return err
-						}
-						return w.Flush()
-					}); err != nil {
-						b.fail(err)
+			// A comment line (SSE) keeps proxies from timing out; it finds a
+			// client that went away.
+			every(all, s.cfg.Heartbeat, func() {
+				if err := write(func() error {
+					if _, err := w.WriteString(": keep-alive\n\n"); err != nil {
+						return err
 					}
+					return w.Flush()
+				}); err != nil {
+					b.fail(err)
 				}
-			}
+			})
 		})
 		t := total(ms)
 		status := fiber.StatusOK

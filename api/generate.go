@@ -29,14 +29,7 @@ func (s *Server) generate(c *fiber.Ctx, j *job) error {
 	ch, err := s.cfg.Generator.Submit(ctx, j.req)
 	if err != nil {
 		cancel()
-		err = submitErr(err)
-		status := fiber.StatusInternalServerError
-		var e *Error
-		if errors.As(err, &e) {
-			status = e.Status
-		}
-		s.metrics.Refused(j.adapter, status)
-		return err
+		return s.refused(j, err)
 	}
 	s.metrics.Begin()
 	if !j.stream {
@@ -105,6 +98,19 @@ func (s *Server) generate(c *fiber.Ctx, j *job) error {
 		s.finished(j, status, res, nil)
 	})
 	return nil
+}
+
+// refused turns a Submit error into the API error to answer and counts
+// the request as refused in the metrics.
+func (s *Server) refused(j *job, err error) error {
+	err = submitErr(err)
+	status := fiber.StatusInternalServerError
+	var e *Error
+	if errors.As(err, &e) {
+		status = e.Status
+	}
+	s.metrics.Refused(j.adapter, status)
+	return err
 }
 
 // finished records a generation in the metrics and the log (one line per

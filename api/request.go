@@ -57,6 +57,53 @@ type genRequest struct {
 	Echo           bool            `json:"echo"`
 	IgnoreEOS      bool            `json:"ignore_eos"`
 	ReturnTokenIDs bool            `json:"return_token_ids"`
+
+	// OpenAI fields peftd does not implement: accepted at their neutral
+	// values (clients send them so), refused otherwise (checkUnsupported)
+	// rather than ignored.
+	PresencePenalty   *float64        `json:"presence_penalty"`
+	FrequencyPenalty  *float64        `json:"frequency_penalty"`
+	RepetitionPenalty *float64        `json:"repetition_penalty"`
+	LogitBias         json.RawMessage `json:"logit_bias"`
+	Suffix            *string         `json:"suffix"`
+	Tools             json.RawMessage `json:"tools"`
+	ToolChoice        json.RawMessage `json:"tool_choice"`
+	Functions         json.RawMessage `json:"functions"`
+	ResponseFormat    *struct {
+		Type string `json:"type"`
+	} `json:"response_format"`
+}
+
+// checkUnsupported refuses what peftd would otherwise silently ignore: a
+// penalty other than neutral, a logit bias, a suffix, tools or functions, a
+// response format other than text.
+func (r *genRequest) checkUnsupported() error {
+	for _, p := range []struct {
+		name    string
+		v       *float64
+		neutral float64
+	}{{"presence_penalty", r.PresencePenalty, 0}, {"frequency_penalty", r.FrequencyPenalty, 0}, {"repetition_penalty", r.RepetitionPenalty, 1}} {
+		if p.v != nil && *p.v != p.neutral {
+			return badRequest(p.name, "%s is not supported (only %g, no penalty), got %v", p.name, p.neutral, *p.v)
+		}
+	}
+	for _, f := range []struct {
+		name string
+		raw  json.RawMessage
+	}{{"logit_bias", r.LogitBias}, {"tools", r.Tools}, {"tool_choice", r.ToolChoice}, {"functions", r.Functions}} {
+		switch strings.TrimSpace(string(f.raw)) {
+		case "", "null", "{}", "[]", `"none"`:
+		default:
+			return badRequest(f.name, "%s is not supported", f.name)
+		}
+	}
+	if r.Suffix != nil && *r.Suffix != "" {
+		return badRequest("suffix", "suffix is not supported")
+	}
+	if rf := r.ResponseFormat; rf != nil && rf.Type != "" && rf.Type != "text" {
+		return badRequest("response_format", "response_format %q is not supported (only text)", rf.Type)
+	}
+	return nil
 }
 
 // job is a validated generation.
@@ -383,6 +430,9 @@ func (s *Server) buildJob(c *fiber.Ctx, k kind, adapterParam string) (*job, erro
 			return nil, badRequest("n", "n must be at most %d, got %d", MaxBatchPrompts, *r.N)
 		}
 		j.n = *r.N
+	}
+	if err := r.checkUnsupported(); err != nil {
+		return nil, err
 	}
 	if r.BestOf != nil && *r.BestOf != 1 {
 		return nil, badRequest("best_of", "only best_of=1 is supported, got %d", *r.BestOf)
