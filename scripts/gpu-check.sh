@@ -59,6 +59,14 @@
 #                add_rmsnorm; PEFTD_NCU_COUNT launches, default 6) inside the
 #                profile phase's batch-1 decode step: throughput, occupancy,
 #                stall reasons per kernel (kdetail.txt); run it by name
+#     readme8b   the README's GPU path as written, on what the device has: a
+#                Llama-3.1-8B-shaped folder (the random checkpoint, Meta's Llama
+#                3.1 tokenizer and chat template from testdata/llama3-tokenizer,
+#                a generation_config.json) served with the README's command
+#                (--model FOLDER --store ADAPTERS --slots 8); the startup lines
+#                must name the GPU, the model with tokenizer and chat template,
+#                the graphs and the store, and the README's chat and completions
+#                requests must answer 200 with text; run it by name
 #     serve8b    serves the random 8B checkpoint (from decode) with --device
 #                cuda and its 4 adapters from a store folder; closed-loop load
 #                at concurrency 64, base model alone vs the 4 adapters vs one
@@ -330,6 +338,45 @@ if want kdetail; then
 		status=1
 	fi
 	stamp kdetail
+fi
+
+if want readme8b; then
+	MD=/tmp/llama8b-random RM=/tmp/peftd-readme8b
+	echo "=== readme8b: the README's GPU path on a Llama-3.1-8B-shaped folder"
+	if random_ckpt "$MD" decode --layers "${DECODE_LAYERS:-32}"; then
+		rm -rf "$RM" && mkdir -p "$RM/model" "$RM/adapters"
+		ln -s "$MD"/base/* "$RM/model/"
+		cp "$ROOT"/testdata/llama3-tokenizer/model/tokenizer.json "$ROOT"/testdata/llama3-tokenizer/model/tokenizer_config.json "$RM/model/"
+		echo '{"bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009], "do_sample": true, "temperature": 0.6, "top_p": 0.9}' >"$RM/model/generation_config.json"
+		for a in $(ls "$MD/adapters" | head -2); do ln -s "$MD/adapters/$a" "$RM/adapters/$a"; done
+		SD=$(mktemp -d)
+		# step 4 of the README: bin/peftd serve --model ... --store ./adapters --slots 8
+		PEFTD_CACHE=$SD "$ROOT/bin/gpu/peftd" serve --model "$RM/model" --store "$RM/adapters" --slots 8 --listen 127.0.0.1:8080 >"$LOG/readme8b.log" 2>&1 &
+		SRV=$!
+		if serve_wait "$LOG/readme8b.log" "$(left 200)"; then
+			grep -E 'msg=device|msg=model|kv cache|CUDA graphs|msg=store|listening' "$LOG/readme8b.log" | cut -c1-240 | tee "$LOG/readme8b.txt"
+			for want in 'name="NVIDIA' 'tokenizer=true' 'chat_template=true' 'CUDA graphs' 'msg=store' 'listening on'; do
+				grep -q "$want" "$LOG/readme8b.log" || { echo "readme8b: FAIL: no startup line with $want"; status=1; }
+			done
+			A=$(ls "$RM/adapters" | head -1)
+			BASE=$(curl -s http://127.0.0.1:8080/v1/models | "$PY" -c 'import json,sys; print([m["id"] for m in json.load(sys.stdin)["data"] if not m.get("parent")][0])')
+			for req in "/v1/chat/completions|{\"model\":\"$A\",\"messages\":[{\"role\":\"user\",\"content\":\"Hi\"}],\"max_tokens\":16}" \
+				"/v1/chat/completions|{\"model\":\"$BASE\",\"messages\":[{\"role\":\"user\",\"content\":\"Hi\"}],\"max_tokens\":16}" \
+				"/v1/completions|{\"model\":\"$A\",\"prompt\":\"Once upon a time\",\"max_tokens\":16}"; do
+				path=${req%%|*} body=${req#*|}
+				code=$(curl -s -o "$LOG/readme8b.reply" -w '%{http_code}' http://127.0.0.1:8080$path -d "$body")
+				echo "README8B $path $code $(head -c 300 "$LOG/readme8b.reply")" | tee -a "$LOG/readme8b.txt"
+				[[ $code == 200 ]] && grep -q '"finish_reason"' "$LOG/readme8b.reply" || { echo "readme8b: FAIL: $path answered $code"; status=1; }
+			done
+		else
+			echo "readme8b: FAIL: server did not start"; tail -n 20 "$LOG/readme8b.log"; status=1
+		fi
+		serve_stop
+		save "$LOG/readme8b.txt"
+	else
+		status=1
+	fi
+	stamp readme8b
 fi
 
 if want serve8b; then
