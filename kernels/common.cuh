@@ -128,3 +128,46 @@ __device__ __forceinline__ void expand_chunk(float* acc0, float* acc1, const flo
         }
     }
 }
+
+// quant_row_e4m3 quantizes the bf16 row out (n values, 16-byte words when
+// vec) to e4m3 with one scale, for the FP8 projections (fp8.cu's
+// quant_rows_e4m3, and the kernels that quantize the row they have just
+// written: add_rmsnorm, silu_mul): scale = amax / 448 (1 for a zero row, NaN for a row
+// holding Inf or NaN, whose values become zeros), q = e4m3_satfinite(v /
+// scale). m and bad are this thread's max |v| and non-finite flag over the
+// values it wrote; every thread of the block calls it.
+__device__ void quant_row_e4m3(const bf16* out, unsigned char* q, float* qscale, int n, bool vec, float m, int bad, float* sh) {
+    bad = __syncthreads_or(bad);
+    const float amax = block_max(m, sh);
+    float s, inv;
+    if (bad) {
+        s = __int_as_float(0x7fc00000);
+        inv = 0.f;
+    } else if (amax == 0.f) {
+        s = 1.f;
+        inv = 0.f;
+    } else {
+        s = amax / 448.f;
+        inv = 448.f / amax;
+    }
+    if (threadIdx.x == 0) *qscale = s;
+    if (vec) {
+        const uint4* o8 = reinterpret_cast<const uint4*>(out);
+        for (int c = threadIdx.x; c < n / 8; c += blockDim.x) {
+            const uint4 u = o8[c];
+            const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
+            uint2 o;
+            unsigned short* os = reinterpret_cast<unsigned short*>(&o);
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                float2 f = __bfloat1622float2(h[j]);
+                f.x *= inv;
+                f.y *= inv;
+                os[j] = __nv_cvt_float2_to_fp8x2(f, __NV_SATFINITE, __NV_E4M3);
+            }
+            *reinterpret_cast<uint2*>(q + 8 * c) = o;
+        }
+    } else {
+        for (int i = threadIdx.x; i < n; i += blockDim.x) q[i] = __nv_cvt_float_to_fp8(__bfloat162float(out[i]) * inv, __NV_SATFINITE, __NV_E4M3);
+    }
+}

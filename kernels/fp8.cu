@@ -7,7 +7,6 @@
 // Compiled at run time by NVRTC (kernels.Load) like llama.cu.
 #include "common.cuh"
 
-#define E4M3_MAX 448.0f
 
 // quant_rows_e4m3: for each row r (grid.x = rows, block a multiple of 32):
 //   amax = max |x[r, :cols]|, scale[r] = amax / 448,
@@ -45,40 +44,7 @@ extern "C" __global__ void quant_rows_e4m3(unsigned char* __restrict__ q, float*
             m = fmaxf(m, a);
         }
     }
-    bad = __syncthreads_or(bad);
-    m = block_max(m, sh);
-    float s, inv;
-    if (bad) {
-        s = __int_as_float(0x7fc00000);
-        inv = 0.f;
-    } else if (m == 0.f) {
-        s = 1.f;
-        inv = 0.f;
-    } else {
-        s = m / E4M3_MAX;
-        inv = E4M3_MAX / m;
-    }
-    if (threadIdx.x == 0) scale[r] = s;
-    if (vec) {
-        for (int i = threadIdx.x * 8; i < cols; i += blockDim.x * 8) {
-            uint4 u = *(const uint4*)(xr + i);
-            const __nv_bfloat162* h = (const __nv_bfloat162*)&u;
-            uint2 o;
-            unsigned short* os = (unsigned short*)&o;
-#pragma unroll
-            for (int j = 0; j < 4; j++) {
-                float2 f = __bfloat1622float2(h[j]);
-                f.x *= inv;
-                f.y *= inv;
-                os[j] = __nv_cvt_float2_to_fp8x2(f, __NV_SATFINITE, __NV_E4M3);
-            }
-            *(uint2*)(qr + i) = o;
-        }
-    } else {
-        for (int i = threadIdx.x; i < cols; i += blockDim.x) {
-            qr[i] = __nv_cvt_float_to_fp8(__bfloat162float(xr[i]) * inv, __NV_SATFINITE, __NV_E4M3);
-        }
-    }
+    quant_row_e4m3(xr, qr, scale + r, cols, vec, m, bad, sh);
 }
 
 // fp8_gemv_n{8,16}: the FP8 product for a few rows (M <= 8 or 16):
