@@ -7,7 +7,6 @@
 // Compiled at run time by NVRTC (kernels.Load) like llama.cu.
 #include "common.cuh"
 
-
 // quant_rows_e4m3: for each row r (grid.x = rows, block a multiple of 32):
 //   amax = max |x[r, :cols]|, scale[r] = amax / 448,
 //   q[r, k] = e4m3_satfinite(x[r, k] * (448 / amax))   (round to nearest even)

@@ -530,20 +530,8 @@ func measureCases(t *testing.T, e *engine.Engine, slots map[string]int, cases []
 // loaded) on an engine with weights in format wf and measures them.
 func measureFormat(t *testing.T, m *llama.Model, adapters map[string]*lora.Adapter, cases []refCase, opts engine.Options, wf string) quality {
 	t.Helper()
-	b, err := New(Options{WeightFormat: wf})
-	if err != nil {
-		t.Fatal(err)
-	}
-	e, err := engine.New(m, b, opts)
-	if err != nil {
-		b.Close()
-		t.Fatal(err)
-	}
-	defer func() {
-		if err := e.Close(); err != nil {
-			t.Errorf("close: %v", err)
-		}
-	}()
+	e := newEngineWith(t, m, opts, Options{WeightFormat: wf})
+	b := e.Backend().(*Backend)
 	slots := map[string]int{}
 	for n := range adapters {
 		slots[n] = len(slots)
