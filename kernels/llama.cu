@@ -865,6 +865,21 @@ __device__ __forceinline__ void add8(float* a, const float* d) {
     unpack8(pack8(f), a);
 }
 
+// silu_mul8: silu(g) * u for 8 values (16-byte words), after adding the
+// LoRA updates dg and du (when dg is set) as silu_mul says.
+__device__ __forceinline__ uint4 silu_mul8(const bf16* g, const bf16* u, const float* dg, const float* du) {
+    float a[8], b[8];
+    unpack8(*reinterpret_cast<const uint4*>(g), a);
+    unpack8(*reinterpret_cast<const uint4*>(u), b);
+    if (dg) {
+        add8(a, dg);
+        add8(b, du);
+    }
+#pragma unroll
+    for (int j = 0; j < 8; j++) a[j] = a[j] / (1.f + expf(-a[j])) * b[j];
+    return pack8(a);
+}
+
 extern "C" __global__ void silu_mul(bf16* out, const bf16* g, const bf16* u, const float* dg, const float* du, const int* rl,
                                     int rows, int cols, int ldg, int ldd, unsigned char* q, float* qscale) {
     pdl_entry();
@@ -875,17 +890,9 @@ extern "C" __global__ void silu_mul(bf16* out, const bf16* g, const bf16* u, con
         float m = 0.f;
         int bad = 0;
         for (int c = 8 * threadIdx.x; c < cols; c += 8 * blockDim.x) {
-            float a[8], b[8];
-            unpack8(*reinterpret_cast<const uint4*>(g + r * ldg + c), a);
-            unpack8(*reinterpret_cast<const uint4*>(u + r * ldg + c), b);
-            if (lo) {
-                add8(a, dg + r * ldd + c);
-                add8(b, du + r * ldd + c);
-            }
-#pragma unroll
-            for (int j = 0; j < 8; j++) a[j] = a[j] / (1.f + expf(-a[j])) * b[j];
-            const uint4 w = pack8(a);
+            const uint4 w = silu_mul8(g + r * ldg + c, u + r * ldg + c, lo ? dg + r * ldd + c : nullptr, lo ? du + r * ldd + c : nullptr);
             *reinterpret_cast<uint4*>(out + r * cols + c) = w;
+            float a[8];
             unpack8(w, a); // the stored values
 #pragma unroll
             for (int j = 0; j < 8; j++) {
@@ -902,16 +909,9 @@ extern "C" __global__ void silu_mul(bf16* out, const bf16* g, const bf16* u, con
         const int w = cols / 8;
         for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < (i64)rows * w; i += stride) {
             const i64 r = i / w, c = (i - r * w) * 8;
-            float a[8], b[8];
-            unpack8(*reinterpret_cast<const uint4*>(g + r * ldg + c), a);
-            unpack8(*reinterpret_cast<const uint4*>(u + r * ldg + c), b);
-            if (dg && rl[r] >= 0) {
-                add8(a, dg + r * ldd + c);
-                add8(b, du + r * ldd + c);
-            }
-#pragma unroll
-            for (int j = 0; j < 8; j++) a[j] = a[j] / (1.f + expf(-a[j])) * b[j];
-            *reinterpret_cast<uint4*>(out + r * cols + c) = pack8(a);
+            const bool lo = dg && rl[r] >= 0;
+            *reinterpret_cast<uint4*>(out + r * cols + c) =
+                silu_mul8(g + r * ldg + c, u + r * ldg + c, lo ? dg + r * ldd + c : nullptr, lo ? du + r * ldd + c : nullptr);
         }
         return;
     }
