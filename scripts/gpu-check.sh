@@ -304,14 +304,23 @@ if want load; then
 	stamp load
 fi
 
+# ncu_decode OUT ERR BATCHES NCU_ARGS...: ncu over TestDecodeProfile on the
+# decode checkpoint $MD (its profiler range: one decode step per batch size
+# in BATCHES, base and 4 adapters), report to OUT, ncu's messages to ERR
+ncu_decode() {
+	local out=$1 err=$2 pb=$3 ncu
+	shift 3
+	ncu="$(command -v ncu || echo "$CUDA_HOME/bin/ncu")"
+	(cd runtime/gpu && PEFTD_MODEL_8B=$MD PEFTD_PROFILE=1 PEFTD_PROFILE_BATCHES=$pb timeout "$(left 400)" "$ncu" --profile-from-start off --print-units base \
+		"$@" "$GPUBIN" -test.v -test.count=1 -test.run '^TestDecodeProfile$') >"$out" 2>"$err"
+}
+
 if want profile; then
 	MD=/tmp/llama8b-random
 	echo "=== profile: ncu over one decode step per batch, base and 4 adapters"
 	if random_ckpt "$MD" decode --layers "${DECODE_LAYERS:-32}"; then
-		NCU="$(command -v ncu || echo "$CUDA_HOME/bin/ncu")"
 		PB="${PEFTD_PROFILE_BATCHES:-1,64}"
-		(cd runtime/gpu && PEFTD_MODEL_8B=$MD PEFTD_PROFILE=1 PEFTD_PROFILE_BATCHES=$PB timeout "$(left 400)" "$NCU" --profile-from-start off --csv --print-units base \
-			--metrics gpu__time_duration.sum "$GPUBIN" -test.v -test.count=1 -test.run '^TestDecodeProfile$') >"$LOG/profile.csv" 2>"$LOG/profile.err" || status=1
+		ncu_decode "$LOG/profile.csv" "$LOG/profile.err" "$PB" --csv --metrics gpu__time_duration.sum || status=1
 		labels=(); IFS=, read -ra bs <<<"$PB"; for b in "${bs[@]}"; do labels+=("batch$b-base" "batch$b-4xr32"); done
 		"$PY" scripts/ncu_steps.py "$LOG/profile.csv" "${labels[@]}" | tee "$LOG/profile.txt"
 		save "$LOG/profile.txt"
@@ -326,11 +335,8 @@ if want kdetail; then
 	MD=/tmp/llama8b-random
 	echo "=== kdetail: ncu --set full on kernels of one batch-1 decode step"
 	if random_ckpt "$MD" decode --layers "${DECODE_LAYERS:-32}"; then
-		NCU="$(command -v ncu || echo "$CUDA_HOME/bin/ncu")"
 		KRE="${PEFTD_NCU_KERNELS:-fp8_gemv|attn_decode|add_rmsnorm}"
-		(cd runtime/gpu && PEFTD_MODEL_8B=$MD PEFTD_PROFILE=1 PEFTD_PROFILE_BATCHES=1 timeout "$(left 400)" "$NCU" --profile-from-start off \
-			--set full -k "regex:$KRE" --launch-count "${PEFTD_NCU_COUNT:-6}" --print-units base \
-			"$GPUBIN" -test.v -test.count=1 -test.run '^TestDecodeProfile$') >"$LOG/kdetail.txt" 2>"$LOG/kdetail.err" || status=1
+		ncu_decode "$LOG/kdetail.txt" "$LOG/kdetail.err" 1 --set full -k "regex:$KRE" --launch-count "${PEFTD_NCU_COUNT:-6}" || status=1
 		save "$LOG/kdetail.txt"
 		grep -E '^  [a-z_0-9]+.*\(|DRAM Throughput|Memory Throughput|Duration|Achieved Occupancy|Registers Per|Theoretical Occupancy' "$LOG/kdetail.txt" | head -80
 		tail -n 3 "$LOG/kdetail.err"
