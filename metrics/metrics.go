@@ -6,7 +6,6 @@ package metrics
 
 import (
 	"strconv"
-	"strings"
 	"sync"
 	"time"
 
@@ -39,7 +38,7 @@ type Metrics struct {
 	stepDevice prometheus.Histogram
 	preempt    prometheus.Counter
 	kvUsage    prometheus.Gauge
-	loraInfo   *prometheus.GaugeVec
+	loraInfo   *loraInfo
 	panics     *prometheus.CounterVec
 	// Prefix cache (tokens): peftd's names and vLLM's.
 	prefixQueries, prefixHits, vllmPrefixQueries, vllmPrefixHits prometheus.Counter
@@ -96,9 +95,7 @@ func New(maxLoRA int) *Metrics {
 			Help: "Sequences preempted for KV pages."}),
 		kvUsage: prometheus.NewGauge(prometheus.GaugeOpts{Name: "peftd_kv_cache_usage_ratio",
 			Help: "Fraction of KV cache pages in use at the last engine step."}),
-		loraInfo: prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "vllm:lora_requests_info",
-			Help: "Running and waiting LoRA adapters (vLLM-compatible; value is a unix timestamp)."},
-			[]string{"running_lora_adapters", "waiting_lora_adapters", "max_lora"}),
+		loraInfo: newLoRAInfo(maxLoRA),
 		panics: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "peftd_panics_total",
 			Help: "Panics recovered (the request failed with a 500, the server went on), by where: http, stream, engine."}, []string{"where"}),
 		prefixQueries: prometheus.NewCounter(prometheus.CounterOpts{Name: "peftd_prefix_cache_queries_tokens_total",
@@ -198,9 +195,7 @@ func (m *Metrics) setLoRA(running, waiting []string) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	m.lastRun = running
-	m.loraInfo.Reset()
-	m.loraInfo.WithLabelValues(strings.Join(running, ","), strings.Join(waiting, ","), strconv.Itoa(m.maxLoRA)).
-		Set(float64(time.Now().UnixNano()) / 1e9)
+	m.loraInfo.set(running, waiting, time.Now())
 }
 
 // Begin counts a request that begins generating.

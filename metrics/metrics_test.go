@@ -84,3 +84,44 @@ func TestLoaderCollector(t *testing.T) {
 		t.Errorf("loader gauges: %v", v)
 	}
 }
+
+// TestLoRAInfoOneSampleUnderUpdates scrapes while steps change the adapter
+// lists as fast as they can: every scrape must see exactly one
+// vllm:lora_requests_info sample (the endpoint picker reads it; a scrape
+// between a reset and a set used to see none).
+func TestLoRAInfoOneSampleUnderUpdates(t *testing.T) {
+	m := New(4)
+	stop := make(chan struct{})
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		lists := [][]string{nil, {"a"}, {"a", "b"}, {"b"}}
+		for i := 0; ; i++ {
+			select {
+			case <-stop:
+				return
+			default:
+				m.setLoRA(lists[i%len(lists)], lists[(i+1)%len(lists)])
+			}
+		}
+	}()
+	defer func() { close(stop); <-done }()
+	for range 2000 {
+		fams, err := m.Registry.Gather()
+		if err != nil {
+			t.Fatal(err)
+		}
+		n := -1
+		for _, f := range fams {
+			if f.GetName() == "vllm:lora_requests_info" {
+				n = len(f.GetMetric())
+				if n == 1 && len(f.GetMetric()[0].GetLabel()) != 3 {
+					t.Fatalf("labels %v, want 3", f.GetMetric()[0].GetLabel())
+				}
+			}
+		}
+		if n != 1 {
+			t.Fatalf("vllm:lora_requests_info: %d samples, want 1", n)
+		}
+	}
+}

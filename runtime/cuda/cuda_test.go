@@ -3,6 +3,7 @@ package cuda
 import (
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"testing"
 	"unsafe"
@@ -82,6 +83,26 @@ func TestLaunchConfigLayout(t *testing.T) {
 	} {
 		if x.got != x.want {
 			t.Errorf("%s = %d, want %d", x.name, x.got, x.want)
+		}
+	}
+}
+
+// TestMarkChunks: an upload's mark (bytes [0, mark) landed) completes with
+// the copy of the chunk that holds its last byte; a mark of 0 needs none.
+func TestMarkChunks(t *testing.T) {
+	for _, c := range []struct {
+		marks []int
+		size  int
+		want  []int
+	}{
+		{nil, 16, []int{}},
+		{[]int{0, 0, 1}, 16, []int{-1, -1, 0}},
+		{[]int{15, 16, 17, 32, 33}, 16, []int{0, 0, 1, 1, 2}},
+		{[]int{100}, 1 << 20, []int{0}},
+		{[]int{1 << 24, 1<<24 + 2}, 1 << 24, []int{0, 1}},
+	} {
+		if got := markChunks(c.marks, c.size); !slices.Equal(got, c.want) {
+			t.Errorf("markChunks(%v, %d) = %v, want %v", c.marks, c.size, got, c.want)
 		}
 	}
 }

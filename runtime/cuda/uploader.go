@@ -54,55 +54,145 @@ func (c *Context) NewUploader(chunks, chunkBytes int) (*Uploader, error) {
 // ChunkBytes is the size of one pinned chunk.
 func (u *Uploader) ChunkBytes() int { return u.chunks[0].Size() }
 
+// Transfer is an upload in flight: events that complete as its bytes land
+// on the device, in order.
+type Transfer struct {
+	u     *Uploader
+	done  *Event   // every byte
+	marks []*Event // marks[i]: bytes [0, mark i) (nil: nothing to wait for)
+	own   []*Event // the distinct events, done among them
+}
+
+// Done completes once every byte has landed.
+func (t *Transfer) Done() *Event { return t.done }
+
+// Through completes once the bytes before the i-th mark given to Upload
+// have landed; nil when there are none (the mark was 0).
+func (t *Transfer) Through(i int) *Event { return t.marks[i] }
+
+// Wait blocks until every byte has landed (on the second thread).
+func (t *Transfer) Wait() error { return t.u.Wait(t.done) }
+
+// Destroy frees the transfer's events (enqueued waits on them stay valid).
+func (t *Transfer) Destroy() error {
+	var errs []error
+	for _, e := range t.own {
+		errs = append(errs, e.Destroy())
+	}
+	t.own, t.marks, t.done = nil, nil, nil
+	return errors.Join(errs...)
+}
+
 // Upload copies n bytes to dst: fill writes bytes [off, off+len(b)) of the
 // data into b, one chunk at a time, each chunk's copy going out while the
-// next is filled. It returns when the last copy is enqueued, with an event
-// that completes when all of them have (make a stream wait on it, or
-// Wait for it); the data need not outlive the call.
-func (u *Uploader) Upload(dst DevicePtr, n int, fill func(b []byte, off int) error) (*Event, error) {
+// next is filled. It returns when the last copy is enqueued, with a
+// Transfer whose events complete as the bytes land: Done for all of them
+// (make a stream wait on it, or Wait for it), Through(i) for the bytes
+// before marks[i] (ascending offsets; a stream that needs only a prefix of
+// the data can start on it early). The data need not outlive the call.
+func (u *Uploader) Upload(dst DevicePtr, n int, fill func(b []byte, off int) error, marks ...int) (*Transfer, error) {
 	if n < 0 {
 		return nil, fmt.Errorf("%w: upload of %d bytes", ErrInvalidValue, n)
+	}
+	for i, m := range marks {
+		if m < 0 || m > n || (i > 0 && m < marks[i-1]) {
+			return nil, fmt.Errorf("%w: upload mark %d at %d of %d bytes (marks must ascend within the data)", ErrInvalidValue, i, m, n)
+		}
 	}
 	u.mu.Lock()
 	defer u.mu.Unlock()
 	if u.s == 0 {
 		return nil, ErrClosed
 	}
+	t := &Transfer{u: u, marks: make([]*Event, len(marks))}
+	// newEvent records a fresh event on the stream (second thread).
+	newEvent := func() (*Event, error) {
+		ev := &Event{c: u.c}
+		if err := check("cuEventCreate", drv.cuEventCreate(&ev.e, 2)); err != nil {
+			return nil, err
+		}
+		t.own = append(t.own, ev)
+		return ev, check("cuEventRecord", drv.cuEventRecord(ev.e, u.s))
+	}
+	fail := func(err error) (*Transfer, error) {
+		// copies already enqueued may read the ring and record the events:
+		// let them finish first
+		serr := u.c.doAside(func() error { return check("cuStreamSynchronize", drv.cuStreamSynchronize(u.s)) })
+		return nil, errors.Join(err, serr, t.Destroy())
+	}
 	size := u.ChunkBytes()
+	at := markChunks(marks, size)
+	mi := 0
+	for mi < len(marks) && at[mi] < 0 {
+		mi++ // nothing to wait for
+	}
 	for off := 0; off < n; off += size {
 		k := u.next
 		u.next = (k + 1) % len(u.chunks)
 		if u.used[k] { // the chunk's previous copy must be out of it
 			if err := u.c.doAside(func() error { return check("cuEventSynchronize", drv.cuEventSynchronize(u.evs[k])) }); err != nil {
-				return nil, err
+				return fail(err)
 			}
 		}
 		h := u.chunks[k]
 		m := min(size, n-off)
 		if err := fill(h.Bytes()[:m], off); err != nil {
-			return nil, err
+			return fail(err)
 		}
 		if err := u.c.doAside(func() error {
 			if err := check("cuMemcpyHtoDAsync", drv.cuMemcpyHtoDAsync(dst+uint64(off), h.p, uint64(m), u.s)); err != nil {
 				return err
 			}
-			return check("cuEventRecord", drv.cuEventRecord(u.evs[k], u.s))
+			u.used[k] = true
+			if err := check("cuEventRecord", drv.cuEventRecord(u.evs[k], u.s)); err != nil {
+				return err
+			}
+			// the marks this chunk completes share one event
+			var ev *Event
+			for ; mi < len(marks) && at[mi] == off/size; mi++ {
+				if ev == nil {
+					var err error
+					if ev, err = newEvent(); err != nil {
+						return err
+					}
+				}
+				t.marks[mi] = ev
+			}
+			return nil
 		}); err != nil {
-			return nil, err
+			return fail(err)
 		}
-		u.used[k] = true
 	}
-	ev := &Event{c: u.c}
 	err := u.c.doAside(func() error {
-		if err := check("cuEventCreate", drv.cuEventCreate(&ev.e, 2)); err != nil {
-			return err
-		}
-		return check("cuEventRecord", drv.cuEventRecord(ev.e, u.s))
+		var err error
+		t.done, err = newEvent()
+		return err
 	})
 	if err != nil {
-		return nil, err
+		return fail(err)
 	}
-	return ev, nil
+	return t, nil
+}
+
+// markChunks is, for each mark (a byte offset), the index of the chunk of
+// size bytes whose copy completes the bytes before it: -1 for a mark of 0.
+func markChunks(marks []int, size int) []int {
+	at := make([]int, len(marks))
+	for i, m := range marks {
+		at[i] = (m+size-1)/size - 1
+	}
+	return at
+}
+
+// After makes the uploader's later copies wait for ev: device work that
+// must come before them (its stream recorded ev).
+func (u *Uploader) After(ev *Event) error {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if u.s == 0 {
+		return ErrClosed
+	}
+	return u.c.doAside(func() error { return check("cuStreamWaitEvent", drv.cuStreamWaitEvent(u.s, ev.e, 0)) })
 }
 
 // Wait blocks until ev (from Upload) has completed, on the second thread.

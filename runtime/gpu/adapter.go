@@ -23,9 +23,12 @@ import (
 // copied), all on the context's second thread, so neither a step nor the
 // thread that issues it waits for it, and no memory is pinned after Init.
 // LoadPrepared runs on the engine goroutine between steps: it points the
-// LoRA table at the image; the compute stream waits for the image's last
-// copy in Begin of the first step whose LoRA segments use the slot; steps
-// that do not use it never wait.
+// LoRA table at the image. Steps that do not use the slot never wait for
+// it. The first step whose LoRA segments use it while the copy is still in
+// flight runs its ops eagerly (in the layout its graph would have) and
+// waits layer by layer: each layer's LoRA ops wait for the copy of that
+// layer's part of the image (the image is laid out in layer order), so the
+// step's first layers overlap the upload of the last ones.
 
 // The uploader's ring: 4 pinned chunks of 16 MiB (64 MiB pinned at Init).
 const (
@@ -122,12 +125,12 @@ func (b *Backend) pointSlot(slot int, base cuda.DevicePtr, ents []prepEntry) {
 }
 
 // preparedAdapter is an adapter's slot image on the device, its upload
-// possibly still in flight (ev).
+// possibly still in flight (tr: Through(l) is layer l's part).
 type preparedAdapter struct {
 	b    *Backend
 	name string
 	mem  *cuda.DeviceBuffer
-	ev   *cuda.Event // the image's last copy
+	tr   *cuda.Transfer
 	img  slotImage
 	done atomic.Bool // committed or released: the image is no longer ours
 }
@@ -136,10 +139,29 @@ type preparedAdapter struct {
 // its upload, on the second thread).
 func (p *preparedAdapter) Release() {
 	if p != nil && !p.done.Swap(true) {
-		p.b.up.Wait(p.ev)
-		p.ev.Destroy()
+		p.tr.Wait()
+		p.tr.Destroy()
 		p.mem.Free()
 	}
+}
+
+// layerMarks are the byte offsets in img where each layer's part ends: the
+// bytes before marks[l] hold every A and B of layers 0..l (the entries are
+// in layer order). A layer without entries ends where the one before it
+// does (0 before the first: nothing to wait for).
+func (img *slotImage) layerMarks(layers int) []int {
+	marks := make([]int, layers)
+	for i, e := range img.ents {
+		end := img.total
+		if i+1 < len(img.ents) {
+			end = img.ents[i+1].aOff
+		}
+		marks[e.layer] = 2 * end
+	}
+	for l := 1; l < layers; l++ {
+		marks[l] = max(marks[l], marks[l-1])
+	}
+	return marks
 }
 
 // Bytes is the size of the slot image.
@@ -159,15 +181,15 @@ func (b *Backend) PrepareAdapter(a *lora.Adapter) (engine.PreparedAdapter, error
 	if err != nil {
 		return nil, fmt.Errorf("gpu: adapter %s: %w", a.Name, err)
 	}
-	ev, err := b.up.Upload(mem.Ptr(), 2*img.total, func(chunk []byte, off int) error {
+	tr, err := b.up.Upload(mem.Ptr(), 2*img.total, func(chunk []byte, off int) error {
 		img.fill(unsafe.Slice((*uint16)(unsafe.Pointer(&chunk[0])), len(chunk)/2), off/2, a)
 		return nil
-	})
+	}, img.layerMarks(b.cfg.Layers)...)
 	if err != nil {
 		mem.Free()
 		return nil, fmt.Errorf("gpu: adapter %s: upload: %w", a.Name, err)
 	}
-	return &preparedAdapter{b: b, name: a.Name, mem: mem, ev: ev, img: img}, nil
+	return &preparedAdapter{b: b, name: a.Name, mem: mem, tr: tr, img: img}, nil
 }
 
 // fillImage writes elements [lo, lo+len(dst)) of a's slot image (layout
@@ -254,7 +276,7 @@ func (b *Backend) LoadPrepared(slot int, pa engine.PreparedAdapter) error {
 	b.pointSlot(slot, st.mem.Ptr(), p.img.ents)
 	b.slots[slot] = st
 	p.done.Store(true) // the image is the slot's now; its upload may still be in flight
-	b.loads = append(b.loads, &pendingLoad{slot: slot, ev: p.ev})
+	b.loads = append(b.loads, &pendingLoad{slot: slot, tr: p.tr})
 	if err := b.syncTable(); err != nil {
 		b.settle(slot)
 		b.clearSlot(slot)
@@ -266,44 +288,96 @@ func (b *Backend) LoadPrepared(slot int, pa engine.PreparedAdapter) error {
 // pendingLoad is an adapter image whose upload may be in flight.
 type pendingLoad struct {
 	slot   int
-	ev     *cuda.Event // the upload's last copy (its own event: destroyed when done)
-	waited bool        // the compute stream already waits on ev
+	tr     *cuda.Transfer // the upload (its own events: destroyed when done)
+	waited bool           // the compute stream already waits for all of it
+	// gated step: the last layer event each stream waited for
+	onCompute, onLoRA *cuda.Event
 }
 
-// waitLoads (Begin) makes the compute stream wait for the pending copy of
-// every slot the step's LoRA segments use, and recycles finished copies.
-func (b *Backend) waitLoads(meta *engine.StepMeta) error {
+// waitLoads (before a step's ops) orders the step after the pending copy
+// of every slot its LoRA segments use, and recycles finished copies. With
+// gate, the step's ops run eagerly: a copy still in flight is waited for
+// layer by layer (gateLayer, then endGates after the ops) and gated reports
+// that some is; else the compute stream waits for the whole copy now.
+func (b *Backend) waitLoads(meta *engine.StepMeta, gate bool) (gated bool, err error) {
+	b.gates = b.gates[:0]
 	if len(b.loads) == 0 {
-		return nil
+		return false, nil
 	}
+	gate = gate && !b.force.wholeLoad
 	keep := b.loads[:0]
 	for _, l := range b.loads {
-		if !l.waited {
-			for _, g := range meta.LoRA {
-				if g.Slot == l.slot && g.End > g.Start {
-					if err := b.s.Wait(l.ev); err != nil {
-						return err
-					}
-					l.waited = true
-					break
-				}
-			}
-		}
-		done, err := l.ev.Done()
+		done, err := l.tr.Done().Done()
 		if err != nil {
-			return err
+			return false, err
 		}
 		if done {
-			if err := l.ev.Destroy(); err != nil {
-				return err
+			if err := l.tr.Destroy(); err != nil {
+				return false, err
 			}
 			continue
 		}
 		keep = append(keep, l)
+		if l.waited || !usesSlot(meta, l.slot) {
+			continue
+		}
+		if gate {
+			l.onCompute, l.onLoRA = nil, nil
+			b.gates = append(b.gates, l)
+			continue
+		}
+		if err := b.s.Wait(l.tr.Done()); err != nil {
+			return false, err
+		}
+		l.waited = true
 	}
 	clear(b.loads[len(keep):])
 	b.loads = keep
-	return nil
+	if len(b.gates) > 0 {
+		b.gatedSteps++
+	}
+	return len(b.gates) > 0, nil
+}
+
+// usesSlot reports whether some LoRA segment of meta has rows on slot.
+func usesSlot(meta *engine.StepMeta, slot int) bool {
+	for _, g := range meta.LoRA {
+		if g.Slot == slot && g.End > g.Start {
+			return true
+		}
+	}
+	return false
+}
+
+// gateLayer makes st wait for layer's part of every gated image before the
+// LoRA ops of layer it is about to enqueue.
+func (b *Backend) gateLayer(st *cuda.Stream, layer int) {
+	for _, l := range b.gates {
+		ev := l.tr.Through(layer)
+		last := &l.onCompute
+		if st != b.s {
+			last = &l.onLoRA
+		}
+		if ev == nil || ev == *last || b.err != nil {
+			continue
+		}
+		b.fail(st.Wait(ev))
+		*last = ev
+	}
+}
+
+// endGates (after a gated step's ops) makes the compute stream wait for
+// the whole of every gated image, so that later steps, which do not wait,
+// come after it.
+func (b *Backend) endGates() {
+	for _, l := range b.gates {
+		if err := b.s.Wait(l.tr.Done()); err != nil {
+			b.fail(err)
+			continue
+		}
+		l.waited = true
+	}
+	b.gates = b.gates[:0]
 }
 
 // settle waits for any copy still filling slot (before the slot is freed or
@@ -316,7 +390,7 @@ func (b *Backend) settle(slot int) error {
 			keep = append(keep, l)
 			continue
 		}
-		errs = append(errs, l.ev.Synchronize(), l.ev.Destroy())
+		errs = append(errs, l.tr.Done().Synchronize(), l.tr.Destroy())
 	}
 	clear(b.loads[len(keep):])
 	b.loads = keep
@@ -327,9 +401,9 @@ func (b *Backend) settle(slot int) error {
 func (b *Backend) closeLoads() error {
 	var errs []error
 	for _, l := range b.loads {
-		errs = append(errs, l.ev.Synchronize(), l.ev.Destroy())
+		errs = append(errs, l.tr.Done().Synchronize(), l.tr.Destroy())
 	}
-	b.loads = nil
+	b.loads, b.gates = nil, nil
 	errs = append(errs, b.up.Close())
 	b.up = nil
 	return errors.Join(errs...)

@@ -132,3 +132,123 @@ func TestAsyncAdapterLoad(t *testing.T) {
 	}
 	t.Logf("maxrel=%.3g (async vs synchronous load, every logits row of %d steps)", worst, steps)
 }
+
+// TestGatedAdapterLoad holds an adapter's upload behind ~100 ms of device
+// copies, commits it and steps at once: the step must run gated (each
+// layer's LoRA ops waiting for that layer's part of the image, which the
+// uploader copies in chunks small enough for each layer to have its own)
+// and give exactly the logits of an engine that loaded the adapter
+// synchronously, as must the next step (a graph replay) and, with
+// kernelForce.wholeLoad, a step that waits for the whole image first.
+func TestGatedAdapterLoad(t *testing.T) {
+	m, adapters, cases := loadFixture(t)
+	opts := engine.DefaultOptions()
+	first, late := adapters["qv-r8"], adapters["mlp-r64"]
+	ctx := context.Background()
+	prompt := cases[0].Prompt
+	for _, whole := range []bool{false, true} {
+		eS, eA := newEngine(t, m, opts), newEngine(t, m, opts)
+		for _, e := range []*engine.Engine{eS, eA} {
+			if err := e.LoadAdapter(0, first); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := eS.LoadAdapter(2, late); err != nil {
+			t.Fatal(err)
+		}
+		b := eA.Backend().(*Backend)
+		b.force.wholeLoad = whole
+		img, err := b.slotLayout(late)
+		if err != nil {
+			t.Fatal(err)
+		}
+		// chunks of ~1/(2 layers) of the image, a ring that never makes Upload wait
+		chunk := max(256, (2*img.total/(2*m.Config.Layers)+255)&^255)
+		if err := b.up.Close(); err != nil {
+			t.Fatal(err)
+		}
+		if b.up, err = b.ctx.NewUploader(2*img.total/chunk+2, chunk); err != nil {
+			t.Fatal(err)
+		}
+		seqs := [2][2]*engine.Sequence{{{}, {}}, {{}, {}}}
+		step := func(k int, e *engine.Engine, in []engine.Input) [][]float32 {
+			out, err := e.Step(ctx, in)
+			if err != nil {
+				t.Fatalf("engine %d: %v", k, err)
+			}
+			return out
+		}
+		for k, e := range []*engine.Engine{eS, eA} {
+			step(k, e, []engine.Input{{Seq: seqs[k][0], Tokens: prompt, Slot: 0}})
+		}
+		// hold the uploader's stream behind ~100 ms of device copies
+		hold, err := b.ctx.NewStream()
+		if err != nil {
+			t.Fatal(err)
+		}
+		const gb = 1 << 30
+		src, err := b.ctx.Alloc(gb)
+		if err != nil {
+			t.Fatal(err)
+		}
+		dst, err := b.ctx.Alloc(gb)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for range 200 {
+			if err := hold.CopyDtoD(dst.Ptr(), src.Ptr(), gb); err != nil {
+				t.Fatal(err)
+			}
+		}
+		held, err := b.ctx.NewEvent(false)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := held.Record(hold); err != nil {
+			t.Fatal(err)
+		}
+		if err := b.up.After(held); err != nil {
+			t.Fatal(err)
+		}
+		p, err := eA.PrepareAdapter(late)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := eA.LoadPrepared(2, p); err != nil {
+			t.Fatal(err)
+		}
+		if done, err := held.Done(); err != nil || done {
+			t.Fatalf("the hold ended before the step (done %v, %v): the test cannot see the gate", done, err)
+		}
+		var outs [2][][]float32
+		tok := []int32{(prompt[0]*7 + 3) % int32(m.Config.VocabSize)}
+		for _, k := range []int{1, 0} { // the held engine first
+			e := []*engine.Engine{eS, eA}[k]
+			outs[k] = step(k, e, []engine.Input{{Seq: seqs[k][0], Tokens: tok, Slot: 0}, {Seq: seqs[k][1], Tokens: prompt, Slot: 2}})
+		}
+		gated := b.gatedSteps
+		for k, e := range []*engine.Engine{eS, eA} {
+			o := step(k, e, []engine.Input{{Seq: seqs[k][0], Tokens: tok, Slot: 0}, {Seq: seqs[k][1], Tokens: tok, Slot: 2}})
+			outs[k] = append(outs[k], o...)
+		}
+		for j := range outs[0] {
+			if d := fx.RelErr(outs[1][j], outs[0][j]); d != 0 {
+				t.Errorf("wholeLoad=%v: output %d differs from the synchronous load (rel %.3g)", whole, j, d)
+			}
+		}
+		if want := map[bool]int{false: 1, true: 0}[whole]; gated != want || b.gatedSteps != want {
+			t.Errorf("wholeLoad=%v: %d gated steps (%d after the next step), want %d", whole, gated, b.gatedSteps, want)
+		}
+		for _, x := range []interface{ Free() error }{src, dst} {
+			x.Free()
+		}
+		held.Destroy()
+		hold.Destroy()
+		for k, e := range []*engine.Engine{eS, eA} {
+			for _, s := range seqs[k] {
+				e.Release(s)
+			}
+		}
+		t.Logf("wholeLoad=%v: %d-byte image in %d-byte chunks, gated steps %d, outputs identical", whole, 2*img.total, chunk, gated)
+	}
+}

@@ -121,17 +121,18 @@ type funcs struct {
 	sgExpandTC                                                                    [3]*cuda.Function // sgmv_expand_tc1, tc2, tc4
 }
 
-// Backend implements engine.Backend on one CUDA device.
 // kernelForce makes the steps of a Backend take one kernel family where the
 // Backend otherwise chooses by shape: the tests check every family against
 // the reference and the benchmarks compare them. Production never sets it.
 type kernelForce struct {
-	loraRows bool // LoRA: the row-at-a-time kernels (lora_shrink, lora_expand)
-	loraV1   bool // LoRA: SGMV v1 (sgmv_shrink, then an expand launch)
-	loraV2   bool // LoRA: SGMV v2 (one launch per op) wherever it fits
-	attnRows bool // attention: the per-row kernel for every row (no attn_decode, attn_prefill, graphs)
+	loraRows  bool // LoRA: the row-at-a-time kernels (lora_shrink, lora_expand)
+	loraV1    bool // LoRA: SGMV v1 (sgmv_shrink, then an expand launch)
+	loraV2    bool // LoRA: SGMV v2 (one launch per op) wherever it fits
+	attnRows  bool // attention: the per-row kernel for every row (no attn_decode, attn_prefill, graphs)
+	wholeLoad bool // adapter loads: a step waits for the whole image before it starts (no per-layer start)
 }
 
+// Backend implements engine.Backend on one CUDA device.
 type Backend struct {
 	ctx *cuda.Context
 	s   *cuda.Stream
@@ -211,9 +212,11 @@ type Backend struct {
 	la loraAside // the LoRA stream and the update it has in flight (lora.go)
 
 	// asynchronous adapter loads (PrepareAdapter / LoadPrepared)
-	cs    *cuda.Stream   // copy stream (weight uploads)
-	up    *cuda.Uploader // adapter images, through pinned chunks (adapter.go)
-	loads []*pendingLoad
+	cs         *cuda.Stream   // copy stream (weight uploads)
+	up         *cuda.Uploader // adapter images, through pinned chunks (adapter.go)
+	loads      []*pendingLoad
+	gates      []*pendingLoad // loads the running step waits for layer by layer (gateLayer)
+	gatedSteps int            // steps that waited for an adapter image layer by layer
 
 	weights []*weight
 	// FP8 projections (Options.WeightFormat fp8; nil for bf16) and the write

@@ -601,6 +601,7 @@ func adapterLoadBench(t *testing.T, e *engine.Engine, c *llama.Config, ads []*lo
 		}
 	}
 	slot := len(ads)
+	h2dBench(t, e.Backend().(*Backend), big)
 	const B, prompt = 64, 512
 	seqs := make([]*engine.Sequence, B)
 	for i := 0; i < B; i += 8 {
@@ -724,9 +725,11 @@ wait:
 		t.Fatal(err)
 	}
 	other1 := one(0) // while the upload may be in flight
+	gated0 := e.Backend().(*Backend).gatedSteps
 	gotA := one(slot)
+	gated := e.Backend().(*Backend).gatedSteps - gated0
 	dOther, dNew := fx.RelErr(other1, other0), fx.RelErr(gotA, gotS)
-	bench("adapterload check: other slot during the upload rel %.3g; first step on the new slot, async vs sync load rel %.3g", dOther, dNew)
+	bench("adapterload check: other slot during the upload rel %.3g; first step on the new slot (gated: %d), async vs sync load rel %.3g", dOther, gated, dNew)
 	if dOther != 0 || dNew != 0 {
 		t.Errorf("async adapter load changed results: other slot %.3g, new slot %.3g", dOther, dNew)
 	}
@@ -855,4 +858,74 @@ func TestDecodeProfile(t *testing.T) {
 			e.Release(s)
 		}
 	}
+}
+
+// h2dBench prints where an adapter upload's time goes: one copy of the
+// image's bytes from pinned and from pageable host memory (the link's
+// bandwidth), the host fill of the image alone (as the uploader's ring does
+// it, 16 MiB at a time), and PrepareAdapter through the ring until the last
+// byte lands. Medians of 5.
+func h2dBench(t *testing.T, b *Backend, a *lora.Adapter) {
+	img, err := b.slotLayout(a)
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := 2 * img.total
+	dev, err := b.ctx.Alloc(n)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dev.Free()
+	pinned, err := b.ctx.AllocHost(n)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pinned.Free()
+	pageable := make([]byte, n)
+	for i := range pageable {
+		pageable[i] = byte(i)
+	}
+	copy(pinned.Bytes(), pageable)
+	timed := func(f func()) float64 {
+		var v []float32
+		for range 5 {
+			t0 := time.Now()
+			f()
+			v = append(v, float32(time.Since(t0).Seconds()*1e3))
+		}
+		return median(v)
+	}
+	sync := func() {
+		if err := b.s.Synchronize(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	pin := timed(func() {
+		if err := cuda.CopyHtoD(b.s, dev.Ptr(), pinned.Bytes()); err != nil {
+			t.Fatal(err)
+		}
+		sync()
+	})
+	page := timed(func() {
+		if err := cuda.CopyHtoD(b.s, dev.Ptr(), pageable); err != nil {
+			t.Fatal(err)
+		}
+		sync()
+	})
+	chunk := make([]uint16, stageChunkBytes/2)
+	fill := timed(func() {
+		for off := 0; off < img.total; off += len(chunk) {
+			img.fill(chunk[:min(len(chunk), img.total-off)], off, a)
+		}
+	})
+	ring := timed(func() {
+		p, err := b.PrepareAdapter(a)
+		if err != nil {
+			t.Fatal(err)
+		}
+		p.Release() // waits for the last byte
+	})
+	gbs := func(ms float64) float64 { return float64(n) / ms / 1e6 }
+	bench("adapterload h2d (%.0f MB image): one copy from pinned %.2f ms (%.1f GB/s), from pageable %.2f ms (%.1f GB/s); host fill alone %.2f ms (%.1f GB/s); PrepareAdapter through the ring to the last byte %.2f ms (%.1f GB/s)",
+		float64(n)/1e6, pin, gbs(pin), page, gbs(page), fill, gbs(fill), ring, gbs(ring))
 }

@@ -363,6 +363,7 @@ func (b *Backend) loraSlices(st *cuda.Stream, outPtr cuda.DevicePtr, outStride i
 	if !b.check(len(mods) >= 1 && len(mods) <= 3 && layer >= 0 && layer < b.cfg.Layers, "lora: %d slices, layer %d", len(mods), layer) {
 		return
 	}
+	b.gateLayer(st, layer)
 	inF, _ := b.cfg.Dims(mods[0])
 	acc := 0
 	if accum {

@@ -367,6 +367,7 @@ func (b *Backend) End() error {
 	if b.meta != nil {
 		b.join()
 	}
+	b.endGates()
 	err := b.err
 	if err == nil {
 		err = b.s.Synchronize()
