@@ -170,9 +170,10 @@ __device__ __forceinline__ void fp8_gemv_body(bf16* __restrict__ out, const unsi
 extern "C" __global__ void __launch_bounds__(32 * GV_MAX_WARPS) fp8_gemv_n8(FP8_GEMV_ARGS) { fp8_gemv_body<1>(out, qx, sx, qw, sw, M, N, K); }
 extern "C" __global__ void __launch_bounds__(32 * GV_MAX_WARPS) fp8_gemv_n16(FP8_GEMV_ARGS) { fp8_gemv_body<2>(out, qx, sx, qw, sw, M, N, K); }
 
-// fp8_gemm_skinny_n{32,64}: the same product for 17-64 rows (M <= 32 or 64),
-// where cuBLASLt's one FP8 algorithm reads the weights at 0.3-0.5 of the
-// bandwidth. Operands swapped as in fp8_gemv (weight rows are the MMA's M,
+// fp8_gemm_skinny_n{32,64,128}: the same product for 17-128 rows (M <= 32,
+// 64 or 128), where cuBLASLt's one FP8 algorithm reads the weights at
+// 0.3-0.5 of the bandwidth (n128 is taken only where a benchmark showed it
+// faster: see skinnyAutoRows in runtime/gpu). Operands swapped as in fp8_gemv (weight rows are the MMA's M,
 // activation rows its N, the same k permutation inside each 64-byte span),
 // but a block of SK_WARPS warps takes SK_ROWS weight rows (16 per warp) over
 // one K range and stages both operands in shared memory with cp.async,
@@ -307,3 +308,4 @@ __device__ __forceinline__ void fp8_skinny_body(bf16* __restrict__ out, float* _
 #define FP8_SKINNY_PASS out, part, done, qx, sx, qw, sw, M, N, K
 extern "C" __global__ void __launch_bounds__(32 * SK_WARPS) fp8_gemm_skinny_n32(FP8_SKINNY_ARGS) { fp8_skinny_body<4>(FP8_SKINNY_PASS); }
 extern "C" __global__ void __launch_bounds__(32 * SK_WARPS) fp8_gemm_skinny_n64(FP8_SKINNY_ARGS) { fp8_skinny_body<8>(FP8_SKINNY_PASS); }
+extern "C" __global__ void __launch_bounds__(32 * SK_WARPS) fp8_gemm_skinny_n128(FP8_SKINNY_ARGS) { fp8_skinny_body<16>(FP8_SKINNY_PASS); }

@@ -60,10 +60,11 @@ type fp8State struct {
 	mod   *cuda.Module
 	quant *cuda.Function
 	gemv  [2]*cuda.Function // fp8_gemv_n8, fp8_gemv_n16
-	// fp8_gemm_skinny_n32, _n64, and their split-K partials and counters
-	// (reserveSkinny)
-	skinny         [2]*cuda.Function
+	// fp8_gemm_skinny_n32, _n64, _n128 (skinnyVariants), and their split-K
+	// partials and counters (reserveSkinny)
+	skinny         [len(skinnyVariants)]*cuda.Function
 	skPart, skDone *cuda.DeviceBuffer
+	skTop          int // the most rows sent to fp8_gemm_skinny (0: skinnyAutoRows); benchmarks set it
 	Info           kernels.Info
 
 	tmp        *cuda.DeviceBuffer // bf16 staging of a weight being quantized (freed at the first Linear)
@@ -89,15 +90,17 @@ func newFP8(ctx *cuda.Context, s *cuda.Stream, mm *cuda.Matmul, ko kernels.Optio
 	for _, fn := range []struct {
 		p    **cuda.Function
 		name string
-	}{{&f.quant, "quant_rows_e4m3"}, {&f.gemv[0], "fp8_gemv_n8"}, {&f.gemv[1], "fp8_gemv_n16"},
-		{&f.skinny[0], "fp8_gemm_skinny_n32"}, {&f.skinny[1], "fp8_gemm_skinny_n64"}} {
+	}{{&f.quant, "quant_rows_e4m3"}, {&f.gemv[0], "fp8_gemv_n8"}, {&f.gemv[1], "fp8_gemv_n16"}} {
 		if *fn.p, err = f.mod.Function(fn.name); err != nil {
 			f.mod.Unload()
 			return nil, err
 		}
 	}
-	for i, tr := range []int{32, 64} {
-		if err := f.skinny[i].SetMaxDynamicShared(skinnyShared(tr)); err != nil {
+	for i, v := range skinnyVariants {
+		if f.skinny[i], err = f.mod.Function(v.name); err == nil {
+			err = f.skinny[i].SetMaxDynamicShared(skinnyShared(v.rows))
+		}
+		if err != nil {
 			f.mod.Unload()
 			return nil, err
 		}
@@ -238,7 +241,7 @@ func (f *fp8State) linear(out, x cuda.DevicePtr, T int, w *fp8Weight, gen uint64
 	if gemvFits(T, w.rows, K) {
 		return f.gemvLaunch(out, T, w)
 	}
-	if skinnyFits(T, w.rows, K) {
+	if skinnyFits(T, w.rows, K, f.skinnyTop()) {
 		return f.skinnyLaunch(out, T, w)
 	}
 	return f.mm.GemmTNScaled(f.s, out, cuda.R16BF, f.actQ.Ptr(), f.actS.Ptr(), w.q.Ptr(), w.scale.Ptr(), T, w.rows, K)

@@ -275,10 +275,15 @@ func TestFP8Gemm(t *testing.T) {
 	// fp8_gemv takes T <= 16 with K % 64 == 0 and N % 16 == 0 (the first
 	// seven); fp8_gemm_skinny 17-64 rows with N % 64 == 0 and K % 64 == 0
 	// (split K over 2-8 blocks per weight tile, or not: 28672 rows, one
-	// span); cuBLASLt the rest
-	for _, sz := range []struct{ T, N, K int }{{1, 4096, 4096}, {16, 6144, 4096}, {9, 28672, 4096}, {2, 4096, 14336}, {8, 48, 128}, {11, 32, 64}, {4, 16, 64},
-		{17, 4096, 4096}, {64, 1024, 14336}, {33, 6144, 4096}, {48, 4096, 14336}, {32, 28672, 4096}, {20, 256, 4096}, {40, 128, 64}, {64, 192, 512},
-		{7, 96, 272}, {33, 1000, 528}, {3, 100, 4096}, {129, 6144, 4096}, {300, 512, 4096}, {5, 97, 64}, {65, 4096, 4096}} {
+	// span); cuBLASLt the rest. The last four again with skinny taking up
+	// to 128 rows (fp8_gemm_skinny_n128, which benchmarks compare).
+	sizes := []struct{ T, N, K, top int }{{1, 4096, 4096, 0}, {16, 6144, 4096, 0}, {9, 28672, 4096, 0}, {2, 4096, 14336, 0}, {8, 48, 128, 0}, {11, 32, 64, 0}, {4, 16, 64, 0},
+		{17, 4096, 4096, 0}, {64, 1024, 14336, 0}, {33, 6144, 4096, 0}, {48, 4096, 14336, 0}, {32, 28672, 4096, 0}, {20, 256, 4096, 0}, {40, 128, 64, 0}, {64, 192, 512, 0},
+		{7, 96, 272, 0}, {33, 1000, 528, 0}, {3, 100, 4096, 0}, {129, 6144, 4096, 0}, {300, 512, 4096, 0}, {5, 97, 64, 0}, {65, 4096, 4096, 0},
+		{65, 4096, 4096, skinnyMaxRows}, {128, 6144, 4096, skinnyMaxRows}, {100, 4096, 14336, skinnyMaxRows}, {97, 192, 512, skinnyMaxRows}}
+	defer func() { r.f.skTop = 0 }()
+	for _, sz := range sizes {
+		r.f.skTop = sz.top
 		xh, wh := r.bf16Rand(sz.T*sz.K, 1), r.bf16Rand(sz.N*sz.K, 0.02)
 		dx, dw := r.up(xh), r.up(wh)
 		w, err := r.f.upload(wh, sz.N, sz.K)
@@ -331,7 +336,7 @@ func TestFP8Gemm(t *testing.T) {
 		switch {
 		case gemvFits(sz.T, sz.N, sz.K):
 			path = "fp8_gemv"
-		case skinnyFits(sz.T, sz.N, sz.K):
+		case skinnyFits(sz.T, sz.N, sz.K, r.f.skinnyTop()):
 			path = fmt.Sprintf("fp8_gemm_skinny, K split %d ways", skinnySplit(sz.N, sz.K, r.ctx.Device().SMs))
 			// again: the split's counters were left at zero, and the sum
 			// is the same whichever block finishes last
@@ -374,12 +379,12 @@ func TestFP8GemmBench(t *testing.T) {
 	const peak16, peak8 = 989e12, 1979e12 // H100 SXM dense bf16 / fp8 tensor FLOP/s (datasheet)
 	bench("fp8gemm device %s; copy bandwidth %.0f GB/s; peaks bf16 %.0f, fp8 %.0f TFLOP/s (datasheet); median of 15 replays of 20 calls recorded as a graph, weights rotated over >= 150 MB",
 		r.ctx.Device().Name, bw/1e9, peak16/1e12, peak8/1e12)
-	bench("fp8gemm %-8s %5s %9s %9s %9s %9s %9s %9s %8s %9s %9s %7s %7s %7s", "shape", "T", "bf16_us", "fp8_us", "gvalt_us", "lt8_us", "quant_us", "fp8+q_us", "speedup", "floor16", "floor8", "frac16", "frac8", "TF/s8")
+	bench("fp8gemm %-8s %5s %9s %9s %9s %9s %9s %9s %9s %8s %9s %9s %7s %7s %7s", "shape", "T", "bf16_us", "fp8_us", "gvalt_us", "sk128_us", "lt8_us", "quant_us", "fp8+q_us", "speedup", "floor16", "floor8", "frac16", "frac8", "TF/s8")
 	shapes := []struct {
 		name string
 		N, K int
 	}{{"qkv", 6144, 4096}, {"o", 4096, 4096}, {"gate_up", 28672, 4096}, {"down", 4096, 14336}}
-	Ts := []int{1, 4, 16, 32, 48, 64, 256, 2048}
+	Ts := []int{1, 4, 16, 32, 48, 64, 96, 128, 256, 2048}
 	// 20 calls per recorded graph (rotating the weights), median of 15 replays
 	timeIt := func(_ int, fn func(i int) error) float64 { return graphMedianUs(t, r.ctx, r.s, 20, 15, fn) }
 	maxT := slices.Max(Ts)
@@ -422,6 +427,12 @@ func TestFP8GemmBench(t *testing.T) {
 				gv8 = timeIt(30, func(i int) error { return r.f.linear(out.Ptr(), x.Ptr(), T, w8[i%n8], 7) })
 				r.f.gvWarps = 0
 			}
+			sk := math.NaN() // fp8_gemm_skinny_n128 where the automatic choice is cuBLASLt (65-128 rows)
+			if !skinnyFits(T, N, K, skinnyAutoRows) && skinnyFits(T, N, K, skinnyMaxRows) {
+				r.f.skTop = skinnyMaxRows
+				sk = timeIt(30, func(i int) error { return r.f.linear(out.Ptr(), x.Ptr(), T, w8[i%n8], 7) })
+				r.f.skTop = 0
+			}
 			lt := timeIt(30, func(i int) error { // cuBLASLt's FP8 product whatever T (fp8_gemv's alternative)
 				w := w8[i%n8]
 				return r.mm.GemmTNScaled(r.s, out.Ptr(), cuda.R16BF, r.f.actQ.Ptr(), r.f.actS.Ptr(), w.q.Ptr(), w.scale.Ptr(), T, N, K)
@@ -438,7 +449,7 @@ func TestFP8GemmBench(t *testing.T) {
 			b8 := float64(N*K) + 4*float64(N) + float64(T*K) + 4*float64(T) + 2*float64(T*N)
 			fl16 := max(b16/bw, fl/peak16) * 1e6
 			fl8 := max(b8/bw, fl/peak8) * 1e6
-			bench("fp8gemm %-8s %5d %9.1f %9.1f %9.1f %9.1f %9.1f %9.1f %8.2f %9.1f %9.1f %7.2f %7.2f %7.0f", sh.name, T, t16, t8, gv8, lt, tq, tt, t16/tt, fl16, fl8, fl16/t16, fl8/t8, fl/(t8*1e-6)/1e12)
+			bench("fp8gemm %-8s %5d %9.1f %9.1f %9.1f %9.1f %9.1f %9.1f %9.1f %8.2f %9.1f %9.1f %7.2f %7.2f %7.0f", sh.name, T, t16, t8, gv8, sk, lt, tq, tt, t16/tt, fl16, fl8, fl16/t16, fl8/t8, fl/(t8*1e-6)/1e12)
 		}
 		r.sync()
 		for i := 1; i < n8; i++ {

@@ -4,22 +4,43 @@ import (
 	"github.com/peftd/peftd/runtime/cuda"
 )
 
-// fp8_gemm_skinny (kernels/fp8.cu): the FP8 product for 17-64 rows.
+// fp8_gemm_skinny (kernels/fp8.cu): the FP8 product for 17-128 rows.
 const (
-	skinnyMaxRows = 64 // the most rows it takes (fp8_gemm_skinny_n64)
-	skinnyRows    = 64 // SK_ROWS: weight rows per block
-	skinnyThreads = 128
-	skinnyStages  = 4   // SK_STAGES
-	skinnyLD      = 192 // SK_LD: bytes per staged row
-	skinnyMaxS    = 8   // the most blocks splitting one weight tile's K
+	skinnyMaxRows = 128 // the most rows it takes (fp8_gemm_skinny_n128)
+	// skinnyAutoRows is the most rows the FP8 product sends to it (cuBLASLt
+	// above): n128 (65-128 rows, 147 KB of shared memory, one block per SM)
+	// stays out of the automatic choice until TestFP8GemmBench shows it
+	// faster than cuBLASLt there (its sk128_us column).
+	skinnyAutoRows = 64
+	skinnyRows     = 64 // SK_ROWS: weight rows per block
+	skinnyThreads  = 128
+	skinnyStages   = 4   // SK_STAGES
+	skinnyLD       = 192 // SK_LD: bytes per staged row
+	skinnyMaxS     = 8   // the most blocks splitting one weight tile's K
 )
 
 // skinnyFits reports whether fp8_gemm_skinny computes a [T, N] x [N, K]
-// product: more rows than fp8_gemv takes, at most 64, N a multiple of its
-// 64-row tiles and K of its 64-byte spans.
-func skinnyFits(T, N, K int) bool {
-	return T > gemvMaxRows && T <= skinnyMaxRows && N%skinnyRows == 0 && K%64 == 0
+// product when it takes up to top rows (skinnyAutoRows, or skinnyMaxRows
+// where a benchmark asks): more rows than fp8_gemv takes, N a multiple of
+// its 64-row tiles and K of its 64-byte spans.
+func skinnyFits(T, N, K, top int) bool {
+	return T > gemvMaxRows && T <= min(top, skinnyMaxRows) && N%skinnyRows == 0 && K%64 == 0
 }
+
+// skinnyTop is the most rows this state sends to fp8_gemm_skinny.
+func (f *fp8State) skinnyTop() int {
+	if f.skTop > 0 {
+		return f.skTop
+	}
+	return skinnyAutoRows
+}
+
+// skinnyVariants are the kernel's instantiations: staged activation rows
+// (8 per MMA n-tile) and function name.
+var skinnyVariants = [...]struct {
+	rows int
+	name string
+}{{32, "fp8_gemm_skinny_n32"}, {64, "fp8_gemm_skinny_n64"}, {128, "fp8_gemm_skinny_n128"}}
 
 // skinnySplit is how many blocks split K for each 64-row weight tile of an
 // [N, K] weight on a GPU of sms SMs: enough for about two blocks per SM
@@ -34,7 +55,7 @@ func skinnySplit(N, K, sms int) int {
 }
 
 // skinnyShared is the dynamic shared memory of fp8_gemm_skinny for tr
-// staged activation rows (32 or 64).
+// staged activation rows (32, 64 or 128).
 func skinnyShared(tr int) int { return skinnyStages * (skinnyRows + tr) * skinnyLD }
 
 // skinnyPartBytes bounds the float32 partials of a split product on a GPU
@@ -64,10 +85,11 @@ func (f *fp8State) skinnyLaunch(out cuda.DevicePtr, T int, w *fp8Weight) error {
 	if err := f.reserveSkinny(); err != nil {
 		return err
 	}
-	fn, tr := f.skinny[0], 32
-	if T > 32 {
-		fn, tr = f.skinny[1], 64
+	i := 0
+	for skinnyVariants[i].rows < T {
+		i++
 	}
+	fn, tr := f.skinny[i], skinnyVariants[i].rows
 	S := skinnySplit(w.rows, w.cols, f.ctx.Device().SMs)
 	return fn.Launch(f.s, cuda.Dim3{X: w.rows / skinnyRows, Y: S}, cuda.Dim3{X: skinnyThreads}, skinnyShared(tr),
 		uint64(out), uint64(f.skPart.Ptr()), uint64(f.skDone.Ptr()), uint64(f.actQ.Ptr()), uint64(f.actS.Ptr()),

@@ -67,8 +67,25 @@ func TestSkinnyFits(t *testing.T) {
 		want    bool
 	}{{17, 4096, 4096, true}, {64, 28672, 4096, true}, {16, 4096, 4096, false}, {65, 4096, 4096, false},
 		{32, 4096 + 16, 4096, false}, {32, 4096, 4096 + 16, false}, {32, 64, 64, true}} {
-		if got := skinnyFits(c.T, c.N, c.K); got != c.want {
-			t.Errorf("skinnyFits(%d, %d, %d) = %v, want %v", c.T, c.N, c.K, got, c.want)
+		if got := skinnyFits(c.T, c.N, c.K, skinnyAutoRows); got != c.want {
+			t.Errorf("skinnyFits(%d, %d, %d, auto) = %v, want %v", c.T, c.N, c.K, got, c.want)
+		}
+	}
+	// up to 128 rows when a benchmark asks, never more
+	for _, c := range []struct {
+		T    int
+		want bool
+	}{{65, true}, {128, true}, {129, false}, {16, false}} {
+		if got := skinnyFits(c.T, 4096, 4096, 1<<20); got != c.want {
+			t.Errorf("skinnyFits(%d, 4096, 4096, any) = %v, want %v", c.T, got, c.want)
+		}
+	}
+	if skinnyVariants[len(skinnyVariants)-1].rows != skinnyMaxRows || skinnyAutoRows > skinnyMaxRows {
+		t.Errorf("variants %v, auto %d, max %d", skinnyVariants, skinnyAutoRows, skinnyMaxRows)
+	}
+	for _, v := range skinnyVariants {
+		if sh := skinnyShared(v.rows); sh > 227<<10 {
+			t.Errorf("%s: %d bytes of shared memory, over Hopper's 227 KB per block", v.name, sh)
 		}
 	}
 }

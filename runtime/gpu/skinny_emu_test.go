@@ -25,12 +25,14 @@ func TestSkinnyTilingEmulated(t *testing.T) {
 	)
 	for _, c := range []struct{ M, N, K, sms int }{
 		{17, 128, 64 * 13, 8}, {33, 64, 64 * 9, 4}, {64, 192, 64 * 16, 2}, {20, 64, 64, 8}, {40, 256, 64 * 5, 100}, {64, 64, 64 * 11, 40},
+		{65, 128, 64 * 7, 8}, {128, 64, 64 * 10, 16}, {100, 192, 64 * 3, 2},
 	} {
 		M, N, K := c.M, c.N, c.K
-		NT := 4
-		if M > 32 {
-			NT = 8
+		v := 0
+		for skinnyVariants[v].rows < M { // the launch's choice
+			v++
 		}
+		NT := skinnyVariants[v].rows / 8
 		TR := 8 * NT
 		WB := skRows * skLD
 		SB := WB + TR*skLD
