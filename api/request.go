@@ -14,6 +14,7 @@ import (
 	"fmt"
 	"io"
 	"math"
+	"strconv"
 	"strings"
 	"time"
 
@@ -57,40 +58,32 @@ type genRequest struct {
 	Echo           bool            `json:"echo"`
 	IgnoreEOS      bool            `json:"ignore_eos"`
 	ReturnTokenIDs bool            `json:"return_token_ids"`
-
-	// OpenAI fields peftd does not implement: accepted at their neutral
-	// values (clients send them so), refused otherwise (checkUnsupported)
-	// rather than ignored.
+	// Penalties and logit bias (OpenAI's, and vLLM's repetition_penalty):
+	// sample.Penalties.
 	PresencePenalty   *float64        `json:"presence_penalty"`
 	FrequencyPenalty  *float64        `json:"frequency_penalty"`
 	RepetitionPenalty *float64        `json:"repetition_penalty"`
 	LogitBias         json.RawMessage `json:"logit_bias"`
-	Suffix            *string         `json:"suffix"`
-	Tools             json.RawMessage `json:"tools"`
-	ToolChoice        json.RawMessage `json:"tool_choice"`
-	Functions         json.RawMessage `json:"functions"`
-	ResponseFormat    *struct {
+
+	// OpenAI fields peftd does not implement: accepted at their neutral
+	// values (clients send them so), refused otherwise (checkUnsupported)
+	// rather than ignored.
+	Suffix         *string         `json:"suffix"`
+	Tools          json.RawMessage `json:"tools"`
+	ToolChoice     json.RawMessage `json:"tool_choice"`
+	Functions      json.RawMessage `json:"functions"`
+	ResponseFormat *struct {
 		Type string `json:"type"`
 	} `json:"response_format"`
 }
 
 // checkUnsupported refuses what peftd would otherwise silently ignore: a
-// penalty other than neutral, a logit bias, a suffix, tools or functions, a
-// response format other than text.
+// suffix, tools or functions, a response format other than text.
 func (r *genRequest) checkUnsupported() error {
-	for _, p := range []struct {
-		name    string
-		v       *float64
-		neutral float64
-	}{{"presence_penalty", r.PresencePenalty, 0}, {"frequency_penalty", r.FrequencyPenalty, 0}, {"repetition_penalty", r.RepetitionPenalty, 1}} {
-		if p.v != nil && *p.v != p.neutral {
-			return badRequest(p.name, "%s is not supported (only %g, no penalty), got %v", p.name, p.neutral, *p.v)
-		}
-	}
 	for _, f := range []struct {
 		name string
 		raw  json.RawMessage
-	}{{"logit_bias", r.LogitBias}, {"tools", r.Tools}, {"tool_choice", r.ToolChoice}, {"functions", r.Functions}} {
+	}{{"tools", r.Tools}, {"tool_choice", r.ToolChoice}, {"functions", r.Functions}} {
 		switch strings.TrimSpace(string(f.raw)) {
 		case "", "null", "{}", "[]", `"none"`:
 		default:
@@ -104,6 +97,57 @@ func (r *genRequest) checkUnsupported() error {
 		return badRequest("response_format", "response_format %q is not supported (only text)", rf.Type)
 	}
 	return nil
+}
+
+// penalties reads the penalties and the logit bias: presence and
+// frequency in [-2, 2], repetition in (0, 100] (1: none), logit_bias an
+// object of token ids (as strings, OpenAI's form) to biases in [-100,
+// 100]. The token ids are checked against the vocabulary by the scheduler.
+func (r *genRequest) penalties() (sample.Penalties, error) {
+	var p sample.Penalties
+	for _, f := range []struct {
+		name   string
+		v      *float64
+		dst    *float64
+		lo, hi float64
+	}{{"presence_penalty", r.PresencePenalty, &p.Presence, -2, 2}, {"frequency_penalty", r.FrequencyPenalty, &p.Frequency, -2, 2}} {
+		if f.v == nil {
+			continue
+		}
+		if !(*f.v >= f.lo && *f.v <= f.hi) {
+			return p, badRequest(f.name, "%s must be in [%g, %g], got %v", f.name, f.lo, f.hi, *f.v)
+		}
+		*f.dst = *f.v
+	}
+	if v := r.RepetitionPenalty; v != nil {
+		if !(*v >= 1e-3 && *v <= 100) {
+			return p, badRequest("repetition_penalty", "repetition_penalty must be in (0, 100] (1: none), got %v", *v)
+		}
+		p.Repetition = *v
+	}
+	switch raw := strings.TrimSpace(string(r.LogitBias)); raw {
+	case "", "null", "{}":
+	default:
+		var m map[string]json.Number
+		d := json.NewDecoder(strings.NewReader(raw))
+		d.UseNumber()
+		if err := d.Decode(&m); err != nil {
+			return p, badRequest("logit_bias", "logit_bias must be an object of token ids to numbers: %v", err)
+		}
+		p.LogitBias = make(map[int32]float64, len(m))
+		for k, v := range m {
+			id, err := strconv.ParseInt(strings.TrimSpace(k), 10, 32)
+			if err != nil || id < 0 {
+				return p, badRequest("logit_bias", "logit_bias key %.40q is not a token id", k)
+			}
+			b, err := v.Float64()
+			if err != nil || !(b >= -sample.MaxBias && b <= sample.MaxBias) {
+				return p, badRequest("logit_bias", "logit_bias of token %d must be a number in [-%d, %d], got %.40s", id, sample.MaxBias, sample.MaxBias, v)
+			}
+			p.LogitBias[int32(id)] = b
+		}
+	}
+	return p, nil
 }
 
 // job is a validated generation.
@@ -509,6 +553,9 @@ func (s *Server) buildJob(c *fiber.Ctx, k kind, adapterParam string) (*job, erro
 		if k == kindChat {
 			sp.Logprobs = *r.TopLogprobs
 		}
+	}
+	if sp.Penalties, err = r.penalties(); err != nil {
+		return nil, err
 	}
 	if err := sp.Validate(); err != nil {
 		return nil, badRequest("", "%v", err)

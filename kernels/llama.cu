@@ -1365,6 +1365,23 @@ __device__ __forceinline__ uint4 philox4x32(uint4 c, uint2 k) {
     return c;
 }
 
+// logit_adjust: the penalties and logit bias of the rows about to be
+// sampled (sample.Apply in runtime/sample): entry i, four words (row,
+// token, rep and add as float bits), changes logits[row * V + token] x to
+// x / rep when x > 0, else x * rep, then adds add, each operation rounded
+// on its own as the host does. Entries name each (row, token) at most once.
+extern "C" __global__ void logit_adjust(float* logits, const int* ent, int n, int V) {
+    pdl_entry();
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    const int* e = ent + 4 * i;
+    const float rep = __int_as_float(e[2]), add = __int_as_float(e[3]);
+    float* p = logits + (long long)e[0] * V + e[1];
+    float x = *p;
+    if (rep != 1.f) x = x > 0.f ? __fdiv_rn(x, rep) : __fmul_rn(x, rep);
+    *p = __fadd_rn(x, add);
+}
+
 // kept: inside the cut (K, I) of the order (key desc, id asc).
 __device__ __forceinline__ bool in_cut(unsigned key, int i, unsigned K, int I) { return key > K || (key == K && i <= I); }
 

@@ -137,7 +137,8 @@ type seq struct {
 	out      chan Event // read by the client; fed by box
 	box      *outbox
 	sampler  *sample.Sampler
-	seed     uint64 // keys device sampling (engine.Sampling.Seed)
+	pen      *sample.Tracker // penalties and logit bias (nil: none)
+	seed     uint64          // keys device sampling (engine.Sampling.Seed)
 	kv       engine.Sequence
 	tokens   []int32 // prompt followed by what was generated
 	fed      int     // tokens of `tokens` in the KV cache
@@ -300,6 +301,11 @@ func (s *Scheduler) Submit(ctx context.Context, r Request) (<-chan Event, error)
 			return nil, badField("stop", "stop token id %d outside the vocabulary [0, %d)", t, vocab)
 		}
 	}
+	for id := range r.Sampling.Penalties.LogitBias {
+		if id < 0 || int(id) >= vocab {
+			return nil, badField("logit_bias", "logit_bias token id %d outside the vocabulary [0, %d)", id, vocab)
+		}
+	}
 	smp, err := sample.New(r.Sampling)
 	if err != nil {
 		return nil, err
@@ -310,7 +316,7 @@ func (s *Scheduler) Submit(ctx context.Context, r Request) (<-chan Event, error)
 	}
 	out := make(chan Event, 8)
 	q := &seq{ctx: ctx, req: r, slot: -1, out: out, box: newOutbox(), sampler: smp,
-		seed: rand.Uint64(), tokens: slices.Clone(r.Prompt)}
+		seed: rand.Uint64(), tokens: slices.Clone(r.Prompt), pen: sample.NewTracker(r.Sampling.Penalties, r.Prompt)}
 	go q.box.forward(ctx, out)
 	if r.Sampling.Seed != nil {
 		q.seed = *r.Sampling.Seed

@@ -60,7 +60,7 @@ func (s *Scheduler) step() {
 	for k, q := range who {
 		n := len(in[k].Tokens)
 		sp[k] = engine.Sampling{Skip: q.fed+n < len(q.tokens), Params: q.req.Sampling, Seed: q.seed,
-			Index: uint64(q.fed + n), CPU: q.sampler}
+			Index: uint64(q.fed + n), CPU: q.sampler, Adjust: q.pen.Adjust()}
 	}
 	s.stepped = true
 	choices, err := s.e.StepSample(context.Background(), in, sp)
@@ -191,6 +191,7 @@ func (s *Scheduler) afterStep(in []engine.Input, who []*seq, choices []sample.Ch
 		}
 		q.tokens = append(q.tokens, c.ID)
 		q.gen++
+		q.pen.Generated(c.ID)
 		ev := Event{Token: c}
 		if r, ok := q.lease.(LoadReporter); ok && q.gen == 1 {
 			ev.Loaded = r.LoadSource()

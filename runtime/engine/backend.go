@@ -156,12 +156,15 @@ type RowSample struct {
 	// Seed and Counter key the counter-based random stream: the draw for
 	// (Seed, Counter) is fixed, whatever else is in the step.
 	Seed, Counter uint64
+	// Adjust changes the row's logits before the draw (penalties and logit
+	// bias, sample.Apply; tokens in range, each at most once).
+	Adjust []sample.Adjust
 }
 
 // DeviceSampler is an optional Backend capability: it samples tokens from
 // the logits the step's Logits op wrote without copying the logits to the
 // host. SampleRows waits for the step and fills out[i] for rows[i]: the
-// token, the log-softmax of the raw logits at it, and the Params.Logprobs
+// token, the log-softmax of the row's logits (after its Adjust) at it, and the Params.Logprobs
 // most likely tokens with theirs (as sample.Sampler.Sample).
 type DeviceSampler interface {
 	SampleRows(logits Buffer, rows []RowSample, out []sample.Choice) error

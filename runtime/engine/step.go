@@ -60,6 +60,9 @@ type Sampling struct {
 	// CPU, when set, draws on the host path (a backend without DeviceSampler)
 	// from this sampler's own stream; nil: a sampler seeded from (Seed, Index).
 	CPU *sample.Sampler
+	// Adjust changes the logits before the draw: the sequence's penalties
+	// and logit bias (sample.Tracker), each token at most once.
+	Adjust []sample.Adjust
 }
 
 // DeviceTime is the device time of the last step, when the backend
@@ -85,10 +88,17 @@ func (e *Engine) StepSample(ctx context.Context, in []Input, sp []Sampling) ([]s
 	if len(sp) != len(in) {
 		return nil, fmt.Errorf("%w: %d inputs, %d samplings", ErrBadInput, len(in), len(sp))
 	}
+	V := e.cfg.VocabSize
 	for i := range sp {
-		if !sp[i].Skip {
-			if err := sp[i].Params.Validate(); err != nil {
-				return nil, err
+		if sp[i].Skip {
+			continue
+		}
+		if err := sp[i].Params.Validate(); err != nil {
+			return nil, err
+		}
+		for _, a := range sp[i].Adjust {
+			if a.Token < 0 || int(a.Token) >= V {
+				return nil, fmt.Errorf("%w: input %d adjusts token %d of a %d-token vocabulary", ErrBadInput, i, a.Token, V)
 			}
 		}
 	}
@@ -99,7 +109,6 @@ func (e *Engine) StepSample(ctx context.Context, in []Input, sp []Sampling) ([]s
 		if err != nil {
 			return nil, err
 		}
-		V := e.cfg.VocabSize
 		for i, s := range sp {
 			if s.Skip {
 				continue
@@ -115,7 +124,9 @@ func (e *Engine) StepSample(ctx context.Context, in []Input, sp []Sampling) ([]s
 				}
 			}
 			l := logits[i]
-			out[i] = smp.Sample(l[len(l)-V:])
+			row := l[len(l)-V:]
+			sample.Apply(row, s.Adjust) // the step's own logits buffer
+			out[i] = smp.Sample(row)
 		}
 		return out, nil
 	}
@@ -133,7 +144,7 @@ func (e *Engine) StepSample(ctx context.Context, in []Input, sp []Sampling) ([]s
 		if in[i].AllLogits {
 			n = len(in[i].Tokens)
 		}
-		rows = append(rows, RowSample{Row: outRow[i] + n - 1, Params: s.Params, Seed: s.Seed, Counter: s.Index})
+		rows = append(rows, RowSample{Row: outRow[i] + n - 1, Params: s.Params, Seed: s.Seed, Counter: s.Index, Adjust: s.Adjust})
 		who = append(who, i)
 	}
 	got := make([]sample.Choice, len(rows))

@@ -115,7 +115,7 @@ type slotState struct {
 type funcs struct {
 	embed, addRMSNorm, rmsnormRows, ropeStore, attention, siluMul, shrink, expand *cuda.Function
 	addBias, headRMSNorm, addDelta                                                *cuda.Function
-	sgShrink, sgShrink4, sgExpand, sample                                         *cuda.Function
+	sgShrink, sgShrink4, sgExpand, sample, logitAdjust                            *cuda.Function
 	attnDecode                                                                    [4]*cuda.Function // attn_decode_d32, d64, d128, d256
 	attnPrefill                                                                   [3]*cuda.Function // attn_prefill_d32, d64, d128
 	sgExpandTC                                                                    [3]*cuda.Function // sgmv_expand_tc1, tc2, tc4
@@ -354,7 +354,7 @@ func (b *Backend) open(opts Options) error {
 		{&b.fn.attention, "attention"}, {&b.fn.siluMul, "silu_mul"},
 		{&b.fn.shrink, "lora_shrink"}, {&b.fn.expand, "lora_expand"},
 		{&b.fn.sgShrink, "sgmv_shrink"}, {&b.fn.sgShrink4, "sgmv_shrink4"}, {&b.fn.sgExpand, "sgmv_expand"},
-		{&b.fn.sample, "sample_rows"}, {&b.fn.attnDecode[0], "attn_decode_d32"}, {&b.fn.attnDecode[1], "attn_decode_d64"},
+		{&b.fn.sample, "sample_rows"}, {&b.fn.logitAdjust, "logit_adjust"}, {&b.fn.attnDecode[0], "attn_decode_d32"}, {&b.fn.attnDecode[1], "attn_decode_d64"},
 		{&b.fn.attnDecode[2], "attn_decode_d128"}, {&b.fn.attnDecode[3], "attn_decode_d256"},
 		{&b.fn.attnPrefill[0], "attn_prefill_d32"}, {&b.fn.attnPrefill[1], "attn_prefill_d64"}, {&b.fn.attnPrefill[2], "attn_prefill_d128"},
 		{&b.fn.addBias, "add_bias"}, {&b.fn.headRMSNorm, "head_rmsnorm"}, {&b.fn.addDelta, "add_delta"},

@@ -42,7 +42,11 @@ func (b *Backend) SampleRows(logits engine.Buffer, rows []engine.RowSample, out 
 	if soMaxTop < sample.MaxLogprobs {
 		return fmt.Errorf("gpu: sample: %d alternatives, the kernel returns %d", sample.MaxLogprobs, soMaxTop)
 	}
-	words := n * (spWords + soWords)
+	adj := 0 // logit_adjust entries, four words each, after the results
+	for _, r := range rows {
+		adj += len(r.Adjust)
+	}
+	words := n*(spWords+soWords) + 4*adj
 	if b.smpHost == nil || b.smpHost.Size() < 4*words {
 		b.smpHost.Free()
 		b.smpDev.Free()
@@ -74,10 +78,29 @@ func (b *Backend) SampleRows(logits engine.Buffer, rows []engine.RowSample, out 
 		p[8] = int32(r.Row)
 		p[9], p[10], p[11] = 0, 0, 0
 	}
+	ent := h[n*(spWords+soWords) : n*(spWords+soWords)+4*adj]
+	k := 0
+	for _, r := range rows {
+		for _, a := range r.Adjust {
+			if a.Token < 0 || int(a.Token) >= lb.cols {
+				return fmt.Errorf("%w: sample row %d adjusts token %d of %d", ErrBadStep, r.Row, a.Token, lb.cols)
+			}
+			ent[4*k], ent[4*k+1] = int32(r.Row), a.Token
+			ent[4*k+2], ent[4*k+3] = int32(math.Float32bits(a.Rep)), int32(math.Float32bits(a.Add))
+			k++
+		}
+	}
 	pDev := b.smpDev.Ptr()
 	oDev := pDev + uint64(4*n*spWords)
+	eDev := oDev + uint64(4*n*soWords)
 	if err := cuda.CopyHtoD(b.s, pDev, h[:n*spWords]); err != nil {
 		return err
+	}
+	if adj > 0 {
+		if err := cuda.CopyHtoD(b.s, eDev, ent); err != nil {
+			return err
+		}
+		b.launch(b.fn.logitAdjust, cuda.Dim3{X: (adj + 255) / 256}, cuda.Dim3{X: 256}, lb.f32, eDev, adj, lb.cols)
 	}
 	b.launch(b.fn.sample, cuda.Dim3{X: n}, cuda.Dim3{X: 1024}, oDev, lb.f32, pDev, lb.cols)
 	if b.err != nil {

@@ -158,6 +158,69 @@ func TestDeviceSampleGreedyLogprobs(t *testing.T) {
 	}
 }
 
+// TestDeviceSampleAdjust: rows with penalties and logit bias (a Tracker's
+// lists, hundreds of tokens, the top token banned by a bias of -100 on
+// some) mixed with rows without: greedy ids equal the CPU sampler's on the
+// row changed by sample.Apply, and logprobs (of the changed row) within
+// 1e-4.
+func TestDeviceSampleAdjust(t *testing.T) {
+	const B, V = 16, 32000
+	s := newSampleRig(t, B, V)
+	rows := make([][]float32, B)
+	rs := make([]engine.RowSample, B)
+	for i := range rows {
+		rows[i] = make([]float32, V)
+		for j := range rows[i] {
+			rows[i][j] = float32(s.rng.NormFloat64()) * 3
+		}
+		rs[i] = engine.RowSample{Row: i, Params: sample.Params{Logprobs: 5}, Seed: uint64(i)}
+		if i%4 == 3 {
+			continue // no adjustments
+		}
+		top := sample.Argmax(rows[i])
+		pen := sample.Penalties{Presence: 0.5 * float64(i%3), Frequency: 0.3, Repetition: 1 + 0.1*float64(i%5),
+			LogitBias: map[int32]float64{top: -100, int32(i): 7.5}}
+		prompt := make([]int32, 300)
+		for k := range prompt {
+			prompt[k] = int32(s.rng.IntN(V))
+		}
+		tr := sample.NewTracker(pen, prompt)
+		for range 40 {
+			tr.Generated(int32(s.rng.IntN(200)))
+		}
+		rs[i].Adjust = tr.Adjust()
+	}
+	got := s.draw(rows, rs)
+	worst := 0.0
+	for i, c := range got {
+		row := slices.Clone(rows[i])
+		sample.Apply(row, rs[i].Adjust)
+		seed := uint64(1)
+		p := rs[i].Params
+		p.Seed = &seed
+		smp, _ := sample.New(p)
+		want := smp.Sample(row)
+		if c.ID != want.ID {
+			t.Errorf("row %d (%d adjustments): greedy id %d, CPU %d", i, len(rs[i].Adjust), c.ID, want.ID)
+			continue
+		}
+		if len(rs[i].Adjust) > 0 && c.ID == sample.Argmax(rows[i]) {
+			t.Errorf("row %d: the banned top token %d was drawn", i, c.ID)
+		}
+		worst = max(worst, math.Abs(c.Logprob-want.Logprob))
+		for j := range min(len(c.Top), len(want.Top)) {
+			if c.Top[j].ID != want.Top[j].ID {
+				t.Errorf("row %d alt %d: id %d, CPU %d", i, j, c.Top[j].ID, want.Top[j].ID)
+			}
+			worst = max(worst, math.Abs(c.Top[j].Logprob-want.Top[j].Logprob))
+		}
+	}
+	t.Logf("adjusted rows: %d rows match the CPU sampler; worst logprob error %.3g (maxrel=%.3g)", B, worst, worst)
+	if worst > 1e-4 {
+		t.Errorf("logprob error %.3g > 1e-4", worst)
+	}
+}
+
 // TestDeviceSampleDistribution: temperature / top-k / top-p draws land only
 // in the CPU sampler's kept set and match its probabilities (chi-square);
 // seeded draws repeat exactly; logprobs of the drawn tokens within 1e-4.

@@ -23,6 +23,9 @@ type Params struct {
 	TopP        float64 // 0 or 1: no limit
 	Seed        *uint64 // nil: a random seed
 	Logprobs    int     // alternatives to return per token (0..MaxLogprobs)
+	// Penalties change the logits first (a Tracker per sequence turns
+	// them into the list of Adjusts a step applies).
+	Penalties Penalties
 }
 
 // Validate checks the ranges.
@@ -37,7 +40,7 @@ func (p Params) Validate() error {
 	case p.Logprobs < 0 || p.Logprobs > MaxLogprobs:
 		return fmt.Errorf("%w: logprobs %d outside [0, %d]", ErrParams, p.Logprobs, MaxLogprobs)
 	}
-	return nil
+	return p.Penalties.Validate()
 }
 
 // TokenLogprob is a token and its log-probability.
