@@ -54,27 +54,92 @@ func (c *Context) NewUploader(chunks, chunkBytes int) (*Uploader, error) {
 // ChunkBytes is the size of one pinned chunk.
 func (u *Uploader) ChunkBytes() int { return u.chunks[0].Size() }
 
-// Transfer is an upload in flight: events that complete as its bytes land
-// on the device, in order.
+// Transfer is an upload: its copies are enqueued one chunk at a time (on
+// a goroutine of its own after Start), and its events complete as its bytes
+// land on the device, in order.
 type Transfer struct {
 	u     *Uploader
-	done  *Event   // every byte
-	marks []*Event // marks[i]: bytes [0, mark i) (nil: nothing to wait for)
-	own   []*Event // the distinct events, done among them
+	marks []*Event        // marks[i]: bytes [0, mark i) (nil: nothing to wait for)
+	ready []chan struct{} // ready[i] closes once marks[i] is recorded, or the upload failed
+	done  *Event          // every byte
+	end   chan struct{}   // closes once every copy is enqueued, or the upload failed
+	err   error           // why it failed; set before the channels close
+	own   []*Event        // the distinct events, done among them
 }
 
-// Done completes once every byte has landed.
-func (t *Transfer) Done() *Event { return t.done }
+// newTransfer is a transfer of the given number of marks, none reached.
+func newTransfer(u *Uploader, marks int) *Transfer {
+	t := &Transfer{u: u, marks: make([]*Event, marks), ready: make([]chan struct{}, marks), end: make(chan struct{})}
+	for i := range t.ready {
+		t.ready[i] = make(chan struct{})
+	}
+	return t
+}
 
-// Through completes once the bytes before the i-th mark given to Upload
-// have landed; nil when there are none (the mark was 0).
-func (t *Transfer) Through(i int) *Event { return t.marks[i] }
+// reach closes the ready channels of marks [from, to) (their events are set).
+func (t *Transfer) reach(from, to int) {
+	for i := from; i < to; i++ {
+		close(t.ready[i])
+	}
+}
 
-// Wait blocks until every byte has landed (on the second thread).
-func (t *Transfer) Wait() error { return t.u.Wait(t.done) }
+// finish ends the transfer: with err, the marks not yet reached close too
+// (reached says how many were).
+func (t *Transfer) finish(reached int, err error) {
+	t.err = err
+	if err != nil {
+		t.reach(reached, len(t.ready))
+	}
+	close(t.end)
+}
 
-// Destroy frees the transfer's events (enqueued waits on them stay valid).
+// Through is the event after which the bytes before the i-th mark given
+// to Upload or Start have landed, waiting (on the host) until the upload
+// has enqueued them; nil when there is nothing to wait for (the mark was
+// 0). It fails when the upload failed before the mark.
+func (t *Transfer) Through(i int) (*Event, error) {
+	<-t.ready[i]
+	if t.marks[i] == nil && t.err != nil {
+		return nil, t.err
+	}
+	return t.marks[i], nil
+}
+
+// Done is the event after which every byte has landed, waiting until the
+// upload has enqueued them all; or why the upload failed.
+func (t *Transfer) Done() (*Event, error) {
+	<-t.end
+	return t.done, t.err
+}
+
+// Finished reports, without waiting, whether every byte has landed; or why
+// the upload failed.
+func (t *Transfer) Finished() (bool, error) {
+	select {
+	case <-t.end:
+	default:
+		return false, nil
+	}
+	if t.err != nil {
+		return false, t.err
+	}
+	return t.done.Done()
+}
+
+// Wait blocks until every byte has landed (on the second thread); after a
+// failure it returns the error (the copies enqueued were out by then).
+func (t *Transfer) Wait() error {
+	ev, err := t.Done()
+	if err != nil {
+		return err
+	}
+	return t.u.Wait(ev)
+}
+
+// Destroy frees the transfer's events once it has ended (waits enqueued on
+// them stay valid).
 func (t *Transfer) Destroy() error {
+	<-t.end
 	var errs []error
 	for _, e := range t.own {
 		errs = append(errs, e.Destroy())
@@ -91,20 +156,57 @@ func (t *Transfer) Destroy() error {
 // before marks[i] (ascending offsets; a stream that needs only a prefix of
 // the data can start on it early). The data need not outlive the call.
 func (u *Uploader) Upload(dst DevicePtr, n int, fill func(b []byte, off int) error, marks ...int) (*Transfer, error) {
+	if err := checkMarks(n, marks); err != nil {
+		return nil, err
+	}
+	t := newTransfer(u, len(marks))
+	u.run(t, dst, n, fill, marks)
+	if t.err != nil {
+		return nil, errors.Join(t.err, t.Destroy())
+	}
+	return t, nil
+}
+
+// Start is Upload on a goroutine of its own: it returns at once, and the
+// Transfer's Through(i) waits until the bytes before marks[i] are enqueued,
+// so that a stream can start on the first bytes while the rest are still
+// being filled. fill and the data must stay valid until Done returns.
+func (u *Uploader) Start(dst DevicePtr, n int, fill func(b []byte, off int) error, marks ...int) (*Transfer, error) {
+	if err := checkMarks(n, marks); err != nil {
+		return nil, err
+	}
+	t := newTransfer(u, len(marks))
+	go u.run(t, dst, n, fill, marks)
+	return t, nil
+}
+
+func checkMarks(n int, marks []int) error {
 	if n < 0 {
-		return nil, fmt.Errorf("%w: upload of %d bytes", ErrInvalidValue, n)
+		return fmt.Errorf("%w: upload of %d bytes", ErrInvalidValue, n)
 	}
 	for i, m := range marks {
 		if m < 0 || m > n || (i > 0 && m < marks[i-1]) {
-			return nil, fmt.Errorf("%w: upload mark %d at %d of %d bytes (marks must ascend within the data)", ErrInvalidValue, i, m, n)
+			return fmt.Errorf("%w: upload mark %d at %d of %d bytes (marks must ascend within the data)", ErrInvalidValue, i, m, n)
 		}
 	}
+	return nil
+}
+
+// run enqueues t's copies and ends t.
+func (u *Uploader) run(t *Transfer, dst DevicePtr, n int, fill func(b []byte, off int) error, marks []int) {
 	u.mu.Lock()
 	defer u.mu.Unlock()
-	if u.s == 0 {
-		return nil, ErrClosed
+	size := u.ChunkBytes()
+	at := markChunks(marks, size)
+	mi := 0
+	for mi < len(marks) && at[mi] < 0 {
+		mi++ // nothing to wait for
 	}
-	t := &Transfer{u: u, marks: make([]*Event, len(marks))}
+	t.reach(0, mi)
+	if u.s == 0 {
+		t.finish(mi, ErrClosed)
+		return
+	}
 	// newEvent records a fresh event on the stream (second thread).
 	newEvent := func() (*Event, error) {
 		ev := &Event{c: u.c}
@@ -114,31 +216,28 @@ func (u *Uploader) Upload(dst DevicePtr, n int, fill func(b []byte, off int) err
 		t.own = append(t.own, ev)
 		return ev, check("cuEventRecord", drv.cuEventRecord(ev.e, u.s))
 	}
-	fail := func(err error) (*Transfer, error) {
+	fail := func(err error) {
 		// copies already enqueued may read the ring and record the events:
 		// let them finish first
 		serr := u.c.doAside(func() error { return check("cuStreamSynchronize", drv.cuStreamSynchronize(u.s)) })
-		return nil, errors.Join(err, serr, t.Destroy())
-	}
-	size := u.ChunkBytes()
-	at := markChunks(marks, size)
-	mi := 0
-	for mi < len(marks) && at[mi] < 0 {
-		mi++ // nothing to wait for
+		t.finish(mi, errors.Join(err, serr))
 	}
 	for off := 0; off < n; off += size {
 		k := u.next
 		u.next = (k + 1) % len(u.chunks)
 		if u.used[k] { // the chunk's previous copy must be out of it
 			if err := u.c.doAside(func() error { return check("cuEventSynchronize", drv.cuEventSynchronize(u.evs[k])) }); err != nil {
-				return fail(err)
+				fail(err)
+				return
 			}
 		}
 		h := u.chunks[k]
 		m := min(size, n-off)
 		if err := fill(h.Bytes()[:m], off); err != nil {
-			return fail(err)
+			fail(err)
+			return
 		}
+		from := mi
 		if err := u.c.doAside(func() error {
 			if err := check("cuMemcpyHtoDAsync", drv.cuMemcpyHtoDAsync(dst+uint64(off), h.p, uint64(m), u.s)); err != nil {
 				return err
@@ -160,8 +259,12 @@ func (u *Uploader) Upload(dst DevicePtr, n int, fill func(b []byte, off int) err
 			}
 			return nil
 		}); err != nil {
-			return fail(err)
+			// marks whose event was set before the failure stay usable
+			t.reach(from, mi)
+			fail(err)
+			return
 		}
+		t.reach(from, mi)
 	}
 	err := u.c.doAside(func() error {
 		var err error
@@ -169,9 +272,10 @@ func (u *Uploader) Upload(dst DevicePtr, n int, fill func(b []byte, off int) err
 		return err
 	})
 	if err != nil {
-		return fail(err)
+		fail(err)
+		return
 	}
-	return t, nil
+	t.finish(mi, nil)
 }
 
 // markChunks is, for each mark (a byte offset), the index of the chunk of

@@ -179,12 +179,14 @@ type PreparedAdapter interface {
 
 // AdapterPreparer is an optional Backend capability: loading an adapter in
 // two parts so that the running batch never waits for it. PrepareAdapter
-// does the host work (conversion, layout, staging) and may be called from
-// any goroutine while steps run; LoadPrepared, on the goroutine that drives
-// the backend and between steps, places the staged adapter in slot, as
-// LoadAdapter would, without waiting for the upload: the first step that
-// uses the slot waits for it, other steps do not. LoadPrepared consumes p,
-// also when it fails.
+// starts the host work (conversion, layout, staging) and the upload, which
+// may go on after it returns, and may be called from any goroutine while
+// steps run; LoadPrepared, on the goroutine that drives the backend and
+// between steps, places the adapter in slot, as LoadAdapter would, without
+// waiting for the upload: the first step that uses the slot waits for it
+// (the CUDA backend layer by layer), other steps do not. LoadPrepared
+// consumes p, also when it fails. The adapter's weights must not change
+// until the upload is over.
 type AdapterPreparer interface {
 	PrepareAdapter(a *lora.Adapter) (PreparedAdapter, error)
 	LoadPrepared(slot int, p PreparedAdapter) error

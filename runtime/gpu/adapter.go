@@ -6,6 +6,7 @@ import (
 	"math"
 	"sort"
 	"sync/atomic"
+	"time"
 	"unsafe"
 
 	"github.com/peftd/peftd/internal/parallel"
@@ -18,17 +19,19 @@ import (
 
 // Asynchronous adapter loads (engine.AdapterPreparer). PrepareAdapter runs on
 // the caller's goroutine while steps run: it allocates the slot's device
-// image and streams the adapter into it through the uploader's ring of
-// pinned chunks (converting each chunk to bf16 as the previous one is
-// copied), all on the context's second thread, so neither a step nor the
-// thread that issues it waits for it, and no memory is pinned after Init.
+// image and starts streaming the adapter into it through the uploader's
+// ring of pinned chunks (converting each chunk to bf16 as the previous one
+// is copied) on a goroutine of its own, the driver calls on the context's
+// second thread, so neither a step nor the thread that issues it waits for
+// it, and no memory is pinned after Init. It returns at once.
 // LoadPrepared runs on the engine goroutine between steps: it points the
 // LoRA table at the image. Steps that do not use the slot never wait for
-// it. The first step whose LoRA segments use it while the copy is still in
-// flight runs its ops eagerly (in the layout its graph would have) and
-// waits layer by layer: each layer's LoRA ops wait for the copy of that
-// layer's part of the image (the image is laid out in layer order), so the
-// step's first layers overlap the upload of the last ones.
+// it. The first step whose LoRA segments use it while the upload is under
+// way runs its ops eagerly (in the layout its graph would have) and waits
+// layer by layer: before a layer's LoRA ops the host waits until that
+// layer's part of the image (laid out in layer order) is enqueued, and the
+// stream until it has landed, so the step's first layers overlap the fill
+// and the copies of the last ones.
 
 // The uploader's ring: 4 pinned chunks of 16 MiB (64 MiB pinned at Init).
 const (
@@ -181,10 +184,16 @@ func (b *Backend) PrepareAdapter(a *lora.Adapter) (engine.PreparedAdapter, error
 	if err != nil {
 		return nil, fmt.Errorf("gpu: adapter %s: %w", a.Name, err)
 	}
-	tr, err := b.up.Upload(mem.Ptr(), 2*img.total, func(chunk []byte, off int) error {
+	fill := func(chunk []byte, off int) error {
 		img.fill(unsafe.Slice((*uint16)(unsafe.Pointer(&chunk[0])), len(chunk)/2), off/2, a)
+		if d := b.force.slowFill; d > 0 {
+			time.Sleep(d)
+		}
 		return nil
-	}, img.layerMarks(b.cfg.Layers)...)
+	}
+	// The fill and the copies go on after the return: the first step that
+	// uses the slot waits, layer by layer, for them to be enqueued and to land.
+	tr, err := b.up.Start(mem.Ptr(), 2*img.total, fill, img.layerMarks(b.cfg.Layers)...)
 	if err != nil {
 		mem.Free()
 		return nil, fmt.Errorf("gpu: adapter %s: upload: %w", a.Name, err)
@@ -306,14 +315,21 @@ func (b *Backend) waitLoads(meta *engine.StepMeta, gate bool) (gated bool, err e
 	}
 	gate = gate && !b.force.wholeLoad
 	keep := b.loads[:0]
+	var failed error
 	for _, l := range b.loads {
-		done, err := l.tr.Done().Done()
+		done, err := l.tr.Finished()
 		if err != nil {
-			return false, err
+			// the slot's image is incomplete: every step that uses the
+			// slot fails (until it is unloaded), the others go on
+			keep = append(keep, l)
+			if usesSlot(meta, l.slot) && failed == nil {
+				failed = fmt.Errorf("gpu: adapter image for slot %d: %w", l.slot, err)
+			}
+			continue
 		}
 		if done {
-			if err := l.tr.Destroy(); err != nil {
-				return false, err
+			if err := l.tr.Destroy(); err != nil && failed == nil {
+				failed = err
 			}
 			continue
 		}
@@ -326,13 +342,24 @@ func (b *Backend) waitLoads(meta *engine.StepMeta, gate bool) (gated bool, err e
 			b.gates = append(b.gates, l)
 			continue
 		}
-		if err := b.s.Wait(l.tr.Done()); err != nil {
-			return false, err
+		ev, err := l.tr.Done()
+		if err == nil {
+			err = b.s.Wait(ev)
+		}
+		if err != nil {
+			if failed == nil {
+				failed = err
+			}
+			continue
 		}
 		l.waited = true
 	}
 	clear(b.loads[len(keep):])
 	b.loads = keep
+	if failed != nil {
+		b.gates = b.gates[:0]
+		return false, failed
+	}
 	if len(b.gates) > 0 {
 		b.gatedSteps++
 	}
@@ -353,7 +380,14 @@ func usesSlot(meta *engine.StepMeta, slot int) bool {
 // LoRA ops of layer it is about to enqueue.
 func (b *Backend) gateLayer(st *cuda.Stream, layer int) {
 	for _, l := range b.gates {
-		ev := l.tr.Through(layer)
+		if b.err != nil {
+			return
+		}
+		ev, err := l.tr.Through(layer) // waits for the layer's copies to be enqueued
+		if err != nil {
+			b.fail(fmt.Errorf("gpu: adapter image for slot %d, layer %d: %w", l.slot, layer, err))
+			return
+		}
 		last := &l.onCompute
 		if st != b.s {
 			last = &l.onLoRA
@@ -371,7 +405,11 @@ func (b *Backend) gateLayer(st *cuda.Stream, layer int) {
 // come after it.
 func (b *Backend) endGates() {
 	for _, l := range b.gates {
-		if err := b.s.Wait(l.tr.Done()); err != nil {
+		ev, err := l.tr.Done()
+		if err == nil {
+			err = b.s.Wait(ev)
+		}
+		if err != nil {
 			b.fail(err)
 			continue
 		}
@@ -390,7 +428,7 @@ func (b *Backend) settle(slot int) error {
 			keep = append(keep, l)
 			continue
 		}
-		errs = append(errs, l.tr.Done().Synchronize(), l.tr.Destroy())
+		errs = append(errs, l.tr.Wait(), l.tr.Destroy())
 	}
 	clear(b.loads[len(keep):])
 	b.loads = keep
@@ -401,7 +439,7 @@ func (b *Backend) settle(slot int) error {
 func (b *Backend) closeLoads() error {
 	var errs []error
 	for _, l := range b.loads {
-		errs = append(errs, l.tr.Done().Synchronize(), l.tr.Destroy())
+		errs = append(errs, l.tr.Wait(), l.tr.Destroy())
 	}
 	b.loads, b.gates = nil, nil
 	errs = append(errs, b.up.Close())

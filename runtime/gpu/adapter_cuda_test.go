@@ -5,8 +5,10 @@ package gpu
 import (
 	"context"
 	"testing"
+	"time"
 
 	fx "github.com/peftd/peftd/internal/fixture"
+	"github.com/peftd/peftd/runtime/cuda"
 	"github.com/peftd/peftd/runtime/engine"
 )
 
@@ -133,20 +135,29 @@ func TestAsyncAdapterLoad(t *testing.T) {
 	t.Logf("maxrel=%.3g (async vs synchronous load, every logits row of %d steps)", worst, steps)
 }
 
-// TestGatedAdapterLoad holds an adapter's upload behind ~100 ms of device
-// copies, commits it and steps at once: the step must run gated (each
-// layer's LoRA ops waiting for that layer's part of the image, which the
-// uploader copies in chunks small enough for each layer to have its own)
-// and give exactly the logits of an engine that loaded the adapter
-// synchronously, as must the next step (a graph replay) and, with
-// kernelForce.wholeLoad, a step that waits for the whole image first.
+// TestGatedAdapterLoad commits an adapter whose upload is still under way
+// and steps at once, three ways: its copies held behind ~100 ms of device
+// copies (the step must run gated: each layer's LoRA ops wait for that
+// layer's part of the image, which the uploader copies in chunks small
+// enough for each layer to have its own); the same with
+// kernelForce.wholeLoad (the step waits for the whole image first); and
+// its host fill slowed to 5 ms a chunk (PrepareAdapter returns before the
+// fill is done: the gated step waits on the host for each layer's copies
+// to be enqueued). Every way the logits must be exactly those of an engine
+// that loaded the adapter synchronously, in that step and the next (a
+// graph replay).
 func TestGatedAdapterLoad(t *testing.T) {
 	m, adapters, cases := loadFixture(t)
 	opts := engine.DefaultOptions()
 	first, late := adapters["qv-r8"], adapters["mlp-r64"]
 	ctx := context.Background()
 	prompt := cases[0].Prompt
-	for _, whole := range []bool{false, true} {
+	for _, mode := range []struct {
+		name        string
+		hold, whole bool
+		slow        time.Duration
+		gated       int
+	}{{"held", true, false, 0, 1}, {"held+wholeLoad", true, true, 0, 0}, {"slow fill", false, false, 5 * time.Millisecond, 1}} {
 		eS, eA := newEngine(t, m, opts), newEngine(t, m, opts)
 		for _, e := range []*engine.Engine{eS, eA} {
 			if err := e.LoadAdapter(0, first); err != nil {
@@ -157,7 +168,7 @@ func TestGatedAdapterLoad(t *testing.T) {
 			t.Fatal(err)
 		}
 		b := eA.Backend().(*Backend)
-		b.force.wholeLoad = whole
+		b.force.wholeLoad, b.force.slowFill = mode.whole, mode.slow
 		img, err := b.slotLayout(late)
 		if err != nil {
 			t.Fatal(err)
@@ -174,57 +185,74 @@ func TestGatedAdapterLoad(t *testing.T) {
 		step := func(k int, e *engine.Engine, in []engine.Input) [][]float32 {
 			out, err := e.Step(ctx, in)
 			if err != nil {
-				t.Fatalf("engine %d: %v", k, err)
+				t.Fatalf("%s: engine %d: %v", mode.name, k, err)
 			}
 			return out
 		}
 		for k, e := range []*engine.Engine{eS, eA} {
 			step(k, e, []engine.Input{{Seq: seqs[k][0], Tokens: prompt, Slot: 0}})
 		}
-		// hold the uploader's stream behind ~100 ms of device copies
-		hold, err := b.ctx.NewStream()
-		if err != nil {
-			t.Fatal(err)
-		}
-		const gb = 1 << 30
-		src, err := b.ctx.Alloc(gb)
-		if err != nil {
-			t.Fatal(err)
-		}
-		dst, err := b.ctx.Alloc(gb)
-		if err != nil {
-			t.Fatal(err)
-		}
-		for range 200 {
-			if err := hold.CopyDtoD(dst.Ptr(), src.Ptr(), gb); err != nil {
+		var held *cuda.Event
+		if mode.hold {
+			// hold the uploader's stream behind ~100 ms of device copies
+			hold, err := b.ctx.NewStream()
+			if err != nil {
 				t.Fatal(err)
 			}
+			const gb = 1 << 30
+			src, err := b.ctx.Alloc(gb)
+			if err != nil {
+				t.Fatal(err)
+			}
+			dst, err := b.ctx.Alloc(gb)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for range 200 {
+				if err := hold.CopyDtoD(dst.Ptr(), src.Ptr(), gb); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if held, err = b.ctx.NewEvent(false); err != nil {
+				t.Fatal(err)
+			}
+			if err := held.Record(hold); err != nil {
+				t.Fatal(err)
+			}
+			if err := b.up.After(held); err != nil {
+				t.Fatal(err)
+			}
+			defer func() {
+				hold.Synchronize()
+				src.Free()
+				dst.Free()
+				held.Destroy()
+				hold.Destroy()
+			}()
 		}
-		held, err := b.ctx.NewEvent(false)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := held.Record(hold); err != nil {
-			t.Fatal(err)
-		}
-		if err := b.up.After(held); err != nil {
-			t.Fatal(err)
-		}
+		t0 := time.Now()
 		p, err := eA.PrepareAdapter(late)
 		if err != nil {
 			t.Fatal(err)
 		}
+		prep := time.Since(t0)
 		if err := eA.LoadPrepared(2, p); err != nil {
 			t.Fatal(err)
 		}
-		if done, err := held.Done(); err != nil || done {
-			t.Fatalf("the hold ended before the step (done %v, %v): the test cannot see the gate", done, err)
+		if held != nil {
+			if done, err := held.Done(); err != nil || done {
+				t.Fatalf("%s: the hold ended before the step (done %v, %v): the test cannot see the gate", mode.name, done, err)
+			}
 		}
 		var outs [2][][]float32
 		tok := []int32{(prompt[0]*7 + 3) % int32(m.Config.VocabSize)}
-		for _, k := range []int{1, 0} { // the held engine first
+		t1 := time.Now()
+		for _, k := range []int{1, 0} { // the engine loading asynchronously first
 			e := []*engine.Engine{eS, eA}[k]
 			outs[k] = step(k, e, []engine.Input{{Seq: seqs[k][0], Tokens: tok, Slot: 0}, {Seq: seqs[k][1], Tokens: prompt, Slot: 2}})
+			if k == 1 {
+				t1 = time.Now()
+			}
 		}
 		gated := b.gatedSteps
 		for k, e := range []*engine.Engine{eS, eA} {
@@ -233,22 +261,22 @@ func TestGatedAdapterLoad(t *testing.T) {
 		}
 		for j := range outs[0] {
 			if d := fx.RelErr(outs[1][j], outs[0][j]); d != 0 {
-				t.Errorf("wholeLoad=%v: output %d differs from the synchronous load (rel %.3g)", whole, j, d)
+				t.Errorf("%s: output %d differs from the synchronous load (rel %.3g)", mode.name, j, d)
 			}
 		}
-		if want := map[bool]int{false: 1, true: 0}[whole]; gated != want || b.gatedSteps != want {
-			t.Errorf("wholeLoad=%v: %d gated steps (%d after the next step), want %d", whole, gated, b.gatedSteps, want)
+		if gated != mode.gated || b.gatedSteps != mode.gated {
+			t.Errorf("%s: %d gated steps (%d after the next step), want %d", mode.name, gated, b.gatedSteps, mode.gated)
 		}
-		for _, x := range []interface{ Free() error }{src, dst} {
-			x.Free()
+		nChunks := (2*img.total + chunk - 1) / chunk
+		if mode.slow > 0 && prep > mode.slow*time.Duration(nChunks)/2 {
+			t.Errorf("%s: PrepareAdapter took %v, as long as the fill (%d chunks x %v): it should return at once", mode.name, prep, nChunks, mode.slow)
 		}
-		held.Destroy()
-		hold.Destroy()
 		for k, e := range []*engine.Engine{eS, eA} {
 			for _, s := range seqs[k] {
 				e.Release(s)
 			}
 		}
-		t.Logf("wholeLoad=%v: %d-byte image in %d-byte chunks, gated steps %d, outputs identical", whole, 2*img.total, chunk, gated)
+		t.Logf("%s: %d-byte image in %d chunks of %d bytes; PrepareAdapter %v, gated step %v; gated steps %d, outputs identical",
+			mode.name, 2*img.total, nChunks, chunk, prep, t1.Sub(t0)-prep, gated)
 	}
 }

@@ -125,11 +125,12 @@ type funcs struct {
 // Backend otherwise chooses by shape: the tests check every family against
 // the reference and the benchmarks compare them. Production never sets it.
 type kernelForce struct {
-	loraRows  bool // LoRA: the row-at-a-time kernels (lora_shrink, lora_expand)
-	loraV1    bool // LoRA: SGMV v1 (sgmv_shrink, then an expand launch)
-	loraV2    bool // LoRA: SGMV v2 (one launch per op) wherever it fits
-	attnRows  bool // attention: the per-row kernel for every row (no attn_decode, attn_prefill, graphs)
-	wholeLoad bool // adapter loads: a step waits for the whole image before it starts (no per-layer start)
+	loraRows  bool          // LoRA: the row-at-a-time kernels (lora_shrink, lora_expand)
+	loraV1    bool          // LoRA: SGMV v1 (sgmv_shrink, then an expand launch)
+	loraV2    bool          // LoRA: SGMV v2 (one launch per op) wherever it fits
+	attnRows  bool          // attention: the per-row kernel for every row (no attn_decode, attn_prefill, graphs)
+	wholeLoad bool          // adapter loads: a step waits for the whole image before it starts (no per-layer start)
+	slowFill  time.Duration // adapter loads: a sleep after each chunk's fill (tests: a step must wait for the host)
 }
 
 // Backend implements engine.Backend on one CUDA device.
