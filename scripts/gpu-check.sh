@@ -21,6 +21,9 @@
 #     attnbench  TestAttnBench: prefill attention of one 8B layer, tensor-core
 #                kernel vs per-row kernel (not in the default phases)
 #     lorabench  TestLoRABench: the LoRA path of one 8B layer, CUDA-graph replays
+#     fp8bench   TestFP8GemmBench: the FP8 product (fp8_gemv, fp8_gemm_skinny,
+#                its n128 variant, cuBLASLt) against bf16 at the 8B projection
+#                shapes, 1-2048 rows (not in the default phases)
 #     decode     makes a random 32-layer 8B checkpoint + 4 rank-32 adapters
 #                (tools/make_random_llama.py, ~16 GB under /tmp) and runs
 #                TestDecodeBench (decode tokens/s at batch 1, 16, 64, 256;
@@ -272,6 +275,14 @@ if want lorabench; then
 	save "$LOG/lorabench.txt"
 	grep -E -- '--- (PASS|FAIL|SKIP)|panic|Error' "$LOG/lorabench.log" | head -5
 	stamp lorabench
+fi
+if want fp8bench; then
+	echo "=== fp8bench"
+	(cd runtime/gpu && PEFTD_FP8_BENCH=1 timeout "$(left 300)" "$GPUBIN" -test.v -test.count=1 -test.run '^TestFP8GemmBench$') >"$LOG/fp8bench.log" 2>&1 || status=1
+	grep '^BENCH fp8gemm' "$LOG/fp8bench.log" >"$LOG/fp8bench.txt"
+	save "$LOG/fp8bench.txt"
+	grep -E -- '--- (PASS|FAIL|SKIP)|panic|Error' "$LOG/fp8bench.log" | head -5
+	stamp fp8bench
 fi
 if want decode; then
 	MD=/tmp/llama8b-random
