@@ -47,7 +47,7 @@ func (b *Backend) SampleRows(logits engine.Buffer, rows []engine.RowSample, out 
 		adj += len(r.Adjust)
 	}
 	words := n*(spWords+soWords) + 4*adj
-	// 1 MB at first (256 rows with 1,500 adjustments each), then twice what
+	// 1 MB at first (256 rows and 60,000 adjustments), then twice what
 	// is needed: pinning memory stalls the device, so it happens rarely
 	if b.smpHost == nil || b.smpHost.Size() < 4*words {
 		b.smpHost.Free()
