@@ -36,6 +36,7 @@ type Metrics struct {
 	adapters   prometheus.Histogram
 	stepTime   prometheus.Histogram
 	stepDevice prometheus.Histogram
+	stepHost   *prometheus.HistogramVec
 	preempt    prometheus.Counter
 	kvUsage    prometheus.Gauge
 	loraInfo   *loraInfo
@@ -91,6 +92,11 @@ func New(maxLoRA int) *Metrics {
 		stepDevice: prometheus.NewHistogram(prometheus.HistogramOpts{Name: "peftd_step_device_seconds",
 			Help: "Device time of an engine step (GPU backends: from the metadata upload to the result copy); " +
 				"with peftd_step_duration_seconds, the host's share of a step.", Buckets: lat}),
+		stepHost: prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: "peftd_step_host_seconds",
+			Help: "Host time of an engine step by phase, in order: plan (admission, the plan and its KV pages), prepare (the step's metadata), " +
+				"issue (the ops enqueued; computed, on the CPU backend), wait (sampling or reading the logits until the results are back), " +
+				"emit (the tokens handed to their requests). peftd_step_duration_seconds is about prepare + issue + wait.",
+			Buckets: []float64{1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, .01, .025, .05, .1, .25, .5, 1}}, []string{"phase"}),
 		preempt: prometheus.NewCounter(prometheus.CounterOpts{Name: "peftd_preemptions_total",
 			Help: "Sequences preempted for KV pages."}),
 		kvUsage: prometheus.NewGauge(prometheus.GaugeOpts{Name: "peftd_kv_cache_usage_ratio",
@@ -116,7 +122,7 @@ func New(maxLoRA int) *Metrics {
 			Help: "KV cache usage, 0 to 1 (1 means 100 percent; vLLM-compatible; same as peftd_kv_cache_usage_ratio)."}),
 	}
 	r.MustRegister(m.requests, m.generated, m.prompt, m.ttft, m.coldTTFT, m.itl, m.e2e, m.inflight, m.waiting, m.running,
-		m.batchRows, m.batchSeqs, m.adapters, m.stepTime, m.stepDevice, m.preempt, m.kvUsage, m.loraInfo,
+		m.batchRows, m.batchSeqs, m.adapters, m.stepTime, m.stepDevice, m.stepHost, m.preempt, m.kvUsage, m.loraInfo,
 		m.vllmWaiting, m.vllmRunning, m.vllmKV, m.panics,
 		m.prefixQueries, m.prefixHits, m.vllmPrefixQueries, m.vllmPrefixHits, m.prefixPages,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
@@ -168,12 +174,20 @@ func counterValue(c prometheus.Counter) float64 {
 
 // OnStep records one scheduler step.
 func (m *Metrics) OnStep(s scheduler.StepStats) {
-	m.batchRows.Observe(float64(s.Rows))
-	m.batchSeqs.Observe(float64(s.Sequences))
-	m.adapters.Observe(float64(s.Adapters))
-	m.stepTime.Observe(s.Duration.Seconds())
-	if s.Device > 0 {
-		m.stepDevice.Observe(s.Device.Seconds())
+	if s.Rows > 0 { // a report of an idle scheduler ran no step
+		m.batchRows.Observe(float64(s.Rows))
+		m.batchSeqs.Observe(float64(s.Sequences))
+		m.adapters.Observe(float64(s.Adapters))
+		m.stepTime.Observe(s.Duration.Seconds())
+		if s.Device > 0 {
+			m.stepDevice.Observe(s.Device.Seconds())
+		}
+		for _, p := range []struct {
+			name string
+			d    time.Duration
+		}{{"plan", s.Plan}, {"prepare", s.Prepare}, {"issue", s.Issue}, {"wait", s.Wait}, {"emit", s.Emit}} {
+			m.stepHost.WithLabelValues(p.name).Observe(p.d.Seconds())
+		}
 	}
 	m.preempt.Add(float64(s.Preempted))
 	m.prefixQueries.Add(float64(s.PrefixQueries))

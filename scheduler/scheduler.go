@@ -117,7 +117,12 @@ type StepStats struct {
 	// Device is the step's device time (GPU: from the metadata upload to
 	// the result copy), 0 when the backend does not measure it; Duration
 	// minus Device is the host's share.
-	Device                           time.Duration
+	Device time.Duration
+	// Where the host time of the step went, in order: Plan (admission,
+	// cancelled sequences, the plan and its KV pages), then the engine's
+	// Prepare, Issue and Wait (engine.StepTimes: Duration is about their
+	// sum), then Emit (the new tokens handed to their requests).
+	Plan, Prepare, Issue, Wait, Emit time.Duration
 	FreeBlocks, TotalBlocks          int
 	Waiting, Running                 int
 	RunningAdapters, WaitingAdapters []string

@@ -288,3 +288,40 @@ func waitQueued(t *testing.T, s *Scheduler, n int) {
 	}
 	t.Fatalf("never saw %d queued requests", n)
 }
+
+// TestStepHostTimes: every step with rows reports where its host time went:
+// the engine's prepare, issue and wait inside Duration, the plan before it
+// and the emit after; the CPU backend computes in issue.
+func TestStepHostTimes(t *testing.T) {
+	var mu sync.Mutex
+	var steps []StepStats
+	s, f := setup(t, engine.Options{MaxTokens: 64, KVBlocks: 64, BlockSize: 16, AdapterSlots: 4}, Config{OnStep: func(st StepStats) {
+		if st.Rows > 0 {
+			mu.Lock()
+			steps = append(steps, st)
+			mu.Unlock()
+		}
+	}})
+	c := f.Cases[0]
+	ch, err := s.Submit(context.Background(), Request{Adapter: c.AdapterName(), Prompt: c.Prompt, MaxTokens: 8})
+	if err != nil {
+		t.Fatal(err)
+	}
+	collect(t, ch)
+	mu.Lock()
+	defer mu.Unlock()
+	if len(steps) < 8 {
+		t.Fatalf("%d steps with rows, want at least 8", len(steps))
+	}
+	var issue time.Duration
+	for i, st := range steps {
+		if in := st.Prepare + st.Issue + st.Wait; in > st.Duration || st.Plan < 0 || st.Emit < 0 || st.Prepare <= 0 {
+			t.Errorf("step %d: prepare %v + issue %v + wait %v (%v) vs duration %v; plan %v, emit %v",
+				i, st.Prepare, st.Issue, st.Wait, in, st.Duration, st.Plan, st.Emit)
+		}
+		issue += st.Issue
+	}
+	if issue <= 0 {
+		t.Errorf("the CPU backend's steps spent no time in issue")
+	}
+}

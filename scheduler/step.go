@@ -15,6 +15,7 @@ import (
 // (also when it had nothing to run: the gauges must not keep the load of a
 // step whose sequences have all been cancelled since).
 func (s *Scheduler) step() {
+	t0 := time.Now()
 	stats := StepStats{TotalBlocks: s.e.Options().KVBlocks}
 	defer func() { s.reportStep(&stats) }()
 	s.stepped = false
@@ -56,6 +57,7 @@ func (s *Scheduler) step() {
 		stats.Preempted++
 	}
 	start := time.Now()
+	stats.Plan = start.Sub(t0)
 	sp := make([]engine.Sampling, len(in))
 	for k, q := range who {
 		n := len(in[k].Tokens)
@@ -68,11 +70,15 @@ func (s *Scheduler) step() {
 		s.failAll(err)
 		return
 	}
-	stats.Duration = time.Since(start)
+	end := time.Now()
+	stats.Duration = end.Sub(start)
 	if d, ok := s.e.DeviceTime(); ok {
 		stats.Device = d
 	}
+	et := s.e.LastStepTimes()
+	stats.Prepare, stats.Issue, stats.Wait = et.Prepare, et.Issue, et.Wait
 	s.afterStep(in, who, choices)
+	stats.Emit = time.Since(end)
 }
 
 // reserve gives each input's sequence the pages its tokens need, in plan

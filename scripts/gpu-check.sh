@@ -421,6 +421,10 @@ if want serve8b; then
 			awk '/^peftd_step_(duration|device)_seconds_(sum|count) /{v[$1]=$2} /^peftd_batch_tokens_(sum|count) /{v[$1]=$2} /^peftd_batch_size_(sum|count) /{v[$1]=$2}
 				END {n=v["peftd_step_duration_seconds_count"]; d=v["peftd_step_device_seconds_count"]; if (n>0) printf "SERVESTEPS steps=%d mean_ms=%.2f device_mean_ms=%.2f mean_rows=%.1f mean_seqs=%.1f\n", n, 1000*v["peftd_step_duration_seconds_sum"]/n, (d>0 ? 1000*v["peftd_step_device_seconds_sum"]/d : 0), v["peftd_batch_tokens_sum"]/v["peftd_batch_tokens_count"], v["peftd_batch_size_sum"]/v["peftd_batch_size_count"]}' \
 				"$LOG/serve8b.metrics.txt" | tee -a "$LOG/serve8b.txt"
+			# where the host time of a step went (mean ms per step, by phase)
+			sed -n 's/^peftd_step_host_seconds_\(sum\|count\){phase="\([a-z]*\)"} \(.*\)/\1 \2 \3/p' "$LOG/serve8b.metrics.txt" |
+				awk '{v[$1 " " $2]=$3} END {printf "SERVEHOST mean_ms"; n=split("plan prepare issue wait emit", ph, " "); for (i=1;i<=n;i++) {c=v["count " ph[i]]; printf " %s=%.3f", ph[i], (c>0 ? 1000*v["sum " ph[i]]/c : 0)}; printf "\n"}' |
+				tee -a "$LOG/serve8b.txt"
 			grep -E 'adapter|load|graphs' "$LOG/serve8b.log" | tail -n 12 | cut -c1-240
 		else
 			echo "serve8b: FAIL: server did not start"; tail -n 20 "$LOG/serve8b.log"; status=1
@@ -643,7 +647,7 @@ fi
 	fi
 	[[ -s "$LOG/attnbench.txt" ]] && echo "Prefill attention per 8B layer (median us):" && cut -c12- "$LOG/attnbench.txt"
 	[[ -f "$LOG/serve.result" ]] && cat "$LOG/serve.result" && grep -E 'tok|req|TTFT|thr' "$LOG/serve.bench.txt" | head -8
-	[[ -f "$LOG/serve8b.txt" ]] && grep SERVEBENCH "$LOG/serve8b.txt" | cut -c1-320
+	[[ -f "$LOG/serve8b.txt" ]] && grep -E "^(SERVEBENCH|SERVESTEPS|SERVEHOST)" "$LOG/serve8b.txt" | cut -c1-320
 	[[ -s "$LOG/prefix8b.txt" ]] && echo "Prefix caching (8B shapes, 8 layers; 2000-token shared prefix, concurrency 32):" && grep -E '^(PREFIXBENCH|PREFIXGREEDY)' "$LOG/prefix8b.txt" | cut -c1-230
 	[[ -s "$LOG/nsys8b.txt" ]] && echo "Serving under nsys (8B shapes, concurrency 64):" && grep -E '^(SERVEBENCH|NSYS)' "$LOG/nsys8b.txt" | cut -c1-200
 	[[ -s "$LOG/cold8b.txt" ]] && echo "Cold start (8B shapes, versitygw; scripts/cold.sh):" && cut -c6-200 "$LOG/cold8b.txt"

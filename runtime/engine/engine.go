@@ -69,6 +69,8 @@ type Engine struct {
 	slots []*lora.Adapter
 	// loraUse[l][m] counts the loaded adapters that change projection m of layer l.
 	loraUse [][llama.NumModules]int
+	// times is where the host time of the last step went (LastStepTimes).
+	times StepTimes
 }
 
 // New uploads the model's weights to the backend.

@@ -25,10 +25,12 @@ type Input struct {
 // On error no sequence's length changes (pages reserved for it stay, as
 // Reserve's do).
 func (e *Engine) Step(ctx context.Context, in []Input) ([][]float32, error) {
+	t0 := time.Now()
 	meta, outRow, err := e.prepare(ctx, in)
 	if err != nil {
 		return nil, err
 	}
+	e.times = StepTimes{Prepare: time.Since(t0)}
 	var logits []float32
 	err = e.run(in, meta, func() error {
 		logits = make([]float32, len(meta.LogitRows)*e.cfg.VocabSize)
@@ -64,6 +66,18 @@ type Sampling struct {
 	// and logit bias (sample.Tracker), each token at most once.
 	Adjust []sample.Adjust
 }
+
+// StepTimes is where the host time of a step went, in order: Prepare
+// validates the inputs and builds the step's metadata (page tables,
+// segments); Issue is the backend's Execute (the ops enqueued, or computed
+// on a host backend); Wait is what follows until the results are back
+// (sampling or reading the logits, and the backend's End).
+type StepTimes struct {
+	Prepare, Issue, Wait time.Duration
+}
+
+// LastStepTimes is where the host time of the last step went.
+func (e *Engine) LastStepTimes() StepTimes { return e.times }
 
 // DeviceTime is the device time of the last step, when the backend
 // measures it (StepTimer).
@@ -109,6 +123,8 @@ func (e *Engine) StepSample(ctx context.Context, in []Input, sp []Sampling) ([]s
 		if err != nil {
 			return nil, err
 		}
+		t0 := time.Now()
+		defer func() { e.times.Wait += time.Since(t0) }() // host sampling
 		for i, s := range sp {
 			if s.Skip {
 				continue
@@ -130,10 +146,12 @@ func (e *Engine) StepSample(ctx context.Context, in []Input, sp []Sampling) ([]s
 		}
 		return out, nil
 	}
+	t0 := time.Now()
 	meta, outRow, err := e.prepare(ctx, in)
 	if err != nil {
 		return nil, err
 	}
+	e.times = StepTimes{Prepare: time.Since(t0)}
 	var rows []RowSample
 	var who []int
 	for i, s := range sp {
@@ -281,7 +299,12 @@ func (e *Engine) run(in []Input, meta *StepMeta, tail func() error) error {
 	}
 	prog := e.program(s)
 	f := func() error {
-		if err := e.b.Execute(meta, prog); err != nil {
+		t0 := time.Now()
+		err := e.b.Execute(meta, prog)
+		t1 := time.Now()
+		e.times.Issue = t1.Sub(t0)
+		defer func() { e.times.Wait = time.Since(t1) }()
+		if err != nil {
 			e.b.End()
 			return err
 		}
