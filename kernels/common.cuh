@@ -80,6 +80,28 @@ __device__ __forceinline__ void cp_async16(unsigned dst, const void* src, int n)
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+// cp_async4: the same for 4 bytes (through L1: .cg takes only 16).
+__device__ __forceinline__ void cp_async4(unsigned dst, const void* src, int n) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(n));
+}
+
+// e4m3x2_float2: two e4m3 values (the low byte first) as floats, exactly
+// (through f16, which holds every e4m3 value). sm_89 and later.
+__device__ __forceinline__ float2 e4m3x2_float2(unsigned short v) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 890
+    __trap();
+    return make_float2(0.f, 0.f);
+#else
+    unsigned h2;
+    unsigned short lo, hi;
+    float a, b;
+    asm("cvt.rn.f16x2.e4m3x2 %0, %1;\n" : "=r"(h2) : "h"(v));
+    asm("mov.b32 {%0, %1}, %2;\n" : "=h"(lo), "=h"(hi) : "r"(h2));
+    asm("cvt.f32.f16 %0, %1;\n" : "=f"(a) : "h"(lo));
+    asm("cvt.f32.f16 %0, %1;\n" : "=f"(b) : "h"(hi));
+    return make_float2(a, b);
+#endif
+}
 template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
 // mma.sync m16n8k16 bf16 -> f32: c += a * b.

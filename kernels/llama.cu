@@ -201,10 +201,12 @@ __device__ __forceinline__ float plus(const bf16* x, const float* d, int i) {
 
 extern "C" __global__ void rope_store(bf16* q, bf16* k, const bf16* v, bf16* kc, bf16* vc, const float* inv_freq, const int* pos,
                                       const int* slots, const float* dq, const float* dk, const float* dv, const int* rl,
-                                      int heads, int kvh, int hd, int ldq, int ldk, int ldv, int ldd) {
+                                      int heads, int kvh, int hd, int ldq, int ldk, int ldv, int ldd, unsigned char* kc8, float* ks) {
     pdl_entry();
+    __shared__ float ysh[256]; // an FP8 key head's values (hd <= 256)
+    __shared__ float red[33];
     const int r = blockIdx.x, h = blockIdx.y, half = hd / 2, width = kvh * hd;
-    const int slot = kc ? slots[r] : -1;
+    const int slot = kc || ks ? slots[r] : -1;
     if (dq && rl[r] < 0) dq = dk = dv = nullptr; // a row without an adapter
     if (h >= heads + kvh) { // a value head: copy it to the cache
         if (slot < 0) return;
@@ -217,29 +219,49 @@ extern "C" __global__ void rope_store(bf16* q, bf16* k, const bf16* v, bf16* kc,
     }
     const float p = (float)pos[r];
     const bool isk = h >= heads;
+    const bool k8 = isk && ks && slot >= 0; // block-uniform: the key head goes to the FP8 cache
     bf16* x = isk ? k + (i64)r * ldk + (i64)(h - heads) * hd : q + (i64)r * ldq + (i64)h * hd;
     const float* d = isk ? (dk ? dk + (i64)r * ldd + (i64)(h - heads) * hd : nullptr) : (dq ? dq + (i64)r * ldd + (i64)h * hd : nullptr);
-    bf16* dst = isk && slot >= 0 ? kc + (i64)slot * width + (i64)(h - heads) * hd : nullptr;
+    bf16* dst = isk && slot >= 0 && kc ? kc + (i64)slot * width + (i64)(h - heads) * hd : nullptr;
+    float amax = 0.f;
     if (!inv_freq) { // no rotation: add the update, store k as it is
         for (int i = threadIdx.x; i < hd; i += blockDim.x) {
             const bf16 y = d ? tobf(plus(x, d, i)) : x[i];
             if (d) x[i] = y;
             if (dst) dst[i] = y;
+            if (k8) {
+                ysh[i] = __bfloat162float(y);
+                amax = fmaxf(amax, fabsf(ysh[i]));
+            }
         }
-        return;
-    }
-    for (int i = threadIdx.x; i < half; i += blockDim.x) {
-        float s, c;
-        sincosf(p * inv_freq[i], &s, &c);
-        const float x1 = plus(x, d, i), x2 = plus(x, d, i + half);
-        const bf16 y1 = tobf(x1 * c - x2 * s), y2 = tobf(x2 * c + x1 * s);
-        x[i] = y1;
-        x[i + half] = y2;
-        if (dst) {
-            dst[i] = y1;
-            dst[i + half] = y2;
+    } else {
+        for (int i = threadIdx.x; i < half; i += blockDim.x) {
+            float s, c;
+            sincosf(p * inv_freq[i], &s, &c);
+            const float x1 = plus(x, d, i), x2 = plus(x, d, i + half);
+            const bf16 y1 = tobf(x1 * c - x2 * s), y2 = tobf(x2 * c + x1 * s);
+            x[i] = y1;
+            x[i + half] = y2;
+            if (dst) {
+                dst[i] = y1;
+                dst[i + half] = y2;
+            }
+            if (k8) {
+                ysh[i] = __bfloat162float(y1);
+                ysh[i + half] = __bfloat162float(y2);
+                amax = fmaxf(amax, fmaxf(fabsf(ysh[i]), fabsf(ysh[i + half])));
+            }
         }
     }
+    if (!k8) return;
+    // the FP8 key cache: the head's rotated values (as the bf16 cache would
+    // hold them) in e4m3 with one scale, amax / 448 (1 for a zero head)
+    amax = block_max(amax, red); // also makes every thread's ysh visible
+    const float sc = amax > 0.f ? amax / 448.f : 1.f, inv = amax > 0.f ? 448.f / amax : 0.f;
+    const int kh = h - heads;
+    unsigned char* q8 = kc8 + (i64)slot * width + (i64)kh * hd;
+    for (int i = threadIdx.x; i < hd; i += blockDim.x) q8[i] = __nv_cvt_float_to_fp8(ysh[i] * inv, __NV_SATFINITE, __NV_E4M3);
+    if (threadIdx.x == 0) ks[(i64)slot * kvh + kh] = sc;
 }
 
 #define ATT_WARPS 4
@@ -253,7 +275,7 @@ extern "C" __global__ void rope_store(bf16* q, bf16* k, const bf16* v, bf16* kc,
 // decode rows go to attn_decode), else row x. q's rows are ldq values apart.
 extern "C" __global__ void __launch_bounds__(32 * ATT_WARPS) attention(
     bf16* out, const bf16* q, const bf16* kc, const bf16* vc, const int* row_seq, const int* seq_info,
-    const int* pages, int heads, int kvh, int hd, int bs, float scale, const int* row_list, int ldq) {
+    const int* pages, int heads, int kvh, int hd, int bs, float scale, const int* row_list, int ldq, const float* ks) {
     pdl_entry();
     __shared__ float sm[ATT_WARPS], sl[ATT_WARPS];
     __shared__ float sacc[ATT_WARPS][32 * ATT_MAXJ];
@@ -274,14 +296,24 @@ extern "C" __global__ void __launch_bounds__(32 * ATT_WARPS) attention(
     float m = NEG_INF, l = 0.f;
     for (int p = w; p < ctx; p += ATT_WARPS) {
         const i64 slot = (i64)pages[poff + p / bs] * bs + p % bs;
-        const bf16* kr = kc + slot * width + kvoff;
         float dot = 0.f;
+        if (ks) { // FP8 keys: e4m3 values, one scale per (slot, KV head)
+            const unsigned char* kr = reinterpret_cast<const unsigned char*>(kc) + slot * width + kvoff;
 #pragma unroll
-        for (int j = 0; j < ATT_MAXJ; j++) {
-            const int d = lane + 32 * j;
-            if (d < hd) dot += qv[j] * ld(kr + d);
+            for (int j = 0; j < ATT_MAXJ; j++) {
+                const int d = lane + 32 * j;
+                if (d < hd) dot += qv[j] * e4m3x2_float2(kr[d]).x;
+            }
+            dot = warp_sum(dot) * ks[slot * kvh + kvoff / hd] * scale;
+        } else {
+            const bf16* kr = kc + slot * width + kvoff;
+#pragma unroll
+            for (int j = 0; j < ATT_MAXJ; j++) {
+                const int d = lane + 32 * j;
+                if (d < hd) dot += qv[j] * ld(kr + d);
+            }
+            dot = warp_sum(dot) * scale;
         }
-        dot = warp_sum(dot) * scale;
         const float mn = fmaxf(m, dot);
         const float corr = expf(m - mn), pe = expf(dot - mn);
         l = l * corr + pe;
@@ -362,11 +394,16 @@ __device__ __forceinline__ unsigned pack_bf2(float lo, float hi) {
 
 // dec_stages: cp.async stages per warp in attn_decode_d{HD} (shared memory
 // DEC_WARPS * stages * 64 * HD bytes: 96 KB at HD 128, 128 KB at 256).
-template <int HD> struct DecShape {
+template <int HD, bool K8 = false> struct DecShape {
     static constexpr int C = HD / 8;                 // 16-byte chunks per K or V row
     static constexpr int ST = HD >= 256 ? 2 : 3;     // stages per warp
     static constexpr int TILE_B = DEC_TILE * HD * 2; // bytes of K (or V) per tile
-    static constexpr int WARP_B = ST * 2 * TILE_B;   // a warp's stage buffers
+    // FP8 keys: a stage also holds the tile's e4m3 K rows as read (RAW_B)
+    // and their scales (SC_B); the warp widens them into the bf16 K tile
+    static constexpr int RAW_B = K8 ? DEC_TILE * HD : 0;
+    static constexpr int SC_B = K8 ? DEC_TILE * 4 : 0;
+    static constexpr int STAGE_B = 2 * TILE_B + RAW_B + SC_B;
+    static constexpr int WARP_B = ST * STAGE_B; // a warp's stage buffers
     // swz: the 16-byte slot of chunk c of row r within its row, XOR-swizzled
     // so that the 8 rows an ldmatrix reads fall in 8 different bank groups.
     static __device__ __forceinline__ int swz(int r, int c) {
@@ -405,13 +442,13 @@ template <int HD> struct DecShape {
 // recorded launch fits every step. A sequence with no context
 // (padding) gets zeros; a dec_seq entry of -1 none (its blocks exit). q's
 // rows are ldq values apart. Requires nsplit <= 64.
-template <int HD>
+template <int HD, bool K8>
 __device__ __forceinline__ void attn_decode_body(
     bf16* __restrict__ out, float* __restrict__ part, int* __restrict__ done, const bf16* __restrict__ q,
     const bf16* __restrict__ kc, const bf16* __restrict__ vc, const int* __restrict__ dec_seq,
     const int* __restrict__ seq_info, const int* __restrict__ pages, int heads, int kvh, int bs, float scale, int nsplit,
-    int ldq) {
-    typedef DecShape<HD> D;
+    int ldq, const float* __restrict__ ks) {
+    typedef DecShape<HD, K8> D;
     extern __shared__ __align__(128) unsigned char dsm[];
     const int di = blockIdx.x, kh = blockIdx.y, sp = blockIdx.z, tid = threadIdx.x;
     const int lane = tid & 31, warp = tid >> 5, g = lane >> 2, tig = lane & 3;
@@ -453,15 +490,27 @@ __device__ __forceinline__ void attn_decode_body(
         };
         auto issue = [&](int k) {
             if (k < nk) {
-                const unsigned kb = wbase + (k % D::ST) * 2 * D::TILE_B, vb = kb + D::TILE_B;
+                const unsigned kb = wbase + (k % D::ST) * D::STAGE_B, vb = kb + D::TILE_B;
 #pragma unroll
                 for (int i = 0; i < D::C / 2; i++) {
                     const int idx = lane + 32 * i, r = idx / D::C, c = idx % D::C;
                     const int sl = __shfl_sync(0xffffffffu, slot, r);
                     const i64 off = (i64)max(sl, 0) * width + (i64)kh * HD + c * 8;
                     const unsigned so = r * HD * 2 + D::swz(r, c) * 16;
-                    cp_async16(kb + so, kc + off, sl >= 0 ? 16 : 0);
+                    if (!K8) cp_async16(kb + so, kc + off, sl >= 0 ? 16 : 0);
                     cp_async16(vb + so, vc + off, sl >= 0 ? 16 : 0);
+                }
+                if (K8) {
+                    // the e4m3 rows (HD bytes each, HD / 16 chunks) and their scales
+                    const unsigned rb = vb + D::TILE_B, sb = rb + D::RAW_B;
+                    const unsigned char* k8 = reinterpret_cast<const unsigned char*>(kc);
+#pragma unroll
+                    for (int i = 0; i < HD / 32; i++) {
+                        const int idx = lane + 32 * i, r = idx / (HD / 16), c = idx % (HD / 16);
+                        const int sl = __shfl_sync(0xffffffffu, slot, r);
+                        cp_async16(rb + r * HD + c * 16, k8 + (i64)max(sl, 0) * width + (i64)kh * HD + c * 16, sl >= 0 ? 16 : 0);
+                    }
+                    if (lane < DEC_TILE) cp_async4(sb + 4 * lane, ks + (i64)max(slot, 0) * kvh + kh, slot >= 0 ? 4 : 0);
                 }
             }
             cp_async_commit(); // empty past the end: the group count stays uniform
@@ -477,7 +526,34 @@ __device__ __forceinline__ void attn_decode_body(
             rows(k + D::ST);      // for the next iteration: the load's latency hides behind this tile
             cp_async_wait<D::ST - 1>();
             __syncwarp(); // every lane's copies of tile k have landed
-            const unsigned kb = wbase + (k % D::ST) * 2 * D::TILE_B, vb = kb + D::TILE_B;
+            const unsigned kb = wbase + (k % D::ST) * D::STAGE_B, vb = kb + D::TILE_B;
+            float ksc[2][2] = {{1.f, 1.f}, {1.f, 1.f}}; // the scales of this lane's S columns
+            if (K8) {
+                // widen the e4m3 rows into the bf16 K tile (exact: bf16 holds
+                // every e4m3 value); the scales multiply S below
+                unsigned char* st = dsm + (kb - (unsigned)__cvta_generic_to_shared(dsm));
+                const unsigned char* raw = st + 2 * D::TILE_B;
+                const float* sc8 = reinterpret_cast<const float*>(raw + D::RAW_B);
+#pragma unroll
+                for (int i = 0; i < D::C / 2; i++) {
+                    const int idx = lane + 32 * i, r = idx / D::C, c = idx % D::C;
+                    const uint2 w = *reinterpret_cast<const uint2*>(raw + r * HD + c * 8);
+                    float f[8];
+#pragma unroll
+                    for (int j = 0; j < 4; j++) {
+                        const unsigned word = j < 2 ? w.x : w.y;
+                        const float2 v = e4m3x2_float2((unsigned short)(word >> (16 * (j & 1))));
+                        f[2 * j] = v.x;
+                        f[2 * j + 1] = v.y;
+                    }
+                    *reinterpret_cast<uint4*>(st + r * HD * 2 + D::swz(r, c) * 16) = pack8(f);
+                }
+#pragma unroll
+                for (int nt = 0; nt < 2; nt++)
+#pragma unroll
+                    for (int e = 0; e < 2; e++) ksc[nt][e] = sc8[nt * 8 + tig * 2 + e];
+                __syncwarp(); // the whole bf16 tile is written
+            }
             // S[g][pos]: positions 0-7 in s[0], 8-15 in s[1]
             float sc[2][2] = {{0.f, 0.f}, {0.f, 0.f}};
 #pragma unroll
@@ -497,7 +573,7 @@ __device__ __forceinline__ void attn_decode_body(
             for (int nt = 0; nt < 2; nt++)
 #pragma unroll
                 for (int e = 0; e < 2; e++) {
-                    sc[nt][e] = pb + nt * 8 + e < p1 ? sc[nt][e] * qs : NEG_INF;
+                    sc[nt][e] = pb + nt * 8 + e < p1 ? sc[nt][e] * ksc[nt][e] * qs : NEG_INF;
                     mx = fmaxf(mx, sc[nt][e]);
                 }
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
@@ -629,12 +705,18 @@ __device__ __forceinline__ void attn_decode_body(
 
 #define ATTN_DECODE_ARGS                                                                                           \
     bf16 *out, float *part, int *done, const bf16 *q, const bf16 *kc, const bf16 *vc, const int *dec_seq,        \
-        const int *seq_info, const int *pages, int heads, int kvh, int bs, float scale, int nsplit, int ldq
-#define ATTN_DECODE_PASS out, part, done, q, kc, vc, dec_seq, seq_info, pages, heads, kvh, bs, scale, nsplit, ldq
-extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode_d32(ATTN_DECODE_ARGS) { pdl_entry(); attn_decode_body<32>(ATTN_DECODE_PASS); }
-extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode_d64(ATTN_DECODE_ARGS) { pdl_entry(); attn_decode_body<64>(ATTN_DECODE_PASS); }
-extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode_d128(ATTN_DECODE_ARGS) { pdl_entry(); attn_decode_body<128>(ATTN_DECODE_PASS); }
-extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode_d256(ATTN_DECODE_ARGS) { pdl_entry(); attn_decode_body<256>(ATTN_DECODE_PASS); }
+        const int *seq_info, const int *pages, int heads, int kvh, int bs, float scale, int nsplit, int ldq, const float *ks
+#define ATTN_DECODE_PASS out, part, done, q, kc, vc, dec_seq, seq_info, pages, heads, kvh, bs, scale, nsplit, ldq, ks
+extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode_d32(ATTN_DECODE_ARGS) { pdl_entry(); attn_decode_body<32, false>(ATTN_DECODE_PASS); }
+extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode_d64(ATTN_DECODE_ARGS) { pdl_entry(); attn_decode_body<64, false>(ATTN_DECODE_PASS); }
+extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode_d128(ATTN_DECODE_ARGS) { pdl_entry(); attn_decode_body<128, false>(ATTN_DECODE_PASS); }
+extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode_d256(ATTN_DECODE_ARGS) { pdl_entry(); attn_decode_body<256, false>(ATTN_DECODE_PASS); }
+// attn_decode8_d*: the same over an FP8 key cache (kc: e4m3 values; ks: one
+// float32 scale per cache slot and KV head).
+extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode8_d32(ATTN_DECODE_ARGS) { pdl_entry(); attn_decode_body<32, true>(ATTN_DECODE_PASS); }
+extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode8_d64(ATTN_DECODE_ARGS) { pdl_entry(); attn_decode_body<64, true>(ATTN_DECODE_PASS); }
+extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode8_d128(ATTN_DECODE_ARGS) { pdl_entry(); attn_decode_body<128, true>(ATTN_DECODE_PASS); }
+extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode8_d256(ATTN_DECODE_ARGS) { pdl_entry(); attn_decode_body<256, true>(ATTN_DECODE_PASS); }
 
 // attn_prefill_d{32,64,128}: causal attention of prefill rows on the tensor
 // cores (flash-attention style). grid (tiles, heads), block PRE_THREADS,

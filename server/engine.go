@@ -24,6 +24,7 @@ type EngineConfig struct {
 	Device  string
 	GPU     int
 	Weights string
+	KVCache string
 	Threads int
 	// Eager runs every GPU step op by op (no CUDA graphs), as Config.Eager.
 	Eager bool
@@ -72,7 +73,11 @@ func OpenEngine(ctx context.Context, cfg EngineConfig) (e *engine.Engine, info E
 	if err != nil {
 		return nil, info, fmt.Errorf("server: %w", err)
 	}
-	sc := Config{Device: cfg.Device, GPU: cfg.GPU, Weights: w, Eager: cfg.Eager, Threads: cfg.Threads, Slots: cfg.Slots,
+	kvf, err := gpu.ParseKVFormat(cfg.KVCache)
+	if err != nil {
+		return nil, info, fmt.Errorf("server: %w", err)
+	}
+	sc := Config{Device: cfg.Device, GPU: cfg.GPU, Weights: w, KVCache: kvf, Eager: cfg.Eager, Threads: cfg.Threads, Slots: cfg.Slots,
 		KVBlocks: cfg.KVBlocks, MaxBatchTokens: cfg.MaxBatchTokens}
 	be, dev, err := pickBackend(sc, log)
 	if err != nil {
@@ -165,7 +170,7 @@ func gpuKVBlocks(mon *gpuinfo.Monitor, cfg Config, c *llama.Config, log *slog.Lo
 		return 0, nil
 	}
 	o := engineOptions(cfg.Slots, 0, cfg.MaxBatchTokens)
-	n, err := kvBlocksFor(ds[cfg.GPU].MemFree, c, o, cfg.Weights)
+	n, err := kvBlocksFor(ds[cfg.GPU].MemFree, c, o, cfg.Weights, cfg.KVCache)
 	if err != nil {
 		return 0, err
 	}

@@ -49,6 +49,12 @@ const (
 	WeightsFP8  = gpu.WeightsFP8
 )
 
+// KV cache formats accepted in Config.KVCache.
+const (
+	KVCacheBF16 = gpu.KVBF16
+	KVCacheFP8  = gpu.KVFP8
+)
+
 // Devices accepted in Config.Device.
 const (
 	DeviceAuto = "auto"
@@ -77,6 +83,10 @@ type Config struct {
 	// GPU: bf16 (default) or fp8 (see gpu.WeightsFP8). The CPU backend
 	// computes in float32 whatever it says.
 	Weights string
+	// KVCache is the format of the KV cache on the GPU: bf16 (default) or
+	// fp8 (keys in e4m3 with a scale per token and KV head, values bf16;
+	// see gpu.KVFP8). The CPU backend keeps float32 whatever it says.
+	KVCache string
 	// Eager runs every GPU step op by op: no CUDA graphs for decode steps
 	// (for debugging and comparison).
 	Eager bool
@@ -167,6 +177,9 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 		return nil, fmt.Errorf("server: %w", err)
 	}
 	cfg.Weights = w
+	if cfg.KVCache, err = gpu.ParseKVFormat(cfg.KVCache); err != nil {
+		return nil, fmt.Errorf("server: %w", err)
+	}
 	log := cfg.Logger
 	if cfg.Slots < 0 {
 		return nil, fmt.Errorf("server: slots must be positive, got %d", cfg.Slots)
@@ -336,14 +349,14 @@ func newGPU(cfg Config) (*gpu.Backend, error) {
 	}
 	// Kernels compile once (NVRTC) into the default kernel cache; later
 	// starts read the cubin.
-	return gpu.New(gpu.Options{Device: cfg.GPU, WeightFormat: cfg.Weights, Eager: cfg.Eager, SerialLoRA: cfg.SerialLoRA, LoRASMs: cfg.LoRASMs, NoPDL: cfg.NoPDL})
+	return gpu.New(gpu.Options{Device: cfg.GPU, WeightFormat: cfg.Weights, KVFormat: cfg.KVCache, Eager: cfg.Eager, SerialLoRA: cfg.SerialLoRA, LoRASMs: cfg.LoRASMs, NoPDL: cfg.NoPDL})
 }
 
 func logGPU(log *slog.Logger, cfg Config, b *gpu.Backend) {
 	d := b.Device()
 	log.Info("device", "device", DeviceCUDA, "requested", cfg.Device, "ordinal", d.Ordinal, "name", d.Name,
 		"compute_capability", fmt.Sprintf("%d.%d", d.Major, d.Minor), "memory_gib", fmt.Sprintf("%.1f", float64(d.TotalMem)/(1<<30)), "weights", cfg.Weights,
-		"pdl", b.PDL())
+		"kv_cache", cfg.KVCache, "pdl", b.PDL())
 }
 
 func threads(n int) string {

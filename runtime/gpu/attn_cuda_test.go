@@ -9,9 +9,11 @@ import (
 	"os"
 	"testing"
 
+	fx "github.com/peftd/peftd/internal/fixture"
 	"github.com/peftd/peftd/runtime/cuda"
 	"github.com/peftd/peftd/runtime/engine"
 	"github.com/peftd/peftd/runtime/safetensors"
+	"github.com/peftd/peftd/runtime/sample"
 )
 
 // TestOpAttentionDecode checks the split-KV decode kernel (attn_decode, its
@@ -76,11 +78,11 @@ func TestOpAttentionDecode(t *testing.T) {
 					f32ToBF16(vImg[slot*width:(slot+1)*width], vv)
 				}
 			}
-			off := uint64(layer * r.b.layerB)
-			if err := cuda.CopyHtoD(r.b.s, r.b.kcache.Ptr()+off, kImg); err != nil {
+			kc, vc, _ := r.b.layerCache(layer)
+			if err := cuda.CopyHtoD(r.b.s, kc, kImg); err != nil {
 				t.Fatal(err)
 			}
-			if err := cuda.CopyHtoD(r.b.s, r.b.vcache.Ptr()+off, vImg); err != nil {
+			if err := cuda.CopyHtoD(r.b.s, vc, vImg); err != nil {
 				t.Fatal(err)
 			}
 			m := &engine.StepMeta{}
@@ -200,6 +202,233 @@ func TestOpAttentionDecode(t *testing.T) {
 	}
 }
 
+// quantKey is a key row of kvh heads of hd values as an FP8 key cache
+// holds it: per head, scale = amax / 448 (1 for a zero head) and e4m3
+// values of v / scale (rope_store's rounding: v times 448 / amax).
+func quantKey(v []float32, kvh, hd int) (q []byte, scales []float32) {
+	q = make([]byte, len(v))
+	for h := range kvh {
+		amax := float32(0)
+		for _, x := range v[h*hd : (h+1)*hd] {
+			amax = max(amax, float32(math.Abs(float64(x))))
+		}
+		sc, inv := float32(1), float32(0)
+		if amax > 0 {
+			sc, inv = amax/448, 448/amax
+		}
+		for i, x := range v[h*hd : (h+1)*hd] {
+			q[h*hd+i] = safetensors.Float32ToE4M3(x * inv)
+		}
+		scales = append(scales, sc)
+	}
+	return q, scales
+}
+
+// TestOpAttentionFP8Keys: with an FP8 key cache (Options.KVFormat fp8),
+// rope_store stores the step's keys as e4m3 with a scale per token and KV
+// head, exactly as quantKey does; attn_decode8 (split-KV) and the per-row
+// kernel (every prefill row, and every row under kernelForce.attnRows)
+// attend over the dequantized keys: both must match a float64 reference
+// over those keys within the usual tolerance. Decode contexts of 1, 17,
+// 640 and 4097 tokens and prefill rows mixed in one step, at the 8B head
+// shape and two others.
+func TestOpAttentionFP8Keys(t *testing.T) {
+	for _, sh := range []struct{ heads, kvh, hd, bs int }{{32, 8, 128, 16}, {4, 2, 64, 5}, {16, 2, 256, 16}} {
+		t.Run(fmt.Sprintf("h%d_kv%d_d%d_bs%d", sh.heads, sh.kvh, sh.hd, sh.bs), func(t *testing.T) {
+			heads, kvh, hd, bs := sh.heads, sh.kvh, sh.hd, sh.bs
+			cfg := testConfig(heads*hd, 128, heads, kvh, hd, 32, 2)
+			ctxs := []int{1, 17, 640, 4097}
+			pre := [][2]int{{0, 13}, {30, 6}, {70, 150}, {0, 64}}
+			blocks := 16
+			for _, c := range ctxs {
+				blocks += (c + bs - 1) / bs
+			}
+			for _, p := range pre {
+				blocks += (p[0] + p[1] + bs - 1) / bs
+			}
+			const layer = 1
+			r := newRigWith(t, cfg, 256, engine.KVSpec{Layers: 2, Blocks: blocks, BlockSize: bs, KVHeads: kvh, HeadDim: hd}, Options{KVFormat: KVFP8})
+			if !r.b.kv8 || r.b.preOK {
+				t.Fatalf("KVFormat fp8: kv8 %v, attn_prefill usable %v; want an FP8 key cache and the per-row prefill", r.b.kv8, r.b.preOK)
+			}
+			width := kvh * hd
+			free := r.rng.Perm(blocks)
+			type seq struct {
+				cached, rows int
+				blocks       []int32
+				k, v         [][]float32 // k: the dequantized keys
+			}
+			var seqs []*seq
+			for i, c := range ctxs {
+				seqs = append(seqs, &seq{cached: c - 1, rows: 1})
+				if i < len(pre) {
+					seqs = append(seqs, &seq{cached: pre[i][0], rows: pre[i][1]})
+				}
+			}
+			kImg := make([]byte, blocks*bs*width)
+			sImg := make([]float32, blocks*bs*kvh)
+			vImg := make([]uint16, blocks*bs*width)
+			for i := range kImg { // unused slots: large values, so a stray read shows
+				kImg[i], vImg[i] = safetensors.Float32ToE4M3(300), safetensors.Float32ToBF16(-50)
+			}
+			for i := range sImg {
+				sImg[i] = 1
+			}
+			deq := func(q []byte, sc []float32) []float32 {
+				out := make([]float32, len(q))
+				for i, b := range q {
+					out[i] = safetensors.E4M3ToFloat32(b) * sc[i/hd]
+				}
+				return out
+			}
+			for _, s := range seqs {
+				n := s.cached + s.rows
+				for len(s.blocks)*bs < n {
+					s.blocks = append(s.blocks, int32(free[0]))
+					free = free[1:]
+				}
+				for p := 0; p < s.cached; p++ {
+					kv, vv := r.rnd(width, 2), r.rnd(width, 2)
+					q8, sc := quantKey(kv, kvh, hd)
+					s.k, s.v = append(s.k, deq(q8, sc)), append(s.v, vv)
+					slot := int(s.blocks[p/bs])*bs + p%bs
+					copy(kImg[slot*width:], q8)
+					copy(sImg[slot*kvh:], sc)
+					f32ToBF16(vImg[slot*width:(slot+1)*width], vv)
+				}
+			}
+			kc, vc, ksc := r.b.layerCache(layer)
+			for _, e := range []error{cuda.CopyHtoD(r.b.s, kc, kImg), cuda.CopyHtoD(r.b.s, ksc, sImg), cuda.CopyHtoD(r.b.s, vc, vImg)} {
+				if e != nil {
+					t.Fatal(e)
+				}
+			}
+			m := &engine.StepMeta{}
+			for _, s := range seqs {
+				m.Seqs = append(m.Seqs, engine.SeqMeta{Start: len(m.Tokens), Len: s.rows, Context: s.cached + s.rows, Blocks: s.blocks})
+				for j := 0; j < s.rows; j++ {
+					p := s.cached + j
+					m.Tokens = append(m.Tokens, 0)
+					m.Positions = append(m.Positions, int32(p))
+					m.KVSlots = append(m.KVSlots, s.blocks[p/bs]*int32(bs)+int32(p%bs))
+				}
+			}
+			T := len(m.Tokens)
+			qv, kv, vv := r.rnd(T*heads*hd, 2), r.rnd(T*width, 2), r.rnd(T*width, 2)
+			// the step's keys as rope_store stores them: bf16 (the buffer), then e4m3
+			kb16 := make([]uint16, len(kv))
+			f32ToBF16(kb16, kv)
+			kr := make([]float32, len(kv))
+			for i, b := range kb16 {
+				kr[i] = fromBF16(b)
+			}
+			wantQ := make([][]byte, T)
+			wantS := make([][]float32, T)
+			for si, s := range seqs {
+				st := m.Seqs[si].Start
+				for j := 0; j < s.rows; j++ {
+					q8, sc := quantKey(kr[(st+j)*width:(st+j+1)*width], kvh, hd)
+					wantQ[st+j], wantS[st+j] = q8, sc
+					s.k = append(s.k, deq(q8, sc))
+					s.v = append(s.v, vv[(st+j)*width:(st+j+1)*width])
+				}
+			}
+			want := make([]float64, T*heads*hd)
+			scale := float32(1 / math.Sqrt(float64(hd)))
+			for si, s := range seqs {
+				sm := m.Seqs[si]
+				for j := 0; j < sm.Len; j++ {
+					row := sm.Start + j
+					ctx := sm.Context - sm.Len + j + 1
+					for h := 0; h < heads; h++ {
+						ko := (h / (heads / kvh)) * hd
+						sc := make([]float64, ctx)
+						mx := math.Inf(-1)
+						for p := 0; p < ctx; p++ {
+							var d float64
+							for e := 0; e < hd; e++ {
+								d += float64(qv[row*heads*hd+h*hd+e]) * float64(s.k[p][ko+e])
+							}
+							sc[p] = d * float64(scale)
+							mx = math.Max(mx, sc[p])
+						}
+						var sum float64
+						for p := range sc {
+							sc[p] = math.Exp(sc[p] - mx)
+							sum += sc[p]
+						}
+						for e := 0; e < hd; e++ {
+							var o float64
+							for p := 0; p < ctx; p++ {
+								o += sc[p] * float64(s.v[p][ko+e])
+							}
+							want[row*heads*hd+h*hd+e] = o / sum
+						}
+					}
+				}
+			}
+			q, k, v, out := r.buffer(T, heads*hd), r.buffer(T, width), r.buffer(T, width), r.buffer(T, heads*hd)
+			r.fill(q, qv)
+			r.fill(k, kv)
+			r.fill(v, vv)
+			for i, rows := range []bool{false, false, true} {
+				r.b.force.attnRows = rows
+				r.poison(out)
+				r.begin(m)
+				if !rows && r.b.nDec != len(ctxs) {
+					t.Fatalf("%d decode sequences took attn_decode8, want %d", r.b.nDec, len(ctxs))
+				}
+				r.b.Attention(out, q, k, v, layer, scale, nil)
+				got := r.read(out, T)
+				r.end()
+				name := "attn_decode8 + per-row prefill"
+				if i == 1 {
+					name += ", again"
+				}
+				if rows {
+					name = "per-row kernel, all rows"
+				}
+				r.compare(name, got, want, opTol)
+			}
+			r.b.force.attnRows = false
+			// what rope_store stored for the step's keys
+			gotQ := make([]byte, len(kImg))
+			gotS := make([]float32, len(sImg))
+			if err := cuda.CopyDtoH(r.b.s, gotQ, kc); err != nil {
+				t.Fatal(err)
+			}
+			if err := cuda.CopyDtoH(r.b.s, gotS, ksc); err != nil {
+				t.Fatal(err)
+			}
+			if err := r.b.s.Synchronize(); err != nil {
+				t.Fatal(err)
+			}
+			bad := 0
+			for row := range T {
+				slot := int(m.KVSlots[row])
+				for h := range kvh {
+					if gotS[slot*kvh+h] != wantS[row][h] {
+						bad++
+					}
+				}
+				for i, b := range wantQ[row] {
+					if gotQ[slot*width+i] != b {
+						bad++
+					}
+				}
+			}
+			if bad > 0 {
+				t.Errorf("rope_store's FP8 keys: %d of %d bytes and scales differ from quantKey's", bad, T*(width+kvh))
+			}
+			regs, local, err := r.b.decodeKernel(hd).Resources()
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Logf("%s: %d registers, %d bytes of local memory per thread", r.b.decodeKernel(hd).Name, regs, local)
+		})
+	}
+}
+
 // TestAttnBench times the prefill attention of one 8B layer (32 query
 // heads, 8 KV heads, head_dim 128, pages of 16; rope_store included) for
 // the tensor-core kernel (attn_prefill) and the per-row kernel (kernelForce.attnRows),
@@ -261,5 +490,42 @@ func TestAttnBench(t *testing.T) {
 			bench("attn %-18s %-28s %8.1f us  %6.1f TFLOP/s", c.name, kind, med, flops/(med*1e-6)/1e12)
 		}
 		r.b.force.attnRows = false
+	}
+}
+
+// TestFP8KeysFixture runs the tiny fixture's cases co-batched and
+// teacher-forced on an FP8 key cache (head_dim 32: attn_decode8 for decode
+// rows, the per-row kernel for prefill rows, graphs as usual) and on a bf16
+// one. FP8 keys move the logits (e4m3 keeps 4 significant bits): the
+// relative error against the reference is reported beside bf16's and
+// bounded at 0.1 per case (the FP8 weight scheme itself moves the tiny
+// model's logits by 0.10); greedy choices are counted, not required.
+func TestFP8KeysFixture(t *testing.T) {
+	m, adapters, cases := loadFixture(t)
+	V := m.Config.VocabSize
+	for _, kvf := range []string{KVBF16, KVFP8} {
+		opts := engine.DefaultOptions()
+		e := newEngineWith(t, m, opts, Options{KVFormat: kvf})
+		slots := loadSlots(t, e, adapters, fx.AdapterNames, 0)
+		agg := make([]fx.ErrAcc, len(cases))
+		match, total := 0, 0
+		fx.Run(t, e, slots, cases, func(r fx.Row) {
+			agg[r.Case].Add(r.Got, r.Ref)
+			if r.Check {
+				n := len(r.Got)
+				total++
+				if sample.Argmax(r.Got[n-V:]) == r.Want {
+					match++
+				}
+			}
+		})
+		worst := 0.0
+		for i := range cases {
+			worst = max(worst, agg[i].Rel())
+		}
+		t.Logf("KV cache %s: worst case-level relative error %.3g, greedy %d/%d (maxrel=%.3g)", kvf, worst, match, total, worst)
+		if !(worst <= 0.1) {
+			t.Errorf("KV cache %s: relative error %.3g > 0.1", kvf, worst)
+		}
 	}
 }

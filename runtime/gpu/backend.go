@@ -48,6 +48,9 @@ type Options struct {
 	// WeightsBF16 ("" too) or WeightsFP8 (e4m3 with per-output-row scales,
 	// activations quantized per token; see fp8.go).
 	WeightFormat string
+	// KVFormat is the KV cache's format: KVBF16 ("" too) or KVFP8 (keys in
+	// e4m3 with a scale per token and KV head, values in bf16).
+	KVFormat string
 	// Eager runs every step op by op: no CUDA graphs for decode steps.
 	Eager bool
 	// SerialLoRA runs each LoRA update on the compute stream after its
@@ -117,6 +120,7 @@ type funcs struct {
 	addBias, headRMSNorm, addDelta                                                *cuda.Function
 	sgShrink, sgShrink4, sgExpand, sample, logitAdjust                            *cuda.Function
 	attnDecode                                                                    [4]*cuda.Function // attn_decode_d32, d64, d128, d256
+	attnDecode8                                                                   [4]*cuda.Function // attn_decode8_d*: FP8 keys
 	attnPrefill                                                                   [3]*cuda.Function // attn_prefill_d32, d64, d128
 	sgExpandTC                                                                    [3]*cuda.Function // sgmv_expand_tc1, tc2, tc4
 }
@@ -148,7 +152,12 @@ type Backend struct {
 	maxT   int
 	kcache *cuda.DeviceBuffer
 	vcache *cuda.DeviceBuffer
-	layerB int // bytes of one layer's K (or V) cache
+	layerB int // bytes of one layer's V cache (and K cache, in bf16)
+	// an FP8 key cache (Options.KVFormat): kcache holds e4m3 keys, layerKB
+	// bytes a layer, and kscale their float32 scales, layerSB bytes a layer
+	kv8              bool
+	kscale           *cuda.DeviceBuffer
+	layerKB, layerSB int
 
 	meta     *engine.StepMeta
 	metaHost *cuda.HostBuffer
@@ -343,6 +352,14 @@ func (b *Backend) open(opts Options) error {
 	if err != nil {
 		return err
 	}
+	kvFormat, err := ParseKVFormat(opts.KVFormat)
+	if err != nil {
+		return err
+	}
+	if d := b.ctx.Device(); kvFormat == KVFP8 && d.Major*10+d.Minor < 89 {
+		return fmt.Errorf("gpu: an FP8 KV cache needs FP8 conversions (sm_89 or later); %s is %s", d.Name, d.Arch())
+	}
+	b.kv8 = kvFormat == KVFP8
 	if format == WeightsFP8 {
 		if b.f8, err = newFP8(b.ctx, b.s, b.mm, opts.Kernels); err != nil {
 			return err
@@ -357,6 +374,8 @@ func (b *Backend) open(opts Options) error {
 		{&b.fn.sgShrink, "sgmv_shrink"}, {&b.fn.sgShrink4, "sgmv_shrink4"}, {&b.fn.sgExpand, "sgmv_expand"},
 		{&b.fn.sample, "sample_rows"}, {&b.fn.logitAdjust, "logit_adjust"}, {&b.fn.attnDecode[0], "attn_decode_d32"}, {&b.fn.attnDecode[1], "attn_decode_d64"},
 		{&b.fn.attnDecode[2], "attn_decode_d128"}, {&b.fn.attnDecode[3], "attn_decode_d256"},
+		{&b.fn.attnDecode8[0], "attn_decode8_d32"}, {&b.fn.attnDecode8[1], "attn_decode8_d64"},
+		{&b.fn.attnDecode8[2], "attn_decode8_d128"}, {&b.fn.attnDecode8[3], "attn_decode8_d256"},
 		{&b.fn.attnPrefill[0], "attn_prefill_d32"}, {&b.fn.attnPrefill[1], "attn_prefill_d64"}, {&b.fn.attnPrefill[2], "attn_prefill_d128"},
 		{&b.fn.addBias, "add_bias"}, {&b.fn.headRMSNorm, "head_rmsnorm"}, {&b.fn.addDelta, "add_delta"},
 		{&b.fn.sgExpandTC[0], "sgmv_expand_tc1"}, {&b.fn.sgExpandTC[1], "sgmv_expand_tc2"}, {&b.fn.sgExpandTC[2], "sgmv_expand_tc4"}} {
@@ -364,8 +383,11 @@ func (b *Backend) open(opts Options) error {
 			return err
 		}
 	}
-	for i, f := range b.fn.attnDecode {
-		if err := f.SetMaxDynamicShared(decShared(32 << i)); err != nil {
+	for i := range b.fn.attnDecode {
+		if err := b.fn.attnDecode[i].SetMaxDynamicShared(decShared(32<<i, false)); err != nil {
+			return err
+		}
+		if err := b.fn.attnDecode8[i].SetMaxDynamicShared(decShared(32<<i, true)); err != nil {
 			return err
 		}
 	}
@@ -384,7 +406,7 @@ func (b *Backend) sizeDecode() error {
 	if !b.decOK {
 		return nil
 	}
-	per, err := b.decodeKernel(b.kv.HeadDim).BlocksPerSM(decThreads, decShared(b.kv.HeadDim))
+	per, err := b.decodeKernel(b.kv.HeadDim).BlocksPerSM(decThreads, decShared(b.kv.HeadDim, b.kv8))
 	if err != nil {
 		return fmt.Errorf("gpu: attn_decode occupancy: %w", err)
 	}
@@ -414,15 +436,27 @@ func (b *Backend) Init(cfg *llama.Config, spec engine.Spec) error {
 	b.cfg, b.kv, b.maxT = cfg, kv, maxTokens
 	hd := kv.HeadDim
 	b.decOK = hd >= 32 && hd <= 256 && hd&(hd-1) == 0 && cfg.Heads%kv.KVHeads == 0 && cfg.Heads/kv.KVHeads <= decMaxG
-	b.preOK = hd >= 32 && hd <= 128 && hd&(hd-1) == 0 && cfg.Heads%kv.KVHeads == 0
+	// attn_prefill reads bf16 keys: with an FP8 key cache the prefill rows
+	// take the per-row kernel (and such steps run eagerly)
+	b.preOK = hd >= 32 && hd <= 128 && hd&(hd-1) == 0 && cfg.Heads%kv.KVHeads == 0 && !b.kv8
 	if err := b.sizeDecode(); err != nil {
 		return err
 	}
 	width := kv.KVHeads * kv.HeadDim
 	b.layerB = kv.Blocks * kv.BlockSize * width * 2
+	b.layerKB = b.layerB
+	if b.kv8 { // e4m3 keys and their scales
+		b.layerKB = kv.Blocks * kv.BlockSize * width
+		b.layerSB = kv.Blocks * kv.BlockSize * kv.KVHeads * 4
+	}
 	var err error
-	if b.kcache, err = b.ctx.Alloc(kv.Layers * b.layerB); err != nil {
+	if b.kcache, err = b.ctx.Alloc(kv.Layers * b.layerKB); err != nil {
 		return fmt.Errorf("gpu: KV cache: %w", err)
+	}
+	if b.kv8 {
+		if b.kscale, err = b.ctx.Alloc(kv.Layers * b.layerSB); err != nil {
+			return fmt.Errorf("gpu: KV cache scales: %w", err)
+		}
 	}
 	if b.vcache, err = b.ctx.Alloc(kv.Layers * b.layerB); err != nil {
 		return fmt.Errorf("gpu: KV cache: %w", err)
@@ -578,7 +612,7 @@ func (b *Backend) Close() error {
 		}
 	}
 	errs = append(errs, b.dropGraphs())
-	for _, d := range []*cuda.DeviceBuffer{b.kcache, b.vcache, b.metaDev, b.invFreq, b.normed, b.table, b.loraTmp, b.smpDev, b.attnPart, b.attnDone,
+	for _, d := range []*cuda.DeviceBuffer{b.kcache, b.kscale, b.vcache, b.metaDev, b.invFreq, b.normed, b.table, b.loraTmp, b.smpDev, b.attnPart, b.attnDone,
 		b.g.dev, b.g.part, b.g.tmp, b.la.delta} {
 		errs = append(errs, d.Free())
 	}

@@ -396,10 +396,22 @@ func TestDecodeBench(t *testing.T) {
 	m, ads := openRandom8B(t, dir)
 	c := m.Config
 	batches := envBatches(t, "PEFTD_DECODE_BATCHES", []int{1, 16, 64, 256})
-	const prompt, newTok, chunk = 512, 128, 8
+	// PEFTD_DECODE_PROMPT: the prompt length (default 512; e.g. 4096 for
+	// attention-bound decode)
+	prompt := 512
+	if v := os.Getenv("PEFTD_DECODE_PROMPT"); v != "" {
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 1 {
+			t.Fatalf("PEFTD_DECODE_PROMPT=%q", v)
+		}
+		prompt = n
+	}
+	const newTok = 128
+	chunk := max(1, 4096/prompt) // prompts per prefill step
 	maxB := slices.Max(batches)
 	opts := engine.Options{MaxTokens: chunk * prompt, BlockSize: 16, KVBlocks: maxB*(prompt+newTok)/16 + 64, AdapterSlots: len(ads) + 1}
-	gb, err := New(Options{WeightFormat: os.Getenv("PEFTD_WEIGHTS")}) // bf16 unless PEFTD_WEIGHTS=fp8
+	// bf16 unless PEFTD_WEIGHTS=fp8; a bf16 KV cache unless PEFTD_KV=fp8
+	gb, err := New(Options{WeightFormat: os.Getenv("PEFTD_WEIGHTS"), KVFormat: os.Getenv("PEFTD_KV")})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -446,12 +458,16 @@ func TestDecodeBench(t *testing.T) {
 		adBytes = float64(ads[0].Params * 2)
 	}
 	kvTok := float64(2 * c.Layers * c.KVHeads * c.HeadDim * 2) // K and V, bf16, all layers
+	kvf := KVBF16
+	if gb.kv8 { // e4m3 keys with a float32 scale per token and KV head, bf16 values
+		kvTok, kvf = float64(c.Layers*c.KVHeads*(3*c.HeadDim+4)), KVFP8
+	}
 	wf := WeightsBF16
 	if gb.f8 != nil {
 		wf = WeightsFP8
 	}
-	bench("decode device %s; weights %s; %s: %d layers, hidden %d, vocab %d; %d adapters of %.0f MB; copy bandwidth %.0f GB/s; loaded in %v; %d decode graphs recorded in %v",
-		gb.Device().Name, wf, dir, c.Layers, c.Hidden, c.VocabSize, len(ads), adBytes/1e6, bw/1e9, load.Round(time.Second), recorded, warm.Round(time.Millisecond))
+	bench("decode device %s; weights %s; KV cache %s; prompts of %d tokens; %s: %d layers, hidden %d, vocab %d; %d adapters of %.0f MB; copy bandwidth %.0f GB/s; loaded in %v; %d decode graphs recorded in %v",
+		gb.Device().Name, wf, kvf, prompt, dir, c.Layers, c.Hidden, c.VocabSize, len(ads), adBytes/1e6, bw/1e9, load.Round(time.Second), recorded, warm.Round(time.Millisecond))
 	bench("decode %-5s %-11s %10s %10s %10s %9s %9s %9s %9s %10s", "batch", "lora", "wall_tok/s", "gpu_tok/s", "roof_tok/s", "gpu_frac", "wall_ms", "gpu_ms", "roof_ms", "prefill_s")
 	rng := rand.New(rand.NewPCG(3, 4))
 	ctx := context.Background()

@@ -22,6 +22,28 @@ const (
 	WeightsFP8 = "fp8"
 )
 
+// KV cache formats (Options.KVFormat).
+const (
+	// KVBF16: keys and values in bf16.
+	KVBF16 = "bf16"
+	// KVFP8: keys in e4m3 with one float32 scale per token and KV head
+	// (amax / 448, set when the key is stored), values in bf16: a quarter
+	// less memory per token, and decode attention reads a quarter fewer
+	// bytes. Needs FP8 conversions (sm_89 and later).
+	KVFP8 = "fp8"
+)
+
+// ParseKVFormat checks a KV cache format name ("" means bf16).
+func ParseKVFormat(s string) (string, error) {
+	switch strings.ToLower(strings.TrimSpace(s)) {
+	case "", KVBF16:
+		return KVBF16, nil
+	case KVFP8, "fp8-e4m3", "e4m3":
+		return KVFP8, nil
+	}
+	return "", fmt.Errorf("gpu: unknown KV cache format %q (want bf16 or fp8)", s)
+}
+
 // ParseWeightFormat checks a weight format name ("" means bf16).
 func ParseWeightFormat(s string) (string, error) {
 	switch strings.ToLower(strings.TrimSpace(s)) {

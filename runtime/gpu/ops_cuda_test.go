@@ -33,7 +33,13 @@ type rig struct {
 
 func newRig(t *testing.T, cfg *llama.Config, maxT int, kv engine.KVSpec) *rig {
 	t.Helper()
-	b, err := New(Options{})
+	return newRigWith(t, cfg, maxT, kv, Options{})
+}
+
+// newRigWith is newRig on a backend made with opts.
+func newRigWith(t *testing.T, cfg *llama.Config, maxT int, kv engine.KVSpec, opts Options) *rig {
+	t.Helper()
+	b, err := New(opts)
 	if err != nil {
 		t.Fatal(err)
 	}
