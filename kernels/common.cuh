@@ -80,9 +80,12 @@ __device__ __forceinline__ void cp_async16(unsigned dst, const void* src, int n)
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-// cp_async4: the same for 4 bytes (through L1: .cg takes only 16).
+// cp_async4, cp_async8: the same for 4 and 8 bytes (through L1: .cg takes only 16).
 __device__ __forceinline__ void cp_async4(unsigned dst, const void* src, int n) {
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(n));
+}
+__device__ __forceinline__ void cp_async8(unsigned dst, const void* src, int n) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(dst), "l"(src), "r"(n));
 }
 
 // e4m3x2_float2: two e4m3 values (the low byte first) as floats, exactly

@@ -34,6 +34,19 @@ __device__ __forceinline__ uint4 pack8(const float* f) {
     return u;
 }
 
+// widen8_e4m3: 8 e4m3 values (8 bytes, the first lowest) as 8 bf16 in a
+// 16-byte word, exactly (bf16 holds every e4m3 value).
+__device__ __forceinline__ uint4 widen8_e4m3(uint2 w) {
+    float f[8];
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        const float2 v = e4m3x2_float2((unsigned short)((j < 2 ? w.x : w.y) >> (16 * (j & 1))));
+        f[2 * j] = v.x;
+        f[2 * j + 1] = v.y;
+    }
+    return pack8(f);
+}
+
 // add_rmsnorm: x[r] += delta[r] (and the LoRA update d2 of the rows whose
 // rl is >= 0, rows H apart; delta + d2 is rounded to bf16 first, as the
 // projection's output updated in place would have been), rounded to bf16;
@@ -538,15 +551,7 @@ __device__ __forceinline__ void attn_decode_body(
                 for (int i = 0; i < D::C / 2; i++) {
                     const int idx = lane + 32 * i, r = idx / D::C, c = idx % D::C;
                     const uint2 w = *reinterpret_cast<const uint2*>(raw + r * HD + c * 8);
-                    float f[8];
-#pragma unroll
-                    for (int j = 0; j < 4; j++) {
-                        const unsigned word = j < 2 ? w.x : w.y;
-                        const float2 v = e4m3x2_float2((unsigned short)(word >> (16 * (j & 1))));
-                        f[2 * j] = v.x;
-                        f[2 * j + 1] = v.y;
-                    }
-                    *reinterpret_cast<uint4*>(st + r * HD * 2 + D::swz(r, c) * 16) = pack8(f);
+                    *reinterpret_cast<uint4*>(st + r * HD * 2 + D::swz(r, c) * 16) = widen8_e4m3(w);
                 }
 #pragma unroll
                 for (int nt = 0; nt < 2; nt++)
@@ -738,11 +743,15 @@ extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode8_d256(ATTN
 #define PRE_ROWS (16 * PRE_WARPS) // query rows per tile
 #define PRE_KT 64                 // positions per K/V stage
 
-template <int HD> struct PreShape {
+template <int HD, bool K8 = false> struct PreShape {
     static constexpr int C = HD / 8;                     // 16-byte chunks per K or V row
     static constexpr int ST = 2;                         // stages
     static constexpr int TILE_B = PRE_KT * HD * 2;       // bytes of K (or V) per stage
-    static constexpr int SMEM = ST * 2 * TILE_B;         // dynamic shared memory
+    // FP8 keys: a stage also holds the e4m3 K rows as read and their scales
+    static constexpr int RAW_B = K8 ? PRE_KT * HD : 0;
+    static constexpr int SC_B = K8 ? PRE_KT * 4 : 0;
+    static constexpr int STAGE_B = 2 * TILE_B + RAW_B + SC_B;
+    static constexpr int SMEM = ST * STAGE_B;            // dynamic shared memory
     static constexpr int NR = PRE_KT * C / PRE_THREADS;  // chunks (and rows) per thread per stage
     static constexpr int RSTEP = PRE_THREADS / C;        // rows between a thread's chunks
     static __device__ __forceinline__ int swz(int r, int c) {
@@ -750,13 +759,13 @@ template <int HD> struct PreShape {
     }
 };
 
-template <int HD>
+template <int HD, bool K8>
 __device__ __forceinline__ void attn_prefill_body(bf16* __restrict__ out, const bf16* __restrict__ q,
                                                   const bf16* __restrict__ kc, const bf16* __restrict__ vc,
                                                   const int* __restrict__ tiles, const int* __restrict__ seq_info,
                                                   const int* __restrict__ pages, int heads, int kvh, int bs, float scale,
-                                                  int ldq) {
-    typedef PreShape<HD> P;
+                                                  int ldq, const float* __restrict__ ks) {
+    typedef PreShape<HD, K8> P;
     extern __shared__ __align__(128) unsigned char psm[];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, tig = lane & 3;
     const int r0 = tiles[4 * blockIdx.x], nr = tiles[4 * blockIdx.x + 1], s = tiles[4 * blockIdx.x + 2];
@@ -806,13 +815,21 @@ __device__ __forceinline__ void attn_prefill_body(bf16* __restrict__ out, const 
     };
     auto issue = [&](int k) {
         if (k < nst) {
-            const unsigned kb = base + (k % P::ST) * 2 * P::TILE_B, vb = kb + P::TILE_B;
+            const unsigned kb = base + (k % P::ST) * P::STAGE_B, vb = kb + P::TILE_B;
 #pragma unroll
             for (int i = 0; i < P::NR; i++) {
                 const int r = tid / P::C + i * P::RSTEP, c = tid % P::C;
                 const i64 off = (i64)max(slot[i], 0) * width + (i64)kh * HD + c * 8;
                 const unsigned so = r * HD * 2 + P::swz(r, c) * 16;
-                cp_async16(kb + so, kc + off, slot[i] >= 0 ? 16 : 0);
+                if (K8) {
+                    // the chunk's 8 e4m3 keys (row r, the same values), and
+                    // the row's scale from the thread that takes its chunk 0
+                    const unsigned rb = vb + P::TILE_B;
+                    cp_async8(rb + r * HD + c * 8, reinterpret_cast<const unsigned char*>(kc) + off, slot[i] >= 0 ? 8 : 0);
+                    if (c == 0) cp_async4(rb + P::RAW_B + 4 * r, ks + (i64)max(slot[i], 0) * kvh + kh, slot[i] >= 0 ? 4 : 0);
+                } else {
+                    cp_async16(kb + so, kc + off, slot[i] >= 0 ? 16 : 0);
+                }
                 cp_async16(vb + so, vc + off, slot[i] >= 0 ? 16 : 0);
             }
         }
@@ -830,8 +847,22 @@ __device__ __forceinline__ void attn_prefill_body(bf16* __restrict__ out, const 
         cp_async_wait<P::ST - 1>();
         __syncthreads(); // every thread's copies of stage k have landed
         const int kbase = k * PRE_KT;
+        const float* sc8 = nullptr; // FP8 keys: the stage's scales
+        if (K8) {
+            // widen the stage's e4m3 keys into its bf16 K tile (each thread
+            // the chunks it copied)
+            unsigned char* st = psm + (k % P::ST) * P::STAGE_B;
+            const unsigned char* raw = st + 2 * P::TILE_B;
+#pragma unroll
+            for (int i = 0; i < P::NR; i++) {
+                const int r = tid / P::C + i * P::RSTEP, c = tid % P::C;
+                *reinterpret_cast<uint4*>(st + r * HD * 2 + P::swz(r, c) * 16) = widen8_e4m3(*reinterpret_cast<const uint2*>(raw + r * HD + c * 8));
+            }
+            sc8 = reinterpret_cast<const float*>(raw + P::RAW_B);
+            __syncthreads(); // the whole bf16 tile is written
+        }
         if (kbase <= wlast) {
-            const unsigned kb = base + (k % P::ST) * 2 * P::TILE_B, vb = kb + P::TILE_B;
+            const unsigned kb = base + (k % P::ST) * P::STAGE_B, vb = kb + P::TILE_B;
             float sc[PRE_KT / 8][4];
 #pragma unroll
             for (int nt = 0; nt < PRE_KT / 8; nt++) sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.f;
@@ -852,8 +883,9 @@ __device__ __forceinline__ void attn_prefill_body(bf16* __restrict__ out, const 
 #pragma unroll
                 for (int e = 0; e < 2; e++) {
                     const int p = kbase + nt * 8 + tig * 2 + e;
-                    sc[nt][e] = p <= pa ? sc[nt][e] * qs : NEG_INF;
-                    sc[nt][2 + e] = p <= pb ? sc[nt][2 + e] * qs : NEG_INF;
+                    const float kq = K8 ? sc8[nt * 8 + tig * 2 + e] * qs : qs; // the key's scale
+                    sc[nt][e] = p <= pa ? sc[nt][e] * kq : NEG_INF;
+                    sc[nt][2 + e] = p <= pb ? sc[nt][2 + e] * kq : NEG_INF;
                     mx[0] = fmaxf(mx[0], sc[nt][e]);
                     mx[1] = fmaxf(mx[1], sc[nt][2 + e]);
                 }
@@ -924,11 +956,15 @@ __device__ __forceinline__ void attn_prefill_body(bf16* __restrict__ out, const 
 
 #define ATTN_PREFILL_ARGS                                                                                        \
     bf16 *out, const bf16 *q, const bf16 *kc, const bf16 *vc, const int *tiles, const int *seq_info, const int *pages, \
-        int heads, int kvh, int bs, float scale, int ldq
-#define ATTN_PREFILL_PASS out, q, kc, vc, tiles, seq_info, pages, heads, kvh, bs, scale, ldq
-extern "C" __global__ void __launch_bounds__(PRE_THREADS) attn_prefill_d32(ATTN_PREFILL_ARGS) { pdl_entry(); attn_prefill_body<32>(ATTN_PREFILL_PASS); }
-extern "C" __global__ void __launch_bounds__(PRE_THREADS) attn_prefill_d64(ATTN_PREFILL_ARGS) { pdl_entry(); attn_prefill_body<64>(ATTN_PREFILL_PASS); }
-extern "C" __global__ void __launch_bounds__(PRE_THREADS) attn_prefill_d128(ATTN_PREFILL_ARGS) { pdl_entry(); attn_prefill_body<128>(ATTN_PREFILL_PASS); }
+        int heads, int kvh, int bs, float scale, int ldq, const float *ks
+#define ATTN_PREFILL_PASS out, q, kc, vc, tiles, seq_info, pages, heads, kvh, bs, scale, ldq, ks
+extern "C" __global__ void __launch_bounds__(PRE_THREADS) attn_prefill_d32(ATTN_PREFILL_ARGS) { pdl_entry(); attn_prefill_body<32, false>(ATTN_PREFILL_PASS); }
+extern "C" __global__ void __launch_bounds__(PRE_THREADS) attn_prefill_d64(ATTN_PREFILL_ARGS) { pdl_entry(); attn_prefill_body<64, false>(ATTN_PREFILL_PASS); }
+extern "C" __global__ void __launch_bounds__(PRE_THREADS) attn_prefill_d128(ATTN_PREFILL_ARGS) { pdl_entry(); attn_prefill_body<128, false>(ATTN_PREFILL_PASS); }
+// attn_prefill8_d*: the same over an FP8 key cache (as attn_decode8).
+extern "C" __global__ void __launch_bounds__(PRE_THREADS) attn_prefill8_d32(ATTN_PREFILL_ARGS) { pdl_entry(); attn_prefill_body<32, true>(ATTN_PREFILL_PASS); }
+extern "C" __global__ void __launch_bounds__(PRE_THREADS) attn_prefill8_d64(ATTN_PREFILL_ARGS) { pdl_entry(); attn_prefill_body<64, true>(ATTN_PREFILL_PASS); }
+extern "C" __global__ void __launch_bounds__(PRE_THREADS) attn_prefill8_d128(ATTN_PREFILL_ARGS) { pdl_entry(); attn_prefill_body<128, true>(ATTN_PREFILL_PASS); }
 
 // silu_mul: out[r, c] = silu(g[r, c]) * u[r, c] for rows x cols values;
 // out's rows are cols apart, g's and u's ldg (views of one gate_up row).

@@ -5,7 +5,6 @@ package gpu
 import (
 	"fmt"
 	"math"
-	"math/bits"
 	"os"
 	"testing"
 
@@ -189,7 +188,7 @@ func TestOpAttentionDecode(t *testing.T) {
 				fs = append(fs, r.b.decodeKernel(hd))
 			}
 			if r.b.preOK {
-				fs = append(fs, r.b.fn.attnPrefill[bits.TrailingZeros(uint(hd))-5])
+				fs = append(fs, r.b.prefillKernel(hd))
 			}
 			for _, f := range fs {
 				regs, local, err := f.Resources()
@@ -226,12 +225,12 @@ func quantKey(v []float32, kvh, hd int) (q []byte, scales []float32) {
 
 // TestOpAttentionFP8Keys: with an FP8 key cache (Options.KVFormat fp8),
 // rope_store stores the step's keys as e4m3 with a scale per token and KV
-// head, exactly as quantKey does; attn_decode8 (split-KV) and the per-row
-// kernel (every prefill row, and every row under kernelForce.attnRows)
-// attend over the dequantized keys: both must match a float64 reference
-// over those keys within the usual tolerance. Decode contexts of 1, 17,
-// 640 and 4097 tokens and prefill rows mixed in one step, at the 8B head
-// shape and two others.
+// head, exactly as quantKey does; attn_decode8 (split-KV), attn_prefill8
+// (the prefill rows; the per-row kernel at head_dim 256) and the per-row
+// kernel (every row under kernelForce.attnRows) attend over the
+// dequantized keys: all must match a float64 reference over those keys
+// within the usual tolerance. Decode contexts of 1, 17, 640 and 4097 tokens
+// and prefill rows mixed in one step, at the 8B head shape and two others.
 func TestOpAttentionFP8Keys(t *testing.T) {
 	for _, sh := range []struct{ heads, kvh, hd, bs int }{{32, 8, 128, 16}, {4, 2, 64, 5}, {16, 2, 256, 16}} {
 		t.Run(fmt.Sprintf("h%d_kv%d_d%d_bs%d", sh.heads, sh.kvh, sh.hd, sh.bs), func(t *testing.T) {
@@ -248,8 +247,8 @@ func TestOpAttentionFP8Keys(t *testing.T) {
 			}
 			const layer = 1
 			r := newRigWith(t, cfg, 256, engine.KVSpec{Layers: 2, Blocks: blocks, BlockSize: bs, KVHeads: kvh, HeadDim: hd}, Options{KVFormat: KVFP8})
-			if !r.b.kv8 || r.b.preOK {
-				t.Fatalf("KVFormat fp8: kv8 %v, attn_prefill usable %v; want an FP8 key cache and the per-row prefill", r.b.kv8, r.b.preOK)
+			if !r.b.kv8 {
+				t.Fatalf("KVFormat fp8: no FP8 key cache")
 			}
 			width := kvh * hd
 			free := r.rng.Perm(blocks)
@@ -381,7 +380,10 @@ func TestOpAttentionFP8Keys(t *testing.T) {
 				r.b.Attention(out, q, k, v, layer, scale, nil)
 				got := r.read(out, T)
 				r.end()
-				name := "attn_decode8 + per-row prefill"
+				name := "attn_decode8 + attn_prefill8"
+				if !r.b.preOK {
+					name = "attn_decode8 + per-row prefill"
+				}
 				if i == 1 {
 					name += ", again"
 				}
@@ -420,11 +422,17 @@ func TestOpAttentionFP8Keys(t *testing.T) {
 			if bad > 0 {
 				t.Errorf("rope_store's FP8 keys: %d of %d bytes and scales differ from quantKey's", bad, T*(width+kvh))
 			}
-			regs, local, err := r.b.decodeKernel(hd).Resources()
-			if err != nil {
-				t.Fatal(err)
+			fs := []*cuda.Function{r.b.decodeKernel(hd)}
+			if r.b.preOK {
+				fs = append(fs, r.b.prefillKernel(hd))
 			}
-			t.Logf("%s: %d registers, %d bytes of local memory per thread", r.b.decodeKernel(hd).Name, regs, local)
+			for _, f := range fs {
+				regs, local, err := f.Resources()
+				if err != nil {
+					t.Fatal(err)
+				}
+				t.Logf("%s: %d registers, %d bytes of local memory per thread", f.Name, regs, local)
+			}
 		})
 	}
 }

@@ -122,6 +122,7 @@ type funcs struct {
 	attnDecode                                                                    [4]*cuda.Function // attn_decode_d32, d64, d128, d256
 	attnDecode8                                                                   [4]*cuda.Function // attn_decode8_d*: FP8 keys
 	attnPrefill                                                                   [3]*cuda.Function // attn_prefill_d32, d64, d128
+	attnPrefill8                                                                  [3]*cuda.Function // attn_prefill8_d*: FP8 keys
 	sgExpandTC                                                                    [3]*cuda.Function // sgmv_expand_tc1, tc2, tc4
 }
 
@@ -377,6 +378,7 @@ func (b *Backend) open(opts Options) error {
 		{&b.fn.attnDecode8[0], "attn_decode8_d32"}, {&b.fn.attnDecode8[1], "attn_decode8_d64"},
 		{&b.fn.attnDecode8[2], "attn_decode8_d128"}, {&b.fn.attnDecode8[3], "attn_decode8_d256"},
 		{&b.fn.attnPrefill[0], "attn_prefill_d32"}, {&b.fn.attnPrefill[1], "attn_prefill_d64"}, {&b.fn.attnPrefill[2], "attn_prefill_d128"},
+		{&b.fn.attnPrefill8[0], "attn_prefill8_d32"}, {&b.fn.attnPrefill8[1], "attn_prefill8_d64"}, {&b.fn.attnPrefill8[2], "attn_prefill8_d128"},
 		{&b.fn.addBias, "add_bias"}, {&b.fn.headRMSNorm, "head_rmsnorm"}, {&b.fn.addDelta, "add_delta"},
 		{&b.fn.sgExpandTC[0], "sgmv_expand_tc1"}, {&b.fn.sgExpandTC[1], "sgmv_expand_tc2"}, {&b.fn.sgExpandTC[2], "sgmv_expand_tc4"}} {
 		if *f.p, err = b.mod.Function(f.name); err != nil {
@@ -391,8 +393,11 @@ func (b *Backend) open(opts Options) error {
 			return err
 		}
 	}
-	for i, f := range b.fn.attnPrefill {
-		if err := f.SetMaxDynamicShared(preShared(32 << i)); err != nil {
+	for i := range b.fn.attnPrefill {
+		if err := b.fn.attnPrefill[i].SetMaxDynamicShared(preShared(32<<i, false)); err != nil {
+			return err
+		}
+		if err := b.fn.attnPrefill8[i].SetMaxDynamicShared(preShared(32<<i, true)); err != nil {
 			return err
 		}
 	}
@@ -436,9 +441,7 @@ func (b *Backend) Init(cfg *llama.Config, spec engine.Spec) error {
 	b.cfg, b.kv, b.maxT = cfg, kv, maxTokens
 	hd := kv.HeadDim
 	b.decOK = hd >= 32 && hd <= 256 && hd&(hd-1) == 0 && cfg.Heads%kv.KVHeads == 0 && cfg.Heads/kv.KVHeads <= decMaxG
-	// attn_prefill reads bf16 keys: with an FP8 key cache the prefill rows
-	// take the per-row kernel (and such steps run eagerly)
-	b.preOK = hd >= 32 && hd <= 128 && hd&(hd-1) == 0 && cfg.Heads%kv.KVHeads == 0 && !b.kv8
+	b.preOK = hd >= 32 && hd <= 128 && hd&(hd-1) == 0 && cfg.Heads%kv.KVHeads == 0
 	if err := b.sizeDecode(); err != nil {
 		return err
 	}

@@ -200,9 +200,9 @@ func (b *Backend) Attention(out, q, k, v engine.Buffer, layer int, scale float32
 	case b.nPreTiles > 0: // the prefill rows (every row without decode sequences) on the tensor cores
 		if b.err == nil {
 			hd := b.kv.HeadDim
-			b.fail(b.fn.attnPrefill[bits.TrailingZeros(uint(hd))-5].Launch(b.s, cuda.Dim3{X: b.nPreTiles, Y: c.Heads}, cuda.Dim3{X: preThreads}, preShared(hd),
+			b.fail(b.prefillKernel(hd).Launch(b.s, cuda.Dim3{X: b.nPreTiles, Y: c.Heads}, cuda.Dim3{X: preThreads}, preShared(hd, b.kv8),
 				ptr(o), ptr(qb), kc, vc, b.i32(b.off.preTiles), b.i32(b.off.seqInfo), b.i32(b.off.pages),
-				c.Heads, b.kv.KVHeads, b.kv.BlockSize, scale, qb.ld))
+				c.Heads, b.kv.KVHeads, b.kv.BlockSize, scale, qb.ld, ks))
 		}
 	case b.nDec == 0: // the per-row kernel for every row
 		b.launch(b.fn.attention, cuda.Dim3{X: b.rows(), Y: c.Heads}, cuda.Dim3{X: 128}, ptr(o), ptr(qb), kc, vc,
@@ -226,6 +226,15 @@ func (b *Backend) Attention(out, q, k, v engine.Buffer, layer int, scale float32
 	b.fail(b.decodeKernel(hd).Launch(b.s, cuda.Dim3{X: b.nDec, Y: b.kv.KVHeads, Z: b.decSplit}, cuda.Dim3{X: decThreads}, decShared(hd, b.kv8),
 		ptr(o), part, b.attnDone, ptr(qb), kc, vc, b.i32(b.off.decSeqs), b.i32(b.off.seqInfo), b.i32(b.off.pages),
 		c.Heads, b.kv.KVHeads, b.kv.BlockSize, scale, b.decSplit, qb.ld, ks))
+}
+
+// prefillKernel is the attn_prefill variant for head dimension hd (32, 64
+// or 128: preOK) and the backend's key cache.
+func (b *Backend) prefillKernel(hd int) *cuda.Function {
+	if b.kv8 {
+		return b.fn.attnPrefill8[bits.TrailingZeros(uint(hd))-5]
+	}
+	return b.fn.attnPrefill[bits.TrailingZeros(uint(hd))-5]
 }
 
 // decodeKernel is the attn_decode variant for head dimension hd (32, 64,
@@ -254,15 +263,22 @@ func decShared(hd int, k8 bool) int {
 	return decThreads / 32 * stages * stage
 }
 
-// preThreads, preRows are PRE_THREADS and PRE_ROWS in llama.cu; preShared(hd)
-// is the dynamic shared memory of attn_prefill_d{hd}: PreShape<hd>::ST (2)
-// stages of a 64-position tile of K and V.
+// preThreads, preRows are PRE_THREADS and PRE_ROWS in llama.cu; preShared(hd, k8)
+// is the dynamic shared memory of attn_prefill_d{hd}: PreShape<hd, k8>::ST (2)
+// stages of a 64-position tile of K and V (with FP8 keys, their e4m3 rows
+// and scales too).
 const (
 	preThreads = 128
 	preRows    = 64
 )
 
-func preShared(hd int) int { return 2 * 2 * 64 * hd * 2 }
+func preShared(hd int, k8 bool) int {
+	stage := 2 * 64 * hd * 2
+	if k8 {
+		stage += 64*hd + 64*4
+	}
+	return 2 * stage
+}
 
 // SiLUMul computes out = silu(gate) * up.
 func (b *Backend) SiLUMul(out, gate, up engine.Buffer) {
