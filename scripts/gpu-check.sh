@@ -16,8 +16,8 @@
 #     fp8ref     issue 14's scheme fidelity: tools/make_fp8_reference.py makes a
 #                torch reference of exactly the FP8 scheme from the tiny fixture
 #                (and from the 8B-shape one when fixture8b made it), then
-#                TestFP8SchemeFidelity compares peftd's fp8 path with it; run it
-#                by name
+#                TestFP8SchemeFidelity compares peftd's fp8 path with it; then
+#                the same with FP8 keys (--kv fp8, --kv-cache fp8); run it by name
 #     attnbench  TestAttnBench: prefill attention of one 8B layer, tensor-core
 #                kernel vs per-row kernel (not in the default phases)
 #     lorabench  TestLoRABench: the LoRA path of one 8B layer, CUDA-graph replays
@@ -244,18 +244,22 @@ if want serve; then
 fi
 if want fp8ref; then
 	echo "=== fp8ref: torch references of the FP8 scheme, then TestFP8SchemeFidelity"
-	for fxd in "$ROOT/testdata/tiny-llama-lora" /tmp/peftd-fixture-8b; do
-		[[ -f $fxd/expected.safetensors ]] || continue
-		ref=/tmp/peftd-fp8ref-$(basename "$fxd")
-		if timeout "$(left 300)" "$PY" tools/make_fp8_reference.py "$fxd" "$ref" >"$LOG/fp8ref.$(basename "$fxd").make.log" 2>&1; then
-			tail -n 4 "$LOG/fp8ref.$(basename "$fxd").make.log"
-			(cd runtime/gpu && PEFTD_FP8_REF=$ref PEFTD_FP8_REF_EXACT=$fxd timeout "$(left 300)" "$GPUBIN" -test.v -test.count=1 -test.run '^TestFP8SchemeFidelity$') >"$LOG/fp8ref.$(basename "$fxd").log" 2>&1 || status=1
-			grep -E 'fp8_cuda_test|PASS|FAIL' "$LOG/fp8ref.$(basename "$fxd").log" | cut -c1-160 | tail -n 30
-			save "$LOG/fp8ref.$(basename "$fxd").log"
-		else
-			status=1
-			tail -n 20 "$LOG/fp8ref.$(basename "$fxd").make.log"
-		fi
+	# the FP8 weight scheme with bf16 keys, then with FP8 keys (--kv-cache fp8)
+	for kv in bf16 fp8; do
+		for fxd in "$ROOT/testdata/tiny-llama-lora" /tmp/peftd-fixture-8b; do
+			[[ -f $fxd/expected.safetensors ]] || continue
+			tag=$(basename "$fxd").kv$kv
+			ref=/tmp/peftd-fp8ref-$tag
+			if timeout "$(left 300)" "$PY" tools/make_fp8_reference.py --kv "$kv" "$fxd" "$ref" >"$LOG/fp8ref.$tag.make.log" 2>&1; then
+				tail -n 4 "$LOG/fp8ref.$tag.make.log"
+				(cd runtime/gpu && PEFTD_FP8_REF=$ref PEFTD_FP8_REF_EXACT=$fxd PEFTD_FP8_REF_KV=$kv timeout "$(left 300)" "$GPUBIN" -test.v -test.count=1 -test.run '^TestFP8SchemeFidelity$') >"$LOG/fp8ref.$tag.log" 2>&1 || status=1
+				grep -E 'fp8_cuda_test|PASS|FAIL' "$LOG/fp8ref.$tag.log" | cut -c1-160 | tail -n 30
+				save "$LOG/fp8ref.$tag.log"
+			else
+				status=1
+				tail -n 20 "$LOG/fp8ref.$tag.make.log"
+			fi
+		done
 	done
 	stamp fp8ref
 fi

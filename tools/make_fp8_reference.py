@@ -15,18 +15,29 @@ float32 reference math (peftd keeps it in bf16: that difference is the bf16 path
 Each case runs teacher-forced on its prompt + the fixture's greedy tokens, so the rows
 are the fixture's: prefill rows, then decode rows.
 
+With --kv fp8 the keys are what peftd's --kv-cache fp8 attends over: each rotated key,
+rounded to bf16, quantized per token and KV head the same way (amax over head_dim)
+and dequantized; values stay as they are. --weights bf16 leaves the projections
+exact (a reference of the FP8 keys alone).
+
 Writes OUTDIR/expected.safetensors and OUTDIR/cases.json in the fixture's format and
 links OUTDIR/base and OUTDIR/adapters to the fixture's. One base model holds every
 adapter (PeftModel.load_adapter), so an 8B-shape fixture fits on one GPU.
-usage: python3 make_fp8_reference.py FIXTUREDIR OUTDIR
+usage: python3 make_fp8_reference.py [--weights fp8|bf16] [--kv bf16|fp8] FIXTUREDIR OUTDIR
 """
-import json, os, sys, time
+import argparse, json, os, sys, time
 import torch
 from safetensors.torch import save_file, load_file
 from transformers import AutoModelForCausalLM
 from peft import PeftModel
 
-fx, out = sys.argv[1], sys.argv[2]
+ap = argparse.ArgumentParser()
+ap.add_argument("--weights", choices=["fp8", "bf16"], default="fp8")
+ap.add_argument("--kv", choices=["bf16", "fp8"], default="bf16")
+ap.add_argument("fixture")
+ap.add_argument("out")
+args = ap.parse_args()
+fx, out = args.fixture, args.out
 t0 = time.time()
 os.makedirs(out, exist_ok=True)
 for d in ("base", "adapters"):
@@ -72,6 +83,21 @@ class FP8Linear(torch.nn.Module):
         return y.reshape(*shape[:-1], self.out_features)
 
 
+def fp8_keys():
+    """make every Llama attention attend over e4m3 keys, quantized per (token, KV head)
+    after RoPE from their bf16 rounding, as peftd's FP8 key cache holds them"""
+    import transformers.models.llama.modeling_llama as ml
+    orig = ml.apply_rotary_pos_emb
+
+    def rotary(q, k, *a, **kw):
+        q2, k2 = orig(q, k, *a, **kw)
+        kb = k2.to(torch.bfloat16).float()  # [batch, kv heads, seq, head_dim]
+        qk, sk = quant_rows(kb)
+        return q2, (qk.float() * sk).to(k2.dtype)
+
+    ml.apply_rotary_pos_emb = rotary
+
+
 def patch(model):
     n = 0
     for name, mod in list(model.named_modules()):
@@ -93,7 +119,11 @@ if names:
     for a in names[1:]:
         model.load_adapter(os.path.join(fx, "adapters", a), adapter_name=a)
     model = model.to(dev).eval()
-print("fp8 projections:", patch(model), f"({time.time() - t0:.1f}s)", flush=True)
+if args.weights == "fp8":
+    print("fp8 projections:", patch(model), f"({time.time() - t0:.1f}s)", flush=True)
+if args.kv == "fp8":
+    fp8_keys()
+    print("fp8 keys after RoPE", flush=True)
 
 out_t = {}
 with torch.no_grad():

@@ -3,6 +3,7 @@
 package gpu
 
 import (
+	"cmp"
 	"encoding/binary"
 	"fmt"
 	"math"
@@ -541,7 +542,14 @@ func measureCases(t *testing.T, e *engine.Engine, slots map[string]int, cases []
 // loaded) on an engine with weights in format wf and measures them.
 func measureFormat(t *testing.T, m *llama.Model, adapters map[string]*lora.Adapter, cases []refCase, opts engine.Options, wf string) quality {
 	t.Helper()
-	e := newEngineWith(t, m, opts, Options{WeightFormat: wf})
+	return measureWith(t, m, adapters, cases, opts, Options{WeightFormat: wf})
+}
+
+// measureWith is measureFormat on a backend made with bo.
+func measureWith(t *testing.T, m *llama.Model, adapters map[string]*lora.Adapter, cases []refCase, opts engine.Options, bo Options) quality {
+	t.Helper()
+	wf := bo.WeightFormat
+	e := newEngineWith(t, m, opts, bo)
 	b := e.Backend().(*Backend)
 	slots := map[string]int{}
 	for n := range adapters {
@@ -845,7 +853,13 @@ func TestFP8SchemeFidelity(t *testing.T) {
 		opts = engine.Options{MaxTokens: 1024, KVBlocks: 512, BlockSize: 16}
 	}
 	opts.AdapterSlots = len(adapters)
-	q := measureFormat(t, m, adapters, scheme, opts, WeightsFP8)
+	// the scheme the reference was made for (make_fp8_reference.py --weights, --kv)
+	bo := Options{WeightFormat: WeightsFP8, KVFormat: os.Getenv("PEFTD_FP8_REF_KV")}
+	if w := os.Getenv("PEFTD_FP8_REF_WEIGHTS"); w != "" {
+		bo.WeightFormat = w
+	}
+	t.Logf("scheme: weights %s, KV cache %s", bo.WeightFormat, cmp.Or(bo.KVFormat, KVBF16))
+	q := measureWith(t, m, adapters, scheme, opts, bo)
 	t.Logf("%-4s %-18s %12s %12s %6s", "case", "adapter", "peftd_vs_ref", "ref_vs_exact", "ratio")
 	worst := 0.0
 	for i, c := range scheme {
