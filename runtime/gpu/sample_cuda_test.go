@@ -54,6 +54,18 @@ func (s *sampleRig) draw(rows [][]float32, rs []engine.RowSample) []sample.Choic
 	return out
 }
 
+// randRows is B rows of V normal logits times sc.
+func (s *sampleRig) randRows(sc float32) [][]float32 {
+	rows := make([][]float32, s.B)
+	for i := range rows {
+		rows[i] = make([]float32, s.V)
+		for j := range rows[i] {
+			rows[i][j] = float32(s.rng.NormFloat64()) * sc
+		}
+	}
+	return rows
+}
+
 func cpuLogprob(l []float32, id int32) float64 {
 	m := math.Inf(-1)
 	for _, x := range l {
@@ -166,13 +178,9 @@ func TestDeviceSampleGreedyLogprobs(t *testing.T) {
 func TestDeviceSampleAdjust(t *testing.T) {
 	const B, V = 16, 32000
 	s := newSampleRig(t, B, V)
-	rows := make([][]float32, B)
+	rows := s.randRows(3)
 	rs := make([]engine.RowSample, B)
 	for i := range rows {
-		rows[i] = make([]float32, V)
-		for j := range rows[i] {
-			rows[i][j] = float32(s.rng.NormFloat64()) * 3
-		}
 		rs[i] = engine.RowSample{Row: i, Params: sample.Params{Logprobs: 5}, Seed: uint64(i)}
 		if i%4 == 3 {
 			continue // no adjustments
@@ -414,13 +422,9 @@ func TestLaunchOverhead(t *testing.T) {
 func TestDeviceSampleNonFinite(t *testing.T) {
 	const B, V = 8, 4096
 	s := newSampleRig(t, B, V)
-	rows := make([][]float32, B)
+	rows := s.randRows(1)
 	rs := make([]engine.RowSample, B)
 	for i := range rows {
-		rows[i] = make([]float32, V)
-		for j := range rows[i] {
-			rows[i][j] = float32(s.rng.NormFloat64())
-		}
 		p := sample.Params{}
 		if i%2 == 1 {
 			p = sample.Params{Temperature: 0.8, TopP: 0.9}
