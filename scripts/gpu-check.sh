@@ -264,30 +264,20 @@ if want fp8ref; then
 	stamp fp8ref
 fi
 
-if want attnbench; then
-	echo "=== attnbench"
-	(cd runtime/gpu && PEFTD_ATTN_BENCH=1 timeout "$(left 200)" "$GPUBIN" -test.v -test.count=1 -test.run '^TestAttnBench$') >"$LOG/attnbench.log" 2>&1 || status=1
-	grep '^BENCH attn' "$LOG/attnbench.log" | tee "$LOG/attnbench.txt"
-	save "$LOG/attnbench.txt"
-	grep -E -- '--- (PASS|FAIL|SKIP)|panic|Error' "$LOG/attnbench.log" | head -5
-	stamp attnbench
-fi
-if want lorabench; then
-	echo "=== lorabench"
-	(cd runtime/gpu && PEFTD_LORA_BENCH=1 timeout "$(left 300)" "$GPUBIN" -test.v -test.count=1 -test.run '^TestLoRABench$') >"$LOG/lorabench.log" 2>&1 || status=1
-	grep '^BENCH lora' "$LOG/lorabench.log" >"$LOG/lorabench.txt"
-	save "$LOG/lorabench.txt"
-	grep -E -- '--- (PASS|FAIL|SKIP)|panic|Error' "$LOG/lorabench.log" | head -5
-	stamp lorabench
-fi
-if want fp8bench; then
-	echo "=== fp8bench"
-	(cd runtime/gpu && PEFTD_FP8_BENCH=1 timeout "$(left 300)" "$GPUBIN" -test.v -test.count=1 -test.run '^TestFP8GemmBench$') >"$LOG/fp8bench.log" 2>&1 || status=1
-	grep '^BENCH fp8gemm' "$LOG/fp8bench.log" >"$LOG/fp8bench.txt"
-	save "$LOG/fp8bench.txt"
-	grep -E -- '--- (PASS|FAIL|SKIP)|panic|Error' "$LOG/fp8bench.log" | head -5
-	stamp fp8bench
-fi
+# bench_phase NAME ENV TEST PATTERN SECONDS: the gpu test binary's TEST
+# with ENV=1 (a benchmark that skips itself otherwise), its PATTERN lines
+# kept in NAME.txt (the summary prints them)
+bench_phase() {
+	echo "=== $1"
+	(cd runtime/gpu && env "$2=1" timeout "$(left "$5")" "$GPUBIN" -test.v -test.count=1 -test.run "^$3\$") >"$LOG/$1.log" 2>&1 || status=1
+	grep "$4" "$LOG/$1.log" >"$LOG/$1.txt"
+	save "$LOG/$1.txt"
+	grep -E -- '--- (PASS|FAIL|SKIP)|panic|Error' "$LOG/$1.log" | head -5
+	stamp "$1"
+}
+want attnbench && bench_phase attnbench PEFTD_ATTN_BENCH TestAttnBench '^BENCH attn' 200
+want lorabench && bench_phase lorabench PEFTD_LORA_BENCH TestLoRABench '^BENCH lora' 300
+want fp8bench && bench_phase fp8bench PEFTD_FP8_BENCH TestFP8GemmBench '^BENCH fp8gemm' 300
 if want decode; then
 	MD=/tmp/llama8b-random
 	echo "=== decode: make $MD"
@@ -650,6 +640,7 @@ fi
 		grep -E '^BENCH lora 4 +(16|64) +(1|256|4x512pf) ' "$LOG/lorabench.txt" | cut -c12-
 	fi
 	[[ -s "$LOG/attnbench.txt" ]] && echo "Prefill attention per 8B layer (median us):" && cut -c12- "$LOG/attnbench.txt"
+	[[ -s "$LOG/fp8bench.txt" ]] && echo "FP8 product at the 8B projection shapes (median us over graph replays):" && cut -c16- "$LOG/fp8bench.txt"
 	[[ -f "$LOG/serve.result" ]] && cat "$LOG/serve.result" && grep -E 'tok|req|TTFT|thr' "$LOG/serve.bench.txt" | head -8
 	[[ -f "$LOG/serve8b.txt" ]] && grep -E "^(SERVEBENCH|SERVESTEPS|SERVEHOST)" "$LOG/serve8b.txt" | cut -c1-320
 	[[ -s "$LOG/prefix8b.txt" ]] && echo "Prefix caching (8B shapes, 8 layers; 2000-token shared prefix, concurrency 32):" && grep -E '^(PREFIXBENCH|PREFIXGREEDY)' "$LOG/prefix8b.txt" | cut -c1-230
@@ -668,6 +659,6 @@ fi
 if [[ -n "${OUT:-}" ]]; then
 	# the trace files are large: the tables from them are in nsys8b.txt
 	tar czf "$OUT/logs.tgz" --exclude='*.qdstrm' --exclude='*.nsys-rep' --exclude='*.sqlite' --exclude='*.csv' -C "$LOG" . 2>/dev/null
-	for f in summary.txt lorabench.txt attnbench.txt decode.txt serve8b.txt soak8b.txt prefix8b.txt cold8b.txt ready8b.txt nsys8b.txt; do [[ -f "$LOG/$f" ]] && cp "$LOG/$f" "$OUT/"; done
+	for f in summary.txt lorabench.txt attnbench.txt fp8bench.txt decode.txt serve8b.txt soak8b.txt prefix8b.txt cold8b.txt ready8b.txt nsys8b.txt; do [[ -f "$LOG/$f" ]] && cp "$LOG/$f" "$OUT/"; done
 fi
 exit $status
