@@ -38,15 +38,17 @@ __device__ __forceinline__ float warp_max(float v) {
     return v;
 }
 
-// block_sum: sum over the block (blockDim.x a multiple of 32); sh holds 33 floats.
-__device__ float block_sum(float v, float* sh) {
+// block_reduce: the sum (MAX: the max) over the block (blockDim.x a
+// multiple of 32; 0 stands in for absent warps, so block_max is for values
+// >= 0 such as amax); sh holds 33 floats. Every thread gets the result.
+template <bool MAX> __device__ float block_reduce(float v, float* sh) {
     const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
-    v = warp_sum(v);
+    v = MAX ? warp_max(v) : warp_sum(v);
     if (lane == 0) sh[w] = v;
     __syncthreads();
     if (w == 0) {
         float x = lane < nw ? sh[lane] : 0.f;
-        x = warp_sum(x);
+        x = MAX ? warp_max(x) : warp_sum(x);
         if (lane == 0) sh[32] = x;
     }
     __syncthreads();
@@ -54,23 +56,8 @@ __device__ float block_sum(float v, float* sh) {
     __syncthreads();
     return r;
 }
-
-// block_max: max over the block (blockDim.x a multiple of 32); sh holds 33 floats.
-__device__ float block_max(float v, float* sh) {
-    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
-    v = warp_max(v);
-    if (lane == 0) sh[w] = v;
-    __syncthreads();
-    if (w == 0) {
-        float x = lane < nw ? sh[lane] : 0.f;
-        x = warp_max(x);
-        if (lane == 0) sh[32] = x;
-    }
-    __syncthreads();
-    float r = sh[32];
-    __syncthreads();
-    return r;
-}
+__device__ __forceinline__ float block_sum(float v, float* sh) { return block_reduce<false>(v, sh); }
+__device__ __forceinline__ float block_max(float v, float* sh) { return block_reduce<true>(v, sh); }
 
 // cp_async16 copies 16 bytes from global to shared memory without passing
 // through registers (n == 0: fills zeros, reads nothing); cp_async_commit
