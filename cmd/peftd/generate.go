@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"strconv"
 	"strings"
 	"unicode/utf8"
 
@@ -43,6 +44,10 @@ func cmdGenerate(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	topK := fs.Int("top-k", 0, "sample from the k most likely tokens (0: all)")
 	seed := fs.Int64("seed", -1, "random seed (-1: random)")
 	logprobs := fs.Int("logprobs", 0, "top alternatives to report per token (with --json)")
+	presence := fs.Float64("presence-penalty", 0, "lower the logit of every token generated so far by this, once ([-2, 2], as OpenAI's presence_penalty)")
+	frequency := fs.Float64("frequency-penalty", 0, "lower the logit of every token generated so far by this times its count ([-2, 2], as OpenAI's frequency_penalty)")
+	repetition := fs.Float64("repetition-penalty", 1, "divide the positive logits and multiply the negative ones of the prompt's and the output's tokens by this ((0, 100], 1: none; as vLLM's repetition_penalty)")
+	logitBias := fs.String("logit-bias", "", "add biases to tokens' logits: comma-separated ID:BIAS pairs, biases in [-100, 100] (as OpenAI's logit_bias)")
 	asJSON := fs.Bool("json", false, "print one JSON object")
 	device := fs.String("device", server.DeviceAuto, "compute device: auto (cuda when a usable GPU is present, else cpu), cpu or cuda")
 	eager := fs.Bool("eager", false, "GPU: run every step op by op, without CUDA graphs (see peftd serve --help)")
@@ -77,7 +82,15 @@ func cmdGenerate(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	default:
 		return fmt.Errorf("generate: --kv-cache %q: want bf16 or fp8", *kvCache)
 	}
-	sp := sample.Params{Temperature: *temp, TopP: *topP, TopK: *topK, Logprobs: *logprobs}
+	if !(*repetition > 0 && *repetition <= 100) { // 0 is the sampler's "none": say 1
+		return fmt.Errorf("generate: --repetition-penalty must be in (0, 100] (1: none), got %v", *repetition)
+	}
+	bias, err := parseLogitBias(*logitBias)
+	if err != nil {
+		return fmt.Errorf("generate: --logit-bias: %w", err)
+	}
+	sp := sample.Params{Temperature: *temp, TopP: *topP, TopK: *topK, Logprobs: *logprobs,
+		Penalties: sample.Penalties{Presence: *presence, Frequency: *frequency, Repetition: *repetition, LogitBias: bias}}
 	if *seed >= 0 {
 		s := uint64(*seed)
 		sp.Seed = &s
@@ -244,4 +257,28 @@ func (s *stopList) Set(v string) error {
 	}
 	*s = append(*s, v)
 	return nil
+}
+
+// parseLogitBias reads comma-separated ID:BIAS pairs (empty: none).
+func parseLogitBias(s string) (map[int32]float64, error) {
+	if strings.TrimSpace(s) == "" {
+		return nil, nil
+	}
+	out := map[int32]float64{}
+	for _, p := range strings.Split(s, ",") {
+		id, b, ok := strings.Cut(strings.TrimSpace(p), ":")
+		if !ok {
+			return nil, fmt.Errorf("%q is not ID:BIAS", p)
+		}
+		n, err := strconv.ParseInt(strings.TrimSpace(id), 10, 32)
+		if err != nil || n < 0 {
+			return nil, fmt.Errorf("%q is not a token id", id)
+		}
+		v, err := strconv.ParseFloat(strings.TrimSpace(b), 64)
+		if err != nil {
+			return nil, fmt.Errorf("%q is not a number", b)
+		}
+		out[int32(n)] = v
+	}
+	return out, nil
 }

@@ -157,3 +157,45 @@ func TestBadInputs(t *testing.T) {
 		})
 	}
 }
+
+// TestGeneratePenalties: the penalty flags reach the sampler (a +100 bias
+// makes its token every pick; a frequency penalty changes greedy text that
+// repeats itself) and bad values are refused naming the flag or the field.
+func TestGeneratePenalties(t *testing.T) {
+	gen := func(extra ...string) (genOutput, error) {
+		out, err := runCLI(t, append([]string{"generate", "--prompt", "Once upon a time", "--max-tokens", "40", "--json"}, extra...)...)
+		var g genOutput
+		if err == nil {
+			if jerr := json.Unmarshal([]byte(out), &g); jerr != nil {
+				t.Fatalf("%v: %s", jerr, out)
+			}
+		}
+		return g, err
+	}
+	g, err := gen("--logit-bias", "100:100")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, id := range g.TokenIDs {
+		if id != 100 {
+			t.Fatalf("--logit-bias 100:100: tokens %v, want all 100", g.TokenIDs)
+		}
+	}
+	plain, err := gen()
+	if err != nil {
+		t.Fatal(err)
+	}
+	pen, err := gen("--frequency-penalty", "2", "--presence-penalty", "1", "--repetition-penalty", "1.5")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if slices.Equal(plain.TokenIDs, pen.TokenIDs) {
+		t.Errorf("penalties changed nothing: %v", pen.TokenIDs)
+	}
+	for _, bad := range [][]string{{"--logit-bias", "x:1"}, {"--logit-bias", "5"}, {"--logit-bias", "5:200"}, {"--presence-penalty", "3"},
+		{"--repetition-penalty", "0"}, {"--logit-bias", "999999:1"}} {
+		if _, err := gen(bad...); err == nil {
+			t.Errorf("%v accepted", bad)
+		}
+	}
+}
