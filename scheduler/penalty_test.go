@@ -8,14 +8,15 @@ import (
 	"testing"
 
 	"github.com/peftd/peftd/internal/fixture"
+	"github.com/peftd/peftd/internal/sampletest"
 	"github.com/peftd/peftd/runtime/cpu"
 	"github.com/peftd/peftd/runtime/engine"
 	"github.com/peftd/peftd/runtime/sample"
 )
 
 // greedyPenalized is the reference: the case's greedy tokens with the
-// penalties applied from scratch at every step (counts recounted from the
-// output, nothing incremental), on an engine of its own.
+// penalties applied from scratch at every step (sampletest.Penalized), on
+// an engine of its own.
 func greedyPenalized(t *testing.T, f *fixture.Fixture, c fixture.Case, p sample.Penalties, n int) []int32 {
 	t.Helper()
 	e, err := engine.New(f.Model, cpu.New(0), engine.DefaultOptions())
@@ -39,38 +40,12 @@ func greedyPenalized(t *testing.T, f *fixture.Fixture, c fixture.Case, p sample.
 		if err != nil {
 			t.Fatal(err)
 		}
-		row := slices.Clone(logits[0])
-		for id := range row {
-			tok := int32(id)
-			x := row[id]
-			seen := slices.Contains(c.Prompt, tok) || slices.Contains(out, tok)
-			if r := float32(p.Repetition); seen && r != 0 && r != 1 {
-				if x > 0 {
-					x = float32(x / r)
-				} else {
-					x = float32(x * r)
-				}
-			}
-			add := p.LogitBias[tok]
-			if k := countOf(out, tok); k > 0 {
-				add -= p.Presence + p.Frequency*float64(k)
-			}
-			row[id] = float32(x + float32(add))
-		}
+		row := sampletest.Penalized(logits[0], p, c.Prompt, out)
 		next := sample.Argmax(row)
 		out = append(out, next)
 		feed = []int32{next}
 	}
 	return out
-}
-
-func countOf(v []int32, x int32) (n int) {
-	for _, y := range v {
-		if y == x {
-			n++
-		}
-	}
-	return n
 }
 
 // TestPenaltiesMatchReference serves greedy requests with penalties and

@@ -25,12 +25,10 @@ type Input struct {
 // On error no sequence's length changes (pages reserved for it stay, as
 // Reserve's do).
 func (e *Engine) Step(ctx context.Context, in []Input) ([][]float32, error) {
-	t0 := time.Now()
 	meta, outRow, err := e.prepare(ctx, in)
 	if err != nil {
 		return nil, err
 	}
-	e.times = StepTimes{Prepare: time.Since(t0)}
 	var logits []float32
 	err = e.run(in, meta, func() error {
 		logits = make([]float32, len(meta.LogitRows)*e.cfg.VocabSize)
@@ -146,12 +144,10 @@ func (e *Engine) StepSample(ctx context.Context, in []Input, sp []Sampling) ([]s
 		}
 		return out, nil
 	}
-	t0 := time.Now()
 	meta, outRow, err := e.prepare(ctx, in)
 	if err != nil {
 		return nil, err
 	}
-	e.times = StepTimes{Prepare: time.Since(t0)}
 	var rows []RowSample
 	var who []int
 	for i, s := range sp {
@@ -182,8 +178,10 @@ func (e *Engine) StepSample(ctx context.Context, in []Input, sp []Sampling) ([]s
 }
 
 // prepare validates a step, grows the sequences' page tables and builds the
-// step's metadata; outRow[i] is the first logits row of input i.
+// step's metadata; outRow[i] is the first logits row of input i. It starts
+// the step's StepTimes with its own.
 func (e *Engine) prepare(ctx context.Context, in []Input) (*StepMeta, []int, error) {
+	t0 := time.Now()
 	if err := ctx.Err(); err != nil {
 		return nil, nil, err
 	}
@@ -265,6 +263,7 @@ func (e *Engine) prepare(ctx context.Context, in []Input) (*StepMeta, []int, err
 			meta.LogitRows = append(meta.LogitRows, int32(len(meta.Tokens)-1))
 		}
 	}
+	e.times = StepTimes{Prepare: time.Since(t0)} // a new step's times begin
 	return meta, outRow, nil
 }
 

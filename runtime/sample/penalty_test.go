@@ -1,42 +1,14 @@
-package sample
+package sample_test
 
 import (
 	"errors"
 	"math"
 	"math/rand/v2"
 	"testing"
-)
 
-// penalized is the reference: every token's logit changed as vLLM does,
-// from the whole prompt and output (no incremental state).
-func penalized(logits []float32, p Penalties, prompt, output []int32) []float32 {
-	out := make([]float32, len(logits))
-	count := map[int32]int{}
-	seen := map[int32]bool{}
-	for _, t := range prompt {
-		seen[t] = true
-	}
-	for _, t := range output {
-		seen[t] = true
-		count[t]++
-	}
-	for t, x := range logits {
-		id := int32(t)
-		if p.Repetition != 0 && p.Repetition != 1 && seen[id] {
-			if x > 0 {
-				x /= float32(p.Repetition)
-			} else {
-				x *= float32(p.Repetition)
-			}
-		}
-		add := p.LogitBias[id]
-		if c := count[id]; c > 0 {
-			add -= p.Presence + p.Frequency*float64(c)
-		}
-		out[t] = x + float32(add)
-	}
-	return out
-}
+	"github.com/peftd/peftd/internal/sampletest"
+	"github.com/peftd/peftd/runtime/sample"
+)
 
 // TestTracker: the adjustments a Tracker keeps as tokens are generated,
 // applied to a row, give the reference's logits at every step, for each
@@ -46,31 +18,31 @@ func TestTracker(t *testing.T) {
 	rng := rand.New(rand.NewPCG(1, 2))
 	for _, c := range []struct {
 		name string
-		p    Penalties
+		p    sample.Penalties
 	}{
-		{"presence", Penalties{Presence: 1.5}},
-		{"frequency", Penalties{Frequency: 0.7}},
-		{"negative", Penalties{Presence: -1, Frequency: -0.5}},
-		{"repetition", Penalties{Repetition: 1.3}},
-		{"repetition<1", Penalties{Repetition: 0.8}},
-		{"bias", Penalties{LogitBias: map[int32]float64{3: 100, 7: -100, 49: 2.5}}},
-		{"all", Penalties{Presence: 0.5, Frequency: 0.25, Repetition: 1.2, LogitBias: map[int32]float64{3: 5, 10: -5}}},
+		{"presence", sample.Penalties{Presence: 1.5}},
+		{"frequency", sample.Penalties{Frequency: 0.7}},
+		{"negative", sample.Penalties{Presence: -1, Frequency: -0.5}},
+		{"repetition", sample.Penalties{Repetition: 1.3}},
+		{"repetition<1", sample.Penalties{Repetition: 0.8}},
+		{"bias", sample.Penalties{LogitBias: map[int32]float64{3: 100, 7: -100, 49: 2.5}}},
+		{"all", sample.Penalties{Presence: 0.5, Frequency: 0.25, Repetition: 1.2, LogitBias: map[int32]float64{3: 5, 10: -5}}},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			if err := c.p.Validate(); err != nil {
 				t.Fatal(err)
 			}
 			prompt := []int32{1, 2, 3, 2, 9}
-			tr := NewTracker(c.p, prompt)
+			tr := sample.NewTracker(c.p, prompt)
 			var output []int32
 			for step := range 30 {
 				logits := make([]float32, V)
 				for i := range logits {
 					logits[i] = float32(rng.NormFloat64() * 3)
 				}
-				want := penalized(logits, c.p, prompt, output)
+				want := sampletest.Penalized(logits, c.p, prompt, output)
 				got := append([]float32(nil), logits...)
-				Apply(got, tr.Adjust())
+				sample.Apply(got, tr.Adjust())
 				for i := range got {
 					if math.Abs(float64(got[i]-want[i])) > 1e-4*(1+math.Abs(float64(want[i]))) {
 						t.Fatalf("step %d token %d: %v, want %v", step, i, got[i], want[i])
@@ -89,34 +61,34 @@ func TestTracker(t *testing.T) {
 			}
 		})
 	}
-	if tr := NewTracker(Penalties{Repetition: 1}, []int32{1, 2}); tr != nil || tr.Adjust() != nil {
+	if tr := sample.NewTracker(sample.Penalties{Repetition: 1}, []int32{1, 2}); tr != nil || tr.Adjust() != nil {
 		t.Errorf("a neutral request made a tracker: %+v", tr)
 	}
-	var nilTr *Tracker
+	var nilTr *sample.Tracker
 	nilTr.Generated(3) // no-op
 }
 
 func TestPenaltiesValidate(t *testing.T) {
 	for _, c := range []struct {
-		p  Penalties
+		p  sample.Penalties
 		ok bool
 	}{
-		{Penalties{}, true},
-		{Penalties{Presence: 2, Frequency: -2, Repetition: 100}, true},
-		{Penalties{Presence: 2.01}, false},
-		{Penalties{Frequency: math.NaN()}, false},
-		{Penalties{Repetition: -1}, false},
-		{Penalties{Repetition: 1e-9}, false},
-		{Penalties{Repetition: math.Inf(1)}, false},
-		{Penalties{LogitBias: map[int32]float64{-1: 1}}, false},
-		{Penalties{LogitBias: map[int32]float64{5: 100.5}}, false},
-		{Penalties{LogitBias: map[int32]float64{5: -100}}, true},
+		{sample.Penalties{}, true},
+		{sample.Penalties{Presence: 2, Frequency: -2, Repetition: 100}, true},
+		{sample.Penalties{Presence: 2.01}, false},
+		{sample.Penalties{Frequency: math.NaN()}, false},
+		{sample.Penalties{Repetition: -1}, false},
+		{sample.Penalties{Repetition: 1e-9}, false},
+		{sample.Penalties{Repetition: math.Inf(1)}, false},
+		{sample.Penalties{LogitBias: map[int32]float64{-1: 1}}, false},
+		{sample.Penalties{LogitBias: map[int32]float64{5: 100.5}}, false},
+		{sample.Penalties{LogitBias: map[int32]float64{5: -100}}, true},
 	} {
 		err := c.p.Validate()
-		if (err == nil) != c.ok || (err != nil && !errors.Is(err, ErrParams)) {
+		if (err == nil) != c.ok || (err != nil && !errors.Is(err, sample.ErrParams)) {
 			t.Errorf("%+v: %v, want ok=%v", c.p, err, c.ok)
 		}
-		if perr := (Params{Penalties: c.p}).Validate(); (perr == nil) != c.ok {
+		if perr := (sample.Params{Penalties: c.p}).Validate(); (perr == nil) != c.ok {
 			t.Errorf("Params with %+v: %v, want ok=%v", c.p, perr, c.ok)
 		}
 	}
