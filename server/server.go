@@ -49,6 +49,23 @@ const (
 	WeightsFP8  = gpu.WeightsFP8
 )
 
+// KV cache formats accepted in Config.KVCache.
+const (
+	KVCacheBF16 = "bf16"
+	KVCacheFP8  = "fp8"
+)
+
+// ParseKVCache checks a KV cache format name ("" means bf16).
+func ParseKVCache(s string) (string, error) {
+	switch strings.ToLower(strings.TrimSpace(s)) {
+	case "", KVCacheBF16:
+		return KVCacheBF16, nil
+	case KVCacheFP8:
+		return KVCacheFP8, nil
+	}
+	return "", fmt.Errorf("server: unknown KV cache format %q (want bf16 or fp8)", s)
+}
+
 // Devices accepted in Config.Device.
 const (
 	DeviceAuto = "auto"
@@ -75,8 +92,15 @@ type Config struct {
 	GPU int
 	// Weights is the format of the base model's projection weights on the
 	// GPU: bf16 (default) or fp8 (see gpu.WeightsFP8). The CPU backend
-	// computes in float32 whatever it says.
+	// computes in float32; asked for it by name (--device cpu), it
+	// emulates fp8 (cpu.Options.FP8Weights: the scheme's numerics, for
+	// quality checks; slower, never faster).
 	Weights string
+	// KVCache is the format of the KV cache: bf16 (default) or fp8 (keys
+	// in e4m3 with a scale per token and KV head, values as they were).
+	// Only the CPU backend's emulation (--device cpu, cpu.Options.FP8Keys)
+	// has fp8 keys in this build.
+	KVCache string
 	// Eager runs every GPU step op by op: no CUDA graphs for decode steps
 	// (for debugging and comparison).
 	Eager bool
@@ -167,6 +191,9 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 		return nil, fmt.Errorf("server: %w", err)
 	}
 	cfg.Weights = w
+	if cfg.KVCache, err = ParseKVCache(cfg.KVCache); err != nil {
+		return nil, err
+	}
 	log := cfg.Logger
 	if cfg.Slots < 0 {
 		return nil, fmt.Errorf("server: slots must be positive, got %d", cfg.Slots)
@@ -304,9 +331,20 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 func pickBackend(cfg Config, log *slog.Logger) (engine.Backend, string, error) {
 	switch cfg.Device {
 	case DeviceCPU:
-		log.Info("device", "device", DeviceCPU, "requested", cfg.Device, "threads", threads(cfg.Threads), "weights", "f32")
-		return cpu.New(cfg.Threads), DeviceCPU, nil
+		o := cpu.Options{Threads: cfg.Threads, FP8Weights: cfg.Weights == WeightsFP8, FP8Keys: cfg.KVCache == KVCacheFP8}
+		weights, kv := "f32", "f32"
+		if o.FP8Weights {
+			weights = "fp8 emulated in float32 (quality checks, not speed)"
+		}
+		if o.FP8Keys {
+			kv = "fp8 keys emulated in float32"
+		}
+		log.Info("device", "device", DeviceCPU, "requested", cfg.Device, "threads", threads(cfg.Threads), "weights", weights, "kv_cache", kv)
+		return cpu.NewWith(o), DeviceCPU, nil
 	case DeviceCUDA:
+		if cfg.KVCache == KVCacheFP8 {
+			return nil, "", fmt.Errorf("server: --device cuda: an fp8 KV cache is not in this build's CUDA backend (the CPU backend emulates it: --device cpu)")
+		}
 		b, err := newGPU(cfg)
 		if err != nil {
 			return nil, "", fmt.Errorf("server: --device cuda: %w", err)
@@ -315,6 +353,9 @@ func pickBackend(cfg Config, log *slog.Logger) (engine.Backend, string, error) {
 		return b, DeviceCUDA, nil
 	case DeviceAuto:
 		err := gpu.Available()
+		if err == nil && cfg.KVCache == KVCacheFP8 {
+			return nil, "", fmt.Errorf("server: --device auto found a GPU, but an fp8 KV cache is not in this build's CUDA backend (the CPU backend emulates it: --device cpu)")
+		}
 		if err == nil {
 			b, gerr := newGPU(cfg)
 			if gerr == nil {
