@@ -13,16 +13,22 @@ import (
 	"path/filepath"
 )
 
-//go:embed stories260K adapters
+//go:embed stories260K adapters heldout
 var files embed.FS
 
 // Names of the embedded model and adapters.
 const (
 	DefaultModel = "stories260K"
 	AdaptersDir  = "adapters"
+	// HeldoutDir holds text of the kind stories260K and its adapters were
+	// trained on, written for peftd and never trained on: stories.txt
+	// (base), pirate.txt and space.txt, stories separated by blank lines.
+	// peftd eval scores it.
+	HeldoutDir = "heldout"
 )
 
-// FS is the embedded tree: stories260K/ and adapters/{pirate,space}/.
+// FS is the embedded tree: stories260K/, adapters/{pirate,space}/ and
+// heldout/.
 func FS() fs.FS { return files }
 
 // Extract writes the embedded tree under cacheDir/embedded-<hash>/ once and

@@ -18,9 +18,9 @@ type EngineConfig struct {
 	// Model is a model folder or s3:// URL (see ResolveModel); empty: the
 	// embedded stories260K.
 	Model string
-	// Device (auto, cpu or cuda; empty: auto), GPU, Weights and Threads
-	// pick and set up the backend exactly as Config's fields of those
-	// names do for peftd serve.
+	// Device (auto, cpu or cuda; empty: auto), GPU, Weights, KVCache and
+	// Threads pick and set up the backend exactly as Config's fields of
+	// those names do for peftd serve.
 	Device  string
 	GPU     int
 	Weights string
@@ -38,9 +38,13 @@ type EngineConfig struct {
 	// KVTokens, when set (and KVBlocks is 0), is called once the model is
 	// open, before the engine is built, with the model and its tokenizer
 	// (nil in token-id mode); the KV cache then holds that many tokens,
-	// capped at the model's context. An error it returns is OpenEngine's.
+	// capped at the model's context, for each of KVSeqs sequences. An error
+	// it returns is OpenEngine's.
 	KVTokens func(m *llama.Model, tok *tokenizer.Tokenizer) (int, error)
-	Logger   *slog.Logger
+	// KVSeqs is how many sequences of KVTokens tokens the KV cache holds
+	// at once (0: one).
+	KVSeqs int
+	Logger *slog.Logger
 }
 
 // EngineInfo is what OpenEngine opened besides the engine.
@@ -73,11 +77,11 @@ func OpenEngine(ctx context.Context, cfg EngineConfig) (e *engine.Engine, info E
 	if err != nil {
 		return nil, info, fmt.Errorf("server: %w", err)
 	}
-	kvf, err := gpu.ParseKVFormat(cfg.KVCache)
+	kv, err := ParseKVCache(cfg.KVCache)
 	if err != nil {
-		return nil, info, fmt.Errorf("server: %w", err)
+		return nil, info, err
 	}
-	sc := Config{Device: cfg.Device, GPU: cfg.GPU, Weights: w, KVCache: kvf, Eager: cfg.Eager, Threads: cfg.Threads, Slots: cfg.Slots,
+	sc := Config{Device: cfg.Device, GPU: cfg.GPU, Weights: w, KVCache: kv, Eager: cfg.Eager, Threads: cfg.Threads, Slots: cfg.Slots,
 		KVBlocks: cfg.KVBlocks, MaxBatchTokens: cfg.MaxBatchTokens}
 	be, dev, err := pickBackend(sc, log)
 	if err != nil {
@@ -105,7 +109,7 @@ func OpenEngine(ctx context.Context, cfg EngineConfig) (e *engine.Engine, info E
 		if c := m.Config.MaxPositions; c > 0 {
 			n = min(n, c)
 		}
-		opts.KVBlocks = (max(n, 1)+opts.BlockSize-1)/opts.BlockSize + 1
+		opts.KVBlocks = max(cfg.KVSeqs, 1)*((max(n, 1)+opts.BlockSize-1)/opts.BlockSize) + 1
 	case dev == DeviceCUDA:
 		if mon := gpuMonitor(log); mon != nil {
 			n, err := gpuKVBlocks(mon, sc, m.Config, log)

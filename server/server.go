@@ -55,6 +55,15 @@ const (
 	KVCacheFP8  = gpu.KVFP8
 )
 
+// ParseKVCache checks a KV cache format name ("" means bf16).
+func ParseKVCache(s string) (string, error) {
+	f, err := gpu.ParseKVFormat(s)
+	if err != nil {
+		return "", fmt.Errorf("server: %w", err)
+	}
+	return f, nil
+}
+
 // Devices accepted in Config.Device.
 const (
 	DeviceAuto = "auto"
@@ -81,11 +90,14 @@ type Config struct {
 	GPU int
 	// Weights is the format of the base model's projection weights on the
 	// GPU: bf16 (default) or fp8 (see gpu.WeightsFP8). The CPU backend
-	// computes in float32 whatever it says.
+	// computes in float32; asked for it by name (--device cpu), it
+	// emulates fp8 (cpu.Options.FP8Weights: the scheme's numerics, for
+	// quality checks; slower, never faster).
 	Weights string
-	// KVCache is the format of the KV cache on the GPU: bf16 (default) or
-	// fp8 (keys in e4m3 with a scale per token and KV head, values bf16;
-	// see gpu.KVFP8). The CPU backend keeps float32 whatever it says.
+	// KVCache is the format of the KV cache: bf16 (default) or fp8 (keys
+	// in e4m3 with a scale per token and KV head, values bf16 on the GPU;
+	// see gpu.KVFP8). The CPU backend keeps float32, and emulates fp8 keys
+	// when asked for them by name (--device cpu, cpu.Options.FP8Keys).
 	KVCache string
 	// Eager runs every GPU step op by op: no CUDA graphs for decode steps
 	// (for debugging and comparison).
@@ -177,8 +189,8 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 		return nil, fmt.Errorf("server: %w", err)
 	}
 	cfg.Weights = w
-	if cfg.KVCache, err = gpu.ParseKVFormat(cfg.KVCache); err != nil {
-		return nil, fmt.Errorf("server: %w", err)
+	if cfg.KVCache, err = ParseKVCache(cfg.KVCache); err != nil {
+		return nil, err
 	}
 	log := cfg.Logger
 	if cfg.Slots < 0 {
@@ -317,8 +329,16 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 func pickBackend(cfg Config, log *slog.Logger) (engine.Backend, string, error) {
 	switch cfg.Device {
 	case DeviceCPU:
-		log.Info("device", "device", DeviceCPU, "requested", cfg.Device, "threads", threads(cfg.Threads), "weights", "f32")
-		return cpu.New(cfg.Threads), DeviceCPU, nil
+		o := cpu.Options{Threads: cfg.Threads, FP8Weights: cfg.Weights == WeightsFP8, FP8Keys: cfg.KVCache == KVCacheFP8}
+		weights, kv := "f32", "f32"
+		if o.FP8Weights {
+			weights = "fp8 emulated in float32 (quality checks, not speed)"
+		}
+		if o.FP8Keys {
+			kv = "fp8 keys emulated in float32"
+		}
+		log.Info("device", "device", DeviceCPU, "requested", cfg.Device, "threads", threads(cfg.Threads), "weights", weights, "kv_cache", kv)
+		return cpu.NewWith(o), DeviceCPU, nil
 	case DeviceCUDA:
 		b, err := newGPU(cfg)
 		if err != nil {

@@ -21,6 +21,7 @@ func TestHelp(t *testing.T) {
 		{"serve", "-listen"},
 		{"generate", "-prompt"},
 		{"tokenize", "-text"},
+		{"eval", "-cand"},
 		{"deploy", "-id"},
 		{"invoke", "-adapter"},
 		{"bench", "-concurrency"},

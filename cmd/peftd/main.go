@@ -2,6 +2,7 @@
 //
 //	peftd serve [--model DIR] [--store DIR|s3://...] [--listen ADDR] [--api-keys FILE] ...
 //	peftd generate [--model DIR] [--adapter DIR|NAME] (--prompt TEXT | --prompt-ids 1,2,3) ...
+//	peftd eval --cand ENGINE [--ref ENGINE] [--model DIR] [--adapter NAME=DIR] [--text NAME=FILE] ...
 //	peftd tokenize [--model DIR] (--text T | --ids 1,2,3) [--add-special-tokens] [--json]
 //	peftd deploy [--url URL] [--id ID] ADAPTER_DIR
 //	peftd invoke [--url URL] --adapter ID (--prompt TEXT | --prompt-ids 1,2,3) [--stream]
@@ -43,6 +44,16 @@ var commands = []command{
 			"greedy unless --temperature is set.",
 		more: "With no --model the embedded stories260K model is used (demo adapters: --adapter pirate,\n" +
 			"--adapter space)."},
+	{name: "eval", args: "--cand ENGINE [flags]", short: "compare the quality of two engine setups (fp8 against bf16, GPU against CPU)",
+		summary: "Compare a candidate engine setup with a reference on the same tokens, teacher-forced:\n" +
+			"per adapter, the mean and largest KL(reference || candidate) of the next-token\n" +
+			"distributions, top-1 agreement, and the perplexity each gives held-out text; on held-out\n" +
+			"text (prefill steps) and on the reference's greedy continuations of prompts (co-batched\n" +
+			"decode steps).",
+		more: "An ENGINE is comma-separated device=auto|cpu|cuda, weights=bf16|fp8, kv-cache=bf16|fp8,\n" +
+			"eager. The CPU backend emulates fp8 weights and keys in float32 (the scheme's numerics).\n" +
+			"With no --model: the embedded stories260K, its demo adapters and its held-out text, e.g.\n" +
+			"  peftd eval --ref device=cpu --cand device=cpu,weights=fp8 --cand device=cpu,weights=fp8,kv-cache=fp8"},
 	{name: "tokenize", args: "[flags]", short: "encode text or decode token ids",
 		summary: "Encode text to token ids (--text) or decode token ids to text (--ids) with a model's\n" +
 			"tokenizer.json."},
@@ -196,6 +207,8 @@ func runCommand(ctx context.Context, name string, args []string, stdout, stderr 
 		return cmdSoak(ctx, args, stdout, stderr)
 	case "tokenize":
 		return cmdTokenize(ctx, args, stdout, stderr)
+	case "eval":
+		return cmdEval(ctx, args, stdout, stderr)
 	case "serve":
 		return cmdServe(ctx, args, stdout, stderr)
 	case "version", "--version", "-version":

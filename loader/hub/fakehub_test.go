@@ -130,6 +130,15 @@ func (h *fakeHub) record(server string, r *http.Request) {
 	h.requests = append(h.requests, fakeRequest{server, r.Method, r.URL.EscapedPath(), r.Header.Get("Range")})
 }
 
+// set changes the fake's behaviour under its lock: handlers still running
+// from an earlier Resolve (a failed one returns before its siblings end)
+// read these maps.
+func (h *fakeHub) set(f func()) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	f()
+}
+
 // took returns and forgets the requests made so far.
 func (h *fakeHub) took() []fakeRequest {
 	h.mu.Lock()

@@ -219,7 +219,7 @@ func TestSingleFileAndPRRevision(t *testing.T) {
 		"pytorch_model.bin": randomBytes(50_000, 10),
 	}
 	repo := h.addRepo("acme/single", false, files, "refs/pr/1")
-	h.renamed["old-acme/single"] = "acme/single"
+	h.set(func() { h.renamed["old-acme/single"] = "acme/single" })
 	opts, _ := testOptions(t, h)
 	dir, err := Resolve(context.Background(), "old-acme/single@refs/pr/1", opts)
 	if err != nil {
@@ -264,7 +264,7 @@ func TestResume(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			h := newFakeHub(t)
 			repo := h.addRepo("acme/tiny-llama", false, tinyModel())
-			h.cut[shard] = 120_000
+			h.set(func() { h.cut[shard] = 120_000 })
 			opts, _ := testOptions(t, h)
 			opts.Retries = tc.retries
 			f := repo.files[shard]
@@ -327,7 +327,7 @@ func TestChecksum(t *testing.T) {
 			h := newFakeHub(t)
 			repo := h.addRepo("acme/tiny-llama", false, tinyModel())
 			if tc.corrupt != "" {
-				h.corrupt[tc.corrupt] = true
+				h.set(func() { h.corrupt[tc.corrupt] = true })
 			}
 			opts, logs := testOptions(t, h)
 			etag := repo.files[shard].etag()
@@ -364,7 +364,7 @@ func TestChecksum(t *testing.T) {
 					t.Fatalf("err %v, want ErrChecksum mentioning %q and %s", err, tc.wantErr, etag)
 				}
 				// Served right again, the next run succeeds.
-				delete(h.corrupt, tc.corrupt)
+				h.set(func() { delete(h.corrupt, tc.corrupt) })
 				if dir, err = Resolve(context.Background(), "acme/tiny-llama", opts); err != nil {
 					t.Fatal(err)
 				}
@@ -690,7 +690,7 @@ func TestParallelDownloads(t *testing.T) {
 	idx, _ := json.Marshal(map[string]any{"weight_map": wm})
 	files["model.safetensors.index.json"] = idx
 	h.addRepo("acme/eight", false, files)
-	h.slow = 100 * time.Millisecond
+	h.set(func() { h.slow = 100 * time.Millisecond })
 	opts, _ := testOptions(t, h)
 	opts.Parallel = 3
 	var mu sync.Mutex

@@ -1,5 +1,7 @@
 // Package cpu is the pure-Go float32 backend: the numerical reference and the
-// embedded default. Work is spread over GOMAXPROCS goroutines.
+// embedded default. Work is spread over GOMAXPROCS goroutines. It can also
+// emulate the CUDA backend's FP8 scheme (Options), to measure what the
+// scheme costs in quality on any model without a GPU.
 package cpu
 
 import (
@@ -32,11 +34,31 @@ func (b *Buffer) row(i int) []float32 { return b.data[i*b.ld : i*b.ld+b.cols : i
 type weight struct {
 	data       []float32
 	rows, cols int
+	fp8        bool // data holds e4m3 values times their row's scale; inputs are quantized too
+}
+
+// Options configure a CPU backend.
+type Options struct {
+	// Threads is the number of goroutines (0: GOMAXPROCS).
+	Threads int
+	// FP8Weights emulates the CUDA backend's FP8 projections (its
+	// --weights fp8) in float32: each tensor llama.FP8Projection names is
+	// rounded to bf16, then to e4m3 with one scale per output row
+	// (amax / 448), and every input row of such a projection to bf16, then
+	// to e4m3 with one scale per row, before the product. The values the
+	// GPU multiplies, multiplied in float32: for quality checks of the
+	// scheme (peftd eval), not for speed.
+	FP8Weights bool
+	// FP8Keys emulates the FP8 key cache (--kv-cache fp8): each rotated key
+	// head is stored rounded to bf16, then to e4m3 with one scale per token
+	// and KV head (amax / 448); values stay float32.
+	FP8Keys bool
 }
 
 // Backend is the CPU backend.
 type Backend struct {
 	workers int
+	opts    Options
 	cfg     *llama.Config
 	kv      engine.KVSpec
 	kcache  [][]float32 // per layer: [blocks*blockSize, kvHeads*headDim]
@@ -51,12 +73,19 @@ type Backend struct {
 }
 
 // New returns a CPU backend using workers goroutines (0: GOMAXPROCS).
-func New(workers int) *Backend {
+func New(workers int) *Backend { return NewWith(Options{Threads: workers}) }
+
+// NewWith returns a CPU backend configured by o.
+func NewWith(o Options) *Backend {
+	workers := o.Threads
 	if workers <= 0 {
 		workers = runtime.GOMAXPROCS(0)
 	}
-	return &Backend{workers: workers}
+	return &Backend{workers: workers, opts: o}
 }
+
+// Options are the options the backend was made with (Threads as given).
+func (b *Backend) Options() Options { return b.opts }
 
 // Name is "cpu".
 func (b *Backend) Name() string { return "cpu" }
@@ -90,7 +119,51 @@ func (b *Backend) Upload(name string, dtype safetensors.DType, shape []int, raw 
 	if err := safetensors.DecodeFloat32(w.data, raw, dtype); err != nil {
 		return nil, fmt.Errorf("%s: %w", name, err)
 	}
+	if b.opts.FP8Weights && llama.FP8Projection(name, shape) {
+		b.parallel(w.rows, w.cols, func(lo, hi int) {
+			for r := lo; r < hi; r++ {
+				row := w.data[r*w.cols : (r+1)*w.cols]
+				roundBF16(row)
+				QuantizeE4M3(row)
+			}
+		})
+		w.fp8 = true
+	}
 	return w, nil
+}
+
+// roundBF16 rounds every value of x to bf16 (ties to even).
+func roundBF16(x []float32) {
+	for i, v := range x {
+		x[i] = math.Float32frombits(uint32(safetensors.Float32ToBF16(v)) << 16)
+	}
+}
+
+// QuantizeE4M3 replaces x by its FP8 e4m3 image with one scale, as the CUDA
+// kernels quantize a row (quant_row_e4m3) or a key head: scale = amax / 448,
+// x[i] = e4m3_satfinite(x[i] * (448 / amax)) * scale; a zero row stays
+// zero, a row holding Inf or NaN becomes NaN (the kernels' NaN scale).
+func QuantizeE4M3(x []float32) {
+	var amax float32
+	bad := false
+	for _, v := range x {
+		if math.IsNaN(float64(v)) || math.IsInf(float64(v), 0) {
+			bad = true
+		}
+		amax = max(amax, float32(math.Abs(float64(v))))
+	}
+	switch {
+	case bad:
+		for i := range x {
+			x[i] = float32(math.NaN())
+		}
+	case amax == 0:
+	default:
+		scale, inv := amax/448, 448/amax
+		for i, v := range x {
+			x[i] = safetensors.E4M3ToFloat32(safetensors.Float32ToE4M3(v*inv)) * scale
+		}
+	}
 }
 
 // NewBuffer allocates an activation matrix.
@@ -263,10 +336,24 @@ func (b *Backend) HeadRMSNorm(x engine.Buffer, heads, headDim int, w engine.Weig
 	}
 }
 
-// Linear computes out = in @ W^T, parallel over output features.
+// Linear computes out = in @ W^T, parallel over output features. An FP8
+// weight (Options.FP8Weights) multiplies the input rows' e4m3 images.
 func (b *Backend) Linear(out, in engine.Buffer, w engine.Weight) {
 	o, x, wt := out.(*Buffer), in.(*Buffer), w.(*weight)
-	matmulT(o, x, wt.data, wt.rows, wt.cols, b.rows(), b)
+	n := b.rows()
+	if wt.fp8 {
+		q := &Buffer{data: make([]float32, n*wt.cols), rows: n, cols: wt.cols, ld: wt.cols}
+		b.parallel(n, wt.cols, func(lo, hi int) {
+			for r := lo; r < hi; r++ {
+				qr := q.row(r)
+				copy(qr, x.row(r)[:wt.cols])
+				roundBF16(qr)
+				QuantizeE4M3(qr)
+			}
+		})
+		x = q
+	}
+	matmulT(o, x, wt.data, wt.rows, wt.cols, n, b)
 }
 
 // matmulT: for rows r in [0,n), o[r] = x[r] @ W^T, parallel over output
@@ -456,8 +543,16 @@ func (b *Backend) Attention(out, q, k, v engine.Buffer, layer int, scale float32
 	width := kv.KVHeads * kv.HeadDim
 	kc, vc := b.kcache[layer], b.vcache[layer]
 	for r, slot := range b.meta.KVSlots {
-		copy(kc[int(slot)*width:(int(slot)+1)*width], kb.row(r))
+		kr := kc[int(slot)*width : (int(slot)+1)*width]
+		copy(kr, kb.row(r))
 		copy(vc[int(slot)*width:(int(slot)+1)*width], vb.row(r))
+		if b.opts.FP8Keys {
+			for h := range kv.KVHeads {
+				head := kr[h*kv.HeadDim : (h+1)*kv.HeadDim]
+				roundBF16(head)
+				QuantizeE4M3(head)
+			}
+		}
 	}
 	heads, hd := b.cfg.Heads, kv.HeadDim
 	group := heads / kv.KVHeads

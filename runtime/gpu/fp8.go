@@ -7,6 +7,7 @@ import (
 	"github.com/peftd/peftd/kernels"
 	"github.com/peftd/peftd/runtime/cuda"
 	"github.com/peftd/peftd/runtime/engine"
+	"github.com/peftd/peftd/runtime/llama"
 )
 
 // Weight formats of the base model's projections on the device (Options.WeightFormat).
@@ -56,14 +57,8 @@ func ParseWeightFormat(s string) (string, error) {
 }
 
 // fp8Projection reports whether an uploaded tensor is stored in FP8 under
-// WeightsFP8: a decoder layer's 2-D projection weight whose input width is a
-// multiple of 16 and output width a multiple of 8 (cuBLASLt 13.1 on the H100
-// refuses the FP8 product otherwise: K = 272, N = 1000 run; N = 100 and 97
-// are NOT_SUPPORTED). Everything else stays bf16.
-func fp8Projection(name string, shape []int) bool {
-	return len(shape) == 2 && strings.HasSuffix(name, "_proj.weight") && strings.Contains(name, "layers.") &&
-		shape[0] > 0 && shape[1] > 0 && shape[1]%16 == 0 && shape[0]%8 == 0
-}
+// WeightsFP8 (llama.FP8Projection).
+func fp8Projection(name string, shape []int) bool { return llama.FP8Projection(name, shape) }
 
 // fp8Weight is a projection weight [rows, cols] in e4m3 with a float32
 // scale per row: W[r, k] ~= q[r, k] * scale[r].

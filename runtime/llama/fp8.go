@@ -190,6 +190,19 @@ var e4m3 = func() (t [256]float32) {
 	return t
 }()
 
+// FP8Projection reports whether a backend running FP8 projections
+// (--weights fp8) stores this uploaded tensor in e4m3: a decoder layer's
+// 2-D projection weight whose input width is a multiple of 16 and output
+// width a multiple of 8 (cuBLASLt 13.1 on the H100 refuses the FP8 product
+// otherwise: K = 272, N = 1000 run; N = 100 and 97 are NOT_SUPPORTED).
+// Everything else stays in the backend's own format. The CUDA backend and
+// the CPU backend's emulation of the scheme share this choice, so that
+// both quantize the same tensors.
+func FP8Projection(name string, shape []int) bool {
+	return len(shape) == 2 && strings.HasSuffix(name, "_proj.weight") && strings.Contains(name, "layers.") &&
+		shape[0] > 0 && shape[1] > 0 && shape[1]%16 == 0 && shape[0]%8 == 0
+}
+
 // isProjection: FP8 is read for the projection weights only.
 func isProjection(name string) bool {
 	return strings.HasSuffix(name, "_proj.weight")

@@ -1,0 +1,338 @@
+// Package quality measures what a change of numerics costs a model: a
+// reference engine and a candidate engine (bf16 against fp8 weights, an
+// exact CPU against a GPU, ...) run the same tokens, teacher-forced, and
+// the candidate's next-token distributions are compared with the
+// reference's at every position: KL divergence, greedy (top-1) agreement,
+// and the perplexity each gives held-out text.
+//
+// Two kinds of streams: held-out text (Score: whole documents in prefill
+// steps, every position compared and scored) and generated text (Generate:
+// the reference's greedy continuations of prompts, fed to both engines one
+// decode step at a time, co-batched, so that the decode path is the one
+// measured).
+package quality
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math"
+	"slices"
+
+	"github.com/peftd/peftd/runtime/engine"
+	"github.com/peftd/peftd/runtime/llama"
+)
+
+// Engine is what the comparison needs of an engine (*engine.Engine).
+type Engine interface {
+	Step(ctx context.Context, in []engine.Input) ([][]float32, error)
+	Release(s *engine.Sequence)
+	Config() *llama.Config
+	Options() engine.Options
+}
+
+// ErrInput reports documents or prompts the engines cannot run.
+var ErrInput = errors.New("quality")
+
+// Stats accumulate the comparison of a candidate's logits rows with a
+// reference's.
+type Stats struct {
+	Rows   int     // positions compared
+	KLSum  float64 // sum over rows of KL(reference || candidate), nats
+	KLMax  float64
+	Agree  int // rows whose argmax is the same
+	Scored int // tokens whose log-probability was scored (held-out text)
+	// NLLRef and NLLCand are the negative log-likelihoods of the scored
+	// tokens under each engine (nats, summed).
+	NLLRef, NLLCand float64
+}
+
+// MeanKL is the mean KL divergence per row (nats).
+func (s Stats) MeanKL() float64 { return s.KLSum / float64(max(s.Rows, 1)) }
+
+// Agreement is the fraction of rows with the same argmax.
+func (s Stats) Agreement() float64 { return float64(s.Agree) / float64(max(s.Rows, 1)) }
+
+// PPLRef is the reference's perplexity on the scored tokens.
+func (s Stats) PPLRef() float64 { return math.Exp(s.NLLRef / float64(max(s.Scored, 1))) }
+
+// PPLCand is the candidate's perplexity on the scored tokens.
+func (s Stats) PPLCand() float64 { return math.Exp(s.NLLCand / float64(max(s.Scored, 1))) }
+
+// Add merges o into s.
+func (s *Stats) Add(o Stats) {
+	s.Rows += o.Rows
+	s.KLSum += o.KLSum
+	s.KLMax = max(s.KLMax, o.KLMax)
+	s.Agree += o.Agree
+	s.Scored += o.Scored
+	s.NLLRef += o.NLLRef
+	s.NLLCand += o.NLLCand
+}
+
+// logSoftmax returns log(softmax(x)) in float64.
+func logSoftmax(x []float32) []float64 {
+	m := math.Inf(-1)
+	for _, v := range x {
+		m = max(m, float64(v))
+	}
+	var sum float64
+	for _, v := range x {
+		sum += math.Exp(float64(v) - m)
+	}
+	lse := m + math.Log(sum)
+	out := make([]float64, len(x))
+	for i, v := range x {
+		out[i] = float64(v) - lse
+	}
+	return out
+}
+
+// argmax is the first index of the largest value.
+func argmax(x []float32) int {
+	best := 0
+	for i, v := range x {
+		if v > x[best] {
+			best = i
+		}
+	}
+	return best
+}
+
+// compare adds one row: ref and cand are the two engines' logits for the
+// same position; next >= 0 is the token that follows, scored.
+func (s *Stats) compare(ref, cand []float32, next int32) error {
+	if len(ref) != len(cand) {
+		return fmt.Errorf("%w: logits rows of %d and %d values", ErrInput, len(ref), len(cand))
+	}
+	lp, lq := logSoftmax(ref), logSoftmax(cand)
+	var kl float64
+	for i := range lp {
+		if p := math.Exp(lp[i]); p > 0 {
+			kl += p * (lp[i] - lq[i])
+		}
+	}
+	if math.IsNaN(kl) {
+		return fmt.Errorf("%w: the candidate's logits are not finite", ErrInput)
+	}
+	kl = max(kl, 0) // rounding can leave -1e-17 for equal rows
+	s.Rows++
+	s.KLSum += kl
+	s.KLMax = max(s.KLMax, kl)
+	if argmax(ref) == argmax(cand) {
+		s.Agree++
+	}
+	if next >= 0 {
+		s.Scored++
+		s.NLLRef -= lp[next]
+		s.NLLCand -= lq[next]
+	}
+	return nil
+}
+
+// Score runs each document (token ids, starting as the model's input
+// starts: with BOS where the model wants one) through both engines under
+// adapter slot (-1: the base model) in prefill steps of at most the
+// engines' step size, and compares every position; every token after a
+// document's first is scored. A document longer than the engines' context
+// is an error (split it first).
+func Score(ctx context.Context, ref, cand Engine, slot int, docs [][]int32) (Stats, error) {
+	var st Stats
+	if err := sameModel(ref, cand); err != nil {
+		return st, err
+	}
+	limit := maxContext(ref, cand)
+	chunk := min(ref.Options().MaxTokens, cand.Options().MaxTokens)
+	for i, d := range docs {
+		if len(d) < 2 {
+			return st, fmt.Errorf("%w: document %d has %d tokens (want 2 or more)", ErrInput, i, len(d))
+		}
+		if len(d) > limit {
+			return st, fmt.Errorf("%w: document %d has %d tokens, more than the engines' context of %d", ErrInput, i, len(d), limit)
+		}
+		rows := [2][][]float32{}
+		for k, e := range []Engine{ref, cand} {
+			r, err := prefillAll(ctx, e, slot, d, chunk)
+			if err != nil {
+				return st, fmt.Errorf("document %d: %w", i, err)
+			}
+			rows[k] = r
+		}
+		for p := range d {
+			next := int32(-1)
+			if p+1 < len(d) {
+				next = d[p+1]
+			}
+			if err := st.compare(rows[0][p], rows[1][p], next); err != nil {
+				return st, fmt.Errorf("document %d position %d: %w", i, p, err)
+			}
+		}
+	}
+	return st, nil
+}
+
+// prefillAll runs tokens through e as one sequence in steps of at most
+// chunk tokens and returns every position's logits row.
+func prefillAll(ctx context.Context, e Engine, slot int, tokens []int32, chunk int) ([][]float32, error) {
+	seq := &engine.Sequence{}
+	defer e.Release(seq)
+	V := e.Config().VocabSize
+	var rows [][]float32
+	for lo := 0; lo < len(tokens); lo += chunk {
+		hi := min(lo+chunk, len(tokens))
+		out, err := e.Step(ctx, []engine.Input{{Seq: seq, Tokens: tokens[lo:hi], Slot: slot, AllLogits: true}})
+		if err != nil {
+			return nil, err
+		}
+		for r := range hi - lo {
+			rows = append(rows, slices.Clone(out[0][r*V:(r+1)*V]))
+		}
+	}
+	return rows, nil
+}
+
+// Job is one generation: a prompt under an adapter slot (-1: base).
+type Job struct {
+	Slot   int
+	Prompt []int32
+}
+
+// Generated is what Generate made of one job: the reference's greedy
+// tokens after the prompt, and the comparison at each of them.
+type Generated struct {
+	Tokens []int32
+	Stats  Stats
+}
+
+// Generate continues each job's prompt greedily with the reference engine,
+// for at most maxNew tokens or until it picks a stop token, and feeds the
+// candidate the same tokens: every generated position (the prompt's last,
+// then each new token's) is compared, the reference's logits against the
+// candidate's. Jobs run co-batched, at most batch at a time (adapters
+// mixed in a step, as a server batches them): one prefill step for those
+// that start together, then decode steps of one token per running job.
+// The Stats returned are the sum of the jobs'.
+func Generate(ctx context.Context, ref, cand Engine, jobs []Job, maxNew, batch int, stop []int32) (Stats, []Generated, error) {
+	var st Stats
+	if err := sameModel(ref, cand); err != nil {
+		return st, nil, err
+	}
+	if maxNew <= 0 || batch <= 0 {
+		return st, nil, fmt.Errorf("%w: max new tokens %d and batch %d must be positive", ErrInput, maxNew, batch)
+	}
+	limit := maxContext(ref, cand)
+	chunk := min(ref.Options().MaxTokens, cand.Options().MaxTokens)
+	for i, j := range jobs {
+		if len(j.Prompt) == 0 || len(j.Prompt) > chunk || len(j.Prompt) >= limit {
+			return st, nil, fmt.Errorf("%w: prompt %d has %d tokens (want 1 to %d)", ErrInput, i, len(j.Prompt), min(chunk, limit-1))
+		}
+	}
+	out := make([]Generated, len(jobs))
+	type running struct {
+		job     int
+		seq     [2]*engine.Sequence
+		pending int32 // the reference's pick at the last step, not yet recorded
+	}
+	release := func(r *running) {
+		ref.Release(r.seq[0])
+		cand.Release(r.seq[1])
+	}
+	var live []*running
+	defer func() {
+		for _, r := range live {
+			release(r)
+		}
+	}()
+	// step runs one step of inputs on both engines, compares each input's
+	// last row and sets its job's pending token to the reference's argmax.
+	step := func(in [2][]engine.Input, rs []*running) error {
+		var rows [2][][]float32
+		for k, e := range []Engine{ref, cand} {
+			r, err := e.Step(ctx, in[k])
+			if err != nil {
+				return err
+			}
+			rows[k] = r
+		}
+		for i, r := range rs {
+			if err := out[r.job].Stats.compare(rows[0][i], rows[1][i], -1); err != nil {
+				return err
+			}
+			r.pending = int32(argmax(rows[0][i]))
+		}
+		return nil
+	}
+	for next := 0; ; {
+		// Start jobs while there is room: one prefill step for them all.
+		var in [2][]engine.Input
+		var started []*running
+		rows := 0
+		for next < len(jobs) && len(live)+len(started) < batch && rows+len(jobs[next].Prompt) <= chunk {
+			j := jobs[next]
+			r := &running{job: next, seq: [2]*engine.Sequence{{}, {}}}
+			for k := range 2 {
+				in[k] = append(in[k], engine.Input{Seq: r.seq[k], Tokens: j.Prompt, Slot: j.Slot})
+			}
+			started = append(started, r)
+			rows += len(j.Prompt)
+			next++
+		}
+		live = append(live, started...)
+		if len(started) > 0 {
+			if err := step(in, started); err != nil {
+				return st, nil, err
+			}
+		}
+		if len(live) == 0 {
+			for _, g := range out {
+				st.Add(g.Stats)
+			}
+			return st, out, nil
+		}
+		// Record each job's pick; feed it back unless the job is done.
+		in = [2][]engine.Input{}
+		kept := live[:0]
+		for _, r := range live {
+			j := jobs[r.job]
+			g := &out[r.job]
+			g.Tokens = append(g.Tokens, r.pending)
+			if len(g.Tokens) == maxNew || slices.Contains(stop, r.pending) || len(j.Prompt)+len(g.Tokens) >= limit {
+				release(r)
+				continue
+			}
+			for k := range 2 {
+				in[k] = append(in[k], engine.Input{Seq: r.seq[k], Tokens: []int32{r.pending}, Slot: j.Slot})
+			}
+			kept = append(kept, r)
+		}
+		clear(live[len(kept):])
+		live = kept
+		if len(live) > 0 {
+			if err := step(in, live); err != nil {
+				return st, nil, err
+			}
+		}
+	}
+}
+
+func sameModel(ref, cand Engine) error {
+	if a, b := ref.Config().VocabSize, cand.Config().VocabSize; a != b {
+		return fmt.Errorf("%w: the engines' vocabularies differ (%d and %d tokens)", ErrInput, a, b)
+	}
+	return nil
+}
+
+// maxContext is the tokens a sequence may hold on both engines.
+func maxContext(ref, cand Engine) int {
+	n := math.MaxInt
+	for _, e := range []Engine{ref, cand} {
+		c := e.Options().MaxContext
+		if c <= 0 {
+			c = e.Config().MaxPositions
+		}
+		if c > 0 {
+			n = min(n, c)
+		}
+	}
+	return n
+}

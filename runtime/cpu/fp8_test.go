@@ -1,0 +1,137 @@
+package cpu
+
+import (
+	"encoding/binary"
+	"math"
+	"math/rand/v2"
+	"testing"
+
+	"github.com/peftd/peftd/runtime/engine"
+	"github.com/peftd/peftd/runtime/safetensors"
+)
+
+func TestQuantizeE4M3(t *testing.T) {
+	nan := float32(math.NaN())
+	for _, tc := range []struct {
+		name    string
+		in, out []float32
+	}{
+		{"zero row stays zero", []float32{0, 0, 0}, []float32{0, 0, 0}},
+		// amax 2: x * 224 is 224, -112, 56, 448, all e4m3 values.
+		{"representable values stay", []float32{1, -0.5, 0.25, 2}, []float32{1, -0.5, 0.25, 2}},
+		// 0.3 * 448 = 134.4: e4m3 has 128 and 144 there; 128 / 448.
+		{"rounds to the nearest e4m3", []float32{1, 0.3, -0.3}, []float32{1, 128.0 / 448, -128.0 / 448}},
+		// 1e-6 * 448 is below half the smallest subnormal (2^-9).
+		{"tiny values flush to zero", []float32{1, 1e-6}, []float32{1, 0}},
+		{"a NaN poisons its row", []float32{1, nan, 2}, []float32{nan, nan, nan}},
+		{"an Inf poisons its row", []float32{1, float32(math.Inf(-1))}, []float32{nan, nan}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			x := append([]float32(nil), tc.in...)
+			QuantizeE4M3(x)
+			for i := range x {
+				w := tc.out[i]
+				if math.IsNaN(float64(w)) != math.IsNaN(float64(x[i])) || math.Abs(float64(x[i]-w)) > 1e-6*math.Abs(float64(w)) {
+					t.Fatalf("QuantizeE4M3(%v) = %v, want %v", tc.in, x, tc.out)
+				}
+			}
+		})
+	}
+}
+
+// e4m3Ref is the reference image of one row: bf16, then e4m3 with scale
+// amax / 448, in float64 where the kernels compute in float32.
+func e4m3Ref(x []float32) []float64 {
+	b := make([]float32, len(x))
+	var amax float32
+	for i, v := range x {
+		b[i] = math.Float32frombits(uint32(safetensors.Float32ToBF16(v)) << 16)
+		amax = max(amax, float32(math.Abs(float64(b[i]))))
+	}
+	out := make([]float64, len(x))
+	for i, v := range b {
+		out[i] = float64(safetensors.E4M3ToFloat32(safetensors.Float32ToE4M3(v*(448/amax)))) * float64(amax/448)
+	}
+	return out
+}
+
+func f32Bytes(v []float32) []byte {
+	b := make([]byte, 4*len(v))
+	for i, x := range v {
+		binary.LittleEndian.PutUint32(b[4*i:], math.Float32bits(x))
+	}
+	return b
+}
+
+// TestFP8Linear: with FP8Weights, a projection multiplies the e4m3 images
+// of its bf16-rounded weight rows and input rows; a tensor the scheme
+// leaves alone (llama.FP8Projection says no) multiplies exactly; without
+// the option nothing is quantized.
+func TestFP8Linear(t *testing.T) {
+	rng := rand.New(rand.NewPCG(3, 4))
+	const rows, in, out = 5, 32, 16
+	vec := func(n int) []float32 {
+		v := make([]float32, n)
+		for i := range v {
+			v[i] = float32(rng.NormFloat64())
+		}
+		return v
+	}
+	w, x := vec(out*in), vec(rows*in)
+	for _, tc := range []struct {
+		name  string
+		fp8   bool
+		wname string
+		quant bool
+	}{
+		{"fp8 projection", true, "model.layers.0.mlp.gate_up_proj.weight", true},
+		{"fp8, not a projection", true, "lm_head.weight", false},
+		{"fp8 off", false, "model.layers.0.mlp.gate_up_proj.weight", false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			b := NewWith(Options{Threads: 2, FP8Weights: tc.fp8})
+			wt, err := b.Upload(tc.wname, safetensors.F32, []int{out, in}, f32Bytes(w))
+			if err != nil {
+				t.Fatal(err)
+			}
+			xb, _ := b.NewBuffer(rows, in)
+			copy(xb.(*Buffer).data, x)
+			ob, _ := b.NewBuffer(rows, out)
+			b.meta = &engine.StepMeta{Tokens: make([]int32, rows)}
+			b.Linear(ob, xb, wt)
+			got := ob.(*Buffer).data
+			for r := range rows {
+				xr := x[r*in : (r+1)*in]
+				var xq []float64
+				if tc.quant {
+					xq = e4m3Ref(xr)
+				}
+				for j := range out {
+					wr := w[j*in : (j+1)*in]
+					var wq []float64
+					if tc.quant {
+						wq = e4m3Ref(wr)
+					}
+					var ref, mag float64
+					for k := range in {
+						a, c := float64(xr[k]), float64(wr[k])
+						if tc.quant {
+							a, c = xq[k], wq[k]
+						}
+						ref += a * c
+						mag += math.Abs(a * c)
+					}
+					if d := math.Abs(float64(got[r*out+j]) - ref); d > 1e-6*mag {
+						t.Fatalf("row %d col %d: %v, want %v", r, j, got[r*out+j], ref)
+					}
+				}
+			}
+			// The input is not changed (LoRA reads it after the product).
+			for i := range x {
+				if xb.(*Buffer).data[i] != x[i] {
+					t.Fatal("Linear changed its input")
+				}
+			}
+		})
+	}
+}
