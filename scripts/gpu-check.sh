@@ -70,6 +70,11 @@
 #                must name the GPU, the model with tokenizer and chat template,
 #                the graphs and the store, and the README's chat and completions
 #                requests must answer 200 with text; run it by name
+#     quality    peftd eval on the embedded stories260K (a trained model) with its
+#                demo adapters and held-out text: the GPU's bf16, fp8 and fp8+fp8-key
+#                paths against the exact CPU, fp8 and fp8+fp8-key against the GPU's
+#                bf16 (issue 14's KL(bf16 || fp8)), and the GPU's fp8+fp8-key path
+#                against the CPU's emulation of that scheme (quality.txt)
 #     serve8b    serves the random 8B checkpoint (from decode) with --device
 #                cuda and its 4 adapters from a store folder; closed-loop load
 #                at concurrency 64, base model alone vs the 4 adapters vs one
@@ -241,6 +246,18 @@ if want serve; then
 	echo "SERVE stories260K: $([[ $ok == 1 ]] && echo PASS || echo FAIL)" | tee "$LOG/serve.result"
 	[[ $ok == 1 ]] || status=1
 	stamp serve
+fi
+if want quality; then
+	echo "=== quality: peftd eval (stories260K, pirate, space; held-out text and generations)"
+	PD="$ROOT/bin/gpu/peftd"
+	QD=$(mktemp -d)
+	{
+		PEFTD_CACHE=$QD timeout "$(left 200)" "$PD" eval --ref device=cpu --cand device=cuda --cand device=cuda,weights=fp8 --cand device=cuda,weights=fp8,kv-cache=fp8 &&
+			PEFTD_CACHE=$QD timeout "$(left 200)" "$PD" eval --ref device=cuda --cand device=cuda,weights=fp8 --cand device=cuda,kv-cache=fp8 --cand device=cuda,weights=fp8,kv-cache=fp8 &&
+			PEFTD_CACHE=$QD timeout "$(left 200)" "$PD" eval --ref device=cpu,weights=fp8,kv-cache=fp8 --cand device=cuda,weights=fp8,kv-cache=fp8
+	} >"$LOG/quality.txt" 2>&1 || { echo "quality: FAIL"; status=1; }
+	tail -n 12 "$LOG/quality.txt"
+	stamp quality
 fi
 if want fp8ref; then
 	echo "=== fp8ref: torch references of the FP8 scheme, then TestFP8SchemeFidelity"
@@ -645,6 +662,7 @@ fi
 	[[ -f "$LOG/serve8b.txt" ]] && grep -E "^(SERVEBENCH|SERVESTEPS|SERVEHOST)" "$LOG/serve8b.txt" | cut -c1-320
 	[[ -s "$LOG/prefix8b.txt" ]] && echo "Prefix caching (8B shapes, 8 layers; 2000-token shared prefix, concurrency 32):" && grep -E '^(PREFIXBENCH|PREFIXGREEDY)' "$LOG/prefix8b.txt" | cut -c1-230
 	[[ -s "$LOG/nsys8b.txt" ]] && echo "Serving under nsys (8B shapes, concurrency 64):" && grep -E '^(SERVEBENCH|NSYS)' "$LOG/nsys8b.txt" | cut -c1-200
+	[[ -s "$LOG/quality.txt" ]] && echo "Quality (peftd eval, stories260K; full tables in quality.txt):" && grep -E '^(model|candidate)|  all ' "$LOG/quality.txt"
 	[[ -s "$LOG/cold8b.txt" ]] && echo "Cold start (8B shapes, versitygw; scripts/cold.sh):" && cut -c6-200 "$LOG/cold8b.txt"
 	[[ -s "$LOG/ready8b.txt" ]] && cat "$LOG/ready8b.txt"
 	[[ -s "$LOG/soak8b.txt" ]] && echo "Soak on the GPU (8B shapes; full report in soak8b.txt):" && grep -E '^(requests|failures|allowed|latency (overall|hot)|served/s|server RSS|GPU memory|PASS|FAIL)' "$LOG/soak8b.txt" | cut -c1-200
@@ -659,6 +677,6 @@ fi
 if [[ -n "${OUT:-}" ]]; then
 	# the trace files are large: the tables from them are in nsys8b.txt
 	tar czf "$OUT/logs.tgz" --exclude='*.qdstrm' --exclude='*.nsys-rep' --exclude='*.sqlite' --exclude='*.csv' -C "$LOG" . 2>/dev/null
-	for f in summary.txt lorabench.txt attnbench.txt fp8bench.txt decode.txt serve8b.txt soak8b.txt prefix8b.txt cold8b.txt ready8b.txt nsys8b.txt; do [[ -f "$LOG/$f" ]] && cp "$LOG/$f" "$OUT/"; done
+	for f in summary.txt quality.txt lorabench.txt attnbench.txt fp8bench.txt decode.txt serve8b.txt soak8b.txt prefix8b.txt cold8b.txt ready8b.txt nsys8b.txt; do [[ -f "$LOG/$f" ]] && cp "$LOG/$f" "$OUT/"; done
 fi
 exit $status
