@@ -12,6 +12,7 @@ import (
 	"strconv"
 	"strings"
 	"text/tabwriter"
+	"time"
 
 	"github.com/peftd/peftd/models"
 	"github.com/peftd/peftd/quality"
@@ -329,7 +330,7 @@ func cmdEval(ctx context.Context, args []string, stdout, stderr io.Writer) error
 			return err
 		}
 		sp.Device = cinfo.Device
-		rows, err := evalOne(ctx, re, ce, sp.String(), append([]evalAdapter{base}, ads...), jobs, jobNames, *maxNew, *batch, stop)
+		rows, err := evalOne(ctx, re, ce, sp.String(), append([]evalAdapter{base}, ads...), jobs, jobNames, *maxNew, *batch, stop, stderr)
 		ce.Close()
 		cinfo.Model.Close()
 		if err != nil {
@@ -348,7 +349,7 @@ func cmdEval(ctx context.Context, args []string, stdout, stderr io.Writer) error
 
 // evalOne compares one candidate with the reference: held-out text per
 // adapter, then every generation job, and the totals.
-func evalOne(ctx context.Context, re, ce quality.Engine, cand string, all []evalAdapter, jobs []quality.Job, jobNames []string, maxNew, batch int, stop []int32) ([]evalRow, error) {
+func evalOne(ctx context.Context, re, ce quality.Engine, cand string, all []evalAdapter, jobs []quality.Job, jobNames []string, maxNew, batch int, stop []int32, progress io.Writer) ([]evalRow, error) {
 	row := func(adapter, stream string, st quality.Stats) evalRow {
 		r := evalRow{Candidate: cand, Adapter: adapter, Stream: stream, Tokens: st.Rows, MeanKL: st.MeanKL(), MaxKL: st.KLMax, Agreement: st.Agreement(), Scored: st.Scored}
 		if st.Scored > 0 {
@@ -362,10 +363,12 @@ func evalOne(ctx context.Context, re, ce quality.Engine, cand string, all []eval
 		if len(a.docs) == 0 {
 			continue
 		}
+		t0 := time.Now()
 		st, err := quality.Score(ctx, re, ce, slot-1, a.docs)
 		if err != nil {
 			return nil, fmt.Errorf("held-out text of %s: %w", a.name, err)
 		}
+		fmt.Fprintf(progress, "eval: %s: held-out text of %s: %d documents, %d tokens in %.1fs\n", cand, a.name, len(a.docs), st.Rows, time.Since(t0).Seconds())
 		rows = append(rows, row(a.name, "held-out", st))
 		held.Add(st)
 	}
@@ -374,10 +377,12 @@ func evalOne(ctx context.Context, re, ce quality.Engine, cand string, all []eval
 	}
 	// Generation: every job co-batched (adapters mixed in a step, as a
 	// server batches them), then the stats split by adapter.
+	t0 := time.Now()
 	gen, out, err := quality.Generate(ctx, re, ce, jobs, maxNew, batch, stop)
 	if err != nil {
 		return nil, fmt.Errorf("generation: %w", err)
 	}
+	fmt.Fprintf(progress, "eval: %s: %d generations, %d tokens in %.1fs\n", cand, len(jobs), gen.Rows, time.Since(t0).Seconds())
 	for _, a := range all {
 		var st quality.Stats
 		n := 0
