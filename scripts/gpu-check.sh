@@ -75,6 +75,12 @@
 #                paths against the exact CPU, fp8 and fp8+fp8-key against the GPU's
 #                bf16 (issue 14's KL(bf16 || fp8)), and the GPU's fp8+fp8-key path
 #                against the CPU's emulation of that scheme (quality.txt)
+#     trained    tools/train_tiny_llama.py trains a small Llama-3-family model
+#                (hidden 512, 8 layers, Llama 3.1 tokenizer; TRAIN_MINUTES, default
+#                3) and a rank-16 adapter (1 minute) on the device's Python source;
+#                TestTrainedModel checks peftd reads them as trained; then peftd
+#                eval on its held-out files: fp8, fp8 keys and both against the
+#                GPU's bf16 (trained.txt); run it by name
 #     serve8b    serves the random 8B checkpoint (from decode) with --device
 #                cuda and its 4 adapters from a store folder; closed-loop load
 #                at concurrency 64, base model alone vs the 4 adapters vs one
@@ -97,7 +103,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 # binary name -> package folder (tests read testdata relative to it)
-PKGS=(runtime/cuda runtime/gpu)
+PKGS=(runtime/cuda runtime/gpu quality)
 bin_of() { echo "bin/gpu/$(echo "$1" | tr / _).test"; }
 
 if [[ "${1:-}" != "--on-device" ]]; then
@@ -258,6 +264,30 @@ if want quality; then
 	} >"$LOG/quality.txt" 2>&1 || { echo "quality: FAIL"; status=1; }
 	tail -n 12 "$LOG/quality.txt"
 	stamp quality
+fi
+if want trained; then
+	echo "=== trained: a small Llama trained here, then peftd eval on its held-out files"
+	TD=/tmp/tiny-llama-trained
+	if [[ ! -f $TD/train.json ]]; then
+		timeout "$(left 420)" "$PY" tools/train_tiny_llama.py "$TD" --minutes "${TRAIN_MINUTES:-3}" >"$LOG/trained.train.log" 2>&1 ||
+			{ echo "trained: FAIL: training"; tail -n 20 "$LOG/trained.train.log"; status=1; }
+		tail -n 3 "$LOG/trained.train.log"
+	fi
+	if [[ -f $TD/train.json ]]; then
+		save "$TD/train.json"
+		(cd quality && PEFTD_TRAINED_MODEL=$TD "$ROOT/$(bin_of quality)" -test.run TestTrainedModel -test.v) >"$LOG/trained.check.log" 2>&1 ||
+			{ echo "trained: FAIL: TestTrainedModel"; status=1; }
+		grep -E "relative|moves|^--- " "$LOG/trained.check.log"
+		mapfile -t TP <"$TD/prompts.txt"
+		PARGS=()
+		for p in "${TP[@]}"; do PARGS+=(--prompt "$p"); done
+		PEFTD_CACHE=$(mktemp -d) timeout "$(left 240)" "$ROOT/bin/gpu/peftd" eval --model "$TD/base" --adapter "code=$TD/adapter" \
+			--text "base=$TD/heldout/base.txt" --text "code=$TD/heldout/adapter.txt" "${PARGS[@]}" \
+			--ref device=cuda --cand device=cuda,weights=fp8 --cand device=cuda,kv-cache=fp8 --cand device=cuda,weights=fp8,kv-cache=fp8 \
+			>"$LOG/trained.txt" 2>&1 || { echo "trained: FAIL: eval"; status=1; }
+		tail -n 12 "$LOG/trained.txt"
+	fi
+	stamp trained
 fi
 if want fp8ref; then
 	echo "=== fp8ref: torch references of the FP8 scheme, then TestFP8SchemeFidelity"
@@ -663,6 +693,7 @@ fi
 	[[ -s "$LOG/prefix8b.txt" ]] && echo "Prefix caching (8B shapes, 8 layers; 2000-token shared prefix, concurrency 32):" && grep -E '^(PREFIXBENCH|PREFIXGREEDY)' "$LOG/prefix8b.txt" | cut -c1-230
 	[[ -s "$LOG/nsys8b.txt" ]] && echo "Serving under nsys (8B shapes, concurrency 64):" && grep -E '^(SERVEBENCH|NSYS)' "$LOG/nsys8b.txt" | cut -c1-200
 	[[ -s "$LOG/quality.txt" ]] && echo "Quality (peftd eval, stories260K; full tables in quality.txt):" && grep -E '^(model|candidate)|  all ' "$LOG/quality.txt"
+	[[ -s "$LOG/trained.txt" ]] && echo "Quality on the model trained here (peftd eval; trained.txt, train.json):" && grep -E '^(model|candidate)|  all ' "$LOG/trained.txt"
 	[[ -s "$LOG/cold8b.txt" ]] && echo "Cold start (8B shapes, versitygw; scripts/cold.sh):" && cut -c6-200 "$LOG/cold8b.txt"
 	[[ -s "$LOG/ready8b.txt" ]] && cat "$LOG/ready8b.txt"
 	[[ -s "$LOG/soak8b.txt" ]] && echo "Soak on the GPU (8B shapes; full report in soak8b.txt):" && grep -E '^(requests|failures|allowed|latency (overall|hot)|served/s|server RSS|GPU memory|PASS|FAIL)' "$LOG/soak8b.txt" | cut -c1-200
@@ -677,6 +708,6 @@ fi
 if [[ -n "${OUT:-}" ]]; then
 	# the trace files are large: the tables from them are in nsys8b.txt
 	tar czf "$OUT/logs.tgz" --exclude='*.qdstrm' --exclude='*.nsys-rep' --exclude='*.sqlite' --exclude='*.csv' -C "$LOG" . 2>/dev/null
-	for f in summary.txt quality.txt lorabench.txt attnbench.txt fp8bench.txt decode.txt serve8b.txt soak8b.txt prefix8b.txt cold8b.txt ready8b.txt nsys8b.txt; do [[ -f "$LOG/$f" ]] && cp "$LOG/$f" "$OUT/"; done
+	for f in summary.txt quality.txt trained.txt lorabench.txt attnbench.txt fp8bench.txt decode.txt serve8b.txt soak8b.txt prefix8b.txt cold8b.txt ready8b.txt nsys8b.txt; do [[ -f "$LOG/$f" ]] && cp "$LOG/$f" "$OUT/"; done
 fi
 exit $status
