@@ -199,12 +199,16 @@ type Backend struct {
 	decOK       bool // the model's head shape suits attn_decode (head_dim 32, 64, 128 or 256; <= 8 query heads per KV head)
 	decResident int  // attn_decode blocks resident at once (sizeDecode)
 	preOK       bool // the head shape suits attn_prefill (head_dim 32, 64 or 128)
-	pdl         bool // the compute stream launches kernels programmatically (Options.NoPDL)
-	nDec, nPre  int  // decode sequences and prefill rows of the step
-	nPreTiles   int  // attn_prefill tiles of the step (0: the per-row kernel takes the prefill rows)
-	decSplit    int  // splits per (sequence, KV head)
-	attnPart    *cuda.DeviceBuffer
-	attnDone    *cuda.DeviceBuffer // attn_decode's per-(row, KV head) split counters
+	// the attn_decode and attn_prefill variants (head_dim 32 << i) whose
+	// shared memory fits a block on this card
+	decFit     [4]bool
+	preFit     [3]bool
+	pdl        bool // the compute stream launches kernels programmatically (Options.NoPDL)
+	nDec, nPre int  // decode sequences and prefill rows of the step
+	nPreTiles  int  // attn_prefill tiles of the step (0: the per-row kernel takes the prefill rows)
+	decSplit   int  // splits per (sequence, KV head)
+	attnPart   *cuda.DeviceBuffer
+	attnDone   *cuda.DeviceBuffer // attn_decode's per-(row, KV head) split counters
 
 	stage *staging // weight uploads' pinned staging (upload.go), freed before the first step
 
@@ -360,17 +364,49 @@ func (b *Backend) open(opts Options) error {
 			return err
 		}
 	}
+	// A variant that needs more shared memory than a block may have on
+	// this card (99 KB on sm_86/sm_89: attn_decode_d256) is left out; Init
+	// sends that head size to the per-row kernel.
+	b.decFit, b.preFit = attnFits(b.ctx.Device().MaxShared)
 	for i, f := range b.fn.attnDecode {
+		if !b.decFit[i] {
+			continue
+		}
 		if err := f.SetMaxDynamicShared(decShared(32 << i)); err != nil {
 			return err
 		}
 	}
 	for i, f := range b.fn.attnPrefill {
+		if !b.preFit[i] {
+			continue
+		}
 		if err := f.SetMaxDynamicShared(preShared(32 << i)); err != nil {
 			return err
 		}
 	}
 	return nil
+}
+
+// attnFits says which attn_decode_d{32,64,128,256} and
+// attn_prefill_d{32,64,128} variants fit in maxShared bytes of dynamic
+// shared memory per block.
+func attnFits(maxShared int) (dec [4]bool, pre [3]bool) {
+	for i := range dec {
+		dec[i] = decShared(32<<i) <= maxShared
+	}
+	for i := range pre {
+		pre[i] = preShared(32<<i) <= maxShared
+	}
+	return dec, pre
+}
+
+// headIndex is the variant index of head_dim hd in 32, 64, 128, 256.
+func headIndex(hd int) int {
+	i := 0
+	for 32<<i < hd {
+		i++
+	}
+	return i
 }
 
 // sizeDecode records how many attn_decode blocks the GPU holds at once for
@@ -409,8 +445,8 @@ func (b *Backend) Init(cfg *llama.Config, spec engine.Spec) error {
 	}
 	b.cfg, b.kv, b.maxT = cfg, kv, maxTokens
 	hd := kv.HeadDim
-	b.decOK = hd >= 32 && hd <= 256 && hd&(hd-1) == 0 && cfg.Heads%kv.KVHeads == 0 && cfg.Heads/kv.KVHeads <= decMaxG
-	b.preOK = hd >= 32 && hd <= 128 && hd&(hd-1) == 0 && cfg.Heads%kv.KVHeads == 0
+	b.decOK = hd >= 32 && hd <= 256 && hd&(hd-1) == 0 && cfg.Heads%kv.KVHeads == 0 && cfg.Heads/kv.KVHeads <= decMaxG && b.decFit[headIndex(hd)]
+	b.preOK = hd >= 32 && hd <= 128 && hd&(hd-1) == 0 && cfg.Heads%kv.KVHeads == 0 && b.preFit[headIndex(hd)]
 	if err := b.sizeDecode(); err != nil {
 		return err
 	}
