@@ -8,6 +8,7 @@
 package gpu
 
 import (
+	"math"
 	"time"
 
 	"errors"
@@ -367,7 +368,11 @@ func (b *Backend) open(opts Options) error {
 	// A variant that needs more shared memory than a block may have on
 	// this card (99 KB on sm_86/sm_89: attn_decode_d256) is left out; Init
 	// sends that head size to the per-row kernel.
-	b.decFit, b.preFit = attnFits(b.ctx.Device().MaxShared)
+	limit := b.ctx.Device().MaxShared
+	if limit <= 0 { // not reported: try them all, as before
+		limit = math.MaxInt
+	}
+	b.decFit, b.preFit = attnFits(limit)
 	for i, f := range b.fn.attnDecode {
 		if !b.decFit[i] {
 			continue
