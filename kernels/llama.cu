@@ -411,12 +411,20 @@ template <int HD, bool K8 = false> struct DecShape {
     static constexpr int C = HD / 8;                 // 16-byte chunks per K or V row
     static constexpr int ST = HD >= 256 ? 2 : 3;     // stages per warp
     static constexpr int TILE_B = DEC_TILE * HD * 2; // bytes of K (or V) per tile
-    // FP8 keys: a stage also holds the tile's e4m3 K rows as read (RAW_B)
-    // and their scales (SC_B); the warp widens them into the bf16 K tile
+    // FP8 keys: a stage holds the tile's V rows, its e4m3 K rows as read
+    // (RAW_B) and their scales (SC_B); the warp widens the K rows of the
+    // tile it computes into its one bf16 K tile, after the stages (written
+    // and read within one iteration, so one suffices: a block of 4 warps
+    // takes 89 KB at HD 128, and two fit an SM as in bf16). bf16: a stage
+    // holds the K and V tiles.
     static constexpr int RAW_B = K8 ? DEC_TILE * HD : 0;
     static constexpr int SC_B = K8 ? DEC_TILE * 4 : 0;
-    static constexpr int STAGE_B = 2 * TILE_B + RAW_B + SC_B;
-    static constexpr int WARP_B = ST * STAGE_B; // a warp's stage buffers
+    static constexpr int STAGE_B = (K8 ? 1 : 2) * TILE_B + RAW_B + SC_B;
+    static constexpr int WARP_B = ST * STAGE_B + (K8 ? TILE_B : 0); // a warp's buffers
+    // the K tile and the V tile of tile k in the warp's buffers at wb (the
+    // e4m3 rows follow the V tile, their scales the rows)
+    static __device__ __forceinline__ unsigned kt(unsigned wb, int k) { return K8 ? wb + ST * STAGE_B : wb + (k % ST) * STAGE_B; }
+    static __device__ __forceinline__ unsigned vt(unsigned wb, int k) { return wb + (k % ST) * STAGE_B + (K8 ? 0 : TILE_B); }
     // swz: the 16-byte slot of chunk c of row r within its row, XOR-swizzled
     // so that the 8 rows an ldmatrix reads fall in 8 different bank groups.
     static __device__ __forceinline__ int swz(int r, int c) {
@@ -503,7 +511,7 @@ __device__ __forceinline__ void attn_decode_body(
         };
         auto issue = [&](int k) {
             if (k < nk) {
-                const unsigned kb = wbase + (k % D::ST) * D::STAGE_B, vb = kb + D::TILE_B;
+                const unsigned kb = D::kt(wbase, k), vb = D::vt(wbase, k);
 #pragma unroll
                 for (int i = 0; i < D::C / 2; i++) {
                     const int idx = lane + 32 * i, r = idx / D::C, c = idx % D::C;
@@ -539,13 +547,14 @@ __device__ __forceinline__ void attn_decode_body(
             rows(k + D::ST);      // for the next iteration: the load's latency hides behind this tile
             cp_async_wait<D::ST - 1>();
             __syncwarp(); // every lane's copies of tile k have landed
-            const unsigned kb = wbase + (k % D::ST) * D::STAGE_B, vb = kb + D::TILE_B;
+            const unsigned kb = D::kt(wbase, k), vb = D::vt(wbase, k);
             float ksc[2][2] = {{1.f, 1.f}, {1.f, 1.f}}; // the scales of this lane's S columns
             if (K8) {
                 // widen the e4m3 rows into the bf16 K tile (exact: bf16 holds
                 // every e4m3 value); the scales multiply S below
-                unsigned char* st = dsm + (kb - (unsigned)__cvta_generic_to_shared(dsm));
-                const unsigned char* raw = st + 2 * D::TILE_B;
+                const unsigned sm0 = (unsigned)__cvta_generic_to_shared(dsm);
+                unsigned char* st = dsm + (kb - sm0);
+                const unsigned char* raw = dsm + (vb - sm0) + D::TILE_B;
                 const float* sc8 = reinterpret_cast<const float*>(raw + D::RAW_B);
 #pragma unroll
                 for (int i = 0; i < D::C / 2; i++) {
@@ -747,11 +756,16 @@ template <int HD, bool K8 = false> struct PreShape {
     static constexpr int C = HD / 8;                     // 16-byte chunks per K or V row
     static constexpr int ST = 2;                         // stages
     static constexpr int TILE_B = PRE_KT * HD * 2;       // bytes of K (or V) per stage
-    // FP8 keys: a stage also holds the e4m3 K rows as read and their scales
+    // FP8 keys: a stage holds the V rows, the e4m3 K rows as read and their
+    // scales; the block widens the K rows of the stage it computes into its
+    // one bf16 K tile after the stages (64.5 KB at HD 128: three blocks fit
+    // an SM, as in bf16). bf16: a stage holds the K and V tiles.
     static constexpr int RAW_B = K8 ? PRE_KT * HD : 0;
     static constexpr int SC_B = K8 ? PRE_KT * 4 : 0;
-    static constexpr int STAGE_B = 2 * TILE_B + RAW_B + SC_B;
-    static constexpr int SMEM = ST * STAGE_B;            // dynamic shared memory
+    static constexpr int STAGE_B = (K8 ? 1 : 2) * TILE_B + RAW_B + SC_B;
+    static constexpr int SMEM = ST * STAGE_B + (K8 ? TILE_B : 0); // dynamic shared memory
+    static __device__ __forceinline__ unsigned kt(unsigned b, int k) { return K8 ? b + ST * STAGE_B : b + (k % ST) * STAGE_B; }
+    static __device__ __forceinline__ unsigned vt(unsigned b, int k) { return b + (k % ST) * STAGE_B + (K8 ? 0 : TILE_B); }
     static constexpr int NR = PRE_KT * C / PRE_THREADS;  // chunks (and rows) per thread per stage
     static constexpr int RSTEP = PRE_THREADS / C;        // rows between a thread's chunks
     static __device__ __forceinline__ int swz(int r, int c) {
@@ -815,7 +829,7 @@ __device__ __forceinline__ void attn_prefill_body(bf16* __restrict__ out, const 
     };
     auto issue = [&](int k) {
         if (k < nst) {
-            const unsigned kb = base + (k % P::ST) * P::STAGE_B, vb = kb + P::TILE_B;
+            const unsigned kb = P::kt(base, k), vb = P::vt(base, k);
 #pragma unroll
             for (int i = 0; i < P::NR; i++) {
                 const int r = tid / P::C + i * P::RSTEP, c = tid % P::C;
@@ -851,8 +865,8 @@ __device__ __forceinline__ void attn_prefill_body(bf16* __restrict__ out, const 
         if (K8) {
             // widen the stage's e4m3 keys into its bf16 K tile (each thread
             // the chunks it copied)
-            unsigned char* st = psm + (k % P::ST) * P::STAGE_B;
-            const unsigned char* raw = st + 2 * P::TILE_B;
+            unsigned char* st = psm + (P::kt(base, k) - base);
+            const unsigned char* raw = psm + (P::vt(base, k) - base) + P::TILE_B;
 #pragma unroll
             for (int i = 0; i < P::NR; i++) {
                 const int r = tid / P::C + i * P::RSTEP, c = tid % P::C;
@@ -862,7 +876,7 @@ __device__ __forceinline__ void attn_prefill_body(bf16* __restrict__ out, const 
             __syncthreads(); // the whole bf16 tile is written
         }
         if (kbase <= wlast) {
-            const unsigned kb = base + (k % P::ST) * P::STAGE_B, vb = kb + P::TILE_B;
+            const unsigned kb = P::kt(base, k), vb = P::vt(base, k);
             float sc[PRE_KT / 8][4];
 #pragma unroll
             for (int nt = 0; nt < PRE_KT / 8; nt++) sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.f;

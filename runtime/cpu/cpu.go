@@ -161,7 +161,7 @@ func QuantizeE4M3(x []float32) {
 	default:
 		scale, inv := amax/448, 448/amax
 		for i, v := range x {
-			x[i] = safetensors.E4M3ToFloat32(safetensors.Float32ToE4M3(v*inv)) * scale
+			x[i] = safetensors.RoundE4M3(v*inv) * scale
 		}
 	}
 }

@@ -36,7 +36,7 @@ func TestOpAttentionDecode(t *testing.T) {
 // per-row kernel at head_dim 256) and the per-row kernel attend over the
 // dequantized keys, which the reference uses.
 func TestOpAttentionFP8Keys(t *testing.T) {
-	for _, sh := range []attnShape{{32, 8, 128, 16}, {32, 8, 128, 1}, {4, 2, 64, 5}, {16, 2, 256, 16}} {
+	for _, sh := range []attnShape{{32, 8, 128, 16}, {32, 8, 128, 1}, {4, 2, 64, 5}, {16, 2, 256, 16}, {8, 8, 32, 16}} {
 		t.Run(sh.String(), func(t *testing.T) { attentionCase(t, sh, true) })
 	}
 }
@@ -349,8 +349,8 @@ func TestAttnBench(t *testing.T) {
 }
 
 // TestFP8KeysFixture runs the tiny fixture's cases co-batched and
-// teacher-forced on an FP8 key cache (head_dim 32: attn_decode8 for decode
-// rows, the per-row kernel for prefill rows, graphs as usual) and on a bf16
+// teacher-forced on an FP8 key cache (head_dim 32: attn_decode8_d32 for
+// decode rows, attn_prefill8_d32 for prefill rows, graphs as usual) and on a bf16
 // one. FP8 keys move the logits (e4m3 keeps 4 significant bits): the
 // relative error against the reference is reported beside bf16's and
 // bounded at 0.1 per case (the FP8 weight scheme itself moves the tiny

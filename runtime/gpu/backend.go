@@ -8,6 +8,7 @@
 package gpu
 
 import (
+	"math"
 	"time"
 
 	"errors"
@@ -211,12 +212,16 @@ type Backend struct {
 	decOK       bool // the model's head shape suits attn_decode (head_dim 32, 64, 128 or 256; <= 8 query heads per KV head)
 	decResident int  // attn_decode blocks resident at once (sizeDecode)
 	preOK       bool // the head shape suits attn_prefill (head_dim 32, 64 or 128)
-	pdl         bool // the compute stream launches kernels programmatically (Options.NoPDL)
-	nDec, nPre  int  // decode sequences and prefill rows of the step
-	nPreTiles   int  // attn_prefill tiles of the step (0: the per-row kernel takes the prefill rows)
-	decSplit    int  // splits per (sequence, KV head)
-	attnPart    *cuda.DeviceBuffer
-	attnDone    *cuda.DeviceBuffer // attn_decode's per-(row, KV head) split counters
+	// the attn_decode and attn_prefill variants (head_dim 32 << i) whose
+	// shared memory fits a block on this card
+	decFit     [4]bool
+	preFit     [3]bool
+	pdl        bool // the compute stream launches kernels programmatically (Options.NoPDL)
+	nDec, nPre int  // decode sequences and prefill rows of the step
+	nPreTiles  int  // attn_prefill tiles of the step (0: the per-row kernel takes the prefill rows)
+	decSplit   int  // splits per (sequence, KV head)
+	attnPart   *cuda.DeviceBuffer
+	attnDone   *cuda.DeviceBuffer // attn_decode's per-(row, KV head) split counters
 
 	stage *staging // weight uploads' pinned staging (upload.go), freed before the first step
 
@@ -385,23 +390,58 @@ func (b *Backend) open(opts Options) error {
 			return err
 		}
 	}
-	for i := range b.fn.attnDecode {
-		if err := b.fn.attnDecode[i].SetMaxDynamicShared(decShared(32<<i, false)); err != nil {
-			return err
+	// Only the variants of the KV format in use get their shared memory
+	// limit raised, and a variant that needs more than a block may have on
+	// this card (99 KB on sm_86/sm_89: attn_decode_d256) is left out; Init
+	// sends that head size to the per-row kernel.
+	limit := b.ctx.Device().MaxShared
+	if limit <= 0 { // not reported: try them all, as before
+		limit = math.MaxInt
+	}
+	b.decFit, b.preFit = attnFits(limit, b.kv8)
+	dec, pre := b.fn.attnDecode[:], b.fn.attnPrefill[:]
+	if b.kv8 {
+		dec, pre = b.fn.attnDecode8[:], b.fn.attnPrefill8[:]
+	}
+	for i, f := range dec {
+		if !b.decFit[i] {
+			continue
 		}
-		if err := b.fn.attnDecode8[i].SetMaxDynamicShared(decShared(32<<i, true)); err != nil {
+		if err := f.SetMaxDynamicShared(decShared(32<<i, b.kv8)); err != nil {
 			return err
 		}
 	}
-	for i := range b.fn.attnPrefill {
-		if err := b.fn.attnPrefill[i].SetMaxDynamicShared(preShared(32<<i, false)); err != nil {
-			return err
+	for i, f := range pre {
+		if !b.preFit[i] {
+			continue
 		}
-		if err := b.fn.attnPrefill8[i].SetMaxDynamicShared(preShared(32<<i, true)); err != nil {
+		if err := f.SetMaxDynamicShared(preShared(32<<i, b.kv8)); err != nil {
 			return err
 		}
 	}
 	return nil
+}
+
+// attnFits says which attn_decode_d{32,64,128,256} and
+// attn_prefill_d{32,64,128} variants (with FP8 keys when k8) fit in
+// maxShared bytes of dynamic shared memory per block.
+func attnFits(maxShared int, k8 bool) (dec [4]bool, pre [3]bool) {
+	for i := range dec {
+		dec[i] = decShared(32<<i, k8) <= maxShared
+	}
+	for i := range pre {
+		pre[i] = preShared(32<<i, k8) <= maxShared
+	}
+	return dec, pre
+}
+
+// headIndex is the variant index of head_dim hd in 32, 64, 128, 256.
+func headIndex(hd int) int {
+	i := 0
+	for 32<<i < hd {
+		i++
+	}
+	return i
 }
 
 // sizeDecode records how many attn_decode blocks the GPU holds at once for
@@ -440,8 +480,8 @@ func (b *Backend) Init(cfg *llama.Config, spec engine.Spec) error {
 	}
 	b.cfg, b.kv, b.maxT = cfg, kv, maxTokens
 	hd := kv.HeadDim
-	b.decOK = hd >= 32 && hd <= 256 && hd&(hd-1) == 0 && cfg.Heads%kv.KVHeads == 0 && cfg.Heads/kv.KVHeads <= decMaxG
-	b.preOK = hd >= 32 && hd <= 128 && hd&(hd-1) == 0 && cfg.Heads%kv.KVHeads == 0
+	b.decOK = hd >= 32 && hd <= 256 && hd&(hd-1) == 0 && cfg.Heads%kv.KVHeads == 0 && cfg.Heads/kv.KVHeads <= decMaxG && b.decFit[headIndex(hd)]
+	b.preOK = hd >= 32 && hd <= 128 && hd&(hd-1) == 0 && cfg.Heads%kv.KVHeads == 0 && b.preFit[headIndex(hd)]
 	if err := b.sizeDecode(); err != nil {
 		return err
 	}

@@ -256,11 +256,11 @@ func decShared(hd int, k8 bool) int {
 	if hd >= 256 {
 		stages = 2
 	}
-	stage := 2 * 16 * hd * 2 // K and V tiles of 16 rows, bf16
-	if k8 {
-		stage += 16*hd + 16*4 // the tile's e4m3 keys and their scales (DecShape<HD, true>)
+	tile := 16 * hd * 2 // K or V rows of a 16-position tile, bf16
+	if k8 {             // a stage: V, the e4m3 keys and their scales; one widened K tile (DecShape<HD, true>)
+		return decThreads / 32 * (stages*(tile+16*hd+16*4) + tile)
 	}
-	return decThreads / 32 * stages * stage
+	return decThreads / 32 * stages * 2 * tile
 }
 
 // preThreads, preRows are PRE_THREADS and PRE_ROWS in llama.cu; preShared(hd, k8)
@@ -273,11 +273,11 @@ const (
 )
 
 func preShared(hd int, k8 bool) int {
-	stage := 2 * 64 * hd * 2
-	if k8 {
-		stage += 64*hd + 64*4
+	tile := 64 * hd * 2
+	if k8 { // a stage: V, the e4m3 keys and their scales; one widened K tile
+		return 2*(tile+64*hd+64*4) + tile
 	}
-	return 2 * stage
+	return 2 * 2 * tile
 }
 
 // SiLUMul computes out = silu(gate) * up.

@@ -32,6 +32,31 @@ func E4M3ToFloat32(b byte) float32 {
 	return s * (1 + float32(m)/8) * float32(math.Ldexp(1, e-7))
 }
 
+// RoundE4M3 is E4M3ToFloat32(Float32ToE4M3(v)) without the search: v
+// rounded to the nearest e4m3 value (ties to even), saturating to ±448;
+// NaN stays NaN.
+func RoundE4M3(v float32) float32 {
+	if v != v {
+		return v
+	}
+	a := float32(math.Abs(float64(v)))
+	var r float32
+	switch {
+	case a >= 464: // the midpoint of 448 and 480 rounds to even: 448
+		r = 448
+	case a < 1.0/64: // subnormals: multiples of 2^-9 (the scaling is exact)
+		r = float32(math.RoundToEven(float64(a)*512)) / 512
+	default: // keep 3 of float32's 23 mantissa bits, ties to even
+		b := math.Float32bits(a)
+		b += 0x7ffff + (b>>20)&1
+		r = min(math.Float32frombits(b&^0xfffff), 448)
+	}
+	if v < 0 {
+		return -r
+	}
+	return r
+}
+
 // Float32ToE4M3 rounds to the nearest e4m3 value (ties to even), saturating
 // to ±448 (the __NV_SATFINITE conversion); NaN gives 0x7f.
 func Float32ToE4M3(v float32) byte {
