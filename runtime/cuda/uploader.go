@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"sync/atomic"
 )
 
 // Uploader copies data from the host to device memory through a fixed ring
@@ -61,15 +62,19 @@ type Transfer struct {
 	u     *Uploader
 	marks []*Event        // marks[i]: bytes [0, mark i) (nil: nothing to wait for)
 	ready []chan struct{} // ready[i] closes once marks[i] is recorded, or the upload failed
-	done  *Event          // every byte
-	end   chan struct{}   // closes once every copy is enqueued, or the upload failed
-	err   error           // why it failed; set before the channels close
-	own   []*Event        // the distinct events, done among them
+	// failed[i]: the upload failed before mark i (set before ready[i]
+	// closes; a mark reached before a failure, or at 0, stays usable)
+	failed   []bool
+	done     *Event        // every byte
+	end      chan struct{} // closes once every copy is enqueued, or the upload failed
+	err      error         // why it failed; set before the channels close
+	own      []*Event      // the distinct events, done among them
+	canceled atomic.Bool   // Cancel was called: the next chunk is not filled
 }
 
 // newTransfer is a transfer of the given number of marks, none reached.
 func newTransfer(u *Uploader, marks int) *Transfer {
-	t := &Transfer{u: u, marks: make([]*Event, marks), ready: make([]chan struct{}, marks), end: make(chan struct{})}
+	t := &Transfer{u: u, marks: make([]*Event, marks), ready: make([]chan struct{}, marks), failed: make([]bool, marks), end: make(chan struct{})}
 	for i := range t.ready {
 		t.ready[i] = make(chan struct{})
 	}
@@ -88,6 +93,9 @@ func (t *Transfer) reach(from, to int) {
 func (t *Transfer) finish(reached int, err error) {
 	t.err = err
 	if err != nil {
+		for i := reached; i < len(t.ready); i++ {
+			t.failed[i] = true
+		}
 		t.reach(reached, len(t.ready))
 	}
 	close(t.end)
@@ -99,7 +107,7 @@ func (t *Transfer) finish(reached int, err error) {
 // 0). It fails when the upload failed before the mark.
 func (t *Transfer) Through(i int) (*Event, error) {
 	<-t.ready[i]
-	if t.marks[i] == nil && t.err != nil {
+	if t.failed[i] {
 		return nil, t.err
 	}
 	return t.marks[i], nil
@@ -134,6 +142,24 @@ func (t *Transfer) Wait() error {
 		return err
 	}
 	return t.u.Wait(ev)
+}
+
+// Cancel asks the upload to stop before its next chunk: an upload canceled
+// before it ends fails with ErrCanceled (the copies already enqueued go
+// out first). For an image nobody will read: its slot is being emptied, or
+// the backend closed.
+func (t *Transfer) Cancel() { t.canceled.Store(true) }
+
+// Quiesce blocks until no copy of the transfer is in flight: every byte
+// has landed, or the upload failed (its copies were out by then). Unlike
+// Wait it does not report the upload's own failure, only a failure to
+// wait: it is what freeing or reusing the destination needs.
+func (t *Transfer) Quiesce() error {
+	<-t.end
+	if t.err != nil {
+		return nil
+	}
+	return t.u.Wait(t.done)
 }
 
 // Destroy frees the transfer's events once it has ended (waits enqueued on
@@ -196,6 +222,10 @@ func checkMarks(n int, marks []int) error {
 func (u *Uploader) run(t *Transfer, dst DevicePtr, n int, fill func(b []byte, off int) error, marks []int) {
 	u.mu.Lock()
 	defer u.mu.Unlock()
+	if u.s == 0 || len(u.chunks) == 0 { // closed (Start may run after Close)
+		t.finish(0, ErrClosed)
+		return
+	}
 	size := u.ChunkBytes()
 	at := markChunks(marks, size)
 	mi := 0
@@ -203,10 +233,6 @@ func (u *Uploader) run(t *Transfer, dst DevicePtr, n int, fill func(b []byte, of
 		mi++ // nothing to wait for
 	}
 	t.reach(0, mi)
-	if u.s == 0 {
-		t.finish(mi, ErrClosed)
-		return
-	}
 	// newEvent records a fresh event on the stream (second thread).
 	newEvent := func() (*Event, error) {
 		ev := &Event{c: u.c}
@@ -223,6 +249,10 @@ func (u *Uploader) run(t *Transfer, dst DevicePtr, n int, fill func(b []byte, of
 		t.finish(mi, errors.Join(err, serr))
 	}
 	for off := 0; off < n; off += size {
+		if t.canceled.Load() {
+			fail(ErrCanceled)
+			return
+		}
 		k := u.next
 		u.next = (k + 1) % len(u.chunks)
 		if u.used[k] { // the chunk's previous copy must be out of it

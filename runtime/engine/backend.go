@@ -192,6 +192,17 @@ type AdapterPreparer interface {
 	LoadPrepared(slot int, p PreparedAdapter) error
 }
 
+// SlotError is a step that failed before any of its work was done because
+// the adapter in Slot cannot be used (its upload failed after LoadPrepared):
+// the sequences on other slots are untouched and may run again without it.
+type SlotError struct {
+	Slot int
+	Err  error
+}
+
+func (e *SlotError) Error() string { return e.Err.Error() }
+func (e *SlotError) Unwrap() error { return e.Err }
+
 // FP8Uploader is a Backend that computes with FP8 (e4m3) projection
 // weights and takes an FP8 checkpoint's weights as stored: e4m3 bytes q
 // [rows, cols] with one float32 scale per row (W = q * scale[row]), not

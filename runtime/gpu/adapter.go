@@ -142,7 +142,8 @@ type preparedAdapter struct {
 // its upload, on the second thread).
 func (p *preparedAdapter) Release() {
 	if p != nil && !p.done.Swap(true) {
-		p.tr.Wait()
+		p.tr.Cancel() // nobody reads the image: stop filling it
+		p.tr.Quiesce()
 		p.tr.Destroy()
 		p.mem.Free()
 	}
@@ -176,6 +177,11 @@ func (b *Backend) PrepareAdapter(a *lora.Adapter) (engine.PreparedAdapter, error
 	img, err := b.slotLayout(a)
 	if err != nil {
 		return nil, err
+	}
+	b.life.RLock() // Close waits for this call (not for the upload it starts)
+	defer b.life.RUnlock()
+	if b.closed {
+		return nil, fmt.Errorf("gpu: adapter %s: %w", a.Name, cuda.ErrClosed)
 	}
 	if b.up == nil {
 		return nil, fmt.Errorf("gpu: adapter %s: backend not initialized", a.Name)
@@ -277,6 +283,10 @@ func (b *Backend) LoadPrepared(slot int, pa engine.PreparedAdapter) error {
 	if p.done.Load() {
 		return fmt.Errorf("gpu: adapter %s: prepared image already used or released", p.name)
 	}
+	if _, err := p.tr.Finished(); err != nil { // its upload failed already
+		p.Release()
+		return fmt.Errorf("gpu: adapter %s: upload: %w", p.name, err)
+	}
 	if err := b.emptySlot(slot); err != nil {
 		p.Release()
 		return err
@@ -323,7 +333,7 @@ func (b *Backend) waitLoads(meta *engine.StepMeta, gate bool) (gated bool, err e
 			// slot fails (until it is unloaded), the others go on
 			keep = append(keep, l)
 			if usesSlot(meta, l.slot) && failed == nil {
-				failed = fmt.Errorf("gpu: adapter image for slot %d: %w", l.slot, err)
+				failed = &engine.SlotError{Slot: l.slot, Err: fmt.Errorf("gpu: adapter image for slot %d: %w", l.slot, err)}
 			}
 			continue
 		}
@@ -418,8 +428,10 @@ func (b *Backend) endGates() {
 	b.gates = b.gates[:0]
 }
 
-// settle waits for any copy still filling slot (before the slot is freed or
-// replaced) and recycles it.
+// settle stops any upload still filling slot (before the slot is freed or
+// replaced: nobody will read that image), waits until none of its copies is
+// in flight, and recycles it. An upload that failed is not an error here:
+// its image is being dropped.
 func (b *Backend) settle(slot int) error {
 	keep := b.loads[:0]
 	var errs []error
@@ -428,22 +440,25 @@ func (b *Backend) settle(slot int) error {
 			keep = append(keep, l)
 			continue
 		}
-		errs = append(errs, l.tr.Wait(), l.tr.Destroy())
+		l.tr.Cancel()
+		errs = append(errs, l.tr.Quiesce(), l.tr.Destroy())
 	}
 	clear(b.loads[len(keep):])
 	b.loads = keep
 	return errors.Join(errs...)
 }
 
-// closeLoads waits for every upload and frees the uploader.
+// closeLoads stops every upload, waits for their copies in flight and
+// frees the uploader. b.up stays: an upload started later (PrepareAdapter
+// on another goroutine) fails with cuda.ErrClosed.
 func (b *Backend) closeLoads() error {
 	var errs []error
 	for _, l := range b.loads {
-		errs = append(errs, l.tr.Wait(), l.tr.Destroy())
+		l.tr.Cancel()
+		errs = append(errs, l.tr.Quiesce(), l.tr.Destroy())
 	}
 	b.loads, b.gates = nil, nil
 	errs = append(errs, b.up.Close())
-	b.up = nil
 	return errors.Join(errs...)
 }
 

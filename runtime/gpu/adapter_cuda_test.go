@@ -280,3 +280,74 @@ func TestGatedAdapterLoad(t *testing.T) {
 			mode.name, 2*img.total, nChunks, chunk, prep, t1.Sub(t0)-prep, gated)
 	}
 }
+
+// TestCanceledAdapterLoad: an adapter whose host fill is slow (20 ms a
+// chunk, ~1 s in all) is prepared and committed, then its slot is emptied
+// at once: UnloadAdapter stops the upload instead of waiting for the rest
+// of the fill; a prepared adapter released before its commit stops the
+// same way; and the slot then loads (synchronously) and computes exactly
+// as on an engine that never saw the canceled upload.
+func TestCanceledAdapterLoad(t *testing.T) {
+	m, adapters, cases := loadFixture(t)
+	opts := engine.DefaultOptions()
+	late := adapters["mlp-r64"]
+	eS, eA := newEngine(t, m, opts), newEngine(t, m, opts)
+	b := eA.Backend().(*Backend)
+	img, err := b.slotLayout(late)
+	if err != nil {
+		t.Fatal(err)
+	}
+	const chunks = 50
+	chunk := max(256, (2*img.total/chunks+255)&^255)
+	if err := b.up.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if b.up, err = b.ctx.NewUploader(4, chunk); err != nil {
+		t.Fatal(err)
+	}
+	const slow = 20 * time.Millisecond
+	fill := slow * time.Duration((2*img.total+chunk-1)/chunk)
+	b.force.slowFill = slow
+	p, err := eA.PrepareAdapter(late)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := eA.LoadPrepared(2, p); err != nil {
+		t.Fatal(err)
+	}
+	t0 := time.Now()
+	if err := eA.UnloadAdapter(2); err != nil {
+		t.Fatal(err)
+	}
+	if d := time.Since(t0); d > fill/4 {
+		t.Errorf("UnloadAdapter during the upload took %v (the fill takes %v): it waited instead of canceling", d, fill)
+	}
+	p, err = eA.PrepareAdapter(late)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t0 = time.Now()
+	p.Release()
+	if d := time.Since(t0); d > fill/4 {
+		t.Errorf("Release of an uncommitted upload took %v (the fill takes %v)", d, fill)
+	}
+	b.force.slowFill = 0
+	for _, e := range []*engine.Engine{eS, eA} {
+		if err := e.LoadAdapter(2, late); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var outs [2][]float32
+	for k, e := range []*engine.Engine{eS, eA} {
+		s := &engine.Sequence{}
+		out, err := e.Step(context.Background(), []engine.Input{{Seq: s, Tokens: cases[0].Prompt, Slot: 2}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		outs[k] = out[0]
+		e.Release(s)
+	}
+	if d := fx.RelErr(outs[1], outs[0]); d != 0 {
+		t.Errorf("after the canceled uploads the slot computes differently (rel %.3g)", d)
+	}
+}

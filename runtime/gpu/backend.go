@@ -9,6 +9,7 @@ package gpu
 
 import (
 	"math"
+	"sync"
 	"time"
 
 	"errors"
@@ -157,7 +158,11 @@ type Backend struct {
 	layerB int // bytes of one layer's V cache (and K cache, in bf16)
 	// an FP8 key cache (Options.KVFormat): kcache holds e4m3 keys, layerKB
 	// bytes a layer, and kscale their float32 scales, layerSB bytes a layer
-	kv8              bool
+	kv8 bool
+	// life orders PrepareAdapter (any goroutine) before Close: closed is
+	// set under it, and PrepareAdapter reads it under it
+	life             sync.RWMutex
+	closed           bool
 	kscale           *cuda.DeviceBuffer
 	layerKB, layerSB int
 
@@ -637,6 +642,9 @@ func (b *Backend) Close() error {
 	if b.ctx == nil {
 		return nil
 	}
+	b.life.Lock() // no PrepareAdapter from here on
+	b.closed = true
+	b.life.Unlock()
 	var errs []error
 	if b.s != nil {
 		errs = append(errs, b.s.Synchronize())
