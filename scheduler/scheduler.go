@@ -144,23 +144,23 @@ type StepStats struct {
 }
 
 type seq struct {
-	ctx      context.Context
-	req      Request
-	lease    Lease
-	slot     int
-	out      chan Event // read by the client; fed by box
-	box      *outbox
-	sampler  *sample.Sampler
-	pen      *sample.Tracker // penalties and logit bias (nil: none)
-	seed     uint64          // keys device sampling (engine.Sampling.Seed)
-	kv       engine.Sequence
-	tokens   []int32 // prompt followed by what was generated
-	fed      int     // tokens of `tokens` in the KV cache
+	ctx     context.Context
+	req     Request
+	lease   Lease
+	slot    int
+	out     chan Event // read by the client; fed by box
+	box     *outbox
+	sampler *sample.Sampler
+	pen     *sample.Tracker // penalties and logit bias (nil: none)
+	seed    uint64          // keys device sampling (engine.Sampling.Seed)
+	kv      engine.Sequence
+	tokens  []int32 // prompt followed by what was generated
+	fed     int     // tokens of `tokens` in the KV cache
 	// scores: with PromptLogprobs, the Choices of prompt tokens 1.. scored
 	// so far (a recompute after preemption does not score them again);
 	// sent with the first event
-	scores []sample.Choice
-	gen      int     // generated tokens
+	scores   []sample.Choice
+	gen      int // generated tokens
 	admitted time.Time
 	ended    bool // finish ran
 	// acquiring: an Acquire for this waiting request runs (admission.go)

@@ -164,7 +164,7 @@ func (e *Engine) StepSample(ctx context.Context, in []Input, sp []Sampling) ([]s
 			return nil, err
 		}
 		t0 := time.Now()
-		defer func() { e.times.Wait += time.Since(t0) }() // host sampling
+		defer func() { e.times.Wait += time.Since(t0) }()                       // host sampling
 		score(sp, func(i, j int) []float32 { return logits[i][j*V : (j+1)*V] }) // before Adjust changes a last row
 		for i, s := range sp {
 			if s.Skip {
