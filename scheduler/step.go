@@ -160,6 +160,9 @@ func (s *Scheduler) plan(st *StepStats) ([]engine.Input, []*seq) {
 	}
 	for _, q := range s.running {
 		if n := len(q.tokens) - q.fed; budget > 0 && n > 1 {
+			if q.req.PromptLogprobs && len(q.scores) < len(q.req.Prompt)-1 {
+				n = min(n, scoreChunk) // every row's logits come to the host
+			}
 			add(q, min(n, budget))
 			st.Prefill++
 		}
@@ -179,6 +182,10 @@ func (s *Scheduler) failAll(err error) {
 	}
 	s.running = nil
 }
+
+// scoreChunk bounds the prompt rows a scoring sequence feeds per step: each
+// row's logits come to the host (128k floats at Llama 3's vocabulary).
+const scoreChunk = 256
 
 // targets are the tokens the next n rows of q scores (engine
 // Sampling.Targets), or nil when they score none: with PromptLogprobs, row
