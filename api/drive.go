@@ -21,8 +21,9 @@ type result struct {
 	choices          []sample.Choice
 	finish           string
 	prompt, complete int
-	pieces           []string  // what each token adds to the text: they concatenate to text
-	info             []tokInfo // with logprobs
+	promptScores     []sample.Choice // with echo and logprobs: prompt tokens 1..n-1
+	pieces           []string        // what each token adds to the text: they concatenate to text
+	info             []tokInfo       // with logprobs
 }
 
 // delta is a streamed piece: text safe to show and the tokens behind it.
@@ -103,6 +104,9 @@ loop:
 				return res, err
 			}
 			continue
+		}
+		if ev.Prompt != nil && res.promptScores == nil {
+			res.promptScores = ev.Prompt
 		}
 		if ev.Done {
 			if ev.Err != nil {

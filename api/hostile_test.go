@@ -39,9 +39,16 @@ var numericAbuse = map[string][]string{
 	"stop_token_ids":        {"[-1]", "[1.5]", `["a"]`, "[2147483648]", "{}"},
 	"stream":                {`"yes"`, "1", "[]"},
 	"stream_options":        {`{"include_usage":true}`, `"x"`},
-	"echo":                  {"true", `"x"`},
+	"echo":                  {`"x"`, "1"},
 	"ignore_eos":            {`"x"`, "2"},
 	"return_token_ids":      {"3", `"y"`},
+}
+
+// echoAbuse: echo is for completions only (and not with stream).
+var echoAbuse = map[string][]string{
+	"invoke":      {"true"},
+	"completions": {"true,\"stream\":true"},
+	"chat":        {"true"},
 }
 
 // logprobsAbuse differs by route: an int in [0, 20] for invoke and
@@ -78,6 +85,10 @@ func hostileCases() []hostileCase {
 		for _, v := range logprobsAbuse[r.name] {
 			cs = append(cs, hostileCase{name: r.name + "/logprobs=" + v, method: "POST", path: r.path,
 				body: "{" + r.base + `,"logprobs":` + v + "}"})
+		}
+		for _, v := range echoAbuse[r.name] {
+			cs = append(cs, hostileCase{name: r.name + "/echo=" + v, method: "POST", path: r.path,
+				body: "{" + r.base + `,"echo":` + v + "}"})
 		}
 		// Bodies that are not a request object.
 		for _, b := range []string{"", "{", "}", "null", "[]", `"x"`, "1", "{}x", `{"prompt":`, "\x00\x01", "{\"a\":1,}", "[{}]"} {

@@ -5,6 +5,7 @@ package api
 import (
 	"fmt"
 	"math"
+	"strings"
 	"unicode/utf8"
 
 	"github.com/peftd/peftd/runtime/sample"
@@ -99,8 +100,8 @@ func (s *Server) alternative(k, a int, cs []sample.Choice, info []tokInfo) (stri
 // completionLogprobs is OpenAI's legacy completions logprobs object.
 type completionLogprobs struct {
 	Tokens        []string             `json:"tokens"`
-	TokenLogprobs []float64            `json:"token_logprobs"`
-	TopLogprobs   []map[string]float64 `json:"top_logprobs"`
+	TokenLogprobs []*float64           `json:"token_logprobs"` // null: an echoed prompt's first token
+	TopLogprobs   []map[string]float64 `json:"top_logprobs"`   // null likewise
 	TextOffset    []int                `json:"text_offset"`
 }
 
@@ -110,11 +111,12 @@ type completionLogprobs struct {
 // supported), counted in characters (Unicode code points, as vLLM's Python
 // len() and OpenAI); streamed chunks continue the count.
 func (s *Server) completionLP(cs []sample.Choice, pieces []string, info []tokInfo, offset int) *completionLogprobs {
-	lp := &completionLogprobs{Tokens: []string{}, TokenLogprobs: []float64{}, TopLogprobs: []map[string]float64{}, TextOffset: []int{}}
+	lp := &completionLogprobs{Tokens: []string{}, TokenLogprobs: []*float64{}, TopLogprobs: []map[string]float64{}, TextOffset: []int{}}
 	for k, c := range cs {
 		t, _ := s.sampled(k, cs, pieces, info)
 		lp.Tokens = append(lp.Tokens, t)
-		lp.TokenLogprobs = append(lp.TokenLogprobs, finite(c.Logprob))
+		v := finite(c.Logprob)
+		lp.TokenLogprobs = append(lp.TokenLogprobs, &v)
 		top := map[string]float64{}
 		for a, x := range c.Top {
 			key, _ := s.alternative(k, a, cs, info)
@@ -253,6 +255,22 @@ func (s *Server) chatAnswer(j *job, choices []chatChoice, total result) chatResp
 // completionChoice is choice index of a completions answer.
 func (s *Server) completionChoice(j *job, index int, prompt []int32, r result) completionChoiceJSON {
 	ch := completionChoiceJSON{Index: index, Text: r.text, FinishReason: r.finish}
+	if j.echo {
+		text, lp := s.echoPrompt(prompt, r.promptScores, j.logprobs)
+		ch.Text = text + r.text
+		if j.logprobs {
+			gen := s.completionLP(r.choices, r.pieces, r.info, utf8.RuneCountInString(text))
+			lp.Tokens = append(lp.Tokens, gen.Tokens...)
+			lp.TokenLogprobs = append(lp.TokenLogprobs, gen.TokenLogprobs...)
+			lp.TopLogprobs = append(lp.TopLogprobs, gen.TopLogprobs...)
+			lp.TextOffset = append(lp.TextOffset, gen.TextOffset...)
+			ch.Logprobs = lp
+		}
+		if j.returnIDs {
+			ch.TokenIDs, ch.PromptTokenIDs = ids(r.tokens), ids(prompt)
+		}
+		return ch
+	}
 	if j.logprobs {
 		ch.Logprobs = s.completionLP(r.choices, r.pieces, r.info, 0)
 	}
@@ -260,6 +278,64 @@ func (s *Server) completionChoice(j *job, index int, prompt []int32, r result) c
 		ch.TokenIDs, ch.PromptTokenIDs = ids(r.tokens), ids(prompt)
 	}
 	return ch
+}
+
+// echoPrompt is the text echo puts before a completion: the prompt
+// decoded token by token (each token's piece is what it adds to the text, a
+// special token's is empty), and with logprobs the prompt's part of the
+// logprobs: its tokens, their scores (the first token has none: null) and
+// their alternatives, decoded in context as a generated token's are.
+func (s *Server) echoPrompt(prompt []int32, scores []sample.Choice, logprobs bool) (string, *completionLogprobs) {
+	lp := &completionLogprobs{Tokens: []string{}, TokenLogprobs: []*float64{}, TopLogprobs: []map[string]float64{}, TextOffset: []int{}}
+	tok := s.cfg.Tokenizer
+	var text strings.Builder
+	var dec textDecoder
+	if tok != nil {
+		dec = tok.NewDecoder(true)
+	}
+	chars := 0
+	for i, id := range prompt {
+		var info tokInfo
+		if i > 0 && i-1 < len(scores) && dec != nil && logprobs {
+			info = s.tokInfo(dec, scores[i-1]) // before id joins the decoder
+		}
+		var piece string
+		if dec != nil {
+			piece = dec.Add(id)
+			if i == len(prompt)-1 {
+				piece += dec.Flush()
+			}
+		} else {
+			piece = s.tokenText(id)
+		}
+		text.WriteString(piece)
+		if !logprobs {
+			continue
+		}
+		lp.Tokens = append(lp.Tokens, piece)
+		lp.TextOffset = append(lp.TextOffset, chars)
+		chars += utf8.RuneCountInString(piece)
+		if i == 0 || i-1 >= len(scores) {
+			lp.TokenLogprobs = append(lp.TokenLogprobs, nil)
+			lp.TopLogprobs = append(lp.TopLogprobs, nil)
+			continue
+		}
+		c := scores[i-1]
+		v := finite(c.Logprob)
+		lp.TokenLogprobs = append(lp.TokenLogprobs, &v)
+		top := map[string]float64{}
+		for a, x := range c.Top {
+			key := s.tokenText(x.ID)
+			if a < len(info.top) {
+				key = info.top[a].text
+			}
+			if _, dup := top[key]; !dup {
+				top[key] = finite(x.Logprob)
+			}
+		}
+		lp.TopLogprobs = append(lp.TopLogprobs, top)
+	}
+	return text.String(), lp
 }
 
 func tokenIDs(cs []sample.Choice) []int32 {

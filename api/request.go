@@ -159,6 +159,7 @@ type job struct {
 	req        scheduler.Request
 	stopStrs   []string
 	logprobs   bool // report logprobs
+	echo       bool // completions: the prompt before the text (and its tokens' logprobs)
 	stream     bool
 	usageChunk bool
 	returnIDs  bool
@@ -482,7 +483,13 @@ func (s *Server) buildJob(c *fiber.Ctx, k kind, adapterParam string) (*job, erro
 		return nil, badRequest("best_of", "only best_of=1 is supported, got %d", *r.BestOf)
 	}
 	if r.Echo {
-		return nil, badRequest("echo", "echo is not supported")
+		switch {
+		case k != kindCompletion:
+			return nil, badRequest("echo", "echo is for /v1/completions")
+		case r.Stream:
+			return nil, badRequest("echo", "echo is not supported with stream: true (ask without streaming)")
+		}
+		j.echo = true
 	}
 	if r.StreamOptions != nil {
 		if !r.Stream {
@@ -569,8 +576,8 @@ func (s *Server) buildJob(c *fiber.Ctx, k kind, adapterParam string) (*job, erro
 	switch {
 	case maxTok != nil:
 		n = *maxTok
-		if n <= 0 {
-			return nil, badRequest(param, "%s must be positive, got %d", param, n)
+		if n < 0 || (n == 0 && !j.echo) {
+			return nil, badRequest(param, "%s must be positive (0 only with echo, to score the prompt), got %d", param, n)
 		}
 	case k == kindCompletion:
 		n = 16
@@ -592,7 +599,8 @@ func (s *Server) buildJob(c *fiber.Ctx, k kind, adapterParam string) (*job, erro
 		ids = append(ids, s.cfg.EOS...)
 	}
 	j.stopStrs = strs
-	j.req = scheduler.Request{Adapter: j.adapter, Prompt: prompt, MaxTokens: n, Sampling: sp, Stop: ids}
+	j.req = scheduler.Request{Adapter: j.adapter, Prompt: prompt, MaxTokens: n, Sampling: sp, Stop: ids,
+		PromptLogprobs: j.echo && (j.logprobs || n == 0)}
 	j.prompts = prompts
 	return j, nil
 }

@@ -125,8 +125,8 @@ func (s *Scheduler) preempt() bool {
 // of the longest prefix of its tokens (whole pages, leaving at least its
 // last token to compute).
 func (s *Scheduler) attachPrefix(q *seq) {
-	if s.cache == nil || q.fed != 0 || q.kv.Len() != 0 {
-		return
+	if s.cache == nil || q.fed != 0 || q.kv.Len() != 0 || q.req.PromptLogprobs {
+		return // (a scored prompt needs every position's logits)
 	}
 	version := ""
 	if q.lease != nil {

@@ -75,9 +75,15 @@ type Residency interface {
 type Request struct {
 	Adapter   string // "" for the base model
 	Prompt    []int32
-	MaxTokens int
+	MaxTokens int // 0 only with PromptLogprobs: score the prompt, generate nothing
 	Sampling  sample.Params
 	Stop      []int32
+	// PromptLogprobs scores the prompt (echo): every prompt token after
+	// the first gets its Choice (log-probability and Sampling.Logprobs
+	// alternatives under the raw logits before it), delivered in the first
+	// Event's Prompt. Its prefix is computed, not taken from the prefix
+	// cache.
+	PromptLogprobs bool
 }
 
 // Event is a generated token, or the end of the request.
@@ -91,6 +97,9 @@ type Event struct {
 	// Loaded, with a request's first token: where its adapter was loaded
 	// from for it (its lease's LoadSource), "" when it was resident.
 	Loaded string
+	// Prompt, on a PromptLogprobs request's first event (its first token,
+	// or Done when it generates none): the Choices of prompt tokens 1..n-1.
+	Prompt []sample.Choice
 }
 
 // Config sizes the scheduler.
@@ -135,19 +144,23 @@ type StepStats struct {
 }
 
 type seq struct {
-	ctx      context.Context
-	req      Request
-	lease    Lease
-	slot     int
-	out      chan Event // read by the client; fed by box
-	box      *outbox
-	sampler  *sample.Sampler
-	pen      *sample.Tracker // penalties and logit bias (nil: none)
-	seed     uint64          // keys device sampling (engine.Sampling.Seed)
-	kv       engine.Sequence
-	tokens   []int32 // prompt followed by what was generated
-	fed      int     // tokens of `tokens` in the KV cache
-	gen      int     // generated tokens
+	ctx     context.Context
+	req     Request
+	lease   Lease
+	slot    int
+	out     chan Event // read by the client; fed by box
+	box     *outbox
+	sampler *sample.Sampler
+	pen     *sample.Tracker // penalties and logit bias (nil: none)
+	seed    uint64          // keys device sampling (engine.Sampling.Seed)
+	kv      engine.Sequence
+	tokens  []int32 // prompt followed by what was generated
+	fed     int     // tokens of `tokens` in the KV cache
+	// scores: with PromptLogprobs, the Choices of prompt tokens 1.. scored
+	// so far (a recompute after preemption does not score them again);
+	// sent with the first event
+	scores   []sample.Choice
+	gen      int // generated tokens
 	admitted time.Time
 	ended    bool // finish ran
 	// acquiring: an Acquire for this waiting request runs (admission.go)
@@ -283,8 +296,8 @@ func (s *Scheduler) Submit(ctx context.Context, r Request) (<-chan Event, error)
 	if len(r.Prompt) == 0 {
 		return nil, badField("prompt", "empty prompt")
 	}
-	if r.MaxTokens <= 0 {
-		return nil, badField("max_tokens", "max tokens must be positive, got %d", r.MaxTokens)
+	if r.MaxTokens < 0 || (r.MaxTokens == 0 && !r.PromptLogprobs) {
+		return nil, badField("max_tokens", "max tokens must be positive (0 only to score the prompt), got %d", r.MaxTokens)
 	}
 	opts := s.e.Options()
 	// Compared without adding: MaxTokens is a client's number and
@@ -348,7 +361,10 @@ func (s *Scheduler) enqueue(q *seq) {
 
 // finish ends a request. The lease and the pending count are released
 // before the Done event, so a caller that has seen Done sees them released.
-func (s *Scheduler) finish(q *seq, reason string, err error) {
+func (s *Scheduler) finish(q *seq, reason string, err error) { s.finishWith(q, reason, err, Event{}) }
+
+// finishWith is finish with more in the Done event (ev's other fields).
+func (s *Scheduler) finishWith(q *seq, reason string, err error, ev Event) {
 	if q.ended {
 		return // a step that panicked may fail a sequence it had ended
 	}
@@ -357,7 +373,8 @@ func (s *Scheduler) finish(q *seq, reason string, err error) {
 		q.lease.Release()
 	}
 	s.pending.Add(-1)
-	q.box.put(Event{Done: true, FinishReason: reason, Err: err, PromptTokens: len(q.req.Prompt), CompletionTokens: q.gen})
+	ev.Done, ev.FinishReason, ev.Err, ev.PromptTokens, ev.CompletionTokens = true, reason, err, len(q.req.Prompt), q.gen
+	q.box.put(ev)
 }
 
 func (s *Scheduler) loop() {

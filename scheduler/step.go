@@ -62,8 +62,12 @@ func (s *Scheduler) step() {
 	sp := make([]engine.Sampling, len(in))
 	for k, q := range who {
 		n := len(in[k].Tokens)
-		sp[k] = engine.Sampling{Skip: q.fed+n < len(q.tokens), Params: q.req.Sampling, Seed: q.seed,
+		sp[k] = engine.Sampling{Skip: q.fed+n < len(q.tokens) || q.req.MaxTokens == 0, Params: q.req.Sampling, Seed: q.seed,
 			Index: uint64(q.fed + n), CPU: q.sampler, Adjust: q.pen.Adjust()}
+		if tg := q.targets(n); tg != nil {
+			in[k].AllLogits = true
+			sp[k].Targets, sp[k].Scores = tg, make([]sample.Choice, n)
+		}
 	}
 	s.stepped = true
 	choices, err := s.e.StepSample(context.Background(), in, sp)
@@ -83,7 +87,7 @@ func (s *Scheduler) step() {
 	}
 	et := s.e.LastStepTimes()
 	stats.Prepare, stats.Issue, stats.Wait = et.Prepare, et.Issue, et.Wait
-	s.afterStep(in, who, choices)
+	s.afterStep(in, who, choices, sp)
 	stats.Emit = time.Since(end)
 }
 
@@ -162,6 +166,9 @@ func (s *Scheduler) plan(st *StepStats) ([]engine.Input, []*seq) {
 	}
 	for _, q := range s.running {
 		if n := len(q.tokens) - q.fed; budget > 0 && n > 1 {
+			if q.req.PromptLogprobs && len(q.scores) < len(q.req.Prompt)-1 {
+				n = min(n, scoreChunk) // every row's logits come to the host
+			}
 			add(q, min(n, budget))
 			st.Prefill++
 		}
@@ -200,13 +207,64 @@ func (s *Scheduler) failAll(err error) {
 	s.running = nil
 }
 
-func (s *Scheduler) afterStep(in []engine.Input, who []*seq, choices []sample.Choice) {
+// scoreChunk bounds the prompt rows a scoring sequence feeds per step: each
+// row's logits come to the host (128k floats at Llama 3's vocabulary).
+const scoreChunk = 256
+
+// targets are the tokens the next n rows of q scores (engine
+// Sampling.Targets), or nil when they score none: with PromptLogprobs, row
+// j predicts token q.fed+j+1, scored when it is a prompt token not scored
+// yet (a recompute after preemption scores nothing again), else -1.
+func (q *seq) targets(n int) []int32 {
+	if !q.req.PromptLogprobs || len(q.scores) >= len(q.req.Prompt)-1 {
+		return nil
+	}
+	tg := make([]int32, n)
+	some := false
+	for j := range tg {
+		tg[j] = -1
+		if p := q.fed + j + 1; p > len(q.scores) && p < len(q.req.Prompt) {
+			tg[j] = q.req.Prompt[p]
+			some = true
+		}
+	}
+	if !some {
+		return nil
+	}
+	return tg
+}
+
+// firstEvent adds to q's first event what comes with it: where its adapter
+// was loaded from, and its prompt's scores.
+func (s *Scheduler) firstEvent(q *seq, ev *Event) {
+	if r, ok := q.lease.(LoadReporter); ok {
+		ev.Loaded = r.LoadSource()
+	}
+	if q.req.PromptLogprobs {
+		ev.Prompt = q.scores
+	}
+}
+
+func (s *Scheduler) afterStep(in []engine.Input, who []*seq, choices []sample.Choice, sp []engine.Sampling) {
 	var ended []*seq
 	for k, q := range who {
+		for j, t := range sp[k].Targets {
+			if t >= 0 {
+				q.scores = append(q.scores, sp[k].Scores[j])
+			}
+		}
 		q.fed += len(in[k].Tokens)
 		s.keepPages(q)
 		if q.fed < len(q.tokens) {
 			continue // more prompt (or recompute) to feed
+		}
+		if q.req.MaxTokens == 0 { // the prompt scored, nothing to generate
+			ev := Event{}
+			s.firstEvent(q, &ev)
+			s.release(q)
+			s.finishWith(q, engine.FinishLength, nil, ev)
+			ended = append(ended, q)
+			continue
 		}
 		c := choices[k]
 		if math.IsNaN(c.Logprob) || math.IsInf(c.Logprob, 0) {
@@ -223,8 +281,8 @@ func (s *Scheduler) afterStep(in []engine.Input, who []*seq, choices []sample.Ch
 		q.gen++
 		q.pen.Generated(c.ID)
 		ev := Event{Token: c}
-		if r, ok := q.lease.(LoadReporter); ok && q.gen == 1 {
-			ev.Loaded = r.LoadSource()
+		if q.gen == 1 {
+			s.firstEvent(q, &ev)
 		}
 		q.box.put(ev)
 		reason := ""

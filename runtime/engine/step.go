@@ -63,6 +63,35 @@ type Sampling struct {
 	// Adjust changes the logits before the draw: the sequence's penalties
 	// and logit bias (sample.Tracker), each token at most once.
 	Adjust []sample.Adjust
+	// Targets scores the input's rows (prompt logprobs, echo): one per
+	// input token (the input needs AllLogits), and for each Targets[j] >=
+	// 0, Scores[j] gets sample.Score of it under row j's raw logits (no
+	// Adjust) with Params.Logprobs alternatives. The caller provides
+	// Scores, as long as Targets. Skip does not skip scoring.
+	Targets []int32
+	Scores  []sample.Choice
+}
+
+// scoring reports whether some Sampling scores rows.
+func scoring(sp []Sampling) bool {
+	for _, s := range sp {
+		if len(s.Targets) > 0 {
+			return true
+		}
+	}
+	return false
+}
+
+// score fills each Sampling's Scores from the logits rows rows(i, j) of
+// row j of input i.
+func score(sp []Sampling, rows func(i, j int) []float32) {
+	for i, s := range sp {
+		for j, t := range s.Targets {
+			if t >= 0 {
+				s.Scores[j] = sample.Score(rows(i, j), t, s.Params.Logprobs)
+			}
+		}
+	}
 }
 
 // StepTimes is where the host time of a step went, in order: Prepare
@@ -102,6 +131,19 @@ func (e *Engine) StepSample(ctx context.Context, in []Input, sp []Sampling) ([]s
 	}
 	V := e.cfg.VocabSize
 	for i := range sp {
+		if t := sp[i].Targets; len(t) > 0 {
+			if len(t) != len(in[i].Tokens) || len(sp[i].Scores) != len(t) || !in[i].AllLogits {
+				return nil, fmt.Errorf("%w: input %d scores %d rows into %d of %d tokens (AllLogits %v)", ErrBadInput, i, len(t), len(sp[i].Scores), len(in[i].Tokens), in[i].AllLogits)
+			}
+			for _, id := range t {
+				if id < -1 || int(id) >= V {
+					return nil, fmt.Errorf("%w: input %d scores token %d of a %d-token vocabulary", ErrBadInput, i, id, V)
+				}
+			}
+			if n := sp[i].Params.Logprobs; n < 0 || n > sample.MaxLogprobs {
+				return nil, fmt.Errorf("%w: input %d: logprobs %d outside [0, %d]", ErrBadInput, i, n, sample.MaxLogprobs)
+			}
+		}
 		if sp[i].Skip {
 			continue
 		}
@@ -122,7 +164,8 @@ func (e *Engine) StepSample(ctx context.Context, in []Input, sp []Sampling) ([]s
 			return nil, err
 		}
 		t0 := time.Now()
-		defer func() { e.times.Wait += time.Since(t0) }() // host sampling
+		defer func() { e.times.Wait += time.Since(t0) }()                       // host sampling
+		score(sp, func(i, j int) []float32 { return logits[i][j*V : (j+1)*V] }) // before Adjust changes a last row
 		for i, s := range sp {
 			if s.Skip {
 				continue
@@ -163,6 +206,15 @@ func (e *Engine) StepSample(ctx context.Context, in []Input, sp []Sampling) ([]s
 	}
 	got := make([]sample.Choice, len(rows))
 	err = e.run(in, meta, func() error {
+		if scoring(sp) {
+			// the scored rows come to the host (before SampleRows adjusts
+			// a last row on the device)
+			host := make([]float32, len(meta.LogitRows)*V)
+			if err := e.b.Read(e.logits, len(meta.LogitRows), host); err != nil {
+				return err
+			}
+			score(sp, func(i, j int) []float32 { return host[(outRow[i]+j)*V : (outRow[i]+j+1)*V] })
+		}
 		if len(rows) == 0 {
 			return nil
 		}

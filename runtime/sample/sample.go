@@ -81,7 +81,32 @@ func New(p Params) (*Sampler, error) {
 
 // Sample picks the next token from logits (not modified).
 func (s *Sampler) Sample(logits []float32) Choice {
-	// log-softmax of the raw logits, in float64.
+	var id int32
+	if s.p.Temperature == 0 {
+		id = Argmax(logits)
+	} else {
+		id = s.draw(logits)
+	}
+	return Score(logits, id, s.p.Logprobs)
+}
+
+// Score is the Choice of token id under logits (not modified): its
+// log-softmax, and the top most likely tokens with theirs; what Sample
+// reports had it drawn id. Prompt tokens are scored so (echo, prompt
+// logprobs).
+func Score(logits []float32, id int32, top int) Choice {
+	lse := logSumExp(logits)
+	c := Choice{ID: id, Logprob: float64(logits[id]) - lse}
+	if top > 0 {
+		for _, t := range TopN(logits, top) {
+			c.Top = append(c.Top, TokenLogprob{ID: t, Logprob: float64(logits[t]) - lse})
+		}
+	}
+	return c
+}
+
+// logSumExp is log(sum(exp(logits))) in float64.
+func logSumExp(logits []float32) float64 {
 	maxL := math.Inf(-1)
 	for _, x := range logits {
 		if float64(x) > maxL {
@@ -92,20 +117,7 @@ func (s *Sampler) Sample(logits []float32) Choice {
 	for _, x := range logits {
 		sum += math.Exp(float64(x) - maxL)
 	}
-	lse := maxL + math.Log(sum)
-	var id int32
-	if s.p.Temperature == 0 {
-		id = Argmax(logits)
-	} else {
-		id = s.draw(logits)
-	}
-	c := Choice{ID: id, Logprob: float64(logits[id]) - lse}
-	if s.p.Logprobs > 0 {
-		for _, t := range TopN(logits, s.p.Logprobs) {
-			c.Top = append(c.Top, TokenLogprob{ID: t, Logprob: float64(logits[t]) - lse})
-		}
-	}
-	return c
+	return maxL + math.Log(sum)
 }
 
 // draw samples with temperature, then top-k, then top-p (as transformers' warpers).

@@ -1,0 +1,113 @@
+package scheduler
+
+import (
+	"context"
+	"math"
+	"slices"
+	"testing"
+
+	"github.com/peftd/peftd/internal/fixture"
+	"github.com/peftd/peftd/runtime/cpu"
+	"github.com/peftd/peftd/runtime/engine"
+	"github.com/peftd/peftd/runtime/sample"
+)
+
+// TestPromptLogprobs: every fixture case, co-batched, its prompt fed in
+// chunks of at most 8 rows with the prefix cache on (a scored prompt must
+// not take cached pages), scores each prompt token after the first as one
+// whole-prompt step of the reference engine does; with max tokens 0 the
+// scores come with Done and nothing is generated, else with the first
+// token and the greedy tokens are the reference's.
+func TestPromptLogprobs(t *testing.T) {
+	f, err := fixture.Load()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.Close() })
+	newEngine := func(opts engine.Options) (*engine.Engine, Static) {
+		e, err := engine.New(f.Model, cpu.New(0), opts)
+		if err != nil {
+			t.Fatal(err)
+		}
+		res := Static{}
+		for i, n := range fixture.AdapterNames {
+			if err := e.LoadAdapter(i, f.Adapters[n]); err != nil {
+				t.Fatal(err)
+			}
+			res[n] = i
+		}
+		return e, res
+	}
+	ref, res := newEngine(engine.DefaultOptions())
+	V := f.Model.Config.VocabSize
+	want := make([][]sample.Choice, len(f.Cases))
+	for i, c := range f.Cases {
+		var s engine.Sequence
+		slot := -1
+		if n := c.AdapterName(); n != "" {
+			slot = res[n]
+		}
+		out, err := ref.Step(context.Background(), []engine.Input{{Seq: &s, Tokens: c.Prompt, Slot: slot, AllLogits: true}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		for p := 1; p < len(c.Prompt); p++ {
+			want[i] = append(want[i], sample.Score(out[0][(p-1)*V:p*V], c.Prompt[p], 2))
+		}
+		ref.Release(&s)
+	}
+	e, res := newEngine(engine.Options{MaxTokens: 8, KVBlocks: 256, BlockSize: 4, AdapterSlots: 4})
+	s := New(e, res, Config{PrefixCache: true})
+	t.Cleanup(s.Close)
+	for _, maxTok := range []int{0, 3} {
+		// twice: the second round finds every prompt in the prefix cache
+		for round := range 2 {
+			var chans []<-chan Event
+			for _, c := range f.Cases {
+				ch, err := s.Submit(context.Background(), Request{Adapter: c.AdapterName(), Prompt: c.Prompt, MaxTokens: maxTok,
+					Sampling: sample.Params{Logprobs: 2}, PromptLogprobs: true})
+				if err != nil {
+					t.Fatal(err)
+				}
+				chans = append(chans, ch)
+			}
+			for i, ch := range chans {
+				c := f.Cases[i]
+				var first *Event
+				var toks []int32
+				for ev := range ch {
+					if first == nil {
+						first = &ev
+					}
+					if ev.Done {
+						if ev.Err != nil {
+							t.Fatalf("case %d: %v", c.ID, ev.Err)
+						}
+						break
+					}
+					toks = append(toks, ev.Token.ID)
+				}
+				if maxTok == 0 && (!first.Done || len(toks) != 0 || first.FinishReason != engine.FinishLength) {
+					t.Errorf("max tokens 0, case %d: first event %+v, tokens %v; want Done (length) with the scores", c.ID, *first, toks)
+				}
+				if maxTok > 0 && !slices.Equal(toks, c.Greedy[:maxTok]) {
+					t.Errorf("case %d round %d: tokens %v, want %v", c.ID, round, toks, c.Greedy[:maxTok])
+				}
+				got := first.Prompt
+				if len(got) != len(want[i]) {
+					t.Fatalf("max tokens %d case %d round %d: %d prompt scores, want %d", maxTok, c.ID, round, len(got), len(want[i]))
+				}
+				for p, w := range want[i] {
+					g := got[p]
+					if g.ID != w.ID || math.Abs(g.Logprob-w.Logprob) > 1e-5 || len(g.Top) != 2 || g.Top[0].ID != w.Top[0].ID {
+						t.Fatalf("max tokens %d case %d round %d token %d: %+v, want %+v", maxTok, c.ID, round, p+1, g, w)
+					}
+				}
+			}
+		}
+	}
+	// max tokens 0 is refused without PromptLogprobs.
+	if _, err := s.Submit(context.Background(), Request{Prompt: f.Cases[0].Prompt}); err == nil {
+		t.Error("max tokens 0 without PromptLogprobs was accepted")
+	}
+}
