@@ -2,6 +2,7 @@ package gpu
 
 import (
 	"fmt"
+	"math"
 	"strings"
 
 	"github.com/peftd/peftd/kernels"
@@ -82,6 +83,7 @@ type fp8State struct {
 	skinny         [len(skinnyVariants)]*cuda.Function
 	skPart, skDone *cuda.DeviceBuffer
 	skTop          int // the most rows sent to fp8_gemm_skinny (0: skinnyAutoRows); benchmarks set it
+	skMax          int // rows of the largest fp8_gemm_skinny variant the card holds (0: none)
 	Info           kernels.Info
 
 	tmp        *cuda.DeviceBuffer // bf16 staging of a weight being quantized (freed at the first Linear)
@@ -113,14 +115,13 @@ func newFP8(ctx *cuda.Context, s *cuda.Stream, mm *cuda.Matmul, ko kernels.Optio
 			return nil, err
 		}
 	}
-	for i, v := range skinnyVariants {
-		if f.skinny[i], err = f.mod.Function(v.name); err == nil {
-			err = f.skinny[i].SetMaxDynamicShared(skinnyShared(v.rows))
-		}
-		if err != nil {
-			f.mod.Unload()
-			return nil, err
-		}
+	limit := ctx.Device().MaxShared
+	if limit <= 0 { // not reported: try them all
+		limit = math.MaxInt
+	}
+	if err := f.skinnyLoad(limit); err != nil {
+		f.mod.Unload()
+		return nil, err
 	}
 	return f, nil
 }

@@ -338,7 +338,7 @@ func TestFP8Gemm(t *testing.T) {
 		case gemvFits(sz.T, sz.N, sz.K):
 			path = "fp8_gemv"
 		case skinnyFits(sz.T, sz.N, sz.K, r.f.skinnyTop()):
-			path = fmt.Sprintf("fp8_gemm_skinny, K split %d ways", skinnySplit(sz.N, sz.K, r.ctx.Device().SMs))
+			path = fmt.Sprintf("fp8_gemm_skinny, K split %d ways", skinnySplit(sz.N, sz.K, r.ctx.Device().SMs, skinnyPerSM(sz.T)))
 			// again: the split's counters were left at zero, and the sum
 			// is the same whichever block finishes last
 			again := r.alloc(2 * sz.T * sz.N)

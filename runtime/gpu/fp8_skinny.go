@@ -27,12 +27,36 @@ func skinnyFits(T, N, K, top int) bool {
 	return T > gemvMaxRows && T <= min(top, skinnyMaxRows) && N%skinnyRows == 0 && K%64 == 0
 }
 
-// skinnyTop is the most rows this state sends to fp8_gemm_skinny.
+// skinnyTop is the most rows this state sends to fp8_gemm_skinny: at most
+// the largest variant this card's shared memory holds (skMax).
 func (f *fp8State) skinnyTop() int {
 	if f.skTop > 0 {
-		return f.skTop
+		return min(f.skTop, f.skMax)
 	}
-	return skinnyAutoRows
+	return min(skinnyAutoRows, f.skMax)
+}
+
+// skinnyLoad raises the shared memory limit of each fp8_gemm_skinny
+// variant that fits a block on this card (maxShared bytes; the kernel's
+// 4 bytes of static shared memory beside it) and records the largest in
+// skMax; a larger variant is left out (n128 needs 147 KB: sm_86/sm_89 allow
+// 99 KB), so that FP8 weights still start there.
+func (f *fp8State) skinnyLoad(maxShared int) error {
+	for i, v := range skinnyVariants {
+		if skinnyShared(v.rows)+4 > maxShared {
+			f.skinny[i] = nil
+			continue
+		}
+		fn, err := f.mod.Function(v.name)
+		if err == nil {
+			err = fn.SetMaxDynamicShared(skinnyShared(v.rows))
+		}
+		if err != nil {
+			return err
+		}
+		f.skinny[i], f.skMax = fn, v.rows
+	}
+	return nil
 }
 
 // skinnyVariants are the kernel's instantiations: staged activation rows
@@ -43,15 +67,24 @@ var skinnyVariants = [...]struct {
 }{{32, "fp8_gemm_skinny_n32"}, {64, "fp8_gemm_skinny_n64"}, {128, "fp8_gemm_skinny_n128"}}
 
 // skinnySplit is how many blocks split K for each 64-row weight tile of an
-// [N, K] weight on a GPU of sms SMs: enough for about two blocks per SM
-// (o and down at 8B shapes have 64 tiles), at most skinnyMaxS, and at least
-// four 64-byte spans per block.
-func skinnySplit(N, K, sms int) int {
+// [N, K] weight on a GPU of sms SMs holding perSM blocks each (2 for the
+// 32- and 64-row variants, 1 for n128's 147 KB): enough for one wave (o and
+// down at 8B shapes have 64 tiles), at most skinnyMaxS, and at least four
+// 64-byte spans per block. perSM is at most 2 (the partials are sized so).
+func skinnySplit(N, K, sms, perSM int) int {
 	tiles := N / skinnyRows
-	if tiles >= 2*sms {
+	if tiles >= perSM*sms {
 		return 1
 	}
-	return max(1, min(skinnyMaxS, (2*sms+tiles-1)/tiles, K/64/4))
+	return max(1, min(skinnyMaxS, (perSM*sms+tiles-1)/tiles, K/64/4))
+}
+
+// skinnyPerSM is the blocks per SM the split plans for with tr staged rows.
+func skinnyPerSM(tr int) int {
+	if tr > 64 {
+		return 1
+	}
+	return 2
 }
 
 // skinnyShared is the dynamic shared memory of fp8_gemm_skinny for tr
@@ -90,7 +123,7 @@ func (f *fp8State) skinnyLaunch(out cuda.DevicePtr, T int, w *fp8Weight) error {
 		i++
 	}
 	fn, tr := f.skinny[i], skinnyVariants[i].rows
-	S := skinnySplit(w.rows, w.cols, f.ctx.Device().SMs)
+	S := skinnySplit(w.rows, w.cols, f.ctx.Device().SMs, skinnyPerSM(tr))
 	return fn.Launch(f.s, cuda.Dim3{X: w.rows / skinnyRows, Y: S}, cuda.Dim3{X: skinnyThreads}, skinnyShared(tr),
 		uint64(out), uint64(f.skPart.Ptr()), uint64(f.skDone.Ptr()), uint64(f.actQ.Ptr()), uint64(f.actS.Ptr()),
 		uint64(w.q.Ptr()), uint64(w.scale.Ptr()), T, w.rows, w.cols)

@@ -98,7 +98,7 @@ func TestSkinnySplit(t *testing.T) {
 		{4096, 4096, 132, 5}, {4096, 14336, 132, 5}, {6144, 4096, 132, 3}, {28672, 4096, 132, 1},
 		{256, 4096, 132, 8}, {128, 64, 132, 1}, {192, 512, 132, 2}, {16896, 4096, 132, 1}, {64, 4096, 1, 2},
 	} {
-		got := skinnySplit(c.N, c.K, c.sms)
+		got := skinnySplit(c.N, c.K, c.sms, 2)
 		if got != c.want {
 			t.Errorf("skinnySplit(N=%d, K=%d, %d SMs) = %d, want %d", c.N, c.K, c.sms, got, c.want)
 		}
@@ -108,7 +108,7 @@ func TestSkinnySplit(t *testing.T) {
 	}
 	for sms := 1; sms <= 200; sms++ { // the bound for every tile count
 		for tiles := 1; tiles <= 4*sms; tiles++ {
-			S := skinnySplit(tiles*skinnyRows, 1<<16, sms)
+			S := max(skinnySplit(tiles*skinnyRows, 1<<16, sms, 2), skinnySplit(tiles*skinnyRows, 1<<16, sms, 1))
 			if tiles*S*skinnyRows*skinnyMaxRows*4 > skinnyPartBytes(sms) {
 				t.Fatalf("%d SMs, %d tiles: split %d exceeds the partials", sms, tiles, S)
 			}

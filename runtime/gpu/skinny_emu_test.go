@@ -46,7 +46,7 @@ func TestSkinnyTilingEmulated(t *testing.T) {
 		for i := range qx {
 			qx[i] = rng.IntN(15) - 7
 		}
-		S := skinnySplit(N, K, c.sms)
+		S := skinnySplit(N, K, c.sms, 2)
 		tiles := N / skRows
 		part := make([]int, tiles*S*skRows*TR)
 		out := make([]int, M*N)
