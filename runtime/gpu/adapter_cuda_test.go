@@ -4,12 +4,15 @@ package gpu
 
 import (
 	"context"
+	"fmt"
 	"testing"
 	"time"
 
 	fx "github.com/peftd/peftd/internal/fixture"
 	"github.com/peftd/peftd/runtime/cuda"
 	"github.com/peftd/peftd/runtime/engine"
+	"github.com/peftd/peftd/runtime/llama"
+	"github.com/peftd/peftd/runtime/lora"
 )
 
 // TestAsyncAdapterLoad runs the same steps on two engines: one loads an
@@ -349,5 +352,86 @@ func TestCanceledAdapterLoad(t *testing.T) {
 	}
 	if d := fx.RelErr(outs[1], outs[0]); d != 0 {
 		t.Errorf("after the canceled uploads the slot computes differently (rel %.3g)", d)
+	}
+}
+
+// truncRank is a copy of a (float32 matrices) cut to rank r: A's first r
+// rows, B's first r columns.
+func truncRank(a *lora.Adapter, r int) *lora.Adapter {
+	out := *a
+	out.Name = fmt.Sprintf("%s-r%d", a.Name, r)
+	out.Layers = make([][llama.NumModules]*lora.Pair, len(a.Layers))
+	for l, lay := range a.Layers {
+		for m, p := range lay {
+			if p == nil {
+				continue
+			}
+			af, bf := p.A, p.B
+			if af == nil {
+				af, bf = make([]float32, len(p.A16)), make([]float32, len(p.B16))
+				for i, v := range p.A16 {
+					af[i] = fromBF16(v)
+				}
+				for i, v := range p.B16 {
+					bf[i] = fromBF16(v)
+				}
+			}
+			in, outF := len(af)/p.Rank, len(bf)/p.Rank
+			q := &lora.Pair{Rank: r, Scale: p.Scale, A: append([]float32(nil), af[:r*in]...), B: make([]float32, outF*r)}
+			for o := range outF {
+				copy(q.B[o*r:(o+1)*r], bf[o*p.Rank:o*p.Rank+r])
+			}
+			out.Layers[l][m] = q
+		}
+	}
+	return &out
+}
+
+// TestOddRankAfterRecording: graphs recorded while every rank is a multiple
+// of 8 use the tensor-core expand; an adapter of rank 4 loaded into the same
+// slot afterwards must not replay them (their 16-byte loads of B need the
+// ranks in multiples of 8): the graph key holds oddRank. The decode steps
+// that follow match an engine that only ever had the rank-4 adapter.
+func TestOddRankAfterRecording(t *testing.T) {
+	m, adapters, cases := loadFixture(t)
+	opts := engine.DefaultOptions()
+	odd := truncRank(adapters["all-r16"], 4)
+	eA, eS := newEngine(t, m, opts), newEngine(t, m, opts)
+	if err := eA.LoadAdapter(0, adapters["all-r16"]); err != nil {
+		t.Fatal(err)
+	}
+	if err := eS.LoadAdapter(0, odd); err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	prompt := cases[0].Prompt
+	tok := []int32{(prompt[0]*7 + 3) % int32(m.Config.VocabSize)}
+	// eA records decode graphs with the rank-16 adapter
+	var sa engine.Sequence
+	for _, toks := range [][]int32{prompt, tok, tok, tok} {
+		if _, err := eA.Step(ctx, []engine.Input{{Seq: &sa, Tokens: toks, Slot: 0}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	eA.Release(&sa)
+	if err := eA.LoadAdapter(0, odd); err != nil {
+		t.Fatal(err)
+	}
+	var outs [2][][]float32
+	for k, e := range []*engine.Engine{eA, eS} {
+		var s engine.Sequence
+		for _, toks := range [][]int32{prompt, tok, tok, tok} {
+			out, err := e.Step(ctx, []engine.Input{{Seq: &s, Tokens: toks, Slot: 0}})
+			if err != nil {
+				t.Fatalf("engine %d: %v", k, err)
+			}
+			outs[k] = append(outs[k], out[0])
+		}
+		e.Release(&s)
+	}
+	for j := range outs[0] {
+		if d := fx.RelErr(outs[0][j], outs[1][j]); d != 0 {
+			t.Errorf("step %d after the rank-4 load differs from an engine that only had it (rel %.3g)", j, d)
+		}
 	}
 }

@@ -53,6 +53,10 @@ type graphKey struct {
 	lora  uint8 // engine.Shape.LoRA
 	rank  int   // LoRA rank class; 0 without LoRA
 	mixed bool  // the step has prefill rows: attn_prefill runs too
+	// odd: a loaded adapter's rank is not a multiple of 8, so the expand
+	// runs sgmv_expand, not the tensor-core kernels (tcChunks), whose
+	// 16-byte loads of B need ranks in multiples of 8
+	odd bool
 }
 
 // graphState is the CUDA-graph side of the backend.
@@ -312,7 +316,7 @@ func (b *Backend) replay(meta *engine.StepMeta, prog engine.Program, mixed bool)
 func (b *Backend) graphKeyFor(rows int, s engine.Shape, mixed bool) (graphKey, error) {
 	key := graphKey{rows: rows, lora: s.LoRA, mixed: mixed}
 	if key.lora != 0 {
-		key.rank = rankClass(b.maxRank)
+		key.rank, key.odd = rankClass(b.maxRank), b.oddRank
 		if err := b.growGraphTmp(key.rank); err != nil {
 			return key, err
 		}

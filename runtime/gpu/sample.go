@@ -49,17 +49,20 @@ func (b *Backend) SampleRows(logits engine.Buffer, rows []engine.RowSample, out 
 	words := n*(spWords+soWords) + 4*adj
 	// 1 MB at first (256 rows and 60,000 adjustments), then twice what
 	// is needed: pinning memory stalls the device, so it happens rarely
-	if b.smpHost == nil || b.smpHost.Size() < 4*words {
+	if b.smpHost == nil || b.smpDev == nil || b.smpHost.Size() < 4*words {
 		b.smpHost.Free()
 		b.smpDev.Free()
 		b.smpHost, b.smpDev = nil, nil
-		var err error
-		if b.smpHost, err = b.ctx.AllocHost(4 * max(2*words, 1<<18)); err != nil {
+		h, err := b.ctx.AllocHost(4 * max(2*words, 1<<18))
+		if err != nil {
 			return err
 		}
-		if b.smpDev, err = b.ctx.Alloc(4 * max(2*words, 1<<18)); err != nil {
+		d, err := b.ctx.Alloc(4 * max(2*words, 1<<18))
+		if err != nil {
+			h.Free() // both or neither: the next step tries again
 			return err
 		}
+		b.smpHost, b.smpDev = h, d
 	}
 	h := b.smpHost.Int32s()
 	nLogit := len(b.meta.LogitRows)
