@@ -192,9 +192,11 @@ type AdapterPreparer interface {
 	LoadPrepared(slot int, p PreparedAdapter) error
 }
 
-// SlotError is a step that failed before any of its work was done because
-// the adapter in Slot cannot be used (its upload failed after LoadPrepared):
-// the sequences on other slots are untouched and may run again without it.
+// SlotError is a step that failed because the adapter in Slot cannot be
+// used (its upload failed after LoadPrepared). The step's results are
+// discarded and no sequence advanced (Step's rule on error; a rerun writes
+// the same KV rows again), so the sequences on other slots may run again
+// without it.
 type SlotError struct {
 	Slot int
 	Err  error

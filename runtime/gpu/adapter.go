@@ -395,7 +395,7 @@ func (b *Backend) gateLayer(st *cuda.Stream, layer int) {
 		}
 		ev, err := l.tr.Through(layer) // waits for the layer's copies to be enqueued
 		if err != nil {
-			b.fail(fmt.Errorf("gpu: adapter image for slot %d, layer %d: %w", l.slot, layer, err))
+			b.fail(&engine.SlotError{Slot: l.slot, Err: fmt.Errorf("gpu: adapter image for slot %d, layer %d: %w", l.slot, layer, err)})
 			return
 		}
 		last := &l.onCompute
@@ -416,10 +416,11 @@ func (b *Backend) gateLayer(st *cuda.Stream, layer int) {
 func (b *Backend) endGates() {
 	for _, l := range b.gates {
 		ev, err := l.tr.Done()
-		if err == nil {
-			err = b.s.Wait(ev)
-		}
 		if err != nil {
+			b.fail(&engine.SlotError{Slot: l.slot, Err: fmt.Errorf("gpu: adapter image for slot %d: %w", l.slot, err)})
+			continue
+		}
+		if err := b.s.Wait(ev); err != nil {
 			b.fail(err)
 			continue
 		}

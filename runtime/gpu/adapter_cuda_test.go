@@ -147,8 +147,12 @@ func TestAsyncAdapterLoad(t *testing.T) {
 // its host fill slowed to 5 ms a chunk (PrepareAdapter returns before the
 // fill is done: the gated step waits on the host for each layer's copies
 // to be enqueued). Every way the logits must be exactly those of an engine
-// that loaded the adapter synchronously, in that step and the next (a
-// graph replay).
+// that loaded the adapter synchronously, in that step and the next. (The
+// synchronous engine runs the gated step's shape as a replay of the first
+// step's graph, bucket 8, while the gated engine runs it eagerly in the
+// graph layout: that is the eager-versus-replay comparison. The step after
+// it is the first of its shape on both engines, so both run it eagerly
+// before recording it.)
 func TestGatedAdapterLoad(t *testing.T) {
 	m, adapters, cases := loadFixture(t)
 	opts := engine.DefaultOptions()

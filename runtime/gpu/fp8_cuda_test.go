@@ -5,6 +5,7 @@ package gpu
 import (
 	"cmp"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"math"
 	"math/rand/v2"
@@ -56,6 +57,11 @@ func newFP8Rig(t testing.TB) *fp8Rig {
 		ctx.Close()
 	})
 	if r.s, err = ctx.NewStream(); err != nil {
+		t.Fatal(err)
+	}
+	// launches as the backend makes them: programmatic (PDL), so that a
+	// kernel reading its input before griddepcontrol.wait shows up here
+	if err := r.s.SetProgrammaticLaunch(true); err != nil && !errors.Is(err, cuda.ErrNoPDL) {
 		t.Fatal(err)
 	}
 	if r.mm, err = ctx.NewMatmul(32 << 20); err != nil {
