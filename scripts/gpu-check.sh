@@ -256,11 +256,11 @@ fi
 if want quality; then
 	echo "=== quality: peftd eval (stories260K, pirate, space; held-out text and generations)"
 	PD="$ROOT/bin/gpu/peftd"
-	QD=$(mktemp -d)
+	# the default cache: the kernels compile once for every eval (and phase)
 	{
-		PEFTD_CACHE=$QD timeout "$(left 200)" "$PD" eval --ref device=cpu --cand device=cuda --cand device=cuda,weights=fp8 --cand device=cuda,weights=fp8,kv-cache=fp8 &&
-			PEFTD_CACHE=$QD timeout "$(left 200)" "$PD" eval --ref device=cuda --cand device=cuda,weights=fp8 --cand device=cuda,kv-cache=fp8 --cand device=cuda,weights=fp8,kv-cache=fp8 &&
-			PEFTD_CACHE=$QD timeout "$(left 200)" "$PD" eval --ref device=cpu,weights=fp8,kv-cache=fp8 --cand device=cuda,weights=fp8,kv-cache=fp8
+		timeout "$(left 200)" "$PD" eval --ref device=cpu --cand device=cuda --cand device=cuda,weights=fp8 --cand device=cuda,weights=fp8,kv-cache=fp8 &&
+			timeout "$(left 200)" "$PD" eval --ref device=cuda --cand device=cuda,weights=fp8 --cand device=cuda,kv-cache=fp8 --cand device=cuda,weights=fp8,kv-cache=fp8 &&
+			timeout "$(left 200)" "$PD" eval --ref device=cpu,weights=fp8,kv-cache=fp8 --cand device=cuda,weights=fp8,kv-cache=fp8
 	} >"$LOG/quality.txt" 2>&1 || { echo "quality: FAIL"; status=1; }
 	tail -n 12 "$LOG/quality.txt"
 	stamp quality
@@ -281,7 +281,7 @@ if want trained; then
 		mapfile -t TP <"$TD/prompts.txt"
 		PARGS=()
 		for p in "${TP[@]}"; do PARGS+=(--prompt "$p"); done
-		PEFTD_CACHE=$(mktemp -d) timeout "$(left 240)" "$ROOT/bin/gpu/peftd" eval --model "$TD/base" --adapter "code=$TD/adapter" \
+		timeout "$(left 240)" "$ROOT/bin/gpu/peftd" eval --model "$TD/base" --adapter "code=$TD/adapter" \
 			--text "base=$TD/heldout/base.txt" --text "code=$TD/heldout/adapter.txt" "${PARGS[@]}" \
 			--ref device=cuda --cand device=cuda,weights=fp8 --cand device=cuda,kv-cache=fp8 --cand device=cuda,weights=fp8,kv-cache=fp8 \
 			>"$LOG/trained.txt" 2>&1 || { echo "trained: FAIL: eval"; status=1; }
