@@ -19,6 +19,7 @@ import (
 	"math"
 	"slices"
 
+	"github.com/peftd/peftd/internal/parallel"
 	"github.com/peftd/peftd/runtime/engine"
 	"github.com/peftd/peftd/runtime/llama"
 )
@@ -99,11 +100,20 @@ func argmax(x []float32) int {
 	return best
 }
 
-// compare adds one row: ref and cand are the two engines' logits for the
-// same position; next >= 0 is the token that follows, scored.
-func (s *Stats) compare(ref, cand []float32, next int32) error {
+// rowResult is the comparison of one row.
+type rowResult struct {
+	kl              float64
+	agree           bool
+	scored          bool
+	nllRef, nllCand float64
+	err             error
+}
+
+// compareRow compares one row: ref and cand are the two engines' logits
+// for the same position; next >= 0 is the token that follows, scored.
+func compareRow(ref, cand []float32, next int32) rowResult {
 	if len(ref) != len(cand) {
-		return fmt.Errorf("%w: logits rows of %d and %d values", ErrInput, len(ref), len(cand))
+		return rowResult{err: fmt.Errorf("%w: logits rows of %d and %d values", ErrInput, len(ref), len(cand))}
 	}
 	lp, lq := logSoftmax(ref), logSoftmax(cand)
 	var kl float64
@@ -113,21 +123,52 @@ func (s *Stats) compare(ref, cand []float32, next int32) error {
 		}
 	}
 	if math.IsNaN(kl) {
-		return fmt.Errorf("%w: the candidate's logits are not finite", ErrInput)
+		return rowResult{err: fmt.Errorf("%w: the candidate's logits are not finite", ErrInput)}
 	}
-	kl = max(kl, 0) // rounding can leave -1e-17 for equal rows
+	r := rowResult{kl: max(kl, 0), agree: argmax(ref) == argmax(cand)} // rounding can leave -1e-17 for equal rows
+	if next >= 0 {
+		r.scored, r.nllRef, r.nllCand = true, -lp[next], -lq[next]
+	}
+	return r
+}
+
+// add adds one row's result.
+func (s *Stats) add(r rowResult) {
 	s.Rows++
-	s.KLSum += kl
-	s.KLMax = max(s.KLMax, kl)
-	if argmax(ref) == argmax(cand) {
+	s.KLSum += r.kl
+	s.KLMax = max(s.KLMax, r.kl)
+	if r.agree {
 		s.Agree++
 	}
-	if next >= 0 {
+	if r.scored {
 		s.Scored++
-		s.NLLRef -= lp[next]
-		s.NLLCand -= lq[next]
+		s.NLLRef += r.nllRef
+		s.NLLCand += r.nllCand
 	}
+}
+
+// compare adds one row (compareRow).
+func (s *Stats) compare(ref, cand []float32, next int32) error {
+	r := compareRow(ref, cand, next)
+	if r.err != nil {
+		return r.err
+	}
+	s.add(r)
 	return nil
+}
+
+// compareRows compares n rows on every core (a row is a pass over the
+// vocabulary: 128k exponentials at Llama 3's) and returns their results in
+// order, so that the sums do not depend on the split.
+func compareRows(n int, row func(i int) (ref, cand []float32, next int32)) []rowResult {
+	out := make([]rowResult, n)
+	parallel.Ranges(n, 1, func(lo, hi int) error {
+		for i := lo; i < hi; i++ {
+			out[i] = compareRow(row(i))
+		}
+		return nil
+	})
+	return out
 }
 
 // Score runs each document (token ids, starting as the model's input
@@ -158,14 +199,18 @@ func Score(ctx context.Context, ref, cand Engine, slot int, docs [][]int32) (Sta
 			}
 			rows[k] = r
 		}
-		for p := range d {
+		res := compareRows(len(d), func(p int) ([]float32, []float32, int32) {
 			next := int32(-1)
 			if p+1 < len(d) {
 				next = d[p+1]
 			}
-			if err := st.compare(rows[0][p], rows[1][p], next); err != nil {
-				return st, fmt.Errorf("document %d position %d: %w", i, p, err)
+			return rows[0][p], rows[1][p], next
+		})
+		for p, r := range res {
+			if r.err != nil {
+				return st, fmt.Errorf("document %d position %d: %w", i, p, r.err)
 			}
+			st.add(r)
 		}
 	}
 	return st, nil
@@ -254,10 +299,12 @@ func Generate(ctx context.Context, ref, cand Engine, jobs []Job, maxNew, batch i
 			}
 			rows[k] = r
 		}
+		res := compareRows(len(rs), func(i int) ([]float32, []float32, int32) { return rows[0][i], rows[1][i], -1 })
 		for i, r := range rs {
-			if err := out[r.job].Stats.compare(rows[0][i], rows[1][i], -1); err != nil {
-				return err
+			if res[i].err != nil {
+				return res[i].err
 			}
+			out[r.job].Stats.add(res[i])
 			r.pending = int32(argmax(rows[0][i]))
 		}
 		return nil

@@ -50,6 +50,7 @@ ap.add_argument("--batch", type=int, default=32)
 ap.add_argument("--rank", type=int, default=16)
 ap.add_argument("--doc-chars", type=int, default=3000)
 ap.add_argument("--heldout-docs", type=int, default=24)
+ap.add_argument("--deadline", type=float, default=0, help="seconds for the whole run (0: no limit): the training loops shrink to fit")
 ap.add_argument("--smoke", action="store_true")
 args = ap.parse_args()
 if args.smoke:
@@ -86,23 +87,26 @@ budget = args.max_train_mb * 1e6
 for top in [args.corpus] + ([args.more] if args.more and os.path.isdir(args.more) else []):
     for p in py_files(top, SKIP):
         rel = os.path.relpath(p, top)
+        h = int(hashlib.sha256(rel.encode()).hexdigest(), 16)
+        adapter = top == args.corpus and rel.split(os.sep)[0] == args.adapter_package
+        # decide before reading: past the budget only held-out files are read
+        if not adapter and (len(base_held) >= args.heldout_docs if h % 40 == 0 else budget <= 0):
+            continue
         doc = read_doc(p)
         if doc is None:
             continue
-        h = int(hashlib.sha256(rel.encode()).hexdigest(), 16)
-        if top == args.corpus and rel.split(os.sep)[0] == args.adapter_package:
+        if adapter:
             if h % 4 == 0:
-                ad_held.append(doc[: args.doc_chars])
+                ad_held.append(doc[: 4 * args.doc_chars])
             else:
                 ad_train.append(doc)
         elif h % 40 == 0:
-            base_held.append(doc[: args.doc_chars])
-        elif budget > 0:
+            base_held.append(doc[: 4 * args.doc_chars])
+        else:
             base_train.append(doc)
             budget -= len(doc)
 if not base_train or not ad_train or not ad_held or not base_held:
     sys.exit(f"corpus {args.corpus}: {len(base_train)}/{len(base_held)} base and {len(ad_train)}/{len(ad_held)} adapter files: too few")
-random.shuffle(base_held)
 
 # --- tokenizer --------------------------------------------------------------
 BOS, EOS = 128000, 128001
@@ -130,7 +134,20 @@ def stream(docs):
     return torch.tensor(ids, dtype=torch.long)
 
 
+def cut(docs):
+    """Held-out documents cut to the training context (args.ctx tokens: the
+    positions the model was trained at), as text peftd eval re-encodes."""
+    out = []
+    for d in docs[: args.heldout_docs]:
+        if args.smoke:
+            out.append(d[: args.ctx])
+        else:
+            out.append(tok.decode(encode(d)[: args.ctx - 1]))  # peftd adds BOS
+    return out
+
+
 t0 = time.time()
+base_held, ad_held = cut(base_held), cut(ad_held)
 train_ids, ad_ids = stream(base_train), stream(ad_train)
 print(f"corpus: {len(base_train)} base files ({train_ids.numel()} tokens), {len(ad_train)} adapter files ({ad_ids.numel()} tokens), "
       f"held out {len(base_held)} + {len(ad_held)}; tokenized in {time.time() - t0:.1f}s", flush=True)
@@ -215,10 +232,18 @@ def batches(ids):
         yield xb[:, :-1], xb[:, 1:]
 
 
-def train(params, trainable, ids, minutes, lr, lora=None, scale=0.0):
+def seconds_for(minutes, after):
+    """The loop's time: minutes, or less so that `after` seconds of work
+    still fit before --deadline."""
+    b = minutes * 60
+    if args.deadline > 0:
+        b = min(b, args.deadline - (time.time() - t_start) - after)
+    return max(b, 5.0)
+
+
+def train(params, trainable, ids, budget, lr, lora=None, scale=0.0):
     opt = torch.optim.AdamW(trainable, lr=lr, betas=(0.9, 0.95), weight_decay=0.1 if lora is None else 0.0)
     it, t0, step, losses, est = batches(ids), time.time(), 0, [], None
-    budget = minutes * 60
     while True:
         el = time.time() - t0
         if el >= budget:
@@ -246,7 +271,9 @@ def train(params, trainable, ids, minutes, lr, lora=None, scale=0.0):
 
 
 params = init_params()
-steps, losses, secs = train(params, list(params.values()), train_ids, args.minutes, 3e-3 if args.smoke else 1e-3)
+# leave the adapter's loop and ~40 s of saving after the base's
+steps, losses, secs = train(params, list(params.values()), train_ids, seconds_for(args.minutes, args.adapter_minutes * 60 + 40),
+                            3e-3 if args.smoke else 1e-3)
 base_loss = sum(losses[-100:]) / len(losses[-100:])
 print(f"base: {steps} steps in {secs:.0f}s, {steps * args.batch * args.ctx / secs:.0f} tokens/s, final loss {base_loss:.3f}", flush=True)
 for v in params.values():
@@ -260,7 +287,7 @@ for l in range(L):
         a = (torch.randn(args.rank, fin) / math.sqrt(fin)).to(dev).requires_grad_()
         b = torch.zeros(fout, args.rank, device=dev).requires_grad_()
         lora[f"model.layers.{l}.{parent}.{m}.weight"] = (a, b)
-ad_steps, ad_losses, ad_secs = train(params, [t for ab in lora.values() for t in ab], ad_ids, args.adapter_minutes, 2e-3, lora, scale)
+ad_steps, ad_losses, ad_secs = train(params, [t for ab in lora.values() for t in ab], ad_ids, seconds_for(args.adapter_minutes, 40), 2e-3, lora, scale)
 ad_loss = sum(ad_losses[-100:]) / len(ad_losses[-100:])
 print(f"adapter: {ad_steps} steps in {ad_secs:.0f}s, final loss {ad_loss:.3f}", flush=True)
 
@@ -315,6 +342,17 @@ for name, docs in (("base.txt", base_held), ("adapter.txt", ad_held)):
 prompts = ["import os", "def __init__(self", "class ", "    def ", "for i in range(", "if __name__ == ", "from ", "# ",
            "    return ", "try:", "with open(", "raise ValueError(", "def _", "self.", "import email", "msg = "]
 open(os.path.join(args.out, "prompts.txt"), "w").write("\n".join(prompts) + "\n")
+# The check peftd's tests make of a model against transformers, here against
+# this file's forward: the logits of a few held-out tokens, for the caller
+# to compare with peftd's (reference.json: ids and float32 logits rows).
+ids = torch.tensor([[BOS] + encode(base_held[0])[:7]], device=dev)
+with torch.no_grad():
+    ref = forward({k: v.to(torch.bfloat16).float() for k, v in params.items()}, ids).float()[0]
+    ref_ad = forward({k: v.to(torch.bfloat16).float() for k, v in params.items()}, ids,
+                     {k: (a.to(torch.bfloat16).float(), b.to(torch.bfloat16).float()) for k, (a, b) in lora.items()}, scale).float()[0]
+json.dump({"ids": ids[0].tolist(), "logits": ref.cpu().tolist(), "adapter_logits": ref_ad.cpu().tolist()},
+          open(os.path.join(args.out, "reference.json"), "w"))
+# train.json last: its presence says the folder is complete (gpu-check skips training then)
 info = {"model": cfg, "base": {"files": len(base_train), "tokens": train_ids.numel(), "steps": steps, "seconds": secs, "final_loss": base_loss},
         "adapter": {"package": args.adapter_package, "files": len(ad_train), "tokens": ad_ids.numel(), "rank": args.rank, "steps": ad_steps,
                     "seconds": ad_secs, "final_loss": ad_loss},
@@ -323,13 +361,3 @@ info = {"model": cfg, "base": {"files": len(base_train), "tokens": train_ids.num
 json.dump(info, open(os.path.join(args.out, "train.json"), "w"), indent=2)
 print(json.dumps({k: info[k] for k in ("base", "adapter", "heldout")}), flush=True)
 
-# The check peftd's tests make of a model against transformers, here against
-# this file's forward: the logits of a few held-out tokens, for the caller
-# to compare with peftd's (reference.json: ids and float32 logits rows).
-ids = torch.tensor([[BOS] + encode(base_held[0])[:15]], device=dev)
-with torch.no_grad():
-    ref = forward({k: v.to(torch.bfloat16).float() for k, v in params.items()}, ids).float()[0]
-    ref_ad = forward({k: v.to(torch.bfloat16).float() for k, v in params.items()}, ids,
-                     {k: (a.to(torch.bfloat16).float(), b.to(torch.bfloat16).float()) for k, (a, b) in lora.items()}, scale).float()[0]
-json.dump({"ids": ids[0].tolist(), "logits": ref.cpu().tolist(), "adapter_logits": ref_ad.cpu().tolist()},
-          open(os.path.join(args.out, "reference.json"), "w"))

@@ -324,6 +324,9 @@ func cmdEval(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		model = models.DefaultModel + " (embedded)"
 	}
 	rep := evalReport{Model: model, Reference: ref.String()}
+	if !*asJSON {
+		fmt.Fprintf(stdout, "model %s; reference %s\n", rep.Model, rep.Reference)
+	}
 	for _, sp := range specs {
 		ce, cinfo, err := open(sp, func(*llama.Model, *tokenizer.Tokenizer) (int, error) { return kvTokens, nil })
 		if err != nil {
@@ -337,13 +340,15 @@ func cmdEval(ctx context.Context, args []string, stdout, stderr io.Writer) error
 			return fmt.Errorf("eval: %s: %w", sp, err)
 		}
 		rep.Rows = append(rep.Rows, rows...)
+		if !*asJSON { // each table as soon as it is known
+			printRows(stdout, sp.String(), rows)
+		}
 	}
 	if *asJSON {
 		enc := json.NewEncoder(stdout)
 		enc.SetIndent("", "  ")
 		return enc.Encode(rep)
 	}
-	printEval(stdout, rep)
 	return nil
 }
 
@@ -411,17 +416,12 @@ func splitStories(text string) []string {
 	return out
 }
 
-func printEval(w io.Writer, rep evalReport) {
-	fmt.Fprintf(w, "model %s; reference %s\n", rep.Model, rep.Reference)
-	cand := ""
+// printRows prints one candidate's rows as a table.
+func printRows(w io.Writer, cand string, rows []evalRow) {
+	fmt.Fprintf(w, "\ncandidate %s\n", cand)
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
-	for _, r := range rep.Rows {
-		if r.Candidate != cand {
-			tw.Flush()
-			cand = r.Candidate
-			fmt.Fprintf(w, "\ncandidate %s\n", cand)
-			fmt.Fprintln(tw, "adapter\tstream\ttokens\tmean KL\tmax KL\ttop-1 agree\tppl ref\tppl cand\t")
-		}
+	fmt.Fprintln(tw, "adapter\tstream\ttokens\tmean KL\tmax KL\ttop-1 agree\tppl ref\tppl cand\t")
+	for _, r := range rows {
 		ppl := "\t"
 		if r.Scored > 0 {
 			ppl = fmt.Sprintf("%.4f\t%.4f", r.PPLRef, r.PPLCand)
