@@ -92,6 +92,9 @@
 # The exact device invocation (the `run` tool; ~6-9 minutes on an H100, most
 # of it writing and loading the 16 GB checkpoint):
 #   run(command="bash scripts/gpu-check.sh --on-device", carry=["bin/gpu"], timeout_s=600)
+#   (readme8b and trained need testdata/llama3-tokenizer/model too, and bin/gpu with it
+#   is over the 64 MiB a call carries: carry bin/gpu/peftd, the .test files they need
+#   and testdata/llama3-tokenizer/model, leaving bin/gpu/versitygw.gz behind)
 # or split it over two calls when the budget is tight:
 #   run(command="bash scripts/gpu-check.sh --on-device tests memcheck fixture8b lorabench", carry=["bin/gpu"])
 #   run(command="bash scripts/gpu-check.sh --on-device decode", carry=["bin/gpu"])
@@ -179,6 +182,7 @@ done
 want tests && stamp tests
 if want memcheck && [[ "${SKIP_MEMCHECK:-0}" != 1 ]] && command -v compute-sanitizer >/dev/null; then
 	for p in "${PKGS[@]}"; do
+		[[ $p == quality ]] && continue # no device code of its own
 		b="$ROOT/$(bin_of "$p")"
 		n="$(basename "$b" .test)"
 		echo "=== memcheck $n"
@@ -268,13 +272,18 @@ fi
 if want trained; then
 	echo "=== trained: a small Llama trained here, then peftd eval on its held-out files"
 	TD=/tmp/tiny-llama-trained
-	if [[ ! -f $TD/train.json ]]; then
-		timeout "$(left 420)" "$PY" tools/train_tiny_llama.py "$TD" --minutes "${TRAIN_MINUTES:-3}" >"$LOG/trained.train.log" 2>&1 ||
+	if [[ ! -f testdata/llama3-tokenizer/model/tokenizer.json ]]; then
+		echo "trained: FAIL: testdata/llama3-tokenizer/model is missing: carry it (it is ignored by git)"
+		status=1
+	elif [[ ! -f $TD/train.json ]]; then
+		# the run ends within what is left of the call (less a margin for the eval)
+		tl=$(left 420)
+		timeout "$tl" "$PY" tools/train_tiny_llama.py "$TD" --minutes "${TRAIN_MINUTES:-3}" --deadline $((tl - 15)) >"$LOG/trained.train.log" 2>&1 ||
 			{ echo "trained: FAIL: training"; tail -n 20 "$LOG/trained.train.log"; status=1; }
 		tail -n 3 "$LOG/trained.train.log"
 	fi
 	if [[ -f $TD/train.json ]]; then
-		save "$TD/train.json"
+		cp "$TD/train.json" "$LOG/" && save "$LOG/train.json"
 		(cd quality && PEFTD_TRAINED_MODEL=$TD "$ROOT/$(bin_of quality)" -test.run TestTrainedModel -test.v) >"$LOG/trained.check.log" 2>&1 ||
 			{ echo "trained: FAIL: TestTrainedModel"; status=1; }
 		grep -E "relative|moves|^--- " "$LOG/trained.check.log"
@@ -687,13 +696,15 @@ fi
 		grep -E '^BENCH lora 4 +(16|64) +(1|256|4x512pf) ' "$LOG/lorabench.txt" | cut -c12-
 	fi
 	[[ -s "$LOG/attnbench.txt" ]] && echo "Prefill attention per 8B layer (median us):" && cut -c12- "$LOG/attnbench.txt"
-	[[ -s "$LOG/fp8bench.txt" ]] && echo "FP8 product at the 8B projection shapes (median us over graph replays):" && cut -c16- "$LOG/fp8bench.txt"
+	[[ -s "$LOG/fp8bench.txt" ]] && echo "FP8 product at the 8B projection shapes (median us over graph replays):" && cut -c15- "$LOG/fp8bench.txt"
 	[[ -f "$LOG/serve.result" ]] && cat "$LOG/serve.result" && grep -E 'tok|req|TTFT|thr' "$LOG/serve.bench.txt" | head -8
 	[[ -f "$LOG/serve8b.txt" ]] && grep -E "^(SERVEBENCH|SERVESTEPS|SERVEHOST)" "$LOG/serve8b.txt" | cut -c1-320
 	[[ -s "$LOG/prefix8b.txt" ]] && echo "Prefix caching (8B shapes, 8 layers; 2000-token shared prefix, concurrency 32):" && grep -E '^(PREFIXBENCH|PREFIXGREEDY)' "$LOG/prefix8b.txt" | cut -c1-230
 	[[ -s "$LOG/nsys8b.txt" ]] && echo "Serving under nsys (8B shapes, concurrency 64):" && grep -E '^(SERVEBENCH|NSYS)' "$LOG/nsys8b.txt" | cut -c1-200
 	[[ -s "$LOG/quality.txt" ]] && echo "Quality (peftd eval, stories260K; full tables in quality.txt):" && grep -E '^(model|candidate)|  all ' "$LOG/quality.txt"
+	[[ -s "$LOG/trained.check.log" ]] && grep -hE '^--- |relative' "$LOG/trained.check.log" | sed 's/^/trained: /'
 	[[ -s "$LOG/trained.txt" ]] && echo "Quality on the model trained here (peftd eval; trained.txt, train.json):" && grep -E '^(model|candidate)|  all ' "$LOG/trained.txt"
+	ls "$LOG"/fp8ref.*.log >/dev/null 2>&1 && grep -hE 'worst ratio|^--- ' "$LOG"/fp8ref.*.log | sed 's/^/fp8ref: /' 
 	[[ -s "$LOG/cold8b.txt" ]] && echo "Cold start (8B shapes, versitygw; scripts/cold.sh):" && cut -c6-200 "$LOG/cold8b.txt"
 	[[ -s "$LOG/ready8b.txt" ]] && cat "$LOG/ready8b.txt"
 	[[ -s "$LOG/soak8b.txt" ]] && echo "Soak on the GPU (8B shapes; full report in soak8b.txt):" && grep -E '^(requests|failures|allowed|latency (overall|hot)|served/s|server RSS|GPU memory|PASS|FAIL)' "$LOG/soak8b.txt" | cut -c1-200
@@ -707,7 +718,15 @@ fi
 } | tee "$LOG/summary.txt"
 if [[ -n "${OUT:-}" ]]; then
 	# the trace files are large: the tables from them are in nsys8b.txt
+	# $OUT brings back 8 files: what save put there during the run (so that
+	# a call cut off still returns its tables) gives way to the summary, the
+	# packed logs and the first six tables present, in this order
+	find "$OUT" -mindepth 1 -maxdepth 1 -type f -delete
 	tar czf "$OUT/logs.tgz" --exclude='*.qdstrm' --exclude='*.nsys-rep' --exclude='*.sqlite' --exclude='*.csv' -C "$LOG" . 2>/dev/null
-	for f in summary.txt quality.txt trained.txt lorabench.txt attnbench.txt fp8bench.txt decode.txt serve8b.txt soak8b.txt prefix8b.txt cold8b.txt ready8b.txt nsys8b.txt; do [[ -f "$LOG/$f" ]] && cp "$LOG/$f" "$OUT/"; done
+	cp "$LOG/summary.txt" "$OUT/"
+	n=0
+	for f in quality.txt trained.txt decode.txt fp8bench.txt cold8b.txt ready8b.txt readme8b.txt serve8b.txt lorabench.txt attnbench.txt soak8b.txt prefix8b.txt nsys8b.txt load.txt profile.txt kdetail.txt train.json; do
+		if ((n < 6)) && [[ -f "$LOG/$f" ]]; then cp "$LOG/$f" "$OUT/" && n=$((n + 1)); fi
+	done
 fi
 exit $status

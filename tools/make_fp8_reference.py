@@ -83,6 +83,9 @@ class FP8Linear(torch.nn.Module):
         return y.reshape(*shape[:-1], self.out_features)
 
 
+ROTARY_CALLS = [0]  # calls of the patched apply_rotary_pos_emb: 0 means the patch missed
+
+
 def fp8_keys():
     """make every Llama attention attend over e4m3 keys, quantized per (token, KV head)
     after RoPE from their bf16 rounding, as peftd's FP8 key cache holds them"""
@@ -90,6 +93,7 @@ def fp8_keys():
     orig = ml.apply_rotary_pos_emb
 
     def rotary(q, k, *a, **kw):
+        ROTARY_CALLS[0] += 1
         q2, k2 = orig(q, k, *a, **kw)
         kb = k2.to(torch.bfloat16).float()  # [batch, kv heads, seq, head_dim]
         qk, sk = quant_rows(kb)
@@ -146,6 +150,9 @@ with torch.no_grad():
         ex = torch.cat([exp[f"case{i}.prefill_logits"], exp[f"case{i}.decode_logits"]])
         rel = ((lg[:L + N] - ex).norm() / ex.norm()).item()
         print(f"case {i} ({c['adapter']}): scheme vs exact relative {rel:.4f}", flush=True)
+if args.kv == "fp8" and ROTARY_CALLS[0] == 0:
+    # this transformers calls RoPE some other way: the keys were not quantized
+    sys.exit("--kv fp8: apply_rotary_pos_emb was never called through the patch: the reference would have bf16 keys")
 save_file(out_t, os.path.join(out, "expected.safetensors"))
 json.dump(cases, open(os.path.join(out, "cases.json"), "w"), indent=1)
 print("wrote", out, f"({time.time() - t0:.1f}s)")

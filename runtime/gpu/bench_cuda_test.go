@@ -393,8 +393,6 @@ func TestDecodeBench(t *testing.T) {
 		t.Skip("PEFTD_MODEL_8B is not set (make one with tools/make_random_llama.py)")
 	}
 	t0 := time.Now()
-	m, ads := openRandom8B(t, dir)
-	c := m.Config
 	batches := envBatches(t, "PEFTD_DECODE_BATCHES", []int{1, 16, 64, 256})
 	// PEFTD_DECODE_PROMPT: the prompt length (default 512; e.g. 4096 for
 	// attention-bound decode)
@@ -409,7 +407,20 @@ func TestDecodeBench(t *testing.T) {
 	const newTok = 128
 	chunk := max(1, 4096/prompt) // prompts per prefill step
 	maxB := slices.Max(batches)
-	opts := engine.Options{MaxTokens: chunk * prompt, BlockSize: 16, KVBlocks: maxB*(prompt+newTok)/16 + 64, AdapterSlots: len(ads) + 1}
+	// the step and the cache also hold adapterLoadBench's 8 x 512-token
+	// prefill and its 64 sequences
+	opts := engine.Options{MaxTokens: max(chunk*prompt, 8*512), BlockSize: 16,
+		KVBlocks: max(maxB*(prompt+newTok)/16+64, 64*(512+64)/16+64)}
+	// refuse a cache the card cannot hold before the 16 GB load
+	if cfg, err := llama.LoadConfig(filepath.Join(dir, "base")); err == nil {
+		kvBytes := int64(cfg.Layers) * int64(opts.KVBlocks) * 16 * int64(cfg.KVHeads*cfg.HeadDim) * 4
+		if kvBytes > 100<<30 {
+			t.Fatalf("batches %v x (%d + %d) tokens need %.0f GiB of bf16 KV cache: set PEFTD_DECODE_BATCHES lower", batches, prompt, newTok, float64(kvBytes)/(1<<30))
+		}
+	}
+	m, ads := openRandom8B(t, dir)
+	c := m.Config
+	opts.AdapterSlots = len(ads) + 1
 	// bf16 unless PEFTD_WEIGHTS=fp8; a bf16 KV cache unless PEFTD_KV=fp8
 	gb, err := New(Options{WeightFormat: os.Getenv("PEFTD_WEIGHTS"), KVFormat: os.Getenv("PEFTD_KV")})
 	if err != nil {
