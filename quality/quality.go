@@ -22,6 +22,7 @@ import (
 	"github.com/peftd/peftd/internal/parallel"
 	"github.com/peftd/peftd/runtime/engine"
 	"github.com/peftd/peftd/runtime/llama"
+	"github.com/peftd/peftd/runtime/sample"
 )
 
 // Engine is what the comparison needs of an engine (*engine.Engine).
@@ -71,8 +72,8 @@ func (s *Stats) Add(o Stats) {
 	s.NLLCand += o.NLLCand
 }
 
-// logSoftmax returns log(softmax(x)) in float64.
-func logSoftmax(x []float32) []float64 {
+// LogSoftmax returns log(softmax(x)) in float64.
+func LogSoftmax(x []float32) []float64 {
 	m := math.Inf(-1)
 	for _, v := range x {
 		m = max(m, float64(v))
@@ -89,15 +90,24 @@ func logSoftmax(x []float32) []float64 {
 	return out
 }
 
-// argmax is the first index of the largest value.
-func argmax(x []float32) int {
-	best := 0
-	for i, v := range x {
-		if v > x[best] {
-			best = i
+// KL is KL(softmax(ref) || softmax(cand)) in nats (0 for equal rows; NaN
+// when a row is not finite).
+func KL(ref, cand []float32) float64 {
+	lp, lq := LogSoftmax(ref), LogSoftmax(cand)
+	return klOf(lp, lq)
+}
+
+func klOf(lp, lq []float64) float64 {
+	var kl float64
+	for i := range lp {
+		if p := math.Exp(lp[i]); p > 0 {
+			kl += p * (lp[i] - lq[i])
 		}
 	}
-	return best
+	if math.IsNaN(kl) {
+		return kl
+	}
+	return max(kl, 0) // rounding can leave -1e-17 for equal rows
 }
 
 // rowResult is the comparison of one row.
@@ -115,17 +125,12 @@ func compareRow(ref, cand []float32, next int32) rowResult {
 	if len(ref) != len(cand) {
 		return rowResult{err: fmt.Errorf("%w: logits rows of %d and %d values", ErrInput, len(ref), len(cand))}
 	}
-	lp, lq := logSoftmax(ref), logSoftmax(cand)
-	var kl float64
-	for i := range lp {
-		if p := math.Exp(lp[i]); p > 0 {
-			kl += p * (lp[i] - lq[i])
-		}
-	}
+	lp, lq := LogSoftmax(ref), LogSoftmax(cand)
+	kl := klOf(lp, lq)
 	if math.IsNaN(kl) {
 		return rowResult{err: fmt.Errorf("%w: the candidate's logits are not finite", ErrInput)}
 	}
-	r := rowResult{kl: max(kl, 0), agree: argmax(ref) == argmax(cand)} // rounding can leave -1e-17 for equal rows
+	r := rowResult{kl: kl, agree: sample.Argmax(ref) == sample.Argmax(cand)}
 	if next >= 0 {
 		r.scored, r.nllRef, r.nllCand = true, -lp[next], -lq[next]
 	}
@@ -305,7 +310,7 @@ func Generate(ctx context.Context, ref, cand Engine, jobs []Job, maxNew, batch i
 				return res[i].err
 			}
 			out[r.job].Stats.add(res[i])
-			r.pending = int32(argmax(rows[0][i]))
+			r.pending = sample.Argmax(rows[0][i])
 		}
 		return nil
 	}

@@ -14,6 +14,7 @@ import (
 	"github.com/peftd/peftd/runtime/engine"
 	"github.com/peftd/peftd/runtime/llama"
 	"github.com/peftd/peftd/runtime/lora"
+	"github.com/peftd/peftd/runtime/sample"
 	"github.com/peftd/peftd/text/tokenizer"
 )
 
@@ -117,7 +118,7 @@ func (f *fakeEngine) greedy(slot int, prompt []int32, maxNew, limit int, stop []
 	hist := slices.Clone(prompt)
 	var out []int32
 	for {
-		t := int32(argmax(f.logits(slot, hist)))
+		t := sample.Argmax(f.logits(slot, hist))
 		out = append(out, t)
 		if len(out) == maxNew || slices.Contains(stop, t) || len(prompt)+len(out) >= limit {
 			return out
@@ -210,7 +211,7 @@ func TestScore(t *testing.T) {
 	var want float64
 	for _, d := range docs {
 		for p := 1; p < len(d); p++ {
-			want -= logSoftmax(ref.logits(0, d[:p]))[d[p]]
+			want -= LogSoftmax(ref.logits(0, d[:p]))[d[p]]
 		}
 	}
 	if math.Abs(st.NLLRef-want) > 1e-9 {

@@ -7,7 +7,6 @@ import (
 	"testing"
 
 	"github.com/peftd/peftd/internal/fixture"
-	"github.com/peftd/peftd/runtime/cpu"
 	"github.com/peftd/peftd/runtime/engine"
 	"github.com/peftd/peftd/runtime/sample"
 )
@@ -24,21 +23,7 @@ func TestPromptLogprobs(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { f.Close() })
-	newEngine := func(opts engine.Options) (*engine.Engine, Static) {
-		e, err := engine.New(f.Model, cpu.New(0), opts)
-		if err != nil {
-			t.Fatal(err)
-		}
-		res := Static{}
-		for i, n := range fixture.AdapterNames {
-			if err := e.LoadAdapter(i, f.Adapters[n]); err != nil {
-				t.Fatal(err)
-			}
-			res[n] = i
-		}
-		return e, res
-	}
-	ref, res := newEngine(engine.DefaultOptions())
+	ref, res := fixtureEngine(t, f, engine.DefaultOptions())
 	V := f.Model.Config.VocabSize
 	want := make([][]sample.Choice, len(f.Cases))
 	for i, c := range f.Cases {
@@ -56,7 +41,7 @@ func TestPromptLogprobs(t *testing.T) {
 		}
 		ref.Release(&s)
 	}
-	e, res := newEngine(engine.Options{MaxTokens: 8, KVBlocks: 256, BlockSize: 4, AdapterSlots: 4})
+	e, res := fixtureEngine(t, f, engine.Options{MaxTokens: 8, KVBlocks: 256, BlockSize: 4, AdapterSlots: 4})
 	s := New(e, res, Config{PrefixCache: true})
 	t.Cleanup(s.Close)
 	for _, maxTok := range []int{0, 3} {

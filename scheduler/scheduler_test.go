@@ -22,6 +22,16 @@ func setup(t *testing.T, opts engine.Options, cfg Config) (*Scheduler, *fixture.
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { f.Close() })
+	e, res := fixtureEngine(t, f, opts)
+	s := New(e, res, cfg)
+	t.Cleanup(s.Close)
+	return s, f
+}
+
+// fixtureEngine is a CPU engine with every fixture adapter loaded, and the
+// residency that names them.
+func fixtureEngine(t *testing.T, f *fixture.Fixture, opts engine.Options) (*engine.Engine, Static) {
+	t.Helper()
 	e, err := engine.New(f.Model, cpu.New(0), opts)
 	if err != nil {
 		t.Fatal(err)
@@ -33,9 +43,7 @@ func setup(t *testing.T, opts engine.Options, cfg Config) (*Scheduler, *fixture.
 		}
 		res[n] = i
 	}
-	s := New(e, res, cfg)
-	t.Cleanup(s.Close)
-	return s, f
+	return e, res
 }
 
 func collect(t *testing.T, ch <-chan Event) ([]int32, Event) {

@@ -6,6 +6,7 @@ import (
 	"math"
 	"testing"
 
+	"github.com/peftd/peftd/internal/sampletest"
 	"github.com/peftd/peftd/runtime/cpu"
 	"github.com/peftd/peftd/runtime/engine"
 	"github.com/peftd/peftd/runtime/llama"
@@ -70,32 +71,12 @@ func TestStepSampleScores(t *testing.T) {
 			if e.DeviceSampling() != (tc.name == "device path") {
 				t.Fatal("wrong path")
 			}
-			var s engine.Sequence
-			var got []sample.Choice
-			for _, c := range [][2]int{{0, 4}, {4, len(prompt)}} {
-				toks := prompt[c[0]:c[1]]
-				sp := engine.Sampling{Skip: c[1] < len(prompt), Params: sample.Params{Logprobs: 3}, Targets: make([]int32, len(toks)), Scores: make([]sample.Choice, len(toks))}
-				for j := range toks {
-					sp.Targets[j] = -1
-					if p := c[0] + j + 1; p < len(prompt) {
-						sp.Targets[j] = prompt[p]
-					}
-				}
-				out, err := e.StepSample(ctx, []engine.Input{{Seq: &s, Tokens: toks, Slot: -1, AllLogits: true}}, []engine.Sampling{sp})
-				if err != nil {
-					t.Fatal(err)
-				}
-				for j, tg := range sp.Targets {
-					if tg >= 0 {
-						got = append(got, sp.Scores[j])
-					}
-				}
-				if c[1] == len(prompt) {
-					last := all[0][(len(prompt)-1)*V:]
-					if want := sample.Argmax(last); out[0].ID != want {
-						t.Errorf("sampled %d after the prompt, want %d", out[0].ID, want)
-					}
-				}
+			got, last, err := sampletest.ScorePrompt(ctx, e, prompt, []int{4, len(prompt)}, -1, 3)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if want := sample.Argmax(all[0][(len(prompt)-1)*V:]); last.ID != want {
+				t.Errorf("sampled %d after the prompt, want %d", last.ID, want)
 			}
 			if len(got) != len(prompt)-1 {
 				t.Fatalf("%d scores, want %d", len(got), len(prompt)-1)

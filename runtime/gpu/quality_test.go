@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"testing"
 
+	qm "github.com/peftd/peftd/quality"
 	"github.com/peftd/peftd/runtime/cpu"
 	"github.com/peftd/peftd/runtime/engine"
 	"github.com/peftd/peftd/runtime/llama"
@@ -156,7 +157,7 @@ func storyQuality(t *testing.T, m *llama.Model, tok *tokenizer.Tokenizer, ref, b
 		a, b := forced(bf, g.toks, slots[g.model]), forced(f8, g.toks, slots[g.model])
 		start := len(g.toks) - newTokens - 1 // the positions that predict generated tokens
 		for i := start; i < len(g.toks)-1; i++ {
-			k := klNats(a[i], b[i])
+			k := qm.KL(a[i], b[i])
 			same := sample.Argmax(a[i]) == sample.Argmax(b[i])
 			kl += k
 			n++
@@ -218,36 +219,9 @@ func name0(model string) string {
 	return model
 }
 
-// klNats is KL(softmax(p) || softmax(q)) in nats.
-func klNats(p, q []float32) float64 {
-	lp, lq := logSoftmax(p), logSoftmax(q)
-	var k float64
-	for i := range lp {
-		k += math.Exp(lp[i]) * (lp[i] - lq[i])
-	}
-	return max(k, 0)
-}
-
-func logSoftmax(v []float32) []float64 {
-	mx := math.Inf(-1)
-	for _, x := range v {
-		mx = max(mx, float64(x))
-	}
-	var s float64
-	for _, x := range v {
-		s += math.Exp(float64(x) - mx)
-	}
-	ls := mx + math.Log(s)
-	out := make([]float64, len(v))
-	for i, x := range v {
-		out[i] = float64(x) - ls
-	}
-	return out
-}
-
 func logSoftmaxAt(v []float32, id int32) float64 {
 	if int(id) >= len(v) || id < 0 {
 		panic(fmt.Sprintf("token %d outside %d logits", id, len(v)))
 	}
-	return logSoftmax(v)[id]
+	return qm.LogSoftmax(v)[id]
 }

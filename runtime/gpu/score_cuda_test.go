@@ -7,6 +7,7 @@ import (
 	"math"
 	"testing"
 
+	"github.com/peftd/peftd/internal/sampletest"
 	"github.com/peftd/peftd/runtime/engine"
 	"github.com/peftd/peftd/runtime/sample"
 )
@@ -34,34 +35,13 @@ func TestDeviceScores(t *testing.T) {
 	}
 	ref := append([]float32(nil), all[0]...)
 	e.Release(&rs)
-	var s engine.Sequence
-	var got []sample.Choice
-	cut := len(prompt) / 2
-	for _, c := range [][2]int{{0, cut}, {cut, len(prompt)}} {
-		toks := prompt[c[0]:c[1]]
-		sp := engine.Sampling{Skip: c[1] < len(prompt), Params: sample.Params{Logprobs: 3}, Targets: make([]int32, len(toks)), Scores: make([]sample.Choice, len(toks))}
-		for j := range toks {
-			sp.Targets[j] = -1
-			if p := c[0] + j + 1; p < len(prompt) {
-				sp.Targets[j] = prompt[p]
-			}
-		}
-		out, err := e.StepSample(ctx, []engine.Input{{Seq: &s, Tokens: toks, Slot: 0, AllLogits: true}}, []engine.Sampling{sp})
-		if err != nil {
-			t.Fatal(err)
-		}
-		for j, tg := range sp.Targets {
-			if tg >= 0 {
-				got = append(got, sp.Scores[j])
-			}
-		}
-		if c[1] == len(prompt) {
-			if want := sample.Argmax(ref[(len(prompt)-1)*V:]); out[0].ID != want {
-				t.Errorf("sampled %d after the prompt, want %d", out[0].ID, want)
-			}
-		}
+	got, last, err := sampletest.ScorePrompt(ctx, e, prompt, []int{len(prompt) / 2, len(prompt)}, 0, 3)
+	if err != nil {
+		t.Fatal(err)
 	}
-	e.Release(&s)
+	if want := sample.Argmax(ref[(len(prompt)-1)*V:]); last.ID != want {
+		t.Errorf("sampled %d after the prompt, want %d", last.ID, want)
+	}
 	if len(got) != len(prompt)-1 {
 		t.Fatalf("%d scores, want %d", len(got), len(prompt)-1)
 	}
