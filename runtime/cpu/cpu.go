@@ -141,7 +141,7 @@ func roundBF16(x []float32) {
 
 // QuantizeE4M3 replaces x by its FP8 e4m3 image with one scale, as the CUDA
 // kernels quantize a row (quant_row_e4m3) or a key head: scale = amax / 448,
-// x[i] = e4m3_satfinite(x[i] * (448 / amax)) * scale; a zero row stays
+// x[i] = e4m3_satfinite(x[i] * min(448 / amax, FLT_MAX)) * scale; a zero row stays
 // zero, a row holding Inf or NaN becomes NaN (the kernels' NaN scale).
 func QuantizeE4M3(x []float32) {
 	var amax float32
@@ -159,7 +159,7 @@ func QuantizeE4M3(x []float32) {
 		}
 	case amax == 0:
 	default:
-		scale, inv := amax/448, 448/amax
+		scale, inv := amax/448, min(448/amax, math.MaxFloat32) // a subnormal amax: no Inf (0 * Inf is NaN)
 		for i, v := range x {
 			x[i] = safetensors.RoundE4M3(v*inv) * scale
 		}

@@ -135,3 +135,19 @@ func TestFP8Linear(t *testing.T) {
 		})
 	}
 }
+
+// TestQuantizeE4M3Subnormal: a row whose largest value is so small that
+// 448 / amax overflows float32 quantizes without NaN (0 * Inf), its zero
+// staying zero.
+func TestQuantizeE4M3Subnormal(t *testing.T) {
+	x := []float32{1e-38, 0, -5e-39}
+	QuantizeE4M3(x)
+	for i, v := range x {
+		if math.IsNaN(float64(v)) || math.IsInf(float64(v), 0) {
+			t.Fatalf("value %d became %v", i, v)
+		}
+	}
+	if x[1] != 0 || x[0] <= 0 || x[2] >= 0 {
+		t.Errorf("quantized to %v", x)
+	}
+}
