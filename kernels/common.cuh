@@ -146,7 +146,7 @@ __device__ __forceinline__ void expand_chunk(float* acc0, float* acc1, const flo
 // quant_rows_e4m3, and the kernels that quantize the row they have just
 // written: add_rmsnorm, silu_mul): scale = amax / 448 (1 for a zero row, NaN for a row
 // holding Inf or NaN, whose values become zeros), q = e4m3_satfinite(v /
-// scale). m and bad are this thread's max |v| and non-finite flag over the
+// scale; 448 / amax clamped to FLT_MAX). m and bad are this thread's max |v| and non-finite flag over the
 // values it wrote; every thread of the block calls it.
 __device__ void quant_row_e4m3(const bf16* out, unsigned char* q, float* qscale, int n, bool vec, float m, int bad, float* sh) {
     bad = __syncthreads_or(bad);
@@ -160,7 +160,7 @@ __device__ void quant_row_e4m3(const bf16* out, unsigned char* q, float* qscale,
         inv = 0.f;
     } else {
         s = amax / 448.f;
-        inv = 448.f / amax;
+        inv = fminf(448.f / amax, 3.402823466e38f); // a subnormal amax: no Inf (0 * Inf is NaN)
     }
     if (threadIdx.x == 0) *qscale = s;
     if (vec) {

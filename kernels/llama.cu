@@ -270,7 +270,7 @@ extern "C" __global__ void rope_store(bf16* q, bf16* k, const bf16* v, bf16* kc,
     // the FP8 key cache: the head's rotated values (as the bf16 cache would
     // hold them) in e4m3 with one scale, amax / 448 (1 for a zero head)
     amax = block_max(amax, red); // also makes every thread's ysh visible
-    const float sc = amax > 0.f ? amax / 448.f : 1.f, inv = amax > 0.f ? 448.f / amax : 0.f;
+    const float sc = amax > 0.f ? amax / 448.f : 1.f, inv = amax > 0.f ? fminf(448.f / amax, 3.402823466e38f) : 0.f;
     const int kh = h - heads;
     unsigned char* q8 = kc8 + (i64)slot * width + (i64)kh * hd;
     for (int i = threadIdx.x; i < hd; i += blockDim.x) q8[i] = __nv_cvt_float_to_fp8(ysh[i] * inv, __NV_SATFINITE, __NV_E4M3);
