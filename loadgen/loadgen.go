@@ -28,11 +28,14 @@ type Config struct {
 	Concurrency int      // requests in flight at most
 	Rate        float64  // arrivals per second (Poisson); 0: as fast as concurrency allows
 	PromptWords int      // prompt length in words
-	MaxTokens   int      // tokens to generate per request
-	IgnoreEOS   bool     // ask the server to ignore EOS (vLLM extension) so outputs have MaxTokens
-	Seed        uint64
-	Client      *http.Client `json:"-"`
-	Progress    io.Writer    `json:"-"` // progress bar (nil: none)
+	// PromptTokens > 0: prompts of that many random token ids in [3, Vocab)
+	// instead of words (models without a tokenizer; exact prompt lengths)
+	PromptTokens, Vocab int
+	MaxTokens           int  // tokens to generate per request
+	IgnoreEOS           bool // ask the server to ignore EOS (vLLM extension) so outputs have MaxTokens
+	Seed                uint64
+	Client              *http.Client `json:"-"`
+	Progress            io.Writer    `json:"-"` // progress bar (nil: none)
 }
 
 // Sample is one finished request.
@@ -40,6 +43,8 @@ type Sample struct {
 	Model        string
 	Cold         bool // the first request for its model in this run
 	TTFT, Total  time.Duration
+	End          time.Time // when it ended
+	PromptTokens int       // as the server counted them (usage)
 	OutputTokens int
 	Err          error
 }
@@ -49,11 +54,18 @@ type Stats struct{ P50, P99, Mean time.Duration }
 
 // Report is the outcome of a run.
 type Report struct {
-	Config               Config
-	Duration             time.Duration
-	Completed, Failed    int
-	OutputTokens         int
-	Throughput           float64 // output tokens per second
+	Config            Config
+	Duration          time.Duration
+	Completed, Failed int
+	PromptTokens      int
+	OutputTokens      int
+	Throughput        float64 // output tokens per second
+	// SteadyThroughput counts the tokens of the requests that ended while
+	// every request was still to be sent or in flight at full concurrency:
+	// from a quarter of the time until the last request was sent, until
+	// then (ramp-up and drain left out, so it does not depend on how many
+	// requests the run has; scripts/serve_bench.py's steady_tok_s)
+	SteadyThroughput     float64
 	RequestRate          float64
 	TTFT, TPOT, ColdTTFT Stats
 	Errors               []string
@@ -70,6 +82,9 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 	if cfg.PromptWords <= 0 {
 		cfg.PromptWords = 8
 	}
+	if cfg.PromptTokens > 0 && cfg.Vocab <= 3 {
+		return nil, fmt.Errorf("loadgen: token-id prompts need the vocabulary size (> 3), got %d", cfg.Vocab)
+	}
 	if cfg.Client == nil {
 		cfg.Client = &http.Client{}
 	}
@@ -81,7 +96,7 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 	var mu sync.Mutex
 	done, coldSeen := 0, map[string]bool{}
 	start := time.Now()
-	next := start
+	next, lastSent := start, start
 	for i := 0; i < cfg.Requests; i++ {
 		if cfg.Rate > 0 {
 			next = next.Add(time.Duration(rng.ExpFloat64() / cfg.Rate * float64(time.Second)))
@@ -96,20 +111,31 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 			break
 		}
 		sem <- struct{}{}
+		lastSent = time.Now()
 		model := cfg.Models[i%len(cfg.Models)]
-		var p strings.Builder
-		for w := 0; w < cfg.PromptWords; w++ {
-			if w > 0 {
-				p.WriteByte(' ')
+		var prompt any
+		if cfg.PromptTokens > 0 {
+			ids := make([]int32, cfg.PromptTokens)
+			for k := range ids {
+				ids[k] = 3 + int32(rng.IntN(cfg.Vocab-3))
 			}
-			p.WriteString(words[rng.IntN(len(words))])
+			prompt = ids
+		} else {
+			var p strings.Builder
+			for w := 0; w < cfg.PromptWords; w++ {
+				if w > 0 {
+					p.WriteByte(' ')
+				}
+				p.WriteString(words[rng.IntN(len(words))])
+			}
+			prompt = p.String()
 		}
 		mu.Lock()
 		cold := !coldSeen[model]
 		coldSeen[model] = true
 		mu.Unlock()
 		wg.Add(1)
-		go func(i int, prompt string) {
+		go func(i int, prompt any) {
 			defer wg.Done()
 			defer func() { <-sem }()
 			s := one(ctx, cfg, model, prompt)
@@ -121,13 +147,33 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 				bar(cfg.Progress, done, cfg.Requests, time.Since(start))
 			}
 			mu.Unlock()
-		}(i, p.String())
+		}(i, prompt)
 	}
 	wg.Wait()
 	if cfg.Progress != nil {
 		fmt.Fprintln(cfg.Progress)
 	}
-	return summarize(cfg, samples, time.Since(start)), ctx.Err()
+	r := summarize(cfg, samples, time.Since(start))
+	r.SteadyThroughput = steady(samples, start, lastSent)
+	return r, ctx.Err()
+}
+
+// steady is the output tokens per second of the samples that ended between
+// a quarter of the way from start to lastSent and lastSent (0 when that
+// window holds none).
+func steady(samples []Sample, start, lastSent time.Time) float64 {
+	from := start.Add(lastSent.Sub(start) / 4)
+	span := lastSent.Sub(from).Seconds()
+	if span <= 0 {
+		return 0
+	}
+	toks := 0
+	for _, s := range samples {
+		if s.Err == nil && !s.End.IsZero() && !s.End.Before(from) && !s.End.After(lastSent) {
+			toks += s.OutputTokens
+		}
+	}
+	return float64(toks) / span
 }
 
 func bar(w io.Writer, done, total int, el time.Duration) {
@@ -137,7 +183,7 @@ func bar(w io.Writer, done, total int, el time.Duration) {
 }
 
 // one sends a streamed completion and times its chunks.
-func one(ctx context.Context, cfg Config, model, prompt string) Sample {
+func one(ctx context.Context, cfg Config, model string, prompt any) Sample {
 	s := Sample{Model: model}
 	body := map[string]any{"model": model, "prompt": prompt, "max_tokens": cfg.MaxTokens, "temperature": 0,
 		"stream": true, "stream_options": map[string]any{"include_usage": true}}
@@ -179,7 +225,7 @@ func one(ctx context.Context, cfg Config, model, prompt string) Sample {
 			chunks++
 		}
 		if ch.Usage != nil {
-			s.OutputTokens = ch.Usage.CompletionTokens
+			s.OutputTokens, s.PromptTokens = ch.Usage.CompletionTokens, ch.Usage.PromptTokens
 		}
 		return true
 	})
@@ -193,7 +239,8 @@ func one(ctx context.Context, cfg Config, model, prompt string) Sample {
 	if s.OutputTokens == 0 {
 		s.OutputTokens = chunks
 	}
-	s.Total = time.Since(t0)
+	s.End = time.Now()
+	s.Total = s.End.Sub(t0)
 	return s
 }
 
@@ -226,6 +273,7 @@ func summarize(cfg Config, samples []Sample, el time.Duration) *Report {
 		}
 		r.Completed++
 		r.OutputTokens += s.OutputTokens
+		r.PromptTokens += s.PromptTokens
 		if s.Cold {
 			cold = append(cold, s.TTFT)
 		} else {
@@ -245,7 +293,7 @@ func summarize(cfg Config, samples []Sample, el time.Duration) *Report {
 func (r *Report) Print(w io.Writer) {
 	ms := func(d time.Duration) string { return fmt.Sprintf("%.1f ms", float64(d)/1e6) }
 	fmt.Fprintf(w, "requests      %d ok, %d failed in %.2fs (%.2f req/s)\n", r.Completed, r.Failed, r.Duration.Seconds(), r.RequestRate)
-	fmt.Fprintf(w, "throughput    %.1f output tokens/s (%d tokens)\n", r.Throughput, r.OutputTokens)
+	fmt.Fprintf(w, "throughput    %.1f output tokens/s (%d tokens); steady %.1f (ramp-up and drain left out)\n", r.Throughput, r.OutputTokens, r.SteadyThroughput)
 	fmt.Fprintf(w, "TTFT (warm)   p50 %s  p99 %s\n", ms(r.TTFT.P50), ms(r.TTFT.P99))
 	fmt.Fprintf(w, "TPOT          p50 %s  p99 %s\n", ms(r.TPOT.P50), ms(r.TPOT.P99))
 	fmt.Fprintf(w, "cold start    p50 %s  p99 %s (first request per model: %d)\n", ms(r.ColdTTFT.P50), ms(r.ColdTTFT.P99), len(r.Config.Models))
@@ -261,6 +309,7 @@ type sseChunk struct {
 		Text string `json:"text"`
 	} `json:"choices"`
 	Usage *struct {
+		PromptTokens     int `json:"prompt_tokens"`
 		CompletionTokens int `json:"completion_tokens"`
 	} `json:"usage"`
 	Error *struct {

@@ -58,6 +58,19 @@ func TestRunAgainstPeftd(t *testing.T) {
 			t.Errorf("report lacks %q:\n%s", s, out.String())
 		}
 	}
+	// Token-id prompts (models without a tokenizer): every request has
+	// exactly PromptTokens prompt tokens, and the steady rate is measured.
+	tok, err := loadgen.Run(ctx, loadgen.Config{URL: "http://" + ln.Addr().String(), Models: []string{"stories260K"},
+		Requests: 40, Concurrency: 4, MaxTokens: 8, IgnoreEOS: true, PromptTokens: 20, Vocab: 512})
+	if err != nil || tok.Completed != 40 || tok.OutputTokens != 40*8 || tok.PromptTokens != 40*20 {
+		t.Fatalf("token-id prompts: %v %+v", err, tok)
+	}
+	if tok.SteadyThroughput <= 0 {
+		t.Errorf("steady throughput %v: the window held no request", tok.SteadyThroughput)
+	}
+	if _, err := loadgen.Run(ctx, loadgen.Config{URL: "http://x", Models: []string{"m"}, Requests: 1, MaxTokens: 1, PromptTokens: 5}); err == nil {
+		t.Error("token-id prompts without a vocabulary size were accepted")
+	}
 	// A failing target is reported, not hidden.
 	bad, err := loadgen.Run(ctx, loadgen.Config{URL: "http://" + ln.Addr().String(), Models: []string{"nope"}, Requests: 2, MaxTokens: 4})
 	if err != nil || bad.Failed != 2 || !strings.Contains(bad.Errors[0], "HTTP 404") {

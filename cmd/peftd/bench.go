@@ -20,6 +20,8 @@ func cmdBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	fs.IntVar(&cfg.Concurrency, "concurrency", 8, "requests in flight at most")
 	fs.Float64Var(&cfg.Rate, "rate", 0, "arrival rate in requests/s (Poisson); 0: closed loop")
 	fs.IntVar(&cfg.PromptWords, "prompt-words", 8, "prompt length in words")
+	fs.IntVar(&cfg.PromptTokens, "prompt-tokens", 0, "prompts of this many random token ids instead of words (models without a tokenizer; needs --vocab)")
+	fs.IntVar(&cfg.Vocab, "vocab", 0, "the model's vocabulary size, for --prompt-tokens (ids drawn from [3, vocab))")
 	fs.IntVar(&cfg.MaxTokens, "max-tokens", 64, "tokens to generate per request")
 	fs.BoolVar(&cfg.IgnoreEOS, "ignore-eos", true, "ask the server to ignore EOS so every output has max-tokens tokens")
 	fs.Uint64Var(&cfg.Seed, "seed", 1, "seed for prompts and arrivals")
