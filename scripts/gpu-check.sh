@@ -466,6 +466,12 @@ if want serve8b; then
 			# one adapter only: LoRA compute without the split into four adapter queues
 			"$PY" scripts/serve_bench.py http://127.0.0.1:8081 "${AD%%,*}" 256 64 128 64 128256 2>&1 | tee -a "$LOG/serve8b.txt"
 			"$PY" scripts/serve_bench.py http://127.0.0.1:8081 base 256 64 128 64 128256 2>&1 | tee -a "$LOG/serve8b.txt"
+			# the same load from a Go client (streamed completions, token-id
+			# prompts), 1,024 requests: is the Python client what limits the rate?
+			timeout "$(left 90)" "$ROOT/bin/gpu/peftd" bench --url http://127.0.0.1:8081 --models base --requests 1024 --concurrency 64 \
+				--prompt-tokens 128 --vocab 128256 --max-tokens 64 --quiet --json >"$LOG/serve8b.gobench.json" 2>&1
+			"$PY" -c 'import json,sys; r=json.load(open(sys.argv[1])); print("GOBENCH requests=%d failed=%d tok_s=%.0f steady_tok_s=%.0f ttft_p50_ms=%.1f ttft_p99_ms=%.1f tpot_p50_ms=%.2f" % (r["Completed"], r["Failed"], r["Throughput"], r["SteadyThroughput"], r["TTFT"]["P50"]/1e6, r["TTFT"]["P99"]/1e6, r["TPOT"]["P50"]/1e6))' \
+				"$LOG/serve8b.gobench.json" 2>&1 | tee -a "$LOG/serve8b.txt"
 			# what the steps were like over all the runs: count, mean duration, rows and sequences
 			curl -sS http://127.0.0.1:8081/metrics >"$LOG/serve8b.metrics.txt"
 			awk '/^peftd_step_(duration|device)_seconds_(sum|count) /{v[$1]=$2} /^peftd_batch_tokens_(sum|count) /{v[$1]=$2} /^peftd_batch_size_(sum|count) /{v[$1]=$2}
@@ -698,7 +704,7 @@ fi
 	[[ -s "$LOG/attnbench.txt" ]] && echo "Prefill attention per 8B layer (median us):" && cut -c12- "$LOG/attnbench.txt"
 	[[ -s "$LOG/fp8bench.txt" ]] && echo "FP8 product at the 8B projection shapes (median us over graph replays):" && cut -c15- "$LOG/fp8bench.txt"
 	[[ -f "$LOG/serve.result" ]] && cat "$LOG/serve.result" && grep -E 'tok|req|TTFT|thr' "$LOG/serve.bench.txt" | head -8
-	[[ -f "$LOG/serve8b.txt" ]] && grep -E "^(SERVEBENCH|SERVESTEPS|SERVEHOST)" "$LOG/serve8b.txt" | cut -c1-320
+	[[ -f "$LOG/serve8b.txt" ]] && grep -E "^(SERVEBENCH|GOBENCH|SERVESTEPS|SERVEHOST)" "$LOG/serve8b.txt" | cut -c1-320
 	[[ -s "$LOG/prefix8b.txt" ]] && echo "Prefix caching (8B shapes, 8 layers; 2000-token shared prefix, concurrency 32):" && grep -E '^(PREFIXBENCH|PREFIXGREEDY)' "$LOG/prefix8b.txt" | cut -c1-230
 	[[ -s "$LOG/nsys8b.txt" ]] && echo "Serving under nsys (8B shapes, concurrency 64):" && grep -E '^(SERVEBENCH|NSYS)' "$LOG/nsys8b.txt" | cut -c1-200
 	[[ -s "$LOG/quality.txt" ]] && echo "Quality (peftd eval, stories260K; full tables in quality.txt):" && grep -E '^(model|candidate)|  all ' "$LOG/quality.txt"
