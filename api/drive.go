@@ -33,6 +33,9 @@ type delta struct {
 	pieces  []string  // what each token adds to the text: they concatenate to text
 	info    []tokInfo // with logprobs
 	offset  int       // where text starts in the whole text, in characters
+	// echo: the echoed prompt (completions with echo: the stream's first
+	// delta; text is the prompt's), with logprobs its tokens' part
+	echo *completionLogprobs
 }
 
 // drive consumes the scheduler's events: the text (Output: decoded after
@@ -49,6 +52,18 @@ func (s *Server) drive(ctx context.Context, cancel context.CancelFunc, j *job, c
 	out := NewOutput(s.cfg.Tokenizer, j.req.Prompt, j.stopStrs)
 	// Bytes and characters of text sent; first token not yet sent.
 	emitted, emittedChars, pendingFrom := 0, 0, 0
+	// echoPrompt streams the echoed prompt before anything else, once: the
+	// completion's text_offset then counts from the prompt's start.
+	echoed := emit == nil || !j.echo
+	echoPrompt := func(scores []sample.Choice) error {
+		if echoed {
+			return nil
+		}
+		echoed = true
+		text, lp := s.echoPrompt(j.req.Prompt, scores, j.logprobs)
+		emittedChars = utf8.RuneCountInString(text)
+		return emit(delta{text: text, echo: lp})
+	}
 	last := time.Time{}
 	// flushDelta sends the text up to upto, cut back to the end of a token,
 	// with the tokens behind it; final sends all the rest.
@@ -107,6 +122,12 @@ loop:
 		}
 		if ev.Prompt != nil && res.promptScores == nil {
 			res.promptScores = ev.Prompt
+		}
+		if ev.Err == nil {
+			if err := echoPrompt(ev.Prompt); err != nil {
+				cancel()
+				return res, err
+			}
 		}
 		if ev.Done {
 			if ev.Err != nil {

@@ -84,6 +84,45 @@ func TestEcho(t *testing.T) {
 	if lps[0] != nil || lps[5] == nil {
 		t.Errorf("token_logprobs %v", lps[:6])
 	}
+	// streamed: the prompt comes first, then the story; the chunks'
+	// texts and logprobs join to the answer above, text_offset running on
+	for _, maxTok := range []int{80, 0} {
+		r := do(t, "POST", url+"/v1/completions", map[string]any{"model": "pirate", "prompt": storyPrompt, "max_tokens": maxTok, "temperature": 0,
+			"echo": true, "logprobs": 1, "stream": true})
+		if r.Status != 200 {
+			t.Fatalf("%d %s", r.Status, r.Body)
+		}
+		events, done := sse(t, r.Body)
+		if !done {
+			t.Fatal("no [DONE]")
+		}
+		var text strings.Builder
+		var stoks, soffs []any
+		for i, ev := range events {
+			chs, _ := ev["choices"].([]any)
+			if len(chs) == 0 {
+				continue
+			}
+			c := chs[0].(map[string]any)
+			if i == 0 && c["text"] != storyPrompt {
+				t.Errorf("max_tokens %d: first chunk %q, want the prompt", maxTok, c["text"])
+			}
+			text.WriteString(c["text"].(string))
+			if lp, ok := c["logprobs"].(map[string]any); ok {
+				stoks = append(stoks, lp["tokens"].([]any)...)
+				soffs = append(soffs, lp["text_offset"].([]any)...)
+			}
+		}
+		want := pirateText
+		if maxTok == 0 {
+			want = storyPrompt
+		}
+		if text.String() != want {
+			t.Errorf("max_tokens %d: streamed text %q, want %q", maxTok, text.String(), want)
+		}
+		checkPieces(text.String(), stoks, soffs)
+	}
+
 	// without logprobs, a batch: each choice echoes its own prompt
 	r = do(t, "POST", url+"/v1/completions", map[string]any{"model": "stories260K", "prompt": []string{"Once upon a time", "One day"}, "max_tokens": 4, "temperature": 0, "echo": true})
 	if r.Status != 200 {
@@ -103,7 +142,6 @@ func TestEcho(t *testing.T) {
 	}{
 		{"/v1/chat/completions", map[string]any{"model": "pirate", "messages": []map[string]any{{"role": "user", "content": "x"}}, "echo": true}, "echo is for /v1/completions"},
 		{"/v1/adapters/pirate/invoke", map[string]any{"prompt": "x", "echo": true}, "echo is for /v1/completions"},
-		{"/v1/completions", map[string]any{"model": "pirate", "prompt": "x", "echo": true, "stream": true}, "stream"},
 		{"/v1/completions", map[string]any{"model": "pirate", "prompt": "x", "max_tokens": 0}, "0 only with echo"},
 	} {
 		e := wantErr(t, do(t, "POST", url+tc.path, tc.body), 400, "")

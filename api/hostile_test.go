@@ -44,11 +44,10 @@ var numericAbuse = map[string][]string{
 	"return_token_ids":      {"3", `"y"`},
 }
 
-// echoAbuse: echo is for completions only (and not with stream).
+// echoAbuse: echo is for completions only.
 var echoAbuse = map[string][]string{
-	"invoke":      {"true"},
-	"completions": {"true,\"stream\":true"},
-	"chat":        {"true"},
+	"invoke": {"true"},
+	"chat":   {"true"},
 }
 
 // logprobsAbuse differs by route: an int in [0, 20] for invoke and

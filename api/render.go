@@ -349,7 +349,10 @@ func tokenIDs(cs []sample.Choice) []int32 {
 // completionChunk is a streamed delta of choice index of a completion.
 func (s *Server) completionChunk(j *job, index int, prompt []int32, d delta, first bool) completionResponse {
 	ch := completionChoiceJSON{Index: index, Text: d.text}
-	if j.logprobs {
+	switch {
+	case d.echo != nil && j.logprobs:
+		ch.Logprobs = d.echo
+	case j.logprobs:
 		ch.Logprobs = s.completionLP(d.choices, d.pieces, d.info, d.offset)
 	}
 	if j.returnIDs {

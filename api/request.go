@@ -483,11 +483,8 @@ func (s *Server) buildJob(c *fiber.Ctx, k kind, adapterParam string) (*job, erro
 		return nil, badRequest("best_of", "only best_of=1 is supported, got %d", *r.BestOf)
 	}
 	if r.Echo {
-		switch {
-		case k != kindCompletion:
+		if k != kindCompletion {
 			return nil, badRequest("echo", "echo is for /v1/completions")
-		case r.Stream:
-			return nil, badRequest("echo", "echo is not supported with stream: true (ask without streaming)")
 		}
 		j.echo = true
 	}
