@@ -5,6 +5,8 @@ import (
 	"strings"
 	"testing"
 	"unicode/utf8"
+
+	"github.com/peftd/peftd/api"
 )
 
 // TestEcho: /v1/completions with echo puts the prompt before the text;
@@ -133,6 +135,20 @@ func TestEcho(t *testing.T) {
 		want := []string{"Once upon a time", "One day"}[int(m["index"].(float64))]
 		if !strings.HasPrefix(m["text"].(string), want) || len(m["text"].(string)) <= len(want) || m["logprobs"] != nil {
 			t.Errorf("batch choice %v: want the text after %q, no logprobs", m, want)
+		}
+	}
+	// a model without a tokenizer: token-id prompts, no text; the echoed
+	// tokens read token_id:N and add nothing to the (empty) text
+	raw, _ := storiesServer(t, false, func(c *api.Config) { c.Tokenizer = nil })
+	ch = choice(do(t, "POST", raw+"/v1/completions", map[string]any{"model": "stories260K", "prompt": []int{1, 403, 407}, "max_tokens": 2, "temperature": 0, "echo": true, "logprobs": 1}))
+	lp = ch["logprobs"].(map[string]any)
+	toks, offs = lp["tokens"].([]any), lp["text_offset"].([]any)
+	if ch["text"] != "" || len(toks) != 5 || toks[0] != "token_id:1" || toks[2] != "token_id:407" {
+		t.Errorf("no tokenizer: text %q, tokens %v", ch["text"], toks)
+	}
+	for i := range 3 {
+		if offs[i].(float64) != 0 {
+			t.Errorf("no tokenizer: prompt token %d at offset %v, want 0 (the text is empty)", i, offs[i])
 		}
 	}
 	for _, tc := range []struct {

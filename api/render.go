@@ -299,20 +299,22 @@ func (s *Server) echoPrompt(prompt []int32, scores []sample.Choice, logprobs boo
 		if i > 0 && i-1 < len(scores) && dec != nil && logprobs {
 			info = s.tokInfo(dec, scores[i-1]) // before id joins the decoder
 		}
-		var piece string
+		// piece: what the token adds to the text; without a tokenizer
+		// nothing (as a completion's text is then empty), its logprobs
+		// string then "token_id:N"
+		piece, name := "", s.tokenText(id)
 		if dec != nil {
 			piece = dec.Add(id)
 			if i == len(prompt)-1 {
 				piece += dec.Flush()
 			}
-		} else {
-			piece = s.tokenText(id)
+			name = piece
 		}
 		text.WriteString(piece)
 		if !logprobs {
 			continue
 		}
-		lp.Tokens = append(lp.Tokens, piece)
+		lp.Tokens = append(lp.Tokens, name)
 		lp.TextOffset = append(lp.TextOffset, chars)
 		chars += utf8.RuneCountInString(piece)
 		if i == 0 || i-1 >= len(scores) {

@@ -196,49 +196,46 @@ func Score(ctx context.Context, ref, cand Engine, slot int, docs [][]int32) (Sta
 		if len(d) > limit {
 			return st, fmt.Errorf("%w: document %d has %d tokens, more than the engines' context of %d", ErrInput, i, len(d), limit)
 		}
-		rows := [2][][]float32{}
-		for k, e := range []Engine{ref, cand} {
-			r, err := prefillAll(ctx, e, slot, d, chunk)
-			if err != nil {
-				return st, fmt.Errorf("document %d: %w", i, err)
-			}
-			rows[k] = r
-		}
-		res := compareRows(len(d), func(p int) ([]float32, []float32, int32) {
-			next := int32(-1)
-			if p+1 < len(d) {
-				next = d[p+1]
-			}
-			return rows[0][p], rows[1][p], next
-		})
-		for p, r := range res {
-			if r.err != nil {
-				return st, fmt.Errorf("document %d position %d: %w", i, p, r.err)
-			}
-			st.add(r)
+		if err := scoreDoc(ctx, ref, cand, slot, d, chunk, &st); err != nil {
+			return st, fmt.Errorf("document %d: %w", i, err)
 		}
 	}
 	return st, nil
 }
 
-// prefillAll runs tokens through e as one sequence in steps of at most
-// chunk tokens and returns every position's logits row.
-func prefillAll(ctx context.Context, e Engine, slot int, tokens []int32, chunk int) ([][]float32, error) {
-	seq := &engine.Sequence{}
-	defer e.Release(seq)
-	V := e.Config().VocabSize
-	var rows [][]float32
-	for lo := 0; lo < len(tokens); lo += chunk {
-		hi := min(lo+chunk, len(tokens))
-		out, err := e.Step(ctx, []engine.Input{{Seq: seq, Tokens: tokens[lo:hi], Slot: slot, AllLogits: true}})
-		if err != nil {
-			return nil, err
+// scoreDoc runs document d through both engines as one sequence each, in
+// steps of at most chunk tokens, comparing each step's rows before the
+// next (only a step's logits are held, not the document's).
+func scoreDoc(ctx context.Context, ref, cand Engine, slot int, d []int32, chunk int, st *Stats) error {
+	seqs := [2]*engine.Sequence{{}, {}}
+	defer ref.Release(seqs[0])
+	defer cand.Release(seqs[1])
+	V := ref.Config().VocabSize
+	for lo := 0; lo < len(d); lo += chunk {
+		hi := min(lo+chunk, len(d))
+		var rows [2][]float32
+		for k, e := range []Engine{ref, cand} {
+			out, err := e.Step(ctx, []engine.Input{{Seq: seqs[k], Tokens: d[lo:hi], Slot: slot, AllLogits: true}})
+			if err != nil {
+				return err
+			}
+			rows[k] = out[0]
 		}
-		for r := range hi - lo {
-			rows = append(rows, slices.Clone(out[0][r*V:(r+1)*V]))
+		res := compareRows(hi-lo, func(r int) ([]float32, []float32, int32) {
+			next := int32(-1)
+			if p := lo + r; p+1 < len(d) {
+				next = d[p+1]
+			}
+			return rows[0][r*V : (r+1)*V], rows[1][r*V : (r+1)*V], next
+		})
+		for r, x := range res {
+			if x.err != nil {
+				return fmt.Errorf("position %d: %w", lo+r, x.err)
+			}
+			st.add(x)
 		}
 	}
-	return rows, nil
+	return nil
 }
 
 // Job is one generation: a prompt under an adapter slot (-1: base).
@@ -272,6 +269,7 @@ func Generate(ctx context.Context, ref, cand Engine, jobs []Job, maxNew, batch i
 	}
 	limit := maxContext(ref, cand)
 	chunk := min(ref.Options().MaxTokens, cand.Options().MaxTokens)
+	batch = min(batch, chunk) // a decode step of every running job fits a step
 	for i, j := range jobs {
 		if len(j.Prompt) == 0 || len(j.Prompt) > chunk || len(j.Prompt) >= limit {
 			return st, nil, fmt.Errorf("%w: prompt %d has %d tokens (want 1 to %d)", ErrInput, i, len(j.Prompt), min(chunk, limit-1))

@@ -185,6 +185,16 @@ func TestGenerate(t *testing.T) {
 	if err != nil || st.KLSum != 0 || st.Agree != st.Rows {
 		t.Errorf("equal engines: %+v, %v", st, err)
 	}
+	// More jobs at once than a step holds rows: the batch shrinks to fit.
+	small, small2 := newFake(vocab, zero), newFake(vocab, zero)
+	small.maxTokens, small2.maxTokens = 8, 8
+	many := make([]Job, 12)
+	for i := range many {
+		many[i] = Job{Slot: -1, Prompt: []int32{int32(1 + i%10)}}
+	}
+	if st, _, err := Generate(context.Background(), small, small2, many, 4, 12, stop); err != nil || st.Rows == 0 {
+		t.Errorf("12 jobs on engines of 8-row steps: %+v, %v", st, err)
+	}
 	for _, bad := range [][]Job{{{-1, nil}}, {{-1, make([]int32, 40)}}} {
 		if _, _, err := Generate(context.Background(), newFake(vocab, zero), newFake(vocab, zero), bad, 4, 2, stop); !errors.Is(err, ErrInput) {
 			t.Errorf("prompt of %d tokens: %v, want ErrInput", len(bad[0].Prompt), err)

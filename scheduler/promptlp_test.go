@@ -4,10 +4,13 @@ import (
 	"context"
 	"math"
 	"slices"
+	"sync/atomic"
 	"testing"
 
 	"github.com/peftd/peftd/internal/fixture"
+	"github.com/peftd/peftd/runtime/cpu"
 	"github.com/peftd/peftd/runtime/engine"
+	"github.com/peftd/peftd/runtime/llama"
 	"github.com/peftd/peftd/runtime/sample"
 )
 
@@ -94,5 +97,64 @@ func TestPromptLogprobs(t *testing.T) {
 	// max tokens 0 is refused without PromptLogprobs.
 	if _, err := s.Submit(context.Background(), Request{Prompt: f.Cases[0].Prompt}); err == nil {
 		t.Error("max tokens 0 without PromptLogprobs was accepted")
+	}
+}
+
+// rowCounter is a CPU backend that records the most logits rows a step had.
+type rowCounter struct {
+	engine.Backend
+	most atomic.Int64
+}
+
+func (r *rowCounter) Execute(meta *engine.StepMeta, prog engine.Program) error {
+	if n := int64(len(meta.LogitRows)); n > r.most.Load() {
+		r.most.Store(n)
+	}
+	return r.Backend.Execute(meta, prog)
+}
+
+// TestPromptLogprobsRowsPerStep: scoring prompts share one budget of scored
+// rows per step (their logits come to the host), however many run at once.
+func TestPromptLogprobsRowsPerStep(t *testing.T) {
+	m, err := llama.Open("../models/stories260K")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { m.Close() })
+	b := &rowCounter{Backend: cpu.New(0)}
+	e, err := engine.New(m, b, engine.Options{MaxTokens: 2048, KVBlocks: 512, BlockSize: 16, AdapterSlots: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := New(e, Static{}, Config{})
+	t.Cleanup(s.Close)
+	var chans []<-chan Event
+	for k := range 6 {
+		p := make([]int32, 400)
+		for i := range p {
+			p[i] = int32(3 + (k*131+i*7)%500)
+		}
+		ch, err := s.Submit(context.Background(), Request{Prompt: p, MaxTokens: 2, PromptLogprobs: true})
+		if err != nil {
+			t.Fatal(err)
+		}
+		chans = append(chans, ch)
+	}
+	for _, ch := range chans {
+		var first *Event
+		for ev := range ch {
+			if first == nil {
+				first = &ev
+			}
+			if ev.Done && ev.Err != nil {
+				t.Fatal(ev.Err)
+			}
+		}
+		if len(first.Prompt) != 399 {
+			t.Errorf("%d prompt scores, want 399", len(first.Prompt))
+		}
+	}
+	if most := b.most.Load(); most > scoreChunk+6 {
+		t.Errorf("a step had %d logits rows: more than the %d scored rows a step (and one row per other sequence)", most, scoreChunk)
 	}
 }

@@ -164,10 +164,15 @@ func (s *Scheduler) plan(st *StepStats) ([]engine.Input, []*seq) {
 			st.Decode++
 		}
 	}
+	scoreBudget := scoreChunk // scored rows this step, all sequences together
 	for _, q := range s.running {
 		if n := len(q.tokens) - q.fed; budget > 0 && n > 1 {
 			if q.req.PromptLogprobs && len(q.scores) < len(q.req.Prompt)-1 {
-				n = min(n, scoreChunk) // every row's logits come to the host
+				if scoreBudget == 0 {
+					continue // its logits rows wait for the next step
+				}
+				n = min(n, scoreBudget) // every row's logits come to the host
+				scoreBudget -= min(n, budget)
 			}
 			add(q, min(n, budget))
 			st.Prefill++
@@ -207,8 +212,9 @@ func (s *Scheduler) failAll(err error) {
 	s.running = nil
 }
 
-// scoreChunk bounds the prompt rows a scoring sequence feeds per step: each
-// row's logits come to the host (128k floats at Llama 3's vocabulary).
+// scoreChunk bounds the prompt rows that scoring sequences feed per step,
+// together: each row's logits come to the host (128k floats at Llama 3's
+// vocabulary: 256 rows are 131 MB).
 const scoreChunk = 256
 
 // targets are the tokens the next n rows of q scores (engine

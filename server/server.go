@@ -356,8 +356,14 @@ func pickBackend(cfg Config, log *slog.Logger) (engine.Backend, string, error) {
 			}
 			err = gerr
 		}
-		log.Info("device", "device", DeviceCPU, "requested", cfg.Device, "threads", threads(cfg.Threads), "weights", "f32",
-			"reason", "no usable GPU: "+oneLine(err.Error()))
+		attrs := []any{"device", DeviceCPU, "requested", cfg.Device, "threads", threads(cfg.Threads), "weights", "f32", "kv_cache", "f32",
+			"reason", "no usable GPU: " + oneLine(err.Error())}
+		if cfg.Weights == WeightsFP8 || cfg.KVCache == KVCacheFP8 {
+			// the fallback computes in float32: fp8 is a GPU format here
+			// (--device cpu emulates it, slowly, for quality checks)
+			attrs = append(attrs, "fp8", "not applied on the CPU fallback (--device cpu emulates it)")
+		}
+		log.Info("device", attrs...)
 		return cpu.New(cfg.Threads), DeviceCPU, nil
 	}
 	return nil, "", fmt.Errorf("server: --device %q: want auto, cpu or cuda", cfg.Device)

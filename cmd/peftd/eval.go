@@ -73,6 +73,15 @@ func cpuFormat(f string) string {
 	return "f32"
 }
 
+// fellBack refuses an fp8 setup that device=auto put on the CPU: the
+// fallback computes in float32 and would compare nothing.
+func fellBack(sp engineSpec, device string) error {
+	if sp.Device == server.DeviceAuto && device == server.DeviceCPU && (sp.Weights == server.WeightsFP8 || sp.KVCache == server.KVCacheFP8) {
+		return fmt.Errorf("eval: engine %s: device=auto found no GPU, and the CPU fallback does not apply fp8: say device=cpu to emulate it, or device=cuda", sp)
+	}
+	return nil
+}
+
 // parseEngineSpec reads "device=cuda,weights=fp8,kv-cache=fp8,eager".
 func parseEngineSpec(s string) (engineSpec, error) {
 	sp := engineSpec{Device: server.DeviceAuto, Weights: server.WeightsBF16, KVCache: server.KVCacheBF16}
@@ -285,7 +294,10 @@ func cmdEval(ctx context.Context, args []string, stdout, stderr io.Writer) error
 				longest = max(longest, len(ids))
 			}
 		}
-		kvTokens = max(kvTokens, longest+*maxNew)
+		// The cache holds batch generations of the longest prompt and
+		// max-new tokens, or one whole held-out document (Score runs one
+		// at a time): OpenEngine gives batch sequences kvTokens each.
+		kvTokens = max(longest+*maxNew, (kvTokens+*batch-1) / *batch)
 		return kvTokens, nil
 	}
 	open := func(sp engineSpec, kv func(*llama.Model, *tokenizer.Tokenizer) (int, error)) (*engine.Engine, server.EngineInfo, error) {
@@ -311,6 +323,11 @@ func cmdEval(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	if err != nil {
 		return err
 	}
+	if err := fellBack(ref, rinfo.Device); err != nil {
+		re.Close()
+		rinfo.Model.Close()
+		return err
+	}
 	defer rinfo.Model.Close()
 	defer re.Close()
 	ref.Device = rinfo.Device
@@ -330,6 +347,11 @@ func cmdEval(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	for _, sp := range specs {
 		ce, cinfo, err := open(sp, func(*llama.Model, *tokenizer.Tokenizer) (int, error) { return kvTokens, nil })
 		if err != nil {
+			return err
+		}
+		if err := fellBack(sp, cinfo.Device); err != nil {
+			ce.Close()
+			cinfo.Model.Close()
 			return err
 		}
 		sp.Device = cinfo.Device

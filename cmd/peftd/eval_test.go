@@ -6,6 +6,8 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/peftd/peftd/runtime/gpu"
 )
 
 // TestEval: peftd eval on the embedded model compares a twin (no
@@ -81,8 +83,12 @@ func TestEvalErrors(t *testing.T) {
 		{"unknown adapter", []string{"--ref", "device=cpu", "--cand", "device=cpu", "--adapter", "robot"}, `adapter "robot"`},
 		{"adapter named base", []string{"--ref", "device=cpu", "--cand", "device=cpu", "--adapter", "base=pirate"}, `the name "base" is taken`},
 		{"bad max-new", []string{"--cand", "device=cpu", "--max-new", "0"}, "must be positive"},
+		{"fp8 on the auto fallback", []string{"--ref", "device=cpu", "--cand", "weights=fp8", "--max-new", "2", "--prompt", "One"}, "CPU fallback does not apply fp8"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
+			if tc.name == "fp8 on the auto fallback" && gpu.Available() == nil {
+				t.Skip("a GPU is here: auto does not fall back")
+			}
 			_, _, err := runCLIBoth(append([]string{"eval"}, tc.args...)...)
 			if err == nil || !strings.Contains(err.Error(), tc.want) {
 				t.Errorf("err %v, want one saying %q", err, tc.want)

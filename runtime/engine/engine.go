@@ -60,6 +60,7 @@ type Engine struct {
 	// activations: qkv and gateUp are the fused projections' outputs, q, k,
 	// v and gate, up views of their columns; act is silu(gate) * up
 	x, h, qkv, q, k, v, attn, tmp, gateUp, gate, up, act, logits Buffer
+	scoreBuf                                                     []float32 // host copy of scored logits rows (StepSample with Targets)
 
 	freeBlocks []int32
 	// refs counts the holders of each page: the sequences whose page table

@@ -72,14 +72,17 @@ type Sampling struct {
 	Scores  []sample.Choice
 }
 
-// scoring reports whether some Sampling scores rows.
-func scoring(sp []Sampling) bool {
-	for _, s := range sp {
-		if len(s.Targets) > 0 {
-			return true
+// scoredRows is one past the last logits row some Sampling scores (0: none).
+func scoredRows(sp []Sampling, outRow []int) int {
+	n := 0
+	for i, s := range sp {
+		for j, t := range s.Targets {
+			if t >= 0 {
+				n = max(n, outRow[i]+j+1)
+			}
 		}
 	}
-	return false
+	return n
 }
 
 // score fills each Sampling's Scores from the logits rows rows(i, j) of
@@ -206,11 +209,15 @@ func (e *Engine) StepSample(ctx context.Context, in []Input, sp []Sampling) ([]s
 	}
 	got := make([]sample.Choice, len(rows))
 	err = e.run(in, meta, func() error {
-		if scoring(sp) {
-			// the scored rows come to the host (before SampleRows adjusts
-			// a last row on the device)
-			host := make([]float32, len(meta.LogitRows)*V)
-			if err := e.b.Read(e.logits, len(meta.LogitRows), host); err != nil {
+		if n := scoredRows(sp, outRow); n > 0 {
+			// the logits rows up to the last scored one come to the host
+			// (before SampleRows adjusts a last row on the device), into
+			// a buffer kept for the next scoring step
+			if cap(e.scoreBuf) < n*V {
+				e.scoreBuf = make([]float32, n*V)
+			}
+			host := e.scoreBuf[:n*V]
+			if err := e.b.Read(e.logits, n, host); err != nil {
 				return err
 			}
 			score(sp, func(i, j int) []float32 { return host[(outRow[i]+j)*V : (outRow[i]+j+1)*V] })
