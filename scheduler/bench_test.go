@@ -139,3 +139,105 @@ func BenchmarkSchedulerHost(b *testing.B) {
 		b.ReportMetric(float64(b.N*clients*perClient*maxTok)/el.Seconds(), "tok/s")
 	}
 }
+
+// sleepyBackend is nullBackend whose steps take per of wall time (a GPU
+// step's device time, modeled): the host work around it is what it adds.
+type sleepyBackend struct {
+	nullBackend
+	per time.Duration
+}
+
+func (n *sleepyBackend) Execute(*engine.StepMeta, engine.Program) error {
+	time.Sleep(n.per)
+	return nil
+}
+
+// BenchmarkSchedulerModeled serves serve8b's load in process (64 clients in
+// a closed loop, 128-token prompts, 64 new tokens, 384 requests an
+// iteration) on a backend whose every step takes 6 ms (the H200's FP8 step
+// at ~115 rows): whether the scheduler keeps every client in the batch
+// (seqs/step, decodes/step: 64 at most), and the host time each step adds
+// (plan, prepare, emit; issue_us is the 6 ms plus the sleep's overshoot).
+// tok/s is what the load would reach if the device took 6 ms a step and
+// the HTTP path cost nothing.
+func BenchmarkSchedulerModeled(b *testing.B) {
+	f, err := fixture.Load()
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer f.Close()
+	opts := engine.DefaultOptions()
+	opts.KVBlocks = 4096
+	e, err := engine.New(f.Model, &sleepyBackend{per: 6 * time.Millisecond}, opts)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer e.Close()
+	var sum StepStats
+	var steps int
+	var mu sync.Mutex
+	s := New(e, Static{}, Config{MaxQueue: 1024, OnStep: func(st StepStats) {
+		if st.Rows == 0 {
+			return
+		}
+		mu.Lock()
+		steps++
+		sum.Rows += st.Rows
+		sum.Sequences += st.Sequences
+		sum.Decode += st.Decode
+		sum.Plan += st.Plan
+		sum.Prepare += st.Prepare
+		sum.Issue += st.Issue
+		sum.Emit += st.Emit
+		mu.Unlock()
+	}})
+	defer s.Close()
+	const clients, perClient, prompt, maxTok = 64, 6, 128, 64
+	V := int32(f.Model.Config.VocabSize)
+	b.ResetTimer()
+	t0 := time.Now()
+	for range b.N {
+		var wg sync.WaitGroup
+		for c := range clients {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for r := range perClient {
+					p := make([]int32, prompt)
+					for i := range p {
+						p[i] = 3 + int32(c*131+r*17+i)%(V-3)
+					}
+					ch, err := s.Submit(context.Background(), Request{Prompt: p, MaxTokens: maxTok})
+					if err != nil {
+						b.Error(err)
+						return
+					}
+					for ev := range ch {
+						if ev.Done {
+							break
+						}
+					}
+				}
+			}()
+		}
+		wg.Wait()
+	}
+	el := time.Since(t0)
+	b.StopTimer()
+	mu.Lock()
+	defer mu.Unlock()
+	if steps == 0 {
+		return
+	}
+	per := func(x int) float64 { return float64(x) / float64(steps) }
+	us := func(d time.Duration) float64 { return float64(d.Microseconds()) / float64(steps) }
+	b.ReportMetric(per(sum.Sequences), "seqs/step")
+	b.ReportMetric(per(sum.Decode), "decodes/step")
+	b.ReportMetric(per(sum.Rows), "rows/step")
+	b.ReportMetric(us(sum.Plan), "plan_us")
+	b.ReportMetric(us(sum.Prepare), "prepare_us")
+	b.ReportMetric(us(sum.Issue), "issue_us")
+	b.ReportMetric(us(sum.Emit), "emit_us")
+	b.ReportMetric(float64(el.Microseconds())/1000/float64(steps), "ms/step")
+	b.ReportMetric(float64(b.N*clients*perClient*maxTok)/el.Seconds(), "tok/s")
+}
