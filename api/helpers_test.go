@@ -62,7 +62,7 @@ func (st *stack) config(name string) api.Config {
 }
 
 // start serves cfg on a loopback port and returns the base URL.
-func start(t *testing.T, cfg api.Config) string {
+func start(t testing.TB, cfg api.Config) string {
 	t.Helper()
 	srv := api.New(cfg)
 	ln, err := net.Listen("tcp", "127.0.0.1:0")

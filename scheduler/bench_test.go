@@ -6,51 +6,10 @@ import (
 	"testing"
 	"time"
 
+	"github.com/peftd/peftd/internal/enginetest"
 	"github.com/peftd/peftd/internal/fixture"
 	"github.com/peftd/peftd/runtime/engine"
-	"github.com/peftd/peftd/runtime/llama"
-	"github.com/peftd/peftd/runtime/lora"
-	"github.com/peftd/peftd/runtime/safetensors"
-	"github.com/peftd/peftd/runtime/sample"
 )
-
-// nullBackend is an engine backend that computes nothing: steps cost only
-// the scheduler's and the engine's host work. Its device sampler returns a
-// token that depends on the row's counter, never EOS-like (requests ignore
-// it anyway).
-type nullBackend struct{ vocab int }
-
-type nullBuf int
-
-func (b nullBuf) Cols() int { return int(b) }
-
-func (n *nullBackend) Name() string { return "null" }
-func (n *nullBackend) Init(cfg *llama.Config, _ engine.Spec) error {
-	n.vocab = cfg.VocabSize
-	return nil
-}
-func (n *nullBackend) Upload(string, safetensors.DType, []int, []byte) (engine.Weight, error) {
-	return struct{}{}, nil
-}
-func (n *nullBackend) NewBuffer(_, cols int) (engine.Buffer, error) { return nullBuf(cols), nil }
-func (n *nullBackend) NewView(_ engine.Buffer, _, cols int) (engine.Buffer, error) {
-	return nullBuf(cols), nil
-}
-func (n *nullBackend) LoadAdapter(int, *lora.Adapter) error           { return nil }
-func (n *nullBackend) UnloadAdapter(int) error                        { return nil }
-func (n *nullBackend) Execute(*engine.StepMeta, engine.Program) error { return nil }
-func (n *nullBackend) End() error                                     { return nil }
-func (n *nullBackend) Close() error                                   { return nil }
-func (n *nullBackend) Read(b engine.Buffer, rows int, dst []float32) error {
-	clear(dst[:rows*b.Cols()])
-	return nil
-}
-func (n *nullBackend) SampleRows(_ engine.Buffer, rows []engine.RowSample, out []sample.Choice) error {
-	for i, r := range rows {
-		out[i] = sample.Choice{ID: int32(3 + (r.Counter*7919+r.Seed)%uint64(n.vocab-3)), Logprob: -1}
-	}
-	return nil
-}
 
 // BenchmarkSchedulerHost measures the host work of serving, per engine step,
 // with a backend that computes nothing (nullBackend): 64 clients in a closed
@@ -66,7 +25,7 @@ func BenchmarkSchedulerHost(b *testing.B) {
 	defer f.Close()
 	opts := engine.DefaultOptions()
 	opts.AdapterSlots = len(fixture.AdapterNames)
-	e, err := engine.New(f.Model, &nullBackend{}, opts)
+	e, err := engine.New(f.Model, &enginetest.Null{}, opts)
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -140,18 +99,6 @@ func BenchmarkSchedulerHost(b *testing.B) {
 	}
 }
 
-// sleepyBackend is nullBackend whose steps take per of wall time (a GPU
-// step's device time, modeled): the host work around it is what it adds.
-type sleepyBackend struct {
-	nullBackend
-	per time.Duration
-}
-
-func (n *sleepyBackend) Execute(*engine.StepMeta, engine.Program) error {
-	time.Sleep(n.per)
-	return nil
-}
-
 // BenchmarkSchedulerModeled serves serve8b's load in process (64 clients in
 // a closed loop, 128-token prompts, 64 new tokens, 384 requests an
 // iteration) on a backend whose every step takes 6 ms (the H200's FP8 step
@@ -168,7 +115,7 @@ func BenchmarkSchedulerModeled(b *testing.B) {
 	defer f.Close()
 	opts := engine.DefaultOptions()
 	opts.KVBlocks = 4096
-	e, err := engine.New(f.Model, &sleepyBackend{per: 6 * time.Millisecond}, opts)
+	e, err := engine.New(f.Model, &enginetest.Null{Step: 6 * time.Millisecond}, opts)
 	if err != nil {
 		b.Fatal(err)
 	}
