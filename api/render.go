@@ -97,6 +97,20 @@ func (s *Server) alternative(k, a int, cs []sample.Choice, info []tokInfo) (stri
 	return info[k].top[a].text, info[k].top[a].bytes
 }
 
+// topMap is a token's alternatives as the legacy completions logprobs give
+// them, keyed by their strings (key(a): alternative a's); alternatives
+// that read alike keep the likeliest.
+func topMap(c sample.Choice, key func(a int) string) map[string]float64 {
+	top := map[string]float64{}
+	for a, x := range c.Top {
+		k := key(a)
+		if _, dup := top[k]; !dup {
+			top[k] = finite(x.Logprob)
+		}
+	}
+	return top
+}
+
 // completionLogprobs is OpenAI's legacy completions logprobs object.
 type completionLogprobs struct {
 	Tokens        []string             `json:"tokens"`
@@ -117,14 +131,7 @@ func (s *Server) completionLP(cs []sample.Choice, pieces []string, info []tokInf
 		lp.Tokens = append(lp.Tokens, t)
 		v := finite(c.Logprob)
 		lp.TokenLogprobs = append(lp.TokenLogprobs, &v)
-		top := map[string]float64{}
-		for a, x := range c.Top {
-			key, _ := s.alternative(k, a, cs, info)
-			if _, dup := top[key]; !dup { // alternatives that read alike: the likeliest
-				top[key] = finite(x.Logprob)
-			}
-		}
-		lp.TopLogprobs = append(lp.TopLogprobs, top)
+		lp.TopLogprobs = append(lp.TopLogprobs, topMap(c, func(a int) string { key, _ := s.alternative(k, a, cs, info); return key }))
 		lp.TextOffset = append(lp.TextOffset, offset)
 		offset += utf8.RuneCountInString(t)
 	}
@@ -325,17 +332,12 @@ func (s *Server) echoPrompt(prompt []int32, scores []sample.Choice, logprobs boo
 		c := scores[i-1]
 		v := finite(c.Logprob)
 		lp.TokenLogprobs = append(lp.TokenLogprobs, &v)
-		top := map[string]float64{}
-		for a, x := range c.Top {
-			key := s.tokenText(x.ID)
+		lp.TopLogprobs = append(lp.TopLogprobs, topMap(c, func(a int) string {
 			if a < len(info.top) {
-				key = info.top[a].text
+				return info.top[a].text
 			}
-			if _, dup := top[key]; !dup {
-				top[key] = finite(x.Logprob)
-			}
-		}
-		lp.TopLogprobs = append(lp.TopLogprobs, top)
+			return s.tokenText(c.Top[a].ID)
+		}))
 	}
 	return text.String(), lp
 }

@@ -152,16 +152,6 @@ func (s *Stats) add(r rowResult) {
 	}
 }
 
-// compare adds one row (compareRow).
-func (s *Stats) compare(ref, cand []float32, next int32) error {
-	r := compareRow(ref, cand, next)
-	if r.err != nil {
-		return r.err
-	}
-	s.add(r)
-	return nil
-}
-
 // compareRows compares n rows on every core (a row is a pass over the
 // vocabulary: 128k exponentials at Llama 3's) and returns their results in
 // order, so that the sums do not depend on the split.

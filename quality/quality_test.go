@@ -36,10 +36,12 @@ func TestCompare(t *testing.T) {
 		{"not scored", []float32{1, 2, 3}, []float32{1, 2, 3}, -1, 0, 1, 0, 0},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			var s Stats
-			if err := s.compare(tc.ref, tc.cand, tc.next); err != nil {
-				t.Fatal(err)
+			r := compareRow(tc.ref, tc.cand, tc.next)
+			if r.err != nil {
+				t.Fatal(r.err)
 			}
+			var s Stats
+			s.add(r)
 			near := func(a, b float64) bool { return math.Abs(a-b) < 1e-6 }
 			if s.Rows != 1 || !near(s.KLSum, tc.kl) || !near(s.KLMax, tc.kl) || s.Agree != tc.agree || !near(s.NLLRef, tc.nllRef) || !near(s.NLLCand, tc.nllCand) {
 				t.Errorf("stats %+v, want KL %v, agree %d, NLL %v and %v", s, tc.kl, tc.agree, tc.nllRef, tc.nllCand)
@@ -49,11 +51,10 @@ func TestCompare(t *testing.T) {
 			}
 		})
 	}
-	var s Stats
-	if err := s.compare([]float32{0, 1}, []float32{float32(math.NaN()), 0}, -1); !errors.Is(err, ErrInput) {
+	if err := compareRow([]float32{0, 1}, []float32{float32(math.NaN()), 0}, -1).err; !errors.Is(err, ErrInput) {
 		t.Errorf("NaN candidate: %v, want ErrInput", err)
 	}
-	if err := s.compare([]float32{0, 1}, []float32{0}, -1); !errors.Is(err, ErrInput) {
+	if err := compareRow([]float32{0, 1}, []float32{0}, -1).err; !errors.Is(err, ErrInput) {
 		t.Errorf("rows of different widths: %v, want ErrInput", err)
 	}
 }

@@ -50,43 +50,10 @@ func BenchmarkSchedulerHost(b *testing.B) {
 	defer s.Close()
 	const clients, perClient, prompt, maxTok = 64, 4, 128, 64
 	models := append([]string{""}, fixture.AdapterNames...)
-	V := int32(f.Model.Config.VocabSize)
-	ctx := context.Background()
 	b.ResetTimer()
 	t0 := time.Now()
 	for range b.N {
-		var wg sync.WaitGroup
-		for c := range clients {
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				for r := range perClient {
-					p := make([]int32, prompt)
-					for i := range p {
-						p[i] = 3 + int32(c*131+r*17+i)%(V-3)
-					}
-					ch, err := s.Submit(ctx, Request{Adapter: models[(c+r)%len(models)], Prompt: p, MaxTokens: maxTok})
-					if err != nil {
-						b.Error(err)
-						return
-					}
-					n := 0
-					for ev := range ch {
-						if ev.Done {
-							if ev.Err != nil {
-								b.Error(ev.Err)
-							}
-							break
-						}
-						n++
-					}
-					if n != maxTok {
-						b.Errorf("request got %d tokens, want %d", n, maxTok)
-					}
-				}
-			}()
-		}
-		wg.Wait()
+		closedLoop(b, s, clients, perClient, prompt, maxTok, f.Model.Config.VocabSize, models)
 	}
 	el := time.Since(t0)
 	b.StopTimer()
@@ -97,6 +64,46 @@ func BenchmarkSchedulerHost(b *testing.B) {
 		b.ReportMetric(float64(rows)/float64(steps), "rows/step")
 		b.ReportMetric(float64(b.N*clients*perClient*maxTok)/el.Seconds(), "tok/s")
 	}
+}
+
+// closedLoop runs clients goroutines that each submit perClient requests in
+// turn (prompt token ids of the given length, maxTok new tokens, adapters
+// round-robin over models) and read every token; each request must get
+// maxTok tokens (the null backend never picks a stop token).
+func closedLoop(b *testing.B, s *Scheduler, clients, perClient, prompt, maxTok, vocab int, models []string) {
+	V := int32(vocab)
+	var wg sync.WaitGroup
+	for c := range clients {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for r := range perClient {
+				p := make([]int32, prompt)
+				for i := range p {
+					p[i] = 3 + int32(c*131+r*17+i)%(V-3)
+				}
+				ch, err := s.Submit(context.Background(), Request{Adapter: models[(c+r)%len(models)], Prompt: p, MaxTokens: maxTok})
+				if err != nil {
+					b.Error(err)
+					return
+				}
+				n := 0
+				for ev := range ch {
+					if ev.Done {
+						if ev.Err != nil {
+							b.Error(ev.Err)
+						}
+						break
+					}
+					n++
+				}
+				if n != maxTok {
+					b.Errorf("request got %d tokens, want %d", n, maxTok)
+				}
+			}
+		}()
+	}
+	wg.Wait()
 }
 
 // BenchmarkSchedulerModeled serves serve8b's load in process (64 clients in
@@ -140,34 +147,10 @@ func BenchmarkSchedulerModeled(b *testing.B) {
 	}})
 	defer s.Close()
 	const clients, perClient, prompt, maxTok = 64, 6, 128, 64
-	V := int32(f.Model.Config.VocabSize)
 	b.ResetTimer()
 	t0 := time.Now()
 	for range b.N {
-		var wg sync.WaitGroup
-		for c := range clients {
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				for r := range perClient {
-					p := make([]int32, prompt)
-					for i := range p {
-						p[i] = 3 + int32(c*131+r*17+i)%(V-3)
-					}
-					ch, err := s.Submit(context.Background(), Request{Prompt: p, MaxTokens: maxTok})
-					if err != nil {
-						b.Error(err)
-						return
-					}
-					for ev := range ch {
-						if ev.Done {
-							break
-						}
-					}
-				}
-			}()
-		}
-		wg.Wait()
+		closedLoop(b, s, clients, perClient, prompt, maxTok, f.Model.Config.VocabSize, []string{""})
 	}
 	el := time.Since(t0)
 	b.StopTimer()
