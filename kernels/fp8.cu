@@ -60,10 +60,6 @@ extern "C" __global__ void quant_rows_e4m3(unsigned char* __restrict__ q, float*
 // for both operands (it depends only on the lane's column group), so the
 // sum is the same. The warps' partial sums meet in shared memory.
 #define GV_MAX_WARPS 16
-#define GV_PREFETCH 4096 // bytes of each weight row asked of L2 before pdl_entry (at most 64 KB a block)
-
-// prefetch_l2: bring the 128-byte line holding p into L2 (no register, no wait).
-__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p)); }
 
 // ld_stream16: 16 bytes read once (weights): not kept in L1.
 __device__ __forceinline__ uint4 ld_stream16(const unsigned char* p) {
@@ -91,17 +87,9 @@ __device__ __forceinline__ void fp8_gemv_body(bf16* __restrict__ out, const unsi
     __shared__ float red[GV_MAX_WARPS][NT][4][32];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, tig = lane & 3, nw = blockDim.x >> 5;
     const int n0 = blockIdx.x * 16;
-    // The weights never change during a step: before waiting for the kernel
-    // before (which writes the activations), ask L2 for the first
-    // GV_PREFETCH bytes of each of the block's 16 rows, so that with
-    // Programmatic Dependent Launch the fetch overlaps that kernel's tail.
-    {
-        const int lines = min(K, GV_PREFETCH) / 128; // 128-byte lines per row (K % 64 == 0: a last half line is left out)
-        for (int i = threadIdx.x; i < 16 * lines; i += blockDim.x) {
-            const int r = i / lines, l = i - r * lines;
-            prefetch_l2(qw + (i64)(n0 + r) * K + l * 128);
-        }
-    }
+    // No L2 prefetch of the weights before pdl_entry: v0.16 measured one
+    // (4 KB of each row) 1.5-10 us slower per product at batch 1 (gate_up
+    // 36.8 -> 46.7 us: at K = 4096 it asked for every row twice).
     pdl_entry();
     const unsigned char* wa = qw + (i64)(n0 + g) * K + 16 * tig;
     const unsigned char* wb = wa + 8 * (i64)K;
