@@ -201,7 +201,9 @@ func TestGatedAdapterLoad(t *testing.T) {
 		}
 		var held *cuda.Event
 		if mode.hold {
-			// hold the uploader's stream behind ~100 ms of device copies
+			// hold the uploader's stream behind ~0.5-1 s of device copies
+			// (2,000 x 1 GiB): 200 (~60 ms on the H200) ended before
+			// PrepareAdapter and LoadPrepared returned
 			hold, err := b.ctx.NewStream()
 			if err != nil {
 				t.Fatal(err)
@@ -215,7 +217,7 @@ func TestGatedAdapterLoad(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			for range 200 {
+			for range 2000 {
 				if err := hold.CopyDtoD(dst.Ptr(), src.Ptr(), gb); err != nil {
 					t.Fatal(err)
 				}
@@ -248,7 +250,7 @@ func TestGatedAdapterLoad(t *testing.T) {
 		}
 		if held != nil {
 			if done, err := held.Done(); err != nil || done {
-				t.Fatalf("%s: the hold ended before the step (done %v, %v): the test cannot see the gate", mode.name, done, err)
+				t.Fatalf("%s: the hold ended before the step (done %v, %v; PrepareAdapter and LoadPrepared took %v): the test cannot see the gate", mode.name, done, err, time.Since(t0))
 			}
 		}
 		var outs [2][][]float32

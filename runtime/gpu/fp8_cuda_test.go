@@ -837,11 +837,21 @@ func TestFP8FusedQuantSiLU(t *testing.T) {
 
 // TestFP8SchemeFidelity (issue 14, scheme fidelity): peftd's fp8 path
 // against a torch reference of exactly its scheme (tools/make_fp8_reference.py
-// made PEFTD_FP8_REF from the fixture PEFTD_FP8_REF_EXACT) must be at most
-// half as far as that reference is from the exact float32 model, case by
-// case (relative logit error over the case's rows, teacher-forced, every
-// adapter loaded and co-batched): then peftd implements the scheme, and
-// what FP8 costs is the scheme's, measured by the second number.
+// made PEFTD_FP8_REF from the fixture PEFTD_FP8_REF_EXACT), case by case
+// (relative logit error over the case's rows, teacher-forced, every adapter
+// loaded and co-batched), measured in units of the scheme's own error (the
+// reference's distance from the exact float32 model):
+//   - the fp8 path must be at most schemeFidelityMax of it from the reference;
+//   - peftd's bf16 path, which has none of the scheme, must be at least
+//     schemeControlMin of it away (median over the cases): the reference
+//     tells the scheme from its absence, so the first bound can fail.
+//
+// Why not closer than ~0.6: peftd computes everything around the FP8
+// products in bf16, the reference in float32. The inputs to each e4m3
+// rounding differ by ~2^-8 relative, e4m3's step is 2^-3, so ~1/32 of the
+// roundings land one step apart: an RMS of sqrt(1/32) ~ 0.18 step against the
+// rounding's own 0.29 step, ~0.6 of the scheme's error. v0.16 (H200) measured
+// 0.43-0.63 with FP8 weights, up to 0.64 with FP8 keys too; the bf16 path ~1.
 // scripts/gpu-check.sh's fp8ref phase makes the references (tiny, and the
 // 8B shape when fixture8b made it) and runs this.
 func TestFP8SchemeFidelity(t *testing.T) {
@@ -849,6 +859,7 @@ func TestFP8SchemeFidelity(t *testing.T) {
 	if ref == "" || exact == "" {
 		t.Skip("PEFTD_FP8_REF and PEFTD_FP8_REF_EXACT are not both set")
 	}
+	const schemeFidelityMax, schemeControlMin = 0.75, 0.9
 	m, adapters, scheme := loadFixtureDir(t, ref)
 	_, _, ex := loadFixtureDir(t, exact)
 	if len(ex) != len(scheme) {
@@ -866,20 +877,26 @@ func TestFP8SchemeFidelity(t *testing.T) {
 	}
 	t.Logf("scheme: weights %s, KV cache %s", bo.WeightFormat, cmp.Or(bo.KVFormat, KVBF16))
 	q := measureWith(t, m, adapters, scheme, opts, bo)
-	t.Logf("%-4s %-18s %12s %12s %6s", "case", "adapter", "peftd_vs_ref", "ref_vs_exact", "ratio")
-	worst := 0.0
+	ctl := measureWith(t, m, adapters, scheme, opts, Options{WeightFormat: WeightsBF16})
+	t.Logf("%-4s %-18s %12s %12s %6s %8s", "case", "adapter", "peftd_vs_ref", "ref_vs_exact", "ratio", "bf16_ctl")
+	worst, ctlRatios := 0.0, make([]float64, len(scheme))
 	for i, c := range scheme {
 		var acc fx.ErrAcc
 		acc.Add(c.Prefill, ex[i].Prefill)
 		acc.Add(c.DecodeLogits, ex[i].DecodeLogits)
 		se := acc.Rel()
 		ratio := q.perCase[i] / se
+		ctlRatios[i] = ctl.perCase[i] / se
 		worst = max(worst, ratio)
-		t.Logf("%-4d %-18s %12.4f %12.4f %6.2f", c.ID, name(c), q.perCase[i], se, ratio)
-		if !(q.perCase[i] <= 0.5*se) {
-			t.Errorf("case %d (%s): peftd's fp8 path is %.4g from the scheme's reference, more than half the scheme's own error %.4g", c.ID, name(c), q.perCase[i], se)
+		t.Logf("%-4d %-18s %12.4f %12.4f %6.2f %8.2f", c.ID, name(c), q.perCase[i], se, ratio, ctlRatios[i])
+		if !(ratio <= schemeFidelityMax) {
+			t.Errorf("case %d (%s): peftd's fp8 path is %.4g from the scheme's reference, %.2f of the scheme's own error %.4g (at most %.2f)", c.ID, name(c), q.perCase[i], ratio, se, schemeFidelityMax)
 		}
 	}
-	t.Logf("worst ratio %.2f; vs the reference: mean KL %.3g nats over %d rows, greedy %d/%d exact, %d near-ties, %d misses",
-		worst, q.kl, q.rows, q.match, q.match+q.ties+q.misses, q.ties, q.misses)
+	slices.Sort(ctlRatios)
+	if med := ctlRatios[len(ctlRatios)/2]; !(med >= schemeControlMin) {
+		t.Errorf("the bf16 path is only %.2f of the scheme's error from its reference (median; want at least %.2f): the reference does not tell the scheme apart", med, schemeControlMin)
+	}
+	t.Logf("worst ratio %.2f, bf16 control median %.2f; vs the reference: mean KL %.3g nats over %d rows, greedy %d/%d exact, %d near-ties, %d misses",
+		worst, ctlRatios[len(ctlRatios)/2], q.kl, q.rows, q.match, q.match+q.ties+q.misses, q.ties, q.misses)
 }

@@ -8,10 +8,12 @@ import (
 const (
 	skinnyMaxRows = 128 // the most rows it takes (fp8_gemm_skinny_n128)
 	// skinnyAutoRows is the most rows the FP8 product sends to it (cuBLASLt
-	// above): n128 (65-128 rows, 147 KB of shared memory, one block per SM)
-	// stays out of the automatic choice until TestFP8GemmBench shows it
-	// faster than cuBLASLt there (its sk128_us column).
-	skinnyAutoRows = 64
+	// above). It equals gemvMaxRows: none. TestFP8GemmBench on the H200
+	// (v0.16) measured it 2-3x slower than cuBLASLt at 32-64 rows (qkv 32
+	// rows: 32.0 vs 16.6 us; down 64 rows: 96.7 vs 37.8 us) and n128 6x
+	// slower at 96-128, so it stays a benchmark's choice (skTop) until it
+	// beats cuBLASLt there.
+	skinnyAutoRows = gemvMaxRows
 	skinnyRows     = 64 // SK_ROWS: weight rows per block
 	skinnyThreads  = 128
 	skinnyStages   = 4   // SK_STAGES
