@@ -2,52 +2,10 @@
 // fp8.go). Weights are quantized once at upload with one float32 scale per
 // output row; activations per token (row) before each FP8 GEMM. The GEMM
 // itself is cuBLASLt's (outer-vector scales on both operands, bf16 out),
-// except for steps of up to 16 rows (fp8_gemv, below).
+// except for steps of up to 16 rows (fp8_gemv, below) and of 17-64 rows
+// (fp8_gemm_skinny, at the end).
 // Compiled at run time by NVRTC (kernels.Load) like llama.cu.
-#include <cuda_bf16.h>
-#include <cuda_fp8.h>
-
-typedef __nv_bfloat16 bf16;
-typedef long long i64;
-
-// pdl_entry: with Programmatic Dependent Launch (runtime/cuda
-// Stream.SetProgrammaticLaunch) a kernel's blocks may start while the kernel
-// before it on the stream still runs. Every kernel calls this first: it
-// waits for that kernel to finish and its writes to be visible (so nothing
-// is read early, nor overwritten while the other kernel still reads it),
-// then lets the next kernel's blocks be scheduled as this one's finish. A
-// no-op for a normal launch, and before sm_90.
-__device__ __forceinline__ void pdl_entry() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.wait;\n" ::: "memory");
-    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-#endif
-}
-
-#define E4M3_MAX 448.0f
-
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-    return v;
-}
-
-// block_max: max over the block (blockDim.x a multiple of 32); sh holds 33 floats.
-__device__ float block_max(float v, float* sh) {
-    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
-    v = warp_max(v);
-    if (lane == 0) sh[w] = v;
-    __syncthreads();
-    if (w == 0) {
-        float x = lane < nw ? sh[lane] : 0.f;
-        x = warp_max(x);
-        if (lane == 0) sh[32] = x;
-    }
-    __syncthreads();
-    float r = sh[32];
-    __syncthreads();
-    return r;
-}
+#include "common.cuh"
 
 // quant_rows_e4m3: for each row r (grid.x = rows, block a multiple of 32):
 //   amax = max |x[r, :cols]|, scale[r] = amax / 448,
@@ -85,40 +43,7 @@ extern "C" __global__ void quant_rows_e4m3(unsigned char* __restrict__ q, float*
             m = fmaxf(m, a);
         }
     }
-    bad = __syncthreads_or(bad);
-    m = block_max(m, sh);
-    float s, inv;
-    if (bad) {
-        s = __int_as_float(0x7fc00000);
-        inv = 0.f;
-    } else if (m == 0.f) {
-        s = 1.f;
-        inv = 0.f;
-    } else {
-        s = m / E4M3_MAX;
-        inv = E4M3_MAX / m;
-    }
-    if (threadIdx.x == 0) scale[r] = s;
-    if (vec) {
-        for (int i = threadIdx.x * 8; i < cols; i += blockDim.x * 8) {
-            uint4 u = *(const uint4*)(xr + i);
-            const __nv_bfloat162* h = (const __nv_bfloat162*)&u;
-            uint2 o;
-            unsigned short* os = (unsigned short*)&o;
-#pragma unroll
-            for (int j = 0; j < 4; j++) {
-                float2 f = __bfloat1622float2(h[j]);
-                f.x *= inv;
-                f.y *= inv;
-                os[j] = __nv_cvt_float2_to_fp8x2(f, __NV_SATFINITE, __NV_E4M3);
-            }
-            *(uint2*)(qr + i) = o;
-        }
-    } else {
-        for (int i = threadIdx.x; i < cols; i += blockDim.x) {
-            qr[i] = __nv_cvt_float_to_fp8(__bfloat162float(xr[i]) * inv, __NV_SATFINITE, __NV_E4M3);
-        }
-    }
+    quant_row_e4m3(xr, qr, scale + r, cols, vec, m, bad, sh);
 }
 
 // fp8_gemv_n{8,16}: the FP8 product for a few rows (M <= 8 or 16):
@@ -162,6 +87,10 @@ __device__ __forceinline__ void fp8_gemv_body(bf16* __restrict__ out, const unsi
     __shared__ float red[GV_MAX_WARPS][NT][4][32];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, tig = lane & 3, nw = blockDim.x >> 5;
     const int n0 = blockIdx.x * 16;
+    // No L2 prefetch of the weights before pdl_entry: v0.16 measured one
+    // (4 KB of each row) 1.5-10 us slower per product at batch 1 (gate_up
+    // 36.8 -> 46.7 us: at K = 4096 it asked for every row twice).
+    pdl_entry();
     const unsigned char* wa = qw + (i64)(n0 + g) * K + 16 * tig;
     const unsigned char* wb = wa + 8 * (i64)K;
     const unsigned char* xr[NT];
@@ -226,5 +155,145 @@ __device__ __forceinline__ void fp8_gemv_body(bf16* __restrict__ out, const unsi
 #define FP8_GEMV_ARGS                                                                                        \
     bf16 *out, const unsigned char *qx, const float *sx, const unsigned char *qw, const float *sw, int M, int N, \
         int K
-extern "C" __global__ void __launch_bounds__(32 * GV_MAX_WARPS) fp8_gemv_n8(FP8_GEMV_ARGS) { pdl_entry(); fp8_gemv_body<1>(out, qx, sx, qw, sw, M, N, K); }
-extern "C" __global__ void __launch_bounds__(32 * GV_MAX_WARPS) fp8_gemv_n16(FP8_GEMV_ARGS) { pdl_entry(); fp8_gemv_body<2>(out, qx, sx, qw, sw, M, N, K); }
+extern "C" __global__ void __launch_bounds__(32 * GV_MAX_WARPS) fp8_gemv_n8(FP8_GEMV_ARGS) { fp8_gemv_body<1>(out, qx, sx, qw, sw, M, N, K); }
+extern "C" __global__ void __launch_bounds__(32 * GV_MAX_WARPS) fp8_gemv_n16(FP8_GEMV_ARGS) { fp8_gemv_body<2>(out, qx, sx, qw, sw, M, N, K); }
+
+// fp8_gemm_skinny_n{32,64,128}: the same product for 17-128 rows (M <= 32,
+// 64 or 128), where cuBLASLt's one FP8 algorithm reads the weights at
+// 0.3-0.5 of the bandwidth (n128 is taken only where a benchmark showed it
+// faster: see skinnyAutoRows in runtime/gpu). Operands swapped as in fp8_gemv (weight rows are the MMA's M,
+// activation rows its N, the same k permutation inside each 64-byte span),
+// but a block of SK_WARPS warps takes SK_ROWS weight rows (16 per warp) over
+// one K range and stages both operands in shared memory with cp.async,
+// SK_STAGES stages of SK_U spans: each weight byte is read from memory once,
+// each activation span once per block (not once per warp), and every warp
+// reads the activation tile its MMAs share from shared memory.
+// grid (N / SK_ROWS, S): the S blocks of a weight tile split K; with S > 1
+// they write float32 partials to part ([N/SK_ROWS][S][SK_ROWS][8*NT]) and
+// the last to finish (a counter in done, left at zero again) sums them in
+// split order and writes the tile: no second launch, and the same result
+// however the blocks are scheduled. Dynamic shared memory
+// SK_STAGES * (SK_ROWS + 8*NT) * SK_LD bytes. N % 64 == 0, K % 64 == 0.
+#define SK_WARPS 4
+#define SK_ROWS 64
+#define SK_U 2
+#define SK_STAGES 4
+#define SK_LD (SK_U * 64 + 64) // bytes per staged row: 16-byte reads of 8 lanes hit 32 different banks
+
+__device__ __forceinline__ uint4 sk_lds(unsigned a) {
+    uint4 v;
+    asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(a));
+    return v;
+}
+
+template <int NT>
+__device__ __forceinline__ void fp8_skinny_body(bf16* __restrict__ out, float* __restrict__ part, int* __restrict__ done,
+                                                const unsigned char* __restrict__ qx, const float* __restrict__ sx,
+                                                const unsigned char* __restrict__ qw, const float* __restrict__ sw, int M,
+                                                int N, int K) {
+    constexpr int TR = 8 * NT;            // activation rows staged (zeros past M)
+    constexpr int WB = SK_ROWS * SK_LD;   // weight bytes of a stage
+    constexpr int SB = WB + TR * SK_LD;   // bytes of a stage
+    constexpr int CH = SK_U * 4;          // 16-byte chunks per staged row
+    extern __shared__ __align__(16) unsigned char skm[];
+    __shared__ int last;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, tig = lane & 3;
+    const int n0 = blockIdx.x * SK_ROWS, S = gridDim.y, sp = blockIdx.y;
+    const int spans = K / 64, per = (spans + S - 1) / S;
+    const int s0 = min(spans, sp * per), s1 = min(spans, s0 + per);
+    const int nst = (s1 - s0 + SK_U - 1) / SK_U; // stages of this block (0 for an empty split)
+    const unsigned base = (unsigned)__cvta_generic_to_shared(skm);
+
+    // copy(j, lo, hi): staged rows [lo, hi) (weights 0..SK_ROWS-1, then the
+    // activation rows) of stage j (spans s0 + j*SK_U on) into buffer j %
+    // SK_STAGES; spans past s1 and activation rows past M are zero-filled
+    // (they add 0)
+    auto copy = [&](int j, int lo, int hi) {
+        if (j >= nst) return;
+        const unsigned b = base + (j % SK_STAGES) * SB;
+        const int sa = s0 + j * SK_U;
+        for (int i = lo * CH + tid; i < hi * CH; i += SK_WARPS * 32) {
+            const int r = i / CH, c = i - r * CH, s = sa + c / 4;
+            const bool w = r < SK_ROWS;
+            const int xr = r - SK_ROWS;
+            const bool ok = s < s1 && (w || xr < M);
+            const unsigned char* src = w ? qw + (i64)(n0 + r) * K : qx + (i64)(ok ? xr : 0) * K;
+            cp_async16(b + r * SK_LD + c * 16, src + (i64)(ok ? s : s0) * 64 + (c & 3) * 16, ok ? 16 : 0);
+        }
+    };
+
+    float c[NT][4];
+#pragma unroll
+    for (int t = 0; t < NT; t++) c[t][0] = c[t][1] = c[t][2] = c[t][3] = 0.f;
+    // The weights never change during a step: their first stages are
+    // copied before waiting for the kernel before (which writes the
+    // activations), so with Programmatic Dependent Launch the fetch
+    // overlaps its tail. They join the first commit group (a wait for stage
+    // 0 waits for them all: they were issued first).
+#pragma unroll
+    for (int j = 0; j < SK_STAGES - 1; j++) copy(j, 0, SK_ROWS);
+    pdl_entry();
+#pragma unroll
+    for (int j = 0; j < SK_STAGES - 1; j++) {
+        copy(j, SK_ROWS, SK_ROWS + TR);
+        cp_async_commit(); // empty past the end: the group count stays uniform
+    }
+    const unsigned wrow = (warp * 16 + g) * SK_LD + tig * 16;
+    for (int j = 0; j < nst; j++) {
+        cp_async_wait<SK_STAGES - 2>(); // this thread's copies of stage j have landed
+        __syncthreads();          // everyone's have; and everyone is done with stage j - 1's buffer
+        copy(j + SK_STAGES - 1, 0, SK_ROWS + TR);
+        cp_async_commit();
+        const unsigned b = base + (j % SK_STAGES) * SB;
+#pragma unroll
+        for (int u = 0; u < SK_U; u++) {
+            const uint4 A = sk_lds(b + wrow + u * 64), B = sk_lds(b + wrow + 8 * SK_LD + u * 64);
+#pragma unroll
+            for (int t = 0; t < NT; t++) {
+                const uint4 X = sk_lds(b + WB + (8 * t + g) * SK_LD + tig * 16 + u * 64);
+                mma_e4m3(c[t], A.x, B.x, A.y, B.y, X.x, X.y);
+                mma_e4m3(c[t], A.z, B.z, A.w, B.w, X.z, X.w);
+            }
+        }
+    }
+    cp_async_wait<0>();
+    // c[t][e]: weight row n0 + 16*warp + g (+8 for e >= 2), activation row 8t + 2tig + (e & 1)
+    if (S == 1) {
+#pragma unroll
+        for (int t = 0; t < NT; t++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int m = 8 * t + 2 * tig + (e & 1), n = n0 + 16 * warp + g + (e >= 2 ? 8 : 0);
+                if (m < M) out[(i64)m * N + n] = __float2bfloat16_rn(c[t][e] * sx[m] * sw[n]);
+            }
+        return;
+    }
+    float* tile = part + (i64)blockIdx.x * S * SK_ROWS * TR;
+    float* mine = tile + (i64)sp * SK_ROWS * TR;
+#pragma unroll
+    for (int t = 0; t < NT; t++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) mine[(16 * warp + g + (e >= 2 ? 8 : 0)) * TR + 8 * t + 2 * tig + (e & 1)] = c[t][e];
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) last = atomicAdd(done + blockIdx.x, 1) == S - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    for (int i = tid; i < SK_ROWS * TR; i += SK_WARPS * 32) {
+        const int r = i / TR, m = i - r * TR;
+        if (m >= M) continue;
+        float v = 0.f;
+        for (int s = 0; s < S; s++) v += __ldcg(tile + (i64)s * SK_ROWS * TR + i);
+        out[(i64)m * N + n0 + r] = __float2bfloat16_rn(v * sx[m] * sw[n0 + r]);
+    }
+    if (tid == 0) done[blockIdx.x] = 0; // ready for the next launch
+}
+
+#define FP8_SKINNY_ARGS                                                                                        \
+    bf16 *out, float *part, int *done, const unsigned char *qx, const float *sx, const unsigned char *qw,    \
+        const float *sw, int M, int N, int K
+#define FP8_SKINNY_PASS out, part, done, qx, sx, qw, sw, M, N, K
+extern "C" __global__ void __launch_bounds__(32 * SK_WARPS) fp8_gemm_skinny_n32(FP8_SKINNY_ARGS) { fp8_skinny_body<4>(FP8_SKINNY_PASS); }
+extern "C" __global__ void __launch_bounds__(32 * SK_WARPS) fp8_gemm_skinny_n64(FP8_SKINNY_ARGS) { fp8_skinny_body<8>(FP8_SKINNY_PASS); }
+extern "C" __global__ void __launch_bounds__(32 * SK_WARPS) fp8_gemm_skinny_n128(FP8_SKINNY_ARGS) { fp8_skinny_body<16>(FP8_SKINNY_PASS); }

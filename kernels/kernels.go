@@ -20,7 +20,7 @@ import (
 	"github.com/peftd/peftd/runtime/cuda"
 )
 
-//go:embed *.cu
+//go:embed *.cu *.cuh
 var sources embed.FS
 
 // Llama is the forward-pass kernel source used by runtime/gpu.
@@ -29,13 +29,58 @@ const Llama = "llama.cu"
 // ErrNoHeaders: the CUDA include folder (for cuda_bf16.h) is missing.
 var ErrNoHeaders = errors.New("kernels: CUDA headers not found")
 
-// Source returns an embedded source file.
+// Source returns an embedded source file with its local headers in place:
+// each `#include "name"` line of an embedded file (common.cuh) is replaced
+// by that file's text, once per source (the headers say #pragma once), so
+// NVRTC gets one self-contained source and the cache key covers the
+// headers too. Angle-bracket includes (CUDA's) are left to NVRTC.
 func Source(name string) (string, error) {
-	b, err := sources.ReadFile(name)
-	if err != nil {
-		return "", fmt.Errorf("kernels: no source %q: %w", name, err)
+	var b strings.Builder
+	if err := expand(&b, name, map[string]bool{}); err != nil {
+		return "", err
 	}
-	return string(b), nil
+	return b.String(), nil
+}
+
+func expand(b *strings.Builder, name string, seen map[string]bool) error {
+	raw, err := sources.ReadFile(name)
+	if err != nil {
+		return fmt.Errorf("kernels: no source %q: %w", name, err)
+	}
+	seen[name] = true
+	for line := range strings.Lines(string(raw)) {
+		inc, ok := localInclude(line)
+		if !ok {
+			if strings.TrimSpace(line) != "#pragma once" {
+				b.WriteString(line)
+			}
+			continue
+		}
+		if seen[inc] {
+			continue
+		}
+		if err := expand(b, inc, seen); err != nil {
+			return fmt.Errorf("kernels: %s includes %q: %w", name, inc, err)
+		}
+	}
+	return nil
+}
+
+// localInclude returns the file named by a line `#include "file"`.
+func localInclude(line string) (string, bool) {
+	rest, ok := strings.CutPrefix(strings.TrimSpace(line), "#include")
+	if !ok {
+		return "", false
+	}
+	rest = strings.TrimSpace(rest)
+	if len(rest) < 2 || rest[0] != '"' {
+		return "", false
+	}
+	end := strings.IndexByte(rest[1:], '"')
+	if end < 0 {
+		return "", false
+	}
+	return rest[1 : 1+end], true
 }
 
 // Options tune Load. Zero values take the defaults.

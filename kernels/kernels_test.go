@@ -30,3 +30,43 @@ func TestSourceAndKey(t *testing.T) {
 		t.Errorf("key %s", a)
 	}
 }
+
+// TestSourceIncludes: the local header is in place of its #include line,
+// once, without its #pragma once; CUDA's own includes stay for NVRTC.
+func TestSourceIncludes(t *testing.T) {
+	raw, err := sources.ReadFile("common.cuh")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, name := range []string{Llama, Sgmv, FP8} {
+		src, err := Source(name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for line := range strings.Lines(src) {
+			if _, ok := localInclude(line); ok || strings.TrimSpace(line) == "#pragma once" {
+				t.Errorf("%s: %q is left", name, line)
+			}
+		}
+		if n := strings.Count(src, "__device__ __forceinline__ void pdl_entry()"); n != 1 {
+			t.Errorf("%s: pdl_entry defined %d times, want 1", name, n)
+		}
+		if !strings.Contains(src, "#include <cuda_bf16.h>") {
+			t.Errorf("%s: CUDA's include is gone", name)
+		}
+		body := strings.Replace(string(raw), "#pragma once\n", "", 1)
+		if !strings.Contains(src, body) {
+			t.Errorf("%s: common.cuh is not in place", name)
+		}
+	}
+	for _, c := range []struct {
+		line, want string
+		ok         bool
+	}{{`#include "common.cuh"`, "common.cuh", true}, {`  #include  "a.h" // x`, "a.h", true}, {"#include <cuda_bf16.h>", "", false},
+		{`#include "broken`, "", false}, {"// #include \"x\"", "", false}} {
+		got, ok := localInclude(c.line)
+		if got != c.want || ok != c.ok {
+			t.Errorf("localInclude(%q) = %q, %v; want %q, %v", c.line, got, ok, c.want, c.ok)
+		}
+	}
+}

@@ -1,72 +1,12 @@
 // Llama forward-pass kernels for peftd's GPU backend (runtime/gpu).
 // Activations and weights are bf16, arithmetic is float32. Compiled at run
 // time by NVRTC (kernels.Load) for the device's architecture.
-#include <cuda_bf16.h>
-#include <cuda_fp8.h>
-
-typedef __nv_bfloat16 bf16;
-typedef long long i64;
-
-// pdl_entry: with Programmatic Dependent Launch (runtime/cuda
-// Stream.SetProgrammaticLaunch) a kernel's blocks may start while the kernel
-// before it on the stream still runs. Every kernel calls this first: it
-// waits for that kernel to finish and its writes to be visible (so nothing
-// is read early, nor overwritten while the other kernel still reads it),
-// then lets the next kernel's blocks be scheduled as this one's finish. A
-// no-op for a normal launch, and before sm_90.
-__device__ __forceinline__ void pdl_entry() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.wait;\n" ::: "memory");
-    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-#endif
-}
+#include "common.cuh"
 
 #define NEG_INF (__int_as_float(0xff800000))
 
 __device__ __forceinline__ float ld(const bf16* p) { return __bfloat162float(*p); }
 __device__ __forceinline__ bf16 tobf(float x) { return __float2bfloat16_rn(x); }
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
-
-// block_sum: sum over the block (blockDim.x a multiple of 32); sh holds 33 floats.
-__device__ float block_sum(float v, float* sh) {
-    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
-    v = warp_sum(v);
-    if (lane == 0) sh[w] = v;
-    __syncthreads();
-    if (w == 0) {
-        float x = lane < nw ? sh[lane] : 0.f;
-        x = warp_sum(x);
-        if (lane == 0) sh[32] = x;
-    }
-    __syncthreads();
-    float r = sh[32];
-    __syncthreads();
-    return r;
-}
-
-// block_max: max over the block, as block_sum.
-__device__ float block_max(float v, float* sh) {
-    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-    if (lane == 0) sh[w] = v;
-    __syncthreads();
-    if (w == 0) {
-        float x = lane < nw ? sh[lane] : 0.f;
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
-        if (lane == 0) sh[32] = x;
-    }
-    __syncthreads();
-    float r = sh[32];
-    __syncthreads();
-    return r;
-}
 
 // embed: out[r] = table[tokens[r]]; grid (T), any block.
 extern "C" __global__ void embed(bf16* out, const bf16* table, const int* tokens, int H) {
@@ -77,12 +17,6 @@ extern "C" __global__ void embed(bf16* out, const bf16* table, const int* tokens
     for (int i = threadIdx.x; i < H; i += blockDim.x) dst[i] = src[i];
 }
 
-// add_rmsnorm: if delta: x += delta (rounded to bf16 in x); if out: out = rmsnorm(x) * w.
-// d2 (may be null; only with delta): a float32 LoRA update of delta computed
-// beside it, rows H apart, for the rows whose rl (row adapter slot) is >= 0:
-// delta + d2 is rounded to bf16 first (the projection's output as an update
-// in place would have left it), then added to x.
-// grid (T), block multiple of 32.
 // unpack8/pack8: 8 bf16 in a 16-byte word <-> 8 floats.
 __device__ __forceinline__ void unpack8(uint4 u, float* f) {
     const __nv_bfloat162* p = reinterpret_cast<const __nv_bfloat162*>(&u);
@@ -100,53 +34,26 @@ __device__ __forceinline__ uint4 pack8(const float* f) {
     return u;
 }
 
-// quant_row_e4m3 quantizes the row out (n values, 16-byte words when vec)
-// that this block has just written, as quant_rows_e4m3 (fp8.cu) would from
-// the same bf16 values: scale = amax / 448 (1 for a zero row, NaN for a row
-// holding Inf or NaN, whose values become zeros), q = e4m3_satfinite(v /
-// scale). m and bad are this thread's max |v| and non-finite flag over the
-// values it wrote; every thread of the block calls it.
-__device__ void quant_row_e4m3(const bf16* out, unsigned char* q, float* qscale, int n, bool vec, float m, int bad, float* sh) {
-    bad = __syncthreads_or(bad);
-    const float amax = block_max(m, sh);
-    float s, inv;
-    if (bad) {
-        s = __int_as_float(0x7fc00000);
-        inv = 0.f;
-    } else if (amax == 0.f) {
-        s = 1.f;
-        inv = 0.f;
-    } else {
-        s = amax / 448.f;
-        inv = 448.f / amax;
-    }
-    if (threadIdx.x == 0) *qscale = s;
-    if (vec) {
-        const uint4* o8 = reinterpret_cast<const uint4*>(out);
-        for (int c = threadIdx.x; c < n / 8; c += blockDim.x) {
-            const uint4 u = o8[c];
-            const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
-            uint2 o;
-            unsigned short* os = reinterpret_cast<unsigned short*>(&o);
+// widen8_e4m3: 8 e4m3 values (8 bytes, the first lowest) as 8 bf16 in a
+// 16-byte word, exactly (bf16 holds every e4m3 value).
+__device__ __forceinline__ uint4 widen8_e4m3(uint2 w) {
+    float f[8];
 #pragma unroll
-            for (int j = 0; j < 4; j++) {
-                float2 f = __bfloat1622float2(h[j]);
-                f.x *= inv;
-                f.y *= inv;
-                os[j] = __nv_cvt_float2_to_fp8x2(f, __NV_SATFINITE, __NV_E4M3);
-            }
-            *reinterpret_cast<uint2*>(q + 8 * c) = o;
-        }
-    } else {
-        for (int i = threadIdx.x; i < n; i += blockDim.x) q[i] = __nv_cvt_float_to_fp8(__bfloat162float(out[i]) * inv, __NV_SATFINITE, __NV_E4M3);
+    for (int j = 0; j < 4; j++) {
+        const float2 v = e4m3x2_float2((unsigned short)((j < 2 ? w.x : w.y) >> (16 * (j & 1))));
+        f[2 * j] = v.x;
+        f[2 * j + 1] = v.y;
     }
+    return pack8(f);
 }
 
 // add_rmsnorm: x[r] += delta[r] (and the LoRA update d2 of the rows whose
-// rl is >= 0), rounded to bf16; then, when out is set, out[r] =
-// rmsnorm(x[r]) * w; and when q is set too, out[r] quantized per row to
-// e4m3 into q[r] (H bytes) and qscale[r] for the FP8 projections that read
-// it (no quant_rows_e4m3 launch).
+// rl is >= 0, rows H apart; delta + d2 is rounded to bf16 first, as the
+// projection's output updated in place would have been), rounded to bf16;
+// then, when out is set, out[r] = rmsnorm(x[r]) * w; and when q is set
+// too, out[r] quantized per row to e4m3 into q[r] (H bytes) and qscale[r]
+// for the FP8 projections that read it (no quant_rows_e4m3 launch).
+// grid (T), block a multiple of 32.
 extern "C" __global__ void add_rmsnorm(bf16* x, const bf16* delta, const float* d2, const int* rl, bf16* out, const bf16* w, float eps, int H,
                                        unsigned char* q, float* qscale) {
     pdl_entry();
@@ -307,10 +214,12 @@ __device__ __forceinline__ float plus(const bf16* x, const float* d, int i) {
 
 extern "C" __global__ void rope_store(bf16* q, bf16* k, const bf16* v, bf16* kc, bf16* vc, const float* inv_freq, const int* pos,
                                       const int* slots, const float* dq, const float* dk, const float* dv, const int* rl,
-                                      int heads, int kvh, int hd, int ldq, int ldk, int ldv, int ldd) {
+                                      int heads, int kvh, int hd, int ldq, int ldk, int ldv, int ldd, unsigned char* kc8, float* ks) {
     pdl_entry();
+    __shared__ float ysh[256]; // an FP8 key head's values (hd <= 256)
+    __shared__ float red[33];
     const int r = blockIdx.x, h = blockIdx.y, half = hd / 2, width = kvh * hd;
-    const int slot = kc ? slots[r] : -1;
+    const int slot = kc || ks ? slots[r] : -1;
     if (dq && rl[r] < 0) dq = dk = dv = nullptr; // a row without an adapter
     if (h >= heads + kvh) { // a value head: copy it to the cache
         if (slot < 0) return;
@@ -323,29 +232,49 @@ extern "C" __global__ void rope_store(bf16* q, bf16* k, const bf16* v, bf16* kc,
     }
     const float p = (float)pos[r];
     const bool isk = h >= heads;
+    const bool k8 = isk && ks && slot >= 0; // block-uniform: the key head goes to the FP8 cache
     bf16* x = isk ? k + (i64)r * ldk + (i64)(h - heads) * hd : q + (i64)r * ldq + (i64)h * hd;
     const float* d = isk ? (dk ? dk + (i64)r * ldd + (i64)(h - heads) * hd : nullptr) : (dq ? dq + (i64)r * ldd + (i64)h * hd : nullptr);
-    bf16* dst = isk && slot >= 0 ? kc + (i64)slot * width + (i64)(h - heads) * hd : nullptr;
+    bf16* dst = isk && slot >= 0 && kc ? kc + (i64)slot * width + (i64)(h - heads) * hd : nullptr;
+    float amax = 0.f;
     if (!inv_freq) { // no rotation: add the update, store k as it is
         for (int i = threadIdx.x; i < hd; i += blockDim.x) {
             const bf16 y = d ? tobf(plus(x, d, i)) : x[i];
             if (d) x[i] = y;
             if (dst) dst[i] = y;
+            if (k8) {
+                ysh[i] = __bfloat162float(y);
+                amax = fmaxf(amax, fabsf(ysh[i]));
+            }
         }
-        return;
-    }
-    for (int i = threadIdx.x; i < half; i += blockDim.x) {
-        float s, c;
-        sincosf(p * inv_freq[i], &s, &c);
-        const float x1 = plus(x, d, i), x2 = plus(x, d, i + half);
-        const bf16 y1 = tobf(x1 * c - x2 * s), y2 = tobf(x2 * c + x1 * s);
-        x[i] = y1;
-        x[i + half] = y2;
-        if (dst) {
-            dst[i] = y1;
-            dst[i + half] = y2;
+    } else {
+        for (int i = threadIdx.x; i < half; i += blockDim.x) {
+            float s, c;
+            sincosf(p * inv_freq[i], &s, &c);
+            const float x1 = plus(x, d, i), x2 = plus(x, d, i + half);
+            const bf16 y1 = tobf(x1 * c - x2 * s), y2 = tobf(x2 * c + x1 * s);
+            x[i] = y1;
+            x[i + half] = y2;
+            if (dst) {
+                dst[i] = y1;
+                dst[i + half] = y2;
+            }
+            if (k8) {
+                ysh[i] = __bfloat162float(y1);
+                ysh[i + half] = __bfloat162float(y2);
+                amax = fmaxf(amax, fmaxf(fabsf(ysh[i]), fabsf(ysh[i + half])));
+            }
         }
     }
+    if (!k8) return;
+    // the FP8 key cache: the head's rotated values (as the bf16 cache would
+    // hold them) in e4m3 with one scale, amax / 448 (1 for a zero head)
+    amax = block_max(amax, red); // also makes every thread's ysh visible
+    const float sc = amax > 0.f ? amax / 448.f : 1.f, inv = amax > 0.f ? fminf(448.f / amax, 3.402823466e38f) : 0.f;
+    const int kh = h - heads;
+    unsigned char* q8 = kc8 + (i64)slot * width + (i64)kh * hd;
+    for (int i = threadIdx.x; i < hd; i += blockDim.x) q8[i] = __nv_cvt_float_to_fp8(ysh[i] * inv, __NV_SATFINITE, __NV_E4M3);
+    if (threadIdx.x == 0) ks[(i64)slot * kvh + kh] = sc;
 }
 
 #define ATT_WARPS 4
@@ -359,7 +288,7 @@ extern "C" __global__ void rope_store(bf16* q, bf16* k, const bf16* v, bf16* kc,
 // decode rows go to attn_decode), else row x. q's rows are ldq values apart.
 extern "C" __global__ void __launch_bounds__(32 * ATT_WARPS) attention(
     bf16* out, const bf16* q, const bf16* kc, const bf16* vc, const int* row_seq, const int* seq_info,
-    const int* pages, int heads, int kvh, int hd, int bs, float scale, const int* row_list, int ldq) {
+    const int* pages, int heads, int kvh, int hd, int bs, float scale, const int* row_list, int ldq, const float* ks) {
     pdl_entry();
     __shared__ float sm[ATT_WARPS], sl[ATT_WARPS];
     __shared__ float sacc[ATT_WARPS][32 * ATT_MAXJ];
@@ -380,14 +309,24 @@ extern "C" __global__ void __launch_bounds__(32 * ATT_WARPS) attention(
     float m = NEG_INF, l = 0.f;
     for (int p = w; p < ctx; p += ATT_WARPS) {
         const i64 slot = (i64)pages[poff + p / bs] * bs + p % bs;
-        const bf16* kr = kc + slot * width + kvoff;
         float dot = 0.f;
+        if (ks) { // FP8 keys: e4m3 values, one scale per (slot, KV head)
+            const unsigned char* kr = reinterpret_cast<const unsigned char*>(kc) + slot * width + kvoff;
 #pragma unroll
-        for (int j = 0; j < ATT_MAXJ; j++) {
-            const int d = lane + 32 * j;
-            if (d < hd) dot += qv[j] * ld(kr + d);
+            for (int j = 0; j < ATT_MAXJ; j++) {
+                const int d = lane + 32 * j;
+                if (d < hd) dot += qv[j] * e4m3x2_float2(kr[d]).x;
+            }
+            dot = warp_sum(dot) * ks[slot * kvh + kvoff / hd] * scale;
+        } else {
+            const bf16* kr = kc + slot * width + kvoff;
+#pragma unroll
+            for (int j = 0; j < ATT_MAXJ; j++) {
+                const int d = lane + 32 * j;
+                if (d < hd) dot += qv[j] * ld(kr + d);
+            }
+            dot = warp_sum(dot) * scale;
         }
-        dot = warp_sum(dot) * scale;
         const float mn = fmaxf(m, dot);
         const float corr = expf(m - mn), pe = expf(dot - mn);
         l = l * corr + pe;
@@ -436,16 +375,6 @@ extern "C" __global__ void __launch_bounds__(32 * ATT_WARPS) attention(
 #define DEC_TILE 16 // positions per warp tile
 #define LOG2E 1.4426950408889634f
 
-// cp_async16 copies 16 bytes from global to shared memory without passing
-// through registers (n == 0: fills zeros, reads nothing); cp_async_commit
-// closes a group, cp_async_wait<N> waits until at most N of this thread's
-// groups are pending.
-__device__ __forceinline__ void cp_async16(unsigned dst, const void* src, int n) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
-
 // ldsm4 / ldsm4t: four 8x8 bf16 matrices from shared memory (lane l gives
 // the address of row l%8 of matrix l/8), as mma fragments; t: transposed.
 __device__ __forceinline__ void ldsm4(unsigned a, unsigned* r) {
@@ -471,14 +400,6 @@ __device__ __forceinline__ void mma8(float* d, unsigned a0, unsigned a2, unsigne
         : "r"(a0), "r"(0u), "r"(a2), "r"(0u), "r"(b0), "r"(b1), "f"(0.f));
 }
 
-// mma.sync m16n8k16 bf16 -> f32: c += a * b.
-__device__ __forceinline__ void mma16816(float* c, unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0, unsigned b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
 __device__ __forceinline__ unsigned pack_bf2(float lo, float hi) {
     __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
     return *reinterpret_cast<unsigned*>(&v);
@@ -486,11 +407,24 @@ __device__ __forceinline__ unsigned pack_bf2(float lo, float hi) {
 
 // dec_stages: cp.async stages per warp in attn_decode_d{HD} (shared memory
 // DEC_WARPS * stages * 64 * HD bytes: 96 KB at HD 128, 128 KB at 256).
-template <int HD> struct DecShape {
+template <int HD, bool K8 = false> struct DecShape {
     static constexpr int C = HD / 8;                 // 16-byte chunks per K or V row
     static constexpr int ST = HD >= 256 ? 2 : 3;     // stages per warp
     static constexpr int TILE_B = DEC_TILE * HD * 2; // bytes of K (or V) per tile
-    static constexpr int WARP_B = ST * 2 * TILE_B;   // a warp's stage buffers
+    // FP8 keys: a stage holds the tile's V rows, its e4m3 K rows as read
+    // (RAW_B) and their scales (SC_B); the warp widens the K rows of the
+    // tile it computes into its one bf16 K tile, after the stages (written
+    // and read within one iteration, so one suffices: a block of 4 warps
+    // takes 89 KB at HD 128, and two fit an SM as in bf16). bf16: a stage
+    // holds the K and V tiles.
+    static constexpr int RAW_B = K8 ? DEC_TILE * HD : 0;
+    static constexpr int SC_B = K8 ? DEC_TILE * 4 : 0;
+    static constexpr int STAGE_B = (K8 ? 1 : 2) * TILE_B + RAW_B + SC_B;
+    static constexpr int WARP_B = ST * STAGE_B + (K8 ? TILE_B : 0); // a warp's buffers
+    // the K tile and the V tile of tile k in the warp's buffers at wb (the
+    // e4m3 rows follow the V tile, their scales the rows)
+    static __device__ __forceinline__ unsigned kt(unsigned wb, int k) { return K8 ? wb + ST * STAGE_B : wb + (k % ST) * STAGE_B; }
+    static __device__ __forceinline__ unsigned vt(unsigned wb, int k) { return wb + (k % ST) * STAGE_B + (K8 ? 0 : TILE_B); }
     // swz: the 16-byte slot of chunk c of row r within its row, XOR-swizzled
     // so that the 8 rows an ldmatrix reads fall in 8 different bank groups.
     static __device__ __forceinline__ int swz(int r, int c) {
@@ -529,13 +463,13 @@ template <int HD> struct DecShape {
 // recorded launch fits every step. A sequence with no context
 // (padding) gets zeros; a dec_seq entry of -1 none (its blocks exit). q's
 // rows are ldq values apart. Requires nsplit <= 64.
-template <int HD>
+template <int HD, bool K8>
 __device__ __forceinline__ void attn_decode_body(
     bf16* __restrict__ out, float* __restrict__ part, int* __restrict__ done, const bf16* __restrict__ q,
     const bf16* __restrict__ kc, const bf16* __restrict__ vc, const int* __restrict__ dec_seq,
     const int* __restrict__ seq_info, const int* __restrict__ pages, int heads, int kvh, int bs, float scale, int nsplit,
-    int ldq) {
-    typedef DecShape<HD> D;
+    int ldq, const float* __restrict__ ks) {
+    typedef DecShape<HD, K8> D;
     extern __shared__ __align__(128) unsigned char dsm[];
     const int di = blockIdx.x, kh = blockIdx.y, sp = blockIdx.z, tid = threadIdx.x;
     const int lane = tid & 31, warp = tid >> 5, g = lane >> 2, tig = lane & 3;
@@ -577,15 +511,27 @@ __device__ __forceinline__ void attn_decode_body(
         };
         auto issue = [&](int k) {
             if (k < nk) {
-                const unsigned kb = wbase + (k % D::ST) * 2 * D::TILE_B, vb = kb + D::TILE_B;
+                const unsigned kb = D::kt(wbase, k), vb = D::vt(wbase, k);
 #pragma unroll
                 for (int i = 0; i < D::C / 2; i++) {
                     const int idx = lane + 32 * i, r = idx / D::C, c = idx % D::C;
                     const int sl = __shfl_sync(0xffffffffu, slot, r);
                     const i64 off = (i64)max(sl, 0) * width + (i64)kh * HD + c * 8;
                     const unsigned so = r * HD * 2 + D::swz(r, c) * 16;
-                    cp_async16(kb + so, kc + off, sl >= 0 ? 16 : 0);
+                    if (!K8) cp_async16(kb + so, kc + off, sl >= 0 ? 16 : 0);
                     cp_async16(vb + so, vc + off, sl >= 0 ? 16 : 0);
+                }
+                if (K8) {
+                    // the e4m3 rows (HD bytes each, HD / 16 chunks) and their scales
+                    const unsigned rb = vb + D::TILE_B, sb = rb + D::RAW_B;
+                    const unsigned char* k8 = reinterpret_cast<const unsigned char*>(kc);
+#pragma unroll
+                    for (int i = 0; i < HD / 32; i++) {
+                        const int idx = lane + 32 * i, r = idx / (HD / 16), c = idx % (HD / 16);
+                        const int sl = __shfl_sync(0xffffffffu, slot, r);
+                        cp_async16(rb + r * HD + c * 16, k8 + (i64)max(sl, 0) * width + (i64)kh * HD + c * 16, sl >= 0 ? 16 : 0);
+                    }
+                    if (lane < DEC_TILE) cp_async4(sb + 4 * lane, ks + (i64)max(slot, 0) * kvh + kh, slot >= 0 ? 4 : 0);
                 }
             }
             cp_async_commit(); // empty past the end: the group count stays uniform
@@ -601,7 +547,27 @@ __device__ __forceinline__ void attn_decode_body(
             rows(k + D::ST);      // for the next iteration: the load's latency hides behind this tile
             cp_async_wait<D::ST - 1>();
             __syncwarp(); // every lane's copies of tile k have landed
-            const unsigned kb = wbase + (k % D::ST) * 2 * D::TILE_B, vb = kb + D::TILE_B;
+            const unsigned kb = D::kt(wbase, k), vb = D::vt(wbase, k);
+            float ksc[2][2] = {{1.f, 1.f}, {1.f, 1.f}}; // the scales of this lane's S columns
+            if (K8) {
+                // widen the e4m3 rows into the bf16 K tile (exact: bf16 holds
+                // every e4m3 value); the scales multiply S below
+                const unsigned sm0 = (unsigned)__cvta_generic_to_shared(dsm);
+                unsigned char* st = dsm + (kb - sm0);
+                const unsigned char* raw = dsm + (vb - sm0) + D::TILE_B;
+                const float* sc8 = reinterpret_cast<const float*>(raw + D::RAW_B);
+#pragma unroll
+                for (int i = 0; i < D::C / 2; i++) {
+                    const int idx = lane + 32 * i, r = idx / D::C, c = idx % D::C;
+                    const uint2 w = *reinterpret_cast<const uint2*>(raw + r * HD + c * 8);
+                    *reinterpret_cast<uint4*>(st + r * HD * 2 + D::swz(r, c) * 16) = widen8_e4m3(w);
+                }
+#pragma unroll
+                for (int nt = 0; nt < 2; nt++)
+#pragma unroll
+                    for (int e = 0; e < 2; e++) ksc[nt][e] = sc8[nt * 8 + tig * 2 + e];
+                __syncwarp(); // the whole bf16 tile is written
+            }
             // S[g][pos]: positions 0-7 in s[0], 8-15 in s[1]
             float sc[2][2] = {{0.f, 0.f}, {0.f, 0.f}};
 #pragma unroll
@@ -621,7 +587,7 @@ __device__ __forceinline__ void attn_decode_body(
             for (int nt = 0; nt < 2; nt++)
 #pragma unroll
                 for (int e = 0; e < 2; e++) {
-                    sc[nt][e] = pb + nt * 8 + e < p1 ? sc[nt][e] * qs : NEG_INF;
+                    sc[nt][e] = pb + nt * 8 + e < p1 ? sc[nt][e] * ksc[nt][e] * qs : NEG_INF;
                     mx = fmaxf(mx, sc[nt][e]);
                 }
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
@@ -753,12 +719,18 @@ __device__ __forceinline__ void attn_decode_body(
 
 #define ATTN_DECODE_ARGS                                                                                           \
     bf16 *out, float *part, int *done, const bf16 *q, const bf16 *kc, const bf16 *vc, const int *dec_seq,        \
-        const int *seq_info, const int *pages, int heads, int kvh, int bs, float scale, int nsplit, int ldq
-#define ATTN_DECODE_PASS out, part, done, q, kc, vc, dec_seq, seq_info, pages, heads, kvh, bs, scale, nsplit, ldq
-extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode_d32(ATTN_DECODE_ARGS) { pdl_entry(); attn_decode_body<32>(ATTN_DECODE_PASS); }
-extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode_d64(ATTN_DECODE_ARGS) { pdl_entry(); attn_decode_body<64>(ATTN_DECODE_PASS); }
-extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode_d128(ATTN_DECODE_ARGS) { pdl_entry(); attn_decode_body<128>(ATTN_DECODE_PASS); }
-extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode_d256(ATTN_DECODE_ARGS) { pdl_entry(); attn_decode_body<256>(ATTN_DECODE_PASS); }
+        const int *seq_info, const int *pages, int heads, int kvh, int bs, float scale, int nsplit, int ldq, const float *ks
+#define ATTN_DECODE_PASS out, part, done, q, kc, vc, dec_seq, seq_info, pages, heads, kvh, bs, scale, nsplit, ldq, ks
+extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode_d32(ATTN_DECODE_ARGS) { pdl_entry(); attn_decode_body<32, false>(ATTN_DECODE_PASS); }
+extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode_d64(ATTN_DECODE_ARGS) { pdl_entry(); attn_decode_body<64, false>(ATTN_DECODE_PASS); }
+extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode_d128(ATTN_DECODE_ARGS) { pdl_entry(); attn_decode_body<128, false>(ATTN_DECODE_PASS); }
+extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode_d256(ATTN_DECODE_ARGS) { pdl_entry(); attn_decode_body<256, false>(ATTN_DECODE_PASS); }
+// attn_decode8_d*: the same over an FP8 key cache (kc: e4m3 values; ks: one
+// float32 scale per cache slot and KV head).
+extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode8_d32(ATTN_DECODE_ARGS) { pdl_entry(); attn_decode_body<32, true>(ATTN_DECODE_PASS); }
+extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode8_d64(ATTN_DECODE_ARGS) { pdl_entry(); attn_decode_body<64, true>(ATTN_DECODE_PASS); }
+extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode8_d128(ATTN_DECODE_ARGS) { pdl_entry(); attn_decode_body<128, true>(ATTN_DECODE_PASS); }
+extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode8_d256(ATTN_DECODE_ARGS) { pdl_entry(); attn_decode_body<256, true>(ATTN_DECODE_PASS); }
 
 // attn_prefill_d{32,64,128}: causal attention of prefill rows on the tensor
 // cores (flash-attention style). grid (tiles, heads), block PRE_THREADS,
@@ -780,11 +752,20 @@ extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode_d256(ATTN_
 #define PRE_ROWS (16 * PRE_WARPS) // query rows per tile
 #define PRE_KT 64                 // positions per K/V stage
 
-template <int HD> struct PreShape {
+template <int HD, bool K8 = false> struct PreShape {
     static constexpr int C = HD / 8;                     // 16-byte chunks per K or V row
     static constexpr int ST = 2;                         // stages
     static constexpr int TILE_B = PRE_KT * HD * 2;       // bytes of K (or V) per stage
-    static constexpr int SMEM = ST * 2 * TILE_B;         // dynamic shared memory
+    // FP8 keys: a stage holds the V rows, the e4m3 K rows as read and their
+    // scales; the block widens the K rows of the stage it computes into its
+    // one bf16 K tile after the stages (64.5 KB at HD 128: three blocks fit
+    // an SM, as in bf16). bf16: a stage holds the K and V tiles.
+    static constexpr int RAW_B = K8 ? PRE_KT * HD : 0;
+    static constexpr int SC_B = K8 ? PRE_KT * 4 : 0;
+    static constexpr int STAGE_B = (K8 ? 1 : 2) * TILE_B + RAW_B + SC_B;
+    static constexpr int SMEM = ST * STAGE_B + (K8 ? TILE_B : 0); // dynamic shared memory
+    static __device__ __forceinline__ unsigned kt(unsigned b, int k) { return K8 ? b + ST * STAGE_B : b + (k % ST) * STAGE_B; }
+    static __device__ __forceinline__ unsigned vt(unsigned b, int k) { return b + (k % ST) * STAGE_B + (K8 ? 0 : TILE_B); }
     static constexpr int NR = PRE_KT * C / PRE_THREADS;  // chunks (and rows) per thread per stage
     static constexpr int RSTEP = PRE_THREADS / C;        // rows between a thread's chunks
     static __device__ __forceinline__ int swz(int r, int c) {
@@ -792,13 +773,13 @@ template <int HD> struct PreShape {
     }
 };
 
-template <int HD>
+template <int HD, bool K8>
 __device__ __forceinline__ void attn_prefill_body(bf16* __restrict__ out, const bf16* __restrict__ q,
                                                   const bf16* __restrict__ kc, const bf16* __restrict__ vc,
                                                   const int* __restrict__ tiles, const int* __restrict__ seq_info,
                                                   const int* __restrict__ pages, int heads, int kvh, int bs, float scale,
-                                                  int ldq) {
-    typedef PreShape<HD> P;
+                                                  int ldq, const float* __restrict__ ks) {
+    typedef PreShape<HD, K8> P;
     extern __shared__ __align__(128) unsigned char psm[];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, tig = lane & 3;
     const int r0 = tiles[4 * blockIdx.x], nr = tiles[4 * blockIdx.x + 1], s = tiles[4 * blockIdx.x + 2];
@@ -848,13 +829,21 @@ __device__ __forceinline__ void attn_prefill_body(bf16* __restrict__ out, const 
     };
     auto issue = [&](int k) {
         if (k < nst) {
-            const unsigned kb = base + (k % P::ST) * 2 * P::TILE_B, vb = kb + P::TILE_B;
+            const unsigned kb = P::kt(base, k), vb = P::vt(base, k);
 #pragma unroll
             for (int i = 0; i < P::NR; i++) {
                 const int r = tid / P::C + i * P::RSTEP, c = tid % P::C;
                 const i64 off = (i64)max(slot[i], 0) * width + (i64)kh * HD + c * 8;
                 const unsigned so = r * HD * 2 + P::swz(r, c) * 16;
-                cp_async16(kb + so, kc + off, slot[i] >= 0 ? 16 : 0);
+                if (K8) {
+                    // the chunk's 8 e4m3 keys (row r, the same values), and
+                    // the row's scale from the thread that takes its chunk 0
+                    const unsigned rb = vb + P::TILE_B;
+                    cp_async8(rb + r * HD + c * 8, reinterpret_cast<const unsigned char*>(kc) + off, slot[i] >= 0 ? 8 : 0);
+                    if (c == 0) cp_async4(rb + P::RAW_B + 4 * r, ks + (i64)max(slot[i], 0) * kvh + kh, slot[i] >= 0 ? 4 : 0);
+                } else {
+                    cp_async16(kb + so, kc + off, slot[i] >= 0 ? 16 : 0);
+                }
                 cp_async16(vb + so, vc + off, slot[i] >= 0 ? 16 : 0);
             }
         }
@@ -872,8 +861,22 @@ __device__ __forceinline__ void attn_prefill_body(bf16* __restrict__ out, const 
         cp_async_wait<P::ST - 1>();
         __syncthreads(); // every thread's copies of stage k have landed
         const int kbase = k * PRE_KT;
+        const float* sc8 = nullptr; // FP8 keys: the stage's scales
+        if (K8) {
+            // widen the stage's e4m3 keys into its bf16 K tile (each thread
+            // the chunks it copied)
+            unsigned char* st = psm + (P::kt(base, k) - base);
+            const unsigned char* raw = psm + (P::vt(base, k) - base) + P::TILE_B;
+#pragma unroll
+            for (int i = 0; i < P::NR; i++) {
+                const int r = tid / P::C + i * P::RSTEP, c = tid % P::C;
+                *reinterpret_cast<uint4*>(st + r * HD * 2 + P::swz(r, c) * 16) = widen8_e4m3(*reinterpret_cast<const uint2*>(raw + r * HD + c * 8));
+            }
+            sc8 = reinterpret_cast<const float*>(raw + P::RAW_B);
+            __syncthreads(); // the whole bf16 tile is written
+        }
         if (kbase <= wlast) {
-            const unsigned kb = base + (k % P::ST) * 2 * P::TILE_B, vb = kb + P::TILE_B;
+            const unsigned kb = P::kt(base, k), vb = P::vt(base, k);
             float sc[PRE_KT / 8][4];
 #pragma unroll
             for (int nt = 0; nt < PRE_KT / 8; nt++) sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.f;
@@ -894,8 +897,9 @@ __device__ __forceinline__ void attn_prefill_body(bf16* __restrict__ out, const 
 #pragma unroll
                 for (int e = 0; e < 2; e++) {
                     const int p = kbase + nt * 8 + tig * 2 + e;
-                    sc[nt][e] = p <= pa ? sc[nt][e] * qs : NEG_INF;
-                    sc[nt][2 + e] = p <= pb ? sc[nt][2 + e] * qs : NEG_INF;
+                    const float kq = K8 ? sc8[nt * 8 + tig * 2 + e] * qs : qs; // the key's scale
+                    sc[nt][e] = p <= pa ? sc[nt][e] * kq : NEG_INF;
+                    sc[nt][2 + e] = p <= pb ? sc[nt][2 + e] * kq : NEG_INF;
                     mx[0] = fmaxf(mx[0], sc[nt][e]);
                     mx[1] = fmaxf(mx[1], sc[nt][2 + e]);
                 }
@@ -966,11 +970,15 @@ __device__ __forceinline__ void attn_prefill_body(bf16* __restrict__ out, const 
 
 #define ATTN_PREFILL_ARGS                                                                                        \
     bf16 *out, const bf16 *q, const bf16 *kc, const bf16 *vc, const int *tiles, const int *seq_info, const int *pages, \
-        int heads, int kvh, int bs, float scale, int ldq
-#define ATTN_PREFILL_PASS out, q, kc, vc, tiles, seq_info, pages, heads, kvh, bs, scale, ldq
-extern "C" __global__ void __launch_bounds__(PRE_THREADS) attn_prefill_d32(ATTN_PREFILL_ARGS) { pdl_entry(); attn_prefill_body<32>(ATTN_PREFILL_PASS); }
-extern "C" __global__ void __launch_bounds__(PRE_THREADS) attn_prefill_d64(ATTN_PREFILL_ARGS) { pdl_entry(); attn_prefill_body<64>(ATTN_PREFILL_PASS); }
-extern "C" __global__ void __launch_bounds__(PRE_THREADS) attn_prefill_d128(ATTN_PREFILL_ARGS) { pdl_entry(); attn_prefill_body<128>(ATTN_PREFILL_PASS); }
+        int heads, int kvh, int bs, float scale, int ldq, const float *ks
+#define ATTN_PREFILL_PASS out, q, kc, vc, tiles, seq_info, pages, heads, kvh, bs, scale, ldq, ks
+extern "C" __global__ void __launch_bounds__(PRE_THREADS) attn_prefill_d32(ATTN_PREFILL_ARGS) { pdl_entry(); attn_prefill_body<32, false>(ATTN_PREFILL_PASS); }
+extern "C" __global__ void __launch_bounds__(PRE_THREADS) attn_prefill_d64(ATTN_PREFILL_ARGS) { pdl_entry(); attn_prefill_body<64, false>(ATTN_PREFILL_PASS); }
+extern "C" __global__ void __launch_bounds__(PRE_THREADS) attn_prefill_d128(ATTN_PREFILL_ARGS) { pdl_entry(); attn_prefill_body<128, false>(ATTN_PREFILL_PASS); }
+// attn_prefill8_d*: the same over an FP8 key cache (as attn_decode8).
+extern "C" __global__ void __launch_bounds__(PRE_THREADS) attn_prefill8_d32(ATTN_PREFILL_ARGS) { pdl_entry(); attn_prefill_body<32, true>(ATTN_PREFILL_PASS); }
+extern "C" __global__ void __launch_bounds__(PRE_THREADS) attn_prefill8_d64(ATTN_PREFILL_ARGS) { pdl_entry(); attn_prefill_body<64, true>(ATTN_PREFILL_PASS); }
+extern "C" __global__ void __launch_bounds__(PRE_THREADS) attn_prefill8_d128(ATTN_PREFILL_ARGS) { pdl_entry(); attn_prefill_body<128, true>(ATTN_PREFILL_PASS); }
 
 // silu_mul: out[r, c] = silu(g[r, c]) * u[r, c] for rows x cols values;
 // out's rows are cols apart, g's and u's ldg (views of one gate_up row).
@@ -989,6 +997,21 @@ __device__ __forceinline__ void add8(float* a, const float* d) {
     unpack8(pack8(f), a);
 }
 
+// silu_mul8: silu(g) * u for 8 values (16-byte words), after adding the
+// LoRA updates dg and du (when dg is set) as silu_mul says.
+__device__ __forceinline__ uint4 silu_mul8(const bf16* g, const bf16* u, const float* dg, const float* du) {
+    float a[8], b[8];
+    unpack8(*reinterpret_cast<const uint4*>(g), a);
+    unpack8(*reinterpret_cast<const uint4*>(u), b);
+    if (dg) {
+        add8(a, dg);
+        add8(b, du);
+    }
+#pragma unroll
+    for (int j = 0; j < 8; j++) a[j] = a[j] / (1.f + expf(-a[j])) * b[j];
+    return pack8(a);
+}
+
 extern "C" __global__ void silu_mul(bf16* out, const bf16* g, const bf16* u, const float* dg, const float* du, const int* rl,
                                     int rows, int cols, int ldg, int ldd, unsigned char* q, float* qscale) {
     pdl_entry();
@@ -999,17 +1022,9 @@ extern "C" __global__ void silu_mul(bf16* out, const bf16* g, const bf16* u, con
         float m = 0.f;
         int bad = 0;
         for (int c = 8 * threadIdx.x; c < cols; c += 8 * blockDim.x) {
-            float a[8], b[8];
-            unpack8(*reinterpret_cast<const uint4*>(g + r * ldg + c), a);
-            unpack8(*reinterpret_cast<const uint4*>(u + r * ldg + c), b);
-            if (lo) {
-                add8(a, dg + r * ldd + c);
-                add8(b, du + r * ldd + c);
-            }
-#pragma unroll
-            for (int j = 0; j < 8; j++) a[j] = a[j] / (1.f + expf(-a[j])) * b[j];
-            const uint4 w = pack8(a);
+            const uint4 w = silu_mul8(g + r * ldg + c, u + r * ldg + c, lo ? dg + r * ldd + c : nullptr, lo ? du + r * ldd + c : nullptr);
             *reinterpret_cast<uint4*>(out + r * cols + c) = w;
+            float a[8];
             unpack8(w, a); // the stored values
 #pragma unroll
             for (int j = 0; j < 8; j++) {
@@ -1026,16 +1041,9 @@ extern "C" __global__ void silu_mul(bf16* out, const bf16* g, const bf16* u, con
         const int w = cols / 8;
         for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < (i64)rows * w; i += stride) {
             const i64 r = i / w, c = (i - r * w) * 8;
-            float a[8], b[8];
-            unpack8(*reinterpret_cast<const uint4*>(g + r * ldg + c), a);
-            unpack8(*reinterpret_cast<const uint4*>(u + r * ldg + c), b);
-            if (dg && rl[r] >= 0) {
-                add8(a, dg + r * ldd + c);
-                add8(b, du + r * ldd + c);
-            }
-#pragma unroll
-            for (int j = 0; j < 8; j++) a[j] = a[j] / (1.f + expf(-a[j])) * b[j];
-            *reinterpret_cast<uint4*>(out + r * cols + c) = pack8(a);
+            const bool lo = dg && rl[r] >= 0;
+            *reinterpret_cast<uint4*>(out + r * cols + c) =
+                silu_mul8(g + r * ldg + c, u + r * ldg + c, lo ? dg + r * ldd + c : nullptr, lo ? du + r * ldd + c : nullptr);
         }
         return;
     }
@@ -1049,15 +1057,6 @@ extern "C" __global__ void silu_mul(bf16* out, const bf16* g, const bf16* u, con
         out[i] = tobf(x / (1.f + expf(-x)) * y);
     }
 }
-
-// LoRA table entry, one per (slot, layer, module): A [rank, in], B [out, rank].
-struct LoraEntry {
-    const bf16* a;
-    const bf16* b;
-    int rank;
-    float scale;
-    int pad[2];
-};
 
 // lora_shrink: tmp[i, k] = scale * x[rows[i]] . A[k] for each LoRA row i
 // (rows[i] its activation row, slots[i] its adapter slot) and k < that
@@ -1110,12 +1109,6 @@ extern "C" __global__ void lora_expand(bf16* out, const float* tmp, const LoraEn
 // v0 kernels): in_f % 8 == 0, every slice width even, 16-byte aligned rows.
 // ---------------------------------------------------------------------------
 
-#define SG_TR 16     // rows per tile (the MMA's M)
-#define SG_WARPS 8   // shrink: warps per block, splitting K
-
-__device__ __forceinline__ int sg_mod(int s, int m0, int m1, int m2) { return s == 0 ? m0 : (s == 1 ? m1 : m2); }
-
-__device__ __forceinline__ uint4 ldg16(const bf16* p) { return __ldg(reinterpret_cast<const uint4*>(p)); }
 
 // sgmv_shrink (8 rank rows per block) / sgmv_shrink4 (32): tmp[z][row][s*max_rank + k]
 // = scale * sum over this block's K range of x[row] . A_s[k].
@@ -1214,28 +1207,7 @@ extern "C" __global__ void __launch_bounds__(32 * SG_WARPS) sgmv_shrink4(SHRINK_
 // before the tile's tmp rows are staged in shared memory, so the three
 // streams are in flight together; then every row of the tile is updated.
 #define SG_EX_THREADS 128
-#define SG_EX_CHUNKS 8 // B loads kept in registers: ranks up to 64
 
-// expand_chunk: acc{0,1}[r] += t[r*w + 0..7] . (8 bf16 of B row j, j+1) for rows r < n.
-__device__ __forceinline__ void expand_chunk(float* acc0, float* acc1, const float* t, int w, int n, uint4 a, uint4 b) {
-    float f0[8], f1[8];
-    const __nv_bfloat162* p0 = reinterpret_cast<const __nv_bfloat162*>(&a);
-    const __nv_bfloat162* p1 = reinterpret_cast<const __nv_bfloat162*>(&b);
-#pragma unroll
-    for (int i = 0; i < 4; i++) {
-        const float2 x0 = __bfloat1622float2(p0[i]), x1 = __bfloat1622float2(p1[i]);
-        f0[2 * i] = x0.x, f0[2 * i + 1] = x0.y, f1[2 * i] = x1.x, f1[2 * i + 1] = x1.y;
-    }
-#pragma unroll
-    for (int r = 0; r < SG_TR; r++) {
-        if (r < n) {
-            const float4 ta = *reinterpret_cast<const float4*>(t + r * w);
-            const float4 tb = *reinterpret_cast<const float4*>(t + r * w + 4);
-            acc0[r] += ta.x * f0[0] + ta.y * f0[1] + ta.z * f0[2] + ta.w * f0[3] + tb.x * f0[4] + tb.y * f0[5] + tb.z * f0[6] + tb.w * f0[7];
-            acc1[r] += ta.x * f1[0] + ta.y * f1[1] + ta.z * f1[2] + ta.w * f1[3] + tb.x * f1[4] + tb.y * f1[5] + tb.z * f1[6] + tb.w * f1[7];
-        }
-    }
-}
 extern "C" __global__ void __launch_bounds__(SG_EX_THREADS) sgmv_expand(
     bf16* __restrict__ out, const float* __restrict__ tmp, const LoraEntry* __restrict__ table, const int4* __restrict__ tiles,
     int entry_base, int entry_stride, int m0, int m1, int m2, int nslices, int off1, int off2, int out_total,

@@ -1,72 +1,8 @@
 // SGMV v2 (LoRA shrink + expand fused into one launch per op) for peftd's GPU
 // backend (runtime/gpu loraSlices). A separate module from llama.cu: if it
-// fails to build or load, the backend keeps the v1 kernels of llama.cu. The
-// helpers below repeat llama.cu's (LoraEntry must match it and entryWords in
-// runtime/gpu/backend.go).
-#include <cuda_bf16.h>
-
-typedef __nv_bfloat16 bf16;
-typedef long long i64;
-
-// pdl_entry: with Programmatic Dependent Launch (runtime/cuda
-// Stream.SetProgrammaticLaunch) a kernel's blocks may start while the kernel
-// before it on the stream still runs. Every kernel calls this first: it
-// waits for that kernel to finish and its writes to be visible (so nothing
-// is read early, nor overwritten while the other kernel still reads it),
-// then lets the next kernel's blocks be scheduled as this one's finish. A
-// no-op for a normal launch, and before sm_90.
-__device__ __forceinline__ void pdl_entry() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.wait;\n" ::: "memory");
-    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-#endif
-}
-
-// LoRA table entry, one per (slot, layer, module): A [rank, in], B [out, rank].
-struct LoraEntry {
-    const bf16* a;
-    const bf16* b;
-    int rank;
-    float scale;
-    int pad[2];
-};
-
-#define SG_TR 16          // rows per tile (the MMA's M)
-#define SG_WARPS 8        // shrink: warps per block, splitting K
-#define SG_EX_CHUNKS 8    // expand: B loads kept in registers, ranks up to 64
-
-__device__ __forceinline__ int sg_mod(int s, int m0, int m1, int m2) { return s == 0 ? m0 : (s == 1 ? m1 : m2); }
-
-// mma.sync m16n8k16 bf16 -> f32: c += a * b.
-__device__ __forceinline__ void mma16816(float* c, unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0, unsigned b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
-__device__ __forceinline__ uint4 ldg16(const bf16* p) { return __ldg(reinterpret_cast<const uint4*>(p)); }
-
-// expand_chunk: acc{0,1}[r] += t[r*w + 0..7] . (8 bf16 of B row j, j+1) for rows r < n.
-__device__ __forceinline__ void expand_chunk(float* acc0, float* acc1, const float* t, int w, int n, uint4 a, uint4 b) {
-    float f0[8], f1[8];
-    const __nv_bfloat162* p0 = reinterpret_cast<const __nv_bfloat162*>(&a);
-    const __nv_bfloat162* p1 = reinterpret_cast<const __nv_bfloat162*>(&b);
-#pragma unroll
-    for (int i = 0; i < 4; i++) {
-        const float2 x0 = __bfloat1622float2(p0[i]), x1 = __bfloat1622float2(p1[i]);
-        f0[2 * i] = x0.x, f0[2 * i + 1] = x0.y, f1[2 * i] = x1.x, f1[2 * i + 1] = x1.y;
-    }
-#pragma unroll
-    for (int r = 0; r < SG_TR; r++) {
-        if (r < n) {
-            const float4 ta = *reinterpret_cast<const float4*>(t + r * w);
-            const float4 tb = *reinterpret_cast<const float4*>(t + r * w + 4);
-            acc0[r] += ta.x * f0[0] + ta.y * f0[1] + ta.z * f0[2] + ta.w * f0[3] + tb.x * f0[4] + tb.y * f0[5] + tb.z * f0[6] + tb.w * f0[7];
-            acc1[r] += ta.x * f1[0] + ta.y * f1[1] + ta.z * f1[2] + ta.w * f1[3] + tb.x * f1[4] + tb.y * f1[5] + tb.z * f1[6] + tb.w * f1[7];
-        }
-    }
-}
+// fails to build or load, the backend keeps the v1 kernels of llama.cu.
+// LoraEntry (common.cuh) must match entryWords in runtime/gpu/backend.go.
+#include "common.cuh"
 
 // ---------------------------------------------------------------------------
 // SGMV v2: shrink and expand of one LoRA op in a single launch

@@ -184,3 +184,79 @@ func TestIdleReport(t *testing.T) {
 		time.Sleep(5 * time.Millisecond)
 	}
 }
+
+// badSlot is a CPU backend whose steps fail with an engine.SlotError, doing
+// nothing, when they use slot bad (an adapter whose upload failed after it
+// was committed).
+type badSlot struct {
+	engine.Backend
+	bad int
+}
+
+func (b *badSlot) Execute(meta *engine.StepMeta, prog engine.Program) error {
+	for _, g := range meta.LoRA {
+		if g.Slot == b.bad && g.End > g.Start {
+			return &engine.SlotError{Slot: b.bad, Err: errors.New("adapter image for slot 1: upload failed")}
+		}
+	}
+	return b.Backend.Execute(meta, prog)
+}
+
+// TestSlotErrorFailsOnlyItsRequests: a step that fails for one adapter
+// slot ends the requests on that slot, and only them; the others, co-batched
+// with them, finish with the reference's tokens, and every page comes back.
+func TestSlotErrorFailsOnlyItsRequests(t *testing.T) {
+	f, err := fixture.Load()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.Close() })
+	e, err := engine.New(f.Model, &badSlot{Backend: cpu.New(0), bad: 1}, engine.Options{MaxTokens: 256, KVBlocks: 256, BlockSize: 4, AdapterSlots: 4})
+	if err != nil {
+		t.Fatal(err)
+	}
+	res := Static{}
+	for i, n := range fixture.AdapterNames {
+		if err := e.LoadAdapter(i, f.Adapters[n]); err != nil {
+			t.Fatal(err)
+		}
+		res[n] = i
+	}
+	s := New(e, res, Config{})
+	t.Cleanup(s.Close)
+	type sub struct {
+		c  fixture.Case
+		ch <-chan Event
+	}
+	var subs []sub
+	for _, c := range f.Cases {
+		ch, err := s.Submit(context.Background(), Request{Adapter: c.AdapterName(), Prompt: c.Prompt, MaxTokens: len(c.Greedy)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		subs = append(subs, sub{c, ch})
+	}
+	failed := 0
+	for _, x := range subs {
+		toks, end := collect(t, x.ch)
+		if x.c.AdapterName() == fixture.AdapterNames[1] {
+			var se *engine.SlotError
+			if !errors.As(end.Err, &se) || se.Slot != 1 {
+				t.Errorf("case %d on the bad slot ended with %v, want its SlotError", x.c.ID, end.Err)
+			}
+			failed++
+			continue
+		}
+		if end.Err != nil || !slices.Equal(toks, x.c.Greedy) {
+			t.Errorf("case %d (adapter %q): %v, %v; want the reference's %v", x.c.ID, x.c.AdapterName(), toks, end.Err, x.c.Greedy)
+		}
+	}
+	if failed == 0 {
+		t.Fatal("no case used the bad slot: the test shows nothing")
+	}
+	var free int
+	s.Do(context.Background(), func(e *engine.Engine) error { free = e.FreeBlocks(); return nil })
+	if free != 256 {
+		t.Errorf("%d of 256 pages free at the end", free)
+	}
+}

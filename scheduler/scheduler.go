@@ -264,10 +264,10 @@ func (s *Scheduler) Do(ctx context.Context, fn func(e *engine.Engine) error) err
 // the engine goroutine between steps.
 //
 // The host-side work (conversion to the device format, staging in pinned
-// memory) runs first on the caller's goroutine (engine.PrepareAdapter), while
+// memory) starts on the caller's goroutine (engine.PrepareAdapter), while
 // steps go on; only the commit runs on the engine goroutine, and on backends
 // that support it the upload overlaps the following steps (only the first
-// step that uses the slot waits for it).
+// step that uses the slot waits for it, layer by layer on the CUDA backend).
 func (s *Scheduler) Load(ctx context.Context, slot int, a *lora.Adapter) error {
 	p, err := s.e.PrepareAdapter(a)
 	if err != nil {

@@ -2,6 +2,7 @@ package scheduler
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"math"
 	"slices"
@@ -70,6 +71,11 @@ func (s *Scheduler) step() {
 	}
 	s.stepped = true
 	choices, err := s.e.StepSample(context.Background(), in, sp)
+	var bad *engine.SlotError
+	if errors.As(err, &bad) {
+		s.failSlot(bad.Slot, err) // the others run again at the next step
+		return
+	}
 	if err != nil {
 		s.failAll(err)
 		return
@@ -177,6 +183,24 @@ func (s *Scheduler) plan(st *StepStats) ([]engine.Input, []*seq) {
 		st.Rows += len(x.Tokens)
 	}
 	return in, who
+}
+
+// failSlot ends the running requests on slot, whose adapter the engine
+// cannot use (engine.SlotError: the step did nothing); the others keep
+// their state.
+func (s *Scheduler) failSlot(slot int, err error) {
+	s.log.Error("engine step failed for one adapter slot", "slot", slot, "err", err)
+	live := s.running[:0]
+	for _, q := range s.running {
+		if q.slot != slot {
+			live = append(live, q)
+			continue
+		}
+		s.release(q)
+		s.finish(q, "", err)
+	}
+	clear(s.running[len(live):])
+	s.running = live
 }
 
 func (s *Scheduler) failAll(err error) {

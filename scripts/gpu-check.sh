@@ -13,9 +13,17 @@
 #                out-of-memory allocation)
 #     fixture8b  makes the Llama-3.1-8B-shape fixture (tools/llama8b-shape.json,
 #                ~3 GB under /tmp, stays there) and runs TestFixture8BShape on it
+#     fp8ref     issue 14's scheme fidelity: tools/make_fp8_reference.py makes a
+#                torch reference of exactly the FP8 scheme from the tiny fixture
+#                (and from the 8B-shape one when fixture8b made it), then
+#                TestFP8SchemeFidelity compares peftd's fp8 path with it; then
+#                the same with FP8 keys (--kv fp8, --kv-cache fp8); run it by name
 #     attnbench  TestAttnBench: prefill attention of one 8B layer, tensor-core
 #                kernel vs per-row kernel (not in the default phases)
 #     lorabench  TestLoRABench: the LoRA path of one 8B layer, CUDA-graph replays
+#     fp8bench   TestFP8GemmBench: the FP8 product (fp8_gemv, fp8_gemm_skinny,
+#                its n128 variant, cuBLASLt) against bf16 at the 8B projection
+#                shapes, 1-2048 rows (not in the default phases)
 #     decode     makes a random 32-layer 8B checkpoint + 4 rank-32 adapters
 #                (tools/make_random_llama.py, ~16 GB under /tmp) and runs
 #                TestDecodeBench (decode tokens/s at batch 1, 16, 64, 256;
@@ -35,6 +43,7 @@
 #                throughput) and greedy outputs compared; run it by name
 #     ready8b    peftd serve start -> /readyz on the random 8B checkpoint, cold
 #                and warm kernel cache, and the first requests after ready
+#                (READY8B_FP8=1: an FP8 checkpoint with --weights fp8)
 #     nsys8b     serve8b's load (base and 4 adapters mixed, concurrency 64) under nsys:
 #                GPU busy fraction, idle gaps, top kernels, CUDA API calls
 #                (scripts/nsys_busy.py; makes the decode checkpoint; not default)
@@ -61,6 +70,17 @@
 #                must name the GPU, the model with tokenizer and chat template,
 #                the graphs and the store, and the README's chat and completions
 #                requests must answer 200 with text; run it by name
+#     quality    peftd eval on the embedded stories260K (a trained model) with its
+#                demo adapters and held-out text: the GPU's bf16, fp8 and fp8+fp8-key
+#                paths against the exact CPU, fp8 and fp8+fp8-key against the GPU's
+#                bf16 (issue 14's KL(bf16 || fp8)), and the GPU's fp8+fp8-key path
+#                against the CPU's emulation of that scheme (quality.txt)
+#     trained    tools/train_tiny_llama.py trains a small Llama-3-family model
+#                (hidden 512, 8 layers, Llama 3.1 tokenizer; TRAIN_MINUTES, default
+#                3) and a rank-16 adapter (1 minute) on the device's Python source;
+#                TestTrainedModel checks peftd reads them as trained; then peftd
+#                eval on its held-out files: fp8, fp8 keys and both against the
+#                GPU's bf16 (trained.txt); run it by name
 #     serve8b    serves the random 8B checkpoint (from decode) with --device
 #                cuda and its 4 adapters from a store folder; closed-loop load
 #                at concurrency 64, base model alone vs the 4 adapters vs one
@@ -72,6 +92,9 @@
 # The exact device invocation (the `run` tool; ~6-9 minutes on an H100, most
 # of it writing and loading the 16 GB checkpoint):
 #   run(command="bash scripts/gpu-check.sh --on-device", carry=["bin/gpu"], timeout_s=600)
+#   (readme8b and trained need testdata/llama3-tokenizer/model too, and bin/gpu with it
+#   is over the 64 MiB a call carries: carry bin/gpu/peftd, the .test files they need
+#   and testdata/llama3-tokenizer/model, leaving bin/gpu/versitygw.gz behind)
 # or split it over two calls when the budget is tight:
 #   run(command="bash scripts/gpu-check.sh --on-device tests memcheck fixture8b lorabench", carry=["bin/gpu"])
 #   run(command="bash scripts/gpu-check.sh --on-device decode", carry=["bin/gpu"])
@@ -83,7 +106,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 # binary name -> package folder (tests read testdata relative to it)
-PKGS=(runtime/cuda runtime/gpu)
+PKGS=(runtime/cuda runtime/gpu quality)
 bin_of() { echo "bin/gpu/$(echo "$1" | tr / _).test"; }
 
 if [[ "${1:-}" != "--on-device" ]]; then
@@ -159,6 +182,7 @@ done
 want tests && stamp tests
 if want memcheck && [[ "${SKIP_MEMCHECK:-0}" != 1 ]] && command -v compute-sanitizer >/dev/null; then
 	for p in "${PKGS[@]}"; do
+		[[ $p == quality ]] && continue # no device code of its own
 		b="$ROOT/$(bin_of "$p")"
 		n="$(basename "$b" .test)"
 		echo "=== memcheck $n"
@@ -233,22 +257,83 @@ if want serve; then
 	[[ $ok == 1 ]] || status=1
 	stamp serve
 fi
-if want attnbench; then
-	echo "=== attnbench"
-	(cd runtime/gpu && PEFTD_ATTN_BENCH=1 timeout "$(left 200)" "$GPUBIN" -test.v -test.count=1 -test.run '^TestAttnBench$') >"$LOG/attnbench.log" 2>&1 || status=1
-	grep '^BENCH attn' "$LOG/attnbench.log" | tee "$LOG/attnbench.txt"
-	save "$LOG/attnbench.txt"
-	grep -E -- '--- (PASS|FAIL|SKIP)|panic|Error' "$LOG/attnbench.log" | head -5
-	stamp attnbench
+if want quality; then
+	echo "=== quality: peftd eval (stories260K, pirate, space; held-out text and generations)"
+	PD="$ROOT/bin/gpu/peftd"
+	# the default cache: the kernels compile once for every eval (and phase)
+	{
+		timeout "$(left 200)" "$PD" eval --ref device=cpu --cand device=cuda --cand device=cuda,weights=fp8 --cand device=cuda,weights=fp8,kv-cache=fp8 &&
+			timeout "$(left 200)" "$PD" eval --ref device=cuda --cand device=cuda,weights=fp8 --cand device=cuda,kv-cache=fp8 --cand device=cuda,weights=fp8,kv-cache=fp8 &&
+			timeout "$(left 200)" "$PD" eval --ref device=cpu,weights=fp8,kv-cache=fp8 --cand device=cuda,weights=fp8,kv-cache=fp8
+	} >"$LOG/quality.txt" 2>&1 || { echo "quality: FAIL"; status=1; }
+	tail -n 12 "$LOG/quality.txt"
+	stamp quality
 fi
-if want lorabench; then
-	echo "=== lorabench"
-	(cd runtime/gpu && PEFTD_LORA_BENCH=1 timeout "$(left 300)" "$GPUBIN" -test.v -test.count=1 -test.run '^TestLoRABench$') >"$LOG/lorabench.log" 2>&1 || status=1
-	grep '^BENCH lora' "$LOG/lorabench.log" >"$LOG/lorabench.txt"
-	save "$LOG/lorabench.txt"
-	grep -E -- '--- (PASS|FAIL|SKIP)|panic|Error' "$LOG/lorabench.log" | head -5
-	stamp lorabench
+if want trained; then
+	echo "=== trained: a small Llama trained here, then peftd eval on its held-out files"
+	TD=/tmp/tiny-llama-trained
+	if [[ ! -f testdata/llama3-tokenizer/model/tokenizer.json ]]; then
+		echo "trained: FAIL: testdata/llama3-tokenizer/model is missing: carry it (it is ignored by git)"
+		status=1
+	elif [[ ! -f $TD/train.json ]]; then
+		# the run ends within what is left of the call (less a margin for the eval)
+		tl=$(left 420)
+		timeout "$tl" "$PY" tools/train_tiny_llama.py "$TD" --minutes "${TRAIN_MINUTES:-3}" --deadline $((tl - 15)) >"$LOG/trained.train.log" 2>&1 ||
+			{ echo "trained: FAIL: training"; tail -n 20 "$LOG/trained.train.log"; status=1; }
+		tail -n 3 "$LOG/trained.train.log"
+	fi
+	if [[ -f $TD/train.json ]]; then
+		cp "$TD/train.json" "$LOG/" && save "$LOG/train.json"
+		(cd quality && PEFTD_TRAINED_MODEL=$TD "$ROOT/$(bin_of quality)" -test.run TestTrainedModel -test.v) >"$LOG/trained.check.log" 2>&1 ||
+			{ echo "trained: FAIL: TestTrainedModel"; status=1; }
+		grep -E "relative|moves|^--- " "$LOG/trained.check.log"
+		mapfile -t TP <"$TD/prompts.txt"
+		PARGS=()
+		for p in "${TP[@]}"; do PARGS+=(--prompt "$p"); done
+		timeout "$(left 240)" "$ROOT/bin/gpu/peftd" eval --model "$TD/base" --adapter "code=$TD/adapter" \
+			--text "base=$TD/heldout/base.txt" --text "code=$TD/heldout/adapter.txt" "${PARGS[@]}" \
+			--ref device=cuda --cand device=cuda,weights=fp8 --cand device=cuda,kv-cache=fp8 --cand device=cuda,weights=fp8,kv-cache=fp8 \
+			>"$LOG/trained.txt" 2>&1 || { echo "trained: FAIL: eval"; status=1; }
+		tail -n 12 "$LOG/trained.txt"
+	fi
+	stamp trained
 fi
+if want fp8ref; then
+	echo "=== fp8ref: torch references of the FP8 scheme, then TestFP8SchemeFidelity"
+	# the FP8 weight scheme with bf16 keys, then with FP8 keys (--kv-cache fp8)
+	for kv in bf16 fp8; do
+		for fxd in "$ROOT/testdata/tiny-llama-lora" /tmp/peftd-fixture-8b; do
+			[[ -f $fxd/expected.safetensors ]] || continue
+			tag=$(basename "$fxd").kv$kv
+			ref=/tmp/peftd-fp8ref-$tag
+			if timeout "$(left 300)" "$PY" tools/make_fp8_reference.py --kv "$kv" "$fxd" "$ref" >"$LOG/fp8ref.$tag.make.log" 2>&1; then
+				tail -n 4 "$LOG/fp8ref.$tag.make.log"
+				(cd runtime/gpu && PEFTD_FP8_REF=$ref PEFTD_FP8_REF_EXACT=$fxd PEFTD_FP8_REF_KV=$kv timeout "$(left 300)" "$GPUBIN" -test.v -test.count=1 -test.run '^TestFP8SchemeFidelity$') >"$LOG/fp8ref.$tag.log" 2>&1 || status=1
+				grep -E 'fp8_cuda_test|PASS|FAIL' "$LOG/fp8ref.$tag.log" | cut -c1-160 | tail -n 30
+				save "$LOG/fp8ref.$tag.log"
+			else
+				status=1
+				tail -n 20 "$LOG/fp8ref.$tag.make.log"
+			fi
+		done
+	done
+	stamp fp8ref
+fi
+
+# bench_phase NAME ENV TEST PATTERN SECONDS: the gpu test binary's TEST
+# with ENV=1 (a benchmark that skips itself otherwise), its PATTERN lines
+# kept in NAME.txt (the summary prints them)
+bench_phase() {
+	echo "=== $1"
+	(cd runtime/gpu && env "$2=1" timeout "$(left "$5")" "$GPUBIN" -test.v -test.count=1 -test.run "^$3\$") >"$LOG/$1.log" 2>&1 || status=1
+	grep "$4" "$LOG/$1.log" >"$LOG/$1.txt"
+	save "$LOG/$1.txt"
+	grep -E -- '--- (PASS|FAIL|SKIP)|panic|Error' "$LOG/$1.log" | head -5
+	stamp "$1"
+}
+want attnbench && bench_phase attnbench PEFTD_ATTN_BENCH TestAttnBench '^BENCH attn' 200
+want lorabench && bench_phase lorabench PEFTD_LORA_BENCH TestLoRABench '^BENCH lora' 300
+want fp8bench && bench_phase fp8bench PEFTD_FP8_BENCH TestFP8GemmBench '^BENCH fp8gemm' 300
 if want decode; then
 	MD=/tmp/llama8b-random
 	echo "=== decode: make $MD"
@@ -381,6 +466,12 @@ if want serve8b; then
 			# one adapter only: LoRA compute without the split into four adapter queues
 			"$PY" scripts/serve_bench.py http://127.0.0.1:8081 "${AD%%,*}" 256 64 128 64 128256 2>&1 | tee -a "$LOG/serve8b.txt"
 			"$PY" scripts/serve_bench.py http://127.0.0.1:8081 base 256 64 128 64 128256 2>&1 | tee -a "$LOG/serve8b.txt"
+			# the same load from a Go client (streamed completions, token-id
+			# prompts), 1,024 requests: is the Python client what limits the rate?
+			timeout "$(left 90)" "$ROOT/bin/gpu/peftd" bench --url http://127.0.0.1:8081 --models base --requests 1024 --concurrency 64 \
+				--prompt-tokens 128 --vocab 128256 --max-tokens 64 --quiet --json >"$LOG/serve8b.gobench.json" 2>&1
+			"$PY" -c 'import json,sys; r=json.load(open(sys.argv[1])); print("GOBENCH requests=%d failed=%d tok_s=%.0f steady_tok_s=%.0f ttft_p50_ms=%.1f ttft_p99_ms=%.1f tpot_p50_ms=%.2f" % (r["Completed"], r["Failed"], r["Throughput"], r["SteadyThroughput"], r["TTFT"]["P50"]/1e6, r["TTFT"]["P99"]/1e6, r["TPOT"]["P50"]/1e6))' \
+				"$LOG/serve8b.gobench.json" 2>&1 | tee -a "$LOG/serve8b.txt"
 			# what the steps were like over all the runs: count, mean duration, rows and sequences
 			curl -sS http://127.0.0.1:8081/metrics >"$LOG/serve8b.metrics.txt"
 			awk '/^peftd_step_(duration|device)_seconds_(sum|count) /{v[$1]=$2} /^peftd_batch_tokens_(sum|count) /{v[$1]=$2} /^peftd_batch_size_(sum|count) /{v[$1]=$2}
@@ -405,14 +496,19 @@ if want ready8b; then
 	# Issue 12's first rows: process start -> /readyz 200 for the random 8B
 	# checkpoint from the page cache, with a cold kernel cache and again with
 	# the warm one, and the first base request after ready vs the next.
-	MD=/tmp/llama8b-random
-	echo "=== ready8b: peftd serve start -> ready on $MD/base"
-	if random_ckpt "$MD" decode --layers "${DECODE_LAYERS:-32}"; then
+	# READY8B_FP8=1: an FP8 checkpoint (tools/make_random_llama.py --fp8,
+	# ~8.5 GB) served with --weights fp8, its weights uploaded as stored
+	MD=/tmp/llama8b-random R8ARGS=() R8MAKE=()
+	if [[ -n "${READY8B_FP8:-}" ]]; then
+		MD=/tmp/llama8b-fp8 R8ARGS=(--weights fp8) R8MAKE=(--fp8 --adapters 1)
+	fi
+	echo "=== ready8b: peftd serve start -> ready on $MD/base ${R8ARGS[*]}"
+	if random_ckpt "$MD" ready8b --layers "${DECODE_LAYERS:-32}" "${R8MAKE[@]}"; then
 		cat "$MD"/base/*.safetensors >/dev/null
 		SD=$(mktemp -d)
 		for run in cold warm; do
 			t0=$(date +%s.%N)
-			PEFTD_CACHE=$SD "$ROOT/bin/gpu/peftd" serve --device cuda --model "$MD/base" --store "$MD/adapters" --slots 5 --listen 127.0.0.1:8083 >"$LOG/ready8b.$run.log" 2>&1 &
+			PEFTD_CACHE=$SD "$ROOT/bin/gpu/peftd" serve --device cuda --model "$MD/base" --store "$MD/adapters" --slots 5 --listen 127.0.0.1:8083 "${R8ARGS[@]}" >"$LOG/ready8b.$run.log" 2>&1 &
 			SRV=$!
 			ok=0
 			for i in $(seq 1 1200); do
@@ -606,10 +702,15 @@ fi
 		grep -E '^BENCH lora 4 +(16|64) +(1|256|4x512pf) ' "$LOG/lorabench.txt" | cut -c12-
 	fi
 	[[ -s "$LOG/attnbench.txt" ]] && echo "Prefill attention per 8B layer (median us):" && cut -c12- "$LOG/attnbench.txt"
+	[[ -s "$LOG/fp8bench.txt" ]] && echo "FP8 product at the 8B projection shapes (median us over graph replays):" && cut -c15- "$LOG/fp8bench.txt"
 	[[ -f "$LOG/serve.result" ]] && cat "$LOG/serve.result" && grep -E 'tok|req|TTFT|thr' "$LOG/serve.bench.txt" | head -8
-	[[ -f "$LOG/serve8b.txt" ]] && grep -E "^(SERVEBENCH|SERVESTEPS|SERVEHOST)" "$LOG/serve8b.txt" | cut -c1-320
+	[[ -f "$LOG/serve8b.txt" ]] && grep -E "^(SERVEBENCH|GOBENCH|SERVESTEPS|SERVEHOST)" "$LOG/serve8b.txt" | cut -c1-320
 	[[ -s "$LOG/prefix8b.txt" ]] && echo "Prefix caching (8B shapes, 8 layers; 2000-token shared prefix, concurrency 32):" && grep -E '^(PREFIXBENCH|PREFIXGREEDY)' "$LOG/prefix8b.txt" | cut -c1-230
 	[[ -s "$LOG/nsys8b.txt" ]] && echo "Serving under nsys (8B shapes, concurrency 64):" && grep -E '^(SERVEBENCH|NSYS)' "$LOG/nsys8b.txt" | cut -c1-200
+	[[ -s "$LOG/quality.txt" ]] && echo "Quality (peftd eval, stories260K; full tables in quality.txt):" && grep -E '^(model|candidate)|  all ' "$LOG/quality.txt"
+	[[ -s "$LOG/trained.check.log" ]] && grep -hE '^--- |relative' "$LOG/trained.check.log" | sed 's/^/trained: /'
+	[[ -s "$LOG/trained.txt" ]] && echo "Quality on the model trained here (peftd eval; trained.txt, train.json):" && grep -E '^(model|candidate)|  all ' "$LOG/trained.txt"
+	ls "$LOG"/fp8ref.*.log >/dev/null 2>&1 && grep -hE 'worst ratio|^--- ' "$LOG"/fp8ref.*.log | sed 's/^/fp8ref: /' 
 	[[ -s "$LOG/cold8b.txt" ]] && echo "Cold start (8B shapes, versitygw; scripts/cold.sh):" && cut -c6-200 "$LOG/cold8b.txt"
 	[[ -s "$LOG/ready8b.txt" ]] && cat "$LOG/ready8b.txt"
 	[[ -s "$LOG/soak8b.txt" ]] && echo "Soak on the GPU (8B shapes; full report in soak8b.txt):" && grep -E '^(requests|failures|allowed|latency (overall|hot)|served/s|server RSS|GPU memory|PASS|FAIL)' "$LOG/soak8b.txt" | cut -c1-200
@@ -623,7 +724,15 @@ fi
 } | tee "$LOG/summary.txt"
 if [[ -n "${OUT:-}" ]]; then
 	# the trace files are large: the tables from them are in nsys8b.txt
+	# $OUT brings back 8 files: what save put there during the run (so that
+	# a call cut off still returns its tables) gives way to the summary, the
+	# packed logs and the first six tables present, in this order
+	find "$OUT" -mindepth 1 -maxdepth 1 -type f -delete
 	tar czf "$OUT/logs.tgz" --exclude='*.qdstrm' --exclude='*.nsys-rep' --exclude='*.sqlite' --exclude='*.csv' -C "$LOG" . 2>/dev/null
-	for f in summary.txt lorabench.txt attnbench.txt decode.txt serve8b.txt soak8b.txt prefix8b.txt cold8b.txt ready8b.txt nsys8b.txt; do [[ -f "$LOG/$f" ]] && cp "$LOG/$f" "$OUT/"; done
+	cp "$LOG/summary.txt" "$OUT/"
+	n=0
+	for f in quality.txt trained.txt decode.txt fp8bench.txt cold8b.txt ready8b.txt readme8b.txt serve8b.txt lorabench.txt attnbench.txt soak8b.txt prefix8b.txt nsys8b.txt load.txt profile.txt kdetail.txt train.json; do
+		if ((n < 6)) && [[ -f "$LOG/$f" ]]; then cp "$LOG/$f" "$OUT/" && n=$((n + 1)); fi
+	done
 fi
 exit $status

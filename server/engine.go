@@ -174,7 +174,7 @@ func gpuKVBlocks(mon *gpuinfo.Monitor, cfg Config, c *llama.Config, log *slog.Lo
 		return 0, nil
 	}
 	o := engineOptions(cfg.Slots, 0, cfg.MaxBatchTokens)
-	n, err := kvBlocksFor(ds[cfg.GPU].MemFree, c, o, cfg.Weights)
+	n, err := kvBlocksFor(ds[cfg.GPU].MemFree, c, o, cfg.Weights, cfg.KVCache)
 	if err != nil {
 		return 0, err
 	}

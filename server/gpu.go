@@ -14,8 +14,8 @@ import (
 // what the CUDA backend says it takes besides its pages (gpu.MemoryNeeds:
 // the weights in their format, adapter slots, a step's activations), keeping
 // 10% of free memory in reserve.
-func kvBlocksFor(free uint64, c *llama.Config, opts engine.Options, weights string) (int, error) {
-	fixed, perBlock, err := gpu.MemoryNeeds(c, opts.MaxTokens, opts.BlockSize, opts.AdapterSlots, weights)
+func kvBlocksFor(free uint64, c *llama.Config, opts engine.Options, weights, kv string) (int, error) {
+	fixed, perBlock, err := gpu.MemoryNeeds(c, opts.MaxTokens, opts.BlockSize, opts.AdapterSlots, weights, kv)
 	if err != nil {
 		return 0, err
 	}

@@ -32,7 +32,7 @@ func TestKVBlocksFor(t *testing.T) {
 		// norms and lm_head (2 x 1.05 GB) stay bf16
 		{gpu.WeightsFP8, 6.98e9 + 2*1.0507e9},
 	} {
-		n, err := kvBlocksFor(free, c, opts, tc.weights)
+		n, err := kvBlocksFor(free, c, opts, tc.weights, gpu.KVBF16)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -43,11 +43,24 @@ func TestKVBlocksFor(t *testing.T) {
 		if tokens := n * 16; tokens < 300_000 {
 			t.Errorf("%s: only %d tokens of KV on 70 GiB", tc.weights, tokens)
 		}
-		if n, err := kvBlocksFor(10<<30, c, opts, tc.weights); n != 0 || err != nil {
+		if n, err := kvBlocksFor(10<<30, c, opts, tc.weights, ""); n != 0 || err != nil {
 			t.Errorf("%s: a card too small for the weights: %d blocks, %v; want 0", tc.weights, n, err)
 		}
 	}
-	if _, err := kvBlocksFor(free, c, opts, "int4"); err == nil {
+	if _, err := kvBlocksFor(free, c, opts, "int4", ""); err == nil {
 		t.Error("an unknown weight format was accepted")
+	}
+	// FP8 keys: 96 KiB + 1 KiB of scales a token instead of 128 KiB, so a
+	// third more tokens
+	n16, _ := kvBlocksFor(free, c, opts, gpu.WeightsBF16, gpu.KVBF16)
+	n8, err := kvBlocksFor(free, c, opts, gpu.WeightsBF16, gpu.KVFP8)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r := float64(n8) / float64(n16); r < 1.31 || r > 1.33 {
+		t.Errorf("FP8 keys: %d blocks against %d in bf16 (x%.3f), want x%.3f", n8, n16, r, 128.0/(96+1))
+	}
+	if _, err := kvBlocksFor(free, c, opts, gpu.WeightsBF16, "int8"); err == nil {
+		t.Error("an unknown KV cache format was accepted")
 	}
 }

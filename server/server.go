@@ -51,19 +51,17 @@ const (
 
 // KV cache formats accepted in Config.KVCache.
 const (
-	KVCacheBF16 = "bf16"
-	KVCacheFP8  = "fp8"
+	KVCacheBF16 = gpu.KVBF16
+	KVCacheFP8  = gpu.KVFP8
 )
 
 // ParseKVCache checks a KV cache format name ("" means bf16).
 func ParseKVCache(s string) (string, error) {
-	switch strings.ToLower(strings.TrimSpace(s)) {
-	case "", KVCacheBF16:
-		return KVCacheBF16, nil
-	case KVCacheFP8:
-		return KVCacheFP8, nil
+	f, err := gpu.ParseKVFormat(s)
+	if err != nil {
+		return "", fmt.Errorf("server: %w", err)
 	}
-	return "", fmt.Errorf("server: unknown KV cache format %q (want bf16 or fp8)", s)
+	return f, nil
 }
 
 // Devices accepted in Config.Device.
@@ -97,9 +95,9 @@ type Config struct {
 	// quality checks; slower, never faster).
 	Weights string
 	// KVCache is the format of the KV cache: bf16 (default) or fp8 (keys
-	// in e4m3 with a scale per token and KV head, values as they were).
-	// Only the CPU backend's emulation (--device cpu, cpu.Options.FP8Keys)
-	// has fp8 keys in this build.
+	// in e4m3 with a scale per token and KV head, values bf16 on the GPU;
+	// see gpu.KVFP8). The CPU backend keeps float32, and emulates fp8 keys
+	// when asked for them by name (--device cpu, cpu.Options.FP8Keys).
 	KVCache string
 	// Eager runs every GPU step op by op: no CUDA graphs for decode steps
 	// (for debugging and comparison).
@@ -342,9 +340,6 @@ func pickBackend(cfg Config, log *slog.Logger) (engine.Backend, string, error) {
 		log.Info("device", "device", DeviceCPU, "requested", cfg.Device, "threads", threads(cfg.Threads), "weights", weights, "kv_cache", kv)
 		return cpu.NewWith(o), DeviceCPU, nil
 	case DeviceCUDA:
-		if cfg.KVCache == KVCacheFP8 {
-			return nil, "", fmt.Errorf("server: --device cuda: an fp8 KV cache is not in this build's CUDA backend (the CPU backend emulates it: --device cpu)")
-		}
 		b, err := newGPU(cfg)
 		if err != nil {
 			return nil, "", fmt.Errorf("server: --device cuda: %w", err)
@@ -353,9 +348,6 @@ func pickBackend(cfg Config, log *slog.Logger) (engine.Backend, string, error) {
 		return b, DeviceCUDA, nil
 	case DeviceAuto:
 		err := gpu.Available()
-		if err == nil && cfg.KVCache == KVCacheFP8 {
-			return nil, "", fmt.Errorf("server: --device auto found a GPU, but an fp8 KV cache is not in this build's CUDA backend (the CPU backend emulates it: --device cpu)")
-		}
 		if err == nil {
 			b, gerr := newGPU(cfg)
 			if gerr == nil {
@@ -383,14 +375,14 @@ func newGPU(cfg Config) (*gpu.Backend, error) {
 	}
 	// Kernels compile once (NVRTC) into the default kernel cache; later
 	// starts read the cubin.
-	return gpu.New(gpu.Options{Device: cfg.GPU, WeightFormat: cfg.Weights, Eager: cfg.Eager, SerialLoRA: cfg.SerialLoRA, LoRASMs: cfg.LoRASMs, NoPDL: cfg.NoPDL})
+	return gpu.New(gpu.Options{Device: cfg.GPU, WeightFormat: cfg.Weights, KVFormat: cfg.KVCache, Eager: cfg.Eager, SerialLoRA: cfg.SerialLoRA, LoRASMs: cfg.LoRASMs, NoPDL: cfg.NoPDL})
 }
 
 func logGPU(log *slog.Logger, cfg Config, b *gpu.Backend) {
 	d := b.Device()
 	log.Info("device", "device", DeviceCUDA, "requested", cfg.Device, "ordinal", d.Ordinal, "name", d.Name,
 		"compute_capability", fmt.Sprintf("%d.%d", d.Major, d.Minor), "memory_gib", fmt.Sprintf("%.1f", float64(d.TotalMem)/(1<<30)), "weights", cfg.Weights,
-		"pdl", b.PDL())
+		"kv_cache", cfg.KVCache, "pdl", b.PDL())
 }
 
 func threads(n int) string {

@@ -52,6 +52,7 @@ func cmdGenerate(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	device := fs.String("device", server.DeviceAuto, "compute device: auto (cuda when a usable GPU is present, else cpu), cpu or cuda")
 	eager := fs.Bool("eager", false, "GPU: run every step op by op, without CUDA graphs (see peftd serve --help)")
 	weights := fs.String("weights", server.WeightsBF16, "base model projection weights on the GPU: bf16 or fp8 (see peftd serve --help)")
+	kvCache := fs.String("kv-cache", server.KVCacheBF16, "KV cache on the GPU: bf16 or fp8 (see peftd serve --help)")
 	var stops stopList
 	fs.Var(&stops, "stop", "end the text before this string (repeat for several; the text is cut there, as the API's stop does)")
 	if err := fs.Parse(args); err != nil {
@@ -76,6 +77,11 @@ func cmdGenerate(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	default:
 		return fmt.Errorf("generate: --weights %q: want bf16 or fp8", *weights)
 	}
+	switch *kvCache {
+	case server.KVCacheBF16, server.KVCacheFP8:
+	default:
+		return fmt.Errorf("generate: --kv-cache %q: want bf16 or fp8", *kvCache)
+	}
 	if !(*repetition > 0 && *repetition <= 100) { // 0 is the sampler's "none": say 1
 		return fmt.Errorf("generate: --repetition-penalty must be in (0, 100] (1: none), got %v", *repetition)
 	}
@@ -96,7 +102,7 @@ func cmdGenerate(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	// The engine is built as peftd serve builds it (backend, model, weights),
 	// its KV cache sized for this one request once the prompt is encoded.
 	var ids []int32
-	e, info, err := server.OpenEngine(ctx, server.EngineConfig{Model: *modelDir, Device: *device, Weights: *weights, Eager: *eager, Slots: 1, Logger: log,
+	e, info, err := server.OpenEngine(ctx, server.EngineConfig{Model: *modelDir, Device: *device, Weights: *weights, KVCache: *kvCache, Eager: *eager, Slots: 1, Logger: log,
 		KVTokens: func(m *llama.Model, tok *tokenizer.Tokenizer) (int, error) {
 			var err error
 			ids, err = promptTokens(m, tok, *prompt, *promptIDs)

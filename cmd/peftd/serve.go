@@ -32,7 +32,7 @@ type serveFlags struct {
 	requestTimeout, deviceTTL, hostTTL    time.Duration
 	maxUpload, hostBytes, diskBytes       int64
 	cacheDir, logLevel, pin               string
-	weights                               string
+	weights, kvCache                      string
 }
 
 func envName(flag string) string {
@@ -48,6 +48,7 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	fs.StringVar(&f.listen, "listen", "127.0.0.1:8080", "address to listen on (a non-loopback address needs --api-keys)")
 	fs.StringVar(&f.device, "device", "auto", "compute device: auto (cuda when a usable GPU is present, else cpu), cpu or cuda")
 	fs.StringVar(&f.weights, "weights", "bf16", "base model projection weights on the GPU: bf16, or fp8 (e4m3, one scale per output row, activations quantized per token; embeddings, norms, lm_head and LoRA stay bf16)")
+	fs.StringVar(&f.kvCache, "kv-cache", "bf16", "KV cache on the GPU: bf16, or fp8 (keys in e4m3 with one scale per token and KV head, values bf16: a quarter less memory per token; sm_89+)")
 	fs.IntVar(&f.slots, "slots", 4, "adapters resident on the device at once")
 	fs.IntVar(&f.kvBlocks, "kv-blocks", 0, "KV cache pages (0: the engine default)")
 	fs.IntVar(&f.maxBatchTokens, "max-batch-tokens", 0, "token rows per engine step (0: the engine default)")
@@ -162,7 +163,12 @@ func serve(ctx context.Context, f serveFlags, log *slog.Logger) error {
 	default:
 		return fmt.Errorf("serve: --weights %q: want bf16 or fp8", f.weights)
 	}
-	srv, err := server.New(ctx, server.Config{Model: f.model, Store: f.store, SQSQueueURL: f.sqsQueueURL, Listen: f.listen, Device: f.device, Weights: f.weights, Eager: f.eager,
+	switch f.kvCache {
+	case server.KVCacheBF16, server.KVCacheFP8:
+	default:
+		return fmt.Errorf("serve: --kv-cache %q: want bf16 or fp8", f.kvCache)
+	}
+	srv, err := server.New(ctx, server.Config{Model: f.model, Store: f.store, SQSQueueURL: f.sqsQueueURL, Listen: f.listen, Device: f.device, Weights: f.weights, KVCache: f.kvCache, Eager: f.eager,
 		SerialLoRA: f.serialLoRA, NoPDL: f.noPDL, LoRASMs: f.loraSMs, Slots: f.slots, KVBlocks: f.kvBlocks, MaxBatchTokens: f.maxBatchTokens, MaxQueue: f.maxQueue, NoPrefixCache: f.noPrefixCache,
 		RequestTimeout: f.requestTimeout, DeviceTTL: f.deviceTTL, HostTTL: f.hostTTL, Keys: keys,
 		MaxUpload: f.maxUpload, HostBytes: f.hostBytes, DiskBytes: f.diskBytes, CacheDir: f.cacheDir, Pin: splitList(f.pin), Logger: log})

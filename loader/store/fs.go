@@ -103,7 +103,7 @@ func (s *FS) List(ctx context.Context) ([]Object, error) {
 		if err := ctx.Err(); err != nil {
 			return nil, err
 		}
-		if !e.IsDir() || atomicdir.IsTemp(e.Name()) {
+		if !isFolder(s.root, e) || atomicdir.IsTemp(e.Name()) {
 			continue
 		}
 		if err := ValidateID(e.Name()); err != nil {
@@ -119,6 +119,19 @@ func (s *FS) List(ctx context.Context) ([]Object, error) {
 		out = append(out, objectOf(e.Name(), fis[0], fis[1]))
 	}
 	return out, nil
+}
+
+// isFolder reports whether the entry e of root is a folder or a symbolic
+// link to one (an adapter folder linked into the store counts).
+func isFolder(root string, e os.DirEntry) bool {
+	if e.IsDir() {
+		return true
+	}
+	if e.Type()&os.ModeSymlink == 0 {
+		return false
+	}
+	fi, err := os.Stat(filepath.Join(root, e.Name()))
+	return err == nil && fi.IsDir()
 }
 
 // Stat implements Store.

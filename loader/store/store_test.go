@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strings"
 	"sync"
@@ -320,6 +321,26 @@ func TestFSStore(t *testing.T) {
 	os.WriteFile(filepath.Join(root, "manual", store.ConfigFile), []byte("{}"), 0o644)
 	if _, err := s.Stat(context.Background(), "manual"); err != nil {
 		t.Error(err)
+	}
+	// A symbolic link to an adapter folder elsewhere is listed; one to a
+	// file, or a dangling one, is not.
+	elsewhere := filepath.Join(t.TempDir(), "linked")
+	os.MkdirAll(elsewhere, 0o755)
+	os.WriteFile(filepath.Join(elsewhere, store.WeightsFile), []byte("w"), 0o644)
+	os.WriteFile(filepath.Join(elsewhere, store.ConfigFile), []byte("{}"), 0o644)
+	for name, target := range map[string]string{"linked": elsewhere, "to-file": filepath.Join(root, "stray.txt"), "dangling": filepath.Join(root, "gone")} {
+		if err := os.Symlink(target, filepath.Join(root, name)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	objs, err = s.List(context.Background())
+	ids := []string{}
+	for _, o := range objs {
+		ids = append(ids, o.ID)
+	}
+	slices.Sort(ids)
+	if err != nil || !slices.Equal(ids, []string{"a-1", "linked", "manual"}) {
+		t.Errorf("List with links = %v, %v; want a-1, linked, manual", ids, err)
 	}
 }
 

@@ -3,6 +3,7 @@ package cuda
 import (
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"testing"
 	"unsafe"
@@ -83,5 +84,69 @@ func TestLaunchConfigLayout(t *testing.T) {
 		if x.got != x.want {
 			t.Errorf("%s = %d, want %d", x.name, x.got, x.want)
 		}
+	}
+}
+
+// TestMarkChunks: an upload's mark (bytes [0, mark) landed) completes with
+// the copy of the chunk that holds its last byte; a mark of 0 needs none.
+func TestMarkChunks(t *testing.T) {
+	for _, c := range []struct {
+		marks []int
+		size  int
+		want  []int
+	}{
+		{nil, 16, []int{}},
+		{[]int{0, 0, 1}, 16, []int{-1, -1, 0}},
+		{[]int{15, 16, 17, 32, 33}, 16, []int{0, 0, 1, 1, 2}},
+		{[]int{100}, 1 << 20, []int{0}},
+		{[]int{1 << 24, 1<<24 + 2}, 1 << 24, []int{0, 1}},
+	} {
+		if got := markChunks(c.marks, c.size); !slices.Equal(got, c.want) {
+			t.Errorf("markChunks(%v, %d) = %v, want %v", c.marks, c.size, got, c.want)
+		}
+	}
+}
+
+// TestTransferProgress: a Transfer's marks become available in order as
+// its chunks are enqueued (Through waits for them); when the upload fails
+// part way, the marks already reached keep their events and the others,
+// Done and Finished report the failure instead of blocking forever.
+func TestTransferProgress(t *testing.T) {
+	tr := newTransfer(nil, 4)
+	ev0, ev1 := &Event{}, &Event{}
+	failed := errors.New("copy failed")
+	got := make(chan error, 1)
+	go func() { // the second mark waits for the upload to reach it
+		ev, err := tr.Through(1)
+		if err == nil && ev != ev1 {
+			err = fmt.Errorf("mark 1: event %p, want %p", ev, ev1)
+		}
+		got <- err
+	}()
+	tr.marks[0], tr.marks[1] = ev0, ev1
+	tr.reach(0, 2)
+	if err := <-got; err != nil {
+		t.Fatal(err)
+	}
+	if done, err := tr.Finished(); done || err != nil {
+		t.Fatalf("before the end: Finished %v, %v", done, err)
+	}
+	tr.finish(2, failed)
+	if ev, err := tr.Through(0); ev != ev0 || err != nil {
+		t.Errorf("mark 0 after the failure: %p, %v; want its event", ev, err)
+	}
+	for i := 2; i < 4; i++ {
+		if ev, err := tr.Through(i); ev != nil || !errors.Is(err, failed) {
+			t.Errorf("mark %d: %p, %v; want the failure", i, ev, err)
+		}
+	}
+	if _, err := tr.Done(); !errors.Is(err, failed) {
+		t.Errorf("Done: %v", err)
+	}
+	if _, err := tr.Finished(); !errors.Is(err, failed) {
+		t.Errorf("Finished: %v", err)
+	}
+	if err := tr.Wait(); !errors.Is(err, failed) {
+		t.Errorf("Wait: %v", err)
 	}
 }

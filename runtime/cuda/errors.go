@@ -32,6 +32,8 @@ var (
 	ErrNotSupported = errors.New("cuda: not supported")
 	// ErrClosed: the context or executor was closed.
 	ErrClosed = errors.New("cuda: closed")
+	// ErrCanceled: an upload was canceled before it ended (Transfer.Cancel).
+	ErrCanceled = errors.New("cuda: upload canceled")
 )
 
 // Result is a CUresult.

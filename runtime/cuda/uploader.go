@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"sync/atomic"
 )
 
 // Uploader copies data from the host to device memory through a fixed ring
@@ -54,55 +55,278 @@ func (c *Context) NewUploader(chunks, chunkBytes int) (*Uploader, error) {
 // ChunkBytes is the size of one pinned chunk.
 func (u *Uploader) ChunkBytes() int { return u.chunks[0].Size() }
 
+// Transfer is an upload: its copies are enqueued one chunk at a time (on
+// a goroutine of its own after Start), and its events complete as its bytes
+// land on the device, in order.
+type Transfer struct {
+	u     *Uploader
+	marks []*Event        // marks[i]: bytes [0, mark i) (nil: nothing to wait for)
+	ready []chan struct{} // ready[i] closes once marks[i] is recorded, or the upload failed
+	// failed[i]: the upload failed before mark i (set before ready[i]
+	// closes; a mark reached before a failure, or at 0, stays usable)
+	failed   []bool
+	done     *Event        // every byte
+	end      chan struct{} // closes once every copy is enqueued, or the upload failed
+	err      error         // why it failed; set before the channels close
+	own      []*Event      // the distinct events, done among them
+	canceled atomic.Bool   // Cancel was called: the next chunk is not filled
+}
+
+// newTransfer is a transfer of the given number of marks, none reached.
+func newTransfer(u *Uploader, marks int) *Transfer {
+	t := &Transfer{u: u, marks: make([]*Event, marks), ready: make([]chan struct{}, marks), failed: make([]bool, marks), end: make(chan struct{})}
+	for i := range t.ready {
+		t.ready[i] = make(chan struct{})
+	}
+	return t
+}
+
+// reach closes the ready channels of marks [from, to) (their events are set).
+func (t *Transfer) reach(from, to int) {
+	for i := from; i < to; i++ {
+		close(t.ready[i])
+	}
+}
+
+// finish ends the transfer: with err, the marks not yet reached close too
+// (reached says how many were).
+func (t *Transfer) finish(reached int, err error) {
+	t.err = err
+	if err != nil {
+		for i := reached; i < len(t.ready); i++ {
+			t.failed[i] = true
+		}
+		t.reach(reached, len(t.ready))
+	}
+	close(t.end)
+}
+
+// Through is the event after which the bytes before the i-th mark given
+// to Upload or Start have landed, waiting (on the host) until the upload
+// has enqueued them; nil when there is nothing to wait for (the mark was
+// 0). It fails when the upload failed before the mark.
+func (t *Transfer) Through(i int) (*Event, error) {
+	<-t.ready[i]
+	if t.failed[i] {
+		return nil, t.err
+	}
+	return t.marks[i], nil
+}
+
+// Done is the event after which every byte has landed, waiting until the
+// upload has enqueued them all; or why the upload failed.
+func (t *Transfer) Done() (*Event, error) {
+	<-t.end
+	return t.done, t.err
+}
+
+// Finished reports, without waiting, whether every byte has landed; or why
+// the upload failed.
+func (t *Transfer) Finished() (bool, error) {
+	select {
+	case <-t.end:
+	default:
+		return false, nil
+	}
+	if t.err != nil {
+		return false, t.err
+	}
+	return t.done.Done()
+}
+
+// Wait blocks until every byte has landed (on the second thread); after a
+// failure it returns the error (the copies enqueued were out by then).
+func (t *Transfer) Wait() error {
+	ev, err := t.Done()
+	if err != nil {
+		return err
+	}
+	return t.u.Wait(ev)
+}
+
+// Cancel asks the upload to stop before its next chunk: an upload canceled
+// before it ends fails with ErrCanceled (the copies already enqueued go
+// out first). For an image nobody will read: its slot is being emptied, or
+// the backend closed.
+func (t *Transfer) Cancel() { t.canceled.Store(true) }
+
+// Quiesce blocks until no copy of the transfer is in flight: every byte
+// has landed, or the upload failed (its copies were out by then). Unlike
+// Wait it does not report the upload's own failure, only a failure to
+// wait: it is what freeing or reusing the destination needs.
+func (t *Transfer) Quiesce() error {
+	<-t.end
+	if t.err != nil {
+		return nil
+	}
+	return t.u.Wait(t.done)
+}
+
+// Destroy frees the transfer's events once it has ended (waits enqueued on
+// them stay valid).
+func (t *Transfer) Destroy() error {
+	<-t.end
+	var errs []error
+	for _, e := range t.own {
+		errs = append(errs, e.Destroy())
+	}
+	t.own, t.marks, t.done = nil, nil, nil
+	return errors.Join(errs...)
+}
+
 // Upload copies n bytes to dst: fill writes bytes [off, off+len(b)) of the
 // data into b, one chunk at a time, each chunk's copy going out while the
-// next is filled. It returns when the last copy is enqueued, with an event
-// that completes when all of them have (make a stream wait on it, or
-// Wait for it); the data need not outlive the call.
-func (u *Uploader) Upload(dst DevicePtr, n int, fill func(b []byte, off int) error) (*Event, error) {
-	if n < 0 {
-		return nil, fmt.Errorf("%w: upload of %d bytes", ErrInvalidValue, n)
+// next is filled. It returns when the last copy is enqueued, with a
+// Transfer whose events complete as the bytes land: Done for all of them
+// (make a stream wait on it, or Wait for it), Through(i) for the bytes
+// before marks[i] (ascending offsets; a stream that needs only a prefix of
+// the data can start on it early). The data need not outlive the call.
+func (u *Uploader) Upload(dst DevicePtr, n int, fill func(b []byte, off int) error, marks ...int) (*Transfer, error) {
+	if err := checkMarks(n, marks); err != nil {
+		return nil, err
 	}
+	t := newTransfer(u, len(marks))
+	u.run(t, dst, n, fill, marks)
+	if t.err != nil {
+		return nil, errors.Join(t.err, t.Destroy())
+	}
+	return t, nil
+}
+
+// Start is Upload on a goroutine of its own: it returns at once, and the
+// Transfer's Through(i) waits until the bytes before marks[i] are enqueued,
+// so that a stream can start on the first bytes while the rest are still
+// being filled. fill and the data must stay valid until Done returns.
+func (u *Uploader) Start(dst DevicePtr, n int, fill func(b []byte, off int) error, marks ...int) (*Transfer, error) {
+	if err := checkMarks(n, marks); err != nil {
+		return nil, err
+	}
+	t := newTransfer(u, len(marks))
+	go u.run(t, dst, n, fill, marks)
+	return t, nil
+}
+
+func checkMarks(n int, marks []int) error {
+	if n < 0 {
+		return fmt.Errorf("%w: upload of %d bytes", ErrInvalidValue, n)
+	}
+	for i, m := range marks {
+		if m < 0 || m > n || (i > 0 && m < marks[i-1]) {
+			return fmt.Errorf("%w: upload mark %d at %d of %d bytes (marks must ascend within the data)", ErrInvalidValue, i, m, n)
+		}
+	}
+	return nil
+}
+
+// run enqueues t's copies and ends t.
+func (u *Uploader) run(t *Transfer, dst DevicePtr, n int, fill func(b []byte, off int) error, marks []int) {
 	u.mu.Lock()
 	defer u.mu.Unlock()
-	if u.s == 0 {
-		return nil, ErrClosed
+	if u.s == 0 || len(u.chunks) == 0 { // closed (Start may run after Close)
+		t.finish(0, ErrClosed)
+		return
 	}
 	size := u.ChunkBytes()
+	at := markChunks(marks, size)
+	mi := 0
+	for mi < len(marks) && at[mi] < 0 {
+		mi++ // nothing to wait for
+	}
+	t.reach(0, mi)
+	// newEvent records a fresh event on the stream (second thread).
+	newEvent := func() (*Event, error) {
+		ev := &Event{c: u.c}
+		if err := check("cuEventCreate", drv.cuEventCreate(&ev.e, 2)); err != nil {
+			return nil, err
+		}
+		t.own = append(t.own, ev)
+		return ev, check("cuEventRecord", drv.cuEventRecord(ev.e, u.s))
+	}
+	fail := func(err error) {
+		// copies already enqueued may read the ring and record the events:
+		// let them finish first
+		serr := u.c.doAside(func() error { return check("cuStreamSynchronize", drv.cuStreamSynchronize(u.s)) })
+		t.finish(mi, errors.Join(err, serr))
+	}
 	for off := 0; off < n; off += size {
+		if t.canceled.Load() {
+			fail(ErrCanceled)
+			return
+		}
 		k := u.next
 		u.next = (k + 1) % len(u.chunks)
 		if u.used[k] { // the chunk's previous copy must be out of it
 			if err := u.c.doAside(func() error { return check("cuEventSynchronize", drv.cuEventSynchronize(u.evs[k])) }); err != nil {
-				return nil, err
+				fail(err)
+				return
 			}
 		}
 		h := u.chunks[k]
 		m := min(size, n-off)
 		if err := fill(h.Bytes()[:m], off); err != nil {
-			return nil, err
+			fail(err)
+			return
 		}
+		from := mi
 		if err := u.c.doAside(func() error {
 			if err := check("cuMemcpyHtoDAsync", drv.cuMemcpyHtoDAsync(dst+uint64(off), h.p, uint64(m), u.s)); err != nil {
 				return err
 			}
-			return check("cuEventRecord", drv.cuEventRecord(u.evs[k], u.s))
+			u.used[k] = true
+			if err := check("cuEventRecord", drv.cuEventRecord(u.evs[k], u.s)); err != nil {
+				return err
+			}
+			// the marks this chunk completes share one event
+			var ev *Event
+			for ; mi < len(marks) && at[mi] == off/size; mi++ {
+				if ev == nil {
+					var err error
+					if ev, err = newEvent(); err != nil {
+						return err
+					}
+				}
+				t.marks[mi] = ev
+			}
+			return nil
 		}); err != nil {
-			return nil, err
+			// marks whose event was set before the failure stay usable
+			t.reach(from, mi)
+			fail(err)
+			return
 		}
-		u.used[k] = true
+		t.reach(from, mi)
 	}
-	ev := &Event{c: u.c}
 	err := u.c.doAside(func() error {
-		if err := check("cuEventCreate", drv.cuEventCreate(&ev.e, 2)); err != nil {
-			return err
-		}
-		return check("cuEventRecord", drv.cuEventRecord(ev.e, u.s))
+		var err error
+		t.done, err = newEvent()
+		return err
 	})
 	if err != nil {
-		return nil, err
+		fail(err)
+		return
 	}
-	return ev, nil
+	t.finish(mi, nil)
+}
+
+// markChunks is, for each mark (a byte offset), the index of the chunk of
+// size bytes whose copy completes the bytes before it: -1 for a mark of 0.
+func markChunks(marks []int, size int) []int {
+	at := make([]int, len(marks))
+	for i, m := range marks {
+		at[i] = (m+size-1)/size - 1
+	}
+	return at
+}
+
+// After makes the uploader's later copies wait for ev: device work that
+// must come before them (its stream recorded ev).
+func (u *Uploader) After(ev *Event) error {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if u.s == 0 {
+		return ErrClosed
+	}
+	return u.c.doAside(func() error { return check("cuStreamWaitEvent", drv.cuStreamWaitEvent(u.s, ev.e, 0)) })
 }
 
 // Wait blocks until ev (from Upload) has completed, on the second thread.

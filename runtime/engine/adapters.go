@@ -36,10 +36,10 @@ func (p *Prepared) Release() {
 	}
 }
 
-// PrepareAdapter does the host-side part of loading a (conversion and
-// staging on backends that are AdapterPreparers; nothing on others). Unlike
-// the other methods it may be called from any goroutine, also while another
-// runs steps.
+// PrepareAdapter starts the host-side part of loading a (conversion and
+// staging on backends that are AdapterPreparers, which may go on after it
+// returns; nothing on others). Unlike the other methods it may be called
+// from any goroutine, also while another runs steps.
 func (e *Engine) PrepareAdapter(a *lora.Adapter) (*Prepared, error) {
 	if a == nil {
 		return nil, fmt.Errorf("%w: nil adapter", ErrBadInput)

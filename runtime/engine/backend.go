@@ -179,15 +179,41 @@ type PreparedAdapter interface {
 
 // AdapterPreparer is an optional Backend capability: loading an adapter in
 // two parts so that the running batch never waits for it. PrepareAdapter
-// does the host work (conversion, layout, staging) and may be called from
-// any goroutine while steps run; LoadPrepared, on the goroutine that drives
-// the backend and between steps, places the staged adapter in slot, as
-// LoadAdapter would, without waiting for the upload: the first step that
-// uses the slot waits for it, other steps do not. LoadPrepared consumes p,
-// also when it fails.
+// starts the host work (conversion, layout, staging) and the upload, which
+// may go on after it returns, and may be called from any goroutine while
+// steps run; LoadPrepared, on the goroutine that drives the backend and
+// between steps, places the adapter in slot, as LoadAdapter would, without
+// waiting for the upload: the first step that uses the slot waits for it
+// (the CUDA backend layer by layer), other steps do not. LoadPrepared
+// consumes p, also when it fails. The adapter's weights must not change
+// until the upload is over.
 type AdapterPreparer interface {
 	PrepareAdapter(a *lora.Adapter) (PreparedAdapter, error)
 	LoadPrepared(slot int, p PreparedAdapter) error
+}
+
+// SlotError is a step that failed because the adapter in Slot cannot be
+// used (its upload failed after LoadPrepared). The step's results are
+// discarded and no sequence advanced (Step's rule on error; a rerun writes
+// the same KV rows again), so the sequences on other slots may run again
+// without it.
+type SlotError struct {
+	Slot int
+	Err  error
+}
+
+func (e *SlotError) Error() string { return e.Err.Error() }
+func (e *SlotError) Unwrap() error { return e.Err }
+
+// FP8Uploader is a Backend that computes with FP8 (e4m3) projection
+// weights and takes an FP8 checkpoint's weights as stored: e4m3 bytes q
+// [rows, cols] with one float32 scale per row (W = q * scale[row]), not
+// dequantized to bf16 and quantized again. New hands it every projection
+// (q, k and v stacked; gate and up stacked) whose parts are all F8_E4M3
+// and that KeepsFP8 accepts; the others go through Upload.
+type FP8Uploader interface {
+	KeepsFP8(name string, rows, cols int) bool
+	UploadFP8(name string, rows, cols int, q []byte, scale []float32) (Weight, error)
 }
 
 // FamilyOps are what models beyond Llama's layout need; a backend without

@@ -99,6 +99,9 @@ func New(m *llama.Model, b Backend, opts Options) (*Engine, error) {
 		return nil, fmt.Errorf("engine: %s backend: %w", b.Name(), err)
 	}
 	up := func(name string) (Weight, error) {
+		if w, ok, err := upFP8(m, b, name, []string{name}); ok || err != nil {
+			return w, err
+		}
 		raw, info, err := m.Weight(name)
 		if err != nil {
 			return nil, err
@@ -197,6 +200,9 @@ func New(m *llama.Model, b Backend, opts Options) (*Engine, error) {
 // stacked in order (1-D tensors: concatenated), in their common dtype, or
 // in float32 when they differ.
 func upStacked(m *llama.Model, b Backend, name string, names []string) (Weight, error) {
+	if w, ok, err := upFP8(m, b, name, names); ok || err != nil {
+		return w, err
+	}
 	raws := make([][]byte, len(names))
 	infos := make([]safetensors.Info, len(names))
 	for i, n := range names {
@@ -240,6 +246,45 @@ func upStacked(m *llama.Model, b Backend, name string, names []string) (Weight, 
 		return nil, fmt.Errorf("engine: upload %s: %w", name, err)
 	}
 	return w, nil
+}
+
+// upFP8 hands the FP8 weights names, their rows stacked in order, to an
+// FP8Uploader backend as weight name. ok is false (nothing uploaded) when
+// b is not one, a part is not F8_E4M3, the widths differ, or b does not
+// keep the stacked weight in FP8.
+func upFP8(m *llama.Model, b Backend, name string, names []string) (w Weight, ok bool, err error) {
+	fb, is := b.(FP8Uploader)
+	if !is {
+		return nil, false, nil
+	}
+	rows, cols := 0, 0
+	for i, n := range names {
+		info, found := m.Tensors.Info(n)
+		if !found || info.DType != safetensors.F8E4 || len(info.Shape) != 2 || (i > 0 && info.Shape[1] != cols) {
+			return nil, false, nil
+		}
+		rows, cols = rows+info.Shape[0], info.Shape[1]
+	}
+	if !fb.KeepsFP8(name, rows, cols) {
+		return nil, false, nil
+	}
+	qs := make([][]byte, len(names))
+	var scale []float32
+	for i, n := range names {
+		q, s, _, _, _, err := m.FP8Weight(n)
+		if err != nil {
+			return nil, false, err
+		}
+		qs[i], scale = q, append(scale, s...)
+	}
+	q := qs[0]
+	if len(qs) > 1 {
+		q = concat(qs)
+	}
+	if w, err = fb.UploadFP8(name, rows, cols, q, scale); err != nil {
+		return nil, false, fmt.Errorf("engine: upload %s: %w", name, err)
+	}
+	return w, true, nil
 }
 
 // Config is the model's configuration.

@@ -6,6 +6,7 @@ import (
 	"math"
 	"sort"
 	"sync/atomic"
+	"time"
 	"unsafe"
 
 	"github.com/peftd/peftd/internal/parallel"
@@ -18,14 +19,19 @@ import (
 
 // Asynchronous adapter loads (engine.AdapterPreparer). PrepareAdapter runs on
 // the caller's goroutine while steps run: it allocates the slot's device
-// image and streams the adapter into it through the uploader's ring of
-// pinned chunks (converting each chunk to bf16 as the previous one is
-// copied), all on the context's second thread, so neither a step nor the
-// thread that issues it waits for it, and no memory is pinned after Init.
+// image and starts streaming the adapter into it through the uploader's
+// ring of pinned chunks (converting each chunk to bf16 as the previous one
+// is copied) on a goroutine of its own, the driver calls on the context's
+// second thread, so neither a step nor the thread that issues it waits for
+// it, and no memory is pinned after Init. It returns at once.
 // LoadPrepared runs on the engine goroutine between steps: it points the
-// LoRA table at the image; the compute stream waits for the image's last
-// copy in Begin of the first step whose LoRA segments use the slot; steps
-// that do not use it never wait.
+// LoRA table at the image. Steps that do not use the slot never wait for
+// it. The first step whose LoRA segments use it while the upload is under
+// way runs its ops eagerly (in the layout its graph would have) and waits
+// layer by layer: before a layer's LoRA ops the host waits until that
+// layer's part of the image (laid out in layer order) is enqueued, and the
+// stream until it has landed, so the step's first layers overlap the fill
+// and the copies of the last ones.
 
 // The uploader's ring: 4 pinned chunks of 16 MiB (64 MiB pinned at Init).
 const (
@@ -122,12 +128,12 @@ func (b *Backend) pointSlot(slot int, base cuda.DevicePtr, ents []prepEntry) {
 }
 
 // preparedAdapter is an adapter's slot image on the device, its upload
-// possibly still in flight (ev).
+// possibly still in flight (tr: Through(l) is layer l's part).
 type preparedAdapter struct {
 	b    *Backend
 	name string
 	mem  *cuda.DeviceBuffer
-	ev   *cuda.Event // the image's last copy
+	tr   *cuda.Transfer
 	img  slotImage
 	done atomic.Bool // committed or released: the image is no longer ours
 }
@@ -136,10 +142,30 @@ type preparedAdapter struct {
 // its upload, on the second thread).
 func (p *preparedAdapter) Release() {
 	if p != nil && !p.done.Swap(true) {
-		p.b.up.Wait(p.ev)
-		p.ev.Destroy()
+		p.tr.Cancel() // nobody reads the image: stop filling it
+		p.tr.Quiesce()
+		p.tr.Destroy()
 		p.mem.Free()
 	}
+}
+
+// layerMarks are the byte offsets in img where each layer's part ends: the
+// bytes before marks[l] hold every A and B of layers 0..l (the entries are
+// in layer order). A layer without entries ends where the one before it
+// does (0 before the first: nothing to wait for).
+func (img *slotImage) layerMarks(layers int) []int {
+	marks := make([]int, layers)
+	for i, e := range img.ents {
+		end := img.total
+		if i+1 < len(img.ents) {
+			end = img.ents[i+1].aOff
+		}
+		marks[e.layer] = 2 * end
+	}
+	for l := 1; l < layers; l++ {
+		marks[l] = max(marks[l], marks[l-1])
+	}
+	return marks
 }
 
 // Bytes is the size of the slot image.
@@ -152,6 +178,11 @@ func (b *Backend) PrepareAdapter(a *lora.Adapter) (engine.PreparedAdapter, error
 	if err != nil {
 		return nil, err
 	}
+	b.life.RLock() // Close waits for this call (not for the upload it starts)
+	defer b.life.RUnlock()
+	if b.closed {
+		return nil, fmt.Errorf("gpu: adapter %s: %w", a.Name, cuda.ErrClosed)
+	}
 	if b.up == nil {
 		return nil, fmt.Errorf("gpu: adapter %s: backend not initialized", a.Name)
 	}
@@ -159,15 +190,21 @@ func (b *Backend) PrepareAdapter(a *lora.Adapter) (engine.PreparedAdapter, error
 	if err != nil {
 		return nil, fmt.Errorf("gpu: adapter %s: %w", a.Name, err)
 	}
-	ev, err := b.up.Upload(mem.Ptr(), 2*img.total, func(chunk []byte, off int) error {
+	fill := func(chunk []byte, off int) error {
 		img.fill(unsafe.Slice((*uint16)(unsafe.Pointer(&chunk[0])), len(chunk)/2), off/2, a)
+		if d := b.force.slowFill; d > 0 {
+			time.Sleep(d)
+		}
 		return nil
-	})
+	}
+	// The fill and the copies go on after the return: the first step that
+	// uses the slot waits, layer by layer, for them to be enqueued and to land.
+	tr, err := b.up.Start(mem.Ptr(), 2*img.total, fill, img.layerMarks(b.cfg.Layers)...)
 	if err != nil {
 		mem.Free()
 		return nil, fmt.Errorf("gpu: adapter %s: upload: %w", a.Name, err)
 	}
-	return &preparedAdapter{b: b, name: a.Name, mem: mem, ev: ev, img: img}, nil
+	return &preparedAdapter{b: b, name: a.Name, mem: mem, tr: tr, img: img}, nil
 }
 
 // fillImage writes elements [lo, lo+len(dst)) of a's slot image (layout
@@ -246,6 +283,10 @@ func (b *Backend) LoadPrepared(slot int, pa engine.PreparedAdapter) error {
 	if p.done.Load() {
 		return fmt.Errorf("gpu: adapter %s: prepared image already used or released", p.name)
 	}
+	if _, err := p.tr.Finished(); err != nil { // its upload failed already
+		p.Release()
+		return fmt.Errorf("gpu: adapter %s: upload: %w", p.name, err)
+	}
 	if err := b.emptySlot(slot); err != nil {
 		p.Release()
 		return err
@@ -254,7 +295,7 @@ func (b *Backend) LoadPrepared(slot int, pa engine.PreparedAdapter) error {
 	b.pointSlot(slot, st.mem.Ptr(), p.img.ents)
 	b.slots[slot] = st
 	p.done.Store(true) // the image is the slot's now; its upload may still be in flight
-	b.loads = append(b.loads, &pendingLoad{slot: slot, ev: p.ev})
+	b.loads = append(b.loads, &pendingLoad{slot: slot, tr: p.tr})
 	if err := b.syncTable(); err != nil {
 		b.settle(slot)
 		b.clearSlot(slot)
@@ -266,48 +307,132 @@ func (b *Backend) LoadPrepared(slot int, pa engine.PreparedAdapter) error {
 // pendingLoad is an adapter image whose upload may be in flight.
 type pendingLoad struct {
 	slot   int
-	ev     *cuda.Event // the upload's last copy (its own event: destroyed when done)
-	waited bool        // the compute stream already waits on ev
+	tr     *cuda.Transfer // the upload (its own events: destroyed when done)
+	waited bool           // the compute stream already waits for all of it
+	// gated step: the last layer event each stream waited for
+	onCompute, onLoRA *cuda.Event
 }
 
-// waitLoads (Begin) makes the compute stream wait for the pending copy of
-// every slot the step's LoRA segments use, and recycles finished copies.
-func (b *Backend) waitLoads(meta *engine.StepMeta) error {
+// waitLoads (before a step's ops) orders the step after the pending copy
+// of every slot its LoRA segments use, and recycles finished copies. With
+// gate, the step's ops run eagerly: a copy still in flight is waited for
+// layer by layer (gateLayer, then endGates after the ops) and gated reports
+// that some is; else the compute stream waits for the whole copy now.
+func (b *Backend) waitLoads(meta *engine.StepMeta, gate bool) (gated bool, err error) {
+	b.gates = b.gates[:0]
 	if len(b.loads) == 0 {
-		return nil
+		return false, nil
 	}
+	gate = gate && !b.force.wholeLoad
 	keep := b.loads[:0]
+	var failed error
 	for _, l := range b.loads {
-		if !l.waited {
-			for _, g := range meta.LoRA {
-				if g.Slot == l.slot && g.End > g.Start {
-					if err := b.s.Wait(l.ev); err != nil {
-						return err
-					}
-					l.waited = true
-					break
-				}
-			}
-		}
-		done, err := l.ev.Done()
+		done, err := l.tr.Finished()
 		if err != nil {
-			return err
+			// the slot's image is incomplete: every step that uses the
+			// slot fails (until it is unloaded), the others go on
+			keep = append(keep, l)
+			if usesSlot(meta, l.slot) && failed == nil {
+				failed = &engine.SlotError{Slot: l.slot, Err: fmt.Errorf("gpu: adapter image for slot %d: %w", l.slot, err)}
+			}
+			continue
 		}
 		if done {
-			if err := l.ev.Destroy(); err != nil {
-				return err
+			if err := l.tr.Destroy(); err != nil && failed == nil {
+				failed = err
 			}
 			continue
 		}
 		keep = append(keep, l)
+		if l.waited || !usesSlot(meta, l.slot) {
+			continue
+		}
+		if gate {
+			l.onCompute, l.onLoRA = nil, nil
+			b.gates = append(b.gates, l)
+			continue
+		}
+		ev, err := l.tr.Done()
+		if err == nil {
+			err = b.s.Wait(ev)
+		}
+		if err != nil {
+			if failed == nil {
+				failed = err
+			}
+			continue
+		}
+		l.waited = true
 	}
 	clear(b.loads[len(keep):])
 	b.loads = keep
-	return nil
+	if failed != nil {
+		b.gates = b.gates[:0]
+		return false, failed
+	}
+	if len(b.gates) > 0 {
+		b.gatedSteps++
+	}
+	return len(b.gates) > 0, nil
 }
 
-// settle waits for any copy still filling slot (before the slot is freed or
-// replaced) and recycles it.
+// usesSlot reports whether some LoRA segment of meta has rows on slot.
+func usesSlot(meta *engine.StepMeta, slot int) bool {
+	for _, g := range meta.LoRA {
+		if g.Slot == slot && g.End > g.Start {
+			return true
+		}
+	}
+	return false
+}
+
+// gateLayer makes st wait for layer's part of every gated image before the
+// LoRA ops of layer it is about to enqueue.
+func (b *Backend) gateLayer(st *cuda.Stream, layer int) {
+	for _, l := range b.gates {
+		if b.err != nil {
+			return
+		}
+		ev, err := l.tr.Through(layer) // waits for the layer's copies to be enqueued
+		if err != nil {
+			b.fail(&engine.SlotError{Slot: l.slot, Err: fmt.Errorf("gpu: adapter image for slot %d, layer %d: %w", l.slot, layer, err)})
+			return
+		}
+		last := &l.onCompute
+		if st != b.s {
+			last = &l.onLoRA
+		}
+		if ev == nil || ev == *last || b.err != nil {
+			continue
+		}
+		b.fail(st.Wait(ev))
+		*last = ev
+	}
+}
+
+// endGates (after a gated step's ops) makes the compute stream wait for
+// the whole of every gated image, so that later steps, which do not wait,
+// come after it.
+func (b *Backend) endGates() {
+	for _, l := range b.gates {
+		ev, err := l.tr.Done()
+		if err != nil {
+			b.fail(&engine.SlotError{Slot: l.slot, Err: fmt.Errorf("gpu: adapter image for slot %d: %w", l.slot, err)})
+			continue
+		}
+		if err := b.s.Wait(ev); err != nil {
+			b.fail(err)
+			continue
+		}
+		l.waited = true
+	}
+	b.gates = b.gates[:0]
+}
+
+// settle stops any upload still filling slot (before the slot is freed or
+// replaced: nobody will read that image), waits until none of its copies is
+// in flight, and recycles it. An upload that failed is not an error here:
+// its image is being dropped.
 func (b *Backend) settle(slot int) error {
 	keep := b.loads[:0]
 	var errs []error
@@ -316,22 +441,25 @@ func (b *Backend) settle(slot int) error {
 			keep = append(keep, l)
 			continue
 		}
-		errs = append(errs, l.ev.Synchronize(), l.ev.Destroy())
+		l.tr.Cancel()
+		errs = append(errs, l.tr.Quiesce(), l.tr.Destroy())
 	}
 	clear(b.loads[len(keep):])
 	b.loads = keep
 	return errors.Join(errs...)
 }
 
-// closeLoads waits for every upload and frees the uploader.
+// closeLoads stops every upload, waits for their copies in flight and
+// frees the uploader. b.up stays: an upload started later (PrepareAdapter
+// on another goroutine) fails with cuda.ErrClosed.
 func (b *Backend) closeLoads() error {
 	var errs []error
 	for _, l := range b.loads {
-		errs = append(errs, l.ev.Synchronize(), l.ev.Destroy())
+		l.tr.Cancel()
+		errs = append(errs, l.tr.Quiesce(), l.tr.Destroy())
 	}
-	b.loads = nil
+	b.loads, b.gates = nil, nil
 	errs = append(errs, b.up.Close())
-	b.up = nil
 	return errors.Join(errs...)
 }
 

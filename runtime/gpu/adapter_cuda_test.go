@@ -6,8 +6,10 @@ import (
 	"context"
 	"fmt"
 	"testing"
+	"time"
 
 	fx "github.com/peftd/peftd/internal/fixture"
+	"github.com/peftd/peftd/runtime/cuda"
 	"github.com/peftd/peftd/runtime/engine"
 	"github.com/peftd/peftd/runtime/llama"
 	"github.com/peftd/peftd/runtime/lora"
@@ -134,6 +136,229 @@ func TestAsyncAdapterLoad(t *testing.T) {
 		}
 	}
 	t.Logf("maxrel=%.3g (async vs synchronous load, every logits row of %d steps)", worst, steps)
+}
+
+// TestGatedAdapterLoad commits an adapter whose upload is still under way
+// and steps at once, three ways: its copies held behind ~100 ms of device
+// copies (the step must run gated: each layer's LoRA ops wait for that
+// layer's part of the image, which the uploader copies in chunks small
+// enough for each layer to have its own); the same with
+// kernelForce.wholeLoad (the step waits for the whole image first); and
+// its host fill slowed to 5 ms a chunk (PrepareAdapter returns before the
+// fill is done: the gated step waits on the host for each layer's copies
+// to be enqueued). Every way the logits must be exactly those of an engine
+// that loaded the adapter synchronously, in that step and the next. (The
+// synchronous engine runs the gated step's shape as a replay of the first
+// step's graph, bucket 8, while the gated engine runs it eagerly in the
+// graph layout: that is the eager-versus-replay comparison. The step after
+// it is the first of its shape on both engines, so both run it eagerly
+// before recording it.)
+func TestGatedAdapterLoad(t *testing.T) {
+	m, adapters, cases := loadFixture(t)
+	opts := engine.DefaultOptions()
+	first, late := adapters["qv-r8"], adapters["mlp-r64"]
+	ctx := context.Background()
+	prompt := cases[0].Prompt
+	for _, mode := range []struct {
+		name        string
+		hold, whole bool
+		slow        time.Duration
+		gated       int
+	}{{"held", true, false, 0, 1}, {"held+wholeLoad", true, true, 0, 0}, {"slow fill", false, false, 5 * time.Millisecond, 1}} {
+		eS, eA := newEngine(t, m, opts), newEngine(t, m, opts)
+		for _, e := range []*engine.Engine{eS, eA} {
+			if err := e.LoadAdapter(0, first); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := eS.LoadAdapter(2, late); err != nil {
+			t.Fatal(err)
+		}
+		b := eA.Backend().(*Backend)
+		b.force.wholeLoad, b.force.slowFill = mode.whole, mode.slow
+		img, err := b.slotLayout(late)
+		if err != nil {
+			t.Fatal(err)
+		}
+		// chunks of ~1/(2 layers) of the image, a ring that never makes Upload wait
+		chunk := max(256, (2*img.total/(2*m.Config.Layers)+255)&^255)
+		if err := b.up.Close(); err != nil {
+			t.Fatal(err)
+		}
+		if b.up, err = b.ctx.NewUploader(2*img.total/chunk+2, chunk); err != nil {
+			t.Fatal(err)
+		}
+		seqs := [2][2]*engine.Sequence{{{}, {}}, {{}, {}}}
+		step := func(k int, e *engine.Engine, in []engine.Input) [][]float32 {
+			out, err := e.Step(ctx, in)
+			if err != nil {
+				t.Fatalf("%s: engine %d: %v", mode.name, k, err)
+			}
+			return out
+		}
+		for k, e := range []*engine.Engine{eS, eA} {
+			step(k, e, []engine.Input{{Seq: seqs[k][0], Tokens: prompt, Slot: 0}})
+		}
+		var held *cuda.Event
+		if mode.hold {
+			// hold the uploader's stream behind ~0.5-1 s of device copies
+			// (2,000 x 1 GiB): 200 (~60 ms on the H200) ended before
+			// PrepareAdapter and LoadPrepared returned
+			hold, err := b.ctx.NewStream()
+			if err != nil {
+				t.Fatal(err)
+			}
+			const gb = 1 << 30
+			src, err := b.ctx.Alloc(gb)
+			if err != nil {
+				t.Fatal(err)
+			}
+			dst, err := b.ctx.Alloc(gb)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for range 2000 {
+				if err := hold.CopyDtoD(dst.Ptr(), src.Ptr(), gb); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if held, err = b.ctx.NewEvent(false); err != nil {
+				t.Fatal(err)
+			}
+			if err := held.Record(hold); err != nil {
+				t.Fatal(err)
+			}
+			if err := b.up.After(held); err != nil {
+				t.Fatal(err)
+			}
+			defer func() {
+				hold.Synchronize()
+				src.Free()
+				dst.Free()
+				held.Destroy()
+				hold.Destroy()
+			}()
+		}
+		t0 := time.Now()
+		p, err := eA.PrepareAdapter(late)
+		if err != nil {
+			t.Fatal(err)
+		}
+		prep := time.Since(t0)
+		if err := eA.LoadPrepared(2, p); err != nil {
+			t.Fatal(err)
+		}
+		if held != nil {
+			if done, err := held.Done(); err != nil || done {
+				t.Fatalf("%s: the hold ended before the step (done %v, %v; PrepareAdapter and LoadPrepared took %v): the test cannot see the gate", mode.name, done, err, time.Since(t0))
+			}
+		}
+		var outs [2][][]float32
+		tok := []int32{(prompt[0]*7 + 3) % int32(m.Config.VocabSize)}
+		t1 := time.Now()
+		for _, k := range []int{1, 0} { // the engine loading asynchronously first
+			e := []*engine.Engine{eS, eA}[k]
+			outs[k] = step(k, e, []engine.Input{{Seq: seqs[k][0], Tokens: tok, Slot: 0}, {Seq: seqs[k][1], Tokens: prompt, Slot: 2}})
+			if k == 1 {
+				t1 = time.Now()
+			}
+		}
+		gated := b.gatedSteps
+		for k, e := range []*engine.Engine{eS, eA} {
+			o := step(k, e, []engine.Input{{Seq: seqs[k][0], Tokens: tok, Slot: 0}, {Seq: seqs[k][1], Tokens: tok, Slot: 2}})
+			outs[k] = append(outs[k], o...)
+		}
+		for j := range outs[0] {
+			if d := fx.RelErr(outs[1][j], outs[0][j]); d != 0 {
+				t.Errorf("%s: output %d differs from the synchronous load (rel %.3g)", mode.name, j, d)
+			}
+		}
+		if gated != mode.gated || b.gatedSteps != mode.gated {
+			t.Errorf("%s: %d gated steps (%d after the next step), want %d", mode.name, gated, b.gatedSteps, mode.gated)
+		}
+		nChunks := (2*img.total + chunk - 1) / chunk
+		if mode.slow > 0 && prep > mode.slow*time.Duration(nChunks)/2 {
+			t.Errorf("%s: PrepareAdapter took %v, as long as the fill (%d chunks x %v): it should return at once", mode.name, prep, nChunks, mode.slow)
+		}
+		for k, e := range []*engine.Engine{eS, eA} {
+			for _, s := range seqs[k] {
+				e.Release(s)
+			}
+		}
+		t.Logf("%s: %d-byte image in %d chunks of %d bytes; PrepareAdapter %v, gated step %v; gated steps %d, outputs identical",
+			mode.name, 2*img.total, nChunks, chunk, prep, t1.Sub(t0)-prep, gated)
+	}
+}
+
+// TestCanceledAdapterLoad: an adapter whose host fill is slow (20 ms a
+// chunk, ~1 s in all) is prepared and committed, then its slot is emptied
+// at once: UnloadAdapter stops the upload instead of waiting for the rest
+// of the fill; a prepared adapter released before its commit stops the
+// same way; and the slot then loads (synchronously) and computes exactly
+// as on an engine that never saw the canceled upload.
+func TestCanceledAdapterLoad(t *testing.T) {
+	m, adapters, cases := loadFixture(t)
+	opts := engine.DefaultOptions()
+	late := adapters["mlp-r64"]
+	eS, eA := newEngine(t, m, opts), newEngine(t, m, opts)
+	b := eA.Backend().(*Backend)
+	img, err := b.slotLayout(late)
+	if err != nil {
+		t.Fatal(err)
+	}
+	const chunks = 50
+	chunk := max(256, (2*img.total/chunks+255)&^255)
+	if err := b.up.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if b.up, err = b.ctx.NewUploader(4, chunk); err != nil {
+		t.Fatal(err)
+	}
+	const slow = 20 * time.Millisecond
+	fill := slow * time.Duration((2*img.total+chunk-1)/chunk)
+	b.force.slowFill = slow
+	p, err := eA.PrepareAdapter(late)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := eA.LoadPrepared(2, p); err != nil {
+		t.Fatal(err)
+	}
+	t0 := time.Now()
+	if err := eA.UnloadAdapter(2); err != nil {
+		t.Fatal(err)
+	}
+	if d := time.Since(t0); d > fill/4 {
+		t.Errorf("UnloadAdapter during the upload took %v (the fill takes %v): it waited instead of canceling", d, fill)
+	}
+	p, err = eA.PrepareAdapter(late)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t0 = time.Now()
+	p.Release()
+	if d := time.Since(t0); d > fill/4 {
+		t.Errorf("Release of an uncommitted upload took %v (the fill takes %v)", d, fill)
+	}
+	b.force.slowFill = 0
+	for _, e := range []*engine.Engine{eS, eA} {
+		if err := e.LoadAdapter(2, late); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var outs [2][]float32
+	for k, e := range []*engine.Engine{eS, eA} {
+		s := &engine.Sequence{}
+		out, err := e.Step(context.Background(), []engine.Input{{Seq: s, Tokens: cases[0].Prompt, Slot: 2}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		outs[k] = out[0]
+		e.Release(s)
+	}
+	if d := fx.RelErr(outs[1], outs[0]); d != 0 {
+		t.Errorf("after the canceled uploads the slot computes differently (rel %.3g)", d)
+	}
 }
 
 // truncRank is a copy of a (float32 matrices) cut to rank r: A's first r

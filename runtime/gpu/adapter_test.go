@@ -94,3 +94,56 @@ func TestFillImageChunks(t *testing.T) {
 		}
 	}
 }
+
+// TestLayerMarks: the upload mark of layer l (a step's layer-l LoRA ops
+// wait for the bytes before it) covers every A and B of layers 0..l and
+// none of a later layer's; marks ascend; layers without entries repeat the
+// mark before them (0 before the first entry: nothing to wait for).
+func TestLayerMarks(t *testing.T) {
+	cfg := &llama.Config{VocabSize: 64, Hidden: 48, Intermediate: 80, Layers: 6, Heads: 4, KVHeads: 2, HeadDim: 12,
+		RMSNormEps: 1e-5, RopeTheta: 10000, MaxPositions: 256, HiddenAct: "silu"}
+	if err := cfg.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	a := &lora.Adapter{Name: "x", Layers: make([][llama.NumModules]*lora.Pair, cfg.Layers)}
+	for _, l := range []int{1, 2, 4} { // layers 0, 3 and 5 have no entries
+		for m := range llama.NumModules {
+			if (l+int(m))%2 == 0 {
+				continue
+			}
+			rank := 3 + l
+			in, out := cfg.Dims(m)
+			a.Layers[l][m] = &lora.Pair{Rank: rank, Scale: 1, A16: make([]uint16, rank*in), B16: make([]uint16, out*rank)}
+		}
+	}
+	img, err := (&Backend{cfg: cfg}).slotLayout(a)
+	if err != nil {
+		t.Fatal(err)
+	}
+	marks := img.layerMarks(cfg.Layers)
+	if marks[0] != 0 {
+		t.Errorf("layer 0 has no entries: mark %d, want 0", marks[0])
+	}
+	for l := 1; l < len(marks); l++ {
+		if marks[l] < marks[l-1] {
+			t.Errorf("marks descend at layer %d: %v", l, marks)
+		}
+	}
+	if marks[cfg.Layers-1] > 2*img.total {
+		t.Errorf("last mark %d beyond the image (%d bytes)", marks[cfg.Layers-1], 2*img.total)
+	}
+	for _, e := range img.ents {
+		_, nb := a.Layers[e.layer][e.module].Len()
+		for l := range marks {
+			if l >= e.layer && marks[l] < 2*(e.bOff+nb) {
+				t.Errorf("layer %d mark %d does not cover layer %d's %v (ends at byte %d)", l, marks[l], e.layer, llama.Module(e.module), 2*(e.bOff+nb))
+			}
+			if l < e.layer && marks[l] > 2*e.aOff {
+				t.Errorf("layer %d mark %d reaches into layer %d's %v (starts at byte %d)", l, marks[l], e.layer, llama.Module(e.module), 2*e.aOff)
+			}
+		}
+	}
+	if marks[3] != marks[2] || marks[5] != marks[4] {
+		t.Errorf("layers without entries should repeat the mark before: %v", marks)
+	}
+}

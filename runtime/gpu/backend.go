@@ -9,6 +9,7 @@ package gpu
 
 import (
 	"math"
+	"sync"
 	"time"
 
 	"errors"
@@ -49,6 +50,9 @@ type Options struct {
 	// WeightsBF16 ("" too) or WeightsFP8 (e4m3 with per-output-row scales,
 	// activations quantized per token; see fp8.go).
 	WeightFormat string
+	// KVFormat is the KV cache's format: KVBF16 ("" too) or KVFP8 (keys in
+	// e4m3 with a scale per token and KV head, values in bf16).
+	KVFormat string
 	// Eager runs every step op by op: no CUDA graphs for decode steps.
 	Eager bool
 	// SerialLoRA runs each LoRA update on the compute stream after its
@@ -118,21 +122,25 @@ type funcs struct {
 	addBias, headRMSNorm, addDelta                                                *cuda.Function
 	sgShrink, sgShrink4, sgExpand, sample, logitAdjust                            *cuda.Function
 	attnDecode                                                                    [4]*cuda.Function // attn_decode_d32, d64, d128, d256
+	attnDecode8                                                                   [4]*cuda.Function // attn_decode8_d*: FP8 keys
 	attnPrefill                                                                   [3]*cuda.Function // attn_prefill_d32, d64, d128
+	attnPrefill8                                                                  [3]*cuda.Function // attn_prefill8_d*: FP8 keys
 	sgExpandTC                                                                    [3]*cuda.Function // sgmv_expand_tc1, tc2, tc4
 }
 
-// Backend implements engine.Backend on one CUDA device.
 // kernelForce makes the steps of a Backend take one kernel family where the
 // Backend otherwise chooses by shape: the tests check every family against
 // the reference and the benchmarks compare them. Production never sets it.
 type kernelForce struct {
-	loraRows bool // LoRA: the row-at-a-time kernels (lora_shrink, lora_expand)
-	loraV1   bool // LoRA: SGMV v1 (sgmv_shrink, then an expand launch)
-	loraV2   bool // LoRA: SGMV v2 (one launch per op) wherever it fits
-	attnRows bool // attention: the per-row kernel for every row (no attn_decode, attn_prefill, graphs)
+	loraRows  bool          // LoRA: the row-at-a-time kernels (lora_shrink, lora_expand)
+	loraV1    bool          // LoRA: SGMV v1 (sgmv_shrink, then an expand launch)
+	loraV2    bool          // LoRA: SGMV v2 (one launch per op) wherever it fits
+	attnRows  bool          // attention: the per-row kernel for every row (no attn_decode, attn_prefill, graphs)
+	wholeLoad bool          // adapter loads: a step waits for the whole image before it starts (no per-layer start)
+	slowFill  time.Duration // adapter loads: a sleep after each chunk's fill (tests: a step must wait for the host)
 }
 
+// Backend implements engine.Backend on one CUDA device.
 type Backend struct {
 	ctx *cuda.Context
 	s   *cuda.Stream
@@ -147,7 +155,16 @@ type Backend struct {
 	maxT   int
 	kcache *cuda.DeviceBuffer
 	vcache *cuda.DeviceBuffer
-	layerB int // bytes of one layer's K (or V) cache
+	layerB int // bytes of one layer's V cache (and K cache, in bf16)
+	// an FP8 key cache (Options.KVFormat): kcache holds e4m3 keys, layerKB
+	// bytes a layer, and kscale their float32 scales, layerSB bytes a layer
+	kv8 bool
+	// life orders PrepareAdapter (any goroutine) before Close: closed is
+	// set under it, and PrepareAdapter reads it under it
+	life             sync.RWMutex
+	closed           bool
+	kscale           *cuda.DeviceBuffer
+	layerKB, layerSB int
 
 	meta     *engine.StepMeta
 	metaHost *cuda.HostBuffer
@@ -216,9 +233,11 @@ type Backend struct {
 	la loraAside // the LoRA stream and the update it has in flight (lora.go)
 
 	// asynchronous adapter loads (PrepareAdapter / LoadPrepared)
-	cs    *cuda.Stream   // copy stream (weight uploads)
-	up    *cuda.Uploader // adapter images, through pinned chunks (adapter.go)
-	loads []*pendingLoad
+	cs         *cuda.Stream   // copy stream (weight uploads)
+	up         *cuda.Uploader // adapter images, through pinned chunks (adapter.go)
+	loads      []*pendingLoad
+	gates      []*pendingLoad // loads the running step waits for layer by layer (gateLayer)
+	gatedSteps int            // steps that waited for an adapter image layer by layer
 
 	weights []*weight
 	// FP8 projections (Options.WeightFormat fp8; nil for bf16) and the write
@@ -344,6 +363,14 @@ func (b *Backend) open(opts Options) error {
 	if err != nil {
 		return err
 	}
+	kvFormat, err := ParseKVFormat(opts.KVFormat)
+	if err != nil {
+		return err
+	}
+	if d := b.ctx.Device(); kvFormat == KVFP8 && d.Major*10+d.Minor < 89 {
+		return fmt.Errorf("gpu: an FP8 KV cache needs FP8 conversions (sm_89 or later); %s is %s", d.Name, d.Arch())
+	}
+	b.kv8 = kvFormat == KVFP8
 	if format == WeightsFP8 {
 		if b.f8, err = newFP8(b.ctx, b.s, b.mm, opts.Kernels); err != nil {
 			return err
@@ -358,34 +385,42 @@ func (b *Backend) open(opts Options) error {
 		{&b.fn.sgShrink, "sgmv_shrink"}, {&b.fn.sgShrink4, "sgmv_shrink4"}, {&b.fn.sgExpand, "sgmv_expand"},
 		{&b.fn.sample, "sample_rows"}, {&b.fn.logitAdjust, "logit_adjust"}, {&b.fn.attnDecode[0], "attn_decode_d32"}, {&b.fn.attnDecode[1], "attn_decode_d64"},
 		{&b.fn.attnDecode[2], "attn_decode_d128"}, {&b.fn.attnDecode[3], "attn_decode_d256"},
+		{&b.fn.attnDecode8[0], "attn_decode8_d32"}, {&b.fn.attnDecode8[1], "attn_decode8_d64"},
+		{&b.fn.attnDecode8[2], "attn_decode8_d128"}, {&b.fn.attnDecode8[3], "attn_decode8_d256"},
 		{&b.fn.attnPrefill[0], "attn_prefill_d32"}, {&b.fn.attnPrefill[1], "attn_prefill_d64"}, {&b.fn.attnPrefill[2], "attn_prefill_d128"},
+		{&b.fn.attnPrefill8[0], "attn_prefill8_d32"}, {&b.fn.attnPrefill8[1], "attn_prefill8_d64"}, {&b.fn.attnPrefill8[2], "attn_prefill8_d128"},
 		{&b.fn.addBias, "add_bias"}, {&b.fn.headRMSNorm, "head_rmsnorm"}, {&b.fn.addDelta, "add_delta"},
 		{&b.fn.sgExpandTC[0], "sgmv_expand_tc1"}, {&b.fn.sgExpandTC[1], "sgmv_expand_tc2"}, {&b.fn.sgExpandTC[2], "sgmv_expand_tc4"}} {
 		if *f.p, err = b.mod.Function(f.name); err != nil {
 			return err
 		}
 	}
-	// A variant that needs more shared memory than a block may have on
+	// Only the variants of the KV format in use get their shared memory
+	// limit raised, and a variant that needs more than a block may have on
 	// this card (99 KB on sm_86/sm_89: attn_decode_d256) is left out; Init
 	// sends that head size to the per-row kernel.
 	limit := b.ctx.Device().MaxShared
 	if limit <= 0 { // not reported: try them all, as before
 		limit = math.MaxInt
 	}
-	b.decFit, b.preFit = attnFits(limit)
-	for i, f := range b.fn.attnDecode {
+	b.decFit, b.preFit = attnFits(limit, b.kv8)
+	dec, pre := b.fn.attnDecode[:], b.fn.attnPrefill[:]
+	if b.kv8 {
+		dec, pre = b.fn.attnDecode8[:], b.fn.attnPrefill8[:]
+	}
+	for i, f := range dec {
 		if !b.decFit[i] {
 			continue
 		}
-		if err := f.SetMaxDynamicShared(decShared(32 << i)); err != nil {
+		if err := f.SetMaxDynamicShared(decShared(32<<i, b.kv8)); err != nil {
 			return err
 		}
 	}
-	for i, f := range b.fn.attnPrefill {
+	for i, f := range pre {
 		if !b.preFit[i] {
 			continue
 		}
-		if err := f.SetMaxDynamicShared(preShared(32 << i)); err != nil {
+		if err := f.SetMaxDynamicShared(preShared(32<<i, b.kv8)); err != nil {
 			return err
 		}
 	}
@@ -393,14 +428,14 @@ func (b *Backend) open(opts Options) error {
 }
 
 // attnFits says which attn_decode_d{32,64,128,256} and
-// attn_prefill_d{32,64,128} variants fit in maxShared bytes of dynamic
-// shared memory per block.
-func attnFits(maxShared int) (dec [4]bool, pre [3]bool) {
+// attn_prefill_d{32,64,128} variants (with FP8 keys when k8) fit in
+// maxShared bytes of dynamic shared memory per block.
+func attnFits(maxShared int, k8 bool) (dec [4]bool, pre [3]bool) {
 	for i := range dec {
-		dec[i] = decShared(32<<i) <= maxShared
+		dec[i] = decShared(32<<i, k8) <= maxShared
 	}
 	for i := range pre {
-		pre[i] = preShared(32<<i) <= maxShared
+		pre[i] = preShared(32<<i, k8) <= maxShared
 	}
 	return dec, pre
 }
@@ -421,7 +456,7 @@ func (b *Backend) sizeDecode() error {
 	if !b.decOK {
 		return nil
 	}
-	per, err := b.decodeKernel(b.kv.HeadDim).BlocksPerSM(decThreads, decShared(b.kv.HeadDim))
+	per, err := b.decodeKernel(b.kv.HeadDim).BlocksPerSM(decThreads, decShared(b.kv.HeadDim, b.kv8))
 	if err != nil {
 		return fmt.Errorf("gpu: attn_decode occupancy: %w", err)
 	}
@@ -457,9 +492,19 @@ func (b *Backend) Init(cfg *llama.Config, spec engine.Spec) error {
 	}
 	width := kv.KVHeads * kv.HeadDim
 	b.layerB = kv.Blocks * kv.BlockSize * width * 2
+	b.layerKB = b.layerB
+	if b.kv8 { // e4m3 keys and their scales
+		b.layerKB = kv.Blocks * kv.BlockSize * width
+		b.layerSB = kv.Blocks * kv.BlockSize * kv.KVHeads * 4
+	}
 	var err error
-	if b.kcache, err = b.ctx.Alloc(kv.Layers * b.layerB); err != nil {
+	if b.kcache, err = b.ctx.Alloc(kv.Layers * b.layerKB); err != nil {
 		return fmt.Errorf("gpu: KV cache: %w", err)
+	}
+	if b.kv8 {
+		if b.kscale, err = b.ctx.Alloc(kv.Layers * b.layerSB); err != nil {
+			return fmt.Errorf("gpu: KV cache scales: %w", err)
+		}
 	}
 	if b.vcache, err = b.ctx.Alloc(kv.Layers * b.layerB); err != nil {
 		return fmt.Errorf("gpu: KV cache: %w", err)
@@ -597,6 +642,9 @@ func (b *Backend) Close() error {
 	if b.ctx == nil {
 		return nil
 	}
+	b.life.Lock() // no PrepareAdapter from here on
+	b.closed = true
+	b.life.Unlock()
 	var errs []error
 	if b.s != nil {
 		errs = append(errs, b.s.Synchronize())
@@ -615,7 +663,7 @@ func (b *Backend) Close() error {
 		}
 	}
 	errs = append(errs, b.dropGraphs())
-	for _, d := range []*cuda.DeviceBuffer{b.kcache, b.vcache, b.metaDev, b.invFreq, b.normed, b.table, b.loraTmp, b.smpDev, b.attnPart, b.attnDone,
+	for _, d := range []*cuda.DeviceBuffer{b.kcache, b.kscale, b.vcache, b.metaDev, b.invFreq, b.normed, b.table, b.loraTmp, b.smpDev, b.attnPart, b.attnDone,
 		b.g.dev, b.g.part, b.g.tmp, b.la.delta} {
 		errs = append(errs, d.Free())
 	}

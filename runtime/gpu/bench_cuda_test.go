@@ -393,13 +393,36 @@ func TestDecodeBench(t *testing.T) {
 		t.Skip("PEFTD_MODEL_8B is not set (make one with tools/make_random_llama.py)")
 	}
 	t0 := time.Now()
+	batches := envBatches(t, "PEFTD_DECODE_BATCHES", []int{1, 16, 64, 256})
+	// PEFTD_DECODE_PROMPT: the prompt length (default 512; e.g. 4096 for
+	// attention-bound decode)
+	prompt := 512
+	if v := os.Getenv("PEFTD_DECODE_PROMPT"); v != "" {
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 1 {
+			t.Fatalf("PEFTD_DECODE_PROMPT=%q", v)
+		}
+		prompt = n
+	}
+	const newTok = 128
+	chunk := max(1, 4096/prompt) // prompts per prefill step
+	maxB := slices.Max(batches)
+	// the step and the cache also hold adapterLoadBench's 8 x 512-token
+	// prefill and its 64 sequences
+	opts := engine.Options{MaxTokens: max(chunk*prompt, 8*512), BlockSize: 16,
+		KVBlocks: max(maxB*(prompt+newTok)/16+64, 64*(512+64)/16+64)}
+	// refuse a cache the card cannot hold before the 16 GB load
+	if cfg, err := llama.LoadConfig(filepath.Join(dir, "base")); err == nil {
+		kvBytes := int64(cfg.Layers) * int64(opts.KVBlocks) * 16 * int64(cfg.KVHeads*cfg.HeadDim) * 4
+		if kvBytes > 100<<30 {
+			t.Fatalf("batches %v x (%d + %d) tokens need %.0f GiB of bf16 KV cache: set PEFTD_DECODE_BATCHES lower", batches, prompt, newTok, float64(kvBytes)/(1<<30))
+		}
+	}
 	m, ads := openRandom8B(t, dir)
 	c := m.Config
-	batches := envBatches(t, "PEFTD_DECODE_BATCHES", []int{1, 16, 64, 256})
-	const prompt, newTok, chunk = 512, 128, 8
-	maxB := slices.Max(batches)
-	opts := engine.Options{MaxTokens: chunk * prompt, BlockSize: 16, KVBlocks: maxB*(prompt+newTok)/16 + 64, AdapterSlots: len(ads) + 1}
-	gb, err := New(Options{WeightFormat: os.Getenv("PEFTD_WEIGHTS")}) // bf16 unless PEFTD_WEIGHTS=fp8
+	opts.AdapterSlots = len(ads) + 1
+	// bf16 unless PEFTD_WEIGHTS=fp8; a bf16 KV cache unless PEFTD_KV=fp8
+	gb, err := New(Options{WeightFormat: os.Getenv("PEFTD_WEIGHTS"), KVFormat: os.Getenv("PEFTD_KV")})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -446,12 +469,16 @@ func TestDecodeBench(t *testing.T) {
 		adBytes = float64(ads[0].Params * 2)
 	}
 	kvTok := float64(2 * c.Layers * c.KVHeads * c.HeadDim * 2) // K and V, bf16, all layers
+	kvf := KVBF16
+	if gb.kv8 { // e4m3 keys with a float32 scale per token and KV head, bf16 values
+		kvTok, kvf = float64(c.Layers*c.KVHeads*(3*c.HeadDim+4)), KVFP8
+	}
 	wf := WeightsBF16
 	if gb.f8 != nil {
 		wf = WeightsFP8
 	}
-	bench("decode device %s; weights %s; %s: %d layers, hidden %d, vocab %d; %d adapters of %.0f MB; copy bandwidth %.0f GB/s; loaded in %v; %d decode graphs recorded in %v",
-		gb.Device().Name, wf, dir, c.Layers, c.Hidden, c.VocabSize, len(ads), adBytes/1e6, bw/1e9, load.Round(time.Second), recorded, warm.Round(time.Millisecond))
+	bench("decode device %s; weights %s; KV cache %s; prompts of %d tokens; %s: %d layers, hidden %d, vocab %d; %d adapters of %.0f MB; copy bandwidth %.0f GB/s; loaded in %v; %d decode graphs recorded in %v",
+		gb.Device().Name, wf, kvf, prompt, dir, c.Layers, c.Hidden, c.VocabSize, len(ads), adBytes/1e6, bw/1e9, load.Round(time.Second), recorded, warm.Round(time.Millisecond))
 	bench("decode %-5s %-11s %10s %10s %10s %9s %9s %9s %9s %10s", "batch", "lora", "wall_tok/s", "gpu_tok/s", "roof_tok/s", "gpu_frac", "wall_ms", "gpu_ms", "roof_ms", "prefill_s")
 	rng := rand.New(rand.NewPCG(3, 4))
 	ctx := context.Background()
@@ -601,6 +628,7 @@ func adapterLoadBench(t *testing.T, e *engine.Engine, c *llama.Config, ads []*lo
 		}
 	}
 	slot := len(ads)
+	h2dBench(t, e.Backend().(*Backend), big)
 	const B, prompt = 64, 512
 	seqs := make([]*engine.Sequence, B)
 	for i := 0; i < B; i += 8 {
@@ -724,9 +752,11 @@ wait:
 		t.Fatal(err)
 	}
 	other1 := one(0) // while the upload may be in flight
+	gated0 := e.Backend().(*Backend).gatedSteps
 	gotA := one(slot)
+	gated := e.Backend().(*Backend).gatedSteps - gated0
 	dOther, dNew := fx.RelErr(other1, other0), fx.RelErr(gotA, gotS)
-	bench("adapterload check: other slot during the upload rel %.3g; first step on the new slot, async vs sync load rel %.3g", dOther, dNew)
+	bench("adapterload check: other slot during the upload rel %.3g; first step on the new slot (gated: %d), async vs sync load rel %.3g", dOther, gated, dNew)
 	if dOther != 0 || dNew != 0 {
 		t.Errorf("async adapter load changed results: other slot %.3g, new slot %.3g", dOther, dNew)
 	}
@@ -855,4 +885,74 @@ func TestDecodeProfile(t *testing.T) {
 			e.Release(s)
 		}
 	}
+}
+
+// h2dBench prints where an adapter upload's time goes: one copy of the
+// image's bytes from pinned and from pageable host memory (the link's
+// bandwidth), the host fill of the image alone (as the uploader's ring does
+// it, 16 MiB at a time), and PrepareAdapter through the ring until the last
+// byte lands. Medians of 5.
+func h2dBench(t *testing.T, b *Backend, a *lora.Adapter) {
+	img, err := b.slotLayout(a)
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := 2 * img.total
+	dev, err := b.ctx.Alloc(n)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dev.Free()
+	pinned, err := b.ctx.AllocHost(n)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pinned.Free()
+	pageable := make([]byte, n)
+	for i := range pageable {
+		pageable[i] = byte(i)
+	}
+	copy(pinned.Bytes(), pageable)
+	timed := func(f func()) float64 {
+		var v []float32
+		for range 5 {
+			t0 := time.Now()
+			f()
+			v = append(v, float32(time.Since(t0).Seconds()*1e3))
+		}
+		return median(v)
+	}
+	sync := func() {
+		if err := b.s.Synchronize(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	pin := timed(func() {
+		if err := cuda.CopyHtoD(b.s, dev.Ptr(), pinned.Bytes()); err != nil {
+			t.Fatal(err)
+		}
+		sync()
+	})
+	page := timed(func() {
+		if err := cuda.CopyHtoD(b.s, dev.Ptr(), pageable); err != nil {
+			t.Fatal(err)
+		}
+		sync()
+	})
+	chunk := make([]uint16, stageChunkBytes/2)
+	fill := timed(func() {
+		for off := 0; off < img.total; off += len(chunk) {
+			img.fill(chunk[:min(len(chunk), img.total-off)], off, a)
+		}
+	})
+	ring := timed(func() {
+		p, err := b.PrepareAdapter(a)
+		if err != nil {
+			t.Fatal(err)
+		}
+		p.Release() // waits for the last byte
+	})
+	gbs := func(ms float64) float64 { return float64(n) / ms / 1e6 }
+	bench("adapterload h2d (%.0f MB image): one copy from pinned %.2f ms (%.1f GB/s), from pageable %.2f ms (%.1f GB/s); host fill alone %.2f ms (%.1f GB/s); PrepareAdapter through the ring to the last byte %.2f ms (%.1f GB/s)",
+		float64(n)/1e6, pin, gbs(pin), page, gbs(page), fill, gbs(fill), ring, gbs(ring))
 }

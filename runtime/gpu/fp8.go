@@ -2,10 +2,12 @@ package gpu
 
 import (
 	"fmt"
+	"math"
 	"strings"
 
 	"github.com/peftd/peftd/kernels"
 	"github.com/peftd/peftd/runtime/cuda"
+	"github.com/peftd/peftd/runtime/engine"
 	"github.com/peftd/peftd/runtime/llama"
 )
 
@@ -21,6 +23,28 @@ const (
 	// activations.
 	WeightsFP8 = "fp8"
 )
+
+// KV cache formats (Options.KVFormat).
+const (
+	// KVBF16: keys and values in bf16.
+	KVBF16 = "bf16"
+	// KVFP8: keys in e4m3 with one float32 scale per token and KV head
+	// (amax / 448, set when the key is stored), values in bf16: a quarter
+	// less memory per token, and decode attention reads a quarter fewer
+	// bytes. Needs FP8 conversions (sm_89 and later).
+	KVFP8 = "fp8"
+)
+
+// ParseKVFormat checks a KV cache format name ("" means bf16).
+func ParseKVFormat(s string) (string, error) {
+	switch strings.ToLower(strings.TrimSpace(s)) {
+	case "", KVBF16:
+		return KVBF16, nil
+	case KVFP8, "fp8-e4m3", "e4m3":
+		return KVFP8, nil
+	}
+	return "", fmt.Errorf("gpu: unknown KV cache format %q (want bf16 or fp8)", s)
+}
 
 // ParseWeightFormat checks a weight format name ("" means bf16).
 func ParseWeightFormat(s string) (string, error) {
@@ -54,7 +78,13 @@ type fp8State struct {
 	mod   *cuda.Module
 	quant *cuda.Function
 	gemv  [2]*cuda.Function // fp8_gemv_n8, fp8_gemv_n16
-	Info  kernels.Info
+	// fp8_gemm_skinny_n32, _n64, _n128 (skinnyVariants), and their split-K
+	// partials and counters (reserveSkinny)
+	skinny         [len(skinnyVariants)]*cuda.Function
+	skPart, skDone *cuda.DeviceBuffer
+	skTop          int // the most rows sent to fp8_gemm_skinny (0: skinnyAutoRows); benchmarks set it
+	skMax          int // rows of the largest fp8_gemm_skinny variant the card holds (0: none)
+	Info           kernels.Info
 
 	tmp        *cuda.DeviceBuffer // bf16 staging of a weight being quantized (freed at the first Linear)
 	actQ, actS *cuda.DeviceBuffer // quantized activation rows and their scales
@@ -84,6 +114,14 @@ func newFP8(ctx *cuda.Context, s *cuda.Stream, mm *cuda.Matmul, ko kernels.Optio
 			f.mod.Unload()
 			return nil, err
 		}
+	}
+	limit := ctx.Device().MaxShared
+	if limit <= 0 { // not reported: try them all
+		limit = math.MaxInt
+	}
+	if err := f.skinnyLoad(limit); err != nil {
+		f.mod.Unload()
+		return nil, err
 	}
 	return f, nil
 }
@@ -117,7 +155,45 @@ func (f *fp8State) reserve(rows, cols int) error {
 	if err := f.grow(&f.actQ, (rows*cols+15)&^15); err != nil {
 		return err
 	}
-	return f.grow(&f.actS, 4*rows)
+	if err := f.grow(&f.actS, 4*rows); err != nil {
+		return err
+	}
+	return f.reserveSkinny()
+}
+
+// uploadQuantized copies an e4m3 weight q [rows, cols] and its row scales
+// to the device as they are.
+func (f *fp8State) uploadQuantized(q []byte, scale []float32, rows, cols int) (*fp8Weight, error) {
+	if len(q) != rows*cols || len(scale) != rows || cols%16 != 0 {
+		return nil, fmt.Errorf("gpu: fp8 weight [%d,%d] from %d bytes and %d scales", rows, cols, len(q), len(scale))
+	}
+	return f.newWeight(rows, cols, func(w *fp8Weight) error {
+		if err := cuda.CopyHtoD(f.s, w.q.Ptr(), q); err != nil {
+			return err
+		}
+		return cuda.CopyHtoD(f.s, w.scale.Ptr(), scale)
+	})
+}
+
+// newWeight allocates an FP8 weight [rows, cols], fills it with fill and
+// keeps it (freed by close); on an error nothing is kept.
+func (f *fp8State) newWeight(rows, cols int, fill func(*fp8Weight) error) (*fp8Weight, error) {
+	w := &fp8Weight{rows: rows, cols: cols}
+	var err error
+	if w.q, err = f.ctx.Alloc(rows * cols); err != nil {
+		return nil, err
+	}
+	if w.scale, err = f.ctx.Alloc(4 * rows); err != nil {
+		w.q.Free()
+		return nil, err
+	}
+	if err := fill(w); err != nil {
+		w.q.Free()
+		w.scale.Free()
+		return nil, err
+	}
+	f.weights = append(f.weights, w)
+	return w, nil
 }
 
 // upload quantizes a bf16 weight [rows, cols] on the device.
@@ -128,27 +204,15 @@ func (f *fp8State) upload(host []uint16, rows, cols int) (*fp8Weight, error) {
 	if err := f.grow(&f.tmp, 2*len(host)); err != nil {
 		return nil, err
 	}
-	w := &fp8Weight{rows: rows, cols: cols}
-	var err error
-	if w.q, err = f.ctx.Alloc(rows * cols); err != nil {
-		return nil, err
-	}
-	if w.scale, err = f.ctx.Alloc(4 * rows); err != nil {
-		w.q.Free()
-		return nil, err
-	}
-	if err = cuda.CopyHtoD(f.s, f.tmp.Ptr(), host); err == nil {
-		if err = f.quantRows(w.q.Ptr(), w.scale.Ptr(), f.tmp.Ptr(), rows, cols, cols); err == nil {
-			err = f.s.Synchronize() // the staging is re-used by the next upload
+	return f.newWeight(rows, cols, func(w *fp8Weight) error {
+		if err := cuda.CopyHtoD(f.s, f.tmp.Ptr(), host); err != nil {
+			return err
 		}
-	}
-	if err != nil {
-		w.q.Free()
-		w.scale.Free()
-		return nil, err
-	}
-	f.weights = append(f.weights, w)
-	return w, nil
+		if err := f.quantRows(w.q.Ptr(), w.scale.Ptr(), f.tmp.Ptr(), rows, cols, cols); err != nil {
+			return err
+		}
+		return f.s.Synchronize() // the staging is re-used by the next upload
+	})
 }
 
 // fits reports whether the activation scratch holds rows rows of cols
@@ -194,6 +258,9 @@ func (f *fp8State) linear(out, x cuda.DevicePtr, T int, w *fp8Weight, gen uint64
 	}
 	if gemvFits(T, w.rows, K) {
 		return f.gemvLaunch(out, T, w)
+	}
+	if skinnyFits(T, w.rows, K, f.skinnyTop()) {
+		return f.skinnyLaunch(out, T, w)
 	}
 	return f.mm.GemmTNScaled(f.s, out, cuda.R16BF, f.actQ.Ptr(), f.actS.Ptr(), w.q.Ptr(), w.scale.Ptr(), T, w.rows, K)
 }
@@ -259,13 +326,34 @@ func (f *fp8State) close() error {
 		keep(w.scale.Free())
 	}
 	f.weights = nil
-	for _, b := range []*cuda.DeviceBuffer{f.tmp, f.actQ, f.actS} {
+	for _, b := range []*cuda.DeviceBuffer{f.tmp, f.actQ, f.actS, f.skPart, f.skDone} {
 		keep(b.Free())
 	}
-	f.tmp, f.actQ, f.actS = nil, nil, nil
+	f.tmp, f.actQ, f.actS, f.skPart, f.skDone = nil, nil, nil, nil, nil
 	if f.mod != nil {
 		keep(f.mod.Unload())
 		f.mod = nil
 	}
 	return first
+}
+
+// KeepsFP8 reports whether the backend keeps the weight name [rows, cols]
+// in FP8 (engine.FP8Uploader): with FP8 weights, a decoder layer's
+// projections.
+func (b *Backend) KeepsFP8(name string, rows, cols int) bool {
+	return b.f8 != nil && fp8Projection(name, []int{rows, cols})
+}
+
+// UploadFP8 copies an FP8 checkpoint's weight to the device as it is
+// stored: e4m3 bytes q [rows, cols] and one float32 scale per row, what the
+// FP8 projections compute with (engine.FP8Uploader).
+func (b *Backend) UploadFP8(name string, rows, cols int, q []byte, scale []float32) (engine.Weight, error) {
+	if !b.KeepsFP8(name, rows, cols) {
+		return nil, fmt.Errorf("gpu: %s [%d,%d] is not kept in FP8", name, rows, cols)
+	}
+	fw, err := b.f8.uploadQuantized(q, scale, rows, cols)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", name, err)
+	}
+	return fw, nil
 }

@@ -60,3 +60,62 @@ func TestGemvWarpsFor(t *testing.T) {
 		}
 	}
 }
+
+func TestSkinnyFits(t *testing.T) {
+	for _, c := range []struct {
+		T, N, K int
+		want    bool
+	}{{17, 4096, 4096, true}, {64, 28672, 4096, true}, {16, 4096, 4096, false}, {65, 4096, 4096, false},
+		{32, 4096 + 16, 4096, false}, {32, 4096, 4096 + 16, false}, {32, 64, 64, true}} {
+		if got := skinnyFits(c.T, c.N, c.K, 64); got != c.want {
+			t.Errorf("skinnyFits(%d, %d, %d, 64) = %v, want %v", c.T, c.N, c.K, got, c.want)
+		}
+		// the automatic choice sends it nothing (cuBLASLt was faster)
+		if skinnyFits(c.T, c.N, c.K, skinnyAutoRows) {
+			t.Errorf("skinnyFits(%d, %d, %d, auto) = true, want false", c.T, c.N, c.K)
+		}
+	}
+	// up to 128 rows when a benchmark asks, never more
+	for _, c := range []struct {
+		T    int
+		want bool
+	}{{65, true}, {128, true}, {129, false}, {16, false}} {
+		if got := skinnyFits(c.T, 4096, 4096, 1<<20); got != c.want {
+			t.Errorf("skinnyFits(%d, 4096, 4096, any) = %v, want %v", c.T, got, c.want)
+		}
+	}
+	if skinnyVariants[len(skinnyVariants)-1].rows != skinnyMaxRows || skinnyAutoRows > skinnyMaxRows {
+		t.Errorf("variants %v, auto %d, max %d", skinnyVariants, skinnyAutoRows, skinnyMaxRows)
+	}
+	for _, v := range skinnyVariants {
+		if sh := skinnyShared(v.rows); sh > 227<<10 {
+			t.Errorf("%s: %d bytes of shared memory, over Hopper's 227 KB per block", v.name, sh)
+		}
+	}
+}
+
+// TestSkinnySplit: K is split only for grids under two blocks per SM, into
+// at most 8 parts of at least 4 spans; tiles * split stays under the bound
+// the partials are sized for.
+func TestSkinnySplit(t *testing.T) {
+	for _, c := range []struct{ N, K, sms, want int }{
+		{4096, 4096, 132, 5}, {4096, 14336, 132, 5}, {6144, 4096, 132, 3}, {28672, 4096, 132, 1},
+		{256, 4096, 132, 8}, {128, 64, 132, 1}, {192, 512, 132, 2}, {16896, 4096, 132, 1}, {64, 4096, 1, 2},
+	} {
+		got := skinnySplit(c.N, c.K, c.sms, 2)
+		if got != c.want {
+			t.Errorf("skinnySplit(N=%d, K=%d, %d SMs) = %d, want %d", c.N, c.K, c.sms, got, c.want)
+		}
+		if bytes := c.N / skinnyRows * got * skinnyRows * skinnyMaxRows * 4; bytes > skinnyPartBytes(c.sms) {
+			t.Errorf("N=%d K=%d %d SMs: partials of %d bytes over the %d reserved", c.N, c.K, c.sms, bytes, skinnyPartBytes(c.sms))
+		}
+	}
+	for sms := 1; sms <= 200; sms++ { // the bound for every tile count
+		for tiles := 1; tiles <= 4*sms; tiles++ {
+			S := max(skinnySplit(tiles*skinnyRows, 1<<16, sms, 2), skinnySplit(tiles*skinnyRows, 1<<16, sms, 1))
+			if tiles*S*skinnyRows*skinnyMaxRows*4 > skinnyPartBytes(sms) {
+				t.Fatalf("%d SMs, %d tiles: split %d exceeds the partials", sms, tiles, S)
+			}
+		}
+	}
+}

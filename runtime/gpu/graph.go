@@ -281,7 +281,8 @@ func (b *Backend) replay(meta *engine.StepMeta, prog engine.Program, mixed bool)
 	if err := b.fillGraphMeta(meta, n, key.rank, mixed); err != nil {
 		return err
 	}
-	if err := b.waitLoads(meta); err != nil {
+	gated, err := b.waitLoads(meta, true)
+	if err != nil {
 		return err
 	}
 	if err := b.checkPointers(); err != nil {
@@ -289,6 +290,14 @@ func (b *Backend) replay(meta *engine.StepMeta, prog engine.Program, mixed bool)
 	}
 	if err := b.startTiming(); err != nil {
 		return err
+	}
+	if gated {
+		// An adapter image the step uses is still being copied: run the
+		// graph's ops eagerly (same layout, same kernels, same results),
+		// each layer's LoRA waiting only for its own part of the image.
+		// A later step records or replays the graph.
+		prog.Run(b)
+		return nil
 	}
 	if e := b.g.execs[key]; e != nil {
 		b.g.Replayed++

@@ -79,9 +79,13 @@ func (b *Backend) syncTable() error {
 		}
 	}
 	if need := b.tmpFloats()*4 + sgCtrBytes; b.loraTmp == nil || b.loraTmp.Size() < need {
+		// sized for the rank class (64, 128, ...: rankClass), so that loads up to it
+		// never free the old scratch: cuMemFree waits for the whole device,
+		// an adapter upload still in flight included (LoadPrepared would
+		// wait for the image it commits early)
 		b.loraTmp.Free()
 		var err error
-		if b.loraTmp, err = b.ctx.Alloc(need); err != nil {
+		if b.loraTmp, err = b.ctx.Alloc(4*4*b.maxT*3*rankClass(b.maxRank) + sgCtrBytes); err != nil {
 			return err
 		}
 	}
@@ -363,6 +367,7 @@ func (b *Backend) loraSlices(st *cuda.Stream, outPtr cuda.DevicePtr, outStride i
 	if !b.check(len(mods) >= 1 && len(mods) <= 3 && layer >= 0 && layer < b.cfg.Layers, "lora: %d slices, layer %d", len(mods), layer) {
 		return
 	}
+	b.gateLayer(st, layer)
 	inF, _ := b.cfg.Dims(mods[0])
 	acc := 0
 	if accum {

@@ -10,10 +10,14 @@ import (
 // its KV cache (fixed: the weights in weightFormat, adapterSlots adapters
 // of rank 64 on every projection, a step of maxTokens rows' activations and
 // logits) and what one KV page of blockSize tokens takes (perBlock: K and V
-// of every layer, bf16). A caller sizes the KV cache from free device memory
-// with it before it creates the backend.
-func MemoryNeeds(c *llama.Config, maxTokens, blockSize, adapterSlots int, weightFormat string) (fixed, perBlock uint64, err error) {
+// of every layer, in kvFormat). A caller sizes the KV cache from free device
+// memory with it before it creates the backend.
+func MemoryNeeds(c *llama.Config, maxTokens, blockSize, adapterSlots int, weightFormat, kvFormat string) (fixed, perBlock uint64, err error) {
 	format, err := ParseWeightFormat(weightFormat)
+	if err != nil {
+		return 0, 0, err
+	}
+	kv, err := ParseKVFormat(kvFormat)
 	if err != nil {
 		return 0, 0, err
 	}
@@ -40,6 +44,10 @@ func MemoryNeeds(c *llama.Config, maxTokens, blockSize, adapterSlots int, weight
 	// activations: the residual, norms and projections' outputs (bf16 and
 	// float32 scratch), the LoRA updates, and float32 logits of every row
 	acts := uint64(maxTokens) * uint64(8*c.Hidden+3*c.Intermediate+4*c.VocabSize) * 4
-	perBlock = uint64(c.Layers) * 2 * uint64(blockSize) * uint64(c.KVHeads*c.HeadDim) * bf16
+	perToken := uint64(c.KVHeads*c.HeadDim) * 2 * bf16 // K and V
+	if kv == KVFP8 {
+		perToken = uint64(c.KVHeads*c.HeadDim)*(1+bf16) + uint64(c.KVHeads)*4 // e4m3 K, its scales, bf16 V
+	}
+	perBlock = uint64(c.Layers) * uint64(blockSize) * perToken
 	return weights + uint64(adapterSlots)*adapter + acts, perBlock, nil
 }

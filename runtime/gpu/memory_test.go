@@ -8,15 +8,16 @@ import (
 
 // TestMemoryNeeds: the fixed part counts the weights in their format (FP8
 // projections at one byte a value plus a float32 scale per row), adapter
-// slots and activations; a page holds K and V of every layer; bad options
-// are refused.
+// slots and activations; a page holds K and V of every layer (bf16, or e4m3
+// keys with a float32 scale per token and KV head beside bf16 values); bad
+// options are refused.
 func TestMemoryNeeds(t *testing.T) {
 	c := &llama.Config{VocabSize: 1000, Hidden: 256, Intermediate: 512, Layers: 2, Heads: 4, KVHeads: 2, HeadDim: 64}
-	b16, page, err := MemoryNeeds(c, 64, 16, 0, WeightsBF16)
+	b16, page, err := MemoryNeeds(c, 64, 16, 0, WeightsBF16, KVBF16)
 	if err != nil {
 		t.Fatal(err)
 	}
-	f8, page8, err := MemoryNeeds(c, 64, 16, 0, WeightsFP8)
+	f8, page8, err := MemoryNeeds(c, 64, 16, 0, WeightsFP8, "")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -29,7 +30,15 @@ func TestMemoryNeeds(t *testing.T) {
 	if want := uint64(2 * 2 * 16 * 2 * 64 * 2); page != want || page8 != want {
 		t.Errorf("a page: %d / %d bytes, want %d", page, page8, want)
 	}
-	with, _, err := MemoryNeeds(c, 64, 16, 3, WeightsBF16)
+	_, pageK8, err := MemoryNeeds(c, 64, 16, 0, WeightsBF16, KVFP8)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// 2 layers x 16 tokens x (2 heads x 64 values x (1 + 2) bytes + 2 scales x 4 bytes)
+	if want := uint64(2 * 16 * (2*64*3 + 2*4)); pageK8 != want {
+		t.Errorf("a page with FP8 keys: %d bytes, want %d", pageK8, want)
+	}
+	with, _, err := MemoryNeeds(c, 64, 16, 3, WeightsBF16, KVBF16)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -39,9 +48,9 @@ func TestMemoryNeeds(t *testing.T) {
 	}
 	for _, bad := range []struct {
 		rows, block, slots int
-		format             string
-	}{{0, 16, 1, WeightsBF16}, {64, 0, 1, WeightsBF16}, {64, 16, -1, WeightsBF16}, {64, 16, 1, "int4"}} {
-		if _, _, err := MemoryNeeds(c, bad.rows, bad.block, bad.slots, bad.format); err == nil {
+		format, kv         string
+	}{{0, 16, 1, WeightsBF16, ""}, {64, 0, 1, WeightsBF16, ""}, {64, 16, -1, WeightsBF16, ""}, {64, 16, 1, "int4", ""}, {64, 16, 1, WeightsBF16, "int8"}} {
+		if _, _, err := MemoryNeeds(c, bad.rows, bad.block, bad.slots, bad.format, bad.kv); err == nil {
 			t.Errorf("%+v accepted", bad)
 		}
 	}

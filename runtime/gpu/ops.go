@@ -153,15 +153,31 @@ func (b *Backend) ropeStore(qb, kb, vb *Buffer, layer int, invFreq []float32, he
 		}
 		freq = b.invFreq.Ptr()
 	}
-	var kc, vc uint64
+	var kc, vc, kc8, ks uint64
 	ldv, ny := 0, heads+kvHeads
 	if layer >= 0 {
-		kc, vc = b.kcache.Ptr()+uint64(layer*b.layerB), b.vcache.Ptr()+uint64(layer*b.layerB)
+		k, v, sc := b.layerCache(layer)
+		vc = v
+		if b.kv8 {
+			kc8, ks = k, sc // rope_store quantizes the keys
+		} else {
+			kc = k
+		}
 		ldv, ny = vb.ld, heads+2*kvHeads
 	}
 	threads := min(128, max(32, (headDim/2+31)&^31))
 	b.launch(b.fn.ropeStore, cuda.Dim3{X: b.rows(), Y: ny}, cuda.Dim3{X: threads}, ptr(qb), ptr(kb), ptr(vb), kc, vc,
-		freq, b.i32(b.off.pos), b.i32(b.off.kvSlots), dq, dk, dv, b.rowLora(), heads, kvHeads, headDim, qb.ld, kb.ld, ldv, ldd)
+		freq, b.i32(b.off.pos), b.i32(b.off.kvSlots), dq, dk, dv, b.rowLora(), heads, kvHeads, headDim, qb.ld, kb.ld, ldv, ldd, kc8, ks)
+}
+
+// layerCache is where layer's keys, values and (with an FP8 key cache, else
+// 0) key scales are.
+func (b *Backend) layerCache(layer int) (k, v, ks uint64) {
+	k, v = b.kcache.Ptr()+uint64(layer*b.layerKB), b.vcache.Ptr()+uint64(layer*b.layerB)
+	if b.kv8 {
+		ks = b.kscale.Ptr() + uint64(layer*b.layerSB)
+	}
+	return k, v, ks
 }
 
 // Attention rotates q and k (RoPE at the step's positions; none for a nil
@@ -179,22 +195,22 @@ func (b *Backend) Attention(out, q, k, v engine.Buffer, layer int, scale float32
 		return
 	}
 	b.ropeStore(qb, kb, vb, layer, invFreq, c.Heads, b.kv.KVHeads, b.kv.HeadDim)
-	kc, vc := b.kcache.Ptr()+uint64(layer*b.layerB), b.vcache.Ptr()+uint64(layer*b.layerB)
+	kc, vc, ks := b.layerCache(layer)
 	switch {
 	case b.nPreTiles > 0: // the prefill rows (every row without decode sequences) on the tensor cores
 		if b.err == nil {
 			hd := b.kv.HeadDim
-			b.fail(b.fn.attnPrefill[bits.TrailingZeros(uint(hd))-5].Launch(b.s, cuda.Dim3{X: b.nPreTiles, Y: c.Heads}, cuda.Dim3{X: preThreads}, preShared(hd),
+			b.fail(b.prefillKernel(hd).Launch(b.s, cuda.Dim3{X: b.nPreTiles, Y: c.Heads}, cuda.Dim3{X: preThreads}, preShared(hd, b.kv8),
 				ptr(o), ptr(qb), kc, vc, b.i32(b.off.preTiles), b.i32(b.off.seqInfo), b.i32(b.off.pages),
-				c.Heads, b.kv.KVHeads, b.kv.BlockSize, scale, qb.ld))
+				c.Heads, b.kv.KVHeads, b.kv.BlockSize, scale, qb.ld, ks))
 		}
 	case b.nDec == 0: // the per-row kernel for every row
 		b.launch(b.fn.attention, cuda.Dim3{X: b.rows(), Y: c.Heads}, cuda.Dim3{X: 128}, ptr(o), ptr(qb), kc, vc,
-			b.i32(b.off.rowSeq), b.i32(b.off.seqInfo), b.i32(b.off.pages), c.Heads, b.kv.KVHeads, b.kv.HeadDim, b.kv.BlockSize, scale, uint64(0), qb.ld)
+			b.i32(b.off.rowSeq), b.i32(b.off.seqInfo), b.i32(b.off.pages), c.Heads, b.kv.KVHeads, b.kv.HeadDim, b.kv.BlockSize, scale, uint64(0), qb.ld, ks)
 	case b.nPre > 0: // the per-row kernel for the prefill rows
 		b.launch(b.fn.attention, cuda.Dim3{X: b.nPre, Y: c.Heads}, cuda.Dim3{X: 128}, ptr(o), ptr(qb), kc, vc,
 			b.i32(b.off.rowSeq), b.i32(b.off.seqInfo), b.i32(b.off.pages), c.Heads, b.kv.KVHeads, b.kv.HeadDim, b.kv.BlockSize, scale,
-			b.i32(b.off.preRows), qb.ld)
+			b.i32(b.off.preRows), qb.ld, ks)
 	}
 	if b.nDec == 0 {
 		return
@@ -207,39 +223,62 @@ func (b *Backend) Attention(out, q, k, v engine.Buffer, layer int, scale float32
 	if b.err != nil {
 		return
 	}
-	b.fail(b.decodeKernel(hd).Launch(b.s, cuda.Dim3{X: b.nDec, Y: b.kv.KVHeads, Z: b.decSplit}, cuda.Dim3{X: decThreads}, decShared(hd),
+	b.fail(b.decodeKernel(hd).Launch(b.s, cuda.Dim3{X: b.nDec, Y: b.kv.KVHeads, Z: b.decSplit}, cuda.Dim3{X: decThreads}, decShared(hd, b.kv8),
 		ptr(o), part, b.attnDone, ptr(qb), kc, vc, b.i32(b.off.decSeqs), b.i32(b.off.seqInfo), b.i32(b.off.pages),
-		c.Heads, b.kv.KVHeads, b.kv.BlockSize, scale, b.decSplit, qb.ld))
+		c.Heads, b.kv.KVHeads, b.kv.BlockSize, scale, b.decSplit, qb.ld, ks))
+}
+
+// prefillKernel is the attn_prefill variant for head dimension hd (32, 64
+// or 128: preOK) and the backend's key cache.
+func (b *Backend) prefillKernel(hd int) *cuda.Function {
+	if b.kv8 {
+		return b.fn.attnPrefill8[bits.TrailingZeros(uint(hd))-5]
+	}
+	return b.fn.attnPrefill[bits.TrailingZeros(uint(hd))-5]
 }
 
 // decodeKernel is the attn_decode variant for head dimension hd (32, 64,
-// 128 or 256: decOK).
+// 128 or 256: decOK) and the backend's key cache.
 func (b *Backend) decodeKernel(hd int) *cuda.Function {
+	if b.kv8 {
+		return b.fn.attnDecode8[bits.TrailingZeros(uint(hd))-5]
+	}
 	return b.fn.attnDecode[bits.TrailingZeros(uint(hd))-5]
 }
 
-// decThreads is DEC_THREADS in llama.cu; decShared(hd) is the dynamic
+// decThreads is DEC_THREADS in llama.cu; decShared(hd, k8) is the dynamic
 // shared memory of attn_decode_d{hd}: DEC_WARPS warps x DecShape<hd>::ST
 // stages x a 16-position tile of K and V (the end-of-block merge reuses it).
 const decThreads = 128
 
-func decShared(hd int) int {
+func decShared(hd int, k8 bool) int {
 	stages := 3
 	if hd >= 256 {
 		stages = 2
 	}
-	return decThreads / 32 * stages * 2 * 16 * hd * 2
+	tile := 16 * hd * 2 // K or V rows of a 16-position tile, bf16
+	if k8 {             // a stage: V, the e4m3 keys and their scales; one widened K tile (DecShape<HD, true>)
+		return decThreads / 32 * (stages*(tile+16*hd+16*4) + tile)
+	}
+	return decThreads / 32 * stages * 2 * tile
 }
 
-// preThreads, preRows are PRE_THREADS and PRE_ROWS in llama.cu; preShared(hd)
-// is the dynamic shared memory of attn_prefill_d{hd}: PreShape<hd>::ST (2)
-// stages of a 64-position tile of K and V.
+// preThreads, preRows are PRE_THREADS and PRE_ROWS in llama.cu; preShared(hd, k8)
+// is the dynamic shared memory of attn_prefill_d{hd}: PreShape<hd, k8>::ST (2)
+// stages of a 64-position tile of K and V (with FP8 keys, their e4m3 rows
+// and scales too).
 const (
 	preThreads = 128
 	preRows    = 64
 )
 
-func preShared(hd int) int { return 2 * 2 * 64 * hd * 2 }
+func preShared(hd int, k8 bool) int {
+	tile := 64 * hd * 2
+	if k8 { // a stage: V, the e4m3 keys and their scales; one widened K tile
+		return 2*(tile+64*hd+64*4) + tile
+	}
+	return 2 * 2 * tile
+}
 
 // SiLUMul computes out = silu(gate) * up.
 func (b *Backend) SiLUMul(out, gate, up engine.Buffer) {
@@ -367,6 +406,7 @@ func (b *Backend) End() error {
 	if b.meta != nil {
 		b.join()
 	}
+	b.endGates()
 	err := b.err
 	if err == nil {
 		err = b.s.Synchronize()

@@ -33,7 +33,13 @@ type rig struct {
 
 func newRig(t *testing.T, cfg *llama.Config, maxT int, kv engine.KVSpec) *rig {
 	t.Helper()
-	b, err := New(Options{})
+	return newRigWith(t, cfg, maxT, kv, Options{})
+}
+
+// newRigWith is newRig on a backend made with opts.
+func newRigWith(t *testing.T, cfg *llama.Config, maxT int, kv engine.KVSpec, opts Options) *rig {
+	t.Helper()
+	b, err := New(opts)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -402,7 +408,7 @@ func TestOpAttention(t *testing.T) {
 			got := r.read(out, T)
 			r.end()
 			// reference
-			want := make([]float64, T*heads*hd)
+			keys, values := make([][][]float32, len(m.Seqs)), make([][][]float32, len(m.Seqs))
 			for si, sm := range m.Seqs {
 				s := seqs[si]
 				for j := 0; j < sm.Len; j++ {
@@ -410,36 +416,9 @@ func TestOpAttention(t *testing.T) {
 					s.k = append(s.k, kv[row*width:(row+1)*width])
 					s.v = append(s.v, vv[row*width:(row+1)*width])
 				}
-				for j := 0; j < sm.Len; j++ {
-					row := sm.Start + j
-					ctx := sm.Context - sm.Len + j + 1
-					for h := 0; h < heads; h++ {
-						off := (h / (heads / kvh)) * hd
-						sc := make([]float64, ctx)
-						mx := math.Inf(-1)
-						for p := 0; p < ctx; p++ {
-							var d float64
-							for e := 0; e < hd; e++ {
-								d += float64(qv[row*heads*hd+h*hd+e]) * float64(s.k[p][off+e])
-							}
-							sc[p] = d * float64(scale)
-							mx = math.Max(mx, sc[p])
-						}
-						var sum float64
-						for p := range sc {
-							sc[p] = math.Exp(sc[p] - mx)
-							sum += sc[p]
-						}
-						for e := 0; e < hd; e++ {
-							var o float64
-							for p := 0; p < ctx; p++ {
-								o += sc[p] * float64(s.v[p][off+e])
-							}
-							want[row*heads*hd+h*hd+e] = o / sum
-						}
-					}
-				}
+				keys[si], values[si] = s.k, s.v
 			}
+			want := refAttention(m, keys, values, qv, heads, kvh, hd, scale)
 			r.compare("attention step "+string(rune('1'+step)), got, want, opTol)
 		}
 	}
@@ -606,4 +585,44 @@ func TestKernelCache(t *testing.T) {
 	if info1.Log != "" {
 		t.Logf("NVRTC log: %s", info1.Log)
 	}
+}
+
+// refAttention is causal attention in float64 over step m: row j of
+// sequence si (query qv, heads x hd values a row) attends keys[si][p] and
+// values[si][p] (kvh x hd values) for every position p up to its own, each
+// query head its group's KV head.
+func refAttention(m *engine.StepMeta, keys, values [][][]float32, qv []float32, heads, kvh, hd int, scale float32) []float64 {
+	want := make([]float64, len(m.Tokens)*heads*hd)
+	for si, sm := range m.Seqs {
+		for j := 0; j < sm.Len; j++ {
+			row := sm.Start + j
+			ctx := sm.Context - sm.Len + j + 1
+			for h := 0; h < heads; h++ {
+				off := (h / (heads / kvh)) * hd
+				sc := make([]float64, ctx)
+				mx := math.Inf(-1)
+				for p := 0; p < ctx; p++ {
+					var d float64
+					for e := 0; e < hd; e++ {
+						d += float64(qv[row*heads*hd+h*hd+e]) * float64(keys[si][p][off+e])
+					}
+					sc[p] = d * float64(scale)
+					mx = math.Max(mx, sc[p])
+				}
+				var sum float64
+				for p := range sc {
+					sc[p] = math.Exp(sc[p] - mx)
+					sum += sc[p]
+				}
+				for e := 0; e < hd; e++ {
+					var o float64
+					for p := 0; p < ctx; p++ {
+						o += sc[p] * float64(values[si][p][off+e])
+					}
+					want[row*heads*hd+h*hd+e] = o / sum
+				}
+			}
+		}
+	}
+	return want
 }

@@ -149,7 +149,7 @@ func (b *Backend) Begin(meta *engine.StepMeta) error {
 			return err
 		}
 	}
-	if err := b.waitLoads(meta); err != nil {
+	if _, err := b.waitLoads(meta, true); err != nil { // the ops run eagerly: wait layer by layer
 		return err
 	}
 	if err := b.startTiming(); err != nil {

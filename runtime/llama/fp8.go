@@ -1,9 +1,13 @@
 package llama
 
 import (
+	"bytes"
 	"encoding/binary"
+	"errors"
 	"fmt"
+	"math"
 	"strings"
+	"sync/atomic"
 
 	"github.com/peftd/peftd/internal/parallel"
 	"github.com/peftd/peftd/runtime/safetensors"
@@ -82,6 +86,10 @@ func (c *Config) checkFP8(ts Tensors, name string, shape []int) error {
 	return nil
 }
 
+// ErrWeights: a weight holds values that cannot be computed with (a NaN
+// e4m3 byte, a scale that is not finite).
+var ErrWeights = errors.New("llama: bad weight values")
+
 // Weight returns a tensor's bytes for a backend's Upload: as stored, or
 // for an FP8 weight, dequantized (Q * scale, rounded to bf16) on several
 // goroutines into a new buffer, with its Info saying BF16.
@@ -90,15 +98,71 @@ func (m *Model) Weight(name string) ([]byte, safetensors.Info, error) {
 	if err != nil || info.DType != safetensors.F8E4 {
 		return raw, info, err
 	}
-	scale, _, err := m.Tensors.Float32(ScaleName(name))
+	q, scale, err := m.fp8(name, raw, info)
 	if err != nil {
 		return nil, info, err
 	}
 	rows, cols := info.Shape[0], info.Shape[1]
-	out := make([]byte, 2*len(raw))
-	dequantFP8(out, raw, scale, rows, cols)
+	out := make([]byte, 2*len(q))
+	dequantFP8(out, q, scale, rows, cols)
 	info.DType = safetensors.BF16
 	return out, info, nil
+}
+
+// FP8Weight returns an FP8 weight as stored, for a backend that computes
+// with it in FP8: the e4m3 bytes q [rows, cols] and one scale per row (a
+// per-tensor scale repeated), W = q * scale[row]. ok is false (and nothing
+// is read) when the tensor is not F8_E4M3.
+func (m *Model) FP8Weight(name string) (q []byte, scale []float32, rows, cols int, ok bool, err error) {
+	info, found := m.Tensors.Info(name)
+	if !found || info.DType != safetensors.F8E4 {
+		return nil, nil, 0, 0, false, nil
+	}
+	raw, info, err := m.Tensors.Bytes(name)
+	if err != nil {
+		return nil, nil, 0, 0, false, err
+	}
+	if q, scale, err = m.fp8(name, raw, info); err != nil {
+		return nil, nil, 0, 0, false, err
+	}
+	rows, cols = info.Shape[0], info.Shape[1]
+	if len(scale) == 1 && rows > 1 {
+		s := scale[0]
+		scale = make([]float32, rows)
+		for i := range scale {
+			scale[i] = s
+		}
+	}
+	return q, scale, rows, cols, true, nil
+}
+
+// fp8 checks an F8_E4M3 weight's bytes and reads its scales (one per row,
+// or one in all): no NaN byte (0x7f, 0xff: e4m3 has no infinities), every
+// scale finite.
+func (m *Model) fp8(name string, raw []byte, info safetensors.Info) ([]byte, []float32, error) {
+	scale, _, err := m.Tensors.Float32(ScaleName(name))
+	if err != nil {
+		return nil, nil, err
+	}
+	for i, s := range scale {
+		if math.IsNaN(float64(s)) || math.IsInf(float64(s), 0) {
+			return nil, nil, fmt.Errorf("%w: %s[%d] is %g", ErrWeights, ScaleName(name), i, s)
+		}
+	}
+	var bad atomic.Int64
+	bad.Store(-1)
+	parallel.Ranges(len(raw), 1<<22, func(lo, hi int) error {
+		for _, nan := range []byte{0x7f, 0xff} {
+			if i := bytes.IndexByte(raw[lo:hi], nan); i >= 0 {
+				bad.CompareAndSwap(-1, int64(lo+i))
+			}
+		}
+		return nil
+	})
+	if i := bad.Load(); i >= 0 {
+		return nil, nil, fmt.Errorf("%w: %s holds a NaN e4m3 byte (0x%02x) at element %d", ErrWeights, name, raw[i], i)
+	}
+	return raw, scale, nil
 }
 
 // dequantFP8 writes bf16(e4m3(q) * scale[row]) (or scale[0] for all rows)

@@ -1,0 +1,187 @@
+package gpu
+
+import (
+	"math/rand/v2"
+	"testing"
+)
+
+// TestSkinnyTilingEmulated runs fp8_gemm_skinny's index arithmetic on the
+// CPU, as written in kernels/fp8.cu (the same expressions, block by block
+// and thread by thread, with integers for the e4m3 values): each stage's
+// cp.async copies into a shared-memory image (zero-filled where the kernel
+// asks for 0 bytes), each warp's span products from that image (the MMA's
+// fragments together cover a span's 64 bytes of one weight row and one
+// activation row, so a product is that dot product), the split-K partials
+// and the last block's sum. The result must be the plain product for every
+// shape class: one and several splits, an empty split, a last stage with
+// one span, activation rows past M.
+func TestSkinnyTilingEmulated(t *testing.T) {
+	const (
+		skWarps  = 4
+		skRows   = skinnyRows
+		skU      = 2
+		skStages = skinnyStages
+		skLD     = skinnyLD
+	)
+	for _, c := range []struct{ M, N, K, sms int }{
+		{17, 128, 64 * 13, 8}, {33, 64, 64 * 9, 4}, {64, 192, 64 * 16, 2}, {20, 64, 64, 8}, {40, 256, 64 * 5, 100}, {64, 64, 64 * 11, 40},
+		{65, 128, 64 * 7, 8}, {128, 64, 64 * 10, 16}, {100, 192, 64 * 3, 2},
+	} {
+		M, N, K := c.M, c.N, c.K
+		v := 0
+		for skinnyVariants[v].rows < M { // the launch's choice
+			v++
+		}
+		NT := skinnyVariants[v].rows / 8
+		TR := 8 * NT
+		WB := skRows * skLD
+		SB := WB + TR*skLD
+		CH := skU * 4
+		rng := rand.New(rand.NewPCG(uint64(M), uint64(K)))
+		qw := make([]int, N*K)
+		qx := make([]int, M*K)
+		for i := range qw {
+			qw[i] = rng.IntN(15) - 7
+		}
+		for i := range qx {
+			qx[i] = rng.IntN(15) - 7
+		}
+		S := skinnySplit(N, K, c.sms, 2)
+		tiles := N / skRows
+		part := make([]int, tiles*S*skRows*TR)
+		out := make([]int, M*N)
+		written := make([]int, M*N)
+		done := make([]int, tiles)
+		for bx := range tiles {
+			for sp := range S {
+				n0 := bx * skRows
+				spans := K / 64
+				per := (spans + S - 1) / S
+				s0 := min(spans, sp*per)
+				s1 := min(spans, s0+per)
+				nst := (s1 - s0 + skU - 1) / skU
+				smem := make([]int, skStages*SB) // one int per byte
+				copyStage := func(j, lo, hi int) {
+					if j >= nst {
+						return
+					}
+					b := (j % skStages) * SB
+					sa := s0 + j*skU
+					for tid := range skWarps * 32 {
+						for i := lo*CH + tid; i < hi*CH; i += skWarps * 32 {
+							r, cc := i/CH, i%CH
+							s := sa + cc/4
+							w := r < skRows
+							xr := r - skRows
+							ok := s < s1 && (w || xr < M)
+							sidx := s0
+							if ok {
+								sidx = s
+							}
+							for by := range 16 {
+								v := 0
+								if ok {
+									col := sidx*64 + (cc&3)*16 + by
+									if w {
+										v = qw[(n0+r)*K+col]
+									} else {
+										v = qx[xr*K+col]
+									}
+								}
+								smem[b+r*skLD+cc*16+by] = v
+							}
+						}
+					}
+				}
+				acc := make([][]int, skRows) // [weight row in tile][activation row]
+				for r := range acc {
+					acc[r] = make([]int, TR)
+				}
+				for j := range skStages - 1 {
+					copyStage(j, 0, skRows)
+				}
+				for j := range skStages - 1 {
+					copyStage(j, skRows, skRows+TR)
+				}
+				for j := range nst {
+					copyStage(j+skStages-1, 0, skRows+TR) // the kernel issues it before computing stage j (another buffer)
+					b := (j % skStages) * SB
+					for warp := range skWarps {
+						for g := range 8 {
+							for half := range 2 { // rows g and g + 8 of the warp
+								row := warp*16 + g + 8*half
+								for u := range skU {
+									for t := range NT {
+										for gc := range 8 { // activation row 8t + gc
+											dot := 0
+											for tig := range 4 {
+												for by := range 16 {
+													a := smem[b+row*skLD+tig*16+u*64+by]
+													x := smem[b+WB+(8*t+gc)*skLD+tig*16+u*64+by]
+													dot += a * x
+												}
+											}
+											acc[row][8*t+gc] += dot
+										}
+									}
+								}
+							}
+						}
+					}
+				}
+				if S == 1 {
+					for r := range skRows {
+						for m := range M {
+							out[m*N+n0+r] = acc[r][m]
+							written[m*N+n0+r]++
+						}
+					}
+					continue
+				}
+				tile := bx * S * skRows * TR
+				for r := range skRows {
+					for m := range TR {
+						part[tile+sp*skRows*TR+r*TR+m] = acc[r][m]
+					}
+				}
+				done[bx]++
+				if done[bx] != S { // not the last block of the tile
+					continue
+				}
+				for i := range skRows * TR {
+					r, m := i/TR, i%TR
+					if m >= M {
+						continue
+					}
+					v := 0
+					for s := range S {
+						v += part[tile+s*skRows*TR+i]
+					}
+					out[m*N+n0+r] = v
+					written[m*N+n0+r]++
+				}
+				done[bx] = 0
+			}
+		}
+		bad := 0
+		for m := range M {
+			for n := range N {
+				want := 0
+				for k := range K {
+					want += qx[m*K+k] * qw[n*K+k]
+				}
+				if out[m*N+n] != want || written[m*N+n] != 1 {
+					bad++
+				}
+			}
+		}
+		if bad > 0 {
+			t.Errorf("M=%d N=%d K=%d (%d SMs, K split %d ways): %d of %d outputs wrong or not written once", M, N, K, c.sms, S, bad, M*N)
+		}
+		for i, d := range done {
+			if d != 0 {
+				t.Errorf("M=%d N=%d K=%d: tile %d's counter left at %d", M, N, K, i, d)
+			}
+		}
+	}
+}
