@@ -5,6 +5,7 @@
 package metrics
 
 import (
+	"regexp"
 	"strconv"
 	"sync"
 	"time"
@@ -41,6 +42,7 @@ type Metrics struct {
 	kvUsage    prometheus.Gauge
 	loraInfo   *loraInfo
 	panics     *prometheus.CounterVec
+	stalls     prometheus.Histogram
 	// Prefix cache (tokens): peftd's names and vLLM's.
 	prefixQueries, prefixHits, vllmPrefixQueries, vllmPrefixHits prometheus.Counter
 	prefixPages                                                  prometheus.Gauge
@@ -102,6 +104,9 @@ func New(maxLoRA int) *Metrics {
 		kvUsage: prometheus.NewGauge(prometheus.GaugeOpts{Name: "peftd_kv_cache_usage_ratio",
 			Help: "Fraction of KV cache pages in use at the last engine step."}),
 		loraInfo: newLoRAInfo(maxLoRA),
+		stalls: prometheus.NewHistogram(prometheus.HistogramOpts{Name: "peftd_runtime_stall_seconds",
+			Help:    "How late the process ran its goroutines, for each wake of the stall watcher later than its threshold (a stop-the-world pause waiting on a long copy, a starved scheduler, a descheduled process).",
+			Buckets: []float64{0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5}}),
 		panics: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "peftd_panics_total",
 			Help: "Panics recovered (the request failed with a 500, the server went on), by where: http, stream, engine."}, []string{"where"}),
 		prefixQueries: prometheus.NewCounter(prometheus.CounterOpts{Name: "peftd_prefix_cache_queries_tokens_total",
@@ -123,9 +128,12 @@ func New(maxLoRA int) *Metrics {
 	}
 	r.MustRegister(m.requests, m.generated, m.prompt, m.ttft, m.coldTTFT, m.itl, m.e2e, m.inflight, m.waiting, m.running,
 		m.batchRows, m.batchSeqs, m.adapters, m.stepTime, m.stepDevice, m.stepHost, m.preempt, m.kvUsage, m.loraInfo,
-		m.vllmWaiting, m.vllmRunning, m.vllmKV, m.panics,
+		m.vllmWaiting, m.vllmRunning, m.vllmKV, m.panics, m.stalls,
 		m.prefixQueries, m.prefixHits, m.vllmPrefixQueries, m.vllmPrefixHits, m.prefixPages,
-		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+		collectors.NewGoCollector(collectors.WithGoCollectorRuntimeMetrics(
+			// how long runnable goroutines waited to run, and GC pauses
+			collectors.GoRuntimeMetricsRule{Matcher: regexp.MustCompile(`^/sched/latencies:seconds$|^/sched/pauses/total/gc:seconds$`)})),
+		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	for _, w := range []string{"http", "stream", "engine"} {
 		m.panics.WithLabelValues(w) // export zeros
 	}
@@ -135,6 +143,9 @@ func New(maxLoRA int) *Metrics {
 	m.setLoRA(nil, nil)
 	return m
 }
+
+// Stall records a late wake of the stall watcher (internal/stallwatch).
+func (m *Metrics) Stall(late time.Duration) { m.stalls.Observe(late.Seconds()) }
 
 // Panic counts a recovered panic; where is http, stream or engine.
 func (m *Metrics) Panic(where string) { m.panics.WithLabelValues(where).Inc() }

@@ -130,3 +130,20 @@ func TestLoRAInfoOneSampleUnderUpdates(t *testing.T) {
 		}
 	}
 }
+
+// TestRuntimeMetrics: stalls of the process and the Go runtime's scheduling
+// latencies and GC pauses are exported.
+func TestRuntimeMetrics(t *testing.T) {
+	m := New(1)
+	m.Stall(40 * time.Millisecond)
+	m.Stall(300 * time.Millisecond)
+	v := values(t, m)
+	if v["peftd_runtime_stall_seconds"] != 2 {
+		t.Errorf("stalls: %v observations, want 2", v["peftd_runtime_stall_seconds"])
+	}
+	for _, name := range []string{"go_sched_latencies_seconds", "go_sched_pauses_total_gc_seconds"} {
+		if _, ok := v[name]; !ok {
+			t.Errorf("%s is not exported", name)
+		}
+	}
+}

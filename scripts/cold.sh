@@ -163,6 +163,12 @@ curl -fsS "$URL/metrics" >"$WORK/metrics.txt"
 awk '/^peftd_adapter_load_phase_seconds_(sum|count)/ { split($1, a, "\""); v[a[2] " " ($1 ~ /_sum/ ? "sum" : "count")] = $2 }
 	END { for (k in v) { split(k, p, " "); if (p[2] == "count" && v[k] > 0) printf "COLD phase %-10s mean_ms %.1f over %d loads\n", p[1], 1000 * v[p[1] " sum"] / v[k], v[k] } }' \
 	"$WORK/metrics.txt" | sort | tee -a "$WORK/report.txt"
+# Wakes of the server's stall watcher over 20 ms late (internal/stallwatch),
+# and the latest of them the log named (over 50 ms).
+awk '/^peftd_runtime_stall_seconds_(count|sum) / { v[$1] = $2 }
+	END { printf "COLD runtime_stalls %d (%.0f ms in all)\n", v["peftd_runtime_stall_seconds_count"], 1000 * v["peftd_runtime_stall_seconds_sum"] }' \
+	"$WORK/metrics.txt" | tee -a "$WORK/report.txt"
+report "stall_log_ms $(grep -o 'late_ms=[0-9]*' "$WORK/serve.log" | cut -d= -f2 | paste -sd' ' -)"
 awk '/^peftd_adapter_cold_first_token_seconds_(sum|count)/ { split($1, a, "\""); v[a[2] " " ($1 ~ /_sum/ ? "sum" : "count")] = $2 }
 	END { for (k in v) { split(k, p, " "); if (p[2] == "count" && v[k] > 0) printf "COLD first_token_from %-6s mean_ms %.1f over %d\n", p[1], 1000 * v[p[1] " sum"] / v[k], v[k] } }' \
 	"$WORK/metrics.txt" | sort | tee -a "$WORK/report.txt"

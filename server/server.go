@@ -21,6 +21,7 @@ import (
 
 	"github.com/peftd/peftd/api"
 	"github.com/peftd/peftd/gpuinfo"
+	"github.com/peftd/peftd/internal/stallwatch"
 	"github.com/peftd/peftd/loader/hub"
 	"github.com/peftd/peftd/loader/modelfetch"
 	"github.com/peftd/peftd/loader/store"
@@ -161,6 +162,41 @@ type Server struct {
 
 	shutOnce sync.Once
 	shutErr  error
+
+	stopWatch func() // stops the stall watcher and waits for it
+}
+
+// The stall watcher (internal/stallwatch) wakes every stallInterval; a wake
+// later than stallThreshold goes to peftd_runtime_stall_seconds, and one
+// later than stallLogAfter to the log too (at most one line a second).
+const (
+	stallInterval  = 5 * time.Millisecond
+	stallThreshold = 20 * time.Millisecond
+	stallLogAfter  = 50 * time.Millisecond
+)
+
+// watchStalls starts the stall watcher; s.stopWatch stops it.
+func (s *Server) watchStalls(met *metrics.Metrics) {
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	var lastLog time.Time
+	quiet := 0 // stalls not logged since the last line
+	go func() {
+		defer close(done)
+		stallwatch.Watch(ctx, stallInterval, stallThreshold, func(st stallwatch.Stall) {
+			met.Stall(st.Late)
+			if st.Late < stallLogAfter {
+				return
+			}
+			if st.At.Sub(lastLog) < time.Second {
+				quiet++
+				return
+			}
+			s.log.Warn("runtime stall: goroutines ran late", "late_ms", st.Late.Milliseconds(), "gc_cycles", st.GCCycles, "not_logged_before", quiet)
+			lastLog, quiet = st.At, 0
+		})
+	}()
+	s.stopWatch = func() { cancel(); <-done }
 }
 
 // New opens the model, picks the backend, builds the engine, scheduler,
@@ -320,6 +356,7 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 		MaxModelLen: opts.MaxContext, EOS: eos, Keys: keys, RequestTimeout: cfg.RequestTimeout,
 		MaxUploadBytes: cfg.MaxUpload, Metrics: met, Logger: log,
 	})
+	s.watchStalls(met)
 	ok = true
 	return s, nil
 }
@@ -426,6 +463,9 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		s.shutErr = errors.Join(errs...)
 		if s.shutErr != nil {
 			s.log.Warn("shutdown", "err", s.shutErr)
+		}
+		if s.stopWatch != nil {
+			s.stopWatch()
 		}
 		s.log.Info("stopped")
 	})
