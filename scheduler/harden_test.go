@@ -211,17 +211,7 @@ func TestSlotErrorFailsOnlyItsRequests(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { f.Close() })
-	e, err := engine.New(f.Model, &badSlot{Backend: cpu.New(0), bad: 1}, engine.Options{MaxTokens: 256, KVBlocks: 256, BlockSize: 4, AdapterSlots: 4})
-	if err != nil {
-		t.Fatal(err)
-	}
-	res := Static{}
-	for i, n := range fixture.AdapterNames {
-		if err := e.LoadAdapter(i, f.Adapters[n]); err != nil {
-			t.Fatal(err)
-		}
-		res[n] = i
-	}
+	e, res := fixtureEngineOn(t, f, &badSlot{Backend: cpu.New(0), bad: 1}, engine.Options{MaxTokens: 256, KVBlocks: 256, BlockSize: 4, AdapterSlots: 4})
 	s := New(e, res, Config{})
 	t.Cleanup(s.Close)
 	type sub struct {

@@ -32,7 +32,13 @@ func setup(t *testing.T, opts engine.Options, cfg Config) (*Scheduler, *fixture.
 // residency that names them.
 func fixtureEngine(t *testing.T, f *fixture.Fixture, opts engine.Options) (*engine.Engine, Static) {
 	t.Helper()
-	e, err := engine.New(f.Model, cpu.New(0), opts)
+	return fixtureEngineOn(t, f, cpu.New(0), opts)
+}
+
+// fixtureEngineOn is fixtureEngine on backend b.
+func fixtureEngineOn(t *testing.T, f *fixture.Fixture, b engine.Backend, opts engine.Options) (*engine.Engine, Static) {
+	t.Helper()
+	e, err := engine.New(f.Model, b, opts)
 	if err != nil {
 		t.Fatal(err)
 	}
