@@ -11,6 +11,7 @@ import (
 
 	"github.com/peftd/peftd/internal/adaptertest"
 	"github.com/peftd/peftd/internal/s3test"
+	"github.com/peftd/peftd/internal/stallwatch"
 	"github.com/peftd/peftd/loader"
 	"github.com/peftd/peftd/loader/store"
 )
@@ -23,7 +24,10 @@ import (
 // tier holds three such adapters, so after the untimed first loads it
 // evicts one per load and its memory is reused, as in a busy server. The
 // device stands in (adaptertest.NopDevice): the GPU's part is measured by
-// TestDecodeBench's adapter-load bench and gpu-check's cold8b.
+// TestDecodeBench's adapter-load bench and gpu-check's cold8b. stalls/op
+// and worst_stall_ms: wakes of a stall watcher (internal/stallwatch) over
+// 5 ms late during the timed loads; with -v, those over 20 ms are logged
+// with the GC cycles begun meanwhile.
 func BenchmarkColdLoad8B(b *testing.B) {
 	v := s3test.Start(b)
 	v.MakeBucket(b, "bench")
@@ -69,6 +73,19 @@ func BenchmarkColdLoad8B(b *testing.B) {
 	for i := range warm {
 		load(-1 - i)
 	}
+	// the process's stalls during the timed loads (internal/stallwatch:
+	// wakes over 5 ms late), what a serving step beside the load would see
+	var stalls []stallwatch.Stall
+	wctx, stopWatch := context.WithCancel(ctx)
+	watched := make(chan struct{})
+	go func() {
+		defer close(watched)
+		stallwatch.Watch(wctx, time.Millisecond, 5*time.Millisecond, func(s stallwatch.Stall) {
+			mu.Lock()
+			stalls = append(stalls, s)
+			mu.Unlock()
+		})
+	}()
 	mu.Lock()
 	clear(phases)
 	mu.Unlock()
@@ -78,6 +95,17 @@ func BenchmarkColdLoad8B(b *testing.B) {
 		acquire = append(acquire, load(i))
 	}
 	b.StopTimer()
+	stopWatch()
+	<-watched
+	var worst time.Duration
+	for _, s := range stalls {
+		worst = max(worst, s.Late)
+		if testing.Verbose() && s.Late > 20*time.Millisecond {
+			b.Logf("stall %v late, %d GC cycles begun", s.Late, s.GCCycles)
+		}
+	}
+	b.ReportMetric(float64(len(stalls))/float64(b.N), "stalls/op")
+	b.ReportMetric(float64(worst.Microseconds())/1e3, "worst_stall_ms")
 	med := func(ds []time.Duration) float64 {
 		ds = slices.Clone(ds)
 		slices.Sort(ds)
