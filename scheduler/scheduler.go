@@ -117,6 +117,12 @@ type Config struct {
 	// PrefixCache keeps full KV pages for reuse by later sequences whose
 	// tokens start the same way with the same adapter version.
 	PrefixCache bool
+	// IdleWarm records the engine's step programs (CUDA graphs:
+	// engine.WarmSome) one at a time while nothing else is to be done, until
+	// none is missing, so that a server can be ready before they are all
+	// recorded. A request that arrives meanwhile waits for one recording at
+	// most.
+	IdleWarm bool
 }
 
 // StepStats describes one engine step (for metrics).
@@ -191,9 +197,14 @@ type Scheduler struct {
 	loads    int
 	draining map[string]string
 
-	running []*seq       // engine goroutine only
-	stepped bool         // engine goroutine only: the last step ran sequences
-	cache   *prefixCache // engine goroutine only; nil: prefix caching off
+	running []*seq // engine goroutine only
+	stepped bool   // engine goroutine only: the last step ran sequences
+	// engine goroutine only: IdleWarm's state (warming: recordings may be
+	// missing; warmed and warmTime: done so far, and the time they took)
+	warming  bool
+	warmed   int
+	warmTime time.Duration
+	cache    *prefixCache // engine goroutine only; nil: prefix caching off
 	// Prefix cache statistics since the last report (tokens).
 	prefixQueries, prefixHits int
 	done                      chan struct{} // closed when the engine goroutine has exited
@@ -218,6 +229,7 @@ func New(e *engine.Engine, res Residency, cfg Config) *Scheduler {
 	if cfg.PrefixCache {
 		s.cache = newPrefixCache(e)
 	}
+	s.warming = cfg.IdleWarm
 	go s.loop()
 	return s
 }
@@ -387,6 +399,23 @@ func (s *Scheduler) loop() {
 				s.report(StepStats{TotalBlocks: s.e.Options().KVBlocks, FreeBlocks: s.e.FreeBlocks()})
 				idleReported = true
 			}
+			if s.warming {
+				// Nothing to step: record a missing program, unless
+				// something came in.
+				select {
+				case fn := <-s.cmds:
+					s.guard("engine command", fn)
+				case <-s.wake:
+				case <-s.quit:
+					s.shutdown()
+					return
+				default:
+					if !s.guard("idle warm-up", s.warmOne) {
+						s.warming = false
+					}
+				}
+				continue
+			}
 			// Nothing to step: block until a command or a request arrives.
 			select {
 			case fn := <-s.cmds:
@@ -435,6 +464,28 @@ func (s *Scheduler) loop() {
 // guard runs fn, recovering a panic: it is logged with its stack and
 // counted, and guard reports false. A bug hit by one request must not end
 // the process for every tenant.
+// warmOne records one missing step program (IdleWarm) and logs when none
+// is left, or when recording failed (serving goes on: a step whose program
+// is missing records it, or runs without one).
+func (s *Scheduler) warmOne() {
+	t0 := time.Now()
+	n, left, err := s.e.WarmSome(1)
+	s.warmTime += time.Since(t0)
+	s.warmed += n
+	if err != nil {
+		s.warming = false
+		s.log.Warn("idle warm-up stopped: a step program failed to record (steps record what they need as they run)",
+			"recorded", s.warmed, "err", err)
+		return
+	}
+	if left == 0 {
+		s.warming = false
+		if s.warmed > 0 {
+			s.log.Info("step programs recorded while idle", "recorded", s.warmed, "seconds", fmt.Sprintf("%.2f", s.warmTime.Seconds()))
+		}
+	}
+}
+
 func (s *Scheduler) guard(what string, fn func()) (ok bool) {
 	defer func() {
 		if v := recover(); v != nil {

@@ -43,7 +43,8 @@
 #                throughput) and greedy outputs compared; run it by name
 #     ready8b    peftd serve start -> /readyz on the random 8B checkpoint, cold
 #                and warm kernel cache, and the first requests after ready
-#                (READY8B_FP8=1: an FP8 checkpoint with --weights fp8)
+#                (READY8B_FP8=1: an FP8 checkpoint with --weights fp8; READY8B_WARM=idle:
+#                --warm-graphs idle)
 #     nsys8b     serve8b's load (base and 4 adapters mixed, concurrency 64) under nsys:
 #                GPU busy fraction, idle gaps, top kernels, CUDA API calls
 #                (scripts/nsys_busy.py; makes the decode checkpoint; not default)
@@ -497,10 +498,16 @@ if want ready8b; then
 	# checkpoint from the page cache, with a cold kernel cache and again with
 	# the warm one, and the first base request after ready vs the next.
 	# READY8B_FP8=1: an FP8 checkpoint (tools/make_random_llama.py --fp8,
-	# ~8.5 GB) served with --weights fp8, its weights uploaded as stored
+	# ~8.5 GB) served with --weights fp8, its weights uploaded as stored.
+	# READY8B_WARM=idle: --warm-graphs idle (graphs recorded after ready; the
+	# first requests may record theirs), and the log line saying when the
+	# idle recording ended.
 	MD=/tmp/llama8b-random R8ARGS=() R8MAKE=()
 	if [[ -n "${READY8B_FP8:-}" ]]; then
 		MD=/tmp/llama8b-fp8 R8ARGS=(--weights fp8) R8MAKE=(--fp8 --adapters 1)
+	fi
+	if [[ -n "${READY8B_WARM:-}" ]]; then
+		R8ARGS+=(--warm-graphs "$READY8B_WARM")
 	fi
 	echo "=== ready8b: peftd serve start -> ready on $MD/base ${R8ARGS[*]}"
 	if random_ckpt "$MD" ready8b --layers "${DECODE_LAYERS:-32}" "${R8MAKE[@]}"; then
@@ -521,7 +528,8 @@ if want ready8b; then
 				req() { curl -s -o /dev/null -w '%{time_total}' -H 'Content-Type: application/json' -d '{"model":"base","prompt":[1,2,3,4],"max_tokens":1}' http://127.0.0.1:8083/v1/completions; }
 				r1=$(req); r2=$(req); r3=$(req)
 				awk -v a="$t0" -v b="$t1" -v r1="$r1" -v r2="$r2" -v r3="$r3" -v run="$run" 'BEGIN{printf "READY8B %s kernel cache: start -> ready %.2f s; first request %.1f ms, then %.1f, %.1f ms\n", run, b-a, 1000*r1, 1000*r2, 1000*r3}' | tee -a "$LOG/ready8b.txt"
-				grep -E 'engine|graphs|kernels|model' "$LOG/ready8b.$run.log" | head -6 | cut -c1-200
+				sleep 2 # an idle warm-up ends meanwhile
+				grep -E 'engine|graphs|kernels|model|recorded while idle' "$LOG/ready8b.$run.log" | head -7 | cut -c1-200
 			else
 				echo "ready8b: FAIL: $run server not ready"; tail -n 20 "$LOG/ready8b.$run.log"; status=1
 			fi

@@ -42,3 +42,14 @@ func TestPickBackendFormats(t *testing.T) {
 		t.Errorf("ParseKVCache(int8): %v", err)
 	}
 }
+
+func TestParseWarmGraphs(t *testing.T) {
+	for _, c := range []struct{ in, want string }{{"", WarmReady}, {"ready", WarmReady}, {"idle", WarmIdle}} {
+		if got, err := ParseWarmGraphs(c.in); err != nil || got != c.want {
+			t.Errorf("ParseWarmGraphs(%q) = %q, %v; want %q", c.in, got, err, c.want)
+		}
+	}
+	if _, err := ParseWarmGraphs("lazy"); err == nil || !strings.Contains(err.Error(), `"lazy"`) || !strings.Contains(err.Error(), "idle") {
+		t.Errorf("ParseWarmGraphs(lazy): %v", err)
+	}
+}

@@ -47,6 +47,9 @@ type CoreConfig struct {
 	DeviceTTL, HostTTL time.Duration
 	// RecheckInterval and JanitorInterval tune the loader (0: its defaults).
 	RecheckInterval, JanitorInterval time.Duration
+	// IdleWarm records the engine's step programs (CUDA graphs) while it is
+	// idle, after NewCore returns, instead of before (Config.WarmGraphs).
+	IdleWarm bool
 	// Metrics gets the loader collector and the scheduler's steps; nil: a new one.
 	Metrics *metrics.Metrics
 	Logger  *slog.Logger
@@ -91,7 +94,9 @@ func NewCore(ctx context.Context, cc CoreConfig) (*Core, error) {
 		cc.Backend.Close()
 		return nil, err
 	}
-	if err := warmEngine(e, log); err != nil {
+	if cc.IdleWarm {
+		logIdleWarm(e, log)
+	} else if err := warmEngine(e, log); err != nil {
 		e.Close()
 		return nil, err
 	}
@@ -101,7 +106,7 @@ func NewCore(ctx context.Context, cc CoreConfig) (*Core, error) {
 	}
 	res := &residency{}
 	sched := scheduler.New(e, res, scheduler.Config{MaxQueue: cc.MaxQueue, Logger: log, OnStep: met.OnStep, PrefixCache: !cc.NoPrefixCache,
-		OnPanic: func() { met.Panic("engine") }})
+		OnPanic: func() { met.Panic("engine") }, IdleWarm: cc.IdleWarm})
 	col := metrics.NewLoader()
 	mgr, err := loader.New(ctx, loader.Options{Store: cc.Store, Device: sched, Base: cc.Model.Config, Slots: cc.Slots,
 		CacheDir: cc.CacheDir, MaxAdapterBytes: adapterBound(cc), HostBytes: max(cc.HostBytes, 0), DiskBytes: max(cc.DiskBytes, 0), DeviceTTL: cc.DeviceTTL, HostTTL: cc.HostTTL,

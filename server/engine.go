@@ -149,6 +149,14 @@ func warmEngine(e *engine.Engine, log *slog.Logger) error {
 	return nil
 }
 
+// logIdleWarm says, for a backend that records graphs, that they will be
+// recorded while the engine is idle (CoreConfig.IdleWarm).
+func logIdleWarm(e *engine.Engine, log *slog.Logger) {
+	if _, ok := e.Backend().(*gpu.Backend); ok {
+		log.Info("CUDA graphs (decode and mixed steps)", "recorded", 0, "when", "while idle, after ready (--warm-graphs idle)")
+	}
+}
+
 // engineOptions are the engine's defaults with the given slots, and KV
 // blocks and batch tokens where positive (serve's and generate's engines
 // alike).

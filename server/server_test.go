@@ -130,3 +130,11 @@ func TestDeviceTTL(t *testing.T) {
 		t.Errorf("tier when idle %q, want disk", got)
 	}
 }
+
+// TestWarmGraphsIdle: with --warm-graphs idle a CPU server (no graphs to
+// record) serves exactly as with the default.
+func TestWarmGraphsIdle(t *testing.T) {
+	_, url := start(t, server.Config{Store: fixtureStore(t), Slots: 2, WarmGraphs: server.WarmIdle})
+	wantServes(t, url, "qv-r8")
+	wantServes(t, url, "all-r16")
+}

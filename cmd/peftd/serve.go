@@ -27,6 +27,7 @@ type serveFlags struct {
 	maxQueue                              int
 	noPrefixCache                         bool
 	eager                                 bool
+	warmGraphs                            string
 	serialLoRA, noPDL                     bool
 	loraSMs                               int
 	requestTimeout, deviceTTL, hostTTL    time.Duration
@@ -53,6 +54,7 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	fs.IntVar(&f.kvBlocks, "kv-blocks", 0, "KV cache pages (0: the engine default)")
 	fs.IntVar(&f.maxBatchTokens, "max-batch-tokens", 0, "token rows per engine step (0: the engine default)")
 	fs.IntVar(&f.maxQueue, "max-queue", 256, "requests waiting or running at most; more get 429")
+	fs.StringVar(&f.warmGraphs, "warm-graphs", server.WarmReady, "GPU: when to record the CUDA graphs of the steps: ready (all before the server is ready) or idle (after, while no request runs: ready about a second sooner on an 8B model)")
 	fs.BoolVar(&f.eager, "eager", false, "GPU: run every step op by op, without CUDA graphs for decode steps (for debugging and comparison)")
 	fs.BoolVar(&f.noPDL, "no-pdl", false, "GPU: launch kernels one after the other, without Programmatic Dependent Launch (for comparison)")
 	fs.BoolVar(&f.serialLoRA, "serial-lora", false, "GPU: run each LoRA update on the compute stream after its projection, not beside it on the LoRA stream (for comparison)")
@@ -168,7 +170,7 @@ func serve(ctx context.Context, f serveFlags, log *slog.Logger) error {
 	default:
 		return fmt.Errorf("serve: --kv-cache %q: want bf16 or fp8", f.kvCache)
 	}
-	srv, err := server.New(ctx, server.Config{Model: f.model, Store: f.store, SQSQueueURL: f.sqsQueueURL, Listen: f.listen, Device: f.device, Weights: f.weights, KVCache: f.kvCache, Eager: f.eager,
+	srv, err := server.New(ctx, server.Config{Model: f.model, Store: f.store, SQSQueueURL: f.sqsQueueURL, Listen: f.listen, Device: f.device, Weights: f.weights, KVCache: f.kvCache, Eager: f.eager, WarmGraphs: f.warmGraphs,
 		SerialLoRA: f.serialLoRA, NoPDL: f.noPDL, LoRASMs: f.loraSMs, Slots: f.slots, KVBlocks: f.kvBlocks, MaxBatchTokens: f.maxBatchTokens, MaxQueue: f.maxQueue, NoPrefixCache: f.noPrefixCache,
 		RequestTimeout: f.requestTimeout, DeviceTTL: f.deviceTTL, HostTTL: f.hostTTL, Keys: keys,
 		MaxUpload: f.maxUpload, HostBytes: f.hostBytes, DiskBytes: f.diskBytes, CacheDir: f.cacheDir, Pin: splitList(f.pin), Logger: log})

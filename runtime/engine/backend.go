@@ -128,11 +128,15 @@ type Backend interface {
 	Close() error
 }
 
-// Warmer is an optional Backend capability: Warmup prepares, before the
-// first request, whatever the backend records per program and step size
-// (CUDA graphs), so that serving never pays for it.
+// Warmer is an optional Backend capability: Warmup prepares whatever the
+// backend records per program and step size (CUDA graphs), so that serving
+// does not pay for it: at most max of the recordings progs still lack
+// (max <= 0: all of them), reporting how many it recorded and how many are
+// still missing after.
+// Called between steps, on the engine goroutine, before the first request
+// or while the engine is idle.
 type Warmer interface {
-	Warmup(progs []Program) error
+	Warmup(progs []Program, max int) (recorded, left int, err error)
 }
 
 // StepTimer is an optional Backend capability: the device time of the last

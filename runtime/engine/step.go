@@ -331,20 +331,34 @@ func (e *Engine) program(s Shape) Program {
 	return Program{Shape: s, Run: func(b Ops) { e.forward(b, s) }}
 }
 
-// Warmup lets a backend that records programs (CUDA graphs) record the
-// engine's programs for steps without adapters and with adapters on every
-// projection before the first request. Other backends do nothing.
+// Warmup lets a backend that records programs (CUDA graphs) record all of
+// the engine's programs for steps without adapters and with adapters on
+// every projection. Other backends do nothing.
 func (e *Engine) Warmup() error {
+	_, _, err := e.WarmSome(0)
+	return err
+}
+
+// WarmSome records up to n of the programs Warmup records that are still
+// missing (n <= 0: all), and reports how many it recorded and how many are
+// still missing: none for a backend that records nothing. Between steps, on
+// the engine goroutine.
+func (e *Engine) WarmSome(n int) (recorded, left int, err error) {
 	w, ok := e.b.(Warmer)
 	if !ok {
-		return nil
+		return 0, 0, nil
 	}
 	progs := []Program{e.program(Shape{}), e.program(Shape{LoRA: 1<<llama.NumModules - 1})}
-	f := func() error { return w.Warmup(progs) }
-	if r, ok := e.b.(Runner); ok {
-		return r.Run(f)
+	f := func() error {
+		recorded, left, err = w.Warmup(progs, n)
+		return err
 	}
-	return f()
+	if r, ok := e.b.(Runner); ok {
+		err = r.Run(f)
+	} else {
+		err = f()
+	}
+	return recorded, left, err
 }
 
 // run executes a prepared step and tail (which reads its result), inside

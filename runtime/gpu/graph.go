@@ -501,14 +501,18 @@ func (b *Backend) fillGraphMeta(meta *engine.StepMeta, n, rank int, mixed bool) 
 }
 
 // Warmup records the decode and mixed graphs of every bucket for progs
-// (engine.Warmer): each is run once on padding alone (no sequence is
-// touched), then recorded.
-func (b *Backend) Warmup(progs []engine.Program) error {
+// (engine.Warmer), at most max of those still missing (max <= 0: all), in
+// order of likely use (no adapters first, decode before mixed, small
+// buckets first): each is run once on padding alone (no sequence is
+// touched), then recorded. left is how many are still missing (a
+// recording dropped meanwhile, when a buffer moved, is found by the next
+// call, or recorded by the first step that needs it).
+func (b *Backend) Warmup(progs []engine.Program, max int) (done, left int, err error) {
 	if err := b.freeStaging(); err != nil {
-		return err
+		return 0, 0, err
 	}
 	if b.g.off {
-		return nil
+		return 0, 0, nil
 	}
 	empty := &engine.StepMeta{}
 	kinds := []bool{false}
@@ -520,21 +524,26 @@ func (b *Backend) Warmup(progs []engine.Program) error {
 			for _, n := range graphBuckets[:bucketIndex(b.g.maxRows)+1] {
 				key, err := b.graphKeyFor(n, prog.Shape, mixed)
 				if err != nil {
-					return err
+					return done, 0, err
 				}
 				if b.g.execs[key] != nil {
 					continue
 				}
+				if max > 0 && done == max {
+					left++
+					continue
+				}
 				if err := b.fillGraphMeta(empty, n, key.rank, mixed); err != nil {
-					return err
+					return done, 0, err
 				}
 				err = b.runThenRecord(key, prog)
 				b.meta, b.err = nil, nil
 				if err != nil {
-					return fmt.Errorf("gpu: warm up %d rows: %w", n, err)
+					return done, 0, fmt.Errorf("gpu: warm up %d rows: %w", n, err)
 				}
+				done++
 			}
 		}
 	}
-	return nil
+	return done, left, nil
 }

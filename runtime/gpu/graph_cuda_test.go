@@ -313,3 +313,48 @@ func TestPDLMatchesSerialLaunch(t *testing.T) {
 	}
 	t.Logf("%d logits rows bit-identical with and without PDL", rows)
 }
+
+// TestWarmSomeOneAtATime: WarmSome(1), as the scheduler calls it while
+// idle (--warm-graphs idle), records one graph a call, in Warmup's order,
+// with adapters loaded, until none is missing: as many as Warmup records,
+// and then a decode step replays without recording.
+func TestWarmSomeOneAtATime(t *testing.T) {
+	m, adapters, cases := loadFixture(t)
+	e := newEngineWith(t, m, engine.Options{MaxTokens: 512, KVBlocks: 512, BlockSize: 16, AdapterSlots: 2}, Options{})
+	if err := e.LoadAdapter(0, adapters["qv-r8"]); err != nil {
+		t.Fatal(err)
+	}
+	b := e.Backend().(*Backend)
+	want := 2 * 2 * (bucketIndex(b.g.maxRows) + 1)
+	prevLeft := want
+	for call := 1; ; call++ {
+		n, left, err := e.WarmSome(1)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if n != 1 || left != prevLeft-1 {
+			t.Fatalf("call %d: recorded %d, %d left; want 1 and %d", call, n, left, prevLeft-1)
+		}
+		prevLeft = left
+		if left == 0 {
+			break
+		}
+	}
+	if rec, _ := b.GraphStats(); rec != want {
+		t.Errorf("%d graphs recorded one at a time, want %d", rec, want)
+	}
+	if n, left, err := e.WarmSome(1); n != 0 || left != 0 || err != nil {
+		t.Errorf("after the last: recorded %d, %d left, %v", n, left, err)
+	}
+	seq := &engine.Sequence{}
+	if _, err := e.Step(context.Background(), []engine.Input{{Seq: seq, Tokens: cases[0].Prompt, Slot: 0}}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.Step(context.Background(), []engine.Input{{Seq: seq, Tokens: []int32{1}, Slot: 0}}); err != nil {
+		t.Fatal(err)
+	}
+	if rec, rep := b.GraphStats(); rec != want || rep < 1 {
+		t.Errorf("after a prefill and a decode step: %d recorded (want %d: none new), %d replayed", rec, want, rep)
+	}
+	e.Release(seq)
+}
