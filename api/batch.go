@@ -60,6 +60,12 @@ func total(ms []*member) result {
 			t.prompt += m.res.prompt
 		}
 		t.complete += m.res.complete
+		if r := m.res.ttft; r > 0 && (t.ttft == 0 || r < t.ttft) { // the batch's first token
+			t.ttft = r
+		}
+		if t.loadedFrom == "" {
+			t.loadedFrom = m.res.loadedFrom
+		}
 		f := m.res.finish
 		if f == "" {
 			f = "none"

@@ -24,6 +24,11 @@ type result struct {
 	promptScores     []sample.Choice // with echo and logprobs: prompt tokens 1..n-1
 	pieces           []string        // what each token adds to the text: they concatenate to text
 	info             []tokInfo       // with logprobs
+	// ttft is the time from the request's start to its first token (0: no
+	// token), loadedFrom the tier its adapter was loaded from for it
+	// (store, disk or host; "" when it was resident)
+	ttft       time.Duration
+	loadedFrom string
 }
 
 // delta is a streamed piece: text safe to show and the tokens behind it.
@@ -138,6 +143,7 @@ loop:
 		}
 		now := time.Now()
 		if last.IsZero() {
+			res.ttft, res.loadedFrom = now.Sub(j.start), ev.Loaded
 			s.metrics.FirstToken(j.adapter, now.Sub(j.start))
 			if ev.Loaded != "" {
 				s.metrics.ColdFirstToken(ev.Loaded, now.Sub(j.start))

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"errors"
+	"math"
 	"time"
 
 	"github.com/gofiber/fiber/v2"
@@ -121,6 +122,12 @@ func (s *Server) finished(j *job, status int, res result, err error) {
 	attrs := []any{"id", j.id, "model", j.model, "status", status, "stream", j.stream,
 		"prompt_tokens", res.prompt, "completion_tokens", res.complete, "finish", res.finish,
 		"ms", dur.Milliseconds()}
+	if res.ttft > 0 {
+		attrs = append(attrs, "ttft_ms", math.Round(float64(res.ttft.Microseconds())/100)/10)
+	}
+	if res.loadedFrom != "" {
+		attrs = append(attrs, "adapter_from", res.loadedFrom)
+	}
 	if err != nil {
 		attrs = append(attrs, "err", err.Error())
 	}
