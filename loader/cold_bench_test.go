@@ -27,7 +27,7 @@ import (
 // TestDecodeBench's adapter-load bench and gpu-check's cold8b. stalls/op
 // and worst_stall_ms: wakes of a stall watcher (internal/stallwatch) over
 // 5 ms late during the timed loads; with -v, those over 20 ms are logged
-// with the GC cycles begun meanwhile.
+// with the GC pauses that ended meanwhile.
 func BenchmarkColdLoad8B(b *testing.B) {
 	v := s3test.Start(b)
 	v.MakeBucket(b, "bench")
@@ -101,7 +101,7 @@ func BenchmarkColdLoad8B(b *testing.B) {
 	for _, s := range stalls {
 		worst = max(worst, s.Late)
 		if testing.Verbose() && s.Late > 20*time.Millisecond {
-			b.Logf("stall %v late, %d GC cycles begun", s.Late, s.GCCycles)
+			b.Logf("stall %v late, %d GC pauses ended", s.Late, s.GCPauses)
 		}
 	}
 	b.ReportMetric(float64(len(stalls))/float64(b.N), "stalls/op")

@@ -201,10 +201,10 @@ type Scheduler struct {
 	stepped bool   // engine goroutine only: the last step ran sequences
 	// engine goroutine only: IdleWarm's state (warming: recordings may be
 	// missing; warmed and warmTime: done so far, and the time they took)
-	warming  bool
-	warmed   int
-	warmTime time.Duration
-	cache    *prefixCache // engine goroutine only; nil: prefix caching off
+	warming, warmFailed bool
+	warmed              int
+	warmTime            time.Duration
+	cache               *prefixCache // engine goroutine only; nil: prefix caching off
 	// Prefix cache statistics since the last report (tokens).
 	prefixQueries, prefixHits int
 	done                      chan struct{} // closed when the engine goroutine has exited
@@ -404,7 +404,7 @@ func (s *Scheduler) loop() {
 				// something came in.
 				select {
 				case fn := <-s.cmds:
-					s.guard("engine command", fn)
+					s.command(fn)
 				case <-s.wake:
 				case <-s.quit:
 					s.shutdown()
@@ -419,7 +419,7 @@ func (s *Scheduler) loop() {
 			// Nothing to step: block until a command or a request arrives.
 			select {
 			case fn := <-s.cmds:
-				s.guard("engine command", fn)
+				s.command(fn)
 			case <-s.wake:
 			case <-s.quit:
 				s.shutdown()
@@ -430,7 +430,7 @@ func (s *Scheduler) loop() {
 		// Engine commands (adapter loads) run between steps: drain them first.
 		select {
 		case fn := <-s.cmds:
-			s.guard("engine command", fn)
+			s.command(fn)
 			continue
 		case <-s.quit:
 			s.shutdown()
@@ -450,7 +450,7 @@ func (s *Scheduler) loop() {
 			// then (a slot can free outside the scheduler: an unpin).
 			select {
 			case fn := <-s.cmds:
-				s.guard("engine command", fn)
+				s.command(fn)
 			case <-s.wake:
 			case <-time.After(admitPoll):
 			case <-s.quit:
@@ -461,31 +461,44 @@ func (s *Scheduler) loop() {
 	}
 }
 
-// guard runs fn, recovering a panic: it is logged with its stack and
-// counted, and guard reports false. A bug hit by one request must not end
-// the process for every tenant.
-// warmOne records one missing step program (IdleWarm) and logs when none
-// is left, or when recording failed (serving goes on: a step whose program
-// is missing records it, or runs without one).
+// warmOne records one missing step program (IdleWarm). A round ends with
+// a call that records none and finds none missing (a recording can drop
+// earlier ones when a buffer moves: the next call finds them); it is
+// logged, and an engine command (an adapter load can change what is
+// missing) starts another. A failed recording ends the warm-up for good
+// (serving goes on: a step whose program is missing records it, or runs
+// without one).
 func (s *Scheduler) warmOne() {
 	t0 := time.Now()
 	n, left, err := s.e.WarmSome(1)
 	s.warmTime += time.Since(t0)
 	s.warmed += n
 	if err != nil {
-		s.warming = false
+		s.warming, s.warmFailed = false, true
 		s.log.Warn("idle warm-up stopped: a step program failed to record (steps record what they need as they run)",
 			"recorded", s.warmed, "err", err)
 		return
 	}
-	if left == 0 {
+	if n == 0 && left == 0 {
 		s.warming = false
 		if s.warmed > 0 {
 			s.log.Info("step programs recorded while idle", "recorded", s.warmed, "seconds", fmt.Sprintf("%.2f", s.warmTime.Seconds()))
 		}
+		s.warmed, s.warmTime = 0, 0
 	}
 }
 
+// command runs an engine command (an adapter load or unload) between
+// steps; with IdleWarm it starts a warm-up round, for what the command
+// may have made missing.
+func (s *Scheduler) command(fn func()) {
+	s.guard("engine command", fn)
+	s.warming = s.cfg.IdleWarm && !s.warmFailed
+}
+
+// guard runs fn, recovering a panic: it is logged with its stack and
+// counted, and guard reports false. A bug hit by one request must not end
+// the process for every tenant.
 func (s *Scheduler) guard(what string, fn func()) (ok bool) {
 	defer func() {
 		if v := recover(); v != nil {

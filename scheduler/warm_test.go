@@ -113,6 +113,26 @@ func TestIdleWarm(t *testing.T) {
 			t.Errorf("steps between warm-up calls %v: want the request's steps after the first calls", w.during)
 		}
 	})
+	t.Run("a command starts another round", func(t *testing.T) {
+		w := &slowWarmer{Backend: cpu.New(0), missing: 3}
+		e, res := fixtureEngineOn(t, f, w, opts)
+		s := New(e, res, Config{IdleWarm: true})
+		t.Cleanup(s.Close)
+		waitWarm(w)
+		// an adapter load, say, leaves two programs missing
+		if err := s.Do(context.Background(), func(*engine.Engine) error {
+			w.mu.Lock()
+			w.missing += 2
+			w.mu.Unlock()
+			return nil
+		}); err != nil {
+			t.Fatal(err)
+		}
+		waitWarm(w)
+		if _, _, done := w.state(); done != 5 {
+			t.Errorf("%d recorded, want 3 and then 2", done)
+		}
+	})
 	t.Run("off", func(t *testing.T) {
 		w := &slowWarmer{Backend: cpu.New(0), missing: 5}
 		e, res := fixtureEngineOn(t, f, w, opts)
@@ -129,7 +149,12 @@ func TestIdleWarm(t *testing.T) {
 		e, res := fixtureEngineOn(t, f, w, opts)
 		s := New(e, res, Config{IdleWarm: true})
 		t.Cleanup(s.Close)
-		time.Sleep(50 * time.Millisecond)
+		for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(5 * time.Millisecond) {
+			if _, calls, _ := w.state(); calls >= 4 {
+				break
+			}
+		}
+		time.Sleep(30 * time.Millisecond) // no call after the failed one
 		_, calls, done := w.state()
 		if done != 3 || calls != 4 {
 			t.Errorf("%d recorded in %d calls, want 3 and the failing 4th, then no more", done, calls)

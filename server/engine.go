@@ -152,7 +152,7 @@ func warmEngine(e *engine.Engine, log *slog.Logger) error {
 // logIdleWarm says, for a backend that records graphs, that they will be
 // recorded while the engine is idle (CoreConfig.IdleWarm).
 func logIdleWarm(e *engine.Engine, log *slog.Logger) {
-	if _, ok := e.Backend().(*gpu.Backend); ok {
+	if g, ok := e.Backend().(*gpu.Backend); ok && g.GraphsOn() {
 		log.Info("CUDA graphs (decode and mixed steps)", "recorded", 0, "when", "while idle, after ready (--warm-graphs idle)")
 	}
 }

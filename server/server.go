@@ -215,7 +215,7 @@ func (s *Server) watchStalls(met *metrics.Metrics) {
 				quiet++
 				return
 			}
-			s.log.Warn("runtime stall: goroutines ran late", "late_ms", st.Late.Milliseconds(), "gc_cycles", st.GCCycles, "not_logged_before", quiet)
+			s.log.Warn("runtime stall: goroutines ran late", "late_ms", st.Late.Milliseconds(), "gc_pauses", st.GCPauses, "not_logged_before", quiet)
 			lastLog, quiet = st.At, 0
 		})
 	}()

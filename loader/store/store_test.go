@@ -325,9 +325,11 @@ func TestFSStore(t *testing.T) {
 	// A symbolic link to an adapter folder elsewhere is listed; one to a
 	// file, or a dangling one, is not.
 	elsewhere := filepath.Join(t.TempDir(), "linked")
-	os.MkdirAll(elsewhere, 0o755)
-	os.WriteFile(filepath.Join(elsewhere, store.WeightsFile), []byte("w"), 0o644)
-	os.WriteFile(filepath.Join(elsewhere, store.ConfigFile), []byte("{}"), 0o644)
+	if err := errors.Join(os.MkdirAll(elsewhere, 0o755),
+		os.WriteFile(filepath.Join(elsewhere, store.WeightsFile), []byte("w"), 0o644),
+		os.WriteFile(filepath.Join(elsewhere, store.ConfigFile), []byte("{}"), 0o644)); err != nil {
+		t.Fatal(err)
+	}
 	for name, target := range map[string]string{"linked": elsewhere, "to-file": filepath.Join(root, "stray.txt"), "dangling": filepath.Join(root, "gone")} {
 		if err := os.Symlink(target, filepath.Join(root, name)); err != nil {
 			t.Fatal(err)

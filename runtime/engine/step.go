@@ -339,8 +339,9 @@ func (e *Engine) Warmup() error {
 	return err
 }
 
-// WarmSome records up to n of the programs Warmup records that are still
-// missing (n <= 0: all), and reports how many it recorded and how many are
+// WarmSome records up to n of the programs Warmup records, and those of
+// steps with the adapters loaded now, that are still missing (n <= 0: all),
+// and reports how many it recorded and how many are
 // still missing: none for a backend that records nothing. Between steps, on
 // the engine goroutine.
 func (e *Engine) WarmSome(n int) (recorded, left int, err error) {
@@ -348,7 +349,11 @@ func (e *Engine) WarmSome(n int) (recorded, left int, err error) {
 	if !ok {
 		return 0, 0, nil
 	}
-	progs := []Program{e.program(Shape{}), e.program(Shape{LoRA: 1<<llama.NumModules - 1})}
+	all := uint8(1<<llama.NumModules - 1)
+	progs := []Program{e.program(Shape{}), e.program(Shape{LoRA: all})}
+	if m := e.loraMask(); m != 0 && m != all { // what steps with the loaded adapters run
+		progs = append(progs, e.program(Shape{LoRA: m}))
+	}
 	f := func() error {
 		recorded, left, err = w.Warmup(progs, n)
 		return err

@@ -83,6 +83,9 @@ type graphState struct {
 // steps replayed one.
 func (b *Backend) GraphStats() (recorded, replayed int) { return b.g.Recorded, b.g.Replayed }
 
+// GraphsOn reports whether steps replay CUDA graphs (not Options.Eager).
+func (b *Backend) GraphsOn() bool { return !b.g.off }
+
 // preTilesCap is the attn_prefill tiles a mixed recording of n rows
 // launches: enough for its prefill rows in whole tiles plus a partial tile
 // for each of up to 16 prefill sequences. A step needing more runs eagerly.
@@ -314,14 +317,22 @@ func (b *Backend) replay(meta *engine.StepMeta, prog engine.Program, mixed bool)
 // graphKeyFor is the key of a recording for steps of rows rows and program
 // shape s, with the LoRA scratch sized for it.
 func (b *Backend) graphKeyFor(rows int, s engine.Shape, mixed bool) (graphKey, error) {
-	key := graphKey{rows: rows, lora: s.LoRA, mixed: mixed}
+	key := b.graphKeyOf(rows, s, mixed)
 	if key.lora != 0 {
-		key.rank, key.odd = rankClass(b.maxRank), b.oddRank
 		if err := b.growGraphTmp(key.rank); err != nil {
 			return key, err
 		}
 	}
 	return key, nil
+}
+
+// graphKeyOf is graphKeyFor's key alone (the scratch left as it is).
+func (b *Backend) graphKeyOf(rows int, s engine.Shape, mixed bool) graphKey {
+	key := graphKey{rows: rows, lora: s.LoRA, mixed: mixed}
+	if key.lora != 0 {
+		key.rank, key.odd = rankClass(b.maxRank), b.oddRank
+	}
+	return key
 }
 
 // checkPointers drops every recording when a buffer they use has moved.
@@ -500,6 +511,9 @@ func (b *Backend) fillGraphMeta(meta *engine.StepMeta, n, rank int, mixed bool) 
 	return nil
 }
 
+// The engine finds Warmup by a type assertion: keep the signature its.
+var _ engine.Warmer = (*Backend)(nil)
+
 // Warmup records the decode and mixed graphs of every bucket for progs
 // (engine.Warmer), at most max of those still missing (max <= 0: all), in
 // order of likely use (no adapters first, decode before mixed, small
@@ -522,16 +536,16 @@ func (b *Backend) Warmup(progs []engine.Program, max int) (done, left int, err e
 	for _, prog := range progs {
 		for _, mixed := range kinds {
 			for _, n := range graphBuckets[:bucketIndex(b.g.maxRows)+1] {
+				if b.g.execs[b.graphKeyOf(n, prog.Shape, mixed)] != nil {
+					continue
+				}
+				if max > 0 && done == max { // counted, not recorded: the scratch stays as it is
+					left++
+					continue
+				}
 				key, err := b.graphKeyFor(n, prog.Shape, mixed)
 				if err != nil {
 					return done, 0, err
-				}
-				if b.g.execs[key] != nil {
-					continue
-				}
-				if max > 0 && done == max {
-					left++
-					continue
 				}
 				if err := b.fillGraphMeta(empty, n, key.rank, mixed); err != nil {
 					return done, 0, err

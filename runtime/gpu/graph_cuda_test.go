@@ -315,9 +315,11 @@ func TestPDLMatchesSerialLaunch(t *testing.T) {
 }
 
 // TestWarmSomeOneAtATime: WarmSome(1), as the scheduler calls it while
-// idle (--warm-graphs idle), records one graph a call, in Warmup's order,
-// with adapters loaded, until none is missing: as many as Warmup records,
-// and then a decode step replays without recording.
+// idle (--warm-graphs idle), records one graph a call, with an adapter on q
+// and v loaded, until none is missing: Warmup's graphs (no adapters, and
+// adapters on every projection) and those of steps with the loaded adapter
+// (q and v); then a prefill and a decode step with it replay without
+// recording.
 func TestWarmSomeOneAtATime(t *testing.T) {
 	m, adapters, cases := loadFixture(t)
 	e := newEngineWith(t, m, engine.Options{MaxTokens: 512, KVBlocks: 512, BlockSize: 16, AdapterSlots: 2}, Options{})
@@ -325,26 +327,23 @@ func TestWarmSomeOneAtATime(t *testing.T) {
 		t.Fatal(err)
 	}
 	b := e.Backend().(*Backend)
-	want := 2 * 2 * (bucketIndex(b.g.maxRows) + 1)
-	prevLeft := want
-	for call := 1; ; call++ {
+	want := 3 * 2 * (bucketIndex(b.g.maxRows) + 1) // three programs x decode and mixed x every bucket
+	calls := 0
+	for ; calls < 2*want; calls++ { // as the scheduler does: until a call finds nothing to record
 		n, left, err := e.WarmSome(1)
 		if err != nil {
 			t.Fatal(err)
 		}
-		if n != 1 || left != prevLeft-1 {
-			t.Fatalf("call %d: recorded %d, %d left; want 1 and %d", call, n, left, prevLeft-1)
-		}
-		prevLeft = left
-		if left == 0 {
+		if n == 0 && left == 0 {
 			break
 		}
+		if n != 1 || left >= want {
+			t.Fatalf("call %d: recorded %d, %d left; want 1, and fewer than %d left", calls+1, n, left, want)
+		}
 	}
-	if rec, _ := b.GraphStats(); rec != want {
-		t.Errorf("%d graphs recorded one at a time, want %d", rec, want)
-	}
-	if n, left, err := e.WarmSome(1); n != 0 || left != 0 || err != nil {
-		t.Errorf("after the last: recorded %d, %d left, %v", n, left, err)
+	rec, _ := b.GraphStats()
+	if calls < want || rec < want || calls > 2*want-1 {
+		t.Errorf("%d graphs recorded in %d calls, want %d in as many (more only where a moved buffer dropped some)", rec, calls, want)
 	}
 	seq := &engine.Sequence{}
 	if _, err := e.Step(context.Background(), []engine.Input{{Seq: seq, Tokens: cases[0].Prompt, Slot: 0}}); err != nil {
@@ -353,8 +352,8 @@ func TestWarmSomeOneAtATime(t *testing.T) {
 	if _, err := e.Step(context.Background(), []engine.Input{{Seq: seq, Tokens: []int32{1}, Slot: 0}}); err != nil {
 		t.Fatal(err)
 	}
-	if rec, rep := b.GraphStats(); rec != want || rep < 1 {
-		t.Errorf("after a prefill and a decode step: %d recorded (want %d: none new), %d replayed", rec, want, rep)
+	if rec2, rep := b.GraphStats(); rec2 != rec || rep < 1 {
+		t.Errorf("after a prefill and a decode step: %d recorded (want %d: none new), %d replayed", rec2, rec, rep)
 	}
 	e.Release(seq)
 }

@@ -41,6 +41,13 @@ func Write(parent, name string, files map[string][]byte) error {
 		return err
 	}
 	dst := filepath.Join(parent, name)
+	if fi, err := os.Lstat(dst); err == nil && fi.Mode()&os.ModeSymlink != 0 {
+		// a link to a folder elsewhere (a folder store's adapter linked in):
+		// the new folder replaces the link; what it pointed to stays
+		if err := os.Remove(dst); err != nil {
+			return err
+		}
+	}
 	if err := os.Rename(tmp, dst); err == nil {
 		return syncDir(parent)
 	} else if !errors.Is(err, os.ErrExist) && !isNotEmpty(err) {

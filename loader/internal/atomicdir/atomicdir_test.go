@@ -75,3 +75,28 @@ func TestReadGrown(t *testing.T) {
 		}
 	}
 }
+
+// TestWriteOverLink: writing a folder whose name is a symbolic link to a
+// folder elsewhere replaces the link with the new folder and leaves what
+// it pointed to as it was.
+func TestWriteOverLink(t *testing.T) {
+	dir, elsewhere := t.TempDir(), filepath.Join(t.TempDir(), "linked")
+	if err := Write(filepath.Dir(elsewhere), "linked", map[string][]byte{"w": []byte("old")}); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Symlink(elsewhere, filepath.Join(dir, "a")); err != nil {
+		t.Fatal(err)
+	}
+	if err := Write(dir, "a", map[string][]byte{"w": []byte("new")}); err != nil {
+		t.Fatal(err)
+	}
+	if fi, err := os.Lstat(filepath.Join(dir, "a")); err != nil || !fi.IsDir() {
+		t.Fatalf("after the write: %v, %v; want a folder", fi, err)
+	}
+	if b, err := os.ReadFile(filepath.Join(dir, "a", "w")); err != nil || string(b) != "new" {
+		t.Errorf("new folder: %q, %v", b, err)
+	}
+	if b, err := os.ReadFile(filepath.Join(elsewhere, "w")); err != nil || string(b) != "old" {
+		t.Errorf("the linked folder: %q, %v; want it untouched", b, err)
+	}
+}
