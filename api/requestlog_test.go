@@ -1,37 +1,19 @@
 package api_test
 
 import (
-	"bytes"
 	"log/slog"
 	"strings"
-	"sync"
 	"testing"
+
+	"github.com/peftd/peftd/internal/testlog"
 )
-
-// syncBuf is a bytes.Buffer safe for the server's goroutines.
-type syncBuf struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuf) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuf) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
 
 // TestRequestLog: each request's log line has its time to first token and,
 // for the request that brought its adapter in, the tier it came from; a
 // resident adapter's request has no adapter_from.
 func TestRequestLog(t *testing.T) {
 	st, f := fixtureStack(t, 2, 16)
-	var logs syncBuf
+	var logs testlog.Buffer
 	cfg := st.config("base")
 	cfg.Logger = slog.New(slog.NewTextHandler(&logs, nil))
 	url := start(t, cfg)

@@ -399,28 +399,21 @@ func (s *Scheduler) loop() {
 				s.report(StepStats{TotalBlocks: s.e.Options().KVBlocks, FreeBlocks: s.e.FreeBlocks()})
 				idleReported = true
 			}
+			// Nothing to step: wait for a command or a request, or, with a
+			// program still to record, record it (one at a time: what
+			// comes in meanwhile waits for one recording at most).
+			var warm <-chan struct{} // nil: never ready
 			if s.warming {
-				// Nothing to step: record a missing program, unless
-				// something came in.
-				select {
-				case fn := <-s.cmds:
-					s.command(fn)
-				case <-s.wake:
-				case <-s.quit:
-					s.shutdown()
-					return
-				default:
-					if !s.guard("idle warm-up", s.warmOne) {
-						s.warming = false
-					}
-				}
-				continue
+				warm = closedChan
 			}
-			// Nothing to step: block until a command or a request arrives.
 			select {
 			case fn := <-s.cmds:
 				s.command(fn)
 			case <-s.wake:
+			case <-warm:
+				if !s.guard("idle warm-up", s.warmOne) {
+					s.warming = false
+				}
 			case <-s.quit:
 				s.shutdown()
 				return
@@ -487,6 +480,9 @@ func (s *Scheduler) warmOne() {
 		s.warmed, s.warmTime = 0, 0
 	}
 }
+
+// closedChan is always ready to receive from.
+var closedChan = func() chan struct{} { c := make(chan struct{}); close(c); return c }()
 
 // command runs an engine command (an adapter load or unload) between
 // steps; with IdleWarm it starts a warm-up round, for what the command
