@@ -64,7 +64,7 @@ func TestWatchSeesAStall(t *testing.T) {
 	t0 := time.Now()
 	copy(buf[len(buf)/2:], buf[:len(buf)/2])
 	held := time.Since(t0)
-	time.Sleep(20 * time.Millisecond)
+	time.Sleep(120 * time.Millisecond) // a loaded machine may run the watcher late
 	cancel()
 	<-done
 	mu.Lock()
@@ -73,10 +73,11 @@ func TestWatchSeesAStall(t *testing.T) {
 		t.Skipf("a 256 MB copy took %v: too short to test a 5 ms threshold", held)
 	}
 	// the longest stall that ended with the copy (touching the pages stalls
-	// too): the watcher may run as the copy returns, before held is measured
+	// too): the watcher may run as the copy returns, before held is
+	// measured, or (a loaded machine) some time after
 	var worst time.Duration
 	for _, s := range got {
-		if s.At.After(t0) && s.At.Before(t0.Add(held+10*time.Millisecond)) {
+		if s.At.After(t0) && s.At.Before(t0.Add(held+100*time.Millisecond)) {
 			worst = max(worst, s.Late)
 		}
 	}
