@@ -5,6 +5,7 @@ import (
 	"errors"
 	"math"
 	"slices"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -248,5 +249,78 @@ func TestSlotErrorFailsOnlyItsRequests(t *testing.T) {
 	s.Do(context.Background(), func(e *engine.Engine) error { free = e.FreeBlocks(); return nil })
 	if free != 256 {
 		t.Errorf("%d of 256 pages free at the end", free)
+	}
+}
+
+// brokenDevice fails every step while broken is set (a device with a
+// sticky error, say).
+type brokenDevice struct {
+	engine.Backend
+	broken atomic.Bool
+}
+
+func (b *brokenDevice) Execute(meta *engine.StepMeta, prog engine.Program) error {
+	if b.broken.Load() {
+		return errors.New("device lost")
+	}
+	return b.Backend.Execute(meta, prog)
+}
+
+// TestHealthy: Healthy is nil while steps succeed, and after failStreak
+// failed steps in a row reports ErrEngineFailing for FailWindow; a step
+// that fails for one slot does not count; one success resets the count.
+func TestHealthy(t *testing.T) {
+	f, err := fixture.Load()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.Close() })
+	b := &brokenDevice{Backend: &badSlot{Backend: cpu.New(0), bad: 1}}
+	e, res := fixtureEngineOn(t, f, b, engine.Options{MaxTokens: 256, KVBlocks: 256, BlockSize: 4, AdapterSlots: 4})
+	s := New(e, res, Config{FailWindow: 300 * time.Millisecond})
+	t.Cleanup(s.Close)
+	c := f.Cases[0]
+	run := func(adapter string) error {
+		t.Helper()
+		ch, err := s.Submit(context.Background(), Request{Adapter: adapter, Prompt: c.Prompt, MaxTokens: 1})
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, end := collect(t, ch)
+		return end.Err
+	}
+	if err := run(""); err != nil || s.Healthy() != nil {
+		t.Fatalf("a good step: %v, healthy %v", err, s.Healthy())
+	}
+	for range 2 * failStreak { // failures of one slot's adapter only
+		if err := run(fixture.AdapterNames[1]); err == nil {
+			t.Fatal("a request on the bad slot succeeded")
+		}
+	}
+	if err := s.Healthy(); err != nil {
+		t.Errorf("after slot failures: %v, want healthy", err)
+	}
+	b.broken.Store(true)
+	for i := range failStreak {
+		if err := run(""); err == nil {
+			t.Fatal("a step on the broken device succeeded")
+		}
+		if err := s.Healthy(); (err != nil) != (i == failStreak-1) {
+			t.Errorf("after %d failed steps: healthy %v", i+1, err)
+		}
+	}
+	if err := s.Healthy(); !errors.Is(err, ErrEngineFailing) || !strings.Contains(err.Error(), "device lost") {
+		t.Errorf("Healthy = %v, want ErrEngineFailing naming the step's error", err)
+	}
+	time.Sleep(350 * time.Millisecond) // past FailWindow: tell again
+	if err := s.Healthy(); err != nil {
+		t.Errorf("after the window: %v", err)
+	}
+	if err := run(""); err == nil || s.Healthy() == nil {
+		t.Errorf("one more failure after the window: %v, healthy %v; want failing at once (still in a row)", err, s.Healthy())
+	}
+	b.broken.Store(false)
+	if err := run(""); err != nil || s.Healthy() != nil {
+		t.Errorf("a good step again: %v, healthy %v", err, s.Healthy())
 	}
 }

@@ -34,6 +34,8 @@ var (
 	// ErrInternal: the engine step panicked; the requests in it fail and
 	// the scheduler goes on.
 	ErrInternal = errors.New("scheduler: internal error in the engine step")
+	// ErrEngineFailing: steps keep failing (Healthy).
+	ErrEngineFailing = errors.New("scheduler: the engine is failing")
 )
 
 // FieldError is a request field the scheduler refuses (it wraps
@@ -117,6 +119,12 @@ type Config struct {
 	// PrefixCache keeps full KV pages for reuse by later sequences whose
 	// tokens start the same way with the same adapter version.
 	PrefixCache bool
+	// FailWindow is how long Healthy reports the engine failing after
+	// failStreak steps in a row failed (default 30 s): long enough for a
+	// load balancer to steer away from a server whose device is broken, short
+	// enough that a passing fault does not keep it out for good (the first
+	// steps after the window tell again).
+	FailWindow time.Duration
 	// IdleWarm records the engine's step programs (CUDA graphs:
 	// engine.WarmSome) one at a time while nothing else is to be done, until
 	// none is missing, so that a server can be ready before they are all
@@ -201,6 +209,13 @@ type Scheduler struct {
 	stepped bool   // engine goroutine only: the last step ran sequences
 	// engine goroutine only: IdleWarm's state (warming: recordings may be
 	// missing; warmed and warmTime: done so far, and the time they took)
+	// steps that failed in a row (not for one slot), the last one's error
+	// and time (Healthy reads them from other goroutines)
+	failMu     sync.Mutex
+	failStreak int
+	failErr    error
+	failAt     time.Time
+
 	warming, warmFailed bool
 	warmed              int
 	warmTime            time.Duration
@@ -222,6 +237,9 @@ func New(e *engine.Engine, res Residency, cfg Config) *Scheduler {
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
+	}
+	if cfg.FailWindow <= 0 {
+		cfg.FailWindow = 30 * time.Second
 	}
 	s := &Scheduler{e: e, res: res, cfg: cfg, log: cfg.Logger, cmds: make(chan func(), 64), wake: make(chan struct{}, 1),
 		queues: map[string][]*seq{}, deficit: map[string]int{}, draining: map[string]string{},
@@ -436,6 +454,7 @@ func (s *Scheduler) loop() {
 			// (their pages are returned) and go on serving.
 			s.guard("failing the requests of a panicked step", func() { s.failAll(ErrInternal) })
 			s.running = nil
+			s.stepDone(ErrInternal)
 		}
 		if !s.stepped {
 			// Requests wait, but none could be admitted (a lease on its way,
@@ -479,6 +498,35 @@ func (s *Scheduler) warmOne() {
 		}
 		s.warmed, s.warmTime = 0, 0
 	}
+}
+
+// failStreak steps in a row that fail make Healthy report the engine
+// failing (for Config.FailWindow after the last).
+const failStreak = 3
+
+// stepDone records how a step ended for Healthy: err nil resets the count
+// of failures in a row.
+func (s *Scheduler) stepDone(err error) {
+	s.failMu.Lock()
+	defer s.failMu.Unlock()
+	if err == nil {
+		s.failStreak, s.failErr = 0, nil
+		return
+	}
+	s.failStreak++
+	s.failErr, s.failAt = err, time.Now()
+}
+
+// Healthy reports an error while the engine is failing: the last
+// failStreak steps failed (not only for one adapter slot), the last within
+// Config.FailWindow. /readyz says so, and a load balancer can steer away.
+func (s *Scheduler) Healthy() error {
+	s.failMu.Lock()
+	defer s.failMu.Unlock()
+	if s.failStreak >= failStreak && time.Since(s.failAt) < s.cfg.FailWindow {
+		return fmt.Errorf("%w: the last %d steps failed: %v", ErrEngineFailing, s.failStreak, s.failErr)
+	}
+	return nil
 }
 
 // closedChan is always ready to receive from.

@@ -76,6 +76,7 @@ func (s *Scheduler) step() {
 		s.failSlot(bad.Slot, err) // the others run again at the next step
 		return
 	}
+	s.stepDone(err)
 	if err != nil {
 		s.failAll(err)
 		return

@@ -381,7 +381,7 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 	s.api = api.New(api.Config{
 		Generator: core.Scheduler, Catalog: core.Catalog, Tokenizer: tok, Template: tmpl, ModelName: name,
 		MaxModelLen: opts.MaxContext, EOS: eos, Keys: keys, RequestTimeout: cfg.RequestTimeout,
-		MaxUploadBytes: cfg.MaxUpload, Metrics: met, Logger: log,
+		MaxUploadBytes: cfg.MaxUpload, Metrics: met, Logger: log, Ready: core.Scheduler.Healthy,
 	})
 	s.watchStalls(met)
 	ok = true
