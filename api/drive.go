@@ -144,9 +144,9 @@ loop:
 		now := time.Now()
 		if last.IsZero() {
 			res.ttft, res.loadedFrom = now.Sub(j.start), ev.Loaded
-			s.metrics.FirstToken(j.adapter, now.Sub(j.start))
+			s.metrics.FirstToken(j.adapter, res.ttft)
 			if ev.Loaded != "" {
-				s.metrics.ColdFirstToken(ev.Loaded, now.Sub(j.start))
+				s.metrics.ColdFirstToken(ev.Loaded, res.ttft)
 			}
 		} else {
 			s.metrics.NextToken(j.adapter, now.Sub(last))

@@ -318,12 +318,15 @@ func (b *Backend) replay(meta *engine.StepMeta, prog engine.Program, mixed bool)
 // shape s, with the LoRA scratch sized for it.
 func (b *Backend) graphKeyFor(rows int, s engine.Shape, mixed bool) (graphKey, error) {
 	key := b.graphKeyOf(rows, s, mixed)
-	if key.lora != 0 {
-		if err := b.growGraphTmp(key.rank); err != nil {
-			return key, err
-		}
+	return key, b.sizeGraphTmp(key)
+}
+
+// sizeGraphTmp sizes the graph LoRA scratch for key's recording.
+func (b *Backend) sizeGraphTmp(key graphKey) error {
+	if key.lora == 0 {
+		return nil
 	}
-	return key, nil
+	return b.growGraphTmp(key.rank)
 }
 
 // graphKeyOf is graphKeyFor's key alone (the scratch left as it is).
@@ -536,15 +539,15 @@ func (b *Backend) Warmup(progs []engine.Program, max int) (done, left int, err e
 	for _, prog := range progs {
 		for _, mixed := range kinds {
 			for _, n := range graphBuckets[:bucketIndex(b.g.maxRows)+1] {
-				if b.g.execs[b.graphKeyOf(n, prog.Shape, mixed)] != nil {
+				key := b.graphKeyOf(n, prog.Shape, mixed)
+				if b.g.execs[key] != nil {
 					continue
 				}
 				if max > 0 && done == max { // counted, not recorded: the scratch stays as it is
 					left++
 					continue
 				}
-				key, err := b.graphKeyFor(n, prog.Shape, mixed)
-				if err != nil {
+				if err := b.sizeGraphTmp(key); err != nil {
 					return done, 0, err
 				}
 				if err := b.fillGraphMeta(empty, n, key.rank, mixed); err != nil {
