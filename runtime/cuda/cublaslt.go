@@ -18,8 +18,11 @@ const (
 
 // Size is the element size in bytes.
 func (t DataType) Size() int {
-	if t == R32F {
+	switch t {
+	case R32F:
 		return 4
+	case R8FE4M3:
+		return 1
 	}
 	return 2
 }
@@ -32,6 +35,8 @@ func (t DataType) String() string {
 		return "f16"
 	case R16BF:
 		return "bf16"
+	case R8FE4M3:
+		return "e4m3"
 	}
 	return fmt.Sprintf("cudaDataType(%d)", int32(t))
 }
@@ -56,6 +61,7 @@ type cublasLtLib struct {
 	cublasLtMatmulDescSetAttribute       func(d uintptr, attr int32, buf unsafe.Pointer, n uint64) int32
 	cublasLtMatrixLayoutCreate           func(l *uintptr, typ int32, rows, cols uint64, ld int64) int32
 	cublasLtMatrixLayoutDestroy          func(l uintptr) int32
+	cublasLtMatrixLayoutSetAttribute     func(l uintptr, attr int32, buf unsafe.Pointer, n uint64) int32
 	cublasLtMatmulPreferenceCreate       func(p *uintptr) int32
 	cublasLtMatmulPreferenceDestroy      func(p uintptr) int32
 	cublasLtMatmulPreferenceSetAttribute func(p uintptr, attr int32, buf unsafe.Pointer, n uint64) int32
@@ -84,6 +90,7 @@ func loadCublasLt() error {
 		b.fn(&l.cublasLtMatmulDescSetAttribute, "cublasLtMatmulDescSetAttribute")
 		b.fn(&l.cublasLtMatrixLayoutCreate, "cublasLtMatrixLayoutCreate")
 		b.fn(&l.cublasLtMatrixLayoutDestroy, "cublasLtMatrixLayoutDestroy")
+		b.fn(&l.cublasLtMatrixLayoutSetAttribute, "cublasLtMatrixLayoutSetAttribute")
 		b.fn(&l.cublasLtMatmulPreferenceCreate, "cublasLtMatmulPreferenceCreate")
 		b.fn(&l.cublasLtMatmulPreferenceDestroy, "cublasLtMatmulPreferenceDestroy")
 		b.fn(&l.cublasLtMatmulPreferenceSetAttribute, "cublasLtMatmulPreferenceSetAttribute")
@@ -113,6 +120,7 @@ type gemmKey struct {
 	in, w, out DataType
 	beta0      bool
 	sms        int32 // CUBLASLT_MATMUL_DESC_SM_COUNT_TARGET (0: every SM)
+	split      int   // > 1: GemmTNSplitK's batch of K slices (f32 partials)
 }
 
 type gemmPlan struct {
@@ -187,21 +195,35 @@ func (m *Matmul) plan(k gemmKey) (*gemmPlan, error) {
 	}
 	// Column-major view: D[N,T] = W^T-view... A = W as (K x N, ld K) transposed,
 	// B = in as (K x T, ld K), D = out as (N x T, ld N).
-	if err := checkBLAS("cublasLtMatrixLayoutCreate", blas.cublasLtMatrixLayoutCreate(&p.a, int32(k.w), uint64(k.k), uint64(k.n), int64(k.k))); err != nil {
+	// A split product (GemmTNSplitK) walks K/split columns of the same rows
+	// (ld K) per batch entry, the entries K/split apart; its partials are
+	// [split][T][N].
+	kc := k.k / max(k.split, 1)
+	if err := checkBLAS("cublasLtMatrixLayoutCreate", blas.cublasLtMatrixLayoutCreate(&p.a, int32(k.w), uint64(kc), uint64(k.n), int64(k.k))); err != nil {
 		return fail(err)
 	}
-	if err := checkBLAS("cublasLtMatrixLayoutCreate", blas.cublasLtMatrixLayoutCreate(&p.b, int32(k.in), uint64(k.k), uint64(k.t), int64(k.k))); err != nil {
+	if err := checkBLAS("cublasLtMatrixLayoutCreate", blas.cublasLtMatrixLayoutCreate(&p.b, int32(k.in), uint64(kc), uint64(k.t), int64(k.k))); err != nil {
 		return fail(err)
 	}
 	if err := checkBLAS("cublasLtMatrixLayoutCreate", blas.cublasLtMatrixLayoutCreate(&p.d, int32(k.out), uint64(k.n), uint64(k.t), int64(k.n))); err != nil {
 		return fail(err)
 	}
+	if k.split > 1 {
+		for _, b := range []struct {
+			l      uintptr
+			stride int64
+		}{{p.a, int64(kc)}, {p.b, int64(kc)}, {p.d, int64(k.t) * int64(k.n)}} {
+			if err := setBatch(b.l, int32(k.split), b.stride); err != nil {
+				return fail(fmt.Errorf("%w (split %d)", err, k.split))
+			}
+		}
+	}
 	var ret int32
 	if err := checkBLAS("cublasLtMatmulAlgoGetHeuristic", blas.cublasLtMatmulAlgoGetHeuristic(m.h, p.desc, p.a, p.b, p.d, p.d, m.pref, 1, unsafe.Pointer(&p.algo[0]), &ret)); err != nil {
-		return fail(fmt.Errorf("%w (T=%d N=%d K=%d %s x %s -> %s)", err, k.t, k.n, k.k, k.in, k.w, k.out))
+		return fail(fmt.Errorf("%w (T=%d N=%d K=%d split %d %s x %s -> %s)", err, k.t, k.n, k.k, max(k.split, 1), k.in, k.w, k.out))
 	}
 	if ret == 0 {
-		return fail(fmt.Errorf("%w: cuBLASLt has no algorithm for T=%d N=%d K=%d %s x %s -> %s", ErrNotSupported, k.t, k.n, k.k, k.in, k.w, k.out))
+		return fail(fmt.Errorf("%w: cuBLASLt has no algorithm for T=%d N=%d K=%d split %d %s x %s -> %s", ErrNotSupported, k.t, k.n, k.k, max(k.split, 1), k.in, k.w, k.out))
 	}
 	m.plans[k] = p
 	return p, nil

@@ -78,6 +78,13 @@ type fp8State struct {
 	mod   *cuda.Module
 	quant *cuda.Function
 	gemv  [2]*cuda.Function // fp8_gemv_n8, fp8_gemv_n16
+	// fp8_splitk_reduce, the K-split product's partials (fp8_split.go), and
+	// the split a test or benchmark forces (0: splitFor's); splitOff: this
+	// cuBLASLt has no plan for it
+	reduce     *cuda.Function
+	spPart     *cuda.DeviceBuffer
+	splitForce int
+	splitOff   bool
 	// fp8_gemm_skinny_n32, _n64, _n128 (skinnyVariants), and their split-K
 	// partials and counters (reserveSkinny)
 	skinny         [len(skinnyVariants)]*cuda.Function
@@ -109,7 +116,7 @@ func newFP8(ctx *cuda.Context, s *cuda.Stream, mm *cuda.Matmul, ko kernels.Optio
 	for _, fn := range []struct {
 		p    **cuda.Function
 		name string
-	}{{&f.quant, "quant_rows_e4m3"}, {&f.gemv[0], "fp8_gemv_n8"}, {&f.gemv[1], "fp8_gemv_n16"}} {
+	}{{&f.quant, "quant_rows_e4m3"}, {&f.gemv[0], "fp8_gemv_n8"}, {&f.gemv[1], "fp8_gemv_n16"}, {&f.reduce, "fp8_splitk_reduce"}} {
 		if *fn.p, err = f.mod.Function(fn.name); err != nil {
 			f.mod.Unload()
 			return nil, err
@@ -156,6 +163,9 @@ func (f *fp8State) reserve(rows, cols int) error {
 		return err
 	}
 	if err := f.grow(&f.actS, 4*rows); err != nil {
+		return err
+	}
+	if err := f.reserveSplit(); err != nil {
 		return err
 	}
 	return f.reserveSkinny()
@@ -262,6 +272,9 @@ func (f *fp8State) linear(out, x cuda.DevicePtr, T int, w *fp8Weight, gen uint64
 	if skinnyFits(T, w.rows, K, f.skinnyTop()) {
 		return f.skinnyLaunch(out, T, w)
 	}
+	if S := f.split(T, w.rows, K); S > 1 {
+		return f.splitLaunch(out, T, w, S)
+	}
 	return f.mm.GemmTNScaled(f.s, out, cuda.R16BF, f.actQ.Ptr(), f.actS.Ptr(), w.q.Ptr(), w.scale.Ptr(), T, w.rows, K)
 }
 
@@ -326,10 +339,10 @@ func (f *fp8State) close() error {
 		keep(w.scale.Free())
 	}
 	f.weights = nil
-	for _, b := range []*cuda.DeviceBuffer{f.tmp, f.actQ, f.actS, f.skPart, f.skDone} {
+	for _, b := range []*cuda.DeviceBuffer{f.tmp, f.actQ, f.actS, f.skPart, f.skDone, f.spPart} {
 		keep(b.Free())
 	}
-	f.tmp, f.actQ, f.actS, f.skPart, f.skDone = nil, nil, nil, nil, nil
+	f.tmp, f.actQ, f.actS, f.skPart, f.skDone, f.spPart = nil, nil, nil, nil, nil, nil
 	if f.mod != nil {
 		keep(f.mod.Unload())
 		f.mod = nil

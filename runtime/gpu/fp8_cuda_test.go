@@ -284,13 +284,16 @@ func TestFP8Gemm(t *testing.T) {
 	// (split K over 2-8 blocks per weight tile, or not: 28672 rows, one
 	// span); cuBLASLt the rest. The last four again with skinny taking up
 	// to 128 rows (fp8_gemm_skinny_n128, which benchmarks compare).
-	sizes := []struct{ T, N, K, top int }{{1, 4096, 4096, 0}, {16, 6144, 4096, 0}, {9, 28672, 4096, 0}, {2, 4096, 14336, 0}, {8, 48, 128, 0}, {11, 32, 64, 0}, {4, 16, 64, 0},
-		{17, 4096, 4096, 0}, {64, 1024, 14336, 0}, {33, 6144, 4096, 0}, {48, 4096, 14336, 0}, {32, 28672, 4096, 0}, {20, 256, 4096, 0}, {40, 128, 64, 0}, {64, 192, 512, 0},
-		{7, 96, 272, 0}, {33, 1000, 528, 0}, {3, 100, 4096, 0}, {129, 6144, 4096, 0}, {300, 512, 4096, 0}, {5, 97, 64, 0}, {65, 4096, 4096, 0},
-		{65, 4096, 4096, skinnyMaxRows}, {128, 6144, 4096, skinnyMaxRows}, {100, 4096, 14336, skinnyMaxRows}, {97, 192, 512, skinnyMaxRows}}
-	defer func() { r.f.skTop = 0 }()
+	// split: a forced K split (cuBLASLt's batch and fp8_splitk_reduce);
+	// 0: splitFor's, which splits several of the rest (17-256 rows)
+	sizes := []struct{ T, N, K, top, split int }{{1, 4096, 4096, 0, 0}, {16, 6144, 4096, 0, 0}, {9, 28672, 4096, 0, 0}, {2, 4096, 14336, 0, 0}, {8, 48, 128, 0, 0}, {11, 32, 64, 0, 0}, {4, 16, 64, 0, 0},
+		{17, 4096, 4096, 0, 0}, {64, 1024, 14336, 0, 0}, {33, 6144, 4096, 0, 0}, {48, 4096, 14336, 0, 0}, {32, 28672, 4096, 0, 0}, {20, 256, 4096, 0, 0}, {40, 128, 64, 0, 0}, {64, 192, 512, 0, 0},
+		{7, 96, 272, 0, 0}, {33, 1000, 528, 0, 0}, {3, 100, 4096, 0, 0}, {129, 6144, 4096, 0, 0}, {300, 512, 4096, 0, 0}, {5, 97, 64, 0, 0}, {65, 4096, 4096, 0, 0},
+		{65, 4096, 4096, skinnyMaxRows, 0}, {128, 6144, 4096, skinnyMaxRows, 0}, {100, 4096, 14336, skinnyMaxRows, 0}, {97, 192, 512, skinnyMaxRows, 0},
+		{64, 4096, 14336, 0, 8}, {100, 4096, 4096, 0, 2}, {256, 6144, 4096, 0, 4}, {17, 1000, 528, 0, 3}, {64, 4096, 14336, 0, 1}}
+	defer func() { r.f.skTop, r.f.splitForce = 0, 0 }()
 	for _, sz := range sizes {
-		r.f.skTop = sz.top
+		r.f.skTop, r.f.splitForce = sz.top, sz.split
 		xh, wh := r.bf16Rand(sz.T*sz.K, 1), r.bf16Rand(sz.N*sz.K, 0.02)
 		dx, dw := r.up(xh), r.up(wh)
 		w, err := r.f.upload(wh, sz.N, sz.K)
@@ -343,6 +346,11 @@ func TestFP8Gemm(t *testing.T) {
 		switch {
 		case gemvFits(sz.T, sz.N, sz.K):
 			path = "fp8_gemv"
+		case !skinnyFits(sz.T, sz.N, sz.K, r.f.skinnyTop()) && r.f.split(sz.T, sz.N, sz.K) > 1:
+			path = fmt.Sprintf("cuBLASLt, K split %d ways", r.f.split(sz.T, sz.N, sz.K))
+			if r.f.splitOff {
+				t.Errorf("T=%d N=%d K=%d: cuBLASLt has no plan for the K-split product", sz.T, sz.N, sz.K)
+			}
 		case skinnyFits(sz.T, sz.N, sz.K, r.f.skinnyTop()):
 			path = fmt.Sprintf("fp8_gemm_skinny, K split %d ways", skinnySplit(sz.N, sz.K, r.ctx.Device().SMs, skinnyPerSM(sz.T)))
 			// again: the split's counters were left at zero, and the sum
@@ -386,12 +394,12 @@ func TestFP8GemmBench(t *testing.T) {
 	const peak16, peak8 = 989e12, 1979e12 // H100 SXM dense bf16 / fp8 tensor FLOP/s (datasheet)
 	bench("fp8gemm device %s; copy bandwidth %.0f GB/s; peaks bf16 %.0f, fp8 %.0f TFLOP/s (datasheet); median of 15 replays of 20 calls recorded as a graph, weights rotated over >= 150 MB",
 		r.ctx.Device().Name, bw/1e9, peak16/1e12, peak8/1e12)
-	bench("fp8gemm %-8s %5s %9s %9s %9s %9s %9s %9s %9s %8s %9s %9s %7s %7s %7s", "shape", "T", "bf16_us", "fp8_us", "gvalt_us", "skinny_us", "lt8_us", "quant_us", "fp8+q_us", "speedup", "floor16", "floor8", "frac16", "frac8", "TF/s8")
+	bench("fp8gemm %-8s %5s %9s %9s %9s %9s %9s %9s %9s %8s %9s %9s %7s %7s %7s %5s %8s %8s %8s", "shape", "T", "bf16_us", "fp8_us", "gvalt_us", "skinny_us", "lt8_us", "quant_us", "fp8+q_us", "speedup", "floor16", "floor8", "frac16", "frac8", "TF/s8", "split", "sp2_us", "sp4_us", "sp8_us")
 	shapes := []struct {
 		name string
 		N, K int
 	}{{"qkv", 6144, 4096}, {"o", 4096, 4096}, {"gate_up", 28672, 4096}, {"down", 4096, 14336}}
-	Ts := []int{1, 4, 16, 32, 48, 64, 96, 128, 256, 2048}
+	Ts := []int{1, 4, 16, 32, 48, 64, 96, 128, 192, 256, 2048}
 	// 20 calls per recorded graph (rotating the weights), median of 15 replays
 	timeIt := func(_ int, fn func(i int) error) float64 { return graphMedianUs(t, r.ctx, r.s, 20, 15, fn) }
 	maxT := slices.Max(Ts)
@@ -448,6 +456,19 @@ func TestFP8GemmBench(t *testing.T) {
 				w := w8[i%n8]
 				return r.mm.GemmTNScaled(r.s, out.Ptr(), cuda.R16BF, r.f.actQ.Ptr(), r.f.actS.Ptr(), w.q.Ptr(), w.scale.Ptr(), T, N, K)
 			})
+			// the K-split product forced 2, 4 and 8 ways (fp8_gemv's rows: not taken)
+			sp := [3]float64{math.NaN(), math.NaN(), math.NaN()}
+			for j, S := range []int{2, 4, 8} {
+				if T <= gemvMaxRows || T > splitMaxRows || K%(16*S) != 0 {
+					continue
+				}
+				r.f.splitForce = S
+				if err := r.f.linear(out.Ptr(), x.Ptr(), T, w8[0], 7); err != nil { // sizes the partials outside the capture
+					t.Fatal(err)
+				}
+				sp[j] = timeIt(30, func(i int) error { return r.f.linear(out.Ptr(), x.Ptr(), T, w8[i%n8], 7) })
+				r.f.splitForce = 0
+			}
 			tq := timeIt(30, func(i int) error {
 				return r.f.quantRows(r.f.actQ.Ptr(), r.f.actS.Ptr(), x.Ptr(), T, K, K)
 			})
@@ -460,7 +481,11 @@ func TestFP8GemmBench(t *testing.T) {
 			b8 := float64(N*K) + 4*float64(N) + float64(T*K) + 4*float64(T) + 2*float64(T*N)
 			fl16 := max(b16/bw, fl/peak16) * 1e6
 			fl8 := max(b8/bw, fl/peak8) * 1e6
-			bench("fp8gemm %-8s %5d %9.1f %9.1f %9.1f %9.1f %9.1f %9.1f %9.1f %8.2f %9.1f %9.1f %7.2f %7.2f %7.0f", sh.name, T, t16, t8, gv8, sk, lt, tq, tt, t16/tt, fl16, fl8, fl16/t16, fl8/t8, fl/(t8*1e-6)/1e12)
+			auto := 1
+			if !gemvFits(T, N, K) {
+				auto = r.f.split(T, N, K)
+			}
+			bench("fp8gemm %-8s %5d %9.1f %9.1f %9.1f %9.1f %9.1f %9.1f %9.1f %8.2f %9.1f %9.1f %7.2f %7.2f %7.0f %5d %8.1f %8.1f %8.1f", sh.name, T, t16, t8, gv8, sk, lt, tq, tt, t16/tt, fl16, fl8, fl16/t16, fl8/t8, fl/(t8*1e-6)/1e12, auto, sp[0], sp[1], sp[2])
 		}
 		r.sync()
 		for i := 1; i < n8; i++ {

@@ -119,3 +119,36 @@ func TestSkinnySplit(t *testing.T) {
 		}
 	}
 }
+
+func TestSplitFor(t *testing.T) {
+	const h200 = 132
+	for _, c := range []struct {
+		name      string
+		T, N, K   int
+		sms, want int
+	}{
+		{"fp8_gemv's rows", 16, 4096, 14336, h200, 1},
+		{"down, 17 rows", 17, 4096, 14336, h200, 4}, // 32 tiles
+		{"down, 64 rows", 64, 4096, 14336, h200, 4},
+		{"o, 64 rows", 64, 4096, 4096, h200, 4},
+		{"qkv, 64 rows", 64, 6144, 4096, h200, 2},      // 48 tiles: 4 slices would be 192 blocks
+		{"gate_up, 64 rows", 64, 28672, 4096, h200, 1}, // 224 tiles already
+		{"down, 129 rows", 129, 4096, 14336, h200, 2},  // 64 tiles
+		{"down, 256 rows", 256, 4096, 14336, h200, 2},
+		{"qkv, 256 rows", 256, 6144, 4096, h200, 1},
+		{"past splitMaxRows", 257, 4096, 14336, h200, 1},
+		{"K of one tile", 64, 4096, 128, h200, 1},
+		{"K of two tiles", 64, 1024, 256, h200, 2},
+		{"N not a multiple of 4", 64, 4098, 4096, h200, 1},
+		{"SM target 99", 64, 4096, 4096, 99, 2}, // 32 tiles x 4 > 99
+		{"partials over the buffer", 256, 8196, 4096, h200 * 4, 1},
+		{"no SM count", 64, 4096, 4096, 0, 1},
+	} {
+		if got := splitFor(c.T, c.N, c.K, c.sms); got != c.want {
+			t.Errorf("%s: splitFor(%d, %d, %d, %d) = %d, want %d", c.name, c.T, c.N, c.K, c.sms, got, c.want)
+		}
+		if got := splitFor(c.T, c.N, c.K, c.sms); got > 1 && (c.K%(16*got) != 0 || 4*got*c.T*c.N > splitPartBytes) {
+			t.Errorf("%s: split %d does not fit K %d or the partials' buffer", c.name, got, c.K)
+		}
+	}
+}

@@ -1,0 +1,94 @@
+package gpu
+
+import (
+	"errors"
+	"fmt"
+
+	"github.com/peftd/peftd/runtime/cuda"
+)
+
+// The K-split FP8 product (17-256 rows). cuBLASLt's FP8 product at these
+// rows runs one block per output tile: o and down at 8B shapes have 32 of
+// them, a quarter of an H200's SMs, and run at 0.3-0.4 of the byte roofline
+// (docs/PERFORMANCE.md, v0.16: down at 64 rows 38 us against a 15 us
+// floor). Split over K, the same product is a strided batch of products of
+// K/S columns each (cuda.Matmul.GemmTNSplitK: unscaled e4m3, float32
+// partials), so S times as many blocks read the weights; fp8_splitk_reduce
+// then sums the S partials in order and applies both row scales.
+const (
+	splitMaxRows = 256 // the most rows the split is taken for
+	// splitTile is the output tile (weight rows x activation rows) the
+	// wave count assumes for cuBLASLt's FP8 kernels.
+	splitTile = 128
+	splitMaxS = 8 // the most K slices
+	// splitPartBytes is the partials' buffer (reserved with the activation
+	// scratch, so recorded graphs never see it move): an automatic split
+	// that needs more is not taken.
+	splitPartBytes = 16 << 20
+	splitThreads   = 256
+)
+
+// splitFor is how many K slices the FP8 product of T activation rows and an
+// [N, K] weight takes on sms SMs (1: no split): the most of 2, 4, 8 that
+// keeps the blocks (tiles times slices) within one wave, with slices of a
+// whole number of tiles' K (128) and partials within splitPartBytes. Only
+// for rows fp8_gemv does not take, up to splitMaxRows.
+func splitFor(T, N, K, sms int) int {
+	if T <= gemvMaxRows || T > splitMaxRows || N%4 != 0 || sms <= 0 {
+		return 1
+	}
+	tiles := ((N + splitTile - 1) / splitTile) * ((T + splitTile - 1) / splitTile)
+	s := 1
+	for c := 2; c <= splitMaxS; c *= 2 {
+		if tiles*c > sms || K%(c*splitTile) != 0 || 4*c*T*N > splitPartBytes {
+			break
+		}
+		s = c
+	}
+	return s
+}
+
+// split is the number of K slices this state's FP8 product takes for T rows
+// of an [N, K] weight: splitForce where a test or benchmark set one (1: no
+// split), else splitFor on the SMs the products may use (the SM target
+// when the LoRA stream holds some back).
+func (f *fp8State) split(T, N, K int) int {
+	if f.splitForce > 0 {
+		return f.splitForce
+	}
+	if f.splitOff {
+		return 1
+	}
+	sms := f.ctx.Device().SMs
+	if t := f.mm.SMTarget(); t > 0 {
+		sms = min(sms, t)
+	}
+	return splitFor(T, N, K, sms)
+}
+
+// reserveSplit allocates the partials' buffer once (recorded graphs use it).
+func (f *fp8State) reserveSplit() error { return f.grow(&f.spPart, splitPartBytes) }
+
+// splitLaunch enqueues the K-split product of the quantized activation rows
+// (T of them) and w into out (bf16 [T, w.rows]), S slices.
+func (f *fp8State) splitLaunch(out cuda.DevicePtr, T int, w *fp8Weight, S int) error {
+	N, K := w.rows, w.cols
+	if N%4 != 0 || K%(16*S) != 0 {
+		return fmt.Errorf("gpu: fp8 product [%d,%d] cannot split K %d ways", N, K, S)
+	}
+	if err := f.grow(&f.spPart, max(splitPartBytes, 4*S*T*N)); err != nil { // more only for a forced split
+		return err
+	}
+	if err := f.mm.GemmTNSplitK(f.s, f.spPart.Ptr(), f.actQ.Ptr(), cuda.R8FE4M3, w.q.Ptr(), cuda.R8FE4M3, T, N, K, S); err != nil {
+		if errors.Is(err, cuda.ErrNotSupported) && f.splitForce == 0 {
+			// this cuBLASLt has no unscaled e4m3 batch with float32
+			// partials: the products stay whole from now on
+			f.splitOff = true
+			return f.mm.GemmTNScaled(f.s, out, cuda.R16BF, f.actQ.Ptr(), f.actS.Ptr(), w.q.Ptr(), w.scale.Ptr(), T, N, K)
+		}
+		return err
+	}
+	blocks := min((T*N/4+splitThreads-1)/splitThreads, 8*max(f.ctx.Device().SMs, 1))
+	return f.reduce.Launch(f.s, cuda.Dim3{X: blocks}, cuda.Dim3{X: splitThreads}, 0,
+		uint64(out), uint64(f.spPart.Ptr()), uint64(f.actS.Ptr()), uint64(w.scale.Ptr()), T, N, S)
+}
