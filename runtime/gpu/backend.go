@@ -207,7 +207,7 @@ type Backend struct {
 	// (sgErr), and then v1 runs; v2 runs where tiles average >= sgV2MinRows
 	// rows.
 	sgMod      *cuda.Module
-	sgLoad     chan sgLoaded // the module New started loading (compiling on a cold cache); nil once taken
+	sgLoad     chan sgLoaded     // the module New started loading (compiling on a cold cache); nil once taken
 	sgFused    [2]*cuda.Function // 8 and 32 rank rows per shrink item
 	sgErr      error
 	sgTried    bool
