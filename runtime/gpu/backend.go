@@ -207,6 +207,7 @@ type Backend struct {
 	// (sgErr), and then v1 runs; v2 runs where tiles average >= sgV2MinRows
 	// rows.
 	sgMod      *cuda.Module
+	sgLoad     chan sgLoaded     // the module New started loading (compiling on a cold cache); nil once taken
 	sgFused    [2]*cuda.Function // 8 and 32 rank rows per shrink item
 	sgErr      error
 	sgTried    bool
@@ -356,6 +357,15 @@ func (b *Backend) open(opts Options) error {
 	if b.mm, err = b.ctx.NewMatmul(ws); err != nil {
 		return err
 	}
+	// The fused SGMV module is first needed when an adapter loads: load it
+	// (on a cold kernel cache, compile it) beside the main module now, so
+	// that no compile lands on an adapter's first request.
+	sg := make(chan sgLoaded, 1)
+	b.sgLoad = sg
+	go func(ctx *cuda.Context) {
+		m, _, err := kernels.Load(ctx, kernels.Sgmv, kernels.Options{})
+		sg <- sgLoaded{m, err}
+	}(b.ctx)
 	if b.mod, b.KernelInfo, err = kernels.Load(b.ctx, kernels.Llama, opts.Kernels); err != nil {
 		return err
 	}
@@ -672,6 +682,12 @@ func (b *Backend) Close() error {
 	}
 	errs = append(errs, b.evBeg.Destroy(), b.evEnd.Destroy(), b.la.fork.Destroy(), b.la.join.Destroy(), b.la.s.Destroy())
 	errs = append(errs, b.f8.close())
+	if b.sgLoad != nil { // never taken: wait for it (it uses the context)
+		if r := <-b.sgLoad; r.m != nil {
+			errs = append(errs, r.m.Unload())
+		}
+		b.sgLoad = nil
+	}
 	errs = append(errs, b.mm.Close(), b.mod.Unload(), b.s.Destroy(), b.cs.Destroy(), b.ctx.Close())
 	b.weights, b.buffers, b.slots, b.ctx = nil, nil, nil, nil
 	return errors.Join(errs...)

@@ -332,10 +332,26 @@ const (
 	sgV2MinRows = 6
 )
 
-// loadSgmv loads the fused SGMV module (compiling it on a cold cache, default
-// kernel options). A failure is kept in sgErr, not returned: v1 then runs.
+// sgLoaded is the fused SGMV module's load, started by New.
+type sgLoaded struct {
+	m   *cuda.Module
+	err error
+}
+
+// loadSgmv takes the fused SGMV module New started loading (waiting for it
+// if it is still compiling), or loads it (compiling it on a cold cache,
+// default kernel options). A failure is kept in sgErr, not returned: v1
+// then runs.
 func (b *Backend) loadSgmv() {
-	m, _, err := kernels.Load(b.ctx, kernels.Sgmv, kernels.Options{})
+	var m *cuda.Module
+	var err error
+	if b.sgLoad != nil {
+		r := <-b.sgLoad
+		b.sgLoad = nil
+		m, err = r.m, r.err
+	} else {
+		m, _, err = kernels.Load(b.ctx, kernels.Sgmv, kernels.Options{})
+	}
 	if err == nil {
 		var f1, f4 *cuda.Function
 		if f1, err = m.Function("sgmv_fused1"); err == nil {
