@@ -469,10 +469,14 @@ if want serve8b; then
 			"$PY" scripts/serve_bench.py http://127.0.0.1:8081 base 256 64 128 64 128256 2>&1 | tee -a "$LOG/serve8b.txt"
 			# the same load from a Go client (streamed completions, token-id
 			# prompts), 1,024 requests: is the Python client what limits the rate?
-			timeout "$(left 90)" "$ROOT/bin/gpu/peftd" bench --url http://127.0.0.1:8081 --models base --requests 1024 --concurrency 64 \
-				--prompt-tokens 128 --vocab 128256 --max-tokens 64 --quiet --json >"$LOG/serve8b.gobench.json" 2>&1
-			"$PY" -c 'import json,sys; r=json.load(open(sys.argv[1])); print("GOBENCH requests=%d failed=%d tok_s=%.0f steady_tok_s=%.0f ttft_p50_ms=%.1f ttft_p99_ms=%.1f tpot_p50_ms=%.2f" % (r["Completed"], r["Failed"], r["Throughput"], r["SteadyThroughput"], r["TTFT"]["P50"]/1e6, r["TTFT"]["P99"]/1e6, r["TPOT"]["P50"]/1e6))' \
-				"$LOG/serve8b.gobench.json" 2>&1 | tee -a "$LOG/serve8b.txt"
+			# Then the four adapters mixed (issue 9's 0.90 x base, issue 14's
+			# 10,000 tok/s with four rank-32 adapters).
+			for GM in base "$AD"; do
+				timeout "$(left 90)" "$ROOT/bin/gpu/peftd" bench --url http://127.0.0.1:8081 --models "$GM" --requests 1024 --concurrency 64 \
+					--prompt-tokens 128 --vocab 128256 --max-tokens 64 --quiet --json >"$LOG/serve8b.gobench.json" 2>&1
+				"$PY" -c 'import json,sys; r=json.load(open(sys.argv[1])); print("GOBENCH models=%s requests=%d failed=%d tok_s=%.0f steady_tok_s=%.0f ttft_p50_ms=%.1f ttft_p99_ms=%.1f tpot_p50_ms=%.2f" % (sys.argv[2], r["Completed"], r["Failed"], r["Throughput"], r["SteadyThroughput"], r["TTFT"]["P50"]/1e6, r["TTFT"]["P99"]/1e6, r["TPOT"]["P50"]/1e6))' \
+					"$LOG/serve8b.gobench.json" "$GM" 2>&1 | tee -a "$LOG/serve8b.txt"
+			done
 			# what the steps were like over all the runs: count, mean duration, rows and sequences
 			curl -sS http://127.0.0.1:8081/metrics >"$LOG/serve8b.metrics.txt"
 			awk '/^peftd_step_(duration|device)_seconds_(sum|count) /{v[$1]=$2} /^peftd_batch_tokens_(sum|count) /{v[$1]=$2} /^peftd_batch_size_(sum|count) /{v[$1]=$2}
@@ -553,7 +557,7 @@ if want nsys8b; then
 	if [[ -n "$NSYS" ]] && random_ckpt "$MD" decode --layers "${DECODE_LAYERS:-32}"; then
 		SD=$(mktemp -d)
 		PEFTD_CACHE=$SD "$NSYS" profile -t cuda,osrt --cuda-graph-trace=node -o "$LOG/nsys8b" -f true \
-			"$ROOT/bin/gpu/peftd" serve --device cuda --model "$MD/base" --store "$MD/adapters" --slots 5 --max-queue 1024 --listen 127.0.0.1:8084 >"$LOG/nsys8b.log" 2>&1 &
+			"$ROOT/bin/gpu/peftd" serve --device cuda --model "$MD/base" --store "$MD/adapters" --slots 5 --max-queue 1024 --listen 127.0.0.1:8084 ${SERVE8B_ARGS:-} >"$LOG/nsys8b.log" 2>&1 &
 		SRV=$!
 		if serve_wait "$LOG/nsys8b.log" "$(left 200)"; then
 			AD=$(ls "$MD/adapters" | paste -sd, -)
@@ -570,6 +574,9 @@ if want nsys8b; then
 			fi
 			"$NSYS" stats --report cuda_gpu_trace --format csv -o "$LOG/nsys8b" "$LOG/nsys8b.nsys-rep" >/dev/null 2>&1
 			"$NSYS" stats --report cuda_api_sum --format csv -o "$LOG/nsys8b" "$LOG/nsys8b.nsys-rep" >/dev/null 2>&1
+			"$NSYS" stats --report cuda_api_trace --format csv -o "$LOG/nsys8b" "$LOG/nsys8b.nsys-rep" >/dev/null 2>&1
+			"$PY" scripts/nsys_launch.py "$LOG"/nsys8b_cuda_api_trace.csv "$LOG"/nsys8b_cuda_gpu_trace.csv 2>&1 | tee -a "$LOG/nsys8b.txt"
+			head -3 "$LOG"/nsys8b_cuda_api_trace.csv "$LOG"/nsys8b_cuda_gpu_trace.csv 2>/dev/null | cut -c1-300
 			"$PY" scripts/nsys_busy.py "$LOG"/nsys8b_cuda_gpu_trace.csv 2>&1 | tee -a "$LOG/nsys8b.txt"
 			head -12 "$LOG"/nsys8b_cuda_api_sum.csv 2>/dev/null | cut -c1-160 | sed 's/^/NSYS api /' | tee -a "$LOG/nsys8b.txt"
 			save "$LOG/nsys8b.txt"

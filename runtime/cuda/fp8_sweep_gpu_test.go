@@ -46,6 +46,16 @@ func TestFP8AlgoSweep(t *testing.T) {
 		}
 		return b
 	}
+	// PEFTD_FP8_SWEEP=unscaled: the unscaled e4m3 product into float32 (the
+	// K-split path's, GemmTNSplitK with one slice) instead of the
+	// outer-vector-scaled one into bf16
+	unscaled := os.Getenv("PEFTD_FP8_SWEEP") == "unscaled"
+	planOf := func(T, N, K int, xs, ws DevicePtr) (*gemmPlan, error) {
+		if unscaled {
+			return m.plan(gemmKey{t: T, n: N, k: K, in: R8FE4M3, w: R8FE4M3, out: R32F, beta0: true, split: 1})
+		}
+		return m.planScaled(scaledKey(T, N, K, R16BF, 0), xs, ws)
+	}
 	const bw = 4.0e12 // bytes/s, H200 copy bandwidth (docs/PERFORMANCE.md)
 	t.Logf("SWEEP %-8s %4s %9s %9s %5s %9s %7s %s", "shape", "T", "first_us", "best_us", "best", "floor_us", "algos", "all_us")
 	for _, sh := range []struct {
@@ -59,16 +69,16 @@ func TestFP8AlgoSweep(t *testing.T) {
 		if err := s.Memset32(ws.Ptr(), math.Float32bits(1), N); err != nil {
 			t.Fatal(err)
 		}
-		for _, T := range []int{32, 64, 128, 256} {
+		for _, T := range []int{32, 64, 128, 192, 256} {
 			x := alloc(T*K, 0x38) // 1.0
 			xs := alloc(4*T, 0)
 			if err := s.Memset32(xs.Ptr(), math.Float32bits(1), T); err != nil {
 				t.Fatal(err)
 			}
-			out := alloc(2*T*N, 0)
+			out := alloc(4*T*N, 0)
 			var algos [][heuristicResultSize]byte
 			err := c.Do(func() error {
-				p, err := m.planScaled(scaledKey(T, N, K, R16BF, 0), xs.Ptr(), ws.Ptr())
+				p, err := planOf(T, N, K, xs.Ptr(), ws.Ptr())
 				if err != nil {
 					return err
 				}
@@ -93,7 +103,7 @@ func TestFP8AlgoSweep(t *testing.T) {
 			}
 			run := func(a *[heuristicResultSize]byte, i int) error {
 				return c.Do(func() error {
-					p, err := m.planScaled(scaledKey(T, N, K, R16BF, 0), xs.Ptr(), ws.Ptr())
+					p, err := planOf(T, N, K, xs.Ptr(), ws.Ptr())
 					if err != nil {
 						return err
 					}
