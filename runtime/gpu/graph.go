@@ -45,8 +45,15 @@ import (
 // step of n rows replays the smallest bucket >= n.
 var graphBuckets = []int{1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256}
 
-// minGraphRank is the smallest LoRA rank class.
-const minGraphRank = 64
+// minRankClass is the smallest LoRA rank class a recording is made for:
+// steps whose adapters all have rank <= 32 run the rank-32 launches (half
+// the shrink blocks and expand MMAs of rank 64's). The LoRA scratch is
+// sized for scratchRank at least, so that the adapters' rank growing to 64
+// re-records the graphs but never moves (frees) the scratch.
+const (
+	minRankClass = 32
+	scratchRank  = 64
+)
 
 type graphKey struct {
 	rows  int   // bucket
@@ -158,7 +165,7 @@ func (b *Backend) initGraphs(maxContext int) error {
 	if b.g.part, err = b.ctx.Alloc(max(part, 256)); err != nil {
 		return fmt.Errorf("gpu: graph attention scratch: %w", err)
 	}
-	return b.growGraphTmp(minGraphRank) // before any recording: growing it drops them
+	return b.growGraphTmp(scratchRank) // before any recording: growing it drops them
 }
 
 // graphsUsable reports whether the driver can record and replay graphs.
@@ -175,8 +182,8 @@ func bucketIndex(n int) int {
 
 // rankClass is the LoRA rank the recordings of a step are sized for.
 func rankClass(maxRank int) int {
-	if maxRank <= minGraphRank {
-		return minGraphRank
+	if maxRank <= minRankClass {
+		return minRankClass
 	}
 	return 1 << bits.Len(uint(maxRank-1))
 }

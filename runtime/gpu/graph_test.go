@@ -21,7 +21,7 @@ func TestBucketIndex(t *testing.T) {
 }
 
 func TestRankClass(t *testing.T) {
-	for _, c := range []struct{ rank, want int }{{0, 64}, {1, 64}, {8, 64}, {64, 64}, {65, 128}, {128, 128}, {129, 256}, {300, 512}, {512, 512}} {
+	for _, c := range []struct{ rank, want int }{{0, 32}, {1, 32}, {8, 32}, {32, 32}, {33, 64}, {64, 64}, {65, 128}, {128, 128}, {129, 256}, {300, 512}, {512, 512}} {
 		if got := rankClass(c.rank); got != c.want {
 			t.Errorf("rankClass(%d) = %d, want %d", c.rank, got, c.want)
 		}

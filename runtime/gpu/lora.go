@@ -79,13 +79,13 @@ func (b *Backend) syncTable() error {
 		}
 	}
 	if need := b.tmpFloats()*4 + sgCtrBytes; b.loraTmp == nil || b.loraTmp.Size() < need {
-		// sized for the rank class (64, 128, ...: rankClass), so that loads up to it
+		// sized for the rank class (64, 128, ...: rankClass, scratchRank at least), so that loads up to it
 		// never free the old scratch: cuMemFree waits for the whole device,
 		// an adapter upload still in flight included (LoadPrepared would
 		// wait for the image it commits early)
 		b.loraTmp.Free()
 		var err error
-		if b.loraTmp, err = b.ctx.Alloc(4*4*b.maxT*3*rankClass(b.maxRank) + sgCtrBytes); err != nil {
+		if b.loraTmp, err = b.ctx.Alloc(4*4*b.maxT*3*max(rankClass(b.maxRank), scratchRank) + sgCtrBytes); err != nil {
 			return err
 		}
 	}
