@@ -158,30 +158,6 @@ extern "C" __global__ void add_delta(bf16* x, const float* d, const int* rl, int
     }
 }
 
-// splitk_sum: out[m, n] = bf16(sum_{s < S} part[s, m, n]), the bf16 product
-// of a K split S ways (runtime/cuda GemmTNSplitK's float32 partials), summed
-// in split order. N % 4 == 0; four columns per thread, grid-stride.
-extern "C" __global__ void splitk_sum(bf16* __restrict__ out, const float* __restrict__ part, int M, int N, int S) {
-    pdl_entry();
-    const i64 n4 = (i64)M * N / 4;
-    const float4* p = (const float4*)part;
-    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n4; i += (i64)gridDim.x * blockDim.x) {
-        float4 v = __ldcg(p + i);
-        for (int s = 1; s < S; s++) {
-            const float4 u = __ldcg(p + (i64)s * n4 + i);
-            v.x += u.x;
-            v.y += u.y;
-            v.z += u.z;
-            v.w += u.w;
-        }
-        __nv_bfloat162 lo = __floats2bfloat162_rn(v.x, v.y), hi = __floats2bfloat162_rn(v.z, v.w);
-        uint2 o;
-        o.x = *(unsigned*)&lo;
-        o.y = *(unsigned*)&hi;
-        *(uint2*)(out + 4 * i) = o;
-    }
-}
-
 // add_bias: x[r] += b (rounded to bf16 in x); grid (T), any block (Qwen2's q/k/v biases).
 extern "C" __global__ void add_bias(bf16* x, const bf16* b, int H) {
     pdl_entry();

@@ -119,7 +119,7 @@ type slotState struct {
 
 type funcs struct {
 	embed, addRMSNorm, rmsnormRows, ropeStore, attention, siluMul, shrink, expand *cuda.Function
-	addBias, headRMSNorm, addDelta, splitSum                                      *cuda.Function
+	addBias, headRMSNorm, addDelta                                                *cuda.Function
 	sgShrink, sgShrink4, sgExpand, sample, logitAdjust                            *cuda.Function
 	attnDecode                                                                    [4]*cuda.Function // attn_decode_d32, d64, d128, d256
 	attnDecode8                                                                   [4]*cuda.Function // attn_decode8_d*: FP8 keys
@@ -137,7 +137,6 @@ type kernelForce struct {
 	loraV2    bool          // LoRA: SGMV v2 (one launch per op) wherever it fits
 	attnRows  bool          // attention: the per-row kernel for every row (no attn_decode, attn_prefill, graphs)
 	wholeLoad bool          // adapter loads: a step waits for the whole image before it starts (no per-layer start)
-	split16   int           // bf16 products: K split this many ways where it fits (1: never; 0: bf16SplitFor's)
 	slowFill  time.Duration // adapter loads: a sleep after each chunk's fill (tests: a step must wait for the host)
 }
 
@@ -151,14 +150,12 @@ type Backend struct {
 	// KernelInfo tells whether the kernels were compiled or read from the cache.
 	KernelInfo kernels.Info
 
-	cfg *llama.Config
-	kv  engine.KVSpec
-	// splitPart: float32 partials of bf16 products split over K (linear16)
-	splitPart *cuda.DeviceBuffer
-	maxT      int
-	kcache    *cuda.DeviceBuffer
-	vcache    *cuda.DeviceBuffer
-	layerB    int // bytes of one layer's V cache (and K cache, in bf16)
+	cfg    *llama.Config
+	kv     engine.KVSpec
+	maxT   int
+	kcache *cuda.DeviceBuffer
+	vcache *cuda.DeviceBuffer
+	layerB int // bytes of one layer's V cache (and K cache, in bf16)
 	// an FP8 key cache (Options.KVFormat): kcache holds e4m3 keys, layerKB
 	// bytes a layer, and kscale their float32 scales, layerSB bytes a layer
 	kv8 bool
@@ -402,7 +399,7 @@ func (b *Backend) open(opts Options) error {
 		{&b.fn.attnDecode8[2], "attn_decode8_d128"}, {&b.fn.attnDecode8[3], "attn_decode8_d256"},
 		{&b.fn.attnPrefill[0], "attn_prefill_d32"}, {&b.fn.attnPrefill[1], "attn_prefill_d64"}, {&b.fn.attnPrefill[2], "attn_prefill_d128"},
 		{&b.fn.attnPrefill8[0], "attn_prefill8_d32"}, {&b.fn.attnPrefill8[1], "attn_prefill8_d64"}, {&b.fn.attnPrefill8[2], "attn_prefill8_d128"},
-		{&b.fn.addBias, "add_bias"}, {&b.fn.headRMSNorm, "head_rmsnorm"}, {&b.fn.addDelta, "add_delta"}, {&b.fn.splitSum, "splitk_sum"},
+		{&b.fn.addBias, "add_bias"}, {&b.fn.headRMSNorm, "head_rmsnorm"}, {&b.fn.addDelta, "add_delta"},
 		{&b.fn.sgExpandTC[0], "sgmv_expand_tc1"}, {&b.fn.sgExpandTC[1], "sgmv_expand_tc2"}, {&b.fn.sgExpandTC[2], "sgmv_expand_tc4"}} {
 		if *f.p, err = b.mod.Function(f.name); err != nil {
 			return err
@@ -551,11 +548,6 @@ func (b *Backend) Init(cfg *llama.Config, spec engine.Spec) error {
 			return fmt.Errorf("gpu: adapter staging: %w", err)
 		}
 	}
-	if b.splitPart == nil { // the bf16 K-split products' partials (fixed: recordings use them)
-		if b.splitPart, err = b.ctx.Alloc(splitPartBytes); err != nil {
-			return fmt.Errorf("gpu: split product partials: %w", err)
-		}
-	}
 	if b.f8 != nil {
 		if err := b.f8.reserve(maxTokens, max(cfg.Hidden, cfg.Intermediate)); err != nil {
 			return err
@@ -682,7 +674,7 @@ func (b *Backend) Close() error {
 	}
 	errs = append(errs, b.dropGraphs())
 	for _, d := range []*cuda.DeviceBuffer{b.kcache, b.kscale, b.vcache, b.metaDev, b.invFreq, b.normed, b.table, b.loraTmp, b.smpDev, b.attnPart, b.attnDone,
-		b.g.dev, b.g.part, b.g.tmp, b.la.delta, b.splitPart} {
+		b.g.dev, b.g.part, b.g.tmp, b.la.delta} {
 		errs = append(errs, d.Free())
 	}
 	for _, h := range []*cuda.HostBuffer{b.metaHost, b.readHost, b.smpHost, b.g.host} {

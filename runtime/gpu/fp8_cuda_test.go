@@ -394,7 +394,7 @@ func TestFP8GemmBench(t *testing.T) {
 	const peak16, peak8 = 989e12, 1979e12 // H100 SXM dense bf16 / fp8 tensor FLOP/s (datasheet)
 	bench("fp8gemm device %s; copy bandwidth %.0f GB/s; peaks bf16 %.0f, fp8 %.0f TFLOP/s (datasheet); median of 15 replays of 20 calls recorded as a graph, weights rotated over >= 150 MB",
 		r.ctx.Device().Name, bw/1e9, peak16/1e12, peak8/1e12)
-	bench("fp8gemm %-8s %5s %9s %9s %9s %9s %9s %9s %9s %8s %9s %9s %7s %7s %7s %5s %8s %8s %8s %8s %9s %9s", "shape", "T", "bf16_us", "fp8_us", "gvalt_us", "skinny_us", "lt8_us", "quant_us", "fp8+q_us", "speedup", "floor16", "floor8", "frac16", "frac8", "TF/s8", "split", "sp2_us", "sp4_us", "sp8_us", "b16split", "b16sp2_us", "b16sp4_us")
+	bench("fp8gemm %-8s %5s %9s %9s %9s %9s %9s %9s %9s %8s %9s %9s %7s %7s %7s %5s %8s %8s %8s", "shape", "T", "bf16_us", "fp8_us", "gvalt_us", "skinny_us", "lt8_us", "quant_us", "fp8+q_us", "speedup", "floor16", "floor8", "frac16", "frac8", "TF/s8", "split", "sp2_us", "sp4_us", "sp8_us")
 	shapes := []struct {
 		name string
 		N, K int
@@ -426,9 +426,6 @@ func TestFP8GemmBench(t *testing.T) {
 		}
 		x := r.up(r.bf16Rand(maxT*K, 1))
 		out := r.alloc(2 * maxT * N)
-		onesT, onesN := r.alloc(4*maxT), r.alloc(4*N)
-		r.s.Memset32(onesT.Ptr(), math.Float32bits(1), maxT)
-		r.s.Memset32(onesN.Ptr(), math.Float32bits(1), N)
 		r.sync()
 		for _, T := range Ts {
 			t16 := timeIt(30, func(i int) error {
@@ -472,25 +469,6 @@ func TestFP8GemmBench(t *testing.T) {
 				sp[j] = timeIt(30, func(i int) error { return r.f.linear(out.Ptr(), x.Ptr(), T, w8[i%n8], 7) })
 				r.f.splitForce = 0
 			}
-			// the bf16 product split 2 and 4 ways (GemmTNSplitK, then the sum:
-			// fp8_splitk_reduce with unit scales costs what splitk_sum does)
-			b16sp := [2]float64{math.NaN(), math.NaN()}
-			for j, S := range []int{2, 4} {
-				if T < 32 || T > splitMaxRows || K%(16*S) != 0 {
-					continue
-				}
-				if err := r.f.grow(&r.f.spPart, 4*S*T*N); err != nil {
-					t.Fatal(err)
-				}
-				blocks := min((T*N/4+splitThreads-1)/splitThreads, 8*r.ctx.Device().SMs)
-				b16sp[j] = timeIt(30, func(i int) error {
-					if err := r.mm.GemmTNSplitK(r.s, r.f.spPart.Ptr(), x.Ptr(), cuda.R16BF, w16[i%n16].Ptr(), cuda.R16BF, T, N, K, S); err != nil {
-						return err
-					}
-					return r.f.reduce.Launch(r.s, cuda.Dim3{X: blocks}, cuda.Dim3{X: splitThreads}, 0,
-						uint64(out.Ptr()), uint64(r.f.spPart.Ptr()), uint64(onesT.Ptr()), uint64(onesN.Ptr()), T, N, S)
-				})
-			}
 			tq := timeIt(30, func(i int) error {
 				return r.f.quantRows(r.f.actQ.Ptr(), r.f.actS.Ptr(), x.Ptr(), T, K, K)
 			})
@@ -507,8 +485,7 @@ func TestFP8GemmBench(t *testing.T) {
 			if !gemvFits(T, N, K) {
 				auto = r.f.split(T, N, K)
 			}
-			bench("fp8gemm %-8s %5d %9.1f %9.1f %9.1f %9.1f %9.1f %9.1f %9.1f %8.2f %9.1f %9.1f %7.2f %7.2f %7.0f %5d %8.1f %8.1f %8.1f %8d %9.1f %9.1f", sh.name, T, t16, t8, gv8, sk, lt, tq, tt, t16/tt, fl16, fl8, fl16/t16, fl8/t8, fl/(t8*1e-6)/1e12, auto, sp[0], sp[1], sp[2],
-				bf16SplitFor(T, N, K, r.ctx.Device().SMs), b16sp[0], b16sp[1])
+			bench("fp8gemm %-8s %5d %9.1f %9.1f %9.1f %9.1f %9.1f %9.1f %9.1f %8.2f %9.1f %9.1f %7.2f %7.2f %7.0f %5d %8.1f %8.1f %8.1f", sh.name, T, t16, t8, gv8, sk, lt, tq, tt, t16/tt, fl16, fl8, fl16/t16, fl8/t8, fl/(t8*1e-6)/1e12, auto, sp[0], sp[1], sp[2])
 		}
 		r.sync()
 		for i := 1; i < n8; i++ {

@@ -152,20 +152,3 @@ func TestSplitFor(t *testing.T) {
 		}
 	}
 }
-
-func TestBF16SplitFor(t *testing.T) {
-	const h200 = 132
-	for _, c := range []struct{ T, N, K, want int }{
-		{64, 4096, 14336, 1},  // below 96 rows
-		{96, 4096, 14336, 4},  // down: 32 tiles
-		{192, 4096, 14336, 2}, // 64 tiles
-		{192, 6144, 4096, 1},  // qkv: 96 tiles
-		{128, 6144, 4096, 2},
-		{256, 28672, 4096, 1},
-		{257, 4096, 4096, 1},
-	} {
-		if got := bf16SplitFor(c.T, c.N, c.K, h200); got != c.want {
-			t.Errorf("bf16SplitFor(%d, %d, %d) = %d, want %d", c.T, c.N, c.K, got, c.want)
-		}
-	}
-}

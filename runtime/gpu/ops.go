@@ -1,7 +1,6 @@
 package gpu
 
 import (
-	"errors"
 	"fmt"
 	"math/bits"
 	"slices"
@@ -119,49 +118,7 @@ func (b *Backend) Linear(out, in engine.Buffer, w engine.Weight) {
 	if !b.check(x.cols == wt.cols && o.cols == wt.rows && o.whole() && x.whole(), "linear: in width %d, out width %d, weight [%d,%d]", x.cols, o.cols, wt.rows, wt.cols) {
 		return
 	}
-	b.linear16(o.mem.Ptr(), x.mem.Ptr(), wt)
-}
-
-// linear16 enqueues out[T, w.rows] = x[T, w.cols] @ W^T in bf16: cuBLASLt's
-// product, or for 96-256 rows of a weight with few output tiles the same
-// product split over K (bf16SplitFor; fp8_split.go tells why) summed by
-// splitk_sum.
-func (b *Backend) linear16(out, x cuda.DevicePtr, w *weight) {
-	T, N, K := b.rows(), w.rows, w.cols
-	S := b.force.split16
-	if S == 0 {
-		sms := b.ctx.Device().SMs
-		if t := b.mm.SMTarget(); t > 0 {
-			sms = min(sms, t)
-		}
-		S = bf16SplitFor(T, N, K, sms)
-	}
-	if S > 1 && N%4 == 0 && K%(16*S) == 0 && b.splitPart != nil && 4*S*T*N <= b.splitPart.Size() {
-		err := b.mm.GemmTNSplitK(b.s, b.splitPart.Ptr(), x, cuda.R16BF, w.mem.Ptr(), cuda.R16BF, T, N, K, S)
-		if err == nil {
-			blocks := min((T*N/4+splitThreads-1)/splitThreads, 8*max(b.ctx.Device().SMs, 1))
-			b.launch(b.fn.splitSum, cuda.Dim3{X: blocks}, cuda.Dim3{X: splitThreads}, out, b.splitPart.Ptr(), T, N, S)
-			return
-		}
-		if !errors.Is(err, cuda.ErrNotSupported) {
-			b.fail(err)
-			return
-		}
-		// no plan for the split: the whole product below
-	}
-	b.fail(b.mm.GemmTN(b.s, out, cuda.R16BF, x, cuda.R16BF, w.mem.Ptr(), cuda.R16BF, T, N, K, 1, 0))
-}
-
-// bf16SplitFor is how many K slices a bf16 product of T rows and an [N, K]
-// weight takes on sms SMs (1: none): splitFor's rule, from 96 rows up,
-// where cuBLASLt's bf16 product at 8B shapes fell to 0.5-0.8 of its byte
-// floor (o and down: v0.16's TestFP8GemmBench); below 96 rows it is at
-// 0.6-0.9 already.
-func bf16SplitFor(T, N, K, sms int) int {
-	if T < 96 {
-		return 1
-	}
-	return splitFor(T, N, K, sms)
+	b.fail(b.mm.GemmTN(b.s, o.mem.Ptr(), cuda.R16BF, x.mem.Ptr(), cuda.R16BF, wt.mem.Ptr(), cuda.R16BF, b.rows(), wt.rows, wt.cols, 1, 0))
 }
 
 // RoPE rotates q and k in place at the step's positions (the rotation
