@@ -477,9 +477,9 @@ func (s *Scheduler) loop() {
 // a call that records none and finds none missing (a recording can drop
 // earlier ones when a buffer moves: the next call finds them); it is
 // logged, and an engine command (an adapter load can change what is
-// missing) starts another. A failed recording ends the warm-up for good
-// (serving goes on: a step whose program is missing records it, or runs
-// without one).
+// missing) or a step that ran without its program starts another. A failed
+// recording ends the warm-up for good (serving goes on: a step whose
+// program is missing runs without one).
 func (s *Scheduler) warmOne() {
 	t0 := time.Now()
 	n, left, err := s.e.WarmSome(1)
@@ -487,7 +487,7 @@ func (s *Scheduler) warmOne() {
 	s.warmed += n
 	if err != nil {
 		s.warming, s.warmFailed = false, true
-		s.log.Warn("idle warm-up stopped: a step program failed to record (steps record what they need as they run)",
+		s.log.Warn("idle warm-up stopped: a step program failed to record (steps whose program is missing run without one)",
 			"recorded", s.warmed, "err", err)
 		return
 	}

@@ -81,6 +81,9 @@ func (s *Scheduler) step() {
 		s.failAll(err)
 		return
 	}
+	if s.cfg.IdleWarm && !s.warmFailed && s.e.MissedRecording() {
+		s.warming = true // the step ran without its program: record it when idle
+	}
 	end := time.Now()
 	stats.Duration = end.Sub(start)
 	if d, ok := s.e.DeviceTime(); ok {

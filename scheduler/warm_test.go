@@ -26,6 +26,17 @@ type slowWarmer struct {
 	done    int
 	during  []bool // per call: was a step ever run between calls (set by Execute)
 	stepped bool
+	// missOnStep: the next step runs without its program (a recording
+	// dropped meanwhile, say) and MissedRecording says so once
+	missOnStep, missed bool
+}
+
+func (w *slowWarmer) MissedRecording() bool {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	m := w.missed
+	w.missed = false
+	return m
 }
 
 func (w *slowWarmer) Warmup(progs []engine.Program, max int) (int, int, error) {
@@ -49,6 +60,9 @@ func (w *slowWarmer) Warmup(progs []engine.Program, max int) (int, int, error) {
 func (w *slowWarmer) Execute(meta *engine.StepMeta, prog engine.Program) error {
 	w.mu.Lock()
 	w.stepped = true
+	if w.missOnStep {
+		w.missOnStep, w.missed = false, true
+	}
 	w.mu.Unlock()
 	return w.Backend.Execute(meta, prog)
 }
@@ -128,6 +142,23 @@ func TestIdleWarm(t *testing.T) {
 		}); err != nil {
 			t.Fatal(err)
 		}
+		waitWarm(w)
+		if _, _, done := w.state(); done != 5 {
+			t.Errorf("%d recorded, want 3 and then 2", done)
+		}
+	})
+	t.Run("a step without its program starts another round", func(t *testing.T) {
+		w := &slowWarmer{Backend: cpu.New(0), missing: 3}
+		e, res := fixtureEngineOn(t, f, w, opts)
+		s := New(e, res, Config{IdleWarm: true})
+		t.Cleanup(s.Close)
+		waitWarm(w)
+		// two recordings dropped; the next step runs without its program
+		w.mu.Lock()
+		w.missing += 2
+		w.missOnStep = true
+		w.mu.Unlock()
+		serve(s)
 		waitWarm(w)
 		if _, _, done := w.state(); done != 5 {
 			t.Errorf("%d recorded, want 3 and then 2", done)

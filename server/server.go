@@ -439,7 +439,10 @@ func newGPU(cfg Config) (*gpu.Backend, error) {
 	}
 	// Kernels compile once (NVRTC) into the default kernel cache; later
 	// starts read the cubin.
-	return gpu.New(gpu.Options{Device: cfg.GPU, WeightFormat: cfg.Weights, KVFormat: cfg.KVCache, Eager: cfg.Eager, SerialLoRA: cfg.SerialLoRA, LoRASMs: cfg.LoRASMs, NoPDL: cfg.NoPDL})
+	// --warm-graphs idle: the scheduler records the graphs while idle, and
+	// a request's step never waits for a recording (it runs eagerly)
+	return gpu.New(gpu.Options{Device: cfg.GPU, WeightFormat: cfg.Weights, KVFormat: cfg.KVCache, Eager: cfg.Eager, SerialLoRA: cfg.SerialLoRA, LoRASMs: cfg.LoRASMs, NoPDL: cfg.NoPDL,
+		RecordIdle: cfg.WarmGraphs == WarmIdle})
 }
 
 func logGPU(log *slog.Logger, cfg Config, b *gpu.Backend) {

@@ -139,6 +139,13 @@ type Warmer interface {
 	Warmup(progs []Program, max int) (recorded, left int, err error)
 }
 
+// RecordMisser is an optional Backend capability of a Warmer that leaves
+// recording to Warmup: MissedRecording reports whether a step ran without
+// its recorded program since the last call (a Warmup would record it).
+type RecordMisser interface {
+	MissedRecording() bool
+}
+
 // StepTimer is an optional Backend capability: the device time of the last
 // step (ok false when it was not measured).
 type StepTimer interface {

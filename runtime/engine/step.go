@@ -366,6 +366,15 @@ func (e *Engine) WarmSome(n int) (recorded, left int, err error) {
 	return recorded, left, err
 }
 
+// MissedRecording reports whether a step ran without its recorded program
+// since the last call, on a backend that leaves recording to WarmSome
+// (engine.RecordMisser): a WarmSome round would record it. Between steps,
+// on the engine goroutine.
+func (e *Engine) MissedRecording() bool {
+	m, ok := e.b.(RecordMisser)
+	return ok && m.MissedRecording()
+}
+
 // run executes a prepared step and tail (which reads its result), inside
 // the backend's Runner when it has one; on success the sequences advance;
 // on error they stay as they were (with their pages).

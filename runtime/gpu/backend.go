@@ -65,6 +65,12 @@ type Options struct {
 	// the step's rows (autoLoRASMs); negative holds none back (the LoRA
 	// blocks then take SMs as the GEMM's blocks free them).
 	LoRASMs int
+	// RecordIdle leaves every CUDA graph recording to Warmup (the
+	// engine's WarmSome, which the scheduler calls while it has no step to
+	// run: --warm-graphs idle): a step whose recording is missing runs its
+	// ops eagerly in the recording's layout, instead of recording it on the
+	// request's time, and MissedRecording reports it.
+	RecordIdle bool
 	// NoPDL launches the compute stream's kernels one after the other. By
 	// default, where the driver and GPU allow it (sm_90+), they launch with
 	// Programmatic Dependent Launch: a kernel's blocks are scheduled while
@@ -326,6 +332,7 @@ func New(opts Options) (*Backend, error) {
 
 func (b *Backend) open(opts Options) error {
 	b.g.off = opts.Eager
+	b.g.recordIdle = opts.RecordIdle
 	var err error
 	if b.s, err = b.ctx.NewStream(); err != nil {
 		return err

@@ -82,6 +82,9 @@ type graphState struct {
 	tmp      *cuda.DeviceBuffer // LoRA scratch
 	tmpRank  int                // rank class tmp is sized for
 	ptrs     [6]cuda.DevicePtr  // buffers the recordings use (see pointers)
+	// Options.RecordIdle, and whether a step ran without its recording
+	// since MissedRecording last asked
+	recordIdle, missed bool
 	// counters, for tests and the benchmark
 	Recorded, Replayed int
 }
@@ -89,6 +92,14 @@ type graphState struct {
 // GraphStats reports how many decode graphs were recorded and how many
 // steps replayed one.
 func (b *Backend) GraphStats() (recorded, replayed int) { return b.g.Recorded, b.g.Replayed }
+
+// MissedRecording reports whether a step ran without its recording
+// (Options.RecordIdle) since the last call (engine.RecordMisser).
+func (b *Backend) MissedRecording() bool {
+	m := b.g.missed
+	b.g.missed = false
+	return m
+}
 
 // GraphsOn reports whether steps replay CUDA graphs (not Options.Eager).
 func (b *Backend) GraphsOn() bool { return !b.g.off }
@@ -312,6 +323,13 @@ func (b *Backend) replay(meta *engine.StepMeta, prog engine.Program, mixed bool)
 	if e := b.g.execs[key]; e != nil {
 		b.g.Replayed++
 		return e.Launch(b.s)
+	}
+	if b.g.recordIdle {
+		// Warmup records it while the engine is idle: this step runs the
+		// graph's ops eagerly (same layout, same kernels, same results)
+		b.g.missed = true
+		prog.Run(b)
+		return nil
 	}
 	// First step of this kind: run it eagerly, then record it.
 	err = b.runThenRecord(key, prog)

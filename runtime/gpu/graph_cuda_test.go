@@ -357,3 +357,68 @@ func TestWarmSomeOneAtATime(t *testing.T) {
 	}
 	e.Release(seq)
 }
+
+// TestRecordIdle: with Options.RecordIdle a step whose graph is missing
+// runs its ops eagerly in the graph's layout (the same logits as an engine
+// that records and replays, bit for bit), records nothing and says so
+// through MissedRecording; after WarmSome, the same steps replay.
+func TestRecordIdle(t *testing.T) {
+	m, adapters, cases := loadFixture(t)
+	opts := engine.Options{MaxTokens: 512, KVBlocks: 512, BlockSize: 16, AdapterSlots: 2}
+	idle := newEngineWith(t, m, opts, Options{RecordIdle: true})
+	ref := newEngineWith(t, m, opts, Options{})
+	for _, e := range []*engine.Engine{idle, ref} {
+		if err := e.LoadAdapter(0, adapters["qv-r8"]); err != nil {
+			t.Fatal(err)
+		}
+	}
+	b := idle.Backend().(*Backend)
+	// a prefill step and two decode steps, on both engines
+	run := func(e *engine.Engine) [][]float32 {
+		t.Helper()
+		seq := &engine.Sequence{}
+		defer e.Release(seq)
+		var all [][]float32
+		for _, toks := range [][]int32{cases[0].Prompt, {1}, {2}} {
+			out, err := e.Step(context.Background(), []engine.Input{{Seq: seq, Tokens: toks, Slot: 0}})
+			if err != nil {
+				t.Fatal(err)
+			}
+			all = append(all, out...)
+		}
+		return all
+	}
+	same := func(what string, got, want [][]float32) {
+		t.Helper()
+		if len(got) != len(want) {
+			t.Fatalf("%s: %d logit rows, want %d", what, len(got), len(want))
+		}
+		for i := range got {
+			if !slices.Equal(got[i], want[i]) {
+				t.Fatalf("%s: logit row %d differs from the recording engine's", what, i)
+			}
+		}
+	}
+	want := run(ref)
+	same("before WarmSome", run(idle), want)
+	if rec, rep := b.GraphStats(); rec != 0 || rep != 0 {
+		t.Errorf("RecordIdle steps recorded %d and replayed %d graphs, want none", rec, rep)
+	}
+	if !idle.MissedRecording() {
+		t.Error("MissedRecording: false after steps without their graphs")
+	}
+	if idle.MissedRecording() {
+		t.Error("MissedRecording: true twice for the same steps")
+	}
+	if _, _, err := idle.WarmSome(0); err != nil {
+		t.Fatal(err)
+	}
+	rec, _ := b.GraphStats()
+	same("after WarmSome", run(idle), want)
+	if rec2, rep := b.GraphStats(); rec2 != rec || rep < 2 {
+		t.Errorf("after WarmSome: %d recorded (want %d: none new), %d replayed (want the decode steps at least)", rec2, rec, rep)
+	}
+	if idle.MissedRecording() {
+		t.Error("MissedRecording: true after steps that replayed their graphs")
+	}
+}
