@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"math"
 	"strings"
+	"unsafe"
 
 	"github.com/peftd/peftd/kernels"
 	"github.com/peftd/peftd/runtime/cuda"
@@ -169,20 +170,6 @@ func (f *fp8State) reserve(rows, cols int) error {
 		return err
 	}
 	return f.reserveSkinny()
-}
-
-// uploadQuantized copies an e4m3 weight q [rows, cols] and its row scales
-// to the device as they are.
-func (f *fp8State) uploadQuantized(q []byte, scale []float32, rows, cols int) (*fp8Weight, error) {
-	if len(q) != rows*cols || len(scale) != rows || cols%16 != 0 {
-		return nil, fmt.Errorf("gpu: fp8 weight [%d,%d] from %d bytes and %d scales", rows, cols, len(q), len(scale))
-	}
-	return f.newWeight(rows, cols, func(w *fp8Weight) error {
-		if err := cuda.CopyHtoD(f.s, w.q.Ptr(), q); err != nil {
-			return err
-		}
-		return cuda.CopyHtoD(f.s, w.scale.Ptr(), scale)
-	})
 }
 
 // newWeight allocates an FP8 weight [rows, cols], fills it with fill and
@@ -364,9 +351,27 @@ func (b *Backend) UploadFP8(name string, rows, cols int, q []byte, scale []float
 	if !b.KeepsFP8(name, rows, cols) {
 		return nil, fmt.Errorf("gpu: %s [%d,%d] is not kept in FP8", name, rows, cols)
 	}
-	fw, err := b.f8.uploadQuantized(q, scale, rows, cols)
+	if len(q) != rows*cols || len(scale) != rows || cols%16 != 0 {
+		return nil, fmt.Errorf("gpu: %s: fp8 weight [%d,%d] from %d bytes and %d scales", name, rows, cols, len(q), len(scale))
+	}
+	// through the pinned staging buffers (parallel copies out of the mapped
+	// checkpoint), not a pageable copy of each weight
+	fw, err := b.f8.newWeight(rows, cols, func(w *fp8Weight) error {
+		if err := b.stageBytes(w.q.Ptr(), q); err != nil {
+			return err
+		}
+		return b.stageBytes(w.scale.Ptr(), float32Bytes(scale))
+	})
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", name, err)
 	}
 	return fw, nil
+}
+
+// float32Bytes is v's memory as bytes.
+func float32Bytes(v []float32) []byte {
+	if len(v) == 0 {
+		return nil
+	}
+	return unsafe.Slice((*byte)(unsafe.Pointer(unsafe.SliceData(v))), 4*len(v))
 }

@@ -30,6 +30,31 @@ func (b *Backend) stageUpload(dst cuda.DevicePtr, raw []byte, dt safetensors.DTy
 	if dt.Size() == 0 || len(raw) != n*dt.Size() {
 		return fmt.Errorf("%w: %d bytes of %s for %d values", safetensors.ErrDType, len(raw), dt, n)
 	}
+	sz := dt.Size()
+	return b.staged(dst, 2*n, func(piece []byte, off int) error {
+		i0, cnt := off/2, len(piece)/2
+		return encodeBF16Parallel(asUint16s(piece), raw[i0*sz:(i0+cnt)*sz], dt)
+	})
+}
+
+// stageBytes copies raw to dst as it is, through the staging buffers: the
+// pieces are copied into pinned memory on several goroutines (raw is
+// usually a mapped file: one thread faulting its pages in, as a pageable
+// cuMemcpy does, reads a few GB/s).
+func (b *Backend) stageBytes(dst cuda.DevicePtr, raw []byte) error {
+	return b.staged(dst, len(raw), func(piece []byte, off int) error {
+		return parallel.Ranges(len(piece), 4<<20, func(lo, hi int) error {
+			copy(piece[lo:hi], raw[off+lo:off+hi])
+			return nil
+		})
+	})
+}
+
+// staged moves total bytes to dst in pieces of up to uploadStage: fill
+// writes the piece that lands at byte off of dst into a pinned staging
+// buffer, while the copy stream moves the other buffer's piece to the
+// device; the compute stream waits for every copy before its next work.
+func (b *Backend) staged(dst cuda.DevicePtr, total int, fill func(piece []byte, off int) error) error {
 	st := b.stage
 	if st == nil {
 		st = &staging{}
@@ -46,19 +71,18 @@ func (b *Backend) stageUpload(dst cuda.DevicePtr, raw []byte, dt safetensors.DTy
 		}
 		b.stage = st
 	}
-	per, sz := uploadStage/2, dt.Size()
-	for i0 := 0; i0 < n; i0 += per {
-		i1 := min(n, i0+per)
+	for off := 0; off < total; off += uploadStage {
+		end := min(total, off+uploadStage)
 		k := st.next
 		st.next ^= 1
 		if err := st.done[k].Synchronize(); err != nil { // its previous piece has left
 			return err
 		}
-		piece := st.buf[k].Uint16s()[:i1-i0]
-		if err := encodeBF16Parallel(piece, raw[i0*sz:i1*sz], dt); err != nil {
+		piece := st.buf[k].Bytes()[:end-off]
+		if err := fill(piece, off); err != nil {
 			return err
 		}
-		if err := cuda.CopyHtoD(b.cs, dst+cuda.DevicePtr(2*i0), piece); err != nil {
+		if err := cuda.CopyHtoD(b.cs, dst+cuda.DevicePtr(off), piece); err != nil {
 			return err
 		}
 		if err := st.done[k].Record(b.cs); err != nil {
@@ -110,6 +134,15 @@ func encodeBF16Parallel(dst []uint16, raw []byte, dt safetensors.DType) error {
 
 // littleEndian: bf16 safetensors bytes are the host's uint16s as they are.
 var littleEndian = binary.NativeEndian.Uint16([]byte{1, 0}) == 1
+
+// asUint16s is b's memory as uint16s (len(b) even, 2-byte aligned: pinned
+// staging memory is page-aligned).
+func asUint16s(b []byte) []uint16 {
+	if len(b) == 0 {
+		return nil
+	}
+	return unsafe.Slice((*uint16)(unsafe.Pointer(unsafe.SliceData(b))), len(b)/2)
+}
 
 // asBytes is dst's memory as bytes.
 func asBytes(dst []uint16) []byte {

@@ -80,6 +80,49 @@ func TestUploadRoundTrip(t *testing.T) {
 	}
 }
 
+// TestStageBytesRoundTrip: stageBytes moves bytes as they are, pieces of
+// 1 to 3 staging buffers and tiny ones between (odd lengths included), and
+// never reads raw after it returns.
+func TestStageBytesRoundTrip(t *testing.T) {
+	b, err := New(Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
+	rng := rand.New(rand.NewPCG(5, 6))
+	sizes := []int{2*uploadStage + 12345, 7, uploadStage, 1, uploadStage + 1}
+	var bufs []*cuda.DeviceBuffer
+	var want [][]byte
+	for _, n := range sizes {
+		raw := make([]byte, n)
+		for i := range raw {
+			raw[i] = byte(rng.Uint32())
+		}
+		d, err := b.ctx.Alloc(n)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer d.Free()
+		if err := b.stageBytes(d.Ptr(), raw); err != nil {
+			t.Fatal(err)
+		}
+		bufs, want = append(bufs, d), append(want, slices.Clone(raw))
+		clear(raw)
+	}
+	for i, d := range bufs {
+		got := make([]byte, sizes[i])
+		if err := cuda.CopyDtoH(b.s, got, d.Ptr()); err != nil {
+			t.Fatal(err)
+		}
+		if !slices.Equal(got, want[i]) {
+			t.Errorf("%d bytes: the device copy differs", sizes[i])
+		}
+	}
+	if err := b.freeStaging(); err != nil {
+		t.Fatal(err)
+	}
+}
+
 // float32ToHalf rounds to the nearest f16 (normal range: the test's values).
 func float32ToHalf(f float32) uint16 {
 	b := math.Float32bits(f)
