@@ -5,6 +5,7 @@ package gpu
 import (
 	"context"
 	"fmt"
+	"math"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
@@ -314,7 +315,7 @@ func TestLoRABench(t *testing.T) {
 		}
 		return float64(2 * T * n)
 	}
-	bench("lora %-4s %-4s %-9s %9s %9s %9s %9s %8s %9s %9s %7s %7s %7s %7s", "N", "rank", "T", "v0_us", "v1_us", "v2_us", "tc_us", "adapt_MB", "floor_us", "floorA_us", "v1_frac", "v2_frac", "tcA_frac", "v1/tc")
+	bench("lora %-4s %-4s %-9s %9s %9s %9s %9s %8s %9s %9s %7s %7s %7s %7s %9s", "N", "rank", "T", "v0_us", "v1_us", "v2_us", "tc_us", "adapt_MB", "floor_us", "floorA_us", "v1_frac", "v2_frac", "tcA_frac", "v1/tc", "graph_us")
 	rng := rand.New(rand.NewPCG(1, 2))
 	for _, nAd := range []int{1, 4, 16} {
 		for _, rank := range []int{16, 32, 64} {
@@ -358,9 +359,30 @@ func TestLoRABench(t *testing.T) {
 				}
 				m := oneSeq(T, 16, zeros(T))
 				m.LoRA = segs
-				var us [4]float64 // v0, v1, v2 (fused; v1 where the v2 module is missing), tc (the default: shrink + tensor-core expand)
+				// v0, v1, v2 (fused; v1 where the v2 module is missing), tc (the
+				// default: shrink + tensor-core expand), and the graph layout:
+				// what a replayed serving step of T rows runs (the rows padded
+				// to their bucket, the bucket's tile capacity, the rank class)
+				var us [5]float64
 				for v := range us {
 					if only != nil && v == 0 {
+						continue
+					}
+					if v == 4 {
+						us[4] = math.NaN()
+						if b.g.off || !b.preOK || T > b.g.maxRows {
+							continue
+						}
+						n := graphBuckets[bucketIndex(T)]
+						key, err := b.graphKeyFor(n, engine.Shape{LoRA: uint8(1<<llama.NumModules - 1)}, true)
+						if err == nil {
+							err = b.fillGraphMeta(m, n, key.rank, true)
+						}
+						if err != nil {
+							t.Fatal(err)
+						}
+						us[4] = timeGraph()
+						r.end()
 						continue
 					}
 					b.force = kernelForce{loraRows: v == 0, loraV1: v == 1, loraV2: v == 2}
@@ -372,7 +394,7 @@ func TestLoRABench(t *testing.T) {
 				adBytes := float64(2 * rank * perRank * len(c.segs))
 				floor := adBytes / bw * 1e6
 				floorAll := (adBytes + actBytes(T)) / bw * 1e6
-				bench("lora %-4d %-4d %-9s %9.1f %9.1f %9.1f %9.1f %8.1f %9.1f %9.1f %7.2f %7.2f %7.2f %7.2f", nAd, rank, c.label, us[0], us[1], us[2], us[3], adBytes/1e6, floor, floorAll, floor/us[1], floor/us[2], floorAll/us[3], us[1]/us[3])
+				bench("lora %-4d %-4d %-9s %9.1f %9.1f %9.1f %9.1f %8.1f %9.1f %9.1f %7.2f %7.2f %7.2f %7.2f %9.1f", nAd, rank, c.label, us[0], us[1], us[2], us[3], adBytes/1e6, floor, floorAll, floor/us[1], floor/us[2], floorAll/us[3], us[1]/us[3], us[4])
 			}
 		}
 	}
