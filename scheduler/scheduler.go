@@ -207,8 +207,6 @@ type Scheduler struct {
 
 	running []*seq // engine goroutine only
 	stepped bool   // engine goroutine only: the last step ran sequences
-	// engine goroutine only: IdleWarm's state (warming: recordings may be
-	// missing; warmed and warmTime: done so far, and the time they took)
 	// steps that failed in a row (not for one slot), the last one's error
 	// and time (Healthy reads them from other goroutines)
 	failMu     sync.Mutex
@@ -216,9 +214,14 @@ type Scheduler struct {
 	failErr    error
 	failAt     time.Time
 
+	// engine goroutine only: IdleWarm's state (warming: recordings may be
+	// missing; warmed and warmTime: done so far, and the time they took;
+	// missed: steps that ran without their program since the last
+	// recording made between steps)
 	warming, warmFailed bool
 	warmed              int
 	warmTime            time.Duration
+	missed              int
 	cache               *prefixCache // engine goroutine only; nil: prefix caching off
 	// Prefix cache statistics since the last report (tokens).
 	prefixQueries, prefixHits int
@@ -477,7 +480,9 @@ func (s *Scheduler) loop() {
 // a call that records none and finds none missing (a recording can drop
 // earlier ones when a buffer moves: the next call finds them); it is
 // logged, and an engine command (an adapter load can change what is
-// missing) or a step that ran without its program starts another. A failed
+// missing) or a step that ran without its program starts another; under a
+// load that never leaves it idle, one recording is made between steps
+// every busyWarmEvery steps that ran without their program. A failed
 // recording ends the warm-up for good (serving goes on: a step whose
 // program is missing runs without one).
 func (s *Scheduler) warmOne() {
@@ -499,6 +504,12 @@ func (s *Scheduler) warmOne() {
 		s.warmed, s.warmTime = 0, 0
 	}
 }
+
+// busyWarmEvery is how many steps that ran without their program (a
+// backend that leaves recording to WarmSome) the scheduler lets pass
+// before it records one program between steps: a load that never leaves
+// the engine idle must not keep it off its recordings for good.
+const busyWarmEvery = 4
 
 // failStreak steps in a row that fail make Healthy report the engine
 // failing (for Config.FailWindow after the last).

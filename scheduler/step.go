@@ -82,7 +82,13 @@ func (s *Scheduler) step() {
 		return
 	}
 	if s.cfg.IdleWarm && !s.warmFailed && s.e.MissedRecording() {
-		s.warming = true // the step ran without its program: record it when idle
+		// the step ran without its program: record it when idle, or
+		// between steps when the load never leaves the engine idle
+		s.warming = true
+		if s.missed++; s.missed >= busyWarmEvery {
+			s.missed = 0
+			defer s.warmOne() // after the step's tokens are out
+		}
 	}
 	end := time.Now()
 	stats.Duration = end.Sub(start)

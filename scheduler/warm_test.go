@@ -27,8 +27,9 @@ type slowWarmer struct {
 	during  []bool // per call: was a step ever run between calls (set by Execute)
 	stepped bool
 	// missOnStep: the next step runs without its program (a recording
-	// dropped meanwhile, say) and MissedRecording says so once
-	missOnStep, missed bool
+	// dropped meanwhile, say) and MissedRecording says so once;
+	// missAlways: every step does
+	missOnStep, missAlways, missed bool
 }
 
 func (w *slowWarmer) MissedRecording() bool {
@@ -60,7 +61,7 @@ func (w *slowWarmer) Warmup(progs []engine.Program, max int) (int, int, error) {
 func (w *slowWarmer) Execute(meta *engine.StepMeta, prog engine.Program) error {
 	w.mu.Lock()
 	w.stepped = true
-	if w.missOnStep {
+	if w.missOnStep || w.missAlways {
 		w.missOnStep, w.missed = false, true
 	}
 	w.mu.Unlock()
@@ -162,6 +163,34 @@ func TestIdleWarm(t *testing.T) {
 		waitWarm(w)
 		if _, _, done := w.state(); done != 5 {
 			t.Errorf("%d recorded, want 3 and then 2", done)
+		}
+	})
+	t.Run("a load that never idles still records", func(t *testing.T) {
+		w := &slowWarmer{Backend: cpu.New(0)}
+		e, res := fixtureEngineOn(t, f, w, opts)
+		s := New(e, res, Config{IdleWarm: true})
+		t.Cleanup(s.Close)
+		waitWarm(w) // nothing missing at first
+		w.mu.Lock()
+		w.missing, w.missAlways = 2, true
+		w.mu.Unlock()
+		// one request of many steps: the engine is never idle while it runs
+		const n = 4*busyWarmEvery + 4
+		ch, err := s.Submit(context.Background(), Request{Prompt: c.Prompt, MaxTokens: n})
+		if err != nil {
+			t.Fatal(err)
+		}
+		got, doneMid := 0, 0
+		for ev := range ch {
+			if ev.Done {
+				break
+			}
+			if got++; got == n-2 {
+				_, _, doneMid = w.state()
+			}
+		}
+		if doneMid != 2 {
+			t.Errorf("%d programs recorded while the request ran (%d steps without theirs), want 2: one every %d such steps", doneMid, n-2, busyWarmEvery)
 		}
 	})
 	t.Run("off", func(t *testing.T) {

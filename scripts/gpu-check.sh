@@ -471,11 +471,13 @@ if want serve8b; then
 			# prompts), 1,024 requests: is the Python client what limits the rate?
 			# Then the four adapters mixed (issue 9's 0.90 x base, issue 14's
 			# 10,000 tok/s with four rank-32 adapters).
+			gi=0
 			for GM in base "$AD"; do
+				gi=$((gi + 1))
 				timeout "$(left 90)" "$ROOT/bin/gpu/peftd" bench --url http://127.0.0.1:8081 --models "$GM" --requests 1024 --concurrency 64 \
-					--prompt-tokens 128 --vocab 128256 --max-tokens 64 --quiet --json >"$LOG/serve8b.gobench.json" 2>&1
+					--prompt-tokens 128 --vocab 128256 --max-tokens 64 --quiet --json >"$LOG/serve8b.gobench.$gi.json" 2>&1
 				"$PY" -c 'import json,sys; r=json.load(open(sys.argv[1])); print("GOBENCH models=%s requests=%d failed=%d tok_s=%.0f steady_tok_s=%.0f ttft_p50_ms=%.1f ttft_p99_ms=%.1f tpot_p50_ms=%.2f" % (sys.argv[2], r["Completed"], r["Failed"], r["Throughput"], r["SteadyThroughput"], r["TTFT"]["P50"]/1e6, r["TTFT"]["P99"]/1e6, r["TPOT"]["P50"]/1e6))' \
-					"$LOG/serve8b.gobench.json" "$GM" 2>&1 | tee -a "$LOG/serve8b.txt"
+					"$LOG/serve8b.gobench.$gi.json" "$GM" 2>&1 | tee -a "$LOG/serve8b.txt"
 			done
 			# what the steps were like over all the runs: count, mean duration, rows and sequences
 			curl -sS http://127.0.0.1:8081/metrics >"$LOG/serve8b.metrics.txt"

@@ -41,7 +41,10 @@ def main():
         cid = col(r, "CorrId", "CorrID")
         if cid not in launches:
             continue
-        s, d = float(col(r, "Start (ns)")), float(col(r, "Duration (ns)"))
+        s, d = col(r, "Start (ns)"), col(r, "Duration (ns)")
+        if s is None or d is None:
+            continue
+        s, d = float(s), float(d)
         l = launches[cid]
         l[2] = s if l[2] is None else min(l[2], s)
         l[3] = s + d if l[3] is None else max(l[3], s + d)

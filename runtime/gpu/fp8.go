@@ -80,12 +80,12 @@ type fp8State struct {
 	quant *cuda.Function
 	gemv  [2]*cuda.Function // fp8_gemv_n8, fp8_gemv_n16
 	// fp8_splitk_reduce, the K-split product's partials (fp8_split.go), and
-	// the split a test or benchmark forces (0: splitFor's); splitOff: this
-	// cuBLASLt has no plan for it
+	// the split a test or benchmark forces (0: splitFor's); splitNo: the
+	// shapes (T, N, K) cuBLASLt had no split plan for
 	reduce     *cuda.Function
 	spPart     *cuda.DeviceBuffer
 	splitForce int
-	splitOff   bool
+	splitNo    map[[3]int]bool
 	// fp8_gemm_skinny_n32, _n64, _n128 (skinnyVariants), and their split-K
 	// partials and counters (reserveSkinny)
 	skinny         [len(skinnyVariants)]*cuda.Function

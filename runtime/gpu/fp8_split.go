@@ -50,13 +50,14 @@ func splitFor(T, N, K, sms int) int {
 
 // split is the number of K slices this state's FP8 product takes for T rows
 // of an [N, K] weight: splitForce where a test or benchmark set one (1: no
-// split), else splitFor on the SMs the products may use (the SM target
-// when the LoRA stream holds some back).
+// split), 1 for a shape cuBLASLt had no split plan for, else splitFor on
+// the SMs the products may use (the SM target when the LoRA stream holds
+// some back).
 func (f *fp8State) split(T, N, K int) int {
 	if f.splitForce > 0 {
 		return f.splitForce
 	}
-	if f.splitOff {
+	if f.splitNo[[3]int{T, N, K}] {
 		return 1
 	}
 	sms := f.ctx.Device().SMs
@@ -81,9 +82,12 @@ func (f *fp8State) splitLaunch(out cuda.DevicePtr, T int, w *fp8Weight, S int) e
 	}
 	if err := f.mm.GemmTNSplitK(f.s, f.spPart.Ptr(), f.actQ.Ptr(), cuda.R8FE4M3, w.q.Ptr(), cuda.R8FE4M3, T, N, K, S); err != nil {
 		if errors.Is(err, cuda.ErrNotSupported) && f.splitForce == 0 {
-			// this cuBLASLt has no unscaled e4m3 batch with float32
-			// partials: the products stay whole from now on
-			f.splitOff = true
+			// cuBLASLt has no plan for this split (nothing was enqueued):
+			// products of this shape stay whole from now on
+			if f.splitNo == nil {
+				f.splitNo = map[[3]int]bool{}
+			}
+			f.splitNo[[3]int{T, N, K}] = true
 			return f.mm.GemmTNScaled(f.s, out, cuda.R16BF, f.actQ.Ptr(), f.actS.Ptr(), w.q.Ptr(), w.scale.Ptr(), T, N, K)
 		}
 		return err

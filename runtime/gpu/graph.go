@@ -81,7 +81,7 @@ type graphState struct {
 	part     *cuda.DeviceBuffer // attn_decode partials
 	tmp      *cuda.DeviceBuffer // LoRA scratch
 	tmpRank  int                // rank class tmp is sized for
-	ptrs     [6]cuda.DevicePtr  // buffers the recordings use (see pointers)
+	ptrs     [8]cuda.DevicePtr  // buffers the recordings use (see pointers)
 	// Options.RecordIdle, and whether a step ran without its recording
 	// since MissedRecording last asked
 	recordIdle, missed bool
@@ -223,12 +223,15 @@ func (b *Backend) graphTmpFloats(r int) int { return 4 * b.g.maxRows * 3 * r }
 
 // pointers are the buffers a recording bakes in that are not fixed for the
 // backend's life by construction.
-func (b *Backend) pointers() [6]cuda.DevicePtr {
-	var p [6]cuda.DevicePtr
+func (b *Backend) pointers() [8]cuda.DevicePtr {
+	var p [8]cuda.DevicePtr
 	p[0] = b.table.Ptr()
 	p[1] = b.normed.Ptr()
 	if b.f8 != nil {
 		p[2], p[3] = b.f8.actQ.Ptr(), b.f8.actS.Ptr()
+		// the split products' partials and fp8_gemm_skinny's: sized once,
+		// but a test or benchmark forcing a larger split grows them
+		p[6], p[7] = b.f8.spPart.Ptr(), b.f8.skPart.Ptr()
 	}
 	p[4] = b.g.tmp.Ptr()
 	for _, x := range b.buffers {

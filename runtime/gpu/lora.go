@@ -341,7 +341,10 @@ type sgLoaded struct {
 // loadSgmv takes the fused SGMV module New started loading (waiting for it
 // if it is still compiling), or loads it (compiling it on a cold cache,
 // default kernel options). A failure is kept in sgErr, not returned: v1
-// then runs.
+// then runs. It must not run on the context's executor (inside Run or
+// Do): the load New started needs that thread to finish, so waiting for
+// it there would never end. Adapter loads and unloads call it from the
+// engine goroutine, outside Run.
 func (b *Backend) loadSgmv() {
 	var m *cuda.Module
 	var err error
