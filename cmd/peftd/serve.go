@@ -54,7 +54,7 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	fs.IntVar(&f.kvBlocks, "kv-blocks", 0, "KV cache pages (0: the engine default)")
 	fs.IntVar(&f.maxBatchTokens, "max-batch-tokens", 0, "token rows per engine step (0: the engine default)")
 	fs.IntVar(&f.maxQueue, "max-queue", 256, "requests waiting or running at most; more get 429")
-	fs.StringVar(&f.warmGraphs, "warm-graphs", server.WarmReady, "GPU: when to record the CUDA graphs of the steps: ready (all before the server is ready) or idle (after, while no request runs: ready about a second sooner on an 8B model)")
+	fs.StringVar(&f.warmGraphs, "warm-graphs", server.WarmReady, "GPU: when to record the CUDA graphs of the steps: ready (all before the server is ready) or idle (after, while no request runs: ready about a second sooner on an 8B model; until its graph is recorded a step runs without one, and the first requests wait for a recording in flight)")
 	fs.BoolVar(&f.eager, "eager", false, "GPU: run every step op by op, without CUDA graphs for decode steps (for debugging and comparison)")
 	fs.BoolVar(&f.noPDL, "no-pdl", false, "GPU: launch kernels one after the other, without Programmatic Dependent Launch (for comparison)")
 	fs.BoolVar(&f.serialLoRA, "serial-lora", false, "GPU: run each LoRA update on the compute stream after its projection, not beside it on the LoRA stream (for comparison)")
