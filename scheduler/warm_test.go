@@ -87,7 +87,7 @@ func TestIdleWarm(t *testing.T) {
 	t.Cleanup(func() { f.Close() })
 	c := f.Cases[0]
 	opts := engine.Options{MaxTokens: 256, KVBlocks: 256, BlockSize: 4, AdapterSlots: 4}
-	serve := func(s *Scheduler) {
+	serve := func(t *testing.T, s *Scheduler) {
 		t.Helper()
 		ch, err := s.Submit(context.Background(), Request{Adapter: c.AdapterName(), Prompt: c.Prompt, MaxTokens: len(c.Greedy)})
 		if err != nil {
@@ -97,7 +97,15 @@ func TestIdleWarm(t *testing.T) {
 			t.Errorf("%v, %v; want %v", toks, end.Err, c.Greedy)
 		}
 	}
-	waitWarm := func(w *slowWarmer) {
+	// start serves the fixture on w with cfg until the test ends
+	start := func(t *testing.T, w *slowWarmer, cfg Config) *Scheduler {
+		t.Helper()
+		e, res := fixtureEngineOn(t, f, w, opts)
+		s := New(e, res, cfg)
+		t.Cleanup(s.Close)
+		return s
+	}
+	waitWarm := func(t *testing.T, w *slowWarmer) {
 		t.Helper()
 		for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(5 * time.Millisecond) {
 			if m, _, _ := w.state(); m == 0 {
@@ -109,15 +117,13 @@ func TestIdleWarm(t *testing.T) {
 
 	t.Run("while idle, a request in between", func(t *testing.T) {
 		w := &slowWarmer{Backend: cpu.New(0), cost: 20 * time.Millisecond, missing: 40}
-		e, res := fixtureEngineOn(t, f, w, opts)
-		s := New(e, res, Config{IdleWarm: true})
-		t.Cleanup(s.Close)
+		s := start(t, w, Config{IdleWarm: true})
 		time.Sleep(50 * time.Millisecond) // some recordings, not all (40 x 20 ms)
-		serve(s)
+		serve(t, s)
 		if m, _, _ := w.state(); m == 0 {
 			t.Error("the request waited for the whole warm-up")
 		}
-		waitWarm(w)
+		waitWarm(t, w)
 		_, calls, done := w.state()
 		if done != 40 || calls < 40 {
 			t.Errorf("%d recorded in %d calls, want 40 in at least 40 (one a call)", done, calls)
@@ -130,10 +136,8 @@ func TestIdleWarm(t *testing.T) {
 	})
 	t.Run("a command starts another round", func(t *testing.T) {
 		w := &slowWarmer{Backend: cpu.New(0), missing: 3}
-		e, res := fixtureEngineOn(t, f, w, opts)
-		s := New(e, res, Config{IdleWarm: true})
-		t.Cleanup(s.Close)
-		waitWarm(w)
+		s := start(t, w, Config{IdleWarm: true})
+		waitWarm(t, w)
 		// an adapter load, say, leaves two programs missing
 		if err := s.Do(context.Background(), func(*engine.Engine) error {
 			w.mu.Lock()
@@ -143,34 +147,30 @@ func TestIdleWarm(t *testing.T) {
 		}); err != nil {
 			t.Fatal(err)
 		}
-		waitWarm(w)
+		waitWarm(t, w)
 		if _, _, done := w.state(); done != 5 {
 			t.Errorf("%d recorded, want 3 and then 2", done)
 		}
 	})
 	t.Run("a step without its program starts another round", func(t *testing.T) {
 		w := &slowWarmer{Backend: cpu.New(0), missing: 3}
-		e, res := fixtureEngineOn(t, f, w, opts)
-		s := New(e, res, Config{IdleWarm: true})
-		t.Cleanup(s.Close)
-		waitWarm(w)
+		s := start(t, w, Config{IdleWarm: true})
+		waitWarm(t, w)
 		// two recordings dropped; the next step runs without its program
 		w.mu.Lock()
 		w.missing += 2
 		w.missOnStep = true
 		w.mu.Unlock()
-		serve(s)
-		waitWarm(w)
+		serve(t, s)
+		waitWarm(t, w)
 		if _, _, done := w.state(); done != 5 {
 			t.Errorf("%d recorded, want 3 and then 2", done)
 		}
 	})
 	t.Run("a load that never idles still records", func(t *testing.T) {
 		w := &slowWarmer{Backend: cpu.New(0)}
-		e, res := fixtureEngineOn(t, f, w, opts)
-		s := New(e, res, Config{IdleWarm: true})
-		t.Cleanup(s.Close)
-		waitWarm(w) // nothing missing at first
+		s := start(t, w, Config{IdleWarm: true})
+		waitWarm(t, w) // nothing missing at first
 		w.mu.Lock()
 		w.missing, w.missAlways = 2, true
 		w.mu.Unlock()
@@ -195,10 +195,8 @@ func TestIdleWarm(t *testing.T) {
 	})
 	t.Run("off", func(t *testing.T) {
 		w := &slowWarmer{Backend: cpu.New(0), missing: 5}
-		e, res := fixtureEngineOn(t, f, w, opts)
-		s := New(e, res, Config{})
-		t.Cleanup(s.Close)
-		serve(s)
+		s := start(t, w, Config{})
+		serve(t, s)
 		time.Sleep(30 * time.Millisecond)
 		if _, calls, _ := w.state(); calls != 0 {
 			t.Errorf("%d warm-up calls without IdleWarm", calls)
@@ -206,9 +204,7 @@ func TestIdleWarm(t *testing.T) {
 	})
 	t.Run("a failed recording", func(t *testing.T) {
 		w := &slowWarmer{Backend: cpu.New(0), missing: 10, fail: 3}
-		e, res := fixtureEngineOn(t, f, w, opts)
-		s := New(e, res, Config{IdleWarm: true})
-		t.Cleanup(s.Close)
+		s := start(t, w, Config{IdleWarm: true})
 		for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(5 * time.Millisecond) {
 			if _, calls, _ := w.state(); calls >= 4 {
 				break
@@ -219,6 +215,6 @@ func TestIdleWarm(t *testing.T) {
 		if done != 3 || calls != 4 {
 			t.Errorf("%d recorded in %d calls, want 3 and the failing 4th, then no more", done, calls)
 		}
-		serve(s)
+		serve(t, s)
 	})
 }

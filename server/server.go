@@ -124,7 +124,7 @@ type Config struct {
 	// recorded: WarmReady (default) before the server is ready, WarmIdle
 	// after it, one at a time while the engine is idle (ready ~1 s sooner
 	// on an 8B model; a request arriving meanwhile waits for one recording
-	// at most, and a step whose graph is still missing records it).
+	// at most, and a step whose graph is still missing runs without one).
 	WarmGraphs string
 	// SerialLoRA and LoRASMs are gpu.Options': LoRA updates on the compute
 	// stream, and the SMs the GEMMs leave to the LoRA stream.

@@ -4,7 +4,6 @@ import (
 	"fmt"
 	"math"
 	"strings"
-	"unsafe"
 
 	"github.com/peftd/peftd/kernels"
 	"github.com/peftd/peftd/runtime/cuda"
@@ -369,18 +368,10 @@ func (b *Backend) UploadFP8(name string, rows, cols int, q [][]byte, scale []flo
 			}
 			off += len(p)
 		}
-		return b.stageBytes(w.scale.Ptr(), float32Bytes(scale))
+		return b.stageBytes(w.scale.Ptr(), asBytes(scale))
 	})
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", name, err)
 	}
 	return fw, nil
-}
-
-// float32Bytes is v's memory as bytes.
-func float32Bytes(v []float32) []byte {
-	if len(v) == 0 {
-		return nil
-	}
-	return unsafe.Slice((*byte)(unsafe.Pointer(unsafe.SliceData(v))), 4*len(v))
 }

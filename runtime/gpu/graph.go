@@ -573,7 +573,7 @@ func (b *Backend) fillGraphMeta(meta *engine.StepMeta, n, rank int, mixed bool) 
 	return nil
 }
 
-// The engine finds Warmup by a type assertion: keep the signature its.
+// The engine finds Warmup by a type assertion: keep its signature.
 var _ engine.Warmer = (*Backend)(nil)
 
 // Warmup records the decode and mixed graphs of every bucket for progs

@@ -85,7 +85,7 @@ func (b *Backend) syncTable() error {
 		// wait for the image it commits early)
 		b.loraTmp.Free()
 		var err error
-		if b.loraTmp, err = b.ctx.Alloc(4*4*b.maxT*3*max(rankClass(b.maxRank), scratchRank) + sgCtrBytes); err != nil {
+		if b.loraTmp, err = b.ctx.Alloc(4*b.tmpFloatsFor(max(rankClass(b.maxRank), scratchRank)) + sgCtrBytes); err != nil {
 			return err
 		}
 	}
@@ -373,7 +373,10 @@ func (b *Backend) loraCtr() cuda.DevicePtr { return b.loraTmp.Ptr() + uint64(4*b
 
 // tmpFloats is the size of the LoRA scratch: room for three fused slices at
 // the largest rank for every row, times 4 for K-split partial sums.
-func (b *Backend) tmpFloats() int { return 4 * b.maxT * 3 * max(b.maxRank, 1) }
+func (b *Backend) tmpFloats() int { return b.tmpFloatsFor(b.maxRank) }
+
+// tmpFloatsFor is tmpFloats for adapters of rank up to r.
+func (b *Backend) tmpFloatsFor(r int) int { return 4 * b.maxT * 3 * max(r, 1) }
 
 // loraSlices adds the LoRA updates of up to three projections that read the
 // same input x (fused q/k/v or gate/up) to the output rows at outPtr (row

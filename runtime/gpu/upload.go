@@ -144,10 +144,10 @@ func asUint16s(b []byte) []uint16 {
 	return unsafe.Slice((*uint16)(unsafe.Pointer(unsafe.SliceData(b))), len(b)/2)
 }
 
-// asBytes is dst's memory as bytes.
-func asBytes(dst []uint16) []byte {
-	if len(dst) == 0 {
+// asBytes is v's memory as bytes.
+func asBytes[T uint16 | float32](v []T) []byte {
+	if len(v) == 0 {
 		return nil
 	}
-	return unsafe.Slice((*byte)(unsafe.Pointer(unsafe.SliceData(dst))), 2*len(dst))
+	return unsafe.Slice((*byte)(unsafe.Pointer(unsafe.SliceData(v))), int(unsafe.Sizeof(v[0]))*len(v))
 }
