@@ -224,7 +224,18 @@ func (e *SlotError) Unwrap() error { return e.Err }
 // and that KeepsFP8 accepts; the others go through Upload.
 type FP8Uploader interface {
 	KeepsFP8(name string, rows, cols int) bool
-	UploadFP8(name string, rows, cols int, q []byte, scale []float32) (Weight, error)
+	// UploadFP8 takes the e4m3 rows in parts, stacked in order (q, k, v or
+	// gate, up: straight from the mapped checkpoint, never joined on the
+	// host), and the scales of all the rows.
+	UploadFP8(name string, rows, cols int, q [][]byte, scale []float32) (Weight, error)
+}
+
+// PartsUploader is an optional Backend capability: UploadParts is Upload of
+// the tensor whose raw data is parts joined in order (the rows of stacked
+// projections, each straight from the mapped checkpoint), without joining
+// them on the host first. New uses it for stacked weights when it is there.
+type PartsUploader interface {
+	UploadParts(name string, dtype safetensors.DType, shape []int, parts [][]byte) (Weight, error)
 }
 
 // FamilyOps are what models beyond Llama's layout need; a backend without

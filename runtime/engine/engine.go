@@ -236,12 +236,17 @@ func upStacked(m *llama.Model, b Backend, name string, names []string) (Weight, 
 		raws[i] = raw
 		rows += infos[i].Shape[0]
 	}
-	all := concat(raws)
 	shape := []int{rows}
 	if len(infos[0].Shape) == 2 {
 		shape = []int{rows, infos[0].Shape[1]}
 	}
-	w, err := b.Upload(name, dtype, shape, all)
+	var w Weight
+	var err error
+	if pu, ok := b.(PartsUploader); ok && len(raws) > 1 {
+		w, err = pu.UploadParts(name, dtype, shape, raws) // no joined copy on the host
+	} else {
+		w, err = b.Upload(name, dtype, shape, concat(raws))
+	}
 	if err != nil {
 		return nil, fmt.Errorf("engine: upload %s: %w", name, err)
 	}
@@ -277,11 +282,7 @@ func upFP8(m *llama.Model, b Backend, name string, names []string) (w Weight, ok
 		}
 		qs[i], scale = q, append(scale, s...)
 	}
-	q := qs[0]
-	if len(qs) > 1 {
-		q = concat(qs)
-	}
-	if w, err = fb.UploadFP8(name, rows, cols, q, scale); err != nil {
+	if w, err = fb.UploadFP8(name, rows, cols, qs, scale); err != nil {
 		return nil, false, fmt.Errorf("engine: upload %s: %w", name, err)
 	}
 	return w, true, nil

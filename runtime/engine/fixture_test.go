@@ -2,6 +2,7 @@ package engine_test
 
 import (
 	"fmt"
+	"slices"
 	"testing"
 
 	"github.com/peftd/peftd/internal/fixture"
@@ -9,6 +10,7 @@ import (
 	"github.com/peftd/peftd/runtime/engine"
 	"github.com/peftd/peftd/runtime/llama"
 	"github.com/peftd/peftd/runtime/lora"
+	"github.com/peftd/peftd/runtime/safetensors"
 	"github.com/peftd/peftd/runtime/sample"
 )
 
@@ -91,4 +93,47 @@ func TestFixtureOneByOne(t *testing.T) {
 	for _, c := range cases {
 		runCases(t, e, slots, []refCase{c})
 	}
+}
+
+// partsCPU is the CPU backend with engine.PartsUploader: it records how
+// many parts each stacked weight came in, then uploads them joined.
+type partsCPU struct {
+	*cpu.Backend
+	parts map[string]int
+}
+
+func (p *partsCPU) UploadParts(name string, dtype safetensors.DType, shape []int, parts [][]byte) (engine.Weight, error) {
+	p.parts[name] = len(parts)
+	return p.Backend.Upload(name, dtype, shape, slices.Concat(parts...))
+}
+
+// TestUploadParts: a backend with engine.PartsUploader gets every stacked
+// weight (q, k, v and gate, up of each layer) as its parts, in order (the
+// fixture's logits then match the reference), and the others whole.
+func TestUploadParts(t *testing.T) {
+	m, adapters, cases := loadFixture(t)
+	b := &partsCPU{Backend: cpu.New(0), parts: map[string]int{}}
+	opts := engine.DefaultOptions()
+	opts.KVBlocks = 256
+	e, err := engine.New(m, b, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { e.Close() })
+	if len(b.parts) != 2*m.Config.Layers {
+		t.Errorf("%d stacked weights came in parts (%v), want q/k/v and gate/up of %d layers", len(b.parts), b.parts, m.Config.Layers)
+	}
+	for n, k := range b.parts {
+		if k != 2 && k != 3 {
+			t.Errorf("%s: %d parts, want 3 (q, k, v) or 2 (gate, up)", n, k)
+		}
+	}
+	slots := map[string]int{}
+	for _, n := range fixture.AdapterNames {
+		slots[n] = len(slots)
+		if err := e.LoadAdapter(slots[n], adapters[n]); err != nil {
+			t.Fatal(err)
+		}
+	}
+	runCases(t, e, slots, cases)
 }

@@ -100,8 +100,9 @@ func (k *fp8Keeper) KeepsFP8(name string, rows, cols int) bool {
 	return strings.HasSuffix(name, "_proj.weight")
 }
 
-func (k *fp8Keeper) UploadFP8(name string, rows, cols int, q []byte, scale []float32) (engine.Weight, error) {
-	k.got[name] = fp8Kept{rows, cols, slices.Clone(q), slices.Clone(scale)}
+func (k *fp8Keeper) UploadFP8(name string, rows, cols int, parts [][]byte, scale []float32) (engine.Weight, error) {
+	q := slices.Concat(parts...)
+	k.got[name] = fp8Kept{rows, cols, q, slices.Clone(scale)}
 	deq := make([]byte, 2*len(q))
 	for i, b := range q {
 		binary.LittleEndian.PutUint16(deq[2*i:], safetensors.Float32ToBF16(safetensors.E4M3ToFloat32(b)*scale[i/cols]))

@@ -597,6 +597,14 @@ func (b *Backend) growMeta(n int) error {
 // decoder layer's projection is then quantized to e4m3 on the device (one
 // float32 scale per output row) and only the e4m3 copy is kept.
 func (b *Backend) Upload(name string, dtype safetensors.DType, shape []int, raw []byte) (engine.Weight, error) {
+	return b.UploadParts(name, dtype, shape, [][]byte{raw})
+}
+
+// UploadParts is Upload of the tensor whose data is parts joined in order
+// (engine.PartsUploader): each part goes to its place on the device (or
+// into the host copy the FP8 quantization reads) straight from where it
+// lies, never joined on the host first.
+func (b *Backend) UploadParts(name string, dtype safetensors.DType, shape []int, parts [][]byte) (engine.Weight, error) {
 	n := 1
 	for _, d := range shape {
 		n *= d
@@ -607,10 +615,25 @@ func (b *Backend) Upload(name string, dtype safetensors.DType, shape []int, raw 
 	} else if len(shape) != 1 {
 		return nil, fmt.Errorf("gpu: %s: %d-dimensional tensors are not supported", name, len(shape))
 	}
+	sz, total := dtype.Size(), 0
+	for _, p := range parts {
+		if sz == 0 || len(p)%sz != 0 {
+			return nil, fmt.Errorf("%s: %w: a part of %d bytes of %s", name, safetensors.ErrDType, len(p), dtype)
+		}
+		total += len(p)
+	}
+	if total != n*sz {
+		return nil, fmt.Errorf("%s: %w: %d bytes of %s for %d values", name, safetensors.ErrDType, total, dtype, n)
+	}
 	if b.f8 != nil && fp8Projection(name, shape) {
 		host := make([]uint16, n)
-		if err := encodeBF16Parallel(host, raw, dtype); err != nil {
-			return nil, fmt.Errorf("%s: %w", name, err)
+		off := 0
+		for _, p := range parts {
+			cnt := len(p) / sz
+			if err := encodeBF16Parallel(host[off:off+cnt], p, dtype); err != nil {
+				return nil, fmt.Errorf("%s: %w", name, err)
+			}
+			off += cnt
 		}
 		fw, err := b.f8.upload(host, w.rows, w.cols)
 		if err != nil {
@@ -623,11 +646,22 @@ func (b *Backend) Upload(name string, dtype safetensors.DType, shape []int, raw 
 		return nil, fmt.Errorf("%s: %w", name, err)
 	}
 	b.weights = append(b.weights, w)
-	if err := b.stageUpload(w.mem.Ptr(), raw, dtype, n); err != nil {
-		return nil, fmt.Errorf("%s: %w", name, err)
+	off := 0
+	for _, p := range parts {
+		cnt := len(p) / sz
+		if err := b.stageUpload(w.mem.Ptr()+cuda.DevicePtr(2*off), p, dtype, cnt); err != nil {
+			return nil, fmt.Errorf("%s: %w", name, err)
+		}
+		off += cnt
 	}
 	return w, nil
 }
+
+// The engine finds these by type assertions: keep their signatures.
+var (
+	_ engine.PartsUploader = (*Backend)(nil)
+	_ engine.FP8Uploader   = (*Backend)(nil)
+)
 
 // NewBuffer allocates a bf16 activation matrix.
 func (b *Backend) NewBuffer(rows, cols int) (engine.Buffer, error) {

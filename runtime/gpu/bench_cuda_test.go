@@ -499,8 +499,8 @@ func TestDecodeBench(t *testing.T) {
 	if gb.f8 != nil {
 		wf = WeightsFP8
 	}
-	bench("decode device %s; weights %s; KV cache %s; prompts of %d tokens; %s: %d layers, hidden %d, vocab %d; %d adapters of %.0f MB; copy bandwidth %.0f GB/s; loaded in %v; %d decode graphs recorded in %v",
-		gb.Device().Name, wf, kvf, prompt, dir, c.Layers, c.Hidden, c.VocabSize, len(ads), adBytes/1e6, bw/1e9, load.Round(time.Second), recorded, warm.Round(time.Millisecond))
+	bench("decode device %s; weights %s; KV cache %s; prompts of %d tokens; %s: %d layers, hidden %d, vocab %d; %d adapters of %.0f MB; copy bandwidth %.0f GB/s; loaded in %v; %d decode graphs recorded in %v (%d captured without an eager run first)",
+		gb.Device().Name, wf, kvf, prompt, dir, c.Layers, c.Hidden, c.VocabSize, len(ads), adBytes/1e6, bw/1e9, load.Round(time.Second), recorded, warm.Round(time.Millisecond), gb.g.Direct)
 	bench("decode %-5s %-11s %10s %10s %10s %9s %9s %9s %9s %10s", "batch", "lora", "wall_tok/s", "gpu_tok/s", "roof_tok/s", "gpu_frac", "wall_ms", "gpu_ms", "roof_ms", "prefill_s")
 	rng := rand.New(rand.NewPCG(3, 4))
 	ctx := context.Background()

@@ -346,18 +346,27 @@ func (b *Backend) KeepsFP8(name string, rows, cols int) bool {
 // UploadFP8 copies an FP8 checkpoint's weight to the device as it is
 // stored: e4m3 bytes q [rows, cols] and one float32 scale per row, what the
 // FP8 projections compute with (engine.FP8Uploader).
-func (b *Backend) UploadFP8(name string, rows, cols int, q []byte, scale []float32) (engine.Weight, error) {
+func (b *Backend) UploadFP8(name string, rows, cols int, q [][]byte, scale []float32) (engine.Weight, error) {
 	if !b.KeepsFP8(name, rows, cols) {
 		return nil, fmt.Errorf("gpu: %s [%d,%d] is not kept in FP8", name, rows, cols)
 	}
-	if len(q) != rows*cols || len(scale) != rows || cols%16 != 0 {
-		return nil, fmt.Errorf("gpu: %s: fp8 weight [%d,%d] from %d bytes and %d scales", name, rows, cols, len(q), len(scale))
+	total := 0
+	for _, p := range q {
+		total += len(p)
 	}
-	// through the pinned staging buffers (parallel copies out of the mapped
-	// checkpoint), not a pageable copy of each weight
+	if total != rows*cols || len(scale) != rows || cols%16 != 0 {
+		return nil, fmt.Errorf("gpu: %s: fp8 weight [%d,%d] from %d bytes and %d scales", name, rows, cols, total, len(scale))
+	}
+	// each part to its rows through the pinned staging buffers (parallel
+	// copies out of the mapped checkpoint): no joined copy on the host, no
+	// pageable copy of each weight
 	fw, err := b.f8.newWeight(rows, cols, func(w *fp8Weight) error {
-		if err := b.stageBytes(w.q.Ptr(), q); err != nil {
-			return err
+		off := 0
+		for _, p := range q {
+			if err := b.stageBytes(w.q.Ptr()+cuda.DevicePtr(off), p); err != nil {
+				return err
+			}
+			off += len(p)
 		}
 		return b.stageBytes(w.scale.Ptr(), asBytes(scale))
 	})

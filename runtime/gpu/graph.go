@@ -85,8 +85,12 @@ type graphState struct {
 	// Options.RecordIdle, and whether a step ran without its recording
 	// since MissedRecording last asked
 	recordIdle, missed bool
-	// counters, for tests and the benchmark
-	Recorded, Replayed int
+	// primed: a program ran eagerly and was recorded since Init (what the
+	// steps allocate is allocated): Warmup captures the rest directly
+	primed bool
+	// counters, for tests and the benchmark (Direct: recordings Warmup
+	// captured without an eager run first)
+	Recorded, Replayed, Direct int
 }
 
 // GraphStats reports how many decode graphs were recorded and how many
@@ -412,6 +416,33 @@ func (b *Backend) runThenRecord(key graphKey, prog engine.Program) error {
 	return nil
 }
 
+// warmRecord records key's program for Warmup (the metadata filled for
+// padding alone). Once an eager run has sized what the steps allocate
+// (g.primed), it captures the program directly: no eager run of the
+// padding first, and no wait for it (about half of a recording's time).
+// A capture that fails (an op that would allocate, or a driver that cannot
+// record programmatic launches) falls back to runThenRecord, which runs
+// the program first; so does the first recording after Init.
+func (b *Backend) warmRecord(key graphKey, prog engine.Program) error {
+	if b.g.primed {
+		if err := b.checkPointers(); err != nil { // recordings of moved buffers go first
+			return err
+		}
+		if e, err := b.record(prog); err == nil {
+			b.g.execs[key] = e
+			b.g.Recorded++
+			b.g.Direct++
+			return nil
+		}
+		b.err = nil
+	}
+	if err := b.runThenRecord(key, prog); err != nil {
+		return err
+	}
+	b.g.primed = true
+	return nil
+}
+
 // record captures prog's ops on the compute stream as a graph.
 func (b *Backend) record(prog engine.Program) (*cuda.GraphExec, error) {
 	if err := b.s.BeginCapture(); err != nil {
@@ -581,7 +612,7 @@ func (b *Backend) Warmup(progs []engine.Program, max int) (done, left int, err e
 				if err := b.fillGraphMeta(empty, n, key.rank, mixed); err != nil {
 					return done, 0, err
 				}
-				err = b.runThenRecord(key, prog)
+				err = b.warmRecord(key, prog)
 				b.meta, b.err = nil, nil
 				if err != nil {
 					return done, 0, fmt.Errorf("gpu: warm up %d rows: %w", n, err)

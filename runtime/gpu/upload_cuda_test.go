@@ -75,6 +75,46 @@ func TestUploadRoundTrip(t *testing.T) {
 			t.Errorf("tensor %d (%s, %d values): first difference at value %d", i, cases[i].dt, cases[i].n, k)
 		}
 	}
+	// the same data in parts (UploadParts: stacked projections), the parts
+	// crossing staging pieces at odd places
+	for i, c := range cases {
+		raw := make([]byte, c.n*c.dt.Size())
+		ref := want[i]
+		for j, v := range ref { // bf16 values: exact in every dtype
+			f := math.Float32frombits(uint32(v) << 16)
+			switch c.dt {
+			case safetensors.BF16:
+				binary.LittleEndian.PutUint16(raw[2*j:], v)
+			case safetensors.F16:
+				binary.LittleEndian.PutUint16(raw[2*j:], float32ToHalf(f))
+			case safetensors.F32:
+				binary.LittleEndian.PutUint32(raw[4*j:], math.Float32bits(f))
+			}
+		}
+		cut1, cut2 := c.n/3, c.n/3+(c.n-c.n/3)/2+1
+		cut2 = min(cut2, c.n)
+		sz := c.dt.Size()
+		parts := [][]byte{raw[:cut1*sz], raw[cut1*sz : cut2*sz], raw[cut2*sz:]}
+		w, err := b.UploadParts("t", c.dt, []int{c.n}, parts)
+		if err != nil {
+			t.Fatal(err)
+		}
+		enc := make([]uint16, c.n)
+		if err := encodeBF16(enc, raw, c.dt); err != nil {
+			t.Fatal(err)
+		}
+		clear(raw)
+		got := make([]uint16, c.n)
+		if err := cuda.CopyDtoH(b.s, got, w.(*weight).mem.Ptr()); err != nil {
+			t.Fatal(err)
+		}
+		if !slices.Equal(got, enc) {
+			t.Errorf("tensor %d in 3 parts (%s, %d values): the device copy differs", i, c.dt, c.n)
+		}
+	}
+	if _, err := b.UploadParts("t", safetensors.BF16, []int{4}, [][]byte{make([]byte, 3), make([]byte, 5)}); err == nil {
+		t.Error("UploadParts took a part that splits a value")
+	}
 	if err := b.freeStaging(); err != nil {
 		t.Fatal(err)
 	}
