@@ -147,3 +147,17 @@ func TestRuntimeMetrics(t *testing.T) {
 		}
 	}
 }
+
+func TestUploadsCollector(t *testing.T) {
+	m := New(2)
+	n := UploadCounts{Kept: 3, Filled: 2, Ring: 1, Evictions: 4, CacheBytes: 1 << 30}
+	m.Registry.MustRegister(NewUploads(func() UploadCounts { return n }))
+	v := values(t, m)
+	if v["peftd_adapter_uploads_total"] != 6 || v["peftd_adapter_pinned_evictions_total"] != 4 || v["peftd_adapter_pinned_bytes"] != 1<<30 {
+		t.Errorf("upload metrics: %v", v)
+	}
+	n.Kept++ // read at scrape time
+	if v := values(t, m); v["peftd_adapter_uploads_total"] != 7 {
+		t.Errorf("after one more upload: %v", v)
+	}
+}

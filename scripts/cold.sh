@@ -153,8 +153,8 @@ r1=$(req cold-1) && r2=$(req cold-1) && r3=$(req cold-1) || exit 1
 report "resident_ms $r1 $r2 $r3"
 c2=$(req cold-2) && c3=$(req cold-3) || exit 1
 report "s3_to_first_token_ms $c2 $c3 (cold-2, cold-3; 2 slots: cold-1 leaves the device)"
-r=$(req cold-1) || exit 1
-report "host_to_first_token_ms $r (cold-1, from host memory)"
+h1=$(req cold-1) && h2=$(req cold-2) && h3=$(req cold-3) || exit 1
+report "host_to_first_token_ms $h1 $h2 $h3 (cold-1, cold-2, cold-3 from host memory: each evicts the least recently used of the 2 slots)"
 sleep $((2 * TTL + 2))
 r=$(req cold-2) || exit 1
 report "after_ttls_first_token_ms $r (cold-2 after the device and host TTLs, ${TTL} s each)"
@@ -168,6 +168,7 @@ awk '/^peftd_adapter_load_phase_seconds_(sum|count)/ { split($1, a, "\""); v[a[2
 awk '/^peftd_runtime_stall_seconds_(count|sum) / { v[$1] = $2 }
 	END { printf "COLD runtime_stalls %d (%.0f ms in all)\n", v["peftd_runtime_stall_seconds_count"], 1000 * v["peftd_runtime_stall_seconds_sum"] }' \
 	"$WORK/metrics.txt" | tee -a "$WORK/report.txt"
+grep -E '^peftd_adapter_(uploads_total|pinned_)' "$WORK/metrics.txt" | sed 's/^/COLD /' | tee -a "$WORK/report.txt" || true
 report "stall_log_ms $(grep -o 'late_ms=[0-9]*' "$WORK/serve.log" | cut -d= -f2 | paste -sd' ' -)"
 awk '/^peftd_adapter_cold_first_token_seconds_(sum|count)/ { split($1, a, "\""); v[a[2] " " ($1 ~ /_sum/ ? "sum" : "count")] = $2 }
 	END { for (k in v) { split(k, p, " "); if (p[2] == "count" && v[k] > 0) printf "COLD first_token_from %-6s mean_ms %.1f over %d\n", p[1], 1000 * v[p[1] " sum"] / v[k], v[k] } }' \

@@ -133,6 +133,10 @@ type Config struct {
 	// NoPDL is gpu.Options': kernels launched one after the other, without
 	// Programmatic Dependent Launch (for comparison).
 	NoPDL bool
+	// PinnedCacheBytes is gpu.Options.PinnedImageBytes: pinned host memory
+	// that keeps adapter images, so that an adapter coming back to the GPU
+	// from host memory uploads by DMA alone (0: 2 GiB; negative: none).
+	PinnedCacheBytes int64
 	// Threads are the CPU backend's workers (0: all cores).
 	Threads int
 	// Slots are the device adapter slots (default 4).
@@ -354,6 +358,15 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 	opts := core.Engine.Options()
 	log.Info("engine", "backend", dev, "slots", opts.AdapterSlots, "kv_blocks", opts.KVBlocks, "block_size", opts.BlockSize,
 		"max_batch_tokens", opts.MaxTokens, "max_context", opts.MaxContext)
+	if g, ok := core.Engine.Backend().(*gpu.Backend); ok {
+		st := g.PinnedStats()
+		log.Info("pinned adapter images", "bytes", int64(st.Blocks)*int64(st.BlockBytes), "blocks", st.Blocks, "block_bytes", st.BlockBytes,
+			"seconds", fmt.Sprintf("%.2f", st.Pinned.Seconds()))
+		met.Registry.MustRegister(metrics.NewUploads(func() metrics.UploadCounts {
+			st := g.PinnedStats()
+			return metrics.UploadCounts{Kept: st.Hits, Filled: st.Fills, Ring: st.Ring, Evictions: st.Evictions, CacheBytes: int64(st.Blocks) * int64(st.BlockBytes)}
+		}))
+	}
 	list, err := core.Catalog.List(ctx)
 	if err != nil {
 		return nil, err
@@ -442,7 +455,7 @@ func newGPU(cfg Config) (*gpu.Backend, error) {
 	// --warm-graphs idle: the scheduler records the graphs while idle, and
 	// a request's step never waits for a recording (it runs eagerly)
 	return gpu.New(gpu.Options{Device: cfg.GPU, WeightFormat: cfg.Weights, KVFormat: cfg.KVCache, Eager: cfg.Eager, SerialLoRA: cfg.SerialLoRA, LoRASMs: cfg.LoRASMs, NoPDL: cfg.NoPDL,
-		RecordIdle: cfg.WarmGraphs == WarmIdle})
+		RecordIdle: cfg.WarmGraphs == WarmIdle, PinnedImageBytes: cfg.PinnedCacheBytes})
 }
 
 func logGPU(log *slog.Logger, cfg Config, b *gpu.Backend) {

@@ -32,6 +32,7 @@ type serveFlags struct {
 	loraSMs                               int
 	requestTimeout, deviceTTL, hostTTL    time.Duration
 	maxUpload, hostBytes, diskBytes       int64
+	pinnedBytes                           int64
 	cacheDir, logLevel, pin               string
 	weights, kvCache                      string
 }
@@ -69,6 +70,8 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		"(0: half of the cgroup memory limit or MemAvailable left after the base model and a 10% margin, at least a few adapters; -1: no bound)")
 	fs.Int64Var(&f.diskBytes, "disk-cache-bytes", 0, "bound on the adapter disk cache, in bytes; LRU past it "+
 		"(0: half of the cache file system's free space plus what the cache holds, at least 1 GiB if there is room; -1: no bound)")
+	fs.Int64Var(&f.pinnedBytes, "pinned-cache-bytes", 0, "GPU: pinned host memory keeping adapter images, so that an adapter coming back to the GPU from host memory is one DMA "+
+		"(0: 2 GiB, pinned at start; -1: none, every upload is copied through a 64 MiB staging ring)")
 	fs.StringVar(&f.cacheDir, "cache-dir", "", "adapter disk cache folder (default: one per store in the peftd cache; - disables the disk tier)")
 	fs.StringVar(&f.logLevel, "log-level", "info", "debug, info, warn or error")
 	fs.StringVar(&f.pin, "pin", "", "comma-separated adapter IDs loaded at start and kept on the device (at most slots-1)")
@@ -171,7 +174,7 @@ func serve(ctx context.Context, f serveFlags, log *slog.Logger) error {
 		return fmt.Errorf("serve: --kv-cache %q: want bf16 or fp8", f.kvCache)
 	}
 	srv, err := server.New(ctx, server.Config{Model: f.model, Store: f.store, SQSQueueURL: f.sqsQueueURL, Listen: f.listen, Device: f.device, Weights: f.weights, KVCache: f.kvCache, Eager: f.eager, WarmGraphs: f.warmGraphs,
-		SerialLoRA: f.serialLoRA, NoPDL: f.noPDL, LoRASMs: f.loraSMs, Slots: f.slots, KVBlocks: f.kvBlocks, MaxBatchTokens: f.maxBatchTokens, MaxQueue: f.maxQueue, NoPrefixCache: f.noPrefixCache,
+		SerialLoRA: f.serialLoRA, NoPDL: f.noPDL, LoRASMs: f.loraSMs, PinnedCacheBytes: f.pinnedBytes, Slots: f.slots, KVBlocks: f.kvBlocks, MaxBatchTokens: f.maxBatchTokens, MaxQueue: f.maxQueue, NoPrefixCache: f.noPrefixCache,
 		RequestTimeout: f.requestTimeout, DeviceTTL: f.deviceTTL, HostTTL: f.hostTTL, Keys: keys,
 		MaxUpload: f.maxUpload, HostBytes: f.hostBytes, DiskBytes: f.diskBytes, CacheDir: f.cacheDir, Pin: splitList(f.pin), Logger: log})
 	if err != nil {

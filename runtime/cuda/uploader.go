@@ -10,13 +10,19 @@ import (
 // Uploader copies data from the host to device memory through a fixed ring
 // of pinned chunks on a stream of its own. Everything it asks of the driver
 // runs on the context's second thread: it may be called from any goroutine
-// while steps run, pins nothing after NewUploader, and never waits for the
-// executor thread (that issues the steps) nor holds it.
+// while steps run, pins nothing after NewUploader (and AddBlocks), and never
+// waits for the executor thread (that issues the steps) nor holds it.
+//
+// Besides the ring it may keep blocks (AddBlocks): pinned chunks whose
+// contents outlive an upload, so that data copied once into them (a cache
+// of adapter images, runtime/gpu) goes to the device again by DMA alone,
+// with no host copy (StartBlocks with no fill).
 type Uploader struct {
 	c      *Context
 	mu     sync.Mutex // one Upload at a time: they share the ring
 	s      cuStream
-	chunks []*HostBuffer
+	chunks []*HostBuffer // the ring, chunks[:ring], then the kept blocks
+	ring   int
 	evs    []cuEvent // evs[i]: the last copy out of chunks[i]
 	used   []bool    // evs[i] was recorded
 	next   int
@@ -28,7 +34,7 @@ func (c *Context) NewUploader(chunks, chunkBytes int) (*Uploader, error) {
 	if chunks < 2 || chunkBytes <= 0 {
 		return nil, fmt.Errorf("%w: uploader of %d chunks of %d bytes", ErrInvalidValue, chunks, chunkBytes)
 	}
-	u := &Uploader{c: c, evs: make([]cuEvent, chunks), used: make([]bool, chunks)}
+	u := &Uploader{c: c, ring: chunks, evs: make([]cuEvent, chunks), used: make([]bool, chunks)}
 	err := c.doAside(func() error {
 		if err := check("cuStreamCreate", drv.cuStreamCreate(&u.s, 0)); err != nil {
 			return err
@@ -52,8 +58,43 @@ func (c *Context) NewUploader(chunks, chunkBytes int) (*Uploader, error) {
 	return u, nil
 }
 
-// ChunkBytes is the size of one pinned chunk.
+// ChunkBytes is the size of one pinned chunk (ring chunk or kept block).
 func (u *Uploader) ChunkBytes() int { return u.chunks[0].Size() }
+
+// AddBlocks pins n more chunks, kept for StartBlocks, and returns how many
+// it pinned (fewer than n only with an error: the host ran out of memory
+// that can be pinned, say). Call it before steps run: pinning can hold up
+// the driver.
+func (u *Uploader) AddBlocks(n int) (int, error) {
+	size := u.ChunkBytes()
+	added := 0
+	for added < n {
+		h, err := u.c.AllocHostAside(size)
+		if err != nil {
+			return added, err
+		}
+		var ev cuEvent
+		if err := u.c.doAside(func() error { return check("cuEventCreate", drv.cuEventCreate(&ev, 2)) }); err != nil {
+			return added, errors.Join(err, h.Free())
+		}
+		u.mu.Lock()
+		if u.s == 0 { // closed meanwhile
+			u.mu.Unlock()
+			return added, errors.Join(ErrClosed, h.Free(), u.c.doAside(func() error { return check("cuEventDestroy_v2", drv.cuEventDestroy(ev)) }))
+		}
+		u.chunks, u.evs, u.used = append(u.chunks, h), append(u.evs, ev), append(u.used, false)
+		u.mu.Unlock()
+		added++
+	}
+	return added, nil
+}
+
+// Blocks is the number of kept blocks (AddBlocks).
+func (u *Uploader) Blocks() int {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	return len(u.chunks) - u.ring
+}
 
 // Transfer is an upload: its copies are enqueued one chunk at a time (on
 // a goroutine of its own after Start), and its events complete as its bytes
@@ -186,7 +227,7 @@ func (u *Uploader) Upload(dst DevicePtr, n int, fill func(b []byte, off int) err
 		return nil, err
 	}
 	t := newTransfer(u, len(marks))
-	u.run(t, dst, n, fill, marks)
+	u.run(t, dst, n, nil, fill, marks)
 	if t.err != nil {
 		return nil, errors.Join(t.err, t.Destroy())
 	}
@@ -202,7 +243,33 @@ func (u *Uploader) Start(dst DevicePtr, n int, fill func(b []byte, off int) erro
 		return nil, err
 	}
 	t := newTransfer(u, len(marks))
-	go u.run(t, dst, n, fill, marks)
+	go u.run(t, dst, n, nil, fill, marks)
+	return t, nil
+}
+
+// StartBlocks is Start through kept blocks instead of the ring: chunk i of
+// the data (ChunkBytes each) goes through block blocks[i], where it stays
+// after the upload. With fill nil the blocks already hold the data (an
+// earlier StartBlocks filled them) and only the copies go out: the upload
+// runs at the link's speed. The caller owns the choice of blocks: no two
+// uploads may fill the same block unless the first's data is no longer
+// wanted (the fill then waits for the block's copies in flight).
+func (u *Uploader) StartBlocks(dst DevicePtr, n int, blocks []int, fill func(b []byte, off int) error, marks ...int) (*Transfer, error) {
+	if err := checkMarks(n, marks); err != nil {
+		return nil, err
+	}
+	size := u.ChunkBytes()
+	if want := (n + size - 1) / size; len(blocks) != want {
+		return nil, fmt.Errorf("%w: upload of %d bytes through %d blocks, want %d of %d bytes", ErrInvalidValue, n, len(blocks), want, size)
+	}
+	have := u.Blocks()
+	for _, k := range blocks {
+		if k < 0 || k >= have {
+			return nil, fmt.Errorf("%w: block %d of %d kept", ErrInvalidValue, k, have)
+		}
+	}
+	t := newTransfer(u, len(marks))
+	go u.run(t, dst, n, blocks, fill, marks)
 	return t, nil
 }
 
@@ -218,8 +285,9 @@ func checkMarks(n int, marks []int) error {
 	return nil
 }
 
-// run enqueues t's copies and ends t.
-func (u *Uploader) run(t *Transfer, dst DevicePtr, n int, fill func(b []byte, off int) error, marks []int) {
+// run enqueues t's copies and ends t: through the ring when blocks is nil,
+// else chunk i through kept block blocks[i] (filled unless fill is nil).
+func (u *Uploader) run(t *Transfer, dst DevicePtr, n int, blocks []int, fill func(b []byte, off int) error, marks []int) {
 	u.mu.Lock()
 	defer u.mu.Unlock()
 	if u.s == 0 || len(u.chunks) == 0 { // closed (Start may run after Close)
@@ -253,9 +321,14 @@ func (u *Uploader) run(t *Transfer, dst DevicePtr, n int, fill func(b []byte, of
 			fail(ErrCanceled)
 			return
 		}
-		k := u.next
-		u.next = (k + 1) % len(u.chunks)
-		if u.used[k] { // the chunk's previous copy must be out of it
+		var k int
+		if blocks == nil {
+			k = u.next
+			u.next = (k + 1) % u.ring
+		} else {
+			k = u.ring + blocks[off/size]
+		}
+		if u.used[k] && fill != nil { // the chunk's previous copy must be out of it
 			if err := u.c.doAside(func() error { return check("cuEventSynchronize", drv.cuEventSynchronize(u.evs[k])) }); err != nil {
 				fail(err)
 				return
@@ -263,9 +336,11 @@ func (u *Uploader) run(t *Transfer, dst DevicePtr, n int, fill func(b []byte, of
 		}
 		h := u.chunks[k]
 		m := min(size, n-off)
-		if err := fill(h.Bytes()[:m], off); err != nil {
-			fail(err)
-			return
+		if fill != nil {
+			if err := fill(h.Bytes()[:m], off); err != nil {
+				fail(err)
+				return
+			}
 		}
 		from := mi
 		if err := u.c.doAside(func() error {

@@ -135,7 +135,8 @@ type preparedAdapter struct {
 	mem  *cuda.DeviceBuffer
 	tr   *cuda.Transfer
 	img  slotImage
-	done atomic.Bool // committed or released: the image is no longer ours
+	pin  *pinnedImage // the kept image the upload reads or fills (nil: through the ring)
+	done atomic.Bool  // committed or released: the image is no longer ours
 }
 
 // Release frees the device image if the adapter was never committed (after
@@ -199,12 +200,46 @@ func (b *Backend) PrepareAdapter(a *lora.Adapter) (engine.PreparedAdapter, error
 	}
 	// The fill and the copies go on after the return: the first step that
 	// uses the slot waits, layer by layer, for them to be enqueued and to land.
-	tr, err := b.up.Start(mem.Ptr(), 2*img.total, fill, img.layerMarks(b.cfg.Layers)...)
+	tr, pin, err := b.startUpload(a, mem.Ptr(), 2*img.total, fill, img.layerMarks(b.cfg.Layers))
 	if err != nil {
 		mem.Free()
 		return nil, fmt.Errorf("gpu: adapter %s: upload: %w", a.Name, err)
 	}
-	return &preparedAdapter{b: b, name: a.Name, mem: mem, tr: tr, img: img}, nil
+	return &preparedAdapter{b: b, name: a.Name, mem: mem, tr: tr, img: img, pin: pin}, nil
+}
+
+// startUpload starts the upload of a's n-byte image to dst: by DMA alone
+// from its kept image when the image cache holds it, else filled into kept
+// blocks (the image kept after), else through the ring (pinned.go). pin is
+// the kept image the upload reads or fills, nil through the ring.
+func (b *Backend) startUpload(a *lora.Adapter, dst cuda.DevicePtr, n int, fill func([]byte, int) error, marks []int) (*cuda.Transfer, *pinnedImage, error) {
+	if pin := b.pins.hit(a, n); pin != nil {
+		tr, err := b.up.StartBlocks(dst, n, pin.blocks, nil, marks...)
+		if err != nil {
+			b.pins.read(pin)
+			return nil, nil, err
+		}
+		go func() { // the blocks may be refilled once the copies from them are enqueued
+			tr.Done()
+			b.pins.read(pin)
+		}()
+		return tr, pin, nil
+	}
+	if pin := b.pins.reserve(a, n, b.up.ChunkBytes()); pin != nil {
+		tr, err := b.up.StartBlocks(dst, n, pin.blocks, fill, marks...)
+		if err != nil {
+			b.pins.filled(pin, false)
+			return nil, nil, err
+		}
+		go func() { // usable once every chunk is filled (and enqueued)
+			_, err := tr.Done()
+			b.pins.filled(pin, err == nil)
+		}()
+		return tr, pin, nil
+	}
+	b.ringUploads.Add(1)
+	tr, err := b.up.Start(dst, n, fill, marks...)
+	return tr, nil, err
 }
 
 // fillImage writes elements [lo, lo+len(dst)) of a's slot image (layout
@@ -291,9 +326,10 @@ func (b *Backend) LoadPrepared(slot int, pa engine.PreparedAdapter) error {
 		p.Release()
 		return err
 	}
-	st := &slotState{mem: p.mem, maxRank: p.img.maxRank, odd: p.img.odd}
+	st := &slotState{mem: p.mem, maxRank: p.img.maxRank, odd: p.img.odd, pin: p.pin}
 	b.pointSlot(slot, st.mem.Ptr(), p.img.ents)
 	b.slots[slot] = st
+	b.pins.onSlot(p.pin, 1)
 	p.done.Store(true) // the image is the slot's now; its upload may still be in flight
 	b.loads = append(b.loads, &pendingLoad{slot: slot, tr: p.tr})
 	if err := b.syncTable(); err != nil {

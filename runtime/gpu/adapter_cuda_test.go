@@ -164,7 +164,9 @@ func TestGatedAdapterLoad(t *testing.T) {
 		hold, whole bool
 		slow        time.Duration
 		gated       int
-	}{{"held", true, false, 0, 1}, {"held+wholeLoad", true, true, 0, 0}, {"slow fill", false, false, 5 * time.Millisecond, 1}} {
+		kept        bool // the image comes from kept pinned blocks (filled by an earlier upload): DMA alone
+	}{{"held", true, false, 0, 1, false}, {"held+wholeLoad", true, true, 0, 0, false}, {"slow fill", false, false, 5 * time.Millisecond, 1, false},
+		{"held, kept image", true, false, 0, 1, true}} {
 		eS, eA := newEngine(t, m, opts), newEngine(t, m, opts)
 		for _, e := range []*engine.Engine{eS, eA} {
 			if err := e.LoadAdapter(0, first); err != nil {
@@ -182,11 +184,21 @@ func TestGatedAdapterLoad(t *testing.T) {
 		}
 		// chunks of ~1/(2 layers) of the image, a ring that never makes Upload wait
 		chunk := max(256, (2*img.total/(2*m.Config.Layers)+255)&^255)
-		if err := b.up.Close(); err != nil {
-			t.Fatal(err)
-		}
-		if b.up, err = b.ctx.NewUploader(2*img.total/chunk+2, chunk); err != nil {
-			t.Fatal(err)
+		nChunks := (2*img.total + chunk - 1) / chunk
+		if !mode.kept {
+			swapUploader(t, b, nChunks+2, chunk, 0)
+		} else {
+			swapUploader(t, b, 2, chunk, nChunks)
+			// an earlier upload fills the kept blocks (its slot emptied after)
+			p, err := b.PrepareAdapter(late)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := p.(*preparedAdapter).tr.Wait(); err != nil {
+				t.Fatal(err)
+			}
+			p.Release()
+			waitFills(t, b, 1)
 		}
 		seqs := [2][2]*engine.Sequence{{{}, {}}, {{}, {}}}
 		step := func(k int, e *engine.Engine, in []engine.Input) [][]float32 {
@@ -276,7 +288,9 @@ func TestGatedAdapterLoad(t *testing.T) {
 		if gated != mode.gated || b.gatedSteps != mode.gated {
 			t.Errorf("%s: %d gated steps (%d after the next step), want %d", mode.name, gated, b.gatedSteps, mode.gated)
 		}
-		nChunks := (2*img.total + chunk - 1) / chunk
+		if st := b.PinnedStats(); mode.kept && st.Hits != 1 {
+			t.Errorf("%s: image cache %+v: the upload should have been a hit", mode.name, st)
+		}
 		if mode.slow > 0 && prep > mode.slow*time.Duration(nChunks)/2 {
 			t.Errorf("%s: PrepareAdapter took %v, as long as the fill (%d chunks x %v): it should return at once", mode.name, prep, nChunks, mode.slow)
 		}
@@ -308,12 +322,7 @@ func TestCanceledAdapterLoad(t *testing.T) {
 	}
 	const chunks = 50
 	chunk := max(256, (2*img.total/chunks+255)&^255)
-	if err := b.up.Close(); err != nil {
-		t.Fatal(err)
-	}
-	if b.up, err = b.ctx.NewUploader(4, chunk); err != nil {
-		t.Fatal(err)
-	}
+	swapUploader(t, b, 4, chunk, 0)
 	const slow = 20 * time.Millisecond
 	fill := slow * time.Duration((2*img.total+chunk-1)/chunk)
 	b.force.slowFill = slow
@@ -440,4 +449,58 @@ func TestOddRankAfterRecording(t *testing.T) {
 			t.Errorf("step %d after the rank-4 load differs from an engine that only had it (rel %.3g)", j, d)
 		}
 	}
+}
+
+// TestPinnedImageReuse: an adapter uploaded once (its image filled into
+// kept pinned blocks) and loaded again after its slot was emptied uploads
+// by DMA alone from the kept image; both loads compute exactly as a
+// synchronous load. A new version (another *lora.Adapter of the same
+// name) never takes the old image.
+func TestPinnedImageReuse(t *testing.T) {
+	m, adapters, cases := loadFixture(t)
+	opts := engine.DefaultOptions()
+	late := adapters["mlp-r64"]
+	eS, eA := newEngine(t, m, opts), newEngine(t, m, opts)
+	b := eA.Backend().(*Backend)
+	if err := eS.LoadAdapter(2, late); err != nil {
+		t.Fatal(err)
+	}
+	stepOn := func(e *engine.Engine) []float32 {
+		s := &engine.Sequence{}
+		defer e.Release(s)
+		out, err := e.Step(context.Background(), []engine.Input{{Seq: s, Tokens: cases[0].Prompt, Slot: 2}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return out[0]
+	}
+	want := stepOn(eS)
+	load := func(a *lora.Adapter) {
+		p, err := eA.PrepareAdapter(a)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := eA.LoadPrepared(2, p); err != nil {
+			t.Fatal(err)
+		}
+	}
+	second := *late // a new version: same name and values, another adapter
+	for i, c := range []struct {
+		name        string
+		a           *lora.Adapter
+		hits, fills int64
+	}{{"first load", late, 0, 1}, {"again", late, 1, 1}, {"new version", &second, 1, 2}, {"new version again", &second, 2, 2}} {
+		load(c.a)
+		if d := fx.RelErr(stepOn(eA), want); d != 0 {
+			t.Errorf("%s: output differs from the synchronous load (rel %.3g)", c.name, d)
+		}
+		if err := eA.UnloadAdapter(2); err != nil {
+			t.Fatal(err)
+		}
+		waitFills(t, b, c.fills)
+		if st := b.PinnedStats(); st.Hits != c.hits || st.Fills != c.fills || st.Ring != 0 {
+			t.Errorf("%s (%d): image cache %+v, want %d hits, %d fills, none through the ring", c.name, i, st, c.hits, c.fills)
+		}
+	}
+	t.Logf("image cache %+v", b.PinnedStats())
 }

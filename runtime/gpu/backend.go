@@ -10,6 +10,7 @@ package gpu
 import (
 	"math"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"errors"
@@ -71,6 +72,11 @@ type Options struct {
 	// ops eagerly in the recording's layout, instead of recording it on the
 	// request's time, and MissedRecording reports it.
 	RecordIdle bool
+	// PinnedImageBytes is the pinned host memory kept for adapter images
+	// (pinned.go): an adapter that comes back to the device from host
+	// memory then uploads by DMA alone. 0: DefaultPinnedImageBytes;
+	// negative: none (every upload fills the staging ring).
+	PinnedImageBytes int64
 	// NoPDL launches the compute stream's kernels one after the other. By
 	// default, where the driver and GPU allow it (sm_90+), they launch with
 	// Programmatic Dependent Launch: a kernel's blocks are scheduled while
@@ -120,7 +126,8 @@ type weight struct {
 type slotState struct {
 	mem     *cuda.DeviceBuffer
 	maxRank int
-	odd     bool // some rank is not a multiple of 8 (no tensor-core expand)
+	odd     bool         // some rank is not a multiple of 8 (no tensor-core expand)
+	pin     *pinnedImage // the kept host image it was uploaded from (nil: none)
 }
 
 type funcs struct {
@@ -240,11 +247,14 @@ type Backend struct {
 	la loraAside // the LoRA stream and the update it has in flight (lora.go)
 
 	// asynchronous adapter loads (PrepareAdapter / LoadPrepared)
-	cs         *cuda.Stream   // copy stream (weight uploads)
-	up         *cuda.Uploader // adapter images, through pinned chunks (adapter.go)
-	loads      []*pendingLoad
-	gates      []*pendingLoad // loads the running step waits for layer by layer (gateLayer)
-	gatedSteps int            // steps that waited for an adapter image layer by layer
+	cs          *cuda.Stream   // copy stream (weight uploads)
+	up          *cuda.Uploader // adapter images, through pinned chunks (adapter.go)
+	loads       []*pendingLoad
+	gates       []*pendingLoad // loads the running step waits for layer by layer (gateLayer)
+	gatedSteps  int            // steps that waited for an adapter image layer by layer
+	pins        *imageCache    // adapter images kept in the uploader's pinned blocks (nil: none)
+	pinBytes    int64          // Options.PinnedImageBytes
+	ringUploads atomic.Int64   // adapter uploads through the staging ring (PinnedStats)
 
 	weights []*weight
 	// FP8 projections (Options.WeightFormat fp8; nil for bf16) and the write
@@ -345,6 +355,10 @@ func (b *Backend) open(opts Options) error {
 		b.pdl = b.s.SetProgrammaticLaunch(true) == nil
 	}
 	b.la.on, b.la.sms = !opts.SerialLoRA, max(opts.LoRASMs, 0)
+	b.pinBytes = opts.PinnedImageBytes
+	if b.pinBytes == 0 {
+		b.pinBytes = DefaultPinnedImageBytes
+	}
 	if opts.LoRASMs == 0 {
 		b.la.sms = -1 // by the step's rows
 	}
@@ -553,6 +567,17 @@ func (b *Backend) Init(cfg *llama.Config, spec engine.Spec) error {
 	if b.up == nil { // pinned once, before any step: no adapter load pins memory while steps run
 		if b.up, err = b.ctx.NewUploader(stageChunks, stageChunkBytes); err != nil {
 			return fmt.Errorf("gpu: adapter staging: %w", err)
+		}
+		if n := int(b.pinBytes / stageChunkBytes); n > 0 {
+			t0 := time.Now()
+			got, err := b.up.AddBlocks(n)
+			if err != nil && got == 0 {
+				return fmt.Errorf("gpu: pinned adapter images (%d MiB): %w", b.pinBytes>>20, err)
+			}
+			// fewer blocks than asked (the host would not pin more) is a
+			// smaller cache, not a failure: PinnedStats says how many
+			b.pins = newImageCache(got, stageChunkBytes)
+			b.pins.stats.Pinned = time.Since(t0)
 		}
 	}
 	if b.f8 != nil {

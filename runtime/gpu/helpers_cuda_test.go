@@ -2,7 +2,12 @@
 
 package gpu
 
-import "github.com/peftd/peftd/runtime/cuda"
+import (
+	"testing"
+	"time"
+
+	"github.com/peftd/peftd/runtime/cuda"
+)
 
 func copyHtoD(b *Backend, x *Buffer, h []uint16) error {
 	if err := cuda.CopyHtoD(b.s, x.mem.Ptr(), h); err != nil {
@@ -11,4 +16,36 @@ func copyHtoD(b *Backend, x *Buffer, h []uint16) error {
 	x.isF32 = false
 	b.gen++ // the FP8 path must not re-use a quantized copy of x
 	return b.s.Synchronize()
+}
+
+// swapUploader replaces b's uploader with one of ring chunks of chunk bytes
+// and kept blocks of that size for adapter images (none: every upload goes
+// through the ring).
+func swapUploader(t *testing.T, b *Backend, ring, chunk, kept int) {
+	t.Helper()
+	if err := b.up.Close(); err != nil {
+		t.Fatal(err)
+	}
+	var err error
+	if b.up, err = b.ctx.NewUploader(ring, chunk); err != nil {
+		t.Fatal(err)
+	}
+	b.pins = nil
+	if kept > 0 {
+		if n, err := b.up.AddBlocks(kept); err != nil || n != kept {
+			t.Fatalf("AddBlocks(%d): %d, %v", kept, n, err)
+		}
+		b.pins = newImageCache(kept, chunk)
+	}
+}
+
+// waitFills waits until b's image cache has counted n filled images (the
+// count follows the upload's end on a goroutine of its own).
+func waitFills(t *testing.T, b *Backend, n int64) {
+	t.Helper()
+	for deadline := time.Now().Add(10 * time.Second); b.PinnedStats().Fills < n; time.Sleep(time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("image cache stats %+v: want %d fills", b.PinnedStats(), n)
+		}
+	}
 }

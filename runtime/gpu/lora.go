@@ -51,6 +51,7 @@ func (b *Backend) LoadAdapter(slot int, a *lora.Adapter) error {
 func (b *Backend) clearSlot(slot int) {
 	if slot < len(b.slots) && b.slots[slot] != nil {
 		b.slots[slot].mem.Free()
+		b.pins.onSlot(b.slots[slot].pin, -1)
 		b.slots[slot] = nil
 	}
 	n := b.cfg.Layers * int(llama.NumModules) * entryWords

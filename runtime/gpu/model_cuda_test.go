@@ -149,6 +149,9 @@ func newEngine(t *testing.T, m *llama.Model, opts engine.Options) *engine.Engine
 // with the test.
 func newEngineWith(t *testing.T, m *llama.Model, opts engine.Options, bo Options) *engine.Engine {
 	t.Helper()
+	if bo.PinnedImageBytes == 0 {
+		bo.PinnedImageBytes = 4 * stageChunkBytes // the fixtures' images fit; the default's 2 GiB would pin for every test engine
+	}
 	b, err := New(bo)
 	if err != nil {
 		t.Fatal(err)

@@ -1,0 +1,225 @@
+package gpu
+
+import (
+	"sync"
+	"time"
+	"weak"
+
+	"github.com/peftd/peftd/runtime/lora"
+)
+
+// Adapter images kept in pinned host memory. An adapter's first upload
+// fills its slot image chunk by chunk into the uploader's kept blocks
+// (cuda.Uploader.StartBlocks) instead of its ring, and the blocks keep the
+// image afterwards. When the same adapter comes back to the device (it was
+// evicted from its slot but stayed in host memory), its image goes out by
+// DMA alone, at the link's speed: on the H200 a 168 MB rank-32 8B image
+// takes ~3 ms this way against ~9 ms through the ring, whose host fill is
+// the bottleneck (issue 12's host -> first token).
+//
+// An image is keyed by the *lora.Adapter it was made from, held weakly:
+// the loader's host tier owns the adapter, and once it drops it (host TTL,
+// budget) the image is dead and its blocks free. A new version of an
+// adapter is a new *lora.Adapter, so it never matches an old image.
+//
+// Blocks are taken from dead images first, then from the least recently
+// uploaded image that is on no device slot, then from the least recently
+// uploaded one on a slot (its image is wanted only after that slot is
+// emptied). An image being filled, or read by an upload that has not yet
+// enqueued its copies, is never taken; copies already enqueued from a
+// block are waited for before it is filled again (the uploader does).
+
+// DefaultPinnedImageBytes is the pinned host memory kept for adapter images
+// when Options.PinnedImageBytes is 0: about a dozen rank-32 images at 8B
+// shapes (176 MiB each in 16 MiB blocks), pinned at Init in ~0.1-0.3 s.
+const DefaultPinnedImageBytes = 2 << 30
+
+// PinnedStats reports the image cache's counters (Blocks 0 when it has none).
+func (b *Backend) PinnedStats() PinnedStats {
+	s := b.pins.snapshot()
+	s.Ring = b.ringUploads.Load()
+	return s
+}
+
+// pinnedImage is one adapter's image in kept blocks.
+type pinnedImage struct {
+	key     weak.Pointer[lora.Adapter]
+	bytes   int
+	blocks  []int
+	used    uint64 // clock at its last upload
+	slots   int    // device slots whose image came from it
+	reading int    // uploads from it still enqueuing copies: not to be refilled
+	filling bool   // its first upload is filling the blocks: not usable yet
+}
+
+// imageCache assigns kept blocks to adapter images.
+type imageCache struct {
+	mu     sync.Mutex
+	free   []int
+	images []*pinnedImage
+	clock  uint64
+	stats  PinnedStats
+}
+
+// PinnedStats counts the image cache's work (Backend.PinnedStats).
+type PinnedStats struct {
+	Blocks, BlockBytes int           // kept blocks and their size
+	Pinned             time.Duration // how long pinning them took (Init)
+	Hits               int64         // uploads by DMA alone from a kept image
+	Fills              int64         // uploads that filled kept blocks (the image kept after)
+	Ring               int64         // uploads through the staging ring: no kept blocks, or no room (image larger than the cache, or every block busy)
+	Evictions          int64         // images dropped to make room (dead ones not counted)
+}
+
+func newImageCache(blocks, blockBytes int) *imageCache {
+	c := &imageCache{stats: PinnedStats{Blocks: blocks, BlockBytes: blockBytes}}
+	for i := range blocks {
+		c.free = append(c.free, i)
+	}
+	return c
+}
+
+// hit returns a's image when the cache holds it whole, as its upload
+// source (marked used).
+func (c *imageCache) hit(a *lora.Adapter, bytes int) *pinnedImage {
+	if c == nil {
+		return nil
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for _, im := range c.images {
+		if !im.filling && im.bytes == bytes && im.key.Value() == a {
+			c.clock++
+			im.used = c.clock
+			im.reading++
+			c.stats.Hits++
+			return im
+		}
+	}
+	return nil
+}
+
+// reserve returns blocks for a new image of a (filling until filled), or
+// nil when they cannot be had: the upload then goes through the ring.
+func (c *imageCache) reserve(a *lora.Adapter, bytes, blockBytes int) *pinnedImage {
+	if c == nil {
+		return nil
+	}
+	need := (bytes + blockBytes - 1) / blockBytes
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if need > c.stats.Blocks {
+		return nil
+	}
+	for _, im := range c.images {
+		if im.filling && im.key.Value() == a {
+			return nil // filled by another upload right now
+		}
+	}
+	c.dropDead()
+	for len(c.free) < need {
+		v := c.victim()
+		if v < 0 {
+			return nil
+		}
+		c.drop(v)
+		c.stats.Evictions++
+	}
+	im := &pinnedImage{key: weak.Make(a), bytes: bytes, blocks: append([]int(nil), c.free[len(c.free)-need:]...), filling: true}
+	c.free = c.free[:len(c.free)-need]
+	c.clock++
+	im.used = c.clock
+	c.images = append(c.images, im)
+	return im
+}
+
+// filled ends im's first upload: with ok the image is usable, else its
+// blocks are free again.
+func (c *imageCache) filled(im *pinnedImage, ok bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if ok {
+		im.filling = false
+		c.stats.Fills++
+		return
+	}
+	for i, x := range c.images {
+		if x == im {
+			c.drop(i)
+			return
+		}
+	}
+}
+
+// read ends an upload from im (hit) once its copies are enqueued.
+func (c *imageCache) read(im *pinnedImage) {
+	c.mu.Lock()
+	im.reading--
+	c.mu.Unlock()
+}
+
+// onSlot counts im on (d = 1) or off (d = -1) a device slot.
+func (c *imageCache) onSlot(im *pinnedImage, d int) {
+	if c == nil || im == nil {
+		return
+	}
+	c.mu.Lock()
+	im.slots += d
+	c.mu.Unlock()
+}
+
+// dropDead frees the blocks of images whose adapter is gone.
+func (c *imageCache) dropDead() {
+	for i := 0; i < len(c.images); {
+		if im := c.images[i]; !im.busy() && im.key.Value() == nil {
+			c.drop(i)
+			continue
+		}
+		i++
+	}
+}
+
+// victim is the index of the image to drop next, or -1.
+func (c *imageCache) victim() int {
+	best := -1
+	for i, im := range c.images {
+		if im.busy() {
+			continue
+		}
+		if best < 0 {
+			best = i
+			continue
+		}
+		b := c.images[best]
+		if (im.slots == 0) != (b.slots == 0) {
+			if im.slots == 0 {
+				best = i
+			}
+			continue
+		}
+		if im.used < b.used {
+			best = i
+		}
+	}
+	return best
+}
+
+// busy: being filled or read by an upload that has not enqueued its
+// copies yet (a refill now could overwrite what it is about to copy).
+func (im *pinnedImage) busy() bool { return im.filling || im.reading > 0 }
+
+// drop removes image i and frees its blocks (mu held).
+func (c *imageCache) drop(i int) {
+	c.free = append(c.free, c.images[i].blocks...)
+	c.images = append(c.images[:i], c.images[i+1:]...)
+}
+
+// snapshot returns the counters.
+func (c *imageCache) snapshot() PinnedStats {
+	if c == nil {
+		return PinnedStats{}
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.stats
+}
