@@ -142,3 +142,22 @@ func TestImageCacheNil(t *testing.T) {
 		t.Fatalf("stats %+v", s)
 	}
 }
+
+func TestImageCacheGrowsAsBlocksArePinned(t *testing.T) {
+	c := newImageCache(0, testBlock) // Init's: blocks come from pinBlocks
+	a := &lora.Adapter{Name: "a"}
+	if c.reserve(a, testBlock, testBlock) != nil {
+		t.Fatal("reserved with no block pinned yet")
+	}
+	c.pinned(1, 0, nil)
+	c.pinned(1, 0, nil)
+	im := mustReserve(t, c, a, 2*testBlock)
+	slices.Sort(im.blocks)
+	if !slices.Equal(im.blocks, []int{0, 1}) {
+		t.Fatalf("blocks %v, want [0 1]", im.blocks)
+	}
+	if s := c.snapshot(); s.Blocks != 2 {
+		t.Fatalf("stats %+v, want 2 blocks", s)
+	}
+	runtime.KeepAlive(a)
+}
