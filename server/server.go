@@ -359,7 +359,8 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 	log.Info("engine", "backend", dev, "slots", opts.AdapterSlots, "kv_blocks", opts.KVBlocks, "block_size", opts.BlockSize,
 		"max_batch_tokens", opts.MaxTokens, "max_context", opts.MaxContext)
 	if g, ok := core.Engine.Backend().(*gpu.Backend); ok {
-		go func() { // ends with the pinning, which Close stops
+		g.StartPinning() // after the graphs: beside them it slowed start -> ready
+		go func() {      // ends with the pinning, which Close stops
 			<-g.PinnedDone()
 			st := g.PinnedStats()
 			if st.PinErr != nil {

@@ -254,6 +254,8 @@ type Backend struct {
 	gatedSteps  int            // steps that waited for an adapter image layer by layer
 	pins        *imageCache    // adapter images kept in the uploader's pinned blocks (nil: none)
 	pinBytes    int64          // Options.PinnedImageBytes
+	pinN        int            // kept blocks to pin (StartPinning)
+	pinOnce     sync.Once      // StartPinning
 	pinDone     chan struct{}  // closes when pinBlocks ends (made by Init)
 	pinStop     atomic.Bool    // Close: pinBlocks stops
 	ringUploads atomic.Int64   // adapter uploads through the staging ring (PinnedStats)
@@ -570,16 +572,10 @@ func (b *Backend) Init(cfg *llama.Config, spec engine.Spec) error {
 		if b.up, err = b.ctx.NewUploader(stageChunks, stageChunkBytes); err != nil {
 			return fmt.Errorf("gpu: adapter staging: %w", err)
 		}
+		// the kept blocks are pinned later, on a goroutine (StartPinning)
 		b.pinDone = make(chan struct{})
-		if n := int(b.pinBytes / stageChunkBytes); n > 0 {
-			// pinned on a goroutine, a block at a time, while the graphs
-			// record and after: ~1 s for 2 GiB on the H200, which start ->
-			// ready need not wait for (uploads until then use the blocks
-			// pinned so far, or the ring)
+		if b.pinN = int(b.pinBytes / stageChunkBytes); b.pinN > 0 {
 			b.pins = newImageCache(0, stageChunkBytes)
-			go b.pinBlocks(n)
-		} else {
-			close(b.pinDone)
 		}
 	}
 	if b.f8 != nil {
@@ -730,6 +726,7 @@ func (b *Backend) Close() error {
 	errs = append(errs, b.freeStaging())
 	if b.pinDone != nil {
 		b.pinStop.Store(true)
+		b.StartPinning() // if it never started: it ends at once
 		<-b.pinDone
 	}
 	errs = append(errs, b.closeLoads()) // adapter uploads may still fill a slot

@@ -915,6 +915,8 @@ func TestDecodeProfile(t *testing.T) {
 // it, 16 MiB at a time), and PrepareAdapter through the ring until the last
 // byte lands. Medians of 5.
 func h2dBench(t *testing.T, b *Backend, a *lora.Adapter) {
+	b.StartPinning()
+	<-b.PinnedDone()
 	img, err := b.slotLayout(a)
 	if err != nil {
 		t.Fatal(err)

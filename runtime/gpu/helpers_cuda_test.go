@@ -23,6 +23,7 @@ func copyHtoD(b *Backend, x *Buffer, h []uint16) error {
 // through the ring).
 func swapUploader(t *testing.T, b *Backend, ring, chunk, kept int) {
 	t.Helper()
+	b.StartPinning()
 	<-b.PinnedDone() // pinning into the old uploader ended
 	if err := b.up.Close(); err != nil {
 		t.Fatal(err)

@@ -161,6 +161,7 @@ func newEngineWith(t *testing.T, m *llama.Model, opts engine.Options, bo Options
 		b.Close()
 		t.Fatal(err)
 	}
+	b.StartPinning()
 	<-b.PinnedDone() // a test's first upload may count on the kept blocks
 	t.Cleanup(func() {
 		if err := e.Close(); err != nil {
