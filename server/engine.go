@@ -139,22 +139,52 @@ func OpenEngine(ctx context.Context, cfg EngineConfig) (e *engine.Engine, info E
 // and logs what it did.
 func warmEngine(e *engine.Engine, log *slog.Logger) error {
 	t0 := time.Now()
+	g, isGPU := e.Backend().(*gpu.Backend)
+	if isGPU {
+		g.StartPinning() // beside the recordings; ready waits for it below
+	}
 	if err := e.Warmup(); err != nil {
 		return fmt.Errorf("server: warm up the engine: %w", err)
 	}
-	if g, ok := e.Backend().(*gpu.Backend); ok {
+	if isGPU {
 		n, _ := g.GraphStats()
 		log.Info("CUDA graphs (decode and mixed steps)", "recorded", n, "seconds", fmt.Sprintf("%.2f", time.Since(t0).Seconds()))
+		<-g.PinnedDone()
+		logPinned(g, log)
 	}
 	return nil
+}
+
+// logPinned says how much pinned host memory keeps adapter images
+// (gpu.Backend.StartPinning), once it is pinned.
+func logPinned(g *gpu.Backend, log *slog.Logger) {
+	st := g.PinnedStats()
+	switch {
+	case st.PinErr != nil:
+		log.Warn("pinned adapter images: the host would pin no more", "bytes", int64(st.Blocks)*int64(st.BlockBytes), "blocks", st.Blocks, "err", st.PinErr)
+	case st.Blocks > 0:
+		log.Info("pinned adapter images", "bytes", int64(st.Blocks)*int64(st.BlockBytes), "blocks", st.Blocks, "block_bytes", st.BlockBytes,
+			"seconds", fmt.Sprintf("%.2f", st.Pinned.Seconds()))
+	}
 }
 
 // logIdleWarm says, for a backend that records graphs, that they will be
 // recorded while the engine is idle (CoreConfig.IdleWarm).
 func logIdleWarm(e *engine.Engine, log *slog.Logger) {
-	if g, ok := e.Backend().(*gpu.Backend); ok && g.GraphsOn() {
+	g, ok := e.Backend().(*gpu.Backend)
+	if !ok {
+		return
+	}
+	if g.GraphsOn() {
 		log.Info("CUDA graphs (decode and mixed steps)", "recorded", 0, "when", "while idle, after ready (--warm-graphs idle)")
 	}
+	// ready does not wait for the pinning either: it goes on beside the
+	// first requests (steps may wait for it, ~0.5 s for 1 GiB)
+	g.StartPinning()
+	go func() { // ends with the pinning, which Close stops
+		<-g.PinnedDone()
+		logPinned(g, log)
+	}()
 }
 
 // engineOptions are the engine's defaults with the given slots, and KV

@@ -135,7 +135,7 @@ type Config struct {
 	NoPDL bool
 	// PinnedCacheBytes is gpu.Options.PinnedImageBytes: pinned host memory
 	// that keeps adapter images, so that an adapter coming back to the GPU
-	// from host memory uploads by DMA alone (0: 2 GiB; negative: none).
+	// from host memory uploads by DMA alone (0: 1 GiB; negative: none).
 	PinnedCacheBytes int64
 	// Threads are the CPU backend's workers (0: all cores).
 	Threads int
@@ -359,17 +359,6 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 	log.Info("engine", "backend", dev, "slots", opts.AdapterSlots, "kv_blocks", opts.KVBlocks, "block_size", opts.BlockSize,
 		"max_batch_tokens", opts.MaxTokens, "max_context", opts.MaxContext)
 	if g, ok := core.Engine.Backend().(*gpu.Backend); ok {
-		g.StartPinning() // after the graphs: beside them it slowed start -> ready
-		go func() {      // ends with the pinning, which Close stops
-			<-g.PinnedDone()
-			st := g.PinnedStats()
-			if st.PinErr != nil {
-				log.Warn("pinned adapter images: the host would pin no more", "bytes", int64(st.Blocks)*int64(st.BlockBytes), "blocks", st.Blocks, "err", st.PinErr)
-			} else if st.Blocks > 0 {
-				log.Info("pinned adapter images", "bytes", int64(st.Blocks)*int64(st.BlockBytes), "blocks", st.Blocks, "block_bytes", st.BlockBytes,
-					"seconds", fmt.Sprintf("%.2f", st.Pinned.Seconds()))
-			}
-		}()
 		met.Registry.MustRegister(metrics.NewUploads(func() metrics.UploadCounts {
 			st := g.PinnedStats()
 			return metrics.UploadCounts{Kept: st.Hits, Filled: st.Fills, Ring: st.Ring, Evictions: st.Evictions, CacheBytes: int64(st.Blocks) * int64(st.BlockBytes)}

@@ -71,7 +71,7 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	fs.Int64Var(&f.diskBytes, "disk-cache-bytes", 0, "bound on the adapter disk cache, in bytes; LRU past it "+
 		"(0: half of the cache file system's free space plus what the cache holds, at least 1 GiB if there is room; -1: no bound)")
 	fs.Int64Var(&f.pinnedBytes, "pinned-cache-bytes", 0, "GPU: pinned host memory keeping adapter images, so that an adapter coming back to the GPU from host memory is one DMA "+
-		"(0: 2 GiB, pinned at start; -1: none, every upload is copied through a 64 MiB staging ring)")
+		"(0: 1 GiB, pinned at start; -1: none, every upload is copied through a 64 MiB staging ring)")
 	fs.StringVar(&f.cacheDir, "cache-dir", "", "adapter disk cache folder (default: one per store in the peftd cache; - disables the disk tier)")
 	fs.StringVar(&f.logLevel, "log-level", "info", "debug, info, warn or error")
 	fs.StringVar(&f.pin, "pin", "", "comma-separated adapter IDs loaded at start and kept on the device (at most slots-1)")

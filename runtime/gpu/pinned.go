@@ -30,10 +30,10 @@ import (
 // block are waited for before it is filled again (the uploader does).
 
 // DefaultPinnedImageBytes is the pinned host memory kept for adapter images
-// when Options.PinnedImageBytes is 0: about a dozen rank-32 images at 8B
-// shapes (176 MiB each in 16 MiB blocks), pinned in ~1.2 s on the H200
-// (1.8 GB/s), on a goroutine (StartPinning).
-const DefaultPinnedImageBytes = 2 << 30
+// when Options.PinnedImageBytes is 0: five rank-32 images at 8B shapes (176
+// MiB each in 16 MiB blocks), pinned in ~0.4-0.6 s on the H200 (1.8-2.8
+// GB/s), on a goroutine (StartPinning) beside the graph recordings.
+const DefaultPinnedImageBytes = 1 << 30
 
 // PinnedStats reports the image cache's counters (Blocks 0 when it has none).
 func (b *Backend) PinnedStats() PinnedStats {
@@ -43,10 +43,13 @@ func (b *Backend) PinnedStats() PinnedStats {
 }
 
 // StartPinning starts pinning the blocks for adapter images on a goroutine,
-// a block at a time (~1 s for 2 GiB on the H200, 1.8 GB/s); uploads until
-// then use the blocks pinned so far, or the ring. Call it once the server
-// is ready (the graphs recorded): pinning beside the weight upload and the
-// recordings slowed start -> ready by ~0.7 s. Later calls do nothing.
+// a block at a time (0.7-1.2 s for 2 GiB on the H200); uploads until then
+// use the blocks pinned so far, or the ring. Pinning holds up the driver:
+// on the H200, begun at Init it slowed the weight upload (start -> ready
+// +0.7 s), and begun after ready it slowed the first steps 2-4x (15-36 ms
+// against 5.3) and an adapter's first upload (304 ms). The server starts
+// it when the graph recordings begin and is ready once it ends
+// (server.warmEngine). Later calls do nothing.
 func (b *Backend) StartPinning() {
 	if b.pinDone == nil {
 		return // not initialized
