@@ -285,10 +285,6 @@ func checkMarks(n int, marks []int) error {
 	return nil
 }
 
-// keptDepth is how many chunks of kept data (StartBlocks with no fill) may
-// be enqueued ahead of the one on the link: 2 x 16 MiB, ~0.6 ms at 54 GB/s.
-const keptDepth = 2
-
 // run enqueues t's copies and ends t: through the ring when blocks is nil,
 // else chunk i through kept block blocks[i] (filled unless fill is nil).
 func (u *Uploader) run(t *Transfer, dst DevicePtr, n int, blocks []int, fill func(b []byte, off int) error, marks []int) {
@@ -331,17 +327,6 @@ func (u *Uploader) run(t *Transfer, dst DevicePtr, n int, blocks []int, fill fun
 			u.next = (k + 1) % u.ring
 		} else {
 			k = u.ring + blocks[off/size]
-		}
-		if fill == nil && blocks != nil && off/size >= keptDepth {
-			// copies of kept data (no fill to pace them) go out at most
-			// keptDepth chunks ahead of the link: the copy engine runs its
-			// queue in order, and a step's own small copies on the compute
-			// stream must not wait behind a whole image (7.8 ms for 336 MB)
-			prev := u.ring + blocks[off/size-keptDepth]
-			if err := u.c.doAside(func() error { return check("cuEventSynchronize", drv.cuEventSynchronize(u.evs[prev])) }); err != nil {
-				fail(err)
-				return
-			}
 		}
 		if u.used[k] && fill != nil { // the chunk's previous copy must be out of it
 			if err := u.c.doAside(func() error { return check("cuEventSynchronize", drv.cuEventSynchronize(u.evs[k])) }); err != nil {
