@@ -88,15 +88,30 @@ type Options struct {
 	CacheDir   string   // default $XDG_CACHE_HOME/peftd/kernels or ~/.cache/peftd/kernels
 	IncludeDir string   // default $CUDA_HOME/include (/usr/local/cuda/include)
 	Extra      []string // more NVRTC options (part of the cache key)
+	// ShippedDirs are read-only folders of cubins searched after the cache
+	// (peftd kernels wrote them, e.g. into a container image); nil: the
+	// colon-separated folders of $PEFTD_KERNEL_DIRS.
+	ShippedDirs []string
 }
 
 // Info tells how a module was obtained.
 type Info struct {
-	Compiled    bool          // false: read from the cache
+	Compiled    bool          // false: read from the cache or a shipped folder
 	CachePath   string        // the cubin file
 	CompileTime time.Duration // NVRTC time when compiled
 	Log         string        // NVRTC warnings
 }
+
+// Module is a source runtime/gpu loads and the oldest compute capability
+// (major*10+minor) it builds for.
+type Module struct {
+	Name  string
+	MinCC int
+}
+
+// Modules are every source runtime/gpu may load: what `peftd kernels`
+// compiles ahead of time.
+var Modules = []Module{{Llama, 80}, {Sgmv, 80}, {FP8, 89}}
 
 var compiles atomic.Int64
 
@@ -110,6 +125,16 @@ func DefaultCacheDir() (string, error) {
 		return "", fmt.Errorf("kernels: no cache folder: %w", err)
 	}
 	return filepath.Join(d, "peftd", "kernels"), nil
+}
+
+// ShippedDirsEnv names the folders of shipped cubins (Options.ShippedDirs).
+const ShippedDirsEnv = "PEFTD_KERNEL_DIRS"
+
+func (o Options) shipped() []string {
+	if o.ShippedDirs != nil {
+		return o.ShippedDirs
+	}
+	return filepath.SplitList(os.Getenv(ShippedDirsEnv))
 }
 
 // IncludeDir is the CUDA include folder NVRTC needs for cuda_bf16.h.
@@ -127,19 +152,23 @@ func Key(name, src string, opts []string, arch string, nvrtcMajor, nvrtcMinor in
 	return fmt.Sprintf("%s-%s-%s-nvrtc%d.%d.cubin", base, hex.EncodeToString(h.Sum(nil))[:32], arch, nvrtcMajor, nvrtcMinor)
 }
 
-// Load returns the named source's module on c, from the disk cache or
-// compiled by NVRTC (and then cached).
-func Load(c *cuda.Context, name string, o Options) (*cuda.Module, Info, error) {
-	var info Info
+// job is one source to compile for one architecture: its text, NVRTC
+// options and cache file name.
+type job struct {
+	name, src, inc, key string
+	opts                []string
+	dir                 string // the cache folder
+}
+
+func newJob(name, arch string, o Options) (*job, error) {
 	src, err := Source(name)
 	if err != nil {
-		return nil, info, err
+		return nil, err
 	}
 	inc := o.IncludeDir
 	if inc == "" {
 		inc = IncludeDir()
 	}
-	arch := c.Device().Arch()
 	opts := []string{"-arch=" + arch, "-std=c++17", "-lineinfo", "-I" + inc}
 	if st, err := os.Stat(filepath.Join(inc, "cccl")); err == nil && st.IsDir() {
 		opts = append(opts, "-I"+filepath.Join(inc, "cccl")) // CUDA 13 keeps <nv/target> there
@@ -147,15 +176,64 @@ func Load(c *cuda.Context, name string, o Options) (*cuda.Module, Info, error) {
 	opts = append(opts, o.Extra...)
 	maj, min, err := cuda.NVRTCVersion()
 	if err != nil {
-		return nil, info, err
+		return nil, err
 	}
 	dir := o.CacheDir
 	if dir == "" {
 		if dir, err = DefaultCacheDir(); err != nil {
-			return nil, info, err
+			return nil, err
 		}
 	}
-	info.CachePath = filepath.Join(dir, Key(name, src, opts, arch, maj, min))
+	return &job{name: name, src: src, inc: inc, key: Key(name, src, opts, arch, maj, min), opts: opts, dir: dir}, nil
+}
+
+// compile runs NVRTC and writes the cubin into the cache (a read-only
+// cache costs a recompile next time, nothing more: said in info.Log).
+func (j *job) compile() ([]byte, Info, error) {
+	info := Info{CachePath: filepath.Join(j.dir, j.key)}
+	if _, err := os.Stat(filepath.Join(j.inc, "cuda_bf16.h")); err != nil {
+		return nil, info, fmt.Errorf("%w: %s has no cuda_bf16.h; set CUDA_HOME to the CUDA toolkit folder", ErrNoHeaders, j.inc)
+	}
+	t0 := time.Now()
+	cubin, log, err := cuda.Compile(j.src, j.name, j.opts)
+	if err != nil {
+		return nil, info, fmt.Errorf("kernels: %w", err)
+	}
+	compiles.Add(1)
+	info.Compiled, info.CompileTime, info.Log = true, time.Since(t0), log
+	if err := writeAtomic(info.CachePath, cubin); err != nil {
+		info.Log += fmt.Sprintf("\nkernels: cache not written: %v", err)
+	}
+	return cubin, info, nil
+}
+
+// Build compiles the named source for arch (an NVRTC -arch value, e.g.
+// sm_90a: cuda.Device.Arch) into the cache folder unless a cubin for it is
+// already there or in a shipped folder. It needs NVRTC and the CUDA
+// headers, not a GPU.
+func Build(name, arch string, o Options) (Info, error) {
+	j, err := newJob(name, arch, o)
+	if err != nil {
+		return Info{}, err
+	}
+	for _, d := range append([]string{j.dir}, o.shipped()...) {
+		p := filepath.Join(d, j.key)
+		if st, err := os.Stat(p); err == nil && st.Size() > 0 {
+			return Info{CachePath: p}, nil
+		}
+	}
+	_, info, err := j.compile()
+	return info, err
+}
+
+// Load returns the named source's module on c: from the disk cache, else
+// from a shipped folder, else compiled by NVRTC (and then cached).
+func Load(c *cuda.Context, name string, o Options) (*cuda.Module, Info, error) {
+	j, err := newJob(name, c.Device().Arch(), o)
+	if err != nil {
+		return nil, Info{}, err
+	}
+	info := Info{CachePath: filepath.Join(j.dir, j.key)}
 	if cubin, err := os.ReadFile(info.CachePath); err == nil {
 		m, err := c.LoadModule(cubin)
 		if err == nil {
@@ -166,19 +244,24 @@ func Load(c *cuda.Context, name string, o Options) (*cuda.Module, Info, error) {
 		}
 		os.Remove(info.CachePath) // stale or corrupt: rebuild
 	}
-	if _, err := os.Stat(filepath.Join(inc, "cuda_bf16.h")); err != nil {
-		return nil, info, fmt.Errorf("%w: %s has no cuda_bf16.h; set CUDA_HOME to the CUDA toolkit folder", ErrNoHeaders, inc)
+	for _, d := range o.shipped() {
+		p := filepath.Join(d, j.key)
+		cubin, err := os.ReadFile(p)
+		if err != nil {
+			continue
+		}
+		m, err := c.LoadModule(cubin)
+		if err == nil {
+			return m, Info{CachePath: p}, nil
+		}
+		if !errors.Is(err, cuda.ErrNoBinary) {
+			return nil, info, err
+		}
+		// a shipped cubin the driver refuses: compile one into the cache
 	}
-	t0 := time.Now()
-	cubin, log, err := cuda.Compile(src, name, opts)
+	cubin, info, err := j.compile()
 	if err != nil {
-		return nil, info, fmt.Errorf("kernels: %w", err)
-	}
-	compiles.Add(1)
-	info.Compiled, info.CompileTime, info.Log = true, time.Since(t0), log
-	if err := writeAtomic(info.CachePath, cubin); err != nil {
-		// A read-only cache costs a recompile next time, nothing more.
-		info.Log += fmt.Sprintf("\nkernels: cache not written: %v", err)
+		return nil, info, err
 	}
 	m, err := c.LoadModule(cubin)
 	if err != nil {

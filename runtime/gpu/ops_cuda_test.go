@@ -7,6 +7,8 @@ import (
 	"fmt"
 	"math"
 	"math/rand/v2"
+	"os"
+	"strings"
 	"testing"
 
 	"github.com/peftd/peftd/kernels"
@@ -625,4 +627,53 @@ func refAttention(m *engine.StepMeta, keys, values [][][]float32, qv []float32, 
 		}
 	}
 	return want
+}
+
+// TestShippedKernels: cubins built ahead of time (kernels.Build, what
+// `peftd kernels` runs) into a folder named in ShippedDirs load from there
+// into a backend whose own cache is empty: nothing is compiled at start.
+func TestShippedKernels(t *testing.T) {
+	shipped, cache := t.TempDir(), t.TempDir()
+	b0, err := New(Options{Kernels: kernels.Options{CacheDir: cache}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	dev := b0.Device()
+	arch := dev.Arch()
+	b0.Close()
+	wf := "" // fp8.cu loads too where the GPU can run it
+	if dev.Major*10+dev.Minor >= 89 {
+		wf = WeightsFP8
+	}
+	for _, m := range kernels.Modules {
+		if dev.Major*10+dev.Minor < m.MinCC {
+			continue
+		}
+		info, err := kernels.Build(m.Name, arch, kernels.Options{CacheDir: shipped, ShippedDirs: []string{}})
+		if err != nil {
+			t.Fatalf("Build(%s, %s): %v", m.Name, arch, err)
+		}
+		if !info.Compiled || !strings.HasPrefix(info.CachePath, shipped) {
+			t.Errorf("Build(%s) into an empty folder: compiled=%v path %s", m.Name, info.Compiled, info.CachePath)
+		}
+		again, err := kernels.Build(m.Name, arch, kernels.Options{CacheDir: shipped, ShippedDirs: []string{}})
+		if err != nil || again.Compiled {
+			t.Errorf("Build(%s) again: compiled=%v, %v (want: already there)", m.Name, again.Compiled, err)
+		}
+	}
+	empty := t.TempDir()
+	b, err := New(Options{Kernels: kernels.Options{CacheDir: empty, ShippedDirs: []string{shipped}}, WeightFormat: wf})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
+	if b.KernelInfo.Compiled || !strings.HasPrefix(b.KernelInfo.CachePath, shipped) {
+		t.Errorf("llama.cu: compiled=%v from %s, want the shipped cubin", b.KernelInfo.Compiled, b.KernelInfo.CachePath)
+	}
+	if b.f8 != nil && (b.f8.Info.Compiled || !strings.HasPrefix(b.f8.Info.CachePath, shipped)) {
+		t.Errorf("fp8.cu: compiled=%v from %s, want the shipped cubin", b.f8.Info.Compiled, b.f8.Info.CachePath)
+	}
+	if ents, _ := os.ReadDir(empty); len(ents) != 0 {
+		t.Errorf("the backend's own cache got %d files: it compiled something", len(ents))
+	}
 }
