@@ -118,6 +118,8 @@ func TestDockerfile(t *testing.T) {
 		"FROM nvidia/cuda:${CUDA_VERSION}-runtime-ubuntu24.04",
 		"ARG CUDA_VERSION=13.0.",
 		"cuda-nvrtc-dev-",
+		"peftd kernels --arch", // compiled at build time: a replica compiles nothing at start
+		"PEFTD_KERNEL_DIRS=/opt/peftd/kernels",
 		"USER 10001:10001",
 		"EXPOSE 8080",
 		"HEALTHCHECK",
