@@ -96,7 +96,7 @@ func NewCore(ctx context.Context, cc CoreConfig) (*Core, error) {
 	}
 	if cc.IdleWarm {
 		logIdleWarm(e, log)
-	} else if err := warmEngine(e, log); err != nil {
+	} else if err := warmEngine(e, log, true); err != nil {
 		e.Close()
 		return nil, err
 	}

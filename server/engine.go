@@ -127,7 +127,7 @@ func OpenEngine(ctx context.Context, cfg EngineConfig) (e *engine.Engine, info E
 		be.Close()
 		return nil, info, err
 	}
-	if err = warmEngine(e, log); err != nil {
+	if err = warmEngine(e, log, false); err != nil { // one-shot tools: nothing to keep adapter images for
 		e.Close()
 		return nil, info, err
 	}
@@ -136,11 +136,13 @@ func OpenEngine(ctx context.Context, cfg EngineConfig) (e *engine.Engine, info E
 
 // warmEngine records the backend's step programs before the first request
 // (the CUDA backend's decode and mixed-step graphs; nothing on the CPU)
-// and logs what it did.
-func warmEngine(e *engine.Engine, log *slog.Logger) error {
+// and logs what it did; with pin (a server), the CUDA backend pins the
+// blocks that keep adapter images meanwhile, and it returns once they are.
+func warmEngine(e *engine.Engine, log *slog.Logger, pin bool) error {
 	t0 := time.Now()
 	g, isGPU := e.Backend().(*gpu.Backend)
-	if isGPU {
+	pin = pin && isGPU
+	if pin {
 		g.StartPinning() // beside the recordings; ready waits for it below
 	}
 	if err := e.Warmup(); err != nil {
@@ -149,6 +151,8 @@ func warmEngine(e *engine.Engine, log *slog.Logger) error {
 	if isGPU {
 		n, _ := g.GraphStats()
 		log.Info("CUDA graphs (decode and mixed steps)", "recorded", n, "seconds", fmt.Sprintf("%.2f", time.Since(t0).Seconds()))
+	}
+	if pin {
 		<-g.PinnedDone()
 		logPinned(g, log)
 	}
