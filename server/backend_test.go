@@ -7,6 +7,7 @@ import (
 	"testing"
 
 	"github.com/peftd/peftd/runtime/cpu"
+	"github.com/peftd/peftd/runtime/gpu"
 )
 
 // TestPickBackendFormats: on the CPU, fp8 weights and keys asked for by
@@ -51,5 +52,22 @@ func TestParseWarmGraphs(t *testing.T) {
 	}
 	if _, err := ParseWarmGraphs("lazy"); err == nil || !strings.Contains(err.Error(), `"lazy"`) || !strings.Contains(err.Error(), "idle") {
 		t.Errorf("ParseWarmGraphs(lazy): %v", err)
+	}
+}
+
+// TestBaseHostBytesGPU: on the GPU the host adapter cache leaves room for
+// the pinned memory the backend keeps (adapter image blocks and the
+// staging ring), whatever the model.
+func TestBaseHostBytesGPU(t *testing.T) {
+	for _, c := range []struct {
+		pinned, want int64
+	}{
+		{0, gpu.DefaultPinnedImageBytes + gpu.StagingRingBytes},
+		{-1, gpu.StagingRingBytes},
+		{3 << 30, 3<<30 + gpu.StagingRingBytes},
+	} {
+		if got := baseHostBytes(nil, DeviceCUDA, 0, c.pinned); got != c.want {
+			t.Errorf("baseHostBytes(cuda, pinned %d) = %d, want %d", c.pinned, got, c.want)
+		}
 	}
 }

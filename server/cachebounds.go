@@ -8,6 +8,7 @@ import (
 
 	"github.com/peftd/peftd/loader"
 	"github.com/peftd/peftd/runtime/engine"
+	"github.com/peftd/peftd/runtime/gpu"
 	"github.com/peftd/peftd/runtime/llama"
 )
 
@@ -25,7 +26,7 @@ func cacheBounds(cfg Config, m *llama.Model, dev string, kvBlocks int, cacheDir 
 	case cfg.HostBytes < 0:
 		hb = loader.Bound{Source: loader.SourceUnbounded}
 	default:
-		hb = loader.HostCacheBound(hostRoot, baseHostBytes(m, dev, kvBlocks), hostFloor(m.Config))
+		hb = loader.HostCacheBound(hostRoot, baseHostBytes(m, dev, kvBlocks, cfg.PinnedCacheBytes), hostFloor(m.Config))
 	}
 	log.Info("host adapter cache bound", "bytes", hb.Bytes, "size", humanBytes(hb.Bytes), "source", hb.Source,
 		"memory", hb.Avail, "reserved", hb.Reserved, "floor", hb.Floor, "backend", dev)
@@ -49,10 +50,19 @@ func cacheBounds(cfg Config, m *llama.Model, dev string, kvBlocks int, cacheDir 
 // baseHostBytes is what the base model needs in host memory: on the CPU
 // backend the mapped safetensors, their float32 copy and the float32 KV
 // cache; on the GPU backend the weights and KV cache live on the device
-// (host staging during the upload is transient), so nothing is set aside.
-func baseHostBytes(m *llama.Model, dev string, kvBlocks int) int64 {
+// (host staging during the upload is transient), so only the pinned memory
+// the backend keeps is set aside: the adapter image blocks (pinned, the
+// --pinned-cache-bytes flag: 0 for the default, negative for none) and the
+// staging ring.
+func baseHostBytes(m *llama.Model, dev string, kvBlocks int, pinned int64) int64 {
 	if dev != DeviceCPU {
-		return 0
+		switch {
+		case pinned == 0:
+			pinned = gpu.DefaultPinnedImageBytes
+		case pinned < 0:
+			pinned = 0
+		}
+		return pinned + gpu.StagingRingBytes
 	}
 	c := m.Config
 	var mapped, f32 int64

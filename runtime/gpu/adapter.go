@@ -39,6 +39,9 @@ const (
 	stageChunkBytes = 16 << 20
 )
 
+// StagingRingBytes is the pinned host memory of the adapter staging ring.
+const StagingRingBytes = stageChunks * stageChunkBytes
+
 // adapterAlign is the element alignment of each A and B matrix in a slot image.
 const adapterAlign = 128
 
