@@ -133,6 +133,11 @@ type Config struct {
 	// NoPDL is gpu.Options': kernels launched one after the other, without
 	// Programmatic Dependent Launch (for comparison).
 	NoPDL bool
+	// WrapBackend, when set, wraps the engine backend the server chose
+	// (instrumentation, fault injection in tests); the server closes what
+	// it returns. A wrapper that embeds engine.Backend hides the optional
+	// interfaces (device sampling, CUDA graphs): the engine runs without.
+	WrapBackend func(engine.Backend) engine.Backend
 	// PinnedCacheBytes is gpu.Options.PinnedImageBytes: pinned host memory
 	// that keeps adapter images, so that an adapter coming back to the GPU
 	// from host memory uploads by DMA alone (0: 1 GiB; negative: none).
@@ -289,6 +294,9 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 	be, dev, err := pickBackend(cfg, log)
 	if err != nil {
 		return nil, err
+	}
+	if cfg.WrapBackend != nil {
+		be = cfg.WrapBackend(be)
 	}
 	s.device, s.backend = dev, be
 	m, tok, err := OpenModel(ctx, cfg.Model, log)
