@@ -23,9 +23,11 @@ import (
 // adapter is a new *lora.Adapter, so it never matches an old image.
 //
 // Blocks are taken from dead images first, then from the least recently
-// uploaded image that is on no device slot, then from the least recently
-// uploaded one on a slot (its image is wanted only after that slot is
-// emptied). An image being filled, or read by an upload that has not yet
+// uploaded image on a device slot (it is wanted again only after its slot
+// is emptied and the adapter asked for once more), then from the least
+// recently uploaded one on no slot (the next request for its adapter
+// wants it): with fewer kept images than slots (the default's five), the
+// images kept are those of the adapters most recently sent off the device. An image being filled, or read by an upload that has not yet
 // enqueued its copies, is never taken; copies already enqueued from a
 // block are waited for before it is filled again (the uploader does).
 
@@ -247,7 +249,7 @@ func (c *imageCache) victim() int {
 		}
 		b := c.images[best]
 		if (im.slots == 0) != (b.slots == 0) {
-			if im.slots == 0 {
+			if im.slots > 0 {
 				best = i
 			}
 			continue

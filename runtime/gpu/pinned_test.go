@@ -74,34 +74,40 @@ func TestImageCacheVictims(t *testing.T) {
 		ims[i] = mustReserve(t, c, ads[i], testBlock)
 		c.filled(ims[i], true)
 	}
-	// a is the oldest, but it is on a device slot: b goes first
-	c.onSlot(ims[0], 1)
-	mustReserve(t, c, ads[3], testBlock)
-	if c.hit(ads[1], testBlock) != nil {
-		t.Fatal("b kept: the oldest image on no slot should have gone")
+	// c is the newest, but it is on a device slot (wanted only once it
+	// leaves the device): it goes before a and b, which are on none
+	c.onSlot(ims[2], 1)
+	ims[3] = mustReserve(t, c, ads[3], testBlock)
+	if c.hit(ads[2], testBlock) != nil {
+		t.Fatal("c kept: the image on a slot should have gone first")
 	}
-	if c.hit(ads[0], testBlock) == nil || c.hit(ads[2], testBlock) == nil {
-		t.Fatal("a (on a slot) or c dropped")
+	// then the least recently uploaded image on no slot: a
+	c.filled(ims[3], true)
+	mustReserve(t, c, ads[4], testBlock)
+	if c.hit(ads[0], testBlock) != nil {
+		t.Fatal("a kept: the oldest image on no slot should have gone")
 	}
-	// a and c are now being read (hits not yet enqueued) and d is being
-	// filled: nothing can go
-	if c.reserve(ads[4], testBlock, testBlock) != nil {
+	got := c.hit(ads[1], testBlock)
+	if got == nil {
+		t.Fatal("b dropped")
+	}
+	// b is being read (a hit not yet enqueued), d was just used and e is
+	// being filled: b and e cannot go, d can
+	if c.hit(ads[3], testBlock) == nil {
+		t.Fatal("d dropped")
+	}
+	c.read(ims[3])
+	ims[0] = mustReserve(t, c, ads[0], testBlock)
+	if c.hit(ads[3], testBlock) != nil {
+		t.Fatal("d kept while b was being read")
+	}
+	// every image busy now (b read, e and a filled): no room
+	if c.reserve(ads[2], testBlock, testBlock) != nil {
 		t.Fatal("a block taken from an image being read or filled")
 	}
-	c.read(ims[0])
-	c.read(ims[2])
-	// c (used after a) is on no slot, a is: c goes
-	mustReserve(t, c, ads[4], testBlock)
-	if c.hit(ads[2], testBlock) != nil {
-		t.Fatal("c kept over a, which is on a slot")
-	}
-	got := c.hit(ads[0], testBlock)
-	if got == nil {
-		t.Fatal("a dropped")
-	}
 	c.read(got)
-	if s := c.snapshot(); s.Evictions != 2 {
-		t.Fatalf("evictions %d, want 2", s.Evictions)
+	if s := c.snapshot(); s.Evictions != 3 {
+		t.Fatalf("evictions %d, want 3", s.Evictions)
 	}
 	// too big for the whole cache: through the ring
 	if c.reserve(ads[1], 4*testBlock, testBlock) != nil {
