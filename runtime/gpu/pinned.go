@@ -13,9 +13,10 @@ import (
 // (cuda.Uploader.StartBlocks) instead of its ring, and the blocks keep the
 // image afterwards. When the same adapter comes back to the device (it was
 // evicted from its slot but stayed in host memory), its image goes out by
-// DMA alone, at the link's speed: on the H200 a 168 MB rank-32 8B image
-// takes ~3 ms this way against ~9 ms through the ring, whose host fill is
-// the bottleneck (issue 12's host -> first token).
+// DMA alone, near the link's speed: on the H200 a 336 MB image lands in
+// 7.85 ms this way (43 GB/s of the link's 54) against 48.5 ms through the
+// ring, whose host fill (8 GB/s) is the bottleneck; issue 12's host ->
+// first token went from 14.7 to 8.9 ms (docs/PERFORMANCE.md v0.18).
 //
 // An image is keyed by the *lora.Adapter it was made from, held weakly:
 // the loader's host tier owns the adapter, and once it drops it (host TTL,
@@ -27,9 +28,10 @@ import (
 // is emptied and the adapter asked for once more), then from the least
 // recently uploaded one on no slot (the next request for its adapter
 // wants it): with fewer kept images than slots (the default's five), the
-// images kept are those of the adapters most recently sent off the device. An image being filled, or read by an upload that has not yet
-// enqueued its copies, is never taken; copies already enqueued from a
-// block are waited for before it is filled again (the uploader does).
+// images kept are those of the adapters most recently sent off the device.
+// An image being filled, or read by an upload that has not yet enqueued
+// its copies, is never taken; copies already enqueued from a block are
+// waited for before it is filled again (the uploader does).
 
 // DefaultPinnedImageBytes is the pinned host memory kept for adapter images
 // when Options.PinnedImageBytes is 0: five rank-32 images at 8B shapes (176
