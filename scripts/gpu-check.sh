@@ -8,6 +8,10 @@
 # On the GPU machine:     bash scripts/gpu-check.sh --on-device [PHASE...]
 #   PHASEs, in this order, default all:
 #     tests      every test binary with -test.v (benchmarks skip themselves)
+#     kernels    bin/gpu/peftd kernels for every architecture the container
+#                image ships (KERNEL_ARCHS, the Dockerfile's default list) into
+#                a fresh folder: each source must compile for each (no GPU
+#                needed for it, the toolkit's NVRTC is)
 #     memcheck   each binary once under compute-sanitizer --tool memcheck (API
 #                errors not reported: the tests provoke some on purpose, e.g. an
 #                out-of-memory allocation)
@@ -159,7 +163,7 @@ export XDG_CACHE_HOME="${XDG_CACHE_HOME:-$(mktemp -d)}" # a cold kernel cache on
 
 shift
 PHASES=("$@")
-[[ ${#PHASES[@]} -gt 0 ]] || PHASES=(tests memcheck fixture8b serve lorabench decode serve8b)
+[[ ${#PHASES[@]} -gt 0 ]] || PHASES=(tests kernels memcheck fixture8b serve lorabench decode serve8b)
 want() { local x; for x in "${PHASES[@]}"; do [[ "$x" == "$1" ]] && return 0; done; return 1; }
 unset PEFTD_FIXTURE_8B PEFTD_LORA_BENCH PEFTD_MODEL_8B
 GPUBIN="$ROOT/$(bin_of runtime/gpu)"
@@ -181,6 +185,20 @@ want tests && for p in "${PKGS[@]}"; do
 	tail -n 3 "$LOG/$n.log"
 done
 want tests && stamp tests
+if want kernels; then
+	# the Dockerfile's KERNEL_ARCHS: a kernel change that breaks one of them
+	# would break the image build
+	KA="${KERNEL_ARCHS:-$(sed -n 's/^ARG KERNEL_ARCHS=//p' "$ROOT/infra/docker/Dockerfile")}"
+	KD=$(mktemp -d)
+	if "$ROOT/bin/gpu/peftd" kernels --arch "$KA" --dir "$KD" >"$LOG/kernels.txt" 2>&1; then
+		echo "KERNELS $(tail -1 "$LOG/kernels.txt") for $KA" | tee -a "$LOG/kernels.txt"
+	else
+		echo "kernels: FAIL for $KA"; tail -n 20 "$LOG/kernels.txt"; status=1
+	fi
+	rm -rf "$KD"
+	save "$LOG/kernels.txt"
+	stamp kernels
+fi
 if want memcheck && [[ "${SKIP_MEMCHECK:-0}" != 1 ]] && command -v compute-sanitizer >/dev/null; then
 	for p in "${PKGS[@]}"; do
 		[[ $p == quality ]] && continue # no device code of its own
@@ -730,6 +748,7 @@ fi
 	ls "$LOG"/fp8ref.*.log >/dev/null 2>&1 && grep -hE 'worst ratio|^--- ' "$LOG"/fp8ref.*.log | sed 's/^/fp8ref: /' 
 	[[ -s "$LOG/cold8b.txt" ]] && echo "Cold start (8B shapes, versitygw; scripts/cold.sh):" && cut -c6-200 "$LOG/cold8b.txt"
 	[[ -s "$LOG/ready8b.txt" ]] && cat "$LOG/ready8b.txt"
+	[[ -s "$LOG/kernels.txt" ]] && grep -E '^(KERNELS|peftd: )' "$LOG/kernels.txt"
 	[[ -s "$LOG/soak8b.txt" ]] && echo "Soak on the GPU (8B shapes; full report in soak8b.txt):" && grep -E '^(requests|failures|allowed|latency (overall|hot)|served/s|server RSS|GPU memory|PASS|FAIL)' "$LOG/soak8b.txt" | cut -c1-200
 	grep -h '^BENCH \(launch\|sample\)' "$LOG"/*.log 2>/dev/null | cut -c7-
 	grep -h '^BENCH adapterload' "$LOG"/decode.log 2>/dev/null | cut -c7-
