@@ -187,6 +187,16 @@ func newJob(name, arch string, o Options) (*job, error) {
 	return &job{name: name, src: src, inc: inc, key: Key(name, src, opts, arch, maj, min), opts: opts, dir: dir}, nil
 }
 
+// places are where a cubin for j may already be, in the order they are
+// searched: the cache, then the shipped folders.
+func (j *job) places(o Options) []string {
+	ps := []string{filepath.Join(j.dir, j.key)}
+	for _, d := range o.shipped() {
+		ps = append(ps, filepath.Join(d, j.key))
+	}
+	return ps
+}
+
 // compile runs NVRTC and writes the cubin into the cache (a read-only
 // cache costs a recompile next time, nothing more: said in info.Log).
 func (j *job) compile() ([]byte, Info, error) {
@@ -216,8 +226,7 @@ func Build(name, arch string, o Options) (Info, error) {
 	if err != nil {
 		return Info{}, err
 	}
-	for _, d := range append([]string{j.dir}, o.shipped()...) {
-		p := filepath.Join(d, j.key)
+	for _, p := range j.places(o) {
 		if st, err := os.Stat(p); err == nil && st.Size() > 0 {
 			return Info{CachePath: p}, nil
 		}
@@ -233,19 +242,7 @@ func Load(c *cuda.Context, name string, o Options) (*cuda.Module, Info, error) {
 	if err != nil {
 		return nil, Info{}, err
 	}
-	info := Info{CachePath: filepath.Join(j.dir, j.key)}
-	if cubin, err := os.ReadFile(info.CachePath); err == nil {
-		m, err := c.LoadModule(cubin)
-		if err == nil {
-			return m, info, nil
-		}
-		if !errors.Is(err, cuda.ErrNoBinary) {
-			return nil, info, err
-		}
-		os.Remove(info.CachePath) // stale or corrupt: rebuild
-	}
-	for _, d := range o.shipped() {
-		p := filepath.Join(d, j.key)
+	for i, p := range j.places(o) {
 		cubin, err := os.ReadFile(p)
 		if err != nil {
 			continue
@@ -255,7 +252,10 @@ func Load(c *cuda.Context, name string, o Options) (*cuda.Module, Info, error) {
 			return m, Info{CachePath: p}, nil
 		}
 		if !errors.Is(err, cuda.ErrNoBinary) {
-			return nil, info, err
+			return nil, Info{CachePath: p}, err
+		}
+		if i == 0 {
+			os.Remove(p) // a stale or corrupt cache entry: rebuild it
 		}
 		// a shipped cubin the driver refuses: compile one into the cache
 	}
