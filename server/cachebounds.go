@@ -56,13 +56,7 @@ func cacheBounds(cfg Config, m *llama.Model, dev string, kvBlocks int, cacheDir 
 // staging ring.
 func baseHostBytes(m *llama.Model, dev string, kvBlocks int, pinned int64) int64 {
 	if dev != DeviceCPU {
-		switch {
-		case pinned == 0:
-			pinned = gpu.DefaultPinnedImageBytes
-		case pinned < 0:
-			pinned = 0
-		}
-		return pinned + gpu.StagingRingBytes
+		return gpu.PinnedBytes(pinned) + gpu.StagingRingBytes
 	}
 	c := m.Config
 	var mapped, f32 int64

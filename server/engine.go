@@ -165,9 +165,9 @@ func logPinned(g *gpu.Backend, log *slog.Logger) {
 	st := g.PinnedStats()
 	switch {
 	case st.PinErr != nil:
-		log.Warn("pinned adapter images: the host would pin no more", "bytes", int64(st.Blocks)*int64(st.BlockBytes), "blocks", st.Blocks, "err", st.PinErr)
+		log.Warn("pinned adapter images: the host would pin no more", "bytes", st.Bytes(), "blocks", st.Blocks, "err", st.PinErr)
 	case st.Blocks > 0:
-		log.Info("pinned adapter images", "bytes", int64(st.Blocks)*int64(st.BlockBytes), "blocks", st.Blocks, "block_bytes", st.BlockBytes,
+		log.Info("pinned adapter images", "bytes", st.Bytes(), "blocks", st.Blocks, "block_bytes", st.BlockBytes,
 			"seconds", fmt.Sprintf("%.2f", st.Pinned.Seconds()))
 	}
 }

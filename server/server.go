@@ -369,7 +369,7 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 	if g, ok := core.Engine.Backend().(*gpu.Backend); ok {
 		met.Registry.MustRegister(metrics.NewUploads(func() metrics.UploadCounts {
 			st := g.PinnedStats()
-			return metrics.UploadCounts{Kept: st.Hits, Filled: st.Fills, Ring: st.Ring, Evictions: st.Evictions, CacheBytes: int64(st.Blocks) * int64(st.BlockBytes)}
+			return metrics.UploadCounts{Kept: st.Hits, Filled: st.Fills, Ring: st.Ring, Evictions: st.Evictions, CacheBytes: st.Bytes()}
 		}))
 	}
 	list, err := core.Catalog.List(ctx)

@@ -253,8 +253,7 @@ type Backend struct {
 	gates       []*pendingLoad // loads the running step waits for layer by layer (gateLayer)
 	gatedSteps  int            // steps that waited for an adapter image layer by layer
 	pins        *imageCache    // adapter images kept in the uploader's pinned blocks (nil: none)
-	pinBytes    int64          // Options.PinnedImageBytes
-	pinN        int            // kept blocks to pin (StartPinning)
+	pinN        int            // kept blocks to pin (StartPinning; Options.PinnedImageBytes)
 	pinOnce     sync.Once      // StartPinning
 	pinDone     chan struct{}  // closes when pinBlocks ends (made by Init)
 	pinStop     atomic.Bool    // Close: pinBlocks stops
@@ -359,10 +358,7 @@ func (b *Backend) open(opts Options) error {
 		b.pdl = b.s.SetProgrammaticLaunch(true) == nil
 	}
 	b.la.on, b.la.sms = !opts.SerialLoRA, max(opts.LoRASMs, 0)
-	b.pinBytes = opts.PinnedImageBytes
-	if b.pinBytes == 0 {
-		b.pinBytes = DefaultPinnedImageBytes
-	}
+	b.pinN = int(PinnedBytes(opts.PinnedImageBytes) / stageChunkBytes)
 	if opts.LoRASMs == 0 {
 		b.la.sms = -1 // by the step's rows
 	}
@@ -574,7 +570,7 @@ func (b *Backend) Init(cfg *llama.Config, spec engine.Spec) error {
 		}
 		// the kept blocks are pinned later, on a goroutine (StartPinning)
 		b.pinDone = make(chan struct{})
-		if b.pinN = int(b.pinBytes / stageChunkBytes); b.pinN > 0 {
+		if b.pinN > 0 {
 			b.pins = newImageCache(0, stageChunkBytes)
 		}
 	}

@@ -39,6 +39,18 @@ import (
 // GB/s), on a goroutine (StartPinning) beside the graph recordings.
 const DefaultPinnedImageBytes = 1 << 30
 
+// PinnedBytes is the pinned host memory Options.PinnedImageBytes = opt
+// asks for: DefaultPinnedImageBytes for 0, none for a negative value.
+func PinnedBytes(opt int64) int64 {
+	switch {
+	case opt == 0:
+		return DefaultPinnedImageBytes
+	case opt < 0:
+		return 0
+	}
+	return opt
+}
+
 // PinnedStats reports the image cache's counters (Blocks 0 when it has none).
 func (b *Backend) PinnedStats() PinnedStats {
 	s := b.pins.snapshot()
@@ -118,6 +130,9 @@ type PinnedStats struct {
 	Ring               int64         // uploads through the staging ring: no kept blocks, or no room (image larger than the cache, or every block busy)
 	Evictions          int64         // images dropped to make room (dead ones not counted)
 }
+
+// Bytes is the pinned host memory of the kept blocks.
+func (s PinnedStats) Bytes() int64 { return int64(s.Blocks) * int64(s.BlockBytes) }
 
 func newImageCache(blocks, blockBytes int) *imageCache {
 	c := &imageCache{stats: PinnedStats{Blocks: blocks, BlockBytes: blockBytes}}
