@@ -211,6 +211,11 @@ func (m *Manager) attachHost(key string, a *lora.Adapter, onDisk bool, storeByte
 	}
 	c := r.copy()
 	c.Host, c.Bytes, c.Rank, c.HostAt = a, adapterBytes(a), a.MaxRank(), m.now()
+	// The fetch is over once its copy is attached: from here the copy is
+	// evictable like any other (the fetch's caller holds it). Left set until
+	// fetch returned, a second fetch attaching meanwhile could evict
+	// neither and overshoot the budget until the next attach.
+	c.Fetch = false
 	// onDisk says the fetch wrote the entry, but the disk bound may have
 	// declined or removed it since: the disk cache's index is the truth.
 	c.OnDisk = m.disk != nil && m.disk.has(c.ID, c.Version)
