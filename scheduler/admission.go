@@ -150,7 +150,7 @@ func (s *Scheduler) acquireAsync(q *seq, load bool) {
 		}
 		s.mu.Unlock()
 		if failed {
-			s.finish(q, "", err)
+			s.finishAway(q, err)
 		}
 		s.signal()
 	}()

@@ -225,9 +225,16 @@ type Scheduler struct {
 	cache               *prefixCache // engine goroutine only; nil: prefix caching off
 	// Prefix cache statistics since the last report (tokens).
 	prefixQueries, prefixHits int
-	done                      chan struct{} // closed when the engine goroutine has exited
-	quit                      chan struct{} // closed by Close
-	closed                    atomic.Bool
+	// The emitter (emitter.go): posts are the events posted since the
+	// last flush (engine goroutine only); emitc carries the batches,
+	// spare returns their slices, emitted is closed when the emitter ends.
+	posts   []posted
+	emitc   chan emitBatch
+	spare   chan []posted
+	emitted chan struct{}
+	done    chan struct{} // closed when the engine goroutine has exited
+	quit    chan struct{} // closed by Close
+	closed  atomic.Bool
 }
 
 // New starts the engine goroutine.
@@ -246,11 +253,13 @@ func New(e *engine.Engine, res Residency, cfg Config) *Scheduler {
 	}
 	s := &Scheduler{e: e, res: res, cfg: cfg, log: cfg.Logger, cmds: make(chan func(), 64), wake: make(chan struct{}, 1),
 		queues: map[string][]*seq{}, deficit: map[string]int{}, draining: map[string]string{},
-		done: make(chan struct{}), quit: make(chan struct{})}
+		done: make(chan struct{}), quit: make(chan struct{}),
+		emitc: make(chan emitBatch, emitDepth), spare: make(chan []posted, 4), emitted: make(chan struct{})}
 	if cfg.PrefixCache {
 		s.cache = newPrefixCache(e)
 	}
 	s.warming = cfg.IdleWarm
+	go s.emit()
 	go s.loop()
 	return s
 }
@@ -396,10 +405,27 @@ func (s *Scheduler) enqueue(q *seq) {
 // before the Done event, so a caller that has seen Done sees them released.
 func (s *Scheduler) finish(q *seq, reason string, err error) { s.finishWith(q, reason, err, Event{}) }
 
-// finishWith is finish with more in the Done event (ev's other fields).
+// finishWith is finish with more in the Done event (ev's other fields). On
+// the engine goroutine: the event goes out with the next flush.
 func (s *Scheduler) finishWith(q *seq, reason string, err error, ev Event) {
+	if ev, ok := s.end(q, reason, err, ev); ok {
+		s.post(q, ev)
+	}
+}
+
+// finishAway is finish for a request that never ran, off the engine
+// goroutine: its Done event is put at once.
+func (s *Scheduler) finishAway(q *seq, err error) {
+	if ev, ok := s.end(q, "", err, Event{}); ok {
+		q.box.put(ev)
+	}
+}
+
+// end marks q ended, releases its lease and pending count, and completes
+// its Done event; false when q had ended already.
+func (s *Scheduler) end(q *seq, reason string, err error, ev Event) (Event, bool) {
 	if q.ended {
-		return // a step that panicked may fail a sequence it had ended
+		return ev, false // a step that panicked may fail a sequence it had ended
 	}
 	q.ended = true
 	if q.lease != nil {
@@ -407,13 +433,15 @@ func (s *Scheduler) finishWith(q *seq, reason string, err error, ev Event) {
 	}
 	s.pending.Add(-1)
 	ev.Done, ev.FinishReason, ev.Err, ev.PromptTokens, ev.CompletionTokens = true, reason, err, len(q.req.Prompt), q.gen
-	q.box.put(ev)
+	return ev, true
 }
 
 func (s *Scheduler) loop() {
 	defer close(s.done)
+	defer s.stopEmitter()
 	idleReported := true
 	for {
+		s.flush(nil) // what the last step or command posted goes out before any wait
 		if len(s.running) == 0 && !s.hasWaiting() {
 			if !idleReported {
 				// The gauges read from the last report must say "idle".
@@ -463,6 +491,7 @@ func (s *Scheduler) loop() {
 			// Requests wait, but none could be admitted (a lease on its way,
 			// a slot to free): wait for a change, and look again now and
 			// then (a slot can free outside the scheduler: an unpin).
+			s.flush(nil)
 			select {
 			case fn := <-s.cmds:
 				s.command(fn)

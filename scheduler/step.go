@@ -87,7 +87,10 @@ func (s *Scheduler) step() {
 		s.warming = true
 		if s.missed++; s.missed >= busyWarmEvery {
 			s.missed = 0
-			defer s.warmOne() // after the step's tokens are out
+			defer func() { // after the step's tokens are out
+				s.flush(nil)
+				s.warmOne()
+			}()
 		}
 	}
 	end := time.Now()
@@ -152,7 +155,7 @@ func (s *Scheduler) report(stats StepStats) {
 		stats.WaitingAdapters = append(stats.WaitingAdapters, a)
 	}
 	s.mu.Unlock()
-	s.cfg.OnStep(stats)
+	s.flush(&stats) // OnStep runs on the emitter
 }
 
 // plan packs decode rows first, then prefill chunks, within the token budget.
@@ -300,7 +303,7 @@ func (s *Scheduler) afterStep(in []engine.Input, who []*seq, choices []sample.Ch
 		if q.gen == 1 {
 			s.firstEvent(q, &ev)
 		}
-		q.box.put(ev)
+		s.post(q, ev)
 		reason := ""
 		switch {
 		case slices.Contains(q.req.Stop, c.ID):
