@@ -62,6 +62,9 @@
 #                per batch (PEFTD_PROFILE_BATCHES, default 1,64) on the decode
 #                checkpoint (made if missing): kernel time per step and the
 #                largest kernels (scripts/ncu_steps.py); run it by name
+#     lorancu    ncu --set full (raw metrics, CSV) on the LoRA kernels of
+#                TestLoRABench's 4 x r32 case at LORANCU_T rows (default
+#                128,256); run it by name
 #     kdetail    ncu --set full on the first launches of the kernels matching
 #                PEFTD_NCU_KERNELS (an ncu -k regex, default fp8_gemv|attn_decode|
 #                add_rmsnorm; PEFTD_NCU_COUNT launches, default 6) inside the
@@ -409,6 +412,23 @@ if want profile; then
 		status=1
 	fi
 	stamp profile
+fi
+
+if want lorancu; then
+	# ncu --set full on the LoRA kernels of TestLoRABench's 4 x r32 case at
+	# each of LORANCU_T (rows, default 128,256): its v1, v2, tc and graph
+	# layouts run once each (PEFTD_LORA_BENCH_ONLY); raw metrics to CSV
+	echo "=== lorancu: ncu --set full on the LoRA kernels, 4 x r32"
+	IFS=, read -ra lts <<<"${LORANCU_T:-128,256}"
+	ncu="$(command -v ncu || echo "$CUDA_HOME/bin/ncu")"
+	for T in "${lts[@]}"; do
+		(cd runtime/gpu && PEFTD_LORA_BENCH=1 PEFTD_LORA_BENCH_ONLY="4,32,$T" timeout "$(left 200)" "$ncu" --print-units base --set full \
+			-k "regex:${LORANCU_KERNELS:-sgmv|lora}" --csv --page raw "$GPUBIN" -test.count=1 -test.run '^TestLoRABench$') \
+			>"$LOG/lorancu-$T.csv" 2>"$LOG/lorancu-$T.err" || status=1
+		save "$LOG/lorancu-$T.csv"
+		echo "T=$T: $(grep -c '^"[0-9]' "$LOG/lorancu-$T.csv") kernels profiled"; tail -n 2 "$LOG/lorancu-$T.err"
+	done
+	stamp lorancu
 fi
 
 if want kdetail; then
