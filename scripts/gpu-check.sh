@@ -425,9 +425,12 @@ if want lorancu; then
 		(cd runtime/gpu && PEFTD_LORA_BENCH=1 PEFTD_LORA_BENCH_ONLY="4,32,$T" timeout "$(left 200)" "$ncu" --print-units base --set full \
 			-k "regex:${LORANCU_KERNELS:-sgmv|lora}" --csv --page raw "$GPUBIN" -test.count=1 -test.run '^TestLoRABench$') \
 			>"$LOG/lorancu-$T.csv" 2>"$LOG/lorancu-$T.err" || status=1
-		save "$LOG/lorancu-$T.csv"
 		echo "T=$T: $(grep -c '^"[0-9]' "$LOG/lorancu-$T.csv") kernels profiled"; tail -n 2 "$LOG/lorancu-$T.err"
+		{ echo "# 4 x r32, T=$T"; "$PY" scripts/ncu_table.py "$LOG/lorancu-$T.csv"; } >>"$LOG/lorancu.txt" 2>&1
+		gzip -kf "$LOG/lorancu-$T.csv" # in logs.tgz (the CSVs are not)
 	done
+	save "$LOG/lorancu.txt"
+	cut -c1-220 "$LOG/lorancu.txt" | head -60
 	stamp lorancu
 fi
 
@@ -787,7 +790,7 @@ if [[ -n "${OUT:-}" ]]; then
 	tar czf "$OUT/logs.tgz" --exclude='*.qdstrm' --exclude='*.nsys-rep' --exclude='*.sqlite' --exclude='*.csv' -C "$LOG" . 2>/dev/null
 	cp "$LOG/summary.txt" "$OUT/"
 	n=0
-	for f in quality.txt trained.txt decode.txt fp8bench.txt cold8b.txt ready8b.txt readme8b.txt serve8b.txt lorabench.txt attnbench.txt soak8b.txt prefix8b.txt nsys8b.txt load.txt profile.txt kdetail.txt train.json; do
+	for f in quality.txt trained.txt lorancu.txt decode.txt fp8bench.txt cold8b.txt ready8b.txt readme8b.txt serve8b.txt lorabench.txt attnbench.txt soak8b.txt prefix8b.txt nsys8b.txt load.txt profile.txt kdetail.txt train.json; do
 		if ((n < 6)) && [[ -f "$LOG/$f" ]]; then cp "$LOG/$f" "$OUT/" && n=$((n + 1)); fi
 	done
 fi
