@@ -1330,8 +1330,17 @@ __device__ __forceinline__ void expand_tc_body(
     int max_rank, int o_stride, int t_stride, int rows_total, int ksplit, int accum) {
     constexpr int NG = TcShape<KC>::NG, R = 32 * KC, W = R + 4;
     __shared__ __align__(16) float ts[SG_TR * W];
+    // Before griddepcontrol.wait (pdl_entry) this block reads only what no
+    // kernel of the step writes: its tile (step metadata, copied before the
+    // step), its table entry and its columns of B (adapter weights). So
+    // with PDL the fetch of B overlaps the shrink's tail. Every block waits
+    // before it exits, spare ones too: a kernel after this one that waits
+    // for it then also finds the shrink's writes complete.
     const int4 tile = tiles[blockIdx.y];
-    if (tile.y == 0) return; // no rows (a recorded step's spare tile)
+    if (tile.y == 0) { // no rows (a recorded step's spare tile)
+        pdl_entry();
+        return;
+    }
     const int bx = blockIdx.x;
     const int s = bx >= blk2 ? 2 : (bx >= blk1 ? 1 : 0);
     const int sOff = s == 0 ? 0 : (s == 1 ? off1 : off2);
@@ -1351,6 +1360,7 @@ __device__ __forceinline__ void expand_tc_body(
             bv[ng][kc] = (c < sEnd && k < rank) ? ldg16(e.b + (i64)(c - sOff) * rank + k) : make_uint4(0, 0, 0, 0);
         }
     }
+    pdl_entry(); // tmp is the shrink's output
     if (rank > 0) {
         for (int i = threadIdx.x; i < SG_TR * R; i += blockDim.x) {
             const int r = i / R, k = i - r * R;
@@ -1417,9 +1427,9 @@ __device__ __forceinline__ void expand_tc_body(
     out, tmp, table, tiles, entry_base, entry_stride, m0, m1, m2, blk1, blk2, off1, off2, out_total, max_rank, o_stride, \
         t_stride, rows_total, ksplit, accum
 
-extern "C" __global__ void __launch_bounds__(256) sgmv_expand_tc1(EXPAND_TC_ARGS) { pdl_entry(); expand_tc_body<1>(EXPAND_TC_PASS); }
-extern "C" __global__ void __launch_bounds__(256) sgmv_expand_tc2(EXPAND_TC_ARGS) { pdl_entry(); expand_tc_body<2>(EXPAND_TC_PASS); }
-extern "C" __global__ void __launch_bounds__(256) sgmv_expand_tc4(EXPAND_TC_ARGS) { pdl_entry(); expand_tc_body<4>(EXPAND_TC_PASS); }
+extern "C" __global__ void __launch_bounds__(256) sgmv_expand_tc1(EXPAND_TC_ARGS) { expand_tc_body<1>(EXPAND_TC_PASS); }
+extern "C" __global__ void __launch_bounds__(256) sgmv_expand_tc2(EXPAND_TC_ARGS) { expand_tc_body<2>(EXPAND_TC_PASS); }
+extern "C" __global__ void __launch_bounds__(256) sgmv_expand_tc4(EXPAND_TC_ARGS) { expand_tc_body<4>(EXPAND_TC_PASS); }
 
 // l2_flush: reads n 16-byte words (a buffer larger than L2) and writes nothing
 // unless the impossible happens, so the cache ends up full of clean lines.

@@ -365,6 +365,13 @@ func (b *Backend) open(opts Options) error {
 	if b.la.s, err = b.ctx.NewPriorityStream(); err != nil {
 		return err
 	}
+	if b.pdl {
+		// the LoRA stream's expand starts (and fetches its adapter's B)
+		// while the shrink before it finishes
+		if err := b.la.s.SetProgrammaticLaunch(true); err != nil {
+			return err
+		}
+	}
 	if b.la.fork, err = b.ctx.NewEvent(false); err != nil {
 		return err
 	}

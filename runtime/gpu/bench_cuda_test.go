@@ -534,6 +534,9 @@ func TestDecodeBench(t *testing.T) {
 				if err := gb.s.SetProgrammaticLaunch(wantPDL); err != nil {
 					t.Fatal(err)
 				}
+				if err := gb.la.s.SetProgrammaticLaunch(wantPDL); err != nil {
+					t.Fatal(err)
+				}
 				if err := gb.dropGraphs(); err != nil {
 					t.Fatal(err)
 				}

@@ -400,7 +400,7 @@ func (b *Backend) runThenRecord(key graphKey, prog engine.Program) error {
 	if err != nil && b.pdl {
 		// a driver that cannot record programmatic launches: record (and
 		// from now on launch) without them
-		if b.s.SetProgrammaticLaunch(false) == nil {
+		if b.s.SetProgrammaticLaunch(false) == nil && b.la.s.SetProgrammaticLaunch(false) == nil {
 			b.pdl = false
 			if derr := b.dropGraphs(); derr != nil {
 				return derr
