@@ -1145,29 +1145,17 @@ __device__ __forceinline__ void shrink_body(
 #pragma unroll
     for (int nb = 0; nb < NB; nb++) c[nb][0] = c[nb][1] = c[nb][2] = c[nb][3] = 0.f;
     const uint4 z4 = make_uint4(0, 0, 0, 0);
-    // U iterations' loads are issued together, then their MMAs run: K at
-    // 4096 is 16 iterations a warp, which one load at a time waited for in
-    // turn (ncu: 70% of stalls on memory at 40 registers). Iterations past
-    // kend load zeros; the MMAs keep the K order.
-    constexpr int U = NB == 1 ? 8 : 2;
-    for (int cb = kbeg + warp * 32; cb < kend; cb += U * 32 * SG_WARPS) {
-        uint4 xa[U], xb[U], aa[U][NB];
+#pragma unroll 4
+    for (int cb = kbeg + warp * 32; cb < kend; cb += 32 * SG_WARPS) {
+        const int col = cb + q * 8;
+        const bool in = col < kend;
+        const uint4 xa = (in && v0) ? ldg16(x0 + col) : z4;
+        const uint4 xb = (in && v1) ? ldg16(x1 + col) : z4;
 #pragma unroll
-        for (int u = 0; u < U; u++) {
-            const int col = cb + u * 32 * SG_WARPS + q * 8;
-            const bool in = col < kend;
-            xa[u] = (in && v0) ? ldg16(x0 + col) : z4;
-            xb[u] = (in && v1) ? ldg16(x1 + col) : z4;
-#pragma unroll
-            for (int nb = 0; nb < NB; nb++) aa[u][nb] = (in && va[nb]) ? ldg16(ar[nb] + col) : z4;
-        }
-#pragma unroll
-        for (int u = 0; u < U; u++) {
-#pragma unroll
-            for (int nb = 0; nb < NB; nb++) {
-                mma16816(c[nb], xa[u].x, xb[u].x, xa[u].y, xb[u].y, aa[u][nb].x, aa[u][nb].y);
-                mma16816(c[nb], xa[u].z, xb[u].z, xa[u].w, xb[u].w, aa[u][nb].z, aa[u][nb].w);
-            }
+        for (int nb = 0; nb < NB; nb++) {
+            const uint4 aa = (in && va[nb]) ? ldg16(ar[nb] + col) : z4;
+            mma16816(c[nb], xa.x, xb.x, xa.y, xb.y, aa.x, aa.y);
+            mma16816(c[nb], xa.z, xb.z, xa.w, xb.w, aa.z, aa.w);
         }
     }
     // c0,c1: row g, rank cols 2q,2q+1; c2,c3: row g+8. red: [warp][row][8*NB]
