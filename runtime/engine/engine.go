@@ -19,6 +19,9 @@ var (
 	ErrBadInput   = errors.New("engine: bad step input")
 	ErrNoSlot     = errors.New("engine: no such adapter slot")
 	ErrContextLen = errors.New("engine: sequence exceeds the model's context length")
+	// ErrInFlight: a step was launched and not yet waited for
+	// (Flight.Wait); the engine runs one step at a time.
+	ErrInFlight = errors.New("engine: a launched step has not been waited for")
 )
 
 // Options size the engine.
@@ -72,6 +75,8 @@ type Engine struct {
 	loraUse [][llama.NumModules]int
 	// times is where the host time of the last step went (LastStepTimes).
 	times StepTimes
+	// fly is the launched step not yet waited for (Launch, Flight.Wait).
+	fly *Flight
 }
 
 // New uploads the model's weights to the backend.

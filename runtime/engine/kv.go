@@ -6,17 +6,22 @@ import "fmt"
 type Sequence struct {
 	blocks []int32
 	n      int
+	ahead  int // tokens of the launched step not yet waited for (Flight)
 }
 
 // Len is the number of tokens in the sequence's cache.
 func (s *Sequence) Len() int { return s.n }
+
+// Next is the sequence's length once the step in flight (Launch) ends
+// well: Len, plus its tokens in that step.
+func (s *Sequence) Next() int { return s.n + s.ahead }
 
 // Release returns a sequence's KV pages to the pool; the sequence is empty after.
 func (e *Engine) Release(s *Sequence) {
 	for _, b := range s.blocks {
 		e.Unref(b)
 	}
-	s.blocks, s.n = nil, 0
+	s.blocks, s.n, s.ahead = nil, 0, 0
 }
 
 // Reserve gives s pages for n tokens in all (those in its cache and those

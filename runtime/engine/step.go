@@ -18,6 +18,10 @@ type Input struct {
 	Tokens    []int32 // tokens to append (a prefill chunk, or one decode token)
 	Slot      int     // adapter slot, or -1 for the base model
 	AllLogits bool    // logits for every token, not only the last
+	// Later: Tokens holds one placeholder; its token is set with
+	// Planned.SetToken before Launch (the token the step in flight draws
+	// for the sequence: Prepare may run while it does).
+	Later bool
 }
 
 // Step runs one forward pass over every input and returns, per input in
@@ -25,10 +29,18 @@ type Input struct {
 // On error no sequence's length changes (pages reserved for it stay, as
 // Reserve's do).
 func (e *Engine) Step(ctx context.Context, in []Input) ([][]float32, error) {
-	meta, outRow, err := e.prepare(ctx, in)
+	if e.fly != nil {
+		return nil, ErrInFlight
+	}
+	p, err := e.prepare(ctx, in)
 	if err != nil {
 		return nil, err
 	}
+	if err := p.ready(); err != nil {
+		return nil, err
+	}
+	meta, outRow := p.meta, p.outRow
+	e.times = StepTimes{Prepare: p.prep} // a new step's times begin
 	var logits []float32
 	err = e.run(in, meta, func() error {
 		logits = make([]float32, len(meta.LogitRows)*e.cfg.VocabSize)
@@ -127,145 +139,55 @@ func (e *Engine) DeviceSampling() bool {
 // StepSample runs one forward pass like Step and draws one token per input
 // from its last logits row, on the device when the backend is a
 // DeviceSampler (only token ids and log-probabilities come back), else on
-// the host with package sample. Skipped inputs get a zero Choice.
+// the host with package sample. Skipped inputs get a zero Choice. It is
+// Prepare, Launch and Wait in one call.
 func (e *Engine) StepSample(ctx context.Context, in []Input, sp []Sampling) ([]sample.Choice, error) {
-	if len(sp) != len(in) {
-		return nil, fmt.Errorf("%w: %d inputs, %d samplings", ErrBadInput, len(in), len(sp))
-	}
-	V := e.cfg.VocabSize
-	for i := range sp {
-		if t := sp[i].Targets; len(t) > 0 {
-			if len(t) != len(in[i].Tokens) || len(sp[i].Scores) != len(t) || !in[i].AllLogits {
-				return nil, fmt.Errorf("%w: input %d scores %d rows into %d of %d tokens (AllLogits %v)", ErrBadInput, i, len(t), len(sp[i].Scores), len(in[i].Tokens), in[i].AllLogits)
-			}
-			for _, id := range t {
-				if id < -1 || int(id) >= V {
-					return nil, fmt.Errorf("%w: input %d scores token %d of a %d-token vocabulary", ErrBadInput, i, id, V)
-				}
-			}
-			if n := sp[i].Params.Logprobs; n < 0 || n > sample.MaxLogprobs {
-				return nil, fmt.Errorf("%w: input %d: logprobs %d outside [0, %d]", ErrBadInput, i, n, sample.MaxLogprobs)
-			}
-		}
-		if sp[i].Skip {
-			continue
-		}
-		if err := sp[i].Params.Validate(); err != nil {
-			return nil, err
-		}
-		for _, a := range sp[i].Adjust {
-			if a.Token < 0 || int(a.Token) >= V {
-				return nil, fmt.Errorf("%w: input %d adjusts token %d of a %d-token vocabulary", ErrBadInput, i, a.Token, V)
-			}
-		}
-	}
-	ds, ok := e.b.(DeviceSampler)
-	out := make([]sample.Choice, len(in))
-	if !ok {
-		logits, err := e.Step(ctx, in)
-		if err != nil {
-			return nil, err
-		}
-		t0 := time.Now()
-		defer func() { e.times.Wait += time.Since(t0) }()                       // host sampling
-		score(sp, func(i, j int) []float32 { return logits[i][j*V : (j+1)*V] }) // before Adjust changes a last row
-		for i, s := range sp {
-			if s.Skip {
-				continue
-			}
-			smp := s.CPU
-			if smp == nil {
-				p := s.Params
-				seed := s.Seed ^ (s.Index+1)*0x9e3779b97f4a7c15
-				p.Seed = &seed
-				var err error
-				if smp, err = sample.New(p); err != nil {
-					return nil, err
-				}
-			}
-			l := logits[i]
-			row := l[len(l)-V:]
-			sample.Apply(row, s.Adjust) // the step's own logits buffer
-			out[i] = smp.Sample(row)
-		}
-		return out, nil
-	}
-	meta, outRow, err := e.prepare(ctx, in)
+	p, err := e.Prepare(ctx, in)
 	if err != nil {
 		return nil, err
 	}
-	var rows []RowSample
-	var who []int
-	for i, s := range sp {
-		if s.Skip {
-			continue
-		}
-		n := 1
-		if in[i].AllLogits {
-			n = len(in[i].Tokens)
-		}
-		rows = append(rows, RowSample{Row: outRow[i] + n - 1, Params: s.Params, Seed: s.Seed, Counter: s.Index, Adjust: s.Adjust})
-		who = append(who, i)
-	}
-	got := make([]sample.Choice, len(rows))
-	err = e.run(in, meta, func() error {
-		if n := scoredRows(sp, outRow); n > 0 {
-			// the logits rows up to the last scored one come to the host
-			// (before SampleRows adjusts a last row on the device), into
-			// a buffer kept for the next scoring step
-			if cap(e.scoreBuf) < n*V {
-				e.scoreBuf = make([]float32, n*V)
-			}
-			host := e.scoreBuf[:n*V]
-			if err := e.b.Read(e.logits, n, host); err != nil {
-				return err
-			}
-			score(sp, func(i, j int) []float32 { return host[(outRow[i]+j)*V : (outRow[i]+j+1)*V] })
-		}
-		if len(rows) == 0 {
-			return nil
-		}
-		return ds.SampleRows(e.logits, rows, got)
-	})
+	f, err := e.Launch(p, sp)
 	if err != nil {
 		return nil, err
 	}
-	for k, i := range who {
-		out[i] = got[k]
-	}
-	return out, nil
+	return f.Wait()
 }
 
 // prepare validates a step, grows the sequences' page tables and builds the
-// step's metadata; outRow[i] is the first logits row of input i. It starts
-// the step's StepTimes with its own.
-func (e *Engine) prepare(ctx context.Context, in []Input) (*StepMeta, []int, error) {
+// step's metadata (Prepare). A sequence with a step in flight is placed
+// after that step's tokens.
+func (e *Engine) prepare(ctx context.Context, in []Input) (*Planned, error) {
 	t0 := time.Now()
 	if err := ctx.Err(); err != nil {
-		return nil, nil, err
+		return nil, err
 	}
 	c := e.cfg
 	total, rows, need := 0, 0, 0
 	seen := map[*Sequence]bool{}
 	for i, x := range in {
 		if x.Seq == nil || len(x.Tokens) == 0 {
-			return nil, nil, fmt.Errorf("%w: input %d has no sequence or no tokens", ErrBadInput, i)
+			return nil, fmt.Errorf("%w: input %d has no sequence or no tokens", ErrBadInput, i)
 		}
 		if seen[x.Seq] {
-			return nil, nil, fmt.Errorf("%w: sequence appears twice in one step", ErrBadInput)
+			return nil, fmt.Errorf("%w: sequence appears twice in one step", ErrBadInput)
 		}
 		seen[x.Seq] = true
 		if x.Slot >= len(e.slots) || x.Slot < -1 || (x.Slot >= 0 && e.slots[x.Slot] == nil) {
-			return nil, nil, fmt.Errorf("%w: input %d uses empty or missing slot %d", ErrNoSlot, i, x.Slot)
+			return nil, fmt.Errorf("%w: input %d uses empty or missing slot %d", ErrNoSlot, i, x.Slot)
 		}
-		for _, t := range x.Tokens {
-			if t < 0 || int(t) >= c.VocabSize {
-				return nil, nil, fmt.Errorf("%w: token id %d outside the vocabulary [0, %d)", ErrBadInput, t, c.VocabSize)
+		if x.Later && len(x.Tokens) != 1 {
+			return nil, fmt.Errorf("%w: input %d takes its token later but has %d", ErrBadInput, i, len(x.Tokens))
+		}
+		if !x.Later {
+			for _, t := range x.Tokens {
+				if t < 0 || int(t) >= c.VocabSize {
+					return nil, fmt.Errorf("%w: token id %d outside the vocabulary [0, %d)", ErrBadInput, t, c.VocabSize)
+				}
 			}
 		}
-		n := x.Seq.n + len(x.Tokens)
+		n := x.Seq.Next() + len(x.Tokens)
 		if n > e.opts.MaxContext {
-			return nil, nil, fmt.Errorf("%w: %d tokens > %d", ErrContextLen, n, e.opts.MaxContext)
+			return nil, fmt.Errorf("%w: %d tokens > %d", ErrContextLen, n, e.opts.MaxContext)
 		}
 		total += len(x.Tokens)
 		if x.AllLogits {
@@ -276,11 +198,11 @@ func (e *Engine) prepare(ctx context.Context, in []Input) (*StepMeta, []int, err
 		need += max(0, e.BlocksFor(n)-len(x.Seq.blocks))
 	}
 	if total > e.opts.MaxTokens {
-		return nil, nil, fmt.Errorf("%w: %d tokens > %d", ErrTooMany, total, e.opts.MaxTokens)
+		return nil, fmt.Errorf("%w: %d tokens > %d", ErrTooMany, total, e.opts.MaxTokens)
 	}
 	if need > len(e.freeBlocks) {
 		// Only a caller that did not Reserve gets here (the scheduler does).
-		return nil, nil, fmt.Errorf("%w: need %d pages, %d free", ErrKVFull, need, len(e.freeBlocks))
+		return nil, fmt.Errorf("%w: need %d pages, %d free", ErrKVFull, need, len(e.freeBlocks))
 	}
 	// Group rows by adapter slot so each adapter's tokens are one segment.
 	order := make([]int, len(in))
@@ -293,19 +215,25 @@ func (e *Engine) prepare(ctx context.Context, in []Input) (*StepMeta, []int, err
 		Tokens: make([]int32, 0, total), Positions: make([]int32, 0, total), KVSlots: make([]int32, 0, total),
 		Seqs: make([]SeqMeta, 0, len(in)), LogitRows: make([]int32, 0, rows),
 	}
-	outRow := make([]int, len(in)) // first logits row of each input
+	p := &Planned{e: e, in: in, meta: meta, outRow: make([]int, len(in)), first: make([]int, len(in)),
+		set: make([]bool, len(in)), discard: make([]bool, len(in))}
 	for _, i := range order {
 		x := in[i]
 		s := x.Seq
-		e.Reserve(s, s.n+len(x.Tokens)) // cannot fail: checked above
+		at := s.Next()
+		e.Reserve(s, at+len(x.Tokens)) // cannot fail: checked above
 		start := len(meta.Tokens)
+		p.first[i] = start
 		for j, t := range x.Tokens {
-			pos := s.n + j
+			pos := at + j
+			if x.Later {
+				t = 0 // SetToken gives it
+			}
 			meta.Tokens = append(meta.Tokens, t)
 			meta.Positions = append(meta.Positions, int32(pos))
 			meta.KVSlots = append(meta.KVSlots, s.blocks[pos/e.opts.BlockSize]*int32(e.opts.BlockSize)+int32(pos%e.opts.BlockSize))
 		}
-		meta.Seqs = append(meta.Seqs, SeqMeta{Start: start, Len: len(x.Tokens), Context: s.n + len(x.Tokens), Blocks: s.blocks})
+		meta.Seqs = append(meta.Seqs, SeqMeta{Start: start, Len: len(x.Tokens), Context: at + len(x.Tokens), Blocks: s.blocks})
 		if x.Slot >= 0 {
 			if k := len(meta.LoRA) - 1; k >= 0 && meta.LoRA[k].Slot == x.Slot && meta.LoRA[k].End == start {
 				meta.LoRA[k].End = len(meta.Tokens)
@@ -313,7 +241,7 @@ func (e *Engine) prepare(ctx context.Context, in []Input) (*StepMeta, []int, err
 				meta.LoRA = append(meta.LoRA, Segment{Start: start, End: len(meta.Tokens), Slot: x.Slot})
 			}
 		}
-		outRow[i] = len(meta.LogitRows)
+		p.outRow[i] = len(meta.LogitRows)
 		if x.AllLogits {
 			for r := start; r < len(meta.Tokens); r++ {
 				meta.LogitRows = append(meta.LogitRows, int32(r))
@@ -322,8 +250,8 @@ func (e *Engine) prepare(ctx context.Context, in []Input) (*StepMeta, []int, err
 			meta.LogitRows = append(meta.LogitRows, int32(len(meta.Tokens)-1))
 		}
 	}
-	e.times = StepTimes{Prepare: time.Since(t0)} // a new step's times begin
-	return meta, outRow, nil
+	p.prep = time.Since(t0)
+	return p, nil
 }
 
 // program is the forward pass for steps of shape s.
@@ -375,42 +303,139 @@ func (e *Engine) MissedRecording() bool {
 	return ok && m.MissedRecording()
 }
 
-// run executes a prepared step and tail (which reads its result), inside
-// the backend's Runner when it has one; on success the sequences advance;
-// on error they stay as they were (with their pages).
+// run executes a prepared step and tail (which reads its result); on
+// success the sequences advance; on error they stay as they were (with
+// their pages).
 func (e *Engine) run(in []Input, meta *StepMeta, tail func() error) error {
+	if err := e.issue(meta); err != nil {
+		return err
+	}
+	if err := e.finish(tail); err != nil {
+		return err
+	}
+	for _, x := range in {
+		x.Seq.n += len(x.Tokens)
+	}
+	return nil
+}
+
+// issue has the backend execute meta's step (inside its Runner when it has
+// one); on error the step is ended.
+func (e *Engine) issue(meta *StepMeta) error {
 	var s Shape
 	if len(meta.LoRA) > 0 {
 		s.LoRA = e.loraMask()
 	}
 	prog := e.program(s)
-	f := func() error {
+	return e.inRunner(func() error {
 		t0 := time.Now()
 		err := e.b.Execute(meta, prog)
-		t1 := time.Now()
-		e.times.Issue = t1.Sub(t0)
-		defer func() { e.times.Wait = time.Since(t1) }()
+		e.times.Issue = time.Since(t0)
 		if err != nil {
 			e.b.End()
-			return err
 		}
+		return err
+	})
+}
+
+// finish runs tail, which reads the issued step's result, and ends the
+// step (inside the backend's Runner when it has one).
+func (e *Engine) finish(tail func() error) error {
+	return e.inRunner(func() error {
+		t0 := time.Now()
+		defer func() { e.times.Wait = time.Since(t0) }()
 		if err := tail(); err != nil {
 			e.b.End()
 			return err
 		}
 		return e.b.End()
-	}
-	var err error
+	})
+}
+
+// inRunner calls fn in the backend's Runner, or directly.
+func (e *Engine) inRunner(fn func() error) error {
 	if r, ok := e.b.(Runner); ok {
-		err = r.Run(f)
-	} else {
-		err = f()
+		return r.Run(fn)
 	}
+	return fn()
+}
+
+// hostStep runs a whole step on a backend without DeviceSampler: the
+// logits come to the host and package sample draws the tokens.
+func (e *Engine) hostStep(f *Flight) error {
+	p := f.p
+	V := e.cfg.VocabSize
+	var logits []float32
+	if err := e.issue(p.meta); err != nil {
+		return err
+	}
+	err := e.finish(func() error {
+		logits = make([]float32, len(p.meta.LogitRows)*V)
+		return e.b.Read(e.logits, len(p.meta.LogitRows), logits)
+	})
 	if err != nil {
-		return err // the sequences keep their pages and their length
+		return err
 	}
-	for _, x := range in {
-		x.Seq.n += len(x.Tokens)
+	t0 := time.Now()
+	defer func() { e.times.Wait += time.Since(t0) }() // host sampling
+	row := func(i, j int) []float32 { r := p.outRow[i] + j; return logits[r*V : (r+1)*V] }
+	score(f.sp, row) // before Adjust changes a last row
+	for i, s := range f.sp {
+		if s.Skip {
+			continue
+		}
+		smp := s.CPU
+		if smp == nil {
+			prm := s.Params
+			seed := s.Seed ^ (s.Index+1)*0x9e3779b97f4a7c15
+			prm.Seed = &seed
+			var err error
+			if smp, err = sample.New(prm); err != nil {
+				return err
+			}
+		}
+		n := 1
+		if p.in[i].AllLogits {
+			n = len(p.in[i].Tokens)
+		}
+		last := row(i, n-1)
+		sample.Apply(last, s.Adjust) // the step's own logits buffer
+		f.out[i] = smp.Sample(last)
+	}
+	return nil
+}
+
+// collect draws a launched step's tokens on the device (DeviceSampler),
+// scoring the rows Targets asks for first, and ends the step.
+func (e *Engine) collect(f *Flight) error {
+	ds := e.b.(DeviceSampler)
+	p := f.p
+	V := e.cfg.VocabSize
+	got := make([]sample.Choice, len(f.rows))
+	err := e.finish(func() error {
+		if n := scoredRows(f.sp, p.outRow); n > 0 {
+			// the logits rows up to the last scored one come to the host
+			// (before SampleRows adjusts a last row on the device), into
+			// a buffer kept for the next scoring step
+			if cap(e.scoreBuf) < n*V {
+				e.scoreBuf = make([]float32, n*V)
+			}
+			host := e.scoreBuf[:n*V]
+			if err := e.b.Read(e.logits, n, host); err != nil {
+				return err
+			}
+			score(f.sp, func(i, j int) []float32 { return host[(p.outRow[i]+j)*V : (p.outRow[i]+j+1)*V] })
+		}
+		if len(f.rows) == 0 {
+			return nil
+		}
+		return ds.SampleRows(e.logits, f.rows, got)
+	})
+	if err != nil {
+		return err
+	}
+	for k, i := range f.who {
+		f.out[i] = got[k]
 	}
 	return nil
 }
