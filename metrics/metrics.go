@@ -39,6 +39,7 @@ type Metrics struct {
 	stepDevice prometheus.Histogram
 	stepHost   *prometheus.HistogramVec
 	preempt    prometheus.Counter
+	ahead      prometheus.Counter
 	kvUsage    prometheus.Gauge
 	loraInfo   *loraInfo
 	panics     *prometheus.CounterVec
@@ -101,6 +102,8 @@ func New(maxLoRA int) *Metrics {
 			Buckets: []float64{1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, .01, .025, .05, .1, .25, .5, 1}}, []string{"phase"}),
 		preempt: prometheus.NewCounter(prometheus.CounterOpts{Name: "peftd_preemptions_total",
 			Help: "Sequences preempted for KV pages."}),
+		ahead: prometheus.NewCounter(prometheus.CounterOpts{Name: "peftd_steps_ahead_total",
+			Help: "Steps planned and prepared while the step before them ran on the device (their decode rows took its tokens once back)."}),
 		kvUsage: prometheus.NewGauge(prometheus.GaugeOpts{Name: "peftd_kv_cache_usage_ratio",
 			Help: "Fraction of KV cache pages in use at the last engine step."}),
 		loraInfo: newLoRAInfo(maxLoRA),
@@ -127,7 +130,7 @@ func New(maxLoRA int) *Metrics {
 			Help: "KV cache usage, 0 to 1 (1 means 100 percent; vLLM-compatible; same as peftd_kv_cache_usage_ratio)."}),
 	}
 	r.MustRegister(m.requests, m.generated, m.prompt, m.ttft, m.coldTTFT, m.itl, m.e2e, m.inflight, m.waiting, m.running,
-		m.batchRows, m.batchSeqs, m.adapters, m.stepTime, m.stepDevice, m.stepHost, m.preempt, m.kvUsage, m.loraInfo,
+		m.batchRows, m.batchSeqs, m.adapters, m.stepTime, m.stepDevice, m.stepHost, m.preempt, m.ahead, m.kvUsage, m.loraInfo,
 		m.vllmWaiting, m.vllmRunning, m.vllmKV, m.panics, m.stalls,
 		m.prefixQueries, m.prefixHits, m.vllmPrefixQueries, m.vllmPrefixHits, m.prefixPages,
 		collectors.NewGoCollector(collectors.WithGoCollectorRuntimeMetrics(
@@ -201,6 +204,9 @@ func (m *Metrics) OnStep(s scheduler.StepStats) {
 		}
 	}
 	m.preempt.Add(float64(s.Preempted))
+	if s.Ahead {
+		m.ahead.Inc()
+	}
 	m.prefixQueries.Add(float64(s.PrefixQueries))
 	m.vllmPrefixQueries.Add(float64(s.PrefixQueries))
 	m.prefixHits.Add(float64(s.PrefixHits))

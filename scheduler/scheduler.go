@@ -150,6 +150,9 @@ type StepStats struct {
 	Waiting, Running                 int
 	RunningAdapters, WaitingAdapters []string
 	Preempted                        int
+	// Ahead: the step was planned and prepared while the one before it
+	// ran on the device (step.go), not after its tokens came back.
+	Ahead bool
 	// Prefix cache since the last report: prompt tokens looked up and
 	// found; pages kept (CachedPages, of which EvictablePages only the
 	// cache holds).
@@ -173,10 +176,14 @@ type seq struct {
 	// scores: with PromptLogprobs, the Choices of prompt tokens 1.. scored
 	// so far (a recompute after preemption does not score them again);
 	// sent with the first event
-	scores   []sample.Choice
-	gen      int // generated tokens
-	admitted time.Time
-	ended    bool // finish ran
+	scores []sample.Choice
+	// the step in flight (step.go): q has flyRows rows in it, and it draws
+	// q's next token when flySamples
+	inFlight, flySamples bool
+	flyRows              int
+	gen                  int // generated tokens
+	admitted             time.Time
+	ended                bool // finish ran
 	// acquiring: an Acquire for this waiting request runs (admission.go)
 	acquiring bool
 	// Prefix cache: chain is the key of the last full page of tokens known
@@ -205,8 +212,9 @@ type Scheduler struct {
 	loads    int
 	draining map[string]string
 
-	running []*seq // engine goroutine only
-	stepped bool   // engine goroutine only: the last step ran sequences
+	running []*seq  // engine goroutine only
+	fly     *flight // engine goroutine only: the step in flight (step.go)
+	stepped bool    // engine goroutine only: the last step ran sequences
 	// steps that failed in a row (not for one slot), the last one's error
 	// and time (Healthy reads them from other goroutines)
 	failMu     sync.Mutex
@@ -442,7 +450,7 @@ func (s *Scheduler) loop() {
 	idleReported := true
 	for {
 		s.flush(nil) // what the last step or command posted goes out before any wait
-		if len(s.running) == 0 && !s.hasWaiting() {
+		if s.fly == nil && len(s.running) == 0 && !s.hasWaiting() {
 			if !idleReported {
 				// The gauges read from the last report must say "idle".
 				s.report(StepStats{TotalBlocks: s.e.Options().KVBlocks, FreeBlocks: s.e.FreeBlocks()})
@@ -469,12 +477,15 @@ func (s *Scheduler) loop() {
 			}
 			continue
 		}
-		// Engine commands (adapter loads) run between steps: drain them first.
+		// Engine commands (adapter loads) run between steps, with no step
+		// in flight: drain them first.
 		select {
 		case fn := <-s.cmds:
+			s.guard("landing the step in flight", s.drain)
 			s.command(fn)
 			continue
 		case <-s.quit:
+			s.guard("landing the step in flight", s.drain)
 			s.shutdown()
 			return
 		default:
@@ -487,7 +498,7 @@ func (s *Scheduler) loop() {
 			s.running = nil
 			s.stepDone(ErrInternal)
 		}
-		if !s.stepped {
+		if !s.stepped && s.fly == nil {
 			// Requests wait, but none could be admitted (a lease on its way,
 			// a slot to free): wait for a change, and look again now and
 			// then (a slot can free outside the scheduler: an unpin).

@@ -81,9 +81,12 @@ func TestConcurrentMatchesReference(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			var preempted, maxAdapters, prefillWithDecode atomic.Int64
-			var evictable, timed, badTime atomic.Int64
+			var evictable, timed, badTime, ahead atomic.Int64
 			s, f := setup(t, tc.opts, Config{PrefixCache: tc.cache, OnStep: func(st StepStats) {
 				evictable.Store(int64(st.EvictablePages))
+				if st.Ahead {
+					ahead.Add(1)
+				}
 				if st.Device > 0 {
 					timed.Add(1)
 				}
@@ -123,6 +126,9 @@ func TestConcurrentMatchesReference(t *testing.T) {
 			t.Logf("preemptions %d, most adapters in one step %d, mixed prefill+decode steps %d", preempted.Load(), maxAdapters.Load(), prefillWithDecode.Load())
 			if timed.Load() == 0 || badTime.Load() > 0 {
 				t.Errorf("steps with a device (compute) time: %d; longer than the step itself: %d", timed.Load(), badTime.Load())
+			}
+			if ahead.Load() == 0 {
+				t.Error("no step was prepared while the one before it ran")
 			}
 			if strings.HasPrefix(tc.name, "tight") && preempted.Load() == 0 {
 				t.Error("the tight configuration never preempted")
@@ -337,5 +343,61 @@ func TestStepHostTimes(t *testing.T) {
 	}
 	if issue <= 0 {
 		t.Errorf("the CPU backend's steps spent no time in issue")
+	}
+}
+
+// TestStopWhileNextIsPrepared: requests that draw a stop token while the
+// next step, with a row for them, is already prepared end right there
+// (that row is discarded), and the requests beside them still give
+// exactly their reference tokens; every page comes back.
+func TestStopWhileNextIsPrepared(t *testing.T) {
+	opts := engine.Options{MaxTokens: 512, KVBlocks: 256, BlockSize: 16, AdapterSlots: 4}
+	var ahead atomic.Int64
+	s, f := setup(t, opts, Config{OnStep: func(st StepStats) {
+		if st.Ahead {
+			ahead.Add(1)
+		}
+	}})
+	var wg sync.WaitGroup
+	for rep := 0; rep < 2; rep++ {
+		for _, c := range f.Cases {
+			if len(c.Greedy) < 4 {
+				continue
+			}
+			stopAt := 1 + rep // the stop token's first place in the reference
+			stop := c.Greedy[stopAt]
+			want := c.Greedy[:slices.Index(c.Greedy, stop)+1]
+			for _, r := range []struct {
+				stop []int32
+				want []int32
+			}{{[]int32{stop}, want}, {nil, c.Greedy}} {
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					ch, err := s.Submit(context.Background(), Request{Adapter: c.AdapterName(), Prompt: c.Prompt, MaxTokens: c.Decode, Stop: r.stop})
+					if err != nil {
+						t.Error(err)
+						return
+					}
+					toks, end := collect(t, ch)
+					reason := engine.FinishLength
+					if r.stop != nil {
+						reason = engine.FinishStop
+					}
+					if end.Err != nil || end.FinishReason != reason || !slices.Equal(toks, r.want) {
+						t.Errorf("case %d stop %v: %v (%v %q), want %v (%q)", c.ID, r.stop, toks, end.Err, end.FinishReason, r.want, reason)
+					}
+				}()
+			}
+		}
+	}
+	wg.Wait()
+	if ahead.Load() == 0 {
+		t.Error("no step was prepared while the one before it ran")
+	}
+	var free int
+	s.Do(context.Background(), func(e *engine.Engine) error { free = e.FreeBlocks(); return nil })
+	if free != opts.KVBlocks {
+		t.Errorf("%d of %d pages free", free, opts.KVBlocks)
 	}
 }

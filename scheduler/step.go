@@ -12,28 +12,47 @@ import (
 	"github.com/peftd/peftd/runtime/sample"
 )
 
-// step runs one engine step over the running sequences and reports it
-// (also when it had nothing to run: the gauges must not keep the load of a
-// step whose sequences have all been cancelled since).
+// A step runs in two calls of step, so that the host plans step N+1 while
+// the device runs step N: the first call plans and launches a step and
+// returns with it in flight (s.fly); the next call admits requests and
+// plans and prepares the next step meanwhile (its decode rows take their
+// tokens from the step in flight: engine Input.Later), then lands the
+// step in flight (its tokens, emitted by the emitter goroutine) and
+// launches the next one at once. What the prepared step cannot know is
+// settled when the tokens are back: a sequence that drew its stop token
+// keeps its row, discarded (engine Planned.Discard), and the penalties see
+// the token. Anything irregular (pages short, scored prompts, a recording
+// to make, an engine command) lands the step in flight first and plans
+// the next one after it, as one step at a time.
+
+// flight is a launched step whose tokens are not back yet.
+type flight struct {
+	f     *engine.Flight
+	in    []engine.Input
+	who   []*seq
+	sp    []engine.Sampling
+	keep  []int // the inputs not discarded (indices of in, who and sp)
+	stats StepStats
+	start time.Time // when it was launched
+}
+
+// step plans and launches a step when none is in flight, else plans the
+// next one, lands the one in flight and launches the next (stepAhead).
+// Every step is reported, also one with nothing to run (the gauges must
+// not keep the load of a step whose sequences have all been cancelled
+// since).
 func (s *Scheduler) step() {
+	if s.fly != nil {
+		s.stepAhead()
+		return
+	}
 	t0 := time.Now()
 	stats := StepStats{TotalBlocks: s.e.Options().KVBlocks}
-	defer func() { s.reportStep(&stats) }()
 	s.stepped = false
 	s.admit()
-	// Drop cancelled sequences first: their pages free at once.
-	live := s.running[:0]
-	for _, q := range s.running {
-		if err := q.ctx.Err(); err != nil {
-			s.release(q)
-			s.finish(q, "", err)
-			continue
-		}
-		live = append(live, q)
-	}
-	clear(s.running[len(live):])
-	s.running = live
+	s.dropCancelled()
 	if len(s.running) == 0 {
+		s.reportStep(&stats)
 		return
 	}
 	// Plan, then give every planned sequence its KV pages before the step
@@ -43,8 +62,9 @@ func (s *Scheduler) step() {
 	var in []engine.Input
 	var who []*seq
 	for {
-		in, who = s.plan(&stats)
+		in, who = s.plan(&stats, false)
 		if len(in) == 0 {
+			s.reportStep(&stats)
 			return
 		}
 		err := s.reserve(in)
@@ -53,55 +73,203 @@ func (s *Scheduler) step() {
 		}
 		if !s.preempt() {
 			s.failAll(fmt.Errorf("scheduler: a lone sequence does not fit the KV cache: %w", err))
+			s.reportStep(&stats)
 			return
 		}
 		stats.Preempted++
 	}
-	start := time.Now()
-	stats.Plan = start.Sub(t0)
 	sp := make([]engine.Sampling, len(in))
 	for k, q := range who {
 		n := len(in[k].Tokens)
-		sp[k] = engine.Sampling{Skip: q.fed+n < len(q.tokens) || q.req.MaxTokens == 0, Params: q.req.Sampling, Seed: q.seed,
-			Index: uint64(q.fed + n), CPU: q.sampler, Adjust: q.pen.Adjust()}
 		if tg := q.targets(n); tg != nil {
 			in[k].AllLogits = true
 			sp[k].Targets, sp[k].Scores = tg, make([]sample.Choice, n)
 		}
 	}
+	p, err := s.e.Prepare(context.Background(), in)
+	stats.Plan = time.Since(t0)
+	if err != nil {
+		s.stepped = true
+		s.launchFailed(err, &stats)
+		return
+	}
+	s.launch(p, in, who, sp, nil, stats)
+}
+
+// stepAhead plans and prepares the next step while the one in flight runs,
+// lands it, and launches the next one with the tokens it drew.
+func (s *Scheduler) stepAhead() {
+	t0 := time.Now()
+	stats := StepStats{TotalBlocks: s.e.Options().KVBlocks}
+	s.admit()
+	s.dropCancelled()
+	var p *engine.Planned
+	in, who := s.plan(&stats, true)
+	if len(in) > 0 && s.reserve(in) == nil {
+		p, _ = s.e.Prepare(context.Background(), in) // an error shows again when the step is planned after landing
+	}
+	stats.Plan, stats.Ahead = time.Since(t0), true
+	if !s.land() || p == nil {
+		return // the next call plans after the tokens are in
+	}
+	// What the step in flight decided: discard the rows of sequences that
+	// ended, give the others the tokens they drew.
+	sp := make([]engine.Sampling, len(in))
+	discard := make([]bool, len(in))
+	kept := 0
+	for k, q := range who {
+		x := in[k]
+		switch {
+		case q.ended:
+			discard[k] = true
+			p.Discard(k)
+			continue
+		case q.fed+len(x.Tokens) > len(q.tokens) || q.targets(len(x.Tokens)) != nil:
+			return // not what was planned (cannot happen): plan again after it
+		case x.Later:
+			if len(q.tokens)-q.fed != 1 || p.SetToken(k, q.tokens[q.fed]) != nil {
+				return
+			}
+		case !slices.Equal(x.Tokens, q.tokens[q.fed:q.fed+len(x.Tokens)]):
+			return
+		}
+		kept++
+	}
+	if kept == 0 {
+		return
+	}
+	s.launch(p, in, who, sp, discard, stats)
+}
+
+// launch completes the Samplings of a prepared step (sp may hold Targets)
+// and launches it; discard marks the inputs Planned.Discard took out.
+func (s *Scheduler) launch(p *engine.Planned, in []engine.Input, who []*seq, sp []engine.Sampling, discard []bool, stats StepStats) {
+	keep := make([]int, 0, len(in))
+	for k, q := range who {
+		if discard != nil && discard[k] {
+			sp[k] = engine.Sampling{Skip: true}
+			continue
+		}
+		keep = append(keep, k)
+		n := len(in[k].Tokens)
+		sp[k].Skip = q.fed+n < len(q.tokens) || q.req.MaxTokens == 0
+		sp[k].Params, sp[k].Seed, sp[k].Index, sp[k].CPU, sp[k].Adjust = q.req.Sampling, q.seed, uint64(q.fed+n), q.sampler, q.pen.Adjust()
+	}
 	s.stepped = true
-	choices, err := s.e.StepSample(context.Background(), in, sp)
+	start := time.Now()
+	f, err := s.e.Launch(p, sp)
+	if err != nil {
+		s.launchFailed(err, &stats)
+		return
+	}
+	for _, k := range keep {
+		q := who[k]
+		q.inFlight, q.flyRows, q.flySamples = true, len(in[k].Tokens), !sp[k].Skip
+	}
+	s.fly = &flight{f: f, in: in, who: who, sp: sp, keep: keep, stats: stats, start: start}
+}
+
+// launchFailed ends what a step that could not be prepared or launched
+// leaves: its adapter slot's requests (engine.SlotError), or all of them.
+func (s *Scheduler) launchFailed(err error, stats *StepStats) {
 	var bad *engine.SlotError
 	if errors.As(err, &bad) {
 		s.failSlot(bad.Slot, err) // the others run again at the next step
-		return
+	} else {
+		s.stepDone(err)
+		s.failAll(err)
+	}
+	s.reportStep(stats)
+}
+
+// land waits for the step in flight, hands its tokens to its requests and
+// reports it; false when it failed (its requests have ended) or when a
+// recording was made after it (the step prepared meanwhile must not be
+// launched without planning again... it may: a recording changes no
+// sequence, but the next call plans afresh to keep one path).
+func (s *Scheduler) land() bool {
+	fl := s.fly
+	s.fly = nil
+	choices, err := fl.f.Wait()
+	end := time.Now()
+	for _, q := range fl.who {
+		q.inFlight = false
+	}
+	stats := fl.stats
+	var bad *engine.SlotError
+	if errors.As(err, &bad) {
+		s.failSlot(bad.Slot, err) // the others run again at the next step
+		s.reportStep(&stats)
+		return false
 	}
 	s.stepDone(err)
 	if err != nil {
 		s.failAll(err)
-		return
+		s.reportStep(&stats)
+		return false
 	}
-	if s.cfg.IdleWarm && !s.warmFailed && s.e.MissedRecording() {
-		// the step ran without its program: record it when idle, or
-		// between steps when the load never leaves the engine idle
-		s.warming = true
-		if s.missed++; s.missed >= busyWarmEvery {
-			s.missed = 0
-			defer func() { // after the step's tokens are out
-				s.flush(nil)
-				s.warmOne()
-			}()
-		}
-	}
-	end := time.Now()
-	stats.Duration = end.Sub(start)
+	stats.Duration = end.Sub(fl.start)
 	if d, ok := s.e.DeviceTime(); ok {
 		stats.Device = d
 	}
 	et := s.e.LastStepTimes()
 	stats.Prepare, stats.Issue, stats.Wait = et.Prepare, et.Issue, et.Wait
-	s.afterStep(in, who, choices, sp)
+	in, who, sp, ch := fl.in, fl.who, fl.sp, choices
+	if len(fl.keep) < len(in) {
+		in, who, sp, ch = pick(fl.in, fl.keep), pick(fl.who, fl.keep), pick(fl.sp, fl.keep), pick(choices, fl.keep)
+	}
+	s.afterStep(in, who, ch, sp)
 	stats.Emit = time.Since(end)
+	warm := false
+	if s.cfg.IdleWarm && !s.warmFailed && s.e.MissedRecording() {
+		// the step ran without its program: record it when idle, or
+		// between steps when the load never leaves the engine idle
+		s.warming = true
+		if s.missed++; s.missed >= busyWarmEvery {
+			s.missed, warm = 0, true
+		}
+	}
+	s.reportStep(&stats) // its tokens go out with the report
+	if warm {
+		s.warmOne()
+		return false
+	}
+	return true
+}
+
+// pick is xs at the indices keep.
+func pick[T any](xs []T, keep []int) []T {
+	out := make([]T, len(keep))
+	for i, k := range keep {
+		out[i] = xs[k]
+	}
+	return out
+}
+
+// drain lands the step in flight, if any (before an engine command, the
+// shutdown, or a wait: nothing runs on the engine while a step is in
+// flight but the step after it).
+func (s *Scheduler) drain() {
+	if s.fly != nil {
+		s.land()
+	}
+}
+
+// dropCancelled ends the running sequences whose requests were cancelled
+// (their pages free at once), except those in the step in flight: they go
+// at the next call, after it lands.
+func (s *Scheduler) dropCancelled() {
+	live := s.running[:0]
+	for _, q := range s.running {
+		if err := q.ctx.Err(); err != nil && !q.inFlight {
+			s.release(q)
+			s.finish(q, "", err)
+			continue
+		}
+		live = append(live, q)
+	}
+	clear(s.running[len(live):])
+	s.running = live
 }
 
 // reserve gives each input's sequence the pages its tokens need, in plan
@@ -109,7 +277,7 @@ func (s *Scheduler) step() {
 // their sequences.
 func (s *Scheduler) reserve(in []engine.Input) error {
 	for _, x := range in {
-		n := x.Seq.Len() + len(x.Tokens)
+		n := x.Seq.Next() + len(x.Tokens)
 		if short := s.e.BlocksFor(n) - len(x.Seq.Blocks()) - s.e.FreeBlocks(); short > 0 && s.cache != nil {
 			s.cache.evict(short) // cached prefixes nobody uses give way first
 		}
@@ -158,36 +326,58 @@ func (s *Scheduler) report(stats StepStats) {
 	s.flush(&stats) // OnStep runs on the emitter
 }
 
-// plan packs decode rows first, then prefill chunks, within the token budget.
-func (s *Scheduler) plan(st *StepStats) ([]engine.Input, []*seq) {
+// plan packs decode rows first, then prefill chunks, within the token
+// budget. ahead plans the step after the one in flight: a sequence is
+// taken as that step leaves it (its rows fed, the token it draws as a
+// decode row whose token comes later); cancelled sequences, those the step
+// in flight ends by length, and scored prompts (their rows' logits) are
+// left out, and a plan with a scored prompt is empty: it waits.
+func (s *Scheduler) plan(st *StepStats, ahead bool) ([]engine.Input, []*seq) {
 	budget := s.e.Options().MaxTokens
 	var in []engine.Input
 	var who []*seq
 	adapters := map[int]bool{}
-	add := func(q *seq, n int) {
-		in = append(in, engine.Input{Seq: &q.kv, Tokens: q.tokens[q.fed : q.fed+n], Slot: q.slot})
+	add := func(q *seq, toks []int32, later bool) {
+		in = append(in, engine.Input{Seq: &q.kv, Tokens: toks, Slot: q.slot, Later: later})
 		who = append(who, q)
 		adapters[q.slot] = true
-		budget -= n
+		budget -= len(toks)
 	}
 	*st = StepStats{TotalBlocks: st.TotalBlocks, Preempted: st.Preempted}
 	for _, q := range s.running {
-		if budget > 0 && len(q.tokens)-q.fed == 1 {
-			add(q, 1)
+		if budget <= 0 || ahead && q.ctx.Err() != nil {
+			continue
+		}
+		fed, drawn := q.view()
+		switch {
+		case drawn:
+			if q.gen+1 < q.req.MaxTokens { // else that token is its last
+				add(q, []int32{0}, true)
+				st.Decode++
+			}
+		case len(q.tokens)-fed == 1:
+			add(q, q.tokens[fed:fed+1], false)
 			st.Decode++
 		}
 	}
 	scoreBudget := scoreChunk // scored rows this step, all sequences together
 	for _, q := range s.running {
-		if n := len(q.tokens) - q.fed; budget > 0 && n > 1 {
+		fed, drawn := q.view()
+		if n := len(q.tokens) - fed; budget > 0 && n > 1 && !drawn {
 			if q.req.PromptLogprobs && len(q.scores) < len(q.req.Prompt)-1 {
+				if ahead {
+					return nil, nil
+				}
 				if scoreBudget == 0 {
 					continue // its logits rows wait for the next step
 				}
 				n = min(n, scoreBudget) // every row's logits come to the host
 				scoreBudget -= min(n, budget)
 			}
-			add(q, min(n, budget))
+			if ahead && q.ctx.Err() != nil {
+				continue
+			}
+			add(q, q.tokens[fed:fed+min(n, budget)], false)
 			st.Prefill++
 		}
 	}
@@ -196,6 +386,16 @@ func (s *Scheduler) plan(st *StepStats) ([]engine.Input, []*seq) {
 		st.Rows += len(x.Tokens)
 	}
 	return in, who
+}
+
+// view is q as the step in flight leaves it: its tokens fed, and whether
+// that step draws its next token (not known yet).
+func (q *seq) view() (fed int, drawn bool) {
+	if !q.inFlight {
+		return q.fed, false
+	}
+	fed = q.fed + q.flyRows
+	return fed, fed == len(q.tokens) && q.flySamples
 }
 
 // failSlot ends the running requests on slot, whose adapter the engine
@@ -218,6 +418,13 @@ func (s *Scheduler) failSlot(slot int, err error) {
 
 func (s *Scheduler) failAll(err error) {
 	s.log.Error("engine step failed", "err", err)
+	if fl := s.fly; fl != nil { // a panic left it: its results are not used
+		s.fly = nil
+		fl.f.Wait()
+		for _, q := range fl.who {
+			q.inFlight = false
+		}
+	}
 	for _, q := range s.running {
 		s.release(q)
 		s.finish(q, "", err)
