@@ -2,6 +2,7 @@ package scheduler
 
 import (
 	"context"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -70,8 +71,9 @@ func BenchmarkSchedulerHost(b *testing.B) {
 // turn (prompt token ids of the given length, maxTok new tokens, adapters
 // round-robin over models) and read every token; each request must get
 // maxTok tokens (the null backend never picks a stop token).
-func closedLoop(b *testing.B, s *Scheduler, clients, perClient, prompt, maxTok, vocab int, models []string) {
+func closedLoop(b *testing.B, s *Scheduler, clients, perClient, prompt, maxTok, vocab int, models []string) (ttft []time.Duration) {
 	V := int32(vocab)
+	var mu sync.Mutex
 	var wg sync.WaitGroup
 	for c := range clients {
 		wg.Add(1)
@@ -82,6 +84,7 @@ func closedLoop(b *testing.B, s *Scheduler, clients, perClient, prompt, maxTok, 
 				for i := range p {
 					p[i] = 3 + int32(c*131+r*17+i)%(V-3)
 				}
+				t0 := time.Now()
 				ch, err := s.Submit(context.Background(), Request{Adapter: models[(c+r)%len(models)], Prompt: p, MaxTokens: maxTok})
 				if err != nil {
 					b.Error(err)
@@ -89,6 +92,11 @@ func closedLoop(b *testing.B, s *Scheduler, clients, perClient, prompt, maxTok, 
 				}
 				n := 0
 				for ev := range ch {
+					if n == 0 && !ev.Done {
+						mu.Lock()
+						ttft = append(ttft, time.Since(t0))
+						mu.Unlock()
+					}
 					if ev.Done {
 						if ev.Err != nil {
 							b.Error(ev.Err)
@@ -104,6 +112,7 @@ func closedLoop(b *testing.B, s *Scheduler, clients, perClient, prompt, maxTok, 
 		}()
 	}
 	wg.Wait()
+	return ttft
 }
 
 // BenchmarkSchedulerModeled serves serve8b's load in process (64 clients in
@@ -111,10 +120,22 @@ func closedLoop(b *testing.B, s *Scheduler, clients, perClient, prompt, maxTok, 
 // iteration) on a backend whose every step takes 6 ms (the H200's FP8 step
 // at ~115 rows): whether the scheduler keeps every client in the batch
 // (seqs/step, decodes/step: 64 at most), and the host time each step adds
-// (plan, prepare, emit; issue_us is the 6 ms plus the sleep's overshoot).
-// tok/s is what the load would reach if the device took 6 ms a step and
-// the HTTP path cost nothing.
+// (plan, prepare, emit). sync: Execute takes the 6 ms, so nothing overlaps
+// it; async: the step runs until its tokens are read, as on a GPU, so the
+// next step's planning overlaps it (step.go). tok/s is what the load would
+// reach if the device took 6 ms a step and the HTTP path cost nothing;
+// ttft_p50_ms is the median time from Submit to the first token.
 func BenchmarkSchedulerModeled(b *testing.B) {
+	for _, async := range []bool{false, true} {
+		name := "sync"
+		if async {
+			name = "async"
+		}
+		b.Run(name, func(b *testing.B) { benchModeled(b, async) })
+	}
+}
+
+func benchModeled(b *testing.B, async bool) {
 	f, err := fixture.Load()
 	if err != nil {
 		b.Fatal(err)
@@ -122,13 +143,13 @@ func BenchmarkSchedulerModeled(b *testing.B) {
 	defer f.Close()
 	opts := engine.DefaultOptions()
 	opts.KVBlocks = 4096
-	e, err := engine.New(f.Model, &enginetest.Null{Step: 6 * time.Millisecond}, opts)
+	e, err := engine.New(f.Model, &enginetest.Null{Step: 6 * time.Millisecond, Async: async}, opts)
 	if err != nil {
 		b.Fatal(err)
 	}
 	defer e.Close()
 	var sum StepStats
-	var steps int
+	var steps, ahead int
 	var mu sync.Mutex
 	s := New(e, Static{}, Config{MaxQueue: 1024, OnStep: func(st StepStats) {
 		if st.Rows == 0 {
@@ -136,6 +157,9 @@ func BenchmarkSchedulerModeled(b *testing.B) {
 		}
 		mu.Lock()
 		steps++
+		if st.Ahead {
+			ahead++
+		}
 		sum.Rows += st.Rows
 		sum.Sequences += st.Sequences
 		sum.Decode += st.Decode
@@ -147,10 +171,11 @@ func BenchmarkSchedulerModeled(b *testing.B) {
 	}})
 	defer s.Close()
 	const clients, perClient, prompt, maxTok = 64, 6, 128, 64
+	var ttft []time.Duration
 	b.ResetTimer()
 	t0 := time.Now()
 	for range b.N {
-		closedLoop(b, s, clients, perClient, prompt, maxTok, f.Model.Config.VocabSize, []string{""})
+		ttft = append(ttft, closedLoop(b, s, clients, perClient, prompt, maxTok, f.Model.Config.VocabSize, []string{""})...)
 	}
 	el := time.Since(t0)
 	b.StopTimer()
@@ -164,10 +189,14 @@ func BenchmarkSchedulerModeled(b *testing.B) {
 	b.ReportMetric(per(sum.Sequences), "seqs/step")
 	b.ReportMetric(per(sum.Decode), "decodes/step")
 	b.ReportMetric(per(sum.Rows), "rows/step")
+	b.ReportMetric(per(ahead), "ahead/step")
 	b.ReportMetric(us(sum.Plan), "plan_us")
 	b.ReportMetric(us(sum.Prepare), "prepare_us")
-	b.ReportMetric(us(sum.Issue), "issue_us")
 	b.ReportMetric(us(sum.Emit), "emit_us")
 	b.ReportMetric(float64(el.Microseconds())/1000/float64(steps), "ms/step")
 	b.ReportMetric(float64(b.N*clients*perClient*maxTok)/el.Seconds(), "tok/s")
+	slices.Sort(ttft)
+	if len(ttft) > 0 {
+		b.ReportMetric(float64(ttft[len(ttft)/2].Microseconds())/1000, "ttft_p50_ms")
+	}
 }

@@ -214,7 +214,10 @@ type Scheduler struct {
 
 	running []*seq  // engine goroutine only
 	fly     *flight // engine goroutine only: the step in flight (step.go)
-	stepped bool    // engine goroutine only: the last step ran sequences
+	// devEst: the device time of recent steps (a moving average), which
+	// times the planning of the next step (planDelay); engine goroutine only
+	devEst  time.Duration
+	stepped bool // engine goroutine only: the last step ran sequences
 	// steps that failed in a row (not for one slot), the last one's error
 	// and time (Healthy reads them from other goroutines)
 	failMu     sync.Mutex

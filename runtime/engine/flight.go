@@ -145,6 +145,10 @@ func (e *Engine) Launch(p *Planned, sp []Sampling) (*Flight, error) {
 	return f, nil
 }
 
+// Done reports whether the step's result is in already: on a backend
+// without DeviceSampler, Launch runs the whole step.
+func (f *Flight) Done() bool { return f.done }
+
 // Wait returns the launched step's tokens: per input, the Choice drawn from
 // its last logits row (zero for skipped and discarded inputs). On success
 // the sequences advance by their tokens; on error they stay as they were
