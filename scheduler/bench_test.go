@@ -4,6 +4,7 @@ import (
 	"context"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -71,7 +72,7 @@ func BenchmarkSchedulerHost(b *testing.B) {
 // turn (prompt token ids of the given length, maxTok new tokens, adapters
 // round-robin over models) and read every token; each request must get
 // maxTok tokens (the null backend never picks a stop token).
-func closedLoop(b *testing.B, s *Scheduler, clients, perClient, prompt, maxTok, vocab int, models []string) (ttft []time.Duration) {
+func closedLoop(b testing.TB, s *Scheduler, clients, perClient, prompt, maxTok, vocab int, models []string) (ttft []time.Duration) {
 	V := int32(vocab)
 	var mu sync.Mutex
 	var wg sync.WaitGroup
@@ -198,5 +199,46 @@ func benchModeled(b *testing.B, async bool) {
 	slices.Sort(ttft)
 	if len(ttft) > 0 {
 		b.ReportMetric(float64(ttft[len(ttft)/2].Microseconds())/1000, "ttft_p50_ms")
+	}
+}
+
+// TestModeledAsyncSteps runs a closed loop on the modeled GPU backend
+// (enginetest.Null with Async: a step runs until its tokens are read), where
+// the next step is planned while the one in flight runs: every request
+// gets all its tokens, most steps are planned ahead, every page comes back.
+func TestModeledAsyncSteps(t *testing.T) {
+	f, err := fixture.Load()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	opts := engine.DefaultOptions()
+	opts.KVBlocks = 1024
+	e, err := engine.New(f.Model, &enginetest.Null{Step: time.Millisecond, Async: true}, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer e.Close()
+	var steps, ahead atomic.Int64
+	s := New(e, Static{}, Config{OnStep: func(st StepStats) {
+		if st.Rows > 0 {
+			steps.Add(1)
+		}
+		if st.Ahead {
+			ahead.Add(1)
+		}
+	}})
+	defer s.Close()
+	ttft := closedLoop(t, s, 16, 3, 40, 24, f.Model.Config.VocabSize, []string{""})
+	if len(ttft) != 16*3 {
+		t.Errorf("%d first tokens, want %d", len(ttft), 16*3)
+	}
+	if a, n := ahead.Load(), steps.Load(); a*2 < n {
+		t.Errorf("%d of %d steps planned ahead", a, n)
+	}
+	var free int
+	s.Do(context.Background(), func(e *engine.Engine) error { free = e.FreeBlocks(); return nil })
+	if free != opts.KVBlocks {
+		t.Errorf("%d of %d pages free", free, opts.KVBlocks)
 	}
 }

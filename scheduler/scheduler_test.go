@@ -401,3 +401,69 @@ func TestStopWhileNextIsPrepared(t *testing.T) {
 		t.Errorf("%d of %d pages free", free, opts.KVBlocks)
 	}
 }
+
+// TestCancelWhileNextIsPrepared: requests cancelled after a few tokens,
+// while steps are planned ahead of the one in flight, end with their
+// context's error and no token after it is seen; the requests beside them
+// give exactly their reference tokens, and every page comes back.
+func TestCancelWhileNextIsPrepared(t *testing.T) {
+	opts := engine.Options{MaxTokens: 512, KVBlocks: 256, BlockSize: 16, AdapterSlots: 4}
+	var ahead atomic.Int64
+	s, f := setup(t, opts, Config{OnStep: func(st StepStats) {
+		if st.Ahead {
+			ahead.Add(1)
+		}
+	}})
+	var wg sync.WaitGroup
+	for _, c := range f.Cases {
+		if len(c.Greedy) < 4 {
+			continue
+		}
+		for _, cancelAfter := range []int{0, 2} { // 0: never
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				ctx, cancel := context.WithCancel(context.Background())
+				defer cancel()
+				ch, err := s.Submit(ctx, Request{Adapter: c.AdapterName(), Prompt: c.Prompt, MaxTokens: c.Decode})
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				var toks []int32
+				for ev := range ch {
+					if ev.Done {
+						switch {
+						case cancelAfter == 0 && (ev.Err != nil || !slices.Equal(toks, c.Greedy)):
+							t.Errorf("case %d: %v (%v), want %v", c.ID, toks, ev.Err, c.Greedy)
+						case cancelAfter > 0 && len(toks) < c.Decode && !errors.Is(ev.Err, context.Canceled):
+							t.Errorf("case %d cancelled after %d tokens: ended with %v after %d", c.ID, cancelAfter, ev.Err, len(toks))
+						}
+						return
+					}
+					toks = append(toks, ev.Token.ID)
+					if !slices.Equal(toks, c.Greedy[:min(len(toks), len(c.Greedy))]) {
+						t.Errorf("case %d: token %d is %d, want %d", c.ID, len(toks), ev.Token.ID, c.Greedy[len(toks)-1])
+					}
+					if len(toks) == cancelAfter {
+						cancel()
+					}
+				}
+				t.Errorf("case %d: no Done event", c.ID)
+			}()
+		}
+	}
+	wg.Wait()
+	if ahead.Load() == 0 {
+		t.Error("no step was prepared while the one before it ran")
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for s.Pending() != 0 && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	var free int
+	s.Do(context.Background(), func(e *engine.Engine) error { free = e.FreeBlocks(); return nil })
+	if free != opts.KVBlocks || s.Pending() != 0 {
+		t.Errorf("%d of %d pages free, %d requests pending", free, opts.KVBlocks, s.Pending())
+	}
+}
