@@ -112,7 +112,11 @@ func (s *Scheduler) stepAhead() {
 		p, _ = s.e.Prepare(context.Background(), in) // an error shows again when the step is planned after landing
 	}
 	stats.Plan, stats.Ahead = time.Since(t0), true
-	if !s.land() || p == nil {
+	landed, ok := s.land()
+	if landed != nil {
+		defer s.reportStep(landed) // after the next step is launched
+	}
+	if !ok || p == nil {
 		return // the next call plans after the tokens are in
 	}
 	// What the step in flight decided: discard the rows of sequences that
@@ -204,12 +208,12 @@ func (s *Scheduler) launchFailed(err error, stats *StepStats) {
 	s.reportStep(stats)
 }
 
-// land waits for the step in flight, hands its tokens to its requests and
-// reports it; false when it failed (its requests have ended) or when a
-// recording was made after it (the step prepared meanwhile must not be
-// launched without planning again... it may: a recording changes no
-// sequence, but the next call plans afresh to keep one path).
-func (s *Scheduler) land() bool {
+// land waits for the step in flight and hands its tokens to its requests;
+// it returns the step's statistics for the caller to report (nil when it
+// reported them itself) and false when the step failed (its requests have
+// ended) or when it recorded a missing program after it (a recording must
+// not overlap a step: the step prepared meanwhile is planned again).
+func (s *Scheduler) land() (*StepStats, bool) {
 	fl := s.fly
 	s.fly = nil
 	choices, err := fl.f.Wait()
@@ -222,13 +226,13 @@ func (s *Scheduler) land() bool {
 	if errors.As(err, &bad) {
 		s.failSlot(bad.Slot, err) // the others run again at the next step
 		s.reportStep(&stats)
-		return false
+		return nil, false
 	}
 	s.stepDone(err)
 	if err != nil {
 		s.failAll(err)
 		s.reportStep(&stats)
-		return false
+		return nil, false
 	}
 	stats.Duration = end.Sub(fl.start)
 	if d, ok := s.e.DeviceTime(); ok {
@@ -256,12 +260,12 @@ func (s *Scheduler) land() bool {
 			s.missed, warm = 0, true
 		}
 	}
-	s.reportStep(&stats) // its tokens go out with the report
 	if warm {
+		s.reportStep(&stats) // its tokens go out before the recording
 		s.warmOne()
-		return false
+		return nil, false
 	}
-	return true
+	return &stats, true
 }
 
 // pick is xs at the indices keep.
@@ -277,8 +281,11 @@ func pick[T any](xs []T, keep []int) []T {
 // shutdown, or a wait: nothing runs on the engine while a step is in
 // flight but the step after it).
 func (s *Scheduler) drain() {
-	if s.fly != nil {
-		s.land()
+	if s.fly == nil {
+		return
+	}
+	if st, _ := s.land(); st != nil {
+		s.reportStep(st)
 	}
 }
 
