@@ -220,13 +220,12 @@ func TestModeledAsyncSteps(t *testing.T) {
 	}
 	defer e.Close()
 	var steps, ahead atomic.Int64
+	count := countAhead(&ahead)
 	s := New(e, Static{}, Config{OnStep: func(st StepStats) {
 		if st.Rows > 0 {
 			steps.Add(1)
 		}
-		if st.Ahead {
-			ahead.Add(1)
-		}
+		count(st)
 	}})
 	defer s.Close()
 	ttft := closedLoop(t, s, 16, 3, 40, 24, f.Model.Config.VocabSize, []string{""})
@@ -236,9 +235,7 @@ func TestModeledAsyncSteps(t *testing.T) {
 	if a, n := ahead.Load(), steps.Load(); a*2 < n {
 		t.Errorf("%d of %d steps planned ahead", a, n)
 	}
-	var free int
-	s.Do(context.Background(), func(e *engine.Engine) error { free = e.FreeBlocks(); return nil })
-	if free != opts.KVBlocks {
+	if free := freeBlocks(s); free != opts.KVBlocks {
 		t.Errorf("%d of %d pages free", free, opts.KVBlocks)
 	}
 }

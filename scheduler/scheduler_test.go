@@ -353,11 +353,7 @@ func TestStepHostTimes(t *testing.T) {
 func TestStopWhileNextIsPrepared(t *testing.T) {
 	opts := engine.Options{MaxTokens: 512, KVBlocks: 256, BlockSize: 16, AdapterSlots: 4}
 	var ahead atomic.Int64
-	s, f := setup(t, opts, Config{OnStep: func(st StepStats) {
-		if st.Ahead {
-			ahead.Add(1)
-		}
-	}})
+	s, f := setup(t, opts, Config{OnStep: countAhead(&ahead)})
 	var wg sync.WaitGroup
 	for rep := 0; rep < 2; rep++ {
 		for _, c := range f.Cases {
@@ -395,11 +391,25 @@ func TestStopWhileNextIsPrepared(t *testing.T) {
 	if ahead.Load() == 0 {
 		t.Error("no step was prepared while the one before it ran")
 	}
-	var free int
-	s.Do(context.Background(), func(e *engine.Engine) error { free = e.FreeBlocks(); return nil })
-	if free != opts.KVBlocks {
+	if free := freeBlocks(s); free != opts.KVBlocks {
 		t.Errorf("%d of %d pages free", free, opts.KVBlocks)
 	}
+}
+
+// countAhead is an OnStep that counts the steps planned ahead.
+func countAhead(n *atomic.Int64) func(StepStats) {
+	return func(st StepStats) {
+		if st.Ahead {
+			n.Add(1)
+		}
+	}
+}
+
+// freeBlocks is the engine's free KV pages, read on the engine goroutine.
+func freeBlocks(s *Scheduler) int {
+	var free int
+	s.Do(context.Background(), func(e *engine.Engine) error { free = e.FreeBlocks(); return nil })
+	return free
 }
 
 // TestCancelWhileNextIsPrepared: requests cancelled after a few tokens,
@@ -409,11 +419,7 @@ func TestStopWhileNextIsPrepared(t *testing.T) {
 func TestCancelWhileNextIsPrepared(t *testing.T) {
 	opts := engine.Options{MaxTokens: 512, KVBlocks: 256, BlockSize: 16, AdapterSlots: 4}
 	var ahead atomic.Int64
-	s, f := setup(t, opts, Config{OnStep: func(st StepStats) {
-		if st.Ahead {
-			ahead.Add(1)
-		}
-	}})
+	s, f := setup(t, opts, Config{OnStep: countAhead(&ahead)})
 	var wg sync.WaitGroup
 	for _, c := range f.Cases {
 		if len(c.Greedy) < 4 {
@@ -461,9 +467,7 @@ func TestCancelWhileNextIsPrepared(t *testing.T) {
 	for s.Pending() != 0 && time.Now().Before(deadline) {
 		time.Sleep(10 * time.Millisecond)
 	}
-	var free int
-	s.Do(context.Background(), func(e *engine.Engine) error { free = e.FreeBlocks(); return nil })
-	if free != opts.KVBlocks || s.Pending() != 0 {
+	if free := freeBlocks(s); free != opts.KVBlocks || s.Pending() != 0 {
 		t.Errorf("%d of %d pages free, %d requests pending", free, opts.KVBlocks, s.Pending())
 	}
 }

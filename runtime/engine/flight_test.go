@@ -6,9 +6,7 @@ import (
 	"slices"
 	"testing"
 
-	"github.com/peftd/peftd/runtime/cpu"
 	"github.com/peftd/peftd/runtime/engine"
-	"github.com/peftd/peftd/runtime/llama"
 	"github.com/peftd/peftd/runtime/sample"
 )
 
@@ -18,18 +16,7 @@ import (
 // second launch or a Step meanwhile, and a launch with a token missing; a
 // discarded input neither advances nor draws.
 func TestPrepareWhileInFlight(t *testing.T) {
-	m, err := llama.Open(stories)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer m.Close()
-	newEngine := func() *engine.Engine {
-		e, err := engine.New(m, cpu.New(0), engine.DefaultOptions())
-		if err != nil {
-			t.Fatal(err)
-		}
-		return e
-	}
+	m, newEngine := storiesEngines(t)
 	ctx := context.Background()
 	prompts := [][]int32{{1, 403, 407, 261, 378}, {1, 65, 301}}
 	const steps = 6

@@ -15,18 +15,7 @@ import (
 // draws on the host: greedy equals the argmax of Step's logits, skipped
 // inputs get no token, seeded draws repeat, and mismatched specs are refused.
 func TestStepSampleHostPath(t *testing.T) {
-	m, err := llama.Open(stories)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer m.Close()
-	newEngine := func() *engine.Engine {
-		e, err := engine.New(m, cpu.New(0), engine.DefaultOptions())
-		if err != nil {
-			t.Fatal(err)
-		}
-		return e
-	}
+	_, newEngine := storiesEngines(t)
 	prompt := []int32{1, 403, 407, 261, 378}
 	ctx := context.Background()
 
@@ -73,5 +62,23 @@ func TestStepSampleHostPath(t *testing.T) {
 	}
 	if a, b := draw(), draw(); a != b {
 		t.Errorf("seeded draws differ: %d, %d", a, b)
+	}
+}
+
+// storiesEngines opens the stories260K model (closed with the test) and
+// returns a maker of CPU engines on it.
+func storiesEngines(t *testing.T) (*llama.Model, func() *engine.Engine) {
+	t.Helper()
+	m, err := llama.Open(stories)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { m.Close() })
+	return m, func() *engine.Engine {
+		e, err := engine.New(m, cpu.New(0), engine.DefaultOptions())
+		if err != nil {
+			t.Fatal(err)
+		}
+		return e
 	}
 }
