@@ -98,7 +98,9 @@ func New(maxLoRA int) *Metrics {
 		stepHost: prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: "peftd_step_host_seconds",
 			Help: "Host time of an engine step by phase, in order: plan (admission, the plan and its KV pages), prepare (the step's metadata), " +
 				"issue (the ops enqueued; computed, on the CPU backend), wait (sampling or reading the logits until the results are back), " +
-				"emit (the tokens handed to their requests). peftd_step_duration_seconds is about prepare + issue + wait.",
+				"emit (the tokens handed to their requests). peftd_step_duration_seconds is about prepare + issue + wait. " +
+				"A step planned during the one before it (peftd_steps_ahead_total) had its plan and prepare off the device's path; " +
+				"settle is then the host time from the tokens of the step before it to its own launch.",
 			Buckets: []float64{1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, .01, .025, .05, .1, .25, .5, 1}}, []string{"phase"}),
 		preempt: prometheus.NewCounter(prometheus.CounterOpts{Name: "peftd_preemptions_total",
 			Help: "Sequences preempted for KV pages."}),
@@ -201,6 +203,9 @@ func (m *Metrics) OnStep(s scheduler.StepStats) {
 			d    time.Duration
 		}{{"plan", s.Plan}, {"prepare", s.Prepare}, {"issue", s.Issue}, {"wait", s.Wait}, {"emit", s.Emit}} {
 			m.stepHost.WithLabelValues(p.name).Observe(p.d.Seconds())
+		}
+		if s.Ahead { // planned during the step before: what lay between the two
+			m.stepHost.WithLabelValues("settle").Observe(s.Settle.Seconds())
 		}
 	}
 	m.preempt.Add(float64(s.Preempted))

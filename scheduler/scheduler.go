@@ -144,8 +144,12 @@ type StepStats struct {
 	// Where the host time of the step went, in order: Plan (admission,
 	// cancelled sequences, the plan and its KV pages), then the engine's
 	// Prepare, Issue and Wait (engine.StepTimes: Duration is about their
-	// sum), then Emit (the new tokens handed to their requests).
-	Plan, Prepare, Issue, Wait, Emit time.Duration
+	// sum), then Emit (the new tokens handed to their requests). A step
+	// planned Ahead did its Plan and Prepare while the step before it ran;
+	// Settle is then the host time between that step's tokens and this
+	// step's launch (landing it, its tokens set into this step), time the
+	// device has nothing queued.
+	Plan, Prepare, Issue, Wait, Emit, Settle time.Duration
 	FreeBlocks, TotalBlocks          int
 	Waiting, Running                 int
 	RunningAdapters, WaitingAdapters []string

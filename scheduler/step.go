@@ -93,7 +93,7 @@ func (s *Scheduler) step() {
 		s.launchFailed(err, &stats)
 		return
 	}
-	s.launch(p, in, who, sp, nil, stats)
+	s.launch(p, in, who, sp, nil, stats, time.Time{})
 }
 
 // stepAhead plans and prepares the next step while the one in flight runs,
@@ -112,7 +112,7 @@ func (s *Scheduler) stepAhead() {
 		p, _ = s.e.Prepare(context.Background(), in) // an error shows again when the step is planned after landing
 	}
 	stats.Plan, stats.Ahead = time.Since(t0), true
-	landed, ok := s.land()
+	landed, waited, ok := s.land()
 	if landed != nil {
 		defer s.reportStep(landed) // after the next step is launched
 	}
@@ -145,7 +145,7 @@ func (s *Scheduler) stepAhead() {
 	if kept == 0 {
 		return
 	}
-	s.launch(p, in, who, sp, discard, stats)
+	s.launch(p, in, who, sp, discard, stats, waited)
 }
 
 // planDelay is how long to wait before planning the step after the one in
@@ -168,8 +168,10 @@ func (s *Scheduler) planDelay() time.Duration {
 const planMargin = 500 * time.Microsecond
 
 // launch completes the Samplings of a prepared step (sp may hold Targets)
-// and launches it; discard marks the inputs Planned.Discard took out.
-func (s *Scheduler) launch(p *engine.Planned, in []engine.Input, who []*seq, sp []engine.Sampling, discard []bool, stats StepStats) {
+// and launches it; discard marks the inputs Planned.Discard took out;
+// waited, when set, is when the tokens of the step before it came back
+// (StepStats.Settle).
+func (s *Scheduler) launch(p *engine.Planned, in []engine.Input, who []*seq, sp []engine.Sampling, discard []bool, stats StepStats, waited time.Time) {
 	keep := make([]int, 0, len(in))
 	for k, q := range who {
 		if discard != nil && discard[k] {
@@ -183,6 +185,9 @@ func (s *Scheduler) launch(p *engine.Planned, in []engine.Input, who []*seq, sp 
 	}
 	s.stepped = true
 	start := time.Now()
+	if !waited.IsZero() {
+		stats.Settle = start.Sub(waited)
+	}
 	f, err := s.e.Launch(p, sp)
 	if err != nil {
 		s.launchFailed(err, &stats)
@@ -213,7 +218,7 @@ func (s *Scheduler) launchFailed(err error, stats *StepStats) {
 // reported them itself) and false when the step failed (its requests have
 // ended) or when it recorded a missing program after it (a recording must
 // not overlap a step: the step prepared meanwhile is planned again).
-func (s *Scheduler) land() (*StepStats, bool) {
+func (s *Scheduler) land() (st *StepStats, waited time.Time, ok bool) {
 	fl := s.fly
 	s.fly = nil
 	choices, err := fl.f.Wait()
@@ -226,13 +231,13 @@ func (s *Scheduler) land() (*StepStats, bool) {
 	if errors.As(err, &bad) {
 		s.failSlot(bad.Slot, err) // the others run again at the next step
 		s.reportStep(&stats)
-		return nil, false
+		return nil, end, false
 	}
 	s.stepDone(err)
 	if err != nil {
 		s.failAll(err)
 		s.reportStep(&stats)
-		return nil, false
+		return nil, end, false
 	}
 	stats.Duration = end.Sub(fl.start)
 	if d, ok := s.e.DeviceTime(); ok {
@@ -263,9 +268,9 @@ func (s *Scheduler) land() (*StepStats, bool) {
 	if warm {
 		s.reportStep(&stats) // its tokens go out before the recording
 		s.warmOne()
-		return nil, false
+		return nil, end, false
 	}
-	return &stats, true
+	return &stats, end, true
 }
 
 // pick is xs at the indices keep.
@@ -284,7 +289,7 @@ func (s *Scheduler) drain() {
 	if s.fly == nil {
 		return
 	}
-	if st, _ := s.land(); st != nil {
+	if st, _, _ := s.land(); st != nil {
 		s.reportStep(st)
 	}
 }

@@ -531,7 +531,7 @@ if want serve8b; then
 				"$LOG/serve8b.metrics.txt" | tee -a "$LOG/serve8b.txt"
 			# where the host time of a step went (mean ms per step, by phase)
 			sed -n 's/^peftd_step_host_seconds_\(sum\|count\){phase="\([a-z]*\)"} \(.*\)/\1 \2 \3/p' "$LOG/serve8b.metrics.txt" |
-				awk '{v[$1 " " $2]=$3} END {printf "SERVEHOST mean_ms"; n=split("plan prepare issue wait emit", ph, " "); for (i=1;i<=n;i++) {c=v["count " ph[i]]; printf " %s=%.3f", ph[i], (c>0 ? 1000*v["sum " ph[i]]/c : 0)}; printf "\n"}' |
+				awk '{v[$1 " " $2]=$3} END {printf "SERVEHOST mean_ms"; n=split("plan prepare issue wait emit settle", ph, " "); for (i=1;i<=n;i++) {c=v["count " ph[i]]; printf " %s=%.3f", ph[i], (c>0 ? 1000*v["sum " ph[i]]/c : 0)}; printf "\n"}' |
 				tee -a "$LOG/serve8b.txt"
 			grep -E 'adapter|load|graphs' "$LOG/serve8b.log" | tail -n 12 | cut -c1-240
 		else
