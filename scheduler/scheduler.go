@@ -150,10 +150,10 @@ type StepStats struct {
 	// step's launch (landing it, its tokens set into this step), time the
 	// device has nothing queued.
 	Plan, Prepare, Issue, Wait, Emit, Settle time.Duration
-	FreeBlocks, TotalBlocks          int
-	Waiting, Running                 int
-	RunningAdapters, WaitingAdapters []string
-	Preempted                        int
+	FreeBlocks, TotalBlocks                  int
+	Waiting, Running                         int
+	RunningAdapters, WaitingAdapters         []string
+	Preempted                                int
 	// Ahead: the step was planned and prepared while the one before it
 	// ran on the device (step.go), not after its tokens came back.
 	Ahead bool
