@@ -65,8 +65,8 @@ func (n *Null) wait() {
 
 // StepDeviceTime is Step, the modeled device time of every step.
 func (n *Null) StepDeviceTime() (time.Duration, bool) { return n.Step, n.Step > 0 }
-func (n *Null) End() error   { return nil }
-func (n *Null) Close() error { return nil }
+func (n *Null) End() error                            { return nil }
+func (n *Null) Close() error                          { return nil }
 func (n *Null) Read(b engine.Buffer, rows int, dst []float32) error {
 	n.wait()
 	clear(dst[:rows*b.Cols()])
