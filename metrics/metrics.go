@@ -98,7 +98,7 @@ func New(maxLoRA int) *Metrics {
 		stepHost: prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: "peftd_step_host_seconds",
 			Help: "Host time of an engine step by phase, in order: plan (admission, the plan and its KV pages), prepare (the step's metadata), " +
 				"issue (the ops enqueued; computed, on the CPU backend), wait (sampling or reading the logits until the results are back), " +
-				"emit (the tokens handed to their requests). peftd_step_duration_seconds is about prepare + issue + wait. " +
+				"emit (the tokens handed to their requests). peftd_step_duration_seconds (from the launch to the tokens) is about issue + wait. " +
 				"A step planned during the one before it (peftd_steps_ahead_total) had its plan and prepare off the device's path; " +
 				"settle is then the host time from the tokens of the step before it to its own launch.",
 			Buckets: []float64{1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, .01, .025, .05, .1, .25, .5, 1}}, []string{"phase"}),

@@ -143,8 +143,9 @@ type StepStats struct {
 	Device time.Duration
 	// Where the host time of the step went, in order: Plan (admission,
 	// cancelled sequences, the plan and its KV pages), then the engine's
-	// Prepare, Issue and Wait (engine.StepTimes: Duration is about their
-	// sum), then Emit (the new tokens handed to their requests). A step
+	// Prepare, Issue and Wait (engine.StepTimes: Duration, from the launch
+	// to the tokens, is about Issue + Wait), then Emit (the new tokens
+	// handed to their requests). A step
 	// planned Ahead did its Plan and Prepare while the step before it ran;
 	// Settle is then the host time between that step's tokens and this
 	// step's launch (landing it, its tokens set into this step), time the
