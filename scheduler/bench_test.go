@@ -11,6 +11,7 @@ import (
 	"github.com/peftd/peftd/internal/enginetest"
 	"github.com/peftd/peftd/internal/fixture"
 	"github.com/peftd/peftd/runtime/engine"
+	"github.com/peftd/peftd/runtime/sample"
 )
 
 // BenchmarkSchedulerHost measures the host work of serving, per engine step,
@@ -238,4 +239,103 @@ func TestModeledAsyncSteps(t *testing.T) {
 	if free := freeBlocks(s); free != opts.KVBlocks {
 		t.Errorf("%d of %d pages free", free, opts.KVBlocks)
 	}
+}
+
+// TestChainedMatchesUnchained: on the modeled GPU backend, whose draws
+// depend on each row's input token, steps launched before the tokens of
+// the step before them are back (their decode rows reading those tokens
+// on the "device") give every request exactly the tokens that steps
+// launched after them give: with stop tokens met while the next step is
+// already queued (its rows for them are dropped), and with penalties
+// (never chained: they need the token on the host).
+func TestChainedMatchesUnchained(t *testing.T) {
+	f, err := fixture.Load()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	V := int32(f.Model.Config.VocabSize)
+	type req struct {
+		prompt []int32
+		max    int
+		stop   []int32
+		pen    bool
+	}
+	var reqs []req
+	for i := range 24 {
+		p := make([]int32, 10+i%7)
+		for j := range p {
+			p[j] = 3 + int32(i*37+j*11)%(V-3)
+		}
+		reqs = append(reqs, req{prompt: p, max: 6 + i%9, pen: i%5 == 0})
+	}
+	run := func(noChain bool, reqs []req) (out [][]int32, chained, steps int) {
+		opts := engine.DefaultOptions()
+		opts.KVBlocks = 512
+		e, err := engine.New(f.Model, &enginetest.Null{Step: 300 * time.Microsecond, Async: true, NoChain: noChain}, opts)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer e.Close()
+		var nc, ns atomic.Int64
+		s := New(e, Static{}, Config{OnStep: func(st StepStats) {
+			if st.Chained {
+				nc.Add(1)
+			}
+			if st.Rows > 0 {
+				ns.Add(1)
+			}
+		}})
+		defer s.Close()
+		out = make([][]int32, len(reqs))
+		var wg sync.WaitGroup
+		for i, r := range reqs {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				seed := uint64(1000 + i)
+				sp := sample.Params{Seed: &seed}
+				if r.pen {
+					sp.Penalties.Frequency = 0.5
+				}
+				ch, err := s.Submit(context.Background(), Request{Prompt: r.prompt, MaxTokens: r.max, Stop: r.stop, Sampling: sp})
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				for ev := range ch {
+					if ev.Done {
+						if ev.Err != nil {
+							t.Errorf("request %d: %v", i, ev.Err)
+						}
+						break
+					}
+					out[i] = append(out[i], ev.Token.ID)
+				}
+			}()
+		}
+		wg.Wait()
+		if free := freeBlocks(s); free != opts.KVBlocks {
+			t.Errorf("noChain %v: %d of %d pages free", noChain, free, opts.KVBlocks)
+		}
+		return out, int(nc.Load()), int(ns.Load())
+	}
+	want, _, _ := run(true, reqs)
+	// stop tokens met mid-way: the third token of every other request
+	for i := range reqs {
+		if i%2 == 1 && len(want[i]) > 3 {
+			reqs[i].stop = []int32{want[i][2]}
+			want[i] = want[i][:slices.Index(want[i], want[i][2])+1]
+		}
+	}
+	got, chained, steps := run(false, reqs)
+	for i := range reqs {
+		if !slices.Equal(got[i], want[i]) {
+			t.Errorf("request %d (stop %v, penalties %v): chained %v, unchained %v", i, reqs[i].stop, reqs[i].pen, got[i], want[i])
+		}
+	}
+	if chained == 0 {
+		t.Errorf("no step of %d was chained", steps)
+	}
+	t.Logf("%d of %d steps chained", chained, steps)
 }

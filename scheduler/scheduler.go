@@ -158,6 +158,10 @@ type StepStats struct {
 	// Ahead: the step was planned and prepared while the one before it
 	// ran on the device (step.go), not after its tokens came back.
 	Ahead bool
+	// Chained: the step was launched before the tokens of the one before it
+	// were back, its decode rows reading them on the device (engine
+	// Chainer); Ahead too.
+	Chained bool
 	// Prefix cache since the last report: prompt tokens looked up and
 	// found; pages kept (CachedPages, of which EvictablePages only the
 	// cache holds).
@@ -182,13 +186,15 @@ type seq struct {
 	// so far (a recompute after preemption does not score them again);
 	// sent with the first event
 	scores []sample.Choice
-	// the step in flight (step.go): q has flyRows rows in it, and it draws
-	// q's next token when flySamples
-	inFlight, flySamples bool
-	flyRows              int
-	gen                  int // generated tokens
-	admitted             time.Time
-	ended                bool // finish ran
+	// lastFly is the last launched step q has rows in while it is in
+	// flight (step.go): flyRows rows, and it draws q's next token when
+	// flySamples
+	lastFly    *flight
+	flySamples bool
+	flyRows    int
+	gen        int // generated tokens
+	admitted   time.Time
+	ended      bool // finish ran
 	// acquiring: an Acquire for this waiting request runs (admission.go)
 	acquiring bool
 	// Prefix cache: chain is the key of the last full page of tokens known
@@ -219,6 +225,7 @@ type Scheduler struct {
 
 	running []*seq  // engine goroutine only
 	fly     *flight // engine goroutine only: the step in flight (step.go)
+	next    *flight // engine goroutine only: one launched behind it (chained)
 	// devEst: the device time of recent steps (a moving average), which
 	// times the planning of the next step (planDelay); engine goroutine only
 	devEst  time.Duration

@@ -112,6 +112,15 @@ func (s *Scheduler) stepAhead() {
 		p, _ = s.e.Prepare(context.Background(), in) // an error shows again when the step is planned after landing
 	}
 	stats.Plan, stats.Ahead = time.Since(t0), true
+	if p != nil && s.chain(p, in, who, stats) {
+		// the next step is queued behind the one in flight: land that one
+		if s.fly != nil {
+			if landed, _, _ := s.land(); landed != nil {
+				s.reportStep(landed)
+			}
+		}
+		return
+	}
 	landed, waited, ok := s.land()
 	if landed != nil {
 		defer s.reportStep(landed) // after the next step is launched
@@ -146,6 +155,53 @@ func (s *Scheduler) stepAhead() {
 		return
 	}
 	s.launch(p, in, who, sp, discard, stats, waited)
+}
+
+// chain launches the prepared step p behind the one in flight, its decode
+// rows reading the tokens that one draws on the device (engine Chainer),
+// and reports whether it did. It does not when a sequence's sampling
+// depends on those tokens (penalties), when a program may be recorded
+// next (IdleWarm), or when the engine cannot chain this step; p is then
+// intact for the path that lands the step in flight first.
+func (s *Scheduler) chain(p *engine.Planned, in []engine.Input, who []*seq, stats StepStats) bool {
+	fl := s.fly
+	if fl == nil || s.next != nil || s.warming || !s.e.CanChain() {
+		return false
+	}
+	sp := make([]engine.Sampling, len(in))
+	keep := make([]int, 0, len(in))
+	for k, q := range who {
+		if !q.pen.Static() {
+			return false
+		}
+		fed, drawn := q.view()
+		n, total := len(in[k].Tokens), len(q.tokens)
+		if drawn {
+			total++ // the token in flight
+		}
+		if in[k].Later {
+			j := slices.Index(fl.who, q)
+			if j < 0 || p.SetTokenFrom(k, fl.f, j) != nil {
+				return false
+			}
+		}
+		sp[k] = engine.Sampling{Skip: fed+n < total || q.req.MaxTokens == 0, Params: q.req.Sampling, Seed: q.seed,
+			Index: uint64(fed + n), CPU: q.sampler, Adjust: q.pen.Adjust()}
+		keep = append(keep, k)
+	}
+	start := time.Now()
+	stats.Chained = true
+	f, err := s.e.Launch(p, sp)
+	if errors.Is(err, engine.ErrInFlight) {
+		return false // SetToken replaces the device tokens
+	}
+	s.stepped = true
+	if err != nil {
+		s.launchFailed(err, &stats)
+		return true
+	}
+	s.next = s.flying(f, in, who, sp, keep, stats, start)
+	return true
 }
 
 // planDelay is how long to wait before planning the step after the one in
@@ -193,11 +249,17 @@ func (s *Scheduler) launch(p *engine.Planned, in []engine.Input, who []*seq, sp 
 		s.launchFailed(err, &stats)
 		return
 	}
+	s.fly = s.flying(f, in, who, sp, keep, stats, start)
+}
+
+// flying records a launched step and marks its sequences.
+func (s *Scheduler) flying(f *engine.Flight, in []engine.Input, who []*seq, sp []engine.Sampling, keep []int, stats StepStats, start time.Time) *flight {
+	fl := &flight{f: f, in: in, who: who, sp: sp, keep: keep, stats: stats, start: start}
 	for _, k := range keep {
 		q := who[k]
-		q.inFlight, q.flyRows, q.flySamples = true, len(in[k].Tokens), !sp[k].Skip
+		q.lastFly, q.flyRows, q.flySamples = fl, len(in[k].Tokens), !sp[k].Skip
 	}
-	s.fly = &flight{f: f, in: in, who: who, sp: sp, keep: keep, stats: stats, start: start}
+	return fl
 }
 
 // launchFailed ends what a step that could not be prepared or launched
@@ -220,11 +282,16 @@ func (s *Scheduler) launchFailed(err error, stats *StepStats) {
 // not overlap a step: the step prepared meanwhile is planned again).
 func (s *Scheduler) land() (st *StepStats, waited time.Time, ok bool) {
 	fl := s.fly
-	s.fly = nil
+	s.fly, s.next = s.next, nil
 	choices, err := fl.f.Wait()
 	end := time.Now()
 	for _, q := range fl.who {
-		q.inFlight = false
+		if q.lastFly == fl {
+			q.lastFly = nil
+		}
+	}
+	if s.fly != nil {
+		s.fly.start = end // the chained step starts on the device now
 	}
 	stats := fl.stats
 	var bad *engine.SlotError
@@ -250,14 +317,19 @@ func (s *Scheduler) land() (st *StepStats, waited time.Time, ok bool) {
 	}
 	et := s.e.LastStepTimes()
 	stats.Prepare, stats.Issue, stats.Wait = et.Prepare, et.Issue, et.Wait
+	keep := fl.keep
+	if slices.ContainsFunc(keep, func(k int) bool { return fl.who[k].ended }) {
+		// a chained step's rows of sequences that ended in the step before
+		keep = slices.DeleteFunc(slices.Clone(keep), func(k int) bool { return fl.who[k].ended })
+	}
 	in, who, sp, ch := fl.in, fl.who, fl.sp, choices
-	if len(fl.keep) < len(in) {
-		in, who, sp, ch = pick(fl.in, fl.keep), pick(fl.who, fl.keep), pick(fl.sp, fl.keep), pick(choices, fl.keep)
+	if len(keep) < len(in) {
+		in, who, sp, ch = pick(fl.in, keep), pick(fl.who, keep), pick(fl.sp, keep), pick(choices, keep)
 	}
 	s.afterStep(in, who, ch, sp)
 	stats.Emit = time.Since(end)
 	warm := false
-	if s.cfg.IdleWarm && !s.warmFailed && s.e.MissedRecording() {
+	if s.cfg.IdleWarm && !s.warmFailed && s.e.MissedRecording() && s.fly == nil {
 		// the step ran without its program: record it when idle, or
 		// between steps when the load never leaves the engine idle
 		s.warming = true
@@ -286,11 +358,10 @@ func pick[T any](xs []T, keep []int) []T {
 // shutdown, or a wait: nothing runs on the engine while a step is in
 // flight but the step after it).
 func (s *Scheduler) drain() {
-	if s.fly == nil {
-		return
-	}
-	if st, _, _ := s.land(); st != nil {
-		s.reportStep(st)
+	for s.fly != nil {
+		if st, _, _ := s.land(); st != nil {
+			s.reportStep(st)
+		}
 	}
 }
 
@@ -300,7 +371,7 @@ func (s *Scheduler) drain() {
 func (s *Scheduler) dropCancelled() {
 	live := s.running[:0]
 	for _, q := range s.running {
-		if err := q.ctx.Err(); err != nil && !q.inFlight {
+		if err := q.ctx.Err(); err != nil && q.lastFly == nil {
 			s.release(q)
 			s.finish(q, "", err)
 			continue
@@ -430,7 +501,7 @@ func (s *Scheduler) plan(st *StepStats, ahead bool) ([]engine.Input, []*seq) {
 // view is q as the step in flight leaves it: its tokens fed, and whether
 // that step draws its next token (not known yet).
 func (q *seq) view() (fed int, drawn bool) {
-	if !q.inFlight {
+	if q.lastFly == nil {
 		return q.fed, false
 	}
 	fed = q.fed + q.flyRows
@@ -457,13 +528,16 @@ func (s *Scheduler) failSlot(slot int, err error) {
 
 func (s *Scheduler) failAll(err error) {
 	s.log.Error("engine step failed", "err", err)
-	if fl := s.fly; fl != nil { // a panic left it: its results are not used
-		s.fly = nil
+	for _, fl := range []*flight{s.fly, s.next} { // a panic left them: their results are not used
+		if fl == nil {
+			continue
+		}
 		fl.f.Wait()
 		for _, q := range fl.who {
-			q.inFlight = false
+			q.lastFly = nil
 		}
 	}
+	s.fly, s.next = nil, nil
 	for _, q := range s.running {
 		s.release(q)
 		s.finish(q, "", err)

@@ -41,6 +41,11 @@ type StepMeta struct {
 	Seqs      []SeqMeta
 	LoRA      []Segment // rows with an adapter; rows outside every segment use none
 	LogitRows []int32   // rows whose logits are returned, in output order
+	// TokenFrom, when set (a step launched before the tokens of the step
+	// before it are back: Chainer), is per row -1 or the index of the
+	// previous step's sample row whose drawn token the row takes instead
+	// of Tokens[row].
+	TokenFrom []int32
 }
 
 // Spec sizes what a backend allocates once, at Init.
@@ -179,6 +184,26 @@ type RowSample struct {
 // most likely tokens with theirs (as sample.Sampler.Sample).
 type DeviceSampler interface {
 	SampleRows(logits Buffer, rows []RowSample, out []sample.Choice) error
+}
+
+// Chainer is an optional capability of a DeviceSampler: the next step may
+// be executed before the tokens of the one before it are back, its rows
+// reading those tokens on the device (StepMeta.TokenFrom), so the device
+// never waits for the host between two steps.
+//
+// For a step, IssueSample starts what SampleRows does without waiting;
+// then the next step may be executed (Chainable must have said it can);
+// WaitSample waits for the draw IssueSample started first among those not
+// waited for yet, fills out as SampleRows would, and ends that step (as
+// End). At most two steps are in flight.
+type Chainer interface {
+	DeviceSampler
+	IssueSample(logits Buffer, rows []RowSample) error
+	WaitSample(out []sample.Choice) error
+	// Chainable reports whether the step meta describes can be executed
+	// while the step before it is in flight (say, a recorded program that
+	// needs no recording, and no adapter upload in progress).
+	Chainable(meta *StepMeta, prog Program) bool
 }
 
 // PreparedAdapter is an adapter staged by an AdapterPreparer for

@@ -75,8 +75,9 @@ type Engine struct {
 	loraUse [][llama.NumModules]int
 	// times is where the host time of the last step went (LastStepTimes).
 	times StepTimes
-	// fly is the launched step not yet waited for (Launch, Flight.Wait).
-	fly *Flight
+	// fly is the launched step not yet waited for (Launch, Flight.Wait);
+	// next, one launched behind it on a Chainer (launchChained)
+	fly, next *Flight
 }
 
 // New uploads the model's weights to the backend.

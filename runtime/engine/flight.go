@@ -3,6 +3,7 @@ package engine
 import (
 	"context"
 	"fmt"
+	"slices"
 	"time"
 
 	"github.com/peftd/peftd/runtime/sample"
@@ -24,8 +25,12 @@ type Planned struct {
 	first   []int // first row of meta.Tokens of each input
 	set     []bool
 	discard []bool
-	prep    time.Duration
-	used    bool
+	// from[i] >= 0: input i takes the token its sample row from[i] of
+	// the step in flight fromFl draws (SetTokenFrom), on the device
+	from   []int
+	fromFl *Flight
+	prep   time.Duration
+	used   bool
 }
 
 // Prepare validates a step, gives its sequences the pages it needs and
@@ -46,7 +51,45 @@ func (p *Planned) SetToken(i int, t int32) error {
 	}
 	p.meta.Tokens[p.first[i]] = t
 	p.set[i] = true
+	if p.from != nil {
+		p.from[i] = -1
+	}
 	return nil
+}
+
+// SetTokenFrom gives input i (marked Later) the token that f, the step in
+// flight, draws for its input j, read on the device: the step can then be
+// launched before f's tokens are back (Launch, on a Chainer backend). A
+// later SetToken takes its place.
+func (p *Planned) SetTokenFrom(i int, f *Flight, j int) error {
+	if i < 0 || i >= len(p.in) || !p.in[i].Later {
+		return fmt.Errorf("%w: input %d does not take its token later", ErrBadInput, i)
+	}
+	if f == nil || f.waited || p.fromFl != nil && p.fromFl != f {
+		return fmt.Errorf("%w: tokens from a step not in flight, or from two", ErrBadInput)
+	}
+	k := slices.Index(f.who, j)
+	if k < 0 {
+		return fmt.Errorf("%w: input %d of the step in flight draws no token", ErrBadInput, j)
+	}
+	if p.from == nil {
+		p.from = make([]int, len(p.in))
+		for x := range p.from {
+			p.from[x] = -1
+		}
+	}
+	p.from[i], p.fromFl, p.set[i] = k, f, true
+	return nil
+}
+
+// chained reports whether some input takes its token on the device.
+func (p *Planned) chained() bool {
+	for _, k := range p.from {
+		if k >= 0 {
+			return true
+		}
+	}
+	return false
 }
 
 // Discard keeps input i's rows in the step without a result: its sequence
@@ -57,6 +100,9 @@ func (p *Planned) SetToken(i int, t int32) error {
 func (p *Planned) Discard(i int) {
 	if i >= 0 && i < len(p.in) {
 		p.discard[i] = true
+		if p.from != nil {
+			p.from[i] = -1
+		}
 	}
 }
 
@@ -78,6 +124,7 @@ func (p *Planned) ready() error {
 type Flight struct {
 	e      *Engine
 	p      *Planned
+	issued bool // its draw was started (Chainer.IssueSample) for a step launched after it
 	rows   []RowSample
 	who    []int
 	sp     []Sampling
@@ -85,6 +132,7 @@ type Flight struct {
 	err    error // the host path's result, or the launch's
 	done   bool  // the host path ran the whole step in Launch
 	waited bool
+	times  StepTimes
 }
 
 // Launch issues a prepared step with one Sampling per input (those of
@@ -92,11 +140,11 @@ type Flight struct {
 // last one launched must have been waited for. On error nothing is in
 // flight and no sequence advanced.
 func (e *Engine) Launch(p *Planned, sp []Sampling) (*Flight, error) {
-	if e.fly != nil {
-		return nil, ErrInFlight
-	}
 	if p == nil || p.e != e {
 		return nil, fmt.Errorf("%w: a step prepared by another engine", ErrBadInput)
+	}
+	if e.fly != nil || p.chained() {
+		return e.launchChained(p, sp)
 	}
 	if len(sp) != len(p.in) {
 		return nil, fmt.Errorf("%w: %d inputs, %d samplings", ErrBadInput, len(p.in), len(sp))
@@ -113,6 +161,7 @@ func (e *Engine) Launch(p *Planned, sp []Sampling) (*Flight, error) {
 	if err := p.ready(); err != nil {
 		return nil, err
 	}
+	p.meta.TokenFrom = nil               // every token is on the host
 	e.times = StepTimes{Prepare: p.prep} // a new step's times begin
 	f := &Flight{e: e, p: p, sp: sp, out: make([]sample.Choice, len(p.in))}
 	if _, ok := e.b.(DeviceSampler); !ok {
@@ -136,13 +185,113 @@ func (e *Engine) Launch(p *Planned, sp []Sampling) (*Flight, error) {
 			return nil, err
 		}
 	}
+	f.times = e.times
 	for i, x := range p.in {
 		if !p.discard[i] {
-			x.Seq.ahead = len(x.Tokens)
+			x.Seq.ahead += len(x.Tokens)
 		}
 	}
 	e.fly = f
 	return f, nil
+}
+
+// CanChain reports whether a step may be launched behind the one in
+// flight (a Chainer backend, one step in flight, its draw not scored).
+func (e *Engine) CanChain() bool {
+	_, ok := e.b.(Chainer)
+	return ok && e.fly != nil && e.next == nil && !e.fly.done && scoredRows(e.fly.sp, e.fly.p.outRow) == 0
+}
+
+// launchChained launches p while e.fly is in flight, on a Chainer: the
+// flight's draw is started first (its tokens stay on the device for p's
+// rows that take them), then p executes behind it. ErrInFlight when that
+// cannot be: no Chainer, two steps in flight already, tokens from another
+// step, a step the backend cannot chain, or nothing in flight for p's
+// device tokens.
+func (e *Engine) launchChained(p *Planned, sp []Sampling) (*Flight, error) {
+	ch, ok := e.b.(Chainer)
+	f0 := e.fly
+	if !ok || f0 == nil || e.next != nil || f0.done || (p.fromFl != nil && p.fromFl != f0) || scoredRows(f0.sp, f0.p.outRow) > 0 {
+		return nil, ErrInFlight
+	}
+	if len(sp) != len(p.in) {
+		return nil, fmt.Errorf("%w: %d inputs, %d samplings", ErrBadInput, len(p.in), len(sp))
+	}
+	sp = append([]Sampling(nil), sp...)
+	for i := range sp {
+		if p.discard[i] {
+			sp[i] = Sampling{Skip: true}
+		}
+		if len(sp[i].Targets) > 0 {
+			return nil, fmt.Errorf("%w: a chained step scores no rows", ErrBadInput)
+		}
+	}
+	if err := e.checkSampling(p.in, sp); err != nil {
+		return nil, err
+	}
+	p.meta.TokenFrom = nil
+	if p.chained() {
+		p.meta.TokenFrom = make([]int32, len(p.meta.Tokens))
+		for r := range p.meta.TokenFrom {
+			p.meta.TokenFrom[r] = -1
+		}
+		for i, k := range p.from {
+			if k >= 0 {
+				p.meta.TokenFrom[p.first[i]] = int32(k)
+			}
+		}
+	}
+	prog := e.program(e.shapeOf(p.meta))
+	if !ch.Chainable(p.meta, prog) {
+		p.meta.TokenFrom = nil
+		return nil, ErrInFlight
+	}
+	if err := p.ready(); err != nil {
+		return nil, err
+	}
+	if !f0.issued {
+		if err := e.inRunner(func() error { return ch.IssueSample(e.logits, f0.rows) }); err != nil {
+			return nil, err
+		}
+		f0.issued = true
+	}
+	f := &Flight{e: e, p: p, sp: sp, out: make([]sample.Choice, len(p.in))}
+	for i, s := range sp {
+		if s.Skip {
+			continue
+		}
+		n := 1
+		if p.in[i].AllLogits {
+			n = len(p.in[i].Tokens)
+		}
+		f.rows = append(f.rows, RowSample{Row: p.outRow[i] + n - 1, Params: s.Params, Seed: s.Seed, Counter: s.Index, Adjust: s.Adjust})
+		f.who = append(f.who, i)
+	}
+	if err := e.issue(p.meta); err != nil {
+		return nil, err
+	}
+	f.times = StepTimes{Prepare: p.prep, Issue: e.times.Issue}
+	for i, x := range p.in {
+		if !p.discard[i] {
+			x.Seq.ahead += len(x.Tokens)
+		}
+	}
+	e.next = f
+	return f, nil
+}
+
+// collectIssued waits for a draw started by IssueSample and ends its step.
+func (e *Engine) collectIssued(f *Flight) error {
+	ch := e.b.(Chainer)
+	got := make([]sample.Choice, len(f.rows))
+	err := e.inRunner(func() error { return ch.WaitSample(got) })
+	if err != nil {
+		return err
+	}
+	for k, i := range f.who {
+		f.out[i] = got[k]
+	}
+	return nil
 }
 
 // Done reports whether the step's result is in already: on a backend
@@ -158,22 +307,31 @@ func (f *Flight) Wait() ([]sample.Choice, error) {
 	if f.waited {
 		return nil, fmt.Errorf("%w: a flight is waited for once", ErrBadInput)
 	}
+	if e.fly != f {
+		return nil, fmt.Errorf("%w: flights are waited for in the order they were launched", ErrBadInput)
+	}
 	f.waited = true
-	if e.fly == f {
-		e.fly = nil
-	}
+	e.fly, e.next = e.next, nil
 	err := f.err
-	if !f.done {
+	t := f.times
+	switch {
+	case f.issued:
+		t0 := time.Now()
+		err = e.collectIssued(f)
+		t.Wait = time.Since(t0)
+	case !f.done:
 		err = e.collect(f)
+		t.Wait = e.times.Wait
 	}
+	e.times = t
 	for i, x := range f.p.in {
 		if f.p.discard[i] {
 			continue
 		}
 		if err == nil {
-			x.Seq.n += x.Seq.ahead
+			x.Seq.n += len(x.Tokens)
 		}
-		x.Seq.ahead = 0
+		x.Seq.ahead -= len(x.Tokens)
 	}
 	if err != nil {
 		return nil, err

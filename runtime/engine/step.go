@@ -322,11 +322,7 @@ func (e *Engine) run(in []Input, meta *StepMeta, tail func() error) error {
 // issue has the backend execute meta's step (inside its Runner when it has
 // one); on error the step is ended.
 func (e *Engine) issue(meta *StepMeta) error {
-	var s Shape
-	if len(meta.LoRA) > 0 {
-		s.LoRA = e.loraMask()
-	}
-	prog := e.program(s)
+	prog := e.program(e.shapeOf(meta))
 	return e.inRunner(func() error {
 		t0 := time.Now()
 		err := e.b.Execute(meta, prog)
@@ -336,6 +332,15 @@ func (e *Engine) issue(meta *StepMeta) error {
 		}
 		return err
 	})
+}
+
+// shapeOf is the program shape of the step meta describes.
+func (e *Engine) shapeOf(meta *StepMeta) Shape {
+	var s Shape
+	if len(meta.LoRA) > 0 {
+		s.LoRA = e.loraMask()
+	}
+	return s
 }
 
 // finish runs tail, which reads the issued step's result, and ends the

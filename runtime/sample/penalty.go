@@ -140,9 +140,16 @@ func (t *Tracker) set(i int) {
 	a.Add = float32(add)
 }
 
+// Static reports whether Adjust stays the same whatever is generated (no
+// presence, frequency or repetition penalty: logit bias at most). A nil
+// Tracker is static.
+func (t *Tracker) Static() bool {
+	return t == nil || (t.p.Presence == 0 && t.p.Frequency == 0 && !t.repeats())
+}
+
 // Generated counts a new output token.
 func (t *Tracker) Generated(id int32) {
-	if t == nil || (t.p.Presence == 0 && t.p.Frequency == 0 && !t.repeats()) {
+	if t.Static() {
 		return
 	}
 	i := t.entry(id, true)
