@@ -146,16 +146,8 @@ func (e *Engine) Launch(p *Planned, sp []Sampling) (*Flight, error) {
 	if e.fly != nil || p.chained() {
 		return e.launchChained(p, sp)
 	}
-	if len(sp) != len(p.in) {
-		return nil, fmt.Errorf("%w: %d inputs, %d samplings", ErrBadInput, len(p.in), len(sp))
-	}
-	sp = append([]Sampling(nil), sp...)
-	for i := range sp {
-		if p.discard[i] {
-			sp[i] = Sampling{Skip: true}
-		}
-	}
-	if err := e.checkSampling(p.in, sp); err != nil {
+	sp, err := e.samplings(p, sp)
+	if err != nil {
 		return nil, err
 	}
 	if err := p.ready(); err != nil {
@@ -170,17 +162,7 @@ func (e *Engine) Launch(p *Planned, sp []Sampling) (*Flight, error) {
 		f.err = e.hostStep(f)
 		f.done = true
 	} else {
-		for i, s := range sp {
-			if s.Skip {
-				continue
-			}
-			n := 1
-			if p.in[i].AllLogits {
-				n = len(p.in[i].Tokens)
-			}
-			f.rows = append(f.rows, RowSample{Row: p.outRow[i] + n - 1, Params: s.Params, Seed: s.Seed, Counter: s.Index, Adjust: s.Adjust})
-			f.who = append(f.who, i)
-		}
+		f.sampleRows()
 		if err := e.issue(p.meta); err != nil {
 			return nil, err
 		}
@@ -214,20 +196,14 @@ func (e *Engine) launchChained(p *Planned, sp []Sampling) (*Flight, error) {
 	if !ok || f0 == nil || e.next != nil || f0.done || (p.fromFl != nil && p.fromFl != f0) || scoredRows(f0.sp, f0.p.outRow) > 0 {
 		return nil, ErrInFlight
 	}
-	if len(sp) != len(p.in) {
-		return nil, fmt.Errorf("%w: %d inputs, %d samplings", ErrBadInput, len(p.in), len(sp))
+	sp, err := e.samplings(p, sp)
+	if err != nil {
+		return nil, err
 	}
-	sp = append([]Sampling(nil), sp...)
 	for i := range sp {
-		if p.discard[i] {
-			sp[i] = Sampling{Skip: true}
-		}
 		if len(sp[i].Targets) > 0 {
 			return nil, fmt.Errorf("%w: a chained step scores no rows", ErrBadInput)
 		}
-	}
-	if err := e.checkSampling(p.in, sp); err != nil {
-		return nil, err
 	}
 	p.meta.TokenFrom = nil
 	if p.chained() {
@@ -256,17 +232,7 @@ func (e *Engine) launchChained(p *Planned, sp []Sampling) (*Flight, error) {
 		f0.issued = true
 	}
 	f := &Flight{e: e, p: p, sp: sp, out: make([]sample.Choice, len(p.in))}
-	for i, s := range sp {
-		if s.Skip {
-			continue
-		}
-		n := 1
-		if p.in[i].AllLogits {
-			n = len(p.in[i].Tokens)
-		}
-		f.rows = append(f.rows, RowSample{Row: p.outRow[i] + n - 1, Params: s.Params, Seed: s.Seed, Counter: s.Index, Adjust: s.Adjust})
-		f.who = append(f.who, i)
-	}
+	f.sampleRows()
 	if err := e.issue(p.meta); err != nil {
 		return nil, err
 	}
@@ -337,6 +303,37 @@ func (f *Flight) Wait() ([]sample.Choice, error) {
 		return nil, err
 	}
 	return f.out, nil
+}
+
+// sampleRows lists the draws of the flight's inputs that are not skipped:
+// each from its last logits row (rows), for input who[k].
+func (f *Flight) sampleRows() {
+	p := f.p
+	for i, s := range f.sp {
+		if s.Skip {
+			continue
+		}
+		n := 1
+		if p.in[i].AllLogits {
+			n = len(p.in[i].Tokens)
+		}
+		f.rows = append(f.rows, RowSample{Row: p.outRow[i] + n - 1, Params: s.Params, Seed: s.Seed, Counter: s.Index, Adjust: s.Adjust})
+		f.who = append(f.who, i)
+	}
+}
+
+// samplings is sp checked for p, copied, with discarded inputs skipped.
+func (e *Engine) samplings(p *Planned, sp []Sampling) ([]Sampling, error) {
+	if len(sp) != len(p.in) {
+		return nil, fmt.Errorf("%w: %d inputs, %d samplings", ErrBadInput, len(p.in), len(sp))
+	}
+	sp = append([]Sampling(nil), sp...)
+	for i := range sp {
+		if p.discard[i] {
+			sp[i] = Sampling{Skip: true}
+		}
+	}
+	return sp, e.checkSampling(p.in, sp)
 }
 
 // checkSampling validates one Sampling per input.
