@@ -5,6 +5,10 @@ import (
 	"errors"
 	"slices"
 	"testing"
+	"time"
+
+	"github.com/peftd/peftd/internal/enginetest"
+	"github.com/peftd/peftd/internal/fixture"
 
 	"github.com/peftd/peftd/runtime/engine"
 	"github.com/peftd/peftd/runtime/sample"
@@ -129,5 +133,100 @@ func TestPrepareWhileInFlight(t *testing.T) {
 	}
 	if _, err := f.Wait(); err == nil {
 		t.Error("a flight waited for twice")
+	}
+}
+
+// TestLaunchChained: on a Chainer backend (enginetest.Null, Async), a step
+// whose decode tokens come from the step in flight (SetTokenFrom) launches
+// behind it; a third launch is refused while two are in flight, flights
+// are waited for in order, and each sequence's Next length counts both.
+// The chained step's rows took the draws of the step before: the same
+// tokens as taking them from the host.
+func TestLaunchChained(t *testing.T) {
+	f, err := fixture.Load()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	ctx := context.Background()
+	mk := func(noChain bool) *engine.Engine {
+		e, err := engine.New(f.Model, &enginetest.Null{Step: 100 * time.Microsecond, Async: true, NoChain: noChain}, engine.DefaultOptions())
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { e.Close() })
+		return e
+	}
+	prompts := [][]int32{{1, 5, 9, 13}, {1, 7}}
+	sp := []engine.Sampling{{Seed: 1, Index: 4}, {Seed: 2, Index: 2}}
+	// draws two steps: prompts, then one decode step, chained or not
+	run := func(chain bool) [][]int32 {
+		e := mk(!chain)
+		s := []*engine.Sequence{{}, {}}
+		p, err := e.Prepare(ctx, []engine.Input{{Seq: s[0], Tokens: prompts[0], Slot: -1}, {Seq: s[1], Tokens: prompts[1], Slot: -1}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		f1, err := e.Launch(p, sp)
+		if err != nil {
+			t.Fatal(err)
+		}
+		p2, err := e.Prepare(ctx, []engine.Input{{Seq: s[0], Tokens: []int32{0}, Slot: -1, Later: true}, {Seq: s[1], Tokens: []int32{0}, Slot: -1, Later: true}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		sp2 := []engine.Sampling{{Seed: 1, Index: 5}, {Seed: 2, Index: 3}}
+		var f2 *engine.Flight
+		if chain {
+			for i := range 2 {
+				if err := p2.SetTokenFrom(i, f1, i); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if f2, err = e.Launch(p2, sp2); err != nil {
+				t.Fatalf("chained launch: %v", err)
+			}
+			if s[0].Next() != len(prompts[0])+1 || s[0].Len() != 0 {
+				t.Errorf("two steps in flight: sequence 0 at %d, next %d; want 0, %d", s[0].Len(), s[0].Next(), len(prompts[0])+1)
+			}
+			p3, err := e.Prepare(ctx, []engine.Input{{Seq: &engine.Sequence{}, Tokens: []int32{1}, Slot: -1}})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, err := e.Launch(p3, sp[:1]); !errors.Is(err, engine.ErrInFlight) {
+				t.Errorf("a third step in flight: %v, want ErrInFlight", err)
+			}
+			if _, err := f2.Wait(); err == nil {
+				t.Error("the second flight waited for before the first")
+			}
+		}
+		c1, err := f1.Wait()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !chain {
+			for i := range 2 {
+				if err := p2.SetToken(i, c1[i].ID); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if f2, err = e.Launch(p2, sp2); err != nil {
+				t.Fatal(err)
+			}
+		}
+		c2, err := f2.Wait()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if s[0].Len() != len(prompts[0])+1 || s[0].Next() != s[0].Len() {
+			t.Errorf("after both: sequence 0 at %d, next %d; want %d", s[0].Len(), s[0].Next(), len(prompts[0])+1)
+		}
+		return [][]int32{{c1[0].ID, c2[0].ID}, {c1[1].ID, c2[1].ID}}
+	}
+	want, got := run(false), run(true)
+	for i := range want {
+		if !slices.Equal(got[i], want[i]) {
+			t.Errorf("sequence %d: chained %v, from the host %v", i, got[i], want[i])
+		}
 	}
 }
