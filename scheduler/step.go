@@ -115,9 +115,7 @@ func (s *Scheduler) stepAhead() {
 	if p != nil && s.chain(p, in, who, stats) {
 		// the next step is queued behind the one in flight: land that one
 		if s.fly != nil {
-			if landed, _, _ := s.land(); landed != nil {
-				s.reportStep(landed)
-			}
+			s.landOne()
 		}
 		return
 	}
@@ -185,8 +183,7 @@ func (s *Scheduler) chain(p *engine.Planned, in []engine.Input, who []*seq, stat
 				return false
 			}
 		}
-		sp[k] = engine.Sampling{Skip: fed+n < total || q.req.MaxTokens == 0, Params: q.req.Sampling, Seed: q.seed,
-			Index: uint64(fed + n), CPU: q.sampler, Adjust: q.pen.Adjust()}
+		sp[k] = q.sampling(sp[k], fed, total, n)
 		keep = append(keep, k)
 	}
 	start := time.Now()
@@ -235,9 +232,7 @@ func (s *Scheduler) launch(p *engine.Planned, in []engine.Input, who []*seq, sp 
 			continue
 		}
 		keep = append(keep, k)
-		n := len(in[k].Tokens)
-		sp[k].Skip = q.fed+n < len(q.tokens) || q.req.MaxTokens == 0
-		sp[k].Params, sp[k].Seed, sp[k].Index, sp[k].CPU, sp[k].Adjust = q.req.Sampling, q.seed, uint64(q.fed+n), q.sampler, q.pen.Adjust()
+		sp[k] = q.sampling(sp[k], q.fed, len(q.tokens), len(in[k].Tokens))
 	}
 	s.stepped = true
 	start := time.Now()
@@ -250,6 +245,15 @@ func (s *Scheduler) launch(p *engine.Planned, in []engine.Input, who []*seq, sp 
 		return
 	}
 	s.fly = s.flying(f, in, who, sp, keep, stats, start)
+}
+
+// sampling completes s (which may hold Targets) for q's n rows fed after
+// fed of its total tokens: a token is drawn only after its last prompt
+// row, keyed by the new token's position.
+func (q *seq) sampling(s engine.Sampling, fed, total, n int) engine.Sampling {
+	s.Skip = fed+n < total || q.req.MaxTokens == 0
+	s.Params, s.Seed, s.Index, s.CPU, s.Adjust = q.req.Sampling, q.seed, uint64(fed+n), q.sampler, q.pen.Adjust()
+	return s
 }
 
 // flying records a launched step and marks its sequences.
@@ -359,9 +363,14 @@ func pick[T any](xs []T, keep []int) []T {
 // flight but the step after it).
 func (s *Scheduler) drain() {
 	for s.fly != nil {
-		if st, _, _ := s.land(); st != nil {
-			s.reportStep(st)
-		}
+		s.landOne()
+	}
+}
+
+// landOne lands the step in flight and reports it.
+func (s *Scheduler) landOne() {
+	if st, _, _ := s.land(); st != nil {
+		s.reportStep(st)
 	}
 }
 

@@ -82,6 +82,25 @@ func (p *Planned) SetTokenFrom(i int, f *Flight, j int) error {
 	return nil
 }
 
+// inFlight counts the launched step's tokens in its sequences' Next
+// lengths (discarded inputs' sequences do not advance).
+func (p *Planned) inFlight() {
+	for i, x := range p.in {
+		if !p.discard[i] {
+			x.Seq.ahead += len(x.Tokens)
+		}
+	}
+}
+
+// lastRow is input i's last logits row: the one its token is drawn from.
+func (p *Planned) lastRow(i int) int {
+	n := 1
+	if p.in[i].AllLogits {
+		n = len(p.in[i].Tokens)
+	}
+	return p.outRow[i] + n - 1
+}
+
 // chained reports whether some input takes its token on the device.
 func (p *Planned) chained() bool {
 	for _, k := range p.from {
@@ -168,11 +187,7 @@ func (e *Engine) Launch(p *Planned, sp []Sampling) (*Flight, error) {
 		}
 	}
 	f.times = e.times
-	for i, x := range p.in {
-		if !p.discard[i] {
-			x.Seq.ahead += len(x.Tokens)
-		}
-	}
+	p.inFlight()
 	e.fly = f
 	return f, nil
 }
@@ -191,11 +206,11 @@ func (e *Engine) CanChain() bool {
 // step, a step the backend cannot chain, or nothing in flight for p's
 // device tokens.
 func (e *Engine) launchChained(p *Planned, sp []Sampling) (*Flight, error) {
-	ch, ok := e.b.(Chainer)
 	f0 := e.fly
-	if !ok || f0 == nil || e.next != nil || f0.done || (p.fromFl != nil && p.fromFl != f0) || scoredRows(f0.sp, f0.p.outRow) > 0 {
+	if !e.CanChain() || (p.fromFl != nil && p.fromFl != f0) {
 		return nil, ErrInFlight
 	}
+	ch := e.b.(Chainer)
 	sp, err := e.samplings(p, sp)
 	if err != nil {
 		return nil, err
@@ -237,11 +252,7 @@ func (e *Engine) launchChained(p *Planned, sp []Sampling) (*Flight, error) {
 		return nil, err
 	}
 	f.times = StepTimes{Prepare: p.prep, Issue: e.times.Issue}
-	for i, x := range p.in {
-		if !p.discard[i] {
-			x.Seq.ahead += len(x.Tokens)
-		}
-	}
+	p.inFlight()
 	e.next = f
 	return f, nil
 }
@@ -308,16 +319,11 @@ func (f *Flight) Wait() ([]sample.Choice, error) {
 // sampleRows lists the draws of the flight's inputs that are not skipped:
 // each from its last logits row (rows), for input who[k].
 func (f *Flight) sampleRows() {
-	p := f.p
 	for i, s := range f.sp {
 		if s.Skip {
 			continue
 		}
-		n := 1
-		if p.in[i].AllLogits {
-			n = len(p.in[i].Tokens)
-		}
-		f.rows = append(f.rows, RowSample{Row: p.outRow[i] + n - 1, Params: s.Params, Seed: s.Seed, Counter: s.Index, Adjust: s.Adjust})
+		f.rows = append(f.rows, RowSample{Row: f.p.lastRow(i), Params: s.Params, Seed: s.Seed, Counter: s.Index, Adjust: s.Adjust})
 		f.who = append(f.who, i)
 	}
 }

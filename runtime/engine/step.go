@@ -399,11 +399,8 @@ func (e *Engine) hostStep(f *Flight) error {
 				return err
 			}
 		}
-		n := 1
-		if p.in[i].AllLogits {
-			n = len(p.in[i].Tokens)
-		}
-		last := row(i, n-1)
+		r := p.lastRow(i)
+		last := logits[r*V : (r+1)*V]
 		sample.Apply(last, s.Adjust) // the step's own logits buffer
 		f.out[i] = smp.Sample(last)
 	}
