@@ -145,11 +145,10 @@ type StepStats struct {
 	// cancelled sequences, the plan and its KV pages), then the engine's
 	// Prepare, Issue and Wait (engine.StepTimes: Duration, from the launch
 	// to the tokens, is about Issue + Wait), then Emit (the new tokens
-	// handed to their requests). A step
-	// planned Ahead did its Plan and Prepare while the step before it ran;
-	// Settle is then the host time between that step's tokens and this
-	// step's launch (landing it, its tokens set into this step), time the
-	// device has nothing queued.
+	// handed to their requests). A step planned Ahead did its Plan and
+	// Prepare while the step before it ran; Settle is then the host time
+	// between that step's tokens and this step's launch (landing it, its
+	// tokens set into this step), time the device has nothing queued.
 	Plan, Prepare, Issue, Wait, Emit, Settle time.Duration
 	FreeBlocks, TotalBlocks                  int
 	Waiting, Running                         int
