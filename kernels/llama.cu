@@ -54,64 +54,111 @@ __device__ __forceinline__ uint4 widen8_e4m3(uint2 w) {
 // too, out[r] quantized per row to e4m3 into q[r] (H bytes) and qscale[r]
 // for the FP8 projections that read it (no quant_rows_e4m3 launch).
 // grid (T), block a multiple of 32.
+#define ADD_RC 4 // 16-byte words of a row each thread keeps in registers (rows of up to 32 * blockDim values)
+
+// add_word: word c of row x8 plus d8's (and e8's, summed and rounded to bf16
+// first), rounded to bf16 and stored back when there is a delta.
+__device__ __forceinline__ uint4 add_word(uint4* x8, const uint4* d8, const float4* e8, int c) {
+    const uint4 xv = x8[c];
+    if (!d8) return xv;
+    float v[8], d[8];
+    unpack8(xv, v);
+    unpack8(d8[c], d);
+    if (e8) {
+        const float4 e0 = e8[2 * c], e1 = e8[2 * c + 1];
+        float e[8] = {e0.x, e0.y, e0.z, e0.w, e1.x, e1.y, e1.z, e1.w};
+#pragma unroll
+        for (int i = 0; i < 8; i++) e[i] += d[i];
+        unpack8(pack8(e), d);
+    }
+#pragma unroll
+    for (int i = 0; i < 8; i++) v[i] += d[i];
+    const uint4 b = pack8(v);
+    x8[c] = b;
+    return b;
+}
+
+__device__ __forceinline__ float sumsq8(uint4 b) {
+    float v[8], s = 0.f;
+    unpack8(b, v);
+#pragma unroll
+    for (int i = 0; i < 8; i++) s += v[i] * v[i];
+    return s;
+}
+
+// norm_word: word c of o8 = w * x * inv; with q, the stored values' amax
+// into m and bad set when one is not finite.
+__device__ __forceinline__ void norm_word(uint4* o8, int c, uint4 xb, uint4 wb, float inv, bool q, float& m, int& bad) {
+    float v[8], g[8];
+    unpack8(xb, v);
+    unpack8(wb, g);
+#pragma unroll
+    for (int i = 0; i < 8; i++) v[i] = g[i] * (v[i] * inv);
+    const uint4 b = pack8(v);
+    o8[c] = b;
+    if (q) {
+        unpack8(b, v); // the stored values
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            const float a = fabsf(v[i]);
+            bad |= !(a <= 3.4e38f);
+            m = fmaxf(m, a);
+        }
+    }
+}
+
 extern "C" __global__ void add_rmsnorm(bf16* x, const bf16* delta, const float* d2, const int* rl, bf16* out, const bf16* w, float eps, int H,
                                        unsigned char* q, float* qscale) {
+    const int r = blockIdx.x, tid = threadIdx.x, bd = blockDim.x, n8 = H >> 3;
+    const bool vec = (H & 7) == 0;       // 16-byte words: every load of a row in flight at once
+    const bool regs = vec && n8 <= ADD_RC * bd; // the row stays in registers between the two passes
+    const uint4* w8 = reinterpret_cast<const uint4*>(w);
+    uint4 wk[ADD_RC];
+    if (regs && out) {
+        // the norm weight is written by no kernel: its loads go out before
+        // griddepcontrol.wait, under the kernel before
+#pragma unroll
+        for (int j = 0; j < ADD_RC; j++) {
+            const int c = tid + j * bd;
+            wk[j] = c < n8 ? __ldg(w8 + c) : make_uint4(0u, 0u, 0u, 0u);
+        }
+    }
     pdl_entry();
     __shared__ float sh[33];
-    const int r = blockIdx.x;
     bf16* xr = x + (i64)r * H;
     if (d2 && rl[r] < 0) d2 = nullptr; // a row without an adapter
     float ss = 0.f;
-    if ((H & 7) == 0) { // 16-byte words: every load of a row in flight at once
+    if (vec) {
         uint4* x8 = reinterpret_cast<uint4*>(xr);
         const uint4* d8 = delta ? reinterpret_cast<const uint4*>(delta + (i64)r * H) : nullptr;
         const float4* e8 = d2 ? reinterpret_cast<const float4*>(d2 + (i64)r * H) : nullptr;
-        for (int c = threadIdx.x; c < H / 8; c += blockDim.x) {
-            float v[8];
-            unpack8(x8[c], v);
-            if (d8) {
-                float d[8];
-                unpack8(d8[c], d);
-                if (e8) {
-                    const float4 e0 = e8[2 * c], e1 = e8[2 * c + 1];
-                    float e[8] = {e0.x, e0.y, e0.z, e0.w, e1.x, e1.y, e1.z, e1.w};
-#pragma unroll
-                    for (int i = 0; i < 8; i++) e[i] += d[i];
-                    unpack8(pack8(e), d);
-                }
-#pragma unroll
-                for (int i = 0; i < 8; i++) v[i] += d[i];
-                const uint4 b = pack8(v);
-                x8[c] = b;
-                unpack8(b, v); // the rounded sum, as stored
-            }
-#pragma unroll
-            for (int i = 0; i < 8; i++) ss += v[i] * v[i];
-        }
-        if (!out) return;
-        ss = block_sum(ss, sh);
-        const float inv = 1.f / sqrtf(ss / (float)H + eps);
         uint4* o8 = reinterpret_cast<uint4*>(out + (i64)r * H);
-        const uint4* w8 = reinterpret_cast<const uint4*>(w);
         float m = 0.f;
         int bad = 0;
-        for (int c = threadIdx.x; c < H / 8; c += blockDim.x) {
-            float v[8], g[8];
-            unpack8(x8[c], v);
-            unpack8(w8[c], g);
+        if (regs) {
+            uint4 xk[ADD_RC];
 #pragma unroll
-            for (int i = 0; i < 8; i++) v[i] = g[i] * (v[i] * inv);
-            const uint4 b = pack8(v);
-            o8[c] = b;
-            if (q) {
-                unpack8(b, v); // the stored values
-#pragma unroll
-                for (int i = 0; i < 8; i++) {
-                    const float a = fabsf(v[i]);
-                    bad |= !(a <= 3.4e38f);
-                    m = fmaxf(m, a);
+            for (int j = 0; j < ADD_RC; j++) {
+                const int c = tid + j * bd;
+                if (c < n8) {
+                    xk[j] = add_word(x8, d8, e8, c);
+                    ss += sumsq8(xk[j]);
                 }
             }
+            if (!out) return;
+            ss = block_sum(ss, sh);
+            const float inv = 1.f / sqrtf(ss / (float)H + eps);
+#pragma unroll
+            for (int j = 0; j < ADD_RC; j++) {
+                const int c = tid + j * bd;
+                if (c < n8) norm_word(o8, c, xk[j], wk[j], inv, q != nullptr, m, bad);
+            }
+        } else {
+            for (int c = tid; c < n8; c += bd) ss += sumsq8(add_word(x8, d8, e8, c));
+            if (!out) return;
+            ss = block_sum(ss, sh);
+            const float inv = 1.f / sqrtf(ss / (float)H + eps);
+            for (int c = tid; c < n8; c += bd) norm_word(o8, c, x8[c], w8[c], inv, q != nullptr, m, bad);
         }
         if (q) quant_row_e4m3(out + (i64)r * H, q + (i64)r * H, qscale + r, H, true, m, bad, sh);
         return;
@@ -473,8 +520,16 @@ __device__ __forceinline__ void attn_decode_body(
     extern __shared__ __align__(128) unsigned char dsm[];
     const int di = blockIdx.x, kh = blockIdx.y, sp = blockIdx.z, tid = threadIdx.x;
     const int lane = tid & 31, warp = tid >> 5, g = lane >> 2, tig = lane & 3;
+    // The step's metadata (dec_seq, seq_info, pages) is copied in before
+    // the step's first kernel and written by none, so it is read before
+    // griddepcontrol.wait: with PDL the chain of loads up to the first
+    // tile's cache rows runs under the kernel before (rope_store, which
+    // writes q and the newest K/V row: nothing of them is read before it).
     const int s = dec_seq[di];
-    if (s < 0) return; // no sequence (a recording's spare entry)
+    if (s < 0) { // no sequence (a recording's spare entry)
+        pdl_entry();
+        return;
+    }
     const int row = seq_info[4 * s], ctx = seq_info[4 * s + 2], poff = seq_info[4 * s + 3];
     const int G = heads / kvh, width = kvh * HD;
     const int chunk = max(32, (((ctx + nsplit - 1) / nsplit) + 7) & ~7);
@@ -485,6 +540,31 @@ __device__ __forceinline__ void attn_decode_body(
     float o[D::C][2], m = NEG_INF, l = 0.f; // O[g][8j + 2*tig + {0,1}], the row's max and this lane's part of its sum
 #pragma unroll
     for (int j = 0; j < D::C; j++) o[j][0] = o[j][1] = 0.f;
+    const bool pow2 = (bs & (bs - 1)) == 0;
+    const int bsh = __ffs(bs) - 1;
+    // slot, next: the cache rows of row (lane % 16) of the next tile to
+    // issue and of the one after it (-1: past the chunk). A page id is
+    // loaded two tiles before its copies are issued, so its latency hides
+    // behind two tiles' arithmetic, not one.
+    int slot = -1, next = -1;
+    auto rows = [&](int k) {
+        const int p = p0 + (warp + k * DEC_WARPS) * DEC_TILE + (lane & 15);
+        int r = -1;
+        if (p < p1) {
+            const int pi = pow2 ? p >> bsh : p / bs;
+            r = __ldg(pages + poff + pi) * bs + (p - pi * bs);
+        }
+        return r;
+    };
+    auto advance = [&](int k) { // slot <- next <- tile k's rows
+        slot = next;
+        next = rows(k);
+    };
+    if (nk > 0) {
+        slot = rows(0);
+        next = rows(1);
+    }
+    pdl_entry();
     if (nk > 0) {
         unsigned qa[HD / 16][2]; // A fragments of Q (rows: the query heads)
 #pragma unroll
@@ -497,18 +577,7 @@ __device__ __forceinline__ void attn_decode_body(
             }
         }
         const float qs = scale * LOG2E;
-        const bool pow2 = (bs & (bs - 1)) == 0;
-        const int bsh = __ffs(bs) - 1;
         const unsigned wbase = (unsigned)__cvta_generic_to_shared(dsm) + warp * D::WARP_B;
-        int slot = -1; // cache row of row (lane % 16) of the next tile to issue (-1: past the chunk)
-        auto rows = [&](int k) {
-            const int p = p0 + (warp + k * DEC_WARPS) * DEC_TILE + (lane & 15);
-            slot = -1;
-            if (p < p1) {
-                const int pi = pow2 ? p >> bsh : p / bs;
-                slot = __ldg(pages + poff + pi) * bs + (p - pi * bs);
-            }
-        };
         auto issue = [&](int k) {
             if (k < nk) {
                 const unsigned kb = D::kt(wbase, k), vb = D::vt(wbase, k);
@@ -536,15 +605,14 @@ __device__ __forceinline__ void attn_decode_body(
             }
             cp_async_commit(); // empty past the end: the group count stays uniform
         };
-        rows(0);
 #pragma unroll
         for (int k = 0; k < D::ST - 1; k++) {
             issue(k);
-            rows(k + 1);
+            advance(k + 2);
         }
         for (int k = 0; k < nk; k++) {
-            issue(k + D::ST - 1); // slot holds its rows
-            rows(k + D::ST);      // for the next iteration: the load's latency hides behind this tile
+            issue(k + D::ST - 1);   // slot holds its rows
+            advance(k + D::ST + 1); // used two iterations on: its latency hides behind two tiles
             cp_async_wait<D::ST - 1>();
             __syncwarp(); // every lane's copies of tile k have landed
             const unsigned kb = D::kt(wbase, k), vb = D::vt(wbase, k);
@@ -682,17 +750,23 @@ __device__ __forceinline__ void attn_decode_body(
     __syncthreads();
     if (!*last) return;
     __threadfence();
+    // Every split below nv wrote its partial (it holds positions), so the
+    // loads below need no branch on its sum: they are issued together, a few
+    // round trips to L2 for the whole merge instead of one per split and
+    // output (the merge is the tail of a one-sequence step's attention).
     const int nv = ctx > 0 ? min(nsplit, (ctx + chunk - 1) / chunk) : 0; // splits that hold positions
     for (int hg = warp; hg < G; hg += DEC_WARPS) {
         const float* pp = part + (i64)(di * heads + kh * G + hg) * nsplit * (HD + 2);
         float M0 = NEG_INF, M1 = NEG_INF, L0 = 0.f, L1 = 0.f;
         if (lane < nv) {
-            L0 = __ldcg(pp + lane * (HD + 2) + HD + 1);
-            if (L0 > 0.f) M0 = __ldcg(pp + lane * (HD + 2) + HD);
+            const float2 ml = __ldcg(reinterpret_cast<const float2*>(pp + lane * (HD + 2) + HD));
+            L0 = ml.y;
+            M0 = L0 > 0.f ? ml.x : NEG_INF;
         }
         if (lane + 32 < nv) {
-            L1 = __ldcg(pp + (lane + 32) * (HD + 2) + HD + 1);
-            if (L1 > 0.f) M1 = __ldcg(pp + (lane + 32) * (HD + 2) + HD);
+            const float2 ml = __ldcg(reinterpret_cast<const float2*>(pp + (lane + 32) * (HD + 2) + HD));
+            L1 = ml.y;
+            M1 = L1 > 0.f ? ml.x : NEG_INF;
         }
         float M = fmaxf(M0, M1);
 #pragma unroll
@@ -704,15 +778,26 @@ __device__ __forceinline__ void attn_decode_body(
         ws[hg * 64 + lane + 32] = w1 * inv;
     }
     __syncthreads();
-    for (int idx = tid; idx < G * HD; idx += DEC_THREADS) {
+    // two outputs per thread (float2: a partial row is HD + 2 floats, so
+    // even d is 8-byte aligned), eight splits' loads in flight at once
+    for (int idx = 2 * tid; idx < G * HD; idx += 2 * DEC_THREADS) {
         const int hg = idx / HD, d = idx - hg * HD, h = kh * G + hg;
-        const float* pp = part + (i64)(di * heads + h) * nsplit * (HD + 2);
-        float A = 0.f;
-        for (int i = 0; i < nv; i++) {
-            const float wi = ws[hg * 64 + i];
-            if (wi != 0.f) A += __ldcg(pp + i * (HD + 2) + d) * wi;
+        const float* pp = part + (i64)(di * heads + h) * nsplit * (HD + 2) + d;
+        const float* w = ws + hg * 64;
+        float2 A = make_float2(0.f, 0.f);
+        for (int i0 = 0; i0 < nv; i0 += 8) {
+            float2 v[8];
+#pragma unroll
+            for (int j = 0; j < 8; j++)
+                v[j] = i0 + j < nv ? __ldcg(reinterpret_cast<const float2*>(pp + (i0 + j) * (HD + 2))) : make_float2(0.f, 0.f);
+#pragma unroll
+            for (int j = 0; j < 8; j++) {
+                const float wi = i0 + j < nv ? w[i0 + j] : 0.f;
+                A.x += v[j].x * wi;
+                A.y += v[j].y * wi;
+            }
         }
-        out[(i64)row * heads * HD + (i64)h * HD + d] = tobf(A);
+        *reinterpret_cast<__nv_bfloat162*>(out + (i64)row * heads * HD + (i64)h * HD + d) = __floats2bfloat162_rn(A.x, A.y);
     }
     if (tid == 0) done[di * kvh + kh] = 0; // ready for the next launch
 }
@@ -721,16 +806,16 @@ __device__ __forceinline__ void attn_decode_body(
     bf16 *out, float *part, int *done, const bf16 *q, const bf16 *kc, const bf16 *vc, const int *dec_seq,        \
         const int *seq_info, const int *pages, int heads, int kvh, int bs, float scale, int nsplit, int ldq, const float *ks
 #define ATTN_DECODE_PASS out, part, done, q, kc, vc, dec_seq, seq_info, pages, heads, kvh, bs, scale, nsplit, ldq, ks
-extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode_d32(ATTN_DECODE_ARGS) { pdl_entry(); attn_decode_body<32, false>(ATTN_DECODE_PASS); }
-extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode_d64(ATTN_DECODE_ARGS) { pdl_entry(); attn_decode_body<64, false>(ATTN_DECODE_PASS); }
-extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode_d128(ATTN_DECODE_ARGS) { pdl_entry(); attn_decode_body<128, false>(ATTN_DECODE_PASS); }
-extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode_d256(ATTN_DECODE_ARGS) { pdl_entry(); attn_decode_body<256, false>(ATTN_DECODE_PASS); }
+extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode_d32(ATTN_DECODE_ARGS) { attn_decode_body<32, false>(ATTN_DECODE_PASS); }
+extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode_d64(ATTN_DECODE_ARGS) { attn_decode_body<64, false>(ATTN_DECODE_PASS); }
+extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode_d128(ATTN_DECODE_ARGS) { attn_decode_body<128, false>(ATTN_DECODE_PASS); }
+extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode_d256(ATTN_DECODE_ARGS) { attn_decode_body<256, false>(ATTN_DECODE_PASS); }
 // attn_decode8_d*: the same over an FP8 key cache (kc: e4m3 values; ks: one
 // float32 scale per cache slot and KV head).
-extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode8_d32(ATTN_DECODE_ARGS) { pdl_entry(); attn_decode_body<32, true>(ATTN_DECODE_PASS); }
-extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode8_d64(ATTN_DECODE_ARGS) { pdl_entry(); attn_decode_body<64, true>(ATTN_DECODE_PASS); }
-extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode8_d128(ATTN_DECODE_ARGS) { pdl_entry(); attn_decode_body<128, true>(ATTN_DECODE_PASS); }
-extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode8_d256(ATTN_DECODE_ARGS) { pdl_entry(); attn_decode_body<256, true>(ATTN_DECODE_PASS); }
+extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode8_d32(ATTN_DECODE_ARGS) { attn_decode_body<32, true>(ATTN_DECODE_PASS); }
+extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode8_d64(ATTN_DECODE_ARGS) { attn_decode_body<64, true>(ATTN_DECODE_PASS); }
+extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode8_d128(ATTN_DECODE_ARGS) { attn_decode_body<128, true>(ATTN_DECODE_PASS); }
+extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode8_d256(ATTN_DECODE_ARGS) { attn_decode_body<256, true>(ATTN_DECODE_PASS); }
 
 // attn_prefill_d{32,64,128}: causal attention of prefill rows on the tensor
 // cores (flash-attention style). grid (tiles, heads), block PRE_THREADS,

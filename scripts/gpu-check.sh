@@ -68,7 +68,8 @@
 #     kdetail    ncu --set full on the first launches of the kernels matching
 #                PEFTD_NCU_KERNELS (an ncu -k regex, default fp8_gemv|attn_decode|
 #                add_rmsnorm; PEFTD_NCU_COUNT launches, default 6) inside the
-#                profile phase's batch-1 decode step: throughput, occupancy,
+#                profile phase's decode step at batch PEFTD_KDETAIL_BATCH
+#                (default 1): throughput, occupancy,
 #                stall reasons per kernel (kdetail.txt); run it by name
 #     readme8b   the README's GPU path as written, on what the device has: a
 #                Llama-3.1-8B-shaped folder (the random checkpoint, Meta's Llama
@@ -443,7 +444,7 @@ if want kdetail; then
 	echo "=== kdetail: ncu --set full on kernels of one batch-1 decode step"
 	if random_ckpt "$MD" decode --layers "${DECODE_LAYERS:-32}"; then
 		KRE="${PEFTD_NCU_KERNELS:-fp8_gemv|attn_decode|add_rmsnorm}"
-		ncu_decode "$LOG/kdetail.txt" "$LOG/kdetail.err" 1 --set full -k "regex:$KRE" --launch-count "${PEFTD_NCU_COUNT:-6}" || status=1
+		ncu_decode "$LOG/kdetail.txt" "$LOG/kdetail.err" "${PEFTD_KDETAIL_BATCH:-1}" --set full -k "regex:$KRE" --launch-count "${PEFTD_NCU_COUNT:-6}" || status=1
 		save "$LOG/kdetail.txt"
 		grep -E '^  [a-z_0-9]+.*\(|DRAM Throughput|Memory Throughput|Duration|Achieved Occupancy|Registers Per|Theoretical Occupancy' "$LOG/kdetail.txt" | head -80
 		tail -n 3 "$LOG/kdetail.err"

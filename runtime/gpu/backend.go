@@ -149,6 +149,7 @@ type kernelForce struct {
 	loraV1    bool          // LoRA: SGMV v1 (sgmv_shrink, then an expand launch)
 	loraV2    bool          // LoRA: SGMV v2 (one launch per op) wherever it fits
 	attnRows  bool          // attention: the per-row kernel for every row (no attn_decode, attn_prefill, graphs)
+	decSplit  int           // attn_decode: at most this many KV splits per (sequence, KV head) (0: decSplitFor's choice)
 	wholeLoad bool          // adapter loads: a step waits for the whole image before it starts (no per-layer start)
 	slowFill  time.Duration // adapter loads: a sleep after each chunk's fill (tests: a step must wait for the host)
 }

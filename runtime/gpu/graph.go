@@ -127,7 +127,11 @@ func tilesCap(n, slots int) int { return min(n, (n+sgTileRows-1)/sgTileRows+max(
 func (b *Backend) decSplitFor(n int) int {
 	pairs := n * b.kv.KVHeads
 	best, bestCost := 1, math.Inf(1)
-	for s := 1; s <= 64; s++ {
+	top := 64
+	if b.force.decSplit > 0 {
+		top = b.force.decSplit
+	}
+	for s := 1; s <= top; s++ {
 		waves := (pairs*s + b.decResident - 1) / b.decResident
 		if c := float64(waves) * (1/float64(s) + 0.125); c < bestCost-1e-9 {
 			best, bestCost = s, c
