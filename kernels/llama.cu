@@ -324,6 +324,116 @@ extern "C" __global__ void rope_store(bf16* q, bf16* k, const bf16* v, bf16* kc,
     if (threadIdx.x == 0) ks[(i64)slot * kvh + kh] = sc;
 }
 
+// rope_store_rows: rope_store for head_dim 64, 128 or 256 with 16-byte
+// aligned rows (ldq, ldk, ldv, ldd multiples of 8): one block per row, each
+// thread taking 8 rotation pairs (16 bytes of each half of a head) or 16
+// bytes of a value head, so a row's loads are all in flight at once and the
+// row's cos/sin are computed once (in shared memory) for all its heads, not
+// once per head. The row's position, slot and cos/sin come from the step
+// metadata and inv_freq, which no kernel writes: they are read before
+// griddepcontrol.wait, under the projection before. Same arguments and
+// results as rope_store; grid (T), block a multiple of 32.
+extern "C" __global__ void rope_store_rows(bf16* q, bf16* k, const bf16* v, bf16* kc, bf16* vc, const float* inv_freq, const int* pos,
+                                           const int* slots, const float* dq, const float* dk, const float* dv, const int* rl,
+                                           int heads, int kvh, int hd, int ldq, int ldk, int ldv, int ldd, unsigned char* kc8, float* ks) {
+    __shared__ float cs[128], sn[128]; // cos and sin of frequency i at the row's position (hd <= 256)
+    const int r = blockIdx.x, tid = threadIdx.x, bd = blockDim.x, half = hd / 2, per = half / 8;
+    const bool rot = inv_freq != nullptr;
+    const int slot = kc || ks || vc ? slots[r] : -1;
+    if (rot) {
+        const float p = (float)pos[r];
+        for (int i = tid; i < half; i += bd) sincosf(p * inv_freq[i], &sn[i], &cs[i]);
+    }
+    pdl_entry();
+    __syncthreads();
+    if (dq && rl[r] < 0) dq = dk = dv = nullptr; // a row without an adapter
+    const int width = kvh * hd, nrot = (heads + kvh) * per;
+    // rotation units: unit u is pairs [8j, 8j + 8) of head u / per (query
+    // heads, then key heads); a head's per units sit in per consecutive
+    // lanes (per divides 32), so its FP8 scale is a reduction among them
+    for (int u0 = 0; u0 < nrot; u0 += bd) {
+        const int u = u0 + tid, h = u / per, j = u - h * per;
+        const bool act = u < nrot, isk = act && h >= heads;
+        const bool k8 = isk && ks && slot >= 0;
+        float y[16];
+        if (act) {
+            bf16* x = isk ? k + (i64)r * ldk + (i64)(h - heads) * hd : q + (i64)r * ldq + (i64)h * hd;
+            const float* d = isk ? (dk ? dk + (i64)r * ldd + (i64)(h - heads) * hd : nullptr) : (dq ? dq + (i64)r * ldd + (i64)h * hd : nullptr);
+            float x1[8], x2[8];
+            unpack8(*reinterpret_cast<const uint4*>(x + 8 * j), x1);
+            unpack8(*reinterpret_cast<const uint4*>(x + half + 8 * j), x2);
+            if (d) {
+                const float4* d1 = reinterpret_cast<const float4*>(d + 8 * j);
+                const float4* d2 = reinterpret_cast<const float4*>(d + half + 8 * j);
+                const float4 a0 = d1[0], a1 = d1[1], b0 = d2[0], b1 = d2[1];
+                const float da[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w}, db[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
+#pragma unroll
+                for (int e = 0; e < 8; e++) {
+                    x1[e] = __bfloat162float(tobf(x1[e] + da[e]));
+                    x2[e] = __bfloat162float(tobf(x2[e] + db[e]));
+                }
+            }
+#pragma unroll
+            for (int e = 0; e < 8; e++) {
+                if (rot) {
+                    const float c = cs[8 * j + e], sv = sn[8 * j + e];
+                    y[e] = __bfloat162float(tobf(x1[e] * c - x2[e] * sv));
+                    y[8 + e] = __bfloat162float(tobf(x2[e] * c + x1[e] * sv));
+                } else {
+                    y[e] = x1[e];
+                    y[8 + e] = x2[e];
+                }
+            }
+            const uint4 w1 = pack8(y), w2 = pack8(y + 8);
+            if (rot || d) {
+                *reinterpret_cast<uint4*>(x + 8 * j) = w1;
+                *reinterpret_cast<uint4*>(x + half + 8 * j) = w2;
+            }
+            if (isk && kc && slot >= 0) {
+                bf16* dst = kc + (i64)slot * width + (i64)(h - heads) * hd;
+                *reinterpret_cast<uint4*>(dst + 8 * j) = w1;
+                *reinterpret_cast<uint4*>(dst + half + 8 * j) = w2;
+            }
+        }
+        if (!ks || slot < 0) continue; // block-uniform: no FP8 key cache for this row
+        // the FP8 key cache: the head's rotated values (as the bf16 cache
+        // would hold them) in e4m3 with one scale, amax / 448 (1 for a zero head)
+        float amax = 0.f;
+        if (k8)
+#pragma unroll
+            for (int e = 0; e < 16; e++) amax = fmaxf(amax, fabsf(y[e]));
+        for (int o = 1; o < per; o <<= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+        if (!k8) continue;
+        const float sc = amax > 0.f ? amax / 448.f : 1.f, inv = amax > 0.f ? fminf(448.f / amax, 3.402823466e38f) : 0.f;
+        const int kh = h - heads;
+        unsigned char* q8 = kc8 + (i64)slot * width + (i64)kh * hd;
+        unsigned char b[16];
+#pragma unroll
+        for (int e = 0; e < 16; e++) b[e] = __nv_cvt_float_to_fp8(y[e] * inv, __NV_SATFINITE, __NV_E4M3);
+        *reinterpret_cast<uint2*>(q8 + 8 * j) = *reinterpret_cast<const uint2*>(b);
+        *reinterpret_cast<uint2*>(q8 + half + 8 * j) = *reinterpret_cast<const uint2*>(b + 8);
+        if (j == 0) ks[(i64)slot * kvh + kh] = sc;
+    }
+    if (!vc || slot < 0) return;
+    // value heads: 16-byte words copied to the cache (plus the update)
+    const int nv8 = width / 8;
+    for (int u = tid; u < nv8; u += bd) {
+        const bf16* src = v + (i64)r * ldv + 8 * u;
+        uint4 w = *reinterpret_cast<const uint4*>(src);
+        if (dv) {
+            float a[8];
+            unpack8(w, a);
+            const float4* dd = reinterpret_cast<const float4*>(dv + (i64)r * ldd + 8 * u);
+            const float4 a0 = dd[0], a1 = dd[1];
+            const float da[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
+#pragma unroll
+            for (int e = 0; e < 8; e++) a[e] = __bfloat162float(tobf(a[e] + da[e]));
+            w = pack8(a);
+        }
+        *reinterpret_cast<uint4*>(vc + (i64)slot * width + 8 * u) = w;
+    }
+}
+
 #define ATT_WARPS 4
 #define ATT_MAXJ 8 // head_dim <= 256
 

@@ -165,9 +165,36 @@ func (b *Backend) ropeStore(qb, kb, vb *Buffer, layer int, invFreq []float32, he
 		}
 		ldv, ny = vb.ld, heads+2*kvHeads
 	}
+	args := []any{ptr(qb), ptr(kb), ptr(vb), kc, vc, freq, b.i32(b.off.pos), b.i32(b.off.kvSlots), dq, dk, dv, b.rowLora(),
+		heads, kvHeads, headDim, qb.ld, kb.ld, ldv, ldd, kc8, ks}
+	if ropeRowsFit(headDim, []uint64{ptr(qb), ptr(kb), ptr(vb), dq, dk, dv}, []int{qb.ld, kb.ld, ldv, ldd}) {
+		// a block per row: threads for every rotation unit (8 pairs) at once
+		units := (heads + kvHeads) * headDim / 16
+		b.launch(b.fn.ropeRows, cuda.Dim3{X: b.rows()}, cuda.Dim3{X: min(1024, max(64, (units+31)&^31))}, args...)
+		return
+	}
 	threads := min(128, max(32, (headDim/2+31)&^31))
-	b.launch(b.fn.ropeStore, cuda.Dim3{X: b.rows(), Y: ny}, cuda.Dim3{X: threads}, ptr(qb), ptr(kb), ptr(vb), kc, vc,
-		freq, b.i32(b.off.pos), b.i32(b.off.kvSlots), dq, dk, dv, b.rowLora(), heads, kvHeads, headDim, qb.ld, kb.ld, ldv, ldd, kc8, ks)
+	b.launch(b.fn.ropeStore, cuda.Dim3{X: b.rows(), Y: ny}, cuda.Dim3{X: threads}, args...)
+}
+
+// ropeRowsFit reports whether rope_store_rows takes a step: head_dim 64,
+// 128 or 256, and 16-byte words of every row (its pointers, zero for
+// none, 16-byte aligned; its row strides, in values, multiples of 8).
+func ropeRowsFit(headDim int, ptrs []uint64, lds []int) bool {
+	if headDim != 64 && headDim != 128 && headDim != 256 {
+		return false
+	}
+	for _, p := range ptrs {
+		if p%16 != 0 {
+			return false
+		}
+	}
+	for _, ld := range lds {
+		if ld%8 != 0 {
+			return false
+		}
+	}
+	return true
 }
 
 // layerCache is where layer's keys, values and (with an FP8 key cache, else
