@@ -273,9 +273,15 @@ type Backend struct {
 	// step timing (SetTiming): events around the device work of a step
 	timing       bool
 	evBeg, evEnd *cuda.Event
-	timed        bool
-	lastStepMs   float32
-	lastTimed    bool // lastStepMs is the last step's
+	// evFwd marks the end of the step's forward (Execute) and evTail the
+	// first result call after it (SampleRows or Read): the device idles
+	// between them until the host asks for the result, and that wait is
+	// not the step's device time
+	evFwd, evTail         *cuda.Event
+	fwdMarked, tailMarked bool
+	timed                 bool
+	lastStepMs            float32
+	lastTimed             bool // lastStepMs is the last step's
 }
 
 // SetTiming turns on device timing of each step: from the metadata upload
@@ -287,6 +293,12 @@ func (b *Backend) SetTiming(on bool) error {
 			return err
 		}
 		if b.evEnd, err = b.ctx.NewEvent(true); err != nil {
+			return err
+		}
+		if b.evFwd, err = b.ctx.NewEvent(true); err != nil {
+			return err
+		}
+		if b.evTail, err = b.ctx.NewEvent(true); err != nil {
 			return err
 		}
 	}
@@ -305,7 +317,7 @@ func (b *Backend) StepDeviceTime() (time.Duration, bool) {
 
 // startTiming records the step's start event when timing is on.
 func (b *Backend) startTiming() error {
-	b.timed, b.lastTimed = false, false
+	b.timed, b.lastTimed, b.fwdMarked, b.tailMarked = false, false, false, false
 	if b.timing {
 		if err := b.evBeg.Record(b.s); err != nil {
 			return err
@@ -315,9 +327,32 @@ func (b *Backend) startTiming() error {
 	return nil
 }
 
+// markForward records the end of the step's forward when it is timed.
+func (b *Backend) markForward() error {
+	if !b.timed || b.fwdMarked {
+		return nil
+	}
+	b.fwdMarked = true
+	return b.evFwd.Record(b.s)
+}
+
+// markTail records, at the step's first result call (SampleRows, Read),
+// where the device may have waited for the host since the forward.
+func (b *Backend) markTail() error {
+	if !b.timed || !b.fwdMarked || b.tailMarked {
+		return nil
+	}
+	b.tailMarked = true
+	return b.evTail.Record(b.s)
+}
+
 // waitStep waits for the step's work and, when it was timed, keeps its
-// device time (from startTiming's event to the end event Read or
-// SampleRows recorded before their result copy).
+// device time: from startTiming's event to the end event Read or
+// SampleRows recorded before their result copy, less the time between the
+// forward's end and the first result call (the device waiting for the
+// host to ask: a host that plans the next step during this one asks late
+// on purpose, and counting that wait as device time made the step look
+// longer, so that the host planned later still).
 func (b *Backend) waitStep() error {
 	if err := b.s.Synchronize(); err != nil {
 		return fmt.Errorf("gpu: step failed: %w", err)
@@ -325,6 +360,11 @@ func (b *Backend) waitStep() error {
 	if b.timed {
 		b.timed = false
 		if ms, err := b.evEnd.Since(b.evBeg); err == nil {
+			if b.fwdMarked && b.tailMarked {
+				if gap, err := b.evTail.Since(b.evFwd); err == nil && gap > 0 {
+					ms -= gap
+				}
+			}
 			b.lastStepMs, b.lastTimed = ms, true
 		}
 	}
@@ -755,7 +795,7 @@ func (b *Backend) Close() error {
 	for _, h := range []*cuda.HostBuffer{b.metaHost, b.readHost, b.smpHost, b.g.host} {
 		errs = append(errs, h.Free())
 	}
-	errs = append(errs, b.evBeg.Destroy(), b.evEnd.Destroy(), b.la.fork.Destroy(), b.la.join.Destroy(), b.la.s.Destroy())
+	errs = append(errs, b.evBeg.Destroy(), b.evEnd.Destroy(), b.evFwd.Destroy(), b.evTail.Destroy(), b.la.fork.Destroy(), b.la.join.Destroy(), b.la.s.Destroy())
 	errs = append(errs, b.f8.close())
 	if b.sgLoad != nil { // never taken: wait for it (it uses the context)
 		if r := <-b.sgLoad; r.m != nil {

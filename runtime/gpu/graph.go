@@ -293,13 +293,19 @@ func (b *Backend) Execute(meta *engine.StepMeta, prog engine.Program) error {
 		return err
 	}
 	if ok, mixed := b.graphable(meta); ok {
-		return b.replay(meta, prog, mixed)
+		if err := b.replay(meta, prog, mixed); err != nil {
+			return err
+		}
+		return b.markForward()
 	}
 	if err := b.Begin(meta); err != nil {
 		return err
 	}
 	prog.Run(b)
-	return nil
+	if b.err != nil {
+		return nil // the step's error comes back from its result call
+	}
+	return b.markForward()
 }
 
 // replay fills the graph metadata for meta padded to its bucket and

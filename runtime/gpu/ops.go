@@ -393,6 +393,9 @@ func (b *Backend) Read(x engine.Buffer, rows int, dst []float32) error {
 	if n == 0 {
 		return nil
 	}
+	if err := b.markTail(); err != nil {
+		return err
+	}
 	if b.timed {
 		if err := b.evEnd.Record(b.s); err != nil {
 			return err

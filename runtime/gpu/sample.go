@@ -39,6 +39,9 @@ func (b *Backend) SampleRows(logits engine.Buffer, rows []engine.RowSample, out 
 	if !lb.isF32 || lb.f32 == nil {
 		return fmt.Errorf("gpu: sample: the buffer holds no float32 logits")
 	}
+	if err := b.markTail(); err != nil {
+		return err
+	}
 	if soMaxTop < sample.MaxLogprobs {
 		return fmt.Errorf("gpu: sample: %d alternatives, the kernel returns %d", sample.MaxLogprobs, soMaxTop)
 	}
