@@ -241,6 +241,58 @@ func TestModeledAsyncSteps(t *testing.T) {
 	}
 }
 
+// TestModeledLateSampling: on a modeled GPU that draws the tokens only
+// when the host asks for them (the CUDA backend's unchained path), steps
+// planned ahead keep their pace: a step lasts about its device time, the
+// forward plus the draw. The plan of the next step waits until shortly
+// before the step in flight should end (planDelay, from the device time).
+// On the H200 that margin was an eighth of the device time, and the device
+// time counted the device's wait for the host, so each late plan made the
+// next one later: steps settled at 11.4 ms for 8.1 ms of work
+// (docs/PERFORMANCE.md v0.20). In this model, with the wait counted and an
+// eighth's margin, the median step took 10.3 ms for 5 ms of work; now
+// (the wait not counted, a quarter's margin) 5.4-5.7.
+func TestModeledLateSampling(t *testing.T) {
+	if testing.Short() {
+		t.Skip("a closed loop of modeled steps")
+	}
+	f, err := fixture.Load()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	opts := engine.DefaultOptions()
+	opts.KVBlocks = 1024
+	const step, draw = 4 * time.Millisecond, time.Millisecond
+	e, err := engine.New(f.Model, &enginetest.Null{Step: step, Sample: draw, Async: true, NoChain: true}, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer e.Close()
+	var mu sync.Mutex
+	var durs []time.Duration
+	s := New(e, Static{}, Config{OnStep: func(st StepStats) {
+		if st.Rows > 0 && st.Ahead {
+			mu.Lock()
+			durs = append(durs, st.Duration)
+			mu.Unlock()
+		}
+	}})
+	defer s.Close()
+	closedLoop(t, s, 16, 2, 40, 32, f.Model.Config.VocabSize, []string{""})
+	mu.Lock()
+	defer mu.Unlock()
+	if len(durs) < 20 {
+		t.Fatalf("%d steps planned ahead, want >= 20", len(durs))
+	}
+	slices.Sort(durs)
+	med, want := durs[len(durs)/2], step+draw
+	t.Logf("%d steps planned ahead: median %v from launch to tokens (device %v)", len(durs), med, want)
+	if med > want*7/5 {
+		t.Errorf("median step %v from launch to tokens, device time %v: the plan of the next step is late", med, want)
+	}
+}
+
 // TestChainedMatchesUnchained: on the modeled GPU backend, whose draws
 // depend on each row's input token, steps launched before the tokens of
 // the step before them are back (their decode rows reading those tokens

@@ -26,8 +26,15 @@ import (
 // (engine.StepTimer). With Async, Null is an engine.Chainer (unless
 // NoChain): a step may be executed before the draws of the one before it
 // are waited for, its rows taking those draws (StepMeta.TokenFrom).
+//
+// Sample models the draw's own device time on the path where, as on the
+// CUDA backend, it is issued when the host asks for the tokens
+// (SampleRows): it runs Sample from the step's end or from the call,
+// whichever is later. The step's device time is then Step + Sample, the
+// device's wait for the host left out, as the CUDA backend reports it.
 type Null struct {
 	Step    time.Duration
+	Sample  time.Duration
 	Async   bool
 	NoChain bool
 	vocab   int
@@ -96,8 +103,8 @@ func (n *Null) front() (*nullStep, error) {
 	return st, nil
 }
 
-// StepDeviceTime is Step, the modeled device time of every step.
-func (n *Null) StepDeviceTime() (time.Duration, bool) { return n.Step, n.Step > 0 }
+// StepDeviceTime is Step + Sample, the modeled device time of every step.
+func (n *Null) StepDeviceTime() (time.Duration, bool) { return n.Step + n.Sample, n.Step > 0 }
 func (n *Null) End() error {
 	n.steps = n.steps[:0] // a step that failed, or one read: nothing is in flight after End
 	return nil
@@ -114,6 +121,12 @@ func (n *Null) Read(b engine.Buffer, rows int, dst []float32) error {
 func (n *Null) SampleRows(logits engine.Buffer, rows []engine.RowSample, out []sample.Choice) error {
 	if err := n.IssueSample(logits, rows); err != nil {
 		return err
+	}
+	if n.Sample > 0 {
+		if _, err := n.front(); err != nil {
+			return err
+		}
+		time.Sleep(n.Sample) // the draw starts when the step has ended and the host asked
 	}
 	return n.WaitSample(out)
 }
