@@ -151,6 +151,7 @@ type kernelForce struct {
 	loraV2    bool          // LoRA: SGMV v2 (one launch per op) wherever it fits
 	attnRows  bool          // attention: the per-row kernel for every row (no attn_decode, attn_prefill, graphs)
 	decSplit  int           // attn_decode: at most this many KV splits per (sequence, KV head) (0: decSplitFor's choice)
+	ropeHeads bool          // RoPE and the K/V store: rope_store (a block per row and head) for every shape
 	wholeLoad bool          // adapter loads: a step waits for the whole image before it starts (no per-layer start)
 	slowFill  time.Duration // adapter loads: a sleep after each chunk's fill (tests: a step must wait for the host)
 }

@@ -519,13 +519,14 @@ func TestDecodeBench(t *testing.T) {
 			sms                          int  // -1: autoLoRASMs
 			nopdl                        bool // kernels launched one after the other (Options.NoPDL)
 			split                        int  // attn_decode's KV splits capped (kernelForce.decSplit; 0: decSplitFor's)
+			ropeHeads                    bool // rope_store for every shape (kernelForce.ropeHeads), not rope_store_rows
 		}
 		vs := []variant{{sms: -1}, {lora: true, sms: -1}, {sms: -1, nopdl: true}, {lora: true, sms: -1, nopdl: true},
-			{sms: -1, split: 8}, {sms: -1, split: 16},
+			{sms: -1, ropeHeads: true}, {sms: -1, split: 8}, {sms: -1, split: 16},
 			{sampled: true, sms: -1}, {eager: true, sms: -1}, {lora: true, eager: true, sms: -1},
 			{lora: true, serial: true, sms: -1}, {lora: true, sms: 0}, {lora: true, sms: 16}, {lora: true, sms: 32}}
-		if os.Getenv("PEFTD_DECODE_QUICK") != "" { // base and adapters, with and without PDL
-			vs = vs[:4]
+		if os.Getenv("PEFTD_DECODE_QUICK") != "" { // base and adapters, with and without PDL; rope_store's A/B
+			vs = vs[:5]
 		}
 		for _, v := range vs {
 			withLoRA, sampled := v.lora, v.sampled
@@ -533,8 +534,8 @@ func TestDecodeBench(t *testing.T) {
 			if withLoRA && len(ads) == 0 || v.nopdl && !pdlOK || v.split > 0 && B > 64 {
 				continue
 			}
-			if wantPDL := pdlOK && !v.nopdl; gb.la.on == v.serial || gb.la.sms != v.sms || gb.s.ProgrammaticLaunch() != wantPDL || gb.force.decSplit != v.split { // recordings bake the LoRA and launch modes and the split in
-				gb.la.on, gb.la.sms, gb.force.decSplit = !v.serial, v.sms, v.split
+			if wantPDL := pdlOK && !v.nopdl; gb.la.on == v.serial || gb.la.sms != v.sms || gb.s.ProgrammaticLaunch() != wantPDL || gb.force.decSplit != v.split || gb.force.ropeHeads != v.ropeHeads { // recordings bake the LoRA and launch modes and the split in
+				gb.la.on, gb.la.sms, gb.force.decSplit, gb.force.ropeHeads = !v.serial, v.sms, v.split, v.ropeHeads
 				if err := gb.s.SetProgrammaticLaunch(wantPDL); err != nil {
 					t.Fatal(err)
 				}
@@ -627,11 +628,14 @@ func TestDecodeBench(t *testing.T) {
 			if v.split > 0 {
 				lbl += fmt.Sprintf("+split%d", v.split)
 			}
+			if v.ropeHeads {
+				lbl += "+ropeheads"
+			}
 			bench("decode %-5d %-11s %10.0f %10.0f %10.0f %9.2f %9.2f %9.2f %9.2f %10.1f", B, lbl, toks/wall.Seconds(), toks/(gpuMs/1e3), toks/roofS,
 				roofS*1e3/gpuMs, wall.Seconds()*1e3/newTok, gpuMs/newTok, roofS*1e3/newTok, prefill.Seconds())
 		}
 	}
-	gb.g.off, gb.force.decSplit = false, 0
+	gb.g.off, gb.force.decSplit, gb.force.ropeHeads = false, 0, false
 	rec, rep := gb.GraphStats()
 	bench("decode graphs: %d recorded, %d steps replayed", rec, rep)
 	if rec != recorded {

@@ -167,7 +167,7 @@ func (b *Backend) ropeStore(qb, kb, vb *Buffer, layer int, invFreq []float32, he
 	}
 	args := []any{ptr(qb), ptr(kb), ptr(vb), kc, vc, freq, b.i32(b.off.pos), b.i32(b.off.kvSlots), dq, dk, dv, b.rowLora(),
 		heads, kvHeads, headDim, qb.ld, kb.ld, ldv, ldd, kc8, ks}
-	if ropeRowsFit(headDim, []uint64{ptr(qb), ptr(kb), ptr(vb), dq, dk, dv}, []int{qb.ld, kb.ld, ldv, ldd}) {
+	if !b.force.ropeHeads && ropeRowsFit(headDim, []uint64{ptr(qb), ptr(kb), ptr(vb), dq, dk, dv}, []int{qb.ld, kb.ld, ldv, ldd}) {
 		// a block per row: threads for every rotation unit (8 pairs) at once
 		units := (heads + kvHeads) * headDim / 16
 		b.launch(b.fn.ropeRows, cuda.Dim3{X: b.rows()}, cuda.Dim3{X: min(1024, max(64, (units+31)&^31))}, args...)

@@ -318,12 +318,15 @@ func TestOpSiLUMul(t *testing.T) {
 	}
 }
 
+// TestOpRoPE: rope_store_rows takes head_dim 64, 128 and 256 (aligned
+// rows), rope_store the others, and those three again (kernelForce.ropeHeads).
 func TestOpRoPE(t *testing.T) {
-	for _, sh := range [][3]int{{4, 2, 32}, {8, 4, 8}, {2, 1, 128}} {
+	for _, sh := range [][4]int{{4, 2, 32, 0}, {8, 4, 8, 0}, {2, 1, 128, 0}, {2, 1, 128, 1}, {4, 2, 64, 0}, {4, 2, 64, 1}, {2, 2, 256, 0}, {2, 2, 256, 1}} {
 		heads, kvh, hd := sh[0], sh[1], sh[2]
 		T := 9
 		cfg := testConfig(heads*hd, 128, heads, kvh, hd, 32, 1)
 		r := newRig(t, cfg, T, engine.KVSpec{Layers: 1, Blocks: 4, BlockSize: 16, KVHeads: kvh, HeadDim: hd})
+		r.b.force.ropeHeads = sh[3] == 1
 		qv, kv := r.rnd(T*heads*hd, 2), r.rnd(T*kvh*hd, 2)
 		q, k := r.buffer(T, heads*hd), r.buffer(T, kvh*hd)
 		r.fill(q, qv)
