@@ -151,6 +151,15 @@ func warmEngine(e *engine.Engine, log *slog.Logger, pin bool) error {
 	if isGPU {
 		n, _ := g.GraphStats()
 		log.Info("CUDA graphs (decode and mixed steps)", "recorded", n, "seconds", fmt.Sprintf("%.2f", time.Since(t0).Seconds()))
+		if res, took := g.TuneStats(); len(res) > 0 {
+			changed := 0
+			for _, r := range res {
+				if r.Kept != 0 {
+					changed++
+				}
+			}
+			log.Info("cuBLASLt algorithms tuned", "products", len(res), "changed", changed, "seconds", fmt.Sprintf("%.2f", took.Seconds()))
+		}
 	}
 	if pin {
 		<-g.PinnedDone()

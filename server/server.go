@@ -133,6 +133,9 @@ type Config struct {
 	// NoPDL is gpu.Options': kernels launched one after the other, without
 	// Programmatic Dependent Launch (for comparison).
 	NoPDL bool
+	// TuneGEMMs is gpu.Options': cuBLASLt's algorithms timed for the
+	// projections at the graph buckets before the graphs are recorded.
+	TuneGEMMs bool
 	// WrapBackend, when set, wraps the engine backend the server chose
 	// (instrumentation, fault injection in tests); the server closes what
 	// it returns. A wrapper that embeds engine.Backend hides the optional
@@ -459,7 +462,7 @@ func newGPU(cfg Config) (*gpu.Backend, error) {
 	// starts read the cubin.
 	// --warm-graphs idle: the scheduler records the graphs while idle, and
 	// a request's step never waits for a recording (it runs eagerly)
-	return gpu.New(gpu.Options{Device: cfg.GPU, WeightFormat: cfg.Weights, KVFormat: cfg.KVCache, Eager: cfg.Eager, SerialLoRA: cfg.SerialLoRA, LoRASMs: cfg.LoRASMs, NoPDL: cfg.NoPDL,
+	return gpu.New(gpu.Options{Device: cfg.GPU, WeightFormat: cfg.Weights, KVFormat: cfg.KVCache, Eager: cfg.Eager, SerialLoRA: cfg.SerialLoRA, LoRASMs: cfg.LoRASMs, NoPDL: cfg.NoPDL, TuneGEMMs: cfg.TuneGEMMs,
 		RecordIdle: cfg.WarmGraphs == WarmIdle, PinnedImageBytes: cfg.PinnedCacheBytes})
 }
 

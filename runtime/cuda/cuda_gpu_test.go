@@ -334,3 +334,70 @@ func TestGPUGraphCapture(t *testing.T) {
 		}
 	}
 }
+
+// TestTuneGemmTN tunes two 8B projection shapes (64 and 256 rows, weights
+// in four copies) and checks the products GemmTN runs afterwards, with
+// whatever algorithm was kept, against a float64 reference.
+func TestTuneGemmTN(t *testing.T) {
+	c := ctx(t)
+	s, _ := c.NewStream()
+	defer s.Destroy()
+	mm, err := c.NewMatmul(32 << 20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer mm.Close()
+	for _, sh := range [][3]int{{64, 4096, 4096}, {256, 1024, 4096}} {
+		T, N, K := sh[0], sh[1], sh[2]
+		in, w := make([]uint16, T*K), make([]uint16, N*K)
+		for i := range in {
+			in[i] = bf16(rand.Float32()*2 - 1)
+		}
+		for i := range w {
+			w[i] = bf16(rand.Float32()*2 - 1)
+		}
+		din, _ := c.Alloc(2 * len(in))
+		dout, _ := c.Alloc(2 * T * N)
+		var ws []DevicePtr
+		for range 4 {
+			dw, err := c.Alloc(2 * len(w))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer dw.Free()
+			CopyHtoD(s, dw.Ptr(), w)
+			ws = append(ws, dw.Ptr())
+		}
+		CopyHtoD(s, din.Ptr(), in)
+		res, err := mm.TuneGemmTN(s, dout.Ptr(), R16BF, din.Ptr(), R16BF, ws, R16BF, T, N, K, 8, 10)
+		if err != nil {
+			t.Fatalf("%v: %v", sh, err)
+		}
+		if len(res.Us) > 0 && (res.Kept < 0 || res.Kept >= len(res.Us)) {
+			t.Fatalf("%v: kept %d of %d", sh, res.Kept, len(res.Us))
+		}
+		t.Logf("TuneGemmTN T=%d N=%d K=%d: us %.1f, kept %d", T, N, K, res.Us, res.Kept)
+		if err := mm.GemmTN(s, dout.Ptr(), R16BF, din.Ptr(), R16BF, ws[0], R16BF, T, N, K, 1, 0); err != nil {
+			t.Fatal(err)
+		}
+		h := make([]uint16, T*N)
+		CopyDtoH(s, h, dout.Ptr())
+		var d, nn float64
+		for r := 0; r < T; r += 7 {
+			for j := 0; j < N; j++ {
+				var ref float64
+				for k := 0; k < K; k++ {
+					ref += float64(unbf16(in[r*K+k])) * float64(unbf16(w[j*K+k]))
+				}
+				x := float64(unbf16(h[r*N+j])) - ref
+				d += x * x
+				nn += ref * ref
+			}
+		}
+		if rel := math.Sqrt(d / nn); !(rel <= 5e-3) {
+			t.Errorf("GemmTN %v after tuning: relative error %.3g > 5e-3", sh, rel)
+		}
+		din.Free()
+		dout.Free()
+	}
+}

@@ -99,7 +99,7 @@ func TestFP8AlgoSweep(t *testing.T) {
 				}
 				for i := range int(ret) {
 					r := res[i*heuristicResultSize : (i+1)*heuristicResultSize]
-					if binary.LittleEndian.Uint32(r[72:]) != 0 { // state: not CUBLAS_STATUS_SUCCESS
+					if binary.LittleEndian.Uint32(r[heuristicStateOffset:]) != 0 { // state: not CUBLAS_STATUS_SUCCESS
 						continue
 					}
 					var a [heuristicResultSize]byte

@@ -83,6 +83,11 @@ type Options struct {
 	// the one before it finishes (each waits for it first thing), in
 	// eager steps and in recorded graphs alike.
 	NoPDL bool
+	// TuneGEMMs times, before the first graphs are recorded, the
+	// algorithms cuBLASLt offers for the bf16 projections at the graph
+	// buckets of tuneMinRows rows and more (tune.go), and keeps the
+	// fastest of each. Experimental: off by default until measured.
+	TuneGEMMs bool
 }
 
 // autoLoRASMs is the SMs a step of rows rows with adapters leaves to the
@@ -121,6 +126,7 @@ func (b *Buffer) Cols() int { return b.cols }
 type weight struct {
 	mem        *cuda.DeviceBuffer
 	rows, cols int
+	proj       bool // a decoder layer's projection (llama.FP8Projection's names): Options.TuneGEMMs tunes its products
 }
 
 type slotState struct {
@@ -238,10 +244,11 @@ type Backend struct {
 	// shared memory fits a block on this card
 	decFit     [4]bool
 	preFit     [3]bool
-	pdl        bool // the compute stream launches kernels programmatically (Options.NoPDL)
-	nDec, nPre int  // decode sequences and prefill rows of the step
-	nPreTiles  int  // attn_prefill tiles of the step (0: the per-row kernel takes the prefill rows)
-	decSplit   int  // splits per (sequence, KV head)
+	pdl        bool      // the compute stream launches kernels programmatically (Options.NoPDL)
+	tune       tuneState // Options.TuneGEMMs (tune.go)
+	nDec, nPre int       // decode sequences and prefill rows of the step
+	nPreTiles  int       // attn_prefill tiles of the step (0: the per-row kernel takes the prefill rows)
+	decSplit   int       // splits per (sequence, KV head)
 	attnPart   *cuda.DeviceBuffer
 	attnDone   *cuda.DeviceBuffer // attn_decode's per-(row, KV head) split counters
 
@@ -400,6 +407,7 @@ func (b *Backend) open(opts Options) error {
 		// not every GPU can: then the kernels launch as before
 		b.pdl = b.s.SetProgrammaticLaunch(true) == nil
 	}
+	b.tune.on = opts.TuneGEMMs
 	b.la.on, b.la.sms = !opts.SerialLoRA, max(opts.LoRASMs, 0)
 	b.pinN = int(PinnedBytes(opts.PinnedImageBytes) / stageChunkBytes)
 	if opts.LoRASMs == 0 {
@@ -681,7 +689,7 @@ func (b *Backend) UploadParts(name string, dtype safetensors.DType, shape []int,
 	}
 	w := &weight{rows: 1, cols: n}
 	if len(shape) == 2 {
-		w.rows, w.cols = shape[0], shape[1]
+		w.rows, w.cols, w.proj = shape[0], shape[1], fp8Projection(name, shape)
 	} else if len(shape) != 1 {
 		return nil, fmt.Errorf("gpu: %s: %d-dimensional tensors are not supported", name, len(shape))
 	}

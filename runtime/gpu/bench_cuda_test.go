@@ -508,134 +508,166 @@ func TestDecodeBench(t *testing.T) {
 	ctx := context.Background()
 	pdlOK := gb.PDL() // the card launches programmatically: the +nopdl rows are the A/B
 	bench("decode programmatic dependent launch: %v", pdlOK)
+	// base, adapters, base sampled on the device (StepSample), both
+	// eagerly (no graphs, as before v0.11), then adapters with every
+	// LoRA update on the compute stream (SerialLoRA) and with the GEMMs
+	// holding 0, 16 or 32 SMs back for the LoRA stream whatever the
+	// batch (LoRASMs; the others choose by the batch: autoLoRASMs)
+	type variant struct {
+		lora, sampled, eager, serial bool
+		sms                          int  // -1: autoLoRASMs
+		nopdl                        bool // kernels launched one after the other (Options.NoPDL)
+		split                        int  // attn_decode's KV splits capped (kernelForce.decSplit; 0: decSplitFor's)
+		ropeHeads                    bool // rope_store for every shape (kernelForce.ropeHeads), not rope_store_rows
+		tuned                        bool // after Options.TuneGEMMs' tuning (it cannot be undone: these rows come last)
+	}
+	vs := []variant{{sms: -1}, {lora: true, sms: -1}, {sms: -1, nopdl: true}, {lora: true, sms: -1, nopdl: true},
+		{sms: -1, ropeHeads: true}, {sms: -1, split: 8}, {sms: -1, split: 16},
+		{sampled: true, sms: -1}, {eager: true, sms: -1}, {lora: true, eager: true, sms: -1},
+		{lora: true, serial: true, sms: -1}, {lora: true, sms: 0}, {lora: true, sms: 16}, {lora: true, sms: 32}}
+	if os.Getenv("PEFTD_DECODE_QUICK") != "" { // base and adapters, with and without PDL; rope_store's A/B
+		vs = vs[:5]
+	}
+	type run struct {
+		B int
+		v variant
+	}
+	var runs []run
 	for _, B := range batches {
-		// base, adapters, base sampled on the device (StepSample), both
-		// eagerly (no graphs, as before v0.11), then adapters with every
-		// LoRA update on the compute stream (SerialLoRA) and with the GEMMs
-		// holding 0, 16 or 32 SMs back for the LoRA stream whatever the
-		// batch (LoRASMs; the others choose by the batch: autoLoRASMs)
-		type variant struct {
-			lora, sampled, eager, serial bool
-			sms                          int  // -1: autoLoRASMs
-			nopdl                        bool // kernels launched one after the other (Options.NoPDL)
-			split                        int  // attn_decode's KV splits capped (kernelForce.decSplit; 0: decSplitFor's)
-			ropeHeads                    bool // rope_store for every shape (kernelForce.ropeHeads), not rope_store_rows
-		}
-		vs := []variant{{sms: -1}, {lora: true, sms: -1}, {sms: -1, nopdl: true}, {lora: true, sms: -1, nopdl: true},
-			{sms: -1, ropeHeads: true}, {sms: -1, split: 8}, {sms: -1, split: 16},
-			{sampled: true, sms: -1}, {eager: true, sms: -1}, {lora: true, eager: true, sms: -1},
-			{lora: true, serial: true, sms: -1}, {lora: true, sms: 0}, {lora: true, sms: 16}, {lora: true, sms: 32}}
-		if os.Getenv("PEFTD_DECODE_QUICK") != "" { // base and adapters, with and without PDL; rope_store's A/B
-			vs = vs[:5]
-		}
 		for _, v := range vs {
-			withLoRA, sampled := v.lora, v.sampled
-			gb.g.off = v.eager
-			if withLoRA && len(ads) == 0 || v.nopdl && !pdlOK || v.split > 0 && B > 64 {
-				continue
-			}
-			if wantPDL := pdlOK && !v.nopdl; gb.la.on == v.serial || gb.la.sms != v.sms || gb.s.ProgrammaticLaunch() != wantPDL || gb.force.decSplit != v.split || gb.force.ropeHeads != v.ropeHeads { // recordings bake the LoRA and launch modes and the split in
-				gb.la.on, gb.la.sms, gb.force.decSplit, gb.force.ropeHeads = !v.serial, v.sms, v.split, v.ropeHeads
-				if err := gb.s.SetProgrammaticLaunch(wantPDL); err != nil {
-					t.Fatal(err)
-				}
-				if err := gb.la.s.SetProgrammaticLaunch(wantPDL); err != nil {
-					t.Fatal(err)
-				}
-				if err := gb.dropGraphs(); err != nil {
-					t.Fatal(err)
-				}
-				if err := e.Warmup(); err != nil {
-					t.Fatal(err)
-				}
-				recorded, _ = gb.GraphStats()
-			}
-			seqs := make([]*engine.Sequence, B)
-			slot := func(i int) int {
-				if !withLoRA {
-					return -1
-				}
-				return i % len(ads)
-			}
-			tp := time.Now()
-			for i := 0; i < B; i += chunk {
-				var in []engine.Input
-				for j := i; j < min(B, i+chunk); j++ {
-					seqs[j] = &engine.Sequence{}
-					toks := make([]int32, prompt)
-					for k := range toks {
-						toks[k] = int32(rng.IntN(c.VocabSize))
-					}
-					in = append(in, engine.Input{Seq: seqs[j], Tokens: toks, Slot: slot(j)})
-				}
-				if _, err := e.Step(ctx, in); err != nil {
-					t.Fatal(err)
-				}
-			}
-			prefill := time.Since(tp)
-			var wall time.Duration
-			var gpuMs, roofS float64
-			in := make([]engine.Input, B)
-			for step := 0; step < newTok; step++ {
-				kvRead := 0.0
-				for i := range in {
-					in[i] = engine.Input{Seq: seqs[i], Tokens: []int32{int32(rng.IntN(c.VocabSize))}, Slot: slot(i)}
-					kvRead += float64(seqs[i].Len()+1) * kvTok
-				}
-				ts := time.Now()
-				if sampled {
-					sp := make([]engine.Sampling, B)
-					for i := range sp {
-						sp[i] = engine.Sampling{Params: sample.Params{Temperature: 0.8, TopP: 0.95}, Seed: uint64(i), Index: uint64(seqs[i].Len())}
-					}
-					if _, err := e.StepSample(ctx, in, sp); err != nil {
-						t.Fatal(err)
-					}
-				} else if _, err := e.Step(ctx, in); err != nil {
-					t.Fatal(err)
-				}
-				wall += time.Since(ts)
-				gpuMs += float64(gb.StepMs())
-				bytes := wBytes + kvRead + float64(B)*kvTok
-				if withLoRA {
-					bytes += adBytes * float64(min(B, len(ads)))
-				}
-				roofS += bytes / bw
-			}
-			for _, s := range seqs {
-				e.Release(s)
-			}
-			toks := float64(B * newTok)
-			lbl := "no"
-			if sampled {
-				lbl = "no+ds"
-			}
-			if withLoRA {
-				lbl = fmt.Sprintf("%dxr%d", len(ads), ads[0].MaxRank())
-			}
-			if gb.g.off {
-				lbl += "+eager"
-			}
-			if v.serial {
-				lbl += "+serial"
-			}
-			if v.sms >= 0 {
-				lbl += fmt.Sprintf("+sms%d", v.sms)
-			}
-			if v.nopdl && pdlOK {
-				lbl += "+nopdl"
-			}
-			if v.split > 0 {
-				lbl += fmt.Sprintf("+split%d", v.split)
-			}
-			if v.ropeHeads {
-				lbl += "+ropeheads"
-			}
-			bench("decode %-5d %-11s %10.0f %10.0f %10.0f %9.2f %9.2f %9.2f %9.2f %10.1f", B, lbl, toks/wall.Seconds(), toks/(gpuMs/1e3), toks/roofS,
-				roofS*1e3/gpuMs, wall.Seconds()*1e3/newTok, gpuMs/newTok, roofS*1e3/newTok, prefill.Seconds())
+			runs = append(runs, run{B, v})
 		}
 	}
+	for _, B := range batches { // the tuned rows: base and adapters again
+		if B >= tuneMinRows && gb.f8 == nil {
+			runs = append(runs, run{B, variant{sms: -1, tuned: true}}, run{B, variant{lora: true, sms: -1, tuned: true}})
+		}
+	}
+	for _, rn := range runs {
+		B, v := rn.B, rn.v
+		withLoRA, sampled := v.lora, v.sampled
+		gb.g.off = v.eager
+		if withLoRA && len(ads) == 0 || v.nopdl && !pdlOK || v.split > 0 && B > 64 {
+			continue
+		}
+		retune := v.tuned && !gb.tune.done
+		if wantPDL := pdlOK && !v.nopdl; retune || gb.la.on == v.serial || gb.la.sms != v.sms || gb.s.ProgrammaticLaunch() != wantPDL || gb.force.decSplit != v.split || gb.force.ropeHeads != v.ropeHeads { // recordings bake the LoRA and launch modes, the kernels and the GEMM algorithms in
+			gb.la.on, gb.la.sms, gb.force.decSplit, gb.force.ropeHeads = !v.serial, v.sms, v.split, v.ropeHeads
+			if retune {
+				gb.tune.on = true // tuned by the Warmup below
+			}
+			if err := gb.s.SetProgrammaticLaunch(wantPDL); err != nil {
+				t.Fatal(err)
+			}
+			if err := gb.la.s.SetProgrammaticLaunch(wantPDL); err != nil {
+				t.Fatal(err)
+			}
+			if err := gb.dropGraphs(); err != nil {
+				t.Fatal(err)
+			}
+			if err := e.Warmup(); err != nil {
+				t.Fatal(err)
+			}
+			recorded, _ = gb.GraphStats()
+		}
+		seqs := make([]*engine.Sequence, B)
+		slot := func(i int) int {
+			if !withLoRA {
+				return -1
+			}
+			return i % len(ads)
+		}
+		tp := time.Now()
+		for i := 0; i < B; i += chunk {
+			var in []engine.Input
+			for j := i; j < min(B, i+chunk); j++ {
+				seqs[j] = &engine.Sequence{}
+				toks := make([]int32, prompt)
+				for k := range toks {
+					toks[k] = int32(rng.IntN(c.VocabSize))
+				}
+				in = append(in, engine.Input{Seq: seqs[j], Tokens: toks, Slot: slot(j)})
+			}
+			if _, err := e.Step(ctx, in); err != nil {
+				t.Fatal(err)
+			}
+		}
+		prefill := time.Since(tp)
+		var wall time.Duration
+		var gpuMs, roofS float64
+		in := make([]engine.Input, B)
+		for step := 0; step < newTok; step++ {
+			kvRead := 0.0
+			for i := range in {
+				in[i] = engine.Input{Seq: seqs[i], Tokens: []int32{int32(rng.IntN(c.VocabSize))}, Slot: slot(i)}
+				kvRead += float64(seqs[i].Len()+1) * kvTok
+			}
+			ts := time.Now()
+			if sampled {
+				sp := make([]engine.Sampling, B)
+				for i := range sp {
+					sp[i] = engine.Sampling{Params: sample.Params{Temperature: 0.8, TopP: 0.95}, Seed: uint64(i), Index: uint64(seqs[i].Len())}
+				}
+				if _, err := e.StepSample(ctx, in, sp); err != nil {
+					t.Fatal(err)
+				}
+			} else if _, err := e.Step(ctx, in); err != nil {
+				t.Fatal(err)
+			}
+			wall += time.Since(ts)
+			gpuMs += float64(gb.StepMs())
+			bytes := wBytes + kvRead + float64(B)*kvTok
+			if withLoRA {
+				bytes += adBytes * float64(min(B, len(ads)))
+			}
+			roofS += bytes / bw
+		}
+		for _, s := range seqs {
+			e.Release(s)
+		}
+		toks := float64(B * newTok)
+		lbl := "no"
+		if sampled {
+			lbl = "no+ds"
+		}
+		if withLoRA {
+			lbl = fmt.Sprintf("%dxr%d", len(ads), ads[0].MaxRank())
+		}
+		if gb.g.off {
+			lbl += "+eager"
+		}
+		if v.serial {
+			lbl += "+serial"
+		}
+		if v.sms >= 0 {
+			lbl += fmt.Sprintf("+sms%d", v.sms)
+		}
+		if v.nopdl && pdlOK {
+			lbl += "+nopdl"
+		}
+		if v.split > 0 {
+			lbl += fmt.Sprintf("+split%d", v.split)
+		}
+		if v.ropeHeads {
+			lbl += "+ropeheads"
+		}
+		if v.tuned {
+			lbl += "+tuned"
+		}
+		bench("decode %-5d %-11s %10.0f %10.0f %10.0f %9.2f %9.2f %9.2f %9.2f %10.1f", B, lbl, toks/wall.Seconds(), toks/(gpuMs/1e3), toks/roofS,
+			roofS*1e3/gpuMs, wall.Seconds()*1e3/newTok, gpuMs/newTok, roofS*1e3/newTok, prefill.Seconds())
+	}
 	gb.g.off, gb.force.decSplit, gb.force.ropeHeads = false, 0, false
+	if res, took := gb.TuneStats(); len(res) > 0 {
+		changed := 0
+		for _, r := range res {
+			if r.Kept != 0 {
+				changed++
+			}
+			bench("decode tune T=%d N=%d K=%d sms=%d kept %d of %.1f us", r.T, r.N, r.K, r.SMs, r.Kept, r.Us)
+		}
+		bench("decode tune: %d products tuned in %v, %d changed", len(res), took.Round(time.Millisecond), changed)
+	}
 	rec, rep := gb.GraphStats()
 	bench("decode graphs: %d recorded, %d steps replayed", rec, rep)
 	if rec != recorded {

@@ -600,6 +600,9 @@ func (b *Backend) Warmup(progs []engine.Program, max int) (done, left int, err e
 	if b.g.off {
 		return 0, 0, nil
 	}
+	if err := b.tuneGemms(); err != nil {
+		return 0, 0, err
+	}
 	empty := &engine.StepMeta{}
 	kinds := []bool{false}
 	if b.preOK {

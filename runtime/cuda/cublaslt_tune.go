@@ -1,0 +1,137 @@
+package cuda
+
+import (
+	"encoding/binary"
+	"fmt"
+	"slices"
+	"unsafe"
+)
+
+// TuneResult is what TuneGemmTN measured for one product shape: the median
+// microseconds per product of each algorithm cuBLASLt's heuristic offered,
+// in its order (Us[0] is the one GemmTN used before), and the index of the
+// one GemmTN uses from now on.
+type TuneResult struct {
+	T, N, K int
+	SMs     int // the SM count target the plan is for (0: every SM)
+	Us      []float64
+	Kept    int
+}
+
+// tuneMargin is how much faster than the heuristic's first choice another
+// algorithm must be to replace it: timing noise must not swap algorithms.
+const tuneMargin = 0.03
+
+// TuneGemmTN times up to maxAlgos of the algorithms cuBLASLt's heuristic
+// offers for the product GemmTN runs at this shape (T rows, N x K weights,
+// beta 0, the Matmul's SM count target now) and keeps the fastest for the
+// later products of that shape when it beats the first choice by more than
+// tuneMargin. Each algorithm runs reps products per timed trial, three
+// trials after an untimed one (its kernels load lazily), their weights
+// taken in turn from ws (one per layer, say: products that read one weight
+// over and over find it in L2, which no step does); in and out are
+// scratch. It waits for s. The first choice is what GemmTN takes
+// untuned: the heuristic ranks by its model of the card, and the sweep on
+// the H200 (docs/PERFORMANCE.md v0.20) found it best at 1-32 rows and up to
+// 9% slower than another at 64-256.
+func (m *Matmul) TuneGemmTN(s *Stream, out DevicePtr, outType DataType, in DevicePtr, inType DataType, ws []DevicePtr, wType DataType, T, N, K, maxAlgos, reps int) (TuneResult, error) {
+	r := TuneResult{T: T, N: N, K: K, SMs: int(m.sms)}
+	if T <= 0 || N <= 0 || K <= 0 || len(ws) == 0 || maxAlgos <= 0 || reps <= 0 {
+		return r, fmt.Errorf("%w: TuneGemmTN T=%d N=%d K=%d, %d weights, %d algorithms, %d reps", ErrInvalidValue, T, N, K, len(ws), maxAlgos, reps)
+	}
+	key := gemmKey{t: T, n: N, k: K, in: inType, w: wType, out: outType, beta0: true, sms: m.sms}
+	var p *gemmPlan
+	var algos [][heuristicResultSize]byte
+	err := m.c.Do(func() error {
+		var err error
+		if p, err = m.plan(key); err != nil {
+			return err
+		}
+		res := make([]byte, maxAlgos*heuristicResultSize)
+		var ret int32
+		if err := checkBLAS("cublasLtMatmulAlgoGetHeuristic", blas.cublasLtMatmulAlgoGetHeuristic(m.h, p.desc, p.a, p.b, p.d, p.d, m.pref, int32(maxAlgos), unsafe.Pointer(&res[0]), &ret)); err != nil {
+			return err
+		}
+		for i := range int(ret) {
+			h := res[i*heuristicResultSize : (i+1)*heuristicResultSize]
+			if binary.LittleEndian.Uint32(h[heuristicStateOffset:]) != 0 { // not CUBLAS_STATUS_SUCCESS
+				continue
+			}
+			var a [heuristicResultSize]byte
+			copy(a[:], h)
+			algos = append(algos, a)
+		}
+		return nil
+	})
+	if err != nil {
+		return r, err
+	}
+	if len(algos) < 2 {
+		return r, nil // nothing to choose from
+	}
+	e0, err := m.c.NewEvent(true)
+	if err != nil {
+		return r, err
+	}
+	defer e0.Destroy()
+	e1, err := m.c.NewEvent(true)
+	if err != nil {
+		return r, err
+	}
+	defer e1.Destroy()
+	run := func(a *[heuristicResultSize]byte, i int) error {
+		return m.c.Do(func() error {
+			m.alpha[0], m.beta[0] = 1, 0
+			return checkBLAS("cublasLtMatmul", blas.cublasLtMatmul(m.h, p.desc, unsafe.Pointer(m.alpha), ws[i%len(ws)], p.a, in, p.b,
+				unsafe.Pointer(m.beta), out, p.d, out, p.d, unsafe.Pointer(&a[0]), m.ws.Ptr(), uint64(m.ws.Size()), s.s))
+		})
+	}
+	for ai := range algos {
+		a := &algos[ai]
+		var trials []float64
+		for trial := range 4 {
+			if err := e0.Record(s); err != nil {
+				return r, err
+			}
+			for i := range reps {
+				if err := run(a, trial*reps+i); err != nil {
+					return r, fmt.Errorf("algorithm %d of %d: %w", ai, len(algos), err)
+				}
+			}
+			if err := e1.Record(s); err != nil {
+				return r, err
+			}
+			if err := e1.Synchronize(); err != nil {
+				return r, err
+			}
+			ms, err := e1.Since(e0)
+			if err != nil {
+				return r, err
+			}
+			if trial > 0 { // the first loads the algorithm's kernels
+				trials = append(trials, float64(ms)*1000/float64(reps))
+			}
+		}
+		slices.Sort(trials)
+		r.Us = append(r.Us, trials[len(trials)/2])
+	}
+	best := 0
+	for i, us := range r.Us {
+		if us < r.Us[best] {
+			best = i
+		}
+	}
+	if best != 0 && r.Us[best] < r.Us[0]*(1-tuneMargin) {
+		r.Kept = best
+		err = m.c.Do(func() error {
+			p.algo = algos[best]
+			return nil
+		})
+	}
+	return r, err
+}
+
+// heuristicStateOffset is where cublasLtMatmulHeuristicResult_t keeps its
+// state (a cublasStatus_t): after the 64-byte algorithm and the workspace
+// size, before the waves count.
+const heuristicStateOffset = 72
