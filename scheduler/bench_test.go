@@ -143,13 +143,7 @@ func benchModeled(b *testing.B, async bool) {
 		b.Fatal(err)
 	}
 	defer f.Close()
-	opts := engine.DefaultOptions()
-	opts.KVBlocks = 4096
-	e, err := engine.New(f.Model, &enginetest.Null{Step: 6 * time.Millisecond, Async: async}, opts)
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer e.Close()
+	e := nullEngine(b, f, &enginetest.Null{Step: 6 * time.Millisecond, Async: async}, 4096)
 	var sum StepStats
 	var steps, ahead int
 	var mu sync.Mutex
@@ -203,6 +197,20 @@ func benchModeled(b *testing.B, async bool) {
 	}
 }
 
+// nullEngine is an engine on the fixture's model over n with blocks KV
+// pages, closed when the test ends.
+func nullEngine(tb testing.TB, f *fixture.Fixture, n *enginetest.Null, blocks int) *engine.Engine {
+	tb.Helper()
+	opts := engine.DefaultOptions()
+	opts.KVBlocks = blocks
+	e, err := engine.New(f.Model, n, opts)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() { e.Close() })
+	return e
+}
+
 // TestModeledAsyncSteps runs a closed loop on the modeled GPU backend
 // (enginetest.Null with Async: a step runs until its tokens are read), where
 // the next step is planned while the one in flight runs: every request
@@ -213,13 +221,8 @@ func TestModeledAsyncSteps(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer f.Close()
-	opts := engine.DefaultOptions()
-	opts.KVBlocks = 1024
-	e, err := engine.New(f.Model, &enginetest.Null{Step: time.Millisecond, Async: true}, opts)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer e.Close()
+	const blocks = 1024
+	e := nullEngine(t, f, &enginetest.Null{Step: time.Millisecond, Async: true}, blocks)
 	var steps, ahead atomic.Int64
 	count := countAhead(&ahead)
 	s := New(e, Static{}, Config{OnStep: func(st StepStats) {
@@ -236,8 +239,8 @@ func TestModeledAsyncSteps(t *testing.T) {
 	if a, n := ahead.Load(), steps.Load(); a*2 < n {
 		t.Errorf("%d of %d steps planned ahead", a, n)
 	}
-	if free := freeBlocks(s); free != opts.KVBlocks {
-		t.Errorf("%d of %d pages free", free, opts.KVBlocks)
+	if free := freeBlocks(s); free != blocks {
+		t.Errorf("%d of %d pages free", free, blocks)
 	}
 }
 
@@ -261,14 +264,8 @@ func TestModeledLateSampling(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer f.Close()
-	opts := engine.DefaultOptions()
-	opts.KVBlocks = 1024
 	const step, draw = 4 * time.Millisecond, time.Millisecond
-	e, err := engine.New(f.Model, &enginetest.Null{Step: step, Sample: draw, Async: true, NoChain: true}, opts)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer e.Close()
+	e := nullEngine(t, f, &enginetest.Null{Step: step, Sample: draw, Async: true, NoChain: true}, 1024)
 	var mu sync.Mutex
 	var durs []time.Duration
 	s := New(e, Static{}, Config{OnStep: func(st StepStats) {
@@ -322,13 +319,8 @@ func TestChainedMatchesUnchained(t *testing.T) {
 		reqs = append(reqs, req{prompt: p, max: 6 + i%9, pen: i%5 == 0})
 	}
 	run := func(noChain bool, reqs []req) (out [][]int32, chained, steps int) {
-		opts := engine.DefaultOptions()
-		opts.KVBlocks = 512
-		e, err := engine.New(f.Model, &enginetest.Null{Step: 300 * time.Microsecond, Async: true, NoChain: noChain}, opts)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer e.Close()
+		const blocks = 512
+		e := nullEngine(t, f, &enginetest.Null{Step: 300 * time.Microsecond, Async: true, NoChain: noChain}, blocks)
 		var nc, ns atomic.Int64
 		s := New(e, Static{}, Config{OnStep: func(st StepStats) {
 			if st.Chained {
@@ -367,8 +359,8 @@ func TestChainedMatchesUnchained(t *testing.T) {
 			}()
 		}
 		wg.Wait()
-		if free := freeBlocks(s); free != opts.KVBlocks {
-			t.Errorf("noChain %v: %d of %d pages free", noChain, free, opts.KVBlocks)
+		if free := freeBlocks(s); free != blocks {
+			t.Errorf("noChain %v: %d of %d pages free", noChain, free, blocks)
 		}
 		return out, int(nc.Load()), int(ns.Load())
 	}

@@ -3,7 +3,6 @@ package cuda
 import (
 	"encoding/binary"
 	"fmt"
-	"slices"
 	"unsafe"
 )
 
@@ -47,21 +46,8 @@ func (m *Matmul) TuneGemmTN(s *Stream, out DevicePtr, outType DataType, in Devic
 		if p, err = m.plan(key); err != nil {
 			return err
 		}
-		res := make([]byte, maxAlgos*heuristicResultSize)
-		var ret int32
-		if err := checkBLAS("cublasLtMatmulAlgoGetHeuristic", blas.cublasLtMatmulAlgoGetHeuristic(m.h, p.desc, p.a, p.b, p.d, p.d, m.pref, int32(maxAlgos), unsafe.Pointer(&res[0]), &ret)); err != nil {
-			return err
-		}
-		for i := range int(ret) {
-			h := res[i*heuristicResultSize : (i+1)*heuristicResultSize]
-			if binary.LittleEndian.Uint32(h[heuristicStateOffset:]) != 0 { // not CUBLAS_STATUS_SUCCESS
-				continue
-			}
-			var a [heuristicResultSize]byte
-			copy(a[:], h)
-			algos = append(algos, a)
-		}
-		return nil
+		algos, err = m.candidates(p, maxAlgos)
+		return err
 	})
 	if err != nil {
 		return r, err
@@ -69,16 +55,6 @@ func (m *Matmul) TuneGemmTN(s *Stream, out DevicePtr, outType DataType, in Devic
 	if len(algos) < 2 {
 		return r, nil // nothing to choose from
 	}
-	e0, err := m.c.NewEvent(true)
-	if err != nil {
-		return r, err
-	}
-	defer e0.Destroy()
-	e1, err := m.c.NewEvent(true)
-	if err != nil {
-		return r, err
-	}
-	defer e1.Destroy()
 	run := func(a *[heuristicResultSize]byte, i int) error {
 		return m.c.Do(func() error {
 			m.alpha[0], m.beta[0] = 1, 0
@@ -88,32 +64,19 @@ func (m *Matmul) TuneGemmTN(s *Stream, out DevicePtr, outType DataType, in Devic
 	}
 	for ai := range algos {
 		a := &algos[ai]
-		var trials []float64
-		for trial := range 4 {
-			if err := e0.Record(s); err != nil {
-				return r, err
-			}
+		// one untimed trial (the algorithm's kernels load lazily), three timed
+		ms, err := s.MedianMs(1, 3, func(trial int) error {
 			for i := range reps {
 				if err := run(a, trial*reps+i); err != nil {
-					return r, fmt.Errorf("algorithm %d of %d: %w", ai, len(algos), err)
+					return err
 				}
 			}
-			if err := e1.Record(s); err != nil {
-				return r, err
-			}
-			if err := e1.Synchronize(); err != nil {
-				return r, err
-			}
-			ms, err := e1.Since(e0)
-			if err != nil {
-				return r, err
-			}
-			if trial > 0 { // the first loads the algorithm's kernels
-				trials = append(trials, float64(ms)*1000/float64(reps))
-			}
+			return nil
+		})
+		if err != nil {
+			return r, fmt.Errorf("algorithm %d of %d: %w", ai, len(algos), err)
 		}
-		slices.Sort(trials)
-		r.Us = append(r.Us, trials[len(trials)/2])
+		r.Us = append(r.Us, ms*1000/float64(reps))
 	}
 	best := 0
 	for i, us := range r.Us {
@@ -129,6 +92,28 @@ func (m *Matmul) TuneGemmTN(s *Stream, out DevicePtr, outType DataType, in Devic
 		})
 	}
 	return r, err
+}
+
+// candidates is up to n of the algorithms cuBLASLt's heuristic offers for
+// plan p, in its order, those it reports it cannot run left out. On the
+// context's thread (Context.Do).
+func (m *Matmul) candidates(p *gemmPlan, n int) ([][heuristicResultSize]byte, error) {
+	res := make([]byte, n*heuristicResultSize)
+	var ret int32
+	if err := checkBLAS("cublasLtMatmulAlgoGetHeuristic", blas.cublasLtMatmulAlgoGetHeuristic(m.h, p.desc, p.a, p.b, p.d, p.d, m.pref, int32(n), unsafe.Pointer(&res[0]), &ret)); err != nil {
+		return nil, err
+	}
+	var algos [][heuristicResultSize]byte
+	for i := range int(ret) {
+		h := res[i*heuristicResultSize : (i+1)*heuristicResultSize]
+		if binary.LittleEndian.Uint32(h[heuristicStateOffset:]) != 0 { // not CUBLAS_STATUS_SUCCESS
+			continue
+		}
+		var a [heuristicResultSize]byte
+		copy(a[:], h)
+		algos = append(algos, a)
+	}
+	return algos, nil
 }
 
 // heuristicStateOffset is where cublasLtMatmulHeuristicResult_t keeps its

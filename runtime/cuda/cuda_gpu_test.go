@@ -190,24 +190,11 @@ func bf16(x float32) uint16 {
 func unbf16(h uint16) float32 { return math.Float32frombits(uint32(h) << 16) }
 
 func TestGPUGemmTN(t *testing.T) {
-	c := ctx(t)
-	s, _ := c.NewStream()
-	defer s.Destroy()
-	mm, err := c.NewMatmul(32 << 20)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer mm.Close()
+	c, s, mm := matmulRig(t)
 	for _, sh := range [][3]int{{1, 64, 64}, {5, 77, 172}, {33, 512, 128}, {7, 300, 9}} {
 		T, N, K := sh[0], sh[1], sh[2]
 		for _, outT := range []DataType{R16BF, R32F} {
-			in, w := make([]uint16, T*K), make([]uint16, N*K)
-			for i := range in {
-				in[i] = bf16(rand.Float32()*2 - 1)
-			}
-			for i := range w {
-				w[i] = bf16(rand.Float32()*2 - 1)
-			}
+			in, w := randBF16(T*K), randBF16(N*K)
 			din, _ := c.Alloc(2 * len(in))
 			dw, _ := c.Alloc(2 * len(w))
 			dout, _ := c.Alloc(outT.Size() * T * N)
@@ -226,19 +213,7 @@ func TestGPUGemmTN(t *testing.T) {
 					got[i] = unbf16(h[i])
 				}
 			}
-			var d, nn float64
-			for r := 0; r < T; r++ {
-				for j := 0; j < N; j++ {
-					var ref float64
-					for k := 0; k < K; k++ {
-						ref += float64(unbf16(in[r*K+k])) * float64(unbf16(w[j*K+k]))
-					}
-					x := float64(got[r*N+j]) - ref
-					d += x * x
-					nn += ref * ref
-				}
-			}
-			rel := math.Sqrt(d / nn)
+			rel := gemmRelErr(in, w, T, N, K, 1, func(r, j int) float64 { return float64(got[r*N+j]) })
 			tol := 1e-5
 			if outT == R16BF {
 				tol = 5e-3
@@ -339,23 +314,10 @@ func TestGPUGraphCapture(t *testing.T) {
 // in four copies) and checks the products GemmTN runs afterwards, with
 // whatever algorithm was kept, against a float64 reference.
 func TestTuneGemmTN(t *testing.T) {
-	c := ctx(t)
-	s, _ := c.NewStream()
-	defer s.Destroy()
-	mm, err := c.NewMatmul(32 << 20)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer mm.Close()
+	c, s, mm := matmulRig(t)
 	for _, sh := range [][3]int{{64, 4096, 4096}, {256, 1024, 4096}} {
 		T, N, K := sh[0], sh[1], sh[2]
-		in, w := make([]uint16, T*K), make([]uint16, N*K)
-		for i := range in {
-			in[i] = bf16(rand.Float32()*2 - 1)
-		}
-		for i := range w {
-			w[i] = bf16(rand.Float32()*2 - 1)
-		}
+		in, w := randBF16(T*K), randBF16(N*K)
 		din, _ := c.Alloc(2 * len(in))
 		dout, _ := c.Alloc(2 * T * N)
 		var ws []DevicePtr
@@ -382,22 +344,56 @@ func TestTuneGemmTN(t *testing.T) {
 		}
 		h := make([]uint16, T*N)
 		CopyDtoH(s, h, dout.Ptr())
-		var d, nn float64
-		for r := 0; r < T; r += 7 {
-			for j := 0; j < N; j++ {
-				var ref float64
-				for k := 0; k < K; k++ {
-					ref += float64(unbf16(in[r*K+k])) * float64(unbf16(w[j*K+k]))
-				}
-				x := float64(unbf16(h[r*N+j])) - ref
-				d += x * x
-				nn += ref * ref
-			}
-		}
-		if rel := math.Sqrt(d / nn); !(rel <= 5e-3) {
+		if rel := gemmRelErr(in, w, T, N, K, 7, func(r, j int) float64 { return float64(unbf16(h[r*N+j])) }); !(rel <= 5e-3) {
 			t.Errorf("GemmTN %v after tuning: relative error %.3g > 5e-3", sh, rel)
 		}
 		din.Free()
 		dout.Free()
 	}
+}
+
+// gemmRelErr is the relative (Frobenius) error of got(r, j) against the
+// float64 product of the bf16 rows in [T, K] and w [N, K] transposed, over
+// every rowStep-th row.
+func gemmRelErr(in, w []uint16, T, N, K, rowStep int, got func(r, j int) float64) float64 {
+	var d, nn float64
+	for r := 0; r < T; r += rowStep {
+		for j := 0; j < N; j++ {
+			var ref float64
+			for k := 0; k < K; k++ {
+				ref += float64(unbf16(in[r*K+k])) * float64(unbf16(w[j*K+k]))
+			}
+			x := got(r, j) - ref
+			d += x * x
+			nn += ref * ref
+		}
+	}
+	return math.Sqrt(d / nn)
+}
+
+// randBF16 is n bf16 values uniform in [-1, 1).
+func randBF16(n int) []uint16 {
+	v := make([]uint16, n)
+	for i := range v {
+		v[i] = bf16(rand.Float32()*2 - 1)
+	}
+	return v
+}
+
+// matmulRig is a context, a stream and a Matmul (32 MiB of workspace),
+// released when the test ends.
+func matmulRig(t *testing.T) (*Context, *Stream, *Matmul) {
+	t.Helper()
+	c := ctx(t)
+	s, err := c.NewStream()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Destroy() })
+	mm, err := c.NewMatmul(32 << 20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { mm.Close() })
+	return c, s, mm
 }

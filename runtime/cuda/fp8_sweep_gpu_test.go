@@ -3,11 +3,9 @@
 package cuda
 
 import (
-	"encoding/binary"
 	"fmt"
 	"math"
 	"os"
-	"slices"
 	"testing"
 	"unsafe"
 )
@@ -34,10 +32,6 @@ func TestFP8AlgoSweep(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer m.Close()
-	e0, _ := c.NewEvent(true)
-	e1, _ := c.NewEvent(true)
-	defer e0.Destroy()
-	defer e1.Destroy()
 	alloc := func(n int, fill uint8) *DeviceBuffer {
 		b, err := c.Alloc(n)
 		if err != nil {
@@ -92,21 +86,8 @@ func TestFP8AlgoSweep(t *testing.T) {
 				if err != nil {
 					return err
 				}
-				res := make([]byte, 16*heuristicResultSize)
-				var ret int32
-				if err := checkBLAS("cublasLtMatmulAlgoGetHeuristic", blas.cublasLtMatmulAlgoGetHeuristic(m.h, p.desc, p.a, p.b, p.d, p.d, m.pref, 16, unsafe.Pointer(&res[0]), &ret)); err != nil {
-					return err
-				}
-				for i := range int(ret) {
-					r := res[i*heuristicResultSize : (i+1)*heuristicResultSize]
-					if binary.LittleEndian.Uint32(r[heuristicStateOffset:]) != 0 { // state: not CUBLAS_STATUS_SUCCESS
-						continue
-					}
-					var a [heuristicResultSize]byte
-					copy(a[:], r)
-					algos = append(algos, a)
-				}
-				return nil
+				algos, err = m.candidates(p, 16)
+				return err
 			})
 			if err != nil {
 				t.Fatal(err)
@@ -126,46 +107,11 @@ func TestFP8AlgoSweep(t *testing.T) {
 			var us []float64
 			for ai := range algos {
 				a := &algos[ai]
-				if err := s.BeginCapture(); err != nil {
-					t.Fatal(err)
-				}
-				for i := range 20 {
-					if err := run(a, i); err != nil {
-						t.Fatal(err)
-					}
-				}
-				g, err := s.EndCapture()
+				u, err := s.GraphMedianUs(20, 5, func(i int) error { return run(a, i) })
 				if err != nil {
 					t.Fatal(err)
 				}
-				ge, err := g.Instantiate()
-				g.Destroy()
-				if err != nil {
-					t.Fatal(err)
-				}
-				var reps []float64
-				for range 5 {
-					if err := e0.Record(s); err != nil {
-						t.Fatal(err)
-					}
-					if err := ge.Launch(s); err != nil {
-						t.Fatal(err)
-					}
-					if err := e1.Record(s); err != nil {
-						t.Fatal(err)
-					}
-					if err := e1.Synchronize(); err != nil {
-						t.Fatal(err)
-					}
-					ms, err := e1.Since(e0)
-					if err != nil {
-						t.Fatal(err)
-					}
-					reps = append(reps, float64(ms)*1000/20)
-				}
-				ge.Destroy()
-				slices.Sort(reps)
-				us = append(us, reps[len(reps)/2])
+				us = append(us, u)
 			}
 			if len(us) == 0 {
 				t.Fatalf("%s T=%d: no algorithm", sh.name, T)

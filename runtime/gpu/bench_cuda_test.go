@@ -44,39 +44,11 @@ func median(v []float32) float64 {
 // events, and returns the median device time of the last reps in ms.
 func eventMedianMs(t testing.TB, c *cuda.Context, s *cuda.Stream, warm, reps int, fn func(i int) error) float64 {
 	t.Helper()
-	e0, err := c.NewEvent(true)
+	ms, err := s.MedianMs(warm, reps, fn)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer e0.Destroy()
-	e1, err := c.NewEvent(true)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer e1.Destroy()
-	ms := make([]float32, 0, reps)
-	for i := range warm + reps {
-		if err := e0.Record(s); err != nil {
-			t.Fatal(err)
-		}
-		if err := fn(i); err != nil {
-			t.Fatal(err)
-		}
-		if err := e1.Record(s); err != nil {
-			t.Fatal(err)
-		}
-		if err := e1.Synchronize(); err != nil {
-			t.Fatal(err)
-		}
-		x, err := e1.Since(e0)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if i >= warm {
-			ms = append(ms, x)
-		}
-	}
-	return median(ms)
+	return ms
 }
 
 // graphMedianUs records fn(0..calls-1) on s as one CUDA graph and returns the
@@ -85,26 +57,11 @@ func eventMedianMs(t testing.TB, c *cuda.Context, s *cuda.Stream, warm, reps int
 // launches; a replayed graph keeps the GPU fed.
 func graphMedianUs(t testing.TB, c *cuda.Context, s *cuda.Stream, calls, reps int, fn func(i int) error) float64 {
 	t.Helper()
-	if err := s.BeginCapture(); err != nil {
-		t.Fatal(err)
-	}
-	for i := range calls {
-		if err := fn(i); err != nil {
-			s.EndCapture()
-			t.Fatal(err)
-		}
-	}
-	g, err := s.EndCapture()
+	us, err := s.GraphMedianUs(calls, reps, fn)
 	if err != nil {
 		t.Fatal(err)
 	}
-	ge, err := g.Instantiate()
-	g.Destroy()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ge.Destroy()
-	return eventMedianMs(t, c, s, 2, reps, func(int) error { return ge.Launch(s) }) * 1000 / float64(calls)
+	return us
 }
 
 // deviceCopyBW measures device-to-device copy bandwidth on s in bytes/s,
