@@ -8,11 +8,16 @@
 __device__ __forceinline__ float ld(const bf16* p) { return __bfloat162float(*p); }
 __device__ __forceinline__ bf16 tobf(float x) { return __float2bfloat16_rn(x); }
 
-// embed: out[r] = table[tokens[r]]; grid (T), any block.
-extern "C" __global__ void embed(bf16* out, const bf16* table, const int* tokens, int H) {
+// embed: out[r] = table[tokens[r]]; grid (T), any block. With tok_from (a
+// step chained behind the one before it), a row whose tok_from[r] is k >= 0
+// takes ring[k] instead: the token that step's sample_rows drew for its
+// sample row k, still on the device.
+extern "C" __global__ void embed(bf16* out, const bf16* table, const int* tokens, const int* tok_from, const int* ring, int H) {
     pdl_entry();
     const int r = blockIdx.x;
-    const bf16* src = table + (i64)tokens[r] * H;
+    int t = tokens[r];
+    if (tok_from && tok_from[r] >= 0) t = ring[tok_from[r]];
+    const bf16* src = table + (i64)t * H;
     bf16* dst = out + (i64)r * H;
     for (int i = threadIdx.x; i < H; i += blockDim.x) dst[i] = src[i];
 }
@@ -1722,7 +1727,7 @@ extern "C" __global__ void logit_adjust(float* logits, const int* ent, int n, in
 // kept: inside the cut (K, I) of the order (key desc, id asc).
 __device__ __forceinline__ bool in_cut(unsigned key, int i, unsigned K, int I) { return key > K || (key == K && i <= I); }
 
-extern "C" __global__ void __launch_bounds__(SM_THREADS) sample_rows(int* out, const float* logits, const int* params, int V) {
+extern "C" __global__ void __launch_bounds__(SM_THREADS) sample_rows(int* out, const float* logits, const int* params, int V, int* ring) {
     pdl_entry();
     __shared__ float shf[33];
     __shared__ unsigned long long shu[33];
@@ -1901,5 +1906,6 @@ extern "C" __global__ void __launch_bounds__(SM_THREADS) sample_rows(int* out, c
     if (tid == 0) {
         o[0] = chosen;
         o[1] = __float_as_int(x[chosen] - lse);
+        if (ring) ring[blockIdx.x] = chosen; // for a step chained behind this one (embed's tok_from)
     }
 }

@@ -136,6 +136,9 @@ type Config struct {
 	// TuneGEMMs is gpu.Options': cuBLASLt's algorithms timed for the
 	// projections at the graph buckets before the graphs are recorded.
 	TuneGEMMs bool
+	// ChainSteps is gpu.Options': a step launched behind the one in
+	// flight, its decode rows reading that step's tokens on the device.
+	ChainSteps bool
 	// WrapBackend, when set, wraps the engine backend the server chose
 	// (instrumentation, fault injection in tests); the server closes what
 	// it returns. A wrapper that embeds engine.Backend hides the optional
@@ -462,7 +465,7 @@ func newGPU(cfg Config) (*gpu.Backend, error) {
 	// starts read the cubin.
 	// --warm-graphs idle: the scheduler records the graphs while idle, and
 	// a request's step never waits for a recording (it runs eagerly)
-	return gpu.New(gpu.Options{Device: cfg.GPU, WeightFormat: cfg.Weights, KVFormat: cfg.KVCache, Eager: cfg.Eager, SerialLoRA: cfg.SerialLoRA, LoRASMs: cfg.LoRASMs, NoPDL: cfg.NoPDL, TuneGEMMs: cfg.TuneGEMMs,
+	return gpu.New(gpu.Options{Device: cfg.GPU, WeightFormat: cfg.Weights, KVFormat: cfg.KVCache, Eager: cfg.Eager, SerialLoRA: cfg.SerialLoRA, LoRASMs: cfg.LoRASMs, NoPDL: cfg.NoPDL, TuneGEMMs: cfg.TuneGEMMs, ChainSteps: cfg.ChainSteps,
 		RecordIdle: cfg.WarmGraphs == WarmIdle, PinnedImageBytes: cfg.PinnedCacheBytes})
 }
 

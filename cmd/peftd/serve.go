@@ -28,7 +28,7 @@ type serveFlags struct {
 	noPrefixCache                         bool
 	eager                                 bool
 	warmGraphs                            string
-	serialLoRA, noPDL, tuneGEMMs          bool
+	serialLoRA, noPDL, tuneGEMMs, chain   bool
 	loraSMs                               int
 	requestTimeout, deviceTTL, hostTTL    time.Duration
 	maxUpload, hostBytes, diskBytes       int64
@@ -58,6 +58,7 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	fs.StringVar(&f.warmGraphs, "warm-graphs", server.WarmReady, "GPU: when to record the CUDA graphs of the steps: ready (all before the server is ready) or idle (after, while no request runs: ready about a second sooner on an 8B model; until its graph is recorded a step runs without one, and the first requests wait for a recording in flight)")
 	fs.BoolVar(&f.eager, "eager", false, "GPU: run every step op by op, without CUDA graphs for decode steps (for debugging and comparison)")
 	fs.BoolVar(&f.noPDL, "no-pdl", false, "GPU: launch kernels one after the other, without Programmatic Dependent Launch (for comparison)")
+	fs.BoolVar(&f.chain, "chain-steps", false, "GPU: launch each graph-replayed step behind the one in flight, its decode rows reading that step's tokens on the device, so the GPU never waits for the host between steps (experimental)")
 	fs.BoolVar(&f.tuneGEMMs, "tune-gemms", false, "GPU: before recording the CUDA graphs, time the algorithms cuBLASLt offers for the bf16 projections at 32-256 rows and keep the fastest (experimental: under a second at start-up on an 8B model)")
 	fs.BoolVar(&f.serialLoRA, "serial-lora", false, "GPU: run each LoRA update on the compute stream after its projection, not beside it on the LoRA stream (for comparison)")
 	fs.IntVar(&f.loraSMs, "lora-sms", 0, "GPU: multiprocessors the GEMMs of a step with adapters leave to the LoRA stream (0: chosen by the step's rows, 0-32 on an H200; -1: none)")
@@ -175,7 +176,7 @@ func serve(ctx context.Context, f serveFlags, log *slog.Logger) error {
 		return fmt.Errorf("serve: --kv-cache %q: want bf16 or fp8", f.kvCache)
 	}
 	srv, err := server.New(ctx, server.Config{Model: f.model, Store: f.store, SQSQueueURL: f.sqsQueueURL, Listen: f.listen, Device: f.device, Weights: f.weights, KVCache: f.kvCache, Eager: f.eager, WarmGraphs: f.warmGraphs,
-		SerialLoRA: f.serialLoRA, NoPDL: f.noPDL, TuneGEMMs: f.tuneGEMMs, LoRASMs: f.loraSMs, PinnedCacheBytes: f.pinnedBytes, Slots: f.slots, KVBlocks: f.kvBlocks, MaxBatchTokens: f.maxBatchTokens, MaxQueue: f.maxQueue, NoPrefixCache: f.noPrefixCache,
+		SerialLoRA: f.serialLoRA, NoPDL: f.noPDL, TuneGEMMs: f.tuneGEMMs, ChainSteps: f.chain, LoRASMs: f.loraSMs, PinnedCacheBytes: f.pinnedBytes, Slots: f.slots, KVBlocks: f.kvBlocks, MaxBatchTokens: f.maxBatchTokens, MaxQueue: f.maxQueue, NoPrefixCache: f.noPrefixCache,
 		RequestTimeout: f.requestTimeout, DeviceTTL: f.deviceTTL, HostTTL: f.hostTTL, Keys: keys,
 		MaxUpload: f.maxUpload, HostBytes: f.hostBytes, DiskBytes: f.diskBytes, CacheDir: f.cacheDir, Pin: splitList(f.pin), Logger: log})
 	if err != nil {

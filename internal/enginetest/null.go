@@ -174,6 +174,9 @@ func (n *Null) WaitSample(out []sample.Choice) error {
 // Chainable: any step, on an Async Null without NoChain.
 func (n *Null) Chainable(*engine.StepMeta, engine.Program) bool { return n.Async && !n.NoChain }
 
+// Chains: on an Async Null without NoChain.
+func (n *Null) Chains() bool { return n.Async && !n.NoChain }
+
 var (
 	_ engine.Backend   = (*Null)(nil)
 	_ engine.Chainer   = (*Null)(nil)

@@ -204,6 +204,9 @@ type Chainer interface {
 	// while the step before it is in flight (say, a recorded program that
 	// needs no recording, and no adapter upload in progress).
 	Chainable(meta *StepMeta, prog Program) bool
+	// Chains reports whether the backend chains steps at all (an option
+	// may turn it off): when it does not, no step is planned for it.
+	Chains() bool
 }
 
 // PreparedAdapter is an adapter staged by an AdapterPreparer for

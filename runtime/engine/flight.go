@@ -195,8 +195,8 @@ func (e *Engine) Launch(p *Planned, sp []Sampling) (*Flight, error) {
 // CanChain reports whether a step may be launched behind the one in
 // flight (a Chainer backend, one step in flight, its draw not scored).
 func (e *Engine) CanChain() bool {
-	_, ok := e.b.(Chainer)
-	return ok && e.fly != nil && e.next == nil && !e.fly.done && scoredRows(e.fly.sp, e.fly.p.outRow) == 0
+	ch, ok := e.b.(Chainer)
+	return ok && ch.Chains() && e.fly != nil && e.next == nil && !e.fly.done && scoredRows(e.fly.sp, e.fly.p.outRow) == 0
 }
 
 // launchChained launches p while e.fly is in flight, on a Chainer: the

@@ -88,6 +88,12 @@ type Options struct {
 	// buckets of tuneMinRows rows and more (tune.go), and keeps the
 	// fastest of each. Experimental: off by default until measured.
 	TuneGEMMs bool
+	// ChainSteps lets a step be launched behind the one in flight
+	// (engine.Chainer, chain.go): its decode rows read the tokens that
+	// step draws on the device, so the device never waits for the host
+	// between two graph-replayed steps. Experimental: off by default until
+	// measured.
+	ChainSteps bool
 }
 
 // autoLoRASMs is the SMs a step of rows rows with adapters leaves to the
@@ -278,36 +284,25 @@ type Backend struct {
 	buffers []*Buffer
 	err     error
 
-	// step timing (SetTiming): events around the device work of a step
-	timing       bool
-	evBeg, evEnd *cuda.Event
-	// evFwd marks the end of the step's forward (Execute) and evTail the
-	// first result call after it (SampleRows or Read): the device idles
-	// between them until the host asks for the result, and that wait is
-	// not the step's device time
-	evFwd, evTail         *cuda.Event
-	fwdMarked, tailMarked bool
-	timed                 bool
-	lastStepMs            float32
-	lastTimed             bool // lastStepMs is the last step's
+	// step timing (SetTiming): events around the device work of a step, in
+	// two sets (tms) so that a step chained behind the one in flight
+	// (chain.go) times itself while that one's times are still to be read
+	timing     bool
+	tms        [2]stepTimer
+	tm         *stepTimer // the set of the step executed last
+	lastStepMs float32
+	lastTimed  bool // lastStepMs is the last step's
+	chain      chainState
 }
 
 // SetTiming turns on device timing of each step: from the metadata upload
 // in Begin to the start of the result copy in Read (StepMs reads it).
 func (b *Backend) SetTiming(on bool) error {
-	if on && b.evBeg == nil {
-		var err error
-		if b.evBeg, err = b.ctx.NewEvent(true); err != nil {
-			return err
-		}
-		if b.evEnd, err = b.ctx.NewEvent(true); err != nil {
-			return err
-		}
-		if b.evFwd, err = b.ctx.NewEvent(true); err != nil {
-			return err
-		}
-		if b.evTail, err = b.ctx.NewEvent(true); err != nil {
-			return err
+	if on {
+		for i := range b.tms {
+			if err := b.tms[i].open(b.ctx); err != nil {
+				return err
+			}
 		}
 	}
 	b.timing = on
@@ -323,60 +318,51 @@ func (b *Backend) StepDeviceTime() (time.Duration, bool) {
 	return time.Duration(float64(b.lastStepMs) * 1e6), b.lastTimed
 }
 
-// startTiming records the step's start event when timing is on.
+// startTiming records the step's start event when timing is on, in the
+// set the step before did not use.
 func (b *Backend) startTiming() error {
-	b.timed, b.lastTimed, b.fwdMarked, b.tailMarked = false, false, false, false
-	if b.timing {
-		if err := b.evBeg.Record(b.s); err != nil {
-			return err
-		}
-		b.timed = true
+	b.lastTimed = false
+	if b.tm == &b.tms[0] {
+		b.tm = &b.tms[1]
+	} else {
+		b.tm = &b.tms[0]
 	}
-	return nil
+	return b.tm.start(b.s, b.timing)
 }
 
 // markForward records the end of the step's forward when it is timed.
-func (b *Backend) markForward() error {
-	if !b.timed || b.fwdMarked {
-		return nil
-	}
-	b.fwdMarked = true
-	return b.evFwd.Record(b.s)
-}
+func (b *Backend) markForward() error { return b.curTimer().markForward(b.s) }
 
 // markTail records, at the step's first result call (SampleRows, Read),
 // where the device may have waited for the host since the forward.
-func (b *Backend) markTail() error {
-	if !b.timed || !b.fwdMarked || b.tailMarked {
-		return nil
+func (b *Backend) markTail() error { return b.curTimer().markTail(b.s) }
+
+// markEnd records the end of the step's device work, before its result copy.
+func (b *Backend) markEnd() error { return b.curTimer().markEnd(b.s) }
+
+// curTimer is the current step's timer (an untimed one before any step).
+func (b *Backend) curTimer() *stepTimer {
+	if b.tm == nil {
+		b.tm = &b.tms[0]
 	}
-	b.tailMarked = true
-	return b.evTail.Record(b.s)
+	return b.tm
 }
 
 // waitStep waits for the step's work and, when it was timed, keeps its
-// device time: from startTiming's event to the end event Read or
-// SampleRows recorded before their result copy, less the time between the
-// forward's end and the first result call (the device waiting for the
-// host to ask: a host that plans the next step during this one asks late
-// on purpose, and counting that wait as device time made the step look
-// longer, so that the host planned later still).
+// device time (stepTimer.ms).
 func (b *Backend) waitStep() error {
 	if err := b.s.Synchronize(); err != nil {
 		return fmt.Errorf("gpu: step failed: %w", err)
 	}
-	if b.timed {
-		b.timed = false
-		if ms, err := b.evEnd.Since(b.evBeg); err == nil {
-			if b.fwdMarked && b.tailMarked {
-				if gap, err := b.evTail.Since(b.evFwd); err == nil && gap > 0 {
-					ms -= gap
-				}
-			}
-			b.lastStepMs, b.lastTimed = ms, true
-		}
-	}
+	b.keepTime(b.curTimer())
 	return nil
+}
+
+// keepTime keeps tm's step's device time when it was timed.
+func (b *Backend) keepTime(tm *stepTimer) {
+	if ms, ok := tm.ms(); ok {
+		b.lastStepMs, b.lastTimed = ms, true
+	}
 }
 
 // New opens device opts.Device and loads the kernels (compiling them on a cold cache).
@@ -407,7 +393,7 @@ func (b *Backend) open(opts Options) error {
 		// not every GPU can: then the kernels launch as before
 		b.pdl = b.s.SetProgrammaticLaunch(true) == nil
 	}
-	b.tune.on = opts.TuneGEMMs
+	b.tune.on, b.chain.on = opts.TuneGEMMs, opts.ChainSteps
 	b.la.on, b.la.sms = !opts.SerialLoRA, max(opts.LoRASMs, 0)
 	b.pinN = int(PinnedBytes(opts.PinnedImageBytes) / stageChunkBytes)
 	if opts.LoRASMs == 0 {
@@ -801,10 +787,10 @@ func (b *Backend) Close() error {
 		b.g.dev, b.g.part, b.g.tmp, b.la.delta} {
 		errs = append(errs, d.Free())
 	}
-	for _, h := range []*cuda.HostBuffer{b.metaHost, b.readHost, b.smpHost, b.g.host} {
+	for _, h := range []*cuda.HostBuffer{b.metaHost, b.readHost, b.smpHost, b.g.host, b.g.host2} {
 		errs = append(errs, h.Free())
 	}
-	errs = append(errs, b.evBeg.Destroy(), b.evEnd.Destroy(), b.evFwd.Destroy(), b.evTail.Destroy(), b.la.fork.Destroy(), b.la.join.Destroy(), b.la.s.Destroy())
+	errs = append(errs, b.tms[0].close(), b.tms[1].close(), b.chain.close(), b.la.fork.Destroy(), b.la.join.Destroy(), b.la.s.Destroy())
 	errs = append(errs, b.f8.close())
 	if b.sgLoad != nil { // never taken: wait for it (it uses the context)
 		if r := <-b.sgLoad; r.m != nil {

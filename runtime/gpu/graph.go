@@ -76,12 +76,16 @@ type graphState struct {
 	// page tables follow the fixed part
 	lay      metaOffsets
 	pagesCap int
-	host     *cuda.HostBuffer
-	dev      *cuda.DeviceBuffer
-	part     *cuda.DeviceBuffer // attn_decode partials
-	tmp      *cuda.DeviceBuffer // LoRA scratch
-	tmpRank  int                // rank class tmp is sized for
-	ptrs     [8]cuda.DevicePtr  // buffers the recordings use (see pointers)
+	// the pinned staging of the metadata copy; with chained steps
+	// (chain.go) two, in turn: a step's copy may still be pending on the
+	// device when the step chained behind it fills its own
+	host, host2 *cuda.HostBuffer
+	flip        bool
+	dev         *cuda.DeviceBuffer
+	part        *cuda.DeviceBuffer // attn_decode partials
+	tmp         *cuda.DeviceBuffer // LoRA scratch
+	tmpRank     int                // rank class tmp is sized for
+	ptrs        [8]cuda.DevicePtr  // buffers the recordings use (see pointers)
 	// Options.RecordIdle, and whether a step ran without its recording
 	// since MissedRecording last asked
 	recordIdle, missed bool
@@ -167,10 +171,22 @@ func (b *Backend) initGraphs(maxContext int) error {
 	perSeq := (maxContext + b.kv.BlockSize - 1) / b.kv.BlockSize
 	b.g.pagesCap = M * min(max(perSeq, 1), b.kv.Blocks)
 	o.end = o.pages + b.g.pagesCap
+	if b.chain.on {
+		o.tokFrom = o.end // each row's source in the ring (-1: its token)
+		o.end += M
+	}
 	b.g.lay = o
 	var err error
 	if b.g.host, err = b.ctx.AllocHost(4 * o.end); err != nil {
 		return fmt.Errorf("gpu: graph metadata: %w", err)
+	}
+	if b.chain.on {
+		if b.g.host2, err = b.ctx.AllocHost(4 * o.end); err != nil {
+			return fmt.Errorf("gpu: graph metadata: %w", err)
+		}
+		if err := b.chain.open(b.ctx, M); err != nil {
+			return err
+		}
 	}
 	if b.g.dev, err = b.ctx.Alloc(4 * o.end); err != nil {
 		return fmt.Errorf("gpu: graph metadata: %w", err)
@@ -481,7 +497,18 @@ func (b *Backend) fillGraphMeta(meta *engine.StepMeta, n, rank int, mixed bool) 
 	if len(meta.Positions) != T || len(meta.KVSlots) != T || S > T || len(meta.LogitRows) > T {
 		return fmt.Errorf("%w: %d tokens, %d positions, %d KV slots, %d sequences, %d logit rows", ErrBadStep, T, len(meta.Positions), len(meta.KVSlots), S, len(meta.LogitRows))
 	}
-	h := b.g.host.Int32s()
+	hb := b.g.host
+	if b.chain.on {
+		if b.g.flip = !b.g.flip; b.g.flip {
+			hb = b.g.host2
+		}
+	}
+	h := hb.Int32s()
+	if b.chain.on {
+		if err := b.fillTokFrom(h[o.tokFrom:o.tokFrom+n], meta); err != nil {
+			return err
+		}
+	}
 	for i := range n {
 		h[o.loraRows+i], h[o.loraSlots+i], h[o.rowSeq+i], h[o.logitRows+i] = int32(i), -1, -1, 0
 		if i >= T { // padding: token 0 at position 0, no KV slot
@@ -566,6 +593,11 @@ func (b *Backend) fillGraphMeta(meta *engine.StepMeta, n, rank int, mixed bool) 
 		tl = putTiles(h, tl, g.Start, g.End, sgTileRows, int32(g.Slot))
 	}
 	clear(h[tl : o.tiles+4*nTiles]) // tiles with no rows
+	if b.chain.on {                 // the sources sit after the page tables
+		if err := cuda.CopyHtoD(b.s, b.g.dev.Ptr()+cuda.DevicePtr(4*o.tokFrom), h[o.tokFrom:o.tokFrom+n]); err != nil {
+			return err
+		}
+	}
 	if err := cuda.CopyHtoD(b.s, b.g.dev.Ptr(), h[:p]); err != nil {
 		return err
 	}

@@ -19,7 +19,11 @@ func (b *Backend) Embed(out engine.Buffer, table engine.Weight) {
 	if !b.check(o.cols == t.cols && o.whole(), "embed: buffer width %d, table width %d", o.cols, t.cols) {
 		return
 	}
-	b.launch(b.fn.embed, cuda.Dim3{X: b.rows()}, cuda.Dim3{X: 256}, o.mem, t.mem, b.i32(b.off.tokens), t.cols)
+	var from, ring uint64 // chained steps (chain.go): rows may take their tokens from the ring
+	if b.chain.on && b.graphLayout {
+		from, ring = uint64(b.i32(b.off.tokFrom)), b.chain.ring.Ptr()
+	}
+	b.launch(b.fn.embed, cuda.Dim3{X: b.rows()}, cuda.Dim3{X: 256}, o.mem, t.mem, b.i32(b.off.tokens), from, ring, t.cols)
 }
 
 // AddRMSNorm: x += delta (if any), then out = rmsnorm(x) * w (if out).
@@ -396,10 +400,8 @@ func (b *Backend) Read(x engine.Buffer, rows int, dst []float32) error {
 	if err := b.markTail(); err != nil {
 		return err
 	}
-	if b.timed {
-		if err := b.evEnd.Record(b.s); err != nil {
-			return err
-		}
+	if err := b.markEnd(); err != nil {
+		return err
 	}
 	size := 4 * n
 	if b.readHost == nil || b.readHost.Size() < size {

@@ -21,29 +21,73 @@ const (
 // (kernel sample_rows) and copies back only the tokens and log-probabilities.
 // It waits for the step.
 func (b *Backend) SampleRows(logits engine.Buffer, rows []engine.RowSample, out []sample.Choice) error {
+	if len(out) < len(rows) {
+		return fmt.Errorf("gpu: sample: %d rows, %d results", len(rows), len(out))
+	}
+	d, err := b.issueDraw(logits, rows)
+	if err != nil || d == nil {
+		return err
+	}
+	if err := b.waitStep(); err != nil {
+		return err
+	}
+	return d.parse(out)
+}
+
+// draw is a draw issued on the device: where its results land (pinned) and
+// what reading them needs.
+type draw struct {
+	res  []int32
+	tops []int // logprob alternatives per row
+	cols int
+	tm   *stepTimer // the step's timer (IssueSample)
+}
+
+// parse fills out from the draw's results, once they are in.
+func (d *draw) parse(out []sample.Choice) error {
+	if len(out) < len(d.tops) {
+		return fmt.Errorf("gpu: sample: %d rows, %d results", len(d.tops), len(out))
+	}
+	for i, top := range d.tops {
+		o := d.res[i*soWords : (i+1)*soWords]
+		id := o[0]
+		if id < 0 || int(id) >= d.cols {
+			return fmt.Errorf("gpu: sample: kernel returned token %d", id)
+		}
+		c := sample.Choice{ID: id, Logprob: float64(math.Float32frombits(uint32(o[1])))}
+		for j := 0; j < top && j < d.cols; j++ {
+			c.Top = append(c.Top, sample.TokenLogprob{ID: o[2+j], Logprob: float64(math.Float32frombits(uint32(o[2+soMaxTop+j])))})
+		}
+		out[i] = c
+	}
+	return nil
+}
+
+// issueDraw enqueues the draw of rows (nil for none): the parameters' copy,
+// the logit adjustments, sample_rows (which also fills the ring of chained
+// steps) and the results' copy into pinned memory, without waiting.
+func (b *Backend) issueDraw(logits engine.Buffer, rows []engine.RowSample) (*draw, error) {
 	b.join()
 	if b.err != nil {
-		return b.err
+		return nil, b.err
 	}
 	if b.meta == nil {
-		return fmt.Errorf("%w: SampleRows outside a step", ErrBadStep)
+		return nil, fmt.Errorf("%w: SampleRows outside a step", ErrBadStep)
 	}
 	lb := buf(logits)
 	n := len(rows)
-	if len(out) < n {
-		return fmt.Errorf("gpu: sample: %d rows, %d results", n, len(out))
-	}
 	if n == 0 {
-		return nil
+		return nil, nil
 	}
+
 	if !lb.isF32 || lb.f32 == nil {
-		return fmt.Errorf("gpu: sample: the buffer holds no float32 logits")
+		return nil, fmt.Errorf("gpu: sample: the buffer holds no float32 logits")
 	}
 	if err := b.markTail(); err != nil {
-		return err
+		return nil, err
 	}
 	if soMaxTop < sample.MaxLogprobs {
-		return fmt.Errorf("gpu: sample: %d alternatives, the kernel returns %d", sample.MaxLogprobs, soMaxTop)
+		return nil, fmt.Errorf("gpu: sample: %d alternatives, the kernel returns %d", sample.MaxLogprobs, soMaxTop)
 	}
 	adj := 0 // logit_adjust entries, four words each, after the results
 	for _, r := range rows {
@@ -58,12 +102,12 @@ func (b *Backend) SampleRows(logits engine.Buffer, rows []engine.RowSample, out 
 		b.smpHost, b.smpDev = nil, nil
 		h, err := b.ctx.AllocHost(4 * max(2*words, 1<<18))
 		if err != nil {
-			return err
+			return nil, err
 		}
 		d, err := b.ctx.Alloc(4 * max(2*words, 1<<18))
 		if err != nil {
 			h.Free() // both or neither: the next step tries again
-			return err
+			return nil, err
 		}
 		b.smpHost, b.smpDev = h, d
 	}
@@ -71,10 +115,10 @@ func (b *Backend) SampleRows(logits engine.Buffer, rows []engine.RowSample, out 
 	nLogit := len(b.meta.LogitRows)
 	for i, r := range rows {
 		if r.Row < 0 || r.Row >= nLogit {
-			return fmt.Errorf("%w: sample row %d outside %d logits rows", ErrBadStep, r.Row, nLogit)
+			return nil, fmt.Errorf("%w: sample row %d outside %d logits rows", ErrBadStep, r.Row, nLogit)
 		}
 		if err := r.Params.Validate(); err != nil {
-			return err
+			return nil, err
 		}
 		p := h[i*spWords : (i+1)*spWords]
 		p[0] = int32(math.Float32bits(float32(r.Params.Temperature)))
@@ -91,7 +135,7 @@ func (b *Backend) SampleRows(logits engine.Buffer, rows []engine.RowSample, out 
 	for _, r := range rows {
 		for _, a := range r.Adjust {
 			if a.Token < 0 || int(a.Token) >= lb.cols {
-				return fmt.Errorf("%w: sample row %d adjusts token %d of %d", ErrBadStep, r.Row, a.Token, lb.cols)
+				return nil, fmt.Errorf("%w: sample row %d adjusts token %d of %d", ErrBadStep, r.Row, a.Token, lb.cols)
 			}
 			ent[4*k], ent[4*k+1] = int32(r.Row), a.Token
 			ent[4*k+2], ent[4*k+3] = int32(math.Float32bits(a.Rep)), int32(math.Float32bits(a.Add))
@@ -102,41 +146,33 @@ func (b *Backend) SampleRows(logits engine.Buffer, rows []engine.RowSample, out 
 	oDev := pDev + uint64(4*n*spWords)
 	eDev := oDev + uint64(4*n*soWords)
 	if err := cuda.CopyHtoD(b.s, pDev, h[:n*spWords]); err != nil {
-		return err
+		return nil, err
 	}
 	if adj > 0 {
 		if err := cuda.CopyHtoD(b.s, eDev, ent); err != nil {
-			return err
+			return nil, err
 		}
 		b.launch(b.fn.logitAdjust, cuda.Dim3{X: (adj + 255) / 256}, cuda.Dim3{X: 256}, lb.f32, eDev, adj, lb.cols)
 	}
-	b.launch(b.fn.sample, cuda.Dim3{X: n}, cuda.Dim3{X: 1024}, oDev, lb.f32, pDev, lb.cols)
+	ring := b.chain.ringPtr(n)
+	b.launch(b.fn.sample, cuda.Dim3{X: n}, cuda.Dim3{X: 1024}, oDev, lb.f32, pDev, lb.cols, ring)
 	if b.err != nil {
-		return b.err
+		return nil, b.err
 	}
-	if b.timed {
-		if err := b.evEnd.Record(b.s); err != nil {
-			return err
-		}
+	if err := b.markEnd(); err != nil {
+		return nil, err
 	}
 	res := h[n*spWords : n*spWords+n*soWords]
 	if err := cuda.CopyDtoH(b.s, res, oDev); err != nil {
-		return err
+		return nil, err
 	}
-	if err := b.waitStep(); err != nil {
-		return err
+	b.chain.drawn = 0 // the draws a step chained behind this one may read
+	if ring != 0 {
+		b.chain.drawn = n
 	}
+	d := &draw{res: res, tops: make([]int, n), cols: lb.cols}
 	for i, r := range rows {
-		o := res[i*soWords : (i+1)*soWords]
-		id := o[0]
-		if id < 0 || int(id) >= lb.cols {
-			return fmt.Errorf("gpu: sample: kernel returned token %d", id)
-		}
-		c := sample.Choice{ID: id, Logprob: float64(math.Float32frombits(uint32(o[1])))}
-		for j := 0; j < r.Params.Logprobs && j < lb.cols; j++ {
-			c.Top = append(c.Top, sample.TokenLogprob{ID: o[2+j], Logprob: float64(math.Float32frombits(uint32(o[2+soMaxTop+j])))})
-		}
-		out[i] = c
+		d.tops[i] = r.Params.Logprobs
 	}
-	return nil
+	return d, nil
 }

@@ -10,6 +10,7 @@ import (
 type metaOffsets struct {
 	tokens, pos, kvSlots, rowSeq, seqInfo, pages, loraRows, loraSlots, logitRows, tiles, decSeqs, preRows, preTiles, end int
 	rowLora                                                                                                              int // each row's adapter slot, -1 for none (the ops that add a LoRA update skip those rows)
+	tokFrom                                                                                                              int // chained steps (graph layout, chain.go): each row's source in the ring, -1 for its token
 }
 
 func (b *Backend) i32(off int) cuda.DevicePtr { return b.metaBase + uint64(4*off) }
@@ -85,6 +86,11 @@ func (b *Backend) Begin(meta *engine.StepMeta) error {
 	T := len(meta.Tokens)
 	if T == 0 || T > b.maxT {
 		return fmt.Errorf("%w: %d rows (max %d)", ErrBadStep, T, b.maxT)
+	}
+	for _, k := range meta.TokenFrom {
+		if k >= 0 { // only a graph replay reads tokens on the device (Chainable)
+			return fmt.Errorf("%w: a step run op by op takes every token from the host", ErrBadStep)
+		}
 	}
 	if len(meta.Positions) != T || len(meta.KVSlots) != T {
 		return fmt.Errorf("%w: %d tokens, %d positions, %d KV slots", ErrBadStep, T, len(meta.Positions), len(meta.KVSlots))
