@@ -76,10 +76,10 @@ func (b *Backend) issueDraw(logits engine.Buffer, rows []engine.RowSample) (*dra
 	}
 	lb := buf(logits)
 	n := len(rows)
+	b.chain.drawn = 0 // until this draw is enqueued: the draws a step chained behind it may read
 	if n == 0 {
 		return nil, nil
 	}
-
 	if !lb.isF32 || lb.f32 == nil {
 		return nil, fmt.Errorf("gpu: sample: the buffer holds no float32 logits")
 	}
@@ -166,7 +166,6 @@ func (b *Backend) issueDraw(logits engine.Buffer, rows []engine.RowSample) (*dra
 	if err := cuda.CopyDtoH(b.s, res, oDev); err != nil {
 		return nil, err
 	}
-	b.chain.drawn = 0 // the draws a step chained behind this one may read
 	if ring != 0 {
 		b.chain.drawn = n
 	}
