@@ -93,7 +93,7 @@ func New(maxLoRA int) *Metrics {
 		stepTime: prometheus.NewHistogram(prometheus.HistogramOpts{Name: "peftd_step_duration_seconds",
 			Help: "Engine step duration.", Buckets: lat}),
 		stepDevice: prometheus.NewHistogram(prometheus.HistogramOpts{Name: "peftd_step_device_seconds",
-			Help: "Device time of an engine step (GPU backends: from the metadata upload to the result copy); " +
+			Help: "Device time of an engine step (GPU backends: from the metadata upload to the result copy, less the device's wait for the host between the forward and the draw); " +
 				"with peftd_step_duration_seconds, the host's share of a step.", Buckets: lat}),
 		stepHost: prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: "peftd_step_host_seconds",
 			Help: "Host time of an engine step by phase, in order: plan (admission, the plan and its KV pages), prepare (the step's metadata), " +

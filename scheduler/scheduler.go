@@ -138,8 +138,9 @@ type StepStats struct {
 	Rows, Sequences, Adapters, Prefill, Decode int
 	Duration                                   time.Duration
 	// Device is the step's device time (GPU: from the metadata upload to
-	// the result copy), 0 when the backend does not measure it; Duration
-	// minus Device is the host's share.
+	// the result copy, less the device's wait for the host between the
+	// forward and the draw), 0 when the backend does not measure it;
+	// Duration minus Device is the host's share.
 	Device time.Duration
 	// Where the host time of the step went, in order: Plan (admission,
 	// cancelled sequences, the plan and its KV pages), then the engine's
