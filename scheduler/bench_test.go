@@ -124,28 +124,37 @@ func closedLoop(b testing.TB, s *Scheduler, clients, perClient, prompt, maxTok, 
 // (seqs/step, decodes/step: 64 at most), and the host time each step adds
 // (plan, prepare, emit). sync: Execute takes the 6 ms, so nothing overlaps
 // it; async: the step runs until its tokens are read, as on a GPU, so the
-// next step's planning overlaps it (step.go). tok/s is what the load would
-// reach if the device took 6 ms a step and the HTTP path cost nothing;
-// ttft_p50_ms is the median time from Submit to the first token.
+// next step's planning overlaps it (step.go), and steps chain (the next
+// launched behind the one in flight); late: as the CUDA backend without
+// --chain-steps, the draw (0.4 ms) issued when the host asks for the
+// tokens, no chaining; chained: the same draw, steps chained (--chain-steps).
+// tok/s is what the load would reach if the device took 6 ms a step and
+// the HTTP path cost nothing; ttft_p50_ms is the median time from Submit
+// to the first token.
 func BenchmarkSchedulerModeled(b *testing.B) {
-	for _, async := range []bool{false, true} {
-		name := "sync"
-		if async {
-			name = "async"
-		}
-		b.Run(name, func(b *testing.B) { benchModeled(b, async) })
+	const step, draw = 6 * time.Millisecond, 400 * time.Microsecond
+	for _, v := range []struct {
+		name string
+		null enginetest.Null
+	}{
+		{"sync", enginetest.Null{Step: step}},
+		{"async", enginetest.Null{Step: step, Async: true}},
+		{"late", enginetest.Null{Step: step, Sample: draw, Async: true, NoChain: true}},
+		{"chained", enginetest.Null{Step: step, Sample: draw, Async: true}},
+	} {
+		b.Run(v.name, func(b *testing.B) { benchModeled(b, v.null) })
 	}
 }
 
-func benchModeled(b *testing.B, async bool) {
+func benchModeled(b *testing.B, null enginetest.Null) {
 	f, err := fixture.Load()
 	if err != nil {
 		b.Fatal(err)
 	}
 	defer f.Close()
-	e := nullEngine(b, f, &enginetest.Null{Step: 6 * time.Millisecond, Async: async}, 4096)
+	e := nullEngine(b, f, &null, 4096)
 	var sum StepStats
-	var steps, ahead int
+	var steps, ahead, chained int
 	var mu sync.Mutex
 	s := New(e, Static{}, Config{MaxQueue: 1024, OnStep: func(st StepStats) {
 		if st.Rows == 0 {
@@ -155,6 +164,9 @@ func benchModeled(b *testing.B, async bool) {
 		steps++
 		if st.Ahead {
 			ahead++
+		}
+		if st.Chained {
+			chained++
 		}
 		sum.Rows += st.Rows
 		sum.Sequences += st.Sequences
@@ -186,6 +198,7 @@ func benchModeled(b *testing.B, async bool) {
 	b.ReportMetric(per(sum.Decode), "decodes/step")
 	b.ReportMetric(per(sum.Rows), "rows/step")
 	b.ReportMetric(per(ahead), "ahead/step")
+	b.ReportMetric(per(chained), "chained/step")
 	b.ReportMetric(us(sum.Plan), "plan_us")
 	b.ReportMetric(us(sum.Prepare), "prepare_us")
 	b.ReportMetric(us(sum.Emit), "emit_us")

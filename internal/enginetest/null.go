@@ -27,11 +27,13 @@ import (
 // NoChain): a step may be executed before the draws of the one before it
 // are waited for, its rows taking those draws (StepMeta.TokenFrom).
 //
-// Sample models the draw's own device time on the path where, as on the
-// CUDA backend, it is issued when the host asks for the tokens
-// (SampleRows): it runs Sample from the step's end or from the call,
-// whichever is later. The step's device time is then Step + Sample, the
-// device's wait for the host left out, as the CUDA backend reports it.
+// Sample models the draw's own device time: a draw runs Sample from the
+// step's end or from when it is issued, whichever is later (SampleRows
+// issues it when the host asks for the tokens, as the CUDA backend's
+// unchained steps do; IssueSample before the next step is executed), and
+// the next step starts after it. The step's device time is then Step +
+// Sample, the device's wait for the host left out, as the CUDA backend
+// reports it.
 type Null struct {
 	Step    time.Duration
 	Sample  time.Duration
@@ -39,14 +41,15 @@ type Null struct {
 	NoChain bool
 	vocab   int
 	steps   []*nullStep // executed, not yet waited for (oldest first)
+	free    time.Time   // when the modeled device has run everything issued (Async)
 	ring    []int32     // the last issued step's draws, by sample row
 }
 
 // nullStep is an executed step: its rows' tokens, its logits rows, when it
-// ends, and its draws once issued.
+// ends, and its draws once issued (and when they are done).
 type nullStep struct {
 	tokens, logitRows []int32
-	end               time.Time
+	end, drawn        time.Time
 	out               []sample.Choice
 }
 
@@ -82,10 +85,11 @@ func (n *Null) Execute(meta *engine.StepMeta, _ engine.Program) error {
 	}
 	switch {
 	case n.Async:
-		if len(n.steps) > 0 && n.steps[len(n.steps)-1].end.After(st.end) {
-			st.end = n.steps[len(n.steps)-1].end
+		if n.free.After(st.end) { // the device is busy until then
+			st.end = n.free
 		}
 		st.end = st.end.Add(n.Step)
+		n.free = st.end
 	case n.Step > 0:
 		time.Sleep(n.Step)
 	}
@@ -122,12 +126,6 @@ func (n *Null) SampleRows(logits engine.Buffer, rows []engine.RowSample, out []s
 	if err := n.IssueSample(logits, rows); err != nil {
 		return err
 	}
-	if n.Sample > 0 {
-		if _, err := n.front(); err != nil {
-			return err
-		}
-		time.Sleep(n.Sample) // the draw starts when the step has ended and the host asked
-	}
 	return n.WaitSample(out)
 }
 
@@ -144,6 +142,14 @@ func (n *Null) IssueSample(_ engine.Buffer, rows []engine.RowSample) error {
 		return fmt.Errorf("null: no step to draw for")
 	}
 	st.out = make([]sample.Choice, len(rows))
+	st.drawn = st.end // the draw starts when the step has ended and it is issued
+	if now := time.Now(); now.After(st.drawn) {
+		st.drawn = now
+	}
+	st.drawn = st.drawn.Add(n.Sample)
+	if n.Async && st.drawn.After(n.free) {
+		n.free = st.drawn
+	}
 	n.ring = n.ring[:0]
 	for i, r := range rows {
 		if r.Row < 0 || r.Row >= len(st.logitRows) {
@@ -166,6 +172,7 @@ func (n *Null) WaitSample(out []sample.Choice) error {
 	if st.out == nil {
 		return fmt.Errorf("null: wait for a step whose draw was not issued")
 	}
+	time.Sleep(time.Until(st.drawn))
 	copy(out, st.out)
 	n.steps = n.steps[1:]
 	return nil
