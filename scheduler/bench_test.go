@@ -152,7 +152,8 @@ func benchModeled(b *testing.B, null enginetest.Null) {
 		b.Fatal(err)
 	}
 	defer f.Close()
-	e := nullEngine(b, f, &null, 4096)
+	nl := &null
+	e := nullEngine(b, f, nl, 4096)
 	var sum StepStats
 	var steps, ahead, chained int
 	var mu sync.Mutex
@@ -199,6 +200,7 @@ func benchModeled(b *testing.B, null enginetest.Null) {
 	b.ReportMetric(per(sum.Rows), "rows/step")
 	b.ReportMetric(per(ahead), "ahead/step")
 	b.ReportMetric(per(chained), "chained/step")
+	b.ReportMetric(us(nl.Idle), "idle_us/step")
 	b.ReportMetric(us(sum.Plan), "plan_us")
 	b.ReportMetric(us(sum.Prepare), "prepare_us")
 	b.ReportMetric(us(sum.Emit), "emit_us")

@@ -42,7 +42,11 @@ type Null struct {
 	vocab   int
 	steps   []*nullStep // executed, not yet waited for (oldest first)
 	free    time.Time   // when the modeled device has run everything issued (Async)
-	ring    []int32     // the last issued step's draws, by sample row
+	// Idle is the modeled device's time without work (Async): between a
+	// step and the one after it, and before a draw issued after its step
+	// ended.
+	Idle time.Duration
+	ring []int32 // the last issued step's draws, by sample row
 }
 
 // nullStep is an executed step: its rows' tokens, its logits rows, when it
@@ -87,6 +91,8 @@ func (n *Null) Execute(meta *engine.StepMeta, _ engine.Program) error {
 	case n.Async:
 		if n.free.After(st.end) { // the device is busy until then
 			st.end = n.free
+		} else if !n.free.IsZero() {
+			n.Idle += st.end.Sub(n.free)
 		}
 		st.end = st.end.Add(n.Step)
 		n.free = st.end
@@ -144,6 +150,7 @@ func (n *Null) IssueSample(_ engine.Buffer, rows []engine.RowSample) error {
 	st.out = make([]sample.Choice, len(rows))
 	st.drawn = st.end // the draw starts when the step has ended and it is issued
 	if now := time.Now(); now.After(st.drawn) {
+		n.Idle += now.Sub(st.drawn)
 		st.drawn = now
 	}
 	st.drawn = st.drawn.Add(n.Sample)

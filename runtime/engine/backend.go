@@ -191,11 +191,13 @@ type DeviceSampler interface {
 // reading those tokens on the device (StepMeta.TokenFrom), so the device
 // never waits for the host between two steps.
 //
-// For a step, IssueSample starts what SampleRows does without waiting;
-// then the next step may be executed (Chainable must have said it can);
-// WaitSample waits for the draw IssueSample started first among those not
-// waited for yet, fills out as SampleRows would, and ends that step (as
-// End). At most two steps are in flight.
+// For a step, IssueSample starts what SampleRows does without waiting
+// (the engine issues a step's draw right behind its forward when the
+// backend Chains); then the next step may be executed (Chainable must have
+// said it can) and its draw issued; WaitSample waits for the draw issued
+// first among those not waited for yet and fills out as SampleRows would;
+// the engine calls End once no step is in flight. At most two steps, and
+// two draws, are in flight.
 type Chainer interface {
 	DeviceSampler
 	IssueSample(logits Buffer, rows []RowSample) error

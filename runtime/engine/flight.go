@@ -185,11 +185,32 @@ func (e *Engine) Launch(p *Planned, sp []Sampling) (*Flight, error) {
 		if err := e.issue(p.meta); err != nil {
 			return nil, err
 		}
+		if err := e.issueDraw(f); err != nil {
+			return nil, err
+		}
 	}
 	f.times = e.times
 	p.inFlight()
 	e.fly = f
 	return f, nil
+}
+
+// issueDraw starts f's draw right behind its forward on a backend that
+// chains steps, unless its rows are scored (their logits come to the host
+// first): the device then runs forward and draw back to back, and a step
+// chained behind f need only be enqueued before the draw ends, not before
+// the forward does (a host that wakes late would leave the device idle).
+func (e *Engine) issueDraw(f *Flight) error {
+	ch, ok := e.b.(Chainer)
+	if !ok || !ch.Chains() || f.issued || scoredRows(f.sp, f.p.outRow) > 0 {
+		return nil
+	}
+	if err := e.inRunner(func() error { return ch.IssueSample(e.logits, f.rows) }); err != nil {
+		e.inRunner(e.b.End)
+		return err
+	}
+	f.issued = true
+	return nil
 }
 
 // CanChain reports whether a step may be launched behind the one in
@@ -251,17 +272,26 @@ func (e *Engine) launchChained(p *Planned, sp []Sampling) (*Flight, error) {
 	if err := e.issue(p.meta); err != nil {
 		return nil, err
 	}
+	if err := e.issueDraw(f); err != nil {
+		return nil, err
+	}
 	f.times = StepTimes{Prepare: p.prep, Issue: e.times.Issue}
 	p.inFlight()
 	e.next = f
 	return f, nil
 }
 
-// collectIssued waits for a draw started by IssueSample and ends its step.
+// collectIssued waits for a draw started by IssueSample; when no step is
+// in flight behind it, the backend's step ends too (End).
 func (e *Engine) collectIssued(f *Flight) error {
 	ch := e.b.(Chainer)
 	got := make([]sample.Choice, len(f.rows))
 	err := e.inRunner(func() error { return ch.WaitSample(got) })
+	if e.fly == nil { // Wait took f off: nothing executed after it
+		if endErr := e.inRunner(e.b.End); err == nil {
+			err = endErr
+		}
+	}
 	if err != nil {
 		return err
 	}

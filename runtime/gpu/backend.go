@@ -217,8 +217,10 @@ type Backend struct {
 	invFreq     *cuda.DeviceBuffer
 	normed      *cuda.DeviceBuffer
 	readHost    *cuda.HostBuffer
-	smpHost     *cuda.HostBuffer // SampleRows: parameters, then results
-	smpDev      *cuda.DeviceBuffer
+	// SampleRows / IssueSample: parameters, then results; two sets, in
+	// turn, when steps chain (two draws may be in flight)
+	smp  [2]smpBuf
+	smpi int
 
 	force kernelForce // zero in production; tests and benchmarks compare kernel families with it
 
@@ -783,11 +785,11 @@ func (b *Backend) Close() error {
 		}
 	}
 	errs = append(errs, b.dropGraphs())
-	for _, d := range []*cuda.DeviceBuffer{b.kcache, b.kscale, b.vcache, b.metaDev, b.invFreq, b.normed, b.table, b.loraTmp, b.smpDev, b.attnPart, b.attnDone,
+	for _, d := range []*cuda.DeviceBuffer{b.kcache, b.kscale, b.vcache, b.metaDev, b.invFreq, b.normed, b.table, b.loraTmp, b.smp[0].dev, b.smp[1].dev, b.attnPart, b.attnDone,
 		b.g.dev, b.g.part, b.g.tmp, b.la.delta} {
 		errs = append(errs, d.Free())
 	}
-	for _, h := range []*cuda.HostBuffer{b.metaHost, b.readHost, b.smpHost, b.g.host, b.g.host2} {
+	for _, h := range []*cuda.HostBuffer{b.metaHost, b.readHost, b.smp[0].host, b.smp[1].host, b.g.host, b.g.host2} {
 		errs = append(errs, h.Free())
 	}
 	errs = append(errs, b.tms[0].close(), b.tms[1].close(), b.chain.close(), b.la.fork.Destroy(), b.la.join.Destroy(), b.la.s.Destroy())

@@ -19,16 +19,17 @@ import (
 // N+1's metadata copy lands after N's kernels read theirs. What the host
 // keeps per step is made so two steps can be in flight: the graph
 // metadata's pinned staging (two, in turn), the step timers (two), and
-// the issued draw (one: the engine waits for it before issuing the next).
-// Only graph replays chain (Chainable).
+// the draws' staging (two): the engine issues a step's draw right behind
+// its forward, so N's and N+1's draws may both be in flight. Only graph
+// replays chain (Chainable).
 
 // chainState is the Backend's chaining state.
 type chainState struct {
 	on     bool
 	ring   *cuda.DeviceBuffer // int32 per sample row of a step (maxRows)
 	rows   int                // the ring's capacity
-	done   *cuda.Event        // recorded after the issued draw's result copy
-	issued *draw              // the draw IssueSample started, not yet waited for
+	done   [2]*cuda.Event     // recorded after a draw's result copy, one per staging set
+	issued []*draw            // the draws IssueSample started, not yet waited for (oldest first)
 	drawn  int                // sample rows of the last draw (the ring entries a chained step may read)
 }
 
@@ -40,8 +41,10 @@ func (c *chainState) open(ctx *cuda.Context, rows int) error {
 		return fmt.Errorf("gpu: chained steps' ring: %w", err)
 	}
 	c.rows = rows
-	if c.done, err = ctx.NewEvent(false); err != nil {
-		return fmt.Errorf("gpu: chained steps: %w", err)
+	for i := range c.done {
+		if c.done[i], err = ctx.NewEvent(false); err != nil {
+			return fmt.Errorf("gpu: chained steps: %w", err)
+		}
 	}
 	return nil
 }
@@ -49,7 +52,7 @@ func (c *chainState) open(ctx *cuda.Context, rows int) error {
 func (c *chainState) close() error {
 	c.ring.Free()
 	c.ring = nil
-	return errors.Join(c.done.Destroy())
+	return errors.Join(c.done[0].Destroy(), c.done[1].Destroy())
 }
 
 // ringPtr is where sample_rows writes a draw of n rows: the ring when
@@ -87,12 +90,12 @@ func (b *Backend) fillTokFrom(h []int32, meta *engine.StepMeta) error {
 
 // Chainable reports whether meta's step can be executed while the step in
 // flight is (engine.Chainer): steps chain when Options.ChainSteps is set,
-// the step in flight enqueued without error and its draw is not issued
-// yet, and this one replays a recording that exists, with no buffer moved,
+// the step in flight enqueued without error and at most its own draw in
+// flight, and this one replays a recording that exists, with no buffer moved,
 // no adapter upload in progress and the weight staging freed (nothing that
 // would wait for the device on the host, or record).
 func (b *Backend) Chainable(meta *engine.StepMeta, prog engine.Program) bool {
-	if !b.chain.on || b.chain.ring == nil || b.chain.issued != nil || b.meta == nil || b.err != nil || b.stage != nil || len(b.loads) > 0 || len(b.gates) > 0 {
+	if !b.chain.on || b.chain.ring == nil || len(b.chain.issued) > 1 || b.meta == nil || b.err != nil || b.stage != nil || len(b.loads) > 0 || len(b.gates) > 0 {
 		return false
 	}
 	ok, mixed := b.graphable(meta)
@@ -112,38 +115,38 @@ func (b *Backend) Chains() bool { return b.chain.on && b.chain.ring != nil }
 // IssueSample starts the step's draw as SampleRows does, without waiting
 // (engine.Chainer): the tokens come back with WaitSample.
 func (b *Backend) IssueSample(logits engine.Buffer, rows []engine.RowSample) error {
-	if b.chain.issued != nil {
-		return fmt.Errorf("%w: a draw is issued and not waited for", ErrBadStep)
+	if !b.Chains() {
+		return fmt.Errorf("%w: IssueSample without chained steps (Options.ChainSteps)", ErrBadStep)
+	}
+	if len(b.chain.issued) > 1 {
+		return fmt.Errorf("%w: two draws are in flight already", ErrBadStep)
 	}
 	d, err := b.issueDraw(logits, rows)
 	if err != nil {
 		return err
 	}
-	if d == nil { // no rows
-		d = &draw{}
+	if d == nil { // no rows: no staging used; the event marks the step's end all the same
+		d = &draw{set: b.smpi}
+		b.smpi ^= 1
 	}
-	if b.chain.done == nil {
-		return fmt.Errorf("%w: IssueSample without chained steps (Options.ChainSteps)", ErrBadStep)
-	}
-	if err := b.chain.done.Record(b.s); err != nil {
+	if err := b.chain.done[d.set].Record(b.s); err != nil {
 		return err
 	}
 	d.tm = b.curTimer()
-	b.chain.issued = d
+	b.chain.issued = append(b.chain.issued, d)
 	return nil
 }
 
-// WaitSample waits for the draw IssueSample started and fills out as
-// SampleRows would (engine.Chainer). The step ends with it; the step
-// chained behind it, if any, stays in flight (its own result call or End
-// ends it).
+// WaitSample waits for the oldest draw IssueSample started and fills out
+// as SampleRows would (engine.Chainer); the engine ends the backend's step
+// (End) once no step is in flight.
 func (b *Backend) WaitSample(out []sample.Choice) error {
-	d := b.chain.issued
-	if d == nil {
+	if len(b.chain.issued) == 0 {
 		return fmt.Errorf("%w: WaitSample without a draw issued", ErrBadStep)
 	}
-	b.chain.issued = nil
-	if err := b.chain.done.Synchronize(); err != nil {
+	d := b.chain.issued[0]
+	b.chain.issued = append(b.chain.issued[:0], b.chain.issued[1:]...)
+	if err := b.chain.done[d.set].Synchronize(); err != nil {
 		return fmt.Errorf("gpu: step failed: %w", err)
 	}
 	if d.tm != nil {

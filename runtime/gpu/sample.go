@@ -40,7 +40,15 @@ type draw struct {
 	res  []int32
 	tops []int // logprob alternatives per row
 	cols int
+	set  int        // the staging set (Backend.smp) it uses
 	tm   *stepTimer // the step's timer (IssueSample)
+}
+
+// smpBuf is one staging set of the draws: pinned parameters and results,
+// and their device copy.
+type smpBuf struct {
+	host *cuda.HostBuffer
+	dev  *cuda.DeviceBuffer
 }
 
 // parse fills out from the draw's results, once they are in.
@@ -96,10 +104,15 @@ func (b *Backend) issueDraw(logits engine.Buffer, rows []engine.RowSample) (*dra
 	words := n*(spWords+soWords) + 4*adj
 	// 1 MB at first (256 rows and 60,000 adjustments), then twice what
 	// is needed: pinning memory stalls the device, so it happens rarely
-	if b.smpHost == nil || b.smpDev == nil || b.smpHost.Size() < 4*words {
-		b.smpHost.Free()
-		b.smpDev.Free()
-		b.smpHost, b.smpDev = nil, nil
+	set := b.smpi
+	if b.chain.on { // the other set next: this one feeds a draw that may be in flight
+		b.smpi ^= 1
+	}
+	sb := &b.smp[set]
+	if sb.host == nil || sb.dev == nil || sb.host.Size() < 4*words {
+		sb.host.Free()
+		sb.dev.Free()
+		sb.host, sb.dev = nil, nil
 		h, err := b.ctx.AllocHost(4 * max(2*words, 1<<18))
 		if err != nil {
 			return nil, err
@@ -109,9 +122,9 @@ func (b *Backend) issueDraw(logits engine.Buffer, rows []engine.RowSample) (*dra
 			h.Free() // both or neither: the next step tries again
 			return nil, err
 		}
-		b.smpHost, b.smpDev = h, d
+		sb.host, sb.dev = h, d
 	}
-	h := b.smpHost.Int32s()
+	h := sb.host.Int32s()
 	nLogit := len(b.meta.LogitRows)
 	for i, r := range rows {
 		if r.Row < 0 || r.Row >= nLogit {
@@ -142,7 +155,7 @@ func (b *Backend) issueDraw(logits engine.Buffer, rows []engine.RowSample) (*dra
 			k++
 		}
 	}
-	pDev := b.smpDev.Ptr()
+	pDev := sb.dev.Ptr()
 	oDev := pDev + uint64(4*n*spWords)
 	eDev := oDev + uint64(4*n*soWords)
 	if err := cuda.CopyHtoD(b.s, pDev, h[:n*spWords]); err != nil {
@@ -169,7 +182,7 @@ func (b *Backend) issueDraw(logits engine.Buffer, rows []engine.RowSample) (*dra
 	if ring != 0 {
 		b.chain.drawn = n
 	}
-	d := &draw{res: res, tops: make([]int, n), cols: lb.cols}
+	d := &draw{res: res, tops: make([]int, n), cols: lb.cols, set: set}
 	for i, r := range rows {
 		d.tops[i] = r.Params.Logprobs
 	}
