@@ -263,14 +263,20 @@ func (m *Matmul) GemmTN(s *Stream, out DevicePtr, outType DataType, in DevicePtr
 		if err != nil {
 			return err
 		}
-		m.alpha[0], m.beta[0] = alpha, beta
-		err = checkBLAS("cublasLtMatmul", blas.cublasLtMatmul(m.h, p.desc, unsafe.Pointer(m.alpha), w, p.a, in, p.b,
-			unsafe.Pointer(m.beta), out, p.d, out, p.d, unsafe.Pointer(&p.algo[0]), m.ws.Ptr(), uint64(m.ws.Size()), s.s))
-		if err == nil {
-			s.afterKernel = true // cuBLASLt's last operation is its GEMM (or split-K reduce) kernel
-		}
-		return err
+		return m.enqueue(s, p, &p.algo, out, in, w, alpha, beta)
 	})
+}
+
+// enqueue runs plan p's product with algorithm algo on s: out = alpha *
+// in @ w^T + beta * out. On the context's thread (Context.Do).
+func (m *Matmul) enqueue(s *Stream, p *gemmPlan, algo *[heuristicResultSize]byte, out, in, w DevicePtr, alpha, beta float32) error {
+	m.alpha[0], m.beta[0] = alpha, beta
+	err := checkBLAS("cublasLtMatmul", blas.cublasLtMatmul(m.h, p.desc, unsafe.Pointer(m.alpha), w, p.a, in, p.b,
+		unsafe.Pointer(m.beta), out, p.d, out, p.d, unsafe.Pointer(&algo[0]), m.ws.Ptr(), uint64(m.ws.Size()), s.s))
+	if err == nil {
+		s.afterKernel = true // cuBLASLt's last operation is its GEMM (or split-K reduce) kernel
+	}
+	return err
 }
 
 // Close releases the handle, the plans and the workspace.

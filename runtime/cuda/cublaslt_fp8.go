@@ -113,13 +113,7 @@ func (m *Matmul) GemmTNScaled(s *Stream, out DevicePtr, outType DataType, in, in
 		if err := setScales(p.desc, inScale, wScale); err != nil {
 			return err
 		}
-		m.alpha[0], m.beta[0] = 1, 0
-		err = checkBLAS("cublasLtMatmul", blas.cublasLtMatmul(m.h, p.desc, unsafe.Pointer(m.alpha), w, p.a, in, p.b,
-			unsafe.Pointer(m.beta), out, p.d, out, p.d, unsafe.Pointer(&p.algo[0]), m.ws.Ptr(), uint64(m.ws.Size()), s.s))
-		if err == nil {
-			s.afterKernel = true // cuBLASLt's last operation is its GEMM (or split-K reduce) kernel
-		}
-		return err
+		return m.enqueue(s, p, &p.algo, out, in, w, 1, 0)
 	})
 }
 

@@ -45,13 +45,7 @@ func (m *Matmul) GemmTNSplitK(s *Stream, part DevicePtr, in DevicePtr, inType Da
 			}
 			return fmt.Errorf("%w: %w", ErrNotSupported, err) // nothing was enqueued: the caller may take another way
 		}
-		m.alpha[0], m.beta[0] = 1, 0
-		err = checkBLAS("cublasLtMatmul", blas.cublasLtMatmul(m.h, p.desc, unsafe.Pointer(m.alpha), w, p.a, in, p.b,
-			unsafe.Pointer(m.beta), part, p.d, part, p.d, unsafe.Pointer(&p.algo[0]), m.ws.Ptr(), uint64(m.ws.Size()), s.s))
-		if err == nil {
-			s.afterKernel = true
-		}
-		return err
+		return m.enqueue(s, p, &p.algo, part, in, w, 1, 0)
 	})
 }
 

@@ -56,11 +56,7 @@ func (m *Matmul) TuneGemmTN(s *Stream, out DevicePtr, outType DataType, in Devic
 		return r, nil // nothing to choose from
 	}
 	run := func(a *[heuristicResultSize]byte, i int) error {
-		return m.c.Do(func() error {
-			m.alpha[0], m.beta[0] = 1, 0
-			return checkBLAS("cublasLtMatmul", blas.cublasLtMatmul(m.h, p.desc, unsafe.Pointer(m.alpha), ws[i%len(ws)], p.a, in, p.b,
-				unsafe.Pointer(m.beta), out, p.d, out, p.d, unsafe.Pointer(&a[0]), m.ws.Ptr(), uint64(m.ws.Size()), s.s))
-		})
+		return m.c.Do(func() error { return m.enqueue(s, p, a, out, in, ws[i%len(ws)], 1, 0) })
 	}
 	for ai := range algos {
 		a := &algos[ai]

@@ -7,7 +7,6 @@ import (
 	"math"
 	"os"
 	"testing"
-	"unsafe"
 )
 
 // TestFP8AlgoSweep asks cuBLASLt for up to 16 algorithms of the scaled FP8
@@ -98,10 +97,7 @@ func TestFP8AlgoSweep(t *testing.T) {
 					if err != nil {
 						return err
 					}
-					m.alpha[0], m.beta[0] = 1, 0
-					wp := w.Ptr() + DevicePtr((i%copies)*N*K*es)
-					return checkBLAS("cublasLtMatmul", blas.cublasLtMatmul(m.h, p.desc, unsafe.Pointer(m.alpha), wp, p.a, x.Ptr(), p.b,
-						unsafe.Pointer(m.beta), out.Ptr(), p.d, out.Ptr(), p.d, unsafe.Pointer(&a[0]), m.ws.Ptr(), uint64(m.ws.Size()), s.s))
+					return m.enqueue(s, p, a, out.Ptr(), x.Ptr(), w.Ptr()+DevicePtr((i%copies)*N*K*es), 1, 0)
 				})
 			}
 			var us []float64
