@@ -186,7 +186,7 @@ func (n *Null) WaitSample(out []sample.Choice) error {
 }
 
 // Chainable: any step, on an Async Null without NoChain.
-func (n *Null) Chainable(*engine.StepMeta, engine.Program) bool { return n.Async && !n.NoChain }
+func (n *Null) Chainable(*engine.StepMeta, engine.Program) bool { return n.Chains() }
 
 // Chains: on an Async Null without NoChain.
 func (n *Null) Chains() bool { return n.Async && !n.NoChain }

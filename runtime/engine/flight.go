@@ -186,6 +186,7 @@ func (e *Engine) Launch(p *Planned, sp []Sampling) (*Flight, error) {
 			return nil, err
 		}
 		if err := e.issueDraw(f); err != nil {
+			e.inRunner(e.b.End) // nothing in flight: the step ends here
 			return nil, err
 		}
 	}
@@ -206,7 +207,6 @@ func (e *Engine) issueDraw(f *Flight) error {
 		return nil
 	}
 	if err := e.inRunner(func() error { return ch.IssueSample(e.logits, f.rows) }); err != nil {
-		e.inRunner(e.b.End)
 		return err
 	}
 	f.issued = true
@@ -261,11 +261,8 @@ func (e *Engine) launchChained(p *Planned, sp []Sampling) (*Flight, error) {
 	if err := p.ready(); err != nil {
 		return nil, err
 	}
-	if !f0.issued {
-		if err := e.inRunner(func() error { return ch.IssueSample(e.logits, f0.rows) }); err != nil {
-			return nil, err
-		}
-		f0.issued = true
+	if err := e.issueDraw(f0); err != nil { // issued at its launch already, unless CanChain's backend did not chain then
+		return nil, err
 	}
 	f := &Flight{e: e, p: p, sp: sp, out: make([]sample.Choice, len(p.in))}
 	f.sampleRows()

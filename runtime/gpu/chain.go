@@ -55,11 +55,15 @@ func (c *chainState) close() error {
 	return errors.Join(c.done[0].Destroy(), c.done[1].Destroy())
 }
 
+// ready reports whether steps chain: the option is on and the ring is
+// there (graphs record).
+func (c *chainState) ready() bool { return c.on && c.ring != nil }
+
 // ringPtr is where sample_rows writes a draw of n rows: the ring when
 // steps chain and it holds them (0: nowhere; an eager step may sample more
 // rows than a recording has, and no step chains behind it then).
 func (c *chainState) ringPtr(n int) uint64 {
-	if !c.on || c.ring == nil || n > c.rows {
+	if !c.ready() || n > c.rows {
 		return 0
 	}
 	return uint64(c.ring.Ptr())
@@ -77,8 +81,8 @@ func (b *Backend) fillTokFrom(h []int32, meta *engine.StepMeta) error {
 	if len(meta.TokenFrom) != len(meta.Tokens) {
 		return fmt.Errorf("%w: %d token sources for %d rows", ErrBadStep, len(meta.TokenFrom), len(meta.Tokens))
 	}
-	for i, k := range meta.TokenFrom {
-		if k >= int32(b.chain.drawn) || k >= int32(b.chain.rows) {
+	for i, k := range meta.TokenFrom { // drawn <= rows: only a draw the ring holds counts
+		if k >= int32(b.chain.drawn) {
 			return fmt.Errorf("%w: row %d takes draw %d of a step that drew %d", ErrBadStep, i, k, b.chain.drawn)
 		}
 		if k >= 0 {
@@ -95,7 +99,7 @@ func (b *Backend) fillTokFrom(h []int32, meta *engine.StepMeta) error {
 // no adapter upload in progress and the weight staging freed (nothing that
 // would wait for the device on the host, or record).
 func (b *Backend) Chainable(meta *engine.StepMeta, prog engine.Program) bool {
-	if !b.chain.on || b.chain.ring == nil || len(b.chain.issued) > 1 || b.meta == nil || b.err != nil || b.stage != nil || len(b.loads) > 0 || len(b.gates) > 0 {
+	if !b.chain.ready() || len(b.chain.issued) > 1 || b.meta == nil || b.err != nil || b.stage != nil || len(b.loads) > 0 || len(b.gates) > 0 {
 		return false
 	}
 	ok, mixed := b.graphable(meta)
@@ -110,7 +114,7 @@ func (b *Backend) Chainable(meta *engine.StepMeta, prog engine.Program) bool {
 }
 
 // Chains reports whether steps chain (Options.ChainSteps, with graphs).
-func (b *Backend) Chains() bool { return b.chain.on && b.chain.ring != nil }
+func (b *Backend) Chains() bool { return b.chain.ready() }
 
 // IssueSample starts the step's draw as SampleRows does, without waiting
 // (engine.Chainer): the tokens come back with WaitSample.
@@ -126,8 +130,7 @@ func (b *Backend) IssueSample(logits engine.Buffer, rows []engine.RowSample) err
 		return err
 	}
 	if d == nil { // no rows: no staging used; the event marks the step's end all the same
-		d = &draw{set: b.smpi}
-		b.smpi ^= 1
+		d = &draw{set: b.takeSet()}
 	}
 	if err := b.chain.done[d.set].Record(b.s); err != nil {
 		return err
@@ -149,9 +152,7 @@ func (b *Backend) WaitSample(out []sample.Choice) error {
 	if err := b.chain.done[d.set].Synchronize(); err != nil {
 		return fmt.Errorf("gpu: step failed: %w", err)
 	}
-	if d.tm != nil {
-		b.keepTime(d.tm)
-	}
+	b.keepTime(d.tm)
 	return d.parse(out)
 }
 

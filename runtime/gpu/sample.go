@@ -44,6 +44,16 @@ type draw struct {
 	tm   *stepTimer // the step's timer (IssueSample)
 }
 
+// takeSet is the staging set for the next draw: with chained steps the
+// sets take turns (the other may feed a draw still in flight).
+func (b *Backend) takeSet() int {
+	set := b.smpi
+	if b.chain.on {
+		b.smpi ^= 1
+	}
+	return set
+}
+
 // smpBuf is one staging set of the draws: pinned parameters and results,
 // and their device copy.
 type smpBuf struct {
@@ -104,10 +114,7 @@ func (b *Backend) issueDraw(logits engine.Buffer, rows []engine.RowSample) (*dra
 	words := n*(spWords+soWords) + 4*adj
 	// 1 MB at first (256 rows and 60,000 adjustments), then twice what
 	// is needed: pinning memory stalls the device, so it happens rarely
-	set := b.smpi
-	if b.chain.on { // the other set next: this one feeds a draw that may be in flight
-		b.smpi ^= 1
-	}
+	set := b.takeSet()
 	sb := &b.smp[set]
 	if sb.host == nil || sb.dev == nil || sb.host.Size() < 4*words {
 		sb.host.Free()
