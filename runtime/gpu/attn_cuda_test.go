@@ -333,7 +333,7 @@ func TestAttnBench(t *testing.T) {
 			r.b.force.attnRows = v0
 			r.begin(m)
 			// five calls recorded as a graph (graphMedianUs)
-			med := graphMedianUs(t, r.b.ctx, r.b.s, 5, 20, func(int) error {
+			med := graphMedianUs(t, r.b.s, 5, 20, func(int) error {
 				r.b.Attention(out, q, k, v, 0, 0.088, nil)
 				return r.b.err
 			})

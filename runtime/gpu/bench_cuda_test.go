@@ -42,7 +42,7 @@ func median(v []float32) float64 {
 
 // eventMedianMs runs fn(i) warm+reps times on s, each between two timing
 // events, and returns the median device time of the last reps in ms.
-func eventMedianMs(t testing.TB, c *cuda.Context, s *cuda.Stream, warm, reps int, fn func(i int) error) float64 {
+func eventMedianMs(t testing.TB, s *cuda.Stream, warm, reps int, fn func(i int) error) float64 {
 	t.Helper()
 	ms, err := s.MedianMs(warm, reps, fn)
 	if err != nil {
@@ -55,7 +55,7 @@ func eventMedianMs(t testing.TB, c *cuda.Context, s *cuda.Stream, warm, reps int
 // median device time per call in microseconds over reps replays. Launched one
 // by one from the test, short kernels would be timed waiting for the host's
 // launches; a replayed graph keeps the GPU fed.
-func graphMedianUs(t testing.TB, c *cuda.Context, s *cuda.Stream, calls, reps int, fn func(i int) error) float64 {
+func graphMedianUs(t testing.TB, s *cuda.Stream, calls, reps int, fn func(i int) error) float64 {
 	t.Helper()
 	us, err := s.GraphMedianUs(calls, reps, fn)
 	if err != nil {
@@ -81,7 +81,7 @@ func deviceCopyBW(t testing.TB, c *cuda.Context, s *cuda.Stream) float64 {
 	if err := s.Memset32(src.Ptr(), 0x3f803f80, n/4); err != nil {
 		t.Fatal(err)
 	}
-	ms := eventMedianMs(t, c, s, 2, 10, func(int) error { return s.CopyDtoD(dst.Ptr(), src.Ptr(), n) })
+	ms := eventMedianMs(t, s, 2, 10, func(int) error { return s.CopyDtoD(dst.Ptr(), src.Ptr(), n) })
 	return 2 * n / (ms / 1e3)
 }
 
