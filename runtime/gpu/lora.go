@@ -208,9 +208,12 @@ func (a *loraAside) alloc(ctx *cuda.Context, rows int, cfg *llama.Config) error 
 }
 
 // loraSMs is the SMs the step's GEMMs leave to the LoRA stream.
-func (b *Backend) loraSMs() int {
+func (b *Backend) loraSMs() int { return b.loraSMsFor(b.rows()) }
+
+// loraSMsFor is loraSMs for a step of rows rows.
+func (b *Backend) loraSMsFor(rows int) int {
 	if b.la.sms < 0 {
-		return autoLoRASMs(b.rows())
+		return autoLoRASMs(rows)
 	}
 	return b.la.sms
 }

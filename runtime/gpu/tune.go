@@ -2,6 +2,7 @@ package gpu
 
 import (
 	"fmt"
+	"slices"
 	"time"
 
 	"github.com/peftd/peftd/runtime/cuda"
@@ -52,6 +53,9 @@ func (b *Backend) tuneGemms() error {
 		}
 		byShape[sh] = append(byShape[sh], w.mem.Ptr())
 	}
+	// a shape of one layer only would have its products read the weight
+	// from L2: it is not tuned
+	order = slices.DeleteFunc(order, func(sh shape) bool { return len(byShape[sh]) < 2 })
 	var rows []int
 	for _, n := range graphBuckets[:bucketIndex(b.g.maxRows)+1] {
 		if n >= tuneMinRows {
@@ -60,9 +64,7 @@ func (b *Backend) tuneGemms() error {
 	}
 	maxN, maxK := 0, 0
 	for _, sh := range order {
-		if len(byShape[sh]) > 1 {
-			maxN, maxK = max(maxN, sh.n), max(maxK, sh.k)
-		}
+		maxN, maxK = max(maxN, sh.n), max(maxK, sh.k)
 	}
 	if len(rows) == 0 || maxN == 0 {
 		return nil
@@ -84,22 +86,13 @@ func (b *Backend) tuneGemms() error {
 	defer b.mm.SetSMTarget(0)
 	for _, n := range rows {
 		targets := []int{0}
-		if hold := b.la.sms; b.la.on {
-			if hold < 0 {
-				hold = autoLoRASMs(n)
-			}
-			if hold > 0 {
-				targets = append(targets, max(1, b.ctx.Device().SMs-hold))
-			}
+		if hold := b.loraSMsFor(n); b.la.on && hold > 0 {
+			targets = append(targets, max(1, b.ctx.Device().SMs-hold))
 		}
 		for _, sms := range targets {
 			b.mm.SetSMTarget(sms)
 			for _, sh := range order {
-				ws := byShape[sh]
-				if len(ws) < 2 {
-					continue // one layer: its products would read the weight from L2
-				}
-				r, err := b.mm.TuneGemmTN(b.s, out.Ptr(), cuda.R16BF, in.Ptr(), cuda.R16BF, ws, cuda.R16BF, n, sh.n, sh.k, 8, 5)
+				r, err := b.mm.TuneGemmTN(b.s, out.Ptr(), cuda.R16BF, in.Ptr(), cuda.R16BF, byShape[sh], cuda.R16BF, n, sh.n, sh.k, 8, 5)
 				if err != nil {
 					return fmt.Errorf("gpu: tune %d rows x [%d, %d]: %w", n, sh.n, sh.k, err)
 				}
