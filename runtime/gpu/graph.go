@@ -504,11 +504,6 @@ func (b *Backend) fillGraphMeta(meta *engine.StepMeta, n, rank int, mixed bool) 
 		}
 	}
 	h := hb.Int32s()
-	if b.chain.on {
-		if err := b.fillTokFrom(h[o.tokFrom:o.tokFrom+n], meta); err != nil {
-			return err
-		}
-	}
 	for i := range n {
 		h[o.loraRows+i], h[o.loraSlots+i], h[o.rowSeq+i], h[o.logitRows+i] = int32(i), -1, -1, 0
 		if i >= T { // padding: token 0 at position 0, no KV slot
@@ -593,8 +588,12 @@ func (b *Backend) fillGraphMeta(meta *engine.StepMeta, n, rank int, mixed bool) 
 		tl = putTiles(h, tl, g.Start, g.End, sgTileRows, int32(g.Slot))
 	}
 	clear(h[tl : o.tiles+4*nTiles]) // tiles with no rows
-	if b.chain.on {                 // the sources sit after the page tables
-		if err := cuda.CopyHtoD(b.s, b.g.dev.Ptr()+cuda.DevicePtr(4*o.tokFrom), h[o.tokFrom:o.tokFrom+n]); err != nil {
+	if b.chain.on { // the rows' token sources, after the page tables
+		src := h[o.tokFrom : o.tokFrom+n]
+		if err := b.fillTokFrom(src, meta); err != nil {
+			return err
+		}
+		if err := cuda.CopyHtoD(b.s, b.g.dev.Ptr()+cuda.DevicePtr(4*o.tokFrom), src); err != nil {
 			return err
 		}
 	}
