@@ -588,7 +588,7 @@ func (b *Backend) fillGraphMeta(meta *engine.StepMeta, n, rank int, mixed bool) 
 		tl = putTiles(h, tl, g.Start, g.End, sgTileRows, int32(g.Slot))
 	}
 	clear(h[tl : o.tiles+4*nTiles]) // tiles with no rows
-	if b.chain.on { // the rows' token sources, after the page tables
+	if b.chain.on {                 // the rows' token sources, after the page tables
 		src := h[o.tokFrom : o.tokFrom+n]
 		if err := b.fillTokFrom(src, meta); err != nil {
 			return err
