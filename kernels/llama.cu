@@ -61,6 +61,19 @@ __device__ __forceinline__ uint4 widen8_e4m3(uint2 w) {
 // grid (T), block a multiple of 32.
 #define ADD_RC 4 // 16-byte words of a row each thread keeps in registers (rows of up to 32 * blockDim values)
 
+// amax8: the largest magnitude of the 8 stored bf16 values of w into m,
+// bad set when one is not finite (the per-row FP8 quantization's scale).
+__device__ __forceinline__ void amax8(uint4 w, float& m, int& bad) {
+    float v[8];
+    unpack8(w, v);
+#pragma unroll
+    for (int i = 0; i < 8; i++) {
+        const float a = fabsf(v[i]);
+        bad |= !(a <= 3.4e38f);
+        m = fmaxf(m, a);
+    }
+}
+
 // add_word: word c of row x8 plus d8's (and e8's, summed and rounded to bf16
 // first), rounded to bf16 and stored back when there is a delta.
 __device__ __forceinline__ uint4 add_word(uint4* x8, const uint4* d8, const float4* e8, int c) {
@@ -101,15 +114,7 @@ __device__ __forceinline__ void norm_word(uint4* o8, int c, uint4 xb, uint4 wb, 
     for (int i = 0; i < 8; i++) v[i] = g[i] * (v[i] * inv);
     const uint4 b = pack8(v);
     o8[c] = b;
-    if (q) {
-        unpack8(b, v); // the stored values
-#pragma unroll
-        for (int i = 0; i < 8; i++) {
-            const float a = fabsf(v[i]);
-            bad |= !(a <= 3.4e38f);
-            m = fmaxf(m, a);
-        }
-    }
+    if (q) amax8(b, m, bad);
 }
 
 extern "C" __global__ void add_rmsnorm(bf16* x, const bf16* delta, const float* d2, const int* rl, bf16* out, const bf16* w, float eps, int H,
@@ -1224,14 +1229,7 @@ extern "C" __global__ void silu_mul(bf16* out, const bf16* g, const bf16* u, con
         for (int c = 8 * threadIdx.x; c < cols; c += 8 * blockDim.x) {
             const uint4 w = silu_mul8(g + r * ldg + c, u + r * ldg + c, lo ? dg + r * ldd + c : nullptr, lo ? du + r * ldd + c : nullptr);
             *reinterpret_cast<uint4*>(out + r * cols + c) = w;
-            float a[8];
-            unpack8(w, a); // the stored values
-#pragma unroll
-            for (int j = 0; j < 8; j++) {
-                const float x = fabsf(a[j]);
-                bad |= !(x <= 3.4e38f);
-                m = fmaxf(m, x);
-            }
+            amax8(w, m, bad);
         }
         quant_row_e4m3(out + r * cols, q + r * cols, qscale + r, cols, true, m, bad, sh);
         return;
