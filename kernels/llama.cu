@@ -61,6 +61,14 @@ __device__ __forceinline__ uint4 widen8_e4m3(uint2 w) {
 // grid (T), block a multiple of 32.
 #define ADD_RC 4 // 16-byte words of a row each thread keeps in registers (rows of up to 32 * blockDim values)
 
+// add8: a += d (8 floats from 16-byte aligned d), each sum rounded to bf16
+// (a LoRA update added to a projection's output, as an update in place would).
+__device__ __forceinline__ void add8(float* a, const float* d) {
+    const float4 d0 = *reinterpret_cast<const float4*>(d), d1 = *reinterpret_cast<const float4*>(d + 4);
+    float f[8] = {a[0] + d0.x, a[1] + d0.y, a[2] + d0.z, a[3] + d0.w, a[4] + d1.x, a[5] + d1.y, a[6] + d1.z, a[7] + d1.w};
+    unpack8(pack8(f), a);
+}
+
 // amax8: the largest magnitude of the 8 stored bf16 values of w into m,
 // bad set when one is not finite (the per-row FP8 quantization's scale).
 __device__ __forceinline__ void amax8(uint4 w, float& m, int& bad) {
@@ -82,13 +90,7 @@ __device__ __forceinline__ uint4 add_word(uint4* x8, const uint4* d8, const floa
     float v[8], d[8];
     unpack8(xv, v);
     unpack8(d8[c], d);
-    if (e8) {
-        const float4 e0 = e8[2 * c], e1 = e8[2 * c + 1];
-        float e[8] = {e0.x, e0.y, e0.z, e0.w, e1.x, e1.y, e1.z, e1.w};
-#pragma unroll
-        for (int i = 0; i < 8; i++) e[i] += d[i];
-        unpack8(pack8(e), d);
-    }
+    if (e8) add8(d, reinterpret_cast<const float*>(e8 + 2 * c));
 #pragma unroll
     for (int i = 0; i < 8; i++) v[i] += d[i];
     const uint4 b = pack8(v);
@@ -373,15 +375,8 @@ extern "C" __global__ void rope_store_rows(bf16* q, bf16* k, const bf16* v, bf16
             unpack8(*reinterpret_cast<const uint4*>(x + 8 * j), x1);
             unpack8(*reinterpret_cast<const uint4*>(x + half + 8 * j), x2);
             if (d) {
-                const float4* d1 = reinterpret_cast<const float4*>(d + 8 * j);
-                const float4* d2 = reinterpret_cast<const float4*>(d + half + 8 * j);
-                const float4 a0 = d1[0], a1 = d1[1], b0 = d2[0], b1 = d2[1];
-                const float da[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w}, db[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
-#pragma unroll
-                for (int e = 0; e < 8; e++) {
-                    x1[e] = __bfloat162float(tobf(x1[e] + da[e]));
-                    x2[e] = __bfloat162float(tobf(x2[e] + db[e]));
-                }
+                add8(x1, d + 8 * j);
+                add8(x2, d + half + 8 * j);
             }
 #pragma unroll
             for (int e = 0; e < 8; e++) {
@@ -433,11 +428,7 @@ extern "C" __global__ void rope_store_rows(bf16* q, bf16* k, const bf16* v, bf16
         if (dv) {
             float a[8];
             unpack8(w, a);
-            const float4* dd = reinterpret_cast<const float4*>(dv + (i64)r * ldd + 8 * u);
-            const float4 a0 = dd[0], a1 = dd[1];
-            const float da[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
-#pragma unroll
-            for (int e = 0; e < 8; e++) a[e] = __bfloat162float(tobf(a[e] + da[e]));
+            add8(a, dv + (i64)r * ldd + 8 * u);
             w = pack8(a);
         }
         *reinterpret_cast<uint4*>(vc + (i64)slot * width + 8 * u) = w;
@@ -1196,11 +1187,6 @@ extern "C" __global__ void __launch_bounds__(PRE_THREADS) attn_prefill8_d128(ATT
 // out row is also quantized to e4m3 into q (cols bytes per row) and its scale
 // into qscale, as quant_rows_e4m3 would from the stored values, for the FP8
 // down projection (no quantization launch).
-__device__ __forceinline__ void add8(float* a, const float* d) {
-    const float4 d0 = *reinterpret_cast<const float4*>(d), d1 = *reinterpret_cast<const float4*>(d + 4);
-    float f[8] = {a[0] + d0.x, a[1] + d0.y, a[2] + d0.z, a[3] + d0.w, a[4] + d1.x, a[5] + d1.y, a[6] + d1.z, a[7] + d1.w};
-    unpack8(pack8(f), a);
-}
 
 // silu_mul8: silu(g) * u for 8 values (16-byte words), after adding the
 // LoRA updates dg and du (when dg is set) as silu_mul says.
