@@ -59,53 +59,6 @@ template <bool MAX> __device__ float block_reduce(float v, float* sh) {
 __device__ __forceinline__ float block_sum(float v, float* sh) { return block_reduce<false>(v, sh); }
 __device__ __forceinline__ float block_max(float v, float* sh) { return block_reduce<true>(v, sh); }
 
-// splitk_sum4: four columns of a K-split product (runtime/cuda
-// GemmTNSplitK: float32 partials [S, rows, N], slices n4 float4s apart),
-// summed in slice order (deterministic). fp8_splitk_reduce, splitk_reduce
-// and add_rmsnorm (which takes the o and down products' partials itself)
-// sum them this way.
-__device__ __forceinline__ float4 splitk_sum4(const float4* p, long long n4, int S) {
-    float4 v = __ldcg(p);
-    for (int s = 1; s < S; s++) {
-        const float4 u = __ldcg(p + s * n4);
-        v.x += u.x;
-        v.y += u.y;
-        v.z += u.z;
-        v.w += u.w;
-    }
-    return v;
-}
-
-// splitk_reduce_body: out[m, n] = bf16(sum_{s < S} part[s, m, n]), times
-// sx[m] * sw[n] when sx is set (FP8 row scales), as the whole product
-// would be rounded. N % 4 == 0; four columns per thread, a grid-stride loop.
-__device__ __forceinline__ void splitk_reduce_body(bf16* __restrict__ out, const float* __restrict__ part,
-                                                   const float* __restrict__ sx, const float* __restrict__ sw, int M,
-                                                   int N, int S) {
-    pdl_entry();
-    const long long n4 = (long long)M * N / 4;
-    const float4* p = (const float4*)part;
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n4; i += (long long)gridDim.x * blockDim.x) {
-        float4 v = splitk_sum4(p + i, n4, S);
-        const long long e = 4 * i;
-        if (sx) {
-            const int m = (int)(e / N), n = (int)(e - (long long)m * N);
-            const float a = sx[m];
-            const float4 b = *(const float4*)(sw + n);
-            v.x = v.x * a * b.x;
-            v.y = v.y * a * b.y;
-            v.z = v.z * a * b.z;
-            v.w = v.w * a * b.w;
-        }
-        __nv_bfloat162 lo = __floats2bfloat162_rn(v.x, v.y);
-        __nv_bfloat162 hi = __floats2bfloat162_rn(v.z, v.w);
-        uint2 o;
-        o.x = *(unsigned*)&lo;
-        o.y = *(unsigned*)&hi;
-        *(uint2*)(out + e) = o;
-    }
-}
-
 // cp_async16 copies 16 bytes from global to shared memory without passing
 // through registers (n == 0: fills zeros, reads nothing); cp_async_commit
 // closes a group, cp_async_wait<N> waits until at most N of this thread's

@@ -303,10 +303,33 @@ extern "C" __global__ void __launch_bounds__(32 * SK_WARPS) fp8_gemm_skinny_n128
 // (cuBLASLt's strided batch, runtime/cuda GemmTNSplitK), scaled and rounded
 // as the whole product would be:
 //   out[m, n] = bf16(sx[m] * sw[n] * sum_{s < S} part[s, m, n])
-// with sx [M] and sw [N] the activation and weight row scales
-// (splitk_reduce_body). N % 4 == 0.
+// summed in split order (deterministic), with sx [M] and sw [N] the
+// activation and weight row scales. N % 4 == 0; four columns per thread,
+// a grid-stride loop.
 extern "C" __global__ void fp8_splitk_reduce(bf16* __restrict__ out, const float* __restrict__ part,
                                              const float* __restrict__ sx, const float* __restrict__ sw, int M, int N,
                                              int S) {
-    splitk_reduce_body(out, part, sx, sw, M, N, S);
+    pdl_entry();
+    const i64 n4 = (i64)M * N / 4;
+    const float4* p = (const float4*)part;
+    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n4; i += (i64)gridDim.x * blockDim.x) {
+        float4 v = __ldcg(p + i);
+        for (int s = 1; s < S; s++) {
+            const float4 u = __ldcg(p + (i64)s * n4 + i);
+            v.x += u.x;
+            v.y += u.y;
+            v.z += u.z;
+            v.w += u.w;
+        }
+        const i64 e = 4 * i;
+        const int m = (int)(e / N), n = (int)(e - (i64)m * N);
+        const float a = sx[m];
+        const float4 b = *(const float4*)(sw + n);
+        __nv_bfloat162 lo = __floats2bfloat162_rn(v.x * a * b.x, v.y * a * b.y);
+        __nv_bfloat162 hi = __floats2bfloat162_rn(v.z * a * b.z, v.w * a * b.w);
+        uint2 o;
+        o.x = *(unsigned*)&lo;
+        o.y = *(unsigned*)&hi;
+        *(uint2*)(out + e) = o;
+    }
 }

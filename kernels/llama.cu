@@ -58,10 +58,6 @@ __device__ __forceinline__ uint4 widen8_e4m3(uint2 w) {
 // then, when out is set, out[r] = rmsnorm(x[r]) * w; and when q is set
 // too, out[r] quantized per row to e4m3 into q[r] (H bytes) and qscale[r]
 // for the FP8 projections that read it (no quant_rows_e4m3 launch).
-// With part (H % 8 == 0), delta is a K-split product left unreduced
-// (runtime/gpu split.go: o and down): its S float32 partials [S, T, H] are
-// summed here (times sx[r] * sw[n] when sx is set), rounded to bf16 and
-// stored into delta, then added as above: one kernel less per product.
 // grid (T), block a multiple of 32.
 #define ADD_RC 4 // 16-byte words of a row each thread keeps in registers (rows of up to 32 * blockDim values)
 
@@ -86,37 +82,14 @@ __device__ __forceinline__ void amax8(uint4 w, float& m, int& bad) {
     }
 }
 
-// split_word: word c (8 columns) of row r of a K-split product whose
-// partials add_rmsnorm takes in place of the product (splitk_reduce_body's
-// sum, scales and rounding), also stored into d8 so that the product's
-// buffer holds it as if the product had been reduced into it.
-__device__ __forceinline__ uint4 split_word(uint4* d8, const float* part, const float* sx, const float* sw, int r, int c,
-                                            int T, int H, int S) {
-    const i64 n4 = (i64)T * H / 4;
-    const float4* p = reinterpret_cast<const float4*>(part + (i64)r * H) + 2 * c;
-    float4 a = splitk_sum4(p, n4, S), b = splitk_sum4(p + 1, n4, S);
-    if (sx) {
-        const float f = sx[r];
-        const float4 w0 = *reinterpret_cast<const float4*>(sw + 8 * c), w1 = *reinterpret_cast<const float4*>(sw + 8 * c + 4);
-        a.x = a.x * f * w0.x, a.y = a.y * f * w0.y, a.z = a.z * f * w0.z, a.w = a.w * f * w0.w;
-        b.x = b.x * f * w1.x, b.y = b.y * f * w1.y, b.z = b.z * f * w1.z, b.w = b.w * f * w1.w;
-    }
-    const float v[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
-    const uint4 w = pack8(v);
-    d8[c] = w;
-    return w;
-}
-
-// add_word: word c of row x8 plus d8's (or, with part, the K-split
-// product's: split_word) and e8's (summed and rounded to bf16 first),
-// rounded to bf16 and stored back when there is a delta.
-__device__ __forceinline__ uint4 add_word(uint4* x8, uint4* d8, const float4* e8, int c, const float* part,
-                                          const float* sx, const float* sw, int r, int T, int H, int S) {
+// add_word: word c of row x8 plus d8's (and e8's, summed and rounded to bf16
+// first), rounded to bf16 and stored back when there is a delta.
+__device__ __forceinline__ uint4 add_word(uint4* x8, const uint4* d8, const float4* e8, int c) {
     const uint4 xv = x8[c];
     if (!d8) return xv;
     float v[8], d[8];
     unpack8(xv, v);
-    unpack8(part ? split_word(d8, part, sx, sw, r, c, T, H, S) : d8[c], d);
+    unpack8(d8[c], d);
     if (e8) add8(d, reinterpret_cast<const float*>(e8 + 2 * c));
 #pragma unroll
     for (int i = 0; i < 8; i++) v[i] += d[i];
@@ -146,17 +119,8 @@ __device__ __forceinline__ void norm_word(uint4* o8, int c, uint4 xb, uint4 wb, 
     if (q) amax8(b, m, bad);
 }
 
-// splitk_reduce: a K-split product's partials summed into its bf16 output
-// (splitk_reduce_body; sx null for bf16 weights) when no add_rmsnorm takes
-// them. grid-stride, N % 4 == 0.
-extern "C" __global__ void splitk_reduce(bf16* __restrict__ out, const float* __restrict__ part,
-                                         const float* __restrict__ sx, const float* __restrict__ sw, int M, int N, int S) {
-    splitk_reduce_body(out, part, sx, sw, M, N, S);
-}
-
-extern "C" __global__ void add_rmsnorm(bf16* x, bf16* delta, const float* d2, const int* rl, bf16* out, const bf16* w, float eps, int H,
-                                       unsigned char* q, float* qscale, const float* part, const float* sx, const float* sw,
-                                       int S) {
+extern "C" __global__ void add_rmsnorm(bf16* x, const bf16* delta, const float* d2, const int* rl, bf16* out, const bf16* w, float eps, int H,
+                                       unsigned char* q, float* qscale) {
     const int r = blockIdx.x, tid = threadIdx.x, bd = blockDim.x, n8 = H >> 3;
     const bool vec = (H & 7) == 0;       // 16-byte words: every load of a row in flight at once
     const bool regs = vec && n8 <= ADD_RC * bd; // the row stays in registers between the two passes
@@ -178,7 +142,7 @@ extern "C" __global__ void add_rmsnorm(bf16* x, bf16* delta, const float* d2, co
     float ss = 0.f;
     if (vec) {
         uint4* x8 = reinterpret_cast<uint4*>(xr);
-        uint4* d8 = delta ? reinterpret_cast<uint4*>(delta + (i64)r * H) : nullptr;
+        const uint4* d8 = delta ? reinterpret_cast<const uint4*>(delta + (i64)r * H) : nullptr;
         const float4* e8 = d2 ? reinterpret_cast<const float4*>(d2 + (i64)r * H) : nullptr;
         uint4* o8 = reinterpret_cast<uint4*>(out + (i64)r * H);
         float m = 0.f;
@@ -189,7 +153,7 @@ extern "C" __global__ void add_rmsnorm(bf16* x, bf16* delta, const float* d2, co
             for (int j = 0; j < ADD_RC; j++) {
                 const int c = tid + j * bd;
                 if (c < n8) {
-                    xk[j] = add_word(x8, d8, e8, c, part, sx, sw, r, gridDim.x, H, S);
+                    xk[j] = add_word(x8, d8, e8, c);
                     ss += sumsq8(xk[j]);
                 }
             }
@@ -202,7 +166,7 @@ extern "C" __global__ void add_rmsnorm(bf16* x, bf16* delta, const float* d2, co
                 if (c < n8) norm_word(o8, c, xk[j], wk[j], inv, q != nullptr, m, bad);
             }
         } else {
-            for (int c = tid; c < n8; c += bd) ss += sumsq8(add_word(x8, d8, e8, c, part, sx, sw, r, gridDim.x, H, S));
+            for (int c = tid; c < n8; c += bd) ss += sumsq8(add_word(x8, d8, e8, c));
             if (!out) return;
             ss = block_sum(ss, sh);
             const float inv = 1.f / sqrtf(ss / (float)H + eps);

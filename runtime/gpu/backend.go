@@ -152,7 +152,6 @@ type funcs struct {
 	attnPrefill8                                                                  [3]*cuda.Function // attn_prefill8_d*: FP8 keys
 	sgExpandTC                                                                    [3]*cuda.Function // sgmv_expand_tc1, tc2, tc4
 	ropeRows                                                                      *cuda.Function    // rope_store_rows
-	splitReduce                                                                   *cuda.Function    // splitk_reduce
 }
 
 // kernelForce makes the steps of a Backend take one kernel family where the
@@ -165,8 +164,6 @@ type kernelForce struct {
 	attnRows  bool          // attention: the per-row kernel for every row (no attn_decode, attn_prefill, graphs)
 	decSplit  int           // attn_decode: at most this many KV splits per (sequence, KV head) (0: decSplitFor's choice)
 	ropeHeads bool          // RoPE and the K/V store: rope_store (a block per row and head) for every shape
-	bf16Split int           // bf16 products: -1 never split over K (cuBLASLt's own), n > 0 n slices where they fit (0: bf16Split's choice)
-	splitNow  bool          // FP8 K-split products: summed by splitk_reduce right away, not by the op that reads them
 	wholeLoad bool          // adapter loads: a step waits for the whole image before it starts (no per-layer start)
 	slowFill  time.Duration // adapter loads: a sleep after each chunk's fill (tests: a step must wait for the host)
 }
@@ -266,11 +263,6 @@ type Backend struct {
 	stage *staging // weight uploads' pinned staging (upload.go), freed before the first step
 
 	la loraAside // the LoRA stream and the update it has in flight (lora.go)
-	// the K-split product whose sum is pending (split.go), the bf16
-	// products' partials, and the shapes cuBLASLt had no split plan for
-	sp      splitSum
-	spPart  *cuda.DeviceBuffer
-	splitNo map[[3]int]bool
 
 	// asynchronous adapter loads (PrepareAdapter / LoadPrepared)
 	cs          *cuda.Stream   // copy stream (weight uploads)
@@ -476,7 +468,7 @@ func (b *Backend) open(opts Options) error {
 		{&b.fn.attnPrefill8[0], "attn_prefill8_d32"}, {&b.fn.attnPrefill8[1], "attn_prefill8_d64"}, {&b.fn.attnPrefill8[2], "attn_prefill8_d128"},
 		{&b.fn.addBias, "add_bias"}, {&b.fn.headRMSNorm, "head_rmsnorm"}, {&b.fn.addDelta, "add_delta"},
 		{&b.fn.sgExpandTC[0], "sgmv_expand_tc1"}, {&b.fn.sgExpandTC[1], "sgmv_expand_tc2"}, {&b.fn.sgExpandTC[2], "sgmv_expand_tc4"},
-		{&b.fn.ropeRows, "rope_store_rows"}, {&b.fn.splitReduce, "splitk_reduce"}} {
+		{&b.fn.ropeRows, "rope_store_rows"}} {
 		if *f.p, err = b.mod.Function(f.name); err != nil {
 			return err
 		}
@@ -600,11 +592,6 @@ func (b *Backend) Init(cfg *llama.Config, spec engine.Spec) error {
 	}
 	if b.normed, err = b.ctx.Alloc(maxTokens * cfg.Hidden * 2); err != nil {
 		return err
-	}
-	if b.f8 == nil { // the bf16 o and down products' partials (split.go); FP8 has its own
-		if b.spPart, err = b.ctx.Alloc(bf16SplitBytes(cfg.Hidden, maxTokens)); err != nil {
-			return err
-		}
 	}
 	if b.invFreq, err = b.ctx.Alloc(cfg.HeadDim / 2 * 4); err != nil {
 		return err
@@ -799,7 +786,7 @@ func (b *Backend) Close() error {
 	}
 	errs = append(errs, b.dropGraphs())
 	for _, d := range []*cuda.DeviceBuffer{b.kcache, b.kscale, b.vcache, b.metaDev, b.invFreq, b.normed, b.table, b.loraTmp, b.smp[0].dev, b.smp[1].dev, b.attnPart, b.attnDone,
-		b.spPart, b.g.dev, b.g.part, b.g.tmp, b.la.delta} {
+		b.g.dev, b.g.part, b.g.tmp, b.la.delta} {
 		errs = append(errs, d.Free())
 	}
 	for _, h := range []*cuda.HostBuffer{b.metaHost, b.readHost, b.smp[0].host, b.smp[1].host, b.g.host, b.g.host2} {

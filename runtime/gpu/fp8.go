@@ -231,20 +231,9 @@ func (f *fp8State) invalidate() { f.cValid = false }
 // the FP8 GEMM: x's rows are quantized per token into the scratch unless
 // the scratch already holds them (same input, rows and write generation gen).
 func (f *fp8State) linear(out, x cuda.DevicePtr, T int, w *fp8Weight, gen uint64) error {
-	p, err := f.product(out, x, T, w, gen)
-	if err != nil || p.part == 0 {
-		return err
-	}
-	return f.reduceSplit(p)
-}
-
-// product is linear, except that a K-split product's partials are returned
-// unsummed (p.part set): the caller sums them into out (Backend.Linear
-// leaves them to add_rmsnorm).
-func (f *fp8State) product(out, x cuda.DevicePtr, T int, w *fp8Weight, gen uint64) (splitSum, error) {
 	if f.tmp != nil { // uploads are over: the staging is not needed any more
 		if err := f.s.Synchronize(); err != nil {
-			return splitSum{}, err
+			return err
 		}
 		f.tmp.Free()
 		f.tmp = nil
@@ -252,27 +241,27 @@ func (f *fp8State) product(out, x cuda.DevicePtr, T int, w *fp8Weight, gen uint6
 	K := w.cols
 	if !(f.cValid && f.cIn == x && f.cRows == T && f.cCols == K && f.cGen == gen) {
 		if err := f.grow(&f.actQ, (T*K+15)&^15); err != nil {
-			return splitSum{}, err
+			return err
 		}
 		if err := f.grow(&f.actS, 4*T); err != nil {
-			return splitSum{}, err
+			return err
 		}
 		if err := f.quantRows(f.actQ.Ptr(), f.actS.Ptr(), x, T, K, K); err != nil {
 			f.cValid = false
-			return splitSum{}, err
+			return err
 		}
 		f.cIn, f.cRows, f.cCols, f.cGen, f.cValid = x, T, K, gen, true
 	}
 	if gemvFits(T, w.rows, K) {
-		return splitSum{}, f.gemvLaunch(out, T, w)
+		return f.gemvLaunch(out, T, w)
 	}
 	if skinnyFits(T, w.rows, K, f.skinnyTop()) {
-		return splitSum{}, f.skinnyLaunch(out, T, w)
+		return f.skinnyLaunch(out, T, w)
 	}
 	if S := f.split(T, w.rows, K); S > 1 {
 		return f.splitLaunch(out, T, w, S)
 	}
-	return splitSum{}, f.mm.GemmTNScaled(f.s, out, cuda.R16BF, f.actQ.Ptr(), f.actS.Ptr(), w.q.Ptr(), w.scale.Ptr(), T, w.rows, K)
+	return f.mm.GemmTNScaled(f.s, out, cuda.R16BF, f.actQ.Ptr(), f.actS.Ptr(), w.q.Ptr(), w.scale.Ptr(), T, w.rows, K)
 }
 
 // gemvMaxRows is the most rows fp8_gemv takes: below it cuBLASLt pads the

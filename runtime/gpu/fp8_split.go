@@ -29,22 +29,12 @@ const (
 )
 
 // splitFor is how many K slices the FP8 product of T activation rows and an
-// [N, K] weight takes on sms SMs (1: no split): splitWays, only for rows
-// fp8_gemv does not take.
+// [N, K] weight takes on sms SMs (1: no split): the most of 2, 4, 8 that
+// keeps the blocks (tiles times slices) within one wave, with slices of a
+// whole number of tiles' K (128) and partials within splitPartBytes. Only
+// for rows fp8_gemv does not take, up to splitMaxRows.
 func splitFor(T, N, K, sms int) int {
-	if T <= gemvMaxRows {
-		return 1
-	}
-	return splitWays(T, N, K, sms)
-}
-
-// splitWays is how many K slices a product of T rows (at most
-// splitMaxRows) and an [N, K] weight takes on sms SMs (1: no split): the
-// most of 2, 4, 8 that keeps the blocks (tiles times slices) within one
-// wave, with slices of a whole number of tiles' K (128) and partials within
-// splitPartBytes.
-func splitWays(T, N, K, sms int) int {
-	if T < 1 || T > splitMaxRows || N%4 != 0 || sms <= 0 {
+	if T <= gemvMaxRows || T > splitMaxRows || N%4 != 0 || sms <= 0 {
 		return 1
 	}
 	tiles := ((N + splitTile - 1) / splitTile) * ((T + splitTile - 1) / splitTile)
@@ -81,33 +71,28 @@ func (f *fp8State) split(T, N, K int) int {
 func (f *fp8State) reserveSplit() error { return f.grow(&f.spPart, splitPartBytes) }
 
 // splitLaunch enqueues the K-split product of the quantized activation rows
-// (T of them) and w, S slices, and returns its partials to be summed into
-// out (bf16 [T, w.rows]); a shape cuBLASLt has no split plan for is
-// computed whole into out (ps.part zero) and stays whole from then on.
-func (f *fp8State) splitLaunch(out cuda.DevicePtr, T int, w *fp8Weight, S int) (splitSum, error) {
+// (T of them) and w into out (bf16 [T, w.rows]), S slices.
+func (f *fp8State) splitLaunch(out cuda.DevicePtr, T int, w *fp8Weight, S int) error {
 	N, K := w.rows, w.cols
 	if N%4 != 0 || K%(16*S) != 0 {
-		return splitSum{}, fmt.Errorf("gpu: fp8 product [%d,%d] cannot split K %d ways", N, K, S)
+		return fmt.Errorf("gpu: fp8 product [%d,%d] cannot split K %d ways", N, K, S)
 	}
 	if err := f.grow(&f.spPart, max(splitPartBytes, 4*S*T*N)); err != nil { // more only for a forced split
-		return splitSum{}, err
+		return err
 	}
 	if err := f.mm.GemmTNSplitK(f.s, f.spPart.Ptr(), f.actQ.Ptr(), cuda.R8FE4M3, w.q.Ptr(), cuda.R8FE4M3, T, N, K, S); err != nil {
 		if errors.Is(err, cuda.ErrNotSupported) && f.splitForce == 0 {
+			// cuBLASLt has no plan for this split (nothing was enqueued):
+			// products of this shape stay whole from now on
 			if f.splitNo == nil {
 				f.splitNo = map[[3]int]bool{}
 			}
 			f.splitNo[[3]int{T, N, K}] = true
-			return splitSum{}, f.mm.GemmTNScaled(f.s, out, cuda.R16BF, f.actQ.Ptr(), f.actS.Ptr(), w.q.Ptr(), w.scale.Ptr(), T, N, K)
+			return f.mm.GemmTNScaled(f.s, out, cuda.R16BF, f.actQ.Ptr(), f.actS.Ptr(), w.q.Ptr(), w.scale.Ptr(), T, N, K)
 		}
-		return splitSum{}, err
+		return err
 	}
-	return splitSum{out: out, part: f.spPart.Ptr(), sx: f.actS.Ptr(), sw: w.scale.Ptr(), T: T, N: N, S: S}, nil
-}
-
-// reduce sums a split product's partials into its output (fp8_splitk_reduce).
-func (f *fp8State) reduceSplit(p splitSum) error {
-	blocks := min((p.T*p.N/4+splitThreads-1)/splitThreads, 8*max(f.ctx.Device().SMs, 1))
+	blocks := min((T*N/4+splitThreads-1)/splitThreads, 8*max(f.ctx.Device().SMs, 1))
 	return f.reduce.Launch(f.s, cuda.Dim3{X: blocks}, cuda.Dim3{X: splitThreads}, 0,
-		uint64(p.out), uint64(p.part), uint64(p.sx), uint64(p.sw), p.T, p.N, p.S)
+		uint64(out), uint64(f.spPart.Ptr()), uint64(f.actS.Ptr()), uint64(w.scale.Ptr()), T, N, S)
 }

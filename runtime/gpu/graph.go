@@ -491,7 +491,7 @@ func (b *Backend) record(prog engine.Program) (*cuda.GraphExec, error) {
 func (b *Backend) fillGraphMeta(meta *engine.StepMeta, n, rank int, mixed bool) error {
 	b.err = nil
 	b.gen++
-	b.la.pend, b.la.forkIn, b.sp = pendingDelta{}, 0, splitSum{}
+	b.la.pend, b.la.forkIn = pendingDelta{}, 0
 	o := b.g.lay
 	T, S := len(meta.Tokens), len(meta.Seqs)
 	if len(meta.Positions) != T || len(meta.KVSlots) != T || S > T || len(meta.LogitRows) > T {

@@ -126,7 +126,7 @@ func (b *Backend) UnloadAdapter(slot int) error {
 // the next op that reads out adds it; otherwise shrink and expand run on
 // the compute stream and add it in place.
 func (b *Backend) LoRA(out, in engine.Buffer, layer int, mods []llama.Module) {
-	b.joinDelta() // a split product of out stays pending on the LoRA stream's way (aside)
+	b.join()
 	b.wrote(out)
 	if !b.ok() || b.nLora == 0 || b.stepRank == 0 {
 		return
@@ -151,7 +151,6 @@ func (b *Backend) LoRA(out, in engine.Buffer, layer int, mods []llama.Module) {
 		b.loraAside(o, x, layer, mods, total)
 		return
 	}
-	b.settleSplit() // the update is added to out in place
 	b.loraSlices(b.s, ptr(o), o.ld, x, layer, mods, true)
 }
 
@@ -252,16 +251,8 @@ func (b *Backend) loraAside(o, x *Buffer, layer int, mods []llama.Module, total 
 	}
 }
 
-// join lands what is pending before an op that may read any buffer: a
-// K-split product's sum (settleSplit, split.go), then a LoRA update
-// (joinDelta), which adds to that product.
+// join adds a pending update to its output (after the LoRA stream's work).
 func (b *Backend) join() {
-	b.settleSplit()
-	b.joinDelta()
-}
-
-// joinDelta adds a pending update to its output (after the LoRA stream's work).
-func (b *Backend) joinDelta() {
 	p := b.la.pend
 	if p.delta == 0 {
 		return

@@ -35,7 +35,6 @@ func (b *Backend) AddRMSNorm(x, delta, out engine.Buffer, w engine.Weight, eps f
 			d2 = p[0]
 		}
 	}
-	sp := b.takeSplit(d, b.rows()) // o's or down's K-split product: summed by add_rmsnorm
 	b.opStart()
 	if !b.ok() {
 		return
@@ -44,9 +43,6 @@ func (b *Backend) AddRMSNorm(x, delta, out engine.Buffer, w engine.Weight, eps f
 		return
 	}
 	if !b.check(xb.whole() && (d == nil || d.whole()) && (o == nil || o.whole()), "rmsnorm: views are not supported") {
-		return
-	}
-	if d != nil && !b.check(d.cols == xb.cols, "rmsnorm: delta width %d for rows of %d", d.cols, xb.cols) {
 		return
 	}
 	var wp uint64
@@ -63,8 +59,7 @@ func (b *Backend) AddRMSNorm(x, delta, out engine.Buffer, w engine.Weight, eps f
 	if o != nil && b.f8 != nil && b.f8.fits(b.rows(), xb.cols) {
 		q, qs = b.f8.actQ.Ptr(), b.f8.actS.Ptr()
 	}
-	b.launch(b.fn.addRMSNorm, cuda.Dim3{X: b.rows()}, cuda.Dim3{X: 256}, xb.mem, ptr(d), d2, b.rowLora(), ptr(o), wp, eps, xb.cols, q, qs,
-		uint64(sp.part), uint64(sp.sx), uint64(sp.sw), sp.S)
+	b.launch(b.fn.addRMSNorm, cuda.Dim3{X: b.rows()}, cuda.Dim3{X: 256}, xb.mem, ptr(d), d2, b.rowLora(), ptr(o), wp, eps, xb.cols, q, qs)
 	if q != 0 && b.err == nil {
 		b.f8.holds(o.mem.Ptr(), b.rows(), xb.cols, b.gen)
 	}
@@ -120,21 +115,11 @@ func (b *Backend) Linear(out, in engine.Buffer, w engine.Weight) {
 		if !b.check(x.cols == fw.cols && o.cols == fw.rows && o != x && o.whole() && x.whole(), "linear: in width %d, out width %d, fp8 weight [%d,%d]", x.cols, o.cols, fw.rows, fw.cols) {
 			return
 		}
-		p, err := b.f8.product(o.mem.Ptr(), x.mem.Ptr(), b.rows(), fw, b.gen)
-		b.fail(err)
-		if b.err == nil && p.part != 0 {
-			b.sp = p // summed by the op that reads it (split.go)
-			if b.force.splitNow {
-				b.settleSplit()
-			}
-		}
+		b.fail(b.f8.linear(o.mem.Ptr(), x.mem.Ptr(), b.rows(), fw, b.gen))
 		return
 	}
 	o, x, wt := buf(out), buf(in), w.(*weight)
 	if !b.check(x.cols == wt.cols && o.cols == wt.rows && o.whole() && x.whole(), "linear: in width %d, out width %d, weight [%d,%d]", x.cols, o.cols, wt.rows, wt.cols) {
-		return
-	}
-	if S := b.bf16Split(b.rows(), wt.rows, wt.cols); S > 1 && b.linearSplit(o.mem.Ptr(), x.mem.Ptr(), b.rows(), wt, S) {
 		return
 	}
 	b.fail(b.mm.GemmTN(b.s, o.mem.Ptr(), cuda.R16BF, x.mem.Ptr(), cuda.R16BF, wt.mem.Ptr(), cuda.R16BF, b.rows(), wt.rows, wt.cols, 1, 0))

@@ -82,7 +82,7 @@ func checkLogitRow(r int32, T int) error {
 func (b *Backend) Begin(meta *engine.StepMeta) error {
 	b.err = nil
 	b.gen++
-	b.la.pend, b.la.forkIn, b.sp = pendingDelta{}, 0, splitSum{}
+	b.la.pend, b.la.forkIn = pendingDelta{}, 0
 	T := len(meta.Tokens)
 	if T == 0 || T > b.maxT {
 		return fmt.Errorf("%w: %d rows (max %d)", ErrBadStep, T, b.maxT)
