@@ -86,13 +86,15 @@ type Options struct {
 	// TuneGEMMs times, before the first graphs are recorded, the
 	// algorithms cuBLASLt offers for the bf16 projections at the graph
 	// buckets of tuneMinRows rows and more (tune.go), and keeps the
-	// fastest of each. Experimental: off by default until measured.
+	// fastest of each. Off by default: on an H200 the decode steps ran
+	// within 1% of cuBLASLt's first choices (docs/PERFORMANCE.md v0.21).
 	TuneGEMMs bool
 	// ChainSteps lets a step be launched behind the one in flight
 	// (engine.Chainer, chain.go): its decode rows read the tokens that
 	// step draws on the device, so the device never waits for the host
-	// between two graph-replayed steps. Experimental: off by default until
-	// measured.
+	// between two graph-replayed steps. `peftd serve` sets it unless
+	// --chain-steps=false (serving +0.5-2.6% on an H200, docs/PERFORMANCE.md
+	// v0.21); the zero Options keep steps unchained.
 	ChainSteps bool
 }
 
