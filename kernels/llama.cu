@@ -565,9 +565,9 @@ __device__ __forceinline__ unsigned pack_bf2(float lo, float hi) {
 
 // dec_stages: cp.async stages per warp in attn_decode_d{HD} (shared memory
 // DEC_WARPS * stages * 64 * HD bytes: 96 KB at HD 128, 128 KB at 256).
-template <int HD, bool K8 = false, int STG = 0> struct DecShape {
-    static constexpr int C = HD / 8;                                // 16-byte chunks per K or V row
-    static constexpr int ST = STG > 0 ? STG : (HD >= 256 ? 2 : 3); // stages per warp
+template <int HD, bool K8 = false> struct DecShape {
+    static constexpr int C = HD / 8;                 // 16-byte chunks per K or V row
+    static constexpr int ST = HD >= 256 ? 2 : 3;     // stages per warp
     static constexpr int TILE_B = DEC_TILE * HD * 2; // bytes of K (or V) per tile
     // FP8 keys: a stage holds the tile's V rows, its e4m3 K rows as read
     // (RAW_B) and their scales (SC_B); the warp widens the K rows of the
@@ -621,13 +621,13 @@ template <int HD, bool K8 = false, int STG = 0> struct DecShape {
 // recorded launch fits every step. A sequence with no context
 // (padding) gets zeros; a dec_seq entry of -1 none (its blocks exit). q's
 // rows are ldq values apart. Requires nsplit <= 64.
-template <int HD, bool K8, int STG = 0>
+template <int HD, bool K8>
 __device__ __forceinline__ void attn_decode_body(
     bf16* __restrict__ out, float* __restrict__ part, int* __restrict__ done, const bf16* __restrict__ q,
     const bf16* __restrict__ kc, const bf16* __restrict__ vc, const int* __restrict__ dec_seq,
     const int* __restrict__ seq_info, const int* __restrict__ pages, int heads, int kvh, int bs, float scale, int nsplit,
     int ldq, const float* __restrict__ ks) {
-    typedef DecShape<HD, K8, STG> D;
+    typedef DecShape<HD, K8> D;
     extern __shared__ __align__(128) unsigned char dsm[];
     const int di = blockIdx.x, kh = blockIdx.y, sp = blockIdx.z, tid = threadIdx.x;
     const int lane = tid & 31, warp = tid >> 5, g = lane >> 2, tig = lane & 3;
@@ -921,12 +921,6 @@ extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode_d32(ATTN_D
 extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode_d64(ATTN_DECODE_ARGS) { attn_decode_body<64, false>(ATTN_DECODE_PASS); }
 extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode_d128(ATTN_DECODE_ARGS) { attn_decode_body<128, false>(ATTN_DECODE_PASS); }
 extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode_d256(ATTN_DECODE_ARGS) { attn_decode_body<256, false>(ATTN_DECODE_PASS); }
-// attn_decode_d{64,128}s2: the same with two stages per warp (64 KB of
-// shared memory a block at HD 128, so three blocks fit an SM, not two):
-// more warps resident, one tile in flight ahead of the one computed
-// instead of two (kernelForce.decStages).
-extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode_d64s2(ATTN_DECODE_ARGS) { attn_decode_body<64, false, 2>(ATTN_DECODE_PASS); }
-extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode_d128s2(ATTN_DECODE_ARGS) { attn_decode_body<128, false, 2>(ATTN_DECODE_PASS); }
 // attn_decode8_d*: the same over an FP8 key cache (kc: e4m3 values; ks: one
 // float32 scale per cache slot and KV head).
 extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode8_d32(ATTN_DECODE_ARGS) { attn_decode_body<32, true>(ATTN_DECODE_PASS); }

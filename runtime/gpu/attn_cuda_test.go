@@ -26,11 +26,7 @@ func TestOpAttentionDecode(t *testing.T) {
 	// head_dim 48 and 8: no attn_decode variant, the per-row kernel takes every row
 	// 16 query heads per KV head: no attn_decode (<= 8), attn_prefill takes every row
 	for _, sh := range []attnShape{{32, 8, 128, 1}, {32, 8, 128, 5}, {32, 8, 128, 16}, {4, 2, 64, 5}, {8, 8, 32, 16}, {8, 1, 32, 1}, {16, 2, 256, 16}, {4, 2, 48, 16}, {8, 4, 8, 1}, {16, 1, 64, 16}} {
-		t.Run(sh.String(), func(t *testing.T) { attentionCase(t, sh, false, 0) })
-	}
-	// attn_decode's two-stage variant (kernelForce.decStages)
-	for _, sh := range []attnShape{{32, 8, 128, 1}, {32, 8, 128, 16}, {4, 2, 64, 5}, {16, 1, 64, 16}} {
-		t.Run(sh.String()+"_s2", func(t *testing.T) { attentionCase(t, sh, false, 2) })
+		t.Run(sh.String(), func(t *testing.T) { attentionCase(t, sh, false) })
 	}
 }
 
@@ -41,7 +37,7 @@ func TestOpAttentionDecode(t *testing.T) {
 // dequantized keys, which the reference uses.
 func TestOpAttentionFP8Keys(t *testing.T) {
 	for _, sh := range []attnShape{{32, 8, 128, 16}, {32, 8, 128, 1}, {4, 2, 64, 5}, {16, 2, 256, 16}, {8, 8, 32, 16}} {
-		t.Run(sh.String(), func(t *testing.T) { attentionCase(t, sh, true, 0) })
+		t.Run(sh.String(), func(t *testing.T) { attentionCase(t, sh, true) })
 	}
 }
 
@@ -74,8 +70,8 @@ func quantKey(v []float32, kvh, hd int) (q []byte, scales []float32) {
 }
 
 // attentionCase is one shape of TestOpAttentionDecode (k8: of
-// TestOpAttentionFP8Keys; stages: kernelForce.decStages).
-func attentionCase(t *testing.T, sh attnShape, k8 bool, stages int) {
+// TestOpAttentionFP8Keys).
+func attentionCase(t *testing.T, sh attnShape, k8 bool) {
 	heads, kvh, hd, bs := sh.heads, sh.kvh, sh.hd, sh.bs
 	cfg := testConfig(heads*hd, 128, heads, kvh, hd, 32, 2)
 	ctxs := []int{1, 17, 640, 4097}                       // decode contexts after the step
@@ -96,14 +92,6 @@ func attentionCase(t *testing.T, sh attnShape, k8 bool, stages int) {
 	r := newRigWith(t, cfg, 256, engine.KVSpec{Layers: 2, Blocks: blocks, BlockSize: bs, KVHeads: kvh, HeadDim: hd}, bo)
 	if r.b.kv8 != k8 {
 		t.Fatalf("FP8 key cache %v, want %v", r.b.kv8, k8)
-	}
-	if stages != 0 {
-		if err := r.b.setDecStages(stages); err != nil {
-			t.Fatal(err)
-		}
-		if !r.b.decS2(hd) {
-			t.Fatalf("no two-stage attn_decode for head_dim %d", hd)
-		}
 	}
 	width := kvh * hd
 	free := r.rng.Perm(blocks)

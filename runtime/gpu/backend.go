@@ -150,7 +150,6 @@ type funcs struct {
 	sgShrink, sgShrink4, sgExpand, sample, logitAdjust                            *cuda.Function
 	attnDecode                                                                    [4]*cuda.Function // attn_decode_d32, d64, d128, d256
 	attnDecode8                                                                   [4]*cuda.Function // attn_decode8_d*: FP8 keys
-	attnDecodeS2                                                                  [2]*cuda.Function // attn_decode_d64s2, d128s2 (kernelForce.decStages)
 	attnPrefill                                                                   [3]*cuda.Function // attn_prefill_d32, d64, d128
 	attnPrefill8                                                                  [3]*cuda.Function // attn_prefill8_d*: FP8 keys
 	sgExpandTC                                                                    [3]*cuda.Function // sgmv_expand_tc1, tc2, tc4
@@ -166,7 +165,6 @@ type kernelForce struct {
 	loraV2    bool          // LoRA: SGMV v2 (one launch per op) wherever it fits
 	attnRows  bool          // attention: the per-row kernel for every row (no attn_decode, attn_prefill, graphs)
 	decSplit  int           // attn_decode: at most this many KV splits per (sequence, KV head) (0: decSplitFor's choice)
-	decStages int           // attn_decode: 2 takes the two-stage variant where there is one (setDecStages; 0: the default kernels)
 	ropeHeads bool          // RoPE and the K/V store: rope_store (a block per row and head) for every shape
 	wholeLoad bool          // adapter loads: a step waits for the whole image before it starts (no per-layer start)
 	slowFill  time.Duration // adapter loads: a sleep after each chunk's fill (tests: a step must wait for the host)
@@ -472,7 +470,7 @@ func (b *Backend) open(opts Options) error {
 		{&b.fn.attnPrefill8[0], "attn_prefill8_d32"}, {&b.fn.attnPrefill8[1], "attn_prefill8_d64"}, {&b.fn.attnPrefill8[2], "attn_prefill8_d128"},
 		{&b.fn.addBias, "add_bias"}, {&b.fn.headRMSNorm, "head_rmsnorm"}, {&b.fn.addDelta, "add_delta"},
 		{&b.fn.sgExpandTC[0], "sgmv_expand_tc1"}, {&b.fn.sgExpandTC[1], "sgmv_expand_tc2"}, {&b.fn.sgExpandTC[2], "sgmv_expand_tc4"},
-		{&b.fn.ropeRows, "rope_store_rows"}, {&b.fn.attnDecodeS2[0], "attn_decode_d64s2"}, {&b.fn.attnDecodeS2[1], "attn_decode_d128s2"}} {
+		{&b.fn.ropeRows, "rope_store_rows"}} {
 		if *f.p, err = b.mod.Function(f.name); err != nil {
 			return err
 		}
@@ -496,15 +494,6 @@ func (b *Backend) open(opts Options) error {
 		}
 		if err := f.SetMaxDynamicShared(decShared(32<<i, b.kv8)); err != nil {
 			return err
-		}
-	}
-	for i, f := range b.fn.attnDecodeS2 {
-		if d := decSharedStages(64<<i, false, 2); d <= limit {
-			if err := f.SetMaxDynamicShared(d); err != nil {
-				return err
-			}
-		} else {
-			b.fn.attnDecodeS2[i] = nil // never taken (decS2)
 		}
 	}
 	for i, f := range pre {
@@ -547,7 +536,7 @@ func (b *Backend) sizeDecode() error {
 	if !b.decOK {
 		return nil
 	}
-	per, err := b.decodeKernel(b.kv.HeadDim).BlocksPerSM(decThreads, b.decSmem(b.kv.HeadDim))
+	per, err := b.decodeKernel(b.kv.HeadDim).BlocksPerSM(decThreads, decShared(b.kv.HeadDim, b.kv8))
 	if err != nil {
 		return fmt.Errorf("gpu: attn_decode occupancy: %w", err)
 	}

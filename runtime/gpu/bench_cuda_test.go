@@ -477,16 +477,13 @@ func TestDecodeBench(t *testing.T) {
 		split                        int  // attn_decode's KV splits capped (kernelForce.decSplit; 0: decSplitFor's)
 		ropeHeads                    bool // rope_store for every shape (kernelForce.ropeHeads), not rope_store_rows
 		tuned                        bool // after Options.TuneGEMMs' tuning (it cannot be undone: these rows come last)
-		stages                       int  // attn_decode's two-stage variant (kernelForce.decStages 2)
 	}
 	vs := []variant{{sms: -1}, {lora: true, sms: -1}, {sms: -1, nopdl: true}, {lora: true, sms: -1, nopdl: true},
-		{sms: -1, stages: 2}, {lora: true, sms: -1, stages: 2},
 		{sms: -1, ropeHeads: true}, {sms: -1, split: 8}, {sms: -1, split: 16},
 		{sampled: true, sms: -1}, {eager: true, sms: -1}, {lora: true, eager: true, sms: -1},
 		{lora: true, serial: true, sms: -1}, {lora: true, sms: 0}, {lora: true, sms: 16}, {lora: true, sms: 32}}
-	quick := os.Getenv("PEFTD_DECODE_QUICK") != ""
-	if quick { // base and adapters, with and without PDL and attn_decode's two-stage variant
-		vs = vs[:6]
+	if os.Getenv("PEFTD_DECODE_QUICK") != "" { // base and adapters, with and without PDL; rope_store's A/B
+		vs = vs[:5]
 	}
 	type run struct {
 		B int
@@ -499,7 +496,7 @@ func TestDecodeBench(t *testing.T) {
 		}
 	}
 	for _, B := range batches { // the tuned rows: base and adapters again
-		if B >= tuneMinRows && gb.f8 == nil && !quick {
+		if B >= tuneMinRows && gb.f8 == nil {
 			runs = append(runs, run{B, variant{sms: -1, tuned: true}}, run{B, variant{lora: true, sms: -1, tuned: true}})
 		}
 	}
@@ -511,11 +508,8 @@ func TestDecodeBench(t *testing.T) {
 			continue
 		}
 		retune := v.tuned && !gb.tune.done
-		if wantPDL := pdlOK && !v.nopdl; retune || gb.la.on == v.serial || gb.la.sms != v.sms || gb.s.ProgrammaticLaunch() != wantPDL || gb.force.decSplit != v.split || gb.force.ropeHeads != v.ropeHeads || gb.force.decStages != v.stages { // recordings bake the LoRA and launch modes, the kernels and the GEMM algorithms in
+		if wantPDL := pdlOK && !v.nopdl; retune || gb.la.on == v.serial || gb.la.sms != v.sms || gb.s.ProgrammaticLaunch() != wantPDL || gb.force.decSplit != v.split || gb.force.ropeHeads != v.ropeHeads { // recordings bake the LoRA and launch modes, the kernels and the GEMM algorithms in
 			gb.la.on, gb.la.sms, gb.force.decSplit, gb.force.ropeHeads = !v.serial, v.sms, v.split, v.ropeHeads
-			if err := gb.setDecStages(v.stages); err != nil {
-				t.Fatal(err)
-			}
 			if retune {
 				gb.tune.on = true // tuned by the Warmup below
 			}
@@ -614,9 +608,6 @@ func TestDecodeBench(t *testing.T) {
 		if v.ropeHeads {
 			lbl += "+ropeheads"
 		}
-		if v.stages == 2 {
-			lbl += "+s2"
-		}
 		if v.tuned {
 			lbl += "+tuned"
 		}
@@ -624,9 +615,6 @@ func TestDecodeBench(t *testing.T) {
 			roofS*1e3/gpuMs, wall.Seconds()*1e3/newTok, gpuMs/newTok, roofS*1e3/newTok, prefill.Seconds())
 	}
 	gb.g.off, gb.force.decSplit, gb.force.ropeHeads = false, 0, false
-	if err := gb.setDecStages(0); err != nil {
-		t.Fatal(err)
-	}
 	if res, took := gb.TuneStats(); len(res) > 0 {
 		changed := 0
 		for _, r := range res {

@@ -191,50 +191,16 @@ func (b *Backend) initGraphs(maxContext int) error {
 	if b.g.dev, err = b.ctx.Alloc(4 * o.end); err != nil {
 		return fmt.Errorf("gpu: graph metadata: %w", err)
 	}
-	if err := b.sizeGraphPart(); err != nil {
-		return err
-	}
-	return b.growGraphTmp(scratchRank) // before any recording: growing it drops them
-}
-
-// sizeGraphPart sizes the recordings' attention partials for the split
-// decSplitFor gives each bucket.
-func (b *Backend) sizeGraphPart() error {
 	part := 0
-	for _, n := range graphBuckets[:bucketIndex(b.g.maxRows)+1] {
+	for _, n := range graphBuckets[:bucketIndex(M)+1] {
 		if s := b.decSplitFor(n); s > 1 {
 			part = max(part, 4*n*b.cfg.Heads*s*(b.kv.HeadDim+2))
 		}
 	}
-	if b.g.part != nil && b.g.part.Size() >= part {
-		return nil
-	}
-	b.g.part.Free()
-	var err error
 	if b.g.part, err = b.ctx.Alloc(max(part, 256)); err != nil {
 		return fmt.Errorf("gpu: graph attention scratch: %w", err)
 	}
-	return nil
-}
-
-// setDecStages switches attn_decode between its default kernels and the
-// two-stage variant (kernelForce.decStages; tests and benchmarks): the
-// blocks resident, hence the splits, change with it, so the recordings go.
-func (b *Backend) setDecStages(st int) error {
-	if err := b.s.Synchronize(); err != nil {
-		return err
-	}
-	b.force.decStages = st
-	if err := b.sizeDecode(); err != nil {
-		return err
-	}
-	if err := b.dropGraphs(); err != nil {
-		return err
-	}
-	if b.g.execs == nil || b.g.maxRows == 0 {
-		return nil
-	}
-	return b.sizeGraphPart()
+	return b.growGraphTmp(scratchRank) // before any recording: growing it drops them
 }
 
 // graphsUsable reports whether the driver can record and replay graphs.

@@ -254,7 +254,7 @@ func (b *Backend) Attention(out, q, k, v engine.Buffer, layer int, scale float32
 	if b.err != nil {
 		return
 	}
-	b.fail(b.decodeKernel(hd).Launch(b.s, cuda.Dim3{X: b.nDec, Y: b.kv.KVHeads, Z: b.decSplit}, cuda.Dim3{X: decThreads}, b.decSmem(hd),
+	b.fail(b.decodeKernel(hd).Launch(b.s, cuda.Dim3{X: b.nDec, Y: b.kv.KVHeads, Z: b.decSplit}, cuda.Dim3{X: decThreads}, decShared(hd, b.kv8),
 		ptr(o), part, b.attnDone, ptr(qb), kc, vc, b.i32(b.off.decSeqs), b.i32(b.off.seqInfo), b.i32(b.off.pages),
 		c.Heads, b.kv.KVHeads, b.kv.BlockSize, scale, b.decSplit, qb.ld, ks))
 }
@@ -271,28 +271,10 @@ func (b *Backend) prefillKernel(hd int) *cuda.Function {
 // decodeKernel is the attn_decode variant for head dimension hd (32, 64,
 // 128 or 256: decOK) and the backend's key cache.
 func (b *Backend) decodeKernel(hd int) *cuda.Function {
-	if b.decS2(hd) {
-		return b.fn.attnDecodeS2[hd/128]
-	}
 	if b.kv8 {
 		return b.fn.attnDecode8[bits.TrailingZeros(uint(hd))-5]
 	}
 	return b.fn.attnDecode[bits.TrailingZeros(uint(hd))-5]
-}
-
-// decS2 reports whether attn_decode takes its two-stage variant
-// (attn_decode_d{64,128}s2; kernelForce.decStages 2): bf16 keys, head_dim
-// 64 or 128.
-func (b *Backend) decS2(hd int) bool {
-	return b.force.decStages == 2 && !b.kv8 && (hd == 64 || hd == 128) && b.fn.attnDecodeS2[hd/128] != nil
-}
-
-// decSmem is the dynamic shared memory of the attn_decode kernel for hd.
-func (b *Backend) decSmem(hd int) int {
-	if b.decS2(hd) {
-		return decSharedStages(hd, false, 2)
-	}
-	return decShared(hd, b.kv8)
 }
 
 // decThreads is DEC_THREADS in llama.cu; decShared(hd, k8) is the dynamic
@@ -305,11 +287,6 @@ func decShared(hd int, k8 bool) int {
 	if hd >= 256 {
 		stages = 2
 	}
-	return decSharedStages(hd, k8, stages)
-}
-
-// decSharedStages is decShared of the variant with stages stages a warp.
-func decSharedStages(hd int, k8 bool, stages int) int {
 	tile := 16 * hd * 2 // K or V rows of a 16-position tile, bf16
 	if k8 {             // a stage: V, the e4m3 keys and their scales; one widened K tile (DecShape<HD, true>)
 		return decThreads / 32 * (stages*(tile+16*hd+16*4) + tile)
