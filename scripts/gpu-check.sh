@@ -49,6 +49,10 @@
 #                and warm kernel cache, and the first requests after ready
 #                (READY8B_FP8=1: an FP8 checkpoint with --weights fp8; READY8B_WARM=idle:
 #                --warm-graphs idle)
+#     nsysdec    TestDecodeBench's base rows at PEFTD_DECODE_BATCHES (default
+#                1,16,64) under nsys, graph nodes traced: each kernel
+#                family's time per decode step and the idle time before it,
+#                PDL overlap included (scripts/nsys_steps.py); not default
 #     nsys8b     serve8b's load (base and 4 adapters mixed, concurrency 64) under nsys:
 #                GPU busy fraction, idle gaps, top kernels, CUDA API calls
 #                (scripts/nsys_busy.py; makes the decode checkpoint; not default)
@@ -594,13 +598,52 @@ if want ready8b; then
 	stamp ready8b
 fi
 
+# nsys_find: the nsys on the device (or the one bundled with Nsight Compute)
+nsys_find() { command -v nsys || ls /usr/local/cuda/bin/nsys /opt/nvidia/nsight-systems/*/bin/nsys /opt/nvidia/nsight-compute/*/host/target-linux-x64/nsys 2>/dev/null | head -1; }
+# nsys_import NAME: a bundled nsys leaves $LOG/NAME.qdstrm when its importer
+# cannot start: import it with the libraries that travel in bin/gpu/nsyslib
+nsys_import() {
+	if [[ ! -f "$LOG/$1.nsys-rep" && -f "$LOG/$1.qdstrm" ]]; then
+		local qi
+		qi=$(ls "$(dirname "$NSYS")"/../linux-desktop-glibc_2_11_3-x64/QdstrmImporter "$(dirname "$NSYS")"/QdstrmImporter 2>/dev/null | head -1)
+		[[ -n "$qi" ]] && LD_LIBRARY_PATH="$ROOT/bin/gpu/nsyslib:$(dirname "$qi")" "$qi" -i "$LOG/$1.qdstrm" >"$LOG/$1.import.log" 2>&1
+		tail -n 3 "$LOG/$1.import.log" 2>/dev/null
+	fi
+}
+
+if want nsysdec; then
+	# Where a decode step's time goes inside its graph: TestDecodeBench's
+	# base rows (PEFTD_DECODE_VARIANTS=1) at PEFTD_DECODE_BATCHES (default
+	# 1,16,64) under nsys with graph nodes traced; scripts/nsys_steps.py
+	# gives each kernel family's time per step and the idle time before it
+	# (PDL overlap shows as negative gaps). The trace CSV goes to $OUT gzipped.
+	MD=/tmp/llama8b-random
+	NSYS="$(nsys_find)"
+	echo "=== nsysdec: ${NSYS:-no nsys}"
+	if [[ -n "$NSYS" ]] && random_ckpt "$MD" decode --layers "${DECODE_LAYERS:-32}"; then
+		(cd runtime/gpu && PEFTD_MODEL_8B=$MD PEFTD_DECODE_VARIANTS=1 PEFTD_DECODE_BATCHES="${PEFTD_DECODE_BATCHES:-1,16,64}" timeout "$(left 300)" \
+			"$NSYS" profile -t cuda --cuda-graph-trace=node -o "$LOG/nsysdec" -f true "$GPUBIN" -test.v -test.count=1 -test.run '^TestDecodeBench$') >"$LOG/nsysdec.log" 2>&1 || status=1
+		nsys_import nsysdec
+		"$NSYS" stats --report cuda_gpu_trace --format csv -o "$LOG/nsysdec" "$LOG/nsysdec.nsys-rep" >/dev/null 2>&1
+		{
+			grep -E '^BENCH decode' "$LOG/nsysdec.log"
+			"$PY" scripts/nsys_steps.py "$LOG/nsysdec_cuda_gpu_trace.csv" 2>&1
+		} | tee "$LOG/nsysdec.txt"
+		[[ -f "$LOG/nsysdec_cuda_gpu_trace.csv" ]] && gzip -c "$LOG/nsysdec_cuda_gpu_trace.csv" >"$LOG/nsysdec_cuda_gpu_trace.csv.gz"
+		save "$LOG/nsysdec.txt" "$LOG/nsysdec_cuda_gpu_trace.csv.gz"
+	else
+		echo "nsysdec: no nsys, or the random checkpoint could not be made"
+	fi
+	stamp nsysdec
+fi
+
 if want nsys8b; then
 	# Where serving time goes: serve8b's base load (concurrency 64) with four
 	# adapters mixed in, under nsys (CUDA API and GPU trace, graph nodes
 	# traced): GPU busy fraction, idle gaps between kernels, the kernels that
 	# took the time (scripts/nsys_busy.py), and the CUDA API calls.
 	MD=/tmp/llama8b-random
-	NSYS="$(command -v nsys || ls /usr/local/cuda/bin/nsys /opt/nvidia/nsight-systems/*/bin/nsys /opt/nvidia/nsight-compute/*/host/target-linux-x64/nsys 2>/dev/null | head -1)"
+	NSYS="$(nsys_find)"
 	echo "=== nsys8b: ${NSYS:-no nsys}"
 	if [[ -n "$NSYS" ]] && random_ckpt "$MD" decode --layers "${DECODE_LAYERS:-32}"; then
 		SD=$(mktemp -d)
@@ -613,13 +656,7 @@ if want nsys8b; then
 			"$PY" scripts/serve_bench.py http://127.0.0.1:8084 "base,$AD" 128 64 128 64 128256 2>&1 | tee "$LOG/nsys8b.txt"
 			serve_stop
 			sleep 2
-			# a bundled nsys leaves a .qdstrm when its importer cannot start:
-			# import it with the libraries that travel in bin/gpu/nsyslib
-			if [[ ! -f "$LOG/nsys8b.nsys-rep" && -f "$LOG/nsys8b.qdstrm" ]]; then
-				QI=$(ls "$(dirname "$NSYS")"/../linux-desktop-glibc_2_11_3-x64/QdstrmImporter "$(dirname "$NSYS")"/QdstrmImporter 2>/dev/null | head -1)
-				[[ -n "$QI" ]] && LD_LIBRARY_PATH="$ROOT/bin/gpu/nsyslib:$(dirname "$QI")" "$QI" -i "$LOG/nsys8b.qdstrm" >"$LOG/nsys8b.import.log" 2>&1
-				tail -n 3 "$LOG/nsys8b.import.log" 2>/dev/null
-			fi
+			nsys_import nsys8b
 			"$NSYS" stats --report cuda_gpu_trace --format csv -o "$LOG/nsys8b" "$LOG/nsys8b.nsys-rep" >/dev/null 2>&1
 			"$NSYS" stats --report cuda_api_sum --format csv -o "$LOG/nsys8b" "$LOG/nsys8b.nsys-rep" >/dev/null 2>&1
 			"$NSYS" stats --report cuda_api_trace --format csv -o "$LOG/nsys8b" "$LOG/nsys8b.nsys-rep" >/dev/null 2>&1
@@ -795,7 +832,7 @@ if [[ -n "${OUT:-}" ]]; then
 	tar czf "$OUT/logs.tgz" --exclude='*.qdstrm' --exclude='*.nsys-rep' --exclude='*.sqlite' --exclude='*.csv' -C "$LOG" . 2>/dev/null
 	cp "$LOG/summary.txt" "$OUT/"
 	n=0
-	for f in quality.txt trained.txt lorancu.txt decode.txt fp8bench.txt cold8b.txt ready8b.txt readme8b.txt serve8b.txt lorabench.txt attnbench.txt soak8b.txt prefix8b.txt nsys8b.txt load.txt profile.txt kdetail.txt train.json; do
+	for f in quality.txt trained.txt lorancu.txt decode.txt fp8bench.txt cold8b.txt ready8b.txt readme8b.txt serve8b.txt lorabench.txt attnbench.txt soak8b.txt prefix8b.txt nsys8b.txt nsysdec.txt load.txt profile.txt kdetail.txt train.json; do
 		if ((n < 6)) && [[ -f "$LOG/$f" ]]; then cp "$LOG/$f" "$OUT/" && n=$((n + 1)); fi
 	done
 fi

@@ -485,6 +485,17 @@ func TestDecodeBench(t *testing.T) {
 	if os.Getenv("PEFTD_DECODE_QUICK") != "" { // base and adapters, with and without PDL; rope_store's A/B
 		vs = vs[:5]
 	}
+	// PEFTD_DECODE_VARIANTS=n: only the first n rows, and no adapter-load
+	// part (gpu-check's nsysdec traces the base rows alone)
+	onlyRows := 0
+	if v := os.Getenv("PEFTD_DECODE_VARIANTS"); v != "" {
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 1 {
+			t.Fatalf("PEFTD_DECODE_VARIANTS=%q", v)
+		}
+		onlyRows = n
+		vs = vs[:min(n, len(vs))]
+	}
 	type run struct {
 		B int
 		v variant
@@ -496,7 +507,7 @@ func TestDecodeBench(t *testing.T) {
 		}
 	}
 	for _, B := range batches { // the tuned rows: base and adapters again
-		if B >= tuneMinRows && gb.f8 == nil {
+		if B >= tuneMinRows && gb.f8 == nil && onlyRows == 0 {
 			runs = append(runs, run{B, variant{sms: -1, tuned: true}}, run{B, variant{lora: true, sms: -1, tuned: true}})
 		}
 	}
@@ -630,7 +641,7 @@ func TestDecodeBench(t *testing.T) {
 	if rec != recorded {
 		t.Errorf("%d decode graphs recorded after Warmup's %d: a decode step needed a new recording", rec, recorded)
 	}
-	if len(ads) > 0 {
+	if len(ads) > 0 && onlyRows == 0 {
 		adapterLoadBench(t, e, c, ads, rng)
 	}
 }

@@ -1,0 +1,127 @@
+#!/usr/bin/env python3
+"""Where a decode step's time goes inside its CUDA graph, from an nsys
+cuda_gpu_trace CSV (nsys stats --report cuda_gpu_trace --format csv) of
+TestDecodeBench traced with --cuda-graph-trace=node (gpu-check's nsysdec).
+
+A step starts at its `embed` kernel; its batch is embed's grid X. Steps
+with prefill attention (attn_prefill, the per-row `attention` kernel) are
+left out, and the first 3 decode steps of each batch too. Steps of one
+batch replay one graph, so their kernels line up by index on the compute
+stream (embed's); for each kernel family the table gives the kernels per
+step, their median duration, and the median gap before each: its start
+minus the latest end of the compute-stream kernels before it (negative:
+it started under the one before, as Programmatic Dependent Launch allows).
+The step span is the first start to the last end of the step's kernels.
+
+Usage: nsys_steps.py TRACE.csv
+"""
+import csv
+import statistics
+import sys
+from collections import defaultdict
+
+
+def family(name):
+    n = name.split("(")[0].strip()
+    if n.startswith("void "):
+        n = n[5:]
+    if n.startswith("nvjet"):
+        return "gemm " + n  # cuBLASLt's kernel: its tile names the shape
+    if "splitKreduce" in n:
+        return "cublasLt splitKreduce"
+    return n.split("<")[0][:60]
+
+
+def load(path):
+    with open(path, newline="") as f:
+        lines = [l for l in f if l.strip() and not l.startswith("Processing") and not l.startswith("NOTICE")]
+    rows = []
+    for r in csv.DictReader(lines):
+        name = r.get("Name", "")
+        if "[CUDA mem" in name:
+            continue
+        try:
+            start, dur = float(r["Start (ns)"]), float(r["Duration (ns)"])
+        except (KeyError, ValueError):
+            continue
+        try:
+            gx = int(float(r.get("GrdX", "0") or 0))
+        except ValueError:
+            gx = 0
+        rows.append((start, dur, name, r.get("Strm", ""), gx))
+    rows.sort()
+    return rows
+
+
+def steps_of(rows):
+    """Splits the trace at each embed kernel: (batch, compute stream, kernels)."""
+    starts = [i for i, r in enumerate(rows) if family(r[2]) == "embed"]
+    out = []
+    for j, i in enumerate(starts):
+        end = starts[j + 1] if j + 1 < len(starts) else len(rows)
+        ks = rows[i:end]
+        if any(f in ("attn_prefill_d32", "attn_prefill_d64", "attn_prefill_d128", "attention") or f.startswith("attn_prefill") for f in (family(k[2]) for k in ks)):
+            continue
+        out.append((rows[i][4], rows[i][3], ks))
+    return out
+
+
+def main():
+    rows = load(sys.argv[1])
+    if not rows:
+        print("NSYSDEC no kernels in the trace")
+        return
+    by_batch = defaultdict(list)
+    for batch, strm, ks in steps_of(rows):
+        by_batch[batch].append((strm, ks))
+    for batch in sorted(by_batch):
+        steps = by_batch[batch][3:]
+        # the steps of the most common kernel count (one graph's replays)
+        counts = defaultdict(int)
+        for strm, ks in steps:
+            counts[sum(1 for k in ks if k[3] == strm)] += 1
+        n = max(counts, key=counts.get)
+        steps = [(strm, ks) for strm, ks in steps if sum(1 for k in ks if k[3] == strm) == n]
+        if not steps:
+            continue
+        spans, sums, gsum = [], [], []
+        per = [[] for _ in range(n)]  # (dur, gap) per compute-stream position
+        names = [None] * n
+        for strm, ks in steps:
+            spans.append(max(k[0] + k[1] for k in ks) - ks[0][0])
+            comp = [k for k in ks if k[3] == strm]
+            sums.append(sum(k[1] for k in comp))
+            end, g = None, 0.0
+            for i, k in enumerate(comp):
+                gap = 0.0 if end is None else k[0] - end
+                per[i].append((k[1], gap))
+                names[i] = family(k[2])
+                g += max(gap, 0.0)
+                end = k[0] + k[1] if end is None else max(end, k[0] + k[1])
+            gsum.append(g)
+        med = statistics.median
+        print(f"NSYSDEC batch {batch}: {len(steps)} steps of {n} compute-stream kernels; step span median {med(spans)/1e3:.1f} us, "
+              f"kernel time {med(sums)/1e3:.1f} us, idle before kernels {med(gsum)/1e3:.1f} us")
+        fam = defaultdict(lambda: [0, 0.0, 0.0, 0.0])  # count, dur, gap, negative gap (overlap)
+        trans = defaultdict(float)
+        for i in range(n):
+            d = med(x[0] for x in per[i])
+            g = med(x[1] for x in per[i])
+            f = fam[names[i]]
+            f[0] += 1
+            f[1] += d
+            if g > 0:
+                f[2] += g
+                if i > 0:
+                    trans[(names[i - 1], names[i])] += g
+            else:
+                f[3] += -g
+        print(f"NSYSDEC batch {batch}   {'per step':>8} {'dur us':>9} {'idle before us':>15} {'overlap us':>11}  family (median dur each)")
+        for name, (c, d, g, o) in sorted(fam.items(), key=lambda x: -(x[1][1] + x[1][2])):
+            print(f"NSYSDEC batch {batch}   {c:8d} {d/1e3:9.1f} {g/1e3:15.1f} {o/1e3:11.1f}  {name} ({d/c/1e3:.2f})")
+        for (a, b), g in sorted(trans.items(), key=lambda x: -x[1])[:8]:
+            print(f"NSYSDEC batch {batch}   idle {g/1e3:8.1f} us per step: {a} -> {b}")
+
+
+if __name__ == "__main__":
+    main()
