@@ -621,12 +621,47 @@ template <int HD, bool K8 = false> struct DecShape {
 // recorded launch fits every step. A sequence with no context
 // (padding) gets zeros; a dec_seq entry of -1 none (its blocks exit). q's
 // rows are ldq values apart. Requires nsplit <= 64.
+//
+// opts (experiments, 0 unless kernelForce.decOpts sets them): bit 0 issues
+// a warp's first tiles before griddepcontrol.wait when they do not hold
+// the newest position; bit 1 merges the splits with 16 loads in flight,
+// not 8 (dec_merge). Neither changes a result bit.
+// dec_merge: attn_decode's last block of a (sequence, KV head) writes the
+// output rows of its G query heads from the nv splits' partials (part) and
+// their merge weights (ws: [g][64], the 1/L folded in): two outputs per
+// thread (float2: a partial row is HD + 2 floats, so even d is 8-byte
+// aligned), W splits' loads in flight at once (summed in split order
+// whatever W is).
+template <int HD, int W>
+__device__ __forceinline__ void dec_merge(bf16* __restrict__ out, const float* __restrict__ part, const float* ws, int di,
+                                          int heads, int kh, int G, int nsplit, int nv, int row, int tid) {
+    for (int idx = 2 * tid; idx < G * HD; idx += 2 * DEC_THREADS) {
+        const int hg = idx / HD, d = idx - hg * HD, h = kh * G + hg;
+        const float* pp = part + (i64)(di * heads + h) * nsplit * (HD + 2) + d;
+        const float* w = ws + hg * 64;
+        float2 A = make_float2(0.f, 0.f);
+        for (int i0 = 0; i0 < nv; i0 += W) {
+            float2 v[W];
+#pragma unroll
+            for (int j = 0; j < W; j++)
+                v[j] = i0 + j < nv ? __ldcg(reinterpret_cast<const float2*>(pp + (i0 + j) * (HD + 2))) : make_float2(0.f, 0.f);
+#pragma unroll
+            for (int j = 0; j < W; j++) {
+                const float wi = i0 + j < nv ? w[i0 + j] : 0.f;
+                A.x += v[j].x * wi;
+                A.y += v[j].y * wi;
+            }
+        }
+        *reinterpret_cast<__nv_bfloat162*>(out + (i64)row * heads * HD + (i64)h * HD + d) = __floats2bfloat162_rn(A.x, A.y);
+    }
+}
+
 template <int HD, bool K8>
 __device__ __forceinline__ void attn_decode_body(
     bf16* __restrict__ out, float* __restrict__ part, int* __restrict__ done, const bf16* __restrict__ q,
     const bf16* __restrict__ kc, const bf16* __restrict__ vc, const int* __restrict__ dec_seq,
     const int* __restrict__ seq_info, const int* __restrict__ pages, int heads, int kvh, int bs, float scale, int nsplit,
-    int ldq, const float* __restrict__ ks) {
+    int ldq, const float* __restrict__ ks, int opts) {
     typedef DecShape<HD, K8> D;
     extern __shared__ __align__(128) unsigned char dsm[];
     const int di = blockIdx.x, kh = blockIdx.y, sp = blockIdx.z, tid = threadIdx.x;
@@ -675,6 +710,46 @@ __device__ __forceinline__ void attn_decode_body(
         slot = rows(0);
         next = rows(1);
     }
+    const unsigned wbase = (unsigned)__cvta_generic_to_shared(dsm) + warp * D::WARP_B;
+    auto issue = [&](int k) {
+        if (k < nk) {
+            const unsigned kb = D::kt(wbase, k), vb = D::vt(wbase, k);
+#pragma unroll
+            for (int i = 0; i < D::C / 2; i++) {
+                const int idx = lane + 32 * i, r = idx / D::C, c = idx % D::C;
+                const int sl = __shfl_sync(0xffffffffu, slot, r);
+                const i64 off = (i64)max(sl, 0) * width + (i64)kh * HD + c * 8;
+                const unsigned so = r * HD * 2 + D::swz(r, c) * 16;
+                if (!K8) cp_async16(kb + so, kc + off, sl >= 0 ? 16 : 0);
+                cp_async16(vb + so, vc + off, sl >= 0 ? 16 : 0);
+            }
+            if (K8) {
+                // the e4m3 rows (HD bytes each, HD / 16 chunks) and their scales
+                const unsigned rb = vb + D::TILE_B, sb = rb + D::RAW_B;
+                const unsigned char* k8 = reinterpret_cast<const unsigned char*>(kc);
+#pragma unroll
+                for (int i = 0; i < HD / 32; i++) {
+                    const int idx = lane + 32 * i, r = idx / (HD / 16), c = idx % (HD / 16);
+                    const int sl = __shfl_sync(0xffffffffu, slot, r);
+                    cp_async16(rb + r * HD + c * 16, k8 + (i64)max(sl, 0) * width + (i64)kh * HD + c * 16, sl >= 0 ? 16 : 0);
+                }
+                if (lane < DEC_TILE) cp_async4(sb + 4 * lane, ks + (i64)max(slot, 0) * kvh + kh, slot >= 0 ? 4 : 0);
+            }
+        }
+        cp_async_commit(); // empty past the end: the group count stays uniform
+    };
+    // With early (opts bit 0), the first tiles that do not hold the newest
+    // position (ctx - 1, whose K/V row rope_store writes) are issued before
+    // griddepcontrol.wait: older cache rows are written by no kernel of the
+    // step, so their DRAM latency runs under the kernel before.
+    int pre = 0;
+    if ((opts & 1) && nk > 0) {
+        auto safe = [&](int k) { return k >= nk || min(p1, p0 + (warp + k * DEC_WARPS) * DEC_TILE + DEC_TILE) <= ctx - 1; };
+        for (; pre < D::ST - 1 && safe(pre); pre++) {
+            issue(pre);
+            advance(pre + 2);
+        }
+    }
     pdl_entry();
     if (nk > 0) {
         unsigned qa[HD / 16][2]; // A fragments of Q (rows: the query heads)
@@ -688,36 +763,7 @@ __device__ __forceinline__ void attn_decode_body(
             }
         }
         const float qs = scale * LOG2E;
-        const unsigned wbase = (unsigned)__cvta_generic_to_shared(dsm) + warp * D::WARP_B;
-        auto issue = [&](int k) {
-            if (k < nk) {
-                const unsigned kb = D::kt(wbase, k), vb = D::vt(wbase, k);
-#pragma unroll
-                for (int i = 0; i < D::C / 2; i++) {
-                    const int idx = lane + 32 * i, r = idx / D::C, c = idx % D::C;
-                    const int sl = __shfl_sync(0xffffffffu, slot, r);
-                    const i64 off = (i64)max(sl, 0) * width + (i64)kh * HD + c * 8;
-                    const unsigned so = r * HD * 2 + D::swz(r, c) * 16;
-                    if (!K8) cp_async16(kb + so, kc + off, sl >= 0 ? 16 : 0);
-                    cp_async16(vb + so, vc + off, sl >= 0 ? 16 : 0);
-                }
-                if (K8) {
-                    // the e4m3 rows (HD bytes each, HD / 16 chunks) and their scales
-                    const unsigned rb = vb + D::TILE_B, sb = rb + D::RAW_B;
-                    const unsigned char* k8 = reinterpret_cast<const unsigned char*>(kc);
-#pragma unroll
-                    for (int i = 0; i < HD / 32; i++) {
-                        const int idx = lane + 32 * i, r = idx / (HD / 16), c = idx % (HD / 16);
-                        const int sl = __shfl_sync(0xffffffffu, slot, r);
-                        cp_async16(rb + r * HD + c * 16, k8 + (i64)max(sl, 0) * width + (i64)kh * HD + c * 16, sl >= 0 ? 16 : 0);
-                    }
-                    if (lane < DEC_TILE) cp_async4(sb + 4 * lane, ks + (i64)max(slot, 0) * kvh + kh, slot >= 0 ? 4 : 0);
-                }
-            }
-            cp_async_commit(); // empty past the end: the group count stays uniform
-        };
-#pragma unroll
-        for (int k = 0; k < D::ST - 1; k++) {
+        for (int k = pre; k < D::ST - 1; k++) {
             issue(k);
             advance(k + 2);
         }
@@ -889,34 +935,18 @@ __device__ __forceinline__ void attn_decode_body(
         ws[hg * 64 + lane + 32] = w1 * inv;
     }
     __syncthreads();
-    // two outputs per thread (float2: a partial row is HD + 2 floats, so
-    // even d is 8-byte aligned), eight splits' loads in flight at once
-    for (int idx = 2 * tid; idx < G * HD; idx += 2 * DEC_THREADS) {
-        const int hg = idx / HD, d = idx - hg * HD, h = kh * G + hg;
-        const float* pp = part + (i64)(di * heads + h) * nsplit * (HD + 2) + d;
-        const float* w = ws + hg * 64;
-        float2 A = make_float2(0.f, 0.f);
-        for (int i0 = 0; i0 < nv; i0 += 8) {
-            float2 v[8];
-#pragma unroll
-            for (int j = 0; j < 8; j++)
-                v[j] = i0 + j < nv ? __ldcg(reinterpret_cast<const float2*>(pp + (i0 + j) * (HD + 2))) : make_float2(0.f, 0.f);
-#pragma unroll
-            for (int j = 0; j < 8; j++) {
-                const float wi = i0 + j < nv ? w[i0 + j] : 0.f;
-                A.x += v[j].x * wi;
-                A.y += v[j].y * wi;
-            }
-        }
-        *reinterpret_cast<__nv_bfloat162*>(out + (i64)row * heads * HD + (i64)h * HD + d) = __floats2bfloat162_rn(A.x, A.y);
-    }
+    if (opts & 2)
+        dec_merge<HD, 16>(out, part, ws, di, heads, kh, G, nsplit, nv, row, tid);
+    else
+        dec_merge<HD, 8>(out, part, ws, di, heads, kh, G, nsplit, nv, row, tid);
     if (tid == 0) done[di * kvh + kh] = 0; // ready for the next launch
 }
 
 #define ATTN_DECODE_ARGS                                                                                           \
     bf16 *out, float *part, int *done, const bf16 *q, const bf16 *kc, const bf16 *vc, const int *dec_seq,        \
-        const int *seq_info, const int *pages, int heads, int kvh, int bs, float scale, int nsplit, int ldq, const float *ks
-#define ATTN_DECODE_PASS out, part, done, q, kc, vc, dec_seq, seq_info, pages, heads, kvh, bs, scale, nsplit, ldq, ks
+        const int *seq_info, const int *pages, int heads, int kvh, int bs, float scale, int nsplit, int ldq, const float *ks, \
+        int opts
+#define ATTN_DECODE_PASS out, part, done, q, kc, vc, dec_seq, seq_info, pages, heads, kvh, bs, scale, nsplit, ldq, ks, opts
 extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode_d32(ATTN_DECODE_ARGS) { attn_decode_body<32, false>(ATTN_DECODE_PASS); }
 extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode_d64(ATTN_DECODE_ARGS) { attn_decode_body<64, false>(ATTN_DECODE_PASS); }
 extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode_d128(ATTN_DECODE_ARGS) { attn_decode_body<128, false>(ATTN_DECODE_PASS); }

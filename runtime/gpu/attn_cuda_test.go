@@ -198,9 +198,17 @@ func attentionCase(t *testing.T, sh attnShape, k8 bool) {
 	r.fill(q, qv)
 	r.fill(k, kv)
 	r.fill(v, vv)
-	// The split path twice: its merge counters must be back at zero.
+	// The split path twice: its merge counters must be back at zero. The
+	// second time with attn_decode's experimental opts (kernelForce.decOpts:
+	// the first tiles before griddepcontrol.wait, the 16-wide merge), which
+	// must give the same bits.
+	var first []float32
 	for i, v0 := range []bool{false, false, true} {
 		r.b.force.attnRows = v0
+		r.b.force.decOpts = 0
+		if i == 1 {
+			r.b.force.decOpts = 3
+		}
 		r.poison(out)
 		r.begin(m)
 		if !v0 {
@@ -235,14 +243,22 @@ func attentionCase(t *testing.T, sh attnShape, k8 bool) {
 			name += ", FP8 keys"
 		}
 		if i == 1 {
-			name += ", again"
+			name += ", again with decOpts 3"
+			for j := range got {
+				if math.Float32bits(got[j]) != math.Float32bits(first[j]) {
+					t.Fatalf("attn_decode with decOpts 3: value %d is %g, %g without", j, got[j], first[j])
+				}
+			}
+		}
+		if i == 0 {
+			first = got
 		}
 		if v0 {
 			name = "per-row kernel (v0), all rows"
 		}
 		r.compare(name, got, want, opTol)
 	}
-	r.b.force.attnRows = false
+	r.b.force.attnRows, r.b.force.decOpts = false, 0
 	if k8 { // what rope_store stored for the step's keys
 		gotQ, gotS := make([]byte, len(k8Img)), make([]float32, len(sImg))
 		for _, e := range []error{cuda.CopyDtoH(r.b.s, gotQ, kc), cuda.CopyDtoH(r.b.s, gotS, ksc), r.b.s.Synchronize()} {

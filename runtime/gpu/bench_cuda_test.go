@@ -477,13 +477,15 @@ func TestDecodeBench(t *testing.T) {
 		split                        int  // attn_decode's KV splits capped (kernelForce.decSplit; 0: decSplitFor's)
 		ropeHeads                    bool // rope_store for every shape (kernelForce.ropeHeads), not rope_store_rows
 		tuned                        bool // after Options.TuneGEMMs' tuning (it cannot be undone: these rows come last)
+		opts                         int  // attn_decode's experimental opts (kernelForce.decOpts)
 	}
 	vs := []variant{{sms: -1}, {lora: true, sms: -1}, {sms: -1, nopdl: true}, {lora: true, sms: -1, nopdl: true},
+		{sms: -1, opts: 1}, {sms: -1, opts: 2}, {sms: -1, opts: 3}, {lora: true, sms: -1, opts: 3},
 		{sms: -1, ropeHeads: true}, {sms: -1, split: 8}, {sms: -1, split: 16},
 		{sampled: true, sms: -1}, {eager: true, sms: -1}, {lora: true, eager: true, sms: -1},
 		{lora: true, serial: true, sms: -1}, {lora: true, sms: 0}, {lora: true, sms: 16}, {lora: true, sms: 32}}
-	if os.Getenv("PEFTD_DECODE_QUICK") != "" { // base and adapters, with and without PDL; rope_store's A/B
-		vs = vs[:5]
+	if os.Getenv("PEFTD_DECODE_QUICK") != "" { // base and adapters, with and without PDL; attn_decode's opts
+		vs = vs[:8]
 	}
 	// PEFTD_DECODE_VARIANTS=n: only the first n rows, and no adapter-load
 	// part (gpu-check's nsysdec traces the base rows alone)
@@ -519,8 +521,8 @@ func TestDecodeBench(t *testing.T) {
 			continue
 		}
 		retune := v.tuned && !gb.tune.done
-		if wantPDL := pdlOK && !v.nopdl; retune || gb.la.on == v.serial || gb.la.sms != v.sms || gb.s.ProgrammaticLaunch() != wantPDL || gb.force.decSplit != v.split || gb.force.ropeHeads != v.ropeHeads { // recordings bake the LoRA and launch modes, the kernels and the GEMM algorithms in
-			gb.la.on, gb.la.sms, gb.force.decSplit, gb.force.ropeHeads = !v.serial, v.sms, v.split, v.ropeHeads
+		if wantPDL := pdlOK && !v.nopdl; retune || gb.la.on == v.serial || gb.la.sms != v.sms || gb.s.ProgrammaticLaunch() != wantPDL || gb.force.decSplit != v.split || gb.force.ropeHeads != v.ropeHeads || gb.force.decOpts != v.opts { // recordings bake the LoRA and launch modes, the kernels and the GEMM algorithms in
+			gb.la.on, gb.la.sms, gb.force.decSplit, gb.force.ropeHeads, gb.force.decOpts = !v.serial, v.sms, v.split, v.ropeHeads, v.opts
 			if retune {
 				gb.tune.on = true // tuned by the Warmup below
 			}
@@ -619,13 +621,16 @@ func TestDecodeBench(t *testing.T) {
 		if v.ropeHeads {
 			lbl += "+ropeheads"
 		}
+		if v.opts != 0 {
+			lbl += fmt.Sprintf("+opts%d", v.opts)
+		}
 		if v.tuned {
 			lbl += "+tuned"
 		}
 		bench("decode %-5d %-11s %10.0f %10.0f %10.0f %9.2f %9.2f %9.2f %9.2f %10.1f", B, lbl, toks/wall.Seconds(), toks/(gpuMs/1e3), toks/roofS,
 			roofS*1e3/gpuMs, wall.Seconds()*1e3/newTok, gpuMs/newTok, roofS*1e3/newTok, prefill.Seconds())
 	}
-	gb.g.off, gb.force.decSplit, gb.force.ropeHeads = false, 0, false
+	gb.g.off, gb.force.decSplit, gb.force.ropeHeads, gb.force.decOpts = false, 0, false, 0
 	if res, took := gb.TuneStats(); len(res) > 0 {
 		changed := 0
 		for _, r := range res {

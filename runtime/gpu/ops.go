@@ -256,7 +256,7 @@ func (b *Backend) Attention(out, q, k, v engine.Buffer, layer int, scale float32
 	}
 	b.fail(b.decodeKernel(hd).Launch(b.s, cuda.Dim3{X: b.nDec, Y: b.kv.KVHeads, Z: b.decSplit}, cuda.Dim3{X: decThreads}, decShared(hd, b.kv8),
 		ptr(o), part, b.attnDone, ptr(qb), kc, vc, b.i32(b.off.decSeqs), b.i32(b.off.seqInfo), b.i32(b.off.pages),
-		c.Heads, b.kv.KVHeads, b.kv.BlockSize, scale, b.decSplit, qb.ld, ks))
+		c.Heads, b.kv.KVHeads, b.kv.BlockSize, scale, b.decSplit, qb.ld, ks, b.force.decOpts))
 }
 
 // prefillKernel is the attn_prefill variant for head dimension hd (32, 64
