@@ -377,14 +377,7 @@ func TestDecodeBench(t *testing.T) {
 	batches := envBatches(t, "PEFTD_DECODE_BATCHES", []int{1, 16, 64, 256})
 	// PEFTD_DECODE_PROMPT: the prompt length (default 512; e.g. 4096 for
 	// attention-bound decode)
-	prompt := 512
-	if v := os.Getenv("PEFTD_DECODE_PROMPT"); v != "" {
-		n, err := strconv.Atoi(v)
-		if err != nil || n < 1 {
-			t.Fatalf("PEFTD_DECODE_PROMPT=%q", v)
-		}
-		prompt = n
-	}
+	prompt := envPositive(t, "PEFTD_DECODE_PROMPT", 512)
 	const newTok = 128
 	chunk := max(1, 4096/prompt) // prompts per prefill step
 	maxB := slices.Max(batches)
@@ -489,14 +482,9 @@ func TestDecodeBench(t *testing.T) {
 	}
 	// PEFTD_DECODE_VARIANTS=n: only the first n rows, and no adapter-load
 	// part (gpu-check's nsysdec traces the base rows alone)
-	onlyRows := 0
-	if v := os.Getenv("PEFTD_DECODE_VARIANTS"); v != "" {
-		n, err := strconv.Atoi(v)
-		if err != nil || n < 1 {
-			t.Fatalf("PEFTD_DECODE_VARIANTS=%q", v)
-		}
-		onlyRows = n
-		vs = vs[:min(n, len(vs))]
+	onlyRows := envPositive(t, "PEFTD_DECODE_VARIANTS", 0)
+	if onlyRows > 0 {
+		vs = vs[:min(onlyRows, len(vs))]
 	}
 	type run struct {
 		B int
@@ -871,6 +859,21 @@ func envBatches(t *testing.T, name string, def []int) []int {
 		out = append(out, n)
 	}
 	return out
+}
+
+// envPositive is the positive integer in the environment variable name,
+// def when it is unset.
+func envPositive(t *testing.T, name string, def int) int {
+	t.Helper()
+	v := os.Getenv(name)
+	if v == "" {
+		return def
+	}
+	n, err := strconv.Atoi(v)
+	if err != nil || n < 1 {
+		t.Fatalf("%s=%q: want a positive integer", name, v)
+	}
+	return n
 }
 
 // loadAdapters puts ads in slots 0, 1, ...
