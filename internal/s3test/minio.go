@@ -35,7 +35,7 @@ func StartMinIO(t testing.TB, env ...string) *Server {
 	}
 	tmp := t.TempDir()
 	data, certs := filepath.Join(tmp, "data"), filepath.Join(tmp, "certs")
-	s := &Server{bin: bin, root: data, AccessKey: "peftdminio", Secret: "peftdminiosecret", Region: "us-east-1",
+	s := &Server{bin: bin, root: data, AccessKey: uniqueKey("peftdminio"), Secret: uniqueKey("peftdminiosecret"), Region: "us-east-1",
 		name: "minio", args: func(s *Server) []string {
 			return []string{"server", "--address", s.Addr, "--certs-dir", certs, "--quiet", data}
 		}}

@@ -7,6 +7,8 @@ package s3test
 import (
 	"bytes"
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"fmt"
 	"net"
 	"os"
@@ -86,7 +88,7 @@ func Start(t testing.TB) *Server {
 	if err != nil {
 		t.Fatalf("S3 tests need versitygw (%v): run .ci/setup-s3.sh, or set PEFTD_SKIP_S3=1 to skip them", err)
 	}
-	s := &Server{bin: bin, root: t.TempDir(), AccessKey: "peftdtest", Secret: "peftdtestsecret", Region: "us-east-1",
+	s := &Server{bin: bin, root: t.TempDir(), AccessKey: uniqueKey("peftdtest"), Secret: uniqueKey("peftdtestsecret"), Region: "us-east-1",
 		name: "versitygw", args: func(s *Server) []string {
 			return []string{"--port", s.Addr, "--access", s.AccessKey, "--secret", s.Secret,
 				"--region", s.Region, "--quiet", "posix", s.root}
@@ -145,17 +147,43 @@ func (s *Server) Restart() error {
 			return fmt.Errorf("%s exited: %v; output:\n%s", s.name, err, s.out.String())
 		default:
 		}
+		// ready, and ours: another test's server may have taken the port
+		// between freeAddr and this one's bind (go test runs packages in
+		// parallel); it answers the probes, but not to this one's keys, and
+		// this one exits (a new port is tried)
 		if s.ready != nil {
-			if s.ready(s) {
+			if s.ready(s) && s.owns() {
 				return nil
 			}
 		} else if c, err := net.DialTimeout("tcp", s.Addr, 200*time.Millisecond); err == nil {
 			c.Close()
-			return nil
+			if s.owns() {
+				return nil
+			}
 		}
 	}
 	s.Stop()
 	return fmt.Errorf("%s not serving on %s after %v; output:\n%s", s.name, s.Addr, within, s.out.String())
+}
+
+// owns reports whether the server on s.Addr takes this server's keys (each
+// Server has its own: uniqueKey).
+func (s *Server) owns() bool {
+	c, err := minio.New(s.Addr, &minio.Options{Creds: credentials.NewStaticV4(s.AccessKey, s.Secret, ""), Region: s.Region, BucketLookup: minio.BucketLookupPath})
+	if err != nil {
+		return false
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	defer cancel()
+	_, err = c.ListBuckets(ctx)
+	return err == nil
+}
+
+// uniqueKey is prefix and 16 random hex digits: a test server's own keys.
+func uniqueKey(prefix string) string {
+	b := make([]byte, 8)
+	_, _ = rand.Read(b)
+	return prefix + hex.EncodeToString(b)
 }
 
 // Stop kills the server (a no-op when it is not running); Restart brings it
