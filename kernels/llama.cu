@@ -625,7 +625,83 @@ template <int HD, bool K8 = false> struct DecShape {
 // opts (experiments, 0 unless kernelForce.decOpts sets them): bit 0 issues
 // a warp's first tiles before griddepcontrol.wait when they do not hold
 // the newest position; bit 1 merges the splits with 16 loads in flight,
-// not 8 (dec_merge). Neither changes a result bit.
+// not 8 (dec_merge). Neither changes a result bit. Bit 2: the nsplit <=
+// DEC_CLUSTER splits of a (sequence, KV head) are one thread-block cluster
+// (launched with clusters of 1 x 1 x nsplit) and merge through each other's
+// shared memory (dec_cluster_merge).
+// Thread-block clusters (sm_90): this block's rank in its cluster, a barrier
+// over the cluster's threads (its writes to shared memory visible to the
+// other blocks after it), and a float read from shared memory of the
+// cluster's block rank (the address p has in every block of the cluster).
+__device__ __forceinline__ unsigned cluster_rank() {
+    unsigned r = 0;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+#endif
+    return r;
+}
+__device__ __forceinline__ void cluster_sync() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+#else
+    __trap(); // no clusters before sm_90 (the Go side never asks for them there)
+#endif
+}
+__device__ __forceinline__ float ld_cluster(const float* p, unsigned rank) {
+    float v = 0.f;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    const unsigned a = (unsigned)__cvta_generic_to_shared(p);
+    unsigned r;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(r) : "r"(a), "r"(rank));
+    asm volatile("ld.shared::cluster.f32 %0, [%1];\n" : "=f"(v) : "r"(r) : "memory");
+#endif
+    return v;
+}
+
+// DEC_CLUSTER: the most splits attn_decode merges through a cluster's shared
+// memory (opts bit 2; 8: the portable cluster size).
+#define DEC_CLUSTER 8
+
+// dec_cluster_merge: the splits of a (sequence, KV head) as one cluster
+// (opts bit 2): each block has left its partial (cA [G][HD], cM, cL [G]:
+// the sum, max and denominator over its positions; cL 0 for none) in its
+// shared memory; block r of the S writes outputs [r * per, (r + 1) * per)
+// of the G * HD, reading every block's partial straight from its shared
+// memory (no partials through L2, no counter). Sums in split order.
+template <int HD>
+__device__ __forceinline__ void dec_cluster_merge(bf16* __restrict__ out, const float* cA, const float* cM, const float* cL,
+                                                  int G, int S, int heads, int kh, int row, int tid) {
+    cluster_sync(); // every block's partial is in its shared memory
+    const int n = G * HD, per = (n + S - 1) / S, r = (int)cluster_rank();
+    for (int idx = r * per + tid; idx < min(n, (r + 1) * per); idx += DEC_THREADS) {
+        const int hg = idx / HD, d = idx - hg * HD;
+        float Ms[DEC_CLUSTER], Ls[DEC_CLUSTER], As[DEC_CLUSTER];
+#pragma unroll
+        for (int s = 0; s < DEC_CLUSTER; s++) {
+            Ms[s] = NEG_INF, Ls[s] = 0.f, As[s] = 0.f;
+            if (s < S) {
+                Ms[s] = ld_cluster(cM + hg, s);
+                Ls[s] = ld_cluster(cL + hg, s);
+                As[s] = ld_cluster(cA + idx, s);
+            }
+        }
+        float M = NEG_INF;
+#pragma unroll
+        for (int s = 0; s < DEC_CLUSTER; s++)
+            if (Ls[s] > 0.f) M = fmaxf(M, Ms[s]);
+        float L = 0.f, A = 0.f;
+#pragma unroll
+        for (int s = 0; s < DEC_CLUSTER; s++)
+            if (Ls[s] > 0.f) {
+                const float w = exp2f(Ms[s] - M);
+                L += Ls[s] * w;
+                A += As[s] * w;
+            }
+        out[(i64)row * heads * HD + (i64)(kh * G + hg) * HD + d] = tobf(L > 0.f ? A / L : 0.f);
+    }
+    cluster_sync(); // no block leaves while another still reads its shared memory
+}
+
 // dec_merge: attn_decode's last block of a (sequence, KV head) writes the
 // output rows of its G query heads from the nv splits' partials (part) and
 // their merge weights (ws: [g][64], the 1/L folded in): two outputs per
@@ -858,6 +934,10 @@ __device__ __forceinline__ void attn_decode_body(
     float* wo = reinterpret_cast<float*>(dsm);
     float* wm = wo + DEC_WARPS * G * HD;
     float* wl = wm + DEC_WARPS * G;
+    const bool clu = (opts & 4) && nsplit > 1; // the splits are a cluster (dec_cluster_merge)
+    float* cA = wl + DEC_WARPS * G + 8;         // this block's partial, for the cluster
+    float* cM = cA + G * HD;
+    float* cL = cM + G;
     __syncthreads(); // the stage buffers become the merge area
     if (g < G) {
 #pragma unroll
@@ -888,6 +968,12 @@ __device__ __forceinline__ void attn_decode_body(
         const int h = kh * G + hg;
         if (nsplit == 1) {
             out[(i64)row * heads * HD + (i64)h * HD + d] = tobf(L > 0.f ? A / L : 0.f);
+        } else if (clu) { // every block, empty ones too (L 0)
+            cA[idx] = A;
+            if (d == 0) {
+                cM[hg] = M;
+                cL[hg] = L;
+            }
         } else if (ntiles > 0) {
             float* pp = part + ((i64)(di * heads + h) * nsplit + sp) * (HD + 2);
             pp[d] = A;
@@ -898,6 +984,10 @@ __device__ __forceinline__ void attn_decode_body(
         }
     }
     if (nsplit == 1) return;
+    if (clu) {
+        dec_cluster_merge<HD>(out, cA, cM, cL, G, nsplit, heads, kh, row, tid);
+        return;
+    }
     // The last split block of this (sequence, KV head) merges the partials.
     int* last = reinterpret_cast<int*>(wl + DEC_WARPS * G);
     float* ws = reinterpret_cast<float*>(last + 4); // [g][64] merge weights

@@ -95,14 +95,14 @@ func (d Device) String() string {
 }
 
 // paramArena holds kernel arguments: vals are the values, ptrs point at them
-// (the kernelParams array); cfg and attr are cuLaunchKernelEx's launch
-// configuration and its one attribute. It is pinned so the driver may read
-// it.
+// (the kernelParams array); cfg and attrs are cuLaunchKernelEx's launch
+// configuration and its attributes (programmatic serialization, cluster
+// dimension). It is pinned so the driver may read it.
 type paramArena struct {
-	vals [maxKernelArgs]uint64
-	ptrs [maxKernelArgs]unsafe.Pointer
-	cfg  launchConfig
-	attr launchAttr
+	vals  [maxKernelArgs]uint64
+	ptrs  [maxKernelArgs]unsafe.Pointer
+	cfg   launchConfig
+	attrs [2]launchAttr
 }
 
 const maxKernelArgs = 64

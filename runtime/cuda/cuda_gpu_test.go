@@ -397,3 +397,88 @@ func matmulRig(t *testing.T) (*Context, *Stream, *Matmul) {
 	t.Cleanup(func() { mm.Close() })
 	return c, s, mm
 }
+
+// clusterRing: each block of a cluster of 4 writes its rank into its shared
+// memory and then reads the next block's through the cluster.
+const clusterRing = `
+extern "C" __global__ void ring(int* out) {
+    __shared__ int v;
+    unsigned r, a, remote;
+    asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+    if (threadIdx.x == 0) v = (int)r + 100 * blockIdx.x;
+    asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+    if (threadIdx.x == 0) {
+        a = (unsigned)__cvta_generic_to_shared(&v);
+        asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(a), "r"((r + 1) % 4));
+        int x;
+        asm volatile("ld.shared::cluster.s32 %0, [%1];" : "=r"(x) : "r"(remote) : "memory");
+        out[blockIdx.x] = x;
+    }
+    asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+}
+`
+
+// TestGPUClusterLaunch: LaunchCluster groups the grid's blocks in clusters
+// whose blocks read each other's shared memory (sm_90 and later), with and
+// without programmatic launch after another kernel; a grid the clusters do
+// not divide is refused.
+func TestGPUClusterLaunch(t *testing.T) {
+	c := ctx(t)
+	if c.Device().Major < 9 {
+		t.Skipf("%s: no thread-block clusters before sm_90", c.Device().Arch())
+	}
+	cubin, _, err := Compile(clusterRing, "ring.cu", []string{"-arch=" + c.Device().Arch()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, err := c.LoadModule(cubin)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Unload()
+	f, err := m.Function("ring")
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := c.NewStream()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Destroy()
+	const blocks = 16
+	out, err := c.Alloc(4 * blocks)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer out.Free()
+	for _, pdl := range []bool{false, true} {
+		if err := s.SetProgrammaticLaunch(pdl); err != nil && pdl {
+			t.Logf("no programmatic launch: %v", err)
+			continue
+		}
+		if err := CopyHtoD(s, out.Ptr(), make([]int32, blocks)); err != nil {
+			t.Fatal(err)
+		}
+		for range 2 { // the second launch follows a kernel: programmatic when pdl
+			if err := f.LaunchCluster(s, Dim3{X: blocks}, Dim3{X: 32}, Dim3{X: 4, Y: 1, Z: 1}, 0, out); err != nil {
+				t.Fatal(err)
+			}
+		}
+		got := make([]int32, blocks)
+		if err := CopyDtoH(s, got, out.Ptr()); err != nil {
+			t.Fatal(err)
+		}
+		if err := s.Synchronize(); err != nil {
+			t.Fatal(err)
+		}
+		for b, x := range got {
+			next := b - b%4 + (b%4+1)%4 // the next block of b's cluster
+			if want := int32(next%4 + 100*next); x != want {
+				t.Fatalf("pdl %v: block %d read %d, want %d", pdl, b, x, want)
+			}
+		}
+	}
+	if err := f.LaunchCluster(s, Dim3{X: 6}, Dim3{X: 32}, Dim3{X: 4, Y: 1, Z: 1}, 0, out); !errors.Is(err, ErrInvalidValue) {
+		t.Errorf("6 blocks in clusters of 4: %v, want ErrInvalidValue", err)
+	}
+}

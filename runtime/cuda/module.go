@@ -122,15 +122,33 @@ type launchAttr struct {
 	value [16]int32
 }
 
-// launchAttrProgrammaticStreamSerialization is
-// CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION.
-const launchAttrProgrammaticStreamSerialization = 6
+// CUlaunchAttributeID values (cuda.h).
+const (
+	launchAttrClusterDimension                = 4 // CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION: x, y, z (uint32)
+	launchAttrProgrammaticStreamSerialization = 6 // CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+)
 
 // Launch enqueues the kernel on s. Arguments are passed by value: int, int32,
 // uint32, int64, uint64 (DevicePtr), float32, float64, bool, *DeviceBuffer
 // (its address; nil is a null pointer). A kernel parameter declared int
 // receives the low 32 bits of an int.
 func (f *Function) Launch(s *Stream, grid, block Dim3, shared int, args ...any) error {
+	return f.launch(s, grid, block, Dim3{}, shared, args)
+}
+
+// LaunchCluster is Launch with the grid's blocks in thread-block clusters
+// of cluster's shape (sm_90 and later; each grid dimension a multiple of
+// the cluster's): the blocks of a cluster run at once and may read each
+// other's shared memory.
+func (f *Function) LaunchCluster(s *Stream, grid, block, cluster Dim3, shared int, args ...any) error {
+	if cluster.X < 1 || cluster.Y < 1 || cluster.Z < 1 || grid.X%cluster.X != 0 || max(grid.Y, 1)%cluster.Y != 0 || max(grid.Z, 1)%cluster.Z != 0 {
+		return fmt.Errorf("%w: kernel %s: clusters %v for grid %v", ErrInvalidValue, f.Name, cluster, grid)
+	}
+	return f.launch(s, grid, block, cluster, shared, args)
+}
+
+// launch is Launch (cluster zero) and LaunchCluster.
+func (f *Function) launch(s *Stream, grid, block, cluster Dim3, shared int, args []any) error {
 	if len(args) > maxKernelArgs {
 		return fmt.Errorf("%w: %d kernel arguments (max %d)", ErrInvalidValue, len(args), maxKernelArgs)
 	}
@@ -174,13 +192,26 @@ func (f *Function) Launch(s *Stream, grid, block Dim3, shared int, args ...any) 
 		}
 		programmatic := s.pdl && s.afterKernel
 		s.afterKernel = true
+		n := 0
 		if programmatic {
+			a.attrs[n] = launchAttr{id: launchAttrProgrammaticStreamSerialization}
+			a.attrs[n].value[0] = 1 // programmaticStreamSerializationAllowed
+			n++
+		}
+		if cluster.X > 0 {
+			if drv.cuLaunchKernelEx == nil {
+				return fmt.Errorf("%w: kernel %s: clusters need cuLaunchKernelEx", ErrNotSupported, f.Name)
+			}
+			cx, cy, cz := cluster.u()
+			a.attrs[n] = launchAttr{id: launchAttrClusterDimension}
+			a.attrs[n].value[0], a.attrs[n].value[1], a.attrs[n].value[2] = int32(cx), int32(cy), int32(cz)
+			n++
+		}
+		if n > 0 {
 			a.cfg = launchConfig{gridX: gx, gridY: gy, gridZ: gz, blockX: bx, blockY: by, blockZ: bz, shared: uint32(shared),
-				stream: s.s, attrs: unsafe.Pointer(&a.attr), numAttrs: 1}
-			a.attr = launchAttr{id: launchAttrProgrammaticStreamSerialization}
-			a.attr.value[0] = 1 // programmaticStreamSerializationAllowed
+				stream: s.s, attrs: unsafe.Pointer(&a.attrs[0]), numAttrs: uint32(n)}
 			if err := check("cuLaunchKernelEx", drv.cuLaunchKernelEx(unsafe.Pointer(&a.cfg), f.f, params, nil)); err != nil {
-				return fmt.Errorf("kernel %s grid %v block %v (programmatic): %w", f.Name, grid, block, err)
+				return fmt.Errorf("kernel %s grid %v block %v (programmatic %v, clusters %v): %w", f.Name, grid, block, programmatic, cluster, err)
 			}
 			return nil
 		}

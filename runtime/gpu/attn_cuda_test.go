@@ -202,13 +202,15 @@ func attentionCase(t *testing.T, sh attnShape, k8 bool) {
 	// second time with attn_decode's experimental opts (kernelForce.decOpts:
 	// the first tiles before griddepcontrol.wait, the 16-wide merge), which
 	// must give the same bits.
+	// A third time with the splits as thread-block clusters (opts 7, on
+	// sm_90 and later): fewer splits, so the sums differ in their last bits.
 	var first []float32
-	for i, v0 := range []bool{false, false, true} {
-		r.b.force.attnRows = v0
-		r.b.force.decOpts = 0
-		if i == 1 {
-			r.b.force.decOpts = 3
-		}
+	for i, run := range []struct {
+		v0   bool
+		opts int
+	}{{false, 0}, {false, 3}, {false, 7}, {true, 0}} {
+		v0 := run.v0
+		r.b.force.attnRows, r.b.force.decOpts = v0, run.opts
 		r.poison(out)
 		r.begin(m)
 		if !v0 {
@@ -241,6 +243,9 @@ func attentionCase(t *testing.T, sh attnShape, k8 bool) {
 		}
 		if k8 {
 			name += ", FP8 keys"
+		}
+		if i == 2 {
+			name += fmt.Sprintf(", decOpts 7 (clusters: %v, split %d)", r.b.decCluster(), r.b.decSplit)
 		}
 		if i == 1 {
 			name += ", again with decOpts 3"

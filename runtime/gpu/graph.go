@@ -135,6 +135,9 @@ func (b *Backend) decSplitFor(n int) int {
 	if b.force.decSplit > 0 {
 		top = b.force.decSplit
 	}
+	if b.decCluster() {
+		top = min(top, decClusterMax)
+	}
 	for s := 1; s <= top; s++ {
 		waves := (pairs*s + b.decResident - 1) / b.decResident
 		if c := float64(waves) * (1/float64(s) + 0.125); c < bestCost-1e-9 {

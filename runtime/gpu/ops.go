@@ -254,9 +254,29 @@ func (b *Backend) Attention(out, q, k, v engine.Buffer, layer int, scale float32
 	if b.err != nil {
 		return
 	}
-	b.fail(b.decodeKernel(hd).Launch(b.s, cuda.Dim3{X: b.nDec, Y: b.kv.KVHeads, Z: b.decSplit}, cuda.Dim3{X: decThreads}, decShared(hd, b.kv8),
-		ptr(o), part, b.attnDone, ptr(qb), kc, vc, b.i32(b.off.decSeqs), b.i32(b.off.seqInfo), b.i32(b.off.pages),
-		c.Heads, b.kv.KVHeads, b.kv.BlockSize, scale, b.decSplit, qb.ld, ks, b.force.decOpts))
+	grid, block := cuda.Dim3{X: b.nDec, Y: b.kv.KVHeads, Z: b.decSplit}, cuda.Dim3{X: decThreads}
+	args := []any{ptr(o), part, b.attnDone, ptr(qb), kc, vc, b.i32(b.off.decSeqs), b.i32(b.off.seqInfo), b.i32(b.off.pages),
+		c.Heads, b.kv.KVHeads, b.kv.BlockSize, scale, b.decSplit, qb.ld, ks, b.force.decOpts &^ decOptCluster}
+	if b.decCluster() && b.decSplit > 1 {
+		args[len(args)-1] = b.force.decOpts
+		b.fail(b.decodeKernel(hd).LaunchCluster(b.s, grid, block, cuda.Dim3{X: 1, Y: 1, Z: b.decSplit}, decShared(hd, b.kv8), args...))
+		return
+	}
+	b.fail(b.decodeKernel(hd).Launch(b.s, grid, block, decShared(hd, b.kv8), args...))
+}
+
+// decOptCluster is attn_decode's opts bit 2: the splits of a (sequence, KV
+// head) are one thread-block cluster of at most decClusterMax blocks
+// (DEC_CLUSTER in llama.cu), merged through their shared memory.
+const (
+	decOptCluster = 4
+	decClusterMax = 8
+)
+
+// decCluster reports whether attn_decode's splits run as clusters
+// (kernelForce.decOpts bit 2, on sm_90 and later).
+func (b *Backend) decCluster() bool {
+	return b.force.decOpts&decOptCluster != 0 && b.ctx.Device().Major >= 9
 }
 
 // prefillKernel is the attn_prefill variant for head dimension hd (32, 64
