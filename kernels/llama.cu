@@ -628,7 +628,10 @@ template <int HD, bool K8 = false> struct DecShape {
 // not 8 (dec_merge). Neither changes a result bit. Bit 2: the nsplit <=
 // DEC_CLUSTER splits of a (sequence, KV head) are one thread-block cluster
 // (launched with clusters of 1 x 1 x nsplit) and merge through each other's
-// shared memory (dec_cluster_merge).
+// shared memory (dec_cluster_merge). Bit 3 (bf16 keys): q and the newest
+// K/V rows arrive unrotated and unstored (kn, vn, ldk, ldv, inv_freq, pos,
+// slots; null otherwise): this kernel does rope_store's work for the decode
+// rows, and a pure decode step launches no rope_store.
 // Thread-block clusters (sm_90): this block's rank in its cluster, a barrier
 // over the cluster's threads (its writes to shared memory visible to the
 // other blocks after it), and a float read from shared memory of the
@@ -737,7 +740,8 @@ __device__ __forceinline__ void attn_decode_body(
     bf16* __restrict__ out, float* __restrict__ part, int* __restrict__ done, const bf16* __restrict__ q,
     const bf16* __restrict__ kc, const bf16* __restrict__ vc, const int* __restrict__ dec_seq,
     const int* __restrict__ seq_info, const int* __restrict__ pages, int heads, int kvh, int bs, float scale, int nsplit,
-    int ldq, const float* __restrict__ ks, int opts) {
+    int ldq, const float* __restrict__ ks, int opts, const bf16* __restrict__ kn, const bf16* __restrict__ vn, int ldk, int ldv,
+    const float* __restrict__ inv_freq, const int* __restrict__ pos, const int* __restrict__ slots) {
     typedef DecShape<HD, K8> D;
     extern __shared__ __align__(128) unsigned char dsm[];
     const int di = blockIdx.x, kh = blockIdx.y, sp = blockIdx.z, tid = threadIdx.x;
@@ -758,6 +762,25 @@ __device__ __forceinline__ void attn_decode_body(
     const int p0 = sp * chunk, p1 = min(ctx, p0 + chunk);
     const int ntiles = p0 < p1 ? (p1 - p0 + DEC_TILE - 1) / DEC_TILE : 0;
     const int nk = ntiles > warp ? (ntiles - warp + DEC_WARPS - 1) / DEC_WARPS : 0; // this warp's tiles
+    // With rope (opts bit 3, bf16 keys), this kernel does rope_store's work
+    // for the decode rows: q and k arrive unrotated (kn, vn: the step's new
+    // K and V rows), q is rotated as it is read, and the block whose split
+    // holds the newest position rotates k and stores the K and V rows in the
+    // cache before any tile is issued. The row's cos/sin (rcs, rsn) come from
+    // metadata no kernel writes: computed before griddepcontrol.wait.
+    const bool rope = !K8 && (opts & 8);
+    __shared__ float rcs[HD / 2], rsn[HD / 2];
+    if (rope) {
+        const float pp = (float)pos[row];
+        for (int i = tid; i < HD / 2; i += DEC_THREADS) sincosf(pp * inv_freq[i], &rsn[i], &rcs[i]);
+    }
+    // rot: element d of head row x rotated as rope_store rotates it (the
+    // pair d, d + HD/2), rounded to bf16
+    auto rot = [&](const bf16* x, int d) {
+        const int h2 = HD / 2, i = d < h2 ? d : d - h2;
+        const float a = ld(x + d), b = ld(x + (d < h2 ? d + h2 : d - h2));
+        return tobf(d < h2 ? a * rcs[i] - b * rsn[i] : a * rcs[i] + b * rsn[i]);
+    };
 
     float o[D::C][2], m = NEG_INF, l = 0.f; // O[g][8j + 2*tig + {0,1}], the row's max and this lane's part of its sum
 #pragma unroll
@@ -827,15 +850,40 @@ __device__ __forceinline__ void attn_decode_body(
         }
     }
     pdl_entry();
+    if (rope) {
+        __syncthreads(); // rcs, rsn
+        if (sp == (ctx - 1) / chunk) { // the split that holds the newest position
+            const int slot = slots[row];
+            if (slot >= 0) {
+                const bf16* kr = kn + (i64)row * ldk + (i64)kh * HD;
+                bf16* kd = const_cast<bf16*>(kc) + (i64)slot * width + (i64)kh * HD;
+                bf16* vd = const_cast<bf16*>(vc) + (i64)slot * width + (i64)kh * HD;
+                for (int d = tid; d < HD; d += DEC_THREADS) {
+                    kd[d] = rot(kr, d);
+                    vd[d] = vn[(i64)row * ldv + (i64)kh * HD + d];
+                }
+            }
+            __threadfence_block();
+        }
+        __syncthreads(); // the newest row is in the cache before its tile is issued
+    }
     if (nk > 0) {
         unsigned qa[HD / 16][2]; // A fragments of Q (rows: the query heads)
 #pragma unroll
         for (int ks = 0; ks < HD / 16; ks++) {
             qa[ks][0] = qa[ks][1] = 0u;
             if (g < G) {
-                const bf16* qr = q + (i64)row * ldq + (i64)(kh * G + g) * HD + ks * 16 + tig * 2;
-                qa[ks][0] = *reinterpret_cast<const unsigned*>(qr);
-                qa[ks][1] = *reinterpret_cast<const unsigned*>(qr + 8);
+                const bf16* qh = q + (i64)row * ldq + (i64)(kh * G + g) * HD;
+                const int d = ks * 16 + tig * 2;
+                if (rope) {
+                    __nv_bfloat162 lo, hi;
+                    lo.x = rot(qh, d), lo.y = rot(qh, d + 1), hi.x = rot(qh, d + 8), hi.y = rot(qh, d + 9);
+                    qa[ks][0] = *reinterpret_cast<const unsigned*>(&lo);
+                    qa[ks][1] = *reinterpret_cast<const unsigned*>(&hi);
+                } else {
+                    qa[ks][0] = *reinterpret_cast<const unsigned*>(qh + d);
+                    qa[ks][1] = *reinterpret_cast<const unsigned*>(qh + d + 8);
+                }
             }
         }
         const float qs = scale * LOG2E;
@@ -1035,8 +1083,9 @@ __device__ __forceinline__ void attn_decode_body(
 #define ATTN_DECODE_ARGS                                                                                           \
     bf16 *out, float *part, int *done, const bf16 *q, const bf16 *kc, const bf16 *vc, const int *dec_seq,        \
         const int *seq_info, const int *pages, int heads, int kvh, int bs, float scale, int nsplit, int ldq, const float *ks, \
-        int opts
-#define ATTN_DECODE_PASS out, part, done, q, kc, vc, dec_seq, seq_info, pages, heads, kvh, bs, scale, nsplit, ldq, ks, opts
+        int opts, const bf16 *kn, const bf16 *vn, int ldk, int ldv, const float *inv_freq, const int *pos, const int *slots
+#define ATTN_DECODE_PASS \
+    out, part, done, q, kc, vc, dec_seq, seq_info, pages, heads, kvh, bs, scale, nsplit, ldq, ks, opts, kn, vn, ldk, ldv, inv_freq, pos, slots
 extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode_d32(ATTN_DECODE_ARGS) { attn_decode_body<32, false>(ATTN_DECODE_PASS); }
 extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode_d64(ATTN_DECODE_ARGS) { attn_decode_body<64, false>(ATTN_DECODE_PASS); }
 extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode_d128(ATTN_DECODE_ARGS) { attn_decode_body<128, false>(ATTN_DECODE_PASS); }

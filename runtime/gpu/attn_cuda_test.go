@@ -405,3 +405,113 @@ func TestFP8KeysFixture(t *testing.T) {
 		}
 	}
 }
+
+// TestAttentionRoPEInDecode: with kernelForce.decOpts bit 3 a step of
+// decode rows only launches no rope_store, and attn_decode rotates q and k
+// and stores the new K/V rows itself; its outputs and the cache rows it
+// stores match rope_store's path (to the last bit where the two kernels
+// round alike; within one bf16 step anywhere), with the other opts bits
+// too (splits as clusters on sm_90). A step with a prefill row keeps
+// rope_store.
+func TestAttentionRoPEInDecode(t *testing.T) {
+	const heads, kvh, hd, bs, layer = 32, 8, 128, 16, 1
+	cfg := testConfig(heads*hd, 128, heads, kvh, hd, 32, 2)
+	ctxs := []int{1, 17, 300, 1000} // contexts after the step
+	blocks := 0
+	for _, c := range ctxs {
+		blocks += (c + bs - 1) / bs
+	}
+	r := newRig(t, cfg, 64, engine.KVSpec{Layers: 2, Blocks: blocks + 4, BlockSize: bs, KVHeads: kvh, HeadDim: hd})
+	width := kvh * hd
+	m := &engine.StepMeta{}
+	next := int32(0)
+	for _, c := range ctxs {
+		var bl []int32
+		for len(bl)*bs < c {
+			bl = append(bl, next)
+			next++
+		}
+		p := c - 1
+		m.Seqs = append(m.Seqs, engine.SeqMeta{Start: len(m.Tokens), Len: 1, Context: c, Blocks: bl})
+		m.Tokens = append(m.Tokens, 0)
+		m.Positions = append(m.Positions, int32(p))
+		m.KVSlots = append(m.KVSlots, bl[p/bs]*int32(bs)+int32(p%bs))
+	}
+	T := len(m.Tokens)
+	cacheVals := int(next) * bs * width
+	kImg, vImg := make([]uint16, cacheVals), make([]uint16, cacheVals)
+	f32ToBF16(kImg, r.rnd(cacheVals, 2))
+	f32ToBF16(vImg, r.rnd(cacheVals, 2))
+	invFreq := make([]float32, hd/2)
+	for i := range invFreq {
+		invFreq[i] = float32(math.Pow(500000, -2*float64(i)/float64(hd)))
+	}
+	qv, kv, vv := r.rnd(T*heads*hd, 2), r.rnd(T*width, 2), r.rnd(T*width, 2)
+	q, k, v, out := r.buffer(T, heads*hd), r.buffer(T, width), r.buffer(T, width), r.buffer(T, heads*hd)
+	kc, vc, _ := r.b.layerCache(layer)
+	run := func(opts int) (o []float32, kRows, vRows []uint16) {
+		t.Helper()
+		for _, e := range []error{cuda.CopyHtoD(r.b.s, kc, kImg), cuda.CopyHtoD(r.b.s, vc, vImg)} {
+			if e != nil {
+				t.Fatal(e)
+			}
+		}
+		r.fill(q, qv) // rope_store rotates q and k in place
+		r.fill(k, kv)
+		r.fill(v, vv)
+		r.poison(out)
+		r.b.force.decOpts = opts
+		r.begin(m)
+		if got, want := r.b.ropeInDecode(invFreq), opts&decOptRoPE != 0; got != want {
+			t.Fatalf("opts %d: RoPE in attn_decode %v, want %v", opts, got, want)
+		}
+		r.b.Attention(out, q, k, v, layer, float32(1/math.Sqrt(hd)), invFreq)
+		o = r.read(out, T)
+		r.end()
+		kAll, vAll := make([]uint16, cacheVals), make([]uint16, cacheVals)
+		for _, e := range []error{cuda.CopyDtoH(r.b.s, kAll, kc), cuda.CopyDtoH(r.b.s, vAll, vc), r.b.s.Synchronize()} {
+			if e != nil {
+				t.Fatal(e)
+			}
+		}
+		for _, sl := range m.KVSlots {
+			kRows = append(kRows, kAll[int(sl)*width:int(sl+1)*width]...)
+			vRows = append(vRows, vAll[int(sl)*width:int(sl+1)*width]...)
+		}
+		return o, kRows, vRows
+	}
+	o0, k0, v0 := run(0)
+	want := make([]float64, len(o0))
+	for i, x := range o0 {
+		want[i] = float64(x)
+	}
+	for _, opts := range []int{8, 15} {
+		o, kr, vr := run(opts)
+		r.compare(fmt.Sprintf("attention, opts %d vs rope_store's path", opts), o, want, 2e-3)
+		for i := range v0 {
+			if vr[i] != v0[i] {
+				t.Fatalf("opts %d: V cache value %d is %#04x, rope_store stored %#04x", opts, i, vr[i], v0[i])
+			}
+		}
+		differ := 0
+		for i := range k0 {
+			a, b := fromBF16(k0[i]), fromBF16(kr[i])
+			if a != b {
+				differ++
+				if math.Abs(float64(a-b)) > math.Abs(float64(a))/64+1e-6 {
+					t.Fatalf("opts %d: K cache value %d is %g, rope_store stored %g", opts, i, b, a)
+				}
+			}
+		}
+		t.Logf("opts %d: %d of %d K cache values differ by one bf16 step from rope_store's", opts, differ, len(k0))
+	}
+	// a prefill row in the step: rope_store stays
+	mp := oneSeq(3, bs, zeros(3))
+	r.b.force.decOpts = decOptRoPE
+	r.begin(mp)
+	if r.b.ropeInDecode(invFreq) {
+		t.Error("a prefill step took RoPE in attn_decode")
+	}
+	r.end()
+	r.b.force.decOpts = 0
+}

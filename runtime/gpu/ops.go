@@ -149,14 +149,7 @@ func (b *Backend) ropeStore(qb, kb, vb *Buffer, layer int, invFreq []float32, he
 		"rope: widths %d, %d for %d/%d heads of %d", qb.cols, kb.cols, heads, kvHeads, headDim) {
 		return
 	}
-	var freq uint64 // nil invFreq: no rotation
-	if invFreq != nil {
-		if !slices.Equal(b.invFreqHost, invFreq) {
-			b.invFreqHost = append(b.invFreqHost[:0], invFreq...)
-			b.fail(cuda.CopyHtoD(b.s, b.invFreq.Ptr(), b.invFreqHost))
-		}
-		freq = b.invFreq.Ptr()
-	}
+	freq := b.freqTable(invFreq)
 	var kc, vc, kc8, ks uint64
 	ldv, ny := 0, heads+kvHeads
 	if layer >= 0 {
@@ -179,6 +172,28 @@ func (b *Backend) ropeStore(qb, kb, vb *Buffer, layer int, invFreq []float32, he
 	}
 	threads := min(128, max(32, (headDim/2+31)&^31))
 	b.launch(b.fn.ropeStore, cuda.Dim3{X: b.rows(), Y: ny}, cuda.Dim3{X: threads}, args...)
+}
+
+// freqTable is the device copy of invFreq (uploaded when it changed; 0 for
+// nil: no rotation).
+func (b *Backend) freqTable(invFreq []float32) uint64 {
+	if invFreq == nil {
+		return 0
+	}
+	if !slices.Equal(b.invFreqHost, invFreq) {
+		b.invFreqHost = append(b.invFreqHost[:0], invFreq...)
+		b.fail(cuda.CopyHtoD(b.s, b.invFreq.Ptr(), b.invFreqHost))
+	}
+	return b.invFreq.Ptr()
+}
+
+// ropeInDecode reports whether attn_decode does rope_store's work for this
+// step (kernelForce.decOpts bit 3, decOptRoPE): every row a decode row
+// (no prefill rows or tiles), bf16 keys, a rotation, and no LoRA update of
+// q, k, v pending on the LoRA stream (rope_store folds those in).
+func (b *Backend) ropeInDecode(invFreq []float32) bool {
+	return b.force.decOpts&decOptRoPE != 0 && b.decOK && !b.kv8 && len(invFreq) == b.kv.HeadDim/2 && 4*len(invFreq) <= b.invFreq.Size() &&
+		b.nDec > 0 && b.nPre == 0 && b.nPreTiles == 0 && b.la.pend.delta == 0
 }
 
 // ropeRowsFit reports whether rope_store_rows takes a step: head_dim 64,
@@ -225,7 +240,14 @@ func (b *Backend) Attention(out, q, k, v engine.Buffer, layer int, scale float32
 		"attention: widths q %d k %d v %d out %d, layer %d", qb.cols, kb.cols, vb.cols, o.cols, layer) {
 		return
 	}
-	b.ropeStore(qb, kb, vb, layer, invFreq, c.Heads, b.kv.KVHeads, b.kv.HeadDim)
+	inDecode := b.ropeInDecode(invFreq)
+	var freq uint64
+	if inDecode {
+		b.opStart() // no rope_store: attn_decode rotates and stores (no update pending: ropeInDecode)
+		freq = b.freqTable(invFreq)
+	} else {
+		b.ropeStore(qb, kb, vb, layer, invFreq, c.Heads, b.kv.KVHeads, b.kv.HeadDim)
+	}
 	kc, vc, ks := b.layerCache(layer)
 	switch {
 	case b.nPreTiles > 0: // the prefill rows (every row without decode sequences) on the tensor cores
@@ -255,21 +277,34 @@ func (b *Backend) Attention(out, q, k, v engine.Buffer, layer int, scale float32
 		return
 	}
 	grid, block := cuda.Dim3{X: b.nDec, Y: b.kv.KVHeads, Z: b.decSplit}, cuda.Dim3{X: decThreads}
+	cluster := b.decCluster() && b.decSplit > 1
+	opts := b.force.decOpts &^ (decOptCluster | decOptRoPE)
+	if cluster {
+		opts |= decOptCluster
+	}
+	var kn, vn, pos, slots uint64 // the new K/V rows and their places, when attn_decode stores them
+	ldk, ldv := 0, 0
+	if inDecode {
+		opts |= decOptRoPE
+		kn, vn, ldk, ldv, pos, slots = ptr(kb), ptr(vb), kb.ld, vb.ld, uint64(b.i32(b.off.pos)), uint64(b.i32(b.off.kvSlots))
+	}
 	args := []any{ptr(o), part, b.attnDone, ptr(qb), kc, vc, b.i32(b.off.decSeqs), b.i32(b.off.seqInfo), b.i32(b.off.pages),
-		c.Heads, b.kv.KVHeads, b.kv.BlockSize, scale, b.decSplit, qb.ld, ks, b.force.decOpts &^ decOptCluster}
-	if b.decCluster() && b.decSplit > 1 {
-		args[len(args)-1] = b.force.decOpts
+		c.Heads, b.kv.KVHeads, b.kv.BlockSize, scale, b.decSplit, qb.ld, ks, opts, kn, vn, ldk, ldv, freq, pos, slots}
+	if cluster {
 		b.fail(b.decodeKernel(hd).LaunchCluster(b.s, grid, block, cuda.Dim3{X: 1, Y: 1, Z: b.decSplit}, decShared(hd, b.kv8), args...))
 		return
 	}
 	b.fail(b.decodeKernel(hd).Launch(b.s, grid, block, decShared(hd, b.kv8), args...))
 }
 
-// decOptCluster is attn_decode's opts bit 2: the splits of a (sequence, KV
-// head) are one thread-block cluster of at most decClusterMax blocks
-// (DEC_CLUSTER in llama.cu), merged through their shared memory.
+// attn_decode's opts bits (llama.cu) that the Backend sets by the step:
+// decOptCluster, the splits of a (sequence, KV head) as one thread-block
+// cluster of at most decClusterMax blocks (DEC_CLUSTER), merged through
+// their shared memory; decOptRoPE, rope_store's work for a pure decode step
+// (ropeInDecode).
 const (
 	decOptCluster = 4
+	decOptRoPE    = 8
 	decClusterMax = 8
 )
 

@@ -25,6 +25,7 @@ __device__ void __syncwarp(unsigned = 0xffffffffu);
 __device__ int __shfl_sync(unsigned, int, int, int = 32);
 __device__ int __syncthreads_or(int);
 __device__ void __threadfence();
+__device__ void __threadfence_block();
 __device__ void __trap();
 __device__ void __nanosleep(unsigned);
 __device__ float __shfl_xor_sync(unsigned, float, int, int = 32);
