@@ -52,15 +52,6 @@ __device__ __forceinline__ uint4 widen8_e4m3(uint2 w) {
     return pack8(f);
 }
 
-// add_rmsnorm: x[r] += delta[r] (and the LoRA update d2 of the rows whose
-// rl is >= 0, rows H apart; delta + d2 is rounded to bf16 first, as the
-// projection's output updated in place would have been), rounded to bf16;
-// then, when out is set, out[r] = rmsnorm(x[r]) * w; and when q is set
-// too, out[r] quantized per row to e4m3 into q[r] (H bytes) and qscale[r]
-// for the FP8 projections that read it (no quant_rows_e4m3 launch).
-// grid (T), block a multiple of 32.
-#define ADD_RC 4 // 16-byte words of a row each thread keeps in registers (rows of up to 32 * blockDim values)
-
 // add8: a += d (8 floats from 16-byte aligned d), each sum rounded to bf16
 // (a LoRA update added to a projection's output, as an update in place would).
 __device__ __forceinline__ void add8(float* a, const float* d) {
@@ -119,6 +110,14 @@ __device__ __forceinline__ void norm_word(uint4* o8, int c, uint4 xb, uint4 wb, 
     if (q) amax8(b, m, bad);
 }
 
+// add_rmsnorm: x[r] += delta[r] (and the LoRA update d2 of the rows whose
+// rl is >= 0, rows H apart; delta + d2 is rounded to bf16 first, as the
+// projection's output updated in place would have been), rounded to bf16;
+// then, when out is set, out[r] = rmsnorm(x[r]) * w; and when q is set
+// too, out[r] quantized per row to e4m3 into q[r] (H bytes) and qscale[r]
+// for the FP8 projections that read it (no quant_rows_e4m3 launch).
+// grid (T), block a multiple of 32.
+#define ADD_RC 4 // 16-byte words of a row each thread keeps in registers (rows of up to 32 * blockDim values)
 extern "C" __global__ void add_rmsnorm(bf16* x, const bf16* delta, const float* d2, const int* rl, bf16* out, const bf16* w, float eps, int H,
                                        unsigned char* q, float* qscale) {
     const int r = blockIdx.x, tid = threadIdx.x, bd = blockDim.x, n8 = H >> 3;
@@ -590,48 +589,6 @@ template <int HD, bool K8 = false> struct DecShape {
     }
 };
 
-// attn_decode_d{32,64,128,256}: split-KV (flash-decoding) attention for
-// decode sequences (one new row each, already stored in the cache), on the
-// tensor cores. grid (nDec, kvh, nsplit), block DEC_THREADS, dynamic shared
-// DEC_WARPS * DecShape<HD>::WARP_B bytes. A block takes positions
-// [split*chunk, split*chunk + chunk) of one sequence's cache for one KV head
-// and the G = heads/kvh <= 8 query heads that share it, so each K/V row is
-// read once.
-//
-// Each warp takes 16-position tiles (the block's warps interleave) and runs
-// its own pipeline: cp.async copies a tile's K and V rows (zero-filled past
-// the chunk) into the warp's shared buffers DecShape::ST - 1 tiles ahead of
-// the one it computes; each lane loads the page slot of one row of the tile
-// after that one tile earlier, so no dependent load stalls the loop. Per
-// tile: S = Q K^T as m16n8k16 MMAs with the G query heads as the rows of A
-// (the other rows zero) and K read by ldmatrix; an online softmax over the
-// tile in the log2 domain (scale*log2(e) folded in, exp2f; a row's max over
-// 4 lanes by 2 shuffles); O += P V with P straight from S's accumulators as
-// the A fragment, split into two bf16 parts (hi + lo: P keeps its float32
-// precision, so the result does not depend on where tiles and splits
-// begin), and V read by ldmatrix.trans. The warps
-// merge through shared memory at the end.
-//
-// nsplit == 1: the block writes the output row. Else it writes (acc[hd],
-// max, sum) per (sequence, head, split) to part, and the last block of the
-// (sequence, KV head) to finish (a counter in done, left at zero again)
-// merges the splits that hold positions into the output row: no second
-// launch. Each sequence's chunk is its context split nsplit ways (at least
-// 32 positions, a multiple of 8; splits past the context are empty), so one
-// recorded launch fits every step. A sequence with no context
-// (padding) gets zeros; a dec_seq entry of -1 none (its blocks exit). q's
-// rows are ldq values apart. Requires nsplit <= 64.
-//
-// opts (experiments, 0 unless kernelForce.decOpts sets them): bit 0 issues
-// a warp's first tiles before griddepcontrol.wait when they do not hold
-// the newest position; bit 1 merges the splits with 16 loads in flight,
-// not 8 (dec_merge). Neither changes a result bit. Bit 2: the nsplit <=
-// DEC_CLUSTER splits of a (sequence, KV head) are one thread-block cluster
-// (launched with clusters of 1 x 1 x nsplit) and merge through each other's
-// shared memory (dec_cluster_merge). Bit 3 (bf16 keys): q and the newest
-// K/V rows arrive unrotated and unstored (kn, vn, ldk, ldv, inv_freq, pos,
-// slots; null otherwise): this kernel does rope_store's work for the decode
-// rows, and a pure decode step launches no rope_store.
 // Thread-block clusters (sm_90): this block's rank in its cluster, a barrier
 // over the cluster's threads (its writes to shared memory visible to the
 // other blocks after it), and a float read from shared memory of the
@@ -735,6 +692,48 @@ __device__ __forceinline__ void dec_merge(bf16* __restrict__ out, const float* _
     }
 }
 
+// attn_decode_d{32,64,128,256}: split-KV (flash-decoding) attention for
+// decode sequences (one new row each, already stored in the cache), on the
+// tensor cores. grid (nDec, kvh, nsplit), block DEC_THREADS, dynamic shared
+// DEC_WARPS * DecShape<HD>::WARP_B bytes. A block takes positions
+// [split*chunk, split*chunk + chunk) of one sequence's cache for one KV head
+// and the G = heads/kvh <= 8 query heads that share it, so each K/V row is
+// read once.
+//
+// Each warp takes 16-position tiles (the block's warps interleave) and runs
+// its own pipeline: cp.async copies a tile's K and V rows (zero-filled past
+// the chunk) into the warp's shared buffers DecShape::ST - 1 tiles ahead of
+// the one it computes; each lane loads the page slot of one row of the tile
+// after that one tile earlier, so no dependent load stalls the loop. Per
+// tile: S = Q K^T as m16n8k16 MMAs with the G query heads as the rows of A
+// (the other rows zero) and K read by ldmatrix; an online softmax over the
+// tile in the log2 domain (scale*log2(e) folded in, exp2f; a row's max over
+// 4 lanes by 2 shuffles); O += P V with P straight from S's accumulators as
+// the A fragment, split into two bf16 parts (hi + lo: P keeps its float32
+// precision, so the result does not depend on where tiles and splits
+// begin), and V read by ldmatrix.trans. The warps
+// merge through shared memory at the end.
+//
+// nsplit == 1: the block writes the output row. Else it writes (acc[hd],
+// max, sum) per (sequence, head, split) to part, and the last block of the
+// (sequence, KV head) to finish (a counter in done, left at zero again)
+// merges the splits that hold positions into the output row: no second
+// launch. Each sequence's chunk is its context split nsplit ways (at least
+// 32 positions, a multiple of 8; splits past the context are empty), so one
+// recorded launch fits every step. A sequence with no context
+// (padding) gets zeros; a dec_seq entry of -1 none (its blocks exit). q's
+// rows are ldq values apart. Requires nsplit <= 64.
+//
+// opts (experiments, 0 unless kernelForce.decOpts sets them): bit 0 issues
+// a warp's first tiles before griddepcontrol.wait when they do not hold
+// the newest position; bit 1 merges the splits with 16 loads in flight,
+// not 8 (dec_merge). Neither changes a result bit. Bit 2: the nsplit <=
+// DEC_CLUSTER splits of a (sequence, KV head) are one thread-block cluster
+// (launched with clusters of 1 x 1 x nsplit) and merge through each other's
+// shared memory (dec_cluster_merge). Bit 3 (bf16 keys): q and the newest
+// K/V rows arrive unrotated and unstored (kn, vn, ldk, ldv, inv_freq, pos,
+// slots; null otherwise): this kernel does rope_store's work for the decode
+// rows, and a pure decode step launches no rope_store.
 template <int HD, bool K8>
 __device__ __forceinline__ void attn_decode_body(
     bf16* __restrict__ out, float* __restrict__ part, int* __restrict__ done, const bf16* __restrict__ q,
@@ -1345,18 +1344,6 @@ extern "C" __global__ void __launch_bounds__(PRE_THREADS) attn_prefill8_d32(ATTN
 extern "C" __global__ void __launch_bounds__(PRE_THREADS) attn_prefill8_d64(ATTN_PREFILL_ARGS) { pdl_entry(); attn_prefill_body<64, true>(ATTN_PREFILL_PASS); }
 extern "C" __global__ void __launch_bounds__(PRE_THREADS) attn_prefill8_d128(ATTN_PREFILL_ARGS) { pdl_entry(); attn_prefill_body<128, true>(ATTN_PREFILL_PASS); }
 
-// silu_mul: out[r, c] = silu(g[r, c]) * u[r, c] for rows x cols values;
-// out's rows are cols apart, g's and u's ldg (views of one gate_up row).
-// dg, du (null, or both set): float32 LoRA updates of g and u computed
-// beside the gate_up projection, rows ldd apart, added first (rounded to
-// bf16, as an update in place would have left g and u) in the rows whose
-// rl (row adapter slot) is >= 0. Grid-stride over 8-value words when cols,
-// ldg and ldd are multiples of 8. q, qscale (null, or both set; then cols,
-// ldg and ldd must be multiples of 8 and the grid is one block per row): each
-// out row is also quantized to e4m3 into q (cols bytes per row) and its scale
-// into qscale, as quant_rows_e4m3 would from the stored values, for the FP8
-// down projection (no quantization launch).
-
 // silu_mul8: silu(g) * u for 8 values (16-byte words), after adding the
 // LoRA updates dg and du (when dg is set) as silu_mul says.
 __device__ __forceinline__ uint4 silu_mul8(const bf16* g, const bf16* u, const float* dg, const float* du) {
@@ -1371,6 +1358,18 @@ __device__ __forceinline__ uint4 silu_mul8(const bf16* g, const bf16* u, const f
     for (int j = 0; j < 8; j++) a[j] = a[j] / (1.f + expf(-a[j])) * b[j];
     return pack8(a);
 }
+
+// silu_mul: out[r, c] = silu(g[r, c]) * u[r, c] for rows x cols values;
+// out's rows are cols apart, g's and u's ldg (views of one gate_up row).
+// dg, du (null, or both set): float32 LoRA updates of g and u computed
+// beside the gate_up projection, rows ldd apart, added first (rounded to
+// bf16, as an update in place would have left g and u) in the rows whose
+// rl (row adapter slot) is >= 0. Grid-stride over 8-value words when cols,
+// ldg and ldd are multiples of 8. q, qscale (null, or both set; then cols,
+// ldg and ldd must be multiples of 8 and the grid is one block per row): each
+// out row is also quantized to e4m3 into q (cols bytes per row) and its scale
+// into qscale, as quant_rows_e4m3 would from the stored values, for the FP8
+// down projection (no quantization launch).
 
 extern "C" __global__ void silu_mul(bf16* out, const bf16* g, const bf16* u, const float* dg, const float* du, const int* rl,
                                     int rows, int cols, int ldg, int ldd, unsigned char* q, float* qscale) {
