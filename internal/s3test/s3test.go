@@ -114,9 +114,7 @@ func (s *Server) start(t testing.TB) {
 	}
 	t.Cleanup(s.Stop)
 	s.Endpoint = "http://" + s.Addr
-	s.Client, err = minio.New(s.Addr, &minio.Options{Creds: credentials.NewStaticV4(s.AccessKey, s.Secret, ""),
-		Region: s.Region, BucketLookup: minio.BucketLookupPath})
-	if err != nil {
+	if s.Client, err = s.newClient(); err != nil {
 		t.Fatal(err)
 	}
 }
@@ -169,7 +167,7 @@ func (s *Server) Restart() error {
 // owns reports whether the server on s.Addr takes this server's keys (each
 // Server has its own: uniqueKey).
 func (s *Server) owns() bool {
-	c, err := minio.New(s.Addr, &minio.Options{Creds: credentials.NewStaticV4(s.AccessKey, s.Secret, ""), Region: s.Region, BucketLookup: minio.BucketLookupPath})
+	c, err := s.newClient()
 	if err != nil {
 		return false
 	}
@@ -177,6 +175,12 @@ func (s *Server) owns() bool {
 	defer cancel()
 	_, err = c.ListBuckets(ctx)
 	return err == nil
+}
+
+// newClient is an S3 client of the server on s.Addr with this server's keys.
+func (s *Server) newClient() (*minio.Client, error) {
+	return minio.New(s.Addr, &minio.Options{Creds: credentials.NewStaticV4(s.AccessKey, s.Secret, ""),
+		Region: s.Region, BucketLookup: minio.BucketLookupPath})
 }
 
 // uniqueKey is prefix and 16 random hex digits: a test server's own keys.
