@@ -11,20 +11,27 @@ import sys
 from collections import defaultdict
 
 
-def main():
-    rows = []
-    with open(sys.argv[1], newline="") as f:
+def trace_rows(path):
+    """The records of an nsys cuda_gpu_trace CSV (nsys's progress lines left
+    out) that have a start and a duration: the CSV's dicts, with "start" and
+    "dur" (ns) added. nsys_steps.py reads its traces with it too."""
+    with open(path, newline="") as f:
         lines = [l for l in f if l.strip() and not l.startswith("Processing") and not l.startswith("NOTICE")]
     for r in csv.DictReader(lines):
-        name = r.get("Name", "")
         try:
-            start = float(r["Start (ns)"])
-            dur = float(r["Duration (ns)"])
+            r["start"], r["dur"] = float(r["Start (ns)"]), float(r["Duration (ns)"])
         except (KeyError, ValueError):
             continue
+        yield r
+
+
+def main():
+    rows = []
+    for r in trace_rows(sys.argv[1]):
+        name = r.get("Name", "")
         if "[CUDA mem" in name:  # copies and memsets: listed apart
             name = name.strip()
-        rows.append((start, dur, name, r.get("Strm", "")))
+        rows.append((r["start"], r["dur"], name, r.get("Strm", "")))
     if not rows:
         print("NSYS no GPU work in the trace")
         return

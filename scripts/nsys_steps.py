@@ -15,10 +15,11 @@ The step span is the first start to the last end of the step's kernels.
 
 Usage: nsys_steps.py TRACE.csv
 """
-import csv
 import statistics
 import sys
 from collections import defaultdict
+
+from nsys_busy import trace_rows
 
 
 def family(name):
@@ -33,22 +34,18 @@ def family(name):
 
 
 def load(path):
-    with open(path, newline="") as f:
-        lines = [l for l in f if l.strip() and not l.startswith("Processing") and not l.startswith("NOTICE")]
+    """The trace's kernels (copies and memsets left out), by start:
+    (start, duration, name, stream, grid x)."""
     rows = []
-    for r in csv.DictReader(lines):
+    for r in trace_rows(path):
         name = r.get("Name", "")
         if "[CUDA mem" in name:
-            continue
-        try:
-            start, dur = float(r["Start (ns)"]), float(r["Duration (ns)"])
-        except (KeyError, ValueError):
             continue
         try:
             gx = int(float(r.get("GrdX", "0") or 0))
         except ValueError:
             gx = 0
-        rows.append((start, dur, name, r.get("Strm", ""), gx))
+        rows.append((r["start"], r["dur"], name, r.get("Strm", ""), gx))
     rows.sort()
     return rows
 
