@@ -244,19 +244,18 @@ func attentionCase(t *testing.T, sh attnShape, k8 bool) {
 		if k8 {
 			name += ", FP8 keys"
 		}
-		if i == 2 {
-			name += fmt.Sprintf(", decOpts 7 (clusters: %v, split %d)", r.b.decCluster(), r.b.decSplit)
-		}
-		if i == 1 {
+		switch i {
+		case 0:
+			first = got
+		case 1:
 			name += ", again with decOpts 3"
 			for j := range got {
 				if math.Float32bits(got[j]) != math.Float32bits(first[j]) {
 					t.Fatalf("attn_decode with decOpts 3: value %d is %g, %g without", j, got[j], first[j])
 				}
 			}
-		}
-		if i == 0 {
-			first = got
+		case 2:
+			name += fmt.Sprintf(", decOpts 7 (clusters: %v, split %d)", r.b.decCluster(), r.b.decSplit)
 		}
 		if v0 {
 			name = "per-row kernel (v0), all rows"
