@@ -108,7 +108,9 @@ func TestTryAcquireStale(t *testing.T) {
 	advance := func(d time.Duration) { mu.Lock(); now = now.Add(d); mu.Unlock() }
 	fs := fixtureFS(t)
 	sc := &statCounter{Store: fs}
-	e := newEnvWithStore(t, 1, sc, loader.Options{RecheckInterval: time.Second, Now: clock})
+	// no store Watch: its first listing, should it land after advance,
+	// would make the row fresh on its own and TryAcquire would check nothing
+	e := newEnvWithStore(t, 1, sc, loader.Options{RecheckInterval: time.Second, Now: clock, NoWatch: true})
 	e.acquire("qv-r8").Release()
 	advance(2 * time.Second)
 	before := sc.stats.Load()
