@@ -724,7 +724,7 @@ __device__ __forceinline__ void dec_merge(bf16* __restrict__ out, const float* _
 // (padding) gets zeros; a dec_seq entry of -1 none (its blocks exit). q's
 // rows are ldq values apart. Requires nsplit <= 64.
 //
-// opts (experiments, 0 unless kernelForce.decOpts sets them): bit 0 issues
+// opts (the Backend's attnOpts; bits 0-2 by default on sm_90): bit 0 issues
 // a warp's first tiles before griddepcontrol.wait when they do not hold
 // the newest position; bit 1 merges the splits with 16 loads in flight,
 // not 8 (dec_merge). Neither changes a result bit. Bit 2: the nsplit <=

@@ -198,17 +198,17 @@ func attentionCase(t *testing.T, sh attnShape, k8 bool) {
 	r.fill(q, qv)
 	r.fill(k, kv)
 	r.fill(v, vv)
-	// The split path twice: its merge counters must be back at zero. The
-	// second time with attn_decode's experimental opts (kernelForce.decOpts:
-	// the first tiles before griddepcontrol.wait, the 16-wide merge), which
-	// must give the same bits.
-	// A third time with the splits as thread-block clusters (opts 7, on
-	// sm_90 and later): fewer splits, so the sums differ in their last bits.
+	// The split path twice: its merge counters must be back at zero. First
+	// with no opts (kernelForce.decOpts -1), the second time with opts 3
+	// (the first tiles before griddepcontrol.wait, the 16-wide merge), which
+	// must give the same bits. A third time with the splits as thread-block
+	// clusters (opts 7, the default; on sm_90 and later): fewer splits, so
+	// the sums differ in their last bits.
 	var first []float32
 	for i, run := range []struct {
 		v0   bool
 		opts int
-	}{{false, 0}, {false, 3}, {false, 7}, {true, 0}} {
+	}{{false, -1}, {false, 3}, {false, 7}, {true, 0}} {
 		v0 := run.v0
 		r.b.force.attnRows, r.b.force.decOpts = v0, run.opts
 		r.poison(out)
@@ -461,7 +461,7 @@ func TestAttentionRoPEInDecode(t *testing.T) {
 		r.poison(out)
 		r.b.force.decOpts = opts
 		r.begin(m)
-		if got, want := r.b.ropeInDecode(invFreq), opts&decOptRoPE != 0; got != want {
+		if got, want := r.b.ropeInDecode(invFreq), opts > 0 && opts&decOptRoPE != 0; got != want {
 			t.Fatalf("opts %d: RoPE in attn_decode %v, want %v", opts, got, want)
 		}
 		r.b.Attention(out, q, k, v, layer, float32(1/math.Sqrt(hd)), invFreq)
@@ -479,12 +479,12 @@ func TestAttentionRoPEInDecode(t *testing.T) {
 		}
 		return o, kRows, vRows
 	}
-	o0, k0, v0 := run(0)
+	o0, k0, v0 := run(-1)
 	want := make([]float64, len(o0))
 	for i, x := range o0 {
 		want[i] = float64(x)
 	}
-	for _, opts := range []int{8, 15} {
+	for _, opts := range []int{8, decOptsDefault | decOptRoPE} {
 		o, kr, vr := run(opts)
 		r.compare(fmt.Sprintf("attention, opts %d vs rope_store's path", opts), o, want, 2e-3)
 		for i := range v0 {

@@ -166,7 +166,7 @@ type kernelForce struct {
 	attnRows  bool          // attention: the per-row kernel for every row (no attn_decode, attn_prefill, graphs)
 	decSplit  int           // attn_decode: at most this many KV splits per (sequence, KV head) (0: decSplitFor's choice)
 	ropeHeads bool          // RoPE and the K/V store: rope_store (a block per row and head) for every shape
-	decOpts   int           // attn_decode's opts (experiments, llama.cu): 1 the first tiles before griddepcontrol.wait, 2 the merge with 16 loads in flight, 4 the splits as clusters (decCluster), 8 RoPE and the K/V store in attn_decode (ropeInDecode)
+	decOpts   int           // attn_decode's opts (llama.cu) in place of decOptsDefault (0: the default; -1: none): 1 the first tiles before griddepcontrol.wait, 2 the merge with 16 loads in flight, 4 the splits as clusters (decCluster), 8 RoPE and the K/V store in attn_decode (ropeInDecode)
 	wholeLoad bool          // adapter loads: a step waits for the whole image before it starts (no per-layer start)
 	slowFill  time.Duration // adapter loads: a sleep after each chunk's fill (tests: a step must wait for the host)
 }

@@ -3,7 +3,7 @@ package gpu
 import "testing"
 
 // TestDecodeOptsEmulated runs the index arithmetic of attn_decode's
-// experimental opts (kernels/llama.cu, kernelForce.decOpts) on the CPU for
+// opts (kernels/llama.cu, Backend.attnOpts) on the CPU for
 // many contexts and splits:
 //   - bit 0: the tiles a warp issues before griddepcontrol.wait never hold
 //     the newest position (ctx - 1, which rope_store, or with bit 3 the

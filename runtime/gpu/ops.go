@@ -188,11 +188,11 @@ func (b *Backend) freqTable(invFreq []float32) uint64 {
 }
 
 // ropeInDecode reports whether attn_decode does rope_store's work for this
-// step (kernelForce.decOpts bit 3, decOptRoPE): every row a decode row
+// step (attnOpts bit 3, decOptRoPE): every row a decode row
 // (no prefill rows or tiles), bf16 keys, a rotation, and no LoRA update of
 // q, k, v pending on the LoRA stream (rope_store folds those in).
 func (b *Backend) ropeInDecode(invFreq []float32) bool {
-	return b.force.decOpts&decOptRoPE != 0 && b.decOK && !b.kv8 && len(invFreq) == b.kv.HeadDim/2 && 4*len(invFreq) <= b.invFreq.Size() &&
+	return b.attnOpts()&decOptRoPE != 0 && b.decOK && !b.kv8 && len(invFreq) == b.kv.HeadDim/2 && 4*len(invFreq) <= b.invFreq.Size() &&
 		b.nDec > 0 && b.nPre == 0 && b.nPreTiles == 0 && b.la.pend.delta == 0
 }
 
@@ -278,7 +278,7 @@ func (b *Backend) Attention(out, q, k, v engine.Buffer, layer int, scale float32
 	}
 	grid, block := cuda.Dim3{X: b.nDec, Y: b.kv.KVHeads, Z: b.decSplit}, cuda.Dim3{X: decThreads}
 	cluster := b.decCluster() && b.decSplit > 1
-	opts := b.force.decOpts &^ (decOptCluster | decOptRoPE)
+	opts := b.attnOpts() &^ (decOptCluster | decOptRoPE)
 	if cluster {
 		opts |= decOptCluster
 	}
@@ -297,21 +297,44 @@ func (b *Backend) Attention(out, q, k, v engine.Buffer, layer int, scale float32
 	b.fail(b.decodeKernel(hd).Launch(b.s, grid, block, decShared(hd, b.kv8), args...))
 }
 
-// attn_decode's opts bits (llama.cu) that the Backend sets by the step:
+// attn_decode's opts bits (llama.cu): decOptEarly, a warp's first tiles
+// issued before griddepcontrol.wait when they do not hold the newest
+// position; decOptMerge16, the splits merged with 16 loads in flight;
 // decOptCluster, the splits of a (sequence, KV head) as one thread-block
 // cluster of at most decClusterMax blocks (DEC_CLUSTER), merged through
-// their shared memory; decOptRoPE, rope_store's work for a pure decode step
-// (ropeInDecode).
+// their shared memory (set by the step: decCluster and a split); decOptRoPE,
+// rope_store's work for a pure decode step (ropeInDecode).
 const (
+	decOptEarly   = 1
+	decOptMerge16 = 2
 	decOptCluster = 4
 	decOptRoPE    = 8
 	decClusterMax = 8
 )
 
+// decOptsDefault is attn_decode's opts unless kernelForce.decOpts says
+// otherwise. v0.22 (H200, TestDecodeBench, one machine): early, merge16
+// and clusters took batch 1 from 4.71 to 4.59 device ms a step (4 x r32:
+// 4.95 to 4.80) and left 16, 64 and 256 within 0.2%; RoPE in attn_decode
+// was slower at 16 to 256 (batch 256: 11.74 to 12.25 ms), so it stays off.
+const decOptsDefault = decOptEarly | decOptMerge16 | decOptCluster
+
+// attnOpts is the opts attn_decode launches with: decOptsDefault, or
+// kernelForce.decOpts (-1: none) for tests and benchmarks.
+func (b *Backend) attnOpts() int {
+	switch o := b.force.decOpts; {
+	case o < 0:
+		return 0
+	case o > 0:
+		return o
+	}
+	return decOptsDefault
+}
+
 // decCluster reports whether attn_decode's splits run as clusters
-// (kernelForce.decOpts bit 2, on sm_90 and later).
+// (attnOpts bit 2, on sm_90 and later).
 func (b *Backend) decCluster() bool {
-	return b.force.decOpts&decOptCluster != 0 && b.ctx.Device().Major >= 9
+	return b.attnOpts()&decOptCluster != 0 && b.ctx.Device().Major >= 9
 }
 
 // prefillKernel is the attn_prefill variant for head dimension hd (32, 64
