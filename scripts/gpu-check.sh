@@ -448,9 +448,16 @@ if want kdetail; then
 	echo "=== kdetail: ncu --set full on kernels of one batch-1 decode step"
 	if random_ckpt "$MD" decode --layers "${DECODE_LAYERS:-32}"; then
 		KRE="${PEFTD_NCU_KERNELS:-fp8_gemv|attn_decode|add_rmsnorm}"
-		ncu_decode "$LOG/kdetail.txt" "$LOG/kdetail.err" "${PEFTD_KDETAIL_BATCH:-1}" --set full -k "regex:$KRE" --launch-count "${PEFTD_NCU_COUNT:-6}" || status=1
+		if [[ -n "${KDETAIL_RAW:-}" ]]; then # raw metrics: one line per launch with its stall reasons (scripts/ncu_table.py)
+			ncu_decode "$LOG/kdetail.csv" "$LOG/kdetail.err" "${PEFTD_KDETAIL_BATCH:-1}" --set full --csv --page raw -k "regex:$KRE" --launch-count "${PEFTD_NCU_COUNT:-6}" || status=1
+			{ echo "# kdetail batch ${PEFTD_KDETAIL_BATCH:-1}: $KRE"; "$PY" scripts/ncu_table.py "$LOG/kdetail.csv"; } >"$LOG/kdetail.txt" 2>&1
+			gzip -kf "$LOG/kdetail.csv"
+			cat "$LOG/kdetail.txt"
+		else
+			ncu_decode "$LOG/kdetail.txt" "$LOG/kdetail.err" "${PEFTD_KDETAIL_BATCH:-1}" --set full -k "regex:$KRE" --launch-count "${PEFTD_NCU_COUNT:-6}" || status=1
+			grep -E '^  [a-z_0-9]+.*\(|DRAM Throughput|Memory Throughput|Duration|Achieved Occupancy|Registers Per|Theoretical Occupancy' "$LOG/kdetail.txt" | head -80
+		fi
 		save "$LOG/kdetail.txt"
-		grep -E '^  [a-z_0-9]+.*\(|DRAM Throughput|Memory Throughput|Duration|Achieved Occupancy|Registers Per|Theoretical Occupancy' "$LOG/kdetail.txt" | head -80
 		tail -n 3 "$LOG/kdetail.err"
 	else
 		status=1

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # gpu-multi.sh: several gpu-check invocations in one device call, each with
-# its own environment and phases, each one's results kept in $OUT/NAME/
-# (gpu-check clears $OUT's files at its end, so they are moved aside in
-# between). The last lines of each invocation's output are printed.
+# its own environment and phases, each one's results (what gpu-check left in
+# $OUT, and its output as NAME.out) packed as $OUT/NAME.tgz; the last lines
+# of each invocation's output are printed and kept in $OUT/multi.txt.
 #
 #   bash scripts/gpu-multi.sh 'NAME: VAR=x VAR2=y -- phase phase' 'NAME2: ...'
 #
@@ -15,13 +15,12 @@ rc=0
 for spec in "$@"; do
 	name=${spec%%:*} rest=${spec#*:}
 	envs=${rest%%--*} phases=${rest#*--}
-	echo "=== $name:$envs-- $phases"
+	echo "=== $name:$envs-- $phases" | tee -a "$K/multi.txt"
+	rm -rf /tmp/gpu-check-logs # gpu-check's log folder on the device: each invocation's own
 	# shellcheck disable=SC2086 # words on purpose
-	env $envs bash scripts/gpu-check.sh --on-device $phases >"$K/$name.out" 2>&1 || rc=1
-	mkdir -p "$K/$name"
-	find "$OUT" -mindepth 1 -maxdepth 1 -type f -exec mv {} "$K/$name/" \;
-	mv "$K/$name.out" "$K/$name/"
-	tail -n "${MULTI_TAIL:-25}" "$K/$name/$name.out"
+	env $envs bash scripts/gpu-check.sh --on-device $phases >"$OUT/$name.out" 2>&1 || rc=1
+	tail -n "${MULTI_TAIL:-25}" "$OUT/$name.out" | tee -a "$K/multi.txt"
+	tar czf "$K/$name.tgz" -C "$OUT" . && find "$OUT" -mindepth 1 -delete
 done
-cp -r "$K"/. "$OUT/"
+cp "$K"/*.tgz "$K/multi.txt" "$OUT/"
 exit $rc

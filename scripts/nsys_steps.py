@@ -77,6 +77,8 @@ def main():
         counts = defaultdict(int)
         for strm, ks in steps:
             counts[sum(1 for k in ks if k[3] == strm)] += 1
+        if not counts:  # a batch of three steps or fewer: warm-up only
+            continue
         n = max(counts, key=counts.get)
         steps = [(strm, ks) for strm, ks in steps if sum(1 for k in ks if k[3] == strm) == n]
         if not steps:

@@ -164,7 +164,7 @@ type kernelForce struct {
 	loraV1    bool          // LoRA: SGMV v1 (sgmv_shrink, then an expand launch)
 	loraV2    bool          // LoRA: SGMV v2 (one launch per op) wherever it fits
 	attnRows  bool          // attention: the per-row kernel for every row (no attn_decode, attn_prefill, graphs)
-	decSplit  int           // attn_decode: at most this many KV splits per (sequence, KV head) (0: decSplitFor's choice)
+	decSplit  int           // attn_decode: this many KV splits per (sequence, KV head), at most decSplitFor's cap (0: decSplitFor's choice)
 	ropeHeads bool          // RoPE and the K/V store: rope_store (a block per row and head) for every shape
 	decOpts   int           // attn_decode's opts (llama.cu) in place of decOptsDefault (0: the default; -1: none): 1 the first tiles before griddepcontrol.wait, 2 the merge with 16 loads in flight, 4 the splits as clusters (decCluster), 8 RoPE and the K/V store in attn_decode (ropeInDecode)
 	wholeLoad bool          // adapter loads: a step waits for the whole image before it starts (no per-layer start)

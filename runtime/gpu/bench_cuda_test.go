@@ -467,7 +467,7 @@ func TestDecodeBench(t *testing.T) {
 		lora, sampled, eager, serial bool
 		sms                          int  // -1: autoLoRASMs
 		nopdl                        bool // kernels launched one after the other (Options.NoPDL)
-		split                        int  // attn_decode's KV splits capped (kernelForce.decSplit; 0: decSplitFor's)
+		split                        int  // attn_decode's KV splits (kernelForce.decSplit; 0: decSplitFor's)
 		ropeHeads                    bool // rope_store for every shape (kernelForce.ropeHeads), not rope_store_rows
 		tuned                        bool // after Options.TuneGEMMs' tuning (it cannot be undone: these rows come last)
 		opts                         int  // attn_decode's opts (kernelForce.decOpts: 0 the default, -1 none)
@@ -475,13 +475,16 @@ func TestDecodeBench(t *testing.T) {
 	// the rows most wanted first: PEFTD_DECODE_QUICK and
 	// PEFTD_DECODE_VARIANTS take the first ones
 	vs := []variant{{sms: -1}, {lora: true, sms: -1},
-		{sms: -1, opts: -1}, {lora: true, sms: -1, opts: -1}, {sms: -1, opts: 3}, {sms: -1, opts: 15},
+		{sms: -1, opts: -1}, {lora: true, sms: -1, opts: -1},
+		{sms: -1, opts: decOptsDefault | 16}, {sms: -1, opts: decOptsDefault | 32}, {sms: -1, opts: decOptsDefault | 48},
+		{sms: -1, split: 4}, {sms: -1, split: 8},
+		{sms: -1, opts: 3}, {sms: -1, opts: 15},
 		{sms: -1, nopdl: true}, {lora: true, sms: -1, nopdl: true},
-		{sms: -1, ropeHeads: true}, {sms: -1, split: 8}, {sms: -1, split: 16},
+		{sms: -1, ropeHeads: true}, {sms: -1, split: 16},
 		{sampled: true, sms: -1}, {eager: true, sms: -1}, {lora: true, eager: true, sms: -1},
 		{lora: true, serial: true, sms: -1}, {lora: true, sms: 0}, {lora: true, sms: 16}, {lora: true, sms: 32}}
 	if os.Getenv("PEFTD_DECODE_QUICK") != "" { // base and adapters, and attn_decode's opts
-		vs = vs[:6]
+		vs = vs[:9]
 	}
 	// PEFTD_DECODE_VARIANTS=n: only the first n rows, and no adapter-load
 	// part (gpu-check's nsysdec traces the base rows alone)

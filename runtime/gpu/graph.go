@@ -132,11 +132,11 @@ func (b *Backend) decSplitFor(n int) int {
 	pairs := n * b.kv.KVHeads
 	best, bestCost := 1, math.Inf(1)
 	top := 64
-	if b.force.decSplit > 0 {
-		top = b.force.decSplit
-	}
 	if b.decCluster() {
-		top = min(top, decClusterMax)
+		top = decClusterMax
+	}
+	if b.force.decSplit > 0 {
+		return min(b.force.decSplit, top)
 	}
 	for s := 1; s <= top; s++ {
 		waves := (pairs*s + b.decResident - 1) / b.decResident
