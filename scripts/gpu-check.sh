@@ -28,6 +28,8 @@
 #     fp8bench   TestFP8GemmBench: the FP8 product (fp8_gemv, fp8_gemm_skinny,
 #                its n128 variant, cuBLASLt) against bf16 at the 8B projection
 #                shapes, 1-2048 rows (not in the default phases)
+#     skinnybench TestSkinnyBench: gemm_skinny (the bf16 product of 1-64
+#                rows) against cuBLASLt at the 8B shapes (not default)
 #     decode     makes a random 32-layer 8B checkpoint + 4 rank-32 adapters
 #                (tools/make_random_llama.py, ~16 GB under /tmp) and runs
 #                TestDecodeBench (decode tokens/s at batch 1, 16, 64, 256;
@@ -365,6 +367,7 @@ bench_phase() {
 want attnbench && bench_phase attnbench PEFTD_ATTN_BENCH TestAttnBench '^BENCH attn' 200
 want lorabench && bench_phase lorabench PEFTD_LORA_BENCH TestLoRABench '^BENCH lora' 300
 want fp8bench && bench_phase fp8bench PEFTD_FP8_BENCH TestFP8GemmBench '^BENCH fp8gemm' 300
+want skinnybench && bench_phase skinnybench PEFTD_SKINNY_BENCH TestSkinnyBench '^BENCH skinny' 200
 if want decode; then
 	MD=/tmp/llama8b-random
 	echo "=== decode: make $MD"
@@ -809,6 +812,7 @@ fi
 		grep -E '^BENCH lora 4 +(16|64) +(1|256|4x512pf) ' "$LOG/lorabench.txt" | cut -c12-
 	fi
 	[[ -s "$LOG/attnbench.txt" ]] && echo "Prefill attention per 8B layer (median us):" && cut -c12- "$LOG/attnbench.txt"
+	[[ -s "$LOG/skinnybench.txt" ]] && echo "bf16 product of 1-64 rows, gemm_skinny vs cuBLASLt (median us over graph replays):" && cut -c14- "$LOG/skinnybench.txt"
 	[[ -s "$LOG/fp8bench.txt" ]] && echo "FP8 product at the 8B projection shapes (median us over graph replays):" && cut -c15- "$LOG/fp8bench.txt"
 	[[ -f "$LOG/serve.result" ]] && cat "$LOG/serve.result" && grep -E 'tok|req|TTFT|thr' "$LOG/serve.bench.txt" | head -8
 	[[ -f "$LOG/serve8b.txt" ]] && grep -E "^(SERVEBENCH|GOBENCH|SERVESTEPS|SERVEHOST)" "$LOG/serve8b.txt" | cut -c1-320
@@ -839,7 +843,7 @@ if [[ -n "${OUT:-}" ]]; then
 	tar czf "$OUT/logs.tgz" --exclude='*.qdstrm' --exclude='*.nsys-rep' --exclude='*.sqlite' --exclude='*.csv' -C "$LOG" . 2>/dev/null
 	cp "$LOG/summary.txt" "$OUT/"
 	n=0
-	for f in quality.txt trained.txt lorancu.txt decode.txt fp8bench.txt cold8b.txt ready8b.txt readme8b.txt serve8b.txt lorabench.txt attnbench.txt soak8b.txt prefix8b.txt nsys8b.txt nsysdec.txt load.txt profile.txt kdetail.txt train.json; do
+	for f in quality.txt trained.txt lorancu.txt decode.txt skinnybench.txt fp8bench.txt cold8b.txt ready8b.txt readme8b.txt serve8b.txt lorabench.txt attnbench.txt soak8b.txt prefix8b.txt nsys8b.txt nsysdec.txt load.txt profile.txt kdetail.txt train.json; do
 		if ((n < 6)) && [[ -f "$LOG/$f" ]]; then cp "$LOG/$f" "$OUT/" && n=$((n + 1)); fi
 	done
 fi

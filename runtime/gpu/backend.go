@@ -167,6 +167,8 @@ type kernelForce struct {
 	decSplit  int           // attn_decode: this many KV splits per (sequence, KV head), at most decSplitFor's cap (0: decSplitFor's choice)
 	ropeHeads bool          // RoPE and the K/V store: rope_store (a block per row and head) for every shape
 	decOpts   int           // attn_decode's opts (llama.cu) in place of decOptsDefault (0: the default; -1: none): 1 the first tiles before griddepcontrol.wait, 2 the merge with 16 loads in flight, 4 the splits as clusters (decCluster), 8 RoPE and the K/V store in attn_decode (ropeInDecode)
+	noSkinny  bool          // bf16 products: cuBLASLt whatever the rows (no gemm_skinny)
+	skLate    bool          // gemm_skinny: no weight tiles before griddepcontrol.wait (opts 0)
 	wholeLoad bool          // adapter loads: a step waits for the whole image before it starts (no per-layer start)
 	slowFill  time.Duration // adapter loads: a sleep after each chunk's fill (tests: a step must wait for the host)
 }
@@ -177,6 +179,7 @@ type Backend struct {
 	s   *cuda.Stream
 	mm  *cuda.Matmul
 	mod *cuda.Module
+	sk  *bfSkinny // the bf16 products of decode steps (nil: cuBLASLt's)
 	fn  funcs
 	// KernelInfo tells whether the kernels were compiled or read from the cache.
 	KernelInfo kernels.Info
@@ -437,6 +440,9 @@ func (b *Backend) open(opts Options) error {
 		sg <- sgLoaded{m, err}
 	}(b.ctx)
 	if b.mod, b.KernelInfo, err = kernels.Load(b.ctx, kernels.Llama, opts.Kernels); err != nil {
+		return err
+	}
+	if b.sk, err = newBFSkinny(b.mod, b.ctx.Device()); err != nil {
 		return err
 	}
 	format, err := ParseWeightFormat(opts.WeightFormat)

@@ -471,20 +471,21 @@ func TestDecodeBench(t *testing.T) {
 		ropeHeads                    bool // rope_store for every shape (kernelForce.ropeHeads), not rope_store_rows
 		tuned                        bool // after Options.TuneGEMMs' tuning (it cannot be undone: these rows come last)
 		opts                         int  // attn_decode's opts (kernelForce.decOpts: 0 the default, -1 none)
+		lt                           bool // every bf16 product through cuBLASLt (kernelForce.noSkinny)
+		skLate                       bool // gemm_skinny without its early weight tiles (kernelForce.skLate)
 	}
 	// the rows most wanted first: PEFTD_DECODE_QUICK and
 	// PEFTD_DECODE_VARIANTS take the first ones
 	vs := []variant{{sms: -1}, {lora: true, sms: -1},
-		{sms: -1, opts: -1}, {lora: true, sms: -1, opts: -1},
-		{sms: -1, opts: decOptsDefault | 16}, {sms: -1, opts: decOptsDefault | 32}, {sms: -1, opts: decOptsDefault | 48},
-		{sms: -1, split: 4}, {sms: -1, split: 8},
+		{sms: -1, lt: true}, {lora: true, sms: -1, lt: true}, {sms: -1, skLate: true}, {sms: -1, opts: -1},
+		{sms: -1, opts: decOptsDefault | 48}, {sms: -1, split: 4},
 		{sms: -1, opts: 3}, {sms: -1, opts: 15},
 		{sms: -1, nopdl: true}, {lora: true, sms: -1, nopdl: true},
 		{sms: -1, ropeHeads: true}, {sms: -1, split: 16},
 		{sampled: true, sms: -1}, {eager: true, sms: -1}, {lora: true, eager: true, sms: -1},
 		{lora: true, serial: true, sms: -1}, {lora: true, sms: 0}, {lora: true, sms: 16}, {lora: true, sms: 32}}
 	if os.Getenv("PEFTD_DECODE_QUICK") != "" { // base and adapters, and attn_decode's opts
-		vs = vs[:9]
+		vs = vs[:6]
 	}
 	// PEFTD_DECODE_VARIANTS=n: only the first n rows, and no adapter-load
 	// part (gpu-check's nsysdec traces the base rows alone)
@@ -515,8 +516,9 @@ func TestDecodeBench(t *testing.T) {
 			continue
 		}
 		retune := v.tuned && !gb.tune.done
-		if wantPDL := pdlOK && !v.nopdl; retune || gb.la.on == v.serial || gb.la.sms != v.sms || gb.s.ProgrammaticLaunch() != wantPDL || gb.force.decSplit != v.split || gb.force.ropeHeads != v.ropeHeads || gb.force.decOpts != v.opts { // recordings bake the LoRA and launch modes, the kernels and the GEMM algorithms in
+		if wantPDL := pdlOK && !v.nopdl; retune || gb.la.on == v.serial || gb.la.sms != v.sms || gb.s.ProgrammaticLaunch() != wantPDL || gb.force.decSplit != v.split || gb.force.ropeHeads != v.ropeHeads || gb.force.decOpts != v.opts || gb.force.noSkinny != v.lt || gb.force.skLate != v.skLate { // recordings bake the LoRA and launch modes, the kernels and the GEMM algorithms in
 			gb.la.on, gb.la.sms, gb.force.decSplit, gb.force.ropeHeads, gb.force.decOpts = !v.serial, v.sms, v.split, v.ropeHeads, v.opts
+			gb.force.noSkinny, gb.force.skLate = v.lt, v.skLate
 			if retune {
 				gb.tune.on = true // tuned by the Warmup below
 			}
@@ -618,6 +620,12 @@ func TestDecodeBench(t *testing.T) {
 		if v.opts != 0 {
 			lbl += fmt.Sprintf("+opts%d", max(v.opts, 0))
 		}
+		if v.lt {
+			lbl += "+lt"
+		}
+		if v.skLate {
+			lbl += "+late"
+		}
 		if v.tuned {
 			lbl += "+tuned"
 		}
@@ -625,6 +633,7 @@ func TestDecodeBench(t *testing.T) {
 			roofS*1e3/gpuMs, wall.Seconds()*1e3/newTok, gpuMs/newTok, roofS*1e3/newTok, prefill.Seconds())
 	}
 	gb.g.off, gb.force.decSplit, gb.force.ropeHeads, gb.force.decOpts = false, 0, false, 0
+	gb.force.noSkinny, gb.force.skLate = false, false
 	if res, took := gb.TuneStats(); len(res) > 0 {
 		changed := 0
 		for _, r := range res {

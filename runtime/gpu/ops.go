@@ -96,7 +96,8 @@ func (b *Backend) HeadRMSNorm(x engine.Buffer, heads, headDim int, w engine.Weig
 }
 
 // Linear: out = in @ W^T through cuBLASLt (bf16 in, float32 accumulate, bf16
-// out); for an FP8 weight, in's rows are quantized per token (once for
+// out), or gemm_skinny for a step of at most 64 rows whose shape it plans
+// (bf16_skinny.go; not while the LoRA stream holds SMs); for an FP8 weight, in's rows are quantized per token (once for
 // consecutive projections of the same input) and the product is cuBLASLt's
 // FP8 GEMM with both operands' row scales.
 func (b *Backend) Linear(out, in engine.Buffer, w engine.Weight) {
@@ -106,7 +107,9 @@ func (b *Backend) Linear(out, in engine.Buffer, w engine.Weight) {
 	}
 	b.wrote(out)
 	b.forkAt(buf(in))
+	shared := false // the LoRA stream runs beside this product on SMs held back from it
 	if sms := b.loraSMs(); b.la.forkIn != 0 && sms > 0 {
+		shared = true
 		b.mm.SetSMTarget(max(1, b.ctx.Device().SMs-sms))
 		defer b.mm.SetSMTarget(0)
 	}
@@ -120,6 +123,14 @@ func (b *Backend) Linear(out, in engine.Buffer, w engine.Weight) {
 	}
 	o, x, wt := buf(out), buf(in), w.(*weight)
 	if !b.check(x.cols == wt.cols && o.cols == wt.rows && o.whole() && x.whole(), "linear: in width %d, out width %d, weight [%d,%d]", x.cols, o.cols, wt.rows, wt.cols) {
+		return
+	}
+	if p, ok := b.sk.plan(b.rows(), wt.rows, wt.cols); ok && !shared && !b.force.noSkinny {
+		opts := bfSkinnyEarly
+		if b.force.skLate {
+			opts = 0
+		}
+		b.fail(b.sk.launch(b.s, p, o.mem.Ptr(), x.mem.Ptr(), wt.mem.Ptr(), b.rows(), wt.rows, wt.cols, opts))
 		return
 	}
 	b.fail(b.mm.GemmTN(b.s, o.mem.Ptr(), cuda.R16BF, x.mem.Ptr(), cuda.R16BF, wt.mem.Ptr(), cuda.R16BF, b.rows(), wt.rows, wt.cols, 1, 0))

@@ -1,0 +1,163 @@
+//go:build cuda
+
+package gpu
+
+import (
+	"math"
+	"os"
+	"testing"
+
+	"github.com/peftd/peftd/kernels"
+	"github.com/peftd/peftd/runtime/cuda"
+)
+
+// skinnyRig is fp8Rig's context, stream and cuBLASLt handle with the
+// forward module's gemm_skinny variants.
+func skinnyRig(t testing.TB) (*fp8Rig, *bfSkinny) {
+	r := newFP8Rig(t)
+	mod, _, err := kernels.Load(r.ctx, kernels.Llama, kernels.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { mod.Unload() })
+	g, err := newBFSkinny(mod, r.ctx.Device())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if g == nil {
+		t.Skip("gemm_skinny does not fit this card's shared memory")
+	}
+	return r, g
+}
+
+// TestSkinnyGemm checks gemm_skinny against cuBLASLt's bf16 product (both
+// accumulate in float32; the sums differ in order, so outputs may differ by
+// a bf16 rounding step) on the 8B shapes and a 1B's, at every row count
+// class (1-16, 17-32, 33-64 rows; rows past M must not be written), with
+// and without the early weight tiles (the same bits required).
+func TestSkinnyGemm(t *testing.T) {
+	r, g := skinnyRig(t)
+	shapes := [][2]int{{6144, 4096}, {4096, 4096}, {28672, 4096}, {4096, 14336}, {2048, 2048}}
+	if testing.Short() {
+		shapes = shapes[1:2]
+	}
+	for _, sh := range shapes {
+		N, K := sh[0], sh[1]
+		w := r.up(r.bf16Rand(N*K, 0.02))
+		xh := r.bf16Rand(skinnyMaxRowsTest*K, 1)
+		x := r.up(xh)
+		ref, out := r.alloc(2*skinnyMaxRowsTest*N), r.alloc(2*(skinnyMaxRowsTest+1)*N)
+		for _, M := range []int{1, 2, 7, 16, 17, 31, 33, 48, 64} {
+			p, ok := g.plan(M, N, K)
+			if !ok {
+				t.Fatalf("%d x %d x %d: no plan", M, N, K)
+			}
+			if err := r.mm.GemmTN(r.s, ref.Ptr(), cuda.R16BF, x.Ptr(), cuda.R16BF, w.Ptr(), cuda.R16BF, M, N, K, 1, 0); err != nil {
+				t.Fatal(err)
+			}
+			want := make([]uint16, M*N)
+			if err := cuda.CopyDtoH(r.s, want, ref.Ptr()); err != nil {
+				t.Fatal(err)
+			}
+			var first []uint16
+			for _, opts := range []int{bfSkinnyEarly, 0} {
+				poison := make([]uint16, (M+1)*N)
+				for i := range poison {
+					poison[i] = 0x7fc1 // NaN: every output must be written, row M must not
+				}
+				if err := cuda.CopyHtoD(r.s, out.Ptr(), poison); err != nil {
+					t.Fatal(err)
+				}
+				if err := g.launch(r.s, p, out.Ptr(), x.Ptr(), w.Ptr(), M, N, K, opts); err != nil {
+					t.Fatal(err)
+				}
+				got := make([]uint16, (M+1)*N)
+				if err := cuda.CopyDtoH(r.s, got, out.Ptr()); err != nil {
+					t.Fatal(err)
+				}
+				r.sync()
+				for i := M * N; i < len(got); i++ {
+					if got[i] != 0x7fc1 {
+						t.Fatalf("%d x %d x %d: row %d (past M) written at column %d", M, N, K, M, i-M*N)
+					}
+				}
+				got = got[:M*N]
+				worst, scale := 0.0, 0.0
+				for i := range want {
+					scale = max(scale, math.Abs(float64(fromBF16(want[i]))))
+				}
+				for i := range want {
+					a, b := float64(fromBF16(want[i])), float64(fromBF16(got[i]))
+					if math.IsNaN(b) {
+						t.Fatalf("%d x %d x %d (mt %d, %d columns a block, split %d): output %d not written", M, N, K, p.mt, 32*p.nw, p.s, i)
+					}
+					// a bf16 step of the larger, plus float32 summation order
+					if d := math.Abs(a - b); d > math.Max(math.Abs(a), math.Abs(b))/128+scale*1e-4 {
+						t.Fatalf("%d x %d x %d (mt %d, %d columns a block, split %d): output [%d,%d] is %g, cuBLASLt %g", M, N, K, p.mt, 32*p.nw, p.s, i/N, i%N, b, a)
+					} else if a != 0 {
+						worst = max(worst, d/math.Abs(a))
+					}
+				}
+				if first == nil {
+					first = got
+					t.Logf("%d x %d x %d (mt %d, %d columns a block, split %d): worst relative difference from cuBLASLt %.2g", M, N, K, p.mt, 32*p.nw, p.s, worst)
+				} else {
+					for i := range got {
+						if got[i] != first[i] {
+							t.Fatalf("%d x %d x %d: opts %d changed output %d", M, N, K, opts, i)
+						}
+					}
+				}
+			}
+		}
+	}
+}
+
+const skinnyMaxRowsTest = bfSkinnyMaxRows
+
+// TestSkinnyBench (PEFTD_SKINNY_BENCH=1) times gemm_skinny against
+// cuBLASLt's bf16 product on the 8B shapes at 1-64 rows: median of 15
+// replays of a graph of 20 calls, the weights rotated over >= 150 MB so
+// that none is in L2; floor = the weight bytes at the measured copy rate.
+func TestSkinnyBench(t *testing.T) {
+	if os.Getenv("PEFTD_SKINNY_BENCH") == "" {
+		t.Skip("PEFTD_SKINNY_BENCH is not set")
+	}
+	r, g := skinnyRig(t)
+	bw := r.copyBW()
+	bench("skinny device %s; copy bandwidth %.0f GB/s; median of 15 replays of 20 calls recorded as a graph, weights rotated over >= 150 MB", r.ctx.Device().Name, bw/1e9)
+	bench("skinny %-8s %4s %9s %9s %9s %9s %8s %8s %6s %5s", "shape", "T", "lt_us", "sk_us", "late_us", "floor_us", "frac_lt", "frac_sk", "bn", "split")
+	for _, sh := range []struct {
+		name string
+		N, K int
+	}{{"qkv", 6144, 4096}, {"o", 4096, 4096}, {"gate_up", 28672, 4096}, {"down", 4096, 14336}} {
+		N, K := sh.N, sh.K
+		n := max(2, (150<<20)/(2*N*K)+1)
+		ws := make([]*cuda.DeviceBuffer, n)
+		ws[0] = r.up(r.bf16Rand(N*K, 0.02))
+		for i := 1; i < n; i++ {
+			ws[i] = r.alloc(2 * N * K)
+			r.s.CopyDtoD(ws[i].Ptr(), ws[0].Ptr(), 2*N*K)
+		}
+		x := r.up(r.bf16Rand(bfSkinnyMaxRows*K, 1))
+		out := r.alloc(2 * bfSkinnyMaxRows * N)
+		r.sync()
+		floor := float64(2*N*K) / bw * 1e6
+		for _, T := range []int{1, 8, 16, 32, 48, 64} {
+			p, ok := g.plan(T, N, K)
+			if !ok {
+				continue
+			}
+			lt := graphMedianUs(t, r.s, 20, 15, func(i int) error {
+				return r.mm.GemmTN(r.s, out.Ptr(), cuda.R16BF, x.Ptr(), cuda.R16BF, ws[i%n].Ptr(), cuda.R16BF, T, N, K, 1, 0)
+			})
+			sk := graphMedianUs(t, r.s, 20, 15, func(i int) error {
+				return g.launch(r.s, p, out.Ptr(), x.Ptr(), ws[i%n].Ptr(), T, N, K, bfSkinnyEarly)
+			})
+			late := graphMedianUs(t, r.s, 20, 15, func(i int) error {
+				return g.launch(r.s, p, out.Ptr(), x.Ptr(), ws[i%n].Ptr(), T, N, K, 0)
+			})
+			bench("skinny %-8s %4d %9.1f %9.1f %9.1f %9.1f %8.2f %8.2f %6d %5d", sh.name, T, lt, sk, late, floor, floor/lt, floor/sk, 32*p.nw, p.s)
+		}
+	}
+}
