@@ -18,8 +18,9 @@ for spec in "$@"; do
 	echo "=== $name:$envs-- $phases" | tee -a "$K/multi.txt"
 	rm -rf /tmp/gpu-check-logs # gpu-check's log folder on the device: each invocation's own
 	# shellcheck disable=SC2086 # words on purpose
-	env $envs bash scripts/gpu-check.sh --on-device $phases >"$OUT/$name.out" 2>&1 || rc=1
-	tail -n "${MULTI_TAIL:-25}" "$OUT/$name.out" | tee -a "$K/multi.txt"
+	env $envs bash scripts/gpu-check.sh --on-device $phases >"$K/$name.out" 2>&1 || rc=1
+	tail -n "${MULTI_TAIL:-25}" "$K/$name.out" | tee -a "$K/multi.txt"
+	mv "$K/$name.out" "$OUT/" # gpu-check clears $OUT's files as it ends: its output joins them after
 	tar czf "$K/$name.tgz" -C "$OUT" . && find "$OUT" -mindepth 1 -delete
 done
 cp "$K"/*.tgz "$K/multi.txt" "$OUT/"

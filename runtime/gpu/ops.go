@@ -96,7 +96,7 @@ func (b *Backend) HeadRMSNorm(x engine.Buffer, heads, headDim int, w engine.Weig
 }
 
 // Linear: out = in @ W^T through cuBLASLt (bf16 in, float32 accumulate, bf16
-// out), or gemm_skinny for a step of at most 64 rows whose shape it plans
+// out), or gemm_skinny for a step of at most 16 rows whose shape it plans
 // (bf16_skinny.go; not while the LoRA stream holds SMs); for an FP8 weight, in's rows are quantized per token (once for
 // consecutive projections of the same input) and the product is cuBLASLt's
 // FP8 GEMM with both operands' row scales.
