@@ -733,9 +733,7 @@ __device__ __forceinline__ void dec_merge(bf16* __restrict__ out, const float* _
 // shared memory (dec_cluster_merge). Bit 3 (bf16 keys): q and the newest
 // K/V rows arrive unrotated and unstored (kn, vn, ldk, ldv, inv_freq, pos,
 // slots; null otherwise): this kernel does rope_store's work for the decode
-// rows, and a pure decode step launches no rope_store. Experiments: bit 4
-// computes S in two accumulator chains (half the dependent MMAs), bit 5
-// multiplies V by P in bf16 only (no low part; FlashAttention's precision).
+// rows, and a pure decode step launches no rope_store.
 template <int HD, bool K8>
 __device__ __forceinline__ void attn_decode_body(
     bf16* __restrict__ out, float* __restrict__ part, int* __restrict__ done, const bf16* __restrict__ q,
@@ -920,34 +918,15 @@ __device__ __forceinline__ void attn_decode_body(
             }
             // S[g][pos]: positions 0-7 in s[0], 8-15 in s[1]
             float sc[2][2] = {{0.f, 0.f}, {0.f, 0.f}};
-            if (opts & 16) {
-                // two accumulator chains per n tile (the dims' even and odd
-                // 16-blocks), added at the end: half the dependent MMAs
-                float s2[2][2] = {{0.f, 0.f}, {0.f, 0.f}};
 #pragma unroll
-                for (int kk = 0; kk < D::C / 4; kk++) {
+            for (int kk = 0; kk < D::C / 4; kk++) {
 #pragma unroll
-                    for (int nt = 0; nt < 2; nt++) {
-                        unsigned b[4];
-                        const int r = nt * 8 + (lane & 7), c = 4 * kk + (lane >> 3);
-                        ldsm4(kb + r * HD * 2 + D::swz(r, c) * 16, b);
-                        mma8(sc[nt], qa[2 * kk][0], qa[2 * kk][1], b[0], b[1]);
-                        mma8(s2[nt], qa[2 * kk + 1][0], qa[2 * kk + 1][1], b[2], b[3]);
-                    }
-                }
-#pragma unroll
-                for (int nt = 0; nt < 2; nt++) sc[nt][0] += s2[nt][0], sc[nt][1] += s2[nt][1];
-            } else {
-#pragma unroll
-                for (int kk = 0; kk < D::C / 4; kk++) {
-#pragma unroll
-                    for (int nt = 0; nt < 2; nt++) {
-                        unsigned b[4];
-                        const int r = nt * 8 + (lane & 7), c = 4 * kk + (lane >> 3);
-                        ldsm4(kb + r * HD * 2 + D::swz(r, c) * 16, b);
-                        mma8(sc[nt], qa[2 * kk][0], qa[2 * kk][1], b[0], b[1]);
-                        mma8(sc[nt], qa[2 * kk + 1][0], qa[2 * kk + 1][1], b[2], b[3]);
-                    }
+                for (int nt = 0; nt < 2; nt++) {
+                    unsigned b[4];
+                    const int r = nt * 8 + (lane & 7), c = 4 * kk + (lane >> 3);
+                    ldsm4(kb + r * HD * 2 + D::swz(r, c) * 16, b);
+                    mma8(sc[nt], qa[2 * kk][0], qa[2 * kk][1], b[0], b[1]);
+                    mma8(sc[nt], qa[2 * kk + 1][0], qa[2 * kk + 1][1], b[2], b[3]);
                 }
             }
             const int pb = p0 + (warp + k * DEC_WARPS) * DEC_TILE + tig * 2;
@@ -988,11 +967,9 @@ __device__ __forceinline__ void attn_decode_body(
                 ldsm4t(vb + r * HD * 2 + D::swz(r, c) * 16, b);
                 o[j][0] *= corr, o[j][1] *= corr, o[j + 1][0] *= corr, o[j + 1][1] *= corr;
                 mma8(o[j], ph[0], ph[1], b[0], b[1]);
+                mma8(o[j], pl[0], pl[1], b[0], b[1]);
                 mma8(o[j + 1], ph[0], ph[1], b[2], b[3]);
-                if (!(opts & 32)) { // P's low part (bit 5: P in bf16 only, as FlashAttention)
-                    mma8(o[j], pl[0], pl[1], b[0], b[1]);
-                    mma8(o[j + 1], pl[0], pl[1], b[2], b[3]);
-                }
+                mma8(o[j + 1], pl[0], pl[1], b[2], b[3]);
             }
             __syncwarp(); // done reading the buffer the next issue overwrites
         }
@@ -2090,7 +2067,7 @@ extern "C" __global__ void __launch_bounds__(SM_THREADS) sample_rows(int* out, c
 // step (M <= 16), bf16 in, float32 accumulate, bf16 out; x, w and out whole
 // rows (ld K, K, N), 16-byte aligned. Such a product is the weights' bytes:
 // the kernel streams them once, in a grid of one wave (N / BN blocks,
-// skinny.go picks BN), without cuBLASLt's split-K reduce launch. Block b
+// runtime/gpu/bf16_skinny.go picks BN), without cuBLASLt's split-K reduce launch. Block b
 // takes weight rows [b BN, (b + 1) BN) and all of K in tiles of BK columns
 // (the rows' contiguous BK * 2 bytes), copied with x's M rows into ST
 // shared stages by cp.async, ST - 1 tiles ahead of the one multiplied

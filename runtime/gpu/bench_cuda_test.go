@@ -473,13 +473,12 @@ func TestDecodeBench(t *testing.T) {
 		opts                         int  // attn_decode's opts (kernelForce.decOpts: 0 the default, -1 none)
 		lt                           bool // every bf16 product through cuBLASLt (kernelForce.noSkinny)
 		skLate                       bool // gemm_skinny without its early weight tiles (kernelForce.skLate)
-		skShared                     bool // gemm_skinny beside the LoRA stream too (kernelForce.skShared)
 	}
 	// the rows most wanted first: PEFTD_DECODE_QUICK and
 	// PEFTD_DECODE_VARIANTS take the first ones
 	vs := []variant{{sms: -1}, {lora: true, sms: -1},
-		{sms: -1, lt: true}, {lora: true, sms: -1, lt: true}, {lora: true, sms: -1, skShared: true}, {lora: true, sms: 0, skShared: true}, {sms: -1, skLate: true}, {sms: -1, opts: -1},
-		{sms: -1, opts: decOptsDefault | 48}, {sms: -1, split: 4},
+		{sms: -1, lt: true}, {lora: true, sms: -1, lt: true}, {sms: -1, skLate: true}, {sms: -1, opts: -1},
+		{sms: -1, split: 4},
 		{sms: -1, opts: 3}, {sms: -1, opts: 15},
 		{sms: -1, nopdl: true}, {lora: true, sms: -1, nopdl: true},
 		{sms: -1, ropeHeads: true}, {sms: -1, split: 16},
@@ -517,9 +516,9 @@ func TestDecodeBench(t *testing.T) {
 			continue
 		}
 		retune := v.tuned && !gb.tune.done
-		if wantPDL := pdlOK && !v.nopdl; retune || gb.la.on == v.serial || gb.la.sms != v.sms || gb.s.ProgrammaticLaunch() != wantPDL || gb.force.decSplit != v.split || gb.force.ropeHeads != v.ropeHeads || gb.force.decOpts != v.opts || gb.force.noSkinny != v.lt || gb.force.skLate != v.skLate || gb.force.skShared != v.skShared { // recordings bake the LoRA and launch modes, the kernels and the GEMM algorithms in
+		if wantPDL := pdlOK && !v.nopdl; retune || gb.la.on == v.serial || gb.la.sms != v.sms || gb.s.ProgrammaticLaunch() != wantPDL || gb.force.decSplit != v.split || gb.force.ropeHeads != v.ropeHeads || gb.force.decOpts != v.opts || gb.force.noSkinny != v.lt || gb.force.skLate != v.skLate { // recordings bake the LoRA and launch modes, the kernels and the GEMM algorithms in
 			gb.la.on, gb.la.sms, gb.force.decSplit, gb.force.ropeHeads, gb.force.decOpts = !v.serial, v.sms, v.split, v.ropeHeads, v.opts
-			gb.force.noSkinny, gb.force.skLate, gb.force.skShared = v.lt, v.skLate, v.skShared
+			gb.force.noSkinny, gb.force.skLate = v.lt, v.skLate
 			if retune {
 				gb.tune.on = true // tuned by the Warmup below
 			}
@@ -627,9 +626,6 @@ func TestDecodeBench(t *testing.T) {
 		if v.skLate {
 			lbl += "+late"
 		}
-		if v.skShared {
-			lbl += "+skshared"
-		}
 		if v.tuned {
 			lbl += "+tuned"
 		}
@@ -637,7 +633,7 @@ func TestDecodeBench(t *testing.T) {
 			roofS*1e3/gpuMs, wall.Seconds()*1e3/newTok, gpuMs/newTok, roofS*1e3/newTok, prefill.Seconds())
 	}
 	gb.g.off, gb.force.decSplit, gb.force.ropeHeads, gb.force.decOpts = false, 0, false, 0
-	gb.force.noSkinny, gb.force.skLate, gb.force.skShared = false, false, false
+	gb.force.noSkinny, gb.force.skLate = false, false
 	if res, took := gb.TuneStats(); len(res) > 0 {
 		changed := 0
 		for _, r := range res {

@@ -113,7 +113,6 @@ func TestSkinnyGemm(t *testing.T) {
 	}
 }
 
-
 // TestSkinnyBench (PEFTD_SKINNY_BENCH=1) times gemm_skinny against
 // cuBLASLt's bf16 product on the 8B shapes at 1-16 rows: median of 15
 // replays of a graph of 20 calls, the weights rotated over >= 150 MB so
