@@ -102,6 +102,26 @@ __device__ __forceinline__ void mma16816(float* c, unsigned a0, unsigned a1, uns
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
+// ldsm4 / ldsm4t: four 8x8 matrices of 16-bit values (bf16, or e4m3
+// byte pairs) from shared memory (lane l gives the address of row l%8 of
+// matrix l/8), as mma fragments; t: transposed.
+__device__ __forceinline__ void ldsm4(unsigned a, unsigned* r) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
+__device__ __forceinline__ void ldsm4t(unsigned a, unsigned* r) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
+
+// sk_slot (gemm_skinny, fp8_gemm_skinny_w): the shared address of 16-byte
+// chunk c of row r of a tile at t
+// with rows of rb bytes (chunks XOR-swizzled by the row in groups of 8,
+// so the 8 rows an ldmatrix reads fall in 8 different bank groups)
+__device__ __forceinline__ unsigned sk_slot(unsigned t, int rb, int r, int c) { return t + r * rb + ((c ^ (r & 7)) << 4); }
+
 // SGMV (LoRA) tiling shared by llama.cu's kernels and sgmv.cu's.
 #define SG_TR 16       // rows per tile (the MMA's M)
 #define SG_WARPS 8     // shrink: warps per block, splitting K

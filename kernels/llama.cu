@@ -532,19 +532,6 @@ extern "C" __global__ void __launch_bounds__(32 * ATT_WARPS) attention(
 #define DEC_TILE 16 // positions per warp tile
 #define LOG2E 1.4426950408889634f
 
-// ldsm4 / ldsm4t: four 8x8 bf16 matrices from shared memory (lane l gives
-// the address of row l%8 of matrix l/8), as mma fragments; t: transposed.
-__device__ __forceinline__ void ldsm4(unsigned a, unsigned* r) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(a));
-}
-__device__ __forceinline__ void ldsm4t(unsigned a, unsigned* r) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(a));
-}
-
 // mma8: d += a * b on the tensor cores (m16n8k16, bf16 in, f32 out) for
 // rows 0-7 of A only: rows 8-15 are zero and their outputs dropped. a0/a2
 // hold A[lane/4][2*(lane%4) + {0,1}] and the same 8 columns on; b0/b1
@@ -2091,11 +2078,6 @@ template <int BN, bool WK> struct SkShape {
     static_assert(ST >= 3, "gemm_skinny: too few stages");
     static_assert(!WK || 4 * 16 * BN * 4 <= ST * STAGE_B, "gemm_skinny: the warps' sums do not fit the stages");
 };
-
-// sk_slot: the shared address of 16-byte chunk c of row r of a tile at t
-// with rows of rb bytes (chunks XOR-swizzled by the row in groups of 8, so
-// the 8 rows an ldmatrix reads fall in 8 different bank groups)
-__device__ __forceinline__ unsigned sk_slot(unsigned t, int rb, int r, int c) { return t + r * rb + ((c ^ (r & 7)) << 4); }
 
 template <int BN, bool WK>
 __device__ __forceinline__ void gemm_skinny_body(bf16* __restrict__ out, const bf16* __restrict__ x, const bf16* __restrict__ w,

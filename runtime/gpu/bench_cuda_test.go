@@ -473,18 +473,20 @@ func TestDecodeBench(t *testing.T) {
 		opts                         int  // attn_decode's opts (kernelForce.decOpts: 0 the default, -1 none)
 		lt                           bool // every bf16 product through cuBLASLt (kernelForce.noSkinny)
 		skLate                       bool // gemm_skinny without its early weight tiles (kernelForce.skLate)
+		fs                           bool // FP8 weights: fp8_stream for 1-16 rows (fp8State.streamOn; not yet the default)
 	}
 	// the rows most wanted first: PEFTD_DECODE_QUICK and
 	// PEFTD_DECODE_VARIANTS take the first ones
 	vs := []variant{{sms: -1}, {lora: true, sms: -1},
-		{sms: -1, lt: true}, {lora: true, sms: -1, lt: true}, {sms: -1, skLate: true}, {sms: -1, opts: -1},
+		{sms: -1, lt: true}, {lora: true, sms: -1, lt: true}, {sms: -1, fs: true}, {lora: true, sms: -1, fs: true},
+		{sms: -1, skLate: true}, {sms: -1, opts: -1},
 		{sms: -1, split: 4},
 		{sms: -1, opts: 3}, {sms: -1, opts: 15},
 		{sms: -1, nopdl: true}, {lora: true, sms: -1, nopdl: true},
 		{sms: -1, ropeHeads: true}, {sms: -1, split: 16},
 		{sampled: true, sms: -1}, {eager: true, sms: -1}, {lora: true, eager: true, sms: -1},
 		{lora: true, serial: true, sms: -1}, {lora: true, sms: 0}, {lora: true, sms: 16}, {lora: true, sms: 32}}
-	if os.Getenv("PEFTD_DECODE_QUICK") != "" { // base and adapters, and attn_decode's opts
+	if os.Getenv("PEFTD_DECODE_QUICK") != "" { // base and adapters, each with cuBLASLt (+lt) and with fp8_stream (+fs, FP8 weights)
 		vs = vs[:6]
 	}
 	// PEFTD_DECODE_VARIANTS=n: only the first n rows, and no adapter-load
@@ -512,13 +514,16 @@ func TestDecodeBench(t *testing.T) {
 		B, v := rn.B, rn.v
 		withLoRA, sampled := v.lora, v.sampled
 		gb.g.off = v.eager
-		if withLoRA && len(ads) == 0 || v.nopdl && !pdlOK || v.split > 0 && B > 64 {
+		if withLoRA && len(ads) == 0 || v.nopdl && !pdlOK || v.split > 0 && B > 64 || v.fs && (gb.f8 == nil || gb.f8.stream == nil) {
 			continue
 		}
 		retune := v.tuned && !gb.tune.done
-		if wantPDL := pdlOK && !v.nopdl; retune || gb.la.on == v.serial || gb.la.sms != v.sms || gb.s.ProgrammaticLaunch() != wantPDL || gb.force.decSplit != v.split || gb.force.ropeHeads != v.ropeHeads || gb.force.decOpts != v.opts || gb.force.noSkinny != v.lt || gb.force.skLate != v.skLate { // recordings bake the LoRA and launch modes, the kernels and the GEMM algorithms in
+		if wantPDL := pdlOK && !v.nopdl; retune || gb.la.on == v.serial || gb.la.sms != v.sms || gb.s.ProgrammaticLaunch() != wantPDL || gb.force.decSplit != v.split || gb.force.ropeHeads != v.ropeHeads || gb.force.decOpts != v.opts || gb.force.noSkinny != v.lt || gb.force.skLate != v.skLate || gb.f8 != nil && gb.f8.streamOn != v.fs { // recordings bake the LoRA and launch modes, the kernels and the GEMM algorithms in
 			gb.la.on, gb.la.sms, gb.force.decSplit, gb.force.ropeHeads, gb.force.decOpts = !v.serial, v.sms, v.split, v.ropeHeads, v.opts
 			gb.force.noSkinny, gb.force.skLate = v.lt, v.skLate
+			if gb.f8 != nil {
+				gb.f8.streamOn = v.fs
+			}
 			if retune {
 				gb.tune.on = true // tuned by the Warmup below
 			}
@@ -626,6 +631,9 @@ func TestDecodeBench(t *testing.T) {
 		if v.skLate {
 			lbl += "+late"
 		}
+		if v.fs {
+			lbl += "+fs"
+		}
 		if v.tuned {
 			lbl += "+tuned"
 		}
@@ -634,6 +642,9 @@ func TestDecodeBench(t *testing.T) {
 	}
 	gb.g.off, gb.force.decSplit, gb.force.ropeHeads, gb.force.decOpts = false, 0, false, 0
 	gb.force.noSkinny, gb.force.skLate = false, false
+	if gb.f8 != nil {
+		gb.f8.streamOn = false
+	}
 	if res, took := gb.TuneStats(); len(res) > 0 {
 		changed := 0
 		for _, r := range res {

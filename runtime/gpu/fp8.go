@@ -105,6 +105,13 @@ type fp8State struct {
 	cValid       bool
 
 	gvWarps int // warps per fp8_gemv block when set (benchmarks, 1-16), else gemvWarpsFor
+
+	// fp8_stream for steps of 1-16 rows in place of fp8_gemv (fp8_stream.go;
+	// nil where the card lacks the shared memory): only when streamOn is set
+	// (benchmarks and tests until it has run on a GPU); streamLate: without
+	// its early weight tiles
+	stream               *fp8Stream
+	streamOn, streamLate bool
 }
 
 func newFP8(ctx *cuda.Context, s *cuda.Stream, mm *cuda.Matmul, ko kernels.Options) (*fp8State, error) {
@@ -127,6 +134,10 @@ func newFP8(ctx *cuda.Context, s *cuda.Stream, mm *cuda.Matmul, ko kernels.Optio
 		limit = math.MaxInt
 	}
 	if err := f.skinnyLoad(limit); err != nil {
+		f.mod.Unload()
+		return nil, err
+	}
+	if f.stream, err = newFP8Stream(f.mod, ctx.Device()); err != nil {
 		f.mod.Unload()
 		return nil, err
 	}
@@ -251,6 +262,13 @@ func (f *fp8State) linear(out, x cuda.DevicePtr, T int, w *fp8Weight, gen uint64
 			return err
 		}
 		f.cIn, f.cRows, f.cCols, f.cGen, f.cValid = x, T, K, gen, true
+	}
+	if p, ok := f.stream.plan(T, w.rows, K); ok && f.streamOn {
+		opts := 1 // the first weight tiles before griddepcontrol.wait
+		if f.streamLate {
+			opts = 0
+		}
+		return f.stream.launch(f.s, p, out, f.actQ.Ptr(), f.actS.Ptr(), w, T, opts)
 	}
 	if gemvFits(T, w.rows, K) {
 		return f.gemvLaunch(out, T, w)

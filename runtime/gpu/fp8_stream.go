@@ -1,0 +1,95 @@
+package gpu
+
+import (
+	"fmt"
+
+	"github.com/peftd/peftd/runtime/cuda"
+)
+
+// fp8Stream launches fp8_stream_* (kernels/fp8.cu): the FP8 product of a
+// decode step's few rows (at most fp8StreamMaxRows) the way gemm_skinny
+// streams bf16 weights: one wave of blocks over the whole of K, cp.async
+// stages, no reduce launch. Its alternative at these rows is fp8_gemv, at
+// 0.51-0.80 of the FP8 byte floor on the 8B shapes at one row (v0.16
+// fp8gemm: qkv 10.7 µs for 6.3, o 8.2 for 4.2, gate_up 36.4 for 29.2,
+// down 19.3 for 14.6), where gemm_skinny took the bf16 products to
+// 0.78-1.07 (v0.22).
+//
+// Not yet run on a GPU: off unless fp8State.streamOn is set (the
+// benchmarks and TestFP8Stream set it).
+type fp8Stream struct {
+	fn  [len(fp8StreamBN)]*cuda.Function
+	sms int
+}
+
+// fp8StreamMaxRows is the most rows fp8_stream takes (one m16 tile).
+const fp8StreamMaxRows = 16
+
+// fp8StreamBN, fp8StreamRB: the variants' output columns per block and
+// bytes of each weight row per tile (fp8_stream_n*), widest first.
+var (
+	fp8StreamBN = [...]int{224, 48, 32}
+	fp8StreamRB = [...]int{128, 512, 512}
+)
+
+// fp8StreamShared is FsShape<bn, rb>'s shared memory: ST stages of the
+// weight tile (bn rows) and 16 activation rows, rb bytes each.
+func fp8StreamShared(bn, rb int) int {
+	stage := (bn + 16) * rb
+	return min(8, 190*1024/stage) * stage
+}
+
+// newFP8Stream finds the variants in the FP8 module and raises their
+// shared memory limits; nil where the card cannot give a block that much.
+func newFP8Stream(mod *cuda.Module, dev cuda.Device) (*fp8Stream, error) {
+	g := &fp8Stream{sms: dev.SMs}
+	for i, bn := range fp8StreamBN {
+		sh := fp8StreamShared(bn, fp8StreamRB[i])
+		if dev.MaxShared > 0 && sh > dev.MaxShared {
+			return nil, nil
+		}
+		f, err := mod.Function(fmt.Sprintf("fp8_stream_n%d", bn))
+		if err != nil {
+			return nil, err
+		}
+		if err := f.SetMaxDynamicShared(sh); err != nil {
+			return nil, err
+		}
+		g.fn[i] = f
+	}
+	return g, nil
+}
+
+// fp8StreamPlan is one product's variant.
+type fp8StreamPlan struct {
+	i int // index into fp8StreamBN
+}
+
+// plan picks the widest variant whose grid (N / BN blocks) fits one wave
+// and fills at least half the SMs; ok is false where none does.
+func (g *fp8Stream) plan(M, N, K int) (p fp8StreamPlan, ok bool) {
+	if g == nil || M < 1 || M > fp8StreamMaxRows {
+		return p, false
+	}
+	for i, bn := range fp8StreamBN {
+		if N%bn != 0 || K%fp8StreamRB[i] != 0 {
+			continue
+		}
+		if n := N / bn; n <= g.sms && 2*n >= g.sms {
+			return fp8StreamPlan{i: i}, true
+		}
+	}
+	return p, false
+}
+
+// launch enqueues out = sx sw (qx . qw^T) for M activation rows (qx, sx)
+// and weight w with plan p and the kernel's opts (bit 0: early weight
+// tiles).
+func (g *fp8Stream) launch(s *cuda.Stream, p fp8StreamPlan, out, qx, sx cuda.DevicePtr, w *fp8Weight, M, opts int) error {
+	bn, rb := fp8StreamBN[p.i], fp8StreamRB[p.i]
+	if (uint64(out)|uint64(qx)|uint64(w.q.Ptr()))%16 != 0 {
+		return fmt.Errorf("gpu: fp8_stream: operands not 16-byte aligned")
+	}
+	return g.fn[p.i].Launch(s, cuda.Dim3{X: w.rows / bn, Y: 1, Z: 1}, cuda.Dim3{X: 128, Y: 1, Z: 1}, fp8StreamShared(bn, rb),
+		uint64(out), uint64(qx), uint64(sx), uint64(w.q.Ptr()), uint64(w.scale.Ptr()), M, w.rows, w.cols, opts)
+}
