@@ -473,12 +473,12 @@ func TestDecodeBench(t *testing.T) {
 		opts                         int  // attn_decode's opts (kernelForce.decOpts: 0 the default, -1 none)
 		lt                           bool // every bf16 product through cuBLASLt (kernelForce.noSkinny)
 		skLate                       bool // gemm_skinny without its early weight tiles (kernelForce.skLate)
-		fs                           bool // FP8 weights: fp8_stream for 1-16 rows (fp8State.streamOn; not yet the default)
+		fs, gv                       bool // FP8 weights: fp8_stream for every 1-16 rows (fp8State.streamOn; the default from fp8StreamMinRows), or for none (streamOff)
 	}
 	// the rows most wanted first: PEFTD_DECODE_QUICK and
 	// PEFTD_DECODE_VARIANTS take the first ones
 	vs := []variant{{sms: -1}, {lora: true, sms: -1},
-		{sms: -1, lt: true}, {lora: true, sms: -1, lt: true}, {sms: -1, fs: true}, {lora: true, sms: -1, fs: true},
+		{sms: -1, lt: true}, {lora: true, sms: -1, lt: true}, {sms: -1, fs: true}, {lora: true, sms: -1, fs: true}, {sms: -1, gv: true}, {lora: true, sms: -1, gv: true},
 		{sms: -1, skLate: true}, {sms: -1, opts: -1},
 		{sms: -1, split: 4},
 		{sms: -1, opts: 3}, {sms: -1, opts: 15},
@@ -486,8 +486,8 @@ func TestDecodeBench(t *testing.T) {
 		{sms: -1, ropeHeads: true}, {sms: -1, split: 16},
 		{sampled: true, sms: -1}, {eager: true, sms: -1}, {lora: true, eager: true, sms: -1},
 		{lora: true, serial: true, sms: -1}, {lora: true, sms: 0}, {lora: true, sms: 16}, {lora: true, sms: 32}}
-	if os.Getenv("PEFTD_DECODE_QUICK") != "" { // base and adapters, each with cuBLASLt (+lt) and with fp8_stream (+fs, FP8 weights)
-		vs = vs[:6]
+	if os.Getenv("PEFTD_DECODE_QUICK") != "" { // base and adapters, each with cuBLASLt (+lt), and with FP8 weights with fp8_stream at every row count (+fs) and at none (+gv)
+		vs = vs[:8]
 	}
 	// PEFTD_DECODE_VARIANTS=n: only the first n rows, and no adapter-load
 	// part (gpu-check's nsysdec traces the base rows alone)
@@ -514,15 +514,15 @@ func TestDecodeBench(t *testing.T) {
 		B, v := rn.B, rn.v
 		withLoRA, sampled := v.lora, v.sampled
 		gb.g.off = v.eager
-		if withLoRA && len(ads) == 0 || v.nopdl && !pdlOK || v.split > 0 && B > 64 || v.fs && (gb.f8 == nil || gb.f8.stream == nil) {
+		if withLoRA && len(ads) == 0 || v.nopdl && !pdlOK || v.split > 0 && B > 64 || (v.fs || v.gv) && (gb.f8 == nil || gb.f8.stream == nil) {
 			continue
 		}
 		retune := v.tuned && !gb.tune.done
-		if wantPDL := pdlOK && !v.nopdl; retune || gb.la.on == v.serial || gb.la.sms != v.sms || gb.s.ProgrammaticLaunch() != wantPDL || gb.force.decSplit != v.split || gb.force.ropeHeads != v.ropeHeads || gb.force.decOpts != v.opts || gb.force.noSkinny != v.lt || gb.force.skLate != v.skLate || gb.f8 != nil && gb.f8.streamOn != v.fs { // recordings bake the LoRA and launch modes, the kernels and the GEMM algorithms in
+		if wantPDL := pdlOK && !v.nopdl; retune || gb.la.on == v.serial || gb.la.sms != v.sms || gb.s.ProgrammaticLaunch() != wantPDL || gb.force.decSplit != v.split || gb.force.ropeHeads != v.ropeHeads || gb.force.decOpts != v.opts || gb.force.noSkinny != v.lt || gb.force.skLate != v.skLate || gb.f8 != nil && (gb.f8.streamOn != v.fs || gb.f8.streamOff != v.gv) { // recordings bake the LoRA and launch modes, the kernels and the GEMM algorithms in
 			gb.la.on, gb.la.sms, gb.force.decSplit, gb.force.ropeHeads, gb.force.decOpts = !v.serial, v.sms, v.split, v.ropeHeads, v.opts
 			gb.force.noSkinny, gb.force.skLate = v.lt, v.skLate
 			if gb.f8 != nil {
-				gb.f8.streamOn = v.fs
+				gb.f8.streamOn, gb.f8.streamOff = v.fs, v.gv
 			}
 			if retune {
 				gb.tune.on = true // tuned by the Warmup below
@@ -634,6 +634,9 @@ func TestDecodeBench(t *testing.T) {
 		if v.fs {
 			lbl += "+fs"
 		}
+		if v.gv {
+			lbl += "+gv"
+		}
 		if v.tuned {
 			lbl += "+tuned"
 		}
@@ -643,7 +646,7 @@ func TestDecodeBench(t *testing.T) {
 	gb.g.off, gb.force.decSplit, gb.force.ropeHeads, gb.force.decOpts = false, 0, false, 0
 	gb.force.noSkinny, gb.force.skLate = false, false
 	if gb.f8 != nil {
-		gb.f8.streamOn = false
+		gb.f8.streamOn, gb.f8.streamOff = false, false
 	}
 	if res, took := gb.TuneStats(); len(res) > 0 {
 		changed := 0

@@ -106,12 +106,12 @@ type fp8State struct {
 
 	gvWarps int // warps per fp8_gemv block when set (benchmarks, 1-16), else gemvWarpsFor
 
-	// fp8_stream for steps of 1-16 rows in place of fp8_gemv (fp8_stream.go;
-	// nil where the card lacks the shared memory): only when streamOn is set
-	// (benchmarks and tests until it has run on a GPU); streamLate: without
-	// its early weight tiles
-	stream               *fp8Stream
-	streamOn, streamLate bool
+	// fp8_stream in place of fp8_gemv (fp8_stream.go; nil where the card
+	// lacks the shared memory) for steps of fp8StreamMinRows-16 rows;
+	// benchmarks and tests set streamOn (every 1-16 rows), streamOff (none)
+	// or streamLate (without its early weight tiles)
+	stream                          *fp8Stream
+	streamOn, streamOff, streamLate bool
 }
 
 func newFP8(ctx *cuda.Context, s *cuda.Stream, mm *cuda.Matmul, ko kernels.Options) (*fp8State, error) {
@@ -263,7 +263,7 @@ func (f *fp8State) linear(out, x cuda.DevicePtr, T int, w *fp8Weight, gen uint64
 		}
 		f.cIn, f.cRows, f.cCols, f.cGen, f.cValid = x, T, K, gen, true
 	}
-	if p, ok := f.stream.plan(T, w.rows, K); ok && f.streamOn {
+	if p, ok := f.stream.plan(T, w.rows, K); ok && !f.streamOff && (f.streamOn || T >= fp8StreamMinRows) {
 		opts := 1 // the first weight tiles before griddepcontrol.wait
 		if f.streamLate {
 			opts = 0

@@ -437,9 +437,9 @@ func TestFP8GemmBench(t *testing.T) {
 			t8 := timeIt(30, func(i int) error { return r.f.linear(out.Ptr(), x.Ptr(), T, w8[i%n8], 7) })
 			gv8 := math.NaN() // fp8_gemv with the other block size (8 or 16 warps) than gemvWarpsFor's
 			if gemvFits(T, N, K) {
-				r.f.gvWarps = 24 - gemvWarpsFor(N, r.ctx.Device().SMs)
+				r.f.gvWarps, r.f.streamOff = 24-gemvWarpsFor(N, r.ctx.Device().SMs), true
 				gv8 = timeIt(30, func(i int) error { return r.f.linear(out.Ptr(), x.Ptr(), T, w8[i%n8], 7) })
-				r.f.gvWarps = 0
+				r.f.gvWarps, r.f.streamOff = 0, false
 			}
 			sk := math.NaN() // fp8_gemm_skinny (n32, n64 or n128 by rows) where the automatic choice is cuBLASLt (17-128 rows)
 			if !skinnyFits(T, N, K, skinnyAutoRows) && skinnyFits(T, N, K, skinnyMaxRows) {
@@ -468,7 +468,7 @@ func TestFP8GemmBench(t *testing.T) {
 				sp[j] = timeIt(30, func(i int) error { return r.f.linear(out.Ptr(), x.Ptr(), T, w8[i%n8], 7) })
 				r.f.splitForce = 0
 			}
-			fs := math.NaN() // fp8_stream (not yet the automatic choice: streamOn) where it plans the shape
+			fs := math.NaN() // fp8_stream where it plans the shape (at 1-8 rows not the automatic choice: streamOn)
 			if _, ok := r.f.stream.plan(T, N, K); ok {
 				r.f.streamOn = true
 				fs = timeIt(30, func(i int) error { return r.f.linear(out.Ptr(), x.Ptr(), T, w8[i%n8], 7) })

@@ -15,15 +15,22 @@ import (
 // down 19.3 for 14.6), where gemm_skinny took the bf16 products to
 // 0.78-1.07 (v0.22).
 //
-// Not yet run on a GPU: off unless fp8State.streamOn is set (the
-// benchmarks and TestFP8Stream set it).
+// v0.22 (H200, TestDecodeBench with FP8 weights, one call): batch 16 4.20
+// -> 3.81 device ms a step (four rank-32 adapters 4.80 -> 4.35); batch 1
+// 3.16 -> 3.13, but 3.43 -> 3.61 with the adapters. So it takes steps of
+// fp8StreamMinRows-16 rows (where fp8_gemv runs its two-tile variant), and
+// fp8_gemv keeps the smaller ones.
 type fp8Stream struct {
 	fn  [len(fp8StreamBN)]*cuda.Function
 	sms int
 }
 
-// fp8StreamMaxRows is the most rows fp8_stream takes (one m16 tile).
-const fp8StreamMaxRows = 16
+// fp8StreamMaxRows is the most rows fp8_stream takes (one m16 tile);
+// fp8StreamMinRows the fewest it takes by default (fp8State.streamOn: any).
+const (
+	fp8StreamMaxRows = 16
+	fp8StreamMinRows = 9
+)
 
 // fp8StreamBN, fp8StreamRB: the variants' output columns per block and
 // bytes of each weight row per tile (fp8_stream_n*), widest first.

@@ -47,8 +47,8 @@ func TestFP8Stream(t *testing.T) {
 				if err := cuda.CopyHtoD(r.s, out.Ptr(), poison); err != nil {
 					t.Fatal(err)
 				}
-				r.f.streamOn, r.f.streamLate = on, late
-				defer func() { r.f.streamOn, r.f.streamLate = false, false }()
+				r.f.streamOn, r.f.streamOff, r.f.streamLate = on, !on, late
+				defer func() { r.f.streamOn, r.f.streamOff, r.f.streamLate = false, false, false }()
 				r.f.invalidate()
 				if err := r.f.linear(out.Ptr(), x.Ptr(), M, w, 1); err != nil {
 					t.Fatal(err)
