@@ -3,6 +3,7 @@
 package gpu
 
 import (
+	"fmt"
 	"math"
 	"os"
 	"testing"
@@ -30,6 +31,60 @@ func skinnyRig(t testing.TB) (*fp8Rig, *bfSkinny) {
 	return r, g
 }
 
+// poisonBF16 is a NaN no product writes: rowsProduct fills its output with
+// it first.
+const poisonBF16 = 0x7fc1
+
+// rowsProduct fills out's first M+1 rows of N with poisonBF16, runs the
+// product, and returns its M rows; row M must be left as it was.
+func rowsProduct(t *testing.T, r *fp8Rig, out *cuda.DeviceBuffer, M, N int, run func() error) []uint16 {
+	t.Helper()
+	h := make([]uint16, (M+1)*N)
+	for i := range h {
+		h[i] = poisonBF16
+	}
+	if err := cuda.CopyHtoD(r.s, out.Ptr(), h); err != nil {
+		t.Fatal(err)
+	}
+	if err := run(); err != nil {
+		t.Fatal(err)
+	}
+	if err := cuda.CopyDtoH(r.s, h, out.Ptr()); err != nil {
+		t.Fatal(err)
+	}
+	r.sync()
+	for i := M * N; i < len(h); i++ {
+		if h[i] != poisonBF16 {
+			t.Fatalf("row %d (past M) written at column %d", M, i-M*N)
+		}
+	}
+	return h[:M*N]
+}
+
+// compareRows fails unless every output of got was written and lies within
+// a bf16 rounding step of the larger of it and want (plus 1e-4 of want's
+// largest magnitude: float32 sums in another order); it returns the worst
+// difference relative to want's largest magnitude.
+func compareRows(t *testing.T, what string, want, got []uint16, N int) float64 {
+	t.Helper()
+	scale, worst := 0.0, 0.0
+	for _, v := range want {
+		scale = max(scale, math.Abs(float64(fromBF16(v))))
+	}
+	for i := range want {
+		a, b := float64(fromBF16(want[i])), float64(fromBF16(got[i]))
+		if math.IsNaN(b) {
+			t.Fatalf("%s: output [%d,%d] not written", what, i/N, i%N)
+		}
+		d := math.Abs(a - b)
+		if d > math.Max(math.Abs(a), math.Abs(b))/128+scale*1e-4 {
+			t.Fatalf("%s: output [%d,%d] is %g, want %g", what, i/N, i%N, b, a)
+		}
+		worst = max(worst, d/scale)
+	}
+	return worst
+}
+
 // TestSkinnyGemm checks gemm_skinny against cuBLASLt's bf16 product (both
 // accumulate in float32; the sums differ in order, so outputs may differ by
 // a bf16 rounding step) on the 8B shapes (every variant) and a 3B's o, at
@@ -44,8 +99,7 @@ func TestSkinnyGemm(t *testing.T) {
 	for _, sh := range shapes {
 		N, K := sh[0], sh[1]
 		w := r.up(r.bf16Rand(N*K, 0.02))
-		xh := r.bf16Rand(bfSkinnyMaxRows*K, 1)
-		x := r.up(xh)
+		x := r.up(r.bf16Rand(bfSkinnyMaxRows*K, 1))
 		ref, out := r.alloc(2*bfSkinnyMaxRows*N), r.alloc(2*(bfSkinnyMaxRows+1)*N)
 		for _, M := range []int{1, 2, 7, 15, 16} {
 			p, ok := g.plan(M, N, K)
@@ -59,56 +113,18 @@ func TestSkinnyGemm(t *testing.T) {
 			if err := cuda.CopyDtoH(r.s, want, ref.Ptr()); err != nil {
 				t.Fatal(err)
 			}
-			var first []uint16
-			for _, opts := range []int{bfSkinnyEarly, 0} {
-				poison := make([]uint16, (M+1)*N)
-				for i := range poison {
-					poison[i] = 0x7fc1 // NaN: every output must be written, row M must not
-				}
-				if err := cuda.CopyHtoD(r.s, out.Ptr(), poison); err != nil {
-					t.Fatal(err)
-				}
-				if err := g.launch(r.s, p, out.Ptr(), x.Ptr(), w.Ptr(), M, N, K, opts); err != nil {
-					t.Fatal(err)
-				}
-				got := make([]uint16, (M+1)*N)
-				if err := cuda.CopyDtoH(r.s, got, out.Ptr()); err != nil {
-					t.Fatal(err)
-				}
-				r.sync()
-				for i := M * N; i < len(got); i++ {
-					if got[i] != 0x7fc1 {
-						t.Fatalf("%d x %d x %d: row %d (past M) written at column %d", M, N, K, M, i-M*N)
-					}
-				}
-				got = got[:M*N]
-				worst, scale := 0.0, 0.0
-				for i := range want {
-					scale = max(scale, math.Abs(float64(fromBF16(want[i]))))
-				}
-				for i := range want {
-					a, b := float64(fromBF16(want[i])), float64(fromBF16(got[i]))
-					if math.IsNaN(b) {
-						t.Fatalf("%d x %d x %d (%d columns a block): output %d not written", M, N, K, p.bn, i)
-					}
-					// a bf16 step of the larger, plus float32 summation order
-					if d := math.Abs(a - b); d > math.Max(math.Abs(a), math.Abs(b))/128+scale*1e-4 {
-						t.Fatalf("%d x %d x %d (%d columns a block): output [%d,%d] is %g, cuBLASLt %g", M, N, K, p.bn, i/N, i%N, b, a)
-					} else if a != 0 {
-						worst = max(worst, d/math.Abs(a))
-					}
-				}
-				if first == nil {
-					first = got
-					t.Logf("%d x %d x %d (%d columns a block): worst relative difference from cuBLASLt %.2g", M, N, K, p.bn, worst)
-				} else {
-					for i := range got {
-						if got[i] != first[i] {
-							t.Fatalf("%d x %d x %d: opts %d changed output %d", M, N, K, opts, i)
-						}
-					}
+			run := func(opts int) []uint16 {
+				return rowsProduct(t, r, out, M, N, func() error { return g.launch(r.s, p, out.Ptr(), x.Ptr(), w.Ptr(), M, N, K, opts) })
+			}
+			got, late := run(bfSkinnyEarly), run(0)
+			what := fmt.Sprintf("gemm_skinny %d x %d x %d (%d columns a block)", M, N, K, p.bn)
+			worst := compareRows(t, what, want, got, N)
+			for i := range got {
+				if late[i] != got[i] {
+					t.Fatalf("%s: output %d differs without the early weight tiles", what, i)
 				}
 			}
+			t.Logf("%s: worst difference from cuBLASLt %.2g of the largest output", what, worst)
 		}
 	}
 }

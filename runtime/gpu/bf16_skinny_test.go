@@ -1,12 +1,16 @@
 package gpu
 
-import "testing"
+import (
+	"testing"
+
+	"github.com/peftd/peftd/runtime/cuda"
+)
 
 // TestBFSkinnyPlan: the variant gemm_skinny takes for the 8B shapes and
 // others on an H100/H200 (132 SMs) and an A100 (108).
 func TestBFSkinnyPlan(t *testing.T) {
-	h := &bfSkinny{sms: 132}
-	a := &bfSkinny{sms: 108}
+	h := &bfSkinny{&streamRows{vs: bfSkinnyVariants, fn: make([]*cuda.Function, len(bfSkinnyVariants)), sms: 132}}
+	a := &bfSkinny{&streamRows{vs: bfSkinnyVariants, fn: make([]*cuda.Function, len(bfSkinnyVariants)), sms: 108}}
 	for _, c := range []struct {
 		g       *bfSkinny
 		M, N, K int

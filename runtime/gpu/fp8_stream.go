@@ -20,10 +20,7 @@ import (
 // 3.16 -> 3.13, but 3.43 -> 3.61 with the adapters. So it takes steps of
 // fp8StreamMinRows-16 rows (where fp8_gemv runs its two-tile variant), and
 // fp8_gemv keeps the smaller ones.
-type fp8Stream struct {
-	fn  [len(fp8StreamBN)]*cuda.Function
-	sms int
-}
+type fp8Stream struct{ *streamRows }
 
 // fp8StreamMaxRows is the most rows fp8_stream takes (one m16 tile);
 // fp8StreamMinRows the fewest it takes by default (fp8State.streamOn: any).
@@ -32,71 +29,48 @@ const (
 	fp8StreamMinRows = 9
 )
 
-// fp8StreamBN, fp8StreamRB: the variants' output columns per block and
-// bytes of each weight row per tile (fp8_stream_n*), widest first.
-var (
-	fp8StreamBN = [...]int{224, 48, 32}
-	fp8StreamRB = [...]int{128, 512, 512}
-)
+// fp8StreamVariants: fp8_stream_n{bn}, widest first, with the bytes (e4m3
+// values) of each weight row a tile holds.
+var fp8StreamVariants = []streamVariant{{224, 128}, {48, 512}, {32, 512}}
 
-// fp8StreamShared is FsShape<bn, rb>'s shared memory: ST stages of the
-// weight tile (bn rows) and 16 activation rows, rb bytes each.
-func fp8StreamShared(bn, rb int) int {
-	stage := (bn + 16) * rb
-	return min(8, 190*1024/stage) * stage
-}
+// fp8StreamShared is FsShape<bn, tile>'s shared memory: stages of the
+// weight tile (bn rows) and 16 activation rows.
+func fp8StreamShared(v streamVariant) int { return stageShared(v.bn+16, v.tile) }
 
 // newFP8Stream finds the variants in the FP8 module and raises their
 // shared memory limits; nil where the card cannot give a block that much.
 func newFP8Stream(mod *cuda.Module, dev cuda.Device) (*fp8Stream, error) {
-	g := &fp8Stream{sms: dev.SMs}
-	for i, bn := range fp8StreamBN {
-		sh := fp8StreamShared(bn, fp8StreamRB[i])
-		if dev.MaxShared > 0 && sh > dev.MaxShared {
-			return nil, nil
-		}
-		f, err := mod.Function(fmt.Sprintf("fp8_stream_n%d", bn))
-		if err != nil {
-			return nil, err
-		}
-		if err := f.SetMaxDynamicShared(sh); err != nil {
-			return nil, err
-		}
-		g.fn[i] = f
+	g, err := loadStreamRows(mod, dev, fp8StreamVariants, func(bn int) string { return fmt.Sprintf("fp8_stream_n%d", bn) }, fp8StreamShared)
+	if g == nil || err != nil {
+		return nil, err
 	}
-	return g, nil
+	return &fp8Stream{g}, nil
 }
 
 // fp8StreamPlan is one product's variant.
 type fp8StreamPlan struct {
-	i int // index into fp8StreamBN
+	i int // index into the variants
 }
 
-// plan picks the widest variant whose grid (N / BN blocks) fits one wave
-// and fills at least half the SMs; ok is false where none does.
+// plan picks the variant for an M x N x K product (streamRows.pick); ok is
+// false for more than fp8StreamMaxRows rows or a shape no variant fits one
+// wave with.
 func (g *fp8Stream) plan(M, N, K int) (p fp8StreamPlan, ok bool) {
 	if g == nil || M < 1 || M > fp8StreamMaxRows {
 		return p, false
 	}
-	for i, bn := range fp8StreamBN {
-		if N%bn != 0 || K%fp8StreamRB[i] != 0 {
-			continue
-		}
-		if n := N / bn; n <= g.sms && 2*n >= g.sms {
-			return fp8StreamPlan{i: i}, true
-		}
-	}
-	return p, false
+	i, ok := g.pick(N, K)
+	return fp8StreamPlan{i: i}, ok
 }
 
 // launch enqueues out = sx sw (qx . qw^T) for M activation rows (qx, sx)
 // and weight w with plan p and the kernel's opts (bit 0: early weight
 // tiles).
 func (g *fp8Stream) launch(s *cuda.Stream, p fp8StreamPlan, out, qx, sx cuda.DevicePtr, w *fp8Weight, M, opts int) error {
-	bn, rb := fp8StreamBN[p.i], fp8StreamRB[p.i]
+	v := g.vs[p.i]
 	if (uint64(out)|uint64(qx)|uint64(w.q.Ptr()))%16 != 0 {
 		return fmt.Errorf("gpu: fp8_stream: operands not 16-byte aligned")
 	}
-	return g.fn[p.i].Launch(s, cuda.Dim3{X: w.rows / bn, Y: 1, Z: 1}, cuda.Dim3{X: 128, Y: 1, Z: 1}, fp8StreamShared(bn, rb),
+	return g.fn[p.i].Launch(s, cuda.Dim3{X: w.rows / v.bn, Y: 1, Z: 1}, cuda.Dim3{X: 128, Y: 1, Z: 1}, fp8StreamShared(v),
 		uint64(out), uint64(qx), uint64(sx), uint64(w.q.Ptr()), uint64(w.scale.Ptr()), M, w.rows, w.cols, opts)
 }

@@ -5,7 +5,7 @@ import "testing"
 // TestFP8StreamPlan: the variant fp8_stream takes for the 8B shapes and
 // others on an H100/H200 (132 SMs).
 func TestFP8StreamPlan(t *testing.T) {
-	g := &fp8Stream{sms: 132}
+	g := &fp8Stream{&streamRows{vs: fp8StreamVariants, sms: 132}}
 	for _, c := range []struct {
 		M, N, K int
 		bn      int // 0: none (fp8_gemv)
@@ -23,7 +23,7 @@ func TestFP8StreamPlan(t *testing.T) {
 		p, ok := g.plan(c.M, c.N, c.K)
 		bn := 0
 		if ok {
-			bn = fp8StreamBN[p.i]
+			bn = g.vs[p.i].bn
 		}
 		if bn != c.bn {
 			t.Errorf("%d x %d x %d: %d columns a block, want %d", c.M, c.N, c.K, bn, c.bn)
