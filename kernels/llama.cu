@@ -2188,3 +2188,118 @@ __device__ __forceinline__ void gemm_skinny_body(bf16* __restrict__ out, const b
 GEMM_SKINNY(32, true, gemm_skinny_n32)
 GEMM_SKINNY(48, true, gemm_skinny_n48)
 GEMM_SKINNY(224, false, gemm_skinny_n224)
+
+// gemm_rows64_n{32,48} (experiment: kernelForce.sk64, TestSkinnyBench's
+// 17-64 rows): gemm_skinny_n32/n48's layout for 17-64 rows. The block's
+// 8 warps split each 128-column tile (256 bytes of each row) in 8 k16
+// steps, one each, over four m16 tiles of x; the warps' sums meet in
+// shared memory. x's rows are re-read from L2 by every block (N / BN
+// blocks: twice the weight's bytes at 64 rows on o and down), so the
+// question is whether that beats cuBLASLt's 0.5-0.75 of the byte floor
+// there (v0.22).
+#define SK64_THREADS 256
+
+template <int BN> struct Sk64Shape {
+    static constexpr int RB = 256;                 // bytes of a tile row
+    static constexpr int CH = RB / 16;             // its 16-byte chunks: two per warp
+    static constexpr int NT = BN / 8;              // n8 tiles every warp multiplies
+    static constexpr int STAGE_B = (BN + 64) * RB; // the weight tile, then x's 64 rows
+    static constexpr int ST = (190 * 1024) / STAGE_B < 8 ? (190 * 1024) / STAGE_B : 8;
+    static_assert(ST >= 3, "gemm_rows64: too few stages");
+    static_assert(8 * 64 * BN * 4 <= ST * STAGE_B, "gemm_rows64: the warps' sums do not fit the stages");
+};
+
+template <int BN>
+__device__ __forceinline__ void gemm_rows64_body(bf16* __restrict__ out, const bf16* __restrict__ x, const bf16* __restrict__ w,
+                                                 int M, int N, int K, int opts) {
+    typedef Sk64Shape<BN> S;
+    extern __shared__ __align__(128) unsigned char ssm[];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int n0 = blockIdx.x * BN, nk = K / (S::RB / 2);
+    const unsigned sb = (unsigned)__cvta_generic_to_shared(ssm);
+    auto issue_w = [&](int t) {
+        if (t < nk) {
+            const unsigned d = sb + (t % S::ST) * S::STAGE_B;
+            const bf16* src = w + (i64)n0 * K + t * (S::RB / 2);
+#pragma unroll
+            for (int i = 0; i < BN * S::CH / SK64_THREADS; i++) {
+                const int idx = tid + i * SK64_THREADS, r = idx / S::CH, c = idx % S::CH;
+                cp_async16(sk_slot(d, S::RB, r, c), src + (i64)r * K + c * 8, 16);
+            }
+        }
+    };
+    auto issue_x = [&](int t) { // x's M rows (rows past M: their outputs are dropped)
+        if (t < nk) {
+            const unsigned d = sb + (t % S::ST) * S::STAGE_B + BN * S::RB;
+            const bf16* src = x + t * (S::RB / 2);
+            for (int idx = tid; idx < M * S::CH; idx += SK64_THREADS) {
+                const int r = idx / S::CH, c = idx % S::CH;
+                cp_async16(sk_slot(d, S::RB, r, c), src + (i64)r * K + c * 8, 16);
+            }
+        }
+    };
+    const bool early = opts & 1;
+    if (early)
+        for (int t = 0; t < S::ST - 1; t++) issue_w(t);
+    pdl_entry();
+    for (int t = 0; t < S::ST - 1; t++) {
+        if (!early) issue_w(t);
+        issue_x(t);
+        cp_async_commit();
+    }
+    float acc[4][S::NT][4];
+#pragma unroll
+    for (int mt = 0; mt < 4; mt++)
+#pragma unroll
+        for (int j = 0; j < S::NT; j++) acc[mt][j][0] = acc[mt][j][1] = acc[mt][j][2] = acc[mt][j][3] = 0.f;
+    const int kc = 2 * warp; // this warp's k16 step of a tile
+    for (int t = 0; t < nk; t++) {
+        cp_async_wait<S::ST - 2>();
+        __syncthreads();
+        issue_w(t + S::ST - 1);
+        issue_x(t + S::ST - 1);
+        cp_async_commit();
+        const unsigned wb = sb + (t % S::ST) * S::STAGE_B, xb = wb + BN * S::RB;
+        unsigned a[4][4];
+#pragma unroll
+        for (int mt = 0; mt < 4; mt++) ldsm4(sk_slot(xb, S::RB, mt * 16 + (lane & 15), kc + (lane >> 4)), a[mt]);
+#pragma unroll
+        for (int j = 0; j < S::NT; j += 2) {
+            const int jj = j + 1 < S::NT ? j + (lane >> 4) : j;
+            unsigned b[4];
+            ldsm4(sk_slot(wb, S::RB, jj * 8 + (lane & 7), kc + ((lane >> 3) & 1)), b);
+#pragma unroll
+            for (int mt = 0; mt < 4; mt++) {
+                mma16816(acc[mt][j], a[mt][0], a[mt][1], a[mt][2], a[mt][3], b[0], b[1]);
+                if (j + 1 < S::NT) mma16816(acc[mt][j + 1], a[mt][0], a[mt][1], a[mt][2], a[mt][3], b[2], b[3]);
+            }
+        }
+    }
+    cp_async_wait<0>();
+    // the warps' sums [warp][64][BN], added in warp order
+    float* red = reinterpret_cast<float*>(ssm);
+    const int g = lane >> 2, c2 = 2 * (lane & 3);
+    __syncthreads();
+#pragma unroll
+    for (int mt = 0; mt < 4; mt++)
+#pragma unroll
+        for (int j = 0; j < S::NT; j++) {
+            const int n = j * 8 + c2, m = mt * 16 + g;
+            *reinterpret_cast<float2*>(red + (warp * 64 + m) * BN + n) = make_float2(acc[mt][j][0], acc[mt][j][1]);
+            *reinterpret_cast<float2*>(red + (warp * 64 + m + 8) * BN + n) = make_float2(acc[mt][j][2], acc[mt][j][3]);
+        }
+    __syncthreads();
+    for (int p = tid; p < M * BN / 2; p += SK64_THREADS) {
+        const int m = 2 * p / BN, n = 2 * p - m * BN;
+        float2 s = make_float2(0.f, 0.f);
+#pragma unroll
+        for (int q = 0; q < SK64_THREADS / 32; q++) {
+            const float2 v = *reinterpret_cast<const float2*>(red + (q * 64 + m) * BN + n);
+            s.x += v.x, s.y += v.y;
+        }
+        *reinterpret_cast<__nv_bfloat162*>(out + (i64)m * N + n0 + n) = __floats2bfloat162_rn(s.x, s.y);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(SK64_THREADS) gemm_rows64_n32(GEMM_SKINNY_ARGS) { gemm_rows64_body<32>(out, x, w, M, N, K, opts); }
+extern "C" __global__ void __launch_bounds__(SK64_THREADS) gemm_rows64_n48(GEMM_SKINNY_ARGS) { gemm_rows64_body<48>(out, x, w, M, N, K, opts); }

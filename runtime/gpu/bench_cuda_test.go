@@ -473,21 +473,22 @@ func TestDecodeBench(t *testing.T) {
 		opts                         int  // attn_decode's opts (kernelForce.decOpts: 0 the default, -1 none)
 		lt                           bool // every bf16 product through cuBLASLt (kernelForce.noSkinny)
 		skLate                       bool // gemm_skinny without its early weight tiles (kernelForce.skLate)
+		sk64                         bool // bf16 products of 17-64 rows by gemm_rows64 (kernelForce.sk64, an experiment)
 		fs, gv                       bool // FP8 weights: fp8_stream for every 1-16 rows (fp8State.streamOn; the default from fp8StreamMinRows), or for none (streamOff)
 	}
 	// the rows most wanted first: PEFTD_DECODE_QUICK and
 	// PEFTD_DECODE_VARIANTS take the first ones
 	vs := []variant{{sms: -1}, {lora: true, sms: -1},
 		{sms: -1, lt: true}, {lora: true, sms: -1, lt: true}, {sms: -1, fs: true}, {lora: true, sms: -1, fs: true}, {sms: -1, gv: true}, {lora: true, sms: -1, gv: true},
-		{sms: -1, skLate: true}, {sms: -1, opts: -1},
+		{sms: -1, sk64: true}, {sms: -1, skLate: true}, {sms: -1, opts: -1},
 		{sms: -1, split: 4},
 		{sms: -1, opts: 3}, {sms: -1, opts: 15},
 		{sms: -1, nopdl: true}, {lora: true, sms: -1, nopdl: true},
 		{sms: -1, ropeHeads: true}, {sms: -1, split: 16},
 		{sampled: true, sms: -1}, {eager: true, sms: -1}, {lora: true, eager: true, sms: -1},
 		{lora: true, serial: true, sms: -1}, {lora: true, sms: 0}, {lora: true, sms: 16}, {lora: true, sms: 32}}
-	if os.Getenv("PEFTD_DECODE_QUICK") != "" { // base and adapters, each with cuBLASLt (+lt), and with FP8 weights with fp8_stream at every row count (+fs) and at none (+gv)
-		vs = vs[:8]
+	if os.Getenv("PEFTD_DECODE_QUICK") != "" { // base and adapters, each with cuBLASLt (+lt), and with FP8 weights with fp8_stream at every row count (+fs) and at none (+gv); gemm_rows64 (+sk64)
+		vs = vs[:9]
 	}
 	// PEFTD_DECODE_VARIANTS=n: only the first n rows, and no adapter-load
 	// part (gpu-check's nsysdec traces the base rows alone)
@@ -518,9 +519,9 @@ func TestDecodeBench(t *testing.T) {
 			continue
 		}
 		retune := v.tuned && !gb.tune.done
-		if wantPDL := pdlOK && !v.nopdl; retune || gb.la.on == v.serial || gb.la.sms != v.sms || gb.s.ProgrammaticLaunch() != wantPDL || gb.force.decSplit != v.split || gb.force.ropeHeads != v.ropeHeads || gb.force.decOpts != v.opts || gb.force.noSkinny != v.lt || gb.force.skLate != v.skLate || gb.f8 != nil && (gb.f8.streamOn != v.fs || gb.f8.streamOff != v.gv) { // recordings bake the LoRA and launch modes, the kernels and the GEMM algorithms in
+		if wantPDL := pdlOK && !v.nopdl; retune || gb.la.on == v.serial || gb.la.sms != v.sms || gb.s.ProgrammaticLaunch() != wantPDL || gb.force.decSplit != v.split || gb.force.ropeHeads != v.ropeHeads || gb.force.decOpts != v.opts || gb.force.noSkinny != v.lt || gb.force.skLate != v.skLate || gb.force.sk64 != v.sk64 || gb.f8 != nil && (gb.f8.streamOn != v.fs || gb.f8.streamOff != v.gv) { // recordings bake the LoRA and launch modes, the kernels and the GEMM algorithms in
 			gb.la.on, gb.la.sms, gb.force.decSplit, gb.force.ropeHeads, gb.force.decOpts = !v.serial, v.sms, v.split, v.ropeHeads, v.opts
-			gb.force.noSkinny, gb.force.skLate = v.lt, v.skLate
+			gb.force.noSkinny, gb.force.skLate, gb.force.sk64 = v.lt, v.skLate, v.sk64
 			if gb.f8 != nil {
 				gb.f8.streamOn, gb.f8.streamOff = v.fs, v.gv
 			}
@@ -631,6 +632,9 @@ func TestDecodeBench(t *testing.T) {
 		if v.skLate {
 			lbl += "+late"
 		}
+		if v.sk64 {
+			lbl += "+sk64"
+		}
 		if v.fs {
 			lbl += "+fs"
 		}
@@ -644,7 +648,7 @@ func TestDecodeBench(t *testing.T) {
 			roofS*1e3/gpuMs, wall.Seconds()*1e3/newTok, gpuMs/newTok, roofS*1e3/newTok, prefill.Seconds())
 	}
 	gb.g.off, gb.force.decSplit, gb.force.ropeHeads, gb.force.decOpts = false, 0, false, 0
-	gb.force.noSkinny, gb.force.skLate = false, false
+	gb.force.noSkinny, gb.force.skLate, gb.force.sk64 = false, false, false
 	if gb.f8 != nil {
 		gb.f8.streamOn, gb.f8.streamOff = false, false
 	}

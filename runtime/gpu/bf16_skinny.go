@@ -12,7 +12,10 @@ import (
 // choices at 1-16 rows leave a quarter to a third of the bandwidth unused
 // on the 8B shapes' narrow products (v0.21 nsysdec: qkv 16.1 µs for 12.5
 // of bytes; o 10.9 + a 1.9 µs split-K reduce for 8.4).
-type bfSkinny struct{ *streamRows }
+type bfSkinny struct {
+	*streamRows
+	m64 *streamRows // gemm_rows64_*: 17-64 rows (an experiment: kernelForce.sk64)
+}
 
 // bfSkinnyMaxRows is the most rows gemm_skinny takes (one m16 tile).
 const bfSkinnyMaxRows = 16
@@ -30,6 +33,15 @@ var bfSkinnyVariants = []streamVariant{{224, 64}, {48, 256}, {32, 256}}
 // (bn rows) and x's (16 rows).
 func bfSkinnyShared(v streamVariant) int { return stageShared(v.bn+16, 2*v.tile) }
 
+// bfRows64Variants: gemm_rows64_n{bn} (128 values of each row a tile), and
+// Sk64Shape's shared memory (x's 64 rows a stage); bfRows64Threads its
+// block.
+var bfRows64Variants = []streamVariant{{48, 128}, {32, 128}}
+
+func bfRows64Shared(v streamVariant) int { return stageShared(v.bn+64, 2*v.tile) }
+
+const bfRows64Threads = 256
+
 // newBFSkinny finds the gemm_skinny variants in the forward module and
 // raises their shared memory limits; nil when the device cannot give a
 // block that much (then cuBLASLt takes every product).
@@ -38,13 +50,18 @@ func newBFSkinny(mod *cuda.Module, dev cuda.Device) (*bfSkinny, error) {
 	if g == nil || err != nil {
 		return nil, err
 	}
-	return &bfSkinny{g}, nil
+	m64, err := loadStreamRows(mod, dev, bfRows64Variants, func(bn int) string { return fmt.Sprintf("gemm_rows64_n%d", bn) }, bfRows64Shared)
+	if err != nil {
+		return nil, err
+	}
+	return &bfSkinny{g, m64}, nil
 }
 
-// bfSkinnyPlan is one product's variant: its kernel and columns per block.
+// bfSkinnyPlan is one product's variant: its kernel, columns per block,
+// shared memory and threads.
 type bfSkinnyPlan struct {
-	f      *cuda.Function
-	bn, sh int
+	f               *cuda.Function
+	bn, sh, threads int
 }
 
 // plan picks the variant for an M x N x K product (streamRows.pick); ok is
@@ -58,7 +75,22 @@ func (g *bfSkinny) plan(M, N, K int) (p bfSkinnyPlan, ok bool) {
 	if !ok {
 		return p, false
 	}
-	return bfSkinnyPlan{f: g.fn[i], bn: g.vs[i].bn, sh: bfSkinnyShared(g.vs[i])}, true
+	return bfSkinnyPlan{f: g.fn[i], bn: g.vs[i].bn, sh: bfSkinnyShared(g.vs[i]), threads: 128}, true
+}
+
+// plan64 picks gemm_rows64's variant for 17-64 rows (the experiment of
+// kernelForce.sk64 and TestSkinnyBench); ok is false outside those rows or
+// for a shape no variant fits one wave with.
+func (g *bfSkinny) plan64(M, N, K int) (p bfSkinnyPlan, ok bool) {
+	if g == nil || g.m64 == nil || M <= bfSkinnyMaxRows || M > 64 {
+		return p, false
+	}
+	i, ok := g.m64.pick(N, K)
+	if !ok {
+		return p, false
+	}
+	v := g.m64.vs[i]
+	return bfSkinnyPlan{f: g.m64.fn[i], bn: v.bn, sh: bfRows64Shared(v), threads: bfRows64Threads}, true
 }
 
 // launch enqueues out[M, N] = x[M, K] . w[N, K]^T with plan p (whole rows,
@@ -67,5 +99,5 @@ func (g *bfSkinny) launch(s *cuda.Stream, p bfSkinnyPlan, out, x, w uint64, M, N
 	if (out|x|w)%16 != 0 || K%8 != 0 {
 		return fmt.Errorf("gpu: gemm_skinny: operands not 16-byte aligned")
 	}
-	return p.f.Launch(s, cuda.Dim3{X: N / p.bn, Y: 1, Z: 1}, cuda.Dim3{X: 128, Y: 1, Z: 1}, p.sh, out, x, w, M, N, K, opts)
+	return p.f.Launch(s, cuda.Dim3{X: N / p.bn, Y: 1, Z: 1}, cuda.Dim3{X: p.threads, Y: 1, Z: 1}, p.sh, out, x, w, M, N, K, opts)
 }

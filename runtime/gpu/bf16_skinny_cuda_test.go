@@ -89,7 +89,8 @@ func compareRows(t *testing.T, what string, want, got []uint16, N int) float64 {
 // accumulate in float32; the sums differ in order, so outputs may differ by
 // a bf16 rounding step) on the 8B shapes (every variant) and a 3B's o, at
 // 1-16 rows (rows past M must not be written), with and without the early
-// weight tiles (the same bits required).
+// weight tiles (the same bits required); and gemm_rows64 (the experiment
+// of kernelForce.sk64) at 17-64 rows where it plans the shape.
 func TestSkinnyGemm(t *testing.T) {
 	r, g := skinnyRig(t)
 	shapes := [][2]int{{6144, 4096}, {4096, 4096}, {28672, 4096}, {4096, 14336}, {3072, 3072}}
@@ -99,11 +100,15 @@ func TestSkinnyGemm(t *testing.T) {
 	for _, sh := range shapes {
 		N, K := sh[0], sh[1]
 		w := r.up(r.bf16Rand(N*K, 0.02))
-		x := r.up(r.bf16Rand(bfSkinnyMaxRows*K, 1))
-		ref, out := r.alloc(2*bfSkinnyMaxRows*N), r.alloc(2*(bfSkinnyMaxRows+1)*N)
-		for _, M := range []int{1, 2, 7, 15, 16} {
+		x := r.up(r.bf16Rand(64*K, 1))
+		ref, out := r.alloc(2*64*N), r.alloc(2*65*N)
+		for _, M := range []int{1, 2, 7, 15, 16, 17, 33, 48, 64} {
 			p, ok := g.plan(M, N, K)
-			if !ok {
+			if M > bfSkinnyMaxRows {
+				if p, ok = g.plan64(M, N, K); !ok {
+					continue
+				}
+			} else if !ok {
 				t.Fatalf("%d x %d x %d: no plan", M, N, K)
 			}
 			if err := r.mm.GemmTN(r.s, ref.Ptr(), cuda.R16BF, x.Ptr(), cuda.R16BF, w.Ptr(), cuda.R16BF, M, N, K, 1, 0); err != nil {
@@ -117,7 +122,7 @@ func TestSkinnyGemm(t *testing.T) {
 				return rowsProduct(t, r, out, M, N, func() error { return g.launch(r.s, p, out.Ptr(), x.Ptr(), w.Ptr(), M, N, K, opts) })
 			}
 			got, late := run(bfSkinnyEarly), run(0)
-			what := fmt.Sprintf("gemm_skinny %d x %d x %d (%d columns a block)", M, N, K, p.bn)
+			what := fmt.Sprintf("gemm_skinny %d x %d x %d (%d columns a block, %d threads)", M, N, K, p.bn, p.threads)
 			worst := compareRows(t, what, want, got, N)
 			for i := range got {
 				if late[i] != got[i] {
@@ -153,12 +158,15 @@ func TestSkinnyBench(t *testing.T) {
 			ws[i] = r.alloc(2 * N * K)
 			r.s.CopyDtoD(ws[i].Ptr(), ws[0].Ptr(), 2*N*K)
 		}
-		x := r.up(r.bf16Rand(bfSkinnyMaxRows*K, 1))
-		out := r.alloc(2 * bfSkinnyMaxRows * N)
+		x := r.up(r.bf16Rand(64*K, 1))
+		out := r.alloc(2 * 64 * N)
 		r.sync()
 		floor := float64(2*N*K) / bw * 1e6
-		for _, T := range []int{1, 4, 8, 16} {
+		for _, T := range []int{1, 4, 8, 16, 32, 48, 64} {
 			p, ok := g.plan(T, N, K)
+			if T > bfSkinnyMaxRows {
+				p, ok = g.plan64(T, N, K) // gemm_rows64, the experiment
+			}
 			if !ok {
 				continue
 			}

@@ -125,7 +125,11 @@ func (b *Backend) Linear(out, in engine.Buffer, w engine.Weight) {
 	if !b.check(x.cols == wt.cols && o.cols == wt.rows && o.whole() && x.whole(), "linear: in width %d, out width %d, weight [%d,%d]", x.cols, o.cols, wt.rows, wt.cols) {
 		return
 	}
-	if p, ok := b.sk.plan(b.rows(), wt.rows, wt.cols); ok && !shared && !b.force.noSkinny {
+	p, ok := b.sk.plan(b.rows(), wt.rows, wt.cols)
+	if !ok && b.force.sk64 {
+		p, ok = b.sk.plan64(b.rows(), wt.rows, wt.cols)
+	}
+	if ok && !shared && !b.force.noSkinny {
 		opts := bfSkinnyEarly
 		if b.force.skLate {
 			opts = 0
