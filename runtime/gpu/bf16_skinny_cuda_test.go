@@ -135,9 +135,10 @@ func TestSkinnyGemm(t *testing.T) {
 }
 
 // TestSkinnyBench (PEFTD_SKINNY_BENCH=1) times gemm_skinny against
-// cuBLASLt's bf16 product on the 8B shapes at 1-16 rows: median of 15
-// replays of a graph of 20 calls, the weights rotated over >= 150 MB so
-// that none is in L2; floor = the weight bytes at the measured copy rate.
+// cuBLASLt's bf16 product on the 8B shapes at 1-16 rows, and gemm_rows64 at
+// 32-64 (PEFTD_SKINNY_T: other rows): median of 15 replays of a graph of 20
+// calls, the weights rotated over >= 150 MB so that none is in L2; floor =
+// the weight bytes at the measured copy rate.
 func TestSkinnyBench(t *testing.T) {
 	if os.Getenv("PEFTD_SKINNY_BENCH") == "" {
 		t.Skip("PEFTD_SKINNY_BENCH is not set")
@@ -162,7 +163,7 @@ func TestSkinnyBench(t *testing.T) {
 		out := r.alloc(2 * 64 * N)
 		r.sync()
 		floor := float64(2*N*K) / bw * 1e6
-		for _, T := range []int{1, 4, 8, 16, 32, 48, 64} {
+		for _, T := range envBatches(t, "PEFTD_SKINNY_T", []int{1, 4, 8, 16, 32, 48, 64}) {
 			p, ok := g.plan(T, N, K)
 			if T > bfSkinnyMaxRows {
 				p, ok = g.plan64(T, N, K) // gemm_rows64, the experiment

@@ -398,7 +398,7 @@ func TestFP8GemmBench(t *testing.T) {
 		name string
 		N, K int
 	}{{"qkv", 6144, 4096}, {"o", 4096, 4096}, {"gate_up", 28672, 4096}, {"down", 4096, 14336}}
-	Ts := []int{1, 4, 16, 32, 48, 64, 96, 128, 192, 256, 2048}
+	Ts := envBatches(t, "PEFTD_FP8_BENCH_T", []int{1, 4, 16, 32, 48, 64, 96, 128, 192, 256, 2048}) // e.g. 1,4,8,16 for the few-row kernels alone
 	// 20 calls per recorded graph (rotating the weights), median of 15 replays
 	timeIt := func(_ int, fn func(i int) error) float64 { return graphMedianUs(t, r.s, 20, 15, fn) }
 	maxT := slices.Max(Ts)
