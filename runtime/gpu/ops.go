@@ -95,11 +95,13 @@ func (b *Backend) HeadRMSNorm(x engine.Buffer, heads, headDim int, w engine.Weig
 	b.wrote(x)
 }
 
-// Linear: out = in @ W^T through cuBLASLt (bf16 in, float32 accumulate, bf16
-// out), or gemm_skinny for a step of at most 16 rows whose shape it plans
-// (bf16_skinny.go; not while the LoRA stream holds SMs); for an FP8 weight, in's rows are quantized per token (once for
-// consecutive projections of the same input) and the product is cuBLASLt's
-// FP8 GEMM with both operands' row scales.
+// Linear: out = in @ W^T (bf16 in, float32 accumulate, bf16 out):
+// gemm_skinny for a step of at most 16 rows whose shape it plans
+// (bf16_skinny.go; not while the LoRA stream holds SMs), else cuBLASLt. For
+// an FP8 weight, in's rows are quantized per token (once for consecutive
+// projections of the same input) and fp8State.linear takes the product
+// with both operands' row scales (fp8_gemv, fp8_stream or cuBLASLt's FP8
+// GEMM by the rows).
 func (b *Backend) Linear(out, in engine.Buffer, w engine.Weight) {
 	b.join()
 	if !b.ok() {
