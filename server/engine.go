@@ -150,7 +150,7 @@ func warmEngine(e *engine.Engine, log *slog.Logger, pin bool) error {
 	}
 	if isGPU {
 		n, _ := g.GraphStats()
-		log.Info("CUDA graphs (decode and mixed steps)", "recorded", n, "seconds", fmt.Sprintf("%.2f", time.Since(t0).Seconds()), "chained_steps", g.Chains())
+		log.Info("CUDA graphs (decode and mixed steps)", "recorded", n, "seconds", fmt.Sprintf("%.2f", time.Since(t0).Seconds()), "chained_steps", g.Chains(), "products", g.Products())
 		if res, took := g.TuneStats(); len(res) > 0 {
 			changed := 0
 			for _, r := range res {

@@ -101,3 +101,20 @@ func (g *bfSkinny) launch(s *cuda.Stream, p bfSkinnyPlan, out, x, w uint64, M, N
 	}
 	return p.f.Launch(s, cuda.Dim3{X: N / p.bn, Y: 1, Z: 1}, cuda.Dim3{X: p.threads, Y: 1, Z: 1}, p.sh, out, x, w, M, N, K, opts)
 }
+
+// Products says which kernels take the projections by step rows, for the
+// startup log: bf16 weights through gemm_skinny at 1-16 rows (where the
+// card holds it) and cuBLASLt above; FP8 weights through fp8_gemv, then
+// fp8_stream, then cuBLASLt's FP8 GEMM.
+func (b *Backend) Products() string {
+	if b.f8 != nil {
+		if b.f8.stream == nil {
+			return fmt.Sprintf("fp8_gemv 1-%d rows, cuBLASLt FP8 above", gemvMaxRows)
+		}
+		return fmt.Sprintf("fp8_gemv 1-%d rows, fp8_stream %d-%d where a shape fits it, cuBLASLt FP8 above", fp8StreamMinRows-1, fp8StreamMinRows, fp8StreamMaxRows)
+	}
+	if b.sk == nil {
+		return "cuBLASLt"
+	}
+	return fmt.Sprintf("gemm_skinny 1-%d rows where a shape fits it (not beside the LoRA stream's SM hold), cuBLASLt above", bfSkinnyMaxRows)
+}
