@@ -605,44 +605,23 @@ func TestDecodeBench(t *testing.T) {
 		if withLoRA {
 			lbl = fmt.Sprintf("%dxr%d", len(ads), ads[0].MaxRank())
 		}
-		if gb.g.off {
-			lbl += "+eager"
-		}
-		if v.serial {
-			lbl += "+serial"
-		}
 		if v.sms >= 0 {
 			lbl += fmt.Sprintf("+sms%d", v.sms)
-		}
-		if v.nopdl && pdlOK {
-			lbl += "+nopdl"
 		}
 		if v.split > 0 {
 			lbl += fmt.Sprintf("+split%d", v.split)
 		}
-		if v.ropeHeads {
-			lbl += "+ropeheads"
-		}
 		if v.opts != 0 {
 			lbl += fmt.Sprintf("+opts%d", max(v.opts, 0))
 		}
-		if v.lt {
-			lbl += "+lt"
-		}
-		if v.skLate {
-			lbl += "+late"
-		}
-		if v.sk64 {
-			lbl += "+sk64"
-		}
-		if v.fs {
-			lbl += "+fs"
-		}
-		if v.gv {
-			lbl += "+gv"
-		}
-		if v.tuned {
-			lbl += "+tuned"
+		for _, f := range []struct {
+			on   bool
+			name string
+		}{{gb.g.off, "eager"}, {v.serial, "serial"}, {v.nopdl && pdlOK, "nopdl"}, {v.ropeHeads, "ropeheads"}, {v.lt, "lt"}, {v.skLate, "late"},
+			{v.sk64, "sk64"}, {v.fs, "fs"}, {v.gv, "gv"}, {v.tuned, "tuned"}} {
+			if f.on {
+				lbl += "+" + f.name
+			}
 		}
 		bench("decode %-5d %-11s %10.0f %10.0f %10.0f %9.2f %9.2f %9.2f %9.2f %10.1f", B, lbl, toks/wall.Seconds(), toks/(gpuMs/1e3), toks/roofS,
 			roofS*1e3/gpuMs, wall.Seconds()*1e3/newTok, gpuMs/newTok, roofS*1e3/newTok, prefill.Seconds())
