@@ -116,10 +116,10 @@ __device__ __forceinline__ void ldsm4t(unsigned a, unsigned* r) {
                  : "r"(a));
 }
 
-// sk_slot (gemm_skinny, fp8_gemm_skinny_w): the shared address of 16-byte
-// chunk c of row r of a tile at t
-// with rows of rb bytes (chunks XOR-swizzled by the row in groups of 8,
-// so the 8 rows an ldmatrix reads fall in 8 different bank groups)
+// sk_slot (gemm_skinny, gemm_rows64, fp8_stream): the shared address of
+// 16-byte chunk c of row r of a tile at t with rows of rb bytes (chunks
+// XOR-swizzled by the row in groups of 8, so the 8 rows an ldmatrix reads
+// fall in 8 different bank groups)
 __device__ __forceinline__ unsigned sk_slot(unsigned t, int rb, int r, int c) { return t + r * rb + ((c ^ (r & 7)) << 4); }
 
 // SGMV (LoRA) tiling shared by llama.cu's kernels and sgmv.cu's.

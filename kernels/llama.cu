@@ -1357,7 +1357,6 @@ __device__ __forceinline__ uint4 silu_mul8(const bf16* g, const bf16* u, const f
 // out row is also quantized to e4m3 into q (cols bytes per row) and its scale
 // into qscale, as quant_rows_e4m3 would from the stored values, for the FP8
 // down projection (no quantization launch).
-
 extern "C" __global__ void silu_mul(bf16* out, const bf16* g, const bf16* u, const float* dg, const float* du, const int* rl,
                                     int rows, int cols, int ldg, int ldd, unsigned char* q, float* qscale) {
     pdl_entry();
@@ -2054,10 +2053,10 @@ extern "C" __global__ void __launch_bounds__(SM_THREADS) sample_rows(int* out, c
 // step (M <= 16), bf16 in, float32 accumulate, bf16 out; x, w and out whole
 // rows (ld K, K, N), 16-byte aligned. Such a product is the weights' bytes:
 // the kernel streams them once, in a grid of one wave (N / BN blocks,
-// runtime/gpu/bf16_skinny.go picks BN), without cuBLASLt's split-K reduce launch. Block b
-// takes weight rows [b BN, (b + 1) BN) and all of K in tiles of BK columns
-// (the rows' contiguous BK * 2 bytes), copied with x's M rows into ST
-// shared stages by cp.async, ST - 1 tiles ahead of the one multiplied
+// runtime/gpu/bf16_skinny.go picks BN), without cuBLASLt's split-K reduce
+// launch. Block b takes weight rows [b BN, (b + 1) BN) and all of K in tiles
+// of BK columns (the rows' contiguous BK * 2 bytes), copied with x's M rows
+// into ST shared stages by cp.async, ST - 1 tiles ahead of the one multiplied
 // (m16n8k16 MMAs, both operands by ldmatrix from rows whose 16-byte chunks
 // are XOR-swizzled in groups of 8). Two layouts of the 4 warps:
 //   - gemm_skinny_n{32,48} (WK): BK 256; warp w multiplies columns [64 w,
