@@ -116,11 +116,172 @@ __device__ __forceinline__ void ldsm4t(unsigned a, unsigned* r) {
                  : "r"(a));
 }
 
-// sk_slot (gemm_skinny, gemm_rows64, fp8_stream): the shared address of
-// 16-byte chunk c of row r of a tile at t with rows of rb bytes (chunks
-// XOR-swizzled by the row in groups of 8, so the 8 rows an ldmatrix reads
-// fall in 8 different bank groups)
+// mma.sync m16n8k32 e4m3 -> f32: c += a * b (sm_89 and later).
+__device__ __forceinline__ void mma_e4m3(float* c, unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0, unsigned b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 890
+    __trap(); // no FP8 tensor cores before sm_89 (the Go side never launches it there)
+#else
+    asm("mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#endif
+}
+
+// sk_slot (stream_rows_body): the shared address of 16-byte chunk c of row
+// r of a tile at t with rows of rb bytes (chunks XOR-swizzled by the row in
+// groups of 8, so the 8 rows an ldmatrix reads fall in 8 different bank
+// groups)
 __device__ __forceinline__ unsigned sk_slot(unsigned t, int rb, int r, int c) { return t + r * rb + ((c ^ (r & 7)) << 4); }
+
+// stream_rows_body: the product of a decode step's few rows (M <= 16) with
+// a weight, out[m, n] = sum_k x[m, k] w[n, k] (F8: e4m3 values, the sum
+// times sx[m] sw[n]; else bf16), bf16 out, float32 accumulate; x, w and
+// out whole rows (ld K, K, N), 16-byte aligned, K a multiple of the tile.
+// Such a product is the weights' bytes: the kernel streams them once, in a
+// grid of one wave (N / BN blocks of STREAM_THREADS), without a split-K
+// reduce launch. Block b takes weight rows [b BN, (b + 1) BN) and all of K
+// in tiles of RB bytes of each row (contiguous), copied with x's M rows
+// into ST shared stages by cp.async, ST - 1 tiles ahead of the one
+// multiplied (MMAs with both operands by ldmatrix from rows whose chunks
+// sk_slot swizzles; an e4m3 fragment is a bf16 fragment's bytes, so the
+// addressing is one for both). Two layouts of the 4 warps:
+//   - WK: warp w multiplies a quarter of each tile's columns for all BN
+//     outputs, and the warps' sums meet in shared memory at the end
+//     (narrow blocks: many bytes of each row a tile);
+//   - else (bf16 only): warp w owns outputs [BN/4 w, BN/4 (w + 1)).
+// opts bit 0: the first ST - 1 weight tiles are requested before
+// griddepcontrol.wait (no kernel of a step writes weights), so their DRAM
+// latency runs under the kernel before. runtime/gpu/stream_rows.go sizes
+// the launches (StreamShape's stages); TestStreamRowsEmulated checks this
+// index arithmetic on the CPU.
+#define STREAM_THREADS 128
+
+template <int BN, int RB, bool WK> struct StreamShape {
+    static constexpr int CH = RB / 16;                   // 16-byte chunks of a tile row
+    static constexpr int NT = WK ? BN / 8 : BN / 32;     // n8 tiles a warp multiplies
+    static constexpr int STEPS = WK ? CH / 8 : CH / 2;   // a warp's 32-byte k steps a tile
+    static constexpr int STAGE_B = (BN + 16) * RB;       // the weight tile, then x's 16 rows
+    static constexpr int ST = (190 * 1024) / STAGE_B < 8 ? (190 * 1024) / STAGE_B : 8;
+    static_assert(ST >= 3, "stream_rows: too few stages");
+    static_assert(!WK || CH % 8 == 0, "stream_rows: a warp's quarter of a tile row is whole k steps");
+    static_assert(!WK || 4 * 16 * BN * 4 <= ST * STAGE_B, "stream_rows: the warps' sums do not fit the stages");
+    static_assert(WK || BN % 32 == 0, "stream_rows: the warps' outputs are whole n8 tiles");
+};
+
+template <int BN, int RB, bool WK, bool F8>
+__device__ __forceinline__ void stream_rows_body(bf16* __restrict__ out, const void* __restrict__ xv, const float* __restrict__ sx,
+                                                 const void* __restrict__ wv, const float* __restrict__ sw, int M, int N, int K,
+                                                 int opts) {
+    static_assert(WK || !F8, "stream_rows: e4m3 weights take the WK layout");
+    typedef StreamShape<BN, RB, WK> S;
+    constexpr int ESZ = F8 ? 1 : 2; // bytes of a value
+    extern __shared__ __align__(128) unsigned char stream_sm[];
+    const unsigned char* x = static_cast<const unsigned char*>(xv);
+    const unsigned char* w = static_cast<const unsigned char*>(wv);
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const i64 rowB = (i64)K * ESZ; // bytes of an x or w row
+    const int n0 = blockIdx.x * BN, nk = (int)(rowB / RB);
+    const unsigned sb = (unsigned)__cvta_generic_to_shared(stream_sm);
+    auto issue_w = [&](int t) { // weight tile t into stage t % ST
+        if (t < nk) {
+            const unsigned d = sb + (t % S::ST) * S::STAGE_B;
+            const unsigned char* src = w + n0 * rowB + (i64)t * RB;
+#pragma unroll
+            for (int i = 0; i < BN * S::CH / STREAM_THREADS; i++) {
+                const int idx = tid + i * STREAM_THREADS, r = idx / S::CH, c = idx % S::CH;
+                cp_async16(sk_slot(d, RB, r, c), src + r * rowB + c * 16, 16);
+            }
+        }
+    };
+    auto issue_x = [&](int t) { // x's M rows of tile t (rows past M are never stored: their outputs are dropped)
+        if (t < nk) {
+            const unsigned d = sb + (t % S::ST) * S::STAGE_B + BN * RB;
+            const unsigned char* src = x + (i64)t * RB;
+            for (int idx = tid; idx < M * S::CH; idx += STREAM_THREADS) {
+                const int r = idx / S::CH, c = idx % S::CH;
+                cp_async16(sk_slot(d, RB, r, c), src + r * rowB + c * 16, 16);
+            }
+        }
+    };
+    const bool early = opts & 1;
+    if (early)
+        for (int t = 0; t < S::ST - 1; t++) issue_w(t);
+    pdl_entry();
+    for (int t = 0; t < S::ST - 1; t++) {
+        if (!early) issue_w(t);
+        issue_x(t);
+        cp_async_commit(); // one group per tile (the early weight tiles join the first)
+    }
+    float acc[S::NT][4];
+#pragma unroll
+    for (int j = 0; j < S::NT; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+    // this warp's first chunk of a tile row and its first output row (n8 tile)
+    const int kc0 = WK ? warp * (S::CH / 4) : 0, r0 = WK ? 0 : warp * 8 * S::NT;
+    for (int t = 0; t < nk; t++) {
+        cp_async_wait<S::ST - 2>();
+        __syncthreads(); // tile t has landed for every thread; every warp is done with the stage the next issue overwrites
+        issue_w(t + S::ST - 1);
+        issue_x(t + S::ST - 1);
+        cp_async_commit();
+        const unsigned wb = sb + (t % S::ST) * S::STAGE_B, xb = wb + BN * RB;
+#pragma unroll
+        for (int kk = 0; kk < S::STEPS; kk++) {
+            const int kc = kc0 + 2 * kk; // the k step's first chunk (k16 bf16, k32 e4m3: 32 bytes)
+            unsigned a[4];
+            ldsm4(sk_slot(xb, RB, lane & 15, kc + (lane >> 4)), a);
+#pragma unroll
+            for (int j = 0; j < S::NT; j += 2) {
+                // lanes 0-15: n tile j, chunks kc and kc + 1 (b0, b1);
+                // lanes 16-31: n tile j + 1 (the same tile again past NT)
+                const int jj = j + 1 < S::NT ? j + (lane >> 4) : j;
+                unsigned b[4];
+                ldsm4(sk_slot(wb, RB, r0 + jj * 8 + (lane & 7), kc + ((lane >> 3) & 1)), b);
+                if (F8) {
+                    mma_e4m3(acc[j], a[0], a[1], a[2], a[3], b[0], b[1]);
+                    if (j + 1 < S::NT) mma_e4m3(acc[j + 1], a[0], a[1], a[2], a[3], b[2], b[3]);
+                } else {
+                    mma16816(acc[j], a[0], a[1], a[2], a[3], b[0], b[1]);
+                    if (j + 1 < S::NT) mma16816(acc[j + 1], a[0], a[1], a[2], a[3], b[2], b[3]);
+                }
+            }
+        }
+    }
+    cp_async_wait<0>();
+    const int g = lane >> 2, c2 = 2 * (lane & 3);
+    if (!WK) {
+#pragma unroll
+        for (int j = 0; j < S::NT; j++) {
+            const int n = n0 + r0 + j * 8 + c2;
+            if (g < M) *reinterpret_cast<__nv_bfloat162*>(out + (i64)g * N + n) = __floats2bfloat162_rn(acc[j][0], acc[j][1]);
+            if (g + 8 < M) *reinterpret_cast<__nv_bfloat162*>(out + (i64)(g + 8) * N + n) = __floats2bfloat162_rn(acc[j][2], acc[j][3]);
+        }
+        return;
+    }
+    // the warps' sums [warp][16][BN] meet in shared memory, added in warp order
+    float* red = reinterpret_cast<float*>(stream_sm);
+    __syncthreads(); // every warp is done with the stages
+#pragma unroll
+    for (int j = 0; j < S::NT; j++) {
+        const int n = j * 8 + c2;
+        *reinterpret_cast<float2*>(red + (warp * 16 + g) * BN + n) = make_float2(acc[j][0], acc[j][1]);
+        *reinterpret_cast<float2*>(red + (warp * 16 + g + 8) * BN + n) = make_float2(acc[j][2], acc[j][3]);
+    }
+    __syncthreads();
+    for (int p = tid; p < M * BN / 2; p += STREAM_THREADS) {
+        const int m = 2 * p / BN, n = 2 * p - m * BN;
+        float2 s = make_float2(0.f, 0.f);
+#pragma unroll
+        for (int q = 0; q < 4; q++) {
+            const float2 v = *reinterpret_cast<const float2*>(red + (q * 16 + m) * BN + n);
+            s.x += v.x, s.y += v.y;
+        }
+        if (F8) {
+            const float a = sx[m];
+            s.x = s.x * a * sw[n0 + n], s.y = s.y * a * sw[n0 + n + 1];
+        }
+        *reinterpret_cast<__nv_bfloat162*>(out + (i64)m * N + n0 + n) = __floats2bfloat162_rn(s.x, s.y);
+    }
+}
 
 // SGMV (LoRA) tiling shared by llama.cu's kernels and sgmv.cu's.
 #define SG_TR 16       // rows per tile (the MMA's M)

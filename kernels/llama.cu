@@ -717,17 +717,13 @@ __device__ __forceinline__ void dec_merge(bf16* __restrict__ out, const float* _
 // not 8 (dec_merge). Neither changes a result bit. Bit 2: the nsplit <=
 // DEC_CLUSTER splits of a (sequence, KV head) are one thread-block cluster
 // (launched with clusters of 1 x 1 x nsplit) and merge through each other's
-// shared memory (dec_cluster_merge). Bit 3 (bf16 keys): q and the newest
-// K/V rows arrive unrotated and unstored (kn, vn, ldk, ldv, inv_freq, pos,
-// slots; null otherwise): this kernel does rope_store's work for the decode
-// rows, and a pure decode step launches no rope_store.
+// shared memory (dec_cluster_merge).
 template <int HD, bool K8>
 __device__ __forceinline__ void attn_decode_body(
     bf16* __restrict__ out, float* __restrict__ part, int* __restrict__ done, const bf16* __restrict__ q,
     const bf16* __restrict__ kc, const bf16* __restrict__ vc, const int* __restrict__ dec_seq,
     const int* __restrict__ seq_info, const int* __restrict__ pages, int heads, int kvh, int bs, float scale, int nsplit,
-    int ldq, const float* __restrict__ ks, int opts, const bf16* __restrict__ kn, const bf16* __restrict__ vn, int ldk, int ldv,
-    const float* __restrict__ inv_freq, const int* __restrict__ pos, const int* __restrict__ slots) {
+    int ldq, const float* __restrict__ ks, int opts) {
     typedef DecShape<HD, K8> D;
     extern __shared__ __align__(128) unsigned char dsm[];
     const int di = blockIdx.x, kh = blockIdx.y, sp = blockIdx.z, tid = threadIdx.x;
@@ -748,26 +744,6 @@ __device__ __forceinline__ void attn_decode_body(
     const int p0 = sp * chunk, p1 = min(ctx, p0 + chunk);
     const int ntiles = p0 < p1 ? (p1 - p0 + DEC_TILE - 1) / DEC_TILE : 0;
     const int nk = ntiles > warp ? (ntiles - warp + DEC_WARPS - 1) / DEC_WARPS : 0; // this warp's tiles
-    // With rope (opts bit 3, bf16 keys), this kernel does rope_store's work
-    // for the decode rows: q and k arrive unrotated (kn, vn: the step's new
-    // K and V rows), q is rotated as it is read, and the block whose split
-    // holds the newest position rotates k and stores the K and V rows in the
-    // cache before any tile is issued. The row's cos/sin (rcs, rsn) come from
-    // metadata no kernel writes: computed before griddepcontrol.wait.
-    const bool rope = !K8 && (opts & 8);
-    __shared__ float rcs[HD / 2], rsn[HD / 2];
-    if (rope) {
-        const float pp = (float)pos[row];
-        for (int i = tid; i < HD / 2; i += DEC_THREADS) sincosf(pp * inv_freq[i], &rsn[i], &rcs[i]);
-    }
-    // rot: element d of head row x rotated as rope_store rotates it (the
-    // pair d, d + HD/2), rounded to bf16
-    auto rot = [&](const bf16* x, int d) {
-        const int h2 = HD / 2, i = d < h2 ? d : d - h2;
-        const float a = ld(x + d), b = ld(x + (d < h2 ? d + h2 : d - h2));
-        return tobf(d < h2 ? a * rcs[i] - b * rsn[i] : a * rcs[i] + b * rsn[i]);
-    };
-
     float o[D::C][2], m = NEG_INF, l = 0.f; // O[g][8j + 2*tig + {0,1}], the row's max and this lane's part of its sum
 #pragma unroll
     for (int j = 0; j < D::C; j++) o[j][0] = o[j][1] = 0.f;
@@ -836,23 +812,6 @@ __device__ __forceinline__ void attn_decode_body(
         }
     }
     pdl_entry();
-    if (rope) {
-        __syncthreads(); // rcs, rsn
-        if (sp == (ctx - 1) / chunk) { // the split that holds the newest position
-            const int slot = slots[row];
-            if (slot >= 0) {
-                const bf16* kr = kn + (i64)row * ldk + (i64)kh * HD;
-                bf16* kd = const_cast<bf16*>(kc) + (i64)slot * width + (i64)kh * HD;
-                bf16* vd = const_cast<bf16*>(vc) + (i64)slot * width + (i64)kh * HD;
-                for (int d = tid; d < HD; d += DEC_THREADS) {
-                    kd[d] = rot(kr, d);
-                    vd[d] = vn[(i64)row * ldv + (i64)kh * HD + d];
-                }
-            }
-            __threadfence_block();
-        }
-        __syncthreads(); // the newest row is in the cache before its tile is issued
-    }
     if (nk > 0) {
         unsigned qa[HD / 16][2]; // A fragments of Q (rows: the query heads)
 #pragma unroll
@@ -861,15 +820,8 @@ __device__ __forceinline__ void attn_decode_body(
             if (g < G) {
                 const bf16* qh = q + (i64)row * ldq + (i64)(kh * G + g) * HD;
                 const int d = ks * 16 + tig * 2;
-                if (rope) {
-                    __nv_bfloat162 lo, hi;
-                    lo.x = rot(qh, d), lo.y = rot(qh, d + 1), hi.x = rot(qh, d + 8), hi.y = rot(qh, d + 9);
-                    qa[ks][0] = *reinterpret_cast<const unsigned*>(&lo);
-                    qa[ks][1] = *reinterpret_cast<const unsigned*>(&hi);
-                } else {
-                    qa[ks][0] = *reinterpret_cast<const unsigned*>(qh + d);
-                    qa[ks][1] = *reinterpret_cast<const unsigned*>(qh + d + 8);
-                }
+                qa[ks][0] = *reinterpret_cast<const unsigned*>(qh + d);
+                qa[ks][1] = *reinterpret_cast<const unsigned*>(qh + d + 8);
             }
         }
         const float qs = scale * LOG2E;
@@ -1069,9 +1021,9 @@ __device__ __forceinline__ void attn_decode_body(
 #define ATTN_DECODE_ARGS                                                                                           \
     bf16 *out, float *part, int *done, const bf16 *q, const bf16 *kc, const bf16 *vc, const int *dec_seq,        \
         const int *seq_info, const int *pages, int heads, int kvh, int bs, float scale, int nsplit, int ldq, const float *ks, \
-        int opts, const bf16 *kn, const bf16 *vn, int ldk, int ldv, const float *inv_freq, const int *pos, const int *slots
+        int opts
 #define ATTN_DECODE_PASS \
-    out, part, done, q, kc, vc, dec_seq, seq_info, pages, heads, kvh, bs, scale, nsplit, ldq, ks, opts, kn, vn, ldk, ldv, inv_freq, pos, slots
+    out, part, done, q, kc, vc, dec_seq, seq_info, pages, heads, kvh, bs, scale, nsplit, ldq, ks, opts
 extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode_d32(ATTN_DECODE_ARGS) { attn_decode_body<32, false>(ATTN_DECODE_PASS); }
 extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode_d64(ATTN_DECODE_ARGS) { attn_decode_body<64, false>(ATTN_DECODE_PASS); }
 extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode_d128(ATTN_DECODE_ARGS) { attn_decode_body<128, false>(ATTN_DECODE_PASS); }
@@ -2049,256 +2001,18 @@ extern "C" __global__ void __launch_bounds__(SM_THREADS) sample_rows(int* out, c
 }
 
 // ---------------------------------------------------------------------------
-// gemm_skinny: out[M, N] = x[M, K] . w[N, K]^T for the few rows of a decode
-// step (M <= 16), bf16 in, float32 accumulate, bf16 out; x, w and out whole
-// rows (ld K, K, N), 16-byte aligned. Such a product is the weights' bytes:
-// the kernel streams them once, in a grid of one wave (N / BN blocks,
-// runtime/gpu/bf16_skinny.go picks BN), without cuBLASLt's split-K reduce
-// launch. Block b takes weight rows [b BN, (b + 1) BN) and all of K in tiles
-// of BK columns (the rows' contiguous BK * 2 bytes), copied with x's M rows
-// into ST shared stages by cp.async, ST - 1 tiles ahead of the one multiplied
-// (m16n8k16 MMAs, both operands by ldmatrix from rows whose 16-byte chunks
-// are XOR-swizzled in groups of 8). Two layouts of the 4 warps:
-//   - gemm_skinny_n{32,48} (WK): BK 256; warp w multiplies columns [64 w,
-//     64 w + 64) of each tile for all BN outputs, and the warps' sums meet
-//     in shared memory at the end (narrow blocks: many rows' bytes each);
-//   - gemm_skinny_n224: BK 64; warp w owns outputs [56 w, 56 w + 56).
-// opts bit 0: the first ST - 1 weight tiles are requested before
-// griddepcontrol.wait (no kernel of a step writes weights), so their DRAM
-// latency runs under the kernel before.
-#define SK_THREADS 128
-
-template <int BN, bool WK> struct SkShape {
-    static constexpr int BK = WK ? 256 : 64;
-    static constexpr int ROW_B = BK * 2;                   // bytes of a tile row
-    static constexpr int NT = WK ? BN / 8 : BN / 32;       // n8 tiles a warp multiplies
-    static constexpr int STAGE_B = (BN + 16) * ROW_B;      // the weight tile, then x's 16 rows
-    static constexpr int ST = (190 * 1024) / STAGE_B < 8 ? (190 * 1024) / STAGE_B : 8;
-    static_assert(ST >= 3, "gemm_skinny: too few stages");
-    static_assert(!WK || 4 * 16 * BN * 4 <= ST * STAGE_B, "gemm_skinny: the warps' sums do not fit the stages");
-};
-
-template <int BN, bool WK>
-__device__ __forceinline__ void gemm_skinny_body(bf16* __restrict__ out, const bf16* __restrict__ x, const bf16* __restrict__ w,
-                                                 int M, int N, int K, int opts) {
-    typedef SkShape<BN, WK> S;
-    constexpr int CH = S::ROW_B / 16; // 16-byte chunks a tile row
-    extern __shared__ __align__(128) unsigned char ssm[];
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int n0 = blockIdx.x * BN, nk = K / S::BK;
-    const unsigned sb = (unsigned)__cvta_generic_to_shared(ssm);
-    auto issue_w = [&](int t) { // weight tile t into stage t % ST
-        if (t < nk) {
-            const unsigned d = sb + (t % S::ST) * S::STAGE_B;
-            const bf16* src = w + (i64)n0 * K + t * S::BK;
-#pragma unroll
-            for (int i = 0; i < BN * CH / SK_THREADS; i++) {
-                const int idx = tid + i * SK_THREADS, r = idx / CH, c = idx % CH;
-                cp_async16(sk_slot(d, S::ROW_B, r, c), src + (i64)r * K + c * 8, 16);
-            }
-        }
-    };
-    auto issue_x = [&](int t) { // x's M rows of tile t (rows past M are never stored: their outputs are dropped)
-        if (t < nk) {
-            const unsigned d = sb + (t % S::ST) * S::STAGE_B + BN * S::ROW_B;
-            const bf16* src = x + t * S::BK;
-            for (int idx = tid; idx < M * CH; idx += SK_THREADS) {
-                const int r = idx / CH, c = idx % CH;
-                cp_async16(sk_slot(d, S::ROW_B, r, c), src + (i64)r * K + c * 8, 16);
-            }
-        }
-    };
-    const bool early = opts & 1;
-    if (early)
-        for (int t = 0; t < S::ST - 1; t++) issue_w(t);
-    pdl_entry();
-    for (int t = 0; t < S::ST - 1; t++) {
-        if (!early) issue_w(t);
-        issue_x(t);
-        cp_async_commit(); // one group per tile (the early weight tiles join the first)
-    }
-    float acc[S::NT][4];
-#pragma unroll
-    for (int j = 0; j < S::NT; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
-    // this warp's k16 steps of a tile and its first output row (n8 tile)
-    const int kc0 = WK ? warp * 8 : 0, r0 = WK ? 0 : warp * 8 * S::NT;
-    for (int t = 0; t < nk; t++) {
-        cp_async_wait<S::ST - 2>();
-        __syncthreads(); // tile t has landed for every thread; every warp is done with the stage the next issue overwrites
-        issue_w(t + S::ST - 1);
-        issue_x(t + S::ST - 1);
-        cp_async_commit();
-        const unsigned wb = sb + (t % S::ST) * S::STAGE_B, xb = wb + BN * S::ROW_B;
-#pragma unroll
-        for (int kk = 0; kk < 4; kk++) {
-            const int kc = kc0 + 2 * kk; // the k16 step's first chunk
-            unsigned a[4];
-            ldsm4(sk_slot(xb, S::ROW_B, lane & 15, kc + (lane >> 4)), a);
-#pragma unroll
-            for (int j = 0; j < S::NT; j += 2) {
-                // lanes 0-15: n tile j, chunks kc and kc + 1 (b0, b1);
-                // lanes 16-31: n tile j + 1 (the same tile again past NT)
-                const int jj = j + 1 < S::NT ? j + (lane >> 4) : j;
-                unsigned b[4];
-                ldsm4(sk_slot(wb, S::ROW_B, r0 + jj * 8 + (lane & 7), kc + ((lane >> 3) & 1)), b);
-                mma16816(acc[j], a[0], a[1], a[2], a[3], b[0], b[1]);
-                if (j + 1 < S::NT) mma16816(acc[j + 1], a[0], a[1], a[2], a[3], b[2], b[3]);
-            }
-        }
-    }
-    cp_async_wait<0>();
-    const int g = lane >> 2, c2 = 2 * (lane & 3);
-    if (!WK) {
-#pragma unroll
-        for (int j = 0; j < S::NT; j++) {
-            const int n = n0 + r0 + j * 8 + c2;
-            if (g < M) *reinterpret_cast<__nv_bfloat162*>(out + (i64)g * N + n) = __floats2bfloat162_rn(acc[j][0], acc[j][1]);
-            if (g + 8 < M) *reinterpret_cast<__nv_bfloat162*>(out + (i64)(g + 8) * N + n) = __floats2bfloat162_rn(acc[j][2], acc[j][3]);
-        }
-        return;
-    }
-    // the warps' sums [warp][16][BN] meet in shared memory, added in warp order
-    float* red = reinterpret_cast<float*>(ssm);
-    __syncthreads(); // every warp is done with the stages
-#pragma unroll
-    for (int j = 0; j < S::NT; j++) {
-        const int n = j * 8 + c2;
-        *reinterpret_cast<float2*>(red + (warp * 16 + g) * BN + n) = make_float2(acc[j][0], acc[j][1]);
-        *reinterpret_cast<float2*>(red + (warp * 16 + g + 8) * BN + n) = make_float2(acc[j][2], acc[j][3]);
-    }
-    __syncthreads();
-    for (int p = tid; p < M * BN / 2; p += SK_THREADS) {
-        const int m = 2 * p / BN, n = 2 * p - m * BN;
-        float2 s = make_float2(0.f, 0.f);
-#pragma unroll
-        for (int q = 0; q < 4; q++) {
-            const float2 v = *reinterpret_cast<const float2*>(red + (q * 16 + m) * BN + n);
-            s.x += v.x, s.y += v.y;
-        }
-        *reinterpret_cast<__nv_bfloat162*>(out + (i64)m * N + n0 + n) = __floats2bfloat162_rn(s.x, s.y);
-    }
-}
-
+// gemm_skinny_n{32,48,224}: out[M, N] = x[M, K] . w[N, K]^T for the few
+// rows of a decode step (M <= 16), bf16 in, float32 accumulate, bf16 out
+// (stream_rows_body in common.cuh: one wave of N / BN blocks, each
+// streaming its weight rows over all of K; runtime/gpu/bf16_skinny.go
+// picks BN). n32 and n48: tiles of 256 values of each row, each warp a
+// quarter of a tile's columns; n224: 64 values, warp w owns outputs
+// [56 w, 56 w + 56).
 #define GEMM_SKINNY_ARGS bf16 *out, const bf16 *x, const bf16 *w, int M, int N, int K, int opts
-#define GEMM_SKINNY(BN, WK, name)                                                                               \
-    extern "C" __global__ void __launch_bounds__(SK_THREADS) name(GEMM_SKINNY_ARGS) {                           \
-        gemm_skinny_body<BN, WK>(out, x, w, M, N, K, opts);                                                      \
+#define GEMM_SKINNY(BN, RB, WK, name)                                                                           \
+    extern "C" __global__ void __launch_bounds__(STREAM_THREADS) name(GEMM_SKINNY_ARGS) {                       \
+        stream_rows_body<BN, RB, WK, false>(out, x, nullptr, w, nullptr, M, N, K, opts);                         \
     }
-GEMM_SKINNY(32, true, gemm_skinny_n32)
-GEMM_SKINNY(48, true, gemm_skinny_n48)
-GEMM_SKINNY(224, false, gemm_skinny_n224)
-
-// gemm_rows64_n{32,48} (experiment: kernelForce.sk64, TestSkinnyBench's
-// 17-64 rows): gemm_skinny_n32/n48's layout for 17-64 rows. The block's
-// 8 warps split each 128-column tile (256 bytes of each row) in 8 k16
-// steps, one each, over four m16 tiles of x; the warps' sums meet in
-// shared memory. x's rows are re-read from L2 by every block (N / BN
-// blocks: twice the weight's bytes at 64 rows on o and down), so the
-// question is whether that beats cuBLASLt's 0.5-0.75 of the byte floor
-// there (v0.22).
-#define SK64_THREADS 256
-
-template <int BN> struct Sk64Shape {
-    static constexpr int RB = 256;                 // bytes of a tile row
-    static constexpr int CH = RB / 16;             // its 16-byte chunks: two per warp
-    static constexpr int NT = BN / 8;              // n8 tiles every warp multiplies
-    static constexpr int STAGE_B = (BN + 64) * RB; // the weight tile, then x's 64 rows
-    static constexpr int ST = (190 * 1024) / STAGE_B < 8 ? (190 * 1024) / STAGE_B : 8;
-    static_assert(ST >= 3, "gemm_rows64: too few stages");
-    static_assert(8 * 64 * BN * 4 <= ST * STAGE_B, "gemm_rows64: the warps' sums do not fit the stages");
-};
-
-template <int BN>
-__device__ __forceinline__ void gemm_rows64_body(bf16* __restrict__ out, const bf16* __restrict__ x, const bf16* __restrict__ w,
-                                                 int M, int N, int K, int opts) {
-    typedef Sk64Shape<BN> S;
-    extern __shared__ __align__(128) unsigned char ssm[];
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int n0 = blockIdx.x * BN, nk = K / (S::RB / 2);
-    const unsigned sb = (unsigned)__cvta_generic_to_shared(ssm);
-    auto issue_w = [&](int t) {
-        if (t < nk) {
-            const unsigned d = sb + (t % S::ST) * S::STAGE_B;
-            const bf16* src = w + (i64)n0 * K + t * (S::RB / 2);
-#pragma unroll
-            for (int i = 0; i < BN * S::CH / SK64_THREADS; i++) {
-                const int idx = tid + i * SK64_THREADS, r = idx / S::CH, c = idx % S::CH;
-                cp_async16(sk_slot(d, S::RB, r, c), src + (i64)r * K + c * 8, 16);
-            }
-        }
-    };
-    auto issue_x = [&](int t) { // x's M rows (rows past M: their outputs are dropped)
-        if (t < nk) {
-            const unsigned d = sb + (t % S::ST) * S::STAGE_B + BN * S::RB;
-            const bf16* src = x + t * (S::RB / 2);
-            for (int idx = tid; idx < M * S::CH; idx += SK64_THREADS) {
-                const int r = idx / S::CH, c = idx % S::CH;
-                cp_async16(sk_slot(d, S::RB, r, c), src + (i64)r * K + c * 8, 16);
-            }
-        }
-    };
-    const bool early = opts & 1;
-    if (early)
-        for (int t = 0; t < S::ST - 1; t++) issue_w(t);
-    pdl_entry();
-    for (int t = 0; t < S::ST - 1; t++) {
-        if (!early) issue_w(t);
-        issue_x(t);
-        cp_async_commit();
-    }
-    float acc[4][S::NT][4];
-#pragma unroll
-    for (int mt = 0; mt < 4; mt++)
-#pragma unroll
-        for (int j = 0; j < S::NT; j++) acc[mt][j][0] = acc[mt][j][1] = acc[mt][j][2] = acc[mt][j][3] = 0.f;
-    const int kc = 2 * warp; // this warp's k16 step of a tile
-    for (int t = 0; t < nk; t++) {
-        cp_async_wait<S::ST - 2>();
-        __syncthreads();
-        issue_w(t + S::ST - 1);
-        issue_x(t + S::ST - 1);
-        cp_async_commit();
-        const unsigned wb = sb + (t % S::ST) * S::STAGE_B, xb = wb + BN * S::RB;
-        unsigned a[4][4];
-#pragma unroll
-        for (int mt = 0; mt < 4; mt++) ldsm4(sk_slot(xb, S::RB, mt * 16 + (lane & 15), kc + (lane >> 4)), a[mt]);
-#pragma unroll
-        for (int j = 0; j < S::NT; j += 2) {
-            const int jj = j + 1 < S::NT ? j + (lane >> 4) : j;
-            unsigned b[4];
-            ldsm4(sk_slot(wb, S::RB, jj * 8 + (lane & 7), kc + ((lane >> 3) & 1)), b);
-#pragma unroll
-            for (int mt = 0; mt < 4; mt++) {
-                mma16816(acc[mt][j], a[mt][0], a[mt][1], a[mt][2], a[mt][3], b[0], b[1]);
-                if (j + 1 < S::NT) mma16816(acc[mt][j + 1], a[mt][0], a[mt][1], a[mt][2], a[mt][3], b[2], b[3]);
-            }
-        }
-    }
-    cp_async_wait<0>();
-    // the warps' sums [warp][64][BN], added in warp order
-    float* red = reinterpret_cast<float*>(ssm);
-    const int g = lane >> 2, c2 = 2 * (lane & 3);
-    __syncthreads();
-#pragma unroll
-    for (int mt = 0; mt < 4; mt++)
-#pragma unroll
-        for (int j = 0; j < S::NT; j++) {
-            const int n = j * 8 + c2, m = mt * 16 + g;
-            *reinterpret_cast<float2*>(red + (warp * 64 + m) * BN + n) = make_float2(acc[mt][j][0], acc[mt][j][1]);
-            *reinterpret_cast<float2*>(red + (warp * 64 + m + 8) * BN + n) = make_float2(acc[mt][j][2], acc[mt][j][3]);
-        }
-    __syncthreads();
-    for (int p = tid; p < M * BN / 2; p += SK64_THREADS) {
-        const int m = 2 * p / BN, n = 2 * p - m * BN;
-        float2 s = make_float2(0.f, 0.f);
-#pragma unroll
-        for (int q = 0; q < SK64_THREADS / 32; q++) {
-            const float2 v = *reinterpret_cast<const float2*>(red + (q * 64 + m) * BN + n);
-            s.x += v.x, s.y += v.y;
-        }
-        *reinterpret_cast<__nv_bfloat162*>(out + (i64)m * N + n0 + n) = __floats2bfloat162_rn(s.x, s.y);
-    }
-}
-
-extern "C" __global__ void __launch_bounds__(SK64_THREADS) gemm_rows64_n32(GEMM_SKINNY_ARGS) { gemm_rows64_body<32>(out, x, w, M, N, K, opts); }
-extern "C" __global__ void __launch_bounds__(SK64_THREADS) gemm_rows64_n48(GEMM_SKINNY_ARGS) { gemm_rows64_body<48>(out, x, w, M, N, K, opts); }
+GEMM_SKINNY(32, 512, true, gemm_skinny_n32)
+GEMM_SKINNY(48, 512, true, gemm_skinny_n48)
+GEMM_SKINNY(224, 128, false, gemm_skinny_n224)

@@ -30,7 +30,7 @@
 #                shapes, 1-2048 rows (PEFTD_FP8_BENCH_T: other rows; not in
 #                the default phases)
 #     skinnybench TestSkinnyBench: gemm_skinny (the bf16 product of 1-16
-#                rows; 17-64: gemm_rows64) against cuBLASLt at the 8B shapes
+#                rows) against cuBLASLt at the 8B shapes
 #                (PEFTD_SKINNY_T: other rows; not default)
 #     decode     makes a random 32-layer 8B checkpoint + 4 rank-32 adapters
 #                (tools/make_random_llama.py, ~16 GB under /tmp) and runs
@@ -117,7 +117,9 @@
 #   run(command="bash scripts/gpu-check.sh --on-device decode", carry=["bin/gpu"])
 # Knobs: GPU_TEST_RUN (a -test.run pattern for tests/memcheck), SKIP_MEMCHECK=1,
 # PEFTD_DECODE_BATCHES (e.g. 1,16), PEFTD_DECODE_QUICK=1 (decode: base and
-# adapters only), PEFTD_WEIGHTS=fp8 (decode), SERVE8B_ARGS (e.g. "--weights
+# adapters only), PEFTD_DECODE_ROWS=no,no+split2 (decode: only the rows of
+# those labels; without QUICK, so any row of TestDecodeBench's list),
+# PEFTD_WEIGHTS=fp8 (decode), SERVE8B_ARGS (e.g. "--weights
 # fp8"), DECODE_LAYERS (layers of the random checkpoint, default 32).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -814,7 +816,7 @@ fi
 		grep -E '^BENCH lora 4 +(16|64) +(1|256|4x512pf) ' "$LOG/lorabench.txt" | cut -c12-
 	fi
 	[[ -s "$LOG/attnbench.txt" ]] && echo "Prefill attention per 8B layer (median us):" && cut -c12- "$LOG/attnbench.txt"
-	[[ -s "$LOG/skinnybench.txt" ]] && echo "bf16 product of 1-64 rows, gemm_skinny (gemm_rows64 above 16 rows) vs cuBLASLt (median us over graph replays):" && cut -c14- "$LOG/skinnybench.txt"
+	[[ -s "$LOG/skinnybench.txt" ]] && echo "bf16 product of 1-16 rows, gemm_skinny vs cuBLASLt (median us over graph replays):" && cut -c14- "$LOG/skinnybench.txt"
 	[[ -s "$LOG/fp8bench.txt" ]] && echo "FP8 product at the 8B projection shapes (median us over graph replays):" && cut -c15- "$LOG/fp8bench.txt"
 	[[ -f "$LOG/serve.result" ]] && cat "$LOG/serve.result" && grep -E 'tok|req|TTFT|thr' "$LOG/serve.bench.txt" | head -8
 	[[ -f "$LOG/serve8b.txt" ]] && grep -E "^(SERVEBENCH|GOBENCH|SERVESTEPS|SERVEHOST)" "$LOG/serve8b.txt" | cut -c1-320

@@ -169,7 +169,6 @@ type kernelForce struct {
 	decOpts   int           // attn_decode's opts (llama.cu) in place of decOptsDefault (0: the default; -1: none): 1 the first tiles before griddepcontrol.wait, 2 the merge with 16 loads in flight, 4 the splits as clusters (decCluster), 8 RoPE and the K/V store in attn_decode (ropeInDecode)
 	noSkinny  bool          // bf16 products: cuBLASLt whatever the rows (no gemm_skinny)
 	skLate    bool          // gemm_skinny: no weight tiles before griddepcontrol.wait (opts 0)
-	sk64      bool          // bf16 products of 17-64 rows: gemm_rows64 where it plans the shape (an experiment)
 	wholeLoad bool          // adapter loads: a step waits for the whole image before it starts (no per-layer start)
 	slowFill  time.Duration // adapter loads: a sleep after each chunk's fill (tests: a step must wait for the host)
 }

@@ -359,6 +359,51 @@ func TestLoRABench(t *testing.T) {
 	}
 }
 
+// decodeVariant is one row of TestDecodeBench: how the step runs.
+type decodeVariant struct {
+	lora, sampled, eager, serial bool
+	sms                          int  // -1: autoLoRASMs
+	nopdl                        bool // kernels launched one after the other (Options.NoPDL)
+	split                        int  // attn_decode's KV splits (kernelForce.decSplit; 0: decSplitFor's)
+	ropeHeads                    bool // rope_store for every shape (kernelForce.ropeHeads), not rope_store_rows
+	tuned                        bool // after Options.TuneGEMMs' tuning (it cannot be undone: these rows come last)
+	opts                         int  // attn_decode's opts (kernelForce.decOpts: 0 the default, -1 none)
+	lt                           bool // every bf16 product through cuBLASLt (kernelForce.noSkinny)
+	skLate                       bool // gemm_skinny without its early weight tiles (kernelForce.skLate)
+	fs, gv                       bool // FP8 weights: fp8_stream for every 1-16 rows (fp8State.streamOn; the default from fp8StreamMinRows), or for none (streamOff)
+}
+
+// label names a row of TestDecodeBench's table: "no" (base) or the
+// adapters ("4xr32"), then each setting that differs from the default.
+func (v decodeVariant) label(ads []*lora.Adapter, pdlOK bool) string {
+	lbl := "no"
+	if v.sampled {
+		lbl = "no+ds"
+	}
+	if v.lora && len(ads) > 0 {
+		lbl = fmt.Sprintf("%dxr%d", len(ads), ads[0].MaxRank())
+	}
+	if v.sms >= 0 {
+		lbl += fmt.Sprintf("+sms%d", v.sms)
+	}
+	if v.split > 0 {
+		lbl += fmt.Sprintf("+split%d", v.split)
+	}
+	if v.opts != 0 {
+		lbl += fmt.Sprintf("+opts%d", max(v.opts, 0))
+	}
+	for _, f := range []struct {
+		on   bool
+		name string
+	}{{v.eager, "eager"}, {v.serial, "serial"}, {v.nopdl && pdlOK, "nopdl"}, {v.ropeHeads, "ropeheads"}, {v.lt, "lt"}, {v.skLate, "late"},
+		{v.fs, "fs"}, {v.gv, "gv"}, {v.tuned, "tuned"}} {
+		if f.on {
+			lbl += "+" + f.name
+		}
+	}
+	return lbl
+}
+
 // TestDecodeBench measures decode throughput of a random-weight
 // Llama-3.1-8B-shaped checkpoint (tools/make_random_llama.py) through
 // engine.Step: per batch size, prompts of 512 random tokens are prefilled in
@@ -463,32 +508,19 @@ func TestDecodeBench(t *testing.T) {
 	// LoRA update on the compute stream (SerialLoRA) and with the GEMMs
 	// holding 0, 16 or 32 SMs back for the LoRA stream whatever the
 	// batch (LoRASMs; the others choose by the batch: autoLoRASMs)
-	type variant struct {
-		lora, sampled, eager, serial bool
-		sms                          int  // -1: autoLoRASMs
-		nopdl                        bool // kernels launched one after the other (Options.NoPDL)
-		split                        int  // attn_decode's KV splits (kernelForce.decSplit; 0: decSplitFor's)
-		ropeHeads                    bool // rope_store for every shape (kernelForce.ropeHeads), not rope_store_rows
-		tuned                        bool // after Options.TuneGEMMs' tuning (it cannot be undone: these rows come last)
-		opts                         int  // attn_decode's opts (kernelForce.decOpts: 0 the default, -1 none)
-		lt                           bool // every bf16 product through cuBLASLt (kernelForce.noSkinny)
-		skLate                       bool // gemm_skinny without its early weight tiles (kernelForce.skLate)
-		sk64                         bool // bf16 products of 17-64 rows by gemm_rows64 (kernelForce.sk64, an experiment)
-		fs, gv                       bool // FP8 weights: fp8_stream for every 1-16 rows (fp8State.streamOn; the default from fp8StreamMinRows), or for none (streamOff)
-	}
 	// the rows most wanted first: PEFTD_DECODE_QUICK and
 	// PEFTD_DECODE_VARIANTS take the first ones
-	vs := []variant{{sms: -1}, {lora: true, sms: -1},
+	vs := []decodeVariant{{sms: -1}, {lora: true, sms: -1},
 		{sms: -1, lt: true}, {lora: true, sms: -1, lt: true}, {sms: -1, fs: true}, {lora: true, sms: -1, fs: true}, {sms: -1, gv: true}, {lora: true, sms: -1, gv: true},
-		{sms: -1, sk64: true}, {sms: -1, skLate: true}, {sms: -1, opts: -1},
+		{sms: -1, skLate: true}, {sms: -1, opts: -1},
 		{sms: -1, split: 4},
-		{sms: -1, opts: 3}, {sms: -1, opts: 15},
+		{sms: -1, opts: 3},
 		{sms: -1, nopdl: true}, {lora: true, sms: -1, nopdl: true},
-		{sms: -1, ropeHeads: true}, {sms: -1, split: 16},
+		{sms: -1, ropeHeads: true}, {sms: -1, split: 16}, {sms: -1, split: 2}, {sms: -1, split: 3},
 		{sampled: true, sms: -1}, {eager: true, sms: -1}, {lora: true, eager: true, sms: -1},
 		{lora: true, serial: true, sms: -1}, {lora: true, sms: 0}, {lora: true, sms: 16}, {lora: true, sms: 32}}
-	if os.Getenv("PEFTD_DECODE_QUICK") != "" { // base and adapters, each with cuBLASLt (+lt), and with FP8 weights with fp8_stream at every row count (+fs) and at none (+gv); gemm_rows64 (+sk64)
-		vs = vs[:9]
+	if os.Getenv("PEFTD_DECODE_QUICK") != "" { // base and adapters, each with cuBLASLt (+lt), and with FP8 weights with fp8_stream at every row count (+fs) and at none (+gv)
+		vs = vs[:8]
 	}
 	// PEFTD_DECODE_VARIANTS=n: only the first n rows, and no adapter-load
 	// part (gpu-check's nsysdec traces the base rows alone)
@@ -496,9 +528,15 @@ func TestDecodeBench(t *testing.T) {
 	if onlyRows > 0 {
 		vs = vs[:min(onlyRows, len(vs))]
 	}
+	// PEFTD_DECODE_ROWS=no,4xr32+lt,...: only the rows of those labels
+	wantRow := func(v decodeVariant) bool {
+		want := os.Getenv("PEFTD_DECODE_ROWS")
+		return want == "" || slices.Contains(strings.Split(want, ","), v.label(ads, pdlOK))
+	}
+	vs = slices.DeleteFunc(vs, func(v decodeVariant) bool { return !wantRow(v) })
 	type run struct {
 		B int
-		v variant
+		v decodeVariant
 	}
 	var runs []run
 	for _, B := range batches {
@@ -508,7 +546,11 @@ func TestDecodeBench(t *testing.T) {
 	}
 	for _, B := range batches { // the tuned rows: base and adapters again
 		if B >= tuneMinRows && gb.f8 == nil && onlyRows == 0 {
-			runs = append(runs, run{B, variant{sms: -1, tuned: true}}, run{B, variant{lora: true, sms: -1, tuned: true}})
+			for _, v := range []decodeVariant{{sms: -1, tuned: true}, {lora: true, sms: -1, tuned: true}} {
+				if wantRow(v) {
+					runs = append(runs, run{B, v})
+				}
+			}
 		}
 	}
 	for _, rn := range runs {
@@ -519,9 +561,9 @@ func TestDecodeBench(t *testing.T) {
 			continue
 		}
 		retune := v.tuned && !gb.tune.done
-		if wantPDL := pdlOK && !v.nopdl; retune || gb.la.on == v.serial || gb.la.sms != v.sms || gb.s.ProgrammaticLaunch() != wantPDL || gb.force.decSplit != v.split || gb.force.ropeHeads != v.ropeHeads || gb.force.decOpts != v.opts || gb.force.noSkinny != v.lt || gb.force.skLate != v.skLate || gb.force.sk64 != v.sk64 || gb.f8 != nil && (gb.f8.streamOn != v.fs || gb.f8.streamOff != v.gv) { // recordings bake the LoRA and launch modes, the kernels and the GEMM algorithms in
+		if wantPDL := pdlOK && !v.nopdl; retune || gb.la.on == v.serial || gb.la.sms != v.sms || gb.s.ProgrammaticLaunch() != wantPDL || gb.force.decSplit != v.split || gb.force.ropeHeads != v.ropeHeads || gb.force.decOpts != v.opts || gb.force.noSkinny != v.lt || gb.force.skLate != v.skLate || gb.f8 != nil && (gb.f8.streamOn != v.fs || gb.f8.streamOff != v.gv) { // recordings bake the LoRA and launch modes, the kernels and the GEMM algorithms in
 			gb.la.on, gb.la.sms, gb.force.decSplit, gb.force.ropeHeads, gb.force.decOpts = !v.serial, v.sms, v.split, v.ropeHeads, v.opts
-			gb.force.noSkinny, gb.force.skLate, gb.force.sk64 = v.lt, v.skLate, v.sk64
+			gb.force.noSkinny, gb.force.skLate = v.lt, v.skLate
 			if gb.f8 != nil {
 				gb.f8.streamOn, gb.f8.streamOff = v.fs, v.gv
 			}
@@ -598,36 +640,12 @@ func TestDecodeBench(t *testing.T) {
 			e.Release(s)
 		}
 		toks := float64(B * newTok)
-		lbl := "no"
-		if sampled {
-			lbl = "no+ds"
-		}
-		if withLoRA {
-			lbl = fmt.Sprintf("%dxr%d", len(ads), ads[0].MaxRank())
-		}
-		if v.sms >= 0 {
-			lbl += fmt.Sprintf("+sms%d", v.sms)
-		}
-		if v.split > 0 {
-			lbl += fmt.Sprintf("+split%d", v.split)
-		}
-		if v.opts != 0 {
-			lbl += fmt.Sprintf("+opts%d", max(v.opts, 0))
-		}
-		for _, f := range []struct {
-			on   bool
-			name string
-		}{{gb.g.off, "eager"}, {v.serial, "serial"}, {v.nopdl && pdlOK, "nopdl"}, {v.ropeHeads, "ropeheads"}, {v.lt, "lt"}, {v.skLate, "late"},
-			{v.sk64, "sk64"}, {v.fs, "fs"}, {v.gv, "gv"}, {v.tuned, "tuned"}} {
-			if f.on {
-				lbl += "+" + f.name
-			}
-		}
+		lbl := v.label(ads, pdlOK)
 		bench("decode %-5d %-11s %10.0f %10.0f %10.0f %9.2f %9.2f %9.2f %9.2f %10.1f", B, lbl, toks/wall.Seconds(), toks/(gpuMs/1e3), toks/roofS,
 			roofS*1e3/gpuMs, wall.Seconds()*1e3/newTok, gpuMs/newTok, roofS*1e3/newTok, prefill.Seconds())
 	}
 	gb.g.off, gb.force.decSplit, gb.force.ropeHeads, gb.force.decOpts = false, 0, false, 0
-	gb.force.noSkinny, gb.force.skLate, gb.force.sk64 = false, false, false
+	gb.force.noSkinny, gb.force.skLate = false, false
 	if gb.f8 != nil {
 		gb.f8.streamOn, gb.f8.streamOff = false, false
 	}

@@ -14,7 +14,6 @@ import (
 // of bytes; o 10.9 + a 1.9 µs split-K reduce for 8.4).
 type bfSkinny struct {
 	*streamRows
-	m64 *streamRows // gemm_rows64_*: 17-64 rows (an experiment: kernelForce.sk64)
 }
 
 // bfSkinnyMaxRows is the most rows gemm_skinny takes (one m16 tile).
@@ -29,18 +28,9 @@ const bfSkinnyEarly = 1
 // and 48; 64 for 224).
 var bfSkinnyVariants = []streamVariant{{224, 64}, {48, 256}, {32, 256}}
 
-// bfSkinnyShared is SkShape<bn>'s shared memory: stages of the weight tile
+// bfSkinnyShared is StreamShape's shared memory: stages of the weight tile
 // (bn rows) and x's (16 rows).
 func bfSkinnyShared(v streamVariant) int { return stageShared(v.bn+16, 2*v.tile) }
-
-// bfRows64Variants: gemm_rows64_n{bn} (128 values of each row a tile), and
-// Sk64Shape's shared memory (x's 64 rows a stage); bfRows64Threads its
-// block.
-var bfRows64Variants = []streamVariant{{48, 128}, {32, 128}}
-
-func bfRows64Shared(v streamVariant) int { return stageShared(v.bn+64, 2*v.tile) }
-
-const bfRows64Threads = 256
 
 // newBFSkinny finds the gemm_skinny variants in the forward module and
 // raises their shared memory limits; nil when the device cannot give a
@@ -50,11 +40,7 @@ func newBFSkinny(mod *cuda.Module, dev cuda.Device) (*bfSkinny, error) {
 	if g == nil || err != nil {
 		return nil, err
 	}
-	m64, err := loadStreamRows(mod, dev, bfRows64Variants, func(bn int) string { return fmt.Sprintf("gemm_rows64_n%d", bn) }, bfRows64Shared)
-	if err != nil {
-		return nil, err
-	}
-	return &bfSkinny{g, m64}, nil
+	return &bfSkinny{g}, nil
 }
 
 // bfSkinnyPlan is one product's variant: its kernel, columns per block,
@@ -76,21 +62,6 @@ func (g *bfSkinny) plan(M, N, K int) (p bfSkinnyPlan, ok bool) {
 		return p, false
 	}
 	return bfSkinnyPlan{f: g.fn[i], bn: g.vs[i].bn, sh: bfSkinnyShared(g.vs[i]), threads: 128}, true
-}
-
-// plan64 picks gemm_rows64's variant for 17-64 rows (the experiment of
-// kernelForce.sk64 and TestSkinnyBench); ok is false outside those rows or
-// for a shape no variant fits one wave with.
-func (g *bfSkinny) plan64(M, N, K int) (p bfSkinnyPlan, ok bool) {
-	if g == nil || g.m64 == nil || M <= bfSkinnyMaxRows || M > 64 {
-		return p, false
-	}
-	i, ok := g.m64.pick(N, K)
-	if !ok {
-		return p, false
-	}
-	v := g.m64.vs[i]
-	return bfSkinnyPlan{f: g.m64.fn[i], bn: v.bn, sh: bfRows64Shared(v), threads: bfRows64Threads}, true
 }
 
 // launch enqueues out[M, N] = x[M, K] . w[N, K]^T with plan p (whole rows,

@@ -12,8 +12,8 @@ func TestBFSkinnyPlan(t *testing.T) {
 	rows := func(vs []streamVariant, sms int) *streamRows {
 		return &streamRows{vs: vs, fn: make([]*cuda.Function, len(vs)), sms: sms}
 	}
-	h := &bfSkinny{rows(bfSkinnyVariants, 132), rows(bfRows64Variants, 132)}
-	a := &bfSkinny{rows(bfSkinnyVariants, 108), nil}
+	h := &bfSkinny{rows(bfSkinnyVariants, 132)}
+	a := &bfSkinny{rows(bfSkinnyVariants, 108)}
 	for _, c := range []struct {
 		g       *bfSkinny
 		M, N, K int
@@ -38,19 +38,6 @@ func TestBFSkinnyPlan(t *testing.T) {
 		if ok != (c.bn > 0) || ok && p.bn != c.bn {
 			t.Errorf("%d x %d x %d on %d SMs: plan %d ok %v, want %d", c.M, c.N, c.K, c.g.sms, p.bn, ok, c.bn)
 		}
-	}
-	// gemm_rows64 (kernelForce.sk64): 17-64 rows only
-	for _, c := range []struct{ M, N, K, bn int }{
-		{64, 6144, 4096, 48}, {17, 4096, 4096, 32}, {64, 4096, 14336, 32}, {16, 4096, 4096, 0}, {65, 4096, 4096, 0},
-		{64, 28672, 4096, 0}, // 597 or 896 blocks: more than a wave
-	} {
-		p, ok := h.plan64(c.M, c.N, c.K)
-		if ok != (c.bn > 0) || ok && (p.bn != c.bn || p.threads != bfRows64Threads) {
-			t.Errorf("rows64 %d x %d x %d: plan %+v ok %v, want %d columns", c.M, c.N, c.K, p, ok, c.bn)
-		}
-	}
-	if _, ok := a.plan64(32, 4096, 4096); ok {
-		t.Error("plan64 without the gemm_rows64 kernels")
 	}
 	var none *bfSkinny
 	if _, ok := none.plan(1, 4096, 4096); ok {

@@ -128,9 +128,6 @@ func (b *Backend) Linear(out, in engine.Buffer, w engine.Weight) {
 		return
 	}
 	p, ok := b.sk.plan(b.rows(), wt.rows, wt.cols)
-	if !ok && b.force.sk64 {
-		p, ok = b.sk.plan64(b.rows(), wt.rows, wt.cols)
-	}
 	if ok && !shared && !b.force.noSkinny {
 		opts := bfSkinnyEarly
 		if b.force.skLate {
@@ -204,15 +201,6 @@ func (b *Backend) freqTable(invFreq []float32) uint64 {
 	return b.invFreq.Ptr()
 }
 
-// ropeInDecode reports whether attn_decode does rope_store's work for this
-// step (attnOpts bit 3, decOptRoPE): every row a decode row
-// (no prefill rows or tiles), bf16 keys, a rotation, and no LoRA update of
-// q, k, v pending on the LoRA stream (rope_store folds those in).
-func (b *Backend) ropeInDecode(invFreq []float32) bool {
-	return b.attnOpts()&decOptRoPE != 0 && b.decOK && !b.kv8 && len(invFreq) == b.kv.HeadDim/2 && 4*len(invFreq) <= b.invFreq.Size() &&
-		b.nDec > 0 && b.nPre == 0 && b.nPreTiles == 0 && b.la.pend.delta == 0
-}
-
 // ropeRowsFit reports whether rope_store_rows takes a step: head_dim 64,
 // 128 or 256, and 16-byte words of every row (its pointers, zero for
 // none, 16-byte aligned; its row strides, in values, multiples of 8).
@@ -257,14 +245,7 @@ func (b *Backend) Attention(out, q, k, v engine.Buffer, layer int, scale float32
 		"attention: widths q %d k %d v %d out %d, layer %d", qb.cols, kb.cols, vb.cols, o.cols, layer) {
 		return
 	}
-	inDecode := b.ropeInDecode(invFreq)
-	var freq uint64
-	if inDecode {
-		b.opStart() // no rope_store: attn_decode rotates and stores (no update pending: ropeInDecode)
-		freq = b.freqTable(invFreq)
-	} else {
-		b.ropeStore(qb, kb, vb, layer, invFreq, c.Heads, b.kv.KVHeads, b.kv.HeadDim)
-	}
+	b.ropeStore(qb, kb, vb, layer, invFreq, c.Heads, b.kv.KVHeads, b.kv.HeadDim)
 	kc, vc, ks := b.layerCache(layer)
 	switch {
 	case b.nPreTiles > 0: // the prefill rows (every row without decode sequences) on the tensor cores
@@ -295,18 +276,12 @@ func (b *Backend) Attention(out, q, k, v engine.Buffer, layer int, scale float32
 	}
 	grid, block := cuda.Dim3{X: b.nDec, Y: b.kv.KVHeads, Z: b.decSplit}, cuda.Dim3{X: decThreads}
 	cluster := b.decCluster() && b.decSplit > 1
-	opts := b.attnOpts() &^ (decOptCluster | decOptRoPE)
+	opts := b.attnOpts() &^ decOptCluster
 	if cluster {
 		opts |= decOptCluster
 	}
-	var kn, vn, pos, slots uint64 // the new K/V rows and their places, when attn_decode stores them
-	ldk, ldv := 0, 0
-	if inDecode {
-		opts |= decOptRoPE
-		kn, vn, ldk, ldv, pos, slots = ptr(kb), ptr(vb), kb.ld, vb.ld, uint64(b.i32(b.off.pos)), uint64(b.i32(b.off.kvSlots))
-	}
 	args := []any{ptr(o), part, b.attnDone, ptr(qb), kc, vc, b.i32(b.off.decSeqs), b.i32(b.off.seqInfo), b.i32(b.off.pages),
-		c.Heads, b.kv.KVHeads, b.kv.BlockSize, scale, b.decSplit, qb.ld, ks, opts, kn, vn, ldk, ldv, freq, pos, slots}
+		c.Heads, b.kv.KVHeads, b.kv.BlockSize, scale, b.decSplit, qb.ld, ks, opts}
 	if cluster {
 		b.fail(b.decodeKernel(hd).LaunchCluster(b.s, grid, block, cuda.Dim3{X: 1, Y: 1, Z: b.decSplit}, decShared(hd, b.kv8), args...))
 		return
@@ -319,21 +294,20 @@ func (b *Backend) Attention(out, q, k, v engine.Buffer, layer int, scale float32
 // position; decOptMerge16, the splits merged with 16 loads in flight;
 // decOptCluster, the splits of a (sequence, KV head) as one thread-block
 // cluster of at most decClusterMax blocks (DEC_CLUSTER), merged through
-// their shared memory (set by the step: decCluster and a split); decOptRoPE,
-// rope_store's work for a pure decode step (ropeInDecode).
+// their shared memory (set by the step: decCluster and a split).
 const (
 	decOptEarly   = 1
 	decOptMerge16 = 2
 	decOptCluster = 4
-	decOptRoPE    = 8
 	decClusterMax = 8
 )
 
 // decOptsDefault is attn_decode's opts unless kernelForce.decOpts says
 // otherwise. v0.22 (H200, TestDecodeBench, one machine): early, merge16
 // and clusters took batch 1 from 4.71 to 4.59 device ms a step (4 x r32:
-// 4.95 to 4.80) and left 16, 64 and 256 within 0.2%; RoPE in attn_decode
-// was slower at 16 to 256 (batch 256: 11.74 to 12.25 ms), so it stays off.
+// 4.95 to 4.80) and left 16, 64 and 256 within 0.2%. (RoPE and the K/V
+// store inside attn_decode, v0.22's bit 3, was slower at 16 to 256 rows,
+// batch 256 11.74 to 12.25 ms, and was removed in v0.23.)
 const decOptsDefault = decOptEarly | decOptMerge16 | decOptCluster
 
 // attnOpts is the opts attn_decode launches with: decOptsDefault, or

@@ -6,8 +6,7 @@ import (
 )
 
 // TestStreamRowsEmulated runs the index arithmetic of the weight-streaming
-// kernels for a few rows (gemm_skinny_n{32,48,224} and gemm_rows64_n{32,48}
-// in kernels/llama.cu, fp8_stream_n{32,48,224} in kernels/fp8.cu) on the
+// kernels for a few rows (gemm_skinny_n{32,48,224} in kernels/llama.cu, fp8_stream_n{32,48,224} in kernels/fp8.cu) on the
 // CPU, with the kernels' expressions, thread by thread:
 //   - each tile's cp.async copies land in a shared-memory image (sk_slot's
 //     swizzle), tagged with the global row and byte they came from;
@@ -36,9 +35,6 @@ func TestStreamRowsEmulated(t *testing.T) {
 	for _, v := range bfSkinnyVariants {
 		wk := v.bn != 224
 		fams = append(fams, family{fmt.Sprintf("gemm_skinny_n%d", v.bn), v.bn, 2 * v.tile, 4, 1, wk, 16, bfSkinnyShared(v), 128})
-	}
-	for _, v := range bfRows64Variants {
-		fams = append(fams, family{fmt.Sprintf("gemm_rows64_n%d", v.bn), v.bn, 2 * v.tile, 8, 4, true, 64, bfRows64Shared(v), bfRows64Threads})
 	}
 	for _, v := range fp8StreamVariants {
 		fams = append(fams, family{fmt.Sprintf("fp8_stream_n%d", v.bn), v.bn, v.tile, 4, 1, true, 16, fp8StreamShared(v), 128})
