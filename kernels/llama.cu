@@ -615,12 +615,12 @@ __device__ __forceinline__ float ld_cluster(const float* p, unsigned rank) {
 // shared memory; block r of the S writes outputs [r * per, (r + 1) * per)
 // of the G * HD, reading every block's partial straight from its shared
 // memory (no partials through L2, no counter). Sums in split order.
-template <int HD>
+template <int HD, int NT>
 __device__ __forceinline__ void dec_cluster_merge(bf16* __restrict__ out, const float* cA, const float* cM, const float* cL,
                                                   int G, int S, int heads, int kh, int row, int tid) {
     cluster_sync(); // every block's partial is in its shared memory
     const int n = G * HD, per = (n + S - 1) / S, r = (int)cluster_rank();
-    for (int idx = r * per + tid; idx < min(n, (r + 1) * per); idx += DEC_THREADS) {
+    for (int idx = r * per + tid; idx < min(n, (r + 1) * per); idx += NT) {
         const int hg = idx / HD, d = idx - hg * HD;
         float Ms[DEC_CLUSTER], Ls[DEC_CLUSTER], As[DEC_CLUSTER];
 #pragma unroll
@@ -655,10 +655,10 @@ __device__ __forceinline__ void dec_cluster_merge(bf16* __restrict__ out, const 
 // thread (float2: a partial row is HD + 2 floats, so even d is 8-byte
 // aligned), W splits' loads in flight at once (summed in split order
 // whatever W is).
-template <int HD, int W>
+template <int HD, int W, int NT>
 __device__ __forceinline__ void dec_merge(bf16* __restrict__ out, const float* __restrict__ part, const float* ws, int di,
                                           int heads, int kh, int G, int nsplit, int nv, int row, int tid) {
-    for (int idx = 2 * tid; idx < G * HD; idx += 2 * DEC_THREADS) {
+    for (int idx = 2 * tid; idx < G * HD; idx += 2 * NT) {
         const int hg = idx / HD, d = idx - hg * HD, h = kh * G + hg;
         const float* pp = part + (i64)(di * heads + h) * nsplit * (HD + 2) + d;
         const float* w = ws + hg * 64;
@@ -718,7 +718,7 @@ __device__ __forceinline__ void dec_merge(bf16* __restrict__ out, const float* _
 // DEC_CLUSTER splits of a (sequence, KV head) are one thread-block cluster
 // (launched with clusters of 1 x 1 x nsplit) and merge through each other's
 // shared memory (dec_cluster_merge).
-template <int HD, bool K8>
+template <int HD, bool K8, int W>
 __device__ __forceinline__ void attn_decode_body(
     bf16* __restrict__ out, float* __restrict__ part, int* __restrict__ done, const bf16* __restrict__ q,
     const bf16* __restrict__ kc, const bf16* __restrict__ vc, const int* __restrict__ dec_seq,
@@ -743,7 +743,7 @@ __device__ __forceinline__ void attn_decode_body(
     const int chunk = max(32, (((ctx + nsplit - 1) / nsplit) + 7) & ~7);
     const int p0 = sp * chunk, p1 = min(ctx, p0 + chunk);
     const int ntiles = p0 < p1 ? (p1 - p0 + DEC_TILE - 1) / DEC_TILE : 0;
-    const int nk = ntiles > warp ? (ntiles - warp + DEC_WARPS - 1) / DEC_WARPS : 0; // this warp's tiles
+    const int nk = ntiles > warp ? (ntiles - warp + W - 1) / W : 0; // this warp's tiles
     float o[D::C][2], m = NEG_INF, l = 0.f; // O[g][8j + 2*tig + {0,1}], the row's max and this lane's part of its sum
 #pragma unroll
     for (int j = 0; j < D::C; j++) o[j][0] = o[j][1] = 0.f;
@@ -755,7 +755,7 @@ __device__ __forceinline__ void attn_decode_body(
     // behind two tiles' arithmetic, not one.
     int slot = -1, next = -1;
     auto rows = [&](int k) {
-        const int p = p0 + (warp + k * DEC_WARPS) * DEC_TILE + (lane & 15);
+        const int p = p0 + (warp + k * W) * DEC_TILE + (lane & 15);
         int r = -1;
         if (p < p1) {
             const int pi = pow2 ? p >> bsh : p / bs;
@@ -805,7 +805,7 @@ __device__ __forceinline__ void attn_decode_body(
     // step, so their DRAM latency runs under the kernel before.
     int pre = 0;
     if ((opts & 1) && nk > 0) {
-        auto safe = [&](int k) { return k >= nk || min(p1, p0 + (warp + k * DEC_WARPS) * DEC_TILE + DEC_TILE) <= ctx - 1; };
+        auto safe = [&](int k) { return k >= nk || min(p1, p0 + (warp + k * W) * DEC_TILE + DEC_TILE) <= ctx - 1; };
         for (; pre < D::ST - 1 && safe(pre); pre++) {
             issue(pre);
             advance(pre + 2);
@@ -868,7 +868,7 @@ __device__ __forceinline__ void attn_decode_body(
                     mma8(sc[nt], qa[2 * kk + 1][0], qa[2 * kk + 1][1], b[2], b[3]);
                 }
             }
-            const int pb = p0 + (warp + k * DEC_WARPS) * DEC_TILE + tig * 2;
+            const int pb = p0 + (warp + k * W) * DEC_TILE + tig * 2;
             float mx = NEG_INF;
 #pragma unroll
             for (int nt = 0; nt < 2; nt++)
@@ -918,10 +918,10 @@ __device__ __forceinline__ void attn_decode_body(
     }
     // merge the warps: wo[(warp*G + g)*HD + d], wm/wl[warp*G + g]
     float* wo = reinterpret_cast<float*>(dsm);
-    float* wm = wo + DEC_WARPS * G * HD;
-    float* wl = wm + DEC_WARPS * G;
+    float* wm = wo + W * G * HD;
+    float* wl = wm + W * G;
     const bool clu = (opts & 4) && nsplit > 1; // the splits are a cluster (dec_cluster_merge)
-    float* cA = wl + DEC_WARPS * G + 8;         // this block's partial, for the cluster
+    float* cA = wl + W * G + 8;         // this block's partial, for the cluster
     float* cM = cA + G * HD;
     float* cL = cM + G;
     __syncthreads(); // the stage buffers become the merge area
@@ -937,13 +937,13 @@ __device__ __forceinline__ void attn_decode_body(
         }
     }
     __syncthreads();
-    for (int idx = tid; idx < G * HD; idx += DEC_THREADS) {
+    for (int idx = tid; idx < G * HD; idx += (32 * W)) {
         const int hg = idx / HD, d = idx - hg * HD;
         float M = NEG_INF;
-        for (int i = 0; i < DEC_WARPS; i++)
+        for (int i = 0; i < W; i++)
             if (wl[i * G + hg] > 0.f) M = fmaxf(M, wm[i * G + hg]);
         float L = 0.f, A = 0.f;
-        for (int i = 0; i < DEC_WARPS; i++) {
+        for (int i = 0; i < W; i++) {
             const float li = wl[i * G + hg];
             if (li > 0.f) {
                 const float f = exp2f(wm[i * G + hg] - M);
@@ -971,11 +971,11 @@ __device__ __forceinline__ void attn_decode_body(
     }
     if (nsplit == 1) return;
     if (clu) {
-        dec_cluster_merge<HD>(out, cA, cM, cL, G, nsplit, heads, kh, row, tid);
+        dec_cluster_merge<HD, 32 * W>(out, cA, cM, cL, G, nsplit, heads, kh, row, tid);
         return;
     }
     // The last split block of this (sequence, KV head) merges the partials.
-    int* last = reinterpret_cast<int*>(wl + DEC_WARPS * G);
+    int* last = reinterpret_cast<int*>(wl + W * G);
     float* ws = reinterpret_cast<float*>(last + 4); // [g][64] merge weights
     __threadfence();
     __syncthreads();
@@ -988,7 +988,7 @@ __device__ __forceinline__ void attn_decode_body(
     // round trips to L2 for the whole merge instead of one per split and
     // output (the merge is the tail of a one-sequence step's attention).
     const int nv = ctx > 0 ? min(nsplit, (ctx + chunk - 1) / chunk) : 0; // splits that hold positions
-    for (int hg = warp; hg < G; hg += DEC_WARPS) {
+    for (int hg = warp; hg < G; hg += W) {
         const float* pp = part + (i64)(di * heads + kh * G + hg) * nsplit * (HD + 2);
         float M0 = NEG_INF, M1 = NEG_INF, L0 = 0.f, L1 = 0.f;
         if (lane < nv) {
@@ -1012,9 +1012,9 @@ __device__ __forceinline__ void attn_decode_body(
     }
     __syncthreads();
     if (opts & 2)
-        dec_merge<HD, 16>(out, part, ws, di, heads, kh, G, nsplit, nv, row, tid);
+        dec_merge<HD, 16, 32 * W>(out, part, ws, di, heads, kh, G, nsplit, nv, row, tid);
     else
-        dec_merge<HD, 8>(out, part, ws, di, heads, kh, G, nsplit, nv, row, tid);
+        dec_merge<HD, 8, 32 * W>(out, part, ws, di, heads, kh, G, nsplit, nv, row, tid);
     if (tid == 0) done[di * kvh + kh] = 0; // ready for the next launch
 }
 
@@ -1024,16 +1024,24 @@ __device__ __forceinline__ void attn_decode_body(
         int opts
 #define ATTN_DECODE_PASS \
     out, part, done, q, kc, vc, dec_seq, seq_info, pages, heads, kvh, bs, scale, nsplit, ldq, ks, opts
-extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode_d32(ATTN_DECODE_ARGS) { attn_decode_body<32, false>(ATTN_DECODE_PASS); }
-extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode_d64(ATTN_DECODE_ARGS) { attn_decode_body<64, false>(ATTN_DECODE_PASS); }
-extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode_d128(ATTN_DECODE_ARGS) { attn_decode_body<128, false>(ATTN_DECODE_PASS); }
-extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode_d256(ATTN_DECODE_ARGS) { attn_decode_body<256, false>(ATTN_DECODE_PASS); }
+extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode_d32(ATTN_DECODE_ARGS) { attn_decode_body<32, false, DEC_WARPS>(ATTN_DECODE_PASS); }
+extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode_d64(ATTN_DECODE_ARGS) { attn_decode_body<64, false, DEC_WARPS>(ATTN_DECODE_PASS); }
+extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode_d128(ATTN_DECODE_ARGS) { attn_decode_body<128, false, DEC_WARPS>(ATTN_DECODE_PASS); }
+extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode_d256(ATTN_DECODE_ARGS) { attn_decode_body<256, false, DEC_WARPS>(ATTN_DECODE_PASS); }
+// attn_decode2_d*: the same with 2 warps a block (DEC_WARPS2; bf16 keys): a
+// third of the shared memory, so twice the blocks an SM (an experiment:
+// kernelForce.decWarps2, TestDecodeBench's +w2 rows).
+#define DEC_WARPS2 2
+extern "C" __global__ void __launch_bounds__(32 * DEC_WARPS2) attn_decode2_d32(ATTN_DECODE_ARGS) { attn_decode_body<32, false, DEC_WARPS2>(ATTN_DECODE_PASS); }
+extern "C" __global__ void __launch_bounds__(32 * DEC_WARPS2) attn_decode2_d64(ATTN_DECODE_ARGS) { attn_decode_body<64, false, DEC_WARPS2>(ATTN_DECODE_PASS); }
+extern "C" __global__ void __launch_bounds__(32 * DEC_WARPS2) attn_decode2_d128(ATTN_DECODE_ARGS) { attn_decode_body<128, false, DEC_WARPS2>(ATTN_DECODE_PASS); }
+extern "C" __global__ void __launch_bounds__(32 * DEC_WARPS2) attn_decode2_d256(ATTN_DECODE_ARGS) { attn_decode_body<256, false, DEC_WARPS2>(ATTN_DECODE_PASS); }
 // attn_decode8_d*: the same over an FP8 key cache (kc: e4m3 values; ks: one
 // float32 scale per cache slot and KV head).
-extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode8_d32(ATTN_DECODE_ARGS) { attn_decode_body<32, true>(ATTN_DECODE_PASS); }
-extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode8_d64(ATTN_DECODE_ARGS) { attn_decode_body<64, true>(ATTN_DECODE_PASS); }
-extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode8_d128(ATTN_DECODE_ARGS) { attn_decode_body<128, true>(ATTN_DECODE_PASS); }
-extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode8_d256(ATTN_DECODE_ARGS) { attn_decode_body<256, true>(ATTN_DECODE_PASS); }
+extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode8_d32(ATTN_DECODE_ARGS) { attn_decode_body<32, true, DEC_WARPS>(ATTN_DECODE_PASS); }
+extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode8_d64(ATTN_DECODE_ARGS) { attn_decode_body<64, true, DEC_WARPS>(ATTN_DECODE_PASS); }
+extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode8_d128(ATTN_DECODE_ARGS) { attn_decode_body<128, true, DEC_WARPS>(ATTN_DECODE_PASS); }
+extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode8_d256(ATTN_DECODE_ARGS) { attn_decode_body<256, true, DEC_WARPS>(ATTN_DECODE_PASS); }
 
 // attn_prefill_d{32,64,128}: causal attention of prefill rows on the tensor
 // cores (flash-attention style). grid (tiles, heads), block PRE_THREADS,

@@ -203,14 +203,22 @@ func attentionCase(t *testing.T, sh attnShape, k8 bool) {
 	// (the first tiles before griddepcontrol.wait, the 16-wide merge), which
 	// must give the same bits. A third time with the splits as thread-block
 	// clusters (opts 7, the default; on sm_90 and later): fewer splits, so
-	// the sums differ in their last bits.
+	// the sums differ in their last bits. With bf16 keys, a fourth time
+	// with attn_decode2 (2 warps a block: kernelForce.decWarps2).
 	var first []float32
 	for i, run := range []struct {
 		v0   bool
 		opts int
-	}{{false, -1}, {false, 3}, {false, 7}, {true, 0}} {
+		w2   bool
+	}{{false, -1, false}, {false, 3, false}, {false, 7, false}, {false, 0, true}, {true, 0, false}} {
 		v0 := run.v0
-		r.b.force.attnRows, r.b.force.decOpts = v0, run.opts
+		if run.w2 && k8 {
+			continue
+		}
+		r.b.force.attnRows, r.b.force.decOpts, r.b.force.decWarps2 = v0, run.opts, run.w2
+		if err := r.b.sizeDecode(); err != nil {
+			t.Fatal(err)
+		}
 		r.poison(out)
 		r.begin(m)
 		if !v0 {
@@ -256,13 +264,18 @@ func attentionCase(t *testing.T, sh attnShape, k8 bool) {
 			}
 		case 2:
 			name += fmt.Sprintf(", decOpts 7 (clusters: %v, split %d)", r.b.decCluster(), r.b.decSplit)
+		case 3:
+			name += fmt.Sprintf(", attn_decode2 (2 warps a block, %d resident, split %d)", r.b.decResident, r.b.decSplit)
 		}
 		if v0 {
 			name = "per-row kernel (v0), all rows"
 		}
 		r.compare(name, got, want, opTol)
 	}
-	r.b.force.attnRows, r.b.force.decOpts = false, 0
+	r.b.force.attnRows, r.b.force.decOpts, r.b.force.decWarps2 = false, 0, false
+	if err := r.b.sizeDecode(); err != nil {
+		t.Fatal(err)
+	}
 	if k8 { // what rope_store stored for the step's keys
 		gotQ, gotS := make([]byte, len(k8Img)), make([]float32, len(sImg))
 		for _, e := range []error{cuda.CopyDtoH(r.b.s, gotQ, kc), cuda.CopyDtoH(r.b.s, gotS, ksc), r.b.s.Synchronize()} {

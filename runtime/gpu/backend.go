@@ -150,6 +150,7 @@ type funcs struct {
 	sgShrink, sgShrink4, sgExpand, sample, logitAdjust                            *cuda.Function
 	attnDecode                                                                    [4]*cuda.Function // attn_decode_d32, d64, d128, d256
 	attnDecode8                                                                   [4]*cuda.Function // attn_decode8_d*: FP8 keys
+	attnDecode2                                                                   [4]*cuda.Function // attn_decode2_d*: 2 warps a block (kernelForce.decWarps2)
 	attnPrefill                                                                   [3]*cuda.Function // attn_prefill_d32, d64, d128
 	attnPrefill8                                                                  [3]*cuda.Function // attn_prefill8_d*: FP8 keys
 	sgExpandTC                                                                    [3]*cuda.Function // sgmv_expand_tc1, tc2, tc4
@@ -166,7 +167,8 @@ type kernelForce struct {
 	attnRows  bool          // attention: the per-row kernel for every row (no attn_decode, attn_prefill, graphs)
 	decSplit  int           // attn_decode: this many KV splits per (sequence, KV head), at most decSplitFor's cap (0: decSplitFor's choice)
 	ropeHeads bool          // RoPE and the K/V store: rope_store (a block per row and head) for every shape
-	decOpts   int           // attn_decode's opts (llama.cu) in place of decOptsDefault (0: the default; -1: none): 1 the first tiles before griddepcontrol.wait, 2 the merge with 16 loads in flight, 4 the splits as clusters (decCluster), 8 RoPE and the K/V store in attn_decode (ropeInDecode)
+	decOpts   int           // attn_decode's opts (llama.cu) in place of decOptsDefault (0: the default; -1: none): 1 the first tiles before griddepcontrol.wait, 2 the merge with 16 loads in flight, 4 the splits as clusters (decCluster)
+	decWarps2 bool          // attn_decode: attn_decode2_d* (2 warps a block, twice the blocks an SM) for bf16 keys; sizeDecode again after a change
 	noSkinny  bool          // bf16 products: cuBLASLt whatever the rows (no gemm_skinny)
 	skLate    bool          // gemm_skinny: no weight tiles before griddepcontrol.wait (opts 0)
 	wholeLoad bool          // adapter loads: a step waits for the whole image before it starts (no per-layer start)
@@ -473,6 +475,8 @@ func (b *Backend) open(opts Options) error {
 		{&b.fn.attnDecode[2], "attn_decode_d128"}, {&b.fn.attnDecode[3], "attn_decode_d256"},
 		{&b.fn.attnDecode8[0], "attn_decode8_d32"}, {&b.fn.attnDecode8[1], "attn_decode8_d64"},
 		{&b.fn.attnDecode8[2], "attn_decode8_d128"}, {&b.fn.attnDecode8[3], "attn_decode8_d256"},
+		{&b.fn.attnDecode2[0], "attn_decode2_d32"}, {&b.fn.attnDecode2[1], "attn_decode2_d64"},
+		{&b.fn.attnDecode2[2], "attn_decode2_d128"}, {&b.fn.attnDecode2[3], "attn_decode2_d256"},
 		{&b.fn.attnPrefill[0], "attn_prefill_d32"}, {&b.fn.attnPrefill[1], "attn_prefill_d64"}, {&b.fn.attnPrefill[2], "attn_prefill_d128"},
 		{&b.fn.attnPrefill8[0], "attn_prefill8_d32"}, {&b.fn.attnPrefill8[1], "attn_prefill8_d64"}, {&b.fn.attnPrefill8[2], "attn_prefill8_d128"},
 		{&b.fn.addBias, "add_bias"}, {&b.fn.headRMSNorm, "head_rmsnorm"}, {&b.fn.addDelta, "add_delta"},
@@ -499,7 +503,13 @@ func (b *Backend) open(opts Options) error {
 		if !b.decFit[i] {
 			continue
 		}
-		if err := f.SetMaxDynamicShared(decShared(32<<i, b.kv8)); err != nil {
+		if err := f.SetMaxDynamicShared(decShared(32<<i, b.kv8, decWarps)); err != nil {
+			return err
+		}
+		if b.kv8 {
+			continue
+		}
+		if err := b.fn.attnDecode2[i].SetMaxDynamicShared(decShared(32<<i, false, decWarps2)); err != nil {
 			return err
 		}
 	}
@@ -519,7 +529,7 @@ func (b *Backend) open(opts Options) error {
 // maxShared bytes of dynamic shared memory per block.
 func attnFits(maxShared int, k8 bool) (dec [4]bool, pre [3]bool) {
 	for i := range dec {
-		dec[i] = decShared(32<<i, k8) <= maxShared
+		dec[i] = decShared(32<<i, k8, decWarps) <= maxShared
 	}
 	for i := range pre {
 		pre[i] = preShared(32<<i, k8) <= maxShared
@@ -543,7 +553,8 @@ func (b *Backend) sizeDecode() error {
 	if !b.decOK {
 		return nil
 	}
-	per, err := b.decodeKernel(b.kv.HeadDim).BlocksPerSM(decThreads, decShared(b.kv.HeadDim, b.kv8))
+	w := b.decWarps()
+	per, err := b.decodeKernel(b.kv.HeadDim).BlocksPerSM(32*w, decShared(b.kv.HeadDim, b.kv8, w))
 	if err != nil {
 		return fmt.Errorf("gpu: attn_decode occupancy: %w", err)
 	}

@@ -274,7 +274,8 @@ func (b *Backend) Attention(out, q, k, v engine.Buffer, layer int, scale float32
 	if b.err != nil {
 		return
 	}
-	grid, block := cuda.Dim3{X: b.nDec, Y: b.kv.KVHeads, Z: b.decSplit}, cuda.Dim3{X: decThreads}
+	w := b.decWarps()
+	grid, block := cuda.Dim3{X: b.nDec, Y: b.kv.KVHeads, Z: b.decSplit}, cuda.Dim3{X: 32 * w}
 	cluster := b.decCluster() && b.decSplit > 1
 	opts := b.attnOpts() &^ decOptCluster
 	if cluster {
@@ -283,10 +284,10 @@ func (b *Backend) Attention(out, q, k, v engine.Buffer, layer int, scale float32
 	args := []any{ptr(o), part, b.attnDone, ptr(qb), kc, vc, b.i32(b.off.decSeqs), b.i32(b.off.seqInfo), b.i32(b.off.pages),
 		c.Heads, b.kv.KVHeads, b.kv.BlockSize, scale, b.decSplit, qb.ld, ks, opts}
 	if cluster {
-		b.fail(b.decodeKernel(hd).LaunchCluster(b.s, grid, block, cuda.Dim3{X: 1, Y: 1, Z: b.decSplit}, decShared(hd, b.kv8), args...))
+		b.fail(b.decodeKernel(hd).LaunchCluster(b.s, grid, block, cuda.Dim3{X: 1, Y: 1, Z: b.decSplit}, decShared(hd, b.kv8, w), args...))
 		return
 	}
-	b.fail(b.decodeKernel(hd).Launch(b.s, grid, block, decShared(hd, b.kv8), args...))
+	b.fail(b.decodeKernel(hd).Launch(b.s, grid, block, decShared(hd, b.kv8, w), args...))
 }
 
 // attn_decode's opts bits (llama.cu): decOptEarly, a warp's first tiles
@@ -340,27 +341,45 @@ func (b *Backend) prefillKernel(hd int) *cuda.Function {
 // decodeKernel is the attn_decode variant for head dimension hd (32, 64,
 // 128 or 256: decOK) and the backend's key cache.
 func (b *Backend) decodeKernel(hd int) *cuda.Function {
-	if b.kv8 {
-		return b.fn.attnDecode8[bits.TrailingZeros(uint(hd))-5]
+	i := bits.TrailingZeros(uint(hd)) - 5
+	switch {
+	case b.kv8:
+		return b.fn.attnDecode8[i]
+	case b.decWarps() == decWarps2:
+		return b.fn.attnDecode2[i]
 	}
-	return b.fn.attnDecode[bits.TrailingZeros(uint(hd))-5]
+	return b.fn.attnDecode[i]
 }
 
-// decThreads is DEC_THREADS in llama.cu; decShared(hd, k8) is the dynamic
-// shared memory of attn_decode_d{hd}: DEC_WARPS warps x DecShape<hd>::ST
-// stages x a 16-position tile of K and V (the end-of-block merge reuses it).
-const decThreads = 128
+// decWarps is DEC_WARPS in llama.cu (attn_decode_d*'s warps a block),
+// decWarps2 DEC_WARPS2 (attn_decode2_d*'s, bf16 keys: the experiment of
+// kernelForce.decWarps2). decShared(hd, k8, warps) is the dynamic shared
+// memory of attn_decode_d{hd}: warps x DecShape<hd>::ST stages x a
+// 16-position tile of K and V (the end-of-block merge reuses it).
+const (
+	decWarps  = 4
+	decWarps2 = 2
+)
 
-func decShared(hd int, k8 bool) int {
+// decWarps is the warps a block of the attn_decode variant the backend
+// launches.
+func (b *Backend) decWarps() int {
+	if b.force.decWarps2 && !b.kv8 {
+		return decWarps2
+	}
+	return decWarps
+}
+
+func decShared(hd int, k8 bool, warps int) int {
 	stages := 3
 	if hd >= 256 {
 		stages = 2
 	}
 	tile := 16 * hd * 2 // K or V rows of a 16-position tile, bf16
 	if k8 {             // a stage: V, the e4m3 keys and their scales; one widened K tile (DecShape<HD, true>)
-		return decThreads / 32 * (stages*(tile+16*hd+16*4) + tile)
+		return warps * (stages*(tile+16*hd+16*4) + tile)
 	}
-	return decThreads / 32 * stages * 2 * tile
+	return warps * stages * 2 * tile
 }
 
 // preThreads, preRows are PRE_THREADS and PRE_ROWS in llama.cu; preShared(hd, k8)
