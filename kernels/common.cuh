@@ -168,38 +168,40 @@ template <int BN, int RB, bool WK> struct StreamShape {
     static_assert(WK || BN % 32 == 0, "stream_rows: the warps' outputs are whole n8 tiles");
 };
 
+// StreamElem<F8>::T: the value type of stream_rows_body's operands.
+template <bool F8> struct StreamElem { typedef bf16 T; };
+template <> struct StreamElem<true> { typedef unsigned char T; };
+
 template <int BN, int RB, bool WK, bool F8>
-__device__ __forceinline__ void stream_rows_body(bf16* __restrict__ out, const void* __restrict__ xv, const float* __restrict__ sx,
-                                                 const void* __restrict__ wv, const float* __restrict__ sw, int M, int N, int K,
-                                                 int opts) {
+__device__ __forceinline__ void stream_rows_body(bf16* __restrict__ out, const typename StreamElem<F8>::T* __restrict__ x,
+                                                 const float* __restrict__ sx, const typename StreamElem<F8>::T* __restrict__ w,
+                                                 const float* __restrict__ sw, int M, int N, int K, int opts) {
     static_assert(WK || !F8, "stream_rows: e4m3 weights take the WK layout");
     typedef StreamShape<BN, RB, WK> S;
-    constexpr int ESZ = F8 ? 1 : 2; // bytes of a value
+    typedef typename StreamElem<F8>::T E;
+    constexpr int TV = RB / sizeof(E), CV = 16 / sizeof(E); // values of a tile row, of a chunk
     extern __shared__ __align__(128) unsigned char stream_sm[];
-    const unsigned char* x = static_cast<const unsigned char*>(xv);
-    const unsigned char* w = static_cast<const unsigned char*>(wv);
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const i64 rowB = (i64)K * ESZ; // bytes of an x or w row
-    const int n0 = blockIdx.x * BN, nk = (int)(rowB / RB);
+    const int n0 = blockIdx.x * BN, nk = K / TV;
     const unsigned sb = (unsigned)__cvta_generic_to_shared(stream_sm);
     auto issue_w = [&](int t) { // weight tile t into stage t % ST
         if (t < nk) {
             const unsigned d = sb + (t % S::ST) * S::STAGE_B;
-            const unsigned char* src = w + n0 * rowB + (i64)t * RB;
+            const E* src = w + (i64)n0 * K + (i64)t * TV;
 #pragma unroll
             for (int i = 0; i < BN * S::CH / STREAM_THREADS; i++) {
                 const int idx = tid + i * STREAM_THREADS, r = idx / S::CH, c = idx % S::CH;
-                cp_async16(sk_slot(d, RB, r, c), src + r * rowB + c * 16, 16);
+                cp_async16(sk_slot(d, RB, r, c), src + (i64)r * K + c * CV, 16);
             }
         }
     };
     auto issue_x = [&](int t) { // x's M rows of tile t (rows past M are never stored: their outputs are dropped)
         if (t < nk) {
             const unsigned d = sb + (t % S::ST) * S::STAGE_B + BN * RB;
-            const unsigned char* src = x + (i64)t * RB;
+            const E* src = x + (i64)t * TV;
             for (int idx = tid; idx < M * S::CH; idx += STREAM_THREADS) {
                 const int r = idx / S::CH, c = idx % S::CH;
-                cp_async16(sk_slot(d, RB, r, c), src + r * rowB + c * 16, 16);
+                cp_async16(sk_slot(d, RB, r, c), src + (i64)r * K + c * CV, 16);
             }
         }
     };
