@@ -71,6 +71,16 @@ __device__ __forceinline__ uint4 ld_stream16(const unsigned char* p) {
     return v;
 }
 
+__device__ __forceinline__ void mma_e4m3(float* c, unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0, unsigned b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 890
+    __trap(); // no FP8 tensor cores before sm_89 (the Go side never launches it there)
+#else
+    asm("mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#endif
+}
+
 template <int NT>
 __device__ __forceinline__ void fp8_gemv_body(bf16* __restrict__ out, const unsigned char* __restrict__ qx,
                                               const float* __restrict__ sx, const unsigned char* __restrict__ qw,
@@ -324,20 +334,127 @@ extern "C" __global__ void fp8_splitk_reduce(bf16* __restrict__ out, const float
     }
 }
 
-// fp8_stream_n{32,48,224}: the FP8 product for a few rows (M <= 16),
-//   out[m, n] = bf16(sx[m] * sw[n] * sum_k qx[m, k] * qw[n, k]),
-// streamed the way gemm_skinny streams bf16 weights (stream_rows_body in
-// common.cuh: tiles of 512 bytes of each row for n32 and n48, 128 for
-// n224, each warp a quarter of a tile's columns, m16n8k32 e4m3 MMAs; an
-// e4m3 fragment is a bf16 fragment's bytes). runtime/gpu/fp8_stream.go
-// picks BN.
+// fp8_stream_n{32,48,224}: the FP8 product for a few rows (M <= 16) the
+// way gemm_skinny (llama.cu) streams bf16 weights:
+//   out[m, n] = bf16(sx[m] * sw[n] * sum_k qx[m, k] * qw[n, k])
+// grid N / BN blocks (one wave; runtime/gpu/fp8_stream.go picks BN), block
+// FS_THREADS (4 warps). Block b streams weight rows [b BN, (b + 1) BN) over
+// all of K in tiles of RB bytes of each row (512 for n32 and n48, 128 for
+// n224), with the M activation rows, through ST shared stages by cp.async,
+// ST - 1 tiles ahead of the one multiplied. Each warp multiplies a quarter
+// of each tile's columns for all BN outputs with m16n8k32 e4m3 MMAs (the
+// activation rows as A, the weight rows as B; an e4m3 fragment is a bf16
+// fragment's bytes, so ldmatrix reads both from rows whose 16-byte chunks
+// are XOR-swizzled in groups of 8); the warps' sums meet in shared memory
+// and are scaled as they are written. K % RB == 0, N % BN == 0, 16-byte
+// aligned rows. opts bit 0: the first ST - 1 weight tiles are requested
+// before griddepcontrol.wait (no kernel of a step writes weights).
+#define FS_THREADS 128
+
+template <int BN, int RB> struct FsShape {
+    static constexpr int NT = BN / 8;                  // n8 tiles (every warp multiplies all of them)
+    static constexpr int STAGE_B = (BN + 16) * RB;     // the weight tile, then 16 activation rows
+    static constexpr int ST = (190 * 1024) / STAGE_B < 8 ? (190 * 1024) / STAGE_B : 8;
+    static_assert(ST >= 3, "fp8_stream: too few stages");
+    static_assert(RB % 128 == 0, "fp8_stream: a warp's quarter of a tile row is whole k32 steps");
+    static_assert(4 * 16 * BN * 4 <= ST * STAGE_B, "fp8_stream: the warps' sums do not fit the stages");
+};
+
+template <int BN, int RB>
+__device__ __forceinline__ void fp8_stream_body(bf16* __restrict__ out, const unsigned char* __restrict__ qx,
+                                                const float* __restrict__ sx, const unsigned char* __restrict__ qw,
+                                                const float* __restrict__ sw, int M, int N, int K, int opts) {
+    typedef FsShape<BN, RB> S;
+    constexpr int CH = RB / 16; // 16-byte chunks a tile row
+    extern __shared__ __align__(128) unsigned char fsm[];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int n0 = blockIdx.x * BN, nk = K / RB;
+    const unsigned sb = (unsigned)__cvta_generic_to_shared(fsm);
+    auto issue_w = [&](int t) { // weight tile t into stage t % ST
+        if (t < nk) {
+            const unsigned d = sb + (t % S::ST) * S::STAGE_B;
+            const unsigned char* src = qw + (i64)n0 * K + (i64)t * RB;
+#pragma unroll
+            for (int i = 0; i < BN * CH / FS_THREADS; i++) {
+                const int idx = tid + i * FS_THREADS, r = idx / CH, c = idx % CH;
+                cp_async16(sk_slot(d, RB, r, c), src + (i64)r * K + c * 16, 16);
+            }
+        }
+    };
+    auto issue_x = [&](int t) { // the M activation rows of tile t (rows past M: outputs dropped)
+        if (t < nk) {
+            const unsigned d = sb + (t % S::ST) * S::STAGE_B + BN * RB;
+            const unsigned char* src = qx + (i64)t * RB;
+            for (int idx = tid; idx < M * CH; idx += FS_THREADS) {
+                const int r = idx / CH, c = idx % CH;
+                cp_async16(sk_slot(d, RB, r, c), src + (i64)r * K + c * 16, 16);
+            }
+        }
+    };
+    const bool early = opts & 1;
+    if (early)
+        for (int t = 0; t < S::ST - 1; t++) issue_w(t);
+    pdl_entry();
+    for (int t = 0; t < S::ST - 1; t++) {
+        if (!early) issue_w(t);
+        issue_x(t);
+        cp_async_commit(); // one group per tile (the early weight tiles join the first)
+    }
+    float acc[S::NT][4];
+#pragma unroll
+    for (int j = 0; j < S::NT; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+    const int kc0 = warp * (CH / 4); // this warp's first chunk of a tile row
+    for (int t = 0; t < nk; t++) {
+        cp_async_wait<S::ST - 2>();
+        __syncthreads(); // tile t has landed for every thread; every warp is done with the stage the next issue overwrites
+        issue_w(t + S::ST - 1);
+        issue_x(t + S::ST - 1);
+        cp_async_commit();
+        const unsigned wb = sb + (t % S::ST) * S::STAGE_B, xb = wb + BN * RB;
+#pragma unroll
+        for (int kk = 0; kk < CH / 8; kk++) { // k32 steps: two chunks each
+            const int kc = kc0 + 2 * kk;
+            unsigned a[4];
+            ldsm4(sk_slot(xb, RB, lane & 15, kc + (lane >> 4)), a);
+#pragma unroll
+            for (int j = 0; j < S::NT; j += 2) {
+                const int jj = j + 1 < S::NT ? j + (lane >> 4) : j;
+                unsigned b[4];
+                ldsm4(sk_slot(wb, RB, jj * 8 + (lane & 7), kc + ((lane >> 3) & 1)), b);
+                mma_e4m3(acc[j], a[0], a[1], a[2], a[3], b[0], b[1]);
+                if (j + 1 < S::NT) mma_e4m3(acc[j + 1], a[0], a[1], a[2], a[3], b[2], b[3]);
+            }
+        }
+    }
+    cp_async_wait<0>();
+    // the warps' sums [warp][16][BN] meet in shared memory, added in warp order
+    float* red = reinterpret_cast<float*>(fsm);
+    const int g = lane >> 2, c2 = 2 * (lane & 3);
+    __syncthreads(); // every warp is done with the stages
+#pragma unroll
+    for (int j = 0; j < S::NT; j++) {
+        const int n = j * 8 + c2;
+        *reinterpret_cast<float2*>(red + (warp * 16 + g) * BN + n) = make_float2(acc[j][0], acc[j][1]);
+        *reinterpret_cast<float2*>(red + (warp * 16 + g + 8) * BN + n) = make_float2(acc[j][2], acc[j][3]);
+    }
+    __syncthreads();
+    for (int p = tid; p < M * BN / 2; p += FS_THREADS) {
+        const int m = 2 * p / BN, n = 2 * p - m * BN;
+        float2 s = make_float2(0.f, 0.f);
+#pragma unroll
+        for (int q = 0; q < 4; q++) {
+            const float2 v = *reinterpret_cast<const float2*>(red + (q * 16 + m) * BN + n);
+            s.x += v.x, s.y += v.y;
+        }
+        const float a = sx[m];
+        *reinterpret_cast<__nv_bfloat162*>(out + (i64)m * N + n0 + n) =
+            __floats2bfloat162_rn(s.x * a * sw[n0 + n], s.y * a * sw[n0 + n + 1]);
+    }
+}
+
 #define FP8_STREAM_ARGS                                                                                      \
     bf16 *out, const unsigned char *qx, const float *sx, const unsigned char *qw, const float *sw, int M, int N, \
         int K, int opts
-#define FP8_STREAM(BN, RB, name)                                                                           \
-    extern "C" __global__ void __launch_bounds__(STREAM_THREADS) name(FP8_STREAM_ARGS) {                   \
-        stream_rows_body<BN, RB, true, true>(out, qx, sx, qw, sw, M, N, K, opts);                          \
-    }
-FP8_STREAM(32, 512, fp8_stream_n32)
-FP8_STREAM(48, 512, fp8_stream_n48)
-FP8_STREAM(224, 128, fp8_stream_n224)
+extern "C" __global__ void __launch_bounds__(FS_THREADS) fp8_stream_n32(FP8_STREAM_ARGS) { fp8_stream_body<32, 512>(out, qx, sx, qw, sw, M, N, K, opts); }
+extern "C" __global__ void __launch_bounds__(FS_THREADS) fp8_stream_n48(FP8_STREAM_ARGS) { fp8_stream_body<48, 512>(out, qx, sx, qw, sw, M, N, K, opts); }
+extern "C" __global__ void __launch_bounds__(FS_THREADS) fp8_stream_n224(FP8_STREAM_ARGS) { fp8_stream_body<224, 128>(out, qx, sx, qw, sw, M, N, K, opts); }

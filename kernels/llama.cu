@@ -2009,18 +2009,141 @@ extern "C" __global__ void __launch_bounds__(SM_THREADS) sample_rows(int* out, c
 }
 
 // ---------------------------------------------------------------------------
-// gemm_skinny_n{32,48,224}: out[M, N] = x[M, K] . w[N, K]^T for the few
-// rows of a decode step (M <= 16), bf16 in, float32 accumulate, bf16 out
-// (stream_rows_body in common.cuh: one wave of N / BN blocks, each
-// streaming its weight rows over all of K; runtime/gpu/bf16_skinny.go
-// picks BN). n32 and n48: tiles of 256 values of each row, each warp a
-// quarter of a tile's columns; n224: 64 values, warp w owns outputs
-// [56 w, 56 w + 56).
-#define GEMM_SKINNY_ARGS bf16 *out, const bf16 *x, const bf16 *w, int M, int N, int K, int opts
-#define GEMM_SKINNY(BN, RB, WK, name)                                                                           \
-    extern "C" __global__ void __launch_bounds__(STREAM_THREADS) name(GEMM_SKINNY_ARGS) {                       \
-        stream_rows_body<BN, RB, WK, false>(out, x, nullptr, w, nullptr, M, N, K, opts);                         \
+// gemm_skinny: out[M, N] = x[M, K] . w[N, K]^T for the few rows of a decode
+// step (M <= 16), bf16 in, float32 accumulate, bf16 out; x, w and out whole
+// rows (ld K, K, N), 16-byte aligned. Such a product is the weights' bytes:
+// the kernel streams them once, in a grid of one wave (N / BN blocks,
+// runtime/gpu/bf16_skinny.go picks BN), without cuBLASLt's split-K reduce
+// launch. Block b takes weight rows [b BN, (b + 1) BN) and all of K in tiles
+// of BK columns (the rows' contiguous BK * 2 bytes), copied with x's M rows
+// into ST shared stages by cp.async, ST - 1 tiles ahead of the one multiplied
+// (m16n8k16 MMAs, both operands by ldmatrix from rows whose 16-byte chunks
+// are XOR-swizzled in groups of 8). Two layouts of the 4 warps:
+//   - gemm_skinny_n{32,48} (WK): BK 256; warp w multiplies columns [64 w,
+//     64 w + 64) of each tile for all BN outputs, and the warps' sums meet
+//     in shared memory at the end (narrow blocks: many rows' bytes each);
+//   - gemm_skinny_n224: BK 64; warp w owns outputs [56 w, 56 w + 56).
+// opts bit 0: the first ST - 1 weight tiles are requested before
+// griddepcontrol.wait (no kernel of a step writes weights), so their DRAM
+// latency runs under the kernel before.
+#define SK_THREADS 128
+
+template <int BN, bool WK> struct SkShape {
+    static constexpr int BK = WK ? 256 : 64;
+    static constexpr int ROW_B = BK * 2;                   // bytes of a tile row
+    static constexpr int NT = WK ? BN / 8 : BN / 32;       // n8 tiles a warp multiplies
+    static constexpr int STAGE_B = (BN + 16) * ROW_B;      // the weight tile, then x's 16 rows
+    static constexpr int ST = (190 * 1024) / STAGE_B < 8 ? (190 * 1024) / STAGE_B : 8;
+    static_assert(ST >= 3, "gemm_skinny: too few stages");
+    static_assert(!WK || 4 * 16 * BN * 4 <= ST * STAGE_B, "gemm_skinny: the warps' sums do not fit the stages");
+};
+
+template <int BN, bool WK>
+__device__ __forceinline__ void gemm_skinny_body(bf16* __restrict__ out, const bf16* __restrict__ x, const bf16* __restrict__ w,
+                                                 int M, int N, int K, int opts) {
+    typedef SkShape<BN, WK> S;
+    constexpr int CH = S::ROW_B / 16; // 16-byte chunks a tile row
+    extern __shared__ __align__(128) unsigned char ssm[];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int n0 = blockIdx.x * BN, nk = K / S::BK;
+    const unsigned sb = (unsigned)__cvta_generic_to_shared(ssm);
+    auto issue_w = [&](int t) { // weight tile t into stage t % ST
+        if (t < nk) {
+            const unsigned d = sb + (t % S::ST) * S::STAGE_B;
+            const bf16* src = w + (i64)n0 * K + t * S::BK;
+#pragma unroll
+            for (int i = 0; i < BN * CH / SK_THREADS; i++) {
+                const int idx = tid + i * SK_THREADS, r = idx / CH, c = idx % CH;
+                cp_async16(sk_slot(d, S::ROW_B, r, c), src + (i64)r * K + c * 8, 16);
+            }
+        }
+    };
+    auto issue_x = [&](int t) { // x's M rows of tile t (rows past M are never stored: their outputs are dropped)
+        if (t < nk) {
+            const unsigned d = sb + (t % S::ST) * S::STAGE_B + BN * S::ROW_B;
+            const bf16* src = x + t * S::BK;
+            for (int idx = tid; idx < M * CH; idx += SK_THREADS) {
+                const int r = idx / CH, c = idx % CH;
+                cp_async16(sk_slot(d, S::ROW_B, r, c), src + (i64)r * K + c * 8, 16);
+            }
+        }
+    };
+    const bool early = opts & 1;
+    if (early)
+        for (int t = 0; t < S::ST - 1; t++) issue_w(t);
+    pdl_entry();
+    for (int t = 0; t < S::ST - 1; t++) {
+        if (!early) issue_w(t);
+        issue_x(t);
+        cp_async_commit(); // one group per tile (the early weight tiles join the first)
     }
-GEMM_SKINNY(32, 512, true, gemm_skinny_n32)
-GEMM_SKINNY(48, 512, true, gemm_skinny_n48)
-GEMM_SKINNY(224, 128, false, gemm_skinny_n224)
+    float acc[S::NT][4];
+#pragma unroll
+    for (int j = 0; j < S::NT; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+    // this warp's k16 steps of a tile and its first output row (n8 tile)
+    const int kc0 = WK ? warp * 8 : 0, r0 = WK ? 0 : warp * 8 * S::NT;
+    for (int t = 0; t < nk; t++) {
+        cp_async_wait<S::ST - 2>();
+        __syncthreads(); // tile t has landed for every thread; every warp is done with the stage the next issue overwrites
+        issue_w(t + S::ST - 1);
+        issue_x(t + S::ST - 1);
+        cp_async_commit();
+        const unsigned wb = sb + (t % S::ST) * S::STAGE_B, xb = wb + BN * S::ROW_B;
+#pragma unroll
+        for (int kk = 0; kk < 4; kk++) {
+            const int kc = kc0 + 2 * kk; // the k16 step's first chunk
+            unsigned a[4];
+            ldsm4(sk_slot(xb, S::ROW_B, lane & 15, kc + (lane >> 4)), a);
+#pragma unroll
+            for (int j = 0; j < S::NT; j += 2) {
+                // lanes 0-15: n tile j, chunks kc and kc + 1 (b0, b1);
+                // lanes 16-31: n tile j + 1 (the same tile again past NT)
+                const int jj = j + 1 < S::NT ? j + (lane >> 4) : j;
+                unsigned b[4];
+                ldsm4(sk_slot(wb, S::ROW_B, r0 + jj * 8 + (lane & 7), kc + ((lane >> 3) & 1)), b);
+                mma16816(acc[j], a[0], a[1], a[2], a[3], b[0], b[1]);
+                if (j + 1 < S::NT) mma16816(acc[j + 1], a[0], a[1], a[2], a[3], b[2], b[3]);
+            }
+        }
+    }
+    cp_async_wait<0>();
+    const int g = lane >> 2, c2 = 2 * (lane & 3);
+    if (!WK) {
+#pragma unroll
+        for (int j = 0; j < S::NT; j++) {
+            const int n = n0 + r0 + j * 8 + c2;
+            if (g < M) *reinterpret_cast<__nv_bfloat162*>(out + (i64)g * N + n) = __floats2bfloat162_rn(acc[j][0], acc[j][1]);
+            if (g + 8 < M) *reinterpret_cast<__nv_bfloat162*>(out + (i64)(g + 8) * N + n) = __floats2bfloat162_rn(acc[j][2], acc[j][3]);
+        }
+        return;
+    }
+    // the warps' sums [warp][16][BN] meet in shared memory, added in warp order
+    float* red = reinterpret_cast<float*>(ssm);
+    __syncthreads(); // every warp is done with the stages
+#pragma unroll
+    for (int j = 0; j < S::NT; j++) {
+        const int n = j * 8 + c2;
+        *reinterpret_cast<float2*>(red + (warp * 16 + g) * BN + n) = make_float2(acc[j][0], acc[j][1]);
+        *reinterpret_cast<float2*>(red + (warp * 16 + g + 8) * BN + n) = make_float2(acc[j][2], acc[j][3]);
+    }
+    __syncthreads();
+    for (int p = tid; p < M * BN / 2; p += SK_THREADS) {
+        const int m = 2 * p / BN, n = 2 * p - m * BN;
+        float2 s = make_float2(0.f, 0.f);
+#pragma unroll
+        for (int q = 0; q < 4; q++) {
+            const float2 v = *reinterpret_cast<const float2*>(red + (q * 16 + m) * BN + n);
+            s.x += v.x, s.y += v.y;
+        }
+        *reinterpret_cast<__nv_bfloat162*>(out + (i64)m * N + n0 + n) = __floats2bfloat162_rn(s.x, s.y);
+    }
+}
+
+#define GEMM_SKINNY_ARGS bf16 *out, const bf16 *x, const bf16 *w, int M, int N, int K, int opts
+#define GEMM_SKINNY(BN, WK, name)                                                                               \
+    extern "C" __global__ void __launch_bounds__(SK_THREADS) name(GEMM_SKINNY_ARGS) {                           \
+        gemm_skinny_body<BN, WK>(out, x, w, M, N, K, opts);                                                      \
+    }
+GEMM_SKINNY(32, true, gemm_skinny_n32)
+GEMM_SKINNY(48, true, gemm_skinny_n48)
+GEMM_SKINNY(224, false, gemm_skinny_n224)

@@ -28,7 +28,7 @@ const bfSkinnyEarly = 1
 // and 48; 64 for 224).
 var bfSkinnyVariants = []streamVariant{{224, 64}, {48, 256}, {32, 256}}
 
-// bfSkinnyShared is StreamShape's shared memory: stages of the weight tile
+// bfSkinnyShared is SkShape<bn>'s shared memory: stages of the weight tile
 // (bn rows) and x's (16 rows).
 func bfSkinnyShared(v streamVariant) int { return stageShared(v.bn+16, 2*v.tile) }
 

@@ -33,7 +33,7 @@ const (
 // values) of each weight row a tile holds.
 var fp8StreamVariants = []streamVariant{{224, 128}, {48, 512}, {32, 512}}
 
-// fp8StreamShared is StreamShape's shared memory: stages of the
+// fp8StreamShared is FsShape<bn, tile>'s shared memory: stages of the
 // weight tile (bn rows) and 16 activation rows.
 func fp8StreamShared(v streamVariant) int { return stageShared(v.bn+16, v.tile) }
 

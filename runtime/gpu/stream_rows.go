@@ -59,7 +59,7 @@ func (g *streamRows) pick(N, K int) (i int, ok bool) {
 
 // stageShared is the shared memory of a streaming kernel whose stage holds
 // rows rows of rowBytes each: as many stages as fit 190 KB, at most 8
-// (StreamShape in kernels/common.cuh).
+// (SkShape, FsShape).
 func stageShared(rows, rowBytes int) int {
 	stage := rows * rowBytes
 	return min(8, 190*1024/stage) * stage
