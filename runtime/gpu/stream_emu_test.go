@@ -17,7 +17,7 @@ import (
 //     (e4m3) fragment needs: A rows m and m+8, B column n, at the k step's
 //     bytes (the two fragment layouts are the same in bytes); rows of x past
 //     M may hold anything (their outputs are dropped);
-//   - every (m16 tile, n8 tile, k step) of a tile is multiplied exactly once
+//   - every (n8 tile, k step) of a tile is multiplied exactly once
 //     over the block's warps;
 //   - the epilogue's shared-memory sums gather, for each output of the M
 //     rows, exactly one accumulator of each warp for that output (or, for
@@ -26,18 +26,17 @@ func TestStreamRowsEmulated(t *testing.T) {
 	type family struct {
 		name        string
 		bn, rb      int  // output columns a block, bytes of each row a tile
-		warps, mt   int  // warps a block, m16 tiles of x
+		warps       int  // warps a block
 		wk          bool // the warps split each tile's columns (else its outputs)
-		red16       int  // rows of a warp's sums in the epilogue's buffer (16 MT)
 		shared, thr int  // the Go side's shared memory and threads
 	}
 	var fams []family
 	for _, v := range bfSkinnyVariants {
 		wk := v.bn != 224
-		fams = append(fams, family{fmt.Sprintf("gemm_skinny_n%d", v.bn), v.bn, 2 * v.tile, 4, 1, wk, 16, bfSkinnyShared(v), 128})
+		fams = append(fams, family{fmt.Sprintf("gemm_skinny_n%d", v.bn), v.bn, 2 * v.tile, 4, wk, bfSkinnyShared(v), 128})
 	}
 	for _, v := range fp8StreamVariants {
-		fams = append(fams, family{fmt.Sprintf("fp8_stream_n%d", v.bn), v.bn, v.tile, 4, 1, true, 16, fp8StreamShared(v), 128})
+		fams = append(fams, family{fmt.Sprintf("fp8_stream_n%d", v.bn), v.bn, v.tile, 4, true, fp8StreamShared(v), 128})
 	}
 	type src struct {
 		x         bool // x (activations) or w (weights)
@@ -50,7 +49,7 @@ func TestStreamRowsEmulated(t *testing.T) {
 			t.Fatalf("%s: %d threads, the Go side launches %d", f.name, threads, f.thr)
 		}
 		ch := f.rb / 16
-		stage := (f.bn + 16*f.mt) * f.rb
+		stage := (f.bn + 16) * f.rb // the weight tile, then x's 16 rows
 		st := min(8, 190*1024/stage)
 		if st*stage != f.shared || st < 3 {
 			t.Fatalf("%s: %d stages of %d bytes, the Go side gives %d bytes", f.name, st, stage, f.shared)
@@ -59,14 +58,11 @@ func TestStreamRowsEmulated(t *testing.T) {
 		if !f.wk {
 			nt = f.bn / (8 * f.warps)
 		}
-		if f.wk && f.warps*f.red16*f.bn*4 > st*stage {
-			t.Fatalf("%s: the warps' sums (%d bytes) do not fit the stages", f.name, f.warps*f.red16*f.bn*4)
+		if f.wk && f.warps*16*f.bn*4 > st*stage {
+			t.Fatalf("%s: the warps' sums (%d bytes) do not fit the stages", f.name, f.warps*16*f.bn*4)
 		}
 		kSteps := f.rb / 32 // 32-byte k steps of a tile (k16 bf16, k32 e4m3)
-		for _, M := range []int{1, 5, 16 * f.mt} {
-			if f.mt > 1 && M <= 16 {
-				M = 17
-			}
+		for _, M := range []int{1, 5, 16} {
 			for _, blk := range []int{0, 3} {
 				for _, tile := range []int{0, 1, st} { // stage 0, 1, and stage 0 again
 					n0 := blk * f.bn
@@ -88,7 +84,7 @@ func TestStreamRowsEmulated(t *testing.T) {
 					if f.bn*ch%threads != 0 {
 						t.Fatalf("%s: %d weight chunks a tile over %d threads", f.name, f.bn*ch, threads)
 					}
-					covered := map[[3]int]int{}
+					covered := map[[2]int]int{}
 					wb, xb := base, base+f.bn*f.rb
 					for warp := range f.warps {
 						// this warp's k steps (first chunk of each) and first output row
@@ -120,49 +116,45 @@ func TestStreamRowsEmulated(t *testing.T) {
 								}
 								return regs
 							}
-							for mt := range f.mt {
-								a := ldsm(func(l int) int { return slot(xb, mt*16+(l&15), kc+(l>>4)) })
-								for tt := range 32 {
-									for i := range 4 {
-										row := mt*16 + (i&1)*8 + tt/4
-										want := src{true, row, tile*f.rb + kc*16 + (i>>1)*16 + 4*(tt%4), true}
-										if row < M && a[tt][i] != want {
-											t.Fatalf("%s M %d block %d tile %d warp %d: A reg %d of thread %d holds %+v, want %+v", f.name, M, blk, tile, warp, i, tt, a[tt][i], want)
-										}
+							a := ldsm(func(l int) int { return slot(xb, l&15, kc+(l>>4)) })
+							for tt := range 32 {
+								for i := range 4 {
+									row := (i&1)*8 + tt/4
+									want := src{true, row, tile*f.rb + kc*16 + (i>>1)*16 + 4*(tt%4), true}
+									if row < M && a[tt][i] != want {
+										t.Fatalf("%s M %d block %d tile %d warp %d: A reg %d of thread %d holds %+v, want %+v", f.name, M, blk, tile, warp, i, tt, a[tt][i], want)
 									}
 								}
-								for j := 0; j < nt; j += 2 {
-									b := ldsm(func(l int) int {
-										jj := j
-										if j+1 < nt {
-											jj = j + (l >> 4)
-										}
-										return slot(wb, r0+jj*8+(l&7), kc+((l>>3)&1))
-									})
-									for h := range 2 { // tile j (regs 0, 1), j + 1 (regs 2, 3)
-										if j+h >= nt {
-											continue
-										}
-										for tt := range 32 {
-											for half := range 2 {
-												want := src{false, n0 + r0 + (j+h)*8 + tt/4, tile*f.rb + kc*16 + half*16 + 4*(tt%4), true}
-												if got := b[tt][2*h+half]; got != want {
-													t.Fatalf("%s M %d block %d tile %d warp %d: B reg %d of thread %d (n tile %d) holds %+v, want %+v", f.name, M, blk, tile, warp, 2*h+half, tt, j+h, got, want)
-												}
+							}
+							for j := 0; j < nt; j += 2 {
+								b := ldsm(func(l int) int {
+									jj := j
+									if j+1 < nt {
+										jj = j + (l >> 4)
+									}
+									return slot(wb, r0+jj*8+(l&7), kc+((l>>3)&1))
+								})
+								for h := range 2 { // tile j (regs 0, 1), j + 1 (regs 2, 3)
+									if j+h >= nt {
+										continue
+									}
+									for tt := range 32 {
+										for half := range 2 {
+											want := src{false, n0 + r0 + (j+h)*8 + tt/4, tile*f.rb + kc*16 + half*16 + 4*(tt%4), true}
+											if got := b[tt][2*h+half]; got != want {
+												t.Fatalf("%s M %d block %d tile %d warp %d: B reg %d of thread %d (n tile %d) holds %+v, want %+v", f.name, M, blk, tile, warp, 2*h+half, tt, j+h, got, want)
 											}
 										}
-										covered[[3]int{mt, r0/8 + j + h, kc / 2}]++
 									}
+									covered[[2]int{r0/8 + j + h, kc / 2}]++
 								}
 							}
 						}
 					}
-					for mt := range f.mt {
-						for j := range f.bn / 8 {
-							for k := range kSteps {
-								if n := covered[[3]int{mt, j, k}]; n != 1 {
-									t.Fatalf("%s M %d: m tile %d, n tile %d, k step %d multiplied %d times", f.name, M, mt, j, k, n)
-								}
+					for j := range f.bn / 8 {
+						for k := range kSteps {
+							if n := covered[[2]int{j, k}]; n != 1 {
+								t.Fatalf("%s M %d: n tile %d, k step %d multiplied %d times", f.name, M, j, k, n)
 							}
 						}
 					}
@@ -198,13 +190,11 @@ func TestStreamRowsEmulated(t *testing.T) {
 				for warp := range f.warps {
 					for tt := range 32 {
 						g, c2 := tt/4, 2*(tt%4)
-						for mt := range f.mt {
-							for j := range nt {
-								n, m := j*8+c2, mt*16+g
-								for _, mm := range []int{m, m + 8} {
-									i := (warp*f.red16+mm)*f.bn + n
-									red[i], red[i+1] = acc{warp, mm, n}, acc{warp, mm, n + 1}
-								}
+						for j := range nt {
+							n, m := j*8+c2, g
+							for _, mm := range []int{m, m + 8} {
+								i := (warp*16+mm)*f.bn + n
+								red[i], red[i+1] = acc{warp, mm, n}, acc{warp, mm, n + 1}
 							}
 						}
 					}
@@ -214,7 +204,7 @@ func TestStreamRowsEmulated(t *testing.T) {
 					n := 2*p - m*f.bn
 					for q := range f.warps {
 						for e := range 2 {
-							if got, want := red[(q*f.red16+m)*f.bn+n+e], (acc{q, m, n + e}); got != want {
+							if got, want := red[(q*16+m)*f.bn+n+e], (acc{q, m, n + e}); got != want {
 								t.Fatalf("%s M %d: output [%d,%d] gathers %+v from warp %d's sums, want %+v", f.name, M, m, n+e, got, q, want)
 							}
 						}
