@@ -160,11 +160,8 @@ func TestSkinnyBench(t *testing.T) {
 		floor := float64(2*N*K) / bw * 1e6
 		for _, T := range envBatches(t, "PEFTD_SKINNY_T", []int{1, 4, 8, 16}) {
 			p, ok := g.plan(T, N, K)
-			if T > bfSkinnyMaxRows {
+			if !ok { // more rows than gemm_skinny takes, or a shape that does not fit this card's SMs in one wave
 				continue
-			}
-			if !ok {
-				t.Fatalf("%d x %d x %d: no plan", T, N, K)
 			}
 			lt := graphMedianUs(t, r.s, 20, 15, func(i int) error {
 				return r.mm.GemmTN(r.s, out.Ptr(), cuda.R16BF, x.Ptr(), cuda.R16BF, ws[i%n].Ptr(), cuda.R16BF, T, N, K, 1, 0)
