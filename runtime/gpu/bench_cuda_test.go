@@ -530,10 +530,9 @@ func TestDecodeBench(t *testing.T) {
 		vs = vs[:min(onlyRows, len(vs))]
 	}
 	// PEFTD_DECODE_ROWS=no,4xr32+lt,...: only the rows of those labels
-	wantRow := func(v decodeVariant) bool {
-		want := os.Getenv("PEFTD_DECODE_ROWS")
-		return want == "" || slices.Contains(strings.Split(want, ","), v.label(ads, pdlOK))
-	}
+	rowsWanted := os.Getenv("PEFTD_DECODE_ROWS")
+	rowLabels := strings.Split(rowsWanted, ",")
+	wantRow := func(v decodeVariant) bool { return rowsWanted == "" || slices.Contains(rowLabels, v.label(ads, pdlOK)) }
 	vs = slices.DeleteFunc(vs, func(v decodeVariant) bool { return !wantRow(v) })
 	type run struct {
 		B int
