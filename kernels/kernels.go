@@ -130,6 +130,12 @@ func DefaultCacheDir() (string, error) {
 // ShippedDirsEnv names the folders of shipped cubins (Options.ShippedDirs).
 const ShippedDirsEnv = "PEFTD_KERNEL_DIRS"
 
+// DefinesEnv names space-separated NVRTC options (e.g. -DNAME) added to
+// every compile after Options.Extra: kernel variants chosen at build time
+// for an A/B measurement without a rebuilt binary. They are part of the
+// cache key, so a cubin built without them is never loaded with them.
+const DefinesEnv = "PEFTD_KERNEL_DEFINES"
+
 func (o Options) shipped() []string {
 	if o.ShippedDirs != nil {
 		return o.ShippedDirs
@@ -174,6 +180,7 @@ func newJob(name, arch string, o Options) (*job, error) {
 		opts = append(opts, "-I"+filepath.Join(inc, "cccl")) // CUDA 13 keeps <nv/target> there
 	}
 	opts = append(opts, o.Extra...)
+	opts = append(opts, strings.Fields(os.Getenv(DefinesEnv))...)
 	maj, min, err := cuda.NVRTCVersion()
 	if err != nil {
 		return nil, err
