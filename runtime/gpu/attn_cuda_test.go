@@ -204,21 +204,19 @@ func attentionCase(t *testing.T, sh attnShape, k8 bool) {
 	// must give the same bits. A third time with the splits as thread-block
 	// clusters (opts 7, the default; on sm_90 and later): fewer splits, so
 	// the sums differ in their last bits. With bf16 keys, a fourth time
-	// with attn_decode2 (2 warps a block: kernelForce.decWarps2).
+	// with attn_decode2 (2 warps a block: kernelForce.decWarps), and a fifth
+	// with attn_decode's 4 (whatever decWarpsFor chooses for this step).
 	var first []float32
 	for i, run := range []struct {
 		v0   bool
 		opts int
-		w2   bool
-	}{{false, -1, false}, {false, 3, false}, {false, 7, false}, {false, 0, true}, {true, 0, false}} {
+		warps int
+	}{{false, -1, 0}, {false, 3, 0}, {false, 7, 0}, {false, 0, decWarps2}, {false, 0, decWarps}, {true, 0, 0}} {
 		v0 := run.v0
-		if run.w2 && k8 {
+		if run.warps != 0 && k8 {
 			continue
 		}
-		r.b.force.attnRows, r.b.force.decOpts, r.b.force.decWarps2 = v0, run.opts, run.w2
-		if err := r.b.sizeDecode(); err != nil {
-			t.Fatal(err)
-		}
+		r.b.force.attnRows, r.b.force.decOpts, r.b.force.decWarps = v0, run.opts, run.warps
 		r.poison(out)
 		r.begin(m)
 		if !v0 {
@@ -264,18 +262,15 @@ func attentionCase(t *testing.T, sh attnShape, k8 bool) {
 			}
 		case 2:
 			name += fmt.Sprintf(", decOpts 7 (clusters: %v, split %d)", r.b.decCluster(), r.b.decSplit)
-		case 3:
-			name += fmt.Sprintf(", attn_decode2 (2 warps a block, %d resident, split %d)", r.b.decResident, r.b.decSplit)
+		case 3, 4:
+			name += fmt.Sprintf(", %d warps a block (%d resident, split %d)", r.b.decW, r.b.resident(r.b.decW), r.b.decSplit)
 		}
 		if v0 {
 			name = "per-row kernel (v0), all rows"
 		}
 		r.compare(name, got, want, opTol)
 	}
-	r.b.force.attnRows, r.b.force.decOpts, r.b.force.decWarps2 = false, 0, false
-	if err := r.b.sizeDecode(); err != nil {
-		t.Fatal(err)
-	}
+	r.b.force.attnRows, r.b.force.decOpts, r.b.force.decWarps = false, 0, 0
 	if k8 { // what rope_store stored for the step's keys
 		gotQ, gotS := make([]byte, len(k8Img)), make([]float32, len(sImg))
 		for _, e := range []error{cuda.CopyDtoH(r.b.s, gotQ, kc), cuda.CopyDtoH(r.b.s, gotS, ksc), r.b.s.Synchronize()} {
@@ -303,7 +298,10 @@ func attentionCase(t *testing.T, sh attnShape, k8 bool) {
 	}
 	var fs []*cuda.Function
 	if r.b.decOK {
-		fs = append(fs, r.b.decodeKernel(hd))
+		fs = append(fs, r.b.decodeKernel(hd, decWarps))
+		if !r.b.kv8 {
+			fs = append(fs, r.b.decodeKernel(hd, decWarps2))
+		}
 	}
 	if r.b.preOK {
 		fs = append(fs, r.b.prefillKernel(hd))

@@ -150,7 +150,7 @@ type funcs struct {
 	sgShrink, sgShrink4, sgExpand, sample, logitAdjust                            *cuda.Function
 	attnDecode                                                                    [4]*cuda.Function // attn_decode_d32, d64, d128, d256
 	attnDecode8                                                                   [4]*cuda.Function // attn_decode8_d*: FP8 keys
-	attnDecode2                                                                   [4]*cuda.Function // attn_decode2_d*: 2 warps a block (kernelForce.decWarps2)
+	attnDecode2                                                                   [4]*cuda.Function // attn_decode2_d*: 2 warps a block (decWarpsFor)
 	attnPrefill                                                                   [3]*cuda.Function // attn_prefill_d32, d64, d128
 	attnPrefill8                                                                  [3]*cuda.Function // attn_prefill8_d*: FP8 keys
 	sgExpandTC                                                                    [3]*cuda.Function // sgmv_expand_tc1, tc2, tc4
@@ -168,7 +168,7 @@ type kernelForce struct {
 	decSplit  int           // attn_decode: this many KV splits per (sequence, KV head), at most decSplitFor's cap (0: decSplitFor's choice)
 	ropeHeads bool          // RoPE and the K/V store: rope_store (a block per row and head) for every shape
 	decOpts   int           // attn_decode's opts (llama.cu) in place of decOptsDefault (0: the default; -1: none): 1 the first tiles before griddepcontrol.wait, 2 the merge with 16 loads in flight, 4 the splits as clusters (decCluster)
-	decWarps2 bool          // attn_decode: attn_decode2_d* (2 warps a block, twice the blocks an SM) for bf16 keys; sizeDecode again after a change
+	decWarps  int           // attn_decode's warps a block, whatever the rows (decWarps or decWarps2; 0: decWarpsFor's choice); bf16 keys only
 	noSkinny  bool          // bf16 products: cuBLASLt whatever the rows (no gemm_skinny)
 	skLate    bool          // gemm_skinny: no weight tiles before griddepcontrol.wait (opts 0)
 	wholeLoad bool          // adapter loads: a step waits for the whole image before it starts (no per-layer start)
@@ -254,7 +254,8 @@ type Backend struct {
 	// Split-KV decode attention (attn_decode) for sequences
 	// with one row in the step; the per-row kernel takes the other rows.
 	decOK       bool // the model's head shape suits attn_decode (head_dim 32, 64, 128 or 256; <= 8 query heads per KV head)
-	decResident int  // attn_decode blocks resident at once (sizeDecode)
+	decResident [2]int // attn_decode blocks resident at once with decWarps ([0]) and decWarps2 ([1]) a block (sizeDecode)
+	decW        int    // the step's attn_decode warps a block (decWarpsFor of its bucket, set with decSplit)
 	preOK       bool // the head shape suits attn_prefill (head_dim 32, 64 or 128)
 	// the attn_decode and attn_prefill variants (head_dim 32 << i) whose
 	// shared memory fits a block on this card
@@ -547,18 +548,24 @@ func headIndex(hd int) int {
 }
 
 // sizeDecode records how many attn_decode blocks the GPU holds at once for
-// the model's head dimension (decSplitFor plans waves of them).
+// the model's head dimension, for each variant (decSplitFor plans waves of
+// them).
 func (b *Backend) sizeDecode() error {
-	b.decResident = b.ctx.Device().SMs
+	sms := b.ctx.Device().SMs
+	b.decResident = [2]int{sms, sms}
 	if !b.decOK {
 		return nil
 	}
-	w := b.decWarps()
-	per, err := b.decodeKernel(b.kv.HeadDim).BlocksPerSM(32*w, decShared(b.kv.HeadDim, b.kv8, w))
-	if err != nil {
-		return fmt.Errorf("gpu: attn_decode occupancy: %w", err)
+	for i, w := range []int{decWarps, decWarps2} {
+		if w == decWarps2 && b.kv8 {
+			break // attn_decode2 has no FP8-key variant
+		}
+		per, err := b.decodeKernel(b.kv.HeadDim, w).BlocksPerSM(32*w, decShared(b.kv.HeadDim, b.kv8, w))
+		if err != nil {
+			return fmt.Errorf("gpu: attn_decode occupancy (%d warps): %w", w, err)
+		}
+		b.decResident[i] = max(1, per) * sms
 	}
-	b.decResident = max(1, per) * b.ctx.Device().SMs
 	return nil
 }
 

@@ -122,15 +122,14 @@ func preTilesCap(n int) int { return (n+preRows-1)/preRows + min(n/2, 16) }
 func tilesCap(n, slots int) int { return min(n, (n+sgTileRows-1)/sgTileRows+max(slots, 1)) }
 
 // decSplitFor is the KV split of attn_decode for a decode step of n rows.
-// Blocks run in waves of decResident (the blocks the GPU holds at once); a
+// Blocks run in waves of resident (the blocks of decWarpsFor(n) warps the
+// GPU holds at once); a
 // block costs its share of the context plus a fixed part (its pipeline's
 // start, the merge: about an eighth of a whole context's time at 8B
 // shapes), so the split minimizing waves x (1/split + 1/8) wins: one full
 // wave of whole contexts beats two of halves, and few sequences get split
 // until they fill a wave.
 func (b *Backend) decSplitFor(n int) int {
-	pairs := n * b.kv.KVHeads
-	best, bestCost := 1, math.Inf(1)
 	top := 64
 	if b.decCluster() {
 		top = decClusterMax
@@ -138,8 +137,16 @@ func (b *Backend) decSplitFor(n int) int {
 	if b.force.decSplit > 0 {
 		return min(b.force.decSplit, top)
 	}
+	return kvSplitFor(n*b.kv.KVHeads, b.resident(b.decWarpsFor(n)), top)
+}
+
+// kvSplitFor is decSplitFor's choice for pairs (sequence, KV head) blocks
+// when the GPU holds resident blocks at once and a pair splits at most top
+// ways.
+func kvSplitFor(pairs, resident, top int) int {
+	best, bestCost := 1, math.Inf(1)
 	for s := 1; s <= top; s++ {
-		waves := (pairs*s + b.decResident - 1) / b.decResident
+		waves := (pairs*s + resident - 1) / resident
 		if c := float64(waves) * (1/float64(s) + 0.125); c < bestCost-1e-9 {
 			best, bestCost = s, c
 		}
@@ -606,7 +613,7 @@ func (b *Backend) fillGraphMeta(meta *engine.StepMeta, n, rank int, mixed bool) 
 	b.meta, b.off, b.metaBase = meta, o, b.g.dev.Ptr()
 	b.nRows, b.nLogit = n, n
 	b.nDec, b.nPre, b.nPreTiles = n, 0, nPreTiles
-	b.decSplit, b.part = b.decSplitFor(n), b.g.part
+	b.decSplit, b.decW, b.part = b.decSplitFor(n), b.decWarpsFor(n), b.g.part
 	b.nLora, b.nTiles = 0, 0
 	b.stepRank, b.stepTmp, b.stepTmpFloats = 0, 0, 0
 	if rank > 0 {

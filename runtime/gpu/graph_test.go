@@ -80,3 +80,56 @@ func TestPutTiles(t *testing.T) {
 		}
 	}
 }
+
+// TestKVSplitFor: attn_decode's KV split for a step's (sequence, KV head)
+// pairs, at H200's resident blocks (132 SMs: 2 blocks an SM with 4 warps,
+// 4 with 2), clusters of at most 8 and without.
+func TestKVSplitFor(t *testing.T) {
+	for _, c := range []struct{ pairs, resident, top, want int }{
+		{8, 264, 8, 8},    // batch 1: as many splits as a cluster holds
+		{8, 264, 64, 33},  // batch 1 without clusters: one wave of 264
+		{128, 264, 8, 2},  // batch 16: two splits fill one wave
+		{512, 264, 8, 1},  // batch 64 with 4 warps: two waves of whole contexts beat four of halves
+		{512, 528, 8, 1},  // batch 64 with 2 warps: one wave
+		{2048, 528, 8, 1}, // batch 256
+		{1, 1, 8, 1},      // a one-block GPU never splits
+		{528, 528, 64, 1}, // exactly one wave
+		{529, 528, 64, 1}, // two waves either way: whole contexts
+		{66, 528, 64, 8},  // 8 splits fill the wave exactly
+		{67, 528, 64, 7},  // 8 would take two waves
+		{264, 264, 8, 1},  // a full wave of whole contexts
+		{132, 264, 8, 2},  // half a wave: two splits
+		{100, 264, 8, 2},  // 2 x 100 fits, 3 x 100 does not
+	} {
+		if got := kvSplitFor(c.pairs, c.resident, c.top); got != c.want {
+			t.Errorf("kvSplitFor(%d pairs, %d resident, top %d) = %d, want %d", c.pairs, c.resident, c.top, got, c.want)
+		}
+	}
+}
+
+// TestDecWarpsFor: attn_decode2 (2 warps) from decWarps2MinRows rows with
+// bf16 keys, attn_decode (4) below and with FP8 keys; kernelForce.decWarps
+// overrides the rows.
+func TestDecWarpsFor(t *testing.T) {
+	for _, c := range []struct {
+		kv8      bool
+		force, n int
+		want     int
+	}{
+		{false, 0, 1, decWarps}, {false, 0, 16, decWarps}, {false, 0, decWarps2MinRows - 1, decWarps},
+		{false, 0, decWarps2MinRows, decWarps2}, {false, 0, 256, decWarps2},
+		{false, decWarps, 256, decWarps}, {false, decWarps2, 1, decWarps2},
+		{true, 0, 256, decWarps}, {true, decWarps2, 1, decWarps},
+	} {
+		b := &Backend{kv8: c.kv8}
+		b.force.decWarps = c.force
+		b.decResident = [2]int{264, 528}
+		got := b.decWarpsFor(c.n)
+		if got != c.want {
+			t.Errorf("kv8 %v, force %d, %d rows: %d warps, want %d", c.kv8, c.force, c.n, got, c.want)
+		}
+		if res := b.resident(got); res != b.decResident[min(1, 4/got-1)] {
+			t.Errorf("resident(%d) = %d", got, res)
+		}
+	}
+}

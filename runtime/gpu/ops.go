@@ -274,7 +274,7 @@ func (b *Backend) Attention(out, q, k, v engine.Buffer, layer int, scale float32
 	if b.err != nil {
 		return
 	}
-	w := b.decWarps()
+	w := b.decW
 	grid, block := cuda.Dim3{X: b.nDec, Y: b.kv.KVHeads, Z: b.decSplit}, cuda.Dim3{X: 32 * w}
 	cluster := b.decCluster() && b.decSplit > 1
 	opts := b.attnOpts() &^ decOptCluster
@@ -284,10 +284,10 @@ func (b *Backend) Attention(out, q, k, v engine.Buffer, layer int, scale float32
 	args := []any{ptr(o), part, b.attnDone, ptr(qb), kc, vc, b.i32(b.off.decSeqs), b.i32(b.off.seqInfo), b.i32(b.off.pages),
 		c.Heads, b.kv.KVHeads, b.kv.BlockSize, scale, b.decSplit, qb.ld, ks, opts}
 	if cluster {
-		b.fail(b.decodeKernel(hd).LaunchCluster(b.s, grid, block, cuda.Dim3{X: 1, Y: 1, Z: b.decSplit}, decShared(hd, b.kv8, w), args...))
+		b.fail(b.decodeKernel(hd, w).LaunchCluster(b.s, grid, block, cuda.Dim3{X: 1, Y: 1, Z: b.decSplit}, decShared(hd, b.kv8, w), args...))
 		return
 	}
-	b.fail(b.decodeKernel(hd).Launch(b.s, grid, block, decShared(hd, b.kv8, w), args...))
+	b.fail(b.decodeKernel(hd, w).Launch(b.s, grid, block, decShared(hd, b.kv8, w), args...))
 }
 
 // attn_decode's opts bits (llama.cu): decOptEarly, a warp's first tiles
@@ -339,35 +339,59 @@ func (b *Backend) prefillKernel(hd int) *cuda.Function {
 }
 
 // decodeKernel is the attn_decode variant for head dimension hd (32, 64,
-// 128 or 256: decOK) and the backend's key cache.
-func (b *Backend) decodeKernel(hd int) *cuda.Function {
+// 128 or 256: decOK), the backend's key cache and w warps a block
+// (decWarpsFor).
+func (b *Backend) decodeKernel(hd, w int) *cuda.Function {
 	i := bits.TrailingZeros(uint(hd)) - 5
 	switch {
 	case b.kv8:
 		return b.fn.attnDecode8[i]
-	case b.decWarps() == decWarps2:
+	case w == decWarps2:
 		return b.fn.attnDecode2[i]
 	}
 	return b.fn.attnDecode[i]
 }
 
 // decWarps is DEC_WARPS in llama.cu (attn_decode_d*'s warps a block),
-// decWarps2 DEC_WARPS2 (attn_decode2_d*'s, bf16 keys: the experiment of
-// kernelForce.decWarps2). decShared(hd, k8, warps) is the dynamic shared
-// memory of attn_decode_d{hd}: warps x DecShape<hd>::ST stages x a
-// 16-position tile of K and V (the end-of-block merge reuses it).
+// decWarps2 DEC_WARPS2 (attn_decode2_d*'s, bf16 keys). decShared(hd, k8,
+// warps) is the dynamic shared memory of attn_decode_d{hd}: warps x
+// DecShape<hd>::ST stages x a 16-position tile of K and V (the end-of-block
+// merge reuses it).
 const (
 	decWarps  = 4
 	decWarps2 = 2
 )
 
-// decWarps is the warps a block of the attn_decode variant the backend
-// launches.
-func (b *Backend) decWarps() int {
-	if b.force.decWarps2 && !b.kv8 {
+// decWarps2MinRows: decode steps of this many rows or more run
+// attn_decode2 (bf16 keys). It holds twice the blocks an SM, so batch 64's
+// 512 (sequence, KV head) blocks are one wave, not two. TestDecodeBench,
+// H200, one call each (v0.23, v0.24): 64 rows 6.24 -> 6.13 and 6.25 ->
+// 6.15 device ms, 256 rows 11.66 -> 11.60 and 11.77 -> 11.71; 16 rows
+// 4.78 -> 5.07 and 4.79 -> 5.09, 1 row 4.26 -> 4.30 (4 warps fill a wave
+// there, and each block's pipeline is longer with 2).
+const decWarps2MinRows = 64
+
+// decWarpsFor is the warps a block of attn_decode for a decode step (or
+// graph bucket) of n rows: kernelForce.decWarps, else decWarps2 from
+// decWarps2MinRows rows (bf16 keys: attn_decode2 has no FP8-key variant).
+func (b *Backend) decWarpsFor(n int) int {
+	switch {
+	case b.kv8:
+		return decWarps
+	case b.force.decWarps == decWarps || b.force.decWarps == decWarps2:
+		return b.force.decWarps
+	case n >= decWarps2MinRows:
 		return decWarps2
 	}
 	return decWarps
+}
+
+// resident is how many attn_decode blocks of w warps the GPU holds at once.
+func (b *Backend) resident(w int) int {
+	if w == decWarps2 {
+		return b.decResident[1]
+	}
+	return b.decResident[0]
 }
 
 func decShared(hd int, k8 bool, warps int) int {

@@ -149,7 +149,7 @@ func (b *Backend) Begin(meta *engine.StepMeta) error {
 	if err := b.growMeta(o.end); err != nil {
 		return err
 	}
-	b.decSplit = 1
+	b.decSplit, b.decW = 1, decWarps
 	if nDec > 0 {
 		if err := b.planDecode(nDec); err != nil {
 			return err
@@ -262,7 +262,7 @@ func (b *Backend) planDecode(nDec int) error {
 		n = graphBuckets[i]
 	}
 	split := b.decSplitFor(n)
-	b.decSplit = split
+	b.decSplit, b.decW = split, b.decWarpsFor(n)
 	if split > 1 {
 		need := 4 * nDec * b.cfg.Heads * split * (b.kv.HeadDim + 2)
 		if b.attnPart == nil || b.attnPart.Size() < need {
