@@ -94,7 +94,7 @@ func TestKVSplitFor(t *testing.T) {
 		{2048, 528, 8, 1}, // batch 256
 		{1, 1, 8, 1},      // a one-block GPU never splits
 		{528, 528, 64, 1}, // exactly one wave
-		{529, 528, 64, 1}, // two waves either way: whole contexts
+		{529, 528, 64, 3}, // one pair over a wave: 4 waves of thirds beat 2 of whole contexts
 		{66, 528, 64, 8},  // 8 splits fill the wave exactly
 		{67, 528, 64, 7},  // 8 would take two waves
 		{264, 264, 8, 1},  // a full wave of whole contexts
