@@ -172,14 +172,41 @@ __device__ __forceinline__ void expand_chunk(float* acc0, float* acc1, const flo
     }
 }
 
-// quant_row_e4m3 quantizes the bf16 row out (n values, 16-byte words when
-// vec) to e4m3 with one scale, for the FP8 projections (fp8.cu's
-// quant_rows_e4m3, and the kernels that quantize the row they have just
-// written: add_rmsnorm, silu_mul): scale = amax / 448 (1 for a zero row, NaN for a row
-// holding Inf or NaN, whose values become zeros), q = e4m3_satfinite(v /
-// scale; 448 / amax clamped to FLT_MAX). m and bad are this thread's max |v| and non-finite flag over the
-// values it wrote; every thread of the block calls it.
-__device__ void quant_row_e4m3(const bf16* out, unsigned char* q, float* qscale, int n, bool vec, float m, int bad, float* sh) {
+// unpack8/pack8: 8 bf16 in a 16-byte word <-> 8 floats.
+__device__ __forceinline__ void unpack8(uint4 u, float* f) {
+    const __nv_bfloat162* p = reinterpret_cast<const __nv_bfloat162*>(&u);
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        const float2 v = __bfloat1622float2(p[i]);
+        f[2 * i] = v.x, f[2 * i + 1] = v.y;
+    }
+}
+__device__ __forceinline__ uint4 pack8(const float* f) {
+    uint4 u;
+    __nv_bfloat162* p = reinterpret_cast<__nv_bfloat162*>(&u);
+#pragma unroll
+    for (int i = 0; i < 4; i++) p[i] = __floats2bfloat162_rn(f[2 * i], f[2 * i + 1]);
+    return u;
+}
+
+// amax8: the largest magnitude of the 8 stored bf16 values of w into m,
+// bad set when one is not finite (the per-row FP8 quantization's scale).
+__device__ __forceinline__ void amax8(uint4 w, float& m, int& bad) {
+    float v[8];
+    unpack8(w, v);
+#pragma unroll
+    for (int i = 0; i < 8; i++) {
+        const float a = fabsf(v[i]);
+        bad |= !(a <= 3.4e38f);
+        m = fmaxf(m, a);
+    }
+}
+
+// e4m3_inv: the row's scale from the block's max |v| (m, per thread) and
+// non-finite flag (bad), as quant_row_e4m3 says, stored into *qscale by
+// thread 0; returns the factor the values are multiplied by (0 for a zero
+// or non-finite row). Every thread of the block calls it.
+__device__ float e4m3_inv(float m, int bad, float* qscale, float* sh) {
     bad = __syncthreads_or(bad);
     const float amax = block_max(m, sh);
     float s, inv;
@@ -194,23 +221,51 @@ __device__ void quant_row_e4m3(const bf16* out, unsigned char* q, float* qscale,
         inv = fminf(448.f / amax, 3.402823466e38f); // a subnormal amax: no Inf (0 * Inf is NaN)
     }
     if (threadIdx.x == 0) *qscale = s;
+    return inv;
+}
+
+// e4m3_word: the 8 bf16 values of a 16-byte word times inv, as 8 e4m3
+// bytes (satfinite, round to nearest even).
+__device__ __forceinline__ uint2 e4m3_word(uint4 u, float inv) {
+    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
+    uint2 o;
+    unsigned short* os = reinterpret_cast<unsigned short*>(&o);
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        float2 f = __bfloat1622float2(h[j]);
+        f.x *= inv;
+        f.y *= inv;
+        os[j] = __nv_cvt_float2_to_fp8x2(f, __NV_SATFINITE, __NV_E4M3);
+    }
+    return o;
+}
+
+// quant_row_e4m3 quantizes the bf16 row out (n values, 16-byte words when
+// vec) to e4m3 with one scale, for the FP8 projections (fp8.cu's
+// quant_rows_e4m3, and the kernels that quantize the row they have just
+// written: add_rmsnorm, silu_mul): scale = amax / 448 (1 for a zero row, NaN for a row
+// holding Inf or NaN, whose values become zeros), q = e4m3_satfinite(v /
+// scale; 448 / amax clamped to FLT_MAX). m and bad are this thread's max |v| and non-finite flag over the
+// values it wrote; every thread of the block calls it.
+__device__ void quant_row_e4m3(const bf16* out, unsigned char* q, float* qscale, int n, bool vec, float m, int bad, float* sh) {
+    const float inv = e4m3_inv(m, bad, qscale, sh);
     if (vec) {
         const uint4* o8 = reinterpret_cast<const uint4*>(out);
-        for (int c = threadIdx.x; c < n / 8; c += blockDim.x) {
-            const uint4 u = o8[c];
-            const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
-            uint2 o;
-            unsigned short* os = reinterpret_cast<unsigned short*>(&o);
-#pragma unroll
-            for (int j = 0; j < 4; j++) {
-                float2 f = __bfloat1622float2(h[j]);
-                f.x *= inv;
-                f.y *= inv;
-                os[j] = __nv_cvt_float2_to_fp8x2(f, __NV_SATFINITE, __NV_E4M3);
-            }
-            *reinterpret_cast<uint2*>(q + 8 * c) = o;
-        }
+        for (int c = threadIdx.x; c < n / 8; c += blockDim.x) *reinterpret_cast<uint2*>(q + 8 * c) = e4m3_word(o8[c], inv);
     } else {
         for (int i = threadIdx.x; i < n; i += blockDim.x) q[i] = __nv_cvt_float_to_fp8(__bfloat162float(out[i]) * inv, __NV_SATFINITE, __NV_E4M3);
+    }
+}
+
+// quant_words_e4m3: quant_row_e4m3 of a row the block holds in registers:
+// thread t's w[j] is 16-byte word t + j * blockDim.x of the row (those
+// below n8 are the row's), so the row is not read back for its scale.
+template <int NW>
+__device__ void quant_words_e4m3(const uint4 (&w)[NW], int n8, unsigned char* q, float* qscale, float m, int bad, float* sh) {
+    const float inv = e4m3_inv(m, bad, qscale, sh);
+#pragma unroll
+    for (int j = 0; j < NW; j++) {
+        const int c = threadIdx.x + j * blockDim.x;
+        if (c < n8) *reinterpret_cast<uint2*>(q + 8 * c) = e4m3_word(w[j], inv);
     }
 }

@@ -15,6 +15,7 @@
 // A zero row gets scale 1 and zeros; a row holding Inf or NaN gets scale NaN
 // (and zeros), so the NaN reaches the GEMM's output instead of vanishing.
 // 16-byte loads and 8-byte stores when cols, ldx and the pointers allow.
+#define QR_RC 4 // 16-byte words of a row each thread keeps in registers (rows of up to 32 * blockDim values)
 extern "C" __global__ void quant_rows_e4m3(unsigned char* __restrict__ q, float* __restrict__ scale,
                                            const bf16* __restrict__ x, int cols, i64 ldx) {
     pdl_entry();
@@ -25,6 +26,22 @@ extern "C" __global__ void quant_rows_e4m3(unsigned char* __restrict__ q, float*
     const bool vec = (cols & 7) == 0 && (ldx & 7) == 0 && (((unsigned long long)x) & 15) == 0 && (((unsigned long long)q) & 7) == 0;
     float m = 0.f;
     int bad = 0;
+    if (vec && cols <= 8 * QR_RC * (int)blockDim.x) {
+        // the row stays in registers: every load in flight at once, and no
+        // read back for the quantization
+        const int n8 = cols >> 3;
+        uint4 w[QR_RC];
+#pragma unroll
+        for (int j = 0; j < QR_RC; j++) {
+            const int c = threadIdx.x + j * blockDim.x;
+            if (c < n8) w[j] = reinterpret_cast<const uint4*>(xr)[c];
+        }
+#pragma unroll
+        for (int j = 0; j < QR_RC; j++)
+            if (threadIdx.x + j * blockDim.x < n8) amax8(w[j], m, bad);
+        quant_words_e4m3<QR_RC>(w, n8, qr, scale + r, m, bad, sh);
+        return;
+    }
     if (vec) {
         for (int i = threadIdx.x * 8; i < cols; i += blockDim.x * 8) {
             uint4 u = *(const uint4*)(xr + i);

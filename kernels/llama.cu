@@ -22,23 +22,6 @@ extern "C" __global__ void embed(bf16* out, const bf16* table, const int* tokens
     for (int i = threadIdx.x; i < H; i += blockDim.x) dst[i] = src[i];
 }
 
-// unpack8/pack8: 8 bf16 in a 16-byte word <-> 8 floats.
-__device__ __forceinline__ void unpack8(uint4 u, float* f) {
-    const __nv_bfloat162* p = reinterpret_cast<const __nv_bfloat162*>(&u);
-#pragma unroll
-    for (int i = 0; i < 4; i++) {
-        const float2 v = __bfloat1622float2(p[i]);
-        f[2 * i] = v.x, f[2 * i + 1] = v.y;
-    }
-}
-__device__ __forceinline__ uint4 pack8(const float* f) {
-    uint4 u;
-    __nv_bfloat162* p = reinterpret_cast<__nv_bfloat162*>(&u);
-#pragma unroll
-    for (int i = 0; i < 4; i++) p[i] = __floats2bfloat162_rn(f[2 * i], f[2 * i + 1]);
-    return u;
-}
-
 // widen8_e4m3: 8 e4m3 values (8 bytes, the first lowest) as 8 bf16 in a
 // 16-byte word, exactly (bf16 holds every e4m3 value).
 __device__ __forceinline__ uint4 widen8_e4m3(uint2 w) {
@@ -58,19 +41,6 @@ __device__ __forceinline__ void add8(float* a, const float* d) {
     const float4 d0 = *reinterpret_cast<const float4*>(d), d1 = *reinterpret_cast<const float4*>(d + 4);
     float f[8] = {a[0] + d0.x, a[1] + d0.y, a[2] + d0.z, a[3] + d0.w, a[4] + d1.x, a[5] + d1.y, a[6] + d1.z, a[7] + d1.w};
     unpack8(pack8(f), a);
-}
-
-// amax8: the largest magnitude of the 8 stored bf16 values of w into m,
-// bad set when one is not finite (the per-row FP8 quantization's scale).
-__device__ __forceinline__ void amax8(uint4 w, float& m, int& bad) {
-    float v[8];
-    unpack8(w, v);
-#pragma unroll
-    for (int i = 0; i < 8; i++) {
-        const float a = fabsf(v[i]);
-        bad |= !(a <= 3.4e38f);
-        m = fmaxf(m, a);
-    }
 }
 
 // add_word: word c of row x8 plus d8's (and e8's, summed and rounded to bf16
@@ -97,9 +67,9 @@ __device__ __forceinline__ float sumsq8(uint4 b) {
     return s;
 }
 
-// norm_word: word c of o8 = w * x * inv; with q, the stored values' amax
+// norm_word: word c of o8 = w * x * inv (returned too); with q, the stored values' amax
 // into m and bad set when one is not finite.
-__device__ __forceinline__ void norm_word(uint4* o8, int c, uint4 xb, uint4 wb, float inv, bool q, float& m, int& bad) {
+__device__ __forceinline__ uint4 norm_word(uint4* o8, int c, uint4 xb, uint4 wb, float inv, bool q, float& m, int& bad) {
     float v[8], g[8];
     unpack8(xb, v);
     unpack8(wb, g);
@@ -108,6 +78,7 @@ __device__ __forceinline__ void norm_word(uint4* o8, int c, uint4 xb, uint4 wb, 
     const uint4 b = pack8(v);
     o8[c] = b;
     if (q) amax8(b, m, bad);
+    return b;
 }
 
 // add_rmsnorm: x[r] += delta[r] (and the LoRA update d2 of the rows whose
@@ -162,8 +133,11 @@ extern "C" __global__ void add_rmsnorm(bf16* x, const bf16* delta, const float* 
 #pragma unroll
             for (int j = 0; j < ADD_RC; j++) {
                 const int c = tid + j * bd;
-                if (c < n8) norm_word(o8, c, xk[j], wk[j], inv, q != nullptr, m, bad);
+                if (c < n8) xk[j] = norm_word(o8, c, xk[j], wk[j], inv, q != nullptr, m, bad);
             }
+            // quantized from registers: the row is not read back
+            if (q) quant_words_e4m3<ADD_RC>(xk, n8, q + (i64)r * H, qscale + r, m, bad, sh);
+            return;
         } else {
             for (int c = tid; c < n8; c += bd) ss += sumsq8(add_word(x8, d8, e8, c));
             if (!out) return;
@@ -1291,12 +1265,12 @@ extern "C" __global__ void __launch_bounds__(PRE_THREADS) attn_prefill8_d32(ATTN
 extern "C" __global__ void __launch_bounds__(PRE_THREADS) attn_prefill8_d64(ATTN_PREFILL_ARGS) { pdl_entry(); attn_prefill_body<64, true>(ATTN_PREFILL_PASS); }
 extern "C" __global__ void __launch_bounds__(PRE_THREADS) attn_prefill8_d128(ATTN_PREFILL_ARGS) { pdl_entry(); attn_prefill_body<128, true>(ATTN_PREFILL_PASS); }
 
-// silu_mul8: silu(g) * u for 8 values (16-byte words), after adding the
-// LoRA updates dg and du (when dg is set) as silu_mul says.
-__device__ __forceinline__ uint4 silu_mul8(const bf16* g, const bf16* u, const float* dg, const float* du) {
+// silu_mul8: silu(g) * u for 8 values (16-byte words gw, uw), after adding
+// the LoRA updates dg and du (when dg is set) as silu_mul says.
+__device__ __forceinline__ uint4 silu_mul8(uint4 gw, uint4 uw, const float* dg, const float* du) {
     float a[8], b[8];
-    unpack8(*reinterpret_cast<const uint4*>(g), a);
-    unpack8(*reinterpret_cast<const uint4*>(u), b);
+    unpack8(gw, a);
+    unpack8(uw, b);
     if (dg) {
         add8(a, dg);
         add8(b, du);
@@ -1317,6 +1291,8 @@ __device__ __forceinline__ uint4 silu_mul8(const bf16* g, const bf16* u, const f
 // out row is also quantized to e4m3 into q (cols bytes per row) and its scale
 // into qscale, as quant_rows_e4m3 would from the stored values, for the FP8
 // down projection (no quantization launch).
+#define SILU_RC 4 // 16-byte words of a row each thread keeps in registers when quantizing (rows of up to 32 * blockDim values)
+__device__ __forceinline__ uint4 ld16(const bf16* p) { return *reinterpret_cast<const uint4*>(p); }
 extern "C" __global__ void silu_mul(bf16* out, const bf16* g, const bf16* u, const float* dg, const float* du, const int* rl,
                                     int rows, int cols, int ldg, int ldd, unsigned char* q, float* qscale) {
     pdl_entry();
@@ -1326,8 +1302,30 @@ extern "C" __global__ void silu_mul(bf16* out, const bf16* g, const bf16* u, con
         const bool lo = dg && rl[r] >= 0;
         float m = 0.f;
         int bad = 0;
-        for (int c = 8 * threadIdx.x; c < cols; c += 8 * blockDim.x) {
-            const uint4 w = silu_mul8(g + r * ldg + c, u + r * ldg + c, lo ? dg + r * ldd + c : nullptr, lo ? du + r * ldd + c : nullptr);
+        const int n8 = cols >> 3, tid = threadIdx.x, bd = blockDim.x;
+        if (n8 <= SILU_RC * bd) {
+            // the row stays in registers: every load of it in flight at
+            // once, and no read back for the scale
+            uint4 gw[SILU_RC], uw[SILU_RC];
+#pragma unroll
+            for (int j = 0; j < SILU_RC; j++) {
+                const int c = 8 * (tid + j * bd);
+                if (c < cols) gw[j] = ld16(g + r * ldg + c), uw[j] = ld16(u + r * ldg + c);
+            }
+#pragma unroll
+            for (int j = 0; j < SILU_RC; j++) {
+                const int c = 8 * (tid + j * bd);
+                if (c < cols) {
+                    gw[j] = silu_mul8(gw[j], uw[j], lo ? dg + r * ldd + c : nullptr, lo ? du + r * ldd + c : nullptr);
+                    *reinterpret_cast<uint4*>(out + r * cols + c) = gw[j];
+                    amax8(gw[j], m, bad);
+                }
+            }
+            quant_words_e4m3<SILU_RC>(gw, n8, q + r * cols, qscale + r, m, bad, sh);
+            return;
+        }
+        for (int c = 8 * tid; c < cols; c += 8 * bd) {
+            const uint4 w = silu_mul8(ld16(g + r * ldg + c), ld16(u + r * ldg + c), lo ? dg + r * ldd + c : nullptr, lo ? du + r * ldd + c : nullptr);
             *reinterpret_cast<uint4*>(out + r * cols + c) = w;
             amax8(w, m, bad);
         }
@@ -1341,7 +1339,7 @@ extern "C" __global__ void silu_mul(bf16* out, const bf16* g, const bf16* u, con
             const i64 r = i / w, c = (i - r * w) * 8;
             const bool lo = dg && rl[r] >= 0;
             *reinterpret_cast<uint4*>(out + r * cols + c) =
-                silu_mul8(g + r * ldg + c, u + r * ldg + c, lo ? dg + r * ldd + c : nullptr, lo ? du + r * ldd + c : nullptr);
+                silu_mul8(ld16(g + r * ldg + c), ld16(u + r * ldg + c), lo ? dg + r * ldd + c : nullptr, lo ? du + r * ldd + c : nullptr);
         }
         return;
     }
