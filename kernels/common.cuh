@@ -37,34 +37,6 @@ __device__ __forceinline__ void pdl_entry() {
 #endif
 }
 
-// l2_prefetch_share: this block's share of [p, p + bytes) asked of L2 (the
-// grid's blocks split it in order; thread 0 issues it as
-// cp.async.bulk.prefetch.L2 pieces of at most 64 KB; bytes a multiple of
-// 16, p 16-byte aligned): the weight of the product after this kernel,
-// read while this one runs so that product starts from L2. With last, the
-// lines are marked evict_last (an L2 policy) so the stream of what this
-// kernel reads does not push them out first. No kernel of a step writes
-// weights, so it may run before pdl_entry. A no-op without p, and before
-// sm_90.
-__device__ __forceinline__ void l2_prefetch_share(const unsigned char* p, long long bytes, bool last) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    if (!p || threadIdx.x != 0) return;
-    const long long nb = (long long)gridDim.x * gridDim.y * gridDim.z;
-    const long long b = blockIdx.x + (long long)gridDim.x * (blockIdx.y + (long long)gridDim.y * blockIdx.z);
-    const long long share = ((bytes + nb - 1) / nb + 15) & ~15ll;
-    const long long hi = min(bytes, b * share + share);
-    unsigned long long pol = 0;
-    if (last) asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;\n" : "=l"(pol));
-    for (long long lo = b * share; lo < hi; lo += 65536) {
-        const unsigned n = (unsigned)min(65536ll, hi - lo);
-        if (last)
-            asm volatile("cp.async.bulk.prefetch.L2.global.L2::cache_hint [%0], %1, %2;\n" ::"l"(p + lo), "r"(n), "l"(pol) : "memory");
-        else
-            asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(p + lo), "r"(n) : "memory");
-    }
-#endif
-}
-
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

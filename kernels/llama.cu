@@ -691,23 +691,17 @@ __device__ __forceinline__ void dec_merge(bf16* __restrict__ out, const float* _
 // not 8 (dec_merge). Neither changes a result bit. Bit 2: the nsplit <=
 // DEC_CLUSTER splits of a (sequence, KV head) are one thread-block cluster
 // (launched with clusters of 1 x 1 x nsplit) and merge through each other's
-// shared memory (dec_cluster_merge). Bit 3 (DEC_OPT_PREFETCH): the blocks
-// first ask L2 for [pf, pf + pf_bytes), the weight of the product after
-// this kernel (l2_prefetch_share), bit 4 (DEC_OPT_PF_LAST) with the
-// evict_last policy; neither changes a result bit.
-#define DEC_OPT_PREFETCH 8
-#define DEC_OPT_PF_LAST 16
+// shared memory (dec_cluster_merge).
 template <int HD, bool K8, int W>
 __device__ __forceinline__ void attn_decode_body(
     bf16* __restrict__ out, float* __restrict__ part, int* __restrict__ done, const bf16* __restrict__ q,
     const bf16* __restrict__ kc, const bf16* __restrict__ vc, const int* __restrict__ dec_seq,
     const int* __restrict__ seq_info, const int* __restrict__ pages, int heads, int kvh, int bs, float scale, int nsplit,
-    int ldq, const float* __restrict__ ks, int opts, const unsigned char* __restrict__ pf, i64 pf_bytes) {
+    int ldq, const float* __restrict__ ks, int opts) {
     typedef DecShape<HD, K8> D;
     extern __shared__ __align__(128) unsigned char dsm[];
     const int di = blockIdx.x, kh = blockIdx.y, sp = blockIdx.z, tid = threadIdx.x;
     const int lane = tid & 31, warp = tid >> 5, g = lane >> 2, tig = lane & 3;
-    if (opts & DEC_OPT_PREFETCH) l2_prefetch_share(pf, pf_bytes, opts & DEC_OPT_PF_LAST);
     // The step's metadata (dec_seq, seq_info, pages) is copied in before
     // the step's first kernel and written by none, so it is read before
     // griddepcontrol.wait: with PDL the chain of loads up to the first
@@ -1001,9 +995,9 @@ __device__ __forceinline__ void attn_decode_body(
 #define ATTN_DECODE_ARGS                                                                                           \
     bf16 *out, float *part, int *done, const bf16 *q, const bf16 *kc, const bf16 *vc, const int *dec_seq,        \
         const int *seq_info, const int *pages, int heads, int kvh, int bs, float scale, int nsplit, int ldq, const float *ks, \
-        int opts, const unsigned char *pf, i64 pf_bytes
+        int opts
 #define ATTN_DECODE_PASS \
-    out, part, done, q, kc, vc, dec_seq, seq_info, pages, heads, kvh, bs, scale, nsplit, ldq, ks, opts, pf, pf_bytes
+    out, part, done, q, kc, vc, dec_seq, seq_info, pages, heads, kvh, bs, scale, nsplit, ldq, ks, opts
 extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode_d32(ATTN_DECODE_ARGS) { attn_decode_body<32, false, DEC_WARPS>(ATTN_DECODE_PASS); }
 extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode_d64(ATTN_DECODE_ARGS) { attn_decode_body<64, false, DEC_WARPS>(ATTN_DECODE_PASS); }
 extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode_d128(ATTN_DECODE_ARGS) { attn_decode_body<128, false, DEC_WARPS>(ATTN_DECODE_PASS); }
@@ -1310,24 +1304,24 @@ extern "C" __global__ void silu_mul(bf16* out, const bf16* g, const bf16* u, con
         int bad = 0;
         const int n8 = cols >> 3, tid = threadIdx.x, bd = blockDim.x;
         if (n8 <= SILU_RC * bd) {
-            // the row stays in registers: every load of it (and of its
-            // LoRA updates) in flight at once, no store between them, and
-            // no read back for the scale
-            uint4 w[SILU_RC];
+            // the row stays in registers: every load of it in flight at
+            // once, and no read back for the scale
+            uint4 gw[SILU_RC], uw[SILU_RC];
+#pragma unroll
+            for (int j = 0; j < SILU_RC; j++) {
+                const int c = 8 * (tid + j * bd);
+                if (c < cols) gw[j] = ld16(g + r * ldg + c), uw[j] = ld16(u + r * ldg + c);
+            }
 #pragma unroll
             for (int j = 0; j < SILU_RC; j++) {
                 const int c = 8 * (tid + j * bd);
                 if (c < cols) {
-                    w[j] = silu_mul8(ld16(g + r * ldg + c), ld16(u + r * ldg + c), lo ? dg + r * ldd + c : nullptr, lo ? du + r * ldd + c : nullptr);
-                    amax8(w[j], m, bad);
+                    gw[j] = silu_mul8(gw[j], uw[j], lo ? dg + r * ldd + c : nullptr, lo ? du + r * ldd + c : nullptr);
+                    *reinterpret_cast<uint4*>(out + r * cols + c) = gw[j];
+                    amax8(gw[j], m, bad);
                 }
             }
-#pragma unroll
-            for (int j = 0; j < SILU_RC; j++) {
-                const int c = 8 * (tid + j * bd);
-                if (c < cols) *reinterpret_cast<uint4*>(out + r * cols + c) = w[j];
-            }
-            quant_words_e4m3<SILU_RC>(w, n8, q + r * cols, qscale + r, m, bad, sh);
+            quant_words_e4m3<SILU_RC>(gw, n8, q + r * cols, qscale + r, m, bad, sh);
             return;
         }
         for (int c = 8 * tid; c < cols; c += 8 * bd) {

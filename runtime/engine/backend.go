@@ -268,14 +268,6 @@ type PartsUploader interface {
 	UploadParts(name string, dtype safetensors.DType, shape []int, parts [][]byte) (Weight, error)
 }
 
-// Prefetcher is Ops that may ask a cache for a weight while the ops before
-// the product that reads it run: the forward names the weight of the next
-// product before the op that precedes it (the CUDA backend's decode
-// attention asks L2 for the o projection). A hint: no result depends on it.
-type Prefetcher interface {
-	Prefetch(w Weight)
-}
-
 // FamilyOps are what models beyond Llama's layout need; a backend without
 // them runs Llama and Mistral models, and New refuses the others by name.
 type FamilyOps interface {

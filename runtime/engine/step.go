@@ -448,7 +448,6 @@ func (e *Engine) forward(b Ops, s Shape) {
 	c := e.cfg
 	eps := float32(c.RMSNormEps)
 	fo, _ := b.(FamilyOps) // New checked it is there when the model needs it
-	pf, _ := b.(Prefetcher)
 	// lora issues one LoRA op for a fused group when the step's adapters
 	// change any projection of it (slots without one have rank 0 there).
 	lora := func(out, in Buffer, l int, g int) {
@@ -476,9 +475,6 @@ func (e *Engine) forward(b Ops, s Shape) {
 		if lw.qNorm != nil {
 			fo.HeadRMSNorm(e.q, c.Heads, c.HeadDim, lw.qNorm, eps)
 			fo.HeadRMSNorm(e.k, c.KVHeads, c.HeadDim, lw.kNorm, eps)
-		}
-		if pf != nil {
-			pf.Prefetch(lw.o)
 		}
 		b.Attention(e.attn, e.q, e.k, e.v, l, scale, e.invFreq)
 		b.Linear(e.tmp, e.attn, lw.o)

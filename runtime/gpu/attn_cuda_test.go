@@ -206,14 +206,12 @@ func attentionCase(t *testing.T, sh attnShape, k8 bool) {
 	// the sums differ in their last bits. With bf16 keys, a fourth time
 	// with attn_decode2 (2 warps a block: kernelForce.decWarps), and a fifth
 	// with attn_decode's 4 (whatever decWarpsFor chooses for this step).
-	// Last, opts 7 again with the L2 prefetch of a named weight (bits 3 and
-	// 4; q's bytes stand in for the weight): the same bits as opts 7.
-	var first, clustered []float32
+	var first []float32
 	for i, run := range []struct {
-		v0    bool
-		opts  int
+		v0   bool
+		opts int
 		warps int
-	}{{false, -1, 0}, {false, 3, 0}, {false, 7, 0}, {false, 0, decWarps2}, {false, 0, decWarps}, {false, 7 | decOptPrefetch | decOptPFLast, 0}, {true, 0, 0}} {
+	}{{false, -1, 0}, {false, 3, 0}, {false, 7, 0}, {false, 0, decWarps2}, {false, 0, decWarps}, {true, 0, 0}} {
 		v0 := run.v0
 		if run.warps != 0 && k8 {
 			continue
@@ -242,14 +240,7 @@ func attentionCase(t *testing.T, sh attnShape, k8 bool) {
 			}
 			t.Logf("decode split %d ways", r.b.decSplit)
 		}
-		if run.opts&decOptPrefetch != 0 {
-			qm := buf(q).mem
-			r.b.pf, r.b.pfBytes = qm.Ptr(), int64(qm.Size())&^15
-		}
 		r.b.Attention(out, q, k, v, layer, scale, nil)
-		if r.b.pf != 0 {
-			t.Fatal("Attention left the prefetch hint for the next op")
-		}
 		got := r.read(out, T)
 		r.end()
 		name := "split-KV decode + tensor-core prefill"
@@ -271,16 +262,8 @@ func attentionCase(t *testing.T, sh attnShape, k8 bool) {
 			}
 		case 2:
 			name += fmt.Sprintf(", decOpts 7 (clusters: %v, split %d)", r.b.decCluster(), r.b.decSplit)
-			clustered = got
 		case 3, 4:
 			name += fmt.Sprintf(", %d warps a block (%d resident, split %d)", r.b.decW, r.b.resident(r.b.decW), r.b.decSplit)
-		case 5:
-			name += ", decOpts 31 (the L2 prefetch)"
-			for j := range got {
-				if math.Float32bits(got[j]) != math.Float32bits(clustered[j]) {
-					t.Fatalf("attn_decode with the L2 prefetch: value %d is %g, %g without", j, got[j], clustered[j])
-				}
-			}
 		}
 		if v0 {
 			name = "per-row kernel (v0), all rows"

@@ -519,7 +519,6 @@ func TestDecodeBench(t *testing.T) {
 		{sms: -1, skLate: true}, {sms: -1, opts: -1},
 		{sms: -1, split: 4},
 		{sms: -1, opts: 3},
-		{sms: -1, opts: decOptsDefault | decOptPrefetch}, {sms: -1, opts: decOptsDefault | decOptPrefetch | decOptPFLast}, {lora: true, sms: -1, opts: decOptsDefault | decOptPrefetch},
 		{sms: -1, nopdl: true}, {lora: true, sms: -1, nopdl: true},
 		{sms: -1, ropeHeads: true}, {sms: -1, split: 16}, {sms: -1, split: 2}, {sms: -1, split: 3}, {sms: -1, warps: decWarps2}, {lora: true, sms: -1, warps: decWarps2}, {sms: -1, warps: decWarps}, {lora: true, sms: -1, warps: decWarps},
 		{sampled: true, sms: -1}, {eager: true, sms: -1}, {lora: true, eager: true, sms: -1},

@@ -235,8 +235,6 @@ func (b *Backend) layerCache(layer int) (k, v, ks uint64) {
 // invFreq), stores k and v at the step's KV slots (one kernel for the
 // three), then attends each row over its sequence's pages (causal).
 func (b *Backend) Attention(out, q, k, v engine.Buffer, layer int, scale float32, invFreq []float32) {
-	pf, pfBytes := b.pf, b.pfBytes // Prefetch's hint is for this op only
-	b.pf, b.pfBytes = 0, 0
 	if !b.ok() {
 		return
 	}
@@ -283,12 +281,8 @@ func (b *Backend) Attention(out, q, k, v engine.Buffer, layer int, scale float32
 	if cluster {
 		opts |= decOptCluster
 	}
-	if opts&decOptPrefetch == 0 || pf == 0 || b.ctx.Device().Major < 9 {
-		opts &^= decOptPrefetch | decOptPFLast
-		pf, pfBytes = 0, 0
-	}
 	args := []any{ptr(o), part, b.attnDone, ptr(qb), kc, vc, b.i32(b.off.decSeqs), b.i32(b.off.seqInfo), b.i32(b.off.pages),
-		c.Heads, b.kv.KVHeads, b.kv.BlockSize, scale, b.decSplit, qb.ld, ks, opts, pf, pfBytes}
+		c.Heads, b.kv.KVHeads, b.kv.BlockSize, scale, b.decSplit, qb.ld, ks, opts}
 	if cluster {
 		b.fail(b.decodeKernel(hd, w).LaunchCluster(b.s, grid, block, cuda.Dim3{X: 1, Y: 1, Z: b.decSplit}, decShared(hd, b.kv8, w), args...))
 		return
@@ -301,35 +295,13 @@ func (b *Backend) Attention(out, q, k, v engine.Buffer, layer int, scale float32
 // position; decOptMerge16, the splits merged with 16 loads in flight;
 // decOptCluster, the splits of a (sequence, KV head) as one thread-block
 // cluster of at most decClusterMax blocks (DEC_CLUSTER), merged through
-// their shared memory (set by the step: decCluster and a split);
-// decOptPrefetch, the blocks ask L2 for the weight Prefetch named (the o
-// projection's) before anything else, decOptPFLast with the evict_last
-// policy (sm_90 and later; dropped when no weight was named).
+// their shared memory (set by the step: decCluster and a split).
 const (
-	decOptEarly    = 1
-	decOptMerge16  = 2
-	decOptCluster  = 4
-	decOptPrefetch = 8
-	decOptPFLast   = 16
-	decClusterMax  = 8
+	decOptEarly   = 1
+	decOptMerge16 = 2
+	decOptCluster = 4
+	decClusterMax = 8
 )
-
-// Prefetch implements engine.Prefetcher: the next Attention's attn_decode
-// launch asks L2 for w's bytes while it runs (decOptPrefetch), so the o
-// projection after it starts from L2, not DRAM. Any other weight type, or
-// bytes not in whole 16-byte pieces, names nothing.
-func (b *Backend) Prefetch(w engine.Weight) {
-	b.pf, b.pfBytes = 0, 0
-	switch wt := w.(type) {
-	case *weight:
-		b.pf, b.pfBytes = wt.mem.Ptr(), int64(wt.rows)*int64(wt.cols)*2
-	case *fp8Weight:
-		b.pf, b.pfBytes = wt.q.Ptr(), int64(wt.rows)*int64(wt.cols)
-	}
-	if b.pf%16 != 0 || b.pfBytes%16 != 0 {
-		b.pf, b.pfBytes = 0, 0
-	}
-}
 
 // decOptsDefault is attn_decode's opts unless kernelForce.decOpts says
 // otherwise. v0.22 (H200, TestDecodeBench, one machine): early, merge16
