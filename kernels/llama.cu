@@ -1304,24 +1304,24 @@ extern "C" __global__ void silu_mul(bf16* out, const bf16* g, const bf16* u, con
         int bad = 0;
         const int n8 = cols >> 3, tid = threadIdx.x, bd = blockDim.x;
         if (n8 <= SILU_RC * bd) {
-            // the row stays in registers: every load of it in flight at
-            // once, and no read back for the scale
-            uint4 gw[SILU_RC], uw[SILU_RC];
-#pragma unroll
-            for (int j = 0; j < SILU_RC; j++) {
-                const int c = 8 * (tid + j * bd);
-                if (c < cols) gw[j] = ld16(g + r * ldg + c), uw[j] = ld16(u + r * ldg + c);
-            }
+            // the row stays in registers: every load of it (and of its
+            // LoRA updates) in flight at once, no store between them, and
+            // no read back for the scale
+            uint4 w[SILU_RC];
 #pragma unroll
             for (int j = 0; j < SILU_RC; j++) {
                 const int c = 8 * (tid + j * bd);
                 if (c < cols) {
-                    gw[j] = silu_mul8(gw[j], uw[j], lo ? dg + r * ldd + c : nullptr, lo ? du + r * ldd + c : nullptr);
-                    *reinterpret_cast<uint4*>(out + r * cols + c) = gw[j];
-                    amax8(gw[j], m, bad);
+                    w[j] = silu_mul8(ld16(g + r * ldg + c), ld16(u + r * ldg + c), lo ? dg + r * ldd + c : nullptr, lo ? du + r * ldd + c : nullptr);
+                    amax8(w[j], m, bad);
                 }
             }
-            quant_words_e4m3<SILU_RC>(gw, n8, q + r * cols, qscale + r, m, bad, sh);
+#pragma unroll
+            for (int j = 0; j < SILU_RC; j++) {
+                const int c = 8 * (tid + j * bd);
+                if (c < cols) *reinterpret_cast<uint4*>(out + r * cols + c) = w[j];
+            }
+            quant_words_e4m3<SILU_RC>(w, n8, q + r * cols, qscale + r, m, bad, sh);
             return;
         }
         for (int c = 8 * tid; c < cols; c += 8 * bd) {

@@ -208,8 +208,8 @@ func attentionCase(t *testing.T, sh attnShape, k8 bool) {
 	// with attn_decode's 4 (whatever decWarpsFor chooses for this step).
 	var first []float32
 	for i, run := range []struct {
-		v0   bool
-		opts int
+		v0    bool
+		opts  int
 		warps int
 	}{{false, -1, 0}, {false, 3, 0}, {false, 7, 0}, {false, 0, decWarps2}, {false, 0, decWarps}, {true, 0, 0}} {
 		v0 := run.v0

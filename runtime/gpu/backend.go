@@ -253,10 +253,10 @@ type Backend struct {
 
 	// Split-KV decode attention (attn_decode) for sequences
 	// with one row in the step; the per-row kernel takes the other rows.
-	decOK       bool // the model's head shape suits attn_decode (head_dim 32, 64, 128 or 256; <= 8 query heads per KV head)
+	decOK       bool   // the model's head shape suits attn_decode (head_dim 32, 64, 128 or 256; <= 8 query heads per KV head)
 	decResident [2]int // attn_decode blocks resident at once with decWarps ([0]) and decWarps2 ([1]) a block (sizeDecode)
 	decW        int    // the step's attn_decode warps a block (decWarpsFor of its bucket, set with decSplit)
-	preOK       bool // the head shape suits attn_prefill (head_dim 32, 64 or 128)
+	preOK       bool   // the head shape suits attn_prefill (head_dim 32, 64 or 128)
 	// the attn_decode and attn_prefill variants (head_dim 32 << i) whose
 	// shared memory fits a block on this card
 	decFit     [4]bool
