@@ -204,19 +204,20 @@ func attentionCase(t *testing.T, sh attnShape, k8 bool) {
 	// must give the same bits. A third time with the splits as thread-block
 	// clusters (opts 7, the default; on sm_90 and later): fewer splits, so
 	// the sums differ in their last bits. With bf16 keys, a fourth time
-	// with attn_decode2 (2 warps a block: kernelForce.decWarps), and a fifth
-	// with attn_decode's 4 (whatever decWarpsFor chooses for this step).
+	// with attn_decode2 (2 warps a block: kernelForce.decVar), a fifth with
+	// attn_decode3 (2 stages a warp) and a sixth with attn_decode (whatever
+	// decVariantFor chooses for this step).
 	var first []float32
 	for i, run := range []struct {
-		v0    bool
-		opts  int
-		warps int
-	}{{false, -1, 0}, {false, 3, 0}, {false, 7, 0}, {false, 0, decWarps2}, {false, 0, decWarps}, {true, 0, 0}} {
+		v0   bool
+		opts int
+		dv   int // 1 + a decVariant
+	}{{false, -1, 0}, {false, 3, 0}, {false, 7, 0}, {false, 0, 1 + int(decV2)}, {false, 0, 1 + int(decV4S2)}, {false, 0, 1 + int(decV4)}, {true, 0, 0}} {
 		v0 := run.v0
-		if run.warps != 0 && k8 {
+		if run.dv != 0 && k8 {
 			continue
 		}
-		r.b.force.attnRows, r.b.force.decOpts, r.b.force.decWarps = v0, run.opts, run.warps
+		r.b.force.attnRows, r.b.force.decOpts, r.b.force.decVar = v0, run.opts, run.dv
 		r.poison(out)
 		r.begin(m)
 		if !v0 {
@@ -262,15 +263,15 @@ func attentionCase(t *testing.T, sh attnShape, k8 bool) {
 			}
 		case 2:
 			name += fmt.Sprintf(", decOpts 7 (clusters: %v, split %d)", r.b.decCluster(), r.b.decSplit)
-		case 3, 4:
-			name += fmt.Sprintf(", %d warps a block (%d resident, split %d)", r.b.decW, r.b.resident(r.b.decW), r.b.decSplit)
+		case 3, 4, 5:
+			name += fmt.Sprintf(", %d warps a block and %d stages (%d resident, split %d)", r.b.decV.warps(), r.b.decV.stages(hd), r.b.resident(r.b.decV), r.b.decSplit)
 		}
 		if v0 {
 			name = "per-row kernel (v0), all rows"
 		}
 		r.compare(name, got, want, opTol)
 	}
-	r.b.force.attnRows, r.b.force.decOpts, r.b.force.decWarps = false, 0, 0
+	r.b.force.attnRows, r.b.force.decOpts, r.b.force.decVar = false, 0, 0
 	if k8 { // what rope_store stored for the step's keys
 		gotQ, gotS := make([]byte, len(k8Img)), make([]float32, len(sImg))
 		for _, e := range []error{cuda.CopyDtoH(r.b.s, gotQ, kc), cuda.CopyDtoH(r.b.s, gotS, ksc), r.b.s.Synchronize()} {
@@ -298,9 +299,9 @@ func attentionCase(t *testing.T, sh attnShape, k8 bool) {
 	}
 	var fs []*cuda.Function
 	if r.b.decOK {
-		fs = append(fs, r.b.decodeKernel(hd, decWarps))
+		fs = append(fs, r.b.decodeKernel(hd, decV4))
 		if !r.b.kv8 {
-			fs = append(fs, r.b.decodeKernel(hd, decWarps2))
+			fs = append(fs, r.b.decodeKernel(hd, decV2), r.b.decodeKernel(hd, decV4S2))
 		}
 	}
 	if r.b.preOK {

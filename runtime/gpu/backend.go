@@ -150,7 +150,8 @@ type funcs struct {
 	sgShrink, sgShrink4, sgExpand, sample, logitAdjust                            *cuda.Function
 	attnDecode                                                                    [4]*cuda.Function // attn_decode_d32, d64, d128, d256
 	attnDecode8                                                                   [4]*cuda.Function // attn_decode8_d*: FP8 keys
-	attnDecode2                                                                   [4]*cuda.Function // attn_decode2_d*: 2 warps a block (decWarpsFor)
+	attnDecode2                                                                   [4]*cuda.Function // attn_decode2_d*: 2 warps a block (decV2)
+	attnDecode3                                                                   [4]*cuda.Function // attn_decode3_d*: 2 stages a warp (decV4S2)
 	attnPrefill                                                                   [3]*cuda.Function // attn_prefill_d32, d64, d128
 	attnPrefill8                                                                  [3]*cuda.Function // attn_prefill8_d*: FP8 keys
 	sgExpandTC                                                                    [3]*cuda.Function // sgmv_expand_tc1, tc2, tc4
@@ -168,7 +169,7 @@ type kernelForce struct {
 	decSplit  int           // attn_decode: this many KV splits per (sequence, KV head), at most decSplitFor's cap (0: decSplitFor's choice)
 	ropeHeads bool          // RoPE and the K/V store: rope_store (a block per row and head) for every shape
 	decOpts   int           // attn_decode's opts (llama.cu) in place of decOptsDefault (0: the default; -1: none): 1 the first tiles before griddepcontrol.wait, 2 the merge with 16 loads in flight, 4 the splits as clusters (decCluster)
-	decWarps  int           // attn_decode's warps a block, whatever the rows (decWarps or decWarps2; 0: decWarpsFor's choice); bf16 keys only
+	decVar    int           // attn_decode's variant whatever the rows: 1 + a decVariant (0: decVariantFor's choice); bf16 keys only
 	noSkinny  bool          // bf16 products: cuBLASLt whatever the rows (no gemm_skinny)
 	skLate    bool          // gemm_skinny: no weight tiles before griddepcontrol.wait (opts 0)
 	wholeLoad bool          // adapter loads: a step waits for the whole image before it starts (no per-layer start)
@@ -253,10 +254,10 @@ type Backend struct {
 
 	// Split-KV decode attention (attn_decode) for sequences
 	// with one row in the step; the per-row kernel takes the other rows.
-	decOK       bool   // the model's head shape suits attn_decode (head_dim 32, 64, 128 or 256; <= 8 query heads per KV head)
-	decResident [2]int // attn_decode blocks resident at once with decWarps ([0]) and decWarps2 ([1]) a block (sizeDecode)
-	decW        int    // the step's attn_decode warps a block (decWarpsFor of its bucket, set with decSplit)
-	preOK       bool   // the head shape suits attn_prefill (head_dim 32, 64 or 128)
+	decOK       bool             // the model's head shape suits attn_decode (head_dim 32, 64, 128 or 256; <= 8 query heads per KV head)
+	decResident [decVariants]int // attn_decode blocks of each variant resident at once (sizeDecode)
+	decV        decVariant       // the step's attn_decode variant (decVariantFor of its bucket, set with decSplit)
+	preOK       bool             // the head shape suits attn_prefill (head_dim 32, 64 or 128)
 	// the attn_decode and attn_prefill variants (head_dim 32 << i) whose
 	// shared memory fits a block on this card
 	decFit     [4]bool
@@ -478,6 +479,8 @@ func (b *Backend) open(opts Options) error {
 		{&b.fn.attnDecode8[2], "attn_decode8_d128"}, {&b.fn.attnDecode8[3], "attn_decode8_d256"},
 		{&b.fn.attnDecode2[0], "attn_decode2_d32"}, {&b.fn.attnDecode2[1], "attn_decode2_d64"},
 		{&b.fn.attnDecode2[2], "attn_decode2_d128"}, {&b.fn.attnDecode2[3], "attn_decode2_d256"},
+		{&b.fn.attnDecode3[0], "attn_decode3_d32"}, {&b.fn.attnDecode3[1], "attn_decode3_d64"},
+		{&b.fn.attnDecode3[2], "attn_decode3_d128"}, {&b.fn.attnDecode3[3], "attn_decode3_d256"},
 		{&b.fn.attnPrefill[0], "attn_prefill_d32"}, {&b.fn.attnPrefill[1], "attn_prefill_d64"}, {&b.fn.attnPrefill[2], "attn_prefill_d128"},
 		{&b.fn.attnPrefill8[0], "attn_prefill8_d32"}, {&b.fn.attnPrefill8[1], "attn_prefill8_d64"}, {&b.fn.attnPrefill8[2], "attn_prefill8_d128"},
 		{&b.fn.addBias, "add_bias"}, {&b.fn.headRMSNorm, "head_rmsnorm"}, {&b.fn.addDelta, "add_delta"},
@@ -504,13 +507,16 @@ func (b *Backend) open(opts Options) error {
 		if !b.decFit[i] {
 			continue
 		}
-		if err := f.SetMaxDynamicShared(decShared(32<<i, b.kv8, decWarps)); err != nil {
+		if err := f.SetMaxDynamicShared(decShared(32<<i, b.kv8, decV4)); err != nil {
 			return err
 		}
 		if b.kv8 {
 			continue
 		}
-		if err := b.fn.attnDecode2[i].SetMaxDynamicShared(decShared(32<<i, false, decWarps2)); err != nil {
+		if err := b.fn.attnDecode2[i].SetMaxDynamicShared(decShared(32<<i, false, decV2)); err != nil {
+			return err
+		}
+		if err := b.fn.attnDecode3[i].SetMaxDynamicShared(decShared(32<<i, false, decV4S2)); err != nil {
 			return err
 		}
 	}
@@ -530,7 +536,7 @@ func (b *Backend) open(opts Options) error {
 // maxShared bytes of dynamic shared memory per block.
 func attnFits(maxShared int, k8 bool) (dec [4]bool, pre [3]bool) {
 	for i := range dec {
-		dec[i] = decShared(32<<i, k8, decWarps) <= maxShared
+		dec[i] = decShared(32<<i, k8, decV4) <= maxShared
 	}
 	for i := range pre {
 		pre[i] = preShared(32<<i, k8) <= maxShared
@@ -552,19 +558,21 @@ func headIndex(hd int) int {
 // them).
 func (b *Backend) sizeDecode() error {
 	sms := b.ctx.Device().SMs
-	b.decResident = [2]int{sms, sms}
+	for v := range decVariants {
+		b.decResident[v] = sms
+	}
 	if !b.decOK {
 		return nil
 	}
-	for i, w := range []int{decWarps, decWarps2} {
-		if w == decWarps2 && b.kv8 {
-			break // attn_decode2 has no FP8-key variant
+	for v := range decVariants {
+		if v != decV4 && b.kv8 {
+			break // FP8 keys have one variant
 		}
-		per, err := b.decodeKernel(b.kv.HeadDim, w).BlocksPerSM(32*w, decShared(b.kv.HeadDim, b.kv8, w))
+		per, err := b.decodeKernel(b.kv.HeadDim, v).BlocksPerSM(32*v.warps(), decShared(b.kv.HeadDim, b.kv8, v))
 		if err != nil {
-			return fmt.Errorf("gpu: attn_decode occupancy (%d warps): %w", w, err)
+			return fmt.Errorf("gpu: attn_decode occupancy (variant %d): %w", v, err)
 		}
-		b.decResident[i] = max(1, per) * sms
+		b.decResident[v] = max(1, per) * sms
 	}
 	return nil
 }

@@ -370,7 +370,7 @@ type decodeVariant struct {
 	opts                         int  // attn_decode's opts (kernelForce.decOpts: 0 the default, -1 none)
 	lt                           bool // every bf16 product through cuBLASLt (kernelForce.noSkinny)
 	skLate                       bool // gemm_skinny without its early weight tiles (kernelForce.skLate)
-	warps                        int  // attn_decode's warps a block whatever the rows (kernelForce.decWarps; 0: decWarpsFor's)
+	dv                           int  // attn_decode's variant whatever the rows: 1 + a decVariant (kernelForce.decVar; 0: decVariantFor's)
 	fs, gv                       bool // FP8 weights: fp8_stream for every 1-16 rows (fp8State.streamOn; the default from fp8StreamMinRows), or for none (streamOff)
 }
 
@@ -393,8 +393,8 @@ func (v decodeVariant) label(ads []*lora.Adapter, pdlOK bool) string {
 	if v.opts != 0 {
 		lbl += fmt.Sprintf("+opts%d", max(v.opts, 0))
 	}
-	if v.warps > 0 {
-		lbl += fmt.Sprintf("+w%d", v.warps)
+	if v.dv > 0 {
+		lbl += "+" + decVariant(v.dv-1).String()
 	}
 	for _, f := range []struct {
 		on   bool
@@ -520,7 +520,7 @@ func TestDecodeBench(t *testing.T) {
 		{sms: -1, split: 4},
 		{sms: -1, opts: 3},
 		{sms: -1, nopdl: true}, {lora: true, sms: -1, nopdl: true},
-		{sms: -1, ropeHeads: true}, {sms: -1, split: 16}, {sms: -1, split: 2}, {sms: -1, split: 3}, {sms: -1, warps: decWarps2}, {lora: true, sms: -1, warps: decWarps2}, {sms: -1, warps: decWarps}, {lora: true, sms: -1, warps: decWarps},
+		{sms: -1, ropeHeads: true}, {sms: -1, split: 16}, {sms: -1, split: 2}, {sms: -1, split: 3}, {sms: -1, dv: 1 + int(decV2)}, {lora: true, sms: -1, dv: 1 + int(decV2)}, {sms: -1, dv: 1 + int(decV4)}, {lora: true, sms: -1, dv: 1 + int(decV4)}, {sms: -1, dv: 1 + int(decV4S2)}, {lora: true, sms: -1, dv: 1 + int(decV4S2)},
 		{sampled: true, sms: -1}, {eager: true, sms: -1}, {lora: true, eager: true, sms: -1},
 		{lora: true, serial: true, sms: -1}, {lora: true, sms: 0}, {lora: true, sms: 16}, {lora: true, sms: 32}}
 	if os.Getenv("PEFTD_DECODE_QUICK") != "" { // base and adapters, each with cuBLASLt (+lt), and with FP8 weights with fp8_stream at every row count (+fs) and at none (+gv)
@@ -564,9 +564,9 @@ func TestDecodeBench(t *testing.T) {
 			continue
 		}
 		retune := v.tuned && !gb.tune.done
-		if wantPDL := pdlOK && !v.nopdl; retune || gb.la.on == v.serial || gb.la.sms != v.sms || gb.s.ProgrammaticLaunch() != wantPDL || gb.force.decSplit != v.split || gb.force.ropeHeads != v.ropeHeads || gb.force.decOpts != v.opts || gb.force.noSkinny != v.lt || gb.force.skLate != v.skLate || gb.force.decWarps != v.warps || gb.f8 != nil && (gb.f8.streamOn != v.fs || gb.f8.streamOff != v.gv) { // recordings bake the LoRA and launch modes, the kernels and the GEMM algorithms in
+		if wantPDL := pdlOK && !v.nopdl; retune || gb.la.on == v.serial || gb.la.sms != v.sms || gb.s.ProgrammaticLaunch() != wantPDL || gb.force.decSplit != v.split || gb.force.ropeHeads != v.ropeHeads || gb.force.decOpts != v.opts || gb.force.noSkinny != v.lt || gb.force.skLate != v.skLate || gb.force.decVar != v.dv || gb.f8 != nil && (gb.f8.streamOn != v.fs || gb.f8.streamOff != v.gv) { // recordings bake the LoRA and launch modes, the kernels and the GEMM algorithms in
 			gb.la.on, gb.la.sms, gb.force.decSplit, gb.force.ropeHeads, gb.force.decOpts = !v.serial, v.sms, v.split, v.ropeHeads, v.opts
-			gb.force.noSkinny, gb.force.skLate, gb.force.decWarps = v.lt, v.skLate, v.warps
+			gb.force.noSkinny, gb.force.skLate, gb.force.decVar = v.lt, v.skLate, v.dv
 			if gb.f8 != nil {
 				gb.f8.streamOn, gb.f8.streamOff = v.fs, v.gv
 			}
@@ -648,7 +648,7 @@ func TestDecodeBench(t *testing.T) {
 			roofS*1e3/gpuMs, wall.Seconds()*1e3/newTok, gpuMs/newTok, roofS*1e3/newTok, prefill.Seconds())
 	}
 	gb.g.off, gb.force.decSplit, gb.force.ropeHeads, gb.force.decOpts = false, 0, false, 0
-	gb.force.noSkinny, gb.force.skLate, gb.force.decWarps = false, false, 0
+	gb.force.noSkinny, gb.force.skLate, gb.force.decVar = false, false, 0
 	if gb.f8 != nil {
 		gb.f8.streamOn, gb.f8.streamOff = false, false
 	}

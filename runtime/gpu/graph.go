@@ -122,8 +122,8 @@ func preTilesCap(n int) int { return (n+preRows-1)/preRows + min(n/2, 16) }
 func tilesCap(n, slots int) int { return min(n, (n+sgTileRows-1)/sgTileRows+max(slots, 1)) }
 
 // decSplitFor is the KV split of attn_decode for a decode step of n rows.
-// Blocks run in waves of resident (the blocks of decWarpsFor(n) warps the
-// GPU holds at once); a
+// Blocks run in waves of resident (the blocks of decVariantFor(n) the GPU
+// holds at once); a
 // block costs its share of the context plus a fixed part (its pipeline's
 // start, the merge: about an eighth of a whole context's time at 8B
 // shapes), so the split minimizing waves x (1/split + 1/8) wins: one full
@@ -137,7 +137,7 @@ func (b *Backend) decSplitFor(n int) int {
 	if b.force.decSplit > 0 {
 		return min(b.force.decSplit, top)
 	}
-	return kvSplitFor(n*b.kv.KVHeads, b.resident(b.decWarpsFor(n)), top)
+	return kvSplitFor(n*b.kv.KVHeads, b.resident(b.decVariantFor(n)), top)
 }
 
 // kvSplitFor is decSplitFor's choice for pairs (sequence, KV head) blocks
@@ -613,7 +613,7 @@ func (b *Backend) fillGraphMeta(meta *engine.StepMeta, n, rank int, mixed bool) 
 	b.meta, b.off, b.metaBase = meta, o, b.g.dev.Ptr()
 	b.nRows, b.nLogit = n, n
 	b.nDec, b.nPre, b.nPreTiles = n, 0, nPreTiles
-	b.decSplit, b.decW, b.part = b.decSplitFor(n), b.decWarpsFor(n), b.g.part
+	b.decSplit, b.decV, b.part = b.decSplitFor(n), b.decVariantFor(n), b.g.part
 	b.nLora, b.nTiles = 0, 0
 	b.stepRank, b.stepTmp, b.stepTmpFloats = 0, 0, 0
 	if rank > 0 {

@@ -107,29 +107,45 @@ func TestKVSplitFor(t *testing.T) {
 	}
 }
 
-// TestDecWarpsFor: attn_decode2 (2 warps) from decWarps2MinRows rows with
-// bf16 keys, attn_decode (4) below and with FP8 keys; kernelForce.decWarps
-// overrides the rows.
-func TestDecWarpsFor(t *testing.T) {
+// TestDecVariantFor: attn_decode2 (2 warps) from decWarps2MinRows rows with
+// bf16 keys, attn_decode (4) below and with FP8 keys; kernelForce.decVar
+// overrides the rows (not the FP8 keys' one variant).
+func TestDecVariantFor(t *testing.T) {
 	for _, c := range []struct {
 		kv8      bool
 		force, n int
-		want     int
+		want     decVariant
 	}{
-		{false, 0, 1, decWarps}, {false, 0, 16, decWarps}, {false, 0, decWarps2MinRows - 1, decWarps},
-		{false, 0, decWarps2MinRows, decWarps2}, {false, 0, 256, decWarps2},
-		{false, decWarps, 256, decWarps}, {false, decWarps2, 1, decWarps2},
-		{true, 0, 256, decWarps}, {true, decWarps2, 1, decWarps},
+		{false, 0, 1, decV4}, {false, 0, 16, decV4}, {false, 0, decWarps2MinRows - 1, decV4},
+		{false, 0, decWarps2MinRows, decV2}, {false, 0, 256, decV2},
+		{false, 1 + int(decV4), 256, decV4}, {false, 1 + int(decV2), 1, decV2}, {false, 1 + int(decV4S2), 16, decV4S2},
+		{false, 1 + int(decVariants), 16, decV4}, // out of range: the rows decide
+		{true, 0, 256, decV4}, {true, 1 + int(decV2), 1, decV4},
 	} {
 		b := &Backend{kv8: c.kv8}
-		b.force.decWarps = c.force
-		b.decResident = [2]int{264, 528}
-		got := b.decWarpsFor(c.n)
+		b.force.decVar = c.force
+		b.decResident = [decVariants]int{264, 528, 396}
+		got := b.decVariantFor(c.n)
 		if got != c.want {
-			t.Errorf("kv8 %v, force %d, %d rows: %d warps, want %d", c.kv8, c.force, c.n, got, c.want)
+			t.Errorf("kv8 %v, force %d, %d rows: %v, want %v", c.kv8, c.force, c.n, got, c.want)
 		}
-		if res := b.resident(got); res != b.decResident[min(1, 4/got-1)] {
-			t.Errorf("resident(%d) = %d", got, res)
+		if res := b.resident(got); res != b.decResident[got] {
+			t.Errorf("resident(%v) = %d", got, res)
+		}
+	}
+}
+
+// TestDecShared: the variants' shared memory (DecShape in llama.cu) at
+// head_dim 128: 96 KB with 4 warps of 3 stages, a third with 2 warps, two
+// thirds with 2 stages; 2 stages whatever the variant at 256.
+func TestDecShared(t *testing.T) {
+	for _, c := range []struct {
+		hd   int
+		v    decVariant
+		want int
+	}{{128, decV4, 96 << 10}, {128, decV2, 48 << 10}, {128, decV4S2, 64 << 10}, {256, decV4, 128 << 10}, {256, decV4S2, 128 << 10}, {64, decV4S2, 32 << 10}} {
+		if got := decShared(c.hd, false, c.v); got != c.want {
+			t.Errorf("decShared(%d, %v) = %d, want %d", c.hd, c.v, got, c.want)
 		}
 	}
 }

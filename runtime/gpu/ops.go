@@ -274,8 +274,8 @@ func (b *Backend) Attention(out, q, k, v engine.Buffer, layer int, scale float32
 	if b.err != nil {
 		return
 	}
-	w := b.decW
-	grid, block := cuda.Dim3{X: b.nDec, Y: b.kv.KVHeads, Z: b.decSplit}, cuda.Dim3{X: 32 * w}
+	dv := b.decV
+	grid, block := cuda.Dim3{X: b.nDec, Y: b.kv.KVHeads, Z: b.decSplit}, cuda.Dim3{X: 32 * dv.warps()}
 	cluster := b.decCluster() && b.decSplit > 1
 	opts := b.attnOpts() &^ decOptCluster
 	if cluster {
@@ -284,10 +284,10 @@ func (b *Backend) Attention(out, q, k, v engine.Buffer, layer int, scale float32
 	args := []any{ptr(o), part, b.attnDone, ptr(qb), kc, vc, b.i32(b.off.decSeqs), b.i32(b.off.seqInfo), b.i32(b.off.pages),
 		c.Heads, b.kv.KVHeads, b.kv.BlockSize, scale, b.decSplit, qb.ld, ks, opts}
 	if cluster {
-		b.fail(b.decodeKernel(hd, w).LaunchCluster(b.s, grid, block, cuda.Dim3{X: 1, Y: 1, Z: b.decSplit}, decShared(hd, b.kv8, w), args...))
+		b.fail(b.decodeKernel(hd, dv).LaunchCluster(b.s, grid, block, cuda.Dim3{X: 1, Y: 1, Z: b.decSplit}, decShared(hd, b.kv8, dv), args...))
 		return
 	}
-	b.fail(b.decodeKernel(hd, w).Launch(b.s, grid, block, decShared(hd, b.kv8, w), args...))
+	b.fail(b.decodeKernel(hd, dv).Launch(b.s, grid, block, decShared(hd, b.kv8, dv), args...))
 }
 
 // attn_decode's opts bits (llama.cu): decOptEarly, a warp's first tiles
@@ -338,29 +338,61 @@ func (b *Backend) prefillKernel(hd int) *cuda.Function {
 	return b.fn.attnPrefill[bits.TrailingZeros(uint(hd))-5]
 }
 
-// decodeKernel is the attn_decode variant for head dimension hd (32, 64,
-// 128 or 256: decOK), the backend's key cache and w warps a block
-// (decWarpsFor).
-func (b *Backend) decodeKernel(hd, w int) *cuda.Function {
+// decodeKernel is attn_decode's kernel for head dimension hd (32, 64, 128
+// or 256: decOK), the backend's key cache and variant v (decVariantFor;
+// FP8 keys have one: attn_decode8_d*).
+func (b *Backend) decodeKernel(hd int, v decVariant) *cuda.Function {
 	i := bits.TrailingZeros(uint(hd)) - 5
 	switch {
 	case b.kv8:
 		return b.fn.attnDecode8[i]
-	case w == decWarps2:
+	case v == decV2:
 		return b.fn.attnDecode2[i]
+	case v == decV4S2:
+		return b.fn.attnDecode3[i]
 	}
 	return b.fn.attnDecode[i]
 }
 
-// decWarps is DEC_WARPS in llama.cu (attn_decode_d*'s warps a block),
-// decWarps2 DEC_WARPS2 (attn_decode2_d*'s, bf16 keys). decShared(hd, k8,
-// warps) is the dynamic shared memory of attn_decode_d{hd}: warps x
-// DecShape<hd>::ST stages x a 16-position tile of K and V (the end-of-block
-// merge reuses it).
+// decVariant is one of attn_decode's kernel families for bf16 keys: its
+// warps a block (DEC_WARPS, DEC_WARPS2 in llama.cu) and cp.async stages a
+// warp (DecShape's ST). Fewer warps or stages take less shared memory, so
+// more blocks fit an SM. FP8 keys have decV4's shape only.
+type decVariant int
+
 const (
-	decWarps  = 4
-	decWarps2 = 2
+	decV4       decVariant = iota // attn_decode_d*: 4 warps, 3 stages (2 at head_dim 256)
+	decV2                         // attn_decode2_d*: 2 warps (a third of the shared memory: twice the blocks an SM)
+	decV4S2                       // attn_decode3_d*: 4 warps, 2 stages (two thirds of it: 3 blocks an SM at head_dim 128)
+	decVariants                   // how many
 )
+
+// String names the variant in TestDecodeBench's rows: w4, w2, st2.
+func (v decVariant) String() string {
+	switch v {
+	case decV2:
+		return "w2"
+	case decV4S2:
+		return "st2"
+	}
+	return "w4"
+}
+
+// warps is the variant's warps a block.
+func (v decVariant) warps() int {
+	if v == decV2 {
+		return 2
+	}
+	return 4
+}
+
+// stages is the variant's cp.async stages a warp at head dimension hd.
+func (v decVariant) stages(hd int) int {
+	if hd >= 256 || v == decV4S2 {
+		return 2
+	}
+	return 3
+}
 
 // decWarps2MinRows: decode steps of this many rows or more run
 // attn_decode2 (bf16 keys). It holds twice the blocks an SM, so batch 64's
@@ -371,36 +403,32 @@ const (
 // there, and each block's pipeline is longer with 2).
 const decWarps2MinRows = 64
 
-// decWarpsFor is the warps a block of attn_decode for a decode step (or
-// graph bucket) of n rows: kernelForce.decWarps, else decWarps2 from
-// decWarps2MinRows rows (bf16 keys: attn_decode2 has no FP8-key variant).
-func (b *Backend) decWarpsFor(n int) int {
-	switch {
+// decVariantFor is attn_decode's variant for a decode step (or graph
+// bucket) of n rows: kernelForce.decVar's, else decV2 from decWarps2MinRows
+// rows, else decV4 (FP8 keys: always their one).
+func (b *Backend) decVariantFor(n int) decVariant {
+	switch f := b.force.decVar; {
 	case b.kv8:
-		return decWarps
-	case b.force.decWarps == decWarps || b.force.decWarps == decWarps2:
-		return b.force.decWarps
+		return decV4
+	case f > 0 && f <= int(decVariants):
+		return decVariant(f - 1)
 	case n >= decWarps2MinRows:
-		return decWarps2
+		return decV2
 	}
-	return decWarps
+	return decV4
 }
 
-// resident is how many attn_decode blocks of w warps the GPU holds at once.
-func (b *Backend) resident(w int) int {
-	if w == decWarps2 {
-		return b.decResident[1]
-	}
-	return b.decResident[0]
-}
+// resident is how many attn_decode blocks of variant v the GPU holds at once.
+func (b *Backend) resident(v decVariant) int { return b.decResident[v] }
 
-func decShared(hd int, k8 bool, warps int) int {
-	stages := 3
-	if hd >= 256 {
-		stages = 2
-	}
+// decShared is the dynamic shared memory of attn_decode's variant v at
+// head dimension hd: warps x stages x a 16-position tile of K and V (with
+// FP8 keys: V, the e4m3 keys and their scales, and one widened K tile a
+// warp; DecShape<HD, K8>). The end-of-block merge reuses it.
+func decShared(hd int, k8 bool, v decVariant) int {
+	warps, stages := v.warps(), v.stages(hd)
 	tile := 16 * hd * 2 // K or V rows of a 16-position tile, bf16
-	if k8 {             // a stage: V, the e4m3 keys and their scales; one widened K tile (DecShape<HD, true>)
+	if k8 {
 		return warps * (stages*(tile+16*hd+16*4) + tile)
 	}
 	return warps * stages * 2 * tile

@@ -149,7 +149,7 @@ func (b *Backend) Begin(meta *engine.StepMeta) error {
 	if err := b.growMeta(o.end); err != nil {
 		return err
 	}
-	b.decSplit, b.decW = 1, decWarps
+	b.decSplit, b.decV = 1, decV4
 	if nDec > 0 {
 		if err := b.planDecode(nDec); err != nil {
 			return err
@@ -262,7 +262,7 @@ func (b *Backend) planDecode(nDec int) error {
 		n = graphBuckets[i]
 	}
 	split := b.decSplitFor(n)
-	b.decSplit, b.decW = split, b.decWarpsFor(n)
+	b.decSplit, b.decV = split, b.decVariantFor(n)
 	if split > 1 {
 		need := 4 * nDec * b.cfg.Heads * split * (b.kv.HeadDim + 2)
 		if b.attnPart == nil || b.attnPart.Size() < need {
