@@ -525,9 +525,9 @@ __device__ __forceinline__ unsigned pack_bf2(float lo, float hi) {
 
 // dec_stages: cp.async stages per warp in attn_decode_d{HD} (shared memory
 // DEC_WARPS * stages * 64 * HD bytes: 96 KB at HD 128, 128 KB at 256).
-template <int HD, bool K8 = false, int STG = 0> struct DecShape {
-    static constexpr int C = HD / 8;                             // 16-byte chunks per K or V row
-    static constexpr int ST = STG ? STG : HD >= 256 ? 2 : 3;     // stages per warp (STG: a variant's own)
+template <int HD, bool K8 = false> struct DecShape {
+    static constexpr int C = HD / 8;                 // 16-byte chunks per K or V row
+    static constexpr int ST = HD >= 256 ? 2 : 3;     // stages per warp
     static constexpr int TILE_B = DEC_TILE * HD * 2; // bytes of K (or V) per tile
     // FP8 keys: a stage holds the tile's V rows, its e4m3 K rows as read
     // (RAW_B) and their scales (SC_B); the warp widens the K rows of the
@@ -692,13 +692,13 @@ __device__ __forceinline__ void dec_merge(bf16* __restrict__ out, const float* _
 // DEC_CLUSTER splits of a (sequence, KV head) are one thread-block cluster
 // (launched with clusters of 1 x 1 x nsplit) and merge through each other's
 // shared memory (dec_cluster_merge).
-template <int HD, bool K8, int W, int STG = 0>
+template <int HD, bool K8, int W>
 __device__ __forceinline__ void attn_decode_body(
     bf16* __restrict__ out, float* __restrict__ part, int* __restrict__ done, const bf16* __restrict__ q,
     const bf16* __restrict__ kc, const bf16* __restrict__ vc, const int* __restrict__ dec_seq,
     const int* __restrict__ seq_info, const int* __restrict__ pages, int heads, int kvh, int bs, float scale, int nsplit,
     int ldq, const float* __restrict__ ks, int opts) {
-    typedef DecShape<HD, K8, STG> D;
+    typedef DecShape<HD, K8> D;
     extern __shared__ __align__(128) unsigned char dsm[];
     const int di = blockIdx.x, kh = blockIdx.y, sp = blockIdx.z, tid = threadIdx.x;
     const int lane = tid & 31, warp = tid >> 5, g = lane >> 2, tig = lane & 3;
@@ -1010,14 +1010,6 @@ extern "C" __global__ void __launch_bounds__(32 * DEC_WARPS2) attn_decode2_d32(A
 extern "C" __global__ void __launch_bounds__(32 * DEC_WARPS2) attn_decode2_d64(ATTN_DECODE_ARGS) { attn_decode_body<64, false, DEC_WARPS2>(ATTN_DECODE_PASS); }
 extern "C" __global__ void __launch_bounds__(32 * DEC_WARPS2) attn_decode2_d128(ATTN_DECODE_ARGS) { attn_decode_body<128, false, DEC_WARPS2>(ATTN_DECODE_PASS); }
 extern "C" __global__ void __launch_bounds__(32 * DEC_WARPS2) attn_decode2_d256(ATTN_DECODE_ARGS) { attn_decode_body<256, false, DEC_WARPS2>(ATTN_DECODE_PASS); }
-// attn_decode3_d*: 4 warps of 2 cp.async stages (one tile ahead, not two):
-// two thirds of the shared memory and registers capped, so 3 blocks an SM
-// at head_dim 128 (12 warps, not 8: at 16 rows the kernel is bound by its
-// warps' instruction latency, ncu v0.24); bf16 keys (runtime/gpu decV4S2).
-extern "C" __global__ void __launch_bounds__(DEC_THREADS, 3) attn_decode3_d32(ATTN_DECODE_ARGS) { attn_decode_body<32, false, DEC_WARPS, 2>(ATTN_DECODE_PASS); }
-extern "C" __global__ void __launch_bounds__(DEC_THREADS, 3) attn_decode3_d64(ATTN_DECODE_ARGS) { attn_decode_body<64, false, DEC_WARPS, 2>(ATTN_DECODE_PASS); }
-extern "C" __global__ void __launch_bounds__(DEC_THREADS, 3) attn_decode3_d128(ATTN_DECODE_ARGS) { attn_decode_body<128, false, DEC_WARPS, 2>(ATTN_DECODE_PASS); }
-extern "C" __global__ void __launch_bounds__(DEC_THREADS, 3) attn_decode3_d256(ATTN_DECODE_ARGS) { attn_decode_body<256, false, DEC_WARPS, 2>(ATTN_DECODE_PASS); }
 // attn_decode8_d*: the same over an FP8 key cache (kc: e4m3 values; ks: one
 // float32 scale per cache slot and KV head).
 extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode8_d32(ATTN_DECODE_ARGS) { attn_decode_body<32, true, DEC_WARPS>(ATTN_DECODE_PASS); }

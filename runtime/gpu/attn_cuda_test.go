@@ -204,15 +204,14 @@ func attentionCase(t *testing.T, sh attnShape, k8 bool) {
 	// must give the same bits. A third time with the splits as thread-block
 	// clusters (opts 7, the default; on sm_90 and later): fewer splits, so
 	// the sums differ in their last bits. With bf16 keys, a fourth time
-	// with attn_decode2 (2 warps a block: kernelForce.decVar), a fifth with
-	// attn_decode3 (2 stages a warp) and a sixth with attn_decode (whatever
-	// decVariantFor chooses for this step).
+	// with attn_decode2 (2 warps a block: kernelForce.decVar) and a fifth
+	// with attn_decode (whatever decVariantFor chooses for this step).
 	var first []float32
 	for i, run := range []struct {
 		v0   bool
 		opts int
 		dv   int // 1 + a decVariant
-	}{{false, -1, 0}, {false, 3, 0}, {false, 7, 0}, {false, 0, 1 + int(decV2)}, {false, 0, 1 + int(decV4S2)}, {false, 0, 1 + int(decV4)}, {true, 0, 0}} {
+	}{{false, -1, 0}, {false, 3, 0}, {false, 7, 0}, {false, 0, 1 + int(decV2)}, {false, 0, 1 + int(decV4)}, {true, 0, 0}} {
 		v0 := run.v0
 		if run.dv != 0 && k8 {
 			continue
@@ -263,7 +262,7 @@ func attentionCase(t *testing.T, sh attnShape, k8 bool) {
 			}
 		case 2:
 			name += fmt.Sprintf(", decOpts 7 (clusters: %v, split %d)", r.b.decCluster(), r.b.decSplit)
-		case 3, 4, 5:
+		case 3, 4:
 			name += fmt.Sprintf(", %d warps a block and %d stages (%d resident, split %d)", r.b.decV.warps(), r.b.decV.stages(hd), r.b.resident(r.b.decV), r.b.decSplit)
 		}
 		if v0 {
@@ -301,7 +300,7 @@ func attentionCase(t *testing.T, sh attnShape, k8 bool) {
 	if r.b.decOK {
 		fs = append(fs, r.b.decodeKernel(hd, decV4))
 		if !r.b.kv8 {
-			fs = append(fs, r.b.decodeKernel(hd, decV2), r.b.decodeKernel(hd, decV4S2))
+			fs = append(fs, r.b.decodeKernel(hd, decV2))
 		}
 	}
 	if r.b.preOK {

@@ -151,7 +151,6 @@ type funcs struct {
 	attnDecode                                                                    [4]*cuda.Function // attn_decode_d32, d64, d128, d256
 	attnDecode8                                                                   [4]*cuda.Function // attn_decode8_d*: FP8 keys
 	attnDecode2                                                                   [4]*cuda.Function // attn_decode2_d*: 2 warps a block (decV2)
-	attnDecode3                                                                   [4]*cuda.Function // attn_decode3_d*: 2 stages a warp (decV4S2)
 	attnPrefill                                                                   [3]*cuda.Function // attn_prefill_d32, d64, d128
 	attnPrefill8                                                                  [3]*cuda.Function // attn_prefill8_d*: FP8 keys
 	sgExpandTC                                                                    [3]*cuda.Function // sgmv_expand_tc1, tc2, tc4
@@ -479,8 +478,6 @@ func (b *Backend) open(opts Options) error {
 		{&b.fn.attnDecode8[2], "attn_decode8_d128"}, {&b.fn.attnDecode8[3], "attn_decode8_d256"},
 		{&b.fn.attnDecode2[0], "attn_decode2_d32"}, {&b.fn.attnDecode2[1], "attn_decode2_d64"},
 		{&b.fn.attnDecode2[2], "attn_decode2_d128"}, {&b.fn.attnDecode2[3], "attn_decode2_d256"},
-		{&b.fn.attnDecode3[0], "attn_decode3_d32"}, {&b.fn.attnDecode3[1], "attn_decode3_d64"},
-		{&b.fn.attnDecode3[2], "attn_decode3_d128"}, {&b.fn.attnDecode3[3], "attn_decode3_d256"},
 		{&b.fn.attnPrefill[0], "attn_prefill_d32"}, {&b.fn.attnPrefill[1], "attn_prefill_d64"}, {&b.fn.attnPrefill[2], "attn_prefill_d128"},
 		{&b.fn.attnPrefill8[0], "attn_prefill8_d32"}, {&b.fn.attnPrefill8[1], "attn_prefill8_d64"}, {&b.fn.attnPrefill8[2], "attn_prefill8_d128"},
 		{&b.fn.addBias, "add_bias"}, {&b.fn.headRMSNorm, "head_rmsnorm"}, {&b.fn.addDelta, "add_delta"},
@@ -514,9 +511,6 @@ func (b *Backend) open(opts Options) error {
 			continue
 		}
 		if err := b.fn.attnDecode2[i].SetMaxDynamicShared(decShared(32<<i, false, decV2)); err != nil {
-			return err
-		}
-		if err := b.fn.attnDecode3[i].SetMaxDynamicShared(decShared(32<<i, false, decV4S2)); err != nil {
 			return err
 		}
 	}

@@ -118,13 +118,13 @@ func TestDecVariantFor(t *testing.T) {
 	}{
 		{false, 0, 1, decV4}, {false, 0, 16, decV4}, {false, 0, decWarps2MinRows - 1, decV4},
 		{false, 0, decWarps2MinRows, decV2}, {false, 0, 256, decV2},
-		{false, 1 + int(decV4), 256, decV4}, {false, 1 + int(decV2), 1, decV2}, {false, 1 + int(decV4S2), 16, decV4S2},
+		{false, 1 + int(decV4), 256, decV4}, {false, 1 + int(decV2), 1, decV2},
 		{false, 1 + int(decVariants), 16, decV4}, // out of range: the rows decide
 		{true, 0, 256, decV4}, {true, 1 + int(decV2), 1, decV4},
 	} {
 		b := &Backend{kv8: c.kv8}
 		b.force.decVar = c.force
-		b.decResident = [decVariants]int{264, 528, 396}
+		b.decResident = [decVariants]int{264, 528}
 		got := b.decVariantFor(c.n)
 		if got != c.want {
 			t.Errorf("kv8 %v, force %d, %d rows: %v, want %v", c.kv8, c.force, c.n, got, c.want)
@@ -135,15 +135,15 @@ func TestDecVariantFor(t *testing.T) {
 	}
 }
 
-// TestDecShared: the variants' shared memory (DecShape in llama.cu) at
-// head_dim 128: 96 KB with 4 warps of 3 stages, a third with 2 warps, two
-// thirds with 2 stages; 2 stages whatever the variant at 256.
+// TestDecShared: the variants' shared memory (DecShape in llama.cu): 96 KB
+// with 4 warps of 3 stages at head_dim 128, a third with 2 warps; 2 stages
+// at 256.
 func TestDecShared(t *testing.T) {
 	for _, c := range []struct {
 		hd   int
 		v    decVariant
 		want int
-	}{{128, decV4, 96 << 10}, {128, decV2, 48 << 10}, {128, decV4S2, 64 << 10}, {256, decV4, 128 << 10}, {256, decV4S2, 128 << 10}, {64, decV4S2, 32 << 10}} {
+	}{{128, decV4, 96 << 10}, {128, decV2, 48 << 10}, {256, decV4, 128 << 10}, {256, decV2, 64 << 10}, {64, decV4, 48 << 10}} {
 		if got := decShared(c.hd, false, c.v); got != c.want {
 			t.Errorf("decShared(%d, %v) = %d, want %d", c.hd, c.v, got, c.want)
 		}

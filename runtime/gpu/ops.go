@@ -348,32 +348,28 @@ func (b *Backend) decodeKernel(hd int, v decVariant) *cuda.Function {
 		return b.fn.attnDecode8[i]
 	case v == decV2:
 		return b.fn.attnDecode2[i]
-	case v == decV4S2:
-		return b.fn.attnDecode3[i]
 	}
 	return b.fn.attnDecode[i]
 }
 
 // decVariant is one of attn_decode's kernel families for bf16 keys: its
-// warps a block (DEC_WARPS, DEC_WARPS2 in llama.cu) and cp.async stages a
-// warp (DecShape's ST). Fewer warps or stages take less shared memory, so
-// more blocks fit an SM. FP8 keys have decV4's shape only.
+// warps a block (DEC_WARPS, DEC_WARPS2 in llama.cu; each warp has
+// DecShape's ST cp.async stages). Fewer warps take less shared memory, so
+// more blocks fit an SM. FP8 keys have decV4's shape only. (A variant of 4
+// warps with 2 stages, 3 blocks an SM at head_dim 128, was slower at every
+// batch in v0.24: 16 rows 4.71 -> 5.00 ms, 64 rows 6.07 -> 6.70.)
 type decVariant int
 
 const (
-	decV4       decVariant = iota // attn_decode_d*: 4 warps, 3 stages (2 at head_dim 256)
+	decV4       decVariant = iota // attn_decode_d*: 4 warps
 	decV2                         // attn_decode2_d*: 2 warps (a third of the shared memory: twice the blocks an SM)
-	decV4S2                       // attn_decode3_d*: 4 warps, 2 stages (two thirds of it: 3 blocks an SM at head_dim 128)
 	decVariants                   // how many
 )
 
-// String names the variant in TestDecodeBench's rows: w4, w2, st2.
+// String names the variant in TestDecodeBench's rows: w4, w2.
 func (v decVariant) String() string {
-	switch v {
-	case decV2:
+	if v == decV2 {
 		return "w2"
-	case decV4S2:
-		return "st2"
 	}
 	return "w4"
 }
@@ -386,9 +382,9 @@ func (v decVariant) warps() int {
 	return 4
 }
 
-// stages is the variant's cp.async stages a warp at head dimension hd.
+// stages is DecShape's cp.async stages a warp at head dimension hd.
 func (v decVariant) stages(hd int) int {
-	if hd >= 256 || v == decV4S2 {
+	if hd >= 256 {
 		return 2
 	}
 	return 3
