@@ -108,9 +108,30 @@ __device__ __forceinline__ void fp8_gemv_body(bf16* __restrict__ out, const unsi
     // No L2 prefetch of the weights before pdl_entry: v0.16 measured one
     // (4 KB of each row) 1.5-10 us slower per product at batch 1 (gate_up
     // 36.8 -> 46.7 us: at K = 4096 it asked for every row twice).
-    pdl_entry();
     const unsigned char* wa = qw + (i64)(n0 + g) * K + 16 * tig;
     const unsigned char* wb = wa + 8 * (i64)K;
+    const int spans = K / 64;
+    // U spans per warp in flight: every load of a batch is issued before
+    // its MMAs (clamped addresses, no branch between them), so a warp keeps
+    // U KB of weights in flight, not one span's 1 KB: small grids (o, down:
+    // 256 blocks, a third of a wave) are otherwise latency-bound. Two
+    // activation tiles take half as many (registers).
+    constexpr int U = NT == 1 ? 4 : 2;
+#ifdef PEFTD_FP8_GEMV_EARLY
+    // An experiment (kernels.DefinesEnv, not yet measured): the warp's first
+    // batch of weights is loaded into registers before griddepcontrol.wait
+    // (no kernel of a step writes weights), so its DRAM latency runs under
+    // the kernel before. These are the loads the loop makes anyway: nothing
+    // is asked twice, unlike v0.16's prefetch.
+    uint4 A0[U], B0[U];
+#pragma unroll
+    for (int u = 0; u < U; u++) {
+        const i64 k = (i64)min(warp + u * nw, spans - 1) * 64;
+        A0[u] = ld_stream16(wa + k);
+        B0[u] = ld_stream16(wb + k);
+    }
+#endif
+    pdl_entry();
     const unsigned char* xr[NT];
     bool xv[NT];
 #pragma unroll
@@ -122,20 +143,21 @@ __device__ __forceinline__ void fp8_gemv_body(bf16* __restrict__ out, const unsi
     float c[NT][4];
 #pragma unroll
     for (int t = 0; t < NT; t++) c[t][0] = c[t][1] = c[t][2] = c[t][3] = 0.f;
-    const int spans = K / 64;
-    // U spans per warp in flight: every load of a batch is issued before
-    // its MMAs (clamped addresses, no branch between them), so a warp keeps
-    // U KB of weights in flight, not one span's 1 KB: small grids (o, down:
-    // 256 blocks, a third of a wave) are otherwise latency-bound. Two
-    // activation tiles take half as many (registers).
-    constexpr int U = NT == 1 ? 4 : 2;
     for (int s0 = warp; s0 < spans; s0 += nw * U) {
         uint4 A[U], B[U], X[U][NT];
 #pragma unroll
         for (int u = 0; u < U; u++) {
             const i64 k = (i64)min(s0 + u * nw, spans - 1) * 64;
-            A[u] = ld_stream16(wa + k);
-            B[u] = ld_stream16(wb + k);
+#ifdef PEFTD_FP8_GEMV_EARLY
+            if (s0 == warp) { // warp-uniform: the first batch, loaded before the wait
+                A[u] = A0[u];
+                B[u] = B0[u];
+            } else
+#endif
+            {
+                A[u] = ld_stream16(wa + k);
+                B[u] = ld_stream16(wb + k);
+            }
 #pragma unroll
             for (int t = 0; t < NT; t++) X[u][t] = __ldg(reinterpret_cast<const uint4*>(xr[t] + k));
         }

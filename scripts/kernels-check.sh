@@ -11,12 +11,24 @@ if ! command -v clang >/dev/null; then
 	exit 0
 fi
 status=0
+check() { # file, then NVRTC-style options
+	clang -x cuda --cuda-device-only --cuda-gpu-arch=sm_80 -nocudainc -nocudalib -std=c++17 \
+		-include scripts/cudastub/cuda_prelude.h -I scripts/cudastub -fsyntax-only -Wno-unknown-cuda-version "$@"
+}
 for f in kernels/*.cu; do
-	if clang -x cuda --cuda-device-only --cuda-gpu-arch=sm_80 -nocudainc -nocudalib -std=c++17 \
-		-include scripts/cudastub/cuda_prelude.h -I scripts/cudastub -fsyntax-only -Wno-unknown-cuda-version "$f"; then
+	if check "$f"; then
 		echo "kernels-check: $f OK"
 	else
 		status=1
 	fi
+	# each experiment macro (#ifdef PEFTD_..., switched on by
+	# $PEFTD_KERNEL_DEFINES at run time) must compile too
+	for d in $(grep -ho '^#ifdef PEFTD_[A-Z0-9_]*' "$f" kernels/common.cuh | awk '{print $2}' | sort -u); do
+		if check "$f" "-D$d"; then
+			echo "kernels-check: $f -D$d OK"
+		else
+			status=1
+		fi
+	done
 done
 exit $status
