@@ -136,6 +136,18 @@ const ShippedDirsEnv = "PEFTD_KERNEL_DIRS"
 // cache key, so a cubin built without them is never loaded with them.
 const DefinesEnv = "PEFTD_KERNEL_DEFINES"
 
+// Defined reports whether DefinesEnv defines the macro name (-Dname or
+// -Dname=value): the host side of a kernel variant that changes more than
+// the code (e.g. the shared memory a launch needs) asks it.
+func Defined(name string) bool {
+	for _, f := range strings.Fields(os.Getenv(DefinesEnv)) {
+		if m, ok := strings.CutPrefix(f, "-D"); ok && (m == name || strings.HasPrefix(m, name+"=")) {
+			return true
+		}
+	}
+	return false
+}
+
 func (o Options) shipped() []string {
 	if o.ShippedDirs != nil {
 		return o.ShippedDirs

@@ -70,3 +70,21 @@ func TestSourceIncludes(t *testing.T) {
 		}
 	}
 }
+
+// TestDefined: DefinesEnv's -D options name macros, with or without a
+// value; anything else, or a longer name, does not.
+func TestDefined(t *testing.T) {
+	t.Setenv(DefinesEnv, "-DPEFTD_A -DPEFTD_B=2 -I/x PEFTD_C -DPEFTD_DD")
+	for _, c := range []struct {
+		name string
+		want bool
+	}{{"PEFTD_A", true}, {"PEFTD_B", true}, {"PEFTD_C", false}, {"PEFTD_D", false}, {"PEFTD_DD", true}, {"PEFTD", false}} {
+		if got := Defined(c.name); got != c.want {
+			t.Errorf("Defined(%q) = %v, want %v", c.name, got, c.want)
+		}
+	}
+	t.Setenv(DefinesEnv, "")
+	if Defined("PEFTD_A") {
+		t.Error("defined with the variable empty")
+	}
+}

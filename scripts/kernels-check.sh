@@ -23,7 +23,7 @@ for f in kernels/*.cu; do
 	fi
 	# each experiment macro (#ifdef PEFTD_..., switched on by
 	# $PEFTD_KERNEL_DEFINES at run time) must compile too
-	for d in $(grep -ho '^#ifdef PEFTD_[A-Z0-9_]*' "$f" kernels/common.cuh | awk '{print $2}' | sort -u); do
+	for d in $(grep -h '^#if' "$f" kernels/common.cuh | grep -o 'PEFTD_[A-Z0-9_]*' | sort -u); do
 		if check "$f" "-D$d"; then
 			echo "kernels-check: $f -D$d OK"
 		else

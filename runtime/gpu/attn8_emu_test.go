@@ -78,7 +78,7 @@ func TestFP8KeyTilingEmulated(t *testing.T) {
 func TestAttentionSharedMemory(t *testing.T) {
 	for _, hd := range []int{32, 64, 128, 256} {
 		for _, k8 := range []bool{false, true} {
-			if d := decShared(hd, k8, decV4); d > 227<<10 {
+			if d := decShared(hd, k8, decV4, false); d > 227<<10 {
 				t.Errorf("attn_decode hd %d k8 %v: %d bytes", hd, k8, d)
 			}
 			if hd <= 128 {
@@ -90,7 +90,7 @@ func TestAttentionSharedMemory(t *testing.T) {
 		// FP8 keys must not cost occupancy: as many blocks per SM as bf16
 		// (H200: 228 KB of shared memory an SM, 1 KB of it reserved per block)
 		perSM := func(shared int) int { return 233472 / (shared + 1024) }
-		if a, b := perSM(decShared(hd, true, decV4)), perSM(decShared(hd, false, decV4)); a < b {
+		if a, b := perSM(decShared(hd, true, decV4, false)), perSM(decShared(hd, false, decV4, false)); a < b {
 			t.Errorf("hd %d: attn_decode8 fits %d blocks an SM, attn_decode %d", hd, a, b)
 		}
 		if hd <= 128 {

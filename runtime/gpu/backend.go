@@ -256,6 +256,7 @@ type Backend struct {
 	decOK       bool             // the model's head shape suits attn_decode (head_dim 32, 64, 128 or 256; <= 8 query heads per KV head)
 	decResident [decVariants]int // attn_decode blocks of each variant resident at once (sizeDecode)
 	decV        decVariant       // the step's attn_decode variant (decVariantFor of its bucket, set with decSplit)
+	decBulk     bool             // the kernels copy K/V rows with cp.async.bulk (attnBulk: PEFTD_ATTN_BULK)
 	preOK       bool             // the head shape suits attn_prefill (head_dim 32, 64 or 128)
 	// the attn_decode and attn_prefill variants (head_dim 32 << i) whose
 	// shared memory fits a block on this card
@@ -495,7 +496,8 @@ func (b *Backend) open(opts Options) error {
 	if limit <= 0 { // not reported: try them all, as before
 		limit = math.MaxInt
 	}
-	b.decFit, b.preFit = attnFits(limit, b.kv8)
+	b.decBulk = attnBulk(b.ctx.Device().Major)
+	b.decFit, b.preFit = attnFits(limit, b.kv8, b.decBulk)
 	dec, pre := b.fn.attnDecode[:], b.fn.attnPrefill[:]
 	if b.kv8 {
 		dec, pre = b.fn.attnDecode8[:], b.fn.attnPrefill8[:]
@@ -504,13 +506,13 @@ func (b *Backend) open(opts Options) error {
 		if !b.decFit[i] {
 			continue
 		}
-		if err := f.SetMaxDynamicShared(decShared(32<<i, b.kv8, decV4)); err != nil {
+		if err := f.SetMaxDynamicShared(decShared(32<<i, b.kv8, decV4, b.decBulk)); err != nil {
 			return err
 		}
 		if b.kv8 {
 			continue
 		}
-		if err := b.fn.attnDecode2[i].SetMaxDynamicShared(decShared(32<<i, false, decV2)); err != nil {
+		if err := b.fn.attnDecode2[i].SetMaxDynamicShared(decShared(32<<i, false, decV2, b.decBulk)); err != nil {
 			return err
 		}
 	}
@@ -526,11 +528,12 @@ func (b *Backend) open(opts Options) error {
 }
 
 // attnFits says which attn_decode_d{32,64,128,256} and
-// attn_prefill_d{32,64,128} variants (with FP8 keys when k8) fit in
-// maxShared bytes of dynamic shared memory per block.
-func attnFits(maxShared int, k8 bool) (dec [4]bool, pre [3]bool) {
+// attn_prefill_d{32,64,128} variants (with FP8 keys when k8; built with
+// PEFTD_ATTN_BULK when bulk) fit in maxShared bytes of dynamic shared
+// memory per block.
+func attnFits(maxShared int, k8, bulk bool) (dec [4]bool, pre [3]bool) {
 	for i := range dec {
-		dec[i] = decShared(32<<i, k8, decV4) <= maxShared
+		dec[i] = decShared(32<<i, k8, decV4, bulk) <= maxShared
 	}
 	for i := range pre {
 		pre[i] = preShared(32<<i, k8) <= maxShared
@@ -562,7 +565,7 @@ func (b *Backend) sizeDecode() error {
 		if v != decV4 && b.kv8 {
 			break // FP8 keys have one variant
 		}
-		per, err := b.decodeKernel(b.kv.HeadDim, v).BlocksPerSM(32*v.warps(), decShared(b.kv.HeadDim, b.kv8, v))
+		per, err := b.decodeKernel(b.kv.HeadDim, v).BlocksPerSM(32*v.warps(), decShared(b.kv.HeadDim, b.kv8, v, b.decBulk))
 		if err != nil {
 			return fmt.Errorf("gpu: attn_decode occupancy (variant %d): %w", v, err)
 		}

@@ -137,15 +137,23 @@ func TestDecVariantFor(t *testing.T) {
 
 // TestDecShared: the variants' shared memory (DecShape in llama.cu): 96 KB
 // with 4 warps of 3 stages at head_dim 128, a third with 2 warps; 2 stages
-// at 256.
+// at 256. With PEFTD_ATTN_BULK's padded rows (272 bytes at head_dim 128)
+// and 3 mbarriers, a warp's 26,136 bytes round up to 26,240: two blocks
+// of 4 warps still fit an H200's SM (227 KB).
 func TestDecShared(t *testing.T) {
 	for _, c := range []struct {
 		hd   int
 		v    decVariant
+		bulk bool
 		want int
-	}{{128, decV4, 96 << 10}, {128, decV2, 48 << 10}, {256, decV4, 128 << 10}, {256, decV2, 64 << 10}, {64, decV4, 48 << 10}} {
-		if got := decShared(c.hd, false, c.v); got != c.want {
-			t.Errorf("decShared(%d, %v) = %d, want %d", c.hd, c.v, got, c.want)
+	}{
+		{128, decV4, false, 96 << 10}, {128, decV2, false, 48 << 10}, {256, decV4, false, 128 << 10}, {256, decV2, false, 64 << 10}, {64, decV4, false, 48 << 10},
+		{128, decV4, true, 4 * 26240}, {128, decV2, true, 2 * 26240},
+		{256, decV4, true, 4 * 33920}, // 2 stages of 2 x 16 rows of 528 bytes, 2 barriers: 33,808 -> 33,920
+		{32, decV4, true, 4 * 7808},   // 3 stages of 2 x 16 rows of 80 bytes, 3 barriers: 7,704 -> 7,808
+	} {
+		if got := decShared(c.hd, false, c.v, c.bulk); got != c.want {
+			t.Errorf("decShared(%d, %v, bulk %v) = %d, want %d", c.hd, c.v, c.bulk, got, c.want)
 		}
 	}
 }

@@ -2,6 +2,7 @@ package gpu
 
 import (
 	"fmt"
+	"github.com/peftd/peftd/kernels"
 	"math/bits"
 	"slices"
 
@@ -284,10 +285,10 @@ func (b *Backend) Attention(out, q, k, v engine.Buffer, layer int, scale float32
 	args := []any{ptr(o), part, b.attnDone, ptr(qb), kc, vc, b.i32(b.off.decSeqs), b.i32(b.off.seqInfo), b.i32(b.off.pages),
 		c.Heads, b.kv.KVHeads, b.kv.BlockSize, scale, b.decSplit, qb.ld, ks, opts}
 	if cluster {
-		b.fail(b.decodeKernel(hd, dv).LaunchCluster(b.s, grid, block, cuda.Dim3{X: 1, Y: 1, Z: b.decSplit}, decShared(hd, b.kv8, dv), args...))
+		b.fail(b.decodeKernel(hd, dv).LaunchCluster(b.s, grid, block, cuda.Dim3{X: 1, Y: 1, Z: b.decSplit}, decShared(hd, b.kv8, dv, b.decBulk), args...))
 		return
 	}
-	b.fail(b.decodeKernel(hd, dv).Launch(b.s, grid, block, decShared(hd, b.kv8, dv), args...))
+	b.fail(b.decodeKernel(hd, dv).Launch(b.s, grid, block, decShared(hd, b.kv8, dv, b.decBulk), args...))
 }
 
 // attn_decode's opts bits (llama.cu): decOptEarly, a warp's first tiles
@@ -420,15 +421,26 @@ func (b *Backend) resident(v decVariant) int { return b.decResident[v] }
 // decShared is the dynamic shared memory of attn_decode's variant v at
 // head dimension hd: warps x stages x a 16-position tile of K and V (with
 // FP8 keys: V, the e4m3 keys and their scales, and one widened K tile a
-// warp; DecShape<HD, K8>). The end-of-block merge reuses it.
-func decShared(hd int, k8 bool, v decVariant) int {
+// warp; DecShape<HD, K8>). The end-of-block merge reuses it. bulk: the
+// kernels were built with PEFTD_ATTN_BULK (bf16 keys, sm_90): rows padded
+// by 16 bytes, each stage's mbarrier, a warp's part in whole 128-byte lines.
+func decShared(hd int, k8 bool, v decVariant, bulk bool) int {
 	warps, stages := v.warps(), v.stages(hd)
 	tile := 16 * hd * 2 // K or V rows of a 16-position tile, bf16
-	if k8 {
+	switch {
+	case k8:
 		return warps * (stages*(tile+16*hd+16*4) + tile)
+	case bulk:
+		return warps * ((stages*2*16*(hd*2+16) + 8*stages + 127) / 128 * 128)
 	}
 	return warps * stages * 2 * tile
 }
+
+// attnBulk reports whether the kernels are built with PEFTD_ATTN_BULK
+// (kernels.DefinesEnv; an experiment): attn_decode's bf16-key variants then
+// copy K/V rows with cp.async.bulk on sm_90 and later, and take
+// decShared(..., true) bytes.
+func attnBulk(major int) bool { return major >= 9 && kernels.Defined("PEFTD_ATTN_BULK") }
 
 // preThreads, preRows are PRE_THREADS and PRE_ROWS in llama.cu; preShared(hd, k8)
 // is the dynamic shared memory of attn_prefill_d{hd}: PreShape<hd, k8>::ST (2)
