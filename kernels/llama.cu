@@ -585,7 +585,9 @@ __device__ __forceinline__ void mbar_wait(unsigned addr, unsigned parity) {
 }
 // st_shared_zero16: 16 zero bytes at shared address a.
 __device__ __forceinline__ void st_shared_zero16(unsigned a) {
+#if DEC_BULK
     asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(a), "r"(0u) : "memory");
+#endif
 }
 // bulk_g2s: bytes (a multiple of 16) from global src to shared dst (both
 // 16-byte aligned), counted on the barrier at bar.
@@ -624,7 +626,7 @@ template <int HD, bool K8 = false> struct DecShape {
     // so that the 8 rows an ldmatrix reads fall in 8 different bank groups
     // (with BULK the rows' padding does that instead).
     static __device__ __forceinline__ int swz(int r, int c) {
-        if (BULK) return c;
+        if constexpr (BULK) return c;
         return C >= 8 ? (c ^ (r & 7)) : (c ^ ((r >> 1) & (C - 1)));
     }
     // at: the shared-memory address of chunk c of row r of a tile at base
@@ -827,14 +829,14 @@ __device__ __forceinline__ void attn_decode_body(
         next = rows(1);
     }
     const unsigned wbase = (unsigned)__cvta_generic_to_shared(dsm) + warp * D::WARP_B;
-    if (D::BULK) { // the stages' barriers, before any copy (the early ones too)
+    if constexpr (D::BULK) { // the stages' barriers, before any copy (the early ones too)
         if (lane == 0)
             for (int s = 0; s < D::ST; s++) mbar_init(D::bar(wbase, s), 1);
         mbar_init_fence();
         __syncwarp();
     }
     auto issue = [&](int k) {
-        if (D::BULK) {
+        if constexpr (D::BULK) {
             if (k < nk) {
                 // lane l copies row l % 16 of tile k (its slot: rows()),
                 // the K row for lanes 0-15 and the V row for 16-31
@@ -911,7 +913,7 @@ __device__ __forceinline__ void attn_decode_body(
         for (int k = 0; k < nk; k++) {
             issue(k + D::ST - 1);   // slot holds its rows
             advance(k + D::ST + 1); // used two iterations on: its latency hides behind two tiles
-            if (D::BULK)
+            if constexpr (D::BULK)
                 mbar_wait(D::bar(wbase, k % D::ST), (k / D::ST) & 1);
             else
                 cp_async_wait<D::ST - 1>();
@@ -1006,8 +1008,9 @@ __device__ __forceinline__ void attn_decode_body(
     float* cA = wl + W * G + 8;         // this block's partial, for the cluster
     float* cM = cA + G * HD;
     float* cL = cM + G;
-    if (D::BULK && lane == 0) // every phase of the barriers has completed: their words join the merge area
-        for (int s = 0; s < D::ST; s++) mbar_inval(D::bar(wbase, s));
+    if constexpr (D::BULK) // every phase of the barriers has completed: their words join the merge area
+        if (lane == 0)
+            for (int s = 0; s < D::ST; s++) mbar_inval(D::bar(wbase, s));
     __syncthreads(); // the stage buffers become the merge area
     if (g < G) {
 #pragma unroll
