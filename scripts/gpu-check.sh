@@ -638,13 +638,17 @@ if want nsysdec; then
 		(cd runtime/gpu && PEFTD_MODEL_8B=$MD PEFTD_DECODE_VARIANTS=1 PEFTD_DECODE_BATCHES="${PEFTD_DECODE_BATCHES:-1,16,64}" timeout "$(left 300)" \
 			"$NSYS" profile -t cuda --cuda-graph-trace=node -o "$LOG/nsysdec" -f true "$GPUBIN" -test.v -test.count=1 -test.run '^TestDecodeBench$') >"$LOG/nsysdec.log" 2>&1 || status=1
 		nsys_import nsysdec
-		"$NSYS" stats --report cuda_gpu_trace --format csv -o "$LOG/nsysdec" "$LOG/nsysdec.nsys-rep" >/dev/null 2>&1
+		# stats' own output is kept: v0.24's bf16 runs left an empty CSV
+		# after a good import, and said nothing of why
+		"$NSYS" stats --force-export=true --report cuda_gpu_trace --format csv -o "$LOG/nsysdec" "$LOG/nsysdec.nsys-rep" >"$LOG/nsysdec.stats.log" 2>&1
 		{
 			grep -E '^BENCH decode' "$LOG/nsysdec.log"
+			echo "nsysdec: $(wc -l <"$LOG/nsysdec_cuda_gpu_trace.csv" 2>/dev/null || echo no) lines of GPU trace"
 			"$PY" scripts/nsys_steps.py "$LOG/nsysdec_cuda_gpu_trace.csv" 2>&1
 		} | tee "$LOG/nsysdec.txt"
 		[[ -f "$LOG/nsysdec_cuda_gpu_trace.csv" ]] && gzip -c "$LOG/nsysdec_cuda_gpu_trace.csv" >"$LOG/nsysdec_cuda_gpu_trace.csv.gz"
-		save "$LOG/nsysdec.txt" "$LOG/nsysdec_cuda_gpu_trace.csv.gz"
+		tail -n 5 "$LOG/nsysdec.stats.log"
+		save "$LOG/nsysdec.txt" "$LOG/nsysdec_cuda_gpu_trace.csv.gz" "$LOG/nsysdec.stats.log"
 	else
 		echo "nsysdec: no nsys, or the random checkpoint could not be made"
 	fi
