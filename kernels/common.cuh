@@ -78,6 +78,19 @@ __device__ __forceinline__ void cp_async8(unsigned dst, const void* src, int n) 
     asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(dst), "l"(src), "r"(n));
 }
 
+// mma_e4m3: c += a * b on the tensor cores (m16n8k32, e4m3 in, f32 out):
+// a0..a3 A[g][4t..4t+3], A[g+8][4t..], A[g][16+4t..], A[g+8][16+4t..]
+// (g = lane / 4, t = lane % 4); b0, b1 B[4t..4t+3][g], B[16+4t..][g].
+__device__ __forceinline__ void mma_e4m3(float* c, unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0, unsigned b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 890
+    __trap(); // no FP8 tensor cores before sm_89 (the Go side never launches it there)
+#else
+    asm("mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#endif
+}
+
 // e4m3x2_float2: two e4m3 values (the low byte first) as floats, exactly
 // (through f16, which holds every e4m3 value). sm_89 and later.
 __device__ __forceinline__ float2 e4m3x2_float2(unsigned short v) {

@@ -88,16 +88,6 @@ __device__ __forceinline__ uint4 ld_stream16(const unsigned char* p) {
     return v;
 }
 
-__device__ __forceinline__ void mma_e4m3(float* c, unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0, unsigned b1) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 890
-    __trap(); // no FP8 tensor cores before sm_89 (the Go side never launches it there)
-#else
-    asm("mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-#endif
-}
-
 template <int NT>
 __device__ __forceinline__ void fp8_gemv_body(bf16* __restrict__ out, const unsigned char* __restrict__ qx,
                                               const float* __restrict__ sx, const unsigned char* __restrict__ qw,

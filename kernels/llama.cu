@@ -540,6 +540,20 @@ __device__ __forceinline__ unsigned pack_bf2(float lo, float hi) {
 #define DEC_BULK 0
 #endif
 
+// PEFTD_ATTN_QK8 (an experiment, kernels.DefinesEnv; sm_89 and later, FP8
+// keys, head_dim >= 64): attn_decode8 computes Q K^T on the FP8 tensor
+// cores (m16n8k32 e4m3) from the cached e4m3 keys as they are, with Q
+// quantized per head (amax / 448, as the keys are per token) once per
+// block, instead of widening each K tile to bf16 in shared memory and
+// running bf16 MMAs: issue 14's "QK^T in FP8, PV in BF16". S is scaled by
+// both scales; P V stays bf16. The raw key rows are XOR-swizzled so that
+// ldmatrix reads them without bank conflicts.
+#if defined(PEFTD_ATTN_QK8) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+#define DEC_QK8 1
+#else
+#define DEC_QK8 0
+#endif
+
 // mbarrier and bulk-copy helpers (sm_90; only PEFTD_ATTN_BULK uses them).
 // mbar_*: addr is the barrier's shared-memory address.
 __device__ __forceinline__ void mbar_init(unsigned addr, unsigned count) {
@@ -600,6 +614,7 @@ __device__ __forceinline__ void bulk_g2s(unsigned dst, const void* src, unsigned
 
 template <int HD, bool K8 = false> struct DecShape {
     static constexpr bool BULK = DEC_BULK && !K8;    // PEFTD_ATTN_BULK's copies and padded rows
+    static constexpr bool QK8 = DEC_QK8 && K8 && HD >= 64; // PEFTD_ATTN_QK8's e4m3 Q K^T
     static constexpr int C = HD / 8;                 // 16-byte chunks per K or V row
     static constexpr int ST = HD >= 256 ? 2 : 3;     // stages per warp
     static constexpr int PITCH = BULK ? HD * 2 + 16 : HD * 2; // bytes from one K (or V) row to the next
@@ -631,6 +646,14 @@ template <int HD, bool K8 = false> struct DecShape {
     }
     // at: the shared-memory address of chunk c of row r of a tile at base
     static __device__ __forceinline__ unsigned at(unsigned base, int r, int c) { return base + r * PITCH + swz(r, c) * 16; }
+    // rsw: the 16-byte slot of chunk c of e4m3 key row r (HD bytes, HD / 16
+    // chunks) in the raw tile: as stored unless QK8 reads the rows by
+    // ldmatrix, then XOR-swizzled as swz does for bf16 rows
+    static __device__ __forceinline__ int rsw(int r, int c) {
+        constexpr int CR = HD / 16;
+        if constexpr (!QK8) return c;
+        return CR >= 8 ? (c ^ (r & 7)) : (c ^ ((r >> 1) & (CR - 1)));
+    }
 };
 
 // Thread-block clusters (sm_90): this block's rank in its cluster, a barrier
@@ -873,7 +896,7 @@ __device__ __forceinline__ void attn_decode_body(
                 for (int i = 0; i < HD / 32; i++) {
                     const int idx = lane + 32 * i, r = idx / (HD / 16), c = idx % (HD / 16);
                     const int sl = __shfl_sync(0xffffffffu, slot, r);
-                    cp_async16(rb + r * HD + c * 16, k8 + (i64)max(sl, 0) * width + (i64)kh * HD + c * 16, sl >= 0 ? 16 : 0);
+                    cp_async16(rb + r * HD + D::rsw(r, c) * 16, k8 + (i64)max(sl, 0) * width + (i64)kh * HD + c * 16, sl >= 0 ? 16 : 0);
                 }
                 if (lane < DEC_TILE) cp_async4(sb + 4 * lane, ks + (i64)max(slot, 0) * kvh + kh, slot >= 0 ? 4 : 0);
             }
@@ -894,18 +917,48 @@ __device__ __forceinline__ void attn_decode_body(
     }
     pdl_entry();
     if (nk > 0) {
-        unsigned qa[HD / 16][2]; // A fragments of Q (rows: the query heads)
+        unsigned qa[HD / 16][2];                // A fragments of Q (rows: the query heads)
+        unsigned qa8[D::QK8 ? HD / 32 : 1][2]; // QK8: e4m3 Q, A[g][32s + 16h + 4tig ..+3] in qa8[s][h]
+        float qsc = 1.f;                       // QK8: this lane's head's Q scale
+        if constexpr (D::QK8) {
+            // the head's HD values: 8 per k32 step of each of its 4 lanes
+            float v[HD / 32][8], am = 0.f;
+            const bf16* qh = q + (i64)row * ldq + (i64)(kh * G + min(g, G - 1)) * HD;
 #pragma unroll
-        for (int ks = 0; ks < HD / 16; ks++) {
-            qa[ks][0] = qa[ks][1] = 0u;
-            if (g < G) {
-                const bf16* qh = q + (i64)row * ldq + (i64)(kh * G + g) * HD;
-                const int d = ks * 16 + tig * 2;
-                qa[ks][0] = *reinterpret_cast<const unsigned*>(qh + d);
-                qa[ks][1] = *reinterpret_cast<const unsigned*>(qh + d + 8);
+            for (int s2 = 0; s2 < HD / 32; s2++)
+#pragma unroll
+                for (int h = 0; h < 4; h++) { // two bf16 at a time
+                    const int d = 32 * s2 + 16 * (h >> 1) + 4 * tig + 2 * (h & 1);
+                    const unsigned u = g < G ? *reinterpret_cast<const unsigned*>(qh + d) : 0u;
+                    const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&u));
+                    v[s2][2 * h] = f.x, v[s2][2 * h + 1] = f.y;
+                    am = fmaxf(am, fmaxf(fabsf(f.x), fabsf(f.y)));
+                }
+            am = fmaxf(am, __shfl_xor_sync(0xffffffffu, am, 1));
+            am = fmaxf(am, __shfl_xor_sync(0xffffffffu, am, 2));
+            const float inv = am > 0.f ? fminf(448.f / am, 3.402823466e38f) : 0.f;
+            qsc = am > 0.f ? am / 448.f : 1.f;
+#pragma unroll
+            for (int s2 = 0; s2 < HD / 32; s2++)
+#pragma unroll
+                for (int h = 0; h < 2; h++) {
+                    const unsigned short lo = __nv_cvt_float2_to_fp8x2(make_float2(v[s2][4 * h] * inv, v[s2][4 * h + 1] * inv), __NV_SATFINITE, __NV_E4M3);
+                    const unsigned short hi = __nv_cvt_float2_to_fp8x2(make_float2(v[s2][4 * h + 2] * inv, v[s2][4 * h + 3] * inv), __NV_SATFINITE, __NV_E4M3);
+                    qa8[s2][h] = (unsigned)lo | ((unsigned)hi << 16);
+                }
+        } else {
+#pragma unroll
+            for (int ks = 0; ks < HD / 16; ks++) {
+                qa[ks][0] = qa[ks][1] = 0u;
+                if (g < G) {
+                    const bf16* qh = q + (i64)row * ldq + (i64)(kh * G + g) * HD;
+                    const int d = ks * 16 + tig * 2;
+                    qa[ks][0] = *reinterpret_cast<const unsigned*>(qh + d);
+                    qa[ks][1] = *reinterpret_cast<const unsigned*>(qh + d + 8);
+                }
             }
         }
-        const float qs = scale * LOG2E;
+        const float qs = scale * LOG2E * qsc;
         for (int k = pre; k < D::ST - 1; k++) {
             issue(k);
             advance(k + 2);
@@ -920,7 +973,13 @@ __device__ __forceinline__ void attn_decode_body(
             __syncwarp(); // every lane's copies of tile k have landed
             const unsigned kb = D::kt(wbase, k), vb = D::vt(wbase, k);
             float ksc[2][2] = {{1.f, 1.f}, {1.f, 1.f}}; // the scales of this lane's S columns
-            if (K8) {
+            if constexpr (D::QK8) { // the keys' scales multiply S below; the e4m3 rows are read as they are
+                const float* sc8 = reinterpret_cast<const float*>(dsm + (vb - (unsigned)__cvta_generic_to_shared(dsm)) + D::TILE_B + D::RAW_B);
+#pragma unroll
+                for (int nt = 0; nt < 2; nt++)
+#pragma unroll
+                    for (int e = 0; e < 2; e++) ksc[nt][e] = sc8[nt * 8 + tig * 2 + e];
+            } else if (K8) {
                 // widen the e4m3 rows into the bf16 K tile (exact: bf16 holds
                 // every e4m3 value); the scales multiply S below
                 const unsigned sm0 = (unsigned)__cvta_generic_to_shared(dsm);
@@ -941,15 +1000,32 @@ __device__ __forceinline__ void attn_decode_body(
             }
             // S[g][pos]: positions 0-7 in s[0], 8-15 in s[1]
             float sc[2][2] = {{0.f, 0.f}, {0.f, 0.f}};
+            if constexpr (D::QK8) {
+                // one ldmatrix.x4 of the raw rows: chunks 4kk..4kk+3 (64 key
+                // dims) of positions nt*8..+7, the B fragments of two k32 steps
+                const unsigned rb = vb + D::TILE_B;
 #pragma unroll
-            for (int kk = 0; kk < D::C / 4; kk++) {
+                for (int kk = 0; kk < HD / 64; kk++) {
 #pragma unroll
-                for (int nt = 0; nt < 2; nt++) {
-                    unsigned b[4];
-                    const int r = nt * 8 + (lane & 7), c = 4 * kk + (lane >> 3);
-                    ldsm4(D::at(kb, r, c), b);
-                    mma8(sc[nt], qa[2 * kk][0], qa[2 * kk][1], b[0], b[1]);
-                    mma8(sc[nt], qa[2 * kk + 1][0], qa[2 * kk + 1][1], b[2], b[3]);
+                    for (int nt = 0; nt < 2; nt++) {
+                        unsigned b[4];
+                        const int r = nt * 8 + (lane & 7), c = 4 * kk + (lane >> 3);
+                        ldsm4(rb + r * HD + D::rsw(r, c) * 16, b);
+                        mma_e4m3(sc[nt], qa8[2 * kk][0], 0u, qa8[2 * kk][1], 0u, b[0], b[1]);
+                        mma_e4m3(sc[nt], qa8[2 * kk + 1][0], 0u, qa8[2 * kk + 1][1], 0u, b[2], b[3]);
+                    }
+                }
+            } else {
+#pragma unroll
+                for (int kk = 0; kk < D::C / 4; kk++) {
+#pragma unroll
+                    for (int nt = 0; nt < 2; nt++) {
+                        unsigned b[4];
+                        const int r = nt * 8 + (lane & 7), c = 4 * kk + (lane >> 3);
+                        ldsm4(D::at(kb, r, c), b);
+                        mma8(sc[nt], qa[2 * kk][0], qa[2 * kk][1], b[0], b[1]);
+                        mma8(sc[nt], qa[2 * kk + 1][0], qa[2 * kk + 1][1], b[2], b[3]);
+                    }
                 }
             }
             const int pb = p0 + (warp + k * W) * DEC_TILE + tig * 2;

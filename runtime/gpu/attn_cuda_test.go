@@ -6,9 +6,11 @@ import (
 	"fmt"
 	"math"
 	"os"
+	"slices"
 	"testing"
 
 	fx "github.com/peftd/peftd/internal/fixture"
+	"github.com/peftd/peftd/kernels"
 	"github.com/peftd/peftd/runtime/cuda"
 	"github.com/peftd/peftd/runtime/engine"
 	"github.com/peftd/peftd/runtime/safetensors"
@@ -194,6 +196,29 @@ func attentionCase(t *testing.T, sh attnShape, k8 bool) {
 		keys[si], values[si] = s.k, s.v
 	}
 	want := refAttention(m, keys, values, qv, heads, kvh, hd, scale)
+	// PEFTD_ATTN_QK8 (kernels.DefinesEnv): attn_decode8 quantizes each
+	// decode row's q per head, as the keys are per token, and multiplies on
+	// the FP8 tensor cores; what it writes is compared with a reference of
+	// that q (the prefill rows' kernel keeps bf16 q)
+	wantDec := want
+	if dev := r.b.ctx.Device(); k8 && hd >= 64 && kernels.Defined("PEFTD_ATTN_QK8") && dev.Major*10+dev.Minor >= 89 {
+		qq := slices.Clone(qv)
+		for si, s := range seqs {
+			if s.rows != 1 {
+				continue
+			}
+			row := qq[m.Seqs[si].Start*heads*hd : (m.Seqs[si].Start+1)*heads*hd]
+			qb := make([]uint16, len(row))
+			f32ToBF16(qb, row)
+			for i, b := range qb {
+				row[i] = fromBF16(b) // the kernel reads the bf16 q
+			}
+			q8, sc := quantKey(row, heads, hd)
+			copy(row, deq(q8, sc))
+		}
+		wantDec = refAttention(m, keys, values, qq, heads, kvh, hd, scale)
+		t.Logf("PEFTD_ATTN_QK8: decode rows compared with q quantized per head")
+	}
 	q, k, v, out := r.buffer(T, heads*hd), r.buffer(T, width), r.buffer(T, width), r.buffer(T, heads*hd)
 	r.fill(q, qv)
 	r.fill(k, kv)
@@ -268,7 +293,11 @@ func attentionCase(t *testing.T, sh attnShape, k8 bool) {
 		if v0 {
 			name = "per-row kernel (v0), all rows"
 		}
-		r.compare(name, got, want, opTol)
+		if v0 {
+			r.compare(name, got, want, opTol)
+		} else {
+			r.compare(name, got, wantDec, opTol)
+		}
 	}
 	r.b.force.attnRows, r.b.force.decOpts, r.b.force.decVar = false, 0, 0
 	if k8 { // what rope_store stored for the step's keys
