@@ -1193,7 +1193,7 @@ extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode_d128(ATTN_
 extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode_d256(ATTN_DECODE_ARGS) { attn_decode_body<256, false, DEC_WARPS>(ATTN_DECODE_PASS); }
 // attn_decode2_d*: the same with 2 warps a block (DEC_WARPS2; bf16 keys): a
 // third of the shared memory, so twice the blocks an SM (decode steps of
-// 64 rows and more: runtime/gpu decWarpsFor).
+// 64 rows and more: runtime/gpu decVariantFor).
 #define DEC_WARPS2 2
 extern "C" __global__ void __launch_bounds__(32 * DEC_WARPS2) attn_decode2_d32(ATTN_DECODE_ARGS) { attn_decode_body<32, false, DEC_WARPS2>(ATTN_DECODE_PASS); }
 extern "C" __global__ void __launch_bounds__(32 * DEC_WARPS2) attn_decode2_d64(ATTN_DECODE_ARGS) { attn_decode_body<64, false, DEC_WARPS2>(ATTN_DECODE_PASS); }

@@ -288,7 +288,7 @@ func attentionCase(t *testing.T, sh attnShape, k8 bool) {
 		case 2:
 			name += fmt.Sprintf(", decOpts 7 (clusters: %v, split %d)", r.b.decCluster(), r.b.decSplit)
 		case 3, 4:
-			name += fmt.Sprintf(", %d warps a block and %d stages (%d resident, split %d)", r.b.decV.warps(), r.b.decV.stages(hd), r.b.resident(r.b.decV), r.b.decSplit)
+			name += fmt.Sprintf(", %d warps a block and %d stages (%d resident, split %d)", r.b.decV.warps(), decStages(hd), r.b.decResident[r.b.decV], r.b.decSplit)
 		}
 		if v0 {
 			name = "per-row kernel (v0), all rows"

@@ -14,7 +14,7 @@ func TestAttnBulkLayoutEmulated(t *testing.T) {
 	const tile = 16 // DEC_TILE
 	for _, hd := range []int{32, 64, 128, 256} {
 		for _, v := range []decVariant{decV4, decV2} {
-			warps, st := v.warps(), v.stages(hd)
+			warps, st := v.warps(), decStages(hd)
 			pitch := hd*2 + 16
 			tileB := tile * pitch
 			stageB := 2 * tileB

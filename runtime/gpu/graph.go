@@ -137,7 +137,7 @@ func (b *Backend) decSplitFor(n int) int {
 	if b.force.decSplit > 0 {
 		return min(b.force.decSplit, top)
 	}
-	return kvSplitFor(n*b.kv.KVHeads, b.resident(b.decVariantFor(n)), top)
+	return kvSplitFor(n*b.kv.KVHeads, b.decResident[b.decVariantFor(n)], top)
 }
 
 // kvSplitFor is decSplitFor's choice for pairs (sequence, KV head) blocks

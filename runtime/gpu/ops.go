@@ -383,8 +383,9 @@ func (v decVariant) warps() int {
 	return 4
 }
 
-// stages is DecShape's cp.async stages a warp at head dimension hd.
-func (v decVariant) stages(hd int) int {
+// decStages is DecShape's cp.async stages a warp at head dimension hd
+// (the same for every variant).
+func decStages(hd int) int {
 	if hd >= 256 {
 		return 2
 	}
@@ -415,9 +416,6 @@ func (b *Backend) decVariantFor(n int) decVariant {
 	return decV4
 }
 
-// resident is how many attn_decode blocks of variant v the GPU holds at once.
-func (b *Backend) resident(v decVariant) int { return b.decResident[v] }
-
 // decShared is the dynamic shared memory of attn_decode's variant v at
 // head dimension hd: warps x stages x a 16-position tile of K and V (with
 // FP8 keys: V, the e4m3 keys and their scales, and one widened K tile a
@@ -425,7 +423,7 @@ func (b *Backend) resident(v decVariant) int { return b.decResident[v] }
 // kernels were built with PEFTD_ATTN_BULK (bf16 keys, sm_90): rows padded
 // by 16 bytes, each stage's mbarrier, a warp's part in whole 128-byte lines.
 func decShared(hd int, k8 bool, v decVariant, bulk bool) int {
-	warps, stages := v.warps(), v.stages(hd)
+	warps, stages := v.warps(), decStages(hd)
 	tile := 16 * hd * 2 // K or V rows of a 16-position tile, bf16
 	switch {
 	case k8:
