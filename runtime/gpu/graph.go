@@ -122,11 +122,10 @@ func preTilesCap(n int) int { return (n+preRows-1)/preRows + min(n/2, 16) }
 func tilesCap(n, slots int) int { return min(n, (n+sgTileRows-1)/sgTileRows+max(slots, 1)) }
 
 // decSplitFor is the KV split of attn_decode for a decode step of n rows.
-// Blocks run in waves of resident (the blocks of decVariantFor(n) the GPU
-// holds at once); a
-// block costs its share of the context plus a fixed part (its pipeline's
-// start, the merge: about an eighth of a whole context's time at 8B
-// shapes), so the split minimizing waves x (1/split + 1/8) wins: one full
+// Blocks run in waves of decResident[decVariantFor(n)] (the blocks the GPU
+// holds at once); a block costs its share of the context plus a fixed part
+// (its pipeline's start, the merge: about an eighth of a whole context's
+// time at 8B shapes), so the split minimizing waves x (1/split + 1/8) wins: one full
 // wave of whole contexts beats two of halves, and few sequences get split
 // until they fill a wave.
 func (b *Backend) decSplitFor(n int) int {

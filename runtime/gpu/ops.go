@@ -2,10 +2,10 @@ package gpu
 
 import (
 	"fmt"
-	"github.com/peftd/peftd/kernels"
 	"math/bits"
 	"slices"
 
+	"github.com/peftd/peftd/kernels"
 	"github.com/peftd/peftd/runtime/cuda"
 	"github.com/peftd/peftd/runtime/engine"
 )
