@@ -43,17 +43,7 @@ extern "C" __global__ void quant_rows_e4m3(unsigned char* __restrict__ q, float*
         return;
     }
     if (vec) {
-        for (int i = threadIdx.x * 8; i < cols; i += blockDim.x * 8) {
-            uint4 u = *(const uint4*)(xr + i);
-            const __nv_bfloat162* h = (const __nv_bfloat162*)&u;
-#pragma unroll
-            for (int j = 0; j < 4; j++) {
-                float2 f = __bfloat1622float2(h[j]);
-                float a = fabsf(f.x), b = fabsf(f.y);
-                bad |= !(a <= 3.4e38f) | !(b <= 3.4e38f);
-                m = fmaxf(m, fmaxf(a, b));
-            }
-        }
+        for (int i = threadIdx.x * 8; i < cols; i += blockDim.x * 8) amax8(*(const uint4*)(xr + i), m, bad);
     } else {
         for (int i = threadIdx.x; i < cols; i += blockDim.x) {
             float a = fabsf(__bfloat162float(xr[i]));
