@@ -612,6 +612,13 @@ __device__ __forceinline__ void bulk_g2s(unsigned dst, const void* src, unsigned
 #endif
 }
 
+// xor_slot: the 16-byte slot of chunk c of row r in a tile whose rows are
+// C chunks: XOR-swizzled so that the 8 rows an ldmatrix reads (one chunk
+// each) fall in 8 different bank groups.
+template <int C> __device__ __forceinline__ int xor_slot(int r, int c) {
+    return C >= 8 ? (c ^ (r & 7)) : (c ^ ((r >> 1) & (C - 1)));
+}
+
 template <int HD, bool K8 = false> struct DecShape {
     static constexpr bool BULK = DEC_BULK && !K8;    // PEFTD_ATTN_BULK's copies and padded rows
     static constexpr bool QK8 = DEC_QK8 && K8 && HD >= 64; // PEFTD_ATTN_QK8's e4m3 Q K^T
@@ -642,7 +649,7 @@ template <int HD, bool K8 = false> struct DecShape {
     // (with BULK the rows' padding does that instead).
     static __device__ __forceinline__ int swz(int r, int c) {
         if constexpr (BULK) return c;
-        return C >= 8 ? (c ^ (r & 7)) : (c ^ ((r >> 1) & (C - 1)));
+        return xor_slot<C>(r, c);
     }
     // at: the shared-memory address of chunk c of row r of a tile at base
     static __device__ __forceinline__ unsigned at(unsigned base, int r, int c) { return base + r * PITCH + swz(r, c) * 16; }
@@ -650,9 +657,8 @@ template <int HD, bool K8 = false> struct DecShape {
     // chunks) in the raw tile: as stored unless QK8 reads the rows by
     // ldmatrix, then XOR-swizzled as swz does for bf16 rows
     static __device__ __forceinline__ int rsw(int r, int c) {
-        constexpr int CR = HD / 16;
         if constexpr (!QK8) return c;
-        return CR >= 8 ? (c ^ (r & 7)) : (c ^ ((r >> 1) & (CR - 1)));
+        return xor_slot<HD / 16>(r, c);
     }
 };
 
@@ -1243,7 +1249,7 @@ template <int HD, bool K8 = false> struct PreShape {
     static constexpr int NR = PRE_KT * C / PRE_THREADS;  // chunks (and rows) per thread per stage
     static constexpr int RSTEP = PRE_THREADS / C;        // rows between a thread's chunks
     static __device__ __forceinline__ int swz(int r, int c) {
-        return C >= 8 ? (c ^ (r & 7)) : (c ^ ((r >> 1) & (C - 1)));
+        return xor_slot<C>(r, c);
     }
 };
 
