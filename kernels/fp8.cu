@@ -97,20 +97,6 @@ __device__ __forceinline__ void fp8_gemv_body(bf16* __restrict__ out, const unsi
     // 256 blocks, a third of a wave) are otherwise latency-bound. Two
     // activation tiles take half as many (registers).
     constexpr int U = NT == 1 ? 4 : 2;
-#ifdef PEFTD_FP8_GEMV_EARLY
-    // An experiment (kernels.DefinesEnv, not yet measured): the warp's first
-    // batch of weights is loaded into registers before griddepcontrol.wait
-    // (no kernel of a step writes weights), so its DRAM latency runs under
-    // the kernel before. These are the loads the loop makes anyway: nothing
-    // is asked twice, unlike v0.16's prefetch.
-    uint4 A0[U], B0[U];
-#pragma unroll
-    for (int u = 0; u < U; u++) {
-        const i64 k = (i64)min(warp + u * nw, spans - 1) * 64;
-        A0[u] = ld_stream16(wa + k);
-        B0[u] = ld_stream16(wb + k);
-    }
-#endif
     pdl_entry();
     const unsigned char* xr[NT];
     bool xv[NT];
@@ -128,16 +114,8 @@ __device__ __forceinline__ void fp8_gemv_body(bf16* __restrict__ out, const unsi
 #pragma unroll
         for (int u = 0; u < U; u++) {
             const i64 k = (i64)min(s0 + u * nw, spans - 1) * 64;
-#ifdef PEFTD_FP8_GEMV_EARLY
-            if (s0 == warp) { // warp-uniform: the first batch, loaded before the wait
-                A[u] = A0[u];
-                B[u] = B0[u];
-            } else
-#endif
-            {
-                A[u] = ld_stream16(wa + k);
-                B[u] = ld_stream16(wb + k);
-            }
+            A[u] = ld_stream16(wa + k);
+            B[u] = ld_stream16(wb + k);
 #pragma unroll
             for (int t = 0; t < NT; t++) X[u][t] = __ldg(reinterpret_cast<const uint4*>(xr[t] + k));
         }

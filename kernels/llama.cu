@@ -523,94 +523,29 @@ __device__ __forceinline__ unsigned pack_bf2(float lo, float hi) {
     return *reinterpret_cast<unsigned*>(&v);
 }
 
-// dec_stages: cp.async stages per warp in attn_decode_d{HD} (shared memory
-// DEC_WARPS * stages * 64 * HD bytes: 96 KB at HD 128, 128 KB at 256).
-// PEFTD_ATTN_BULK (an experiment, kernels.DefinesEnv; sm_90 and later, bf16
-// keys): each lane copies one whole K or V row of a tile with
-// cp.async.bulk (one instruction, completion counted on the stage's
-// mbarrier) instead of 8 16-byte cp.async with their shuffles and address
-// arithmetic, into rows padded by 16 bytes (which keeps ldmatrix free of
-// bank conflicts where the XOR swizzle did). ncu v0.24: attn_decode at 16
-// rows is bound by its warps' instruction streams, and the copies are about
-// a third of a tile's instructions. runtime/gpu sizes the shared memory to
-// match (attnBulk).
-#if defined(PEFTD_ATTN_BULK) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-#define DEC_BULK 1
-#else
-#define DEC_BULK 0
-#endif
-
-// PEFTD_ATTN_QK8 (an experiment, kernels.DefinesEnv; sm_89 and later, FP8
-// keys, head_dim >= 64): attn_decode8 computes Q K^T on the FP8 tensor
-// cores (m16n8k32 e4m3) from the cached e4m3 keys as they are, with Q
-// quantized per head (amax / 448, as the keys are per token) once per
-// block, instead of widening each K tile to bf16 in shared memory and
-// running bf16 MMAs: issue 14's "QK^T in FP8, PV in BF16". S is scaled by
-// both scales; P V stays bf16. The raw key rows are XOR-swizzled so that
-// ldmatrix reads them without bank conflicts.
-#if defined(PEFTD_ATTN_QK8) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+// QK8 (sm_89 and later, FP8 keys, head_dim >= 64): attn_decode8 computes
+// Q K^T on the FP8 tensor cores (m16n8k32 e4m3) from the cached e4m3 keys
+// as they are, with Q quantized per head (amax / 448, as the keys are per
+// token) once per block: issue 14's "QK^T in FP8, PV in BF16". S is scaled
+// by both scales; P V stays bf16. The raw key rows are XOR-swizzled so that
+// ldmatrix reads them without bank conflicts. Before sm_89 (and at smaller
+// head dims) each K tile is widened to bf16 in shared memory for bf16 MMAs.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
 #define DEC_QK8 1
 #else
 #define DEC_QK8 0
 #endif
 
-// mbarrier and bulk-copy helpers (sm_90; only PEFTD_ATTN_BULK uses them).
-// mbar_*: addr is the barrier's shared-memory address.
-__device__ __forceinline__ void mbar_init(unsigned addr, unsigned count) {
-#if DEC_BULK
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(addr), "r"(count) : "memory");
+// PEFTD_ATTN_P1 (an experiment, kernels.DefinesEnv): attn_decode rounds P
+// to bf16 and runs one P V MMA per V fragment instead of hi + lo's two.
+// ncu v0.24: attention at 16 rows is bound by its warps' instructions,
+// and the lo part is a third of a tile's MMAs. The eager path and the
+// graph share a split plan, so the rounding no longer splits them.
+#ifdef PEFTD_ATTN_P1
+#define DEC_P1 1
+#else
+#define DEC_P1 0
 #endif
-}
-__device__ __forceinline__ void mbar_inval(unsigned addr) {
-#if DEC_BULK
-    asm volatile("mbarrier.inval.shared::cta.b64 [%0];\n" ::"r"(addr) : "memory");
-#endif
-}
-// mbar_init_fence: barrier inits visible to the async proxy (the bulk copies).
-__device__ __forceinline__ void mbar_init_fence() {
-#if DEC_BULK
-    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-#endif
-}
-// proxy_fence: shared memory the generic proxy read or wrote (ldmatrix,
-// plain stores) ordered before the async proxy's next writes to it.
-__device__ __forceinline__ void proxy_fence() {
-#if DEC_BULK
-    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-#endif
-}
-// mbar_expect: one arrival that also expects bytes of bulk copies.
-__device__ __forceinline__ void mbar_expect(unsigned addr, unsigned bytes) {
-#if DEC_BULK
-    asm volatile("{\n\t.reg .b64 st;\n\tmbarrier.arrive.expect_tx.shared::cta.b64 st, [%0], %1;\n\t}\n" ::"r"(addr), "r"(bytes) : "memory");
-#endif
-}
-// mbar_wait: until the barrier's phase of this parity has completed.
-__device__ __forceinline__ void mbar_wait(unsigned addr, unsigned parity) {
-#if DEC_BULK
-    unsigned done = 0;
-    do {
-        asm volatile("{\n\t.reg .pred p;\n\tmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n\tselp.u32 %0, 1, 0, p;\n\t}\n"
-                     : "=r"(done)
-                     : "r"(addr), "r"(parity)
-                     : "memory");
-    } while (!done);
-#endif
-}
-// st_shared_zero16: 16 zero bytes at shared address a.
-__device__ __forceinline__ void st_shared_zero16(unsigned a) {
-#if DEC_BULK
-    asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(a), "r"(0u) : "memory");
-#endif
-}
-// bulk_g2s: bytes (a multiple of 16) from global src to shared dst (both
-// 16-byte aligned), counted on the barrier at bar.
-__device__ __forceinline__ void bulk_g2s(unsigned dst, const void* src, unsigned bytes, unsigned bar) {
-#if DEC_BULK
-    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(dst), "l"(src), "r"(bytes), "r"(bar)
-                 : "memory");
-#endif
-}
 
 // xor_slot: the 16-byte slot of chunk c of row r in a tile whose rows are
 // C chunks: XOR-swizzled so that the 8 rows an ldmatrix reads (one chunk
@@ -619,40 +554,33 @@ template <int C> __device__ __forceinline__ int xor_slot(int r, int c) {
     return C >= 8 ? (c ^ (r & 7)) : (c ^ ((r >> 1) & (C - 1)));
 }
 
+// DecShape: attn_decode_d{HD}'s shared memory, per warp: ST cp.async
+// stages of a DEC_TILE-position tile (bf16, 4 warps: 4 * ST * 64 * HD
+// bytes, 96 KB at HD 128, 128 KB at 256).
 template <int HD, bool K8 = false> struct DecShape {
-    static constexpr bool BULK = DEC_BULK && !K8;    // PEFTD_ATTN_BULK's copies and padded rows
-    static constexpr bool QK8 = DEC_QK8 && K8 && HD >= 64; // PEFTD_ATTN_QK8's e4m3 Q K^T
-    static constexpr int C = HD / 8;                 // 16-byte chunks per K or V row
-    static constexpr int ST = HD >= 256 ? 2 : 3;     // stages per warp
-    static constexpr int PITCH = BULK ? HD * 2 + 16 : HD * 2; // bytes from one K (or V) row to the next
-    static constexpr int TILE_B = DEC_TILE * PITCH;  // bytes of K (or V) per tile
+    static constexpr bool QK8 = DEC_QK8 && K8 && HD >= 64; // e4m3 Q K^T on the raw key rows
+    static constexpr int C = HD / 8;                       // 16-byte chunks per K or V row
+    static constexpr int ST = HD >= 256 ? 2 : 3;           // stages per warp
+    static constexpr int TILE_B = DEC_TILE * HD * 2;       // bytes of bf16 K (or V) per tile
     // FP8 keys: a stage holds the tile's V rows, its e4m3 K rows as read
-    // (RAW_B) and their scales (SC_B); the warp widens the K rows of the
-    // tile it computes into its one bf16 K tile, after the stages (written
-    // and read within one iteration, so one suffices: a block of 4 warps
-    // takes 89 KB at HD 128, and two fit an SM as in bf16). bf16: a stage
-    // holds the K and V tiles.
+    // (RAW_B) and their scales (SC_B). Without QK8 the warp widens the K
+    // rows of the tile it computes into its one bf16 K tile, after the
+    // stages (written and read within one iteration, so one suffices: 89 KB
+    // a block of 4 warps at HD 128); QK8 reads the e4m3 rows as they are
+    // (73 KB: three blocks an SM). bf16: a stage holds the K and V tiles.
     static constexpr int RAW_B = K8 ? DEC_TILE * HD : 0;
     static constexpr int SC_B = K8 ? DEC_TILE * 4 : 0;
     static constexpr int STAGE_B = (K8 ? 1 : 2) * TILE_B + RAW_B + SC_B;
-    // a warp's buffers (with BULK, its stages' mbarriers after them, and
-    // whole 128-byte lines so the next warp's rows stay 16-byte aligned)
-    static constexpr int WARP_B = BULK ? (ST * STAGE_B + 8 * ST + 127) / 128 * 128 : ST * STAGE_B + (K8 ? TILE_B : 0);
-    // bar: the mbarrier of stage s in the warp's buffers at wb (BULK)
-    static __device__ __forceinline__ unsigned bar(unsigned wb, int s) { return wb + ST * STAGE_B + 8 * s; }
+    static constexpr int WARP_B = ST * STAGE_B + (K8 && !QK8 ? TILE_B : 0);
     // the K tile and the V tile of tile k in the warp's buffers at wb (the
     // e4m3 rows follow the V tile, their scales the rows)
     static __device__ __forceinline__ unsigned kt(unsigned wb, int k) { return K8 ? wb + ST * STAGE_B : wb + (k % ST) * STAGE_B; }
     static __device__ __forceinline__ unsigned vt(unsigned wb, int k) { return wb + (k % ST) * STAGE_B + (K8 ? 0 : TILE_B); }
     // swz: the 16-byte slot of chunk c of row r within its row, XOR-swizzled
     // so that the 8 rows an ldmatrix reads fall in 8 different bank groups
-    // (with BULK the rows' padding does that instead).
-    static __device__ __forceinline__ int swz(int r, int c) {
-        if constexpr (BULK) return c;
-        return xor_slot<C>(r, c);
-    }
+    static __device__ __forceinline__ int swz(int r, int c) { return xor_slot<C>(r, c); }
     // at: the shared-memory address of chunk c of row r of a tile at base
-    static __device__ __forceinline__ unsigned at(unsigned base, int r, int c) { return base + r * PITCH + swz(r, c) * 16; }
+    static __device__ __forceinline__ unsigned at(unsigned base, int r, int c) { return base + r * HD * 2 + swz(r, c) * 16; }
     // rsw: the 16-byte slot of chunk c of e4m3 key row r (HD bytes, HD / 16
     // chunks) in the raw tile: as stored unless QK8 reads the rows by
     // ldmatrix, then XOR-swizzled as swz does for bf16 rows
@@ -858,31 +786,7 @@ __device__ __forceinline__ void attn_decode_body(
         next = rows(1);
     }
     const unsigned wbase = (unsigned)__cvta_generic_to_shared(dsm) + warp * D::WARP_B;
-    if constexpr (D::BULK) { // the stages' barriers, before any copy (the early ones too)
-        if (lane == 0)
-            for (int s = 0; s < D::ST; s++) mbar_init(D::bar(wbase, s), 1);
-        mbar_init_fence();
-        __syncwarp();
-    }
     auto issue = [&](int k) {
-        if constexpr (D::BULK) {
-            if (k < nk) {
-                // lane l copies row l % 16 of tile k (its slot: rows()),
-                // the K row for lanes 0-15 and the V row for 16-31
-                const unsigned valid = __ballot_sync(0xffffffffu, slot >= 0) & 0xffffu;
-                const unsigned b = D::bar(wbase, k % D::ST);
-                const unsigned dst = (lane < 16 ? D::kt(wbase, k) : D::vt(wbase, k)) + (lane & 15) * D::PITCH;
-                proxy_fence(); // this stage's rows were last read by ldmatrix (or zeroed by stores)
-                if (lane == 0) mbar_expect(b, 2u * __popc(valid) * HD * 2);
-                if (slot >= 0) {
-                    bulk_g2s(dst, (lane < 16 ? kc : vc) + (i64)slot * width + (i64)kh * HD, HD * 2, b);
-                } else { // past the chunk: zeros, as cp.async's zero fill leaves (P is 0 there, and 0 * a stale NaN is not)
-#pragma unroll
-                    for (int c = 0; c < D::C; c++) st_shared_zero16(dst + 16 * c);
-                }
-            }
-            return;
-        }
         if (k < nk) {
             const unsigned kb = D::kt(wbase, k), vb = D::vt(wbase, k);
 #pragma unroll
@@ -972,10 +876,7 @@ __device__ __forceinline__ void attn_decode_body(
         for (int k = 0; k < nk; k++) {
             issue(k + D::ST - 1);   // slot holds its rows
             advance(k + D::ST + 1); // used two iterations on: its latency hides behind two tiles
-            if constexpr (D::BULK)
-                mbar_wait(D::bar(wbase, k % D::ST), (k / D::ST) & 1);
-            else
-                cp_async_wait<D::ST - 1>();
+            cp_async_wait<D::ST - 1>();
             __syncwarp(); // every lane's copies of tile k have landed
             const unsigned kb = D::kt(wbase, k), vb = D::vt(wbase, k);
             float ksc[2][2] = {{1.f, 1.f}, {1.f, 1.f}}; // the scales of this lane's S columns
@@ -1058,12 +959,13 @@ __device__ __forceinline__ void attn_decode_body(
             l = l * corr + sum;
             m = mn;
             // P = hi + lo, both bf16: two MMAs keep P's float32 precision
+            // (DEC_P1: P rounded to bf16, one MMA; l sums the unrounded P)
             unsigned ph[2], pl[2];
 #pragma unroll
             for (int nt = 0; nt < 2; nt++) {
                 const bf16 h0 = tobf(sc[nt][0]), h1 = tobf(sc[nt][1]);
                 ph[nt] = pack_bf2(__bfloat162float(h0), __bfloat162float(h1));
-                pl[nt] = pack_bf2(sc[nt][0] - __bfloat162float(h0), sc[nt][1] - __bfloat162float(h1));
+                if (!DEC_P1) pl[nt] = pack_bf2(sc[nt][0] - __bfloat162float(h0), sc[nt][1] - __bfloat162float(h1));
             }
 #pragma unroll
             for (int j = 0; j < D::C; j += 2) {
@@ -1072,9 +974,9 @@ __device__ __forceinline__ void attn_decode_body(
                 ldsm4t(D::at(vb, r, c), b);
                 o[j][0] *= corr, o[j][1] *= corr, o[j + 1][0] *= corr, o[j + 1][1] *= corr;
                 mma8(o[j], ph[0], ph[1], b[0], b[1]);
-                mma8(o[j], pl[0], pl[1], b[0], b[1]);
+                if (!DEC_P1) mma8(o[j], pl[0], pl[1], b[0], b[1]);
                 mma8(o[j + 1], ph[0], ph[1], b[2], b[3]);
-                mma8(o[j + 1], pl[0], pl[1], b[2], b[3]);
+                if (!DEC_P1) mma8(o[j + 1], pl[0], pl[1], b[2], b[3]);
             }
             __syncwarp(); // done reading the buffer the next issue overwrites
         }
@@ -1090,9 +992,6 @@ __device__ __forceinline__ void attn_decode_body(
     float* cA = wl + W * G + 8;         // this block's partial, for the cluster
     float* cM = cA + G * HD;
     float* cL = cM + G;
-    if constexpr (D::BULK) // every phase of the barriers has completed: their words join the merge area
-        if (lane == 0)
-            for (int s = 0; s < D::ST; s++) mbar_inval(D::bar(wbase, s));
     __syncthreads(); // the stage buffers become the merge area
     if (g < G) {
 #pragma unroll

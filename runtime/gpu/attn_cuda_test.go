@@ -10,7 +10,6 @@ import (
 	"testing"
 
 	fx "github.com/peftd/peftd/internal/fixture"
-	"github.com/peftd/peftd/kernels"
 	"github.com/peftd/peftd/runtime/cuda"
 	"github.com/peftd/peftd/runtime/engine"
 	"github.com/peftd/peftd/runtime/safetensors"
@@ -196,12 +195,12 @@ func attentionCase(t *testing.T, sh attnShape, k8 bool) {
 		keys[si], values[si] = s.k, s.v
 	}
 	want := refAttention(m, keys, values, qv, heads, kvh, hd, scale)
-	// PEFTD_ATTN_QK8 (kernels.DefinesEnv): attn_decode8 quantizes each
+	// sm_89 and later (attnQK8): attn_decode8 quantizes each
 	// decode row's q per head, as the keys are per token, and multiplies on
 	// the FP8 tensor cores; what it writes is compared with a reference of
 	// that q (the prefill rows' kernel keeps bf16 q)
 	wantDec := want
-	if dev := r.b.ctx.Device(); k8 && hd >= 64 && kernels.Defined("PEFTD_ATTN_QK8") && dev.Major*10+dev.Minor >= 89 {
+	if dev := r.b.ctx.Device(); k8 && hd >= 64 && attnQK8(dev.Major, dev.Minor) {
 		qq := slices.Clone(qv)
 		for si, s := range seqs {
 			if s.rows != 1 {
@@ -217,7 +216,7 @@ func attentionCase(t *testing.T, sh attnShape, k8 bool) {
 			copy(row, deq(q8, sc))
 		}
 		wantDec = refAttention(m, keys, values, qq, heads, kvh, hd, scale)
-		t.Logf("PEFTD_ATTN_QK8: decode rows compared with q quantized per head")
+		t.Logf("e4m3 Q K^T: decode rows compared with q quantized per head")
 	}
 	q, k, v, out := r.buffer(T, heads*hd), r.buffer(T, width), r.buffer(T, width), r.buffer(T, heads*hd)
 	r.fill(q, qv)

@@ -132,23 +132,27 @@ func TestDecVariantFor(t *testing.T) {
 
 // TestDecShared: the variants' shared memory (DecShape in llama.cu): 96 KB
 // with 4 warps of 3 stages at head_dim 128, a third with 2 warps; 2 stages
-// at 256. With PEFTD_ATTN_BULK's padded rows (272 bytes at head_dim 128)
-// and 3 mbarriers, a warp's 26,136 bytes round up to 26,240: two blocks
-// of 4 warps still fit an H200's SM (227 KB).
+// at 256. FP8 keys: a stage holds bf16 V, e4m3 K and 16 scales (6,208
+// bytes at 128); the widened bf16 K tile a warp adds 4 KB unless Q K^T
+// runs on the e4m3 rows (qk8, from head_dim 64): 89 KB or 73 KB.
 func TestDecShared(t *testing.T) {
 	for _, c := range []struct {
-		hd   int
-		v    decVariant
-		bulk bool
-		want int
+		hd      int
+		k8, qk8 bool
+		v       decVariant
+		want    int
 	}{
-		{128, decV4, false, 96 << 10}, {128, decV2, false, 48 << 10}, {256, decV4, false, 128 << 10}, {256, decV2, false, 64 << 10}, {64, decV4, false, 48 << 10},
-		{128, decV4, true, 4 * 26240}, {128, decV2, true, 2 * 26240},
-		{256, decV4, true, 4 * 33920}, // 2 stages of 2 x 16 rows of 528 bytes, 2 barriers: 33,808 -> 33,920
-		{32, decV4, true, 4 * 7808},   // 3 stages of 2 x 16 rows of 80 bytes, 3 barriers: 7,704 -> 7,808
+		{128, false, false, decV4, 96 << 10}, {128, false, false, decV2, 48 << 10}, {256, false, false, decV4, 128 << 10},
+		{256, false, false, decV2, 64 << 10}, {64, false, false, decV4, 48 << 10},
+		{128, false, true, decV4, 96 << 10}, // qk8 is for FP8 keys only
+		{128, true, false, decV4, 4 * (3*6208 + 4096)},
+		{128, true, true, decV4, 4 * 3 * 6208},
+		{64, true, true, decV4, 4 * 3 * (2048 + 1024 + 64)},
+		{32, true, true, decV4, 4 * (3*(1024+512+64) + 1024)}, // below head_dim 64 the tile is widened
+		{256, true, true, decV4, 4 * 2 * (8192 + 4096 + 64)},
 	} {
-		if got := decShared(c.hd, false, c.v, c.bulk); got != c.want {
-			t.Errorf("decShared(%d, %v, bulk %v) = %d, want %d", c.hd, c.v, c.bulk, got, c.want)
+		if got := decShared(c.hd, c.k8, c.v, c.qk8); got != c.want {
+			t.Errorf("decShared(%d, k8 %v, %v, qk8 %v) = %d, want %d", c.hd, c.k8, c.v, c.qk8, got, c.want)
 		}
 	}
 }

@@ -5,7 +5,6 @@ import (
 	"math/bits"
 	"slices"
 
-	"github.com/peftd/peftd/kernels"
 	"github.com/peftd/peftd/runtime/cuda"
 	"github.com/peftd/peftd/runtime/engine"
 )
@@ -285,10 +284,10 @@ func (b *Backend) Attention(out, q, k, v engine.Buffer, layer int, scale float32
 	args := []any{ptr(o), part, b.attnDone, ptr(qb), kc, vc, b.i32(b.off.decSeqs), b.i32(b.off.seqInfo), b.i32(b.off.pages),
 		c.Heads, b.kv.KVHeads, b.kv.BlockSize, scale, b.decSplit, qb.ld, ks, opts}
 	if cluster {
-		b.fail(b.decodeKernel(hd, dv).LaunchCluster(b.s, grid, block, cuda.Dim3{X: 1, Y: 1, Z: b.decSplit}, decShared(hd, b.kv8, dv, b.decBulk), args...))
+		b.fail(b.decodeKernel(hd, dv).LaunchCluster(b.s, grid, block, cuda.Dim3{X: 1, Y: 1, Z: b.decSplit}, decShared(hd, b.kv8, dv, b.decQK8), args...))
 		return
 	}
-	b.fail(b.decodeKernel(hd, dv).Launch(b.s, grid, block, decShared(hd, b.kv8, dv, b.decBulk), args...))
+	b.fail(b.decodeKernel(hd, dv).Launch(b.s, grid, block, decShared(hd, b.kv8, dv, b.decQK8), args...))
 }
 
 // attn_decode's opts bits (llama.cu): decOptEarly, a warp's first tiles
@@ -419,26 +418,25 @@ func (b *Backend) decVariantFor(n int) decVariant {
 // decShared is the dynamic shared memory of attn_decode's variant v at
 // head dimension hd: warps x stages x a 16-position tile of K and V (with
 // FP8 keys: V, the e4m3 keys and their scales, and one widened K tile a
-// warp; DecShape<HD, K8>). The end-of-block merge reuses it. bulk: the
-// kernels were built with PEFTD_ATTN_BULK (bf16 keys, sm_90): rows padded
-// by 16 bytes, each stage's mbarrier, a warp's part in whole 128-byte lines.
-func decShared(hd int, k8 bool, v decVariant, bulk bool) int {
+// warp unless qk8 multiplies the e4m3 rows as they are, from head_dim 64;
+// DecShape<HD, K8> in llama.cu). The end-of-block merge reuses it.
+func decShared(hd int, k8 bool, v decVariant, qk8 bool) int {
 	warps, stages := v.warps(), decStages(hd)
 	tile := 16 * hd * 2 // K or V rows of a 16-position tile, bf16
-	switch {
-	case k8:
-		return warps * (stages*(tile+16*hd+16*4) + tile)
-	case bulk:
-		return warps * ((stages*2*16*(hd*2+16) + 8*stages + 127) / 128 * 128)
+	if !k8 {
+		return warps * stages * 2 * tile
 	}
-	return warps * stages * 2 * tile
+	widened := tile
+	if qk8 && hd >= 64 {
+		widened = 0
+	}
+	return warps * (stages*(tile+16*hd+16*4) + widened)
 }
 
-// attnBulk reports whether the kernels are built with PEFTD_ATTN_BULK
-// (kernels.DefinesEnv; an experiment): attn_decode's bf16-key variants then
-// copy K/V rows with cp.async.bulk on sm_90 and later, and take
-// decShared(..., true) bytes.
-func attnBulk(major int) bool { return major >= 9 && kernels.Defined("PEFTD_ATTN_BULK") }
+// attnQK8 reports whether attn_decode8 computes Q K^T on the FP8 tensor
+// cores (m16n8k32 e4m3, sm_89 and later; DEC_QK8 in llama.cu) on a GPU of
+// compute capability major.minor.
+func attnQK8(major, minor int) bool { return major*10+minor >= 89 }
 
 // preThreads, preRows are PRE_THREADS and PRE_ROWS in llama.cu; preShared(hd, k8)
 // is the dynamic shared memory of attn_prefill_d{hd}: PreShape<hd, k8>::ST (2)
