@@ -536,15 +536,16 @@ __device__ __forceinline__ unsigned pack_bf2(float lo, float hi) {
 #define DEC_QK8 0
 #endif
 
-// PEFTD_ATTN_P1 (an experiment, kernels.DefinesEnv): attn_decode rounds P
-// to bf16 and runs one P V MMA per V fragment instead of hi + lo's two.
-// ncu v0.24: attention at 16 rows is bound by its warps' instructions,
-// and the lo part is a third of a tile's MMAs. The eager path and the
-// graph share a split plan, so the rounding no longer splits them.
-#ifdef PEFTD_ATTN_P1
-#define DEC_P1 1
+// PEFTD_ATTN_QK8_ST4 (an experiment, kernels.DefinesEnv): attn_decode8's
+// QK8 warps take 4 stages in the shared memory the widened tile held (99 KB
+// a block, two an SM) instead of 3 and that tile's room left empty (89 KB).
+// Without the empty room (73 KB, three blocks an SM) the split plan takes
+// 3 splits at batch 64 and 4,096-token contexts: 12.29 ms a step against
+// 11.44 with two blocks (v0.25).
+#ifdef PEFTD_ATTN_QK8_ST4
+#define DEC_QK8_ST4 1
 #else
-#define DEC_P1 0
+#define DEC_QK8_ST4 0
 #endif
 
 // xor_slot: the 16-byte slot of chunk c of row r in a tile whose rows are
@@ -560,18 +561,21 @@ template <int C> __device__ __forceinline__ int xor_slot(int r, int c) {
 template <int HD, bool K8 = false> struct DecShape {
     static constexpr bool QK8 = DEC_QK8 && K8 && HD >= 64; // e4m3 Q K^T on the raw key rows
     static constexpr int C = HD / 8;                       // 16-byte chunks per K or V row
-    static constexpr int ST = HD >= 256 ? 2 : 3;           // stages per warp
+    static constexpr bool ST4 = QK8 && DEC_QK8_ST4 && HD <= 128; // PEFTD_ATTN_QK8_ST4
+    static constexpr int ST = HD >= 256 ? 2 : ST4 ? 4 : 3;       // stages per warp
     static constexpr int TILE_B = DEC_TILE * HD * 2;       // bytes of bf16 K (or V) per tile
     // FP8 keys: a stage holds the tile's V rows, its e4m3 K rows as read
     // (RAW_B) and their scales (SC_B). Without QK8 the warp widens the K
     // rows of the tile it computes into its one bf16 K tile, after the
     // stages (written and read within one iteration, so one suffices: 89 KB
-    // a block of 4 warps at HD 128); QK8 reads the e4m3 rows as they are
-    // (73 KB: three blocks an SM). bf16: a stage holds the K and V tiles.
+    // a block of 4 warps at HD 128). QK8 reads the e4m3 rows as they are
+    // and leaves that tile's room empty: two blocks an SM, as in bf16, run
+    // faster than three (PEFTD_ATTN_QK8_ST4). bf16: a stage holds the K and
+    // V tiles.
     static constexpr int RAW_B = K8 ? DEC_TILE * HD : 0;
     static constexpr int SC_B = K8 ? DEC_TILE * 4 : 0;
     static constexpr int STAGE_B = (K8 ? 1 : 2) * TILE_B + RAW_B + SC_B;
-    static constexpr int WARP_B = ST * STAGE_B + (K8 && !QK8 ? TILE_B : 0);
+    static constexpr int WARP_B = ST * STAGE_B + (K8 && !ST4 ? TILE_B : 0);
     // the K tile and the V tile of tile k in the warp's buffers at wb (the
     // e4m3 rows follow the V tile, their scales the rows)
     static __device__ __forceinline__ unsigned kt(unsigned wb, int k) { return K8 ? wb + ST * STAGE_B : wb + (k % ST) * STAGE_B; }
@@ -959,13 +963,12 @@ __device__ __forceinline__ void attn_decode_body(
             l = l * corr + sum;
             m = mn;
             // P = hi + lo, both bf16: two MMAs keep P's float32 precision
-            // (DEC_P1: P rounded to bf16, one MMA; l sums the unrounded P)
             unsigned ph[2], pl[2];
 #pragma unroll
             for (int nt = 0; nt < 2; nt++) {
                 const bf16 h0 = tobf(sc[nt][0]), h1 = tobf(sc[nt][1]);
                 ph[nt] = pack_bf2(__bfloat162float(h0), __bfloat162float(h1));
-                if (!DEC_P1) pl[nt] = pack_bf2(sc[nt][0] - __bfloat162float(h0), sc[nt][1] - __bfloat162float(h1));
+                pl[nt] = pack_bf2(sc[nt][0] - __bfloat162float(h0), sc[nt][1] - __bfloat162float(h1));
             }
 #pragma unroll
             for (int j = 0; j < D::C; j += 2) {
@@ -974,9 +977,9 @@ __device__ __forceinline__ void attn_decode_body(
                 ldsm4t(D::at(vb, r, c), b);
                 o[j][0] *= corr, o[j][1] *= corr, o[j + 1][0] *= corr, o[j + 1][1] *= corr;
                 mma8(o[j], ph[0], ph[1], b[0], b[1]);
-                if (!DEC_P1) mma8(o[j], pl[0], pl[1], b[0], b[1]);
+                mma8(o[j], pl[0], pl[1], b[0], b[1]);
                 mma8(o[j + 1], ph[0], ph[1], b[2], b[3]);
-                if (!DEC_P1) mma8(o[j + 1], pl[0], pl[1], b[2], b[3]);
+                mma8(o[j + 1], pl[0], pl[1], b[2], b[3]);
             }
             __syncwarp(); // done reading the buffer the next issue overwrites
         }

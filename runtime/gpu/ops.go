@@ -5,6 +5,7 @@ import (
 	"math/bits"
 	"slices"
 
+	"github.com/peftd/peftd/kernels"
 	"github.com/peftd/peftd/runtime/cuda"
 	"github.com/peftd/peftd/runtime/engine"
 )
@@ -417,20 +418,20 @@ func (b *Backend) decVariantFor(n int) decVariant {
 
 // decShared is the dynamic shared memory of attn_decode's variant v at
 // head dimension hd: warps x stages x a 16-position tile of K and V (with
-// FP8 keys: V, the e4m3 keys and their scales, and one widened K tile a
-// warp unless qk8 multiplies the e4m3 rows as they are, from head_dim 64;
-// DecShape<HD, K8> in llama.cu). The end-of-block merge reuses it.
+// FP8 keys: V, the e4m3 keys and their scales, and one bf16 K tile a warp:
+// widened keys, or with qk8 (e4m3 Q K^T, attnQK8) room left empty to keep
+// two blocks an SM; DecShape<HD, K8> in llama.cu). The end-of-block merge
+// reuses it. qk8 with PEFTD_ATTN_QK8_ST4 (an experiment): 4 stages instead.
 func decShared(hd int, k8 bool, v decVariant, qk8 bool) int {
 	warps, stages := v.warps(), decStages(hd)
 	tile := 16 * hd * 2 // K or V rows of a 16-position tile, bf16
 	if !k8 {
 		return warps * stages * 2 * tile
 	}
-	widened := tile
-	if qk8 && hd >= 64 {
-		widened = 0
+	if qk8 && hd >= 64 && hd <= 128 && kernels.Defined("PEFTD_ATTN_QK8_ST4") {
+		return warps * 4 * (tile + 16*hd + 16*4)
 	}
-	return warps * (stages*(tile+16*hd+16*4) + widened)
+	return warps * (stages*(tile+16*hd+16*4) + tile)
 }
 
 // attnQK8 reports whether attn_decode8 computes Q K^T on the FP8 tensor
