@@ -536,17 +536,6 @@ __device__ __forceinline__ unsigned pack_bf2(float lo, float hi) {
 #define DEC_QK8 0
 #endif
 
-// PEFTD_ATTN_QK8_ST4 (an experiment, kernels.DefinesEnv): attn_decode8's
-// QK8 warps take 4 stages in the shared memory the widened tile held (99 KB
-// a block, two an SM) instead of 3 and that tile's room left empty (89 KB).
-// Without the empty room (73 KB, three blocks an SM) the split plan takes
-// 3 splits at batch 64 and 4,096-token contexts: 12.29 ms a step against
-// 11.44 with two blocks (v0.25).
-#ifdef PEFTD_ATTN_QK8_ST4
-#define DEC_QK8_ST4 1
-#else
-#define DEC_QK8_ST4 0
-#endif
 
 // xor_slot: the 16-byte slot of chunk c of row r in a tile whose rows are
 // C chunks: XOR-swizzled so that the 8 rows an ldmatrix reads (one chunk
@@ -561,21 +550,22 @@ template <int C> __device__ __forceinline__ int xor_slot(int r, int c) {
 template <int HD, bool K8 = false> struct DecShape {
     static constexpr bool QK8 = DEC_QK8 && K8 && HD >= 64; // e4m3 Q K^T on the raw key rows
     static constexpr int C = HD / 8;                       // 16-byte chunks per K or V row
-    static constexpr bool ST4 = QK8 && DEC_QK8_ST4 && HD <= 128; // PEFTD_ATTN_QK8_ST4
-    static constexpr int ST = HD >= 256 ? 2 : ST4 ? 4 : 3;       // stages per warp
+    static constexpr int ST = HD >= 256 ? 2 : 3;           // stages per warp
     static constexpr int TILE_B = DEC_TILE * HD * 2;       // bytes of bf16 K (or V) per tile
     // FP8 keys: a stage holds the tile's V rows, its e4m3 K rows as read
     // (RAW_B) and their scales (SC_B). Without QK8 the warp widens the K
     // rows of the tile it computes into its one bf16 K tile, after the
     // stages (written and read within one iteration, so one suffices: 89 KB
     // a block of 4 warps at HD 128). QK8 reads the e4m3 rows as they are
-    // and leaves that tile's room empty: two blocks an SM, as in bf16, run
-    // faster than three (PEFTD_ATTN_QK8_ST4). bf16: a stage holds the K and
-    // V tiles.
+    // and leaves that tile's room empty: two blocks an SM, as in bf16. At
+    // three (73 KB) the split plan takes 3 splits at batch 64 with
+    // 4,096-token contexts: 12.29 ms a step against 11.44 at two; 4 stages
+    // in that room (99 KB) ran as fast as 3 (v0.25). bf16: a stage holds
+    // the K and V tiles.
     static constexpr int RAW_B = K8 ? DEC_TILE * HD : 0;
     static constexpr int SC_B = K8 ? DEC_TILE * 4 : 0;
     static constexpr int STAGE_B = (K8 ? 1 : 2) * TILE_B + RAW_B + SC_B;
-    static constexpr int WARP_B = ST * STAGE_B + (K8 && !ST4 ? TILE_B : 0);
+    static constexpr int WARP_B = ST * STAGE_B + (K8 ? TILE_B : 0);
     // the K tile and the V tile of tile k in the warp's buffers at wb (the
     // e4m3 rows follow the V tile, their scales the rows)
     static __device__ __forceinline__ unsigned kt(unsigned wb, int k) { return K8 ? wb + ST * STAGE_B : wb + (k % ST) * STAGE_B; }

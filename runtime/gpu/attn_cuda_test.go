@@ -443,3 +443,8 @@ func TestFP8KeysFixture(t *testing.T) {
 		}
 	}
 }
+
+// attnQK8 reports whether attn_decode8 computes Q K^T on the FP8 tensor
+// cores (m16n8k32 e4m3, sm_89 and later; DEC_QK8 in llama.cu) on a GPU of
+// compute capability major.minor.
+func attnQK8(major, minor int) bool { return major*10+minor >= 89 }

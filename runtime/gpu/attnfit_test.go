@@ -20,7 +20,7 @@ func TestAttnFits(t *testing.T) {
 		{"H100/H200, fp8 keys", 232448, true, [4]bool{true, true, true, true}, [3]bool{true, true, true}},
 		{"L40S/RTX 4090, fp8 keys", 101376, true, [4]bool{true, true, true, false}, [3]bool{true, true, true}},
 	} {
-		dec, pre := attnFits(tc.maxShared, tc.k8, false)
+		dec, pre := attnFits(tc.maxShared, tc.k8)
 		if dec != tc.dec || pre != tc.pre {
 			t.Errorf("%s (%d B): decode %v prefill %v, want %v %v", tc.name, tc.maxShared, dec, pre, tc.dec, tc.pre)
 		}

@@ -256,7 +256,6 @@ type Backend struct {
 	decOK       bool             // the model's head shape suits attn_decode (head_dim 32, 64, 128 or 256; <= 8 query heads per KV head)
 	decResident [decVariants]int // attn_decode blocks of each variant resident at once (sizeDecode)
 	decV        decVariant       // the step's attn_decode variant (decVariantFor of its bucket, set with decSplit)
-	decQK8      bool             // attn_decode8 multiplies Q K^T on the FP8 tensor cores (attnQK8)
 	preOK       bool             // the head shape suits attn_prefill (head_dim 32, 64 or 128)
 	// the attn_decode and attn_prefill variants (head_dim 32 << i) whose
 	// shared memory fits a block on this card
@@ -496,9 +495,7 @@ func (b *Backend) open(opts Options) error {
 	if limit <= 0 { // not reported: try them all, as before
 		limit = math.MaxInt
 	}
-	dev := b.ctx.Device()
-	b.decQK8 = b.kv8 && attnQK8(dev.Major, dev.Minor)
-	b.decFit, b.preFit = attnFits(limit, b.kv8, b.decQK8)
+	b.decFit, b.preFit = attnFits(limit, b.kv8)
 	dec, pre := b.fn.attnDecode[:], b.fn.attnPrefill[:]
 	if b.kv8 {
 		dec, pre = b.fn.attnDecode8[:], b.fn.attnPrefill8[:]
@@ -507,13 +504,13 @@ func (b *Backend) open(opts Options) error {
 		if !b.decFit[i] {
 			continue
 		}
-		if err := f.SetMaxDynamicShared(decShared(32<<i, b.kv8, decV4, b.decQK8)); err != nil {
+		if err := f.SetMaxDynamicShared(decShared(32<<i, b.kv8, decV4)); err != nil {
 			return err
 		}
 		if b.kv8 {
 			continue
 		}
-		if err := b.fn.attnDecode2[i].SetMaxDynamicShared(decShared(32<<i, false, decV2, false)); err != nil {
+		if err := b.fn.attnDecode2[i].SetMaxDynamicShared(decShared(32<<i, false, decV2)); err != nil {
 			return err
 		}
 	}
@@ -530,11 +527,10 @@ func (b *Backend) open(opts Options) error {
 
 // attnFits says which attn_decode_d{32,64,128,256} and
 // attn_prefill_d{32,64,128} variants (with FP8 keys when k8; built with
-// e4m3 Q K^T when qk8: attnQK8) fit in maxShared bytes of dynamic shared
-// memory per block.
-func attnFits(maxShared int, k8, qk8 bool) (dec [4]bool, pre [3]bool) {
+// when k8) fit in maxShared bytes of dynamic shared memory per block.
+func attnFits(maxShared int, k8 bool) (dec [4]bool, pre [3]bool) {
 	for i := range dec {
-		dec[i] = decShared(32<<i, k8, decV4, qk8) <= maxShared
+		dec[i] = decShared(32<<i, k8, decV4) <= maxShared
 	}
 	for i := range pre {
 		pre[i] = preShared(32<<i, k8) <= maxShared
@@ -566,7 +562,7 @@ func (b *Backend) sizeDecode() error {
 		if v != decV4 && b.kv8 {
 			break // FP8 keys have one variant
 		}
-		per, err := b.decodeKernel(b.kv.HeadDim, v).BlocksPerSM(32*v.warps(), decShared(b.kv.HeadDim, b.kv8, v, b.decQK8))
+		per, err := b.decodeKernel(b.kv.HeadDim, v).BlocksPerSM(32*v.warps(), decShared(b.kv.HeadDim, b.kv8, v))
 		if err != nil {
 			return fmt.Errorf("gpu: attn_decode occupancy (variant %d): %w", v, err)
 		}

@@ -134,25 +134,22 @@ func TestDecVariantFor(t *testing.T) {
 // with 4 warps of 3 stages at head_dim 128, a third with 2 warps; 2 stages
 // at 256. FP8 keys: a stage holds bf16 V, e4m3 K and 16 scales (6,208
 // bytes at 128), and a warp one bf16 K tile (4 KB: the widened keys, or
-// with qk8 room kept empty for two blocks an SM): 89 KB.
+// with e4m3 Q K^T room kept empty for two blocks an SM): 89 KB.
 func TestDecShared(t *testing.T) {
 	for _, c := range []struct {
-		hd      int
-		k8, qk8 bool
-		v       decVariant
-		want    int
+		hd   int
+		k8   bool
+		v    decVariant
+		want int
 	}{
-		{128, false, false, decV4, 96 << 10}, {128, false, false, decV2, 48 << 10}, {256, false, false, decV4, 128 << 10},
-		{256, false, false, decV2, 64 << 10}, {64, false, false, decV4, 48 << 10},
-		{128, false, true, decV4, 96 << 10}, // qk8 is for FP8 keys only
-		{128, true, false, decV4, 4 * (3*6208 + 4096)},
-		{128, true, true, decV4, 4 * (3*6208 + 4096)},
-		{64, true, true, decV4, 4 * (3*(2048+1024+64) + 2048)},
-		{32, true, true, decV4, 4 * (3*(1024+512+64) + 1024)},
-		{256, true, true, decV4, 4 * (2*(8192+4096+64) + 8192)},
+		{128, false, decV4, 96 << 10}, {128, false, decV2, 48 << 10}, {256, false, decV4, 128 << 10},
+		{256, false, decV2, 64 << 10}, {64, false, decV4, 48 << 10},
+		{128, true, decV4, 4 * (3*6208 + 4096)},
+		{64, true, decV4, 4 * (3*(2048+1024+64) + 2048)},
+		{256, true, decV4, 4 * (2*(8192+4096+64) + 8192)},
 	} {
-		if got := decShared(c.hd, c.k8, c.v, c.qk8); got != c.want {
-			t.Errorf("decShared(%d, k8 %v, %v, qk8 %v) = %d, want %d", c.hd, c.k8, c.v, c.qk8, got, c.want)
+		if got := decShared(c.hd, c.k8, c.v); got != c.want {
+			t.Errorf("decShared(%d, k8 %v, %v) = %d, want %d", c.hd, c.k8, c.v, got, c.want)
 		}
 	}
 }

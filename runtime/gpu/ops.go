@@ -5,7 +5,6 @@ import (
 	"math/bits"
 	"slices"
 
-	"github.com/peftd/peftd/kernels"
 	"github.com/peftd/peftd/runtime/cuda"
 	"github.com/peftd/peftd/runtime/engine"
 )
@@ -285,10 +284,10 @@ func (b *Backend) Attention(out, q, k, v engine.Buffer, layer int, scale float32
 	args := []any{ptr(o), part, b.attnDone, ptr(qb), kc, vc, b.i32(b.off.decSeqs), b.i32(b.off.seqInfo), b.i32(b.off.pages),
 		c.Heads, b.kv.KVHeads, b.kv.BlockSize, scale, b.decSplit, qb.ld, ks, opts}
 	if cluster {
-		b.fail(b.decodeKernel(hd, dv).LaunchCluster(b.s, grid, block, cuda.Dim3{X: 1, Y: 1, Z: b.decSplit}, decShared(hd, b.kv8, dv, b.decQK8), args...))
+		b.fail(b.decodeKernel(hd, dv).LaunchCluster(b.s, grid, block, cuda.Dim3{X: 1, Y: 1, Z: b.decSplit}, decShared(hd, b.kv8, dv), args...))
 		return
 	}
-	b.fail(b.decodeKernel(hd, dv).Launch(b.s, grid, block, decShared(hd, b.kv8, dv, b.decQK8), args...))
+	b.fail(b.decodeKernel(hd, dv).Launch(b.s, grid, block, decShared(hd, b.kv8, dv), args...))
 }
 
 // attn_decode's opts bits (llama.cu): decOptEarly, a warp's first tiles
@@ -419,25 +418,17 @@ func (b *Backend) decVariantFor(n int) decVariant {
 // decShared is the dynamic shared memory of attn_decode's variant v at
 // head dimension hd: warps x stages x a 16-position tile of K and V (with
 // FP8 keys: V, the e4m3 keys and their scales, and one bf16 K tile a warp:
-// widened keys, or with qk8 (e4m3 Q K^T, attnQK8) room left empty to keep
+// the widened keys, or with e4m3 Q K^T (attnQK8) room left empty to keep
 // two blocks an SM; DecShape<HD, K8> in llama.cu). The end-of-block merge
-// reuses it. qk8 with PEFTD_ATTN_QK8_ST4 (an experiment): 4 stages instead.
-func decShared(hd int, k8 bool, v decVariant, qk8 bool) int {
+// reuses it.
+func decShared(hd int, k8 bool, v decVariant) int {
 	warps, stages := v.warps(), decStages(hd)
 	tile := 16 * hd * 2 // K or V rows of a 16-position tile, bf16
 	if !k8 {
 		return warps * stages * 2 * tile
 	}
-	if qk8 && hd >= 64 && hd <= 128 && kernels.Defined("PEFTD_ATTN_QK8_ST4") {
-		return warps * 4 * (tile + 16*hd + 16*4)
-	}
 	return warps * (stages*(tile+16*hd+16*4) + tile)
 }
-
-// attnQK8 reports whether attn_decode8 computes Q K^T on the FP8 tensor
-// cores (m16n8k32 e4m3, sm_89 and later; DEC_QK8 in llama.cu) on a GPU of
-// compute capability major.minor.
-func attnQK8(major, minor int) bool { return major*10+minor >= 89 }
 
 // preThreads, preRows are PRE_THREADS and PRE_ROWS in llama.cu; preShared(hd, k8)
 // is the dynamic shared memory of attn_prefill_d{hd}: PreShape<hd, k8>::ST (2)
