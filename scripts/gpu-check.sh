@@ -635,8 +635,10 @@ if want nsysdec; then
 	NSYS="$(nsys_find)"
 	echo "=== nsysdec: ${NSYS:-no nsys}"
 	if [[ -n "$NSYS" ]] && random_ckpt "$MD" decode --layers "${DECODE_LAYERS:-32}"; then
-		(cd runtime/gpu && PEFTD_MODEL_8B=$MD PEFTD_DECODE_VARIANTS=1 PEFTD_DECODE_BATCHES="${PEFTD_DECODE_BATCHES:-1,16,64}" timeout "$(left 300)" \
-			"$NSYS" profile -t cuda --cuda-graph-trace=node -o "$LOG/nsysdec" -f true "$GPUBIN" -test.v -test.count=1 -test.run '^TestDecodeBench$') >"$LOG/nsysdec.log" 2>&1 || status=1
+		# the trace starts at the first timed decode step
+		# (PEFTD_DECODE_PROFILE_RANGE): no prefill launches before it
+		(cd runtime/gpu && PEFTD_MODEL_8B=$MD PEFTD_DECODE_VARIANTS=1 PEFTD_DECODE_PROFILE_RANGE=1 PEFTD_DECODE_BATCHES="${PEFTD_DECODE_BATCHES:-1,16,64}" timeout "$(left 300)" \
+			"$NSYS" profile -t cuda --cuda-graph-trace=node --capture-range=cudaProfilerApi --capture-range-end=stop -o "$LOG/nsysdec" -f true "$GPUBIN" -test.v -test.count=1 -test.run '^TestDecodeBench$') >"$LOG/nsysdec.log" 2>&1 || status=1
 		nsys_import nsysdec
 		# stats' own output is kept: v0.24's bf16 runs left an empty CSV
 		# after a good import, and said nothing of why

@@ -556,6 +556,12 @@ func TestDecodeBench(t *testing.T) {
 			}
 		}
 	}
+	// PEFTD_DECODE_PROFILE_RANGE=1: the profiler's range (cuProfilerStart)
+	// opens at the first timed decode step and closes after the last, for
+	// nsys --capture-range=cudaProfilerApi (gpu-check's nsysdec): with one
+	// batch the trace holds its decode steps alone, not the prefill's
+	// launches (64 x 4,096 prompt rows filled v0.25's traces first)
+	profRange, inRange := os.Getenv("PEFTD_DECODE_PROFILE_RANGE") != "", false
 	for _, rn := range runs {
 		B, v := rn.B, rn.v
 		withLoRA, sampled := v.lora, v.sampled
@@ -613,6 +619,12 @@ func TestDecodeBench(t *testing.T) {
 		var wall time.Duration
 		var gpuMs, roofS float64
 		in := make([]engine.Input, B)
+		if profRange && !inRange {
+			if err := gb.ctx.ProfilerStart(); err != nil {
+				t.Fatal(err)
+			}
+			inRange = true
+		}
 		for step := 0; step < newTok; step++ {
 			kvRead := 0.0
 			for i := range in {
@@ -646,6 +658,11 @@ func TestDecodeBench(t *testing.T) {
 		lbl := v.label(ads, pdlOK)
 		bench("decode %-5d %-11s %10.0f %10.0f %10.0f %9.2f %9.2f %9.2f %9.2f %10.1f", B, lbl, toks/wall.Seconds(), toks/(gpuMs/1e3), toks/roofS,
 			roofS*1e3/gpuMs, wall.Seconds()*1e3/newTok, gpuMs/newTok, roofS*1e3/newTok, prefill.Seconds())
+	}
+	if inRange {
+		if err := gb.ctx.ProfilerStop(); err != nil {
+			t.Fatal(err)
+		}
 	}
 	gb.g.off, gb.force.decSplit, gb.force.ropeHeads, gb.force.decOpts = false, 0, false, 0
 	gb.force.noSkinny, gb.force.skLate, gb.force.decVar = false, false, 0
@@ -933,11 +950,14 @@ func TestDecodeProfile(t *testing.T) {
 	m, ads := openRandom8B(t, dir)
 	c := m.Config
 	batches := envBatches(t, "PEFTD_PROFILE_BATCHES", []int{1, 64})
-	const prompt = 512
+	// PEFTD_DECODE_PROMPT and PEFTD_KV as in TestDecodeBench: the prefill
+	// runs outside the profiler's range, so long contexts cost no profiling
+	prompt := envPositive(t, "PEFTD_DECODE_PROMPT", 512)
+	chunk := max(1, 4096/prompt) // prompts per prefill step
 	maxB := slices.Max(batches)
 	// each sequence: the prompt and the four profiled tokens, in whole pages
-	opts := engine.Options{MaxTokens: 8 * prompt, BlockSize: 16, KVBlocks: maxB*((prompt+8+15)/16) + 64, AdapterSlots: len(ads) + 1}
-	e := newEngineWith(t, m, opts, Options{WeightFormat: os.Getenv("PEFTD_WEIGHTS"), Eager: os.Getenv("PEFTD_EAGER") != ""})
+	opts := engine.Options{MaxTokens: max(chunk*prompt, 8*512), BlockSize: 16, KVBlocks: maxB*((prompt+8+15)/16) + 64, AdapterSlots: len(ads) + 1}
+	e := newEngineWith(t, m, opts, Options{WeightFormat: os.Getenv("PEFTD_WEIGHTS"), KVFormat: os.Getenv("PEFTD_KV"), Eager: os.Getenv("PEFTD_EAGER") != ""})
 	gb := e.Backend().(*Backend)
 	loadAdapters(t, e, ads)
 	if err := e.Warmup(); err != nil {
@@ -947,9 +967,9 @@ func TestDecodeProfile(t *testing.T) {
 	rng := rand.New(rand.NewPCG(5, 6))
 	for _, B := range batches {
 		seqs := make([]*engine.Sequence, B)
-		for i := 0; i < B; i += 8 {
+		for i := 0; i < B; i += chunk {
 			var in []engine.Input
-			for j := i; j < min(B, i+8); j++ {
+			for j := i; j < min(B, i+chunk); j++ {
 				seqs[j] = &engine.Sequence{}
 				toks := make([]int32, prompt)
 				for k := range toks {
