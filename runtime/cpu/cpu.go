@@ -51,7 +51,10 @@ type Options struct {
 	FP8Weights bool
 	// FP8Keys emulates the FP8 key cache (--kv-cache fp8): each rotated key
 	// head is stored rounded to bf16, then to e4m3 with one scale per token
-	// and KV head (amax / 448); values stay float32.
+	// and KV head (amax / 448); values stay float32. Where the GPU's decode
+	// kernel multiplies Q K^T on the FP8 tensor cores (qk8Decode: a
+	// sequence's one row of the step, head_dim 64, 128 or 256), that row's
+	// query heads are rounded the same way, one scale per head.
 	FP8Keys bool
 }
 
@@ -556,9 +559,10 @@ func (b *Backend) Attention(out, q, k, v engine.Buffer, layer int, scale float32
 	}
 	heads, hd := b.cfg.Heads, kv.HeadDim
 	group := heads / kv.KVHeads
+	qk8 := b.opts.FP8Keys && qk8Decode(heads, kv.KVHeads, hd)
 	n := b.rows()
 	b.parallel(n*heads, hd*(kv.BlockSize+b.meta.Seqs[0].Context), func(lo, hi int) {
-		var scores []float32
+		var scores, q8 []float32
 		for job := lo; job < hi; job++ {
 			r, h := job/heads, job%heads
 			s := &b.meta.Seqs[b.rowSeq[r]]
@@ -568,6 +572,12 @@ func (b *Backend) Attention(out, q, k, v engine.Buffer, layer int, scale float32
 			}
 			scores = scores[:ctx]
 			qh := qb.row(r)[h*hd : (h+1)*hd]
+			if qk8 && s.Len == 1 {
+				q8 = append(q8[:0], qh...)
+				roundBF16(q8)
+				QuantizeE4M3(q8)
+				qh = q8
+			}
 			kvOff := (h / group) * hd
 			key := func(p int) []float32 {
 				slot := int(s.Blocks[p/kv.BlockSize])*kv.BlockSize + p%kv.BlockSize
@@ -605,6 +615,16 @@ func (b *Backend) Attention(out, q, k, v engine.Buffer, layer int, scale float32
 			}
 		}
 	})
+}
+
+// qk8Decode reports whether the CUDA backend's decode kernel multiplies
+// Q K^T on the FP8 tensor cores for a model of these heads with FP8 keys
+// (attn_decode8 in kernels/llama.cu, which takes each sequence with one row
+// in the step): head_dim 64, 128 or 256 and at most 8 query heads per KV
+// head. At head_dim 32 it widens the keys to bf16 instead, and other shapes
+// take kernels whose Q stays bf16.
+func qk8Decode(heads, kvHeads, hd int) bool {
+	return (hd == 64 || hd == 128 || hd == 256) && heads%kvHeads == 0 && heads/kvHeads <= 8
 }
 
 // SiLUMul computes out = silu(gate) * up.

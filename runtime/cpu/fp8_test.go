@@ -2,11 +2,14 @@ package cpu
 
 import (
 	"encoding/binary"
+	"fmt"
 	"math"
 	"math/rand/v2"
+	"slices"
 	"testing"
 
 	"github.com/peftd/peftd/runtime/engine"
+	"github.com/peftd/peftd/runtime/llama"
 	"github.com/peftd/peftd/runtime/safetensors"
 )
 
@@ -149,5 +152,130 @@ func TestQuantizeE4M3Subnormal(t *testing.T) {
 	}
 	if x[1] != 0 || x[0] <= 0 || x[2] >= 0 {
 		t.Errorf("quantized to %v", x)
+	}
+}
+
+// TestFP8KeysDecodeQuery: with FP8Keys every cached key head is its e4m3
+// image; a sequence's one row of the step (a decode row) also rounds its
+// query heads to e4m3 where the GPU's decode kernel multiplies Q K^T on the
+// FP8 tensor cores (head_dim 64 here), while a prefill row's queries, and
+// a decode row's at head_dim 32, stay as they are. Each row is checked
+// against a float64 reference with and without the query's rounding, so
+// the test fails if the wrong one is applied.
+func TestFP8KeysDecodeQuery(t *testing.T) {
+	for _, tc := range []struct {
+		hd      int
+		decQ8   bool // the decode row's queries rounded
+		fp8Keys bool
+	}{{64, true, true}, {32, false, true}, {64, false, false}} {
+		t.Run(fmt.Sprintf("hd%d-fp8keys%v", tc.hd, tc.fp8Keys), func(t *testing.T) {
+			const heads, kvh, bs, layers = 4, 2, 4, 1
+			hd := tc.hd
+			rng := rand.New(rand.NewPCG(7, uint64(hd)))
+			b := NewWith(Options{Threads: 2, FP8Keys: tc.fp8Keys})
+			if !tc.fp8Keys && qk8Decode(heads, kvh, hd) != (hd >= 64) {
+				t.Fatal("qk8Decode")
+			}
+			cfg := &llama.Config{Heads: heads, KVHeads: kvh, HeadDim: hd}
+			if err := b.Init(cfg, engine.Spec{MaxTokens: 8, KV: engine.KVSpec{Layers: layers, Blocks: 8, BlockSize: bs, KVHeads: kvh, HeadDim: hd}}); err != nil {
+				t.Fatal(err)
+			}
+			width := kvh * hd
+			var keys, vals [][]float32 // per position of sequence 0, as cached
+			// step runs Attention over rows of sequence 0 (positions
+			// [ctx-n, ctx), pages 0 and 1) and returns q and the output
+			step := func(n, ctx int) (q, out []float32) {
+				meta := &engine.StepMeta{Tokens: make([]int32, n), Seqs: []engine.SeqMeta{{Start: 0, Len: n, Context: ctx, Blocks: []int32{0, 1}}}}
+				for r := range n {
+					meta.KVSlots = append(meta.KVSlots, int32(ctx-n+r))
+				}
+				qb, _ := b.NewBuffer(n, heads*hd)
+				kb, _ := b.NewBuffer(n, width)
+				vb, _ := b.NewBuffer(n, width)
+				ob, _ := b.NewBuffer(n, heads*hd)
+				for _, x := range [][]float32{qb.(*Buffer).data, kb.(*Buffer).data, vb.(*Buffer).data} {
+					for i := range x {
+						x[i] = float32(rng.NormFloat64())
+					}
+				}
+				for r := range n {
+					k := slices.Clone(kb.(*Buffer).row(r))
+					if tc.fp8Keys {
+						for h := range kvh {
+							ref := e4m3Ref(k[h*hd : (h+1)*hd])
+							for i, v := range ref {
+								k[h*hd+i] = float32(v)
+							}
+						}
+					}
+					keys, vals = append(keys, k), append(vals, slices.Clone(vb.(*Buffer).row(r)))
+				}
+				if err := b.Begin(meta); err != nil {
+					t.Fatal(err)
+				}
+				b.Attention(ob, qb, kb, vb, 0, 0.125, nil)
+				return slices.Clone(qb.(*Buffer).data), slices.Clone(ob.(*Buffer).data)
+			}
+			// ref: row r (position pos) and head h over positions [0, pos]
+			ref := func(q []float64, pos, h int) []float64 {
+				kv := h / (heads / kvh)
+				s := make([]float64, pos+1)
+				mx := math.Inf(-1)
+				for p := range s {
+					for i := range hd {
+						s[p] += q[i] * float64(keys[p][kv*hd+i])
+					}
+					s[p] *= 0.125
+					mx = max(mx, s[p])
+				}
+				var sum float64
+				for p := range s {
+					s[p] = math.Exp(s[p] - mx)
+					sum += s[p]
+				}
+				o := make([]float64, hd)
+				for p := range s {
+					for i := range o {
+						o[i] += s[p] / sum * float64(vals[p][kv*hd+i])
+					}
+				}
+				return o
+			}
+			// far is how far got is from want, relative to want's largest value
+			far := func(got []float32, want []float64) float64 {
+				var d, m float64
+				for i, w := range want {
+					d, m = max(d, math.Abs(float64(got[i])-w)), max(m, math.Abs(w))
+				}
+				return d / m
+			}
+			check := func(name string, q, out []float32, rows, ctx int, quant bool) {
+				for r := range rows {
+					for h := range heads {
+						qh := q[r*heads*hd+h*hd : r*heads*hd+(h+1)*hd]
+						exact := make([]float64, hd)
+						for i, v := range qh {
+							exact[i] = float64(v)
+						}
+						want, other := exact, e4m3Ref(qh)
+						if quant {
+							want, other = other, exact
+						}
+						got := out[r*heads*hd+h*hd : r*heads*hd+(h+1)*hd]
+						pos := ctx - rows + r
+						if e := far(got, ref(want, pos, h)); e > 1e-5 {
+							t.Errorf("%s row %d head %d: %.3g from its reference", name, r, h, e)
+						}
+						if pos > 0 && far(got, ref(other, pos, h)) < 1e-4 {
+							t.Errorf("%s row %d head %d: as close to the reference with the other query rounding", name, r, h)
+						}
+					}
+				}
+			}
+			q, out := step(5, 5) // prefill: 5 rows
+			check("prefill", q, out, 5, 5, false)
+			q, out = step(1, 6) // decode: one row
+			check("decode", q, out, 1, 6, tc.decQ8)
+		})
 	}
 }
