@@ -119,8 +119,10 @@
 # PEFTD_DECODE_BATCHES (e.g. 1,16), PEFTD_DECODE_QUICK=1 (decode: base and
 # adapters only), PEFTD_DECODE_ROWS=no,no+split2 (decode: only the rows of
 # those labels; without QUICK, so any row of TestDecodeBench's list),
-# PEFTD_WEIGHTS=fp8 (decode), SERVE8B_ARGS (e.g. "--weights
-# fp8"), DECODE_LAYERS (layers of the random checkpoint, default 32).
+# PEFTD_WEIGHTS=fp8 (decode), PEFTD_KV=fp8 and PEFTD_DECODE_PROMPT=4096
+# (decode, nsysdec, profile, kdetail), NSYSDEC_VARIANTS=2 (nsysdec: the
+# 4 x r32 rows too), SERVE8B_ARGS (e.g. "--weights fp8"), DECODE_LAYERS
+# (layers of the random checkpoint, default 32).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -627,8 +629,10 @@ nsys_import() {
 
 if want nsysdec; then
 	# Where a decode step's time goes inside its graph: TestDecodeBench's
-	# base rows (PEFTD_DECODE_VARIANTS=1) at PEFTD_DECODE_BATCHES (default
-	# 1,16,64) under nsys with graph nodes traced; scripts/nsys_steps.py
+	# base rows (PEFTD_DECODE_VARIANTS=1; NSYSDEC_VARIANTS=2 adds the
+	# 4 x r32 rows, with their LoRA stream's kernels in a table of their
+	# own) at PEFTD_DECODE_BATCHES (default 1,16,64) under nsys with graph
+	# nodes traced; scripts/nsys_steps.py
 	# gives each kernel family's time per step and the idle time before it
 	# (PDL overlap shows as negative gaps). The trace CSV goes to $OUT gzipped.
 	MD=/tmp/llama8b-random
@@ -637,7 +641,7 @@ if want nsysdec; then
 	if [[ -n "$NSYS" ]] && random_ckpt "$MD" decode --layers "${DECODE_LAYERS:-32}"; then
 		# the trace starts at the first timed decode step
 		# (PEFTD_DECODE_PROFILE_RANGE): no prefill launches before it
-		(cd runtime/gpu && PEFTD_MODEL_8B=$MD PEFTD_DECODE_VARIANTS=1 PEFTD_DECODE_PROFILE_RANGE=1 PEFTD_DECODE_BATCHES="${PEFTD_DECODE_BATCHES:-1,16,64}" timeout "$(left 300)" \
+		(cd runtime/gpu && PEFTD_MODEL_8B=$MD PEFTD_DECODE_VARIANTS="${NSYSDEC_VARIANTS:-1}" PEFTD_DECODE_PROFILE_RANGE=1 PEFTD_DECODE_BATCHES="${PEFTD_DECODE_BATCHES:-1,16,64}" timeout "$(left 300)" \
 			"$NSYS" profile -t cuda --cuda-graph-trace=node --capture-range=cudaProfilerApi --capture-range-end=stop -o "$LOG/nsysdec" -f true "$GPUBIN" -test.v -test.count=1 -test.run '^TestDecodeBench$') >"$LOG/nsysdec.log" 2>&1 || status=1
 		nsys_import nsysdec
 		# stats' own output is kept: v0.24's bf16 runs left an empty CSV

@@ -12,6 +12,10 @@ step, their median duration, and the median gap before each: its start
 minus the latest end of the compute-stream kernels before it (negative:
 it started under the one before, as Programmatic Dependent Launch allows).
 The step span is the first start to the last end of the step's kernels.
+Steps with kernels on another stream (the LoRA stream: 4 x r32 rows, with
+nsysdec's NSYSDEC_VARIANTS=2) form their own table, keyed "+lora", and
+also list those kernels: per family, the count per step, the median
+duration each and their time summed over the step.
 
 Usage: nsys_steps.py TRACE.csv
 """
@@ -70,9 +74,11 @@ def main():
         return
     by_batch = defaultdict(list)
     for batch, strm, ks in steps_of(rows):
-        by_batch[batch].append((strm, ks))
-    for batch in sorted(by_batch):
-        steps = by_batch[batch][3:]
+        side = any(k[3] != strm for k in ks)  # kernels on another stream: a LoRA step
+        by_batch[(batch, side)].append((strm, ks))
+    for key in sorted(by_batch):
+        steps = by_batch[key][3:]
+        batch = f"{key[0]}{'+lora' if key[1] else ''}"
         # the steps of the most common kernel count (one graph's replays)
         counts = defaultdict(int)
         for strm, ks in steps:
@@ -120,6 +126,28 @@ def main():
             print(f"NSYSDEC batch {batch}   {c:8d} {d/1e3:9.1f} {g/1e3:15.1f} {o/1e3:11.1f}  {name} ({d/c/1e3:.2f})")
         for (a, b), g in sorted(trans.items(), key=lambda x: -x[1])[:8]:
             print(f"NSYSDEC batch {batch}   idle {g/1e3:8.1f} us per step: {a} -> {b}")
+        if key[1]:
+            side_table(batch, steps)
+
+
+def side_table(batch, steps):
+    """The kernels of the steps' other streams, by family: count per step,
+    median duration each, and summed duration per step (median over steps)."""
+    per = defaultdict(list)  # family -> [(count, total dur)] per step
+    for strm, ks in steps:
+        fam = defaultdict(lambda: [0, 0.0, []])
+        for k in ks:
+            if k[3] != strm:
+                f = fam[family(k[2])]
+                f[0] += 1
+                f[1] += k[1]
+                f[2].append(k[1])
+        for name, (c, d, ds) in fam.items():
+            per[name].append((c, d, statistics.median(ds)))
+    med = statistics.median
+    print(f"NSYSDEC batch {batch}   other streams: {'per step':>8} {'dur us':>9}  family (median dur each)")
+    for name, xs in sorted(per.items(), key=lambda x: -med(v[1] for v in x[1])):
+        print(f"NSYSDEC batch {batch}   {med(v[0] for v in xs):22.0f} {med(v[1] for v in xs)/1e3:9.1f}  {name} ({med(v[2] for v in xs)/1e3:.2f})")
 
 
 if __name__ == "__main__":
