@@ -40,6 +40,7 @@ type Metrics struct {
 	stepHost   *prometheus.HistogramVec
 	preempt    prometheus.Counter
 	ahead      prometheus.Counter
+	chained    prometheus.Counter
 	kvUsage    prometheus.Gauge
 	loraInfo   *loraInfo
 	panics     *prometheus.CounterVec
@@ -106,6 +107,9 @@ func New(maxLoRA int) *Metrics {
 			Help: "Sequences preempted for KV pages."}),
 		ahead: prometheus.NewCounter(prometheus.CounterOpts{Name: "peftd_steps_ahead_total",
 			Help: "Steps planned and prepared while the step before them ran on the device (their decode rows took its tokens once back)."}),
+		chained: prometheus.NewCounter(prometheus.CounterOpts{Name: "peftd_steps_chained_total",
+			Help: "Steps launched before the tokens of the step before them were back, their decode rows reading those tokens on the device " +
+				"(graph replays only; also counted in peftd_steps_ahead_total): the device had the next step queued when the last one ended."}),
 		kvUsage: prometheus.NewGauge(prometheus.GaugeOpts{Name: "peftd_kv_cache_usage_ratio",
 			Help: "Fraction of KV cache pages in use at the last engine step."}),
 		loraInfo: newLoRAInfo(maxLoRA),
@@ -132,7 +136,7 @@ func New(maxLoRA int) *Metrics {
 			Help: "KV cache usage, 0 to 1 (1 means 100 percent; vLLM-compatible; same as peftd_kv_cache_usage_ratio)."}),
 	}
 	r.MustRegister(m.requests, m.generated, m.prompt, m.ttft, m.coldTTFT, m.itl, m.e2e, m.inflight, m.waiting, m.running,
-		m.batchRows, m.batchSeqs, m.adapters, m.stepTime, m.stepDevice, m.stepHost, m.preempt, m.ahead, m.kvUsage, m.loraInfo,
+		m.batchRows, m.batchSeqs, m.adapters, m.stepTime, m.stepDevice, m.stepHost, m.preempt, m.ahead, m.chained, m.kvUsage, m.loraInfo,
 		m.vllmWaiting, m.vllmRunning, m.vllmKV, m.panics, m.stalls,
 		m.prefixQueries, m.prefixHits, m.vllmPrefixQueries, m.vllmPrefixHits, m.prefixPages,
 		collectors.NewGoCollector(collectors.WithGoCollectorRuntimeMetrics(
@@ -211,6 +215,9 @@ func (m *Metrics) OnStep(s scheduler.StepStats) {
 	m.preempt.Add(float64(s.Preempted))
 	if s.Ahead {
 		m.ahead.Inc()
+	}
+	if s.Chained {
+		m.chained.Inc()
 	}
 	m.prefixQueries.Add(float64(s.PrefixQueries))
 	m.vllmPrefixQueries.Add(float64(s.PrefixQueries))

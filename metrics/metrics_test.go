@@ -44,15 +44,18 @@ func TestRequestAndStepMetrics(t *testing.T) {
 	m.OnStep(scheduler.StepStats{Rows: 3, Sequences: 2, Adapters: 1, Waiting: 5, Running: 2, TotalBlocks: 10, FreeBlocks: 4,
 		Duration: 3 * time.Millisecond, Device: 2 * time.Millisecond})
 	m.OnStep(scheduler.StepStats{Rows: 3, Sequences: 2, Adapters: 1, Waiting: 5, Running: 2, TotalBlocks: 10, FreeBlocks: 4,
-		Duration: 3 * time.Millisecond, Plan: time.Millisecond, Issue: 2 * time.Millisecond}) // a backend that does not time its steps
+		Duration: 3 * time.Millisecond, Plan: time.Millisecond, Issue: 2 * time.Millisecond, Ahead: true, Chained: true}) // a backend that does not time its steps
 	m.OnStep(scheduler.StepStats{Waiting: 5, TotalBlocks: 10, FreeBlocks: 4}) // an idle report: no step
 	v := values(t, m)
 	if v["peftd_step_duration_seconds"] != 2 || v["peftd_step_device_seconds"] != 1 || v["peftd_batch_tokens"] != 2 {
 		t.Errorf("two steps, one device-timed, and an idle report: %v steps, %v device times, %v batch sizes",
 			v["peftd_step_duration_seconds"], v["peftd_step_device_seconds"], v["peftd_batch_tokens"])
 	}
-	if v["peftd_step_host_seconds"] != 2*5 { // five phases per step
-		t.Errorf("host phases: %v observations, want 10", v["peftd_step_host_seconds"])
+	if v["peftd_step_host_seconds"] != 2*5+1 { // five phases per step, and settle for the step planned ahead
+		t.Errorf("host phases: %v observations, want 11", v["peftd_step_host_seconds"])
+	}
+	if v["peftd_steps_ahead_total"] != 1 || v["peftd_steps_chained_total"] != 1 {
+		t.Errorf("one step ahead and chained: ahead %v, chained %v", v["peftd_steps_ahead_total"], v["peftd_steps_chained_total"])
 	}
 	if v["peftd_time_to_first_token_seconds"] != 1 || v["peftd_adapter_cold_first_token_seconds"] != 1 || v["peftd_inter_token_latency_seconds"] != 1 || v["peftd_queue_depth"] != 5 ||
 		v["vllm:num_requests_waiting"] != 5 || v["peftd_kv_cache_usage_ratio"] != 0.6 {

@@ -547,8 +547,8 @@ if want serve8b; then
 			done
 			# what the steps were like over all the runs: count, mean duration, rows and sequences
 			curl -sS http://127.0.0.1:8081/metrics >"$LOG/serve8b.metrics.txt"
-			awk '/^peftd_step_(duration|device)_seconds_(sum|count) /{v[$1]=$2} /^peftd_batch_tokens_(sum|count) /{v[$1]=$2} /^peftd_batch_size_(sum|count) /{v[$1]=$2} /^peftd_steps_ahead_total /{v[$1]=$2}
-				END {n=v["peftd_step_duration_seconds_count"]; d=v["peftd_step_device_seconds_count"]; if (n>0) printf "SERVESTEPS steps=%d ahead=%d mean_ms=%.2f device_mean_ms=%.2f mean_rows=%.1f mean_seqs=%.1f\n", n, v["peftd_steps_ahead_total"], 1000*v["peftd_step_duration_seconds_sum"]/n, (d>0 ? 1000*v["peftd_step_device_seconds_sum"]/d : 0), v["peftd_batch_tokens_sum"]/v["peftd_batch_tokens_count"], v["peftd_batch_size_sum"]/v["peftd_batch_size_count"]}' \
+			awk '/^peftd_step_(duration|device)_seconds_(sum|count) /{v[$1]=$2} /^peftd_batch_tokens_(sum|count) /{v[$1]=$2} /^peftd_batch_size_(sum|count) /{v[$1]=$2} /^peftd_steps_(ahead|chained)_total /{v[$1]=$2}
+				END {n=v["peftd_step_duration_seconds_count"]; d=v["peftd_step_device_seconds_count"]; if (n>0) printf "SERVESTEPS steps=%d ahead=%d chained=%d mean_ms=%.2f device_mean_ms=%.2f mean_rows=%.1f mean_seqs=%.1f\n", n, v["peftd_steps_ahead_total"], v["peftd_steps_chained_total"], 1000*v["peftd_step_duration_seconds_sum"]/n, (d>0 ? 1000*v["peftd_step_device_seconds_sum"]/d : 0), v["peftd_batch_tokens_sum"]/v["peftd_batch_tokens_count"], v["peftd_batch_size_sum"]/v["peftd_batch_size_count"]}' \
 				"$LOG/serve8b.metrics.txt" | tee -a "$LOG/serve8b.txt"
 			# where the host time of a step went (mean ms per step, by phase)
 			sed -n 's/^peftd_step_host_seconds_\(sum\|count\){phase="\([a-z]*\)"} \(.*\)/\1 \2 \3/p' "$LOG/serve8b.metrics.txt" |
