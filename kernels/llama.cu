@@ -536,7 +536,6 @@ __device__ __forceinline__ unsigned pack_bf2(float lo, float hi) {
 #define DEC_QK8 0
 #endif
 
-
 // xor_slot: the 16-byte slot of chunk c of row r in a tile whose rows are
 // C chunks: XOR-swizzled so that the 8 rows an ldmatrix reads (one chunk
 // each) fall in 8 different bank groups.

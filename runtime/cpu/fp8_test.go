@@ -173,8 +173,8 @@ func TestFP8KeysDecodeQuery(t *testing.T) {
 			hd := tc.hd
 			rng := rand.New(rand.NewPCG(7, uint64(hd)))
 			b := NewWith(Options{Threads: 2, FP8Keys: tc.fp8Keys})
-			if !tc.fp8Keys && qk8Decode(heads, kvh, hd) != (hd >= 64) {
-				t.Fatal("qk8Decode")
+			if got := tc.fp8Keys && qk8Decode(heads, kvh, hd); got != tc.decQ8 {
+				t.Fatalf("the decode row's queries rounded: %v, want %v", got, tc.decQ8)
 			}
 			cfg := &llama.Config{Heads: heads, KVHeads: kvh, HeadDim: hd}
 			if err := b.Init(cfg, engine.Spec{MaxTokens: 8, KV: engine.KVSpec{Layers: layers, Blocks: 8, BlockSize: bs, KVHeads: kvh, HeadDim: hd}}); err != nil {

@@ -526,8 +526,8 @@ func (b *Backend) open(opts Options) error {
 }
 
 // attnFits says which attn_decode_d{32,64,128,256} and
-// attn_prefill_d{32,64,128} variants (with FP8 keys when k8; built with
-// when k8) fit in maxShared bytes of dynamic shared memory per block.
+// attn_prefill_d{32,64,128} variants (with FP8 keys when k8) fit in
+// maxShared bytes of dynamic shared memory per block.
 func attnFits(maxShared int, k8 bool) (dec [4]bool, pre [3]bool) {
 	for i := range dec {
 		dec[i] = decShared(32<<i, k8, decV4) <= maxShared

@@ -428,11 +428,10 @@ func TestDecodeBench(t *testing.T) {
 	// attention-bound decode)
 	prompt := envPositive(t, "PEFTD_DECODE_PROMPT", 512)
 	const newTok = 128
-	chunk := max(1, 4096/prompt) // prompts per prefill step
 	maxB := slices.Max(batches)
 	// the step and the cache also hold adapterLoadBench's 8 x 512-token
 	// prefill and its 64 sequences
-	opts := engine.Options{MaxTokens: max(chunk*prompt, 8*512), BlockSize: 16,
+	opts := engine.Options{MaxTokens: max(prefillChunk(prompt)*prompt, 8*512), BlockSize: 16,
 		KVBlocks: max(maxB*(prompt+newTok)/16+64, 64*(512+64)/16+64)}
 	// refuse a cache the card cannot hold before the 16 GB load
 	if cfg, err := llama.LoadConfig(filepath.Join(dir, "base")); err == nil {
@@ -601,20 +600,7 @@ func TestDecodeBench(t *testing.T) {
 			return i % len(ads)
 		}
 		tp := time.Now()
-		for i := 0; i < B; i += chunk {
-			var in []engine.Input
-			for j := i; j < min(B, i+chunk); j++ {
-				seqs[j] = &engine.Sequence{}
-				toks := make([]int32, prompt)
-				for k := range toks {
-					toks[k] = int32(rng.IntN(c.VocabSize))
-				}
-				in = append(in, engine.Input{Seq: seqs[j], Tokens: toks, Slot: slot(j)})
-			}
-			if _, err := e.Step(ctx, in); err != nil {
-				t.Fatal(err)
-			}
-		}
+		prefillRandom(t, e, rng, c.VocabSize, seqs, prompt, slot)
 		prefill := time.Since(tp)
 		var wall time.Duration
 		var gpuMs, roofS float64
@@ -710,20 +696,7 @@ func adapterLoadBench(t *testing.T, e *engine.Engine, c *llama.Config, ads []*lo
 	h2dBench(t, e.Backend().(*Backend), big)
 	const B, prompt = 64, 512
 	seqs := make([]*engine.Sequence, B)
-	for i := 0; i < B; i += 8 {
-		var in []engine.Input
-		for j := i; j < i+8; j++ {
-			seqs[j] = &engine.Sequence{}
-			toks := make([]int32, prompt)
-			for k := range toks {
-				toks[k] = int32(rng.IntN(c.VocabSize))
-			}
-			in = append(in, engine.Input{Seq: seqs[j], Tokens: toks, Slot: j % len(ads)})
-		}
-		if _, err := e.Step(ctx, in); err != nil {
-			t.Fatal(err)
-		}
-	}
+	prefillRandom(t, e, rng, c.VocabSize, seqs, prompt, func(j int) int { return j % len(ads) }) // 8 prompts a step
 	// a serving step: greedy tokens sampled on the device (Step would copy
 	// 64 x 128256 logits to the host, ~33 MB a step, and time that)
 	decode := func() time.Duration {
@@ -953,10 +926,9 @@ func TestDecodeProfile(t *testing.T) {
 	// PEFTD_DECODE_PROMPT and PEFTD_KV as in TestDecodeBench: the prefill
 	// runs outside the profiler's range, so long contexts cost no profiling
 	prompt := envPositive(t, "PEFTD_DECODE_PROMPT", 512)
-	chunk := max(1, 4096/prompt) // prompts per prefill step
 	maxB := slices.Max(batches)
 	// each sequence: the prompt and the four profiled tokens, in whole pages
-	opts := engine.Options{MaxTokens: max(chunk*prompt, 8*512), BlockSize: 16, KVBlocks: maxB*((prompt+8+15)/16) + 64, AdapterSlots: len(ads) + 1}
+	opts := engine.Options{MaxTokens: max(prefillChunk(prompt)*prompt, 8*512), BlockSize: 16, KVBlocks: maxB*((prompt+8+15)/16) + 64, AdapterSlots: len(ads) + 1}
 	e := newEngineWith(t, m, opts, Options{WeightFormat: os.Getenv("PEFTD_WEIGHTS"), KVFormat: os.Getenv("PEFTD_KV"), Eager: os.Getenv("PEFTD_EAGER") != ""})
 	gb := e.Backend().(*Backend)
 	loadAdapters(t, e, ads)
@@ -967,20 +939,7 @@ func TestDecodeProfile(t *testing.T) {
 	rng := rand.New(rand.NewPCG(5, 6))
 	for _, B := range batches {
 		seqs := make([]*engine.Sequence, B)
-		for i := 0; i < B; i += chunk {
-			var in []engine.Input
-			for j := i; j < min(B, i+chunk); j++ {
-				seqs[j] = &engine.Sequence{}
-				toks := make([]int32, prompt)
-				for k := range toks {
-					toks[k] = int32(rng.IntN(c.VocabSize))
-				}
-				in = append(in, engine.Input{Seq: seqs[j], Tokens: toks, Slot: -1})
-			}
-			if _, err := e.Step(ctx, in); err != nil {
-				t.Fatal(err)
-			}
-		}
+		prefillRandom(t, e, rng, c.VocabSize, seqs, prompt, func(int) int { return -1 })
 		step := func(withLoRA bool) {
 			in := make([]engine.Input, B)
 			for i := range in {
@@ -1007,6 +966,32 @@ func TestDecodeProfile(t *testing.T) {
 		bench("profile batch %d: steps base, %d adapters", B, len(ads))
 		for _, s := range seqs {
 			e.Release(s)
+		}
+	}
+}
+
+// prefillChunk is how many prompts of prompt tokens a prefill step of the
+// decode benchmarks takes: 4,096 rows at most, at least one prompt.
+func prefillChunk(prompt int) int { return max(1, 4096/prompt) }
+
+// prefillRandom starts seqs[i] (each a new sequence) with a prompt of
+// prompt random token ids below vocab under adapter slot(i) (-1: none),
+// prefillChunk(prompt) prompts a step.
+func prefillRandom(t *testing.T, e *engine.Engine, rng *rand.Rand, vocab int, seqs []*engine.Sequence, prompt int, slot func(int) int) {
+	t.Helper()
+	chunk := prefillChunk(prompt)
+	for i := 0; i < len(seqs); i += chunk {
+		var in []engine.Input
+		for j := i; j < min(len(seqs), i+chunk); j++ {
+			seqs[j] = &engine.Sequence{}
+			toks := make([]int32, prompt)
+			for k := range toks {
+				toks[k] = int32(rng.IntN(vocab))
+			}
+			in = append(in, engine.Input{Seq: seqs[j], Tokens: toks, Slot: slot(j)})
+		}
+		if _, err := e.Step(context.Background(), in); err != nil {
+			t.Fatal(err)
 		}
 	}
 }
