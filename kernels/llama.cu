@@ -518,6 +518,23 @@ __device__ __forceinline__ void mma8(float* d, unsigned a0, unsigned a2, unsigne
         : "r"(a0), "r"(0u), "r"(a2), "r"(0u), "r"(b0), "r"(b1), "f"(0.f));
 }
 
+// mma8_e4m3: d += a * b as mma8 does, on the FP8 tensor cores (m16n8k32,
+// e4m3 in, f32 out) for rows 0-7 of A: a0/a2 hold A[lane/4][4*(lane%4) ..
+// +3] and the same 4 columns 16 on; b0/b1 B[4*(lane%4) .. +3][lane/4] and 16
+// rows on. Rows 8-15 are zero and their outputs go to scratch registers, so
+// two calls on different d are independent (mma_e4m3's c[2..3] would chain
+// them).
+__device__ __forceinline__ void mma8_e4m3(float* d, unsigned a0, unsigned a2, unsigned b0, unsigned b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 890
+    __trap(); // no FP8 tensor cores before sm_89 (DEC_QK8 keeps them out)
+#else
+    float x2, x3;
+    asm("mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%10,%10};\n"
+        : "+f"(d[0]), "+f"(d[1]), "=f"(x2), "=f"(x3)
+        : "r"(a0), "r"(0u), "r"(a2), "r"(0u), "r"(b0), "r"(b1), "f"(0.f));
+#endif
+}
+
 __device__ __forceinline__ unsigned pack_bf2(float lo, float hi) {
     __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
     return *reinterpret_cast<unsigned*>(&v);
@@ -911,8 +928,8 @@ __device__ __forceinline__ void attn_decode_body(
                         unsigned b[4];
                         const int r = nt * 8 + (lane & 7), c = 4 * kk + (lane >> 3);
                         ldsm4(rb + r * HD + D::rsw(r, c) * 16, b);
-                        mma_e4m3(sc[nt], qa8[2 * kk][0], 0u, qa8[2 * kk][1], 0u, b[0], b[1]);
-                        mma_e4m3(sc[nt], qa8[2 * kk + 1][0], 0u, qa8[2 * kk + 1][1], 0u, b[2], b[3]);
+                        mma8_e4m3(sc[nt], qa8[2 * kk][0], qa8[2 * kk][1], b[0], b[1]);
+                        mma8_e4m3(sc[nt], qa8[2 * kk + 1][0], qa8[2 * kk + 1][1], b[2], b[3]);
                     }
                 }
             } else {

@@ -11,6 +11,11 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?gpu-multi runs on the device (the run tool sets OUT)}"
 K=$(mktemp -d)
+# finished invocations' results wait in $OUT/multi (gpu-check clears only
+# $OUT's top-level files), so that a call cut off by its time limit still
+# brings back the ones that finished
+M="$OUT/multi"
+mkdir -p "$M"
 rc=0
 for spec in "$@"; do
 	name=${spec%%:*} rest=${spec#*:}
@@ -21,7 +26,8 @@ for spec in "$@"; do
 	env $envs bash scripts/gpu-check.sh --on-device $phases >"$K/$name.out" 2>&1 || rc=1
 	tail -n "${MULTI_TAIL:-25}" "$K/$name.out" | tee -a "$K/multi.txt"
 	mv "$K/$name.out" "$OUT/" # gpu-check clears $OUT's files as it ends: its output joins them after
-	tar czf "$K/$name.tgz" -C "$OUT" . && find "$OUT" -mindepth 1 -delete
+	tar czf "$M/$name.tgz" --exclude=./multi -C "$OUT" . && find "$OUT" -mindepth 1 -maxdepth 1 ! -name multi -exec rm -rf {} +
+	cp "$K/multi.txt" "$M/"
 done
-cp "$K"/*.tgz "$K/multi.txt" "$OUT/"
+mv "$M"/* "$OUT/" && rmdir "$M"
 exit $rc
