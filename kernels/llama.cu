@@ -547,7 +547,9 @@ __device__ __forceinline__ unsigned pack_bf2(float lo, float hi) {
 // by both scales; P V stays bf16. The raw key rows are XOR-swizzled so that
 // ldmatrix reads them without bank conflicts. Before sm_89 (and at smaller
 // head dims) each K tile is widened to bf16 in shared memory for bf16 MMAs.
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+// PEFTD_ATTN_NO_QK8 (PEFTD_KERNEL_DEFINES) widens them on every card: the
+// A/B of QK8's quality and speed against the widened keys on one model.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890 && !defined(PEFTD_ATTN_NO_QK8)
 #define DEC_QK8 1
 #else
 #define DEC_QK8 0

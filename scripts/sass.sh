@@ -8,6 +8,7 @@
 # Needs bin/gpu/peftd and the CUDA toolkit's cuobjdump; no GPU. Prints each
 # function's instruction count and its 25 most frequent opcodes (modifiers
 # dropped after the first: HMMA.16816.F32.BF16 counts as HMMA.16816).
+# SASS_KEEP=DIR keeps each function's whole SASS as DIR/FUNC.sass.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 arch=9.0
@@ -25,4 +26,5 @@ for f in "$@"; do
 		sed -E 's/^\s+\/\*[0-9a-f]+\*\/\s+(@!?U?P[0-9T] )?//' | sort | uniq -c | sort -rn >"$dir/$f.ops"
 	echo "sass $f (${PEFTD_KERNEL_DEFINES:-no defines}): $(awk '{s+=$1} END {print s}' "$dir/$f.ops") instructions"
 	head -25 "$dir/$f.ops" | awk '{printf "  %6d %s\n", $1, $2}'
+	if [[ -n ${SASS_KEEP:-} ]]; then mkdir -p "$SASS_KEEP" && cp "$dir/$f.sass" "$SASS_KEEP/"; fi
 done

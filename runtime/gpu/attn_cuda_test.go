@@ -10,6 +10,7 @@ import (
 	"testing"
 
 	fx "github.com/peftd/peftd/internal/fixture"
+	"github.com/peftd/peftd/kernels"
 	"github.com/peftd/peftd/runtime/cuda"
 	"github.com/peftd/peftd/runtime/engine"
 	"github.com/peftd/peftd/runtime/safetensors"
@@ -446,5 +447,8 @@ func TestFP8KeysFixture(t *testing.T) {
 
 // attnQK8 reports whether attn_decode8 computes Q K^T on the FP8 tensor
 // cores (m16n8k32 e4m3, sm_89 and later; DEC_QK8 in llama.cu) on a GPU of
-// compute capability major.minor.
-func attnQK8(major, minor int) bool { return major*10+minor >= 89 }
+// compute capability major.minor: not when PEFTD_KERNEL_DEFINES sets
+// PEFTD_ATTN_NO_QK8 (the keys widened to bf16 everywhere).
+func attnQK8(major, minor int) bool {
+	return major*10+minor >= 89 && !kernels.Defined("PEFTD_ATTN_NO_QK8")
+}
