@@ -126,10 +126,12 @@ type Config struct {
 	// on an 8B model; a request arriving meanwhile waits for one recording
 	// at most, and a step whose graph is still missing runs without one).
 	WarmGraphs string
-	// SerialLoRA and LoRASMs are gpu.Options': LoRA updates on the compute
-	// stream, and the SMs the GEMMs leave to the LoRA stream.
-	SerialLoRA bool
-	LoRASMs    int
+	// SerialLoRA, LoRASMs and LoRAInPlaceRows are gpu.Options': LoRA
+	// updates on the compute stream, the SMs the GEMMs leave to the LoRA
+	// stream, and the step rows from which the expand adds in place.
+	SerialLoRA      bool
+	LoRASMs         int
+	LoRAInPlaceRows int
 	// NoPDL is gpu.Options': kernels launched one after the other, without
 	// Programmatic Dependent Launch (for comparison).
 	NoPDL bool
@@ -465,7 +467,7 @@ func newGPU(cfg Config) (*gpu.Backend, error) {
 	// starts read the cubin.
 	// --warm-graphs idle: the scheduler records the graphs while idle, and
 	// a request's step never waits for a recording (it runs eagerly)
-	return gpu.New(gpu.Options{Device: cfg.GPU, WeightFormat: cfg.Weights, KVFormat: cfg.KVCache, Eager: cfg.Eager, SerialLoRA: cfg.SerialLoRA, LoRASMs: cfg.LoRASMs, NoPDL: cfg.NoPDL, TuneGEMMs: cfg.TuneGEMMs, ChainSteps: cfg.ChainSteps,
+	return gpu.New(gpu.Options{Device: cfg.GPU, WeightFormat: cfg.Weights, KVFormat: cfg.KVCache, Eager: cfg.Eager, SerialLoRA: cfg.SerialLoRA, LoRASMs: cfg.LoRASMs, LoRAInPlaceRows: cfg.LoRAInPlaceRows, NoPDL: cfg.NoPDL, TuneGEMMs: cfg.TuneGEMMs, ChainSteps: cfg.ChainSteps,
 		RecordIdle: cfg.WarmGraphs == WarmIdle, PinnedImageBytes: cfg.PinnedCacheBytes})
 }
 

@@ -12,6 +12,8 @@ import (
 
 	fx "github.com/peftd/peftd/internal/fixture"
 	"github.com/peftd/peftd/runtime/engine"
+	"github.com/peftd/peftd/runtime/llama"
+	"github.com/peftd/peftd/runtime/lora"
 	"github.com/peftd/peftd/runtime/sample"
 )
 
@@ -240,22 +242,8 @@ func argmax(v []float32) int {
 // steps, eager and replayed; and it is on wherever the card supports it.
 func TestPDLMatchesSerialLaunch(t *testing.T) {
 	m, adapters, _ := loadFixture(t)
-	names := slices.Sorted(maps.Keys(adapters))
-	opts := engine.Options{MaxTokens: 512, KVBlocks: 1024, BlockSize: 16, AdapterSlots: len(names)}
-	mk := func(bo Options) (*engine.Engine, *Backend) {
-		e := newEngineWith(t, m, opts, bo)
-		for i, n := range names {
-			if err := e.LoadAdapter(i, adapters[n]); err != nil {
-				t.Fatal(err)
-			}
-		}
-		if err := e.Warmup(); err != nil {
-			t.Fatal(err)
-		}
-		return e, e.Backend().(*Backend)
-	}
-	ep, bp := mk(Options{})
-	es, bs := mk(Options{NoPDL: true})
+	ep, bp := newMatchEngine(t, m, adapters, Options{})
+	es, bs := newMatchEngine(t, m, adapters, Options{NoPDL: true})
 	if bs.PDL() {
 		t.Fatal("NoPDL backend launches programmatically")
 	}
@@ -265,6 +253,50 @@ func TestPDLMatchesSerialLaunch(t *testing.T) {
 	if !bp.PDL() {
 		t.Skip("this card or driver cannot launch programmatically: nothing to compare")
 	}
+	matchSteps(t, m, len(adapters), ep, es, "with and without PDL")
+}
+
+// TestLoRAInPlaceMatchesAside: the LoRA expand added in place on the
+// compute stream (Options.LoRAInPlaceRows) gives the same bits as the
+// float32 update beside the GEMM that the next op adds (the default): the
+// same kernels and sums, each output rounded once.
+func TestLoRAInPlaceMatchesAside(t *testing.T) {
+	m, adapters, _ := loadFixture(t)
+	ea, _ := newMatchEngine(t, m, adapters, Options{})
+	ei, bi := newMatchEngine(t, m, adapters, Options{LoRAInPlaceRows: 1})
+	if !bi.la.on {
+		t.Fatal("the LoRA stream is off")
+	}
+	matchSteps(t, m, len(adapters), ea, ei, "with the LoRA expand beside the GEMM and in place")
+	if bi.la.inPlaced == 0 {
+		t.Fatal("no LoRA update ran its expand in place")
+	}
+	t.Logf("%d LoRA groups ran in place (recordings included)", bi.la.inPlaced)
+}
+
+// newMatchEngine is an engine on the fixture model with its adapters in
+// slots 0.. (sorted by name) and its graphs recorded.
+func newMatchEngine(t *testing.T, m *llama.Model, adapters map[string]*lora.Adapter, bo Options) (*engine.Engine, *Backend) {
+	t.Helper()
+	names := slices.Sorted(maps.Keys(adapters))
+	opts := engine.Options{MaxTokens: 512, KVBlocks: 1024, BlockSize: 16, AdapterSlots: len(names)}
+	e := newEngineWith(t, m, opts, bo)
+	for i, n := range names {
+		if err := e.LoadAdapter(i, adapters[n]); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := e.Warmup(); err != nil {
+		t.Fatal(err)
+	}
+	return e, e.Backend().(*Backend)
+}
+
+// matchSteps runs the same prefill, mixed and decode steps (sequences on
+// slots -1..adapters-1) on engines ep and es and fails unless every logits
+// row is bit-identical.
+func matchSteps(t *testing.T, m *llama.Model, adapters int, ep, es *engine.Engine, what string) {
+	t.Helper()
 	ctx := context.Background()
 	V := m.Config.VocabSize
 	rng := rand.New(rand.NewPCG(5, 6))
@@ -272,7 +304,7 @@ func TestPDLMatchesSerialLaunch(t *testing.T) {
 	sp, ss := make([]*engine.Sequence, nSeq), make([]*engine.Sequence, nSeq)
 	slot := make([]int, nSeq)
 	rows := 0
-	step := func(what string, ip, is []engine.Input) {
+	run := func(step string, ip, is []engine.Input) {
 		op, err := ep.Step(ctx, ip)
 		if err != nil {
 			t.Fatal(err)
@@ -283,7 +315,7 @@ func TestPDLMatchesSerialLaunch(t *testing.T) {
 		}
 		for k := range op {
 			if !slices.Equal(op[k], ol[k]) {
-				t.Fatalf("%s, input %d: logits differ with and without PDL (relative %.3g)", what, k, fx.RelErr(op[k], ol[k]))
+				t.Fatalf("%s, input %d: logits differ %s (relative %.3g)", step, k, what, fx.RelErr(op[k], ol[k]))
 			}
 			rows++
 		}
@@ -293,7 +325,7 @@ func TestPDLMatchesSerialLaunch(t *testing.T) {
 		var ip, is []engine.Input
 		for i := lo; i < lo+6; i++ {
 			sp[i], ss[i] = &engine.Sequence{}, &engine.Sequence{}
-			slot[i] = i%(len(names)+1) - 1
+			slot[i] = i%(adapters+1) - 1
 			toks := make([]int32, 4+rng.IntN(70))
 			for k := range toks {
 				toks[k] = int32(rng.IntN(V))
@@ -301,7 +333,7 @@ func TestPDLMatchesSerialLaunch(t *testing.T) {
 			ip = append(ip, engine.Input{Seq: sp[i], Tokens: toks, Slot: slot[i]})
 			is = append(is, engine.Input{Seq: ss[i], Tokens: toks, Slot: slot[i]})
 		}
-		step(fmt.Sprintf("prefill of sequences %d-%d", lo, lo+5), ip, is)
+		run(fmt.Sprintf("prefill of sequences %d-%d", lo, lo+5), ip, is)
 	}
 	// decode steps over changing subsets (decode graphs)
 	for _, n := range []int{1, 5, 16, 24, 9} {
@@ -311,13 +343,13 @@ func TestPDLMatchesSerialLaunch(t *testing.T) {
 			ip = append(ip, engine.Input{Seq: sp[i], Tokens: []int32{tok}, Slot: slot[i]})
 			is = append(is, engine.Input{Seq: ss[i], Tokens: []int32{tok}, Slot: slot[i]})
 		}
-		step(fmt.Sprintf("decode of %d", n), ip, is)
+		run(fmt.Sprintf("decode of %d", n), ip, is)
 	}
 	for i := range nSeq {
 		ep.Release(sp[i])
 		es.Release(ss[i])
 	}
-	t.Logf("%d logits rows bit-identical with and without PDL", rows)
+	t.Logf("%d logits rows bit-identical %s", rows, what)
 }
 
 // TestWarmSomeOneAtATime: WarmSome(1), as the scheduler calls it while
