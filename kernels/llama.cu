@@ -549,6 +549,9 @@ __device__ __forceinline__ unsigned pack_bf2(float lo, float hi) {
 // head dims) each K tile is widened to bf16 in shared memory for bf16 MMAs.
 // PEFTD_ATTN_NO_QK8 (PEFTD_KERNEL_DEFINES) widens them on every card: the
 // A/B of QK8's quality and speed against the widened keys on one model.
+// PEFTD_ATTN_DIAG_NOSCALE, a diagnostic for timing only (its results are
+// wrong): QK8 neither copies nor applies the keys' per-token scales (4
+// bytes a row at a 4 * kvh-byte stride), to see what those reads cost.
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890 && !defined(PEFTD_ATTN_NO_QK8)
 #define DEC_QK8 1
 #else
@@ -820,7 +823,9 @@ __device__ __forceinline__ void attn_decode_body(
                     const int sl = __shfl_sync(0xffffffffu, slot, r);
                     cp_async16(rb + r * HD + D::rsw(r, c) * 16, k8 + (i64)max(sl, 0) * width + (i64)kh * HD + c * 16, sl >= 0 ? 16 : 0);
                 }
+#ifndef PEFTD_ATTN_DIAG_NOSCALE
                 if (lane < DEC_TILE) cp_async4(sb + 4 * lane, ks + (i64)max(slot, 0) * kvh + kh, slot >= 0 ? 4 : 0);
+#endif
             }
         }
         cp_async_commit(); // empty past the end: the group count stays uniform
@@ -893,11 +898,13 @@ __device__ __forceinline__ void attn_decode_body(
             const unsigned kb = D::kt(wbase, k), vb = D::vt(wbase, k);
             float ksc[2][2] = {{1.f, 1.f}, {1.f, 1.f}}; // the scales of this lane's S columns
             if constexpr (D::QK8) { // the keys' scales multiply S below; the e4m3 rows are read as they are
+#ifndef PEFTD_ATTN_DIAG_NOSCALE
                 const float* sc8 = reinterpret_cast<const float*>(dsm + (vb - (unsigned)__cvta_generic_to_shared(dsm)) + D::TILE_B + D::RAW_B);
 #pragma unroll
                 for (int nt = 0; nt < 2; nt++)
 #pragma unroll
                     for (int e = 0; e < 2; e++) ksc[nt][e] = sc8[nt * 8 + tig * 2 + e];
+#endif
             } else if (K8) {
                 // widen the e4m3 rows into the bf16 K tile (exact: bf16 holds
                 // every e4m3 value); the scales multiply S below
