@@ -132,6 +132,9 @@ type Config struct {
 	SerialLoRA      bool
 	LoRASMs         int
 	LoRAInPlaceRows int
+	// GraphRows is gpu.Options': the largest step recorded as a CUDA graph
+	// (0: 256).
+	GraphRows int
 	// NoPDL is gpu.Options': kernels launched one after the other, without
 	// Programmatic Dependent Launch (for comparison).
 	NoPDL bool
@@ -467,7 +470,7 @@ func newGPU(cfg Config) (*gpu.Backend, error) {
 	// starts read the cubin.
 	// --warm-graphs idle: the scheduler records the graphs while idle, and
 	// a request's step never waits for a recording (it runs eagerly)
-	return gpu.New(gpu.Options{Device: cfg.GPU, WeightFormat: cfg.Weights, KVFormat: cfg.KVCache, Eager: cfg.Eager, SerialLoRA: cfg.SerialLoRA, LoRASMs: cfg.LoRASMs, LoRAInPlaceRows: cfg.LoRAInPlaceRows, NoPDL: cfg.NoPDL, TuneGEMMs: cfg.TuneGEMMs, ChainSteps: cfg.ChainSteps,
+	return gpu.New(gpu.Options{Device: cfg.GPU, WeightFormat: cfg.Weights, KVFormat: cfg.KVCache, Eager: cfg.Eager, SerialLoRA: cfg.SerialLoRA, LoRASMs: cfg.LoRASMs, LoRAInPlaceRows: cfg.LoRAInPlaceRows, GraphRows: cfg.GraphRows, NoPDL: cfg.NoPDL, TuneGEMMs: cfg.TuneGEMMs, ChainSteps: cfg.ChainSteps,
 		RecordIdle: cfg.WarmGraphs == WarmIdle, PinnedImageBytes: cfg.PinnedCacheBytes})
 }
 

@@ -153,6 +153,16 @@ func TestServeRefusesPublicWithoutKeys(t *testing.T) {
 
 // TestServeDevice: --device cuda without a usable GPU is an error naming the
 // cause; auto falls back to cpu with one "device" line saying why.
+// TestServeNegativeRows: --graph-rows and --lora-inplace-rows below zero
+// are refused before anything starts.
+func TestServeNegativeRows(t *testing.T) {
+	for _, a := range [][]string{{"--graph-rows", "-1"}, {"--lora-inplace-rows", "-64"}} {
+		if _, err := runCLI(t, append([]string{"serve", "--listen", "127.0.0.1:0"}, a...)...); err == nil || !strings.Contains(err.Error(), "must not be negative") {
+			t.Errorf("%v: %v", a, err)
+		}
+	}
+}
+
 func TestServeDevice(t *testing.T) {
 	if gpu.Available() == nil {
 		t.Skip("a usable GPU is present")

@@ -73,6 +73,13 @@ type Options struct {
 	// each way a layer at 8B shapes), and the expand has every SM. 0 (the
 	// default): never. An experiment: docs/PERFORMANCE.md v0.26.
 	LoRAInPlaceRows int
+	// GraphRows is the largest step (rows) recorded as a CUDA graph, rounded
+	// down to a bucket (graphBuckets: ..., 256, 384, 512) and to the
+	// engine's MaxTokens; larger steps run their ops eagerly, cannot be
+	// chained, and run their LoRA updates on the compute stream. 0: 256.
+	// Serving steps that carry new prompts often pass 256 rows; up to 512
+	// is an experiment (docs/PERFORMANCE.md v0.26).
+	GraphRows int
 	// RecordIdle leaves every CUDA graph recording to Warmup (the
 	// engine's WarmSome, which the scheduler calls while it has no step to
 	// run: --warm-graphs idle): a step whose recording is missing runs its
@@ -400,7 +407,7 @@ func New(opts Options) (*Backend, error) {
 
 func (b *Backend) open(opts Options) error {
 	b.g.off = opts.Eager
-	b.g.recordIdle = opts.RecordIdle
+	b.g.recordIdle, b.g.rowsLimit = opts.RecordIdle, opts.GraphRows
 	var err error
 	if b.s, err = b.ctx.NewStream(); err != nil {
 		return err
@@ -645,7 +652,7 @@ func (b *Backend) Init(cfg *llama.Config, spec engine.Spec) error {
 	if err := b.growTable(max(spec.AdapterSlots, 1)); err != nil {
 		return err
 	}
-	if err := b.la.alloc(b.ctx, min(maxTokens, graphBuckets[len(graphBuckets)-1]), cfg); err != nil {
+	if err := b.la.alloc(b.ctx, min(maxTokens, graphRowsFor(math.MaxInt, b.g.rowsLimit)), cfg); err != nil {
 		return err
 	}
 	if b.up == nil { // pinned once, before any step: no adapter load pins memory while steps run

@@ -42,8 +42,27 @@ import (
 // recording holds, and models without attn_prefill run their ops eagerly.
 
 // graphBuckets are the step sizes decode graphs are recorded for; a decode
-// step of n rows replays the smallest bucket >= n.
-var graphBuckets = []int{1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256}
+// step of n rows replays the smallest bucket >= n. The ones above
+// defaultGraphRows are recorded only when Options.GraphRows asks.
+var graphBuckets = []int{1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512}
+
+// defaultGraphRows is the largest step recorded when Options.GraphRows is 0.
+const defaultGraphRows = 256
+
+// graphRowsFor is the largest bucket a backend of maxT rows a step records
+// when Options.GraphRows is limit (0: defaultGraphRows); 0 when none fits.
+func graphRowsFor(maxT, limit int) int {
+	if limit <= 0 {
+		limit = defaultGraphRows
+	}
+	rows := 0
+	for _, n := range graphBuckets {
+		if n <= min(maxT, limit) {
+			rows = n
+		}
+	}
+	return rows
+}
 
 // minRankClass is the smallest LoRA rank class a recording is made for:
 // steps whose adapters all have rank <= 32 run the rank-32 launches (half
@@ -89,6 +108,7 @@ type graphState struct {
 	// Options.RecordIdle, and whether a step ran without its recording
 	// since MissedRecording last asked
 	recordIdle, missed bool
+	rowsLimit          int // Options.GraphRows
 	// primed: a program ran eagerly and was recorded since Init (what the
 	// steps allocate is allocated): Warmup captures the rest directly
 	primed bool
@@ -156,12 +176,7 @@ func kvSplitFor(pairs, resident, top int) int {
 // initGraphs sizes the graph metadata for the backend's largest bucket.
 func (b *Backend) initGraphs(maxContext int) error {
 	b.g.execs = map[graphKey]*cuda.GraphExec{}
-	b.g.maxRows = 0
-	for _, n := range graphBuckets {
-		if n <= b.maxT {
-			b.g.maxRows = n
-		}
-	}
+	b.g.maxRows = graphRowsFor(b.maxT, b.g.rowsLimit)
 	if b.g.off || !b.decOK || b.g.maxRows == 0 {
 		b.g.off = true
 		return nil

@@ -274,6 +274,34 @@ func TestLoRAInPlaceMatchesAside(t *testing.T) {
 	t.Logf("%d LoRA groups ran in place (recordings included)", bi.la.inPlaced)
 }
 
+// TestGraphRowsMatchEager: with Options.GraphRows 512 the steps of 257-512
+// rows (prefills of six prompts) replay the 384- and 512-row recordings,
+// and every logits row is the same as the eager backend's.
+func TestGraphRowsMatchEager(t *testing.T) {
+	m, adapters, _ := loadFixture(t)
+	eg, gb := newMatchEngine(t, m, adapters, Options{GraphRows: 512})
+	ee, _ := newMatchEngine(t, m, adapters, Options{Eager: true})
+	if gb.g.maxRows != 512 {
+		t.Fatalf("GraphRows 512: the largest recording has %d rows", gb.g.maxRows)
+	}
+	big := 0
+	for k := range gb.g.execs {
+		if k.rows > defaultGraphRows {
+			big++
+		}
+	}
+	if big == 0 {
+		t.Fatal("Warmup recorded no graph above 256 rows")
+	}
+	_, before := gb.GraphStats()
+	matchSteps(t, m, len(adapters), eg, ee, "replayed (up to 512 rows) and eager")
+	_, after := gb.GraphStats()
+	t.Logf("%d recordings above 256 rows; %d steps replayed", big, after-before)
+	if after == before {
+		t.Error("no step replayed a recording")
+	}
+}
+
 // newMatchEngine is an engine on the fixture model with its adapters in
 // slots 0.. (sorted by name) and its graphs recorded.
 func newMatchEngine(t *testing.T, m *llama.Model, adapters map[string]*lora.Adapter, bo Options) (*engine.Engine, *Backend) {

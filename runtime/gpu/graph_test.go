@@ -20,6 +20,24 @@ func TestBucketIndex(t *testing.T) {
 	}
 }
 
+// TestGraphRowsFor: the largest recorded bucket is 256 by default, up to
+// 512 when Options.GraphRows asks, never above the engine's rows a step,
+// and always a bucket.
+func TestGraphRowsFor(t *testing.T) {
+	for _, c := range []struct{ maxT, limit, want int }{
+		{512, 0, 256}, {512, 256, 256}, {512, 300, 256}, {512, 384, 384}, {512, 512, 512}, {512, 4096, 512},
+		{300, 512, 256}, {100, 0, 96}, {1, 0, 1}, {0, 0, 0}, {4096, 0, 256},
+	} {
+		got := graphRowsFor(c.maxT, c.limit)
+		if got != c.want {
+			t.Errorf("graphRowsFor(%d, %d) = %d, want %d", c.maxT, c.limit, got, c.want)
+		}
+		if got > 0 && graphBuckets[bucketIndex(got)] != got {
+			t.Errorf("graphRowsFor(%d, %d) = %d is not a bucket", c.maxT, c.limit, got)
+		}
+	}
+}
+
 func TestRankClass(t *testing.T) {
 	for _, c := range []struct{ rank, want int }{{0, 32}, {1, 32}, {8, 32}, {32, 32}, {33, 64}, {64, 64}, {65, 128}, {128, 128}, {129, 256}, {300, 512}, {512, 512}} {
 		if got := rankClass(c.rank); got != c.want {
