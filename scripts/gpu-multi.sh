@@ -7,6 +7,7 @@
 #   bash scripts/gpu-multi.sh 'NAME: VAR=x VAR2=y -- phase phase' 'NAME2: ...'
 #
 # e.g. 'kd16: PEFTD_KDETAIL_BATCH=16 PEFTD_NCU_KERNELS=attn_decode -- kdetail'
+# or 's1: SERVE8B_ARGS="--graph-rows 512" GPU_TEST_RUN=TestA|TestB -- serve8b'
 set -uo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?gpu-multi runs on the device (the run tool sets OUT)}"
@@ -19,11 +20,14 @@ mkdir -p "$M"
 rc=0
 for spec in "$@"; do
 	name=${spec%%:*} rest=${spec#*:}
-	envs=${rest%%--*} phases=${rest#*--}
-	echo "=== $name:$envs-- $phases" | tee -a "$K/multi.txt"
+	envs=${rest%% -- *} phases=${rest#* -- } # split at the first " -- " (values may hold --flags)
+	echo "=== $name:$envs -- $phases" | tee -a "$K/multi.txt"
 	rm -rf /tmp/gpu-check-logs # gpu-check's log folder on the device: each invocation's own
+	# the settings split as a shell would (quotes group words, e.g.
+	# SERVE8B_ARGS="--graph-rows 512"), but nothing in them runs
+	mapfile -t ev < <(python3 -c 'import shlex, sys; sys.stdout.write("".join(w + "\n" for w in shlex.split(sys.argv[1])))' "$envs")
 	# shellcheck disable=SC2086 # words on purpose
-	env $envs bash scripts/gpu-check.sh --on-device $phases >"$K/$name.out" 2>&1 || rc=1
+	env "${ev[@]}" bash scripts/gpu-check.sh --on-device $phases >"$K/$name.out" 2>&1 || rc=1
 	tail -n "${MULTI_TAIL:-25}" "$K/$name.out" | tee -a "$K/multi.txt"
 	mv "$K/$name.out" "$OUT/" # gpu-check clears $OUT's files as it ends: its output joins them after
 	tar czf "$M/$name.tgz" --exclude=./multi -C "$OUT" . && find "$OUT" -mindepth 1 -maxdepth 1 ! -name multi -exec rm -rf {} +
