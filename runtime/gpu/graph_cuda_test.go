@@ -293,13 +293,43 @@ func TestGraphRowsMatchEager(t *testing.T) {
 	if big == 0 {
 		t.Fatal("Warmup recorded no graph above 256 rows")
 	}
-	_, before := gb.GraphStats()
-	matchSteps(t, m, len(adapters), eg, ee, "replayed (up to 512 rows) and eager")
-	_, after := gb.GraphStats()
-	t.Logf("%d recordings above 256 rows; %d steps replayed", big, after-before)
-	if after == before {
-		t.Error("no step replayed a recording")
+	// one prefill of 6 x 70 = 420 rows (over 256: the 512-row mixed
+	// recording) on each engine: it replays, and the logits match
+	ctx := context.Background()
+	rng := rand.New(rand.NewPCG(7, 8))
+	var ig, ie []engine.Input
+	for i := range 6 {
+		toks := make([]int32, 70)
+		for k := range toks {
+			toks[k] = int32(rng.IntN(m.Config.VocabSize))
+		}
+		sl := i%(len(adapters)+1) - 1
+		ig = append(ig, engine.Input{Seq: &engine.Sequence{}, Tokens: toks, Slot: sl})
+		ie = append(ie, engine.Input{Seq: &engine.Sequence{}, Tokens: toks, Slot: sl})
 	}
+	_, before := gb.GraphStats()
+	og, err := eg.Step(ctx, ig)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, after := gb.GraphStats(); after != before+1 {
+		t.Fatalf("the 420-row prefill replayed %d recordings, want 1", after-before)
+	}
+	oe, err := ee.Step(ctx, ie)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for k := range og {
+		if !slices.Equal(og[k], oe[k]) {
+			t.Fatalf("420-row prefill, input %d: logits differ replayed and eager (relative %.3g)", k, fx.RelErr(og[k], oe[k]))
+		}
+	}
+	for k := range ig {
+		eg.Release(ig[k].Seq)
+		ee.Release(ie[k].Seq)
+	}
+	matchSteps(t, m, len(adapters), eg, ee, "replayed (up to 512 rows) and eager")
+	t.Logf("%d recordings above 256 rows", big)
 }
 
 // newMatchEngine is an engine on the fixture model with its adapters in
