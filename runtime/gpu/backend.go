@@ -652,6 +652,8 @@ func (b *Backend) Init(cfg *llama.Config, spec engine.Spec) error {
 	if err := b.growTable(max(spec.AdapterSlots, 1)); err != nil {
 		return err
 	}
+	// the LoRA update buffer holds the steps of up to GraphRows' bucket
+	// (not rounded down to maxTokens' bucket: a step of any rows up to it)
 	if err := b.la.alloc(b.ctx, min(maxTokens, graphRowsFor(math.MaxInt, b.g.rowsLimit)), cfg); err != nil {
 		return err
 	}
