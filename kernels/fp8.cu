@@ -122,11 +122,25 @@ __device__ __forceinline__ void fp8_gemv_body(bf16* __restrict__ out, const unsi
 #pragma unroll
         for (int u = 0; u < U; u++) {
             if (s0 + u * nw >= spans) break; // warp-uniform
+#if FP8_WIDE
+            const unsigned a0[4] = {A[u].x, B[u].x, A[u].y, B[u].y}, a1[4] = {A[u].z, B[u].z, A[u].w, B[u].w};
+            unsigned w0[8], w1[8];
+            widen_e4m3<4>(a0, w0);
+            widen_e4m3<4>(a1, w1);
+#endif
 #pragma unroll
             for (int t = 0; t < NT; t++) {
                 const uint4 x = xv[t] ? X[u][t] : make_uint4(0u, 0u, 0u, 0u);
+#if FP8_WIDE
+                const unsigned xs[4] = {x.x, x.y, x.z, x.w};
+                unsigned v[8];
+                widen_e4m3<4>(xs, v);
+                mma_e4m3w(c[t], w0, v);
+                mma_e4m3w(c[t], w1, v + 4);
+#else
                 mma_e4m3(c[t], A[u].x, B[u].x, A[u].y, B[u].y, x.x, x.y);
                 mma_e4m3(c[t], A[u].z, B[u].z, A[u].w, B[u].w, x.z, x.w);
+#endif
             }
         }
     }
@@ -246,11 +260,25 @@ __device__ __forceinline__ void fp8_skinny_body(bf16* __restrict__ out, float* _
 #pragma unroll
         for (int u = 0; u < SK_U; u++) {
             const uint4 A = sk_lds(b + wrow + u * 64), B = sk_lds(b + wrow + 8 * SK_LD + u * 64);
+#if FP8_WIDE
+            const unsigned a0[4] = {A.x, B.x, A.y, B.y}, a1[4] = {A.z, B.z, A.w, B.w};
+            unsigned w0[8], w1[8];
+            widen_e4m3<4>(a0, w0);
+            widen_e4m3<4>(a1, w1);
+#endif
 #pragma unroll
             for (int t = 0; t < NT; t++) {
                 const uint4 X = sk_lds(b + WB + (8 * t + g) * SK_LD + tig * 16 + u * 64);
+#if FP8_WIDE
+                const unsigned xs[4] = {X.x, X.y, X.z, X.w};
+                unsigned v[8];
+                widen_e4m3<4>(xs, v);
+                mma_e4m3w(c[t], w0, v);
+                mma_e4m3w(c[t], w1, v + 4);
+#else
                 mma_e4m3(c[t], A.x, B.x, A.y, B.y, X.x, X.y);
                 mma_e4m3(c[t], A.z, B.z, A.w, B.w, X.z, X.w);
+#endif
             }
         }
     }
@@ -350,6 +378,9 @@ extern "C" __global__ void fp8_splitk_reduce(bf16* __restrict__ out, const float
 
 template <int BN, int RB> struct FsShape {
     static constexpr int NT = BN / 8;                  // n8 tiles (every warp multiplies all of them)
+    // WIDE: operands widened once for f16 MMAs (mma_e4m3w) rather than e4m3
+    // MMAs; not for n224, whose 112 accumulators then spill (v0.27 SASS)
+    static constexpr bool WIDE = FP8_WIDE && NT <= 8;
     static constexpr int STAGE_B = (BN + 16) * RB;     // the weight tile, then 16 activation rows
     static constexpr int ST = (190 * 1024) / STAGE_B < 8 ? (190 * 1024) / STAGE_B : 8;
     static_assert(ST >= 3, "fp8_stream: too few stages");
@@ -413,13 +444,22 @@ __device__ __forceinline__ void fp8_stream_body(bf16* __restrict__ out, const un
             const int kc = kc0 + 2 * kk;
             unsigned a[4];
             ldsm4(sk_slot(xb, RB, lane & 15, kc + (lane >> 4)), a);
+            unsigned aw[8];
+            if constexpr (S::WIDE) widen_e4m3<4>(a, aw);
 #pragma unroll
             for (int j = 0; j < S::NT; j += 2) {
                 const int jj = j + 1 < S::NT ? j + (lane >> 4) : j;
                 unsigned b[4];
                 ldsm4(sk_slot(wb, RB, jj * 8 + (lane & 7), kc + ((lane >> 3) & 1)), b);
-                mma_e4m3(acc[j], a[0], a[1], a[2], a[3], b[0], b[1]);
-                if (j + 1 < S::NT) mma_e4m3(acc[j + 1], a[0], a[1], a[2], a[3], b[2], b[3]);
+                if constexpr (S::WIDE) {
+                    unsigned bw[8];
+                    widen_e4m3<4>(b, bw);
+                    mma_e4m3w(acc[j], aw, bw);
+                    if (j + 1 < S::NT) mma_e4m3w(acc[j + 1], aw, bw + 4);
+                } else {
+                    mma_e4m3(acc[j], a[0], a[1], a[2], a[3], b[0], b[1]);
+                    if (j + 1 < S::NT) mma_e4m3(acc[j + 1], a[0], a[1], a[2], a[3], b[2], b[3]);
+                }
             }
         }
     }
