@@ -126,12 +126,10 @@ type Config struct {
 	// on an 8B model; a request arriving meanwhile waits for one recording
 	// at most, and a step whose graph is still missing runs without one).
 	WarmGraphs string
-	// SerialLoRA, LoRASMs and LoRAInPlaceRows are gpu.Options': LoRA
-	// updates on the compute stream, the SMs the GEMMs leave to the LoRA
-	// stream, and the step rows from which the expand adds in place.
-	SerialLoRA      bool
-	LoRASMs         int
-	LoRAInPlaceRows int
+	// SerialLoRA and LoRASMs are gpu.Options': LoRA updates on the compute
+	// stream, and the SMs the GEMMs leave to the LoRA stream.
+	SerialLoRA bool
+	LoRASMs    int
 	// GraphRows is gpu.Options': the largest step recorded as a CUDA graph
 	// (0: 256).
 	GraphRows int
@@ -470,7 +468,7 @@ func newGPU(cfg Config) (*gpu.Backend, error) {
 	// starts read the cubin.
 	// --warm-graphs idle: the scheduler records the graphs while idle, and
 	// a request's step never waits for a recording (it runs eagerly)
-	return gpu.New(gpu.Options{Device: cfg.GPU, WeightFormat: cfg.Weights, KVFormat: cfg.KVCache, Eager: cfg.Eager, SerialLoRA: cfg.SerialLoRA, LoRASMs: cfg.LoRASMs, LoRAInPlaceRows: cfg.LoRAInPlaceRows, GraphRows: cfg.GraphRows, NoPDL: cfg.NoPDL, TuneGEMMs: cfg.TuneGEMMs, ChainSteps: cfg.ChainSteps,
+	return gpu.New(gpu.Options{Device: cfg.GPU, WeightFormat: cfg.Weights, KVFormat: cfg.KVCache, Eager: cfg.Eager, SerialLoRA: cfg.SerialLoRA, LoRASMs: cfg.LoRASMs, GraphRows: cfg.GraphRows, NoPDL: cfg.NoPDL, TuneGEMMs: cfg.TuneGEMMs, ChainSteps: cfg.ChainSteps,
 		RecordIdle: cfg.WarmGraphs == WarmIdle, PinnedImageBytes: cfg.PinnedCacheBytes})
 }
 

@@ -151,18 +151,16 @@ func TestServeRefusesPublicWithoutKeys(t *testing.T) {
 	}
 }
 
-// TestServeDevice: --device cuda without a usable GPU is an error naming the
-// cause; auto falls back to cpu with one "device" line saying why.
-// TestServeNegativeRows: --graph-rows and --lora-inplace-rows below zero
-// are refused before anything starts.
-func TestServeNegativeRows(t *testing.T) {
-	for _, a := range [][]string{{"--graph-rows", "-1"}, {"--lora-inplace-rows", "-64"}} {
-		if _, err := runCLI(t, append([]string{"serve", "--listen", "127.0.0.1:0"}, a...)...); err == nil || !strings.Contains(err.Error(), "must not be negative") {
-			t.Errorf("%v: %v", a, err)
-		}
+// TestServeNegativeGraphRows: --graph-rows below zero is refused before
+// anything starts.
+func TestServeNegativeGraphRows(t *testing.T) {
+	if _, err := runCLI(t, "serve", "--listen", "127.0.0.1:0", "--graph-rows", "-1"); err == nil || !strings.Contains(err.Error(), "--graph-rows must not be negative") {
+		t.Errorf("--graph-rows -1: %v", err)
 	}
 }
 
+// TestServeDevice: --device cuda without a usable GPU is an error naming the
+// cause; auto falls back to cpu with one "device" line saying why.
 func TestServeDevice(t *testing.T) {
 	if gpu.Available() == nil {
 		t.Skip("a usable GPU is present")

@@ -66,13 +66,6 @@ type Options struct {
 	// the step's rows (autoLoRASMs); negative holds none back (the LoRA
 	// blocks then take SMs as the GEMM's blocks free them).
 	LoRASMs int
-	// LoRAInPlaceRows: in steps of at least this many rows, each LoRA
-	// update beside a GEMM runs its shrink on the LoRA stream and its
-	// expand on the compute stream after the GEMM, adding to the output in
-	// place: no float32 update is written and read again (at 256 rows 44 MB
-	// each way a layer at 8B shapes), and the expand has every SM. 0 (the
-	// default): never. An experiment: docs/PERFORMANCE.md v0.26.
-	LoRAInPlaceRows int
 	// GraphRows is the largest step (rows) recorded as a CUDA graph, rounded
 	// down to a bucket (graphBuckets: ..., 256, 384, 512) and to the
 	// engine's MaxTokens; larger steps run their ops eagerly, cannot be
@@ -178,7 +171,6 @@ type kernelForce struct {
 	loraRows  bool          // LoRA: the row-at-a-time kernels (lora_shrink, lora_expand)
 	loraV1    bool          // LoRA: SGMV v1 (sgmv_shrink, then an expand launch)
 	loraV2    bool          // LoRA: SGMV v2 (one launch per op) wherever it fits
-	loraIn    bool          // LoRA: beside a GEMM, the expand in place on the compute stream whatever the rows (Options.LoRAInPlaceRows)
 	attnRows  bool          // attention: the per-row kernel for every row (no attn_decode, attn_prefill, graphs)
 	decSplit  int           // attn_decode: this many KV splits per (sequence, KV head), at most decSplitFor's cap (0: decSplitFor's choice)
 	ropeHeads bool          // RoPE and the K/V store: rope_store (a block per row and head) for every shape
@@ -420,7 +412,7 @@ func (b *Backend) open(opts Options) error {
 		b.pdl = b.s.SetProgrammaticLaunch(true) == nil
 	}
 	b.tune.on, b.chain.on = opts.TuneGEMMs, opts.ChainSteps
-	b.la.on, b.la.sms, b.la.inPlaceRows = !opts.SerialLoRA, max(opts.LoRASMs, 0), max(opts.LoRAInPlaceRows, 0)
+	b.la.on, b.la.sms = !opts.SerialLoRA, max(opts.LoRASMs, 0)
 	b.pinN = int(PinnedBytes(opts.PinnedImageBytes) / stageChunkBytes)
 	if opts.LoRASMs == 0 {
 		b.la.sms = -1 // by the step's rows

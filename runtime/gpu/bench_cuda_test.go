@@ -223,7 +223,7 @@ func TestLoRABench(t *testing.T) {
 			t.Fatal(err)
 		}
 		for _, o := range ops {
-			b.loraSlices(b.s, o.out.mem.Ptr(), o.out.cols, o.x, 0, o.mods, true, loraWhole)
+			b.loraSlices(b.s, o.out.mem.Ptr(), o.out.cols, o.x, 0, o.mods, true)
 		}
 		g, err := b.s.EndCapture()
 		if err != nil {
@@ -372,7 +372,6 @@ type decodeVariant struct {
 	skLate                       bool // gemm_skinny without its early weight tiles (kernelForce.skLate)
 	dv                           int  // attn_decode's variant whatever the rows: 1 + a decVariant (kernelForce.decVar; 0: decVariantFor's)
 	fs, gv                       bool // FP8 weights: fp8_stream for every 1-16 rows (fp8State.streamOn; the default from fp8StreamMinRows), or for none (streamOff)
-	inPlace                      bool // LoRA: the expand in place on the compute stream (kernelForce.loraIn)
 }
 
 // label names a row of TestDecodeBench's table: "no" (base) or the
@@ -401,7 +400,7 @@ func (v decodeVariant) label(ads []*lora.Adapter, pdlOK bool) string {
 		on   bool
 		name string
 	}{{v.eager, "eager"}, {v.serial, "serial"}, {v.nopdl && pdlOK, "nopdl"}, {v.ropeHeads, "ropeheads"}, {v.lt, "lt"}, {v.skLate, "late"},
-		{v.fs, "fs"}, {v.gv, "gv"}, {v.inPlace, "inplace"}, {v.tuned, "tuned"}} {
+		{v.fs, "fs"}, {v.gv, "gv"}, {v.tuned, "tuned"}} {
 		if f.on {
 			lbl += "+" + f.name
 		}
@@ -522,8 +521,7 @@ func TestDecodeBench(t *testing.T) {
 		{sms: -1, nopdl: true}, {lora: true, sms: -1, nopdl: true},
 		{sms: -1, ropeHeads: true}, {sms: -1, split: 16}, {sms: -1, split: 1}, {sms: -1, split: 2}, {sms: -1, split: 3}, {sms: -1, dv: 1 + int(decV2)}, {lora: true, sms: -1, dv: 1 + int(decV2)}, {sms: -1, dv: 1 + int(decV4)}, {lora: true, sms: -1, dv: 1 + int(decV4)},
 		{sampled: true, sms: -1}, {eager: true, sms: -1}, {lora: true, eager: true, sms: -1},
-		{lora: true, serial: true, sms: -1}, {lora: true, sms: 0}, {lora: true, sms: 16}, {lora: true, sms: 32},
-		{lora: true, sms: -1, inPlace: true}, {lora: true, sms: 0, inPlace: true}, {lora: true, sms: 16, inPlace: true}}
+		{lora: true, serial: true, sms: -1}, {lora: true, sms: 0}, {lora: true, sms: 16}, {lora: true, sms: 32}}
 	if os.Getenv("PEFTD_DECODE_QUICK") != "" { // base and adapters, each with cuBLASLt (+lt), and with FP8 weights with fp8_stream at every row count (+fs) and at none (+gv)
 		vs = vs[:8]
 	}
@@ -571,9 +569,9 @@ func TestDecodeBench(t *testing.T) {
 			continue
 		}
 		retune := v.tuned && !gb.tune.done
-		if wantPDL := pdlOK && !v.nopdl; retune || gb.la.on == v.serial || gb.la.sms != v.sms || gb.s.ProgrammaticLaunch() != wantPDL || gb.force.decSplit != v.split || gb.force.ropeHeads != v.ropeHeads || gb.force.decOpts != v.opts || gb.force.noSkinny != v.lt || gb.force.skLate != v.skLate || gb.force.decVar != v.dv || gb.force.loraIn != v.inPlace || gb.f8 != nil && (gb.f8.streamOn != v.fs || gb.f8.streamOff != v.gv) { // recordings bake the LoRA and launch modes, the kernels and the GEMM algorithms in
+		if wantPDL := pdlOK && !v.nopdl; retune || gb.la.on == v.serial || gb.la.sms != v.sms || gb.s.ProgrammaticLaunch() != wantPDL || gb.force.decSplit != v.split || gb.force.ropeHeads != v.ropeHeads || gb.force.decOpts != v.opts || gb.force.noSkinny != v.lt || gb.force.skLate != v.skLate || gb.force.decVar != v.dv || gb.f8 != nil && (gb.f8.streamOn != v.fs || gb.f8.streamOff != v.gv) { // recordings bake the LoRA and launch modes, the kernels and the GEMM algorithms in
 			gb.la.on, gb.la.sms, gb.force.decSplit, gb.force.ropeHeads, gb.force.decOpts = !v.serial, v.sms, v.split, v.ropeHeads, v.opts
-			gb.force.noSkinny, gb.force.skLate, gb.force.decVar, gb.force.loraIn = v.lt, v.skLate, v.dv, v.inPlace
+			gb.force.noSkinny, gb.force.skLate, gb.force.decVar = v.lt, v.skLate, v.dv
 			if gb.f8 != nil {
 				gb.f8.streamOn, gb.f8.streamOff = v.fs, v.gv
 			}
@@ -653,7 +651,7 @@ func TestDecodeBench(t *testing.T) {
 		}
 	}
 	gb.g.off, gb.force.decSplit, gb.force.ropeHeads, gb.force.decOpts = false, 0, false, 0
-	gb.force.noSkinny, gb.force.skLate, gb.force.decVar, gb.force.loraIn = false, false, 0, false
+	gb.force.noSkinny, gb.force.skLate, gb.force.decVar = false, false, 0
 	if gb.f8 != nil {
 		gb.f8.streamOn, gb.f8.streamOff = false, false
 	}

@@ -256,24 +256,6 @@ func TestPDLMatchesSerialLaunch(t *testing.T) {
 	matchSteps(t, m, len(adapters), ep, es, "with and without PDL")
 }
 
-// TestLoRAInPlaceMatchesAside: the LoRA expand added in place on the
-// compute stream (Options.LoRAInPlaceRows) gives the same bits as the
-// float32 update beside the GEMM that the next op adds (the default): the
-// same kernels and sums, each output rounded once.
-func TestLoRAInPlaceMatchesAside(t *testing.T) {
-	m, adapters, _ := loadFixture(t)
-	ea, _ := newMatchEngine(t, m, adapters, Options{})
-	ei, bi := newMatchEngine(t, m, adapters, Options{LoRAInPlaceRows: 1})
-	if !bi.la.on {
-		t.Fatal("the LoRA stream is off")
-	}
-	matchSteps(t, m, len(adapters), ea, ei, "with the LoRA expand beside the GEMM and in place")
-	if bi.la.inPlaced == 0 {
-		t.Fatal("no LoRA update ran its expand in place")
-	}
-	t.Logf("%d LoRA groups ran in place (recordings included)", bi.la.inPlaced)
-}
-
 // TestGraphRowsMatchEager: with Options.GraphRows 512 the steps of 257-512
 // rows (prefills of six prompts) replay the 384- and 512-row recordings,
 // and every logits row is the same as the eager backend's.

@@ -123,10 +123,8 @@ func (b *Backend) UnloadAdapter(slot int) error {
 // LoRA adds each row's adapter update for the fused group mods (their
 // outputs side by side in out). When the LoRA stream may take it (aside),
 // the update runs there beside the group's GEMM, into the delta buffer, and
-// the next op that reads out adds it; in steps of Options.LoRAInPlaceRows
-// rows or more only the shrink runs there and the expand adds in place on
-// the compute stream after the GEMM (loraInPlace); otherwise shrink and
-// expand run on the compute stream and add it in place.
+// the next op that reads out adds it; otherwise shrink and expand run on
+// the compute stream and add it in place.
 func (b *Backend) LoRA(out, in engine.Buffer, layer int, mods []llama.Module) {
 	b.join()
 	b.wrote(out)
@@ -150,40 +148,10 @@ func (b *Backend) LoRA(out, in engine.Buffer, layer int, mods []llama.Module) {
 		return
 	}
 	if b.asideOK() && b.la.forkIn == ptr(x) && b.sgmvOK(x, mods, total, 0) {
-		if b.inPlace() && b.sgmvOK(x, mods, o.ld, ptr(o)) {
-			b.loraInPlace(o, x, layer, mods)
-			return
-		}
 		b.loraAside(o, x, layer, mods, total)
 		return
 	}
-	b.loraSlices(b.s, ptr(o), o.ld, x, layer, mods, true, loraWhole)
-}
-
-// inPlace reports whether the step's LoRA updates beside a GEMM add their
-// expand in place on the compute stream (Options.LoRAInPlaceRows).
-func (b *Backend) inPlace() bool {
-	return b.force.loraIn || b.la.inPlaceRows > 0 && b.rows() >= b.la.inPlaceRows
-}
-
-// loraInPlace splits the update of group mods: the shrink runs on the LoRA
-// stream beside the GEMM (it reads only the GEMM's input) into the LoRA
-// scratch, and the expand runs on the compute stream once both are done,
-// adding to the GEMM's output in place (bf16, rounded once, as every other
-// path). No update is left pending. The next group's shrink waits for the
-// next GEMM's fork, which follows this expand: the scratch is free by then.
-func (b *Backend) loraInPlace(o, x *Buffer, layer int, mods []llama.Module) {
-	b.la.forkIn = 0
-	b.la.inPlaced++
-	b.fail(b.la.s.Wait(b.la.fork))
-	b.loraSlices(b.la.s, ptr(o), o.ld, x, layer, mods, true, loraShrink)
-	if b.err == nil {
-		b.fail(b.la.join.Record(b.la.s))
-	}
-	if b.err == nil {
-		b.fail(b.s.Wait(b.la.join))
-	}
-	b.loraSlices(b.s, ptr(o), o.ld, x, layer, mods, true, loraExpand)
+	b.loraSlices(b.s, ptr(o), o.ld, x, layer, mods, true)
 }
 
 // loraAside is the LoRA stream and the update it computes beside a GEMM.
@@ -202,16 +170,14 @@ func (b *Backend) loraInPlace(o, x *Buffer, layer int, mods []llama.Module) {
 // GEMM's fork, which follows the op that consumed this one: delta and the
 // LoRA scratch are free again by then.
 type loraAside struct {
-	on          bool // Options.SerialLoRA unset
-	sms         int  // Options.LoRASMs (-1: autoLoRASMs)
-	inPlaceRows int  // Options.LoRAInPlaceRows (0: never)
-	inPlaced    int  // groups loraInPlace launched (recorded ones included): tests
-	s           *cuda.Stream
-	fork, join  *cuda.Event
-	forkIn      cuda.DevicePtr // input of the GEMM fork was recorded before (0: none)
-	delta       *cuda.DeviceBuffer
-	rows, cols  int // delta holds rows x cols float32 values
-	pend        pendingDelta
+	on         bool // Options.SerialLoRA unset
+	sms        int  // Options.LoRASMs (-1: autoLoRASMs)
+	s          *cuda.Stream
+	fork, join *cuda.Event
+	forkIn     cuda.DevicePtr // input of the GEMM fork was recorded before (0: none)
+	delta      *cuda.DeviceBuffer
+	rows, cols int // delta holds rows x cols float32 values
+	pend       pendingDelta
 }
 
 // pendingDelta is an update on the LoRA stream not yet added to its output:
@@ -276,7 +242,7 @@ func (b *Backend) loraAside(o, x *Buffer, layer int, mods []llama.Module, total 
 	b.la.forkIn = 0
 	d := b.la.delta.Ptr()
 	b.fail(b.la.s.Wait(b.la.fork))
-	b.loraSlices(b.la.s, d, total, x, layer, mods, false, loraWhole)
+	b.loraSlices(b.la.s, d, total, x, layer, mods, false)
 	if b.err == nil {
 		b.fail(b.la.join.Record(b.la.s))
 	}
@@ -416,22 +382,11 @@ func (b *Backend) tmpFloats() int { return b.tmpFloatsFor(b.maxRank) }
 // tmpFloatsFor is tmpFloats for adapters of rank up to r.
 func (b *Backend) tmpFloatsFor(r int) int { return 4 * b.maxT * 3 * max(r, 1) }
 
-// loraPart is what a loraSlices call launches.
-type loraPart int
-
-const (
-	loraWhole  loraPart = iota // shrink and expand (or SGMV v2's one launch, or the row-at-a-time kernels)
-	loraShrink                 // the SGMV shrink alone, into the LoRA scratch
-	loraExpand                 // the SGMV expand alone, from what a loraShrink call left in the scratch
-)
-
 // loraSlices adds the LoRA updates of up to three projections that read the
 // same input x (fused q/k/v or gate/up) to the output rows at outPtr (row
 // stride outStride elements), the projections' outputs side by side in
-// mods order. Segments come from the step's metadata. part launches one
-// half (loraInPlace: each on its own stream, with the same arguments and
-// step, so both halves choose the same tiles and K split).
-func (b *Backend) loraSlices(st *cuda.Stream, outPtr cuda.DevicePtr, outStride int, x *Buffer, layer int, mods []llama.Module, accum bool, part loraPart) {
+// mods order. Segments come from the step's metadata.
+func (b *Backend) loraSlices(st *cuda.Stream, outPtr cuda.DevicePtr, outStride int, x *Buffer, layer int, mods []llama.Module, accum bool) {
 	if !b.ok() || b.nLora == 0 || b.stepRank == 0 {
 		return
 	}
@@ -458,7 +413,7 @@ func (b *Backend) loraSlices(st *cuda.Stream, outPtr cuda.DevicePtr, outStride i
 	}
 	base, stride := layer*int(llama.NumModules), b.cfg.Layers*int(llama.NumModules)
 	if !b.sgmvOK(x, mods, outStride, outPtr) {
-		if !b.check(accum && part == loraWhole, "lora: the row-at-a-time kernels only add in place, shrink and expand together") {
+		if !b.check(accum, "lora: the row-at-a-time kernels only add in place") {
 			return
 		}
 		rows, slots := b.i32(b.off.loraRows), b.i32(b.off.loraSlots)
@@ -499,7 +454,7 @@ func (b *Backend) loraSlices(st *cuda.Stream, outPtr cuda.DevicePtr, outStride i
 	// v2: one launch, blocks taking shrink items first and expand items
 	// (512 output columns of one tile) after them; see kernels/sgmv.cu.
 	tc := b.tcChunks(mods)
-	v2 := part == loraWhole && !b.graphLayout && (b.force.loraV2 || (!b.force.loraV1 && tc == 0 && b.nLora >= sgV2MinRows*b.nTiles))
+	v2 := !b.graphLayout && (b.force.loraV2 || (!b.force.loraV1 && tc == 0 && b.nLora >= sgV2MinRows*b.nTiles))
 	if f := b.sgFused[nb/32]; f != nil && v2 && b.nTiles <= sgFuMaxTiles && len(b.slots)*len(mods) <= sgFuMaxEnt {
 		nShrink := b.nTiles * len(mods) * rankTiles * ks
 		grid := nShrink + b.nTiles*((total+sgFuCols-1)/sgFuCols)
@@ -522,14 +477,9 @@ func (b *Backend) loraSlices(st *cuda.Stream, outPtr cuda.DevicePtr, outStride i
 			b.stepRank, inF, x.ld, outStride, tStride, T, acc))
 		return
 	}
-	if part != loraExpand {
-		b.launchOn(st, shrink, cuda.Dim3{X: b.nTiles, Y: len(mods) * rankTiles, Z: ks}, cuda.Dim3{X: 256},
-			b.stepTmp, ptr(x), b.table, tiles, base, stride, ms[0], ms[1], ms[2], rankTiles, b.stepRank,
-			inF, x.ld, tStride, T, kchunk)
-	}
-	if part == loraShrink {
-		return
-	}
+	b.launchOn(st, shrink, cuda.Dim3{X: b.nTiles, Y: len(mods) * rankTiles, Z: ks}, cuda.Dim3{X: 256},
+		b.stepTmp, ptr(x), b.table, tiles, base, stride, ms[0], ms[1], ms[2], rankTiles, b.stepRank,
+		inF, x.ld, tStride, T, kchunk)
 	if tc > 0 {
 		// blocks per slice of sgmv_expand_tc{tc}; blk1, blk2: where slices 1 and 2 start
 		cols := tcBlockCols(tc)

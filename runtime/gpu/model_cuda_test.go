@@ -176,14 +176,12 @@ func TestFixtureCoBatched(t *testing.T) {
 	worst, worstRow := 0.0, 0.0
 	var all greedyStats
 	// the LoRA stream (default), the same holding SMs back from the GEMMs,
-	// every update on the compute stream (SerialLoRA), and the expand in
-	// place on the compute stream after the shrink on the LoRA stream
-	// (LoRAInPlaceRows)
+	// and every update on the compute stream (SerialLoRA)
 	for _, c := range []struct {
 		bs   int
 		name string
 		bo   Options
-	}{{16, "", Options{}}, {1, "", Options{}}, {5, "", Options{}}, {16, "-serial", Options{SerialLoRA: true}}, {16, "-sms32", Options{LoRASMs: 32}}, {16, "-inplace", Options{LoRAInPlaceRows: 1}}} {
+	}{{16, "", Options{}}, {1, "", Options{}}, {5, "", Options{}}, {16, "-serial", Options{SerialLoRA: true}}, {16, "-sms32", Options{LoRASMs: 32}}} {
 		bs := c.bs
 		t.Run(fmt.Sprintf("block%d%s", bs, c.name), func(t *testing.T) {
 			opts := engine.DefaultOptions()
