@@ -380,12 +380,9 @@ template <int BN, int RB> struct FsShape {
     static constexpr int NT = BN / 8;                  // n8 tiles (every warp multiplies all of them)
     // WIDE: operands widened once for f16 MMAs (mma_e4m3w) rather than e4m3
     // MMAs; not for n224, whose 112 accumulators then spill (v0.27 SASS:
-    // 52 LDL, 27 STL), unless PEFTD_FP8_WIDE_ALL (the A/B)
-#ifdef PEFTD_FP8_WIDE_ALL
-    static constexpr bool WIDE = FP8_WIDE;
-#else
+    // 52 LDL, 27 STL; FP8 decode at 16 rows 3.56 -> 3.51 ms, but 4.27 ->
+    // 4.51 with four adapters: docs/TRIED.md)
     static constexpr bool WIDE = FP8_WIDE && NT <= 8;
-#endif
     static constexpr int STAGE_B = (BN + 16) * RB;     // the weight tile, then 16 activation rows
     static constexpr int ST = (190 * 1024) / STAGE_B < 8 ? (190 * 1024) / STAGE_B : 8;
     static_assert(ST >= 3, "fp8_stream: too few stages");
