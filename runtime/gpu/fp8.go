@@ -91,7 +91,13 @@ type fp8State struct {
 	skPart, skDone *cuda.DeviceBuffer
 	skTop          int // the most rows sent to fp8_gemm_skinny (0: skinnyAutoRows); benchmarks set it
 	skMax          int // rows of the largest fp8_gemm_skinny variant the card holds (0: none)
-	Info           kernels.Info
+	// fp8_wg_n32, _n64, _n128 (fp8_gemm_skinny on wgmma; only in a module
+	// compiled with PEFTD_FP8_WG, and only on sm_90a): nil where absent.
+	// wgOn (tests, benchmarks) sends 17-128 rows to them instead of
+	// cuBLASLt.
+	wg   [len(skinnyVariants)]*cuda.Function
+	wgOn bool
+	Info kernels.Info
 
 	tmp        *cuda.DeviceBuffer // bf16 staging of a weight being quantized (freed at the first Linear)
 	actQ, actS *cuda.DeviceBuffer // quantized activation rows and their scales
@@ -134,6 +140,10 @@ func newFP8(ctx *cuda.Context, s *cuda.Stream, mm *cuda.Matmul, ko kernels.Optio
 		limit = math.MaxInt
 	}
 	if err := f.skinnyLoad(limit); err != nil {
+		f.mod.Unload()
+		return nil, err
+	}
+	if err := f.wgLoad(limit); err != nil {
 		f.mod.Unload()
 		return nil, err
 	}

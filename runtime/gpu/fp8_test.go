@@ -152,3 +152,19 @@ func TestSplitFor(t *testing.T) {
 		}
 	}
 }
+
+// TestWgShared: fp8_wg's stages start on the 1024-byte boundaries its
+// 128-byte swizzle needs (the base is rounded up; every stage is a whole
+// number of 1 KB), and two blocks of each variant fit an sm_90 SM (228 KB,
+// 1 KB of it reserved a block), as its K-split plan (skinnySplit with two
+// blocks an SM) assumes.
+func TestWgShared(t *testing.T) {
+	for _, v := range skinnyVariants {
+		if stage := (skinnyRows + v.rows) * wgRowBytes; stage%1024 != 0 {
+			t.Errorf("fp8_wg_n%d: a stage of %d bytes is not a multiple of 1024", v.rows, stage)
+		}
+		if per := wgShared(v.rows) + 4 + 1024; 2*per > 228<<10 {
+			t.Errorf("fp8_wg_n%d: two blocks of %d bytes do not fit an sm_90 SM", v.rows, per)
+		}
+	}
+}
