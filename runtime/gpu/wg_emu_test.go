@@ -1,0 +1,199 @@
+package gpu
+
+import (
+	"math/rand/v2"
+	"testing"
+)
+
+// TestWgTilingEmulated runs fp8_wg's index arithmetic (kernels/fp8.cu,
+// PEFTD_FP8_WG) on the CPU with integers for the e4m3 values: each
+// stage's cp.async chunks land where the kernel puts them (row r at r *
+// 128, chunk c at c ^ (r % 8), zeros where it asks for 0 bytes); each
+// wgmma reads its 64 x 32 A and N x 32 B slices by descriptor as the PTX
+// ISA defines the K-major 128-byte swizzle (the byte at row r, column k
+// of a slice starting at a is at a + 1024 (r / 8) + 128 (r % 8) + k, its
+// 16-byte chunk bits XOR-ed with that address's bits 7-9); each thread's
+// accumulators d[4t + e] are the fragment the kernel's epilogue assumes
+// (weight row 16 warp + lane/4 (+8), activation row 8t + 2 (lane%4)
+// (+1)); then the split partials and the last block's sum. The result
+// must be the plain product once per output for every shape class: split
+// and unsplit, a last stage with one span, activation rows past M.
+func TestWgTilingEmulated(t *testing.T) {
+	const rb = wgRowBytes
+	for _, c := range []struct{ M, N, K, sms int }{
+		{17, 128, 64 * 13, 8}, {33, 64, 64 * 9, 4}, {64, 192, 64 * 16, 2}, {20, 64, 64, 8}, {40, 256, 64 * 5, 100},
+		{65, 128, 64 * 7, 8}, {128, 64, 64 * 10, 16}, {100, 192, 64 * 3, 2},
+	} {
+		M, N, K := c.M, c.N, c.K
+		v := 0
+		for skinnyVariants[v].rows < M {
+			v++
+		}
+		NT := skinnyVariants[v].rows / 8
+		TR := 8 * NT
+		WB := skinnyRows * rb
+		SB := WB + TR*rb
+		CH := rb / 16
+		rng := rand.New(rand.NewPCG(uint64(M), uint64(K)+1))
+		qw, qx := make([]int, N*K), make([]int, M*K)
+		for i := range qw {
+			qw[i] = rng.IntN(15) - 7
+		}
+		for i := range qx {
+			qx[i] = rng.IntN(15) - 7
+		}
+		S := skinnySplit(N, K, c.sms, 2)
+		tiles := N / skinnyRows
+		part := make([]int, tiles*S*skinnyRows*TR)
+		out, written, done := make([]int, M*N), make([]int, M*N), make([]int, tiles)
+		// read is the byte a wgmma descriptor starting at a gives for row
+		// r, column k of its slice (K-major, 128-byte swizzle, 8-row groups
+		// 1024 bytes apart; a - a % 1024 is 1024-aligned in the kernel)
+		read := func(smem []int, a, r, k int) int {
+			lin := a + 1024*(r/8) + 128*(r%8) + k
+			return smem[lin^(((lin>>7)&7)<<4)]
+		}
+		for bx := range tiles {
+			for sp := range S {
+				n0 := bx * skinnyRows
+				spans := K / 64
+				per := (spans + S - 1) / S
+				s0 := min(spans, sp*per)
+				s1 := min(spans, s0+per)
+				nst := (s1 - s0 + 1) / 2
+				smem := make([]int, wgStages*SB)
+				for i := range smem {
+					smem[i] = 1 << 20 // never copied: would show in the sums
+				}
+				copyStage := func(j, lo, hi int) {
+					if j >= nst {
+						return
+					}
+					b := (j % wgStages) * SB
+					sa := s0 + 2*j
+					for tid := range skinnyThreads {
+						for i := lo*CH + tid; i < hi*CH; i += skinnyThreads {
+							r, cc := i/CH, i%CH
+							s := sa + cc/4
+							w := r < skinnyRows
+							xr := r - skinnyRows
+							ok := s < s1 && (w || xr < M)
+							sidx := s0
+							if ok {
+								sidx = s
+							}
+							for by := range 16 {
+								val := 0
+								if ok {
+									col := sidx*64 + (cc&3)*16 + by
+									if w {
+										val = qw[(n0+r)*K+col]
+									} else {
+										val = qx[xr*K+col]
+									}
+								}
+								smem[b+r*rb+((cc^(r&7))<<4)+by] = val
+							}
+						}
+					}
+				}
+				D := make([][]int, skinnyRows) // D[weight row][activation row], as wgmma accumulates it
+				for r := range D {
+					D[r] = make([]int, TR)
+				}
+				for j := range wgStages - 1 {
+					copyStage(j, 0, skinnyRows)
+				}
+				for j := range wgStages - 1 {
+					copyStage(j, skinnyRows, skinnyRows+TR)
+				}
+				for j := range nst {
+					copyStage(j+wgStages-1, 0, skinnyRows+TR)
+					b := (j % wgStages) * SB
+					for ks := range rb / 32 {
+						for r := range skinnyRows {
+							for n := range TR {
+								for k := range 32 {
+									D[r][n] += read(smem, b+32*ks, r, k) * read(smem, b+WB+32*ks, n, k)
+								}
+							}
+						}
+					}
+				}
+				// each thread's d[4t + e], then the epilogue's indices
+				d := make([][]int, skinnyThreads)
+				for tid := range skinnyThreads {
+					warp, lane := tid/32, tid%32
+					g, tig := lane/4, lane%4
+					d[tid] = make([]int, 4*NT)
+					for tt := range NT {
+						for e := range 4 {
+							row := 16*warp + g
+							if e >= 2 {
+								row += 8
+							}
+							d[tid][4*tt+e] = D[row][8*tt+2*tig+(e&1)]
+						}
+					}
+				}
+				tile := bx * S * skinnyRows * TR
+				for tid := range skinnyThreads {
+					warp, lane := tid/32, tid%32
+					g, tig := lane/4, lane%4
+					for tt := range NT {
+						for e := range 4 {
+							m := 8*tt + 2*tig + (e & 1)
+							row := 16*warp + g
+							if e >= 2 {
+								row += 8
+							}
+							if S == 1 {
+								if m < M {
+									out[m*N+n0+row] = d[tid][4*tt+e]
+									written[m*N+n0+row]++
+								}
+								continue
+							}
+							part[tile+sp*skinnyRows*TR+row*TR+m] = d[tid][4*tt+e]
+						}
+					}
+				}
+				if S == 1 {
+					continue
+				}
+				done[bx]++
+				if done[bx] != S {
+					continue
+				}
+				for i := range skinnyRows * TR {
+					r, m := i/TR, i%TR
+					if m >= M {
+						continue
+					}
+					sum := 0
+					for s := range S {
+						sum += part[tile+s*skinnyRows*TR+i]
+					}
+					out[m*N+n0+r] = sum
+					written[m*N+n0+r]++
+				}
+				done[bx] = 0
+			}
+		}
+		bad := 0
+		for m := range M {
+			for n := range N {
+				want := 0
+				for k := range K {
+					want += qx[m*K+k] * qw[n*K+k]
+				}
+				if out[m*N+n] != want || written[m*N+n] != 1 {
+					bad++
+				}
+			}
+		}
+		if bad > 0 {
+			t.Errorf("M=%d N=%d K=%d (%d SMs, K split %d ways): %d of %d outputs wrong or not written once", M, N, K, c.sms, S, bad, M*N)
+		}
+	}
+}
