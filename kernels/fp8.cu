@@ -198,6 +198,53 @@ __device__ __forceinline__ uint4 sk_lds(unsigned a) {
     return v;
 }
 
+// skinny_store: the end fp8_gemm_skinny and fp8_wg share. acc[4t + e]
+// holds weight row n0 + 16*warp + g (+8 for e >= 2) times activation row
+// 8t + 2tig + (e & 1) (n0 = blockIdx.x * SK_ROWS; g, tig: lane / 4, lane %
+// 4). One block a tile (gridDim.y == 1): scaled, rounded and stored.
+// Otherwise the block's partials go to part and the last block of the
+// tile to finish (done's counter; last: a __shared__ int) sums the
+// gridDim.y partials in split order and stores them, then leaves the
+// counter at zero for the next launch.
+template <int NT>
+__device__ __forceinline__ void skinny_store(const float* acc, bf16* __restrict__ out, float* __restrict__ part,
+                                             int* __restrict__ done, const float* __restrict__ sx,
+                                             const float* __restrict__ sw, int M, int N, int* last) {
+    constexpr int TR = 8 * NT;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, tig = lane & 3;
+    const int n0 = blockIdx.x * SK_ROWS, S = gridDim.y, sp = blockIdx.y;
+    if (S == 1) {
+#pragma unroll
+        for (int t = 0; t < NT; t++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int m = 8 * t + 2 * tig + (e & 1), n = n0 + 16 * warp + g + (e >= 2 ? 8 : 0);
+                if (m < M) out[(i64)m * N + n] = __float2bfloat16_rn(acc[4 * t + e] * sx[m] * sw[n]);
+            }
+        return;
+    }
+    float* tile = part + (i64)blockIdx.x * S * SK_ROWS * TR;
+    float* mine = tile + (i64)sp * SK_ROWS * TR;
+#pragma unroll
+    for (int t = 0; t < NT; t++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) mine[(16 * warp + g + (e >= 2 ? 8 : 0)) * TR + 8 * t + 2 * tig + (e & 1)] = acc[4 * t + e];
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) *last = atomicAdd(done + blockIdx.x, 1) == S - 1;
+    __syncthreads();
+    if (!*last) return;
+    __threadfence();
+    for (int i = tid; i < SK_ROWS * TR; i += SK_WARPS * 32) {
+        const int r = i / TR, m = i - r * TR;
+        if (m >= M) continue;
+        float v = 0.f;
+        for (int s = 0; s < S; s++) v += __ldcg(tile + (i64)s * SK_ROWS * TR + i);
+        out[(i64)m * N + n0 + r] = __float2bfloat16_rn(v * sx[m] * sw[n0 + r]);
+    }
+    if (tid == 0) done[blockIdx.x] = 0; // ready for the next launch
+}
+
 template <int NT>
 __device__ __forceinline__ void fp8_skinny_body(bf16* __restrict__ out, float* __restrict__ part, int* __restrict__ done,
                                                 const unsigned char* __restrict__ qx, const float* __restrict__ sx,
@@ -283,37 +330,7 @@ __device__ __forceinline__ void fp8_skinny_body(bf16* __restrict__ out, float* _
         }
     }
     cp_async_wait<0>();
-    // c[t][e]: weight row n0 + 16*warp + g (+8 for e >= 2), activation row 8t + 2tig + (e & 1)
-    if (S == 1) {
-#pragma unroll
-        for (int t = 0; t < NT; t++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const int m = 8 * t + 2 * tig + (e & 1), n = n0 + 16 * warp + g + (e >= 2 ? 8 : 0);
-                if (m < M) out[(i64)m * N + n] = __float2bfloat16_rn(c[t][e] * sx[m] * sw[n]);
-            }
-        return;
-    }
-    float* tile = part + (i64)blockIdx.x * S * SK_ROWS * TR;
-    float* mine = tile + (i64)sp * SK_ROWS * TR;
-#pragma unroll
-    for (int t = 0; t < NT; t++)
-#pragma unroll
-        for (int e = 0; e < 4; e++) mine[(16 * warp + g + (e >= 2 ? 8 : 0)) * TR + 8 * t + 2 * tig + (e & 1)] = c[t][e];
-    __threadfence();
-    __syncthreads();
-    if (tid == 0) last = atomicAdd(done + blockIdx.x, 1) == S - 1;
-    __syncthreads();
-    if (!last) return;
-    __threadfence();
-    for (int i = tid; i < SK_ROWS * TR; i += SK_WARPS * 32) {
-        const int r = i / TR, m = i - r * TR;
-        if (m >= M) continue;
-        float v = 0.f;
-        for (int s = 0; s < S; s++) v += __ldcg(tile + (i64)s * SK_ROWS * TR + i);
-        out[(i64)m * N + n0 + r] = __float2bfloat16_rn(v * sx[m] * sw[n0 + r]);
-    }
-    if (tid == 0) done[blockIdx.x] = 0; // ready for the next launch
+    skinny_store<NT>(&c[0][0], out, part, done, sx, sw, M, N, &last);
 }
 
 #define FP8_SKINNY_ARGS                                                                                        \
@@ -440,7 +457,7 @@ __device__ __forceinline__ void fp8_wg_body(bf16* __restrict__ out, float* __res
     constexpr int CH = WG_RB / 16;          // 16-byte chunks a staged row
     extern __shared__ __align__(16) unsigned char wgm[];
     __shared__ int last;
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, tig = lane & 3;
+    const int tid = threadIdx.x;
     const int n0 = blockIdx.x * SK_ROWS, S = gridDim.y, sp = blockIdx.y;
     const int spans = K / 64, per = (spans + S - 1) / S;
     const int s0 = min(spans, sp * per), s1 = min(spans, s0 + per);
@@ -491,37 +508,7 @@ __device__ __forceinline__ void fp8_wg_body(bf16* __restrict__ out, float* __res
         wg_pin<4 * NT>(d);
     }
     cp_async_wait<0>();
-    // d[4t + e]: weight row n0 + 16*warp + g (+8 for e >= 2), activation row 8t + 2tig + (e & 1)
-    if (S == 1) {
-#pragma unroll
-        for (int t = 0; t < NT; t++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const int m = 8 * t + 2 * tig + (e & 1), n = n0 + 16 * warp + g + (e >= 2 ? 8 : 0);
-                if (m < M) out[(i64)m * N + n] = __float2bfloat16_rn(d[4 * t + e] * sx[m] * sw[n]);
-            }
-        return;
-    }
-    float* tile = part + (i64)blockIdx.x * S * SK_ROWS * TR;
-    float* mine = tile + (i64)sp * SK_ROWS * TR;
-#pragma unroll
-    for (int t = 0; t < NT; t++)
-#pragma unroll
-        for (int e = 0; e < 4; e++) mine[(16 * warp + g + (e >= 2 ? 8 : 0)) * TR + 8 * t + 2 * tig + (e & 1)] = d[4 * t + e];
-    __threadfence();
-    __syncthreads();
-    if (tid == 0) last = atomicAdd(done + blockIdx.x, 1) == S - 1;
-    __syncthreads();
-    if (!last) return;
-    __threadfence();
-    for (int i = tid; i < SK_ROWS * TR; i += SK_WARPS * 32) {
-        const int r = i / TR, m = i - r * TR;
-        if (m >= M) continue;
-        float v = 0.f;
-        for (int s = 0; s < S; s++) v += __ldcg(tile + (i64)s * SK_ROWS * TR + i);
-        out[(i64)m * N + n0 + r] = __float2bfloat16_rn(v * sx[m] * sw[n0 + r]);
-    }
-    if (tid == 0) done[blockIdx.x] = 0; // ready for the next launch
+    skinny_store<NT>(d, out, part, done, sx, sw, M, N, &last);
 }
 
 extern "C" __global__ void __launch_bounds__(32 * SK_WARPS) fp8_wg_n32(FP8_SKINNY_ARGS) { fp8_wg_body<4>(FP8_SKINNY_PASS); }

@@ -70,25 +70,8 @@ func TestSkinnyTilingEmulated(t *testing.T) {
 					for tid := range skWarps * 32 {
 						for i := lo*CH + tid; i < hi*CH; i += skWarps * 32 {
 							r, cc := i/CH, i%CH
-							s := sa + cc/4
-							w := r < skRows
-							xr := r - skRows
-							ok := s < s1 && (w || xr < M)
-							sidx := s0
-							if ok {
-								sidx = s
-							}
 							for by := range 16 {
-								v := 0
-								if ok {
-									col := sidx*64 + (cc&3)*16 + by
-									if w {
-										v = qw[(n0+r)*K+col]
-									} else {
-										v = qx[xr*K+col]
-									}
-								}
-								smem[b+r*skLD+cc*16+by] = v
+								smem[b+r*skLD+cc*16+by] = emuChunkByte(qw, qx, r, cc, by, sa, s1, n0, M, K)
 							}
 						}
 					}
@@ -148,34 +131,11 @@ func TestSkinnyTilingEmulated(t *testing.T) {
 				if done[bx] != S { // not the last block of the tile
 					continue
 				}
-				for i := range skRows * TR {
-					r, m := i/TR, i%TR
-					if m >= M {
-						continue
-					}
-					v := 0
-					for s := range S {
-						v += part[tile+s*skRows*TR+i]
-					}
-					out[m*N+n0+r] = v
-					written[m*N+n0+r]++
-				}
+				emuLastSum(part[tile:], out, written, S, TR, M, N, n0)
 				done[bx] = 0
 			}
 		}
-		bad := 0
-		for m := range M {
-			for n := range N {
-				want := 0
-				for k := range K {
-					want += qx[m*K+k] * qw[n*K+k]
-				}
-				if out[m*N+n] != want || written[m*N+n] != 1 {
-					bad++
-				}
-			}
-		}
-		if bad > 0 {
+		if bad := emuWrong(qx, qw, out, written, M, N, K); bad > 0 {
 			t.Errorf("M=%d N=%d K=%d (%d SMs, K split %d ways): %d of %d outputs wrong or not written once", M, N, K, c.sms, S, bad, M*N)
 		}
 		for i, d := range done {
@@ -184,4 +144,59 @@ func TestSkinnyTilingEmulated(t *testing.T) {
 			}
 		}
 	}
+}
+
+// emuLastSum is the emulated last block of a split tile (fp8.cu's
+// skinny_store): the S partials of the tile at part (S x skinnyRows x TR,
+// split-major) summed in split order into out's columns n0.., rows < M,
+// each counted in written.
+func emuLastSum(part, out, written []int, S, TR, M, N, n0 int) {
+	for i := range skinnyRows * TR {
+		r, m := i/TR, i%TR
+		if m >= M {
+			continue
+		}
+		v := 0
+		for s := range S {
+			v += part[s*skinnyRows*TR+i]
+		}
+		out[m*N+n0+r] = v
+		written[m*N+n0+r]++
+	}
+}
+
+// emuWrong counts the outputs of an emulated M x N product of qx [M, K]
+// and qw [N, K] that differ from the plain product or were not written
+// exactly once.
+func emuWrong(qx, qw, out, written []int, M, N, K int) int {
+	bad := 0
+	for m := range M {
+		for n := range N {
+			want := 0
+			for k := range K {
+				want += qx[m*K+k] * qw[n*K+k]
+			}
+			if out[m*N+n] != want || written[m*N+n] != 1 {
+				bad++
+			}
+		}
+	}
+	return bad
+}
+
+// emuChunkByte is byte by of the 16-byte chunk cc (spans sa + cc/4 on)
+// that fp8_gemm_skinny's and fp8_wg's copies put in staged row r (weight
+// row n0 + r below skinnyRows, then activation row r - skinnyRows): 0
+// where the kernels ask cp.async for no bytes (a span at or past s1, an
+// activation row at or past M).
+func emuChunkByte(qw, qx []int, r, cc, by, sa, s1, n0, M, K int) int {
+	s, xr := sa+cc/4, r-skinnyRows
+	if s >= s1 || r >= skinnyRows && xr >= M {
+		return 0
+	}
+	col := s*64 + (cc&3)*16 + by
+	if r < skinnyRows {
+		return qw[(n0+r)*K+col]
+	}
+	return qx[xr*K+col]
 }

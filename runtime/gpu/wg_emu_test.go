@@ -74,25 +74,8 @@ func TestWgTilingEmulated(t *testing.T) {
 					for tid := range skinnyThreads {
 						for i := lo*CH + tid; i < hi*CH; i += skinnyThreads {
 							r, cc := i/CH, i%CH
-							s := sa + cc/4
-							w := r < skinnyRows
-							xr := r - skinnyRows
-							ok := s < s1 && (w || xr < M)
-							sidx := s0
-							if ok {
-								sidx = s
-							}
 							for by := range 16 {
-								val := 0
-								if ok {
-									col := sidx*64 + (cc&3)*16 + by
-									if w {
-										val = qw[(n0+r)*K+col]
-									} else {
-										val = qx[xr*K+col]
-									}
-								}
-								smem[b+r*rb+((cc^(r&7))<<4)+by] = val
+								smem[b+r*rb+((cc^(r&7))<<4)+by] = emuChunkByte(qw, qx, r, cc, by, sa, s1, n0, M, K)
 							}
 						}
 					}
@@ -165,35 +148,17 @@ func TestWgTilingEmulated(t *testing.T) {
 				if done[bx] != S {
 					continue
 				}
-				for i := range skinnyRows * TR {
-					r, m := i/TR, i%TR
-					if m >= M {
-						continue
-					}
-					sum := 0
-					for s := range S {
-						sum += part[tile+s*skinnyRows*TR+i]
-					}
-					out[m*N+n0+r] = sum
-					written[m*N+n0+r]++
-				}
+				emuLastSum(part[tile:], out, written, S, TR, M, N, n0)
 				done[bx] = 0
 			}
 		}
-		bad := 0
-		for m := range M {
-			for n := range N {
-				want := 0
-				for k := range K {
-					want += qx[m*K+k] * qw[n*K+k]
-				}
-				if out[m*N+n] != want || written[m*N+n] != 1 {
-					bad++
-				}
-			}
-		}
-		if bad > 0 {
+		if bad := emuWrong(qx, qw, out, written, M, N, K); bad > 0 {
 			t.Errorf("M=%d N=%d K=%d (%d SMs, K split %d ways): %d of %d outputs wrong or not written once", M, N, K, c.sms, S, bad, M*N)
+		}
+		for i, d := range done {
+			if d != 0 {
+				t.Errorf("M=%d N=%d K=%d: tile %d's counter left at %d", M, N, K, i, d)
+			}
 		}
 	}
 }
