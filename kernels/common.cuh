@@ -98,7 +98,7 @@ __device__ __forceinline__ void mma_e4m3(float* c, unsigned a0, unsigned a1, uns
 // (e4m3x4_f16) and chain f16 MMAs straight into the accumulators
 // (mma_e4m3w): the same exact products (f16 holds every e4m3 value) and
 // f32 sums, fewer instructions. v0.27: fp8_stream_n32's SASS 88 -> 24
-// FADDs, FP8 decode at 16 rows 3.72 -> 3.51 ms. Elsewhere (sm_89 has
+// FADDs, FP8 decode at 16 rows 3.74 -> 3.55 ms. Elsewhere (sm_89 has
 // native FP8 MMAs; later cards are unmeasured) the e4m3 MMAs stay.
 // PEFTD_KERNEL_DEFINES: PEFTD_FP8_E4M3MMA keeps the e4m3 MMAs on sm_90 too
 // (the A/B), PEFTD_FP8_WIDE widens on any card from sm_89.
