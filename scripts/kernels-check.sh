@@ -31,4 +31,30 @@ for f in kernels/*.cu; do
 		fi
 	done
 done
+# With a CUDA 12+ NVRTC here (scripts/cuda-local.sh, or CUDA_HOME), every
+# module is also compiled as the device does (NVRTC, then ptxas) for sm_90a
+# and sm_80, plain and with each macro: the inline PTX (wgmma, e4m3) is
+# assembled, which clang does not check.
+CH=${CUDA_HOME:-}
+[[ -z $CH && -f .cache/cuda-local/lib64/libnvrtc.so.12 ]] && CH=.cache/cuda-local
+if [[ -n $CH ]] && compgen -G "$CH/lib64/libnvrtc.so.1[2-9]*" >/dev/null; then
+	CH=$(cd "$CH" && pwd)
+	tmp=$(mktemp -d)
+	trap 'rm -rf "$tmp"' EXIT
+	if go build -o "$tmp/peftd" ./cmd/peftd; then
+		for d in "" $(grep -h '^#if' kernels/*.cu kernels/common.cuh | grep -o 'PEFTD_[A-Z0-9_]*' | sort -u | sed 's/^/-D/'); do
+			if out=$(CUDA_HOME=$CH PEFTD_KERNEL_DEFINES="$d" "$tmp/peftd" kernels --arch 9.0,8.0 --dir "$tmp/k" 2>&1); then
+				echo "kernels-check: NVRTC sm_90a, sm_80 ${d:-(no macro)} OK"
+			else
+				echo "kernels-check: NVRTC ${d:-(no macro)} FAILED"; echo "$out" | tail -20
+				status=1
+			fi
+			rm -rf "$tmp/k"
+		done
+	else
+		status=1
+	fi
+else
+	echo "kernels-check: no CUDA 12+ NVRTC (bash scripts/cuda-local.sh), NVRTC builds skipped"
+fi
 exit $status
