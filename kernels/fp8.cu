@@ -464,21 +464,36 @@ __device__ __forceinline__ void fp8_wg_body(bf16* __restrict__ out, float* __res
     const int nst = (s1 - s0 + 1) / 2; // stages of this block: two 64-byte spans each (0 for an empty split)
     const unsigned base = ((unsigned)__cvta_generic_to_shared(wgm) + 1023u) & ~1023u;
 
-    // copy(j, lo, hi): staged rows [lo, hi) (weights 0..SK_ROWS-1, then the
-    // activation rows) of stage j (spans s0 + 2j, s0 + 2j + 1) into buffer
-    // j % WG_STAGES, swizzled; spans past s1 and activation rows past M are
-    // zero-filled (they add 0)
-    auto copy = [&](int j, int lo, int hi) {
+    // The copies. Thread tid copies the same chunks of every stage: 16-byte
+    // chunk c = tid % 8 of staged rows r0 + 16k (r0 = tid / 8, k < CPT;
+    // the first WK are weight rows, then activation rows). (r0 + 16k) % 8 ==
+    // r0 % 8, so the swizzled chunk is the same in every row; the rows'
+    // sources are worked out once, and a stage adds only its span (spans s0
+    // + 2j, s0 + 2j + 1 for stage j; chunk c reads span c / 4 of the two).
+    // Spans past s1 and activation rows past M are zero-filled (they add 0).
+    constexpr int RSTEP = SK_WARPS * 32 / CH;                 // 16 rows between a thread's chunks
+    constexpr int CPT = (SK_ROWS + TR) / RSTEP, WK = SK_ROWS / RSTEP; // chunks a stage, weight chunks first
+    static_assert(RSTEP % 8 == 0 && SK_ROWS % RSTEP == 0 && TR % RSTEP == 0, "fp8_wg: rows of a thread share their swizzle");
+    const int c = tid % CH, r0 = tid / CH;
+    const unsigned dst0 = r0 * WG_RB + ((c ^ (r0 & 7)) << 4);
+    const unsigned char* src[CPT];
+    bool live[CPT];
+#pragma unroll
+    for (int k = 0; k < CPT; k++) {
+        const int xr = r0 + RSTEP * k - SK_ROWS;
+        live[k] = k < WK || xr < M;
+        src[k] = (k < WK ? qw + (i64)(n0 + r0 + RSTEP * k) * K : qx + (i64)(live[k] ? xr : 0) * K) + (c & 3) * 16;
+    }
+    // copy(j, k0, k1): this thread's chunks [k0, k1) of stage j into buffer j % WG_STAGES
+    auto copy = [&](int j, int k0, int k1) {
         if (j >= nst) return;
-        const unsigned b = base + (j % WG_STAGES) * SB;
-        const int sa = s0 + 2 * j;
-        for (int i = lo * CH + tid; i < hi * CH; i += SK_WARPS * 32) {
-            const int r = i / CH, c = i - r * CH, s = sa + c / 4;
-            const bool w = r < SK_ROWS;
-            const int xr = r - SK_ROWS;
-            const bool ok = s < s1 && (w || xr < M);
-            const unsigned char* src = w ? qw + (i64)(n0 + r) * K : qx + (i64)(ok ? xr : 0) * K;
-            cp_async16(b + r * WG_RB + ((c ^ (r & 7)) << 4), src + (i64)(ok ? s : s0) * 64 + (c & 3) * 16, ok ? 16 : 0);
+        const unsigned b = base + (j % WG_STAGES) * SB + dst0;
+        const int s = s0 + 2 * j + c / 4;
+        const bool in = s < s1;
+#pragma unroll
+        for (int k = k0; k < k1; k++) {
+            const bool ok = in && live[k];
+            cp_async16(b + k * RSTEP * WG_RB, src[k] + (i64)(ok ? s : s0) * 64, ok ? 16 : 0);
         }
     };
 
@@ -487,18 +502,18 @@ __device__ __forceinline__ void fp8_wg_body(bf16* __restrict__ out, float* __res
     for (int i = 0; i < 4 * NT; i++) d[i] = 0.f;
     // the weights' first stages before the wait, as fp8_gemm_skinny
 #pragma unroll
-    for (int j = 0; j < WG_STAGES - 1; j++) copy(j, 0, SK_ROWS);
+    for (int j = 0; j < WG_STAGES - 1; j++) copy(j, 0, WK);
     pdl_entry();
 #pragma unroll
     for (int j = 0; j < WG_STAGES - 1; j++) {
-        copy(j, SK_ROWS, SK_ROWS + TR);
+        copy(j, WK, CPT);
         cp_async_commit();
     }
     for (int j = 0; j < nst; j++) {
         cp_async_wait<WG_STAGES - 2>(); // this thread's copies of stage j have landed
         fence_proxy_async();            // ... and are visible to wgmma
         __syncthreads();                // everyone's; and stage j - 1's wgmma group is done in every warp
-        copy(j + WG_STAGES - 1, 0, SK_ROWS + TR);
+        copy(j + WG_STAGES - 1, 0, CPT);
         cp_async_commit();
         const unsigned b = base + (j % WG_STAGES) * SB;
         wg_fence();

@@ -7,8 +7,10 @@ import (
 
 // TestWgTilingEmulated runs fp8_wg's index arithmetic (kernels/fp8.cu,
 // PEFTD_FP8_WG) on the CPU with integers for the e4m3 values: each
-// stage's cp.async chunks land where the kernel puts them (row r at r *
-// 128, chunk c at c ^ (r % 8), zeros where it asks for 0 bytes); each
+// stage's cp.async chunks land where the kernel puts them (each thread's
+// chunk c = tid % 8 of rows tid / 8 + 16k at one swizzled offset plus 2 KB
+// a k; zeros where it asks for 0 bytes), which must be row r at r * 128,
+// chunk c at c ^ (r % 8) for the descriptor reads to find them; each
 // wgmma reads its 64 x 32 A and N x 32 B slices by descriptor as the PTX
 // ISA defines the K-major 128-byte swizzle (the byte at row r, column k
 // of a slice starting at a is at a + 1024 (r / 8) + 128 (r % 8) + k, its
@@ -65,17 +67,23 @@ func TestWgTilingEmulated(t *testing.T) {
 				for i := range smem {
 					smem[i] = 1 << 20 // never copied: would show in the sums
 				}
-				copyStage := func(j, lo, hi int) {
+				// the kernel's copies: thread tid, chunk c = tid % 8 of rows r0 +
+				// 16k (r0 = tid / 8), weight rows for k < wk, one shared offset
+				// dst0 (the rows of a thread share their swizzle)
+				rstep := skinnyThreads / CH
+				cpt, wk := (skinnyRows+TR)/rstep, skinnyRows/rstep
+				copyStage := func(j, k0, k1 int) {
 					if j >= nst {
 						return
 					}
 					b := (j % wgStages) * SB
 					sa := s0 + 2*j
 					for tid := range skinnyThreads {
-						for i := lo*CH + tid; i < hi*CH; i += skinnyThreads {
-							r, cc := i/CH, i%CH
+						c, r0 := tid%CH, tid/CH
+						dst0 := r0*rb + ((c ^ (r0 & 7)) << 4)
+						for k := k0; k < k1; k++ {
 							for by := range 16 {
-								smem[b+r*rb+((cc^(r&7))<<4)+by] = emuChunkByte(qw, qx, r, cc, by, sa, s1, n0, M, K)
+								smem[b+dst0+k*rstep*rb+by] = emuChunkByte(qw, qx, r0+rstep*k, c, by, sa, s1, n0, M, K)
 							}
 						}
 					}
@@ -85,13 +93,13 @@ func TestWgTilingEmulated(t *testing.T) {
 					D[r] = make([]int, TR)
 				}
 				for j := range wgStages - 1 {
-					copyStage(j, 0, skinnyRows)
+					copyStage(j, 0, wk)
 				}
 				for j := range wgStages - 1 {
-					copyStage(j, skinnyRows, skinnyRows+TR)
+					copyStage(j, wk, cpt)
 				}
 				for j := range nst {
-					copyStage(j+wgStages-1, 0, skinnyRows+TR)
+					copyStage(j+wgStages-1, 0, cpt)
 					b := (j % wgStages) * SB
 					for ks := range rb / 32 {
 						for r := range skinnyRows {
