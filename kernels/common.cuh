@@ -322,3 +322,291 @@ __device__ void quant_words_e4m3(const uint4 (&w)[NW], int n8, unsigned char* q,
         if (c < n8) *reinterpret_cast<uint2*>(q + 8 * c) = e4m3_word(w[j], inv);
     }
 }
+
+// The skinny products' tiling (fp8_gemm_skinny in fp8.cu, wg_body below):
+// a block of SK_WARPS warps takes SK_ROWS weight rows.
+#define SK_WARPS 4
+#define SK_ROWS 64
+
+// skinny_store: the end fp8_gemm_skinny (fp8.cu) and wg_body share. acc[4t + e]
+// holds weight row n0 + 16*warp + g (+8 for e >= 2) times activation row
+// 8t + 2tig + (e & 1) (n0 = blockIdx.x * SK_ROWS; g, tig: lane / 4, lane %
+// 4). One block a tile (gridDim.y == 1): scaled, rounded and stored.
+// Otherwise the block's partials go to part and the last block of the
+// tile to finish (done's counter; last: a __shared__ int) sums the
+// gridDim.y partials in split order and stores them, then leaves the
+// counter at zero for the next launch. sx, sw: the activation and weight
+// row scales (FP8), or null (bf16: unscaled).
+template <int NT>
+__device__ __forceinline__ void skinny_store(const float* acc, bf16* __restrict__ out, float* __restrict__ part,
+                                             int* __restrict__ done, const float* __restrict__ sx,
+                                             const float* __restrict__ sw, int M, int N, int* last) {
+    constexpr int TR = 8 * NT;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, tig = lane & 3;
+    const int n0 = blockIdx.x * SK_ROWS, S = gridDim.y, sp = blockIdx.y;
+    if (S == 1) {
+#pragma unroll
+        for (int t = 0; t < NT; t++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int m = 8 * t + 2 * tig + (e & 1), n = n0 + 16 * warp + g + (e >= 2 ? 8 : 0);
+                if (m < M) out[(i64)m * N + n] = __float2bfloat16_rn(sx ? acc[4 * t + e] * sx[m] * sw[n] : acc[4 * t + e]);
+            }
+        return;
+    }
+    float* tile = part + (i64)blockIdx.x * S * SK_ROWS * TR;
+    float* mine = tile + (i64)sp * SK_ROWS * TR;
+#pragma unroll
+    for (int t = 0; t < NT; t++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) mine[(16 * warp + g + (e >= 2 ? 8 : 0)) * TR + 8 * t + 2 * tig + (e & 1)] = acc[4 * t + e];
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) *last = atomicAdd(done + blockIdx.x, 1) == S - 1;
+    __syncthreads();
+    if (!*last) return;
+    __threadfence();
+    for (int i = tid; i < SK_ROWS * TR; i += SK_WARPS * 32) {
+        const int r = i / TR, m = i - r * TR;
+        if (m >= M) continue;
+        float v = 0.f;
+        for (int s = 0; s < S; s++) v += __ldcg(tile + (i64)s * SK_ROWS * TR + i);
+        out[(i64)m * N + n0 + r] = __float2bfloat16_rn(sx ? v * sx[m] * sw[n0 + r] : v);
+    }
+    if (tid == 0) done[blockIdx.x] = 0; // ready for the next launch
+}
+
+// ---------------------------------------------------------------------------
+// wg_body<ES, NT>: fp8_gemm_skinny's product (fp8.cu: arguments, grid, K
+// split and partials) on Hopper's warpgroup MMAs (wgmma, sm_90a), for
+// e4m3 (ES = 1: fp8_wg_n{32,64,128} in fp8.cu, the FP8 tensor-core path
+// that `mma.sync` lacks there, FP8_WIDE above) and bf16 operands (ES = 2:
+// gemm_wg_n{32,64,128} in llama.cu): one warpgroup (4 warps) a block,
+// each 32-byte K step one wgmma.m64nN (k32 e4m3 or k16 bf16) with the
+// block's 64 weight rows as A (M) and the 8*NT staged activation rows as
+// B (N), both read from shared memory by descriptor; f32 accumulators in
+// registers. Stages hold 128 bytes of K a row (two 64-byte spans) in the
+// K-major 128-byte-swizzle layout wgmma reads: row r at r * 128 from a
+// 1024-aligned stage, its 16-byte chunk c at chunk c ^ (r % 8); a
+// descriptor names a 32-byte K slice by its start (stage + 32 ks) and
+// 8-row groups 1024 bytes apart. cp.async writes the chunks (generic
+// proxy): each thread fences them to the async proxy (fence.proxy.async)
+// before the barrier that precedes the wgmma. Each stage's wgmma group is
+// waited for before the next barrier, so the copies issued after it never
+// overwrite a stage being read. Accumulators: thread (warp w, lane l)
+// holds weight rows 16w + l/4 (+8) and activation rows 8t + 2(l%4) (+1) in
+// d[4t..4t+3]: mma.sync's m16n8 layout per warp, fp8_gemm_skinny's
+// c[t][e], so the end is skinny_store. Dynamic shared memory: WG_STAGES *
+// (64 + 8*NT) * 128 + 1024 bytes (the base is rounded up to 1024). An
+// experiment, compiled only with PEFTD_WG (PEFTD_KERNEL_DEFINES) until it
+// has run on a GPU: the Go side (wg.go) uses it where the module has it
+// and a test or benchmark asks (TestFP8Wgmma, TestBF16Wgmma, fp8bench's
+// wg_us, TestDecodeBench's +wg and +bwg rows).
+// ---------------------------------------------------------------------------
+#ifdef PEFTD_WG
+#define WG_STAGES 4
+#define WG_RB 128 // bytes of K a stage holds per row (the swizzle's row)
+
+// wg_desc: the wgmma shared memory descriptor of a K-major tile with the
+// 128-byte swizzle at shared address a: start >> 4 (bits 0-13), leading
+// offset 1 (unused by swizzled K-major tiles, bits 16-29), stride 1024 >> 4
+// between 8-row groups (bits 32-45), base offset 0 (1024-aligned
+// stages), swizzle mode 1 = 128 bytes (bits 62-63).
+__device__ __forceinline__ unsigned long long wg_desc(unsigned a) {
+    return (unsigned long long)((a & 0x3FFFF) >> 4) | (1ull << 16) | ((unsigned long long)(1024 >> 4) << 32) | (1ull << 62);
+}
+
+__device__ __forceinline__ void wg_fence() {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wg_commit_wait() {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+    asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+#endif
+}
+// fence_proxy_async: this thread's generic-proxy writes to shared memory
+// (cp.async's included) are ordered before later async-proxy reads (wgmma).
+__device__ __forceinline__ void fence_proxy_async() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+// wg_pin: the accumulators are read only after the wait (the compiler
+// must not move their reads above it).
+template <int N> __device__ __forceinline__ void wg_pin(float* d) {
+#pragma unroll
+    for (int i = 0; i < N; i++) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+__device__ __forceinline__ void wg_mma_n32(float* d, unsigned long long a, unsigned long long b) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n32k32.f32.e4m3.e4m3 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, %16, %17, p, 1, 1;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+        : "l"(a), "l"(b), "r"(1));
+#else
+    __trap();
+#endif
+}
+__device__ __forceinline__ void wg_mma_n64(float* d, unsigned long long a, unsigned long long b) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k32.f32.e4m3.e4m3 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "l"(a), "l"(b), "r"(1));
+#else
+    __trap();
+#endif
+}
+__device__ __forceinline__ void wg_mma_n128(float* d, unsigned long long a, unsigned long long b) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "l"(a), "l"(b), "r"(1));
+#else
+    __trap();
+#endif
+}
+
+__device__ __forceinline__ void wg_mma_bf16_n32(float* d, unsigned long long a, unsigned long long b) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, %16, %17, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+        : "l"(a), "l"(b), "r"(1));
+#else
+    __trap();
+#endif
+}
+__device__ __forceinline__ void wg_mma_bf16_n64(float* d, unsigned long long a, unsigned long long b) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "l"(a), "l"(b), "r"(1));
+#else
+    __trap();
+#endif
+}
+__device__ __forceinline__ void wg_mma_bf16_n128(float* d, unsigned long long a, unsigned long long b) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "l"(a), "l"(b), "r"(1));
+#else
+    __trap();
+#endif
+}
+
+// wg_mma<ES, NT>: one 32-byte K step, e4m3 (ES 1) or bf16 (ES 2), N = 8 NT.
+template <int ES, int NT> __device__ __forceinline__ void wg_mma(float* d, unsigned long long a, unsigned long long b) {
+    if constexpr (ES == 1) {
+        if constexpr (NT == 4) wg_mma_n32(d, a, b);
+        else if constexpr (NT == 8) wg_mma_n64(d, a, b);
+        else wg_mma_n128(d, a, b);
+    } else {
+        if constexpr (NT == 4) wg_mma_bf16_n32(d, a, b);
+        else if constexpr (NT == 8) wg_mma_bf16_n64(d, a, b);
+        else wg_mma_bf16_n128(d, a, b);
+    }
+}
+
+// wg_body: out [M, N] = x [M, K] . w [N, K]^T (times sx[m] sw[n] when sx
+// is set), operands of ES bytes, rows K values apart, K * ES % 64 == 0,
+// N % 64 == 0.
+template <int ES, int NT>
+__device__ __forceinline__ void wg_body(bf16* __restrict__ out, float* __restrict__ part, int* __restrict__ done,
+                                        const unsigned char* __restrict__ qx, const float* __restrict__ sx,
+                                        const unsigned char* __restrict__ qw, const float* __restrict__ sw, int M,
+                                        int N, int K) {
+    static_assert(NT == 4 || NT == 8 || NT == 16, "wg_body: 32, 64 or 128 activation rows");
+    static_assert(ES == 1 || ES == 2, "wg_body: e4m3 or bf16 operands");
+    constexpr int TR = 8 * NT;              // activation rows staged (zeros past M)
+    constexpr int WB = SK_ROWS * WG_RB;     // weight bytes of a stage (8 KB)
+    constexpr int SB = WB + TR * WG_RB;     // bytes of a stage (a multiple of 1024)
+    constexpr int CH = WG_RB / 16;          // 16-byte chunks a staged row
+    extern __shared__ __align__(16) unsigned char wgm[];
+    __shared__ int last;
+    const int tid = threadIdx.x;
+    const int n0 = blockIdx.x * SK_ROWS, S = gridDim.y, sp = blockIdx.y;
+    const i64 KB = (i64)K * ES; // bytes of an operand row
+    const int spans = (int)(KB / 64), per = (spans + S - 1) / S;
+    const int s0 = min(spans, sp * per), s1 = min(spans, s0 + per);
+    const int nst = (s1 - s0 + 1) / 2; // stages of this block: two 64-byte spans each (0 for an empty split)
+    const unsigned base = ((unsigned)__cvta_generic_to_shared(wgm) + 1023u) & ~1023u;
+
+    // The copies. Thread tid copies the same chunks of every stage: 16-byte
+    // chunk c = tid % 8 of staged rows r0 + 16k (r0 = tid / 8, k < CPT;
+    // the first WK are weight rows, then activation rows). (r0 + 16k) % 8 ==
+    // r0 % 8, so the swizzled chunk is the same in every row; the rows'
+    // sources are worked out once, and a stage adds only its span (spans s0
+    // + 2j, s0 + 2j + 1 for stage j; chunk c reads span c / 4 of the two).
+    // Spans past s1 and activation rows past M are zero-filled (they add 0).
+    constexpr int RSTEP = SK_WARPS * 32 / CH;                 // 16 rows between a thread's chunks
+    constexpr int CPT = (SK_ROWS + TR) / RSTEP, WK = SK_ROWS / RSTEP; // chunks a stage, weight chunks first
+    static_assert(RSTEP % 8 == 0 && SK_ROWS % RSTEP == 0 && TR % RSTEP == 0, "fp8_wg: rows of a thread share their swizzle");
+    const int c = tid % CH, r0 = tid / CH;
+    const unsigned dst0 = r0 * WG_RB + ((c ^ (r0 & 7)) << 4);
+    const unsigned char* src[CPT];
+    bool live[CPT];
+#pragma unroll
+    for (int k = 0; k < CPT; k++) {
+        const int xr = r0 + RSTEP * k - SK_ROWS;
+        live[k] = k < WK || xr < M;
+        src[k] = (k < WK ? qw + (i64)(n0 + r0 + RSTEP * k) * KB : qx + (i64)(live[k] ? xr : 0) * KB) + (c & 3) * 16;
+    }
+    // copy(j, k0, k1): this thread's chunks [k0, k1) of stage j into buffer j % WG_STAGES
+    auto copy = [&](int j, int k0, int k1) {
+        if (j >= nst) return;
+        const unsigned b = base + (j % WG_STAGES) * SB + dst0;
+        const int s = s0 + 2 * j + c / 4;
+        const bool in = s < s1;
+#pragma unroll
+        for (int k = k0; k < k1; k++) {
+            const bool ok = in && live[k];
+            cp_async16(b + k * RSTEP * WG_RB, src[k] + (i64)(ok ? s : s0) * 64, ok ? 16 : 0);
+        }
+    };
+
+    float d[4 * NT];
+#pragma unroll
+    for (int i = 0; i < 4 * NT; i++) d[i] = 0.f;
+    // the weights' first stages before the wait, as fp8_gemm_skinny
+#pragma unroll
+    for (int j = 0; j < WG_STAGES - 1; j++) copy(j, 0, WK);
+    pdl_entry();
+#pragma unroll
+    for (int j = 0; j < WG_STAGES - 1; j++) {
+        copy(j, WK, CPT);
+        cp_async_commit();
+    }
+    for (int j = 0; j < nst; j++) {
+        cp_async_wait<WG_STAGES - 2>(); // this thread's copies of stage j have landed
+        fence_proxy_async();            // ... and are visible to wgmma
+        __syncthreads();                // everyone's; and stage j - 1's wgmma group is done in every warp
+        copy(j + WG_STAGES - 1, 0, CPT);
+        cp_async_commit();
+        const unsigned b = base + (j % WG_STAGES) * SB;
+        wg_fence();
+#pragma unroll
+        for (int ks = 0; ks < WG_RB / 32; ks++) wg_mma<ES, NT>(d, wg_desc(b + 32 * ks), wg_desc(b + WB + 32 * ks));
+        wg_commit_wait();
+        wg_pin<4 * NT>(d);
+    }
+    cp_async_wait<0>();
+    skinny_store<NT>(d, out, part, done, sx, sw, M, N, &last);
+}
+
+#endif // PEFTD_WG
+

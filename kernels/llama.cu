@@ -2257,3 +2257,16 @@ __device__ __forceinline__ void gemm_skinny_body(bf16* __restrict__ out, const b
 GEMM_SKINNY(32, true, gemm_skinny_n32)
 GEMM_SKINNY(48, true, gemm_skinny_n48)
 GEMM_SKINNY(224, false, gemm_skinny_n224)
+
+// gemm_wg_n{32,64,128}: the bf16 product out [M, N] = x [M, K] . w [N, K]^T
+// for 17-128 rows (M <= 32, 64, 128) on wgmma: wg_body (common.cuh) with
+// bf16 operands and no scales; grid (N / 64, S) with K split S ways (part,
+// done: float32 partials and per-tile counters, as fp8_gemm_skinny's).
+// Only with PEFTD_WG (PEFTD_KERNEL_DEFINES), on sm_90a.
+#ifdef PEFTD_WG
+#define GEMM_WG_ARGS bf16 *out, float *part, int *done, const bf16 *x, const bf16 *w, int M, int N, int K
+#define GEMM_WG_PASS out, part, done, (const unsigned char*)x, nullptr, (const unsigned char*)w, nullptr, M, N, K
+extern "C" __global__ void __launch_bounds__(32 * SK_WARPS) gemm_wg_n32(GEMM_WG_ARGS) { wg_body<2, 4>(GEMM_WG_PASS); }
+extern "C" __global__ void __launch_bounds__(32 * SK_WARPS) gemm_wg_n64(GEMM_WG_ARGS) { wg_body<2, 8>(GEMM_WG_PASS); }
+extern "C" __global__ void __launch_bounds__(32 * SK_WARPS) gemm_wg_n128(GEMM_WG_ARGS) { wg_body<2, 16>(GEMM_WG_PASS); }
+#endif

@@ -168,6 +168,7 @@ type funcs struct {
 // Backend otherwise chooses by shape: the tests check every family against
 // the reference and the benchmarks compare them. Production never sets it.
 type kernelForce struct {
+	bwg       bool          // bf16 products of 17-128 rows: gemm_wg (wgmma; PEFTD_WG) where it fits, not cuBLASLt
 	loraRows  bool          // LoRA: the row-at-a-time kernels (lora_shrink, lora_expand)
 	loraV1    bool          // LoRA: SGMV v1 (sgmv_shrink, then an expand launch)
 	loraV2    bool          // LoRA: SGMV v2 (one launch per op) wherever it fits
@@ -188,7 +189,8 @@ type Backend struct {
 	s   *cuda.Stream
 	mm  *cuda.Matmul
 	mod *cuda.Module
-	sk  *bfSkinny // the bf16 products of decode steps (nil: cuBLASLt's)
+	sk  *bfSkinny  // the bf16 products of decode steps (nil: cuBLASLt's)
+	wg  *wgProduct // gemm_wg (wgmma, PEFTD_WG) for 17-128 rows where kernelForce.bwg asks (nil: not compiled in)
 	fn  funcs
 	// KernelInfo tells whether the kernels were compiled or read from the cache.
 	KernelInfo kernels.Info
@@ -455,6 +457,13 @@ func (b *Backend) open(opts Options) error {
 	if b.sk, err = newBFSkinny(b.mod, b.ctx.Device()); err != nil {
 		return err
 	}
+	limit := b.ctx.Device().MaxShared
+	if limit <= 0 { // not reported: try them all
+		limit = math.MaxInt
+	}
+	if b.wg, err = loadWG(b.ctx, b.s, b.mod, "gemm_wg", 2, limit); err != nil {
+		return err
+	}
 	format, err := ParseWeightFormat(opts.WeightFormat)
 	if err != nil {
 		return err
@@ -498,10 +507,6 @@ func (b *Backend) open(opts Options) error {
 	// limit raised, and a variant that needs more than a block may have on
 	// this card (99 KB on sm_86/sm_89: attn_decode_d256) is left out; Init
 	// sends that head size to the per-row kernel.
-	limit := b.ctx.Device().MaxShared
-	if limit <= 0 { // not reported: try them all, as before
-		limit = math.MaxInt
-	}
 	b.decFit, b.preFit = attnFits(limit, b.kv8)
 	dec, pre := b.fn.attnDecode[:], b.fn.attnPrefill[:]
 	if b.kv8 {
@@ -831,7 +836,7 @@ func (b *Backend) Close() error {
 		errs = append(errs, h.Free())
 	}
 	errs = append(errs, b.tms[0].close(), b.tms[1].close(), b.chain.close(), b.la.fork.Destroy(), b.la.join.Destroy(), b.la.s.Destroy())
-	errs = append(errs, b.f8.close())
+	errs = append(errs, b.f8.close(), b.wg.free())
 	if b.sgLoad != nil { // never taken: wait for it (it uses the context)
 		if r := <-b.sgLoad; r.m != nil {
 			errs = append(errs, r.m.Unload())

@@ -130,8 +130,8 @@ func TestSkinnyGemm(t *testing.T) {
 }
 
 // TestSkinnyBench (PEFTD_SKINNY_BENCH=1) times gemm_skinny against
-// cuBLASLt's bf16 product on the 8B shapes at 1-16 rows (PEFTD_SKINNY_T:
-// other rows; cuBLASLt alone above 16): median of 15 replays of a graph of 20
+// cuBLASLt's bf16 product on the 8B shapes at 1-16 rows, and gemm_wg
+// (compiled with PEFTD_WG) at 17-128 (PEFTD_SKINNY_T: other rows): median of 15 replays of a graph of 20
 // calls, the weights rotated over >= 150 MB so that none is in L2; floor =
 // the weight bytes at the measured copy rate.
 func TestSkinnyBench(t *testing.T) {
@@ -139,9 +139,19 @@ func TestSkinnyBench(t *testing.T) {
 		t.Skip("PEFTD_SKINNY_BENCH is not set")
 	}
 	r, g := skinnyRig(t)
+	mod, _, err := kernels.Load(r.ctx, kernels.Llama, kernels.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer mod.Unload()
+	wg, err := loadWG(r.ctx, r.s, mod, "gemm_wg", 2, math.MaxInt) // nil without PEFTD_WG
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer wg.free()
 	bw := r.copyBW()
 	bench("skinny device %s; copy bandwidth %.0f GB/s; median of 15 replays of 20 calls recorded as a graph, weights rotated over >= 150 MB", r.ctx.Device().Name, bw/1e9)
-	bench("skinny %-8s %4s %9s %9s %9s %9s %8s %8s %6s", "shape", "T", "lt_us", "sk_us", "late_us", "floor_us", "frac_lt", "frac_sk", "bn")
+	bench("skinny %-8s %4s %9s %9s %9s %9s %8s %8s %6s %9s %8s", "shape", "T", "lt_us", "sk_us", "late_us", "floor_us", "frac_lt", "frac_sk", "bn", "wg_us", "frac_wg")
 	for _, sh := range []struct {
 		name string
 		N, K int
@@ -154,25 +164,96 @@ func TestSkinnyBench(t *testing.T) {
 			ws[i] = r.alloc(2 * N * K)
 			r.s.CopyDtoD(ws[i].Ptr(), ws[0].Ptr(), 2*N*K)
 		}
-		x := r.up(r.bf16Rand(64*K, 1))
-		out := r.alloc(2 * 64 * N)
+		x := r.up(r.bf16Rand(128*K, 1))
+		out := r.alloc(2 * 128 * N)
 		r.sync()
 		floor := float64(2*N*K) / bw * 1e6
-		for _, T := range envBatches(t, "PEFTD_SKINNY_T", []int{1, 4, 8, 16}) {
+		for _, T := range envBatches(t, "PEFTD_SKINNY_T", []int{1, 4, 8, 16, 32, 64, 128}) {
 			p, ok := g.plan(T, N, K)
-			if !ok { // more rows than gemm_skinny takes, or a shape that does not fit this card's SMs in one wave
+			if T > 128 || !ok && !wg.fits(T, N, K) { // gemm_skinny takes 1-16 rows (in one wave), gemm_wg 17-128 (PEFTD_WG)
 				continue
 			}
 			lt := graphMedianUs(t, r.s, 20, 15, func(i int) error {
 				return r.mm.GemmTN(r.s, out.Ptr(), cuda.R16BF, x.Ptr(), cuda.R16BF, ws[i%n].Ptr(), cuda.R16BF, T, N, K, 1, 0)
 			})
-			sk := graphMedianUs(t, r.s, 20, 15, func(i int) error {
-				return g.launch(r.s, p, out.Ptr(), x.Ptr(), ws[i%n].Ptr(), T, N, K, bfSkinnyEarly)
-			})
-			late := graphMedianUs(t, r.s, 20, 15, func(i int) error {
-				return g.launch(r.s, p, out.Ptr(), x.Ptr(), ws[i%n].Ptr(), T, N, K, 0)
-			})
-			bench("skinny %-8s %4d %9.1f %9.1f %9.1f %9.1f %8.2f %8.2f %6d", sh.name, T, lt, sk, late, floor, floor/lt, floor/sk, p.bn)
+			sk, late, wgUs := math.NaN(), math.NaN(), math.NaN()
+			if ok {
+				sk = graphMedianUs(t, r.s, 20, 15, func(i int) error {
+					return g.launch(r.s, p, out.Ptr(), x.Ptr(), ws[i%n].Ptr(), T, N, K, bfSkinnyEarly)
+				})
+				late = graphMedianUs(t, r.s, 20, 15, func(i int) error {
+					return g.launch(r.s, p, out.Ptr(), x.Ptr(), ws[i%n].Ptr(), T, N, K, 0)
+				})
+			}
+			if wg.fits(T, N, K) {
+				wgUs = graphMedianUs(t, r.s, 20, 15, func(i int) error {
+					return wg.launch(r.s, out.Ptr(), x.Ptr(), 0, ws[i%n].Ptr(), 0, T, N, K)
+				})
+			}
+			bench("skinny %-8s %4d %9.1f %9.1f %9.1f %9.1f %8.2f %8.2f %6d %9.1f %8.2f", sh.name, T, lt, sk, late, floor, floor/lt, floor/sk, p.bn, wgUs, floor/wgUs)
 		}
+	}
+}
+
+// wgRig is fp8Rig's context, stream and cuBLASLt handle with the forward
+// module's gemm_wg variants (wgmma; PEFTD_WG, sm_90a), or a skip.
+func wgRig(t testing.TB) (*fp8Rig, *wgProduct) {
+	r := newFP8Rig(t)
+	mod, _, err := kernels.Load(r.ctx, kernels.Llama, kernels.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { mod.Unload() })
+	limit := r.ctx.Device().MaxShared
+	if limit <= 0 {
+		limit = math.MaxInt
+	}
+	g, err := loadWG(r.ctx, r.s, mod, "gemm_wg", 2, limit)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if g == nil {
+		if kernels.Defined("PEFTD_WG") && r.ctx.Device().Arch() == "sm_90a" {
+			t.Fatal("PEFTD_WG is defined on an sm_90a card but no gemm_wg kernel loaded")
+		}
+		t.Skip("gemm_wg is compiled only with PEFTD_KERNEL_DEFINES=-DPEFTD_WG, for sm_90a")
+	}
+	t.Cleanup(func() { g.free() })
+	return r, g
+}
+
+// TestBF16Wgmma checks gemm_wg (wg_body with bf16 operands) against
+// cuBLASLt's bf16 product at 17-128 rows: the 8B projections (split K or
+// not; the n32, n64 and n128 variants with their zero-filled rows), a 3B's
+// o, and a K whose last stage holds one 64-byte span. Every output is
+// written and row M is left alone (rowsProduct); a second product gives
+// the same bits (split partials summed in order).
+func TestBF16Wgmma(t *testing.T) {
+	r, g := wgRig(t)
+	for _, sh := range []struct{ M, N, K int }{
+		{17, 6144, 4096}, {32, 4096, 4096}, {33, 28672, 4096}, {64, 4096, 14336}, {64, 6144, 4096},
+		{65, 4096, 4096}, {100, 28672, 4096}, {128, 4096, 14336}, {48, 3072, 3072}, {20, 192, 544},
+	} {
+		M, N, K := sh.M, sh.N, sh.K
+		if !g.fits(M, N, K) {
+			t.Fatalf("gemm_wg does not take %d x %d x %d", M, N, K)
+		}
+		x, w := r.up(r.bf16Rand(M*K, 1)), r.up(r.bf16Rand(N*K, 0.02))
+		out := r.alloc(2 * (M + 1) * N)
+		want := rowsProduct(t, r, out, M, N, func() error {
+			return r.mm.GemmTN(r.s, out.Ptr(), cuda.R16BF, x.Ptr(), cuda.R16BF, w.Ptr(), cuda.R16BF, M, N, K, 1, 0)
+		})
+		run := func() []uint16 {
+			return rowsProduct(t, r, out, M, N, func() error { return g.launch(r.s, out.Ptr(), x.Ptr(), 0, w.Ptr(), 0, M, N, K) })
+		}
+		got, again := run(), run()
+		what := fmt.Sprintf("gemm_wg %d x %d x %d (K split %d ways)", M, N, K, g.split(N, K))
+		worst := compareRows(t, what, want, got, N)
+		for i := range got {
+			if got[i] != again[i] {
+				t.Fatalf("%s: a second product differs at [%d,%d]", what, i/N, i%N)
+			}
+		}
+		t.Logf("%s: worst difference from cuBLASLt %.2g of the largest output", what, worst)
 	}
 }

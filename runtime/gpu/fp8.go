@@ -91,11 +91,11 @@ type fp8State struct {
 	skPart, skDone *cuda.DeviceBuffer
 	skTop          int // the most rows sent to fp8_gemm_skinny (0: skinnyAutoRows); benchmarks set it
 	skMax          int // rows of the largest fp8_gemm_skinny variant the card holds (0: none)
-	// fp8_wg_n32, _n64, _n128 (fp8_gemm_skinny on wgmma; only in a module
-	// compiled with PEFTD_FP8_WG, and only on sm_90a): nil where absent.
+	// fp8_wg_n32, _n64, _n128 (fp8_gemm_skinny on wgmma, wg.go; only in a
+	// module compiled with PEFTD_WG, and only on sm_90a): nil where absent.
 	// wgOn (tests, benchmarks) sends 17-128 rows to them instead of
 	// cuBLASLt.
-	wg   [len(skinnyVariants)]*cuda.Function
+	wg   *wgProduct
 	wgOn bool
 	Info kernels.Info
 
@@ -143,7 +143,7 @@ func newFP8(ctx *cuda.Context, s *cuda.Stream, mm *cuda.Matmul, ko kernels.Optio
 		f.mod.Unload()
 		return nil, err
 	}
-	if err := f.wgLoad(limit); err != nil {
+	if f.wg, err = loadWG(ctx, s, f.mod, "fp8_wg", 1, limit); err != nil {
 		f.mod.Unload()
 		return nil, err
 	}
@@ -357,6 +357,7 @@ func (f *fp8State) close() error {
 		keep(b.Free())
 	}
 	f.tmp, f.actQ, f.actS, f.skPart, f.skDone, f.spPart = nil, nil, nil, nil, nil, nil
+	keep(f.wg.free())
 	if f.mod != nil {
 		keep(f.mod.Unload())
 		f.mod = nil

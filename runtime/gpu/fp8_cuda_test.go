@@ -474,8 +474,8 @@ func TestFP8GemmBench(t *testing.T) {
 				fs = timeIt(30, func(i int) error { return r.f.linear(out.Ptr(), x.Ptr(), T, w8[i%n8], 7) })
 				r.f.streamOn = false
 			}
-			wg := math.NaN() // fp8_wg (wgmma, PEFTD_FP8_WG) where it takes the rows (17-128)
-			if r.f.wgTop() > 0 && T > gemvMaxRows && skinnyFits(T, N, K, r.f.wgTop()) {
+			wg := math.NaN() // fp8_wg (wgmma, PEFTD_WG) where it takes the shape (17-128 rows)
+			if r.f.wg.fits(T, N, K) {
 				r.f.wgOn = true
 				if err := r.f.linear(out.Ptr(), x.Ptr(), T, w8[0], 7); err != nil { // sizes the K-split buffers outside the capture
 					t.Fatal(err)
@@ -945,7 +945,7 @@ func TestFP8SchemeFidelity(t *testing.T) {
 }
 
 // TestFP8Wgmma checks fp8_wg (fp8_gemm_skinny on Hopper's wgmma; compiled
-// only with PEFTD_KERNEL_DEFINES=-DPEFTD_FP8_WG, on sm_90a) against the
+// only with PEFTD_KERNEL_DEFINES=-DPEFTD_WG, on sm_90a) against the
 // float64 product of the same e4m3 operands and scales, and against
 // fp8_gemm_skinny's mma.sync product of them, at 17-128 rows: the 8B
 // projections (split K or not, and the n32, n64 and n128 variants with
@@ -953,11 +953,11 @@ func TestFP8SchemeFidelity(t *testing.T) {
 // A second product gives the same bits (split partials summed in order).
 func TestFP8Wgmma(t *testing.T) {
 	r := newFP8Rig(t)
-	if r.f.wgTop() == 0 {
-		if kernels.Defined("PEFTD_FP8_WG") && r.ctx.Device().Arch() == "sm_90a" {
-			t.Fatal("PEFTD_FP8_WG is defined on an sm_90a card but no fp8_wg kernel loaded")
+	if r.f.wg == nil {
+		if kernels.Defined("PEFTD_WG") && r.ctx.Device().Arch() == "sm_90a" {
+			t.Fatal("PEFTD_WG is defined on an sm_90a card but no fp8_wg kernel loaded")
 		}
-		t.Skip("fp8_wg is compiled only with PEFTD_KERNEL_DEFINES=-DPEFTD_FP8_WG, for sm_90a")
+		t.Skip("fp8_wg is compiled only with PEFTD_KERNEL_DEFINES=-DPEFTD_WG, for sm_90a")
 	}
 	defer func() { r.f.wgOn, r.f.skTop = false, 0 }()
 	const tight = 4e-3 // bf16 output rounding

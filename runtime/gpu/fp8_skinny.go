@@ -35,7 +35,7 @@ func skinnyFits(T, N, K, top int) bool {
 // the largest variant this card's shared memory holds (skMax); with wgOn,
 // the largest fp8_wg variant loaded.
 func (f *fp8State) skinnyTop() int {
-	if top := f.wgTop(); f.wgOn && top > 0 {
+	if top := f.wg.top(); f.wgOn && top > 0 {
 		return top
 	}
 	if f.skTop > 0 {
@@ -130,61 +130,15 @@ func (f *fp8State) skinnyLaunch(out cuda.DevicePtr, T int, w *fp8Weight) error {
 	for skinnyVariants[i].rows < T {
 		i++
 	}
-	fn, tr := f.skinny[i], skinnyVariants[i].rows
-	S, shmem := skinnySplit(w.rows, w.cols, f.ctx.Device().SMs, skinnyPerSM(tr)), skinnyShared(tr)
-	if f.wgOn && f.wg[i] != nil {
-		// two blocks an SM for every variant (n128: 97 KB each)
-		fn, S, shmem = f.wg[i], skinnySplit(w.rows, w.cols, f.ctx.Device().SMs, 2), wgShared(tr)
+	if f.wgOn && f.wg.fits(T, w.rows, w.cols) {
+		return f.wg.launch(f.s, out, f.actQ.Ptr(), f.actS.Ptr(), w.q.Ptr(), w.scale.Ptr(), T, w.rows, w.cols)
 	}
+	fn, tr := f.skinny[i], skinnyVariants[i].rows
 	if fn == nil {
 		return fmt.Errorf("gpu: fp8_gemm_skinny for %d rows is not loaded", T)
 	}
-	return fn.Launch(f.s, cuda.Dim3{X: w.rows / skinnyRows, Y: S}, cuda.Dim3{X: skinnyThreads}, shmem,
+	S := skinnySplit(w.rows, w.cols, f.ctx.Device().SMs, skinnyPerSM(tr))
+	return fn.Launch(f.s, cuda.Dim3{X: w.rows / skinnyRows, Y: S}, cuda.Dim3{X: skinnyThreads}, skinnyShared(tr),
 		uint64(out), uint64(f.skPart.Ptr()), uint64(f.skDone.Ptr()), uint64(f.actQ.Ptr()), uint64(f.actS.Ptr()),
 		uint64(w.q.Ptr()), uint64(w.scale.Ptr()), T, w.rows, w.cols)
-}
-
-// wgStages and wgRowBytes are fp8_wg's WG_STAGES and WG_RB.
-const (
-	wgStages   = 4
-	wgRowBytes = 128
-)
-
-// wgShared is fp8_wg's dynamic shared memory for tr staged activation
-// rows: its stages, and 1 KB to round the base up to the swizzle's 1024
-// bytes.
-func wgShared(tr int) int { return wgStages*(skinnyRows+tr)*wgRowBytes + 1024 }
-
-// wgLoad finds fp8_wg_n32/64/128 in the module (present only when it was
-// compiled with PEFTD_FP8_WG) on sm_90a cards and raises their shared
-// memory limits; the ones absent or too large for maxShared stay nil.
-func (f *fp8State) wgLoad(maxShared int) error {
-	if f.ctx.Device().Arch() != "sm_90a" {
-		return nil
-	}
-	for i, v := range skinnyVariants {
-		if wgShared(v.rows)+4 > maxShared {
-			continue
-		}
-		fn, err := f.mod.Function(fmt.Sprintf("fp8_wg_n%d", v.rows))
-		if err != nil {
-			continue // not compiled in
-		}
-		if err := fn.SetMaxDynamicShared(wgShared(v.rows)); err != nil {
-			return err
-		}
-		f.wg[i] = fn
-	}
-	return nil
-}
-
-// wgTop is the rows of the largest fp8_wg variant loaded (0: none).
-func (f *fp8State) wgTop() int {
-	top := 0
-	for i, fn := range f.wg {
-		if fn != nil {
-			top = skinnyVariants[i].rows
-		}
-	}
-	return top
 }

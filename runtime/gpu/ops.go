@@ -127,6 +127,10 @@ func (b *Backend) Linear(out, in engine.Buffer, w engine.Weight) {
 	if !b.check(x.cols == wt.cols && o.cols == wt.rows && o.whole() && x.whole(), "linear: in width %d, out width %d, weight [%d,%d]", x.cols, o.cols, wt.rows, wt.cols) {
 		return
 	}
+	if b.force.bwg && b.wg.fits(b.rows(), wt.rows, wt.cols) {
+		b.fail(b.wg.launch(b.s, o.mem.Ptr(), x.mem.Ptr(), 0, wt.mem.Ptr(), 0, b.rows(), wt.rows, wt.cols))
+		return
+	}
 	p, ok := b.sk.plan(b.rows(), wt.rows, wt.cols)
 	if ok && !shared && !b.force.noSkinny {
 		opts := bfSkinnyEarly

@@ -6,7 +6,7 @@ import (
 )
 
 // TestWgTilingEmulated runs fp8_wg's index arithmetic (kernels/fp8.cu,
-// PEFTD_FP8_WG) on the CPU with integers for the e4m3 values: each
+// PEFTD_WG) on the CPU with integers for the e4m3 values: each
 // stage's cp.async chunks land where the kernel puts them (each thread's
 // chunk c = tid % 8 of rows tid / 8 + 16k at one swizzled offset plus 2 KB
 // a k; zeros where it asks for 0 bytes), which must be row r at r * 128,
