@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# sass-diff.sh REV [DEFINES]: which kernels compile differently in the
+# working tree than at REV: every module built for sm_90a with the local
+# CUDA 12.4 NVRTC (scripts/cuda-local.sh) at both, SASS compared function by
+# function (addresses and encodings dropped). "same" for every kernel a
+# device run measured means the submitted tree runs that measured code
+# (with this NVRTC; the device's is 13.0). DEFINES: PEFTD_KERNEL_DEFINES
+# for both builds.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+rev=${1:?usage: sass-diff.sh REV [DEFINES]}
+CH=${CUDA_HOME:-.cache/cuda-local}
+[[ -f $CH/lib64/libnvrtc.so.12 ]] || { echo "sass-diff: no NVRTC in $CH (bash scripts/cuda-local.sh)"; exit 2; }
+CH=$(cd "$CH" && pwd)
+tmp=$(mktemp -d)
+trap 'git worktree remove --force "$tmp/wt" 2>/dev/null || true; rm -rf "$tmp"' EXIT
+git worktree add -q "$tmp/wt" "$rev"
+(cd "$tmp/wt" && go build -o "$tmp/old" ./cmd/peftd)
+go build -o "$tmp/new" ./cmd/peftd
+for v in old new; do
+	mkdir -p "$tmp/$v.k" "$tmp/$v.f"
+	CUDA_HOME=$CH PEFTD_KERNEL_DEFINES="${2:-}" "$tmp/$v" kernels --arch 9.0 --dir "$tmp/$v.k" >/dev/null
+	for c in "$tmp/$v.k"/*.cubin; do
+		"$CH/bin/cuobjdump" -sass "$c" | sed -E 's@/\*[0-9a-f]{4}\*/@@; s@/\* 0x[0-9a-f]+ \*/@@; /^\s*$/d' |
+			awk -v d="$tmp/$v.f" '/Function : /{fn=$3} fn!=""{print > (d "/" fn)}'
+	done
+done
+for f in $(ls "$tmp/old.f" "$tmp/new.f" | grep -v : | sort -u); do
+	if [[ ! -f $tmp/old.f/$f ]]; then echo "$f new"
+	elif [[ ! -f $tmp/new.f/$f ]]; then echo "$f removed"
+	elif cmp -s "$tmp/old.f/$f" "$tmp/new.f/$f"; then echo "$f same"
+	else echo "$f differs ($(diff "$tmp/old.f/$f" "$tmp/new.f/$f" | grep -c '^[<>]') lines)"; fi
+done
