@@ -434,8 +434,9 @@ __device__ __forceinline__ void fence_proxy_async() {
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 #endif
 }
-// wg_pin: the accumulators are read only after the wait (the compiler
-// must not move their reads above it).
+// wg_pin: an empty asm that reads and writes the accumulators, placed
+// before the wgmma group and after its wait, so the compiler neither reads
+// them early nor moves them while the MMAs own them.
 template <int N> __device__ __forceinline__ void wg_pin(float* d) {
 #pragma unroll
     for (int i = 0; i < N; i++) asm volatile("" : "+f"(d[i])::"memory");
@@ -598,6 +599,7 @@ __device__ __forceinline__ void wg_body(bf16* __restrict__ out, float* __restric
         copy(j + WG_STAGES - 1, 0, CPT);
         cp_async_commit();
         const unsigned b = base + (j % WG_STAGES) * SB;
+        wg_pin<4 * NT>(d); // nothing moves the accumulators across the MMAs (they are read and written asynchronously)
         wg_fence();
 #pragma unroll
         for (int ks = 0; ks < WG_RB / 32; ks++) wg_mma<ES, NT>(d, wg_desc(b + 32 * ks), wg_desc(b + WB + 32 * ks));
