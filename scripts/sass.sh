@@ -5,7 +5,8 @@
 #
 #   bash scripts/sass.sh [--arch 9.0] FUNC [FUNC...]
 #
-# Needs bin/gpu/peftd and the CUDA toolkit's cuobjdump; no GPU. Prints each
+# Needs bin/gpu/peftd and the CUDA toolkit's NVRTC and cuobjdump
+# ($CUDA_HOME, /usr/local/cuda, or scripts/cuda-local.sh's); no GPU. Prints each
 # function's instruction count and its 25 most frequent opcodes (modifiers
 # dropped after the first: HMMA.16816.F32.BF16 counts as HMMA.16816).
 # SASS_KEEP=DIR keeps each function's whole SASS as DIR/FUNC.sass.
@@ -14,6 +15,9 @@ cd "$(dirname "$0")/.."
 arch=9.0
 if [[ ${1:-} == --arch ]]; then arch=$2; shift 2; fi
 (($#)) || { echo "usage: sass.sh [--arch 9.0] FUNC..." >&2; exit 2; }
+if [[ -z ${CUDA_HOME:-} && ! -x /usr/local/cuda/bin/cuobjdump && -x .cache/cuda-local/bin/cuobjdump ]]; then
+	export CUDA_HOME=$PWD/.cache/cuda-local # scripts/cuda-local.sh's NVRTC and cuobjdump
+fi
 dir=$(mktemp -d)
 trap 'rm -rf "$dir"' EXIT
 bin/gpu/peftd kernels --arch "$arch" --dir "$dir" >/dev/null
