@@ -78,6 +78,43 @@ __device__ __forceinline__ uint4 ld_stream16(const unsigned char* p) {
     return v;
 }
 
+// SpanW, span_w, span_mma: the two k32 MMAs of one 64-byte span that
+// fp8_gemv and fp8_gemm_skinny make, with weight rows g (a) and g + 8 (b)
+// as A (this lane's 16 bytes of each) and an activation row's 16 bytes (x)
+// as B: the k order inside the span is the lane's, the same for both
+// operands. Under FP8_WIDE the weights are widened once (span_w) for all
+// the activation tiles that share them.
+struct SpanW {
+#if FP8_WIDE
+    unsigned w0[8], w1[8];
+#else
+    uint4 a, b;
+#endif
+};
+__device__ __forceinline__ SpanW span_w(uint4 a, uint4 b) {
+    SpanW s;
+#if FP8_WIDE
+    const unsigned a0[4] = {a.x, b.x, a.y, b.y}, a1[4] = {a.z, b.z, a.w, b.w};
+    widen_e4m3<4>(a0, s.w0);
+    widen_e4m3<4>(a1, s.w1);
+#else
+    s.a = a, s.b = b;
+#endif
+    return s;
+}
+__device__ __forceinline__ void span_mma(float* c, const SpanW& s, uint4 x) {
+#if FP8_WIDE
+    const unsigned xs[4] = {x.x, x.y, x.z, x.w};
+    unsigned v[8];
+    widen_e4m3<4>(xs, v);
+    mma_e4m3w(c, s.w0, v);
+    mma_e4m3w(c, s.w1, v + 4);
+#else
+    mma_e4m3(c, s.a.x, s.b.x, s.a.y, s.b.y, x.x, x.y);
+    mma_e4m3(c, s.a.z, s.b.z, s.a.w, s.b.w, x.z, x.w);
+#endif
+}
+
 template <int NT>
 __device__ __forceinline__ void fp8_gemv_body(bf16* __restrict__ out, const unsigned char* __restrict__ qx,
                                               const float* __restrict__ sx, const unsigned char* __restrict__ qw,
@@ -122,26 +159,9 @@ __device__ __forceinline__ void fp8_gemv_body(bf16* __restrict__ out, const unsi
 #pragma unroll
         for (int u = 0; u < U; u++) {
             if (s0 + u * nw >= spans) break; // warp-uniform
-#if FP8_WIDE
-            const unsigned a0[4] = {A[u].x, B[u].x, A[u].y, B[u].y}, a1[4] = {A[u].z, B[u].z, A[u].w, B[u].w};
-            unsigned w0[8], w1[8];
-            widen_e4m3<4>(a0, w0);
-            widen_e4m3<4>(a1, w1);
-#endif
+            const SpanW ws = span_w(A[u], B[u]);
 #pragma unroll
-            for (int t = 0; t < NT; t++) {
-                const uint4 x = xv[t] ? X[u][t] : make_uint4(0u, 0u, 0u, 0u);
-#if FP8_WIDE
-                const unsigned xs[4] = {x.x, x.y, x.z, x.w};
-                unsigned v[8];
-                widen_e4m3<4>(xs, v);
-                mma_e4m3w(c[t], w0, v);
-                mma_e4m3w(c[t], w1, v + 4);
-#else
-                mma_e4m3(c[t], A[u].x, B[u].x, A[u].y, B[u].y, x.x, x.y);
-                mma_e4m3(c[t], A[u].z, B[u].z, A[u].w, B[u].w, x.z, x.w);
-#endif
-            }
+            for (int t = 0; t < NT; t++) span_mma(c[t], ws, xv[t] ? X[u][t] : make_uint4(0u, 0u, 0u, 0u));
         }
     }
 #pragma unroll
@@ -258,26 +278,9 @@ __device__ __forceinline__ void fp8_skinny_body(bf16* __restrict__ out, float* _
 #pragma unroll
         for (int u = 0; u < SK_U; u++) {
             const uint4 A = sk_lds(b + wrow + u * 64), B = sk_lds(b + wrow + 8 * SK_LD + u * 64);
-#if FP8_WIDE
-            const unsigned a0[4] = {A.x, B.x, A.y, B.y}, a1[4] = {A.z, B.z, A.w, B.w};
-            unsigned w0[8], w1[8];
-            widen_e4m3<4>(a0, w0);
-            widen_e4m3<4>(a1, w1);
-#endif
+            const SpanW ws = span_w(A, B);
 #pragma unroll
-            for (int t = 0; t < NT; t++) {
-                const uint4 X = sk_lds(b + WB + (8 * t + g) * SK_LD + tig * 16 + u * 64);
-#if FP8_WIDE
-                const unsigned xs[4] = {X.x, X.y, X.z, X.w};
-                unsigned v[8];
-                widen_e4m3<4>(xs, v);
-                mma_e4m3w(c[t], w0, v);
-                mma_e4m3w(c[t], w1, v + 4);
-#else
-                mma_e4m3(c[t], A.x, B.x, A.y, B.y, X.x, X.y);
-                mma_e4m3(c[t], A.z, B.z, A.w, B.w, X.z, X.w);
-#endif
-            }
+            for (int t = 0; t < NT; t++) span_mma(c[t], ws, sk_lds(b + WB + (8 * t + g) * SK_LD + tig * 16 + u * 64));
         }
     }
     cp_async_wait<0>();
