@@ -135,14 +135,7 @@ func TestSkinnyTilingEmulated(t *testing.T) {
 				done[bx] = 0
 			}
 		}
-		if bad := emuWrong(qx, qw, out, written, M, N, K); bad > 0 {
-			t.Errorf("M=%d N=%d K=%d (%d SMs, K split %d ways): %d of %d outputs wrong or not written once", M, N, K, c.sms, S, bad, M*N)
-		}
-		for i, d := range done {
-			if d != 0 {
-				t.Errorf("M=%d N=%d K=%d: tile %d's counter left at %d", M, N, K, i, d)
-			}
-		}
+		emuCheck(t, qx, qw, out, written, done, M, N, K, c.sms, S)
 	}
 }
 
@@ -162,6 +155,20 @@ func emuLastSum(part, out, written []int, S, TR, M, N, n0 int) {
 		}
 		out[m*N+n0+r] = v
 		written[m*N+n0+r]++
+	}
+}
+
+// emuCheck fails t where an emulated product (emuWrong) is wrong or a
+// split tile's counter was not left at zero.
+func emuCheck(t *testing.T, qx, qw, out, written, done []int, M, N, K, sms, S int) {
+	t.Helper()
+	if bad := emuWrong(qx, qw, out, written, M, N, K); bad > 0 {
+		t.Errorf("M=%d N=%d K=%d (%d SMs, K split %d ways): %d of %d outputs wrong or not written once", M, N, K, sms, S, bad, M*N)
+	}
+	for i, d := range done {
+		if d != 0 {
+			t.Errorf("M=%d N=%d K=%d: tile %d's counter left at %d", M, N, K, i, d)
+		}
 	}
 }
 

@@ -160,13 +160,6 @@ func TestWgTilingEmulated(t *testing.T) {
 				done[bx] = 0
 			}
 		}
-		if bad := emuWrong(qx, qw, out, written, M, N, K); bad > 0 {
-			t.Errorf("M=%d N=%d K=%d (%d SMs, K split %d ways): %d of %d outputs wrong or not written once", M, N, K, c.sms, S, bad, M*N)
-		}
-		for i, d := range done {
-			if d != 0 {
-				t.Errorf("M=%d N=%d K=%d: tile %d's counter left at %d", M, N, K, i, d)
-			}
-		}
+		emuCheck(t, qx, qw, out, written, done, M, N, K, c.sms, S)
 	}
 }
