@@ -328,22 +328,25 @@ __device__ void quant_words_e4m3(const uint4 (&w)[NW], int n8, unsigned char* q,
 #define SK_WARPS 4
 #define SK_ROWS 64
 
-// skinny_store: the end fp8_gemm_skinny (fp8.cu) and wg_body share. acc[4t + e]
-// holds weight row n0 + 16*warp + g (+8 for e >= 2) times activation row
-// 8t + 2tig + (e & 1) (n0 = blockIdx.x * SK_ROWS; g, tig: lane / 4, lane %
-// 4). One block a tile (gridDim.y == 1): scaled, rounded and stored.
-// Otherwise the block's partials go to part and the last block of the
-// tile to finish (done's counter; last: a __shared__ int) sums the
-// gridDim.y partials in split order and stores them, then leaves the
-// counter at zero for the next launch. sx, sw: the activation and weight
-// row scales (FP8), or null (bf16: unscaled).
+// skinny_store: the end fp8_gemm_skinny (fp8.cu) and wg_body share, for
+// the 64-row tile `tile` that the 128 threads tid = 0..127 of a block (or
+// of one of its warpgroups) hold. acc[4t + e] holds weight row n0 +
+// 16*warp + g (+8 for e >= 2) times activation row 8t + 2tig + (e & 1) (n0
+// = tile * SK_ROWS; warp = tid / 32; g, tig: lane / 4, lane % 4). One
+// block a tile (gridDim.y == 1): scaled, rounded and stored. Otherwise the
+// partials go to part and the last of the tile's gridDim.y blocks to
+// finish (done's counter; last: a __shared__ int of these 128 threads)
+// sums them in split order and stores them, then leaves the counter at
+// zero for the next launch. Every thread of the block calls it (its
+// barriers are the block's). sx, sw: the activation and weight row scales
+// (FP8), or null (bf16: unscaled).
 template <int NT>
 __device__ __forceinline__ void skinny_store(const float* acc, bf16* __restrict__ out, float* __restrict__ part,
                                              int* __restrict__ done, const float* __restrict__ sx,
-                                             const float* __restrict__ sw, int M, int N, int* last) {
+                                             const float* __restrict__ sw, int M, int N, int* last, int tile, int tid) {
     constexpr int TR = 8 * NT;
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, tig = lane & 3;
-    const int n0 = blockIdx.x * SK_ROWS, S = gridDim.y, sp = blockIdx.y;
+    const int lane = tid & 31, warp = tid >> 5, g = lane >> 2, tig = lane & 3;
+    const int n0 = tile * SK_ROWS, S = gridDim.y, sp = blockIdx.y;
     if (S == 1) {
 #pragma unroll
         for (int t = 0; t < NT; t++)
@@ -354,15 +357,15 @@ __device__ __forceinline__ void skinny_store(const float* acc, bf16* __restrict_
             }
         return;
     }
-    float* tile = part + (i64)blockIdx.x * S * SK_ROWS * TR;
-    float* mine = tile + (i64)sp * SK_ROWS * TR;
+    float* parts = part + (i64)tile * S * SK_ROWS * TR;
+    float* mine = parts + (i64)sp * SK_ROWS * TR;
 #pragma unroll
     for (int t = 0; t < NT; t++)
 #pragma unroll
         for (int e = 0; e < 4; e++) mine[(16 * warp + g + (e >= 2 ? 8 : 0)) * TR + 8 * t + 2 * tig + (e & 1)] = acc[4 * t + e];
     __threadfence();
     __syncthreads();
-    if (tid == 0) *last = atomicAdd(done + blockIdx.x, 1) == S - 1;
+    if (tid == 0) *last = atomicAdd(done + tile, 1) == S - 1;
     __syncthreads();
     if (!*last) return;
     __threadfence();
@@ -370,10 +373,10 @@ __device__ __forceinline__ void skinny_store(const float* acc, bf16* __restrict_
         const int r = i / TR, m = i - r * TR;
         if (m >= M) continue;
         float v = 0.f;
-        for (int s = 0; s < S; s++) v += __ldcg(tile + (i64)s * SK_ROWS * TR + i);
+        for (int s = 0; s < S; s++) v += __ldcg(parts + (i64)s * SK_ROWS * TR + i);
         out[(i64)m * N + n0 + r] = __float2bfloat16_rn(sx ? v * sx[m] * sw[n0 + r] : v);
     }
-    if (tid == 0) done[blockIdx.x] = 0; // ready for the next launch
+    if (tid == 0) done[tile] = 0; // ready for the next launch
 }
 
 // ---------------------------------------------------------------------------
@@ -397,7 +400,7 @@ __device__ __forceinline__ void skinny_store(const float* acc, bf16* __restrict_
 // holds weight rows 16w + l/4 (+8) and activation rows 8t + 2(l%4) (+1) in
 // d[4t..4t+3]: mma.sync's m16n8 layout per warp, fp8_gemm_skinny's
 // c[t][e], so the end is skinny_store. Dynamic shared memory: WG_STAGES *
-// (64 + 8*NT) * 128 + 1024 bytes (the base is rounded up to 1024). An
+// (64 WGS + 8*NT) * 128 + 1024 bytes (the base is rounded up to 1024). An
 // experiment, compiled only with PEFTD_WG (PEFTD_KERNEL_DEFINES) until it
 // has run on a GPU: the Go side (wg.go) uses it where the module has it
 // and a test or benchmark asks (TestFP8Wgmma, TestBF16Wgmma, fp8bench's
@@ -525,22 +528,27 @@ template <int ES, int NT> __device__ __forceinline__ void wg_mma(float* d, unsig
 
 // wg_body: out [M, N] = x [M, K] . w [N, K]^T (times sx[m] sw[n] when sx
 // is set), operands of ES bytes, rows K values apart, K * ES % 64 == 0,
-// N % 64 == 0.
-template <int ES, int NT>
+// N % (64 WGS) == 0. WGS warpgroups a block (128 WGS threads), each with
+// its own 64 weight rows and the same staged activation rows: with 2 a
+// block reads x once for 128 weight rows (half the L2 traffic of x), and
+// each warpgroup is a 64-row tile of the split (tile 2 blockIdx.x + g).
+template <int ES, int NT, int WGS>
 __device__ __forceinline__ void wg_body(bf16* __restrict__ out, float* __restrict__ part, int* __restrict__ done,
                                         const unsigned char* __restrict__ qx, const float* __restrict__ sx,
                                         const unsigned char* __restrict__ qw, const float* __restrict__ sw, int M,
                                         int N, int K) {
     static_assert(NT == 4 || NT == 8 || NT == 16, "wg_body: 32, 64 or 128 activation rows");
     static_assert(ES == 1 || ES == 2, "wg_body: e4m3 or bf16 operands");
+    static_assert(WGS == 1 || WGS == 2, "wg_body: one or two warpgroups");
     constexpr int TR = 8 * NT;              // activation rows staged (zeros past M)
-    constexpr int WB = SK_ROWS * WG_RB;     // weight bytes of a stage (8 KB)
+    constexpr int BM = SK_ROWS * WGS;       // weight rows a block
+    constexpr int WB = BM * WG_RB;          // weight bytes of a stage (8 KB a warpgroup)
     constexpr int SB = WB + TR * WG_RB;     // bytes of a stage (a multiple of 1024)
     constexpr int CH = WG_RB / 16;          // 16-byte chunks a staged row
     extern __shared__ __align__(16) unsigned char wgm[];
-    __shared__ int last;
-    const int tid = threadIdx.x;
-    const int n0 = blockIdx.x * SK_ROWS, S = gridDim.y, sp = blockIdx.y;
+    __shared__ int last[WGS];
+    const int tid = threadIdx.x, wg = WGS == 1 ? 0 : tid / (SK_WARPS * 32);
+    const int n0 = blockIdx.x * BM, S = gridDim.y, sp = blockIdx.y;
     const i64 KB = (i64)K * ES; // bytes of an operand row
     const int spans = (int)(KB / 64), per = (spans + S - 1) / S;
     const int s0 = min(spans, sp * per), s1 = min(spans, s0 + per);
@@ -548,22 +556,23 @@ __device__ __forceinline__ void wg_body(bf16* __restrict__ out, float* __restric
     const unsigned base = ((unsigned)__cvta_generic_to_shared(wgm) + 1023u) & ~1023u;
 
     // The copies. Thread tid copies the same chunks of every stage: 16-byte
-    // chunk c = tid % 8 of staged rows r0 + 16k (r0 = tid / 8, k < CPT;
-    // the first WK are weight rows, then activation rows). (r0 + 16k) % 8 ==
-    // r0 % 8, so the swizzled chunk is the same in every row; the rows'
-    // sources are worked out once, and a stage adds only its span (spans s0
-    // + 2j, s0 + 2j + 1 for stage j; chunk c reads span c / 4 of the two).
-    // Spans past s1 and activation rows past M are zero-filled (they add 0).
-    constexpr int RSTEP = SK_WARPS * 32 / CH;                 // 16 rows between a thread's chunks
-    constexpr int CPT = (SK_ROWS + TR) / RSTEP, WK = SK_ROWS / RSTEP; // chunks a stage, weight chunks first
-    static_assert(RSTEP % 8 == 0 && SK_ROWS % RSTEP == 0 && TR % RSTEP == 0, "fp8_wg: rows of a thread share their swizzle");
+    // chunk c = tid % 8 of staged rows r0 + RSTEP k (r0 = tid / 8, RSTEP =
+    // 16 WGS, k < CPT; the first WK are weight rows, then activation rows).
+    // (r0 + RSTEP k) % 8 == r0 % 8, so the swizzled chunk is the same in
+    // every row; the rows' sources are worked out once, and a stage adds
+    // only its span (spans s0 + 2j, s0 + 2j + 1 for stage j; chunk c reads
+    // span c / 4 of the two). Spans past s1 and activation rows past M are
+    // zero-filled (they add 0).
+    constexpr int RSTEP = WGS * SK_WARPS * 32 / CH;           // rows between a thread's chunks
+    constexpr int CPT = (BM + TR) / RSTEP, WK = BM / RSTEP;   // chunks a stage, weight chunks first
+    static_assert(RSTEP % 8 == 0 && BM % RSTEP == 0 && TR % RSTEP == 0, "wg_body: rows of a thread share their swizzle");
     const int c = tid % CH, r0 = tid / CH;
     const unsigned dst0 = r0 * WG_RB + ((c ^ (r0 & 7)) << 4);
     const unsigned char* src[CPT];
     bool live[CPT];
 #pragma unroll
     for (int k = 0; k < CPT; k++) {
-        const int xr = r0 + RSTEP * k - SK_ROWS;
+        const int xr = r0 + RSTEP * k - BM;
         live[k] = k < WK || xr < M;
         src[k] = (k < WK ? qw + (i64)(n0 + r0 + RSTEP * k) * KB : qx + (i64)(live[k] ? xr : 0) * KB) + (c & 3) * 16;
     }
@@ -602,12 +611,12 @@ __device__ __forceinline__ void wg_body(bf16* __restrict__ out, float* __restric
         wg_pin<4 * NT>(d); // nothing moves the accumulators across the MMAs (they are read and written asynchronously)
         wg_fence();
 #pragma unroll
-        for (int ks = 0; ks < WG_RB / 32; ks++) wg_mma<ES, NT>(d, wg_desc(b + 32 * ks), wg_desc(b + WB + 32 * ks));
+        for (int ks = 0; ks < WG_RB / 32; ks++) wg_mma<ES, NT>(d, wg_desc(b + wg * SK_ROWS * WG_RB + 32 * ks), wg_desc(b + WB + 32 * ks));
         wg_commit_wait();
         wg_pin<4 * NT>(d);
     }
     cp_async_wait<0>();
-    skinny_store<NT>(d, out, part, done, sx, sw, M, N, &last);
+    skinny_store<NT>(d, out, part, done, sx, sw, M, N, &last[wg], WGS * blockIdx.x + wg, tid % (SK_WARPS * 32));
 }
 
 #endif // PEFTD_WG

@@ -284,7 +284,7 @@ __device__ __forceinline__ void fp8_skinny_body(bf16* __restrict__ out, float* _
         }
     }
     cp_async_wait<0>();
-    skinny_store<NT>(&c[0][0], out, part, done, sx, sw, M, N, &last);
+    skinny_store<NT>(&c[0][0], out, part, done, sx, sw, M, N, &last, blockIdx.x, threadIdx.x);
 }
 
 #define FP8_SKINNY_ARGS                                                                                        \
@@ -298,9 +298,13 @@ extern "C" __global__ void __launch_bounds__(32 * SK_WARPS) fp8_gemm_skinny_n128
 // fp8_wg_n{32,64,128}: fp8_gemm_skinny's product on wgmma (wg_body in
 // common.cuh; only with PEFTD_WG).
 #ifdef PEFTD_WG
-extern "C" __global__ void __launch_bounds__(32 * SK_WARPS) fp8_wg_n32(FP8_SKINNY_ARGS) { wg_body<1, 4>(FP8_SKINNY_PASS); }
-extern "C" __global__ void __launch_bounds__(32 * SK_WARPS) fp8_wg_n64(FP8_SKINNY_ARGS) { wg_body<1, 8>(FP8_SKINNY_PASS); }
-extern "C" __global__ void __launch_bounds__(32 * SK_WARPS) fp8_wg_n128(FP8_SKINNY_ARGS) { wg_body<1, 16>(FP8_SKINNY_PASS); }
+extern "C" __global__ void __launch_bounds__(32 * SK_WARPS) fp8_wg_n32(FP8_SKINNY_ARGS) { wg_body<1, 4, 1>(FP8_SKINNY_PASS); }
+extern "C" __global__ void __launch_bounds__(32 * SK_WARPS) fp8_wg_n64(FP8_SKINNY_ARGS) { wg_body<1, 8, 1>(FP8_SKINNY_PASS); }
+extern "C" __global__ void __launch_bounds__(32 * SK_WARPS) fp8_wg_n128(FP8_SKINNY_ARGS) { wg_body<1, 16, 1>(FP8_SKINNY_PASS); }
+// fp8_wg2_n*: two warpgroups a block, 128 weight rows
+extern "C" __global__ void __launch_bounds__(64 * SK_WARPS) fp8_wg2_n32(FP8_SKINNY_ARGS) { wg_body<1, 4, 2>(FP8_SKINNY_PASS); }
+extern "C" __global__ void __launch_bounds__(64 * SK_WARPS) fp8_wg2_n64(FP8_SKINNY_ARGS) { wg_body<1, 8, 2>(FP8_SKINNY_PASS); }
+extern "C" __global__ void __launch_bounds__(64 * SK_WARPS) fp8_wg2_n128(FP8_SKINNY_ARGS) { wg_body<1, 16, 2>(FP8_SKINNY_PASS); }
 #endif
 
 // fp8_splitk_reduce: the sum of a K-split product's float32 partials

@@ -393,7 +393,7 @@ func TestFP8GemmBench(t *testing.T) {
 	const peak16, peak8 = 989e12, 1979e12 // H100 SXM dense bf16 / fp8 tensor FLOP/s (datasheet)
 	bench("fp8gemm device %s; copy bandwidth %.0f GB/s; peaks bf16 %.0f, fp8 %.0f TFLOP/s (datasheet); median of 15 replays of 20 calls recorded as a graph, weights rotated over >= 150 MB",
 		r.ctx.Device().Name, bw/1e9, peak16/1e12, peak8/1e12)
-	bench("fp8gemm %-8s %5s %9s %9s %9s %9s %9s %9s %9s %8s %9s %9s %7s %7s %7s %5s %8s %8s %8s %8s %8s %8s %8s", "shape", "T", "bf16_us", "fp8_us", "gvalt_us", "skinny_us", "lt8_us", "quant_us", "fp8+q_us", "speedup", "floor16", "floor8", "frac16", "frac8", "TF/s8", "split", "sp2_us", "sp4_us", "sp8_us", "fs_us", "fsfrac8", "wg_us", "wgfrac8")
+	bench("fp8gemm %-8s %5s %9s %9s %9s %9s %9s %9s %9s %8s %9s %9s %7s %7s %7s %5s %8s %8s %8s %8s %8s %8s %8s %8s %8s", "shape", "T", "bf16_us", "fp8_us", "gvalt_us", "skinny_us", "lt8_us", "quant_us", "fp8+q_us", "speedup", "floor16", "floor8", "frac16", "frac8", "TF/s8", "split", "sp2_us", "sp4_us", "sp8_us", "fs_us", "fsfrac8", "wg_us", "wgfrac8", "wg2_us", "wg2frac8")
 	shapes := []struct {
 		name string
 		N, K int
@@ -474,14 +474,18 @@ func TestFP8GemmBench(t *testing.T) {
 				fs = timeIt(30, func(i int) error { return r.f.linear(out.Ptr(), x.Ptr(), T, w8[i%n8], 7) })
 				r.f.streamOn = false
 			}
-			wg := math.NaN() // fp8_wg (wgmma, PEFTD_WG) where it takes the shape (17-128 rows)
-			if r.f.wg.fits(T, N, K) {
-				r.f.wgOn = true
-				if err := r.f.linear(out.Ptr(), x.Ptr(), T, w8[0], 7); err != nil { // sizes the K-split buffers outside the capture
-					t.Fatal(err)
+			wg := [2]float64{math.NaN(), math.NaN()} // fp8_wg, fp8_wg2 (wgmma, PEFTD_WG) where they take the shape (17-128 rows)
+			for j, two := range []bool{false, true} {
+				if r.f.wg == nil {
+					break
 				}
-				wg = timeIt(30, func(i int) error { return r.f.linear(out.Ptr(), x.Ptr(), T, w8[i%n8], 7) })
-				r.f.wgOn = false
+				r.f.wg.two = two
+				if r.f.wg.fits(T, N, K) {
+					r.f.wgOn = true
+					wg[j] = timeIt(30, func(i int) error { return r.f.linear(out.Ptr(), x.Ptr(), T, w8[i%n8], 7) })
+					r.f.wgOn = false
+				}
+				r.f.wg.two = false
 			}
 			tq := timeIt(30, func(i int) error {
 				return r.f.quantRows(r.f.actQ.Ptr(), r.f.actS.Ptr(), x.Ptr(), T, K, K)
@@ -499,7 +503,7 @@ func TestFP8GemmBench(t *testing.T) {
 			if !gemvFits(T, N, K) {
 				auto = r.f.split(T, N, K)
 			}
-			bench("fp8gemm %-8s %5d %9.1f %9.1f %9.1f %9.1f %9.1f %9.1f %9.1f %8.2f %9.1f %9.1f %7.2f %7.2f %7.0f %5d %8.1f %8.1f %8.1f %8.1f %8.2f %8.1f %8.2f", sh.name, T, t16, t8, gv8, sk, lt, tq, tt, t16/tt, fl16, fl8, fl16/t16, fl8/t8, fl/(t8*1e-6)/1e12, auto, sp[0], sp[1], sp[2], fs, fl8/fs, wg, fl8/wg)
+			bench("fp8gemm %-8s %5d %9.1f %9.1f %9.1f %9.1f %9.1f %9.1f %9.1f %8.2f %9.1f %9.1f %7.2f %7.2f %7.0f %5d %8.1f %8.1f %8.1f %8.1f %8.2f %8.1f %8.2f %8.1f %8.2f", sh.name, T, t16, t8, gv8, sk, lt, tq, tt, t16/tt, fl16, fl8, fl16/t16, fl8/t8, fl/(t8*1e-6)/1e12, auto, sp[0], sp[1], sp[2], fs, fl8/fs, wg[0], fl8/wg[0], wg[1], fl8/wg[1])
 		}
 		r.sync()
 		for i := 1; i < n8; i++ {
@@ -945,12 +949,13 @@ func TestFP8SchemeFidelity(t *testing.T) {
 }
 
 // TestFP8Wgmma checks fp8_wg (fp8_gemm_skinny on Hopper's wgmma; compiled
-// only with PEFTD_KERNEL_DEFINES=-DPEFTD_WG, on sm_90a) against the
-// float64 product of the same e4m3 operands and scales, and against
-// fp8_gemm_skinny's mma.sync product of them, at 17-128 rows: the 8B
-// projections (split K or not, and the n32, n64 and n128 variants with
-// their zero-filled rows) and a K whose last stage holds one 64-byte span.
-// A second product gives the same bits (split partials summed in order).
+// only with PEFTD_KERNEL_DEFINES=-DPEFTD_WG, on sm_90a; one warpgroup a
+// block, then two: fp8_wg2) against the float64 product of the same e4m3
+// operands and scales, and against fp8_gemm_skinny's mma.sync product of
+// them, at 17-128 rows: the 8B projections (split K or not, and the n32,
+// n64 and n128 variants with their zero-filled rows) and a K whose last
+// stage holds one 64-byte span (N = 192: not for two warpgroups). A second
+// product gives the same bits (split partials summed in order).
 func TestFP8Wgmma(t *testing.T) {
 	r := newFP8Rig(t)
 	if r.f.wg == nil {
@@ -959,60 +964,80 @@ func TestFP8Wgmma(t *testing.T) {
 		}
 		t.Skip("fp8_wg is compiled only with PEFTD_KERNEL_DEFINES=-DPEFTD_WG, for sm_90a")
 	}
-	defer func() { r.f.wgOn, r.f.skTop = false, 0 }()
-	const tight = 4e-3 // bf16 output rounding
-	for _, sz := range []struct{ T, N, K int }{
-		{17, 4096, 4096}, {32, 6144, 4096}, {33, 4096, 14336}, {64, 28672, 4096}, {64, 4096, 4096},
-		{65, 6144, 4096}, {100, 4096, 14336}, {128, 28672, 4096}, {128, 4096, 4096}, {40, 128, 64}, {97, 192, 576},
-	} {
-		xh, wh := r.bf16Rand(sz.T*sz.K, 1), r.bf16Rand(sz.N*sz.K, 0.02)
-		dx := r.up(xh)
-		w, err := r.f.upload(wh, sz.N, sz.K)
-		if err != nil {
-			t.Fatal(err)
+	defer func() { r.f.wgOn, r.f.skTop, r.f.wg.two = false, 0, false }()
+	for _, two := range []bool{false, true} {
+		r.f.wg.two = two
+		name := map[bool]string{false: "fp8_wg", true: "fp8_wg2"}[two]
+		if r.f.wg.top() == 0 {
+			t.Fatalf("%s: not loaded", name)
 		}
-		run := func(wg bool) []uint16 {
-			r.f.wgOn, r.f.skTop = wg, skinnyMaxRows
-			out := r.alloc(2 * sz.T * sz.N)
-			r.s.Memset8(out.Ptr(), 0xFF, 2*sz.T*sz.N) // NaN poison: every element must be written
-			r.f.invalidate()
-			if err := r.f.linear(out.Ptr(), dx.Ptr(), sz.T, w, 1); err != nil {
-				t.Fatalf("T=%d N=%d K=%d (wgmma %v): %v", sz.T, sz.N, sz.K, wg, err)
+		for _, sz := range []struct{ T, N, K int }{
+			{17, 4096, 4096}, {32, 6144, 4096}, {33, 4096, 14336}, {64, 28672, 4096}, {64, 4096, 4096},
+			{65, 6144, 4096}, {100, 4096, 14336}, {128, 28672, 4096}, {128, 4096, 4096}, {40, 128, 64}, {97, 192, 576},
+		} {
+			if !r.f.wg.fits(sz.T, sz.N, sz.K) {
+				if two && sz.N%128 != 0 {
+					continue
+				}
+				t.Fatalf("%s does not take %d x %d x %d", name, sz.T, sz.N, sz.K)
 			}
-			g := make([]uint16, sz.T*sz.N)
-			cuda.CopyDtoH(r.s, g, out.Ptr())
-			r.sync()
-			return g
+			fp8WgmmaCase(t, r, name, sz.T, sz.N, sz.K)
 		}
-		gw, gw2, gs := run(true), run(true), run(false)
-		qx, sx := make([]byte, sz.T*sz.K), make([]float32, sz.T)
-		qw, sw := make([]byte, sz.N*sz.K), make([]float32, sz.N)
-		cuda.CopyDtoH(r.s, qx, r.f.actQ.Ptr())
-		cuda.CopyDtoH(r.s, sx, r.f.actS.Ptr())
-		cuda.CopyDtoH(r.s, qw, w.q.Ptr())
-		cuda.CopyDtoH(r.s, sw, w.scale.Ptr())
-		r.sync()
-		deq := gemmRef(sz.T, sz.N, sz.K,
-			func(i, k int) float64 { return float64(safetensors.E4M3ToFloat32(qx[i*sz.K+k])) * float64(sx[i]) },
-			func(j, k int) float64 { return float64(safetensors.E4M3ToFloat32(qw[j*sz.K+k])) * float64(sw[j]) })
-		fw, fs := make([]float32, len(gw)), make([]float64, len(gs))
-		for i := range gw {
-			fw[i], fs[i] = fromBF16(gw[i]), float64(fromBF16(gs[i]))
-		}
-		eDeq, eSk := relErr64(fw, deq), relErr64(fw, fs)
-		t.Logf("T=%4d N=%5d K=%5d (fp8_wg, K split %d ways): vs float64(dequantized) maxrel=%.3g; vs fp8_gemm_skinny %.3g",
-			sz.T, sz.N, sz.K, skinnySplit(sz.N, sz.K, r.ctx.Device().SMs, 2), eDeq, eSk)
-		if !(eDeq <= tight) {
-			t.Errorf("T=%d N=%d K=%d: fp8_wg vs dequantized float64 reference %.3g > %.0e", sz.T, sz.N, sz.K, eDeq, tight)
-		}
-		if !(eSk <= tight) {
-			t.Errorf("T=%d N=%d K=%d: fp8_wg vs fp8_gemm_skinny %.3g > %.0e", sz.T, sz.N, sz.K, eSk, tight)
-		}
-		if !slices.Equal(gw, gw2) {
-			t.Errorf("T=%d N=%d K=%d: a second fp8_wg product differs from the first", sz.T, sz.N, sz.K)
-		}
+	}
+}
+
+// fp8WgmmaCase is one shape of TestFP8Wgmma with the wgmma build chosen.
+func fp8WgmmaCase(t *testing.T, r *fp8Rig, name string, T, N, K int) {
+	const tight = 4e-3 // bf16 output rounding
+	xh, wh := r.bf16Rand(T*K, 1), r.bf16Rand(N*K, 0.02)
+	dx := r.up(xh)
+	w, err := r.f.upload(wh, N, K)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
 		r.f.weights = slices.DeleteFunc(r.f.weights, func(x *fp8Weight) bool { return x == w })
 		w.q.Free()
 		w.scale.Free()
+	}()
+	run := func(wg bool) []uint16 {
+		r.f.wgOn, r.f.skTop = wg, skinnyMaxRows
+		out := r.alloc(2 * T * N)
+		r.s.Memset8(out.Ptr(), 0xFF, 2*T*N) // NaN poison: every element must be written
+		r.f.invalidate()
+		if err := r.f.linear(out.Ptr(), dx.Ptr(), T, w, 1); err != nil {
+			t.Fatalf("%s T=%d N=%d K=%d (wgmma %v): %v", name, T, N, K, wg, err)
+		}
+		g := make([]uint16, T*N)
+		cuda.CopyDtoH(r.s, g, out.Ptr())
+		r.sync()
+		return g
+	}
+	gw, gw2, gs := run(true), run(true), run(false)
+	qx, sx := make([]byte, T*K), make([]float32, T)
+	qw, sw := make([]byte, N*K), make([]float32, N)
+	cuda.CopyDtoH(r.s, qx, r.f.actQ.Ptr())
+	cuda.CopyDtoH(r.s, sx, r.f.actS.Ptr())
+	cuda.CopyDtoH(r.s, qw, w.q.Ptr())
+	cuda.CopyDtoH(r.s, sw, w.scale.Ptr())
+	r.sync()
+	deq := gemmRef(T, N, K,
+		func(i, k int) float64 { return float64(safetensors.E4M3ToFloat32(qx[i*K+k])) * float64(sx[i]) },
+		func(j, k int) float64 { return float64(safetensors.E4M3ToFloat32(qw[j*K+k])) * float64(sw[j]) })
+	fw, fs := make([]float32, len(gw)), make([]float64, len(gs))
+	for i := range gw {
+		fw[i], fs[i] = fromBF16(gw[i]), float64(fromBF16(gs[i]))
+	}
+	eDeq, eSk := relErr64(fw, deq), relErr64(fw, fs)
+	t.Logf("T=%4d N=%5d K=%5d (%s, K split %d ways): vs float64(dequantized) maxrel=%.3g; vs fp8_gemm_skinny %.3g",
+		T, N, K, name, r.f.wg.split(T, N, K), eDeq, eSk)
+	if !(eDeq <= tight) {
+		t.Errorf("%s T=%d N=%d K=%d: vs dequantized float64 reference %.3g > %.0e", name, T, N, K, eDeq, tight)
+	}
+	if !(eSk <= tight) {
+		t.Errorf("%s T=%d N=%d K=%d: vs fp8_gemm_skinny %.3g > %.0e", name, T, N, K, eSk, tight)
+	}
+	if !slices.Equal(gw, gw2) {
+		t.Errorf("%s T=%d N=%d K=%d: a second product differs from the first", name, T, N, K)
 	}
 }

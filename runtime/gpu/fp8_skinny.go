@@ -79,8 +79,11 @@ var skinnyVariants = [...]struct {
 // 32- and 64-row variants, 1 for n128's 147 KB): enough for one wave (o and
 // down at 8B shapes have 64 tiles), at most skinnyMaxS, and at least four
 // 64-byte spans per block. perSM is at most 2 (the partials are sized so).
-func skinnySplit(N, K, sms, perSM int) int {
-	tiles := N / skinnyRows
+func skinnySplit(N, K, sms, perSM int) int { return tileSplit(N/skinnyRows, K, sms, perSM) }
+
+// tileSplit is skinnySplit for a grid of tiles weight tiles a row of K
+// bytes wide.
+func tileSplit(tiles, K, sms, perSM int) int {
 	if tiles >= perSM*sms {
 		return 1
 	}

@@ -71,7 +71,7 @@ func TestSkinnyTilingEmulated(t *testing.T) {
 						for i := lo*CH + tid; i < hi*CH; i += skWarps * 32 {
 							r, cc := i/CH, i%CH
 							for by := range 16 {
-								smem[b+r*skLD+cc*16+by] = emuChunkByte(qw, qx, r, cc, by, sa, s1, n0, M, K)
+								smem[b+r*skLD+cc*16+by] = emuChunkByte(qw, qx, r, cc, by, sa, s1, n0, skRows, M, K)
 							}
 						}
 					}
@@ -192,17 +192,17 @@ func emuWrong(qx, qw, out, written []int, M, N, K int) int {
 }
 
 // emuChunkByte is byte by of the 16-byte chunk cc (spans sa + cc/4 on)
-// that fp8_gemm_skinny's and fp8_wg's copies put in staged row r (weight
-// row n0 + r below skinnyRows, then activation row r - skinnyRows): 0
-// where the kernels ask cp.async for no bytes (a span at or past s1, an
-// activation row at or past M).
-func emuChunkByte(qw, qx []int, r, cc, by, sa, s1, n0, M, K int) int {
-	s, xr := sa+cc/4, r-skinnyRows
-	if s >= s1 || r >= skinnyRows && xr >= M {
+// that fp8_gemm_skinny's and wg_body's copies put in staged row r (weight
+// row n0 + r below bm, the block's weight rows, then activation row r -
+// bm): 0 where the kernels ask cp.async for no bytes (a span at or past
+// s1, an activation row at or past M).
+func emuChunkByte(qw, qx []int, r, cc, by, sa, s1, n0, bm, M, K int) int {
+	s, xr := sa+cc/4, r-bm
+	if s >= s1 || r >= bm && xr >= M {
 		return 0
 	}
 	col := s*64 + (cc&3)*16 + by
-	if r < skinnyRows {
+	if r < bm {
 		return qw[(n0+r)*K+col]
 	}
 	return qx[xr*K+col]

@@ -13,9 +13,14 @@ import (
 // and load only on sm_90a; a test or benchmark asks for them
 // (fp8State.wgOn, kernelForce.bwg). Grid (N / 64, S), K split S ways as
 // fp8_gemm_skinny's (skinnySplit with two blocks an SM).
+//
+// Two builds of each: one warpgroup a block (64 weight rows: fn) and two
+// (prefix2_n*, 128 weight rows, x staged once for both: fn2); two (tests,
+// benchmarks) launches the second where N allows.
 type wgProduct struct {
-	fn         [len(skinnyVariants)]*cuda.Function
-	part, done *cuda.DeviceBuffer // split partials, and per-tile counters left at zero between launches
+	fn, fn2    [len(skinnyVariants)]*cuda.Function
+	two        bool               // fn2 where it fits
+	part, done *cuda.DeviceBuffer // split partials, and per-64-row-tile counters left at zero between launches
 	esize      int                // operand bytes: 1 (e4m3) or 2 (bf16)
 	sms        int
 }
@@ -27,9 +32,19 @@ const (
 )
 
 // wgShared is wg_body's dynamic shared memory for tr staged activation
-// rows: its stages, and 1 KB to round the base up to the swizzle's 1024
-// bytes.
-func wgShared(tr int) int { return wgStages*(skinnyRows+tr)*wgRowBytes + 1024 }
+// rows and wgs warpgroups: its stages, and 1 KB to round the base up to
+// the swizzle's 1024 bytes.
+func wgShared(tr, wgs int) int { return wgStages*(wgs*skinnyRows+tr)*wgRowBytes + 1024 }
+
+// wgPerSM is the blocks an SM holds of the variant with tr staged rows and
+// wgs warpgroups, as its K split plans for (two, but one for two
+// warpgroups with 128 rows: 129 KB).
+func wgPerSM(tr, wgs int) int {
+	if wgs == 2 && tr > 64 {
+		return 1
+	}
+	return 2
+}
 
 // loadWG finds prefix_n32/64/128 in mod on an sm_90a card, raises their
 // shared memory limits (maxShared bytes a block), and allocates the split
@@ -42,26 +57,38 @@ func loadWG(ctx *cuda.Context, s *cuda.Stream, mod *cuda.Module, prefix string, 
 	}
 	g := &wgProduct{esize: esize, sms: ctx.Device().SMs}
 	found := false
-	for i, v := range skinnyVariants {
-		if wgShared(v.rows)+4 > maxShared {
-			continue
+	for _, b := range []struct {
+		wgs int
+		set *[len(skinnyVariants)]*cuda.Function
+	}{{1, &g.fn}, {2, &g.fn2}} {
+		wgs, set := b.wgs, b.set
+		for i, v := range skinnyVariants {
+			if wgShared(v.rows, wgs)+4 > maxShared {
+				continue
+			}
+			name := fmt.Sprintf("%s_n%d", prefix, v.rows)
+			if wgs == 2 {
+				name = fmt.Sprintf("%s2_n%d", prefix, v.rows)
+			}
+			fn, err := mod.Function(name)
+			if err != nil {
+				continue // not compiled in
+			}
+			if err := fn.SetMaxDynamicShared(wgShared(v.rows, wgs)); err != nil {
+				return nil, err
+			}
+			set[i], found = fn, true
 		}
-		fn, err := mod.Function(fmt.Sprintf("%s_n%d", prefix, v.rows))
-		if err != nil {
-			continue // not compiled in
-		}
-		if err := fn.SetMaxDynamicShared(wgShared(v.rows)); err != nil {
-			return nil, err
-		}
-		g.fn[i], found = fn, true
 	}
 	if !found {
 		return nil, nil
 	}
+	// two warpgroups a block split twice the 64-row tiles as far: twice
+	// the partials and counters of fp8_gemm_skinny's bound (TestWgSplitBounds)
 	var err error
-	if g.part, err = ctx.Alloc(skinnyPartBytes(g.sms)); err == nil {
-		if g.done, err = ctx.Alloc(4 * 2 * g.sms); err == nil {
-			err = s.Memset8(g.done.Ptr(), 0, 4*2*g.sms)
+	if g.part, err = ctx.Alloc(wgPartBytes(g.sms)); err == nil {
+		if g.done, err = ctx.Alloc(4 * wgTiles(g.sms)); err == nil {
+			err = s.Memset8(g.done.Ptr(), 0, 4*wgTiles(g.sms))
 		}
 	}
 	if err != nil {
@@ -86,13 +113,37 @@ func (g *wgProduct) free() error {
 	return first
 }
 
+// wgPartBytes and wgTiles bound the split partials and counters on a GPU
+// of sms SMs: a split happens only below perSM * sms blocks of tiles, so
+// the 64-row tiles times the split stay under 8 sms (two warpgroups a
+// block; 4 sms with one), and the 64-row tiles of a split product under
+// 4 sms.
+func wgPartBytes(sms int) int { return 2 * skinnyPartBytes(sms) }
+func wgTiles(sms int) int     { return 4 * sms }
+
+// set is the variants launched: fn, or fn2 with two.
+func (g *wgProduct) set() *[len(skinnyVariants)]*cuda.Function {
+	if g.two {
+		return &g.fn2
+	}
+	return &g.fn
+}
+
+// wgs is the warpgroups a block of the variants launched.
+func (g *wgProduct) wgs() int {
+	if g.two {
+		return 2
+	}
+	return 1
+}
+
 // top is the rows of the largest variant loaded (0: none).
 func (g *wgProduct) top() int {
 	if g == nil {
 		return 0
 	}
 	top := 0
-	for i, fn := range g.fn {
+	for i, fn := range g.set() {
 		if fn != nil {
 			top = skinnyVariants[i].rows
 		}
@@ -103,7 +154,7 @@ func (g *wgProduct) top() int {
 // variant is the smallest variant that takes T rows (-1: none loaded).
 func (g *wgProduct) variant(T int) int {
 	for i, v := range skinnyVariants {
-		if T <= v.rows && g.fn[i] != nil {
+		if T <= v.rows && g.set()[i] != nil {
 			return i
 		}
 	}
@@ -112,13 +163,18 @@ func (g *wgProduct) variant(T int) int {
 
 // fits reports whether it computes a T x N x K product: more rows than the
 // few-row kernels take (16) and no more than a loaded variant's, N a
-// multiple of its 64-row tiles and a row of K operands whole 64-byte spans.
+// multiple of a block's weight rows and a row of K operands whole 64-byte
+// spans.
 func (g *wgProduct) fits(T, N, K int) bool {
-	return g != nil && T > gemvMaxRows && g.variant(T) >= 0 && N%skinnyRows == 0 && K*g.esize%64 == 0
+	return g != nil && T > gemvMaxRows && g.variant(T) >= 0 && N%(skinnyRows*g.wgs()) == 0 && K*g.esize%64 == 0
 }
 
-// split is how many blocks split K for each 64-row tile of an [N, K] weight.
-func (g *wgProduct) split(N, K int) int { return skinnySplit(N, K*g.esize, g.sms, 2) }
+// split is how many blocks split K for each block's weight rows of an [N,
+// K] product of T rows.
+func (g *wgProduct) split(T, N, K int) int {
+	tr := skinnyVariants[max(g.variant(T), 0)].rows
+	return tileSplit(N/(skinnyRows*g.wgs()), K*g.esize, g.sms, wgPerSM(tr, g.wgs()))
+}
 
 // launch enqueues out [T, N] = x [T, K] . w [N, K]^T, times sx[t] sw[n]
 // where sx is set (e4m3 operands), on s. The caller checked fits.
@@ -134,5 +190,7 @@ func (g *wgProduct) launch(s *cuda.Stream, out, x, sx, w, sw cuda.DevicePtr, T, 
 		args = append(args, uint64(w))
 	}
 	args = append(args, T, N, K)
-	return g.fn[i].Launch(s, cuda.Dim3{X: N / skinnyRows, Y: g.split(N, K)}, cuda.Dim3{X: skinnyThreads}, wgShared(skinnyVariants[i].rows), args...)
+	wgs := g.wgs()
+	return g.set()[i].Launch(s, cuda.Dim3{X: N / (skinnyRows * wgs), Y: g.split(T, N, K)}, cuda.Dim3{X: skinnyThreads * wgs},
+		wgShared(skinnyVariants[i].rows, wgs), args...)
 }
