@@ -380,13 +380,14 @@ __device__ __forceinline__ void skinny_store(const float* acc, bf16* __restrict_
 }
 
 // ---------------------------------------------------------------------------
-// wg_body<ES, NT>: fp8_gemm_skinny's product (fp8.cu: arguments, grid, K
+// wg_body<ES, NT, WGS>: fp8_gemm_skinny's product (fp8.cu: arguments, grid, K
 // split and partials) on Hopper's warpgroup MMAs (wgmma, sm_90a), for
 // e4m3 (ES = 1: fp8_wg_n{32,64,128} in fp8.cu, the FP8 tensor-core path
 // that `mma.sync` lacks there, FP8_WIDE above) and bf16 operands (ES = 2:
-// gemm_wg_n{32,64,128} in llama.cu): one warpgroup (4 warps) a block,
-// each 32-byte K step one wgmma.m64nN (k32 e4m3 or k16 bf16) with the
-// block's 64 weight rows as A (M) and the 8*NT staged activation rows as
+// gemm_wg_n{32,64,128} in llama.cu; with WGS = 2 fp8_wg2_*, gemm_wg2_*):
+// WGS warpgroups (4 warps each) a block, each
+// 32-byte K step one wgmma.m64nN (k32 e4m3 or k16 bf16) per warpgroup with
+// its 64 weight rows as A (M) and the 8*NT staged activation rows as
 // B (N), both read from shared memory by descriptor; f32 accumulators in
 // registers. Stages hold 128 bytes of K a row (two 64-byte spans) in the
 // K-major 128-byte-swizzle layout wgmma reads: row r at r * 128 from a
@@ -404,7 +405,8 @@ __device__ __forceinline__ void skinny_store(const float* acc, bf16* __restrict_
 // experiment, compiled only with PEFTD_WG (PEFTD_KERNEL_DEFINES) until it
 // has run on a GPU: the Go side (wg.go) uses it where the module has it
 // and a test or benchmark asks (TestFP8Wgmma, TestBF16Wgmma, fp8bench's
-// wg_us, TestDecodeBench's +wg and +bwg rows).
+// and skinnybench's wg_us / wg2_us, TestDecodeBench's +wg, +wg2, +bwg and
+// +bwg2 rows).
 // ---------------------------------------------------------------------------
 #ifdef PEFTD_WG
 #define WG_STAGES 4
@@ -445,73 +447,35 @@ template <int N> __device__ __forceinline__ void wg_pin(float* d) {
     for (int i = 0; i < N; i++) asm volatile("" : "+f"(d[i])::"memory");
 }
 
-__device__ __forceinline__ void wg_mma_n32(float* d, unsigned long long a, unsigned long long b) {
+// The six wgmma wrappers: wg_mma_n{32,64,128} (e4m3) and
+// wg_mma_bf16_n{32,64,128}, d[0..N/2) += A (descriptor a) * B (b), one
+// instruction each. WG_MMA_FN builds one from the instruction, its
+// accumulator list (WG_R*, WG_D*), the operand numbers of a, b and the
+// scale-d predicate's source, and the trailing immediates (scale-a,
+// scale-b; bf16 also the two transposes).
+#define WG_R16 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}"
+#define WG_R32 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
+#define WG_R64 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}"
+#define WG_D16 "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+#define WG_D32 WG_D16, "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+#define WG_D64 WG_D32, "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n32k32.f32.e4m3.e4m3 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, %16, %17, p, 1, 1;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
-        : "l"(a), "l"(b), "r"(1));
+#define WG_MMA_FN(fn, op, regs, ia, ib, ip, tail, ...)                                                            \
+    __device__ __forceinline__ void fn(float* d, unsigned long long a, unsigned long long b) {                    \
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %" ip ", 0;\n" op " " regs ", %" ia ", %" ib ", p" tail ";\n}\n" \
+                     : __VA_ARGS__                                                                                   \
+                     : "l"(a), "l"(b), "r"(1));                                                                      \
+    }
 #else
-    __trap();
+#define WG_MMA_FN(fn, op, regs, ia, ib, ip, tail, ...) \
+    __device__ __forceinline__ void fn(float* d, unsigned long long a, unsigned long long b) { __trap(); }
 #endif
-}
-__device__ __forceinline__ void wg_mma_n64(float* d, unsigned long long a, unsigned long long b) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k32.f32.e4m3.e4m3 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-        : "l"(a), "l"(b), "r"(1));
-#else
-    __trap();
-#endif
-}
-__device__ __forceinline__ void wg_mma_n128(float* d, unsigned long long a, unsigned long long b) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-        : "l"(a), "l"(b), "r"(1));
-#else
-    __trap();
-#endif
-}
-
-__device__ __forceinline__ void wg_mma_bf16_n32(float* d, unsigned long long a, unsigned long long b) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, %16, %17, p, 1, 1, 0, 0;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
-        : "l"(a), "l"(b), "r"(1));
-#else
-    __trap();
-#endif
-}
-__device__ __forceinline__ void wg_mma_bf16_n64(float* d, unsigned long long a, unsigned long long b) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-        : "l"(a), "l"(b), "r"(1));
-#else
-    __trap();
-#endif
-}
-__device__ __forceinline__ void wg_mma_bf16_n128(float* d, unsigned long long a, unsigned long long b) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, 0;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-        : "l"(a), "l"(b), "r"(1));
-#else
-    __trap();
-#endif
-}
+WG_MMA_FN(wg_mma_n32, "wgmma.mma_async.sync.aligned.m64n32k32.f32.e4m3.e4m3", WG_R16, "16", "17", "18", ", 1, 1", WG_D16)
+WG_MMA_FN(wg_mma_n64, "wgmma.mma_async.sync.aligned.m64n64k32.f32.e4m3.e4m3", WG_R32, "32", "33", "34", ", 1, 1", WG_D32)
+WG_MMA_FN(wg_mma_n128, "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3", WG_R64, "64", "65", "66", ", 1, 1", WG_D64)
+WG_MMA_FN(wg_mma_bf16_n32, "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16", WG_R16, "16", "17", "18", ", 1, 1, 0, 0", WG_D16)
+WG_MMA_FN(wg_mma_bf16_n64, "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16", WG_R32, "32", "33", "34", ", 1, 1, 0, 0", WG_D32)
+WG_MMA_FN(wg_mma_bf16_n128, "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16", WG_R64, "64", "65", "66", ", 1, 1, 0, 0", WG_D64)
 
 // wg_mma<ES, NT>: one 32-byte K step, e4m3 (ES 1) or bf16 (ES 2), N = 8 NT.
 template <int ES, int NT> __device__ __forceinline__ void wg_mma(float* d, unsigned long long a, unsigned long long b) {
@@ -618,6 +582,17 @@ __device__ __forceinline__ void wg_body(bf16* __restrict__ out, float* __restric
     cp_async_wait<0>();
     skinny_store<NT>(d, out, part, done, sx, sw, M, N, &last[wg], WGS * blockIdx.x + wg, tid % (SK_WARPS * 32));
 }
+
+// WG_KERNELS(prefix, ES, ARGS, PASS): a module's six wgmma kernels,
+// prefix_n{32,64,128} (one warpgroup a block) and prefix2_n{32,64,128}
+// (two), with the module's argument list and its pass to wg_body.
+#define WG_KERNELS(prefix, ES, ARGS, PASS)                                                                   \
+    extern "C" __global__ void __launch_bounds__(32 * SK_WARPS) prefix##_n32(ARGS) { wg_body<ES, 4, 1>(PASS); }   \
+    extern "C" __global__ void __launch_bounds__(32 * SK_WARPS) prefix##_n64(ARGS) { wg_body<ES, 8, 1>(PASS); }   \
+    extern "C" __global__ void __launch_bounds__(32 * SK_WARPS) prefix##_n128(ARGS) { wg_body<ES, 16, 1>(PASS); } \
+    extern "C" __global__ void __launch_bounds__(64 * SK_WARPS) prefix##2_n32(ARGS) { wg_body<ES, 4, 2>(PASS); }  \
+    extern "C" __global__ void __launch_bounds__(64 * SK_WARPS) prefix##2_n64(ARGS) { wg_body<ES, 8, 2>(PASS); }  \
+    extern "C" __global__ void __launch_bounds__(64 * SK_WARPS) prefix##2_n128(ARGS) { wg_body<ES, 16, 2>(PASS); }
 
 #endif // PEFTD_WG
 

@@ -295,16 +295,10 @@ extern "C" __global__ void __launch_bounds__(32 * SK_WARPS) fp8_gemm_skinny_n32(
 extern "C" __global__ void __launch_bounds__(32 * SK_WARPS) fp8_gemm_skinny_n64(FP8_SKINNY_ARGS) { fp8_skinny_body<8>(FP8_SKINNY_PASS); }
 extern "C" __global__ void __launch_bounds__(32 * SK_WARPS) fp8_gemm_skinny_n128(FP8_SKINNY_ARGS) { fp8_skinny_body<16>(FP8_SKINNY_PASS); }
 
-// fp8_wg_n{32,64,128}: fp8_gemm_skinny's product on wgmma (wg_body in
-// common.cuh; only with PEFTD_WG).
+// fp8_wg_n{32,64,128}, fp8_wg2_n*: fp8_gemm_skinny's product on wgmma
+// (wg_body in common.cuh; only with PEFTD_WG).
 #ifdef PEFTD_WG
-extern "C" __global__ void __launch_bounds__(32 * SK_WARPS) fp8_wg_n32(FP8_SKINNY_ARGS) { wg_body<1, 4, 1>(FP8_SKINNY_PASS); }
-extern "C" __global__ void __launch_bounds__(32 * SK_WARPS) fp8_wg_n64(FP8_SKINNY_ARGS) { wg_body<1, 8, 1>(FP8_SKINNY_PASS); }
-extern "C" __global__ void __launch_bounds__(32 * SK_WARPS) fp8_wg_n128(FP8_SKINNY_ARGS) { wg_body<1, 16, 1>(FP8_SKINNY_PASS); }
-// fp8_wg2_n*: two warpgroups a block, 128 weight rows
-extern "C" __global__ void __launch_bounds__(64 * SK_WARPS) fp8_wg2_n32(FP8_SKINNY_ARGS) { wg_body<1, 4, 2>(FP8_SKINNY_PASS); }
-extern "C" __global__ void __launch_bounds__(64 * SK_WARPS) fp8_wg2_n64(FP8_SKINNY_ARGS) { wg_body<1, 8, 2>(FP8_SKINNY_PASS); }
-extern "C" __global__ void __launch_bounds__(64 * SK_WARPS) fp8_wg2_n128(FP8_SKINNY_ARGS) { wg_body<1, 16, 2>(FP8_SKINNY_PASS); }
+WG_KERNELS(fp8_wg, 1, FP8_SKINNY_ARGS, FP8_SKINNY_PASS)
 #endif
 
 // fp8_splitk_reduce: the sum of a K-split product's float32 partials

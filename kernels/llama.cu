@@ -2262,15 +2262,10 @@ GEMM_SKINNY(224, false, gemm_skinny_n224)
 // for 17-128 rows (M <= 32, 64, 128) on wgmma: wg_body (common.cuh) with
 // bf16 operands and no scales; grid (N / 64, S) with K split S ways (part,
 // done: float32 partials and per-tile counters, as fp8_gemm_skinny's).
+// gemm_wg2_n*: two warpgroups a block, 128 weight rows (N % 128 == 0).
 // Only with PEFTD_WG (PEFTD_KERNEL_DEFINES), on sm_90a.
 #ifdef PEFTD_WG
 #define GEMM_WG_ARGS bf16 *out, float *part, int *done, const bf16 *x, const bf16 *w, int M, int N, int K
 #define GEMM_WG_PASS out, part, done, (const unsigned char*)x, nullptr, (const unsigned char*)w, nullptr, M, N, K
-extern "C" __global__ void __launch_bounds__(32 * SK_WARPS) gemm_wg_n32(GEMM_WG_ARGS) { wg_body<2, 4, 1>(GEMM_WG_PASS); }
-extern "C" __global__ void __launch_bounds__(32 * SK_WARPS) gemm_wg_n64(GEMM_WG_ARGS) { wg_body<2, 8, 1>(GEMM_WG_PASS); }
-extern "C" __global__ void __launch_bounds__(32 * SK_WARPS) gemm_wg_n128(GEMM_WG_ARGS) { wg_body<2, 16, 1>(GEMM_WG_PASS); }
-// gemm_wg2_n*: two warpgroups a block, 128 weight rows (N % 128 == 0)
-extern "C" __global__ void __launch_bounds__(64 * SK_WARPS) gemm_wg2_n32(GEMM_WG_ARGS) { wg_body<2, 4, 2>(GEMM_WG_PASS); }
-extern "C" __global__ void __launch_bounds__(64 * SK_WARPS) gemm_wg2_n64(GEMM_WG_ARGS) { wg_body<2, 8, 2>(GEMM_WG_PASS); }
-extern "C" __global__ void __launch_bounds__(64 * SK_WARPS) gemm_wg2_n128(GEMM_WG_ARGS) { wg_body<2, 16, 2>(GEMM_WG_PASS); }
+WG_KERNELS(gemm_wg, 2, GEMM_WG_ARGS, GEMM_WG_PASS)
 #endif
