@@ -5,7 +5,10 @@
 # function (addresses and encodings dropped). "same" for every kernel a
 # device run measured means the submitted tree runs that measured code
 # (with this NVRTC; the device's is 13.0). DEFINES: PEFTD_KERNEL_DEFINES
-# for both builds.
+# for both builds. NVRTC 12.4 is not quite deterministic here: a kernel
+# whose source did not change has shown a few lines of difference
+# (sgmv_expand_tc4: operand order, register names) in some runs and none
+# in others, so rerun before reading a small difference as a change.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rev=${1:?usage: sass-diff.sh REV [DEFINES]}

@@ -12,15 +12,22 @@ import (
 	"github.com/peftd/peftd/runtime/cuda"
 )
 
-// skinnyRig is fp8Rig's context, stream and cuBLASLt handle with the
-// forward module's gemm_skinny variants.
-func skinnyRig(t testing.TB) (*fp8Rig, *bfSkinny) {
-	r := newFP8Rig(t)
+// forwardModule loads the forward module (llama.cu) on r's context for the
+// rest of the test.
+func forwardModule(t testing.TB, r *fp8Rig) *cuda.Module {
 	mod, _, err := kernels.Load(r.ctx, kernels.Llama, kernels.Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { mod.Unload() })
+	return mod
+}
+
+// skinnyRig is fp8Rig's context, stream and cuBLASLt handle with the
+// forward module's gemm_skinny variants, and the module.
+func skinnyRig(t testing.TB) (*fp8Rig, *bfSkinny, *cuda.Module) {
+	r := newFP8Rig(t)
+	mod := forwardModule(t, r)
 	g, err := newBFSkinny(mod, r.ctx.Device())
 	if err != nil {
 		t.Fatal(err)
@@ -28,7 +35,7 @@ func skinnyRig(t testing.TB) (*fp8Rig, *bfSkinny) {
 	if g == nil {
 		t.Skip("gemm_skinny does not fit this card's shared memory")
 	}
-	return r, g
+	return r, g, mod
 }
 
 // poisonBF16 is a NaN no product writes: rowsProduct fills its output with
@@ -91,7 +98,7 @@ func compareRows(t *testing.T, what string, want, got []uint16, N int) float64 {
 // 1-16 rows (rows past M must not be written), with and without the early
 // weight tiles (the same bits required).
 func TestSkinnyGemm(t *testing.T) {
-	r, g := skinnyRig(t)
+	r, g, _ := skinnyRig(t)
 	shapes := [][2]int{{6144, 4096}, {4096, 4096}, {28672, 4096}, {4096, 14336}, {3072, 3072}}
 	if testing.Short() {
 		shapes = shapes[1:2]
@@ -138,12 +145,7 @@ func TestSkinnyBench(t *testing.T) {
 	if os.Getenv("PEFTD_SKINNY_BENCH") == "" {
 		t.Skip("PEFTD_SKINNY_BENCH is not set")
 	}
-	r, g := skinnyRig(t)
-	mod, _, err := kernels.Load(r.ctx, kernels.Llama, kernels.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer mod.Unload()
+	r, g, mod := skinnyRig(t)
 	wg, err := loadWG(r.ctx, r.s, mod, "gemm_wg", 2, math.MaxInt) // nil without PEFTD_WG
 	if err != nil {
 		t.Fatal(err)
@@ -212,11 +214,7 @@ func TestSkinnyBench(t *testing.T) {
 // module's gemm_wg variants (wgmma; PEFTD_WG, sm_90a), or a skip.
 func wgRig(t testing.TB) (*fp8Rig, *wgProduct) {
 	r := newFP8Rig(t)
-	mod, _, err := kernels.Load(r.ctx, kernels.Llama, kernels.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { mod.Unload() })
+	mod := forwardModule(t, r)
 	limit := r.ctx.Device().MaxShared
 	if limit <= 0 {
 		limit = math.MaxInt

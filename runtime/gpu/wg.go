@@ -11,12 +11,12 @@ import (
 // row scales (fp8_wg_n* in the FP8 module) or bf16 ones (gemm_wg_n* in the
 // forward module). They are compiled only with PEFTD_WG (PEFTD_KERNEL_DEFINES)
 // and load only on sm_90a; a test or benchmark asks for them
-// (fp8State.wgOn, kernelForce.bwg). Grid (N / 64, S), K split S ways as
-// fp8_gemm_skinny's (skinnySplit with two blocks an SM).
+// (fp8State.wgOn, kernelForce.bwg).
 //
 // Two builds of each: one warpgroup a block (64 weight rows: fn) and two
 // (prefix2_n*, 128 weight rows, x staged once for both: fn2); two (tests,
-// benchmarks) launches the second where N allows.
+// benchmarks) launches the second where N allows. Grid (N / (64 wgs), S),
+// K split S ways as fp8_gemm_skinny's (tileSplit with wgPerSM blocks an SM).
 type wgProduct struct {
 	fn, fn2    [len(skinnyVariants)]*cuda.Function
 	two        bool               // fn2 where it fits
@@ -58,19 +58,16 @@ func loadWG(ctx *cuda.Context, s *cuda.Stream, mod *cuda.Module, prefix string, 
 	g := &wgProduct{esize: esize, sms: ctx.Device().SMs}
 	found := false
 	for _, b := range []struct {
-		wgs int
-		set *[len(skinnyVariants)]*cuda.Function
-	}{{1, &g.fn}, {2, &g.fn2}} {
+		wgs  int
+		name string // the functions' prefix
+		set  *[len(skinnyVariants)]*cuda.Function
+	}{{1, prefix, &g.fn}, {2, prefix + "2", &g.fn2}} {
 		wgs, set := b.wgs, b.set
 		for i, v := range skinnyVariants {
 			if wgShared(v.rows, wgs)+4 > maxShared {
 				continue
 			}
-			name := fmt.Sprintf("%s_n%d", prefix, v.rows)
-			if wgs == 2 {
-				name = fmt.Sprintf("%s2_n%d", prefix, v.rows)
-			}
-			fn, err := mod.Function(name)
+			fn, err := mod.Function(fmt.Sprintf("%s_n%d", b.name, v.rows))
 			if err != nil {
 				continue // not compiled in
 			}
