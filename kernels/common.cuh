@@ -347,69 +347,105 @@ __device__ __forceinline__ void skinny_store(const float* acc, bf16* __restrict_
     constexpr int TR = 8 * NT;
     const int lane = tid & 31, warp = tid >> 5, g = lane >> 2, tig = lane & 3;
     const int n0 = tile * SK_ROWS, S = gridDim.y, sp = blockIdx.y;
-    if (S == 1) {
+    // put: v (laid out as acc) scaled, rounded and stored
+    auto put = [&](const float* v) {
 #pragma unroll
         for (int t = 0; t < NT; t++)
 #pragma unroll
             for (int e = 0; e < 4; e++) {
                 const int m = 8 * t + 2 * tig + (e & 1), n = n0 + 16 * warp + g + (e >= 2 ? 8 : 0);
-                if (m < M) out[(i64)m * N + n] = __float2bfloat16_rn(sx ? acc[4 * t + e] * sx[m] * sw[n] : acc[4 * t + e]);
+                if (m < M) out[(i64)m * N + n] = __float2bfloat16_rn(sx ? v[4 * t + e] * sx[m] * sw[n] : v[4 * t + e]);
             }
+    };
+    if (S == 1) {
+        put(acc);
         return;
     }
+    // Split: every block's partials go to part, each thread's pairs (e, e +
+    // 1) as one float2 at [weight row][activation row]; the last block of
+    // the tile reads the others' back at its own positions (2 NT
+    // independent loads a split, all in flight at once) and sums them in
+    // split order, its own taken from its registers.
     float* parts = part + (i64)tile * S * SK_ROWS * TR;
-    float* mine = parts + (i64)sp * SK_ROWS * TR;
+    const int at = (16 * warp + g) * TR + 2 * tig; // + 8 TR (e >= 2) + 8 t
+    float* mine = parts + (i64)sp * SK_ROWS * TR + at;
 #pragma unroll
     for (int t = 0; t < NT; t++)
 #pragma unroll
-        for (int e = 0; e < 4; e++) mine[(16 * warp + g + (e >= 2 ? 8 : 0)) * TR + 8 * t + 2 * tig + (e & 1)] = acc[4 * t + e];
+        for (int h = 0; h < 2; h++)
+            *reinterpret_cast<float2*>(mine + h * 8 * TR + 8 * t) = make_float2(acc[4 * t + 2 * h], acc[4 * t + 2 * h + 1]);
     __threadfence();
     __syncthreads();
     if (tid == 0) *last = atomicAdd(done + tile, 1) == S - 1;
     __syncthreads();
     if (!*last) return;
     __threadfence();
-    for (int i = tid; i < SK_ROWS * TR; i += SK_WARPS * 32) {
-        const int r = i / TR, m = i - r * TR;
-        if (m >= M) continue;
-        float v = 0.f;
-        for (int s = 0; s < S; s++) v += __ldcg(parts + (i64)s * SK_ROWS * TR + i);
-        out[(i64)m * N + n0 + r] = __float2bfloat16_rn(sx ? v * sx[m] * sw[n0 + r] : v);
+    float v[4 * NT];
+#pragma unroll
+    for (int i = 0; i < 4 * NT; i++) v[i] = 0.f;
+    for (int s = 0; s < S; s++) {
+        float w[4 * NT];
+        if (s == sp) {
+#pragma unroll
+            for (int i = 0; i < 4 * NT; i++) w[i] = acc[i];
+        } else {
+            const float* p = parts + (i64)s * SK_ROWS * TR + at;
+#pragma unroll
+            for (int t = 0; t < NT; t++)
+#pragma unroll
+                for (int h = 0; h < 2; h++) {
+                    const float2 q = __ldcg(reinterpret_cast<const float2*>(p + h * 8 * TR + 8 * t));
+                    w[4 * t + 2 * h] = q.x, w[4 * t + 2 * h + 1] = q.y;
+                }
+        }
+#pragma unroll
+        for (int i = 0; i < 4 * NT; i++) v[i] += w[i];
     }
+    put(v);
     if (tid == 0) done[tile] = 0; // ready for the next launch
 }
 
 // ---------------------------------------------------------------------------
-// wg_body<ES, NT, WGS>: fp8_gemm_skinny's product (fp8.cu: arguments, grid, K
-// split and partials) on Hopper's warpgroup MMAs (wgmma, sm_90a), for
-// e4m3 (ES = 1: fp8_wg_n{32,64,128} in fp8.cu, the FP8 tensor-core path
-// that `mma.sync` lacks there, FP8_WIDE above) and bf16 operands (ES = 2:
-// gemm_wg_n{32,64,128} in llama.cu; with WGS = 2 fp8_wg2_*, gemm_wg2_*):
-// WGS warpgroups (4 warps each) a block, each
-// 32-byte K step one wgmma.m64nN (k32 e4m3 or k16 bf16) per warpgroup with
-// its 64 weight rows as A (M) and the 8*NT staged activation rows as
-// B (N), both read from shared memory by descriptor; f32 accumulators in
-// registers. Stages hold 128 bytes of K a row (two 64-byte spans) in the
-// K-major 128-byte-swizzle layout wgmma reads: row r at r * 128 from a
-// 1024-aligned stage, its 16-byte chunk c at chunk c ^ (r % 8); a
-// descriptor names a 32-byte K slice by its start (stage + 32 ks) and
-// 8-row groups 1024 bytes apart. cp.async writes the chunks (generic
-// proxy): each thread fences them to the async proxy (fence.proxy.async)
-// before the barrier that precedes the wgmma. Each stage's wgmma group is
-// waited for before the next barrier, so the copies issued after it never
-// overwrite a stage being read. Accumulators: thread (warp w, lane l)
-// holds weight rows 16w + l/4 (+8) and activation rows 8t + 2(l%4) (+1) in
-// d[4t..4t+3]: mma.sync's m16n8 layout per warp, fp8_gemm_skinny's
-// c[t][e], so the end is skinny_store. Dynamic shared memory: WG_STAGES *
-// (64 WGS + 8*NT) * 128 + 1024 bytes (the base is rounded up to 1024). An
-// experiment, compiled only with PEFTD_WG (PEFTD_KERNEL_DEFINES) until it
-// has run on a GPU: the Go side (wg.go) uses it where the module has it
-// and a test or benchmark asks (TestFP8Wgmma, TestBF16Wgmma, fp8bench's
-// and skinnybench's wg_us / wg2_us, TestDecodeBench's +wg, +wg2, +bwg and
-// +bwg2 rows).
+// wg_body<ES, NT, WGS>: the product of 17-128 activation rows with a
+// weight matrix on Hopper's warpgroup MMAs (wgmma, sm_90a), stream-K:
+// e4m3 operands with row scales (ES = 1: fp8_wg_n{32,64,128} in fp8.cu;
+// mma.sync has no native FP8 there, FP8_WIDE above) or bf16 (ES = 2:
+// gemm_wg_n* in llama.cu); WGS warpgroups a block (fp8_wg2_*, gemm_wg2_*
+// with two).
+//
+// Work: the weight rows in tiles of BM = 64 WGS, each tile's K in stages
+// of 128 bytes a row (SPT stages a tile; the last one zero-filled past K),
+// U = tiles * SPT stage units in tile order. One block an SM (grid G <=
+// SMs, ~200 KB of stages each); block b takes units [b U / G, (b + 1) U
+// / G), so every block streams the same bytes through one pipeline, across
+// its tiles' boundaries, with no second wave and no refill. A tile a
+// block holds whole is scaled, rounded and stored from registers; one
+// that blocks share (at most the first and last of a block) goes through
+// float32 partials (two slots a block), and the last of its blocks to
+// finish it (a per-tile counter) sums them in block order (the same bits
+// whichever finishes last) and stores it, leaving the counter at zero.
+//
+// A stage: BM weight rows and TR = 8 NT activation rows (zeros past M) of
+// 128 bytes, in the K-major 128-byte-swizzle layout wgmma reads (row r at
+// r * 128 from a 1024-aligned stage, its 16-byte chunk c at chunk c ^ (r
+// % 8)), written by cp.async; each thread fences its copies to the async
+// proxy (fence.proxy.async) before the barrier that precedes the wgmma.
+// Each 32-byte K slice is one wgmma.m64nN (k32 e4m3 or k16 bf16) a
+// warpgroup: its 64 weight rows as A, the TR activation rows as B, both by
+// descriptor (8-row groups 1024 bytes apart); f32 accumulators in
+// registers. AHEAD = ST - 1 - WG_INFLIGHT stages are in flight ahead of
+// the one multiplied; a copy fills the buffer the group WG_INFLIGHT + 1
+// stages back read, which every warpgroup has waited for. Accumulators:
+// thread (warp w, lane l) holds weight rows 16w + l/4 (+8) and activation
+// rows 8t + 2(l%4) (+1) in d[4t..4t+3] (mma.sync's m16n8 layout per warp,
+// fp8_gemm_skinny's c[t][e]). Compiled only with PEFTD_WG
+// (PEFTD_KERNEL_DEFINES) until it is the default: runtime/gpu/wg.go.
 // ---------------------------------------------------------------------------
 #ifdef PEFTD_WG
-#define WG_STAGES 4
+#ifndef WG_INFLIGHT
+#define WG_INFLIGHT 1 // wgmma groups left running while the next stage starts (0 or 1)
+#endif
+#define WG_SMEM (200 * 1024) // a block's stage buffers at most (one block an SM)
 #define WG_RB 128 // bytes of K a stage holds per row (the swizzle's row)
 
 // wg_desc: the wgmma shared memory descriptor of a K-major tile with the
@@ -426,10 +462,15 @@ __device__ __forceinline__ void wg_fence() {
     asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 #endif
 }
-__device__ __forceinline__ void wg_commit_wait() {
+__device__ __forceinline__ void wg_commit() {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-    asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+#endif
+}
+// wg_wait<N>: at most N of this warpgroup's wgmma groups still running.
+template <int N> __device__ __forceinline__ void wg_wait() {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
 #endif
 }
 // fence_proxy_async: this thread's generic-proxy writes to shared memory
@@ -490,12 +531,26 @@ template <int ES, int NT> __device__ __forceinline__ void wg_mma(float* d, unsig
     }
 }
 
+// WgShape: a variant's stage layout. ST: stages, as many as WG_SMEM holds
+// (16 at most); shared memory ST * SB + 1024 (the base rounded up to 1024
+// bytes). runtime/gpu/wg.go's wgStages must agree.
+template <int NT, int WGS> struct WgShape {
+    static constexpr int TR = 8 * NT;                // activation rows staged
+    static constexpr int BM = SK_ROWS * WGS;         // weight rows a tile
+    static constexpr int WB = BM * WG_RB;            // weight bytes of a stage
+    static constexpr int SB = WB + TR * WG_RB;       // bytes of a stage (a multiple of 1024)
+    static constexpr int ST = (WG_SMEM - 1024) / SB < 16 ? (WG_SMEM - 1024) / SB : 16;
+    static_assert(ST - 1 - WG_INFLIGHT >= 2, "wg_body: too few stages");
+};
+
+// wg_first: the first stage unit of block b of G over U units.
+__device__ __forceinline__ int wg_first(int b, int U, int G) { return (int)((long long)b * U / G); }
+// wg_block: the block of G whose units hold unit u.
+__device__ __forceinline__ int wg_block(int u, int U, int G) { return (int)(((long long)(u + 1) * G - 1) / U); }
+
 // wg_body: out [M, N] = x [M, K] . w [N, K]^T (times sx[m] sw[n] when sx
-// is set), operands of ES bytes, rows K values apart, K * ES % 64 == 0,
-// N % (64 WGS) == 0. WGS warpgroups a block (128 WGS threads), each with
-// its own 64 weight rows and the same staged activation rows: with 2 a
-// block reads x once for 128 weight rows (half the L2 traffic of x), and
-// each warpgroup is a 64-row tile of the split (tile 2 blockIdx.x + g).
+// is set), operands of ES bytes, rows K values apart, K * ES % 64 == 0, N
+// % BM == 0; part: 2 G BM TR floats; done: N / BM counters, zero.
 template <int ES, int NT, int WGS>
 __device__ __forceinline__ void wg_body(bf16* __restrict__ out, float* __restrict__ part, int* __restrict__ done,
                                         const unsigned char* __restrict__ qx, const float* __restrict__ sx,
@@ -504,83 +559,150 @@ __device__ __forceinline__ void wg_body(bf16* __restrict__ out, float* __restric
     static_assert(NT == 4 || NT == 8 || NT == 16, "wg_body: 32, 64 or 128 activation rows");
     static_assert(ES == 1 || ES == 2, "wg_body: e4m3 or bf16 operands");
     static_assert(WGS == 1 || WGS == 2, "wg_body: one or two warpgroups");
-    constexpr int TR = 8 * NT;              // activation rows staged (zeros past M)
-    constexpr int BM = SK_ROWS * WGS;       // weight rows a block
-    constexpr int WB = BM * WG_RB;          // weight bytes of a stage (8 KB a warpgroup)
-    constexpr int SB = WB + TR * WG_RB;     // bytes of a stage (a multiple of 1024)
-    constexpr int CH = WG_RB / 16;          // 16-byte chunks a staged row
+    using W = WgShape<NT, WGS>;
+    constexpr int TR = W::TR, BM = W::BM, WB = W::WB, SB = W::SB, ST = W::ST;
+    constexpr int CH = WG_RB / 16; // 16-byte chunks a staged row
+    constexpr int AHEAD = ST - 1 - WG_INFLIGHT;
+    static_assert(WG_INFLIGHT == 0 || WG_INFLIGHT == 1, "wg_body: WG_INFLIGHT");
     extern __shared__ __align__(16) unsigned char wgm[];
-    __shared__ int last[WGS];
+    __shared__ int last;
     const int tid = threadIdx.x, wg = WGS == 1 ? 0 : tid / (SK_WARPS * 32);
-    const int n0 = blockIdx.x * BM, S = gridDim.y, sp = blockIdx.y;
-    const i64 KB = (i64)K * ES; // bytes of an operand row
-    const int spans = (int)(KB / 64), per = (spans + S - 1) / S;
-    const int s0 = min(spans, sp * per), s1 = min(spans, s0 + per);
-    const int nst = (s1 - s0 + 1) / 2; // stages of this block: two 64-byte spans each (0 for an empty split)
+    const int KB = K * ES;                 // bytes of an operand row
+    const int SPT = (KB + WG_RB - 1) / WG_RB; // stages a tile
+    const int U = N / BM * SPT, G = gridDim.x, bid = blockIdx.x;
+    const int u0 = wg_first(bid, U, G), n = wg_first(bid + 1, U, G) - u0;
     const unsigned base = ((unsigned)__cvta_generic_to_shared(wgm) + 1023u) & ~1023u;
 
     // The copies. Thread tid copies the same chunks of every stage: 16-byte
     // chunk c = tid % 8 of staged rows r0 + RSTEP k (r0 = tid / 8, RSTEP =
     // 16 WGS, k < CPT; the first WK are weight rows, then activation rows).
     // (r0 + RSTEP k) % 8 == r0 % 8, so the swizzled chunk is the same in
-    // every row; the rows' sources are worked out once, and a stage adds
-    // only its span (spans s0 + 2j, s0 + 2j + 1 for stage j; chunk c reads
-    // span c / 4 of the two). Spans past s1 and activation rows past M are
-    // zero-filled (they add 0).
-    constexpr int RSTEP = WGS * SK_WARPS * 32 / CH;           // rows between a thread's chunks
-    constexpr int CPT = (BM + TR) / RSTEP, WK = BM / RSTEP;   // chunks a stage, weight chunks first
+    // every row. Chunks past K and activation rows past M are zero-filled.
+    constexpr int RSTEP = WGS * SK_WARPS * 32 / CH;
+    constexpr int CPT = (BM + TR) / RSTEP, WK = BM / RSTEP;
     static_assert(RSTEP % 8 == 0 && BM % RSTEP == 0 && TR % RSTEP == 0, "wg_body: rows of a thread share their swizzle");
     const int c = tid % CH, r0 = tid / CH;
     const unsigned dst0 = r0 * WG_RB + ((c ^ (r0 & 7)) << 4);
-    const unsigned char* src[CPT];
-    bool live[CPT];
+    bool live[CPT]; // activation rows below M (weight rows: always)
 #pragma unroll
-    for (int k = 0; k < CPT; k++) {
-        const int xr = r0 + RSTEP * k - BM;
-        live[k] = k < WK || xr < M;
-        src[k] = (k < WK ? qw + (i64)(n0 + r0 + RSTEP * k) * KB : qx + (i64)(live[k] ? xr : 0) * KB) + (c & 3) * 16;
-    }
-    // copy(j, k0, k1): this thread's chunks [k0, k1) of stage j into buffer j % WG_STAGES
+    for (int k = 0; k < CPT; k++) live[k] = k < WK || r0 + RSTEP * k - BM < M;
+    // copy(j, k0, k1): this thread's chunks [k0, k1) of local stage j (unit
+    // u0 + j) into buffer j % ST
     auto copy = [&](int j, int k0, int k1) {
-        if (j >= nst) return;
-        const unsigned b = base + (j % WG_STAGES) * SB + dst0;
-        const int s = s0 + 2 * j + c / 4;
-        const bool in = s < s1;
+        if (j >= n) return;
+        const int u = u0 + j, tile = u / SPT, col = (u - tile * SPT) * WG_RB + 16 * c;
+        const unsigned b = base + (j % ST) * SB + dst0;
+        const bool in = col < KB;
 #pragma unroll
         for (int k = k0; k < k1; k++) {
+            const int r = r0 + RSTEP * k;
             const bool ok = in && live[k];
-            cp_async16(b + k * RSTEP * WG_RB, src[k] + (i64)(ok ? s : s0) * 64, ok ? 16 : 0);
+            const unsigned char* src = k < WK ? qw + (long long)(tile * BM + r) * KB : qx + (long long)(live[k] ? r - BM : 0) * KB;
+            cp_async16(b + k * RSTEP * WG_RB, src + (ok ? col : 0), ok ? 16 : 0);
         }
     };
-
+    const int lane = tid & 31, warp = (tid >> 5) & 3, g = lane >> 2, tig = lane & 3;
+    // put: v (laid out as d) for weight tile `tile`, scaled, rounded and stored
+    auto put = [&](const float* v, int tile) {
+        const int n0 = tile * BM + wg * SK_ROWS;
+#pragma unroll
+        for (int t = 0; t < NT; t++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int m = 8 * t + 2 * tig + (e & 1), nn = n0 + 16 * warp + g + (e >= 2 ? 8 : 0);
+                if (m < M) out[(long long)m * N + nn] = __float2bfloat16_rn(sx ? v[4 * t + e] * sx[m] * sw[nn] : v[4 * t + e]);
+            }
+    };
+    // a slot of the partials: block b's first (0) or last (1) shared tile;
+    // each warpgroup its 64 rows, each thread its pairs (e, e + 1) as float2
+    const int at = wg * SK_ROWS * TR + (16 * warp + g) * TR + 2 * tig; // + 8 TR (e >= 2) + 8 t
+    auto slot = [&](int b, int tile) {
+        return part + ((long long)b * 2 + (wg_first(b, U, G) / SPT == tile ? 0 : 1)) * BM * TR + at;
+    };
+    // flush: the accumulators of tile `tile`, which this block holds from
+    // its stage k0 to k1 (inclusive)
     float d[4 * NT];
+    auto flush = [&](int tile, int k0, int k1) {
+        if (k0 == 0 && k1 == SPT - 1) {
+            put(d, tile);
+            return;
+        }
+        float* mine = slot(bid, tile);
+#pragma unroll
+        for (int t = 0; t < NT; t++)
+#pragma unroll
+            for (int h = 0; h < 2; h++)
+                *reinterpret_cast<float2*>(mine + h * 8 * TR + 8 * t) = make_float2(d[4 * t + 2 * h], d[4 * t + 2 * h + 1]);
+        const int b0 = wg_block(tile * SPT, U, G), b1 = wg_block((tile + 1) * SPT - 1, U, G);
+        __threadfence();
+        __syncthreads();
+        if (tid == 0) last = atomicAdd(done + tile, 1) == b1 - b0;
+        __syncthreads();
+        if (!last) return;
+        __threadfence();
+        float v[4 * NT];
+#pragma unroll
+        for (int i = 0; i < 4 * NT; i++) v[i] = 0.f;
+        for (int b = b0; b <= b1; b++) {
+            float w[4 * NT];
+            if (b == bid) {
+#pragma unroll
+                for (int i = 0; i < 4 * NT; i++) w[i] = d[i];
+            } else {
+                const float* p = slot(b, tile);
+#pragma unroll
+                for (int t = 0; t < NT; t++)
+#pragma unroll
+                    for (int h = 0; h < 2; h++) {
+                        const float2 q = __ldcg(reinterpret_cast<const float2*>(p + h * 8 * TR + 8 * t));
+                        w[4 * t + 2 * h] = q.x, w[4 * t + 2 * h + 1] = q.y;
+                    }
+            }
+#pragma unroll
+            for (int i = 0; i < 4 * NT; i++) v[i] += w[i];
+        }
+        put(v, tile);
+        if (tid == 0) done[tile] = 0; // ready for the next launch
+    };
+
 #pragma unroll
     for (int i = 0; i < 4 * NT; i++) d[i] = 0.f;
     // the weights' first stages before the wait, as fp8_gemm_skinny
 #pragma unroll
-    for (int j = 0; j < WG_STAGES - 1; j++) copy(j, 0, WK);
+    for (int j = 0; j < AHEAD; j++) copy(j, 0, WK);
     pdl_entry();
 #pragma unroll
-    for (int j = 0; j < WG_STAGES - 1; j++) {
+    for (int j = 0; j < AHEAD; j++) {
         copy(j, WK, CPT);
         cp_async_commit();
     }
-    for (int j = 0; j < nst; j++) {
-        cp_async_wait<WG_STAGES - 2>(); // this thread's copies of stage j have landed
-        fence_proxy_async();            // ... and are visible to wgmma
-        __syncthreads();                // everyone's; and stage j - 1's wgmma group is done in every warp
-        copy(j + WG_STAGES - 1, 0, CPT);
+    int tile = u0 / SPT, ks = u0 - tile * SPT, k0 = ks;
+    for (int j = 0; j < n; j++) {
+        cp_async_wait<AHEAD - 1>(); // this thread's copies of stage j have landed
+        fence_proxy_async();        // ... and are visible to wgmma
+        __syncthreads();            // everyone's; and the group WG_INFLIGHT + 1 stages back is done in every warpgroup
+        copy(j + AHEAD, 0, CPT);
         cp_async_commit();
-        const unsigned b = base + (j % WG_STAGES) * SB;
+        const unsigned b = base + (j % ST) * SB;
         wg_pin<4 * NT>(d); // nothing moves the accumulators across the MMAs (they are read and written asynchronously)
         wg_fence();
 #pragma unroll
-        for (int ks = 0; ks < WG_RB / 32; ks++) wg_mma<ES, NT>(d, wg_desc(b + wg * SK_ROWS * WG_RB + 32 * ks), wg_desc(b + WB + 32 * ks));
-        wg_commit_wait();
-        wg_pin<4 * NT>(d);
+        for (int q = 0; q < WG_RB / 32; q++) wg_mma<ES, NT>(d, wg_desc(b + wg * SK_ROWS * WG_RB + 32 * q), wg_desc(b + WB + 32 * q));
+        wg_commit();
+        if (ks == SPT - 1 || j == n - 1) { // this block's last stage of the tile
+            wg_wait<0>();
+            wg_pin<4 * NT>(d);
+            flush(tile, k0, ks);
+#pragma unroll
+            for (int i = 0; i < 4 * NT; i++) d[i] = 0.f;
+            tile++, ks = 0, k0 = 0;
+        } else {
+            wg_wait<WG_INFLIGHT>();
+            wg_pin<4 * NT>(d);
+            ks++;
+        }
     }
     cp_async_wait<0>();
-    skinny_store<NT>(d, out, part, done, sx, sw, M, N, &last[wg], WGS * blockIdx.x + wg, tid % (SK_WARPS * 32));
 }
 
 // WG_KERNELS(prefix, ES, ARGS, PASS): a module's six wgmma kernels,

@@ -206,6 +206,13 @@ func TestSkinnyBench(t *testing.T) {
 				wg.two = false
 			}
 			bench("skinny %-8s %4d %9.1f %9.1f %9.1f %9.1f %8.2f %8.2f %6d %9.1f %8.2f %9.1f %8.2f", sh.name, T, lt, sk, late, floor, floor/lt, floor/sk, p.bn, wgUs, floor/wgUs, wgUs2, floor/wgUs2)
+			for _, w := range wgSweep(t, wg, T, N, K, func() float64 {
+				return graphMedianUs(t, r.s, 20, 15, func(i int) error {
+					return wg.launch(r.s, out.Ptr(), x.Ptr(), 0, ws[i%n].Ptr(), 0, T, N, K)
+				})
+			}, func(bool) {}) {
+				bench("skinnywg %-8s %4d wgs %d grid %3d %8.1f us %6.2f of floor", sh.name, T, w.wgs, w.G, w.us, floor/w.us)
+			}
 		}
 	}
 }
@@ -235,11 +242,13 @@ func wgRig(t testing.TB) (*fp8Rig, *wgProduct) {
 
 // TestBF16Wgmma checks gemm_wg (wg_body with bf16 operands; one
 // warpgroup a block, then two: gemm_wg2) against cuBLASLt's bf16 product
-// at 17-128 rows: the 8B projections (split K or not; the n32, n64 and
+// at 17-128 rows: the 8B projections (tiles whole in a block or shared;
+// the n32, n64 and
 // n128 variants with their zero-filled rows), a 3B's o, and a K whose last
 // stage holds one 64-byte span (and N = 192, which two warpgroups do not
 // take). Every output is written and row M is left alone (rowsProduct); a
-// second product gives the same bits (split partials summed in order).
+// second product gives the same bits (shared tiles' partials summed in
+// block order).
 func TestBF16Wgmma(t *testing.T) {
 	r, g := wgRig(t)
 	defer func() { g.two = false }()
@@ -269,7 +278,7 @@ func TestBF16Wgmma(t *testing.T) {
 				return rowsProduct(t, r, out, M, N, func() error { return g.launch(r.s, out.Ptr(), x.Ptr(), 0, w.Ptr(), 0, M, N, K) })
 			}
 			got, again := run(), run()
-			what := fmt.Sprintf("%s %d x %d x %d (K split %d ways)", name, M, N, K, g.split(M, N, K))
+			what := fmt.Sprintf("%s %d x %d x %d (%d blocks)", name, M, N, K, g.grid(M, N, K))
 			worst := compareRows(t, what, want, got, N)
 			for i := range got {
 				if got[i] != again[i] {

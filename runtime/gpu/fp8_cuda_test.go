@@ -398,6 +398,7 @@ func TestFP8GemmBench(t *testing.T) {
 		name string
 		N, K int
 	}{{"qkv", 6144, 4096}, {"o", 4096, 4096}, {"gate_up", 28672, 4096}, {"down", 4096, 14336}}
+	var wgGrids []wgGridTime                                                                       // PEFTD_WG_GRIDS
 	Ts := envBatches(t, "PEFTD_FP8_BENCH_T", []int{1, 4, 16, 32, 48, 64, 96, 128, 192, 256, 2048}) // e.g. 1,4,8,16 for the few-row kernels alone
 	// 20 calls per recorded graph (rotating the weights), median of 15 replays
 	timeIt := func(_ int, fn func(i int) error) float64 { return graphMedianUs(t, r.s, 20, 15, fn) }
@@ -487,6 +488,9 @@ func TestFP8GemmBench(t *testing.T) {
 				}
 				r.f.wg.two = false
 			}
+			wgGrids = append(wgGrids[:0], wgSweep(t, r.f.wg, T, N, K, func() float64 {
+				return timeIt(30, func(i int) error { return r.f.linear(out.Ptr(), x.Ptr(), T, w8[i%n8], 7) })
+			}, func(on bool) { r.f.wgOn = on })...)
 			tq := timeIt(30, func(i int) error {
 				return r.f.quantRows(r.f.actQ.Ptr(), r.f.actS.Ptr(), x.Ptr(), T, K, K)
 			})
@@ -504,6 +508,9 @@ func TestFP8GemmBench(t *testing.T) {
 				auto = r.f.split(T, N, K)
 			}
 			bench("fp8gemm %-8s %5d %9.1f %9.1f %9.1f %9.1f %9.1f %9.1f %9.1f %8.2f %9.1f %9.1f %7.2f %7.2f %7.0f %5d %8.1f %8.1f %8.1f %8.1f %8.2f %8.1f %8.2f %8.1f %8.2f", sh.name, T, t16, t8, gv8, sk, lt, tq, tt, t16/tt, fl16, fl8, fl16/t16, fl8/t8, fl/(t8*1e-6)/1e12, auto, sp[0], sp[1], sp[2], fs, fl8/fs, wg[0], fl8/wg[0], wg[1], fl8/wg[1])
+			for _, w := range wgGrids {
+				bench("fp8wg %-8s %5d wgs %d grid %3d %8.1f us %6.2f of floor8", sh.name, T, w.wgs, w.G, w.us, fl8/w.us)
+			}
 		}
 		r.sync()
 		for i := 1; i < n8; i++ {
@@ -952,10 +959,12 @@ func TestFP8SchemeFidelity(t *testing.T) {
 // only with PEFTD_KERNEL_DEFINES=-DPEFTD_WG, on sm_90a; one warpgroup a
 // block, then two: fp8_wg2) against the float64 product of the same e4m3
 // operands and scales, and against fp8_gemm_skinny's mma.sync product of
-// them, at 17-128 rows: the 8B projections (split K or not, and the n32,
+// them, at 17-128 rows: the 8B projections (tiles whole in a block or
+// shared by several, and the n32,
 // n64 and n128 variants with their zero-filled rows) and a K whose last
 // stage holds one 64-byte span (N = 192: not for two warpgroups). A second
-// product gives the same bits (split partials summed in order).
+// product gives the same bits (shared tiles' partials summed in block
+// order).
 func TestFP8Wgmma(t *testing.T) {
 	r := newFP8Rig(t)
 	if r.f.wg == nil {
@@ -1029,8 +1038,8 @@ func fp8WgmmaCase(t *testing.T, r *fp8Rig, name string, T, N, K int) {
 		fw[i], fs[i] = fromBF16(gw[i]), float64(fromBF16(gs[i]))
 	}
 	eDeq, eSk := relErr64(fw, deq), relErr64(fw, fs)
-	t.Logf("T=%4d N=%5d K=%5d (%s, K split %d ways): vs float64(dequantized) maxrel=%.3g; vs fp8_gemm_skinny %.3g",
-		T, N, K, name, r.f.wg.split(T, N, K), eDeq, eSk)
+	t.Logf("T=%4d N=%5d K=%5d (%s, %d blocks): vs float64(dequantized) maxrel=%.3g; vs fp8_gemm_skinny %.3g",
+		T, N, K, name, r.f.wg.grid(T, N, K), eDeq, eSk)
 	if !(eDeq <= tight) {
 		t.Errorf("%s T=%d N=%d K=%d: vs dequantized float64 reference %.3g > %.0e", name, T, N, K, eDeq, tight)
 	}
@@ -1040,4 +1049,39 @@ func fp8WgmmaCase(t *testing.T, r *fp8Rig, name string, T, N, K int) {
 	if !slices.Equal(gw, gw2) {
 		t.Errorf("%s T=%d N=%d K=%d: a second product differs from the first", name, T, N, K)
 	}
+}
+
+// wgGridTime is one of wgSweep's timings.
+type wgGridTime struct {
+	wgs, G int
+	us     float64
+}
+
+// wgSweep times a T x N x K wgmma product (g: fp8_wg or gemm_wg) with one
+// and two warpgroups a block at each grid PEFTD_WG_GRIDS lists (e.g.
+// "66,100,132"; blocks, at most one an SM; none when unset or g is nil):
+// timed runs the product once set up, on turns the product's wgmma path
+// on and off.
+func wgSweep(t *testing.T, g *wgProduct, T, N, K int, timed func() float64, on func(bool)) []wgGridTime {
+	if g == nil || os.Getenv("PEFTD_WG_GRIDS") == "" {
+		return nil
+	}
+	var res []wgGridTime
+	for _, two := range []bool{false, true} {
+		g.two = two
+		if !g.fits(T, N, K) {
+			continue
+		}
+		for _, G := range envBatches(t, "PEFTD_WG_GRIDS", nil) {
+			g.forceG = G
+			if g.grid(T, N, K) != G {
+				continue // more than the SMs or the stage units
+			}
+			on(true)
+			res = append(res, wgGridTime{g.wgs(), G, timed()})
+			on(false)
+		}
+	}
+	g.two, g.forceG = false, 0
+	return res
 }

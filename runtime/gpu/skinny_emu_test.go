@@ -163,7 +163,7 @@ func emuLastSum(part, out, written []int, S, TR, M, N, n0 int) {
 func emuCheck(t *testing.T, qx, qw, out, written, done []int, M, N, K, sms, S int) {
 	t.Helper()
 	if bad := emuWrong(qx, qw, out, written, M, N, K); bad > 0 {
-		t.Errorf("M=%d N=%d K=%d (%d SMs, K split %d ways): %d of %d outputs wrong or not written once", M, N, K, sms, S, bad, M*N)
+		t.Errorf("M=%d N=%d K=%d (%d SMs, %d blocks or K splits): %d of %d outputs wrong or not written once", M, N, K, sms, S, bad, M*N)
 	}
 	for i, d := range done {
 		if d != 0 {

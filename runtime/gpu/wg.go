@@ -6,45 +6,49 @@ import (
 	"github.com/peftd/peftd/runtime/cuda"
 )
 
-// wgProduct launches wg_body's kernels (kernels/common.cuh): fp8_gemm_skinny's
-// product on Hopper's warpgroup MMAs for 17-128 rows, with e4m3 operands and
-// row scales (fp8_wg_n* in the FP8 module) or bf16 ones (gemm_wg_n* in the
-// forward module). They are compiled only with PEFTD_WG (PEFTD_KERNEL_DEFINES)
-// and load only on sm_90a; a test or benchmark asks for them
-// (fp8State.wgOn, kernelForce.bwg).
+// wgProduct launches wg_body's kernels (kernels/common.cuh): the product of
+// 17-128 activation rows on Hopper's warpgroup MMAs, stream-K (one block an
+// SM, each streaming an equal share of the tiles' K stages), with e4m3
+// operands and row scales (fp8_wg_n* in the FP8 module) or bf16 ones
+// (gemm_wg_n* in the forward module). They are compiled only with PEFTD_WG
+// (PEFTD_KERNEL_DEFINES) and load only on sm_90a; a test or benchmark asks
+// for them (fp8State.wgOn, kernelForce.bwg).
 //
-// Two builds of each: one warpgroup a block (64 weight rows: fn) and two
-// (prefix2_n*, 128 weight rows, x staged once for both: fn2); two (tests,
-// benchmarks) launches the second where N allows. Grid (N / (64 wgs), S),
-// K split S ways as fp8_gemm_skinny's (tileSplit with wgPerSM blocks an SM).
+// Two builds of each: one warpgroup a block (64-row weight tiles: fn) and
+// two (prefix2_n*, 128-row tiles, x staged once for both: fn2); two
+// (tests, benchmarks) launches the second where N allows.
 type wgProduct struct {
 	fn, fn2    [len(skinnyVariants)]*cuda.Function
 	two        bool               // fn2 where it fits
-	part, done *cuda.DeviceBuffer // split partials, and per-64-row-tile counters left at zero between launches
+	part, done *cuda.DeviceBuffer // shared tiles' partials, and per-tile counters left at zero between launches
 	esize      int                // operand bytes: 1 (e4m3) or 2 (bf16)
 	sms        int
+	forceG     int // benchmarks: this many blocks (0: one an SM; at most that)
 }
 
-// wgStages and wgRowBytes are wg_body's WG_STAGES and WG_RB.
+// wgRowBytes is wg_body's WG_RB: bytes of K a stage holds of each row.
+// wgSmem is WG_SMEM, a block's stage buffers at most.
 const (
-	wgStages   = 4
 	wgRowBytes = 128
+	wgSmem     = 200 << 10
+	wgMaxTiles = 8192 // weight tiles a product may have (the counters)
 )
+
+// wgStages is WgShape's ST: the stages of the variant with tr staged rows
+// and wgs warpgroups.
+func wgStages(tr, wgs int) int {
+	return min(16, (wgSmem-1024)/((wgs*skinnyRows+tr)*wgRowBytes))
+}
 
 // wgShared is wg_body's dynamic shared memory for tr staged activation
 // rows and wgs warpgroups: its stages, and 1 KB to round the base up to
 // the swizzle's 1024 bytes.
-func wgShared(tr, wgs int) int { return wgStages*(wgs*skinnyRows+tr)*wgRowBytes + 1024 }
+func wgShared(tr, wgs int) int { return wgStages(tr, wgs)*(wgs*skinnyRows+tr)*wgRowBytes + 1024 }
 
-// wgPerSM is the blocks an SM holds of the variant with tr staged rows and
-// wgs warpgroups, as its K split plans for (two, but one for two
-// warpgroups with 128 rows: 129 KB).
-func wgPerSM(tr, wgs int) int {
-	if wgs == 2 && tr > 64 {
-		return 1
-	}
-	return 2
-}
+// wgPartBytes bounds the shared tiles' partials on a GPU of sms SMs: two
+// slots a block, a block at most an SM, 128 weight rows by 128 activation
+// rows of float32.
+func wgPartBytes(sms int) int { return 2 * sms * 2 * skinnyRows * skinnyMaxRows * 4 }
 
 // loadWG finds prefix_n32/64/128 in mod on an sm_90a card, raises their
 // shared memory limits (maxShared bytes a block), and allocates the split
@@ -80,12 +84,10 @@ func loadWG(ctx *cuda.Context, s *cuda.Stream, mod *cuda.Module, prefix string, 
 	if !found {
 		return nil, nil
 	}
-	// two warpgroups a block split twice the 64-row tiles as far: twice
-	// the partials and counters of fp8_gemm_skinny's bound (TestWgSplitBounds)
 	var err error
 	if g.part, err = ctx.Alloc(wgPartBytes(g.sms)); err == nil {
-		if g.done, err = ctx.Alloc(4 * wgTiles(g.sms)); err == nil {
-			err = s.Memset8(g.done.Ptr(), 0, 4*wgTiles(g.sms))
+		if g.done, err = ctx.Alloc(4 * wgMaxTiles); err == nil {
+			err = s.Memset8(g.done.Ptr(), 0, 4*wgMaxTiles)
 		}
 	}
 	if err != nil {
@@ -109,14 +111,6 @@ func (g *wgProduct) free() error {
 	g.part, g.done = nil, nil
 	return first
 }
-
-// wgPartBytes and wgTiles bound the split partials and counters on a GPU
-// of sms SMs: a split happens only below perSM * sms blocks of tiles, so
-// the 64-row tiles times the split stay under 8 sms (two warpgroups a
-// block; 4 sms with one), and the 64-row tiles of a split product under
-// 4 sms.
-func wgPartBytes(sms int) int { return 2 * skinnyPartBytes(sms) }
-func wgTiles(sms int) int     { return 4 * sms }
 
 // set is the variants launched: fn, or fn2 with two.
 func (g *wgProduct) set() *[len(skinnyVariants)]*cuda.Function {
@@ -159,18 +153,26 @@ func (g *wgProduct) variant(T int) int {
 }
 
 // fits reports whether it computes a T x N x K product: more rows than the
-// few-row kernels take (16) and no more than a loaded variant's, N a
-// multiple of a block's weight rows and a row of K operands whole 64-byte
+// few-row kernels take (16) and no more than a loaded variant's, N whole
+// tiles (no more than the counters) and a row of K operands whole 64-byte
 // spans.
 func (g *wgProduct) fits(T, N, K int) bool {
-	return g != nil && T > gemvMaxRows && g.variant(T) >= 0 && N%(skinnyRows*g.wgs()) == 0 && K*g.esize%64 == 0
+	if g == nil || T <= gemvMaxRows || g.variant(T) < 0 || K*g.esize%64 != 0 {
+		return false
+	}
+	bm := skinnyRows * g.wgs()
+	return N%bm == 0 && N/bm <= wgMaxTiles
 }
 
-// split is how many blocks split K for each block's weight rows of an [N,
-// K] product of T rows.
-func (g *wgProduct) split(T, N, K int) int {
-	tr := skinnyVariants[max(g.variant(T), 0)].rows
-	return tileSplit(N/(skinnyRows*g.wgs()), K*g.esize, g.sms, wgPerSM(tr, g.wgs()))
+// grid is the blocks of a T x N x K product: one an SM, no more than its
+// stage units.
+func (g *wgProduct) grid(T, N, K int) int {
+	units := N / (skinnyRows * g.wgs()) * ((K*g.esize + wgRowBytes - 1) / wgRowBytes)
+	G := g.sms
+	if g.forceG > 0 {
+		G = min(G, g.forceG)
+	}
+	return max(1, min(G, units))
 }
 
 // launch enqueues out [T, N] = x [T, K] . w [N, K]^T, times sx[t] sw[n]
@@ -188,6 +190,6 @@ func (g *wgProduct) launch(s *cuda.Stream, out, x, sx, w, sw cuda.DevicePtr, T, 
 	}
 	args = append(args, T, N, K)
 	wgs := g.wgs()
-	return g.set()[i].Launch(s, cuda.Dim3{X: N / (skinnyRows * wgs), Y: g.split(T, N, K)}, cuda.Dim3{X: skinnyThreads * wgs},
+	return g.set()[i].Launch(s, cuda.Dim3{X: g.grid(T, N, K)}, cuda.Dim3{X: skinnyThreads * wgs},
 		wgShared(skinnyVariants[i].rows, wgs), args...)
 }

@@ -5,26 +5,32 @@ import (
 	"testing"
 )
 
-// TestWgTilingEmulated runs fp8_wg's index arithmetic (kernels/fp8.cu,
-// PEFTD_WG) on the CPU with integers for the e4m3 values: each
-// stage's cp.async chunks land where the kernel puts them (each thread's
-// chunk c = tid % 8 of rows tid / 8 + 16k at one swizzled offset plus 2 KB
-// a k; zeros where it asks for 0 bytes), which must be row r at r * 128,
-// chunk c at c ^ (r % 8) for the descriptor reads to find them; each
-// wgmma reads its 64 x 32 A and N x 32 B slices by descriptor as the PTX
-// ISA defines the K-major 128-byte swizzle (the byte at row r, column k
-// of a slice starting at a is at a + 1024 (r / 8) + 128 (r % 8) + k, its
-// 16-byte chunk bits XOR-ed with that address's bits 7-9); each thread's
-// accumulators d[4t + e] are the fragment the kernel's epilogue assumes
-// (weight row 16 warp + lane/4 (+8), activation row 8t + 2 (lane%4)
-// (+1)); then the split partials and the last block's sum. The result
-// must be the plain product once per output for every shape class: split
-// and unsplit, a last stage with one span, activation rows past M.
+// TestWgTilingEmulated runs wg_body's index arithmetic (kernels/common.cuh,
+// PEFTD_WG: fp8_wg, gemm_wg) on the CPU with integers for the operands,
+// for one and two warpgroups a block, each block's whole pipeline in turn
+// (in a shuffled order, so any of a shared tile's blocks may finish it):
+// its stage units (b U / G on), each stage's cp.async chunks where the
+// kernel puts them (each thread's chunk c = tid % 8 of rows tid / 8 +
+// rstep k at one swizzled offset; zeros where it asks for 0 bytes), which
+// must be row r at r * 128, chunk c at c ^ (r % 8) for the descriptor
+// reads to find them; each wgmma group reading its stage buffer as late as
+// the kernel lets it run (one group in flight: after the next stage's
+// copies are issued), by descriptor as the PTX ISA defines the K-major
+// 128-byte swizzle (the byte at row r, column k of a slice starting at a
+// is at a + 1024 (r / 8) + 128 (r % 8) + k, its 16-byte chunk bits XOR-ed
+// with that address's bits 7-9); the accumulators as each thread holds
+// them (weight row 16 warp + lane/4 (+8), activation row 8t + 2 (lane%4)
+// (+1)); whole tiles stored, shared ones through the partial slots and
+// the counters. The result must be the plain product, each output written
+// once, every counter back at zero, for every shape class: blocks inside
+// one tile, tiles shared by two or more blocks, a last stage with one
+// 64-byte span, activation rows past M.
 func TestWgTilingEmulated(t *testing.T) {
 	for _, wgs := range []int{1, 2} { // warpgroups a block (fp8_wg, fp8_wg2)
 		for _, c := range []struct{ M, N, K, sms int }{
 			{17, 128, 64 * 13, 8}, {33, 128, 64 * 9, 4}, {64, 256, 64 * 16, 2}, {20, 128, 64, 8}, {40, 256, 64 * 5, 100},
-			{65, 128, 64 * 7, 8}, {128, 128, 64 * 10, 16}, {100, 384, 64 * 3, 2}, {48, 64, 64 * 6, 3},
+			{65, 128, 64 * 7, 8}, {128, 128, 64 * 10, 16}, {100, 384, 64 * 3, 2}, {48, 64, 64 * 6, 3}, {24, 1024, 256, 5},
+			{30, 512, 64 * 11, 1},
 		} {
 			if c.N%(wgs*skinnyRows) != 0 {
 				continue
@@ -43,10 +49,12 @@ func wgEmulate(t *testing.T, wgs, M, N, K, sms int) {
 	}
 	NT := skinnyVariants[v].rows / 8
 	TR := 8 * NT
-	BM := wgs * skinnyRows // weight rows a block
+	BM := wgs * skinnyRows // weight rows a tile
 	WB := BM * rb
 	SB := WB + TR*rb
 	CH := rb / 16
+	ST := wgStages(TR, wgs)
+	ahead := ST - 2 // WG_INFLIGHT 1
 	threads := wgs * skinnyThreads
 	rng := rand.New(rand.NewPCG(uint64(M), uint64(K)+uint64(wgs)))
 	qw, qx := make([]int, N*K), make([]int, M*K)
@@ -56,83 +64,88 @@ func wgEmulate(t *testing.T, wgs, M, N, K, sms int) {
 	for i := range qx {
 		qx[i] = rng.IntN(15) - 7
 	}
-	S := tileSplit(N/BM, K, sms, wgPerSM(TR, wgs))
-	tiles := N / skinnyRows // 64-row tiles (a warpgroup's)
-	part := make([]int, tiles*S*skinnyRows*TR)
+	g := &wgProduct{sms: sms, esize: 1, two: wgs == 2}
+	SPT := (K + rb - 1) / rb
+	tiles := N / BM
+	U := tiles * SPT
+	G := g.grid(M, N, K)
+	first := func(b int) int { return b * U / G }
+	blockOf := func(u int) int { return ((u+1)*G - 1) / U }
+	if len(make([]int, 2*G*BM*TR))*4 > wgPartBytes(sms) {
+		t.Fatalf("M=%d N=%d K=%d: the partials of %d blocks overrun wgPartBytes", M, N, K, G)
+	}
+	part := make([]int, 2*G*BM*TR)
+	for i := range part {
+		part[i] = 1 << 24 // never written: would show in the sums
+	}
+	slot := func(b, tile int) int {
+		w := 1
+		if first(b)/SPT == tile {
+			w = 0
+		}
+		return (b*2 + w) * BM * TR
+	}
 	out, written, done := make([]int, M*N), make([]int, M*N), make([]int, tiles)
-	// read is the byte a wgmma descriptor starting at a gives for row r,
-	// column k of its slice (K-major, 128-byte swizzle, 8-row groups 1024
-	// bytes apart; a - a % 1024 is 1024-aligned in the kernel)
 	read := func(smem []int, a, r, k int) int {
 		lin := a + 1024*(r/8) + 128*(r%8) + k
 		return smem[lin^(((lin>>7)&7)<<4)]
 	}
-	// the kernel's copies: thread tid, chunk c = tid % 8 of rows r0 +
-	// rstep k (r0 = tid / 8, rstep = 16 wgs), weight rows for k < wk, one
-	// shared offset dst0 (the rows of a thread share their swizzle)
 	rstep := threads / CH
 	cpt, wk := (BM+TR)/rstep, BM/rstep
-	for bx := range N / BM {
-		for sp := range S {
-			n0 := bx * BM
-			spans := K / 64
-			per := (spans + S - 1) / S
-			s0 := min(spans, sp*per)
-			s1 := min(spans, s0+per)
-			nst := (s1 - s0 + 1) / 2
-			smem := make([]int, wgStages*SB)
-			for i := range smem {
-				smem[i] = 1 << 20 // never copied: would show in the sums
+	for _, b := range rng.Perm(G) {
+		u0, n := first(b), first(b+1)-first(b)
+		smem := make([]int, ST*SB)
+		for i := range smem {
+			smem[i] = 1 << 20 // never copied: would show in the sums
+		}
+		copyStage := func(j, k0, k1 int) {
+			if j >= n {
+				return
 			}
-			copyStage := func(j, k0, k1 int) {
-				if j >= nst {
-					return
-				}
-				b := (j % wgStages) * SB
-				sa := s0 + 2*j
-				for tid := range threads {
-					c, r0 := tid%CH, tid/CH
-					dst0 := r0*rb + ((c ^ (r0 & 7)) << 4)
-					for k := k0; k < k1; k++ {
-						r := r0 + rstep*k // staged row: weight rows 0..BM-1, then activation rows
-						for by := range 16 {
-							smem[b+dst0+k*rstep*rb+by] = emuChunkByte(qw, qx, r, c, by, sa, s1, n0, BM, M, K)
-						}
+			u := u0 + j
+			tile, ks := u/SPT, u%SPT
+			buf := (j % ST) * SB
+			for tid := range threads {
+				c, r0 := tid%CH, tid/CH
+				dst0 := r0*rb + ((c ^ (r0 & 7)) << 4)
+				for k := k0; k < k1; k++ {
+					r := r0 + rstep*k // staged row: weight rows 0..BM-1, then activation rows
+					for by := range 16 {
+						smem[buf+dst0+k*rstep*rb+by] = emuChunkByte(qw, qx, r, c, by, 2*ks, K/64, tile*BM, BM, M, K)
 					}
 				}
 			}
-			for j := range wgStages - 1 {
-				copyStage(j, 0, wk)
-			}
-			for j := range wgStages - 1 {
-				copyStage(j, wk, cpt)
-			}
-			D := make([][][]int, wgs) // D[warpgroup][weight row][activation row], as wgmma accumulates it
-			for g := range D {
-				D[g] = make([][]int, skinnyRows)
-				for r := range D[g] {
-					D[g][r] = make([]int, TR)
+		}
+		// D[warpgroup][weight row][activation row], as wgmma accumulates it
+		D := make([][][]int, wgs)
+		zero := func() {
+			for w := range D {
+				D[w] = make([][]int, skinnyRows)
+				for r := range D[w] {
+					D[w][r] = make([]int, TR)
 				}
 			}
-			for j := range nst {
-				copyStage(j+wgStages-1, 0, cpt)
-				b := (j % wgStages) * SB
-				for g := range wgs {
-					for ks := range rb / 32 {
-						for r := range skinnyRows {
-							for n := range TR {
-								for k := range 32 {
-									D[g][r][n] += read(smem, b+g*skinnyRows*rb+32*ks, r, k) * read(smem, b+WB+32*ks, n, k)
-								}
+		}
+		zero()
+		group := func(j int) { // stage j's wgmma group
+			buf := (j % ST) * SB
+			for w := range wgs {
+				for q := range rb / 32 {
+					for r := range skinnyRows {
+						for nn := range TR {
+							for k := range 32 {
+								D[w][r][nn] += read(smem, buf+w*skinnyRows*rb+32*q, r, k) * read(smem, buf+WB+32*q, nn, k)
 							}
 						}
 					}
 				}
 			}
-			// each warpgroup's threads' d[4t + e], through skinny_store's indices
-			for g := range wgs {
-				tile := wgs*bx + g
-				tn0 := tile * skinnyRows
+		}
+		// flush: the accumulators of tile, held from stage k0 to k1, through
+		// each thread's registers d[4t + e] as the kernel's put and slots use them
+		flush := func(tile, k0, k1 int) {
+			whole := k0 == 0 && k1 == SPT-1
+			for w := range wgs {
 				for tid := range skinnyThreads {
 					warp, lane := tid/32, tid%32
 					gg, tig := lane/4, lane%4
@@ -143,29 +156,64 @@ func wgEmulate(t *testing.T, wgs, M, N, K, sms int) {
 								row += 8
 							}
 							m := 8*tt + 2*tig + (e & 1)
-							val := D[g][row][8*tt+2*tig+(e&1)] // d[4tt + e]
-							if S == 1 {
+							val := D[w][row][m]
+							if whole {
 								if m < M {
-									out[m*N+tn0+row] = val
-									written[m*N+tn0+row]++
+									out[m*N+tile*BM+w*skinnyRows+row] = val
+									written[m*N+tile*BM+w*skinnyRows+row]++
 								}
 								continue
 							}
-							part[tile*S*skinnyRows*TR+sp*skinnyRows*TR+row*TR+m] = val
+							part[slot(b, tile)+w*skinnyRows*TR+row*TR+m] = val
 						}
 					}
 				}
-				if S == 1 {
-					continue
+			}
+			if whole {
+				return
+			}
+			b0, b1 := blockOf(tile*SPT), blockOf((tile+1)*SPT-1)
+			if done[tile]++; done[tile] != b1-b0+1 {
+				return
+			}
+			for w := range wgs {
+				for row := range skinnyRows {
+					for m := range min(M, TR) {
+						sum := 0
+						for bb := b0; bb <= b1; bb++ {
+							sum += part[slot(bb, tile)+w*skinnyRows*TR+row*TR+m]
+						}
+						out[m*N+tile*BM+w*skinnyRows+row] = sum
+						written[m*N+tile*BM+w*skinnyRows+row]++
+					}
 				}
-				done[tile]++
-				if done[tile] != S {
-					continue
-				}
-				emuLastSum(part[tile*S*skinnyRows*TR:], out, written, S, TR, M, N, tn0)
-				done[tile] = 0
+			}
+			done[tile] = 0
+		}
+		for j := range ahead {
+			copyStage(j, 0, wk)
+		}
+		for j := range ahead {
+			copyStage(j, wk, cpt)
+		}
+		tile, ks := u0/SPT, u0%SPT
+		k0, pending := ks, -1
+		for j := range n {
+			copyStage(j+ahead, 0, cpt)
+			if pending >= 0 {
+				group(pending) // the group one stage back, as late as it may run
+			}
+			pending = j
+			if ks == SPT-1 || j == n-1 {
+				group(j)
+				pending = -1
+				flush(tile, k0, ks)
+				zero()
+				tile, ks, k0 = tile+1, 0, 0
+			} else {
+				ks++
 			}
 		}
 	}
-	emuCheck(t, qx, qw, out, written, done, M, N, K, sms, S)
+	emuCheck(t, qx, qw, out, written, done, M, N, K, sms, G)
 }
