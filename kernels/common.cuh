@@ -445,7 +445,13 @@ __device__ __forceinline__ void skinny_store(const float* acc, bf16* __restrict_
 #ifndef WG_INFLIGHT
 #define WG_INFLIGHT 1 // wgmma groups left running while the next stage starts (0 or 1)
 #endif
-#define WG_SMEM (200 * 1024) // a block's stage buffers at most (one block an SM)
+#ifndef WG_PER_SM
+#define WG_PER_SM 2 // blocks an SM (the grid: WG_PER_SM SMs)
+#endif
+#ifndef WG_KA
+#define WG_KA 1 // 128-byte K atoms a stage
+#endif
+#define WG_SMEM (200 * 1024 / WG_PER_SM) // a block's stage buffers at most
 #define WG_RB 128 // bytes of K a stage holds per row (the swizzle's row)
 
 // wg_desc: the wgmma shared memory descriptor of a K-major tile with the
@@ -532,15 +538,16 @@ template <int ES, int NT> __device__ __forceinline__ void wg_mma(float* d, unsig
 }
 
 // WgShape: a variant's stage layout. ST: stages, as many as WG_SMEM holds
-// (16 at most); shared memory ST * SB + 1024 (the base rounded up to 1024
+// (3 to 16); shared memory ST * SB + 1024 (the base rounded up to 1024
 // bytes). runtime/gpu/wg.go's wgStages must agree.
 template <int NT, int WGS> struct WgShape {
     static constexpr int TR = 8 * NT;                // activation rows staged
     static constexpr int BM = SK_ROWS * WGS;         // weight rows a tile
-    static constexpr int WB = BM * WG_RB;            // weight bytes of a stage
-    static constexpr int SB = WB + TR * WG_RB;       // bytes of a stage (a multiple of 1024)
-    static constexpr int ST = (WG_SMEM - 1024) / SB < 16 ? (WG_SMEM - 1024) / SB : 16;
-    static_assert(ST - 1 - WG_INFLIGHT >= 2, "wg_body: too few stages");
+    static constexpr int WB = BM * WG_RB;            // weight bytes of an atom
+    static constexpr int AB = WB + TR * WG_RB;       // bytes of an atom: weights, then activations (a multiple of 1024)
+    static constexpr int SB = WG_KA * AB;            // bytes of a stage
+    static constexpr int FIT = (WG_SMEM - 1024) / SB;
+    static constexpr int ST = FIT < 3 ? 3 : FIT < 16 ? FIT : 16; // 3 at least (past the budget: fewer blocks an SM)
 };
 
 // wg_first: the first stage unit of block b of G over U units.
@@ -560,7 +567,7 @@ __device__ __forceinline__ void wg_body(bf16* __restrict__ out, float* __restric
     static_assert(ES == 1 || ES == 2, "wg_body: e4m3 or bf16 operands");
     static_assert(WGS == 1 || WGS == 2, "wg_body: one or two warpgroups");
     using W = WgShape<NT, WGS>;
-    constexpr int TR = W::TR, BM = W::BM, WB = W::WB, SB = W::SB, ST = W::ST;
+    constexpr int TR = W::TR, BM = W::BM, WB = W::WB, AB = W::AB, SB = W::SB, ST = W::ST;
     constexpr int CH = WG_RB / 16; // 16-byte chunks a staged row
     constexpr int AHEAD = ST - 1 - WG_INFLIGHT;
     static_assert(WG_INFLIGHT == 0 || WG_INFLIGHT == 1, "wg_body: WG_INFLIGHT");
@@ -568,7 +575,7 @@ __device__ __forceinline__ void wg_body(bf16* __restrict__ out, float* __restric
     __shared__ int last;
     const int tid = threadIdx.x, wg = WGS == 1 ? 0 : tid / (SK_WARPS * 32);
     const int KB = K * ES;                 // bytes of an operand row
-    const int SPT = (KB + WG_RB - 1) / WG_RB; // stages a tile
+    const int SPT = (KB + WG_KA * WG_RB - 1) / (WG_KA * WG_RB); // stages a tile
     const int U = N / BM * SPT, G = gridDim.x, bid = blockIdx.x;
     const int u0 = wg_first(bid, U, G), n = wg_first(bid + 1, U, G) - u0;
     const unsigned base = ((unsigned)__cvta_generic_to_shared(wgm) + 1023u) & ~1023u;
@@ -590,15 +597,18 @@ __device__ __forceinline__ void wg_body(bf16* __restrict__ out, float* __restric
     // u0 + j) into buffer j % ST
     auto copy = [&](int j, int k0, int k1) {
         if (j >= n) return;
-        const int u = u0 + j, tile = u / SPT, col = (u - tile * SPT) * WG_RB + 16 * c;
+        const int u = u0 + j, tile = u / SPT, col0 = (u - tile * SPT) * WG_KA * WG_RB + 16 * c;
         const unsigned b = base + (j % ST) * SB + dst0;
-        const bool in = col < KB;
 #pragma unroll
         for (int k = k0; k < k1; k++) {
             const int r = r0 + RSTEP * k;
-            const bool ok = in && live[k];
             const unsigned char* src = k < WK ? qw + (long long)(tile * BM + r) * KB : qx + (long long)(live[k] ? r - BM : 0) * KB;
-            cp_async16(b + k * RSTEP * WG_RB, src + (ok ? col : 0), ok ? 16 : 0);
+#pragma unroll
+            for (int a = 0; a < WG_KA; a++) {
+                const int col = col0 + a * WG_RB;
+                const bool ok = col < KB && live[k];
+                cp_async16(b + a * AB + k * RSTEP * WG_RB, src + (ok ? col : 0), ok ? 16 : 0);
+            }
         }
     };
     const int lane = tid & 31, warp = (tid >> 5) & 3, g = lane >> 2, tig = lane & 3;
@@ -687,7 +697,10 @@ __device__ __forceinline__ void wg_body(bf16* __restrict__ out, float* __restric
         wg_pin<4 * NT>(d); // nothing moves the accumulators across the MMAs (they are read and written asynchronously)
         wg_fence();
 #pragma unroll
-        for (int q = 0; q < WG_RB / 32; q++) wg_mma<ES, NT>(d, wg_desc(b + wg * SK_ROWS * WG_RB + 32 * q), wg_desc(b + WB + 32 * q));
+        for (int a = 0; a < WG_KA; a++)
+#pragma unroll
+            for (int q = 0; q < WG_RB / 32; q++)
+                wg_mma<ES, NT>(d, wg_desc(b + a * AB + wg * SK_ROWS * WG_RB + 32 * q), wg_desc(b + a * AB + WB + 32 * q));
         wg_commit();
         if (ks == SPT - 1 || j == n - 1) { // this block's last stage of the tile
             wg_wait<0>();

@@ -13,6 +13,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"time"
@@ -146,6 +147,20 @@ func Defined(name string) bool {
 		}
 	}
 	return false
+}
+
+// DefinedInt is the value DefinesEnv gives the macro name (-Dname=value),
+// or def where it gives none or not an integer: the host side of a
+// kernel's tunable size (e.g. its stages) reads it.
+func DefinedInt(name string, def int) int {
+	for _, f := range strings.Fields(os.Getenv(DefinesEnv)) {
+		if v, ok := strings.CutPrefix(f, "-D"+name+"="); ok {
+			if n, err := strconv.Atoi(v); err == nil {
+				return n
+			}
+		}
+	}
+	return def
 }
 
 func (o Options) shipped() []string {

@@ -3,6 +3,7 @@ package gpu
 import (
 	"fmt"
 
+	"github.com/peftd/peftd/kernels"
 	"github.com/peftd/peftd/runtime/cuda"
 )
 
@@ -23,32 +24,40 @@ type wgProduct struct {
 	part, done *cuda.DeviceBuffer // shared tiles' partials, and per-tile counters left at zero between launches
 	esize      int                // operand bytes: 1 (e4m3) or 2 (bf16)
 	sms        int
-	forceG     int // benchmarks: this many blocks (0: one an SM; at most that)
+	forceG     int // benchmarks: this many blocks (0: wgPerSM an SM; at most that)
 }
 
-// wgRowBytes is wg_body's WG_RB: bytes of K a stage holds of each row.
-// wgSmem is WG_SMEM, a block's stage buffers at most.
+// wgRowBytes is wg_body's WG_RB: bytes of K an atom holds of each row.
+// wgPerSM and wgKA are WG_PER_SM (blocks an SM) and WG_KA (atoms a stage),
+// or what PEFTD_KERNEL_DEFINES sets them to (an A/B).
 const (
 	wgRowBytes = 128
-	wgSmem     = 200 << 10
 	wgMaxTiles = 8192 // weight tiles a product may have (the counters)
 )
 
+var (
+	wgPerSM = kernels.DefinedInt("WG_PER_SM", 2)
+	wgKA    = kernels.DefinedInt("WG_KA", 1)
+)
+
+// wgStageBytes is WgShape's SB: a stage of tr staged rows and wgs warpgroups.
+func wgStageBytes(tr, wgs int) int { return wgKA * (wgs*skinnyRows + tr) * wgRowBytes }
+
 // wgStages is WgShape's ST: the stages of the variant with tr staged rows
-// and wgs warpgroups.
+// and wgs warpgroups (WG_SMEM bytes at most, but 3 at least).
 func wgStages(tr, wgs int) int {
-	return min(16, (wgSmem-1024)/((wgs*skinnyRows+tr)*wgRowBytes))
+	return max(3, min(16, (200<<10/wgPerSM-1024)/wgStageBytes(tr, wgs)))
 }
 
 // wgShared is wg_body's dynamic shared memory for tr staged activation
 // rows and wgs warpgroups: its stages, and 1 KB to round the base up to
 // the swizzle's 1024 bytes.
-func wgShared(tr, wgs int) int { return wgStages(tr, wgs)*(wgs*skinnyRows+tr)*wgRowBytes + 1024 }
+func wgShared(tr, wgs int) int { return wgStages(tr, wgs)*wgStageBytes(tr, wgs) + 1024 }
 
 // wgPartBytes bounds the shared tiles' partials on a GPU of sms SMs: two
-// slots a block, a block at most an SM, 128 weight rows by 128 activation
+// slots a block, wgPerSM blocks an SM, 128 weight rows by 128 activation
 // rows of float32.
-func wgPartBytes(sms int) int { return 2 * sms * 2 * skinnyRows * skinnyMaxRows * 4 }
+func wgPartBytes(sms int) int { return 2 * wgPerSM * sms * 2 * skinnyRows * skinnyMaxRows * 4 }
 
 // loadWG finds prefix_n32/64/128 in mod on an sm_90a card, raises their
 // shared memory limits (maxShared bytes a block), and allocates the split
@@ -164,11 +173,11 @@ func (g *wgProduct) fits(T, N, K int) bool {
 	return N%bm == 0 && N/bm <= wgMaxTiles
 }
 
-// grid is the blocks of a T x N x K product: one an SM, no more than its
-// stage units.
+// grid is the blocks of a T x N x K product: wgPerSM an SM, no more than
+// its stage units.
 func (g *wgProduct) grid(T, N, K int) int {
-	units := N / (skinnyRows * g.wgs()) * ((K*g.esize + wgRowBytes - 1) / wgRowBytes)
-	G := g.sms
+	units := N / (skinnyRows * g.wgs()) * ((K*g.esize + wgKA*wgRowBytes - 1) / (wgKA * wgRowBytes))
+	G := wgPerSM * g.sms
 	if g.forceG > 0 {
 		G = min(G, g.forceG)
 	}

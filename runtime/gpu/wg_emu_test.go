@@ -26,6 +26,14 @@ import (
 // one tile, tiles shared by two or more blocks, a last stage with one
 // 64-byte span, activation rows past M.
 func TestWgTilingEmulated(t *testing.T) {
+	defer func(per, ka int) { wgPerSM, wgKA = per, ka }(wgPerSM, wgKA)
+	for _, cfg := range []struct{ per, ka int }{{2, 1}, {1, 1}, {2, 2}} { // WG_PER_SM, WG_KA
+		wgPerSM, wgKA = cfg.per, cfg.ka
+		wgEmulateAll(t)
+	}
+}
+
+func wgEmulateAll(t *testing.T) {
 	for _, wgs := range []int{1, 2} { // warpgroups a block (fp8_wg, fp8_wg2)
 		for _, c := range []struct{ M, N, K, sms int }{
 			{17, 128, 64 * 13, 8}, {33, 128, 64 * 9, 4}, {64, 256, 64 * 16, 2}, {20, 128, 64, 8}, {40, 256, 64 * 5, 100},
@@ -51,7 +59,8 @@ func wgEmulate(t *testing.T, wgs, M, N, K, sms int) {
 	TR := 8 * NT
 	BM := wgs * skinnyRows // weight rows a tile
 	WB := BM * rb
-	SB := WB + TR*rb
+	AB := WB + TR*rb // an atom
+	SB := wgKA * AB
 	CH := rb / 16
 	ST := wgStages(TR, wgs)
 	ahead := ST - 2 // WG_INFLIGHT 1
@@ -65,7 +74,7 @@ func wgEmulate(t *testing.T, wgs, M, N, K, sms int) {
 		qx[i] = rng.IntN(15) - 7
 	}
 	g := &wgProduct{sms: sms, esize: 1, two: wgs == 2}
-	SPT := (K + rb - 1) / rb
+	SPT := (K + wgKA*rb - 1) / (wgKA * rb)
 	tiles := N / BM
 	U := tiles * SPT
 	G := g.grid(M, N, K)
@@ -110,8 +119,10 @@ func wgEmulate(t *testing.T, wgs, M, N, K, sms int) {
 				dst0 := r0*rb + ((c ^ (r0 & 7)) << 4)
 				for k := k0; k < k1; k++ {
 					r := r0 + rstep*k // staged row: weight rows 0..BM-1, then activation rows
-					for by := range 16 {
-						smem[buf+dst0+k*rstep*rb+by] = emuChunkByte(qw, qx, r, c, by, 2*ks, K/64, tile*BM, BM, M, K)
+					for a := range wgKA {
+						for by := range 16 {
+							smem[buf+a*AB+dst0+k*rstep*rb+by] = emuChunkByte(qw, qx, r, c, by, 2*(ks*wgKA+a), K/64, tile*BM, BM, M, K)
+						}
 					}
 				}
 			}
@@ -130,11 +141,13 @@ func wgEmulate(t *testing.T, wgs, M, N, K, sms int) {
 		group := func(j int) { // stage j's wgmma group
 			buf := (j % ST) * SB
 			for w := range wgs {
-				for q := range rb / 32 {
-					for r := range skinnyRows {
-						for nn := range TR {
-							for k := range 32 {
-								D[w][r][nn] += read(smem, buf+w*skinnyRows*rb+32*q, r, k) * read(smem, buf+WB+32*q, nn, k)
+				for a := range wgKA {
+					for q := range rb / 32 {
+						for r := range skinnyRows {
+							for nn := range TR {
+								for k := range 32 {
+									D[w][r][nn] += read(smem, buf+a*AB+w*skinnyRows*rb+32*q, r, k) * read(smem, buf+a*AB+WB+32*q, nn, k)
+								}
 							}
 						}
 					}
