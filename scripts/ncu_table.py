@@ -15,6 +15,7 @@ COLS = [  # (label, metric, scale)
     ("dramW_MB", "dram__bytes_write.sum", 1e-6),
     ("dram%", "dram__throughput.avg.pct_of_peak_sustained_elapsed", 1),
     ("L2_MB", "lts__t_bytes.sum", 1e-6),
+    ("L2%", "lts__throughput.avg.pct_of_peak_sustained_elapsed", 1),
     ("sm%", "sm__throughput.avg.pct_of_peak_sustained_elapsed", 1),
     ("occ%", "sm__warps_active.avg.pct_of_peak_sustained_active", 1),
     ("waves", "launch__waves_per_multiprocessor", 1),
