@@ -299,6 +299,174 @@ extern "C" __global__ void __launch_bounds__(32 * SK_WARPS) fp8_gemm_skinny_n128
 // (wg_body in common.cuh; only with PEFTD_WG).
 #ifdef PEFTD_WG
 WG_KERNELS(fp8_wg, 1, FP8_SKINNY_ARGS, FP8_SKINNY_PASS)
+
+// fp8_wgx_m{64,128}: the same product with the roles swapped: the
+// activations are wgmma's A, from registers (MW warpgroups of 64 rows
+// each, zeros past M), the weights B from shared memory, BN = 128 of them
+// a tile (m64n128k32), so the stage ring holds weights alone (~190 KB a
+// block, one an SM, 11 stages in flight) and x goes straight from L2 to
+// registers two stages ahead. Stream-K as wg_body (units, slots,
+// counters). Each thread's A fragment of a 32-byte K slice q: rows g and
+// g + 8 of its warp's 16, bytes 32q + 4tig and 32q + 16 + 4tig (4 each);
+// its accumulators d[4t + e]: activation row 16 warp + g (+8 for e >= 2),
+// weight row 8t + 2tig + (e & 1) of the tile. One wgmma group in flight
+// at most: wgmma reads A's registers until it completes, so each stage's
+// group is waited for before they are reused.
+#define WGX_BN 128
+__device__ __forceinline__ void wgx_mma(float* d, const unsigned* a, unsigned long long b) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 " WG_R64 ", {%64, %65, %66, %67}, %68, p, 1, 1;\n}\n"
+                 : WG_D64
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));
+#else
+    __trap();
+#endif
+}
+
+template <int MW>
+__device__ __forceinline__ void wgx_body(bf16* __restrict__ out, float* __restrict__ part, int* __restrict__ done,
+                                         const unsigned char* __restrict__ qx, const float* __restrict__ sx,
+                                         const unsigned char* __restrict__ qw, const float* __restrict__ sw, int M,
+                                         int N, int K) {
+    constexpr int BN = WGX_BN, SB = BN * WG_RB, FIT = (200 * 1024 - 1024) / SB, ST = FIT < 16 ? FIT : 16;
+    constexpr int AHEAD = ST - 1, TH = 128 * MW, RSTEP = TH / 8, CPT = BN / RSTEP, TM = 64 * MW;
+    extern __shared__ __align__(16) unsigned char wgm[];
+    __shared__ int last;
+    const int tid = threadIdx.x, wg = tid >> 7, lane = tid & 31, warp = (tid >> 5) & 3, g = lane >> 2, tig = lane & 3;
+    const int SPT = (K + WG_RB - 1) / WG_RB, U = N / BN * SPT, G = gridDim.x, bid = blockIdx.x;
+    const int u0 = wg_first(bid, U, G), n = wg_first(bid + 1, U, G) - u0;
+    const unsigned base = ((unsigned)__cvta_generic_to_shared(wgm) + 1023u) & ~1023u;
+    const int c = tid % 8, r0 = tid / 8;
+    const unsigned dst0 = r0 * WG_RB + ((c ^ (r0 & 7)) << 4);
+    auto copy = [&](int j) {
+        if (j >= n) return;
+        const int u = u0 + j, tile = u / SPT, col = (u - tile * SPT) * WG_RB + 16 * c;
+        const unsigned b = base + (j % ST) * SB + dst0;
+        const bool ok = col < K;
+#pragma unroll
+        for (int k = 0; k < CPT; k++)
+            cp_async16(b + k * RSTEP * WG_RB, qw + (long long)(tile * BN + r0 + RSTEP * k) * K + (ok ? col : 0), ok ? 16 : 0);
+    };
+    // this thread's activation rows (m0, m0 + 8) and their A fragments of stage j
+    const int m0 = 64 * wg + 16 * warp + g;
+    const bool lo = m0 < M, hi = m0 + 8 < M;
+    const unsigned char* x0 = qx + (long long)(lo ? m0 : 0) * K + 4 * tig;
+    const unsigned char* x1 = qx + (long long)(hi ? m0 + 8 : 0) * K + 4 * tig;
+    auto loadx = [&](int j, unsigned* a) {
+        const int u = u0 + j, col = (u - u / SPT * SPT) * WG_RB;
+#pragma unroll
+        for (int q = 0; q < 4; q++) {
+            const int k = col + 32 * q; // a 32-byte slice lies wholly before K or past it (K % 64 == 0)
+            const bool in = j < n && k < K;
+            a[4 * q + 0] = in && lo ? __ldg(reinterpret_cast<const unsigned*>(x0 + k)) : 0u;
+            a[4 * q + 1] = in && hi ? __ldg(reinterpret_cast<const unsigned*>(x1 + k)) : 0u;
+            a[4 * q + 2] = in && lo ? __ldg(reinterpret_cast<const unsigned*>(x0 + k + 16)) : 0u;
+            a[4 * q + 3] = in && hi ? __ldg(reinterpret_cast<const unsigned*>(x1 + k + 16)) : 0u;
+        }
+    };
+    float d[64];
+    // put: v (laid out as d) for tile `tile`, scaled, rounded, stored in pairs
+    auto put = [&](const float* v, int tile) {
+#pragma unroll
+        for (int t = 0; t < 16; t++)
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                const int m = m0 + 8 * h, nn = tile * BN + 8 * t + 2 * tig;
+                if (m < M) {
+                    float a = v[4 * t + 2 * h], b = v[4 * t + 2 * h + 1];
+                    if (sx) a *= sx[m] * sw[nn], b *= sx[m] * sw[nn + 1];
+                    *reinterpret_cast<__nv_bfloat162*>(out + (long long)m * N + nn) = __floats2bfloat162_rn(a, b);
+                }
+            }
+    };
+    const int at = m0 * BN + 2 * tig; // + 8 BN (h) + 8 t
+    auto slot = [&](int b, int tile) {
+        return part + ((long long)b * 2 + (wg_first(b, U, G) / SPT == tile ? 0 : 1)) * TM * BN + at;
+    };
+    auto flush = [&](int tile, int k0, int k1) {
+        if (k0 == 0 && k1 == SPT - 1) {
+            put(d, tile);
+            return;
+        }
+        float* mine = slot(bid, tile);
+#pragma unroll
+        for (int t = 0; t < 16; t++)
+#pragma unroll
+            for (int h = 0; h < 2; h++)
+                *reinterpret_cast<float2*>(mine + h * 8 * BN + 8 * t) = make_float2(d[4 * t + 2 * h], d[4 * t + 2 * h + 1]);
+        const int b0 = wg_block(tile * SPT, U, G), b1 = wg_block((tile + 1) * SPT - 1, U, G);
+        __threadfence();
+        __syncthreads();
+        if (tid == 0) last = atomicAdd(done + tile, 1) == b1 - b0;
+        __syncthreads();
+        if (!last) return;
+        __threadfence();
+        float v[64];
+#pragma unroll
+        for (int i = 0; i < 64; i++) v[i] = 0.f;
+        for (int b = b0; b <= b1; b++) {
+            if (b == bid) {
+#pragma unroll
+                for (int i = 0; i < 64; i++) v[i] += d[i];
+                continue;
+            }
+            const float* p = slot(b, tile);
+#pragma unroll
+            for (int t = 0; t < 16; t++)
+#pragma unroll
+                for (int h = 0; h < 2; h++) {
+                    const float2 q = __ldcg(reinterpret_cast<const float2*>(p + h * 8 * BN + 8 * t));
+                    v[4 * t + 2 * h] += q.x, v[4 * t + 2 * h + 1] += q.y;
+                }
+        }
+        put(v, tile);
+        if (tid == 0) done[tile] = 0; // ready for the next launch
+    };
+
+#pragma unroll
+    for (int i = 0; i < 64; i++) d[i] = 0.f;
+    // the weights' first stages before the wait (no kernel of a step writes weights)
+#pragma unroll 1
+    for (int j = 0; j < AHEAD; j++) {
+        copy(j);
+        cp_async_commit();
+    }
+    pdl_entry();
+    unsigned a0[16], a1[16], a2[16];
+    loadx(0, a0);
+    loadx(1, a1);
+    int tile = u0 / SPT, ks = u0 - tile * SPT, k0 = ks;
+    for (int j = 0; j < n; j++) {
+        cp_async_wait<AHEAD - 1>(); // this thread's copies of stage j have landed
+        fence_proxy_async();        // ... and are visible to wgmma
+        __syncthreads();            // everyone's; and stage j - 1's group is done in every warpgroup
+        copy(j + AHEAD);
+        cp_async_commit();
+        loadx(j + 2, a2);
+        const unsigned b = base + (j % ST) * SB;
+        wg_pin<64>(d);
+        wg_fence();
+#pragma unroll
+        for (int q = 0; q < 4; q++) wgx_mma(d, a0 + 4 * q, wg_desc(b + 32 * q));
+        wg_commit();
+        wg_wait<0>();
+        wg_pin<64>(d);
+        if (ks == SPT - 1 || j == n - 1) { // this block's last stage of the tile
+            flush(tile, k0, ks);
+#pragma unroll
+            for (int i = 0; i < 64; i++) d[i] = 0.f;
+            tile++, ks = 0, k0 = 0;
+        } else {
+            ks++;
+        }
+#pragma unroll
+        for (int i = 0; i < 16; i++) a0[i] = a1[i], a1[i] = a2[i];
+    }
+    cp_async_wait<0>();
+}
+extern "C" __global__ void __launch_bounds__(128) fp8_wgx_m64(FP8_SKINNY_ARGS) { wgx_body<1>(FP8_SKINNY_PASS); }
+extern "C" __global__ void __launch_bounds__(256) fp8_wgx_m128(FP8_SKINNY_ARGS) { wgx_body<2>(FP8_SKINNY_PASS); }
 #endif
 
 // fp8_splitk_reduce: the sum of a K-split product's float32 partials

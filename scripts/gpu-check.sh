@@ -385,7 +385,7 @@ bench_phase() {
 }
 want attnbench && bench_phase attnbench PEFTD_ATTN_BENCH TestAttnBench '^BENCH attn' 200
 want lorabench && bench_phase lorabench PEFTD_LORA_BENCH TestLoRABench '^BENCH lora' 300
-want fp8bench && bench_phase fp8bench PEFTD_FP8_BENCH TestFP8GemmBench '^BENCH fp8gemm' 300
+want fp8bench && bench_phase fp8bench PEFTD_FP8_BENCH TestFP8GemmBench '^BENCH fp8\(gemm\|wg\)' 300
 want skinnybench && bench_phase skinnybench PEFTD_SKINNY_BENCH TestSkinnyBench '^BENCH skinny' 200
 if want decode; then
 	MD=/tmp/llama8b-random
