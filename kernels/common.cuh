@@ -650,28 +650,21 @@ __device__ __forceinline__ void wg_body(bf16* __restrict__ out, float* __restric
         __syncthreads();
         if (!last) return;
         __threadfence();
-        float v[4 * NT];
+        // the sum in block order, this block's own slot read back too (d's
+        // registers are free for it)
 #pragma unroll
-        for (int i = 0; i < 4 * NT; i++) v[i] = 0.f;
+        for (int i = 0; i < 4 * NT; i++) d[i] = 0.f;
         for (int b = b0; b <= b1; b++) {
-            float w[4 * NT];
-            if (b == bid) {
+            const float* p = slot(b, tile);
 #pragma unroll
-                for (int i = 0; i < 4 * NT; i++) w[i] = d[i];
-            } else {
-                const float* p = slot(b, tile);
+            for (int t = 0; t < NT; t++)
 #pragma unroll
-                for (int t = 0; t < NT; t++)
-#pragma unroll
-                    for (int h = 0; h < 2; h++) {
-                        const float2 q = __ldcg(reinterpret_cast<const float2*>(p + h * 8 * TR + 8 * t));
-                        w[4 * t + 2 * h] = q.x, w[4 * t + 2 * h + 1] = q.y;
-                    }
-            }
-#pragma unroll
-            for (int i = 0; i < 4 * NT; i++) v[i] += w[i];
+                for (int h = 0; h < 2; h++) {
+                    const float2 q = __ldcg(reinterpret_cast<const float2*>(p + h * 8 * TR + 8 * t));
+                    d[4 * t + 2 * h] += q.x, d[4 * t + 2 * h + 1] += q.y;
+                }
         }
-        put(v, tile);
+        put(d, tile);
         if (tid == 0) done[tile] = 0; // ready for the next launch
     };
 

@@ -402,25 +402,21 @@ __device__ __forceinline__ void wgx_body(bf16* __restrict__ out, float* __restri
         __syncthreads();
         if (!last) return;
         __threadfence();
-        float v[64];
+        // the sum in block order, this block's own slot read back too (d's
+        // registers are free for it: no second set of 64 live)
 #pragma unroll
-        for (int i = 0; i < 64; i++) v[i] = 0.f;
+        for (int i = 0; i < 64; i++) d[i] = 0.f;
         for (int b = b0; b <= b1; b++) {
-            if (b == bid) {
-#pragma unroll
-                for (int i = 0; i < 64; i++) v[i] += d[i];
-                continue;
-            }
             const float* p = slot(b, tile);
 #pragma unroll
             for (int t = 0; t < 16; t++)
 #pragma unroll
                 for (int h = 0; h < 2; h++) {
                     const float2 q = __ldcg(reinterpret_cast<const float2*>(p + h * 8 * BN + 8 * t));
-                    v[4 * t + 2 * h] += q.x, v[4 * t + 2 * h + 1] += q.y;
+                    d[4 * t + 2 * h] += q.x, d[4 * t + 2 * h + 1] += q.y;
                 }
         }
-        put(v, tile);
+        put(d, tile);
         if (tid == 0) done[tile] = 0; // ready for the next launch
     };
 
@@ -433,22 +429,26 @@ __device__ __forceinline__ void wgx_body(bf16* __restrict__ out, float* __restri
         cp_async_commit();
     }
     pdl_entry();
+    // three register sets of A fragments, loaded two stages ahead; the
+    // loop is unrolled three times so each step names its sets statically
     unsigned a0[16], a1[16], a2[16];
     loadx(0, a0);
     loadx(1, a1);
     int tile = u0 / SPT, ks = u0 - tile * SPT, k0 = ks;
-    for (int j = 0; j < n; j++) {
+    // step(j, use, ld): stage j's MMAs with the fragments in use, stage j +
+    // 2's into ld (whose last reader, stage j - 1's group, is done)
+    auto step = [&](int j, const unsigned* use, unsigned* ld) {
         cp_async_wait<AHEAD - 1>(); // this thread's copies of stage j have landed
         fence_proxy_async();        // ... and are visible to wgmma
         __syncthreads();            // everyone's; and stage j - 1's group is done in every warpgroup
         copy(j + AHEAD);
         cp_async_commit();
-        loadx(j + 2, a2);
+        loadx(j + 2, ld);
         const unsigned b = base + (j % ST) * SB;
         wg_pin<64>(d);
         wg_fence();
 #pragma unroll
-        for (int q = 0; q < 4; q++) wgx_mma(d, a0 + 4 * q, wg_desc(b + 32 * q));
+        for (int q = 0; q < 4; q++) wgx_mma(d, use + 4 * q, wg_desc(b + 32 * q));
         wg_commit();
         wg_wait<0>();
         wg_pin<64>(d);
@@ -460,8 +460,11 @@ __device__ __forceinline__ void wgx_body(bf16* __restrict__ out, float* __restri
         } else {
             ks++;
         }
-#pragma unroll
-        for (int i = 0; i < 16; i++) a0[i] = a1[i], a1[i] = a2[i];
+    };
+    for (int j = 0; j < n; j += 3) {
+        step(j, a0, a2);
+        if (j + 1 < n) step(j + 1, a1, a0);
+        if (j + 2 < n) step(j + 2, a2, a1);
     }
     cp_async_wait<0>();
 }
