@@ -439,8 +439,10 @@ __device__ __forceinline__ void wgx_body(bf16* __restrict__ out, float* __restri
     // 2's into ld (whose last reader, stage j - 1's group, is done)
     auto step = [&](int j, const unsigned* use, unsigned* ld) {
         cp_async_wait<AHEAD - 1>(); // this thread's copies of stage j have landed
-        fence_proxy_async();        // ... and are visible to wgmma
-        __syncthreads();            // everyone's; and stage j - 1's group is done in every warpgroup
+#ifndef WG_NOFENCE
+        fence_proxy_async(); // ... and are visible to wgmma (MEMBAR.ALL.CTA + FENCE.VIEW.ASYNC.S)
+#endif
+        __syncthreads(); // everyone's; and stage j - 1's group is done in every warpgroup
         copy(j + AHEAD);
         cp_async_commit();
         loadx(j + 2, ld);
