@@ -682,10 +682,8 @@ __device__ __forceinline__ void wg_body(bf16* __restrict__ out, float* __restric
     int tile = u0 / SPT, ks = u0 - tile * SPT, k0 = ks;
     for (int j = 0; j < n; j++) {
         cp_async_wait<AHEAD - 1>(); // this thread's copies of stage j have landed
-#ifndef WG_NOFENCE // (an A/B of the fence's cost only: without it wgmma may read stale bytes)
-        fence_proxy_async(); // ... and are visible to wgmma
-#endif
-        __syncthreads(); // everyone's; and the group WG_INFLIGHT + 1 stages back is done in every warpgroup
+        fence_proxy_async();        // ... and are visible to wgmma
+        __syncthreads();            // everyone's; and the group WG_INFLIGHT + 1 stages back is done in every warpgroup
         copy(j + AHEAD, 0, CPT);
         cp_async_commit();
         const unsigned b = base + (j % ST) * SB;

@@ -488,16 +488,6 @@ func TestFP8GemmBench(t *testing.T) {
 				}
 				r.f.wg.two = false
 			}
-			wgx := math.NaN() // fp8_wgx (activations as wgmma's A from registers)
-			if r.f.wg != nil {
-				r.f.wg.x = true
-				if r.f.wg.fits(T, N, K) {
-					r.f.wgOn = true
-					wgx = timeIt(30, func(i int) error { return r.f.linear(out.Ptr(), x.Ptr(), T, w8[i%n8], 7) })
-					r.f.wgOn = false
-				}
-				r.f.wg.x = false
-			}
 			wgGrids = append(wgGrids[:0], wgSweep(t, r.f.wg, T, N, K, func() float64 {
 				return timeIt(30, func(i int) error { return r.f.linear(out.Ptr(), x.Ptr(), T, w8[i%n8], 7) })
 			}, func(on bool) { r.f.wgOn = on })...)
@@ -518,9 +508,6 @@ func TestFP8GemmBench(t *testing.T) {
 				auto = r.f.split(T, N, K)
 			}
 			bench("fp8gemm %-8s %5d %9.1f %9.1f %9.1f %9.1f %9.1f %9.1f %9.1f %8.2f %9.1f %9.1f %7.2f %7.2f %7.0f %5d %8.1f %8.1f %8.1f %8.1f %8.2f %8.1f %8.2f %8.1f %8.2f", sh.name, T, t16, t8, gv8, sk, lt, tq, tt, t16/tt, fl16, fl8, fl16/t16, fl8/t8, fl/(t8*1e-6)/1e12, auto, sp[0], sp[1], sp[2], fs, fl8/fs, wg[0], fl8/wg[0], wg[1], fl8/wg[1])
-			if !math.IsNaN(wgx) {
-				bench("fp8wgx %-8s %5d %8.1f us %6.2f of floor8 (fp8 path %.1f, wg %.1f)", sh.name, T, wgx, fl8/wgx, t8, wg[0])
-			}
 			for _, w := range wgGrids {
 				bench("fp8wg %-8s %5d wgs %d grid %3d %8.1f us %6.2f of floor8", sh.name, T, w.wgs, w.G, w.us, fl8/w.us)
 			}
@@ -986,14 +973,11 @@ func TestFP8Wgmma(t *testing.T) {
 		}
 		t.Skip("fp8_wg is compiled only with PEFTD_KERNEL_DEFINES=-DPEFTD_WG, for sm_90a")
 	}
-	defer func() { r.f.wgOn, r.f.skTop, r.f.wg.two, r.f.wg.x = false, 0, false, false }()
-	for _, mode := range []struct {
-		name   string
-		two, x bool
-	}{{"fp8_wg", false, false}, {"fp8_wg2", true, false}, {"fp8_wgx", false, true}} {
-		two, name := mode.two, mode.name
-		r.f.wg.two, r.f.wg.x = mode.two, mode.x
-		if r.f.wg.top() == 0 || mode.x && (r.f.wg.fx[0] == nil || r.f.wg.fx[1] == nil) {
+	defer func() { r.f.wgOn, r.f.skTop, r.f.wg.two = false, 0, false }()
+	for _, two := range []bool{false, true} {
+		r.f.wg.two = two
+		name := map[bool]string{false: "fp8_wg", true: "fp8_wg2"}[two]
+		if r.f.wg.top() == 0 {
 			t.Fatalf("%s: not loaded", name)
 		}
 		for _, sz := range []struct{ T, N, K int }{
@@ -1001,7 +985,7 @@ func TestFP8Wgmma(t *testing.T) {
 			{65, 6144, 4096}, {100, 4096, 14336}, {128, 28672, 4096}, {128, 4096, 4096}, {40, 128, 64}, {97, 192, 576},
 		} {
 			if !r.f.wg.fits(sz.T, sz.N, sz.K) {
-				if (two || mode.x) && sz.N%128 != 0 {
+				if two && sz.N%128 != 0 {
 					continue
 				}
 				t.Fatalf("%s does not take %d x %d x %d", name, sz.T, sz.N, sz.K)

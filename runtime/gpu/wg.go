@@ -20,9 +20,7 @@ import (
 // (tests, benchmarks) launches the second where N allows.
 type wgProduct struct {
 	fn, fn2    [len(skinnyVariants)]*cuda.Function
-	fx         [2]*cuda.Function  // FP8 only: fp8_wgx_m64, fp8_wgx_m128 (activations as A from registers)
 	two        bool               // fn2 where it fits
-	x          bool               // fx (takes precedence over two)
 	part, done *cuda.DeviceBuffer // shared tiles' partials, and per-tile counters left at zero between launches
 	esize      int                // operand bytes: 1 (e4m3) or 2 (bf16)
 	sms        int
@@ -92,21 +90,6 @@ func loadWG(ctx *cuda.Context, s *cuda.Stream, mod *cuda.Module, prefix string, 
 			set[i], found = fn, true
 		}
 	}
-	if esize == 1 {
-		for i, name := range []string{"fp8_wgx_m64", "fp8_wgx_m128"} {
-			if wgxShared+4 > maxShared {
-				break
-			}
-			fn, err := mod.Function(name)
-			if err != nil {
-				continue
-			}
-			if err := fn.SetMaxDynamicShared(wgxShared); err != nil {
-				return nil, err
-			}
-			g.fx[i], found = fn, true
-		}
-	}
 	if !found {
 		return nil, nil
 	}
@@ -137,14 +120,6 @@ func (g *wgProduct) free() error {
 	g.part, g.done = nil, nil
 	return first
 }
-
-// wgxRows is fp8_wgx's tile (WGX_BN weight rows); wgxShared its shared
-// memory: as many 16 KB stages as fit 200 KB (16 at most), and 1 KB to
-// round the base up.
-const (
-	wgxRows   = 128
-	wgxShared = min(16, (200<<10-1024)/(wgxRows*wgRowBytes))*wgxRows*wgRowBytes + 1024
-)
 
 // set is the variants launched: fn, or fn2 with two.
 func (g *wgProduct) set() *[len(skinnyVariants)]*cuda.Function {
@@ -191,9 +166,6 @@ func (g *wgProduct) variant(T int) int {
 // tiles (no more than the counters) and a row of K operands whole 64-byte
 // spans.
 func (g *wgProduct) fits(T, N, K int) bool {
-	if g != nil && g.x {
-		return T > gemvMaxRows && T <= 128 && g.fx[(T-1)/64] != nil && N%wgxRows == 0 && N/wgxRows <= wgMaxTiles && K%64 == 0
-	}
 	if g == nil || T <= gemvMaxRows || g.variant(T) < 0 || K*g.esize%64 != 0 {
 		return false
 	}
@@ -204,9 +176,6 @@ func (g *wgProduct) fits(T, N, K int) bool {
 // grid is the blocks of a T x N x K product: wgPerSM an SM, no more than
 // its stage units.
 func (g *wgProduct) grid(T, N, K int) int {
-	if g.x {
-		return max(1, min(g.sms, N/wgxRows*((K+wgRowBytes-1)/wgRowBytes)))
-	}
 	units := N / (skinnyRows * g.wgs()) * ((K*g.esize + wgKA*wgRowBytes - 1) / (wgKA * wgRowBytes))
 	G := wgPerSM * g.sms
 	if g.forceG > 0 {
@@ -218,11 +187,6 @@ func (g *wgProduct) grid(T, N, K int) int {
 // launch enqueues out [T, N] = x [T, K] . w [N, K]^T, times sx[t] sw[n]
 // where sx is set (e4m3 operands), on s. The caller checked fits.
 func (g *wgProduct) launch(s *cuda.Stream, out, x, sx, w, sw cuda.DevicePtr, T, N, K int) error {
-	if g.x { // fp8_wgx: (out, part, done, qx, sx, qw, sw, M, N, K), 64 or 128 rows a warpgroup each
-		mw := (T + 63) / 64
-		return g.fx[mw-1].Launch(s, cuda.Dim3{X: g.grid(T, N, K)}, cuda.Dim3{X: 128 * mw}, wgxShared,
-			uint64(out), uint64(g.part.Ptr()), uint64(g.done.Ptr()), uint64(x), uint64(sx), uint64(w), uint64(sw), T, N, K)
-	}
 	i := g.variant(T)
 	if i < 0 {
 		return fmt.Errorf("gpu: no wgmma product for %d rows", T)
