@@ -573,6 +573,7 @@ __device__ __forceinline__ void wg_body(bf16* __restrict__ out, float* __restric
     static_assert(WG_INFLIGHT == 0 || WG_INFLIGHT == 1, "wg_body: WG_INFLIGHT");
     extern __shared__ __align__(16) unsigned char wgm[];
     __shared__ int last;
+    __shared__ float sxs[TR]; // the activation rows' scales (FP8), loaded once
     const int tid = threadIdx.x, wg = WGS == 1 ? 0 : tid / (SK_WARPS * 32);
     const int KB = K * ES;                 // bytes of an operand row
     const int SPT = (KB + WG_KA * WG_RB - 1) / (WG_KA * WG_RB); // stages a tile
@@ -620,7 +621,7 @@ __device__ __forceinline__ void wg_body(bf16* __restrict__ out, float* __restric
 #pragma unroll
             for (int e = 0; e < 4; e++) {
                 const int m = 8 * t + 2 * tig + (e & 1), nn = n0 + 16 * warp + g + (e >= 2 ? 8 : 0);
-                if (m < M) out[(long long)m * N + nn] = __float2bfloat16_rn(sx ? v[4 * t + e] * sx[m] * sw[nn] : v[4 * t + e]);
+                if (m < M) out[(long long)m * N + nn] = __float2bfloat16_rn(sx ? v[4 * t + e] * sxs[m] * sw[nn] : v[4 * t + e]);
             }
     };
     // a slot of the partials: block b's first (0) or last (1) shared tile;
@@ -644,12 +645,17 @@ __device__ __forceinline__ void wg_body(bf16* __restrict__ out, float* __restric
             for (int h = 0; h < 2; h++)
                 *reinterpret_cast<float2*>(mine + h * 8 * TR + 8 * t) = make_float2(d[4 * t + 2 * h], d[4 * t + 2 * h + 1]);
         const int b0 = wg_block(tile * SPT, U, G), b1 = wg_block((tile + 1) * SPT - 1, U, G);
-        __threadfence();
+        // the block's partials, ordered before its count by one thread's
+        // fence after the barrier (cumulative: CUTLASS's arrive_inc), and the
+        // others' before the last block's reads by its fence after the count
         __syncthreads();
-        if (tid == 0) last = atomicAdd(done + tile, 1) == b1 - b0;
+        if (tid == 0) {
+            __threadfence();
+            last = atomicAdd(done + tile, 1) == b1 - b0;
+            if (last) __threadfence();
+        }
         __syncthreads();
         if (!last) return;
-        __threadfence();
         // the sum in block order, this block's own slot read back too (d's
         // registers are free for it)
 #pragma unroll
@@ -674,6 +680,7 @@ __device__ __forceinline__ void wg_body(bf16* __restrict__ out, float* __restric
 #pragma unroll
     for (int j = 0; j < AHEAD; j++) copy(j, 0, WK);
     pdl_entry();
+    for (int i = tid; i < TR; i += blockDim.x) sxs[i] = sx && i < M ? sx[i] : 0.f; // seen after the loop's first barrier
 #pragma unroll
     for (int j = 0; j < AHEAD; j++) {
         copy(j, WK, CPT);
