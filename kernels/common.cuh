@@ -323,14 +323,13 @@ __device__ void quant_words_e4m3(const uint4 (&w)[NW], int n8, unsigned char* q,
     }
 }
 
-// The skinny products' tiling (fp8_gemm_skinny in fp8.cu, wg_body below):
-// a block of SK_WARPS warps takes SK_ROWS weight rows.
+// The skinny products' tiling (fp8_gemm_skinny in fp8.cu; wg_body below
+// per warpgroup): a block of SK_WARPS warps takes SK_ROWS weight rows.
 #define SK_WARPS 4
 #define SK_ROWS 64
 
-// skinny_store: the end fp8_gemm_skinny (fp8.cu) and wg_body share, for
-// the 64-row tile `tile` that the 128 threads tid = 0..127 of a block (or
-// of one of its warpgroups) hold. acc[4t + e] holds weight row n0 +
+// skinny_store: the end of fp8_gemm_skinny (fp8.cu), for the 64-row tile
+// `tile` that the 128 threads tid = 0..127 of a block hold. acc[4t + e] holds weight row n0 +
 // 16*warp + g (+8 for e >= 2) times activation row 8t + 2tig + (e & 1) (n0
 // = tile * SK_ROWS; warp = tid / 32; g, tig: lane / 4, lane % 4). One
 // block a tile (gridDim.y == 1): scaled, rounded and stored. Otherwise the
@@ -414,19 +413,20 @@ __device__ __forceinline__ void skinny_store(const float* acc, bf16* __restrict_
 // with two).
 //
 // Work: the weight rows in tiles of BM = 64 WGS, each tile's K in stages
-// of 128 bytes a row (SPT stages a tile; the last one zero-filled past K),
-// U = tiles * SPT stage units in tile order. One block an SM (grid G <=
-// SMs, ~200 KB of stages each); block b takes units [b U / G, (b + 1) U
-// / G), so every block streams the same bytes through one pipeline, across
-// its tiles' boundaries, with no second wave and no refill. A tile a
+// of WG_KA 128-byte atoms a row (SPT stages a tile; the last one
+// zero-filled past K), U = tiles * SPT stage units in tile order.
+// WG_PER_SM blocks an SM (grid G <= WG_PER_SM SMs, 200 / WG_PER_SM KB of
+// stages each); block b takes units [b U / G, (b + 1) U / G), so every
+// block streams the same bytes through one pipeline, across its tiles'
+// boundaries, with no second wave and no refill. A tile a
 // block holds whole is scaled, rounded and stored from registers; one
 // that blocks share (at most the first and last of a block) goes through
 // float32 partials (two slots a block), and the last of its blocks to
 // finish it (a per-tile counter) sums them in block order (the same bits
 // whichever finishes last) and stores it, leaving the counter at zero.
 //
-// A stage: BM weight rows and TR = 8 NT activation rows (zeros past M) of
-// 128 bytes, in the K-major 128-byte-swizzle layout wgmma reads (row r at
+// A stage's atom: BM weight rows and TR = 8 NT activation rows (zeros past
+// M) of 128 bytes, in the K-major 128-byte-swizzle layout wgmma reads (row r at
 // r * 128 from a 1024-aligned stage, its 16-byte chunk c at chunk c ^ (r
 // % 8)), written by cp.async; each thread fences its copies to the async
 // proxy (fence.proxy.async) before the barrier that precedes the wgmma.
@@ -439,7 +439,11 @@ __device__ __forceinline__ void skinny_store(const float* acc, bf16* __restrict_
 // thread (warp w, lane l) holds weight rows 16w + l/4 (+8) and activation
 // rows 8t + 2(l%4) (+1) in d[4t..4t+3] (mma.sync's m16n8 layout per warp,
 // fp8_gemm_skinny's c[t][e]). Compiled only with PEFTD_WG
-// (PEFTD_KERNEL_DEFINES) until it is the default: runtime/gpu/wg.go.
+// (PEFTD_KERNEL_DEFINES): correct (TestFP8Wgmma, TestBF16Wgmma), but
+// slower than the default products except FP8 gate_up at 17-32 rows
+// (v0.28: ncu puts ~40% of a 64-row qkv's stall samples in the tile
+// flushes and ~20% in the pipeline fill, each block streaming only ~12
+// stages). runtime/gpu/wg.go.
 // ---------------------------------------------------------------------------
 #ifdef PEFTD_WG
 #ifndef WG_INFLIGHT

@@ -11,10 +11,11 @@ const (
 	skinnyMaxRows = 128 // the most rows it takes (fp8_gemm_skinny_n128)
 	// skinnyAutoRows is the most rows the FP8 product sends to it (cuBLASLt
 	// above). It equals gemvMaxRows: none. TestFP8GemmBench on the H200
-	// (v0.16) measured it 2-3x slower than cuBLASLt at 32-64 rows (qkv 32
-	// rows: 32.0 vs 16.6 us; down 64 rows: 96.7 vs 37.8 us) and n128 6x
-	// slower at 96-128, so it stays a benchmark's choice (skTop) until it
-	// beats cuBLASLt there.
+	// (v0.16) measured it 2-3x slower than cuBLASLt at 32-64 rows; v0.28's
+	// parallel read-back of the split partials (skinny_store) brought qkv
+	// at 32 rows to 18.7 vs 17.2 us, but down at 64 rows is 57.2 vs 37.6
+	// and n128 still 3.5x slower, so it stays a benchmark's choice (skTop)
+	// until it beats cuBLASLt there.
 	skinnyAutoRows = gemvMaxRows
 	skinnyRows     = 64 // SK_ROWS: weight rows per block
 	skinnyThreads  = 128

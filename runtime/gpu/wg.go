@@ -8,10 +8,10 @@ import (
 )
 
 // wgProduct launches wg_body's kernels (kernels/common.cuh): the product of
-// 17-128 activation rows on Hopper's warpgroup MMAs, stream-K (one block an
-// SM, each streaming an equal share of the tiles' K stages), with e4m3
-// operands and row scales (fp8_wg_n* in the FP8 module) or bf16 ones
-// (gemm_wg_n* in the forward module). They are compiled only with PEFTD_WG
+// 17-128 activation rows on Hopper's warpgroup MMAs, stream-K (wgPerSM
+// blocks an SM, each streaming an equal share of the tiles' K stages),
+// with e4m3 operands and row scales (fp8_wg_n* in the FP8 module) or bf16
+// ones (gemm_wg_n* in the forward module). They are compiled only with PEFTD_WG
 // (PEFTD_KERNEL_DEFINES) and load only on sm_90a; a test or benchmark asks
 // for them (fp8State.wgOn, kernelForce.bwg).
 //
@@ -36,8 +36,8 @@ const (
 )
 
 var (
-	wgPerSM = kernels.DefinedInt("WG_PER_SM", 2)
-	wgKA    = kernels.DefinedInt("WG_KA", 1)
+	wgPerSM = max(1, kernels.DefinedInt("WG_PER_SM", 2))
+	wgKA    = max(1, kernels.DefinedInt("WG_KA", 1))
 )
 
 // wgStageBytes is WgShape's SB: a stage of tr staged rows and wgs warpgroups.
