@@ -27,13 +27,14 @@ import (
 // 64-byte span, activation rows past M.
 func TestWgTilingEmulated(t *testing.T) {
 	defer func(per, ka int) { wgPerSM, wgKA = per, ka }(wgPerSM, wgKA)
-	for _, cfg := range []struct{ per, ka int }{{2, 1}, {1, 1}, {2, 2}} { // WG_PER_SM, WG_KA
+	// WG_PER_SM, WG_KA, WG_INFLIGHT: the default, then the A/B builds
+	for _, cfg := range []struct{ per, ka, inflight int }{{2, 1, 1}, {1, 1, 1}, {2, 2, 1}, {1, 4, 0}, {2, 1, 0}} {
 		wgPerSM, wgKA = cfg.per, cfg.ka
-		wgEmulateAll(t)
+		wgEmulateAll(t, cfg.inflight)
 	}
 }
 
-func wgEmulateAll(t *testing.T) {
+func wgEmulateAll(t *testing.T, inflight int) {
 	for _, wgs := range []int{1, 2} { // warpgroups a block (fp8_wg, fp8_wg2)
 		for _, c := range []struct{ M, N, K, sms int }{
 			{17, 128, 64 * 13, 8}, {33, 128, 64 * 9, 4}, {64, 256, 64 * 16, 2}, {20, 128, 64, 8}, {40, 256, 64 * 5, 100},
@@ -43,13 +44,14 @@ func wgEmulateAll(t *testing.T) {
 			if c.N%(wgs*skinnyRows) != 0 {
 				continue
 			}
-			wgEmulate(t, wgs, c.M, c.N, c.K, c.sms)
+			wgEmulate(t, wgs, c.M, c.N, c.K, c.sms, inflight)
 		}
 	}
 }
 
-// wgEmulate is one shape of TestWgTilingEmulated with wgs warpgroups a block.
-func wgEmulate(t *testing.T, wgs, M, N, K, sms int) {
+// wgEmulate is one shape of TestWgTilingEmulated with wgs warpgroups a
+// block and inflight (WG_INFLIGHT) wgmma groups left running.
+func wgEmulate(t *testing.T, wgs, M, N, K, sms, inflight int) {
 	const rb = wgRowBytes
 	v := 0
 	for skinnyVariants[v].rows < M {
@@ -63,7 +65,7 @@ func wgEmulate(t *testing.T, wgs, M, N, K, sms int) {
 	SB := wgKA * AB
 	CH := rb / 16
 	ST := wgStages(TR, wgs)
-	ahead := ST - 2 // WG_INFLIGHT 1
+	ahead := ST - 1 - inflight // AHEAD
 	threads := wgs * skinnyThreads
 	rng := rand.New(rand.NewPCG(uint64(M), uint64(K)+uint64(wgs)))
 	qw, qx := make([]int, N*K), make([]int, M*K)
@@ -217,8 +219,14 @@ func wgEmulate(t *testing.T, wgs, M, N, K, sms int) {
 				group(pending) // the group one stage back, as late as it may run
 			}
 			pending = j
-			if ks == SPT-1 || j == n-1 {
+			if inflight == 0 { // waited for before the next stage
 				group(j)
+				pending = -1
+			}
+			if ks == SPT-1 || j == n-1 {
+				if pending >= 0 {
+					group(j)
+				}
 				pending = -1
 				flush(tile, k0, ks)
 				zero()
