@@ -94,7 +94,7 @@ func TestDefined(t *testing.T) {
 func TestDefinedInt(t *testing.T) {
 	t.Setenv(DefinesEnv, "-DWG_KA=2 -DWG_PER_SM -DWG_X=abc -DWG_YY=5 -I/x -DWG_NEG=-3")
 	for _, c := range []struct {
-		name     string
+		name      string
 		def, want int
 	}{{"WG_KA", 1, 2}, {"WG_PER_SM", 2, 2}, {"WG_X", 7, 7}, {"WG_Y", 4, 4}, {"WG_YY", 4, 5}, {"WG_NEG", 1, -3}, {"WG", 9, 9}} {
 		if got := DefinedInt(c.name, c.def); got != c.want {
