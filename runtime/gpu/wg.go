@@ -9,9 +9,10 @@ import (
 
 // wgProduct launches wg_body's kernels (kernels/common.cuh): the product of
 // 17-128 activation rows on Hopper's warpgroup MMAs, stream-K (wgPerSM
-// blocks an SM, each streaming an equal share of the tiles' K stages),
-// with e4m3 operands and row scales (fp8_wg_n* in the FP8 module) or bf16
-// ones (gemm_wg_n* in the forward module). They are compiled only with PEFTD_WG
+// blocks an SM, each streaming an equal share of the tiles' K stages; or,
+// with WG_CLUSTER, one cluster along K a tile), with e4m3 operands and row
+// scales (fp8_wg_n* in the FP8 module) or bf16 ones (gemm_wg_n* in the
+// forward module). They are compiled only with PEFTD_WG
 // (PEFTD_KERNEL_DEFINES) and load only on sm_90a; a test or benchmark asks
 // for them (fp8State.wgOn, kernelForce.bwg).
 //
@@ -187,10 +188,16 @@ func (g *wgProduct) fits(T, N, K int) bool {
 	return N%bm == 0 && N/bm <= wgMaxTiles
 }
 
+// units is an [N, K] weight's tiles (64 rows a warpgroup) and each tile's
+// stages (wgKA 128-byte atoms of each row; the last one zero-filled past K).
+func (g *wgProduct) units(N, K int) (tiles, spt int) {
+	return N / (skinnyRows * g.wgs()), (K*g.esize + wgKA*wgRowBytes - 1) / (wgKA * wgRowBytes)
+}
+
 // grid is the blocks of a T x N x K product: wgPerSM an SM, no more than
-// its stage units.
+// its stage units; with WG_CLUSTER, each tile's cluster (wgClusterSplit).
 func (g *wgProduct) grid(T, N, K int) int {
-	tiles, spt := N/(skinnyRows*g.wgs()), (K*g.esize+wgKA*wgRowBytes-1)/(wgKA*wgRowBytes)
+	tiles, spt := g.units(N, K)
 	if wgCluster > 1 {
 		return tiles * wgClusterSplit(tiles, spt, g.sms, wgCluster)
 	}
@@ -219,7 +226,7 @@ func (g *wgProduct) launch(s *cuda.Stream, out, x, sx, w, sw cuda.DevicePtr, T, 
 	wgs := g.wgs()
 	block, shared := cuda.Dim3{X: skinnyThreads * wgs}, wgShared(skinnyVariants[i].rows, wgs)
 	if wgCluster > 1 { // WG_CLUSTER: grid (tiles, S), clusters (1, S) along K; S == 1: a block a tile
-		tiles, spt := N/(skinnyRows*wgs), (K*g.esize+wgKA*wgRowBytes-1)/(wgKA*wgRowBytes)
+		tiles, spt := g.units(N, K)
 		if S := wgClusterSplit(tiles, spt, g.sms, wgCluster); S > 1 {
 			return g.set()[i].LaunchCluster(s, cuda.Dim3{X: tiles, Y: S}, block, cuda.Dim3{X: 1, Y: S}, shared, args...)
 		}
