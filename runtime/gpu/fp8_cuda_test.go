@@ -1059,9 +1059,9 @@ type wgGridTime struct {
 
 // wgSweep times a T x N x K wgmma product (g: fp8_wg or gemm_wg) with one
 // and two warpgroups a block at each grid PEFTD_WG_GRIDS lists (e.g.
-// "66,100,132"; blocks, at most one an SM; none when unset or g is nil):
-// timed runs the product once set up, on turns the product's wgmma path
-// on and off.
+// "132,200,264"; blocks, at most wgPerSM an SM, stream-K builds only;
+// none when unset or g is nil): timed runs the product once set up, on
+// turns the product's wgmma path on and off.
 func wgSweep(t *testing.T, g *wgProduct, T, N, K int, timed func() float64, on func(bool)) []wgGridTime {
 	if g == nil || os.Getenv("PEFTD_WG_GRIDS") == "" {
 		return nil
