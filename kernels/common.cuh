@@ -328,17 +328,51 @@ __device__ void quant_words_e4m3(const uint4 (&w)[NW], int n8, unsigned char* q,
 #define SK_WARPS 4
 #define SK_ROWS 64
 
+// The skinny products' accumulator fragment: a thread (warp, lane; g, tig =
+// lane / 4, lane % 4) of a 64-row tile holds v[4t + e] for weight row 16
+// warp + g (+8 for e >= 2) and activation row 8t + 2tig + (e & 1).
+// frag_out stores it scaled (sx[m] sw[n] where sx is set) and rounded,
+// weight rows from n0 + r (r = 16 warp + g); frag_store_pairs and
+// frag_add_pairs move its pairs (e, e + 1) as float2 to and from partials
+// laid out [weight row][ld activation rows] at p (the thread's own
+// position: r ld + 2tig), the reads through L2, all in flight at once.
+template <int NT>
+__device__ __forceinline__ void frag_out(bf16* __restrict__ out, const float* v, int M, int N, int n0, int r, int tig,
+                                         const float* __restrict__ sx, const float* __restrict__ sw) {
+#pragma unroll
+    for (int t = 0; t < NT; t++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            const int m = 8 * t + 2 * tig + (e & 1), n = n0 + r + (e >= 2 ? 8 : 0);
+            if (m < M) out[(i64)m * N + n] = __float2bfloat16_rn(sx ? v[4 * t + e] * sx[m] * sw[n] : v[4 * t + e]);
+        }
+}
+template <int NT> __device__ __forceinline__ void frag_store_pairs(float* p, const float* v, int ld) {
+#pragma unroll
+    for (int t = 0; t < NT; t++)
+#pragma unroll
+        for (int h = 0; h < 2; h++)
+            *reinterpret_cast<float2*>(p + h * 8 * ld + 8 * t) = make_float2(v[4 * t + 2 * h], v[4 * t + 2 * h + 1]);
+}
+template <int NT> __device__ __forceinline__ void frag_add_pairs(float* v, const float* p, int ld) {
+#pragma unroll
+    for (int t = 0; t < NT; t++)
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            const float2 q = __ldcg(reinterpret_cast<const float2*>(p + h * 8 * ld + 8 * t));
+            v[4 * t + 2 * h] += q.x, v[4 * t + 2 * h + 1] += q.y;
+        }
+}
+
 // skinny_store: the end of fp8_gemm_skinny (fp8.cu), for the 64-row tile
-// `tile` that the 128 threads tid = 0..127 of a block hold. acc[4t + e] holds weight row n0 +
-// 16*warp + g (+8 for e >= 2) times activation row 8t + 2tig + (e & 1) (n0
-// = tile * SK_ROWS; warp = tid / 32; g, tig: lane / 4, lane % 4). One
-// block a tile (gridDim.y == 1): scaled, rounded and stored. Otherwise the
-// partials go to part and the last of the tile's gridDim.y blocks to
-// finish (done's counter; last: a __shared__ int of these 128 threads)
-// sums them in split order and stores them, then leaves the counter at
-// zero for the next launch. Every thread of the block calls it (its
-// barriers are the block's). sx, sw: the activation and weight row scales
-// (FP8), or null (bf16: unscaled).
+// `tile` whose fragment (above) the 128 threads tid = 0..127 of a block
+// hold in acc (n0 = tile * SK_ROWS). One block a tile (gridDim.y == 1):
+// scaled, rounded and stored. Otherwise the partials go to part and the
+// last of the tile's gridDim.y blocks to finish (done's counter; last: a
+// __shared__ int of these 128 threads) sums them in split order and
+// stores them, then leaves the counter at zero for the next launch. Every
+// thread of the block calls it (its barriers are the block's). sx, sw: the
+// activation and weight row scales.
 template <int NT>
 __device__ __forceinline__ void skinny_store(const float* acc, bf16* __restrict__ out, float* __restrict__ part,
                                              int* __restrict__ done, const float* __restrict__ sx,
@@ -346,33 +380,17 @@ __device__ __forceinline__ void skinny_store(const float* acc, bf16* __restrict_
     constexpr int TR = 8 * NT;
     const int lane = tid & 31, warp = tid >> 5, g = lane >> 2, tig = lane & 3;
     const int n0 = tile * SK_ROWS, S = gridDim.y, sp = blockIdx.y;
-    // put: v (laid out as acc) scaled, rounded and stored
-    auto put = [&](const float* v) {
-#pragma unroll
-        for (int t = 0; t < NT; t++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const int m = 8 * t + 2 * tig + (e & 1), n = n0 + 16 * warp + g + (e >= 2 ? 8 : 0);
-                if (m < M) out[(i64)m * N + n] = __float2bfloat16_rn(sx ? v[4 * t + e] * sx[m] * sw[n] : v[4 * t + e]);
-            }
-    };
     if (S == 1) {
-        put(acc);
+        frag_out<NT>(out, acc, M, N, n0, 16 * warp + g, tig, sx, sw);
         return;
     }
-    // Split: every block's partials go to part, each thread's pairs (e, e +
-    // 1) as one float2 at [weight row][activation row]; the last block of
-    // the tile reads the others' back at its own positions (2 NT
-    // independent loads a split, all in flight at once) and sums them in
-    // split order, its own taken from its registers.
+    // Split: every block's partials go to part, [weight row][activation
+    // row]; the last block of the tile reads the others' back at its own
+    // positions and sums them in split order, its own taken from its
+    // registers.
     float* parts = part + (i64)tile * S * SK_ROWS * TR;
-    const int at = (16 * warp + g) * TR + 2 * tig; // + 8 TR (e >= 2) + 8 t
-    float* mine = parts + (i64)sp * SK_ROWS * TR + at;
-#pragma unroll
-    for (int t = 0; t < NT; t++)
-#pragma unroll
-        for (int h = 0; h < 2; h++)
-            *reinterpret_cast<float2*>(mine + h * 8 * TR + 8 * t) = make_float2(acc[4 * t + 2 * h], acc[4 * t + 2 * h + 1]);
+    const int at = (16 * warp + g) * TR + 2 * tig;
+    frag_store_pairs<NT>(parts + (i64)sp * SK_ROWS * TR + at, acc, TR);
     __threadfence();
     __syncthreads();
     if (tid == 0) *last = atomicAdd(done + tile, 1) == S - 1;
@@ -383,24 +401,14 @@ __device__ __forceinline__ void skinny_store(const float* acc, bf16* __restrict_
 #pragma unroll
     for (int i = 0; i < 4 * NT; i++) v[i] = 0.f;
     for (int s = 0; s < S; s++) {
-        float w[4 * NT];
         if (s == sp) {
 #pragma unroll
-            for (int i = 0; i < 4 * NT; i++) w[i] = acc[i];
+            for (int i = 0; i < 4 * NT; i++) v[i] += acc[i];
         } else {
-            const float* p = parts + (i64)s * SK_ROWS * TR + at;
-#pragma unroll
-            for (int t = 0; t < NT; t++)
-#pragma unroll
-                for (int h = 0; h < 2; h++) {
-                    const float2 q = __ldcg(reinterpret_cast<const float2*>(p + h * 8 * TR + 8 * t));
-                    w[4 * t + 2 * h] = q.x, w[4 * t + 2 * h + 1] = q.y;
-                }
+            frag_add_pairs<NT>(v, parts + (i64)s * SK_ROWS * TR + at, TR);
         }
-#pragma unroll
-        for (int i = 0; i < 4 * NT; i++) v[i] += w[i];
     }
-    put(v);
+    frag_out<NT>(out, v, M, N, n0, 16 * warp + g, tig, sx, sw);
     if (tid == 0) done[tile] = 0; // ready for the next launch
 }
 
@@ -669,18 +677,11 @@ __device__ __forceinline__ void wg_body(bf16* __restrict__ out, float* __restric
     const int lane = tid & 31, warp = (tid >> 5) & 3, g = lane >> 2, tig = lane & 3;
     // put: v (laid out as d) for weight tile `tile`, scaled, rounded and stored
     auto put = [&](const float* v, int tile) {
-        const int n0 = tile * BM + wg * SK_ROWS;
-#pragma unroll
-        for (int t = 0; t < NT; t++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const int m = 8 * t + 2 * tig + (e & 1), nn = n0 + 16 * warp + g + (e >= 2 ? 8 : 0);
-                if (m < M) out[(long long)m * N + nn] = __float2bfloat16_rn(sx ? v[4 * t + e] * sxs[m] * sw[nn] : v[4 * t + e]);
-            }
+        frag_out<NT>(out, v, M, N, tile * BM + wg * SK_ROWS, 16 * warp + g, tig, sx ? sxs : nullptr, sw);
     };
     // a slot of the partials: block b's first (0) or last (1) shared tile;
-    // each warpgroup its 64 rows, each thread its pairs (e, e + 1) as float2
-    const int at = wg * SK_ROWS * TR + (16 * warp + g) * TR + 2 * tig; // + 8 TR (e >= 2) + 8 t
+    // each warpgroup its 64 rows, each thread its fragment's pairs
+    const int at = wg * SK_ROWS * TR + (16 * warp + g) * TR + 2 * tig;
     auto slot = [&](int b, int tile) {
         return part + ((long long)b * 2 + (wg_first(b, U, G) / SPT == tile ? 0 : 1)) * BM * TR + at;
     };
@@ -698,12 +699,7 @@ __device__ __forceinline__ void wg_body(bf16* __restrict__ out, float* __restric
             wg_cluster_sync(); // no block leaves while rank 0 reads its shared memory
             return;
         }
-        float* mine = slot(bid, tile);
-#pragma unroll
-        for (int t = 0; t < NT; t++)
-#pragma unroll
-            for (int h = 0; h < 2; h++)
-                *reinterpret_cast<float2*>(mine + h * 8 * TR + 8 * t) = make_float2(d[4 * t + 2 * h], d[4 * t + 2 * h + 1]);
+        frag_store_pairs<NT>(slot(bid, tile), d, TR);
         const int b0 = wg_block(tile * SPT, U, G), b1 = wg_block((tile + 1) * SPT - 1, U, G);
         // the block's partials, ordered before its count by one thread's
         // fence after the barrier (cumulative: CUTLASS's arrive_inc), and the
@@ -720,16 +716,7 @@ __device__ __forceinline__ void wg_body(bf16* __restrict__ out, float* __restric
         // registers are free for it)
 #pragma unroll
         for (int i = 0; i < 4 * NT; i++) d[i] = 0.f;
-        for (int b = b0; b <= b1; b++) {
-            const float* p = slot(b, tile);
-#pragma unroll
-            for (int t = 0; t < NT; t++)
-#pragma unroll
-                for (int h = 0; h < 2; h++) {
-                    const float2 q = __ldcg(reinterpret_cast<const float2*>(p + h * 8 * TR + 8 * t));
-                    d[4 * t + 2 * h] += q.x, d[4 * t + 2 * h + 1] += q.y;
-                }
-        }
+        for (int b = b0; b <= b1; b++) frag_add_pairs<NT>(d, slot(b, tile), TR);
         put(d, tile);
         if (tid == 0) done[tile] = 0; // ready for the next launch
     };
