@@ -140,27 +140,36 @@ const DefinesEnv = "PEFTD_KERNEL_DEFINES"
 // Defined reports whether DefinesEnv defines the macro name (-Dname or
 // -Dname=value): the host side of a kernel variant that changes more than
 // the code (e.g. the shared memory a launch needs) asks it.
-func Defined(name string) bool {
-	for _, f := range strings.Fields(os.Getenv(DefinesEnv)) {
-		if m, ok := strings.CutPrefix(f, "-D"); ok && (m == name || strings.HasPrefix(m, name+"=")) {
-			return true
-		}
-	}
-	return false
-}
+func Defined(name string) bool { return len(defineValues(name)) > 0 }
 
 // DefinedInt is the value DefinesEnv gives the macro name (-Dname=value),
 // or def where it gives none or not an integer: the host side of a
 // kernel's tunable size (e.g. its stages) reads it.
 func DefinedInt(name string, def int) int {
-	for _, f := range strings.Fields(os.Getenv(DefinesEnv)) {
-		if v, ok := strings.CutPrefix(f, "-D"+name+"="); ok {
-			if n, err := strconv.Atoi(v); err == nil {
-				return n
-			}
+	for _, v := range defineValues(name) {
+		if n, err := strconv.Atoi(v); err == nil {
+			return n
 		}
 	}
 	return def
+}
+
+// defineValues are the values of DefinesEnv's -Dname and -Dname=value
+// options, in order ("" for none).
+func defineValues(name string) []string {
+	var vs []string
+	for _, f := range strings.Fields(os.Getenv(DefinesEnv)) {
+		m, ok := strings.CutPrefix(f, "-D")
+		if !ok {
+			continue
+		}
+		if m == name {
+			vs = append(vs, "")
+		} else if v, ok := strings.CutPrefix(m, name+"="); ok {
+			vs = append(vs, v)
+		}
+	}
+	return vs
 }
 
 func (o Options) shipped() []string {

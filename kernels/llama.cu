@@ -2259,9 +2259,8 @@ GEMM_SKINNY(48, true, gemm_skinny_n48)
 GEMM_SKINNY(224, false, gemm_skinny_n224)
 
 // gemm_wg_n{32,64,128}: the bf16 product out [M, N] = x [M, K] . w [N, K]^T
-// for 17-128 rows (M <= 32, 64, 128) on wgmma: wg_body (common.cuh) with
-// bf16 operands and no scales; grid (N / 64, S) with K split S ways (part,
-// done: float32 partials and per-tile counters, as fp8_gemm_skinny's).
+// for 17-128 rows (M <= 32, 64, 128) on wgmma: wg_body (common.cuh, its
+// grid, partials and counters) with bf16 operands and no scales.
 // gemm_wg2_n*: two warpgroups a block, 128 weight rows (N % 128 == 0).
 // Only with PEFTD_WG (PEFTD_KERNEL_DEFINES), on sm_90a.
 #ifdef PEFTD_WG
