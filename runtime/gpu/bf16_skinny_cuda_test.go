@@ -243,10 +243,9 @@ func wgRig(t testing.TB) (*fp8Rig, *wgProduct) {
 // TestBF16Wgmma checks gemm_wg (wg_body with bf16 operands; one
 // warpgroup a block, then two: gemm_wg2) against cuBLASLt's bf16 product
 // at 17-128 rows: the 8B projections (tiles whole in a block or shared;
-// the n32, n64 and
-// n128 variants with their zero-filled rows), a 3B's o, and a K whose last
-// stage holds one 64-byte span (and N = 192, which two warpgroups do not
-// take). Every output is written and row M is left alone (rowsProduct); a
+// the n32, n64 and n128 variants with their zero-filled rows), a 3B's o,
+// and a K whose last stage holds one 64-byte span (and N = 192, which two
+// warpgroups do not take). Every output is written and row M is left alone (rowsProduct); a
 // second product gives the same bits (shared tiles' partials summed in
 // block order).
 func TestBF16Wgmma(t *testing.T) {

@@ -398,7 +398,6 @@ func TestFP8GemmBench(t *testing.T) {
 		name string
 		N, K int
 	}{{"qkv", 6144, 4096}, {"o", 4096, 4096}, {"gate_up", 28672, 4096}, {"down", 4096, 14336}}
-	var wgGrids []wgGridTime                                                                       // PEFTD_WG_GRIDS
 	Ts := envBatches(t, "PEFTD_FP8_BENCH_T", []int{1, 4, 16, 32, 48, 64, 96, 128, 192, 256, 2048}) // e.g. 1,4,8,16 for the few-row kernels alone
 	// 20 calls per recorded graph (rotating the weights), median of 15 replays
 	timeIt := func(_ int, fn func(i int) error) float64 { return graphMedianUs(t, r.s, 20, 15, fn) }
@@ -488,9 +487,9 @@ func TestFP8GemmBench(t *testing.T) {
 				}
 				r.f.wg.two = false
 			}
-			wgGrids = append(wgGrids[:0], wgSweep(t, r.f.wg, T, N, K, func() float64 {
+			wgGrids := wgSweep(t, r.f.wg, T, N, K, func() float64 { // PEFTD_WG_GRIDS
 				return timeIt(30, func(i int) error { return r.f.linear(out.Ptr(), x.Ptr(), T, w8[i%n8], 7) })
-			}, func(on bool) { r.f.wgOn = on })...)
+			}, func(on bool) { r.f.wgOn = on })
 			tq := timeIt(30, func(i int) error {
 				return r.f.quantRows(r.f.actQ.Ptr(), r.f.actS.Ptr(), x.Ptr(), T, K, K)
 			})
@@ -960,11 +959,10 @@ func TestFP8SchemeFidelity(t *testing.T) {
 // block, then two: fp8_wg2) against the float64 product of the same e4m3
 // operands and scales, and against fp8_gemm_skinny's mma.sync product of
 // them, at 17-128 rows: the 8B projections (tiles whole in a block or
-// shared by several, and the n32,
-// n64 and n128 variants with their zero-filled rows) and a K whose last
-// stage holds one 64-byte span (N = 192: not for two warpgroups). A second
-// product gives the same bits (shared tiles' partials summed in block
-// order).
+// shared by several, and the n32, n64 and n128 variants with their
+// zero-filled rows) and a K whose last stage holds one 64-byte span (N =
+// 192: not for two warpgroups). A second product gives the same bits
+// (shared tiles' partials summed in block order).
 func TestFP8Wgmma(t *testing.T) {
 	r := newFP8Rig(t)
 	if r.f.wg == nil {

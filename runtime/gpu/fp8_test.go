@@ -155,18 +155,13 @@ func TestSplitFor(t *testing.T) {
 
 // TestWgShared: wg_body's stages start on the 1024-byte boundaries its
 // 128-byte swizzle needs (the base is rounded up; every stage is a whole
-// number of 1 KB), each variant keeps at least one stage in flight ahead
-// of the one multiplied and one wgmma group running (3 stages),
-// and a block fits an sm_90 SM (227 KB of shared memory a block at most,
-// 1.1 KB static).
+// number of 1 KB), and a block of the default build fits an sm_90 SM (227
+// KB of shared memory a block at most, 1.1 KB static).
 func TestWgShared(t *testing.T) {
 	for _, wgs := range []int{1, 2} {
 		for _, v := range skinnyVariants {
 			if stage := (wgs*skinnyRows + v.rows) * wgRowBytes; stage%1024 != 0 {
 				t.Errorf("%d warpgroups, %d rows: a stage of %d bytes is not a multiple of 1024", wgs, v.rows, stage)
-			}
-			if st := wgStages(v.rows, wgs); st < 3 {
-				t.Errorf("%d warpgroups, %d rows: %d stages", wgs, v.rows, st)
 			}
 			if per := wgShared(v.rows, wgs) + 1152; per > 227<<10 {
 				t.Errorf("%d warpgroups, %d rows: a block of %d bytes does not fit an sm_90 SM", wgs, v.rows, per)
