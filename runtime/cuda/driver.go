@@ -80,6 +80,8 @@ type driver struct {
 	// Profiler range (optional): what ncu --profile-from-start off records.
 	cuProfilerStart func() int32
 	cuProfilerStop  func() int32
+	// Green contexts (optional: CUDA 12.4+; green.go).
+	green greenDriver
 }
 
 var (
@@ -152,6 +154,7 @@ func loadDriver() error {
 		b.fn(&d.cuLaunchKernelEx, "cuLaunchKernelEx")
 		b.fn(&d.cuProfilerStart, "cuProfilerStart")
 		b.fn(&d.cuProfilerStop, "cuProfilerStop")
+		bindGreen(b, &d.green)
 		drv = d
 		return nil
 	})
