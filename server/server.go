@@ -130,6 +130,9 @@ type Config struct {
 	// stream, and the SMs the GEMMs leave to the LoRA stream.
 	SerialLoRA bool
 	LoRASMs    int
+	// LoRAPartition is gpu.Options': SMs split by green contexts, this
+	// many for the LoRA stream (0: none).
+	LoRAPartition int
 	// GraphRows is gpu.Options': the largest step recorded as a CUDA graph
 	// (0: 256).
 	GraphRows int
@@ -468,7 +471,7 @@ func newGPU(cfg Config) (*gpu.Backend, error) {
 	// starts read the cubin.
 	// --warm-graphs idle: the scheduler records the graphs while idle, and
 	// a request's step never waits for a recording (it runs eagerly)
-	return gpu.New(gpu.Options{Device: cfg.GPU, WeightFormat: cfg.Weights, KVFormat: cfg.KVCache, Eager: cfg.Eager, SerialLoRA: cfg.SerialLoRA, LoRASMs: cfg.LoRASMs, GraphRows: cfg.GraphRows, NoPDL: cfg.NoPDL, TuneGEMMs: cfg.TuneGEMMs, ChainSteps: cfg.ChainSteps,
+	return gpu.New(gpu.Options{Device: cfg.GPU, WeightFormat: cfg.Weights, KVFormat: cfg.KVCache, Eager: cfg.Eager, SerialLoRA: cfg.SerialLoRA, LoRASMs: cfg.LoRASMs, LoRAPartition: cfg.LoRAPartition, GraphRows: cfg.GraphRows, NoPDL: cfg.NoPDL, TuneGEMMs: cfg.TuneGEMMs, ChainSteps: cfg.ChainSteps,
 		RecordIdle: cfg.WarmGraphs == WarmIdle, PinnedImageBytes: cfg.PinnedCacheBytes})
 }
 
@@ -476,7 +479,10 @@ func logGPU(log *slog.Logger, cfg Config, b *gpu.Backend) {
 	d := b.Device()
 	log.Info("device", "device", DeviceCUDA, "requested", cfg.Device, "ordinal", d.Ordinal, "name", d.Name,
 		"compute_capability", fmt.Sprintf("%d.%d", d.Major, d.Minor), "memory_gib", fmt.Sprintf("%.1f", float64(d.TotalMem)/(1<<30)), "weights", cfg.Weights,
-		"kv_cache", cfg.KVCache, "pdl", b.PDL())
+		"kv_cache", cfg.KVCache, "pdl", b.PDL(), "sms", d.SMs)
+	if base, lora, ok := b.Partition(); ok {
+		log.Info("SM partition (green contexts)", "base_model_sms", base, "lora_sms", lora)
+	}
 }
 
 func threads(n int) string {

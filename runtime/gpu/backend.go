@@ -96,6 +96,12 @@ type Options struct {
 	// fastest of each. Off by default: on an H200 the decode steps ran
 	// within 1% of cuBLASLt's first choices (docs/PERFORMANCE.md v0.21).
 	TuneGEMMs bool
+	// LoRAPartition, when positive, splits the SMs by green contexts
+	// (partition.go): at least that many (the driver rounds up: 8 SMs a
+	// unit on Hopper, at most half of them) run the LoRA stream, the
+	// others the compute stream, for every step. 0: no partition; steps
+	// with adapters hint cuBLASLt to leave LoRASMs free instead.
+	LoRAPartition int
 	// ChainSteps lets a step be launched behind the one in flight
 	// (engine.Chainer, chain.go): its decode rows read the tokens that
 	// step draws on the device, so the device never waits for the host
@@ -280,7 +286,8 @@ type Backend struct {
 
 	stage *staging // weight uploads' pinned staging (upload.go), freed before the first step
 
-	la loraAside // the LoRA stream and the update it has in flight (lora.go)
+	la     loraAside    // the LoRA stream and the update it has in flight (lora.go)
+	smPart *smPartition // Options.LoRAPartition (nil: none)
 
 	// asynchronous adapter loads (PrepareAdapter / LoadPrepared)
 	cs          *cuda.Stream   // copy stream (weight uploads)
@@ -534,6 +541,16 @@ func (b *Backend) open(opts Options) error {
 			return err
 		}
 	}
+	if opts.LoRAPartition != 0 {
+		if err := b.openPartition(opts.LoRAPartition); err != nil {
+			return err
+		}
+		// on from the start: nothing has run or been recorded yet
+		b.smPart.on, b.s, b.la.s = true, b.smPart.s, b.smPart.ls
+		if b.f8 != nil {
+			b.f8.s = b.s
+		}
+	}
 	return nil
 }
 
@@ -563,7 +580,7 @@ func headIndex(hd int) int {
 // the model's head dimension, for each variant (decSplitFor plans waves of
 // them).
 func (b *Backend) sizeDecode() error {
-	sms := b.ctx.Device().SMs
+	sms := b.baseSMs()
 	for v := range decVariants {
 		b.decResident[v] = sms
 	}
@@ -827,7 +844,7 @@ func (b *Backend) Close() error {
 			errs = append(errs, s.mem.Free())
 		}
 	}
-	errs = append(errs, b.dropGraphs())
+	errs = append(errs, b.dropGraphs(), b.smPart.close(b))
 	for _, d := range []*cuda.DeviceBuffer{b.kcache, b.kscale, b.vcache, b.metaDev, b.invFreq, b.normed, b.table, b.loraTmp, b.smp[0].dev, b.smp[1].dev, b.attnPart, b.attnDone,
 		b.g.dev, b.g.part, b.g.tmp, b.la.delta} {
 		errs = append(errs, d.Free())

@@ -447,7 +447,11 @@ func (b *Backend) loraSlices(st *cuda.Stream, outPtr cuda.DevicePtr, outStride i
 	// Split K across blocks until the grid covers the SMs about twice over,
 	// keeping at least 512 columns per block and the partials in the scratch.
 	groups := (inF + 255) / 256
-	ks := min(max(1, (2*b.ctx.Device().SMs+blocks-1)/blocks), max(1, groups/2), max(1, b.stepTmpFloats/(T*tStride)))
+	sms := b.baseSMs() // the SMs st's kernels run on
+	if st == b.la.s {
+		sms = b.loraStreamSMs()
+	}
+	ks := min(max(1, (2*sms+blocks-1)/blocks), max(1, groups/2), max(1, b.stepTmpFloats/(T*tStride)))
 	kchunk := (groups + ks - 1) / ks * 256
 	ks = (inF + kchunk - 1) / kchunk
 	tiles := b.i32(b.off.tiles)

@@ -110,7 +110,12 @@ func (b *Backend) Linear(out, in engine.Buffer, w engine.Weight) {
 	b.wrote(out)
 	b.forkAt(buf(in))
 	shared := false // the LoRA stream runs beside this product on SMs held back from it
-	if sms := b.loraSMs(); b.la.forkIn != 0 && sms > 0 {
+	if base, _, ok := b.Partition(); ok {
+		// the compute stream's green context has base SMs, the LoRA
+		// stream its own: no product needs to leave room
+		b.mm.SetSMTarget(base)
+		defer b.mm.SetSMTarget(0)
+	} else if sms := b.loraSMs(); b.la.forkIn != 0 && sms > 0 {
 		shared = true
 		b.mm.SetSMTarget(max(1, b.ctx.Device().SMs-sms))
 		defer b.mm.SetSMTarget(0)

@@ -1,0 +1,136 @@
+package gpu
+
+import (
+	"errors"
+	"fmt"
+
+	"github.com/peftd/peftd/runtime/cuda"
+)
+
+// smPartition is Options.LoRAPartition: the device's SMs split by green
+// contexts between the compute stream (the base model) and the LoRA
+// stream, so that neither's blocks take the other's SMs. The published
+// design this follows runs the base model on ~75% of the SMs and the LoRA
+// path on the rest; the default instead hints cuBLASLt to leave SMs free
+// (Options.LoRASMs), which the custom kernels do not heed and the LoRA
+// blocks may not find.
+//
+// While on, both streams are the green contexts' (s, ls); the primary
+// context's (s0, ls0) are kept so the partition can be turned off again
+// (TestDecodeBench's A/B rows). Every step runs inside it while it is on,
+// steps without adapters too: they then have base.SMs() SMs.
+type smPartition struct {
+	lora, base *cuda.GreenContext
+	s, ls      *cuda.Stream // compute and LoRA streams in base and lora
+	s0, ls0    *cuda.Stream // the primary context's
+	on         bool
+}
+
+// ErrPartition: Options.LoRAPartition cannot be honoured.
+var ErrPartition = errors.New("gpu: LoRA SM partition")
+
+// openPartition splits the SMs: loraSMs (rounded up by the driver) for the
+// LoRA stream, the rest for the compute stream; the streams take PDL as
+// the primary ones have it. It leaves the partition off.
+func (b *Backend) openPartition(loraSMs int) error {
+	sms := b.ctx.Device().SMs
+	if loraSMs < 1 || loraSMs > sms/2 {
+		return fmt.Errorf("%w: %d SMs for the LoRA stream of %d (1 to half of them)", ErrPartition, loraSMs, sms)
+	}
+	lora, base, err := b.ctx.SplitSMs(loraSMs)
+	if err != nil {
+		return fmt.Errorf("%w: %w", ErrPartition, err)
+	}
+	p := &smPartition{lora: lora, base: base, s0: b.s, ls0: b.la.s}
+	b.smPart = p
+	if p.s, err = base.NewStream(false); err != nil {
+		return fmt.Errorf("%w: compute stream: %w", ErrPartition, err)
+	}
+	if p.ls, err = lora.NewStream(true); err != nil {
+		return fmt.Errorf("%w: LoRA stream: %w", ErrPartition, err)
+	}
+	if b.pdl {
+		if err := p.s.SetProgrammaticLaunch(true); err != nil {
+			return err
+		}
+		if err := p.ls.SetProgrammaticLaunch(true); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// setPartition turns the partition on or off: the work on the streams in
+// use is finished first, the recordings (made on them, with grids planned
+// for their SM counts) are dropped, and the attention split plan is redone
+// for the SMs the compute stream now has.
+func (b *Backend) setPartition(on bool) error {
+	p := b.smPart
+	if p == nil {
+		if on {
+			return fmt.Errorf("%w: none was opened (Options.LoRAPartition)", ErrPartition)
+		}
+		return nil
+	}
+	if p.on == on {
+		return nil
+	}
+	if err := errors.Join(b.s.Synchronize(), b.la.s.Synchronize()); err != nil {
+		return err
+	}
+	if err := b.dropGraphs(); err != nil {
+		return err
+	}
+	p.on = on
+	if on {
+		b.s, b.la.s = p.s, p.ls
+	} else {
+		b.s, b.la.s = p.s0, p.ls0
+	}
+	if b.f8 != nil {
+		b.f8.s = b.s
+	}
+	return b.sizeDecode()
+}
+
+// baseSMs is how many SMs the compute stream's kernels run on.
+func (b *Backend) baseSMs() int {
+	if p := b.smPart; p != nil && p.on {
+		return p.base.SMs()
+	}
+	return b.ctx.Device().SMs
+}
+
+// loraStreamSMs is how many SMs the LoRA stream's kernels may take (all of
+// them without a partition: the hold-back is only a hint to cuBLASLt).
+func (b *Backend) loraStreamSMs() int {
+	if p := b.smPart; p != nil && p.on {
+		return p.lora.SMs()
+	}
+	return b.ctx.Device().SMs
+}
+
+// Partition reports the SMs of the compute and LoRA streams' green
+// contexts while the partition is on (ok false otherwise).
+func (b *Backend) Partition() (base, lora int, ok bool) {
+	if p := b.smPart; p != nil && p.on {
+		return p.base.SMs(), p.lora.SMs(), true
+	}
+	return 0, 0, false
+}
+
+// close releases the partition's streams and contexts (the primary ones
+// are the backend's again).
+func (p *smPartition) close(b *Backend) error {
+	if p == nil {
+		return nil
+	}
+	if p.on {
+		b.s, b.la.s = p.s0, p.ls0
+		if b.f8 != nil {
+			b.f8.s = b.s
+		}
+		p.on = false
+	}
+	return errors.Join(p.s.Destroy(), p.ls.Destroy(), p.lora.Destroy(), p.base.Destroy())
+}
