@@ -176,12 +176,15 @@ func TestFixtureCoBatched(t *testing.T) {
 	worst, worstRow := 0.0, 0.0
 	var all greedyStats
 	// the LoRA stream (default), the same holding SMs back from the GEMMs,
-	// and every update on the compute stream (SerialLoRA)
+	// every update on the compute stream (SerialLoRA), and the SMs split
+	// by green contexts (LoRAPartition: the cases run with it on, off,
+	// and on again, which re-plans and re-records the steps)
 	for _, c := range []struct {
 		bs   int
 		name string
 		bo   Options
-	}{{16, "", Options{}}, {1, "", Options{}}, {5, "", Options{}}, {16, "-serial", Options{SerialLoRA: true}}, {16, "-sms32", Options{LoRASMs: 32}}} {
+	}{{16, "", Options{}}, {1, "", Options{}}, {5, "", Options{}}, {16, "-serial", Options{SerialLoRA: true}}, {16, "-sms32", Options{LoRASMs: 32}},
+		{16, "-partition16", Options{LoRAPartition: 16}}} {
 		bs := c.bs
 		t.Run(fmt.Sprintf("block%d%s", bs, c.name), func(t *testing.T) {
 			opts := engine.DefaultOptions()
@@ -190,6 +193,22 @@ func TestFixtureCoBatched(t *testing.T) {
 			e := newEngineWith(t, m, opts, c.bo)
 			slots := loadSlots(t, e, adapters, fx.AdapterNames, 0)
 			w, wr, st := runCases(t, e, slots, cases)
+			if c.bo.LoRAPartition > 0 {
+				b := e.Backend().(*Backend)
+				base, lora, ok := b.Partition()
+				if !ok {
+					t.Fatal("LoRAPartition: no partition on")
+				}
+				t.Logf("partition: compute stream %d SMs (in its green context: %v), LoRA stream %d (%v)", base, b.s.InGreen(b.smPart.base), lora, b.la.s.InGreen(b.smPart.lora))
+				for _, on := range []bool{false, true} {
+					if err := b.setPartition(on); err != nil {
+						t.Fatal(err)
+					}
+					w2, wr2, st2 := runCases(t, e, slots, cases)
+					t.Logf("partition %v: worst relative error %.3g, greedy %d/%d exact", on, w2, st2.match, st2.total)
+					w, wr = max(w, w2), max(wr, wr2)
+				}
+			}
 			worst, worstRow = max(worst, w), max(worstRow, wr)
 			all.match, all.ties, all.total = all.match+st.match, all.ties+st.ties, all.total+st.total
 			t.Logf("block %d: %d cases co-batched, worst relative error %.3g, greedy %d/%d exact, %d near-ties", bs, len(cases), w, st.match, st.total, st.ties)
