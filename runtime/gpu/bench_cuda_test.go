@@ -375,7 +375,7 @@ type decodeVariant struct {
 	wg                           bool // FP8 weights: fp8_wg (wgmma; PEFTD_WG) for 17-128 rows (fp8State.wgOn)
 	bwg                          bool // bf16 weights: gemm_wg (wgmma; PEFTD_WG) for 17-128 rows (kernelForce.bwg)
 	two                          bool // with wg or bwg: two warpgroups a block (fp8_wg2, gemm_wg2: wgProduct.two)
-	part                         bool // the SMs split by green contexts (Options.LoRAPartition from PEFTD_LORA_PARTITION; partition.go)
+	part                         int  // SMs for the LoRA stream in a green-context split (partition.go; PEFTD_LORA_PARTITION lists them; 0: none)
 }
 
 // label names a row of TestDecodeBench's table: "no" (base) or the
@@ -400,16 +400,57 @@ func (v decodeVariant) label(ads []*lora.Adapter, pdlOK bool) string {
 	if v.dv > 0 {
 		lbl += "+" + decVariant(v.dv-1).String()
 	}
+
 	for _, f := range []struct {
 		on   bool
 		name string
 	}{{v.eager, "eager"}, {v.serial, "serial"}, {v.nopdl && pdlOK, "nopdl"}, {v.ropeHeads, "ropeheads"}, {v.lt, "lt"}, {v.skLate, "late"},
-		{v.fs, "fs"}, {v.gv, "gv"}, {v.wg && !v.two, "wg"}, {v.wg && v.two, "wg2"}, {v.bwg && !v.two, "bwg"}, {v.bwg && v.two, "bwg2"}, {v.part, "part"}, {v.tuned, "tuned"}} {
+		{v.fs, "fs"}, {v.gv, "gv"}, {v.wg && !v.two, "wg"}, {v.wg && v.two, "wg2"}, {v.bwg && !v.two, "bwg"}, {v.bwg && v.two, "bwg2"}, {v.tuned, "tuned"}} {
 		if f.on {
 			lbl += "+" + f.name
 		}
 	}
+	if v.part > 0 {
+		lbl += fmt.Sprintf("+part%d", v.part)
+	}
 	return lbl
+}
+
+// partOf is the SMs the LoRA stream has in gb's partition while it is on, else 0.
+func partOf(gb *Backend) int {
+	if p := gb.smPart; p != nil && p.on {
+		return p.asked
+	}
+	return 0
+}
+
+// benchPartition puts gb's streams in a green-context split with n SMs for
+// the LoRA stream (n 0: the primary context's streams), opening the split
+// if gb has another or none. It logs the SMs each side got.
+func benchPartition(gb *Backend, n int) error {
+	if err := gb.setPartition(false); err != nil {
+		return err
+	}
+	if n == 0 {
+		return nil
+	}
+	if p := gb.smPart; p != nil && p.asked != n {
+		if err := p.close(gb); err != nil {
+			return err
+		}
+		gb.smPart = nil
+	}
+	if gb.smPart == nil {
+		if err := gb.openPartition(n); err != nil {
+			return err
+		}
+	}
+	if err := gb.setPartition(true); err != nil {
+		return err
+	}
+	base, lora, _ := gb.Partition()
+	bench("decode SM partition %d: compute stream %d SMs, LoRA stream %d", n, base, lora)
+	return nil
 }
 
 // TestDecodeBench measures decode throughput of a random-weight
@@ -448,14 +489,9 @@ func TestDecodeBench(t *testing.T) {
 	c := m.Config
 	opts.AdapterSlots = len(ads) + 1
 	// bf16 unless PEFTD_WEIGHTS=fp8; a bf16 KV cache unless PEFTD_KV=fp8
-	// PEFTD_LORA_PARTITION=n: a green-context partition with n SMs for the
-	// LoRA stream, for the +part rows (the others turn it off)
-	gb, err := New(Options{WeightFormat: os.Getenv("PEFTD_WEIGHTS"), KVFormat: os.Getenv("PEFTD_KV"), LoRAPartition: envPositive(t, "PEFTD_LORA_PARTITION", 0)})
+	gb, err := New(Options{WeightFormat: os.Getenv("PEFTD_WEIGHTS"), KVFormat: os.Getenv("PEFTD_KV")})
 	if err != nil {
 		t.Fatal(err)
-	}
-	if base, lora, ok := gb.Partition(); ok {
-		bench("decode SM partition (+part rows): compute stream %d SMs, LoRA stream %d", base, lora)
 	}
 	bw := copyBandwidth(t, gb)
 	e, err := engine.New(m, gb, opts)
@@ -533,7 +569,14 @@ func TestDecodeBench(t *testing.T) {
 		{lora: true, serial: true, sms: -1}, {lora: true, sms: 0}, {lora: true, sms: 16}, {lora: true, sms: 32},
 		{sms: -1, wg: true}, {lora: true, sms: -1, wg: true}, {sms: -1, bwg: true}, {lora: true, sms: -1, bwg: true},
 		{sms: -1, wg: true, two: true}, {lora: true, sms: -1, wg: true, two: true}, {sms: -1, bwg: true, two: true}, {lora: true, sms: -1, bwg: true, two: true},
-		{sms: -1, part: true}, {lora: true, sms: -1, part: true}, {sms: -1, nopdl: true, part: true}, {lora: true, sms: -1, nopdl: true, part: true}}
+	}
+	// PEFTD_LORA_PARTITION=16,32: rows +part16, +part32 with the SMs split by
+	// green contexts (Options.LoRAPartition), base and adapters, with and
+	// without PDL (issue 9's A/B: partition on/off x PDL on/off)
+	for _, n := range envBatches(t, "PEFTD_LORA_PARTITION", nil) {
+		vs = append(vs, decodeVariant{sms: -1, part: n}, decodeVariant{lora: true, sms: -1, part: n},
+			decodeVariant{sms: -1, nopdl: true, part: n}, decodeVariant{lora: true, sms: -1, nopdl: true, part: n})
+	}
 	if os.Getenv("PEFTD_DECODE_QUICK") != "" { // base and adapters, each with cuBLASLt (+lt), and with FP8 weights with fp8_stream at every row count (+fs) and at none (+gv)
 		vs = vs[:8]
 	}
@@ -577,11 +620,11 @@ func TestDecodeBench(t *testing.T) {
 		B, v := rn.B, rn.v
 		withLoRA, sampled := v.lora, v.sampled
 		gb.g.off = v.eager
-		if withLoRA && len(ads) == 0 || v.nopdl && !pdlOK || v.split > 0 && B > 64 || (v.fs || v.gv) && (gb.f8 == nil || gb.f8.stream == nil) || v.wg && (gb.f8 == nil || gb.f8.wg == nil) || v.bwg && (gb.f8 != nil || gb.wg == nil) || v.part && gb.smPart == nil {
+		if withLoRA && len(ads) == 0 || v.nopdl && !pdlOK || v.split > 0 && B > 64 || (v.fs || v.gv) && (gb.f8 == nil || gb.f8.stream == nil) || v.wg && (gb.f8 == nil || gb.f8.wg == nil) || v.bwg && (gb.f8 != nil || gb.wg == nil) {
 			continue
 		}
 		retune := v.tuned && !gb.tune.done
-		if wantPDL := pdlOK && !v.nopdl; retune || gb.smPart != nil && gb.smPart.on != v.part || gb.la.on == v.serial || gb.la.sms != v.sms || gb.s.ProgrammaticLaunch() != wantPDL || gb.force.decSplit != v.split || gb.force.ropeHeads != v.ropeHeads || gb.force.decOpts != v.opts || gb.force.noSkinny != v.lt || gb.force.skLate != v.skLate || gb.force.decVar != v.dv || gb.force.bwg != v.bwg || gb.wg != nil && gb.wg.two != v.two || gb.f8 != nil && gb.f8.wg != nil && gb.f8.wg.two != v.two || gb.f8 != nil && (gb.f8.streamOn != v.fs || gb.f8.streamOff != v.gv || gb.f8.wgOn != v.wg) { // recordings bake the LoRA and launch modes, the kernels and the GEMM algorithms in
+		if wantPDL := pdlOK && !v.nopdl; retune || partOf(gb) != v.part || gb.la.on == v.serial || gb.la.sms != v.sms || gb.s.ProgrammaticLaunch() != wantPDL || gb.force.decSplit != v.split || gb.force.ropeHeads != v.ropeHeads || gb.force.decOpts != v.opts || gb.force.noSkinny != v.lt || gb.force.skLate != v.skLate || gb.force.decVar != v.dv || gb.force.bwg != v.bwg || gb.wg != nil && gb.wg.two != v.two || gb.f8 != nil && gb.f8.wg != nil && gb.f8.wg.two != v.two || gb.f8 != nil && (gb.f8.streamOn != v.fs || gb.f8.streamOff != v.gv || gb.f8.wgOn != v.wg) { // recordings bake the LoRA and launch modes, the kernels and the GEMM algorithms in
 			gb.la.on, gb.la.sms, gb.force.decSplit, gb.force.ropeHeads, gb.force.decOpts = !v.serial, v.sms, v.split, v.ropeHeads, v.opts
 			gb.force.noSkinny, gb.force.skLate, gb.force.decVar, gb.force.bwg = v.lt, v.skLate, v.dv, v.bwg
 			if gb.wg != nil {
@@ -596,7 +639,7 @@ func TestDecodeBench(t *testing.T) {
 			if retune {
 				gb.tune.on = true // tuned by the Warmup below
 			}
-			if err := gb.setPartition(v.part); err != nil { // before PDL: the streams change
+			if err := benchPartition(gb, v.part); err != nil { // before PDL: the streams change
 				t.Fatal(err)
 			}
 			if err := gb.s.SetProgrammaticLaunch(wantPDL); err != nil {
@@ -670,6 +713,9 @@ func TestDecodeBench(t *testing.T) {
 		if err := gb.ctx.ProfilerStop(); err != nil {
 			t.Fatal(err)
 		}
+	}
+	if err := benchPartition(gb, 0); err != nil {
+		t.Fatal(err)
 	}
 	gb.g.off, gb.force.decSplit, gb.force.ropeHeads, gb.force.decOpts = false, 0, false, 0
 	gb.force.noSkinny, gb.force.skLate, gb.force.decVar, gb.force.bwg = false, false, 0, false

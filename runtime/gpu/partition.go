@@ -23,6 +23,7 @@ type smPartition struct {
 	lora, base *cuda.GreenContext
 	s, ls      *cuda.Stream // compute and LoRA streams in base and lora
 	s0, ls0    *cuda.Stream // the primary context's
+	asked      int          // the SMs asked for the LoRA stream
 	on         bool
 }
 
@@ -41,7 +42,7 @@ func (b *Backend) openPartition(loraSMs int) error {
 	if err != nil {
 		return fmt.Errorf("%w: %w", ErrPartition, err)
 	}
-	p := &smPartition{lora: lora, base: base, s0: b.s, ls0: b.la.s}
+	p := &smPartition{lora: lora, base: base, s0: b.s, ls0: b.la.s, asked: loraSMs}
 	b.smPart = p
 	if p.s, err = base.NewStream(false); err != nil {
 		return fmt.Errorf("%w: compute stream: %w", ErrPartition, err)
