@@ -547,9 +547,7 @@ func (b *Backend) open(opts Options) error {
 		}
 		// on from the start: nothing has run or been recorded yet
 		b.smPart.on, b.s, b.la.s = true, b.smPart.s, b.smPart.ls
-		if b.f8 != nil {
-			b.f8.s = b.s
-		}
+		b.planFor()
 	}
 	return nil
 }

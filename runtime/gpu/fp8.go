@@ -74,6 +74,7 @@ type fp8Weight struct {
 type fp8State struct {
 	ctx   *cuda.Context
 	s     *cuda.Stream
+	sms   int // SMs the stream's kernels run on, for the plans (0: the device's; partition.go sets it)
 	mm    *cuda.Matmul
 	mod   *cuda.Module
 	quant *cuda.Function
@@ -325,7 +326,7 @@ func (f *fp8State) gemvWarps(w *fp8Weight) int {
 	if f.gvWarps > 0 {
 		return f.gvWarps
 	}
-	return gemvWarpsFor(w.rows, f.ctx.Device().SMs)
+	return gemvWarpsFor(w.rows, f.planSMs())
 }
 
 // gemvLaunch enqueues fp8_gemv on the quantized activation rows.
@@ -403,4 +404,12 @@ func (b *Backend) UploadFP8(name string, rows, cols int, q [][]byte, scale []flo
 		return nil, fmt.Errorf("%s: %w", name, err)
 	}
 	return fw, nil
+}
+
+// planSMs is the SMs the FP8 products plan their grids for.
+func (f *fp8State) planSMs() int {
+	if f.sms > 0 {
+		return f.sms
+	}
+	return f.ctx.Device().SMs
 }

@@ -141,7 +141,7 @@ func (f *fp8State) skinnyLaunch(out cuda.DevicePtr, T int, w *fp8Weight) error {
 	if fn == nil {
 		return fmt.Errorf("gpu: fp8_gemm_skinny for %d rows is not loaded", T)
 	}
-	S := skinnySplit(w.rows, w.cols, f.ctx.Device().SMs, skinnyPerSM(tr))
+	S := skinnySplit(w.rows, w.cols, f.planSMs(), skinnyPerSM(tr))
 	return fn.Launch(f.s, cuda.Dim3{X: w.rows / skinnyRows, Y: S}, cuda.Dim3{X: skinnyThreads}, skinnyShared(tr),
 		uint64(out), uint64(f.skPart.Ptr()), uint64(f.skDone.Ptr()), uint64(f.actQ.Ptr()), uint64(f.actS.Ptr()),
 		uint64(w.q.Ptr()), uint64(w.scale.Ptr()), T, w.rows, w.cols)

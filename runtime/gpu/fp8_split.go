@@ -60,7 +60,7 @@ func (f *fp8State) split(T, N, K int) int {
 	if f.splitNo[[3]int{T, N, K}] {
 		return 1
 	}
-	sms := f.ctx.Device().SMs
+	sms := f.planSMs()
 	if t := f.mm.SMTarget(); t > 0 {
 		sms = min(sms, t)
 	}

@@ -88,10 +88,29 @@ func (b *Backend) setPartition(on bool) error {
 	} else {
 		b.s, b.la.s = p.s0, p.ls0
 	}
-	if b.f8 != nil {
-		b.f8.s = b.s
-	}
+	b.planFor()
 	return b.sizeDecode()
+}
+
+// planFor points the products at the compute stream in use and has them
+// plan their grids (variant choice, splits, warps a block) for its SMs.
+func (b *Backend) planFor() {
+	sms := b.baseSMs()
+	if b.sk != nil && b.sk.streamRows != nil {
+		b.sk.sms = sms
+	}
+	if b.wg != nil {
+		b.wg.sms = min(sms, b.wg.smsMax)
+	}
+	if f := b.f8; f != nil {
+		f.s, f.sms = b.s, sms
+		if f.stream != nil && f.stream.streamRows != nil {
+			f.stream.sms = sms
+		}
+		if f.wg != nil {
+			f.wg.sms = min(sms, f.wg.smsMax)
+		}
+	}
 }
 
 // baseSMs is how many SMs the compute stream's kernels run on.
@@ -128,10 +147,8 @@ func (p *smPartition) close(b *Backend) error {
 	}
 	if p.on {
 		b.s, b.la.s = p.s0, p.ls0
-		if b.f8 != nil {
-			b.f8.s = b.s
-		}
 		p.on = false
+		b.planFor()
 	}
 	return errors.Join(p.s.Destroy(), p.ls.Destroy(), p.lora.Destroy(), p.base.Destroy())
 }

@@ -24,8 +24,9 @@ type wgProduct struct {
 	two        bool               // fn2 where it fits
 	part, done *cuda.DeviceBuffer // shared tiles' partials, and per-tile counters left at zero between launches
 	esize      int                // operand bytes: 1 (e4m3) or 2 (bf16)
-	sms        int
-	forceG     int // benchmarks: this many blocks (0: wgPerSM an SM; at most that)
+	sms        int                // SMs planned for (the compute stream's: partition.go)
+	smsMax     int                // the device's: the partials are sized for it
+	forceG     int                // benchmarks: this many blocks (0: wgPerSM an SM; at most that)
 }
 
 // wgRowBytes is wg_body's WG_RB: bytes of K an atom holds of each row.
@@ -83,7 +84,7 @@ func loadWG(ctx *cuda.Context, s *cuda.Stream, mod *cuda.Module, prefix string, 
 	if ctx.Device().Arch() != "sm_90a" {
 		return nil, nil
 	}
-	g := &wgProduct{esize: esize, sms: ctx.Device().SMs}
+	g := &wgProduct{esize: esize, sms: ctx.Device().SMs, smsMax: ctx.Device().SMs}
 	found := false
 	for _, b := range []struct {
 		wgs  int
