@@ -422,12 +422,11 @@ extern "C" __global__ void ring(int* out) {
 // whose blocks read each other's shared memory (sm_90 and later), with and
 // without programmatic launch after another kernel; a grid the clusters do
 // not divide is refused.
-func TestGPUClusterLaunch(t *testing.T) {
-	c := ctx(t)
-	if c.Device().Major < 9 {
-		t.Skipf("%s: no thread-block clusters before sm_90", c.Device().Arch())
-	}
-	cubin, _, err := Compile(clusterRing, "ring.cu", []string{"-arch=" + c.Device().Arch()})
+// testKernel compiles src for c's device, loads it (unloaded when the test
+// ends) and returns its kernel name.
+func testKernel(t *testing.T, c *Context, src, name string) *Function {
+	t.Helper()
+	cubin, _, err := Compile(src, name+".cu", []string{"-arch=" + c.Device().Arch()})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -435,11 +434,20 @@ func TestGPUClusterLaunch(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer m.Unload()
-	f, err := m.Function("ring")
+	t.Cleanup(func() { m.Unload() })
+	f, err := m.Function(name)
 	if err != nil {
 		t.Fatal(err)
 	}
+	return f
+}
+
+func TestGPUClusterLaunch(t *testing.T) {
+	c := ctx(t)
+	if c.Device().Major < 9 {
+		t.Skipf("%s: no thread-block clusters before sm_90", c.Device().Arch())
+	}
+	f := testKernel(t, c, clusterRing, "ring")
 	s, err := c.NewStream()
 	if err != nil {
 		t.Fatal(err)

@@ -46,19 +46,7 @@ func TestGPUGreenPartition(t *testing.T) {
 	if small.SMs() < 16 || small.SMs()+rest.SMs() > c.Device().SMs {
 		t.Fatalf("split gave %d + %d SMs of %d", small.SMs(), rest.SMs(), c.Device().SMs)
 	}
-	cubin, _, err := Compile(smProbe, "sm_probe.cu", []string{"-arch=" + c.Device().Arch()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	m, err := c.LoadModule(cubin)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer m.Unload()
-	f, err := m.Function("sm_probe")
-	if err != nil {
-		t.Fatal(err)
-	}
+	f := testKernel(t, c, smProbe, "sm_probe")
 	ss, err := small.NewStream(true)
 	if err != nil {
 		t.Fatal(err)
