@@ -93,6 +93,12 @@ type Options struct {
 	// (peftd kernels wrote them, e.g. into a container image); nil: the
 	// colon-separated folders of $PEFTD_KERNEL_DIRS.
 	ShippedDirs []string
+	// ContextFree loads the cubin as a context-independent library
+	// (cuda.Context.LoadLibrary): its kernels then run in the context of
+	// the stream they are launched on, a green context's too
+	// (runtime/gpu/partition.go). Not part of the cache key: the cubin is
+	// the same.
+	ContextFree bool
 }
 
 // Info tells how a module was obtained.
@@ -290,7 +296,7 @@ func Load(c *cuda.Context, name string, o Options) (*cuda.Module, Info, error) {
 		if err != nil {
 			continue
 		}
-		m, err := c.LoadModule(cubin)
+		m, err := load(c, cubin, o)
 		if err == nil {
 			return m, Info{CachePath: p}, nil
 		}
@@ -306,11 +312,19 @@ func Load(c *cuda.Context, name string, o Options) (*cuda.Module, Info, error) {
 	if err != nil {
 		return nil, info, err
 	}
-	m, err := c.LoadModule(cubin)
+	m, err := load(c, cubin, o)
 	if err != nil {
 		return nil, info, err
 	}
 	return m, info, nil
+}
+
+// load loads cubin as a module, or as a library where o asks for one.
+func load(c *cuda.Context, cubin []byte, o Options) (*cuda.Module, error) {
+	if o.ContextFree {
+		return c.LoadLibrary(cubin)
+	}
+	return c.LoadModule(cubin)
 }
 
 func writeAtomic(path string, data []byte) error {

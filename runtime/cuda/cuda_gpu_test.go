@@ -422,15 +422,20 @@ extern "C" __global__ void ring(int* out) {
 // whose blocks read each other's shared memory (sm_90 and later), with and
 // without programmatic launch after another kernel; a grid the clusters do
 // not divide is refused.
-// testKernel compiles src for c's device, loads it (unloaded when the test
-// ends) and returns its kernel name.
-func testKernel(t *testing.T, c *Context, src, name string) *Function {
+// testKernel compiles src for c's device, loads it as a module (as a
+// context-independent library with lib) that is unloaded when the test
+// ends, and returns its kernel name.
+func testKernel(t *testing.T, c *Context, src, name string, lib ...bool) *Function {
 	t.Helper()
 	cubin, _, err := Compile(src, name+".cu", []string{"-arch=" + c.Device().Arch()})
 	if err != nil {
 		t.Fatal(err)
 	}
-	m, err := c.LoadModule(cubin)
+	load := c.LoadModule
+	if len(lib) > 0 && lib[0] {
+		load = c.LoadLibrary
+	}
+	m, err := load(cubin)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -82,6 +82,14 @@ type driver struct {
 	cuProfilerStop  func() int32
 	// Green contexts (optional: CUDA 12.4+; green.go).
 	green greenDriver
+	// Context-independent libraries (optional: CUDA 12.0+; module.go).
+	lib struct {
+		load               func(lib *uintptr, code unsafe.Pointer, jitOpts, jitVals unsafe.Pointer, nJit uint32, libOpts, libVals unsafe.Pointer, nLib uint32) int32
+		unload             func(lib uintptr) int32
+		getKernel          func(k *uintptr, lib uintptr, name string) int32
+		kernelFunction     func(f *cuFunction, k uintptr) int32
+		kernelSetAttribute func(attr int32, v int32, k uintptr, dev int32) int32
+	}
 }
 
 var (
@@ -155,6 +163,11 @@ func loadDriver() error {
 		b.fn(&d.cuProfilerStart, "cuProfilerStart")
 		b.fn(&d.cuProfilerStop, "cuProfilerStop")
 		bindGreen(b, &d.green)
+		b.fn(&d.lib.load, "cuLibraryLoadData")
+		b.fn(&d.lib.unload, "cuLibraryUnload")
+		b.fn(&d.lib.getKernel, "cuLibraryGetKernel")
+		b.fn(&d.lib.kernelFunction, "cuKernelGetFunction")
+		b.fn(&d.lib.kernelSetAttribute, "cuKernelSetAttribute")
 		drv = d
 		return nil
 	})

@@ -22,7 +22,7 @@ extern "C" __global__ void sm_probe(unsigned* smid, long long spin) {
 `
 
 // TestGPUGreenPartition splits the SMs in two green contexts and checks,
-// with a kernel of the primary context's module that records %smid, that
+// with a library's kernel (LoadLibrary) that records %smid, that
 // each context's stream runs on as many distinct SMs as it holds and no
 // more, that the two sets are disjoint when both run at once, and that a
 // graph captured across the two streams (fork and join by events, as the
@@ -46,7 +46,8 @@ func TestGPUGreenPartition(t *testing.T) {
 	if small.SMs() < 16 || small.SMs()+rest.SMs() > c.Device().SMs {
 		t.Fatalf("split gave %d + %d SMs of %d", small.SMs(), rest.SMs(), c.Device().SMs)
 	}
-	f := testKernel(t, c, smProbe, "sm_probe")
+	f := testKernel(t, c, smProbe, "sm_probe", true) // a library's kernel: it runs in the stream's context
+	fm := testKernel(t, c, smProbe, "sm_probe")      // a module's function: the primary context's
 	ss, err := small.NewStream(true)
 	if err != nil {
 		t.Fatal(err)
@@ -93,6 +94,16 @@ func TestGPUGreenPartition(t *testing.T) {
 		} else {
 			t.Logf("%s: %d distinct SMs (of %d)", what, len(got), want)
 		}
+	}
+	// a module's function on a green stream: logged (it decides whether
+	// partition.go needs the libraries), not checked
+	if err := fm.Launch(ss, Dim3{X: blocks}, Dim3{X: 32}, 0, bufs[0].Ptr(), int64(spin)); err != nil {
+		t.Logf("a module's function on the small context's stream: %v", err)
+		if err := ss.Synchronize(); err != nil {
+			t.Logf("and the stream after it: %v", err)
+		}
+	} else {
+		t.Logf("a module's function on the small context's stream ran on %d distinct SMs (of %d there)", len(sms(ss, bufs[0])), small.SMs())
 	}
 	// one at a time
 	for _, k := range []struct {

@@ -9,10 +9,35 @@ import (
 
 // Modules, kernels and launches.
 
-// Module is loaded device code.
+// Module is loaded device code: a module of the primary context
+// (LoadModule), or a context-independent library (LoadLibrary).
 type Module struct {
-	c *Context
-	m cuModule
+	c   *Context
+	m   cuModule
+	lib uintptr // CUlibrary (LoadLibrary), else 0
+}
+
+// LoadLibrary loads a cubin as a context-independent library (CUDA 12.0+):
+// its kernels launch in the context of the stream they are launched on,
+// green contexts' included (a module's functions belong to the context
+// that loaded it). The error wraps ErrNotSupported where the driver lacks
+// the library API.
+func (c *Context) LoadLibrary(image []byte) (*Module, error) {
+	if len(image) == 0 {
+		return nil, fmt.Errorf("%w: empty library image", ErrInvalidValue)
+	}
+	if drv.lib.load == nil || drv.lib.getKernel == nil || drv.lib.kernelFunction == nil || drv.lib.unload == nil {
+		return nil, fmt.Errorf("%w: driver %s has no library API (cuLibraryLoadData)", ErrNotSupported, drv.path)
+	}
+	m := &Module{c: c}
+	err := c.Do(func() error {
+		return check("cuLibraryLoadData", drv.lib.load(&m.lib, unsafe.Pointer(&image[0]), nil, nil, 0, nil, nil, 0))
+	})
+	runtime.KeepAlive(image)
+	if err != nil {
+		return nil, err
+	}
+	return m, nil
 }
 
 // LoadModule loads a cubin (or PTX, NUL-terminated) image.
@@ -31,35 +56,61 @@ func (c *Context) LoadModule(image []byte) (*Module, error) {
 
 // Unload releases the module.
 func (m *Module) Unload() error {
-	if m == nil || m.m == 0 {
+	if m == nil || m.m == 0 && m.lib == 0 {
 		return nil
 	}
-	h := m.m
-	m.m = 0
+	h, lib := m.m, m.lib
+	m.m, m.lib = 0, 0
+	if lib != 0 {
+		return m.c.Do(func() error { return check("cuLibraryUnload", drv.lib.unload(lib)) })
+	}
 	return m.c.Do(func() error { return check("cuModuleUnload", drv.cuModuleUnload(h)) })
 }
 
-// Function is a kernel of a module.
+// Function is a kernel of a module. Of a library's kernel, f is its
+// function in the primary context (attributes, occupancy) and k the
+// context-independent kernel that launches take.
 type Function struct {
 	c    *Context
 	f    cuFunction
+	k    uintptr // CUkernel (LoadLibrary), else 0
 	Name string
 }
 
 // Function looks up a kernel by its (extern "C") name.
 func (m *Module) Function(name string) (*Function, error) {
 	f := &Function{c: m.c, Name: name}
-	err := m.c.Do(func() error { return check("cuModuleGetFunction", drv.cuModuleGetFunction(&f.f, m.m, name)) })
+	err := m.c.Do(func() error {
+		if m.lib == 0 {
+			return check("cuModuleGetFunction", drv.cuModuleGetFunction(&f.f, m.m, name))
+		}
+		if err := check("cuLibraryGetKernel", drv.lib.getKernel(&f.k, m.lib, name)); err != nil {
+			return err
+		}
+		return check("cuKernelGetFunction", drv.lib.kernelFunction(&f.f, f.k))
+	})
 	if err != nil {
 		return nil, fmt.Errorf("kernel %s: %w", name, err)
 	}
 	return f, nil
 }
 
+// launchable is what a launch names: the kernel of a library (the stream's
+// context runs it), else the module's function.
+func (f *Function) launchable() cuFunction {
+	if f.k != 0 {
+		return f.k
+	}
+	return f.f
+}
+
 // SetMaxDynamicShared lets launches use up to n bytes of dynamic shared memory.
 func (f *Function) SetMaxDynamicShared(n int) error {
 	const maxDynamicSharedSizeBytes = 8 // CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
 	return f.c.Do(func() error {
+		if f.k != 0 && drv.lib.kernelSetAttribute != nil { // for every context of the device
+			return check("cuKernelSetAttribute", drv.lib.kernelSetAttribute(maxDynamicSharedSizeBytes, int32(n), f.k, f.c.handle))
+		}
 		return check("cuFuncSetAttribute", drv.cuFuncSetAttribute(f.f, maxDynamicSharedSizeBytes, int32(n)))
 	})
 }
@@ -210,12 +261,12 @@ func (f *Function) launch(s *Stream, grid, block, cluster Dim3, shared int, args
 		if n > 0 {
 			a.cfg = launchConfig{gridX: gx, gridY: gy, gridZ: gz, blockX: bx, blockY: by, blockZ: bz, shared: uint32(shared),
 				stream: s.s, attrs: unsafe.Pointer(&a.attrs[0]), numAttrs: uint32(n)}
-			if err := check("cuLaunchKernelEx", drv.cuLaunchKernelEx(unsafe.Pointer(&a.cfg), f.f, params, nil)); err != nil {
+			if err := check("cuLaunchKernelEx", drv.cuLaunchKernelEx(unsafe.Pointer(&a.cfg), f.launchable(), params, nil)); err != nil {
 				return fmt.Errorf("kernel %s grid %v block %v (programmatic %v, clusters %v): %w", f.Name, grid, block, programmatic, cluster, err)
 			}
 			return nil
 		}
-		if err := check("cuLaunchKernel", drv.cuLaunchKernel(f.f, gx, gy, gz, bx, by, bz, uint32(shared), s.s, params, nil)); err != nil {
+		if err := check("cuLaunchKernel", drv.cuLaunchKernel(f.launchable(), gx, gy, gz, bx, by, bz, uint32(shared), s.s, params, nil)); err != nil {
 			return fmt.Errorf("kernel %s grid %v block %v: %w", f.Name, grid, block, err)
 		}
 		return nil

@@ -286,8 +286,9 @@ type Backend struct {
 
 	stage *staging // weight uploads' pinned staging (upload.go), freed before the first step
 
-	la     loraAside    // the LoRA stream and the update it has in flight (lora.go)
-	smPart *smPartition // Options.LoRAPartition (nil: none)
+	la      loraAside    // the LoRA stream and the update it has in flight (lora.go)
+	smPart  *smPartition // Options.LoRAPartition (nil: none)
+	ctxFree bool         // the kernels were loaded as context-independent libraries (kernels.Options.ContextFree)
 
 	// asynchronous adapter loads (PrepareAdapter / LoadPrepared)
 	cs          *cuda.Stream   // copy stream (weight uploads)
@@ -452,10 +453,16 @@ func (b *Backend) open(opts Options) error {
 	// The fused SGMV module is first needed when an adapter loads: load it
 	// (on a cold kernel cache, compile it) beside the main module now, so
 	// that no compile lands on an adapter's first request.
+	if opts.LoRAPartition != 0 {
+		// kernels that run in the green context of the stream they are
+		// launched on (a module's functions belong to the primary context)
+		opts.Kernels.ContextFree = true
+	}
+	b.ctxFree = opts.Kernels.ContextFree
 	sg := make(chan sgLoaded, 1)
 	b.sgLoad = sg
 	go func(ctx *cuda.Context) {
-		m, _, err := kernels.Load(ctx, kernels.Sgmv, kernels.Options{})
+		m, _, err := kernels.Load(ctx, kernels.Sgmv, kernels.Options{ContextFree: b.ctxFree})
 		sg <- sgLoaded{m, err}
 	}(b.ctx)
 	if b.mod, b.KernelInfo, err = kernels.Load(b.ctx, kernels.Llama, opts.Kernels); err != nil {

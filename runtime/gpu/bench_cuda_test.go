@@ -16,6 +16,7 @@ import (
 	"time"
 
 	fx "github.com/peftd/peftd/internal/fixture"
+	"github.com/peftd/peftd/kernels"
 	"github.com/peftd/peftd/runtime/cuda"
 	"github.com/peftd/peftd/runtime/engine"
 	"github.com/peftd/peftd/runtime/llama"
@@ -489,7 +490,10 @@ func TestDecodeBench(t *testing.T) {
 	c := m.Config
 	opts.AdapterSlots = len(ads) + 1
 	// bf16 unless PEFTD_WEIGHTS=fp8; a bf16 KV cache unless PEFTD_KV=fp8
-	gb, err := New(Options{WeightFormat: os.Getenv("PEFTD_WEIGHTS"), KVFormat: os.Getenv("PEFTD_KV")})
+	// +partN rows (PEFTD_LORA_PARTITION) need kernels that run in a green
+	// context: the libraries' (kernels.Options.ContextFree)
+	parts := envBatches(t, "PEFTD_LORA_PARTITION", nil)
+	gb, err := New(Options{WeightFormat: os.Getenv("PEFTD_WEIGHTS"), KVFormat: os.Getenv("PEFTD_KV"), Kernels: kernels.Options{ContextFree: len(parts) > 0}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -573,7 +577,7 @@ func TestDecodeBench(t *testing.T) {
 	// PEFTD_LORA_PARTITION=16,32: rows +part16, +part32 with the SMs split by
 	// green contexts (Options.LoRAPartition), base and adapters, with and
 	// without PDL (issue 9's A/B: partition on/off x PDL on/off)
-	for _, n := range envBatches(t, "PEFTD_LORA_PARTITION", nil) {
+	for _, n := range parts {
 		vs = append(vs, decodeVariant{sms: -1, part: n}, decodeVariant{lora: true, sms: -1, part: n},
 			decodeVariant{sms: -1, nopdl: true, part: n}, decodeVariant{lora: true, sms: -1, nopdl: true, part: n})
 	}

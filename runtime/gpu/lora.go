@@ -357,7 +357,7 @@ func (b *Backend) loadSgmv() {
 		b.sgLoad = nil
 		m, err = r.m, r.err
 	} else {
-		m, _, err = kernels.Load(b.ctx, kernels.Sgmv, kernels.Options{})
+		m, _, err = kernels.Load(b.ctx, kernels.Sgmv, kernels.Options{ContextFree: b.ctxFree})
 	}
 	if err == nil {
 		var f1, f4 *cuda.Function

@@ -34,6 +34,9 @@ var ErrPartition = errors.New("gpu: LoRA SM partition")
 // LoRA stream, the rest for the compute stream; the streams take PDL as
 // the primary ones have it. It leaves the partition off.
 func (b *Backend) openPartition(loraSMs int) error {
+	if !b.ctxFree {
+		return fmt.Errorf("%w: the kernels were loaded as modules of the primary context (kernels.Options.ContextFree)", ErrPartition)
+	}
 	sms := b.ctx.Device().SMs
 	if loraSMs < 1 || loraSMs > sms/2 {
 		return fmt.Errorf("%w: %d SMs for the LoRA stream of %d (1 to half of them)", ErrPartition, loraSMs, sms)
