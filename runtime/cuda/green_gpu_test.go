@@ -146,6 +146,17 @@ func TestGPUGreenPartition(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer join.Destroy()
+	// events of the primary context recorded on and waited for by green
+	// streams, as the backend's fork, join, timing and chaining events are
+	if err := fork.Record(rs); err != nil {
+		t.Fatalf("a primary context's event recorded on a green stream: %v", err)
+	}
+	if err := ss.Wait(fork); err != nil {
+		t.Fatalf("a green stream waiting for a primary context's event: %v", err)
+	}
+	if err := ss.Synchronize(); err != nil {
+		t.Fatal(err)
+	}
 	if err := rs.BeginCapture(); err != nil {
 		t.Fatal(err)
 	}
