@@ -487,6 +487,7 @@ func TestDecodeBench(t *testing.T) {
 		}
 	}
 	m, ads := openRandom8B(t, dir)
+	ads = distinctAdapters(ads, envPositive(t, "PEFTD_DECODE_ADAPTERS", len(ads)))
 	c := m.Config
 	opts.AdapterSlots = len(ads) + 1
 	// bf16 unless PEFTD_WEIGHTS=fp8; a bf16 KV cache unless PEFTD_KV=fp8
@@ -940,6 +941,25 @@ func openRandom8B(t *testing.T, dir string) (*llama.Model, []*lora.Adapter) {
 		ads = append(ads, a)
 	}
 	return m, ads
+}
+
+// distinctAdapters is n adapters from the checkpoint's ads, one a slot:
+// ads, then copies of them under new names (PEFTD_DECODE_ADAPTERS=16 or
+// 64: issue 9's "16 and 64 distinct adapters in one batch"). Each copy is
+// its own slot image on the device, so a step reads every slot its rows
+// use, as it would with n trained adapters of those shapes; the host
+// weights are shared.
+func distinctAdapters(ads []*lora.Adapter, n int) []*lora.Adapter {
+	if len(ads) == 0 || n <= len(ads) {
+		return ads[:min(n, len(ads))]
+	}
+	out := slices.Clone(ads)
+	for i := len(ads); i < n; i++ {
+		c := *ads[i%len(ads)]
+		c.Name = fmt.Sprintf("%s-copy%d", c.Name, i)
+		out = append(out, &c)
+	}
+	return out
 }
 
 // envBatches is the comma-separated batch sizes in environment variable
