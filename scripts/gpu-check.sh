@@ -858,6 +858,8 @@ fi
 	if [[ -s "$LOG/decode.txt" ]]; then
 		echo "Decode throughput (128 new tokens after 512-token prompts):"
 		grep "^BENCH decode" "$LOG/decode.txt" | cut -c14-
+		# each setting's base and adapters rows side by side (scripts/decode_ab.py)
+		"$PY" scripts/decode_ab.py "$LOG/decode.txt" 2>&1 | sed 's/^/AB /'
 	fi
 	echo "elapsed ${SECONDS}s"
 } | tee "$LOG/summary.txt"
