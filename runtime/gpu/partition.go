@@ -46,20 +46,28 @@ func (b *Backend) openPartition(loraSMs int) error {
 		return fmt.Errorf("%w: %w", ErrPartition, err)
 	}
 	p := &smPartition{lora: lora, base: base, s0: b.s, ls0: b.la.s, asked: loraSMs}
+	if err := p.streams(b.pdl); err != nil {
+		return errors.Join(fmt.Errorf("%w: %w", ErrPartition, err), p.close(b))
+	}
 	b.smPart = p
-	if p.s, err = base.NewStream(false); err != nil {
-		return fmt.Errorf("%w: compute stream: %w", ErrPartition, err)
+	return nil
+}
+
+// streams creates the compute and LoRA streams in the green contexts, with
+// PDL when pdl.
+func (p *smPartition) streams(pdl bool) error {
+	var err error
+	if p.s, err = p.base.NewStream(false); err != nil {
+		return fmt.Errorf("compute stream: %w", err)
 	}
-	if p.ls, err = lora.NewStream(true); err != nil {
-		return fmt.Errorf("%w: LoRA stream: %w", ErrPartition, err)
+	if p.ls, err = p.lora.NewStream(true); err != nil {
+		return fmt.Errorf("LoRA stream: %w", err)
 	}
-	if b.pdl {
+	if pdl {
 		if err := p.s.SetProgrammaticLaunch(true); err != nil {
 			return err
 		}
-		if err := p.ls.SetProgrammaticLaunch(true); err != nil {
-			return err
-		}
+		return p.ls.SetProgrammaticLaunch(true)
 	}
 	return nil
 }
