@@ -148,9 +148,11 @@ func (b *Backend) LoRA(out, in engine.Buffer, layer int, mods []llama.Module) {
 		return
 	}
 	if b.asideOK() && b.la.forkIn == ptr(x) && b.sgmvOK(x, mods, total, 0) {
+		b.la.groups[1]++
 		b.loraAside(o, x, layer, mods, total)
 		return
 	}
+	b.la.groups[0]++
 	b.loraSlices(b.s, ptr(o), o.ld, x, layer, mods, true)
 }
 
@@ -179,7 +181,11 @@ type loraAside struct {
 	delta      *cuda.DeviceBuffer
 	rows, cols int // delta holds rows x cols values of deltaBytes each
 	maxRows    int // Options.LoRAAsideRows (0: the graph rows)
-	pend       pendingDelta
+	// groups counts the LoRA groups issued in place on the compute stream
+	// ([0]) and beside their GEMM on the LoRA stream ([1]); a recorded
+	// step's count once, when it is recorded (tests read it)
+	groups [2]int
+	pend   pendingDelta
 }
 
 // deltaBytes is the LoRA update's element size (lora_delta in
