@@ -121,7 +121,8 @@
 # those labels; without QUICK, so any row of TestDecodeBench's list),
 # PEFTD_WEIGHTS=fp8 (decode), PEFTD_KV=fp8 and PEFTD_DECODE_PROMPT=4096
 # (decode, nsysdec, profile, kdetail), NSYSDEC_VARIANTS=2 (nsysdec: the
-# 4 x r32 rows too), SERVE8B_ARGS (e.g. "--weights fp8"), DECODE_LAYERS
+# 4 x r32 rows too), SERVE8B_ARGS (e.g. "--weights fp8"), SERVE8B_QUICK=1
+# (serve8b: the Go client's base and four-adapter runs only), DECODE_LAYERS
 # (layers of the random checkpoint, default 32).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -541,11 +542,16 @@ if want serve8b; then
 			# uploaded into its slot here, not during the timed runs; 5 slots hold all 4)
 			"$PY" scripts/serve_bench.py http://127.0.0.1:8081 base 32 32 16 8 128256 >/dev/null 2>&1
 			"$PY" scripts/serve_bench.py http://127.0.0.1:8081 "$AD" 32 32 16 8 128256 2>&1 | sed 's/^SERVEBENCH/WARMUP/' | tee "$LOG/serve8b.warm.txt"
-			"$PY" scripts/serve_bench.py http://127.0.0.1:8081 base 256 64 128 64 128256 2>&1 | tee "$LOG/serve8b.txt"
-			"$PY" scripts/serve_bench.py http://127.0.0.1:8081 "$AD" 256 64 128 64 128256 2>&1 | tee -a "$LOG/serve8b.txt"
-			# one adapter only: LoRA compute without the split into four adapter queues
-			"$PY" scripts/serve_bench.py http://127.0.0.1:8081 "${AD%%,*}" 256 64 128 64 128256 2>&1 | tee -a "$LOG/serve8b.txt"
-			"$PY" scripts/serve_bench.py http://127.0.0.1:8081 base 256 64 128 64 128256 2>&1 | tee -a "$LOG/serve8b.txt"
+			: >"$LOG/serve8b.txt"
+			# SERVE8B_QUICK=1: only the Go client's runs below (an A/B of
+			# serve flags in about half the time)
+			if [[ -z ${SERVE8B_QUICK:-} ]]; then
+				"$PY" scripts/serve_bench.py http://127.0.0.1:8081 base 256 64 128 64 128256 2>&1 | tee -a "$LOG/serve8b.txt"
+				"$PY" scripts/serve_bench.py http://127.0.0.1:8081 "$AD" 256 64 128 64 128256 2>&1 | tee -a "$LOG/serve8b.txt"
+				# one adapter only: LoRA compute without the split into four adapter queues
+				"$PY" scripts/serve_bench.py http://127.0.0.1:8081 "${AD%%,*}" 256 64 128 64 128256 2>&1 | tee -a "$LOG/serve8b.txt"
+				"$PY" scripts/serve_bench.py http://127.0.0.1:8081 base 256 64 128 64 128256 2>&1 | tee -a "$LOG/serve8b.txt"
+			fi
 			# the same load from a Go client (streamed completions, token-id
 			# prompts), 1,024 requests: is the Python client what limits the rate?
 			# Then the four adapters mixed (issue 9's 0.90 x base, issue 14's
