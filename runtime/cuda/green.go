@@ -9,7 +9,9 @@ import (
 
 // Green contexts: a spatial partition of the device's SMs (CUDA 12.4+).
 // Work launched on a stream of a green context runs only on that context's
-// SMs; memory, modules and events stay the primary context's.
+// SMs. Memory and events are the primary context's; a module's function
+// runs in the context that loaded it, a library's kernel in the context of
+// its stream (LoadLibrary), which is how a partition's kernels are loaded.
 
 // ErrNoGreenContexts: the driver has no green-context API (CUDA < 12.4), or
 // the device cannot be partitioned as asked.
@@ -48,7 +50,7 @@ type greenDriver struct {
 	destroy        func(g uintptr) int32
 	ctxFromGreen   func(ctx *cuContext, g uintptr) int32
 	streamCreate   func(s *cuStream, g uintptr, flags uint32, priority int32) int32 // 12.5+
-	streamGetGreen func(s cuStream, g *uintptr) int32                               // 12.5+
+	streamGetGreen func(s cuStream, g *uintptr) int32
 	greenGetRes    func(g uintptr, r *devResource, kind int32) int32
 	complete       bool // the calls SplitSMs needs are all there
 }
@@ -82,8 +84,8 @@ func (g *GreenContext) SMs() int { return g.sms }
 
 // SplitSMs partitions the device's SMs in two green contexts: small holds
 // at least n SMs (the driver rounds n up to its granularity: 8 SMs on
-// Hopper), rest the others. Both share the primary context's memory and
-// modules. The error wraps ErrNoGreenContexts where the driver or the
+// Hopper), rest the others. Both use the primary context's memory and
+// events. The error wraps ErrNoGreenContexts where the driver or the
 // device cannot do it.
 func (c *Context) SplitSMs(n int) (small, rest *GreenContext, err error) {
 	if n < 1 || n >= c.dev.SMs {
@@ -146,13 +148,11 @@ func (c *Context) newGreen(r *devResource) (*GreenContext, error) {
 func (g *GreenContext) NewStream(priority bool) (*Stream, error) {
 	s := &Stream{c: g.c}
 	err := g.c.Do(func() error {
-		var least, greatest int32
+		var least, greatest int32 // 0: the default priority
 		if priority {
 			if err := check("cuCtxGetStreamPriorityRange", drv.cuCtxGetStreamPriorities(&least, &greatest)); err != nil {
 				return err
 			}
-		} else {
-			greatest = 0
 		}
 		if drv.green.streamCreate != nil {
 			return check("cuGreenCtxStreamCreate", drv.green.streamCreate(&s.s, g.g, streamNonBlocking, greatest))
