@@ -564,9 +564,9 @@ func (b *Backend) open(opts Options) error {
 		if err := b.openPartition(opts.LoRAPartition); err != nil {
 			return err
 		}
-		// on from the start: nothing has run or been recorded yet
-		b.smPart.on, b.s, b.la.s = true, b.smPart.s, b.smPart.ls
-		b.planFor()
+		// on from the start: nothing has run or been recorded yet (Init
+		// sizes the attention plan for the SMs it then has)
+		b.usePartition(true)
 	}
 	return nil
 }

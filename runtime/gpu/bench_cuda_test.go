@@ -402,7 +402,6 @@ func (v decodeVariant) label(ads []*lora.Adapter, pdlOK bool) string {
 	if v.dv > 0 {
 		lbl += "+" + decVariant(v.dv-1).String()
 	}
-
 	for _, f := range []struct {
 		on   bool
 		name string

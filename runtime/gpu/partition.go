@@ -93,6 +93,15 @@ func (b *Backend) setPartition(on bool) error {
 	if err := b.dropGraphs(); err != nil {
 		return err
 	}
+	b.usePartition(on)
+	return b.sizeDecode()
+}
+
+// usePartition points the backend's streams at the partition's (on) or the
+// primary context's, and the products' plans at their SMs; setPartition
+// first finishes the work the streams in use hold.
+func (b *Backend) usePartition(on bool) {
+	p := b.smPart
 	p.on = on
 	if on {
 		b.s, b.la.s = p.s, p.ls
@@ -100,7 +109,6 @@ func (b *Backend) setPartition(on bool) error {
 		b.s, b.la.s = p.s0, p.ls0
 	}
 	b.planFor()
-	return b.sizeDecode()
 }
 
 // planFor points the products at the compute stream in use and has them
@@ -126,8 +134,8 @@ func (b *Backend) planFor() {
 
 // baseSMs is how many SMs the compute stream's kernels run on.
 func (b *Backend) baseSMs() int {
-	if p := b.smPart; p != nil && p.on {
-		return p.base.SMs()
+	if base, _, ok := b.Partition(); ok {
+		return base
 	}
 	return b.ctx.Device().SMs
 }
@@ -135,8 +143,8 @@ func (b *Backend) baseSMs() int {
 // loraStreamSMs is how many SMs the LoRA stream's kernels may take (all of
 // them without a partition: the hold-back is only a hint to cuBLASLt).
 func (b *Backend) loraStreamSMs() int {
-	if p := b.smPart; p != nil && p.on {
-		return p.lora.SMs()
+	if _, lora, ok := b.Partition(); ok {
+		return lora
 	}
 	return b.ctx.Device().SMs
 }
@@ -157,9 +165,7 @@ func (p *smPartition) close(b *Backend) error {
 		return nil
 	}
 	if p.on {
-		b.s, b.la.s = p.s0, p.ls0
-		p.on = false
-		b.planFor()
+		b.usePartition(false)
 	}
 	return errors.Join(p.s.Destroy(), p.ls.Destroy(), p.lora.Destroy(), p.base.Destroy())
 }
