@@ -191,17 +191,12 @@ type loraAside struct {
 // deltaBytes is the LoRA update's element size (lora_delta in
 // kernels/common.cuh): 4 (float32), or 2 where the kernels are built with
 // PEFTD_LORA_DELTA_BF16 (bf16: half the bytes written and read back).
-var deltaBytes = loraDeltaBytes()
-
-// deltaBF16 is the macro that makes lora_delta bf16.
-const deltaBF16 = "PEFTD_LORA_DELTA_BF16"
-
-func loraDeltaBytes() int {
-	if kernels.Defined(deltaBF16) {
+var deltaBytes = func() int {
+	if kernels.Defined("PEFTD_LORA_DELTA_BF16") {
 		return 2
 	}
 	return 4
-}
+}()
 
 // pendingDelta is an update on the LoRA stream not yet added to its output:
 // columns [0, cols) of the rows at base (ld values apart) get delta
