@@ -250,11 +250,8 @@ __device__ __forceinline__ uint4 pack8(const float* f) {
 // bf16 once more before it is added, as PEFT's own bf16 LoRA output is).
 // delta_ld8 reads 8 values from a 16-byte aligned row position (32-byte
 // words for float32), delta_st2 writes 2.
-// lora_delta_vec is the 16-byte vector type of its rows, DELTA_VECS of them
-// a word of 8 values.
 #ifdef PEFTD_LORA_DELTA_BF16
 typedef bf16 lora_delta;
-typedef uint4 lora_delta_vec;
 __device__ __forceinline__ float delta_ld(const lora_delta* d) { return __bfloat162float(*d); }
 __device__ __forceinline__ void delta_ld8(const lora_delta* d, float* f) { unpack8(*reinterpret_cast<const uint4*>(d), f); }
 __device__ __forceinline__ void delta_st2(lora_delta* d, float a, float b) {
@@ -262,7 +259,6 @@ __device__ __forceinline__ void delta_st2(lora_delta* d, float a, float b) {
 }
 #else
 typedef float lora_delta;
-typedef float4 lora_delta_vec;
 __device__ __forceinline__ float delta_ld(const lora_delta* d) { return *d; }
 __device__ __forceinline__ void delta_ld8(const lora_delta* d, float* f) {
     const float4 d0 = *reinterpret_cast<const float4*>(d), d1 = *reinterpret_cast<const float4*>(d + 4);
@@ -270,7 +266,6 @@ __device__ __forceinline__ void delta_ld8(const lora_delta* d, float* f) {
 }
 __device__ __forceinline__ void delta_st2(lora_delta* d, float a, float b) { *reinterpret_cast<float2*>(d) = make_float2(a, b); }
 #endif
-#define DELTA_VECS ((int)(sizeof(lora_delta) / 2))
 
 // amax8: the largest magnitude of the 8 stored bf16 values of w into m,
 // bad set when one is not finite (the per-row FP8 quantization's scale).

@@ -47,13 +47,13 @@ __device__ __forceinline__ void add8(float* a, const lora_delta* d) {
 
 // add_word: word c of row x8 plus d8's (and e8's, summed and rounded to bf16
 // first), rounded to bf16 and stored back when there is a delta.
-__device__ __forceinline__ uint4 add_word(uint4* x8, const uint4* d8, const lora_delta_vec* e8, int c) {
+__device__ __forceinline__ uint4 add_word(uint4* x8, const uint4* d8, const lora_delta* e8, int c) {
     const uint4 xv = x8[c];
     if (!d8) return xv;
     float v[8], d[8];
     unpack8(xv, v);
     unpack8(d8[c], d);
-    if (e8) add8(d, reinterpret_cast<const lora_delta*>(e8 + DELTA_VECS * c));
+    if (e8) add8(d, e8 + 8 * c);
 #pragma unroll
     for (int i = 0; i < 8; i++) v[i] += d[i];
     const uint4 b = pack8(v);
@@ -115,7 +115,7 @@ extern "C" __global__ void add_rmsnorm(bf16* x, const bf16* delta, const lora_de
     if (vec) {
         uint4* x8 = reinterpret_cast<uint4*>(xr);
         const uint4* d8 = delta ? reinterpret_cast<const uint4*>(delta + (i64)r * H) : nullptr;
-        const lora_delta_vec* e8 = d2 ? reinterpret_cast<const lora_delta_vec*>(d2 + (i64)r * H) : nullptr;
+        const lora_delta* e8 = d2 ? d2 + (i64)r * H : nullptr;
         uint4* o8 = reinterpret_cast<uint4*>(out + (i64)r * H);
         float m = 0.f;
         int bad = 0;
