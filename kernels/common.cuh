@@ -242,31 +242,6 @@ __device__ __forceinline__ uint4 pack8(const float* f) {
     return u;
 }
 
-// lora_delta: the LoRA update the LoRA stream computes beside a
-// projection, which the op that next reads the projection's output adds
-// (runtime/gpu/lora.go's delta): float32 by default, so that adding it
-// rounds once, as an update in place does; bf16 with
-// PEFTD_LORA_DELTA_BF16, half the bytes written and read back (rounded to
-// bf16 once more before it is added, as PEFT's own bf16 LoRA output is).
-// delta_ld8 reads 8 values from a 16-byte aligned row position (32-byte
-// words for float32), delta_st2 writes 2.
-#ifdef PEFTD_LORA_DELTA_BF16
-typedef bf16 lora_delta;
-__device__ __forceinline__ float delta_ld(const lora_delta* d) { return __bfloat162float(*d); }
-__device__ __forceinline__ void delta_ld8(const lora_delta* d, float* f) { unpack8(*reinterpret_cast<const uint4*>(d), f); }
-__device__ __forceinline__ void delta_st2(lora_delta* d, float a, float b) {
-    *reinterpret_cast<__nv_bfloat162*>(d) = __floats2bfloat162_rn(a, b);
-}
-#else
-typedef float lora_delta;
-__device__ __forceinline__ float delta_ld(const lora_delta* d) { return *d; }
-__device__ __forceinline__ void delta_ld8(const lora_delta* d, float* f) {
-    const float4 d0 = *reinterpret_cast<const float4*>(d), d1 = *reinterpret_cast<const float4*>(d + 4);
-    f[0] = d0.x, f[1] = d0.y, f[2] = d0.z, f[3] = d0.w, f[4] = d1.x, f[5] = d1.y, f[6] = d1.z, f[7] = d1.w;
-}
-__device__ __forceinline__ void delta_st2(lora_delta* d, float a, float b) { *reinterpret_cast<float2*>(d) = make_float2(a, b); }
-#endif
-
 // amax8: the largest magnitude of the 8 stored bf16 values of w into m,
 // bad set when one is not finite (the per-row FP8 quantization's scale).
 __device__ __forceinline__ void amax8(uint4 w, float& m, int& bad) {

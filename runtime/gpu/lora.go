@@ -161,8 +161,7 @@ func (b *Backend) LoRA(out, in engine.Buffer, layer int, mods []llama.Module) {
 // Linear records fork on the compute stream just before a GEMM (forkIn is
 // the GEMM's input); LoRA of the same input then has the LoRA stream wait
 // for fork, compute the group's update into delta (float32, so that adding
-// it later rounds once, as the update in place does, or bf16 with
-// PEFTD_LORA_DELTA_BF16: deltaBytes; zero for projections
+// it later rounds once, as the update in place does; zero for projections
 // an adapter lacks; rows without an adapter are not written and the ops
 // skip them) and record join. The update is pending until an op reads the
 // projection's output: SiLUMul, Attention (rope_store) and AddRMSNorm fold
@@ -179,7 +178,7 @@ type loraAside struct {
 	fork, join *cuda.Event
 	forkIn     cuda.DevicePtr // input of the GEMM fork was recorded before (0: none)
 	delta      *cuda.DeviceBuffer
-	rows, cols int // delta holds rows x cols values of deltaBytes each
+	rows, cols int // delta holds rows x cols float32 values
 	maxRows    int // Options.LoRAAsideRows (0: the graph rows)
 	// groups counts the LoRA groups issued in place on the compute stream
 	// ([0]) and beside their GEMM on the LoRA stream ([1]); a recorded
@@ -188,19 +187,9 @@ type loraAside struct {
 	pend   pendingDelta
 }
 
-// deltaBytes is the LoRA update's element size (lora_delta in
-// kernels/common.cuh): 4 (float32), or 2 where the kernels are built with
-// PEFTD_LORA_DELTA_BF16 (bf16: half the bytes written and read back).
-var deltaBytes = func() int {
-	if kernels.Defined("PEFTD_LORA_DELTA_BF16") {
-		return 2
-	}
-	return 4
-}()
-
 // pendingDelta is an update on the LoRA stream not yet added to its output:
 // columns [0, cols) of the rows at base (ld values apart) get delta
-// (deltaBytes a value, rows cols apart).
+// (float32, rows cols apart).
 type pendingDelta struct {
 	base, delta cuda.DevicePtr
 	ld, cols    int
@@ -218,7 +207,7 @@ func (a *loraAside) alloc(ctx *cuda.Context, rows int, cfg *llama.Config) error 
 		cols = max(cols, w)
 	}
 	var err error
-	if a.delta, err = ctx.Alloc(max(deltaBytes*rows*cols, 256)); err != nil {
+	if a.delta, err = ctx.Alloc(max(4*rows*cols, 256)); err != nil {
 		return fmt.Errorf("gpu: LoRA update buffer: %w", err)
 	}
 	a.rows, a.cols = rows, cols
@@ -302,7 +291,7 @@ func (b *Backend) fuse(views ...*Buffer) ([]cuda.DevicePtr, int) {
 			b.join()
 			return nil, 0
 		}
-		d[i] = p.delta + uint64(deltaBytes/2)*(ptr(v)-p.base) // the update of a bf16 view
+		d[i] = p.delta + 2*(ptr(v)-p.base) // float32 update of a bf16 view
 		n += v.cols
 	}
 	if n != p.cols {
