@@ -412,11 +412,7 @@ func TestLoRAAsideRowsMatch(t *testing.T) {
 	if ba.la.rows < 512 || bd.la.rows > defaultGraphRows {
 		t.Fatalf("the update buffers hold %d and %d rows, want 512 and at most %d", ba.la.rows, bd.la.rows, defaultGraphRows)
 	}
-	ga, gd := ba.la.groups, bd.la.groups
 	matchBigPrefill(t, m, len(adapters), ea, ed, "with the LoRA updates aside and in place")
-	if a, d := ba.la.groups, bd.la.groups; a[0] != ga[0] || a[1] == ga[1] || d[1] != gd[1] || d[0] == gd[0] {
-		t.Fatalf("the 420-row prefill's LoRA groups (in place, aside): %v -> %v with LoRAAsideRows 512, %v -> %v without; want all aside, all in place", ga, a, gd, d)
-	}
 	matchSteps(t, m, len(adapters), ea, ed, "with the big steps' LoRA aside and in place")
 }
 

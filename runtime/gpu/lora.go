@@ -148,11 +148,9 @@ func (b *Backend) LoRA(out, in engine.Buffer, layer int, mods []llama.Module) {
 		return
 	}
 	if b.asideOK() && b.la.forkIn == ptr(x) && b.sgmvOK(x, mods, total, 0) {
-		b.la.groups[1]++
 		b.loraAside(o, x, layer, mods, total)
 		return
 	}
-	b.la.groups[0]++
 	b.loraSlices(b.s, ptr(o), o.ld, x, layer, mods, true)
 }
 
@@ -180,11 +178,7 @@ type loraAside struct {
 	delta      *cuda.DeviceBuffer
 	rows, cols int // delta holds rows x cols float32 values
 	maxRows    int // Options.LoRAAsideRows (0: the graph rows)
-	// groups counts the LoRA groups issued in place on the compute stream
-	// ([0]) and beside their GEMM on the LoRA stream ([1]); a recorded
-	// step's count once, when it is recorded (tests read it)
-	groups [2]int
-	pend   pendingDelta
+	pend       pendingDelta
 }
 
 // pendingDelta is an update on the LoRA stream not yet added to its output:
