@@ -133,9 +133,6 @@ type Config struct {
 	// LoRAPartition is gpu.Options': SMs split by green contexts, this
 	// many for the LoRA stream (0: none).
 	LoRAPartition int
-	// LoRAAsideRows is gpu.Options': the largest step whose LoRA updates
-	// run on the LoRA stream (0: the graph rows).
-	LoRAAsideRows int
 	// GraphRows is gpu.Options': the largest step recorded as a CUDA graph
 	// (0: 256).
 	GraphRows int
@@ -474,7 +471,7 @@ func newGPU(cfg Config) (*gpu.Backend, error) {
 	// starts read the cubin.
 	// --warm-graphs idle: the scheduler records the graphs while idle, and
 	// a request's step never waits for a recording (it runs eagerly)
-	return gpu.New(gpu.Options{Device: cfg.GPU, WeightFormat: cfg.Weights, KVFormat: cfg.KVCache, Eager: cfg.Eager, SerialLoRA: cfg.SerialLoRA, LoRASMs: cfg.LoRASMs, LoRAPartition: cfg.LoRAPartition, LoRAAsideRows: cfg.LoRAAsideRows, GraphRows: cfg.GraphRows, NoPDL: cfg.NoPDL, TuneGEMMs: cfg.TuneGEMMs, ChainSteps: cfg.ChainSteps,
+	return gpu.New(gpu.Options{Device: cfg.GPU, WeightFormat: cfg.Weights, KVFormat: cfg.KVCache, Eager: cfg.Eager, SerialLoRA: cfg.SerialLoRA, LoRASMs: cfg.LoRASMs, LoRAPartition: cfg.LoRAPartition, GraphRows: cfg.GraphRows, NoPDL: cfg.NoPDL, TuneGEMMs: cfg.TuneGEMMs, ChainSteps: cfg.ChainSteps,
 		RecordIdle: cfg.WarmGraphs == WarmIdle, PinnedImageBytes: cfg.PinnedCacheBytes})
 }
 

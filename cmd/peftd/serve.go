@@ -29,7 +29,7 @@ type serveFlags struct {
 	eager                                 bool
 	warmGraphs                            string
 	serialLoRA, noPDL, tuneGEMMs, chain   bool
-	loraSMs, loraPartition, loraAsideRows int
+	loraSMs, loraPartition                int
 	graphRows                             int
 	requestTimeout, deviceTTL, hostTTL    time.Duration
 	maxUpload, hostBytes, diskBytes       int64
@@ -64,7 +64,6 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	fs.BoolVar(&f.serialLoRA, "serial-lora", false, "GPU: run each LoRA update on the compute stream after its projection, not beside it on the LoRA stream (for comparison)")
 	fs.IntVar(&f.graphRows, "graph-rows", 0, "GPU: the largest step, in rows, recorded as a CUDA graph (256, 384 or 512; 0: 256); larger steps run op by op and cannot be chained behind the step in flight")
 	fs.IntVar(&f.loraPartition, "lora-partition", 0, "GPU: split the SMs by green contexts, at least this many (8 a unit on Hopper) for the LoRA stream and the rest for the base model, in every step (0: no partition; an experiment, see docs/PERFORMANCE.md)")
-	fs.IntVar(&f.loraAsideRows, "lora-aside-rows", 0, "GPU: the largest step (rows) whose LoRA updates run on the LoRA stream beside the GEMMs; larger steps run them in place (0: the graph rows, 256 by default)")
 	fs.IntVar(&f.loraSMs, "lora-sms", 0, "GPU: multiprocessors the GEMMs of a step with adapters leave to the LoRA stream (0: chosen by the step's rows, 0-32 on an H200; -1: none)")
 	fs.BoolVar(&f.noPrefixCache, "no-prefix-cache", false, "do not reuse KV pages across requests that start with the same tokens and adapter version")
 	fs.DurationVar(&f.requestTimeout, "request-timeout", 5*time.Minute, "generation deadline (504 past it; 0: none)")
@@ -183,7 +182,7 @@ func serve(ctx context.Context, f serveFlags, log *slog.Logger) error {
 		return fmt.Errorf("serve: --kv-cache %q: want bf16 or fp8", f.kvCache)
 	}
 	srv, err := server.New(ctx, server.Config{Model: f.model, Store: f.store, SQSQueueURL: f.sqsQueueURL, Listen: f.listen, Device: f.device, Weights: f.weights, KVCache: f.kvCache, Eager: f.eager, WarmGraphs: f.warmGraphs,
-		SerialLoRA: f.serialLoRA, NoPDL: f.noPDL, TuneGEMMs: f.tuneGEMMs, ChainSteps: f.chain, LoRASMs: f.loraSMs, LoRAPartition: f.loraPartition, LoRAAsideRows: f.loraAsideRows, GraphRows: f.graphRows, PinnedCacheBytes: f.pinnedBytes, Slots: f.slots, KVBlocks: f.kvBlocks, MaxBatchTokens: f.maxBatchTokens, MaxQueue: f.maxQueue, NoPrefixCache: f.noPrefixCache,
+		SerialLoRA: f.serialLoRA, NoPDL: f.noPDL, TuneGEMMs: f.tuneGEMMs, ChainSteps: f.chain, LoRASMs: f.loraSMs, LoRAPartition: f.loraPartition, GraphRows: f.graphRows, PinnedCacheBytes: f.pinnedBytes, Slots: f.slots, KVBlocks: f.kvBlocks, MaxBatchTokens: f.maxBatchTokens, MaxQueue: f.maxQueue, NoPrefixCache: f.noPrefixCache,
 		RequestTimeout: f.requestTimeout, DeviceTTL: f.deviceTTL, HostTTL: f.hostTTL, Keys: keys,
 		MaxUpload: f.maxUpload, HostBytes: f.hostBytes, DiskBytes: f.diskBytes, CacheDir: f.cacheDir, Pin: splitList(f.pin), Logger: log})
 	if err != nil {

@@ -66,14 +66,6 @@ type Options struct {
 	// the step's rows (autoLoRASMs); negative holds none back (the LoRA
 	// blocks then take SMs as the GEMM's blocks free them).
 	LoRASMs int
-	// LoRAAsideRows is the largest step (rows) whose LoRA updates run on
-	// the LoRA stream beside the GEMMs; larger steps run them on the compute
-	// stream, in place. 0: GraphRows' bucket (the recorded steps: 256 by
-	// default), so eager steps of more rows (serving's steps with several
-	// prompt chunks) run them in place; up to the engine's MaxTokens. The
-	// update buffer takes rows x 28,672 values at 8B shapes (58 MB at 512
-	// rows, float32).
-	LoRAAsideRows int
 	// GraphRows is the largest step (rows) recorded as a CUDA graph, rounded
 	// down to a bucket (graphBuckets: ..., 256, 384, 512) and to the
 	// engine's MaxTokens; larger steps run their ops eagerly, cannot be
@@ -431,10 +423,6 @@ func (b *Backend) open(opts Options) error {
 	}
 	b.tune.on, b.chain.on = opts.TuneGEMMs, opts.ChainSteps
 	b.la.on, b.la.sms = !opts.SerialLoRA, max(opts.LoRASMs, 0)
-	if opts.LoRAAsideRows < 0 {
-		return fmt.Errorf("gpu: LoRAAsideRows %d: want 0 (GraphRows) or a row count", opts.LoRAAsideRows)
-	}
-	b.la.maxRows = opts.LoRAAsideRows
 	b.pinN = int(PinnedBytes(opts.PinnedImageBytes) / stageChunkBytes)
 	if opts.LoRASMs == 0 {
 		b.la.sms = -1 // by the step's rows
@@ -684,13 +672,8 @@ func (b *Backend) Init(cfg *llama.Config, spec engine.Spec) error {
 		return err
 	}
 	// the LoRA update buffer holds the steps of up to GraphRows' bucket
-	// (not rounded down to maxTokens' bucket: a step of any rows up to it),
-	// or of LoRAAsideRows
-	asideRows := graphRowsFor(math.MaxInt, b.g.rowsLimit)
-	if b.la.maxRows > 0 {
-		asideRows = b.la.maxRows
-	}
-	if err := b.la.alloc(b.ctx, min(maxTokens, asideRows), cfg); err != nil {
+	// (not rounded down to maxTokens' bucket: a step of any rows up to it)
+	if err := b.la.alloc(b.ctx, min(maxTokens, graphRowsFor(math.MaxInt, b.g.rowsLimit)), cfg); err != nil {
 		return err
 	}
 	if b.up == nil { // pinned once, before any step: no adapter load pins memory while steps run

@@ -277,49 +277,41 @@ func TestGraphRowsMatchEager(t *testing.T) {
 	}
 	// one prefill of 6 x 70 = 420 rows (over 256: the 512-row mixed
 	// recording) on each engine: it replays, and the logits match
-	_, before := gb.GraphStats()
-	matchBigPrefill(t, m, len(adapters), eg, ee, "replayed and eager")
-	if _, after := gb.GraphStats(); after != before+1 {
-		t.Fatalf("the 420-row prefill replayed %d recordings, want 1", after-before)
-	}
-	matchSteps(t, m, len(adapters), eg, ee, "replayed (up to 512 rows) and eager")
-	t.Logf("%d recordings above 256 rows", big)
-}
-
-// matchBigPrefill runs one prefill of 6 x 70 = 420 rows (sequences on
-// slots -1..adapters-1) on engines e1 and e2 and fails unless every logits
-// row is bit-identical.
-func matchBigPrefill(t *testing.T, m *llama.Model, adapters int, e1, e2 *engine.Engine, what string) {
-	t.Helper()
 	ctx := context.Background()
 	rng := rand.New(rand.NewPCG(7, 8))
-	var i1, i2 []engine.Input
+	var ig, ie []engine.Input
 	for i := range 6 {
 		toks := make([]int32, 70)
 		for k := range toks {
 			toks[k] = int32(rng.IntN(m.Config.VocabSize))
 		}
-		sl := i%(adapters+1) - 1
-		i1 = append(i1, engine.Input{Seq: &engine.Sequence{}, Tokens: toks, Slot: sl})
-		i2 = append(i2, engine.Input{Seq: &engine.Sequence{}, Tokens: toks, Slot: sl})
+		sl := i%(len(adapters)+1) - 1
+		ig = append(ig, engine.Input{Seq: &engine.Sequence{}, Tokens: toks, Slot: sl})
+		ie = append(ie, engine.Input{Seq: &engine.Sequence{}, Tokens: toks, Slot: sl})
 	}
-	o1, err := e1.Step(ctx, i1)
+	_, before := gb.GraphStats()
+	og, err := eg.Step(ctx, ig)
 	if err != nil {
 		t.Fatal(err)
 	}
-	o2, err := e2.Step(ctx, i2)
+	if _, after := gb.GraphStats(); after != before+1 {
+		t.Fatalf("the 420-row prefill replayed %d recordings, want 1", after-before)
+	}
+	oe, err := ee.Step(ctx, ie)
 	if err != nil {
 		t.Fatal(err)
 	}
-	for k := range o1 {
-		if !slices.Equal(o1[k], o2[k]) {
-			t.Fatalf("420-row prefill, input %d: logits differ %s (relative %.3g)", k, what, fx.RelErr(o1[k], o2[k]))
+	for k := range og {
+		if !slices.Equal(og[k], oe[k]) {
+			t.Fatalf("420-row prefill, input %d: logits differ replayed and eager (relative %.3g)", k, fx.RelErr(og[k], oe[k]))
 		}
 	}
-	for k := range i1 {
-		e1.Release(i1[k].Seq)
-		e2.Release(i2[k].Seq)
+	for k := range ig {
+		eg.Release(ig[k].Seq)
+		ee.Release(ie[k].Seq)
 	}
+	matchSteps(t, m, len(adapters), eg, ee, "replayed (up to 512 rows) and eager")
+	t.Logf("%d recordings above 256 rows", big)
 }
 
 // newMatchEngine is an engine on the fixture model with its adapters in
@@ -398,22 +390,6 @@ func matchSteps(t *testing.T, m *llama.Model, adapters int, ep, es *engine.Engin
 		es.Release(ss[i])
 	}
 	t.Logf("%d logits rows bit-identical %s", rows, what)
-}
-
-// TestLoRAAsideRowsMatch: with Options.LoRAAsideRows 512 an eager step of
-// 420 rows (a prefill of six prompts) runs its LoRA updates on the LoRA
-// stream, the default backend's in place; the update is float32 and
-// rounded once either way, so every logits row is bit-identical (as
-// TestGraphRowsMatchEager found for the recorded 512-row steps).
-func TestLoRAAsideRowsMatch(t *testing.T) {
-	m, adapters, _ := loadFixture(t)
-	ea, ba := newMatchEngine(t, m, adapters, Options{LoRAAsideRows: 512})
-	ed, bd := newMatchEngine(t, m, adapters, Options{})
-	if ba.la.rows < 512 || bd.la.rows > defaultGraphRows {
-		t.Fatalf("the update buffers hold %d and %d rows, want 512 and at most %d", ba.la.rows, bd.la.rows, defaultGraphRows)
-	}
-	matchBigPrefill(t, m, len(adapters), ea, ed, "with the LoRA updates aside and in place")
-	matchSteps(t, m, len(adapters), ea, ed, "with the big steps' LoRA aside and in place")
 }
 
 // TestWarmSomeOneAtATime: WarmSome(1), as the scheduler calls it while

@@ -177,7 +177,6 @@ type loraAside struct {
 	forkIn     cuda.DevicePtr // input of the GEMM fork was recorded before (0: none)
 	delta      *cuda.DeviceBuffer
 	rows, cols int // delta holds rows x cols float32 values
-	maxRows    int // Options.LoRAAsideRows (0: the graph rows)
 	pend       pendingDelta
 }
 
