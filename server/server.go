@@ -158,7 +158,8 @@ type Config struct {
 	Threads int
 	// Slots are the device adapter slots (default 4).
 	Slots int
-	// KVBlocks and MaxBatchTokens size the engine (0: its defaults).
+	// KVBlocks and MaxBatchTokens size the engine (0: its defaults; on a
+	// GPU, MaxBatchTokens 0 is the largest recorded step, GraphRows').
 	KVBlocks, MaxBatchTokens int
 	// MaxQueue bounds pending requests; more get 429 (default 256).
 	MaxQueue int
@@ -353,6 +354,11 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 	}
 	met := metrics.New(cfg.Slots)
 	kvBlocks := cfg.KVBlocks
+	if dev == DeviceCUDA && cfg.MaxBatchTokens == 0 && !cfg.Eager {
+		// steps no larger than the recorded ones: each replays a graph and
+		// chains behind the step in flight (gpu.RecordedRows)
+		cfg.MaxBatchTokens = gpu.RecordedRows(cfg.GraphRows)
+	}
 	if dev == DeviceCUDA {
 		if s.mon = gpuMonitor(log); s.mon != nil {
 			met.Registry.MustRegister(metrics.NewGPU(s.mon))

@@ -54,7 +54,7 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	fs.StringVar(&f.kvCache, "kv-cache", "bf16", "KV cache on the GPU: bf16, or fp8 (keys in e4m3 with one scale per token and KV head, values bf16: a quarter less memory per token; sm_89+)")
 	fs.IntVar(&f.slots, "slots", 4, "adapters resident on the device at once")
 	fs.IntVar(&f.kvBlocks, "kv-blocks", 0, "KV cache pages (0: the engine default)")
-	fs.IntVar(&f.maxBatchTokens, "max-batch-tokens", 0, "token rows per engine step (0: the engine default)")
+	fs.IntVar(&f.maxBatchTokens, "max-batch-tokens", 0, "token rows per engine step (0: on a GPU the largest step recorded as a CUDA graph, --graph-rows' 256, so that every step replays one; else 512)")
 	fs.IntVar(&f.maxQueue, "max-queue", 256, "requests waiting or running at most; more get 429")
 	fs.StringVar(&f.warmGraphs, "warm-graphs", server.WarmReady, "GPU: when to record the CUDA graphs of the steps: ready (all before the server is ready) or idle (after, while no request runs: ready about a second sooner on an 8B model; until its graph is recorded a step runs without one, and the first requests wait for a recording in flight)")
 	fs.BoolVar(&f.eager, "eager", false, "GPU: run every step op by op, without CUDA graphs for decode steps (for debugging and comparison)")

@@ -64,6 +64,15 @@ func graphRowsFor(maxT, limit int) int {
 	return rows
 }
 
+// RecordedRows is the largest step, in rows, recorded as a CUDA graph
+// when Options.GraphRows is graphRows (0: 256) and the engine allows any
+// step size. The server bounds a step's rows by it when no
+// --max-batch-tokens is given, so that every serving step replays a
+// recording and chains behind the one in flight: v0.30 measured serve8b
+// +7% tokens/s (base) and +3.5% (four adapters) against 512-row steps,
+// where about a quarter of the steps carried 257-512 rows and ran op by op.
+func RecordedRows(graphRows int) int { return graphRowsFor(math.MaxInt, graphRows) }
+
 // minRankClass is the smallest LoRA rank class a recording is made for:
 // steps whose adapters all have rank <= 32 run the rank-32 launches (half
 // the shrink blocks and expand MMAs of rank 64's). The LoRA scratch is

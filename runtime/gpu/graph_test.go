@@ -38,6 +38,16 @@ func TestGraphRowsFor(t *testing.T) {
 	}
 }
 
+// TestRecordedRows: the server's default step bound on a GPU is the
+// largest recording --graph-rows asks for (256 when 0).
+func TestRecordedRows(t *testing.T) {
+	for _, c := range []struct{ graphRows, want int }{{0, 256}, {-1, 256}, {256, 256}, {300, 256}, {384, 384}, {512, 512}, {4096, 512}, {100, 96}} {
+		if got := RecordedRows(c.graphRows); got != c.want {
+			t.Errorf("RecordedRows(%d) = %d, want %d", c.graphRows, got, c.want)
+		}
+	}
+}
+
 func TestRankClass(t *testing.T) {
 	for _, c := range []struct{ rank, want int }{{0, 32}, {1, 32}, {8, 32}, {32, 32}, {33, 64}, {64, 64}, {65, 128}, {128, 128}, {129, 256}, {300, 512}, {512, 512}} {
 		if got := rankClass(c.rank); got != c.want {
