@@ -150,3 +150,29 @@ func TestTransferProgress(t *testing.T) {
 		t.Errorf("Wait: %v", err)
 	}
 }
+
+// TestClusterShape: a cluster's zero dimensions are 1 (WG_CLUSTER's
+// clusters {1, S, 0} were refused on the GPU before), and each dimension
+// must divide the grid's.
+func TestClusterShape(t *testing.T) {
+	for _, c := range []struct {
+		grid, cluster, want Dim3
+		ok                  bool
+	}{
+		{Dim3{X: 64, Y: 2}, Dim3{X: 1, Y: 2}, Dim3{X: 1, Y: 2, Z: 1}, true},
+		{Dim3{X: 8}, Dim3{X: 4}, Dim3{X: 4, Y: 1, Z: 1}, true},
+		{Dim3{X: 8, Y: 1, Z: 4}, Dim3{Z: 4}, Dim3{X: 1, Y: 1, Z: 4}, true},
+		{Dim3{X: 6}, Dim3{X: 4, Y: 1, Z: 1}, Dim3{}, false},
+		{Dim3{X: 64, Y: 3}, Dim3{X: 1, Y: 2}, Dim3{}, false},
+		{Dim3{X: 64}, Dim3{X: 1, Y: 2}, Dim3{}, false}, // grid Y 0 is 1
+		{Dim3{X: 8}, Dim3{X: -2}, Dim3{}, false},
+	} {
+		got, err := clusterShape(c.grid, c.cluster)
+		if c.ok && (err != nil || got != c.want) {
+			t.Errorf("clusterShape(%v, %v) = %v, %v; want %v", c.grid, c.cluster, got, err, c.want)
+		}
+		if !c.ok && !errors.Is(err, ErrInvalidValue) {
+			t.Errorf("clusterShape(%v, %v) = %v, %v; want ErrInvalidValue", c.grid, c.cluster, got, err)
+		}
+	}
+}

@@ -190,12 +190,27 @@ func (f *Function) Launch(s *Stream, grid, block Dim3, shared int, args ...any) 
 // LaunchCluster is Launch with the grid's blocks in thread-block clusters
 // of cluster's shape (sm_90 and later; each grid dimension a multiple of
 // the cluster's): the blocks of a cluster run at once and may read each
-// other's shared memory.
+// other's shared memory. A zero dimension is 1, as in every Dim3.
 func (f *Function) LaunchCluster(s *Stream, grid, block, cluster Dim3, shared int, args ...any) error {
-	if cluster.X < 1 || cluster.Y < 1 || cluster.Z < 1 || grid.X%cluster.X != 0 || max(grid.Y, 1)%cluster.Y != 0 || max(grid.Z, 1)%cluster.Z != 0 {
-		return fmt.Errorf("%w: kernel %s: clusters %v for grid %v", ErrInvalidValue, f.Name, cluster, grid)
+	c, err := clusterShape(grid, cluster)
+	if err != nil {
+		return fmt.Errorf("kernel %s: %w", f.Name, err)
 	}
-	return f.launch(s, grid, block, cluster, shared, args)
+	return f.launch(s, grid, block, c, shared, args)
+}
+
+// clusterShape is cluster with its zero dimensions 1, or ErrInvalidValue
+// when a dimension is negative or does not divide grid's.
+func clusterShape(grid, cluster Dim3) (Dim3, error) {
+	if cluster.X < 0 || cluster.Y < 0 || cluster.Z < 0 || grid.X < 0 || grid.Y < 0 || grid.Z < 0 {
+		return Dim3{}, fmt.Errorf("%w: clusters %v for grid %v", ErrInvalidValue, cluster, grid)
+	}
+	cx, cy, cz := cluster.u()
+	gx, gy, gz := grid.u()
+	if gx%cx != 0 || gy%cy != 0 || gz%cz != 0 {
+		return Dim3{}, fmt.Errorf("%w: clusters %v for grid %v", ErrInvalidValue, cluster, grid)
+	}
+	return Dim3{X: int(cx), Y: int(cy), Z: int(cz)}, nil
 }
 
 // launch is Launch (cluster zero) and LaunchCluster.
