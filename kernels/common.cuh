@@ -432,10 +432,6 @@ __device__ __forceinline__ void skinny_store(const float* acc, bf16* __restrict_
 // float32 partials (two slots a block), and the last of its blocks to
 // finish it (a per-tile counter) sums them in block order (the same bits
 // whichever finishes last) and stores it, leaving the counter at zero.
-// Or, launched as clusters of S blocks along K (grid (tiles, S), cluster
-// (1, S): gridDim.y > 1), block (t, s) takes split s of tile t's units
-// and the cluster sums the splits through distributed shared memory
-// (wg_cluster_sum; no global partials, counters or fences).
 //
 // A stage's atom: BM weight rows and TR = 8 NT activation rows (zeros past
 // M) of 128 bytes, in the K-major 128-byte-swizzle layout wgmma reads (row r at
@@ -553,46 +549,6 @@ template <int ES, int NT> __device__ __forceinline__ void wg_mma(float* d, unsig
     }
 }
 
-// wg_cluster_sync: barrier.cluster with release / acquire: every block of
-// the cluster has arrived, and its shared memory writes before are seen.
-__device__ __forceinline__ void wg_cluster_sync() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
-#endif
-}
-
-// wg_cluster_sum<V>: the S blocks of a cluster along K (ranks 0..S-1 =
-// blockIdx.y) hold V accumulators a thread for the same tile; rank 0's
-// threads end with the sum in rank order (the same bits on every run).
-// Each block writes its own to its shared memory at base (the stage ring,
-// idle once the stages are done: the caller waited for its copies and
-// MMAs), thread tid's V floats at tid V; after the cluster barrier rank 0
-// reads the others' through distributed shared memory (mapa). The caller
-// syncs the cluster again before any block exits.
-template <int V> __device__ __forceinline__ void wg_cluster_sum(float* d, unsigned base, int tid, int rank, int S) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    const unsigned mine = base + tid * V * 4;
-    cp_async_wait<0>(); // the ring's copies (zero-byte ones past n included) have landed
-    __syncthreads();
-#pragma unroll
-    for (int i = 0; i < V; i += 2) asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(mine + 4 * i), "f"(d[i]), "f"(d[i + 1]) : "memory");
-    wg_cluster_sync();
-    if (rank != 0) return;
-    for (int r = 1; r < S; r++) {
-        unsigned theirs;
-        asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(theirs) : "r"(mine), "r"(r));
-#pragma unroll
-        for (int i = 0; i < V; i += 2) {
-            float a, b;
-            asm volatile("ld.shared::cluster.v2.f32 {%0, %1}, [%2];\n" : "=f"(a), "=f"(b) : "r"(theirs + 4 * i) : "memory");
-            d[i] += a, d[i + 1] += b;
-        }
-    }
-#else
-    __trap();
-#endif
-}
-
 // WgShape: a variant's stage layout. ST: stages, as many as WG_SMEM holds
 // (3 to 16); shared memory ST * SB + 1024 (the base rounded up to 1024
 // bytes). runtime/gpu/wg.go's wgStages must agree.
@@ -627,7 +583,6 @@ __device__ __forceinline__ void wg_body(bf16* __restrict__ out, float* __restric
     constexpr int CH = WG_RB / 16; // 16-byte chunks a staged row
     constexpr int AHEAD = ST - 1 - WG_INFLIGHT;
     static_assert(WG_INFLIGHT == 0 || WG_INFLIGHT == 1, "wg_body: WG_INFLIGHT");
-    static_assert(128 * WGS * 4 * NT * 4 <= ST * SB, "wg_body: the cluster sum's floats fit the stage ring");
     extern __shared__ __align__(16) unsigned char wgm[];
     __shared__ int last;
     __shared__ float sxs[TR]; // the activation rows' scales (FP8), loaded once
@@ -635,12 +590,7 @@ __device__ __forceinline__ void wg_body(bf16* __restrict__ out, float* __restric
     const int KB = K * ES;                 // bytes of an operand row
     const int SPT = (KB + WG_KA * WG_RB - 1) / (WG_KA * WG_RB); // stages a tile
     const int U = N / BM * SPT, G = gridDim.x, bid = blockIdx.x;
-    // stream-K (gridDim.y == 1): block bid's units of all U; clusters along
-    // K (gridDim.y = S > 1, cluster (1, S)): tile blockIdx.x's split
-    // blockIdx.y of its SPT units, summed in the cluster (flush)
-    const int S = gridDim.y, sp = blockIdx.y;
-    const int u0 = S == 1 ? wg_first(bid, U, G) : bid * SPT + wg_first(sp, SPT, S);
-    const int n = S == 1 ? wg_first(bid + 1, U, G) - u0 : bid * SPT + wg_first(sp + 1, SPT, S) - u0;
+    const int u0 = wg_first(bid, U, G), n = wg_first(bid + 1, U, G) - u0;
     const unsigned base = ((unsigned)__cvta_generic_to_shared(wgm) + 1023u) & ~1023u;
 
     // The copies. Thread tid copies the same chunks of every stage: 16-byte
@@ -691,12 +641,6 @@ __device__ __forceinline__ void wg_body(bf16* __restrict__ out, float* __restric
     auto flush = [&](int tile, int k0, int k1) {
         if (k0 == 0 && k1 == SPT - 1) {
             put(d, tile);
-            return;
-        }
-        if (S > 1) { // the cluster's splits of this tile, summed through distributed shared memory
-            wg_cluster_sum<4 * NT>(d, base, tid, sp, S);
-            if (sp == 0) put(d, tile);
-            wg_cluster_sync(); // no block leaves while rank 0 reads its shared memory
             return;
         }
         frag_store_pairs<NT>(slot(bid, tile), d, TR);

@@ -40,21 +40,7 @@ const (
 var (
 	wgPerSM = max(1, kernels.DefinedInt("WG_PER_SM", 2))
 	wgKA    = max(1, kernels.DefinedInt("WG_KA", 1))
-	// wgCluster (WG_CLUSTER, an A/B: 2 or 4) launches clusters of up to
-	// that many blocks along K, one cluster a tile, instead of stream-K
-	wgCluster = min(8, max(1, kernels.DefinedInt("WG_CLUSTER", 1)))
 )
-
-// wgClusterSplit is the blocks along K a tile gets with clusters of at most
-// cl: as many as fill wgPerSM blocks an SM (1: a block a whole tile), each
-// with two stage units at least.
-func wgClusterSplit(tiles, spt, sms, cl int) int {
-	S := 1
-	for S*2 <= cl && tiles*S*2 <= wgPerSM*sms && spt >= 2*S*2 {
-		S *= 2
-	}
-	return S
-}
 
 // wgStageBytes is WgShape's SB: a stage of tr staged rows and wgs warpgroups.
 func wgStageBytes(tr, wgs int) int { return wgKA * (wgs*skinnyRows + tr) * wgRowBytes }
@@ -196,12 +182,9 @@ func (g *wgProduct) units(N, K int) (tiles, spt int) {
 }
 
 // grid is the blocks of a T x N x K product: wgPerSM an SM, no more than
-// its stage units; with WG_CLUSTER, each tile's cluster (wgClusterSplit).
+// its stage units.
 func (g *wgProduct) grid(T, N, K int) int {
 	tiles, spt := g.units(N, K)
-	if wgCluster > 1 {
-		return tiles * wgClusterSplit(tiles, spt, g.sms, wgCluster)
-	}
 	units := tiles * spt
 	G := wgPerSM * g.sms
 	if g.forceG > 0 {
@@ -226,12 +209,5 @@ func (g *wgProduct) launch(s *cuda.Stream, out, x, sx, w, sw cuda.DevicePtr, T, 
 	args = append(args, T, N, K)
 	wgs := g.wgs()
 	block, shared := cuda.Dim3{X: skinnyThreads * wgs}, wgShared(skinnyVariants[i].rows, wgs)
-	if wgCluster > 1 { // WG_CLUSTER: grid (tiles, S), clusters (1, S) along K; S == 1: a block a tile
-		tiles, spt := g.units(N, K)
-		if S := wgClusterSplit(tiles, spt, g.sms, wgCluster); S > 1 {
-			return g.set()[i].LaunchCluster(s, cuda.Dim3{X: tiles, Y: S}, block, cuda.Dim3{X: 1, Y: S}, shared, args...)
-		}
-		return g.set()[i].Launch(s, cuda.Dim3{X: tiles}, block, shared, args...)
-	}
 	return g.set()[i].Launch(s, cuda.Dim3{X: g.grid(T, N, K)}, block, shared, args...)
 }

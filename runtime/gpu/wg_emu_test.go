@@ -26,10 +26,10 @@ import (
 // one tile, tiles shared by two or more blocks, a last stage with one
 // 64-byte span, activation rows past M.
 func TestWgTilingEmulated(t *testing.T) {
-	defer func(per, ka, cl int) { wgPerSM, wgKA, wgCluster = per, ka, cl }(wgPerSM, wgKA, wgCluster)
-	// WG_PER_SM, WG_KA, WG_INFLIGHT, WG_CLUSTER: the default, then the A/B builds
-	for _, cfg := range []struct{ per, ka, inflight, cl int }{{2, 1, 1, 1}, {1, 1, 1, 1}, {2, 2, 1, 1}, {1, 4, 0, 1}, {2, 1, 0, 1}, {2, 1, 1, 2}, {2, 1, 1, 4}} {
-		wgPerSM, wgKA, wgCluster = cfg.per, cfg.ka, cfg.cl
+	defer func(per, ka int) { wgPerSM, wgKA = per, ka }(wgPerSM, wgKA)
+	// WG_PER_SM, WG_KA, WG_INFLIGHT: the default, then the A/B builds
+	for _, cfg := range []struct{ per, ka, inflight int }{{2, 1, 1}, {1, 1, 1}, {2, 2, 1}, {1, 4, 0}, {2, 1, 0}} {
+		wgPerSM, wgKA = cfg.per, cfg.ka
 		wgEmulateAll(t, cfg.inflight)
 	}
 }
@@ -81,20 +81,6 @@ func wgEmulate(t *testing.T, wgs, M, N, K, sms, inflight int) {
 	U := tiles * SPT
 	G := g.grid(M, N, K)
 	first := func(b int) int { return b * U / G }
-	// clusters along K (WG_CLUSTER): block b is split b % S of tile b / S;
-	// their D's meet in red and rank 0 sums them in rank order
-	S := 1
-	if wgCluster > 1 {
-		S = wgClusterSplit(tiles, SPT, sms, wgCluster)
-	}
-	rng1 := func(b int) (u0, n int) {
-		if S == 1 {
-			return first(b), first(b+1) - first(b)
-		}
-		t, sp := b/S, b%S
-		return t*SPT + sp*SPT/S, (sp+1)*SPT/S - sp*SPT/S
-	}
-	red := map[[2]int][][][]int{} // (tile, rank) -> D
 	blockOf := func(u int) int { return ((u+1)*G - 1) / U }
 	if len(make([]int, 2*G*BM*TR))*4 > wgPartBytes(sms) {
 		t.Fatalf("M=%d N=%d K=%d: the partials of %d blocks overrun wgPartBytes", M, N, K, G)
@@ -118,10 +104,7 @@ func wgEmulate(t *testing.T, wgs, M, N, K, sms, inflight int) {
 	rstep := threads / CH
 	cpt, wk := (BM+TR)/rstep, BM/rstep
 	for _, b := range rng.Perm(G) {
-		u0, n := rng1(b)
-		if n == 0 && S > 1 {
-			t.Fatalf("M=%d N=%d K=%d: block %d of a cluster has no stage (it would never reach the cluster barrier)", M, N, K, b)
-		}
+		u0, n := first(b), first(b+1)-first(b)
 		smem := make([]int, ST*SB)
 		for i := range smem {
 			smem[i] = 1 << 20 // never copied: would show in the sums
@@ -149,7 +132,6 @@ func wgEmulate(t *testing.T, wgs, M, N, K, sms, inflight int) {
 		// D[warpgroup][weight row][activation row], as wgmma accumulates it
 		D := make([][][]int, wgs)
 		zero := func() {
-			D = make([][][]int, wgs) // a new one: the cluster's ranks keep theirs in red
 			for w := range D {
 				D[w] = make([][]int, skinnyRows)
 				for r := range D[w] {
@@ -178,27 +160,6 @@ func wgEmulate(t *testing.T, wgs, M, N, K, sms, inflight int) {
 		// each thread's registers d[4t + e] as the kernel's put and slots use them
 		flush := func(tile, k0, k1 int) {
 			whole := k0 == 0 && k1 == SPT-1
-			if S > 1 && !whole {
-				red[[2]int{tile, b % S}] = D
-				for r := range S {
-					if red[[2]int{tile, r}] == nil {
-						return // rank 0 sums once every rank has arrived (the cluster barrier)
-					}
-				}
-				for w := range wgs {
-					for row := range skinnyRows {
-						for m := range min(M, TR) {
-							sum := 0
-							for r := range S {
-								sum += red[[2]int{tile, r}][w][row][m]
-							}
-							out[m*N+tile*BM+w*skinnyRows+row] = sum
-							written[m*N+tile*BM+w*skinnyRows+row]++
-						}
-					}
-				}
-				return
-			}
 			for w := range wgs {
 				for tid := range skinnyThreads {
 					warp, lane := tid/32, tid%32
