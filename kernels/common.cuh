@@ -421,7 +421,7 @@ __device__ __forceinline__ void skinny_store(const float* acc, bf16* __restrict_
 // with two).
 //
 // Work: the weight rows in tiles of BM = 64 WGS, each tile's K in stages
-// of WG_KA 128-byte atoms a row (SPT stages a tile; the last one
+// of KA (WG_KA at most, WgShape) 128-byte atoms a row (SPT stages a tile; the last one
 // zero-filled past K), U = tiles * SPT stage units in tile order.
 // WG_PER_SM blocks an SM (grid G <= WG_PER_SM SMs, 200 / WG_PER_SM KB of
 // stages each); block b takes units [b U / G, (b + 1) U / G), so every
@@ -447,21 +447,26 @@ __device__ __forceinline__ void skinny_store(const float* acc, bf16* __restrict_
 // thread (warp w, lane l) holds weight rows 16w + l/4 (+8) and activation
 // rows 8t + 2(l%4) (+1) in d[4t..4t+3] (mma.sync's m16n8 layout per warp,
 // fp8_gemm_skinny's c[t][e]). Compiled only with PEFTD_WG
-// (PEFTD_KERNEL_DEFINES): correct (TestFP8Wgmma, TestBF16Wgmma), but
-// slower than the default products except FP8 gate_up at 17-32 rows
-// (v0.28: ncu puts ~40% of a 64-row qkv's stall samples in the tile
-// flushes and ~20% in the pipeline fill, each block streaming only ~12
-// stages). runtime/gpu/wg.go.
+// (PEFTD_KERNEL_DEFINES): correct (TestFP8Wgmma, TestBF16Wgmma). With
+// v0.28's shape (2 blocks an SM, 128 bytes a row a stage) it lost to the
+// default products but for FP8 gate_up at 17-32 rows (ncu: ~40% of a
+// 64-row qkv's stall samples in the tile flushes, ~20% in the fill); with
+// v0.30's (the defaults below) it ties or beats them at 17-32 rows
+// (gate_up 34.5 vs 40.9-45.2 us), and FP8 decode with it (`+wg`) is 5%
+// faster at 32 rows and, with four adapters, at 64 (base 2% slower
+// there). runtime/gpu/wg.go.
 // ---------------------------------------------------------------------------
 #ifdef PEFTD_WG
+// defaults: v0.30's best at 17-64 rows (4 atoms, one block an SM, no
+// group in flight): 512 bytes of K a row a stage, as fp8_stream reads
 #ifndef WG_INFLIGHT
-#define WG_INFLIGHT 1 // wgmma groups left running while the next stage starts (0 or 1)
+#define WG_INFLIGHT 0 // wgmma groups left running while the next stage starts (0 or 1)
 #endif
 #ifndef WG_PER_SM
-#define WG_PER_SM 2 // blocks an SM (the grid: WG_PER_SM SMs)
+#define WG_PER_SM 1 // blocks an SM (the grid: WG_PER_SM SMs)
 #endif
 #ifndef WG_KA
-#define WG_KA 1 // 128-byte K atoms a stage
+#define WG_KA 4 // 128-byte K atoms a stage at most (WgShape::KA: fewer where 3 stages would not fit)
 #endif
 #define WG_SMEM (200 * 1024 / WG_PER_SM) // a block's stage buffers at most
 #define WG_RB 128 // bytes of K a stage holds per row (the swizzle's row)
@@ -549,18 +554,28 @@ template <int ES, int NT> __device__ __forceinline__ void wg_mma(float* d, unsig
     }
 }
 
-// WgShape: a variant's stage layout. ST: stages, as many as WG_SMEM holds
+// WgShape: a variant's stage layout. KA: atoms a stage, WG_KA or as many
+// as leave room for 3 stages in WG_SMEM (the 128-row and two-warpgroup
+// variants take 2 or 3 at WG_KA 4); ST: stages, as many as WG_SMEM holds
 // (3 to 16); shared memory ST * SB + 1024 (the base rounded up to 1024
-// bytes). runtime/gpu/wg.go's wgStages must agree.
+// bytes). runtime/gpu/wg.go's wgAtoms and wgStages must agree.
 template <int NT, int WGS> struct WgShape {
     static constexpr int TR = 8 * NT;                // activation rows staged
     static constexpr int BM = SK_ROWS * WGS;         // weight rows a tile
     static constexpr int WB = BM * WG_RB;            // weight bytes of an atom
     static constexpr int AB = WB + TR * WG_RB;       // bytes of an atom: weights, then activations (a multiple of 1024)
-    static constexpr int SB = WG_KA * AB;            // bytes of a stage
+    static constexpr int KFIT = (WG_SMEM - 1024) / (3 * AB);
+    static constexpr int KA = WG_KA < KFIT ? WG_KA : KFIT < 1 ? 1 : KFIT; // atoms a stage
+    static constexpr int SB = KA * AB;               // bytes of a stage
     static constexpr int FIT = (WG_SMEM - 1024) / SB;
     static constexpr int ST = FIT < 3 ? 3 : FIT < 16 ? FIT : 16; // 3 at least (past the budget: fewer blocks an SM)
 };
+
+#if WG_KA == 4 && WG_PER_SM == 1 // the default: runtime/gpu TestWgShared's table
+static_assert(WgShape<4, 1>::KA == 4 && WgShape<8, 1>::KA == 4 && WgShape<16, 1>::KA == 2 && WgShape<4, 2>::KA == 3 &&
+                  WgShape<8, 2>::KA == 2 && WgShape<16, 2>::KA == 2,
+              "WgShape: atoms a stage differ from runtime/gpu's wgAtoms");
+#endif
 
 // wg_first: the first stage unit of block b of G over U units.
 __device__ __forceinline__ int wg_first(int b, int U, int G) { return (int)((long long)b * U / G); }
@@ -579,7 +594,7 @@ __device__ __forceinline__ void wg_body(bf16* __restrict__ out, float* __restric
     static_assert(ES == 1 || ES == 2, "wg_body: e4m3 or bf16 operands");
     static_assert(WGS == 1 || WGS == 2, "wg_body: one or two warpgroups");
     using W = WgShape<NT, WGS>;
-    constexpr int TR = W::TR, BM = W::BM, WB = W::WB, AB = W::AB, SB = W::SB, ST = W::ST;
+    constexpr int TR = W::TR, BM = W::BM, WB = W::WB, AB = W::AB, KA = W::KA, SB = W::SB, ST = W::ST;
     constexpr int CH = WG_RB / 16; // 16-byte chunks a staged row
     constexpr int AHEAD = ST - 1 - WG_INFLIGHT;
     static_assert(WG_INFLIGHT == 0 || WG_INFLIGHT == 1, "wg_body: WG_INFLIGHT");
@@ -588,7 +603,7 @@ __device__ __forceinline__ void wg_body(bf16* __restrict__ out, float* __restric
     __shared__ float sxs[TR]; // the activation rows' scales (FP8), loaded once
     const int tid = threadIdx.x, wg = WGS == 1 ? 0 : tid / (SK_WARPS * 32);
     const int KB = K * ES;                 // bytes of an operand row
-    const int SPT = (KB + WG_KA * WG_RB - 1) / (WG_KA * WG_RB); // stages a tile
+    const int SPT = (KB + KA * WG_RB - 1) / (KA * WG_RB); // stages a tile
     const int U = N / BM * SPT, G = gridDim.x, bid = blockIdx.x;
     const int u0 = wg_first(bid, U, G), n = wg_first(bid + 1, U, G) - u0;
     const unsigned base = ((unsigned)__cvta_generic_to_shared(wgm) + 1023u) & ~1023u;
@@ -610,14 +625,14 @@ __device__ __forceinline__ void wg_body(bf16* __restrict__ out, float* __restric
     // u0 + j) into buffer j % ST
     auto copy = [&](int j, int k0, int k1) {
         if (j >= n) return;
-        const int u = u0 + j, tile = u / SPT, col0 = (u - tile * SPT) * WG_KA * WG_RB + 16 * c;
+        const int u = u0 + j, tile = u / SPT, col0 = (u - tile * SPT) * KA * WG_RB + 16 * c;
         const unsigned b = base + (j % ST) * SB + dst0;
 #pragma unroll
         for (int k = k0; k < k1; k++) {
             const int r = r0 + RSTEP * k;
             const unsigned char* src = k < WK ? qw + (long long)(tile * BM + r) * KB : qx + (long long)(live[k] ? r - BM : 0) * KB;
 #pragma unroll
-            for (int a = 0; a < WG_KA; a++) {
+            for (int a = 0; a < KA; a++) {
                 const int col = col0 + a * WG_RB;
                 const bool ok = col < KB && live[k];
                 cp_async16(b + a * AB + k * RSTEP * WG_RB, src + (ok ? col : 0), ok ? 16 : 0);
@@ -688,7 +703,7 @@ __device__ __forceinline__ void wg_body(bf16* __restrict__ out, float* __restric
         wg_pin<4 * NT>(d); // nothing moves the accumulators across the MMAs (they are read and written asynchronously)
         wg_fence();
 #pragma unroll
-        for (int a = 0; a < WG_KA; a++)
+        for (int a = 0; a < KA; a++)
 #pragma unroll
             for (int q = 0; q < WG_RB / 32; q++)
                 wg_mma<ES, NT>(d, wg_desc(b + a * AB + wg * SK_ROWS * WG_RB + 32 * q), wg_desc(b + a * AB + WB + 32 * q));

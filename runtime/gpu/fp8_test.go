@@ -168,4 +168,18 @@ func TestWgShared(t *testing.T) {
 			}
 		}
 	}
+	// the default's atoms a stage (WG_KA 4, one block an SM: 199 KB of
+	// stages): 4 where three stages of 4 fit, else as many as do
+	if wgKA != 4 || wgPerSM != 1 {
+		return // an A/B build (PEFTD_KERNEL_DEFINES)
+	}
+	want := map[[2]int]int{{1, 32}: 4, {1, 64}: 4, {1, 128}: 2, {2, 32}: 3, {2, 64}: 2, {2, 128}: 2}
+	for k, w := range want {
+		if got := wgAtoms(k[1], k[0]); got != w {
+			t.Errorf("%d warpgroups, %d rows: %d atoms a stage, want %d", k[0], k[1], got, w)
+		}
+		if st := wgStages(k[1], k[0]); st < 3 || st*wgStageBytes(k[1], k[0]) > wgSmem() {
+			t.Errorf("%d warpgroups, %d rows: %d stages of %d bytes in %d", k[0], k[1], st, wgStageBytes(k[1], k[0]), wgSmem())
+		}
+	}
 }

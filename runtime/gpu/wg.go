@@ -9,8 +9,8 @@ import (
 
 // wgProduct launches wg_body's kernels (kernels/common.cuh): the product of
 // 17-128 activation rows on Hopper's warpgroup MMAs, stream-K (wgPerSM
-// blocks an SM, each streaming an equal share of the tiles' K stages; or,
-// with WG_CLUSTER, one cluster along K a tile), with e4m3 operands and row
+// blocks an SM, each streaming an equal share of the tiles' K stages),
+// with e4m3 operands and row
 // scales (fp8_wg_n* in the FP8 module) or bf16 ones (gemm_wg_n* in the
 // forward module). They are compiled only with PEFTD_WG
 // (PEFTD_KERNEL_DEFINES) and load only on sm_90a; a test or benchmark asks
@@ -30,25 +30,37 @@ type wgProduct struct {
 }
 
 // wgRowBytes is wg_body's WG_RB: bytes of K an atom holds of each row.
-// wgPerSM and wgKA are WG_PER_SM (blocks an SM) and WG_KA (atoms a stage),
-// or what PEFTD_KERNEL_DEFINES sets them to (an A/B).
+// wgPerSM and wgKA are WG_PER_SM (blocks an SM) and WG_KA (atoms a stage
+// at most), or what PEFTD_KERNEL_DEFINES sets them to (an A/B); the
+// defaults are common.cuh's (v0.30's best at 17-64 rows).
 const (
 	wgRowBytes = 128
 	wgMaxTiles = 8192 // weight tiles a product may have (the counters)
 )
 
 var (
-	wgPerSM = max(1, kernels.DefinedInt("WG_PER_SM", 2))
-	wgKA    = max(1, kernels.DefinedInt("WG_KA", 1))
+	wgPerSM = max(1, kernels.DefinedInt("WG_PER_SM", 1))
+	wgKA    = max(1, kernels.DefinedInt("WG_KA", 4))
 )
 
+// wgSmem is WG_SMEM less the 1 KB of alignment: a block's stage bytes.
+func wgSmem() int { return 200<<10/wgPerSM - 1024 }
+
+// wgAtomBytes is WgShape's AB: one 128-byte atom of each of the variant's
+// weight rows (64 a warpgroup) and tr staged activation rows.
+func wgAtomBytes(tr, wgs int) int { return (wgs*skinnyRows + tr) * wgRowBytes }
+
+// wgAtoms is WgShape's KA: wgKA atoms a stage, or as many as leave room for
+// three stages (1 at least).
+func wgAtoms(tr, wgs int) int { return max(1, min(wgKA, wgSmem()/(3*wgAtomBytes(tr, wgs)))) }
+
 // wgStageBytes is WgShape's SB: a stage of tr staged rows and wgs warpgroups.
-func wgStageBytes(tr, wgs int) int { return wgKA * (wgs*skinnyRows + tr) * wgRowBytes }
+func wgStageBytes(tr, wgs int) int { return wgAtoms(tr, wgs) * wgAtomBytes(tr, wgs) }
 
 // wgStages is WgShape's ST: the stages of the variant with tr staged rows
 // and wgs warpgroups (WG_SMEM bytes at most, but 3 at least).
 func wgStages(tr, wgs int) int {
-	return max(3, min(16, (200<<10/wgPerSM-1024)/wgStageBytes(tr, wgs)))
+	return max(3, min(16, wgSmem()/wgStageBytes(tr, wgs)))
 }
 
 // wgShared is wg_body's dynamic shared memory for tr staged activation
@@ -163,6 +175,21 @@ func (g *wgProduct) variant(T int) int {
 	return -1
 }
 
+// rows is the activation rows staged by the variant launched for T rows:
+// the smallest loaded one that takes them, or (none loaded: the CPU
+// emulation) the smallest that would.
+func (g *wgProduct) rows(T int) int {
+	if i := g.variant(T); i >= 0 {
+		return skinnyVariants[i].rows
+	}
+	for _, v := range skinnyVariants {
+		if T <= v.rows {
+			return v.rows
+		}
+	}
+	return skinnyVariants[len(skinnyVariants)-1].rows
+}
+
 // fits reports whether it computes a T x N x K product: more rows than the
 // few-row kernels take (16) and no more than a loaded variant's, N whole
 // tiles (no more than the counters) and a row of K operands whole 64-byte
@@ -176,15 +203,17 @@ func (g *wgProduct) fits(T, N, K int) bool {
 }
 
 // units is an [N, K] weight's tiles (64 rows a warpgroup) and each tile's
-// stages (wgKA 128-byte atoms of each row; the last one zero-filled past K).
-func (g *wgProduct) units(N, K int) (tiles, spt int) {
-	return N / (skinnyRows * g.wgs()), (K*g.esize + wgKA*wgRowBytes - 1) / (wgKA * wgRowBytes)
+// stages (wgAtoms 128-byte atoms of each row for the variant of tr staged
+// rows; the last one zero-filled past K).
+func (g *wgProduct) units(tr, N, K int) (tiles, spt int) {
+	ka := wgAtoms(tr, g.wgs())
+	return N / (skinnyRows * g.wgs()), (K*g.esize + ka*wgRowBytes - 1) / (ka * wgRowBytes)
 }
 
 // grid is the blocks of a T x N x K product: wgPerSM an SM, no more than
 // its stage units.
 func (g *wgProduct) grid(T, N, K int) int {
-	tiles, spt := g.units(N, K)
+	tiles, spt := g.units(g.rows(T), N, K)
 	units := tiles * spt
 	G := wgPerSM * g.sms
 	if g.forceG > 0 {

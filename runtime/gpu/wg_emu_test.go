@@ -27,8 +27,10 @@ import (
 // 64-byte span, activation rows past M.
 func TestWgTilingEmulated(t *testing.T) {
 	defer func(per, ka int) { wgPerSM, wgKA = per, ka }(wgPerSM, wgKA)
-	// WG_PER_SM, WG_KA, WG_INFLIGHT: the default, then the A/B builds
-	for _, cfg := range []struct{ per, ka, inflight int }{{2, 1, 1}, {1, 1, 1}, {2, 2, 1}, {1, 4, 0}, {2, 1, 0}} {
+	// WG_PER_SM, WG_KA, WG_INFLIGHT: the default (its 128-row and
+	// two-warpgroup variants take 2 or 3 atoms a stage: wgAtoms), then the
+	// A/B builds (v0.28's default first)
+	for _, cfg := range []struct{ per, ka, inflight int }{{1, 4, 0}, {2, 1, 1}, {1, 1, 1}, {2, 2, 1}, {2, 1, 0}, {1, 4, 1}, {1, 3, 0}} {
 		wgPerSM, wgKA = cfg.per, cfg.ka
 		wgEmulateAll(t, cfg.inflight)
 	}
@@ -61,8 +63,9 @@ func wgEmulate(t *testing.T, wgs, M, N, K, sms, inflight int) {
 	TR := 8 * NT
 	BM := wgs * skinnyRows // weight rows a tile
 	WB := BM * rb
-	AB := WB + TR*rb // an atom
-	SB := wgKA * AB
+	AB := WB + TR*rb       // an atom
+	ka := wgAtoms(TR, wgs) // atoms a stage (WgShape's KA)
+	SB := ka * AB
 	CH := rb / 16
 	ST := wgStages(TR, wgs)
 	ahead := ST - 1 - inflight // AHEAD
@@ -76,7 +79,7 @@ func wgEmulate(t *testing.T, wgs, M, N, K, sms, inflight int) {
 		qx[i] = rng.IntN(15) - 7
 	}
 	g := &wgProduct{sms: sms, esize: 1, two: wgs == 2}
-	SPT := (K + wgKA*rb - 1) / (wgKA * rb)
+	SPT := (K + ka*rb - 1) / (ka * rb)
 	tiles := N / BM
 	U := tiles * SPT
 	G := g.grid(M, N, K)
@@ -121,9 +124,9 @@ func wgEmulate(t *testing.T, wgs, M, N, K, sms, inflight int) {
 				dst0 := r0*rb + ((c ^ (r0 & 7)) << 4)
 				for k := k0; k < k1; k++ {
 					r := r0 + rstep*k // staged row: weight rows 0..BM-1, then activation rows
-					for a := range wgKA {
+					for a := range ka {
 						for by := range 16 {
-							smem[buf+a*AB+dst0+k*rstep*rb+by] = emuChunkByte(qw, qx, r, c, by, 2*(ks*wgKA+a), K/64, tile*BM, BM, M, K)
+							smem[buf+a*AB+dst0+k*rstep*rb+by] = emuChunkByte(qw, qx, r, c, by, 2*(ks*ka+a), K/64, tile*BM, BM, M, K)
 						}
 					}
 				}
@@ -143,7 +146,7 @@ func wgEmulate(t *testing.T, wgs, M, N, K, sms, inflight int) {
 		group := func(j int) { // stage j's wgmma group
 			buf := (j % ST) * SB
 			for w := range wgs {
-				for a := range wgKA {
+				for a := range ka {
 					for q := range rb / 32 {
 						for r := range skinnyRows {
 							for nn := range TR {
