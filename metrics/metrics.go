@@ -37,6 +37,8 @@ type Metrics struct {
 	adapters   prometheus.Histogram
 	stepTime   prometheus.Histogram
 	stepDevice prometheus.Histogram
+	stepKind   *prometheus.HistogramVec // device time by step kind
+	kindRows   *prometheus.CounterVec   // token rows by step kind
 	stepHost   *prometheus.HistogramVec
 	preempt    prometheus.Counter
 	ahead      prometheus.Counter
@@ -96,6 +98,11 @@ func New(maxLoRA int) *Metrics {
 		stepDevice: prometheus.NewHistogram(prometheus.HistogramOpts{Name: "peftd_step_device_seconds",
 			Help: "Device time of an engine step (GPU backends: from the metadata upload to the result copy, less the device's wait for the host between the forward and the draw); " +
 				"with peftd_step_duration_seconds, the host's share of a step.", Buckets: lat}),
+		stepKind: prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: "peftd_step_kind_device_seconds",
+			Help: "Device time of an engine step (as peftd_step_device_seconds) by kind: decode (one new row a sequence) or mixed (prompt chunks too), " +
+				"and lora (some sequence runs an adapter: yes, no).", Buckets: lat}, []string{"kind", "lora"}),
+		kindRows: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "peftd_step_kind_rows_total",
+			Help: "Token rows of the engine steps counted in peftd_step_kind_device_seconds, by the same kinds."}, []string{"kind", "lora"}),
 		stepHost: prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: "peftd_step_host_seconds",
 			Help: "Host time of an engine step by phase, in order: plan (admission, the plan and its KV pages), prepare (the step's metadata), " +
 				"issue (the ops enqueued; computed, on the CPU backend), wait (sampling or reading the logits until the results are back), " +
@@ -136,7 +143,7 @@ func New(maxLoRA int) *Metrics {
 			Help: "KV cache usage, 0 to 1 (1 means 100 percent; vLLM-compatible; same as peftd_kv_cache_usage_ratio)."}),
 	}
 	r.MustRegister(m.requests, m.generated, m.prompt, m.ttft, m.coldTTFT, m.itl, m.e2e, m.inflight, m.waiting, m.running,
-		m.batchRows, m.batchSeqs, m.adapters, m.stepTime, m.stepDevice, m.stepHost, m.preempt, m.ahead, m.chained, m.kvUsage, m.loraInfo,
+		m.batchRows, m.batchSeqs, m.adapters, m.stepTime, m.stepDevice, m.stepKind, m.kindRows, m.stepHost, m.preempt, m.ahead, m.chained, m.kvUsage, m.loraInfo,
 		m.vllmWaiting, m.vllmRunning, m.vllmKV, m.panics, m.stalls,
 		m.prefixQueries, m.prefixHits, m.vllmPrefixQueries, m.vllmPrefixHits, m.prefixPages,
 		collectors.NewGoCollector(collectors.WithGoCollectorRuntimeMetrics(
@@ -192,6 +199,20 @@ func counterValue(c prometheus.Counter) float64 {
 	return d.GetCounter().GetValue()
 }
 
+// stepKind is a step's labels in peftd_step_kind_device_seconds: decode
+// when no sequence feeds a prompt chunk, else mixed; lora yes when some
+// sequence runs an adapter.
+func stepKind(s scheduler.StepStats) (kind, lora string) {
+	kind, lora = "mixed", "no"
+	if s.Prefill == 0 {
+		kind = "decode"
+	}
+	if s.LoRA {
+		lora = "yes"
+	}
+	return kind, lora
+}
+
 // OnStep records one scheduler step.
 func (m *Metrics) OnStep(s scheduler.StepStats) {
 	if s.Rows > 0 { // a report of an idle scheduler ran no step
@@ -201,6 +222,9 @@ func (m *Metrics) OnStep(s scheduler.StepStats) {
 		m.stepTime.Observe(s.Duration.Seconds())
 		if s.Device > 0 {
 			m.stepDevice.Observe(s.Device.Seconds())
+			kind, lora := stepKind(s)
+			m.stepKind.WithLabelValues(kind, lora).Observe(s.Device.Seconds())
+			m.kindRows.WithLabelValues(kind, lora).Add(float64(s.Rows))
 		}
 		for _, p := range []struct {
 			name string

@@ -164,3 +164,53 @@ func TestUploadsCollector(t *testing.T) {
 		t.Errorf("after one more upload: %v", v)
 	}
 }
+
+// TestStepKinds: device-timed steps are split by kind (decode or mixed)
+// and by whether an adapter runs in them; steps without a device time and
+// idle reports are not counted.
+func TestStepKinds(t *testing.T) {
+	m := New(4)
+	ms := time.Millisecond
+	for _, s := range []scheduler.StepStats{
+		{Rows: 64, Sequences: 64, Adapters: 1, Device: 6 * ms},                          // decode, base
+		{Rows: 64, Sequences: 64, Adapters: 3, LoRA: true, Device: 7 * ms},              // decode, adapters
+		{Rows: 200, Sequences: 60, Prefill: 2, Adapters: 4, LoRA: true, Device: 9 * ms}, // mixed, adapters
+		{Rows: 200, Sequences: 60, Prefill: 2, Adapters: 1, LoRA: true, Device: 8 * ms}, // mixed, one adapter only
+		{Rows: 130, Sequences: 3, Prefill: 1, Adapters: 1, Device: 5 * ms},              // mixed, base
+		{Rows: 64, Sequences: 64, Adapters: 1},                                          // not device-timed
+		{Waiting: 3},                                                                    // idle
+	} {
+		m.OnStep(s)
+	}
+	fams, err := m.Registry.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := map[string]float64{}
+	for _, f := range fams {
+		for _, x := range f.GetMetric() {
+			key := f.GetName()
+			for _, l := range x.GetLabel() {
+				key += " " + l.GetName() + "=" + l.GetValue()
+			}
+			switch {
+			case x.Counter != nil:
+				got[key] = x.GetCounter().GetValue()
+			case x.Histogram != nil:
+				got[key+" count"] = float64(x.GetHistogram().GetSampleCount())
+				got[key+" sum_ms"] = x.GetHistogram().GetSampleSum() * 1000
+			}
+		}
+	}
+	const dev, rows = "peftd_step_kind_device_seconds", "peftd_step_kind_rows_total"
+	for k, want := range map[string]float64{
+		dev + " kind=decode lora=no count": 1, dev + " kind=decode lora=no sum_ms": 6,
+		dev + " kind=decode lora=yes count": 1, dev + " kind=mixed lora=yes count": 2, dev + " kind=mixed lora=yes sum_ms": 17,
+		dev + " kind=mixed lora=no count": 1,
+		rows + " kind=decode lora=no":     64, rows + " kind=mixed lora=yes": 400, rows + " kind=mixed lora=no": 130,
+	} {
+		if g := got[k]; g < want-1e-9 || g > want+1e-9 {
+			t.Errorf("%s = %v, want %v", k, g, want)
+		}
+	}
+}

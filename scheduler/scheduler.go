@@ -136,7 +136,9 @@ type Config struct {
 // StepStats describes one engine step (for metrics).
 type StepStats struct {
 	Rows, Sequences, Adapters, Prefill, Decode int
-	Duration                                   time.Duration
+	// LoRA: some sequence of the step runs an adapter (not the base model)
+	LoRA     bool
+	Duration time.Duration
 	// Device is the step's device time (GPU: from the metadata upload to
 	// the result copy, less the device's wait for the host between the
 	// forward and the draw), 0 when the backend does not measure it;

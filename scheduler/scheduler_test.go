@@ -81,7 +81,7 @@ func TestConcurrentMatchesReference(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			var preempted, maxAdapters, prefillWithDecode atomic.Int64
-			var evictable, timed, badTime, ahead atomic.Int64
+			var evictable, timed, badTime, ahead, loraSteps, notLoRA atomic.Int64
 			s, f := setup(t, tc.opts, Config{PrefixCache: tc.cache, OnStep: func(st StepStats) {
 				evictable.Store(int64(st.EvictablePages))
 				if st.Ahead {
@@ -99,6 +99,11 @@ func TestConcurrentMatchesReference(t *testing.T) {
 				}
 				if st.Prefill > 0 && st.Decode > 0 {
 					prefillWithDecode.Add(1)
+				}
+				if st.LoRA {
+					loraSteps.Add(1)
+				} else if st.Adapters > 1 { // two adapters, or an adapter beside the base model
+					notLoRA.Add(1)
 				}
 			}})
 			var wg sync.WaitGroup
@@ -129,6 +134,9 @@ func TestConcurrentMatchesReference(t *testing.T) {
 			}
 			if ahead.Load() == 0 {
 				t.Error("no step was prepared while the one before it ran")
+			}
+			if loraSteps.Load() == 0 || notLoRA.Load() > 0 {
+				t.Errorf("steps with an adapter: %d; steps of two or more adapters not marked LoRA: %d", loraSteps.Load(), notLoRA.Load())
 			}
 			if strings.HasPrefix(tc.name, "tight") && preempted.Load() == 0 {
 				t.Error("the tight configuration never preempted")

@@ -504,6 +504,9 @@ func (s *Scheduler) plan(st *StepStats, ahead bool) ([]engine.Input, []*seq) {
 		}
 	}
 	st.Sequences, st.Adapters = len(in), len(adapters)
+	for sl := range adapters {
+		st.LoRA = st.LoRA || sl >= 0 // the base model has no slot (-1)
+	}
 	for _, x := range in {
 		st.Rows += len(x.Tokens)
 	}

@@ -569,6 +569,10 @@ if want serve8b; then
 			awk '/^peftd_step_(duration|device)_seconds_(sum|count) /{v[$1]=$2} /^peftd_batch_tokens_(sum|count) /{v[$1]=$2} /^peftd_batch_size_(sum|count) /{v[$1]=$2} /^peftd_steps_(ahead|chained)_total /{v[$1]=$2}
 				END {n=v["peftd_step_duration_seconds_count"]; d=v["peftd_step_device_seconds_count"]; if (n>0) printf "SERVESTEPS steps=%d ahead=%d chained=%d mean_ms=%.2f device_mean_ms=%.2f mean_rows=%.1f mean_seqs=%.1f\n", n, v["peftd_steps_ahead_total"], v["peftd_steps_chained_total"], 1000*v["peftd_step_duration_seconds_sum"]/n, (d>0 ? 1000*v["peftd_step_device_seconds_sum"]/d : 0), v["peftd_batch_tokens_sum"]/v["peftd_batch_tokens_count"], v["peftd_batch_size_sum"]/v["peftd_batch_size_count"]}' \
 				"$LOG/serve8b.metrics.txt" | tee -a "$LOG/serve8b.txt"
+			# device time and rows by step kind (decode or mixed; with adapters or not)
+			sed -n 's/^peftd_step_kind_\(device_seconds_sum\|device_seconds_count\|rows_total\){kind="\([a-z]*\)",lora="\([a-z]*\)"} \(.*\)/\1 \2 \3 \4/p' "$LOG/serve8b.metrics.txt" |
+				awk '{v[$1 " " $2 "," $3]=$4; k[$2 "," $3]=1} END {printf "SERVEKINDS"; for (x in k) {c=v["device_seconds_count " x]; if (c>0) printf " %s:steps=%d,ms=%.2f,rows=%.0f", x, c, 1000*v["device_seconds_sum " x]/c, v["rows_total " x]/c}; printf "\n"}' |
+				tee -a "$LOG/serve8b.txt"
 			# where the host time of a step went (mean ms per step, by phase)
 			sed -n 's/^peftd_step_host_seconds_\(sum\|count\){phase="\([a-z]*\)"} \(.*\)/\1 \2 \3/p' "$LOG/serve8b.metrics.txt" |
 				awk '{v[$1 " " $2]=$3} END {printf "SERVEHOST mean_ms"; n=split("plan prepare issue wait emit settle", ph, " "); for (i=1;i<=n;i++) {c=v["count " ph[i]]; printf " %s=%.3f", ph[i], (c>0 ? 1000*v["sum " ph[i]]/c : 0)}; printf "\n"}' |
@@ -848,7 +852,7 @@ fi
 	[[ -s "$LOG/skinnybench.txt" ]] && echo "bf16 product of 1-16 rows, gemm_skinny vs cuBLASLt (median us over graph replays):" && cut -c14- "$LOG/skinnybench.txt"
 	[[ -s "$LOG/fp8bench.txt" ]] && echo "FP8 product at the 8B projection shapes (median us over graph replays):" && cut -c15- "$LOG/fp8bench.txt"
 	[[ -f "$LOG/serve.result" ]] && cat "$LOG/serve.result" && grep -E 'tok|req|TTFT|thr' "$LOG/serve.bench.txt" | head -8
-	[[ -f "$LOG/serve8b.txt" ]] && grep -E "^(SERVEBENCH|GOBENCH|SERVESTEPS|SERVEHOST)" "$LOG/serve8b.txt" | cut -c1-320
+	[[ -f "$LOG/serve8b.txt" ]] && grep -E "^(SERVEBENCH|GOBENCH|SERVESTEPS|SERVEKINDS|SERVEHOST)" "$LOG/serve8b.txt" | cut -c1-320
 	[[ -s "$LOG/prefix8b.txt" ]] && echo "Prefix caching (8B shapes, 8 layers; 2000-token shared prefix, concurrency 32):" && grep -E '^(PREFIXBENCH|PREFIXGREEDY)' "$LOG/prefix8b.txt" | cut -c1-230
 	[[ -s "$LOG/nsys8b.txt" ]] && echo "Serving under nsys (8B shapes, concurrency 64):" && grep -E '^(SERVEBENCH|NSYS)' "$LOG/nsys8b.txt" | cut -c1-200
 	[[ -s "$LOG/quality.txt" ]] && echo "Quality (peftd eval, stories260K; full tables in quality.txt):" && grep -E '^(model|candidate)|  all ' "$LOG/quality.txt"
