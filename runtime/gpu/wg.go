@@ -10,9 +10,8 @@ import (
 // wgProduct launches wg_body's kernels (kernels/common.cuh): the product of
 // 17-128 activation rows on Hopper's warpgroup MMAs, stream-K (wgPerSM
 // blocks an SM, each streaming an equal share of the tiles' K stages),
-// with e4m3 operands and row
-// scales (fp8_wg_n* in the FP8 module) or bf16 ones (gemm_wg_n* in the
-// forward module). They are compiled only with PEFTD_WG
+// with e4m3 operands and row scales (fp8_wg_n* in the FP8 module) or bf16
+// ones (gemm_wg_n* in the forward module). They are compiled only with PEFTD_WG
 // (PEFTD_KERNEL_DEFINES) and load only on sm_90a; a test or benchmark asks
 // for them (fp8State.wgOn, kernelForce.bwg).
 //
