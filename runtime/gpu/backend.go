@@ -9,6 +9,7 @@ package gpu
 
 import (
 	"math"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -109,7 +110,17 @@ type Options struct {
 	// --chain-steps=false (serving +0.5-2.6% on an H200, docs/PERFORMANCE.md
 	// v0.21); the zero Options keep steps unchained.
 	ChainSteps bool
+	// FP8Wgmma (FP8 weights, sm_90a): the FP8 module is built with the
+	// wgmma products (PEFTD_WG) and wgAutoFits' products of 17-64 rows run
+	// on them (fp8_wg) instead of cuBLASLt. Off: an A/B until measured
+	// (docs/PERFORMANCE.md v0.30: 5% faster decode at 32 rows, and with
+	// adapters at 64, 2% slower base at 64 with every shape on them).
+	FP8Wgmma bool
 }
+
+// FP8Wgmma reports whether Options.FP8Wgmma took effect: FP8 weights, and
+// the wgmma products loaded (sm_90a).
+func (b *Backend) FP8Wgmma() bool { return b.f8 != nil && b.f8.wgAuto }
 
 // autoLoRASMs is the SMs a step of rows rows with adapters leaves to the
 // LoRA stream when Options.LoRASMs is 0. Measured on the H200 (132 SMs),
@@ -491,9 +502,14 @@ func (b *Backend) open(opts Options) error {
 	}
 	b.kv8 = kvFormat == KVFP8
 	if format == WeightsFP8 {
-		if b.f8, err = newFP8(b.ctx, b.s, b.mm, opts.Kernels); err != nil {
+		ko := opts.Kernels
+		if opts.FP8Wgmma && b.ctx.Device().Arch() == "sm_90a" && !kernels.Defined("PEFTD_WG") {
+			ko.Extra = append(slices.Clip(ko.Extra), "-DPEFTD_WG")
+		}
+		if b.f8, err = newFP8(b.ctx, b.s, b.mm, ko); err != nil {
 			return err
 		}
+		b.f8.wgAuto = opts.FP8Wgmma && b.f8.wg != nil
 	}
 	for _, f := range []struct {
 		p    **cuda.Function

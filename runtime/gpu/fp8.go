@@ -98,7 +98,11 @@ type fp8State struct {
 	// cuBLASLt.
 	wg   *wgProduct
 	wgOn bool
-	Info kernels.Info
+	// wgAuto (Options.FP8Wgmma) sends wgAutoFits' products to fp8_wg;
+	// shared is set by Backend.Linear while the LoRA stream runs beside
+	// the product (SMs held back from cuBLASLt)
+	wgAuto, shared bool
+	Info           kernels.Info
 
 	tmp        *cuda.DeviceBuffer // bf16 staging of a weight being quantized (freed at the first Linear)
 	actQ, actS *cuda.DeviceBuffer // quantized activation rows and their scales
@@ -287,10 +291,31 @@ func (f *fp8State) linear(out, x cuda.DevicePtr, T int, w *fp8Weight, gen uint64
 	if skinnyFits(T, w.rows, K, f.skinnyTop()) {
 		return f.skinnyLaunch(out, T, w)
 	}
+	if f.wgAuto && wgAutoFits(T, w.rows, K, f.shared) && f.wg.fits(T, w.rows, K) {
+		return f.wg.launch(f.s, out, f.actQ.Ptr(), f.actS.Ptr(), w.q.Ptr(), w.scale.Ptr(), T, w.rows, K)
+	}
 	if S := f.split(T, w.rows, K); S > 1 {
 		return f.splitLaunch(out, T, w, S)
 	}
 	return f.mm.GemmTNScaled(f.s, out, cuda.R16BF, f.actQ.Ptr(), f.actS.Ptr(), w.q.Ptr(), w.scale.Ptr(), T, w.rows, K)
+}
+
+// wgAutoFits reports whether Options.FP8Wgmma sends a T x N x K FP8
+// product to fp8_wg rather than cuBLASLt, by what v0.30 measured on an H200
+// (fp8bench at 17 / 32 / 64 rows, decode with every product on fp8_wg):
+// every shape at 17-32 rows (fp8_wg ties cuBLASLt on qkv, o and down and
+// beats it by 6-10 us on gate_up; decode at 32 rows 5% faster); at 33-64
+// rows the wide products (N >= 4 K: gate_up, 37.9 vs 43.9 us at 64 rows),
+// and every shape while the LoRA stream runs beside them (shared: decode
+// with four adapters at 64 rows 5.6% faster, base 2% slower).
+func wgAutoFits(T, N, K int, shared bool) bool {
+	switch {
+	case T <= gemvMaxRows || T > 64:
+		return false
+	case T <= 32:
+		return true
+	}
+	return shared || N >= 4*K
 }
 
 // gemvMaxRows is the most rows fp8_gemv takes: below it cuBLASLt pads the

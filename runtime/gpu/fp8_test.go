@@ -183,3 +183,25 @@ func TestWgShared(t *testing.T) {
 		}
 	}
 }
+
+// TestWgAutoFits: Options.FP8Wgmma's routing at the 8B projection shapes
+// (qkv 6144 x 4096, o 4096 x 4096, gate_up 28672 x 4096, down 4096 x 14336).
+func TestWgAutoFits(t *testing.T) {
+	qkv, o, gateUp, down := [2]int{6144, 4096}, [2]int{4096, 4096}, [2]int{28672, 4096}, [2]int{4096, 14336}
+	for _, c := range []struct {
+		T      int
+		shape  [2]int
+		shared bool
+		want   bool
+	}{
+		{16, gateUp, false, false}, {16, qkv, true, false}, // fp8_gemv and fp8_stream's rows
+		{17, qkv, false, true}, {32, o, false, true}, {32, down, false, true}, {24, gateUp, false, true},
+		{33, gateUp, false, true}, {64, gateUp, false, true}, {64, qkv, false, false}, {64, o, false, false}, {64, down, false, false},
+		{64, qkv, true, true}, {48, down, true, true},
+		{65, gateUp, false, false}, {65, gateUp, true, false}, {256, qkv, true, false},
+	} {
+		if got := wgAutoFits(c.T, c.shape[0], c.shape[1], c.shared); got != c.want {
+			t.Errorf("wgAutoFits(%d, %d, %d, shared %v) = %v, want %v", c.T, c.shape[0], c.shape[1], c.shared, got, c.want)
+		}
+	}
+}
