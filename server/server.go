@@ -496,7 +496,7 @@ func logGPU(log *slog.Logger, cfg Config, b *gpu.Backend) {
 		if b.FP8Wgmma() {
 			log.Info("FP8 products of 17-64 rows on the wgmma kernels (--fp8-wgmma)")
 		} else {
-			log.Warn("--fp8-wgmma has no effect: it needs --weights fp8 on an sm_90a GPU", "weights", cfg.Weights, "arch", d.Arch())
+			log.Warn("--fp8-wgmma has no effect: it needs --weights fp8 on an sm_90a GPU and its kernels (compiled at start-up: NVRTC)", "weights", cfg.Weights, "arch", d.Arch())
 		}
 	}
 }

@@ -502,12 +502,18 @@ func (b *Backend) open(opts Options) error {
 	}
 	b.kv8 = kvFormat == KVFP8
 	if format == WeightsFP8 {
-		ko := opts.Kernels
 		if opts.FP8Wgmma && b.ctx.Device().Arch() == "sm_90a" && !kernels.Defined("PEFTD_WG") {
+			ko := opts.Kernels
 			ko.Extra = append(slices.Clip(ko.Extra), "-DPEFTD_WG")
+			// that build is compiled here unless cached: where it cannot be
+			// (no NVRTC, only shipped cubins), the default module serves
+			// and FP8Wgmma reports the option had no effect
+			b.f8, _ = newFP8(b.ctx, b.s, b.mm, ko)
 		}
-		if b.f8, err = newFP8(b.ctx, b.s, b.mm, ko); err != nil {
-			return err
+		if b.f8 == nil {
+			if b.f8, err = newFP8(b.ctx, b.s, b.mm, opts.Kernels); err != nil {
+				return err
+			}
 		}
 		b.f8.wgAuto = opts.FP8Wgmma && b.f8.wg != nil
 	}
