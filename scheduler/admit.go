@@ -23,6 +23,10 @@ func (s *Scheduler) admit() {
 	for _, q := range s.running {
 		free -= s.e.BlocksFor(len(q.tokens)+1) - s.e.BlocksFor(q.fed) // pages running sequences still need soon
 	}
+	// A step has rows for at most MaxTokens sequences: admitting more would
+	// leave the ones past it without a row (stalled mid-stream) until
+	// earlier ones finish; they wait in their queue instead.
+	maxRunning := s.e.Options().MaxTokens
 	running := map[string]int{} // running sequences per adapter (drain candidates)
 	for _, q := range s.running {
 		running[q.req.Adapter]++
@@ -39,7 +43,7 @@ func (s *Scheduler) admit() {
 				q := s.queues[a][0]
 				cost := len(q.tokens)
 				need := s.e.BlocksFor(len(q.tokens) + 1)
-				if q.ctx.Err() == nil && (need > free || cost > s.deficit[a]) {
+				if q.ctx.Err() == nil && (need > free || cost > s.deficit[a] || len(s.running) >= maxRunning) {
 					break
 				}
 				if q.ctx.Err() == nil && q.lease == nil && a != "" && !s.leaseLocked(q, running) {

@@ -490,3 +490,42 @@ func TestCancelWhileNextIsPrepared(t *testing.T) {
 		t.Errorf("%d of %d pages free, %d requests pending", free, opts.KVBlocks, s.Pending())
 	}
 }
+
+// TestRunningBoundedByStepBudget: the scheduler admits no more sequences
+// than a step has rows, so every running sequence gets its decode row in
+// every step; requests beyond that wait in the queue (before, with KV
+// pages to spare, the sequences past the budget were admitted and then got
+// no row until earlier ones finished: a stall in the middle of a stream).
+func TestRunningBoundedByStepBudget(t *testing.T) {
+	const budget = 6
+	var over, starved atomic.Int64
+	s, f := setup(t, engine.Options{MaxTokens: budget, KVBlocks: 256, BlockSize: 16, AdapterSlots: 4}, Config{OnStep: func(st StepStats) {
+		if st.Running > budget {
+			over.Add(1)
+		}
+		if st.Rows > 0 && st.Decode+st.Prefill < min(st.Running, budget) && st.Rows < budget {
+			starved.Add(1) // a running sequence left out of a step with rows to spare
+		}
+	}})
+	var wg sync.WaitGroup
+	c := f.Cases[0]
+	for range 4 * budget {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			ch, err := s.Submit(context.Background(), Request{Adapter: c.AdapterName(), Prompt: c.Prompt, MaxTokens: c.Decode})
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			toks, end := collect(t, ch)
+			if end.Err != nil || !slices.Equal(toks, c.Greedy) {
+				t.Errorf("case %d: %v, tokens %v, want %v", c.ID, end.Err, toks, c.Greedy)
+			}
+		}()
+	}
+	wg.Wait()
+	if over.Load() > 0 || starved.Load() > 0 {
+		t.Errorf("steps with more running sequences than the budget (%d): %d; with a running sequence left out and rows to spare: %d", budget, over.Load(), starved.Load())
+	}
+}
