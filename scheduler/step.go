@@ -482,6 +482,11 @@ func (s *Scheduler) plan(st *StepStats, ahead bool) ([]engine.Input, []*seq) {
 			st.Decode++
 		}
 	}
+	if f := s.cfg.FillRows; f > 0 {
+		if used := s.e.Options().MaxTokens - budget; used < f {
+			budget = min(budget, f-used) // prompt chunks fill the step to FillRows
+		}
+	}
 	scoreBudget := scoreChunk // scored rows this step, all sequences together
 	for _, q := range s.running {
 		fed, drawn := q.view()

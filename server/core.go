@@ -31,6 +31,9 @@ type CoreConfig struct {
 	Slots int
 	// KVBlocks and MaxBatchTokens size the engine; 0: the engine defaults.
 	KVBlocks, MaxBatchTokens int
+	// FillRows is the scheduler's: the rows prompt chunks fill a step to
+	// while its decode rows leave room (0: MaxBatchTokens).
+	FillRows int
 	// MaxQueue bounds pending requests (0: the scheduler default).
 	MaxQueue int
 	// NoPrefixCache turns off the reuse of KV pages across requests that
@@ -106,7 +109,7 @@ func NewCore(ctx context.Context, cc CoreConfig) (*Core, error) {
 	}
 	res := &residency{}
 	sched := scheduler.New(e, res, scheduler.Config{MaxQueue: cc.MaxQueue, Logger: log, OnStep: met.OnStep, PrefixCache: !cc.NoPrefixCache,
-		OnPanic: func() { met.Panic("engine") }, IdleWarm: cc.IdleWarm})
+		OnPanic: func() { met.Panic("engine") }, IdleWarm: cc.IdleWarm, FillRows: cc.FillRows})
 	col := metrics.NewLoader()
 	mgr, err := loader.New(ctx, loader.Options{Store: cc.Store, Device: sched, Base: cc.Model.Config, Slots: cc.Slots,
 		CacheDir: cc.CacheDir, MaxAdapterBytes: adapterBound(cc), HostBytes: max(cc.HostBytes, 0), DiskBytes: max(cc.DiskBytes, 0), DeviceTTL: cc.DeviceTTL, HostTTL: cc.HostTTL,

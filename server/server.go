@@ -162,7 +162,8 @@ type Config struct {
 	// Slots are the device adapter slots (default 4).
 	Slots int
 	// KVBlocks and MaxBatchTokens size the engine (0: its defaults; on a
-	// GPU, MaxBatchTokens 0 is the largest recorded step, GraphRows').
+	// GPU, MaxBatchTokens 0 also has prompt chunks fill a step only to the
+	// largest recorded one, GraphRows', while its decode rows leave room).
 	KVBlocks, MaxBatchTokens int
 	// MaxQueue bounds pending requests; more get 429 (default 256).
 	MaxQueue int
@@ -357,10 +358,12 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 	}
 	met := metrics.New(cfg.Slots)
 	kvBlocks := cfg.KVBlocks
+	fillRows := 0
 	if dev == DeviceCUDA && cfg.MaxBatchTokens == 0 && !cfg.Eager {
-		// steps no larger than the recorded ones: each replays a graph and
-		// chains behind the step in flight (gpu.RecordedRows)
-		cfg.MaxBatchTokens = gpu.RecordedRows(cfg.GraphRows)
+		// prompt chunks fill a step to the largest recording, not past it,
+		// so that each step of a moderate load replays a graph and chains
+		// behind the step in flight (gpu.RecordedRows)
+		fillRows = gpu.RecordedRows(cfg.GraphRows)
 	}
 	if dev == DeviceCUDA {
 		if s.mon = gpuMonitor(log); s.mon != nil {
@@ -375,7 +378,7 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 	hostBytes, diskBytes := cacheBounds(cfg, m, dev, kvBlocks, cacheDir, log)
 	s.backend = nil // NewCore owns it from here, and closes it if it fails
 	core, err := NewCore(ctx, CoreConfig{Model: m, Backend: be, Store: st, Slots: cfg.Slots, KVBlocks: kvBlocks, NoPrefixCache: cfg.NoPrefixCache,
-		IdleWarm:       cfg.WarmGraphs == WarmIdle,
+		IdleWarm: cfg.WarmGraphs == WarmIdle, FillRows: fillRows,
 		MaxBatchTokens: cfg.MaxBatchTokens, MaxQueue: cfg.MaxQueue, CacheDir: cacheDir, MaxAdapterBytes: cfg.MaxUpload,
 		HostBytes: hostBytes, DiskBytes: diskBytes,
 		DeviceTTL: cfg.DeviceTTL, HostTTL: cfg.HostTTL, RecheckInterval: cfg.RecheckInterval,
@@ -386,7 +389,7 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 	s.core = core
 	opts := core.Engine.Options()
 	log.Info("engine", "backend", dev, "slots", opts.AdapterSlots, "kv_blocks", opts.KVBlocks, "block_size", opts.BlockSize,
-		"max_batch_tokens", opts.MaxTokens, "max_context", opts.MaxContext)
+		"max_batch_tokens", opts.MaxTokens, "prompt_fill_rows", fillRows, "max_context", opts.MaxContext)
 	if g, ok := core.Engine.Backend().(*gpu.Backend); ok {
 		met.Registry.MustRegister(metrics.NewUploads(func() metrics.UploadCounts {
 			st := g.PinnedStats()

@@ -66,11 +66,12 @@ func graphRowsFor(maxT, limit int) int {
 
 // RecordedRows is the largest step, in rows, recorded as a CUDA graph
 // when Options.GraphRows is graphRows (0: 256) and the engine allows any
-// step size. The server bounds a step's rows by it when no
-// --max-batch-tokens is given, so that every serving step replays a
-// recording and chains behind the one in flight: v0.30 measured serve8b
-// +7% tokens/s (base) and +3.5% (four adapters) against 512-row steps,
-// where about a quarter of the steps carried 257-512 rows and ran op by op.
+// step size. When no --max-batch-tokens is given the server has prompt
+// chunks fill a step only to it (scheduler.Config.FillRows), so that the
+// steps of a moderate load replay a recording and chain behind the one in
+// flight: v0.30 measured serve8b +4-9% tokens/s with 256-row steps against
+// 512-row ones, where about a quarter of the steps carried 257-512 rows and
+// ran op by op.
 func RecordedRows(graphRows int) int { return graphRowsFor(math.MaxInt, graphRows) }
 
 // minRankClass is the smallest LoRA rank class a recording is made for:
