@@ -504,24 +504,7 @@ func TestRunningBoundedByStepBudget(t *testing.T) {
 			over.Add(1)
 		}
 	}})
-	var wg sync.WaitGroup
-	c := f.Cases[0]
-	for range 4 * budget {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			ch, err := s.Submit(context.Background(), Request{Adapter: c.AdapterName(), Prompt: c.Prompt, MaxTokens: c.Decode})
-			if err != nil {
-				t.Error(err)
-				return
-			}
-			toks, end := collect(t, ch)
-			if end.Err != nil || !slices.Equal(toks, c.Greedy) {
-				t.Errorf("case %d: %v, tokens %v, want %v", c.ID, end.Err, toks, c.Greedy)
-			}
-		}()
-	}
-	wg.Wait()
+	runCases(t, s, slices.Repeat([]fixture.Case{f.Cases[0]}, 4*budget))
 	if over.Load() > 0 {
 		t.Errorf("steps with more running sequences than the budget (%d): %d", budget, over.Load())
 	}
@@ -543,41 +526,47 @@ func TestFillRows(t *testing.T) {
 		}
 	}})
 	// one-token prompts go straight to decoding (they pile up past
-	// FillRows); the 48-token ones are chunked. All are submitted before
-	// any is read, so that they meet in the steps on one CPU too.
-	const requests = 24
-	type sub struct {
-		c  fixture.Case
-		ch <-chan Event
-	}
-	var subs []sub
-	for i := range requests {
+	// FillRows); the 48-token ones are chunked
+	var cases []fixture.Case
+	for i := range 24 {
 		c := f.Cases[6]
 		if i%6 == 0 {
 			c = f.Cases[4]
 		}
-		ch, err := s.Submit(context.Background(), Request{Adapter: c.AdapterName(), Prompt: c.Prompt, MaxTokens: c.Decode})
-		if err != nil {
-			t.Fatal(err)
-		}
-		subs = append(subs, sub{c, ch})
+		cases = append(cases, c)
 	}
-	var wg sync.WaitGroup
-	for _, r := range subs {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			toks, end := collect(t, r.ch)
-			if end.Err != nil || !slices.Equal(toks, r.c.Greedy) {
-				t.Errorf("case %d: %v, tokens %v, want %v", r.c.ID, end.Err, toks, r.c.Greedy)
-			}
-		}()
-	}
-	wg.Wait()
+	runCases(t, s, cases)
 	if overfilled.Load() > 0 {
 		t.Errorf("%d steps filled past FillRows (%d) with prompt chunks while their decode rows left room", overfilled.Load(), fill)
 	}
 	if maxDecode.Load() <= fill {
-		t.Errorf("at most %d decode rows a step with %d requests: decode rows should pass FillRows (%d)", maxDecode.Load(), requests, fill)
+		t.Errorf("at most %d decode rows a step with %d requests: decode rows should pass FillRows (%d)", maxDecode.Load(), len(cases), fill)
 	}
+}
+
+// runCases submits every case before it reads any (so that they meet in
+// the steps even on one CPU), then reads them all at once: each must end
+// by length with the reference's greedy tokens.
+func runCases(t *testing.T, s *Scheduler, cases []fixture.Case) {
+	t.Helper()
+	chs := make([]<-chan Event, len(cases))
+	for i, c := range cases {
+		ch, err := s.Submit(context.Background(), Request{Adapter: c.AdapterName(), Prompt: c.Prompt, MaxTokens: c.Decode})
+		if err != nil {
+			t.Fatal(err)
+		}
+		chs[i] = ch
+	}
+	var wg sync.WaitGroup
+	for i, c := range cases {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			toks, end := collect(t, chs[i])
+			if end.Err != nil || end.FinishReason != engine.FinishLength || !slices.Equal(toks, c.Greedy) {
+				t.Errorf("case %d (%s): %v %q, tokens %v, want %v", c.ID, c.AdapterName(), end.Err, end.FinishReason, toks, c.Greedy)
+			}
+		}()
+	}
+	wg.Wait()
 }
