@@ -418,10 +418,6 @@ extern "C" __global__ void ring(int* out) {
 }
 `
 
-// TestGPUClusterLaunch: LaunchCluster groups the grid's blocks in clusters
-// whose blocks read each other's shared memory (sm_90 and later), with and
-// without programmatic launch after another kernel; a grid the clusters do
-// not divide is refused.
 // testKernel compiles src for c's device, loads it as a module (as a
 // context-independent library with lib) that is unloaded when the test
 // ends, and returns its kernel name.
@@ -447,6 +443,10 @@ func testKernel(t *testing.T, c *Context, src, name string, lib ...bool) *Functi
 	return f
 }
 
+// TestGPUClusterLaunch: LaunchCluster groups the grid's blocks in clusters
+// whose blocks read each other's shared memory (sm_90 and later), with and
+// without programmatic launch after another kernel; a grid the clusters do
+// not divide is refused.
 func TestGPUClusterLaunch(t *testing.T) {
 	c := ctx(t)
 	if c.Device().Major < 9 {

@@ -75,6 +75,17 @@ var skinnyVariants = [...]struct {
 	name string
 }{{32, "fp8_gemm_skinny_n32"}, {64, "fp8_gemm_skinny_n64"}, {128, "fp8_gemm_skinny_n128"}}
 
+// skinnyVariantFor is the smallest variant that stages T rows (the largest
+// where none does): the one a launch of T rows takes.
+func skinnyVariantFor(T int) int {
+	for i, v := range skinnyVariants {
+		if T <= v.rows {
+			return i
+		}
+	}
+	return len(skinnyVariants) - 1
+}
+
 // skinnySplit is how many blocks split K for each 64-row weight tile of an
 // [N, K] weight on a GPU of sms SMs holding perSM blocks each (2 for the
 // 32- and 64-row variants, 1 for n128's 147 KB): enough for one wave (o and
@@ -130,10 +141,7 @@ func (f *fp8State) skinnyLaunch(out cuda.DevicePtr, T int, w *fp8Weight) error {
 	if err := f.reserveSkinny(); err != nil {
 		return err
 	}
-	i := 0
-	for skinnyVariants[i].rows < T {
-		i++
-	}
+	i := skinnyVariantFor(T)
 	if f.wgOn && f.wg.fits(T, w.rows, w.cols) {
 		return f.wg.launch(f.s, out, f.actQ.Ptr(), f.actS.Ptr(), w.q.Ptr(), w.scale.Ptr(), T, w.rows, w.cols)
 	}

@@ -28,10 +28,7 @@ func TestSkinnyTilingEmulated(t *testing.T) {
 		{65, 128, 64 * 7, 8}, {128, 64, 64 * 10, 16}, {100, 192, 64 * 3, 2},
 	} {
 		M, N, K := c.M, c.N, c.K
-		v := 0
-		for skinnyVariants[v].rows < M { // the launch's choice
-			v++
-		}
+		v := skinnyVariantFor(M) // the launch's choice
 		NT := skinnyVariants[v].rows / 8
 		TR := 8 * NT
 		WB := skRows * skLD

@@ -181,12 +181,7 @@ func (g *wgProduct) rows(T int) int {
 	if i := g.variant(T); i >= 0 {
 		return skinnyVariants[i].rows
 	}
-	for _, v := range skinnyVariants {
-		if T <= v.rows {
-			return v.rows
-		}
-	}
-	return skinnyVariants[len(skinnyVariants)-1].rows
+	return skinnyVariants[skinnyVariantFor(T)].rows
 }
 
 // fits reports whether it computes a T x N x K product: more rows than the
@@ -201,19 +196,12 @@ func (g *wgProduct) fits(T, N, K int) bool {
 	return N%bm == 0 && N/bm <= wgMaxTiles
 }
 
-// units is an [N, K] weight's tiles (64 rows a warpgroup) and each tile's
-// stages (wgAtoms 128-byte atoms of each row for the variant of tr staged
-// rows; the last one zero-filled past K).
-func (g *wgProduct) units(tr, N, K int) (tiles, spt int) {
-	ka := wgAtoms(tr, g.wgs())
-	return N / (skinnyRows * g.wgs()), (K*g.esize + ka*wgRowBytes - 1) / (ka * wgRowBytes)
-}
-
 // grid is the blocks of a T x N x K product: wgPerSM an SM, no more than
-// its stage units.
+// its stage units (tiles of 64 weight rows a warpgroup, each row's K in
+// stages of the variant's wgAtoms 128-byte atoms, the last zero-filled).
 func (g *wgProduct) grid(T, N, K int) int {
-	tiles, spt := g.units(g.rows(T), N, K)
-	units := tiles * spt
+	ka := wgAtoms(g.rows(T), g.wgs())
+	units := N / (skinnyRows * g.wgs()) * ((K*g.esize + ka*wgRowBytes - 1) / (ka * wgRowBytes))
 	G := wgPerSM * g.sms
 	if g.forceG > 0 {
 		G = min(G, g.forceG)
@@ -236,6 +224,6 @@ func (g *wgProduct) launch(s *cuda.Stream, out, x, sx, w, sw cuda.DevicePtr, T, 
 	}
 	args = append(args, T, N, K)
 	wgs := g.wgs()
-	block, shared := cuda.Dim3{X: skinnyThreads * wgs}, wgShared(skinnyVariants[i].rows, wgs)
-	return g.set()[i].Launch(s, cuda.Dim3{X: g.grid(T, N, K)}, block, shared, args...)
+	return g.set()[i].Launch(s, cuda.Dim3{X: g.grid(T, N, K)}, cuda.Dim3{X: skinnyThreads * wgs},
+		wgShared(skinnyVariants[i].rows, wgs), args...)
 }

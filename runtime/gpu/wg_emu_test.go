@@ -55,10 +55,7 @@ func wgEmulateAll(t *testing.T, inflight int) {
 // block and inflight (WG_INFLIGHT) wgmma groups left running.
 func wgEmulate(t *testing.T, wgs, M, N, K, sms, inflight int) {
 	const rb = wgRowBytes
-	v := 0
-	for skinnyVariants[v].rows < M {
-		v++
-	}
+	v := skinnyVariantFor(M)
 	NT := skinnyVariants[v].rows / 8
 	TR := 8 * NT
 	BM := wgs * skinnyRows // weight rows a tile
