@@ -6,29 +6,38 @@ import (
 
 	"github.com/peftd/peftd/loader"
 	"github.com/peftd/peftd/scheduler"
+	dto "github.com/prometheus/client_model/go"
 )
 
 // values gathers the registry: metric family name -> the sum of its samples.
 func values(t *testing.T, m *Metrics) map[string]float64 {
 	t.Helper()
+	out := map[string]float64{}
+	each(t, m, func(name string, x *dto.Metric) {
+		switch {
+		case x.Counter != nil:
+			out[name] += x.GetCounter().GetValue()
+		case x.Gauge != nil:
+			out[name] += x.GetGauge().GetValue()
+		case x.Histogram != nil:
+			out[name] += float64(x.GetHistogram().GetSampleCount())
+		}
+	})
+	return out
+}
+
+// each calls fn with every metric m's registry gathers and its family's name.
+func each(t *testing.T, m *Metrics, fn func(name string, x *dto.Metric)) {
+	t.Helper()
 	fams, err := m.Registry.Gather()
 	if err != nil {
 		t.Fatal(err)
 	}
-	out := map[string]float64{}
 	for _, f := range fams {
 		for _, x := range f.GetMetric() {
-			switch {
-			case x.Counter != nil:
-				out[f.GetName()] += x.GetCounter().GetValue()
-			case x.Gauge != nil:
-				out[f.GetName()] += x.GetGauge().GetValue()
-			case x.Histogram != nil:
-				out[f.GetName()] += float64(x.GetHistogram().GetSampleCount())
-			}
+			fn(f.GetName(), x)
 		}
 	}
-	return out
 }
 
 func TestRequestAndStepMetrics(t *testing.T) {
@@ -182,26 +191,19 @@ func TestStepKinds(t *testing.T) {
 	} {
 		m.OnStep(s)
 	}
-	fams, err := m.Registry.Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
 	got := map[string]float64{}
-	for _, f := range fams {
-		for _, x := range f.GetMetric() {
-			key := f.GetName()
-			for _, l := range x.GetLabel() {
-				key += " " + l.GetName() + "=" + l.GetValue()
-			}
-			switch {
-			case x.Counter != nil:
-				got[key] = x.GetCounter().GetValue()
-			case x.Histogram != nil:
-				got[key+" count"] = float64(x.GetHistogram().GetSampleCount())
-				got[key+" sum_ms"] = x.GetHistogram().GetSampleSum() * 1000
-			}
+	each(t, m, func(key string, x *dto.Metric) {
+		for _, l := range x.GetLabel() {
+			key += " " + l.GetName() + "=" + l.GetValue()
 		}
-	}
+		switch {
+		case x.Counter != nil:
+			got[key] = x.GetCounter().GetValue()
+		case x.Histogram != nil:
+			got[key+" count"] = float64(x.GetHistogram().GetSampleCount())
+			got[key+" sum_ms"] = x.GetHistogram().GetSampleSum() * 1000
+		}
+	})
 	const dev, rows = "peftd_step_kind_device_seconds", "peftd_step_kind_rows_total"
 	for k, want := range map[string]float64{
 		dev + " kind=decode lora=no count": 1, dev + " kind=decode lora=no sum_ms": 6,
