@@ -130,9 +130,9 @@ type Config struct {
 	// stream, and the SMs the GEMMs leave to the LoRA stream.
 	SerialLoRA bool
 	LoRASMs    int
-	// FP8Wgmma is gpu.Options': FP8 products of 17-64 rows on the wgmma
-	// kernels (sm_90a).
-	FP8Wgmma bool
+	// NoFP8Wgmma is gpu.Options': every FP8 product of 17-64 rows on
+	// cuBLASLt, none on the wgmma kernels (sm_90a).
+	NoFP8Wgmma bool
 	// LoRAPartition is gpu.Options': SMs split by green contexts, this
 	// many for the LoRA stream (0: none).
 	LoRAPartition int
@@ -483,7 +483,7 @@ func newGPU(cfg Config) (*gpu.Backend, error) {
 	// starts read the cubin.
 	// --warm-graphs idle: the scheduler records the graphs while idle, and
 	// a request's step never waits for a recording (it runs eagerly)
-	return gpu.New(gpu.Options{Device: cfg.GPU, WeightFormat: cfg.Weights, KVFormat: cfg.KVCache, Eager: cfg.Eager, SerialLoRA: cfg.SerialLoRA, LoRASMs: cfg.LoRASMs, LoRAPartition: cfg.LoRAPartition, FP8Wgmma: cfg.FP8Wgmma, GraphRows: cfg.GraphRows, NoPDL: cfg.NoPDL, TuneGEMMs: cfg.TuneGEMMs, ChainSteps: cfg.ChainSteps,
+	return gpu.New(gpu.Options{Device: cfg.GPU, WeightFormat: cfg.Weights, KVFormat: cfg.KVCache, Eager: cfg.Eager, SerialLoRA: cfg.SerialLoRA, LoRASMs: cfg.LoRASMs, LoRAPartition: cfg.LoRAPartition, NoFP8Wgmma: cfg.NoFP8Wgmma, GraphRows: cfg.GraphRows, NoPDL: cfg.NoPDL, TuneGEMMs: cfg.TuneGEMMs, ChainSteps: cfg.ChainSteps,
 		RecordIdle: cfg.WarmGraphs == WarmIdle, PinnedImageBytes: cfg.PinnedCacheBytes})
 }
 
@@ -495,12 +495,11 @@ func logGPU(log *slog.Logger, cfg Config, b *gpu.Backend) {
 	if base, lora, ok := b.Partition(); ok {
 		log.Info("SM partition (green contexts)", "base_model_sms", base, "lora_sms", lora)
 	}
-	if cfg.FP8Wgmma {
-		if b.FP8Wgmma() {
-			log.Info("FP8 products of 17-64 rows on the wgmma kernels (--fp8-wgmma)")
-		} else {
-			log.Warn("--fp8-wgmma has no effect: it needs --weights fp8 on an sm_90a GPU and its kernels (compiled at start-up: NVRTC)", "weights", cfg.Weights, "arch", d.Arch())
-		}
+	switch {
+	case b.FP8Wgmma():
+		log.Info("FP8 products of 17-64 rows on the wgmma kernels (--fp8-wgmma=false: cuBLASLt)")
+	case cfg.Weights == gpu.WeightsFP8 && !cfg.NoFP8Wgmma:
+		log.Info("FP8 products of 17-64 rows on cuBLASLt: the wgmma kernels need an sm_90a GPU and NVRTC at start-up", "arch", d.Arch())
 	}
 }
 

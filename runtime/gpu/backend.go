@@ -110,16 +110,18 @@ type Options struct {
 	// --chain-steps=false (serving +0.5-2.6% on an H200, docs/PERFORMANCE.md
 	// v0.21); the zero Options keep steps unchained.
 	ChainSteps bool
-	// FP8Wgmma (FP8 weights, sm_90a): the FP8 module is built with the
-	// wgmma products (PEFTD_WG) and wgAutoFits' products of 17-64 rows run
-	// on them (fp8_wg) instead of cuBLASLt. Off: an A/B until measured
-	// (docs/PERFORMANCE.md v0.30: 5% faster decode at 32 rows, and with
-	// adapters at 64, 2% slower base at 64 with every shape on them).
-	FP8Wgmma bool
+	// NoFP8Wgmma keeps every FP8 product of 17-64 rows on cuBLASLt. By
+	// default (FP8 weights on sm_90a) the FP8 module is built with the
+	// wgmma products (PEFTD_WG: the module's other kernels compile to the
+	// same SASS) and wgAutoFits' products run on them (fp8_wg):
+	// docs/PERFORMANCE.md v0.31, decode -4.6% at 32 rows, -4.9% with four
+	// adapters at 64, serving with adapters +1.2%.
+	NoFP8Wgmma bool
 }
 
-// FP8Wgmma reports whether Options.FP8Wgmma took effect: FP8 weights, and
-// the wgmma products loaded (sm_90a).
+// FP8Wgmma reports whether FP8 products of 17-64 rows run on the wgmma
+// kernels: FP8 weights, the wgmma products loaded (sm_90a) and
+// Options.NoFP8Wgmma unset.
 func (b *Backend) FP8Wgmma() bool { return b.f8 != nil && b.f8.wgAuto }
 
 // autoLoRASMs is the SMs a step of rows rows with adapters leaves to the
@@ -502,12 +504,12 @@ func (b *Backend) open(opts Options) error {
 	}
 	b.kv8 = kvFormat == KVFP8
 	if format == WeightsFP8 {
-		if opts.FP8Wgmma && b.ctx.Device().Arch() == "sm_90a" && !kernels.Defined("PEFTD_WG") {
+		if !opts.NoFP8Wgmma && b.ctx.Device().Arch() == "sm_90a" && !kernels.Defined("PEFTD_WG") {
 			ko := opts.Kernels
 			ko.Extra = append(slices.Clip(ko.Extra), "-DPEFTD_WG")
 			// that build is compiled here unless cached: where it cannot be
 			// (no NVRTC, only shipped cubins), the default module serves
-			// and FP8Wgmma reports the option had no effect
+			// and FP8Wgmma reports false
 			b.f8, _ = newFP8(b.ctx, b.s, b.mm, ko)
 		}
 		if b.f8 == nil {
@@ -515,7 +517,8 @@ func (b *Backend) open(opts Options) error {
 				return err
 			}
 		}
-		b.f8.wgAuto = opts.FP8Wgmma && b.f8.wg != nil
+		b.f8.wgAuto = !opts.NoFP8Wgmma && b.f8.wg != nil
+		b.f8.wgAutoDefault = b.f8.wgAuto
 	}
 	for _, f := range []struct {
 		p    **cuda.Function

@@ -375,7 +375,7 @@ type decodeVariant struct {
 	dv                           int  // attn_decode's variant whatever the rows: 1 + a decVariant (kernelForce.decVar; 0: decVariantFor's)
 	fs, gv                       bool // FP8 weights: fp8_stream for every 1-16 rows (fp8State.streamOn; the default from fp8StreamMinRows), or for none (streamOff)
 	wg                           bool // FP8 weights: fp8_wg (wgmma; PEFTD_WG) for 17-128 rows (fp8State.wgOn)
-	wga                          bool // FP8 weights: Options.FP8Wgmma's routing, wgAutoFits' products on fp8_wg (fp8State.wgAuto; PEFTD_WG)
+	nowga                        bool // FP8 weights: Options.NoFP8Wgmma, every product of 17-64 rows on cuBLASLt (the default routes wgAutoFits' to fp8_wg: fp8State.wgAuto)
 	bwg                          bool // bf16 weights: gemm_wg (wgmma; PEFTD_WG) for 17-128 rows (kernelForce.bwg)
 	two                          bool // with wg or bwg: two warpgroups a block (fp8_wg2, gemm_wg2: wgProduct.two)
 	part                         int  // SMs for the LoRA stream in a green-context split (partition.go; PEFTD_LORA_PARTITION lists them; 0: none)
@@ -407,7 +407,7 @@ func (v decodeVariant) label(ads []*lora.Adapter, pdlOK bool) string {
 		on   bool
 		name string
 	}{{v.eager, "eager"}, {v.serial, "serial"}, {v.nopdl && pdlOK, "nopdl"}, {v.ropeHeads, "ropeheads"}, {v.lt, "lt"}, {v.skLate, "late"},
-		{v.fs, "fs"}, {v.gv, "gv"}, {v.wg && !v.two, "wg"}, {v.wg && v.two, "wg2"}, {v.wga, "wga"}, {v.bwg && !v.two, "bwg"}, {v.bwg && v.two, "bwg2"}, {v.tuned, "tuned"}} {
+		{v.fs, "fs"}, {v.gv, "gv"}, {v.wg && !v.two, "wg"}, {v.wg && v.two, "wg2"}, {v.nowga, "nowga"}, {v.bwg && !v.two, "bwg"}, {v.bwg && v.two, "bwg2"}, {v.tuned, "tuned"}} {
 		if f.on {
 			lbl += "+" + f.name
 		}
@@ -574,7 +574,7 @@ func TestDecodeBench(t *testing.T) {
 		{sampled: true, sms: -1}, {eager: true, sms: -1}, {lora: true, eager: true, sms: -1},
 		{lora: true, serial: true, sms: -1}, {lora: true, sms: 0}, {lora: true, sms: 16}, {lora: true, sms: 32},
 		{sms: -1, wg: true}, {lora: true, sms: -1, wg: true}, {sms: -1, bwg: true}, {lora: true, sms: -1, bwg: true},
-		{sms: -1, wga: true}, {lora: true, sms: -1, wga: true},
+		{sms: -1, nowga: true}, {lora: true, sms: -1, nowga: true},
 		{sms: -1, wg: true, two: true}, {lora: true, sms: -1, wg: true, two: true}, {sms: -1, bwg: true, two: true}, {lora: true, sms: -1, bwg: true, two: true},
 	}
 	// PEFTD_LORA_PARTITION=16,32: rows +part16, +part32 with the SMs split by
@@ -627,18 +627,18 @@ func TestDecodeBench(t *testing.T) {
 		B, v := rn.B, rn.v
 		withLoRA, sampled := v.lora, v.sampled
 		gb.g.off = v.eager
-		if withLoRA && len(ads) == 0 || v.nopdl && !pdlOK || v.split > 0 && B > 64 || (v.fs || v.gv) && (gb.f8 == nil || gb.f8.stream == nil) || (v.wg || v.wga) && (gb.f8 == nil || gb.f8.wg == nil) || v.bwg && (gb.f8 != nil || gb.wg == nil) {
+		if withLoRA && len(ads) == 0 || v.nopdl && !pdlOK || v.split > 0 && B > 64 || (v.fs || v.gv) && (gb.f8 == nil || gb.f8.stream == nil) || (v.wg || v.nowga) && (gb.f8 == nil || gb.f8.wg == nil) || v.bwg && (gb.f8 != nil || gb.wg == nil) {
 			continue
 		}
 		retune := v.tuned && !gb.tune.done
-		if wantPDL := pdlOK && !v.nopdl; retune || partOf(gb) != v.part || gb.la.on == v.serial || gb.la.sms != v.sms || gb.s.ProgrammaticLaunch() != wantPDL || gb.force.decSplit != v.split || gb.force.ropeHeads != v.ropeHeads || gb.force.decOpts != v.opts || gb.force.noSkinny != v.lt || gb.force.skLate != v.skLate || gb.force.decVar != v.dv || gb.force.bwg != v.bwg || gb.wg != nil && gb.wg.two != v.two || gb.f8 != nil && gb.f8.wg != nil && gb.f8.wg.two != v.two || gb.f8 != nil && (gb.f8.streamOn != v.fs || gb.f8.streamOff != v.gv || gb.f8.wgOn != v.wg || gb.f8.wgAuto != v.wga) { // recordings bake the LoRA and launch modes, the kernels and the GEMM algorithms in
+		if wantPDL := pdlOK && !v.nopdl; retune || partOf(gb) != v.part || gb.la.on == v.serial || gb.la.sms != v.sms || gb.s.ProgrammaticLaunch() != wantPDL || gb.force.decSplit != v.split || gb.force.ropeHeads != v.ropeHeads || gb.force.decOpts != v.opts || gb.force.noSkinny != v.lt || gb.force.skLate != v.skLate || gb.force.decVar != v.dv || gb.force.bwg != v.bwg || gb.wg != nil && gb.wg.two != v.two || gb.f8 != nil && gb.f8.wg != nil && gb.f8.wg.two != v.two || gb.f8 != nil && (gb.f8.streamOn != v.fs || gb.f8.streamOff != v.gv || gb.f8.wgOn != v.wg || gb.f8.wgAuto != (gb.f8.wgAutoDefault && !v.nowga)) { // recordings bake the LoRA and launch modes, the kernels and the GEMM algorithms in
 			gb.la.on, gb.la.sms, gb.force.decSplit, gb.force.ropeHeads, gb.force.decOpts = !v.serial, v.sms, v.split, v.ropeHeads, v.opts
 			gb.force.noSkinny, gb.force.skLate, gb.force.decVar, gb.force.bwg = v.lt, v.skLate, v.dv, v.bwg
 			if gb.wg != nil {
 				gb.wg.two = v.two
 			}
 			if gb.f8 != nil {
-				gb.f8.streamOn, gb.f8.streamOff, gb.f8.wgOn, gb.f8.wgAuto = v.fs, v.gv, v.wg, v.wga
+				gb.f8.streamOn, gb.f8.streamOff, gb.f8.wgOn, gb.f8.wgAuto = v.fs, v.gv, v.wg, gb.f8.wgAutoDefault && !v.nowga
 				if gb.f8.wg != nil {
 					gb.f8.wg.two = v.two
 				}
@@ -733,7 +733,7 @@ func TestDecodeBench(t *testing.T) {
 		gb.wg.two = false
 	}
 	if gb.f8 != nil {
-		gb.f8.streamOn, gb.f8.streamOff, gb.f8.wgOn, gb.f8.wgAuto = false, false, false, false
+		gb.f8.streamOn, gb.f8.streamOff, gb.f8.wgOn, gb.f8.wgAuto = false, false, false, gb.f8.wgAutoDefault
 		if gb.f8.wg != nil {
 			gb.f8.wg.two = false
 		}

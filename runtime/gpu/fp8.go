@@ -98,10 +98,11 @@ type fp8State struct {
 	// cuBLASLt.
 	wg   *wgProduct
 	wgOn bool
-	// wgAuto (Options.FP8Wgmma) sends wgAutoFits' products to fp8_wg;
+	// wgAuto (unless Options.NoFP8Wgmma) sends wgAutoFits' products to
+	// fp8_wg (wgAutoDefault: as New set it, for benchmarks that switch it);
 	// shared is set by Backend.Linear while the LoRA stream runs beside
 	// the product (SMs held back from cuBLASLt)
-	wgAuto, shared bool
+	wgAuto, wgAutoDefault, shared bool
 	Info           kernels.Info
 
 	tmp        *cuda.DeviceBuffer // bf16 staging of a weight being quantized (freed at the first Linear)
@@ -300,8 +301,9 @@ func (f *fp8State) linear(out, x cuda.DevicePtr, T int, w *fp8Weight, gen uint64
 	return f.mm.GemmTNScaled(f.s, out, cuda.R16BF, f.actQ.Ptr(), f.actS.Ptr(), w.q.Ptr(), w.scale.Ptr(), T, w.rows, K)
 }
 
-// wgAutoFits reports whether Options.FP8Wgmma sends a T x N x K FP8
-// product to fp8_wg rather than cuBLASLt, by what v0.30 measured on an H200
+// wgAutoFits reports whether the default routing (Options.NoFP8Wgmma
+// unset) sends a T x N x K FP8 product to fp8_wg rather than cuBLASLt, by
+// what v0.30 measured on an H200
 // (fp8bench at 17 / 32 / 64 rows, decode with every product on fp8_wg):
 // every shape at 17-32 rows (fp8_wg ties cuBLASLt on qkv, o and down and
 // beats it by 6-10 us on gate_up; decode at 32 rows 5% faster); at 33-64

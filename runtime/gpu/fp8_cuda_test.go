@@ -1084,8 +1084,9 @@ func wgSweep(t *testing.T, g *wgProduct, T, N, K int, timed func() float64, on f
 	return res
 }
 
-// TestFP8WgmmaOption: Options.FP8Wgmma builds the FP8 module with the
-// wgmma products on an sm_90a GPU, where it takes effect, and nowhere else
+// TestFP8WgmmaOption: by default the FP8 module is built with the wgmma
+// products on an sm_90a GPU, where they take effect, and nowhere else;
+// Options.NoFP8Wgmma keeps them off
 // (TestFP8Wgmma checks those products against fp8_gemm_skinny and a
 // float64 reference; TestWgAutoFits the rows and shapes routed to them).
 func TestFP8WgmmaOption(t *testing.T) {
@@ -1093,19 +1094,21 @@ func TestFP8WgmmaOption(t *testing.T) {
 		t.Skipf("no GPU: %v", err)
 	}
 	for _, wf := range []string{WeightsFP8, WeightsBF16} {
-		b, err := New(Options{WeightFormat: wf, FP8Wgmma: true})
-		if err != nil {
-			t.Fatal(err)
-		}
-		want := wf == WeightsFP8 && b.ctx.Device().Arch() == "sm_90a"
-		if b.FP8Wgmma() != want {
-			t.Errorf("%s weights on %s: FP8Wgmma() = %v, want %v", wf, b.ctx.Device().Arch(), b.FP8Wgmma(), want)
-		}
-		if want && b.f8.wg.variant(64) < 0 {
-			t.Errorf("%s weights: no fp8_wg variant for 64 rows", wf)
-		}
-		if err := b.Close(); err != nil {
-			t.Fatal(err)
+		for _, off := range []bool{false, true} {
+			b, err := New(Options{WeightFormat: wf, NoFP8Wgmma: off})
+			if err != nil {
+				t.Fatal(err)
+			}
+			want := !off && wf == WeightsFP8 && b.ctx.Device().Arch() == "sm_90a"
+			if b.FP8Wgmma() != want {
+				t.Errorf("%s weights on %s, NoFP8Wgmma %v: FP8Wgmma() = %v, want %v", wf, b.ctx.Device().Arch(), off, b.FP8Wgmma(), want)
+			}
+			if want && b.f8.wg.variant(64) < 0 {
+				t.Errorf("%s weights: no fp8_wg variant for 64 rows", wf)
+			}
+			if err := b.Close(); err != nil {
+				t.Fatal(err)
+			}
 		}
 	}
 }
