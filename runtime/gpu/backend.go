@@ -126,18 +126,15 @@ func (b *Backend) FP8Wgmma() bool { return b.f8 != nil && b.f8.wgAuto }
 
 // autoLoRASMs is the SMs a step of rows rows with adapters leaves to the
 // LoRA stream when Options.LoRASMs is 0. Measured on the H200 (132 SMs),
-// decode with four rank-32 adapters, two runs (docs/PERFORMANCE.md v0.13):
-// at batch 1 holding none back was fastest (5.32 ms vs 5.43-5.47), at 16
-// holding 16 (5.81 vs 5.92-6.16), at 64 and 256 holding 32 (7.22 vs 7.31
-// and 14.15-14.56 vs 14.19-15.37).
+// decode with four rank-32 adapters: at batch 1 holding none back was
+// fastest (v0.13: 5.32 ms vs 5.43-5.47), at 16 holding 16 (5.81 vs
+// 5.92-6.16); above 32 rows 16 ties 32 at 64 and 128 rows (6.84 vs 6.80,
+// 8.46 vs 8.43) and beats it at 256 (13.03 vs 13.71; none: 13.89; v0.31).
 func autoLoRASMs(rows int) int {
-	switch {
-	case rows <= 4:
+	if rows <= 4 {
 		return 0
-	case rows <= 32:
-		return 16
 	}
-	return 32
+	return 16
 }
 
 // Buffer is a device activation matrix [rows, cols], bf16 (or float32 once
