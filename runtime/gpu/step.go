@@ -245,7 +245,11 @@ func (b *Backend) Begin(meta *engine.StepMeta) error {
 	if b.loraTmp != nil {
 		b.stepTmp, b.stepTmpFloats = b.loraTmp.Ptr(), b.tmpFloats()
 	}
-	return nil
+	fresh, err := b.refreshStacks(meta)
+	if b.dense != nil {
+		b.dense.step = fresh && b.denseOn(T)
+	}
+	return err
 }
 
 // decMaxG is DEC_MAXG in llama.cu: query heads per KV head attn_decode handles.
