@@ -1839,66 +1839,6 @@ extern "C" __global__ void __launch_bounds__(256) sgmv_expand_tc1(EXPAND_TC_ARGS
 extern "C" __global__ void __launch_bounds__(256) sgmv_expand_tc2(EXPAND_TC_ARGS) { expand_tc_body<2>(EXPAND_TC_PASS); }
 extern "C" __global__ void __launch_bounds__(256) sgmv_expand_tc4(EXPAND_TC_ARGS) { expand_tc_body<4>(EXPAND_TC_PASS); }
 
-// ---------------------------------------------------------------------------
-// Dense LoRA (runtime/gpu/lora_dense.go): with a few adapter slots, a fused
-// group's update as cuBLASLt products over every slot at once. Each
-// (layer, module) has its slots' A matrices stacked, [slots*rc][in_f]
-// (slot s's rank rows at s*rc, zero past its rank), and its B matrices
-// side by side, [out_f][slots*rc]. The shrink x A_stack^T gives every row
-// every slot's rank values; lora_dense_mask keeps the row's own slot's
-// (scaled, bf16), zeroing the rest; the expand (one product per slice)
-// then adds only the row's adapter.
-// ---------------------------------------------------------------------------
-
-// StackDst is one (layer, module)'s stacks: struct denseDst in lora_dense.go.
-struct StackDst {
-    bf16* a; // [slots*rc][in_f]
-    bf16* b; // [out_f][slots*rc]
-    int in_f, out_f;
-};
-
-// lora_stack_fill copies slot's adapter (its table entries) into the stacks
-// of every (layer, module): grid (blocks, layers*modules), block 256. Ranks
-// past the entry's rank, and modules the adapter lacks, get zeros.
-extern "C" __global__ void lora_stack_fill(const LoraEntry* __restrict__ table, const StackDst* __restrict__ dst, int slot, int nslots, int rc, int per_slot) {
-    pdl_entry(); // launched on the compute stream: the kernels after it wait for it, and so (through it) for those before
-    const LoraEntry e = table[(i64)slot * per_slot + blockIdx.y];
-    const StackDst d = dst[blockIdx.y];
-    const int rank = e.a != nullptr && e.b != nullptr ? e.rank : 0;
-    const i64 na = (i64)rc * d.in_f, nb = (i64)d.out_f * rc, w = (i64)nslots * rc;
-    const i64 step = (i64)gridDim.x * blockDim.x;
-    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < na + nb; i += step) {
-        if (i < na) {
-            const int k = (int)(i / d.in_f), c = (int)(i - (i64)k * d.in_f);
-            d.a[((i64)slot * rc + k) * d.in_f + c] = k < rank ? e.a[(i64)k * d.in_f + c] : __float2bfloat16(0.f);
-        } else {
-            const i64 j = i - na;
-            const int n = (int)(j / rc), k = (int)(j - (i64)n * rc);
-            d.b[(i64)n * w + (i64)slot * rc + k] = k < rank ? e.b[(i64)n * rank + k] : __float2bfloat16(0.f);
-        }
-    }
-}
-
-// lora_dense_mask: sb[t][j] = bf16(sraw[t][j] * scale) where column j
-// (slice j / (nslots*rc), slot (j / rc) % nslots, rank j % rc) belongs to
-// row t's slot and is below that entry's rank, else 0 (a select, so a
-// column's NaN never reaches the expand). grid (ceil(w/256), rows), block 256.
-extern "C" __global__ void lora_dense_mask(bf16* __restrict__ sb, const float* __restrict__ sraw, const int* __restrict__ row_slot,
-                                           const LoraEntry* __restrict__ table, int nslots, int rc, int w,
-                                           int entry_base, int entry_stride, int m0, int m1, int m2) {
-    pdl_entry();
-    const int t = blockIdx.y, j = blockIdx.x * blockDim.x + threadIdx.x;
-    if (j >= w) return;
-    const int slot = row_slot[t];
-    const int k = j % rc, s = (j / rc) % nslots, slice = j / (nslots * rc);
-    float v = 0.f;
-    if (slot == s) {
-        const LoraEntry e = table[entry_base + s * entry_stride + sg_mod(slice, m0, m1, m2)];
-        if (k < e.rank) v = sraw[(i64)t * w + j] * e.scale;
-    }
-    sb[(i64)t * w + j] = __float2bfloat16(v);
-}
-
 // l2_flush: reads n 16-byte words (a buffer larger than L2) and writes nothing
 // unless the impossible happens, so the cache ends up full of clean lines.
 // Benchmarks run it between timed replays (a memset would leave dirty lines

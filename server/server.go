@@ -130,9 +130,6 @@ type Config struct {
 	// stream, and the SMs the GEMMs leave to the LoRA stream.
 	SerialLoRA bool
 	LoRASMs    int
-	// LoRADenseRows is gpu.Options': steps of at least this many rows
-	// compute LoRA as products over every slot (0: chosen; negative: never).
-	LoRADenseRows int
 	// NoFP8Wgmma is gpu.Options': every FP8 product of 17-64 rows on
 	// cuBLASLt, none on the wgmma kernels (sm_90a).
 	NoFP8Wgmma bool
@@ -486,7 +483,7 @@ func newGPU(cfg Config) (*gpu.Backend, error) {
 	// starts read the cubin.
 	// --warm-graphs idle: the scheduler records the graphs while idle, and
 	// a request's step never waits for a recording (it runs eagerly)
-	return gpu.New(gpu.Options{Device: cfg.GPU, WeightFormat: cfg.Weights, KVFormat: cfg.KVCache, Eager: cfg.Eager, SerialLoRA: cfg.SerialLoRA, LoRASMs: cfg.LoRASMs, LoRAPartition: cfg.LoRAPartition, NoFP8Wgmma: cfg.NoFP8Wgmma, LoRADenseRows: cfg.LoRADenseRows, GraphRows: cfg.GraphRows, NoPDL: cfg.NoPDL, TuneGEMMs: cfg.TuneGEMMs, ChainSteps: cfg.ChainSteps,
+	return gpu.New(gpu.Options{Device: cfg.GPU, WeightFormat: cfg.Weights, KVFormat: cfg.KVCache, Eager: cfg.Eager, SerialLoRA: cfg.SerialLoRA, LoRASMs: cfg.LoRASMs, LoRAPartition: cfg.LoRAPartition, NoFP8Wgmma: cfg.NoFP8Wgmma, GraphRows: cfg.GraphRows, NoPDL: cfg.NoPDL, TuneGEMMs: cfg.TuneGEMMs, ChainSteps: cfg.ChainSteps,
 		RecordIdle: cfg.WarmGraphs == WarmIdle, PinnedImageBytes: cfg.PinnedCacheBytes})
 }
 

@@ -30,7 +30,6 @@ type serveFlags struct {
 	warmGraphs                            string
 	serialLoRA, noPDL, tuneGEMMs, chain   bool
 	fp8Wgmma                              bool
-	loraDenseRows                         int
 	loraSMs, loraPartition                int
 	graphRows                             int
 	requestTimeout, deviceTTL, hostTTL    time.Duration
@@ -67,7 +66,6 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	fs.IntVar(&f.graphRows, "graph-rows", 0, "GPU: the largest step, in rows, recorded as a CUDA graph (256, 384 or 512; 0: 256), and with --max-batch-tokens 0 the rows prompt chunks fill a step to; larger steps run op by op and cannot be chained behind the step in flight")
 	fs.BoolVar(&f.fp8Wgmma, "fp8-wgmma", true, "GPU, --weights fp8, sm_90a: FP8 products of 17-64 rows on the wgmma kernels instead of cuBLASLt (every shape up to 32 rows; wide ones, and every one beside the LoRA stream, up to 64; docs/PERFORMANCE.md v0.31); --fp8-wgmma=false keeps them all on cuBLASLt")
 	fs.IntVar(&f.loraPartition, "lora-partition", 0, "GPU: split the SMs by green contexts, at least this many (8 a unit on Hopper) for the LoRA stream and the rest for the base model, in every step (0: no partition; an experiment, see docs/PERFORMANCE.md)")
-	fs.IntVar(&f.loraDenseRows, "lora-dense-rows", 0, "GPU: steps of at least this many rows compute their LoRA updates as cuBLASLt products over every adapter slot at once (when --slots x the rank class, 32 up to rank 32, is at most 256), not the SGMV kernels (0: 128 rows; -1: never)")
 	fs.IntVar(&f.loraSMs, "lora-sms", 0, "GPU: multiprocessors the GEMMs of a step with adapters leave to the LoRA stream (0: chosen by the step's rows, 0 or 16; -1: none)")
 	fs.BoolVar(&f.noPrefixCache, "no-prefix-cache", false, "do not reuse KV pages across requests that start with the same tokens and adapter version")
 	fs.DurationVar(&f.requestTimeout, "request-timeout", 5*time.Minute, "generation deadline (504 past it; 0: none)")
@@ -186,7 +184,7 @@ func serve(ctx context.Context, f serveFlags, log *slog.Logger) error {
 		return fmt.Errorf("serve: --kv-cache %q: want bf16 or fp8", f.kvCache)
 	}
 	srv, err := server.New(ctx, server.Config{Model: f.model, Store: f.store, SQSQueueURL: f.sqsQueueURL, Listen: f.listen, Device: f.device, Weights: f.weights, KVCache: f.kvCache, Eager: f.eager, WarmGraphs: f.warmGraphs,
-		SerialLoRA: f.serialLoRA, NoPDL: f.noPDL, TuneGEMMs: f.tuneGEMMs, ChainSteps: f.chain, LoRASMs: f.loraSMs, LoRAPartition: f.loraPartition, NoFP8Wgmma: !f.fp8Wgmma, LoRADenseRows: f.loraDenseRows, GraphRows: f.graphRows, PinnedCacheBytes: f.pinnedBytes, Slots: f.slots, KVBlocks: f.kvBlocks, MaxBatchTokens: f.maxBatchTokens, MaxQueue: f.maxQueue, NoPrefixCache: f.noPrefixCache,
+		SerialLoRA: f.serialLoRA, NoPDL: f.noPDL, TuneGEMMs: f.tuneGEMMs, ChainSteps: f.chain, LoRASMs: f.loraSMs, LoRAPartition: f.loraPartition, NoFP8Wgmma: !f.fp8Wgmma, GraphRows: f.graphRows, PinnedCacheBytes: f.pinnedBytes, Slots: f.slots, KVBlocks: f.kvBlocks, MaxBatchTokens: f.maxBatchTokens, MaxQueue: f.maxQueue, NoPrefixCache: f.noPrefixCache,
 		RequestTimeout: f.requestTimeout, DeviceTTL: f.deviceTTL, HostTTL: f.hostTTL, Keys: keys,
 		MaxUpload: f.maxUpload, HostBytes: f.hostBytes, DiskBytes: f.diskBytes, CacheDir: f.cacheDir, Pin: splitList(f.pin), Logger: log})
 	if err != nil {

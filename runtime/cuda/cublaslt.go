@@ -1,7 +1,6 @@
 package cuda
 
 import (
-	"cmp"
 	"fmt"
 	"runtime"
 	"unsafe"
@@ -122,8 +121,6 @@ type gemmKey struct {
 	beta0      bool
 	sms        int32 // CUBLASLT_MATMUL_DESC_SM_COUNT_TARGET (0: every SM)
 	split      int   // > 1: GemmTNSplitK's batch of K slices (f32 partials)
-	// row strides of in, W and out in elements (0: densely packed, K, K and N)
-	ldIn, ldW, ldOut int
 }
 
 type gemmPlan struct {
@@ -202,14 +199,13 @@ func (m *Matmul) plan(k gemmKey) (*gemmPlan, error) {
 	// (ld K) per batch entry, the entries K/split apart; its partials are
 	// [split][T][N].
 	kc := k.k / max(k.split, 1)
-	ldW, ldIn, ldOut := cmp.Or(k.ldW, k.k), cmp.Or(k.ldIn, k.k), cmp.Or(k.ldOut, k.n)
-	if err := checkBLAS("cublasLtMatrixLayoutCreate", blas.cublasLtMatrixLayoutCreate(&p.a, int32(k.w), uint64(kc), uint64(k.n), int64(ldW))); err != nil {
+	if err := checkBLAS("cublasLtMatrixLayoutCreate", blas.cublasLtMatrixLayoutCreate(&p.a, int32(k.w), uint64(kc), uint64(k.n), int64(k.k))); err != nil {
 		return fail(err)
 	}
-	if err := checkBLAS("cublasLtMatrixLayoutCreate", blas.cublasLtMatrixLayoutCreate(&p.b, int32(k.in), uint64(kc), uint64(k.t), int64(ldIn))); err != nil {
+	if err := checkBLAS("cublasLtMatrixLayoutCreate", blas.cublasLtMatrixLayoutCreate(&p.b, int32(k.in), uint64(kc), uint64(k.t), int64(k.k))); err != nil {
 		return fail(err)
 	}
-	if err := checkBLAS("cublasLtMatrixLayoutCreate", blas.cublasLtMatrixLayoutCreate(&p.d, int32(k.out), uint64(k.n), uint64(k.t), int64(ldOut))); err != nil {
+	if err := checkBLAS("cublasLtMatrixLayoutCreate", blas.cublasLtMatrixLayoutCreate(&p.d, int32(k.out), uint64(k.n), uint64(k.t), int64(k.n))); err != nil {
 		return fail(err)
 	}
 	if k.split > 1 {
@@ -264,22 +260,6 @@ func (m *Matmul) GemmTN(s *Stream, out DevicePtr, outType DataType, in DevicePtr
 	}
 	return m.c.Do(func() error {
 		p, err := m.plan(gemmKey{t: T, n: N, k: K, in: inType, w: wType, out: outType, beta0: beta == 0, sms: m.sms})
-		if err != nil {
-			return err
-		}
-		return m.enqueue(s, p, &p.algo, out, in, w, alpha, beta)
-	})
-}
-
-// GemmTNStrided is GemmTN with row strides (in elements) for in, W and
-// out: ldIn >= K, ldW >= K, ldOut >= N; views of wider matrices, e.g. a
-// slice's columns of a fused output.
-func (m *Matmul) GemmTNStrided(s *Stream, out DevicePtr, outType DataType, ldOut int, in DevicePtr, inType DataType, ldIn int, w DevicePtr, wType DataType, ldW int, T, N, K int, alpha, beta float32) error {
-	if T <= 0 || N <= 0 || K <= 0 || ldIn < K || ldW < K || ldOut < N {
-		return fmt.Errorf("%w: GemmTNStrided T=%d N=%d K=%d, row strides in %d, W %d, out %d", ErrInvalidValue, T, N, K, ldIn, ldW, ldOut)
-	}
-	return m.c.Do(func() error {
-		p, err := m.plan(gemmKey{t: T, n: N, k: K, in: inType, w: wType, out: outType, beta0: beta == 0, sms: m.sms, ldIn: ldIn, ldW: ldW, ldOut: ldOut})
 		if err != nil {
 			return err
 		}

@@ -122,7 +122,6 @@ func (b *Backend) emptySlot(slot int) error {
 
 // pointSlot points slot's table entries at the image at base.
 func (b *Backend) pointSlot(slot int, base cuda.DevicePtr, ents []prepEntry) {
-	b.staleSlot(slot)
 	for _, e := range ents {
 		i := b.entry(slot, e.layer, llama.Module(e.module)) * entryWords
 		b.tableHost[i] = base + uint64(2*e.aOff)

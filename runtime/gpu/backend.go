@@ -8,7 +8,6 @@
 package gpu
 
 import (
-	"cmp"
 	"math"
 	"slices"
 	"sync"
@@ -68,12 +67,6 @@ type Options struct {
 	// the step's rows (autoLoRASMs); negative holds none back (the LoRA
 	// blocks then take SMs as the GEMM's blocks free them).
 	LoRASMs int
-	// LoRADenseRows: steps of at least this many rows compute their LoRA
-	// updates as cuBLASLt products over every adapter slot at once
-	// (lora_dense.go), where the engine's slots times the rank class (32
-	// for ranks up to 32) is at most 256 columns; 0 chooses (128 rows),
-	// negative never (SGMV in every step).
-	LoRADenseRows int
 	// GraphRows is the largest step (rows) recorded as a CUDA graph, rounded
 	// down to a bucket (graphBuckets: ..., 256, 384, 512) and to the
 	// engine's MaxTokens; larger steps run their ops eagerly, cannot be
@@ -185,7 +178,6 @@ type funcs struct {
 	attnPrefill8                                                                  [3]*cuda.Function // attn_prefill8_d*: FP8 keys
 	sgExpandTC                                                                    [3]*cuda.Function // sgmv_expand_tc1, tc2, tc4
 	ropeRows                                                                      *cuda.Function    // rope_store_rows
-	stackFill, denseMask                                                          *cuda.Function    // lora_stack_fill, lora_dense_mask (lora_dense.go)
 }
 
 // kernelForce makes the steps of a Backend take one kernel family where the
@@ -305,7 +297,6 @@ type Backend struct {
 	stage *staging // weight uploads' pinned staging (upload.go), freed before the first step
 
 	la      loraAside    // the LoRA stream and the update it has in flight (lora.go)
-	dense   *denseLoRA   // LoRA as products over every slot in steps of many rows (lora_dense.go; nil: off)
 	smPart  *smPartition // Options.LoRAPartition (nil: none)
 	ctxFree bool         // the kernels were loaded as context-independent libraries (kernels.Options.ContextFree)
 
@@ -469,12 +460,6 @@ func (b *Backend) open(opts Options) error {
 	if b.mm, err = b.ctx.NewMatmul(ws); err != nil {
 		return err
 	}
-	if opts.LoRADenseRows >= 0 {
-		b.dense = &denseLoRA{minRows: cmp.Or(opts.LoRADenseRows, denseMinRowsDefault)}
-		if b.dense.mm, err = b.ctx.NewMatmul(denseWorkspace); err != nil {
-			return err
-		}
-	}
 	// The fused SGMV module is first needed when an adapter loads: load it
 	// (on a cold kernel cache, compile it) beside the main module now, so
 	// that no compile lands on an adapter's first request.
@@ -549,7 +534,7 @@ func (b *Backend) open(opts Options) error {
 		{&b.fn.attnPrefill8[0], "attn_prefill8_d32"}, {&b.fn.attnPrefill8[1], "attn_prefill8_d64"}, {&b.fn.attnPrefill8[2], "attn_prefill8_d128"},
 		{&b.fn.addBias, "add_bias"}, {&b.fn.headRMSNorm, "head_rmsnorm"}, {&b.fn.addDelta, "add_delta"},
 		{&b.fn.sgExpandTC[0], "sgmv_expand_tc1"}, {&b.fn.sgExpandTC[1], "sgmv_expand_tc2"}, {&b.fn.sgExpandTC[2], "sgmv_expand_tc4"},
-		{&b.fn.ropeRows, "rope_store_rows"}, {&b.fn.stackFill, "lora_stack_fill"}, {&b.fn.denseMask, "lora_dense_mask"}} {
+		{&b.fn.ropeRows, "rope_store_rows"}} {
 		if *f.p, err = b.mod.Function(f.name); err != nil {
 			return err
 		}
@@ -729,10 +714,6 @@ func (b *Backend) Init(cfg *llama.Config, spec engine.Spec) error {
 		}
 	}
 	b.g.slots = max(spec.AdapterSlots, 1)
-	if d := b.dense; d != nil {
-		d.slots, d.fresh = b.g.slots, make([]bool, b.g.slots)
-		b.sizeDense() // the stacks for ranks up to 32 now, before the first recordings
-	}
 	maxContext := spec.MaxContext
 	if maxContext <= 0 {
 		maxContext = kv.Blocks * kv.BlockSize
@@ -906,7 +887,7 @@ func (b *Backend) Close() error {
 		}
 		b.sgLoad = nil
 	}
-	errs = append(errs, b.dense.close(), b.mm.Close(), b.mod.Unload(), b.s.Destroy(), b.cs.Destroy(), b.ctx.Close())
+	errs = append(errs, b.mm.Close(), b.mod.Unload(), b.s.Destroy(), b.cs.Destroy(), b.ctx.Close())
 	b.weights, b.buffers, b.slots, b.ctx = nil, nil, nil, nil
 	return errors.Join(errs...)
 }

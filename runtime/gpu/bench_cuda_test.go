@@ -379,18 +379,6 @@ type decodeVariant struct {
 	bwg                          bool // bf16 weights: gemm_wg (wgmma; PEFTD_WG) for 17-128 rows (kernelForce.bwg)
 	two                          bool // with wg or bwg: two warpgroups a block (fp8_wg2, gemm_wg2: wgProduct.two)
 	part                         int  // SMs for the LoRA stream in a green-context split (partition.go; PEFTD_LORA_PARTITION lists them; 0: none)
-	dense                        int  // LoRA as products over every slot (lora_dense.go) in every step (1), in none (-1), or from denseMinRowsDefault rows (0)
-}
-
-// denseMin is the Backend's dense.minRows for the variant's dense setting.
-func (v decodeVariant) denseMin() int {
-	switch {
-	case v.dense > 0:
-		return 1
-	case v.dense < 0:
-		return math.MaxInt32
-	}
-	return denseMinRowsDefault
 }
 
 // label names a row of TestDecodeBench's table: "no" (base) or the
@@ -426,11 +414,6 @@ func (v decodeVariant) label(ads []*lora.Adapter, pdlOK bool) string {
 	}
 	if v.part > 0 {
 		lbl += fmt.Sprintf("+part%d", v.part)
-	}
-	if v.dense > 0 {
-		lbl += "+dense"
-	} else if v.dense < 0 {
-		lbl += "+sgmv"
 	}
 	return lbl
 }
@@ -592,7 +575,6 @@ func TestDecodeBench(t *testing.T) {
 		{lora: true, serial: true, sms: -1}, {lora: true, sms: 0}, {lora: true, sms: 16}, {lora: true, sms: 32},
 		{sms: -1, wg: true}, {lora: true, sms: -1, wg: true}, {sms: -1, bwg: true}, {lora: true, sms: -1, bwg: true},
 		{sms: -1, nowga: true}, {lora: true, sms: -1, nowga: true},
-		{lora: true, sms: -1, dense: 1}, {lora: true, sms: -1, dense: -1}, {lora: true, sms: -1, dense: 1, serial: true}, {lora: true, sms: -1, dense: -1, serial: true},
 		{sms: -1, wg: true, two: true}, {lora: true, sms: -1, wg: true, two: true}, {sms: -1, bwg: true, two: true}, {lora: true, sms: -1, bwg: true, two: true},
 	}
 	// PEFTD_LORA_PARTITION=16,32: rows +part16, +part32 with the SMs split by
@@ -649,14 +631,11 @@ func TestDecodeBench(t *testing.T) {
 			continue
 		}
 		retune := v.tuned && !gb.tune.done
-		if wantPDL := pdlOK && !v.nopdl; retune || partOf(gb) != v.part || gb.la.on == v.serial || gb.la.sms != v.sms || gb.s.ProgrammaticLaunch() != wantPDL || gb.force.decSplit != v.split || gb.force.ropeHeads != v.ropeHeads || gb.force.decOpts != v.opts || gb.force.noSkinny != v.lt || gb.force.skLate != v.skLate || gb.force.decVar != v.dv || gb.force.bwg != v.bwg || gb.wg != nil && gb.wg.two != v.two || gb.f8 != nil && gb.f8.wg != nil && gb.f8.wg.two != v.two || gb.dense != nil && gb.dense.minRows != v.denseMin() || gb.f8 != nil && (gb.f8.streamOn != v.fs || gb.f8.streamOff != v.gv || gb.f8.wgOn != v.wg || gb.f8.wgAuto != (gb.f8.wgAutoDefault && !v.nowga)) { // recordings bake the LoRA and launch modes, the kernels and the GEMM algorithms in
+		if wantPDL := pdlOK && !v.nopdl; retune || partOf(gb) != v.part || gb.la.on == v.serial || gb.la.sms != v.sms || gb.s.ProgrammaticLaunch() != wantPDL || gb.force.decSplit != v.split || gb.force.ropeHeads != v.ropeHeads || gb.force.decOpts != v.opts || gb.force.noSkinny != v.lt || gb.force.skLate != v.skLate || gb.force.decVar != v.dv || gb.force.bwg != v.bwg || gb.wg != nil && gb.wg.two != v.two || gb.f8 != nil && gb.f8.wg != nil && gb.f8.wg.two != v.two || gb.f8 != nil && (gb.f8.streamOn != v.fs || gb.f8.streamOff != v.gv || gb.f8.wgOn != v.wg || gb.f8.wgAuto != (gb.f8.wgAutoDefault && !v.nowga)) { // recordings bake the LoRA and launch modes, the kernels and the GEMM algorithms in
 			gb.la.on, gb.la.sms, gb.force.decSplit, gb.force.ropeHeads, gb.force.decOpts = !v.serial, v.sms, v.split, v.ropeHeads, v.opts
 			gb.force.noSkinny, gb.force.skLate, gb.force.decVar, gb.force.bwg = v.lt, v.skLate, v.dv, v.bwg
 			if gb.wg != nil {
 				gb.wg.two = v.two
-			}
-			if gb.dense != nil {
-				gb.dense.minRows = v.denseMin()
 			}
 			if gb.f8 != nil {
 				gb.f8.streamOn, gb.f8.streamOff, gb.f8.wgOn, gb.f8.wgAuto = v.fs, v.gv, v.wg, gb.f8.wgAutoDefault && !v.nowga
@@ -752,9 +731,6 @@ func TestDecodeBench(t *testing.T) {
 	gb.force.noSkinny, gb.force.skLate, gb.force.decVar, gb.force.bwg = false, false, 0, false
 	if gb.wg != nil {
 		gb.wg.two = false
-	}
-	if gb.dense != nil {
-		gb.dense.minRows = denseMinRowsDefault
 	}
 	if gb.f8 != nil {
 		gb.f8.streamOn, gb.f8.streamOff, gb.f8.wgOn, gb.f8.wgAuto = false, false, false, gb.f8.wgAutoDefault

@@ -93,8 +93,6 @@ type graphKey struct {
 	// runs sgmv_expand, not the tensor-core kernels (tcChunks), whose
 	// 16-byte loads of B need ranks in multiples of 8
 	odd bool
-	// dense: the LoRA updates as products over every slot (lora_dense.go)
-	dense bool
 }
 
 // graphState is the CUDA-graph side of the backend.
@@ -294,9 +292,6 @@ func (b *Backend) pointers() [8]cuda.DevicePtr {
 		p[6], p[7] = b.f8.spPart.Ptr(), b.f8.skPart.Ptr()
 	}
 	p[4] = b.g.tmp.Ptr()
-	if b.dense != nil {
-		p[4] ^= b.dense.mem.Ptr() // the stacks: re-made for a higher rank class
-	}
 	for _, x := range b.buffers {
 		p[5] ^= x.f32.Ptr() // the logits' float32 storage (allocated by the first Logits)
 	}
@@ -378,16 +373,6 @@ func (b *Backend) replay(meta *engine.StepMeta, prog engine.Program, mixed bool)
 	if err != nil {
 		return err
 	}
-	fresh, err := b.refreshStacks(meta)
-	if err != nil {
-		return err
-	}
-	if key.dense && !fresh {
-		gated = true // a slot's stacks wait for its image: run the ops eagerly, on SGMV
-	}
-	if b.dense != nil {
-		b.dense.step = key.dense && fresh
-	}
 	if err := b.checkPointers(); err != nil {
 		return err
 	}
@@ -441,7 +426,6 @@ func (b *Backend) graphKeyOf(rows int, s engine.Shape, mixed bool) graphKey {
 	key := graphKey{rows: rows, lora: s.LoRA, mixed: mixed}
 	if key.lora != 0 {
 		key.rank, key.odd = rankClass(b.maxRank), b.oddRank
-		key.dense = b.denseOn(rows)
 	}
 	return key
 }
@@ -542,9 +526,6 @@ func (b *Backend) fillGraphMeta(meta *engine.StepMeta, n, rank int, mixed bool) 
 	b.err = nil
 	b.gen++
 	b.la.pend, b.la.forkIn = pendingDelta{}, 0
-	if b.dense != nil {
-		b.dense.step = false // the caller decides, once the slots' stacks are known fresh
-	}
 	o := b.g.lay
 	T, S := len(meta.Tokens), len(meta.Seqs)
 	if len(meta.Positions) != T || len(meta.KVSlots) != T || S > T || len(meta.LogitRows) > T {
@@ -708,9 +689,6 @@ func (b *Backend) Warmup(progs []engine.Program, max int) (done, left int, err e
 				}
 				if err := b.fillGraphMeta(empty, n, key.rank, mixed); err != nil {
 					return done, 0, err
-				}
-				if b.dense != nil {
-					b.dense.step = key.dense // no slot in use: nothing to wait for
 				}
 				err = b.warmRecord(key, prog)
 				b.meta, b.err = nil, nil

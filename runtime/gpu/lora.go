@@ -49,7 +49,6 @@ func (b *Backend) LoadAdapter(slot int, a *lora.Adapter) error {
 }
 
 func (b *Backend) clearSlot(slot int) {
-	b.staleSlot(slot)
 	if slot < len(b.slots) && b.slots[slot] != nil {
 		b.slots[slot].mem.Free()
 		b.pins.onSlot(b.slots[slot].pin, -1)
@@ -410,10 +409,6 @@ func (b *Backend) loraSlices(st *cuda.Stream, outPtr cuda.DevicePtr, outStride i
 	}
 	total := offs[len(mods)]
 	if !b.check(x.cols >= inF && outStride >= total, "lora: input width %d < %d or output stride %d < %d", x.cols, inF, outStride, total) {
-		return
-	}
-	if d := b.dense; d != nil && d.step && x.ld >= inF {
-		b.loraDense(st, outPtr, outStride, x, layer, mods, offs, accum)
 		return
 	}
 	base, stride := layer*int(llama.NumModules), b.cfg.Layers*int(llama.NumModules)

@@ -49,8 +49,5 @@ func MemoryNeeds(c *llama.Config, maxTokens, blockSize, adapterSlots int, weight
 		perToken = uint64(c.KVHeads*c.HeadDim)*(1+bf16) + uint64(c.KVHeads)*4 // e4m3 K, its scales, bf16 V
 	}
 	perBlock = uint64(c.Layers) * uint64(blockSize) * perToken
-	// the dense LoRA path's stacked copies of the slots at rank 32 (when
-	// the slots fit its columns: lora_dense.go)
-	dense := denseBytes(c, maxTokens, adapterSlots, denseRankMin)
-	return weights + uint64(adapterSlots)*adapter + dense + acts, perBlock, nil
+	return weights + uint64(adapterSlots)*adapter + acts, perBlock, nil
 }

@@ -178,15 +178,13 @@ func TestFixtureCoBatched(t *testing.T) {
 	// the LoRA stream (default), the same holding SMs back from the GEMMs,
 	// every update on the compute stream (SerialLoRA), and the SMs split
 	// by green contexts (LoRAPartition: the cases run with it on, off,
-	// and on again, which re-plans and re-records the steps), and every
-	// update as products over every slot (LoRADenseRows 1: lora_dense.go),
-	// beside the GEMMs and in place
+	// and on again, which re-plans and re-records the steps)
 	for _, c := range []struct {
 		bs   int
 		name string
 		bo   Options
 	}{{16, "", Options{}}, {1, "", Options{}}, {5, "", Options{}}, {16, "-serial", Options{SerialLoRA: true}}, {16, "-sms32", Options{LoRASMs: 32}},
-		{16, "-partition16", Options{LoRAPartition: 16}}, {16, "-dense", Options{LoRADenseRows: 1}}, {16, "-dense-serial", Options{LoRADenseRows: 1, SerialLoRA: true}}} {
+		{16, "-partition16", Options{LoRAPartition: 16}}} {
 		bs := c.bs
 		t.Run(fmt.Sprintf("block%d%s", bs, c.name), func(t *testing.T) {
 			opts := engine.DefaultOptions()
@@ -195,13 +193,6 @@ func TestFixtureCoBatched(t *testing.T) {
 			e := newEngineWith(t, m, opts, c.bo)
 			slots := loadSlots(t, e, adapters, fx.AdapterNames, 0)
 			w, wr, st := runCases(t, e, slots, cases)
-			if c.bo.LoRADenseRows > 0 { // every step with adapters took the dense path
-				b := e.Backend().(*Backend)
-				if d := b.dense; d == nil || d.rc == 0 || d.fills == 0 || d.ops == 0 {
-					t.Fatalf("LoRADenseRows 1: the dense path did not run (%+v)", d)
-				}
-				t.Logf("dense: rank class %d over %d slots, %d stack fills, %d group updates", b.dense.rc, b.dense.slots, b.dense.fills, b.dense.ops)
-			}
 			if c.bo.LoRAPartition > 0 {
 				b := e.Backend().(*Backend)
 				base, lora, ok := b.Partition()

@@ -245,11 +245,7 @@ func (b *Backend) Begin(meta *engine.StepMeta) error {
 	if b.loraTmp != nil {
 		b.stepTmp, b.stepTmpFloats = b.loraTmp.Ptr(), b.tmpFloats()
 	}
-	fresh, err := b.refreshStacks(meta)
-	if b.dense != nil {
-		b.dense.step = fresh && b.denseOn(T)
-	}
-	return err
+	return nil
 }
 
 // decMaxG is DEC_MAXG in llama.cu: query heads per KV head attn_decode handles.
