@@ -110,15 +110,33 @@ type Info struct {
 }
 
 // Module is a source runtime/gpu loads and the oldest compute capability
-// (major*10+minor) it builds for.
+// (major*10+minor) it builds for; a variant also has the NVRTC options it
+// is built with and the one target it is for.
 type Module struct {
 	Name  string
 	MinCC int
+	Extra []string // Options.Extra of the variant (nil: the default build)
+	Arch  string   // the only NVRTC target of the variant ("": every one from MinCC)
 }
 
-// Modules are every source runtime/gpu may load: what `peftd kernels`
-// compiles ahead of time.
-var Modules = []Module{{Llama, 80}, {Sgmv, 80}, {FP8, 89}}
+// For reports whether m is built for NVRTC target arch of compute
+// capability cc (major*10+minor).
+func (m Module) For(arch string, cc int) bool {
+	return cc >= m.MinCC && (m.Arch == "" || m.Arch == arch)
+}
+
+// Label names the module and its variant's options.
+func (m Module) Label() string {
+	return strings.Join(append([]string{m.Name}, m.Extra...), " ")
+}
+
+// FP8Wgmma is the options of the FP8 module's wgmma build, which
+// runtime/gpu loads on sm_90a for FP8 products of 17-64 rows.
+var FP8Wgmma = []string{"-DPEFTD_WG"}
+
+// Modules are every source and variant runtime/gpu may load: what `peftd
+// kernels` compiles ahead of time.
+var Modules = []Module{{Name: Llama, MinCC: 80}, {Name: Sgmv, MinCC: 80}, {Name: FP8, MinCC: 89}, {Name: FP8, MinCC: 90, Extra: FP8Wgmma, Arch: "sm_90a"}}
 
 var compiles atomic.Int64
 

@@ -102,3 +102,29 @@ func TestDefinedInt(t *testing.T) {
 		}
 	}
 }
+
+// TestModulesFor: what `peftd kernels` builds for each target: every
+// source from its oldest compute capability, and the FP8 module's wgmma
+// build only for sm_90a (the one target runtime/gpu loads it on).
+func TestModulesFor(t *testing.T) {
+	for _, c := range []struct {
+		arch string
+		cc   int
+		want []string
+	}{
+		{"sm_80", 80, []string{"llama.cu", "sgmv.cu"}},
+		{"sm_89", 89, []string{"llama.cu", "sgmv.cu", "fp8.cu"}},
+		{"sm_90a", 90, []string{"llama.cu", "sgmv.cu", "fp8.cu", "fp8.cu -DPEFTD_WG"}},
+		{"sm_100a", 100, []string{"llama.cu", "sgmv.cu", "fp8.cu"}},
+	} {
+		var got []string
+		for _, m := range Modules {
+			if m.For(c.arch, c.cc) {
+				got = append(got, m.Label())
+			}
+		}
+		if strings.Join(got, ",") != strings.Join(c.want, ",") {
+			t.Errorf("%s: %q, want %q", c.arch, got, c.want)
+		}
+	}
+}

@@ -43,7 +43,7 @@ func cmdKernels(ctx context.Context, args []string, stdout, stderr io.Writer) er
 	var jobs []*result
 	for _, t := range targets {
 		for _, m := range kernels.Modules {
-			if t.cc >= m.MinCC {
+			if m.For(t.arch, t.cc) {
 				jobs = append(jobs, &result{mod: m, arch: t.arch})
 			}
 		}
@@ -53,7 +53,7 @@ func cmdKernels(ctx context.Context, args []string, stdout, stderr io.Writer) er
 	var wg sync.WaitGroup
 	for _, j := range jobs {
 		wg.Go(func() {
-			j.info, j.err = kernels.Build(j.mod.Name, j.arch, kernels.Options{CacheDir: *dir, ShippedDirs: []string{}})
+			j.info, j.err = kernels.Build(j.mod.Name, j.arch, kernels.Options{CacheDir: *dir, ShippedDirs: []string{}, Extra: j.mod.Extra})
 		})
 	}
 	wg.Wait()
@@ -61,11 +61,11 @@ func cmdKernels(ctx context.Context, args []string, stdout, stderr io.Writer) er
 	for _, j := range jobs {
 		switch {
 		case j.err != nil:
-			errs = append(errs, fmt.Errorf("kernels: %s for %s: %w", j.mod.Name, j.arch, j.err))
+			errs = append(errs, fmt.Errorf("kernels: %s for %s: %w", j.mod.Label(), j.arch, j.err))
 		case j.info.Compiled:
-			fmt.Fprintf(stdout, "%-9s %-7s compiled in %.1f s  %s\n", j.mod.Name, j.arch, j.info.CompileTime.Seconds(), j.info.CachePath)
+			fmt.Fprintf(stdout, "%-17s %-7s compiled in %.1f s  %s\n", j.mod.Label(), j.arch, j.info.CompileTime.Seconds(), j.info.CachePath)
 		default:
-			fmt.Fprintf(stdout, "%-9s %-7s already there     %s\n", j.mod.Name, j.arch, j.info.CachePath)
+			fmt.Fprintf(stdout, "%-17s %-7s already there     %s\n", j.mod.Label(), j.arch, j.info.CachePath)
 		}
 	}
 	if len(errs) > 0 {

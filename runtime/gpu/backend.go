@@ -504,7 +504,7 @@ func (b *Backend) open(opts Options) error {
 	if format == WeightsFP8 {
 		if !opts.NoFP8Wgmma && b.ctx.Device().Arch() == "sm_90a" && !kernels.Defined("PEFTD_WG") {
 			ko := opts.Kernels
-			ko.Extra = append(slices.Clip(ko.Extra), "-DPEFTD_WG")
+			ko.Extra = append(slices.Clip(ko.Extra), kernels.FP8Wgmma...)
 			// that build is compiled here unless cached: where it cannot be
 			// (no NVRTC, only shipped cubins), the default module serves
 			// and FP8Wgmma reports false
