@@ -103,7 +103,7 @@ type fp8State struct {
 	// shared is set by Backend.Linear while the LoRA stream runs beside
 	// the product (SMs held back from cuBLASLt)
 	wgAuto, wgAutoDefault, shared bool
-	Info           kernels.Info
+	Info                          kernels.Info
 
 	tmp        *cuda.DeviceBuffer // bf16 staging of a weight being quantized (freed at the first Linear)
 	actQ, actS *cuda.DeviceBuffer // quantized activation rows and their scales
