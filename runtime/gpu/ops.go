@@ -7,6 +7,7 @@ import (
 
 	"github.com/peftd/peftd/runtime/cuda"
 	"github.com/peftd/peftd/runtime/engine"
+	"github.com/peftd/peftd/runtime/llama"
 )
 
 // Embed gathers embedding rows.
@@ -95,6 +96,34 @@ func (b *Backend) HeadRMSNorm(x engine.Buffer, heads, headDim int, w engine.Weig
 	b.wrote(x)
 }
 
+// productSMs is the SMs the product of w leaves to the LoRA stream beside
+// it: loraSMs, or kernelForce.qkvSMs for the fused q/k/v product (whose
+// update outlasts it at 256 rows: PERFORMANCE v0.31).
+func (b *Backend) productSMs(w engine.Weight) int {
+	if b.force.qkvSMs > 0 {
+		qkv := 0
+		for _, m := range llama.FusedGroups[0] {
+			_, out := b.cfg.Dims(m)
+			qkv += out
+		}
+		if weightRows(w) == qkv {
+			return b.force.qkvSMs
+		}
+	}
+	return b.loraSMs()
+}
+
+// weightRows is a projection weight's output width (0: not one of ours).
+func weightRows(w engine.Weight) int {
+	switch w := w.(type) {
+	case *weight:
+		return w.rows
+	case *fp8Weight:
+		return w.rows
+	}
+	return 0
+}
+
 // Linear: out = in @ W^T (bf16 in, float32 accumulate, bf16 out):
 // gemm_skinny for a step of at most 16 rows whose shape it plans
 // (bf16_skinny.go; not while the LoRA stream holds SMs), else cuBLASLt. For
@@ -115,7 +144,7 @@ func (b *Backend) Linear(out, in engine.Buffer, w engine.Weight) {
 		// stream its own: no product needs to leave room
 		b.mm.SetSMTarget(base)
 		defer b.mm.SetSMTarget(0)
-	} else if sms := b.loraSMs(); b.la.forkIn != 0 && sms > 0 {
+	} else if sms := b.productSMs(w); b.la.forkIn != 0 && sms > 0 {
 		shared = true
 		b.mm.SetSMTarget(max(1, b.ctx.Device().SMs-sms))
 		defer b.mm.SetSMTarget(0)

@@ -1,0 +1,34 @@
+package gpu
+
+import (
+	"testing"
+
+	"github.com/peftd/peftd/runtime/llama"
+)
+
+// TestProductSMs: the SMs a product leaves to the LoRA stream beside it,
+// by the step's rows (none up to 4 rows, 16 above), or an override for the
+// fused q/k/v product alone (kernelForce.qkvSMs), found by its width, bf16
+// or FP8.
+func TestProductSMs(t *testing.T) {
+	cfg := &llama.Config{VocabSize: 1000, Hidden: 256, Intermediate: 512, Layers: 2, Heads: 4, KVHeads: 2, HeadDim: 64}
+	qkv := &weight{rows: 256 + 2*128, cols: 256}
+	qkv8 := &fp8Weight{rows: 256 + 2*128, cols: 256}
+	o := &weight{rows: 256, cols: 256}
+	for _, c := range []struct {
+		rows, force     int
+		qkv, qkv8, oSMs int
+	}{
+		{rows: 1, qkv: 0, qkv8: 0, oSMs: 0},
+		{rows: 4, qkv: 0, qkv8: 0, oSMs: 0},
+		{rows: 5, qkv: 16, qkv8: 16, oSMs: 16},
+		{rows: 256, qkv: 16, qkv8: 16, oSMs: 16},
+		{rows: 256, force: 32, qkv: 32, qkv8: 32, oSMs: 16},
+		{rows: 1, force: 48, qkv: 48, qkv8: 48, oSMs: 0},
+	} {
+		b := &Backend{cfg: cfg, nRows: c.rows, la: loraAside{sms: -1}, force: kernelForce{qkvSMs: c.force}}
+		if got := [3]int{b.productSMs(qkv), b.productSMs(qkv8), b.productSMs(o)}; got != [3]int{c.qkv, c.qkv8, c.oSMs} {
+			t.Errorf("%d rows, qkvSMs %d: q/k/v, q/k/v FP8, o leave %v SMs, want %v", c.rows, c.force, got, [3]int{c.qkv, c.qkv8, c.oSMs})
+		}
+	}
+}
