@@ -23,16 +23,19 @@ func TestProgrammaticEdges(t *testing.T) {
 		prev                             // the LoRA stream's kernel before shrink (the layer before's expand)
 	)
 	full, prog := cuda.EdgeData{}, cuda.ProgrammaticEdge
+	e := func(from, to cuda.GraphNode, d cuda.EdgeData) cuda.GraphEdge {
+		return cuda.GraphEdge{From: from, To: to, Data: d}
+	}
 	edges := []cuda.GraphEdge{
-		{gemm, rope, prog},     // the compute stream's own PDL edge
-		{expand, rope, full},   // the join: picked
-		{memcpy, rope, full},   // from a copy: kept
-		{shrink, expand, prog}, // the LoRA stream's own PDL edges
-		{prev, shrink, prog},
-		{norm, shrink, full},  // a fork: picked only if norm is a source
-		{norm, gemm, full},    // into cuBLASLt (nothing programmatic leads into it): kept
-		{expand, gemm2, full}, // into a library kernel: kept
-		{rope, gemm2, full},
+		e(gemm, rope, prog),     // the compute stream's own PDL edge
+		e(expand, rope, full),   // the join: picked
+		e(memcpy, rope, full),   // from a copy: kept
+		e(shrink, expand, prog), // the LoRA stream's own PDL edges
+		e(prev, shrink, prog),
+		e(norm, shrink, full),  // a fork: picked only if norm is a source
+		e(norm, gemm, full),    // into cuBLASLt (nothing programmatic leads into it): kept
+		e(expand, gemm2, full), // into a library kernel: kept
+		e(rope, gemm2, full),
 	}
 	kernel := func(n cuda.GraphNode) bool { return n != memcpy }
 	for _, c := range []struct {
@@ -40,8 +43,8 @@ func TestProgrammaticEdges(t *testing.T) {
 		src  []cuda.GraphNode
 		want []cuda.GraphEdge
 	}{
-		{"joins", []cuda.GraphNode{expand, memcpy}, []cuda.GraphEdge{{expand, rope, full}}},
-		{"joins and forks", []cuda.GraphNode{expand, memcpy, norm}, []cuda.GraphEdge{{expand, rope, full}, {norm, shrink, full}}},
+		{"joins", []cuda.GraphNode{expand, memcpy}, []cuda.GraphEdge{e(expand, rope, full)}},
+		{"joins and forks", []cuda.GraphNode{expand, memcpy, norm}, []cuda.GraphEdge{e(expand, rope, full), e(norm, shrink, full)}},
 		{"none", nil, nil},
 	} {
 		src := map[cuda.GraphNode]bool{}
