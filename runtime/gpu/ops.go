@@ -97,20 +97,43 @@ func (b *Backend) HeadRMSNorm(x engine.Buffer, heads, headDim int, w engine.Weig
 }
 
 // productSMs is the SMs the product of w leaves to the LoRA stream beside
-// it: loraSMs, or kernelForce.qkvSMs for the fused q/k/v product (whose
-// update outlasts it at 256 rows: PERFORMANCE v0.31).
-func (b *Backend) productSMs(w engine.Weight) int {
-	if b.force.qkvSMs > 0 {
-		qkv := 0
-		for _, m := range llama.FusedGroups[0] {
-			_, out := b.cfg.Dims(m)
-			qkv += out
-		}
-		if weightRows(w) == qkv {
-			return b.force.qkvSMs
-		}
+// it: loraSMs, but for the fused q/k/v product of a step of
+// autoQKVMinRows rows or more with automatic SMs, autoQKVSMs (its update
+// outlasts the product there: PERFORMANCE v0.31-v0.32), or
+// kernelForce.qkvSMs for it at any rows.
+func (b *Backend) productSMs(w engine.Weight) int { return b.holdFor(b.rows(), weightRows(w)) }
+
+// holdFor is productSMs for a step of rows rows and a product n values wide.
+func (b *Backend) holdFor(rows, n int) int {
+	force := b.force.qkvSMs
+	if force == 0 && b.la.sms < 0 && rows >= autoQKVMinRows {
+		force = autoQKVSMs
 	}
-	return b.loraSMs()
+	if force > 0 && n == b.qkvWidth() {
+		return force
+	}
+	return b.loraSMsFor(rows)
+}
+
+// The q/k/v product's SMs left to the LoRA stream in steps of
+// autoQKVMinRows rows or more (Options.LoRASMs automatic). Measured on the
+// H200 with four rank-32 adapters (v0.32, device ms a step, 16 / 32 / 48
+// SMs): bf16 64 rows 6.71 / 6.72 / 6.67, 128 rows 8.31 / 8.31 / 8.30, 256
+// rows 12.92 / 12.72 / 12.72; FP8 64 rows 6.07 / 6.06 / 6.07, 128 rows
+// 7.64 / 7.44 / 7.32, 256 rows 11.92 / 11.92 / 11.93.
+const (
+	autoQKVSMs     = 48
+	autoQKVMinRows = 64
+)
+
+// qkvWidth is the fused q/k/v product's output width.
+func (b *Backend) qkvWidth() int {
+	n := 0
+	for _, m := range llama.FusedGroups[0] {
+		_, out := b.cfg.Dims(m)
+		n += out
+	}
+	return n
 }
 
 // weightRows is a projection weight's output width (0: not one of ours).

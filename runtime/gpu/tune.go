@@ -85,13 +85,13 @@ func (b *Backend) tuneGemms() error {
 	}
 	defer b.mm.SetSMTarget(0)
 	for _, n := range rows {
-		targets := []int{0}
-		if hold := b.loraSMsFor(n); b.la.on && hold > 0 {
-			targets = append(targets, max(1, b.ctx.Device().SMs-hold))
-		}
-		for _, sms := range targets {
-			b.mm.SetSMTarget(sms)
-			for _, sh := range order {
+		for _, sh := range order {
+			targets := []int{0}
+			if hold := b.holdFor(n, sh.n); b.la.on && hold > 0 {
+				targets = append(targets, max(1, b.ctx.Device().SMs-hold))
+			}
+			for _, sms := range targets {
+				b.mm.SetSMTarget(sms)
 				r, err := b.mm.TuneGemmTN(b.s, out.Ptr(), cuda.R16BF, in.Ptr(), cuda.R16BF, byShape[sh], cuda.R16BF, n, sh.n, sh.k, 8, 5)
 				if err != nil {
 					return fmt.Errorf("gpu: tune %d rows x [%d, %d]: %w", n, sh.n, sh.k, err)
