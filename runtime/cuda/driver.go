@@ -77,6 +77,13 @@ type driver struct {
 	cuGraphLaunch               func(e cuGraphExec, s cuStream) int32
 	cuGraphExecDestroy          func(e cuGraphExec) int32
 	cuGraphDestroy              func(g cuGraph) int32
+	// Graph edges with edge data (optional: CUDA 12.3+; graph.go's
+	// CaptureLeaves, Edges and MakeProgrammatic)
+	cuStreamGetCaptureInfo    func(s cuStream, status *int32, id *uint64, g *cuGraph, deps **uintptr, data **EdgeData, n *uint64) int32
+	cuGraphGetEdges           func(g cuGraph, from, to *uintptr, data *EdgeData, n *uint64) int32
+	cuGraphAddDependencies    func(g cuGraph, from, to *uintptr, data *EdgeData, n uint64) int32
+	cuGraphRemoveDependencies func(g cuGraph, from, to *uintptr, data *EdgeData, n uint64) int32
+	cuGraphNodeGetType        func(node uintptr, t *int32) int32
 	// Profiler range (optional): what ncu --profile-from-start off records.
 	cuProfilerStart func() int32
 	cuProfilerStop  func() int32
@@ -159,6 +166,11 @@ func loadDriver() error {
 		b.fn(&d.cuGraphLaunch, "cuGraphLaunch")
 		b.fn(&d.cuGraphExecDestroy, "cuGraphExecDestroy")
 		b.fn(&d.cuGraphDestroy, "cuGraphDestroy")
+		b.fn(&d.cuStreamGetCaptureInfo, "cuStreamGetCaptureInfo_v3")
+		b.fn(&d.cuGraphGetEdges, "cuGraphGetEdges_v2")
+		b.fn(&d.cuGraphAddDependencies, "cuGraphAddDependencies_v2")
+		b.fn(&d.cuGraphRemoveDependencies, "cuGraphRemoveDependencies_v2")
+		b.fn(&d.cuGraphNodeGetType, "cuGraphNodeGetType")
 		b.fn(&d.cuLaunchKernelEx, "cuLaunchKernelEx")
 		b.fn(&d.cuProfilerStart, "cuProfilerStart")
 		b.fn(&d.cuProfilerStop, "cuProfilerStop")

@@ -1,6 +1,9 @@
 package cuda
 
-import "fmt"
+import (
+	"fmt"
+	"unsafe"
+)
 
 // Graph is a captured sequence of stream work (CUgraph).
 type Graph struct {
@@ -109,4 +112,132 @@ func (c *Context) ProfilerStop() error {
 		return fmt.Errorf("%w: the driver lacks cuProfilerStop", ErrNotSupported)
 	}
 	return c.Do(func() error { return check("cuProfilerStop", drv.cuProfilerStop()) })
+}
+
+// GraphNode is a node of a captured graph (CUgraphNode).
+type GraphNode uintptr
+
+// EdgeData is CUgraphEdgeData: when an edge's dependency is met (FromPort)
+// and of what kind (Type); zero is a full dependency, with memory
+// visibility, on the upstream node's completion.
+type EdgeData struct {
+	FromPort, ToPort, Type uint8
+	_                      [5]uint8
+}
+
+// The edge data of a programmatic dependency: the downstream kernel may
+// launch once every block of the upstream kernel has triggered
+// (griddepcontrol.launch_dependents) or exited, and waits for its
+// completion with griddepcontrol.wait (CU_GRAPH_KERNEL_NODE_PORT_PROGRAMMATIC,
+// CU_GRAPH_DEPENDENCY_TYPE_PROGRAMMATIC), as a programmatic launch on one
+// stream records it.
+var ProgrammaticEdge = EdgeData{FromPort: 1, Type: 1}
+
+// GraphEdge is a dependency of a graph: To runs after From, as Data says.
+type GraphEdge struct {
+	From, To GraphNode
+	Data     EdgeData
+}
+
+func edgesBound() error {
+	if drv.cuStreamGetCaptureInfo == nil || drv.cuGraphGetEdges == nil || drv.cuGraphAddDependencies == nil ||
+		drv.cuGraphRemoveDependencies == nil || drv.cuGraphNodeGetType == nil {
+		return fmt.Errorf("%w: the driver lacks graph edge data (CUDA 12.3)", ErrNotSupported)
+	}
+	return nil
+}
+
+// EdgesSupported reports (nil) whether the driver can list and rewrite a
+// graph's edges with their data.
+func EdgesSupported() error { return edgesBound() }
+
+// CaptureLeaves returns the nodes the next work captured on s would depend
+// on (its last kernel, for a stream that just launched one).
+func (s *Stream) CaptureLeaves() ([]GraphNode, error) {
+	if err := edgesBound(); err != nil {
+		return nil, err
+	}
+	var out []GraphNode
+	err := s.c.Do(func() error {
+		var (
+			status int32
+			id     uint64
+			g      cuGraph
+			deps   *uintptr
+			data   *EdgeData
+			n      uint64
+		)
+		if err := check("cuStreamGetCaptureInfo_v3", drv.cuStreamGetCaptureInfo(s.s, &status, &id, &g, &deps, &data, &n)); err != nil {
+			return err
+		}
+		if status != 1 { // CU_STREAM_CAPTURE_STATUS_ACTIVE
+			return fmt.Errorf("%w: the stream is not capturing (status %d)", ErrInvalidValue, status)
+		}
+		if n > 0 && deps != nil {
+			for _, d := range unsafe.Slice(deps, n) { // the driver's array: copied before the next call
+				out = append(out, GraphNode(d))
+			}
+		}
+		return nil
+	})
+	return out, err
+}
+
+// Edges lists every edge of g with its data.
+func (g *Graph) Edges() ([]GraphEdge, error) {
+	if err := edgesBound(); err != nil {
+		return nil, err
+	}
+	var out []GraphEdge
+	err := g.c.Do(func() error {
+		var n uint64
+		if err := check("cuGraphGetEdges_v2", drv.cuGraphGetEdges(g.g, nil, nil, nil, &n)); err != nil {
+			return err
+		}
+		if n == 0 {
+			return nil
+		}
+		from, to, data := make([]uintptr, n), make([]uintptr, n), make([]EdgeData, n)
+		if err := check("cuGraphGetEdges_v2", drv.cuGraphGetEdges(g.g, &from[0], &to[0], &data[0], &n)); err != nil {
+			return err
+		}
+		out = make([]GraphEdge, n)
+		for i := range out {
+			out[i] = GraphEdge{GraphNode(from[i]), GraphNode(to[i]), data[i]}
+		}
+		return nil
+	})
+	return out, err
+}
+
+// IsKernel reports whether node n of g is a kernel launch.
+func (g *Graph) IsKernel(n GraphNode) (bool, error) {
+	if err := edgesBound(); err != nil {
+		return false, err
+	}
+	var t int32
+	err := g.c.Do(func() error { return check("cuGraphNodeGetType", drv.cuGraphNodeGetType(uintptr(n), &t)) })
+	return err == nil && t == 0, err // CU_GRAPH_NODE_TYPE_KERNEL
+}
+
+// Retype replaces each edge (its From and To) of g by one with data d.
+func (g *Graph) Retype(edges []GraphEdge, d EdgeData) error {
+	if len(edges) == 0 {
+		return nil
+	}
+	if err := edgesBound(); err != nil {
+		return err
+	}
+	from, to := make([]uintptr, len(edges)), make([]uintptr, len(edges))
+	old, now := make([]EdgeData, len(edges)), make([]EdgeData, len(edges))
+	for i, e := range edges {
+		from[i], to[i], old[i], now[i] = uintptr(e.From), uintptr(e.To), e.Data, d
+	}
+	n := uint64(len(edges))
+	return g.c.Do(func() error {
+		if err := check("cuGraphRemoveDependencies_v2", drv.cuGraphRemoveDependencies(g.g, &from[0], &to[0], &old[0], n)); err != nil {
+			return err
+		}
+		return check("cuGraphAddDependencies_v2", drv.cuGraphAddDependencies(g.g, &from[0], &to[0], &now[0], n))
+	})
 }

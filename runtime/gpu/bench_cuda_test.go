@@ -380,6 +380,7 @@ type decodeVariant struct {
 	two                          bool // with wg or bwg: two warpgroups a block (fp8_wg2, gemm_wg2: wgProduct.two)
 	part                         int  // SMs for the LoRA stream in a green-context split (partition.go; PEFTD_LORA_PARTITION lists them; 0: none)
 	qkvSMs                       int  // SMs the q/k/v product leaves to the LoRA stream (kernelForce.qkvSMs; 0: the default, holdFor)
+	pdlJoins                     int  // recordings with the LoRA stream's joins (1), and forks (2), programmatic (kernelForce.pdlJoins)
 }
 
 // label names a row of TestDecodeBench's table: "no" (base) or the
@@ -418,6 +419,12 @@ func (v decodeVariant) label(ads []*lora.Adapter, pdlOK bool) string {
 	}
 	if v.qkvSMs > 0 {
 		lbl += fmt.Sprintf("+qkvsms%d", v.qkvSMs)
+	}
+	switch v.pdlJoins {
+	case 1:
+		lbl += "+pdljoin"
+	case 2:
+		lbl += "+pdlfork"
 	}
 	return lbl
 }
@@ -577,7 +584,7 @@ func TestDecodeBench(t *testing.T) {
 		{sms: -1, ropeHeads: true}, {sms: -1, split: 16}, {sms: -1, split: 1}, {sms: -1, split: 2}, {sms: -1, split: 3}, {sms: -1, dv: 1 + int(decV2)}, {lora: true, sms: -1, dv: 1 + int(decV2)}, {sms: -1, dv: 1 + int(decV4)}, {lora: true, sms: -1, dv: 1 + int(decV4)},
 		{sampled: true, sms: -1}, {eager: true, sms: -1}, {lora: true, eager: true, sms: -1},
 		{lora: true, serial: true, sms: -1}, {lora: true, sms: 0}, {lora: true, sms: 8}, {lora: true, sms: 16}, {lora: true, sms: 24}, {lora: true, sms: 32},
-		{lora: true, sms: -1, qkvSMs: 16}, {lora: true, sms: -1, qkvSMs: 32},
+		{lora: true, sms: -1, qkvSMs: 16}, {lora: true, sms: -1, qkvSMs: 32}, {lora: true, sms: -1, pdlJoins: 1}, {lora: true, sms: -1, pdlJoins: 2},
 		{sms: -1, wg: true}, {lora: true, sms: -1, wg: true}, {sms: -1, bwg: true}, {lora: true, sms: -1, bwg: true},
 		{sms: -1, nowga: true}, {lora: true, sms: -1, nowga: true},
 		{sms: -1, wg: true, two: true}, {lora: true, sms: -1, wg: true, two: true}, {sms: -1, bwg: true, two: true}, {lora: true, sms: -1, bwg: true, two: true},
@@ -636,10 +643,10 @@ func TestDecodeBench(t *testing.T) {
 			continue
 		}
 		retune := v.tuned && !gb.tune.done
-		if wantPDL := pdlOK && !v.nopdl; retune || partOf(gb) != v.part || gb.la.on == v.serial || gb.la.sms != v.sms || gb.s.ProgrammaticLaunch() != wantPDL || gb.force.decSplit != v.split || gb.force.ropeHeads != v.ropeHeads || gb.force.decOpts != v.opts || gb.force.noSkinny != v.lt || gb.force.skLate != v.skLate || gb.force.decVar != v.dv || gb.force.bwg != v.bwg || gb.force.qkvSMs != v.qkvSMs || gb.wg != nil && gb.wg.two != v.two || gb.f8 != nil && gb.f8.wg != nil && gb.f8.wg.two != v.two || gb.f8 != nil && (gb.f8.streamOn != v.fs || gb.f8.streamOff != v.gv || gb.f8.wgOn != v.wg || gb.f8.wgAuto != (gb.f8.wgAutoDefault && !v.nowga)) { // recordings bake the LoRA and launch modes, the kernels and the GEMM algorithms in
+		if wantPDL := pdlOK && !v.nopdl; retune || partOf(gb) != v.part || gb.la.on == v.serial || gb.la.sms != v.sms || gb.s.ProgrammaticLaunch() != wantPDL || gb.force.decSplit != v.split || gb.force.ropeHeads != v.ropeHeads || gb.force.decOpts != v.opts || gb.force.noSkinny != v.lt || gb.force.skLate != v.skLate || gb.force.decVar != v.dv || gb.force.bwg != v.bwg || gb.force.qkvSMs != v.qkvSMs || gb.force.pdlJoins != v.pdlJoins || gb.wg != nil && gb.wg.two != v.two || gb.f8 != nil && gb.f8.wg != nil && gb.f8.wg.two != v.two || gb.f8 != nil && (gb.f8.streamOn != v.fs || gb.f8.streamOff != v.gv || gb.f8.wgOn != v.wg || gb.f8.wgAuto != (gb.f8.wgAutoDefault && !v.nowga)) { // recordings bake the LoRA and launch modes, the kernels and the GEMM algorithms in
 			gb.la.on, gb.la.sms, gb.force.decSplit, gb.force.ropeHeads, gb.force.decOpts = !v.serial, v.sms, v.split, v.ropeHeads, v.opts
 			gb.force.noSkinny, gb.force.skLate, gb.force.decVar, gb.force.bwg = v.lt, v.skLate, v.dv, v.bwg
-			gb.force.qkvSMs = v.qkvSMs
+			gb.force.qkvSMs, gb.force.pdlJoins = v.qkvSMs, v.pdlJoins
 			if gb.wg != nil {
 				gb.wg.two = v.two
 			}
@@ -735,7 +742,7 @@ func TestDecodeBench(t *testing.T) {
 	}
 	gb.g.off, gb.force.decSplit, gb.force.ropeHeads, gb.force.decOpts = false, 0, false, 0
 	gb.force.noSkinny, gb.force.skLate, gb.force.decVar, gb.force.bwg = false, false, 0, false
-	gb.force.qkvSMs = 0
+	gb.force.qkvSMs, gb.force.pdlJoins = 0, 0
 	if gb.wg != nil {
 		gb.wg.two = false
 	}
@@ -756,7 +763,7 @@ func TestDecodeBench(t *testing.T) {
 		bench("decode tune: %d products tuned in %v, %d changed", len(res), took.Round(time.Millisecond), changed)
 	}
 	rec, rep := gb.GraphStats()
-	bench("decode graphs: %d recorded, %d steps replayed", rec, rep)
+	bench("decode graphs: %d recorded, %d steps replayed; %d edges made programmatic (+pdljoin, +pdlfork)", rec, rep, gb.g.ProgEdges)
 	if rec != recorded {
 		t.Errorf("%d decode graphs recorded after Warmup's %d: a decode step needed a new recording", rec, recorded)
 	}

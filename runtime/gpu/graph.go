@@ -125,6 +125,10 @@ type graphState struct {
 	// counters, for tests and the benchmark (Direct: recordings Warmup
 	// captured without an eager run first)
 	Recorded, Replayed, Direct int
+	// the capture's join (and fork) nodes (kernelForce.pdlJoins), and the
+	// edges made programmatic so far
+	capture   captureSources
+	ProgEdges int
 }
 
 // GraphStats reports how many decode graphs were recorded and how many
@@ -457,6 +461,10 @@ func (b *Backend) runThenRecord(key graphKey, prog engine.Program) error {
 		return err
 	}
 	e, err := b.record(prog)
+	if err != nil && b.force.pdlJoins > 0 {
+		b.force.pdlJoins = 0 // a driver that refuses programmatic joins: full ones
+		e, err = b.record(prog)
+	}
 	if err != nil && b.pdl {
 		// a driver that cannot record programmatic launches: record (and
 		// from now on launch) without them
@@ -508,7 +516,10 @@ func (b *Backend) record(prog engine.Program) (*cuda.GraphExec, error) {
 	if err := b.s.BeginCapture(); err != nil {
 		return nil, err
 	}
+	b.g.capture = captureSources{on: b.force.pdlJoins > 0 && b.pdl, src: map[cuda.GraphNode]bool{}}
 	prog.Run(b)
+	src := b.g.capture.src
+	b.g.capture = captureSources{}
 	g, cerr := b.s.EndCapture()
 	if err := errors.Join(b.err, cerr); err != nil {
 		b.err = nil
@@ -516,6 +527,11 @@ func (b *Backend) record(prog engine.Program) (*cuda.GraphExec, error) {
 		return nil, err
 	}
 	defer g.Destroy()
+	n, err := retypeJoins(g, src)
+	if err != nil {
+		return nil, err
+	}
+	b.g.ProgEdges += n
 	return g.Instantiate()
 }
 

@@ -11,6 +11,7 @@ import (
 	"testing"
 
 	fx "github.com/peftd/peftd/internal/fixture"
+	"github.com/peftd/peftd/runtime/cuda"
 	"github.com/peftd/peftd/runtime/engine"
 	"github.com/peftd/peftd/runtime/llama"
 	"github.com/peftd/peftd/runtime/lora"
@@ -254,6 +255,40 @@ func TestPDLMatchesSerialLaunch(t *testing.T) {
 		t.Skip("this card or driver cannot launch programmatically: nothing to compare")
 	}
 	matchSteps(t, m, len(adapters), ep, es, "with and without PDL")
+}
+
+// TestProgrammaticJoinsMatch: with the LoRA stream's joins (1), and its
+// forks (2), recorded as programmatic dependencies (kernelForce.pdlJoins,
+// pdljoin.go) every logits row of the prefill, mixed and decode steps,
+// adapters in them, is bit-identical to the default recordings', and the
+// recordings did retype edges (the driver took them: the mode stayed on).
+func TestProgrammaticJoinsMatch(t *testing.T) {
+	m, adapters, _ := loadFixture(t)
+	ef, bf := newMatchEngine(t, m, adapters, Options{})
+	if !bf.PDL() {
+		t.Skip("this card or driver cannot launch programmatically: no programmatic joins")
+	}
+	if err := cuda.EdgesSupported(); err != nil {
+		t.Skip(err)
+	}
+	for _, mode := range []int{1, 2} {
+		ej, bj := newMatchEngine(t, m, adapters, Options{})
+		bj.force.pdlJoins = mode
+		if err := bj.dropGraphs(); err != nil {
+			t.Fatal(err)
+		}
+		if err := ej.Warmup(); err != nil { // recorded again, retyped
+			t.Fatal(err)
+		}
+		matchSteps(t, m, len(adapters), ej, ef, fmt.Sprintf("programmatic joins (mode %d) and full ones", mode))
+		if bj.force.pdlJoins != mode {
+			t.Errorf("mode %d: the driver refused a recording with programmatic joins (turned off)", mode)
+		}
+		if bj.g.ProgEdges == 0 {
+			t.Errorf("mode %d: no edge retyped in %d recordings", mode, bj.g.Recorded)
+		}
+		t.Logf("mode %d: %d edges made programmatic over %d recordings", mode, bj.g.ProgEdges, bj.g.Recorded)
+	}
 }
 
 // TestGraphRowsMatchEager: with Options.GraphRows 512 the steps of 257-512

@@ -234,6 +234,9 @@ func (b *Backend) forkAt(x *Buffer) {
 		b.fail(err)
 		return
 	}
+	if b.force.pdlJoins > 1 {
+		b.g.capture.collect(b.s) // the fork's source (pdljoin.go)
+	}
 	b.la.forkIn = ptr(x)
 }
 
@@ -243,6 +246,7 @@ func (b *Backend) loraAside(o, x *Buffer, layer int, mods []llama.Module, total 
 	d := b.la.delta.Ptr()
 	b.fail(b.la.s.Wait(b.la.fork))
 	b.loraSlices(b.la.s, d, total, x, layer, mods, false)
+	b.g.capture.collect(b.la.s) // the update's last kernel: the join's source (pdljoin.go)
 	if b.err == nil {
 		b.fail(b.la.join.Record(b.la.s))
 	}
