@@ -190,22 +190,24 @@ func (g *Graph) Edges() ([]GraphEdge, error) {
 	}
 	var out []GraphEdge
 	err := g.c.Do(func() error {
-		var n uint64
-		if err := check("cuGraphGetEdges_v2", drv.cuGraphGetEdges(g.g, nil, nil, nil, &n)); err != nil {
-			return err
-		}
-		if n == 0 {
+		// arrays from the first call: a count-only query (no edge data)
+		// would be refused as lossy once some edge is programmatic. A full
+		// array may have been cut short: ask again with a larger one.
+		for size := uint64(1024); ; size *= 4 {
+			from, to, data := make([]uintptr, size), make([]uintptr, size), make([]EdgeData, size)
+			n := size
+			if err := check("cuGraphGetEdges_v2", drv.cuGraphGetEdges(g.g, &from[0], &to[0], &data[0], &n)); err != nil {
+				return err
+			}
+			if n == size {
+				continue
+			}
+			out = make([]GraphEdge, n)
+			for i := range out {
+				out[i] = GraphEdge{GraphNode(from[i]), GraphNode(to[i]), data[i]}
+			}
 			return nil
 		}
-		from, to, data := make([]uintptr, n), make([]uintptr, n), make([]EdgeData, n)
-		if err := check("cuGraphGetEdges_v2", drv.cuGraphGetEdges(g.g, &from[0], &to[0], &data[0], &n)); err != nil {
-			return err
-		}
-		out = make([]GraphEdge, n)
-		for i := range out {
-			out[i] = GraphEdge{GraphNode(from[i]), GraphNode(to[i]), data[i]}
-		}
-		return nil
 	})
 	return out, err
 }
