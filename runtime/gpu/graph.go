@@ -129,6 +129,7 @@ type graphState struct {
 	// edges made programmatic so far
 	capture   captureSources
 	ProgEdges int
+	joins     []joinStats // each recording's, with pdlJoins
 }
 
 // GraphStats reports how many decode graphs were recorded and how many
@@ -516,9 +517,9 @@ func (b *Backend) record(prog engine.Program) (*cuda.GraphExec, error) {
 	if err := b.s.BeginCapture(); err != nil {
 		return nil, err
 	}
-	b.g.capture = captureSources{on: b.force.pdlJoins > 0 && b.pdl, src: map[cuda.GraphNode]bool{}}
+	b.g.capture = newCaptureSources(b.force.pdlJoins > 0 && b.pdl)
 	prog.Run(b)
-	src := b.g.capture.src
+	cs := b.g.capture
 	b.g.capture = captureSources{}
 	g, cerr := b.s.EndCapture()
 	if err := errors.Join(b.err, cerr); err != nil {
@@ -527,11 +528,12 @@ func (b *Backend) record(prog engine.Program) (*cuda.GraphExec, error) {
 		return nil, err
 	}
 	defer g.Destroy()
-	n, err := retypeJoins(g, src)
+	js, err := retypeJoins(g, cs)
 	if err != nil {
 		return nil, err
 	}
-	b.g.ProgEdges += n
+	b.g.ProgEdges += js.retyped
+	b.g.joins = append(b.g.joins, js)
 	return g.Instantiate()
 }
 

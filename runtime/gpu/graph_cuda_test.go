@@ -287,7 +287,11 @@ func TestProgrammaticJoinsMatch(t *testing.T) {
 		if bj.g.ProgEdges == 0 {
 			t.Errorf("mode %d: no edge retyped in %d recordings", mode, bj.g.Recorded)
 		}
-		t.Logf("mode %d: %d edges made programmatic over %d recordings", mode, bj.g.ProgEdges, bj.g.Recorded)
+		var sum joinStats
+		for _, j := range bj.g.joins {
+			sum.src, sum.dst, sum.full, sum.prog, sum.retyped, sum.other = sum.src+j.src, sum.dst+j.dst, sum.full+j.full, sum.prog+j.prog, sum.retyped+j.retyped, sum.other+j.other
+		}
+		t.Logf("mode %d: %d edges made programmatic over %d recordings; summed over them: %+v", mode, bj.g.ProgEdges, bj.g.Recorded, sum)
 	}
 }
 

@@ -230,12 +230,12 @@ func (b *Backend) forkAt(x *Buffer) {
 	if !b.asideOK() || b.err != nil {
 		return
 	}
+	if b.force.pdlJoins > 1 {
+		b.g.capture.source(b.s) // the fork's source: the op before the GEMM (pdljoin.go)
+	}
 	if err := b.la.fork.Record(b.s); err != nil {
 		b.fail(err)
 		return
-	}
-	if b.force.pdlJoins > 1 {
-		b.g.capture.collect(b.s) // the fork's source (pdljoin.go)
 	}
 	b.la.forkIn = ptr(x)
 }
@@ -244,9 +244,11 @@ func (b *Backend) forkAt(x *Buffer) {
 func (b *Backend) loraAside(o, x *Buffer, layer int, mods []llama.Module, total int) {
 	b.la.forkIn = 0
 	d := b.la.delta.Ptr()
+	if b.force.pdlJoins > 1 {
+		b.g.capture.waits(b.la.s) // the fork's consumer: the update's first kernel (pdljoin.go)
+	}
 	b.fail(b.la.s.Wait(b.la.fork))
 	b.loraSlices(b.la.s, d, total, x, layer, mods, false)
-	b.g.capture.collect(b.la.s) // the update's last kernel: the join's source (pdljoin.go)
 	if b.err == nil {
 		b.fail(b.la.join.Record(b.la.s))
 	}
@@ -265,6 +267,8 @@ func (b *Backend) join() {
 	if b.err != nil {
 		return
 	}
+	b.g.capture.source(b.la.s) // the update's last kernel: the join's source (pdljoin.go)
+	b.g.capture.waits(b.s)
 	b.fail(b.s.Wait(b.la.join))
 	n := b.rows() * p.cols
 	b.launch(b.fn.addDelta, cuda.Dim3{X: max(1, min((n+255)/256, 4096))}, cuda.Dim3{X: 256}, p.base, p.delta, b.rowLora(), b.rows(), p.cols, p.ld)
@@ -299,6 +303,8 @@ func (b *Backend) fuse(views ...*Buffer) ([]cuda.DevicePtr, int) {
 	if b.err != nil {
 		return nil, 0
 	}
+	b.g.capture.source(b.la.s) // the update's last kernel: the join's source (pdljoin.go)
+	b.g.capture.waits(b.s)
 	b.fail(b.s.Wait(b.la.join))
 	return d, p.cols
 }

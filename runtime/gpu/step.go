@@ -298,6 +298,7 @@ func (b *Backend) launchOn(st *cuda.Stream, f *cuda.Function, grid, block cuda.D
 		return
 	}
 	b.fail(f.Launch(st, grid, block, 0, args...))
+	b.g.capture.launched(st)
 }
 
 func buf(x engine.Buffer) *Buffer {
