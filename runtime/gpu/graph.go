@@ -125,7 +125,7 @@ type graphState struct {
 	// counters, for tests and the benchmark (Direct: recordings Warmup
 	// captured without an eager run first)
 	Recorded, Replayed, Direct int
-	// the capture's join (and fork) nodes (kernelForce.pdlJoins), and the
+	// the capture's join (and fork) nodes (pdljoin.go), and the
 	// edges made programmatic so far
 	capture   captureSources
 	ProgEdges int
@@ -462,8 +462,8 @@ func (b *Backend) runThenRecord(key graphKey, prog engine.Program) error {
 		return err
 	}
 	e, err := b.record(prog)
-	if err != nil && b.force.pdlJoins > 0 {
-		b.force.pdlJoins = 0 // a driver that refuses programmatic joins: full ones
+	if err != nil && b.joinMode() > 0 {
+		b.force.pdlJoins = -1 // a driver that refuses programmatic joins: full ones
 		e, err = b.record(prog)
 	}
 	if err != nil && b.pdl {
@@ -517,7 +517,7 @@ func (b *Backend) record(prog engine.Program) (*cuda.GraphExec, error) {
 	if err := b.s.BeginCapture(); err != nil {
 		return nil, err
 	}
-	b.g.capture = newCaptureSources(b.force.pdlJoins > 0 && b.pdl)
+	b.g.capture = newCaptureSources(b.joinMode())
 	prog.Run(b)
 	cs := b.g.capture
 	b.g.capture = captureSources{}

@@ -257,10 +257,10 @@ func TestPDLMatchesSerialLaunch(t *testing.T) {
 	matchSteps(t, m, len(adapters), ep, es, "with and without PDL")
 }
 
-// TestProgrammaticJoinsMatch: with the LoRA stream's joins (1), and its
-// forks (2), recorded as programmatic dependencies (kernelForce.pdlJoins,
-// pdljoin.go) every logits row of the prefill, mixed and decode steps,
-// adapters in them, is bit-identical to the default recordings', and the
+// TestProgrammaticJoinsMatch: with the LoRA stream's joins recorded as
+// programmatic dependencies (kernelForce.pdlJoins modes 1, the default, 2
+// and 3; pdljoin.go) every logits row of the prefill, mixed and decode
+// steps, adapters in them, is bit-identical to full joins' (-1), and the
 // recordings did retype edges (the driver took them: the mode stayed on).
 func TestProgrammaticJoinsMatch(t *testing.T) {
 	m, adapters, _ := loadFixture(t)
@@ -271,7 +271,17 @@ func TestProgrammaticJoinsMatch(t *testing.T) {
 	if err := cuda.EdgesSupported(); err != nil {
 		t.Skip(err)
 	}
-	for _, mode := range []int{1, 2} {
+	bf.force.pdlJoins = -1
+	if err := bf.dropGraphs(); err != nil {
+		t.Fatal(err)
+	}
+	if err := ef.Warmup(); err != nil {
+		t.Fatal(err)
+	}
+	if bf.g.ProgEdges != 0 {
+		t.Errorf("full joins: %d edges made programmatic", bf.g.ProgEdges)
+	}
+	for _, mode := range []int{0, 2, 3} {
 		ej, bj := newMatchEngine(t, m, adapters, Options{})
 		bj.force.pdlJoins = mode
 		if err := bj.dropGraphs(); err != nil {
@@ -289,7 +299,7 @@ func TestProgrammaticJoinsMatch(t *testing.T) {
 		}
 		var sum joinStats
 		for _, j := range bj.g.joins {
-			sum.src, sum.dst, sum.full, sum.prog, sum.retyped, sum.other = sum.src+j.src, sum.dst+j.dst, sum.full+j.full, sum.prog+j.prog, sum.retyped+j.retyped, sum.other+j.other
+			sum.src, sum.dst, sum.full, sum.prog, sum.otherFull, sum.otherProg, sum.retyped = sum.src+j.src, sum.dst+j.dst, sum.full+j.full, sum.prog+j.prog, sum.otherFull+j.otherFull, sum.otherProg+j.otherProg, sum.retyped+j.retyped
 		}
 		t.Logf("mode %d: %d edges made programmatic over %d recordings; summed over them: %+v", mode, bj.g.ProgEdges, bj.g.Recorded, sum)
 	}

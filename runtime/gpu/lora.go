@@ -230,7 +230,7 @@ func (b *Backend) forkAt(x *Buffer) {
 	if !b.asideOK() || b.err != nil {
 		return
 	}
-	if b.force.pdlJoins > 1 {
+	if b.joinMode() > 2 {
 		b.g.capture.source(b.s) // the fork's source: the op before the GEMM (pdljoin.go)
 	}
 	if err := b.la.fork.Record(b.s); err != nil {
@@ -244,7 +244,7 @@ func (b *Backend) forkAt(x *Buffer) {
 func (b *Backend) loraAside(o, x *Buffer, layer int, mods []llama.Module, total int) {
 	b.la.forkIn = 0
 	d := b.la.delta.Ptr()
-	if b.force.pdlJoins > 1 {
+	if b.joinMode() > 2 {
 		b.g.capture.waits(b.la.s) // the fork's consumer: the update's first kernel (pdljoin.go)
 	}
 	b.fail(b.la.s.Wait(b.la.fork))

@@ -2,7 +2,7 @@ package gpu
 
 import "github.com/peftd/peftd/runtime/cuda"
 
-// Programmatic joins (kernelForce.pdlJoins, an A/B; PERFORMANCE v0.31-v0.32).
+// Programmatic joins (kernelForce.pdlJoins; PERFORMANCE v0.31-v0.32).
 //
 // A recording captures the LoRA stream's join (the compute stream waiting
 // for the update, lora.go) as a full dependency: the op that reads the
@@ -15,8 +15,15 @@ import "github.com/peftd/peftd/runtime/cuda"
 // (pdl_entry), so the join may be a programmatic dependency instead: the
 // reading op's blocks are scheduled as soon as the update's kernel has
 // started its blocks, and wait there for it to finish and its writes to be
-// visible. With pdlJoins 2 the fork (the LoRA stream's first kernel
-// waiting for the op before the GEMM) is made programmatic too.
+// visible.
+//
+// Modes (joinMode): 1, the default, retypes the join edges (from the
+// update's last kernel into the op reading it: v0.32, decode with four
+// adapters -0.5 to -1% a step in bf16, -1 to -2.5% in FP8, logits
+// bit-identical); 2 every kernel edge into the op reading the update (the
+// product before it too: a kernel captured with two dependencies gets full
+// edges from both); 3 as 2, and every kernel edge into the LoRA stream's
+// first kernel of each update (the fork).
 //
 // While a recording captures, the LoRA stream's last nodes at each join
 // (the compute stream's at each fork) are the sources, and the first
@@ -29,13 +36,26 @@ import "github.com/peftd/peftd/runtime/cuda"
 // captureSources collects, during a capture, the nodes whose edges may
 // become programmatic.
 type captureSources struct {
-	on       bool
+	on, all  bool // collecting; every kernel edge into a consumer (modes 2 and 3)
 	src, dst map[cuda.GraphNode]bool
 	next     map[*cuda.Stream]bool // streams whose next kernel of ours is a consumer
 }
 
-func newCaptureSources(on bool) captureSources {
-	return captureSources{on: on, src: map[cuda.GraphNode]bool{}, dst: map[cuda.GraphNode]bool{}, next: map[*cuda.Stream]bool{}}
+func newCaptureSources(mode int) captureSources {
+	return captureSources{on: mode > 0, all: mode > 1, src: map[cuda.GraphNode]bool{}, dst: map[cuda.GraphNode]bool{}, next: map[*cuda.Stream]bool{}}
+}
+
+// joinMode is the recordings' programmatic joins (0: none): kernelForce's
+// mode, 1 by default (-1 turns them off), with PDL on.
+func (b *Backend) joinMode() int {
+	m := b.force.pdlJoins
+	if m == 0 {
+		m = 1
+	}
+	if !b.pdl || m < 0 {
+		return 0
+	}
+	return m
 }
 
 // leaves adds the nodes s's next work would depend on to set.
@@ -73,12 +93,12 @@ func (c *captureSources) launched(s *cuda.Stream) {
 	c.leaves(s, c.dst)
 }
 
-// programmaticEdges picks the full edges from a source kernel into a
-// consumer.
-func programmaticEdges(edges []cuda.GraphEdge, src, dst map[cuda.GraphNode]bool, isKernel func(cuda.GraphNode) bool) []cuda.GraphEdge {
+// programmaticEdges picks the full edges from a source kernel (with all,
+// from any kernel) into a consumer.
+func programmaticEdges(edges []cuda.GraphEdge, src, dst map[cuda.GraphNode]bool, all bool, isKernel func(cuda.GraphNode) bool) []cuda.GraphEdge {
 	var out []cuda.GraphEdge
 	for _, e := range edges {
-		if e.Data == (cuda.EdgeData{}) && src[e.From] && dst[e.To] && isKernel(e.From) {
+		if e.Data == (cuda.EdgeData{}) && (all || src[e.From]) && dst[e.To] && isKernel(e.From) {
 			out = append(out, e)
 		}
 	}
@@ -87,15 +107,16 @@ func programmaticEdges(edges []cuda.GraphEdge, src, dst map[cuda.GraphNode]bool,
 
 // joinStats is what retypeJoins found in one recording.
 type joinStats struct {
-	src, dst       int // sources and consumers collected
-	full, prog     int // edges from a source into a consumer, by type before
-	retyped, other int // retyped; edges into consumers from elsewhere
+	src, dst             int // sources and consumers collected
+	full, prog           int // edges from a source into a consumer, by type before
+	otherFull, otherProg int // edges into consumers from elsewhere, by type before
+	retyped              int
 }
 
 // retypeJoins makes g's join (and fork) edges programmatic.
 func retypeJoins(g *cuda.Graph, c captureSources) (joinStats, error) {
 	st := joinStats{src: len(c.src), dst: len(c.dst)}
-	if len(c.src) == 0 || len(c.dst) == 0 {
+	if len(c.dst) == 0 {
 		return st, nil
 	}
 	edges, err := g.Edges()
@@ -105,8 +126,10 @@ func retypeJoins(g *cuda.Graph, c captureSources) (joinStats, error) {
 	for _, e := range edges {
 		switch {
 		case !c.dst[e.To]:
+		case !c.src[e.From] && e.Data == (cuda.EdgeData{}):
+			st.otherFull++
 		case !c.src[e.From]:
-			st.other++
+			st.otherProg++
 		case e.Data == (cuda.EdgeData{}):
 			st.full++
 		default:
@@ -114,7 +137,7 @@ func retypeJoins(g *cuda.Graph, c captureSources) (joinStats, error) {
 		}
 	}
 	var kerr error
-	pick := programmaticEdges(edges, c.src, c.dst, func(n cuda.GraphNode) bool {
+	pick := programmaticEdges(edges, c.src, c.dst, c.all, func(n cuda.GraphNode) bool {
 		k, err := g.IsKernel(n)
 		if err != nil && kerr == nil {
 			kerr = err

@@ -8,9 +8,10 @@ import (
 
 // TestProgrammaticEdges: of a recording's edges, only the full ones from a
 // source kernel (the LoRA stream's last kernel at a join, the op before
-// the GEMM at a fork) into a consumer (the first kernel of ours after the
-// wait) are picked; edges from other nodes, from non-kernel nodes, into
-// other kernels, or already programmatic, stay as they are.
+// the GEMM at a fork; with all, any kernel) into a consumer (the first
+// kernel of ours after the wait) are picked; edges from other nodes, from
+// non-kernel nodes, into other kernels, or already programmatic, stay as
+// they are.
 func TestProgrammaticEdges(t *testing.T) {
 	const (
 		gemm   cuda.GraphNode = iota + 1 // cuBLASLt on the compute stream
@@ -49,14 +50,17 @@ func TestProgrammaticEdges(t *testing.T) {
 	for _, c := range []struct {
 		name     string
 		src, dst map[cuda.GraphNode]bool
+		all      bool
 		want     []cuda.GraphEdge
 	}{
-		{"joins", set(expand, memcpy), set(rope), []cuda.GraphEdge{e(expand, rope, full)}},
-		{"joins and forks", set(expand, memcpy, norm), set(rope, shrink), []cuda.GraphEdge{e(expand, rope, full), e(norm, shrink, full)}},
-		{"no consumers", set(expand, norm), nil, nil},
-		{"none", nil, nil, nil},
+		{"joins", set(expand, memcpy), set(rope), false, []cuda.GraphEdge{e(expand, rope, full)}},
+		{"joins and forks", set(expand, memcpy, norm), set(rope, shrink), false, []cuda.GraphEdge{e(expand, rope, full), e(norm, shrink, full)}},
+		{"into join consumers", set(expand), set(rope), true, []cuda.GraphEdge{e(gemm, rope, full), e(expand, rope, full)}},
+		{"into join and fork consumers", set(expand, norm), set(rope, shrink), true, []cuda.GraphEdge{e(gemm, rope, full), e(expand, rope, full), e(prev, shrink, full), e(norm, shrink, full)}},
+		{"no consumers", set(expand, norm), nil, true, nil},
+		{"none", nil, nil, false, nil},
 	} {
-		got := programmaticEdges(edges, c.src, c.dst, kernel)
+		got := programmaticEdges(edges, c.src, c.dst, c.all, kernel)
 		if len(got) != len(c.want) {
 			t.Errorf("%s: picked %v, want %v", c.name, got, c.want)
 			continue
