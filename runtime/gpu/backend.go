@@ -189,7 +189,7 @@ type kernelForce struct {
 	loraV1    bool          // LoRA: SGMV v1 (sgmv_shrink, then an expand launch)
 	loraV2    bool          // LoRA: SGMV v2 (one launch per op) wherever it fits
 	qkvSMs    int           // LoRA beside the q/k/v product: hold this many SMs back from it (0: holdFor's automatic choice)
-	pdlJoins  int           // recordings' programmatic joins: mode 1, 2 or 3 (pdljoin.go's joinMode; 0: the default, 1; -1: none)
+	pdlJoins  int           // recordings' programmatic joins: mode 1, 2 or 3 (pdljoin.go's joinMode; 0: the default, 2; -1: none)
 	attnRows  bool          // attention: the per-row kernel for every row (no attn_decode, attn_prefill, graphs)
 	decSplit  int           // attn_decode: this many KV splits per (sequence, KV head), at most decSplitFor's cap (0: decSplitFor's choice)
 	ropeHeads bool          // RoPE and the K/V store: rope_store (a block per row and head) for every shape

@@ -380,7 +380,7 @@ type decodeVariant struct {
 	two                          bool // with wg or bwg: two warpgroups a block (fp8_wg2, gemm_wg2: wgProduct.two)
 	part                         int  // SMs for the LoRA stream in a green-context split (partition.go; PEFTD_LORA_PARTITION lists them; 0: none)
 	qkvSMs                       int  // SMs the q/k/v product leaves to the LoRA stream (kernelForce.qkvSMs; 0: the default, holdFor)
-	pdlJoins                     int  // recordings' programmatic joins (kernelForce.pdlJoins: -1 none, 0 the default, 2, 3)
+	pdlJoins                     int  // recordings' programmatic joins (kernelForce.pdlJoins: -1 none, 0 the default (2), 1, 3)
 }
 
 // label names a row of TestDecodeBench's table: "no" (base) or the
@@ -584,7 +584,7 @@ func TestDecodeBench(t *testing.T) {
 		{sms: -1, ropeHeads: true}, {sms: -1, split: 16}, {sms: -1, split: 1}, {sms: -1, split: 2}, {sms: -1, split: 3}, {sms: -1, dv: 1 + int(decV2)}, {lora: true, sms: -1, dv: 1 + int(decV2)}, {sms: -1, dv: 1 + int(decV4)}, {lora: true, sms: -1, dv: 1 + int(decV4)},
 		{sampled: true, sms: -1}, {eager: true, sms: -1}, {lora: true, eager: true, sms: -1},
 		{lora: true, serial: true, sms: -1}, {lora: true, sms: 0}, {lora: true, sms: 8}, {lora: true, sms: 16}, {lora: true, sms: 24}, {lora: true, sms: 32},
-		{lora: true, sms: -1, qkvSMs: 16}, {lora: true, sms: -1, qkvSMs: 32}, {lora: true, sms: -1, pdlJoins: -1}, {lora: true, sms: -1, pdlJoins: 2}, {lora: true, sms: -1, pdlJoins: 3},
+		{lora: true, sms: -1, qkvSMs: 16}, {lora: true, sms: -1, qkvSMs: 32}, {lora: true, sms: -1, pdlJoins: -1}, {lora: true, sms: -1, pdlJoins: 1}, {lora: true, sms: -1, pdlJoins: 3},
 		{sms: -1, wg: true}, {lora: true, sms: -1, wg: true}, {sms: -1, bwg: true}, {lora: true, sms: -1, bwg: true},
 		{sms: -1, nowga: true}, {lora: true, sms: -1, nowga: true},
 		{sms: -1, wg: true, two: true}, {lora: true, sms: -1, wg: true, two: true}, {sms: -1, bwg: true, two: true}, {lora: true, sms: -1, bwg: true, two: true},

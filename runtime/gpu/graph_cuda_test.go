@@ -258,7 +258,7 @@ func TestPDLMatchesSerialLaunch(t *testing.T) {
 }
 
 // TestProgrammaticJoinsMatch: with the LoRA stream's joins recorded as
-// programmatic dependencies (kernelForce.pdlJoins modes 1, the default, 2
+// programmatic dependencies (kernelForce.pdlJoins modes 1, 2, the default,
 // and 3; pdljoin.go) every logits row of the prefill, mixed and decode
 // steps, adapters in them, is bit-identical to full joins' (-1), and the
 // recordings did retype edges (the driver took them: the mode stayed on).
@@ -272,6 +272,7 @@ func TestProgrammaticJoinsMatch(t *testing.T) {
 		t.Skip(err)
 	}
 	bf.force.pdlJoins = -1
+	bf.g.ProgEdges, bf.g.joins = 0, nil // the default's recordings, made by newMatchEngine
 	if err := bf.dropGraphs(); err != nil {
 		t.Fatal(err)
 	}
@@ -281,9 +282,10 @@ func TestProgrammaticJoinsMatch(t *testing.T) {
 	if bf.g.ProgEdges != 0 {
 		t.Errorf("full joins: %d edges made programmatic", bf.g.ProgEdges)
 	}
-	for _, mode := range []int{0, 2, 3} {
+	for _, mode := range []int{1, 0, 3} {
 		ej, bj := newMatchEngine(t, m, adapters, Options{})
 		bj.force.pdlJoins = mode
+		bj.g.ProgEdges, bj.g.joins = 0, nil
 		if err := bj.dropGraphs(); err != nil {
 			t.Fatal(err)
 		}
