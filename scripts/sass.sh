@@ -23,7 +23,7 @@ trap 'rm -rf "$dir"' EXIT
 bin/gpu/peftd kernels --arch "$arch" --dir "$dir" >/dev/null
 OBJ=${CUDA_HOME:-/usr/local/cuda}/bin/cuobjdump
 for f in "$@"; do
-	cub=$(grep -l "$f" "$dir"/*.cubin | head -1 || true)
+	cub=$(grep -lw -- "$f" "$dir"/*.cubin | head -1 || true)
 	if [[ -z $cub ]]; then echo "sass $f: in no cubin" && continue; fi
 	"$OBJ" -sass -fun "$f" "$cub" >"$dir/$f.sass" 2>/dev/null || { echo "sass $f: cuobjdump failed"; continue; }
 	grep -oE '^\s+/\*[0-9a-f]{4,}\*/\s+(@!?U?P[0-9T] )?[A-Z0-9_]+(\.[A-Z0-9_]+)?' "$dir/$f.sass" |

@@ -7,7 +7,8 @@ import (
 )
 
 // TestBFSkinnyPlan: the variant gemm_skinny takes for the 8B shapes and
-// others on an H100/H200 (132 SMs) and an A100 (108).
+// others on an H100/H200 (132 SMs) and an A100 (108), on the whole card and
+// beside the LoRA stream.
 func TestBFSkinnyPlan(t *testing.T) {
 	rows := func(vs []streamVariant, sms int) *streamRows {
 		return &streamRows{vs: vs, fn: make([]*cuda.Function, len(vs)), sms: sms}
@@ -38,6 +39,33 @@ func TestBFSkinnyPlan(t *testing.T) {
 		if ok != (c.bn > 0) || ok && p.bn != c.bn {
 			t.Errorf("%d x %d x %d on %d SMs: plan %d ok %v, want %d", c.M, c.N, c.K, c.g.sms, p.bn, ok, c.bn)
 		}
+	}
+	// beside the LoRA stream (planBeside): the grid within the SMs left
+	for _, c := range []struct {
+		g            *bfSkinny
+		M, N, K, sms int
+		bn           int // 0: none (cuBLASLt)
+	}{
+		{h, 16, 6144, 4096, 116, 64},  // qkv: 96 blocks
+		{h, 16, 4096, 4096, 116, 64},  // o: 64
+		{h, 5, 28672, 4096, 116, 256}, // gate_up: 112
+		{h, 16, 4096, 14336, 116, 64}, // down: 64
+		{h, 16, 6144, 4096, 84, 0},    // qkv, 48 SMs held: 96 blocks of 64 > 84, and 128 of 48
+		{h, 17, 6144, 4096, 116, 0},   // too many rows
+		{h, 16, 3072, 3072, 116, 48},  // a 3B's o: 64 blocks of 48
+		{h, 16, 4096, 4096, 132, 32},  // nothing held: the whole card's variants first
+		{h, 16, 8192, 3072, 132, 64},  // 128 blocks of 64: only beside
+		{a, 8, 28672, 4096, 92, 0},    // 112 blocks of 256 > 92
+		{a, 8, 4096, 4096, 92, 64},    // 64 blocks of 64
+	} {
+		p, ok := c.g.planBeside(c.M, c.N, c.K, c.sms)
+		if ok != (c.bn > 0) || ok && p.bn != c.bn {
+			t.Errorf("%d x %d x %d beside the LoRA stream on %d SMs: plan %d ok %v, want %d", c.M, c.N, c.K, c.sms, p.bn, ok, c.bn)
+		}
+	}
+	// the whole card's plan never takes a beside-only variant
+	if p, ok := h.plan(16, 8192, 3072); ok {
+		t.Errorf("16 x 8192 x 3072 on 132 SMs: plan %d, want none (n64 runs only beside the LoRA stream)", p.bn)
 	}
 	var none *bfSkinny
 	if _, ok := none.plan(1, 4096, 4096); ok {

@@ -149,7 +149,8 @@ func weightRows(w engine.Weight) int {
 
 // Linear: out = in @ W^T (bf16 in, float32 accumulate, bf16 out):
 // gemm_skinny for a step of at most 16 rows whose shape it plans
-// (bf16_skinny.go; not while the LoRA stream holds SMs), else cuBLASLt. For
+// (bf16_skinny.go; beside the LoRA stream on the SMs it leaves, planBeside),
+// else cuBLASLt. For
 // an FP8 weight, in's rows are quantized per token (once for consecutive
 // projections of the same input) and fp8State.linear takes the product
 // with both operands' row scales (fp8_gemv, fp8_stream or cuBLASLt's FP8
@@ -162,14 +163,15 @@ func (b *Backend) Linear(out, in engine.Buffer, w engine.Weight) {
 	b.wrote(out)
 	b.forkAt(buf(in))
 	shared := false // the LoRA stream runs beside this product on SMs held back from it
+	target := 0     // then the SMs the product may take
 	if base, _, ok := b.Partition(); ok {
 		// the compute stream's green context has base SMs, the LoRA
 		// stream its own: no product needs to leave room
 		b.mm.SetSMTarget(base)
 		defer b.mm.SetSMTarget(0)
 	} else if sms := b.productSMs(w); b.la.forkIn != 0 && sms > 0 {
-		shared = true
-		b.mm.SetSMTarget(max(1, b.ctx.Device().SMs-sms))
+		shared, target = true, max(1, b.ctx.Device().SMs-sms)
+		b.mm.SetSMTarget(target)
 		defer b.mm.SetSMTarget(0)
 	}
 	if fw, ok := w.(*fp8Weight); ok {
@@ -177,9 +179,12 @@ func (b *Backend) Linear(out, in engine.Buffer, w engine.Weight) {
 		if !b.check(x.cols == fw.cols && o.cols == fw.rows && o != x && o.whole() && x.whole(), "linear: in width %d, out width %d, fp8 weight [%d,%d]", x.cols, o.cols, fw.rows, fw.cols) {
 			return
 		}
-		b.f8.shared = shared
+		b.f8.shared, b.f8.besideSMs = shared, 0
+		if shared && !b.force.fullGrid {
+			b.f8.besideSMs = target
+		}
 		b.fail(b.f8.linear(o.mem.Ptr(), x.mem.Ptr(), b.rows(), fw, b.gen))
-		b.f8.shared = false
+		b.f8.shared, b.f8.besideSMs = false, 0
 		return
 	}
 	o, x, wt := buf(out), buf(in), w.(*weight)
@@ -191,7 +196,12 @@ func (b *Backend) Linear(out, in engine.Buffer, w engine.Weight) {
 		return
 	}
 	p, ok := b.sk.plan(b.rows(), wt.rows, wt.cols)
-	if ok && !shared && !b.force.noSkinny {
+	if shared {
+		// a narrower grid leaves the held SMs to the LoRA stream
+		p, ok = b.sk.planBeside(b.rows(), wt.rows, wt.cols, target)
+		ok = ok && !b.force.fullGrid
+	}
+	if ok && !b.force.noSkinny {
 		opts := bfSkinnyEarly
 		if b.force.skLate {
 			opts = 0
