@@ -341,7 +341,7 @@ extern "C" __global__ void fp8_splitk_reduce(bf16* __restrict__ out, const float
 //   out[m, n] = bf16(sx[m] * sw[n] * sum_k qx[m, k] * qw[n, k])
 // grid N / BN blocks (one wave; runtime/gpu/fp8_stream.go picks BN), block
 // FS_THREADS (4 warps). Block b streams weight rows [b BN, (b + 1) BN) over
-// all of K in tiles of RB bytes of each row (512 for n32, n48 and n64, 128 for
+// all of K in tiles of RB bytes of each row (512 for n32 and n48, 128 for
 // n224), with the M activation rows, through ST shared stages by cp.async,
 // ST - 1 tiles ahead of the one multiplied. Each warp multiplies a quarter
 // of each tile's columns for all BN outputs with m16n8k32 e4m3 MMAs (the
@@ -473,6 +473,4 @@ __device__ __forceinline__ void fp8_stream_body(bf16* __restrict__ out, const un
         int K, int opts
 extern "C" __global__ void __launch_bounds__(FS_THREADS) fp8_stream_n32(FP8_STREAM_ARGS) { fp8_stream_body<32, 512>(out, qx, sx, qw, sw, M, N, K, opts); }
 extern "C" __global__ void __launch_bounds__(FS_THREADS) fp8_stream_n48(FP8_STREAM_ARGS) { fp8_stream_body<48, 512>(out, qx, sx, qw, sw, M, N, K, opts); }
-// beside the LoRA stream (fp8_stream.go's planBeside): 64-96 blocks for the 8B's qkv, o and down
-extern "C" __global__ void __launch_bounds__(FS_THREADS) fp8_stream_n64(FP8_STREAM_ARGS) { fp8_stream_body<64, 512>(out, qx, sx, qw, sw, M, N, K, opts); }
 extern "C" __global__ void __launch_bounds__(FS_THREADS) fp8_stream_n224(FP8_STREAM_ARGS) { fp8_stream_body<224, 128>(out, qx, sx, qw, sw, M, N, K, opts); }

@@ -196,7 +196,7 @@ type kernelForce struct {
 	decOpts   int           // attn_decode's opts (llama.cu) in place of decOptsDefault (0: the default; -1: none): 1 the first tiles before griddepcontrol.wait, 2 the merge with 16 loads in flight, 4 the splits as clusters (decCluster)
 	decVar    int           // attn_decode's variant whatever the rows: 1 + a decVariant (0: decVariantFor's choice); bf16 keys only
 	noSkinny  bool          // bf16 products: cuBLASLt whatever the rows (no gemm_skinny)
-	fullGrid  bool          // products beside the LoRA stream: v0.31's routing (bf16: cuBLASLt, FP8: the whole card's grids; no planBeside)
+	fullGrid  bool          // bf16 products beside the LoRA stream: cuBLASLt on its SM target at any rows (v0.31's routing; no planBeside)
 	skLate    bool          // gemm_skinny: no weight tiles before griddepcontrol.wait (opts 0)
 	wholeLoad bool          // adapter loads: a step waits for the whole image before it starts (no per-layer start)
 	slowFill  time.Duration // adapter loads: a sleep after each chunk's fill (tests: a step must wait for the host)

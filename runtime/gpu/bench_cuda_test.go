@@ -371,7 +371,7 @@ type decodeVariant struct {
 	tuned                        bool // after Options.TuneGEMMs' tuning (it cannot be undone: these rows come last)
 	opts                         int  // attn_decode's opts (kernelForce.decOpts: 0 the default, -1 none)
 	lt                           bool // every bf16 product through cuBLASLt (kernelForce.noSkinny)
-	fullGrid                     bool // products beside the LoRA stream as v0.31 routed them (kernelForce.fullGrid)
+	fullGrid                     bool // bf16 products beside the LoRA stream as v0.31 routed them (kernelForce.fullGrid)
 	skLate                       bool // gemm_skinny without its early weight tiles (kernelForce.skLate)
 	dv                           int  // attn_decode's variant whatever the rows: 1 + a decVariant (kernelForce.decVar; 0: decVariantFor's)
 	fs, gv                       bool // FP8 weights: fp8_stream for every 1-16 rows (fp8State.streamOn; the default from fp8StreamMinRows), or for none (streamOff)

@@ -72,3 +72,33 @@ func TestBFSkinnyPlan(t *testing.T) {
 		t.Error("a nil bfSkinny planned a product")
 	}
 }
+
+// TestSkinnyPlanBeside: which products of a step take gemm_skinny: on the
+// whole card with nothing held, on the SMs the LoRA stream leaves up to
+// skBesideMaxRows rows, cuBLASLt above them or with kernelForce.fullGrid
+// or noSkinny.
+func TestSkinnyPlanBeside(t *testing.T) {
+	sk := &bfSkinny{&streamRows{vs: bfSkinnyVariants, fn: make([]*cuda.Function, len(bfSkinnyVariants)), sms: 132}}
+	for _, c := range []struct {
+		rows, target int
+		force        kernelForce
+		N, K         int
+		bn           int // 0: cuBLASLt
+	}{
+		{rows: 1, N: 6144, K: 4096, bn: 48},
+		{rows: 16, N: 28672, K: 4096, bn: 224},
+		{rows: 5, target: 116, N: 6144, K: 4096, bn: 64},
+		{rows: 8, target: 116, N: 28672, K: 4096, bn: 256},
+		{rows: 9, target: 116, N: 6144, K: 4096},
+		{rows: 16, target: 116, N: 4096, K: 14336},
+		{rows: 8, target: 116, force: kernelForce{fullGrid: true}, N: 6144, K: 4096},
+		{rows: 1, force: kernelForce{noSkinny: true}, N: 6144, K: 4096},
+		{rows: 8, target: 116, force: kernelForce{noSkinny: true}, N: 6144, K: 4096},
+	} {
+		b := &Backend{sk: sk, nRows: c.rows, force: c.force}
+		p, ok := b.skinnyPlan(c.N, c.K, c.target)
+		if ok != (c.bn > 0) || ok && p.bn != c.bn {
+			t.Errorf("%d rows, %d x %d, target %d, %+v: plan %d ok %v, want %d", c.rows, c.N, c.K, c.target, c.force, p.bn, ok, c.bn)
+		}
+	}
+}

@@ -101,11 +101,8 @@ type fp8State struct {
 	// wgAuto (unless Options.NoFP8Wgmma) sends wgAutoFits' products to
 	// fp8_wg (wgAutoDefault: as New set it, for benchmarks that switch it);
 	// shared is set by Backend.Linear while the LoRA stream runs beside
-	// the product (SMs held back from cuBLASLt), besideSMs to the SMs the
-	// product may take then (fp8_stream's narrower grids, planBeside; 0:
-	// kernelForce.fullGrid, the whole card's)
+	// the product (SMs held back from cuBLASLt)
 	wgAuto, wgAutoDefault, shared bool
-	besideSMs                     int
 	Info                          kernels.Info
 
 	tmp        *cuda.DeviceBuffer // bf16 staging of a weight being quantized (freed at the first Linear)
@@ -282,15 +279,7 @@ func (f *fp8State) linear(out, x cuda.DevicePtr, T int, w *fp8Weight, gen uint64
 		}
 		f.cIn, f.cRows, f.cCols, f.cGen, f.cValid = x, T, K, gen, true
 	}
-	p, ok := f.stream.plan(T, w.rows, K)
-	if f.besideSMs > 0 {
-		// a narrower grid leaves the held SMs to the LoRA stream (else the
-		// whole card's, as without it)
-		if pb, okb := f.stream.planBeside(T, w.rows, K, f.besideSMs); okb {
-			p, ok = pb, true
-		}
-	}
-	if ok && !f.streamOff && (f.streamOn || T >= fp8StreamMinRows) {
+	if p, ok := f.stream.plan(T, w.rows, K); ok && !f.streamOff && (f.streamOn || T >= fp8StreamMinRows) {
 		opts := 1 // the first weight tiles before griddepcontrol.wait
 		if f.streamLate {
 			opts = 0

@@ -30,11 +30,8 @@ const (
 )
 
 // fp8StreamVariants: fp8_stream_n{bn}, widest first, with the bytes (e4m3
-// values) of each weight row a tile holds. n64 runs only beside the LoRA
-// stream (planBeside: 64-96 blocks for the 8B's qkv, o and down, where n48
-// and n32 take 128 of 132 SMs; gate_up keeps n224's whole-card grid, a
-// 256-wide variant's 128 accumulators a thread would spill).
-var fp8StreamVariants = []streamVariant{{bn: 224, tile: 128}, {bn: 48, tile: 512}, {bn: 32, tile: 512}, {bn: 64, tile: 512, beside: true}}
+// values) of each weight row a tile holds.
+var fp8StreamVariants = []streamVariant{{bn: 224, tile: 128}, {bn: 48, tile: 512}, {bn: 32, tile: 512}}
 
 // fp8StreamShared is FsShape<bn, tile>'s shared memory: stages of the
 // weight tile (bn rows) and 16 activation rows.
@@ -63,16 +60,6 @@ func (g *fp8Stream) plan(M, N, K int) (p fp8StreamPlan, ok bool) {
 		return p, false
 	}
 	i, ok := g.pick(N, K)
-	return fp8StreamPlan{i: i}, ok
-}
-
-// planBeside is plan for a product beside the LoRA stream, on sms SMs
-// (streamRows.pickBeside).
-func (g *fp8Stream) planBeside(M, N, K, sms int) (p fp8StreamPlan, ok bool) {
-	if g == nil || M < 1 || M > fp8StreamMaxRows {
-		return p, false
-	}
-	i, ok := g.pickBeside(N, K, sms)
 	return fp8StreamPlan{i: i}, ok
 }
 

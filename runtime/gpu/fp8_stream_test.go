@@ -29,28 +29,6 @@ func TestFP8StreamPlan(t *testing.T) {
 			t.Errorf("%d x %d x %d: %d columns a block, want %d", c.M, c.N, c.K, bn, c.bn)
 		}
 	}
-	// beside the LoRA stream on 116 SMs: n64 for qkv, o and down; gate_up
-	// has no such variant (its whole-card plan stays)
-	for _, c := range []struct {
-		M, N, K, sms int
-		bn           int // 0: none
-	}{
-		{16, 6144, 4096, 116, 64},
-		{9, 4096, 4096, 116, 64},
-		{16, 4096, 14336, 116, 64},
-		{16, 28672, 4096, 116, 0},
-		{16, 4096, 4096, 132, 32}, // nothing held: the whole card's variants first
-		{17, 4096, 4096, 116, 0},
-	} {
-		p, ok := g.planBeside(c.M, c.N, c.K, c.sms)
-		bn := 0
-		if ok {
-			bn = g.vs[p.i].bn
-		}
-		if bn != c.bn {
-			t.Errorf("%d x %d x %d beside the LoRA stream on %d SMs: %d columns a block, want %d", c.M, c.N, c.K, c.sms, bn, c.bn)
-		}
-	}
 	var none *fp8Stream
 	if _, ok := none.plan(1, 4096, 4096); ok {
 		t.Error("a nil fp8Stream planned a product")

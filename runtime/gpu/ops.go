@@ -149,8 +149,8 @@ func weightRows(w engine.Weight) int {
 
 // Linear: out = in @ W^T (bf16 in, float32 accumulate, bf16 out):
 // gemm_skinny for a step of at most 16 rows whose shape it plans
-// (bf16_skinny.go; beside the LoRA stream on the SMs it leaves, planBeside),
-// else cuBLASLt. For
+// (bf16_skinny.go; beside the LoRA stream on the SMs it leaves, planBeside,
+// up to skBesideMaxRows rows), else cuBLASLt. For
 // an FP8 weight, in's rows are quantized per token (once for consecutive
 // projections of the same input) and fp8State.linear takes the product
 // with both operands' row scales (fp8_gemv, fp8_stream or cuBLASLt's FP8
@@ -179,12 +179,9 @@ func (b *Backend) Linear(out, in engine.Buffer, w engine.Weight) {
 		if !b.check(x.cols == fw.cols && o.cols == fw.rows && o != x && o.whole() && x.whole(), "linear: in width %d, out width %d, fp8 weight [%d,%d]", x.cols, o.cols, fw.rows, fw.cols) {
 			return
 		}
-		b.f8.shared, b.f8.besideSMs = shared, 0
-		if shared && !b.force.fullGrid {
-			b.f8.besideSMs = target
-		}
+		b.f8.shared = shared
 		b.fail(b.f8.linear(o.mem.Ptr(), x.mem.Ptr(), b.rows(), fw, b.gen))
-		b.f8.shared, b.f8.besideSMs = false, 0
+		b.f8.shared = false
 		return
 	}
 	o, x, wt := buf(out), buf(in), w.(*weight)
@@ -195,13 +192,7 @@ func (b *Backend) Linear(out, in engine.Buffer, w engine.Weight) {
 		b.fail(b.wg.launch(b.s, o.mem.Ptr(), x.mem.Ptr(), 0, wt.mem.Ptr(), 0, b.rows(), wt.rows, wt.cols))
 		return
 	}
-	p, ok := b.sk.plan(b.rows(), wt.rows, wt.cols)
-	if shared {
-		// a narrower grid leaves the held SMs to the LoRA stream
-		p, ok = b.sk.planBeside(b.rows(), wt.rows, wt.cols, target)
-		ok = ok && !b.force.fullGrid
-	}
-	if ok && !b.force.noSkinny {
+	if p, ok := b.skinnyPlan(wt.rows, wt.cols, target); ok {
 		opts := bfSkinnyEarly
 		if b.force.skLate {
 			opts = 0
@@ -210,6 +201,24 @@ func (b *Backend) Linear(out, in engine.Buffer, w engine.Weight) {
 		return
 	}
 	b.fail(b.mm.GemmTN(b.s, o.mem.Ptr(), cuda.R16BF, x.mem.Ptr(), cuda.R16BF, wt.mem.Ptr(), cuda.R16BF, b.rows(), wt.rows, wt.cols, 1, 0))
+}
+
+// skinnyPlan is gemm_skinny's plan for the step's product with an N x K
+// weight, on the whole card (target 0) or beside the LoRA stream on target
+// SMs: a narrower grid that leaves the held SMs to the LoRA stream, up to
+// skBesideMaxRows rows (cuBLASLt on its SM target above); ok false:
+// cuBLASLt.
+func (b *Backend) skinnyPlan(N, K, target int) (bfSkinnyPlan, bool) {
+	if b.force.noSkinny {
+		return bfSkinnyPlan{}, false
+	}
+	if target == 0 {
+		return b.sk.plan(b.rows(), N, K)
+	}
+	if b.rows() > skBesideMaxRows || b.force.fullGrid {
+		return bfSkinnyPlan{}, false
+	}
+	return b.sk.planBeside(b.rows(), N, K, target)
 }
 
 // RoPE rotates q and k in place at the step's positions (the rotation
