@@ -766,7 +766,7 @@ func TestDecodeBench(t *testing.T) {
 		bench("decode tune: %d products tuned in %v, %d changed", len(res), took.Round(time.Millisecond), changed)
 	}
 	rec, rep := gb.GraphStats()
-	bench("decode graphs: %d recorded, %d steps replayed; %d edges made programmatic (pdljoin.go)", rec, rep, gb.g.ProgEdges)
+	bench("decode graphs: %d recorded, %d steps replayed; %d edges made programmatic (pdljoin.go)", rec, rep, gb.g.joins.retyped)
 	if rec != recorded {
 		t.Errorf("%d decode graphs recorded after Warmup's %d: a decode step needed a new recording", rec, recorded)
 	}

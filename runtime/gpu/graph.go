@@ -125,11 +125,10 @@ type graphState struct {
 	// counters, for tests and the benchmark (Direct: recordings Warmup
 	// captured without an eager run first)
 	Recorded, Replayed, Direct int
-	// the capture's join (and fork) nodes (pdljoin.go), and the
-	// edges made programmatic so far
-	capture   captureSources
-	ProgEdges int
-	joins     []joinStats // each recording's, with pdlJoins
+	// the capture's join (and fork) nodes (pdljoin.go), and what
+	// retypeJoins found, summed over the recordings
+	capture captureSources
+	joins   joinStats
 }
 
 // GraphStats reports how many decode graphs were recorded and how many
@@ -532,8 +531,7 @@ func (b *Backend) record(prog engine.Program) (*cuda.GraphExec, error) {
 	if err != nil {
 		return nil, err
 	}
-	b.g.ProgEdges += js.retyped
-	b.g.joins = append(b.g.joins, js)
+	b.g.joins.add(js)
 	return g.Instantiate()
 }
 

@@ -272,20 +272,20 @@ func TestProgrammaticJoinsMatch(t *testing.T) {
 		t.Skip(err)
 	}
 	bf.force.pdlJoins = -1
-	bf.g.ProgEdges, bf.g.joins = 0, nil // the default's recordings, made by newMatchEngine
+	bf.g.joins = joinStats{} // the default's recordings, made by newMatchEngine
 	if err := bf.dropGraphs(); err != nil {
 		t.Fatal(err)
 	}
 	if err := ef.Warmup(); err != nil {
 		t.Fatal(err)
 	}
-	if bf.g.ProgEdges != 0 {
-		t.Errorf("full joins: %d edges made programmatic", bf.g.ProgEdges)
+	if bf.g.joins.retyped != 0 {
+		t.Errorf("full joins: %d edges made programmatic", bf.g.joins.retyped)
 	}
 	for _, mode := range []int{1, 0, 3} {
 		ej, bj := newMatchEngine(t, m, adapters, Options{})
 		bj.force.pdlJoins = mode
-		bj.g.ProgEdges, bj.g.joins = 0, nil
+		bj.g.joins = joinStats{}
 		if err := bj.dropGraphs(); err != nil {
 			t.Fatal(err)
 		}
@@ -296,14 +296,10 @@ func TestProgrammaticJoinsMatch(t *testing.T) {
 		if bj.force.pdlJoins != mode {
 			t.Errorf("mode %d: the driver refused a recording with programmatic joins (turned off)", mode)
 		}
-		if bj.g.ProgEdges == 0 {
+		if bj.g.joins.retyped == 0 {
 			t.Errorf("mode %d: no edge retyped in %d recordings", mode, bj.g.Recorded)
 		}
-		var sum joinStats
-		for _, j := range bj.g.joins {
-			sum.src, sum.dst, sum.full, sum.prog, sum.otherFull, sum.otherProg, sum.retyped = sum.src+j.src, sum.dst+j.dst, sum.full+j.full, sum.prog+j.prog, sum.otherFull+j.otherFull, sum.otherProg+j.otherProg, sum.retyped+j.retyped
-		}
-		t.Logf("mode %d: %d edges made programmatic over %d recordings; summed over them: %+v", mode, bj.g.ProgEdges, bj.g.Recorded, sum)
+		t.Logf("mode %d: %d edges made programmatic over %d recordings; summed over them: %+v", mode, bj.g.joins.retyped, bj.g.Recorded, bj.g.joins)
 	}
 }
 

@@ -207,10 +207,8 @@ func (a *loraAside) alloc(ctx *cuda.Context, rows int, cfg *llama.Config) error 
 	return nil
 }
 
-// loraSMs is the SMs the step's GEMMs leave to the LoRA stream.
-func (b *Backend) loraSMs() int { return b.loraSMsFor(b.rows()) }
-
-// loraSMsFor is loraSMs for a step of rows rows.
+// loraSMsFor is the SMs the GEMMs of a step of rows rows leave to the LoRA
+// stream (productSMs: the q/k/v product's may differ).
 func (b *Backend) loraSMsFor(rows int) int {
 	if b.la.sms < 0 {
 		return autoLoRASMs(rows)
@@ -267,12 +265,19 @@ func (b *Backend) join() {
 	if b.err != nil {
 		return
 	}
-	b.g.capture.source(b.la.s) // the update's last kernel: the join's source (pdljoin.go)
-	b.g.capture.waits(b.s)
-	b.fail(b.s.Wait(b.la.join))
+	b.waitUpdate()
 	n := b.rows() * p.cols
 	b.launch(b.fn.addDelta, cuda.Dim3{X: max(1, min((n+255)/256, 4096))}, cuda.Dim3{X: 256}, p.base, p.delta, b.rowLora(), b.rows(), p.cols, p.ld)
 	b.gen++
+}
+
+// waitUpdate has the compute stream wait for the LoRA stream's update; in a
+// recording the wait's source and the kernel after it are noted for
+// pdljoin.go.
+func (b *Backend) waitUpdate() {
+	b.g.capture.source(b.la.s)
+	b.g.capture.waits(b.s)
+	b.fail(b.s.Wait(b.la.join))
 }
 
 // fuse hands an op that reads views (which together cover the pending
@@ -303,9 +308,7 @@ func (b *Backend) fuse(views ...*Buffer) ([]cuda.DevicePtr, int) {
 	if b.err != nil {
 		return nil, 0
 	}
-	b.g.capture.source(b.la.s) // the update's last kernel: the join's source (pdljoin.go)
-	b.g.capture.waits(b.s)
-	b.fail(b.s.Wait(b.la.join))
+	b.waitUpdate()
 	return d, p.cols
 }
 

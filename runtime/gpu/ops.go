@@ -97,7 +97,7 @@ func (b *Backend) HeadRMSNorm(x engine.Buffer, heads, headDim int, w engine.Weig
 }
 
 // productSMs is the SMs the product of w leaves to the LoRA stream beside
-// it: loraSMs, but for the fused q/k/v product of a step of
+// it: loraSMsFor the step's rows, but for the fused q/k/v product of a step of
 // autoQKVMinRows rows or more with automatic SMs, autoQKVSMs (its update
 // outlasts the product there: PERFORMANCE v0.31-v0.32), or
 // kernelForce.qkvSMs for it at any rows.

@@ -118,6 +118,17 @@ type joinStats struct {
 	retyped              int
 }
 
+// add sums o into st.
+func (st *joinStats) add(o joinStats) {
+	st.src += o.src
+	st.dst += o.dst
+	st.full += o.full
+	st.prog += o.prog
+	st.otherFull += o.otherFull
+	st.otherProg += o.otherProg
+	st.retyped += o.retyped
+}
+
 // retypeJoins makes g's join (and fork) edges programmatic.
 func retypeJoins(g *cuda.Graph, c captureSources) (joinStats, error) {
 	st := joinStats{src: len(c.src), dst: len(c.dst)}
