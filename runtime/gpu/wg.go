@@ -12,8 +12,10 @@ import (
 // blocks an SM, each streaming an equal share of the tiles' K stages),
 // with e4m3 operands and row scales (fp8_wg_n* in the FP8 module) or bf16
 // ones (gemm_wg_n* in the forward module). They are compiled only with PEFTD_WG
-// (PEFTD_KERNEL_DEFINES) and load only on sm_90a; a test or benchmark asks
-// for them (fp8State.wgOn, kernelForce.bwg).
+// (the FP8 module's kernels.FP8Wgmma build, or PEFTD_KERNEL_DEFINES) and
+// load only on sm_90a; by default FP8 products of 17-64 rows take them
+// (fp8State.wgAuto, wgAutoFits), and a test or benchmark asks for more
+// (fp8State.wgOn, kernelForce.bwg).
 //
 // Two builds of each: one warpgroup a block (64-row weight tiles: fn) and
 // two (prefix2_n*, 128-row tiles, x staged once for both: fn2); two
