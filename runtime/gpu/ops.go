@@ -173,6 +173,10 @@ func (b *Backend) Linear(out, in engine.Buffer, w engine.Weight) {
 		shared, target = true, max(1, b.ctx.Device().SMs-sms)
 		b.mm.SetSMTarget(target)
 		defer b.mm.SetSMTarget(0)
+		if wg := b.wgFor(w); wg != nil && !b.force.wgFull {
+			wg.SetSMTarget(target)
+			defer wg.SetSMTarget(0)
+		}
 	}
 	if fw, ok := w.(*fp8Weight); ok {
 		o, x := buf(out), buf(in)
@@ -215,10 +219,30 @@ func (b *Backend) skinnyPlan(N, K, target int) (bfSkinnyPlan, bool) {
 	if target == 0 {
 		return b.sk.plan(b.rows(), N, K)
 	}
-	if b.rows() > skBesideMaxRows || b.force.fullGrid {
+	if b.rows() > b.besideMaxRows() || b.force.fullGrid {
 		return bfSkinnyPlan{}, false
 	}
 	return b.sk.planBeside(b.rows(), N, K, target)
+}
+
+// besideMaxRows is skBesideMaxRows, or kernelForce.besideRows where set.
+func (b *Backend) besideMaxRows() int {
+	if b.force.besideRows > 0 {
+		return b.force.besideRows
+	}
+	return skBesideMaxRows
+}
+
+// wgFor is the wgmma products that may take w's product: the FP8 ones for
+// an FP8 weight, gemm_wg for a bf16 one (nil: none loaded).
+func (b *Backend) wgFor(w engine.Weight) *wgProduct {
+	if _, ok := w.(*fp8Weight); ok {
+		if b.f8 != nil {
+			return b.f8.wg
+		}
+		return nil
+	}
+	return b.wg
 }
 
 // RoPE rotates q and k in place at the step's positions (the rotation

@@ -28,7 +28,14 @@ type wgProduct struct {
 	sms        int                // SMs planned for (the compute stream's: partition.go)
 	smsMax     int                // the device's: the partials are sized for it
 	forceG     int                // benchmarks: this many blocks (0: wgPerSM an SM; at most that)
+	target     int                // SMs the products enqueued now may take (SetSMTarget; 0: sms)
 }
+
+// SetSMTarget makes the products enqueued from now on take n SMs (0: all
+// it plans for), as cuda.Matmul's: beside the LoRA stream the held SMs
+// stay free. A stream-K grid ends with its slowest block, so a block that
+// shares its SM with the LoRA stream's kernels holds the whole product.
+func (g *wgProduct) SetSMTarget(n int) { g.target = max(n, 0) }
 
 // wgRowBytes is wg_body's WG_RB: bytes of K an atom holds of each row.
 // wgPerSM and wgKA are WG_PER_SM (blocks an SM) and WG_KA (atoms a stage
@@ -198,13 +205,18 @@ func (g *wgProduct) fits(T, N, K int) bool {
 	return N%bm == 0 && N/bm <= wgMaxTiles
 }
 
-// grid is the blocks of a T x N x K product: wgPerSM an SM, no more than
+// grid is the blocks of a T x N x K product: wgPerSM an SM (of the SM
+// target's, when set), no more than
 // its stage units (tiles of 64 weight rows a warpgroup, each row's K in
 // stages of the variant's wgAtoms 128-byte atoms, the last zero-filled).
 func (g *wgProduct) grid(T, N, K int) int {
 	ka := wgAtoms(g.rows(T), g.wgs())
 	units := N / (skinnyRows * g.wgs()) * ((K*g.esize + ka*wgRowBytes - 1) / (ka * wgRowBytes))
-	G := wgPerSM * g.sms
+	sms := g.sms
+	if g.target > 0 {
+		sms = min(sms, g.target)
+	}
+	G := wgPerSM * sms
 	if g.forceG > 0 {
 		G = min(G, g.forceG)
 	}

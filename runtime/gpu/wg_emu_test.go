@@ -238,3 +238,21 @@ func wgEmulate(t *testing.T, wgs, M, N, K, sms, inflight int) {
 	}
 	emuCheck(t, qx, qw, out, written, done, M, N, K, sms, G)
 }
+
+// TestWgGridTarget: beside the LoRA stream a wgmma product's grid covers
+// only its SM target (Backend.Linear sets it), never more SMs than it plans
+// for, and all of them again once the target is cleared.
+func TestWgGridTarget(t *testing.T) {
+	g := &wgProduct{sms: 132, esize: 1}
+	const T, N, K = 64, 6144, 4096 // q/k/v at 64 rows: more stage units than SMs
+	for _, c := range []struct{ target, want int }{{0, wgPerSM * 132}, {116, wgPerSM * 116}, {84, wgPerSM * 84}, {200, wgPerSM * 132}, {0, wgPerSM * 132}} {
+		g.SetSMTarget(c.target)
+		if got := g.grid(T, N, K); got != c.want {
+			t.Errorf("target %d: grid %d, want %d", c.target, got, c.want)
+		}
+	}
+	g.SetSMTarget(116)
+	if got := g.grid(17, 64, 64); got != 1 { // one stage unit: one block whatever the target
+		t.Errorf("one unit: grid %d, want 1", got)
+	}
+}
