@@ -66,7 +66,7 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	fs.IntVar(&f.graphRows, "graph-rows", 0, "GPU: the largest step, in rows, recorded as a CUDA graph (256, 384 or 512; 0: 256), and with --max-batch-tokens 0 the rows prompt chunks fill a step to; larger steps run op by op and cannot be chained behind the step in flight")
 	fs.BoolVar(&f.fp8Wgmma, "fp8-wgmma", true, "GPU, --weights fp8, sm_90a: FP8 products of 17-64 rows on the wgmma kernels instead of cuBLASLt (every shape up to 32 rows; wide ones, and every one beside the LoRA stream, up to 64; docs/PERFORMANCE.md v0.31); --fp8-wgmma=false keeps them all on cuBLASLt")
 	fs.IntVar(&f.loraPartition, "lora-partition", 0, "GPU: split the SMs by green contexts, at least this many (8 a unit on Hopper) for the LoRA stream and the rest for the base model, in every step (0: no partition; an experiment, see docs/PERFORMANCE.md)")
-	fs.IntVar(&f.loraSMs, "lora-sms", 0, "GPU: multiprocessors the GEMMs of a step with adapters leave to the LoRA stream (0: chosen by the step's rows: none up to 4 rows, 16 above, 48 for the q/k/v product from 64 rows; -1: none)")
+	fs.IntVar(&f.loraSMs, "lora-sms", 0, "GPU: multiprocessors the GEMMs of a step with adapters leave to the LoRA stream (0: chosen by the step's rows: none up to 16 rows, 16 above, 48 for the q/k/v product from 64 rows; -1: none)")
 	fs.BoolVar(&f.noPrefixCache, "no-prefix-cache", false, "do not reuse KV pages across requests that start with the same tokens and adapter version")
 	fs.DurationVar(&f.requestTimeout, "request-timeout", 5*time.Minute, "generation deadline (504 past it; 0: none)")
 	fs.StringVar(&f.apiKeys, "api-keys", "", "API key file (JSON array of {key, adapters, admin}, or lines KEY [ADAPTERS] [admin])")

@@ -126,12 +126,15 @@ func (b *Backend) FP8Wgmma() bool { return b.f8 != nil && b.f8.wgAuto }
 
 // autoLoRASMs is the SMs a step of rows rows with adapters leaves to the
 // LoRA stream when Options.LoRASMs is 0. Measured on the H200 (132 SMs),
-// decode with four rank-32 adapters: at batch 1 holding none back was
-// fastest (v0.13: 5.32 ms vs 5.43-5.47), at 16 holding 16 (5.81 vs
-// 5.92-6.16); above 32 rows 16 ties 32 at 64 and 128 rows (6.84 vs 6.80,
-// 8.46 vs 8.43) and beats it at 256 (13.03 vs 13.71; none: 13.89; v0.31).
+// decode with four rank-32 adapters: up to gemm_skinny's 16 rows none (its
+// one-wave grids leave room on every SM for the LoRA stream's blocks beside
+// them; v0.33 with programmatic joins: 8 rows 5.15 vs 5.28 ms holding 16,
+// 16 rows 5.27 vs 5.38; v0.13 at batch 1: 5.32 vs 5.43-5.47); above it 16
+// (cuBLASLt's products fill the SMs they are given): 16 ties 32 at 64 and
+// 128 rows (6.84 vs 6.80, 8.46 vs 8.43) and beats it at 256 (13.03 vs
+// 13.71; none: 13.89; v0.31).
 func autoLoRASMs(rows int) int {
-	if rows <= 4 {
+	if rows <= bfSkinnyMaxRows {
 		return 0
 	}
 	return 16

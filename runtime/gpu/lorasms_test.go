@@ -7,7 +7,7 @@ import (
 )
 
 // TestProductSMs: the SMs a product leaves to the LoRA stream beside it,
-// by the step's rows (none up to 4 rows, 16 above; the fused q/k/v product
+// by the step's rows (none up to 16 rows, 16 above; the fused q/k/v product
 // 48 from 64 rows, found by its width, bf16 or FP8), an override for the
 // q/k/v product alone (kernelForce.qkvSMs), or Options.LoRASMs for all.
 func TestProductSMs(t *testing.T) {
@@ -21,7 +21,8 @@ func TestProductSMs(t *testing.T) {
 	}{
 		{rows: 1, qkv: 0, qkv8: 0, oSMs: 0},
 		{rows: 4, qkv: 0, qkv8: 0, oSMs: 0},
-		{rows: 5, qkv: 16, qkv8: 16, oSMs: 16},
+		{rows: 16, qkv: 0, qkv8: 0, oSMs: 0},
+		{rows: 17, qkv: 16, qkv8: 16, oSMs: 16},
 		{rows: 63, qkv: 16, qkv8: 16, oSMs: 16},
 		{rows: 64, qkv: 48, qkv8: 48, oSMs: 16},
 		{rows: 256, qkv: 48, qkv8: 48, oSMs: 16},
