@@ -1839,6 +1839,153 @@ extern "C" __global__ void __launch_bounds__(256) sgmv_expand_tc1(EXPAND_TC_ARGS
 extern "C" __global__ void __launch_bounds__(256) sgmv_expand_tc2(EXPAND_TC_ARGS) { expand_tc_body<2>(EXPAND_TC_PASS); }
 extern "C" __global__ void __launch_bounds__(256) sgmv_expand_tc4(EXPAND_TC_ARGS) { expand_tc_body<4>(EXPAND_TC_PASS); }
 
+// silu_mul_lora{1,2,4}: silu_mul with the gate/up LoRA expand folded in.
+// The LoRA stream ran only the shrink of the gate/up group (tmp: its
+// K-split partial sums, gate at slice 0 and up at slice 1); this kernel
+// computes each tile's update of its columns of gate and up on the tensor
+// cores exactly as sgmv_expand_tc{KC} would (same MMAs, same order: the
+// same float32 sums), adds it to g and u rounded to bf16 (as silu_mul does
+// with the update in a float32 buffer), and stores silu(g) * u. The float32
+// update never goes through memory: the expand's write and silu_mul's read
+// of it (4 bytes a value each) are gone, B is read here instead.
+// grid (ceil(cols / block columns), ntiles + plain), block 256. Blocks with
+// y < ntiles take one LoRA tile (16 rows of one adapter) and
+// TcShape<KC>::COLS / 2 columns... of gate and the same of up; blocks with
+// y >= ntiles take the rows without an adapter (rl < 0) among rows
+// [(y - ntiles) * 64, +64) of their columns, as silu_mul would. Needs cols,
+// ldg and out's row (cols) multiples of 8, ranks multiples of 8 up to 32*KC.
+template <int KC>
+struct SiluTcShape {
+    static constexpr int NG = KC == 1 ? 4 : (KC == 2 ? 2 : 1); // 8-column groups per warp, per slice
+    static constexpr int COLS = 8 * 8 * NG;                     // columns per block (8 warps)
+};
+#define SILU_PLAIN_ROWS 64
+
+template <int KC>
+__device__ __forceinline__ void silu_lora_body(
+    bf16* __restrict__ out, const bf16* __restrict__ gp, const bf16* __restrict__ up, const float* __restrict__ tmp,
+    const LoraEntry* __restrict__ table, const int4* __restrict__ tiles, const int* __restrict__ rl, int ntiles,
+    int entry_base, int entry_stride, int mg, int mu, int rows, int cols, int ldg, int max_rank, int t_stride,
+    int rows_total, int ksplit) {
+    constexpr int NG = SiluTcShape<KC>::NG, R = 32 * KC, W = R + 4;
+    __shared__ __align__(16) float ts[2][SG_TR * W];
+    const int c0 = blockIdx.x * SiluTcShape<KC>::COLS;
+    if ((int)blockIdx.y >= ntiles) { // rows without an adapter
+        pdl_entry();
+        const int r0 = (blockIdx.y - ntiles) * SILU_PLAIN_ROWS, w = SiluTcShape<KC>::COLS / 8;
+        for (int i = threadIdx.x; i < SILU_PLAIN_ROWS * w; i += blockDim.x) {
+            const int r = r0 + i / w, c = c0 + 8 * (i % w);
+            if (r < rows && c < cols && rl[r] < 0)
+                *reinterpret_cast<uint4*>(out + (i64)r * cols + c) = silu_mul8(ld16(gp + (i64)r * ldg + c), ld16(up + (i64)r * ldg + c), nullptr, nullptr);
+        }
+        return;
+    }
+    // Before griddepcontrol.wait only what no kernel of the step writes:
+    // the tile (step metadata), the table entries and B (adapter weights).
+    const int4 tile = tiles[blockIdx.y];
+    if (tile.y == 0) { // no rows (a recorded step's spare tile)
+        pdl_entry();
+        return;
+    }
+    const LoraEntry eg = table[entry_base + tile.z * entry_stride + mg], eu = table[entry_base + tile.z * entry_stride + mu];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
+    const int col0 = c0 + warp * 8 * NG, n = tile.y;
+    uint4 bg[NG][KC], bu[NG][KC];
+#pragma unroll
+    for (int ng = 0; ng < NG; ng++) {
+        const int c = col0 + ng * 8 + g;
+#pragma unroll
+        for (int kc = 0; kc < KC; kc++) {
+            const int k = kc * 32 + q * 8;
+            bg[ng][kc] = (c < cols && k < eg.rank) ? ldg16(eg.b + (i64)c * eg.rank + k) : make_uint4(0, 0, 0, 0);
+            bu[ng][kc] = (c < cols && k < eu.rank) ? ldg16(eu.b + (i64)c * eu.rank + k) : make_uint4(0, 0, 0, 0);
+        }
+    }
+    pdl_entry(); // tmp is the shrink's output, g and u the product's
+    // this thread's g and u pairs, requested now: their DRAM latency
+    // overlaps the staging of tmp and the MMAs
+    unsigned gw[NG][2], uw[NG][2];
+#pragma unroll
+    for (int ng = 0; ng < NG; ng++) {
+        const int col = col0 + ng * 8 + 2 * q;
+#pragma unroll
+        for (int half = 0; half < 2; half++) {
+            const int r = g + 8 * half;
+            const bool in = col < cols && r < n;
+            const i64 at = (i64)(tile.x + (in ? r : 0)) * ldg + (in ? col : 0);
+            gw[ng][half] = in ? *reinterpret_cast<const unsigned*>(gp + at) : 0u;
+            uw[ng][half] = in ? *reinterpret_cast<const unsigned*>(up + at) : 0u;
+        }
+    }
+    for (int i = threadIdx.x; i < 2 * SG_TR * R; i += blockDim.x) {
+        const int s = i / (SG_TR * R), j = i - s * SG_TR * R, r = j / R, k = j - r * R;
+        const int rank = s == 0 ? eg.rank : eu.rank;
+        float v = 0.f;
+        if (r < n && k < rank)
+            for (int z = 0; z < ksplit; z++) v += __ldcg(tmp + ((i64)z * rows_total + tile.x + r) * t_stride + s * max_rank + k);
+        ts[s][r * W + k] = v;
+    }
+    __syncthreads();
+    float cg[NG][4], cu[NG][4];
+#pragma unroll
+    for (int ng = 0; ng < NG; ng++) cg[ng][0] = cg[ng][1] = cg[ng][2] = cg[ng][3] = cu[ng][0] = cu[ng][1] = cu[ng][2] = cu[ng][3] = 0.f;
+#pragma unroll
+    for (int s = 0; s < 2; s++) {
+        if ((s == 0 ? eg.rank : eu.rank) == 0) continue; // uniform: the update is zero, as expand_tc leaves it
+#pragma unroll
+        for (int kc = 0; kc < KC; kc++) {
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                const int k = kc * 32 + q * 8 + 4 * h;
+                const float4 t0 = *reinterpret_cast<const float4*>(&ts[s][g * W + k]);
+                const float4 t1 = *reinterpret_cast<const float4*>(&ts[s][(g + 8) * W + k]);
+                unsigned ah[4], al[4];
+                split2(t0.x, t0.y, ah[0], al[0]);
+                split2(t1.x, t1.y, ah[1], al[1]);
+                split2(t0.z, t0.w, ah[2], al[2]);
+                split2(t1.z, t1.w, ah[3], al[3]);
+#pragma unroll
+                for (int ng = 0; ng < NG; ng++) {
+                    const uint4 bw = s == 0 ? bg[ng][kc] : bu[ng][kc];
+                    const unsigned b0 = h == 0 ? bw.x : bw.z, b1 = h == 0 ? bw.y : bw.w;
+                    float* c = s == 0 ? cg[ng] : cu[ng];
+                    mma16816(c, ah[0], ah[1], ah[2], ah[3], b0, b1);
+                    mma16816(c, al[0], al[1], al[2], al[3], b0, b1);
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int ng = 0; ng < NG; ng++) {
+        const int col = col0 + ng * 8 + 2 * q;
+        if (col >= cols) continue;
+#pragma unroll
+        for (int half = 0; half < 2; half++) {
+            const int r = g + 8 * half;
+            if (r >= n) continue;
+            const i64 row = tile.x + r;
+            const float2 gv = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&gw[ng][half]));
+            const float2 uv = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&uw[ng][half]));
+            // g + update and u + update rounded to bf16, then silu(g) * u: silu_mul8's arithmetic
+            const float2 a = __bfloat1622float2(__floats2bfloat162_rn(gv.x + cg[ng][2 * half], gv.y + cg[ng][2 * half + 1]));
+            const float2 b = __bfloat1622float2(__floats2bfloat162_rn(uv.x + cu[ng][2 * half], uv.y + cu[ng][2 * half + 1]));
+            *reinterpret_cast<__nv_bfloat162*>(out + row * cols + col) =
+                __floats2bfloat162_rn(a.x / (1.f + expf(-a.x)) * b.x, a.y / (1.f + expf(-a.y)) * b.y);
+        }
+    }
+}
+
+#define SILU_LORA_ARGS                                                                                                   \
+    bf16 *__restrict__ out, const bf16 *__restrict__ gp, const bf16 *__restrict__ up, const float *__restrict__ tmp,    \
+        const LoraEntry *__restrict__ table, const int4 *__restrict__ tiles, const int *__restrict__ rl, int ntiles,     \
+        int entry_base, int entry_stride, int mg, int mu, int rows, int cols, int ldg, int max_rank, int t_stride,       \
+        int rows_total, int ksplit
+#define SILU_LORA_PASS out, gp, up, tmp, table, tiles, rl, ntiles, entry_base, entry_stride, mg, mu, rows, cols, ldg, max_rank, t_stride, rows_total, ksplit
+
+extern "C" __global__ void __launch_bounds__(256) silu_mul_lora1(SILU_LORA_ARGS) { silu_lora_body<1>(SILU_LORA_PASS); }
+extern "C" __global__ void __launch_bounds__(256) silu_mul_lora2(SILU_LORA_ARGS) { silu_lora_body<2>(SILU_LORA_PASS); }
+extern "C" __global__ void __launch_bounds__(256) silu_mul_lora4(SILU_LORA_ARGS) { silu_lora_body<4>(SILU_LORA_PASS); }
+
 // l2_flush: reads n 16-byte words (a buffer larger than L2) and writes nothing
 // unless the impossible happens, so the cache ends up full of clean lines.
 // Benchmarks run it between timed replays (a memset would leave dirty lines
