@@ -180,7 +180,6 @@ type funcs struct {
 	attnPrefill                                                                   [3]*cuda.Function // attn_prefill_d32, d64, d128
 	attnPrefill8                                                                  [3]*cuda.Function // attn_prefill8_d*: FP8 keys
 	sgExpandTC                                                                    [3]*cuda.Function // sgmv_expand_tc1, tc2, tc4
-	siluLoRA                                                                      [3]*cuda.Function // silu_mul_lora1, 2, 4: silu_mul with the gate/up expand folded in
 	ropeRows                                                                      *cuda.Function    // rope_store_rows
 }
 
@@ -204,7 +203,6 @@ type kernelForce struct {
 	skLate     bool          // gemm_skinny: no weight tiles before griddepcontrol.wait (opts 0)
 	wgFull     bool          // wgmma products beside the LoRA stream: a grid over every SM, not the SM target (v0.32's)
 	besideRows int           // gemm_skinny beside the LoRA stream up to this many rows (0: skBesideMaxRows)
-	noFold     bool          // the gate/up update as a float32 buffer that silu_mul adds (v0.32), not folded into silu_mul_lora
 	wholeLoad  bool          // adapter loads: a step waits for the whole image before it starts (no per-layer start)
 	slowFill   time.Duration // adapter loads: a sleep after each chunk's fill (tests: a step must wait for the host)
 }
@@ -544,7 +542,6 @@ func (b *Backend) open(opts Options) error {
 		{&b.fn.attnPrefill8[0], "attn_prefill8_d32"}, {&b.fn.attnPrefill8[1], "attn_prefill8_d64"}, {&b.fn.attnPrefill8[2], "attn_prefill8_d128"},
 		{&b.fn.addBias, "add_bias"}, {&b.fn.headRMSNorm, "head_rmsnorm"}, {&b.fn.addDelta, "add_delta"},
 		{&b.fn.sgExpandTC[0], "sgmv_expand_tc1"}, {&b.fn.sgExpandTC[1], "sgmv_expand_tc2"}, {&b.fn.sgExpandTC[2], "sgmv_expand_tc4"},
-		{&b.fn.siluLoRA[0], "silu_mul_lora1"}, {&b.fn.siluLoRA[1], "silu_mul_lora2"}, {&b.fn.siluLoRA[2], "silu_mul_lora4"},
 		{&b.fn.ropeRows, "rope_store_rows"}} {
 		if *f.p, err = b.mod.Function(f.name); err != nil {
 			return err

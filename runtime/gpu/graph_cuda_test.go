@@ -303,28 +303,6 @@ func TestProgrammaticJoinsMatch(t *testing.T) {
 	}
 }
 
-// TestFoldedExpandMatch: the gate/up update folded into silu_mul_lora
-// (the default for bf16 weights) gives bit-identical logits to the update
-// through a float32 buffer that silu_mul adds (kernelForce.noFold): the same
-// MMAs in the same order, the same roundings; in prefill (eager above 256
-// rows), mixed and decode steps, rows without an adapter among them.
-func TestFoldedExpandMatch(t *testing.T) {
-	m, adapters, _ := loadFixture(t)
-	ef, bf := newMatchEngine(t, m, adapters, Options{})
-	if !bf.foldable([]llama.Module{llama.Gate, llama.Up}) {
-		t.Skip("the fixture's gate/up update cannot be folded (adapter ranks, FP8 or no tensor-core expand)")
-	}
-	en, bn := newMatchEngine(t, m, adapters, Options{})
-	bn.force.noFold = true
-	if err := bn.dropGraphs(); err != nil {
-		t.Fatal(err)
-	}
-	if err := en.Warmup(); err != nil {
-		t.Fatal(err)
-	}
-	matchSteps(t, m, len(adapters), ef, en, "folded into silu_mul_lora and through the float32 update")
-}
-
 // TestGraphRowsMatchEager: with Options.GraphRows 512 the steps of 257-512
 // rows (prefills of six prompts) replay the 384- and 512-row recordings,
 // and every logits row is the same as the eager backend's.

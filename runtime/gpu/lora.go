@@ -182,17 +182,11 @@ type loraAside struct {
 
 // pendingDelta is an update on the LoRA stream not yet added to its output:
 // columns [0, cols) of the rows at base (ld values apart) get delta
-// (float32, rows cols apart), or, with fold set, the expand of the shrink
-// the LoRA stream left in the LoRA scratch (the gate/up group: SiLUMul
-// folds it into silu_mul_lora; any other reader has it added in place).
+// (float32, rows cols apart).
 type pendingDelta struct {
 	base, delta cuda.DevicePtr
 	ld, cols    int
-	fold        *expandPlan
 }
-
-// none reports whether no update is pending.
-func (p pendingDelta) none() bool { return p.delta == 0 && p.fold == nil }
 
 // alloc sizes delta for rows rows of the widest fused group.
 func (a *loraAside) alloc(ctx *cuda.Context, rows int, cfg *llama.Config) error {
@@ -252,34 +246,19 @@ func (b *Backend) loraAside(o, x *Buffer, layer int, mods []llama.Module, total 
 		b.g.capture.waits(b.la.s) // the fork's consumer: the update's first kernel (pdljoin.go)
 	}
 	b.fail(b.la.s.Wait(b.la.fork))
-	fold := b.foldable(mods)
-	ep := b.loraGroup(b.la.s, d, total, x, layer, mods, false, fold)
+	b.loraSlices(b.la.s, d, total, x, layer, mods, false)
 	if b.err == nil {
 		b.fail(b.la.join.Record(b.la.s))
 	}
 	if b.err == nil {
-		if ep != nil {
-			b.la.pend = pendingDelta{base: ptr(o), ld: o.ld, cols: total, fold: ep}
-		} else {
-			b.la.pend = pendingDelta{base: ptr(o), delta: d, ld: o.ld, cols: total}
-		}
+		b.la.pend = pendingDelta{base: ptr(o), delta: d, ld: o.ld, cols: total}
 	}
-}
-
-// foldable reports whether group mods' update beside its GEMM may stop at
-// the shrink, its expand folded into the op that reads the output: the
-// gate/up group of a bf16 model (silu_mul_lora; with FP8 projections
-// silu_mul quantizes its rows for the down projection, a row a block,
-// which an expand by tiles does not fit) on the tensor-core expand.
-func (b *Backend) foldable(mods []llama.Module) bool {
-	return !b.force.noFold && b.f8 == nil && len(mods) == 2 && mods[0] == llama.Gate && mods[1] == llama.Up &&
-		b.tcChunks(mods) > 0 && b.fn.siluLoRA[0] != nil
 }
 
 // join adds a pending update to its output (after the LoRA stream's work).
 func (b *Backend) join() {
 	p := b.la.pend
-	if p.none() {
+	if p.delta == 0 {
 		return
 	}
 	b.la.pend = pendingDelta{}
@@ -287,11 +266,6 @@ func (b *Backend) join() {
 		return
 	}
 	b.waitUpdate()
-	if p.fold != nil { // the expand, in place
-		b.expandTC(b.s, p.fold, p.base, p.ld, true)
-		b.gen++
-		return
-	}
 	n := b.rows() * p.cols
 	b.launch(b.fn.addDelta, cuda.Dim3{X: max(1, min((n+255)/256, 4096))}, cuda.Dim3{X: 256}, p.base, p.delta, b.rowLora(), b.rows(), p.cols, p.ld)
 	b.gen++
@@ -313,11 +287,7 @@ func (b *Backend) waitUpdate() {
 // first and returns nil.
 func (b *Backend) fuse(views ...*Buffer) ([]cuda.DevicePtr, int) {
 	p := b.la.pend
-	if p.none() {
-		return nil, 0
-	}
-	if p.fold != nil { // not an update these ops read: added in place first
-		b.join()
+	if p.delta == 0 {
 		return nil, 0
 	}
 	d := make([]cuda.DevicePtr, len(views))
@@ -430,18 +400,11 @@ func (b *Backend) tmpFloatsFor(r int) int { return 4 * b.maxT * 3 * max(r, 1) }
 // stride outStride elements), the projections' outputs side by side in
 // mods order. Segments come from the step's metadata.
 func (b *Backend) loraSlices(st *cuda.Stream, outPtr cuda.DevicePtr, outStride int, x *Buffer, layer int, mods []llama.Module, accum bool) {
-	b.loraGroup(st, outPtr, outStride, x, layer, mods, accum, false)
-}
-
-// loraGroup is loraSlices; with shrinkOnly, where the tensor-core expand
-// applies, it launches only the shrink and returns the expand's plan
-// (expandTC or silu_mul_lora launch it later; nil: nothing deferred).
-func (b *Backend) loraGroup(st *cuda.Stream, outPtr cuda.DevicePtr, outStride int, x *Buffer, layer int, mods []llama.Module, accum, shrinkOnly bool) *expandPlan {
 	if !b.ok() || b.nLora == 0 || b.stepRank == 0 {
-		return nil
+		return
 	}
 	if !b.check(len(mods) >= 1 && len(mods) <= 3 && layer >= 0 && layer < b.cfg.Layers, "lora: %d slices, layer %d", len(mods), layer) {
-		return nil
+		return
 	}
 	b.gateLayer(st, layer)
 	inF, _ := b.cfg.Dims(mods[0])
@@ -453,18 +416,18 @@ func (b *Backend) loraGroup(st *cuda.Stream, outPtr cuda.DevicePtr, outStride in
 	for i, m := range mods {
 		in, out := b.cfg.Dims(m)
 		if !b.check(in == inF, "lora: fused projections read different widths") {
-			return nil
+			return
 		}
 		offs[i+1] = offs[i] + out
 	}
 	total := offs[len(mods)]
 	if !b.check(x.cols >= inF && outStride >= total, "lora: input width %d < %d or output stride %d < %d", x.cols, inF, outStride, total) {
-		return nil
+		return
 	}
 	base, stride := layer*int(llama.NumModules), b.cfg.Layers*int(llama.NumModules)
 	if !b.sgmvOK(x, mods, outStride, outPtr) {
 		if !b.check(accum, "lora: the row-at-a-time kernels only add in place") {
-			return nil
+			return
 		}
 		rows, slots := b.i32(b.off.loraRows), b.i32(b.off.loraSlots)
 		for i, m := range mods {
@@ -474,7 +437,7 @@ func (b *Backend) loraGroup(st *cuda.Stream, outPtr cuda.DevicePtr, outStride in
 			b.launchOn(st, b.fn.expand, cuda.Dim3{X: b.nLora, Y: (outF + 255) / 256}, cuda.Dim3{X: 256},
 				outPtr+uint64(2*offs[i]), b.stepTmp, b.table, rows, slots, base+int(m), stride, outF, outStride, b.stepRank)
 		}
-		return nil
+		return
 	}
 	ms := [3]int{int(mods[0]), -1, -1}
 	off1, off2 := total, total
@@ -517,101 +480,58 @@ func (b *Backend) loraGroup(st *cuda.Stream, outPtr cuda.DevicePtr, outStride in
 			for _, g := range b.sgFused {
 				if err := g.SetMaxDynamicShared(shmem); err != nil {
 					b.fail(err)
-					return nil
+					return
 				}
 			}
 			b.fusedShmem = shmem
 		}
 		if b.err != nil {
-			return nil
+			return
 		}
 		b.fail(f.Launch(st, cuda.Dim3{X: grid}, cuda.Dim3{X: sgFuThreads}, shmem,
 			outPtr, b.stepTmp, ptr(x), b.table, tiles, b.loraCtr(), b.nTiles, len(b.slots), base, stride,
 			ms[0], ms[1], ms[2], len(mods), rankTiles, ks, kchunk, nShrink, off1, off2, total,
 			b.stepRank, inF, x.ld, outStride, tStride, T, acc))
-		return nil
+		return
 	}
 	b.launchOn(st, shrink, cuda.Dim3{X: b.nTiles, Y: len(mods) * rankTiles, Z: ks}, cuda.Dim3{X: 256},
 		b.stepTmp, ptr(x), b.table, tiles, base, stride, ms[0], ms[1], ms[2], rankTiles, b.stepRank,
 		inF, x.ld, tStride, T, kchunk)
 	if tc > 0 {
-		ep := &expandPlan{tc: tc, ms: ms, offs: offs, base: base, stride: stride, tStride: tStride, ks: ks}
-		if shrinkOnly {
-			return ep
+		// blocks per slice of sgmv_expand_tc{tc}; blk1, blk2: where slices 1 and 2 start
+		cols := tcBlockCols(tc)
+		var start [4]int
+		for i := range mods {
+			start[i+1] = start[i] + (offs[i+1]-offs[i]+cols-1)/cols
 		}
-		b.expandTC(st, ep, outPtr, outStride, accum)
-		return nil
+		grid := start[len(mods)]
+		blk1, blk2 := grid, grid
+		if len(mods) > 1 {
+			blk1 = start[1]
+		}
+		if len(mods) > 2 {
+			blk2 = start[2]
+		}
+		b.launchOn(st, b.fn.sgExpandTC[bits.TrailingZeros(uint(tc))], cuda.Dim3{X: grid, Y: b.nTiles}, cuda.Dim3{X: 256},
+			outPtr, b.stepTmp, b.table, tiles, base, stride, ms[0], ms[1], ms[2], blk1, blk2, off1, off2, total,
+			b.stepRank, outStride, tStride, T, ks, acc)
+		return
 	}
 	shmem := sgTileRows * len(mods) * ((b.stepRank + 7) &^ 7) * 4 // [16][slices * rank rounded up to 8] floats
 	if shmem > 48<<10 && shmem > b.expandShmem {
 		if err := b.fn.sgExpand.SetMaxDynamicShared(shmem); err != nil {
 			b.fail(err)
-			return nil
+			return
 		}
 		b.expandShmem = shmem
 	}
 	if b.err != nil {
-		return nil
+		return
 	}
 	b.fail(b.fn.sgExpand.Launch(st, cuda.Dim3{X: b.nTiles, Y: (total + 255) / 256}, cuda.Dim3{X: 128}, shmem,
 		outPtr, b.stepTmp, b.table, tiles, base, stride, ms[0], ms[1], ms[2], len(mods), off1, off2, total,
 		b.stepRank, outStride, tStride, T, ks, acc))
-	return nil
 }
-
-// expandPlan is a group's tensor-core expand as loraGroup planned it: the
-// chunks (sgmv_expand_tc{tc}), the modules' table entries (ms, from base,
-// stride apart by slot), the slices' output offsets (offs, the total
-// last), and the shrink's scratch layout (tStride values a row, ks K-split
-// partials).
-type expandPlan struct {
-	tc, base, stride, tStride, ks int
-	ms                            [3]int
-	offs                          []int
-}
-
-// expandTC launches p's expand on st into the rows at outPtr (outStride
-// values apart): added in place (accum) or stored as float32.
-func (b *Backend) expandTC(st *cuda.Stream, p *expandPlan, outPtr cuda.DevicePtr, outStride int, accum bool) {
-	// blocks per slice of sgmv_expand_tc{tc}; blk1, blk2: where slices 1 and 2 start
-	n := len(p.offs) - 1
-	total := p.offs[n]
-	cols := tcBlockCols(p.tc)
-	var start [4]int
-	for i := range n {
-		start[i+1] = start[i] + (p.offs[i+1]-p.offs[i]+cols-1)/cols
-	}
-	grid := start[n]
-	blk1, blk2, off1, off2 := grid, grid, total, total
-	if n > 1 {
-		blk1, off1 = start[1], p.offs[1]
-	}
-	if n > 2 {
-		blk2, off2 = start[2], p.offs[2]
-	}
-	acc := 0
-	if accum {
-		acc = 1
-	}
-	b.launchOn(st, b.fn.sgExpandTC[bits.TrailingZeros(uint(p.tc))], cuda.Dim3{X: grid, Y: b.nTiles}, cuda.Dim3{X: 256},
-		outPtr, b.stepTmp, b.table, b.i32(b.off.tiles), p.base, p.stride, p.ms[0], p.ms[1], p.ms[2], blk1, blk2, off1, off2, total,
-		b.stepRank, outStride, p.tStride, b.rows(), p.ks, acc)
-}
-
-// siluFold launches silu_mul_lora: out = silu(g) * u with p's gate/up
-// expand folded in (g and u: the gate/up output's two halves, ld values
-// apart; the caller checked the shapes).
-func (b *Backend) siluFold(p *expandPlan, out, g, u *Buffer) {
-	cols := 64 * 4 / p.tc // SiluTcShape<KC>::COLS
-	T := b.rows()
-	b.launch(b.fn.siluLoRA[bits.TrailingZeros(uint(p.tc))], cuda.Dim3{X: (g.cols + cols - 1) / cols, Y: b.nTiles + (T+siluPlainRows-1)/siluPlainRows}, cuda.Dim3{X: 256},
-		ptr(out), ptr(g), ptr(u), b.stepTmp, b.table, b.i32(b.off.tiles), b.rowLora(), b.nTiles,
-		p.base, p.stride, p.ms[0], p.ms[1], T, g.cols, g.ld, b.stepRank, p.tStride, T, p.ks)
-}
-
-// siluPlainRows is SILU_PLAIN_ROWS in llama.cu: the rows one of
-// silu_mul_lora's blocks for rows without an adapter looks at.
-const siluPlainRows = 64
 
 // tcChunks is the 32-rank chunks of the tensor-core expand for the step's
 // rank (1, 2 or 4), or 0 where it does not apply: a loaded adapter's rank

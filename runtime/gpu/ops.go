@@ -556,18 +556,6 @@ func preShared(hd int, k8 bool) int {
 // SiLUMul computes out = silu(gate) * up.
 func (b *Backend) SiLUMul(out, gate, up engine.Buffer) {
 	o, g, u := buf(out), buf(gate), buf(up)
-	if p := b.la.pend; p.fold != nil && b.foldsInto(p, o, g, u) {
-		// the LoRA stream ran the gate/up shrink alone: silu_mul_lora
-		// expands it as it reads g and u
-		b.la.pend = pendingDelta{}
-		if b.err != nil {
-			return
-		}
-		b.waitUpdate()
-		b.opStart()
-		b.siluFold(p.fold, o, g, u)
-		return
-	}
 	var dg, du uint64 // LoRA updates of gate and up from the LoRA stream
 	ldd := 0
 	if p, ld := b.fuse(g, u); p != nil {
@@ -598,16 +586,6 @@ func (b *Backend) SiLUMul(out, gate, up engine.Buffer) {
 	}
 	b.launch(b.fn.siluMul, cuda.Dim3{X: max(1, min((words+255)/256, 8192))}, cuda.Dim3{X: 256}, ptr(o), ptr(g), ptr(u), dg, du, b.rowLora(), b.rows(), o.cols, g.ld, ldd,
 		uint64(0), uint64(0))
-}
-
-// foldsInto reports whether silu_mul_lora may take the pending gate/up
-// shrink p while computing out = silu(g) * u: g and u are the two halves of
-// p's output, of equal width (whole 8-value words), out a whole buffer, and
-// no FP8 projection wants out quantized.
-func (b *Backend) foldsInto(p pendingDelta, out, g, u *Buffer) bool {
-	return len(p.fold.offs) == 3 && ptr(g) == p.base && g.ld == p.ld && u.ld == p.ld && g.cols == p.fold.offs[1] &&
-		ptr(u) == p.base+uint64(2*g.cols) && u.cols == p.cols-g.cols && u.cols == g.cols && out.cols == g.cols &&
-		out.whole() && g.cols%8 == 0 && g.ld%8 == 0 && b.f8 == nil
 }
 
 // Logits normalizes the LogitRows rows of x and projects them to float32 logits in out.

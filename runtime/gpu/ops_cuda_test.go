@@ -479,7 +479,7 @@ func TestOpLoRA(t *testing.T) {
 				}
 			}
 			r.b.LoRA(out, x, layer, []llama.Module{mod})
-			if c.aside && r.b.la.pend.none() {
+			if c.aside && r.b.la.pend.delta == 0 {
 				t.Fatal("the update is not pending on the LoRA stream")
 			}
 			got := r.read(out, T)
