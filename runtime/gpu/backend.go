@@ -203,6 +203,7 @@ type kernelForce struct {
 	skLate     bool          // gemm_skinny: no weight tiles before griddepcontrol.wait (opts 0)
 	wgFull     bool          // wgmma products beside the LoRA stream: a grid over every SM, not the SM target (v0.32's)
 	besideRows int           // gemm_skinny beside the LoRA stream up to this many rows (0: skBesideMaxRows)
+	shrink4    bool          // recordings' LoRA shrinks: sgmv_shrink4 where the tiles are well filled, as eager steps choose (recordings keep sgmv_shrink)
 	wholeLoad  bool          // adapter loads: a step waits for the whole image before it starts (no per-layer start)
 	slowFill   time.Duration // adapter loads: a sleep after each chunk's fill (tests: a step must wait for the host)
 }
