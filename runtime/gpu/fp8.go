@@ -101,8 +101,9 @@ type fp8State struct {
 	// wgAuto (unless Options.NoFP8Wgmma) sends wgAutoFits' products to
 	// fp8_wg (wgAutoDefault: as New set it, for benchmarks that switch it);
 	// shared is set by Backend.Linear while the LoRA stream runs beside
-	// the product (SMs held back from cuBLASLt)
-	wgAuto, wgAutoDefault, shared bool
+	// the product (SMs held back from cuBLASLt); wgBeside (benchmarks)
+	// then sends every 33-64-row product to fp8_wg, as v0.31-v0.32 did
+	wgAuto, wgAutoDefault, shared, wgBeside bool
 	Info                          kernels.Info
 
 	tmp        *cuda.DeviceBuffer // bf16 staging of a weight being quantized (freed at the first Linear)
@@ -292,7 +293,7 @@ func (f *fp8State) linear(out, x cuda.DevicePtr, T int, w *fp8Weight, gen uint64
 	if skinnyFits(T, w.rows, K, f.skinnyTop()) {
 		return f.skinnyLaunch(out, T, w)
 	}
-	if f.wgAuto && wgAutoFits(T, w.rows, K, f.shared) && f.wg.fits(T, w.rows, K) {
+	if f.wgAuto && wgAutoFits(T, w.rows, K, f.shared && f.wgBeside) && f.wg.fits(T, w.rows, K) {
 		return f.wg.launch(f.s, out, f.actQ.Ptr(), f.actS.Ptr(), w.q.Ptr(), w.scale.Ptr(), T, w.rows, K)
 	}
 	if S := f.split(T, w.rows, K); S > 1 {
@@ -307,9 +308,12 @@ func (f *fp8State) linear(out, x cuda.DevicePtr, T int, w *fp8Weight, gen uint64
 // (fp8bench at 17 / 32 / 64 rows, decode with every product on fp8_wg):
 // every shape at 17-32 rows (fp8_wg ties cuBLASLt on qkv, o and down and
 // beats it by 6-10 us on gate_up; decode at 32 rows 5% faster); at 33-64
-// rows the wide products (N >= 4 K: gate_up, 37.9 vs 43.9 us at 64 rows),
-// and every shape while the LoRA stream runs beside them (shared: decode
-// with four adapters at 64 rows 5.6% faster, base 2% slower).
+// rows the wide products (N >= 4 K: gate_up, 37.9 vs 43.9 us at 64 rows).
+// With shared, every shape at 33-64 rows: v0.31-v0.32's rule beside the
+// LoRA stream (decode with four adapters at 64 rows 5.6% faster than
+// cuBLASLt then, when fp8_wg's grid covered every SM; Backend.Linear
+// passes it only for fp8State.wgBeside since fp8_wg keeps to the SM
+// target, v0.33).
 func wgAutoFits(T, N, K int, shared bool) bool {
 	switch {
 	case T <= gemvMaxRows || T > 64:
