@@ -2129,10 +2129,10 @@ extern "C" __global__ void __launch_bounds__(SM_THREADS) sample_rows(int* out, c
 // into ST shared stages by cp.async, ST - 1 tiles ahead of the one multiplied
 // (m16n8k16 MMAs, both operands by ldmatrix from rows whose 16-byte chunks
 // are XOR-swizzled in groups of 8). Two layouts of the 4 warps:
-//   - gemm_skinny_n{32,48,64} (WK): BK 256; warp w multiplies columns [64 w,
+//   - gemm_skinny_n{32,48} (WK): BK 256; warp w multiplies columns [64 w,
 //     64 w + 64) of each tile for all BN outputs, and the warps' sums meet
 //     in shared memory at the end (narrow blocks: many rows' bytes each);
-//   - gemm_skinny_n{224,256}: BK 64; warp w owns outputs [BN/4 w, BN/4 (w + 1)).
+//   - gemm_skinny_n224: BK 64; warp w owns outputs [BN/4 w, BN/4 (w + 1)).
 // opts bit 0: the first ST - 1 weight tiles are requested before
 // griddepcontrol.wait (no kernel of a step writes weights), so their DRAM
 // latency runs under the kernel before.
@@ -2257,9 +2257,6 @@ __device__ __forceinline__ void gemm_skinny_body(bf16* __restrict__ out, const b
 GEMM_SKINNY(32, true, gemm_skinny_n32)
 GEMM_SKINNY(48, true, gemm_skinny_n48)
 GEMM_SKINNY(224, false, gemm_skinny_n224)
-// beside the LoRA stream (bf16_skinny.go's planBeside): 64 and 112 blocks for the 8B shapes
-GEMM_SKINNY(64, true, gemm_skinny_n64)
-GEMM_SKINNY(256, false, gemm_skinny_n256)
 
 // gemm_wg_n{32,64,128}: the bf16 product out [M, N] = x [M, K] . w [N, K]^T
 // for 17-128 rows (M <= 32, 64, 128) on wgmma: wg_body (common.cuh, its

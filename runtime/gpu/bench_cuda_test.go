@@ -371,10 +371,7 @@ type decodeVariant struct {
 	tuned                        bool // after Options.TuneGEMMs' tuning (it cannot be undone: these rows come last)
 	opts                         int  // attn_decode's opts (kernelForce.decOpts: 0 the default, -1 none)
 	lt                           bool // every bf16 product through cuBLASLt (kernelForce.noSkinny)
-	fullGrid                     bool // bf16 products beside the LoRA stream as v0.31 routed them (kernelForce.fullGrid)
 	wgFull                       bool // wgmma products beside the LoRA stream on every SM, as v0.32 ran them (kernelForce.wgFull)
-	beside                       int  // gemm_skinny beside the LoRA stream up to this many rows (kernelForce.besideRows; 0: skBesideMaxRows)
-	shrink4                      bool // recordings' LoRA shrinks on sgmv_shrink4 where the tiles are well filled (kernelForce.shrink4)
 	wgBeside                     bool // FP8 weights: every 33-64-row product beside the LoRA stream on fp8_wg (fp8State.wgBeside: v0.32's routing)
 	skLate                       bool // gemm_skinny without its early weight tiles (kernelForce.skLate)
 	dv                           int  // attn_decode's variant whatever the rows: 1 + a decVariant (kernelForce.decVar; 0: decVariantFor's)
@@ -413,7 +410,7 @@ func (v decodeVariant) label(ads []*lora.Adapter, pdlOK bool) string {
 	for _, f := range []struct {
 		on   bool
 		name string
-	}{{v.eager, "eager"}, {v.serial, "serial"}, {v.nopdl && pdlOK, "nopdl"}, {v.ropeHeads, "ropeheads"}, {v.lt, "lt"}, {v.fullGrid, "fullgrid"}, {v.wgFull, "wgfull"}, {v.shrink4, "shrink4"}, {v.wgBeside, "wgbeside"}, {v.skLate, "late"},
+	}{{v.eager, "eager"}, {v.serial, "serial"}, {v.nopdl && pdlOK, "nopdl"}, {v.ropeHeads, "ropeheads"}, {v.lt, "lt"}, {v.wgFull, "wgfull"}, {v.wgBeside, "wgbeside"}, {v.skLate, "late"},
 		{v.fs, "fs"}, {v.gv, "gv"}, {v.wg && !v.two, "wg"}, {v.wg && v.two, "wg2"}, {v.nowga, "nowga"}, {v.bwg && !v.two, "bwg"}, {v.bwg && v.two, "bwg2"}, {v.tuned, "tuned"}} {
 		if f.on {
 			lbl += "+" + f.name
@@ -421,9 +418,6 @@ func (v decodeVariant) label(ads []*lora.Adapter, pdlOK bool) string {
 	}
 	if v.part > 0 {
 		lbl += fmt.Sprintf("+part%d", v.part)
-	}
-	if v.beside > 0 {
-		lbl += fmt.Sprintf("+beside%d", v.beside)
 	}
 	if v.qkvSMs > 0 {
 		lbl += fmt.Sprintf("+qkvsms%d", v.qkvSMs)
@@ -592,7 +586,7 @@ func TestDecodeBench(t *testing.T) {
 		{sms: -1, ropeHeads: true}, {sms: -1, split: 16}, {sms: -1, split: 1}, {sms: -1, split: 2}, {sms: -1, split: 3}, {sms: -1, dv: 1 + int(decV2)}, {lora: true, sms: -1, dv: 1 + int(decV2)}, {sms: -1, dv: 1 + int(decV4)}, {lora: true, sms: -1, dv: 1 + int(decV4)},
 		{sampled: true, sms: -1}, {eager: true, sms: -1}, {lora: true, eager: true, sms: -1},
 		{lora: true, serial: true, sms: -1}, {lora: true, sms: 0}, {lora: true, sms: 8}, {lora: true, sms: 16}, {lora: true, sms: 24}, {lora: true, sms: 32},
-		{lora: true, sms: -1, qkvSMs: 16}, {lora: true, sms: -1, qkvSMs: 32}, {lora: true, sms: -1, fullGrid: true}, {lora: true, sms: -1, wgFull: true}, {lora: true, sms: -1, beside: 16}, {lora: true, sms: -1, shrink4: true}, {lora: true, sms: -1, wgBeside: true}, {lora: true, sms: -1, pdlJoins: -1}, {lora: true, sms: -1, pdlJoins: 1}, {lora: true, sms: -1, pdlJoins: 3},
+		{lora: true, sms: -1, qkvSMs: 16}, {lora: true, sms: -1, qkvSMs: 32}, {lora: true, sms: -1, wgFull: true}, {lora: true, sms: -1, wgBeside: true}, {lora: true, sms: -1, pdlJoins: -1}, {lora: true, sms: -1, pdlJoins: 1}, {lora: true, sms: -1, pdlJoins: 3},
 		{sms: -1, wg: true}, {lora: true, sms: -1, wg: true}, {sms: -1, bwg: true}, {lora: true, sms: -1, bwg: true},
 		{sms: -1, nowga: true}, {lora: true, sms: -1, nowga: true},
 		{sms: -1, wg: true, two: true}, {lora: true, sms: -1, wg: true, two: true}, {sms: -1, bwg: true, two: true}, {lora: true, sms: -1, bwg: true, two: true},
@@ -651,10 +645,10 @@ func TestDecodeBench(t *testing.T) {
 			continue
 		}
 		retune := v.tuned && !gb.tune.done
-		if wantPDL := pdlOK && !v.nopdl; retune || partOf(gb) != v.part || gb.la.on == v.serial || gb.la.sms != v.sms || gb.s.ProgrammaticLaunch() != wantPDL || gb.force.decSplit != v.split || gb.force.ropeHeads != v.ropeHeads || gb.force.decOpts != v.opts || gb.force.noSkinny != v.lt || gb.force.fullGrid != v.fullGrid || gb.force.wgFull != v.wgFull || gb.force.besideRows != v.beside || gb.force.shrink4 != v.shrink4 || gb.force.skLate != v.skLate || gb.force.decVar != v.dv || gb.force.bwg != v.bwg || gb.force.qkvSMs != v.qkvSMs || gb.force.pdlJoins != v.pdlJoins || gb.wg != nil && gb.wg.two != v.two || gb.f8 != nil && gb.f8.wg != nil && gb.f8.wg.two != v.two || gb.f8 != nil && (gb.f8.wgBeside != v.wgBeside || gb.f8.streamOn != v.fs || gb.f8.streamOff != v.gv || gb.f8.wgOn != v.wg || gb.f8.wgAuto != (gb.f8.wgAutoDefault && !v.nowga)) { // recordings bake the LoRA and launch modes, the kernels and the GEMM algorithms in
+		if wantPDL := pdlOK && !v.nopdl; retune || partOf(gb) != v.part || gb.la.on == v.serial || gb.la.sms != v.sms || gb.s.ProgrammaticLaunch() != wantPDL || gb.force.decSplit != v.split || gb.force.ropeHeads != v.ropeHeads || gb.force.decOpts != v.opts || gb.force.noSkinny != v.lt || gb.force.wgFull != v.wgFull || gb.force.skLate != v.skLate || gb.force.decVar != v.dv || gb.force.bwg != v.bwg || gb.force.qkvSMs != v.qkvSMs || gb.force.pdlJoins != v.pdlJoins || gb.wg != nil && gb.wg.two != v.two || gb.f8 != nil && gb.f8.wg != nil && gb.f8.wg.two != v.two || gb.f8 != nil && (gb.f8.wgBeside != v.wgBeside || gb.f8.streamOn != v.fs || gb.f8.streamOff != v.gv || gb.f8.wgOn != v.wg || gb.f8.wgAuto != (gb.f8.wgAutoDefault && !v.nowga)) { // recordings bake the LoRA and launch modes, the kernels and the GEMM algorithms in
 			gb.la.on, gb.la.sms, gb.force.decSplit, gb.force.ropeHeads, gb.force.decOpts = !v.serial, v.sms, v.split, v.ropeHeads, v.opts
 			gb.force.noSkinny, gb.force.skLate, gb.force.decVar, gb.force.bwg = v.lt, v.skLate, v.dv, v.bwg
-			gb.force.fullGrid, gb.force.wgFull, gb.force.besideRows, gb.force.shrink4 = v.fullGrid, v.wgFull, v.beside, v.shrink4
+			gb.force.wgFull = v.wgFull
 			gb.force.qkvSMs, gb.force.pdlJoins = v.qkvSMs, v.pdlJoins
 			if gb.wg != nil {
 				gb.wg.two = v.two
@@ -752,7 +746,7 @@ func TestDecodeBench(t *testing.T) {
 	}
 	gb.g.off, gb.force.decSplit, gb.force.ropeHeads, gb.force.decOpts = false, 0, false, 0
 	gb.force.noSkinny, gb.force.skLate, gb.force.decVar, gb.force.bwg = false, false, 0, false
-	gb.force.fullGrid, gb.force.wgFull, gb.force.besideRows, gb.force.shrink4 = false, false, 0, false
+	gb.force.wgFull = false
 	gb.force.qkvSMs, gb.force.pdlJoins = 0, 0
 	if gb.wg != nil {
 		gb.wg.two = false

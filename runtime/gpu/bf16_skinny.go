@@ -19,22 +19,16 @@ type bfSkinny struct {
 // bfSkinnyMaxRows is the most rows gemm_skinny takes (one m16 tile).
 const bfSkinnyMaxRows = 16
 
-// skBesideMaxRows is the most rows whose products beside the LoRA stream
-// run gemm_skinny on the SMs it leaves (planBeside) rather than cuBLASLt
-// on its SM target. H200, four rank-32 adapters, device ms a step (v0.32):
-// 8 rows 5.22 against 5.50, 16 rows 5.40 against 5.29.
-const skBesideMaxRows = 8
-
 // bfSkinnyEarly is gemm_skinny's opts bit 0: the first weight tiles
 // requested before griddepcontrol.wait.
 const bfSkinnyEarly = 1
 
 // bfSkinnyVariants: gemm_skinny_n{bn}, widest first, with the bf16 values
-// of each weight row a tile holds (256 for the warps-along-K variants, 32,
-// 48 and 64; 64 for 224 and 256). n64 and n256 run only beside the LoRA
-// stream (planBeside): their grids of 64-112 blocks for the 8B shapes leave
-// it SMs, where 32, 48 and 224 take 128 of 132.
-var bfSkinnyVariants = []streamVariant{{bn: 224, tile: 64}, {bn: 48, tile: 256}, {bn: 32, tile: 256}, {bn: 64, tile: 256, beside: true}, {bn: 256, tile: 64, beside: true}}
+// of each weight row a tile holds (256 for the warps-along-K variants, 32
+// and 48; 64 for 224). v0.32's n64 and n256 (narrower grids beside the
+// LoRA stream) were retired in v0.33: the LoRA stream's blocks now share
+// every SM with these one-wave grids (autoLoRASMs holds none up to 16 rows).
+var bfSkinnyVariants = []streamVariant{{bn: 224, tile: 64}, {bn: 48, tile: 256}, {bn: 32, tile: 256}}
 
 // bfSkinnyShared is SkShape<bn>'s shared memory: stages of the weight tile
 // (bn rows) and x's (16 rows).
@@ -61,25 +55,11 @@ type bfSkinnyPlan struct {
 // plan picks the variant for an M x N x K product (streamRows.pick); ok is
 // false for more than bfSkinnyMaxRows rows or a shape no variant fits one
 // wave with: cuBLASLt's product then.
-func (g *bfSkinny) plan(M, N, K int) (p bfSkinnyPlan, ok bool) { return g.planOn(M, N, K, 0) }
-
-// planBeside is plan for a product beside the LoRA stream, on sms SMs
-// (streamRows.pickBeside).
-func (g *bfSkinny) planBeside(M, N, K, sms int) (p bfSkinnyPlan, ok bool) {
-	return g.planOn(M, N, K, sms)
-}
-
-// planOn is plan (sms 0: the whole card) or planBeside.
-func (g *bfSkinny) planOn(M, N, K, sms int) (p bfSkinnyPlan, ok bool) {
+func (g *bfSkinny) plan(M, N, K int) (p bfSkinnyPlan, ok bool) {
 	if g == nil || M < 1 || M > bfSkinnyMaxRows {
 		return p, false
 	}
-	var i int
-	if sms > 0 {
-		i, ok = g.pickBeside(N, K, sms)
-	} else {
-		i, ok = g.pick(N, K)
-	}
+	i, ok := g.pick(N, K)
 	if !ok {
 		return p, false
 	}
@@ -109,5 +89,5 @@ func (b *Backend) Products() string {
 	if b.sk == nil {
 		return "cuBLASLt"
 	}
-	return fmt.Sprintf("gemm_skinny 1-%d rows where a shape fits it (beside the LoRA stream: narrower grids up to %d rows, cuBLASLt above), cuBLASLt above", bfSkinnyMaxRows, skBesideMaxRows)
+	return fmt.Sprintf("gemm_skinny 1-%d rows where a shape fits it, cuBLASLt above", bfSkinnyMaxRows)
 }

@@ -7,8 +7,7 @@ import (
 )
 
 // TestBFSkinnyPlan: the variant gemm_skinny takes for the 8B shapes and
-// others on an H100/H200 (132 SMs) and an A100 (108), on the whole card and
-// beside the LoRA stream.
+// others on an H100/H200 (132 SMs) and an A100 (108).
 func TestBFSkinnyPlan(t *testing.T) {
 	rows := func(vs []streamVariant, sms int) *streamRows {
 		return &streamRows{vs: vs, fn: make([]*cuda.Function, len(vs)), sms: sms}
@@ -40,44 +39,17 @@ func TestBFSkinnyPlan(t *testing.T) {
 			t.Errorf("%d x %d x %d on %d SMs: plan %d ok %v, want %d", c.M, c.N, c.K, c.g.sms, p.bn, ok, c.bn)
 		}
 	}
-	// beside the LoRA stream (planBeside): the grid within the SMs left
-	for _, c := range []struct {
-		g            *bfSkinny
-		M, N, K, sms int
-		bn           int // 0: none (cuBLASLt)
-	}{
-		{h, 16, 6144, 4096, 116, 64},  // qkv: 96 blocks
-		{h, 16, 4096, 4096, 116, 64},  // o: 64
-		{h, 5, 28672, 4096, 116, 256}, // gate_up: 112
-		{h, 16, 4096, 14336, 116, 64}, // down: 64
-		{h, 16, 6144, 4096, 84, 0},    // qkv, 48 SMs held: 96 blocks of 64 > 84, and 128 of 48
-		{h, 17, 6144, 4096, 116, 0},   // too many rows
-		{h, 16, 3072, 3072, 116, 48},  // a 3B's o: 64 blocks of 48
-		{h, 16, 4096, 4096, 132, 32},  // nothing held: the whole card's variants first
-		{h, 16, 8192, 3072, 132, 64},  // 128 blocks of 64: only beside
-		{a, 8, 28672, 4096, 92, 0},    // 112 blocks of 256 > 92
-		{a, 8, 4096, 4096, 92, 64},    // 64 blocks of 64
-	} {
-		p, ok := c.g.planBeside(c.M, c.N, c.K, c.sms)
-		if ok != (c.bn > 0) || ok && p.bn != c.bn {
-			t.Errorf("%d x %d x %d beside the LoRA stream on %d SMs: plan %d ok %v, want %d", c.M, c.N, c.K, c.sms, p.bn, ok, c.bn)
-		}
-	}
-	// the whole card's plan never takes a beside-only variant
-	if p, ok := h.plan(16, 8192, 3072); ok {
-		t.Errorf("16 x 8192 x 3072 on 132 SMs: plan %d, want none (n64 runs only beside the LoRA stream)", p.bn)
-	}
 	var none *bfSkinny
 	if _, ok := none.plan(1, 4096, 4096); ok {
 		t.Error("a nil bfSkinny planned a product")
 	}
 }
 
-// TestSkinnyPlanBeside: which products of a step take gemm_skinny: on the
-// whole card with nothing held, on the SMs the LoRA stream leaves up to
-// skBesideMaxRows rows, cuBLASLt above them or with kernelForce.fullGrid
-// or noSkinny.
-func TestSkinnyPlanBeside(t *testing.T) {
+// TestSkinnyPlanTarget: which products of a step take gemm_skinny: up to
+// 16 rows on the whole card with nothing held back; cuBLASLt on its SM
+// target when SMs are held for the LoRA stream (an explicit
+// Options.LoRASMs), above 16 rows, or with kernelForce.noSkinny.
+func TestSkinnyPlanTarget(t *testing.T) {
 	sk := &bfSkinny{&streamRows{vs: bfSkinnyVariants, fn: make([]*cuda.Function, len(bfSkinnyVariants)), sms: 132}}
 	for _, c := range []struct {
 		rows, target int
@@ -87,13 +59,11 @@ func TestSkinnyPlanBeside(t *testing.T) {
 	}{
 		{rows: 1, N: 6144, K: 4096, bn: 48},
 		{rows: 16, N: 28672, K: 4096, bn: 224},
-		{rows: 5, target: 116, N: 6144, K: 4096, bn: 64},
-		{rows: 8, target: 116, N: 28672, K: 4096, bn: 256},
-		{rows: 9, target: 116, N: 6144, K: 4096},
-		{rows: 16, target: 116, N: 4096, K: 14336},
-		{rows: 8, target: 116, force: kernelForce{fullGrid: true}, N: 6144, K: 4096},
+		{rows: 8, N: 4096, K: 14336, bn: 32},
+		{rows: 17, N: 6144, K: 4096},
+		{rows: 5, target: 116, N: 6144, K: 4096},
+		{rows: 8, target: 116, N: 28672, K: 4096},
 		{rows: 1, force: kernelForce{noSkinny: true}, N: 6144, K: 4096},
-		{rows: 8, target: 116, force: kernelForce{noSkinny: true}, N: 6144, K: 4096},
 	} {
 		b := &Backend{sk: sk, nRows: c.rows, force: c.force}
 		p, ok := b.skinnyPlan(c.N, c.K, c.target)

@@ -104,7 +104,7 @@ type fp8State struct {
 	// the product (SMs held back from cuBLASLt); wgBeside (benchmarks)
 	// then sends every 33-64-row product to fp8_wg, as v0.31-v0.32 did
 	wgAuto, wgAutoDefault, shared, wgBeside bool
-	Info                          kernels.Info
+	Info                                    kernels.Info
 
 	tmp        *cuda.DeviceBuffer // bf16 staging of a weight being quantized (freed at the first Linear)
 	actQ, actS *cuda.DeviceBuffer // quantized activation rows and their scales

@@ -452,7 +452,7 @@ func (b *Backend) loraSlices(st *cuda.Stream, outPtr cuda.DevicePtr, outStride i
 	// Rank rows per shrink block: 32 when the tiles are well filled (each x
 	// tile is then read once per 32 ranks, not per 8), else 8 for more blocks.
 	shrink, nb := b.fn.sgShrink, 8
-	if (!b.graphLayout || b.force.shrink4) && b.nLora >= 8*b.nTiles && b.nTiles*len(mods) >= 16 {
+	if !b.graphLayout && b.nLora >= 8*b.nTiles && b.nTiles*len(mods) >= 16 {
 		shrink, nb = b.fn.sgShrink4, 32
 	}
 	rankTiles := (b.stepRank + nb - 1) / nb

@@ -149,8 +149,8 @@ func weightRows(w engine.Weight) int {
 
 // Linear: out = in @ W^T (bf16 in, float32 accumulate, bf16 out):
 // gemm_skinny for a step of at most 16 rows whose shape it plans
-// (bf16_skinny.go; beside the LoRA stream on the SMs it leaves, planBeside,
-// up to skBesideMaxRows rows), else cuBLASLt. For
+// (bf16_skinny.go) unless SMs are held back for the LoRA stream, else
+// cuBLASLt. For
 // an FP8 weight, in's rows are quantized per token (once for consecutive
 // projections of the same input) and fp8State.linear takes the product
 // with both operands' row scales (fp8_gemv, fp8_stream or cuBLASLt's FP8
@@ -208,29 +208,14 @@ func (b *Backend) Linear(out, in engine.Buffer, w engine.Weight) {
 }
 
 // skinnyPlan is gemm_skinny's plan for the step's product with an N x K
-// weight, on the whole card (target 0) or beside the LoRA stream on target
-// SMs: a narrower grid that leaves the held SMs to the LoRA stream, up to
-// skBesideMaxRows rows (cuBLASLt on its SM target above); ok false:
-// cuBLASLt.
+// weight on the whole card (target 0); ok false: cuBLASLt's product, also
+// for a product that leaves SMs to the LoRA stream (target: the SMs it
+// may take; gemm_skinny's one-wave grids cover every SM).
 func (b *Backend) skinnyPlan(N, K, target int) (bfSkinnyPlan, bool) {
-	if b.force.noSkinny {
+	if b.force.noSkinny || target != 0 {
 		return bfSkinnyPlan{}, false
 	}
-	if target == 0 {
-		return b.sk.plan(b.rows(), N, K)
-	}
-	if b.rows() > b.besideMaxRows() || b.force.fullGrid {
-		return bfSkinnyPlan{}, false
-	}
-	return b.sk.planBeside(b.rows(), N, K, target)
-}
-
-// besideMaxRows is skBesideMaxRows, or kernelForce.besideRows where set.
-func (b *Backend) besideMaxRows() int {
-	if b.force.besideRows > 0 {
-		return b.force.besideRows
-	}
-	return skBesideMaxRows
+	return b.sk.plan(b.rows(), N, K)
 }
 
 // wgFor is the wgmma products that may take w's product: the FP8 ones for

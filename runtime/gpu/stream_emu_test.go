@@ -32,7 +32,7 @@ func TestStreamRowsEmulated(t *testing.T) {
 	}
 	var fams []family
 	for _, v := range bfSkinnyVariants {
-		wk := v.tile == 256 // SkShape: BK 256 with the warps along K, else 64 (n224, n256)
+		wk := v.tile == 256 // SkShape: BK 256 with the warps along K, else 64 (n224)
 		fams = append(fams, family{fmt.Sprintf("gemm_skinny_n%d", v.bn), v.bn, 2 * v.tile, 4, wk, bfSkinnyShared(v), 128})
 	}
 	for _, v := range fp8StreamVariants {

@@ -11,7 +11,6 @@ import (
 // columns per block and the values of each weight row a tile holds.
 type streamVariant struct {
 	bn, tile int
-	beside   bool // taken only by products that leave SMs to the LoRA stream (pickBeside)
 }
 
 // streamRows is a family of those kernels as loaded on a device.
@@ -46,19 +45,12 @@ func loadStreamRows(mod *cuda.Module, dev cuda.Device, vs []streamVariant, name 
 // pick is the variant for an N x K weight: the first (widest) whose width
 // divides N, whose tile divides K, and whose grid (N / bn blocks) fits one
 // wave while filling at least half the SMs; ok is false where none does.
-// Variants marked beside are left to pickBeside.
-func (g *streamRows) pick(N, K int) (i int, ok bool) { return g.pickOn(N, K, g.sms, false) }
-
-// pickBeside is pick for a product that runs on sms SMs, the rest left to
-// the LoRA stream beside it: every variant, the grid within sms.
-func (g *streamRows) pickBeside(N, K, sms int) (i int, ok bool) { return g.pickOn(N, K, sms, true) }
-
-func (g *streamRows) pickOn(N, K, sms int, beside bool) (i int, ok bool) {
+func (g *streamRows) pick(N, K int) (i int, ok bool) {
 	for i, v := range g.vs {
-		if N%v.bn != 0 || K%v.tile != 0 || v.beside && !beside {
+		if N%v.bn != 0 || K%v.tile != 0 {
 			continue
 		}
-		if n := N / v.bn; n <= sms && 2*n >= sms {
+		if n := N / v.bn; n <= g.sms && 2*n >= g.sms {
 			return i, true
 		}
 	}
