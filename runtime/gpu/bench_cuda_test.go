@@ -1207,3 +1207,171 @@ func h2dBench(t *testing.T, b *Backend, a *lora.Adapter) {
 	bench("adapterload h2d (%.0f MB image): one copy from pinned %.2f ms (%.1f GB/s), from pageable %.2f ms (%.1f GB/s); host fill alone %.2f ms (%.1f GB/s); PrepareAdapter to the last byte: through the ring %.2f ms (%.1f GB/s), filling kept blocks %.2f ms (%.1f GB/s), from a kept image %.2f ms (%.1f GB/s); image cache %+v",
 		float64(n)/1e6, pin, gbs(pin), page, gbs(page), fill, gbs(fill), ring, gbs(ring), kept, gbs(kept), hit, gbs(hit), b.PinnedStats())
 }
+
+// TestLoRABesideBench (PEFTD_LORA_BESIDE=1; rows PEFTD_LORA_BESIDE_ROWS,
+// default 16,64,256): each LoRA group of an 8B layer (four rank-32
+// adapters, rows round-robin, the decode graph layout) beside its product
+// as a step runs them: the fork before the product, the SM hold, the
+// update on the LoRA stream. Device µs from the fork to the product's end
+// and to the update's end, and each alone (the product on the whole card,
+// the update with the card to itself), medians of replays after an L2
+// flush. over: how long the op reading the product waits for the update.
+// The kernels are those of a recorded step, launched eagerly.
+func TestLoRABesideBench(t *testing.T) {
+	if os.Getenv("PEFTD_LORA_BESIDE") == "" {
+		t.Skip("set PEFTD_LORA_BESIDE=1 to run")
+	}
+	rowsList := envBatches(t, "PEFTD_LORA_BESIDE_ROWS", []int{16, 64, 256})
+	maxT := slices.Max(rowsList)
+	cfg := cfg8B(1)
+	r := newRig(t, cfg, maxT, engine.KVSpec{Layers: 1, Blocks: max(16, maxT/16), BlockSize: 16, KVHeads: 8, HeadDim: 128})
+	b := r.b
+	if !b.la.on || b.la.delta == nil {
+		t.Skip("no LoRA stream on this backend")
+	}
+	rng := rand.New(rand.NewPCG(3, 4))
+	const nAd = 4
+	for s := range nAd {
+		if err := b.LoadAdapter(s, randomAdapter(rng, cfg, 32, 2)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	type group struct {
+		name string
+		mods []llama.Module
+		w    *weight
+		x    *Buffer
+		out  *Buffer
+	}
+	var groups []group
+	for _, g := range []struct {
+		name string
+		mods []llama.Module
+	}{{"qkv", []llama.Module{llama.Q, llama.K, llama.V}}, {"o", []llama.Module{llama.O}}, {"gate_up", []llama.Module{llama.Gate, llama.Up}}, {"down", []llama.Module{llama.Down}}} {
+		in, n := cfg.Dims(g.mods[0])
+		n = 0
+		for _, m := range g.mods {
+			_, o := cfg.Dims(m)
+			n += o
+		}
+		mem, err := b.ctx.Alloc(2 * n * in)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { mem.Free() })
+		if err := b.s.Memset32(mem.Ptr(), 0x3c003c00, n*in/2); err != nil { // bf16 0.0078: the values do not change the time
+			t.Fatal(err)
+		}
+		x, out := r.buffer(maxT, in), r.buffer(maxT, n)
+		r.fill(x, r.rnd(maxT*in, 1))
+		groups = append(groups, group{g.name, g.mods, &weight{mem: mem, rows: n, cols: in}, x, out})
+	}
+	flush, err := b.ctx.Alloc(256 << 20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer flush.Free()
+	flushFn, err := b.mod.Function("l2_flush")
+	if err != nil {
+		t.Fatal(err)
+	}
+	const reps = 20
+	var evs [3]*cuda.Event // fork, product's end, update's end
+	for i := range evs {
+		if evs[i], err = b.ctx.NewEvent(true); err != nil {
+			t.Fatal(err)
+		}
+		defer evs[i].Destroy()
+	}
+	bench("lorabeside device %s; 4 x r32 adapters, rows round-robin; µs from the fork, medians of %d", b.Device().Name, reps)
+	bench("lorabeside %-5s %-8s %5s %10s %10s %10s %10s %8s", "rows", "group", "held", "prod_us", "lora_us", "prod_beside", "lora_beside", "over_us")
+	for _, T := range rowsList {
+		if b.g.off || !b.preOK || T > b.g.maxRows {
+			t.Fatalf("%d rows: no graph layout for them (graphs off or over %d rows)", T, b.g.maxRows)
+		}
+		segs := make([]engine.Segment, 0, nAd)
+		per := make([]int, nAd)
+		for i := range T {
+			per[i%nAd]++
+		}
+		at := 0
+		for s, n := range per {
+			if n > 0 {
+				segs = append(segs, engine.Segment{Start: at, End: at + n, Slot: s})
+				at += n
+			}
+		}
+		m := oneSeq(T, 16, zeros(T))
+		m.LoRA = segs
+		n := graphBuckets[bucketIndex(T)]
+		key, err := b.graphKeyFor(n, engine.Shape{LoRA: uint8(1<<llama.NumModules - 1)}, false)
+		if err == nil {
+			err = b.fillGraphMeta(m, n, key.rank, false)
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, g := range groups {
+			// run: the product (prod), the update (lora) or both as a step
+			// runs them; returns the median µs from the fork to the
+			// product's end and to the update's end
+			run := func(prod, lora bool) (float64, float64) {
+				var tp, tl []float32
+				for range reps {
+					if err := flushFn.Launch(b.s, cuda.Dim3{X: 4 * b.Device().SMs}, cuda.Dim3{X: 512}, 0, flush.Ptr(), int64(flush.Size()/16), flush.Ptr()); err != nil {
+						t.Fatal(err)
+					}
+					evs[0].Record(b.s)
+					switch {
+					case prod && lora:
+						b.Linear(g.out, g.x, g.w) // records the fork, holds the SMs
+					case prod: // as a step without adapters: no fork, no SMs held
+						b.la.on = false
+						b.Linear(g.out, g.x, g.w)
+						b.la.on = true
+					default:
+						b.forkAt(g.x)
+					}
+					evs[1].Record(b.s)
+					if lora {
+						b.LoRA(g.out, g.x, 0, g.mods)
+						if b.la.pend.delta == 0 {
+							t.Fatalf("%s at %d rows: the update did not go to the LoRA stream", g.name, T)
+						}
+						b.la.pend = pendingDelta{}
+						evs[2].Record(b.la.s)
+						b.fail(b.s.Wait(b.la.join))
+					}
+					if b.err != nil {
+						t.Fatal(b.err)
+					}
+					if err := b.s.Synchronize(); err != nil {
+						t.Fatal(err)
+					}
+					d1, err := evs[1].Since(evs[0])
+					if err != nil {
+						t.Fatal(err)
+					}
+					tp = append(tp, d1)
+					if lora {
+						d2, err := evs[2].Since(evs[0])
+						if err != nil {
+							t.Fatal(err)
+						}
+						tl = append(tl, d2)
+					}
+				}
+				pu, lu := median(tp)*1e3, math.NaN()
+				if lora {
+					lu = median(tl) * 1e3
+				}
+				return pu, lu
+			}
+			prodAlone, _ := run(true, false)
+			_, loraAlone := run(false, true)
+			prodBeside, loraBeside := run(true, true)
+			bench("lorabeside %-5d %-8s %5d %10.1f %10.1f %10.1f %10.1f %8.1f", T, g.name, b.holdFor(T, g.w.rows), prodAlone, loraAlone, prodBeside, loraBeside, max(0, loraBeside-prodBeside))
+		}
+		r.end()
+	}
+}
