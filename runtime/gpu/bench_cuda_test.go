@@ -373,6 +373,7 @@ type decodeVariant struct {
 	lt                           bool // every bf16 product through cuBLASLt (kernelForce.noSkinny)
 	wgFull                       bool // wgmma products beside the LoRA stream on every SM, as v0.32 ran them (kernelForce.wgFull)
 	wgBeside                     bool // FP8 weights: every 33-64-row product beside the LoRA stream on fp8_wg (fp8State.wgBeside: v0.32's routing)
+	kc                           int  // LoRA shrinks' K split in pieces of kc columns (kernelForce.loraKChunk; 0: the default)
 	skLate                       bool // gemm_skinny without its early weight tiles (kernelForce.skLate)
 	dv                           int  // attn_decode's variant whatever the rows: 1 + a decVariant (kernelForce.decVar; 0: decVariantFor's)
 	fs, gv                       bool // FP8 weights: fp8_stream for every 1-16 rows (fp8State.streamOn; the default from fp8StreamMinRows), or for none (streamOff)
@@ -415,6 +416,9 @@ func (v decodeVariant) label(ads []*lora.Adapter, pdlOK bool) string {
 		if f.on {
 			lbl += "+" + f.name
 		}
+	}
+	if v.kc > 0 {
+		lbl += fmt.Sprintf("+kc%d", v.kc)
 	}
 	if v.part > 0 {
 		lbl += fmt.Sprintf("+part%d", v.part)
@@ -586,7 +590,7 @@ func TestDecodeBench(t *testing.T) {
 		{sms: -1, ropeHeads: true}, {sms: -1, split: 16}, {sms: -1, split: 1}, {sms: -1, split: 2}, {sms: -1, split: 3}, {sms: -1, dv: 1 + int(decV2)}, {lora: true, sms: -1, dv: 1 + int(decV2)}, {sms: -1, dv: 1 + int(decV4)}, {lora: true, sms: -1, dv: 1 + int(decV4)},
 		{sampled: true, sms: -1}, {eager: true, sms: -1}, {lora: true, eager: true, sms: -1},
 		{lora: true, serial: true, sms: -1}, {lora: true, sms: 0}, {lora: true, sms: 8}, {lora: true, sms: 16}, {lora: true, sms: 24}, {lora: true, sms: 32},
-		{lora: true, sms: -1, qkvSMs: 16}, {lora: true, sms: -1, qkvSMs: 32}, {lora: true, sms: -1, wgFull: true}, {lora: true, sms: -1, wgBeside: true}, {lora: true, sms: -1, pdlJoins: -1}, {lora: true, sms: -1, pdlJoins: 1}, {lora: true, sms: -1, pdlJoins: 3},
+		{lora: true, sms: -1, qkvSMs: 16}, {lora: true, sms: -1, qkvSMs: 32}, {lora: true, sms: -1, wgFull: true}, {lora: true, sms: -1, wgBeside: true}, {lora: true, sms: -1, kc: 1024}, {lora: true, sms: -1, kc: 512}, {lora: true, sms: -1, pdlJoins: -1}, {lora: true, sms: -1, pdlJoins: 1}, {lora: true, sms: -1, pdlJoins: 3},
 		{sms: -1, wg: true}, {lora: true, sms: -1, wg: true}, {sms: -1, bwg: true}, {lora: true, sms: -1, bwg: true},
 		{sms: -1, nowga: true}, {lora: true, sms: -1, nowga: true},
 		{sms: -1, wg: true, two: true}, {lora: true, sms: -1, wg: true, two: true}, {sms: -1, bwg: true, two: true}, {lora: true, sms: -1, bwg: true, two: true},
@@ -645,10 +649,10 @@ func TestDecodeBench(t *testing.T) {
 			continue
 		}
 		retune := v.tuned && !gb.tune.done
-		if wantPDL := pdlOK && !v.nopdl; retune || partOf(gb) != v.part || gb.la.on == v.serial || gb.la.sms != v.sms || gb.s.ProgrammaticLaunch() != wantPDL || gb.force.decSplit != v.split || gb.force.ropeHeads != v.ropeHeads || gb.force.decOpts != v.opts || gb.force.noSkinny != v.lt || gb.force.wgFull != v.wgFull || gb.force.skLate != v.skLate || gb.force.decVar != v.dv || gb.force.bwg != v.bwg || gb.force.qkvSMs != v.qkvSMs || gb.force.pdlJoins != v.pdlJoins || gb.wg != nil && gb.wg.two != v.two || gb.f8 != nil && gb.f8.wg != nil && gb.f8.wg.two != v.two || gb.f8 != nil && (gb.f8.wgBeside != v.wgBeside || gb.f8.streamOn != v.fs || gb.f8.streamOff != v.gv || gb.f8.wgOn != v.wg || gb.f8.wgAuto != (gb.f8.wgAutoDefault && !v.nowga)) { // recordings bake the LoRA and launch modes, the kernels and the GEMM algorithms in
+		if wantPDL := pdlOK && !v.nopdl; retune || partOf(gb) != v.part || gb.la.on == v.serial || gb.la.sms != v.sms || gb.s.ProgrammaticLaunch() != wantPDL || gb.force.decSplit != v.split || gb.force.ropeHeads != v.ropeHeads || gb.force.decOpts != v.opts || gb.force.noSkinny != v.lt || gb.force.wgFull != v.wgFull || gb.force.loraKChunk != v.kc || gb.force.skLate != v.skLate || gb.force.decVar != v.dv || gb.force.bwg != v.bwg || gb.force.qkvSMs != v.qkvSMs || gb.force.pdlJoins != v.pdlJoins || gb.wg != nil && gb.wg.two != v.two || gb.f8 != nil && gb.f8.wg != nil && gb.f8.wg.two != v.two || gb.f8 != nil && (gb.f8.wgBeside != v.wgBeside || gb.f8.streamOn != v.fs || gb.f8.streamOff != v.gv || gb.f8.wgOn != v.wg || gb.f8.wgAuto != (gb.f8.wgAutoDefault && !v.nowga)) { // recordings bake the LoRA and launch modes, the kernels and the GEMM algorithms in
 			gb.la.on, gb.la.sms, gb.force.decSplit, gb.force.ropeHeads, gb.force.decOpts = !v.serial, v.sms, v.split, v.ropeHeads, v.opts
 			gb.force.noSkinny, gb.force.skLate, gb.force.decVar, gb.force.bwg = v.lt, v.skLate, v.dv, v.bwg
-			gb.force.wgFull = v.wgFull
+			gb.force.wgFull, gb.force.loraKChunk = v.wgFull, v.kc
 			gb.force.qkvSMs, gb.force.pdlJoins = v.qkvSMs, v.pdlJoins
 			if gb.wg != nil {
 				gb.wg.two = v.two
@@ -746,7 +750,7 @@ func TestDecodeBench(t *testing.T) {
 	}
 	gb.g.off, gb.force.decSplit, gb.force.ropeHeads, gb.force.decOpts = false, 0, false, 0
 	gb.force.noSkinny, gb.force.skLate, gb.force.decVar, gb.force.bwg = false, false, 0, false
-	gb.force.wgFull = false
+	gb.force.wgFull, gb.force.loraKChunk = false, 0
 	gb.force.qkvSMs, gb.force.pdlJoins = 0, 0
 	if gb.wg != nil {
 		gb.wg.two = false
@@ -1210,7 +1214,7 @@ func h2dBench(t *testing.T, b *Backend, a *lora.Adapter) {
 
 // TestLoRABesideBench (PEFTD_LORA_BESIDE=1; rows PEFTD_LORA_BESIDE_ROWS,
 // default 16,64,256): each LoRA group of an 8B layer (four rank-32
-// adapters, rows round-robin, the decode graph layout) beside its product
+// adapters, rows round-robin, the recorded steps' layout) beside its product
 // as a step runs them: the fork before the product, the SM hold, the
 // update on the LoRA stream. Device µs from the fork to the product's end
 // and to the update's end, and each alone (the product on the whole card,
@@ -1229,6 +1233,7 @@ func TestLoRABesideBench(t *testing.T) {
 	if !b.la.on || b.la.delta == nil {
 		t.Skip("no LoRA stream on this backend")
 	}
+	b.force.loraKChunk = envPositive(t, "PEFTD_LORA_BESIDE_KCHUNK", 0) // the shrinks' K split (kernelForce.loraKChunk)
 	rng := rand.New(rand.NewPCG(3, 4))
 	const nAd = 4
 	for s := range nAd {
@@ -1283,7 +1288,7 @@ func TestLoRABesideBench(t *testing.T) {
 		}
 		defer evs[i].Destroy()
 	}
-	bench("lorabeside device %s; 4 x r32 adapters, rows round-robin; µs from the fork, medians of %d", b.Device().Name, reps)
+	bench("lorabeside device %s; 4 x r32 adapters, rows round-robin; µs from the fork, medians of %d; shrinks' K split in pieces of %d columns (0: the default)", b.Device().Name, reps, b.force.loraKChunk)
 	bench("lorabeside %-5s %-8s %5s %10s %10s %10s %10s %8s", "rows", "group", "held", "prod_us", "lora_us", "prod_beside", "lora_beside", "over_us")
 	for _, T := range rowsList {
 		if b.g.off || !b.preOK || T > b.g.maxRows {
@@ -1304,9 +1309,11 @@ func TestLoRABesideBench(t *testing.T) {
 		m := oneSeq(T, 16, zeros(T))
 		m.LoRA = segs
 		n := graphBuckets[bucketIndex(T)]
-		key, err := b.graphKeyFor(n, engine.Shape{LoRA: uint8(1<<llama.NumModules - 1)}, false)
+		// the mixed layout (one sequence of T rows here): the LoRA launches
+		// of a decode step of T rows are the same (tiles, rank, scratch)
+		key, err := b.graphKeyFor(n, engine.Shape{LoRA: uint8(1<<llama.NumModules - 1)}, true)
 		if err == nil {
-			err = b.fillGraphMeta(m, n, key.rank, false)
+			err = b.fillGraphMeta(m, n, key.rank, true)
 		}
 		if err != nil {
 			t.Fatal(err)
@@ -1318,8 +1325,13 @@ func TestLoRABesideBench(t *testing.T) {
 			run := func(prod, lora bool) (float64, float64) {
 				var tp, tl []float32
 				for range reps {
-					if err := flushFn.Launch(b.s, cuda.Dim3{X: 4 * b.Device().SMs}, cuda.Dim3{X: 512}, 0, flush.Ptr(), int64(flush.Size()/16), flush.Ptr()); err != nil {
-						t.Fatal(err)
+					// six flushes (~0.4 ms of device time): the host enqueues
+					// everything after them before the device gets there, so
+					// the events time the device, not the launches
+					for range 6 {
+						if err := flushFn.Launch(b.s, cuda.Dim3{X: 4 * b.Device().SMs}, cuda.Dim3{X: 512}, 0, flush.Ptr(), int64(flush.Size()/16), flush.Ptr()); err != nil {
+							t.Fatal(err)
+						}
 					}
 					evs[0].Record(b.s)
 					switch {

@@ -464,7 +464,11 @@ func (b *Backend) loraSlices(st *cuda.Stream, outPtr cuda.DevicePtr, outStride i
 	if st == b.la.s {
 		sms = b.loraStreamSMs()
 	}
-	ks := min(max(1, (2*sms+blocks-1)/blocks), max(1, groups/2), max(1, b.stepTmpFloats/(T*tStride)))
+	ks := max(1, (2*sms+blocks-1)/blocks)
+	if kc := b.force.loraKChunk; kc > 0 {
+		ks = (inF + kc - 1) / kc
+	}
+	ks = min(ks, max(1, groups/2), max(1, b.stepTmpFloats/(T*tStride)))
 	kchunk := (groups + ks - 1) / ks * 256
 	ks = (inF + kchunk - 1) / kchunk
 	tiles := b.i32(b.off.tiles)
