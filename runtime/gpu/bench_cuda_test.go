@@ -334,14 +334,7 @@ func TestLoRABench(t *testing.T) {
 						if b.g.off || !b.preOK || T > b.g.maxRows || len(c.segs) > b.g.slots {
 							continue
 						}
-						n := graphBuckets[bucketIndex(T)]
-						key, err := b.graphKeyFor(n, engine.Shape{LoRA: uint8(1<<llama.NumModules - 1)}, true)
-						if err == nil {
-							err = b.fillGraphMeta(m, n, key.rank, true)
-						}
-						if err != nil {
-							t.Fatal(err)
-						}
+						graphLoRALayout(t, b, m, T)
 						us[4] = timeGraph()
 						r.end()
 						continue
@@ -1212,6 +1205,22 @@ func h2dBench(t *testing.T, b *Backend, a *lora.Adapter) {
 		float64(n)/1e6, pin, gbs(pin), page, gbs(page), fill, gbs(fill), ring, gbs(ring), kept, gbs(kept), hit, gbs(hit), b.PinnedStats())
 }
 
+// graphLoRALayout begins step m of T rows on b in the layout a recorded
+// mixed step of T rows with every LoRA module runs (the rows padded to
+// their bucket, the bucket's tile capacity, the rank class); a decode
+// step's LoRA launches are the same.
+func graphLoRALayout(t *testing.T, b *Backend, m *engine.StepMeta, T int) {
+	t.Helper()
+	n := graphBuckets[bucketIndex(T)]
+	key, err := b.graphKeyFor(n, engine.Shape{LoRA: uint8(1<<llama.NumModules - 1)}, true)
+	if err == nil {
+		err = b.fillGraphMeta(m, n, key.rank, true)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+}
+
 // TestLoRABesideBench (PEFTD_LORA_BESIDE=1; rows PEFTD_LORA_BESIDE_ROWS,
 // default 16,64,256): each LoRA group of an 8B layer (four rank-32
 // adapters, rows round-robin, the recorded steps' layout) beside its product
@@ -1308,16 +1317,7 @@ func TestLoRABesideBench(t *testing.T) {
 		}
 		m := oneSeq(T, 16, zeros(T))
 		m.LoRA = segs
-		n := graphBuckets[bucketIndex(T)]
-		// the mixed layout (one sequence of T rows here): the LoRA launches
-		// of a decode step of T rows are the same (tiles, rank, scratch)
-		key, err := b.graphKeyFor(n, engine.Shape{LoRA: uint8(1<<llama.NumModules - 1)}, true)
-		if err == nil {
-			err = b.fillGraphMeta(m, n, key.rank, true)
-		}
-		if err != nil {
-			t.Fatal(err)
-		}
+		graphLoRALayout(t, b, m, T)
 		for _, g := range groups {
 			// run: the product (prod), the update (lora) or both as a step
 			// runs them; returns the median µs from the fork to the
