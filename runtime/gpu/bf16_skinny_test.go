@@ -45,30 +45,31 @@ func TestBFSkinnyPlan(t *testing.T) {
 	}
 }
 
-// TestSkinnyPlanTarget: which products of a step take gemm_skinny: up to
+// TestSkinnyPlanShared: which products of a step take gemm_skinny: up to
 // 16 rows on the whole card with nothing held back; cuBLASLt on its SM
 // target when SMs are held for the LoRA stream (an explicit
 // Options.LoRASMs), above 16 rows, or with kernelForce.noSkinny.
-func TestSkinnyPlanTarget(t *testing.T) {
+func TestSkinnyPlanShared(t *testing.T) {
 	sk := &bfSkinny{&streamRows{vs: bfSkinnyVariants, fn: make([]*cuda.Function, len(bfSkinnyVariants)), sms: 132}}
 	for _, c := range []struct {
-		rows, target int
-		force        kernelForce
-		N, K         int
-		bn           int // 0: cuBLASLt
+		rows   int
+		shared bool // SMs held back for the LoRA stream
+		force  kernelForce
+		N, K   int
+		bn     int // 0: cuBLASLt
 	}{
 		{rows: 1, N: 6144, K: 4096, bn: 48},
 		{rows: 16, N: 28672, K: 4096, bn: 224},
 		{rows: 8, N: 4096, K: 14336, bn: 32},
 		{rows: 17, N: 6144, K: 4096},
-		{rows: 5, target: 116, N: 6144, K: 4096},
-		{rows: 8, target: 116, N: 28672, K: 4096},
+		{rows: 5, shared: true, N: 6144, K: 4096},
+		{rows: 8, shared: true, N: 28672, K: 4096},
 		{rows: 1, force: kernelForce{noSkinny: true}, N: 6144, K: 4096},
 	} {
 		b := &Backend{sk: sk, nRows: c.rows, force: c.force}
-		p, ok := b.skinnyPlan(c.N, c.K, c.target)
+		p, ok := b.skinnyPlan(c.N, c.K, c.shared)
 		if ok != (c.bn > 0) || ok && p.bn != c.bn {
-			t.Errorf("%d rows, %d x %d, target %d, %+v: plan %d ok %v, want %d", c.rows, c.N, c.K, c.target, c.force, p.bn, ok, c.bn)
+			t.Errorf("%d rows, %d x %d, shared %v, %+v: plan %d ok %v, want %d", c.rows, c.N, c.K, c.shared, c.force, p.bn, ok, c.bn)
 		}
 	}
 }

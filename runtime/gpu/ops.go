@@ -163,14 +163,14 @@ func (b *Backend) Linear(out, in engine.Buffer, w engine.Weight) {
 	b.wrote(out)
 	b.forkAt(buf(in))
 	shared := false // the LoRA stream runs beside this product on SMs held back from it
-	target := 0     // then the SMs the product may take
 	if base, _, ok := b.Partition(); ok {
 		// the compute stream's green context has base SMs, the LoRA
 		// stream its own: no product needs to leave room
 		b.mm.SetSMTarget(base)
 		defer b.mm.SetSMTarget(0)
 	} else if sms := b.productSMs(w); b.la.forkIn != 0 && sms > 0 {
-		shared, target = true, max(1, b.ctx.Device().SMs-sms)
+		shared = true
+		target := max(1, b.ctx.Device().SMs-sms) // the SMs the product may take
 		b.mm.SetSMTarget(target)
 		defer b.mm.SetSMTarget(0)
 		if wg := b.wgFor(w); wg != nil && !b.force.wgFull {
@@ -196,7 +196,7 @@ func (b *Backend) Linear(out, in engine.Buffer, w engine.Weight) {
 		b.fail(b.wg.launch(b.s, o.mem.Ptr(), x.mem.Ptr(), 0, wt.mem.Ptr(), 0, b.rows(), wt.rows, wt.cols))
 		return
 	}
-	if p, ok := b.skinnyPlan(wt.rows, wt.cols, target); ok {
+	if p, ok := b.skinnyPlan(wt.rows, wt.cols, shared); ok {
 		opts := bfSkinnyEarly
 		if b.force.skLate {
 			opts = 0
@@ -208,11 +208,11 @@ func (b *Backend) Linear(out, in engine.Buffer, w engine.Weight) {
 }
 
 // skinnyPlan is gemm_skinny's plan for the step's product with an N x K
-// weight on the whole card (target 0); ok false: cuBLASLt's product, also
-// for a product that leaves SMs to the LoRA stream (target: the SMs it
-// may take; gemm_skinny's one-wave grids cover every SM).
-func (b *Backend) skinnyPlan(N, K, target int) (bfSkinnyPlan, bool) {
-	if b.force.noSkinny || target != 0 {
+// weight on the whole card; ok false: cuBLASLt's product, also for a
+// product that leaves SMs to the LoRA stream (shared: gemm_skinny's
+// one-wave grids cover every SM).
+func (b *Backend) skinnyPlan(N, K int, shared bool) (bfSkinnyPlan, bool) {
+	if b.force.noSkinny || shared {
 		return bfSkinnyPlan{}, false
 	}
 	return b.sk.plan(b.rows(), N, K)
