@@ -2136,27 +2136,82 @@ extern "C" __global__ void __launch_bounds__(SM_THREADS) sample_rows(int* out, c
 // opts bit 0: the first ST - 1 weight tiles are requested before
 // griddepcontrol.wait (no kernel of a step writes weights), so their DRAM
 // latency runs under the kernel before.
+//
+// gemm_skinny_lora_n{32,48}_x{8,16} (XR extra rows): the same product, and
+// with it the shrink of the group's LoRA update (lora.go loraInline): each
+// block streams XR rows of the step's adapters' A matrices beside its BN
+// weight rows, as extra outputs of its m16 tile. The step's tiles x slices x
+// ranks (n_extra rows, the SGMV shrink's items one rank row each) are dealt
+// to the blocks interleaved (row e of block b is e = j * gridDim.x + b), so
+// the few live ones spread over the grid; a row past a tile's adapter rank,
+// or of a spare tile, streams zeros. Step row m gets the value of extra row
+// (tile t, slice s, rank k) in tmp[m][s * rank + k] (scaled, float32: the
+// SGMV shrink's layout with one K part) where m is one of t's rows. The
+// shrink then costs its A bytes inside a product that streams the weights
+// anyway, instead of a launch beside it; sgmv_expand_tc adds the update
+// after the product.
 #define SK_THREADS 128
 
-template <int BN, bool WK> struct SkShape {
+template <int BN, bool WK, int XR = 0> struct SkShape {
+    static constexpr int BW = BN + XR;                     // rows of weight (and A) a block streams
     static constexpr int BK = WK ? 256 : 64;
     static constexpr int ROW_B = BK * 2;                   // bytes of a tile row
-    static constexpr int NT = WK ? BN / 8 : BN / 32;       // n8 tiles a warp multiplies
-    static constexpr int STAGE_B = (BN + 16) * ROW_B;      // the weight tile, then x's 16 rows
+    static constexpr int NT = WK ? BW / 8 : BN / 32;       // n8 tiles a warp multiplies
+    static constexpr int STAGE_B = (BW + 16) * ROW_B;      // the weight tile, then x's 16 rows
     static constexpr int ST = (190 * 1024) / STAGE_B < 8 ? (190 * 1024) / STAGE_B : 8;
     static_assert(ST >= 3, "gemm_skinny: too few stages");
-    static_assert(!WK || 4 * 16 * BN * 4 <= ST * STAGE_B, "gemm_skinny: the warps' sums do not fit the stages");
+    static_assert(!WK || 4 * 16 * BW * 4 <= ST * STAGE_B, "gemm_skinny: the warps' sums do not fit the stages");
+    static_assert(XR == 0 || WK, "gemm_skinny: LoRA rows only in the warps-along-K layout");
 };
 
-template <int BN, bool WK>
+// SkLora: where gemm_skinny_lora finds the step's adapters and puts the shrink.
+struct SkLora {
+    float* tmp;
+    const LoraEntry* table;
+    const int4* tiles;
+    int entry_base, entry_stride, m0, m1, m2, nslices, rank, n_extra, t_stride;
+};
+
+// sk_lora_row: extra row j of this block: its A row (nullptr: zeros), and
+// where its values go (tile, tmp column, scale).
+struct SkLoraRow {
+    const bf16* a;
+    int4 tile;
+    int col;
+    float scale;
+};
+
+__device__ __forceinline__ SkLoraRow sk_lora_row(const SkLora& L, int j, int K) {
+    SkLoraRow r;
+    r.a = nullptr, r.tile.x = r.tile.y = r.tile.z = r.tile.w = 0, r.col = 0, r.scale = 0.f;
+    const int e = j * gridDim.x + blockIdx.x, per = L.nslices * L.rank;
+    if (e >= L.n_extra) return r;
+    const int t = e / per, s = (e - t * per) / L.rank, k = e - t * per - s * L.rank;
+    r.tile = L.tiles[t];
+    if (r.tile.y == 0) return r;
+    const LoraEntry en = L.table[L.entry_base + r.tile.z * L.entry_stride + sg_mod(s, L.m0, L.m1, L.m2)];
+    if (k >= en.rank) return r;
+    r.a = en.a + (i64)k * K;
+    r.col = s * L.rank + k;
+    r.scale = en.scale;
+    return r;
+}
+
+template <int BN, bool WK, int XR = 0>
 __device__ __forceinline__ void gemm_skinny_body(bf16* __restrict__ out, const bf16* __restrict__ x, const bf16* __restrict__ w,
-                                                 int M, int N, int K, int opts) {
-    typedef SkShape<BN, WK> S;
+                                                 int M, int N, int K, int opts, const SkLora& L) {
+    typedef SkShape<BN, WK, XR> S;
     constexpr int CH = S::ROW_B / 16; // 16-byte chunks a tile row
+    constexpr int XI = XR * CH / SK_THREADS; // extra rows' chunks a thread copies each tile
     extern __shared__ __align__(128) unsigned char ssm[];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int n0 = blockIdx.x * BN, nk = K / S::BK;
     const unsigned sb = (unsigned)__cvta_generic_to_shared(ssm);
+    const bf16* xa[XI > 0 ? XI : 1]; // this thread's extra rows (A rows; nullptr: zeros)
+    if constexpr (XR > 0) {
+#pragma unroll
+        for (int i = 0; i < XI; i++) xa[i] = sk_lora_row(L, (tid + i * SK_THREADS) / CH, K).a;
+    }
     auto issue_w = [&](int t) { // weight tile t into stage t % ST
         if (t < nk) {
             const unsigned d = sb + (t % S::ST) * S::STAGE_B;
@@ -2166,11 +2221,18 @@ __device__ __forceinline__ void gemm_skinny_body(bf16* __restrict__ out, const b
                 const int idx = tid + i * SK_THREADS, r = idx / CH, c = idx % CH;
                 cp_async16(sk_slot(d, S::ROW_B, r, c), src + (i64)r * K + c * 8, 16);
             }
+            if constexpr (XR > 0) {
+#pragma unroll
+                for (int i = 0; i < XI; i++) {
+                    const int idx = tid + i * SK_THREADS, r = idx / CH, c = idx % CH;
+                    cp_async16(sk_slot(d, S::ROW_B, BN + r, c), xa[i] ? xa[i] + t * S::BK + c * 8 : w, xa[i] ? 16 : 0);
+                }
+            }
         }
     };
     auto issue_x = [&](int t) { // x's M rows of tile t (rows past M are never stored: their outputs are dropped)
         if (t < nk) {
-            const unsigned d = sb + (t % S::ST) * S::STAGE_B + BN * S::ROW_B;
+            const unsigned d = sb + (t % S::ST) * S::STAGE_B + S::BW * S::ROW_B;
             const bf16* src = x + t * S::BK;
             for (int idx = tid; idx < M * CH; idx += SK_THREADS) {
                 const int r = idx / CH, c = idx % CH;
@@ -2198,7 +2260,7 @@ __device__ __forceinline__ void gemm_skinny_body(bf16* __restrict__ out, const b
         issue_w(t + S::ST - 1);
         issue_x(t + S::ST - 1);
         cp_async_commit();
-        const unsigned wb = sb + (t % S::ST) * S::STAGE_B, xb = wb + BN * S::ROW_B;
+        const unsigned wb = sb + (t % S::ST) * S::STAGE_B, xb = wb + S::BW * S::ROW_B;
 #pragma unroll
         for (int kk = 0; kk < 4; kk++) {
             const int kc = kc0 + 2 * kk; // the k16 step's first chunk
@@ -2218,7 +2280,7 @@ __device__ __forceinline__ void gemm_skinny_body(bf16* __restrict__ out, const b
     }
     cp_async_wait<0>();
     const int g = lane >> 2, c2 = 2 * (lane & 3);
-    if (!WK) {
+    if constexpr (!WK) {
 #pragma unroll
         for (int j = 0; j < S::NT; j++) {
             const int n = n0 + r0 + j * 8 + c2;
@@ -2227,14 +2289,15 @@ __device__ __forceinline__ void gemm_skinny_body(bf16* __restrict__ out, const b
         }
         return;
     }
-    // the warps' sums [warp][16][BN] meet in shared memory, added in warp order
+    // the warps' sums [warp][16][BW] meet in shared memory, added in warp order
+    constexpr int BW = S::BW;
     float* red = reinterpret_cast<float*>(ssm);
     __syncthreads(); // every warp is done with the stages
 #pragma unroll
     for (int j = 0; j < S::NT; j++) {
         const int n = j * 8 + c2;
-        *reinterpret_cast<float2*>(red + (warp * 16 + g) * BN + n) = make_float2(acc[j][0], acc[j][1]);
-        *reinterpret_cast<float2*>(red + (warp * 16 + g + 8) * BN + n) = make_float2(acc[j][2], acc[j][3]);
+        *reinterpret_cast<float2*>(red + (warp * 16 + g) * BW + n) = make_float2(acc[j][0], acc[j][1]);
+        *reinterpret_cast<float2*>(red + (warp * 16 + g + 8) * BW + n) = make_float2(acc[j][2], acc[j][3]);
     }
     __syncthreads();
     for (int p = tid; p < M * BN / 2; p += SK_THREADS) {
@@ -2242,21 +2305,46 @@ __device__ __forceinline__ void gemm_skinny_body(bf16* __restrict__ out, const b
         float2 s = make_float2(0.f, 0.f);
 #pragma unroll
         for (int q = 0; q < 4; q++) {
-            const float2 v = *reinterpret_cast<const float2*>(red + (q * 16 + m) * BN + n);
+            const float2 v = *reinterpret_cast<const float2*>(red + (q * 16 + m) * BW + n);
             s.x += v.x, s.y += v.y;
         }
         *reinterpret_cast<__nv_bfloat162*>(out + (i64)m * N + n0 + n) = __floats2bfloat162_rn(s.x, s.y);
+    }
+    if constexpr (XR > 0) {
+        if (tid < XR) { // thread j: extra row j, for each of the step's rows its tile holds
+            const SkLoraRow r = sk_lora_row(L, tid, K);
+            if (r.a) {
+                for (int m = max(0, r.tile.x); m < min(M, r.tile.x + r.tile.y); m++) {
+                    float s = 0.f;
+#pragma unroll
+                    for (int q = 0; q < 4; q++) s += red[(q * 16 + m) * BW + BN + tid];
+                    L.tmp[(i64)m * L.t_stride + r.col] = s * r.scale;
+                }
+            }
+        }
     }
 }
 
 #define GEMM_SKINNY_ARGS bf16 *out, const bf16 *x, const bf16 *w, int M, int N, int K, int opts
 #define GEMM_SKINNY(BN, WK, name)                                                                               \
     extern "C" __global__ void __launch_bounds__(SK_THREADS) name(GEMM_SKINNY_ARGS) {                           \
-        gemm_skinny_body<BN, WK>(out, x, w, M, N, K, opts);                                                      \
+        gemm_skinny_body<BN, WK>(out, x, w, M, N, K, opts, SkLora{});                                           \
     }
 GEMM_SKINNY(32, true, gemm_skinny_n32)
 GEMM_SKINNY(48, true, gemm_skinny_n48)
 GEMM_SKINNY(224, false, gemm_skinny_n224)
+
+#define GEMM_SKINNY_LORA(BN, XR)                                                                                \
+    extern "C" __global__ void __launch_bounds__(SK_THREADS) gemm_skinny_lora_n##BN##_x##XR(                   \
+        GEMM_SKINNY_ARGS, float* tmp, const LoraEntry* table, const int4* tiles, int entry_base, int entry_stride, \
+        int m0, int m1, int m2, int nslices, int rank, int n_extra, int t_stride) {                             \
+        gemm_skinny_body<BN, true, XR>(out, x, w, M, N, K, opts,                                                \
+            SkLora{tmp, table, tiles, entry_base, entry_stride, m0, m1, m2, nslices, rank, n_extra, t_stride}); \
+    }
+GEMM_SKINNY_LORA(32, 8)
+GEMM_SKINNY_LORA(32, 16)
+GEMM_SKINNY_LORA(48, 8)
+GEMM_SKINNY_LORA(48, 16)
 
 // gemm_wg_n{32,64,128}: the bf16 product out [M, N] = x [M, K] . w [N, K]^T
 // for 17-128 rows (M <= 32, 64, 128) on wgmma: wg_body (common.cuh, its

@@ -268,6 +268,16 @@ type PartsUploader interface {
 	UploadParts(name string, dtype safetensors.DType, shape []int, parts [][]byte) (Weight, error)
 }
 
+// LinearLoRAOps is an optional capability of Ops: a fused group's product
+// and its LoRA update issued as one op, so that a backend may compute the
+// update's shrink inside the product (the CUDA backend does for the few
+// rows of a decode step). The engine calls it in place of Linear then LoRA
+// where nothing comes between them.
+type LinearLoRAOps interface {
+	// LinearLoRA is Linear(out, in, w) and then LoRA(out, in, layer, mods).
+	LinearLoRA(out, in Buffer, w Weight, layer int, mods []llama.Module)
+}
+
 // FamilyOps are what models beyond Llama's layout need; a backend without
 // them runs Llama and Mistral models, and New refuses the others by name.
 type FamilyOps interface {

@@ -450,13 +450,29 @@ func (e *Engine) forward(b Ops, s Shape) {
 	fo, _ := b.(FamilyOps) // New checked it is there when the model needs it
 	// lora issues one LoRA op for a fused group when the step's adapters
 	// change any projection of it (slots without one have rank 0 there).
-	lora := func(out, in Buffer, l int, g int) {
+	hasLoRA := func(g int) bool {
 		for _, m := range llama.FusedGroups[g] {
 			if s.LoRA&(1<<m) != 0 {
-				b.LoRA(out, in, l, llama.FusedGroups[g])
-				return
+				return true
 			}
 		}
+		return false
+	}
+	lora := func(out, in Buffer, l int, g int) {
+		if hasLoRA(g) {
+			b.LoRA(out, in, l, llama.FusedGroups[g])
+		}
+	}
+	// linear is group g's product and then its LoRA update, as one op
+	// where the backend has it (LinearLoRAOps)
+	fl, fused := b.(LinearLoRAOps)
+	linear := func(out, in Buffer, w Weight, l int, g int) {
+		if fused && hasLoRA(g) {
+			fl.LinearLoRA(out, in, w, l, llama.FusedGroups[g])
+			return
+		}
+		b.Linear(out, in, w)
+		lora(out, in, l, g)
 	}
 	b.Embed(e.x, e.embed)
 	scale := float32(1 / math.Sqrt(float64(c.HeadDim)))
@@ -467,24 +483,23 @@ func (e *Engine) forward(b Ops, s Shape) {
 		} else {
 			b.AddRMSNorm(e.x, e.tmp, e.h, lw.inNorm, eps) // adds the previous layer's MLP output
 		}
-		b.Linear(e.qkv, e.h, lw.qkv)
 		if lw.qkvBias != nil {
+			b.Linear(e.qkv, e.h, lw.qkv)
 			fo.AddBias(e.qkv, lw.qkvBias)
+			lora(e.qkv, e.h, l, 0)
+		} else {
+			linear(e.qkv, e.h, lw.qkv, l, 0)
 		}
-		lora(e.qkv, e.h, l, 0)
 		if lw.qNorm != nil {
 			fo.HeadRMSNorm(e.q, c.Heads, c.HeadDim, lw.qNorm, eps)
 			fo.HeadRMSNorm(e.k, c.KVHeads, c.HeadDim, lw.kNorm, eps)
 		}
 		b.Attention(e.attn, e.q, e.k, e.v, l, scale, e.invFreq)
-		b.Linear(e.tmp, e.attn, lw.o)
-		lora(e.tmp, e.attn, l, 1)
+		linear(e.tmp, e.attn, lw.o, l, 1)
 		b.AddRMSNorm(e.x, e.tmp, e.h, lw.postNorm, eps)
-		b.Linear(e.gateUp, e.h, lw.gateUp)
-		lora(e.gateUp, e.h, l, 2)
+		linear(e.gateUp, e.h, lw.gateUp, l, 2)
 		b.SiLUMul(e.act, e.gate, e.up)
-		b.Linear(e.tmp, e.act, lw.down)
-		lora(e.tmp, e.act, l, 3)
+		linear(e.tmp, e.act, lw.down, l, 3)
 	}
 	b.AddRMSNorm(e.x, e.tmp, nil, nil, eps) // x += the last MLP output
 	b.Logits(e.logits, e.x, e.norm, e.head, eps)

@@ -14,7 +14,18 @@ import (
 // of bytes; o 10.9 + a 1.9 µs split-K reduce for 8.4).
 type bfSkinny struct {
 	*streamRows
+	// lora[i][x]: gemm_skinny_lora_n{bn}_x{8 << x} for variant i (nil: a
+	// variant without one, or the module lacks it): the product with its
+	// LoRA group's shrink inside (lora_inline.go)
+	lora [][2]*cuda.Function
 }
+
+// skLoraRows is the extra rows a block of gemm_skinny_lora_n*_x{8,16} streams.
+var skLoraRows = [2]int{8, 16}
+
+// bfSkinnyLoraShared is gemm_skinny_lora's shared memory: v's stages with
+// xr rows of A beside the weight tile.
+func bfSkinnyLoraShared(v streamVariant, xr int) int { return stageShared(v.bn+xr+16, 2*v.tile) }
 
 // bfSkinnyMaxRows is the most rows gemm_skinny takes (one m16 tile).
 const bfSkinnyMaxRows = 16
@@ -42,7 +53,27 @@ func newBFSkinny(mod *cuda.Module, dev cuda.Device) (*bfSkinny, error) {
 	if g == nil || err != nil {
 		return nil, err
 	}
-	return &bfSkinny{g}, nil
+	sk := &bfSkinny{streamRows: g, lora: make([][2]*cuda.Function, len(g.vs))}
+	for i, v := range g.vs {
+		if v.tile != 256 { // the warps-along-K variants only
+			continue
+		}
+		for x, xr := range skLoraRows {
+			if sh := bfSkinnyLoraShared(v, xr); dev.MaxShared > 0 && sh > dev.MaxShared {
+				continue
+			}
+			name := fmt.Sprintf("gemm_skinny_lora_n%d_x%d", v.bn, xr)
+			f, err := mod.Function(name)
+			if err != nil {
+				continue // a module built before these kernels: the LoRA stream takes every update
+			}
+			if err := f.SetMaxDynamicShared(bfSkinnyLoraShared(v, xr)); err != nil {
+				return nil, fmt.Errorf("gpu: %s: %w", name, err)
+			}
+			sk.lora[i][x] = f
+		}
+	}
+	return sk, nil
 }
 
 // bfSkinnyPlan is one product's variant: its kernel, columns per block,
@@ -50,6 +81,7 @@ func newBFSkinny(mod *cuda.Module, dev cuda.Device) (*bfSkinny, error) {
 type bfSkinnyPlan struct {
 	f               *cuda.Function
 	bn, sh, threads int
+	i               int // the variant's index
 }
 
 // plan picks the variant for an M x N x K product (streamRows.pick); ok is
@@ -63,7 +95,23 @@ func (g *bfSkinny) plan(M, N, K int) (p bfSkinnyPlan, ok bool) {
 	if !ok {
 		return p, false
 	}
-	return bfSkinnyPlan{f: g.fn[i], bn: g.vs[i].bn, sh: bfSkinnyShared(g.vs[i]), threads: 128}, true
+	return bfSkinnyPlan{f: g.fn[i], bn: g.vs[i].bn, sh: bfSkinnyShared(g.vs[i]), threads: 128, i: i}, true
+}
+
+// loraPlan is p's product with extra rows of A a block beside its weight
+// rows (gemm_skinny_lora): the narrowest variant that holds them; ok false
+// where none does.
+func (g *bfSkinny) loraPlan(p bfSkinnyPlan, extra int) (bfSkinnyPlan, bool) {
+	if g == nil || p.i >= len(g.lora) {
+		return p, false
+	}
+	for x, xr := range skLoraRows {
+		if f := g.lora[p.i][x]; f != nil && extra <= xr {
+			p.f, p.sh = f, bfSkinnyLoraShared(g.vs[p.i], xr)
+			return p, true
+		}
+	}
+	return p, false
 }
 
 // launch enqueues out[M, N] = x[M, K] . w[N, K]^T with plan p (whole rows,

@@ -12,8 +12,8 @@ func TestBFSkinnyPlan(t *testing.T) {
 	rows := func(vs []streamVariant, sms int) *streamRows {
 		return &streamRows{vs: vs, fn: make([]*cuda.Function, len(vs)), sms: sms}
 	}
-	h := &bfSkinny{rows(bfSkinnyVariants, 132)}
-	a := &bfSkinny{rows(bfSkinnyVariants, 108)}
+	h := &bfSkinny{streamRows: rows(bfSkinnyVariants, 132)}
+	a := &bfSkinny{streamRows: rows(bfSkinnyVariants, 108)}
 	for _, c := range []struct {
 		g       *bfSkinny
 		M, N, K int
@@ -50,7 +50,7 @@ func TestBFSkinnyPlan(t *testing.T) {
 // target when SMs are held for the LoRA stream (an explicit
 // Options.LoRASMs), above 16 rows, or with kernelForce.noSkinny.
 func TestSkinnyPlanShared(t *testing.T) {
-	sk := &bfSkinny{&streamRows{vs: bfSkinnyVariants, fn: make([]*cuda.Function, len(bfSkinnyVariants)), sms: 132}}
+	sk := &bfSkinny{streamRows: &streamRows{vs: bfSkinnyVariants, fn: make([]*cuda.Function, len(bfSkinnyVariants)), sms: 132}}
 	for _, c := range []struct {
 		rows   int
 		shared bool // SMs held back for the LoRA stream

@@ -502,23 +502,7 @@ func (b *Backend) loraSlices(st *cuda.Stream, outPtr cuda.DevicePtr, outStride i
 		b.stepTmp, ptr(x), b.table, tiles, base, stride, ms[0], ms[1], ms[2], rankTiles, b.stepRank,
 		inF, x.ld, tStride, T, kchunk)
 	if tc > 0 {
-		// blocks per slice of sgmv_expand_tc{tc}; blk1, blk2: where slices 1 and 2 start
-		cols := tcBlockCols(tc)
-		var start [4]int
-		for i := range mods {
-			start[i+1] = start[i] + (offs[i+1]-offs[i]+cols-1)/cols
-		}
-		grid := start[len(mods)]
-		blk1, blk2 := grid, grid
-		if len(mods) > 1 {
-			blk1 = start[1]
-		}
-		if len(mods) > 2 {
-			blk2 = start[2]
-		}
-		b.launchOn(st, b.fn.sgExpandTC[bits.TrailingZeros(uint(tc))], cuda.Dim3{X: grid, Y: b.nTiles}, cuda.Dim3{X: 256},
-			outPtr, b.stepTmp, b.table, tiles, base, stride, ms[0], ms[1], ms[2], blk1, blk2, off1, off2, total,
-			b.stepRank, outStride, tStride, T, ks, acc)
+		b.expandTC(st, tc, outPtr, outStride, offs, ms, base, stride, tStride, ks, acc)
 		return
 	}
 	shmem := sgTileRows * len(mods) * ((b.stepRank + 7) &^ 7) * 4 // [16][slices * rank rounded up to 8] floats
@@ -535,6 +519,40 @@ func (b *Backend) loraSlices(st *cuda.Stream, outPtr cuda.DevicePtr, outStride i
 	b.fail(b.fn.sgExpand.Launch(st, cuda.Dim3{X: b.nTiles, Y: (total + 255) / 256}, cuda.Dim3{X: 128}, shmem,
 		outPtr, b.stepTmp, b.table, tiles, base, stride, ms[0], ms[1], ms[2], len(mods), off1, off2, total,
 		b.stepRank, outStride, tStride, T, ks, acc))
+}
+
+// expandTC launches sgmv_expand_tc{tc} on st: the update of the group
+// whose projections' outputs start at offs (offs[len] is the width) in rows
+// outStride values apart at outPtr, from the step's LoRA scratch (ks K
+// parts, tStride floats a row), added in place (acc 1) or written as
+// float32 (acc 0).
+func (b *Backend) expandTC(st *cuda.Stream, tc int, outPtr cuda.DevicePtr, outStride int, offs []int, ms [3]int, base, stride, tStride, ks, acc int) {
+	n := len(offs) - 1
+	total := offs[n]
+	off1, off2 := total, total
+	if n > 1 {
+		off1 = offs[1]
+	}
+	if n > 2 {
+		off2 = offs[2]
+	}
+	// blocks per slice of sgmv_expand_tc{tc}; blk1, blk2: where slices 1 and 2 start
+	cols := tcBlockCols(tc)
+	var start [4]int
+	for i := 0; i < n; i++ {
+		start[i+1] = start[i] + (offs[i+1]-offs[i]+cols-1)/cols
+	}
+	grid := start[n]
+	blk1, blk2 := grid, grid
+	if n > 1 {
+		blk1 = start[1]
+	}
+	if n > 2 {
+		blk2 = start[2]
+	}
+	b.launchOn(st, b.fn.sgExpandTC[bits.TrailingZeros(uint(tc))], cuda.Dim3{X: grid, Y: b.nTiles}, cuda.Dim3{X: 256},
+		outPtr, b.stepTmp, b.table, b.i32(b.off.tiles), base, stride, ms[0], ms[1], ms[2], blk1, blk2, off1, off2, total,
+		b.stepRank, outStride, tStride, b.rows(), ks, acc)
 }
 
 // tcChunks is the 32-rank chunks of the tensor-core expand for the step's

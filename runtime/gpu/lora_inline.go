@@ -1,0 +1,125 @@
+package gpu
+
+import (
+	"github.com/peftd/peftd/runtime/cuda"
+	"github.com/peftd/peftd/runtime/engine"
+	"github.com/peftd/peftd/runtime/llama"
+)
+
+// The LoRA shrink inside the product (PERFORMANCE v0.34).
+//
+// Beside a decode step's q/k/v product (gemm_skinny, 1-16 rows) the LoRA
+// stream's update outlasts the product: its fork, shrink and expand are
+// three dependent launches for a few µs of bytes, and they share the SMs
+// with the product's one-wave grid (TestLoRABesideBench, v0.33: rope waits
+// 7.2 µs a layer at 16 rows with four rank-32 adapters). The shrink is a
+// product of the same x, so gemm_skinny_lora streams the step's A rows
+// beside the weight rows as extra outputs (their bytes, 3 MB a layer for
+// four rank-32 adapters, stream with the weights' 50), and the expand
+// (sgmv_expand_tc, its B fetched before griddepcontrol.wait) adds the
+// update in place right after it on the compute stream: no fork, no join.
+
+// LinearLoRA is Linear and then LoRA of the same input
+// (engine.LinearLoRAOps): inline where loraInline takes the group.
+func (b *Backend) LinearLoRA(out, in engine.Buffer, w engine.Weight, layer int, mods []llama.Module) {
+	if b.loraInline(out, in, w, layer, mods) {
+		return
+	}
+	b.Linear(out, in, w)
+	b.LoRA(out, in, layer, mods)
+}
+
+// inlineGroups is the fused groups (bit g: llama.FusedGroups[g]) whose
+// update runs inside the product where it can: kernelForce.loraInline, or
+// by default q/k/v alone (the one group whose update outlasts its product
+// on the LoRA stream at 1-16 rows).
+func (b *Backend) inlineGroups() int {
+	switch f := b.force.loraInline; {
+	case f < 0:
+		return 0
+	case f > 0:
+		return f
+	}
+	return 1 << 0
+}
+
+// groupIndex is mods' index in llama.FusedGroups (-1: none).
+func groupIndex(mods []llama.Module) int {
+	for g, fg := range llama.FusedGroups {
+		if len(fg) != len(mods) {
+			continue
+		}
+		same := true
+		for i := range fg {
+			same = same && fg[i] == mods[i]
+		}
+		if same {
+			return g
+		}
+	}
+	return -1
+}
+
+// loraInline enqueues the product of w and the group's update with the
+// shrink inside the product and the expand after it, and reports whether
+// it did; false leaves everything to Linear and LoRA (another kernel, or
+// an operand they report as bad).
+func (b *Backend) loraInline(out, in engine.Buffer, w engine.Weight, layer int, mods []llama.Module) bool {
+	wt, isBF := w.(*weight)
+	if !isBF || b.err != nil || b.sk == nil || b.nLora == 0 || b.stepRank == 0 || layer < 0 || layer >= b.cfg.Layers {
+		return false
+	}
+	if g := groupIndex(mods); g < 0 || b.inlineGroups()&(1<<g) == 0 {
+		return false
+	}
+	if _, _, ok := b.Partition(); ok {
+		return false
+	}
+	o, x := buf(out), buf(in)
+	if x == nil || o == nil || x.cols != wt.cols || o.cols != wt.rows || !o.whole() || !x.whole() {
+		return false
+	}
+	offs := make([]int, len(mods)+1)
+	var ms [3]int
+	ms[1], ms[2] = -1, -1
+	for i, m := range mods {
+		inF, outF := b.cfg.Dims(m)
+		if inF != wt.cols {
+			return false
+		}
+		offs[i+1] = offs[i] + outF
+		ms[i] = int(m)
+	}
+	tc := b.tcChunks(mods)
+	if offs[len(mods)] != wt.rows || tc == 0 || !b.sgmvOK(x, mods, o.ld, ptr(o)) {
+		return false
+	}
+	p, ok := b.skinnyPlan(wt.rows, wt.cols, false)
+	if !ok {
+		return false
+	}
+	// every tile's rank rows of every slice, dealt to the product's blocks
+	tStride := len(mods) * b.stepRank
+	extra := b.nTiles * tStride
+	blocks := wt.rows / p.bn
+	if p, ok = b.sk.loraPlan(p, (extra+blocks-1)/blocks); !ok || b.rows()*tStride > b.stepTmpFloats {
+		return false
+	}
+	b.join()
+	b.wrote(out)
+	b.la.forkIn = 0
+	b.gateLayer(b.s, layer)
+	if b.err != nil {
+		return true
+	}
+	opts := bfSkinnyEarly
+	if b.force.skLate {
+		opts = 0
+	}
+	base, stride := layer*int(llama.NumModules), b.cfg.Layers*int(llama.NumModules)
+	b.fail(p.f.Launch(b.s, cuda.Dim3{X: blocks}, cuda.Dim3{X: p.threads}, p.sh,
+		ptr(o), ptr(x), wt.mem.Ptr(), b.rows(), wt.rows, wt.cols, opts,
+		b.stepTmp, b.table, b.i32(b.off.tiles), base, stride, ms[0], ms[1], ms[2], len(mods), b.stepRank, extra, tStride))
+	b.expandTC(b.s, tc, ptr(o), o.ld, offs, ms, base, stride, tStride, 1, 1)
+	return true
+}

@@ -1,0 +1,110 @@
+//go:build cuda
+
+package gpu
+
+import (
+	"fmt"
+	"testing"
+
+	"github.com/peftd/peftd/runtime/engine"
+	"github.com/peftd/peftd/runtime/llama"
+	"github.com/peftd/peftd/runtime/lora"
+)
+
+// TestLinearLoRAInline checks the LoRA shrink inside gemm_skinny
+// (lora_inline.go) at 8B shapes, every fused group, 1-16 rows, in the
+// eager and the recorded steps' (padded, spare tiles) layouts: adapters of
+// ranks 32, 16 (on some projections only) and 8, rows without an adapter.
+// The product must be gemm_skinny's to the bit (rows without an adapter
+// equal Linear's output), the update the float64 reference's.
+func TestLinearLoRAInline(t *testing.T) {
+	cfg := cfg8B(1)
+	const maxT = 16
+	r := newRig(t, cfg, maxT, engine.KVSpec{Layers: 1, Blocks: 4, BlockSize: 16, KVHeads: 8, HeadDim: 128})
+	if r.b.sk == nil {
+		t.Skip("gemm_skinny does not fit this card")
+	}
+	mk := func(rank int, scale float32, mods ...llama.Module) *lora.Adapter {
+		a := &lora.Adapter{Name: fmt.Sprintf("r%d", rank), Layers: make([][llama.NumModules]*lora.Pair, cfg.Layers)}
+		for _, m := range mods {
+			in, out := cfg.Dims(m)
+			a.Layers[0][m] = &lora.Pair{Rank: rank, Scale: scale, A: r.rnd(rank*in, 0.05), B: r.rnd(out*rank, 0.05)}
+		}
+		return a
+	}
+	all := []llama.Module{llama.Q, llama.K, llama.V, llama.O, llama.Gate, llama.Up, llama.Down}
+	ads := map[int]*lora.Adapter{0: mk(32, 2, all...), 1: mk(16, 0.5, llama.Q, llama.V, llama.Gate, llama.Down), 3: mk(8, 1.5, all...)}
+	for s, a := range ads {
+		if err := r.b.LoadAdapter(s, a); err != nil {
+			t.Fatal(err)
+		}
+	}
+	cases := []struct {
+		T    int
+		segs []engine.Segment
+		none []int // rows without an adapter
+	}{
+		{1, []engine.Segment{{Start: 0, End: 1, Slot: 3}}, nil},
+		{7, []engine.Segment{{Start: 0, End: 3, Slot: 1}, {Start: 4, End: 7, Slot: 0}}, []int{3}},
+		{16, []engine.Segment{{Start: 0, End: 5, Slot: 0}, {Start: 7, End: 12, Slot: 1}, {Start: 12, End: 16, Slot: 3}}, []int{5, 6}},
+	}
+	groups := llama.FusedGroups[:]
+	if testing.Short() {
+		groups = groups[:1]
+	}
+	for _, mods := range groups {
+		in, _ := cfg.Dims(mods[0])
+		total := 0
+		for _, m := range mods {
+			_, o := cfg.Dims(m)
+			total += o
+		}
+		if p, ok := r.b.sk.plan(maxT, total, in); !ok {
+			t.Logf("%v: no gemm_skinny product on this card", mods)
+			continue
+		} else if _, ok := r.b.sk.loraPlan(p, 1); !ok {
+			t.Logf("%v: gemm_skinny_n%d has no LoRA variant: the LoRA stream takes the update", mods, p.bn)
+			continue
+		}
+		w, _ := r.weight(total, in, 0.02)
+		for _, c := range cases {
+			for _, graph := range []bool{false, true} {
+				what := fmt.Sprintf("%v, %d rows, graph layout %v", mods, c.T, graph)
+				xv := r.rnd(maxT*in, 1)
+				x, out, plain := r.buffer(maxT, in), r.buffer(maxT, total), r.buffer(maxT, total)
+				r.fill(x, xv)
+				r.poison(out)
+				m := oneSeq(c.T, 16, zeros(c.T))
+				m.LoRA = c.segs
+				if graph {
+					graphLoRALayout(t, r.b, m, c.T)
+				} else {
+					r.begin(m)
+				}
+				r.b.force = kernelForce{loraInline: 0b1111}
+				if !r.b.loraInline(out, x, w, 0, mods) {
+					t.Fatalf("%s: the inline path did not take the group", what)
+				}
+				r.b.force = kernelForce{loraInline: -1}
+				r.b.Linear(plain, x, w)
+				got, base := r.read(out, c.T), r.read(plain, c.T)
+				r.end()
+				r.b.force = kernelForce{}
+				for _, row := range c.none {
+					for j := 0; j < total; j++ {
+						if got[row*total+j] != base[row*total+j] {
+							t.Fatalf("%s: row %d (no adapter) differs from the product at %d: %g vs %g", what, row, j, got[row*total+j], base[row*total+j])
+						}
+					}
+				}
+				want := make([]float64, c.T*total)
+				loraRef(want, xv, in, total, c.segs, ads, 0, mods, cfg)
+				gd := make([]float32, len(want))
+				for i := range gd {
+					gd[i] = got[i] - base[i]
+				}
+				r.compare(what+" update", gd, want, 2e-2)
+			}
+		}
+	}
+}
