@@ -186,6 +186,7 @@ type loraAside struct {
 type pendingDelta struct {
 	base, delta cuda.DevicePtr
 	ld, cols    int
+	local       bool // computed on the compute stream (lora_inline.go): nothing to wait for
 }
 
 // alloc sizes delta for rows rows of the widest fused group.
@@ -265,7 +266,7 @@ func (b *Backend) join() {
 	if b.err != nil {
 		return
 	}
-	b.waitUpdate()
+	b.waitUpdate(p)
 	n := b.rows() * p.cols
 	b.launch(b.fn.addDelta, cuda.Dim3{X: max(1, min((n+255)/256, 4096))}, cuda.Dim3{X: 256}, p.base, p.delta, b.rowLora(), b.rows(), p.cols, p.ld)
 	b.gen++
@@ -274,7 +275,10 @@ func (b *Backend) join() {
 // waitUpdate has the compute stream wait for the LoRA stream's update; in a
 // recording the wait's source and the kernel after it are noted for
 // pdljoin.go.
-func (b *Backend) waitUpdate() {
+func (b *Backend) waitUpdate(p pendingDelta) {
+	if p.local {
+		return
+	}
 	b.g.capture.source(b.la.s)
 	b.g.capture.waits(b.s)
 	b.fail(b.s.Wait(b.la.join))
@@ -308,7 +312,7 @@ func (b *Backend) fuse(views ...*Buffer) ([]cuda.DevicePtr, int) {
 	if b.err != nil {
 		return nil, 0
 	}
-	b.waitUpdate()
+	b.waitUpdate(p)
 	return d, p.cols
 }
 

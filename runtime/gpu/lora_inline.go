@@ -16,8 +16,10 @@ import (
 // product of the same x, so gemm_skinny_lora streams the step's A rows
 // beside the weight rows as extra outputs (their bytes, 3 MB a layer for
 // four rank-32 adapters, stream with the weights' 50), and the expand
-// (sgmv_expand_tc, its B fetched before griddepcontrol.wait) adds the
-// update in place right after it on the compute stream: no fork, no join.
+// (sgmv_expand_tc, its B fetched before griddepcontrol.wait) writes the
+// update right after it on the compute stream, into the float32 buffer
+// the LoRA stream's updates use, for the op reading the output to add (as
+// rope_store_rows does q/k/v's): no fork, no join.
 
 // LinearLoRA is Linear and then LoRA of the same input
 // (engine.LinearLoRAOps): inline where loraInline takes the group.
@@ -120,6 +122,18 @@ func (b *Backend) loraInline(out, in engine.Buffer, w engine.Weight, layer int, 
 	b.fail(p.f.Launch(b.s, cuda.Dim3{X: blocks}, cuda.Dim3{X: p.threads}, p.sh,
 		ptr(o), ptr(x), wt.mem.Ptr(), b.rows(), wt.rows, wt.cols, opts,
 		b.stepTmp, b.table, b.i32(b.off.tiles), base, stride, ms[0], ms[1], ms[2], len(mods), b.stepRank, extra, tStride))
-	b.expandTC(b.s, tc, ptr(o), o.ld, offs, ms, base, stride, tStride, 1, 1)
+	if !b.asideOK() { // no update buffer (Options.SerialLoRA): added in place
+		b.expandTC(b.s, tc, ptr(o), o.ld, offs, ms, base, stride, tStride, 1, 1)
+		return true
+	}
+	// the update as float32 into delta, which the op reading out adds as it
+	// reads (fuse), as for an update from the LoRA stream: the product's
+	// values are rounded once more only there, and the expand does not wait
+	// to read them
+	d := b.la.delta.Ptr()
+	b.expandTC(b.s, tc, d, wt.rows, offs, ms, base, stride, tStride, 1, 0)
+	if b.err == nil {
+		b.la.pend = pendingDelta{base: ptr(o), delta: d, ld: o.ld, cols: wt.rows, local: true}
+	}
 	return true
 }

@@ -16,7 +16,9 @@ import (
 // eager and the recorded steps' (padded, spare tiles) layouts: adapters of
 // ranks 32, 16 (on some projections only) and 8, rows without an adapter.
 // The product must be gemm_skinny's to the bit (rows without an adapter
-// equal Linear's output), the update the float64 reference's.
+// equal Linear's output), the update (float32, pending for the op that
+// reads the output, here added by the next op's join) the float64
+// reference's.
 func TestLinearLoRAInline(t *testing.T) {
 	cfg := cfg8B(1)
 	const maxT = 16
@@ -85,8 +87,11 @@ func TestLinearLoRAInline(t *testing.T) {
 				if !r.b.loraInline(out, x, w, 0, mods) {
 					t.Fatalf("%s: the inline path did not take the group", what)
 				}
+				if p := r.b.la.pend; r.b.asideOK() && (!p.local || p.delta == 0) {
+					t.Fatalf("%s: the update is not pending in the update buffer", what)
+				}
 				r.b.force = kernelForce{loraInline: -1}
-				r.b.Linear(plain, x, w)
+				r.b.Linear(plain, x, w) // adds the pending update to out first (join)
 				got, base := r.read(out, c.T), r.read(plain, c.T)
 				r.end()
 				r.b.force = kernelForce{}
