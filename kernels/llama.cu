@@ -2234,86 +2234,62 @@ __device__ __forceinline__ SkLoraRow sk_lora_row(const SkLora& L, int j, int K) 
 // sk_lora_shrunk: the extra rows' sums (red holds the warps' parts) into
 // tmp, scaled, for the step's rows of each row's tile.
 template <int BN, int BW, int XR>
-__device__ __forceinline__ void sk_lora_shrunk(const float* red, const SkLoraRow& r, int M, const SkLora& L) {
-    if (threadIdx.x < XR && r.a) { // thread j: extra row j (r)
-        for (int m = max(0, r.tile.x); m < min(M, r.tile.x + r.tile.y); m++) {
-            float s = 0.f;
+__device__ __forceinline__ void sk_lora_shrunk(const float* red, int M, int K, const SkLora& L) {
+    if (threadIdx.x < XR) { // thread j: extra row j
+        const SkLoraRow r = sk_lora_row(L, threadIdx.x, K);
+        if (r.a) {
+            for (int m = max(0, r.tile.x); m < min(M, r.tile.x + r.tile.y); m++) {
+                float s = 0.f;
 #pragma unroll
-            for (int q = 0; q < 4; q++) s += red[(q * 16 + m) * BW + BN + threadIdx.x];
-            L.tmp[(i64)m * L.t_stride + r.col] = s * r.scale;
-        }
-    }
-}
-
-// SkEnts: a fused launch's adapter entries, in shared memory after the
-// stages (SK_ENT_B bytes; bfSkinnyLoraShared adds them): B and rank of
-// every (tile, slice), and each step row's tile.
-#define SK_ENT_MAX 48 // 16 tiles x 3 slices
-#define SK_ENT_B (SK_ENT_MAX * 12 + 16 * 4)
-struct SkEnts {
-    const bf16* b[SK_ENT_MAX];
-    int rank[SK_ENT_MAX];
-    int rowTile[16];
-};
-
-// sk_lora_ents fills ents (before griddepcontrol.wait: step metadata and
-// adapter tables only) and asks L2 for the block's columns of each B.
-template <int BN>
-__device__ __forceinline__ void sk_lora_ents(SkEnts* ents, int n0, int M, const SkLora& L) {
-    const int tid = threadIdx.x;
-    if (tid < 16) ents->rowTile[tid] = -1;
-    __syncthreads();
-    if (tid < L.n_tiles * L.nslices) {
-        const int t = tid / L.nslices, sl = tid - t * L.nslices;
-        const int4 tile = L.tiles[t];
-        const bf16* b = nullptr;
-        int rank = 0;
-        if (tile.y > 0) {
-            const LoraEntry e = L.table[L.entry_base + tile.z * L.entry_stride + sg_mod(sl, L.m0, L.m1, L.m2)];
-            b = e.b, rank = e.rank;
-            if (sl == 0)
-                for (int m = max(0, tile.x); m < min(M, tile.x + tile.y); m++) ents->rowTile[m] = t;
-        }
-        ents->b[tid] = b, ents->rank[tid] = rank;
-        const int off = sl == 0 ? 0 : (sl == 1 ? L.off1 : L.off2), end = sl == 0 ? L.off1 : (sl == 1 ? L.off2 : 0x7fffffff);
-        const int c0 = max(n0, off), c1 = min(n0 + BN, end); // the block's columns in this slice
-        if (b && c0 < c1) {
-            const char* p0 = reinterpret_cast<const char*>(b + (i64)(c0 - off) * rank);
-            const char* p1 = reinterpret_cast<const char*>(b + (i64)(c1 - off) * rank);
-            for (const char* p = p0; p < p1; p += 128) asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+                for (int q = 0; q < 4; q++) s += red[(q * 16 + m) * BW + BN + threadIdx.x];
+                L.tmp[(i64)m * L.t_stride + r.col] = s * r.scale;
+            }
         }
     }
 }
 
 // sk_lora_tail (gemm_skinny_lora with L.ctr): the expand too, in the same
 // launch. The block's columns of B for every tile's adapter go to shared
-// memory (after the warps' sums; L2 has them from sk_lora_ents), the
-// extra rows' sums to tmp; after a grid barrier (every block's shrink rows
-// written) the block reads the rows' shrunk values and adds each row's
-// update to its outputs before rounding them: out = bf16(x . W^T + scale
-// (x . A^T) . B^T), no update buffer, no expand launch.
+// memory (after the warps' sums), the extra rows' sums to tmp; after a
+// grid barrier (every block's shrink rows written) the block reads the
+// rows' shrunk values and adds each row's update to its outputs before
+// rounding them: out = bf16(x . W^T + scale (x . A^T) . B^T), no update
+// buffer, no expand launch.
 template <int BN, int BW>
-__device__ __forceinline__ void sk_lora_tail(bf16* __restrict__ out, const float* red, const SkEnts* ents, const SkLoraRow& mine,
-                                             unsigned sb, int n0, int M, int N, const SkLora& L) {
+__device__ __forceinline__ void sk_lora_tail(bf16* __restrict__ out, const bf16* w, const float* red, unsigned sb, int n0, int M, int N, int K,
+                                             const SkLora& L) {
     constexpr int RED_B = 4 * 16 * BW * 4;
-    const int tid = threadIdx.x, R = L.rank, chunks = R / 8, ns = L.nslices;
+    const int tid = threadIdx.x, R = L.rank, chunks = R / 8;
     extern __shared__ __align__(128) unsigned char ssm[];
     const unsigned bcs = sb + RED_B; // B cache: [tile][BN columns][R] bf16
     const bf16* bc = reinterpret_cast<const bf16*>(ssm + RED_B);
     float* ts = reinterpret_cast<float*>(ssm + RED_B + L.n_tiles * BN * R * 2); // [16][t_stride]
+    int* rowTile = reinterpret_cast<int*>(ts + 16 * L.t_stride);
     for (int i = tid; i < L.n_tiles * BN * chunks; i += SK_THREADS) {
         const int t = i / (BN * chunks), c = (i / chunks) % BN, ch = i % chunks;
+        const int4 tile = L.tiles[t];
         const int col = n0 + c, sl = col >= L.off2 ? 2 : (col >= L.off1 ? 1 : 0);
-        const int off = sl == 0 ? 0 : (sl == 1 ? L.off1 : L.off2), rank = ents->rank[t * ns + sl];
-        const bool ok = ch * 8 < rank;
-        cp_async16(bcs + ((t * BN + c) * R + ch * 8) * 2, ok ? (const void*)(ents->b[t * ns + sl] + (i64)(col - off) * rank + ch * 8) : (const void*)L.tiles, ok ? 16 : 0);
+        const int off = sl == 0 ? 0 : (sl == 1 ? L.off1 : L.off2);
+        const bf16* src = w;
+        int n = 0;
+        if (tile.y > 0) {
+            const LoraEntry e = L.table[L.entry_base + tile.z * L.entry_stride + sg_mod(sl, L.m0, L.m1, L.m2)];
+            if (ch * 8 < e.rank) src = e.b + (i64)(col - off) * e.rank + ch * 8, n = 16;
+        }
+        cp_async16(bcs + ((t * BN + c) * R + ch * 8) * 2, src, n);
     }
     cp_async_commit();
-    sk_lora_shrunk<BN, BW, BW - BN>(red, mine, M, L);
+    if (tid < 16) rowTile[tid] = -1;
+    sk_lora_shrunk<BN, BW, BW - BN>(red, M, K, L);
+    __syncthreads();
+    for (int t = tid; t < L.n_tiles; t += SK_THREADS) {
+        const int4 tile = L.tiles[t];
+        for (int m = max(0, tile.x); m < min(M, tile.x + tile.y); m++) rowTile[m] = t;
+    }
     sk_grid_sync(L.ctr);
     for (int i = tid; i < M * L.t_stride; i += SK_THREADS) {
         const int m = i / L.t_stride;
-        ts[i] = ents->rowTile[m] >= 0 ? __ldcg(L.tmp + (i64)m * L.t_stride + (i - m * L.t_stride)) : 0.f;
+        ts[i] = rowTile[m] >= 0 ? __ldcg(L.tmp + (i64)m * L.t_stride + (i - m * L.t_stride)) : 0.f;
     }
     cp_async_wait<0>();
     __syncthreads();
@@ -2325,10 +2301,10 @@ __device__ __forceinline__ void sk_lora_tail(bf16* __restrict__ out, const float
             const float2 v = *reinterpret_cast<const float2*>(red + (q * 16 + m) * BW + n);
             s.x += v.x, s.y += v.y;
         }
-        const int t = ents->rowTile[m];
+        const int t = rowTile[m];
         if (t >= 0) {
             const int col = n0 + n, sl = col >= L.off2 ? 2 : (col >= L.off1 ? 1 : 0);
-            const int rank = ents->rank[t * ns + sl];
+            const int rank = L.table[L.entry_base + L.tiles[t].z * L.entry_stride + sg_mod(sl, L.m0, L.m1, L.m2)].rank;
             const float* tv = ts + m * L.t_stride + sl * R;
             const bf16* b0 = bc + (t * BN + n) * R;
             float d0 = 0.f, d1 = 0.f;
@@ -2353,13 +2329,9 @@ __device__ __forceinline__ void gemm_skinny_body(bf16* __restrict__ out, const b
     const int n0 = blockIdx.x * BN, nk = K / S::BK;
     const unsigned sb = (unsigned)__cvta_generic_to_shared(ssm);
     const bf16* xa[XI > 0 ? XI : 1]; // this thread's extra rows (A rows; nullptr: zeros)
-    SkLoraRow mine;                   // thread j < XR: extra row j, whose sums it stores
-    SkEnts* ents = reinterpret_cast<SkEnts*>(ssm + S::ST * S::STAGE_B);
     if constexpr (XR > 0) {
 #pragma unroll
         for (int i = 0; i < XI; i++) xa[i] = sk_lora_row(L, (tid + i * SK_THREADS) / CH, K).a;
-        mine = sk_lora_row(L, tid < XR ? tid : 0, K);
-        if (L.ctr) sk_lora_ents<BN>(ents, n0, M, L);
     }
     auto issue_w = [&](int t) { // weight tile t into stage t % ST
         if (t < nk) {
@@ -2451,7 +2423,7 @@ __device__ __forceinline__ void gemm_skinny_body(bf16* __restrict__ out, const b
     __syncthreads();
     if constexpr (XR > 0) {
         if (L.ctr) {
-            sk_lora_tail<BN, BW>(out, red, ents, mine, sb, n0, M, N, L);
+            sk_lora_tail<BN, BW>(out, w, red, sb, n0, M, N, K, L);
             return;
         }
     }
@@ -2465,7 +2437,7 @@ __device__ __forceinline__ void gemm_skinny_body(bf16* __restrict__ out, const b
         }
         *reinterpret_cast<__nv_bfloat162*>(out + (i64)m * N + n0 + n) = __floats2bfloat162_rn(s.x, s.y);
     }
-    if constexpr (XR > 0) sk_lora_shrunk<BN, BW, XR>(red, mine, M, L);
+    if constexpr (XR > 0) sk_lora_shrunk<BN, BW, XR>(red, M, K, L);
 }
 
 #define GEMM_SKINNY_ARGS bf16 *out, const bf16 *x, const bf16 *w, int M, int N, int K, int opts

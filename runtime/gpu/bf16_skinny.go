@@ -24,13 +24,8 @@ type bfSkinny struct {
 var skLoraRows = [2]int{8, 16}
 
 // bfSkinnyLoraShared is gemm_skinny_lora's shared memory: v's stages with
-// xr rows of A beside the weight tile, then the adapter entries of its
-// tail (SkEnts in llama.cu: skEntBytes).
-func bfSkinnyLoraShared(v streamVariant, xr int) int { return stageShared(v.bn+xr+16, 2*v.tile) + skEntBytes }
-
-// skEntBytes is SK_ENT_B (llama.cu): 48 (tile, slice) entries of a B
-// pointer and a rank, and 16 rows' tiles.
-const skEntBytes = 48*12 + 16*4
+// xr rows of A beside the weight tile.
+func bfSkinnyLoraShared(v streamVariant, xr int) int { return stageShared(v.bn+xr+16, 2*v.tile) }
 
 // bfSkinnyMaxRows is the most rows gemm_skinny takes (one m16 tile).
 const bfSkinnyMaxRows = 16

@@ -127,7 +127,7 @@ func (b *Backend) loraInline(out, in engine.Buffer, w engine.Weight, layer int, 
 		off2 = offs[2]
 	}
 	var ctr cuda.DevicePtr // the expand in the product's tail (0: its own launch)
-	if !b.force.inlineSplit && b.skCtr != nil && b.nTiles*len(mods) <= 48 && skTailShared(p, b.nTiles, b.stepRank, tStride) <= p.sh-skEntBytes && blocks <= b.ctx.Device().SMs {
+	if !b.force.inlineSplit && b.skCtr != nil && skTailShared(p, b.nTiles, b.stepRank, tStride) <= p.sh && blocks <= b.ctx.Device().SMs {
 		ctr = b.skCtr.Ptr()
 	}
 	b.fail(p.f.Launch(b.s, cuda.Dim3{X: blocks}, cuda.Dim3{X: p.threads}, p.sh,
