@@ -2170,41 +2170,7 @@ struct SkLora {
     const LoraEntry* table;
     const int4* tiles;
     int entry_base, entry_stride, m0, m1, m2, nslices, rank, n_extra, t_stride;
-    unsigned* ctr;  // fused: the grid barrier's two counters (zero between launches)
-    int n_tiles;    // fused: the step's tiles
-    int off1, off2; // fused: where slices 1 and 2 start among the N outputs
 };
-
-__device__ __forceinline__ unsigned long long sk_globaltimer() {
-    unsigned long long t;
-    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-    return t;
-}
-
-// sk_grid_sync: every block of the grid waits until all have arrived (they
-// are all resident: loraInline launches gemm_skinny_lora with at most one
-// block per SM, and every kernel of a step triggers its dependents only
-// after its own griddepcontrol.wait); the last to leave zeroes the counters
-// for the next launch. After 10 s (another process holding SMs), trap:
-// a failed step, not a hung one.
-__device__ __forceinline__ void sk_grid_sync(unsigned* ctr) {
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        __threadfence();
-        atomicAdd(ctr, 1u);
-        const unsigned long long t0 = sk_globaltimer();
-        unsigned v;
-        do {
-            asm volatile("ld.acquire.gpu.u32 %0, [%1];" : "=r"(v) : "l"(ctr) : "memory");
-            if (v < gridDim.x && sk_globaltimer() - t0 > 10000000000ull) __trap();
-        } while (v < gridDim.x);
-        if (atomicAdd(ctr + 1, 1u) == gridDim.x - 1) { // every block is past the wait
-            atomicExch(ctr, 0u);
-            atomicExch(ctr + 1, 0u);
-        }
-    }
-    __syncthreads();
-}
 
 // sk_lora_row: extra row j of this block: its A row (nullptr: zeros), and
 // where its values go (tile, tmp column, scale).
@@ -2229,93 +2195,6 @@ __device__ __forceinline__ SkLoraRow sk_lora_row(const SkLora& L, int j, int K) 
     r.col = s * L.rank + k;
     r.scale = en.scale;
     return r;
-}
-
-// sk_lora_shrunk: the extra rows' sums (red holds the warps' parts) into
-// tmp, scaled, for the step's rows of each row's tile.
-template <int BN, int BW, int XR>
-__device__ __forceinline__ void sk_lora_shrunk(const float* red, int M, int K, const SkLora& L) {
-    if (threadIdx.x < XR) { // thread j: extra row j
-        const SkLoraRow r = sk_lora_row(L, threadIdx.x, K);
-        if (r.a) {
-            for (int m = max(0, r.tile.x); m < min(M, r.tile.x + r.tile.y); m++) {
-                float s = 0.f;
-#pragma unroll
-                for (int q = 0; q < 4; q++) s += red[(q * 16 + m) * BW + BN + threadIdx.x];
-                L.tmp[(i64)m * L.t_stride + r.col] = s * r.scale;
-            }
-        }
-    }
-}
-
-// sk_lora_tail (gemm_skinny_lora with L.ctr): the expand too, in the same
-// launch. The block's columns of B for every tile's adapter go to shared
-// memory (after the warps' sums), the extra rows' sums to tmp; after a
-// grid barrier (every block's shrink rows written) the block reads the
-// rows' shrunk values and adds each row's update to its outputs before
-// rounding them: out = bf16(x . W^T + scale (x . A^T) . B^T), no update
-// buffer, no expand launch.
-template <int BN, int BW>
-__device__ __forceinline__ void sk_lora_tail(bf16* __restrict__ out, const bf16* w, const float* red, unsigned sb, int n0, int M, int N, int K,
-                                             const SkLora& L) {
-    constexpr int RED_B = 4 * 16 * BW * 4;
-    const int tid = threadIdx.x, R = L.rank, chunks = R / 8;
-    extern __shared__ __align__(128) unsigned char ssm[];
-    const unsigned bcs = sb + RED_B; // B cache: [tile][BN columns][R] bf16
-    const bf16* bc = reinterpret_cast<const bf16*>(ssm + RED_B);
-    float* ts = reinterpret_cast<float*>(ssm + RED_B + L.n_tiles * BN * R * 2); // [16][t_stride]
-    int* rowTile = reinterpret_cast<int*>(ts + 16 * L.t_stride);
-    for (int i = tid; i < L.n_tiles * BN * chunks; i += SK_THREADS) {
-        const int t = i / (BN * chunks), c = (i / chunks) % BN, ch = i % chunks;
-        const int4 tile = L.tiles[t];
-        const int col = n0 + c, sl = col >= L.off2 ? 2 : (col >= L.off1 ? 1 : 0);
-        const int off = sl == 0 ? 0 : (sl == 1 ? L.off1 : L.off2);
-        const bf16* src = w;
-        int n = 0;
-        if (tile.y > 0) {
-            const LoraEntry e = L.table[L.entry_base + tile.z * L.entry_stride + sg_mod(sl, L.m0, L.m1, L.m2)];
-            if (ch * 8 < e.rank) src = e.b + (i64)(col - off) * e.rank + ch * 8, n = 16;
-        }
-        cp_async16(bcs + ((t * BN + c) * R + ch * 8) * 2, src, n);
-    }
-    cp_async_commit();
-    if (tid < 16) rowTile[tid] = -1;
-    sk_lora_shrunk<BN, BW, BW - BN>(red, M, K, L);
-    __syncthreads();
-    for (int t = tid; t < L.n_tiles; t += SK_THREADS) {
-        const int4 tile = L.tiles[t];
-        for (int m = max(0, tile.x); m < min(M, tile.x + tile.y); m++) rowTile[m] = t;
-    }
-    sk_grid_sync(L.ctr);
-    for (int i = tid; i < M * L.t_stride; i += SK_THREADS) {
-        const int m = i / L.t_stride;
-        ts[i] = rowTile[m] >= 0 ? __ldcg(L.tmp + (i64)m * L.t_stride + (i - m * L.t_stride)) : 0.f;
-    }
-    cp_async_wait<0>();
-    __syncthreads();
-    for (int p = tid; p < M * BN / 2; p += SK_THREADS) {
-        const int m = 2 * p / BN, n = 2 * p - m * BN;
-        float2 s = make_float2(0.f, 0.f);
-#pragma unroll
-        for (int q = 0; q < 4; q++) {
-            const float2 v = *reinterpret_cast<const float2*>(red + (q * 16 + m) * BW + n);
-            s.x += v.x, s.y += v.y;
-        }
-        const int t = rowTile[m];
-        if (t >= 0) {
-            const int col = n0 + n, sl = col >= L.off2 ? 2 : (col >= L.off1 ? 1 : 0);
-            const int rank = L.table[L.entry_base + L.tiles[t].z * L.entry_stride + sg_mod(sl, L.m0, L.m1, L.m2)].rank;
-            const float* tv = ts + m * L.t_stride + sl * R;
-            const bf16* b0 = bc + (t * BN + n) * R;
-            float d0 = 0.f, d1 = 0.f;
-            for (int k = 0; k < rank; k++) {
-                d0 += tv[k] * __bfloat162float(b0[k]);
-                d1 += tv[k] * __bfloat162float(b0[R + k]);
-            }
-            s.x += d0, s.y += d1;
-        }
-        *reinterpret_cast<__nv_bfloat162*>(out + (i64)m * N + n0 + n) = __floats2bfloat162_rn(s.x, s.y);
-    }
 }
 
 template <int BN, bool WK, int XR = 0>
@@ -2421,12 +2300,6 @@ __device__ __forceinline__ void gemm_skinny_body(bf16* __restrict__ out, const b
         *reinterpret_cast<float2*>(red + (warp * 16 + g + 8) * BW + n) = make_float2(acc[j][2], acc[j][3]);
     }
     __syncthreads();
-    if constexpr (XR > 0) {
-        if (L.ctr) {
-            sk_lora_tail<BN, BW>(out, w, red, sb, n0, M, N, K, L);
-            return;
-        }
-    }
     for (int p = tid; p < M * BN / 2; p += SK_THREADS) {
         const int m = 2 * p / BN, n = 2 * p - m * BN;
         float2 s = make_float2(0.f, 0.f);
@@ -2437,7 +2310,19 @@ __device__ __forceinline__ void gemm_skinny_body(bf16* __restrict__ out, const b
         }
         *reinterpret_cast<__nv_bfloat162*>(out + (i64)m * N + n0 + n) = __floats2bfloat162_rn(s.x, s.y);
     }
-    if constexpr (XR > 0) sk_lora_shrunk<BN, BW, XR>(red, M, K, L);
+    if constexpr (XR > 0) {
+        if (tid < XR) { // thread j: extra row j, for each of the step's rows its tile holds
+            const SkLoraRow r = sk_lora_row(L, tid, K);
+            if (r.a) {
+                for (int m = max(0, r.tile.x); m < min(M, r.tile.x + r.tile.y); m++) {
+                    float s = 0.f;
+#pragma unroll
+                    for (int q = 0; q < 4; q++) s += red[(q * 16 + m) * BW + BN + tid];
+                    L.tmp[(i64)m * L.t_stride + r.col] = s * r.scale;
+                }
+            }
+        }
+    }
 }
 
 #define GEMM_SKINNY_ARGS bf16 *out, const bf16 *x, const bf16 *w, int M, int N, int K, int opts
@@ -2452,11 +2337,9 @@ GEMM_SKINNY(224, false, gemm_skinny_n224)
 #define GEMM_SKINNY_LORA(BN, XR)                                                                                \
     extern "C" __global__ void __launch_bounds__(SK_THREADS) gemm_skinny_lora_n##BN##_x##XR(                   \
         GEMM_SKINNY_ARGS, float* tmp, const LoraEntry* table, const int4* tiles, int entry_base, int entry_stride, \
-        int m0, int m1, int m2, int nslices, int rank, int n_extra, int t_stride, unsigned* ctr, int n_tiles,     \
-        int off1, int off2) {                                                                                    \
+        int m0, int m1, int m2, int nslices, int rank, int n_extra, int t_stride) {                             \
         gemm_skinny_body<BN, true, XR>(out, x, w, M, N, K, opts,                                                \
-            SkLora{tmp, table, tiles, entry_base, entry_stride, m0, m1, m2, nslices, rank, n_extra, t_stride,   \
-                   ctr, n_tiles, off1, off2});                                                                   \
+            SkLora{tmp, table, tiles, entry_base, entry_stride, m0, m1, m2, nslices, rank, n_extra, t_stride}); \
     }
 GEMM_SKINNY_LORA(32, 8)
 GEMM_SKINNY_LORA(32, 16)

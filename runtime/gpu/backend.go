@@ -187,25 +187,24 @@ type funcs struct {
 // Backend otherwise chooses by shape: the tests check every family against
 // the reference and the benchmarks compare them. Production never sets it.
 type kernelForce struct {
-	bwg         bool          // bf16 products of 17-128 rows: gemm_wg (wgmma; PEFTD_WG) where it fits, not cuBLASLt
-	loraRows    bool          // LoRA: the row-at-a-time kernels (lora_shrink, lora_expand)
-	loraV1      bool          // LoRA: SGMV v1 (sgmv_shrink, then an expand launch)
-	loraV2      bool          // LoRA: SGMV v2 (one launch per op) wherever it fits
-	qkvSMs      int           // LoRA beside the q/k/v product: hold this many SMs back from it (0: holdFor's automatic choice)
-	pdlJoins    int           // recordings' programmatic joins: mode 1, 2 or 3 (pdljoin.go's joinMode; 0: the default, 2; -1: none)
-	attnRows    bool          // attention: the per-row kernel for every row (no attn_decode, attn_prefill, graphs)
-	decSplit    int           // attn_decode: this many KV splits per (sequence, KV head), at most decSplitFor's cap (0: decSplitFor's choice)
-	ropeHeads   bool          // RoPE and the K/V store: rope_store (a block per row and head) for every shape
-	decOpts     int           // attn_decode's opts (llama.cu) in place of decOptsDefault (0: the default; -1: none): 1 the first tiles before griddepcontrol.wait, 2 the merge with 16 loads in flight, 4 the splits as clusters (decCluster)
-	decVar      int           // attn_decode's variant whatever the rows: 1 + a decVariant (0: decVariantFor's choice); bf16 keys only
-	noSkinny    bool          // bf16 products: cuBLASLt whatever the rows (no gemm_skinny)
-	skLate      bool          // gemm_skinny: no weight tiles before griddepcontrol.wait (opts 0)
-	wgFull      bool          // wgmma products beside the LoRA stream: a grid over every SM, not the SM target (v0.32's)
-	loraKChunk  int           // LoRA shrinks: K split into pieces of about this many columns (0: enough blocks to cover the SMs twice)
-	inlineSplit bool          // the inline LoRA path's expand as its own launch after the product (sgmv_expand_tc into the update buffer), not in the product's tail
-	loraInline  int           // fused groups (bit g: llama.FusedGroups[g]) whose shrink runs inside gemm_skinny (lora_inline.go; 0: the default, q/k/v; -1: none)
-	wholeLoad   bool          // adapter loads: a step waits for the whole image before it starts (no per-layer start)
-	slowFill    time.Duration // adapter loads: a sleep after each chunk's fill (tests: a step must wait for the host)
+	bwg        bool          // bf16 products of 17-128 rows: gemm_wg (wgmma; PEFTD_WG) where it fits, not cuBLASLt
+	loraRows   bool          // LoRA: the row-at-a-time kernels (lora_shrink, lora_expand)
+	loraV1     bool          // LoRA: SGMV v1 (sgmv_shrink, then an expand launch)
+	loraV2     bool          // LoRA: SGMV v2 (one launch per op) wherever it fits
+	qkvSMs     int           // LoRA beside the q/k/v product: hold this many SMs back from it (0: holdFor's automatic choice)
+	pdlJoins   int           // recordings' programmatic joins: mode 1, 2 or 3 (pdljoin.go's joinMode; 0: the default, 2; -1: none)
+	attnRows   bool          // attention: the per-row kernel for every row (no attn_decode, attn_prefill, graphs)
+	decSplit   int           // attn_decode: this many KV splits per (sequence, KV head), at most decSplitFor's cap (0: decSplitFor's choice)
+	ropeHeads  bool          // RoPE and the K/V store: rope_store (a block per row and head) for every shape
+	decOpts    int           // attn_decode's opts (llama.cu) in place of decOptsDefault (0: the default; -1: none): 1 the first tiles before griddepcontrol.wait, 2 the merge with 16 loads in flight, 4 the splits as clusters (decCluster)
+	decVar     int           // attn_decode's variant whatever the rows: 1 + a decVariant (0: decVariantFor's choice); bf16 keys only
+	noSkinny   bool          // bf16 products: cuBLASLt whatever the rows (no gemm_skinny)
+	skLate     bool          // gemm_skinny: no weight tiles before griddepcontrol.wait (opts 0)
+	wgFull     bool          // wgmma products beside the LoRA stream: a grid over every SM, not the SM target (v0.32's)
+	loraKChunk int           // LoRA shrinks: K split into pieces of about this many columns (0: enough blocks to cover the SMs twice)
+	loraInline int           // fused groups (bit g: llama.FusedGroups[g]) whose shrink runs inside gemm_skinny (lora_inline.go; 0: the default, q/k/v; -1: none)
+	wholeLoad  bool          // adapter loads: a step waits for the whole image before it starts (no per-layer start)
+	slowFill   time.Duration // adapter loads: a sleep after each chunk's fill (tests: a step must wait for the host)
 }
 
 // Backend implements engine.Backend on one CUDA device.
@@ -302,7 +301,6 @@ type Backend struct {
 	decSplit   int       // splits per (sequence, KV head)
 	attnPart   *cuda.DeviceBuffer
 	attnDone   *cuda.DeviceBuffer // attn_decode's per-(row, KV head) split counters
-	skCtr      *cuda.DeviceBuffer // gemm_skinny_lora's grid barrier counters (lora_inline.go)
 
 	stage *staging // weight uploads' pinned staging (upload.go), freed before the first step
 
@@ -490,14 +488,6 @@ func (b *Backend) open(opts Options) error {
 	}
 	if b.sk, err = newBFSkinny(b.mod, b.ctx.Device()); err != nil {
 		return err
-	}
-	if b.sk != nil { // gemm_skinny_lora's grid barrier (lora_inline.go): two counters, zero between launches
-		if b.skCtr, err = b.ctx.Alloc(8); err != nil {
-			return err
-		}
-		if err := b.s.Memset32(b.skCtr.Ptr(), 0, 2); err != nil {
-			return err
-		}
 	}
 	limit := b.ctx.Device().MaxShared
 	if limit <= 0 { // not reported: try them all
@@ -890,7 +880,7 @@ func (b *Backend) Close() error {
 		}
 	}
 	errs = append(errs, b.dropGraphs(), b.smPart.close(b))
-	for _, d := range []*cuda.DeviceBuffer{b.kcache, b.kscale, b.vcache, b.metaDev, b.invFreq, b.normed, b.table, b.loraTmp, b.smp[0].dev, b.smp[1].dev, b.attnPart, b.attnDone, b.skCtr,
+	for _, d := range []*cuda.DeviceBuffer{b.kcache, b.kscale, b.vcache, b.metaDev, b.invFreq, b.normed, b.table, b.loraTmp, b.smp[0].dev, b.smp[1].dev, b.attnPart, b.attnDone,
 		b.g.dev, b.g.part, b.g.tmp, b.la.delta} {
 		errs = append(errs, d.Free())
 	}

@@ -82,7 +82,6 @@ type bfSkinnyPlan struct {
 	f               *cuda.Function
 	bn, sh, threads int
 	i               int // the variant's index
-	xr              int // gemm_skinny_lora's extra rows a block (0: gemm_skinny)
 }
 
 // plan picks the variant for an M x N x K product (streamRows.pick); ok is
@@ -108,7 +107,7 @@ func (g *bfSkinny) loraPlan(p bfSkinnyPlan, extra int) (bfSkinnyPlan, bool) {
 	}
 	for x, xr := range skLoraRows {
 		if f := g.lora[p.i][x]; f != nil && extra <= xr {
-			p.f, p.sh, p.xr = f, bfSkinnyLoraShared(g.vs[p.i], xr), xr
+			p.f, p.sh = f, bfSkinnyLoraShared(g.vs[p.i], xr)
 			return p, true
 		}
 	}

@@ -119,24 +119,9 @@ func (b *Backend) loraInline(out, in engine.Buffer, w engine.Weight, layer int, 
 		opts = 0
 	}
 	base, stride := layer*int(llama.NumModules), b.cfg.Layers*int(llama.NumModules)
-	off1, off2 := offs[len(mods)], offs[len(mods)]
-	if len(mods) > 1 {
-		off1 = offs[1]
-	}
-	if len(mods) > 2 {
-		off2 = offs[2]
-	}
-	var ctr cuda.DevicePtr // the expand in the product's tail (0: its own launch)
-	if !b.force.inlineSplit && b.skCtr != nil && skTailShared(p, b.nTiles, b.stepRank, tStride) <= p.sh && blocks <= b.ctx.Device().SMs {
-		ctr = b.skCtr.Ptr()
-	}
 	b.fail(p.f.Launch(b.s, cuda.Dim3{X: blocks}, cuda.Dim3{X: p.threads}, p.sh,
 		ptr(o), ptr(x), wt.mem.Ptr(), b.rows(), wt.rows, wt.cols, opts,
-		b.stepTmp, b.table, b.i32(b.off.tiles), base, stride, ms[0], ms[1], ms[2], len(mods), b.stepRank, extra, tStride,
-		ctr, b.nTiles, off1, off2))
-	if ctr != 0 {
-		return true
-	}
+		b.stepTmp, b.table, b.i32(b.off.tiles), base, stride, ms[0], ms[1], ms[2], len(mods), b.stepRank, extra, tStride))
 	if !b.asideOK() { // no update buffer (Options.SerialLoRA): added in place
 		b.expandTC(b.s, tc, ptr(o), o.ld, offs, ms, base, stride, tStride, 1, 1)
 		return true
@@ -151,11 +136,4 @@ func (b *Backend) loraInline(out, in engine.Buffer, w engine.Weight, layer int, 
 		b.la.pend = pendingDelta{base: ptr(o), delta: d, ld: o.ld, cols: wt.rows, local: true}
 	}
 	return true
-}
-
-// skTailShared is the shared memory sk_lora_tail (llama.cu) needs with
-// plan p: the warps' sums, the block's columns of B for every tile at
-// rank, the rows' shrunk values and their tiles.
-func skTailShared(p bfSkinnyPlan, tiles, rank, tStride int) int {
-	return 4*16*(p.bn+p.xr)*4 + tiles*p.bn*rank*2 + 16*tStride*4 + 16*4
 }

@@ -4,7 +4,6 @@ package gpu
 
 import (
 	"fmt"
-	"math"
 	"testing"
 
 	"github.com/peftd/peftd/runtime/engine"
@@ -14,9 +13,7 @@ import (
 
 // TestLinearLoRAInline checks the LoRA shrink inside gemm_skinny
 // (lora_inline.go) at 8B shapes, every fused group, 1-16 rows, in the
-// eager and the recorded steps' (padded, spare tiles) layouts, with the
-// expand in the product's tail (launched twice: the same bits) and as its
-// own launch: adapters of
+// eager and the recorded steps' (padded, spare tiles) layouts: adapters of
 // ranks 32, 16 (on some projections only) and 8, rows without an adapter.
 // The product must be gemm_skinny's to the bit (rows without an adapter
 // equal Linear's output), the update (float32, pending for the op that
@@ -73,9 +70,8 @@ func TestLinearLoRAInline(t *testing.T) {
 		}
 		w, _ := r.weight(total, in, 0.02)
 		for _, c := range cases {
-			for _, mode := range []struct{ graph, split bool }{{false, false}, {true, false}, {false, true}, {true, true}} {
-				graph := mode.graph
-				what := fmt.Sprintf("%v, %d rows, graph layout %v, expand launched apart %v", mods, c.T, graph, mode.split)
+			for _, graph := range []bool{false, true} {
+				what := fmt.Sprintf("%v, %d rows, graph layout %v", mods, c.T, graph)
 				xv := r.rnd(maxT*in, 1)
 				x, out, plain := r.buffer(maxT, in), r.buffer(maxT, total), r.buffer(maxT, total)
 				r.fill(x, xv)
@@ -87,27 +83,12 @@ func TestLinearLoRAInline(t *testing.T) {
 				} else {
 					r.begin(m)
 				}
-				r.b.force = kernelForce{loraInline: 0b1111, inlineSplit: mode.split}
+				r.b.force = kernelForce{loraInline: 0b1111}
 				if !r.b.loraInline(out, x, w, 0, mods) {
 					t.Fatalf("%s: the inline path did not take the group", what)
 				}
-				if p := r.b.la.pend; mode.split && r.b.asideOK() && (!p.local || p.delta == 0) {
+				if p := r.b.la.pend; r.b.asideOK() && (!p.local || p.delta == 0) {
 					t.Fatalf("%s: the update is not pending in the update buffer", what)
-				} else if !mode.split && p.delta != 0 {
-					t.Fatalf("%s: an update is pending: the product's tail should have added it", what)
-				}
-				if !mode.split { // the same bits again (the barrier's counters were reset)
-					first := r.read(out, c.T)
-					r.poison(out)
-					if !r.b.loraInline(out, x, w, 0, mods) {
-						t.Fatalf("%s: the inline path did not take the group a second time", what)
-					}
-					again := r.read(out, c.T)
-					for i := range first {
-						if math.Float32bits(first[i]) != math.Float32bits(again[i]) {
-							t.Fatalf("%s: a second launch differs at %d: %g vs %g", what, i, first[i], again[i])
-						}
-					}
 				}
 				r.b.force = kernelForce{loraInline: -1}
 				r.b.Linear(plain, x, w) // adds the pending update to out first (join)
