@@ -3,6 +3,7 @@
 package gpu
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -10,6 +11,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -149,6 +151,13 @@ func newEngine(t *testing.T, m *llama.Model, opts engine.Options) *engine.Engine
 // with the test.
 func newEngineWith(t *testing.T, m *llama.Model, opts engine.Options, bo Options) *engine.Engine {
 	t.Helper()
+	e, _ := newEngineBackend(t, m, opts, bo)
+	return e
+}
+
+// newEngineBackend is newEngineWith, and the engine's backend.
+func newEngineBackend(t *testing.T, m *llama.Model, opts engine.Options, bo Options) (*engine.Engine, *Backend) {
+	t.Helper()
 	if bo.PinnedImageBytes == 0 {
 		bo.PinnedImageBytes = 4 * stageChunkBytes // the fixtures' images fit; the default's 2 GiB would pin for every test engine
 	}
@@ -168,7 +177,7 @@ func newEngineWith(t *testing.T, m *llama.Model, opts engine.Options, bo Options
 			t.Errorf("close: %v", err)
 		}
 	})
-	return e
+	return e, b
 }
 
 func TestFixtureCoBatched(t *testing.T) {
@@ -232,28 +241,43 @@ func TestFixture8BShape(t *testing.T) {
 	}
 	t0 := time.Now()
 	m, adapters, cases := loadFixtureDir(t, dir)
-	opts := engine.Options{MaxTokens: 1024, KVBlocks: 512, BlockSize: 16, AdapterSlots: len(adapters)}
-	e := newEngine(t, m, opts)
-	slots := map[string]int{}
-	var names []string
-	for _, c := range cases {
-		if c.Adapter != nil && slots[*c.Adapter] == 0 {
-			names = append(names, *c.Adapter)
-			slots[*c.Adapter] = len(names) // 1-based while collecting
-		}
+	// PEFTD_FIXTURE_8B_PATHS=default,noinline,serial: the same cases through
+	// other LoRA paths (noinline: the q/k/v update on the LoRA stream at
+	// 1-16 rows too, kernelForce.loraInline -1; serial: Options.SerialLoRA)
+	paths := strings.Split(cmp.Or(os.Getenv("PEFTD_FIXTURE_8B_PATHS"), "default"), ",")
+	for _, path := range paths {
+		t.Run(path, func(t *testing.T) {
+			opts := engine.Options{MaxTokens: 1024, KVBlocks: 512, BlockSize: 16, AdapterSlots: len(adapters)}
+			e, b := newEngineBackend(t, m, opts, Options{SerialLoRA: path == "serial"})
+			switch path {
+			case "default", "serial":
+			case "noinline":
+				b.force.loraInline = -1
+			default:
+				t.Fatalf("PEFTD_FIXTURE_8B_PATHS: unknown path %q", path)
+			}
+			slots := map[string]int{}
+			var names []string
+			for _, c := range cases {
+				if c.Adapter != nil && slots[*c.Adapter] == 0 {
+					names = append(names, *c.Adapter)
+					slots[*c.Adapter] = len(names) // 1-based while collecting
+				}
+			}
+			for _, n := range names {
+				slots[n]--
+				if err := e.LoadAdapter(slots[n], adapters[n]); err != nil {
+					t.Fatal(err)
+				}
+			}
+			t.Logf("loaded %s (%d layers, hidden %d, vocab %d) and %d adapters in %v", dir, m.Config.Layers, m.Config.Hidden, m.Config.VocabSize, len(names), time.Since(t0).Round(time.Millisecond))
+			worst, worstRow, st := runCases(t, e, slots, cases)
+			if e.FreeBlocks() != e.Options().KVBlocks {
+				t.Errorf("pages leaked: %d free of %d", e.FreeBlocks(), e.Options().KVBlocks)
+			}
+			t.Logf("maxrel=%.3g (per case, all rows); worst single row %.3g; greedy %d/%d exact, %d near-ties; %d cases co-batched", worst, worstRow, st.match, st.total, st.ties, len(cases))
+		})
 	}
-	for _, n := range names {
-		slots[n]--
-		if err := e.LoadAdapter(slots[n], adapters[n]); err != nil {
-			t.Fatal(err)
-		}
-	}
-	t.Logf("loaded %s (%d layers, hidden %d, vocab %d) and %d adapters in %v", dir, m.Config.Layers, m.Config.Hidden, m.Config.VocabSize, len(names), time.Since(t0).Round(time.Millisecond))
-	worst, worstRow, st := runCases(t, e, slots, cases)
-	if e.FreeBlocks() != e.Options().KVBlocks {
-		t.Errorf("pages leaked: %d free of %d", e.FreeBlocks(), e.Options().KVBlocks)
-	}
-	t.Logf("maxrel=%.3g (per case, all rows); worst single row %.3g; greedy %d/%d exact, %d near-ties; %d cases co-batched", worst, worstRow, st.match, st.total, st.ties, len(cases))
 }
 
 func TestFixtureOneByOne(t *testing.T) {
