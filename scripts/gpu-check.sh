@@ -17,6 +17,8 @@
 #                out-of-memory allocation)
 #     fixture8b  makes the Llama-3.1-8B-shape fixture (tools/llama8b-shape.json,
 #                ~3 GB under /tmp, stays there) and runs TestFixture8BShape on it
+#                through the default LoRA path, the LoRA stream's q/k/v update
+#                (noinline) and --serial-lora (PEFTD_FIXTURE_8B_PATHS)
 #     fp8ref     issue 14's scheme fidelity: tools/make_fp8_reference.py makes a
 #                torch reference of exactly the FP8 scheme from the tiny fixture
 #                (and from the 8B-shape one when fixture8b made it), then
@@ -262,7 +264,7 @@ if want fixture8b; then
 	echo "=== fixture8b: make $FX"
 	if [[ -f $FX/expected.safetensors ]] || timeout "$(left 300)" "$PY" tools/make_lora_fixture.py tools/llama8b-shape.json "$FX" >"$LOG/fixture8b.make.log" 2>&1; then
 		tail -n 6 "$LOG/fixture8b.make.log" 2>/dev/null
-		(cd runtime/gpu && PEFTD_FIXTURE_8B=$FX timeout "$(left 300)" "$GPUBIN" -test.v -test.count=1 -test.run '^TestFixture8BShape$') >"$LOG/fixture8b.log" 2>&1 || status=1
+		(cd runtime/gpu && PEFTD_FIXTURE_8B=$FX PEFTD_FIXTURE_8B_PATHS=${PEFTD_FIXTURE_8B_PATHS:-default,noinline,serial} timeout "$(left 300)" "$GPUBIN" -test.v -test.count=1 -test.run '^TestFixture8BShape$') >"$LOG/fixture8b.log" 2>&1 || status=1
 		tail -n 4 "$LOG/fixture8b.log"
 		save "$LOG/fixture8b.log"
 	else

@@ -8,6 +8,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"maps"
+	"math"
 	"os"
 	"path/filepath"
 	"slices"
@@ -38,10 +39,18 @@ const (
 	// excess is bf16 storage of the adapter, not a kernel error.
 	rowTol = 3e-2
 	// tieTol: a greedy choice may differ from the reference only where the
-	// reference's own top two logits are closer than this (case 3 of the
-	// fixture has a 0.0004 gap, far below bf16 resolution) and the chosen
-	// token is within tieTol of the reference maximum.
-	tieTol = 0.02
+	// chosen token is within tieTol of the reference maximum (case 3 of the
+	// fixture has a 0.0004 gap, far below bf16 resolution), or within
+	// tieSigma standard deviations of the difference of two logits' errors
+	// (sqrt 2 x the row's RMS logit error, the error rowTol bounds): a gap
+	// that error moves by chance. The 8B-shape fixture's case 6 decode 5
+	// has a 0.041 reference gap at a row RMS error of 0.021 (1.4 sigma):
+	// which token wins there is decided by float32 summation order (v0.34:
+	// the q/k/v shrink inside gemm_skinny gives the other token by 0.006,
+	// the LoRA stream's shrink the reference's, both at maxrel 0.0155;
+	// --serial-lora gives the other token by 0.015).
+	tieTol   = 0.02
+	tieSigma = 3
 )
 
 type refCase = fx.Case
@@ -64,7 +73,8 @@ func loadFixtureDir(t testing.TB, dir string) (*llama.Model, map[string]*lora.Ad
 
 type greedyStats struct{ match, ties, total int }
 
-// checkGreedy: got must be the reference's choice, or a near-tie of it.
+// checkGreedy: got must be the reference's choice, or a near-tie of it
+// (tieTol, tieSigma).
 func checkGreedy(t *testing.T, what string, got []float32, ref []float32, want int32, st *greedyStats) {
 	t.Helper()
 	st.total++
@@ -74,12 +84,18 @@ func checkGreedy(t *testing.T, what string, got []float32, ref []float32, want i
 		return
 	}
 	mx := ref[sample.Argmax(ref)]
-	if mx-ref[g] <= tieTol {
+	var se float64
+	for i := range got {
+		d := float64(got[i] - ref[i])
+		se += d * d
+	}
+	rms := math.Sqrt(se / float64(len(got)))
+	if gap := float64(mx - ref[g]); gap <= tieTol || gap <= tieSigma*math.Sqrt2*rms {
 		st.ties++
-		t.Logf("%s: greedy %d instead of %d, a reference near-tie (gap %.4f)", what, g, want, mx-ref[g])
+		t.Logf("%s: greedy %d instead of %d, a reference near-tie (gap %.4f; ours %.4f; row RMS error %.4f)", what, g, want, gap, got[g]-got[want], rms)
 		return
 	}
-	t.Errorf("%s: greedy %d, want %d (reference gap %.4f)", what, g, want, mx-ref[g])
+	t.Errorf("%s: greedy %d, want %d (reference gap %.4f; ours %.4f; row RMS error %.4f)", what, g, want, mx-ref[g], got[g]-got[want], rms)
 }
 
 // runCases runs the cases co-batched and teacher-forced (fx.Run) and
