@@ -2208,11 +2208,7 @@ __device__ __forceinline__ void gemm_skinny_body(bf16* __restrict__ out, const b
     const int n0 = blockIdx.x * BN, nk = K / S::BK;
     const unsigned sb = (unsigned)__cvta_generic_to_shared(ssm);
     const bf16* xa[XI > 0 ? XI : 1]; // this thread's extra rows (A rows; nullptr: zeros)
-    if constexpr (XR > 0) {
-#pragma unroll
-        for (int i = 0; i < XI; i++) xa[i] = sk_lora_row(L, (tid + i * SK_THREADS) / CH, K).a;
-    }
-    auto issue_w = [&](int t) { // weight tile t into stage t % ST
+    auto issue_wb = [&](int t) { // weight tile t into stage t % ST
         if (t < nk) {
             const unsigned d = sb + (t % S::ST) * S::STAGE_B;
             const bf16* src = w + (i64)n0 * K + t * S::BK;
@@ -2221,7 +2217,12 @@ __device__ __forceinline__ void gemm_skinny_body(bf16* __restrict__ out, const b
                 const int idx = tid + i * SK_THREADS, r = idx / CH, c = idx % CH;
                 cp_async16(sk_slot(d, S::ROW_B, r, c), src + (i64)r * K + c * 8, 16);
             }
-            if constexpr (XR > 0) {
+        }
+    };
+    auto issue_wx = [&](int t) { // the extra rows' tile t, after the weight tile in stage t % ST
+        if constexpr (XR > 0) {
+            if (t < nk) {
+                const unsigned d = sb + (t % S::ST) * S::STAGE_B;
 #pragma unroll
                 for (int i = 0; i < XI; i++) {
                     const int idx = tid + i * SK_THREADS, r = idx / CH, c = idx % CH;
@@ -2229,6 +2230,10 @@ __device__ __forceinline__ void gemm_skinny_body(bf16* __restrict__ out, const b
                 }
             }
         }
+    };
+    auto issue_w = [&](int t) {
+        issue_wb(t);
+        issue_wx(t);
     };
     auto issue_x = [&](int t) { // x's M rows of tile t (rows past M are never stored: their outputs are dropped)
         if (t < nk) {
@@ -2241,8 +2246,14 @@ __device__ __forceinline__ void gemm_skinny_body(bf16* __restrict__ out, const b
         }
     };
     const bool early = opts & 1;
-    if (early)
-        for (int t = 0; t < S::ST - 1; t++) issue_w(t);
+    if (early) // the weight tiles first: the extra rows' addresses wait for two dependent loads
+        for (int t = 0; t < S::ST - 1; t++) issue_wb(t);
+    if constexpr (XR > 0) {
+#pragma unroll
+        for (int i = 0; i < XI; i++) xa[i] = sk_lora_row(L, (tid + i * SK_THREADS) / CH, K).a;
+        if (early)
+            for (int t = 0; t < S::ST - 1; t++) issue_wx(t);
+    }
     pdl_entry();
     for (int t = 0; t < S::ST - 1; t++) {
         if (!early) issue_w(t);
