@@ -533,30 +533,33 @@ func (b *Backend) loraSlices(st *cuda.Stream, outPtr cuda.DevicePtr, outStride i
 func (b *Backend) expandTC(st *cuda.Stream, tc int, outPtr cuda.DevicePtr, outStride int, offs []int, ms [3]int, base, stride, tStride, ks, acc int) {
 	n := len(offs) - 1
 	total := offs[n]
-	off1, off2 := total, total
-	if n > 1 {
-		off1 = offs[1]
-	}
-	if n > 2 {
-		off2 = offs[2]
-	}
+	off1, off2 := slices12(offs)
 	// blocks per slice of sgmv_expand_tc{tc}; blk1, blk2: where slices 1 and 2 start
 	cols := tcBlockCols(tc)
-	var start [4]int
+	start := make([]int, n+1)
 	for i := 0; i < n; i++ {
 		start[i+1] = start[i] + (offs[i+1]-offs[i]+cols-1)/cols
 	}
 	grid := start[n]
-	blk1, blk2 := grid, grid
-	if n > 1 {
-		blk1 = start[1]
-	}
-	if n > 2 {
-		blk2 = start[2]
-	}
+	blk1, blk2 := slices12(start)
 	b.launchOn(st, b.fn.sgExpandTC[bits.TrailingZeros(uint(tc))], cuda.Dim3{X: grid, Y: b.nTiles}, cuda.Dim3{X: 256},
 		outPtr, b.stepTmp, b.table, b.i32(b.off.tiles), base, stride, ms[0], ms[1], ms[2], blk1, blk2, off1, off2, total,
 		b.stepRank, outStride, tStride, b.rows(), ks, acc)
+}
+
+// slices12 is where slices 1 and 2 of a fused group begin, given the
+// group's n+1 slice boundaries (the last: where the group ends, also the
+// answer for a slice the group does not have).
+func slices12(bounds []int) (int, int) {
+	n := len(bounds) - 1
+	a1, a2 := bounds[n], bounds[n]
+	if n > 1 {
+		a1 = bounds[1]
+	}
+	if n > 2 {
+		a2 = bounds[2]
+	}
+	return a1, a2
 }
 
 // tcChunks is the 32-rank chunks of the tensor-core expand for the step's
