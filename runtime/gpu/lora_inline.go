@@ -127,9 +127,8 @@ func (b *Backend) loraInline(out, in engine.Buffer, w engine.Weight, layer int, 
 		return true
 	}
 	// the update as float32 into delta, which the op reading out adds as it
-	// reads (fuse), as for an update from the LoRA stream: the product's
-	// values are rounded once more only there, and the expand does not wait
-	// to read them
+	// reads (fuse), as for an update from the LoRA stream: product + update
+	// is rounded once, there, and the expand need not read the product
 	d := b.la.delta.Ptr()
 	b.expandTC(b.s, tc, d, wt.rows, offs, ms, base, stride, tStride, 1, 0)
 	if b.err == nil {
