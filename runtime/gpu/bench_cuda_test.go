@@ -1306,91 +1306,98 @@ func TestLoRABesideBench(t *testing.T) {
 	}
 	bench("lorabeside device %s; 4 x r32 adapters, rows round-robin; µs from the fork, medians of %d; shrinks' K split in pieces of %d columns (0: the default)", b.Device().Name, reps, b.force.loraKChunk)
 	bench("lorabeside %-5s %-8s %5s %10s %10s %10s %10s %8s", "rows", "group", "held", "prod_us", "lora_us", "prod_beside", "lora_beside", "over_us")
-	for _, T := range rowsList {
-		if b.g.off || !b.preOK || T > b.g.maxRows {
-			t.Fatalf("%d rows: no graph layout for them (graphs off or over %d rows)", T, b.g.maxRows)
-		}
-		segs := make([]engine.Segment, 0, nAd)
-		per := make([]int, nAd)
-		for i := range T {
-			per[i%nAd]++
-		}
-		at := 0
-		for s, n := range per {
-			if n > 0 {
-				segs = append(segs, engine.Segment{Start: at, End: at + n, Slot: s})
-				at += n
+	// PEFTD_LORA_BESIDE_SMS=16,24,32: the table again with that many SMs held
+	// from every product (Options.LoRASMs; q/k/v too): the held column
+	// says what each product left
+	smsList := envBatches(t, "PEFTD_LORA_BESIDE_SMS", []int{-1})
+	for _, sms := range smsList {
+		b.la.sms = sms
+		for _, T := range rowsList {
+			if b.g.off || !b.preOK || T > b.g.maxRows {
+				t.Fatalf("%d rows: no graph layout for them (graphs off or over %d rows)", T, b.g.maxRows)
 			}
-		}
-		m := oneSeq(T, 16, zeros(T))
-		m.LoRA = segs
-		graphLoRALayout(t, b, m, T)
-		for _, g := range groups {
-			// run: the product (prod), the update (lora) or both as a step
-			// runs them; returns the median µs from the fork to the
-			// product's end and to the update's end
-			run := func(prod, lora bool) (float64, float64) {
-				var tp, tl []float32
-				for range reps {
-					// six flushes (~0.4 ms of device time): the host enqueues
-					// everything after them before the device gets there, so
-					// the events time the device, not the launches
-					for range 6 {
-						if err := flushFn.Launch(b.s, cuda.Dim3{X: 4 * b.Device().SMs}, cuda.Dim3{X: 512}, 0, flush.Ptr(), int64(flush.Size()/16), flush.Ptr()); err != nil {
+			segs := make([]engine.Segment, 0, nAd)
+			per := make([]int, nAd)
+			for i := range T {
+				per[i%nAd]++
+			}
+			at := 0
+			for s, n := range per {
+				if n > 0 {
+					segs = append(segs, engine.Segment{Start: at, End: at + n, Slot: s})
+					at += n
+				}
+			}
+			m := oneSeq(T, 16, zeros(T))
+			m.LoRA = segs
+			graphLoRALayout(t, b, m, T)
+			for _, g := range groups {
+				// run: the product (prod), the update (lora) or both as a step
+				// runs them; returns the median µs from the fork to the
+				// product's end and to the update's end
+				run := func(prod, lora bool) (float64, float64) {
+					var tp, tl []float32
+					for range reps {
+						// six flushes (~0.4 ms of device time): the host enqueues
+						// everything after them before the device gets there, so
+						// the events time the device, not the launches
+						for range 6 {
+							if err := flushFn.Launch(b.s, cuda.Dim3{X: 4 * b.Device().SMs}, cuda.Dim3{X: 512}, 0, flush.Ptr(), int64(flush.Size()/16), flush.Ptr()); err != nil {
+								t.Fatal(err)
+							}
+						}
+						evs[0].Record(b.s)
+						switch {
+						case prod && lora:
+							b.Linear(g.out, g.x, g.w) // records the fork, holds the SMs
+						case prod: // as a step without adapters: no fork, no SMs held
+							b.la.on = false
+							b.Linear(g.out, g.x, g.w)
+							b.la.on = true
+						default:
+							b.forkAt(g.x)
+						}
+						evs[1].Record(b.s)
+						if lora {
+							b.LoRA(g.out, g.x, 0, g.mods)
+							if b.la.pend.delta == 0 {
+								t.Fatalf("%s at %d rows: the update did not go to the LoRA stream", g.name, T)
+							}
+							b.la.pend = pendingDelta{}
+							evs[2].Record(b.la.s)
+							b.fail(b.s.Wait(b.la.join))
+						}
+						if b.err != nil {
+							t.Fatal(b.err)
+						}
+						if err := b.s.Synchronize(); err != nil {
 							t.Fatal(err)
 						}
-					}
-					evs[0].Record(b.s)
-					switch {
-					case prod && lora:
-						b.Linear(g.out, g.x, g.w) // records the fork, holds the SMs
-					case prod: // as a step without adapters: no fork, no SMs held
-						b.la.on = false
-						b.Linear(g.out, g.x, g.w)
-						b.la.on = true
-					default:
-						b.forkAt(g.x)
-					}
-					evs[1].Record(b.s)
-					if lora {
-						b.LoRA(g.out, g.x, 0, g.mods)
-						if b.la.pend.delta == 0 {
-							t.Fatalf("%s at %d rows: the update did not go to the LoRA stream", g.name, T)
-						}
-						b.la.pend = pendingDelta{}
-						evs[2].Record(b.la.s)
-						b.fail(b.s.Wait(b.la.join))
-					}
-					if b.err != nil {
-						t.Fatal(b.err)
-					}
-					if err := b.s.Synchronize(); err != nil {
-						t.Fatal(err)
-					}
-					d1, err := evs[1].Since(evs[0])
-					if err != nil {
-						t.Fatal(err)
-					}
-					tp = append(tp, d1)
-					if lora {
-						d2, err := evs[2].Since(evs[0])
+						d1, err := evs[1].Since(evs[0])
 						if err != nil {
 							t.Fatal(err)
 						}
-						tl = append(tl, d2)
+						tp = append(tp, d1)
+						if lora {
+							d2, err := evs[2].Since(evs[0])
+							if err != nil {
+								t.Fatal(err)
+							}
+							tl = append(tl, d2)
+						}
 					}
+					pu, lu := median(tp)*1e3, math.NaN()
+					if lora {
+						lu = median(tl) * 1e3
+					}
+					return pu, lu
 				}
-				pu, lu := median(tp)*1e3, math.NaN()
-				if lora {
-					lu = median(tl) * 1e3
-				}
-				return pu, lu
+				prodAlone, _ := run(true, false)
+				_, loraAlone := run(false, true)
+				prodBeside, loraBeside := run(true, true)
+				bench("lorabeside %-5d %-8s %5d %10.1f %10.1f %10.1f %10.1f %8.1f", T, g.name, b.holdFor(T, g.w.rows), prodAlone, loraAlone, prodBeside, loraBeside, max(0, loraBeside-prodBeside))
 			}
-			prodAlone, _ := run(true, false)
-			_, loraAlone := run(false, true)
-			prodBeside, loraBeside := run(true, true)
-			bench("lorabeside %-5d %-8s %5d %10.1f %10.1f %10.1f %10.1f %8.1f", T, g.name, b.holdFor(T, g.w.rows), prodAlone, loraAlone, prodBeside, loraBeside, max(0, loraBeside-prodBeside))
+			r.end()
 		}
-		r.end()
 	}
 }
