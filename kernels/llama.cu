@@ -2138,7 +2138,7 @@ extern "C" __global__ void __launch_bounds__(SM_THREADS) sample_rows(int* out, c
 // latency runs under the kernel before.
 //
 // gemm_skinny_lora_n{32,48}_x{8,16} (XR extra rows): the same product, and
-// with it the shrink of the group's LoRA update (lora.go loraInline): each
+// with it the shrink of the group's LoRA update (runtime/gpu/lora_inline.go): each
 // block streams XR rows of the step's adapters' A matrices beside its BN
 // weight rows, as extra outputs of its m16 tile. The step's tiles x slices x
 // ranks (n_extra rows, the SGMV shrink's items one rank row each) are dealt
@@ -2148,7 +2148,7 @@ extern "C" __global__ void __launch_bounds__(SM_THREADS) sample_rows(int* out, c
 // (tile t, slice s, rank k) in tmp[m][s * rank + k] (scaled, float32: the
 // SGMV shrink's layout with one K part) where m is one of t's rows. The
 // shrink then costs its A bytes inside a product that streams the weights
-// anyway, instead of a launch beside it; sgmv_expand_tc adds the update
+// anyway, instead of a launch beside it; sgmv_expand_tc writes the update
 // after the product.
 #define SK_THREADS 128
 

@@ -135,15 +135,11 @@ func (b *Backend) LoRA(out, in engine.Buffer, layer int, mods []llama.Module) {
 	if !b.check(len(mods) >= 1 && len(mods) <= 3, "lora: %d projections in one group", len(mods)) {
 		return
 	}
-	inF, _ := b.cfg.Dims(mods[0])
-	total := 0
-	for _, m := range mods {
-		in, outF := b.cfg.Dims(m)
-		if !b.check(in == inF, "lora: %v read different widths", mods) {
-			return
-		}
-		total += outF
+	offs, _, inF, same := b.groupSlices(mods)
+	if !b.check(same, "lora: %v read different widths", mods) {
+		return
 	}
+	total := offs[len(mods)]
 	if !b.check(x.cols == inF && o.cols == total, "lora %v: widths %d -> %d, want %d -> %d", mods, x.cols, o.cols, inF, total) {
 		return
 	}
@@ -411,18 +407,13 @@ func (b *Backend) loraSlices(st *cuda.Stream, outPtr cuda.DevicePtr, outStride i
 		return
 	}
 	b.gateLayer(st, layer)
-	inF, _ := b.cfg.Dims(mods[0])
 	acc := 0
 	if accum {
 		acc = 1
 	}
-	offs := make([]int, len(mods)+1)
-	for i, m := range mods {
-		in, out := b.cfg.Dims(m)
-		if !b.check(in == inF, "lora: fused projections read different widths") {
-			return
-		}
-		offs[i+1] = offs[i] + out
+	offs, ms, inF, same := b.groupSlices(mods)
+	if !b.check(same, "lora: fused projections read different widths") {
+		return
 	}
 	total := offs[len(mods)]
 	if !b.check(x.cols >= inF && outStride >= total, "lora: input width %d < %d or output stride %d < %d", x.cols, inF, outStride, total) {
@@ -443,14 +434,7 @@ func (b *Backend) loraSlices(st *cuda.Stream, outPtr cuda.DevicePtr, outStride i
 		}
 		return
 	}
-	ms := [3]int{int(mods[0]), -1, -1}
-	off1, off2 := total, total
-	if len(mods) > 1 {
-		ms[1], off1 = int(mods[1]), offs[1]
-	}
-	if len(mods) > 2 {
-		ms[2], off2 = int(mods[2]), offs[2]
-	}
+	off1, off2 := slices12(offs)
 	T := b.rows()
 	tStride := len(mods) * b.stepRank
 	// Rank rows per shrink block: 32 when the tiles are well filled (each x
@@ -545,6 +529,26 @@ func (b *Backend) expandTC(st *cuda.Stream, tc int, outPtr cuda.DevicePtr, outSt
 	b.launchOn(st, b.fn.sgExpandTC[bits.TrailingZeros(uint(tc))], cuda.Dim3{X: grid, Y: b.nTiles}, cuda.Dim3{X: 256},
 		outPtr, b.stepTmp, b.table, b.i32(b.off.tiles), base, stride, ms[0], ms[1], ms[2], blk1, blk2, off1, off2, total,
 		b.stepRank, outStride, tStride, b.rows(), ks, acc)
+}
+
+// groupSlices is the layout of fused group mods (at most three
+// projections): where each projection's output starts among the group's
+// outputs (offs[len(mods)]: their width), the modules as the SGMV kernels
+// take them (-1: the group has no such slice), and the width they read;
+// same is false when the projections read different widths.
+func (b *Backend) groupSlices(mods []llama.Module) (offs []int, ms [3]int, inF int, same bool) {
+	ms = [3]int{-1, -1, -1}
+	offs = make([]int, len(mods)+1)
+	inF, _ = b.cfg.Dims(mods[0])
+	for i, m := range mods {
+		in, out := b.cfg.Dims(m)
+		if in != inF {
+			return offs, ms, inF, false
+		}
+		offs[i+1] = offs[i] + out
+		ms[i] = int(m)
+	}
+	return offs, ms, inF, true
 }
 
 // slices12 is where slices 1 and 2 of a fused group begin, given the

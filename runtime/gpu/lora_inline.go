@@ -1,6 +1,8 @@
 package gpu
 
 import (
+	"slices"
+
 	"github.com/peftd/peftd/runtime/cuda"
 	"github.com/peftd/peftd/runtime/engine"
 	"github.com/peftd/peftd/runtime/llama"
@@ -47,19 +49,7 @@ func (b *Backend) inlineGroups() int {
 
 // groupIndex is mods' index in llama.FusedGroups (-1: none).
 func groupIndex(mods []llama.Module) int {
-	for g, fg := range llama.FusedGroups {
-		if len(fg) != len(mods) {
-			continue
-		}
-		same := true
-		for i := range fg {
-			same = same && fg[i] == mods[i]
-		}
-		if same {
-			return g
-		}
-	}
-	return -1
+	return slices.IndexFunc(llama.FusedGroups[:], func(fg []llama.Module) bool { return slices.Equal(fg, mods) })
 }
 
 // loraInline enqueues the product of w and the group's update with the
@@ -81,19 +71,9 @@ func (b *Backend) loraInline(out, in engine.Buffer, w engine.Weight, layer int, 
 	if x == nil || o == nil || x.cols != wt.cols || o.cols != wt.rows || !o.whole() || !x.whole() {
 		return false
 	}
-	offs := make([]int, len(mods)+1)
-	var ms [3]int
-	ms[1], ms[2] = -1, -1
-	for i, m := range mods {
-		inF, outF := b.cfg.Dims(m)
-		if inF != wt.cols {
-			return false
-		}
-		offs[i+1] = offs[i] + outF
-		ms[i] = int(m)
-	}
+	offs, ms, inF, same := b.groupSlices(mods)
 	tc := b.tcChunks(mods)
-	if offs[len(mods)] != wt.rows || tc == 0 || !b.sgmvOK(x, mods, o.ld, ptr(o)) {
+	if !same || inF != wt.cols || offs[len(mods)] != wt.rows || tc == 0 || !b.sgmvOK(x, mods, o.ld, ptr(o)) {
 		return false
 	}
 	p, ok := b.skinnyPlan(wt.rows, wt.cols, false)

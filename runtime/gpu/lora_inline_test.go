@@ -1,6 +1,7 @@
 package gpu
 
 import (
+	"slices"
 	"testing"
 
 	"github.com/peftd/peftd/runtime/llama"
@@ -42,5 +43,29 @@ func TestInlineGroups(t *testing.T) {
 	}
 	if got := groupIndex([]llama.Module{llama.K, llama.Q, llama.V}); got != -1 {
 		t.Errorf("groupIndex(k, q, v) = %d, want -1 (not a fused group's order)", got)
+	}
+}
+
+// TestGroupSlices: the fused groups' layouts at 8B shapes, and a group
+// whose projections read different widths.
+func TestGroupSlices(t *testing.T) {
+	b := &Backend{cfg: &llama.Config{Hidden: 4096, Intermediate: 14336, Heads: 32, KVHeads: 8, HeadDim: 128}}
+	for _, c := range []struct {
+		mods []llama.Module
+		offs []int
+		ms   [3]int
+		inF  int
+		same bool
+	}{
+		{[]llama.Module{llama.Q, llama.K, llama.V}, []int{0, 4096, 5120, 6144}, [3]int{int(llama.Q), int(llama.K), int(llama.V)}, 4096, true},
+		{[]llama.Module{llama.O}, []int{0, 4096}, [3]int{int(llama.O), -1, -1}, 4096, true},
+		{[]llama.Module{llama.Gate, llama.Up}, []int{0, 14336, 28672}, [3]int{int(llama.Gate), int(llama.Up), -1}, 4096, true},
+		{[]llama.Module{llama.Down}, []int{0, 4096}, [3]int{int(llama.Down), -1, -1}, 14336, true},
+		{[]llama.Module{llama.Q, llama.Down}, nil, [3]int{}, 4096, false},
+	} {
+		offs, ms, inF, same := b.groupSlices(c.mods)
+		if same != c.same || inF != c.inF || same && (!slices.Equal(offs, c.offs) || ms != c.ms) {
+			t.Errorf("groupSlices(%v) = %v, %v, %d, %v; want %v, %v, %d, %v", c.mods, offs, ms, inF, same, c.offs, c.ms, c.inF, c.same)
+		}
 	}
 }
