@@ -375,7 +375,7 @@ type decodeVariant struct {
 	bwg                          bool // bf16 weights: gemm_wg (wgmma; PEFTD_WG) for 17-128 rows (kernelForce.bwg)
 	two                          bool // with wg or bwg: two warpgroups a block (fp8_wg2, gemm_wg2: wgProduct.two)
 	part                         int  // SMs for the LoRA stream in a green-context split (partition.go; PEFTD_LORA_PARTITION lists them; 0: none)
-	qkvSMs                       int  // SMs the q/k/v product leaves to the LoRA stream (kernelForce.qkvSMs; 0: the default, holdFor)
+	holds                        [4]int // SMs each fused group's product leaves to the LoRA stream (kernelForce.holds; 0: the default, holdFor)
 	pdlJoins                     int  // recordings' programmatic joins (kernelForce.pdlJoins: -1 none, 0 the default (2), 1, 3)
 	inline                       int  // groups whose shrink runs inside gemm_skinny (kernelForce.loraInline: -1 none, 0 the default (q/k/v), else a mask of llama.FusedGroups)
 }
@@ -417,8 +417,18 @@ func (v decodeVariant) label(ads []*lora.Adapter, pdlOK bool) string {
 	if v.part > 0 {
 		lbl += fmt.Sprintf("+part%d", v.part)
 	}
-	if v.qkvSMs > 0 {
-		lbl += fmt.Sprintf("+qkvsms%d", v.qkvSMs)
+	if v.holds != [4]int{} {
+		h := v.holds[:]
+		for h[len(h)-1] == 0 {
+			h = h[:len(h)-1]
+		}
+		lbl += "+hold"
+		for i, n := range h {
+			if i > 0 {
+				lbl += "."
+			}
+			lbl += strconv.Itoa(n)
+		}
 	}
 	switch {
 	case v.inline < 0:
@@ -590,7 +600,7 @@ func TestDecodeBench(t *testing.T) {
 		{sms: -1, ropeHeads: true}, {sms: -1, split: 16}, {sms: -1, split: 1}, {sms: -1, split: 2}, {sms: -1, split: 3}, {sms: -1, dv: 1 + int(decV2)}, {lora: true, sms: -1, dv: 1 + int(decV2)}, {sms: -1, dv: 1 + int(decV4)}, {lora: true, sms: -1, dv: 1 + int(decV4)},
 		{sampled: true, sms: -1}, {eager: true, sms: -1}, {lora: true, eager: true, sms: -1},
 		{lora: true, serial: true, sms: -1}, {lora: true, sms: 0}, {lora: true, sms: 8}, {lora: true, sms: 16}, {lora: true, sms: 24}, {lora: true, sms: 32},
-		{lora: true, sms: -1, qkvSMs: 16}, {lora: true, sms: -1, qkvSMs: 32}, {lora: true, sms: -1, wgFull: true}, {lora: true, sms: -1, wgBeside: true}, {lora: true, sms: -1, kc: 1024}, {lora: true, sms: -1, kc: 512}, {lora: true, sms: -1, inline: -1}, {lora: true, sms: -1, inline: 0b1011}, {lora: true, sms: -1, pdlJoins: -1}, {lora: true, sms: -1, pdlJoins: 1}, {lora: true, sms: -1, pdlJoins: 3},
+		{lora: true, sms: -1, holds: [4]int{16}}, {lora: true, sms: -1, holds: [4]int{32}}, {lora: true, sms: -1, wgFull: true}, {lora: true, sms: -1, wgBeside: true}, {lora: true, sms: -1, kc: 1024}, {lora: true, sms: -1, kc: 512}, {lora: true, sms: -1, inline: -1}, {lora: true, sms: -1, inline: 0b1011}, {lora: true, sms: -1, pdlJoins: -1}, {lora: true, sms: -1, pdlJoins: 1}, {lora: true, sms: -1, pdlJoins: 3},
 		{sms: -1, wg: true}, {lora: true, sms: -1, wg: true}, {sms: -1, bwg: true}, {lora: true, sms: -1, bwg: true},
 		{sms: -1, nowga: true}, {lora: true, sms: -1, nowga: true},
 		{sms: -1, wg: true, two: true}, {lora: true, sms: -1, wg: true, two: true}, {sms: -1, bwg: true, two: true}, {lora: true, sms: -1, bwg: true, two: true},
@@ -601,6 +611,26 @@ func TestDecodeBench(t *testing.T) {
 	for _, n := range parts {
 		vs = append(vs, decodeVariant{sms: -1, part: n}, decodeVariant{lora: true, sms: -1, part: n},
 			decodeVariant{sms: -1, nopdl: true, part: n}, decodeVariant{lora: true, sms: -1, nopdl: true, part: n})
+	}
+	// PEFTD_DECODE_HOLDS=32.32.16.24,48.0.0.24: rows with adapters and
+	// those SMs held back from each fused group's product (q/k/v, o,
+	// gate/up, down; 0: the default for that group; kernelForce.holds)
+	if env := os.Getenv("PEFTD_DECODE_HOLDS"); env != "" {
+		for _, f := range strings.Split(env, ",") {
+			var h [4]int
+			parts := strings.Split(f, ".")
+			if len(parts) > len(h) {
+				t.Fatalf("PEFTD_DECODE_HOLDS: %q has more than %d groups", f, len(h))
+			}
+			for i, p := range parts {
+				n, err := strconv.Atoi(p)
+				if err != nil || n < 0 || n > gb.Device().SMs/2 {
+					t.Fatalf("PEFTD_DECODE_HOLDS: %q: %q is not 0 to %d SMs", f, p, gb.Device().SMs/2)
+				}
+				h[i] = n
+			}
+			vs = append(vs, decodeVariant{lora: true, sms: -1, holds: h})
+		}
 	}
 	if os.Getenv("PEFTD_DECODE_QUICK") != "" { // base and adapters, each with cuBLASLt (+lt), and with FP8 weights with fp8_stream at every row count (+fs) and at none (+gv)
 		vs = vs[:8]
@@ -649,11 +679,11 @@ func TestDecodeBench(t *testing.T) {
 			continue
 		}
 		retune := v.tuned && !gb.tune.done
-		if wantPDL := pdlOK && !v.nopdl; retune || partOf(gb) != v.part || gb.la.on == v.serial || gb.la.sms != v.sms || gb.s.ProgrammaticLaunch() != wantPDL || gb.force.decSplit != v.split || gb.force.ropeHeads != v.ropeHeads || gb.force.decOpts != v.opts || gb.force.noSkinny != v.lt || gb.force.wgFull != v.wgFull || gb.force.loraKChunk != v.kc || gb.force.skLate != v.skLate || gb.force.decVar != v.dv || gb.force.bwg != v.bwg || gb.force.qkvSMs != v.qkvSMs || gb.force.pdlJoins != v.pdlJoins || gb.force.loraInline != v.inline || gb.wg != nil && gb.wg.two != v.two || gb.f8 != nil && gb.f8.wg != nil && gb.f8.wg.two != v.two || gb.f8 != nil && (gb.f8.wgBeside != v.wgBeside || gb.f8.streamOn != v.fs || gb.f8.streamOff != v.gv || gb.f8.wgOn != v.wg || gb.f8.wgAuto != (gb.f8.wgAutoDefault && !v.nowga)) { // recordings bake the LoRA and launch modes, the kernels and the GEMM algorithms in
+		if wantPDL := pdlOK && !v.nopdl; retune || partOf(gb) != v.part || gb.la.on == v.serial || gb.la.sms != v.sms || gb.s.ProgrammaticLaunch() != wantPDL || gb.force.decSplit != v.split || gb.force.ropeHeads != v.ropeHeads || gb.force.decOpts != v.opts || gb.force.noSkinny != v.lt || gb.force.wgFull != v.wgFull || gb.force.loraKChunk != v.kc || gb.force.skLate != v.skLate || gb.force.decVar != v.dv || gb.force.bwg != v.bwg || gb.force.holds != v.holds || gb.force.pdlJoins != v.pdlJoins || gb.force.loraInline != v.inline || gb.wg != nil && gb.wg.two != v.two || gb.f8 != nil && gb.f8.wg != nil && gb.f8.wg.two != v.two || gb.f8 != nil && (gb.f8.wgBeside != v.wgBeside || gb.f8.streamOn != v.fs || gb.f8.streamOff != v.gv || gb.f8.wgOn != v.wg || gb.f8.wgAuto != (gb.f8.wgAutoDefault && !v.nowga)) { // recordings bake the LoRA and launch modes, the kernels and the GEMM algorithms in
 			gb.la.on, gb.la.sms, gb.force.decSplit, gb.force.ropeHeads, gb.force.decOpts = !v.serial, v.sms, v.split, v.ropeHeads, v.opts
 			gb.force.noSkinny, gb.force.skLate, gb.force.decVar, gb.force.bwg = v.lt, v.skLate, v.dv, v.bwg
 			gb.force.wgFull, gb.force.loraKChunk = v.wgFull, v.kc
-			gb.force.qkvSMs, gb.force.pdlJoins, gb.force.loraInline = v.qkvSMs, v.pdlJoins, v.inline
+			gb.force.holds, gb.force.pdlJoins, gb.force.loraInline = v.holds, v.pdlJoins, v.inline
 			if gb.wg != nil {
 				gb.wg.two = v.two
 			}
@@ -751,7 +781,7 @@ func TestDecodeBench(t *testing.T) {
 	gb.g.off, gb.force.decSplit, gb.force.ropeHeads, gb.force.decOpts = false, 0, false, 0
 	gb.force.noSkinny, gb.force.skLate, gb.force.decVar, gb.force.bwg = false, false, 0, false
 	gb.force.wgFull, gb.force.loraKChunk = false, 0
-	gb.force.qkvSMs, gb.force.pdlJoins = 0, 0
+	gb.force.holds, gb.force.pdlJoins = [4]int{}, 0
 	if gb.wg != nil {
 		gb.wg.two = false
 	}
@@ -1395,7 +1425,7 @@ func TestLoRABesideBench(t *testing.T) {
 				prodAlone, _ := run(true, false)
 				_, loraAlone := run(false, true)
 				prodBeside, loraBeside := run(true, true)
-				bench("lorabeside %-5d %-8s %5d %10.1f %10.1f %10.1f %10.1f %8.1f", T, g.name, b.holdFor(T, g.w.rows), prodAlone, loraAlone, prodBeside, loraBeside, max(0, loraBeside-prodBeside))
+				bench("lorabeside %-5d %-8s %5d %10.1f %10.1f %10.1f %10.1f %8.1f", T, g.name, b.holdFor(T, g.w.rows, g.w.cols), prodAlone, loraAlone, prodBeside, loraBeside, max(0, loraBeside-prodBeside))
 			}
 			r.end()
 		}

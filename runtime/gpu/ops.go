@@ -97,22 +97,39 @@ func (b *Backend) HeadRMSNorm(x engine.Buffer, heads, headDim int, w engine.Weig
 }
 
 // productSMs is the SMs the product of w leaves to the LoRA stream beside
-// it: loraSMsFor the step's rows, but for the fused q/k/v product of a step of
-// autoQKVMinRows rows or more with automatic SMs, autoQKVSMs (its update
-// outlasts the product there: PERFORMANCE v0.31-v0.32), or
-// kernelForce.qkvSMs for it at any rows.
-func (b *Backend) productSMs(w engine.Weight) int { return b.holdFor(b.rows(), weightRows(w)) }
+// it: holdFor the step's rows and w's shape.
+func (b *Backend) productSMs(w engine.Weight) int {
+	n, k := weightShape(w)
+	return b.holdFor(b.rows(), n, k)
+}
 
-// holdFor is productSMs for a step of rows rows and a product n values wide.
-func (b *Backend) holdFor(rows, n int) int {
-	force := b.force.qkvSMs
-	if force == 0 && b.la.sms < 0 && rows >= autoQKVMinRows {
-		force = autoQKVSMs
+// holdFor is the SMs a product of a step of rows rows with an n x k weight
+// leaves to the LoRA stream: kernelForce.holds for its group where set,
+// else Options.LoRASMs where set, else autoHolds by its group (found by
+// the shape: groupOf) or autoLoRASMs for a product of no group.
+func (b *Backend) holdFor(rows, n, k int) int {
+	g := b.groupOf(n, k)
+	if g >= 0 && b.force.holds[g] > 0 {
+		return b.force.holds[g]
 	}
-	if force > 0 && n == b.qkvWidth() {
-		return force
+	if g < 0 || b.la.sms >= 0 {
+		return b.loraSMsFor(rows)
 	}
-	return b.loraSMsFor(rows)
+	return autoHolds(rows)[g]
+}
+
+// autoHolds is the SMs each fused group's product (llama.FusedGroups'
+// order: q/k/v, o, gate/up, down) leaves to the LoRA stream in a step of
+// rows rows with automatic SMs: autoLoRASMs, but for the q/k/v product
+// autoQKVSMs from autoQKVMinRows rows (its update outlasts the product
+// there: PERFORMANCE v0.31-v0.32).
+func autoHolds(rows int) [4]int {
+	s := autoLoRASMs(rows)
+	h := [4]int{s, s, s, s}
+	if rows >= autoQKVMinRows {
+		h[0] = autoQKVSMs
+	}
+	return h
 }
 
 // The q/k/v product's SMs left to the LoRA stream in steps of
@@ -126,25 +143,36 @@ const (
 	autoQKVMinRows = 64
 )
 
-// qkvWidth is the fused q/k/v product's output width.
-func (b *Backend) qkvWidth() int {
-	n := 0
-	for _, m := range llama.FusedGroups[0] {
-		_, out := b.cfg.Dims(m)
-		n += out
+// groupOf is the index in llama.FusedGroups of the product with an n x k
+// weight, by the model's shapes (the first that fits: o before down where
+// the MLP is as wide as the attention output), or -1.
+func (b *Backend) groupOf(n, k int) int {
+	if b.cfg == nil {
+		return -1
 	}
-	return n
+	for g, mods := range llama.FusedGroups {
+		in, out := 0, 0
+		for _, m := range mods {
+			i, o := b.cfg.Dims(m)
+			in, out = i, out+o
+		}
+		if n == out && k == in {
+			return g
+		}
+	}
+	return -1
 }
 
-// weightRows is a projection weight's output width (0: not one of ours).
-func weightRows(w engine.Weight) int {
+// weightShape is a projection weight's output and input widths (0, 0: not
+// one of ours).
+func weightShape(w engine.Weight) (n, k int) {
 	switch w := w.(type) {
 	case *weight:
-		return w.rows
+		return w.rows, w.cols
 	case *fp8Weight:
-		return w.rows
+		return w.rows, w.cols
 	}
-	return 0
+	return 0, 0
 }
 
 // Linear: out = in @ W^T (bf16 in, float32 accumulate, bf16 out):
