@@ -357,27 +357,27 @@ func TestLoRABench(t *testing.T) {
 // decodeVariant is one row of TestDecodeBench: how the step runs.
 type decodeVariant struct {
 	lora, sampled, eager, serial bool
-	sms                          int  // -1: autoLoRASMs
-	nopdl                        bool // kernels launched one after the other (Options.NoPDL)
-	split                        int  // attn_decode's KV splits (kernelForce.decSplit; 0: decSplitFor's)
-	ropeHeads                    bool // rope_store for every shape (kernelForce.ropeHeads), not rope_store_rows
-	tuned                        bool // after Options.TuneGEMMs' tuning (it cannot be undone: these rows come last)
-	opts                         int  // attn_decode's opts (kernelForce.decOpts: 0 the default, -1 none)
-	lt                           bool // every bf16 product through cuBLASLt (kernelForce.noSkinny)
-	wgFull                       bool // wgmma products beside the LoRA stream on every SM, as v0.32 ran them (kernelForce.wgFull)
-	wgBeside                     bool // FP8 weights: every 33-64-row product beside the LoRA stream on fp8_wg (fp8State.wgBeside: v0.32's routing)
-	kc                           int  // LoRA shrinks' K split in pieces of kc columns (kernelForce.loraKChunk; 0: the default)
-	skLate                       bool // gemm_skinny without its early weight tiles (kernelForce.skLate)
-	dv                           int  // attn_decode's variant whatever the rows: 1 + a decVariant (kernelForce.decVar; 0: decVariantFor's)
-	fs, gv                       bool // FP8 weights: fp8_stream for every 1-16 rows (fp8State.streamOn; the default from fp8StreamMinRows), or for none (streamOff)
-	wg                           bool // FP8 weights: fp8_wg (wgmma; PEFTD_WG) for 17-128 rows (fp8State.wgOn)
-	nowga                        bool // FP8 weights: Options.NoFP8Wgmma, every product of 17-64 rows on cuBLASLt (the default routes wgAutoFits' to fp8_wg: fp8State.wgAuto)
-	bwg                          bool // bf16 weights: gemm_wg (wgmma; PEFTD_WG) for 17-128 rows (kernelForce.bwg)
-	two                          bool // with wg or bwg: two warpgroups a block (fp8_wg2, gemm_wg2: wgProduct.two)
-	part                         int  // SMs for the LoRA stream in a green-context split (partition.go; PEFTD_LORA_PARTITION lists them; 0: none)
+	sms                          int    // -1: autoLoRASMs
+	nopdl                        bool   // kernels launched one after the other (Options.NoPDL)
+	split                        int    // attn_decode's KV splits (kernelForce.decSplit; 0: decSplitFor's)
+	ropeHeads                    bool   // rope_store for every shape (kernelForce.ropeHeads), not rope_store_rows
+	tuned                        bool   // after Options.TuneGEMMs' tuning (it cannot be undone: these rows come last)
+	opts                         int    // attn_decode's opts (kernelForce.decOpts: 0 the default, -1 none)
+	lt                           bool   // every bf16 product through cuBLASLt (kernelForce.noSkinny)
+	wgFull                       bool   // wgmma products beside the LoRA stream on every SM, as v0.32 ran them (kernelForce.wgFull)
+	wgBeside                     bool   // FP8 weights: every 33-64-row product beside the LoRA stream on fp8_wg (fp8State.wgBeside: v0.32's routing)
+	kc                           int    // LoRA shrinks' K split in pieces of kc columns (kernelForce.loraKChunk; 0: the default)
+	skLate                       bool   // gemm_skinny without its early weight tiles (kernelForce.skLate)
+	dv                           int    // attn_decode's variant whatever the rows: 1 + a decVariant (kernelForce.decVar; 0: decVariantFor's)
+	fs, gv                       bool   // FP8 weights: fp8_stream for every 1-16 rows (fp8State.streamOn; the default from fp8StreamMinRows), or for none (streamOff)
+	wg                           bool   // FP8 weights: fp8_wg (wgmma; PEFTD_WG) for 17-128 rows (fp8State.wgOn)
+	nowga                        bool   // FP8 weights: Options.NoFP8Wgmma, every product of 17-64 rows on cuBLASLt (the default routes wgAutoFits' to fp8_wg: fp8State.wgAuto)
+	bwg                          bool   // bf16 weights: gemm_wg (wgmma; PEFTD_WG) for 17-128 rows (kernelForce.bwg)
+	two                          bool   // with wg or bwg: two warpgroups a block (fp8_wg2, gemm_wg2: wgProduct.two)
+	part                         int    // SMs for the LoRA stream in a green-context split (partition.go; PEFTD_LORA_PARTITION lists them; 0: none)
 	holds                        [4]int // SMs each fused group's product leaves to the LoRA stream (kernelForce.holds; 0: the default, holdFor)
-	pdlJoins                     int  // recordings' programmatic joins (kernelForce.pdlJoins: -1 none, 0 the default (2), 1, 3)
-	inline                       int  // groups whose shrink runs inside gemm_skinny (kernelForce.loraInline: -1 none, 0 the default (q/k/v), else a mask of llama.FusedGroups)
+	pdlJoins                     int    // recordings' programmatic joins (kernelForce.pdlJoins: -1 none, 0 the default (2), 1, 3)
+	inline                       int    // groups whose shrink runs inside gemm_skinny (kernelForce.loraInline: -1 none, 0 the default (q/k/v), else a mask of llama.FusedGroups)
 }
 
 // label names a row of TestDecodeBench's table: "no" (base) or the

@@ -122,8 +122,12 @@ func (b *Backend) holdFor(rows, n, k int) int {
 // order: q/k/v, o, gate/up, down) leaves to the LoRA stream in a step of
 // rows rows with automatic SMs: autoLoRASMs, but for the q/k/v product
 // autoQKVSMs from autoQKVMinRows rows (its update outlasts the product
-// there: PERFORMANCE v0.31-v0.32).
+// there: PERFORMANCE v0.31-v0.32), and above autoWideRows rows
+// autoWideHolds.
 func autoHolds(rows int) [4]int {
+	if rows > autoWideRows {
+		return autoWideHolds
+	}
 	s := autoLoRASMs(rows)
 	h := [4]int{s, s, s, s}
 	if rows >= autoQKVMinRows {
@@ -131,6 +135,16 @@ func autoHolds(rows int) [4]int {
 	}
 	return h
 }
+
+// Above autoWideRows rows each group's update outlasts its product by
+// its own margin: TestLoRABesideBench at 256 rows (PERFORMANCE v0.34
+// section 6) put each group's best at q/k/v 32, o 32, gate/up 16, down
+// 24 SMs; in the step (v0.35, H200, four rank-32 adapters) 256 rows
+// 12.77 -> 12.59 ms against 48 / 16 / 16 / 16, and 128 rows the same
+// (8.34 ms) with either.
+const autoWideRows = 128
+
+var autoWideHolds = [4]int{32, 32, 16, 24}
 
 // The q/k/v product's SMs left to the LoRA stream in steps of
 // autoQKVMinRows rows or more (Options.LoRASMs automatic). Measured on the
