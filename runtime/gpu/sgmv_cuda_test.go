@@ -78,7 +78,7 @@ func TestOpLoRAFused(t *testing.T) {
 	}
 	// v2, v1, v0 with a rank-5 adapter among them; then, its slot holding a
 	// rank-40 one (every rank a multiple of 8), the tensor-core expand
-	// adding in place (tc) and into the LoRA stream's update that
+	// adding in place (tc) and into the LoRA stream's float32 update that
 	// Read adds (tc-aside)
 	for _, mode := range []string{"v2", "v1", "v0", "tc", "tc-aside"} {
 		r.b.force = kernelForce{loraRows: mode == "v0", loraV1: mode == "v1", loraV2: mode == "v2"}
