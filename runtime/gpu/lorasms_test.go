@@ -9,7 +9,7 @@ import (
 
 // TestProductSMs: the SMs a product leaves to the LoRA stream beside it,
 // by the step's rows (none up to 16 rows, 16 above; the fused q/k/v product
-// 48 from 64 rows; above 128 rows q/k/v and o 32, gate/up 16, down 24),
+// 48 from 64 rows; above 64 rows q/k/v and o 32, gate/up 16, down 24),
 // its group found by its shape (bf16 or FP8; o and down are equally wide,
 // told apart by their inputs), an override per group (kernelForce.holds),
 // or Options.LoRASMs for all.
@@ -33,13 +33,13 @@ func TestProductSMs(t *testing.T) {
 		{rows: 17, want: [6]int{16, 16, 16, 16, 16, 16}},
 		{rows: 63, want: [6]int{16, 16, 16, 16, 16, 16}},
 		{rows: 64, want: [6]int{48, 48, 16, 16, 16, 16}},
-		{rows: 128, want: [6]int{48, 48, 16, 16, 16, 16}},
-		{rows: 129, want: [6]int{32, 32, 32, 16, 24, 16}},
+		{rows: 65, want: [6]int{32, 32, 32, 16, 24, 16}},
+		{rows: 128, want: [6]int{32, 32, 32, 16, 24, 16}},
 		{rows: 256, want: [6]int{32, 32, 32, 16, 24, 16}},
 		{rows: 256, sms: 24, want: [6]int{24, 24, 24, 24, 24, 24}},
 		{rows: 2, sms: 8, want: [6]int{8, 8, 8, 8, 8, 8}},
-		{rows: 128, holds: [4]int{32}, want: [6]int{32, 32, 16, 16, 16, 16}},
-		{rows: 128, holds: [4]int{0, 32, 8, 24}, want: [6]int{48, 48, 32, 8, 24, 16}},
+		{rows: 64, holds: [4]int{32}, want: [6]int{32, 32, 16, 16, 16, 16}},
+		{rows: 64, holds: [4]int{0, 32, 8, 24}, want: [6]int{48, 48, 32, 8, 24, 16}},
 		{rows: 256, holds: [4]int{48, 0, 0, 8}, want: [6]int{48, 48, 32, 16, 8, 16}},
 		{rows: 256, sms: 24, holds: [4]int{0, 0, 0, 40}, want: [6]int{24, 24, 24, 24, 40, 24}},
 		{rows: 1, holds: [4]int{48}, want: [6]int{48, 48, 0, 0, 0, 0}},

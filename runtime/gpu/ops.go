@@ -139,10 +139,11 @@ func autoHolds(rows int) [4]int {
 // Above autoWideRows rows each group's update outlasts its product by
 // its own margin: TestLoRABesideBench at 256 rows (PERFORMANCE v0.34
 // section 6) put each group's best at q/k/v 32, o 32, gate/up 16, down
-// 24 SMs; in the step (v0.35, H200, four rank-32 adapters) 256 rows
-// 12.77 -> 12.59 ms against 48 / 16 / 16 / 16, and 128 rows the same
-// (8.34 ms) with either.
-const autoWideRows = 128
+// 24 SMs. In the step (PERFORMANCE v0.35, H200, four rank-32 adapters,
+// device ms against 48 / 16 / 16 / 16): 96 rows 8.22 -> 7.98, 128 rows
+// 8.34 both, 192 rows 10.52 -> 10.40, 256 rows 12.63 -> 12.42; 48 and 64
+// rows within 0.3% either way, so they keep the narrower holds.
+const autoWideRows = 64
 
 var autoWideHolds = [4]int{32, 32, 16, 24}
 
