@@ -183,6 +183,18 @@ type funcs struct {
 	ropeRows                                                                      *cuda.Function    // rope_store_rows
 }
 
+// forced is an int setting of kernelForce whose 0 means the default and
+// -1 none: def for 0, 0 for a negative f, else f.
+func forced(f, def int) int {
+	switch {
+	case f < 0:
+		return 0
+	case f > 0:
+		return f
+	}
+	return def
+}
+
 // kernelForce makes the steps of a Backend take one kernel family where the
 // Backend otherwise chooses by shape: the tests check every family against
 // the reference and the benchmarks compare them. Production never sets it.

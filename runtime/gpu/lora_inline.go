@@ -38,13 +38,7 @@ func (b *Backend) LinearLoRA(out, in engine.Buffer, w engine.Weight, layer int, 
 // by default q/k/v alone (the one group whose update outlasts its product
 // on the LoRA stream at 1-16 rows).
 func (b *Backend) inlineGroups() int {
-	switch f := b.force.loraInline; {
-	case f < 0:
-		return 0
-	case f > 0:
-		return f
-	}
-	return 1 << 0
+	return forced(b.force.loraInline, 1<<0)
 }
 
 // groupIndex is mods' index in llama.FusedGroups (-1: none).

@@ -148,7 +148,8 @@ const autoWideRows = 64
 var autoWideHolds = [4]int{32, 32, 16, 24}
 
 // The q/k/v product's SMs left to the LoRA stream in steps of
-// autoQKVMinRows rows or more (Options.LoRASMs automatic). Measured on the
+// autoQKVMinRows to autoWideRows rows (Options.LoRASMs automatic; above
+// autoWideRows, autoWideHolds). Measured on the
 // H200 with four rank-32 adapters (v0.32, device ms a step, 16 / 32 / 48
 // SMs): bf16 64 rows 6.71 / 6.72 / 6.67, 128 rows 8.31 / 8.31 / 8.30, 256
 // rows 12.92 / 12.72 / 12.72; FP8 64 rows 6.07 / 6.06 / 6.07, 128 rows
@@ -448,13 +449,7 @@ const decOptsDefault = decOptEarly | decOptMerge16 | decOptCluster
 // attnOpts is the opts attn_decode launches with: decOptsDefault, or
 // kernelForce.decOpts (-1: none) for tests and benchmarks.
 func (b *Backend) attnOpts() int {
-	switch o := b.force.decOpts; {
-	case o < 0:
-		return 0
-	case o > 0:
-		return o
-	}
-	return decOptsDefault
+	return forced(b.force.decOpts, decOptsDefault)
 }
 
 // decCluster reports whether attn_decode's splits run as clusters

@@ -53,14 +53,10 @@ func newCaptureSources(mode int) captureSources {
 // joinMode is the recordings' programmatic joins (0: none): kernelForce's
 // mode, 2 by default (-1 turns them off), with PDL on.
 func (b *Backend) joinMode() int {
-	m := b.force.pdlJoins
-	if m == 0 {
-		m = 2
-	}
-	if !b.pdl || m < 0 {
+	if !b.pdl {
 		return 0
 	}
-	return m
+	return forced(b.force.pdlJoins, 2)
 }
 
 // leaves adds the nodes s's next work would depend on to set.
