@@ -1839,6 +1839,252 @@ extern "C" __global__ void __launch_bounds__(256) sgmv_expand_tc1(EXPAND_TC_ARGS
 extern "C" __global__ void __launch_bounds__(256) sgmv_expand_tc2(EXPAND_TC_ARGS) { expand_tc_body<2>(EXPAND_TC_PASS); }
 extern "C" __global__ void __launch_bounds__(256) sgmv_expand_tc4(EXPAND_TC_ARGS) { expand_tc_body<4>(EXPAND_TC_PASS); }
 
+// ---------------------------------------------------------------------------
+// sgmv_cl: a fused group's whole LoRA update (shrink and expand) in one
+// launch, for steps of few rows (runtime/gpu loraCluster). The grid is
+// clusters of CL_CS blocks (sm_90). Each cluster takes one SGMV tile (up to
+// 16 rows of one adapter; clusters are dealt round-robin over the step's
+// tiles, and a tile with several clusters splits its output columns among
+// them): its blocks split the input width K, each computing its K range's
+// part of the tile's shrink s = x A^T for every slice and rank on the tensor
+// cores (warps split the K range, each running up to CL_IP (slice, rank-8)
+// items at once, summed over the warps in order); the parts are summed in a fixed order through the
+// cluster's shared memory (so every block of the cluster holds the whole s,
+// scaled), and each block then expands its share of the cluster's columns
+// with float32 FMAs (tpc threads a column, 8 ranks each, summed by
+// shuffles). No second launch, no scratch in global memory, and no grid-wide
+// wait: the only waits are three cluster barriers. Before
+// griddepcontrol.wait a block reads only the step's tiles and table (copied
+// before the step) and its first columns of B (adapter weights), and with
+// opts bit 0 asks L2 for its slice of A.
+// out: float32 rows o_stride floats apart (accum 0: the update alone, zero
+// for slices without an adapter) or bf16 (accum 1: added in place). Every
+// rank a multiple of 8, at most CL_MAXR; at most CL_MAXTILES tiles.
+// ---------------------------------------------------------------------------
+#define CL_THREADS 256
+#define CL_CS 8
+#define CL_MAXTILES 64
+#define CL_MAXR 64
+#define CL_IP 8 // shrink items (slice, rank tile) a warp runs at once
+
+__device__ __forceinline__ void cluster_arrive() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("barrier.cluster.arrive.release.aligned;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void cluster_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+#endif
+}
+
+extern "C" __global__ void __launch_bounds__(CL_THREADS, 2) sgmv_cl(
+    void* __restrict__ out, const bf16* __restrict__ x, const LoraEntry* __restrict__ table, const int4* __restrict__ tiles,
+    int ntiles, int entry_base, int entry_stride, int m0, int m1, int m2, int nslices, int off1, int off2, int out_total,
+    int max_rank, int in_f, int x_stride, int o_stride, int accum, int opts) {
+    extern __shared__ __align__(16) float cl_sm[];
+    __shared__ int4 act[CL_MAXTILES];
+    __shared__ LoraEntry ent[3];
+    __shared__ int nact_s;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, q = lane & 3;
+    const unsigned crank = cluster_rank();
+    const int cid = blockIdx.x / CL_CS, ncl = gridDim.x / CL_CS;
+    const int rt = (max_rank + 7) >> 3; // rank tiles of 8
+    int tpc = 1;                        // expand: threads a column, 8 ranks each
+    while (tpc < rt) tpc <<= 1;
+    const int R8 = rt * 8, SR = nslices * R8; // s: [16][SR], slice s at columns s*R8
+    const int items = nslices * rt;           // shrink: (slice, rank tile) items
+    float* part = cl_sm;                      // [16][SR]: the block's K range's partial sums
+    float* tot = part + 16 * SR;              // [16][SR]: the entries this block sums over the cluster
+    float* sf = tot + 16 * SR;                // [16][SR]: the whole s, scaled
+    // the step's tiles with rows, in order (every block the same list)
+    if (warp == 0) {
+        int cnt = 0;
+        for (int base = 0; base < ntiles; base += 32) {
+            const int i = base + lane;
+            const int4 t = i < ntiles ? tiles[i] : make_int4(0, 0, 0, 0);
+            const bool on = t.y > 0;
+            const unsigned m = __ballot_sync(0xffffffffu, on);
+            const int idx = cnt + __popc(m & ((1u << lane) - 1));
+            if (on && idx < CL_MAXTILES) act[idx] = t;
+            cnt += __popc(m);
+        }
+        if (lane == 0) nact_s = min(cnt, CL_MAXTILES);
+    }
+    __syncthreads();
+    const int nact = nact_s;
+    const uint4 z4 = make_uint4(0, 0, 0, 0);
+    const int cpp = CL_THREADS / tpc, tq = tid % tpc, tc = tid / tpc; // expand: columns a pass, this thread's rank part and column
+    bool waited = false;
+    for (int a = nact > 0 ? cid % nact : 0; a < nact; a += ncl) { // uniform over the cluster
+        const int P = nact >= ncl ? 1 : (ncl - 1 - a) / nact + 1;   // clusters on tile a
+        const int p = nact >= ncl ? 0 : cid / nact;                 // this cluster's index among them
+        const int4 tile = act[a];
+        const int n = tile.y;
+        if (tid < nslices) ent[tid] = table[entry_base + tile.z * entry_stride + sg_mod(tid, m0, m1, m2)];
+        __syncthreads();
+        // this block's output columns [c0, c1)
+        const int np = P * CL_CS;
+        const int pw = ((out_total + np - 1) / np + 7) & ~7;
+        const int c0 = (p * CL_CS + (int)crank) * pw, c1 = min(out_total, c0 + pw);
+        // the first pass's B (adapter weights: before the wait)
+        uint4 bv = z4;
+        {
+            const int j = c0 + tc;
+            const int s = j >= c1 ? 0 : (j >= off2 ? 2 : (j >= off1 ? 1 : 0));
+            const int off = s == 0 ? 0 : (s == 1 ? off1 : off2);
+            if (j < c1 && 8 * tq < ent[s].rank) bv = ldg16(ent[s].b + (i64)(j - off) * ent[s].rank + 8 * tq);
+        }
+        // this block's K range of the shrink
+        const int kper = (in_f + CL_CS * 32 - 1) / (CL_CS * 32) * 32;
+        const int kb = (int)crank * kper, ke = min(in_f, kb + kper);
+        if (!waited) {
+            if ((opts & 1) && kb < ke) { // ask L2 for this block's slice of A
+                const int lines = (2 * (ke - kb) + 127) / 128;
+                for (int i = tid; i < items * 8 * lines; i += CL_THREADS) {
+                    const int l = i % lines, rr = i / lines, s = rr / R8, k = rr % R8;
+                    if (k < ent[s].rank) {
+                        const bf16* pa = ent[s].a + (i64)k * in_f + kb + l * 64;
+                        asm volatile("prefetch.global.L2 [%0];\n" ::"l"(pa));
+                    }
+                }
+            }
+            pdl_entry(); // x is the op before's output
+            waited = true;
+        }
+        const bool v0 = g < n, v1 = g + 8 < n;
+        const bf16* x0 = x + (i64)(tile.x + (v0 ? g : 0)) * x_stride;
+        const bf16* x1 = x + (i64)(tile.x + (v1 ? g + 8 : 0)) * x_stride;
+        // warp w takes the 32-column chunks w, w + 8, ... of the block's K
+        // range for up to CL_IP items at once, so each lane has every
+        // item's A load in flight; the warps' sums go to part in warp order
+        for (int i0 = 0; i0 < items; i0 += CL_IP) {
+            const int ni = min(CL_IP, items - i0);
+            const bf16* ar[CL_IP];
+            bool va[CL_IP];
+            float c[CL_IP][4];
+#pragma unroll
+            for (int u = 0; u < CL_IP; u++) {
+                const int it = i0 + u, s = it / rt, k0 = (it % rt) * 8;
+                va[u] = u < ni && k0 + g < ent[s].rank;
+                ar[u] = va[u] ? ent[s].a + (i64)(k0 + g) * in_f : x0;
+                c[u][0] = c[u][1] = c[u][2] = c[u][3] = 0.f;
+            }
+#pragma unroll 2
+            for (int cb = kb + warp * 32; cb < ke; cb += 32 * (CL_THREADS / 32)) {
+                const int col = cb + q * 8;
+                const bool in = col < ke;
+                const uint4 xa = (in && v0) ? ldg16(x0 + col) : z4;
+                const uint4 xb = (in && v1) ? ldg16(x1 + col) : z4;
+                uint4 aa[CL_IP];
+#pragma unroll
+                for (int u = 0; u < CL_IP; u++) aa[u] = (in && va[u]) ? ldg16(ar[u] + col) : z4;
+#pragma unroll
+                for (int u = 0; u < CL_IP; u++) {
+                    if (u < ni) {
+                        mma16816(c[u], xa.x, xb.x, xa.y, xb.y, aa[u].x, aa[u].y);
+                        mma16816(c[u], xa.z, xb.z, xa.w, xb.w, aa[u].z, aa[u].w);
+                    }
+                }
+            }
+            // c[u][0..1]: row g, ranks k0+2q, +1; c[u][2..3]: row g+8
+            for (int w = 0; w < CL_THREADS / 32; w++) {
+                if (warp == w) {
+#pragma unroll
+                    for (int u = 0; u < CL_IP; u++) {
+                        if (u < ni) {
+                            const int it = i0 + u, s = it / rt, k0 = (it % rt) * 8;
+                            float* pp = part + s * R8 + k0 + 2 * q;
+                            if (w == 0) {
+                                pp[g * SR] = c[u][0], pp[g * SR + 1] = c[u][1];
+                                pp[(g + 8) * SR] = c[u][2], pp[(g + 8) * SR + 1] = c[u][3];
+                            } else {
+                                pp[g * SR] += c[u][0], pp[g * SR + 1] += c[u][1];
+                                pp[(g + 8) * SR] += c[u][2], pp[(g + 8) * SR + 1] += c[u][3];
+                            }
+                        }
+                    }
+                }
+                __syncthreads();
+            }
+        }
+        const int ne = n * SR; // the tile's entries (rows x slices x ranks)
+        cluster_sync(); // every block's partial sums are in its shared memory
+        // s summed over the cluster's blocks in rank order: directly when
+        // that is a few reads a thread, else each block sums a share and
+        // then gathers the others' (the same sums either way)
+        if (ne * CL_CS <= 8 * CL_THREADS) {
+            for (int i = tid; i < ne; i += CL_THREADS) {
+                float v = 0.f;
+#pragma unroll
+                for (int r = 0; r < CL_CS; r++) v += ld_cluster(part + i, r);
+                sf[i] = v * ent[(i % SR) / R8].scale;
+            }
+        } else {
+            const int chunk = (ne + CL_CS - 1) / CL_CS;
+            const int i0 = (int)crank * chunk, i1 = min(ne, i0 + chunk);
+            for (int i = i0 + tid; i < i1; i += CL_THREADS) {
+                float v = 0.f;
+#pragma unroll
+                for (int r = 0; r < CL_CS; r++) v += ld_cluster(part + i, r);
+                tot[i] = v;
+            }
+            cluster_sync();
+            for (int i = tid; i < ne; i += CL_THREADS) sf[i] = ld_cluster(tot + i, i / chunk) * ent[(i % SR) / R8].scale;
+        }
+        cluster_arrive(); // done reading the other blocks' shared memory (waited for below)
+        __syncthreads();  // sf complete
+        // expand: columns [c0, c1), tpc threads a column
+        for (int j0 = c0; j0 < c1; j0 += cpp) {
+            const int j = j0 + tc;
+            const bool on = j < c1;
+            const int s = !on ? 0 : (j >= off2 ? 2 : (j >= off1 ? 1 : 0)); // (a column past c1 reads slice 0's s: there may be no other)
+            const int off = s == 0 ? 0 : (s == 1 ? off1 : off2);
+            const int rk = ent[s].rank;
+            if (j0 > c0) bv = (on && 8 * tq < rk) ? ldg16(ent[s].b + (i64)(j - off) * rk + 8 * tq) : z4;
+            // this lane's rows (r = tq mod tpc): their old values first (accum)
+            float old[SG_TR];
+#pragma unroll
+            for (int r = 0; r < SG_TR; r++) {
+                old[r] = 0.f;
+                if (accum && on && r < n && (r & (tpc - 1)) == tq)
+                    old[r] = ld(reinterpret_cast<const bf16*>(out) + (i64)(tile.x + r) * o_stride + j);
+            }
+            float bf[8];
+            unpack8(bv, bf);
+            const bool mine = 8 * tq < R8;
+            const float* sr = sf + s * R8 + (mine ? 8 * tq : 0);
+            float res[SG_TR];
+#pragma unroll
+            for (int r = 0; r < SG_TR; r++) {
+                float v = 0.f;
+                if (r < n) { // uniform over the block
+                    if (mine) {
+                        const float4 s0 = *reinterpret_cast<const float4*>(sr + r * SR);
+                        const float4 s1 = *reinterpret_cast<const float4*>(sr + r * SR + 4);
+                        v = s0.x * bf[0] + s0.y * bf[1] + s0.z * bf[2] + s0.w * bf[3] + s1.x * bf[4] + s1.y * bf[5] + s1.z * bf[6] + s1.w * bf[7];
+                    }
+                    for (int o = 1; o < tpc; o <<= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+                }
+                res[r] = v;
+            }
+#pragma unroll
+            for (int r = 0; r < SG_TR; r++) {
+                if (on && r < n && (r & (tpc - 1)) == tq) {
+                    const i64 at = (i64)(tile.x + r) * o_stride + j;
+                    if (accum)
+                        reinterpret_cast<bf16*>(out)[at] = tobf(old[r] + res[r]);
+                    else
+                        reinterpret_cast<float*>(out)[at] = res[r];
+                }
+            }
+        }
+        cluster_wait(); // no block of the cluster reads this one's shared memory any more
+        __syncthreads();
+    }
+    if (!waited) pdl_entry(); // no tile: still wait, so whatever waits for this kernel finds the op before it done
+}
+
 // l2_flush: reads n 16-byte words (a buffer larger than L2) and writes nothing
 // unless the impossible happens, so the cache ends up full of clean lines.
 // Benchmarks run it between timed replays (a memset would leave dirty lines

@@ -153,3 +153,114 @@ func TestOpLoRAFused(t *testing.T) {
 		}
 	}
 }
+
+// TestOpLoRACluster checks sgmv_cl (one launch per fused group through
+// thread-block clusters) against the float64 reference: ranks 8 to 64 (24:
+// a rank tile count that is not a power of two), adapters that skip a
+// projection, rows without adapter, tiles split over several clusters and
+// clusters taking several tiles, the update added in place and into the
+// LoRA stream's float32 update; and the same bits again on a second run.
+func TestOpLoRACluster(t *testing.T) {
+	cfg := testConfig(1024, 2816, 8, 2, 128, 32, 2)
+	const T = 40
+	r := newRig(t, cfg, T, engine.KVSpec{Layers: 2, Blocks: 8, BlockSize: 16, KVHeads: 2, HeadDim: 128})
+	if r.b.clRows() == 0 {
+		t.Skipf("%s: no thread-block clusters (sm_90 and later)", r.b.Device().Name)
+	}
+	mk := func(rank int, scale float32, mods ...llama.Module) *lora.Adapter {
+		a := &lora.Adapter{Name: "r", Layers: make([][llama.NumModules]*lora.Pair, cfg.Layers)}
+		for l := range a.Layers {
+			for _, m := range mods {
+				in, out := cfg.Dims(m)
+				a.Layers[l][m] = &lora.Pair{Rank: rank, Scale: scale, A: r.rnd(rank*in, 0.1), B: r.rnd(out*rank, 0.1)}
+			}
+		}
+		return a
+	}
+	all := []llama.Module{llama.Q, llama.K, llama.V, llama.O, llama.Gate, llama.Up, llama.Down}
+	cases := []struct {
+		name string
+		ads  map[int]*lora.Adapter
+		rows int
+		segs []engine.Segment
+	}{
+		{"one row r32", map[int]*lora.Adapter{3: mk(32, 2, all...)}, 1, []engine.Segment{{Start: 0, End: 1, Slot: 3}}},
+		{"16 rows mixed", map[int]*lora.Adapter{0: mk(16, 2, all...), 1: mk(64, 0.5, all...), 5: mk(24, 1, llama.K, llama.Gate), 6: mk(8, 3, all...)}, 16,
+			[]engine.Segment{{Start: 0, End: 3, Slot: 1}, {Start: 3, End: 4, Slot: 0}, {Start: 4, End: 9, Slot: 5}, {Start: 10, End: 16, Slot: 6}}},
+		{"rank 24 alone", map[int]*lora.Adapter{2: mk(24, 1.5, llama.Q, llama.V, llama.Up, llama.Down)}, 7, []engine.Segment{{Start: 0, End: 2, Slot: 2}, {Start: 4, End: 7, Slot: 2}}},
+		{"40 rows", map[int]*lora.Adapter{0: mk(32, 2, all...), 1: mk(32, 0.5, all...), 2: mk(32, 1, all...), 3: mk(32, 1.25, all...)}, 40,
+			[]engine.Segment{{Start: 0, End: 18, Slot: 0}, {Start: 18, End: 20, Slot: 1}, {Start: 20, End: 37, Slot: 2}, {Start: 38, End: 40, Slot: 3}}},
+	}
+	for _, c := range cases {
+		for s := range r.b.slots {
+			if r.b.slots[s] != nil && c.ads[s] == nil {
+				if err := r.b.UnloadAdapter(s); err != nil {
+					t.Fatal(err)
+				}
+			}
+		}
+		for s, a := range c.ads {
+			if err := r.b.LoadAdapter(s, a); err != nil {
+				t.Fatal(err)
+			}
+		}
+		for _, ncl := range []int{1, 3, 16} {
+			for _, mode := range []string{"in place", "aside"} {
+				r.b.force = kernelForce{clRows: 64, clClusters: ncl}
+				for _, mods := range [][]llama.Module{{llama.Q, llama.K, llama.V}, {llama.Gate, llama.Up}, {llama.Down}, {llama.O}} {
+					in, _ := cfg.Dims(mods[0])
+					total := 0
+					for _, m := range mods {
+						_, o := cfg.Dims(m)
+						total += o
+					}
+					layer := len(mods) % 2
+					n := c.rows
+					xv, ov := r.rnd(n*in, 1), r.rnd(n*total, 1)
+					x, out := r.buffer(n, in), r.buffer(n, total)
+					r.fill(x, xv)
+					m := oneSeq(n, 16, zeros(n))
+					m.LoRA = c.segs
+					run := func() []float32 {
+						r.fill(out, ov)
+						r.begin(m)
+						defer r.end()
+						if !r.b.clFits() {
+							t.Fatalf("%s: sgmv_cl does not take the step (rank %d, %d tiles)", c.name, r.b.stepRank, r.b.nTiles)
+						}
+						if mode == "aside" {
+							r.b.forkAt(x)
+							r.b.LoRA(out, x, layer, mods)
+							if r.b.la.pend.delta == 0 {
+								t.Fatalf("%s %v: the update is not pending on the LoRA stream", c.name, mods)
+							}
+						} else {
+							r.b.loraSlices(r.b.s, out.mem.Ptr(), total, x, layer, mods, true)
+						}
+						return r.read(out, n)
+					}
+					got, again := run(), run()
+					for i := range got {
+						if math.Float32bits(got[i]) != math.Float32bits(again[i]) {
+							t.Fatalf("%s %s %d clusters %v: second run differs at %d: %g vs %g", c.name, mode, ncl, mods, i, got[i], again[i])
+						}
+					}
+					want := make([]float64, n*total)
+					for i := range want {
+						want[i] = float64(ov[i])
+					}
+					loraRef(want, xv, in, total, c.segs, c.ads, layer, mods, cfg)
+					gd, wd := make([]float32, len(got)), make([]float64, len(want))
+					for i := range got {
+						gd[i] = got[i] - ov[i]
+						wd[i] = want[i] - float64(ov[i])
+					}
+					label := fmt.Sprintf("sgmv_cl %s %s %d clusters %v", c.name, mode, ncl, mods)
+					r.compare(label+" delta", gd, wd, 2e-2)
+					r.compare(label, got, want, opTol)
+				}
+			}
+		}
+	}
+	r.b.force = kernelForce{}
+}

@@ -18,6 +18,7 @@ struct __align__(16) float4 { float x, y, z, w; };
 struct __align__(8) uint2 { unsigned x, y; };
 struct __align__(8) float2 { float x, y; };
 __device__ uint4 make_uint4(unsigned, unsigned, unsigned, unsigned);
+__device__ int4 make_int4(int, int, int, int);
 __device__ uint2 make_uint2(unsigned, unsigned);
 __device__ float2 make_float2(float, float);
 __device__ void __syncthreads();
