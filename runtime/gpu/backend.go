@@ -181,7 +181,6 @@ type funcs struct {
 	attnPrefill8                                                                  [3]*cuda.Function // attn_prefill8_d*: FP8 keys
 	sgExpandTC                                                                    [3]*cuda.Function // sgmv_expand_tc1, tc2, tc4
 	ropeRows                                                                      *cuda.Function    // rope_store_rows
-	sgCl                                                                          *cuda.Function    // sgmv_cl (lora_cluster.go)
 }
 
 // forced is an int setting of kernelForce whose 0 means the default and
@@ -216,9 +215,6 @@ type kernelForce struct {
 	wgFull     bool          // wgmma products beside the LoRA stream: a grid over every SM, not the SM target (v0.32's)
 	loraKChunk int           // LoRA shrinks: K split into pieces of about this many columns (0: enough blocks to cover the SMs twice)
 	loraInline int           // fused groups (bit g: llama.FusedGroups[g]) whose shrink runs inside gemm_skinny (lora_inline.go; 0: the default, q/k/v; -1: none)
-	clRows     int           // LoRA: sgmv_cl (lora_cluster.go) for steps of up to this many rows (0: clAutoRows; -1: none)
-	clClusters int           // sgmv_cl: clusters a launch (0: clAutoClusters)
-	clOpts     int           // sgmv_cl's opts (0: clOptPrefetch; -1: none)
 	wholeLoad  bool          // adapter loads: a step waits for the whole image before it starts (no per-layer start)
 	slowFill   time.Duration // adapter loads: a sleep after each chunk's fill (tests: a step must wait for the host)
 }
@@ -558,7 +554,7 @@ func (b *Backend) open(opts Options) error {
 		{&b.fn.attnPrefill8[0], "attn_prefill8_d32"}, {&b.fn.attnPrefill8[1], "attn_prefill8_d64"}, {&b.fn.attnPrefill8[2], "attn_prefill8_d128"},
 		{&b.fn.addBias, "add_bias"}, {&b.fn.headRMSNorm, "head_rmsnorm"}, {&b.fn.addDelta, "add_delta"},
 		{&b.fn.sgExpandTC[0], "sgmv_expand_tc1"}, {&b.fn.sgExpandTC[1], "sgmv_expand_tc2"}, {&b.fn.sgExpandTC[2], "sgmv_expand_tc4"},
-		{&b.fn.ropeRows, "rope_store_rows"}, {&b.fn.sgCl, "sgmv_cl"}} {
+		{&b.fn.ropeRows, "rope_store_rows"}} {
 		if *f.p, err = b.mod.Function(f.name); err != nil {
 			return err
 		}

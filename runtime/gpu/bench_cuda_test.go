@@ -276,7 +276,7 @@ func TestLoRABench(t *testing.T) {
 		}
 		return float64(2 * T * n)
 	}
-	bench("lora %-4s %-4s %-9s %9s %9s %9s %9s %8s %9s %9s %7s %7s %7s %7s %9s %9s %7s", "N", "rank", "T", "v0_us", "v1_us", "v2_us", "tc_us", "adapt_MB", "floor_us", "floorA_us", "v1_frac", "v2_frac", "tcA_frac", "v1/tc", "graph_us", "cl_us", "clA_frac")
+	bench("lora %-4s %-4s %-9s %9s %9s %9s %9s %8s %9s %9s %7s %7s %7s %7s %9s", "N", "rank", "T", "v0_us", "v1_us", "v2_us", "tc_us", "adapt_MB", "floor_us", "floorA_us", "v1_frac", "v2_frac", "tcA_frac", "v1/tc", "graph_us")
 	rng := rand.New(rand.NewPCG(1, 2))
 	for _, nAd := range []int{1, 4, 16} {
 		for _, rank := range []int{16, 32, 64} {
@@ -324,30 +324,24 @@ func TestLoRABench(t *testing.T) {
 				// default: shrink + tensor-core expand), and the graph layout:
 				// what a replayed serving step of T rows runs (the rows padded
 				// to their bucket, the bucket's tile capacity, the rank class)
-				// and cl: the graph layout through sgmv_cl (lora_cluster.go)
-				// up to 64 rows; the other columns keep it off
-				var us [6]float64
+				var us [5]float64
 				for v := range us {
 					if only != nil && v == 0 {
 						continue
 					}
-					if v >= 4 {
-						us[v] = math.NaN()
+					if v == 4 {
+						us[4] = math.NaN()
 						// (the rig's graphs have tiles for 8 adapters: the
 						// 16-adapter rows get no graph column)
-						if b.g.off || !b.preOK || T > b.g.maxRows || len(c.segs) > b.g.slots || v == 5 && (T > 64 || b.fn.sgCl == nil || dev.Major < 9) {
+						if b.g.off || !b.preOK || T > b.g.maxRows || len(c.segs) > b.g.slots {
 							continue
 						}
-						b.force = kernelForce{clRows: -1}
-						if v == 5 {
-							b.force.clRows = 64
-						}
 						graphLoRALayout(t, b, m, T)
-						us[v] = timeGraph()
+						us[4] = timeGraph()
 						r.end()
 						continue
 					}
-					b.force = kernelForce{loraRows: v == 0, loraV1: v == 1, loraV2: v == 2, clRows: -1}
+					b.force = kernelForce{loraRows: v == 0, loraV1: v == 1, loraV2: v == 2}
 					r.begin(m)
 					us[v] = timeGraph()
 					r.end()
@@ -356,7 +350,7 @@ func TestLoRABench(t *testing.T) {
 				adBytes := float64(2 * rank * perRank * len(c.segs))
 				floor := adBytes / bw * 1e6
 				floorAll := (adBytes + actBytes(T)) / bw * 1e6
-				bench("lora %-4d %-4d %-9s %9.1f %9.1f %9.1f %9.1f %8.1f %9.1f %9.1f %7.2f %7.2f %7.2f %7.2f %9.1f %9.1f %7.2f", nAd, rank, c.label, us[0], us[1], us[2], us[3], adBytes/1e6, floor, floorAll, floor/us[1], floor/us[2], floorAll/us[3], us[1]/us[3], us[4], us[5], floorAll/us[5])
+				bench("lora %-4d %-4d %-9s %9.1f %9.1f %9.1f %9.1f %8.1f %9.1f %9.1f %7.2f %7.2f %7.2f %7.2f %9.1f", nAd, rank, c.label, us[0], us[1], us[2], us[3], adBytes/1e6, floor, floorAll, floor/us[1], floor/us[2], floorAll/us[3], us[1]/us[3], us[4])
 			}
 		}
 	}
@@ -386,7 +380,6 @@ type decodeVariant struct {
 	holds                        [4]int // SMs each fused group's product leaves to the LoRA stream (kernelForce.holds; 0: the default, holdFor)
 	pdlJoins                     int    // recordings' programmatic joins (kernelForce.pdlJoins: -1 none, 0 the default (2), 1, 3)
 	inline                       int    // groups whose shrink runs inside gemm_skinny (kernelForce.loraInline: -1 none, 0 the default (q/k/v), else a mask of llama.FusedGroups)
-	cl                           int    // sgmv_cl for steps of up to this many rows (kernelForce.clRows: -1 none, 0 the default, clAutoRows)
 }
 
 // label names a row of TestDecodeBench's table: "no" (base) or the
@@ -444,12 +437,6 @@ func (v decodeVariant) label(ads []*lora.Adapter, pdlOK bool) string {
 		lbl += "+noinl"
 	case v.inline > 0:
 		lbl += fmt.Sprintf("+inl%d", v.inline)
-	}
-	switch {
-	case v.cl < 0:
-		lbl += "+nocl"
-	case v.cl > 0:
-		lbl += fmt.Sprintf("+cl%d", v.cl)
 	}
 	switch v.pdlJoins {
 	case -1:
@@ -542,7 +529,6 @@ func TestDecodeBench(t *testing.T) {
 		t.Fatal(err)
 	}
 	bw := copyBandwidth(t, gb)
-	gb.force.clClusters = envPositive(t, "PEFTD_CL_CLUSTERS", 0) // sgmv_cl's clusters (kernelForce.clClusters) in every row
 	e, err := engine.New(m, gb, opts)
 	if err != nil {
 		gb.Close()
@@ -617,7 +603,6 @@ func TestDecodeBench(t *testing.T) {
 		{sampled: true, sms: -1}, {eager: true, sms: -1}, {lora: true, eager: true, sms: -1},
 		{lora: true, serial: true, sms: -1}, {lora: true, sms: 0}, {lora: true, sms: 8}, {lora: true, sms: 16}, {lora: true, sms: 24}, {lora: true, sms: 32},
 		{lora: true, sms: -1, holds: [4]int{16}}, {lora: true, sms: -1, holds: [4]int{32}}, {lora: true, sms: -1, wgFull: true}, {lora: true, sms: -1, wgBeside: true}, {lora: true, sms: -1, kc: 1024}, {lora: true, sms: -1, kc: 512}, {lora: true, sms: -1, inline: -1}, {lora: true, sms: -1, inline: 0b1011}, {lora: true, sms: -1, pdlJoins: -1}, {lora: true, sms: -1, pdlJoins: 1}, {lora: true, sms: -1, pdlJoins: 3},
-		{lora: true, sms: -1, cl: -1}, {lora: true, sms: -1, cl: 32}, {lora: true, sms: -1, cl: 64}, {lora: true, sms: -1, cl: 64, inline: -1}, {lora: true, sms: -1, cl: 16, inline: -1},
 		{sms: -1, wg: true}, {lora: true, sms: -1, wg: true}, {sms: -1, bwg: true}, {lora: true, sms: -1, bwg: true},
 		{sms: -1, nowga: true}, {lora: true, sms: -1, nowga: true},
 		{sms: -1, wg: true, two: true}, {lora: true, sms: -1, wg: true, two: true}, {sms: -1, bwg: true, two: true}, {lora: true, sms: -1, bwg: true, two: true},
@@ -696,11 +681,11 @@ func TestDecodeBench(t *testing.T) {
 			continue
 		}
 		retune := v.tuned && !gb.tune.done
-		if wantPDL := pdlOK && !v.nopdl; retune || partOf(gb) != v.part || gb.la.on == v.serial || gb.la.sms != v.sms || gb.s.ProgrammaticLaunch() != wantPDL || gb.force.decSplit != v.split || gb.force.ropeHeads != v.ropeHeads || gb.force.decOpts != v.opts || gb.force.noSkinny != v.lt || gb.force.wgFull != v.wgFull || gb.force.loraKChunk != v.kc || gb.force.skLate != v.skLate || gb.force.decVar != v.dv || gb.force.bwg != v.bwg || gb.force.holds != v.holds || gb.force.pdlJoins != v.pdlJoins || gb.force.loraInline != v.inline || gb.force.clRows != v.cl || gb.wg != nil && gb.wg.two != v.two || gb.f8 != nil && gb.f8.wg != nil && gb.f8.wg.two != v.two || gb.f8 != nil && (gb.f8.wgBeside != v.wgBeside || gb.f8.streamOn != v.fs || gb.f8.streamOff != v.gv || gb.f8.wgOn != v.wg || gb.f8.wgAuto != (gb.f8.wgAutoDefault && !v.nowga)) { // recordings bake the LoRA and launch modes, the kernels and the GEMM algorithms in
+		if wantPDL := pdlOK && !v.nopdl; retune || partOf(gb) != v.part || gb.la.on == v.serial || gb.la.sms != v.sms || gb.s.ProgrammaticLaunch() != wantPDL || gb.force.decSplit != v.split || gb.force.ropeHeads != v.ropeHeads || gb.force.decOpts != v.opts || gb.force.noSkinny != v.lt || gb.force.wgFull != v.wgFull || gb.force.loraKChunk != v.kc || gb.force.skLate != v.skLate || gb.force.decVar != v.dv || gb.force.bwg != v.bwg || gb.force.holds != v.holds || gb.force.pdlJoins != v.pdlJoins || gb.force.loraInline != v.inline || gb.wg != nil && gb.wg.two != v.two || gb.f8 != nil && gb.f8.wg != nil && gb.f8.wg.two != v.two || gb.f8 != nil && (gb.f8.wgBeside != v.wgBeside || gb.f8.streamOn != v.fs || gb.f8.streamOff != v.gv || gb.f8.wgOn != v.wg || gb.f8.wgAuto != (gb.f8.wgAutoDefault && !v.nowga)) { // recordings bake the LoRA and launch modes, the kernels and the GEMM algorithms in
 			gb.la.on, gb.la.sms, gb.force.decSplit, gb.force.ropeHeads, gb.force.decOpts = !v.serial, v.sms, v.split, v.ropeHeads, v.opts
 			gb.force.noSkinny, gb.force.skLate, gb.force.decVar, gb.force.bwg = v.lt, v.skLate, v.dv, v.bwg
 			gb.force.wgFull, gb.force.loraKChunk = v.wgFull, v.kc
-			gb.force.holds, gb.force.pdlJoins, gb.force.loraInline, gb.force.clRows = v.holds, v.pdlJoins, v.inline, v.cl
+			gb.force.holds, gb.force.pdlJoins, gb.force.loraInline = v.holds, v.pdlJoins, v.inline
 			if gb.wg != nil {
 				gb.wg.two = v.two
 			}
@@ -1296,10 +1281,7 @@ func TestLoRABesideBench(t *testing.T) {
 	if !b.la.on || b.la.delta == nil {
 		t.Skip("no LoRA stream on this backend")
 	}
-	b.force.loraKChunk = envPositive(t, "PEFTD_LORA_BESIDE_KCHUNK", 0)         // the shrinks' K split (kernelForce.loraKChunk)
-	if n, err := strconv.Atoi(os.Getenv("PEFTD_LORA_BESIDE_CL")); err == nil { // sgmv_cl up to n rows (kernelForce.clRows; -1 none)
-		b.force.clRows = n
-	}
+	b.force.loraKChunk = envPositive(t, "PEFTD_LORA_BESIDE_KCHUNK", 0) // the shrinks' K split (kernelForce.loraKChunk)
 	rng := rand.New(rand.NewPCG(3, 4))
 	const nAd = 4
 	for s := range nAd {
@@ -1354,7 +1336,7 @@ func TestLoRABesideBench(t *testing.T) {
 		}
 		defer evs[i].Destroy()
 	}
-	bench("lorabeside device %s; 4 x r32 adapters, rows round-robin; µs from the fork, medians of %d; shrinks' K split in pieces of %d columns (0: the default); sgmv_cl up to %d rows", b.Device().Name, reps, b.force.loraKChunk, b.clRows())
+	bench("lorabeside device %s; 4 x r32 adapters, rows round-robin; µs from the fork, medians of %d; shrinks' K split in pieces of %d columns (0: the default)", b.Device().Name, reps, b.force.loraKChunk)
 	bench("lorabeside %-5s %-8s %5s %10s %10s %10s %10s %8s", "rows", "group", "held", "prod_us", "lora_us", "prod_beside", "lora_beside", "over_us")
 	// PEFTD_LORA_BESIDE_SMS=16,24,32: the table again with that many SMs held
 	// from every product (Options.LoRASMs; q/k/v too): the held column

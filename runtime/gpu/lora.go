@@ -434,9 +434,6 @@ func (b *Backend) loraSlices(st *cuda.Stream, outPtr cuda.DevicePtr, outStride i
 		}
 		return
 	}
-	if b.loraCluster(st, outPtr, outStride, x, offs, ms, inF, base, stride, acc) {
-		return
-	}
 	off1, off2 := slices12(offs)
 	T := b.rows()
 	tStride := len(mods) * b.stepRank
