@@ -1427,7 +1427,7 @@ func TestLoRABesideBench(t *testing.T) {
 				prodAlone, _ := run(true, false)
 				_, loraAlone := run(false, true)
 				prodBeside, loraBeside := run(true, true)
-				bench("lorabeside %-5d %-8s %5d %10.1f %10.1f %10.1f %10.1f %8.1f", T, g.name, b.holdFor(T, g.w.rows, g.w.cols), prodAlone, loraAlone, prodBeside, loraBeside, max(0, loraBeside-prodBeside))
+				bench("lorabeside %-5d %-8s %5d %10.1f %10.1f %10.1f %10.1f %8.1f", T, g.name, b.holdFor(T, g.w.rows, g.w.cols, false), prodAlone, loraAlone, prodBeside, loraBeside, max(0, loraBeside-prodBeside))
 			}
 			r.end()
 		}

@@ -87,7 +87,7 @@ func (b *Backend) tuneGemms() error {
 	for _, n := range rows {
 		for _, sh := range order {
 			targets := []int{0}
-			if hold := b.holdFor(n, sh.n, sh.k); b.la.on && hold > 0 {
+			if hold := b.holdFor(n, sh.n, sh.k, false); b.la.on && hold > 0 {
 				targets = append(targets, max(1, b.ctx.Device().SMs-hold))
 			}
 			for _, sms := range targets {
