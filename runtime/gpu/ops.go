@@ -153,8 +153,8 @@ var autoWideHolds = [4]int{32, 32, 16, 24}
 
 // With FP8 weights the down product is half as long and its update
 // outlasts it more: holding 32 SMs from it (PERFORMANCE v0.36, H200, four
-// rank-32 adapters, device ms against 24): 128 rows 7.14 -> 7.02, 64 and
-// 256 rows within 0.2%.
+// rank-32 adapters, device ms against 24): 128 rows 7.14-7.15 -> 7.02-7.05,
+// 96, 192 and 256 rows within 0.2%.
 var autoWideHoldsFP8 = [4]int{32, 32, 16, 32}
 
 // The q/k/v product's SMs left to the LoRA stream in steps of
