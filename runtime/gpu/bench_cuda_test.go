@@ -1276,7 +1276,8 @@ func TestLoRABesideBench(t *testing.T) {
 	rowsList := envBatches(t, "PEFTD_LORA_BESIDE_ROWS", []int{16, 64, 256})
 	maxT := slices.Max(rowsList)
 	cfg := cfg8B(1)
-	r := newRig(t, cfg, maxT, engine.KVSpec{Layers: 1, Blocks: max(16, maxT/16), BlockSize: 16, KVHeads: 8, HeadDim: 128})
+	// the products in bf16, or FP8 with PEFTD_WEIGHTS=fp8
+	r := newRigWith(t, cfg, maxT, engine.KVSpec{Layers: 1, Blocks: max(16, maxT/16), BlockSize: 16, KVHeads: 8, HeadDim: 128}, Options{WeightFormat: os.Getenv("PEFTD_WEIGHTS")})
 	b := r.b
 	if !b.la.on || b.la.delta == nil {
 		t.Skip("no LoRA stream on this backend")
@@ -1292,7 +1293,7 @@ func TestLoRABesideBench(t *testing.T) {
 	type group struct {
 		name string
 		mods []llama.Module
-		w    *weight
+		w    engine.Weight
 		x    *Buffer
 		out  *Buffer
 	}
@@ -1307,6 +1308,21 @@ func TestLoRABesideBench(t *testing.T) {
 			_, o := cfg.Dims(m)
 			n += o
 		}
+		x, out := r.buffer(maxT, in), r.buffer(maxT, n)
+		r.fill(x, r.rnd(maxT*in, 1))
+		if b.f8 != nil { // e4m3 0.0156, scale 0.5: the values do not change the time
+			w, err := b.f8.newWeight(n, in, func(w *fp8Weight) error {
+				if err := b.s.Memset32(w.q.Ptr(), 0x20202020, n*in/4); err != nil {
+					return err
+				}
+				return b.s.Memset32(w.scale.Ptr(), math.Float32bits(0.5), n)
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			groups = append(groups, group{g.name, g.mods, w, x, out})
+			continue
+		}
 		mem, err := b.ctx.Alloc(2 * n * in)
 		if err != nil {
 			t.Fatal(err)
@@ -1315,8 +1331,6 @@ func TestLoRABesideBench(t *testing.T) {
 		if err := b.s.Memset32(mem.Ptr(), 0x3c003c00, n*in/2); err != nil { // bf16 0.0078: the values do not change the time
 			t.Fatal(err)
 		}
-		x, out := r.buffer(maxT, in), r.buffer(maxT, n)
-		r.fill(x, r.rnd(maxT*in, 1))
 		groups = append(groups, group{g.name, g.mods, &weight{mem: mem, rows: n, cols: in}, x, out})
 	}
 	flush, err := b.ctx.Alloc(256 << 20)
@@ -1336,7 +1350,7 @@ func TestLoRABesideBench(t *testing.T) {
 		}
 		defer evs[i].Destroy()
 	}
-	bench("lorabeside device %s; 4 x r32 adapters, rows round-robin; µs from the fork, medians of %d; shrinks' K split in pieces of %d columns (0: the default)", b.Device().Name, reps, b.force.loraKChunk)
+	bench("lorabeside device %s; products in %s; 4 x r32 adapters, rows round-robin; µs from the fork, medians of %d; shrinks' K split in pieces of %d columns (0: the default)", b.Device().Name, map[bool]string{false: "bf16", true: "FP8"}[b.f8 != nil], reps, b.force.loraKChunk)
 	bench("lorabeside %-5s %-8s %5s %10s %10s %10s %10s %8s", "rows", "group", "held", "prod_us", "lora_us", "prod_beside", "lora_beside", "over_us")
 	// PEFTD_LORA_BESIDE_SMS=16,24,32: the table again with that many SMs held
 	// from every product (Options.LoRASMs; q/k/v too): the held column
@@ -1427,7 +1441,9 @@ func TestLoRABesideBench(t *testing.T) {
 				prodAlone, _ := run(true, false)
 				_, loraAlone := run(false, true)
 				prodBeside, loraBeside := run(true, true)
-				bench("lorabeside %-5d %-8s %5d %10.1f %10.1f %10.1f %10.1f %8.1f", T, g.name, b.holdFor(T, g.w.rows, g.w.cols, false), prodAlone, loraAlone, prodBeside, loraBeside, max(0, loraBeside-prodBeside))
+				rows, cols := weightShape(g.w)
+				_, fp8 := g.w.(*fp8Weight)
+				bench("lorabeside %-5d %-8s %5d %10.1f %10.1f %10.1f %10.1f %8.1f", T, g.name, b.holdFor(T, rows, cols, fp8), prodAlone, loraAlone, prodBeside, loraBeside, max(0, loraBeside-prodBeside))
 			}
 			r.end()
 		}
