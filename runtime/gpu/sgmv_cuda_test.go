@@ -5,6 +5,7 @@ package gpu
 import (
 	"fmt"
 	"math"
+	"strings"
 	"testing"
 
 	"github.com/peftd/peftd/runtime/engine"
@@ -80,12 +81,29 @@ func TestOpLoRAFused(t *testing.T) {
 	// rank-40 one (every rank a multiple of 8), the tensor-core expand
 	// adding in place (tc) and into the LoRA stream's float32 update that
 	// Read adds (tc-aside)
-	for _, mode := range []string{"v2", "v1", "v0", "tc", "tc-aside"} {
+	// tc1, tc1-occ, tc1-occ-aside: slots 1 and 2 holding rank-32 adapters
+	// (every rank at most 32: sgmv_expand_tc1, and sgmv_expand_tc1o)
+	for _, mode := range []string{"v2", "v1", "v0", "tc", "tc-aside", "tc1", "tc1-occ", "tc1-occ-aside"} {
 		r.b.force = kernelForce{loraRows: mode == "v0", loraV1: mode == "v1", loraV2: mode == "v2"}
-		if mode == "tc" {
+		switch mode {
+		case "tc":
 			ads[2] = mk(40, 1.25, llama.Q, llama.V, llama.Up, llama.Down)
 			if err := r.b.LoadAdapter(2, ads[2]); err != nil {
 				t.Fatal(err)
+			}
+		case "tc1":
+			ads[1], ads[2] = mk(32, 0.5, all...), mk(32, 1.25, llama.Q, llama.V, llama.Up, llama.Down)
+			for _, s := range []int{1, 2} {
+				if err := r.b.LoadAdapter(s, ads[s]); err != nil {
+					t.Fatal(err)
+				}
+			}
+		}
+		tc1, aside := strings.HasPrefix(mode, "tc1"), strings.HasSuffix(mode, "aside")
+		if tc1 {
+			r.b.force.loraExOcc = -1
+			if strings.Contains(mode, "occ") {
+				r.b.force.loraExOcc = 1
 			}
 		}
 		for _, mods := range [][]llama.Module{{llama.Q, llama.K, llama.V}, {llama.Gate, llama.Up}, {llama.Down}, {llama.O}, {llama.K}} {
@@ -103,13 +121,13 @@ func TestOpLoRAFused(t *testing.T) {
 			m := oneSeq(T, 16, zeros(T))
 			m.LoRA = segs
 			r.begin(m)
-			switch mode {
-			case "tc", "tc-aside":
-				if kc := r.b.tcChunks(mods); kc != 2 {
-					t.Fatalf("%s %v: tensor-core expand chunks %d, want 2 (rank 64)", mode, mods, kc)
-				}
+			switch kc := r.b.tcChunks(mods); {
+			case (mode == "tc" || mode == "tc-aside") && kc != 2:
+				t.Fatalf("%s %v: tensor-core expand chunks %d, want 2 (rank 64)", mode, mods, kc)
+			case tc1 && kc != 1:
+				t.Fatalf("%s %v: tensor-core expand chunks %d, want 1 (rank 32)", mode, mods, kc)
 			}
-			if mode == "tc-aside" {
+			if aside {
 				r.b.forkAt(x)
 				r.b.LoRA(out, x, layer, mods)
 				if r.b.la.pend.delta == 0 {
