@@ -1836,12 +1836,6 @@ __device__ __forceinline__ void expand_tc_body(
         t_stride, rows_total, ksplit, accum
 
 extern "C" __global__ void __launch_bounds__(256) sgmv_expand_tc1(EXPAND_TC_ARGS) { expand_tc_body<1>(EXPAND_TC_PASS); }
-// sgmv_expand_tc1o: sgmv_expand_tc1 with its registers capped for four
-// blocks an SM (64 a thread, from 68; ptxas keeps ~32 bytes on the stack),
-// for steps of many tiles (runtime/gpu/lora.go, expandOccRows): a quarter
-// more blocks in flight where the grid is several waves, one more spill
-// where it is not.
-extern "C" __global__ void __launch_bounds__(256, 4) sgmv_expand_tc1o(EXPAND_TC_ARGS) { expand_tc_body<1>(EXPAND_TC_PASS); }
 extern "C" __global__ void __launch_bounds__(256) sgmv_expand_tc2(EXPAND_TC_ARGS) { expand_tc_body<2>(EXPAND_TC_PASS); }
 extern "C" __global__ void __launch_bounds__(256) sgmv_expand_tc4(EXPAND_TC_ARGS) { expand_tc_body<4>(EXPAND_TC_PASS); }
 

@@ -180,7 +180,6 @@ type funcs struct {
 	attnPrefill                                                                   [3]*cuda.Function // attn_prefill_d32, d64, d128
 	attnPrefill8                                                                  [3]*cuda.Function // attn_prefill8_d*: FP8 keys
 	sgExpandTC                                                                    [3]*cuda.Function // sgmv_expand_tc1, tc2, tc4
-	sgExpandTC1o                                                                  *cuda.Function    // sgmv_expand_tc1 at four blocks an SM (expandOccRows)
 	ropeRows                                                                      *cuda.Function    // rope_store_rows
 }
 
@@ -215,7 +214,6 @@ type kernelForce struct {
 	skLate     bool          // gemm_skinny: no weight tiles before griddepcontrol.wait (opts 0)
 	wgFull     bool          // wgmma products beside the LoRA stream: a grid over every SM, not the SM target (v0.32's)
 	loraKChunk int           // LoRA shrinks: K split into pieces of about this many columns (0: enough blocks to cover the SMs twice)
-	loraExOcc  int           // rank-32 tensor-core expand: 1 sgmv_expand_tc1o (four blocks an SM) whatever the rows, -1 never (0: above expandOccRows)
 	loraInline int           // fused groups (bit g: llama.FusedGroups[g]) whose shrink runs inside gemm_skinny (lora_inline.go; 0: the default, q/k/v; -1: none)
 	wholeLoad  bool          // adapter loads: a step waits for the whole image before it starts (no per-layer start)
 	slowFill   time.Duration // adapter loads: a sleep after each chunk's fill (tests: a step must wait for the host)
@@ -555,7 +553,7 @@ func (b *Backend) open(opts Options) error {
 		{&b.fn.attnPrefill[0], "attn_prefill_d32"}, {&b.fn.attnPrefill[1], "attn_prefill_d64"}, {&b.fn.attnPrefill[2], "attn_prefill_d128"},
 		{&b.fn.attnPrefill8[0], "attn_prefill8_d32"}, {&b.fn.attnPrefill8[1], "attn_prefill8_d64"}, {&b.fn.attnPrefill8[2], "attn_prefill8_d128"},
 		{&b.fn.addBias, "add_bias"}, {&b.fn.headRMSNorm, "head_rmsnorm"}, {&b.fn.addDelta, "add_delta"},
-		{&b.fn.sgExpandTC[0], "sgmv_expand_tc1"}, {&b.fn.sgExpandTC[1], "sgmv_expand_tc2"}, {&b.fn.sgExpandTC[2], "sgmv_expand_tc4"}, {&b.fn.sgExpandTC1o, "sgmv_expand_tc1o"},
+		{&b.fn.sgExpandTC[0], "sgmv_expand_tc1"}, {&b.fn.sgExpandTC[1], "sgmv_expand_tc2"}, {&b.fn.sgExpandTC[2], "sgmv_expand_tc4"},
 		{&b.fn.ropeRows, "rope_store_rows"}} {
 		if *f.p, err = b.mod.Function(f.name); err != nil {
 			return err

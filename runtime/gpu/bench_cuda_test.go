@@ -162,8 +162,6 @@ func TestLoRABench(t *testing.T) {
 	}
 	// PEFTD_LORA_BENCH_SETS=4x32,1x32: only those adapters x rank tables (timed as usual)
 	sets := os.Getenv("PEFTD_LORA_BENCH_SETS")
-	// PEFTD_LORA_EXOCC=1 or -1: sgmv_expand_tc1o at every row count, or at none (kernelForce.loraExOcc)
-	exOcc, _ := strconv.Atoi(os.Getenv("PEFTD_LORA_EXOCC"))
 	if only == nil { // host cost of one eager kernel launch (purego call + hop to the CUDA thread)
 		x := r.buffer(1, 256)
 		r.fill(x, r.rnd(256, 1))
@@ -343,12 +341,12 @@ func TestLoRABench(t *testing.T) {
 						r.end()
 						continue
 					}
-					b.force = kernelForce{loraRows: v == 0, loraV1: v == 1, loraV2: v == 2, loraExOcc: exOcc}
+					b.force = kernelForce{loraRows: v == 0, loraV1: v == 1, loraV2: v == 2}
 					r.begin(m)
 					us[v] = timeGraph()
 					r.end()
 				}
-				b.force = kernelForce{loraExOcc: exOcc}
+				b.force = kernelForce{}
 				adBytes := float64(2 * rank * perRank * len(c.segs))
 				floor := adBytes / bw * 1e6
 				floorAll := (adBytes + actBytes(T)) / bw * 1e6
@@ -382,7 +380,6 @@ type decodeVariant struct {
 	holds                        [4]int // SMs each fused group's product leaves to the LoRA stream (kernelForce.holds; 0: the default, holdFor)
 	pdlJoins                     int    // recordings' programmatic joins (kernelForce.pdlJoins: -1 none, 0 the default (2), 1, 3)
 	inline                       int    // groups whose shrink runs inside gemm_skinny (kernelForce.loraInline: -1 none, 0 the default (q/k/v), else a mask of llama.FusedGroups)
-	exOcc                        int    // rank-32 expands: 1 sgmv_expand_tc1o at every row count, -1 at none (kernelForce.loraExOcc; 0: above expandOccRows)
 }
 
 // label names a row of TestDecodeBench's table: "no" (base) or the
@@ -415,12 +412,6 @@ func (v decodeVariant) label(ads []*lora.Adapter, pdlOK bool) string {
 		if f.on {
 			lbl += "+" + f.name
 		}
-	}
-	switch v.exOcc {
-	case 1:
-		lbl += "+occ"
-	case -1:
-		lbl += "+noocc"
 	}
 	if v.kc > 0 {
 		lbl += fmt.Sprintf("+kc%d", v.kc)
@@ -612,7 +603,6 @@ func TestDecodeBench(t *testing.T) {
 		{sampled: true, sms: -1}, {eager: true, sms: -1}, {lora: true, eager: true, sms: -1},
 		{lora: true, serial: true, sms: -1}, {lora: true, sms: 0}, {lora: true, sms: 8}, {lora: true, sms: 16}, {lora: true, sms: 24}, {lora: true, sms: 32},
 		{lora: true, sms: -1, holds: [4]int{16}}, {lora: true, sms: -1, holds: [4]int{32}}, {lora: true, sms: -1, wgFull: true}, {lora: true, sms: -1, wgBeside: true}, {lora: true, sms: -1, kc: 1024}, {lora: true, sms: -1, kc: 512}, {lora: true, sms: -1, inline: -1}, {lora: true, sms: -1, inline: 0b1011}, {lora: true, sms: -1, pdlJoins: -1}, {lora: true, sms: -1, pdlJoins: 1}, {lora: true, sms: -1, pdlJoins: 3},
-		{lora: true, sms: -1, exOcc: -1}, {lora: true, sms: -1, exOcc: 1},
 		{sms: -1, wg: true}, {lora: true, sms: -1, wg: true}, {sms: -1, bwg: true}, {lora: true, sms: -1, bwg: true},
 		{sms: -1, nowga: true}, {lora: true, sms: -1, nowga: true},
 		{sms: -1, wg: true, two: true}, {lora: true, sms: -1, wg: true, two: true}, {sms: -1, bwg: true, two: true}, {lora: true, sms: -1, bwg: true, two: true},
@@ -691,12 +681,11 @@ func TestDecodeBench(t *testing.T) {
 			continue
 		}
 		retune := v.tuned && !gb.tune.done
-		if wantPDL := pdlOK && !v.nopdl; retune || partOf(gb) != v.part || gb.la.on == v.serial || gb.la.sms != v.sms || gb.s.ProgrammaticLaunch() != wantPDL || gb.force.decSplit != v.split || gb.force.ropeHeads != v.ropeHeads || gb.force.decOpts != v.opts || gb.force.noSkinny != v.lt || gb.force.wgFull != v.wgFull || gb.force.loraKChunk != v.kc || gb.force.skLate != v.skLate || gb.force.decVar != v.dv || gb.force.bwg != v.bwg || gb.force.holds != v.holds || gb.force.pdlJoins != v.pdlJoins || gb.force.loraInline != v.inline || gb.force.loraExOcc != v.exOcc || gb.wg != nil && gb.wg.two != v.two || gb.f8 != nil && gb.f8.wg != nil && gb.f8.wg.two != v.two || gb.f8 != nil && (gb.f8.wgBeside != v.wgBeside || gb.f8.streamOn != v.fs || gb.f8.streamOff != v.gv || gb.f8.wgOn != v.wg || gb.f8.wgAuto != (gb.f8.wgAutoDefault && !v.nowga)) { // recordings bake the LoRA and launch modes, the kernels and the GEMM algorithms in
+		if wantPDL := pdlOK && !v.nopdl; retune || partOf(gb) != v.part || gb.la.on == v.serial || gb.la.sms != v.sms || gb.s.ProgrammaticLaunch() != wantPDL || gb.force.decSplit != v.split || gb.force.ropeHeads != v.ropeHeads || gb.force.decOpts != v.opts || gb.force.noSkinny != v.lt || gb.force.wgFull != v.wgFull || gb.force.loraKChunk != v.kc || gb.force.skLate != v.skLate || gb.force.decVar != v.dv || gb.force.bwg != v.bwg || gb.force.holds != v.holds || gb.force.pdlJoins != v.pdlJoins || gb.force.loraInline != v.inline || gb.wg != nil && gb.wg.two != v.two || gb.f8 != nil && gb.f8.wg != nil && gb.f8.wg.two != v.two || gb.f8 != nil && (gb.f8.wgBeside != v.wgBeside || gb.f8.streamOn != v.fs || gb.f8.streamOff != v.gv || gb.f8.wgOn != v.wg || gb.f8.wgAuto != (gb.f8.wgAutoDefault && !v.nowga)) { // recordings bake the LoRA and launch modes, the kernels and the GEMM algorithms in
 			gb.la.on, gb.la.sms, gb.force.decSplit, gb.force.ropeHeads, gb.force.decOpts = !v.serial, v.sms, v.split, v.ropeHeads, v.opts
 			gb.force.noSkinny, gb.force.skLate, gb.force.decVar, gb.force.bwg = v.lt, v.skLate, v.dv, v.bwg
 			gb.force.wgFull, gb.force.loraKChunk = v.wgFull, v.kc
 			gb.force.holds, gb.force.pdlJoins, gb.force.loraInline = v.holds, v.pdlJoins, v.inline
-			gb.force.loraExOcc = v.exOcc
 			if gb.wg != nil {
 				gb.wg.two = v.two
 			}

@@ -526,31 +526,9 @@ func (b *Backend) expandTC(st *cuda.Stream, tc int, outPtr cuda.DevicePtr, outSt
 	}
 	grid := start[n]
 	blk1, blk2 := slices12(start)
-	fn := b.fn.sgExpandTC[bits.TrailingZeros(uint(tc))]
-	if tc == 1 && b.expandOcc() {
-		fn = b.fn.sgExpandTC1o
-	}
-	b.launchOn(st, fn, cuda.Dim3{X: grid, Y: b.nTiles}, cuda.Dim3{X: 256},
+	b.launchOn(st, b.fn.sgExpandTC[bits.TrailingZeros(uint(tc))], cuda.Dim3{X: grid, Y: b.nTiles}, cuda.Dim3{X: 256},
 		outPtr, b.stepTmp, b.table, b.i32(b.off.tiles), base, stride, ms[0], ms[1], ms[2], blk1, blk2, off1, off2, total,
 		b.stepRank, outStride, tStride, b.rows(), ks, acc)
-}
-
-// expandOccRows: steps of more rows run the rank-32 tensor-core expand as
-// sgmv_expand_tc1o, four blocks an SM instead of three (PERFORMANCE v0.37:
-// lorabench 4 x r32, µs a layer, 256 rows 95.2 -> 92.2, the 4 x 512
-// prefill 413 -> 340; 1-64 rows 1.2-2.5 slower, 128 rows the same).
-const expandOccRows = 128
-
-// expandOcc reports whether the step's rank-32 expands run as
-// sgmv_expand_tc1o (kernelForce.loraExOcc, else above expandOccRows rows).
-func (b *Backend) expandOcc() bool {
-	switch b.force.loraExOcc {
-	case 1:
-		return true
-	case -1:
-		return false
-	}
-	return b.rows() > expandOccRows
 }
 
 // groupSlices is the layout of fused group mods (at most three

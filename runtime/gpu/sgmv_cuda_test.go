@@ -81,9 +81,9 @@ func TestOpLoRAFused(t *testing.T) {
 	// rank-40 one (every rank a multiple of 8), the tensor-core expand
 	// adding in place (tc) and into the LoRA stream's float32 update that
 	// Read adds (tc-aside)
-	// tc1, tc1-occ, tc1-occ-aside: slots 1 and 2 holding rank-32 adapters
-	// (every rank at most 32: sgmv_expand_tc1, and sgmv_expand_tc1o)
-	for _, mode := range []string{"v2", "v1", "v0", "tc", "tc-aside", "tc1", "tc1-occ", "tc1-occ-aside"} {
+	// tc1, tc1-aside: slots 1 and 2 holding rank-32 adapters (every rank at
+	// most 32: sgmv_expand_tc1, the rank-32 adapters' kernel)
+	for _, mode := range []string{"v2", "v1", "v0", "tc", "tc-aside", "tc1", "tc1-aside"} {
 		r.b.force = kernelForce{loraRows: mode == "v0", loraV1: mode == "v1", loraV2: mode == "v2"}
 		switch mode {
 		case "tc":
@@ -100,12 +100,6 @@ func TestOpLoRAFused(t *testing.T) {
 			}
 		}
 		tc1, aside := strings.HasPrefix(mode, "tc1"), strings.HasSuffix(mode, "aside")
-		if tc1 {
-			r.b.force.loraExOcc = -1
-			if strings.Contains(mode, "occ") {
-				r.b.force.loraExOcc = 1
-			}
-		}
 		for _, mods := range [][]llama.Module{{llama.Q, llama.K, llama.V}, {llama.Gate, llama.Up}, {llama.Down}, {llama.O}, {llama.K}} {
 			in, _ := cfg.Dims(mods[0])
 			total := 0
