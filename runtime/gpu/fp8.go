@@ -86,7 +86,6 @@ type fp8State struct {
 	spPart     *cuda.DeviceBuffer
 	splitForce int
 	splitNo    map[[3]int]bool
-	splitPlan  int // beside the LoRA stream (an SM target): 0 splitWaves, 1 splitFor on the target, 2 splitFor on the whole card
 	// fp8_gemm_skinny_n32, _n64, _n128 (skinnyVariants), and their split-K
 	// partials and counters (reserveSkinny)
 	skinny         [len(skinnyVariants)]*cuda.Function

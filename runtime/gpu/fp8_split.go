@@ -23,9 +23,8 @@ const (
 	splitMaxS = 8 // the most K slices
 	// splitPartBytes is the partials' buffer (reserved with the activation
 	// scratch, so recorded graphs never see it move): an automatic split
-	// that needs more is not taken. 32 MB: down and o at 256 rows in four
-	// slices (splitWaves beside the LoRA stream).
-	splitPartBytes = 32 << 20
+	// that needs more is not taken.
+	splitPartBytes = 16 << 20
 	splitThreads   = 256
 )
 
@@ -38,10 +37,10 @@ func splitFor(T, N, K, sms int) int {
 	if T <= gemvMaxRows || T > splitMaxRows || N%4 != 0 || sms <= 0 {
 		return 1
 	}
-	tiles := splitTiles(T, N)
+	tiles := ((N + splitTile - 1) / splitTile) * ((T + splitTile - 1) / splitTile)
 	s := 1
 	for c := 2; c <= splitMaxS; c *= 2 {
-		if tiles*c > sms || !splitFits(T, N, K, c) {
+		if tiles*c > sms || K%(c*splitTile) != 0 || 4*c*T*N > splitPartBytes {
 			break
 		}
 		s = c
@@ -49,49 +48,11 @@ func splitFor(T, N, K, sms int) int {
 	return s
 }
 
-// splitWaves is splitFor, but for a product whose tiles split in two do
-// not fit one wave on its sms SMs (an SM target beside the LoRA stream) it
-// takes 2 or 4 slices by time in waves, ceil(tiles * c / sms) waves of
-// 1/c of K each, where that saves a tenth (more slices: more partials to
-// write and sum). Down at 192-256 rows with 32 SMs held: 64 tiles, no
-// split by splitFor (one wave of 64 blocks over all of K, 28 -> 42 µs
-// beside the LoRA stream, PERFORMANCE v0.37), 4 slices here (three
-// waves of a quarter).
-func splitWaves(T, N, K, sms int) int {
-	if T <= gemvMaxRows || T > splitMaxRows || N%4 != 0 || sms <= 0 {
-		return 1
-	}
-	tiles := splitTiles(T, N)
-	if 2*tiles <= sms {
-		return splitFor(T, N, K, sms)
-	}
-	best, cost := 1, float64((tiles+sms-1)/sms)
-	for c := 2; c <= 4; c *= 2 {
-		if !splitFits(T, N, K, c) {
-			break
-		}
-		if w := float64((tiles*c+sms-1)/sms) / float64(c); w < 0.9*cost {
-			best, cost = c, w
-		}
-	}
-	return best
-}
-
-// splitTiles is the output tiles of a T x N product (splitTile square).
-func splitTiles(T, N int) int {
-	return ((N + splitTile - 1) / splitTile) * ((T + splitTile - 1) / splitTile)
-}
-
-// splitFits reports whether K splits into c slices of whole tiles' K and
-// the partials fit splitPartBytes.
-func splitFits(T, N, K, c int) bool { return K%(c*splitTile) == 0 && 4*c*T*N <= splitPartBytes }
-
 // split is the number of K slices this state's FP8 product takes for T rows
 // of an [N, K] weight: splitForce where a test or benchmark set one (1: no
 // split), 1 for a shape cuBLASLt had no split plan for, else splitFor on
-// the SMs the products may use, or splitWaves on the SM target when the
-// LoRA stream holds some back (splitPlan: 1 splitFor on the target, 2
-// splitFor on the whole card; benchmarks).
+// the SMs the products may use (the SM target when the LoRA stream holds
+// some back).
 func (f *fp8State) split(T, N, K int) int {
 	if f.splitForce > 0 {
 		return f.splitForce
@@ -100,16 +61,10 @@ func (f *fp8State) split(T, N, K int) int {
 		return 1
 	}
 	sms := f.planSMs()
-	t := f.mm.SMTarget()
-	switch {
-	case t <= 0 || t >= sms:
-		return splitFor(T, N, K, sms)
-	case f.splitPlan == 1: // v0.36's: one wave on the SMs the target leaves
-		return splitFor(T, N, K, t)
-	case f.splitPlan == 2: // as on the whole card
-		return splitFor(T, N, K, sms)
+	if t := f.mm.SMTarget(); t > 0 {
+		sms = min(sms, t)
 	}
-	return splitWaves(T, N, K, t)
+	return splitFor(T, N, K, sms)
 }
 
 // reserveSplit allocates the partials' buffer once (recorded graphs use it).
