@@ -131,7 +131,10 @@ func loraParamsPerRank(cfg *llama.Config) int {
 // replays' event times. Adapters are assigned to
 // tokens round-robin (the engine groups them into segments); v0 is the first
 // row-at-a-time kernels, v1 the SGMV kernels (two launches per op), v2 the
-// fused SGMV kernels of kernels/sgmv.cu (one launch per op).
+// fused SGMV kernels of kernels/sgmv.cu (one launch per op), tc the shrink
+// and tensor-core expand; graph_us is tc in a recorded step's layout, the
+// updates added in place (as serial LoRA does), aside_us the same written
+// as float32 updates (as the LoRA stream does beside the products).
 func TestLoRABench(t *testing.T) {
 	if os.Getenv("PEFTD_LORA_BENCH") == "" {
 		t.Skip("set PEFTD_LORA_BENCH=1 to run")
@@ -211,6 +214,15 @@ func TestLoRABench(t *testing.T) {
 		r.fill(o.x, r.rnd(maxT*o.x.cols, 1))
 		r.fill(o.out, r.rnd(maxT*o.out.cols, 1))
 	}
+	// each op's float32 update, as a step's LoRA stream writes it beside the
+	// product for the op reading the product to add (aside_us)
+	aside := make([]*cuda.DeviceBuffer, len(ops))
+	for i, o := range ops {
+		if aside[i], err = b.ctx.Alloc(4 * maxT * o.out.cols); err != nil {
+			t.Fatal(err)
+		}
+		defer aside[i].Free()
+	}
 	if b.sgFused[0] == nil && b.sgErr != nil {
 		t.Logf("%v", b.sgErr)
 	}
@@ -221,13 +233,19 @@ func TestLoRABench(t *testing.T) {
 		}
 		defer evs[i].Destroy()
 	}
-	// timeGraph captures the layer's LoRA ops and returns the median replay time in µs.
-	timeGraph := func() float64 {
+	// timeGraph captures the layer's LoRA ops and returns the median replay
+	// time in µs: the updates added in place to the outputs, or (inPlace
+	// false) written as float32 updates aside.
+	timeGraph := func(inPlace bool) float64 {
 		if err := b.s.BeginCapture(); err != nil {
 			t.Fatal(err)
 		}
-		for _, o := range ops {
-			b.loraSlices(b.s, o.out.mem.Ptr(), o.out.cols, o.x, 0, o.mods, true)
+		for i, o := range ops {
+			if inPlace {
+				b.loraSlices(b.s, o.out.mem.Ptr(), o.out.cols, o.x, 0, o.mods, true)
+			} else {
+				b.loraSlices(b.s, aside[i].Ptr(), o.out.cols, o.x, 0, o.mods, false)
+			}
 		}
 		g, err := b.s.EndCapture()
 		if err != nil {
@@ -276,7 +294,7 @@ func TestLoRABench(t *testing.T) {
 		}
 		return float64(2 * T * n)
 	}
-	bench("lora %-4s %-4s %-9s %9s %9s %9s %9s %8s %9s %9s %7s %7s %7s %7s %9s", "N", "rank", "T", "v0_us", "v1_us", "v2_us", "tc_us", "adapt_MB", "floor_us", "floorA_us", "v1_frac", "v2_frac", "tcA_frac", "v1/tc", "graph_us")
+	bench("lora %-4s %-4s %-9s %9s %9s %9s %9s %8s %9s %9s %7s %7s %7s %7s %9s %9s", "N", "rank", "T", "v0_us", "v1_us", "v2_us", "tc_us", "adapt_MB", "floor_us", "floorA_us", "v1_frac", "v2_frac", "tcA_frac", "v1/tc", "graph_us", "aside_us")
 	rng := rand.New(rand.NewPCG(1, 2))
 	for _, nAd := range []int{1, 4, 16} {
 		for _, rank := range []int{16, 32, 64} {
@@ -324,33 +342,33 @@ func TestLoRABench(t *testing.T) {
 				// default: shrink + tensor-core expand), and the graph layout:
 				// what a replayed serving step of T rows runs (the rows padded
 				// to their bucket, the bucket's tile capacity, the rank class)
-				var us [5]float64
-				for v := range us {
+				var us [6]float64
+				for v := range 5 {
 					if only != nil && v == 0 {
 						continue
 					}
 					if v == 4 {
-						us[4] = math.NaN()
+						us[4], us[5] = math.NaN(), math.NaN()
 						// (the rig's graphs have tiles for 8 adapters: the
 						// 16-adapter rows get no graph column)
 						if b.g.off || !b.preOK || T > b.g.maxRows || len(c.segs) > b.g.slots {
 							continue
 						}
 						graphLoRALayout(t, b, m, T)
-						us[4] = timeGraph()
+						us[4], us[5] = timeGraph(true), timeGraph(false)
 						r.end()
 						continue
 					}
 					b.force = kernelForce{loraRows: v == 0, loraV1: v == 1, loraV2: v == 2}
 					r.begin(m)
-					us[v] = timeGraph()
+					us[v] = timeGraph(true)
 					r.end()
 				}
 				b.force = kernelForce{}
 				adBytes := float64(2 * rank * perRank * len(c.segs))
 				floor := adBytes / bw * 1e6
 				floorAll := (adBytes + actBytes(T)) / bw * 1e6
-				bench("lora %-4d %-4d %-9s %9.1f %9.1f %9.1f %9.1f %8.1f %9.1f %9.1f %7.2f %7.2f %7.2f %7.2f %9.1f", nAd, rank, c.label, us[0], us[1], us[2], us[3], adBytes/1e6, floor, floorAll, floor/us[1], floor/us[2], floorAll/us[3], us[1]/us[3], us[4])
+				bench("lora %-4d %-4d %-9s %9.1f %9.1f %9.1f %9.1f %8.1f %9.1f %9.1f %7.2f %7.2f %7.2f %7.2f %9.1f %9.1f", nAd, rank, c.label, us[0], us[1], us[2], us[3], adBytes/1e6, floor, floorAll, floor/us[1], floor/us[2], floorAll/us[3], us[1]/us[3], us[4], us[5])
 			}
 		}
 	}
