@@ -1459,9 +1459,7 @@ func TestLoRABesideBench(t *testing.T) {
 				prodAlone, _ := run(true, false)
 				_, loraAlone := run(false, true)
 				prodBeside, loraBeside := run(true, true)
-				rows, cols := weightShape(g.w)
-				_, fp8 := g.w.(*fp8Weight)
-				bench("lorabeside %-5d %-8s %5d %10.1f %10.1f %10.1f %10.1f %8.1f", T, g.name, b.holdFor(T, rows, cols, fp8), prodAlone, loraAlone, prodBeside, loraBeside, max(0, loraBeside-prodBeside))
+				bench("lorabeside %-5d %-8s %5d %10.1f %10.1f %10.1f %10.1f %8.1f", T, g.name, b.productSMs(g.w), prodAlone, loraAlone, prodBeside, loraBeside, max(0, loraBeside-prodBeside))
 			}
 			r.end()
 		}
