@@ -181,6 +181,7 @@ type funcs struct {
 	attnPrefill8                                                                  [3]*cuda.Function // attn_prefill8_d*: FP8 keys
 	sgExpandTC                                                                    [3]*cuda.Function // sgmv_expand_tc1, tc2, tc4
 	ropeRows                                                                      *cuda.Function    // rope_store_rows
+	ropeLoRA                                                                      *cuda.Function    // rope_store_lora
 }
 
 // forced is an int setting of kernelForce whose 0 means the default and
@@ -217,6 +218,7 @@ type kernelForce struct {
 	loraInline int           // fused groups (bit g: llama.FusedGroups[g]) whose shrink runs inside gemm_skinny (lora_inline.go; 0: the default, q/k/v; -1: none)
 	wholeLoad  bool          // adapter loads: a step waits for the whole image before it starts (no per-layer start)
 	slowFill   time.Duration // adapter loads: a sleep after each chunk's fill (tests: a step must wait for the host)
+	ropeLoRA   int           // q/k/v LoRA expanded inside RoPE at 1-16 rows (lora_rope.go): 1 on, -1 off, 0 ropeLoRADefault
 	l2pf       int           // MB of the next product's weight head the kernel before it asks L2 for (l2pf.go; 0: l2pfDefaultMB, -1: none)
 }
 
@@ -305,17 +307,18 @@ type Backend struct {
 	preOK       bool             // the head shape suits attn_prefill (head_dim 32, 64 or 128)
 	// the attn_decode and attn_prefill variants (head_dim 32 << i) whose
 	// shared memory fits a block on this card
-	decFit     [4]bool
-	preFit     [3]bool
-	pdl        bool          // the compute stream launches kernels programmatically (Options.NoPDL)
-	pfNext     engine.Weight // the weight Prefetch named for the next add_rmsnorm or silu_mul (l2pf.go)
-	pfLaunches int           // launches recorded or run with an L2 prefetch (l2pf.go; tests)
-	tune       tuneState     // Options.TuneGEMMs (tune.go)
-	nDec, nPre int           // decode sequences and prefill rows of the step
-	nPreTiles  int           // attn_prefill tiles of the step (0: the per-row kernel takes the prefill rows)
-	decSplit   int           // splits per (sequence, KV head)
-	attnPart   *cuda.DeviceBuffer
-	attnDone   *cuda.DeviceBuffer // attn_decode's per-(row, KV head) split counters
+	decFit           [4]bool
+	preFit           [3]bool
+	pdl              bool          // the compute stream launches kernels programmatically (Options.NoPDL)
+	pfNext           engine.Weight // the weight Prefetch named for the next add_rmsnorm or silu_mul (l2pf.go)
+	pfLaunches       int           // launches recorded or run with an L2 prefetch (l2pf.go; tests)
+	ropeLoRALaunches int           // rope_store_lora launches recorded or run (lora_rope.go; tests)
+	tune             tuneState     // Options.TuneGEMMs (tune.go)
+	nDec, nPre       int           // decode sequences and prefill rows of the step
+	nPreTiles        int           // attn_prefill tiles of the step (0: the per-row kernel takes the prefill rows)
+	decSplit         int           // splits per (sequence, KV head)
+	attnPart         *cuda.DeviceBuffer
+	attnDone         *cuda.DeviceBuffer // attn_decode's per-(row, KV head) split counters
 
 	stage *staging // weight uploads' pinned staging (upload.go), freed before the first step
 
@@ -557,7 +560,7 @@ func (b *Backend) open(opts Options) error {
 		{&b.fn.attnPrefill8[0], "attn_prefill8_d32"}, {&b.fn.attnPrefill8[1], "attn_prefill8_d64"}, {&b.fn.attnPrefill8[2], "attn_prefill8_d128"},
 		{&b.fn.addBias, "add_bias"}, {&b.fn.headRMSNorm, "head_rmsnorm"}, {&b.fn.addDelta, "add_delta"},
 		{&b.fn.sgExpandTC[0], "sgmv_expand_tc1"}, {&b.fn.sgExpandTC[1], "sgmv_expand_tc2"}, {&b.fn.sgExpandTC[2], "sgmv_expand_tc4"},
-		{&b.fn.ropeRows, "rope_store_rows"}} {
+		{&b.fn.ropeRows, "rope_store_rows"}, {&b.fn.ropeLoRA, "rope_store_lora"}} {
 		if *f.p, err = b.mod.Function(f.name); err != nil {
 			return err
 		}

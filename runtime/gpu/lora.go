@@ -182,7 +182,8 @@ type loraAside struct {
 type pendingDelta struct {
 	base, delta cuda.DevicePtr
 	ld, cols    int
-	local       bool // computed on the compute stream (lora_inline.go): nothing to wait for
+	local       bool      // computed on the compute stream (lora_inline.go): nothing to wait for
+	lora        *loraPend // not expanded (delta 0): rope_store_lora expands it (lora_rope.go), any other op in place
 }
 
 // alloc sizes delta for rows rows of the widest fused group.
@@ -243,6 +244,16 @@ func (b *Backend) loraAside(o, x *Buffer, layer int, mods []llama.Module, total 
 		b.g.capture.waits(b.la.s) // the fork's consumer: the update's first kernel (pdljoin.go)
 	}
 	b.fail(b.la.s.Wait(b.la.fork))
+	if tc := b.tcChunks(mods); b.ropeFold(mods, tc) { // the shrink alone: RoPE expands (lora_rope.go)
+		ks := b.loraShrink(b.la.s, x, layer, mods)
+		if b.err == nil {
+			b.fail(b.la.join.Record(b.la.s))
+		}
+		if b.err == nil {
+			b.la.pend = b.pendLoRA(o, layer, mods, tc, ks, false)
+		}
+		return
+	}
 	b.loraSlices(b.la.s, d, total, x, layer, mods, false)
 	if b.err == nil {
 		b.fail(b.la.join.Record(b.la.s))
@@ -255,7 +266,7 @@ func (b *Backend) loraAside(o, x *Buffer, layer int, mods []llama.Module, total 
 // join adds a pending update to its output (after the LoRA stream's work).
 func (b *Backend) join() {
 	p := b.la.pend
-	if p.delta == 0 {
+	if p.delta == 0 && p.lora == nil {
 		return
 	}
 	b.la.pend = pendingDelta{}
@@ -263,6 +274,11 @@ func (b *Backend) join() {
 		return
 	}
 	b.waitUpdate(p)
+	if l := p.lora; l != nil { // an op other than RoPE reads it: expanded in place
+		b.expandTC(b.s, l.tc, p.base, p.ld, l.offs, l.ms, l.base, l.stride, l.tStride, l.ks, 1)
+		b.gen++
+		return
+	}
 	n := b.rows() * p.cols
 	b.launch(b.fn.addDelta, cuda.Dim3{X: max(1, min((n+255)/256, 4096))}, cuda.Dim3{X: 256}, p.base, p.delta, b.rowLora(), b.rows(), p.cols, p.ld)
 	b.gen++
@@ -287,6 +303,10 @@ func (b *Backend) waitUpdate(p pendingDelta) {
 // first and returns nil.
 func (b *Backend) fuse(views ...*Buffer) ([]cuda.DevicePtr, int) {
 	p := b.la.pend
+	if p.lora != nil {
+		b.join()
+		return nil, 0
+	}
 	if p.delta == 0 {
 		return nil, 0
 	}
@@ -437,28 +457,8 @@ func (b *Backend) loraSlices(st *cuda.Stream, outPtr cuda.DevicePtr, outStride i
 	off1, off2 := slices12(offs)
 	T := b.rows()
 	tStride := len(mods) * b.stepRank
-	// Rank rows per shrink block: 32 when the tiles are well filled (each x
-	// tile is then read once per 32 ranks, not per 8), else 8 for more blocks.
-	shrink, nb := b.fn.sgShrink, 8
-	if !b.graphLayout && b.nLora >= 8*b.nTiles && b.nTiles*len(mods) >= 16 {
-		shrink, nb = b.fn.sgShrink4, 32
-	}
-	rankTiles := (b.stepRank + nb - 1) / nb
-	blocks := b.nTiles * len(mods) * rankTiles
-	// Split K across blocks until the grid covers the SMs about twice over,
-	// keeping at least 512 columns per block and the partials in the scratch.
-	groups := (inF + 255) / 256
-	sms := b.baseSMs() // the SMs st's kernels run on
-	if st == b.la.s {
-		sms = b.loraStreamSMs()
-	}
-	ks := max(1, (2*sms+blocks-1)/blocks)
-	if kc := b.force.loraKChunk; kc > 0 {
-		ks = (inF + kc - 1) / kc
-	}
-	ks = min(ks, max(1, groups/2), max(1, b.stepTmpFloats/(T*tStride)))
-	kchunk := (groups + ks - 1) / ks * 256
-	ks = (inF + kchunk - 1) / kchunk
+	sp := b.shrinkPlan(st, inF, len(mods))
+	shrink, nb, rankTiles, ks, kchunk := sp.f, sp.nb, sp.rankTiles, sp.ks, sp.kchunk
 	tiles := b.i32(b.off.tiles)
 	// v2: one launch, blocks taking shrink items first and expand items
 	// (512 output columns of one tile) after them; see kernels/sgmv.cu.
@@ -507,6 +507,43 @@ func (b *Backend) loraSlices(st *cuda.Stream, outPtr cuda.DevicePtr, outStride i
 	b.fail(b.fn.sgExpand.Launch(st, cuda.Dim3{X: b.nTiles, Y: (total + 255) / 256}, cuda.Dim3{X: 128}, shmem,
 		outPtr, b.stepTmp, b.table, tiles, base, stride, ms[0], ms[1], ms[2], len(mods), off1, off2, total,
 		b.stepRank, outStride, tStride, T, ks, acc))
+}
+
+// sgShrinkPlan is an SGMV shrink launch's shape: the kernel, its rank rows
+// a block (nb), rank tiles, K parts (ks) and K columns a part (kchunk).
+type sgShrinkPlan struct {
+	f                         *cuda.Function
+	nb, rankTiles, ks, kchunk int
+}
+
+// shrinkPlan is the shrink of a group of n projections reading inF
+// columns, on stream st.
+func (b *Backend) shrinkPlan(st *cuda.Stream, inF, n int) sgShrinkPlan {
+	T := b.rows()
+	tStride := n * b.stepRank
+	// Rank rows per shrink block: 32 when the tiles are well filled (each x
+	// tile is then read once per 32 ranks, not per 8), else 8 for more blocks.
+	p := sgShrinkPlan{f: b.fn.sgShrink, nb: 8}
+	if !b.graphLayout && b.nLora >= 8*b.nTiles && b.nTiles*n >= 16 {
+		p.f, p.nb = b.fn.sgShrink4, 32
+	}
+	p.rankTiles = (b.stepRank + p.nb - 1) / p.nb
+	blocks := b.nTiles * n * p.rankTiles
+	// Split K across blocks until the grid covers the SMs about twice over,
+	// keeping at least 512 columns per block and the partials in the scratch.
+	groups := (inF + 255) / 256
+	sms := b.baseSMs() // the SMs st's kernels run on
+	if st == b.la.s {
+		sms = b.loraStreamSMs()
+	}
+	ks := max(1, (2*sms+blocks-1)/blocks)
+	if kc := b.force.loraKChunk; kc > 0 {
+		ks = (inF + kc - 1) / kc
+	}
+	ks = min(ks, max(1, groups/2), max(1, b.stepTmpFloats/(T*tStride)))
+	p.kchunk = (groups + ks - 1) / ks * 256
+	p.ks = (inF + p.kchunk - 1) / p.kchunk
+	return p
 }
 
 // expandTC launches sgmv_expand_tc{tc} on st: the update of the group

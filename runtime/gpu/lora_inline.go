@@ -100,6 +100,10 @@ func (b *Backend) loraInline(out, in engine.Buffer, w engine.Weight, layer int, 
 		b.expandTC(b.s, tc, ptr(o), o.ld, offs, ms, base, stride, tStride, 1, 1)
 		return true
 	}
+	if b.ropeFold(mods, tc) { // RoPE expands it (lora_rope.go)
+		b.la.pend = b.pendLoRA(o, layer, mods, tc, 1, true)
+		return true
+	}
 	// the update as float32 into delta, which the op reading out adds as it
 	// reads (fuse), as for an update from the LoRA stream: product + update
 	// is rounded once, there, and the expand need not read the product

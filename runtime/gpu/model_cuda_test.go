@@ -259,7 +259,8 @@ func TestFixture8BShape(t *testing.T) {
 	m, adapters, cases := loadFixtureDir(t, dir)
 	// PEFTD_FIXTURE_8B_PATHS=default,noinline,serial: the same cases through
 	// other LoRA paths (noinline: the q/k/v update on the LoRA stream at
-	// 1-16 rows too, kernelForce.loraInline -1; serial: Options.SerialLoRA)
+	// 1-16 rows too, kernelForce.loraInline -1; serial: Options.SerialLoRA;
+	// rfold, norfold: the q/k/v expand inside RoPE on, off)
 	paths := strings.Split(cmp.Or(os.Getenv("PEFTD_FIXTURE_8B_PATHS"), "default"), ",")
 	for _, path := range paths {
 		t.Run(path, func(t *testing.T) {
@@ -269,6 +270,8 @@ func TestFixture8BShape(t *testing.T) {
 			case "default", "serial":
 			case "noinline":
 				b.force.loraInline = -1
+			case "rfold", "norfold": // the q/k/v expand inside RoPE at 1-16 rows on, off (lora_rope.go)
+				b.force.ropeLoRA = map[string]int{"rfold": 1, "norfold": -1}[path]
 			default:
 				t.Fatalf("PEFTD_FIXTURE_8B_PATHS: unknown path %q", path)
 			}

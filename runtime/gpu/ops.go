@@ -295,6 +295,9 @@ func (b *Backend) RoPE(q, k engine.Buffer, invFreq []float32, heads, kvHeads, he
 // ropeStore launches rope_store: q and k rotated in place and, for layer >=
 // 0, k and v stored in that layer's cache at the step's KV slots.
 func (b *Backend) ropeStore(qb, kb, vb *Buffer, layer int, invFreq []float32, heads, kvHeads, headDim int) {
+	if b.ropeLoRA(qb, kb, vb, layer, invFreq, heads, kvHeads, headDim) {
+		return
+	}
 	var dq, dk, dv uint64 // LoRA updates of q, k, v from the LoRA stream
 	ldd := 0
 	if vb != nil {

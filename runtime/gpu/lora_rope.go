@@ -1,0 +1,112 @@
+package gpu
+
+import (
+	"github.com/peftd/peftd/runtime/cuda"
+	"github.com/peftd/peftd/runtime/llama"
+)
+
+// The q/k/v LoRA expand inside RoPE (rope_store_lora, kernels/llama.cu).
+//
+// At 1-16 rows a fused group's update is two dependent launches of a few
+// µs for ~1 µs of bytes. q/k/v's output is read by one op, RoPE and the
+// K/V store, so the expand can happen there: rope_store_lora takes a head
+// a block for every row of the step, reads the row's adapter's B for that
+// head's columns (8 KB a rank-32 head) and the shrink's output, and adds
+// the update before the rotation. Then
+//   - bf16 weights (lora_inline.go): the shrink rides the product and no
+//     LoRA kernel is left on the compute stream's path;
+//   - FP8 weights (the LoRA stream): the stream runs the shrink alone, so
+//     the op after the product waits for one kernel, not two (v0.37: the
+//     q/k/v join cost 119 µs a step at 16 rows).
+// The update is summed in float32 and added to the product rounded once,
+// as rope_store_rows adds the expand's float32 update.
+
+// ropeLoRARows is the most rows rope_store_lora takes (ROPE_LORA_ROWS).
+const ropeLoRARows = 16
+
+// ropeLoRADefault: whether the expand goes into RoPE unless
+// kernelForce.ropeLoRA says otherwise.
+const ropeLoRADefault = false
+
+// loraPend is a q/k/v update left unexpanded: the shrink's output is in
+// the step's LoRA scratch (ks K parts, tStride floats a row), the group's
+// table entries at base + slot * stride + module, its slices at offs.
+type loraPend struct {
+	ks, tStride, base, stride, tc int
+	offs                          []int
+	ms                            [3]int
+}
+
+// ropeFold reports whether group mods' update (tc: its tensor-core chunks,
+// 0 where the tensor-core expand does not apply) is left to rope_store_lora.
+func (b *Backend) ropeFold(mods []llama.Module, tc int) bool {
+	on := ropeLoRADefault
+	switch {
+	case b.force.ropeLoRA < 0:
+		on = false
+	case b.force.ropeLoRA > 0:
+		on = true
+	}
+	hd := b.cfg.HeadDim
+	return on && tc > 0 && b.rows() <= ropeLoRARows && b.stepRank <= 128 && groupIndex(mods) == 0 && len(mods) == 3 &&
+		(hd == 32 || hd == 64 || hd == 128 || hd == 256) && !b.force.ropeHeads
+}
+
+// loraShrink enqueues group mods' shrink alone on st (the expand is
+// rope_store_lora's) and returns its K parts.
+func (b *Backend) loraShrink(st *cuda.Stream, x *Buffer, layer int, mods []llama.Module) int {
+	b.gateLayer(st, layer)
+	_, ms, inF, _ := b.groupSlices(mods)
+	base, stride := layer*int(llama.NumModules), b.cfg.Layers*int(llama.NumModules)
+	sp := b.shrinkPlan(st, inF, len(mods))
+	b.launchOn(st, sp.f, cuda.Dim3{X: b.nTiles, Y: len(mods) * sp.rankTiles, Z: sp.ks}, cuda.Dim3{X: 256},
+		b.stepTmp, ptr(x), b.table, b.i32(b.off.tiles), base, stride, ms[0], ms[1], ms[2], sp.rankTiles, b.stepRank,
+		inF, x.ld, len(mods)*b.stepRank, b.rows(), sp.kchunk)
+	return sp.ks
+}
+
+// pendLoRA is the pending update of group mods, left for rope_store_lora.
+func (b *Backend) pendLoRA(o *Buffer, layer int, mods []llama.Module, tc, ks int, local bool) pendingDelta {
+	offs, ms, _, _ := b.groupSlices(mods)
+	return pendingDelta{base: ptr(o), ld: o.ld, cols: offs[len(mods)], local: local, lora: &loraPend{
+		ks: ks, tStride: len(mods) * b.stepRank, base: layer * int(llama.NumModules), stride: b.cfg.Layers * int(llama.NumModules),
+		tc: tc, offs: offs, ms: ms}}
+}
+
+// ropeLoRA runs RoPE and the K/V store with the pending unexpanded update
+// of q, k and v (rope_store_lora) and reports whether it did; false: no
+// such update, or views that are not its output.
+func (b *Backend) ropeLoRA(qb, kb, vb *Buffer, layer int, invFreq []float32, heads, kvHeads, headDim int) bool {
+	p := b.la.pend
+	if p.lora == nil || vb == nil || layer < 0 || b.err != nil {
+		return false
+	}
+	l := p.lora
+	if ptr(qb) != p.base || ptr(kb) != p.base+uint64(2*l.offs[1]) || ptr(vb) != p.base+uint64(2*l.offs[2]) ||
+		qb.ld != p.ld || kb.ld != p.ld || vb.ld != p.ld || qb.cols != l.offs[1] || kb.cols != l.offs[2]-l.offs[1] || vb.cols != p.cols-l.offs[2] ||
+		qb.cols != heads*headDim || kb.cols != kvHeads*headDim || headDim != b.cfg.HeadDim || (invFreq != nil && len(invFreq) != headDim/2) || 4*len(invFreq) > b.invFreq.Size() {
+		return false
+	}
+	b.la.pend = pendingDelta{}
+	b.waitUpdate(p)
+	b.opStart()
+	if !b.ok() {
+		return true
+	}
+	k, v, sc := b.layerCache(layer)
+	var kc, kc8, ks uint64
+	if b.kv8 {
+		kc8, ks = k, sc
+	} else {
+		kc = k
+	}
+	b.ropeLoRALaunches++
+	b.launch(b.fn.ropeLoRA, cuda.Dim3{X: heads + 2*kvHeads}, cuda.Dim3{X: headDim / 2 * ropeLoRARG},
+		ptr(qb), ptr(kb), ptr(vb), kc, v, b.freqTable(invFreq), b.i32(b.off.pos), b.i32(b.off.kvSlots), b.rowLora(),
+		heads, kvHeads, headDim, qb.ld, kb.ld, vb.ld, kc8, ks,
+		b.stepTmp, b.table, l.base, l.stride, l.ms[0], l.ms[1], l.ms[2], b.stepRank, l.tStride, b.rows(), l.ks)
+	return true
+}
+
+// ropeLoRARG is rope_store_lora's row groups (ROPE_LORA_RG).
+const ropeLoRARG = 4

@@ -1,0 +1,68 @@
+//go:build cuda
+
+package gpu
+
+import (
+	"fmt"
+	"testing"
+
+	fx "github.com/peftd/peftd/internal/fixture"
+	"github.com/peftd/peftd/runtime/engine"
+	"github.com/peftd/peftd/runtime/sample"
+)
+
+// TestRopeLoRAFixture: the q/k/v LoRA update expanded inside RoPE
+// (rope_store_lora, lora_rope.go) against the reference. The tiny
+// fixture's cases run co-batched and teacher-forced with the expand inside
+// RoPE forced on and off, with bf16 weights (the shrink inside gemm_skinny),
+// FP8 weights (the shrink on the LoRA stream) and FP8 keys (the kernel
+// quantizes the rotated keys): on must launch rope_store_lora and off must
+// not; bf16 must meet the fixture's limit; and on may not move a
+// configuration's worst error by more than 0.005 (it sums the update in
+// float32 in another order than the tensor-core expand: last-bit
+// differences, which e4m3 roundings may turn into larger ones).
+func TestRopeLoRAFixture(t *testing.T) {
+	m, adapters, cases := loadFixture(t)
+	V := m.Config.VocabSize
+	for _, c := range []struct {
+		name string
+		bo   Options
+	}{{"bf16", Options{}}, {"fp8", Options{WeightFormat: WeightsFP8}}, {"fp8keys", Options{KVFormat: KVFP8}}} {
+		t.Run(c.name, func(t *testing.T) {
+			var worst [2]float64
+			for i, on := range []int{-1, 1} {
+				opts := engine.DefaultOptions()
+				opts.AdapterSlots = len(adapters)
+				e, b := newEngineBackend(t, m, opts, c.bo)
+				b.force.ropeLoRA = on
+				slots := loadSlots(t, e, adapters, fx.AdapterNames, 0)
+				agg := make([]fx.ErrAcc, len(cases))
+				match, total := 0, 0
+				fx.Run(t, e, slots, cases, func(r fx.Row) {
+					agg[r.Case].Add(r.Got, r.Ref)
+					if r.Check {
+						total++
+						if sample.Argmax(r.Got[len(r.Got)-V:]) == r.Want {
+							match++
+						}
+					}
+				})
+				for k := range cases {
+					worst[i] = max(worst[i], agg[k].Rel())
+				}
+				what := fmt.Sprintf("%s, expand in RoPE %v", c.name, on > 0)
+				t.Logf("%s: worst case-level relative error %.4g, greedy %d/%d, %d rope_store_lora launches", what, worst[i], match, total, b.ropeLoRALaunches)
+				if (b.ropeLoRALaunches > 0) != (on > 0) {
+					t.Errorf("%s: %d rope_store_lora launches", what, b.ropeLoRALaunches)
+				}
+			}
+			if c.name == "bf16" && !(worst[1] <= fixtureTol) {
+				t.Errorf("bf16, expand in RoPE: worst case %.3g > %.0e", worst[1], fixtureTol)
+			}
+			if !(worst[1] <= worst[0]+0.005) {
+				t.Errorf("%s: expand in RoPE moves the worst case from %.4g to %.4g", c.name, worst[0], worst[1])
+			}
+			t.Logf("maxrel=%.4g (on) vs %.4g (off)", worst[1], worst[0])
+		})
+	}
+}
