@@ -29,22 +29,6 @@ __device__ __forceinline__ void pdl_entry() {
 #endif
 }
 
-// l2_prefetch: asks L2 for n pieces of len bytes (a multiple of 16), the
-// i-th at p + i * stride (16-byte aligned), split over the grid's threads
-// (grid in x only): the head of the weight the product after this kernel
-// reads first (runtime/gpu/l2pf.go chooses the pieces), fetched while this
-// latency-bound kernel leaves DRAM idle. Called after pdl_entry, so it
-// does not compete with the kernel before. No result depends on it; a
-// no-op without p, and before sm_90.
-__device__ __forceinline__ void l2_prefetch(const unsigned char* p, i64 stride, int n, int len) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    if (!p) return;
-    const int nt = gridDim.x * blockDim.x;
-    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += nt)
-        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(p + i * stride), "r"(len) : "memory");
-#endif
-}
-
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

@@ -90,7 +90,7 @@ __device__ __forceinline__ uint4 norm_word(uint4* o8, int c, uint4 xb, uint4 wb,
 // grid (T), block a multiple of 32.
 #define ADD_RC 4 // 16-byte words of a row each thread keeps in registers (rows of up to 32 * blockDim values)
 extern "C" __global__ void add_rmsnorm(bf16* x, const bf16* delta, const float* d2, const int* rl, bf16* out, const bf16* w, float eps, int H,
-                                       unsigned char* q, float* qscale, const unsigned char* pf, i64 pf_stride, int pf_n, int pf_len) {
+                                       unsigned char* q, float* qscale) {
     const int r = blockIdx.x, tid = threadIdx.x, bd = blockDim.x, n8 = H >> 3;
     const bool vec = (H & 7) == 0;       // 16-byte words: every load of a row in flight at once
     const bool regs = vec && n8 <= ADD_RC * bd; // the row stays in registers between the two passes
@@ -106,7 +106,6 @@ extern "C" __global__ void add_rmsnorm(bf16* x, const bf16* delta, const float* 
         }
     }
     pdl_entry();
-    l2_prefetch(pf, pf_stride, pf_n, pf_len);
     __shared__ float sh[33];
     bf16* xr = x + (i64)r * H;
     if (d2 && rl[r] < 0) d2 = nullptr; // a row without an adapter
@@ -214,10 +213,8 @@ extern "C" __global__ void head_rmsnorm(bf16* x, const bf16* w, float eps, int h
 }
 
 // rmsnorm_rows: out[i] = rmsnorm(x[rows[i]]) * w; grid (n), block multiple of 32.
-extern "C" __global__ void rmsnorm_rows(bf16* out, const bf16* x, const int* rows, const bf16* w, float eps, int H,
-                                        const unsigned char* pf, i64 pf_stride, int pf_n, int pf_len) {
+extern "C" __global__ void rmsnorm_rows(bf16* out, const bf16* x, const int* rows, const bf16* w, float eps, int H) {
     pdl_entry();
-    l2_prefetch(pf, pf_stride, pf_n, pf_len);
     __shared__ float sh[33];
     const bf16* xr = x + (i64)rows[blockIdx.x] * H;
     float ss = 0.f;
@@ -1527,10 +1524,8 @@ __device__ __forceinline__ uint4 silu_mul8(uint4 gw, uint4 uw, const float* dg, 
 #define SILU_RC 4 // 16-byte words of a row each thread keeps in registers when quantizing (rows of up to 32 * blockDim values)
 __device__ __forceinline__ uint4 ld16(const bf16* p) { return *reinterpret_cast<const uint4*>(p); }
 extern "C" __global__ void silu_mul(bf16* out, const bf16* g, const bf16* u, const float* dg, const float* du, const int* rl,
-                                    int rows, int cols, int ldg, int ldd, unsigned char* q, float* qscale,
-                                    const unsigned char* pf, i64 pf_stride, int pf_n, int pf_len) {
+                                    int rows, int cols, int ldg, int ldd, unsigned char* q, float* qscale) {
     pdl_entry();
-    l2_prefetch(pf, pf_stride, pf_n, pf_len);
     if (q) { // one block per row, quantized as it is stored
         __shared__ float sh[33];
         const i64 r = blockIdx.x;

@@ -278,15 +278,6 @@ type LinearLoRAOps interface {
 	LinearLoRA(out, in Buffer, w Weight, layer int, mods []llama.Module)
 }
 
-// Prefetcher is Ops that can ask a cache for a product's weight while the
-// op before that product runs: the forward names the weight of the next
-// product before that op (the CUDA backend's add_rmsnorm and silu_mul ask
-// L2 for its head while DRAM is otherwise idle). A hint: no result depends
-// on it.
-type Prefetcher interface {
-	Prefetch(w Weight)
-}
-
 // FamilyOps are what models beyond Llama's layout need; a backend without
 // them runs Llama and Mistral models, and New refuses the others by name.
 type FamilyOps interface {

@@ -448,12 +448,6 @@ func (e *Engine) forward(b Ops, s Shape) {
 	c := e.cfg
 	eps := float32(c.RMSNormEps)
 	fo, _ := b.(FamilyOps) // New checked it is there when the model needs it
-	pf, _ := b.(Prefetcher)
-	prefetch := func(w Weight) {
-		if pf != nil {
-			pf.Prefetch(w)
-		}
-	}
 	// lora issues one LoRA op for a fused group when the step's adapters
 	// change any projection of it (slots without one have rank 0 there).
 	hasLoRA := func(g int) bool {
@@ -484,7 +478,6 @@ func (e *Engine) forward(b Ops, s Shape) {
 	scale := float32(1 / math.Sqrt(float64(c.HeadDim)))
 	for l := range e.layers {
 		lw := &e.layers[l]
-		prefetch(lw.qkv)
 		if l == 0 {
 			b.AddRMSNorm(e.x, nil, e.h, lw.inNorm, eps)
 		} else {
@@ -503,10 +496,8 @@ func (e *Engine) forward(b Ops, s Shape) {
 		}
 		b.Attention(e.attn, e.q, e.k, e.v, l, scale, e.invFreq)
 		linear(e.tmp, e.attn, lw.o, l, 1)
-		prefetch(lw.gateUp)
 		b.AddRMSNorm(e.x, e.tmp, e.h, lw.postNorm, eps)
 		linear(e.gateUp, e.h, lw.gateUp, l, 2)
-		prefetch(lw.down)
 		b.SiLUMul(e.act, e.gate, e.up)
 		linear(e.tmp, e.act, lw.down, l, 3)
 	}

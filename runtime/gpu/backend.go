@@ -219,7 +219,6 @@ type kernelForce struct {
 	wholeLoad  bool          // adapter loads: a step waits for the whole image before it starts (no per-layer start)
 	slowFill   time.Duration // adapter loads: a sleep after each chunk's fill (tests: a step must wait for the host)
 	ropeLoRA   int           // q/k/v LoRA expanded inside RoPE at 1-16 rows (lora_rope.go): 1 on, -1 off, 0 ropeLoRADefault
-	l2pf       int           // MB of the next product's weight head the kernel before it asks L2 for (l2pf.go; 0: l2pfDefaultMB, -1: none)
 }
 
 // Backend implements engine.Backend on one CUDA device.
@@ -309,14 +308,12 @@ type Backend struct {
 	// shared memory fits a block on this card
 	decFit           [4]bool
 	preFit           [3]bool
-	pdl              bool          // the compute stream launches kernels programmatically (Options.NoPDL)
-	pfNext           engine.Weight // the weight Prefetch named for the next add_rmsnorm or silu_mul (l2pf.go)
-	pfLaunches       int           // launches recorded or run with an L2 prefetch (l2pf.go; tests)
-	ropeLoRALaunches int           // rope_store_lora launches recorded or run (lora_rope.go; tests)
-	tune             tuneState     // Options.TuneGEMMs (tune.go)
-	nDec, nPre       int           // decode sequences and prefill rows of the step
-	nPreTiles        int           // attn_prefill tiles of the step (0: the per-row kernel takes the prefill rows)
-	decSplit         int           // splits per (sequence, KV head)
+	pdl              bool      // the compute stream launches kernels programmatically (Options.NoPDL)
+	ropeLoRALaunches int       // rope_store_lora launches recorded or run (lora_rope.go; tests)
+	tune             tuneState // Options.TuneGEMMs (tune.go)
+	nDec, nPre       int       // decode sequences and prefill rows of the step
+	nPreTiles        int       // attn_prefill tiles of the step (0: the per-row kernel takes the prefill rows)
+	decSplit         int       // splits per (sequence, KV head)
 	attnPart         *cuda.DeviceBuffer
 	attnDone         *cuda.DeviceBuffer // attn_decode's per-(row, KV head) split counters
 

@@ -169,13 +169,13 @@ func TestLoRABench(t *testing.T) {
 		x := r.buffer(1, 256)
 		r.fill(x, r.rnd(256, 1))
 		const n = 4000
-		if err := b.fn.siluMul.Launch(b.s, cuda.Dim3{X: 1}, cuda.Dim3{X: 256}, 0, x.mem, x.mem, x.mem, uint64(0), uint64(0), uint64(0), 1, 256, 256, 0, uint64(0), uint64(0), uint64(0), int64(0), 0, 0); err != nil {
+		if err := b.fn.siluMul.Launch(b.s, cuda.Dim3{X: 1}, cuda.Dim3{X: 256}, 0, x.mem, x.mem, x.mem, uint64(0), uint64(0), uint64(0), 1, 256, 256, 0, uint64(0), uint64(0)); err != nil {
 			t.Fatal(err)
 		}
 		b.s.Synchronize()
 		t0 := time.Now()
 		for i := 0; i < n; i++ {
-			if err := b.fn.siluMul.Launch(b.s, cuda.Dim3{X: 1}, cuda.Dim3{X: 256}, 0, x.mem, x.mem, x.mem, uint64(0), uint64(0), uint64(0), 1, 256, 256, 0, uint64(0), uint64(0), uint64(0), int64(0), 0, 0); err != nil {
+			if err := b.fn.siluMul.Launch(b.s, cuda.Dim3{X: 1}, cuda.Dim3{X: 256}, 0, x.mem, x.mem, x.mem, uint64(0), uint64(0), uint64(0), 1, 256, 256, 0, uint64(0), uint64(0)); err != nil {
 				t.Fatal(err)
 			}
 		}
@@ -399,7 +399,6 @@ type decodeVariant struct {
 	pdlJoins                     int    // recordings' programmatic joins (kernelForce.pdlJoins: -1 none, 0 the default (2), 1, 3)
 	inline                       int    // groups whose shrink runs inside gemm_skinny (kernelForce.loraInline: -1 none, 0 the default (q/k/v), else a mask of llama.FusedGroups)
 	rfold                        int    // q/k/v LoRA expanded inside RoPE at 1-16 rows (kernelForce.ropeLoRA: 1 on, -1 off, 0 the default)
-	pf                           int    // MB of each product's weight head asked of L2 by the kernel before it (kernelForce.l2pf: -1 none, 0 the default)
 }
 
 // label names a row of TestDecodeBench's table: "no" (base) or the
@@ -463,12 +462,6 @@ func (v decodeVariant) label(ads []*lora.Adapter, pdlOK bool) string {
 		lbl += "+norfold"
 	case v.rfold > 0:
 		lbl += "+rfold"
-	}
-	switch {
-	case v.pf < 0:
-		lbl += "+nopf"
-	case v.pf > 0:
-		lbl += fmt.Sprintf("+pf%d", v.pf)
 	}
 	switch v.pdlJoins {
 	case -1:
@@ -667,19 +660,6 @@ func TestDecodeBench(t *testing.T) {
 			vs = append(vs, decodeVariant{lora: true, sms: -1, holds: h})
 		}
 	}
-	// PEFTD_DECODE_PF=8,16,-1: rows base and adapters with each product's
-	// weight head of that many MB asked of L2 by the kernel before it
-	// (kernelForce.l2pf; -1: none)
-	for _, f := range strings.Split(os.Getenv("PEFTD_DECODE_PF"), ",") {
-		if f == "" {
-			continue
-		}
-		n, err := strconv.Atoi(f)
-		if err != nil || n < -1 || n == 0 {
-			t.Fatalf("PEFTD_DECODE_PF: %q is not -1 or a positive number of MB", f)
-		}
-		vs = append(vs, decodeVariant{sms: -1, pf: n}, decodeVariant{lora: true, sms: -1, pf: n})
-	}
 	if os.Getenv("PEFTD_DECODE_QUICK") != "" { // base and adapters, each with cuBLASLt (+lt), and with FP8 weights with fp8_stream at every row count (+fs) and at none (+gv)
 		vs = vs[:8]
 	}
@@ -727,11 +707,11 @@ func TestDecodeBench(t *testing.T) {
 			continue
 		}
 		retune := v.tuned && !gb.tune.done
-		if wantPDL := pdlOK && !v.nopdl; retune || partOf(gb) != v.part || gb.la.on == v.serial || gb.la.sms != v.sms || gb.s.ProgrammaticLaunch() != wantPDL || gb.force.decSplit != v.split || gb.force.ropeHeads != v.ropeHeads || gb.force.decOpts != v.opts || gb.force.noSkinny != v.lt || gb.force.wgFull != v.wgFull || gb.force.loraKChunk != v.kc || gb.force.skLate != v.skLate || gb.force.decVar != v.dv || gb.force.bwg != v.bwg || gb.force.holds != v.holds || gb.force.pdlJoins != v.pdlJoins || gb.force.loraInline != v.inline || gb.force.l2pf != v.pf || gb.force.ropeLoRA != v.rfold || gb.wg != nil && gb.wg.two != v.two || gb.f8 != nil && gb.f8.wg != nil && gb.f8.wg.two != v.two || gb.f8 != nil && (gb.f8.wgBeside != v.wgBeside || gb.f8.streamOn != v.fs || gb.f8.streamOff != v.gv || gb.f8.wgOn != v.wg || gb.f8.wgAuto != (gb.f8.wgAutoDefault && !v.nowga)) { // recordings bake the LoRA and launch modes, the kernels and the GEMM algorithms in
+		if wantPDL := pdlOK && !v.nopdl; retune || partOf(gb) != v.part || gb.la.on == v.serial || gb.la.sms != v.sms || gb.s.ProgrammaticLaunch() != wantPDL || gb.force.decSplit != v.split || gb.force.ropeHeads != v.ropeHeads || gb.force.decOpts != v.opts || gb.force.noSkinny != v.lt || gb.force.wgFull != v.wgFull || gb.force.loraKChunk != v.kc || gb.force.skLate != v.skLate || gb.force.decVar != v.dv || gb.force.bwg != v.bwg || gb.force.holds != v.holds || gb.force.pdlJoins != v.pdlJoins || gb.force.loraInline != v.inline || gb.force.ropeLoRA != v.rfold || gb.wg != nil && gb.wg.two != v.two || gb.f8 != nil && gb.f8.wg != nil && gb.f8.wg.two != v.two || gb.f8 != nil && (gb.f8.wgBeside != v.wgBeside || gb.f8.streamOn != v.fs || gb.f8.streamOff != v.gv || gb.f8.wgOn != v.wg || gb.f8.wgAuto != (gb.f8.wgAutoDefault && !v.nowga)) { // recordings bake the LoRA and launch modes, the kernels and the GEMM algorithms in
 			gb.la.on, gb.la.sms, gb.force.decSplit, gb.force.ropeHeads, gb.force.decOpts = !v.serial, v.sms, v.split, v.ropeHeads, v.opts
 			gb.force.noSkinny, gb.force.skLate, gb.force.decVar, gb.force.bwg = v.lt, v.skLate, v.dv, v.bwg
 			gb.force.wgFull, gb.force.loraKChunk = v.wgFull, v.kc
-			gb.force.holds, gb.force.pdlJoins, gb.force.loraInline, gb.force.l2pf = v.holds, v.pdlJoins, v.inline, v.pf
+			gb.force.holds, gb.force.pdlJoins, gb.force.loraInline = v.holds, v.pdlJoins, v.inline
 			gb.force.ropeLoRA = v.rfold
 			if gb.wg != nil {
 				gb.wg.two = v.two
@@ -830,7 +810,7 @@ func TestDecodeBench(t *testing.T) {
 	gb.g.off, gb.force.decSplit, gb.force.ropeHeads, gb.force.decOpts = false, 0, false, 0
 	gb.force.noSkinny, gb.force.skLate, gb.force.decVar, gb.force.bwg = false, false, 0, false
 	gb.force.wgFull, gb.force.loraKChunk = false, 0
-	gb.force.holds, gb.force.pdlJoins, gb.force.l2pf, gb.force.ropeLoRA = [4]int{}, 0, 0, 0
+	gb.force.holds, gb.force.pdlJoins, gb.force.ropeLoRA = [4]int{}, 0, 0
 	if gb.wg != nil {
 		gb.wg.two = false
 	}

@@ -60,8 +60,7 @@ func (b *Backend) AddRMSNorm(x, delta, out engine.Buffer, w engine.Weight, eps f
 	if o != nil && b.f8 != nil && b.f8.fits(b.rows(), xb.cols) {
 		q, qs = b.f8.actQ.Ptr(), b.f8.actS.Ptr()
 	}
-	pf := b.takePrefetch()
-	b.launch(b.fn.addRMSNorm, cuda.Dim3{X: b.rows()}, cuda.Dim3{X: 256}, append([]any{xb.mem, ptr(d), d2, b.rowLora(), ptr(o), wp, eps, xb.cols, q, qs}, pf.args()...)...)
+	b.launch(b.fn.addRMSNorm, cuda.Dim3{X: b.rows()}, cuda.Dim3{X: 256}, xb.mem, ptr(d), d2, b.rowLora(), ptr(o), wp, eps, xb.cols, q, qs)
 	if q != 0 && b.err == nil {
 		b.f8.holds(o.mem.Ptr(), b.rows(), xb.cols, b.gen)
 	}
@@ -211,7 +210,6 @@ func weightShape(w engine.Weight) (n, k int) {
 // with both operands' row scales (fp8_gemv, fp8_stream or cuBLASLt's FP8
 // GEMM by the rows).
 func (b *Backend) Linear(out, in engine.Buffer, w engine.Weight) {
-	b.pfNext = nil // a hint for this product that no kernel before it took
 	b.join()
 	if !b.ok() {
 		return
@@ -607,13 +605,12 @@ func (b *Backend) SiLUMul(out, gate, up engine.Buffer) {
 		return
 	}
 	vec := o.cols%8 == 0 && g.ld%8 == 0 && ldd%8 == 0
-	pf := b.takePrefetch()
 	// with FP8 projections the product (the down projection's input) is
 	// quantized by the same kernel, one block per row, into the activation
 	// scratch
 	if vec && b.f8 != nil && b.f8.fits(b.rows(), o.cols) {
-		b.launch(b.fn.siluMul, cuda.Dim3{X: b.rows()}, cuda.Dim3{X: 512}, append([]any{ptr(o), ptr(g), ptr(u), dg, du, b.rowLora(), b.rows(), o.cols, g.ld, ldd,
-			b.f8.actQ.Ptr(), b.f8.actS.Ptr()}, pf.args()...)...)
+		b.launch(b.fn.siluMul, cuda.Dim3{X: b.rows()}, cuda.Dim3{X: 512}, ptr(o), ptr(g), ptr(u), dg, du, b.rowLora(), b.rows(), o.cols, g.ld, ldd,
+			b.f8.actQ.Ptr(), b.f8.actS.Ptr())
 		if b.err == nil {
 			b.f8.holds(o.mem.Ptr(), b.rows(), o.cols, b.gen)
 		}
@@ -623,8 +620,8 @@ func (b *Backend) SiLUMul(out, gate, up engine.Buffer) {
 	if vec {
 		words /= 8
 	}
-	b.launch(b.fn.siluMul, cuda.Dim3{X: max(1, min((words+255)/256, 8192))}, cuda.Dim3{X: 256}, append([]any{ptr(o), ptr(g), ptr(u), dg, du, b.rowLora(), b.rows(), o.cols, g.ld, ldd,
-		uint64(0), uint64(0)}, pf.args()...)...)
+	b.launch(b.fn.siluMul, cuda.Dim3{X: max(1, min((words+255)/256, 8192))}, cuda.Dim3{X: 256}, ptr(o), ptr(g), ptr(u), dg, du, b.rowLora(), b.rows(), o.cols, g.ld, ldd,
+		uint64(0), uint64(0))
 }
 
 // Logits normalizes the LogitRows rows of x and projects them to float32 logits in out.
@@ -658,7 +655,7 @@ func (b *Backend) Logits(out, x engine.Buffer, norm, head engine.Weight, eps flo
 		}
 	}
 	o.isF32 = true
-	b.launch(b.fn.rmsnormRows, cuda.Dim3{X: n}, cuda.Dim3{X: 256}, append([]any{b.normed, xb.mem, b.i32(b.off.logitRows), nw.mem, eps, xb.cols}, b.headPrefetch(hw).args()...)...)
+	b.launch(b.fn.rmsnormRows, cuda.Dim3{X: n}, cuda.Dim3{X: 256}, b.normed, xb.mem, b.i32(b.off.logitRows), nw.mem, eps, xb.cols)
 	if b.err == nil {
 		b.fail(b.mm.GemmTN(b.s, o.f32.Ptr(), cuda.R32F, b.normed.Ptr(), cuda.R16BF, hw.mem.Ptr(), cuda.R16BF, n, hw.rows, hw.cols, 1, 0))
 	}

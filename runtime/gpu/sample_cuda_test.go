@@ -376,7 +376,7 @@ func TestLaunchOverhead(t *testing.T) {
 	r.fill(x, r.rnd(256, 1))
 	const n = 4000
 	launch := func() error {
-		return b.fn.siluMul.Launch(b.s, cuda.Dim3{X: 1}, cuda.Dim3{X: 256}, 0, x.mem, x.mem, x.mem, uint64(0), uint64(0), uint64(0), 1, 256, 256, 0, uint64(0), uint64(0), uint64(0), int64(0), 0, 0)
+		return b.fn.siluMul.Launch(b.s, cuda.Dim3{X: 1}, cuda.Dim3{X: 256}, 0, x.mem, x.mem, x.mem, uint64(0), uint64(0), uint64(0), 1, 256, 256, 0, uint64(0), uint64(0))
 	}
 	measure := func(inline bool) float64 {
 		if err := launch(); err != nil {
