@@ -408,122 +408,114 @@ extern "C" __global__ void rope_store_rows(bf16* q, bf16* k, const bf16* v, bf16
     }
 }
 
-// rope_store_lora: rope_store_rows' results for a step of at most 16 rows
-// whose q/k/v LoRA update has not been expanded: each row's update of a
-// head is computed here, from the shrink's output tmp (ksplit K parts,
-// [ksplit][rows][t_stride] floats, scale applied; slice s's ranks at
-// s * max_rank) and the row's adapter's B (the table entry of the slice's
-// module: entry_base + slot * entry_stride + m{s}), and added to the
-// projection's output (rounded to bf16, as rope_store_rows' add8 does)
-// before the rotation; rows whose rl is < 0 get none. No expand launch and
-// no float32 update in memory (runtime/gpu/lora_rope.go). grid (heads +
-// 2 * kvh): query heads, key heads, value heads; block hd / 2 *
-// ROPE_LORA_RG threads: thread (g, j) takes rotation pair j (columns j and
-// j + hd / 2) of rows g, g + ROPE_LORA_RG, ... B's rows are asked of L1
-// before griddepcontrol.wait (adapter weights and step metadata: no kernel
-// writes them); tmp is read after it. hd 32, 64, 128 or 256, ranks
-// multiples of 8, at most max_rank <= 128, 16-byte aligned B rows.
-#define ROPE_LORA_RG 4
-#define ROPE_LORA_ROWS 16
+// rope_store_lora: rope_store_rows' results for a step whose q/k/v LoRA
+// update has not been expanded: each row's update of a head is computed
+// here, from the shrink's output tmp (ksplit K parts, [ksplit][rows]
+// [t_stride] floats, scale applied; slice s's ranks at s * max_rank) and
+// the row's adapter's B (the table entry of the slice's module: entry_base
+// + slot * entry_stride + m{s}), and added to the projection's output
+// (rounded to bf16, as rope_store_rows' add8 does) before the rotation;
+// rows whose rl is < 0 get none. No expand launch and no float32 update in
+// memory (runtime/gpu/lora_rope.go). grid (heads + 2 * kvh, rows): query
+// heads, key heads, value heads, each row; block hd / 2 threads: thread j
+// takes rotation pair j (columns j and j + hd / 2). Before
+// griddepcontrol.wait (no kernel of the step writes them) each thread
+// loads its two columns' first 32 ranks of B and computes its cos/sin;
+// tmp, q, k and v are read after it. hd 32, 64, 128 or 256; ranks
+// multiples of 8, at most 128.
+#define ROPE_LORA_PRE 4 // 8-rank chunks of B kept in registers from before the wait
 extern "C" __global__ void rope_store_lora(bf16* q, bf16* k, const bf16* v, bf16* kc, bf16* vc, const float* inv_freq, const int* pos,
                                            const int* slots, const int* rl, int heads, int kvh, int hd, int ldq, int ldk, int ldv,
                                            unsigned char* kc8, float* ks, const float* tmp, const LoraEntry* table, int entry_base,
                                            int entry_stride, int m0, int m1, int m2, int max_rank, int t_stride, int rows, int ksplit) {
-    __shared__ float ts[ROPE_LORA_ROWS * 128]; // this slice's s of each row
-    __shared__ float red[ROPE_LORA_RG][4];     // FP8 keys: a row group's warps' amax (hd / 2 <= 128 threads: 4 warps)
-    const int h = blockIdx.x, half = hd / 2, tid = threadIdx.x, j = tid % half, g = tid / half;
+    __shared__ float ts[128]; // this row's s for this slice
+    __shared__ float red[4];  // FP8 keys: the warps' amax (hd / 2 <= 128 threads)
+    const int h = blockIdx.x, r = blockIdx.y, half = hd / 2, j = threadIdx.x;
     const int sl = h < heads ? 0 : (h < heads + kvh ? 1 : 2);
     const int hh = sl == 0 ? h : (sl == 1 ? h - heads : h - heads - kvh);
-    const int col = hh * hd, mod = sg_mod(sl, m0, m1, m2), width = kvh * hd;
-    const bool rot = inv_freq != nullptr;
-    for (int r = g; r < rows; r += ROPE_LORA_RG) { // B's two rows for each of this thread's rows, toward L1
-        const int a = rl[r];
-        if (a < 0) continue;
-        const LoraEntry e = table[entry_base + a * entry_stride + mod];
-        if (e.rank == 0) continue;
-        asm volatile("prefetch.global.L1 [%0];" ::"l"(e.b + (i64)(col + j) * e.rank));
-        asm volatile("prefetch.global.L1 [%0];" ::"l"(e.b + (i64)(col + j + half) * e.rank));
-    }
-    pdl_entry();
-    for (int i = tid; i < rows * max_rank; i += blockDim.x) {
-        const int r = i / max_rank, kk = i - r * max_rank;
-        float t = 0.f;
-        for (int z = 0; z < ksplit; z++) t += __ldcg(tmp + ((i64)z * rows + r) * t_stride + sl * max_rank + kk);
-        ts[i] = t;
-    }
-    __syncthreads();
-    for (int r0 = 0; r0 < rows; r0 += ROPE_LORA_RG) { // every thread takes the same number of turns (the FP8 keys' barrier)
-        const int r = r0 + g;
-        const bool act = r < rows;
-        const int slot = act && (kc || ks || vc) ? slots[r] : -1;
-        float y1 = 0.f, y2 = 0.f;
-        if (act) {
-            const bf16* x = sl == 0 ? q + (i64)r * ldq + col : (sl == 1 ? k + (i64)r * ldk + col : v + (i64)r * ldv + col);
-            float x1 = ld(x + j), x2 = ld(x + j + half);
-            const int a = rl[r];
-            if (a >= 0) {
-                const LoraEntry e = table[entry_base + a * entry_stride + mod];
-                float d1 = 0.f, d2 = 0.f;
-                const bf16* b1 = e.b + (i64)(col + j) * e.rank;
-                const bf16* b2 = e.b + (i64)(col + j + half) * e.rank;
-                const float* t = ts + r * max_rank;
-                for (int kk = 0; kk < e.rank; kk += 8) {
-                    float f1[8], f2[8];
-                    unpack8(ldg16(b1 + kk), f1);
-                    unpack8(ldg16(b2 + kk), f2);
+    const int col = hh * hd, width = kvh * hd;
+    const int slot = kc || ks || vc ? slots[r] : -1;
+    const int a = rl[r];
+    const LoraEntry e = a >= 0 ? table[entry_base + a * entry_stride + sg_mod(sl, m0, m1, m2)] : LoraEntry{nullptr, nullptr, 0, 0.f, {0, 0}};
+    const bf16* b1 = e.b + (i64)(col + j) * e.rank;
+    const bf16* b2 = e.b + (i64)(col + j + half) * e.rank;
+    uint4 w1[ROPE_LORA_PRE], w2[ROPE_LORA_PRE];
 #pragma unroll
-                    for (int c = 0; c < 8; c++) {
-                        d1 = fmaf(t[kk + c], f1[c], d1);
-                        d2 = fmaf(t[kk + c], f2[c], d2);
-                    }
-                }
-                x1 = __bfloat162float(tobf(x1 + d1));
-                x2 = __bfloat162float(tobf(x2 + d2));
-            }
-            if (sl == 2) { // a value head: to the cache
-                if (vc && slot >= 0) {
-                    bf16* dst = vc + (i64)slot * width + col;
-                    dst[j] = tobf(x1);
-                    dst[j + half] = tobf(x2);
-                }
-            } else {
-                if (rot) {
-                    float sn, cs;
-                    sincosf((float)pos[r] * inv_freq[j], &sn, &cs);
-                    y1 = __bfloat162float(tobf(x1 * cs - x2 * sn));
-                    y2 = __bfloat162float(tobf(x2 * cs + x1 * sn));
-                } else {
-                    y1 = x1, y2 = x2;
-                }
-                bf16* xw = const_cast<bf16*>(x);
-                xw[j] = tobf(y1);
-                xw[j + half] = tobf(y2);
-                if (sl == 1 && kc && slot >= 0) {
-                    bf16* dst = kc + (i64)slot * width + col;
-                    dst[j] = tobf(y1);
-                    dst[j + half] = tobf(y2);
-                }
-            }
-        }
-        if (sl != 1 || !ks) continue; // block-uniform: only key heads go to an FP8 cache
-        // the FP8 key cache: the head's rotated values in e4m3 with one
-        // scale, amax / 448 (1 for a zero head), as rope_store_rows stores them
-        float amax = slot >= 0 ? fmaxf(fabsf(y1), fabsf(y2)) : 0.f;
-        for (int o = 1; o < min(half, 32); o <<= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o)); // within the row group's lanes
-        if (half > 32) { // a row group of several warps
-            if ((tid & 31) == 0) red[g][j >> 5] = amax;
-            __syncthreads();
-            amax = 0.f;
-            for (int w = 0; w < half / 32; w++) amax = fmaxf(amax, red[g][w]);
-        }
-        __syncthreads(); // red is written again next turn
-        if (slot < 0) continue;
-        const float sc = amax > 0.f ? amax / 448.f : 1.f, inv = amax > 0.f ? fminf(448.f / amax, 3.402823466e38f) : 0.f;
-        unsigned char* q8 = kc8 + (i64)slot * width + col;
-        q8[j] = __nv_cvt_float_to_fp8(y1 * inv, __NV_SATFINITE, __NV_E4M3);
-        q8[j + half] = __nv_cvt_float_to_fp8(y2 * inv, __NV_SATFINITE, __NV_E4M3);
-        if (j == 0) ks[(i64)slot * kvh + hh] = sc;
+    for (int c = 0; c < ROPE_LORA_PRE; c++) {
+        const bool in = 8 * c < e.rank;
+        w1[c] = in ? ldg16(b1 + 8 * c) : make_uint4(0u, 0u, 0u, 0u);
+        w2[c] = in ? ldg16(b2 + 8 * c) : make_uint4(0u, 0u, 0u, 0u);
     }
+    float sn = 0.f, cs = 1.f;
+    if (inv_freq && sl < 2) sincosf((float)pos[r] * inv_freq[j], &sn, &cs);
+    pdl_entry();
+    if (e.rank > 0) {
+        for (int i = j; i < e.rank; i += half) {
+            float t = 0.f;
+            for (int z = 0; z < ksplit; z++) t += __ldcg(tmp + ((i64)z * rows + r) * t_stride + sl * max_rank + i);
+            ts[i] = t;
+        }
+    }
+    const bf16* x = sl == 0 ? q + (i64)r * ldq + col : (sl == 1 ? k + (i64)r * ldk + col : v + (i64)r * ldv + col);
+    float x1 = ld(x + j), x2 = ld(x + j + half);
+    __syncthreads();
+    if (e.rank > 0) {
+        float d1 = 0.f, d2 = 0.f;
+        auto chunk = [&](int kk, uint4 u1, uint4 u2) { // ranks kk..kk+7
+            float f1[8], f2[8];
+            unpack8(u1, f1);
+            unpack8(u2, f2);
+#pragma unroll
+            for (int u = 0; u < 8; u++) {
+                d1 = fmaf(ts[kk + u], f1[u], d1);
+                d2 = fmaf(ts[kk + u], f2[u], d2);
+            }
+        };
+#pragma unroll
+        for (int c = 0; c < ROPE_LORA_PRE; c++)
+            if (8 * c < e.rank) chunk(8 * c, w1[c], w2[c]);
+        for (int kk = 8 * ROPE_LORA_PRE; kk < e.rank; kk += 8) chunk(kk, ldg16(b1 + kk), ldg16(b2 + kk));
+        x1 = __bfloat162float(tobf(x1 + d1));
+        x2 = __bfloat162float(tobf(x2 + d2));
+    }
+    if (sl == 2) { // a value head: to the cache
+        if (vc && slot >= 0) {
+            bf16* dst = vc + (i64)slot * width + col;
+            dst[j] = tobf(x1);
+            dst[j + half] = tobf(x2);
+        }
+        return;
+    }
+    float y1 = x1, y2 = x2;
+    if (inv_freq) {
+        y1 = __bfloat162float(tobf(x1 * cs - x2 * sn));
+        y2 = __bfloat162float(tobf(x2 * cs + x1 * sn));
+    }
+    bf16* xw = const_cast<bf16*>(x);
+    xw[j] = tobf(y1);
+    xw[j + half] = tobf(y2);
+    if (sl == 0 || slot < 0) return; // block-uniform
+    if (kc) {
+        bf16* dst = kc + (i64)slot * width + col;
+        dst[j] = tobf(y1);
+        dst[j + half] = tobf(y2);
+    }
+    if (!ks) return;
+    // the FP8 key cache: the head's rotated values in e4m3 with one scale,
+    // amax / 448 (1 for a zero head), as rope_store_rows stores them
+    float amax = fmaxf(fabsf(y1), fabsf(y2));
+    for (int o = 1; o < min(half, 32); o <<= 1) amax = fmaxf(amax, __shfl_xor_sync(half >= 32 ? 0xffffffffu : (1u << half) - 1u, amax, o));
+    if (half > 32) {
+        if ((j & 31) == 0) red[j >> 5] = amax;
+        __syncthreads();
+        amax = 0.f;
+        for (int w = 0; w < half / 32; w++) amax = fmaxf(amax, red[w]);
+    }
+    const float sc = amax > 0.f ? amax / 448.f : 1.f, inv = amax > 0.f ? fminf(448.f / amax, 3.402823466e38f) : 0.f;
+    unsigned char* q8 = kc8 + (i64)slot * width + col;
+    q8[j] = __nv_cvt_float_to_fp8(y1 * inv, __NV_SATFINITE, __NV_E4M3);
+    q8[j + half] = __nv_cvt_float_to_fp8(y2 * inv, __NV_SATFINITE, __NV_E4M3);
+    if (j == 0) ks[(i64)slot * kvh + hh] = sc;
 }
 
 #define ATT_WARPS 4

@@ -21,7 +21,8 @@ import (
 // The update is summed in float32 and added to the product rounded once,
 // as rope_store_rows adds the expand's float32 update.
 
-// ropeLoRARows is the most rows rope_store_lora takes (ROPE_LORA_ROWS).
+// ropeLoRARows is the most rows rope_store_lora takes: the steps whose
+// products are gemm_skinny's or fp8_stream's.
 const ropeLoRARows = 16
 
 // ropeLoRADefault: whether the expand goes into RoPE unless
@@ -101,12 +102,10 @@ func (b *Backend) ropeLoRA(qb, kb, vb *Buffer, layer int, invFreq []float32, hea
 		kc = k
 	}
 	b.ropeLoRALaunches++
-	b.launch(b.fn.ropeLoRA, cuda.Dim3{X: heads + 2*kvHeads}, cuda.Dim3{X: headDim / 2 * ropeLoRARG},
+	b.launch(b.fn.ropeLoRA, cuda.Dim3{X: heads + 2*kvHeads, Y: b.rows()}, cuda.Dim3{X: headDim / 2},
 		ptr(qb), ptr(kb), ptr(vb), kc, v, b.freqTable(invFreq), b.i32(b.off.pos), b.i32(b.off.kvSlots), b.rowLora(),
 		heads, kvHeads, headDim, qb.ld, kb.ld, vb.ld, kc8, ks,
 		b.stepTmp, b.table, l.base, l.stride, l.ms[0], l.ms[1], l.ms[2], b.stepRank, l.tStride, b.rows(), l.ks)
 	return true
 }
 
-// ropeLoRARG is rope_store_lora's row groups (ROPE_LORA_RG).
-const ropeLoRARG = 4
