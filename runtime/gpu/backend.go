@@ -218,7 +218,7 @@ type kernelForce struct {
 	loraInline int           // fused groups (bit g: llama.FusedGroups[g]) whose shrink runs inside gemm_skinny (lora_inline.go; 0: the default, q/k/v; -1: none)
 	wholeLoad  bool          // adapter loads: a step waits for the whole image before it starts (no per-layer start)
 	slowFill   time.Duration // adapter loads: a sleep after each chunk's fill (tests: a step must wait for the host)
-	ropeLoRA   int           // q/k/v LoRA expanded inside RoPE at 1-16 rows (lora_rope.go): 1 on, -1 off, 0 ropeLoRADefault
+	ropeLoRA   int           // q/k/v LoRA expanded inside RoPE at 1-16 rows (lora_rope.go): 1 on, -1 off, 0 by the rows (ropeFold)
 }
 
 // Backend implements engine.Backend on one CUDA device.

@@ -244,7 +244,7 @@ func (b *Backend) loraAside(o, x *Buffer, layer int, mods []llama.Module, total 
 		b.g.capture.waits(b.la.s) // the fork's consumer: the update's first kernel (pdljoin.go)
 	}
 	b.fail(b.la.s.Wait(b.la.fork))
-	if tc := b.tcChunks(mods); b.ropeFold(mods, tc) { // the shrink alone: RoPE expands (lora_rope.go)
+	if tc := b.tcChunks(mods); b.ropeFold(mods, tc, true) { // the shrink alone: RoPE expands (lora_rope.go)
 		ks := b.loraShrink(b.la.s, x, layer, mods)
 		if b.err == nil {
 			b.fail(b.la.join.Record(b.la.s))

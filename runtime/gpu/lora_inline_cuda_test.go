@@ -5,6 +5,7 @@ package gpu
 import (
 	"fmt"
 	"math"
+	"slices"
 	"testing"
 
 	"github.com/peftd/peftd/runtime/engine"
@@ -70,9 +71,22 @@ func TestLinearLoRAInline(t *testing.T) {
 			continue
 		}
 		w, _ := r.weight(total, in, 0.02)
+		// q/k/v: the update also left unexpanded for RoPE (lora_rope.go;
+		// the next op here is not RoPE, so its join expands it in place)
+		folds := []int{-1}
+		if groupIndex(mods) == 0 {
+			folds = append(folds, 1)
+		}
 		for _, c := range cases {
-			for _, graph := range []bool{false, true} {
-				what := fmt.Sprintf("%v, %d rows, graph layout %v", mods, c.T, graph)
+			for _, tc := range []struct {
+				graph bool
+				fold  int
+			}{{false, -1}, {true, -1}, {false, 1}, {true, 1}} {
+				graph := tc.graph
+				if !slices.Contains(folds, tc.fold) {
+					continue
+				}
+				what := fmt.Sprintf("%v, %d rows, graph layout %v, expand left for RoPE %v", mods, c.T, graph, tc.fold > 0)
 				xv := r.rnd(maxT*in, 1)
 				x, out, plain := r.buffer(maxT, in), r.buffer(maxT, total), r.buffer(maxT, total)
 				r.fill(x, xv)
@@ -84,12 +98,14 @@ func TestLinearLoRAInline(t *testing.T) {
 				} else {
 					r.begin(m)
 				}
-				r.b.force = kernelForce{loraInline: 0b1111}
+				r.b.force = kernelForce{loraInline: 0b1111, ropeLoRA: tc.fold}
 				if !r.b.loraInline(out, x, w, 0, mods) {
 					t.Fatalf("%s: the inline path did not take the group", what)
 				}
-				if p := r.b.la.pend; r.b.asideOK() && (!p.local || p.delta == 0) {
+				if p := r.b.la.pend; r.b.asideOK() && tc.fold < 0 && (!p.local || p.delta == 0) {
 					t.Fatalf("%s: the update is not pending in the update buffer", what)
+				} else if r.b.asideOK() && tc.fold > 0 && (!p.local || p.lora == nil || p.delta != 0) {
+					t.Fatalf("%s: the update is not pending unexpanded: %+v", what, p)
 				}
 				r.b.force = kernelForce{loraInline: -1}
 				r.b.Linear(plain, x, w) // adds the pending update to out first (join)

@@ -25,9 +25,14 @@ import (
 // products are gemm_skinny's or fp8_stream's.
 const ropeLoRARows = 16
 
-// ropeLoRADefault: whether the expand goes into RoPE unless
-// kernelForce.ropeLoRA says otherwise.
-const ropeLoRADefault = false
+// ropeLoRAStreamMin is the fewest rows whose q/k/v update from the LoRA
+// stream (FP8 weights) goes into RoPE by default; the update of the
+// shrink inside gemm_skinny (bf16) goes at every 1-16 rows. Measured on
+// an H200 with four rank-32 adapters (PERFORMANCE v0.38), device ms a
+// step, expand in RoPE vs apart: bf16 1 / 8 / 16 rows 4.34 / 4.96 / 5.10
+// vs 4.38 / 5.01 / 5.15; FP8 8 / 16 rows 4.13 / 4.02 vs 4.21 / 4.10, but
+// 1 row 3.35 vs 3.31 (there the stream's expand ends beside the product).
+const ropeLoRAStreamMin = 8
 
 // loraPend is a q/k/v update left unexpanded: the shrink's output is in
 // the step's LoRA scratch (ks K parts, tStride floats a row), the group's
@@ -39,9 +44,11 @@ type loraPend struct {
 }
 
 // ropeFold reports whether group mods' update (tc: its tensor-core chunks,
-// 0 where the tensor-core expand does not apply) is left to rope_store_lora.
-func (b *Backend) ropeFold(mods []llama.Module, tc int) bool {
-	on := ropeLoRADefault
+// 0 where the tensor-core expand does not apply) is left to
+// rope_store_lora; stream: the shrink runs on the LoRA stream (else inside
+// the product).
+func (b *Backend) ropeFold(mods []llama.Module, tc int, stream bool) bool {
+	on := !stream || b.rows() >= ropeLoRAStreamMin
 	switch {
 	case b.force.ropeLoRA < 0:
 		on = false
