@@ -21,18 +21,19 @@ import (
 // The update is summed in float32 and added to the product rounded once,
 // as rope_store_rows adds the expand's float32 update.
 
-// ropeLoRARows is the most rows rope_store_lora takes: the steps whose
-// products are gemm_skinny's or fp8_stream's.
+// ropeLoRARows is the most rows whose update goes into RoPE by default
+// (rope_store_lora takes any; kernelForce.ropeLoRA 1 sends every step's).
 const ropeLoRARows = 16
 
 // ropeLoRAStreamMin is the fewest rows whose q/k/v update from the LoRA
 // stream (FP8 weights) goes into RoPE by default; the update of the
 // shrink inside gemm_skinny (bf16) goes at every 1-16 rows. Measured on
 // an H200 with four rank-32 adapters (PERFORMANCE v0.38), device ms a
-// step, expand in RoPE vs apart: bf16 1 / 8 / 16 rows 4.34 / 4.96 / 5.10
-// vs 4.38 / 5.01 / 5.15; FP8 8 / 16 rows 4.13 / 4.02 vs 4.21 / 4.10, but
-// 1 row 3.35 vs 3.31 (there the stream's expand ends beside the product).
-const ropeLoRAStreamMin = 8
+// step, expand in RoPE vs apart: bf16 1 / 4 / 16 rows 4.33 / 4.78 / 5.09
+// vs 4.38 / 4.84 / 5.15; FP8 2 / 4 / 8 / 16 rows 3.54 / 3.90 / 4.12 /
+// 4.01 vs 3.56 / 3.98 / 4.22 / 4.09, but 1 row 3.35 vs 3.30-3.31 (there
+// the stream's expand ends beside the product).
+const ropeLoRAStreamMin = 2
 
 // loraPend is a q/k/v update left unexpanded: the shrink's output is in
 // the step's LoRA scratch (ks K parts, tStride floats a row), the group's
@@ -48,7 +49,8 @@ type loraPend struct {
 // rope_store_lora; stream: the shrink runs on the LoRA stream (else inside
 // the product).
 func (b *Backend) ropeFold(mods []llama.Module, tc int, stream bool) bool {
-	on := !stream || b.rows() >= ropeLoRAStreamMin
+	T := b.rows()
+	on := T <= ropeLoRARows && (!stream || T >= ropeLoRAStreamMin)
 	switch {
 	case b.force.ropeLoRA < 0:
 		on = false
@@ -56,7 +58,7 @@ func (b *Backend) ropeFold(mods []llama.Module, tc int, stream bool) bool {
 		on = true
 	}
 	hd := b.cfg.HeadDim
-	return on && tc > 0 && b.rows() <= ropeLoRARows && b.stepRank <= 128 && groupIndex(mods) == 0 && len(mods) == 3 &&
+	return on && tc > 0 && b.stepRank <= 128 && groupIndex(mods) == 0 && len(mods) == 3 &&
 		(hd == 32 || hd == 64 || hd == 128 || hd == 256) && !b.force.ropeHeads
 }
 
