@@ -14,7 +14,6 @@ import (
 	"github.com/peftd/peftd/runtime/cuda"
 	"github.com/peftd/peftd/runtime/engine"
 	"github.com/peftd/peftd/runtime/safetensors"
-	"github.com/peftd/peftd/runtime/sample"
 )
 
 // TestOpAttentionDecode checks the split-KV decode kernel (attn_decode, its
@@ -422,22 +421,7 @@ func TestFP8KeysFixture(t *testing.T) {
 		opts := engine.DefaultOptions()
 		e := newEngineWith(t, m, opts, Options{KVFormat: kvf})
 		slots := loadSlots(t, e, adapters, fx.AdapterNames, 0)
-		agg := make([]fx.ErrAcc, len(cases))
-		match, total := 0, 0
-		fx.Run(t, e, slots, cases, func(r fx.Row) {
-			agg[r.Case].Add(r.Got, r.Ref)
-			if r.Check {
-				n := len(r.Got)
-				total++
-				if sample.Argmax(r.Got[n-V:]) == r.Want {
-					match++
-				}
-			}
-		})
-		worst := 0.0
-		for i := range cases {
-			worst = max(worst, agg[i].Rel())
-		}
+		worst, match, total := fixtureErrors(t, e, slots, cases, V)
 		t.Logf("KV cache %s: worst case-level relative error %.3g, greedy %d/%d (maxrel=%.3g)", kvf, worst, match, total, worst)
 		if !(worst <= 0.1) {
 			t.Errorf("KV cache %s: relative error %.3g > 0.1", kvf, worst)

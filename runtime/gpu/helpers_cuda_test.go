@@ -6,8 +6,32 @@ import (
 	"testing"
 	"time"
 
+	fx "github.com/peftd/peftd/internal/fixture"
 	"github.com/peftd/peftd/runtime/cuda"
+	"github.com/peftd/peftd/runtime/engine"
+	"github.com/peftd/peftd/runtime/sample"
 )
+
+// fixtureErrors runs the fixture's cases co-batched and teacher-forced on
+// e (adapters at slots) and returns the worst case-level relative error
+// and the greedy choices matched of those checked (V: the vocabulary).
+func fixtureErrors(t *testing.T, e *engine.Engine, slots map[string]int, cases []refCase, V int) (worst float64, match, total int) {
+	t.Helper()
+	agg := make([]fx.ErrAcc, len(cases))
+	fx.Run(t, e, slots, cases, func(r fx.Row) {
+		agg[r.Case].Add(r.Got, r.Ref)
+		if r.Check {
+			total++
+			if sample.Argmax(r.Got[len(r.Got)-V:]) == r.Want {
+				match++
+			}
+		}
+	})
+	for i := range cases {
+		worst = max(worst, agg[i].Rel())
+	}
+	return worst, match, total
+}
 
 func copyHtoD(b *Backend, x *Buffer, h []uint16) error {
 	if err := cuda.CopyHtoD(b.s, x.mem.Ptr(), h); err != nil {

@@ -117,4 +117,3 @@ func (b *Backend) ropeLoRA(qb, kb, vb *Buffer, layer int, invFreq []float32, hea
 		b.stepTmp, b.table, l.base, l.stride, l.ms[0], l.ms[1], l.ms[2], b.stepRank, l.tStride, b.rows(), l.ks)
 	return true
 }
-

@@ -8,7 +8,6 @@ import (
 
 	fx "github.com/peftd/peftd/internal/fixture"
 	"github.com/peftd/peftd/runtime/engine"
-	"github.com/peftd/peftd/runtime/sample"
 )
 
 // TestRopeLoRAFixture: the q/k/v LoRA update expanded inside RoPE
@@ -36,20 +35,8 @@ func TestRopeLoRAFixture(t *testing.T) {
 				e, b := newEngineBackend(t, m, opts, c.bo)
 				b.force.ropeLoRA = on
 				slots := loadSlots(t, e, adapters, fx.AdapterNames, 0)
-				agg := make([]fx.ErrAcc, len(cases))
-				match, total := 0, 0
-				fx.Run(t, e, slots, cases, func(r fx.Row) {
-					agg[r.Case].Add(r.Got, r.Ref)
-					if r.Check {
-						total++
-						if sample.Argmax(r.Got[len(r.Got)-V:]) == r.Want {
-							match++
-						}
-					}
-				})
-				for k := range cases {
-					worst[i] = max(worst[i], agg[k].Rel())
-				}
+				var match, total int
+				worst[i], match, total = fixtureErrors(t, e, slots, cases, V)
 				what := fmt.Sprintf("%s, expand in RoPE %v", c.name, on > 0)
 				t.Logf("%s: worst case-level relative error %.4g, greedy %d/%d, %d rope_store_lora launches", what, worst[i], match, total, b.ropeLoRALaunches)
 				if (b.ropeLoRALaunches > 0) != (on > 0) {
