@@ -9,10 +9,10 @@ import (
 //
 // At 1-16 rows a fused group's update is two dependent launches of a few
 // µs for ~1 µs of bytes. q/k/v's output is read by one op, RoPE and the
-// K/V store, so the expand can happen there: rope_store_lora takes a head
-// a block for every row of the step, reads the row's adapter's B for that
-// head's columns (8 KB a rank-32 head) and the shrink's output, and adds
-// the update before the rotation. Then
+// K/V store, so the expand can happen there: rope_store_lora takes a
+// block per head and row, reads the row's adapter's B for that head's
+// columns (8 KB a rank-32 head) and the shrink's output, and adds the
+// update before the rotation. Then
 //   - bf16 weights (lora_inline.go): the shrink rides the product and no
 //     LoRA kernel is left on the compute stream's path;
 //   - FP8 weights (the LoRA stream): the stream runs the shrink alone, so
