@@ -228,6 +228,14 @@ extern "C" __global__ void rmsnorm_rows(bf16* out, const bf16* x, const int* row
     for (int i = threadIdx.x; i < H; i += blockDim.x) o[i] = tobf(ld(w + i) * (ld(xr + i) * inv));
 }
 
+// key_scale_e4m3: an FP8 key head's scale from its max |value|, amax / 448
+// (1 for a zero head), and in inv the factor that quantizes it (448 /
+// amax clamped to FLT_MAX: a subnormal amax gives no Inf; 0 for a zero head).
+__device__ __forceinline__ float key_scale_e4m3(float amax, float& inv) {
+    inv = amax > 0.f ? fminf(448.f / amax, 3.402823466e38f) : 0.f;
+    return amax > 0.f ? amax / 448.f : 1.f;
+}
+
 // rope_store: rotate-half RoPE of q [T, heads*hd] and k [T, kvh*hd] in
 // place (rows ldq and ldk values apart), and, when kc is not null, k (as
 // rotated) and v (rows ldv apart) stored at the row's KV slot of one
@@ -302,7 +310,8 @@ extern "C" __global__ void rope_store(bf16* q, bf16* k, const bf16* v, bf16* kc,
     // the FP8 key cache: the head's rotated values (as the bf16 cache would
     // hold them) in e4m3 with one scale, amax / 448 (1 for a zero head)
     amax = block_max(amax, red); // also makes every thread's ysh visible
-    const float sc = amax > 0.f ? amax / 448.f : 1.f, inv = amax > 0.f ? fminf(448.f / amax, 3.402823466e38f) : 0.f;
+    float inv;
+    const float sc = key_scale_e4m3(amax, inv);
     const int kh = h - heads;
     unsigned char* q8 = kc8 + (i64)slot * width + (i64)kh * hd;
     for (int i = threadIdx.x; i < hd; i += blockDim.x) q8[i] = __nv_cvt_float_to_fp8(ysh[i] * inv, __NV_SATFINITE, __NV_E4M3);
@@ -382,7 +391,8 @@ extern "C" __global__ void rope_store_rows(bf16* q, bf16* k, const bf16* v, bf16
             for (int e = 0; e < 16; e++) amax = fmaxf(amax, fabsf(y[e]));
         for (int o = 1; o < per; o <<= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
         if (!k8) continue;
-        const float sc = amax > 0.f ? amax / 448.f : 1.f, inv = amax > 0.f ? fminf(448.f / amax, 3.402823466e38f) : 0.f;
+        float inv;
+        const float sc = key_scale_e4m3(amax, inv);
         const int kh = h - heads;
         unsigned char* q8 = kc8 + (i64)slot * width + (i64)kh * hd;
         unsigned char b[16];
@@ -511,7 +521,8 @@ extern "C" __global__ void rope_store_lora(bf16* q, bf16* k, const bf16* v, bf16
         amax = 0.f;
         for (int w = 0; w < half / 32; w++) amax = fmaxf(amax, red[w]);
     }
-    const float sc = amax > 0.f ? amax / 448.f : 1.f, inv = amax > 0.f ? fminf(448.f / amax, 3.402823466e38f) : 0.f;
+    float inv;
+    const float sc = key_scale_e4m3(amax, inv);
     unsigned char* q8 = kc8 + (i64)slot * width + col;
     q8[j] = __nv_cvt_float_to_fp8(y1 * inv, __NV_SATFINITE, __NV_E4M3);
     q8[j + half] = __nv_cvt_float_to_fp8(y2 * inv, __NV_SATFINITE, __NV_E4M3);

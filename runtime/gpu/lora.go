@@ -17,6 +17,13 @@ func (b *Backend) entry(slot, layer int, m llama.Module) int {
 	return (slot*b.cfg.Layers+layer)*int(llama.NumModules) + int(m)
 }
 
+// tableRows is where layer's entries start in the table (base: slot 0's)
+// and the entries between consecutive slots (stride), as the SGMV kernels
+// take them: entry(slot, layer, m) = base + slot*stride + m.
+func (b *Backend) tableRows(layer int) (base, stride int) {
+	return layer * int(llama.NumModules), b.cfg.Layers * int(llama.NumModules)
+}
+
 // LoadAdapter copies an adapter's A and B matrices (bf16, exact ranks) into
 // one device allocation for the slot and points the slot's table entries at
 // them, on the engine goroutine (PrepareAdapter and LoadPrepared do the same
@@ -244,22 +251,17 @@ func (b *Backend) loraAside(o, x *Buffer, layer int, mods []llama.Module, total 
 		b.g.capture.waits(b.la.s) // the fork's consumer: the update's first kernel (pdljoin.go)
 	}
 	b.fail(b.la.s.Wait(b.la.fork))
+	pend := pendingDelta{base: ptr(o), delta: d, ld: o.ld, cols: total}
 	if tc := b.tcChunks(mods); b.ropeFold(mods, tc, true) { // the shrink alone: RoPE expands (lora_rope.go)
-		ks := b.loraShrink(b.la.s, x, layer, mods)
-		if b.err == nil {
-			b.fail(b.la.join.Record(b.la.s))
-		}
-		if b.err == nil {
-			b.la.pend = b.pendLoRA(o, layer, mods, tc, ks, false)
-		}
-		return
+		pend = b.pendLoRA(o, layer, mods, tc, b.loraShrink(b.la.s, x, layer, mods), false)
+	} else {
+		b.loraSlices(b.la.s, d, total, x, layer, mods, false)
 	}
-	b.loraSlices(b.la.s, d, total, x, layer, mods, false)
 	if b.err == nil {
 		b.fail(b.la.join.Record(b.la.s))
 	}
 	if b.err == nil {
-		b.la.pend = pendingDelta{base: ptr(o), delta: d, ld: o.ld, cols: total}
+		b.la.pend = pend
 	}
 }
 
@@ -439,7 +441,7 @@ func (b *Backend) loraSlices(st *cuda.Stream, outPtr cuda.DevicePtr, outStride i
 	if !b.check(x.cols >= inF && outStride >= total, "lora: input width %d < %d or output stride %d < %d", x.cols, inF, outStride, total) {
 		return
 	}
-	base, stride := layer*int(llama.NumModules), b.cfg.Layers*int(llama.NumModules)
+	base, stride := b.tableRows(layer)
 	if !b.sgmvOK(x, mods, outStride, outPtr) {
 		if !b.check(accum, "lora: the row-at-a-time kernels only add in place") {
 			return
@@ -458,7 +460,7 @@ func (b *Backend) loraSlices(st *cuda.Stream, outPtr cuda.DevicePtr, outStride i
 	T := b.rows()
 	tStride := len(mods) * b.stepRank
 	sp := b.shrinkPlan(st, inF, len(mods))
-	shrink, nb, rankTiles, ks, kchunk := sp.f, sp.nb, sp.rankTiles, sp.ks, sp.kchunk
+	nb, rankTiles, ks, kchunk := sp.nb, sp.rankTiles, sp.ks, sp.kchunk
 	tiles := b.i32(b.off.tiles)
 	// v2: one launch, blocks taking shrink items first and expand items
 	// (512 output columns of one tile) after them; see kernels/sgmv.cu.
@@ -486,9 +488,7 @@ func (b *Backend) loraSlices(st *cuda.Stream, outPtr cuda.DevicePtr, outStride i
 			b.stepRank, inF, x.ld, outStride, tStride, T, acc))
 		return
 	}
-	b.launchOn(st, shrink, cuda.Dim3{X: b.nTiles, Y: len(mods) * rankTiles, Z: ks}, cuda.Dim3{X: 256},
-		b.stepTmp, ptr(x), b.table, tiles, base, stride, ms[0], ms[1], ms[2], rankTiles, b.stepRank,
-		inF, x.ld, tStride, T, kchunk)
+	b.launchShrink(st, sp, x, base, stride, ms, inF, len(mods))
 	if tc > 0 {
 		b.expandTC(st, tc, outPtr, outStride, offs, ms, base, stride, tStride, ks, acc)
 		return
@@ -544,6 +544,15 @@ func (b *Backend) shrinkPlan(st *cuda.Stream, inF, n int) sgShrinkPlan {
 	p.kchunk = (groups + ks - 1) / ks * 256
 	p.ks = (inF + p.kchunk - 1) / p.kchunk
 	return p
+}
+
+// launchShrink enqueues shrink plan sp on st: the ranks of group slices
+// ms (n of them, table entries from base, stride apart a slot) of x's
+// inF columns, into the step's LoRA scratch (sp.ks K parts).
+func (b *Backend) launchShrink(st *cuda.Stream, sp sgShrinkPlan, x *Buffer, base, stride int, ms [3]int, inF, n int) {
+	b.launchOn(st, sp.f, cuda.Dim3{X: b.nTiles, Y: n * sp.rankTiles, Z: sp.ks}, cuda.Dim3{X: 256},
+		b.stepTmp, ptr(x), b.table, b.i32(b.off.tiles), base, stride, ms[0], ms[1], ms[2], sp.rankTiles, b.stepRank,
+		inF, x.ld, n*b.stepRank, b.rows(), sp.kchunk)
 }
 
 // expandTC launches sgmv_expand_tc{tc} on st: the update of the group

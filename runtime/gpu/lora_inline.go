@@ -92,7 +92,7 @@ func (b *Backend) loraInline(out, in engine.Buffer, w engine.Weight, layer int, 
 	if b.force.skLate {
 		opts = 0
 	}
-	base, stride := layer*int(llama.NumModules), b.cfg.Layers*int(llama.NumModules)
+	base, stride := b.tableRows(layer)
 	b.fail(p.f.Launch(b.s, cuda.Dim3{X: blocks}, cuda.Dim3{X: p.threads}, p.sh,
 		ptr(o), ptr(x), wt.mem.Ptr(), b.rows(), wt.rows, wt.cols, opts,
 		b.stepTmp, b.table, b.i32(b.off.tiles), base, stride, ms[0], ms[1], ms[2], len(mods), b.stepRank, extra, tStride))

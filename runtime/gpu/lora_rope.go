@@ -67,53 +67,35 @@ func (b *Backend) ropeFold(mods []llama.Module, tc int, stream bool) bool {
 func (b *Backend) loraShrink(st *cuda.Stream, x *Buffer, layer int, mods []llama.Module) int {
 	b.gateLayer(st, layer)
 	_, ms, inF, _ := b.groupSlices(mods)
-	base, stride := layer*int(llama.NumModules), b.cfg.Layers*int(llama.NumModules)
+	base, stride := b.tableRows(layer)
 	sp := b.shrinkPlan(st, inF, len(mods))
-	b.launchOn(st, sp.f, cuda.Dim3{X: b.nTiles, Y: len(mods) * sp.rankTiles, Z: sp.ks}, cuda.Dim3{X: 256},
-		b.stepTmp, ptr(x), b.table, b.i32(b.off.tiles), base, stride, ms[0], ms[1], ms[2], sp.rankTiles, b.stepRank,
-		inF, x.ld, len(mods)*b.stepRank, b.rows(), sp.kchunk)
+	b.launchShrink(st, sp, x, base, stride, ms, inF, len(mods))
 	return sp.ks
 }
 
 // pendLoRA is the pending update of group mods, left for rope_store_lora.
 func (b *Backend) pendLoRA(o *Buffer, layer int, mods []llama.Module, tc, ks int, local bool) pendingDelta {
 	offs, ms, _, _ := b.groupSlices(mods)
+	base, stride := b.tableRows(layer)
 	return pendingDelta{base: ptr(o), ld: o.ld, cols: offs[len(mods)], local: local, lora: &loraPend{
-		ks: ks, tStride: len(mods) * b.stepRank, base: layer * int(llama.NumModules), stride: b.cfg.Layers * int(llama.NumModules),
-		tc: tc, offs: offs, ms: ms}}
+		ks: ks, tStride: len(mods) * b.stepRank, base: base, stride: stride, tc: tc, offs: offs, ms: ms}}
 }
 
-// ropeLoRA runs RoPE and the K/V store with the pending unexpanded update
-// of q, k and v (rope_store_lora) and reports whether it did; false: no
-// such update, or views that are not its output.
-func (b *Backend) ropeLoRA(qb, kb, vb *Buffer, layer int, invFreq []float32, heads, kvHeads, headDim int) bool {
+// takeQKV takes the pending unexpanded update if q, k and v are its
+// output's three slices (in place: rope_store_lora expands it), after the
+// LoRA stream's work; false leaves it pending.
+func (b *Backend) takeQKV(qb, kb, vb *Buffer) (loraPend, bool) {
 	p := b.la.pend
-	if p.lora == nil || vb == nil || layer < 0 || b.err != nil {
-		return false
-	}
 	l := p.lora
-	if ptr(qb) != p.base || ptr(kb) != p.base+uint64(2*l.offs[1]) || ptr(vb) != p.base+uint64(2*l.offs[2]) ||
-		qb.ld != p.ld || kb.ld != p.ld || vb.ld != p.ld || qb.cols != l.offs[1] || kb.cols != l.offs[2]-l.offs[1] || vb.cols != p.cols-l.offs[2] ||
-		qb.cols != heads*headDim || kb.cols != kvHeads*headDim || headDim != b.cfg.HeadDim || (invFreq != nil && len(invFreq) != headDim/2) || 4*len(invFreq) > b.invFreq.Size() {
-		return false
+	if l == nil || len(l.offs) != 4 || b.err != nil {
+		return loraPend{}, false
+	}
+	for i, v := range []*Buffer{qb, kb, vb} {
+		if v == nil || ptr(v) != p.base+uint64(2*l.offs[i]) || v.ld != p.ld || v.cols != l.offs[i+1]-l.offs[i] {
+			return loraPend{}, false
+		}
 	}
 	b.la.pend = pendingDelta{}
 	b.waitUpdate(p)
-	b.opStart()
-	if !b.ok() {
-		return true
-	}
-	k, v, sc := b.layerCache(layer)
-	var kc, kc8, ks uint64
-	if b.kv8 {
-		kc8, ks = k, sc
-	} else {
-		kc = k
-	}
-	b.ropeLoRALaunches++
-	b.launch(b.fn.ropeLoRA, cuda.Dim3{X: heads + 2*kvHeads, Y: b.rows()}, cuda.Dim3{X: headDim / 2},
-		ptr(qb), ptr(kb), ptr(vb), kc, v, b.freqTable(invFreq), b.i32(b.off.pos), b.i32(b.off.kvSlots), b.rowLora(),
-		heads, kvHeads, headDim, qb.ld, kb.ld, vb.ld, kc8, ks,
-		b.stepTmp, b.table, l.base, l.stride, l.ms[0], l.ms[1], l.ms[2], b.stepRank, l.tStride, b.rows(), l.ks)
-	return true
+	return *l, true
 }

@@ -291,14 +291,18 @@ func (b *Backend) RoPE(q, k engine.Buffer, invFreq []float32, heads, kvHeads, he
 }
 
 // ropeStore launches rope_store: q and k rotated in place and, for layer >=
-// 0, k and v stored in that layer's cache at the step's KV slots.
+// 0, k and v stored in that layer's cache at the step's KV slots
+// (rope_store_rows where it fits; rope_store_lora where q/k/v's LoRA update
+// was left unexpanded for it, lora_rope.go).
 func (b *Backend) ropeStore(qb, kb, vb *Buffer, layer int, invFreq []float32, heads, kvHeads, headDim int) {
-	if b.ropeLoRA(qb, kb, vb, layer, invFreq, heads, kvHeads, headDim) {
-		return
-	}
 	var dq, dk, dv uint64 // LoRA updates of q, k, v from the LoRA stream
 	ldd := 0
-	if vb != nil {
+	var fold loraPend // an update to expand here (rope_store_lora, lora_rope.go)
+	folded := false
+	if vb != nil && layer >= 0 && headDim == b.cfg.HeadDim {
+		fold, folded = b.takeQKV(qb, kb, vb)
+	}
+	if vb != nil && !folded {
 		if p, ld := b.fuse(qb, kb, vb); p != nil {
 			dq, dk, dv, ldd = p[0], p[1], p[2], ld
 		}
@@ -323,6 +327,14 @@ func (b *Backend) ropeStore(qb, kb, vb *Buffer, layer int, invFreq []float32, he
 			kc = k
 		}
 		ldv, ny = vb.ld, heads+2*kvHeads
+	}
+	if folded { // a block per head and row
+		b.ropeLoRALaunches++
+		b.launch(b.fn.ropeLoRA, cuda.Dim3{X: ny, Y: b.rows()}, cuda.Dim3{X: headDim / 2},
+			ptr(qb), ptr(kb), ptr(vb), kc, vc, freq, b.i32(b.off.pos), b.i32(b.off.kvSlots), b.rowLora(),
+			heads, kvHeads, headDim, qb.ld, kb.ld, ldv, kc8, ks,
+			b.stepTmp, b.table, fold.base, fold.stride, fold.ms[0], fold.ms[1], fold.ms[2], b.stepRank, fold.tStride, b.rows(), fold.ks)
+		return
 	}
 	args := []any{ptr(qb), ptr(kb), ptr(vb), kc, vc, freq, b.i32(b.off.pos), b.i32(b.off.kvSlots), dq, dk, dv, b.rowLora(),
 		heads, kvHeads, headDim, qb.ld, kb.ld, ldv, ldd, kc8, ks}
