@@ -190,6 +190,103 @@ __device__ __forceinline__ void fp8_gemv_body(bf16* __restrict__ out, const unsi
 extern "C" __global__ void __launch_bounds__(32 * GV_MAX_WARPS) fp8_gemv_n8(FP8_GEMV_ARGS) { fp8_gemv_body<1>(out, qx, sx, qw, sw, M, N, K); }
 extern "C" __global__ void __launch_bounds__(32 * GV_MAX_WARPS) fp8_gemv_n16(FP8_GEMV_ARGS) { fp8_gemv_body<2>(out, qx, sx, qw, sw, M, N, K); }
 
+// fp8_gemv_seg_s{S}_c{CH}: the FP8 product for M <= 8 / S rows (S = 8, 4,
+// 2: steps of 1, 2 and 3-4 rows), the product fp8_gemv computes, with each
+// warp load 8 / S runs of S * 64 contiguous bytes of a weight row instead
+// of fp8_gemv's 64-byte pieces of 8 rows: 0.86-1.03 of a plain read's
+// bandwidth at one row on the 8B shapes where fp8_gemv reaches 0.75-0.84
+// (H200, v0.39 gemvlab).
+// The m16n8k32 MMA's 16 rows are S contiguous 64-byte segments of 16 / S
+// weight rows (A row a: weight row a / S, plus 8 / S for rows 8-15, segment
+// a % S); its 8 columns are the same S segments of the 8 / S activation
+// rows (column n: activation row n / S, segment n % S). C[a][n] with
+// a % S == n % S is one segment's dot product; the S segments of a
+// (weight row, activation row) pair are summed by shuffles, and the KS
+// warps splitting K by shared memory. Each lane loads 16 bytes at
+// segment * 64 + 16 * tig of its two weight rows and its activation row (the
+// k order inside a segment is the lane's, the same for both operands).
+// A block: KS * G warps (blockDim.x / 32), G groups of 16 / S weight rows,
+// each group's K split over KS warps of CH chunks of S * 64 bytes
+// (K = KS * CH * S * 64); grid N / (G * 16 / S). Runtime/gpu fp8_seg.go
+// plans it. Activation rows M..8/S-1 read as zeros and are not written.
+#define SEG_MAX_WARPS 16
+template <int S, int CH>
+__device__ __forceinline__ void fp8_gemv_seg_body(bf16* __restrict__ out, const unsigned char* __restrict__ qx,
+                                                  const float* __restrict__ sx, const unsigned char* __restrict__ qw,
+                                                  const float* __restrict__ sw, int M, int N, int K, int KS) {
+    constexpr int RW = 16 / S, MX = 8 / S, CB = S * 64;
+    __shared__ float red[SEG_MAX_WARPS * 128 / (S * S)]; // [KS][MX][RB]: KS * G warps of RW rows, MX activation rows
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, tig = lane & 3;
+    const int G = (blockDim.x >> 5) / KS, RB = G * RW;
+    const int grp = warp / KS, ks = warp % KS, seg = g % S, xm = g / S;
+    const int rb0 = blockIdx.x * RB;
+    const i64 koff = (i64)ks * CH * CB + seg * 64 + 16 * tig;
+    const unsigned char* w0 = qw + (i64)(rb0 + grp * RW + g / S) * K + koff;
+    const unsigned char* w1 = w0 + (i64)MX * K;
+    const bool xv = xm < M;
+    const unsigned char* xp = qx + (i64)(xv ? xm : 0) * K + koff;
+    pdl_entry();
+    uint4 A[CH], B[CH], X[CH];
+#pragma unroll
+    for (int c = 0; c < CH; c++) {
+        A[c] = ld_stream16(w0 + c * CB);
+        B[c] = ld_stream16(w1 + c * CB);
+    }
+#pragma unroll
+    for (int c = 0; c < CH; c++) X[c] = xv ? __ldg(reinterpret_cast<const uint4*>(xp + c * CB)) : make_uint4(0u, 0u, 0u, 0u);
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+    for (int c = 0; c < CH; c++) {
+        mma_e4m3(acc, A[c].x, B[c].x, A[c].y, B[c].y, X[c].x, X[c].y);
+        mma_e4m3(acc, A[c].z, B[c].z, A[c].w, B[c].w, X[c].z, X[c].w);
+    }
+    // lane (g, tig) holds C[g][2 tig + j] (acc[j]) and C[g + 8][2 tig + j]
+    // (acc[2 + j]); its segment pairs with column m * S + seg
+#pragma unroll
+    for (int m = 0; m < MX; m++) {
+        if (m >= M) break; // warp-uniform
+        const int n = m * S + seg;
+        float t = 0.f, b = 0.f;
+        if (n == 2 * tig) t = acc[0], b = acc[2];
+        if (n == 2 * tig + 1) t = acc[1], b = acc[3];
+        // a weight row's S segments: lanes 4 S r .. 4 S r + 4 S - 1
+#pragma unroll
+        for (int o = 1; o < 4 * S; o <<= 1) {
+            t += __shfl_xor_sync(0xffffffffu, t, o);
+            b += __shfl_xor_sync(0xffffffffu, b, o);
+        }
+        if ((lane & (4 * S - 1)) == 0) {
+            float* rr = red + (ks * MX + m) * RB + grp * RW + g / S;
+            rr[0] = t;
+            rr[8 / S] = b; // the bottom half: weight row + 8 / S
+        }
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < RB * M; i += blockDim.x) {
+        const int m = i / RB, r = i % RB;
+        float v = 0.f;
+        for (int j = 0; j < KS; j++) v += red[(j * MX + m) * RB + r]; // in k order: the same sum whatever the warps' timing
+        const int n = rb0 + r;
+        out[(i64)m * N + n] = __float2bfloat16_rn(v * sx[m] * sw[n]);
+    }
+}
+#define FP8_SEG_ARGS                                                                                         \
+    bf16 *out, const unsigned char *qx, const float *sx, const unsigned char *qw, const float *sw, int M, int N, \
+        int K, int KS
+#define FP8_SEG(S, CH)                                                                                             \
+    extern "C" __global__ void __launch_bounds__(32 * SEG_MAX_WARPS) fp8_gemv_seg_s##S##_c##CH(FP8_SEG_ARGS) { \
+        fp8_gemv_seg_body<S, CH>(out, qx, sx, qw, sw, M, N, K, KS);                                               \
+    }
+FP8_SEG(8, 7)
+FP8_SEG(8, 4)
+FP8_SEG(8, 2)
+FP8_SEG(4, 7)
+FP8_SEG(4, 4)
+FP8_SEG(4, 2)
+FP8_SEG(2, 7)
+FP8_SEG(2, 4)
+FP8_SEG(2, 2)
+
 // fp8_gemm_skinny_n{32,64,128}: the same product for 17-128 rows (M <= 32,
 // 64 or 128), where cuBLASLt's one FP8 algorithm reads the weights at
 // 0.3-0.5 of the bandwidth (n128 is taken only where a benchmark showed it

@@ -125,6 +125,11 @@ type fp8State struct {
 	// or streamLate (without its early weight tiles)
 	stream                          *fp8Stream
 	streamOn, streamOff, streamLate bool
+
+	// fp8_gemv_seg (fp8_seg.go) for steps of 1-4 rows; benchmarks and
+	// tests set segOff (fp8_gemv instead)
+	seg    *fp8Seg
+	segOff bool
 }
 
 func newFP8(ctx *cuda.Context, s *cuda.Stream, mm *cuda.Matmul, ko kernels.Options) (*fp8State, error) {
@@ -155,6 +160,10 @@ func newFP8(ctx *cuda.Context, s *cuda.Stream, mm *cuda.Matmul, ko kernels.Optio
 		return nil, err
 	}
 	if f.stream, err = newFP8Stream(f.mod, ctx.Device()); err != nil {
+		f.mod.Unload()
+		return nil, err
+	}
+	if f.seg, err = newFP8Seg(f.mod); err != nil {
 		f.mod.Unload()
 		return nil, err
 	}
@@ -286,6 +295,9 @@ func (f *fp8State) linear(out, x cuda.DevicePtr, T int, w *fp8Weight, gen uint64
 			opts = 0
 		}
 		return f.stream.launch(f.s, p, out, f.actQ.Ptr(), f.actS.Ptr(), w, T, opts)
+	}
+	if p, ok := planSeg(T, w.rows, K); ok && !f.segOff {
+		return f.seg.launch(f.s, p, out, f.actQ.Ptr(), f.actS.Ptr(), w, T)
 	}
 	if gemvFits(T, w.rows, K) {
 		return f.gemvLaunch(out, T, w)

@@ -279,8 +279,9 @@ func relErr64(got []float32, want []float64) float64 {
 func TestFP8Gemm(t *testing.T) {
 	r := newFP8Rig(t)
 	const tight = 4e-3 // bf16 output rounding (unit roundoff 2^-9 after rounding to nearest)
-	// fp8_gemv takes T <= 16 with K % 64 == 0 and N % 16 == 0 (the first
-	// seven); fp8_gemm_skinny 17-64 rows with N % 64 == 0 and K % 64 == 0
+	// fp8_gemv_seg takes 1-4 rows where planSeg divides K and N (the first
+	// and fourth, and the last ten), fp8_gemv the rest of T <= 16 with
+	// K % 64 == 0 and N % 16 == 0 (the first seven); fp8_gemm_skinny 17-64 rows with N % 64 == 0 and K % 64 == 0
 	// (split K over 2-8 blocks per weight tile, or not: 28672 rows, one
 	// span); cuBLASLt the rest. The last four again with skinny taking up
 	// to 128 rows (fp8_gemm_skinny_n128, which benchmarks compare).
@@ -290,7 +291,10 @@ func TestFP8Gemm(t *testing.T) {
 		{17, 4096, 4096, 0, 0}, {64, 1024, 14336, 0, 0}, {33, 6144, 4096, 0, 0}, {48, 4096, 14336, 0, 0}, {32, 28672, 4096, 0, 0}, {20, 256, 4096, 0, 0}, {40, 128, 64, 0, 0}, {64, 192, 512, 0, 0},
 		{7, 96, 272, 0, 0}, {33, 1000, 528, 0, 0}, {3, 100, 4096, 0, 0}, {129, 6144, 4096, 0, 0}, {300, 512, 4096, 0, 0}, {5, 97, 64, 0, 0}, {65, 4096, 4096, 0, 0},
 		{65, 4096, 4096, skinnyMaxRows, 0}, {128, 6144, 4096, skinnyMaxRows, 0}, {100, 4096, 14336, skinnyMaxRows, 0}, {97, 192, 512, skinnyMaxRows, 0},
-		{64, 4096, 14336, 0, 8}, {100, 4096, 4096, 0, 2}, {256, 6144, 4096, 0, 4}, {17, 1000, 528, 0, 3}, {64, 4096, 14336, 0, 1}}
+		{64, 4096, 14336, 0, 8}, {100, 4096, 4096, 0, 2}, {256, 6144, 4096, 0, 4}, {17, 1000, 528, 0, 3}, {64, 4096, 14336, 0, 1},
+		// fp8_gemv_seg (1-4 rows, planSeg): every variant S x CH, and K no chunk divides (fp8_gemv)
+		{1, 28672, 4096, 0, 0}, {1, 6144, 3072, 0, 0}, {2, 4096, 4096, 0, 0}, {2, 64, 2048, 0, 0}, {3, 6144, 4096, 0, 0}, {4, 4096, 14336, 0, 0},
+		{3, 32, 3584, 0, 0}, {4, 48, 512, 0, 0}, {1, 4096, 18944, 0, 0}, {1, 6, 1024, 0, 0}}
 	defer func() { r.f.skTop, r.f.splitForce = 0, 0 }()
 	for _, sz := range sizes {
 		r.f.skTop, r.f.splitForce = sz.top, sz.split
@@ -343,7 +347,10 @@ func TestFP8Gemm(t *testing.T) {
 		}
 		e816 := relErr64(f8, f16d)
 		path := "cuBLASLt"
+		p, seg := planSeg(sz.T, sz.N, sz.K)
 		switch {
+		case seg:
+			path = fmt.Sprintf("fp8_gemv_seg_s%d_c%d, %d warps a block", p.k.S, p.k.CH, p.KS*p.G)
 		case gemvFits(sz.T, sz.N, sz.K):
 			path = "fp8_gemv"
 		case r.f.splitNo[[3]int{sz.T, sz.N, sz.K}]:
@@ -393,7 +400,7 @@ func TestFP8GemmBench(t *testing.T) {
 	const peak16, peak8 = 989e12, 1979e12 // H100 SXM dense bf16 / fp8 tensor FLOP/s (datasheet)
 	bench("fp8gemm device %s; copy bandwidth %.0f GB/s; peaks bf16 %.0f, fp8 %.0f TFLOP/s (datasheet); median of 15 replays of 20 calls recorded as a graph, weights rotated over >= 150 MB",
 		r.ctx.Device().Name, bw/1e9, peak16/1e12, peak8/1e12)
-	bench("fp8gemm %-8s %5s %9s %9s %9s %9s %9s %9s %9s %8s %9s %9s %7s %7s %7s %5s %8s %8s %8s %8s %8s %8s %8s %8s %8s", "shape", "T", "bf16_us", "fp8_us", "gvalt_us", "skinny_us", "lt8_us", "quant_us", "fp8+q_us", "speedup", "floor16", "floor8", "frac16", "frac8", "TF/s8", "split", "sp2_us", "sp4_us", "sp8_us", "fs_us", "fsfrac8", "wg_us", "wgfrac8", "wg2_us", "wg2frac8")
+	bench("fp8gemm %-8s %5s %9s %9s %9s %9s %9s %9s %9s %8s %9s %9s %7s %7s %7s %5s %8s %8s %8s %8s %8s %8s %8s %8s %8s %8s", "shape", "T", "bf16_us", "fp8_us", "gvalt_us", "skinny_us", "lt8_us", "quant_us", "fp8+q_us", "speedup", "floor16", "floor8", "frac16", "frac8", "TF/s8", "split", "sp2_us", "sp4_us", "sp8_us", "fs_us", "fsfrac8", "wg_us", "wgfrac8", "wg2_us", "wg2frac8", "gv_us")
 	shapes := []struct {
 		name string
 		N, K int
@@ -435,11 +442,15 @@ func TestFP8GemmBench(t *testing.T) {
 				t.Fatal(err)
 			}
 			t8 := timeIt(30, func(i int) error { return r.f.linear(out.Ptr(), x.Ptr(), T, w8[i%n8], 7) })
-			gv8 := math.NaN() // fp8_gemv with the other block size (8 or 16 warps) than gemvWarpsFor's
+			// fp8_gemv with gemvWarpsFor's block size (gv: fp8_gemv_seg's
+			// alternative at 1-4 rows) and with the other (gv8: 8 or 16 warps)
+			gv, gv8 := math.NaN(), math.NaN()
 			if gemvFits(T, N, K) {
-				r.f.gvWarps, r.f.streamOff = 24-gemvWarpsFor(N, r.ctx.Device().SMs), true
+				r.f.segOff, r.f.streamOff = true, true
+				gv = timeIt(30, func(i int) error { return r.f.linear(out.Ptr(), x.Ptr(), T, w8[i%n8], 7) })
+				r.f.gvWarps = 24 - gemvWarpsFor(N, r.ctx.Device().SMs)
 				gv8 = timeIt(30, func(i int) error { return r.f.linear(out.Ptr(), x.Ptr(), T, w8[i%n8], 7) })
-				r.f.gvWarps, r.f.streamOff = 0, false
+				r.f.gvWarps, r.f.streamOff, r.f.segOff = 0, false, false
 			}
 			sk := math.NaN() // fp8_gemm_skinny (n32, n64 or n128 by rows) where the automatic choice is cuBLASLt (17-128 rows)
 			if !skinnyFits(T, N, K, skinnyAutoRows) && skinnyFits(T, N, K, skinnyMaxRows) {
@@ -506,7 +517,7 @@ func TestFP8GemmBench(t *testing.T) {
 			if !gemvFits(T, N, K) {
 				auto = r.f.split(T, N, K)
 			}
-			bench("fp8gemm %-8s %5d %9.1f %9.1f %9.1f %9.1f %9.1f %9.1f %9.1f %8.2f %9.1f %9.1f %7.2f %7.2f %7.0f %5d %8.1f %8.1f %8.1f %8.1f %8.2f %8.1f %8.2f %8.1f %8.2f", sh.name, T, t16, t8, gv8, sk, lt, tq, tt, t16/tt, fl16, fl8, fl16/t16, fl8/t8, fl/(t8*1e-6)/1e12, auto, sp[0], sp[1], sp[2], fs, fl8/fs, wg[0], fl8/wg[0], wg[1], fl8/wg[1])
+			bench("fp8gemm %-8s %5d %9.1f %9.1f %9.1f %9.1f %9.1f %9.1f %9.1f %8.2f %9.1f %9.1f %7.2f %7.2f %7.0f %5d %8.1f %8.1f %8.1f %8.1f %8.2f %8.1f %8.2f %8.1f %8.2f %8.1f", sh.name, T, t16, t8, gv8, sk, lt, tq, tt, t16/tt, fl16, fl8, fl16/t16, fl8/t8, fl/(t8*1e-6)/1e12, auto, sp[0], sp[1], sp[2], fs, fl8/fs, wg[0], fl8/wg[0], wg[1], fl8/wg[1], gv)
 			for _, w := range wgGrids {
 				bench("fp8wg %-8s %5d wgs %d grid %3d %8.1f us %6.2f of floor8", sh.name, T, w.wgs, w.G, w.us, fl8/w.us)
 			}

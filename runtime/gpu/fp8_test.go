@@ -49,6 +49,32 @@ func TestGemvFits(t *testing.T) {
 	}
 }
 
+// TestPlanSeg: fp8_gemv_seg's plans on the 8B shapes are the gemvlab's
+// fastest (or within 2%): one row S 8 in 4-warp blocks at K = 4,096 and 4
+// warps of 7 chunks at 14,336; two rows S 4; 3-4 rows S 2; none for 5+
+// rows or shapes no chunk divides.
+func TestPlanSeg(t *testing.T) {
+	for _, c := range []struct {
+		M, N, K int
+		ok      bool
+		S, CH   int
+		KS, G   int
+	}{
+		{1, 6144, 4096, true, 8, 4, 2, 2}, {1, 28672, 4096, true, 8, 4, 2, 2}, {1, 4096, 14336, true, 8, 7, 4, 1},
+		{2, 4096, 4096, true, 4, 4, 4, 1}, {2, 4096, 14336, true, 4, 7, 8, 1},
+		{3, 6144, 4096, true, 2, 4, 8, 1}, {4, 4096, 14336, true, 2, 7, 16, 1},
+		{1, 2048, 2048, true, 8, 4, 1, 4}, {1, 3072, 3072, true, 8, 2, 3, 1}, {1, 4, 4096, true, 8, 4, 2, 2}, {1, 3, 4096, false, 0, 0, 0, 0},
+		{1, 8, 2048, true, 8, 4, 1, 4}, {1, 2, 2048, true, 8, 4, 1, 1}, {2, 4, 1024, true, 4, 4, 1, 1},
+		{5, 4096, 4096, false, 0, 0, 0, 0}, {0, 4096, 4096, false, 0, 0, 0, 0}, {1, 4096, 18944, false, 0, 0, 0, 0},
+		{1, 4096, 64, false, 0, 0, 0, 0}, {4, 4096, 3584, true, 2, 7, 4, 1},
+	} {
+		p, ok := planSeg(c.M, c.N, c.K)
+		if ok != c.ok || ok && (p.k.S != c.S || p.k.CH != c.CH || p.KS != c.KS || p.G != c.G) {
+			t.Errorf("planSeg(%d, %d, %d) = %+v, %v; want S %d CH %d KS %d G %d, %v", c.M, c.N, c.K, p, ok, c.S, c.CH, c.KS, c.G, c.ok)
+		}
+	}
+}
+
 // TestGemvWarpsFor: 16 warps for the small grids (8B o and down on 132
 // SMs), 8 for the large ones.
 func TestGemvWarpsFor(t *testing.T) {
