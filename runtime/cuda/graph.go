@@ -58,11 +58,26 @@ func (s *Stream) EndCapture() (*Graph, error) {
 	return g, nil
 }
 
-// Instantiate makes an executable graph.
-func (g *Graph) Instantiate() (*GraphExec, error) {
+// Instantiate makes an executable graph. Its kernels run at the priority
+// of the stream the graph is launched into.
+func (g *Graph) Instantiate() (*GraphExec, error) { return g.instantiate(0) }
+
+// graphUseNodePriority is CUDA_GRAPH_INSTANTIATE_FLAG_USE_NODE_PRIORITY.
+const graphUseNodePriority = 8
+
+// InstantiateNodePriority makes an executable graph whose kernels keep the
+// priority of the stream each was captured on (a capture copies the
+// stream's priority into its kernel nodes; Instantiate's graphs ignore it):
+// the blocks of a kernel captured on a NewPriorityStream are scheduled
+// ahead of the pending blocks of the others.
+func (g *Graph) InstantiateNodePriority() (*GraphExec, error) {
+	return g.instantiate(graphUseNodePriority)
+}
+
+func (g *Graph) instantiate(flags uint64) (*GraphExec, error) {
 	e := &GraphExec{c: g.c}
 	if err := g.c.Do(func() error {
-		return check("cuGraphInstantiateWithFlags", drv.cuGraphInstantiateWithFlags(&e.e, g.g, 0))
+		return check("cuGraphInstantiateWithFlags", drv.cuGraphInstantiateWithFlags(&e.e, g.g, flags))
 	}); err != nil {
 		return nil, err
 	}

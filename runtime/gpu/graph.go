@@ -532,7 +532,12 @@ func (b *Backend) record(prog engine.Program) (*cuda.GraphExec, error) {
 		return nil, err
 	}
 	b.g.joins.add(js)
-	return g.Instantiate()
+	if b.force.streamPrio {
+		return g.Instantiate()
+	}
+	// the LoRA stream's kernels keep its priority: their blocks start
+	// beside a product's pending blocks, not after the last of them
+	return g.InstantiateNodePriority()
 }
 
 // fillGraphMeta writes meta, padded to n rows, in the graph layout and
