@@ -100,7 +100,7 @@ func (b *Backend) loraInline(out, in engine.Buffer, w engine.Weight, layer int, 
 		b.expandTC(b.s, tc, ptr(o), o.ld, offs, ms, base, stride, tStride, 1, 1)
 		return true
 	}
-	if b.ropeFold(mods, tc, false) { // RoPE expands it (lora_rope.go)
+	if b.ropeFold(mods, tc) { // RoPE expands it (lora_rope.go)
 		b.la.pend = b.pendLoRA(o, layer, mods, tc, 1, true)
 		return true
 	}

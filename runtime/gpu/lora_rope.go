@@ -23,17 +23,14 @@ import (
 
 // ropeLoRARows is the most rows whose update goes into RoPE by default
 // (rope_store_lora takes any; kernelForce.ropeLoRA 1 sends every step's).
+// Measured on an H200 with four rank-32 adapters, device ms a step, expand
+// in RoPE vs apart: bf16 1 / 4 / 16 rows 4.33 / 4.78 / 5.09 vs 4.38 /
+// 4.84 / 5.15, FP8 2 / 4 / 8 / 16 rows 3.54 / 3.90 / 4.12 / 4.01 vs 3.56 /
+// 3.98 / 4.22 / 4.09 (v0.38); FP8 1 row 2.96 vs 3.01 and 3.07 vs 3.13 in
+// two calls (v0.39: with fp8_gemv_seg the stream's expand no longer ends
+// beside the product; with fp8_gemv it did, 3.35 vs 3.31, v0.38).
 const ropeLoRARows = 16
 
-// ropeLoRAStreamMin is the fewest rows whose q/k/v update from the LoRA
-// stream (FP8 weights) goes into RoPE by default; the update of the
-// shrink inside gemm_skinny (bf16) goes at every 1-16 rows. Measured on
-// an H200 with four rank-32 adapters (PERFORMANCE v0.38), device ms a
-// step, expand in RoPE vs apart: bf16 1 / 4 / 16 rows 4.33 / 4.78 / 5.09
-// vs 4.38 / 4.84 / 5.15; FP8 2 / 4 / 8 / 16 rows 3.54 / 3.90 / 4.12 /
-// 4.01 vs 3.56 / 3.98 / 4.22 / 4.09, but 1 row 3.35 vs 3.30-3.31 (there
-// the stream's expand ends beside the product).
-const ropeLoRAStreamMin = 2
 
 // loraPend is a q/k/v update left unexpanded: the shrink's output is in
 // the step's LoRA scratch (ks K parts, tStride floats a row), the group's
@@ -46,11 +43,10 @@ type loraPend struct {
 
 // ropeFold reports whether group mods' update (tc: its tensor-core chunks,
 // 0 where the tensor-core expand does not apply) is left to
-// rope_store_lora; stream: the shrink runs on the LoRA stream (else inside
-// the product).
-func (b *Backend) ropeFold(mods []llama.Module, tc int, stream bool) bool {
-	T := b.rows()
-	on := T <= ropeLoRARows && (!stream || T >= ropeLoRAStreamMin)
+// rope_store_lora, whether its shrink runs on the LoRA stream or inside
+// the product.
+func (b *Backend) ropeFold(mods []llama.Module, tc int) bool {
+	on := b.rows() <= ropeLoRARows
 	switch {
 	case b.force.ropeLoRA < 0:
 		on = false
