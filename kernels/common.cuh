@@ -255,24 +255,29 @@ __device__ __forceinline__ void amax8(uint4 w, float& m, int& bad) {
     }
 }
 
+// e4m3_scale: a row's scale *s from its max |v| (amax) and non-finite
+// flag (bad), and the factor its values are multiplied by.
+__device__ __forceinline__ float e4m3_scale(float amax, int bad, float* s) {
+    if (bad) {
+        *s = __int_as_float(0x7fc00000);
+        return 0.f;
+    }
+    if (amax == 0.f) {
+        *s = 1.f;
+        return 0.f;
+    }
+    *s = amax / 448.f;
+    return fminf(448.f / amax, 3.402823466e38f); // a subnormal amax: no Inf (0 * Inf is NaN)
+}
+
 // e4m3_inv: the row's scale from the block's max |v| (m, per thread) and
 // non-finite flag (bad), as quant_row_e4m3 says, stored into *qscale by
 // thread 0; returns the factor the values are multiplied by (0 for a zero
 // or non-finite row). Every thread of the block calls it.
 __device__ float e4m3_inv(float m, int bad, float* qscale, float* sh) {
     bad = __syncthreads_or(bad);
-    const float amax = block_max(m, sh);
-    float s, inv;
-    if (bad) {
-        s = __int_as_float(0x7fc00000);
-        inv = 0.f;
-    } else if (amax == 0.f) {
-        s = 1.f;
-        inv = 0.f;
-    } else {
-        s = amax / 448.f;
-        inv = fminf(448.f / amax, 3.402823466e38f); // a subnormal amax: no Inf (0 * Inf is NaN)
-    }
+    float s;
+    const float inv = e4m3_scale(block_max(m, sh), bad, &s);
     if (threadIdx.x == 0) *qscale = s;
     return inv;
 }

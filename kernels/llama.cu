@@ -1587,6 +1587,60 @@ extern "C" __global__ void silu_mul(bf16* out, const bf16* g, const bf16* u, con
     }
 }
 
+// silu_mul_cl: silu_mul's quantizing path for steps of a few rows with each
+// row over a cluster of SILU_CL blocks (sm_90; grid rows x SILU_CL, blocks
+// of 256): each block takes a contiguous slice of the row's 16-byte words
+// (at most SILU_CL_RC a thread), the blocks' max |v| and non-finite flags
+// meet through distributed shared memory, and each block quantizes its
+// slice with the row's scale: the bytes and scale silu_mul's one block a
+// row writes (a max does not depend on the order), with the row's loads
+// spread over SILU_CL SMs.
+#define SILU_CL 8
+#define SILU_CL_RC 2
+extern "C" __global__ void __launch_bounds__(256) silu_mul_cl(bf16* out, const bf16* g, const bf16* u, const float* dg, const float* du,
+                                                              const int* rl, int cols, int ldg, int ldd, unsigned char* q,
+                                                              float* qscale) {
+    pdl_entry();
+    __shared__ float sh[33];
+    __shared__ float cm[2]; // this block's max |v| and non-finite flag, read by the cluster
+    const unsigned rank = cluster_rank();
+    const i64 r = blockIdx.x / SILU_CL;
+    const bool lo = dg && rl[r] >= 0;
+    const int n8 = cols >> 3, per = (n8 + SILU_CL - 1) / SILU_CL, w0 = rank * per, w1 = min(n8, w0 + per);
+    float m = 0.f;
+    int bad = 0;
+    uint4 w[SILU_CL_RC];
+#pragma unroll
+    for (int j = 0; j < SILU_CL_RC; j++) {
+        const int c = w0 + threadIdx.x + j * blockDim.x;
+        if (c < w1) {
+            const int col = 8 * c;
+            w[j] = silu_mul8(ld16(g + r * ldg + col), ld16(u + r * ldg + col), lo ? dg + r * ldd + col : nullptr, lo ? du + r * ldd + col : nullptr);
+            amax8(w[j], m, bad);
+            *reinterpret_cast<uint4*>(out + r * cols + col) = w[j];
+        }
+    }
+    bad = __syncthreads_or(bad);
+    const float bm = block_max(m, sh);
+    if (threadIdx.x == 0) cm[0] = bm, cm[1] = bad ? 1.f : 0.f;
+    cluster_sync();
+    float amax = 0.f, anybad = 0.f;
+#pragma unroll
+    for (unsigned k = 0; k < SILU_CL; k++) {
+        amax = fmaxf(amax, ld_cluster(cm, k));
+        anybad = fmaxf(anybad, ld_cluster(cm + 1, k));
+    }
+    cluster_sync(); // no block leaves while another still reads its shared memory
+    float s;
+    const float inv = e4m3_scale(amax, anybad != 0.f, &s);
+    if (rank == 0 && threadIdx.x == 0) qscale[r] = s;
+#pragma unroll
+    for (int j = 0; j < SILU_CL_RC; j++) {
+        const int c = w0 + threadIdx.x + j * blockDim.x;
+        if (c < w1) *reinterpret_cast<uint2*>(q + r * cols + 8 * c) = e4m3_word(w[j], inv);
+    }
+}
+
 // lora_shrink: tmp[i, k] = scale * x[rows[i]] . A[k] for each LoRA row i
 // (rows[i] its activation row, slots[i] its adapter slot) and k < that
 // adapter's rank. grid (n, ceil(max_rank/8)), block 256: one warp per k.

@@ -31,7 +31,6 @@ import (
 // beside the product; with fp8_gemv it did, 3.35 vs 3.31, v0.38).
 const ropeLoRARows = 16
 
-
 // loraPend is a q/k/v update left unexpanded: the shrink's output is in
 // the step's LoRA scratch (ks K parts, tStride floats a row), the group's
 // table entries at base + slot * stride + module, its slices at offs.

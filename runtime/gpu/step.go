@@ -292,6 +292,16 @@ func (b *Backend) launch(f *cuda.Function, grid, block cuda.Dim3, args ...any) {
 	b.launchOn(b.s, f, grid, block, args...)
 }
 
+// launchCluster enqueues f on the compute stream with its blocks in
+// clusters of cluster's shape.
+func (b *Backend) launchCluster(f *cuda.Function, grid, block, cluster cuda.Dim3, args ...any) {
+	if b.err != nil {
+		return
+	}
+	b.fail(f.LaunchCluster(b.s, grid, block, cluster, 0, args...))
+	b.g.capture.launched(b.s)
+}
+
 // launchOn enqueues f on stream st (the LoRA stream or the compute stream).
 func (b *Backend) launchOn(st *cuda.Stream, f *cuda.Function, grid, block cuda.Dim3, args ...any) {
 	if b.err != nil {
