@@ -391,7 +391,7 @@ type decodeVariant struct {
 	dv                           int    // attn_decode's variant whatever the rows: 1 + a decVariant (kernelForce.decVar; 0: decVariantFor's)
 	fs, gv                       bool   // FP8 weights: fp8_stream for every 1-16 rows (fp8State.streamOn; the default from fp8StreamMinRows), or for none (streamOff)
 	noseg                        bool   // FP8 weights: fp8_gemv, not fp8_gemv_seg, at 1-4 rows (fp8State.segOff)
-	silucl                       int    // FP8 silu_mul of 1-16 rows as silu_mul_cl (kernelForce.siluCl: 1 wherever it fits, -1 never, 0 the default)
+	silucl                       int    // FP8 silu_mul of 1-64 rows as silu_mul_cl (kernelForce.siluCl: 1 wherever it fits, -1 never, 0 the default)
 	prio                         int    // recordings with the LoRA stream's kernels at its priority (kernelForce.nodePrio: 1 at every row count, -1 at none, 0 the default)
 	wg                           bool   // FP8 weights: fp8_wg (wgmma; PEFTD_WG) for 17-128 rows (fp8State.wgOn)
 	nowga                        bool   // FP8 weights: Options.NoFP8Wgmma, every product of 17-64 rows on cuBLASLt (the default routes wgAutoFits' to fp8_wg: fp8State.wgAuto)
