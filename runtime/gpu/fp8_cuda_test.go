@@ -280,7 +280,7 @@ func TestFP8Gemm(t *testing.T) {
 	r := newFP8Rig(t)
 	const tight = 4e-3 // bf16 output rounding (unit roundoff 2^-9 after rounding to nearest)
 	// fp8_gemv_seg takes 1-4 rows where planSeg divides K and N (the first
-	// and fourth, and the last ten), fp8_gemv the rest of T <= 16 with
+	// and fourth, and the last ten but K = 18944), fp8_gemv the rest of T <= 16 with
 	// K % 64 == 0 and N % 16 == 0 (the first seven); fp8_gemm_skinny 17-64 rows with N % 64 == 0 and K % 64 == 0
 	// (split K over 2-8 blocks per weight tile, or not: 28672 rows, one
 	// span); cuBLASLt the rest. The last four again with skinny taking up
