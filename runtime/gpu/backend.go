@@ -196,6 +196,15 @@ func forced(f, def int) int {
 	return def
 }
 
+// forcedOn is a kernelForce switch: on for a positive f, off for a
+// negative one, def for 0.
+func forcedOn(f int, def bool) bool {
+	if f != 0 {
+		return f > 0
+	}
+	return def
+}
+
 // kernelForce makes the steps of a Backend take one kernel family where the
 // Backend otherwise chooses by shape: the tests check every family against
 // the reference and the benchmarks compare them. Production never sets it.

@@ -549,10 +549,7 @@ func (b *Backend) record(rows int, prog engine.Program) (*cuda.GraphExec, error)
 // rows 6.69 / 12.64 -> 7.28 / 14.17 ms; FP8 16 / 64 rows 4.03 / 5.53 ->
 // 4.12 / 5.89; bf16 1 and 16 rows equal).
 func (b *Backend) nodePriority(rows int) bool {
-	if b.force.nodePrio != 0 {
-		return b.force.nodePrio > 0
-	}
-	return b.f8 != nil && rows <= segMaxRows
+	return forcedOn(b.force.nodePrio, b.f8 != nil && rows <= segMaxRows)
 }
 
 // fillGraphMeta writes meta, padded to n rows, in the graph layout and

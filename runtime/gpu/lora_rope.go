@@ -45,15 +45,8 @@ type loraPend struct {
 // rope_store_lora, whether its shrink runs on the LoRA stream or inside
 // the product.
 func (b *Backend) ropeFold(mods []llama.Module, tc int) bool {
-	on := b.rows() <= ropeLoRARows
-	switch {
-	case b.force.ropeLoRA < 0:
-		on = false
-	case b.force.ropeLoRA > 0:
-		on = true
-	}
 	hd := b.cfg.HeadDim
-	return on && tc > 0 && b.stepRank <= 128 && groupIndex(mods) == 0 && len(mods) == 3 &&
+	return forcedOn(b.force.ropeLoRA, b.rows() <= ropeLoRARows) && tc > 0 && b.stepRank <= 128 && groupIndex(mods) == 0 && len(mods) == 3 &&
 		(hd == 32 || hd == 64 || hd == 128 || hd == 256) && !b.force.ropeHeads
 }
 

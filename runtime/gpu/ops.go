@@ -621,14 +621,7 @@ const (
 // the row alone (silu_mul added 5.3 µs a layer to the one-row FP8 chain,
 // v0.39's trace).
 func (b *Backend) siluClFits(cols int) bool {
-	on := b.rows() <= siluClRows
-	switch {
-	case b.force.siluCl < 0:
-		on = false
-	case b.force.siluCl > 0:
-		on = true
-	}
-	return on && b.ctx.Device().Major >= 9 && cols%8 == 0 && cols/8 <= siluCl*siluClWords
+	return forcedOn(b.force.siluCl, b.rows() <= siluClRows) && b.ctx.Device().Major >= 9 && cols%8 == 0 && cols/8 <= siluCl*siluClWords
 }
 
 // SiLUMul computes out = silu(gate) * up.
