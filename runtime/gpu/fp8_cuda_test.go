@@ -3,6 +3,7 @@
 package gpu
 
 import (
+	"bytes"
 	"cmp"
 	"encoding/binary"
 	"errors"
@@ -1130,4 +1131,132 @@ func TestFP8WgmmaOption(t *testing.T) {
 			}
 		}
 	}
+}
+
+// TestFP8AttnQuant: in an FP8 decode step attn_decode quantizes the rows it
+// writes for the o projection (dec_quant_tail), in place of a
+// quant_rows_e4m3 launch: the scratch must hold the bytes and scales
+// quant_rows_e4m3 makes of the same output (checkFusedQuant), for each way
+// attn_decode writes a row (one block a KV head with no split, the split's
+// last block, the splits as a cluster), twice each with the scratch
+// poisoned in between (the per-row counters are back at zero after a
+// launch), and the output must be the bits the unfused launch writes. One
+// row holds a NaN in a query head: its scale is NaN, its bytes zeros, as
+// quant_rows_e4m3 leaves them. A step with a prefill row keeps the launch.
+func TestFP8AttnQuant(t *testing.T) {
+	for _, sh := range []attnShape{{32, 8, 128, 16}, {8, 2, 64, 5}} {
+		t.Run(sh.String(), func(t *testing.T) { attnQuantCase(t, sh) })
+	}
+}
+
+func attnQuantCase(t *testing.T, sh attnShape) {
+	heads, kvh, hd, bs := sh.heads, sh.kvh, sh.hd, sh.bs
+	cfg := testConfig(heads*hd, 128, heads, kvh, hd, 32, 2)
+	ctxs := []int{1, 17, 640, 4097, 33, 200}
+	blocks := 16
+	for _, c := range ctxs {
+		blocks += (c + bs - 1) / bs
+	}
+	const layer = 1
+	r := newRig(t, cfg, 64, engine.KVSpec{Layers: 2, Blocks: blocks, BlockSize: bs, KVHeads: kvh, HeadDim: hd})
+	if !r.b.decOK {
+		t.Skipf("no attn_decode for head_dim %d", hd)
+	}
+	width := kvh * hd
+	kc, vc, _ := r.b.layerCache(layer)
+	kImg, vImg := make([]uint16, blocks*bs*width), make([]uint16, blocks*bs*width)
+	f32ToBF16(kImg, r.rnd(len(kImg), 2))
+	f32ToBF16(vImg, r.rnd(len(vImg), 2))
+	for _, e := range []error{cuda.CopyHtoD(r.b.s, kc, kImg), cuda.CopyHtoD(r.b.s, vc, vImg)} {
+		if e != nil {
+			t.Fatal(e)
+		}
+	}
+	free := r.rng.Perm(blocks)
+	m := &engine.StepMeta{}
+	for _, c := range ctxs {
+		var bl []int32
+		for len(bl)*bs < c {
+			bl = append(bl, int32(free[0]))
+			free = free[1:]
+		}
+		p := c - 1
+		m.Seqs = append(m.Seqs, engine.SeqMeta{Start: len(m.Tokens), Len: 1, Context: c, Blocks: bl})
+		m.Tokens = append(m.Tokens, 0)
+		m.Positions = append(m.Positions, int32(p))
+		m.KVSlots = append(m.KVSlots, bl[p/bs]*int32(bs)+int32(p%bs))
+	}
+	T, H := len(ctxs), heads*hd
+	qv, kv, vv := r.rnd(T*H, 2), r.rnd(T*width, 2), r.rnd(T*width, 2)
+	qv[3*H+5] = float32(math.NaN()) // row 3, query head 0
+	q, k, v, out := r.buffer(T, H), r.buffer(T, width), r.buffer(T, width), r.buffer(T, H)
+	f8, err := newFP8(r.b.ctx, r.b.s, r.b.mm, kernels.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := f8.reserve(T, H); err != nil {
+		t.Fatal(err)
+	}
+	poisonScratch := func() {
+		if err := cuda.CopyHtoD(r.b.s, f8.actQ.Ptr(), bytes.Repeat([]byte{0x55}, T*H)); err != nil {
+			t.Fatal(err)
+		}
+		if err := cuda.CopyHtoD(r.b.s, f8.actS.Ptr(), slices.Repeat([]float32{-3}, T)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// attend runs the step's attention (the same K/V rows stored each time)
+	attend := func() []float32 {
+		r.fill(q, qv)
+		r.fill(k, kv)
+		r.fill(v, vv)
+		r.poison(out)
+		r.begin(m)
+		r.b.Attention(out, q, k, v, layer, float32(1/math.Sqrt(float64(hd))), nil)
+		return r.read(out, T)
+	}
+	for _, c := range []struct {
+		name        string
+		split, opts int
+	}{{"no split", 1, 0}, {"split, last block merges", 0, -1}, {"split as a cluster", 0, 7}, {"split 3", 3, -1}} {
+		r.b.f8, r.b.force.decSplit, r.b.force.decOpts = nil, c.split, c.opts
+		plain := attend()
+		r.end()
+		r.b.f8 = f8
+		for rep := range 2 {
+			poisonScratch()
+			got := attend()
+			if !r.b.attnQuantFits(H) {
+				t.Fatalf("%s: a decode step's attention does not quantize its output", c.name)
+			}
+			sc := checkFusedQuant(t, r, f8, out, T, H)
+			r.end()
+			if !slices.EqualFunc(plain, got, func(a, b float32) bool { return math.Float32bits(a) == math.Float32bits(b) }) {
+				t.Errorf("%s: the output differs from the launch without quantization", c.name)
+			}
+			if !math.IsNaN(float64(sc[3])) || math.IsNaN(float64(sc[0])) {
+				t.Errorf("%s: scales %v, want NaN for row 3 alone", c.name, sc)
+			}
+			t.Logf("%s (split %d, clusters %v), run %d: scales %v", c.name, r.b.decSplit, r.b.decCluster() && r.b.decSplit > 1, rep, sc)
+		}
+	}
+	r.b.force = kernelForce{}
+	// a step with prefill rows (a new sequence of 3): attn_decode does not
+	// write every row, so quant_rows_e4m3 quantizes them
+	pm := &engine.StepMeta{Seqs: slices.Clone(m.Seqs[:2]), Tokens: []int32{0, 0, 0, 0, 0}, Positions: slices.Clone(m.Positions[:2]), KVSlots: slices.Clone(m.KVSlots[:2])}
+	bl := []int32{int32(free[0])}
+	pm.Seqs = append(pm.Seqs, engine.SeqMeta{Start: 2, Len: 3, Context: 3, Blocks: bl})
+	for p := range 3 {
+		pm.Positions = append(pm.Positions, int32(p))
+		pm.KVSlots = append(pm.KVSlots, bl[0]*int32(bs)+int32(p))
+	}
+	r.b.f8 = f8
+	r.begin(pm)
+	if r.b.nPre+r.b.nPreTiles == 0 {
+		t.Fatal("the step's 3-row sequence runs as decode rows")
+	}
+	if r.b.attnQuantFits(H) {
+		t.Error("a step with prefill rows quantizes in attn_decode")
+	}
+	r.end() // Close frees f8
 }
