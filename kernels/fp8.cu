@@ -209,22 +209,13 @@ extern "C" __global__ void __launch_bounds__(32 * GV_MAX_WARPS) fp8_gemv_n16(FP8
 // each group's K split over KS warps of CH chunks of S * 64 bytes
 // (K = KS * CH * S * 64); grid N / (G * 16 / S). Runtime/gpu fp8_seg.go
 // plans it. Activation rows M..8/S-1 read as zeros and are not written.
-//
-// XB (fp8_gemv_seg_s{S}_c{CH}_xb): qx is the bf16 activation rows (K values
-// a row) and sx is not read: each block quantizes them as quant_rows_e4m3
-// would (its warps together load every value of each row once per row
-// group: the row's max |v| and non-finite flag meet through shuffles and
-// shared memory, then each lane converts the values it loaded with the
-// row's scale), so a product whose input no kernel quantized needs no
-// quant_rows_e4m3 launch: the same bytes, scales and result.
 #define SEG_MAX_WARPS 16
-template <int S, int CH, bool XB>
+template <int S, int CH>
 __device__ __forceinline__ void fp8_gemv_seg_body(bf16* __restrict__ out, const unsigned char* __restrict__ qx,
                                                   const float* __restrict__ sx, const unsigned char* __restrict__ qw,
                                                   const float* __restrict__ sw, int M, int N, int K, int KS) {
     constexpr int RW = 16 / S, MX = 8 / S, CB = S * 64;
     __shared__ float red[SEG_MAX_WARPS * 128 / (S * S)]; // [KS][MX][RB]: KS * G warps of RW rows, MX activation rows
-    __shared__ float xs[XB ? MX : 1];                      // XB: each activation row's scale
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, tig = lane & 3;
     const int G = (blockDim.x >> 5) / KS, RB = G * RW;
     const int grp = warp / KS, ks = warp % KS, seg = g % S, xm = g / S;
@@ -233,7 +224,7 @@ __device__ __forceinline__ void fp8_gemv_seg_body(bf16* __restrict__ out, const 
     const unsigned char* w0 = qw + (i64)(rb0 + grp * RW + g / S) * K + koff;
     const unsigned char* w1 = w0 + (i64)MX * K;
     const bool xv = xm < M;
-    const unsigned char* xp = qx + (i64)(xv ? xm : 0) * K * (XB ? 2 : 1) + koff * (XB ? 2 : 1);
+    const unsigned char* xp = qx + (i64)(xv ? xm : 0) * K + koff;
     pdl_entry();
     uint4 A[CH], B[CH], X[CH];
 #pragma unroll
@@ -241,43 +232,8 @@ __device__ __forceinline__ void fp8_gemv_seg_body(bf16* __restrict__ out, const 
         A[c] = ld_stream16(w0 + c * CB);
         B[c] = ld_stream16(w1 + c * CB);
     }
-    if constexpr (XB) {
-        // the lane's 16 values of each chunk as bf16 (two 16-byte words), their max |v|
-        uint4 H[CH][2];
-        float m = 0.f;
-        int bad = 0;
 #pragma unroll
-        for (int c = 0; c < CH; c++)
-#pragma unroll
-            for (int h = 0; h < 2; h++) H[c][h] = xv ? __ldg(reinterpret_cast<const uint4*>(xp + 2 * c * CB + 16 * h)) : make_uint4(0u, 0u, 0u, 0u);
-#pragma unroll
-        for (int c = 0; c < CH; c++) {
-            amax8(H[c][0], m, bad);
-            amax8(H[c][1], m, bad);
-        }
-        // an activation row's lanes are 4 S consecutive ones; then the warps
-        const float inf = __int_as_float(0x7f800000);
-        float f = bad ? inf : m; // a non-finite value outranks every max
-#pragma unroll
-        for (int o = 1; o < 4 * S; o <<= 1) f = fmaxf(f, __shfl_xor_sync(0xffffffffu, f, o));
-        float* wm = red; // [warp][MX], before red's use below
-        if ((lane & (4 * S - 1)) == 0) wm[warp * MX + xm] = f;
-        __syncthreads();
-        float r = 0.f;
-        for (int w = 0; w < (int)(blockDim.x >> 5); w++) r = fmaxf(r, wm[w * MX + xm]);
-        float sc;
-        const float inv = e4m3_scale(r, r == inf, &sc);
-        if (warp == 0 && (lane & (4 * S - 1)) == 0) xs[xm] = sc;
-#pragma unroll
-        for (int c = 0; c < CH; c++) {
-            const uint2 lo = e4m3_word(H[c][0], inv), hi = e4m3_word(H[c][1], inv);
-            X[c] = make_uint4(lo.x, lo.y, hi.x, hi.y);
-        }
-        __syncthreads(); // wm is read before red is written below
-    } else {
-#pragma unroll
-        for (int c = 0; c < CH; c++) X[c] = xv ? __ldg(reinterpret_cast<const uint4*>(xp + c * CB)) : make_uint4(0u, 0u, 0u, 0u);
-    }
+    for (int c = 0; c < CH; c++) X[c] = xv ? __ldg(reinterpret_cast<const uint4*>(xp + c * CB)) : make_uint4(0u, 0u, 0u, 0u);
     float acc[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
     for (int c = 0; c < CH; c++) {
@@ -311,7 +267,7 @@ __device__ __forceinline__ void fp8_gemv_seg_body(bf16* __restrict__ out, const 
         float v = 0.f;
         for (int j = 0; j < KS; j++) v += red[(j * MX + m) * RB + r]; // in k order: the same sum whatever the warps' timing
         const int n = rb0 + r;
-        out[(i64)m * N + n] = __float2bfloat16_rn(v * (XB ? xs[m] : sx[m]) * sw[n]);
+        out[(i64)m * N + n] = __float2bfloat16_rn(v * sx[m] * sw[n]);
     }
 }
 #define FP8_SEG_ARGS                                                                                         \
@@ -319,11 +275,7 @@ __device__ __forceinline__ void fp8_gemv_seg_body(bf16* __restrict__ out, const 
         int K, int KS
 #define FP8_SEG(S, CH)                                                                                             \
     extern "C" __global__ void __launch_bounds__(32 * SEG_MAX_WARPS) fp8_gemv_seg_s##S##_c##CH(FP8_SEG_ARGS) { \
-        fp8_gemv_seg_body<S, CH, false>(out, qx, sx, qw, sw, M, N, K, KS);                                        \
-    }
-#define FP8_SEG_XB(S, CH)                                                                                             \
-    extern "C" __global__ void __launch_bounds__(32 * SEG_MAX_WARPS) fp8_gemv_seg_s##S##_c##CH##_xb(FP8_SEG_ARGS) { \
-        fp8_gemv_seg_body<S, CH, true>(out, qx, sx, qw, sw, M, N, K, KS);                                            \
+        fp8_gemv_seg_body<S, CH>(out, qx, sx, qw, sw, M, N, K, KS);                                               \
     }
 FP8_SEG(8, 7)
 FP8_SEG(8, 4)
@@ -334,14 +286,6 @@ FP8_SEG(4, 2)
 FP8_SEG(2, 7)
 FP8_SEG(2, 4)
 FP8_SEG(2, 2)
-// with the bf16 rows quantized in the block (XB): the chunks of K = 4,096
-// and smaller (7 chunks of bf16 would hold 56 more registers a lane)
-FP8_SEG_XB(8, 4)
-FP8_SEG_XB(8, 2)
-FP8_SEG_XB(4, 4)
-FP8_SEG_XB(4, 2)
-FP8_SEG_XB(2, 4)
-FP8_SEG_XB(2, 2)
 
 // fp8_gemm_skinny_n{32,64,128}: the same product for 17-128 rows (M <= 32,
 // 64 or 128), where cuBLASLt's one FP8 algorithm reads the weights at

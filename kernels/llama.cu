@@ -810,42 +810,33 @@ __device__ __forceinline__ void dec_cluster_merge(bf16* __restrict__ out, const 
 // stored. The row's max meets in oqc[4 row] (atomicMax on the bits of a
 // float >= 0 orders them as the floats), its flag in oqc[4 row + 1]; the
 // block whose arrival (oqc[4 row + 2]) is the last reads the whole row back
-// from L2 (every load of a thread in flight at once), writes its e4m3 bytes
-// into oq (n a row) and its scale into oqs[row], and leaves the counters at
-// zero for the next launch. Ordering as cooperative groups' grid barrier
-// has it: the block's stores, a block barrier, then thread 0's release
-// fence and arrival; the last block's thread 0 fences again (acquire)
-// before a block barrier and the reads.
+// from L2, writes its e4m3 bytes into oq (n a row) and its scale into
+// oqs[row], and leaves the three counters at zero for the next launch. The
+// fences: each thread's stores before its block's arrival, and the
+// arrivals before the last block's reads (threadFenceReduction's pattern).
 template <int NT>
 __device__ __noinline__ void dec_quant_tail(const bf16* out, unsigned char* oq, float* oqs, unsigned* oqc, int row, int n,
                                             int expect, float m, int bad) {
     __shared__ float sh[33];
     __shared__ int last;
+    __threadfence();
     bad = __syncthreads_or(bad);
-    m = block_max(m, sh); // ends with a block barrier: every store of the block is before thread 0's fence
+    m = block_max(m, sh);
     unsigned* c = oqc + 4 * (i64)row;
     if (threadIdx.x == 0) {
-        asm volatile("fence.acq_rel.gpu;\n" ::: "memory");
         atomicMax(c, __float_as_uint(m));
         if (bad) atomicOr(c + 1, 1u);
+        __threadfence();
         last = atomicAdd(c + 2, 1u) == (unsigned)expect - 1;
-        if (last) asm volatile("fence.acq_rel.gpu;\n" ::: "memory");
     }
     __syncthreads();
     if (!last) return;
+    __threadfence();
     float s;
     const float inv = e4m3_scale(__uint_as_float(__ldcg(c)), __ldcg(c + 1) != 0u, &s);
     const uint4* o8 = reinterpret_cast<const uint4*>(out + (i64)row * n);
     unsigned char* q = oq + (i64)row * n;
-    const int n8 = n / 8;
-    for (int w0 = threadIdx.x; w0 < n8; w0 += 8 * NT) {
-        uint4 v[8];
-#pragma unroll
-        for (int j = 0; j < 8; j++) v[j] = w0 + j * NT < n8 ? __ldcg(o8 + w0 + j * NT) : make_uint4(0u, 0u, 0u, 0u);
-#pragma unroll
-        for (int j = 0; j < 8; j++)
-            if (w0 + j * NT < n8) *reinterpret_cast<uint2*>(q + 8 * (w0 + j * NT)) = e4m3_word(v[j], inv);
-    }
+    for (int w = threadIdx.x; w < n / 8; w += NT) *reinterpret_cast<uint2*>(q + 8 * w) = e4m3_word(__ldcg(o8 + w), inv);
     if (threadIdx.x == 0) {
         oqs[row] = s;
         c[0] = c[1] = c[2] = 0u;

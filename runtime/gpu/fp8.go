@@ -130,10 +130,6 @@ type fp8State struct {
 	// tests set segOff (fp8_gemv instead)
 	seg    *fp8Seg
 	segOff bool
-	// segXBOff: the FP8 product of 1-4 rows whose input no kernel
-	// quantized runs quant_rows_e4m3 and then fp8_gemv_seg, not the _xb
-	// variant that quantizes inside the product (benchmarks' A/B)
-	segXBOff bool
 }
 
 func newFP8(ctx *cuda.Context, s *cuda.Stream, mm *cuda.Matmul, ko kernels.Options) (*fp8State, error) {
@@ -252,11 +248,6 @@ func (f *fp8State) upload(host []uint16, rows, cols int) (*fp8Weight, error) {
 	})
 }
 
-// segXB reports whether a 1-4-row product whose input no kernel quantized
-// takes fp8_gemv_seg's _xb variant (the default; not with fp8_gemv or
-// fp8_stream forced for those rows).
-func (f *fp8State) segXB() bool { return !f.segOff && !f.segXBOff && !f.streamOn }
-
 // fits reports whether the activation scratch holds rows rows of cols
 // values (reserve sized it; it never moves).
 func (f *fp8State) fits(rows, cols int) bool {
@@ -285,12 +276,7 @@ func (f *fp8State) linear(out, x cuda.DevicePtr, T int, w *fp8Weight, gen uint64
 		f.tmp = nil
 	}
 	K := w.cols
-	held := f.cValid && f.cIn == x && f.cRows == T && f.cCols == K && f.cGen == gen
-	if p, ok := planSegXB(T, w.rows, K); ok && !held && f.segXB() {
-		// no kernel quantized x: fp8_gemv_seg's blocks quantize it as they read it
-		return f.seg.launchXB(f.s, p, out, x, w, T)
-	}
-	if !held {
+	if !(f.cValid && f.cIn == x && f.cRows == T && f.cCols == K && f.cGen == gen) {
 		if err := f.grow(&f.actQ, (T*K+15)&^15); err != nil {
 			return err
 		}

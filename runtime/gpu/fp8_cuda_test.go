@@ -296,10 +296,7 @@ func TestFP8Gemm(t *testing.T) {
 		// fp8_gemv_seg (1-4 rows, planSeg): every variant S x CH, and K no chunk divides (fp8_gemv)
 		{1, 28672, 4096, 0, 0}, {1, 6144, 3072, 0, 0}, {2, 4096, 4096, 0, 0}, {2, 64, 2048, 0, 0}, {3, 6144, 4096, 0, 0}, {4, 4096, 14336, 0, 0},
 		{3, 32, 3584, 0, 0}, {4, 48, 512, 0, 0}, {1, 4096, 18944, 0, 0}, {1, 6, 1024, 0, 0}}
-	// the activations quantized apart (quant_rows_e4m3), as the reference
-	// reads them: TestFP8SegXB ties fp8_gemv_seg's _xb variants to this
-	r.f.segXBOff = true
-	defer func() { r.f.skTop, r.f.splitForce, r.f.segXBOff = 0, 0, false }()
+	defer func() { r.f.skTop, r.f.splitForce = 0, 0 }()
 	for _, sz := range sizes {
 		r.f.skTop, r.f.splitForce = sz.top, sz.split
 		xh, wh := r.bf16Rand(sz.T*sz.K, 1), r.bf16Rand(sz.N*sz.K, 0.02)
@@ -1143,10 +1140,9 @@ func TestFP8WgmmaOption(t *testing.T) {
 // attn_decode writes a row (one block a KV head with no split, the split's
 // last block, the splits as a cluster), twice each with the scratch
 // poisoned in between (the per-row counters are back at zero after a
-// launch), and the output must be the bits the unfused launch writes. Row
-// 3's sequence has an infinite value row in its cache, so its output holds
-// Inf: its scale is NaN and its bytes zeros, as quant_rows_e4m3 leaves
-// them. A step with prefill rows keeps the launch.
+// launch), and the output must be the bits the unfused launch writes. One
+// row holds a NaN in a query head: its scale is NaN, its bytes zeros, as
+// quant_rows_e4m3 leaves them. A step with a prefill row keeps the launch.
 func TestFP8AttnQuant(t *testing.T) {
 	for _, sh := range []attnShape{{32, 8, 128, 16}, {8, 2, 64, 5}} {
 		t.Run(sh.String(), func(t *testing.T) { attnQuantCase(t, sh) })
@@ -1171,6 +1167,11 @@ func attnQuantCase(t *testing.T, sh attnShape) {
 	kImg, vImg := make([]uint16, blocks*bs*width), make([]uint16, blocks*bs*width)
 	f32ToBF16(kImg, r.rnd(len(kImg), 2))
 	f32ToBF16(vImg, r.rnd(len(vImg), 2))
+	for _, e := range []error{cuda.CopyHtoD(r.b.s, kc, kImg), cuda.CopyHtoD(r.b.s, vc, vImg)} {
+		if e != nil {
+			t.Fatal(e)
+		}
+	}
 	free := r.rng.Perm(blocks)
 	m := &engine.StepMeta{}
 	for _, c := range ctxs {
@@ -1185,17 +1186,9 @@ func attnQuantCase(t *testing.T, sh attnShape) {
 		m.Positions = append(m.Positions, int32(p))
 		m.KVSlots = append(m.KVSlots, bl[p/bs]*int32(bs)+int32(p%bs))
 	}
-	inf := int(m.Seqs[3].Blocks[0]) * bs * width // row 3's first position: every value +Inf
-	for i := range width {
-		vImg[inf+i] = 0x7f80
-	}
-	for _, e := range []error{cuda.CopyHtoD(r.b.s, kc, kImg), cuda.CopyHtoD(r.b.s, vc, vImg)} {
-		if e != nil {
-			t.Fatal(e)
-		}
-	}
 	T, H := len(ctxs), heads*hd
 	qv, kv, vv := r.rnd(T*H, 2), r.rnd(T*width, 2), r.rnd(T*width, 2)
+	qv[3*H+5] = float32(math.NaN()) // row 3, query head 0
 	q, k, v, out := r.buffer(T, H), r.buffer(T, width), r.buffer(T, width), r.buffer(T, H)
 	f8, err := newFP8(r.b.ctx, r.b.s, r.b.mm, kernels.Options{})
 	if err != nil {
@@ -1266,73 +1259,4 @@ func attnQuantCase(t *testing.T, sh attnShape) {
 		t.Error("a step with prefill rows quantizes in attn_decode")
 	}
 	r.end() // Close frees f8
-}
-
-// TestFP8SegXB: fp8_gemv_seg's _xb variants (an FP8 product of 1-4 rows
-// whose bf16 input no kernel quantized: the rows quantized inside the
-// product, fp8State.linear) give the bits quant_rows_e4m3 and then the
-// same variant without XB give (the same plan: the same MMAs in the same
-// order), for every S x CH of them, rows with a zero row and a row holding
-// Inf (scale NaN: that row's outputs NaN, the others untouched); and
-// fp8State.linear takes them for an input the scratch does not hold.
-func TestFP8SegXB(t *testing.T) {
-	r := newFP8Rig(t)
-	for _, sz := range []struct{ T, N, K int }{{1, 4096, 4096}, {1, 6144, 1024}, {2, 4096, 4096}, {2, 64, 512}, {3, 6144, 4096}, {4, 4096, 4096}, {4, 48, 256}, {1, 512, 14336}, {3, 32, 2048}} {
-		p, ok := planSegXB(sz.T, sz.N, sz.K)
-		if !ok {
-			t.Fatalf("T=%d N=%d K=%d: no _xb plan", sz.T, sz.N, sz.K)
-		}
-		xh, wh := r.bf16Rand(sz.T*sz.K, 1), r.bf16Rand(sz.N*sz.K, 0.02)
-		if sz.T > 1 {
-			clear(xh[sz.K : 2*sz.K]) // row 1: zeros (scale 1)
-		}
-		if sz.T > 2 {
-			xh[2*sz.K+7] = 0x7f80 // row 2: +Inf (scale NaN)
-		}
-		dx := r.up(xh)
-		w, err := r.f.upload(wh, sz.N, sz.K)
-		if err != nil {
-			t.Fatal(err)
-		}
-		outA, outB := r.alloc(2*sz.T*sz.N), r.alloc(2*sz.T*sz.N)
-		r.s.Memset8(outA.Ptr(), 0xFF, 2*sz.T*sz.N)
-		r.s.Memset8(outB.Ptr(), 0xFF, 2*sz.T*sz.N)
-		r.f.invalidate()
-		if err := r.f.linear(outA.Ptr(), dx.Ptr(), sz.T, w, 1); err != nil {
-			t.Fatal(err)
-		}
-		if r.f.cValid {
-			t.Errorf("T=%d N=%d K=%d: the _xb product marked the scratch as holding its input", sz.T, sz.N, sz.K)
-		}
-		if err := r.f.quantRows(r.f.actQ.Ptr(), r.f.actS.Ptr(), dx.Ptr(), sz.T, sz.K, sz.K); err != nil {
-			t.Fatal(err)
-		}
-		if err := r.f.seg.launch(r.s, p, outB.Ptr(), r.f.actQ.Ptr(), r.f.actS.Ptr(), w, sz.T); err != nil {
-			t.Fatal(err)
-		}
-		a, b := make([]uint16, sz.T*sz.N), make([]uint16, sz.T*sz.N)
-		cuda.CopyDtoH(r.s, a, outA.Ptr())
-		cuda.CopyDtoH(r.s, b, outB.Ptr())
-		r.sync()
-		diff, nan := 0, 0
-		for i := range a {
-			if a[i] != b[i] {
-				diff++
-			}
-			if v := fromBF16(a[i]); v != v {
-				nan++
-				if i/sz.N != 2 {
-					t.Errorf("T=%d N=%d K=%d: output %d (row %d) is NaN", sz.T, sz.N, sz.K, i, i/sz.N)
-					break
-				}
-			}
-		}
-		if diff > 0 {
-			t.Errorf("T=%d N=%d K=%d (fp8_gemv_seg_s%d_c%d_xb): %d of %d outputs differ from quant_rows_e4m3 + fp8_gemv_seg_s%d_c%d", sz.T, sz.N, sz.K, p.k.S, p.k.CH, diff, len(a), p.k.S, p.k.CH)
-		}
-		if wantNaN := map[bool]int{true: sz.N, false: 0}[sz.T > 2]; nan != wantNaN {
-			t.Errorf("T=%d N=%d K=%d: %d NaN outputs, want %d (row 2's)", sz.T, sz.N, sz.K, nan, wantNaN)
-		}
-		t.Logf("T=%d N=%5d K=%5d: fp8_gemv_seg_s%d_c%d_xb, %d warps a block: bit-identical", sz.T, sz.N, sz.K, p.k.S, p.k.CH, p.KS*p.G)
-	}
 }

@@ -16,13 +16,8 @@ import (
 // 9.23 / 6.21 / 29.71 / 16.50; at four 10.17 / 7.67 / 36.54 / 18.33 ->
 // 9.83 / 6.31 / 31.82 / 17.28. At eight rows (S = 1) it lost gate_up and
 // down to fp8_gemv, so fp8_gemv keeps 5-8 rows.
-//
-// The _xb variants read bf16 activation rows and quantize them in each
-// block as quant_rows_e4m3 would (fp8_gemv_seg_body's XB): an input no
-// kernel quantized (the o projection's, after attention) needs no
-// quantization launch (fp8State.linear).
 type fp8Seg struct {
-	fn, xb map[segKernel]*cuda.Function
+	fn map[segKernel]*cuda.Function
 }
 
 // segKernel names one variant: S segments a weight row, CH chunks a warp.
@@ -32,10 +27,6 @@ type segKernel struct{ S, CH int }
 // rows, in flight at once), in the order planSeg tries them: 7 fits K =
 // 14,336 (the 8B MLP) in 4-16 warps, 4 K = 4,096, 2 smaller K.
 var segChunks = []int{7, 4, 2}
-
-// segChunksXB are the _xb variants' chunks (7 would keep 56 more registers
-// a lane of bf16 activations).
-var segChunksXB = []int{4, 2}
 
 // segMaxRows is the most rows fp8_gemv_seg takes; segMaxWarps is
 // SEG_MAX_WARPS in fp8.cu.
@@ -60,13 +51,7 @@ func (p segPlan) rows() int { return p.G * 16 / p.k.S }
 // that a block has 4 warps (gemvlab: 4-warp blocks were the fastest or
 // within 2% at K = 4,096; 7- and 8-warp ones at K = 14,336). ok is false
 // for more than segMaxRows rows or a shape no variant divides.
-func planSeg(M, N, K int) (p segPlan, ok bool) { return planSegOf(M, N, K, segChunks) }
-
-// planSegXB is planSeg among the _xb variants' chunks.
-func planSegXB(M, N, K int) (p segPlan, ok bool) { return planSegOf(M, N, K, segChunksXB) }
-
-// planSegOf is planSeg trying chunks in their order.
-func planSegOf(M, N, K int, chunks []int) (p segPlan, ok bool) {
+func planSeg(M, N, K int) (p segPlan, ok bool) {
 	var S int
 	switch {
 	case M == 1:
@@ -78,7 +63,7 @@ func planSegOf(M, N, K int, chunks []int) (p segPlan, ok bool) {
 	default:
 		return p, false
 	}
-	for _, ch := range chunks {
+	for _, ch := range segChunks {
 		cb := ch * S * 64
 		if K%cb != 0 || K/cb > segMaxWarps {
 			continue
@@ -98,7 +83,7 @@ func planSegOf(M, N, K int, chunks []int) (p segPlan, ok bool) {
 
 // newFP8Seg finds the variants in the FP8 module.
 func newFP8Seg(mod *cuda.Module) (*fp8Seg, error) {
-	g := &fp8Seg{fn: map[segKernel]*cuda.Function{}, xb: map[segKernel]*cuda.Function{}}
+	g := &fp8Seg{fn: map[segKernel]*cuda.Function{}}
 	for _, S := range []int{8, 4, 2} {
 		for _, ch := range segChunks {
 			fn, err := mod.Function(fmt.Sprintf("fp8_gemv_seg_s%d_c%d", S, ch))
@@ -106,13 +91,6 @@ func newFP8Seg(mod *cuda.Module) (*fp8Seg, error) {
 				return nil, err
 			}
 			g.fn[segKernel{S: S, CH: ch}] = fn
-		}
-		for _, ch := range segChunksXB {
-			fn, err := mod.Function(fmt.Sprintf("fp8_gemv_seg_s%d_c%d_xb", S, ch))
-			if err != nil {
-				return nil, err
-			}
-			g.xb[segKernel{S: S, CH: ch}] = fn
 		}
 	}
 	return g, nil
@@ -126,15 +104,4 @@ func (g *fp8Seg) launch(s *cuda.Stream, p segPlan, out, qx, sx cuda.DevicePtr, w
 	}
 	return g.fn[p.k].Launch(s, cuda.Dim3{X: w.rows / p.rows()}, cuda.Dim3{X: 32 * p.KS * p.G}, 0,
 		uint64(out), uint64(qx), uint64(sx), uint64(w.q.Ptr()), uint64(w.scale.Ptr()), M, w.rows, w.cols, p.KS)
-}
-
-// launchXB enqueues out = x . (sw qw)^T for M bf16 activation rows x (K
-// values a row), quantized per row inside the product, with plan p
-// (planSegXB).
-func (g *fp8Seg) launchXB(s *cuda.Stream, p segPlan, out, x cuda.DevicePtr, w *fp8Weight, M int) error {
-	if (uint64(x)|uint64(w.q.Ptr()))%16 != 0 {
-		return fmt.Errorf("gpu: fp8_gemv_seg: operands not 16-byte aligned")
-	}
-	return g.xb[p.k].Launch(s, cuda.Dim3{X: w.rows / p.rows()}, cuda.Dim3{X: 32 * p.KS * p.G}, 0,
-		uint64(out), uint64(x), uint64(0), uint64(w.q.Ptr()), uint64(w.scale.Ptr()), M, w.rows, w.cols, p.KS)
 }

@@ -75,30 +75,6 @@ func TestPlanSeg(t *testing.T) {
 	}
 }
 
-// TestPlanSegXB: the _xb variants' plans take chunks of 4 and 2 only (K
-// = 14,336 in 7 warps of 4 chunks at one row, none at 3-4 rows, where 2-
-// chunk warps would be 28), and the same as planSeg's where those fit.
-func TestPlanSegXB(t *testing.T) {
-	for _, c := range []struct {
-		M, N, K int
-		ok      bool
-		S, CH   int
-		KS, G   int
-	}{
-		{1, 4096, 4096, true, 8, 4, 2, 2}, {2, 4096, 4096, true, 4, 4, 4, 1}, {4, 4096, 4096, true, 2, 4, 8, 1},
-		{1, 512, 14336, true, 8, 4, 7, 1}, {2, 4096, 14336, true, 4, 4, 14, 1}, {3, 4096, 14336, false, 0, 0, 0, 0},
-		{3, 32, 2048, true, 2, 4, 4, 1}, {5, 4096, 4096, false, 0, 0, 0, 0},
-	} {
-		p, ok := planSegXB(c.M, c.N, c.K)
-		if ok != c.ok || ok && (p.k.S != c.S || p.k.CH != c.CH || p.KS != c.KS || p.G != c.G) {
-			t.Errorf("planSegXB(%d, %d, %d) = %+v, %v; want S %d CH %d KS %d G %d, %v", c.M, c.N, c.K, p, ok, c.S, c.CH, c.KS, c.G, c.ok)
-		}
-		if q, qok := planSeg(c.M, c.N, c.K); ok && qok && q.k.CH != 7 && q != p {
-			t.Errorf("planSegXB(%d, %d, %d) = %+v, planSeg %+v", c.M, c.N, c.K, p, q)
-		}
-	}
-}
-
 // TestGemvWarpsFor: 16 warps for the small grids (8B o and down on 132
 // SMs), 8 for the large ones.
 func TestGemvWarpsFor(t *testing.T) {

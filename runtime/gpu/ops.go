@@ -463,14 +463,10 @@ func (b *Backend) Attention(out, q, k, v engine.Buffer, layer int, scale float32
 // (dec_quant_tail in llama.cu), in place of quant_rows_e4m3's launch: FP8
 // weights, a step whose rows are all decode rows (attn_decode stores every
 // row the projection reads), rows of whole 16-byte words, and the
-// activation scratch sized for them; not by default where fp8_gemv_seg's
-// _xb variant quantizes the rows itself (1-4 rows). kernelForce.attnQuant
-// -1 turns it off, 1 on wherever it fits.
+// activation scratch sized for them. kernelForce.attnQuant -1 turns it off.
 func (b *Backend) attnQuantFits(cols int) bool {
-	if b.f8 == nil || !forcedOn(b.force.attnQuant, !b.f8.segXB() || b.rows() > segMaxRows) {
-		return false
-	}
-	return b.nDec > 0 && b.nPre == 0 && b.nPreTiles == 0 && cols%8 == 0 && b.f8.fits(b.rows(), cols)
+	return forcedOn(b.force.attnQuant, true) && b.f8 != nil && b.nDec > 0 && b.nPre == 0 && b.nPreTiles == 0 &&
+		cols%8 == 0 && b.f8.fits(b.rows(), cols)
 }
 
 // attn_decode's opts bits (llama.cu): decOptEarly, a warp's first tiles
