@@ -767,7 +767,7 @@ __device__ __forceinline__ float ld_cluster(const float* p, unsigned rank) {
 // memory (no partials through L2, no counter). Sums in split order.
 template <int HD, int NT>
 __device__ __forceinline__ void dec_cluster_merge(bf16* __restrict__ out, const float* cA, const float* cM, const float* cL,
-                                                  int G, int S, int heads, int kh, int row, int tid, float& om, int& obad) {
+                                                  int G, int S, int heads, int kh, int row, int tid) {
     cluster_sync(); // every block's partial is in its shared memory
     const int n = G * HD, per = (n + S - 1) / S, r = (int)cluster_rank();
     for (int idx = r * per + tid; idx < min(n, (r + 1) * per); idx += NT) {
@@ -794,53 +794,9 @@ __device__ __forceinline__ void dec_cluster_merge(bf16* __restrict__ out, const 
                 L += Ls[s] * w;
                 A += As[s] * w;
             }
-        const bf16 b = tobf(L > 0.f ? A / L : 0.f);
-        out[(i64)row * heads * HD + (i64)(kh * G + hg) * HD + d] = b;
-        amax1(b, om, obad);
+        out[(i64)row * heads * HD + (i64)(kh * G + hg) * HD + d] = tobf(L > 0.f ? A / L : 0.f);
     }
     cluster_sync(); // no block leaves while another still reads its shared memory
-}
-
-// dec_quant_tail: with oq set, attn_decode also quantizes its output rows
-// for the FP8 o projection, as quant_rows_e4m3 would (the same bytes and
-// scale: a max does not depend on the order), with no launch of its own.
-// Every block that stores outputs of row `row` (expect of them: a row's
-// KV heads, times its splits when they are a cluster) calls it after its
-// stores, with the max |v| (m) and non-finite flag (bad) of what its thread
-// stored. The row's max meets in oqc[4 row] (atomicMax on the bits of a
-// float >= 0 orders them as the floats), its flag in oqc[4 row + 1]; the
-// block whose arrival (oqc[4 row + 2]) is the last reads the whole row back
-// from L2, writes its e4m3 bytes into oq (n a row) and its scale into
-// oqs[row], and leaves the three counters at zero for the next launch. The
-// fences: each thread's stores before its block's arrival, and the
-// arrivals before the last block's reads (threadFenceReduction's pattern).
-template <int NT>
-__device__ __noinline__ void dec_quant_tail(const bf16* out, unsigned char* oq, float* oqs, unsigned* oqc, int row, int n,
-                                            int expect, float m, int bad) {
-    __shared__ float sh[33];
-    __shared__ int last;
-    __threadfence();
-    bad = __syncthreads_or(bad);
-    m = block_max(m, sh);
-    unsigned* c = oqc + 4 * (i64)row;
-    if (threadIdx.x == 0) {
-        atomicMax(c, __float_as_uint(m));
-        if (bad) atomicOr(c + 1, 1u);
-        __threadfence();
-        last = atomicAdd(c + 2, 1u) == (unsigned)expect - 1;
-    }
-    __syncthreads();
-    if (!last) return;
-    __threadfence();
-    float s;
-    const float inv = e4m3_scale(__uint_as_float(__ldcg(c)), __ldcg(c + 1) != 0u, &s);
-    const uint4* o8 = reinterpret_cast<const uint4*>(out + (i64)row * n);
-    unsigned char* q = oq + (i64)row * n;
-    for (int w = threadIdx.x; w < n / 8; w += NT) *reinterpret_cast<uint2*>(q + 8 * w) = e4m3_word(__ldcg(o8 + w), inv);
-    if (threadIdx.x == 0) {
-        oqs[row] = s;
-        c[0] = c[1] = c[2] = 0u;
-    }
 }
 
 // dec_merge: attn_decode's last block of a (sequence, KV head) writes the
@@ -851,7 +807,7 @@ __device__ __noinline__ void dec_quant_tail(const bf16* out, unsigned char* oq, 
 // whatever W is).
 template <int HD, int W, int NT>
 __device__ __forceinline__ void dec_merge(bf16* __restrict__ out, const float* __restrict__ part, const float* ws, int di,
-                                          int heads, int kh, int G, int nsplit, int nv, int row, int tid, float& om, int& obad) {
+                                          int heads, int kh, int G, int nsplit, int nv, int row, int tid) {
     for (int idx = 2 * tid; idx < G * HD; idx += 2 * NT) {
         const int hg = idx / HD, d = idx - hg * HD, h = kh * G + hg;
         const float* pp = part + (i64)(di * heads + h) * nsplit * (HD + 2) + d;
@@ -869,10 +825,7 @@ __device__ __forceinline__ void dec_merge(bf16* __restrict__ out, const float* _
                 A.y += v[j].y * wi;
             }
         }
-        const __nv_bfloat162 b = __floats2bfloat162_rn(A.x, A.y);
-        *reinterpret_cast<__nv_bfloat162*>(out + (i64)row * heads * HD + (i64)h * HD + d) = b;
-        amax1(b.x, om, obad);
-        amax1(b.y, om, obad);
+        *reinterpret_cast<__nv_bfloat162*>(out + (i64)row * heads * HD + (i64)h * HD + d) = __floats2bfloat162_rn(A.x, A.y);
     }
 }
 
@@ -920,8 +873,7 @@ __device__ __forceinline__ void attn_decode_body(
     bf16* __restrict__ out, float* __restrict__ part, int* __restrict__ done, const bf16* __restrict__ q,
     const bf16* __restrict__ kc, const bf16* __restrict__ vc, const int* __restrict__ dec_seq,
     const int* __restrict__ seq_info, const int* __restrict__ pages, int heads, int kvh, int bs, float scale, int nsplit,
-    int ldq, const float* __restrict__ ks, int opts, unsigned char* __restrict__ oq, float* __restrict__ oqs,
-    unsigned* __restrict__ oqc) {
+    int ldq, const float* __restrict__ ks, int opts) {
     typedef DecShape<HD, K8> D;
     extern __shared__ __align__(128) unsigned char dsm[];
     const int di = blockIdx.x, kh = blockIdx.y, sp = blockIdx.z, tid = threadIdx.x;
@@ -1192,8 +1144,6 @@ __device__ __forceinline__ void attn_decode_body(
         }
     }
     __syncthreads();
-    float om = 0.f; // the max |v| and non-finite flag of the outputs this thread stores (oq)
-    int obad = 0;
     for (int idx = tid; idx < G * HD; idx += (32 * W)) {
         const int hg = idx / HD, d = idx - hg * HD;
         float M = NEG_INF;
@@ -1210,9 +1160,7 @@ __device__ __forceinline__ void attn_decode_body(
         }
         const int h = kh * G + hg;
         if (nsplit == 1) {
-            const bf16 b = tobf(L > 0.f ? A / L : 0.f);
-            out[(i64)row * heads * HD + (i64)h * HD + d] = b;
-            amax1(b, om, obad);
+            out[(i64)row * heads * HD + (i64)h * HD + d] = tobf(L > 0.f ? A / L : 0.f);
         } else if (clu) { // every block, empty ones too (L 0)
             cA[idx] = A;
             if (d == 0) {
@@ -1228,13 +1176,9 @@ __device__ __forceinline__ void attn_decode_body(
             }
         }
     }
-    if (nsplit == 1) {
-        if (oq) dec_quant_tail<32 * W>(out, oq, oqs, oqc, row, heads * HD, kvh, om, obad);
-        return;
-    }
+    if (nsplit == 1) return;
     if (clu) {
-        dec_cluster_merge<HD, 32 * W>(out, cA, cM, cL, G, nsplit, heads, kh, row, tid, om, obad);
-        if (oq) dec_quant_tail<32 * W>(out, oq, oqs, oqc, row, heads * HD, kvh * nsplit, om, obad);
+        dec_cluster_merge<HD, 32 * W>(out, cA, cM, cL, G, nsplit, heads, kh, row, tid);
         return;
     }
     // The last split block of this (sequence, KV head) merges the partials.
@@ -1275,19 +1219,18 @@ __device__ __forceinline__ void attn_decode_body(
     }
     __syncthreads();
     if (opts & 2)
-        dec_merge<HD, 16, 32 * W>(out, part, ws, di, heads, kh, G, nsplit, nv, row, tid, om, obad);
+        dec_merge<HD, 16, 32 * W>(out, part, ws, di, heads, kh, G, nsplit, nv, row, tid);
     else
-        dec_merge<HD, 8, 32 * W>(out, part, ws, di, heads, kh, G, nsplit, nv, row, tid, om, obad);
+        dec_merge<HD, 8, 32 * W>(out, part, ws, di, heads, kh, G, nsplit, nv, row, tid);
     if (tid == 0) done[di * kvh + kh] = 0; // ready for the next launch
-    if (oq) dec_quant_tail<32 * W>(out, oq, oqs, oqc, row, heads * HD, kvh, om, obad);
 }
 
 #define ATTN_DECODE_ARGS                                                                                           \
     bf16 *out, float *part, int *done, const bf16 *q, const bf16 *kc, const bf16 *vc, const int *dec_seq,        \
         const int *seq_info, const int *pages, int heads, int kvh, int bs, float scale, int nsplit, int ldq, const float *ks, \
-        int opts, unsigned char *oq, float *oqs, unsigned *oqc
+        int opts
 #define ATTN_DECODE_PASS \
-    out, part, done, q, kc, vc, dec_seq, seq_info, pages, heads, kvh, bs, scale, nsplit, ldq, ks, opts, oq, oqs, oqc
+    out, part, done, q, kc, vc, dec_seq, seq_info, pages, heads, kvh, bs, scale, nsplit, ldq, ks, opts
 extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode_d32(ATTN_DECODE_ARGS) { attn_decode_body<32, false, DEC_WARPS>(ATTN_DECODE_PASS); }
 extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode_d64(ATTN_DECODE_ARGS) { attn_decode_body<64, false, DEC_WARPS>(ATTN_DECODE_PASS); }
 extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode_d128(ATTN_DECODE_ARGS) { attn_decode_body<128, false, DEC_WARPS>(ATTN_DECODE_PASS); }

@@ -230,7 +230,6 @@ type kernelForce struct {
 	ropeLoRA   int           // q/k/v LoRA expanded inside RoPE at 1-16 rows (lora_rope.go): 1 on, -1 off, 0 by the rows (ropeFold)
 	siluCl     int           // FP8 silu_mul of 1-64 rows: 1 silu_mul_cl (a cluster of blocks a row) wherever it fits, -1 never, 0 by the rows (siluClFits)
 	nodePrio   int           // recordings run the LoRA stream's kernels at that stream's priority (graph.go nodePriority): 1 at every row count, -1 at none, 0 by the rows
-	attnQuant  int           // FP8 decode steps: attn_decode quantizes the o projection's input (attnQuantFits): 1 wherever it fits, -1 never (quant_rows_e4m3), 0 the default (on)
 }
 
 // Backend implements engine.Backend on one CUDA device.
@@ -328,7 +327,6 @@ type Backend struct {
 	decSplit         int       // splits per (sequence, KV head)
 	attnPart         *cuda.DeviceBuffer
 	attnDone         *cuda.DeviceBuffer // attn_decode's per-(row, KV head) split counters
-	attnQC           *cuda.DeviceBuffer // attn_decode's per-row counters for quantizing its output (dec_quant_tail: max, non-finite, blocks arrived, pad)
 
 	stage *staging // weight uploads' pinned staging (upload.go), freed before the first step
 
@@ -725,14 +723,6 @@ func (b *Backend) Init(cfg *llama.Config, spec engine.Spec) error {
 	if err := cuda.CopyHtoD(b.s, b.attnDone.Ptr(), make([]int32, maxTokens*kv.KVHeads)); err != nil {
 		return err
 	}
-	// and its counters for quantizing a row it wrote (FP8 o projections):
-	// four per row, zero between launches (the row's last block resets them)
-	if b.attnQC, err = b.ctx.Alloc(16 * maxTokens); err != nil {
-		return err
-	}
-	if err := cuda.CopyHtoD(b.s, b.attnQC.Ptr(), make([]uint32, 4*maxTokens)); err != nil {
-		return err
-	}
 	// Sized once, so that recorded graphs never see them move.
 	if err := b.growTable(max(spec.AdapterSlots, 1)); err != nil {
 		return err
@@ -916,7 +906,7 @@ func (b *Backend) Close() error {
 		}
 	}
 	errs = append(errs, b.dropGraphs(), b.smPart.close(b))
-	for _, d := range []*cuda.DeviceBuffer{b.kcache, b.kscale, b.vcache, b.metaDev, b.invFreq, b.normed, b.table, b.loraTmp, b.smp[0].dev, b.smp[1].dev, b.attnPart, b.attnDone, b.attnQC,
+	for _, d := range []*cuda.DeviceBuffer{b.kcache, b.kscale, b.vcache, b.metaDev, b.invFreq, b.normed, b.table, b.loraTmp, b.smp[0].dev, b.smp[1].dev, b.attnPart, b.attnDone,
 		b.g.dev, b.g.part, b.g.tmp, b.la.delta} {
 		errs = append(errs, d.Free())
 	}

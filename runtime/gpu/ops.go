@@ -441,32 +441,13 @@ func (b *Backend) Attention(out, q, k, v engine.Buffer, layer int, scale float32
 	if cluster {
 		opts |= decOptCluster
 	}
-	var oq, oqs, oqc uint64 // the o projection's input quantized as it is stored (attnQuantFits)
-	quant := b.attnQuantFits(o.cols)
-	if quant {
-		oq, oqs, oqc = b.f8.actQ.Ptr(), b.f8.actS.Ptr(), b.attnQC.Ptr()
-	}
 	args := []any{ptr(o), part, b.attnDone, ptr(qb), kc, vc, b.i32(b.off.decSeqs), b.i32(b.off.seqInfo), b.i32(b.off.pages),
-		c.Heads, b.kv.KVHeads, b.kv.BlockSize, scale, b.decSplit, qb.ld, ks, opts, oq, oqs, oqc}
+		c.Heads, b.kv.KVHeads, b.kv.BlockSize, scale, b.decSplit, qb.ld, ks, opts}
 	if cluster {
 		b.fail(b.decodeKernel(hd, dv).LaunchCluster(b.s, grid, block, cuda.Dim3{X: 1, Y: 1, Z: b.decSplit}, decShared(hd, b.kv8, dv), args...))
-	} else {
-		b.fail(b.decodeKernel(hd, dv).Launch(b.s, grid, block, decShared(hd, b.kv8, dv), args...))
+		return
 	}
-	if quant && b.err == nil {
-		b.f8.holds(o.mem.Ptr(), b.rows(), o.cols, b.gen)
-	}
-}
-
-// attnQuantFits reports whether this step's attn_decode also quantizes
-// its output rows (o.cols values each) for the FP8 o projection
-// (dec_quant_tail in llama.cu), in place of quant_rows_e4m3's launch: FP8
-// weights, a step whose rows are all decode rows (attn_decode stores every
-// row the projection reads), rows of whole 16-byte words, and the
-// activation scratch sized for them. kernelForce.attnQuant -1 turns it off.
-func (b *Backend) attnQuantFits(cols int) bool {
-	return forcedOn(b.force.attnQuant, true) && b.f8 != nil && b.nDec > 0 && b.nPre == 0 && b.nPreTiles == 0 &&
-		cols%8 == 0 && b.f8.fits(b.rows(), cols)
+	b.fail(b.decodeKernel(hd, dv).Launch(b.s, grid, block, decShared(hd, b.kv8, dv), args...))
 }
 
 // attn_decode's opts bits (llama.cu): decOptEarly, a warp's first tiles
