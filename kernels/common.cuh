@@ -255,6 +255,14 @@ __device__ __forceinline__ void amax8(uint4 w, float& m, int& bad) {
     }
 }
 
+// amax1: the max |v| (m) and non-finite flag (bad) over bf16 values one at a
+// time, as amax8 keeps them for a word.
+__device__ __forceinline__ void amax1(bf16 v, float& m, int& bad) {
+    const float a = fabsf(__bfloat162float(v));
+    bad |= !(a <= 3.4e38f);
+    m = fmaxf(m, a);
+}
+
 // e4m3_scale: a row's scale *s from its max |v| (amax) and non-finite
 // flag (bad), and the factor its values are multiplied by.
 __device__ __forceinline__ float e4m3_scale(float amax, int bad, float* s) {

@@ -171,17 +171,17 @@ type slotState struct {
 }
 
 type funcs struct {
-	embed, addRMSNorm, rmsnormRows, ropeStore, attention, siluMul, siluMulCl, shrink, expand *cuda.Function
-	addBias, headRMSNorm, addDelta                                                           *cuda.Function
-	sgShrink, sgShrink4, sgExpand, sample, logitAdjust                                       *cuda.Function
-	attnDecode                                                                               [4]*cuda.Function // attn_decode_d32, d64, d128, d256
-	attnDecode8                                                                              [4]*cuda.Function // attn_decode8_d*: FP8 keys
-	attnDecode2                                                                              [4]*cuda.Function // attn_decode2_d*: 2 warps a block (decV2)
-	attnPrefill                                                                              [3]*cuda.Function // attn_prefill_d32, d64, d128
-	attnPrefill8                                                                             [3]*cuda.Function // attn_prefill8_d*: FP8 keys
-	sgExpandTC                                                                               [3]*cuda.Function // sgmv_expand_tc1, tc2, tc4
-	ropeRows                                                                                 *cuda.Function    // rope_store_rows
-	ropeLoRA                                                                                 *cuda.Function    // rope_store_lora
+	embed, addRMSNorm, addRMSNormCl, rmsnormRows, ropeStore, attention, siluMul, siluMulCl, shrink, expand *cuda.Function
+	addBias, headRMSNorm, addDelta                                                                         *cuda.Function
+	sgShrink, sgShrink4, sgExpand, sample, logitAdjust                                                     *cuda.Function
+	attnDecode                                                                                             [4]*cuda.Function // attn_decode_d32, d64, d128, d256
+	attnDecode8                                                                                            [4]*cuda.Function // attn_decode8_d*: FP8 keys
+	attnDecode2                                                                                            [4]*cuda.Function // attn_decode2_d*: 2 warps a block (decV2)
+	attnPrefill                                                                                            [3]*cuda.Function // attn_prefill_d32, d64, d128
+	attnPrefill8                                                                                           [3]*cuda.Function // attn_prefill8_d*: FP8 keys
+	sgExpandTC                                                                                             [3]*cuda.Function // sgmv_expand_tc1, tc2, tc4
+	ropeRows                                                                                               *cuda.Function    // rope_store_rows
+	ropeLoRA                                                                                               *cuda.Function    // rope_store_lora
 }
 
 // forced is an int setting of kernelForce whose 0 means the default and
@@ -230,6 +230,8 @@ type kernelForce struct {
 	ropeLoRA   int           // q/k/v LoRA expanded inside RoPE at 1-16 rows (lora_rope.go): 1 on, -1 off, 0 by the rows (ropeFold)
 	siluCl     int           // FP8 silu_mul of 1-64 rows: 1 silu_mul_cl (a cluster of blocks a row) wherever it fits, -1 never, 0 by the rows (siluClFits)
 	nodePrio   int           // recordings run the LoRA stream's kernels at that stream's priority (graph.go nodePriority): 1 at every row count, -1 at none, 0 by the rows
+	addCl      int           // add_rmsnorm as add_rmsnorm_cl (a cluster of blocks a row; lora_norm.go): 1 wherever it fits, -1 never, 0 by the rows (addClFits)
+	normLoRA   int           // the o and down LoRA updates expanded inside add_rmsnorm_cl (lora_norm.go): 1 wherever it fits, -1 never, 0 the default (where add_rmsnorm_cl runs)
 }
 
 // Backend implements engine.Backend on one CUDA device.
@@ -321,6 +323,7 @@ type Backend struct {
 	preFit           [3]bool
 	pdl              bool      // the compute stream launches kernels programmatically (Options.NoPDL)
 	ropeLoRALaunches int       // rope_store_lora launches recorded or run (lora_rope.go; tests)
+	normLoRALaunches int       // add_rmsnorm_cl launches that expanded a LoRA update (lora_norm.go; tests)
 	tune             tuneState // Options.TuneGEMMs (tune.go)
 	nDec, nPre       int       // decode sequences and prefill rows of the step
 	nPreTiles        int       // attn_prefill tiles of the step (0: the per-row kernel takes the prefill rows)
@@ -555,7 +558,7 @@ func (b *Backend) open(opts Options) error {
 		p    **cuda.Function
 		name string
 	}{{&b.fn.embed, "embed"}, {&b.fn.addRMSNorm, "add_rmsnorm"}, {&b.fn.rmsnormRows, "rmsnorm_rows"}, {&b.fn.ropeStore, "rope_store"},
-		{&b.fn.attention, "attention"}, {&b.fn.siluMul, "silu_mul"}, {&b.fn.siluMulCl, "silu_mul_cl"},
+		{&b.fn.attention, "attention"}, {&b.fn.siluMul, "silu_mul"}, {&b.fn.siluMulCl, "silu_mul_cl"}, {&b.fn.addRMSNormCl, "add_rmsnorm_cl"},
 		{&b.fn.shrink, "lora_shrink"}, {&b.fn.expand, "lora_expand"},
 		{&b.fn.sgShrink, "sgmv_shrink"}, {&b.fn.sgShrink4, "sgmv_shrink4"}, {&b.fn.sgExpand, "sgmv_expand"},
 		{&b.fn.sample, "sample_rows"}, {&b.fn.logitAdjust, "logit_adjust"}, {&b.fn.attnDecode[0], "attn_decode_d32"}, {&b.fn.attnDecode[1], "attn_decode_d64"},

@@ -1131,3 +1131,71 @@ func TestFP8WgmmaOption(t *testing.T) {
 		}
 	}
 }
+
+// TestFP8FusedQuantNormCl: add_rmsnorm_cl (kernelForce.addCl) quantizes its
+// output as quant_rows_e4m3 does (checkFusedQuant: the same bytes and
+// scales), a zero row with scale 1 and a row holding Inf with scale NaN;
+// its x is add_rmsnorm's bit for bit (the same adds) and its output within
+// a last bf16 bit of it (the row's sum of squares in another order).
+func TestFP8FusedQuantNormCl(t *testing.T) {
+	for _, H := range []int{256, 4096, 8192} {
+		t.Run(fmt.Sprint(H), func(t *testing.T) {
+			cfg := testConfig(H, 512, 4, 2, 64, 64, 1)
+			r := newRig(t, cfg, 8, engine.KVSpec{Layers: 1, Blocks: 4, BlockSize: 16, KVHeads: 2, HeadDim: 64})
+			if r.b.ctx.Device().Major < 9 {
+				t.Skip("no thread-block clusters before sm_90")
+			}
+			f8, err := newFP8(r.b.ctx, r.b.s, r.b.mm, kernels.Options{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			r.b.f8 = f8
+			const T = 5
+			if err := f8.reserve(T, H); err != nil {
+				t.Fatal(err)
+			}
+			xv, dv := r.rnd(T*H, 1), r.rnd(T*H, 1)
+			clear(xv[2*H : 3*H]) // a zero row
+			clear(dv[2*H : 3*H])
+			xv[3*H+9] = float32(math.Inf(1)) // a row holding Inf
+			x, d, out := r.buffer(T, H), r.buffer(T, H), r.buffer(T, H)
+			nw, _ := r.weight(1, H, 1)
+			run := func(cl int) (gx, gout []float32, sc []float32) {
+				r.fill(x, xv)
+				r.fill(d, dv)
+				r.poison(out)
+				r.b.force.addCl = cl
+				r.begin(oneSeq(T, 16, zeros(T)))
+				if cl > 0 && !r.b.addClFits(H) {
+					t.Fatalf("add_rmsnorm_cl does not take %d columns", H)
+				}
+				r.b.AddRMSNorm(x, d, out, nw, 1e-5)
+				sc = checkFusedQuant(t, r, f8, out, T, H)
+				gx, gout = r.read(x, T), r.read(out, T)
+				r.end()
+				return gx, gout, sc
+			}
+			x0, o0, _ := run(-1)
+			x1, o1, s1 := run(1)
+			bits := func(a, b float32) bool { return math.Float32bits(a) == math.Float32bits(b) }
+			if !slices.EqualFunc(x0, x1, bits) {
+				t.Error("add_rmsnorm_cl's x differs from add_rmsnorm's")
+			}
+			diff := 0
+			for i := range o0 {
+				if bits(o0[i], o1[i]) || o0[i] != o0[i] && o1[i] != o1[i] {
+					continue
+				}
+				diff++
+				if a, b := float64(o0[i]), float64(o1[i]); i/H == 3 || math.Abs(a-b) > 1.0/128*math.Abs(a) {
+					t.Errorf("out %d (row %d): %g, add_rmsnorm %g", i, i/H, b, a)
+					break
+				}
+			}
+			t.Logf("H=%d: %d of %d outputs a last bit from add_rmsnorm's; scales %v", H, diff, len(o0), s1)
+			if s1[2] != 1 || !math.IsNaN(float64(s1[3])) {
+				t.Errorf("scales %v: want 1 for the zero row 2, NaN for row 3", s1)
+			}
+		})
+	}
+}

@@ -212,11 +212,18 @@ func TestOpEmbed(t *testing.T) {
 	}
 }
 
+// TestOpAddRMSNorm: add_rmsnorm, and add_rmsnorm_cl (a cluster of blocks a
+// row: add and norm together, widths a multiple of 16 up to 8,192, on sm_90
+// and later) where kernelForce.addCl sends them.
 func TestOpAddRMSNorm(t *testing.T) {
-	for _, sh := range [][2]int{{1, 64}, {7, 172}, {33, 4104}} {
-		T, H := sh[0], sh[1]
+	for _, sh := range [][3]int{{1, 64, 0}, {7, 172, 0}, {33, 4104, 0}, {1, 4096, 1}, {5, 2064, 1}, {16, 8192, 1}, {7, 176, 1}, {3, 4096, -1}} {
+		T, H, cl := sh[0], sh[1], sh[2]
 		for mode := 0; mode < 3; mode++ { // 0: add+norm, 1: add only, 2: norm only
 			r := newRig(t, testConfig(64, 128, 4, 2, 16, 32, 1), T, engine.KVSpec{Layers: 1, Blocks: 4, BlockSize: 16, KVHeads: 2, HeadDim: 16})
+			r.b.force.addCl = cl
+			if mode == 0 && cl > 0 && !r.b.addClFits(H) && r.b.ctx.Device().Major >= 9 {
+				t.Fatalf("add_rmsnorm_cl does not take %d columns", H)
+			}
 			w, wv := r.weight(1, H, 2)
 			xv, dv := r.rnd(T*H, 3), r.rnd(T*H, 1)
 			x, d, out := r.buffer(T, H), r.buffer(T, H), r.buffer(T, H)
@@ -262,9 +269,10 @@ func TestOpAddRMSNorm(t *testing.T) {
 					wantO[i*H+j] = float64(wv[j]) * wantX[i*H+j] * inv
 				}
 			}
-			r.compare("rmsnorm x", gx, wantX, 1e-3)
+			name := fmt.Sprintf("T=%d H=%d addCl %d mode %d", T, H, cl, mode)
+			r.compare(name+" x", gx, wantX, 1e-3)
 			if ob != nil {
-				r.compare("rmsnorm out", gout, wantO, opTol)
+				r.compare(name+" out", gout, wantO, opTol)
 			}
 		}
 	}
