@@ -1645,58 +1645,32 @@ extern "C" __global__ void __launch_bounds__(256) silu_mul_cl(bf16* out, const b
 // with each row over a cluster of ADD_CL blocks (sm_90; grid rows * ADD_CL,
 // blocks of ADD_CL_THREADS): block `rank` takes columns [rank * per,
 // (rank + 1) * per), per = H / ADD_CL, a pair of columns a thread (at most
-// ADD_CL_PR pairs). The row's sum of squares meets through distributed
-// shared memory (the blocks' sums added in rank order), then with q its
-// max |out| and non-finite flag (quantized with the row's scale, as
-// add_rmsnorm does: the same bytes for the same out).
-// tmp set (the LoRA update of delta not expanded: runtime/gpu
-// lora_norm.go): each row whose rl is >= 0 gets its update here, from the
-// shrink's output (ksplit K parts, [ksplit][rows][t_stride] floats, scale
-// applied, the slice at column 0) and its adapter's B (table entry
-// entry + rl * entry_stride: B [H][rank], ranks multiples of 8, at most
-// 128), summed in float32 over the ranks in order and added to delta
-// rounded to bf16, as add_rmsnorm adds a float32 update d2: no expand
-// launch. Before griddepcontrol.wait (no kernel of the step writes them)
-// each thread loads its norm weights and its first pair's first 32 ranks
-// of B.
+// ADD_CL_PR pairs), so a row's x, delta and float32 LoRA update d2 (rows
+// whose rl is >= 0; delta + d2 rounded to bf16 first, as add_rmsnorm adds
+// them) are read by ADD_CL SMs. The row's sum of squares meets through
+// distributed shared memory (the blocks' sums added in rank order), then
+// with q its max |out| and non-finite flag: out quantized with the row's
+// scale, as add_rmsnorm does (the same bytes for the same out). The norm
+// weights are loaded before griddepcontrol.wait (no kernel writes them).
 #define ADD_CL 8
 #define ADD_CL_THREADS 256
 #define ADD_CL_PR 2
-#define ADD_CL_PRE 4 // 8-rank chunks of B kept in registers from before the wait
-extern "C" __global__ void __launch_bounds__(ADD_CL_THREADS) add_rmsnorm_cl(
-    bf16* x, const bf16* delta, const float* d2, const int* rl, bf16* out, const bf16* w, float eps, int H, unsigned char* q,
-    float* qscale, const float* tmp, const LoraEntry* table, int entry, int entry_stride, int t_stride, int rows, int ksplit) {
+extern "C" __global__ void __launch_bounds__(ADD_CL_THREADS) add_rmsnorm_cl(bf16* x, const bf16* delta, const float* d2, const int* rl,
+                                                                         bf16* out, const bf16* w, float eps, int H, unsigned char* q,
+                                                                         float* qscale) {
     __shared__ float sh[33];
-    __shared__ float ts[128]; // the row's shrink output (tmp summed over its K parts)
-    __shared__ float cs[2];   // this block's sum of squares, then its max |out| (non-finite: Inf), read by the cluster
+    __shared__ float cs[2]; // this block's sum of squares, then its max |out| (non-finite: Inf), read by the cluster
     const unsigned rank = cluster_rank();
     const i64 r = blockIdx.x / ADD_CL;
     const int per = H / ADD_CL, c0 = rank * per, np = per / 2, tid = threadIdx.x;
-    const int a = (tmp || d2) ? rl[r] : -1;
-    const LoraEntry e = tmp && a >= 0 ? table[entry + a * entry_stride] : LoraEntry{nullptr, nullptr, 0, 0.f, {0, 0}};
     __nv_bfloat162 wv[ADD_CL_PR];
 #pragma unroll
     for (int i = 0; i < ADD_CL_PR; i++) {
         const int p = tid + i * ADD_CL_THREADS;
         wv[i] = p < np ? *reinterpret_cast<const __nv_bfloat162*>(w + c0 + 2 * p) : __floats2bfloat162_rn(0.f, 0.f);
     }
-    const bf16* b0 = e.b + (i64)(c0 + 2 * tid) * e.rank; // the first pair's columns
-    uint4 u0[ADD_CL_PRE], u1[ADD_CL_PRE];
-#pragma unroll
-    for (int c = 0; c < ADD_CL_PRE; c++) {
-        const bool in = tid < np && 8 * c < e.rank;
-        u0[c] = in ? ldg16(b0 + 8 * c) : make_uint4(0u, 0u, 0u, 0u);
-        u1[c] = in ? ldg16(b0 + e.rank + 8 * c) : make_uint4(0u, 0u, 0u, 0u);
-    }
     pdl_entry();
-    if (e.rank > 0) {
-        for (int k = tid; k < e.rank; k += ADD_CL_THREADS) {
-            float t = 0.f;
-            for (int z = 0; z < ksplit; z++) t += __ldcg(tmp + ((i64)z * rows + r) * t_stride + k);
-            ts[k] = t;
-        }
-        __syncthreads();
-    }
+    const bool lo = d2 && rl[r] >= 0;
     bf16* xr = x + r * H + c0;
     float2 v[ADD_CL_PR];
     float ss = 0.f;
@@ -1707,32 +1681,9 @@ extern "C" __global__ void __launch_bounds__(ADD_CL_THREADS) add_rmsnorm_cl(
         if (p >= np) continue;
         const float2 xv = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(xr + 2 * p));
         float2 dv = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(delta + r * H + c0 + 2 * p));
-        if (d2 && a >= 0) {
+        if (lo) {
             const float2 e2 = *reinterpret_cast<const float2*>(d2 + r * H + c0 + 2 * p);
             dv = __bfloat1622float2(__floats2bfloat162_rn(dv.x + e2.x, dv.y + e2.y));
-        }
-        if (e.rank > 0) {
-            float s0 = 0.f, s1 = 0.f;
-            const bf16* bp = e.b + (i64)(c0 + 2 * p) * e.rank;
-            auto chunk = [&](int kk, uint4 x0, uint4 x1) { // ranks kk..kk+7
-                float f0[8], f1[8];
-                unpack8(x0, f0);
-                unpack8(x1, f1);
-#pragma unroll
-                for (int u = 0; u < 8; u++) {
-                    s0 = fmaf(ts[kk + u], f0[u], s0);
-                    s1 = fmaf(ts[kk + u], f1[u], s1);
-                }
-            };
-            if (i == 0) {
-#pragma unroll
-                for (int c = 0; c < ADD_CL_PRE; c++)
-                    if (8 * c < e.rank) chunk(8 * c, u0[c], u1[c]);
-                for (int kk = 8 * ADD_CL_PRE; kk < e.rank; kk += 8) chunk(kk, ldg16(bp + kk), ldg16(bp + e.rank + kk));
-            } else {
-                for (int kk = 0; kk < e.rank; kk += 8) chunk(kk, ldg16(bp + kk), ldg16(bp + e.rank + kk));
-            }
-            dv = __bfloat1622float2(__floats2bfloat162_rn(dv.x + s0, dv.y + s1));
         }
         const __nv_bfloat162 nb = __floats2bfloat162_rn(xv.x + dv.x, xv.y + dv.y);
         *reinterpret_cast<__nv_bfloat162*>(xr + 2 * p) = nb;

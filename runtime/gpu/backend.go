@@ -230,8 +230,7 @@ type kernelForce struct {
 	ropeLoRA   int           // q/k/v LoRA expanded inside RoPE at 1-16 rows (lora_rope.go): 1 on, -1 off, 0 by the rows (ropeFold)
 	siluCl     int           // FP8 silu_mul of 1-64 rows: 1 silu_mul_cl (a cluster of blocks a row) wherever it fits, -1 never, 0 by the rows (siluClFits)
 	nodePrio   int           // recordings run the LoRA stream's kernels at that stream's priority (graph.go nodePriority): 1 at every row count, -1 at none, 0 by the rows
-	addCl      int           // add_rmsnorm as add_rmsnorm_cl (a cluster of blocks a row; lora_norm.go): 1 wherever it fits, -1 never, 0 by the rows (addClFits)
-	normLoRA   int           // the o and down LoRA updates expanded inside add_rmsnorm_cl (lora_norm.go): 1 wherever it fits, -1 never, 0 the default (where add_rmsnorm_cl runs)
+	addCl      int           // add_rmsnorm as add_rmsnorm_cl (a cluster of blocks a row; norm_cl.go): 1 wherever it fits, -1 never, 0 by the rows and update (addClFits)
 }
 
 // Backend implements engine.Backend on one CUDA device.
@@ -323,7 +322,7 @@ type Backend struct {
 	preFit           [3]bool
 	pdl              bool      // the compute stream launches kernels programmatically (Options.NoPDL)
 	ropeLoRALaunches int       // rope_store_lora launches recorded or run (lora_rope.go; tests)
-	normLoRALaunches int       // add_rmsnorm_cl launches that expanded a LoRA update (lora_norm.go; tests)
+	addClUpdates     int       // add_rmsnorm_cl launches that added a LoRA update (norm_cl.go; tests)
 	tune             tuneState // Options.TuneGEMMs (tune.go)
 	nDec, nPre       int       // decode sequences and prefill rows of the step
 	nPreTiles        int       // attn_prefill tiles of the step (0: the per-row kernel takes the prefill rows)

@@ -1166,7 +1166,7 @@ func TestFP8FusedQuantNormCl(t *testing.T) {
 				r.poison(out)
 				r.b.force.addCl = cl
 				r.begin(oneSeq(T, 16, zeros(T)))
-				if cl > 0 && !r.b.addClFits(H) {
+				if cl > 0 && !r.b.addClFits(H, false) {
 					t.Fatalf("add_rmsnorm_cl does not take %d columns", H)
 				}
 				r.b.AddRMSNorm(x, d, out, nw, 1e-5)

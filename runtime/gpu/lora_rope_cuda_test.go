@@ -54,16 +54,15 @@ func TestRopeLoRAFixture(t *testing.T) {
 	}
 }
 
-// TestNormLoRAFixture: the o and down LoRA updates expanded inside
-// add_rmsnorm_cl (lora_norm.go) against the reference, as
-// TestRopeLoRAFixture runs the q/k/v one: the tiny fixture's cases
-// co-batched and teacher-forced with add_rmsnorm_cl and the fold forced on
-// (every step) and both off, bf16 weights, FP8 weights and FP8 keys; on
-// must expand in add_rmsnorm_cl and off must not; bf16 must meet the
-// fixture's limit, and on may not move a configuration's worst error by
-// more than 0.005 (the update summed in float32 in another order than the
-// tensor-core expand, the row's sum of squares too).
-func TestNormLoRAFixture(t *testing.T) {
+// TestNormClFixture: add_rmsnorm_cl adding the o and down LoRA updates
+// (norm_cl.go) against the reference, as TestRopeLoRAFixture runs the
+// q/k/v fold: the tiny fixture's cases co-batched and teacher-forced with
+// add_rmsnorm_cl forced on (every step's adds, prefill rows too) and off,
+// bf16 weights, FP8 weights and FP8 keys; on must add updates in
+// add_rmsnorm_cl and off must not; bf16 must meet the fixture's limit, and
+// on may not move a configuration's worst error by more than 0.005 (the
+// row's sum of squares is summed in another order).
+func TestNormClFixture(t *testing.T) {
 	m, adapters, cases := loadFixture(t)
 	V := m.Config.VocabSize
 	for _, c := range []struct {
@@ -79,21 +78,21 @@ func TestNormLoRAFixture(t *testing.T) {
 				if b.ctx.Device().Major < 9 {
 					t.Skip("no thread-block clusters before sm_90")
 				}
-				b.force.addCl, b.force.normLoRA = on, on
+				b.force.addCl = on
 				slots := loadSlots(t, e, adapters, fx.AdapterNames, 0)
 				var match, total int
 				worst[i], match, total = fixtureErrors(t, e, slots, cases, V)
-				what := fmt.Sprintf("%s, expand in add_rmsnorm_cl %v", c.name, on > 0)
-				t.Logf("%s: worst case-level relative error %.4g, greedy %d/%d, %d folded add_rmsnorm_cl launches", what, worst[i], match, total, b.normLoRALaunches)
-				if (b.normLoRALaunches > 0) != (on > 0) {
-					t.Errorf("%s: %d folded add_rmsnorm_cl launches", what, b.normLoRALaunches)
+				what := fmt.Sprintf("%s, add_rmsnorm_cl %v", c.name, on > 0)
+				t.Logf("%s: worst case-level relative error %.4g, greedy %d/%d, %d add_rmsnorm_cl launches adding an update", what, worst[i], match, total, b.addClUpdates)
+				if (b.addClUpdates > 0) != (on > 0) {
+					t.Errorf("%s: %d add_rmsnorm_cl launches adding an update", what, b.addClUpdates)
 				}
 			}
 			if c.name == "bf16" && !(worst[1] <= fixtureTol) {
-				t.Errorf("bf16, expand in add_rmsnorm_cl: worst case %.3g > %.0e", worst[1], fixtureTol)
+				t.Errorf("bf16, add_rmsnorm_cl: worst case %.3g > %.0e", worst[1], fixtureTol)
 			}
 			if !(worst[1] <= worst[0]+0.005) {
-				t.Errorf("%s: expand in add_rmsnorm_cl moves the worst case from %.4g to %.4g", c.name, worst[0], worst[1])
+				t.Errorf("%s: add_rmsnorm_cl moves the worst case from %.4g to %.4g", c.name, worst[0], worst[1])
 			}
 			t.Logf("maxrel=%.4g (on) vs %.4g (off)", worst[1], worst[0])
 		})

@@ -30,13 +30,9 @@ func (b *Backend) Embed(out engine.Buffer, table engine.Weight) {
 // AddRMSNorm: x += delta (if any), then out = rmsnorm(x) * w (if out).
 func (b *Backend) AddRMSNorm(x, delta, out engine.Buffer, w engine.Weight, eps float32) {
 	xb, d, o := buf(x), buf(delta), buf(out)
-	var d2 uint64      // a LoRA update of delta (o or down) from the LoRA stream
-	var fold *loraPend // or its shrink alone, for add_rmsnorm_cl to expand (lora_norm.go)
-	cl := d != nil && o != nil && b.addClFits(xb.cols)
+	var d2 uint64 // a LoRA update of delta (o or down) from the LoRA stream
 	if d != nil && d.whole() {
-		if l, ok := b.takeNormIf(cl, d); ok {
-			fold = &l
-		} else if p, _ := b.fuse(d); p != nil {
+		if p, _ := b.fuse(d); p != nil {
 			d2 = p[0]
 		}
 	}
@@ -64,8 +60,8 @@ func (b *Backend) AddRMSNorm(x, delta, out engine.Buffer, w engine.Weight, eps f
 	if o != nil && b.f8 != nil && b.f8.fits(b.rows(), xb.cols) {
 		q, qs = b.f8.actQ.Ptr(), b.f8.actS.Ptr()
 	}
-	if cl {
-		b.addRMSNormCl(xb, d, o, d2, wp, eps, q, qs, fold)
+	if d != nil && o != nil && b.addClFits(xb.cols, d2 != 0) { // norm_cl.go
+		b.addRMSNormCl(xb, d, o, d2, wp, eps, q, qs)
 	} else {
 		b.launch(b.fn.addRMSNorm, cuda.Dim3{X: b.rows()}, cuda.Dim3{X: 256}, xb.mem, ptr(d), d2, b.rowLora(), ptr(o), wp, eps, xb.cols, q, qs)
 	}

@@ -221,7 +221,7 @@ func TestOpAddRMSNorm(t *testing.T) {
 		for mode := 0; mode < 3; mode++ { // 0: add+norm, 1: add only, 2: norm only
 			r := newRig(t, testConfig(64, 128, 4, 2, 16, 32, 1), T, engine.KVSpec{Layers: 1, Blocks: 4, BlockSize: 16, KVHeads: 2, HeadDim: 16})
 			r.b.force.addCl = cl
-			if mode == 0 && cl > 0 && !r.b.addClFits(H) && r.b.ctx.Device().Major >= 9 {
+			if mode == 0 && cl > 0 && !r.b.addClFits(H, false) && r.b.ctx.Device().Major >= 9 {
 				t.Fatalf("add_rmsnorm_cl does not take %d columns", H)
 			}
 			w, wv := r.weight(1, H, 2)
