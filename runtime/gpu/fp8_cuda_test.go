@@ -753,6 +753,22 @@ func fp8Bytes(f *fp8State) int {
 	return n
 }
 
+// newFP8NormRig is a rig of hidden width H with the FP8 path (its
+// activation scratch sized for T rows), for the fused quantization tests.
+func newFP8NormRig(t *testing.T, T, H int) (*rig, *fp8State) {
+	t.Helper()
+	r := newRig(t, testConfig(H, 512, 4, 2, 64, 64, 1), 8, engine.KVSpec{Layers: 1, Blocks: 4, BlockSize: 16, KVHeads: 2, HeadDim: 64})
+	f8, err := newFP8(r.b.ctx, r.b.s, r.b.mm, kernels.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r.b.f8 = f8
+	if err := f8.reserve(T, H); err != nil {
+		t.Fatal(err)
+	}
+	return r, f8
+}
+
 // TestFP8FusedQuant: with FP8 projections add_rmsnorm quantizes the rows it
 // normalizes into the activation scratch, byte for byte what
 // quant_rows_e4m3 makes of them (16-byte words at H = 256, one value at a
@@ -762,17 +778,8 @@ func fp8Bytes(f *fp8State) int {
 func TestFP8FusedQuant(t *testing.T) {
 	for _, H := range []int{256, 264} {
 		t.Run(fmt.Sprint(H), func(t *testing.T) {
-			cfg := testConfig(H, 512, 4, 2, 64, 64, 1)
-			r := newRig(t, cfg, 8, engine.KVSpec{Layers: 1, Blocks: 4, BlockSize: 16, KVHeads: 2, HeadDim: 64})
-			f8, err := newFP8(r.b.ctx, r.b.s, r.b.mm, kernels.Options{})
-			if err != nil {
-				t.Fatal(err)
-			}
-			r.b.f8 = f8
 			const T = 5
-			if err := f8.reserve(T, H); err != nil {
-				t.Fatal(err)
-			}
+			r, f8 := newFP8NormRig(t, T, H)
 			xv := r.rnd(T*H, 1)
 			clear(xv[2*H : 3*H]) // a zero row
 			x, out := r.buffer(T, H), r.buffer(T, H)
@@ -1140,19 +1147,10 @@ func TestFP8WgmmaOption(t *testing.T) {
 func TestFP8FusedQuantNormCl(t *testing.T) {
 	for _, H := range []int{256, 4096, 8192} {
 		t.Run(fmt.Sprint(H), func(t *testing.T) {
-			cfg := testConfig(H, 512, 4, 2, 64, 64, 1)
-			r := newRig(t, cfg, 8, engine.KVSpec{Layers: 1, Blocks: 4, BlockSize: 16, KVHeads: 2, HeadDim: 64})
+			const T = 5
+			r, f8 := newFP8NormRig(t, T, H)
 			if r.b.ctx.Device().Major < 9 {
 				t.Skip("no thread-block clusters before sm_90")
-			}
-			f8, err := newFP8(r.b.ctx, r.b.s, r.b.mm, kernels.Options{})
-			if err != nil {
-				t.Fatal(err)
-			}
-			r.b.f8 = f8
-			const T = 5
-			if err := f8.reserve(T, H); err != nil {
-				t.Fatal(err)
 			}
 			xv, dv := r.rnd(T*H, 1), r.rnd(T*H, 1)
 			clear(xv[2*H : 3*H]) // a zero row
