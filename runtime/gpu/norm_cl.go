@@ -12,11 +12,13 @@ import (
 // stream: 32 KB a row at hidden 4,096 besides x and the product's output,
 // all read by one SM. add_rmsnorm_cl spreads each row over addCl blocks
 // (the row's sum of squares and max through distributed shared memory).
-// Measured on an H200 with four rank-32 adapters (v0.40, device ms a step,
-// add_rmsnorm_cl vs add_rmsnorm): FP8 1 / 4 / 16 rows 2.87 / 3.68 / 3.83
-// vs 2.87 / 3.71 / 3.92, bf16 1 / 16 rows 4.38 / 5.14 vs 4.43 / 5.17; in
-// the base steps (no update to read) it was slower, FP8 2.79 / 3.33 / 3.59
-// vs 2.75 / 3.30 / 3.53, so it takes only the adds of an update. Expanding
+// Measured on an H200 with four rank-32 adapters (v0.40, two calls, device
+// ms a step, add_rmsnorm_cl vs add_rmsnorm): FP8 16 rows 3.83 / 3.87 vs
+// 3.92 / 3.91, 1 and 4 rows within 0.03 either way; bf16 1 / 16 rows 4.38
+// / 5.14 and 4.40 / 5.15 vs 4.43 / 5.17 and 4.43 / 5.16. In the base steps
+// (no update to read) it was slower, FP8 1 / 4 / 16 rows 2.79 / 3.33 /
+// 3.59 vs 2.75 / 3.30 / 3.53, and so at 32-64 rows either way (FP8 base
+// 64 rows 5.00 vs 4.87): it takes the adds of an update at 1-16 rows. Expanding
 // the o and down updates inside it (the LoRA stream running their shrink
 // alone) was slower still: FP8 2.98 / 3.74 / 3.94, bf16 4.50 / 5.27
 // (docs/TRIED.md).
