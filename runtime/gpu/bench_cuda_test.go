@@ -461,30 +461,10 @@ func (v decodeVariant) label(ads []*lora.Adapter, pdlOK bool) string {
 	case v.inline > 0:
 		lbl += fmt.Sprintf("+inl%d", v.inline)
 	}
-	switch {
-	case v.rfold < 0:
-		lbl += "+norfold"
-	case v.rfold > 0:
-		lbl += "+rfold"
-	}
-	switch {
-	case v.silucl < 0:
-		lbl += "+nosilucl"
-	case v.silucl > 0:
-		lbl += "+silucl"
-	}
-	switch {
-	case v.addcl < 0:
-		lbl += "+noaddcl"
-	case v.addcl > 0:
-		lbl += "+addcl"
-	}
-	switch {
-	case v.prio < 0:
-		lbl += "+noprio"
-	case v.prio > 0:
-		lbl += "+prio"
-	}
+	lbl += onOffLabel(v.rfold, "rfold")
+	lbl += onOffLabel(v.silucl, "silucl")
+	lbl += onOffLabel(v.addcl, "addcl")
+	lbl += onOffLabel(v.prio, "prio")
 	switch v.pdlJoins {
 	case -1:
 		lbl += "+fulljoin"
@@ -492,6 +472,18 @@ func (v decodeVariant) label(ads []*lora.Adapter, pdlOK bool) string {
 		lbl += fmt.Sprintf("+pdljoin%d", v.pdlJoins)
 	}
 	return lbl
+}
+
+// onOffLabel is a label's part for a kernelForce switch (1 on, -1 off, 0
+// the default): "+name", "+noname", or nothing.
+func onOffLabel(v int, name string) string {
+	switch {
+	case v < 0:
+		return "+no" + name
+	case v > 0:
+		return "+" + name
+	}
+	return ""
 }
 
 // partOf is the SMs the LoRA stream has in gb's partition while it is on, else 0.
