@@ -755,6 +755,26 @@ __device__ __forceinline__ float ld_cluster(const float* p, unsigned rank) {
     return v;
 }
 
+// cluster_amax: the max |v| of a row spread over a cluster of NCL blocks,
+// from each thread's m and non-finite flag bad (amax8 / amax1): the block's
+// max (or +Inf when any value is not finite) goes to cm, this block's
+// shared float, and every block reads the NCL blocks' values through
+// distributed shared memory. +Inf back means a non-finite value: e4m3_scale
+// takes `amax == +Inf` as its flag. A max does not depend on the order, so
+// every block gets the bits one block over the whole row would.
+template <int NCL>
+__device__ __forceinline__ float cluster_amax(float m, int bad, float* sh, float* cm) {
+    bad = __syncthreads_or(bad);
+    const float bm = block_max(m, sh);
+    if (threadIdx.x == 0) *cm = bad ? __int_as_float(0x7f800000) : bm;
+    cluster_sync();
+    float amax = 0.f;
+#pragma unroll
+    for (unsigned k = 0; k < NCL; k++) amax = fmaxf(amax, ld_cluster(cm, k));
+    cluster_sync(); // no block leaves while another still reads its shared memory
+    return amax;
+}
+
 // DEC_CLUSTER: the most splits attn_decode merges through a cluster's shared
 // memory (opts bit 2; 8: the portable cluster size).
 #define DEC_CLUSTER 8
@@ -1602,7 +1622,7 @@ extern "C" __global__ void __launch_bounds__(256) silu_mul_cl(bf16* out, const b
                                                               float* qscale) {
     pdl_entry();
     __shared__ float sh[33];
-    __shared__ float cm[2]; // this block's max |v| and non-finite flag, read by the cluster
+    __shared__ float cm; // this block's max |v| (+Inf: a non-finite value), read by the cluster
     const unsigned rank = cluster_rank();
     const i64 r = blockIdx.x / SILU_CL;
     const bool lo = dg && rl[r] >= 0;
@@ -1620,19 +1640,9 @@ extern "C" __global__ void __launch_bounds__(256) silu_mul_cl(bf16* out, const b
             *reinterpret_cast<uint4*>(out + r * cols + col) = w[j];
         }
     }
-    bad = __syncthreads_or(bad);
-    const float bm = block_max(m, sh);
-    if (threadIdx.x == 0) cm[0] = bm, cm[1] = bad ? 1.f : 0.f;
-    cluster_sync();
-    float amax = 0.f, anybad = 0.f;
-#pragma unroll
-    for (unsigned k = 0; k < SILU_CL; k++) {
-        amax = fmaxf(amax, ld_cluster(cm, k));
-        anybad = fmaxf(anybad, ld_cluster(cm + 1, k));
-    }
-    cluster_sync(); // no block leaves while another still reads its shared memory
+    const float amax = cluster_amax<SILU_CL>(m, bad, sh, &cm);
     float s;
-    const float inv = e4m3_scale(amax, anybad != 0.f, &s);
+    const float inv = e4m3_scale(amax, amax == __int_as_float(0x7f800000), &s);
     if (rank == 0 && threadIdx.x == 0) qscale[r] = s;
 #pragma unroll
     for (int j = 0; j < SILU_CL_RC; j++) {
@@ -1714,14 +1724,7 @@ extern "C" __global__ void __launch_bounds__(ADD_CL_THREADS) add_rmsnorm_cl(bf16
         cluster_sync(); // no block leaves while another still reads its shared memory
         return;
     }
-    bad = __syncthreads_or(bad);
-    const float bm = block_max(m, sh);
-    if (tid == 0) cs[1] = bad ? __int_as_float(0x7f800000) : bm;
-    cluster_sync();
-    float amax = 0.f;
-#pragma unroll
-    for (unsigned k = 0; k < ADD_CL; k++) amax = fmaxf(amax, ld_cluster(cs + 1, k));
-    cluster_sync(); // no block leaves while another still reads its shared memory
+    const float amax = cluster_amax<ADD_CL>(m, bad, sh, cs + 1);
     float sc;
     const float qi = e4m3_scale(amax, amax == __int_as_float(0x7f800000), &sc);
     if (rank == 0 && tid == 0) qscale[r] = sc;
