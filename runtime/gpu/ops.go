@@ -127,7 +127,8 @@ func (b *Backend) holdFor(rows, n, k int, fp8 bool) int {
 // order: q/k/v, o, gate/up, down) leaves to the LoRA stream in a step of
 // rows rows with automatic SMs: autoLoRASMs, but for the q/k/v product
 // autoQKVSMs from autoQKVMinRows rows (its update outlasts the product
-// there: PERFORMANCE v0.31-v0.32), and above autoWideRows rows
+// there: PERFORMANCE v0.31-v0.32) and with FP8 weights autoFP8OutSMs for
+// the o and down products there too, and above autoWideRows rows
 // autoWideHolds (autoWideHoldsFP8 for FP8 weights).
 func autoHolds(rows int, fp8 bool) [4]int {
 	if rows > autoWideRows {
@@ -140,9 +141,22 @@ func autoHolds(rows int, fp8 bool) [4]int {
 	h := [4]int{s, s, s, s}
 	if rows >= autoQKVMinRows {
 		h[0] = autoQKVSMs
+		if fp8 {
+			h[1], h[3] = autoFP8OutSMs, autoFP8OutSMs
+		}
 	}
 	return h
 }
+
+// autoFP8OutSMs is the SMs the FP8 o and down products leave to the LoRA
+// stream from autoQKVMinRows to autoWideRows rows: their updates (each
+// o / down product's shrink and expand) ended 4-5 µs after the products
+// on 16 SMs (PERFORMANCE v0.37). H200, four rank-32 adapters, 64 rows,
+// device ms a step, q/k/v.o.gate_up.down holds (v0.41, two calls):
+// 48.16.16.16 5.46 / 5.45, 48.32.16.32 5.38 / 5.37, 48.32.16.48 5.37,
+// 48.48.16.48 5.36, 64.32.16.32 5.37, 48.24.16.24 5.46, 48.16.16.32 5.42;
+// bf16 at 64 rows gains nothing from them (6.69-6.74 against 6.71).
+const autoFP8OutSMs = 32
 
 // Above autoWideRows rows each group's update outlasts its product by
 // its own margin: TestLoRABesideBench at 256 rows (PERFORMANCE v0.34
