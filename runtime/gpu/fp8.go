@@ -330,7 +330,7 @@ func wgAutoFits(T, N, K int, shared bool) bool {
 	switch {
 	case T <= gemvMaxRows || T > 64:
 		return false
-	case T <= 32:
+	case T <= fp8WgAllRows:
 		return true
 	}
 	return shared || N >= 4*K

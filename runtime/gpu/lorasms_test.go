@@ -10,7 +10,8 @@ import (
 // TestProductSMs: the SMs a product leaves to the LoRA stream beside it,
 // by the step's rows (none up to 16 rows, 16 above; the fused q/k/v product
 // 48 from 64 rows, and FP8 o and down 32 there; above 64 rows q/k/v and o
-// 32, gate/up 16, down 24, or 32 for an FP8 down),
+// 32, gate/up 16, down 24, or 32 for an FP8 down; FP8 at 17-32 rows as
+// above 64),
 // its group found by its shape (bf16 or FP8; o and down are equally wide,
 // told apart by their inputs), an override per group (kernelForce.holds),
 // or Options.LoRASMs for all.
@@ -31,7 +32,9 @@ func TestProductSMs(t *testing.T) {
 		{rows: 1},
 		{rows: 4},
 		{rows: 16},
-		{rows: 17, want: [8]int{16, 16, 16, 16, 16, 16, 16, 16}},
+		{rows: 17, want: [8]int{16, 32, 16, 32, 16, 16, 32, 16}},
+		{rows: 32, want: [8]int{16, 32, 16, 32, 16, 16, 32, 16}},
+		{rows: 33, want: [8]int{16, 16, 16, 16, 16, 16, 16, 16}},
 		{rows: 63, want: [8]int{16, 16, 16, 16, 16, 16, 16, 16}},
 		{rows: 64, want: [8]int{48, 48, 16, 32, 16, 16, 32, 16}},
 		{rows: 65, want: [8]int{32, 32, 32, 32, 16, 24, 32, 16}},

@@ -128,14 +128,18 @@ func (b *Backend) holdFor(rows, n, k int, fp8 bool) int {
 // rows rows with automatic SMs: autoLoRASMs, but for the q/k/v product
 // autoQKVSMs from autoQKVMinRows rows (its update outlasts the product
 // there: PERFORMANCE v0.31-v0.32) and with FP8 weights autoFP8OutSMs for
-// the o and down products there too, and above autoWideRows rows
-// autoWideHolds (autoWideHoldsFP8 for FP8 weights).
+// the o and down products there too; above autoWideRows rows
+// autoWideHolds (autoWideHoldsFP8 for FP8 weights), and autoWideHoldsFP8
+// for FP8 steps that fp8_wg takes whole (gemvMaxRows+1 to fp8WgAllRows).
 func autoHolds(rows int, fp8 bool) [4]int {
 	if rows > autoWideRows {
 		if fp8 {
 			return autoWideHoldsFP8
 		}
 		return autoWideHolds
+	}
+	if fp8 && rows > gemvMaxRows && rows <= fp8WgAllRows {
+		return autoWideHoldsFP8
 	}
 	s := autoLoRASMs(rows)
 	h := [4]int{s, s, s, s}
@@ -147,6 +151,17 @@ func autoHolds(rows int, fp8 bool) [4]int {
 	}
 	return h
 }
+
+// fp8WgAllRows is the most rows at which every FP8 product is fp8_wg's
+// (wgAutoFits), which keeps to the SM target; from 17 rows to it FP8 steps
+// hold autoWideHoldsFP8. H200, four rank-32 adapters, device ms a step
+// (v0.41), 24 / 32 rows against 16 SMs from every product: 32.32.16.32
+// 4.20 / 4.40 vs 4.40 / 4.60 (ratio to base 0.875 / 0.872 -> 0.917 /
+// 0.911), 48.32.16.32 4.19 / 4.39, 32.48.16.48 4.23 / 4.42, 32.32.32.32
+// 4.28 / 4.50, 24.24.16.24 4.33 / 4.52; at 48 rows (cuBLASLt for q/k/v, o
+// and down) 16.32.16.32 and 32.32.16.32 5.52 vs 5.49, so 33-63 rows keep
+// 16; bf16 at 24 / 32 rows 5.64 / 5.86 vs 5.64 / 5.85.
+const fp8WgAllRows = 32
 
 // autoFP8OutSMs is the SMs the FP8 o and down products leave to the LoRA
 // stream from autoQKVMinRows to autoWideRows rows: their updates (each
