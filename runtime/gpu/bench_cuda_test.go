@@ -543,11 +543,18 @@ func TestDecodeBench(t *testing.T) {
 	// attention-bound decode)
 	prompt := envPositive(t, "PEFTD_DECODE_PROMPT", 512)
 	const newTok = 128
+	// PEFTD_DECODE_MIXED=P: every timed step also starts a new sequence with
+	// a P-token prompt (under the next adapter in turn with adapters, none
+	// without), released after the step, so a step of B decode rows replays
+	// the mixed recording of B + P rows: serving's mixed steps (serve8b's
+	// SERVEKINDS: ~59 decode rows beside ~180 prompt rows). gpu_ms counts
+	// the prompt rows; tok/s counts the decode tokens alone.
+	mixedP := envPositive(t, "PEFTD_DECODE_MIXED", 0)
 	maxB := slices.Max(batches)
 	// the step and the cache also hold adapterLoadBench's 8 x 512-token
 	// prefill and its 64 sequences
 	opts := engine.Options{MaxTokens: max(prefillChunk(prompt)*prompt, 8*512), BlockSize: 16,
-		KVBlocks: max(maxB*(prompt+newTok)/16+64, 64*(512+64)/16+64)}
+		KVBlocks: max(maxB*(prompt+newTok)/16+64, 64*(512+64)/16+64) + (mixedP+15)/16}
 	// refuse a cache the card cannot hold before the 16 GB load
 	if cfg, err := llama.LoadConfig(filepath.Join(dir, "base")); err == nil {
 		kvBytes := int64(cfg.Layers) * int64(opts.KVBlocks) * 16 * int64(cfg.KVHeads*cfg.HeadDim) * 4
@@ -620,6 +627,9 @@ func TestDecodeBench(t *testing.T) {
 	}
 	bench("decode device %s; weights %s; KV cache %s; prompts of %d tokens; %s: %d layers, hidden %d, vocab %d; %d adapters of %.0f MB; copy bandwidth %.0f GB/s; loaded in %v; %d decode graphs recorded in %v (%d captured without an eager run first)",
 		gb.Device().Name, wf, kvf, prompt, dir, c.Layers, c.Hidden, c.VocabSize, len(ads), adBytes/1e6, bw/1e9, load.Round(time.Second), recorded, warm.Round(time.Millisecond), gb.g.Direct)
+	if mixedP > 0 {
+		bench("decode mixed steps: every timed step also prefills a new %d-token prompt (in gpu_ms and roof_ms, not in tok/s)", mixedP)
+	}
 	bench("decode %-5s %-11s %10s %10s %10s %9s %9s %9s %9s %10s", "batch", "lora", "wall_tok/s", "gpu_tok/s", "roof_tok/s", "gpu_frac", "wall_ms", "gpu_ms", "roof_ms", "prefill_s")
 	rng := rand.New(rand.NewPCG(3, 4))
 	ctx := context.Background()
@@ -788,23 +798,36 @@ func TestDecodeBench(t *testing.T) {
 				in[i] = engine.Input{Seq: seqs[i], Tokens: []int32{int32(rng.IntN(c.VocabSize))}, Slot: slot(i)}
 				kvRead += float64(seqs[i].Len()+1) * kvTok
 			}
+			stepIn := in
+			var fresh *engine.Sequence // PEFTD_DECODE_MIXED's prompt
+			if mixedP > 0 {
+				fresh = &engine.Sequence{}
+				toks := make([]int32, mixedP)
+				for k := range toks {
+					toks[k] = int32(rng.IntN(c.VocabSize))
+				}
+				stepIn = append(in[:B:B], engine.Input{Seq: fresh, Tokens: toks, Slot: slot(B + step)})
+			}
 			ts := time.Now()
 			if sampled {
-				sp := make([]engine.Sampling, B)
+				sp := make([]engine.Sampling, len(stepIn))
 				for i := range sp {
-					sp[i] = engine.Sampling{Params: sample.Params{Temperature: 0.8, TopP: 0.95}, Seed: uint64(i), Index: uint64(seqs[i].Len())}
+					sp[i] = engine.Sampling{Params: sample.Params{Temperature: 0.8, TopP: 0.95}, Seed: uint64(i), Index: uint64(stepIn[i].Seq.Len())}
 				}
-				if _, err := e.StepSample(ctx, in, sp); err != nil {
+				if _, err := e.StepSample(ctx, stepIn, sp); err != nil {
 					t.Fatal(err)
 				}
-			} else if _, err := e.Step(ctx, in); err != nil {
+			} else if _, err := e.Step(ctx, stepIn); err != nil {
 				t.Fatal(err)
 			}
 			wall += time.Since(ts)
 			gpuMs += float64(gb.StepMs())
-			bytes := wBytes + kvRead + float64(B)*kvTok
+			if fresh != nil {
+				e.Release(fresh)
+			}
+			bytes := wBytes + kvRead + float64(B+mixedP)*kvTok
 			if withLoRA {
-				bytes += adBytes * float64(min(B, len(ads)))
+				bytes += adBytes * float64(min(len(stepIn), len(ads)))
 			}
 			roofS += bytes / bw
 		}
