@@ -45,11 +45,7 @@ extern "C" __global__ void quant_rows_e4m3(unsigned char* __restrict__ q, float*
     if (vec) {
         for (int i = threadIdx.x * 8; i < cols; i += blockDim.x * 8) amax8(*(const uint4*)(xr + i), m, bad);
     } else {
-        for (int i = threadIdx.x; i < cols; i += blockDim.x) {
-            float a = fabsf(__bfloat162float(xr[i]));
-            bad |= !(a <= 3.4e38f);
-            m = fmaxf(m, a);
-        }
+        for (int i = threadIdx.x; i < cols; i += blockDim.x) amax1(xr[i], m, bad);
     }
     quant_row_e4m3(xr, qr, scale + r, cols, vec, m, bad, sh);
 }

@@ -168,9 +168,7 @@ extern "C" __global__ void add_rmsnorm(bf16* x, const bf16* delta, const float* 
     for (int i = threadIdx.x; i < H; i += blockDim.x) {
         const bf16 b = tobf(ld(w + i) * (ld(xr + i) * inv));
         o[i] = b;
-        const float a = fabsf(__bfloat162float(b));
-        bad |= !(a <= 3.4e38f);
-        m = fmaxf(m, a);
+        amax1(b, m, bad);
     }
     if (q) quant_row_e4m3(o, q + (i64)r * H, qscale + r, H, false, m, bad, sh);
 }
