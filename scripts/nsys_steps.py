@@ -5,7 +5,9 @@ TestDecodeBench traced with --cuda-graph-trace=node (gpu-check's nsysdec).
 
 A step starts at its `embed` kernel; its batch is embed's grid X. Steps
 with prefill attention (attn_prefill, the per-row `attention` kernel) are
-left out, and the first 3 decode steps of each batch too. Steps of one
+left out (kept with NSYS_STEPS_MIXED=1: TestDecodeBench's
+PEFTD_DECODE_MIXED steps, a prompt beside the decode rows), and the first
+3 decode steps of each batch too. Steps of one
 batch replay one graph, so their kernels line up by index on the compute
 stream (embed's); for each kernel family the table gives the kernels per
 step, their median duration, and the median gap before each: its start
@@ -19,6 +21,7 @@ duration each and their time summed over the step.
 
 Usage: nsys_steps.py TRACE.csv
 """
+import os
 import statistics
 import sys
 from collections import defaultdict
@@ -54,6 +57,9 @@ def load(path):
     return rows
 
 
+MIXED = os.environ.get("NSYS_STEPS_MIXED") == "1"
+
+
 def steps_of(rows):
     """Splits the trace at each embed kernel: (batch, compute stream, kernels)."""
     starts = [i for i, r in enumerate(rows) if family(r[2]) == "embed"]
@@ -61,7 +67,7 @@ def steps_of(rows):
     for j, i in enumerate(starts):
         end = starts[j + 1] if j + 1 < len(starts) else len(rows)
         ks = rows[i:end]
-        if any(f in ("attn_prefill_d32", "attn_prefill_d64", "attn_prefill_d128", "attention") or f.startswith("attn_prefill") for f in (family(k[2]) for k in ks)):
+        if not MIXED and any(f in ("attn_prefill_d32", "attn_prefill_d64", "attn_prefill_d128", "attention") or f.startswith("attn_prefill") for f in (family(k[2]) for k in ks)):
             continue
         out.append((rows[i][4], rows[i][3], ks))
     return out

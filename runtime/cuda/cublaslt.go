@@ -139,6 +139,25 @@ type Matmul struct {
 	alpha, beta *[1]float32
 	sms         int32 // SetSMTarget
 	pin         runtime.Pinner
+	track       bool          // TrackCaptures: note each product's place in a capture
+	calls       []LibraryCall // the products enqueued on capturing streams since TrackCaptures
+}
+
+// LibraryCall is where one product cuBLASLt enqueued on a capturing stream
+// sits in the capture: the nodes its first operation depends on (Before)
+// and those the stream's next work would (After: its last kernel).
+// cuBLASLt may put a memset of its workspace first (a Before dependant that
+// is not a kernel of its own call's GEMM); see runtime/gpu's hoist.
+type LibraryCall struct {
+	Before, After []GraphNode
+}
+
+// TrackCaptures turns on (or off) noting each product enqueued on a
+// capturing stream, and returns (and forgets) those noted so far.
+func (m *Matmul) TrackCaptures(on bool) []LibraryCall {
+	calls := m.calls
+	m.track, m.calls = on, nil
+	return calls
 }
 
 // NewMatmul creates a cuBLASLt handle and a workspace of wsBytes.
@@ -271,10 +290,19 @@ func (m *Matmul) GemmTN(s *Stream, out DevicePtr, outType DataType, in DevicePtr
 // in @ w^T + beta * out. On the context's thread (Context.Do).
 func (m *Matmul) enqueue(s *Stream, p *gemmPlan, algo *[heuristicResultSize]byte, out, in, w DevicePtr, alpha, beta float32) error {
 	m.alpha[0], m.beta[0] = alpha, beta
+	var before []GraphNode
+	if m.track {
+		before, _ = s.captureLeaves() // not capturing (an error): nothing to note
+	}
 	err := checkBLAS("cublasLtMatmul", blas.cublasLtMatmul(m.h, p.desc, unsafe.Pointer(m.alpha), w, p.a, in, p.b,
 		unsafe.Pointer(m.beta), out, p.d, out, p.d, unsafe.Pointer(&algo[0]), m.ws.Ptr(), uint64(m.ws.Size()), s.s))
 	if err == nil {
 		s.afterKernel = true // cuBLASLt's last operation is its GEMM (or split-K reduce) kernel
+		if len(before) > 0 {
+			if after, lerr := s.captureLeaves(); lerr == nil {
+				m.calls = append(m.calls, LibraryCall{Before: before, After: after})
+			}
+		}
 	}
 	return err
 }

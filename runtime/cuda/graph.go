@@ -173,29 +173,36 @@ func (s *Stream) CaptureLeaves() ([]GraphNode, error) {
 		return nil, err
 	}
 	var out []GraphNode
-	err := s.c.Do(func() error {
-		var (
-			status int32
-			id     uint64
-			g      cuGraph
-			deps   *uintptr
-			data   *EdgeData
-			n      uint64
-		)
-		if err := check("cuStreamGetCaptureInfo_v3", drv.cuStreamGetCaptureInfo(s.s, &status, &id, &g, &deps, &data, &n)); err != nil {
-			return err
-		}
-		if status != 1 { // CU_STREAM_CAPTURE_STATUS_ACTIVE
-			return fmt.Errorf("%w: the stream is not capturing (status %d)", ErrInvalidValue, status)
-		}
-		if n > 0 && deps != nil {
-			for _, d := range unsafe.Slice(deps, n) { // the driver's array: copied before the next call
-				out = append(out, GraphNode(d))
-			}
-		}
-		return nil
+	err := s.c.Do(func() (err error) {
+		out, err = s.captureLeaves()
+		return err
 	})
 	return out, err
+}
+
+// captureLeaves is CaptureLeaves on the context's thread (inside Context.Do).
+func (s *Stream) captureLeaves() ([]GraphNode, error) {
+	var (
+		status int32
+		id     uint64
+		g      cuGraph
+		deps   *uintptr
+		data   *EdgeData
+		n      uint64
+		out    []GraphNode
+	)
+	if err := check("cuStreamGetCaptureInfo_v3", drv.cuStreamGetCaptureInfo(s.s, &status, &id, &g, &deps, &data, &n)); err != nil {
+		return nil, err
+	}
+	if status != 1 { // CU_STREAM_CAPTURE_STATUS_ACTIVE
+		return nil, fmt.Errorf("%w: the stream is not capturing (status %d)", ErrInvalidValue, status)
+	}
+	if n > 0 && deps != nil {
+		for _, d := range unsafe.Slice(deps, n) { // the driver's array: copied before the next call
+			out = append(out, GraphNode(d))
+		}
+	}
+	return out, nil
 }
 
 // Edges lists every edge of g with its data.
@@ -227,14 +234,53 @@ func (g *Graph) Edges() ([]GraphEdge, error) {
 	return out, err
 }
 
-// IsKernel reports whether node n of g is a kernel launch.
-func (g *Graph) IsKernel(n GraphNode) (bool, error) {
+// GraphNodeType is a node's CUgraphNodeType.
+type GraphNodeType int32
+
+// The node types peftd's recordings hold.
+const (
+	NodeKernel GraphNodeType = 0 // CU_GRAPH_NODE_TYPE_KERNEL
+	NodeMemset GraphNodeType = 2 // CU_GRAPH_NODE_TYPE_MEMSET
+)
+
+// Type reports node n's type.
+func (g *Graph) Type(n GraphNode) (GraphNodeType, error) {
 	if err := edgesBound(); err != nil {
-		return false, err
+		return 0, err
 	}
 	var t int32
 	err := g.c.Do(func() error { return check("cuGraphNodeGetType", drv.cuGraphNodeGetType(uintptr(n), &t)) })
-	return err == nil && t == 0, err // CU_GRAPH_NODE_TYPE_KERNEL
+	return GraphNodeType(t), err
+}
+
+// IsKernel reports whether node n of g is a kernel launch.
+func (g *Graph) IsKernel(n GraphNode) (bool, error) {
+	t, err := g.Type(n)
+	return err == nil && t == NodeKernel, err
+}
+
+// Rewire removes the edges remove (each as Edges gave it, data included)
+// from g, then adds the edges add.
+func (g *Graph) Rewire(remove, add []GraphEdge) error {
+	if err := edgesBound(); err != nil {
+		return err
+	}
+	op := func(name string, f func(g cuGraph, from, to *uintptr, data *EdgeData, n uint64) int32, edges []GraphEdge) error {
+		if len(edges) == 0 {
+			return nil
+		}
+		from, to, data := make([]uintptr, len(edges)), make([]uintptr, len(edges)), make([]EdgeData, len(edges))
+		for i, e := range edges {
+			from[i], to[i], data[i] = uintptr(e.From), uintptr(e.To), e.Data
+		}
+		return check(name, f(g.g, &from[0], &to[0], &data[0], uint64(len(edges))))
+	}
+	return g.c.Do(func() error {
+		if err := op("cuGraphRemoveDependencies_v2", drv.cuGraphRemoveDependencies, remove); err != nil {
+			return err
+		}
+		return op("cuGraphAddDependencies_v2", drv.cuGraphAddDependencies, add)
+	})
 }
 
 // Retype replaces each edge (its From and To) of g by one with data d.

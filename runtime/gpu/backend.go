@@ -230,6 +230,7 @@ type kernelForce struct {
 	ropeLoRA   int           // q/k/v LoRA expanded inside RoPE at 1-16 rows (lora_rope.go): 1 on, -1 off, 0 by the rows (ropeFold)
 	siluCl     int           // FP8 silu_mul of 1-64 rows: 1 silu_mul_cl (a cluster of blocks a row) wherever it fits, -1 never, 0 by the rows (siluClFits)
 	nodePrio   int           // recordings run the LoRA stream's kernels at that stream's priority (graph.go nodePriority): 1 at every row count, -1 at none, 0 by the rows
+	memHoist   int           // recordings hoist cuBLASLt's memsets beside the kernel before them (memsethoist.go): -1 off, else on
 	addCl      int           // add_rmsnorm as add_rmsnorm_cl (a cluster of blocks a row; norm_cl.go): 1 wherever it fits, -1 never, 0 by the rows and update (addClFits)
 }
 

@@ -393,6 +393,7 @@ type decodeVariant struct {
 	noseg                        bool   // FP8 weights: fp8_gemv, not fp8_gemv_seg, at 1-4 rows (fp8State.segOff)
 	silucl                       int    // FP8 silu_mul of 1-64 rows as silu_mul_cl (kernelForce.siluCl: 1 wherever it fits, -1 never, 0 the default)
 	addcl                        int    // add_rmsnorm as add_rmsnorm_cl (kernelForce.addCl: 1 wherever it fits, -1 never, 0 the default: 1-16 rows adding a LoRA update)
+	hoist                        int    // recordings hoist cuBLASLt's memsets (kernelForce.memHoist: -1 off, 0 the default: on)
 	prio                         int    // recordings with the LoRA stream's kernels at its priority (kernelForce.nodePrio: 1 at every row count, -1 at none, 0 the default)
 	wg                           bool   // FP8 weights: fp8_wg (wgmma; PEFTD_WG) for 17-128 rows (fp8State.wgOn)
 	nowga                        bool   // FP8 weights: Options.NoFP8Wgmma, every product of 17-64 rows on cuBLASLt (the default routes wgAutoFits' to fp8_wg: fp8State.wgAuto)
@@ -465,6 +466,7 @@ func (v decodeVariant) label(ads []*lora.Adapter, pdlOK bool) string {
 	lbl += onOffLabel(v.silucl, "silucl")
 	lbl += onOffLabel(v.addcl, "addcl")
 	lbl += onOffLabel(v.prio, "prio")
+	lbl += onOffLabel(v.hoist, "hoist")
 	switch v.pdlJoins {
 	case -1:
 		lbl += "+fulljoin"
@@ -656,7 +658,7 @@ func TestDecodeBench(t *testing.T) {
 		{sms: -1, nowga: true}, {lora: true, sms: -1, nowga: true},
 		{sms: -1, wg: true, two: true}, {lora: true, sms: -1, wg: true, two: true}, {sms: -1, bwg: true, two: true}, {lora: true, sms: -1, bwg: true, two: true},
 		{lora: true, sms: -1, rfold: 1}, {lora: true, sms: -1, rfold: -1},
-		{sms: -1, noseg: true}, {lora: true, sms: -1, noseg: true}, {lora: true, sms: -1, prio: -1}, {lora: true, sms: -1, prio: 1},
+		{sms: -1, noseg: true}, {lora: true, sms: -1, noseg: true}, {lora: true, sms: -1, prio: -1}, {lora: true, sms: -1, prio: 1}, {sms: -1, hoist: -1}, {lora: true, sms: -1, hoist: -1},
 		{sms: -1, silucl: -1}, {lora: true, sms: -1, silucl: -1}, {sms: -1, silucl: 1}, {lora: true, sms: -1, silucl: 1},
 		{sms: -1, addcl: -1}, {lora: true, sms: -1, addcl: -1}, {sms: -1, addcl: 1}, {lora: true, sms: -1, addcl: 1},
 	}
@@ -734,12 +736,13 @@ func TestDecodeBench(t *testing.T) {
 			continue
 		}
 		retune := v.tuned && !gb.tune.done
-		if wantPDL := pdlOK && !v.nopdl; retune || partOf(gb) != v.part || gb.la.on == v.serial || gb.la.sms != v.sms || gb.s.ProgrammaticLaunch() != wantPDL || gb.force.decSplit != v.split || gb.force.ropeHeads != v.ropeHeads || gb.force.decOpts != v.opts || gb.force.noSkinny != v.lt || gb.force.wgFull != v.wgFull || gb.force.loraKChunk != v.kc || gb.force.skLate != v.skLate || gb.force.decVar != v.dv || gb.force.bwg != v.bwg || gb.force.holds != v.holds || gb.force.pdlJoins != v.pdlJoins || gb.force.loraInline != v.inline || gb.force.ropeLoRA != v.rfold || gb.force.nodePrio != v.prio || gb.force.siluCl != v.silucl || gb.force.addCl != v.addcl || gb.wg != nil && gb.wg.two != v.two || gb.f8 != nil && gb.f8.wg != nil && gb.f8.wg.two != v.two || gb.f8 != nil && (gb.f8.wgBeside != v.wgBeside || gb.f8.streamOn != v.fs || gb.f8.streamOff != v.gv || gb.f8.segOff != v.noseg || gb.f8.wgOn != v.wg || gb.f8.wgAuto != (gb.f8.wgAutoDefault && !v.nowga)) { // recordings bake the LoRA and launch modes, the kernels and the GEMM algorithms in
+		if wantPDL := pdlOK && !v.nopdl; retune || partOf(gb) != v.part || gb.la.on == v.serial || gb.la.sms != v.sms || gb.s.ProgrammaticLaunch() != wantPDL || gb.force.decSplit != v.split || gb.force.ropeHeads != v.ropeHeads || gb.force.decOpts != v.opts || gb.force.noSkinny != v.lt || gb.force.wgFull != v.wgFull || gb.force.loraKChunk != v.kc || gb.force.skLate != v.skLate || gb.force.decVar != v.dv || gb.force.bwg != v.bwg || gb.force.holds != v.holds || gb.force.pdlJoins != v.pdlJoins || gb.force.loraInline != v.inline || gb.force.ropeLoRA != v.rfold || gb.force.nodePrio != v.prio || gb.force.siluCl != v.silucl || gb.force.addCl != v.addcl || gb.force.memHoist != v.hoist || gb.wg != nil && gb.wg.two != v.two || gb.f8 != nil && gb.f8.wg != nil && gb.f8.wg.two != v.two || gb.f8 != nil && (gb.f8.wgBeside != v.wgBeside || gb.f8.streamOn != v.fs || gb.f8.streamOff != v.gv || gb.f8.segOff != v.noseg || gb.f8.wgOn != v.wg || gb.f8.wgAuto != (gb.f8.wgAutoDefault && !v.nowga)) { // recordings bake the LoRA and launch modes, the kernels and the GEMM algorithms in
 			gb.la.on, gb.la.sms, gb.force.decSplit, gb.force.ropeHeads, gb.force.decOpts = !v.serial, v.sms, v.split, v.ropeHeads, v.opts
 			gb.force.noSkinny, gb.force.skLate, gb.force.decVar, gb.force.bwg = v.lt, v.skLate, v.dv, v.bwg
 			gb.force.wgFull, gb.force.loraKChunk = v.wgFull, v.kc
 			gb.force.holds, gb.force.pdlJoins, gb.force.loraInline = v.holds, v.pdlJoins, v.inline
 			gb.force.ropeLoRA, gb.force.nodePrio, gb.force.siluCl, gb.force.addCl = v.rfold, v.prio, v.silucl, v.addcl
+			gb.force.memHoist = v.hoist
 			if gb.wg != nil {
 				gb.wg.two = v.two
 			}
@@ -851,7 +854,7 @@ func TestDecodeBench(t *testing.T) {
 	gb.force.noSkinny, gb.force.skLate, gb.force.decVar, gb.force.bwg = false, false, 0, false
 	gb.force.wgFull, gb.force.loraKChunk = false, 0
 	gb.force.holds, gb.force.pdlJoins, gb.force.ropeLoRA, gb.force.nodePrio = [4]int{}, 0, 0, 0
-	gb.force.siluCl = 0
+	gb.force.siluCl, gb.force.memHoist = 0, 0
 	if gb.wg != nil {
 		gb.wg.two = false
 	}
@@ -872,7 +875,7 @@ func TestDecodeBench(t *testing.T) {
 		bench("decode tune: %d products tuned in %v, %d changed", len(res), took.Round(time.Millisecond), changed)
 	}
 	rec, rep := gb.GraphStats()
-	bench("decode graphs: %d recorded, %d steps replayed; %d edges made programmatic (pdljoin.go)", rec, rep, gb.g.joins.retyped)
+	bench("decode graphs: %d recorded, %d steps replayed; %d edges made programmatic (pdljoin.go), %d cuBLASLt memsets hoisted (memsethoist.go)", rec, rep, gb.g.joins.retyped, gb.g.hoisted)
 	if rec != recorded {
 		t.Errorf("%d decode graphs recorded after Warmup's %d: a decode step needed a new recording", rec, recorded)
 	}

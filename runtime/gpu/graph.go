@@ -129,6 +129,7 @@ type graphState struct {
 	// retypeJoins found, summed over the recordings
 	capture captureSources
 	joins   joinStats
+	hoisted int // cuBLASLt memsets moved beside the kernel before them (memsethoist.go)
 }
 
 // GraphStats reports how many decode graphs were recorded and how many
@@ -517,10 +518,12 @@ func (b *Backend) record(rows int, prog engine.Program) (*cuda.GraphExec, error)
 		return nil, err
 	}
 	b.g.capture = newCaptureSources(b.joinMode())
+	b.mm.TrackCaptures(b.memsetHoist())
 	prog.Run(b)
 	cs := b.g.capture
 	b.g.capture = captureSources{}
 	g, cerr := b.s.EndCapture()
+	calls := b.mm.TrackCaptures(false)
 	if err := errors.Join(b.err, cerr); err != nil {
 		b.err = nil
 		g.Destroy()
@@ -532,6 +535,13 @@ func (b *Backend) record(rows int, prog engine.Program) (*cuda.GraphExec, error)
 		return nil, err
 	}
 	b.g.joins.add(js)
+	if b.memsetHoist() {
+		n, err := hoistMemsets(g, calls)
+		if err != nil {
+			return nil, err
+		}
+		b.g.hoisted += n
+	}
 	if b.nodePriority(rows) {
 		return g.InstantiateNodePriority()
 	}
