@@ -173,6 +173,25 @@ extern "C" __global__ void add_rmsnorm(bf16* x, const bf16* delta, const float* 
     if (q) quant_row_e4m3(o, q + (i64)r * H, qscale + r, H, false, m, bad, sh);
 }
 
+// fill_rows: what a memset node does (cuda.MemsetParams): height rows of
+// width elements of esize bytes (1, 2 or 4) set to value, rows pitch bytes
+// apart. Recordings run it in place of cuBLASLt's workspace memsets
+// (runtime/gpu/memsethoist.go): a kernel after a kernel launches sooner
+// than a kernel after a memset node. grid-stride over the elements.
+extern "C" __global__ void fill_rows(unsigned char* dst, unsigned value, int esize, i64 width, i64 height, i64 pitch) {
+    const i64 n = width * height, stride = (i64)gridDim.x * blockDim.x;
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        const i64 r = i / width, c = i - r * width;
+        unsigned char* p = dst + r * pitch + c * esize;
+        if (esize == 4)
+            *reinterpret_cast<unsigned*>(p) = value;
+        else if (esize == 2)
+            *reinterpret_cast<unsigned short*>(p) = (unsigned short)value;
+        else
+            *p = (unsigned char)value;
+    }
+}
+
 // add_delta: x[r][c] += d[r][c] (rounded to bf16 in x) for c < cols and
 // the rows whose rl (row adapter slot) is >= 0, x rows ldx values apart, d
 // (float32) rows cols apart: a LoRA update computed on the LoRA stream,

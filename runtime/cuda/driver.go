@@ -84,6 +84,10 @@ type driver struct {
 	cuGraphAddDependencies    func(g cuGraph, from, to *uintptr, data *EdgeData, n uint64) int32
 	cuGraphRemoveDependencies func(g cuGraph, from, to *uintptr, data *EdgeData, n uint64) int32
 	cuGraphNodeGetType        func(node uintptr, t *int32) int32
+	// Graph nodes rewritten (optional; graph.go's MemsetParams, AddKernel, DestroyNode)
+	cuGraphMemsetNodeGetParams func(node uintptr, p *MemsetParams) int32
+	cuGraphAddKernelNode       func(node *uintptr, g cuGraph, deps *uintptr, n uint64, p *kernelNodeParams) int32
+	cuGraphDestroyNode         func(node uintptr) int32
 	// Profiler range (optional): what ncu --profile-from-start off records.
 	cuProfilerStart func() int32
 	cuProfilerStop  func() int32
@@ -171,6 +175,9 @@ func loadDriver() error {
 		b.fn(&d.cuGraphAddDependencies, "cuGraphAddDependencies_v2")
 		b.fn(&d.cuGraphRemoveDependencies, "cuGraphRemoveDependencies_v2")
 		b.fn(&d.cuGraphNodeGetType, "cuGraphNodeGetType")
+		b.fn(&d.cuGraphMemsetNodeGetParams, "cuGraphMemsetNodeGetParams")
+		b.fn(&d.cuGraphAddKernelNode, "cuGraphAddKernelNode_v2")
+		b.fn(&d.cuGraphDestroyNode, "cuGraphDestroyNode")
 		b.fn(&d.cuLaunchKernelEx, "cuLaunchKernelEx")
 		b.fn(&d.cuProfilerStart, "cuProfilerStart")
 		b.fn(&d.cuProfilerStop, "cuProfilerStop")

@@ -304,3 +304,95 @@ func (g *Graph) Retype(edges []GraphEdge, d EdgeData) error {
 		return check("cuGraphAddDependencies_v2", drv.cuGraphAddDependencies(g.g, &from[0], &to[0], &now[0], n))
 	})
 }
+
+// MemsetParams is a memset node's operation (CUDA_MEMSET_NODE_PARAMS):
+// Height rows of Width elements of ElementSize bytes (1, 2 or 4) set to
+// Value, rows Pitch bytes apart from Dst.
+type MemsetParams struct {
+	Dst                DevicePtr
+	Pitch              uint64
+	Value, ElementSize uint32
+	Width, Height      uint64
+}
+
+// kernelNodeParams is CUDA_KERNEL_NODE_PARAMS_v2.
+type kernelNodeParams struct {
+	fn                     cuFunction
+	gridX, gridY, gridZ    uint32
+	blockX, blockY, blockZ uint32
+	shared                 uint32
+	params, extra          unsafe.Pointer
+	kern                   uintptr // CUkernel: a library's kernel (fn 0)
+	ctx                    uintptr // CUcontext (0: the current one)
+}
+
+func nodesBound() error {
+	if err := edgesBound(); err != nil {
+		return err
+	}
+	if drv.cuGraphMemsetNodeGetParams == nil || drv.cuGraphAddKernelNode == nil || drv.cuGraphDestroyNode == nil {
+		return fmt.Errorf("%w: the driver cannot rewrite graph nodes", ErrNotSupported)
+	}
+	return nil
+}
+
+// NodesSupported reports (nil) whether the driver can read memset nodes,
+// add kernel nodes and remove nodes (MemsetParams, AddKernel, DestroyNode).
+func NodesSupported() error { return nodesBound() }
+
+// MemsetParams reads memset node n's operation.
+func (g *Graph) MemsetParams(n GraphNode) (MemsetParams, error) {
+	var p MemsetParams
+	if err := nodesBound(); err != nil {
+		return p, err
+	}
+	err := g.c.Do(func() error {
+		return check("cuGraphMemsetNodeGetParams", drv.cuGraphMemsetNodeGetParams(uintptr(n), &p))
+	})
+	return p, err
+}
+
+// AddKernel adds to g a launch of f (grid, block, shared bytes and
+// arguments as Launch takes them) that depends on deps (full edges).
+func (g *Graph) AddKernel(deps []GraphNode, f *Function, grid, block Dim3, shared int, args ...any) (GraphNode, error) {
+	if err := nodesBound(); err != nil {
+		return 0, err
+	}
+	var node uintptr
+	err := g.c.Do(func() error {
+		a := g.c.args
+		if err := a.pack(f.Name, args); err != nil {
+			return err
+		}
+		p := kernelNodeParams{fn: f.f, kern: f.k, shared: uint32(shared)}
+		if f.k != 0 {
+			p.fn = 0
+		}
+		p.gridX, p.gridY, p.gridZ = grid.u()
+		p.blockX, p.blockY, p.blockZ = block.u()
+		if len(args) > 0 {
+			p.params = unsafe.Pointer(&a.ptrs[0])
+		}
+		var dp *uintptr
+		ds := make([]uintptr, len(deps))
+		for i, d := range deps {
+			ds[i] = uintptr(d)
+		}
+		if len(ds) > 0 {
+			dp = &ds[0]
+		}
+		return check("cuGraphAddKernelNode_v2", drv.cuGraphAddKernelNode(&node, g.g, dp, uint64(len(ds)), &p))
+	})
+	if err != nil {
+		return 0, fmt.Errorf("kernel %s: %w", f.Name, err)
+	}
+	return GraphNode(node), nil
+}
+
+// DestroyNode removes node n and its edges from g.
+func (g *Graph) DestroyNode(n GraphNode) error {
+	if err := nodesBound(); err != nil {
+		return err
+	}
+	return g.c.Do(func() error { return check("cuGraphDestroyNode", drv.cuGraphDestroyNode(uintptr(n))) })
+}

@@ -213,6 +213,44 @@ func clusterShape(grid, cluster Dim3) (Dim3, error) {
 	return Dim3{X: int(cx), Y: int(cy), Z: int(cz)}, nil
 }
 
+// pack stores args (as Launch takes them) in a's values.
+func (a *paramArena) pack(name string, args []any) error {
+	if len(args) > maxKernelArgs {
+		return fmt.Errorf("%w: %d kernel arguments (max %d)", ErrInvalidValue, len(args), maxKernelArgs)
+	}
+	for i, v := range args {
+		var x uint64
+		switch v := v.(type) {
+		case int:
+			x = uint64(int64(v))
+		case int32:
+			x = uint64(uint32(v))
+		case uint32:
+			x = uint64(v)
+		case int64:
+			x = uint64(v)
+		case uint64:
+			x = v
+		case float32:
+			x = uint64(math.Float32bits(v))
+		case float64:
+			x = math.Float64bits(v)
+		case bool:
+			if v {
+				x = 1
+			}
+		case *DeviceBuffer:
+			if v != nil {
+				x = v.ptr
+			}
+		default:
+			return fmt.Errorf("%w: kernel %s argument %d has unsupported type %T", ErrInvalidValue, name, i, v)
+		}
+		a.vals[i] = x
+	}
+	return nil
+}
+
 // launch is Launch (cluster zero) and LaunchCluster.
 func (f *Function) launch(s *Stream, grid, block, cluster Dim3, shared int, args []any) error {
 	if len(args) > maxKernelArgs {
@@ -220,35 +258,8 @@ func (f *Function) launch(s *Stream, grid, block, cluster Dim3, shared int, args
 	}
 	return f.c.Do(func() error {
 		a := f.c.args
-		for i, v := range args {
-			var x uint64
-			switch v := v.(type) {
-			case int:
-				x = uint64(int64(v))
-			case int32:
-				x = uint64(uint32(v))
-			case uint32:
-				x = uint64(v)
-			case int64:
-				x = uint64(v)
-			case uint64:
-				x = v
-			case float32:
-				x = uint64(math.Float32bits(v))
-			case float64:
-				x = math.Float64bits(v)
-			case bool:
-				if v {
-					x = 1
-				}
-			case *DeviceBuffer:
-				if v != nil {
-					x = v.ptr
-				}
-			default:
-				return fmt.Errorf("%w: kernel %s argument %d has unsupported type %T", ErrInvalidValue, f.Name, i, v)
-			}
-			a.vals[i] = x
+		if err := a.pack(f.Name, args); err != nil {
+			return err
 		}
 		gx, gy, gz := grid.u()
 		bx, by, bz := block.u()

@@ -518,7 +518,7 @@ func (b *Backend) record(rows int, prog engine.Program) (*cuda.GraphExec, error)
 		return nil, err
 	}
 	b.g.capture = newCaptureSources(b.joinMode())
-	b.mm.TrackCaptures(b.memsetHoist())
+	b.mm.TrackCaptures(b.memsetHoist() > 0)
 	prog.Run(b)
 	cs := b.g.capture
 	b.g.capture = captureSources{}
@@ -535,13 +535,11 @@ func (b *Backend) record(rows int, prog engine.Program) (*cuda.GraphExec, error)
 		return nil, err
 	}
 	b.g.joins.add(js)
-	if b.memsetHoist() {
-		n, err := hoistMemsets(g, calls)
-		if err != nil {
-			return nil, err
-		}
-		b.g.hoisted += n
+	n, err := hoistMemsets(g, calls, b.memsetHoist(), b.fn.fillRows)
+	if err != nil {
+		return nil, err
 	}
+	b.g.hoisted += n
 	if b.nodePriority(rows) {
 		return g.InstantiateNodePriority()
 	}

@@ -1,6 +1,10 @@
 package gpu
 
-import "github.com/peftd/peftd/runtime/cuda"
+import (
+	"fmt"
+
+	"github.com/peftd/peftd/runtime/cuda"
+)
 
 // Hoisting cuBLASLt's memsets out of the compute stream's chain (PERFORMANCE
 // v0.42).
@@ -28,13 +32,33 @@ import "github.com/peftd/peftd/runtime/cuda"
 // not touch cuBLASLt's workspace, and everything that did (an earlier
 // product on the same stream) is an ancestor of A's parents, so still of M.
 
-// memsetHoist reports whether recordings hoist cuBLASLt's memsets
-// (kernelForce.memHoist: -1 off; on by default).
-func (b *Backend) memsetHoist() bool { return forcedOn(b.force.memHoist, true) }
+// memsetHoist is the recordings' treatment of cuBLASLt's memsets
+// (kernelForce.memHoist): 0 none, 1 hoisted, 2 hoisted and replaced by
+// fill_rows (the default, where the driver can rewrite nodes).
+func (b *Backend) memsetHoist() int {
+	switch {
+	case b.force.memHoist < 0:
+		return 0
+	case b.force.memHoist == 1 || cuda.NodesSupported() != nil || b.fn.fillRows == nil:
+		return 1
+	}
+	return 2
+}
 
-// hoistPlan is the edges to remove from and add to a graph of edges edges
-// to hoist the memsets of calls; memset reports a node's type.
-func hoistPlan(edges []cuda.GraphEdge, calls []cuda.LibraryCall, memset func(cuda.GraphNode) bool) (remove, add []cuda.GraphEdge, hoisted int) {
+// memsetMove is one memset hoistPlan moves: m, which depended on from
+// (edges in), will depend on deps (from's own dependencies); from gains
+// full edges to m's dependants to (toNew: those it lacks).
+type memsetMove struct {
+	m         cuda.GraphNode
+	in        []cuda.GraphEdge
+	from      []cuda.GraphNode
+	deps, to  []cuda.GraphNode
+	fromEdges []cuda.GraphEdge // from -> to edges not already in the graph
+}
+
+// hoistPlan is the memsets of calls to move in a graph of edges edges;
+// memset reports a node's type.
+func hoistPlan(edges []cuda.GraphEdge, calls []cuda.LibraryCall, memset func(cuda.GraphNode) bool) []memsetMove {
 	parents := map[cuda.GraphNode][]cuda.GraphEdge{}
 	children := map[cuda.GraphNode][]cuda.GraphNode{}
 	has := map[[2]cuda.GraphNode]bool{}
@@ -66,12 +90,7 @@ func hoistPlan(edges []cuda.GraphEdge, calls []cuda.LibraryCall, memset func(cud
 		}
 		return false
 	}
-	addEdge := func(from, to cuda.GraphNode) {
-		if k := [2]cuda.GraphNode{from, to}; !has[k] {
-			has[k] = true
-			add = append(add, cuda.GraphEdge{From: from, To: to})
-		}
-	}
+	var moves []memsetMove
 	done := map[cuda.GraphNode]bool{}
 	for _, c := range calls {
 		if len(c.Before) == 0 || len(c.After) == 0 {
@@ -106,24 +125,47 @@ func hoistPlan(edges []cuda.GraphEdge, calls []cuda.LibraryCall, memset func(cud
 				continue
 			}
 			done[m] = true
-			hoisted++
-			for _, e := range in { // A -> M goes; A's parents -> M and A -> M's dependants come
-				remove = append(remove, e)
+			mv := memsetMove{m: m, in: in, to: children[m]}
+			seen := map[cuda.GraphNode]bool{}
+			for _, e := range in {
+				mv.from = append(mv.from, e.From)
 				for _, pe := range parents[e.From] {
-					addEdge(pe.From, m)
+					if !seen[pe.From] {
+						seen[pe.From] = true
+						mv.deps = append(mv.deps, pe.From)
+					}
 				}
-				for _, d := range children[m] {
-					addEdge(e.From, d)
+				for _, d := range mv.to {
+					if k := [2]cuda.GraphNode{e.From, d}; !has[k] {
+						has[k] = true
+						mv.fromEdges = append(mv.fromEdges, cuda.GraphEdge{From: e.From, To: d})
+					}
 				}
 			}
+			moves = append(moves, mv)
 		}
 	}
-	return remove, add, hoisted
+	return moves
 }
 
-// hoistMemsets applies hoistPlan to g; it returns how many memsets moved.
-func hoistMemsets(g *cuda.Graph, calls []cuda.LibraryCall) (int, error) {
-	if len(calls) == 0 {
+// hoistEdges is the edges to remove and add to move the memsets of moves
+// (each keeping its node).
+func hoistEdges(moves []memsetMove) (remove, add []cuda.GraphEdge) {
+	for _, mv := range moves {
+		remove = append(remove, mv.in...)
+		for _, d := range mv.deps {
+			add = append(add, cuda.GraphEdge{From: d, To: mv.m})
+		}
+		add = append(add, mv.fromEdges...)
+	}
+	return remove, add
+}
+
+// hoistMemsets moves g's cuBLASLt memsets (mode 1), or replaces each by a
+// fill_rows node in the moved place (mode 2); it returns how many.
+// fill is fill_rows.
+func hoistMemsets(g *cuda.Graph, calls []cuda.LibraryCall, mode int, fill *cuda.Function) (int, error) {
+	if len(calls) == 0 || mode == 0 {
 		return 0, nil
 	}
 	edges, err := g.Edges()
@@ -131,15 +173,44 @@ func hoistMemsets(g *cuda.Graph, calls []cuda.LibraryCall) (int, error) {
 		return 0, err
 	}
 	var terr error
-	remove, add, n := hoistPlan(edges, calls, func(x cuda.GraphNode) bool {
+	moves := hoistPlan(edges, calls, func(x cuda.GraphNode) bool {
 		t, err := g.Type(x)
 		if err != nil && terr == nil {
 			terr = err
 		}
 		return err == nil && t == cuda.NodeMemset
 	})
-	if terr != nil {
+	if terr != nil || len(moves) == 0 {
 		return 0, terr
 	}
-	return n, g.Rewire(remove, add)
+	if mode == 1 {
+		remove, add := hoistEdges(moves)
+		return len(moves), g.Rewire(remove, add)
+	}
+	for _, mv := range moves {
+		p, err := g.MemsetParams(mv.m)
+		if err != nil {
+			return 0, err
+		}
+		if p.ElementSize != 1 && p.ElementSize != 2 && p.ElementSize != 4 || p.Width == 0 || p.Height == 0 {
+			return 0, fmt.Errorf("gpu: cuBLASLt memset of %d x %d elements of %d bytes", p.Height, p.Width, p.ElementSize)
+		}
+		n := p.Width * p.Height
+		z, err := g.AddKernel(mv.deps, fill, cuda.Dim3{X: int(min((n+255)/256, 1024))}, cuda.Dim3{X: 256}, 0,
+			p.Dst, p.Value, int(p.ElementSize), int64(p.Width), int64(p.Height), int64(p.Pitch))
+		if err != nil {
+			return 0, err
+		}
+		add := mv.fromEdges
+		for _, d := range mv.to {
+			add = append(add, cuda.GraphEdge{From: z, To: d})
+		}
+		if err := g.Rewire(nil, add); err != nil {
+			return 0, err
+		}
+		if err := g.DestroyNode(mv.m); err != nil {
+			return 0, err
+		}
+	}
+	return len(moves), nil
 }
