@@ -14,9 +14,9 @@ step, their median duration, and the median gap before each: its start
 minus the latest end of the compute-stream kernels before it (negative:
 it started under the one before, as Programmatic Dependent Launch allows).
 The step span is the first start to the last end of the step's kernels.
-Steps with kernels on another stream (the LoRA stream: 4 x r32 rows, with
-nsysdec's NSYSDEC_VARIANTS=2) form their own table, keyed "+lora", and
-also list those kernels: per family, the count per step, the median
+Steps with the LoRA stream's kernels (told by name: BESIDE; 4 x r32 rows,
+with nsysdec's NSYSDEC_VARIANTS=2) form their own table, keyed "+lora",
+and also list those kernels: per family, the count per step, the median
 duration each and their time summed over the step.
 
 Usage: nsys_steps.py TRACE.csv
@@ -59,6 +59,16 @@ def load(path):
 
 MIXED = os.environ.get("NSYS_STEPS_MIXED") == "1"
 
+# Kernels off the compute stream's chain, by name: nsys reports a graph's
+# nodes on the streams the graph executor maps them to, and a recording
+# whose cuBLASLt memsets became fill_rows nodes (memsethoist.go) has its
+# compute chain over several of them.
+BESIDE = ("sgmv_", "lora_shrink", "lora_expand", "fill_rows")
+
+
+def beside(k):
+    return family(k[2]).startswith(BESIDE)
+
 
 def steps_of(rows):
     """Splits the trace at each embed kernel: (batch, compute stream, kernels)."""
@@ -80,7 +90,7 @@ def main():
         return
     by_batch = defaultdict(list)
     for batch, strm, ks in steps_of(rows):
-        side = any(k[3] != strm for k in ks)  # kernels on another stream: a LoRA step
+        side = any(beside(k) and not family(k[2]).startswith("fill_rows") for k in ks)  # the LoRA stream's kernels: a LoRA step
         by_batch[(batch, side)].append((strm, ks))
     for key in sorted(by_batch):
         steps = by_batch[key][3:]
@@ -88,11 +98,11 @@ def main():
         # the steps of the most common kernel count (one graph's replays)
         counts = defaultdict(int)
         for strm, ks in steps:
-            counts[sum(1 for k in ks if k[3] == strm)] += 1
+            counts[sum(1 for k in ks if not beside(k))] += 1
         if not counts:  # a batch of three steps or fewer: warm-up only
             continue
         n = max(counts, key=counts.get)
-        steps = [(strm, ks) for strm, ks in steps if sum(1 for k in ks if k[3] == strm) == n]
+        steps = [(strm, ks) for strm, ks in steps if sum(1 for k in ks if not beside(k)) == n]
         if not steps:
             continue
         spans, sums, gsum = [], [], []
@@ -100,7 +110,7 @@ def main():
         names = [None] * n
         for strm, ks in steps:
             spans.append(max(k[0] + k[1] for k in ks) - ks[0][0])
-            comp = [k for k in ks if k[3] == strm]
+            comp = [k for k in ks if not beside(k)]
             sums.append(sum(k[1] for k in comp))
             end, g = None, 0.0
             for i, k in enumerate(comp):
@@ -143,7 +153,7 @@ def side_table(batch, steps):
     for strm, ks in steps:
         fam = defaultdict(lambda: [0, 0.0, []])
         for k in ks:
-            if k[3] != strm:
+            if beside(k):
                 f = fam[family(k[2])]
                 f[0] += 1
                 f[1] += k[1]

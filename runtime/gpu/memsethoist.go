@@ -6,31 +6,38 @@ import (
 	"github.com/peftd/peftd/runtime/cuda"
 )
 
-// Hoisting cuBLASLt's memsets out of the compute stream's chain (PERFORMANCE
-// v0.42).
+// cuBLASLt's memsets in recordings (PERFORMANCE v0.42).
 //
-// Some cuBLASLt algorithms zero a counter in their workspace before their
-// GEMM kernel: FP8 gate/up at 129-256 rows (a persistent kernel, one block
-// per SM it plans for). A recording captures it as a memset node between
-// the kernel before the product and the product's kernel, and a memset
-// node costs the chain a launch latency: nsys (H200, FP8, 64 decode rows
-// and a 176-token prompt) put the product 6 µs after add_rmsnorm without
-// adapters, 0.4 µs for the q/k/v product beside it, which has no memset.
-// With adapters it costs more: the LoRA stream's shrink, forked at the same
-// add_rmsnorm, launches during those microseconds and its expand (launched
-// programmatically) follows, their blocks fill every SM, and cuBLASLt's
-// blocks (each takes a whole SM's registers) start only as they drain: the
-// product started 21 µs after add_rmsnorm in every layer.
+// Some cuBLASLt algorithms zero a 4-byte counter in their workspace before
+// their GEMM kernel: on the H200, FP8 gate/up at 129-256 rows (a persistent
+// kernel, one block for each SM it plans for) and the bf16 / FP8 lm_head
+// product. A recording captures it as a memset node between the kernel
+// before the product (A) and the product's kernel, and the product waited:
+// nsys of FP8 steps of 64 decode rows and a 176-token prompt (one layer's
+// gate/up product, median over 4,000 of them) put its start 6.4 µs after
+// add_rmsnorm's end without adapters (0.4 µs for the q/k/v product, which
+// has no memset) and 21 µs with four adapters: the LoRA stream's shrink,
+// forked at the same add_rmsnorm, and its expand (launched
+// programmatically) took every SM first, and cuBLASLt's blocks (each needs
+// a whole SM's registers) started only as theirs drained.
 //
-// After a capture, each such memset M (a memset whose dependencies are
-// exactly what a cuBLASLt call's first operation depended on, and whose
-// dependants lead to that call's last kernel) is moved up one place: it
-// depends on what its parent A depended on instead of on A, and A gains a
-// full edge to M's dependants. M then runs beside A, and the product
-// launches when A ends as any kernel after a kernel does. Safe because A
-// is not cuBLASLt's (not the last node of any cuBLASLt call), so it does
-// not touch cuBLASLt's workspace, and everything that did (an earlier
-// product on the same stream) is an ancestor of A's parents, so still of M.
+// Moving the memset alone (mode 1: it depends on A's dependencies instead
+// of on A, and A gains a full edge to the product) changed nothing (mixed
+// steps with adapters 8.95 vs 8.97 ms): the memset then ran beside A and
+// the product still started late. So each moved memset is also replaced by
+// a fill_rows kernel node doing the same write (mode 2, the default): the
+// product then depends on kernels only and starts 0.2-0.9 µs after A (the
+// same trace, after), and the mixed steps take 8.58 instead of 8.97 ms
+// with adapters, 6.88 instead of 6.95 without; FP8 decode at 256 rows with
+// adapters 11.52 instead of 11.89.
+//
+// Which memsets: those whose dependencies are exactly what a cuBLASLt
+// call's first operation depended on (cuda.Matmul.TrackCaptures notes each
+// call's place) and whose dependants lead to that call's last kernel. Safe
+// because A is not cuBLASLt's (not the last node of any cuBLASLt call), so
+// it does not touch cuBLASLt's workspace, and everything that did (an
+// earlier product on the same stream) is an ancestor of A's dependencies,
+// so still of the memset or its fill_rows.
 
 // memsetHoist is the recordings' treatment of cuBLASLt's memsets
 // (kernelForce.memHoist): 0 none, 1 hoisted, 2 hoisted and replaced by

@@ -1,0 +1,96 @@
+#!/usr/bin/env python3
+"""One layer of one recorded step, every stream, from an nsys
+cuda_gpu_trace CSV (gpu-check's nsysdec leaves it gzipped as
+nsysdec_cuda_gpu_trace.csv.gz in its logs; gunzip it first); and, over
+every step, the gap before each cuBLASLt product and what precedes it.
+Run here on a fetched trace, not on the device.
+
+  nsys_layer.py TRACE.csv [lora 0|1] [layer N]
+
+lora 1 (default) picks a step with kernels on a second stream (the LoRA
+stream), 0 one without; the step is one from the trace's second half.
+The timeline prints start and end (µs from the step's embed), duration,
+stream, kernel, grid and registers a thread. The gap table groups every
+cuBLASLt product (nvjet*) by (LoRA step?, the kernel before it on its
+stream, its grid) with the median gap from that kernel's end to its start,
+and lists the memset nodes with the kernels around them (PERFORMANCE
+v0.42: a memset node before a product cost 6 µs, 21 with adapters).
+"""
+import statistics
+import sys
+from collections import Counter, defaultdict
+
+from nsys_busy import trace_rows
+
+
+def load(path):
+    rows = []
+    for r in trace_rows(path):
+        n = r.get("Name", "")
+        rows.append((r["start"], r["dur"], n.split("(")[0].strip()[:52], r.get("Strm", ""),
+                     r.get("GrdX", ""), r.get("GrdY", ""), r.get("GrdZ", ""), r.get("Reg/Trd", "")))
+    rows.sort()
+    return rows
+
+
+def steps(rows):
+    emb = [i for i, r in enumerate(rows) if r[2].startswith("embed")]
+    for j in range(len(emb) - 1):
+        ks = rows[emb[j]:emb[j + 1]]
+        kern = [k for k in ks if "[CUDA mem" not in k[2]]
+        yield ks, len({k[3] for k in kern}) > 1
+
+
+def timeline(rows, lora, layer):
+    all_steps = list(steps(rows))
+    pick = [ks for ks, side in all_steps[len(all_steps) // 2:] if side == lora]
+    if not pick:
+        print(f"no step {'with' if lora else 'without'} a second stream in the trace's second half")
+        return
+    ks = pick[0]
+    t0 = ks[0][0]
+    att = [i for i, k in enumerate(ks) if k[2].startswith("attn_decode")]
+    if layer + 1 >= len(att):
+        print(f"the step has {len(att)} attn_decode kernels: no layer {layer}")
+        return
+    for k in ks[att[layer] - 2:att[layer + 1] + 2]:
+        print(f"{(k[0]-t0)/1e3:9.1f} {(k[0]+k[1]-t0)/1e3:9.1f} {k[1]/1e3:6.1f} s{k[3]:>3} {k[2]:52s} g={k[4]},{k[5]},{k[6]} r={k[7]}")
+
+
+def gaps(rows):
+    prod = defaultdict(list)
+    ms = Counter()
+    for ks, side in steps(rows):
+        strm = ks[0][3]
+        comp = [k for k in ks if k[3] == strm and "[CUDA mem" not in k[2]]
+        for a, b in zip(comp, comp[1:]):
+            if b[2].startswith("nvjet"):
+                prod[(side, a[2][:16], f"{b[4]}x{b[5]}")].append(((b[0] - a[0] - a[1]) / 1e3, b[1] / 1e3))
+        for i, k in enumerate(ks):
+            if "memset" in k[2]:
+                after = [x for x in ks[i + 1:] if x[3] == k[3] and "[CUDA mem" not in x[2]]
+                before = [x for x in ks[:i] if x[3] == k[3] and "[CUDA mem" not in x[2]]
+                if after and before:
+                    ms[(ks[0][4], side, before[-1][2][:16], after[0][2][:44])] += 1
+    print("gap before each cuBLASLt product: (LoRA step, kernel before, grid) count, gap median / p10 / p90 µs, product median µs")
+    for key, v in sorted(prod.items()):
+        g = sorted(x[0] for x in v)
+        print(f"  {key} {len(v)}  {statistics.median(g):.1f} / {g[len(g)//10]:.1f} / {g[9*len(g)//10]:.1f}  {statistics.median(x[1] for x in v):.1f}")
+    print("memset nodes: count (step rows, LoRA step, kernel before, kernel after)")
+    for key, n in ms.most_common(12):
+        print(f"  {n} {key}")
+
+
+def main():
+    if len(sys.argv) < 2:
+        sys.exit(__doc__)
+    rows = load(sys.argv[1])
+    lora = sys.argv[2] != "0" if len(sys.argv) > 2 else True
+    layer = int(sys.argv[3]) if len(sys.argv) > 3 else 10
+    timeline(rows, lora, layer)
+    print()
+    gaps(rows)
+
+
+if __name__ == "__main__":
+    main()
