@@ -86,6 +86,10 @@ type fp8State struct {
 	spPart     *cuda.DeviceBuffer
 	splitForce int
 	splitNo    map[[3]int]bool
+	// splitBeside: a product beside the LoRA stream plans its K split for
+	// the whole card, not its SM target (a benchmark's knob, off: v0.37
+	// measured it slower, before v0.42's memsets fix)
+	splitBeside bool
 	// fp8_gemm_skinny_n32, _n64, _n128 (skinnyVariants), and their split-K
 	// partials and counters (reserveSkinny)
 	skinny         [len(skinnyVariants)]*cuda.Function

@@ -61,7 +61,7 @@ func (f *fp8State) split(T, N, K int) int {
 		return 1
 	}
 	sms := f.planSMs()
-	if t := f.mm.SMTarget(); t > 0 {
+	if t := f.mm.SMTarget(); t > 0 && !(f.splitBeside && f.shared) {
 		sms = min(sms, t)
 	}
 	return splitFor(T, N, K, sms)
