@@ -288,21 +288,11 @@ func (g *Graph) Retype(edges []GraphEdge, d EdgeData) error {
 	if len(edges) == 0 {
 		return nil
 	}
-	if err := edgesBound(); err != nil {
-		return err
-	}
-	from, to := make([]uintptr, len(edges)), make([]uintptr, len(edges))
-	old, now := make([]EdgeData, len(edges)), make([]EdgeData, len(edges))
+	now := make([]GraphEdge, len(edges))
 	for i, e := range edges {
-		from[i], to[i], old[i], now[i] = uintptr(e.From), uintptr(e.To), e.Data, d
+		now[i] = GraphEdge{From: e.From, To: e.To, Data: d}
 	}
-	n := uint64(len(edges))
-	return g.c.Do(func() error {
-		if err := check("cuGraphRemoveDependencies_v2", drv.cuGraphRemoveDependencies(g.g, &from[0], &to[0], &old[0], n)); err != nil {
-			return err
-		}
-		return check("cuGraphAddDependencies_v2", drv.cuGraphAddDependencies(g.g, &from[0], &to[0], &now[0], n))
-	})
+	return g.Rewire(edges, now)
 }
 
 // MemsetParams is a memset node's operation (CUDA_MEMSET_NODE_PARAMS):

@@ -253,9 +253,6 @@ func (a *paramArena) pack(name string, args []any) error {
 
 // launch is Launch (cluster zero) and LaunchCluster.
 func (f *Function) launch(s *Stream, grid, block, cluster Dim3, shared int, args []any) error {
-	if len(args) > maxKernelArgs {
-		return fmt.Errorf("%w: %d kernel arguments (max %d)", ErrInvalidValue, len(args), maxKernelArgs)
-	}
 	return f.c.Do(func() error {
 		a := f.c.args
 		if err := a.pack(f.Name, args); err != nil {

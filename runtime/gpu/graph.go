@@ -129,7 +129,7 @@ type graphState struct {
 	// retypeJoins found, summed over the recordings
 	capture captureSources
 	joins   joinStats
-	hoisted int // cuBLASLt memsets moved beside the kernel before them (memsethoist.go)
+	hoisted int // cuBLASLt memsets moved beside the kernel before them, and replaced by fill_rows by default (memsethoist.go)
 }
 
 // GraphStats reports how many decode graphs were recorded and how many

@@ -52,15 +52,15 @@ func (b *Backend) memsetHoist() int {
 	return 2
 }
 
-// memsetMove is one memset hoistPlan moves: m, which depended on from
-// (edges in), will depend on deps (from's own dependencies); from gains
-// full edges to m's dependants to (toNew: those it lacks).
+// memsetMove is one memset hoistPlan moves: m, which depended on the
+// kernels its edges in come from, will depend on deps (those kernels' own
+// dependencies); those kernels gain full edges to m's dependants to
+// (fromEdges: the ones the graph lacks).
 type memsetMove struct {
 	m         cuda.GraphNode
 	in        []cuda.GraphEdge
-	from      []cuda.GraphNode
 	deps, to  []cuda.GraphNode
-	fromEdges []cuda.GraphEdge // from -> to edges not already in the graph
+	fromEdges []cuda.GraphEdge
 }
 
 // hoistPlan is the memsets of calls to move in a graph of edges edges;
@@ -135,7 +135,6 @@ func hoistPlan(edges []cuda.GraphEdge, calls []cuda.LibraryCall, memset func(cud
 			mv := memsetMove{m: m, in: in, to: children[m]}
 			seen := map[cuda.GraphNode]bool{}
 			for _, e := range in {
-				mv.from = append(mv.from, e.From)
 				for _, pe := range parents[e.From] {
 					if !seen[pe.From] {
 						seen[pe.From] = true
