@@ -133,7 +133,10 @@ func (b *Backend) holdFor(rows, n, k int, fp8 bool) int {
 // for FP8 steps that fp8_wg takes whole (gemvMaxRows+1 to fp8WgAllRows).
 func autoHolds(rows int, fp8 bool) [4]int {
 	if rows > autoWideRows {
-		if fp8 {
+		switch {
+		case fp8 && rows <= fp8MidRows:
+			return autoMidHoldsFP8
+		case fp8:
 			return autoWideHoldsFP8
 		}
 		return autoWideHolds
@@ -189,6 +192,16 @@ var autoWideHolds = [4]int{32, 32, 16, 24}
 // rank-32 adapters, device ms against 24): 128 rows 7.14-7.15 -> 7.02-7.05,
 // 96, 192 and 256 rows within 0.2%.
 var autoWideHoldsFP8 = [4]int{32, 32, 16, 32}
+
+// From autoWideRows to fp8MidRows rows FP8 steps hold autoMidHoldsFP8:
+// H200, four rank-32 adapters, device ms a step (PERFORMANCE v0.42, after
+// the memsets became fill_rows): 128 rows 6.98 / 6.99 vs 7.10 / 7.12 with
+// 32.32.16.32 (two calls), 96 rows 6.78 vs 6.84; at 256 rows 11.69 vs
+// 11.57 and in mixed steps (64 decode rows and a 176-token prompt) 8.64
+// vs 8.60, so wider steps keep autoWideHoldsFP8.
+const fp8MidRows = 128
+
+var autoMidHoldsFP8 = [4]int{48, 32, 16, 32}
 
 // The q/k/v product's SMs left to the LoRA stream in steps of
 // autoQKVMinRows to autoWideRows rows (Options.LoRASMs automatic; above
