@@ -87,8 +87,8 @@ type fp8State struct {
 	splitForce int
 	splitNo    map[[3]int]bool
 	// splitBeside: a product beside the LoRA stream plans its K split for
-	// the whole card, not its SM target (a benchmark's knob, off: v0.37
-	// measured it slower, before v0.42's memsets fix)
+	// the whole card, not its SM target, at every row count (a benchmark's
+	// knob; by default only steps of splitBesideRows, fp8_split.go)
 	splitBeside bool
 	// fp8_gemm_skinny_n32, _n64, _n128 (skinnyVariants), and their split-K
 	// partials and counters (reserveSkinny)

@@ -146,6 +146,37 @@ func TestSkinnySplit(t *testing.T) {
 	}
 }
 
+// TestSplitSMs: products beside the LoRA stream plan their K split for the
+// SMs left to them, except in 129-192-row steps (splitBesideRows); the
+// down product's split follows.
+func TestSplitSMs(t *testing.T) {
+	const h200, target = 132, 100
+	for _, c := range []struct {
+		name          string
+		T, target     int
+		shared, all   bool
+		wantSMs, down int
+	}{
+		{"no LoRA stream", 192, 0, false, false, h200, 2},
+		{"target, not beside the stream", 192, target, false, false, target, 1},
+		{"128 rows beside", 128, target, true, false, target, 2},
+		{"129 rows beside", 129, target, true, false, h200, 2},
+		{"192 rows beside", 192, target, true, false, h200, 2},
+		{"193 rows beside", 193, target, true, false, target, 1},
+		{"256 rows beside", 256, target, true, false, target, 1},
+		{"256 rows, every row count forced", 256, target, true, true, h200, 2},
+		{"128 rows, every row count forced", 128, target, true, true, h200, 4},
+	} {
+		got := splitSMs(c.T, h200, c.target, c.shared, c.all)
+		if got != c.wantSMs {
+			t.Errorf("%s: splitSMs = %d, want %d", c.name, got, c.wantSMs)
+		}
+		if s := splitFor(c.T, 4096, 14336, got); s != c.down {
+			t.Errorf("%s: down split %d ways, want %d", c.name, s, c.down)
+		}
+	}
+}
+
 func TestSplitFor(t *testing.T) {
 	const h200 = 132
 	for _, c := range []struct {
