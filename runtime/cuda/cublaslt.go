@@ -121,7 +121,6 @@ type gemmKey struct {
 	beta0      bool
 	sms        int32 // CUBLASLT_MATMUL_DESC_SM_COUNT_TARGET (0: every SM)
 	split      int   // > 1: GemmTNSplitK's batch of K slices (f32 partials)
-	pick       int32 // > 0: the heuristic's candidate taken (SetAlgoPick)
 }
 
 type gemmPlan struct {
@@ -139,8 +138,6 @@ type Matmul struct {
 	plans       map[gemmKey]*gemmPlan
 	alpha, beta *[1]float32
 	sms         int32 // SetSMTarget
-	pickI       int32 // SetAlgoPick: the candidate, and the N it is for (0: every N)
-	pickN       int32
 	pin         runtime.Pinner
 	track       bool          // TrackCaptures: note each product's place in a capture
 	calls       []LibraryCall // the products enqueued on capturing streams since TrackCaptures

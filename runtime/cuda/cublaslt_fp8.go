@@ -43,9 +43,6 @@ func scaledKey(T, N, K int, out DataType, sms int32) gemmKey {
 // pointers are set before the heuristic runs: cuBLASLt refuses (INVALID_VALUE)
 // an outer-vector scale mode whose pointers are still null.
 func (m *Matmul) planScaled(k gemmKey, inScale, wScale DevicePtr) (*gemmPlan, error) {
-	if m.pickI > 0 && (m.pickN == 0 || int32(k.n) == m.pickN) {
-		k.pick = m.pickI
-	}
 	if p := m.plans[k]; p != nil {
 		return p, nil
 	}
@@ -93,25 +90,9 @@ func (m *Matmul) planScaled(k gemmKey, inScale, wScale DevicePtr) (*gemmPlan, er
 	if ret == 0 {
 		return fail(fmt.Errorf("%w: cuBLASLt has no FP8 outer-vector-scaled algorithm for T=%d N=%d K=%d -> %s", ErrNotSupported, k.t, k.n, k.k, k.out))
 	}
-	if k.pick > 0 {
-		algos, err := m.candidates(p, int(k.pick)+1)
-		if err != nil {
-			return fail(err)
-		}
-		if len(algos) > 0 {
-			p.algo = algos[min(int(k.pick), len(algos)-1)]
-		}
-	}
 	m.plans[k] = p
 	return p, nil
 }
-
-// SetAlgoPick makes scaled FP8 products of N columns (n 0: of any N)
-// planned from now on take the i-th algorithm cuBLASLt's heuristic offers
-// (its last where it offers fewer; i 0: its first, the default): a
-// benchmark's knob for products whose best algorithm beside other work is
-// not the one the heuristic ranks first for the card alone.
-func (m *Matmul) SetAlgoPick(i, n int) { m.pickI, m.pickN = int32(max(i, 0)), int32(max(n, 0)) }
 
 // GemmTNScaled enqueues out[T,N] = (inScale[t] * wScale[n]) * sum_k in[t,k] * W[n,k]
 // with in [T,K] and W [N,K] row-major FP8 e4m3, inScale ([T]) and wScale ([N])

@@ -405,7 +405,6 @@ type decodeVariant struct {
 	pdlJoins                     int    // recordings' programmatic joins (kernelForce.pdlJoins: -1 none, 0 the default (2), 1, 3)
 	inline                       int    // groups whose shrink runs inside gemm_skinny (kernelForce.loraInline: -1 none, 0 the default (q/k/v), else a mask of llama.FusedGroups)
 	rfold                        int    // q/k/v LoRA expanded inside RoPE at 1-16 rows (kernelForce.ropeLoRA: 1 on, -1 off, 0 the default)
-	algo                         int    // FP8 weights: cuBLASLt's algorithm for the o and down products (N = hidden) is its heuristic's algo-th candidate (Matmul.SetAlgoPick; 0: its first)
 }
 
 // label names a row of TestDecodeBench's table: "no" (base) or the
@@ -469,9 +468,6 @@ func (v decodeVariant) label(ads []*lora.Adapter, pdlOK bool) string {
 	lbl += onOffLabel(v.addcl, "addcl")
 	lbl += onOffLabel(v.prio, "prio")
 	lbl += onOffLabel(v.hoist, "hoist")
-	if v.algo > 0 {
-		lbl += fmt.Sprintf("+algo%d", v.algo)
-	}
 	switch v.pdlJoins {
 	case -1:
 		lbl += "+fulljoin"
@@ -674,17 +670,6 @@ func TestDecodeBench(t *testing.T) {
 		vs = append(vs, decodeVariant{sms: -1, part: n}, decodeVariant{lora: true, sms: -1, part: n},
 			decodeVariant{sms: -1, nopdl: true, part: n}, decodeVariant{lora: true, sms: -1, nopdl: true, part: n})
 	}
-	// PEFTD_DECODE_ALGOS=1,2,3: base and adapter rows with FP8 o and down
-	// products on another of cuBLASLt's candidates (+algoN)
-	if env := os.Getenv("PEFTD_DECODE_ALGOS"); env != "" {
-		for _, f := range strings.Split(env, ",") {
-			n, err := strconv.Atoi(f)
-			if err != nil || n < 1 || n > 15 {
-				t.Fatalf("PEFTD_DECODE_ALGOS: %q is not 1 to 15", f)
-			}
-			vs = append(vs, decodeVariant{sms: -1, algo: n}, decodeVariant{lora: true, sms: -1, algo: n})
-		}
-	}
 	// PEFTD_DECODE_HOLDS=32.32.16.24,48.0.0.24: rows with adapters and
 	// those SMs held back from each fused group's product (q/k/v, o,
 	// gate/up, down; 0: the default for that group; kernelForce.holds)
@@ -724,7 +709,6 @@ func TestDecodeBench(t *testing.T) {
 		v decodeVariant
 	}
 	var runs []run
-	algoNow := 0 // the +algoN the recordings were made with
 	for _, B := range batches {
 		for _, v := range vs {
 			runs = append(runs, run{B, v})
@@ -753,19 +737,13 @@ func TestDecodeBench(t *testing.T) {
 			continue
 		}
 		retune := v.tuned && !gb.tune.done
-		if v.algo > 0 && gb.f8 == nil {
-			continue
-		}
-		if wantPDL := pdlOK && !v.nopdl; retune || algoNow != v.algo || partOf(gb) != v.part || gb.la.on == v.serial || gb.la.sms != v.sms || gb.s.ProgrammaticLaunch() != wantPDL || gb.force.decSplit != v.split || gb.force.ropeHeads != v.ropeHeads || gb.force.decOpts != v.opts || gb.force.noSkinny != v.lt || gb.force.wgFull != v.wgFull || gb.force.loraKChunk != v.kc || gb.force.skLate != v.skLate || gb.force.decVar != v.dv || gb.force.bwg != v.bwg || gb.force.holds != v.holds || gb.force.pdlJoins != v.pdlJoins || gb.force.loraInline != v.inline || gb.force.ropeLoRA != v.rfold || gb.force.nodePrio != v.prio || gb.force.siluCl != v.silucl || gb.force.addCl != v.addcl || gb.force.memHoist != v.hoist || gb.wg != nil && gb.wg.two != v.two || gb.f8 != nil && gb.f8.wg != nil && gb.f8.wg.two != v.two || gb.f8 != nil && (gb.f8.wgBeside != v.wgBeside || gb.f8.splitBeside != v.splitBeside || gb.f8.streamOn != v.fs || gb.f8.streamOff != v.gv || gb.f8.segOff != v.noseg || gb.f8.wgOn != v.wg || gb.f8.wgAuto != (gb.f8.wgAutoDefault && !v.nowga)) { // recordings bake the LoRA and launch modes, the kernels and the GEMM algorithms in
+		if wantPDL := pdlOK && !v.nopdl; retune || partOf(gb) != v.part || gb.la.on == v.serial || gb.la.sms != v.sms || gb.s.ProgrammaticLaunch() != wantPDL || gb.force.decSplit != v.split || gb.force.ropeHeads != v.ropeHeads || gb.force.decOpts != v.opts || gb.force.noSkinny != v.lt || gb.force.wgFull != v.wgFull || gb.force.loraKChunk != v.kc || gb.force.skLate != v.skLate || gb.force.decVar != v.dv || gb.force.bwg != v.bwg || gb.force.holds != v.holds || gb.force.pdlJoins != v.pdlJoins || gb.force.loraInline != v.inline || gb.force.ropeLoRA != v.rfold || gb.force.nodePrio != v.prio || gb.force.siluCl != v.silucl || gb.force.addCl != v.addcl || gb.force.memHoist != v.hoist || gb.wg != nil && gb.wg.two != v.two || gb.f8 != nil && gb.f8.wg != nil && gb.f8.wg.two != v.two || gb.f8 != nil && (gb.f8.wgBeside != v.wgBeside || gb.f8.splitBeside != v.splitBeside || gb.f8.streamOn != v.fs || gb.f8.streamOff != v.gv || gb.f8.segOff != v.noseg || gb.f8.wgOn != v.wg || gb.f8.wgAuto != (gb.f8.wgAutoDefault && !v.nowga)) { // recordings bake the LoRA and launch modes, the kernels and the GEMM algorithms in
 			gb.la.on, gb.la.sms, gb.force.decSplit, gb.force.ropeHeads, gb.force.decOpts = !v.serial, v.sms, v.split, v.ropeHeads, v.opts
 			gb.force.noSkinny, gb.force.skLate, gb.force.decVar, gb.force.bwg = v.lt, v.skLate, v.dv, v.bwg
 			gb.force.wgFull, gb.force.loraKChunk = v.wgFull, v.kc
 			gb.force.holds, gb.force.pdlJoins, gb.force.loraInline = v.holds, v.pdlJoins, v.inline
 			gb.force.ropeLoRA, gb.force.nodePrio, gb.force.siluCl, gb.force.addCl = v.rfold, v.prio, v.silucl, v.addcl
 			gb.force.memHoist = v.hoist
-			if algoNow = v.algo; gb.f8 != nil {
-				gb.f8.mm.SetAlgoPick(v.algo, c.Hidden)
-			}
 			if gb.wg != nil {
 				gb.wg.two = v.two
 			}
