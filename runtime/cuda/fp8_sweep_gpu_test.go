@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"math"
 	"os"
+	"strconv"
+	"strings"
 	"testing"
 )
 
@@ -49,6 +51,16 @@ func TestFP8AlgoSweep(t *testing.T) {
 	es, rows := 1, []int{32, 64, 128, 192, 256} // bytes per operand element, the rows swept
 	if bf16 {
 		es, rows = 2, []int{1, 8, 16, 32, 64, 128, 256}
+	}
+	if env := os.Getenv("PEFTD_FP8_SWEEP_ROWS"); env != "" { // e.g. 128,160,192,224,256
+		rows = nil
+		for _, f := range strings.Split(env, ",") {
+			n, err := strconv.Atoi(f)
+			if err != nil || n <= 0 {
+				t.Fatalf("PEFTD_FP8_SWEEP_ROWS: %q is not a positive row count", f)
+			}
+			rows = append(rows, n)
+		}
 	}
 	planOf := func(T, N, K int, xs, ws DevicePtr) (*gemmPlan, error) {
 		if bf16 {

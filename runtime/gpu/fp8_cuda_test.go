@@ -1197,3 +1197,74 @@ func TestFP8FusedQuantNormCl(t *testing.T) {
 		})
 	}
 }
+
+// TestFP8ScaledPadding: a scaled FP8 product of 129-192 rows whose output
+// holds 256 rows runs for 256 (scaledRows); its T rows equal the product
+// run for T rows alone (to bf16 rounding: the same algorithm, other tiles),
+// and the rows past T (scratch: ones here) are written only when padded.
+func TestFP8ScaledPadding(t *testing.T) {
+	r := newFP8Rig(t)
+	for _, sz := range []struct{ T, N, K int }{{192, 6144, 4096}, {130, 28672, 4096}, {176, 6144, 4096}} {
+		if got := scaledRows(sz.T, 256); got != 256 {
+			t.Fatalf("scaledRows(%d, 256) = %d, want 256", sz.T, got)
+		}
+		if s := r.f.split(sz.T, sz.N, sz.K); s != 1 {
+			t.Fatalf("T=%d N=%d K=%d: the product splits K %d ways: not the scaled product", sz.T, sz.N, sz.K, s)
+		}
+		xh, wh := r.bf16Rand(sz.T*sz.K, 1), r.bf16Rand(sz.N*sz.K, 0.02)
+		dx := r.up(xh)
+		w, err := r.f.upload(wh, sz.N, sz.K)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := r.f.grow(&r.f.actQ, 256*sz.K); err != nil {
+			t.Fatal(err)
+		}
+		if err := r.f.grow(&r.f.actS, 4*256); err != nil {
+			t.Fatal(err)
+		}
+		run := func(room int) ([]uint16, uint16) {
+			out := r.alloc(2 * 256 * sz.N)
+			defer out.Free()
+			r.s.Memset8(out.Ptr(), 0xFF, 2*256*sz.N)               // NaN poison
+			r.s.Memset8(r.f.actQ.Ptr(), 0x38, 256*sz.K)            // e4m3 1.0
+			r.s.Memset32(r.f.actS.Ptr(), math.Float32bits(1), 256) // scales 1
+			r.f.invalidate()
+			r.f.room = room
+			defer func() { r.f.room = 0 }()
+			if err := r.f.linear(out.Ptr(), dx.Ptr(), sz.T, w, 1); err != nil {
+				t.Fatal(err)
+			}
+			g := make([]uint16, (sz.T+1)*sz.N)
+			cuda.CopyDtoH(r.s, g, out.Ptr())
+			r.sync()
+			return g[:sz.T*sz.N], g[sz.T*sz.N] // the T rows, and row T's first value
+		}
+		alone, past0 := run(0)
+		padded, past1 := run(256)
+		if past0 != 0xFFFF || past1 == 0xFFFF {
+			t.Errorf("T=%d N=%d K=%d: row T's first value %#04x alone (want the poison 0xffff), %#04x padded (want a product)", sz.T, sz.N, sz.K, past0, past1)
+		}
+		a, p := make([]float32, len(alone)), make([]float64, len(padded))
+		same := 0
+		for i := range alone {
+			a[i], p[i] = fromBF16(alone[i]), float64(fromBF16(padded[i]))
+			if alone[i] == padded[i] {
+				same++
+			}
+		}
+		e := relErr64(a, p)
+		t.Logf("T=%d N=%d K=%d: padded to 256 rows vs alone maxrel %.3g, %d of %d values bit-identical", sz.T, sz.N, sz.K, e, same, len(alone))
+		if !(e <= 4e-3) {
+			t.Errorf("T=%d N=%d K=%d: the padded product's rows differ from the product alone: maxrel %.3g", sz.T, sz.N, sz.K, e)
+		}
+		r.f.weights = slices.DeleteFunc(r.f.weights, func(x *fp8Weight) bool { return x == w })
+		w.q.Free()
+		w.scale.Free()
+	}
+	for _, c := range [][3]int{{128, 256, 128}, {129, 200, 129}, {193, 512, 193}, {64, 512, 64}} {
+		if got := scaledRows(c[0], c[1]); got != c[2] {
+			t.Errorf("scaledRows(%d, %d) = %d, want %d", c[0], c[1], got, c[2])
+		}
+	}
+}
