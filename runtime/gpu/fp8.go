@@ -327,22 +327,20 @@ func (f *fp8State) linear(out, x cuda.DevicePtr, T int, w *fp8Weight, gen uint64
 }
 
 // scaledRows is the rows the scaled FP8 product of T rows is asked for,
-// out holding room rows: above 128 rows, T rounded up to a multiple of 128
-// where out and the scratch hold that many. cuBLASLt offers one
-// outer-vector-scaled algorithm (v0.15), and it runs slower between
-// multiples of 128 rows than at the next one (H200, µs, TestFP8AlgoSweep
-// in v0.43: gate/up 76.7 / 69.7 / 60.3 at 160 / 192 / 224 rows against
-// 53.2 at 256, 95.3 at 320 against 73.4 at 384; q/k/v 20.2 / 17.3 / 15.2
-// against 14.6, 26.1 against 25.5; o and down flat). Decode steps of the
-// 192-row recording: 8.45 vs 8.99 ms base, 9.87 vs 10.44 with four
-// adapters. The padded rows' products are bit-identical
-// (TestFP8ScaledPadding).
+// out holding room rows: steps of 129-255 rows (the 192-row recording) run
+// it for 256 where out and the scratch hold them. cuBLASLt offers one
+// outer-vector-scaled algorithm (v0.15), and it runs slower below 256 rows
+// than at 256 (H200, µs, TestFP8AlgoSweep in v0.43: gate/up 76.7 / 69.7 /
+// 60.3 at 160 / 192 / 224 rows against 53.2 at 256; q/k/v 20.2 / 17.3 /
+// 15.2 against 14.6; o and down flat). Decode steps of the 192-row
+// recording: 8.45 vs 8.99 ms base, 9.87 vs 10.44 with four adapters. The
+// padded rows' products are bit-identical (TestFP8ScaledPadding). Not
+// above 256 rows (gate/up 95.3 µs at 320 against 73.4 at 384 alone, but
+// that product padded to 384 rows faulted inside cuBLASLt's kernel in
+// v0.43's test; not understood, so not taken).
 func scaledRows(T, room int) int {
-	if T <= 128 {
-		return T
-	}
-	if p := (T + 127) &^ 127; p <= room {
-		return p
+	if T > 128 && T < 256 && room >= 256 {
+		return 256
 	}
 	return T
 }

@@ -1198,15 +1198,15 @@ func TestFP8FusedQuantNormCl(t *testing.T) {
 	}
 }
 
-// TestFP8ScaledPadding: a scaled FP8 product of more than 128 rows whose
-// output has room runs for the next multiple of 128 rows (scaledRows); its
+// TestFP8ScaledPadding: a scaled FP8 product of 129-255 rows whose output
+// has room runs for 256 rows (scaledRows); its
 // T rows equal the product run for T rows alone (to bf16 rounding: the
 // same algorithm, other tiles), and the rows past T (scratch: ones here)
 // are written only when padded.
 func TestFP8ScaledPadding(t *testing.T) {
 	r := newFP8Rig(t)
 	const room = 512
-	for _, sz := range []struct{ T, N, K, P int }{{192, 6144, 4096, 256}, {130, 28672, 4096, 256}, {176, 6144, 4096, 256}, {320, 28672, 4096, 384}} {
+	for _, sz := range []struct{ T, N, K, P int }{{192, 6144, 4096, 256}, {130, 28672, 4096, 256}, {176, 6144, 4096, 256}, {224, 28672, 4096, 256}} {
 		if got := scaledRows(sz.T, room); got != sz.P {
 			t.Fatalf("scaledRows(%d, %d) = %d, want %d", sz.T, room, got, sz.P)
 		}
@@ -1263,5 +1263,68 @@ func TestFP8ScaledPadding(t *testing.T) {
 		r.f.weights = slices.DeleteFunc(r.f.weights, func(x *fp8Weight) bool { return x == w })
 		w.q.Free()
 		w.scale.Free()
+	}
+}
+
+// TestFP8WideRows (PEFTD_FP8_WIDE_PROBE=1): scaled FP8 gate/up products of
+// 320 and 384 rows (eager steps above the largest recording), on the rig's
+// programmatic stream with a 512-row scratch, each synchronized and its
+// rows checked against the dequantized reference on a sample of columns.
+// v0.43's first TestFP8ScaledPadding faulted inside cuBLASLt's kernel on
+// a 320-row product padded to 384 rows; this probe tells whether the
+// unpadded products eager prefills run are affected.
+func TestFP8WideRows(t *testing.T) {
+	if os.Getenv("PEFTD_FP8_WIDE_PROBE") == "" {
+		t.Skip("PEFTD_FP8_WIDE_PROBE is not set")
+	}
+	r := newFP8Rig(t)
+	const N, K, room = 28672, 4096, 512
+	wh := r.bf16Rand(N*K, 0.02)
+	w, err := r.f.upload(wh, N, K)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := r.f.grow(&r.f.actQ, room*K); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.f.grow(&r.f.actS, 4*room); err != nil {
+		t.Fatal(err)
+	}
+	out := r.alloc(2 * room * N)
+	for _, T := range []int{320, 384} {
+		xh := r.bf16Rand(T*K, 1)
+		dx := r.up(xh)
+		r.f.invalidate()
+		if err := r.f.linear(out.Ptr(), dx.Ptr(), T, w, 1); err != nil {
+			t.Fatalf("T=%d: %v", T, err)
+		}
+		if err := r.s.Synchronize(); err != nil {
+			t.Fatalf("T=%d: the product failed: %v", T, err)
+		}
+		g := make([]uint16, T*N)
+		qx, sx := make([]byte, T*K), make([]float32, T)
+		qw, sw := make([]byte, N*K), make([]float32, N)
+		cuda.CopyDtoH(r.s, g, out.Ptr())
+		cuda.CopyDtoH(r.s, qx, r.f.actQ.Ptr())
+		cuda.CopyDtoH(r.s, sx, r.f.actS.Ptr())
+		cuda.CopyDtoH(r.s, qw, w.q.Ptr())
+		cuda.CopyDtoH(r.s, sw, w.scale.Ptr())
+		r.sync()
+		worst := 0.0
+		for i := 0; i < T; i += 7 {
+			for j := 0; j < N; j += 997 {
+				ref := 0.0
+				for k := range K {
+					ref += float64(safetensors.E4M3ToFloat32(qx[i*K+k])) * float64(sx[i]) * float64(safetensors.E4M3ToFloat32(qw[j*K+k])) * float64(sw[j])
+				}
+				if d := math.Abs(float64(fromBF16(g[i*N+j]))-ref) / (math.Abs(ref) + 1e-3); d > worst {
+					worst = d
+				}
+			}
+		}
+		t.Logf("T=%d N=%d K=%d: ran; sampled values vs dequantized float64 worst rel %.3g", T, N, K, worst)
+		if !(worst <= 1e-2) {
+			t.Errorf("T=%d: sampled values off by %.3g", T, worst)
+		}
 	}
 }
