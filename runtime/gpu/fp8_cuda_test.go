@@ -1268,11 +1268,13 @@ func TestFP8ScaledPadding(t *testing.T) {
 
 // TestFP8WideRows (PEFTD_FP8_WIDE_PROBE=1): scaled FP8 gate/up products of
 // 320 and 384 rows (eager steps above the largest recording), on the rig's
-// programmatic stream with a 512-row scratch, each synchronized and its
-// rows checked against the dequantized reference on a sample of columns.
-// v0.43's first TestFP8ScaledPadding faulted inside cuBLASLt's kernel on
-// a 320-row product padded to 384 rows; this probe tells whether the
-// unpadded products eager prefills run are affected.
+// programmatic stream with a 512-row scratch, each synchronized and a
+// sample of its values checked against the dequantized reference as
+// TestFP8Gemm does (relErr64, 4e-3). v0.43's first TestFP8ScaledPadding
+// faulted inside cuBLASLt's kernel on a 320-row product padded to 384
+// rows; this probe ran both unpadded products without a fault (call 7),
+// but judged them by a per-element error that FP8 products' float32 sums
+// of cancelling terms do not meet (0.05 / 0.12), so it is run again.
 func TestFP8WideRows(t *testing.T) {
 	if os.Getenv("PEFTD_FP8_WIDE_PROBE") == "" {
 		t.Skip("PEFTD_FP8_WIDE_PROBE is not set")
@@ -1310,21 +1312,21 @@ func TestFP8WideRows(t *testing.T) {
 		cuda.CopyDtoH(r.s, qw, w.q.Ptr())
 		cuda.CopyDtoH(r.s, sw, w.scale.Ptr())
 		r.sync()
-		worst := 0.0
+		var got []float32
+		var want []float64
 		for i := 0; i < T; i += 7 {
 			for j := 0; j < N; j += 997 {
 				ref := 0.0
 				for k := range K {
 					ref += float64(safetensors.E4M3ToFloat32(qx[i*K+k])) * float64(sx[i]) * float64(safetensors.E4M3ToFloat32(qw[j*K+k])) * float64(sw[j])
 				}
-				if d := math.Abs(float64(fromBF16(g[i*N+j]))-ref) / (math.Abs(ref) + 1e-3); d > worst {
-					worst = d
-				}
+				got, want = append(got, fromBF16(g[i*N+j])), append(want, ref)
 			}
 		}
-		t.Logf("T=%d N=%d K=%d: ran; sampled values vs dequantized float64 worst rel %.3g", T, N, K, worst)
-		if !(worst <= 1e-2) {
-			t.Errorf("T=%d: sampled values off by %.3g", T, worst)
+		e := relErr64(got, want)
+		t.Logf("T=%d N=%d K=%d: ran; %d sampled values vs dequantized float64 rel %.3g", T, N, K, len(got), e)
+		if !(e <= 4e-3) {
+			t.Errorf("T=%d: sampled values off by %.3g", T, e)
 		}
 	}
 }
