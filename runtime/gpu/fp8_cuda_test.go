@@ -105,6 +105,27 @@ func (r *fp8Rig) sync() {
 	}
 }
 
+// dropWeight frees a weight the rig uploaded and forgets it.
+func (r *fp8Rig) dropWeight(w *fp8Weight) {
+	r.f.weights = slices.DeleteFunc(r.f.weights, func(x *fp8Weight) bool { return x == w })
+	w.q.Free()
+	w.scale.Free()
+}
+
+// operands reads back the quantized activation rows (T of K values) and
+// w's quantized rows with their scales, after the copies queued before
+// (it synchronizes).
+func (r *fp8Rig) operands(T, K int, w *fp8Weight) (qx []byte, sx []float32, qw []byte, sw []float32) {
+	qx, sx = make([]byte, T*K), make([]float32, T)
+	qw, sw = make([]byte, w.rows*w.cols), make([]float32, w.rows)
+	cuda.CopyDtoH(r.s, qx, r.f.actQ.Ptr())
+	cuda.CopyDtoH(r.s, sx, r.f.actS.Ptr())
+	cuda.CopyDtoH(r.s, qw, w.q.Ptr())
+	cuda.CopyDtoH(r.s, sw, w.scale.Ptr())
+	r.sync()
+	return qx, sx, qw, sw
+}
+
 // refQuant is quant_rows_e4m3 on the host: the same float32 operations.
 func refQuant(x []uint16, rows, cols int) ([]byte, []float32) {
 	q := make([]byte, rows*cols)
@@ -321,15 +342,9 @@ func TestFP8Gemm(t *testing.T) {
 			t.Fatal(err)
 		}
 		g8, g16 := make([]uint16, sz.T*sz.N), make([]uint16, sz.T*sz.N)
-		qx, sx := make([]byte, sz.T*sz.K), make([]float32, sz.T)
-		qw, sw := make([]byte, sz.N*sz.K), make([]float32, sz.N)
 		cuda.CopyDtoH(r.s, g8, out8.Ptr())
 		cuda.CopyDtoH(r.s, g16, out16.Ptr())
-		cuda.CopyDtoH(r.s, qx, r.f.actQ.Ptr())
-		cuda.CopyDtoH(r.s, sx, r.f.actS.Ptr())
-		cuda.CopyDtoH(r.s, qw, w.q.Ptr())
-		cuda.CopyDtoH(r.s, sw, w.scale.Ptr())
-		r.sync()
+		qx, sx, qw, sw := r.operands(sz.T, sz.K, w)
 		f8, f16 := make([]float32, len(g8)), make([]float32, len(g16))
 		for i := range g8 {
 			f8[i], f16[i] = fromBF16(g8[i]), fromBF16(g16[i])
@@ -381,9 +396,7 @@ func TestFP8Gemm(t *testing.T) {
 		if !(e8 <= 0.1) {
 			t.Errorf("T=%d N=%d K=%d: FP8 GEMM vs float64 of the bf16 operands %.3g > 0.1", sz.T, sz.N, sz.K, e8)
 		}
-		r.f.weights = slices.DeleteFunc(r.f.weights, func(x *fp8Weight) bool { return x == w })
-		w.q.Free()
-		w.scale.Free()
+		r.dropWeight(w)
 	}
 }
 
@@ -530,9 +543,7 @@ func TestFP8GemmBench(t *testing.T) {
 		for i := 1; i < n16; i++ {
 			w16[i].Free()
 		}
-		r.f.weights = slices.DeleteFunc(r.f.weights, func(x *fp8Weight) bool { return x == w8[0] })
-		w8[0].q.Free()
-		w8[0].scale.Free()
+		r.dropWeight(w8[0])
 	}
 }
 
@@ -1029,9 +1040,7 @@ func fp8WgmmaCase(t *testing.T, r *fp8Rig, name string, T, N, K int) {
 		t.Fatal(err)
 	}
 	defer func() {
-		r.f.weights = slices.DeleteFunc(r.f.weights, func(x *fp8Weight) bool { return x == w })
-		w.q.Free()
-		w.scale.Free()
+		r.dropWeight(w)
 	}()
 	run := func(wg bool) []uint16 {
 		r.f.wgOn, r.f.skTop = wg, skinnyMaxRows
@@ -1047,13 +1056,7 @@ func fp8WgmmaCase(t *testing.T, r *fp8Rig, name string, T, N, K int) {
 		return g
 	}
 	gw, gw2, gs := run(true), run(true), run(false)
-	qx, sx := make([]byte, T*K), make([]float32, T)
-	qw, sw := make([]byte, N*K), make([]float32, N)
-	cuda.CopyDtoH(r.s, qx, r.f.actQ.Ptr())
-	cuda.CopyDtoH(r.s, sx, r.f.actS.Ptr())
-	cuda.CopyDtoH(r.s, qw, w.q.Ptr())
-	cuda.CopyDtoH(r.s, sw, w.scale.Ptr())
-	r.sync()
+	qx, sx, qw, sw := r.operands(T, K, w)
 	deq := gemmRef(T, N, K,
 		func(i, k int) float64 { return float64(safetensors.E4M3ToFloat32(qx[i*K+k])) * float64(sx[i]) },
 		func(j, k int) float64 { return float64(safetensors.E4M3ToFloat32(qw[j*K+k])) * float64(sw[j]) })
@@ -1260,9 +1263,7 @@ func TestFP8ScaledPadding(t *testing.T) {
 		if !(e <= 4e-3) {
 			t.Errorf("T=%d N=%d K=%d: the padded product's rows differ from the product alone: maxrel %.3g", sz.T, sz.N, sz.K, e)
 		}
-		r.f.weights = slices.DeleteFunc(r.f.weights, func(x *fp8Weight) bool { return x == w })
-		w.q.Free()
-		w.scale.Free()
+		r.dropWeight(w)
 	}
 }
 
@@ -1304,14 +1305,8 @@ func TestFP8WideRows(t *testing.T) {
 			t.Fatalf("T=%d: the product failed: %v", T, err)
 		}
 		g := make([]uint16, T*N)
-		qx, sx := make([]byte, T*K), make([]float32, T)
-		qw, sw := make([]byte, N*K), make([]float32, N)
 		cuda.CopyDtoH(r.s, g, out.Ptr())
-		cuda.CopyDtoH(r.s, qx, r.f.actQ.Ptr())
-		cuda.CopyDtoH(r.s, sx, r.f.actS.Ptr())
-		cuda.CopyDtoH(r.s, qw, w.q.Ptr())
-		cuda.CopyDtoH(r.s, sw, w.scale.Ptr())
-		r.sync()
+		qx, sx, qw, sw := r.operands(T, K, w)
 		var got []float32
 		var want []float64
 		for i := 0; i < T; i += 7 {
