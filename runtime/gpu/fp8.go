@@ -335,9 +335,9 @@ func (f *fp8State) linear(out, x cuda.DevicePtr, T int, w *fp8Weight, gen uint64
 // 15.2 against 14.6; o and down flat). Decode steps of the 192-row
 // recording: 8.45 vs 8.99 ms base, 9.87 vs 10.44 with four adapters. The
 // padded rows' products are bit-identical (TestFP8ScaledPadding). Not
-// above 256 rows (gate/up 95.3 µs at 320 against 73.4 at 384 alone, but
-// that product padded to 384 rows faulted inside cuBLASLt's kernel in
-// v0.43's test; not understood, so not taken).
+// above 256 rows yet (gate/up 95.3 µs at 320 against 73.4 at 384 alone):
+// v0.43's run of it faulted, but in a test whose output held fewer rows
+// than it told linear; not re-run since the test was mended.
 func scaledRows(T, room int) int {
 	if T > 128 && T < 256 && room >= 256 {
 		return 256

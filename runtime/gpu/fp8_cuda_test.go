@@ -1228,14 +1228,16 @@ func TestFP8ScaledPadding(t *testing.T) {
 		if err := r.f.grow(&r.f.actS, 4*room); err != nil {
 			t.Fatal(err)
 		}
-		run := func(room int) ([]uint16, uint16) {
-			out := r.alloc(2 * 256 * sz.N)
+		// run: the product with linear told out holds told rows (out,
+		// scratch and scales are room rows here)
+		run := func(told int) ([]uint16, uint16) {
+			out := r.alloc(2 * room * sz.N)
 			defer out.Free()
-			r.s.Memset8(out.Ptr(), 0xFF, 2*256*sz.N)               // NaN poison
-			r.s.Memset8(r.f.actQ.Ptr(), 0x38, 256*sz.K)            // e4m3 1.0
-			r.s.Memset32(r.f.actS.Ptr(), math.Float32bits(1), 256) // scales 1
+			r.s.Memset8(out.Ptr(), 0xFF, 2*room*sz.N)               // NaN poison
+			r.s.Memset8(r.f.actQ.Ptr(), 0x38, room*sz.K)            // e4m3 1.0
+			r.s.Memset32(r.f.actS.Ptr(), math.Float32bits(1), room) // scales 1
 			r.f.invalidate()
-			r.f.room = room
+			r.f.room = told
 			defer func() { r.f.room = 0 }()
 			if err := r.f.linear(out.Ptr(), dx.Ptr(), sz.T, w, 1); err != nil {
 				t.Fatal(err)
@@ -1272,10 +1274,11 @@ func TestFP8ScaledPadding(t *testing.T) {
 // programmatic stream with a 512-row scratch, each synchronized and a
 // sample of its values checked against the dequantized reference as
 // TestFP8Gemm does (relErr64, 4e-3). v0.43's first TestFP8ScaledPadding
-// faulted inside cuBLASLt's kernel on a 320-row product padded to 384
-// rows; this probe ran both unpadded products without a fault (call 7),
-// but judged them by a per-element error that FP8 products' float32 sums
-// of cancelling terms do not meet (0.05 / 0.12), so it is run again.
+// faulted on a 320-row product padded to 384 rows: the test's own output
+// held 256 rows while it told linear 512 (a test bug, since mended). This
+// probe ran both unpadded products without a fault (call 7), but judged
+// them by a per-element error that FP8 products' float32 sums of
+// cancelling terms do not meet (0.05 / 0.12), so it is run again.
 func TestFP8WideRows(t *testing.T) {
 	if os.Getenv("PEFTD_FP8_WIDE_PROBE") == "" {
 		t.Skip("PEFTD_FP8_WIDE_PROBE is not set")
