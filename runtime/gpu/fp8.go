@@ -327,23 +327,30 @@ func (f *fp8State) linear(out, x cuda.DevicePtr, T int, w *fp8Weight, gen uint64
 }
 
 // scaledRows is the rows the scaled FP8 product of T rows is asked for,
-// out holding room rows: steps of 129-255 rows (the 192-row recording) run
-// it for 256 where out and the scratch hold them. cuBLASLt offers one
-// outer-vector-scaled algorithm (v0.15), and it runs slower below 256 rows
-// than at 256 (H200, µs, TestFP8AlgoSweep in v0.43: gate/up 76.7 / 69.7 /
-// 60.3 at 160 / 192 / 224 rows against 53.2 at 256; q/k/v 20.2 / 17.3 /
-// 15.2 against 14.6; o and down flat). Decode steps of the 192-row
-// recording: 8.45 vs 8.99 ms base, 9.87 vs 10.44 with four adapters. The
-// padded rows' products are bit-identical (TestFP8ScaledPadding). Not
-// above 256 rows yet (gate/up 95.3 µs at 320 against 73.4 at 384 alone):
-// v0.43's run of it faulted, but in a test whose output held fewer rows
-// than it told linear; not re-run since the test was mended.
+// out holding room rows: steps of 129-511 rows run it for the next
+// multiple of 128 (129-255 for 256: the 192-row recording; 257-383 for
+// 384, 385-511 for 512: eager steps) where out and the scratch hold them.
+// cuBLASLt offers one outer-vector-scaled algorithm (v0.15), and it runs
+// slower between multiples of 128 rows than at the next one (H200, µs,
+// TestFP8AlgoSweep in v0.43: gate/up 76.7 / 69.7 / 60.3 at 160 / 192 /
+// 224 rows against 53.2 at 256, 95.3 at 320 against 73.4 at 384; q/k/v
+// 20.2 / 17.3 / 15.2 against 14.6; o and down flat). Decode steps of the
+// 192-row recording: 8.45 vs 8.99 ms base, 9.87 vs 10.44 with four
+// adapters. The padded rows' products are bit-identical
+// (TestFP8ScaledPadding).
 func scaledRows(T, room int) int {
-	if T > 128 && T < 256 && room >= 256 {
-		return 256
+	if T <= 128 || T >= scaledRowsTop {
+		return T
+	}
+	if Tp := (T + 127) &^ 127; room >= Tp {
+		return Tp
 	}
 	return T
 }
+
+// scaledRowsTop: steps of this many rows or more are not padded (larger
+// products are bound by their MMAs, where padding is work).
+const scaledRowsTop = 512
 
 // wgAutoFits reports whether the default routing (Options.NoFP8Wgmma
 // unset) sends a T x N x K FP8 product to fp8_wg rather than cuBLASLt, by

@@ -1209,7 +1209,8 @@ func TestFP8FusedQuantNormCl(t *testing.T) {
 func TestFP8ScaledPadding(t *testing.T) {
 	r := newFP8Rig(t)
 	const room = 512
-	for _, sz := range []struct{ T, N, K, P int }{{192, 6144, 4096, 256}, {130, 28672, 4096, 256}, {176, 6144, 4096, 256}, {224, 28672, 4096, 256}} {
+	for _, sz := range []struct{ T, N, K, P int }{{192, 6144, 4096, 256}, {130, 28672, 4096, 256}, {176, 6144, 4096, 256}, {224, 28672, 4096, 256},
+		{320, 28672, 4096, 384}, {300, 6144, 4096, 384}, {448, 28672, 4096, 512}, {400, 4096, 14336, 512}} {
 		if got := scaledRows(sz.T, room); got != sz.P {
 			t.Fatalf("scaledRows(%d, %d) = %d, want %d", sz.T, room, got, sz.P)
 		}
