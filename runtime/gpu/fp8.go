@@ -95,6 +95,9 @@ type fp8State struct {
 	// padding off (a benchmark's knob)
 	room   int
 	padOff bool
+	// padLow: products of 33-127 rows padded to 128 too, on cuBLASLt (not
+	// fp8_wg; a benchmark's knob)
+	padLow bool
 	// fp8_gemm_skinny_n32, _n64, _n128 (skinnyVariants), and their split-K
 	// partials and counters (reserveSkinny)
 	skinny         [len(skinnyVariants)]*cuda.Function
@@ -134,6 +137,9 @@ type fp8State struct {
 	// or streamLate (without its early weight tiles)
 	stream                          *fp8Stream
 	streamOn, streamOff, streamLate bool
+	// streamEarly: fp8_stream's weight tiles asked before
+	// griddepcontrol.wait, 1-6 (0: all stages but one; a benchmark's knob)
+	streamEarly int
 
 	// fp8_gemv_seg (fp8_seg.go) for steps of 1-4 rows; benchmarks and
 	// tests set segOff (fp8_gemv instead)
@@ -299,7 +305,7 @@ func (f *fp8State) linear(out, x cuda.DevicePtr, T int, w *fp8Weight, gen uint64
 		f.cIn, f.cRows, f.cCols, f.cGen, f.cValid = x, T, K, gen, true
 	}
 	if p, ok := f.stream.plan(T, w.rows, K); ok && !f.streamOff && (f.streamOn || T >= fp8StreamMinRows) {
-		opts := 1 // the first weight tiles before griddepcontrol.wait
+		opts := 1 | f.streamEarly<<1 // the first weight tiles (streamEarly of them, 0: every stage but one) before griddepcontrol.wait
 		if f.streamLate {
 			opts = 0
 		}
@@ -314,13 +320,17 @@ func (f *fp8State) linear(out, x cuda.DevicePtr, T int, w *fp8Weight, gen uint64
 	if skinnyFits(T, w.rows, K, f.skinnyTop()) {
 		return f.skinnyLaunch(out, T, w)
 	}
-	if f.wgAuto && wgAutoFits(T, w.rows, K, f.shared && f.wgBeside) && f.wg.fits(T, w.rows, K) {
+	if f.wgAuto && !f.padLow && wgAutoFits(T, w.rows, K, f.shared && f.wgBeside) && f.wg.fits(T, w.rows, K) {
 		return f.wg.launch(f.s, out, f.actQ.Ptr(), f.actS.Ptr(), w.q.Ptr(), w.scale.Ptr(), T, w.rows, K)
 	}
 	if S := f.split(T, w.rows, K); S > 1 {
 		return f.splitLaunch(out, T, w, S)
 	}
-	if Tp := scaledRows(T, f.room); Tp != T && !f.padOff && f.fits(Tp, K) {
+	from := 128
+	if f.padLow {
+		from = 32
+	}
+	if Tp := scaledRowsFrom(T, f.room, from); Tp != T && !f.padOff && f.fits(Tp, K) {
 		T = Tp // the rows past T are scratch: their products land in out's rows past T, which nothing reads
 	}
 	return f.mm.GemmTNScaled(f.s, out, cuda.R16BF, f.actQ.Ptr(), f.actS.Ptr(), w.q.Ptr(), w.scale.Ptr(), T, w.rows, K)
@@ -338,8 +348,12 @@ func (f *fp8State) linear(out, x cuda.DevicePtr, T int, w *fp8Weight, gen uint64
 // 192-row recording: 8.45 vs 8.99 ms base, 9.87 vs 10.44 with four
 // adapters. The padded rows' products are bit-identical
 // (TestFP8ScaledPadding).
-func scaledRows(T, room int) int {
-	if T <= 128 || T >= scaledRowsTop {
+func scaledRows(T, room int) int { return scaledRowsFrom(T, room, 128) }
+
+// scaledRowsFrom is scaledRows with the padding starting above from rows
+// (32 pads 33-127-row products to 128: fp8State.padLow's A/B).
+func scaledRowsFrom(T, room, from int) int {
+	if T <= from || T >= scaledRowsTop {
 		return T
 	}
 	if Tp := (T + 127) &^ 127; room >= Tp {
