@@ -391,7 +391,8 @@ type decodeVariant struct {
 	kc                           int    // LoRA shrinks' K split in pieces of kc columns (kernelForce.loraKChunk; 0: the default)
 	skLate                       bool   // gemm_skinny without its early weight tiles (kernelForce.skLate)
 	dv                           int    // attn_decode's variant whatever the rows: 1 + a decVariant (kernelForce.decVar; 0: decVariantFor's)
-	padLow                       bool   // FP8 weights: 33-127-row products padded to 128 rows on cuBLASLt (fp8State.padLow)
+	padOld                       bool   // FP8 weights: v0.43's padding (129-255 rows only; 33-64-row gate/up on fp8_wg: fp8State.padOld)
+	skEarly                      int    // bf16 weights: gemm_skinny's weight tiles asked before griddepcontrol.wait (kernelForce.skEarly; 0 the default)
 	early                        int    // FP8 weights: fp8_stream's weight tiles asked before griddepcontrol.wait (fp8State.streamEarly; -1 none: streamLate; 0 the default)
 	fs, gv                       bool   // FP8 weights: fp8_stream for every 1-16 rows (fp8State.streamOn; the default from fp8StreamMinRows), or for none (streamOff)
 	noseg                        bool   // FP8 weights: fp8_gemv, not fp8_gemv_seg, at 1-4 rows (fp8State.segOff)
@@ -435,7 +436,7 @@ func (v decodeVariant) label(ads []*lora.Adapter, pdlOK bool) string {
 	for _, f := range []struct {
 		on   bool
 		name string
-	}{{v.eager, "eager"}, {v.serial, "serial"}, {v.nopdl && pdlOK, "nopdl"}, {v.ropeHeads, "ropeheads"}, {v.lt, "lt"}, {v.wgFull, "wgfull"}, {v.wgBeside, "wgbeside"}, {v.splitBeside, "splitbeside"}, {v.nopad, "nopad"}, {v.padLow, "pad128"}, {v.skLate, "late"},
+	}{{v.eager, "eager"}, {v.serial, "serial"}, {v.nopdl && pdlOK, "nopdl"}, {v.ropeHeads, "ropeheads"}, {v.lt, "lt"}, {v.wgFull, "wgfull"}, {v.wgBeside, "wgbeside"}, {v.splitBeside, "splitbeside"}, {v.nopad, "nopad"}, {v.padOld, "padold"}, {v.skLate, "late"},
 		{v.fs, "fs"}, {v.gv, "gv"}, {v.noseg, "noseg"}, {v.wg && !v.two, "wg"}, {v.wg && v.two, "wg2"}, {v.nowga, "nowga"}, {v.bwg && !v.two, "bwg"}, {v.bwg && v.two, "bwg2"}, {v.tuned, "tuned"}} {
 		if f.on {
 			lbl += "+" + f.name
@@ -475,6 +476,9 @@ func (v decodeVariant) label(ads []*lora.Adapter, pdlOK bool) string {
 		lbl += "+fslate"
 	case v.early > 0:
 		lbl += fmt.Sprintf("+early%d", v.early)
+	}
+	if v.skEarly > 0 {
+		lbl += fmt.Sprintf("+skearly%d", v.skEarly)
 	}
 	lbl += onOffLabel(v.hoist, "hoist")
 	switch v.pdlJoins {
@@ -671,7 +675,8 @@ func TestDecodeBench(t *testing.T) {
 		{sms: -1, noseg: true}, {lora: true, sms: -1, noseg: true}, {lora: true, sms: -1, prio: -1}, {lora: true, sms: -1, prio: 1}, {sms: -1, hoist: -1}, {lora: true, sms: -1, hoist: -1}, {sms: -1, hoist: 1}, {lora: true, sms: -1, hoist: 1},
 		{sms: -1, silucl: -1}, {lora: true, sms: -1, silucl: -1}, {sms: -1, silucl: 1}, {lora: true, sms: -1, silucl: 1},
 		{sms: -1, addcl: -1}, {lora: true, sms: -1, addcl: -1}, {sms: -1, addcl: 1}, {lora: true, sms: -1, addcl: 1},
-		{sms: -1, padLow: true}, {lora: true, sms: -1, padLow: true},
+		{sms: -1, padOld: true}, {lora: true, sms: -1, padOld: true},
+		{sms: -1, skEarly: 1}, {lora: true, sms: -1, skEarly: 1}, {sms: -1, skEarly: 2}, {lora: true, sms: -1, skEarly: 2}, {sms: -1, skEarly: 3}, {lora: true, sms: -1, skEarly: 3},
 		{sms: -1, early: -1}, {lora: true, sms: -1, early: -1}, {sms: -1, early: 1}, {lora: true, sms: -1, early: 1},
 		{sms: -1, early: 2}, {lora: true, sms: -1, early: 2}, {sms: -1, early: 3}, {lora: true, sms: -1, early: 3}, {sms: -1, early: 4}, {lora: true, sms: -1, early: 4},
 	}
@@ -745,24 +750,24 @@ func TestDecodeBench(t *testing.T) {
 		B, v := rn.B, rn.v
 		withLoRA, sampled := v.lora, v.sampled
 		gb.g.off = v.eager
-		if withLoRA && len(ads) == 0 || v.nopdl && !pdlOK || v.split > 0 && B > 64 || (v.fs || v.gv) && (gb.f8 == nil || gb.f8.stream == nil) || (v.wg || v.nowga) && (gb.f8 == nil || gb.f8.wg == nil) || v.bwg && (gb.f8 != nil || gb.wg == nil) || v.early != 0 && (gb.f8 == nil || gb.f8.stream == nil) || v.padLow && gb.f8 == nil {
+		if withLoRA && len(ads) == 0 || v.nopdl && !pdlOK || v.split > 0 && B > 64 || (v.fs || v.gv) && (gb.f8 == nil || gb.f8.stream == nil) || (v.wg || v.nowga) && (gb.f8 == nil || gb.f8.wg == nil) || v.bwg && (gb.f8 != nil || gb.wg == nil) || v.early != 0 && (gb.f8 == nil || gb.f8.stream == nil) || v.padOld && gb.f8 == nil || v.skEarly != 0 && gb.f8 != nil {
 			continue
 		}
 		retune := v.tuned && !gb.tune.done
-		if wantPDL := pdlOK && !v.nopdl; retune || partOf(gb) != v.part || gb.la.on == v.serial || gb.la.sms != v.sms || gb.s.ProgrammaticLaunch() != wantPDL || gb.force.decSplit != v.split || gb.force.ropeHeads != v.ropeHeads || gb.force.decOpts != v.opts || gb.force.noSkinny != v.lt || gb.force.wgFull != v.wgFull || gb.force.loraKChunk != v.kc || gb.force.skLate != v.skLate || gb.force.decVar != v.dv || gb.force.bwg != v.bwg || gb.force.holds != v.holds || gb.force.pdlJoins != v.pdlJoins || gb.force.loraInline != v.inline || gb.force.ropeLoRA != v.rfold || gb.force.nodePrio != v.prio || gb.force.siluCl != v.silucl || gb.force.addCl != v.addcl || gb.force.memHoist != v.hoist || gb.wg != nil && gb.wg.two != v.two || gb.f8 != nil && gb.f8.wg != nil && gb.f8.wg.two != v.two || gb.f8 != nil && (gb.f8.wgBeside != v.wgBeside || gb.f8.splitBeside != v.splitBeside || gb.f8.padOff != v.nopad || gb.f8.streamLate != (v.early < 0) || gb.f8.padLow != v.padLow || gb.f8.streamEarly != max(v.early, 0) || gb.f8.streamOn != v.fs || gb.f8.streamOff != v.gv || gb.f8.segOff != v.noseg || gb.f8.wgOn != v.wg || gb.f8.wgAuto != (gb.f8.wgAutoDefault && !v.nowga)) { // recordings bake the LoRA and launch modes, the kernels and the GEMM algorithms in
+		if wantPDL := pdlOK && !v.nopdl; retune || partOf(gb) != v.part || gb.la.on == v.serial || gb.la.sms != v.sms || gb.s.ProgrammaticLaunch() != wantPDL || gb.force.decSplit != v.split || gb.force.ropeHeads != v.ropeHeads || gb.force.decOpts != v.opts || gb.force.noSkinny != v.lt || gb.force.wgFull != v.wgFull || gb.force.loraKChunk != v.kc || gb.force.skLate != v.skLate || gb.force.skEarly != v.skEarly || gb.force.decVar != v.dv || gb.force.bwg != v.bwg || gb.force.holds != v.holds || gb.force.pdlJoins != v.pdlJoins || gb.force.loraInline != v.inline || gb.force.ropeLoRA != v.rfold || gb.force.nodePrio != v.prio || gb.force.siluCl != v.silucl || gb.force.addCl != v.addcl || gb.force.memHoist != v.hoist || gb.wg != nil && gb.wg.two != v.two || gb.f8 != nil && gb.f8.wg != nil && gb.f8.wg.two != v.two || gb.f8 != nil && (gb.f8.wgBeside != v.wgBeside || gb.f8.splitBeside != v.splitBeside || gb.f8.padOff != v.nopad || gb.f8.streamLate != (v.early < 0) || gb.f8.padOld != v.padOld || gb.f8.streamEarly != max(v.early, 0) || gb.f8.streamOn != v.fs || gb.f8.streamOff != v.gv || gb.f8.segOff != v.noseg || gb.f8.wgOn != v.wg || gb.f8.wgAuto != (gb.f8.wgAutoDefault && !v.nowga)) { // recordings bake the LoRA and launch modes, the kernels and the GEMM algorithms in
 			gb.la.on, gb.la.sms, gb.force.decSplit, gb.force.ropeHeads, gb.force.decOpts = !v.serial, v.sms, v.split, v.ropeHeads, v.opts
 			gb.force.noSkinny, gb.force.skLate, gb.force.decVar, gb.force.bwg = v.lt, v.skLate, v.dv, v.bwg
 			gb.force.wgFull, gb.force.loraKChunk = v.wgFull, v.kc
 			gb.force.holds, gb.force.pdlJoins, gb.force.loraInline = v.holds, v.pdlJoins, v.inline
 			gb.force.ropeLoRA, gb.force.nodePrio, gb.force.siluCl, gb.force.addCl = v.rfold, v.prio, v.silucl, v.addcl
-			gb.force.memHoist = v.hoist
+			gb.force.memHoist, gb.force.skEarly = v.hoist, v.skEarly
 			if gb.wg != nil {
 				gb.wg.two = v.two
 			}
 			if gb.f8 != nil {
 				gb.f8.streamOn, gb.f8.streamOff, gb.f8.wgOn, gb.f8.wgAuto = v.fs, v.gv, v.wg, gb.f8.wgAutoDefault && !v.nowga
 				gb.f8.wgBeside, gb.f8.segOff, gb.f8.splitBeside, gb.f8.padOff = v.wgBeside, v.noseg, v.splitBeside, v.nopad
-				gb.f8.streamLate, gb.f8.streamEarly, gb.f8.padLow = v.early < 0, max(v.early, 0), v.padLow
+				gb.f8.streamLate, gb.f8.streamEarly, gb.f8.padOld = v.early < 0, max(v.early, 0), v.padOld
 				if gb.f8.wg != nil {
 					gb.f8.wg.two = v.two
 				}
@@ -868,14 +873,14 @@ func TestDecodeBench(t *testing.T) {
 	gb.force.noSkinny, gb.force.skLate, gb.force.decVar, gb.force.bwg = false, false, 0, false
 	gb.force.wgFull, gb.force.loraKChunk = false, 0
 	gb.force.holds, gb.force.pdlJoins, gb.force.ropeLoRA, gb.force.nodePrio = [4]int{}, 0, 0, 0
-	gb.force.siluCl, gb.force.memHoist = 0, 0
+	gb.force.siluCl, gb.force.memHoist, gb.force.skEarly = 0, 0, 0
 	if gb.wg != nil {
 		gb.wg.two = false
 	}
 	if gb.f8 != nil {
 		gb.f8.streamOn, gb.f8.streamOff, gb.f8.wgOn, gb.f8.wgAuto, gb.f8.wgBeside, gb.f8.segOff = false, false, false, gb.f8.wgAutoDefault, false, false
 		gb.f8.splitBeside, gb.f8.padOff = false, false
-		gb.f8.streamLate, gb.f8.streamEarly, gb.f8.padLow = false, 0, false
+		gb.f8.streamLate, gb.f8.streamEarly, gb.f8.padOld = false, 0, false
 		if gb.f8.wg != nil {
 			gb.f8.wg.two = false
 		}

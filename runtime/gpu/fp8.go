@@ -95,9 +95,9 @@ type fp8State struct {
 	// padding off (a benchmark's knob)
 	room   int
 	padOff bool
-	// padLow: products of 33-127 rows padded to 128 too, on cuBLASLt (not
-	// fp8_wg; a benchmark's knob)
-	padLow bool
+	// padOld: v0.43's rule (a benchmark's knob): products of 129-255 rows
+	// padded, not of 33-127, whose gate/up goes to fp8_wg (wgAutoFits)
+	padOld bool
 	// fp8_gemm_skinny_n32, _n64, _n128 (skinnyVariants), and their split-K
 	// partials and counters (reserveSkinny)
 	skinny         [len(skinnyVariants)]*cuda.Function
@@ -320,38 +320,53 @@ func (f *fp8State) linear(out, x cuda.DevicePtr, T int, w *fp8Weight, gen uint64
 	if skinnyFits(T, w.rows, K, f.skinnyTop()) {
 		return f.skinnyLaunch(out, T, w)
 	}
-	if f.wgAuto && !f.padLow && wgAutoFits(T, w.rows, K, f.shared && f.wgBeside) && f.wg.fits(T, w.rows, K) {
+	Tp := f.scaledRows(T)
+	pads := Tp != T && f.fits(Tp, K) // cuBLASLt's product padded beats fp8_wg's (scaledRowsFrom)
+	if f.wgAuto && !pads && wgAutoFits(T, w.rows, K, f.shared && f.wgBeside) && f.wg.fits(T, w.rows, K) {
 		return f.wg.launch(f.s, out, f.actQ.Ptr(), f.actS.Ptr(), w.q.Ptr(), w.scale.Ptr(), T, w.rows, K)
 	}
 	if S := f.split(T, w.rows, K); S > 1 {
 		return f.splitLaunch(out, T, w, S)
 	}
-	from := 128
-	if f.padLow {
-		from = 32
-	}
-	if Tp := scaledRowsFrom(T, f.room, from); Tp != T && !f.padOff && f.fits(Tp, K) {
+	if pads {
 		T = Tp // the rows past T are scratch: their products land in out's rows past T, which nothing reads
 	}
 	return f.mm.GemmTNScaled(f.s, out, cuda.R16BF, f.actQ.Ptr(), f.actS.Ptr(), w.q.Ptr(), w.scale.Ptr(), T, w.rows, K)
 }
 
-// scaledRows is the rows the scaled FP8 product of T rows is asked for,
-// out holding room rows: steps of 129-511 rows run it for the next
-// multiple of 128 (129-255 for 256: the 192-row recording; 257-383 for
-// 384, 385-511 for 512: eager steps) where out and the scratch hold them.
+// scaledRows is the rows this state's scaled FP8 product of T rows is
+// asked for (scaledRowsFrom; none with padOff, from 129 rows with padOld).
+func (f *fp8State) scaledRows(T int) int {
+	switch {
+	case f.padOff:
+		return T
+	case f.padOld:
+		if T > 128 && T < 256 && f.room >= 256 {
+			return 256
+		}
+		return T
+	}
+	return scaledRowsFrom(T, f.room, scaledPadFrom)
+}
+
+// scaledRowsFrom is the rows the scaled FP8 product of T rows is asked
+// for, out holding room rows: steps of from+1 to 511 rows run it for the
+// next multiple of 128 (33-127 for 128: decode; 129-255 for 256: the
+// 192-row recording; 257-383 for 384, 385-511 for 512: eager steps) where
+// out and the scratch hold them.
 // cuBLASLt offers one outer-vector-scaled algorithm (v0.15), and it runs
 // slower between multiples of 128 rows than at the next one (H200, µs,
 // TestFP8AlgoSweep in v0.43: gate/up 76.7 / 69.7 / 60.3 at 160 / 192 /
 // 224 rows against 53.2 at 256, 95.3 at 320 against 73.4 at 384; q/k/v
 // 20.2 / 17.3 / 15.2 against 14.6; o and down flat). Decode steps of the
 // 192-row recording: 8.45 vs 8.99 ms base, 9.87 vs 10.44 with four
+// adapters. Eager steps (v0.44, `+nopad`): 320 / 448 rows 14.07 / 18.02
+// -> 13.27 / 16.71 ms. At 33-127 rows the product padded to 128 beats
+// fp8_wg's for gate/up (sweep: 47.2 µs at 64 rows, 38.4 at 128); decode
+// (v0.44, `+padold`) 48 / 64 / 96 rows 4.86 / 4.83 / 6.05 -> 4.79 / 4.75 /
+// 6.00 ms base, 5.48 / 5.35 / 6.75 -> 5.38 / 5.29 / 6.75 with four
 // adapters. The padded rows' products are bit-identical
 // (TestFP8ScaledPadding).
-func scaledRows(T, room int) int { return scaledRowsFrom(T, room, 128) }
-
-// scaledRowsFrom is scaledRows with the padding starting above from rows
-// (32 pads 33-127-row products to 128: fp8State.padLow's A/B).
 func scaledRowsFrom(T, room, from int) int {
 	if T <= from || T >= scaledRowsTop {
 		return T
@@ -362,9 +377,14 @@ func scaledRowsFrom(T, room, from int) int {
 	return T
 }
 
-// scaledRowsTop: steps of this many rows or more are not padded (larger
-// products are bound by their MMAs, where padding is work).
-const scaledRowsTop = 512
+// scaledRowsTop: steps of this many rows or more are not padded (above
+// 512 the sweep's times do not fall at each multiple of 128: gate/up 134.6
+// / 108.3 / 125.4 µs at 576 / 640 / 768 rows); scaledPadFrom: nor of this
+// many or fewer (fp8_wg and fp8_stream take them).
+const (
+	scaledRowsTop = 512
+	scaledPadFrom = 32
+)
 
 // wgAutoFits reports whether the default routing (Options.NoFP8Wgmma
 // unset) sends a T x N x K FP8 product to fp8_wg rather than cuBLASLt, by

@@ -1201,8 +1201,8 @@ func TestFP8FusedQuantNormCl(t *testing.T) {
 	}
 }
 
-// TestFP8ScaledPadding: a scaled FP8 product of 129-255 rows whose output
-// has room runs for 256 rows (scaledRows); its
+// TestFP8ScaledPadding: a scaled FP8 product of 33-511 rows whose output
+// has room runs for the next multiple of 128 rows (scaledRowsFrom); its
 // T rows equal the product run for T rows alone (to bf16 rounding: the
 // same algorithm, other tiles), and the rows past T (scratch: ones here)
 // are written only when padded.
@@ -1210,9 +1210,9 @@ func TestFP8ScaledPadding(t *testing.T) {
 	r := newFP8Rig(t)
 	const room = 512
 	for _, sz := range []struct{ T, N, K, P int }{{192, 6144, 4096, 256}, {130, 28672, 4096, 256}, {176, 6144, 4096, 256}, {224, 28672, 4096, 256},
-		{320, 28672, 4096, 384}, {300, 6144, 4096, 384}, {448, 28672, 4096, 512}, {400, 4096, 14336, 512}} {
-		if got := scaledRows(sz.T, room); got != sz.P {
-			t.Fatalf("scaledRows(%d, %d) = %d, want %d", sz.T, room, got, sz.P)
+		{64, 28672, 4096, 128}, {40, 28672, 4096, 128}, {100, 28672, 4096, 128}, {320, 28672, 4096, 384}, {300, 6144, 4096, 384}, {448, 28672, 4096, 512}, {400, 4096, 14336, 512}} {
+		if got := scaledRowsFrom(sz.T, room, scaledPadFrom); got != sz.P {
+			t.Fatalf("scaledRowsFrom(%d, %d, %d) = %d, want %d", sz.T, room, scaledPadFrom, got, sz.P)
 		}
 		if s := r.f.split(sz.T, sz.N, sz.K); s != 1 {
 			t.Fatalf("T=%d N=%d K=%d: the product splits K %d ways: not the scaled product", sz.T, sz.N, sz.K, s)

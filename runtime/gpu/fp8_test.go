@@ -268,12 +268,12 @@ func TestWgAutoFits(t *testing.T) {
 // products on a GPU).
 func TestScaledRows(t *testing.T) {
 	for _, c := range []struct{ T, room, want int }{
-		{1, 512, 1}, {64, 512, 64}, {128, 256, 128}, {129, 512, 256}, {192, 256, 256}, {129, 200, 129},
+		{1, 512, 1}, {32, 512, 32}, {33, 512, 128}, {64, 512, 128}, {64, 127, 64}, {127, 128, 128}, {128, 256, 128}, {129, 512, 256}, {192, 256, 256}, {129, 200, 129},
 		{193, 512, 256}, {255, 256, 256}, {256, 512, 256}, {257, 512, 384}, {320, 512, 384}, {320, 383, 320}, {384, 512, 384},
 		{385, 512, 512}, {448, 512, 512}, {448, 500, 448}, {511, 4096, 512}, {512, 512, 512}, {513, 4096, 513}, {600, 4096, 600}, {192, 0, 192},
 	} {
-		if got := scaledRows(c.T, c.room); got != c.want {
-			t.Errorf("scaledRows(%d, %d) = %d, want %d", c.T, c.room, got, c.want)
+		if got := scaledRowsFrom(c.T, c.room, scaledPadFrom); got != c.want {
+			t.Errorf("scaledRowsFrom(%d, %d, %d) = %d, want %d", c.T, c.room, scaledPadFrom, got, c.want)
 		}
 	}
 }

@@ -298,7 +298,7 @@ func (b *Backend) Linear(out, in engine.Buffer, w engine.Weight) {
 		return
 	}
 	if p, ok := b.skinnyPlan(wt.rows, wt.cols, shared); ok {
-		opts := bfSkinnyEarly
+		opts := bfSkinnyEarly | b.force.skEarly<<1
 		if b.force.skLate {
 			opts = 0
 		}

@@ -55,6 +55,7 @@ __device__ float logf(float);
 __device__ float sqrtf(float);
 __device__ float fabsf(float);
 __device__ float fmaxf(float, float);
+__device__ float fmaf(float, float, float);
 __device__ float fminf(float, float);
 __device__ void sincosf(float, float*, float*);
 __device__ int atomicAdd(int*, int);
