@@ -393,7 +393,7 @@ type decodeVariant struct {
 	dv                           int    // attn_decode's variant whatever the rows: 1 + a decVariant (kernelForce.decVar; 0: decVariantFor's)
 	padOld                       bool   // FP8 weights: v0.43's padding (129-255 rows only; 33-64-row gate/up on fp8_wg: fp8State.padOld)
 	skEarly                      int    // bf16 weights: gemm_skinny's weight tiles asked before griddepcontrol.wait (kernelForce.skEarly; 0 the default)
-	early                        int    // FP8 weights: fp8_stream's weight tiles asked before griddepcontrol.wait (fp8State.streamEarly; -1 none: streamLate; 0 the default)
+	early                        int    // FP8 weights: fp8_stream's weight tiles asked before griddepcontrol.wait (fp8State.streamEarly; -1 none: streamLate; 7 every stage but one; 0 the default, fp8StreamEarly)
 	fs, gv                       bool   // FP8 weights: fp8_stream for every 1-16 rows (fp8State.streamOn; the default from fp8StreamMinRows), or for none (streamOff)
 	noseg                        bool   // FP8 weights: fp8_gemv, not fp8_gemv_seg, at 1-4 rows (fp8State.segOff)
 	silucl                       int    // FP8 silu_mul of 1-64 rows as silu_mul_cl (kernelForce.siluCl: 1 wherever it fits, -1 never, 0 the default)
@@ -678,7 +678,7 @@ func TestDecodeBench(t *testing.T) {
 		{sms: -1, padOld: true}, {lora: true, sms: -1, padOld: true},
 		{sms: -1, skEarly: 1}, {lora: true, sms: -1, skEarly: 1}, {sms: -1, skEarly: 2}, {lora: true, sms: -1, skEarly: 2}, {sms: -1, skEarly: 3}, {lora: true, sms: -1, skEarly: 3},
 		{sms: -1, early: -1}, {lora: true, sms: -1, early: -1}, {sms: -1, early: 1}, {lora: true, sms: -1, early: 1},
-		{sms: -1, early: 2}, {lora: true, sms: -1, early: 2}, {sms: -1, early: 3}, {lora: true, sms: -1, early: 3}, {sms: -1, early: 4}, {lora: true, sms: -1, early: 4},
+		{sms: -1, early: 2}, {lora: true, sms: -1, early: 2}, {sms: -1, early: 3}, {lora: true, sms: -1, early: 3}, {sms: -1, early: 4}, {lora: true, sms: -1, early: 4}, {sms: -1, early: 7}, {lora: true, sms: -1, early: 7},
 	}
 	// PEFTD_LORA_PARTITION=16,32: rows +part16, +part32 with the SMs split by
 	// green contexts (Options.LoRAPartition), base and adapters, with and
