@@ -494,7 +494,12 @@ __device__ __forceinline__ void fp8_stream_body(bf16* __restrict__ out, const un
     };
     const int ask = (opts >> 1) & 7;
     const int ne = !(opts & 1) ? 0 : ask > 0 && ask < S::ST - 1 ? ask : S::ST - 1; // weight tiles asked before the wait
-    for (int t = 0; t < ne; t++) issue_w(t);
+    // unrolled with t constant, as when every early tile was asked: a loop
+    // over ne ran slower beside the LoRA stream (FP8 16 rows with four
+    // adapters 3.84 -> 3.94 ms, v0.44)
+#pragma unroll
+    for (int t = 0; t < S::ST - 1; t++)
+        if (t < ne) issue_w(t);
     pdl_entry();
     for (int t = 0; t < S::ST - 1; t++) {
         if (t >= ne) issue_w(t);

@@ -2538,11 +2538,16 @@ __device__ __forceinline__ void gemm_skinny_body(bf16* __restrict__ out, const b
     // where that is 1 to ST - 2
     const int ask = (opts >> 1) & 7;
     const int ne = !(opts & 1) ? 0 : ask > 0 && ask < S::ST - 1 ? ask : S::ST - 1;
-    for (int t = 0; t < ne; t++) issue_wb(t); // the weight tiles first: the extra rows' addresses wait for two dependent loads
+    // (loops unrolled with t constant: fp8_stream's loop over ne ran slower)
+#pragma unroll
+    for (int t = 0; t < S::ST - 1; t++)
+        if (t < ne) issue_wb(t); // the weight tiles first: the extra rows' addresses wait for two dependent loads
     if constexpr (XR > 0) {
 #pragma unroll
         for (int i = 0; i < XI; i++) xa[i] = sk_lora_row(L, (tid + i * SK_THREADS) / CH, K).a;
-        for (int t = 0; t < ne; t++) issue_wx(t);
+#pragma unroll
+        for (int t = 0; t < S::ST - 1; t++)
+            if (t < ne) issue_wx(t);
     }
     pdl_entry();
     for (int t = 0; t < S::ST - 1; t++) {

@@ -185,7 +185,7 @@ PHASES=("$@")
 [[ ${#PHASES[@]} -gt 0 ]] || PHASES=(tests kernels memcheck fixture8b serve lorabench decode serve8b)
 want() { local x; for x in "${PHASES[@]}"; do [[ "$x" == "$1" ]] && return 0; done; return 1; }
 unset PEFTD_FIXTURE_8B PEFTD_LORA_BENCH PEFTD_MODEL_8B
-GPUBIN="$ROOT/$(bin_of runtime/gpu)"
+GPUBIN="${GPUBIN_OVERRIDE:-$ROOT/$(bin_of runtime/gpu)}" # GPUBIN_OVERRIDE: another build of runtime/gpu (an A/B of two trees in one call)
 T0=$SECONDS
 stamp() { echo "--- $1 done at +$((SECONDS - T0))s"; }
 # keep the whole run inside the device's 600 s command limit: each benchmark
