@@ -442,9 +442,8 @@ extern "C" __global__ void fp8_splitk_reduce(bf16* __restrict__ out, const float
 // fragment's bytes, so ldmatrix reads both from rows whose 16-byte chunks
 // are XOR-swizzled in groups of 8); the warps' sums meet in shared memory
 // and are scaled as they are written. K % RB == 0, N % BN == 0, 16-byte
-// aligned rows. opts bit 0: the first weight tiles are requested before
-// griddepcontrol.wait (no kernel of a step writes weights): ST - 1 of them,
-// or (opts >> 1) & 7 where that is 1 to ST - 2.
+// aligned rows. opts bit 0: the first ST - 1 weight tiles are requested
+// before griddepcontrol.wait (no kernel of a step writes weights).
 #define FS_THREADS 128
 
 template <int BN, int RB> struct FsShape {
@@ -492,17 +491,12 @@ __device__ __forceinline__ void fp8_stream_body(bf16* __restrict__ out, const un
             }
         }
     };
-    const int ask = (opts >> 1) & 7;
-    const int ne = !(opts & 1) ? 0 : ask > 0 && ask < S::ST - 1 ? ask : S::ST - 1; // weight tiles asked before the wait
-    // unrolled with t constant, as when every early tile was asked: a loop
-    // over ne ran slower beside the LoRA stream (FP8 16 rows with four
-    // adapters 3.84 -> 3.94 ms, v0.44)
-#pragma unroll
-    for (int t = 0; t < S::ST - 1; t++)
-        if (t < ne) issue_w(t);
+    const bool early = opts & 1;
+    if (early)
+        for (int t = 0; t < S::ST - 1; t++) issue_w(t);
     pdl_entry();
     for (int t = 0; t < S::ST - 1; t++) {
-        if (t >= ne) issue_w(t);
+        if (!early) issue_w(t);
         issue_x(t);
         cp_async_commit(); // one group per tile (the early weight tiles join the first)
     }

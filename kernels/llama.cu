@@ -2421,10 +2421,9 @@ extern "C" __global__ void __launch_bounds__(SM_THREADS) sample_rows(int* out, c
 //     64 w + 64) of each tile for all BN outputs, and the warps' sums meet
 //     in shared memory at the end (narrow blocks: many rows' bytes each);
 //   - gemm_skinny_n224: BK 64; warp w owns outputs [BN/4 w, BN/4 (w + 1)).
-// opts bit 0: the first weight tiles (ST - 1, or (opts >> 1) & 7 where
-// that is 1 to ST - 2) are requested before griddepcontrol.wait (no kernel
-// of a step writes weights), so their DRAM latency runs under the kernel
-// before.
+// opts bit 0: the first ST - 1 weight tiles are requested before
+// griddepcontrol.wait (no kernel of a step writes weights), so their DRAM
+// latency runs under the kernel before.
 //
 // gemm_skinny_lora_n{32,48}_x{8,16} (XR extra rows): the same product, and
 // with it the shrink of the group's LoRA update (runtime/gpu/lora_inline.go): each
@@ -2534,24 +2533,18 @@ __device__ __forceinline__ void gemm_skinny_body(bf16* __restrict__ out, const b
             }
         }
     };
-    // early weight tiles (opts bit 0): ST - 1 of them, or (opts >> 1) & 7
-    // where that is 1 to ST - 2
-    const int ask = (opts >> 1) & 7;
-    const int ne = !(opts & 1) ? 0 : ask > 0 && ask < S::ST - 1 ? ask : S::ST - 1;
-    // (loops unrolled with t constant: fp8_stream's loop over ne ran slower)
-#pragma unroll
-    for (int t = 0; t < S::ST - 1; t++)
-        if (t < ne) issue_wb(t); // the weight tiles first: the extra rows' addresses wait for two dependent loads
+    const bool early = opts & 1;
+    if (early) // the weight tiles first: the extra rows' addresses wait for two dependent loads
+        for (int t = 0; t < S::ST - 1; t++) issue_wb(t);
     if constexpr (XR > 0) {
 #pragma unroll
         for (int i = 0; i < XI; i++) xa[i] = sk_lora_row(L, (tid + i * SK_THREADS) / CH, K).a;
-#pragma unroll
-        for (int t = 0; t < S::ST - 1; t++)
-            if (t < ne) issue_wx(t);
+        if (early)
+            for (int t = 0; t < S::ST - 1; t++) issue_wx(t);
     }
     pdl_entry();
     for (int t = 0; t < S::ST - 1; t++) {
-        if (t >= ne) issue_w(t);
+        if (!early) issue_w(t);
         issue_x(t);
         cp_async_commit(); // one group per tile (the early weight tiles join the first)
     }

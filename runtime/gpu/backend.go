@@ -222,7 +222,6 @@ type kernelForce struct {
 	decVar     int           // attn_decode's variant whatever the rows: 1 + a decVariant (0: decVariantFor's choice); bf16 keys only
 	noSkinny   bool          // bf16 products: cuBLASLt whatever the rows (no gemm_skinny)
 	skLate     bool          // gemm_skinny: no weight tiles before griddepcontrol.wait (opts 0)
-	skEarly    int           // gemm_skinny: this many weight tiles before griddepcontrol.wait (1-6; 0: every stage but one)
 	wgFull     bool          // wgmma products beside the LoRA stream: a grid over every SM, not the SM target (v0.32's)
 	loraKChunk int           // LoRA shrinks: K split into pieces of about this many columns (0: enough blocks to cover the SMs twice)
 	loraInline int           // fused groups (bit g: llama.FusedGroups[g]) whose shrink runs inside gemm_skinny (lora_inline.go; 0: the default, q/k/v; -1: none)

@@ -137,13 +137,6 @@ type fp8State struct {
 	// or streamLate (without its early weight tiles)
 	stream                          *fp8Stream
 	streamOn, streamOff, streamLate bool
-	// streamEarly: fp8_stream's weight tiles asked before
-	// griddepcontrol.wait, 1-6, 7 every stage but one (0: fp8StreamEarly;
-	// a benchmark's knob)
-	streamEarly int
-	// lone: no LoRA update runs beside the product being enqueued
-	// (Backend.Linear sets it)
-	lone bool
 
 	// fp8_gemv_seg (fp8_seg.go) for steps of 1-4 rows; benchmarks and
 	// tests set segOff (fp8_gemv instead)
@@ -309,11 +302,7 @@ func (f *fp8State) linear(out, x cuda.DevicePtr, T int, w *fp8Weight, gen uint64
 		f.cIn, f.cRows, f.cCols, f.cGen, f.cValid = x, T, K, gen, true
 	}
 	if p, ok := f.stream.plan(T, w.rows, K); ok && !f.streamOff && (f.streamOn || T >= fp8StreamMinRows) {
-		early := f.streamEarly
-		if early == 0 {
-			early = fp8StreamEarly(f.lone)
-		}
-		opts := 1 | early<<1 // the first weight tiles before griddepcontrol.wait
+		opts := 1 // the first weight tiles before griddepcontrol.wait
 		if f.streamLate {
 			opts = 0
 		}
@@ -340,23 +329,6 @@ func (f *fp8State) linear(out, x cuda.DevicePtr, T int, w *fp8Weight, gen uint64
 		T = Tp // the rows past T are scratch: their products land in out's rows past T, which nothing reads
 	}
 	return f.mm.GemmTNScaled(f.s, out, cuda.R16BF, f.actQ.Ptr(), f.actS.Ptr(), w.q.Ptr(), w.scale.Ptr(), T, w.rows, K)
-}
-
-// fp8StreamEarly is fp8_stream's weight tiles asked before
-// griddepcontrol.wait (opts bits 1-3; 7: every stage but one). Alone, one:
-// the kernel before (add_rmsnorm, silu_mul_cl, quant_rows_e4m3: a few µs
-// on the product's critical path) reads its inputs behind every early tile
-// of ~128 blocks (4-6 stages, ~18 MB for gate/up), so it ends later by more
-// than the early tiles save (H200, FP8 decode base, v0.44: 9 / 12 / 16
-// rows 3.40 / 3.45 / 3.52 -> 3.32 / 3.37 / 3.45 ms). Beside a LoRA update
-// the kernel before waits for the update's join anyway, and every stage
-// but one is best (four rank-32 adapters with one early tile: 3.81 / 3.87
-// / 3.96 -> 3.82 / 3.90 / 4.01; two: 3.79 / 3.87 / 3.98).
-func fp8StreamEarly(lone bool) int {
-	if lone {
-		return 1
-	}
-	return 7
 }
 
 // scaledRows is the rows this state's scaled FP8 product of T rows is
@@ -388,9 +360,11 @@ func (f *fp8State) scaledRows(T int) int {
 // adapters. Eager steps (v0.44, `+nopad`): 320 / 448 rows 14.07 / 18.02
 // -> 13.27 / 16.71 ms. At 33-127 rows the product padded to 128 beats
 // fp8_wg's for gate/up (sweep: 47.2 µs at 64 rows, 38.4 at 128); decode
-// (v0.44, `+padold`) 48 / 64 / 96 rows 4.86 / 4.83 / 6.05 -> 4.79 / 4.75 /
-// 6.00 ms base, 5.48 / 5.35 / 6.75 -> 5.38 / 5.29 / 6.75 with four
-// adapters. The padded rows' products are bit-identical
+// against v0.43's rule (v0.44, ms, base then four rank-32 adapters): 33 /
+// 40 / 48 / 64 / 80 / 96 rows 4.52 / 4.69 / 4.86 / 4.83 / 5.72 / 6.05 ->
+// 4.45 / 4.61 / 4.79 / 4.75 / 5.67 / 6.00, and 5.03 / 5.26 / 5.48 / 5.35 /
+// 6.39 / 6.75 -> 4.91 / 5.17 / 5.38 / 5.29 / 6.39 / 6.75 (112 rows
+// equal). The padded rows' products are bit-identical
 // (TestFP8ScaledPadding).
 func scaledRowsFrom(T, room, from int) int {
 	if T <= from || T >= scaledRowsTop {

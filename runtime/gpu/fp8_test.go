@@ -277,12 +277,3 @@ func TestScaledRows(t *testing.T) {
 		}
 	}
 }
-
-func TestFP8StreamEarly(t *testing.T) {
-	if got := fp8StreamEarly(true); got != 1 {
-		t.Errorf("fp8StreamEarly(alone) = %d, want 1", got)
-	}
-	if got := fp8StreamEarly(false); got != 7 {
-		t.Errorf("fp8StreamEarly(beside a LoRA update) = %d, want 7 (every stage but one)", got)
-	}
-}

@@ -88,7 +88,7 @@ func (b *Backend) loraInline(out, in engine.Buffer, w engine.Weight, layer int, 
 	if b.err != nil {
 		return true
 	}
-	opts := bfSkinnyEarly | b.force.skEarly<<1
+	opts := bfSkinnyEarly
 	if b.force.skLate {
 		opts = 0
 	}
