@@ -443,7 +443,9 @@ extern "C" __global__ void fp8_splitk_reduce(bf16* __restrict__ out, const float
 // are XOR-swizzled in groups of 8); the warps' sums meet in shared memory
 // and are scaled as they are written. K % RB == 0, N % BN == 0, 16-byte
 // aligned rows. opts bit 0: the first ST - 1 weight tiles are requested
-// before griddepcontrol.wait (no kernel of a step writes weights).
+// before griddepcontrol.wait (no kernel of a step writes weights); EARLY >
+// 0 (the _e1 variants): that many instead (a count fixed at compile time:
+// v0.44's count in opts slowed the kernel beside the LoRA stream).
 #define FS_THREADS 128
 
 template <int BN, int RB> struct FsShape {
@@ -460,7 +462,7 @@ template <int BN, int RB> struct FsShape {
     static_assert(4 * 16 * BN * 4 <= ST * STAGE_B, "fp8_stream: the warps' sums do not fit the stages");
 };
 
-template <int BN, int RB>
+template <int BN, int RB, int EARLY = 0>
 __device__ __forceinline__ void fp8_stream_body(bf16* __restrict__ out, const unsigned char* __restrict__ qx,
                                                 const float* __restrict__ sx, const unsigned char* __restrict__ qw,
                                                 const float* __restrict__ sw, int M, int N, int K, int opts) {
@@ -491,14 +493,27 @@ __device__ __forceinline__ void fp8_stream_body(bf16* __restrict__ out, const un
             }
         }
     };
-    const bool early = opts & 1;
-    if (early)
-        for (int t = 0; t < S::ST - 1; t++) issue_w(t);
-    pdl_entry();
-    for (int t = 0; t < S::ST - 1; t++) {
-        if (!early) issue_w(t);
-        issue_x(t);
-        cp_async_commit(); // one group per tile (the early weight tiles join the first)
+    if constexpr (EARLY == 0) {
+        const bool early = opts & 1;
+        if (early)
+            for (int t = 0; t < S::ST - 1; t++) issue_w(t);
+        pdl_entry();
+        for (int t = 0; t < S::ST - 1; t++) {
+            if (!early) issue_w(t);
+            issue_x(t);
+            cp_async_commit(); // one group per tile (the early weight tiles join the first)
+        }
+    } else {
+        constexpr int NE = EARLY < S::ST - 1 ? EARLY : S::ST - 1;
+        const bool early = opts & 1;
+        if (early)
+            for (int t = 0; t < NE; t++) issue_w(t);
+        pdl_entry();
+        for (int t = 0; t < S::ST - 1; t++) {
+            if (!early || t >= NE) issue_w(t);
+            issue_x(t);
+            cp_async_commit();
+        }
     }
     float acc[S::NT][4];
 #pragma unroll
@@ -567,3 +582,6 @@ __device__ __forceinline__ void fp8_stream_body(bf16* __restrict__ out, const un
 extern "C" __global__ void __launch_bounds__(FS_THREADS) fp8_stream_n32(FP8_STREAM_ARGS) { fp8_stream_body<32, 512>(out, qx, sx, qw, sw, M, N, K, opts); }
 extern "C" __global__ void __launch_bounds__(FS_THREADS) fp8_stream_n48(FP8_STREAM_ARGS) { fp8_stream_body<48, 512>(out, qx, sx, qw, sw, M, N, K, opts); }
 extern "C" __global__ void __launch_bounds__(FS_THREADS) fp8_stream_n224(FP8_STREAM_ARGS) { fp8_stream_body<224, 128>(out, qx, sx, qw, sw, M, N, K, opts); }
+extern "C" __global__ void __launch_bounds__(FS_THREADS) fp8_stream_n32_e1(FP8_STREAM_ARGS) { fp8_stream_body<32, 512, 1>(out, qx, sx, qw, sw, M, N, K, opts); }
+extern "C" __global__ void __launch_bounds__(FS_THREADS) fp8_stream_n48_e1(FP8_STREAM_ARGS) { fp8_stream_body<48, 512, 1>(out, qx, sx, qw, sw, M, N, K, opts); }
+extern "C" __global__ void __launch_bounds__(FS_THREADS) fp8_stream_n224_e1(FP8_STREAM_ARGS) { fp8_stream_body<224, 128, 1>(out, qx, sx, qw, sw, M, N, K, opts); }

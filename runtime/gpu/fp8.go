@@ -137,6 +137,11 @@ type fp8State struct {
 	// or streamLate (without its early weight tiles)
 	stream                          *fp8Stream
 	streamOn, streamOff, streamLate bool
+	// streamE1: fp8_stream's _e1 variants (one early weight tile) for
+	// products no LoRA update runs beside (lone, set by Backend.Linear), or
+	// for every product with streamE1All; benchmark knobs (PERFORMANCE
+	// v0.44 Next 1), not yet measured
+	streamE1, streamE1All, lone bool
 
 	// fp8_gemv_seg (fp8_seg.go) for steps of 1-4 rows; benchmarks and
 	// tests set segOff (fp8_gemv instead)
@@ -306,7 +311,7 @@ func (f *fp8State) linear(out, x cuda.DevicePtr, T int, w *fp8Weight, gen uint64
 		if f.streamLate {
 			opts = 0
 		}
-		return f.stream.launch(f.s, p, out, f.actQ.Ptr(), f.actS.Ptr(), w, T, opts)
+		return f.stream.launch(f.s, p, out, f.actQ.Ptr(), f.actS.Ptr(), w, T, opts, f.streamE1 && (f.lone || f.streamE1All))
 	}
 	if p, ok := planSeg(T, w.rows, K); ok && !f.segOff {
 		return f.seg.launch(f.s, p, out, f.actQ.Ptr(), f.actS.Ptr(), w, T)

@@ -20,7 +20,10 @@ import (
 // 3.16 -> 3.13, but 3.43 -> 3.61 with the adapters. So it takes steps of
 // fp8StreamMinRows-16 rows (where fp8_gemv runs its two-tile variant), and
 // fp8_gemv keeps the smaller ones.
-type fp8Stream struct{ *streamRows }
+type fp8Stream struct {
+	*streamRows
+	e1 *streamRows // fp8_stream_n{bn}_e1: one weight tile before griddepcontrol.wait (fp8State.streamE1)
+}
 
 // fp8StreamMaxRows is the most rows fp8_stream takes (one m16 tile);
 // fp8StreamMinRows the fewest it takes by default (fp8State.streamOn: any).
@@ -44,7 +47,11 @@ func newFP8Stream(mod *cuda.Module, dev cuda.Device) (*fp8Stream, error) {
 	if g == nil || err != nil {
 		return nil, err
 	}
-	return &fp8Stream{g}, nil
+	e1, err := loadStreamRows(mod, dev, fp8StreamVariants, func(bn int) string { return fmt.Sprintf("fp8_stream_n%d_e1", bn) }, fp8StreamShared)
+	if err != nil {
+		return nil, err
+	}
+	return &fp8Stream{streamRows: g, e1: e1}, nil
 }
 
 // fp8StreamPlan is one product's variant.
@@ -65,12 +72,16 @@ func (g *fp8Stream) plan(M, N, K int) (p fp8StreamPlan, ok bool) {
 
 // launch enqueues out = sx sw (qx . qw^T) for M activation rows (qx, sx)
 // and weight w with plan p and the kernel's opts (bit 0: early weight
-// tiles).
-func (g *fp8Stream) launch(s *cuda.Stream, p fp8StreamPlan, out, qx, sx cuda.DevicePtr, w *fp8Weight, M, opts int) error {
+// tiles; every stage but one, or one with e1: the _e1 variant).
+func (g *fp8Stream) launch(s *cuda.Stream, p fp8StreamPlan, out, qx, sx cuda.DevicePtr, w *fp8Weight, M, opts int, e1 bool) error {
 	v := g.vs[p.i]
 	if (uint64(out)|uint64(qx)|uint64(w.q.Ptr()))%16 != 0 {
 		return fmt.Errorf("gpu: fp8_stream: operands not 16-byte aligned")
 	}
-	return g.fn[p.i].Launch(s, cuda.Dim3{X: w.rows / v.bn, Y: 1, Z: 1}, cuda.Dim3{X: 128, Y: 1, Z: 1}, fp8StreamShared(v),
+	fn := g.fn[p.i]
+	if e1 && g.e1 != nil {
+		fn = g.e1.fn[p.i]
+	}
+	return fn.Launch(s, cuda.Dim3{X: w.rows / v.bn, Y: 1, Z: 1}, cuda.Dim3{X: 128, Y: 1, Z: 1}, fp8StreamShared(v),
 		uint64(out), uint64(qx), uint64(sx), uint64(w.q.Ptr()), uint64(w.scale.Ptr()), M, w.rows, w.cols, opts)
 }

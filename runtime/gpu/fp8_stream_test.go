@@ -5,7 +5,7 @@ import "testing"
 // TestFP8StreamPlan: the variant fp8_stream takes for the 8B shapes and
 // others on an H100/H200 (132 SMs).
 func TestFP8StreamPlan(t *testing.T) {
-	g := &fp8Stream{&streamRows{vs: fp8StreamVariants, sms: 132}}
+	g := &fp8Stream{streamRows: &streamRows{vs: fp8StreamVariants, sms: 132}}
 	for _, c := range []struct {
 		M, N, K int
 		bn      int // 0: none (fp8_gemv)
