@@ -493,6 +493,9 @@ __device__ __forceinline__ void fp8_stream_body(bf16* __restrict__ out, const un
             }
         }
     };
+    // two branches, not one with a count: the default kernels keep v0.43's
+    // code (a prologue written over a count compiled differently throughout
+    // and ran slower beside the LoRA stream, v0.44)
     if constexpr (EARLY == 0) {
         const bool early = opts & 1;
         if (early)
