@@ -386,7 +386,7 @@ type decodeVariant struct {
 	lt                           bool   // every bf16 product through cuBLASLt (kernelForce.noSkinny)
 	wgFull                       bool   // wgmma products beside the LoRA stream on every SM, as v0.32 ran them (kernelForce.wgFull)
 	splitBeside                  bool   // FP8 weights: products beside the LoRA stream plan their K split for the whole card (fp8State.splitBeside)
-	nopad                        bool   // FP8 weights: scaled products of 129-192 rows for their own rows, not 256 (fp8State.padOff)
+	nopad                        bool   // FP8 weights: scaled products for their own rows, not padded to a multiple of 128 (fp8State.padOff)
 	wgBeside                     bool   // FP8 weights: every 33-64-row product beside the LoRA stream on fp8_wg (fp8State.wgBeside: v0.32's routing)
 	kc                           int    // LoRA shrinks' K split in pieces of kc columns (kernelForce.loraKChunk; 0: the default)
 	skLate                       bool   // gemm_skinny without its early weight tiles (kernelForce.skLate)

@@ -342,10 +342,9 @@ func (f *fp8State) scaledRows(T int) int {
 	switch {
 	case f.padOff:
 		return T
+	case f.padOld && T < 256:
+		return scaledRowsFrom(T, f.room, 128)
 	case f.padOld:
-		if T > 128 && T < 256 && f.room >= 256 {
-			return 256
-		}
 		return T
 	}
 	return scaledRowsFrom(T, f.room, scaledPadFrom)

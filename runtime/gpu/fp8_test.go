@@ -263,9 +263,9 @@ func TestWgAutoFits(t *testing.T) {
 	}
 }
 
-// TestScaledRows: scaled FP8 products of 129-255 rows are asked for 256
-// rows where the output holds them (TestFP8ScaledPadding checks the
-// products on a GPU).
+// TestScaledRows: scaled FP8 products of 33-511 rows are asked for the next
+// multiple of 128 rows where the output holds them (TestFP8ScaledPadding
+// checks the products on a GPU).
 func TestScaledRows(t *testing.T) {
 	for _, c := range []struct{ T, room, want int }{
 		{1, 512, 1}, {32, 512, 32}, {33, 512, 128}, {64, 512, 128}, {64, 127, 64}, {127, 128, 128}, {128, 256, 128}, {129, 512, 256}, {192, 256, 256}, {129, 200, 129},
@@ -274,6 +274,23 @@ func TestScaledRows(t *testing.T) {
 	} {
 		if got := scaledRowsFrom(c.T, c.room, scaledPadFrom); got != c.want {
 			t.Errorf("scaledRowsFrom(%d, %d, %d) = %d, want %d", c.T, c.room, scaledPadFrom, got, c.want)
+		}
+	}
+}
+
+// TestFP8StateScaledRows: the benchmark knobs' rules (padOff: none; padOld:
+// v0.43's, 129-255 rows to 256) and the default (scaledRowsFrom).
+func TestFP8StateScaledRows(t *testing.T) {
+	for _, c := range []struct {
+		off, old      bool
+		T, room, want int
+	}{
+		{false, false, 64, 512, 128}, {false, false, 320, 512, 384}, {true, false, 192, 512, 192},
+		{false, true, 64, 512, 64}, {false, true, 192, 512, 256}, {false, true, 192, 200, 192}, {false, true, 320, 512, 320},
+	} {
+		f := &fp8State{padOff: c.off, padOld: c.old, room: c.room}
+		if got := f.scaledRows(c.T); got != c.want {
+			t.Errorf("padOff %v padOld %v: scaledRows(%d) with room %d = %d, want %d", c.off, c.old, c.T, c.room, got, c.want)
 		}
 	}
 }
