@@ -26,7 +26,7 @@ func TestFP8Stream(t *testing.T) {
 	}
 	defer func() {
 		r.f.streamOn, r.f.streamOff, r.f.streamLate = false, false, false
-		r.f.streamE1, r.f.streamE1All = false, false
+		r.f.streamE1All = false
 	}()
 	for _, sh := range shapes {
 		N, K := sh[0], sh[1]
@@ -47,9 +47,9 @@ func TestFP8Stream(t *testing.T) {
 				return rowsProduct(t, r, out, M, N, func() error { return r.f.linear(out.Ptr(), x.Ptr(), M, w, 1) })
 			}
 			want, got, late := run(false, false), run(true, false), run(true, true)
-			r.f.streamE1, r.f.streamE1All = true, true // the _e1 variant: one early weight tile
+			r.f.streamE1All = true // the _e1 variant: one early weight tile
 			one := run(true, false)
-			r.f.streamE1, r.f.streamE1All = false, false
+			r.f.streamE1All = false
 			what := fmt.Sprintf("fp8_stream %d x %d x %d (%d columns a block)", M, N, K, r.f.stream.vs[p.i].bn)
 			worst := compareRows(t, what, want, got, N)
 			if r.f.stream.e1 == nil {
