@@ -588,10 +588,3 @@ extern "C" __global__ void __launch_bounds__(FS_THREADS) fp8_stream_n224(FP8_STR
 extern "C" __global__ void __launch_bounds__(FS_THREADS) fp8_stream_n32_e1(FP8_STREAM_ARGS) { fp8_stream_body<32, 512, 1>(out, qx, sx, qw, sw, M, N, K, opts); }
 extern "C" __global__ void __launch_bounds__(FS_THREADS) fp8_stream_n48_e1(FP8_STREAM_ARGS) { fp8_stream_body<48, 512, 1>(out, qx, sx, qw, sw, M, N, K, opts); }
 extern "C" __global__ void __launch_bounds__(FS_THREADS) fp8_stream_n224_e1(FP8_STREAM_ARGS) { fp8_stream_body<224, 128, 1>(out, qx, sx, qw, sw, M, N, K, opts); }
-// _e2, _e3: two and three early tiles (benchmarks: fp8State.streamEarly)
-extern "C" __global__ void __launch_bounds__(FS_THREADS) fp8_stream_n32_e2(FP8_STREAM_ARGS) { fp8_stream_body<32, 512, 2>(out, qx, sx, qw, sw, M, N, K, opts); }
-extern "C" __global__ void __launch_bounds__(FS_THREADS) fp8_stream_n48_e2(FP8_STREAM_ARGS) { fp8_stream_body<48, 512, 2>(out, qx, sx, qw, sw, M, N, K, opts); }
-extern "C" __global__ void __launch_bounds__(FS_THREADS) fp8_stream_n224_e2(FP8_STREAM_ARGS) { fp8_stream_body<224, 128, 2>(out, qx, sx, qw, sw, M, N, K, opts); }
-extern "C" __global__ void __launch_bounds__(FS_THREADS) fp8_stream_n32_e3(FP8_STREAM_ARGS) { fp8_stream_body<32, 512, 3>(out, qx, sx, qw, sw, M, N, K, opts); }
-extern "C" __global__ void __launch_bounds__(FS_THREADS) fp8_stream_n48_e3(FP8_STREAM_ARGS) { fp8_stream_body<48, 512, 3>(out, qx, sx, qw, sw, M, N, K, opts); }
-extern "C" __global__ void __launch_bounds__(FS_THREADS) fp8_stream_n224_e3(FP8_STREAM_ARGS) { fp8_stream_body<224, 128, 3>(out, qx, sx, qw, sw, M, N, K, opts); }

@@ -145,11 +145,8 @@ type fp8State struct {
 	// add_rmsnorm 4.5 / 5.9 -> 3.3 / 3.1 µs at 16 rows); beside a LoRA
 	// update the count makes no difference (3.85 either way). streamE1Off:
 	// v0.44's prologue for every product (benchmarks); streamE1All: the _e1
-	// variants for every product (tests); streamEarly: the _e{n} variants
-	// (n early tiles, 1-fp8StreamEarlyMax) for lone products instead
-	// (benchmarks; 0: _e1)
+	// variants for every product (tests)
 	streamE1Off, streamE1All, lone bool
-	streamEarly                    int
 
 	// fp8_gemv_seg (fp8_seg.go) for steps of 1-4 rows; benchmarks and
 	// tests set segOff (fp8_gemv instead)
@@ -319,11 +316,7 @@ func (f *fp8State) linear(out, x cuda.DevicePtr, T int, w *fp8Weight, gen uint64
 		if f.streamLate {
 			opts = 0
 		}
-		early := 0
-		if !f.streamE1Off && (f.lone || f.streamE1All) {
-			early = max(1, f.streamEarly)
-		}
-		return f.stream.launch(f.s, p, out, f.actQ.Ptr(), f.actS.Ptr(), w, T, opts, early)
+		return f.stream.launch(f.s, p, out, f.actQ.Ptr(), f.actS.Ptr(), w, T, opts, !f.streamE1Off && (f.lone || f.streamE1All))
 	}
 	if p, ok := planSeg(T, w.rows, K); ok && !f.segOff {
 		return f.seg.launch(f.s, p, out, f.actQ.Ptr(), f.actS.Ptr(), w, T)

@@ -22,13 +22,8 @@ import (
 // fp8_gemv keeps the smaller ones.
 type fp8Stream struct {
 	*streamRows
-	// early[n-1]: fp8_stream_n{bn}_e{n}, n weight tiles before
-	// griddepcontrol.wait (fp8State.lone: _e1; _e2 and _e3 for benchmarks)
-	early [fp8StreamEarlyMax]*streamRows
+	e1 *streamRows // fp8_stream_n{bn}_e1: one weight tile before griddepcontrol.wait (fp8State.lone)
 }
-
-// fp8StreamEarlyMax is the most early tiles a counted variant asks.
-const fp8StreamEarlyMax = 3
 
 // fp8StreamMaxRows is the most rows fp8_stream takes (one m16 tile);
 // fp8StreamMinRows the fewest it takes by default (fp8State.streamOn: any).
@@ -52,13 +47,11 @@ func newFP8Stream(mod *cuda.Module, dev cuda.Device) (*fp8Stream, error) {
 	if g == nil || err != nil {
 		return nil, err
 	}
-	fs := &fp8Stream{streamRows: g}
-	for n := 1; n <= fp8StreamEarlyMax; n++ {
-		if fs.early[n-1], err = loadStreamRows(mod, dev, fp8StreamVariants, func(bn int) string { return fmt.Sprintf("fp8_stream_n%d_e%d", bn, n) }, fp8StreamShared); err != nil {
-			return nil, err
-		}
+	e1, err := loadStreamRows(mod, dev, fp8StreamVariants, func(bn int) string { return fmt.Sprintf("fp8_stream_n%d_e1", bn) }, fp8StreamShared)
+	if err != nil {
+		return nil, err
 	}
-	return fs, nil
+	return &fp8Stream{streamRows: g, e1: e1}, nil
 }
 
 // fp8StreamPlan is one product's variant.
@@ -79,16 +72,15 @@ func (g *fp8Stream) plan(M, N, K int) (p fp8StreamPlan, ok bool) {
 
 // launch enqueues out = sx sw (qx . qw^T) for M activation rows (qx, sx)
 // and weight w with plan p and the kernel's opts (bit 0: early weight
-// tiles: every stage but one, or early of them (1-fp8StreamEarlyMax): the
-// _e{early} variant).
-func (g *fp8Stream) launch(s *cuda.Stream, p fp8StreamPlan, out, qx, sx cuda.DevicePtr, w *fp8Weight, M, opts, early int) error {
+// tiles; every stage but one, or one with e1: the _e1 variant).
+func (g *fp8Stream) launch(s *cuda.Stream, p fp8StreamPlan, out, qx, sx cuda.DevicePtr, w *fp8Weight, M, opts int, e1 bool) error {
 	v := g.vs[p.i]
 	if (uint64(out)|uint64(qx)|uint64(w.q.Ptr()))%16 != 0 {
 		return fmt.Errorf("gpu: fp8_stream: operands not 16-byte aligned")
 	}
 	fn := g.fn[p.i]
-	if early > 0 && early <= fp8StreamEarlyMax && g.early[early-1] != nil {
-		fn = g.early[early-1].fn[p.i]
+	if e1 && g.e1 != nil {
+		fn = g.e1.fn[p.i]
 	}
 	return fn.Launch(s, cuda.Dim3{X: w.rows / v.bn, Y: 1, Z: 1}, cuda.Dim3{X: 128, Y: 1, Z: 1}, fp8StreamShared(v),
 		uint64(out), uint64(qx), uint64(sx), uint64(w.q.Ptr()), uint64(w.scale.Ptr()), M, w.rows, w.cols, opts)
