@@ -832,6 +832,202 @@ func TestFP8FusedQuant(t *testing.T) {
 	}
 }
 
+// TestFP8SplitNorm: a K-split FP8 product's reduce left to add_rmsnorm
+// (fp8State.pend, add_rmsnorm's sp_* arguments) gives the bytes the reduce
+// launch and add_rmsnorm give: the residual, the normalized rows, their
+// e4m3 bytes and scales; a pending reduce that another op reads lands
+// first (Read here). Then add_rmsnorm alone, with a float32 LoRA update in
+// some rows, the row scales read from the scales it writes (as actS is
+// both) and the bf16 delta poisoned, against fp8_splitk_reduce's output.
+func TestFP8SplitNorm(t *testing.T) {
+	const T, H, K = 64, 512, 1024
+	r := newRig(t, testConfig(H, K, 4, 2, 64, 64, 1), T, engine.KVSpec{Layers: 1, Blocks: 4, BlockSize: 16, KVHeads: 2, HeadDim: 64})
+	if d := r.b.ctx.Device(); d.Major*10+d.Minor < 89 {
+		t.Skipf("%s has no FP8 tensor cores", d.Arch())
+	}
+	f8, err := newFP8(r.b.ctx, r.b.s, r.b.mm, kernels.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r.b.f8 = f8
+	if err := errors.Join(f8.reserve(T, K), f8.reserveSplit()); err != nil {
+		t.Fatal(err)
+	}
+	wv := r.rnd(H*K, 0.05)
+	raw := make([]byte, 4*len(wv))
+	for i, v := range wv {
+		binary.LittleEndian.PutUint32(raw[4*i:], math.Float32bits(v))
+	}
+	fw, err := r.b.Upload("model.layers.0.mlp.down_proj.weight", safetensors.F32, []int{H, K}, raw)
+	if err != nil {
+		t.Fatal(err)
+	}
+	nw, _ := r.weight(1, H, 1)
+	xv, av := r.rnd(T*H, 1), r.rnd(T*K, 1)
+	x, a, d, out := r.buffer(T, H), r.buffer(T, K), r.buffer(T, H), r.buffer(T, H)
+	scratch := func() ([]byte, []float32) {
+		q, sc := make([]byte, T*H), make([]float32, T)
+		if err := errors.Join(cuda.CopyDtoH(r.b.s, q, f8.actQ.Ptr()), cuda.CopyDtoH(r.b.s, sc, f8.actS.Ptr())); err != nil {
+			t.Fatal(err)
+		}
+		return q, sc
+	}
+	bits := func(v []float32) []uint32 {
+		u := make([]uint32, len(v))
+		for i, f := range v {
+			u[i] = math.Float32bits(f)
+		}
+		return u
+	}
+	defer func() { f8.splitForce, f8.splitFuseOff = 0, false }()
+	for _, S := range []int{2, 4} {
+		f8.splitForce = S
+		type result struct {
+			x, out, d []uint32
+			q         []byte
+			sc        []uint32
+		}
+		run := func(fuse bool) result {
+			f8.splitFuseOff = !fuse
+			r.fill(x, xv)
+			r.fill(a, av)
+			r.poison(d)
+			before := f8.splitFused
+			r.begin(oneSeq(T, 16, zeros(T)))
+			r.b.Linear(d, a, fw)
+			r.b.AddRMSNorm(x, d, out, nw, 1e-5)
+			var res result
+			res.x, res.out = bits(r.read(x, T)), bits(r.read(out, T))
+			var sc []float32
+			res.q, sc = scratch()
+			res.sc = bits(sc)
+			r.end()
+			if took := f8.splitFused - before; took != map[bool]int{true: 1, false: 0}[fuse] {
+				t.Fatalf("S=%d fuse=%v: add_rmsnorm took %d pending reduces", S, fuse, took)
+			}
+			// a pending reduce read by another op lands first
+			r.fill(x, xv)
+			r.poison(d)
+			r.begin(oneSeq(T, 16, zeros(T)))
+			r.b.Linear(d, a, fw)
+			res.d = bits(r.read(d, T))
+			r.end()
+			if f8.pend.on {
+				t.Fatalf("S=%d: a reduce is still pending after the step", S)
+			}
+			return res
+		}
+		want, got := run(false), run(true)
+		for _, c := range []struct {
+			name string
+			g, w []uint32
+		}{{"residual", got.x, want.x}, {"normalized rows", got.out, want.out}, {"row scales", got.sc, want.sc}, {"product read back", got.d, want.d}} {
+			if i := slices.Compare(c.g, c.w); i != 0 {
+				for j := range c.g {
+					if c.g[j] != c.w[j] {
+						t.Fatalf("S=%d: %s differ at %d: %#x with the reduce left to add_rmsnorm, %#x with it launched", S, c.name, j, c.g[j], c.w[j])
+					}
+				}
+			}
+		}
+		if !slices.Equal(got.q, want.q) {
+			t.Fatalf("S=%d: e4m3 rows differ", S)
+		}
+		t.Logf("S=%d: the reduce left to add_rmsnorm gives the same bytes", S)
+	}
+
+	// add_rmsnorm alone: partials, a float32 update in odd rows, the scales aliased
+	const S = 3
+	rng := r.rng
+	part := make([]float32, S*T*H)
+	for i := range part {
+		part[i] = (rng.Float32()*2 - 1) * 300
+	}
+	sx, sw, upd := make([]float32, T), make([]float32, H), make([]float32, T*H)
+	for i := range sx {
+		sx[i] = 0.001 + rng.Float32()*0.01
+	}
+	for i := range sw {
+		sw[i] = 0.0005 + rng.Float32()*0.002
+	}
+	for i := range upd {
+		upd[i] = (rng.Float32()*2 - 1) * 0.05
+	}
+	rl := make([]int32, T)
+	for i := range rl {
+		rl[i] = int32(i%2) - 1 // -1 (no adapter) in even rows
+	}
+	alloc := func(n int) cuda.DevicePtr {
+		m, err := r.b.ctx.Alloc(n)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { m.Free() })
+		return m.Ptr()
+	}
+	up := func(p cuda.DevicePtr, v any) {
+		var err error
+		switch v := v.(type) {
+		case []float32:
+			err = cuda.CopyHtoD(r.b.s, p, v)
+		case []int32:
+			err = cuda.CopyHtoD(r.b.s, p, v)
+		case []uint16:
+			err = cuda.CopyHtoD(r.b.s, p, v)
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	dPart, dSx, dSw, dUpd, dRl := alloc(4*S*T*H), alloc(4*T), alloc(4*H), alloc(4*T*H), alloc(4*T)
+	up(dPart, part)
+	up(dSx, sx)
+	up(dSw, sw)
+	up(dUpd, upd)
+	up(dRl, rl)
+	xh := make([]uint16, T*H)
+	f32ToBF16(xh, xv)
+	nan := make([]uint16, T*H)
+	for i := range nan {
+		nan[i] = 0x7fc0
+	}
+	type outs struct {
+		x, out []uint16
+		q      []byte
+		sc     []float32
+	}
+	norm := func(fused bool) outs {
+		dx, dDelta, dOut, dQ, dSc := alloc(2*T*H), alloc(2*T*H), alloc(2*T*H), alloc(T*H), alloc(4*T)
+		up(dx, xh)
+		var sp [3]uint64
+		if fused {
+			up(dDelta, nan) // not read
+			up(dSc, sx)     // the row scales in the scales add_rmsnorm writes, as actS is both
+			sp = [3]uint64{uint64(dPart), uint64(dSc), uint64(dSw)}
+		} else if err := f8.reduce.Launch(r.b.s, cuda.Dim3{X: 32}, cuda.Dim3{X: splitThreads}, 0, uint64(dDelta), uint64(dPart), uint64(dSx), uint64(dSw), T, H, S); err != nil {
+			t.Fatal(err)
+		}
+		if err := r.b.fn.addRMSNorm.Launch(r.b.s, cuda.Dim3{X: T}, cuda.Dim3{X: 256}, 0, uint64(dx), uint64(dDelta), uint64(dUpd), uint64(dRl), uint64(dOut),
+			nw.mem.Ptr(), float32(1e-5), H, uint64(dQ), uint64(dSc), sp[0], sp[1], sp[2], int64(T*H), S); err != nil {
+			t.Fatal(err)
+		}
+		o := outs{x: make([]uint16, T*H), out: make([]uint16, T*H), q: make([]byte, T*H), sc: make([]float32, T)}
+		if err := errors.Join(cuda.CopyDtoH(r.b.s, o.x, dx), cuda.CopyDtoH(r.b.s, o.out, dOut), cuda.CopyDtoH(r.b.s, o.q, dQ), cuda.CopyDtoH(r.b.s, o.sc, dSc), r.b.s.Synchronize()); err != nil {
+			t.Fatal(err)
+		}
+		return o
+	}
+	w2, g2 := norm(false), norm(true)
+	if !slices.Equal(g2.x, w2.x) || !slices.Equal(g2.out, w2.out) || !slices.Equal(g2.q, w2.q) || !slices.Equal(bits(g2.sc), bits(w2.sc)) {
+		t.Fatal("add_rmsnorm reading the partials (with a LoRA update, scales aliased) differs from fp8_splitk_reduce then add_rmsnorm")
+	}
+	for _, v := range w2.x {
+		if v&0x7fff > 0x7f80 {
+			t.Fatal("a NaN in the residual: the check would not see a difference")
+		}
+	}
+}
+
 // checkFusedQuant compares the e4m3 rows and scales a fused kernel left in
 // f8's activation scratch with what quant_rows_e4m3 makes of out (T rows of
 // H values) and returns the fused scales.
