@@ -43,48 +43,14 @@ __device__ __forceinline__ void add8(float* a, const float* d) {
     unpack8(pack8(f), a);
 }
 
-// SplitRow: one row of a K-split FP8 product still in its float32 partials
-// (the input of fp8_splitk_reduce, kernels/fp8.cu): S slices stride floats
-// apart from p, the row's activation scale a and the weight row scales sw.
-struct SplitRow {
-    const float* p;
-    const float* sw;
-    i64 stride;
-    int S;
-    float a;
-};
-
-// split_word: values 8c..8c+7 of row sr as fp8_splitk_reduce writes them:
-// the slices summed in order, times a, times the weight scale, rounded to
-// bf16 (the same operations in the same order: the same bits).
-__device__ __forceinline__ void split_word(const SplitRow& sr, int c, float* d) {
-    const float4* p0 = reinterpret_cast<const float4*>(sr.p) + 2 * c;
-    float4 u = __ldcg(p0), w = __ldcg(p0 + 1);
-    for (int s = 1; s < sr.S; s++) {
-        const float4* ps = reinterpret_cast<const float4*>(sr.p + s * sr.stride) + 2 * c;
-        const float4 e = __ldcg(ps), f = __ldcg(ps + 1);
-        u.x += e.x, u.y += e.y, u.z += e.z, u.w += e.w;
-        w.x += f.x, w.y += f.y, w.z += f.z, w.w += f.w;
-    }
-    const float4 b0 = *reinterpret_cast<const float4*>(sr.sw + 8 * c), b1 = *reinterpret_cast<const float4*>(sr.sw + 8 * c + 4);
-    const float a = sr.a;
-    float f[8] = {u.x * a * b0.x, u.y * a * b0.y, u.z * a * b0.z, u.w * a * b0.w,
-                  w.x * a * b1.x, w.y * a * b1.y, w.z * a * b1.z, w.w * a * b1.w};
-    unpack8(pack8(f), d);
-}
-
-// add_word: word c of row x8 plus d8's (or, with sr, the split product's
-// word: split_word) and e8's (summed and rounded to bf16 first), rounded to
-// bf16 and stored back when there is a delta.
-__device__ __forceinline__ uint4 add_word(uint4* x8, const uint4* d8, const float4* e8, const SplitRow* sr, int c) {
+// add_word: word c of row x8 plus d8's (and e8's, summed and rounded to bf16
+// first), rounded to bf16 and stored back when there is a delta.
+__device__ __forceinline__ uint4 add_word(uint4* x8, const uint4* d8, const float4* e8, int c) {
     const uint4 xv = x8[c];
     if (!d8) return xv;
     float v[8], d[8];
     unpack8(xv, v);
-    if (sr)
-        split_word(*sr, c, d);
-    else
-        unpack8(d8[c], d);
+    unpack8(d8[c], d);
     if (e8) add8(d, reinterpret_cast<const float*>(e8 + 2 * c));
 #pragma unroll
     for (int i = 0; i < 8; i++) v[i] += d[i];
@@ -121,18 +87,10 @@ __device__ __forceinline__ uint4 norm_word(uint4* o8, int c, uint4 xb, uint4 wb,
 // then, when out is set, out[r] = rmsnorm(x[r]) * w; and when q is set
 // too, out[r] quantized per row to e4m3 into q[r] (H bytes) and qscale[r]
 // for the FP8 projections that read it (no quant_rows_e4m3 launch).
-// sp_part (null, or set with delta): delta is a K-split FP8 product whose
-// partials were not summed (runtime/gpu fp8State.pend): each delta word is
-// computed from sp_s slices of sp_part (rows H floats apart, slices
-// sp_stride apart) with the row scales sp_sx and the weight scales sp_sw,
-// as fp8_splitk_reduce would have written it, and delta itself is not
-// read (no reduce launch). sp_sx may be qscale: a row's scale is read
-// before the row's own block writes it. H % 8 == 0 with sp_part.
 // grid (T), block a multiple of 32.
 #define ADD_RC 4 // 16-byte words of a row each thread keeps in registers (rows of up to 32 * blockDim values)
 extern "C" __global__ void add_rmsnorm(bf16* x, const bf16* delta, const float* d2, const int* rl, bf16* out, const bf16* w, float eps, int H,
-                                       unsigned char* q, float* qscale, const float* sp_part, const float* sp_sx,
-                                       const float* sp_sw, i64 sp_stride, int sp_s) {
+                                       unsigned char* q, float* qscale) {
     const int r = blockIdx.x, tid = threadIdx.x, bd = blockDim.x, n8 = H >> 3;
     const bool vec = (H & 7) == 0;       // 16-byte words: every load of a row in flight at once
     const bool regs = vec && n8 <= ADD_RC * bd; // the row stays in registers between the two passes
@@ -151,12 +109,6 @@ extern "C" __global__ void add_rmsnorm(bf16* x, const bf16* delta, const float* 
     __shared__ float sh[33];
     bf16* xr = x + (i64)r * H;
     if (d2 && rl[r] < 0) d2 = nullptr; // a row without an adapter
-    SplitRow srow;
-    const SplitRow* sr = nullptr;
-    if (sp_part && delta && vec) {
-        srow.p = sp_part + (i64)r * H, srow.sw = sp_sw, srow.stride = sp_stride, srow.S = sp_s, srow.a = sp_sx[r];
-        sr = &srow;
-    }
     float ss = 0.f;
     if (vec) {
         uint4* x8 = reinterpret_cast<uint4*>(xr);
@@ -171,7 +123,7 @@ extern "C" __global__ void add_rmsnorm(bf16* x, const bf16* delta, const float* 
             for (int j = 0; j < ADD_RC; j++) {
                 const int c = tid + j * bd;
                 if (c < n8) {
-                    xk[j] = add_word(x8, d8, e8, sr, c);
+                    xk[j] = add_word(x8, d8, e8, c);
                     ss += sumsq8(xk[j]);
                 }
             }
@@ -187,7 +139,7 @@ extern "C" __global__ void add_rmsnorm(bf16* x, const bf16* delta, const float* 
             if (q) quant_words_e4m3<ADD_RC>(xk, n8, q + (i64)r * H, qscale + r, m, bad, sh);
             return;
         } else {
-            for (int c = tid; c < n8; c += bd) ss += sumsq8(add_word(x8, d8, e8, sr, c));
+            for (int c = tid; c < n8; c += bd) ss += sumsq8(add_word(x8, d8, e8, c));
             if (!out) return;
             ss = block_sum(ss, sh);
             const float inv = 1.f / sqrtf(ss / (float)H + eps);

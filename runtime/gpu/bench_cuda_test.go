@@ -395,7 +395,6 @@ type decodeVariant struct {
 	fslate                       bool   // FP8 weights: fp8_stream without its early weight tiles (fp8State.streamLate)
 	noe1                         bool   // FP8 weights: no _e1 variants for products with no LoRA update beside (fp8State.streamE1Off: v0.44's every stage but one early)
 	e1all                        bool   // FP8 weights: the _e1 variants for every product, beside a LoRA update too (fp8State.streamE1All)
-	skred                        bool   // FP8 weights: every K split's reduce launched (fp8State.splitFuseOff), none left to add_rmsnorm
 	fs, gv                       bool   // FP8 weights: fp8_stream for every 1-16 rows (fp8State.streamOn; the default from fp8StreamMinRows), or for none (streamOff)
 	noseg                        bool   // FP8 weights: fp8_gemv, not fp8_gemv_seg, at 1-4 rows (fp8State.segOff)
 	silucl                       int    // FP8 silu_mul of 1-64 rows as silu_mul_cl (kernelForce.siluCl: 1 wherever it fits, -1 never, 0 the default)
@@ -481,9 +480,6 @@ func (v decodeVariant) label(ads []*lora.Adapter, pdlOK bool) string {
 	}
 	if v.e1all {
 		lbl += "+e1all"
-	}
-	if v.skred {
-		lbl += "+skred"
 	}
 	lbl += onOffLabel(v.hoist, "hoist")
 	switch v.pdlJoins {
@@ -683,7 +679,6 @@ func TestDecodeBench(t *testing.T) {
 		{sms: -1, padOld: true}, {lora: true, sms: -1, padOld: true},
 		{sms: -1, fslate: true}, {lora: true, sms: -1, fslate: true},
 		{sms: -1, noe1: true}, {lora: true, sms: -1, noe1: true}, {lora: true, sms: -1, e1all: true}, {lora: true, sms: -1, e1all: true, addcl: -1},
-		{sms: -1, skred: true}, {lora: true, sms: -1, skred: true},
 	}
 	// PEFTD_LORA_PARTITION=16,32: rows +part16, +part32 with the SMs split by
 	// green contexts (Options.LoRAPartition), base and adapters, with and
@@ -755,11 +750,11 @@ func TestDecodeBench(t *testing.T) {
 		B, v := rn.B, rn.v
 		withLoRA, sampled := v.lora, v.sampled
 		gb.g.off = v.eager
-		if withLoRA && len(ads) == 0 || v.nopdl && !pdlOK || v.split > 0 && B > 64 || (v.fs || v.gv) && (gb.f8 == nil || gb.f8.stream == nil) || (v.wg || v.nowga) && (gb.f8 == nil || gb.f8.wg == nil) || v.bwg && (gb.f8 != nil || gb.wg == nil) || (v.fslate || v.noe1 || v.e1all || v.skred) && (gb.f8 == nil || gb.f8.stream == nil) || v.padOld && gb.f8 == nil {
+		if withLoRA && len(ads) == 0 || v.nopdl && !pdlOK || v.split > 0 && B > 64 || (v.fs || v.gv) && (gb.f8 == nil || gb.f8.stream == nil) || (v.wg || v.nowga) && (gb.f8 == nil || gb.f8.wg == nil) || v.bwg && (gb.f8 != nil || gb.wg == nil) || (v.fslate || v.noe1 || v.e1all) && (gb.f8 == nil || gb.f8.stream == nil) || v.padOld && gb.f8 == nil {
 			continue
 		}
 		retune := v.tuned && !gb.tune.done
-		if wantPDL := pdlOK && !v.nopdl; retune || partOf(gb) != v.part || gb.la.on == v.serial || gb.la.sms != v.sms || gb.s.ProgrammaticLaunch() != wantPDL || gb.force.decSplit != v.split || gb.force.ropeHeads != v.ropeHeads || gb.force.decOpts != v.opts || gb.force.noSkinny != v.lt || gb.force.wgFull != v.wgFull || gb.force.loraKChunk != v.kc || gb.force.skLate != v.skLate || gb.force.decVar != v.dv || gb.force.bwg != v.bwg || gb.force.holds != v.holds || gb.force.pdlJoins != v.pdlJoins || gb.force.loraInline != v.inline || gb.force.ropeLoRA != v.rfold || gb.force.nodePrio != v.prio || gb.force.siluCl != v.silucl || gb.force.addCl != v.addcl || gb.force.memHoist != v.hoist || gb.wg != nil && gb.wg.two != v.two || gb.f8 != nil && gb.f8.wg != nil && gb.f8.wg.two != v.two || gb.f8 != nil && (gb.f8.wgBeside != v.wgBeside || gb.f8.splitBeside != v.splitBeside || gb.f8.padOff != v.nopad || gb.f8.streamLate != v.fslate || gb.f8.streamE1Off != v.noe1 || gb.f8.streamE1All != v.e1all || gb.f8.splitFuseOff != v.skred || gb.f8.padOld != v.padOld || gb.f8.streamOn != v.fs || gb.f8.streamOff != v.gv || gb.f8.segOff != v.noseg || gb.f8.wgOn != v.wg || gb.f8.wgAuto != (gb.f8.wgAutoDefault && !v.nowga)) { // recordings bake the LoRA and launch modes, the kernels and the GEMM algorithms in
+		if wantPDL := pdlOK && !v.nopdl; retune || partOf(gb) != v.part || gb.la.on == v.serial || gb.la.sms != v.sms || gb.s.ProgrammaticLaunch() != wantPDL || gb.force.decSplit != v.split || gb.force.ropeHeads != v.ropeHeads || gb.force.decOpts != v.opts || gb.force.noSkinny != v.lt || gb.force.wgFull != v.wgFull || gb.force.loraKChunk != v.kc || gb.force.skLate != v.skLate || gb.force.decVar != v.dv || gb.force.bwg != v.bwg || gb.force.holds != v.holds || gb.force.pdlJoins != v.pdlJoins || gb.force.loraInline != v.inline || gb.force.ropeLoRA != v.rfold || gb.force.nodePrio != v.prio || gb.force.siluCl != v.silucl || gb.force.addCl != v.addcl || gb.force.memHoist != v.hoist || gb.wg != nil && gb.wg.two != v.two || gb.f8 != nil && gb.f8.wg != nil && gb.f8.wg.two != v.two || gb.f8 != nil && (gb.f8.wgBeside != v.wgBeside || gb.f8.splitBeside != v.splitBeside || gb.f8.padOff != v.nopad || gb.f8.streamLate != v.fslate || gb.f8.streamE1Off != v.noe1 || gb.f8.streamE1All != v.e1all || gb.f8.padOld != v.padOld || gb.f8.streamOn != v.fs || gb.f8.streamOff != v.gv || gb.f8.segOff != v.noseg || gb.f8.wgOn != v.wg || gb.f8.wgAuto != (gb.f8.wgAutoDefault && !v.nowga)) { // recordings bake the LoRA and launch modes, the kernels and the GEMM algorithms in
 			gb.la.on, gb.la.sms, gb.force.decSplit, gb.force.ropeHeads, gb.force.decOpts = !v.serial, v.sms, v.split, v.ropeHeads, v.opts
 			gb.force.noSkinny, gb.force.skLate, gb.force.decVar, gb.force.bwg = v.lt, v.skLate, v.dv, v.bwg
 			gb.force.wgFull, gb.force.loraKChunk = v.wgFull, v.kc
@@ -773,7 +768,7 @@ func TestDecodeBench(t *testing.T) {
 				gb.f8.streamOn, gb.f8.streamOff, gb.f8.wgOn, gb.f8.wgAuto = v.fs, v.gv, v.wg, gb.f8.wgAutoDefault && !v.nowga
 				gb.f8.wgBeside, gb.f8.segOff, gb.f8.splitBeside, gb.f8.padOff = v.wgBeside, v.noseg, v.splitBeside, v.nopad
 				gb.f8.streamLate, gb.f8.padOld = v.fslate, v.padOld
-				gb.f8.streamE1Off, gb.f8.streamE1All, gb.f8.splitFuseOff = v.noe1, v.e1all, v.skred
+				gb.f8.streamE1Off, gb.f8.streamE1All = v.noe1, v.e1all
 				if gb.f8.wg != nil {
 					gb.f8.wg.two = v.two
 				}
@@ -887,7 +882,7 @@ func TestDecodeBench(t *testing.T) {
 		gb.f8.streamOn, gb.f8.streamOff, gb.f8.wgOn, gb.f8.wgAuto, gb.f8.wgBeside, gb.f8.segOff = false, false, false, gb.f8.wgAutoDefault, false, false
 		gb.f8.splitBeside, gb.f8.padOff = false, false
 		gb.f8.streamLate, gb.f8.padOld = false, false
-		gb.f8.streamE1Off, gb.f8.streamE1All, gb.f8.splitFuseOff = false, false, false
+		gb.f8.streamE1Off, gb.f8.streamE1All = false, false
 		if gb.f8.wg != nil {
 			gb.f8.wg.two = false
 		}

@@ -148,15 +148,6 @@ type fp8State struct {
 	// variants for every product (tests)
 	streamE1Off, streamE1All, lone bool
 
-	// a K split's reduce left to the next op (fp8_split.go): lazy is set by
-	// Backend.Linear around its product; splitFuseOff (benchmarks, tests)
-	// launches every reduce at once; splitFused counts the reduces
-	// AddRMSNorm took over
-	pend         splitPending
-	lazy         bool
-	splitFuseOff bool
-	splitFused   int
-
 	// fp8_gemv_seg (fp8_seg.go) for steps of 1-4 rows; benchmarks and
 	// tests set segOff (fp8_gemv instead)
 	seg    *fp8Seg
@@ -299,9 +290,6 @@ func (f *fp8State) invalidate() { f.cValid = false }
 // the FP8 GEMM: x's rows are quantized per token into the scratch unless
 // the scratch already holds them (same input, rows and write generation gen).
 func (f *fp8State) linear(out, x cuda.DevicePtr, T int, w *fp8Weight, gen uint64) error {
-	if err := f.flush(); err != nil { // its partials and row scales are about to be overwritten
-		return err
-	}
 	if f.tmp != nil { // uploads are over: the staging is not needed any more
 		if err := f.s.Synchronize(); err != nil {
 			return err

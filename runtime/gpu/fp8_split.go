@@ -82,44 +82,6 @@ func splitSMs(T, sms, target int, shared, all bool) int {
 // instead of 2), at 256 (11.70 vs 11.56) and in mixed steps (8.76 vs 8.61).
 var splitBesideRows = [2]int{128, 192}
 
-// splitPending is a K-split product whose partials are not summed yet: its
-// output, weight, rows and slices (the partials are in spPart, the row
-// scales in actS). fp8State.linear leaves the reduce pending when lazy is
-// set (Backend.Linear); AddRMSNorm then reads the partials itself
-// (add_rmsnorm's sp_* arguments: the o and down products' reduce launch
-// gone), and anything else has flush launch the reduce first:
-// Backend.join (every op, Read and End pass through it), the next
-// fp8State.linear, and the end of a recording.
-type splitPending struct {
-	on   bool
-	out  cuda.DevicePtr
-	w    *fp8Weight
-	T, S int
-}
-
-// flush launches the pending reduce, if any.
-func (f *fp8State) flush() error {
-	if !f.pend.on {
-		return nil
-	}
-	p := f.pend
-	f.pend = splitPending{}
-	return f.reduceLaunch(p.out, p.T, p.w, p.S)
-}
-
-// takeSplit hands the pending split product over to a kernel that reads its
-// partials in place of out (rows of cols values), and forgets it; ok is
-// false (nothing taken) when none is pending for out or cols is not a
-// multiple of add_rmsnorm's 8-value words.
-func (f *fp8State) takeSplit(out cuda.DevicePtr, rows, cols int) (p splitPending, ok bool) {
-	if !f.pend.on || f.pend.out != out || f.pend.T != rows || f.pend.w.rows != cols || cols%8 != 0 {
-		return p, false
-	}
-	p, f.pend = f.pend, splitPending{}
-	f.splitFused++
-	return p, true
-}
-
 // reserveSplit allocates the partials' buffer once (recorded graphs use it).
 func (f *fp8State) reserveSplit() error { return f.grow(&f.spPart, splitPartBytes) }
 
@@ -145,17 +107,6 @@ func (f *fp8State) splitLaunch(out cuda.DevicePtr, T int, w *fp8Weight, S int) e
 		}
 		return err
 	}
-	if f.lazy && !f.splitFuseOff {
-		f.pend = splitPending{on: true, out: out, w: w, T: T, S: S}
-		return nil
-	}
-	return f.reduceLaunch(out, T, w, S)
-}
-
-// reduceLaunch enqueues fp8_splitk_reduce: out (bf16 [T, w.rows]) from the S
-// slices of partials in spPart and the row scales.
-func (f *fp8State) reduceLaunch(out cuda.DevicePtr, T int, w *fp8Weight, S int) error {
-	N := w.rows
 	blocks := min((T*N/4+splitThreads-1)/splitThreads, 8*max(f.ctx.Device().SMs, 1))
 	return f.reduce.Launch(f.s, cuda.Dim3{X: blocks}, cuda.Dim3{X: splitThreads}, 0,
 		uint64(out), uint64(f.spPart.Ptr()), uint64(f.actS.Ptr()), uint64(w.scale.Ptr()), T, N, S)

@@ -520,9 +520,6 @@ func (b *Backend) record(rows int, prog engine.Program) (*cuda.GraphExec, error)
 	b.g.capture = newCaptureSources(b.joinMode())
 	b.mm.TrackCaptures(b.memsetHoist() > 0)
 	prog.Run(b)
-	if b.f8 != nil {
-		b.fail(b.f8.flush()) // recorded with the step
-	}
 	cs := b.g.capture
 	b.g.capture = captureSources{}
 	g, cerr := b.s.EndCapture()

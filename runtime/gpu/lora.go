@@ -267,9 +267,6 @@ func (b *Backend) loraAside(o, x *Buffer, layer int, mods []llama.Module, total 
 
 // join adds a pending update to its output (after the LoRA stream's work).
 func (b *Backend) join() {
-	if b.f8 != nil { // a K split's reduce left pending lands first (fp8_split.go)
-		b.fail(b.f8.flush())
-	}
 	p := b.la.pend
 	if p.delta == 0 && p.lora == nil {
 		return

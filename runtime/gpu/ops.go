@@ -36,9 +36,6 @@ func (b *Backend) AddRMSNorm(x, delta, out engine.Buffer, w engine.Weight, eps f
 			d2 = p[0]
 		}
 	}
-	// delta still in a K split's partials (fp8_split.go) is taken before
-	// opStart, whose join would launch its reduce: add_rmsnorm reads them
-	sp, spOK := b.takeSplit(xb, d, o, d2)
 	b.opStart()
 	if !b.ok() {
 		return
@@ -66,29 +63,11 @@ func (b *Backend) AddRMSNorm(x, delta, out engine.Buffer, w engine.Weight, eps f
 	if d != nil && o != nil && b.addClFits(xb.cols, d2 != 0) { // norm_cl.go
 		b.addRMSNormCl(xb, d, o, d2, wp, eps, q, qs)
 	} else {
-		var spPart, spSx, spSw uint64
-		var spStride int64
-		var spS int
-		if spOK {
-			spPart, spSx, spSw = b.f8.spPart.Ptr(), b.f8.actS.Ptr(), sp.w.scale.Ptr()
-			spStride, spS = int64(sp.T)*int64(sp.w.rows), sp.S
-		}
-		b.launch(b.fn.addRMSNorm, cuda.Dim3{X: b.rows()}, cuda.Dim3{X: 256}, xb.mem, ptr(d), d2, b.rowLora(), ptr(o), wp, eps, xb.cols, q, qs,
-			spPart, spSx, spSw, spStride, spS)
+		b.launch(b.fn.addRMSNorm, cuda.Dim3{X: b.rows()}, cuda.Dim3{X: 256}, xb.mem, ptr(d), d2, b.rowLora(), ptr(o), wp, eps, xb.cols, q, qs)
 	}
 	if q != 0 && b.err == nil {
 		b.f8.holds(o.mem.Ptr(), b.rows(), xb.cols, b.gen)
 	}
-}
-
-// takeSplit takes the pending K split (fp8State.takeSplit) of delta d for
-// AddRMSNorm of x into out (d2: its LoRA update, if any) where that runs
-// add_rmsnorm (not add_rmsnorm_cl) on whole buffers.
-func (b *Backend) takeSplit(x, d, o *Buffer, d2 uint64) (splitPending, bool) {
-	if b.f8 == nil || !b.f8.pend.on || d == nil || !d.whole() || !x.whole() || o != nil && (!o.whole() || b.addClFits(x.cols, d2 != 0)) {
-		return splitPending{}, false
-	}
-	return b.f8.takeSplit(d.mem.Ptr(), b.rows(), x.cols)
 }
 
 // AddBias adds bias to every row of out (engine.FamilyOps: Qwen2).
@@ -305,9 +284,9 @@ func (b *Backend) Linear(out, in engine.Buffer, w engine.Weight) {
 		if !b.check(x.cols == fw.cols && o.cols == fw.rows && o != x && o.whole() && x.whole(), "linear: in width %d, out width %d, fp8 weight [%d,%d]", x.cols, o.cols, fw.rows, fw.cols) {
 			return
 		}
-		b.f8.shared, b.f8.room, b.f8.lone, b.f8.lazy = shared, o.rows, b.la.forkIn == 0, true
+		b.f8.shared, b.f8.room, b.f8.lone = shared, o.rows, b.la.forkIn == 0
 		b.fail(b.f8.linear(o.mem.Ptr(), x.mem.Ptr(), b.rows(), fw, b.gen))
-		b.f8.shared, b.f8.room, b.f8.lone, b.f8.lazy = false, 0, false, false
+		b.f8.shared, b.f8.room, b.f8.lone = false, 0, false
 		return
 	}
 	o, x, wt := buf(out), buf(in), w.(*weight)
