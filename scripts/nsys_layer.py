@@ -10,7 +10,11 @@ Run here on a fetched trace, not on the device.
 lora 1 (default) picks a step with kernels on a second stream (the LoRA
 stream), 0 one without; the step is one from the trace's second half.
 The timeline prints start and end (µs from the step's embed), duration,
-stream, kernel, grid and registers a thread. The gap table groups every
+stream, kernel, grid and registers a thread, and for the compute stream's
+kernels (the embed's stream) what each adds: its end minus the latest end
+before it on that stream (PERFORMANCE v0.44-v0.45's per-layer chains).
+The added table sums that per kernel family over each step of the kind
+picked, medians over the steps. The gap table groups every
 cuBLASLt product (nvjet*) by (LoRA step?, the kernel before it on its
 stream, its grid) with the median gap from that kernel's end to its start,
 and lists the memset nodes with the kernels around them (PERFORMANCE
@@ -48,13 +52,48 @@ def timeline(rows, lora, layer):
         print(f"no step {'with' if lora else 'without'} a second stream in the trace's second half")
         return
     ks = pick[0]
-    t0 = ks[0][0]
+    t0, strm = ks[0][0], ks[0][3]
     att = [i for i, k in enumerate(ks) if k[2].startswith("attn_decode")]
     if layer + 1 >= len(att):
         print(f"the step has {len(att)} attn_decode kernels: no layer {layer}")
         return
-    for k in ks[att[layer] - 2:att[layer + 1] + 2]:
-        print(f"{(k[0]-t0)/1e3:9.1f} {(k[0]+k[1]-t0)/1e3:9.1f} {k[1]/1e3:6.1f} s{k[3]:>3} {k[2]:52s} g={k[4]},{k[5]},{k[6]} r={k[7]}")
+    first = att[layer] - 2
+    prev = max((k[0] + k[1] for k in ks[:first] if k[3] == strm and "[CUDA mem" not in k[2]), default=t0)
+    for k in ks[first:att[layer + 1] + 2]:
+        add = ""
+        if k[3] == strm and "[CUDA mem" not in k[2]:
+            add = f" added {(k[0] + k[1] - prev) / 1e3:6.1f}"
+            prev = max(prev, k[0] + k[1])
+        print(f"{(k[0]-t0)/1e3:9.1f} {(k[0]+k[1]-t0)/1e3:9.1f} {k[1]/1e3:6.1f} s{k[3]:>3} {k[2]:52s} g={k[4]},{k[5]},{k[6]} r={k[7]}{add}")
+
+
+def added(rows, lora):
+    """Per kernel family, the compute stream's added time summed over a
+    step, median over the steps of the kind picked (µs)."""
+    fam = defaultdict(list)
+    n = 0
+    for ks, side in steps(rows):
+        if side != lora:
+            continue
+        n += 1
+        strm, prev = ks[0][3], ks[0][0]
+        f = defaultdict(float)
+        for k in ks:
+            if k[3] != strm or "[CUDA mem" in k[2]:
+                continue
+            f[k[2][:40]] += (k[0] + k[1] - prev) / 1e3
+            prev = max(prev, k[0] + k[1])
+        for name, v in f.items():
+            fam[name].append(v)
+    if not n:
+        return
+    print(f"added time a step by kernel family, median of {n} steps {'with' if lora else 'without'} a second stream (µs)")
+    total = 0.0
+    for name, v in sorted(fam.items(), key=lambda x: -statistics.median(x[1])):
+        m = statistics.median(v)
+        total += m
+        print(f"  {name:40s} {m:9.1f}")
+    print(f"  {'total':40s} {total:9.1f}")
 
 
 def gaps(rows):
@@ -88,6 +127,8 @@ def main():
     lora = sys.argv[2] != "0" if len(sys.argv) > 2 else True
     layer = int(sys.argv[3]) if len(sys.argv) > 3 else 10
     timeline(rows, lora, layer)
+    print()
+    added(rows, lora)
     print()
     gaps(rows)
 
