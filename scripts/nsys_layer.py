@@ -41,7 +41,9 @@ def steps(rows):
     emb = [i for i, r in enumerate(rows) if r[2].startswith("embed")]
     for j in range(len(emb) - 1):
         ks = rows[emb[j]:emb[j + 1]]
-        kern = [k for k in ks if "[CUDA mem" not in k[2]]
+        # fill_rows (memsethoist.go's node for cuBLASLt's memset) runs on
+        # a stream of its own in base steps too: not the LoRA stream
+        kern = [k for k in ks if "[CUDA mem" not in k[2] and not k[2].startswith("fill_rows")]
         yield ks, len({k[3] for k in kern}) > 1
 
 
