@@ -493,30 +493,16 @@ __device__ __forceinline__ void fp8_stream_body(bf16* __restrict__ out, const un
             }
         }
     };
-    // two branches, not one with a count: the default kernels keep v0.43's
-    // code (a prologue written over a count compiled differently throughout
-    // and ran slower beside the LoRA stream, v0.44)
-    if constexpr (EARLY == 0) {
-        const bool early = opts & 1;
-        if (early)
-            for (int t = 0; t < S::ST - 1; t++) issue_w(t);
-        pdl_entry();
-        for (int t = 0; t < S::ST - 1; t++) {
-            if (!early) issue_w(t);
-            issue_x(t);
-            cp_async_commit(); // one group per tile (the early weight tiles join the first)
-        }
-    } else {
-        constexpr int NE = EARLY < S::ST - 1 ? EARLY : S::ST - 1;
-        const bool early = opts & 1;
-        if (early)
-            for (int t = 0; t < NE; t++) issue_w(t);
-        pdl_entry();
-        for (int t = 0; t < S::ST - 1; t++) {
-            if (!early || t >= NE) issue_w(t);
-            issue_x(t);
-            cp_async_commit();
-        }
+    // opts bit 0: NE weight tiles before griddepcontrol.wait (header comment)
+    constexpr int NE = EARLY == 0 || EARLY > S::ST - 1 ? S::ST - 1 : EARLY;
+    const bool early = opts & 1;
+    if (early)
+        for (int t = 0; t < NE; t++) issue_w(t);
+    pdl_entry();
+    for (int t = 0; t < S::ST - 1; t++) {
+        if (!early || t >= NE) issue_w(t);
+        issue_x(t);
+        cp_async_commit(); // one group per tile (the early weight tiles join the first)
     }
     float acc[S::NT][4];
 #pragma unroll
