@@ -1841,6 +1841,37 @@ __device__ __forceinline__ void shrink_body(
 #pragma unroll
     for (int nb = 0; nb < NB; nb++) c[nb][0] = c[nb][1] = c[nb][2] = c[nb][3] = 0.f;
     const uint4 z4 = make_uint4(0, 0, 0, 0);
+    if constexpr (NB == 1 && SG_SU > 0) {
+        // SG_SU K-iterations' x and A go to this warp's staging by cp.async,
+        // all in flight before the first MMA. Loaded into registers, the
+        // compiler issues each iteration's loads only after the previous
+        // one's MMAs (SASS of v0.45), so a block of kchunk = 1,024 waited for
+        // four round trips in a row, and beside a product that fills DRAM
+        // each is microseconds. Each lane reads back only the 16 bytes it
+        // copied, so the wait needs no barrier. The loop bounds are the
+        // block's, not the warp's: every warp reaches the barrier after it.
+        uint4* const st = reinterpret_cast<uint4*>(red) + warp * (SG_SU * 3 * 32) + lane;
+        const unsigned sa = (unsigned)__cvta_generic_to_shared(st);
+        for (int cb = kbeg; cb < kend; cb += 32 * SG_WARPS * SG_SU) {
+#pragma unroll
+            for (int u = 0; u < SG_SU; u++) {
+                const int col = cb + (u * SG_WARPS + warp) * 32 + q * 8;
+                const bool in = col < kend;
+                cp_async16(sa + (3 * u) * 512, in && v0 ? x0 + col : x, in && v0 ? 16 : 0);
+                cp_async16(sa + (3 * u + 1) * 512, in && v1 ? x1 + col : x, in && v1 ? 16 : 0);
+                cp_async16(sa + (3 * u + 2) * 512, in && va[0] ? ar[0] + col : x, in && va[0] ? 16 : 0);
+            }
+            cp_async_commit();
+            cp_async_wait<0>();
+#pragma unroll
+            for (int u = 0; u < SG_SU; u++) {
+                const uint4 xa = st[(3 * u) * 32], xb = st[(3 * u + 1) * 32], aa = st[(3 * u + 2) * 32];
+                mma16816(c[0], xa.x, xb.x, xa.y, xb.y, aa.x, aa.y);
+                mma16816(c[0], xa.z, xb.z, xa.w, xb.w, aa.z, aa.w);
+            }
+        }
+        __syncthreads(); // red below overlaps other warps' staging
+    } else
 #pragma unroll 4
     for (int cb = kbeg + warp * 32; cb < kend; cb += 32 * SG_WARPS) {
         const int col = cb + q * 8;
@@ -1882,9 +1913,17 @@ __device__ __forceinline__ void shrink_body(
         int t_stride, int rows_total, int kchunk
 #define SHRINK_PASS tmp, x, table, tiles, entry_base, entry_stride, m0, m1, m2, rank_tiles, max_rank, in_f, x_stride, t_stride, rows_total, kchunk
 
-extern "C" __global__ void __launch_bounds__(32 * SG_WARPS) sgmv_shrink(SHRINK_ARGS) {
+#if SG_SU > 0
+#define SG_SHRINK_BOUNDS __launch_bounds__(32 * SG_WARPS, 4) // 4 blocks an SM: the staging's share
+#else
+#define SG_SHRINK_BOUNDS __launch_bounds__(32 * SG_WARPS)
+#endif
+extern "C" __global__ void SG_SHRINK_BOUNDS sgmv_shrink(SHRINK_ARGS) {
     pdl_entry();
-    __shared__ float red[SG_WARPS * SG_TR * 8];
+    // the cp.async staging (SG_SU iterations of x's two rows and A a warp),
+    // and after it the warps' partial sums
+    // (SG_SU 0: the loads into registers, as before v0.46; an A/B)
+    __shared__ __align__(16) float red[SG_WARPS * (SG_SU * 3 * 32 * 4 > SG_TR * 8 ? SG_SU * 3 * 32 * 4 : SG_TR * 8)];
     shrink_body<1>(SHRINK_PASS, red);
 }
 
