@@ -190,7 +190,7 @@ __device__ __forceinline__ unsigned sk_slot(unsigned t, int rb, int r, int c) { 
 #define SG_TR 16       // rows per tile (the MMA's M)
 #define SG_WARPS 8     // shrink: warps per block, splitting K
 #ifndef SG_SU
-#define SG_SU 4 // sgmv_shrink: K-iterations a warp has in flight (cp.async staging, 1.5 KB each; 0: loads into registers)
+#define SG_SU 4 // sgmv_shrink: K-iterations a warp has in flight (0: as the compiler orders them, one ahead)
 #endif
 #define SG_EX_CHUNKS 8 // expand: B loads kept in registers, ranks up to 64
 

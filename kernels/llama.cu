@@ -1842,35 +1842,38 @@ __device__ __forceinline__ void shrink_body(
     for (int nb = 0; nb < NB; nb++) c[nb][0] = c[nb][1] = c[nb][2] = c[nb][3] = 0.f;
     const uint4 z4 = make_uint4(0, 0, 0, 0);
     if constexpr (NB == 1 && SG_SU > 0) {
-        // SG_SU K-iterations' x and A go to this warp's staging by cp.async,
-        // all in flight before the first MMA. Loaded into registers, the
-        // compiler issues each iteration's loads only after the previous
-        // one's MMAs (SASS of v0.45), so a block of kchunk = 1,024 waited for
-        // four round trips in a row, and beside a product that fills DRAM
-        // each is microseconds. Each lane reads back only the 16 bytes it
-        // copied, so the wait needs no barrier. The loop bounds are the
-        // block's, not the warp's: every warp reaches the barrier after it.
-        uint4* const st = reinterpret_cast<uint4*>(red) + warp * (SG_SU * 3 * 32) + lane;
-        const unsigned sa = (unsigned)__cvta_generic_to_shared(st);
-        for (int cb = kbeg; cb < kend; cb += 32 * SG_WARPS * SG_SU) {
+        // SG_SU K-iterations' loads of x and A in flight together. Written
+        // plainly, the compiler issues each iteration's loads only after the
+        // previous one's MMAs (SASS of v0.45: one load ahead), so a block of
+        // kchunk = 1,024 waits for four round trips in a row, microseconds
+        // each beside a product that fills DRAM. dep makes the first MMA
+        // wait for every load (one word of each: a load's words land
+        // together), so all of them are issued before it; masked by kchunk's
+        // sign bit it adds zero (kchunk > 0), which the compiler cannot
+        // know. Registers, not cp.async staging: beside fp8_stream's blocks
+        // (190 KB of shared memory an SM) a staged block does not fit.
+        constexpr int U = SG_SU > 0 ? SG_SU : 1;
+        const unsigned zero = (unsigned)(kchunk >> 31);
+        for (int cb = kbeg + warp * 32; cb < kend; cb += 32 * SG_WARPS * U) {
+            uint4 xa[U], xb[U], aa[U];
+            unsigned dep = 0;
 #pragma unroll
-            for (int u = 0; u < SG_SU; u++) {
-                const int col = cb + (u * SG_WARPS + warp) * 32 + q * 8;
+            for (int u = 0; u < U; u++) {
+                const int col = cb + u * 32 * SG_WARPS + q * 8;
                 const bool in = col < kend;
-                cp_async16(sa + (3 * u) * 512, in && v0 ? x0 + col : x, in && v0 ? 16 : 0);
-                cp_async16(sa + (3 * u + 1) * 512, in && v1 ? x1 + col : x, in && v1 ? 16 : 0);
-                cp_async16(sa + (3 * u + 2) * 512, in && va[0] ? ar[0] + col : x, in && va[0] ? 16 : 0);
+                xa[u] = (in && v0) ? ldg16(x0 + col) : z4;
+                xb[u] = (in && v1) ? ldg16(x1 + col) : z4;
+                aa[u] = (in && va[0]) ? ldg16(ar[0] + col) : z4;
             }
-            cp_async_commit();
-            cp_async_wait<0>();
 #pragma unroll
-            for (int u = 0; u < SG_SU; u++) {
-                const uint4 xa = st[(3 * u) * 32], xb = st[(3 * u + 1) * 32], aa = st[(3 * u + 2) * 32];
-                mma16816(c[0], xa.x, xb.x, xa.y, xb.y, aa.x, aa.y);
-                mma16816(c[0], xa.z, xb.z, xa.w, xb.w, aa.z, aa.w);
+            for (int u = 0; u < U; u++) dep |= xa[u].x ^ xb[u].x ^ aa[u].x;
+            c[0][0] += __int_as_float(dep & zero); // + 0.0f
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                mma16816(c[0], xa[u].x, xb[u].x, xa[u].y, xb[u].y, aa[u].x, aa[u].y);
+                mma16816(c[0], xa[u].z, xb[u].z, xa[u].w, xb[u].w, aa[u].z, aa[u].w);
             }
         }
-        __syncthreads(); // red below overlaps other warps' staging
     } else
 #pragma unroll 4
     for (int cb = kbeg + warp * 32; cb < kend; cb += 32 * SG_WARPS) {
@@ -1913,17 +1916,9 @@ __device__ __forceinline__ void shrink_body(
         int t_stride, int rows_total, int kchunk
 #define SHRINK_PASS tmp, x, table, tiles, entry_base, entry_stride, m0, m1, m2, rank_tiles, max_rank, in_f, x_stride, t_stride, rows_total, kchunk
 
-#if SG_SU > 0
-#define SG_SHRINK_BOUNDS __launch_bounds__(32 * SG_WARPS, 4) // 4 blocks an SM: the staging's share
-#else
-#define SG_SHRINK_BOUNDS __launch_bounds__(32 * SG_WARPS)
-#endif
-extern "C" __global__ void SG_SHRINK_BOUNDS sgmv_shrink(SHRINK_ARGS) {
+extern "C" __global__ void __launch_bounds__(32 * SG_WARPS) sgmv_shrink(SHRINK_ARGS) {
     pdl_entry();
-    // the cp.async staging (SG_SU iterations of x's two rows and A a warp),
-    // and after it the warps' partial sums
-    // (SG_SU 0: the loads into registers, as before v0.46; an A/B)
-    __shared__ __align__(16) float red[SG_WARPS * (SG_SU * 3 * 32 * 4 > SG_TR * 8 ? SG_SU * 3 * 32 * 4 : SG_TR * 8)];
+    __shared__ float red[SG_WARPS * SG_TR * 8];
     shrink_body<1>(SHRINK_PASS, red);
 }
 
