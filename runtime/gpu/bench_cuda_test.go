@@ -394,7 +394,7 @@ type decodeVariant struct {
 	padOld                       bool   // FP8 weights: v0.43's padding (129-255 rows only; 33-64-row gate/up on fp8_wg: fp8State.padOld)
 	fslate                       bool   // FP8 weights: fp8_stream without its early weight tiles (fp8State.streamLate)
 	noe1                         bool   // FP8 weights: no _e1 variants for products with no LoRA update beside (fp8State.streamE1Off: v0.44's every stage but one early)
-	e1all                        bool   // FP8 weights: the _e1 variants for every product, beside a LoRA update too (fp8State.streamE1All)
+	e1lone                       bool   // FP8 weights: the _e1 variants only for products no LoRA update runs beside, as v0.45 (fp8State.streamE1Lone)
 	fs, gv                       bool   // FP8 weights: fp8_stream for every 1-16 rows (fp8State.streamOn; the default from fp8StreamMinRows), or for none (streamOff)
 	noseg                        bool   // FP8 weights: fp8_gemv, not fp8_gemv_seg, at 1-4 rows (fp8State.segOff)
 	silucl                       int    // FP8 silu_mul of 1-64 rows as silu_mul_cl (kernelForce.siluCl: 1 wherever it fits, -1 never, 0 the default)
@@ -437,7 +437,7 @@ func (v decodeVariant) label(ads []*lora.Adapter, pdlOK bool) string {
 	for _, f := range []struct {
 		on   bool
 		name string
-	}{{v.eager, "eager"}, {v.serial, "serial"}, {v.nopdl && pdlOK, "nopdl"}, {v.ropeHeads, "ropeheads"}, {v.lt, "lt"}, {v.wgFull, "wgfull"}, {v.wgBeside, "wgbeside"}, {v.splitBeside, "splitbeside"}, {v.nopad, "nopad"}, {v.padOld, "padold"}, {v.fslate, "fslate"}, {v.noe1, "noe1"}, {v.e1all, "e1all"}, {v.skLate, "late"},
+	}{{v.eager, "eager"}, {v.serial, "serial"}, {v.nopdl && pdlOK, "nopdl"}, {v.ropeHeads, "ropeheads"}, {v.lt, "lt"}, {v.wgFull, "wgfull"}, {v.wgBeside, "wgbeside"}, {v.splitBeside, "splitbeside"}, {v.nopad, "nopad"}, {v.padOld, "padold"}, {v.fslate, "fslate"}, {v.noe1, "noe1"}, {v.e1lone, "e1lone"}, {v.skLate, "late"},
 		{v.fs, "fs"}, {v.gv, "gv"}, {v.noseg, "noseg"}, {v.wg && !v.two, "wg"}, {v.wg && v.two, "wg2"}, {v.nowga, "nowga"}, {v.bwg && !v.two, "bwg"}, {v.bwg && v.two, "bwg2"}, {v.tuned, "tuned"}} {
 		if f.on {
 			lbl += "+" + f.name
@@ -560,9 +560,9 @@ func TestDecodeBench(t *testing.T) {
 	mixedP := envPositive(t, "PEFTD_DECODE_MIXED", 0)
 	maxB := slices.Max(batches)
 	// the step and the cache also hold adapterLoadBench's 8 x 512-token
-	// prefill and its 64 sequences
+	// prefill and its 64 sequences, each at most 512+adapterLoadSteps tokens
 	opts := engine.Options{MaxTokens: max(prefillChunk(prompt)*prompt, 8*512), BlockSize: 16,
-		KVBlocks: max(maxB*(prompt+newTok)/16+64, 64*(512+64)/16+64) + (mixedP+15)/16}
+		KVBlocks: max(maxB*(prompt+newTok)/16+64, 64*(512+adapterLoadSteps)/16+64) + (mixedP+15)/16}
 	// refuse a cache the card cannot hold before the 16 GB load
 	if cfg, err := llama.LoadConfig(filepath.Join(dir, "base")); err == nil {
 		kvBytes := int64(cfg.Layers) * int64(opts.KVBlocks) * 16 * int64(cfg.KVHeads*cfg.HeadDim) * 4
@@ -669,7 +669,7 @@ func TestDecodeBench(t *testing.T) {
 		{sms: -1, addcl: -1}, {lora: true, sms: -1, addcl: -1}, {sms: -1, addcl: 1}, {lora: true, sms: -1, addcl: 1},
 		{sms: -1, padOld: true}, {lora: true, sms: -1, padOld: true},
 		{sms: -1, fslate: true}, {lora: true, sms: -1, fslate: true},
-		{sms: -1, noe1: true}, {lora: true, sms: -1, noe1: true}, {lora: true, sms: -1, e1all: true},
+		{sms: -1, noe1: true}, {lora: true, sms: -1, noe1: true}, {lora: true, sms: -1, e1lone: true},
 	}
 	// PEFTD_LORA_PARTITION=16,32: rows +part16, +part32 with the SMs split by
 	// green contexts (Options.LoRAPartition), base and adapters, with and
@@ -741,11 +741,11 @@ func TestDecodeBench(t *testing.T) {
 		B, v := rn.B, rn.v
 		withLoRA, sampled := v.lora, v.sampled
 		gb.g.off = v.eager
-		if withLoRA && len(ads) == 0 || v.nopdl && !pdlOK || v.split > 0 && B > 64 || (v.fs || v.gv) && (gb.f8 == nil || gb.f8.stream == nil) || (v.wg || v.nowga) && (gb.f8 == nil || gb.f8.wg == nil) || v.bwg && (gb.f8 != nil || gb.wg == nil) || (v.fslate || v.noe1 || v.e1all) && (gb.f8 == nil || gb.f8.stream == nil) || v.padOld && gb.f8 == nil {
+		if withLoRA && len(ads) == 0 || v.nopdl && !pdlOK || v.split > 0 && B > 64 || (v.fs || v.gv) && (gb.f8 == nil || gb.f8.stream == nil) || (v.wg || v.nowga) && (gb.f8 == nil || gb.f8.wg == nil) || v.bwg && (gb.f8 != nil || gb.wg == nil) || (v.fslate || v.noe1 || v.e1lone) && (gb.f8 == nil || gb.f8.stream == nil) || v.padOld && gb.f8 == nil {
 			continue
 		}
 		retune := v.tuned && !gb.tune.done
-		if wantPDL := pdlOK && !v.nopdl; retune || partOf(gb) != v.part || gb.la.on == v.serial || gb.la.sms != v.sms || gb.s.ProgrammaticLaunch() != wantPDL || gb.force.decSplit != v.split || gb.force.ropeHeads != v.ropeHeads || gb.force.decOpts != v.opts || gb.force.noSkinny != v.lt || gb.force.wgFull != v.wgFull || gb.force.loraKChunk != v.kc || gb.force.skLate != v.skLate || gb.force.decVar != v.dv || gb.force.bwg != v.bwg || gb.force.holds != v.holds || gb.force.pdlJoins != v.pdlJoins || gb.force.loraInline != v.inline || gb.force.ropeLoRA != v.rfold || gb.force.nodePrio != v.prio || gb.force.siluCl != v.silucl || gb.force.addCl != v.addcl || gb.force.memHoist != v.hoist || gb.wg != nil && gb.wg.two != v.two || gb.f8 != nil && gb.f8.wg != nil && gb.f8.wg.two != v.two || gb.f8 != nil && (gb.f8.wgBeside != v.wgBeside || gb.f8.splitBeside != v.splitBeside || gb.f8.padOff != v.nopad || gb.f8.streamLate != v.fslate || gb.f8.streamE1Off != v.noe1 || gb.f8.streamE1All != v.e1all || gb.f8.padOld != v.padOld || gb.f8.streamOn != v.fs || gb.f8.streamOff != v.gv || gb.f8.segOff != v.noseg || gb.f8.wgOn != v.wg || gb.f8.wgAuto != (gb.f8.wgAutoDefault && !v.nowga)) { // recordings bake the LoRA and launch modes, the kernels and the GEMM algorithms in
+		if wantPDL := pdlOK && !v.nopdl; retune || partOf(gb) != v.part || gb.la.on == v.serial || gb.la.sms != v.sms || gb.s.ProgrammaticLaunch() != wantPDL || gb.force.decSplit != v.split || gb.force.ropeHeads != v.ropeHeads || gb.force.decOpts != v.opts || gb.force.noSkinny != v.lt || gb.force.wgFull != v.wgFull || gb.force.loraKChunk != v.kc || gb.force.skLate != v.skLate || gb.force.decVar != v.dv || gb.force.bwg != v.bwg || gb.force.holds != v.holds || gb.force.pdlJoins != v.pdlJoins || gb.force.loraInline != v.inline || gb.force.ropeLoRA != v.rfold || gb.force.nodePrio != v.prio || gb.force.siluCl != v.silucl || gb.force.addCl != v.addcl || gb.force.memHoist != v.hoist || gb.wg != nil && gb.wg.two != v.two || gb.f8 != nil && gb.f8.wg != nil && gb.f8.wg.two != v.two || gb.f8 != nil && (gb.f8.wgBeside != v.wgBeside || gb.f8.splitBeside != v.splitBeside || gb.f8.padOff != v.nopad || gb.f8.streamLate != v.fslate || gb.f8.streamE1Off != v.noe1 || gb.f8.streamE1Lone != v.e1lone || gb.f8.padOld != v.padOld || gb.f8.streamOn != v.fs || gb.f8.streamOff != v.gv || gb.f8.segOff != v.noseg || gb.f8.wgOn != v.wg || gb.f8.wgAuto != (gb.f8.wgAutoDefault && !v.nowga)) { // recordings bake the LoRA and launch modes, the kernels and the GEMM algorithms in
 			gb.la.on, gb.la.sms, gb.force.decSplit, gb.force.ropeHeads, gb.force.decOpts = !v.serial, v.sms, v.split, v.ropeHeads, v.opts
 			gb.force.noSkinny, gb.force.skLate, gb.force.decVar, gb.force.bwg = v.lt, v.skLate, v.dv, v.bwg
 			gb.force.wgFull, gb.force.loraKChunk = v.wgFull, v.kc
@@ -759,7 +759,7 @@ func TestDecodeBench(t *testing.T) {
 				gb.f8.streamOn, gb.f8.streamOff, gb.f8.wgOn, gb.f8.wgAuto = v.fs, v.gv, v.wg, gb.f8.wgAutoDefault && !v.nowga
 				gb.f8.wgBeside, gb.f8.segOff, gb.f8.splitBeside, gb.f8.padOff = v.wgBeside, v.noseg, v.splitBeside, v.nopad
 				gb.f8.streamLate, gb.f8.padOld = v.fslate, v.padOld
-				gb.f8.streamE1Off, gb.f8.streamE1All = v.noe1, v.e1all
+				gb.f8.streamE1Off, gb.f8.streamE1Lone = v.noe1, v.e1lone
 				if gb.f8.wg != nil {
 					gb.f8.wg.two = v.two
 				}
@@ -873,7 +873,7 @@ func TestDecodeBench(t *testing.T) {
 		gb.f8.streamOn, gb.f8.streamOff, gb.f8.wgOn, gb.f8.wgAuto, gb.f8.wgBeside, gb.f8.segOff = false, false, false, gb.f8.wgAutoDefault, false, false
 		gb.f8.splitBeside, gb.f8.padOff = false, false
 		gb.f8.streamLate, gb.f8.padOld = false, false
-		gb.f8.streamE1Off, gb.f8.streamE1All = false, false
+		gb.f8.streamE1Off, gb.f8.streamE1Lone = false, false
 		if gb.f8.wg != nil {
 			gb.f8.wg.two = false
 		}
@@ -905,6 +905,10 @@ func TestDecodeBench(t *testing.T) {
 // steps), and checks that the first step using the slot gives the same
 // logits either way and that a step on another slot is unchanged while the
 // upload is in flight.
+// adapterLoadSteps bounds adapterLoadBench's decode steps (and so the
+// tokens its sequences grow by past their 512-token prompts).
+const adapterLoadSteps = 192
+
 func adapterLoadBench(t *testing.T, e *engine.Engine, c *llama.Config, ads []*lora.Adapter, rng *rand.Rand) {
 	ctx := context.Background()
 	big := randomAdapter(rng, c, 64, 2)
@@ -936,6 +940,17 @@ func adapterLoadBench(t *testing.T, e *engine.Engine, c *llama.Config, ads []*lo
 		return time.Since(t0)
 	}
 	ms := func(d time.Duration) float64 { return float64(d.Microseconds()) / 1e3 }
+	// the two async phases step for 150 ms each: at most this many steps
+	// in all fit the cache TestDecodeBench sized (64 rows at ~5.5 ms a
+	// step take ~85)
+	steps := 0
+	decodeTimed := decode
+	decode = func() time.Duration {
+		if steps++; steps > adapterLoadSteps {
+			t.Fatalf("adapterload: more than %d steps (the cache holds no more)", adapterLoadSteps)
+		}
+		return decodeTimed()
+	}
 	var base []float32
 	for range 20 {
 		base = append(base, float32(ms(decode())))

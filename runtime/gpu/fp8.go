@@ -138,15 +138,17 @@ type fp8State struct {
 	stream                          *fp8Stream
 	streamOn, streamOff, streamLate bool
 	// fp8_stream's _e1 variants (one early weight tile, not every stage
-	// but one) take the products no LoRA update runs beside (lone, set by
-	// Backend.Linear). H200, FP8 decode, v0.45: base 9 / 12 / 16 rows 3.38
-	// / 3.43 / 3.52 -> 3.29 / 3.34 / 3.41 ms (the small kernel before each
-	// product no longer queues its reads behind ~18 MB of early tiles:
-	// add_rmsnorm 4.5 / 5.9 -> 3.3 / 3.1 µs at 16 rows); beside a LoRA
-	// update the count makes no difference (3.85 either way). streamE1Off:
-	// v0.44's prologue for every product (benchmarks); streamE1All: the _e1
-	// variants for every product (tests)
-	streamE1Off, streamE1All, lone bool
+	// but one) take every product. H200, FP8 decode, v0.45: base 9 / 12 /
+	// 16 rows 3.38 / 3.43 / 3.52 -> 3.29 / 3.34 / 3.41 ms (the small kernel
+	// before each product no longer queues its reads behind ~18 MB of
+	// early tiles: add_rmsnorm 4.5 / 5.9 -> 3.3 / 3.1 µs at 16 rows).
+	// Beside a LoRA update they made no difference until the LoRA shrink
+	// kept its loads in flight (v0.46): four r32 adapters, 9 / 16 rows 3.69
+	// / 3.84 -> 3.62 / 3.78. streamE1Off: v0.44's prologue for every
+	// product; streamE1Lone: v0.45's, the _e1 variants only for products no
+	// LoRA update runs beside (lone, set by Backend.Linear); both for
+	// benchmarks and tests
+	streamE1Off, streamE1Lone, lone bool
 
 	// fp8_gemv_seg (fp8_seg.go) for steps of 1-4 rows; benchmarks and
 	// tests set segOff (fp8_gemv instead)
@@ -316,7 +318,7 @@ func (f *fp8State) linear(out, x cuda.DevicePtr, T int, w *fp8Weight, gen uint64
 		if f.streamLate {
 			opts = 0
 		}
-		return f.stream.launch(f.s, p, out, f.actQ.Ptr(), f.actS.Ptr(), w, T, opts, !f.streamE1Off && (f.lone || f.streamE1All))
+		return f.stream.launch(f.s, p, out, f.actQ.Ptr(), f.actS.Ptr(), w, T, opts, !f.streamE1Off && (f.lone || !f.streamE1Lone))
 	}
 	if p, ok := planSeg(T, w.rows, K); ok && !f.segOff {
 		return f.seg.launch(f.s, p, out, f.actQ.Ptr(), f.actS.Ptr(), w, T)

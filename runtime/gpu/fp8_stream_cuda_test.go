@@ -26,7 +26,7 @@ func TestFP8Stream(t *testing.T) {
 	}
 	defer func() {
 		r.f.streamOn, r.f.streamOff, r.f.streamLate = false, false, false
-		r.f.streamE1All = false
+		r.f.streamE1Off = false
 	}()
 	for _, sh := range shapes {
 		N, K := sh[0], sh[1]
@@ -46,10 +46,10 @@ func TestFP8Stream(t *testing.T) {
 				r.f.invalidate()
 				return rowsProduct(t, r, out, M, N, func() error { return r.f.linear(out.Ptr(), x.Ptr(), M, w, 1) })
 			}
+			r.f.streamE1Off = true // every early stage but one
 			want, got, late := run(false, false), run(true, false), run(true, true)
-			r.f.streamE1All = true // the _e1 variant: one early weight tile
+			r.f.streamE1Off = false // the _e1 variant: one early weight tile
 			one := run(true, false)
-			r.f.streamE1All = false
 			what := fmt.Sprintf("fp8_stream %d x %d x %d (%d columns a block)", M, N, K, r.f.stream.vs[p.i].bn)
 			worst := compareRows(t, what, want, got, N)
 			if r.f.stream.e1 == nil {
