@@ -1852,7 +1852,7 @@ __device__ __forceinline__ void shrink_body(
         // sign bit it adds zero (kchunk > 0), which the compiler cannot
         // know. Registers, not cp.async staging: beside fp8_stream's blocks
         // (190 KB of shared memory an SM) a staged block does not fit.
-        constexpr int U = SG_SU > 0 ? SG_SU : 1;
+        constexpr int U = SG_SU > 0 ? SG_SU : 1; // 1: -DSG_SU=0 must still compile this discarded branch
         const unsigned zero = (unsigned)(kchunk >> 31);
         for (int cb = kbeg + warp * 32; cb < kend; cb += 32 * SG_WARPS * U) {
             uint4 xa[U], xb[U], aa[U];

@@ -393,7 +393,7 @@ type decodeVariant struct {
 	dv                           int    // attn_decode's variant whatever the rows: 1 + a decVariant (kernelForce.decVar; 0: decVariantFor's)
 	padOld                       bool   // FP8 weights: v0.43's padding (129-255 rows only; 33-64-row gate/up on fp8_wg: fp8State.padOld)
 	fslate                       bool   // FP8 weights: fp8_stream without its early weight tiles (fp8State.streamLate)
-	noe1                         bool   // FP8 weights: no _e1 variants for products with no LoRA update beside (fp8State.streamE1Off: v0.44's every stage but one early)
+	noe1                         bool   // FP8 weights: no _e1 variants for any product (fp8State.streamE1Off: v0.44's every stage but one early)
 	e1lone                       bool   // FP8 weights: the _e1 variants only for products no LoRA update runs beside, as v0.45 (fp8State.streamE1Lone)
 	fs, gv                       bool   // FP8 weights: fp8_stream for every 1-16 rows (fp8State.streamOn; the default from fp8StreamMinRows), or for none (streamOff)
 	noseg                        bool   // FP8 weights: fp8_gemv, not fp8_gemv_seg, at 1-4 rows (fp8State.segOff)
@@ -898,6 +898,10 @@ func TestDecodeBench(t *testing.T) {
 	}
 }
 
+// adapterLoadSteps bounds adapterLoadBench's decode steps (and so the
+// tokens its sequences grow by past their 512-token prompts).
+const adapterLoadSteps = 192
+
 // adapterLoadBench measures the step-time hiccup of loading a rank-64
 // adapter at 8B shapes into a free slot while 64 sequences decode with the
 // other adapters, synchronously (LoadAdapter on the engine goroutine) and
@@ -905,10 +909,6 @@ func TestDecodeBench(t *testing.T) {
 // steps), and checks that the first step using the slot gives the same
 // logits either way and that a step on another slot is unchanged while the
 // upload is in flight.
-// adapterLoadSteps bounds adapterLoadBench's decode steps (and so the
-// tokens its sequences grow by past their 512-token prompts).
-const adapterLoadSteps = 192
-
 func adapterLoadBench(t *testing.T, e *engine.Engine, c *llama.Config, ads []*lora.Adapter, rng *rand.Rand) {
 	ctx := context.Background()
 	big := randomAdapter(rng, c, 64, 2)
@@ -925,8 +925,15 @@ func adapterLoadBench(t *testing.T, e *engine.Engine, c *llama.Config, ads []*lo
 	seqs := make([]*engine.Sequence, B)
 	prefillRandom(t, e, rng, c.VocabSize, seqs, prompt, func(j int) int { return j % len(ads) }) // 8 prompts a step
 	// a serving step: greedy tokens sampled on the device (Step would copy
-	// 64 x 128256 logits to the host, ~33 MB a step, and time that)
+	// 64 x 128256 logits to the host, ~33 MB a step, and time that). The
+	// two async phases step for 150 ms each: at most adapterLoadSteps steps
+	// in all fit the cache TestDecodeBench sized (64 rows at ~5.5 ms a step
+	// take ~85).
+	steps := 0
 	decode := func() time.Duration {
+		if steps++; steps > adapterLoadSteps {
+			t.Fatalf("adapterload: more than %d steps (the cache holds no more)", adapterLoadSteps)
+		}
 		in := make([]engine.Input, B)
 		sp := make([]engine.Sampling, B)
 		for i := range in {
@@ -940,17 +947,6 @@ func adapterLoadBench(t *testing.T, e *engine.Engine, c *llama.Config, ads []*lo
 		return time.Since(t0)
 	}
 	ms := func(d time.Duration) float64 { return float64(d.Microseconds()) / 1e3 }
-	// the two async phases step for 150 ms each: at most this many steps
-	// in all fit the cache TestDecodeBench sized (64 rows at ~5.5 ms a
-	// step take ~85)
-	steps := 0
-	decodeTimed := decode
-	decode = func() time.Duration {
-		if steps++; steps > adapterLoadSteps {
-			t.Fatalf("adapterload: more than %d steps (the cache holds no more)", adapterLoadSteps)
-		}
-		return decodeTimed()
-	}
 	var base []float32
 	for range 20 {
 		base = append(base, float32(ms(decode())))

@@ -22,7 +22,7 @@ import (
 // fp8_gemv keeps the smaller ones.
 type fp8Stream struct {
 	*streamRows
-	e1 *streamRows // fp8_stream_n{bn}_e1: one weight tile before griddepcontrol.wait (fp8State.lone)
+	e1 *streamRows // fp8_stream_n{bn}_e1: one weight tile before griddepcontrol.wait (every product but with fp8State.streamE1Off / streamE1Lone)
 }
 
 // fp8StreamMaxRows is the most rows fp8_stream takes (one m16 tile);
