@@ -905,6 +905,21 @@ __device__ __forceinline__ void dec_merge(bf16* __restrict__ out, const float* _
 // DEC_CLUSTER splits of a (sequence, KV head) are one thread-block cluster
 // (launched with clusters of 1 x 1 x nsplit) and merge through each other's
 // shared memory (dec_cluster_merge).
+#ifdef PEFTD_ATTN_TS
+// PEFTD_ATTN_TS (a diagnostic build for TestDecodeBench's PEFTD_ATTN_TS=1):
+// attn_decode records %globaltimer at its phases into part (which the
+// Backend passes with one split too under kernelForce.attnTS, and which
+// holds nothing when the splits merge as a cluster or there is one split):
+// per block, ATS_W words a warp (entry, after griddepcontrol.wait, its
+// first tile landed, its last tile done) and 4 for the block (warps merged,
+// end, warp 0's tiles, unused).
+#define ATS_W 4
+__device__ __forceinline__ unsigned long long ats_now() {
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+#endif
 template <int HD, bool K8, int W>
 __device__ __forceinline__ void attn_decode_body(
     bf16* __restrict__ out, float* __restrict__ part, int* __restrict__ done, const bf16* __restrict__ q,
@@ -920,6 +935,11 @@ __device__ __forceinline__ void attn_decode_body(
     // griddepcontrol.wait: with PDL the chain of loads up to the first
     // tile's cache rows runs under the kernel before (rope_store, which
     // writes q and the newest K/V row: nothing of them is read before it).
+#ifdef PEFTD_ATTN_TS
+    unsigned long long ts_entry = ats_now(), ts_wait = 0, ts_first = 0;
+    unsigned long long* ats = reinterpret_cast<unsigned long long*>(part) +
+                              ((i64)(blockIdx.z * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x) * (ATS_W * W + 4);
+#endif
     const int s = dec_seq[di];
     if (s < 0) { // no sequence (a recording's spare entry)
         pdl_entry();
@@ -1001,6 +1021,9 @@ __device__ __forceinline__ void attn_decode_body(
         }
     }
     pdl_entry();
+#ifdef PEFTD_ATTN_TS
+    ts_wait = ats_now();
+#endif
     if (nk > 0) {
         unsigned qa[HD / 16][2];                // A fragments of Q (rows: the query heads)
         unsigned qa8[D::QK8 ? HD / 32 : 1][2]; // QK8: e4m3 Q, A[g][32s + 16h + 4tig ..+3] in qa8[s][h]
@@ -1053,6 +1076,9 @@ __device__ __forceinline__ void attn_decode_body(
             advance(k + D::ST + 1); // used two iterations on: its latency hides behind two tiles
             cp_async_wait<D::ST - 1>();
             __syncwarp(); // every lane's copies of tile k have landed
+#ifdef PEFTD_ATTN_TS
+            if (k == 0) ts_first = ats_now();
+#endif
             const unsigned kb = D::kt(wbase, k), vb = D::vt(wbase, k);
             float ksc[2][2] = {{1.f, 1.f}, {1.f, 1.f}}; // the scales of this lane's S columns
             if constexpr (D::QK8) { // the keys' scales multiply S below; the e4m3 rows are read as they are
@@ -1160,6 +1186,15 @@ __device__ __forceinline__ void attn_decode_body(
         l += __shfl_xor_sync(0xffffffffu, l, 1);
         l += __shfl_xor_sync(0xffffffffu, l, 2);
     }
+#ifdef PEFTD_ATTN_TS
+    const bool ats_on = (opts & 4) || nsplit == 1;
+    if (ats_on && lane == 0) {
+        ats[ATS_W * warp] = ts_entry;
+        ats[ATS_W * warp + 1] = ts_wait;
+        ats[ATS_W * warp + 2] = ts_first;
+        ats[ATS_W * warp + 3] = ats_now();
+    }
+#endif
     // merge the warps: wo[(warp*G + g)*HD + d], wm/wl[warp*G + g]
     float* wo = reinterpret_cast<float*>(dsm);
     float* wm = wo + W * G * HD;
@@ -1213,9 +1248,23 @@ __device__ __forceinline__ void attn_decode_body(
             }
         }
     }
-    if (nsplit == 1) return;
+#ifdef PEFTD_ATTN_TS
+    if (ats_on && tid == 0) {
+        ats[ATS_W * W] = ats_now();
+        ats[ATS_W * W + 2] = nk;
+    }
+#endif
+    if (nsplit == 1) {
+#ifdef PEFTD_ATTN_TS
+        if (tid == 0) ats[ATS_W * W + 1] = ats_now();
+#endif
+        return;
+    }
     if (clu) {
         dec_cluster_merge<HD, 32 * W>(out, cA, cM, cL, G, nsplit, heads, kh, row, tid);
+#ifdef PEFTD_ATTN_TS
+        if (tid == 0) ats[ATS_W * W + 1] = ats_now();
+#endif
         return;
     }
     // The last split block of this (sequence, KV head) merges the partials.

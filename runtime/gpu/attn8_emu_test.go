@@ -81,6 +81,13 @@ func TestAttentionSharedMemory(t *testing.T) {
 			if d := decShared(hd, k8, decV4); d > 227<<10 {
 				t.Errorf("attn_decode hd %d k8 %v: %d bytes", hd, k8, d)
 			}
+			// the merge area reuses the stage buffers: it must fit them
+			// with up to 8 query heads a KV head (G <= 8)
+			for _, v := range []decVariant{decV4, decV2} {
+				if m, d := 4*decMergeFloats(hd, v.warps(), 8), decShared(hd, k8, v); m > d {
+					t.Errorf("attn_decode hd %d k8 %v %s: the merge area takes %d bytes of %d", hd, k8, v, m, d)
+				}
+			}
 			if hd <= 128 {
 				if p := preShared(hd, k8); p > 227<<10 {
 					t.Errorf("attn_prefill hd %d k8 %v: %d bytes", hd, k8, p)

@@ -583,6 +583,10 @@ func TestDecodeBench(t *testing.T) {
 		t.Fatal(err)
 	}
 	bw := copyBandwidth(t, gb)
+	// PEFTD_ATTN_TS=1 with a PEFTD_ATTN_TS build (PEFTD_KERNEL_DEFINES):
+	// each row prints where attn_decode's time goes (attnTimestamps)
+	attnTS := os.Getenv("PEFTD_ATTN_TS") != "" && kernels.Defined("PEFTD_ATTN_TS")
+	gb.force.attnTS = attnTS
 	e, err := engine.New(m, gb, opts)
 	if err != nil {
 		gb.Close()
@@ -845,6 +849,9 @@ func TestDecodeBench(t *testing.T) {
 			}
 			roofS += bytes / bw
 		}
+		if attnTS {
+			attnTimestamps(t, gb, B, v.label(ads, pdlOK))
+		}
 		for _, s := range seqs {
 			e.Release(s)
 		}
@@ -896,6 +903,63 @@ func TestDecodeBench(t *testing.T) {
 	if len(ads) > 0 && onlyRows == 0 {
 		adapterLoadBench(t, e, c, ads, rng)
 	}
+}
+
+// attnTimestamps prints the phases of the last step's last attn_decode
+// launch from a PEFTD_ATTN_TS build (llama.cu: per block, ATS_W = 4
+// %globaltimer words a warp, entry / after griddepcontrol.wait / first tile
+// landed / last tile done, then warps merged / end / warp 0's tiles), in µs
+// from the earliest block's entry: median, p90 and max over the blocks
+// (a block's warp phases: warp 0's entry and wait, the warps' median first
+// tile, their latest last tile).
+func attnTimestamps(t *testing.T, gb *Backend, B int, lbl string) {
+	const atsW = 4
+	split, warps := gb.decSplitFor(B), gb.decVariantFor(B).warps()
+	blocks, words := B*gb.kv.KVHeads*split, atsW*warps+4
+	if gb.part == nil || blocks*words*8 > gb.part.Size() {
+		bench("decode attnts %d %s: no room for %d blocks' timestamps", B, lbl, blocks)
+		return
+	}
+	if err := gb.s.Synchronize(); err != nil {
+		t.Fatal(err)
+	}
+	h := make([]uint64, blocks*words)
+	if err := cuda.CopyDtoH(gb.s, h, gb.part.Ptr()); err != nil {
+		t.Fatal(err)
+	}
+	t0 := uint64(math.MaxUint64)
+	for i := range blocks {
+		t0 = min(t0, h[i*words])
+	}
+	us := func(v uint64) float32 { return float32(int64(v-t0)) / 1e3 }
+	names := []string{"entry", "wait", "first", "last", "merged", "end"}
+	cols := make([][]float32, len(names))
+	tiles := make([]float32, blocks)
+	for i := range blocks {
+		r := h[i*words : (i+1)*words]
+		var firsts []float32
+		last := float32(0)
+		for w := range warps {
+			if r[atsW*w+2] != 0 {
+				firsts = append(firsts, us(r[atsW*w+2]))
+			}
+			last = max(last, us(r[atsW*w+3]))
+		}
+		if len(firsts) == 0 {
+			firsts = []float32{us(r[1])}
+		}
+		for j, v := range []float32{us(r[0]), us(r[1]), float32(median(firsts)), last, us(r[atsW*warps]), us(r[atsW*warps+1])} {
+			cols[j] = append(cols[j], v)
+		}
+		tiles[i] = float32(r[atsW*warps+2])
+	}
+	line := fmt.Sprintf("decode attnts %d %-10s grid %dx%dx%d warps %d, warp 0 tiles median %.0f:", B, lbl, B, gb.kv.KVHeads, split, warps, median(tiles))
+	for j, n := range names {
+		c := slices.Clone(cols[j])
+		slices.Sort(c)
+		line += fmt.Sprintf("  %s %.2f/%.2f/%.2f", n, median(c), c[len(c)*9/10], c[len(c)-1])
+	}
+	bench("%s", line)
 }
 
 // adapterLoadSteps bounds adapterLoadBench's decode steps (and so the

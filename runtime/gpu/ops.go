@@ -475,7 +475,7 @@ func (b *Backend) Attention(out, q, k, v engine.Buffer, layer int, scale float32
 	}
 	hd := b.kv.HeadDim
 	var part uint64
-	if b.decSplit > 1 {
+	if b.decSplit > 1 || b.force.attnTS && b.part != nil { // attnTS: the PEFTD_ATTN_TS build's timestamps go there
 		part = b.part.Ptr()
 	}
 	if b.err != nil {
@@ -629,6 +629,17 @@ func decShared(hd int, k8 bool, v decVariant) int {
 		return warps * stages * 2 * tile
 	}
 	return warps * (stages*(tile+16*hd+16*4) + tile)
+}
+
+// decMergeFloats is the shared memory (in floats) attn_decode's merge
+// area takes at the end of a block of warps warps, g query heads a KV head
+// and head dimension hd, over the stage buffers (llama.cu, after the tiles'
+// loop): the warps' partials wo [warps][g][hd] and their maxima and
+// denominators, then 8 words and the block's partial for the cluster (cA
+// [g][hd], its maxima and denominators), or without a cluster the last
+// block's counter (4 words) and merge weights [g][64].
+func decMergeFloats(hd, warps, g int) int {
+	return warps*g*hd + 2*warps*g + max(8+g*hd+2*g, 4+64*g)
 }
 
 // preThreads, preRows are PRE_THREADS and PRE_ROWS in llama.cu; preShared(hd, k8)
