@@ -911,9 +911,9 @@ __device__ __forceinline__ void dec_merge(bf16* __restrict__ out, const float* _
 // Backend passes with one split too under kernelForce.attnTS, and which
 // holds nothing when the splits merge as a cluster or there is one split):
 // per block, ATS_W words a warp (entry, after griddepcontrol.wait, its
-// first tile landed, its last tile done) and 4 for the block (warps merged,
-// end, warp 0's tiles, unused).
+// first tile landed, its last tile done) and ATS_B for the block.
 #define ATS_W 4
+#define ATS_B 6 // the block's words: warps merged, end, warp 0's tiles, warp 0 at griddepcontrol.wait (its metadata read, its early tiles issued), after the merge's first barrier, after its second
 __device__ __forceinline__ unsigned long long ats_now() {
     unsigned long long t;
     asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
@@ -938,7 +938,7 @@ __device__ __forceinline__ void attn_decode_body(
 #ifdef PEFTD_ATTN_TS
     unsigned long long ts_entry = ats_now(), ts_wait = 0, ts_first = 0;
     unsigned long long* ats = reinterpret_cast<unsigned long long*>(part) +
-                              ((i64)(blockIdx.z * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x) * (ATS_W * W + 4);
+                              ((i64)(blockIdx.z * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x) * (ATS_W * W + ATS_B);
 #endif
     const int s = dec_seq[di];
     if (s < 0) { // no sequence (a recording's spare entry)
@@ -1020,6 +1020,9 @@ __device__ __forceinline__ void attn_decode_body(
             advance(pre + 2);
         }
     }
+#ifdef PEFTD_ATTN_TS
+    const unsigned long long ts_pre = ats_now();
+#endif
     pdl_entry();
 #ifdef PEFTD_ATTN_TS
     ts_wait = ats_now();
@@ -1204,6 +1207,9 @@ __device__ __forceinline__ void attn_decode_body(
     float* cM = cA + G * HD;
     float* cL = cM + G;
     __syncthreads(); // the stage buffers become the merge area
+#ifdef PEFTD_ATTN_TS
+    if (ats_on && tid == 0) ats[ATS_W * W + 4] = ats_now();
+#endif
     if (g < G) {
 #pragma unroll
         for (int j = 0; j < D::C; j++) {
@@ -1216,6 +1222,9 @@ __device__ __forceinline__ void attn_decode_body(
         }
     }
     __syncthreads();
+#ifdef PEFTD_ATTN_TS
+    if (ats_on && tid == 0) ats[ATS_W * W + 5] = ats_now();
+#endif
     for (int idx = tid; idx < G * HD; idx += (32 * W)) {
         const int hg = idx / HD, d = idx - hg * HD;
         float M = NEG_INF;
@@ -1252,6 +1261,7 @@ __device__ __forceinline__ void attn_decode_body(
     if (ats_on && tid == 0) {
         ats[ATS_W * W] = ats_now();
         ats[ATS_W * W + 2] = nk;
+        ats[ATS_W * W + 3] = ts_pre;
     }
 #endif
     if (nsplit == 1) {
