@@ -1190,7 +1190,7 @@ __device__ __forceinline__ void attn_decode_body(
         l += __shfl_xor_sync(0xffffffffu, l, 2);
     }
 #ifdef PEFTD_ATTN_TS
-    const bool ats_on = (opts & 4) || nsplit == 1;
+    const bool ats_on = ((opts & 4) || nsplit == 1) && part != nullptr; // part: kernelForce.attnTS
     if (ats_on && lane == 0) {
         ats[ATS_W * warp] = ts_entry;
         ats[ATS_W * warp + 1] = ts_wait;
