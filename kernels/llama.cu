@@ -920,6 +920,13 @@ __device__ __forceinline__ unsigned long long ats_now() {
     return t;
 }
 #endif
+// DEC_MERGE4 (default 1): attn_decode merges its warps four outputs a
+// thread after one thread a head works out the warp weights; 0: one output a
+// thread, each working out its head's weights (v0.46's loop, for A/Bs).
+// Both give the same bits.
+#ifndef DEC_MERGE4
+#define DEC_MERGE4 1
+#endif
 template <int HD, bool K8, int W>
 __device__ __forceinline__ void attn_decode_body(
     bf16* __restrict__ out, float* __restrict__ part, int* __restrict__ done, const bf16* __restrict__ q,
@@ -1203,9 +1210,12 @@ __device__ __forceinline__ void attn_decode_body(
     float* wm = wo + W * G * HD;
     float* wl = wm + W * G;
     const bool clu = (opts & 4) && nsplit > 1; // the splits are a cluster (dec_cluster_merge)
-    float* cA = wl + W * G + 8;         // this block's partial, for the cluster
+    float* cA = wl + W * G + 8;         // this block's partial, for the cluster (16-byte aligned: W * G is even)
     float* cM = cA + G * HD;
     float* cL = cM + G;
+    float* hw = cL + 8;                 // DEC_MERGE4: [W][8] warp i's weight for head g (0: no positions)
+    float* hM = hw + 8 * W;             // [8] head g's max over the warps, hL [8] its denominator
+    float* hL = hM + 8;                 // (runtime/gpu decMergeFloats: the whole area)
     __syncthreads(); // the stage buffers become the merge area
 #ifdef PEFTD_ATTN_TS
     if (ats_on && tid == 0) ats[ATS_W * W + 4] = ats_now();
@@ -1225,6 +1235,71 @@ __device__ __forceinline__ void attn_decode_body(
 #ifdef PEFTD_ATTN_TS
     if (ats_on && tid == 0) ats[ATS_W * W + 5] = ats_now();
 #endif
+#if DEC_MERGE4
+    // each head's max, warp weights and denominator once (G threads), then
+    // four outputs a thread: the same sums in warp order as the loop below,
+    // with the weights' chain (loads, exp2f) off the outputs' loop
+    if (tid < G) {
+        const int hg = tid;
+        float M = NEG_INF;
+        for (int i = 0; i < W; i++)
+            if (wl[i * G + hg] > 0.f) M = fmaxf(M, wm[i * G + hg]);
+        float L = 0.f;
+        for (int i = 0; i < W; i++) {
+            const float li = wl[i * G + hg];
+            float f = 0.f;
+            if (li > 0.f) {
+                f = exp2f(wm[i * G + hg] - M);
+                L += li * f;
+            }
+            hw[i * 8 + hg] = f;
+        }
+        hM[hg] = M;
+        hL[hg] = L;
+    }
+    __syncthreads();
+    for (int idx = 4 * tid; idx < G * HD; idx += 4 * (32 * W)) {
+        const int hg = idx / HD, d = idx - hg * HD; // HD % 4 == 0: the four share a head
+        float4 A = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+        for (int i = 0; i < W; i++) {
+            if (wl[i * G + hg] > 0.f) {
+                const float f = hw[i * 8 + hg];
+                const float4 v = *reinterpret_cast<const float4*>(wo + (i * G + hg) * HD + d);
+                A.x += v.x * f;
+                A.y += v.y * f;
+                A.z += v.z * f;
+                A.w += v.w * f;
+            }
+        }
+        const float M = hM[hg], L = hL[hg];
+        const int h = kh * G + hg;
+        if (nsplit == 1) {
+            const __nv_bfloat162 lo = L > 0.f ? __floats2bfloat162_rn(A.x / L, A.y / L) : __floats2bfloat162_rn(0.f, 0.f);
+            const __nv_bfloat162 hi = L > 0.f ? __floats2bfloat162_rn(A.z / L, A.w / L) : __floats2bfloat162_rn(0.f, 0.f);
+            uint2 w2;
+            w2.x = *reinterpret_cast<const unsigned*>(&lo);
+            w2.y = *reinterpret_cast<const unsigned*>(&hi);
+            *reinterpret_cast<uint2*>(out + (i64)row * heads * HD + (i64)h * HD + d) = w2;
+        } else if (clu) { // every block, empty ones too (L 0)
+            *reinterpret_cast<float4*>(cA + idx) = A;
+            if (d == 0) {
+                cM[hg] = M;
+                cL[hg] = L;
+            }
+        } else if (ntiles > 0) {
+            float* pp = part + ((i64)(di * heads + h) * nsplit + sp) * (HD + 2);
+            pp[d] = A.x;
+            pp[d + 1] = A.y;
+            pp[d + 2] = A.z;
+            pp[d + 3] = A.w;
+            if (d == 0) {
+                pp[HD] = M;
+                pp[HD + 1] = L;
+            }
+        }
+    }
+#else
     for (int idx = tid; idx < G * HD; idx += (32 * W)) {
         const int hg = idx / HD, d = idx - hg * HD;
         float M = NEG_INF;
@@ -1257,6 +1332,7 @@ __device__ __forceinline__ void attn_decode_body(
             }
         }
     }
+#endif
 #ifdef PEFTD_ATTN_TS
     if (ats_on && tid == 0) {
         ats[ATS_W * W] = ats_now();

@@ -635,11 +635,12 @@ func decShared(hd int, k8 bool, v decVariant) int {
 // area takes at the end of a block of warps warps, g query heads a KV head
 // and head dimension hd, over the stage buffers (llama.cu, after the tiles'
 // loop): the warps' partials wo [warps][g][hd] and their maxima and
-// denominators, then 8 words and the block's partial for the cluster (cA
-// [g][hd], its maxima and denominators), or without a cluster the last
-// block's counter (4 words) and merge weights [g][64].
+// denominators, then 8 words, the block's partial for the cluster (cA
+// [g][hd], its maxima and denominators) and the warps' merge weights
+// (hw [warps][8] after 8 words, hM and hL [8]), or without a cluster the
+// last block's counter (4 words) and merge weights [g][64].
 func decMergeFloats(hd, warps, g int) int {
-	return warps*g*hd + 2*warps*g + max(8+g*hd+2*g, 4+64*g)
+	return warps*g*hd + 2*warps*g + max(8+g*hd+g+8+8*warps+16, 4+64*g)
 }
 
 // preThreads, preRows are PRE_THREADS and PRE_ROWS in llama.cu; preShared(hd, k8)
