@@ -125,7 +125,9 @@
 # (decode, nsysdec, profile, kdetail), NSYSDEC_VARIANTS=2 (nsysdec: the
 # 4 x r32 rows too), SERVE8B_ARGS (e.g. "--weights fp8"), SERVE8B_QUICK=1
 # (serve8b: the Go client's base and four-adapter runs only), DECODE_LAYERS
-# (layers of the random checkpoint, default 32).
+# (layers of the random checkpoint, default 32), PEFTD_KERNEL_DEFINES=
+# -DPEFTD_ATTN_TS with PEFTD_ATTN_TS=1 (decode: each row's attn_decode
+# phases, the "attnts" lines of decode.txt; PERFORMANCE v0.47).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
