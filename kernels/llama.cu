@@ -913,7 +913,7 @@ __device__ __forceinline__ void dec_merge(bf16* __restrict__ out, const float* _
 // per block, ATS_W words a warp (entry, after griddepcontrol.wait, its
 // first tile landed, its last tile done) and ATS_B for the block.
 #define ATS_W 4
-#define ATS_B 6 // the block's words: warps merged, end, warp 0's tiles, warp 0 at griddepcontrol.wait (its metadata read, its early tiles issued), after the merge's first barrier, after its second
+#define ATS_B 8 // the block's words: warps merged, end, warp 0's tiles, warp 0 at griddepcontrol.wait (its metadata read, its early tiles issued), after the merge's first barrier, after its second, warp 0's metadata chain done (its pages loaded), unused
 __device__ __forceinline__ unsigned long long ats_now() {
     unsigned long long t;
     asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
@@ -985,6 +985,10 @@ __device__ __forceinline__ void attn_decode_body(
         slot = rows(0);
         next = rows(1);
     }
+#ifdef PEFTD_ATTN_TS
+    asm volatile("" ::"r"(slot), "r"(next)); // the chain's last loads (the pages) have landed
+    const unsigned long long ts_meta = ats_now();
+#endif
     const unsigned wbase = (unsigned)__cvta_generic_to_shared(dsm) + warp * D::WARP_B;
     auto issue = [&](int k) {
         if (k < nk) {
@@ -1338,6 +1342,7 @@ __device__ __forceinline__ void attn_decode_body(
         ats[ATS_W * W] = ats_now();
         ats[ATS_W * W + 2] = nk;
         ats[ATS_W * W + 3] = ts_pre;
+        ats[ATS_W * W + 6] = ts_meta;
     }
 #endif
     if (nsplit == 1) {

@@ -908,16 +908,17 @@ func TestDecodeBench(t *testing.T) {
 // attnTimestamps prints the phases of the last step's last attn_decode
 // launch from a PEFTD_ATTN_TS build (llama.cu: per block, ATS_W = 4
 // %globaltimer words a warp, entry / after griddepcontrol.wait / first tile
-// landed / last tile done, then ATS_B = 6: warps merged / end / warp 0's
+// landed / last tile done, then ATS_B = 8: warps merged / end / warp 0's
 // tiles / warp 0 at griddepcontrol.wait (after the step's metadata and the
-// early tiles' copies) / the merge's first barrier passed / its second), in µs
+// early tiles' copies) / the merge's first barrier passed / its second /
+// warp 0's metadata chain done (its first pages loaded) / unused), in µs
 // from the earliest block's entry: median, p90 and max over the blocks
 // (a block's warp phases: warp 0's entry and wait, the warps' median first
 // tile, their latest last tile).
 func attnTimestamps(t *testing.T, gb *Backend, B int, lbl string) {
 	const atsW = 4
 	split, warps := gb.decSplitFor(B), gb.decVariantFor(B).warps()
-	blocks, words := B*gb.kv.KVHeads*split, atsW*warps+6
+	blocks, words := B*gb.kv.KVHeads*split, atsW*warps+8
 	if gb.part == nil || blocks*words*8 > gb.part.Size() {
 		bench("decode attnts %d %s: no room for %d blocks' timestamps", B, lbl, blocks)
 		return
@@ -934,7 +935,7 @@ func attnTimestamps(t *testing.T, gb *Backend, B int, lbl string) {
 		t0 = min(t0, h[i*words])
 	}
 	us := func(v uint64) float32 { return float32(int64(v-t0)) / 1e3 }
-	names := []string{"entry", "pre", "wait", "first", "last", "bar1", "bar2", "merged", "end"}
+	names := []string{"entry", "meta", "pre", "wait", "first", "last", "bar1", "bar2", "merged", "end"}
 	cols := make([][]float32, len(names))
 	tiles := make([]float32, blocks)
 	for i := range blocks {
@@ -950,7 +951,7 @@ func attnTimestamps(t *testing.T, gb *Backend, B int, lbl string) {
 		if len(firsts) == 0 {
 			firsts = []float32{us(r[1])}
 		}
-		for j, v := range []float32{us(r[0]), us(r[atsW*warps+3]), us(r[1]), float32(median(firsts)), last, us(r[atsW*warps+4]), us(r[atsW*warps+5]), us(r[atsW*warps]), us(r[atsW*warps+1])} {
+		for j, v := range []float32{us(r[0]), us(r[atsW*warps+6]), us(r[atsW*warps+3]), us(r[1]), float32(median(firsts)), last, us(r[atsW*warps+4]), us(r[atsW*warps+5]), us(r[atsW*warps]), us(r[atsW*warps+1])} {
 			cols[j] = append(cols[j], v)
 		}
 		tiles[i] = float32(r[atsW*warps+2])
