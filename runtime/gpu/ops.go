@@ -636,9 +636,9 @@ func decShared(hd int, k8 bool, v decVariant) int {
 // and head dimension hd, over the stage buffers (llama.cu, after the tiles'
 // loop): the warps' partials wo [warps][g][hd] and their maxima and
 // denominators, then 8 words, the block's partial for the cluster (cA
-// [g][hd], its maxima and denominators) and the warps' merge weights
-// (hw [warps][8] after 8 words, hM and hL [8]), or without a cluster the
-// last block's counter (4 words) and merge weights [g][64].
+// [g][hd], its maxima cM [g], its denominators cL in 8 words), and the
+// warps' merge weights hw [warps][8], hM [8] and hL [8]; or, without a
+// cluster, the last block's counter (4 words) and merge weights [g][64].
 func decMergeFloats(hd, warps, g int) int {
 	return warps*g*hd + 2*warps*g + max(8+g*hd+g+8+8*warps+16, 4+64*g)
 }
