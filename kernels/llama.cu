@@ -866,6 +866,29 @@ __device__ __forceinline__ void dec_merge(bf16* __restrict__ out, const float* _
     }
 }
 
+#ifdef PEFTD_ATTN_TS
+// PEFTD_ATTN_TS (a diagnostic build for TestDecodeBench's PEFTD_ATTN_TS=1):
+// attn_decode records %globaltimer at its phases into part (which the
+// Backend passes with one split too under kernelForce.attnTS, and which
+// holds nothing when the splits merge as a cluster or there is one split):
+// per block, ATS_W words a warp (entry, after griddepcontrol.wait, its
+// first tile landed, its last tile done) and ATS_B for the block.
+#define ATS_W 4
+#define ATS_B 8 // the block's words: warps merged, end, warp 0's tiles, warp 0 at griddepcontrol.wait (its metadata read, its early tiles issued), after the merge's first barrier, after its second, warp 0's metadata chain done (its pages loaded), unused
+__device__ __forceinline__ unsigned long long ats_now() {
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+#endif
+// DEC_MERGE4 (default 1): attn_decode merges its warps four outputs a
+// thread after one thread a head works out the warp weights; 0: one output a
+// thread, each working out its head's weights (v0.46's loop, for A/Bs).
+// Both give the same bits.
+#ifndef DEC_MERGE4
+#define DEC_MERGE4 1
+#endif
+
 // attn_decode_d{32,64,128,256}: split-KV (flash-decoding) attention for
 // decode sequences (one new row each, already stored in the cache), on the
 // tensor cores. grid (nDec, kvh, nsplit), block DEC_THREADS, dynamic shared
@@ -905,28 +928,6 @@ __device__ __forceinline__ void dec_merge(bf16* __restrict__ out, const float* _
 // DEC_CLUSTER splits of a (sequence, KV head) are one thread-block cluster
 // (launched with clusters of 1 x 1 x nsplit) and merge through each other's
 // shared memory (dec_cluster_merge).
-#ifdef PEFTD_ATTN_TS
-// PEFTD_ATTN_TS (a diagnostic build for TestDecodeBench's PEFTD_ATTN_TS=1):
-// attn_decode records %globaltimer at its phases into part (which the
-// Backend passes with one split too under kernelForce.attnTS, and which
-// holds nothing when the splits merge as a cluster or there is one split):
-// per block, ATS_W words a warp (entry, after griddepcontrol.wait, its
-// first tile landed, its last tile done) and ATS_B for the block.
-#define ATS_W 4
-#define ATS_B 8 // the block's words: warps merged, end, warp 0's tiles, warp 0 at griddepcontrol.wait (its metadata read, its early tiles issued), after the merge's first barrier, after its second, warp 0's metadata chain done (its pages loaded), unused
-__device__ __forceinline__ unsigned long long ats_now() {
-    unsigned long long t;
-    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-    return t;
-}
-#endif
-// DEC_MERGE4 (default 1): attn_decode merges its warps four outputs a
-// thread after one thread a head works out the warp weights; 0: one output a
-// thread, each working out its head's weights (v0.46's loop, for A/Bs).
-// Both give the same bits.
-#ifndef DEC_MERGE4
-#define DEC_MERGE4 1
-#endif
 template <int HD, bool K8, int W>
 __device__ __forceinline__ void attn_decode_body(
     bf16* __restrict__ out, float* __restrict__ part, int* __restrict__ done, const bf16* __restrict__ q,
