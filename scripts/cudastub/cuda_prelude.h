@@ -21,6 +21,7 @@ __device__ uint4 make_uint4(unsigned, unsigned, unsigned, unsigned);
 __device__ int4 make_int4(int, int, int, int);
 __device__ uint2 make_uint2(unsigned, unsigned);
 __device__ float2 make_float2(float, float);
+__device__ float4 make_float4(float, float, float, float);
 __device__ void __syncthreads();
 __device__ void __syncwarp(unsigned = 0xffffffffu);
 __device__ int __shfl_sync(unsigned, int, int, int = 32);
