@@ -29,6 +29,14 @@ __device__ __forceinline__ void pdl_entry() {
 #endif
 }
 
+// globaltimer_ns: the GPU's global nanosecond clock (%globaltimer; 32 ns
+// steps on Hopper), comparable across blocks and SMs.
+__device__ __forceinline__ unsigned long long globaltimer_ns() {
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

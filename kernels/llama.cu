@@ -875,11 +875,6 @@ __device__ __forceinline__ void dec_merge(bf16* __restrict__ out, const float* _
 // first tile landed, its last tile done) and ATS_B for the block.
 #define ATS_W 4
 #define ATS_B 8 // the block's words: warps merged, end, warp 0's tiles, warp 0 at griddepcontrol.wait (its metadata read, its early tiles issued), after the merge's first barrier, after its second, warp 0's metadata chain done (its pages loaded), unused
-__device__ __forceinline__ unsigned long long ats_now() {
-    unsigned long long t;
-    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-    return t;
-}
 #endif
 // DEC_MERGE4 (default 1): attn_decode merges its warps four outputs a
 // thread after one thread a head works out the warp weights; 0: one output a
@@ -944,7 +939,7 @@ __device__ __forceinline__ void attn_decode_body(
     // tile's cache rows runs under the kernel before (rope_store, which
     // writes q and the newest K/V row: nothing of them is read before it).
 #ifdef PEFTD_ATTN_TS
-    unsigned long long ts_entry = ats_now(), ts_wait = 0, ts_first = 0;
+    unsigned long long ts_entry = globaltimer_ns(), ts_wait = 0, ts_first = 0;
     unsigned long long* ats = reinterpret_cast<unsigned long long*>(part) +
                               ((i64)(blockIdx.z * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x) * (ATS_W * W + ATS_B);
 #endif
@@ -988,7 +983,7 @@ __device__ __forceinline__ void attn_decode_body(
     }
 #ifdef PEFTD_ATTN_TS
     asm volatile("" ::"r"(slot), "r"(next)); // the chain's last loads (the pages) have landed
-    const unsigned long long ts_meta = ats_now();
+    const unsigned long long ts_meta = globaltimer_ns();
 #endif
     const unsigned wbase = (unsigned)__cvta_generic_to_shared(dsm) + warp * D::WARP_B;
     auto issue = [&](int k) {
@@ -1033,11 +1028,11 @@ __device__ __forceinline__ void attn_decode_body(
         }
     }
 #ifdef PEFTD_ATTN_TS
-    const unsigned long long ts_pre = ats_now();
+    const unsigned long long ts_pre = globaltimer_ns();
 #endif
     pdl_entry();
 #ifdef PEFTD_ATTN_TS
-    ts_wait = ats_now();
+    ts_wait = globaltimer_ns();
 #endif
     if (nk > 0) {
         unsigned qa[HD / 16][2];                // A fragments of Q (rows: the query heads)
@@ -1092,7 +1087,7 @@ __device__ __forceinline__ void attn_decode_body(
             cp_async_wait<D::ST - 1>();
             __syncwarp(); // every lane's copies of tile k have landed
 #ifdef PEFTD_ATTN_TS
-            if (k == 0) ts_first = ats_now();
+            if (k == 0) ts_first = globaltimer_ns();
 #endif
             const unsigned kb = D::kt(wbase, k), vb = D::vt(wbase, k);
             float ksc[2][2] = {{1.f, 1.f}, {1.f, 1.f}}; // the scales of this lane's S columns
@@ -1207,7 +1202,7 @@ __device__ __forceinline__ void attn_decode_body(
         ats[ATS_W * warp] = ts_entry;
         ats[ATS_W * warp + 1] = ts_wait;
         ats[ATS_W * warp + 2] = ts_first;
-        ats[ATS_W * warp + 3] = ats_now();
+        ats[ATS_W * warp + 3] = globaltimer_ns();
     }
 #endif
     // merge the warps: wo[(warp*G + g)*HD + d], wm/wl[warp*G + g]
@@ -1223,7 +1218,7 @@ __device__ __forceinline__ void attn_decode_body(
     float* hL = hM + 8;                 // (runtime/gpu decMergeFloats: the whole area)
     __syncthreads(); // the stage buffers become the merge area
 #ifdef PEFTD_ATTN_TS
-    if (ats_on && tid == 0) ats[ATS_W * W + 4] = ats_now();
+    if (ats_on && tid == 0) ats[ATS_W * W + 4] = globaltimer_ns();
 #endif
     if (g < G) {
 #pragma unroll
@@ -1238,7 +1233,7 @@ __device__ __forceinline__ void attn_decode_body(
     }
     __syncthreads();
 #ifdef PEFTD_ATTN_TS
-    if (ats_on && tid == 0) ats[ATS_W * W + 5] = ats_now();
+    if (ats_on && tid == 0) ats[ATS_W * W + 5] = globaltimer_ns();
 #endif
 #if DEC_MERGE4
     // each head's max, warp weights and denominator once (G threads), then
@@ -1340,7 +1335,7 @@ __device__ __forceinline__ void attn_decode_body(
 #endif
 #ifdef PEFTD_ATTN_TS
     if (ats_on && tid == 0) {
-        ats[ATS_W * W] = ats_now();
+        ats[ATS_W * W] = globaltimer_ns();
         ats[ATS_W * W + 2] = nk;
         ats[ATS_W * W + 3] = ts_pre;
         ats[ATS_W * W + 6] = ts_meta;
@@ -1348,14 +1343,14 @@ __device__ __forceinline__ void attn_decode_body(
 #endif
     if (nsplit == 1) {
 #ifdef PEFTD_ATTN_TS
-        if (tid == 0) ats[ATS_W * W + 1] = ats_now();
+        if (tid == 0) ats[ATS_W * W + 1] = globaltimer_ns();
 #endif
         return;
     }
     if (clu) {
         dec_cluster_merge<HD, 32 * W>(out, cA, cM, cL, G, nsplit, heads, kh, row, tid);
 #ifdef PEFTD_ATTN_TS
-        if (tid == 0) ats[ATS_W * W + 1] = ats_now();
+        if (tid == 0) ats[ATS_W * W + 1] = globaltimer_ns();
 #endif
         return;
     }
