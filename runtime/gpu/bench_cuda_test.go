@@ -916,9 +916,9 @@ func TestDecodeBench(t *testing.T) {
 // (a block's warp phases: warp 0's entry and wait, the warps' median first
 // tile, their latest last tile).
 func attnTimestamps(t *testing.T, gb *Backend, B int, lbl string) {
-	const atsW = 4
+	const atsW, atsB = 4, 8 // llama.cu's ATS_W and ATS_B
 	split, warps := gb.decSplitFor(B), gb.decVariantFor(B).warps()
-	blocks, words := B*gb.kv.KVHeads*split, atsW*warps+8
+	blocks, words := B*gb.kv.KVHeads*split, atsW*warps+atsB
 	if gb.part == nil || blocks*words*8 > gb.part.Size() {
 		bench("decode attnts %d %s: no room for %d blocks' timestamps", B, lbl, blocks)
 		return
