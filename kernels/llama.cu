@@ -1416,6 +1416,15 @@ extern "C" __global__ void __launch_bounds__(32 * DEC_WARPS2) attn_decode2_d32(A
 extern "C" __global__ void __launch_bounds__(32 * DEC_WARPS2) attn_decode2_d64(ATTN_DECODE_ARGS) { attn_decode_body<64, false, DEC_WARPS2>(ATTN_DECODE_PASS); }
 extern "C" __global__ void __launch_bounds__(32 * DEC_WARPS2) attn_decode2_d128(ATTN_DECODE_ARGS) { attn_decode_body<128, false, DEC_WARPS2>(ATTN_DECODE_PASS); }
 extern "C" __global__ void __launch_bounds__(32 * DEC_WARPS2) attn_decode2_d256(ATTN_DECODE_ARGS) { attn_decode_body<256, false, DEC_WARPS2>(ATTN_DECODE_PASS); }
+// attn_decode_w8_d*: the same with 8 warps a block (DEC_WARPS8; bf16 keys,
+// head_dim up to 128: 192 KB there, one block an SM). Steps whose (sequence,
+// KV head) pairs fit one wave of them run unsplit: no cluster merge, and as
+// many tiles in flight as 4-warp blocks split two ways (runtime/gpu
+// decVariantFor).
+#define DEC_WARPS8 8
+extern "C" __global__ void __launch_bounds__(32 * DEC_WARPS8) attn_decode_w8_d32(ATTN_DECODE_ARGS) { attn_decode_body<32, false, DEC_WARPS8>(ATTN_DECODE_PASS); }
+extern "C" __global__ void __launch_bounds__(32 * DEC_WARPS8) attn_decode_w8_d64(ATTN_DECODE_ARGS) { attn_decode_body<64, false, DEC_WARPS8>(ATTN_DECODE_PASS); }
+extern "C" __global__ void __launch_bounds__(32 * DEC_WARPS8) attn_decode_w8_d128(ATTN_DECODE_ARGS) { attn_decode_body<128, false, DEC_WARPS8>(ATTN_DECODE_PASS); }
 // attn_decode8_d*: the same over an FP8 key cache (kc: e4m3 values; ks: one
 // float32 scale per cache slot and KV head).
 extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode8_d32(ATTN_DECODE_ARGS) { attn_decode_body<32, true, DEC_WARPS>(ATTN_DECODE_PASS); }

@@ -228,14 +228,15 @@ func attentionCase(t *testing.T, sh attnShape, k8 bool) {
 	// must give the same bits. A third time with the splits as thread-block
 	// clusters (opts 7, the default; on sm_90 and later): fewer splits, so
 	// the sums differ in their last bits. With bf16 keys, a fourth time
-	// with attn_decode2 (2 warps a block: kernelForce.decVar) and a fifth
-	// with attn_decode (whatever decVariantFor chooses for this step).
+	// with attn_decode2 (2 warps a block: kernelForce.decVar), a fifth with
+	// attn_decode_w8 (8 warps, where it fits the head dimension) and a sixth
+	// with attn_decode (4 warps).
 	var first []float32
 	for i, run := range []struct {
 		v0   bool
 		opts int
 		dv   int // 1 + a decVariant
-	}{{false, -1, 0}, {false, 3, 0}, {false, 7, 0}, {false, 0, 1 + int(decV2)}, {false, 0, 1 + int(decV4)}, {true, 0, 0}} {
+	}{{false, -1, 0}, {false, 3, 0}, {false, 7, 0}, {false, 0, 1 + int(decV2)}, {false, 0, 1 + int(decV8)}, {false, 0, 1 + int(decV4)}, {true, 0, 0}} {
 		v0 := run.v0
 		if run.dv != 0 && k8 {
 			continue
@@ -286,7 +287,7 @@ func attentionCase(t *testing.T, sh attnShape, k8 bool) {
 			}
 		case 2:
 			name += fmt.Sprintf(", decOpts 7 (clusters: %v, split %d)", r.b.decCluster(), r.b.decSplit)
-		case 3, 4:
+		case 3, 4, 5:
 			name += fmt.Sprintf(", %d warps a block and %d stages (%d resident, split %d)", r.b.decV.warps(), decStages(hd), r.b.decResident[r.b.decV], r.b.decSplit)
 		}
 		if v0 {
@@ -329,6 +330,9 @@ func attentionCase(t *testing.T, sh attnShape, k8 bool) {
 		fs = append(fs, r.b.decodeKernel(hd, decV4))
 		if !r.b.kv8 {
 			fs = append(fs, r.b.decodeKernel(hd, decV2))
+			if r.b.decW8Fit[headIndex(hd)] {
+				fs = append(fs, r.b.decodeKernel(hd, decV8))
+			}
 		}
 	}
 	if r.b.preOK {

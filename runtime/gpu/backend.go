@@ -177,6 +177,7 @@ type funcs struct {
 	attnDecode                                                                                             [4]*cuda.Function // attn_decode_d32, d64, d128, d256
 	attnDecode8                                                                                            [4]*cuda.Function // attn_decode8_d*: FP8 keys
 	attnDecode2                                                                                            [4]*cuda.Function // attn_decode2_d*: 2 warps a block (decV2)
+	attnDecodeW8                                                                                           [3]*cuda.Function // attn_decode_w8_d32, d64, d128: 8 warps a block (decV8)
 	attnPrefill                                                                                            [3]*cuda.Function // attn_prefill_d32, d64, d128
 	attnPrefill8                                                                                           [3]*cuda.Function // attn_prefill8_d*: FP8 keys
 	sgExpandTC                                                                                             [3]*cuda.Function // sgmv_expand_tc1, tc2, tc4
@@ -321,6 +322,7 @@ type Backend struct {
 	// the attn_decode and attn_prefill variants (head_dim 32 << i) whose
 	// shared memory fits a block on this card
 	decFit           [4]bool
+	decW8Fit         [4]bool // attn_decode_w8 runs at this head dimension (w8Fits)
 	preFit           [3]bool
 	pdl              bool      // the compute stream launches kernels programmatically (Options.NoPDL)
 	ropeLoRALaunches int       // rope_store_lora launches recorded or run (lora_rope.go; tests)
@@ -568,6 +570,7 @@ func (b *Backend) open(opts Options) error {
 		{&b.fn.attnDecode8[2], "attn_decode8_d128"}, {&b.fn.attnDecode8[3], "attn_decode8_d256"},
 		{&b.fn.attnDecode2[0], "attn_decode2_d32"}, {&b.fn.attnDecode2[1], "attn_decode2_d64"},
 		{&b.fn.attnDecode2[2], "attn_decode2_d128"}, {&b.fn.attnDecode2[3], "attn_decode2_d256"},
+		{&b.fn.attnDecodeW8[0], "attn_decode_w8_d32"}, {&b.fn.attnDecodeW8[1], "attn_decode_w8_d64"}, {&b.fn.attnDecodeW8[2], "attn_decode_w8_d128"},
 		{&b.fn.attnPrefill[0], "attn_prefill_d32"}, {&b.fn.attnPrefill[1], "attn_prefill_d64"}, {&b.fn.attnPrefill[2], "attn_prefill_d128"},
 		{&b.fn.attnPrefill8[0], "attn_prefill8_d32"}, {&b.fn.attnPrefill8[1], "attn_prefill8_d64"}, {&b.fn.attnPrefill8[2], "attn_prefill8_d128"},
 		{&b.fn.addBias, "add_bias"}, {&b.fn.headRMSNorm, "head_rmsnorm"}, {&b.fn.addDelta, "add_delta"}, {&b.fn.fillRows, "fill_rows"},
@@ -582,6 +585,7 @@ func (b *Backend) open(opts Options) error {
 	// this card (99 KB on sm_86/sm_89: attn_decode_d256) is left out; Init
 	// sends that head size to the per-row kernel.
 	b.decFit, b.preFit = attnFits(limit, b.kv8)
+	b.decW8Fit = w8Fits(limit, b.kv8)
 	dec, pre := b.fn.attnDecode[:], b.fn.attnPrefill[:]
 	if b.kv8 {
 		dec, pre = b.fn.attnDecode8[:], b.fn.attnPrefill8[:]
@@ -598,6 +602,11 @@ func (b *Backend) open(opts Options) error {
 		}
 		if err := b.fn.attnDecode2[i].SetMaxDynamicShared(decShared(32<<i, false, decV2)); err != nil {
 			return err
+		}
+		if b.decW8Fit[i] {
+			if err := b.fn.attnDecodeW8[i].SetMaxDynamicShared(decShared(32<<i, false, decV8)); err != nil {
+				return err
+			}
 		}
 	}
 	for i, f := range pre {
@@ -632,6 +641,16 @@ func attnFits(maxShared int, k8 bool) (dec [4]bool, pre [3]bool) {
 	return dec, pre
 }
 
+// w8Fits reports, per head dimension (32, 64, 128, 256), whether
+// attn_decode_w8 exists for it (up to 128) and its shared memory fits a
+// block of maxShared bytes; never with FP8 keys.
+func w8Fits(maxShared int, k8 bool) (fit [4]bool) {
+	for i := range len(fit) - 1 {
+		fit[i] = !k8 && decShared(32<<i, false, decV8) <= maxShared
+	}
+	return fit
+}
+
 // headIndex is the variant index of head_dim hd in 32, 64, 128, 256.
 func headIndex(hd int) int {
 	i := 0
@@ -655,6 +674,9 @@ func (b *Backend) sizeDecode() error {
 	for v := range decVariants {
 		if v != decV4 && b.kv8 {
 			break // FP8 keys have one variant
+		}
+		if v == decV8 && (b.kv8 || !b.decW8Fit[headIndex(b.kv.HeadDim)]) {
+			continue
 		}
 		per, err := b.decodeKernel(b.kv.HeadDim, v).BlocksPerSM(32*v.warps(), decShared(b.kv.HeadDim, b.kv8, v))
 		if err != nil {

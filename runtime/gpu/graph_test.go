@@ -136,25 +136,47 @@ func TestKVSplitFor(t *testing.T) {
 }
 
 // TestDecVariantFor: attn_decode2 (2 warps) from decWarps2MinRows rows with
-// bf16 keys, attn_decode (4) below and with FP8 keys; kernelForce.decVar
-// overrides the rows (not the FP8 keys' one variant).
+// bf16 keys; attn_decode_w8 (8) from decWarps8MinRows rows while the
+// (sequence, KV head) pairs fit its resident blocks, where it fits the head
+// dimension; attn_decode (4) otherwise and with FP8 keys; kernelForce.decVar
+// overrides the rows (not the FP8 keys' one variant, nor w8 where it does
+// not fit).
 func TestDecVariantFor(t *testing.T) {
 	for _, c := range []struct {
-		kv8      bool
+		kv8, w8  bool
 		force, n int
 		want     decVariant
 	}{
-		{false, 0, 1, decV4}, {false, 0, 16, decV4}, {false, 0, decWarps2MinRows - 1, decV4},
-		{false, 0, decWarps2MinRows, decV2}, {false, 0, 256, decV2},
-		{false, 1 + int(decV4), 256, decV4}, {false, 1 + int(decV2), 1, decV2},
-		{false, 1 + int(decVariants), 16, decV4}, // out of range: the rows decide
-		{true, 0, 256, decV4}, {true, 1 + int(decV2), 1, decV4},
+		{false, true, 0, 1, decV4}, {false, true, 0, 2, decV8}, {false, true, 0, 16, decV8}, {false, true, 0, 17, decV4},
+		{false, false, 0, 16, decV4}, {false, true, 0, decWarps2MinRows - 1, decV4},
+		{false, true, 0, decWarps2MinRows, decV2}, {false, true, 0, 256, decV2},
+		{false, true, 1 + int(decV4), 256, decV4}, {false, true, 1 + int(decV2), 1, decV2},
+		{false, true, 1 + int(decV8), 64, decV8}, {false, false, 1 + int(decV8), 1, decV4},
+		{false, true, 1 + int(decVariants), 16, decV8}, // out of range: the rows decide
+		{true, true, 0, 256, decV4}, {true, true, 1 + int(decV2), 1, decV4}, {true, true, 0, 16, decV4},
 	} {
 		b := &Backend{kv8: c.kv8}
+		b.kv.HeadDim, b.kv.KVHeads = 128, 8
+		b.decW8Fit[2] = c.w8
+		b.decResident = [decVariants]int{264, 528, 132}
 		b.force.decVar = c.force
 		if got := b.decVariantFor(c.n); got != c.want {
-			t.Errorf("kv8 %v, force %d, %d rows: %v, want %v", c.kv8, c.force, c.n, got, c.want)
+			t.Errorf("kv8 %v, w8 %v, force %d, %d rows: %v, want %v", c.kv8, c.w8, c.force, c.n, got, c.want)
 		}
+	}
+}
+
+// TestW8Fits: attn_decode_w8 exists up to head_dim 128 and needs 192 KB
+// there; never with FP8 keys.
+func TestW8Fits(t *testing.T) {
+	if got, want := w8Fits(227<<10, false), [4]bool{true, true, true, false}; got != want {
+		t.Errorf("227 KB: %v, want %v", got, want)
+	}
+	if got, want := w8Fits(99<<10, false), [4]bool{true, true, false, false}; got != want {
+		t.Errorf("99 KB: %v, want %v", got, want)
+	}
+	if got := w8Fits(227<<10, true); got != [4]bool{} {
+		t.Errorf("FP8 keys: %v", got)
 	}
 }
 
@@ -171,7 +193,7 @@ func TestDecShared(t *testing.T) {
 		want int
 	}{
 		{128, false, decV4, 96 << 10}, {128, false, decV2, 48 << 10}, {256, false, decV4, 128 << 10},
-		{256, false, decV2, 64 << 10}, {64, false, decV4, 48 << 10},
+		{256, false, decV2, 64 << 10}, {64, false, decV4, 48 << 10}, {128, false, decV8, 192 << 10}, {64, false, decV8, 96 << 10},
 		{128, true, decV4, 4 * (3*6208 + 4096)},
 		{64, true, decV4, 4 * (3*(2048+1024+64) + 2048)},
 		{256, true, decV4, 4 * (2*(8192+4096+64) + 8192)},

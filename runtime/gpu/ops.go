@@ -549,6 +549,8 @@ func (b *Backend) decodeKernel(hd int, v decVariant) *cuda.Function {
 		return b.fn.attnDecode8[i]
 	case v == decV2:
 		return b.fn.attnDecode2[i]
+	case v == decV8 && b.decW8Fit[i]:
+		return b.fn.attnDecodeW8[i]
 	}
 	return b.fn.attnDecode[i]
 }
@@ -564,21 +566,20 @@ type decVariant int
 const (
 	decV4       decVariant = iota // attn_decode_d*: 4 warps
 	decV2                         // attn_decode2_d*: 2 warps (a third of the shared memory: twice the blocks an SM)
+	decV8                         // attn_decode_w8_d*: 8 warps (head_dim <= 128: one block an SM)
 	decVariants                   // how many
 )
 
-// String names the variant in TestDecodeBench's rows: w4, w2.
-func (v decVariant) String() string {
-	if v == decV2 {
-		return "w2"
-	}
-	return "w4"
-}
+// String names the variant in TestDecodeBench's rows: w4, w2, w8.
+func (v decVariant) String() string { return fmt.Sprintf("w%d", v.warps()) }
 
 // warps is the variant's warps a block.
 func (v decVariant) warps() int {
-	if v == decV2 {
+	switch v {
+	case decV2:
 		return 2
+	case decV8:
+		return 8
 	}
 	return 4
 }
@@ -601,17 +602,30 @@ func decStages(hd int) int {
 // there, and each block's pipeline is longer with 2).
 const decWarps2MinRows = 64
 
+// decWarps8MinRows: decode steps of this many rows or more whose
+// (sequence, KV head) pairs fit one wave of attn_decode_w8 (one block an
+// SM) run it unsplit, where attn_decode would split each pair two ways and
+// merge the halves as a cluster.
+const decWarps8MinRows = 2
+
 // decVariantFor is attn_decode's variant for a decode step (or graph
 // bucket) of n rows: kernelForce.decVar's, else decV2 from decWarps2MinRows
-// rows, else decV4 (FP8 keys: always their one).
+// rows, decV8 from decWarps8MinRows rows while their pairs fit one wave of
+// it, else decV4 (FP8 keys: always their one; decV8 only where w8Fits).
 func (b *Backend) decVariantFor(n int) decVariant {
+	w8 := false
+	if i := headIndex(b.kv.HeadDim); i < len(b.decW8Fit) {
+		w8 = b.decW8Fit[i]
+	}
 	switch f := b.force.decVar; {
 	case b.kv8:
 		return decV4
-	case f > 0 && f <= int(decVariants):
+	case f > 0 && f <= int(decVariants) && (decVariant(f-1) != decV8 || w8):
 		return decVariant(f - 1)
 	case n >= decWarps2MinRows:
 		return decV2
+	case w8 && n >= decWarps8MinRows && n*b.kv.KVHeads <= b.decResident[decV8]:
+		return decV8
 	}
 	return decV4
 }
