@@ -147,7 +147,7 @@ func TestDecVariantFor(t *testing.T) {
 		force, n int
 		want     decVariant
 	}{
-		{false, true, 0, 1, decV4}, {false, true, 0, 2, decV8}, {false, true, 0, 16, decV8}, {false, true, 0, 17, decV4},
+		{false, true, 0, 1, decV4}, {false, true, 0, decWarps8MinRows - 1, decV4}, {false, true, 0, decWarps8MinRows, decV8}, {false, true, 0, 16, decV8}, {false, true, 0, 17, decV4},
 		{false, false, 0, 16, decV4}, {false, true, 0, decWarps2MinRows - 1, decV4},
 		{false, true, 0, decWarps2MinRows, decV2}, {false, true, 0, 256, decV2},
 		{false, true, 1 + int(decV4), 256, decV4}, {false, true, 1 + int(decV2), 1, decV2},

@@ -604,9 +604,13 @@ const decWarps2MinRows = 64
 
 // decWarps8MinRows: decode steps of this many rows or more whose
 // (sequence, KV head) pairs fit one wave of attn_decode_w8 (one block an
-// SM) run it unsplit, where attn_decode would split each pair two ways and
-// merge the halves as a cluster.
-const decWarps8MinRows = 2
+// SM; 4-16 rows at 8B shapes on an H200) run it: at 16 rows unsplit, where
+// attn_decode splits each pair two ways and merges the halves as a
+// cluster. TestDecodeBench, H200, 8B shapes, one call (v0.48), device ms
+// w8 vs w4: 16 rows 4.66 vs 4.73 (four rank-32 adapters 5.04 vs 5.10), 8
+// rows 4.45 vs 4.60 (4.79 vs 4.94), 4 rows 4.43 vs 4.46; 2 rows 4.32 vs
+// 4.23 (8 splits of 8 warps: under one tile a warp), so not below 4.
+const decWarps8MinRows = 4
 
 // decVariantFor is attn_decode's variant for a decode step (or graph
 // bucket) of n rows: kernelForce.decVar's, else decV2 from decWarps2MinRows
