@@ -50,14 +50,14 @@ func (t DataType) String() string {
 }
 
 const (
-	cublasCompute32F              = 68
-	descTransA                    = 3 // CUBLASLT_MATMUL_DESC_TRANSA
-	descTransB                    = 4
-	descSMCountTarget             = 15 // CUBLASLT_MATMUL_DESC_SM_COUNT_TARGET, int32
-	prefMaxWorkspaceBytes         = 1  // CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES
-	prefReductionSchemeMask       = 3  // CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK
-	opN, opT                int32 = 0, 1
-	heuristicResultSize           = 96 // sizeof(cublasLtMatmulHeuristicResult_t)
+	cublasCompute32F            = 68
+	descTransA                  = 3 // CUBLASLT_MATMUL_DESC_TRANSA
+	descTransB                  = 4
+	descSMCountTarget           = 15 // CUBLASLT_MATMUL_DESC_SM_COUNT_TARGET, int32
+	prefMaxWorkspaceBytes       = 1  // CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES
+	prefReductionSchemeMask     = 3  // CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK
+	opN, opT              int32 = 0, 1
+	heuristicResultSize         = 96 // sizeof(cublasLtMatmulHeuristicResult_t)
 )
 
 type cublasLtLib struct {
