@@ -2,17 +2,9 @@ package cuda
 
 import (
 	"fmt"
-	"os"
 	"runtime"
-	"strconv"
 	"unsafe"
 )
-
-// ReductionMaskEnv (an experiment knob) restricts every product's
-// algorithm to the cuBLASLt split-K reduction schemes of its mask
-// (CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK: 1 in place, 2 and 4 a
-// separate reduce kernel; 0 no split-K); unset: every scheme.
-const ReductionMaskEnv = "PEFTD_BLAS_REDUCTION_MASK"
 
 // DataType is a cudaDataType.
 type DataType int32
@@ -55,7 +47,6 @@ const (
 	descTransB                  = 4
 	descSMCountTarget           = 15 // CUBLASLT_MATMUL_DESC_SM_COUNT_TARGET, int32
 	prefMaxWorkspaceBytes       = 1  // CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES
-	prefReductionSchemeMask     = 3  // CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK
 	opN, opT              int32 = 0, 1
 	heuristicResultSize         = 96 // sizeof(cublasLtMatmulHeuristicResult_t)
 )
@@ -189,20 +180,8 @@ func (c *Context) NewMatmul(wsBytes int) (*Matmul, error) {
 			return err
 		}
 		ws := uint64(wsBytes)
-		if err := checkBLAS("cublasLtMatmulPreferenceSetAttribute",
-			blas.cublasLtMatmulPreferenceSetAttribute(m.pref, prefMaxWorkspaceBytes, unsafe.Pointer(&ws), 8)); err != nil {
-			return err
-		}
-		if v, ok := os.LookupEnv(ReductionMaskEnv); ok {
-			n, err := strconv.ParseUint(v, 0, 32)
-			if err != nil || n > 7 {
-				return fmt.Errorf("%w: %s=%q: want a cublasLtReductionScheme_t mask (0-7)", ErrInvalidValue, ReductionMaskEnv, v)
-			}
-			mask := uint32(n)
-			return checkBLAS("cublasLtMatmulPreferenceSetAttribute",
-				blas.cublasLtMatmulPreferenceSetAttribute(m.pref, prefReductionSchemeMask, unsafe.Pointer(&mask), 4))
-		}
-		return nil
+		return checkBLAS("cublasLtMatmulPreferenceSetAttribute",
+			blas.cublasLtMatmulPreferenceSetAttribute(m.pref, prefMaxWorkspaceBytes, unsafe.Pointer(&ws), 8))
 	})
 	if err != nil {
 		m.Close()
