@@ -118,23 +118,6 @@ type Context struct {
 	args   *paramArena
 	pin    runtime.Pinner
 	closed bool
-	// carveout: SetSharedCarveout's percentage plus one (0: none set)
-	carveout int32
-}
-
-// SetSharedCarveout makes every kernel looked up from now on
-// (Module.Function) prefer percent of each multiprocessor's unified L1 and
-// shared memory as shared memory (CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT:
-// 100 the most shared memory, 0 the most L1). Kernels of different
-// carveouts cannot share a multiprocessor until it drains, so one carveout
-// for every kernel lets a Programmatic Dependent Launch's next kernel start
-// beside the one before it. A negative percent sets none (the driver's
-// choice per kernel).
-func (c *Context) SetSharedCarveout(percent int) {
-	c.carveout = int32(min(percent, 100) + 1)
-	if percent < 0 {
-		c.carveout = 0
-	}
 }
 
 // NewContext initializes the driver and makes device ordinal's primary context

@@ -92,29 +92,7 @@ func (m *Module) Function(name string) (*Function, error) {
 	if err != nil {
 		return nil, fmt.Errorf("kernel %s: %w", name, err)
 	}
-	if p := m.c.carveout; p > 0 {
-		if err := f.setAttribute(preferredSharedMemoryCarveout, p-1); err != nil {
-			return nil, fmt.Errorf("kernel %s: shared memory carveout %d%%: %w", name, p-1, err)
-		}
-	}
 	return f, nil
-}
-
-// CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT
-const (
-	maxDynamicSharedSizeBytes     = 8
-	preferredSharedMemoryCarveout = 9
-)
-
-// setAttribute sets a function attribute of f (of a library's kernel: for
-// every context of the device).
-func (f *Function) setAttribute(attr, v int32) error {
-	return f.c.Do(func() error {
-		if f.k != 0 && drv.lib.kernelSetAttribute != nil {
-			return check("cuKernelSetAttribute", drv.lib.kernelSetAttribute(attr, v, f.k, f.c.handle))
-		}
-		return check("cuFuncSetAttribute", drv.cuFuncSetAttribute(f.f, attr, v))
-	})
 }
 
 // launchable is what a launch names: the kernel of a library (the stream's
@@ -128,7 +106,13 @@ func (f *Function) launchable() cuFunction {
 
 // SetMaxDynamicShared lets launches use up to n bytes of dynamic shared memory.
 func (f *Function) SetMaxDynamicShared(n int) error {
-	return f.setAttribute(maxDynamicSharedSizeBytes, int32(n))
+	const maxDynamicSharedSizeBytes = 8 // CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+	return f.c.Do(func() error {
+		if f.k != 0 && drv.lib.kernelSetAttribute != nil { // for every context of the device
+			return check("cuKernelSetAttribute", drv.lib.kernelSetAttribute(maxDynamicSharedSizeBytes, int32(n), f.k, f.c.handle))
+		}
+		return check("cuFuncSetAttribute", drv.cuFuncSetAttribute(f.f, maxDynamicSharedSizeBytes, int32(n)))
+	})
 }
 
 // Resources reports what the compiled kernel uses per thread: registers and

@@ -9,9 +9,7 @@ package gpu
 
 import (
 	"math"
-	"os"
 	"slices"
-	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -25,9 +23,6 @@ import (
 	"github.com/peftd/peftd/runtime/llama"
 	"github.com/peftd/peftd/runtime/safetensors"
 )
-
-// carveoutEnv overrides Options.SharedCarveout.
-const carveoutEnv = "PEFTD_SMEM_CARVEOUT"
 
 // ErrBadStep marks step metadata the backend refuses (it would index outside its buffers).
 var ErrBadStep = errors.New("gpu: bad step metadata")
@@ -53,11 +48,6 @@ type Options struct {
 	Device         int             // CUDA device ordinal
 	Kernels        kernels.Options // kernel cache and NVRTC options
 	WorkspaceBytes int             // cuBLASLt workspace; default 32 MiB
-	// SharedCarveout (1-100) makes every peftd kernel prefer that percentage
-	// of each multiprocessor's L1 as shared memory (cuda.Context.SetSharedCarveout);
-	// 0: the driver's choice per kernel. The environment's
-	// PEFTD_SMEM_CARVEOUT (0-100, or -1 for the driver's choice) overrides it.
-	SharedCarveout int
 	// WeightFormat is the format of the decoder layers' projection weights:
 	// WeightsBF16 ("" too) or WeightsFP8 (e4m3 with per-output-row scales,
 	// activations quantized per token; see fp8.go).
@@ -468,18 +458,6 @@ func New(opts Options) (*Backend, error) {
 }
 
 func (b *Backend) open(opts Options) error {
-	carve := opts.SharedCarveout
-	if carve <= 0 {
-		carve = -1
-	}
-	if v, ok := os.LookupEnv(carveoutEnv); ok {
-		n, err := strconv.Atoi(v)
-		if err != nil || n > 100 {
-			return fmt.Errorf("gpu: %s=%q: want a percentage (0-100, or -1 for the driver's choice)", carveoutEnv, v)
-		}
-		carve = n
-	}
-	b.ctx.SetSharedCarveout(carve)
 	b.g.off = opts.Eager
 	b.g.recordIdle, b.g.rowsLimit = opts.RecordIdle, opts.GraphRows
 	var err error
