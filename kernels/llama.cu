@@ -913,7 +913,9 @@ __device__ __forceinline__ void dec_merge(bf16* __restrict__ out, const float* _
 // launch. Each sequence's chunk is its context split nsplit ways (at least
 // 32 positions, a multiple of 8; splits past the context are empty), so one
 // recorded launch fits every step. A sequence with no context
-// (padding) gets zeros; a dec_seq entry of -1 none (its blocks exit). q's
+// (padding) gets zeros; a dec entry whose sequence is -1 none (its blocks
+// exit). dec[4 * di] = {its row, its context, the offset of its page ids in
+// pages, its sequence}: one load before the page ids, not two (v0.48). q's
 // rows are ldq values apart. Requires nsplit <= 64.
 //
 // opts (the Backend's attnOpts; bits 0-2 by default on sm_90): bit 0 issues
@@ -926,14 +928,14 @@ __device__ __forceinline__ void dec_merge(bf16* __restrict__ out, const float* _
 template <int HD, bool K8, int W>
 __device__ __forceinline__ void attn_decode_body(
     bf16* __restrict__ out, float* __restrict__ part, int* __restrict__ done, const bf16* __restrict__ q,
-    const bf16* __restrict__ kc, const bf16* __restrict__ vc, const int* __restrict__ dec_seq,
-    const int* __restrict__ seq_info, const int* __restrict__ pages, int heads, int kvh, int bs, float scale, int nsplit,
+    const bf16* __restrict__ kc, const bf16* __restrict__ vc, const int* __restrict__ dec,
+    const int* __restrict__ pages, int heads, int kvh, int bs, float scale, int nsplit,
     int ldq, const float* __restrict__ ks, int opts) {
     typedef DecShape<HD, K8> D;
     extern __shared__ __align__(128) unsigned char dsm[];
     const int di = blockIdx.x, kh = blockIdx.y, sp = blockIdx.z, tid = threadIdx.x;
     const int lane = tid & 31, warp = tid >> 5, g = lane >> 2, tig = lane & 3;
-    // The step's metadata (dec_seq, seq_info, pages) is copied in before
+    // The step's metadata (dec, pages) is copied in before
     // the step's first kernel and written by none, so it is read before
     // griddepcontrol.wait: with PDL the chain of loads up to the first
     // tile's cache rows runs under the kernel before (rope_store, which
@@ -943,12 +945,12 @@ __device__ __forceinline__ void attn_decode_body(
     unsigned long long* ats = reinterpret_cast<unsigned long long*>(part) +
                               ((i64)(blockIdx.z * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x) * (ATS_W * W + ATS_B);
 #endif
-    const int s = dec_seq[di];
-    if (s < 0) { // no sequence (a recording's spare entry)
+    const int4 e = __ldg(reinterpret_cast<const int4*>(dec) + di);
+    if (e.w < 0) { // no sequence (a recording's spare entry)
         pdl_entry();
         return;
     }
-    const int row = seq_info[4 * s], ctx = seq_info[4 * s + 2], poff = seq_info[4 * s + 3];
+    const int row = e.x, ctx = e.y, poff = e.z;
     const int G = heads / kvh, width = kvh * HD;
     const int chunk = max(32, (((ctx + nsplit - 1) / nsplit) + 7) & ~7);
     const int p0 = sp * chunk, p1 = min(ctx, p0 + chunk);
@@ -1399,11 +1401,11 @@ __device__ __forceinline__ void attn_decode_body(
 }
 
 #define ATTN_DECODE_ARGS                                                                                           \
-    bf16 *out, float *part, int *done, const bf16 *q, const bf16 *kc, const bf16 *vc, const int *dec_seq,        \
-        const int *seq_info, const int *pages, int heads, int kvh, int bs, float scale, int nsplit, int ldq, const float *ks, \
+    bf16 *out, float *part, int *done, const bf16 *q, const bf16 *kc, const bf16 *vc, const int *dec,            \
+        const int *pages, int heads, int kvh, int bs, float scale, int nsplit, int ldq, const float *ks, \
         int opts
 #define ATTN_DECODE_PASS \
-    out, part, done, q, kc, vc, dec_seq, seq_info, pages, heads, kvh, bs, scale, nsplit, ldq, ks, opts
+    out, part, done, q, kc, vc, dec, pages, heads, kvh, bs, scale, nsplit, ldq, ks, opts
 extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode_d32(ATTN_DECODE_ARGS) { attn_decode_body<32, false, DEC_WARPS>(ATTN_DECODE_PASS); }
 extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode_d64(ATTN_DECODE_ARGS) { attn_decode_body<64, false, DEC_WARPS>(ATTN_DECODE_PASS); }
 extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode_d128(ATTN_DECODE_ARGS) { attn_decode_body<128, false, DEC_WARPS>(ATTN_DECODE_PASS); }

@@ -202,8 +202,8 @@ func (b *Backend) initGraphs(maxContext int) error {
 	o.loraSlots = 9 * M
 	o.rowLora = o.loraSlots // per row here: loraRows[i] = i
 	o.logitRows = 10 * M
-	o.decSeqs = 11 * M
-	o.tiles = (12*M + 3) &^ 3
+	o.decSeqs = (11*M + 3) &^ 3 // int4 aligned: decEntry's four words a row
+	o.tiles = o.decSeqs + 4*M
 	o.preTiles = o.tiles + 4*tilesCap(M, b.g.slots)
 	o.pages = o.preTiles + 4*preTilesCap(M)
 	o.preRows = o.pages // the per-row kernel never runs in a recording
@@ -609,8 +609,7 @@ func (b *Backend) fillGraphMeta(meta *engine.StepMeta, n, rank int, mixed bool) 
 		h[o.seqInfo+4*si], h[o.seqInfo+4*si+1], h[o.seqInfo+4*si+2], h[o.seqInfo+4*si+3] = int32(s.Start), int32(s.Len), int32(s.Context), int32(p-o.pages)
 		p += copy(h[p:], s.Blocks)
 		if s.Len == 1 {
-			h[d] = int32(si)
-			d++
+			d = decEntry(h, d, o, si)
 		}
 	}
 	for i := range T {
@@ -622,11 +621,10 @@ func (b *Backend) fillGraphMeta(meta *engine.StepMeta, n, rank int, mixed bool) 
 		si := S + i - T
 		h[o.rowSeq+i] = int32(si)
 		h[o.seqInfo+4*si], h[o.seqInfo+4*si+1], h[o.seqInfo+4*si+2], h[o.seqInfo+4*si+3] = int32(i), 1, 0, 0
-		h[d] = int32(si)
-		d++
+		d = decEntry(h, d, o, si)
 	}
-	for ; d < o.decSeqs+n; d++ {
-		h[d] = -1 // no sequence: the blocks exit
+	for ; d < o.decSeqs+4*n; d += 4 {
+		h[d], h[d+1], h[d+2], h[d+3] = 0, 0, 0, -1 // no sequence: the blocks exit
 	}
 	nPreTiles := 0
 	if mixed {

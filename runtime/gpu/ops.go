@@ -488,7 +488,7 @@ func (b *Backend) Attention(out, q, k, v engine.Buffer, layer int, scale float32
 	if cluster {
 		opts |= decOptCluster
 	}
-	args := []any{ptr(o), part, b.attnDone, ptr(qb), kc, vc, b.i32(b.off.decSeqs), b.i32(b.off.seqInfo), b.i32(b.off.pages),
+	args := []any{ptr(o), part, b.attnDone, ptr(qb), kc, vc, b.i32(b.off.decSeqs), b.i32(b.off.pages),
 		c.Heads, b.kv.KVHeads, b.kv.BlockSize, scale, b.decSplit, qb.ld, ks, opts}
 	if cluster {
 		b.fail(b.decodeKernel(hd, dv).LaunchCluster(b.s, grid, block, cuda.Dim3{X: 1, Y: 1, Z: b.decSplit}, decShared(hd, b.kv8, dv), args...))

@@ -125,7 +125,7 @@ func (b *Backend) Begin(meta *engine.StepMeta) error {
 			}
 		}
 	}
-	o.preRows = o.decSeqs + nDec
+	o.preRows = o.decSeqs + 4*nDec // decEntry's four words each
 	nPre := T
 	if nDec > 0 {
 		nPre = T - nDec
@@ -214,8 +214,7 @@ func (b *Backend) Begin(meta *engine.StepMeta) error {
 		d, p := o.decSeqs, o.preRows
 		for si, s := range meta.Seqs {
 			if s.Len == 1 {
-				h[d] = int32(si)
-				d++
+				d = decEntry(h, d, o, si)
 			} else {
 				for r := s.Start; r < s.Start+s.Len; r++ {
 					h[p] = int32(r)
@@ -330,4 +329,14 @@ func (b *Backend) check(cond bool, format string, args ...any) bool {
 		b.fail(fmt.Errorf("gpu: "+format, args...))
 	}
 	return cond
+}
+
+// decEntry writes attn_decode's entry for decode sequence si at h[d:d+4]
+// (its row, its context, the offset of its page ids in the pages array, si:
+// llama.cu's dec, read in one load) from the sequence's seqInfo words,
+// already written, and returns the next entry's offset.
+func decEntry(h []int32, d int, o metaOffsets, si int) int {
+	s := h[o.seqInfo+4*si : o.seqInfo+4*si+4]
+	h[d], h[d+1], h[d+2], h[d+3] = s[0], s[2], s[3], int32(si)
+	return d + 4
 }
