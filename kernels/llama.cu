@@ -874,7 +874,7 @@ __device__ __forceinline__ void dec_merge(bf16* __restrict__ out, const float* _
 // per block, ATS_W words a warp (entry, after griddepcontrol.wait, its
 // first tile landed, its last tile done) and ATS_B for the block.
 #define ATS_W 4
-#define ATS_B 8 // the block's words: warps merged, end, warp 0's tiles, warp 0 at griddepcontrol.wait (its metadata read, its early tiles issued), after the merge's first barrier, after its second, warp 0's metadata chain done (its pages loaded), unused
+#define ATS_B 8 // the block's words: warps merged, end, warp 0's tiles, warp 0 at griddepcontrol.wait (its metadata read, its early tiles issued), after the merge's first barrier, after its second, warp 0's metadata chain done (its pages loaded), the SM it ran on (%smid)
 #endif
 // DEC_MERGE4 (default 1): attn_decode merges its warps four outputs a
 // thread after one thread a head works out the warp weights; 0: one output a
@@ -1341,6 +1341,9 @@ __device__ __forceinline__ void attn_decode_body(
         ats[ATS_W * W + 2] = nk;
         ats[ATS_W * W + 3] = ts_pre;
         ats[ATS_W * W + 6] = ts_meta;
+        unsigned smid;
+        asm volatile("mov.u32 %0, %%smid;" : "=r"(smid));
+        ats[ATS_W * W + 7] = smid;
     }
 #endif
     if (nsplit == 1) {

@@ -3,9 +3,11 @@
 package gpu
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"math"
 	"math/rand/v2"
 	"os"
@@ -911,10 +913,11 @@ func TestDecodeBench(t *testing.T) {
 // landed / last tile done, then ATS_B = 8: warps merged / end / warp 0's
 // tiles / warp 0 at griddepcontrol.wait (after the step's metadata and the
 // early tiles' copies) / the merge's first barrier passed / its second /
-// warp 0's metadata chain done (its first pages loaded) / unused), in µs
-// from the earliest block's entry: median, p90 and max over the blocks
-// (a block's warp phases: warp 0's entry and wait, the warps' median first
-// tile, their latest last tile).
+// warp 0's metadata chain done (its first pages loaded) / the SM it ran on),
+// in µs from the earliest block's entry: median, p90 and max over the
+// blocks (a block's warp phases: warp 0's entry and wait, the warps' median
+// first tile, their latest last tile). A second line says where the late
+// blocks were (attnStragglers).
 func attnTimestamps(t *testing.T, gb *Backend, B int, lbl string) {
 	const atsW, atsB = 4, 8 // llama.cu's ATS_W and ATS_B
 	split, warps := gb.decSplitFor(B), gb.decVariantFor(B).warps()
@@ -963,6 +966,54 @@ func attnTimestamps(t *testing.T, gb *Backend, B int, lbl string) {
 		line += fmt.Sprintf("  %s %.2f/%.2f/%.2f", n, median(c), c[len(c)*9/10], c[len(c)-1])
 	}
 	bench("%s", line)
+	sms := make([]int, blocks)
+	for i := range blocks {
+		sms[i] = int(h[i*words+atsW*warps+7])
+	}
+	bench("decode attnts %d %-10s late: %s", B, lbl, attnStragglers(cols[0], cols[4], cols[5], sms, B, gb.kv.KVHeads))
+}
+
+// attnStragglers says where attn_decode's late blocks ran: the median last
+// tile (µs) of the blocks on SMs holding k of them, of each KV head's
+// blocks, and the eight latest blocks (decode entry, KV head, SM, blocks
+// on that SM; entry, first and last tile). Blocks are numbered as the grid
+// (entry fastest, then KV head, then split).
+func attnStragglers(entry, first, last []float32, sms []int, B, kvh int) string {
+	perSM := map[int]int{}
+	for _, s := range sms {
+		perSM[s]++
+	}
+	byLoad, byHead := map[int][]float32{}, make([][]float32, kvh)
+	for i, l := range last {
+		byLoad[perSM[sms[i]]] = append(byLoad[perSM[sms[i]]], l)
+		byHead[i/B%kvh] = append(byHead[i/B%kvh], l)
+	}
+	med := func(v []float32) float32 {
+		c := slices.Clone(v)
+		slices.Sort(c)
+		return c[len(c)/2]
+	}
+	var b strings.Builder
+	b.WriteString("last by blocks an SM")
+	for _, k := range slices.Sorted(maps.Keys(byLoad)) {
+		fmt.Fprintf(&b, " %d:%.2f(%d)", k, med(byLoad[k]), len(byLoad[k]))
+	}
+	b.WriteString("; by KV head")
+	for h, v := range byHead {
+		if len(v) > 0 {
+			fmt.Fprintf(&b, " %d:%.2f", h, med(v))
+		}
+	}
+	idx := make([]int, len(last))
+	for i := range idx {
+		idx[i] = i
+	}
+	slices.SortFunc(idx, func(a, c int) int { return cmp.Compare(last[c], last[a]) })
+	b.WriteString("; latest")
+	for _, i := range idx[:min(8, len(idx))] {
+		fmt.Fprintf(&b, " [e%d h%d sm%d x%d %.2f %.2f %.2f]", i%B, i/B%kvh, sms[i], perSM[sms[i]], entry[i], first[i], last[i])
+	}
+	return b.String()
 }
 
 // adapterLoadSteps bounds adapterLoadBench's decode steps (and so the
