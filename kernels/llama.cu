@@ -1348,14 +1348,14 @@ __device__ __forceinline__ void attn_decode_body(
 #endif
     if (nsplit == 1) {
 #ifdef PEFTD_ATTN_TS
-        if (tid == 0) ats[ATS_W * W + 1] = globaltimer_ns();
+        if (ats_on && tid == 0) ats[ATS_W * W + 1] = globaltimer_ns();
 #endif
         return;
     }
     if (clu) {
         dec_cluster_merge<HD, 32 * W>(out, cA, cM, cL, G, nsplit, heads, kh, row, tid);
 #ifdef PEFTD_ATTN_TS
-        if (tid == 0) ats[ATS_W * W + 1] = globaltimer_ns();
+        if (ats_on && tid == 0) ats[ATS_W * W + 1] = globaltimer_ns();
 #endif
         return;
     }

@@ -651,6 +651,13 @@ func w8Fits(maxShared int, k8 bool) (fit [4]bool) {
 	return fit
 }
 
+// w8 reports whether attn_decode_w8 runs at the model's head dimension
+// (decW8Fit).
+func (b *Backend) w8() bool {
+	i := headIndex(b.kv.HeadDim)
+	return i < len(b.decW8Fit) && b.decW8Fit[i]
+}
+
 // headIndex is the variant index of head_dim hd in 32, 64, 128, 256.
 func headIndex(hd int) int {
 	i := 0
@@ -675,7 +682,7 @@ func (b *Backend) sizeDecode() error {
 		if v != decV4 && b.kv8 {
 			break // FP8 keys have one variant
 		}
-		if v == decV8 && (b.kv8 || !b.decW8Fit[headIndex(b.kv.HeadDim)]) {
+		if v == decV8 && !b.w8() {
 			continue
 		}
 		per, err := b.decodeKernel(b.kv.HeadDim, v).BlocksPerSM(32*v.warps(), decShared(b.kv.HeadDim, b.kv8, v))

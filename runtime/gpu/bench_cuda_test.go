@@ -988,20 +988,15 @@ func attnStragglers(entry, first, last []float32, sms []int, B, kvh int) string 
 		byLoad[perSM[sms[i]]] = append(byLoad[perSM[sms[i]]], l)
 		byHead[i/B%kvh] = append(byHead[i/B%kvh], l)
 	}
-	med := func(v []float32) float32 {
-		c := slices.Clone(v)
-		slices.Sort(c)
-		return c[len(c)/2]
-	}
 	var b strings.Builder
 	b.WriteString("last by blocks an SM")
 	for _, k := range slices.Sorted(maps.Keys(byLoad)) {
-		fmt.Fprintf(&b, " %d:%.2f(%d)", k, med(byLoad[k]), len(byLoad[k]))
+		fmt.Fprintf(&b, " %d:%.2f(%d)", k, median(byLoad[k]), len(byLoad[k]))
 	}
 	b.WriteString("; by KV head")
 	for h, v := range byHead {
 		if len(v) > 0 {
-			fmt.Fprintf(&b, " %d:%.2f", h, med(v))
+			fmt.Fprintf(&b, " %d:%.2f", h, median(v))
 		}
 	}
 	idx := make([]int, len(last))

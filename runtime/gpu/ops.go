@@ -617,10 +617,7 @@ const decWarps8MinRows = 4
 // rows, decV8 from decWarps8MinRows rows while their pairs fit one wave of
 // it, else decV4 (FP8 keys: always their one; decV8 only where w8Fits).
 func (b *Backend) decVariantFor(n int) decVariant {
-	w8 := false
-	if i := headIndex(b.kv.HeadDim); i < len(b.decW8Fit) {
-		w8 = b.decW8Fit[i]
-	}
+	w8 := b.w8()
 	switch f := b.force.decVar; {
 	case b.kv8:
 		return decV4
