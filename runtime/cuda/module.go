@@ -104,39 +104,15 @@ func (f *Function) launchable() cuFunction {
 	return f.f
 }
 
-// CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT
-const (
-	maxDynamicSharedSizeBytes     = 8
-	preferredSharedMemoryCarveout = 9
-)
-
-// setAttribute sets a function attribute of f (of a library's kernel: for
-// every context of the device).
-func (f *Function) setAttribute(attr, v int32) error {
-	return f.c.Do(func() error {
-		if f.k != 0 && drv.lib.kernelSetAttribute != nil {
-			return check("cuKernelSetAttribute", drv.lib.kernelSetAttribute(attr, v, f.k, f.c.handle))
-		}
-		return check("cuFuncSetAttribute", drv.cuFuncSetAttribute(f.f, attr, v))
-	})
-}
-
 // SetMaxDynamicShared lets launches use up to n bytes of dynamic shared memory.
 func (f *Function) SetMaxDynamicShared(n int) error {
-	return f.setAttribute(maxDynamicSharedSizeBytes, int32(n))
-}
-
-// SetSharedCarveout asks that the multiprocessors running f give percent
-// of their unified L1 and shared memory to shared memory
-// (CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT: 100 the most shared
-// memory, 0 the most L1). A multiprocessor changes its carveout only once
-// it drains, so kernels of one carveout can share it at a Programmatic
-// Dependent Launch's overlap where kernels of two cannot.
-func (f *Function) SetSharedCarveout(percent int) error {
-	if percent < 0 || percent > 100 {
-		return fmt.Errorf("shared memory carveout %d%%: want 0-100", percent)
-	}
-	return f.setAttribute(preferredSharedMemoryCarveout, int32(percent))
+	const maxDynamicSharedSizeBytes = 8 // CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+	return f.c.Do(func() error {
+		if f.k != 0 && drv.lib.kernelSetAttribute != nil { // for every context of the device
+			return check("cuKernelSetAttribute", drv.lib.kernelSetAttribute(maxDynamicSharedSizeBytes, int32(n), f.k, f.c.handle))
+		}
+		return check("cuFuncSetAttribute", drv.cuFuncSetAttribute(f.f, maxDynamicSharedSizeBytes, int32(n)))
+	})
 }
 
 // Resources reports what the compiled kernel uses per thread: registers and

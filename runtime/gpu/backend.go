@@ -9,9 +9,7 @@ package gpu
 
 import (
 	"math"
-	"os"
 	"slices"
-	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -619,9 +617,6 @@ func (b *Backend) open(opts Options) error {
 			return err
 		}
 	}
-	if err := b.ropeAttnCarveout(); err != nil {
-		return err
-	}
 	if opts.LoRAPartition != 0 {
 		if err := b.openPartition(opts.LoRAPartition); err != nil {
 			return err
@@ -629,34 +624,6 @@ func (b *Backend) open(opts Options) error {
 		// on from the start: nothing has run or been recorded yet (Init
 		// sizes the attention plan for the SMs it then has)
 		b.usePartition(true)
-	}
-	return nil
-}
-
-// ropeAttnCarveoutEnv (an experiment knob, unset by default): the shared
-// memory carveout (0-100) of the RoPE kernels and the decode attention
-// kernels alone, so that the SMs a RoPE kernel ran on take attention blocks
-// under Programmatic Dependent Launch without draining to change carveout.
-const ropeAttnCarveoutEnv = "PEFTD_ROPE_ATTN_CARVEOUT"
-
-func (b *Backend) ropeAttnCarveout() error {
-	v, ok := os.LookupEnv(ropeAttnCarveoutEnv)
-	if !ok {
-		return nil
-	}
-	n, err := strconv.Atoi(v)
-	if err != nil {
-		return fmt.Errorf("gpu: %s=%q: want a percentage (0-100)", ropeAttnCarveoutEnv, v)
-	}
-	fns := []*cuda.Function{b.fn.ropeRows, b.fn.ropeLoRA}
-	fns = append(fns, b.fn.attnDecode[:]...)
-	fns = append(fns, b.fn.attnDecode8[:]...)
-	fns = append(fns, b.fn.attnDecode2[:]...)
-	fns = append(fns, b.fn.attnDecodeW8[:]...)
-	for _, f := range fns {
-		if err := f.SetSharedCarveout(n); err != nil {
-			return fmt.Errorf("gpu: %s: %w", ropeAttnCarveoutEnv, err)
-		}
 	}
 	return nil
 }
