@@ -1450,6 +1450,16 @@ extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode8_d32(ATTN_
 extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode8_d64(ATTN_DECODE_ARGS) { attn_decode_body<64, true, DEC_WARPS>(ATTN_DECODE_PASS); }
 extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode8_d128(ATTN_DECODE_ARGS) { attn_decode_body<128, true, DEC_WARPS>(ATTN_DECODE_PASS); }
 extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode8_d256(ATTN_DECODE_ARGS) { attn_decode_body<256, true, DEC_WARPS>(ATTN_DECODE_PASS); }
+// attn_decode8_w2_d*, attn_decode8_w8_d*: FP8 keys with 2 and 8 warps a
+// block (the bf16 keys' attn_decode2 and attn_decode_w8 shapes; head_dim
+// up to 128 for 8 warps: 177.5 KB there).
+extern "C" __global__ void __launch_bounds__(32 * DEC_WARPS2) attn_decode8_w2_d32(ATTN_DECODE_ARGS) { attn_decode_body<32, true, DEC_WARPS2>(ATTN_DECODE_PASS); }
+extern "C" __global__ void __launch_bounds__(32 * DEC_WARPS2) attn_decode8_w2_d64(ATTN_DECODE_ARGS) { attn_decode_body<64, true, DEC_WARPS2>(ATTN_DECODE_PASS); }
+extern "C" __global__ void __launch_bounds__(32 * DEC_WARPS2) attn_decode8_w2_d128(ATTN_DECODE_ARGS) { attn_decode_body<128, true, DEC_WARPS2>(ATTN_DECODE_PASS); }
+extern "C" __global__ void __launch_bounds__(32 * DEC_WARPS2) attn_decode8_w2_d256(ATTN_DECODE_ARGS) { attn_decode_body<256, true, DEC_WARPS2>(ATTN_DECODE_PASS); }
+extern "C" __global__ void __launch_bounds__(32 * DEC_WARPS8) attn_decode8_w8_d32(ATTN_DECODE_ARGS) { attn_decode_body<32, true, DEC_WARPS8>(ATTN_DECODE_PASS); }
+extern "C" __global__ void __launch_bounds__(32 * DEC_WARPS8) attn_decode8_w8_d64(ATTN_DECODE_ARGS) { attn_decode_body<64, true, DEC_WARPS8>(ATTN_DECODE_PASS); }
+extern "C" __global__ void __launch_bounds__(32 * DEC_WARPS8) attn_decode8_w8_d128(ATTN_DECODE_ARGS) { attn_decode_body<128, true, DEC_WARPS8>(ATTN_DECODE_PASS); }
 
 // attn_prefill_d{32,64,128}: causal attention of prefill rows on the tensor
 // cores (flash-attention style). grid (tiles, heads), block PRE_THREADS,

@@ -84,7 +84,7 @@ func TestAttentionSharedMemory(t *testing.T) {
 			// the merge area reuses the stage buffers: it must fit them
 			// with up to 8 query heads a KV head (G <= 8)
 			for _, v := range []decVariant{decV4, decV2, decV8} {
-				if v == decV8 && (k8 || hd > 128) {
+				if v == decV8 && hd > 128 {
 					continue
 				}
 				if m, d := 4*decMergeFloats(hd, v.warps(), 8), decShared(hd, k8, v); m > d {

@@ -227,10 +227,10 @@ func attentionCase(t *testing.T, sh attnShape, k8 bool) {
 	// (the first tiles before griddepcontrol.wait, the 16-wide merge), which
 	// must give the same bits. A third time with the splits as thread-block
 	// clusters (opts 7, the default; on sm_90 and later): fewer splits, so
-	// the sums differ in their last bits. With bf16 keys, a fourth time
-	// with attn_decode2 (2 warps a block: kernelForce.decVar), a fifth with
-	// attn_decode_w8 (8 warps, where it fits the head dimension) and a sixth
-	// with attn_decode (4 warps).
+	// the sums differ in their last bits. A fourth time with 2 warps a block
+	// (attn_decode2, attn_decode8_w2: kernelForce.decVar), a fifth with 8
+	// (attn_decode_w8, attn_decode8_w8, where it fits the head dimension)
+	// and a sixth with 4 (attn_decode, attn_decode8).
 	var first []float32
 	for i, run := range []struct {
 		v0   bool
@@ -238,9 +238,6 @@ func attentionCase(t *testing.T, sh attnShape, k8 bool) {
 		dv   int // 1 + a decVariant
 	}{{false, -1, 0}, {false, 3, 0}, {false, 7, 0}, {false, 0, 1 + int(decV2)}, {false, 0, 1 + int(decV8)}, {false, 0, 1 + int(decV4)}, {true, 0, 0}} {
 		v0 := run.v0
-		if run.dv != 0 && k8 {
-			continue
-		}
 		r.b.force.attnRows, r.b.force.decOpts, r.b.force.decVar = v0, run.opts, run.dv
 		r.poison(out)
 		r.begin(m)

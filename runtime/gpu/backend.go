@@ -178,6 +178,8 @@ type funcs struct {
 	attnDecode8                                                                                            [4]*cuda.Function // attn_decode8_d*: FP8 keys
 	attnDecode2                                                                                            [4]*cuda.Function // attn_decode2_d*: 2 warps a block (decV2)
 	attnDecodeW8                                                                                           [3]*cuda.Function // attn_decode_w8_d32, d64, d128: 8 warps a block (decV8)
+	attnDecode8W2                                                                                          [4]*cuda.Function // attn_decode8_w2_d*: FP8 keys, 2 warps a block (decV2)
+	attnDecode8W8                                                                                          [3]*cuda.Function // attn_decode8_w8_d32, d64, d128: FP8 keys, 8 warps a block (decV8)
 	attnPrefill                                                                                            [3]*cuda.Function // attn_prefill_d32, d64, d128
 	attnPrefill8                                                                                           [3]*cuda.Function // attn_prefill8_d*: FP8 keys
 	sgExpandTC                                                                                             [3]*cuda.Function // sgmv_expand_tc1, tc2, tc4
@@ -220,7 +222,7 @@ type kernelForce struct {
 	decSplit   int           // attn_decode: this many KV splits per (sequence, KV head), at most decSplitFor's cap (0: decSplitFor's choice)
 	ropeHeads  bool          // RoPE and the K/V store: rope_store (a block per row and head) for every shape
 	decOpts    int           // attn_decode's opts (llama.cu) in place of decOptsDefault (0: the default; -1: none): 1 the first tiles before griddepcontrol.wait, 2 the merge with 16 loads in flight, 4 the splits as clusters (decCluster)
-	decVar     int           // attn_decode's variant whatever the rows: 1 + a decVariant (0: decVariantFor's choice); bf16 keys only
+	decVar     int           // attn_decode's variant whatever the rows: 1 + a decVariant (0: decVariantFor's choice)
 	noSkinny   bool          // bf16 products: cuBLASLt whatever the rows (no gemm_skinny)
 	skLate     bool          // gemm_skinny: no weight tiles before griddepcontrol.wait (opts 0)
 	wgFull     bool          // wgmma products beside the LoRA stream: a grid over every SM, not the SM target (v0.32's)
@@ -571,6 +573,9 @@ func (b *Backend) open(opts Options) error {
 		{&b.fn.attnDecode2[0], "attn_decode2_d32"}, {&b.fn.attnDecode2[1], "attn_decode2_d64"},
 		{&b.fn.attnDecode2[2], "attn_decode2_d128"}, {&b.fn.attnDecode2[3], "attn_decode2_d256"},
 		{&b.fn.attnDecodeW8[0], "attn_decode_w8_d32"}, {&b.fn.attnDecodeW8[1], "attn_decode_w8_d64"}, {&b.fn.attnDecodeW8[2], "attn_decode_w8_d128"},
+		{&b.fn.attnDecode8W2[0], "attn_decode8_w2_d32"}, {&b.fn.attnDecode8W2[1], "attn_decode8_w2_d64"},
+		{&b.fn.attnDecode8W2[2], "attn_decode8_w2_d128"}, {&b.fn.attnDecode8W2[3], "attn_decode8_w2_d256"},
+		{&b.fn.attnDecode8W8[0], "attn_decode8_w8_d32"}, {&b.fn.attnDecode8W8[1], "attn_decode8_w8_d64"}, {&b.fn.attnDecode8W8[2], "attn_decode8_w8_d128"},
 		{&b.fn.attnPrefill[0], "attn_prefill_d32"}, {&b.fn.attnPrefill[1], "attn_prefill_d64"}, {&b.fn.attnPrefill[2], "attn_prefill_d128"},
 		{&b.fn.attnPrefill8[0], "attn_prefill8_d32"}, {&b.fn.attnPrefill8[1], "attn_prefill8_d64"}, {&b.fn.attnPrefill8[2], "attn_prefill8_d128"},
 		{&b.fn.addBias, "add_bias"}, {&b.fn.headRMSNorm, "head_rmsnorm"}, {&b.fn.addDelta, "add_delta"}, {&b.fn.fillRows, "fill_rows"},
@@ -586,25 +591,19 @@ func (b *Backend) open(opts Options) error {
 	// sends that head size to the per-row kernel.
 	b.decFit, b.preFit = attnFits(limit, b.kv8)
 	b.decW8Fit = w8Fits(limit, b.kv8)
-	dec, pre := b.fn.attnDecode[:], b.fn.attnPrefill[:]
+	pre := b.fn.attnPrefill[:]
 	if b.kv8 {
-		dec, pre = b.fn.attnDecode8[:], b.fn.attnPrefill8[:]
+		pre = b.fn.attnPrefill8[:]
 	}
-	for i, f := range dec {
+	for i := range b.decFit {
 		if !b.decFit[i] {
 			continue
 		}
-		if err := f.SetMaxDynamicShared(decShared(32<<i, b.kv8, decV4)); err != nil {
-			return err
-		}
-		if b.kv8 {
-			continue
-		}
-		if err := b.fn.attnDecode2[i].SetMaxDynamicShared(decShared(32<<i, false, decV2)); err != nil {
-			return err
-		}
-		if b.decW8Fit[i] {
-			if err := b.fn.attnDecodeW8[i].SetMaxDynamicShared(decShared(32<<i, false, decV8)); err != nil {
+		for v := range decVariants {
+			if v == decV8 && !b.decW8Fit[i] {
+				continue
+			}
+			if err := b.decKernel(v, i).SetMaxDynamicShared(decShared(32<<i, b.kv8, v)); err != nil {
 				return err
 			}
 		}
@@ -642,11 +641,11 @@ func attnFits(maxShared int, k8 bool) (dec [4]bool, pre [3]bool) {
 }
 
 // w8Fits reports, per head dimension (32, 64, 128, 256), whether
-// attn_decode_w8 exists for it (up to 128) and its shared memory fits a
-// block of maxShared bytes; never with FP8 keys.
+// attn_decode_w8 (attn_decode8_w8 with FP8 keys) exists for it (up to
+// 128) and its shared memory fits a block of maxShared bytes.
 func w8Fits(maxShared int, k8 bool) (fit [4]bool) {
 	for i := range len(fit) - 1 {
-		fit[i] = !k8 && decShared(32<<i, false, decV8) <= maxShared
+		fit[i] = decShared(32<<i, k8, decV8) <= maxShared
 	}
 	return fit
 }
@@ -679,9 +678,6 @@ func (b *Backend) sizeDecode() error {
 		return nil
 	}
 	for v := range decVariants {
-		if v != decV4 && b.kv8 {
-			break // FP8 keys have one variant
-		}
 		if v == decV8 && !b.w8() {
 			continue
 		}

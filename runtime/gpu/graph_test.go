@@ -139,8 +139,7 @@ func TestKVSplitFor(t *testing.T) {
 // bf16 keys; attn_decode_w8 (8) from decWarps8MinRows rows while the
 // (sequence, KV head) pairs fit its resident blocks, where it fits the head
 // dimension; attn_decode (4) otherwise and with FP8 keys; kernelForce.decVar
-// overrides the rows (not the FP8 keys' one variant, nor w8 where it does
-// not fit).
+// overrides the rows and the key format (not w8 where it does not fit).
 func TestDecVariantFor(t *testing.T) {
 	for _, c := range []struct {
 		kv8, w8  bool
@@ -153,7 +152,8 @@ func TestDecVariantFor(t *testing.T) {
 		{false, true, 1 + int(decV4), 256, decV4}, {false, true, 1 + int(decV2), 1, decV2},
 		{false, true, 1 + int(decV8), 64, decV8}, {false, false, 1 + int(decV8), 1, decV4},
 		{false, true, 1 + int(decVariants), 16, decV8}, // out of range: the rows decide
-		{true, true, 0, 256, decV4}, {true, true, 1 + int(decV2), 1, decV4}, {true, true, 0, 16, decV4},
+		{true, true, 0, 256, decV4}, {true, true, 1 + int(decV2), 1, decV2}, {true, true, 0, 16, decV4},
+		{true, true, 1 + int(decV8), 64, decV8}, {true, false, 1 + int(decV8), 64, decV4},
 	} {
 		b := &Backend{kv8: c.kv8}
 		b.kv.HeadDim, b.kv.KVHeads = 128, 8
@@ -167,7 +167,7 @@ func TestDecVariantFor(t *testing.T) {
 }
 
 // TestW8Fits: attn_decode_w8 exists up to head_dim 128 and needs 192 KB
-// there; never with FP8 keys.
+// there (attn_decode8_w8: 177.5 KB).
 func TestW8Fits(t *testing.T) {
 	if got, want := w8Fits(227<<10, false), [4]bool{true, true, true, false}; got != want {
 		t.Errorf("227 KB: %v, want %v", got, want)
@@ -175,8 +175,11 @@ func TestW8Fits(t *testing.T) {
 	if got, want := w8Fits(99<<10, false), [4]bool{true, true, false, false}; got != want {
 		t.Errorf("99 KB: %v, want %v", got, want)
 	}
-	if got := w8Fits(227<<10, true); got != [4]bool{} {
-		t.Errorf("FP8 keys: %v", got)
+	if got, want := w8Fits(227<<10, true), [4]bool{true, true, true, false}; got != want {
+		t.Errorf("FP8 keys, 227 KB: %v, want %v", got, want)
+	}
+	if got, want := w8Fits(177<<10, true), [4]bool{true, true, false, false}; got != want {
+		t.Errorf("FP8 keys, 177 KB: %v, want %v", got, want)
 	}
 }
 

@@ -540,25 +540,34 @@ func (b *Backend) prefillKernel(hd int) *cuda.Function {
 }
 
 // decodeKernel is attn_decode's kernel for head dimension hd (32, 64, 128
-// or 256: decOK), the backend's key cache and variant v (decVariantFor;
-// FP8 keys have one: attn_decode8_d*).
+// or 256: decOK), the backend's key cache and variant v (decVariantFor).
 func (b *Backend) decodeKernel(hd int, v decVariant) *cuda.Function {
-	i := bits.TrailingZeros(uint(hd)) - 5
-	switch {
-	case b.kv8:
-		return b.fn.attnDecode8[i]
-	case v == decV2:
-		return b.fn.attnDecode2[i]
-	case v == decV8 && b.decW8Fit[i]:
-		return b.fn.attnDecodeW8[i]
+	return b.decKernel(v, bits.TrailingZeros(uint(hd))-5)
+}
+
+// decKernel is variant v of attn_decode at head-dimension index i (32 << i)
+// for the backend's key cache: attn_decode{,2,_w8}_d* with bf16 keys,
+// attn_decode8{,_w2,_w8}_d* with FP8 keys; decV4's where v has none (8
+// warps at head_dim 256).
+func (b *Backend) decKernel(v decVariant, i int) *cuda.Function {
+	four, two, eight := b.fn.attnDecode[i], b.fn.attnDecode2[i], b.fn.attnDecodeW8[:]
+	if b.kv8 {
+		four, two, eight = b.fn.attnDecode8[i], b.fn.attnDecode8W2[i], b.fn.attnDecode8W8[:]
 	}
-	return b.fn.attnDecode[i]
+	switch {
+	case v == decV2:
+		return two
+	case v == decV8 && i < len(eight) && b.decW8Fit[i]:
+		return eight[i]
+	}
+	return four
 }
 
 // decVariant is one of attn_decode's kernel families for bf16 keys: its
 // warps a block (DEC_WARPS, DEC_WARPS2 in llama.cu; each warp has
 // DecShape's ST cp.async stages). Fewer warps take less shared memory, so
-// more blocks fit an SM. FP8 keys have decV4's shape only. (A variant of 4
+// more blocks fit an SM. FP8 keys run decV4 unless forced (kernelForce.decVar:
+// attn_decode8_w2, attn_decode8_w8). (A variant of 4
 // warps with 2 stages, 3 blocks an SM at head_dim 128, was slower at every
 // batch in v0.24: 16 rows 4.71 -> 5.00 ms, 64 rows 6.07 -> 6.70.)
 type decVariant int
@@ -619,10 +628,10 @@ const decWarps8MinRows = 4
 func (b *Backend) decVariantFor(n int) decVariant {
 	w8 := b.w8()
 	switch f := b.force.decVar; {
-	case b.kv8:
-		return decV4
 	case f > 0 && f <= int(decVariants) && (decVariant(f-1) != decV8 || w8):
 		return decVariant(f - 1)
+	case b.kv8:
+		return decV4
 	case n >= decWarps2MinRows:
 		return decV2
 	case w8 && n >= decWarps8MinRows && n*b.kv.KVHeads <= b.decResident[decV8]:
