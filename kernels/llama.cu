@@ -995,12 +995,7 @@ __device__ __forceinline__ void attn_decode_body(
             for (int i = 0; i < D::C / 2; i++) {
                 const int idx = lane + 32 * i, r = idx / D::C, c = idx % D::C;
                 const int sl = __shfl_sync(0xffffffffu, slot, r);
-#ifdef PEFTD_KV_HMAJOR_EXP
-                // timing only (values permuted): [page][KV head][bs slots][HD]
-                const i64 off = (((i64)(max(sl, 0) / bs) * kvh + kh) * bs + max(sl, 0) % bs) * HD + c * 8;
-#else
                 const i64 off = (i64)max(sl, 0) * width + (i64)kh * HD + c * 8;
-#endif
                 const unsigned so = r * HD * 2 + D::swz(r, c) * 16;
                 if (!K8) cp_async16(kb + so, kc + off, sl >= 0 ? 16 : 0);
                 cp_async16(vb + so, vc + off, sl >= 0 ? 16 : 0);
@@ -1013,19 +1008,10 @@ __device__ __forceinline__ void attn_decode_body(
                 for (int i = 0; i < HD / 32; i++) {
                     const int idx = lane + 32 * i, r = idx / (HD / 16), c = idx % (HD / 16);
                     const int sl = __shfl_sync(0xffffffffu, slot, r);
-#ifdef PEFTD_KV_HMAJOR_EXP
-                    const i64 koff = (((i64)(max(sl, 0) / bs) * kvh + kh) * bs + max(sl, 0) % bs) * HD + c * 16;
-#else
-                    const i64 koff = (i64)max(sl, 0) * width + (i64)kh * HD + c * 16;
-#endif
-                    cp_async16(rb + r * HD + D::rsw(r, c) * 16, k8 + koff, sl >= 0 ? 16 : 0);
+                    cp_async16(rb + r * HD + D::rsw(r, c) * 16, k8 + (i64)max(sl, 0) * width + (i64)kh * HD + c * 16, sl >= 0 ? 16 : 0);
                 }
 #ifndef PEFTD_ATTN_DIAG_NOSCALE
-#ifdef PEFTD_KV_HMAJOR_EXP
-                if (lane < DEC_TILE) cp_async4(sb + 4 * lane, ks + ((i64)(max(slot, 0) / bs) * kvh + kh) * bs + max(slot, 0) % bs, slot >= 0 ? 4 : 0);
-#else
                 if (lane < DEC_TILE) cp_async4(sb + 4 * lane, ks + (i64)max(slot, 0) * kvh + kh, slot >= 0 ? 4 : 0);
-#endif
 #endif
             }
         }

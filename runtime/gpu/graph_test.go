@@ -135,25 +135,28 @@ func TestKVSplitFor(t *testing.T) {
 	}
 }
 
-// TestDecVariantFor: attn_decode2 (2 warps) from decWarps2MinRows rows with
-// bf16 keys; attn_decode_w8 (8) from decWarps8MinRows rows while the
-// (sequence, KV head) pairs fit its resident blocks, where it fits the head
-// dimension; attn_decode (4) otherwise and with FP8 keys; kernelForce.decVar
-// overrides the rows and the key format (not w8 where it does not fit).
+// TestDecVariantFor: attn_decode2 (2 warps) at decW2SmallMin-decW2SmallMax
+// rows and from decWarps2MinRows rows with bf16 keys; attn_decode_w8 (8)
+// from decWarps8MinRows rows while the (sequence, KV head) pairs fit its
+// resident blocks, where it fits the head dimension; attn_decode (4)
+// otherwise; kernelForce.decVar overrides the rows and the key format (not
+// w8 where it does not fit).
 func TestDecVariantFor(t *testing.T) {
 	for _, c := range []struct {
 		kv8, w8  bool
 		force, n int
 		want     decVariant
 	}{
-		{false, true, 0, 1, decV4}, {false, true, 0, decWarps8MinRows - 1, decV4}, {false, true, 0, decWarps8MinRows, decV8}, {false, true, 0, 16, decV8}, {false, true, 0, 17, decV4},
-		{false, false, 0, 16, decV4}, {false, true, 0, decWarps2MinRows - 1, decV4},
+		{false, true, 0, 1, decV4}, {false, true, 0, 2, decV4}, {false, true, 0, 3, decV2}, {false, true, 0, 4, decV2},
+		{false, true, 0, decWarps8MinRows, decV8}, {false, true, 0, 16, decV8}, {false, true, 0, 17, decV4},
+		{false, false, 0, 16, decV4}, {false, false, 0, 4, decV2}, {false, true, 0, decWarps2MinRows - 1, decV4},
 		{false, true, 0, decWarps2MinRows, decV2}, {false, true, 0, 256, decV2},
 		{false, true, 1 + int(decV4), 256, decV4}, {false, true, 1 + int(decV2), 1, decV2},
 		{false, true, 1 + int(decV8), 64, decV8}, {false, false, 1 + int(decV8), 1, decV4},
 		{false, true, 1 + int(decVariants), 16, decV8}, // out of range: the rows decide
-		{true, true, 0, 256, decV4}, {true, true, 1 + int(decV2), 1, decV2}, {true, true, 0, 16, decV4},
-		{true, true, 1 + int(decV8), 64, decV8}, {true, false, 1 + int(decV8), 64, decV4},
+		{true, true, 0, 1, decV4}, {true, true, 0, 4, decV2}, {true, true, 0, 8, decV8}, {true, true, 0, 16, decV8},
+		{true, true, 0, 17, decV4}, {true, true, 0, 64, decV4}, {true, true, 0, 256, decV4}, {true, false, 0, 16, decV4},
+		{true, true, 1 + int(decV2), 1, decV2}, {true, true, 1 + int(decV8), 64, decV8}, {true, false, 1 + int(decV8), 64, decV4},
 	} {
 		b := &Backend{kv8: c.kv8}
 		b.kv.HeadDim, b.kv.KVHeads = 128, 8

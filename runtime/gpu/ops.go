@@ -613,26 +613,42 @@ const decWarps2MinRows = 64
 
 // decWarps8MinRows: decode steps of this many rows or more whose
 // (sequence, KV head) pairs fit one wave of attn_decode_w8 (one block an
-// SM; 4-16 rows at 8B shapes on an H200) run it: at 16 rows unsplit, where
+// SM; 5-16 rows at 8B shapes on an H200) run it: at 16 rows unsplit, where
 // attn_decode splits each pair two ways and merges the halves as a
 // cluster. TestDecodeBench, H200, 8B shapes, one call (v0.48), device ms
 // w8 vs w4: 16 rows 4.66 vs 4.73 (four rank-32 adapters 5.04 vs 5.10), 8
-// rows 4.45 vs 4.60 (4.79 vs 4.94), 4 rows 4.43 vs 4.46; 2 rows 4.32 vs
-// 4.23 (8 splits of 8 warps: under one tile a warp), so not below 4.
-const decWarps8MinRows = 4
+// rows 4.45 vs 4.60 (4.79 vs 4.94); 2 rows 4.32 vs 4.23 (8 splits of 8
+// warps: under one tile a warp). FP8 keys (attn_decode8_w8, v0.49): 8 rows
+// 4.50 vs 4.66 (4.84 vs 5.01), 12 rows 4.65 vs 4.69, 16 rows 4.68 vs 4.72
+// and 4.68 vs 4.73 (two calls); 4,096-token contexts at 64 rows stay on
+// attn_decode8 (11.49 vs w8 11.89, w2 12.41).
+const decWarps8MinRows = decW2SmallMax + 1
+
+// decW2SmallMin to decW2SmallMax rows (the 4-row graph bucket) run
+// attn_decode2 with either key format: 2 warps a block, many splits of a
+// few tiles, merged as a cluster. H200, 8B shapes, device ms at 4 rows
+// (v0.49, one call each), base / four rank-32 adapters: bf16 keys w2 4.42
+// / 4.72 vs w8 4.49 / 4.82 (w4 4.51 / 4.82); FP8 keys w2 4.40 / 4.75 vs
+// w4 4.52 / 4.83 and 4.40 vs 4.54. At 2 rows w4 is the fastest (bf16 4.29
+// vs w2 4.35, FP8 keys 4.29 / 4.50 vs w2 4.30 / 4.57); at 8 rows w8.
+const (
+	decW2SmallMin = 3
+	decW2SmallMax = 4
+)
 
 // decVariantFor is attn_decode's variant for a decode step (or graph
-// bucket) of n rows: kernelForce.decVar's, else decV2 from decWarps2MinRows
-// rows, decV8 from decWarps8MinRows rows while their pairs fit one wave of
-// it, else decV4 (FP8 keys: always their one; decV8 only where w8Fits).
+// bucket) of n rows: kernelForce.decVar's, else decV2 at
+// decW2SmallMin-decW2SmallMax rows and (bf16 keys) from decWarps2MinRows,
+// decV8 from decWarps8MinRows rows while their pairs fit one wave of it
+// (where w8Fits the head dimension), else decV4.
 func (b *Backend) decVariantFor(n int) decVariant {
 	w8 := b.w8()
 	switch f := b.force.decVar; {
 	case f > 0 && f <= int(decVariants) && (decVariant(f-1) != decV8 || w8):
 		return decVariant(f - 1)
-	case b.kv8:
-		return decV4
-	case n >= decWarps2MinRows:
+	case n >= decWarps2MinRows && !b.kv8:
+		return decV2
+	case n >= decW2SmallMin && n <= decW2SmallMax:
 		return decV2
 	case w8 && n >= decWarps8MinRows && n*b.kv.KVHeads <= b.decResident[decV8]:
 		return decV8
