@@ -324,12 +324,9 @@ func attentionCase(t *testing.T, sh attnShape, k8 bool) {
 	}
 	var fs []*cuda.Function
 	if r.b.decOK {
-		fs = append(fs, r.b.decodeKernel(hd, decV4))
-		if !r.b.kv8 {
-			fs = append(fs, r.b.decodeKernel(hd, decV2))
-			if r.b.decW8Fit[headIndex(hd)] {
-				fs = append(fs, r.b.decodeKernel(hd, decV8))
-			}
+		fs = append(fs, r.b.decodeKernel(hd, decV4), r.b.decodeKernel(hd, decV2))
+		if r.b.decW8Fit[headIndex(hd)] {
+			fs = append(fs, r.b.decodeKernel(hd, decV8))
 		}
 	}
 	if r.b.preOK {

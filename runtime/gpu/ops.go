@@ -563,11 +563,10 @@ func (b *Backend) decKernel(v decVariant, i int) *cuda.Function {
 	return four
 }
 
-// decVariant is one of attn_decode's kernel families for bf16 keys: its
-// warps a block (DEC_WARPS, DEC_WARPS2 in llama.cu; each warp has
-// DecShape's ST cp.async stages). Fewer warps take less shared memory, so
-// more blocks fit an SM. FP8 keys run decV4 unless forced (kernelForce.decVar:
-// attn_decode8_w2, attn_decode8_w8). (A variant of 4
+// decVariant is one of attn_decode's kernel families, for either key
+// format (decKernel): its warps a block (DEC_WARPS, DEC_WARPS2, DEC_WARPS8
+// in llama.cu; each warp has DecShape's ST cp.async stages). Fewer warps
+// take less shared memory, so more blocks fit an SM. (A variant of 4
 // warps with 2 stages, 3 blocks an SM at head_dim 128, was slower at every
 // batch in v0.24: 16 rows 4.71 -> 5.00 ms, 64 rows 6.07 -> 6.70.)
 type decVariant int
