@@ -127,7 +127,9 @@
 # (serve8b: the Go client's base and four-adapter runs only), DECODE_LAYERS
 # (layers of the random checkpoint, default 32), PEFTD_KERNEL_DEFINES=
 # -DPEFTD_ATTN_TS with PEFTD_ATTN_TS=1 (decode: each row's attn_decode
-# phases, the "attnts" lines of decode.txt; PERFORMANCE v0.47).
+# phases, the "attnts" lines of decode.txt; PERFORMANCE v0.47). A/B of two
+# trees in one call: GPUBIN_OVERRIDE (another runtime/gpu test binary) and
+# PEFTD_OVERRIDE (another peftd, for serve8b).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -537,7 +539,8 @@ if want serve8b; then
 	if random_ckpt "$MD" decode --layers "${DECODE_LAYERS:-32}"; then
 		SD=$(mktemp -d)
 		# SERVE8B_ARGS: more serve flags (e.g. --weights fp8)
-		PEFTD_CACHE=$SD "$ROOT/bin/gpu/peftd" serve --device cuda --model "$MD/base" --store "$MD/adapters" --slots 5 --max-queue 1024 --listen 127.0.0.1:8081 ${SERVE8B_ARGS:-} >"$LOG/serve8b.log" 2>&1 &
+		# PEFTD_OVERRIDE: another build of peftd serves (an A/B of two trees in one call)
+		PEFTD_CACHE=$SD "${PEFTD_OVERRIDE:-$ROOT/bin/gpu/peftd}" serve --device cuda --model "$MD/base" --store "$MD/adapters" --slots 5 --max-queue 1024 --listen 127.0.0.1:8081 ${SERVE8B_ARGS:-} >"$LOG/serve8b.log" 2>&1 &
 		SRV=$!
 		if serve_wait "$LOG/serve8b.log" "$(left 200)"; then
 			grep -E 'engine|kv cache|device' "$LOG/serve8b.log" | head -4 | cut -c1-240
