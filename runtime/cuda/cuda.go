@@ -16,6 +16,8 @@ const (
 	attrComputeCapabilityMinor = 76
 	attrMaxSharedPerBlockOptin = 97
 	attrL2CacheSize            = 38
+	attrMaxPersistingL2        = 108 // CU_DEVICE_ATTRIBUTE_MAX_PERSISTING_L2_CACHE_SIZE
+	attrMaxAccessPolicyWindow  = 109 // CU_DEVICE_ATTRIBUTE_MAX_ACCESS_POLICY_WINDOW_SIZE
 )
 
 var initOnce lazy
@@ -80,6 +82,10 @@ type Device struct {
 	TotalMem     uint64
 	MaxShared    int // bytes of shared memory a block may opt in to
 	L2Bytes      int
+	// PersistL2Max: the most bytes of L2 SetPersistingL2 may set aside;
+	// WindowMax: the largest AccessWindow. Zero where the card or the
+	// driver has no L2 persistence (before sm_80).
+	PersistL2Max, WindowMax int
 }
 
 // Arch is the NVRTC/nvcc target: sm_90a on Hopper (9.0, for wgmma), else sm_XY.
@@ -102,7 +108,7 @@ type paramArena struct {
 	vals  [maxKernelArgs]uint64
 	ptrs  [maxKernelArgs]unsafe.Pointer
 	cfg   launchConfig
-	attrs [2]launchAttr
+	attrs [3]launchAttr
 }
 
 const maxKernelArgs = 64
@@ -159,6 +165,16 @@ func NewContext(ordinal int) (*Context, error) {
 				return err
 			}
 			*a.dst = int(v)
+		}
+		// optional: zero where the driver does not know them
+		for _, a := range []struct {
+			dst  *int
+			attr int32
+		}{{&c.dev.PersistL2Max, attrMaxPersistingL2}, {&c.dev.WindowMax, attrMaxAccessPolicyWindow}} {
+			var v int32
+			if drv.cuDeviceGetAttribute(&v, a.attr, dev) == 0 && v > 0 {
+				*a.dst = int(v)
+			}
 		}
 		return check("cuDeviceTotalMem_v2", drv.cuDeviceTotalMem(&c.dev.TotalMem, dev))
 	})

@@ -495,3 +495,83 @@ func TestGPUClusterLaunch(t *testing.T) {
 		t.Errorf("6 blocks in clusters of 4: %v, want ErrInvalidValue", err)
 	}
 }
+
+// TestGPUL2Window: L2 set aside for persisting lines and a kernel launched
+// with an access window over its output: the limit reads back, the launch
+// is accepted (a bad attribute layout fails it) and computes as without,
+// and setting 0 returns the L2.
+func TestGPUL2Window(t *testing.T) {
+	c := ctx(t)
+	d := c.Device()
+	t.Logf("L2 %d MB, persisting at most %d MB, windows at most %d MB", d.L2Bytes>>20, d.PersistL2Max>>20, d.WindowMax>>20)
+	if d.PersistL2Max == 0 || d.WindowMax == 0 {
+		t.Skip("no L2 persistence on this card or driver")
+	}
+	cubin, _, err := Compile(saxpy, "saxpy.cu", []string{"-arch=" + d.Arch()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, err := c.LoadModule(cubin)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Unload()
+	f, err := m.Function("saxpy")
+	if err != nil {
+		t.Fatal(err)
+	}
+	set := min(d.PersistL2Max, 8<<20)
+	if err := c.SetPersistingL2(set); err != nil {
+		t.Fatal(err)
+	}
+	defer c.SetPersistingL2(0)
+	if got, err := c.PersistingL2(); err != nil || got < set {
+		t.Fatalf("PersistingL2 = %d, %v; want at least %d", got, err, set)
+	}
+	if err := c.SetPersistingL2(d.PersistL2Max + 1); err == nil {
+		t.Error("a set-aside over PersistL2Max: no error")
+	}
+	s, _ := c.NewStream()
+	defer s.Destroy()
+	n := 1 << 20
+	x, y := make([]float32, n), make([]float32, n)
+	for i := range x {
+		x[i], y[i] = rand.Float32(), rand.Float32()
+	}
+	dx, _ := c.Alloc(4 * n)
+	dy, _ := c.Alloc(4 * n)
+	defer dx.Free()
+	defer dy.Free()
+	CopyHtoD(s, dx.Ptr(), x)
+	CopyHtoD(s, dy.Ptr(), y)
+	if err := s.SetAccessWindow(AccessWindow{Base: dy.Ptr(), Bytes: 4 * n, HitRatio: 1}); err != nil {
+		t.Fatal(err)
+	}
+	for r := 0; r < 3; r++ { // y = 2.5x + y three times, the window over y
+		if err := f.Launch(s, Dim3{X: (n + 255) / 256}, Dim3{X: 256}, 0, dy, dx, float32(2.5), n); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := s.SetAccessWindow(AccessWindow{}); err != nil {
+		t.Fatal(err)
+	}
+	got := make([]float32, n)
+	if err := CopyDtoH(s, got, dy.Ptr()); err != nil {
+		t.Fatal(err)
+	}
+	for i := range got {
+		want := y[i]
+		for r := 0; r < 3; r++ {
+			want = 2.5*x[i] + want
+		}
+		if math.Abs(float64(got[i]-want)) > 1e-5*math.Max(1, math.Abs(float64(want))) {
+			t.Fatalf("y[%d] = %v, want %v", i, got[i], want)
+		}
+	}
+	if err := c.SetPersistingL2(0); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := c.PersistingL2(); err != nil || got != 0 {
+		t.Errorf("after SetPersistingL2(0): %d, %v", got, err)
+	}
+}

@@ -70,6 +70,10 @@ type driver struct {
 	// cuLaunchKernelEx (optional: CUDA 12+): launches with attributes
 	// (Programmatic Dependent Launch)
 	cuLaunchKernelEx func(cfg unsafe.Pointer, f cuFunction, params unsafe.Pointer, extra unsafe.Pointer) int32
+	// The L2 set-aside for persisting accesses (optional: CUDA 11+; l2.go)
+	cuCtxSetLimit               func(limit int32, v uint64) int32
+	cuCtxGetLimit               func(v *uint64, limit int32) int32
+	cuCtxResetPersistingL2Cache func() int32
 	// Stream capture and graphs (optional: nil on drivers without them).
 	cuStreamBeginCapture        func(s cuStream, mode int32) int32
 	cuStreamEndCapture          func(s cuStream, g *cuGraph) int32
@@ -179,6 +183,9 @@ func loadDriver() error {
 		b.fn(&d.cuGraphAddKernelNode, "cuGraphAddKernelNode_v2")
 		b.fn(&d.cuGraphDestroyNode, "cuGraphDestroyNode")
 		b.fn(&d.cuLaunchKernelEx, "cuLaunchKernelEx")
+		b.fn(&d.cuCtxSetLimit, "cuCtxSetLimit")
+		b.fn(&d.cuCtxGetLimit, "cuCtxGetLimit")
+		b.fn(&d.cuCtxResetPersistingL2Cache, "cuCtxResetPersistingL2Cache")
 		b.fn(&d.cuProfilerStart, "cuProfilerStart")
 		b.fn(&d.cuProfilerStop, "cuProfilerStop")
 		bindGreen(b, &d.green)

@@ -175,6 +175,7 @@ type launchAttr struct {
 
 // CUlaunchAttributeID values (cuda.h).
 const (
+	launchAttrAccessPolicyWindow              = 1 // CU_LAUNCH_ATTRIBUTE_ACCESS_POLICY_WINDOW: CUaccessPolicyWindow (l2.go)
 	launchAttrClusterDimension                = 4 // CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION: x, y, z (uint32)
 	launchAttrProgrammaticStreamSerialization = 6 // CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
 )
@@ -272,6 +273,10 @@ func (f *Function) launch(s *Stream, grid, block, cluster Dim3, shared int, args
 			a.attrs[n].value[0] = 1 // programmaticStreamSerializationAllowed
 			n++
 		}
+		if s.win.Bytes > 0 {
+			a.attrs[n] = s.win.attr()
+			n++
+		}
 		if cluster.X > 0 {
 			if drv.cuLaunchKernelEx == nil {
 				return fmt.Errorf("%w: kernel %s: clusters need cuLaunchKernelEx", ErrNotSupported, f.Name)
@@ -285,7 +290,7 @@ func (f *Function) launch(s *Stream, grid, block, cluster Dim3, shared int, args
 			a.cfg = launchConfig{gridX: gx, gridY: gy, gridZ: gz, blockX: bx, blockY: by, blockZ: bz, shared: uint32(shared),
 				stream: s.s, attrs: unsafe.Pointer(&a.attrs[0]), numAttrs: uint32(n)}
 			if err := check("cuLaunchKernelEx", drv.cuLaunchKernelEx(unsafe.Pointer(&a.cfg), f.launchable(), params, nil)); err != nil {
-				return fmt.Errorf("kernel %s grid %v block %v (programmatic %v, clusters %v): %w", f.Name, grid, block, programmatic, cluster, err)
+				return fmt.Errorf("kernel %s grid %v block %v (programmatic %v, clusters %v, L2 window %d bytes): %w", f.Name, grid, block, programmatic, cluster, s.win.Bytes, err)
 			}
 			return nil
 		}

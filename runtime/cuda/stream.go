@@ -19,6 +19,9 @@ type Stream struct {
 	// operation was a kernel (only then is a launch programmatic: a copy, a
 	// memset, an event wait or a graph before it keeps its full dependency)
 	pdl, afterKernel bool
+	// win: the L2 access policy window of every kernel launched on the
+	// stream (SetAccessWindow; Bytes 0: none)
+	win AccessWindow
 }
 
 // ErrNoPDL: the driver or the GPU cannot launch kernels programmatically

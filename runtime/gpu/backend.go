@@ -236,6 +236,7 @@ type kernelForce struct {
 	memHoist   int           // recordings and cuBLASLt's memsets (memsethoist.go): -1 as captured, 1 moved beside the kernel before them, 0 moved and replaced by fill_rows
 	attnTS     bool          // attn_decode gets part with one split too (TestDecodeBench's PEFTD_ATTN_TS: the PEFTD_ATTN_TS build's timestamps)
 	addCl      int           // add_rmsnorm as add_rmsnorm_cl (a cluster of blocks a row; norm_cl.go): 1 wherever it fits, -1 never, 0 by the rows and update (addClFits)
+	l2Win      int           // the LoRA update buffer as an L2 persisting window (l2win.go): 1 on, -1 off, 0 the default (loraL2Default, PEFTD_LORA_L2)
 }
 
 // Backend implements engine.Backend on one CUDA device.
@@ -317,10 +318,11 @@ type Backend struct {
 
 	// Split-KV decode attention (attn_decode) for sequences
 	// with one row in the step; the per-row kernel takes the other rows.
-	decOK       bool             // the model's head shape suits attn_decode (head_dim 32, 64, 128 or 256; <= 8 query heads per KV head)
-	decResident [decVariants]int // attn_decode blocks of each variant resident at once (sizeDecode)
-	decV        decVariant       // the step's attn_decode variant (decVariantFor of its bucket, set with decSplit)
-	preOK       bool             // the head shape suits attn_prefill (head_dim 32, 64 or 128)
+	decOK       bool              // the model's head shape suits attn_decode (head_dim 32, 64, 128 or 256; <= 8 query heads per KV head)
+	decResident [decVariants]int  // attn_decode blocks of each variant resident at once (sizeDecode)
+	decV        decVariant        // the step's attn_decode variant (decVariantFor of its bucket, set with decSplit)
+	l2Set       cuda.AccessWindow // the L2 window over the LoRA update the streams launch with (l2win.go; Bytes 0: none)
+	preOK       bool              // the head shape suits attn_prefill (head_dim 32, 64 or 128)
 	// the attn_decode and attn_prefill variants (head_dim 32 << i) whose
 	// shared memory fits a block on this card
 	decFit           [4]bool
@@ -761,6 +763,9 @@ func (b *Backend) Init(cfg *llama.Config, spec engine.Spec) error {
 	if err := b.la.alloc(b.ctx, min(maxTokens, graphRowsFor(math.MaxInt, b.g.rowsLimit)), cfg); err != nil {
 		return err
 	}
+	if err := b.applyL2Window(); err != nil {
+		return err
+	}
 	if b.up == nil { // pinned once, before any step: no adapter load pins memory while steps run
 		if b.up, err = b.ctx.NewUploader(stageChunks, stageChunkBytes); err != nil {
 			return fmt.Errorf("gpu: adapter staging: %w", err)
@@ -923,6 +928,9 @@ func (b *Backend) Close() error {
 		<-b.pinDone
 	}
 	errs = append(errs, b.closeLoads()) // adapter uploads may still fill a slot
+	if b.l2Set.Bytes > 0 {              // the L2 set aside for the LoRA update back to every access
+		errs = append(errs, b.ctx.SetPersistingL2(0))
+	}
 	for _, w := range b.weights {
 		errs = append(errs, w.mem.Free())
 	}

@@ -412,6 +412,7 @@ type decodeVariant struct {
 	pdlJoins                     int    // recordings' programmatic joins (kernelForce.pdlJoins: -1 none, 0 the default (2), 1, 3)
 	inline                       int    // groups whose shrink runs inside gemm_skinny (kernelForce.loraInline: -1 none, 0 the default (q/k/v), else a mask of llama.FusedGroups)
 	rfold                        int    // q/k/v LoRA expanded inside RoPE at 1-16 rows (kernelForce.ropeLoRA: 1 on, -1 off, 0 the default)
+	l2                           int    // the LoRA update buffer as an L2 persisting window (kernelForce.l2Win: 1 on, -1 off, 0 the default)
 }
 
 // label names a row of TestDecodeBench's table: "no" (base) or the
@@ -475,6 +476,7 @@ func (v decodeVariant) label(ads []*lora.Adapter, pdlOK bool) string {
 	lbl += onOffLabel(v.addcl, "addcl")
 	lbl += onOffLabel(v.prio, "prio")
 	lbl += onOffLabel(v.hoist, "hoist")
+	lbl += onOffLabel(v.l2, "l2")
 	switch v.pdlJoins {
 	case -1:
 		lbl += "+fulljoin"
@@ -649,6 +651,10 @@ func TestDecodeBench(t *testing.T) {
 	ctx := context.Background()
 	pdlOK := gb.PDL() // the card launches programmatically: the +nopdl rows are the A/B
 	bench("decode programmatic dependent launch: %v", pdlOK)
+	if d := gb.Device(); gb.la.delta != nil {
+		bench("decode L2 %d MB: at most %d MB set aside for persisting lines, windows of at most %d MB; the LoRA update buffer %d MB (+l2 rows: its first %d MB a window)",
+			d.L2Bytes>>20, d.PersistL2Max>>20, d.WindowMax>>20, gb.la.delta.Size()>>20, gb.l2Window().Bytes>>20)
+	}
 	// base, adapters, base sampled on the device (StepSample), both
 	// eagerly (no graphs, as before v0.11), then adapters with every
 	// LoRA update on the compute stream (SerialLoRA) and with the GEMMs
@@ -676,6 +682,7 @@ func TestDecodeBench(t *testing.T) {
 		{sms: -1, padOld: true}, {lora: true, sms: -1, padOld: true},
 		{sms: -1, fslate: true}, {lora: true, sms: -1, fslate: true},
 		{sms: -1, noe1: true}, {lora: true, sms: -1, noe1: true}, {lora: true, sms: -1, e1lone: true},
+		{sms: -1, l2: 1}, {lora: true, sms: -1, l2: 1}, {sms: -1, l2: -1}, {lora: true, sms: -1, l2: -1},
 	}
 	// PEFTD_LORA_PARTITION=16,32: rows +part16, +part32 with the SMs split by
 	// green contexts (Options.LoRAPartition), base and adapters, with and
@@ -751,13 +758,16 @@ func TestDecodeBench(t *testing.T) {
 			continue
 		}
 		retune := v.tuned && !gb.tune.done
-		if wantPDL := pdlOK && !v.nopdl; retune || partOf(gb) != v.part || gb.la.on == v.serial || gb.la.sms != v.sms || gb.s.ProgrammaticLaunch() != wantPDL || gb.force.decSplit != v.split || gb.force.ropeHeads != v.ropeHeads || gb.force.decOpts != v.opts || gb.force.noSkinny != v.lt || gb.force.wgFull != v.wgFull || gb.force.loraKChunk != v.kc || gb.force.skLate != v.skLate || gb.force.decVar != v.dv || gb.force.bwg != v.bwg || gb.force.holds != v.holds || gb.force.pdlJoins != v.pdlJoins || gb.force.loraInline != v.inline || gb.force.ropeLoRA != v.rfold || gb.force.nodePrio != v.prio || gb.force.siluCl != v.silucl || gb.force.addCl != v.addcl || gb.force.memHoist != v.hoist || gb.wg != nil && gb.wg.two != v.two || gb.f8 != nil && gb.f8.wg != nil && gb.f8.wg.two != v.two || gb.f8 != nil && (gb.f8.wgBeside != v.wgBeside || gb.f8.splitBeside != v.splitBeside || gb.f8.padOff != v.nopad || gb.f8.streamLate != v.fslate || gb.f8.streamE1Off != v.noe1 || gb.f8.streamE1Lone != v.e1lone || gb.f8.padOld != v.padOld || gb.f8.streamOn != v.fs || gb.f8.streamOff != v.gv || gb.f8.segOff != v.noseg || gb.f8.wgOn != v.wg || gb.f8.wgAuto != (gb.f8.wgAutoDefault && !v.nowga)) { // recordings bake the LoRA and launch modes, the kernels and the GEMM algorithms in
+		if wantPDL := pdlOK && !v.nopdl; retune || partOf(gb) != v.part || gb.la.on == v.serial || gb.la.sms != v.sms || gb.s.ProgrammaticLaunch() != wantPDL || gb.force.decSplit != v.split || gb.force.ropeHeads != v.ropeHeads || gb.force.decOpts != v.opts || gb.force.noSkinny != v.lt || gb.force.wgFull != v.wgFull || gb.force.loraKChunk != v.kc || gb.force.skLate != v.skLate || gb.force.decVar != v.dv || gb.force.bwg != v.bwg || gb.force.holds != v.holds || gb.force.pdlJoins != v.pdlJoins || gb.force.loraInline != v.inline || gb.force.ropeLoRA != v.rfold || gb.force.nodePrio != v.prio || gb.force.siluCl != v.silucl || gb.force.addCl != v.addcl || gb.force.memHoist != v.hoist || gb.force.l2Win != v.l2 || gb.wg != nil && gb.wg.two != v.two || gb.f8 != nil && gb.f8.wg != nil && gb.f8.wg.two != v.two || gb.f8 != nil && (gb.f8.wgBeside != v.wgBeside || gb.f8.splitBeside != v.splitBeside || gb.f8.padOff != v.nopad || gb.f8.streamLate != v.fslate || gb.f8.streamE1Off != v.noe1 || gb.f8.streamE1Lone != v.e1lone || gb.f8.padOld != v.padOld || gb.f8.streamOn != v.fs || gb.f8.streamOff != v.gv || gb.f8.segOff != v.noseg || gb.f8.wgOn != v.wg || gb.f8.wgAuto != (gb.f8.wgAutoDefault && !v.nowga)) { // recordings bake the LoRA and launch modes, the kernels and the GEMM algorithms in
 			gb.la.on, gb.la.sms, gb.force.decSplit, gb.force.ropeHeads, gb.force.decOpts = !v.serial, v.sms, v.split, v.ropeHeads, v.opts
 			gb.force.noSkinny, gb.force.skLate, gb.force.decVar, gb.force.bwg = v.lt, v.skLate, v.dv, v.bwg
 			gb.force.wgFull, gb.force.loraKChunk = v.wgFull, v.kc
 			gb.force.holds, gb.force.pdlJoins, gb.force.loraInline = v.holds, v.pdlJoins, v.inline
 			gb.force.ropeLoRA, gb.force.nodePrio, gb.force.siluCl, gb.force.addCl = v.rfold, v.prio, v.silucl, v.addcl
-			gb.force.memHoist = v.hoist
+			gb.force.memHoist, gb.force.l2Win = v.hoist, v.l2
+			if err := gb.applyL2Window(); err != nil {
+				t.Fatal(err)
+			}
 			if gb.wg != nil {
 				gb.wg.two = v.two
 			}
@@ -874,7 +884,10 @@ func TestDecodeBench(t *testing.T) {
 	gb.force.noSkinny, gb.force.skLate, gb.force.decVar, gb.force.bwg = false, false, 0, false
 	gb.force.wgFull, gb.force.loraKChunk = false, 0
 	gb.force.holds, gb.force.pdlJoins, gb.force.ropeLoRA, gb.force.nodePrio = [4]int{}, 0, 0, 0
-	gb.force.siluCl, gb.force.memHoist = 0, 0
+	gb.force.siluCl, gb.force.memHoist, gb.force.l2Win = 0, 0, 0
+	if err := gb.applyL2Window(); err != nil {
+		t.Fatal(err)
+	}
 	if gb.wg != nil {
 		gb.wg.two = false
 	}

@@ -50,7 +50,7 @@ func (b *Backend) openPartition(loraSMs int) error {
 		return errors.Join(fmt.Errorf("%w: %w", ErrPartition, err), p.close(b))
 	}
 	b.smPart = p
-	return nil
+	return b.applyL2Window() // the partition's streams launch with the window too
 }
 
 // streams creates the compute and LoRA streams in the green contexts, with
