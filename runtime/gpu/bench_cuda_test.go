@@ -476,7 +476,11 @@ func (v decodeVariant) label(ads []*lora.Adapter, pdlOK bool) string {
 	lbl += onOffLabel(v.addcl, "addcl")
 	lbl += onOffLabel(v.prio, "prio")
 	lbl += onOffLabel(v.hoist, "hoist")
-	lbl += onOffLabel(v.l2, "l2")
+	if v.l2 > 1 {
+		lbl += fmt.Sprintf("+l2m%d", v.l2)
+	} else {
+		lbl += onOffLabel(v.l2, "l2")
+	}
 	switch v.pdlJoins {
 	case -1:
 		lbl += "+fulljoin"
@@ -683,6 +687,7 @@ func TestDecodeBench(t *testing.T) {
 		{sms: -1, fslate: true}, {lora: true, sms: -1, fslate: true},
 		{sms: -1, noe1: true}, {lora: true, sms: -1, noe1: true}, {lora: true, sms: -1, e1lone: true},
 		{sms: -1, l2: 1}, {lora: true, sms: -1, l2: 1}, {sms: -1, l2: -1}, {lora: true, sms: -1, l2: -1},
+		{sms: -1, l2: 2}, {lora: true, sms: -1, l2: 2}, {sms: -1, l2: 3}, {lora: true, sms: -1, l2: 3}, {sms: -1, l2: 4}, {lora: true, sms: -1, l2: 4},
 	}
 	// PEFTD_LORA_PARTITION=16,32: rows +part16, +part32 with the SMs split by
 	// green contexts (Options.LoRAPartition), base and adapters, with and

@@ -42,14 +42,18 @@ func (b *Backend) loraL2On() bool {
 
 // l2Window is the window over the update buffer: its first bytes, as many
 // as the card may set aside and a window may span (the rows of a step
-// fill it from its start), all of them persisting; zero where the card
-// has no L2 persistence or there is no buffer.
+// fill it from its start; kernelForce.l2Win 3: 8 MB at most), all of them
+// persisting; zero where the card has no L2 persistence or there is no
+// buffer.
 func (b *Backend) l2Window() cuda.AccessWindow {
 	dev := b.ctx.Device()
 	if b.la.delta == nil || dev.PersistL2Max == 0 || dev.WindowMax == 0 {
 		return cuda.AccessWindow{}
 	}
 	n := min(b.la.delta.Size(), dev.PersistL2Max, dev.WindowMax)
+	if b.force.l2Win == 3 {
+		n = min(n, 8<<20)
+	}
 	return cuda.AccessWindow{Base: b.la.delta.Ptr(), Bytes: n, HitRatio: 1}
 }
 
@@ -64,12 +68,24 @@ func (b *Backend) applyL2Window() error {
 		w = b.l2Window()
 	}
 	if w.Bytes != b.l2Set.Bytes {
-		if err := b.ctx.SetPersistingL2(w.Bytes); err != nil {
+		// 0 first: the lines an earlier window marked persisting go back to normal
+		if err := b.ctx.SetPersistingL2(0); err != nil {
 			return fmt.Errorf("gpu: L2 set-aside for the LoRA update: %w", err)
 		}
+		if w.Bytes > 0 {
+			if err := b.ctx.SetPersistingL2(w.Bytes); err != nil {
+				return fmt.Errorf("gpu: L2 set-aside for the LoRA update: %w", err)
+			}
+		}
 	}
-	for _, s := range b.launchStreams() {
-		if err := s.SetAccessWindow(w); err != nil {
+	for i, s := range b.launchStreams() {
+		sw := w
+		// timing modes (kernelForce.l2Win): 2 the window on the LoRA
+		// streams' launches only (odd indexes), 4 the L2 set aside and no window
+		if b.force.l2Win == 4 || b.force.l2Win == 2 && i%2 == 0 {
+			sw = cuda.AccessWindow{}
+		}
+		if err := s.SetAccessWindow(sw); err != nil {
 			return fmt.Errorf("gpu: L2 window over the LoRA update: %w", err)
 		}
 	}
@@ -81,7 +97,8 @@ func (b *Backend) applyL2Window() error {
 }
 
 // launchStreams is every stream the backend launches kernels on: the
-// compute and LoRA streams, and those of an SM partition's either side.
+// compute and LoRA streams, and those of an SM partition's either side
+// (compute streams at even indexes, LoRA streams at odd).
 func (b *Backend) launchStreams() []*cuda.Stream {
 	ss := []*cuda.Stream{b.s, b.la.s}
 	if p := b.smPart; p != nil {
