@@ -412,7 +412,7 @@ type decodeVariant struct {
 	pdlJoins                     int    // recordings' programmatic joins (kernelForce.pdlJoins: -1 none, 0 the default (2), 1, 3)
 	inline                       int    // groups whose shrink runs inside gemm_skinny (kernelForce.loraInline: -1 none, 0 the default (q/k/v), else a mask of llama.FusedGroups)
 	rfold                        int    // q/k/v LoRA expanded inside RoPE at 1-16 rows (kernelForce.ropeLoRA: 1 on, -1 off, 0 the default)
-	l2                           int    // the LoRA update buffer as an L2 persisting window (kernelForce.l2Win: 1 on, -1 off, 0 the default)
+	l2                           int    // the LoRA update buffer as an L2 persisting window (kernelForce.l2Win: 1 on, -1 off, 3 on over the whole buffer, 0 the default)
 }
 
 // label names a row of TestDecodeBench's table: "no" (base) or the
@@ -656,7 +656,7 @@ func TestDecodeBench(t *testing.T) {
 	pdlOK := gb.PDL() // the card launches programmatically: the +nopdl rows are the A/B
 	bench("decode programmatic dependent launch: %v", pdlOK)
 	if d := gb.Device(); gb.la.delta != nil {
-		bench("decode L2 %d MB: at most %d MB set aside for persisting lines, windows of at most %d MB; the LoRA update buffer %d MB (+l2 rows: its first %d MB a window)",
+		bench("decode L2 %d MB: at most %d MB set aside for persisting lines, windows of at most %d MB; the LoRA update buffer %d MB (its first %d MB a window by default)",
 			d.L2Bytes>>20, d.PersistL2Max>>20, d.WindowMax>>20, gb.la.delta.Size()>>20, gb.l2Window().Bytes>>20)
 	}
 	// base, adapters, base sampled on the device (StepSample), both
@@ -687,7 +687,7 @@ func TestDecodeBench(t *testing.T) {
 		{sms: -1, fslate: true}, {lora: true, sms: -1, fslate: true},
 		{sms: -1, noe1: true}, {lora: true, sms: -1, noe1: true}, {lora: true, sms: -1, e1lone: true},
 		{sms: -1, l2: 1}, {lora: true, sms: -1, l2: 1}, {sms: -1, l2: -1}, {lora: true, sms: -1, l2: -1},
-		{sms: -1, l2: 2}, {lora: true, sms: -1, l2: 2}, {sms: -1, l2: 3}, {lora: true, sms: -1, l2: 3}, {sms: -1, l2: 4}, {lora: true, sms: -1, l2: 4},
+		{sms: -1, l2: 3}, {lora: true, sms: -1, l2: 3},
 	}
 	// PEFTD_LORA_PARTITION=16,32: rows +part16, +part32 with the SMs split by
 	// green contexts (Options.LoRAPartition), base and adapters, with and
