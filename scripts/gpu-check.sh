@@ -190,6 +190,7 @@ PHASES=("$@")
 want() { local x; for x in "${PHASES[@]}"; do [[ "$x" == "$1" ]] && return 0; done; return 1; }
 unset PEFTD_FIXTURE_8B PEFTD_LORA_BENCH PEFTD_MODEL_8B
 GPUBIN="${GPUBIN_OVERRIDE:-$ROOT/$(bin_of runtime/gpu)}" # GPUBIN_OVERRIDE: another build of runtime/gpu (an A/B of two trees in one call)
+[[ $GPUBIN == /* ]] || GPUBIN="$ROOT/$GPUBIN"                # relative to the repository (the tests run from runtime/gpu)
 T0=$SECONDS
 stamp() { echo "--- $1 done at +$((SECONDS - T0))s"; }
 # keep the whole run inside the device's 600 s command limit: each benchmark
@@ -540,7 +541,9 @@ if want serve8b; then
 		SD=$(mktemp -d)
 		# SERVE8B_ARGS: more serve flags (e.g. --weights fp8)
 		# PEFTD_OVERRIDE: another build of peftd serves (an A/B of two trees in one call)
-		PEFTD_CACHE=$SD "${PEFTD_OVERRIDE:-$ROOT/bin/gpu/peftd}" serve --device cuda --model "$MD/base" --store "$MD/adapters" --slots 5 --max-queue 1024 --listen 127.0.0.1:8081 ${SERVE8B_ARGS:-} >"$LOG/serve8b.log" 2>&1 &
+		SRVBIN="${PEFTD_OVERRIDE:-$ROOT/bin/gpu/peftd}"
+		[[ $SRVBIN == /* ]] || SRVBIN="$ROOT/$SRVBIN"
+		PEFTD_CACHE=$SD "$SRVBIN" serve --device cuda --model "$MD/base" --store "$MD/adapters" --slots 5 --max-queue 1024 --listen 127.0.0.1:8081 ${SERVE8B_ARGS:-} >"$LOG/serve8b.log" 2>&1 &
 		SRV=$!
 		if serve_wait "$LOG/serve8b.log" "$(left 200)"; then
 			grep -E 'engine|kv cache|device' "$LOG/serve8b.log" | head -4 | cut -c1-240
