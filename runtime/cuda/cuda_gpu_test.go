@@ -130,16 +130,7 @@ func TestGPUCompileLaunchEvents(t *testing.T) {
 	s, _ := c.NewStream()
 	defer s.Destroy()
 	n := 100003
-	x, y := make([]float32, n), make([]float32, n)
-	for i := range x {
-		x[i], y[i] = rand.Float32(), rand.Float32()
-	}
-	dx, _ := c.Alloc(4 * n)
-	dy, _ := c.Alloc(4 * n)
-	defer dx.Free()
-	defer dy.Free()
-	CopyHtoD(s, dx.Ptr(), x)
-	CopyHtoD(s, dy.Ptr(), y)
+	x, y, dx, dy := saxpyInputs(t, c, s, n)
 	e0, _ := c.NewEvent(true)
 	e1, _ := c.NewEvent(true)
 	e0.Record(s)
@@ -179,6 +170,29 @@ func TestGPUCompileLaunchEvents(t *testing.T) {
 	if err := s.Synchronize(); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// saxpyInputs is n random x and y values and their copies on the device
+// (enqueued on s), freed when t ends.
+func saxpyInputs(t *testing.T, c *Context, s *Stream, n int) (x, y []float32, dx, dy *DeviceBuffer) {
+	t.Helper()
+	x, y = make([]float32, n), make([]float32, n)
+	for i := range x {
+		x[i], y[i] = rand.Float32(), rand.Float32()
+	}
+	var err error
+	if dx, err = c.Alloc(4 * n); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { dx.Free() })
+	if dy, err = c.Alloc(4 * n); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { dy.Free() })
+	if err := errors.Join(CopyHtoD(s, dx.Ptr(), x), CopyHtoD(s, dy.Ptr(), y)); err != nil {
+		t.Fatal(err)
+	}
+	return x, y, dx, dy
 }
 
 func bf16(x float32) uint16 {
@@ -534,16 +548,7 @@ func TestGPUL2Window(t *testing.T) {
 	s, _ := c.NewStream()
 	defer s.Destroy()
 	n := 1 << 20
-	x, y := make([]float32, n), make([]float32, n)
-	for i := range x {
-		x[i], y[i] = rand.Float32(), rand.Float32()
-	}
-	dx, _ := c.Alloc(4 * n)
-	dy, _ := c.Alloc(4 * n)
-	defer dx.Free()
-	defer dy.Free()
-	CopyHtoD(s, dx.Ptr(), x)
-	CopyHtoD(s, dy.Ptr(), y)
+	x, y, dx, dy := saxpyInputs(t, c, s, n)
 	if err := s.SetAccessWindow(AccessWindow{Base: dy.Ptr(), Bytes: 4 * n, HitRatio: 1}); err != nil {
 		t.Fatal(err)
 	}
