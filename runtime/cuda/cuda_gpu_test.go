@@ -172,6 +172,26 @@ func TestGPUCompileLaunchEvents(t *testing.T) {
 	}
 }
 
+// saxpyKernel is the saxpy kernel compiled for c's card, its module
+// unloaded when t ends.
+func saxpyKernel(t *testing.T, c *Context) *Function {
+	t.Helper()
+	cubin, _, err := Compile(saxpy, "saxpy.cu", []string{"-arch=" + c.Device().Arch()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, err := c.LoadModule(cubin)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { m.Unload() })
+	f, err := m.Function("saxpy")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return f
+}
+
 // saxpyInputs is n random x and y values and their copies on the device
 // (enqueued on s), freed when t ends.
 func saxpyInputs(t *testing.T, c *Context, s *Stream, n int) (x, y []float32, dx, dy *DeviceBuffer) {
@@ -521,19 +541,7 @@ func TestGPUL2Window(t *testing.T) {
 	if d.PersistL2Max == 0 || d.WindowMax == 0 {
 		t.Skip("no L2 persistence on this card or driver")
 	}
-	cubin, _, err := Compile(saxpy, "saxpy.cu", []string{"-arch=" + d.Arch()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	m, err := c.LoadModule(cubin)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer m.Unload()
-	f, err := m.Function("saxpy")
-	if err != nil {
-		t.Fatal(err)
-	}
+	f := saxpyKernel(t, c)
 	set := min(d.PersistL2Max, 8<<20)
 	if err := c.SetPersistingL2(set); err != nil {
 		t.Fatal(err)
