@@ -322,6 +322,8 @@ type Backend struct {
 	decResident [decVariants]int  // attn_decode blocks of each variant resident at once (sizeDecode)
 	decV        decVariant        // the step's attn_decode variant (decVariantFor of its bucket, set with decSplit)
 	l2Set       cuda.AccessWindow // the L2 window over the LoRA update the streams launch with (l2win.go; Bytes 0: none)
+	l2Aside     int               // bytes of L2 set aside for it
+	l2Refused   bool              // the card or driver refused the window: it stays off
 	preOK       bool              // the head shape suits attn_prefill (head_dim 32, 64 or 128)
 	// the attn_decode and attn_prefill variants (head_dim 32 << i) whose
 	// shared memory fits a block on this card
@@ -928,7 +930,7 @@ func (b *Backend) Close() error {
 		<-b.pinDone
 	}
 	errs = append(errs, b.closeLoads()) // adapter uploads may still fill a slot
-	if b.l2Set.Bytes > 0 {              // the L2 set aside for the LoRA update back to every access
+	if b.l2Aside > 0 {                  // the L2 set aside for the LoRA update back to every access
 		errs = append(errs, b.ctx.SetPersistingL2(0))
 	}
 	for _, w := range b.weights {

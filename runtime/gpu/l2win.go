@@ -69,23 +69,39 @@ func (b *Backend) l2Window() cuda.AccessWindow {
 
 // applyL2Window sets the window (or none, loraL2On false) on every stream
 // the backend launches kernels on (again after they change: an SM
-// partition's) and sets aside the L2 it needs (or none).
-// Recordings keep the window they were captured with: call dropGraphs
-// after a change.
+// partition's) and sets aside the L2 it needs (or none). Recordings keep
+// the window they were captured with: call dropGraphs after a change. A
+// card or driver that refuses it (an MPS client cannot change the
+// set-aside) is not an error: a warning, and the steps run without it.
 func (b *Backend) applyL2Window() error {
 	w := cuda.AccessWindow{}
-	if b.loraL2On() {
+	if b.loraL2On() && !b.l2Refused {
 		w = b.l2Window()
 	}
-	if w.Bytes != b.l2Set.Bytes {
+	err := b.setL2Window(w)
+	if err == nil || w.Bytes == 0 {
+		return err
+	}
+	slog.Warn("gpu: the LoRA update is not kept in L2; steps run without it", "err", err)
+	b.l2Refused = true
+	return b.setL2Window(cuda.AccessWindow{})
+}
+
+// setL2Window sets aside w.Bytes of L2 and gives every launch stream w.
+func (b *Backend) setL2Window(w cuda.AccessWindow) error {
+	if w.Bytes != b.l2Aside {
 		// 0 first: the lines an earlier window marked persisting go back to normal
-		if err := b.ctx.SetPersistingL2(0); err != nil {
-			return fmt.Errorf("gpu: L2 set-aside for the LoRA update: %w", err)
+		if b.l2Aside > 0 {
+			if err := b.ctx.SetPersistingL2(0); err != nil {
+				return fmt.Errorf("gpu: L2 set-aside for the LoRA update: %w", err)
+			}
+			b.l2Aside = 0
 		}
 		if w.Bytes > 0 {
 			if err := b.ctx.SetPersistingL2(w.Bytes); err != nil {
 				return fmt.Errorf("gpu: L2 set-aside for the LoRA update: %w", err)
 			}
+			b.l2Aside = w.Bytes
 		}
 	}
 	for _, s := range b.launchStreams() {
