@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"strconv"
 
 	"github.com/peftd/peftd/runtime/cuda"
 )
@@ -31,8 +32,24 @@ const loraL2Default = true
 
 // loraL2Bytes is the most of the update buffer the window covers and the
 // L2 set aside for it (kernelForce.l2Win 3: the whole buffer, as far as
-// the card allows).
+// the card allows; PEFTD_LORA_L2_MB=N: N MB, for the sweep of PERFORMANCE
+// v0.50's Next 1).
 const loraL2Bytes = 8 << 20
+
+// l2Bytes is loraL2Bytes, or PEFTD_LORA_L2_MB's size where it is a whole
+// number of MB from 1 to 1024 (else the default, with a warning).
+func l2Bytes() int {
+	v := os.Getenv("PEFTD_LORA_L2_MB")
+	if v == "" {
+		return loraL2Bytes
+	}
+	mb, err := strconv.Atoi(v)
+	if err != nil || mb < 1 || mb > 1024 {
+		slog.Warn("gpu: PEFTD_LORA_L2_MB is not 1 to 1024 MB; using the default", "value", v, "default_mb", loraL2Bytes>>20)
+		return loraL2Bytes
+	}
+	return mb << 20
+}
 
 // loraL2On reports whether the update buffer should be an L2 window.
 func (b *Backend) loraL2On() bool {
@@ -62,7 +79,7 @@ func (b *Backend) l2Window() cuda.AccessWindow {
 	}
 	n := min(b.la.delta.Size(), dev.PersistL2Max, dev.WindowMax)
 	if b.force.l2Win != 3 {
-		n = min(n, loraL2Bytes)
+		n = min(n, l2Bytes())
 	}
 	return cuda.AccessWindow{Base: b.la.delta.Ptr(), Bytes: n, HitRatio: 1}
 }

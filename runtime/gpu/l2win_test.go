@@ -28,3 +28,26 @@ func TestLoRAL2On(t *testing.T) {
 		}
 	}
 }
+
+// TestL2Bytes: PEFTD_LORA_L2_MB sizes the window in whole MB; anything
+// else keeps loraL2Bytes.
+func TestL2Bytes(t *testing.T) {
+	for _, tc := range []struct {
+		env  string
+		want int
+	}{
+		{"", loraL2Bytes},
+		{"12", 12 << 20},
+		{"1", 1 << 20},
+		{"1024", 1 << 30},
+		{"0", loraL2Bytes},
+		{"-4", loraL2Bytes},
+		{"2048", loraL2Bytes},
+		{"16MB", loraL2Bytes},
+	} {
+		t.Setenv("PEFTD_LORA_L2_MB", tc.env)
+		if got := l2Bytes(); got != tc.want {
+			t.Errorf("PEFTD_LORA_L2_MB=%q: %d, want %d", tc.env, got, tc.want)
+		}
+	}
+}
