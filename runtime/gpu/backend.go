@@ -318,13 +318,10 @@ type Backend struct {
 
 	// Split-KV decode attention (attn_decode) for sequences
 	// with one row in the step; the per-row kernel takes the other rows.
-	decOK       bool              // the model's head shape suits attn_decode (head_dim 32, 64, 128 or 256; <= 8 query heads per KV head)
-	decResident [decVariants]int  // attn_decode blocks of each variant resident at once (sizeDecode)
-	decV        decVariant        // the step's attn_decode variant (decVariantFor of its bucket, set with decSplit)
-	l2Set       cuda.AccessWindow // the L2 window over the LoRA update the streams launch with (l2win.go; Bytes 0: none)
-	l2Aside     int               // bytes of L2 set aside for it
-	l2Refused   bool              // the card or driver refused the window: it stays off
-	preOK       bool              // the head shape suits attn_prefill (head_dim 32, 64 or 128)
+	decOK       bool             // the model's head shape suits attn_decode (head_dim 32, 64, 128 or 256; <= 8 query heads per KV head)
+	decResident [decVariants]int // attn_decode blocks of each variant resident at once (sizeDecode)
+	decV        decVariant       // the step's attn_decode variant (decVariantFor of its bucket, set with decSplit)
+	preOK       bool             // the head shape suits attn_prefill (head_dim 32, 64 or 128)
 	// the attn_decode and attn_prefill variants (head_dim 32 << i) whose
 	// shared memory fits a block on this card
 	decFit           [4]bool
@@ -342,9 +339,11 @@ type Backend struct {
 
 	stage *staging // weight uploads' pinned staging (upload.go), freed before the first step
 
-	la      loraAside    // the LoRA stream and the update it has in flight (lora.go)
-	smPart  *smPartition // Options.LoRAPartition (nil: none)
-	ctxFree bool         // the kernels were loaded as context-independent libraries (kernels.Options.ContextFree)
+	la        loraAside    // the LoRA stream and the update it has in flight (lora.go)
+	l2Aside   int          // bytes of L2 set aside for the update buffer's window (l2win.go; the streams launch with a window of as many bytes)
+	l2Refused bool         // the card or driver refused the window: it stays off
+	smPart    *smPartition // Options.LoRAPartition (nil: none)
+	ctxFree   bool         // the kernels were loaded as context-independent libraries (kernels.Options.ContextFree)
 
 	// asynchronous adapter loads (PrepareAdapter / LoadPrepared)
 	cs          *cuda.Stream   // copy stream (weight uploads)

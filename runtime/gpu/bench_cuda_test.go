@@ -686,8 +686,7 @@ func TestDecodeBench(t *testing.T) {
 		{sms: -1, padOld: true}, {lora: true, sms: -1, padOld: true},
 		{sms: -1, fslate: true}, {lora: true, sms: -1, fslate: true},
 		{sms: -1, noe1: true}, {lora: true, sms: -1, noe1: true}, {lora: true, sms: -1, e1lone: true},
-		{sms: -1, l2: 1}, {lora: true, sms: -1, l2: 1}, {sms: -1, l2: -1}, {lora: true, sms: -1, l2: -1},
-		{sms: -1, l2: 3}, {lora: true, sms: -1, l2: 3},
+		{sms: -1, l2: -1}, {lora: true, sms: -1, l2: -1}, {sms: -1, l2: 3}, {lora: true, sms: -1, l2: 3},
 	}
 	// PEFTD_LORA_PARTITION=16,32: rows +part16, +part32 with the SMs split by
 	// green contexts (Options.LoRAPartition), base and adapters, with and

@@ -120,16 +120,13 @@ func (b *Backend) setL2Window(w cuda.AccessWindow) error {
 			}
 			b.l2Aside = w.Bytes
 		}
+		slog.Debug("gpu: LoRA update buffer in L2", "bytes", w.Bytes, "persisting_max", b.ctx.Device().PersistL2Max)
 	}
 	for _, s := range b.launchStreams() {
 		if err := s.SetAccessWindow(w); err != nil {
 			return fmt.Errorf("gpu: L2 window over the LoRA update: %w", err)
 		}
 	}
-	if w != b.l2Set {
-		slog.Debug("gpu: LoRA update buffer in L2", "bytes", w.Bytes, "persisting_max", b.ctx.Device().PersistL2Max)
-	}
-	b.l2Set = w
 	return nil
 }
 
