@@ -457,6 +457,29 @@ extern "C" __global__ void rope_store_rows(bf16* q, bf16* k, const bf16* v, bf16
 #ifndef EX_ZU
 #define EX_ZU 8
 #endif
+
+// sum_kparts: v[u] (u < PER) = the sum over the shrink's K parts z <
+// ksplit of tp[u * us + z * zs], 0 where ok[u] is false. ZU parts of every
+// value are loaded before the first add (a rolled loop waits for each load
+// at its add: one round trip to L2 a part, or per four parts where the
+// compiler unrolls it), then added in part order (the serial sum's bits).
+template <int ZU, int PER>
+__device__ __forceinline__ void sum_kparts(float (&v)[PER], const float* tp, i64 us, i64 zs, int ksplit, const bool (&ok)[PER]) {
+#pragma unroll
+    for (int u = 0; u < PER; u++) v[u] = 0.f;
+    for (int z0 = 0; z0 < ksplit; z0 += ZU) {
+        float p[ZU][PER];
+#pragma unroll
+        for (int zu = 0; zu < ZU; zu++)
+#pragma unroll
+            for (int u = 0; u < PER; u++) p[zu][u] = ok[u] && z0 + zu < ksplit ? __ldcg(tp + u * us + (z0 + zu) * zs) : 0.f;
+#pragma unroll
+        for (int zu = 0; zu < ZU; zu++)
+#pragma unroll
+            for (int u = 0; u < PER; u++)
+                if (z0 + zu < ksplit) v[u] += p[zu][u];
+    }
+}
 #define ROPE_LORA_PRE 4 // 8-rank chunks of B kept in registers from before the wait
 extern "C" __global__ void rope_store_lora(bf16* q, bf16* k, const bf16* v, bf16* kc, bf16* vc, const float* inv_freq, const int* pos,
                                            const int* slots, const int* rl, int heads, int kvh, int hd, int ldq, int ldk, int ldv,
@@ -483,24 +506,15 @@ extern "C" __global__ void rope_store_lora(bf16* q, bf16* k, const bf16* v, bf16
     float sn = 0.f, cs = 1.f;
     if (inv_freq && sl < 2) sincosf((float)pos[r] * inv_freq[j], &sn, &cs);
     pdl_entry();
-    // the projection's outputs first, then tmp's K parts EX_ZU at a time, all
-    // in flight before the first add (added in part order: the serial sum's bits)
+    // the projection's outputs first, then tmp's K parts (sum_kparts)
     const bf16* x = sl == 0 ? q + (i64)r * ldq + col : (sl == 1 ? k + (i64)r * ldk + col : v + (i64)r * ldv + col);
     float x1 = ld(x + j), x2 = ld(x + j + half);
     if (e.rank > 0) {
-        const i64 zs = (i64)rows * t_stride;
+        const bool all[1] = {true};
         for (int i = j; i < e.rank; i += half) {
-            const float* tp = tmp + (i64)r * t_stride + sl * max_rank + i;
-            float t = 0.f;
-            for (int z0 = 0; z0 < ksplit; z0 += EX_ZU) {
-                float p[EX_ZU];
-#pragma unroll
-                for (int zu = 0; zu < EX_ZU; zu++) p[zu] = z0 + zu < ksplit ? __ldcg(tp + (z0 + zu) * zs) : 0.f;
-#pragma unroll
-                for (int zu = 0; zu < EX_ZU; zu++)
-                    if (z0 + zu < ksplit) t += p[zu];
-            }
-            ts[i] = t;
+            float t[1];
+            sum_kparts<EX_ZU>(t, tmp + (i64)r * t_stride + sl * max_rank + i, 0, (i64)rows * t_stride, ksplit, all);
+            ts[i] = t[0];
         }
     }
     __syncthreads();
@@ -2270,32 +2284,16 @@ __device__ __forceinline__ void expand_tc_body(
     }
     pdl_entry(); // tmp is the shrink's output
     if (rank > 0) {
-        // The tile's rows of tmp, summed over the K parts: each thread's
-        // PER values (rows r0 + DR * u, rank k) and ZU K parts of each
-        // are loaded before the first add (a rolled loop waits for each
-        // load at its add: one round trip to L2 per value and part, or
-        // per four parts where the compiler unrolled it), then added in
-        // part order (the bits of the serial sum).
+        // The tile's rows of tmp, summed over the K parts (sum_kparts):
+        // each thread's PER values (rows r0 + DR * u, rank k), EX_ZU / PER
+        // K parts of each in flight together.
         constexpr int PER = SG_TR * R / 256, ZU = EX_ZU / PER > 0 ? EX_ZU / PER : 1, DR = 256 / R;
         const int r0 = threadIdx.x / R, k = threadIdx.x % R;
-        const float* tp = tmp + ((i64)tile.x + r0) * t_stride + s * max_rank + k;
-        const i64 zs = (i64)rows_total * t_stride, us = (i64)DR * t_stride;
+        bool ok[PER];
+#pragma unroll
+        for (int u = 0; u < PER; u++) ok[u] = r0 + DR * u < n && k < rank;
         float v[PER];
-#pragma unroll
-        for (int u = 0; u < PER; u++) v[u] = 0.f;
-        for (int z0 = 0; z0 < ksplit; z0 += ZU) {
-            float p[ZU][PER];
-#pragma unroll
-            for (int zu = 0; zu < ZU; zu++)
-#pragma unroll
-                for (int u = 0; u < PER; u++)
-                    p[zu][u] = r0 + DR * u < n && k < rank && z0 + zu < ksplit ? __ldcg(tp + u * us + (z0 + zu) * zs) : 0.f;
-#pragma unroll
-            for (int zu = 0; zu < ZU; zu++)
-#pragma unroll
-                for (int u = 0; u < PER; u++)
-                    if (z0 + zu < ksplit) v[u] += p[zu][u];
-        }
+        sum_kparts<ZU>(v, tmp + ((i64)tile.x + r0) * t_stride + s * max_rank + k, (i64)DR * t_stride, (i64)rows_total * t_stride, ksplit, ok);
 #pragma unroll
         for (int u = 0; u < PER; u++) ts[(r0 + DR * u) * W + k] = v[u];
     }
