@@ -674,14 +674,6 @@ extern "C" __global__ void __launch_bounds__(32 * ATT_WARPS) attention(
 #define DEC_THREADS (DEC_WARPS * 32)
 #define DEC_MAXG 8
 #define DEC_TILE 16 // positions per warp tile
-// DEC_T8: the tile of attn_decode8_d64 / _d128 (4 warps, FP8 keys): 16, or
-// 32 with DEC_T32 where e4m3 Q K^T runs (DecShape). runtime/gpu's
-// decShared reads DEC_T32 from PEFTD_KERNEL_DEFINES to size it.
-#if defined(DEC_T32) && DEC_T32 && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890 && !defined(PEFTD_ATTN_NO_QK8)
-#define DEC_T8 32
-#else
-#define DEC_T8 DEC_TILE
-#endif
 #define LOG2E 1.4426950408889634f
 
 // mma8: d += a * b on the tensor cores (m16n8k16, bf16 in, f32 out) for
@@ -746,12 +738,11 @@ template <int C> __device__ __forceinline__ int xor_slot(int r, int c) {
 // DecShape: attn_decode_d{HD}'s shared memory, per warp: ST cp.async
 // stages of a DEC_TILE-position tile (bf16, 4 warps: 4 * ST * 64 * HD
 // bytes, 96 KB at HD 128, 128 KB at 256).
-template <int HD, bool K8 = false, int TL = DEC_TILE> struct DecShape {
+template <int HD, bool K8 = false> struct DecShape {
     static constexpr bool QK8 = DEC_QK8 && K8 && HD >= 64; // e4m3 Q K^T on the raw key rows
-    static_assert(TL == DEC_TILE || (TL == 32 && QK8), "32-position tiles: e4m3 Q K^T only");
     static constexpr int C = HD / 8;                       // 16-byte chunks per K or V row
-    static constexpr int ST = HD >= 256 || TL == 32 ? 2 : 3; // stages per warp
-    static constexpr int TILE_B = TL * HD * 2;             // bytes of bf16 K (or V) per tile
+    static constexpr int ST = HD >= 256 ? 2 : 3;           // stages per warp
+    static constexpr int TILE_B = DEC_TILE * HD * 2;       // bytes of bf16 K (or V) per tile
     // FP8 keys: a stage holds the tile's V rows, its e4m3 K rows as read
     // (RAW_B) and their scales (SC_B). Without QK8 the warp widens the K
     // rows of the tile it computes into its one bf16 K tile, after the
@@ -762,15 +753,10 @@ template <int HD, bool K8 = false, int TL = DEC_TILE> struct DecShape {
     // 4,096-token contexts: 12.29 ms a step against 11.44 at two; 4 stages
     // in that room (99 KB) ran as fast as 3 (v0.25). bf16: a stage holds
     // the K and V tiles.
-    // DEC_T32 (an experiment: PEFTD_KERNEL_DEFINES=-DDEC_T32=1) gives
-    // attn_decode8 (4 warps, head dims 64 and 128) 32-position tiles in 2
-    // stages, no empty room (99 KB a block at 128: two blocks an SM): half
-    // the tiles' fixed work (softmax bookkeeping, rescales, page lookups,
-    // waits) for the same bytes in flight.
-    static constexpr int RAW_B = K8 ? TL * HD : 0;
-    static constexpr int SC_B = K8 ? TL * 4 : 0;
+    static constexpr int RAW_B = K8 ? DEC_TILE * HD : 0;
+    static constexpr int SC_B = K8 ? DEC_TILE * 4 : 0;
     static constexpr int STAGE_B = (K8 ? 1 : 2) * TILE_B + RAW_B + SC_B;
-    static constexpr int WARP_B = ST * STAGE_B + (K8 && TL == DEC_TILE ? TILE_B : 0);
+    static constexpr int WARP_B = ST * STAGE_B + (K8 ? TILE_B : 0);
     // the K tile and the V tile of tile k in the warp's buffers at wb (the
     // e4m3 rows follow the V tile, their scales the rows)
     static __device__ __forceinline__ unsigned kt(unsigned wb, int k) { return K8 ? wb + ST * STAGE_B : wb + (k % ST) * STAGE_B; }
@@ -971,13 +957,13 @@ __device__ __forceinline__ void dec_merge(bf16* __restrict__ out, const float* _
 // DEC_CLUSTER splits of a (sequence, KV head) are one thread-block cluster
 // (launched with clusters of 1 x 1 x nsplit) and merge through each other's
 // shared memory (dec_cluster_merge).
-template <int HD, bool K8, int W, int TL = DEC_TILE>
+template <int HD, bool K8, int W>
 __device__ __forceinline__ void attn_decode_body(
     bf16* __restrict__ out, float* __restrict__ part, int* __restrict__ done, const bf16* __restrict__ q,
     const bf16* __restrict__ kc, const bf16* __restrict__ vc, const int* __restrict__ dec,
     const int* __restrict__ pages, int heads, int kvh, int bs, float scale, int nsplit,
     int ldq, const float* __restrict__ ks, int opts) {
-    typedef DecShape<HD, K8, TL> D;
+    typedef DecShape<HD, K8> D;
     extern __shared__ __align__(128) unsigned char dsm[];
     const int di = blockIdx.x, kh = blockIdx.y, sp = blockIdx.z, tid = threadIdx.x;
     const int lane = tid & 31, warp = tid >> 5, g = lane >> 2, tig = lane & 3;
@@ -1000,7 +986,7 @@ __device__ __forceinline__ void attn_decode_body(
     const int G = heads / kvh, width = kvh * HD;
     const int chunk = max(32, (((ctx + nsplit - 1) / nsplit) + 7) & ~7);
     const int p0 = sp * chunk, p1 = min(ctx, p0 + chunk);
-    const int ntiles = p0 < p1 ? (p1 - p0 + TL - 1) / TL : 0;
+    const int ntiles = p0 < p1 ? (p1 - p0 + DEC_TILE - 1) / DEC_TILE : 0;
     const int nk = ntiles > warp ? (ntiles - warp + W - 1) / W : 0; // this warp's tiles
     float o[D::C][2], m = NEG_INF, l = 0.f; // O[g][8j + 2*tig + {0,1}], the row's max and this lane's part of its sum
 #pragma unroll
@@ -1013,7 +999,7 @@ __device__ __forceinline__ void attn_decode_body(
     // behind two tiles' arithmetic, not one.
     int slot = -1, next = -1;
     auto rows = [&](int k) {
-        const int p = p0 + (warp + k * W) * TL + (lane & (TL - 1));
+        const int p = p0 + (warp + k * W) * DEC_TILE + (lane & 15);
         int r = -1;
         if (p < p1) {
             const int pi = pow2 ? p >> bsh : p / bs;
@@ -1038,7 +1024,7 @@ __device__ __forceinline__ void attn_decode_body(
         if (k < nk) {
             const unsigned kb = D::kt(wbase, k), vb = D::vt(wbase, k);
 #pragma unroll
-            for (int i = 0; i < TL * D::C / 32; i++) {
+            for (int i = 0; i < D::C / 2; i++) {
                 const int idx = lane + 32 * i, r = idx / D::C, c = idx % D::C;
                 const int sl = __shfl_sync(0xffffffffu, slot, r);
                 const i64 off = (i64)max(sl, 0) * width + (i64)kh * HD + c * 8;
@@ -1051,13 +1037,13 @@ __device__ __forceinline__ void attn_decode_body(
                 const unsigned rb = vb + D::TILE_B, sb = rb + D::RAW_B;
                 const unsigned char* k8 = reinterpret_cast<const unsigned char*>(kc);
 #pragma unroll
-                for (int i = 0; i < TL * HD / 512; i++) {
+                for (int i = 0; i < HD / 32; i++) {
                     const int idx = lane + 32 * i, r = idx / (HD / 16), c = idx % (HD / 16);
                     const int sl = __shfl_sync(0xffffffffu, slot, r);
                     cp_async16(rb + r * HD + D::rsw(r, c) * 16, k8 + (i64)max(sl, 0) * width + (i64)kh * HD + c * 16, sl >= 0 ? 16 : 0);
                 }
 #ifndef PEFTD_ATTN_DIAG_NOSCALE
-                if (lane < TL) cp_async4(sb + 4 * lane, ks + (i64)max(slot, 0) * kvh + kh, slot >= 0 ? 4 : 0);
+                if (lane < DEC_TILE) cp_async4(sb + 4 * lane, ks + (i64)max(slot, 0) * kvh + kh, slot >= 0 ? 4 : 0);
 #endif
             }
         }
@@ -1069,7 +1055,7 @@ __device__ __forceinline__ void attn_decode_body(
     // step, so their DRAM latency runs under the kernel before.
     int pre = 0;
     if ((opts & 1) && nk > 0) {
-        auto safe = [&](int k) { return k >= nk || min(p1, p0 + (warp + k * W) * TL + TL) <= ctx - 1; };
+        auto safe = [&](int k) { return k >= nk || min(p1, p0 + (warp + k * W) * DEC_TILE + DEC_TILE) <= ctx - 1; };
         for (; pre < D::ST - 1 && safe(pre); pre++) {
             issue(pre);
             advance(pre + 2);
@@ -1137,16 +1123,13 @@ __device__ __forceinline__ void attn_decode_body(
 #ifdef PEFTD_ATTN_TS
             if (k == 0) ts_first = globaltimer_ns();
 #endif
-            constexpr int NT = TL / 8; // 8-position column groups of S
             const unsigned kb = D::kt(wbase, k), vb = D::vt(wbase, k);
-            float ksc[NT][2]; // the scales of this lane's S columns
-#pragma unroll
-            for (int nt = 0; nt < NT; nt++) ksc[nt][0] = ksc[nt][1] = 1.f;
+            float ksc[2][2] = {{1.f, 1.f}, {1.f, 1.f}}; // the scales of this lane's S columns
             if constexpr (D::QK8) { // the keys' scales multiply S below; the e4m3 rows are read as they are
 #ifndef PEFTD_ATTN_DIAG_NOSCALE
                 const float* sc8 = reinterpret_cast<const float*>(dsm + (vb - (unsigned)__cvta_generic_to_shared(dsm)) + D::TILE_B + D::RAW_B);
 #pragma unroll
-                for (int nt = 0; nt < NT; nt++)
+                for (int nt = 0; nt < 2; nt++)
 #pragma unroll
                     for (int e = 0; e < 2; e++) ksc[nt][e] = sc8[nt * 8 + tig * 2 + e];
 #endif
@@ -1169,10 +1152,8 @@ __device__ __forceinline__ void attn_decode_body(
                     for (int e = 0; e < 2; e++) ksc[nt][e] = sc8[nt * 8 + tig * 2 + e];
                 __syncwarp(); // the whole bf16 tile is written
             }
-            // S[g][pos]: positions 8nt..8nt+7 in sc[nt]
-            float sc[NT][2];
-#pragma unroll
-            for (int nt = 0; nt < NT; nt++) sc[nt][0] = sc[nt][1] = 0.f;
+            // S[g][pos]: positions 0-7 in s[0], 8-15 in s[1]
+            float sc[2][2] = {{0.f, 0.f}, {0.f, 0.f}};
             if constexpr (D::QK8) {
                 // one ldmatrix.x4 of the raw rows: chunks 4kk..4kk+3 (64 key
                 // dims) of positions nt*8..+7, the B fragments of two k32 steps
@@ -1180,7 +1161,7 @@ __device__ __forceinline__ void attn_decode_body(
 #pragma unroll
                 for (int kk = 0; kk < HD / 64; kk++) {
 #pragma unroll
-                    for (int nt = 0; nt < NT; nt++) {
+                    for (int nt = 0; nt < 2; nt++) {
                         unsigned b[4];
                         const int r = nt * 8 + (lane & 7), c = 4 * kk + (lane >> 3);
                         ldsm4(rb + r * HD + D::rsw(r, c) * 16, b);
@@ -1201,10 +1182,10 @@ __device__ __forceinline__ void attn_decode_body(
                     }
                 }
             }
-            const int pb = p0 + (warp + k * W) * TL + tig * 2;
+            const int pb = p0 + (warp + k * W) * DEC_TILE + tig * 2;
             float mx = NEG_INF;
 #pragma unroll
-            for (int nt = 0; nt < NT; nt++)
+            for (int nt = 0; nt < 2; nt++)
 #pragma unroll
                 for (int e = 0; e < 2; e++) {
                     sc[nt][e] = pb + nt * 8 + e < p1 ? sc[nt][e] * ksc[nt][e] * qs : NEG_INF;
@@ -1216,7 +1197,7 @@ __device__ __forceinline__ void attn_decode_body(
             const float corr = mn == NEG_INF ? 1.f : exp2f(m - mn);
             float sum = 0.f;
 #pragma unroll
-            for (int nt = 0; nt < NT; nt++)
+            for (int nt = 0; nt < 2; nt++)
 #pragma unroll
                 for (int e = 0; e < 2; e++) {
                     sc[nt][e] = sc[nt][e] == NEG_INF ? 0.f : exp2f(sc[nt][e] - mn);
@@ -1225,26 +1206,23 @@ __device__ __forceinline__ void attn_decode_body(
             l = l * corr + sum;
             m = mn;
             // P = hi + lo, both bf16: two MMAs keep P's float32 precision
-            unsigned ph[NT], pl[NT];
+            unsigned ph[2], pl[2];
 #pragma unroll
-            for (int nt = 0; nt < NT; nt++) {
+            for (int nt = 0; nt < 2; nt++) {
                 const bf16 h0 = tobf(sc[nt][0]), h1 = tobf(sc[nt][1]);
                 ph[nt] = pack_bf2(__bfloat162float(h0), __bfloat162float(h1));
                 pl[nt] = pack_bf2(sc[nt][0] - __bfloat162float(h0), sc[nt][1] - __bfloat162float(h1));
             }
 #pragma unroll
             for (int j = 0; j < D::C; j += 2) {
-#pragma unroll
-                for (int ks = 0; ks < TL / 16; ks++) { // positions 16ks..16ks+15
-                    unsigned b[4];
-                    const int r = 16 * ks + ((lane >> 3) & 1) * 8 + (lane & 7), c = j + (lane >> 4);
-                    ldsm4t(D::at(vb, r, c), b);
-                    if (ks == 0) o[j][0] *= corr, o[j][1] *= corr, o[j + 1][0] *= corr, o[j + 1][1] *= corr;
-                    mma8(o[j], ph[2 * ks], ph[2 * ks + 1], b[0], b[1]);
-                    mma8(o[j], pl[2 * ks], pl[2 * ks + 1], b[0], b[1]);
-                    mma8(o[j + 1], ph[2 * ks], ph[2 * ks + 1], b[2], b[3]);
-                    mma8(o[j + 1], pl[2 * ks], pl[2 * ks + 1], b[2], b[3]);
-                }
+                unsigned b[4];
+                const int r = ((lane >> 3) & 1) * 8 + (lane & 7), c = j + (lane >> 4);
+                ldsm4t(D::at(vb, r, c), b);
+                o[j][0] *= corr, o[j][1] *= corr, o[j + 1][0] *= corr, o[j + 1][1] *= corr;
+                mma8(o[j], ph[0], ph[1], b[0], b[1]);
+                mma8(o[j], pl[0], pl[1], b[0], b[1]);
+                mma8(o[j + 1], ph[0], ph[1], b[2], b[3]);
+                mma8(o[j + 1], pl[0], pl[1], b[2], b[3]);
             }
             __syncwarp(); // done reading the buffer the next issue overwrites
         }
@@ -1487,8 +1465,8 @@ extern "C" __global__ void __launch_bounds__(32 * DEC_WARPS8) attn_decode_w8_d12
 // attn_decode8_d*: the same over an FP8 key cache (kc: e4m3 values; ks: one
 // float32 scale per cache slot and KV head).
 extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode8_d32(ATTN_DECODE_ARGS) { attn_decode_body<32, true, DEC_WARPS>(ATTN_DECODE_PASS); }
-extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode8_d64(ATTN_DECODE_ARGS) { attn_decode_body<64, true, DEC_WARPS, DEC_T8>(ATTN_DECODE_PASS); }
-extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode8_d128(ATTN_DECODE_ARGS) { attn_decode_body<128, true, DEC_WARPS, DEC_T8>(ATTN_DECODE_PASS); }
+extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode8_d64(ATTN_DECODE_ARGS) { attn_decode_body<64, true, DEC_WARPS>(ATTN_DECODE_PASS); }
+extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode8_d128(ATTN_DECODE_ARGS) { attn_decode_body<128, true, DEC_WARPS>(ATTN_DECODE_PASS); }
 extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode8_d256(ATTN_DECODE_ARGS) { attn_decode_body<256, true, DEC_WARPS>(ATTN_DECODE_PASS); }
 // attn_decode8_w2_d*, attn_decode8_w8_d*: FP8 keys with 2 and 8 warps a
 // block (the bf16 keys' attn_decode2 and attn_decode_w8 shapes; head_dim

@@ -5,7 +5,6 @@ import (
 	"math/bits"
 	"slices"
 
-	"github.com/peftd/peftd/kernels"
 	"github.com/peftd/peftd/runtime/cuda"
 	"github.com/peftd/peftd/runtime/engine"
 	"github.com/peftd/peftd/runtime/llama"
@@ -668,17 +667,8 @@ func decShared(hd int, k8 bool, v decVariant) int {
 	if !k8 {
 		return warps * stages * 2 * tile
 	}
-	if decT32 && v == decV4 && (hd == 64 || hd == 128) {
-		return warps * 2 * (2*tile + 32*hd + 32*4) // 2 stages of 32 positions, no empty room
-	}
 	return warps * (stages*(tile+16*hd+16*4) + tile)
 }
-
-// decT32 is llama.cu's DEC_T32 experiment (PEFTD_KERNEL_DEFINES=-DDEC_T32=1):
-// attn_decode8_d64 / _d128 with 32-position tiles in 2 stages where e4m3
-// Q K^T runs (sm_89 and later; on older cards the kernels keep 16 and the
-// larger size only costs occupancy).
-var decT32 = kernels.DefinedInt("DEC_T32", 0) != 0 && !kernels.Defined("PEFTD_ATTN_NO_QK8")
 
 // decMergeFloats is the shared memory (in floats) attn_decode's merge
 // area takes at the end of a block of warps warps, g query heads a KV head
