@@ -40,9 +40,17 @@ def family(name):
     return n.split("<")[0][:60]
 
 
+def label(k):
+    """A kernel's row in the tables: its family, and for a cuBLASLt product
+    its grid too (one kernel name can serve several projections: q/k/v and
+    gate/up share one at 256 FP8 rows, and their durations differ 4x)."""
+    f = family(k[2])
+    return f"{f} [grid {k[5]}]" if f.startswith("gemm ") else f
+
+
 def load(path):
     """The trace's kernels (copies and memsets left out), by start:
-    (start, duration, name, stream, grid x)."""
+    (start, duration, name, stream, grid x, grid "XxYxZ")."""
     rows = []
     for r in trace_rows(path):
         name = r.get("Name", "")
@@ -52,7 +60,8 @@ def load(path):
             gx = int(float(r.get("GrdX", "0") or 0))
         except ValueError:
             gx = 0
-        rows.append((r["start"], r["dur"], name, r.get("Strm", ""), gx))
+        grid = "x".join(str(r.get(c, "")).split(".")[0] for c in ("GrdX", "GrdY", "GrdZ"))
+        rows.append((r["start"], r["dur"], name, r.get("Strm", ""), gx, grid))
     rows.sort()
     return rows
 
@@ -116,7 +125,7 @@ def main():
             for i, k in enumerate(comp):
                 gap = 0.0 if end is None else k[0] - end
                 per[i].append((k[1], gap))
-                names[i] = family(k[2])
+                names[i] = label(k)
                 g += max(gap, 0.0)
                 end = k[0] + k[1] if end is None else max(end, k[0] + k[1])
             gsum.append(g)
@@ -154,7 +163,7 @@ def side_table(batch, steps):
         fam = defaultdict(lambda: [0, 0.0, []])
         for k in ks:
             if beside(k):
-                f = fam[family(k[2])]
+                f = fam[label(k)]
                 f[0] += 1
                 f[1] += k[1]
                 f[2].append(k[1])
