@@ -90,9 +90,6 @@ type fp8State struct {
 	// the whole card, not its SM target, at every row count (a benchmark's
 	// knob; by default only steps of splitBesideRows, fp8_split.go)
 	splitBeside bool
-	// unscaledOff: no one-slice unscaled products (unscaledOne; a
-	// benchmark's knob, TestDecodeBench's +scaled1)
-	unscaledOff bool
 	// room: the rows the output of the product being enqueued holds
 	// (Backend.Linear sets it; 0: its T rows only); padOff: scaledRows'
 	// padding off (a benchmark's knob)
@@ -337,7 +334,7 @@ func (f *fp8State) linear(out, x cuda.DevicePtr, T int, w *fp8Weight, gen uint64
 	if f.wgAuto && !pads && wgAutoFits(T, w.rows, K, f.shared && f.wgBeside) && f.wg.fits(T, w.rows, K) {
 		return f.wg.launch(f.s, out, f.actQ.Ptr(), f.actS.Ptr(), w.q.Ptr(), w.scale.Ptr(), T, w.rows, K)
 	}
-	if S := f.split(T, w.rows, K); S > 1 || f.unscaledOne(T, w.rows, K, S) {
+	if S := f.split(T, w.rows, K); S > 1 {
 		return f.splitLaunch(out, T, w, S)
 	}
 	if pads {

@@ -50,12 +50,12 @@ func splitFor(T, N, K, sms int) int {
 
 // split is the number of K slices this state's FP8 product takes for T rows
 // of an [N, K] weight: splitForce where a test or benchmark set one (1: no
-// split; < 0: one), 1 for a shape cuBLASLt had no split plan for, else splitFor on
+// split), 1 for a shape cuBLASLt had no split plan for, else splitFor on
 // the SMs the products may use (the SM target when the LoRA stream holds
 // some back).
 func (f *fp8State) split(T, N, K int) int {
-	if f.splitForce != 0 {
-		return max(f.splitForce, 1) // < 0: one unscaled slice (unscaledOne)
+	if f.splitForce > 0 {
+		return f.splitForce
 	}
 	if f.splitNo[[3]int{T, N, K}] {
 		return 1
@@ -81,30 +81,6 @@ func splitSMs(T, sms, target int, shared, all bool) int {
 // 10.90 vs 11.30 (v0.37); it loses at 128 rows (7.24 vs 6.96: 4 slices
 // instead of 2), at 256 (11.70 vs 11.56) and in mixed steps (8.76 vs 8.61).
 var splitBesideRows = [2]int{128, 192}
-
-// unscaledRows: an FP8 product of more than [0] and up to [1] rows whose K
-// split is one slice (splitFor: beside the LoRA stream two slices do not
-// fit the SMs left at 256 rows) runs as the split path's unscaled product
-// of one slice and fp8_splitk_reduce when its float32 partials are at most
-// unscaledMaxBytes: cuBLASLt offers a single outer-vector-scaled algorithm
-// there, and its unscaled e4m3 product into float32 is faster. H200,
-// TestFP8AlgoSweep at 256 rows with an SM target of 100 (v0.51), µs:
-// down 27.7 unscaled against 38.4 scaled, o 11.1 against 15.5 (the reduce
-// of 4 MiB of partials ~3.5); q/k/v 13.1 against 15.9 and gate/up 50.9
-// against 54.3 leave too little for the reduce of their 6.3 and 29 MB.
-var unscaledRows = [2]int{192, 256}
-
-const unscaledMaxBytes = 4 << 20
-
-// unscaledOne reports whether the product of T rows of an [N, K] weight
-// whose split plan is S slices runs as one unscaled slice (unscaledRows);
-// splitForce < 0 forces it (tests), > 0 rules it out.
-func (f *fp8State) unscaledOne(T, N, K, S int) bool {
-	if f.splitForce != 0 {
-		return f.splitForce < 0
-	}
-	return S == 1 && !f.unscaledOff && !f.splitNo[[3]int{T, N, K}] && T > unscaledRows[0] && T <= unscaledRows[1] && 4*T*N <= unscaledMaxBytes
-}
 
 // reserveSplit allocates the partials' buffer once (recorded graphs use it).
 func (f *fp8State) reserveSplit() error { return f.grow(&f.spPart, splitPartBytes) }

@@ -210,43 +210,6 @@ func TestSplitFor(t *testing.T) {
 	}
 }
 
-// TestUnscaledOne: which products run as one unscaled slice and the reduce
-// (unscaledRows, unscaledMaxBytes): o and down at 193-256 rows where their
-// split plan is one slice (beside the LoRA stream), not q/k/v or gate/up
-// (their partials), not a split product, and not when forced either way.
-func TestUnscaledOne(t *testing.T) {
-	no := map[[3]int]bool{{256, 4096, 14336}: true}
-	for _, c := range []struct {
-		name       string
-		T, N, K, S int
-		force      int
-		off        bool
-		splitNo    map[[3]int]bool
-		want       bool
-	}{
-		{"down, 256 rows, one slice", 256, 4096, 14336, 1, 0, false, nil, true},
-		{"o, 200 rows, one slice", 200, 4096, 4096, 1, 0, false, nil, true},
-		{"down, 256 rows, split two ways", 256, 4096, 14336, 2, 0, false, nil, false},
-		{"down, 192 rows", 192, 4096, 14336, 1, 0, false, nil, false},
-		{"past splitMaxRows", 257, 4096, 14336, 1, 0, false, nil, false},
-		{"qkv, 256 rows: 6 MiB of partials", 256, 6144, 4096, 1, 0, false, nil, false},
-		{"gate_up, 256 rows", 256, 28672, 4096, 1, 0, false, nil, false},
-		{"the knob off (+scaled1)", 256, 4096, 14336, 1, 0, true, nil, false},
-		{"cuBLASLt had no split plan", 256, 4096, 14336, 1, 0, false, no, false},
-		{"forced: one unscaled slice", 64, 4096, 14336, 1, -1, false, nil, true},
-		{"forced: no split", 256, 4096, 14336, 1, 1, false, nil, false},
-		{"forced: two slices", 256, 4096, 14336, 2, 2, false, nil, false},
-	} {
-		f := &fp8State{splitForce: c.force, unscaledOff: c.off, splitNo: c.splitNo}
-		if got := f.unscaledOne(c.T, c.N, c.K, c.S); got != c.want {
-			t.Errorf("%s: unscaledOne(%d, %d, %d, %d) = %v, want %v", c.name, c.T, c.N, c.K, c.S, got, c.want)
-		}
-	}
-	if f := (&fp8State{splitForce: -1}); f.split(256, 4096, 14336) != 1 {
-		t.Errorf("splitForce -1: split = %d, want 1 (one slice)", f.split(256, 4096, 14336))
-	}
-}
-
 // TestWgShared: wg_body's stages start on the 1024-byte boundaries its
 // 128-byte swizzle needs (the base is rounded up; every stage is a whole
 // number of 1 KB), and a block of the default build fits an sm_90 SM (227
