@@ -17,7 +17,8 @@ import (
 // from DRAM; timed as replays of a recorded graph of the 20, so no host
 // launch gap counts): how far the heuristic's first choice, which the
 // engine takes, is from the best one it offers. PEFTD_FP8_SWEEP=1 runs it;
-// PEFTD_FP8_SWEEP=bf16 sweeps the bf16 product instead, at 1-256 rows.
+// PEFTD_FP8_SWEEP=bf16 sweeps the bf16 product instead, at 1-256 rows;
+// PEFTD_FP8_SWEEP_ROWS picks the rows, PEFTD_FP8_SWEEP_SMS an SM target.
 func TestFP8AlgoSweep(t *testing.T) {
 	if os.Getenv("PEFTD_FP8_SWEEP") == "" {
 		t.Skip("PEFTD_FP8_SWEEP is not set")
@@ -33,6 +34,15 @@ func TestFP8AlgoSweep(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer m.Close()
+	// PEFTD_FP8_SWEEP_SMS=n: plan for an SM target of n, as a product
+	// beside the LoRA stream does (the SMs it holds back are not counted)
+	if env := os.Getenv("PEFTD_FP8_SWEEP_SMS"); env != "" {
+		n, err := strconv.Atoi(env)
+		if err != nil || n < 0 {
+			t.Fatalf("PEFTD_FP8_SWEEP_SMS: %q is not an SM count", env)
+		}
+		m.SetSMTarget(n)
+	}
 	alloc := func(n int, fill uint8) *DeviceBuffer {
 		b, err := c.Alloc(n)
 		if err != nil {
@@ -72,6 +82,7 @@ func TestFP8AlgoSweep(t *testing.T) {
 		return m.planScaled(scaledKey(T, N, K, R16BF, 0), xs, ws)
 	}
 	const bw = 4.0e12 // bytes/s, H200 copy bandwidth (docs/PERFORMANCE.md)
+	t.Logf("SWEEP SM target %d (0: the whole card)", m.SMTarget())
 	t.Logf("SWEEP %-8s %4s %9s %9s %5s %9s %7s %s", "shape", "T", "first_us", "best_us", "best", "floor_us", "algos", "all_us")
 	for _, sh := range []struct {
 		name string
