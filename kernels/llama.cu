@@ -2245,29 +2245,20 @@ __device__ __forceinline__ void split2(float a, float b, unsigned& hi, unsigned&
     lo = pack_bf2(a - f.x, b - f.y);
 }
 
-// TG > 1 (sgmv_expand_tc{KC}_g{TG}): each block takes TG consecutive
-// tiles (grid.y = ceil(ntiles / TG)) for its columns, keeping its B
-// fragments in registers while the tiles share an adapter (tiles of one
-// segment are consecutive; another slot's tile reloads them). B, the bulk
-// of the bytes a tile reads, then comes from L2 once a TG tiles, not once
-// a tile; the tiles' tmp rows go through two shared buffers in turn, so
-// one barrier a tile suffices. Tiles with no rows come last (the step's
-// spare tiles): the first one ends the block.
-template <int KC, int TG>
+template <int KC>
 __device__ __forceinline__ void expand_tc_body(
     bf16* __restrict__ out, const float* __restrict__ tmp, const LoraEntry* __restrict__ table, const int4* __restrict__ tiles,
     int entry_base, int entry_stride, int m0, int m1, int m2, int blk1, int blk2, int off1, int off2, int out_total,
-    int max_rank, int o_stride, int t_stride, int rows_total, int ksplit, int accum, int ntiles) {
-    constexpr int NG = TcShape<KC>::NG, R = 32 * KC, W = R + 4, NB = TG > 1 ? 2 : 1;
-    __shared__ __align__(16) float ts[NB * SG_TR * W];
+    int max_rank, int o_stride, int t_stride, int rows_total, int ksplit, int accum) {
+    constexpr int NG = TcShape<KC>::NG, R = 32 * KC, W = R + 4;
+    __shared__ __align__(16) float ts[SG_TR * W];
     // Before griddepcontrol.wait (pdl_entry) this block reads only what no
     // kernel of the step writes: its tile (step metadata, copied before the
     // step), its table entry and its columns of B (adapter weights). So
     // with PDL the fetch of B overlaps the shrink's tail. Every block waits
     // before it exits, spare ones too: a kernel after this one that waits
     // for it then also finds the shrink's writes complete.
-    const int t0 = blockIdx.y * TG;
-    int4 tile = tiles[t0];
+    const int4 tile = tiles[blockIdx.y];
     if (tile.y == 0) { // no rows (a recorded step's spare tile)
         pdl_entry();
         return;
@@ -2277,95 +2268,79 @@ __device__ __forceinline__ void expand_tc_body(
     const int sOff = s == 0 ? 0 : (s == 1 ? off1 : off2);
     const int sEnd = s == 0 ? off1 : (s == 1 ? off2 : out_total);
     const int chunk = bx - (s == 0 ? 0 : (s == 1 ? blk1 : blk2));
+    const LoraEntry e = table[entry_base + tile.z * entry_stride + sg_mod(s, m0, m1, m2)];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
     const int col0 = sOff + chunk * TcShape<KC>::COLS + warp * 8 * NG;
-    int rank = 0, slot = -1;
+    const int n = tile.y, rank = e.rank;
     uint4 bv[NG][KC];
-    // loadB: the table entry of slot z and this thread's B fragments
-    auto loadB = [&](int z) {
-        const LoraEntry e = table[entry_base + z * entry_stride + sg_mod(s, m0, m1, m2)];
-        slot = z, rank = e.rank;
 #pragma unroll
-        for (int ng = 0; ng < NG; ng++) {
-            const int c = col0 + ng * 8 + g;
+    for (int ng = 0; ng < NG; ng++) {
+        const int c = col0 + ng * 8 + g;
 #pragma unroll
-            for (int kc = 0; kc < KC; kc++) {
-                const int k = kc * 32 + q * 8;
-                bv[ng][kc] = (c < sEnd && k < rank) ? ldg16(e.b + (i64)(c - sOff) * rank + k) : make_uint4(0, 0, 0, 0);
-            }
+        for (int kc = 0; kc < KC; kc++) {
+            const int k = kc * 32 + q * 8;
+            bv[ng][kc] = (c < sEnd && k < rank) ? ldg16(e.b + (i64)(c - sOff) * rank + k) : make_uint4(0, 0, 0, 0);
         }
-    };
-    loadB(tile.z);
+    }
     pdl_entry(); // tmp is the shrink's output
-#pragma unroll 1
-    for (int t = 0; t < TG; t++) {
-        if (t > 0) {
-            if (t0 + t >= ntiles) break;
-            tile = tiles[t0 + t];
-            if (tile.y == 0) break; // the spare tiles
-            if (tile.z != slot) loadB(tile.z);
-        }
-        float* tb = ts + (t % NB) * SG_TR * W;
-        const int n = tile.y;
-        if (rank > 0) {
-            // The tile's rows of tmp, summed over the K parts (sum_kparts):
-            // each thread's PER values (rows r0 + DR * u, rank k), EX_ZU / PER
-            // K parts of each in flight together.
-            constexpr int PER = SG_TR * R / 256, ZU = EX_ZU / PER > 0 ? EX_ZU / PER : 1, DR = 256 / R;
-            const int r0 = threadIdx.x / R, k = threadIdx.x % R;
-            bool ok[PER];
+    if (rank > 0) {
+        // The tile's rows of tmp, summed over the K parts (sum_kparts):
+        // each thread's PER values (rows r0 + DR * u, rank k), EX_ZU / PER
+        // K parts of each in flight together.
+        constexpr int PER = SG_TR * R / 256, ZU = EX_ZU / PER > 0 ? EX_ZU / PER : 1, DR = 256 / R;
+        const int r0 = threadIdx.x / R, k = threadIdx.x % R;
+        bool ok[PER];
 #pragma unroll
-            for (int u = 0; u < PER; u++) ok[u] = r0 + DR * u < n && k < rank;
-            float v[PER];
-            sum_kparts<ZU>(v, tmp + ((i64)tile.x + r0) * t_stride + s * max_rank + k, (i64)DR * t_stride, (i64)rows_total * t_stride, ksplit, ok);
+        for (int u = 0; u < PER; u++) ok[u] = r0 + DR * u < n && k < rank;
+        float v[PER];
+        sum_kparts<ZU>(v, tmp + ((i64)tile.x + r0) * t_stride + s * max_rank + k, (i64)DR * t_stride, (i64)rows_total * t_stride, ksplit, ok);
 #pragma unroll
-            for (int u = 0; u < PER; u++) tb[(r0 + DR * u) * W + k] = v[u];
-        }
-        __syncthreads();
-        float c[NG][4];
+        for (int u = 0; u < PER; u++) ts[(r0 + DR * u) * W + k] = v[u];
+    }
+    __syncthreads();
+    float c[NG][4];
 #pragma unroll
-        for (int ng = 0; ng < NG; ng++) c[ng][0] = c[ng][1] = c[ng][2] = c[ng][3] = 0.f;
-        if (rank > 0) {
+    for (int ng = 0; ng < NG; ng++) c[ng][0] = c[ng][1] = c[ng][2] = c[ng][3] = 0.f;
+    if (rank > 0) {
 #pragma unroll
-            for (int kc = 0; kc < KC; kc++) {
+        for (int kc = 0; kc < KC; kc++) {
 #pragma unroll
-                for (int h = 0; h < 2; h++) {
-                    const int k = kc * 32 + q * 8 + 4 * h;
-                    const float4 t0v = *reinterpret_cast<const float4*>(tb + g * W + k);
-                    const float4 t1v = *reinterpret_cast<const float4*>(tb + (g + 8) * W + k);
-                    unsigned ah[4], al[4];
-                    split2(t0v.x, t0v.y, ah[0], al[0]);
-                    split2(t1v.x, t1v.y, ah[1], al[1]);
-                    split2(t0v.z, t0v.w, ah[2], al[2]);
-                    split2(t1v.z, t1v.w, ah[3], al[3]);
+            for (int h = 0; h < 2; h++) {
+                const int k = kc * 32 + q * 8 + 4 * h;
+                const float4 t0 = *reinterpret_cast<const float4*>(ts + g * W + k);
+                const float4 t1 = *reinterpret_cast<const float4*>(ts + (g + 8) * W + k);
+                unsigned ah[4], al[4];
+                split2(t0.x, t0.y, ah[0], al[0]);
+                split2(t1.x, t1.y, ah[1], al[1]);
+                split2(t0.z, t0.w, ah[2], al[2]);
+                split2(t1.z, t1.w, ah[3], al[3]);
 #pragma unroll
-                    for (int ng = 0; ng < NG; ng++) {
-                        const unsigned b0 = h == 0 ? bv[ng][kc].x : bv[ng][kc].z;
-                        const unsigned b1 = h == 0 ? bv[ng][kc].y : bv[ng][kc].w;
-                        mma16816(c[ng], ah[0], ah[1], ah[2], ah[3], b0, b1);
-                        mma16816(c[ng], al[0], al[1], al[2], al[3], b0, b1);
-                    }
+                for (int ng = 0; ng < NG; ng++) {
+                    const unsigned b0 = h == 0 ? bv[ng][kc].x : bv[ng][kc].z;
+                    const unsigned b1 = h == 0 ? bv[ng][kc].y : bv[ng][kc].w;
+                    mma16816(c[ng], ah[0], ah[1], ah[2], ah[3], b0, b1);
+                    mma16816(c[ng], al[0], al[1], al[2], al[3], b0, b1);
                 }
             }
-        } else if (accum) {
-            continue; // nothing to add
         }
+    } else if (accum) {
+        return; // nothing to add
+    }
 #pragma unroll
-        for (int ng = 0; ng < NG; ng++) {
-            const int col = col0 + ng * 8 + 2 * q;
-            if (col >= sEnd) continue;
+    for (int ng = 0; ng < NG; ng++) {
+        const int col = col0 + ng * 8 + 2 * q;
+        if (col >= sEnd) continue;
 #pragma unroll
-            for (int half = 0; half < 2; half++) {
-                const int r = g + 8 * half;
-                if (r >= n) continue;
-                const float v0 = c[ng][2 * half], v1 = c[ng][2 * half + 1];
-                if (accum) {
-                    __nv_bfloat162* p = reinterpret_cast<__nv_bfloat162*>(out + (i64)(tile.x + r) * o_stride + col);
-                    const float2 o = __bfloat1622float2(*p);
-                    *p = __floats2bfloat162_rn(o.x + v0, o.y + v1);
-                } else {
-                    *reinterpret_cast<float2*>(reinterpret_cast<float*>(out) + (i64)(tile.x + r) * o_stride + col) = make_float2(v0, v1);
-                }
+        for (int half = 0; half < 2; half++) {
+            const int r = g + 8 * half;
+            if (r >= n) continue;
+            const float v0 = c[ng][2 * half], v1 = c[ng][2 * half + 1];
+            if (accum) {
+                __nv_bfloat162* p = reinterpret_cast<__nv_bfloat162*>(out + (i64)(tile.x + r) * o_stride + col);
+                const float2 o = __bfloat1622float2(*p);
+                *p = __floats2bfloat162_rn(o.x + v0, o.y + v1);
+            } else {
+                *reinterpret_cast<float2*>(reinterpret_cast<float*>(out) + (i64)(tile.x + r) * o_stride + col) = make_float2(v0, v1);
             }
         }
     }
@@ -2374,21 +2349,14 @@ __device__ __forceinline__ void expand_tc_body(
 #define EXPAND_TC_ARGS                                                                                                   \
     bf16 *__restrict__ out, const float *__restrict__ tmp, const LoraEntry *__restrict__ table, const int4 *__restrict__ tiles, \
         int entry_base, int entry_stride, int m0, int m1, int m2, int blk1, int blk2, int off1, int off2, int out_total,  \
-        int max_rank, int o_stride, int t_stride, int rows_total, int ksplit, int accum, int ntiles
+        int max_rank, int o_stride, int t_stride, int rows_total, int ksplit, int accum
 #define EXPAND_TC_PASS                                                                                                   \
     out, tmp, table, tiles, entry_base, entry_stride, m0, m1, m2, blk1, blk2, off1, off2, out_total, max_rank, o_stride, \
-        t_stride, rows_total, ksplit, accum, ntiles
+        t_stride, rows_total, ksplit, accum
 
-extern "C" __global__ void __launch_bounds__(256) sgmv_expand_tc1(EXPAND_TC_ARGS) { expand_tc_body<1, 1>(EXPAND_TC_PASS); }
-extern "C" __global__ void __launch_bounds__(256) sgmv_expand_tc2(EXPAND_TC_ARGS) { expand_tc_body<2, 1>(EXPAND_TC_PASS); }
-extern "C" __global__ void __launch_bounds__(256) sgmv_expand_tc4(EXPAND_TC_ARGS) { expand_tc_body<4, 1>(EXPAND_TC_PASS); }
-// the same over groups of 2 or 4 tiles (expandGroup)
-extern "C" __global__ void __launch_bounds__(256, 3) sgmv_expand_tc1_g2(EXPAND_TC_ARGS) { expand_tc_body<1, 2>(EXPAND_TC_PASS); }
-extern "C" __global__ void __launch_bounds__(256, 3) sgmv_expand_tc2_g2(EXPAND_TC_ARGS) { expand_tc_body<2, 2>(EXPAND_TC_PASS); }
-extern "C" __global__ void __launch_bounds__(256, 3) sgmv_expand_tc4_g2(EXPAND_TC_ARGS) { expand_tc_body<4, 2>(EXPAND_TC_PASS); }
-extern "C" __global__ void __launch_bounds__(256, 3) sgmv_expand_tc1_g4(EXPAND_TC_ARGS) { expand_tc_body<1, 4>(EXPAND_TC_PASS); }
-extern "C" __global__ void __launch_bounds__(256, 3) sgmv_expand_tc2_g4(EXPAND_TC_ARGS) { expand_tc_body<2, 4>(EXPAND_TC_PASS); }
-extern "C" __global__ void __launch_bounds__(256, 3) sgmv_expand_tc4_g4(EXPAND_TC_ARGS) { expand_tc_body<4, 4>(EXPAND_TC_PASS); }
+extern "C" __global__ void __launch_bounds__(256) sgmv_expand_tc1(EXPAND_TC_ARGS) { expand_tc_body<1>(EXPAND_TC_PASS); }
+extern "C" __global__ void __launch_bounds__(256) sgmv_expand_tc2(EXPAND_TC_ARGS) { expand_tc_body<2>(EXPAND_TC_PASS); }
+extern "C" __global__ void __launch_bounds__(256) sgmv_expand_tc4(EXPAND_TC_ARGS) { expand_tc_body<4>(EXPAND_TC_PASS); }
 
 // l2_flush: reads n 16-byte words (a buffer larger than L2) and writes nothing
 // unless the impossible happens, so the cache ends up full of clean lines.

@@ -174,17 +174,17 @@ type funcs struct {
 	embed, addRMSNorm, addRMSNormCl, rmsnormRows, ropeStore, attention, siluMul, siluMulCl, shrink, expand *cuda.Function
 	addBias, headRMSNorm, addDelta, fillRows                                                               *cuda.Function
 	sgShrink, sgShrink4, sgExpand, sample, logitAdjust                                                     *cuda.Function
-	attnDecode                                                                                             [4]*cuda.Function    // attn_decode_d32, d64, d128, d256
-	attnDecode8                                                                                            [4]*cuda.Function    // attn_decode8_d*: FP8 keys
-	attnDecode2                                                                                            [4]*cuda.Function    // attn_decode2_d*: 2 warps a block (decV2)
-	attnDecodeW8                                                                                           [3]*cuda.Function    // attn_decode_w8_d32, d64, d128: 8 warps a block (decV8)
-	attnDecode8W2                                                                                          [4]*cuda.Function    // attn_decode8_w2_d*: FP8 keys, 2 warps a block (decV2)
-	attnDecode8W8                                                                                          [3]*cuda.Function    // attn_decode8_w8_d32, d64, d128: FP8 keys, 8 warps a block (decV8)
-	attnPrefill                                                                                            [3]*cuda.Function    // attn_prefill_d32, d64, d128
-	attnPrefill8                                                                                           [3]*cuda.Function    // attn_prefill8_d*: FP8 keys
-	sgExpandTC                                                                                             [3][3]*cuda.Function // sgmv_expand_tc1, tc2, tc4; [k][1], [k][2]: their _g2, _g4 (expandGroup)
-	ropeRows                                                                                               *cuda.Function       // rope_store_rows
-	ropeLoRA                                                                                               *cuda.Function       // rope_store_lora
+	attnDecode                                                                                             [4]*cuda.Function // attn_decode_d32, d64, d128, d256
+	attnDecode8                                                                                            [4]*cuda.Function // attn_decode8_d*: FP8 keys
+	attnDecode2                                                                                            [4]*cuda.Function // attn_decode2_d*: 2 warps a block (decV2)
+	attnDecodeW8                                                                                           [3]*cuda.Function // attn_decode_w8_d32, d64, d128: 8 warps a block (decV8)
+	attnDecode8W2                                                                                          [4]*cuda.Function // attn_decode8_w2_d*: FP8 keys, 2 warps a block (decV2)
+	attnDecode8W8                                                                                          [3]*cuda.Function // attn_decode8_w8_d32, d64, d128: FP8 keys, 8 warps a block (decV8)
+	attnPrefill                                                                                            [3]*cuda.Function // attn_prefill_d32, d64, d128
+	attnPrefill8                                                                                           [3]*cuda.Function // attn_prefill8_d*: FP8 keys
+	sgExpandTC                                                                                             [3]*cuda.Function // sgmv_expand_tc1, tc2, tc4
+	ropeRows                                                                                               *cuda.Function    // rope_store_rows
+	ropeLoRA                                                                                               *cuda.Function    // rope_store_lora
 }
 
 // forced is an int setting of kernelForce whose 0 means the default and
@@ -237,7 +237,6 @@ type kernelForce struct {
 	attnTS     bool          // attn_decode gets part with one split too (TestDecodeBench's PEFTD_ATTN_TS: the PEFTD_ATTN_TS build's timestamps)
 	addCl      int           // add_rmsnorm as add_rmsnorm_cl (a cluster of blocks a row; norm_cl.go): 1 wherever it fits, -1 never, 0 by the rows and update (addClFits)
 	l2Win      int           // the LoRA update buffer as an L2 persisting window (l2win.go): 1 on, -1 off, 0 the default (loraL2Default, PEFTD_LORA_L2); 3 on over the whole buffer, not loraL2Bytes of it (an A/B)
-	expGroup   int           // sgmv_expand_tc's tiles a block (lora.go expandGroup): 1, 2 or 4 whatever the grid, 0 expandGroup's choice
 }
 
 // Backend implements engine.Backend on one CUDA device.
@@ -583,9 +582,7 @@ func (b *Backend) open(opts Options) error {
 		{&b.fn.attnPrefill[0], "attn_prefill_d32"}, {&b.fn.attnPrefill[1], "attn_prefill_d64"}, {&b.fn.attnPrefill[2], "attn_prefill_d128"},
 		{&b.fn.attnPrefill8[0], "attn_prefill8_d32"}, {&b.fn.attnPrefill8[1], "attn_prefill8_d64"}, {&b.fn.attnPrefill8[2], "attn_prefill8_d128"},
 		{&b.fn.addBias, "add_bias"}, {&b.fn.headRMSNorm, "head_rmsnorm"}, {&b.fn.addDelta, "add_delta"}, {&b.fn.fillRows, "fill_rows"},
-		{&b.fn.sgExpandTC[0][0], "sgmv_expand_tc1"}, {&b.fn.sgExpandTC[1][0], "sgmv_expand_tc2"}, {&b.fn.sgExpandTC[2][0], "sgmv_expand_tc4"},
-		{&b.fn.sgExpandTC[0][1], "sgmv_expand_tc1_g2"}, {&b.fn.sgExpandTC[1][1], "sgmv_expand_tc2_g2"}, {&b.fn.sgExpandTC[2][1], "sgmv_expand_tc4_g2"},
-		{&b.fn.sgExpandTC[0][2], "sgmv_expand_tc1_g4"}, {&b.fn.sgExpandTC[1][2], "sgmv_expand_tc2_g4"}, {&b.fn.sgExpandTC[2][2], "sgmv_expand_tc4_g4"},
+		{&b.fn.sgExpandTC[0], "sgmv_expand_tc1"}, {&b.fn.sgExpandTC[1], "sgmv_expand_tc2"}, {&b.fn.sgExpandTC[2], "sgmv_expand_tc4"},
 		{&b.fn.ropeRows, "rope_store_rows"}, {&b.fn.ropeLoRA, "rope_store_lora"}} {
 		if *f.p, err = b.mod.Function(f.name); err != nil {
 			return err

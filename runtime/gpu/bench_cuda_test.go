@@ -165,13 +165,6 @@ func TestLoRABench(t *testing.T) {
 		}
 		reps, warm = 1, 0
 	}
-	// PEFTD_LORA_BENCH_GROUP=1, 2 or 4: sgmv_expand_tc's tiles a block
-	// whatever the grid (kernelForce.expGroup; unset: expandGroup's rule)
-	group := envPositive(t, "PEFTD_LORA_BENCH_GROUP", 0)
-	if group != 0 && group != 1 && group != 2 && group != 4 {
-		t.Fatalf("PEFTD_LORA_BENCH_GROUP=%d: want 1, 2 or 4", group)
-	}
-	bench("lora expand tiles a block: %d (0: expandGroup's rule)", group)
 	// PEFTD_LORA_BENCH_SETS=4x32,1x32: only those adapters x rank tables (timed as usual)
 	sets := os.Getenv("PEFTD_LORA_BENCH_SETS")
 	if only == nil { // host cost of one eager kernel launch (purego call + hop to the CUDA thread)
@@ -368,12 +361,12 @@ func TestLoRABench(t *testing.T) {
 						r.end()
 						continue
 					}
-					b.force = kernelForce{loraRows: v == 0, loraV1: v == 1, loraV2: v == 2, expGroup: group}
+					b.force = kernelForce{loraRows: v == 0, loraV1: v == 1, loraV2: v == 2}
 					r.begin(m)
 					us[v] = timeGraph(true)
 					r.end()
 				}
-				b.force = kernelForce{expGroup: group}
+				b.force = kernelForce{}
 				adBytes := float64(2 * rank * perRank * len(c.segs))
 				floor := adBytes / bw * 1e6
 				floorAll := (adBytes + actBytes(T)) / bw * 1e6
@@ -420,7 +413,6 @@ type decodeVariant struct {
 	inline                       int    // groups whose shrink runs inside gemm_skinny (kernelForce.loraInline: -1 none, 0 the default (q/k/v), else a mask of llama.FusedGroups)
 	rfold                        int    // q/k/v LoRA expanded inside RoPE at 1-16 rows (kernelForce.ropeLoRA: 1 on, -1 off, 0 the default)
 	l2                           int    // the LoRA update buffer as an L2 persisting window (kernelForce.l2Win: 1 on, -1 off, 3 on over the whole buffer, 0 the default)
-	grp                          int    // sgmv_expand_tc's tiles a block (kernelForce.expGroup: 1, 2 or 4; 0 the default, expandGroup)
 }
 
 // label names a row of TestDecodeBench's table: "no" (base) or the
@@ -488,9 +480,6 @@ func (v decodeVariant) label(ads []*lora.Adapter, pdlOK bool) string {
 		lbl += fmt.Sprintf("+l2m%d", v.l2)
 	} else {
 		lbl += onOffLabel(v.l2, "l2")
-	}
-	if v.grp > 0 {
-		lbl += fmt.Sprintf("+grp%d", v.grp)
 	}
 	switch v.pdlJoins {
 	case -1:
@@ -698,7 +687,6 @@ func TestDecodeBench(t *testing.T) {
 		{sms: -1, fslate: true}, {lora: true, sms: -1, fslate: true},
 		{sms: -1, noe1: true}, {lora: true, sms: -1, noe1: true}, {lora: true, sms: -1, e1lone: true},
 		{sms: -1, l2: -1}, {lora: true, sms: -1, l2: -1}, {sms: -1, l2: 3}, {lora: true, sms: -1, l2: 3},
-		{lora: true, sms: -1, grp: 1}, {lora: true, sms: -1, grp: 2}, {lora: true, sms: -1, grp: 4},
 	}
 	// PEFTD_LORA_PARTITION=16,32: rows +part16, +part32 with the SMs split by
 	// green contexts (Options.LoRAPartition), base and adapters, with and
@@ -774,13 +762,13 @@ func TestDecodeBench(t *testing.T) {
 			continue
 		}
 		retune := v.tuned && !gb.tune.done
-		if wantPDL := pdlOK && !v.nopdl; retune || partOf(gb) != v.part || gb.la.on == v.serial || gb.la.sms != v.sms || gb.s.ProgrammaticLaunch() != wantPDL || gb.force.decSplit != v.split || gb.force.ropeHeads != v.ropeHeads || gb.force.decOpts != v.opts || gb.force.noSkinny != v.lt || gb.force.wgFull != v.wgFull || gb.force.loraKChunk != v.kc || gb.force.skLate != v.skLate || gb.force.decVar != v.dv || gb.force.bwg != v.bwg || gb.force.holds != v.holds || gb.force.pdlJoins != v.pdlJoins || gb.force.loraInline != v.inline || gb.force.ropeLoRA != v.rfold || gb.force.nodePrio != v.prio || gb.force.siluCl != v.silucl || gb.force.addCl != v.addcl || gb.force.memHoist != v.hoist || gb.force.l2Win != v.l2 || gb.force.expGroup != v.grp || gb.wg != nil && gb.wg.two != v.two || gb.f8 != nil && gb.f8.wg != nil && gb.f8.wg.two != v.two || gb.f8 != nil && (gb.f8.wgBeside != v.wgBeside || gb.f8.splitBeside != v.splitBeside || gb.f8.padOff != v.nopad || gb.f8.streamLate != v.fslate || gb.f8.streamE1Off != v.noe1 || gb.f8.streamE1Lone != v.e1lone || gb.f8.padOld != v.padOld || gb.f8.streamOn != v.fs || gb.f8.streamOff != v.gv || gb.f8.segOff != v.noseg || gb.f8.wgOn != v.wg || gb.f8.wgAuto != (gb.f8.wgAutoDefault && !v.nowga)) { // recordings bake the LoRA and launch modes, the kernels and the GEMM algorithms in
+		if wantPDL := pdlOK && !v.nopdl; retune || partOf(gb) != v.part || gb.la.on == v.serial || gb.la.sms != v.sms || gb.s.ProgrammaticLaunch() != wantPDL || gb.force.decSplit != v.split || gb.force.ropeHeads != v.ropeHeads || gb.force.decOpts != v.opts || gb.force.noSkinny != v.lt || gb.force.wgFull != v.wgFull || gb.force.loraKChunk != v.kc || gb.force.skLate != v.skLate || gb.force.decVar != v.dv || gb.force.bwg != v.bwg || gb.force.holds != v.holds || gb.force.pdlJoins != v.pdlJoins || gb.force.loraInline != v.inline || gb.force.ropeLoRA != v.rfold || gb.force.nodePrio != v.prio || gb.force.siluCl != v.silucl || gb.force.addCl != v.addcl || gb.force.memHoist != v.hoist || gb.force.l2Win != v.l2 || gb.wg != nil && gb.wg.two != v.two || gb.f8 != nil && gb.f8.wg != nil && gb.f8.wg.two != v.two || gb.f8 != nil && (gb.f8.wgBeside != v.wgBeside || gb.f8.splitBeside != v.splitBeside || gb.f8.padOff != v.nopad || gb.f8.streamLate != v.fslate || gb.f8.streamE1Off != v.noe1 || gb.f8.streamE1Lone != v.e1lone || gb.f8.padOld != v.padOld || gb.f8.streamOn != v.fs || gb.f8.streamOff != v.gv || gb.f8.segOff != v.noseg || gb.f8.wgOn != v.wg || gb.f8.wgAuto != (gb.f8.wgAutoDefault && !v.nowga)) { // recordings bake the LoRA and launch modes, the kernels and the GEMM algorithms in
 			gb.la.on, gb.la.sms, gb.force.decSplit, gb.force.ropeHeads, gb.force.decOpts = !v.serial, v.sms, v.split, v.ropeHeads, v.opts
 			gb.force.noSkinny, gb.force.skLate, gb.force.decVar, gb.force.bwg = v.lt, v.skLate, v.dv, v.bwg
 			gb.force.wgFull, gb.force.loraKChunk = v.wgFull, v.kc
 			gb.force.holds, gb.force.pdlJoins, gb.force.loraInline = v.holds, v.pdlJoins, v.inline
 			gb.force.ropeLoRA, gb.force.nodePrio, gb.force.siluCl, gb.force.addCl = v.rfold, v.prio, v.silucl, v.addcl
-			gb.force.memHoist, gb.force.l2Win, gb.force.expGroup = v.hoist, v.l2, v.grp
+			gb.force.memHoist, gb.force.l2Win = v.hoist, v.l2
 			if err := gb.applyL2Window(); err != nil {
 				t.Fatal(err)
 			}
@@ -900,7 +888,7 @@ func TestDecodeBench(t *testing.T) {
 	gb.force.noSkinny, gb.force.skLate, gb.force.decVar, gb.force.bwg = false, false, 0, false
 	gb.force.wgFull, gb.force.loraKChunk = false, 0
 	gb.force.holds, gb.force.pdlJoins, gb.force.ropeLoRA, gb.force.nodePrio = [4]int{}, 0, 0, 0
-	gb.force.siluCl, gb.force.memHoist, gb.force.l2Win, gb.force.expGroup = 0, 0, 0, 0
+	gb.force.siluCl, gb.force.memHoist, gb.force.l2Win = 0, 0, 0
 	if err := gb.applyL2Window(); err != nil {
 		t.Fatal(err)
 	}

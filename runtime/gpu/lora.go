@@ -572,43 +572,9 @@ func (b *Backend) expandTC(st *cuda.Stream, tc int, outPtr cuda.DevicePtr, outSt
 	}
 	grid := start[n]
 	blk1, blk2 := slices12(start)
-	tg := b.expandGroup(st, grid)
-	b.launchOn(st, b.fn.sgExpandTC[bits.TrailingZeros(uint(tc))][bits.TrailingZeros(uint(tg))], cuda.Dim3{X: grid, Y: (b.nTiles + tg - 1) / tg}, cuda.Dim3{X: 256},
+	b.launchOn(st, b.fn.sgExpandTC[bits.TrailingZeros(uint(tc))], cuda.Dim3{X: grid, Y: b.nTiles}, cuda.Dim3{X: 256},
 		outPtr, b.stepTmp, b.table, b.i32(b.off.tiles), base, stride, ms[0], ms[1], ms[2], blk1, blk2, off1, off2, total,
-		b.stepRank, outStride, tStride, b.rows(), ks, acc, b.nTiles)
-}
-
-// expandResident is the blocks of sgmv_expand_tc an SM holds (256
-// threads of 67-80 registers: three).
-const expandResident = 3
-
-// expandGroup is how many consecutive tiles one block of sgmv_expand_tc
-// takes (1, 2 or 4) when the expand has cols column blocks a tile on
-// stream st: the most that still leaves at least one full wave of blocks
-// on the stream's SMs. A block keeps its B fragments across its tiles
-// while they share an adapter, so B comes from L2 once a group, not once
-// a tile; with fewer blocks than one wave, grouping would only serialize
-// the tiles.
-func (b *Backend) expandGroup(st *cuda.Stream, cols int) int {
-	if g := b.force.expGroup; g == 1 || g == 2 || g == 4 {
-		return g
-	}
-	sms := b.baseSMs()
-	if st == b.la.s {
-		sms = b.loraStreamSMs()
-	}
-	return expandGroupFor(cols, b.nTiles, sms)
-}
-
-// expandGroupFor is expandGroup's rule for cols column blocks, tiles
-// tiles and sms SMs.
-func expandGroupFor(cols, tiles, sms int) int {
-	for _, g := range []int{4, 2} {
-		if cols*((tiles+g-1)/g) >= expandResident*sms {
-			return g
-		}
-	}
-	return 1
+		b.stepRank, outStride, tStride, b.rows(), ks, acc)
 }
 
 // groupSlices is the layout of fused group mods (at most three

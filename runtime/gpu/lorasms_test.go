@@ -63,24 +63,3 @@ func TestProductSMs(t *testing.T) {
 		}
 	}
 }
-
-// TestExpandGroupFor: sgmv_expand_tc's tiles a block, the most of 4 and 2
-// that leave at least one wave of blocks (expandResident a SM), else 1.
-func TestExpandGroupFor(t *testing.T) {
-	for _, c := range []struct{ cols, tiles, sms, want int }{
-		{56, 16, 132, 2}, // gate/up at 256 rows on the whole card: 448 blocks
-		{56, 16, 32, 4},  // the same on 32 SMs: 224 blocks
-		{12, 16, 132, 1}, // q/k/v at 256 rows: 192 blocks, under a wave
-		{12, 16, 16, 4},  // q/k/v on 16 SMs: 48 blocks, one wave
-		{8, 16, 16, 2},   // o on 16 SMs: 64 blocks at 2 (32 at 4)
-		{56, 1, 132, 1},  // one tile: nothing to group
-		{56, 9, 16, 4},   // 3 groups of 4 (the last one short): 168 blocks
-		{1, 4, 1, 1},     // 4 blocks (one SM holds 3): 2 would leave 2
-		{1, 12, 1, 4},    // 3 blocks of 4 tiles fill the one SM
-		{100, 0, 132, 1}, // no tiles
-	} {
-		if got := expandGroupFor(c.cols, c.tiles, c.sms); got != c.want {
-			t.Errorf("expandGroupFor(%d cols, %d tiles, %d SMs) = %d, want %d", c.cols, c.tiles, c.sms, got, c.want)
-		}
-	}
-}

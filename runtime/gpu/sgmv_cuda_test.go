@@ -82,15 +82,9 @@ func TestOpLoRAFused(t *testing.T) {
 	// adding in place (tc) and into the LoRA stream's float32 update that
 	// Read adds (tc-aside)
 	// tc1, tc1-aside: slots 1 and 2 holding rank-32 adapters (every rank at
-	// most 32: sgmv_expand_tc1, the rank-32 adapters' kernel). -g2, -g4:
-	// the expand's blocks taking 2 or 4 tiles each (expandGroup; the 8
-	// tiles of segs change adapter inside a group, so B is reloaded); tc2-g4
-	// and tc4 put rank-64 and rank-128 adapters in slot 1 (tc2, tc4).
-	for _, mode := range []string{"v2", "v1", "v0", "tc", "tc-aside", "tc1", "tc1-aside", "tc1-g2", "tc1-g4", "tc1-g4-aside", "tc2-g4", "tc4", "tc4-g2-aside"} {
+	// most 32: sgmv_expand_tc1, the rank-32 adapters' kernel)
+	for _, mode := range []string{"v2", "v1", "v0", "tc", "tc-aside", "tc1", "tc1-aside"} {
 		r.b.force = kernelForce{loraRows: mode == "v0", loraV1: mode == "v1", loraV2: mode == "v2"}
-		if i := strings.Index(mode, "-g"); i > 0 {
-			r.b.force.expGroup = int(mode[i+2] - '0')
-		}
 		switch mode {
 		case "tc":
 			ads[2] = mk(40, 1.25, llama.Q, llama.V, llama.Up, llama.Down)
@@ -104,23 +98,8 @@ func TestOpLoRAFused(t *testing.T) {
 					t.Fatal(err)
 				}
 			}
-		case "tc2-g4", "tc4":
-			ads[1] = mk(map[string]int{"tc2-g4": 64, "tc4": 128}[mode], 0.5, all...)
-			if err := r.b.LoadAdapter(1, ads[1]); err != nil {
-				t.Fatal(err)
-			}
 		}
-		aside := strings.HasSuffix(mode, "aside")
-		wantKC := 0 // the tensor-core expand's 32-rank chunks the mode asks for
-		for _, p := range []struct {
-			prefix string
-			kc     int
-		}{{"tc1", 1}, {"tc2", 2}, {"tc4", 4}, {"tc", 2}} {
-			if strings.HasPrefix(mode, p.prefix) {
-				wantKC = p.kc
-				break
-			}
-		}
+		tc1, aside := strings.HasPrefix(mode, "tc1"), strings.HasSuffix(mode, "aside")
 		for _, mods := range [][]llama.Module{{llama.Q, llama.K, llama.V}, {llama.Gate, llama.Up}, {llama.Down}, {llama.O}, {llama.K}} {
 			in, _ := cfg.Dims(mods[0])
 			total := 0
@@ -136,8 +115,11 @@ func TestOpLoRAFused(t *testing.T) {
 			m := oneSeq(T, 16, zeros(T))
 			m.LoRA = segs
 			r.begin(m)
-			if kc := r.b.tcChunks(mods); wantKC > 0 && kc != wantKC {
-				t.Fatalf("%s %v: tensor-core expand chunks %d, want %d (rank up to %d)", mode, mods, kc, wantKC, 32*wantKC)
+			switch kc := r.b.tcChunks(mods); {
+			case (mode == "tc" || mode == "tc-aside") && kc != 2:
+				t.Fatalf("%s %v: tensor-core expand chunks %d, want 2 (rank 64)", mode, mods, kc)
+			case tc1 && kc != 1:
+				t.Fatalf("%s %v: tensor-core expand chunks %d, want 1 (rank 32)", mode, mods, kc)
 			}
 			if aside {
 				r.b.forkAt(x)
