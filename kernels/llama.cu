@@ -710,22 +710,6 @@ __device__ __forceinline__ unsigned pack_bf2(float lo, float hi) {
     return *reinterpret_cast<unsigned*>(&v);
 }
 
-// mma16816h: c += a * b (m16n8k16, f16 in, f32 out; mma16816's layout).
-__device__ __forceinline__ void mma16816h(float* c, unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0, unsigned b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
-// movt: the 8x8 matrix of 16-bit values whose fragment (row lane/4,
-// columns 2*(lane%4) and +1) is a, transposed, in the same fragment layout.
-__device__ __forceinline__ unsigned movt(unsigned a) {
-    unsigned d;
-    asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(d) : "r"(a));
-    return d;
-}
-
 // QK8 (sm_89 and later, FP8 keys, head_dim >= 64): attn_decode8 computes
 // Q K^T on the FP8 tensor cores (m16n8k32 e4m3) from the cached e4m3 keys
 // as they are, with Q quantized per head (amax / 448, as the keys are per
@@ -744,21 +728,6 @@ __device__ __forceinline__ unsigned movt(unsigned a) {
 #define DEC_QK8 0
 #endif
 
-// DEC_TR (PEFTD_ATTN_TR, a bit mask: 1 FP8 keys, 2 bf16 keys): attn_decode
-// computes each tile transposed, S^T = K Q^T and O^T += V^T P^T, so the
-// MMAs' 16 rows are the tile's 16 positions (and then head dims) rather
-// than the group's query heads padded from G to 16: half the MMAs of the
-// row-major form, whose rows 8-15 are always zero. FP8 keys: each key
-// chunk is widened to f16 once (e4m3x4_f16) and multiplied by Q's e4m3
-// values widened to f16 once a block, f16 MMAs chained straight into S^T
-// (the same exact products as the e4m3 mma.sync, which ptxas lowers to
-// f16 MMAs, unpacks and FADDs on sm_90). P goes from S^T's layout to the
-// B fragments of P V by movmatrix.
-#ifndef PEFTD_ATTN_TR
-#define PEFTD_ATTN_TR 0
-#endif
-#define DEC_TR PEFTD_ATTN_TR
-
 // xor_slot: the 16-byte slot of chunk c of row r in a tile whose rows are
 // C chunks: XOR-swizzled so that the 8 rows an ldmatrix reads (one chunk
 // each) fall in 8 different bank groups.
@@ -771,7 +740,6 @@ template <int C> __device__ __forceinline__ int xor_slot(int r, int c) {
 // bytes, 96 KB at HD 128, 128 KB at 256).
 template <int HD, bool K8 = false> struct DecShape {
     static constexpr bool QK8 = DEC_QK8 && K8 && HD >= 64; // e4m3 Q K^T on the raw key rows
-    static constexpr bool TR = K8 ? (QK8 && (DEC_TR & 1)) : ((DEC_TR & 2) != 0); // the transposed tile (DEC_TR)
     static constexpr int C = HD / 8;                       // 16-byte chunks per K or V row
     static constexpr int ST = HD >= 256 ? 2 : 3;           // stages per warp
     static constexpr int TILE_B = DEC_TILE * HD * 2;       // bytes of bf16 K (or V) per tile
@@ -1023,11 +991,6 @@ __device__ __forceinline__ void attn_decode_body(
     float o[D::C][2], m = NEG_INF, l = 0.f; // O[g][8j + 2*tig + {0,1}], the row's max and this lane's part of its sum
 #pragma unroll
     for (int j = 0; j < D::C; j++) o[j][0] = o[j][1] = 0.f;
-    // TR: O^T[16t + g + 8h][head 2*tig + e] in ot[t][2h + e]; heads 2*tig
-    // and 2*tig + 1's maxes and this lane's parts of their sums
-    float ot[D::TR ? HD / 16 : 1][4], mh[2] = {NEG_INF, NEG_INF}, lh[2] = {0.f, 0.f};
-#pragma unroll
-    for (int t = 0; t < (D::TR ? HD / 16 : 1); t++) ot[t][0] = ot[t][1] = ot[t][2] = ot[t][3] = 0.f;
     const bool pow2 = (bs & (bs - 1)) == 0;
     const int bsh = __ffs(bs) - 1;
     // slot, next: the cache rows of row (lane % 16) of the next tile to
@@ -1148,19 +1111,6 @@ __device__ __forceinline__ void attn_decode_body(
             }
         }
         const float qs = scale * LOG2E * qsc;
-        // TR: Q^T's B fragments (FP8 keys: Q's e4m3 values widened to f16
-        // in qb, for key chunk c's dims 4*tig + {0,1} and + {2,3}; bf16
-        // keys: qa as it is) and the S^T columns' scales (heads 2*tig, +1)
-        unsigned qb[D::TR && K8 ? HD / 16 : 1][2];
-        float qsA = qs, qsB = qs;
-        if constexpr (D::TR) {
-            if constexpr (K8) {
-#pragma unroll
-                for (int c = 0; c < HD / 16; c++) e4m3x4_f16(qa8[c >> 1][c & 1], qb[c][0], qb[c][1]);
-            }
-            qsA = __shfl_sync(0xffffffffu, qs, 8 * tig);
-            qsB = __shfl_sync(0xffffffffu, qs, 8 * tig + 4);
-        }
         for (int k = pre; k < D::ST - 1; k++) {
             issue(k);
             advance(k + 2);
@@ -1174,83 +1124,6 @@ __device__ __forceinline__ void attn_decode_body(
             if (k == 0) ts_first = globaltimer_ns();
 #endif
             const unsigned kb = D::kt(wbase, k), vb = D::vt(wbase, k);
-            if constexpr (D::TR) { // the transposed tile (DEC_TR); the row-major one follows
-                // S^T[pos][head]: st[0] (pos g, head 2*tig), [1] (g, 2*tig + 1),
-                // [2] (g + 8, 2*tig), [3] (g + 8, 2*tig + 1); two chains over
-                // the key chunks, added at the end
-                float st[4] = {0.f, 0.f, 0.f, 0.f}, su[4] = {0.f, 0.f, 0.f, 0.f};
-                const int ar = (lane & 7) + ((lane >> 3) & 1) * 8; // the row this lane addresses: matrices (0-7, c), (8-15, c), (0-7, c+1), (8-15, c+1)
-                float ks0 = 1.f, ks1 = 1.f;                         // FP8 keys: positions g and g + 8's scales
-                if constexpr (K8) {
-                    // one ldmatrix.x4 of the raw rows: 16-byte chunks 2cc and
-                    // 2cc + 1 (16 key dims each) of the tile's 16 positions
-                    const unsigned rb = vb + D::TILE_B;
-#pragma unroll
-                    for (int cc = 0; cc < HD / 32; cc++) {
-                        unsigned b[4], w[8];
-                        const int c = 2 * cc + (lane >> 4);
-                        ldsm4(rb + ar * HD + D::rsw(ar, c) * 16, b);
-                        widen_e4m3<4>(b, w); // w[2i], w[2i+1]: b[i]'s dims 4*tig + {0,1}, + {2,3}
-                        mma16816h(st, w[0], w[2], w[1], w[3], qb[2 * cc][0], qb[2 * cc][1]);
-                        mma16816h(su, w[4], w[6], w[5], w[7], qb[2 * cc + 1][0], qb[2 * cc + 1][1]);
-                    }
-#ifndef PEFTD_ATTN_DIAG_NOSCALE
-                    const float* sc8 = reinterpret_cast<const float*>(dsm + (vb - (unsigned)__cvta_generic_to_shared(dsm)) + D::TILE_B + D::RAW_B);
-                    ks0 = sc8[g], ks1 = sc8[g + 8];
-#endif
-                } else {
-#pragma unroll
-                    for (int cc = 0; cc < HD / 16; cc++) {
-                        unsigned a[4];
-                        ldsm4(D::at(kb, ar, 2 * cc + (lane >> 4)), a);
-                        mma16816(cc & 1 ? su : st, a[0], a[1], a[2], a[3], qa[cc][0], qa[cc][1]);
-                    }
-                }
-                const int pg = p0 + (warp + k * W) * DEC_TILE + g; // position g's; g + 8's is pg + 8
-                float sv[4];
-                sv[0] = pg < p1 ? (st[0] + su[0]) * ks0 * qsA : NEG_INF;
-                sv[1] = pg < p1 ? (st[1] + su[1]) * ks0 * qsB : NEG_INF;
-                sv[2] = pg + 8 < p1 ? (st[2] + su[2]) * ks1 * qsA : NEG_INF;
-                sv[3] = pg + 8 < p1 ? (st[3] + su[3]) * ks1 * qsB : NEG_INF;
-                float corr[2];
-#pragma unroll
-                for (int e = 0; e < 2; e++) { // head 2*tig + e: its max over the tile's 16 positions (lanes of one tig)
-                    float mx = fmaxf(sv[e], sv[2 + e]);
-                    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
-                    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 8));
-                    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 16));
-                    const float mn = fmaxf(mh[e], mx);
-                    corr[e] = mn == NEG_INF ? 1.f : exp2f(mh[e] - mn);
-                    sv[e] = sv[e] == NEG_INF ? 0.f : exp2f(sv[e] - mn);
-                    sv[2 + e] = sv[2 + e] == NEG_INF ? 0.f : exp2f(sv[2 + e] - mn);
-                    lh[e] = lh[e] * corr[e] + sv[e] + sv[2 + e];
-                    mh[e] = mn;
-                }
-                // P^T = hi + lo, both bf16 (two MMAs keep P's float32
-                // precision), in S^T's layout; movt turns each 8-position
-                // half into P V's B fragment (B[pos 2*tig + {0,1}][head g])
-                unsigned pb[2][2]; // [hi, lo][positions 0-7, 8-15]
-#pragma unroll
-                for (int h = 0; h < 2; h++) {
-                    const bf16 h0 = tobf(sv[2 * h]), h1 = tobf(sv[2 * h + 1]);
-                    pb[0][h] = movt(pack_bf2(__bfloat162float(h0), __bfloat162float(h1)));
-                    pb[1][h] = movt(pack_bf2(sv[2 * h] - __bfloat162float(h0), sv[2 * h + 1] - __bfloat162float(h1)));
-                }
-                // O^T += V^T P^T: one ldmatrix.x4.trans a 16 head dims, the
-                // A fragments (V^T[d][pos]) of matrices (pos 0-7, d chunk
-                // 2t), (0-7, 2t + 1), (8-15, 2t), (8-15, 2t + 1)
-                const int vr = (lane & 7) + (lane >> 4) * 8, vc = (lane >> 3) & 1;
-#pragma unroll
-                for (int t = 0; t < HD / 16; t++) {
-                    unsigned a[4];
-                    ldsm4t(D::at(vb, vr, 2 * t + vc), a);
-                    ot[t][0] *= corr[0], ot[t][1] *= corr[1], ot[t][2] *= corr[0], ot[t][3] *= corr[1];
-                    mma16816(ot[t], a[0], a[1], a[2], a[3], pb[0][0], pb[0][1]);
-                    mma16816(ot[t], a[0], a[1], a[2], a[3], pb[1][0], pb[1][1]);
-                }
-                __syncwarp(); // done reading the buffer the next issue overwrites
-                continue;
-            }
             float ksc[2][2] = {{1.f, 1.f}, {1.f, 1.f}}; // the scales of this lane's S columns
             if constexpr (D::QK8) { // the keys' scales multiply S below; the e4m3 rows are read as they are
 #ifndef PEFTD_ATTN_DIAG_NOSCALE
@@ -1356,12 +1229,6 @@ __device__ __forceinline__ void attn_decode_body(
         cp_async_wait<0>();
         l += __shfl_xor_sync(0xffffffffu, l, 1);
         l += __shfl_xor_sync(0xffffffffu, l, 2);
-#pragma unroll
-        for (int e = 0; e < 2; e++) { // TR: the sums over a tig's 8 lanes
-            lh[e] += __shfl_xor_sync(0xffffffffu, lh[e], 4);
-            lh[e] += __shfl_xor_sync(0xffffffffu, lh[e], 8);
-            lh[e] += __shfl_xor_sync(0xffffffffu, lh[e], 16);
-        }
     }
 #ifdef PEFTD_ATTN_TS
     const bool ats_on = ((opts & 4) || nsplit == 1) && part != nullptr; // part: kernelForce.attnTS
@@ -1387,23 +1254,7 @@ __device__ __forceinline__ void attn_decode_body(
 #ifdef PEFTD_ATTN_TS
     if (ats_on && tid == 0) ats[ATS_W * W + 4] = globaltimer_ns();
 #endif
-    if constexpr (D::TR) {
-#pragma unroll
-        for (int e = 0; e < 2; e++) {
-            const int hg = 2 * tig + e;
-            if (hg < G) {
-#pragma unroll
-                for (int t = 0; t < HD / 16; t++) {
-                    wo[(warp * G + hg) * HD + 16 * t + g] = ot[t][e];
-                    wo[(warp * G + hg) * HD + 16 * t + 8 + g] = ot[t][2 + e];
-                }
-                if (g == 0) {
-                    wm[warp * G + hg] = mh[e];
-                    wl[warp * G + hg] = lh[e];
-                }
-            }
-        }
-    } else if (g < G) {
+    if (g < G) {
 #pragma unroll
         for (int j = 0; j < D::C; j++) {
             wo[(warp * G + g) * HD + 8 * j + tig * 2] = o[j][0];
