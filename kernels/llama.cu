@@ -253,6 +253,19 @@ __device__ __forceinline__ float key_scale_e4m3(float amax, float& inv) {
     return amax > 0.f ? amax / 448.f : 1.f;
 }
 
+// kscale_at: where the float32 scale of the FP8 key at cache slot slot,
+// KV head kh sits in a layer's key scales, laid out [page][kvh][bs] (page
+// = slot / bs): the bs positions of one page and head are contiguous, so
+// attn_decode8's 16 scales a tile are one 64-byte read, not 16 sectors
+// 4 * kvh bytes apart (each 32-byte sector for 4 bytes). bsh: log2(bs)
+// when bs is a power of two, else -1.
+__device__ __forceinline__ i64 kscale_at(int slot, int kvh, int kh, int bs, int bsh) {
+    const int page = bsh >= 0 ? slot >> bsh : slot / bs;
+    return ((i64)page * kvh + kh) * bs + (slot - page * bs);
+}
+// log2_or: log2(bs) for a power of two, else -1 (kscale_at's bsh).
+__device__ __forceinline__ int log2_or(int bs) { return (bs & (bs - 1)) == 0 ? __ffs(bs) - 1 : -1; }
+
 // rope_store: rotate-half RoPE of q [T, heads*hd] and k [T, kvh*hd] in
 // place (rows ldq and ldk values apart), and, when kc is not null, k (as
 // rotated) and v (rows ldv apart) stored at the row's KV slot of one
@@ -271,7 +284,7 @@ __device__ __forceinline__ float plus(const bf16* x, const float* d, int i) {
 
 extern "C" __global__ void rope_store(bf16* q, bf16* k, const bf16* v, bf16* kc, bf16* vc, const float* inv_freq, const int* pos,
                                       const int* slots, const float* dq, const float* dk, const float* dv, const int* rl,
-                                      int heads, int kvh, int hd, int ldq, int ldk, int ldv, int ldd, unsigned char* kc8, float* ks) {
+                                      int heads, int kvh, int hd, int ldq, int ldk, int ldv, int ldd, unsigned char* kc8, float* ks, int bs) {
     pdl_entry();
     __shared__ float ysh[256]; // an FP8 key head's values (hd <= 256)
     __shared__ float red[33];
@@ -332,7 +345,7 @@ extern "C" __global__ void rope_store(bf16* q, bf16* k, const bf16* v, bf16* kc,
     const int kh = h - heads;
     unsigned char* q8 = kc8 + (i64)slot * width + (i64)kh * hd;
     for (int i = threadIdx.x; i < hd; i += blockDim.x) q8[i] = __nv_cvt_float_to_fp8(ysh[i] * inv, __NV_SATFINITE, __NV_E4M3);
-    if (threadIdx.x == 0) ks[(i64)slot * kvh + kh] = sc;
+    if (threadIdx.x == 0) ks[kscale_at(slot, kvh, kh, bs, log2_or(bs))] = sc;
 }
 
 // rope_store_rows: rope_store for head_dim 64, 128 or 256 with 16-byte
@@ -346,7 +359,7 @@ extern "C" __global__ void rope_store(bf16* q, bf16* k, const bf16* v, bf16* kc,
 // results as rope_store; grid (T), block a multiple of 32.
 extern "C" __global__ void rope_store_rows(bf16* q, bf16* k, const bf16* v, bf16* kc, bf16* vc, const float* inv_freq, const int* pos,
                                            const int* slots, const float* dq, const float* dk, const float* dv, const int* rl,
-                                           int heads, int kvh, int hd, int ldq, int ldk, int ldv, int ldd, unsigned char* kc8, float* ks) {
+                                           int heads, int kvh, int hd, int ldq, int ldk, int ldv, int ldd, unsigned char* kc8, float* ks, int bs) {
     __shared__ float cs[128], sn[128]; // cos and sin of frequency i at the row's position (hd <= 256)
     const int r = blockIdx.x, tid = threadIdx.x, bd = blockDim.x, half = hd / 2, per = half / 8;
     const bool rot = inv_freq != nullptr;
@@ -417,7 +430,7 @@ extern "C" __global__ void rope_store_rows(bf16* q, bf16* k, const bf16* v, bf16
         for (int e = 0; e < 16; e++) b[e] = __nv_cvt_float_to_fp8(y[e] * inv, __NV_SATFINITE, __NV_E4M3);
         *reinterpret_cast<uint2*>(q8 + 8 * j) = *reinterpret_cast<const uint2*>(b);
         *reinterpret_cast<uint2*>(q8 + half + 8 * j) = *reinterpret_cast<const uint2*>(b + 8);
-        if (j == 0) ks[(i64)slot * kvh + kh] = sc;
+        if (j == 0) ks[kscale_at(slot, kvh, kh, bs, log2_or(bs))] = sc;
     }
     if (!vc || slot < 0) return;
     // value heads: 16-byte words copied to the cache (plus the update)
@@ -484,7 +497,7 @@ __device__ __forceinline__ void sum_kparts(float (&v)[PER], const float* tp, i64
 extern "C" __global__ void rope_store_lora(bf16* q, bf16* k, const bf16* v, bf16* kc, bf16* vc, const float* inv_freq, const int* pos,
                                            const int* slots, const int* rl, int heads, int kvh, int hd, int ldq, int ldk, int ldv,
                                            unsigned char* kc8, float* ks, const float* tmp, const LoraEntry* table, int entry_base,
-                                           int entry_stride, int m0, int m1, int m2, int max_rank, int t_stride, int rows, int ksplit) {
+                                           int entry_stride, int m0, int m1, int m2, int max_rank, int t_stride, int rows, int ksplit, int bs) {
     __shared__ float ts[128]; // this row's s for this slice
     __shared__ float red[4];  // FP8 keys: the warps' amax (hd / 2 <= 128 threads)
     const int h = blockIdx.x, r = blockIdx.y, half = hd / 2, j = threadIdx.x;
@@ -575,7 +588,7 @@ extern "C" __global__ void rope_store_lora(bf16* q, bf16* k, const bf16* v, bf16
     unsigned char* q8 = kc8 + (i64)slot * width + col;
     q8[j] = __nv_cvt_float_to_fp8(y1 * inv, __NV_SATFINITE, __NV_E4M3);
     q8[j + half] = __nv_cvt_float_to_fp8(y2 * inv, __NV_SATFINITE, __NV_E4M3);
-    if (j == 0) ks[(i64)slot * kvh + hh] = sc;
+    if (j == 0) ks[kscale_at(slot, kvh, hh, bs, log2_or(bs))] = sc;
 }
 
 #define ATT_WARPS 4
@@ -618,7 +631,7 @@ extern "C" __global__ void __launch_bounds__(32 * ATT_WARPS) attention(
                 const int d = lane + 32 * j;
                 if (d < hd) dot += qv[j] * e4m3x2_float2(kr[d]).x;
             }
-            dot = warp_sum(dot) * ks[slot * kvh + kvoff / hd] * scale;
+            dot = warp_sum(dot) * ks[kscale_at((int)slot, kvh, kvoff / hd, bs, log2_or(bs))] * scale;
         } else {
             const bf16* kr = kc + slot * width + kvoff;
 #pragma unroll
@@ -1043,7 +1056,7 @@ __device__ __forceinline__ void attn_decode_body(
                     cp_async16(rb + r * HD + D::rsw(r, c) * 16, k8 + (i64)max(sl, 0) * width + (i64)kh * HD + c * 16, sl >= 0 ? 16 : 0);
                 }
 #ifndef PEFTD_ATTN_DIAG_NOSCALE
-                if (lane < DEC_TILE) cp_async4(sb + 4 * lane, ks + (i64)max(slot, 0) * kvh + kh, slot >= 0 ? 4 : 0);
+                if (lane < DEC_TILE) cp_async4(sb + 4 * lane, ks + kscale_at(max(slot, 0), kvh, kh, bs, pow2 ? bsh : -1), slot >= 0 ? 4 : 0);
 #endif
             }
         }
@@ -1463,7 +1476,7 @@ extern "C" __global__ void __launch_bounds__(32 * DEC_WARPS8) attn_decode_w8_d32
 extern "C" __global__ void __launch_bounds__(32 * DEC_WARPS8) attn_decode_w8_d64(ATTN_DECODE_ARGS) { attn_decode_body<64, false, DEC_WARPS8>(ATTN_DECODE_PASS); }
 extern "C" __global__ void __launch_bounds__(32 * DEC_WARPS8) attn_decode_w8_d128(ATTN_DECODE_ARGS) { attn_decode_body<128, false, DEC_WARPS8>(ATTN_DECODE_PASS); }
 // attn_decode8_d*: the same over an FP8 key cache (kc: e4m3 values; ks: one
-// float32 scale per cache slot and KV head).
+// float32 scale per cache slot and KV head, at kscale_at).
 extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode8_d32(ATTN_DECODE_ARGS) { attn_decode_body<32, true, DEC_WARPS>(ATTN_DECODE_PASS); }
 extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode8_d64(ATTN_DECODE_ARGS) { attn_decode_body<64, true, DEC_WARPS>(ATTN_DECODE_PASS); }
 extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode8_d128(ATTN_DECODE_ARGS) { attn_decode_body<128, true, DEC_WARPS>(ATTN_DECODE_PASS); }
@@ -1587,7 +1600,7 @@ __device__ __forceinline__ void attn_prefill_body(bf16* __restrict__ out, const 
                     // the row's scale from the thread that takes its chunk 0
                     const unsigned rb = vb + P::TILE_B;
                     cp_async8(rb + r * HD + c * 8, reinterpret_cast<const unsigned char*>(kc) + off, slot[i] >= 0 ? 8 : 0);
-                    if (c == 0) cp_async4(rb + P::RAW_B + 4 * r, ks + (i64)max(slot[i], 0) * kvh + kh, slot[i] >= 0 ? 4 : 0);
+                    if (c == 0) cp_async4(rb + P::RAW_B + 4 * r, ks + kscale_at(max(slot[i], 0), kvh, kh, bs, log2_or(bs)), slot[i] >= 0 ? 4 : 0);
                 } else {
                     cp_async16(kb + so, kc + off, slot[i] >= 0 ? 16 : 0);
                 }

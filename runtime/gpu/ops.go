@@ -380,11 +380,11 @@ func (b *Backend) ropeStore(qb, kb, vb *Buffer, layer int, invFreq []float32, he
 		b.launch(b.fn.ropeLoRA, cuda.Dim3{X: ny, Y: b.rows()}, cuda.Dim3{X: headDim / 2},
 			ptr(qb), ptr(kb), ptr(vb), kc, vc, freq, b.i32(b.off.pos), b.i32(b.off.kvSlots), b.rowLora(),
 			heads, kvHeads, headDim, qb.ld, kb.ld, ldv, kc8, ks,
-			b.stepTmp, b.table, fold.base, fold.stride, fold.ms[0], fold.ms[1], fold.ms[2], b.stepRank, fold.tStride, b.rows(), fold.ks)
+			b.stepTmp, b.table, fold.base, fold.stride, fold.ms[0], fold.ms[1], fold.ms[2], b.stepRank, fold.tStride, b.rows(), fold.ks, b.kv.BlockSize)
 		return
 	}
 	args := []any{ptr(qb), ptr(kb), ptr(vb), kc, vc, freq, b.i32(b.off.pos), b.i32(b.off.kvSlots), dq, dk, dv, b.rowLora(),
-		heads, kvHeads, headDim, qb.ld, kb.ld, ldv, ldd, kc8, ks}
+		heads, kvHeads, headDim, qb.ld, kb.ld, ldv, ldd, kc8, ks, b.kv.BlockSize}
 	if !b.force.ropeHeads && ropeRowsFit(headDim, []uint64{ptr(qb), ptr(kb), ptr(vb), dq, dk, dv}, []int{qb.ld, kb.ld, ldv, ldd}) {
 		// a block per row: threads for every rotation unit (8 pairs) at once
 		units := (heads + kvHeads) * headDim / 16
