@@ -136,7 +136,9 @@ func attentionCase(t *testing.T, sh attnShape, k8 bool) {
 			if k8 {
 				q8, sc := quantKey(kv, kvh, hd)
 				copy(k8Img[slot*width:], q8)
-				copy(sImg[slot*kvh:], sc)
+				for h, v := range sc {
+					sImg[kscaleAt(slot, kvh, h, bs)] = v
+				}
 				kv = deq(q8, sc)
 			} else {
 				f32ToBF16(kImg[slot*width:(slot+1)*width], kv)
@@ -308,7 +310,7 @@ func attentionCase(t *testing.T, sh attnShape, k8 bool) {
 		for row := range T {
 			slot := int(m.KVSlots[row])
 			for h := range kvh {
-				if gotS[slot*kvh+h] != wantS[row][h] {
+				if gotS[kscaleAt(slot, kvh, h, bs)] != wantS[row][h] {
 					bad++
 				}
 			}

@@ -259,6 +259,7 @@ type Backend struct {
 	layerB int // bytes of one layer's V cache (and K cache, in bf16)
 	// an FP8 key cache (Options.KVFormat): kcache holds e4m3 keys, layerKB
 	// bytes a layer, and kscale their float32 scales, layerSB bytes a layer
+	// (where each one sits: kscaleAt)
 	kv8 bool
 	// life orders PrepareAdapter (any goroutine) before Close: closed is
 	// set under it, and PrepareAdapter reads it under it

@@ -55,3 +55,24 @@ func TestMemoryNeeds(t *testing.T) {
 		}
 	}
 }
+
+// TestKScaleAt: the FP8 key scales' layout [page][KV head][slot in page]
+// (kscale_at in llama.cu): every (slot, head) of a cache gets its own
+// index, and a page's slots of one head are contiguous.
+func TestKScaleAt(t *testing.T) {
+	for _, c := range []struct{ blocks, bs, kvh int }{{4, 16, 8}, {5, 5, 2}, {3, 1, 4}, {2, 12, 3}} {
+		seen := make([]bool, c.blocks*c.bs*c.kvh)
+		for slot := range c.blocks * c.bs {
+			for h := range c.kvh {
+				i := kscaleAt(slot, c.kvh, h, c.bs)
+				if i < 0 || i >= len(seen) || seen[i] {
+					t.Fatalf("%+v: slot %d head %d -> %d (out of range or taken)", c, slot, h, i)
+				}
+				seen[i] = true
+				if slot%c.bs > 0 && kscaleAt(slot-1, c.kvh, h, c.bs) != i-1 {
+					t.Fatalf("%+v: slots %d and %d of head %d not adjacent", c, slot-1, slot, h)
+				}
+			}
+		}
+	}
+}

@@ -428,6 +428,15 @@ func ropeRowsFit(headDim int, ptrs []uint64, lds []int) bool {
 	return true
 }
 
+// kscaleAt is the index, among one layer's FP8 key scales, of the scale of
+// the key at cache slot slot and KV head kh, with bs slots a page: the
+// layout [page][kvh][bs] of the kernels' kscale_at (llama.cu), which keeps
+// a page's scales of one head contiguous for attn_decode8's tiles.
+func kscaleAt(slot, kvh, kh, bs int) int {
+	page := slot / bs
+	return (page*kvh+kh)*bs + slot - page*bs
+}
+
 // layerCache is where layer's keys, values and (with an FP8 key cache, else
 // 0) key scales are.
 func (b *Backend) layerCache(layer int) (k, v, ks uint64) {
