@@ -155,24 +155,25 @@ func NewContext(ordinal int) (*Context, error) {
 			return err
 		}
 		c.dev = Device{Ordinal: ordinal, Name: cString(&name[0])}
+		// optional attributes stay zero where the driver does not know them
 		for _, a := range []struct {
-			dst  *int
-			attr int32
-		}{{&c.dev.Major, attrComputeCapabilityMajor}, {&c.dev.Minor, attrComputeCapabilityMinor},
-			{&c.dev.SMs, attrMultiprocessorCount}, {&c.dev.MaxShared, attrMaxSharedPerBlockOptin}, {&c.dev.L2Bytes, attrL2CacheSize}} {
+			dst      *int
+			attr     int32
+			optional bool
+		}{{&c.dev.Major, attrComputeCapabilityMajor, false}, {&c.dev.Minor, attrComputeCapabilityMinor, false},
+			{&c.dev.SMs, attrMultiprocessorCount, false}, {&c.dev.MaxShared, attrMaxSharedPerBlockOptin, false}, {&c.dev.L2Bytes, attrL2CacheSize, false},
+			{&c.dev.PersistL2Max, attrMaxPersistingL2, true}, {&c.dev.WindowMax, attrMaxAccessPolicyWindow, true}} {
 			var v int32
-			if err := check("cuDeviceGetAttribute", drv.cuDeviceGetAttribute(&v, a.attr, dev)); err != nil {
-				return err
-			}
-			*a.dst = int(v)
-		}
-		// optional: zero where the driver does not know them
-		for _, a := range []struct {
-			dst  *int
-			attr int32
-		}{{&c.dev.PersistL2Max, attrMaxPersistingL2}, {&c.dev.WindowMax, attrMaxAccessPolicyWindow}} {
-			var v int32
-			if drv.cuDeviceGetAttribute(&v, a.attr, dev) == 0 && v > 0 {
+			r := drv.cuDeviceGetAttribute(&v, a.attr, dev)
+			switch {
+			case a.optional:
+				if r == 0 && v > 0 {
+					*a.dst = int(v)
+				}
+			default:
+				if err := check("cuDeviceGetAttribute", r); err != nil {
+					return err
+				}
 				*a.dst = int(v)
 			}
 		}

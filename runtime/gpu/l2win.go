@@ -131,11 +131,12 @@ func (b *Backend) setL2Window(w cuda.AccessWindow) error {
 }
 
 // launchStreams is every stream the backend launches kernels on: the
-// compute and LoRA streams, and those of an SM partition's either side.
+// compute and LoRA streams, or with an SM partition those of its either
+// side (the compute and LoRA streams are two of them, whichever side is
+// on).
 func (b *Backend) launchStreams() []*cuda.Stream {
-	ss := []*cuda.Stream{b.s, b.la.s}
 	if p := b.smPart; p != nil {
-		ss = append(ss, p.s, p.ls, p.s0, p.ls0)
+		return []*cuda.Stream{p.s, p.ls, p.s0, p.ls0}
 	}
-	return ss
+	return []*cuda.Stream{b.s, b.la.s}
 }
