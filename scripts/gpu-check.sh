@@ -189,8 +189,10 @@ PHASES=("$@")
 [[ ${#PHASES[@]} -gt 0 ]] || PHASES=(tests kernels memcheck fixture8b serve lorabench decode serve8b)
 want() { local x; for x in "${PHASES[@]}"; do [[ "$x" == "$1" ]] && return 0; done; return 1; }
 unset PEFTD_FIXTURE_8B PEFTD_LORA_BENCH PEFTD_MODEL_8B
-GPUBIN="${GPUBIN_OVERRIDE:-$ROOT/$(bin_of runtime/gpu)}" # GPUBIN_OVERRIDE: another build of runtime/gpu (an A/B of two trees in one call)
-[[ $GPUBIN == /* ]] || GPUBIN="$ROOT/$GPUBIN"                # relative to the repository (the tests run from runtime/gpu)
+# in_repo: path p as an absolute path, a relative one taken from the
+# repository root (the phases run from elsewhere, e.g. runtime/gpu)
+in_repo() { if [[ $1 == /* ]]; then echo "$1"; else echo "$ROOT/$1"; fi; }
+GPUBIN="$(in_repo "${GPUBIN_OVERRIDE:-$(bin_of runtime/gpu)}")" # GPUBIN_OVERRIDE: another build of runtime/gpu (an A/B of two trees in one call)
 T0=$SECONDS
 stamp() { echo "--- $1 done at +$((SECONDS - T0))s"; }
 # keep the whole run inside the device's 600 s command limit: each benchmark
@@ -541,8 +543,7 @@ if want serve8b; then
 		SD=$(mktemp -d)
 		# SERVE8B_ARGS: more serve flags (e.g. --weights fp8)
 		# PEFTD_OVERRIDE: another build of peftd serves (an A/B of two trees in one call)
-		SRVBIN="${PEFTD_OVERRIDE:-$ROOT/bin/gpu/peftd}"
-		[[ $SRVBIN == /* ]] || SRVBIN="$ROOT/$SRVBIN"
+		SRVBIN="$(in_repo "${PEFTD_OVERRIDE:-bin/gpu/peftd}")"
 		PEFTD_CACHE=$SD "$SRVBIN" serve --device cuda --model "$MD/base" --store "$MD/adapters" --slots 5 --max-queue 1024 --listen 127.0.0.1:8081 ${SERVE8B_ARGS:-} >"$LOG/serve8b.log" 2>&1 &
 		SRV=$!
 		if serve_wait "$LOG/serve8b.log" "$(left 200)"; then
