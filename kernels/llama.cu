@@ -685,7 +685,6 @@ extern "C" __global__ void __launch_bounds__(32 * ATT_WARPS) attention(
 
 #define DEC_WARPS 4
 #define DEC_THREADS (DEC_WARPS * 32)
-#define DEC_WARPS6 6 // attn_decode8_w6: FP8 keys, 6 warps a block, two blocks an SM
 #define DEC_MAXG 8
 #define DEC_TILE 16 // positions per warp tile
 #define LOG2E 1.4426950408889634f
@@ -771,9 +770,6 @@ template <int HD, bool K8 = false> struct DecShape {
     static constexpr int SC_B = K8 ? DEC_TILE * 4 : 0;
     static constexpr int STAGE_B = (K8 ? 1 : 2) * TILE_B + RAW_B + SC_B;
     static constexpr int WARP_B = ST * STAGE_B + (K8 ? TILE_B : 0);
-    // PACK_B: a warp's buffers without that empty room (attn_decode8_w6,
-    // whose 6 warps would not fit two blocks an SM with it)
-    static constexpr int PACK_B = ST * STAGE_B + (K8 && !QK8 ? TILE_B : 0);
     // the K tile and the V tile of tile k in the warp's buffers at wb (the
     // e4m3 rows follow the V tile, their scales the rows)
     static __device__ __forceinline__ unsigned kt(unsigned wb, int k) { return K8 ? wb + ST * STAGE_B : wb + (k % ST) * STAGE_B; }
@@ -1036,8 +1032,7 @@ __device__ __forceinline__ void attn_decode_body(
     asm volatile("" ::"r"(slot), "r"(next)); // the chain's last loads (the pages) have landed
     const unsigned long long ts_meta = globaltimer_ns();
 #endif
-    // the warp's buffers: DEC_WARPS6 blocks pack them (PACK_B)
-    const unsigned wbase = (unsigned)__cvta_generic_to_shared(dsm) + warp * (W == DEC_WARPS6 ? D::PACK_B : D::WARP_B);
+    const unsigned wbase = (unsigned)__cvta_generic_to_shared(dsm) + warp * D::WARP_B;
     auto issue = [&](int k) {
         if (k < nk) {
             const unsigned kb = D::kt(wbase, k), vb = D::vt(wbase, k);
@@ -1496,12 +1491,6 @@ extern "C" __global__ void __launch_bounds__(32 * DEC_WARPS2) attn_decode8_w2_d2
 extern "C" __global__ void __launch_bounds__(32 * DEC_WARPS8) attn_decode8_w8_d32(ATTN_DECODE_ARGS) { attn_decode_body<32, true, DEC_WARPS8>(ATTN_DECODE_PASS); }
 extern "C" __global__ void __launch_bounds__(32 * DEC_WARPS8) attn_decode8_w8_d64(ATTN_DECODE_ARGS) { attn_decode_body<64, true, DEC_WARPS8>(ATTN_DECODE_PASS); }
 extern "C" __global__ void __launch_bounds__(32 * DEC_WARPS8) attn_decode8_w8_d128(ATTN_DECODE_ARGS) { attn_decode_body<128, true, DEC_WARPS8>(ATTN_DECODE_PASS); }
-// attn_decode8_w6_d64, _d128: FP8 keys with 6 warps a block, their buffers
-// packed (DecShape::PACK_B: 109 KB at head_dim 128 with e4m3 Q K^T), so two
-// blocks an SM hold 12 warps, not 8, in the same waves as attn_decode8.
-// runtime/gpu runs them only where QK8 holds (sm_89 and later).
-extern "C" __global__ void __launch_bounds__(32 * DEC_WARPS6) attn_decode8_w6_d64(ATTN_DECODE_ARGS) { attn_decode_body<64, true, DEC_WARPS6>(ATTN_DECODE_PASS); }
-extern "C" __global__ void __launch_bounds__(32 * DEC_WARPS6) attn_decode8_w6_d128(ATTN_DECODE_ARGS) { attn_decode_body<128, true, DEC_WARPS6>(ATTN_DECODE_PASS); }
 
 // attn_prefill_d{32,64,128}: causal attention of prefill rows on the tensor
 // cores (flash-attention style). grid (tiles, heads), block PRE_THREADS,

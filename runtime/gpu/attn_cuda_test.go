@@ -10,6 +10,7 @@ import (
 	"testing"
 
 	fx "github.com/peftd/peftd/internal/fixture"
+	"github.com/peftd/peftd/kernels"
 	"github.com/peftd/peftd/runtime/cuda"
 	"github.com/peftd/peftd/runtime/engine"
 	"github.com/peftd/peftd/runtime/safetensors"
@@ -230,15 +231,14 @@ func attentionCase(t *testing.T, sh attnShape, k8 bool) {
 	// clusters (opts 7, the default; on sm_90 and later): fewer splits, so
 	// the sums differ in their last bits. A fourth time with 2 warps a block
 	// (attn_decode2, attn_decode8_w2: kernelForce.decVar), a fifth with 8
-	// (attn_decode_w8, attn_decode8_w8, where it fits the head dimension),
-	// a sixth with 6 (attn_decode8_w6: FP8 keys at head_dim 64 and 128;
-	// attn_decode elsewhere) and a seventh with 4 (attn_decode, attn_decode8).
+	// (attn_decode_w8, attn_decode8_w8, where it fits the head dimension)
+	// and a sixth with 4 (attn_decode, attn_decode8).
 	var first []float32
 	for i, run := range []struct {
 		v0   bool
 		opts int
 		dv   int // 1 + a decVariant
-	}{{false, -1, 0}, {false, 3, 0}, {false, 7, 0}, {false, 0, 1 + int(decV2)}, {false, 0, 1 + int(decV8)}, {false, 0, 1 + int(decV6)}, {false, 0, 1 + int(decV4)}, {true, 0, 0}} {
+	}{{false, -1, 0}, {false, 3, 0}, {false, 7, 0}, {false, 0, 1 + int(decV2)}, {false, 0, 1 + int(decV8)}, {false, 0, 1 + int(decV4)}, {true, 0, 0}} {
 		v0 := run.v0
 		r.b.force.attnRows, r.b.force.decOpts, r.b.force.decVar = v0, run.opts, run.dv
 		r.poison(out)
@@ -329,9 +329,6 @@ func attentionCase(t *testing.T, sh attnShape, k8 bool) {
 		fs = append(fs, r.b.decodeKernel(hd, decV4), r.b.decodeKernel(hd, decV2))
 		if r.b.decW8Fit[headIndex(hd)] {
 			fs = append(fs, r.b.decodeKernel(hd, decV8))
-		}
-		if r.b.decW6Fit[headIndex(hd)] {
-			fs = append(fs, r.b.decodeKernel(hd, decV6))
 		}
 	}
 	if r.b.preOK {
@@ -430,4 +427,12 @@ func TestFP8KeysFixture(t *testing.T) {
 			t.Errorf("KV cache %s: relative error %.3g > 0.1", kvf, worst)
 		}
 	}
+}
+
+// attnQK8 reports whether attn_decode8 computes Q K^T on the FP8 tensor
+// cores (m16n8k32 e4m3, sm_89 and later; DEC_QK8 in llama.cu) on a GPU of
+// compute capability major.minor: not when PEFTD_KERNEL_DEFINES sets
+// PEFTD_ATTN_NO_QK8 (the keys widened to bf16 everywhere).
+func attnQK8(major, minor int) bool {
+	return major*10+minor >= 89 && !kernels.Defined("PEFTD_ATTN_NO_QK8")
 }

@@ -180,7 +180,6 @@ type funcs struct {
 	attnDecodeW8                                                                                           [3]*cuda.Function // attn_decode_w8_d32, d64, d128: 8 warps a block (decV8)
 	attnDecode8W2                                                                                          [4]*cuda.Function // attn_decode8_w2_d*: FP8 keys, 2 warps a block (decV2)
 	attnDecode8W8                                                                                          [3]*cuda.Function // attn_decode8_w8_d32, d64, d128: FP8 keys, 8 warps a block (decV8)
-	attnDecode8W6                                                                                          [2]*cuda.Function // attn_decode8_w6_d64, d128: FP8 keys, 6 warps a block (decV6)
 	attnPrefill                                                                                            [3]*cuda.Function // attn_prefill_d32, d64, d128
 	attnPrefill8                                                                                           [3]*cuda.Function // attn_prefill8_d*: FP8 keys
 	sgExpandTC                                                                                             [3]*cuda.Function // sgmv_expand_tc1, tc2, tc4
@@ -328,7 +327,6 @@ type Backend struct {
 	// shared memory fits a block on this card
 	decFit           [4]bool
 	decW8Fit         [4]bool // attn_decode_w8 runs at this head dimension (w8Fits)
-	decW6Fit         [4]bool // attn_decode8_w6 runs at this head dimension (w6Fits)
 	preFit           [3]bool
 	pdl              bool      // the compute stream launches kernels programmatically (Options.NoPDL)
 	ropeLoRALaunches int       // rope_store_lora launches recorded or run (lora_rope.go; tests)
@@ -582,7 +580,6 @@ func (b *Backend) open(opts Options) error {
 		{&b.fn.attnDecode8W2[0], "attn_decode8_w2_d32"}, {&b.fn.attnDecode8W2[1], "attn_decode8_w2_d64"},
 		{&b.fn.attnDecode8W2[2], "attn_decode8_w2_d128"}, {&b.fn.attnDecode8W2[3], "attn_decode8_w2_d256"},
 		{&b.fn.attnDecode8W8[0], "attn_decode8_w8_d32"}, {&b.fn.attnDecode8W8[1], "attn_decode8_w8_d64"}, {&b.fn.attnDecode8W8[2], "attn_decode8_w8_d128"},
-		{&b.fn.attnDecode8W6[0], "attn_decode8_w6_d64"}, {&b.fn.attnDecode8W6[1], "attn_decode8_w6_d128"},
 		{&b.fn.attnPrefill[0], "attn_prefill_d32"}, {&b.fn.attnPrefill[1], "attn_prefill_d64"}, {&b.fn.attnPrefill[2], "attn_prefill_d128"},
 		{&b.fn.attnPrefill8[0], "attn_prefill8_d32"}, {&b.fn.attnPrefill8[1], "attn_prefill8_d64"}, {&b.fn.attnPrefill8[2], "attn_prefill8_d128"},
 		{&b.fn.addBias, "add_bias"}, {&b.fn.headRMSNorm, "head_rmsnorm"}, {&b.fn.addDelta, "add_delta"}, {&b.fn.fillRows, "fill_rows"},
@@ -598,8 +595,6 @@ func (b *Backend) open(opts Options) error {
 	// sends that head size to the per-row kernel.
 	b.decFit, b.preFit = attnFits(limit, b.kv8)
 	b.decW8Fit = w8Fits(limit, b.kv8)
-	d := b.ctx.Device()
-	b.decW6Fit = w6Fits(limit, b.kv8 && attnQK8(d.Major, d.Minor))
 	pre := b.fn.attnPrefill[:]
 	if b.kv8 {
 		pre = b.fn.attnPrefill8[:]
@@ -609,7 +604,7 @@ func (b *Backend) open(opts Options) error {
 			continue
 		}
 		for v := range decVariants {
-			if v == decV8 && !b.decW8Fit[i] || v == decV6 && !b.decW6Fit[i] {
+			if v == decV8 && !b.decW8Fit[i] {
 				continue
 			}
 			if err := b.decKernel(v, i).SetMaxDynamicShared(decShared(32<<i, b.kv8, v)); err != nil {
@@ -666,24 +661,6 @@ func (b *Backend) w8() bool {
 	return i < len(b.decW8Fit) && b.decW8Fit[i]
 }
 
-// w6Fits reports, per head dimension (32, 64, 128, 256), whether
-// attn_decode8_w6 exists for it (64 and 128) and runs: FP8 keys with e4m3
-// Q K^T (qk8: its packed buffers leave out the widened K tile) in shared
-// memory that fits a block of maxShared bytes.
-func w6Fits(maxShared int, qk8 bool) (fit [4]bool) {
-	for i := 1; i <= 2 && qk8; i++ {
-		fit[i] = decShared(32<<i, true, decV6) <= maxShared
-	}
-	return fit
-}
-
-// w6 reports whether attn_decode8_w6 runs at the model's head dimension
-// (decW6Fit).
-func (b *Backend) w6() bool {
-	i := headIndex(b.kv.HeadDim)
-	return i < len(b.decW6Fit) && b.decW6Fit[i]
-}
-
 // headIndex is the variant index of head_dim hd in 32, 64, 128, 256.
 func headIndex(hd int) int {
 	i := 0
@@ -705,7 +682,7 @@ func (b *Backend) sizeDecode() error {
 		return nil
 	}
 	for v := range decVariants {
-		if v == decV8 && !b.w8() || v == decV6 && !b.w6() {
+		if v == decV8 && !b.w8() {
 			continue
 		}
 		per, err := b.decodeKernel(b.kv.HeadDim, v).BlocksPerSM(32*v.warps(), decShared(b.kv.HeadDim, b.kv8, v))

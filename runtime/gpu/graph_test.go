@@ -155,15 +155,13 @@ func TestDecVariantFor(t *testing.T) {
 		{false, true, 1 + int(decV8), 64, decV8}, {false, false, 1 + int(decV8), 1, decV4},
 		{false, true, 1 + int(decVariants), 16, decV8}, // out of range: the rows decide
 		{true, true, 0, 1, decV4}, {true, true, 0, 4, decV2}, {true, true, 0, 8, decV8}, {true, true, 0, 16, decV8},
-		{true, true, 0, 17, decV6}, {true, true, 0, 64, decV6}, {true, true, 0, 256, decV6}, {true, false, 0, 16, decV4}, {true, false, 0, 64, decV4},
+		{true, true, 0, 17, decV4}, {true, true, 0, 64, decV4}, {true, true, 0, 256, decV4}, {true, false, 0, 16, decV4},
 		{true, true, 1 + int(decV2), 1, decV2}, {true, true, 1 + int(decV8), 64, decV8}, {true, false, 1 + int(decV8), 64, decV4},
-		{true, true, 1 + int(decV6), 64, decV6}, {true, false, 1 + int(decV6), 64, decV4}, {false, true, 1 + int(decV6), 64, decV2}, // w6: FP8 keys where it fits
 	} {
 		b := &Backend{kv8: c.kv8}
 		b.kv.HeadDim, b.kv.KVHeads = 128, 8
 		b.decW8Fit[2] = c.w8
-		b.decW6Fit[2] = c.w8 && c.kv8
-		b.decResident = [decVariants]int{264, 528, 132, 264}
+		b.decResident = [decVariants]int{264, 528, 132}
 		b.force.decVar = c.force
 		if got := b.decVariantFor(c.n); got != c.want {
 			t.Errorf("kv8 %v, w8 %v, force %d, %d rows: %v, want %v", c.kv8, c.w8, c.force, c.n, got, c.want)
@@ -173,24 +171,6 @@ func TestDecVariantFor(t *testing.T) {
 
 // TestW8Fits: attn_decode_w8 exists up to head_dim 128 and needs 192 KB
 // there (attn_decode8_w8: 177.5 KB).
-// TestW6Fits: attn_decode8_w6 runs at head_dim 64 and 128 with e4m3 Q K^T
-// only, where its packed buffers fit the block.
-func TestW6Fits(t *testing.T) {
-	for _, c := range []struct {
-		max  int
-		qk8  bool
-		want [4]bool
-	}{
-		{227 << 10, true, [4]bool{false, true, true, false}},
-		{227 << 10, false, [4]bool{}},
-		{99 << 10, true, [4]bool{false, true, false, false}},
-	} {
-		if got := w6Fits(c.max, c.qk8); got != c.want {
-			t.Errorf("w6Fits(%d, %v) = %v, want %v", c.max, c.qk8, got, c.want)
-		}
-	}
-}
-
 func TestW8Fits(t *testing.T) {
 	if got, want := w8Fits(227<<10, false), [4]bool{true, true, true, false}; got != want {
 		t.Errorf("227 KB: %v, want %v", got, want)
@@ -223,7 +203,6 @@ func TestDecShared(t *testing.T) {
 		{128, true, decV4, 4 * (3*6208 + 4096)},
 		{64, true, decV4, 4 * (3*(2048+1024+64) + 2048)},
 		{256, true, decV4, 4 * (2*(8192+4096+64) + 8192)},
-		{128, true, decV6, 6 * 3 * 6208}, {64, true, decV6, 6 * 3 * (2048 + 1024 + 64)},
 	} {
 		if got := decShared(c.hd, c.k8, c.v); got != c.want {
 			t.Errorf("decShared(%d, k8 %v, %v) = %d, want %d", c.hd, c.k8, c.v, got, c.want)

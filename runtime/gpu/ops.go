@@ -5,7 +5,6 @@ import (
 	"math/bits"
 	"slices"
 
-	"github.com/peftd/peftd/kernels"
 	"github.com/peftd/peftd/runtime/cuda"
 	"github.com/peftd/peftd/runtime/engine"
 	"github.com/peftd/peftd/runtime/llama"
@@ -557,8 +556,8 @@ func (b *Backend) decodeKernel(hd int, v decVariant) *cuda.Function {
 
 // decKernel is variant v of attn_decode at head-dimension index i (32 << i)
 // for the backend's key cache: attn_decode{,2,_w8}_d* with bf16 keys,
-// attn_decode8{,_w2,_w8,_w6}_d* with FP8 keys; decV4's where v has none (8
-// warps at head_dim 256; 6 warps except FP8 keys at 64 and 128: decW6Fit).
+// attn_decode8{,_w2,_w8}_d* with FP8 keys; decV4's where v has none (8
+// warps at head_dim 256).
 func (b *Backend) decKernel(v decVariant, i int) *cuda.Function {
 	four, two, eight := b.fn.attnDecode[i], b.fn.attnDecode2[i], b.fn.attnDecodeW8[:]
 	if b.kv8 {
@@ -569,8 +568,6 @@ func (b *Backend) decKernel(v decVariant, i int) *cuda.Function {
 		return two
 	case v == decV8 && i < len(eight) && b.decW8Fit[i]:
 		return eight[i]
-	case v == decV6 && b.kv8 && b.decW6Fit[i]:
-		return b.fn.attnDecode8W6[i-1]
 	}
 	return four
 }
@@ -587,11 +584,10 @@ const (
 	decV4       decVariant = iota // attn_decode_d*: 4 warps
 	decV2                         // attn_decode2_d*: 2 warps (a third of the shared memory: twice the blocks an SM)
 	decV8                         // attn_decode_w8_d*: 8 warps (head_dim <= 128: one block an SM)
-	decV6                         // attn_decode8_w6_d64, d128: FP8 keys, 6 warps, two blocks an SM (w6Fits)
 	decVariants                   // how many
 )
 
-// String names the variant in TestDecodeBench's rows: w4, w2, w8, w6.
+// String names the variant in TestDecodeBench's rows: w4, w2, w8.
 func (v decVariant) String() string { return fmt.Sprintf("w%d", v.warps()) }
 
 // warps is the variant's warps a block.
@@ -601,8 +597,6 @@ func (v decVariant) warps() int {
 		return 2
 	case decV8:
 		return 8
-	case decV6:
-		return 6
 	}
 	return 4
 }
@@ -654,12 +648,11 @@ const (
 // bucket) of n rows: kernelForce.decVar's, else decV2 at
 // decW2SmallMin-decW2SmallMax rows and (bf16 keys) from decWarps2MinRows,
 // decV8 from decWarps8MinRows rows while their pairs fit one wave of it
-// (where w8Fits the head dimension), then (FP8 keys, where w6Fits) decV6,
-// else decV4.
+// (where w8Fits the head dimension), else decV4.
 func (b *Backend) decVariantFor(n int) decVariant {
 	w8 := b.w8()
 	switch f := b.force.decVar; {
-	case f > 0 && f <= int(decVariants) && (decVariant(f-1) != decV8 || w8) && (decVariant(f-1) != decV6 || b.w6()):
+	case f > 0 && f <= int(decVariants) && (decVariant(f-1) != decV8 || w8):
 		return decVariant(f - 1)
 	case n >= decWarps2MinRows && !b.kv8:
 		return decV2
@@ -667,8 +660,6 @@ func (b *Backend) decVariantFor(n int) decVariant {
 		return decV2
 	case w8 && n >= decWarps8MinRows && n*b.kv.KVHeads <= b.decResident[decV8]:
 		return decV8
-	case b.kv8 && b.w6() && n >= decWarps8MinRows:
-		return decV6
 	}
 	return decV4
 }
@@ -677,27 +668,15 @@ func (b *Backend) decVariantFor(n int) decVariant {
 // head dimension hd: warps x stages x a 16-position tile of K and V (with
 // FP8 keys: V, the e4m3 keys and their scales, and one bf16 K tile a warp:
 // the widened keys, or with e4m3 Q K^T (attnQK8) room left empty to keep
-// two blocks an SM; DecShape<HD, K8> in llama.cu). decV6 (FP8 keys with
-// e4m3 Q K^T only: w6Fits) packs its warps' stages without that room
-// (DecShape::PACK_B). The end-of-block merge reuses it.
+// two blocks an SM; DecShape<HD, K8> in llama.cu). The end-of-block merge
+// reuses it.
 func decShared(hd int, k8 bool, v decVariant) int {
 	warps, stages := v.warps(), decStages(hd)
 	tile := 16 * hd * 2 // K or V rows of a 16-position tile, bf16
-	switch {
-	case !k8:
+	if !k8 {
 		return warps * stages * 2 * tile
-	case v == decV6:
-		return warps * stages * (tile + 16*hd + 16*4)
 	}
 	return warps * (stages*(tile+16*hd+16*4) + tile)
-}
-
-// attnQK8 reports whether attn_decode8 computes Q K^T on the FP8 tensor
-// cores (m16n8k32 e4m3, sm_89 and later; DEC_QK8 in llama.cu) on a GPU of
-// compute capability major.minor: not when PEFTD_KERNEL_DEFINES sets
-// PEFTD_ATTN_NO_QK8 (the keys widened to bf16 everywhere).
-func attnQK8(major, minor int) bool {
-	return major*10+minor >= 89 && !kernels.Defined("PEFTD_ATTN_NO_QK8")
 }
 
 // decMergeFloats is the shared memory (in floats) attn_decode's merge
