@@ -767,9 +767,17 @@ template <int HD, bool K8 = false> struct DecShape {
     // in that room (99 KB) ran as fast as 3 (v0.25). bf16: a stage holds
     // the K and V tiles.
     static constexpr int RAW_B = K8 ? DEC_TILE * HD : 0;
-    static constexpr int SC_B = K8 ? DEC_TILE * 4 : 0;
+#ifdef PEFTD_DEC_ALIGN
+    // experiment: with QK8 the scales take 128 bytes, so that every stage
+    // (and, from the empty room, every warp's buffers) starts on a 128-byte
+    // line; the block's bytes stay what runtime/gpu decShared allocates
+    static constexpr bool AL = QK8;
+#else
+    static constexpr bool AL = false;
+#endif
+    static constexpr int SC_B = K8 ? (AL ? 128 : DEC_TILE * 4) : 0;
     static constexpr int STAGE_B = (K8 ? 1 : 2) * TILE_B + RAW_B + SC_B;
-    static constexpr int WARP_B = ST * STAGE_B + (K8 ? TILE_B : 0);
+    static constexpr int WARP_B = AL ? (ST * STAGE_B + TILE_B - ST * 64) & ~127 : ST * STAGE_B + (K8 ? TILE_B : 0);
     // the K tile and the V tile of tile k in the warp's buffers at wb (the
     // e4m3 rows follow the V tile, their scales the rows)
     static __device__ __forceinline__ unsigned kt(unsigned wb, int k) { return K8 ? wb + ST * STAGE_B : wb + (k % ST) * STAGE_B; }
@@ -978,7 +986,11 @@ __device__ __forceinline__ void attn_decode_body(
     int ldq, const float* __restrict__ ks, int opts) {
     typedef DecShape<HD, K8> D;
     extern __shared__ __align__(128) unsigned char dsm[];
-    const int di = blockIdx.x, kh = blockIdx.y, sp = blockIdx.z, tid = threadIdx.x;
+    // opts bit 4 (experiment): the blocks in launch order take a sequence's
+    // KV heads one after another (head-major), not one KV head's sequences
+    const int lin = blockIdx.y * gridDim.x + blockIdx.x;
+    const int di = (opts & 16) ? lin / gridDim.y : blockIdx.x, kh = (opts & 16) ? lin % gridDim.y : blockIdx.y;
+    const int sp = blockIdx.z, tid = threadIdx.x;
     const int lane = tid & 31, warp = tid >> 5, g = lane >> 2, tig = lane & 3;
     // The step's metadata (dec, pages) is copied in before
     // the step's first kernel and written by none, so it is read before
