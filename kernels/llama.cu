@@ -759,25 +759,22 @@ template <int HD, bool K8 = false> struct DecShape {
     // FP8 keys: a stage holds the tile's V rows, its e4m3 K rows as read
     // (RAW_B) and their scales (SC_B). Without QK8 the warp widens the K
     // rows of the tile it computes into its one bf16 K tile, after the
-    // stages (written and read within one iteration, so one suffices: 89 KB
-    // a block of 4 warps at HD 128). QK8 reads the e4m3 rows as they are
+    // stages (written and read within one iteration, so one suffices: 89.5
+    // KB a block of 4 warps at HD 128). QK8 reads the e4m3 rows as they are
     // and leaves that tile's room empty: two blocks an SM, as in bf16. At
     // three (73 KB) the split plan takes 3 splits at batch 64 with
     // 4,096-token contexts: 12.29 ms a step against 11.44 at two; 4 stages
     // in that room (99 KB) ran as fast as 3 (v0.25). bf16: a stage holds
-    // the K and V tiles.
+    // the K and V tiles. The tile's 16 scales (64 bytes) take 128, so that
+    // every stage and every warp's buffers start on a 128-byte line: at
+    // 64 bytes off, half the stages' copies and reads took an extra
+    // shared-memory wavefront (v0.53: 4,096-token contexts at 64 rows,
+    // 11.06 -> 10.98 ms a step).
     static constexpr int RAW_B = K8 ? DEC_TILE * HD : 0;
-#ifdef PEFTD_DEC_ALIGN
-    // experiment: with QK8 the scales take 128 bytes, so that every stage
-    // (and, from the empty room, every warp's buffers) starts on a 128-byte
-    // line; the block's bytes stay what runtime/gpu decShared allocates
-    static constexpr bool AL = QK8;
-#else
-    static constexpr bool AL = false;
-#endif
-    static constexpr int SC_B = K8 ? (AL ? 128 : DEC_TILE * 4) : 0;
+    static constexpr int SC_B = K8 ? 128 : 0;
     static constexpr int STAGE_B = (K8 ? 1 : 2) * TILE_B + RAW_B + SC_B;
-    static constexpr int WARP_B = AL ? (ST * STAGE_B + TILE_B - ST * 64) & ~127 : ST * STAGE_B + (K8 ? TILE_B : 0);
+    static constexpr int WARP_B = ST * STAGE_B + (K8 ? TILE_B : 0);
+    static_assert(STAGE_B % 128 == 0 && WARP_B % 128 == 0, "stages on 128-byte lines");
     // the K tile and the V tile of tile k in the warp's buffers at wb (the
     // e4m3 rows follow the V tile, their scales the rows)
     static __device__ __forceinline__ unsigned kt(unsigned wb, int k) { return K8 ? wb + ST * STAGE_B : wb + (k % ST) * STAGE_B; }
@@ -977,7 +974,8 @@ __device__ __forceinline__ void dec_merge(bf16* __restrict__ out, const float* _
 // not 8 (dec_merge). Neither changes a result bit. Bit 2: the nsplit <=
 // DEC_CLUSTER splits of a (sequence, KV head) are one thread-block cluster
 // (launched with clusters of 1 x 1 x nsplit) and merge through each other's
-// shared memory (dec_cluster_merge).
+// shared memory (dec_cluster_merge). Bit 4: the blocks head-major (the
+// KV head fastest in launch order; the same result bits).
 template <int HD, bool K8, int W>
 __device__ __forceinline__ void attn_decode_body(
     bf16* __restrict__ out, float* __restrict__ part, int* __restrict__ done, const bf16* __restrict__ q,
@@ -986,8 +984,9 @@ __device__ __forceinline__ void attn_decode_body(
     int ldq, const float* __restrict__ ks, int opts) {
     typedef DecShape<HD, K8> D;
     extern __shared__ __align__(128) unsigned char dsm[];
-    // opts bit 4 (experiment): the blocks in launch order take a sequence's
-    // KV heads one after another (head-major), not one KV head's sequences
+    // opts bit 4: the blocks in launch order take a sequence's KV heads one
+    // after another (head-major), not one KV head's sequences, so resident
+    // blocks read whole cache rows (FP8 keys, v0.53)
     const int lin = blockIdx.y * gridDim.x + blockIdx.x;
     const int di = (opts & 16) ? lin / gridDim.y : blockIdx.x, kh = (opts & 16) ? lin % gridDim.y : blockIdx.y;
     const int sp = blockIdx.z, tid = threadIdx.x;
@@ -1154,9 +1153,10 @@ __device__ __forceinline__ void attn_decode_body(
 #ifndef PEFTD_ATTN_DIAG_NOSCALE
                 const float* sc8 = reinterpret_cast<const float*>(dsm + (vb - (unsigned)__cvta_generic_to_shared(dsm)) + D::TILE_B + D::RAW_B);
 #pragma unroll
-                for (int nt = 0; nt < 2; nt++)
-#pragma unroll
-                    for (int e = 0; e < 2; e++) ksc[nt][e] = sc8[nt * 8 + tig * 2 + e];
+                for (int nt = 0; nt < 2; nt++) { // a column pair's two scales: one 8-byte load
+                    const float2 p = *reinterpret_cast<const float2*>(sc8 + nt * 8 + tig * 2);
+                    ksc[nt][0] = p.x, ksc[nt][1] = p.y;
+                }
 #endif
             } else if (K8) {
                 // widen the e4m3 rows into the bf16 K tile (exact: bf16 holds
@@ -1495,7 +1495,7 @@ extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode8_d128(ATTN
 extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode8_d256(ATTN_DECODE_ARGS) { attn_decode_body<256, true, DEC_WARPS>(ATTN_DECODE_PASS); }
 // attn_decode8_w2_d*, attn_decode8_w8_d*: FP8 keys with 2 and 8 warps a
 // block (the bf16 keys' attn_decode2 and attn_decode_w8 shapes; head_dim
-// up to 128 for 8 warps: 177.5 KB there).
+// up to 128 for 8 warps: 179 KB there).
 extern "C" __global__ void __launch_bounds__(32 * DEC_WARPS2) attn_decode8_w2_d32(ATTN_DECODE_ARGS) { attn_decode_body<32, true, DEC_WARPS2>(ATTN_DECODE_PASS); }
 extern "C" __global__ void __launch_bounds__(32 * DEC_WARPS2) attn_decode8_w2_d64(ATTN_DECODE_ARGS) { attn_decode_body<64, true, DEC_WARPS2>(ATTN_DECODE_PASS); }
 extern "C" __global__ void __launch_bounds__(32 * DEC_WARPS2) attn_decode8_w2_d128(ATTN_DECODE_ARGS) { attn_decode_body<128, true, DEC_WARPS2>(ATTN_DECODE_PASS); }

@@ -5,7 +5,7 @@ import "testing"
 // TestAttnFits: on Hopper (227 KB a block) every attention variant fits; on
 // sm_86/sm_89 (99 KB) attn_decode_d256 (128 KB) does not, and that head
 // size falls back to the per-row kernel instead of failing New; with FP8
-// keys the same (attn_decode8_d128 takes 89 KB).
+// keys the same (attn_decode8_d128 takes 89.5 KB).
 func TestAttnFits(t *testing.T) {
 	for _, tc := range []struct {
 		name      string
