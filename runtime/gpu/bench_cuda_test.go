@@ -415,6 +415,46 @@ type decodeVariant struct {
 	l2                           int    // the LoRA update buffer as an L2 persisting window (kernelForce.l2Win: 1 on, -1 off, 3 on over the whole buffer, 0 the default)
 }
 
+// force is f with the kernel settings row v sets (kernelForce's other
+// fields as f has them).
+func (v decodeVariant) force(f kernelForce) kernelForce {
+	f.decSplit, f.ropeHeads, f.decOpts = v.split, v.ropeHeads, v.opts
+	f.noSkinny, f.skLate, f.decVar, f.bwg = v.lt, v.skLate, v.dv, v.bwg
+	f.wgFull, f.loraKChunk = v.wgFull, v.kc
+	f.holds, f.pdlJoins, f.loraInline = v.holds, v.pdlJoins, v.inline
+	f.ropeLoRA, f.nodePrio, f.siluCl, f.addCl = v.rfold, v.prio, v.silucl, v.addcl
+	f.memHoist, f.l2Win = v.hoist, v.l2
+	return f
+}
+
+// fp8Knobs are the FP8 products' settings a recording bakes in (fp8State's
+// fields of those names; two only where fp8_wg is compiled in).
+type fp8Knobs struct {
+	streamOn, streamOff, wgOn, wgAuto, wgBeside, segOff, splitBeside, padOff bool
+	streamLate, padOld, streamE1Off, streamE1Lone, two                       bool
+}
+
+// fp8KnobsOf is f's settings as they are.
+func fp8KnobsOf(f *fp8State) fp8Knobs {
+	return fp8Knobs{f.streamOn, f.streamOff, f.wgOn, f.wgAuto, f.wgBeside, f.segOff, f.splitBeside, f.padOff,
+		f.streamLate, f.padOld, f.streamE1Off, f.streamE1Lone, f.wg != nil && f.wg.two}
+}
+
+// fp8 is the FP8 settings row v asks of f (wgAuto: f's default unless v.nowga).
+func (v decodeVariant) fp8(f *fp8State) fp8Knobs {
+	return fp8Knobs{v.fs, v.gv, v.wg, f.wgAutoDefault && !v.nowga, v.wgBeside, v.noseg, v.splitBeside, v.nopad,
+		v.fslate, v.padOld, v.noe1, v.e1lone, f.wg != nil && v.two}
+}
+
+// apply sets f's settings to k.
+func (k fp8Knobs) apply(f *fp8State) {
+	f.streamOn, f.streamOff, f.wgOn, f.wgAuto, f.wgBeside, f.segOff, f.splitBeside, f.padOff = k.streamOn, k.streamOff, k.wgOn, k.wgAuto, k.wgBeside, k.segOff, k.splitBeside, k.padOff
+	f.streamLate, f.padOld, f.streamE1Off, f.streamE1Lone = k.streamLate, k.padOld, k.streamE1Off, k.streamE1Lone
+	if f.wg != nil {
+		f.wg.two = k.two
+	}
+}
+
 // label names a row of TestDecodeBench's table: "no" (base) or the
 // adapters ("4xr32"), then each setting that differs from the default.
 func (v decodeVariant) label(ads []*lora.Adapter, pdlOK bool) string {
@@ -762,13 +802,10 @@ func TestDecodeBench(t *testing.T) {
 			continue
 		}
 		retune := v.tuned && !gb.tune.done
-		if wantPDL := pdlOK && !v.nopdl; retune || partOf(gb) != v.part || gb.la.on == v.serial || gb.la.sms != v.sms || gb.s.ProgrammaticLaunch() != wantPDL || gb.force.decSplit != v.split || gb.force.ropeHeads != v.ropeHeads || gb.force.decOpts != v.opts || gb.force.noSkinny != v.lt || gb.force.wgFull != v.wgFull || gb.force.loraKChunk != v.kc || gb.force.skLate != v.skLate || gb.force.decVar != v.dv || gb.force.bwg != v.bwg || gb.force.holds != v.holds || gb.force.pdlJoins != v.pdlJoins || gb.force.loraInline != v.inline || gb.force.ropeLoRA != v.rfold || gb.force.nodePrio != v.prio || gb.force.siluCl != v.silucl || gb.force.addCl != v.addcl || gb.force.memHoist != v.hoist || gb.force.l2Win != v.l2 || gb.wg != nil && gb.wg.two != v.two || gb.f8 != nil && gb.f8.wg != nil && gb.f8.wg.two != v.two || gb.f8 != nil && (gb.f8.wgBeside != v.wgBeside || gb.f8.splitBeside != v.splitBeside || gb.f8.padOff != v.nopad || gb.f8.streamLate != v.fslate || gb.f8.streamE1Off != v.noe1 || gb.f8.streamE1Lone != v.e1lone || gb.f8.padOld != v.padOld || gb.f8.streamOn != v.fs || gb.f8.streamOff != v.gv || gb.f8.segOff != v.noseg || gb.f8.wgOn != v.wg || gb.f8.wgAuto != (gb.f8.wgAutoDefault && !v.nowga)) { // recordings bake the LoRA and launch modes, the kernels and the GEMM algorithms in
-			gb.la.on, gb.la.sms, gb.force.decSplit, gb.force.ropeHeads, gb.force.decOpts = !v.serial, v.sms, v.split, v.ropeHeads, v.opts
-			gb.force.noSkinny, gb.force.skLate, gb.force.decVar, gb.force.bwg = v.lt, v.skLate, v.dv, v.bwg
-			gb.force.wgFull, gb.force.loraKChunk = v.wgFull, v.kc
-			gb.force.holds, gb.force.pdlJoins, gb.force.loraInline = v.holds, v.pdlJoins, v.inline
-			gb.force.ropeLoRA, gb.force.nodePrio, gb.force.siluCl, gb.force.addCl = v.rfold, v.prio, v.silucl, v.addcl
-			gb.force.memHoist, gb.force.l2Win = v.hoist, v.l2
+		if wantPDL := pdlOK && !v.nopdl; retune || partOf(gb) != v.part || gb.la.on == v.serial || gb.la.sms != v.sms || gb.s.ProgrammaticLaunch() != wantPDL ||
+			gb.force != v.force(gb.force) || gb.wg != nil && gb.wg.two != v.two || gb.f8 != nil && fp8KnobsOf(gb.f8) != v.fp8(gb.f8) { // recordings bake the LoRA and launch modes, the kernels and the GEMM algorithms in
+			gb.la.on, gb.la.sms = !v.serial, v.sms
+			gb.force = v.force(gb.force)
 			if err := gb.applyL2Window(); err != nil {
 				t.Fatal(err)
 			}
@@ -776,13 +813,7 @@ func TestDecodeBench(t *testing.T) {
 				gb.wg.two = v.two
 			}
 			if gb.f8 != nil {
-				gb.f8.streamOn, gb.f8.streamOff, gb.f8.wgOn, gb.f8.wgAuto = v.fs, v.gv, v.wg, gb.f8.wgAutoDefault && !v.nowga
-				gb.f8.wgBeside, gb.f8.segOff, gb.f8.splitBeside, gb.f8.padOff = v.wgBeside, v.noseg, v.splitBeside, v.nopad
-				gb.f8.streamLate, gb.f8.padOld = v.fslate, v.padOld
-				gb.f8.streamE1Off, gb.f8.streamE1Lone = v.noe1, v.e1lone
-				if gb.f8.wg != nil {
-					gb.f8.wg.two = v.two
-				}
+				v.fp8(gb.f8).apply(gb.f8)
 			}
 			if retune {
 				gb.tune.on = true // tuned by the Warmup below
@@ -1670,6 +1701,32 @@ func TestLoRABesideBench(t *testing.T) {
 				bench("lorabeside %-5d %-8s %5d %10.1f %10.1f %10.1f %10.1f %8.1f", T, g.name, b.productSMs(g.w), prodAlone, loraAlone, prodBeside, loraBeside, max(0, loraBeside-prodBeside))
 			}
 			r.end()
+		}
+	}
+}
+
+// TestDecodeVariantKnobs: what TestDecodeBench compares before a row (its
+// kernelForce and FP8 settings against the backend's) is what it then sets,
+// so a row records again exactly when its settings differ.
+func TestDecodeVariantKnobs(t *testing.T) {
+	rows := []decodeVariant{{sms: -1}, {sms: -1, opts: 23}, {lora: true, sms: -1, dv: 2, holds: [4]int{16}},
+		{sms: -1, fs: true, nowga: true, two: true}, {lora: true, sms: -1, fslate: true, noe1: true, nopad: true, l2: -1}}
+	for _, v := range rows {
+		var f kernelForce
+		f.attnRows, f.loraV2 = true, true // fields no row sets stay as they are
+		got := v.force(f)
+		if got != v.force(got) || !got.attnRows || !got.loraV2 || got.decOpts != v.opts || got.holds != v.holds {
+			t.Errorf("%+v: force %+v", v, got)
+		}
+		for _, st := range []*fp8State{{wgAutoDefault: true}, {}} {
+			want := v.fp8(st)
+			want.apply(st)
+			if fp8KnobsOf(st) != want {
+				t.Errorf("%+v: FP8 settings %+v after apply, want %+v", v, fp8KnobsOf(st), want)
+			}
+			if want.streamOn != v.fs || want.wgAuto != (st.wgAutoDefault && !v.nowga) || want.two {
+				t.Errorf("%+v: FP8 settings %+v (no fp8_wg: two stays false)", v, want)
+			}
 		}
 	}
 }
