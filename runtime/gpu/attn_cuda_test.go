@@ -231,8 +231,9 @@ func attentionCase(t *testing.T, sh attnShape, k8 bool) {
 	// clusters (opts 7, the default; on sm_90 and later): fewer splits, so
 	// the sums differ in their last bits. A fourth time with 2 warps a block
 	// (attn_decode2, attn_decode8_w2: kernelForce.decVar), a fifth with 8
-	// (attn_decode_w8, attn_decode8_w8, where it fits the head dimension)
-	// and a sixth with 4 (attn_decode, attn_decode8).
+	// (attn_decode_w8, attn_decode8_w8, where it fits the head dimension),
+	// a sixth with 4 (attn_decode, attn_decode8) and a seventh with the
+	// blocks head-major (opts 23), which must give opts 7's bits.
 	var first, seven []float32
 	for i, run := range []struct {
 		v0   bool
