@@ -436,14 +436,16 @@ type fp8Knobs struct {
 
 // fp8KnobsOf is f's settings as they are.
 func fp8KnobsOf(f *fp8State) fp8Knobs {
-	return fp8Knobs{f.streamOn, f.streamOff, f.wgOn, f.wgAuto, f.wgBeside, f.segOff, f.splitBeside, f.padOff,
-		f.streamLate, f.padOld, f.streamE1Off, f.streamE1Lone, f.wg != nil && f.wg.two}
+	return fp8Knobs{streamOn: f.streamOn, streamOff: f.streamOff, wgOn: f.wgOn, wgAuto: f.wgAuto, wgBeside: f.wgBeside,
+		segOff: f.segOff, splitBeside: f.splitBeside, padOff: f.padOff, streamLate: f.streamLate, padOld: f.padOld,
+		streamE1Off: f.streamE1Off, streamE1Lone: f.streamE1Lone, two: f.wg != nil && f.wg.two}
 }
 
 // fp8 is the FP8 settings row v asks of f (wgAuto: f's default unless v.nowga).
 func (v decodeVariant) fp8(f *fp8State) fp8Knobs {
-	return fp8Knobs{v.fs, v.gv, v.wg, f.wgAutoDefault && !v.nowga, v.wgBeside, v.noseg, v.splitBeside, v.nopad,
-		v.fslate, v.padOld, v.noe1, v.e1lone, f.wg != nil && v.two}
+	return fp8Knobs{streamOn: v.fs, streamOff: v.gv, wgOn: v.wg, wgAuto: f.wgAutoDefault && !v.nowga, wgBeside: v.wgBeside,
+		segOff: v.noseg, splitBeside: v.splitBeside, padOff: v.nopad, streamLate: v.fslate, padOld: v.padOld,
+		streamE1Off: v.noe1, streamE1Lone: v.e1lone, two: f.wg != nil && v.two}
 }
 
 // apply sets f's settings to k.
