@@ -1021,6 +1021,51 @@ func attnTimestamps(t *testing.T, gb *Backend, B int, lbl string) {
 		sms[i] = int(h[i*words+atsW*warps+7])
 	}
 	bench("decode attnts %d %-10s late: %s", B, lbl, attnStragglers(cols[0], cols[4], cols[5], sms, B, gb.kv.KVHeads))
+	bench("decode attnts %d %-10s waves: %s", B, lbl, attnWaves(cols[0], cols[4], cols[5], cols[9], sms))
+}
+
+// attnWaves says what a block that takes an SM's place after another ends
+// (a second wave) costs: per SM the blocks in entry order; a block entering
+// after one of the SM's earlier blocks ended replaces the earliest-ending
+// of those not yet replaced. Medians over the replacements (µs): the
+// replaced block's tail (its last tile to its end: the warp merge and the
+// writes), its end to the new block's entry (the launch), to the new
+// block's first tile landed (the slot's DRAM gap), and the new block's last
+// tile to its end; then the first wave's median end, the second's median
+// entry and the kernel's last end.
+func attnWaves(entry, first, last, end []float32, sms []int) string {
+	bySM := map[int][]int{}
+	for i, s := range sms {
+		bySM[s] = append(bySM[s], i)
+	}
+	var tail, launch, gap, tail2, end1, entry2 []float32
+	for _, bl := range bySM {
+		slices.SortFunc(bl, func(a, c int) int { return cmp.Compare(entry[a], entry[c]) })
+		used := map[int]bool{}
+		for j, b := range bl {
+			pred := -1
+			for _, a := range bl[:j] {
+				if !used[a] && end[a] <= entry[b] && (pred < 0 || end[a] < end[pred]) {
+					pred = a
+				}
+			}
+			if pred < 0 {
+				end1 = append(end1, end[b])
+				continue
+			}
+			used[pred] = true
+			tail = append(tail, end[pred]-last[pred])
+			launch = append(launch, entry[b]-end[pred])
+			gap = append(gap, first[b]-end[pred])
+			tail2 = append(tail2, end[b]-last[b])
+			entry2 = append(entry2, entry[b])
+		}
+	}
+	if len(gap) == 0 {
+		return fmt.Sprintf("one wave (%d blocks), median end %.2f", len(end1), median(end1))
+	}
+	return fmt.Sprintf("%d replacements: tail %.2f, launch %.2f, first tile %.2f after the end, new tail %.2f; first wave's end %.2f, second's entry %.2f, last end %.2f",
+		len(gap), median(tail), median(launch), median(gap), median(tail2), median(end1), median(entry2), slices.Max(end))
 }
 
 // attnStragglers says where attn_decode's late blocks ran: the median last
