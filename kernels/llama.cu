@@ -934,6 +934,169 @@ __device__ __forceinline__ void dec_merge(bf16* __restrict__ out, const float* _
 #define DEC_MERGE4 1
 #endif
 
+// dec_load_q: a decode row's Q for query heads kh * G .. + G - 1 as MMA A
+// fragments (rows: the G heads, lane group g; rows past G zero): bf16 pairs
+// in qa, or with QK8 e4m3 values in qa8 (A[g][32s + 16h + 4tig ..+3] in
+// qa8[s][h]) and this lane's head's scale in qsc (amax / 448).
+template <int HD, bool K8>
+__device__ __forceinline__ void dec_load_q(const bf16* __restrict__ q, int row, int ldq, int kh, int G, int g, int tig,
+                                           unsigned (&qa)[HD / 16][2], unsigned (&qa8)[DecShape<HD, K8>::QK8 ? HD / 32 : 1][2],
+                                           float& qsc) {
+    typedef DecShape<HD, K8> D;
+    qsc = 1.f;
+    if constexpr (D::QK8) {
+        // the head's HD values: 8 per k32 step of each of its 4 lanes
+        float v[HD / 32][8], am = 0.f;
+        const bf16* qh = q + (i64)row * ldq + (i64)(kh * G + min(g, G - 1)) * HD;
+#pragma unroll
+        for (int s2 = 0; s2 < HD / 32; s2++)
+#pragma unroll
+            for (int h = 0; h < 4; h++) { // two bf16 at a time
+                const int d = 32 * s2 + 16 * (h >> 1) + 4 * tig + 2 * (h & 1);
+                const unsigned u = g < G ? *reinterpret_cast<const unsigned*>(qh + d) : 0u;
+                const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&u));
+                v[s2][2 * h] = f.x, v[s2][2 * h + 1] = f.y;
+                am = fmaxf(am, fmaxf(fabsf(f.x), fabsf(f.y)));
+            }
+        am = fmaxf(am, __shfl_xor_sync(0xffffffffu, am, 1));
+        am = fmaxf(am, __shfl_xor_sync(0xffffffffu, am, 2));
+        const float inv = am > 0.f ? fminf(448.f / am, 3.402823466e38f) : 0.f;
+        qsc = am > 0.f ? am / 448.f : 1.f;
+#pragma unroll
+        for (int s2 = 0; s2 < HD / 32; s2++)
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                const unsigned short lo = __nv_cvt_float2_to_fp8x2(make_float2(v[s2][4 * h] * inv, v[s2][4 * h + 1] * inv), __NV_SATFINITE, __NV_E4M3);
+                const unsigned short hi = __nv_cvt_float2_to_fp8x2(make_float2(v[s2][4 * h + 2] * inv, v[s2][4 * h + 3] * inv), __NV_SATFINITE, __NV_E4M3);
+                qa8[s2][h] = (unsigned)lo | ((unsigned)hi << 16);
+            }
+    } else {
+#pragma unroll
+        for (int ks = 0; ks < HD / 16; ks++) {
+            qa[ks][0] = qa[ks][1] = 0u;
+            if (g < G) {
+                const bf16* qh = q + (i64)row * ldq + (i64)(kh * G + g) * HD;
+                const int d = ks * 16 + tig * 2;
+                qa[ks][0] = *reinterpret_cast<const unsigned*>(qh + d);
+                qa[ks][1] = *reinterpret_cast<const unsigned*>(qh + d + 8);
+            }
+        }
+    }
+}
+
+// dec_tile: one warp's 16-position tile whose K (or e4m3 K rows and their
+// scales) and V rows have landed in shared memory at kb / vb: S = Q K^T,
+// the online softmax (positions from pb, this lane's first S column, at or
+// past p1 masked) and O += P V into o, m and l.
+template <int HD, bool K8>
+__device__ __forceinline__ void dec_tile(unsigned kb, unsigned vb, int lane, int tig,
+                                         const unsigned (&qa)[HD / 16][2], const unsigned (&qa8)[DecShape<HD, K8>::QK8 ? HD / 32 : 1][2],
+                                         float qs, int pb, int p1, float (&o)[HD / 8][2], float& m, float& l) {
+    typedef DecShape<HD, K8> D;
+    extern __shared__ __align__(128) unsigned char dsm[]; // the kernel's dynamic shared memory
+    float ksc[2][2] = {{1.f, 1.f}, {1.f, 1.f}}; // the scales of this lane's S columns
+    if constexpr (D::QK8) { // the keys' scales multiply S below; the e4m3 rows are read as they are
+#ifndef PEFTD_ATTN_DIAG_NOSCALE
+        const float* sc8 = reinterpret_cast<const float*>(dsm + (vb - (unsigned)__cvta_generic_to_shared(dsm)) + D::TILE_B + D::RAW_B);
+#pragma unroll
+        for (int nt = 0; nt < 2; nt++) { // a column pair's two scales: one 8-byte load
+            const float2 p = *reinterpret_cast<const float2*>(sc8 + nt * 8 + tig * 2);
+            ksc[nt][0] = p.x, ksc[nt][1] = p.y;
+        }
+#endif
+    } else if (K8) {
+        // widen the e4m3 rows into the bf16 K tile (exact: bf16 holds
+        // every e4m3 value); the scales multiply S below
+        const unsigned sm0 = (unsigned)__cvta_generic_to_shared(dsm);
+        unsigned char* st = dsm + (kb - sm0);
+        const unsigned char* raw = dsm + (vb - sm0) + D::TILE_B;
+        const float* sc8 = reinterpret_cast<const float*>(raw + D::RAW_B);
+#pragma unroll
+        for (int i = 0; i < D::C / 2; i++) {
+            const int idx = lane + 32 * i, r = idx / D::C, c = idx % D::C;
+            const uint2 w = *reinterpret_cast<const uint2*>(raw + r * HD + c * 8);
+            *reinterpret_cast<uint4*>(st + r * HD * 2 + D::swz(r, c) * 16) = widen8_e4m3(w);
+        }
+#pragma unroll
+        for (int nt = 0; nt < 2; nt++)
+#pragma unroll
+            for (int e = 0; e < 2; e++) ksc[nt][e] = sc8[nt * 8 + tig * 2 + e];
+        __syncwarp(); // the whole bf16 tile is written
+    }
+    // S[g][pos]: positions 0-7 in s[0], 8-15 in s[1]
+    float sc[2][2] = {{0.f, 0.f}, {0.f, 0.f}};
+    if constexpr (D::QK8) {
+        // one ldmatrix.x4 of the raw rows: chunks 4kk..4kk+3 (64 key
+        // dims) of positions nt*8..+7, the B fragments of two k32 steps
+        const unsigned rb = vb + D::TILE_B;
+#pragma unroll
+        for (int kk = 0; kk < HD / 64; kk++) {
+#pragma unroll
+            for (int nt = 0; nt < 2; nt++) {
+                unsigned b[4];
+                const int r = nt * 8 + (lane & 7), c = 4 * kk + (lane >> 3);
+                ldsm4(rb + r * HD + D::rsw(r, c) * 16, b);
+                mma8_e4m3(sc[nt], qa8[2 * kk][0], qa8[2 * kk][1], b[0], b[1]);
+                mma8_e4m3(sc[nt], qa8[2 * kk + 1][0], qa8[2 * kk + 1][1], b[2], b[3]);
+            }
+        }
+    } else {
+#pragma unroll
+        for (int kk = 0; kk < D::C / 4; kk++) {
+#pragma unroll
+            for (int nt = 0; nt < 2; nt++) {
+                unsigned b[4];
+                const int r = nt * 8 + (lane & 7), c = 4 * kk + (lane >> 3);
+                ldsm4(D::at(kb, r, c), b);
+                mma8(sc[nt], qa[2 * kk][0], qa[2 * kk][1], b[0], b[1]);
+                mma8(sc[nt], qa[2 * kk + 1][0], qa[2 * kk + 1][1], b[2], b[3]);
+            }
+        }
+    }
+    float mx = NEG_INF;
+#pragma unroll
+    for (int nt = 0; nt < 2; nt++)
+#pragma unroll
+        for (int e = 0; e < 2; e++) {
+            sc[nt][e] = pb + nt * 8 + e < p1 ? sc[nt][e] * ksc[nt][e] * qs : NEG_INF;
+            mx = fmaxf(mx, sc[nt][e]);
+        }
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const float mn = fmaxf(m, mx);
+    const float corr = mn == NEG_INF ? 1.f : exp2f(m - mn);
+    float sum = 0.f;
+#pragma unroll
+    for (int nt = 0; nt < 2; nt++)
+#pragma unroll
+        for (int e = 0; e < 2; e++) {
+            sc[nt][e] = sc[nt][e] == NEG_INF ? 0.f : exp2f(sc[nt][e] - mn);
+            sum += sc[nt][e];
+        }
+    l = l * corr + sum;
+    m = mn;
+    // P = hi + lo, both bf16: two MMAs keep P's float32 precision
+    unsigned ph[2], pl[2];
+#pragma unroll
+    for (int nt = 0; nt < 2; nt++) {
+        const bf16 h0 = tobf(sc[nt][0]), h1 = tobf(sc[nt][1]);
+        ph[nt] = pack_bf2(__bfloat162float(h0), __bfloat162float(h1));
+        pl[nt] = pack_bf2(sc[nt][0] - __bfloat162float(h0), sc[nt][1] - __bfloat162float(h1));
+    }
+#pragma unroll
+    for (int j = 0; j < D::C; j += 2) {
+        unsigned b[4];
+        const int r = ((lane >> 3) & 1) * 8 + (lane & 7), c = j + (lane >> 4);
+        ldsm4t(D::at(vb, r, c), b);
+        o[j][0] *= corr, o[j][1] *= corr, o[j + 1][0] *= corr, o[j + 1][1] *= corr;
+        mma8(o[j], ph[0], ph[1], b[0], b[1]);
+        mma8(o[j], pl[0], pl[1], b[0], b[1]);
+        mma8(o[j + 1], ph[0], ph[1], b[2], b[3]);
+        mma8(o[j + 1], pl[0], pl[1], b[2], b[3]);
+    }
+    __syncwarp(); // done reading the buffer the next issue overwrites
+}
+
 // attn_decode_d{32,64,128,256}: split-KV (flash-decoding) attention for
 // decode sequences (one new row each, already stored in the cache), on the
 // tensor cores. grid (nDec, kvh, nsplit), block DEC_THREADS, dynamic shared
@@ -1094,46 +1257,9 @@ __device__ __forceinline__ void attn_decode_body(
 #endif
     if (nk > 0) {
         unsigned qa[HD / 16][2];                // A fragments of Q (rows: the query heads)
-        unsigned qa8[D::QK8 ? HD / 32 : 1][2]; // QK8: e4m3 Q, A[g][32s + 16h + 4tig ..+3] in qa8[s][h]
-        float qsc = 1.f;                       // QK8: this lane's head's Q scale
-        if constexpr (D::QK8) {
-            // the head's HD values: 8 per k32 step of each of its 4 lanes
-            float v[HD / 32][8], am = 0.f;
-            const bf16* qh = q + (i64)row * ldq + (i64)(kh * G + min(g, G - 1)) * HD;
-#pragma unroll
-            for (int s2 = 0; s2 < HD / 32; s2++)
-#pragma unroll
-                for (int h = 0; h < 4; h++) { // two bf16 at a time
-                    const int d = 32 * s2 + 16 * (h >> 1) + 4 * tig + 2 * (h & 1);
-                    const unsigned u = g < G ? *reinterpret_cast<const unsigned*>(qh + d) : 0u;
-                    const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&u));
-                    v[s2][2 * h] = f.x, v[s2][2 * h + 1] = f.y;
-                    am = fmaxf(am, fmaxf(fabsf(f.x), fabsf(f.y)));
-                }
-            am = fmaxf(am, __shfl_xor_sync(0xffffffffu, am, 1));
-            am = fmaxf(am, __shfl_xor_sync(0xffffffffu, am, 2));
-            const float inv = am > 0.f ? fminf(448.f / am, 3.402823466e38f) : 0.f;
-            qsc = am > 0.f ? am / 448.f : 1.f;
-#pragma unroll
-            for (int s2 = 0; s2 < HD / 32; s2++)
-#pragma unroll
-                for (int h = 0; h < 2; h++) {
-                    const unsigned short lo = __nv_cvt_float2_to_fp8x2(make_float2(v[s2][4 * h] * inv, v[s2][4 * h + 1] * inv), __NV_SATFINITE, __NV_E4M3);
-                    const unsigned short hi = __nv_cvt_float2_to_fp8x2(make_float2(v[s2][4 * h + 2] * inv, v[s2][4 * h + 3] * inv), __NV_SATFINITE, __NV_E4M3);
-                    qa8[s2][h] = (unsigned)lo | ((unsigned)hi << 16);
-                }
-        } else {
-#pragma unroll
-            for (int ks = 0; ks < HD / 16; ks++) {
-                qa[ks][0] = qa[ks][1] = 0u;
-                if (g < G) {
-                    const bf16* qh = q + (i64)row * ldq + (i64)(kh * G + g) * HD;
-                    const int d = ks * 16 + tig * 2;
-                    qa[ks][0] = *reinterpret_cast<const unsigned*>(qh + d);
-                    qa[ks][1] = *reinterpret_cast<const unsigned*>(qh + d + 8);
-                }
-            }
-        }
+        unsigned qa8[D::QK8 ? HD / 32 : 1][2]; // QK8: e4m3 Q (dec_load_q)
+        float qsc;                             // QK8: this lane's head's Q scale
+        dec_load_q<HD, K8>(q, row, ldq, kh, G, g, tig, qa, qa8, qsc);
         const float qs = scale * LOG2E * qsc;
         for (int k = pre; k < D::ST - 1; k++) {
             issue(k);
@@ -1148,108 +1274,7 @@ __device__ __forceinline__ void attn_decode_body(
             if (k == 0) ts_first = globaltimer_ns();
 #endif
             const unsigned kb = D::kt(wbase, k), vb = D::vt(wbase, k);
-            float ksc[2][2] = {{1.f, 1.f}, {1.f, 1.f}}; // the scales of this lane's S columns
-            if constexpr (D::QK8) { // the keys' scales multiply S below; the e4m3 rows are read as they are
-#ifndef PEFTD_ATTN_DIAG_NOSCALE
-                const float* sc8 = reinterpret_cast<const float*>(dsm + (vb - (unsigned)__cvta_generic_to_shared(dsm)) + D::TILE_B + D::RAW_B);
-#pragma unroll
-                for (int nt = 0; nt < 2; nt++) { // a column pair's two scales: one 8-byte load
-                    const float2 p = *reinterpret_cast<const float2*>(sc8 + nt * 8 + tig * 2);
-                    ksc[nt][0] = p.x, ksc[nt][1] = p.y;
-                }
-#endif
-            } else if (K8) {
-                // widen the e4m3 rows into the bf16 K tile (exact: bf16 holds
-                // every e4m3 value); the scales multiply S below
-                const unsigned sm0 = (unsigned)__cvta_generic_to_shared(dsm);
-                unsigned char* st = dsm + (kb - sm0);
-                const unsigned char* raw = dsm + (vb - sm0) + D::TILE_B;
-                const float* sc8 = reinterpret_cast<const float*>(raw + D::RAW_B);
-#pragma unroll
-                for (int i = 0; i < D::C / 2; i++) {
-                    const int idx = lane + 32 * i, r = idx / D::C, c = idx % D::C;
-                    const uint2 w = *reinterpret_cast<const uint2*>(raw + r * HD + c * 8);
-                    *reinterpret_cast<uint4*>(st + r * HD * 2 + D::swz(r, c) * 16) = widen8_e4m3(w);
-                }
-#pragma unroll
-                for (int nt = 0; nt < 2; nt++)
-#pragma unroll
-                    for (int e = 0; e < 2; e++) ksc[nt][e] = sc8[nt * 8 + tig * 2 + e];
-                __syncwarp(); // the whole bf16 tile is written
-            }
-            // S[g][pos]: positions 0-7 in s[0], 8-15 in s[1]
-            float sc[2][2] = {{0.f, 0.f}, {0.f, 0.f}};
-            if constexpr (D::QK8) {
-                // one ldmatrix.x4 of the raw rows: chunks 4kk..4kk+3 (64 key
-                // dims) of positions nt*8..+7, the B fragments of two k32 steps
-                const unsigned rb = vb + D::TILE_B;
-#pragma unroll
-                for (int kk = 0; kk < HD / 64; kk++) {
-#pragma unroll
-                    for (int nt = 0; nt < 2; nt++) {
-                        unsigned b[4];
-                        const int r = nt * 8 + (lane & 7), c = 4 * kk + (lane >> 3);
-                        ldsm4(rb + r * HD + D::rsw(r, c) * 16, b);
-                        mma8_e4m3(sc[nt], qa8[2 * kk][0], qa8[2 * kk][1], b[0], b[1]);
-                        mma8_e4m3(sc[nt], qa8[2 * kk + 1][0], qa8[2 * kk + 1][1], b[2], b[3]);
-                    }
-                }
-            } else {
-#pragma unroll
-                for (int kk = 0; kk < D::C / 4; kk++) {
-#pragma unroll
-                    for (int nt = 0; nt < 2; nt++) {
-                        unsigned b[4];
-                        const int r = nt * 8 + (lane & 7), c = 4 * kk + (lane >> 3);
-                        ldsm4(D::at(kb, r, c), b);
-                        mma8(sc[nt], qa[2 * kk][0], qa[2 * kk][1], b[0], b[1]);
-                        mma8(sc[nt], qa[2 * kk + 1][0], qa[2 * kk + 1][1], b[2], b[3]);
-                    }
-                }
-            }
-            const int pb = p0 + (warp + k * W) * DEC_TILE + tig * 2;
-            float mx = NEG_INF;
-#pragma unroll
-            for (int nt = 0; nt < 2; nt++)
-#pragma unroll
-                for (int e = 0; e < 2; e++) {
-                    sc[nt][e] = pb + nt * 8 + e < p1 ? sc[nt][e] * ksc[nt][e] * qs : NEG_INF;
-                    mx = fmaxf(mx, sc[nt][e]);
-                }
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-            const float mn = fmaxf(m, mx);
-            const float corr = mn == NEG_INF ? 1.f : exp2f(m - mn);
-            float sum = 0.f;
-#pragma unroll
-            for (int nt = 0; nt < 2; nt++)
-#pragma unroll
-                for (int e = 0; e < 2; e++) {
-                    sc[nt][e] = sc[nt][e] == NEG_INF ? 0.f : exp2f(sc[nt][e] - mn);
-                    sum += sc[nt][e];
-                }
-            l = l * corr + sum;
-            m = mn;
-            // P = hi + lo, both bf16: two MMAs keep P's float32 precision
-            unsigned ph[2], pl[2];
-#pragma unroll
-            for (int nt = 0; nt < 2; nt++) {
-                const bf16 h0 = tobf(sc[nt][0]), h1 = tobf(sc[nt][1]);
-                ph[nt] = pack_bf2(__bfloat162float(h0), __bfloat162float(h1));
-                pl[nt] = pack_bf2(sc[nt][0] - __bfloat162float(h0), sc[nt][1] - __bfloat162float(h1));
-            }
-#pragma unroll
-            for (int j = 0; j < D::C; j += 2) {
-                unsigned b[4];
-                const int r = ((lane >> 3) & 1) * 8 + (lane & 7), c = j + (lane >> 4);
-                ldsm4t(D::at(vb, r, c), b);
-                o[j][0] *= corr, o[j][1] *= corr, o[j + 1][0] *= corr, o[j + 1][1] *= corr;
-                mma8(o[j], ph[0], ph[1], b[0], b[1]);
-                mma8(o[j], pl[0], pl[1], b[0], b[1]);
-                mma8(o[j + 1], ph[0], ph[1], b[2], b[3]);
-                mma8(o[j + 1], pl[0], pl[1], b[2], b[3]);
-            }
-            __syncwarp(); // done reading the buffer the next issue overwrites
+            dec_tile<HD, K8>(kb, vb, lane, tig, qa, qa8, qs, p0 + (warp + k * W) * DEC_TILE + tig * 2, p1, o, m, l);
         }
         cp_async_wait<0>();
         l += __shfl_xor_sync(0xffffffffu, l, 1);
@@ -1460,6 +1485,226 @@ __device__ __forceinline__ void attn_decode_body(
     if (tid == 0) done[di * kvh + kh] = 0; // ready for the next launch
 }
 
+// attn_decode_persist (attn_decode8p_d*, FP8 keys; opts as attn_decode's,
+// bits 0 and 1 read, the blocks always head-major): attn_decode with
+// persistent blocks, for steps whose (sequence, KV head) pairs, unsplit,
+// are more than the GPU holds at once. grid (blocks, 1, 1), as many as are
+// resident; block b takes pairs lin = b, b + gridDim.x, ... of the nseq
+// decode entries (sequence lin / kvh, KV head lin % kvh) in turn. Each
+// warp's cp.async pipeline runs on across a block's pairs: the tiles of
+// the next pair are in flight while the warps merge the last one, so a
+// block taking a second pair pays neither a launch, the metadata chain
+// nor an empty pipeline (v0.54: attn_decode8's second wave of 248 blocks
+// had its first tile 5.5 µs after the block it replaced ended, and that
+// block's merge took 1.2 µs, at 64 rows with 4,096-token contexts). Per
+// pair the same tiles go to the same warps in the same order, and the warps
+// merge as attn_decode's unsplit blocks do: the same bits. The merge area
+// follows the stage buffers (runtime/gpu decShared's decP4).
+template <int HD, bool K8, int W>
+__device__ __forceinline__ void attn_decode_persist(
+    bf16* __restrict__ out, const bf16* __restrict__ q, const bf16* __restrict__ kc, const bf16* __restrict__ vc,
+    const int* __restrict__ dec, const int* __restrict__ pages, int heads, int kvh, int bs, float scale, int nseq,
+    int ldq, const float* __restrict__ ks, int opts) {
+    typedef DecShape<HD, K8> D;
+    extern __shared__ __align__(128) unsigned char dsm[];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, tig = lane & 3;
+    const int G = heads / kvh, width = kvh * HD, items = nseq * kvh;
+    const bool pow2 = (bs & (bs - 1)) == 0;
+    const int bsh = __ffs(bs) - 1;
+    const unsigned wbase = (unsigned)__cvta_generic_to_shared(dsm) + warp * D::WARP_B;
+    // Cur: a place in this warp's tiles of the block's pairs: pair lin (past
+    // the block's last: lin >= items), the warp's tile k of its nk there,
+    // and the pair's KV head, context and page-id offset
+    struct Cur {
+        int lin, k, nk, kh, ctx, poff;
+    };
+    auto load = [&](Cur& c) { // pair c.lin, or the block's next with a sequence
+        c.k = 0, c.nk = 0;
+        for (; c.lin < items; c.lin += gridDim.x) {
+            const int di = c.lin / kvh;
+            const int4 e = __ldg(reinterpret_cast<const int4*>(dec) + di);
+            if (e.w >= 0) {
+                const int nt = (e.y + DEC_TILE - 1) / DEC_TILE; // unsplit: the whole context
+                c.kh = c.lin - di * kvh, c.ctx = e.y, c.poff = e.z;
+                c.nk = nt > warp ? (nt - warp + W - 1) / W : 0;
+                return;
+            }
+        }
+    };
+    auto settle = [&](Cur& c) { // on a tile of this warp's (or past the end)
+        while (c.lin < items && c.k >= c.nk) {
+            c.lin += gridDim.x;
+            load(c);
+        }
+    };
+    auto step = [&](Cur& c) {
+        c.k++;
+        settle(c);
+    };
+    auto rows = [&](const Cur& c) { // row (lane % 16) of c's tile: its cache slot, -1 past the context
+        int r = -1;
+        const int p = (warp + c.k * W) * DEC_TILE + (lane & 15);
+        if (c.lin < items && p < c.ctx) {
+            const int pi = pow2 ? p >> bsh : p / bs;
+            r = __ldg(pages + c.poff + pi) * bs + (p - pi * bs);
+        }
+        return r;
+    };
+    // A: the tile whose rows advance loads (two ahead of I's); I: the next
+    // tile to issue, into stage ti % ST (ti: the warp's tiles issued)
+    Cur A, I;
+    A.lin = blockIdx.x;
+    load(A);
+    settle(A);
+    I = A;
+    int slot = rows(A), next = -1, ti = 0;
+    step(A);
+    next = rows(A);
+    step(A);
+    auto advance = [&]() { // slot <- next <- A's rows
+        slot = next;
+        next = rows(A);
+        step(A);
+    };
+    auto issue = [&]() {
+        if (I.lin < items) {
+            const unsigned kb = D::kt(wbase, ti), vb = D::vt(wbase, ti);
+#pragma unroll
+            for (int i = 0; i < D::C / 2; i++) {
+                const int idx = lane + 32 * i, r = idx / D::C, c = idx % D::C;
+                const int sl = __shfl_sync(0xffffffffu, slot, r);
+                const i64 off = (i64)max(sl, 0) * width + (i64)I.kh * HD + c * 8;
+                const unsigned so = r * HD * 2 + D::swz(r, c) * 16;
+                if (!K8) cp_async16(kb + so, kc + off, sl >= 0 ? 16 : 0);
+                cp_async16(vb + so, vc + off, sl >= 0 ? 16 : 0);
+            }
+            if (K8) {
+                const unsigned rb = vb + D::TILE_B, sb = rb + D::RAW_B;
+                const unsigned char* k8 = reinterpret_cast<const unsigned char*>(kc);
+#pragma unroll
+                for (int i = 0; i < HD / 32; i++) {
+                    const int idx = lane + 32 * i, r = idx / (HD / 16), c = idx % (HD / 16);
+                    const int sl = __shfl_sync(0xffffffffu, slot, r);
+                    cp_async16(rb + r * HD + D::rsw(r, c) * 16, k8 + (i64)max(sl, 0) * width + (i64)I.kh * HD + c * 16, sl >= 0 ? 16 : 0);
+                }
+                if (lane < DEC_TILE) cp_async4(sb + 4 * lane, ks + kscale_at(max(slot, 0), kvh, I.kh, bs, pow2 ? bsh : -1), slot >= 0 ? 4 : 0);
+            }
+            step(I);
+        }
+        cp_async_commit(); // empty past the end: the group count stays uniform
+        ti++;
+    };
+    // early (opts bit 0): the first tiles issued before griddepcontrol.wait
+    // while they do not hold their sequence's newest position (ctx - 1,
+    // whose K/V row rope_store writes)
+    int pre = 0;
+    if (opts & 1) {
+        auto safe = [&]() { return I.lin >= items || min(I.ctx, (warp + I.k * W) * DEC_TILE + DEC_TILE) <= I.ctx - 1; };
+        for (; pre < D::ST - 1 && safe(); pre++) {
+            issue();
+            advance();
+        }
+    }
+    pdl_entry();
+    for (; pre < D::ST - 1; pre++) {
+        issue();
+        advance();
+    }
+    // the merge area after the stage buffers: wo [W][G][HD], wm and wl
+    // [W][G], hw [W][8] (warp i's weight for head g), hM and hL [8]
+    float* wo = reinterpret_cast<float*>(dsm + W * D::WARP_B);
+    float* wm = wo + W * DEC_MAXG * HD;
+    float* wl = wm + W * DEC_MAXG;
+    float* hw = wl + W * DEC_MAXG;
+    float* hM = hw + 8 * W;
+    float* hL = hM + 8;
+    int t = 0; // the warp's tiles computed
+    for (int lin = blockIdx.x; lin < items; lin += gridDim.x) {
+        const int di = lin / kvh, kh = lin - di * kvh;
+        const int4 e = __ldg(reinterpret_cast<const int4*>(dec) + di);
+        if (e.w < 0) continue; // no sequence (a recording's spare entry): every warp skips it
+        const int row = e.x, ctx = e.y;
+        const int nt = (ctx + DEC_TILE - 1) / DEC_TILE;
+        const int nk = nt > warp ? (nt - warp + W - 1) / W : 0;
+        float o[D::C][2], m = NEG_INF, l = 0.f;
+#pragma unroll
+        for (int j = 0; j < D::C; j++) o[j][0] = o[j][1] = 0.f;
+        if (nk > 0) {
+            unsigned qa[HD / 16][2];
+            unsigned qa8[D::QK8 ? HD / 32 : 1][2];
+            float qsc;
+            dec_load_q<HD, K8>(q, row, ldq, kh, G, g, tig, qa, qa8, qsc);
+            const float qs = scale * LOG2E * qsc;
+            for (int k = 0; k < nk; k++, t++) {
+                issue();
+                advance();
+                cp_async_wait<D::ST - 1>();
+                __syncwarp(); // every lane's copies of tile t have landed
+                dec_tile<HD, K8>(D::kt(wbase, t), D::vt(wbase, t), lane, tig, qa, qa8, qs, (warp + k * W) * DEC_TILE + tig * 2, ctx, o, m, l);
+            }
+            l += __shfl_xor_sync(0xffffffffu, l, 1);
+            l += __shfl_xor_sync(0xffffffffu, l, 2);
+        }
+        // merge the warps (attn_decode's DEC_MERGE4 merge of an unsplit block)
+        if (g < G) {
+#pragma unroll
+            for (int j = 0; j < D::C; j++) {
+                wo[(warp * G + g) * HD + 8 * j + tig * 2] = o[j][0];
+                wo[(warp * G + g) * HD + 8 * j + tig * 2 + 1] = o[j][1];
+            }
+            if (tig == 0) {
+                wm[warp * G + g] = m;
+                wl[warp * G + g] = l;
+            }
+        }
+        __syncthreads();
+        if (tid < G) {
+            const int hg = tid;
+            float M = NEG_INF;
+            for (int i = 0; i < W; i++)
+                if (wl[i * G + hg] > 0.f) M = fmaxf(M, wm[i * G + hg]);
+            float L = 0.f;
+            for (int i = 0; i < W; i++) {
+                const float li = wl[i * G + hg];
+                float f = 0.f;
+                if (li > 0.f) {
+                    f = exp2f(wm[i * G + hg] - M);
+                    L += li * f;
+                }
+                hw[i * 8 + hg] = f;
+            }
+            hM[hg] = M;
+            hL[hg] = L;
+        }
+        __syncthreads();
+        for (int idx = 4 * tid; idx < G * HD; idx += 4 * (32 * W)) {
+            const int hg = idx / HD, d = idx - hg * HD;
+            float4 A = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+            for (int i = 0; i < W; i++) {
+                if (wl[i * G + hg] > 0.f) {
+                    const float f = hw[i * 8 + hg];
+                    const float4 v = *reinterpret_cast<const float4*>(wo + (i * G + hg) * HD + d);
+                    A.x += v.x * f;
+                    A.y += v.y * f;
+                    A.z += v.z * f;
+                    A.w += v.w * f;
+                }
+            }
+            const float L = hL[hg];
+            const int h = kh * G + hg;
+            const __nv_bfloat162 lo = L > 0.f ? __floats2bfloat162_rn(A.x / L, A.y / L) : __floats2bfloat162_rn(0.f, 0.f);
+            const __nv_bfloat162 hi = L > 0.f ? __floats2bfloat162_rn(A.z / L, A.w / L) : __floats2bfloat162_rn(0.f, 0.f);
+            uint2 w2;
+            w2.x = *reinterpret_cast<const unsigned*>(&lo);
+            w2.y = *reinterpret_cast<const unsigned*>(&hi);
+            *reinterpret_cast<uint2*>(out + (i64)row * heads * HD + (i64)h * HD + d) = w2;
+        }
+        __syncthreads(); // the merge area is free for the next pair
+    }
+    cp_async_wait<0>();
+}
+
 #define ATTN_DECODE_ARGS                                                                                           \
     bf16 *out, float *part, int *done, const bf16 *q, const bf16 *kc, const bf16 *vc, const int *dec,            \
         const int *pages, int heads, int kvh, int bs, float scale, int nsplit, int ldq, const float *ks, \
@@ -1503,6 +1748,12 @@ extern "C" __global__ void __launch_bounds__(32 * DEC_WARPS2) attn_decode8_w2_d2
 extern "C" __global__ void __launch_bounds__(32 * DEC_WARPS8) attn_decode8_w8_d32(ATTN_DECODE_ARGS) { attn_decode_body<32, true, DEC_WARPS8>(ATTN_DECODE_PASS); }
 extern "C" __global__ void __launch_bounds__(32 * DEC_WARPS8) attn_decode8_w8_d64(ATTN_DECODE_ARGS) { attn_decode_body<64, true, DEC_WARPS8>(ATTN_DECODE_PASS); }
 extern "C" __global__ void __launch_bounds__(32 * DEC_WARPS8) attn_decode8_w8_d128(ATTN_DECODE_ARGS) { attn_decode_body<128, true, DEC_WARPS8>(ATTN_DECODE_PASS); }
+// attn_decode8p_d*: FP8 keys, 4 warps, persistent blocks (attn_decode_persist;
+// the nsplit argument is the step's decode entries, every pair unsplit).
+extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode8p_d32(ATTN_DECODE_ARGS) { attn_decode_persist<32, true, DEC_WARPS>(out, q, kc, vc, dec, pages, heads, kvh, bs, scale, nsplit, ldq, ks, opts); }
+extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode8p_d64(ATTN_DECODE_ARGS) { attn_decode_persist<64, true, DEC_WARPS>(out, q, kc, vc, dec, pages, heads, kvh, bs, scale, nsplit, ldq, ks, opts); }
+extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode8p_d128(ATTN_DECODE_ARGS) { attn_decode_persist<128, true, DEC_WARPS>(out, q, kc, vc, dec, pages, heads, kvh, bs, scale, nsplit, ldq, ks, opts); }
+extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode8p_d256(ATTN_DECODE_ARGS) { attn_decode_persist<256, true, DEC_WARPS>(out, q, kc, vc, dec, pages, heads, kvh, bs, scale, nsplit, ldq, ks, opts); }
 
 // attn_prefill_d{32,64,128}: causal attention of prefill rows on the tensor
 // cores (flash-attention style). grid (tiles, heads), block PRE_THREADS,

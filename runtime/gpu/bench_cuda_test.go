@@ -715,6 +715,7 @@ func TestDecodeBench(t *testing.T) {
 		{sms: -1, opts: 3}, {sms: -1, opts: 23}, {lora: true, sms: -1, opts: 23}, {sms: -1, opts: 7}, {lora: true, sms: -1, opts: 7},
 		{sms: -1, nopdl: true}, {lora: true, sms: -1, nopdl: true},
 		{sms: -1, ropeHeads: true}, {sms: -1, split: 16}, {sms: -1, split: 1}, {sms: -1, split: 2}, {sms: -1, split: 3}, {sms: -1, dv: 1 + int(decV2)}, {lora: true, sms: -1, dv: 1 + int(decV2)}, {sms: -1, dv: 1 + int(decV4)}, {lora: true, sms: -1, dv: 1 + int(decV4)}, {sms: -1, dv: 1 + int(decV8)}, {lora: true, sms: -1, dv: 1 + int(decV8)},
+		{sms: -1, dv: 1 + int(decP4)}, {lora: true, sms: -1, dv: 1 + int(decP4)},
 		{sampled: true, sms: -1}, {eager: true, sms: -1}, {lora: true, eager: true, sms: -1},
 		{lora: true, serial: true, sms: -1}, {lora: true, sms: 0}, {lora: true, sms: 8}, {lora: true, sms: 16}, {lora: true, sms: 24}, {lora: true, sms: 32},
 		{lora: true, sms: -1, holds: [4]int{16}}, {lora: true, sms: -1, holds: [4]int{32}}, {lora: true, sms: -1, wgFull: true}, {lora: true, sms: -1, wgBeside: true}, {lora: true, sms: -1, splitBeside: true}, {sms: -1, nopad: true}, {lora: true, sms: -1, nopad: true}, {lora: true, sms: -1, kc: 1024}, {lora: true, sms: -1, kc: 512}, {lora: true, sms: -1, kc: 2048}, {lora: true, sms: -1, kc: 4096}, {lora: true, sms: -1, inline: -1}, {lora: true, sms: -1, inline: 0b1011}, {lora: true, sms: -1, pdlJoins: -1}, {lora: true, sms: -1, pdlJoins: 1}, {lora: true, sms: -1, pdlJoins: 3},
@@ -970,6 +971,10 @@ func TestDecodeBench(t *testing.T) {
 // blocks were (attnStragglers).
 func attnTimestamps(t *testing.T, gb *Backend, B int, lbl string) {
 	const atsW, atsB = 4, 8 // llama.cu's ATS_W and ATS_B
+	if gb.decVariantFor(B) == decP4 {
+		bench("decode attnts %d %s: attn_decode8p records no timestamps", B, lbl)
+		return
+	}
 	split, warps := gb.decSplitFor(B), gb.decVariantFor(B).warps()
 	blocks, words := B*gb.kv.KVHeads*split, atsW*warps+atsB
 	if gb.part == nil || blocks*words*8 > gb.part.Size() {
