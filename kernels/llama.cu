@@ -1498,8 +1498,9 @@ __device__ __forceinline__ void attn_decode_body(
 // had its first tile 5.5 µs after the block it replaced ended, and that
 // block's merge took 1.2 µs, at 64 rows with 4,096-token contexts). Per
 // pair the same tiles go to the same warps in the same order, and the warps
-// merge as attn_decode's unsplit blocks do: the same bits. The merge area
-// follows the stage buffers (runtime/gpu decShared's decP4).
+// merge as attn_decode's unsplit blocks do: the same bits. Each warp's
+// partial goes to its K tile's room: the same dynamic shared memory as
+// attn_decode8.
 template <int HD, bool K8, int W>
 __device__ __forceinline__ void attn_decode_persist(
     bf16* __restrict__ out, const bf16* __restrict__ q, const bf16* __restrict__ kc, const bf16* __restrict__ vc,
@@ -1512,68 +1513,62 @@ __device__ __forceinline__ void attn_decode_persist(
     const bool pow2 = (bs & (bs - 1)) == 0;
     const int bsh = __ffs(bs) - 1;
     const unsigned wbase = (unsigned)__cvta_generic_to_shared(dsm) + warp * D::WARP_B;
-    // Cur: a place in this warp's tiles of the block's pairs: pair lin (past
-    // the block's last: lin >= items), the warp's tile k of its nk there,
-    // and the pair's KV head, context and page-id offset
-    struct Cur {
-        int lin, k, nk, kh, ctx, poff;
-    };
-    auto load = [&](Cur& c) { // pair c.lin, or the block's next with a sequence
-        c.k = 0, c.nk = 0;
-        for (; c.lin < items; c.lin += gridDim.x) {
-            const int di = c.lin / kvh;
+    // A: the tile whose cache rows advance loads next, two tiles ahead of
+    // the next one issued: pair lin (past the block's last: lin >= items),
+    // the warp's tile k of its nk there, and the pair's context and
+    // page-id offset. Its KV head travels with the rows (slot, next: the
+    // tile's rows; hs, hn: its KV head; vs, vn: whether it holds any), so
+    // the loop carries one place in the block's pairs, not two.
+    int lin = blockIdx.x, ak = 0, ank = 0, actx = 0, apoff = 0, akh = 0;
+    auto seek = [&]() { // from lin on, the block's first pair with tiles for this warp
+        for (; lin < items; lin += gridDim.x) {
+            const int di = lin / kvh;
             const int4 e = __ldg(reinterpret_cast<const int4*>(dec) + di);
-            if (e.w >= 0) {
-                const int nt = (e.y + DEC_TILE - 1) / DEC_TILE; // unsplit: the whole context
-                c.kh = c.lin - di * kvh, c.ctx = e.y, c.poff = e.z;
-                c.nk = nt > warp ? (nt - warp + W - 1) / W : 0;
+            const int nt = (e.y + DEC_TILE - 1) / DEC_TILE; // unsplit: the whole context
+            if (e.w >= 0 && nt > warp) {
+                akh = lin - di * kvh, actx = e.y, apoff = e.z;
+                ank = (nt - warp + W - 1) / W, ak = 0;
                 return;
             }
         }
     };
-    auto settle = [&](Cur& c) { // on a tile of this warp's (or past the end)
-        while (c.lin < items && c.k >= c.nk) {
-            c.lin += gridDim.x;
-            load(c);
-        }
-    };
-    auto step = [&](Cur& c) {
-        c.k++;
-        settle(c);
-    };
-    auto rows = [&](const Cur& c) { // row (lane % 16) of c's tile: its cache slot, -1 past the context
+    seek();
+    const int nk0 = lin == blockIdx.x ? ank : 0, ctx0 = actx; // the first pair's (early tiles)
+    auto rows = [&]() { // row (lane % 16) of A's tile: its cache slot, -1 past the context
         int r = -1;
-        const int p = (warp + c.k * W) * DEC_TILE + (lane & 15);
-        if (c.lin < items && p < c.ctx) {
+        const int p = (warp + ak * W) * DEC_TILE + (lane & 15);
+        if (lin < items && p < actx) {
             const int pi = pow2 ? p >> bsh : p / bs;
-            r = __ldg(pages + c.poff + pi) * bs + (p - pi * bs);
+            r = __ldg(pages + apoff + pi) * bs + (p - pi * bs);
         }
         return r;
     };
-    // A: the tile whose rows advance loads (two ahead of I's); I: the next
-    // tile to issue, into stage ti % ST (ti: the warp's tiles issued)
-    Cur A, I;
-    A.lin = blockIdx.x;
-    load(A);
-    settle(A);
-    I = A;
-    int slot = rows(A), next = -1, ti = 0;
-    step(A);
-    next = rows(A);
-    step(A);
-    auto advance = [&]() { // slot <- next <- A's rows
-        slot = next;
-        next = rows(A);
-        step(A);
+    auto step = [&]() {
+        if (++ak >= ank && lin < items) {
+            lin += gridDim.x;
+            seek();
+        }
     };
+    int slot = rows(), hs = akh, next, hn;
+    bool vs = lin < items, vn;
+    step();
+    next = rows(), hn = akh, vn = lin < items;
+    step();
+    auto advance = [&]() { // slot <- next <- A's tile
+        slot = next, hs = hn, vs = vn;
+        next = rows(), hn = akh, vn = lin < items;
+        step();
+    };
+    int ti = 0; // the warp's tiles issued (their stage: ti % ST)
     auto issue = [&]() {
-        if (I.lin < items) {
+        if (vs) {
             const unsigned kb = D::kt(wbase, ti), vb = D::vt(wbase, ti);
+            const i64 ho = (i64)hs * HD;
 #pragma unroll
             for (int i = 0; i < D::C / 2; i++) {
                 const int idx = lane + 32 * i, r = idx / D::C, c = idx % D::C;
                 const int sl = __shfl_sync(0xffffffffu, slot, r);
-                const i64 off = (i64)max(sl, 0) * width + (i64)I.kh * HD + c * 8;
+                const i64 off = (i64)max(sl, 0) * width + ho + c * 8;
                 const unsigned so = r * HD * 2 + D::swz(r, c) * 16;
                 if (!K8) cp_async16(kb + so, kc + off, sl >= 0 ? 16 : 0);
                 cp_async16(vb + so, vc + off, sl >= 0 ? 16 : 0);
@@ -1585,42 +1580,44 @@ __device__ __forceinline__ void attn_decode_persist(
                 for (int i = 0; i < HD / 32; i++) {
                     const int idx = lane + 32 * i, r = idx / (HD / 16), c = idx % (HD / 16);
                     const int sl = __shfl_sync(0xffffffffu, slot, r);
-                    cp_async16(rb + r * HD + D::rsw(r, c) * 16, k8 + (i64)max(sl, 0) * width + (i64)I.kh * HD + c * 16, sl >= 0 ? 16 : 0);
+                    cp_async16(rb + r * HD + D::rsw(r, c) * 16, k8 + (i64)max(sl, 0) * width + ho + c * 16, sl >= 0 ? 16 : 0);
                 }
-                if (lane < DEC_TILE) cp_async4(sb + 4 * lane, ks + kscale_at(max(slot, 0), kvh, I.kh, bs, pow2 ? bsh : -1), slot >= 0 ? 4 : 0);
+                if (lane < DEC_TILE) cp_async4(sb + 4 * lane, ks + kscale_at(max(slot, 0), kvh, hs, bs, pow2 ? bsh : -1), slot >= 0 ? 4 : 0);
             }
-            step(I);
         }
         cp_async_commit(); // empty past the end: the group count stays uniform
         ti++;
     };
-    // early (opts bit 0): the first tiles issued before griddepcontrol.wait
-    // while they do not hold their sequence's newest position (ctx - 1,
-    // whose K/V row rope_store writes)
+    // early (opts bit 0): the first pair's first tiles issued before
+    // griddepcontrol.wait while they do not hold its newest position (ctx -
+    // 1, whose K/V row rope_store writes)
     int pre = 0;
-    if (opts & 1) {
-        auto safe = [&]() { return I.lin >= items || min(I.ctx, (warp + I.k * W) * DEC_TILE + DEC_TILE) <= I.ctx - 1; };
-        for (; pre < D::ST - 1 && safe(); pre++) {
+    if (opts & 1)
+        for (; pre < D::ST - 1 && pre < nk0 && (warp + pre * W) * DEC_TILE + DEC_TILE <= ctx0 - 1; pre++) {
             issue();
             advance();
         }
-    }
     pdl_entry();
     for (; pre < D::ST - 1; pre++) {
         issue();
         advance();
     }
-    // the merge area after the stage buffers: wo [W][G][HD], wm and wl
-    // [W][G], hw [W][8] (warp i's weight for head g), hM and hL [8]
-    float* wo = reinterpret_cast<float*>(dsm + W * D::WARP_B);
-    float* wm = wo + W * DEC_MAXG * HD;
+    // the merge: warp i's partial [G][HD] in its bf16 K tile's room (after
+    // its stages: empty with QK8, else written and read within one tile,
+    // and every warp is past the merge's last barrier before its next
+    // tile), the maxima, denominators and weights in static shared memory:
+    // wm and wl [W][G], hw [W][8] (warp i's weight for head g), hM and hL [8]
+    static_assert(K8 && DEC_MAXG * HD * 4 <= D::TILE_B, "a warp's partial fits its K tile's room");
+    auto wo = [&](int i) { return reinterpret_cast<float*>(dsm + i * D::WARP_B + D::ST * D::STAGE_B); };
+    __shared__ float msh[W * DEC_MAXG * 2 + 8 * W + 16];
+    float* wm = msh;
     float* wl = wm + W * DEC_MAXG;
     float* hw = wl + W * DEC_MAXG;
     float* hM = hw + 8 * W;
     float* hL = hM + 8;
     int t = 0; // the warp's tiles computed
-    for (int lin = blockIdx.x; lin < items; lin += gridDim.x) {
-        const int di = lin / kvh, kh = lin - di * kvh;
+    for (int pl = blockIdx.x; pl < items; pl += gridDim.x) {
+        const int di = pl / kvh, kh = pl - di * kvh;
         const int4 e = __ldg(reinterpret_cast<const int4*>(dec) + di);
         if (e.w < 0) continue; // no sequence (a recording's spare entry): every warp skips it
         const int row = e.x, ctx = e.y;
@@ -1649,8 +1646,8 @@ __device__ __forceinline__ void attn_decode_persist(
         if (g < G) {
 #pragma unroll
             for (int j = 0; j < D::C; j++) {
-                wo[(warp * G + g) * HD + 8 * j + tig * 2] = o[j][0];
-                wo[(warp * G + g) * HD + 8 * j + tig * 2 + 1] = o[j][1];
+                wo(warp)[g * HD + 8 * j + tig * 2] = o[j][0];
+                wo(warp)[g * HD + 8 * j + tig * 2 + 1] = o[j][1];
             }
             if (tig == 0) {
                 wm[warp * G + g] = m;
@@ -1684,7 +1681,7 @@ __device__ __forceinline__ void attn_decode_persist(
             for (int i = 0; i < W; i++) {
                 if (wl[i * G + hg] > 0.f) {
                     const float f = hw[i * 8 + hg];
-                    const float4 v = *reinterpret_cast<const float4*>(wo + (i * G + hg) * HD + d);
+                    const float4 v = *reinterpret_cast<const float4*>(wo(i) + hg * HD + d);
                     A.x += v.x * f;
                     A.y += v.y * f;
                     A.z += v.z * f;

@@ -197,8 +197,7 @@ func TestW8Fits(t *testing.T) {
 // at 256. FP8 keys: a stage holds bf16 V, e4m3 K and 16 scales padded to
 // 128 bytes (6,272 bytes at 128), and a warp one bf16 K tile (4 KB: the
 // widened keys, or with e4m3 Q K^T room kept empty for two blocks an SM):
-// 89.5 KB. Persistent blocks (decP4) add their merge area after the
-// stages: 16.4 KB at 128 (two blocks an SM still fit).
+// 89.5 KB. Persistent blocks (decP4) merge in that K tile's room: the same.
 func TestDecShared(t *testing.T) {
 	for _, c := range []struct {
 		hd   int
@@ -211,8 +210,8 @@ func TestDecShared(t *testing.T) {
 		{128, true, decV4, 4 * (3*6272 + 4096)},
 		{64, true, decV4, 4 * (3*(2048+1024+128) + 2048)},
 		{256, true, decV4, 4 * (2*(8192+4096+128) + 8192)},
-		{128, true, decP4, 4*(3*6272+4096) + 4*(4*(8*128+24)+16)},
-		{64, true, decP4, 4*(3*(2048+1024+128)+2048) + 4*(4*(8*64+24)+16)},
+		{128, true, decP4, 4 * (3*6272 + 4096)},
+		{64, true, decP4, 4 * (3*(2048+1024+128) + 2048)},
 	} {
 		if got := decShared(c.hd, c.k8, c.v); got != c.want {
 			t.Errorf("decShared(%d, k8 %v, %v) = %d, want %d", c.hd, c.k8, c.v, got, c.want)

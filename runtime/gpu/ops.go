@@ -720,14 +720,10 @@ func (b *Backend) decBlocks(n int) int {
 func decShared(hd int, k8 bool, v decVariant) int {
 	warps, stages := v.warps(), decStages(hd)
 	tile := 16 * hd * 2 // K or V rows of a 16-position tile, bf16
-	merge := 0
-	if v == decP4 { // the merge area after the stages: [warps][8][hd] floats, [warps][8] twice, [warps][8], [8] twice
-		merge = 4 * (warps*(8*hd+24) + 16)
-	}
 	if !k8 {
-		return warps*stages*2*tile + merge
+		return warps * stages * 2 * tile
 	}
-	return warps*(stages*(tile+16*hd+128)+tile) + merge // the 16 scales padded to a 128-byte line
+	return warps * (stages*(tile+16*hd+128) + tile) // the 16 scales padded to a 128-byte line
 }
 
 // decMergeFloats is the shared memory (in floats) attn_decode's merge
