@@ -233,28 +233,15 @@ func attentionCase(t *testing.T, sh attnShape, k8 bool) {
 	// (attn_decode2, attn_decode8_w2: kernelForce.decVar), a fifth with 8
 	// (attn_decode_w8, attn_decode8_w8, where it fits the head dimension),
 	// a sixth with 4 (attn_decode, attn_decode8) and a seventh with the
-	// blocks head-major (opts 23), which must give opts 7's bits. With FP8
-	// keys then: attn_decode8 unsplit, and attn_decode8p (persistent
-	// blocks) as many as the pairs, one block and three (each taking pairs
-	// in turn, some with no tile for some warps), and without the early
-	// tiles (opts -1): each must give the unsplit bits.
-	var first, seven, unsplit []float32
-	type attnRun struct {
-		v0     bool
-		opts   int
-		dv     int // 1 + a decVariant
-		split  int // kernelForce.decSplit
-		blocks int // kernelForce.decBlocks
-	}
-	runs := []attnRun{{false, -1, 0, 0, 0}, {false, 3, 0, 0, 0}, {false, 7, 0, 0, 0}, {false, 0, 1 + int(decV2), 0, 0}, {false, 0, 1 + int(decV8), 0, 0}, {false, 0, 1 + int(decV4), 0, 0}, {false, 23, 0, 0, 0}, {true, 0, 0, 0, 0}}
-	if k8 && r.b.decOK {
-		runs = append(runs, attnRun{false, 23, 1 + int(decV4), 1, 0}, attnRun{false, 0, 1 + int(decP4), 0, 0}, attnRun{false, 0, 1 + int(decP4), 0, 1},
-			attnRun{false, 0, 1 + int(decP4), 0, 3}, attnRun{false, -1, 1 + int(decP4), 0, 3})
-	}
-	for i, run := range runs {
+	// blocks head-major (opts 23), which must give opts 7's bits.
+	var first, seven []float32
+	for i, run := range []struct {
+		v0   bool
+		opts int
+		dv   int // 1 + a decVariant
+	}{{false, -1, 0}, {false, 3, 0}, {false, 7, 0}, {false, 0, 1 + int(decV2)}, {false, 0, 1 + int(decV8)}, {false, 0, 1 + int(decV4)}, {false, 23, 0}, {true, 0, 0}} {
 		v0 := run.v0
 		r.b.force.attnRows, r.b.force.decOpts, r.b.force.decVar = v0, run.opts, run.dv
-		r.b.force.decSplit, r.b.force.decBlocks = run.split, run.blocks
 		r.poison(out)
 		r.begin(m)
 		if !v0 {
@@ -310,22 +297,6 @@ func attentionCase(t *testing.T, sh attnShape, k8 bool) {
 			}
 		case 3, 4, 5:
 			name += fmt.Sprintf(", %d warps a block and %d stages (%d resident, split %d)", r.b.decV.warps(), decStages(hd), r.b.decResident[r.b.decV], r.b.decSplit)
-		case 8:
-			if r.b.decV != decV4 || r.b.decSplit != 1 {
-				t.Fatalf("forced unsplit attn_decode8: variant %v, split %d", r.b.decV, r.b.decSplit)
-			}
-			name += ", attn_decode8 unsplit"
-			unsplit = got
-		case 9, 10, 11, 12:
-			if r.b.decV != decP4 || r.b.decSplit != 1 {
-				t.Fatalf("forced attn_decode8p: variant %v, split %d", r.b.decV, r.b.decSplit)
-			}
-			name += fmt.Sprintf(", attn_decode8p (%d blocks, opts %d)", r.b.decBlocks(r.b.nDec), run.opts)
-			for j := range got {
-				if math.Float32bits(got[j]) != math.Float32bits(unsplit[j]) {
-					t.Fatalf("%s: value %d is %g, %g unsplit", name, j, got[j], unsplit[j])
-				}
-			}
 		}
 		if v0 {
 			name = "per-row kernel (v0), all rows"
@@ -337,7 +308,6 @@ func attentionCase(t *testing.T, sh attnShape, k8 bool) {
 		}
 	}
 	r.b.force.attnRows, r.b.force.decOpts, r.b.force.decVar = false, 0, 0
-	r.b.force.decSplit, r.b.force.decBlocks = 0, 0
 	if k8 { // what rope_store stored for the step's keys
 		gotQ, gotS := make([]byte, len(k8Img)), make([]float32, len(sImg))
 		for _, e := range []error{cuda.CopyDtoH(r.b.s, gotQ, kc), cuda.CopyDtoH(r.b.s, gotS, ksc), r.b.s.Synchronize()} {
@@ -368,9 +338,6 @@ func attentionCase(t *testing.T, sh attnShape, k8 bool) {
 		fs = append(fs, r.b.decodeKernel(hd, decV4), r.b.decodeKernel(hd, decV2))
 		if r.b.decW8Fit[headIndex(hd)] {
 			fs = append(fs, r.b.decodeKernel(hd, decV8))
-		}
-		if k8 {
-			fs = append(fs, r.b.decodeKernel(hd, decP4))
 		}
 	}
 	if r.b.preOK {

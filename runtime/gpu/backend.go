@@ -180,7 +180,6 @@ type funcs struct {
 	attnDecodeW8                                                                                           [3]*cuda.Function // attn_decode_w8_d32, d64, d128: 8 warps a block (decV8)
 	attnDecode8W2                                                                                          [4]*cuda.Function // attn_decode8_w2_d*: FP8 keys, 2 warps a block (decV2)
 	attnDecode8W8                                                                                          [3]*cuda.Function // attn_decode8_w8_d32, d64, d128: FP8 keys, 8 warps a block (decV8)
-	attnDecode8P                                                                                           [4]*cuda.Function // attn_decode8p_d*: FP8 keys, 4 warps, persistent blocks (decP4)
 	attnPrefill                                                                                            [3]*cuda.Function // attn_prefill_d32, d64, d128
 	attnPrefill8                                                                                           [3]*cuda.Function // attn_prefill8_d*: FP8 keys
 	sgExpandTC                                                                                             [3]*cuda.Function // sgmv_expand_tc1, tc2, tc4
@@ -224,7 +223,6 @@ type kernelForce struct {
 	ropeHeads  bool          // RoPE and the K/V store: rope_store (a block per row and head) for every shape
 	decOpts    int           // attn_decode's opts (llama.cu) in place of decOptsDefault (0: the default; -1: none): 1 the first tiles before griddepcontrol.wait, 2 the merge with 16 loads in flight, 4 the splits as clusters (decCluster)
 	decVar     int           // attn_decode's variant whatever the rows: 1 + a decVariant (0: decVariantFor's choice)
-	decBlocks  int           // attn_decode8p (decP4): this many persistent blocks (0: as many as are resident, at most one a pair)
 	noSkinny   bool          // bf16 products: cuBLASLt whatever the rows (no gemm_skinny)
 	skLate     bool          // gemm_skinny: no weight tiles before griddepcontrol.wait (opts 0)
 	wgFull     bool          // wgmma products beside the LoRA stream: a grid over every SM, not the SM target (v0.32's)
@@ -582,8 +580,6 @@ func (b *Backend) open(opts Options) error {
 		{&b.fn.attnDecode8W2[0], "attn_decode8_w2_d32"}, {&b.fn.attnDecode8W2[1], "attn_decode8_w2_d64"},
 		{&b.fn.attnDecode8W2[2], "attn_decode8_w2_d128"}, {&b.fn.attnDecode8W2[3], "attn_decode8_w2_d256"},
 		{&b.fn.attnDecode8W8[0], "attn_decode8_w8_d32"}, {&b.fn.attnDecode8W8[1], "attn_decode8_w8_d64"}, {&b.fn.attnDecode8W8[2], "attn_decode8_w8_d128"},
-		{&b.fn.attnDecode8P[0], "attn_decode8p_d32"}, {&b.fn.attnDecode8P[1], "attn_decode8p_d64"},
-		{&b.fn.attnDecode8P[2], "attn_decode8p_d128"}, {&b.fn.attnDecode8P[3], "attn_decode8p_d256"},
 		{&b.fn.attnPrefill[0], "attn_prefill_d32"}, {&b.fn.attnPrefill[1], "attn_prefill_d64"}, {&b.fn.attnPrefill[2], "attn_prefill_d128"},
 		{&b.fn.attnPrefill8[0], "attn_prefill8_d32"}, {&b.fn.attnPrefill8[1], "attn_prefill8_d64"}, {&b.fn.attnPrefill8[2], "attn_prefill8_d128"},
 		{&b.fn.addBias, "add_bias"}, {&b.fn.headRMSNorm, "head_rmsnorm"}, {&b.fn.addDelta, "add_delta"}, {&b.fn.fillRows, "fill_rows"},
@@ -608,7 +604,7 @@ func (b *Backend) open(opts Options) error {
 			continue
 		}
 		for v := range decVariants {
-			if v == decV8 && !b.decW8Fit[i] || v == decP4 && !b.kv8 {
+			if v == decV8 && !b.decW8Fit[i] {
 				continue
 			}
 			if err := b.decKernel(v, i).SetMaxDynamicShared(decShared(32<<i, b.kv8, v)); err != nil {
@@ -686,7 +682,7 @@ func (b *Backend) sizeDecode() error {
 		return nil
 	}
 	for v := range decVariants {
-		if v == decV8 && !b.w8() || v == decP4 && !b.kv8 {
+		if v == decV8 && !b.w8() {
 			continue
 		}
 		per, err := b.decodeKernel(b.kv.HeadDim, v).BlocksPerSM(32*v.warps(), decShared(b.kv.HeadDim, b.kv8, v))

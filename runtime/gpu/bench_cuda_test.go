@@ -393,7 +393,6 @@ type decodeVariant struct {
 	kc                           int    // LoRA shrinks' K split in pieces of kc columns (kernelForce.loraKChunk; 0: the default)
 	skLate                       bool   // gemm_skinny without its early weight tiles (kernelForce.skLate)
 	dv                           int    // attn_decode's variant whatever the rows: 1 + a decVariant (kernelForce.decVar; 0: decVariantFor's)
-	pblocks                      int    // attn_decode8p's persistent blocks (kernelForce.decBlocks; 0: as many as are resident)
 	padOld                       bool   // FP8 weights: v0.43's padding (129-255 rows only; 33-64-row gate/up on fp8_wg: fp8State.padOld)
 	fslate                       bool   // FP8 weights: fp8_stream without its early weight tiles (fp8State.streamLate)
 	noe1                         bool   // FP8 weights: no _e1 variants for any product (fp8State.streamE1Off: v0.44's every stage but one early)
@@ -420,7 +419,7 @@ type decodeVariant struct {
 // fields as f has them).
 func (v decodeVariant) force(f kernelForce) kernelForce {
 	f.decSplit, f.ropeHeads, f.decOpts = v.split, v.ropeHeads, v.opts
-	f.noSkinny, f.skLate, f.decVar, f.bwg, f.decBlocks = v.lt, v.skLate, v.dv, v.bwg, v.pblocks
+	f.noSkinny, f.skLate, f.decVar, f.bwg = v.lt, v.skLate, v.dv, v.bwg
 	f.wgFull, f.loraKChunk = v.wgFull, v.kc
 	f.holds, f.pdlJoins, f.loraInline = v.holds, v.pdlJoins, v.inline
 	f.ropeLoRA, f.nodePrio, f.siluCl, f.addCl = v.rfold, v.prio, v.silucl, v.addcl
@@ -479,9 +478,6 @@ func (v decodeVariant) label(ads []*lora.Adapter, pdlOK bool) string {
 	}
 	if v.dv > 0 {
 		lbl += "+" + decVariant(v.dv-1).String()
-	}
-	if v.pblocks > 0 {
-		lbl += fmt.Sprintf("+pb%d", v.pblocks)
 	}
 	for _, f := range []struct {
 		on   bool
@@ -701,7 +697,7 @@ func TestDecodeBench(t *testing.T) {
 	ctx := context.Background()
 	pdlOK := gb.PDL() // the card launches programmatically: the +nopdl rows are the A/B
 	bench("decode programmatic dependent launch: %v", pdlOK)
-	bench("decode attn_decode blocks resident at once: w4 %d, w2 %d, w8 %d, p4 %d", gb.decResident[decV4], gb.decResident[decV2], gb.decResident[decV8], gb.decResident[decP4])
+	bench("decode attn_decode blocks resident at once: w4 %d, w2 %d, w8 %d", gb.decResident[decV4], gb.decResident[decV2], gb.decResident[decV8])
 	if d := gb.Device(); gb.la.delta != nil {
 		bench("decode L2 %d MB: at most %d MB set aside for persisting lines, windows of at most %d MB; the LoRA update buffer %d MB (its first %d MB a window by default)",
 			d.L2Bytes>>20, d.PersistL2Max>>20, d.WindowMax>>20, gb.la.delta.Size()>>20, gb.l2Window().Bytes>>20)
@@ -720,8 +716,6 @@ func TestDecodeBench(t *testing.T) {
 		{sms: -1, opts: 3}, {sms: -1, opts: 23}, {lora: true, sms: -1, opts: 23}, {sms: -1, opts: 7}, {lora: true, sms: -1, opts: 7},
 		{sms: -1, nopdl: true}, {lora: true, sms: -1, nopdl: true},
 		{sms: -1, ropeHeads: true}, {sms: -1, split: 16}, {sms: -1, split: 1}, {sms: -1, split: 2}, {sms: -1, split: 3}, {sms: -1, dv: 1 + int(decV2)}, {lora: true, sms: -1, dv: 1 + int(decV2)}, {sms: -1, dv: 1 + int(decV4)}, {lora: true, sms: -1, dv: 1 + int(decV4)}, {sms: -1, dv: 1 + int(decV8)}, {lora: true, sms: -1, dv: 1 + int(decV8)},
-		{sms: -1, dv: 1 + int(decP4)}, {lora: true, sms: -1, dv: 1 + int(decP4)},
-		{sms: -1, pblocks: 132}, {sms: -1, pblocks: 264}, {sms: -1, pblocks: 396}, {sms: -1, pblocks: 528}, {sms: -1, pblocks: 2048},
 		{sampled: true, sms: -1}, {eager: true, sms: -1}, {lora: true, eager: true, sms: -1},
 		{lora: true, serial: true, sms: -1}, {lora: true, sms: 0}, {lora: true, sms: 8}, {lora: true, sms: 16}, {lora: true, sms: 24}, {lora: true, sms: 32},
 		{lora: true, sms: -1, holds: [4]int{16}}, {lora: true, sms: -1, holds: [4]int{32}}, {lora: true, sms: -1, wgFull: true}, {lora: true, sms: -1, wgBeside: true}, {lora: true, sms: -1, splitBeside: true}, {sms: -1, nopad: true}, {lora: true, sms: -1, nopad: true}, {lora: true, sms: -1, kc: 1024}, {lora: true, sms: -1, kc: 512}, {lora: true, sms: -1, kc: 2048}, {lora: true, sms: -1, kc: 4096}, {lora: true, sms: -1, inline: -1}, {lora: true, sms: -1, inline: 0b1011}, {lora: true, sms: -1, pdlJoins: -1}, {lora: true, sms: -1, pdlJoins: 1}, {lora: true, sms: -1, pdlJoins: 3},
@@ -925,7 +919,7 @@ func TestDecodeBench(t *testing.T) {
 		t.Fatal(err)
 	}
 	gb.g.off, gb.force.decSplit, gb.force.ropeHeads, gb.force.decOpts = false, 0, false, 0
-	gb.force.noSkinny, gb.force.skLate, gb.force.decVar, gb.force.bwg, gb.force.decBlocks = false, false, 0, false, 0
+	gb.force.noSkinny, gb.force.skLate, gb.force.decVar, gb.force.bwg = false, false, 0, false
 	gb.force.wgFull, gb.force.loraKChunk = false, 0
 	gb.force.holds, gb.force.pdlJoins, gb.force.ropeLoRA, gb.force.nodePrio = [4]int{}, 0, 0, 0
 	gb.force.siluCl, gb.force.memHoist, gb.force.l2Win = 0, 0, 0
@@ -977,10 +971,6 @@ func TestDecodeBench(t *testing.T) {
 // blocks were (attnStragglers).
 func attnTimestamps(t *testing.T, gb *Backend, B int, lbl string) {
 	const atsW, atsB = 4, 8 // llama.cu's ATS_W and ATS_B
-	if gb.decVariantFor(B) == decP4 {
-		bench("decode attnts %d %s: attn_decode8p records no timestamps", B, lbl)
-		return
-	}
 	split, warps := gb.decSplitFor(B), gb.decVariantFor(B).warps()
 	blocks, words := B*gb.kv.KVHeads*split, atsW*warps+atsB
 	if gb.part == nil || blocks*words*8 > gb.part.Size() {

@@ -164,24 +164,14 @@ func tilesCap(n, slots int) int { return min(n, (n+sgTileRows-1)/sgTileRows+max(
 // wave of whole contexts beats two of halves, and few sequences get split
 // until they fill a wave.
 func (b *Backend) decSplitFor(n int) int {
-	v := b.decVariantFor(n)
-	if v == decP4 { // its blocks take whole pairs
-		return 1
+	top := 64
+	if b.decCluster() {
+		top = decClusterMax
 	}
-	top := b.splitTop()
 	if b.force.decSplit > 0 {
 		return min(b.force.decSplit, top)
 	}
-	return kvSplitFor(n*b.kv.KVHeads, b.decResident[v], top)
-}
-
-// splitTop is the most splits attn_decode takes of a pair: decClusterMax
-// when they merge as a cluster, else 64.
-func (b *Backend) splitTop() int {
-	if b.decCluster() {
-		return decClusterMax
-	}
-	return 64
+	return kvSplitFor(n*b.kv.KVHeads, b.decResident[b.decVariantFor(n)], top)
 }
 
 // kvSplitFor is decSplitFor's choice for pairs (sequence, KV head) blocks

@@ -139,11 +139,8 @@ func TestKVSplitFor(t *testing.T) {
 // rows and from decWarps2MinRows rows with bf16 keys; attn_decode_w8 (8)
 // from decWarps8MinRows rows while the (sequence, KV head) pairs fit its
 // resident blocks, where it fits the head dimension; attn_decode (4)
-// otherwise, or with FP8 keys attn_decode8p (persistent blocks) where the
-// unsplit pairs take more than one wave of attn_decode8 (264 resident
-// here: 64 and 256 rows, not 48, whose plan splits them two ways);
-// kernelForce.decVar overrides the rows and the key format (not w8 where it
-// does not fit, not p4 with bf16 keys).
+// otherwise; kernelForce.decVar overrides the rows and the key format (not
+// w8 where it does not fit).
 func TestDecVariantFor(t *testing.T) {
 	for _, c := range []struct {
 		kv8, w8  bool
@@ -158,16 +155,13 @@ func TestDecVariantFor(t *testing.T) {
 		{false, true, 1 + int(decV8), 64, decV8}, {false, false, 1 + int(decV8), 1, decV4},
 		{false, true, 1 + int(decVariants), 16, decV8}, // out of range: the rows decide
 		{true, true, 0, 1, decV4}, {true, true, 0, 4, decV2}, {true, true, 0, 8, decV8}, {true, true, 0, 16, decV8},
-		{true, true, 0, 17, decV4}, {true, true, 0, 33, decV4}, {true, true, 0, 48, decV4}, {true, true, 0, 64, decP4},
-		{true, true, 0, 256, decP4}, {true, false, 0, 16, decV4},
-		{true, true, 1 + int(decV2), 1, decV2}, {true, true, 1 + int(decV8), 64, decV8}, {true, false, 1 + int(decV8), 64, decP4},
-		{true, true, 1 + int(decV4), 64, decV4}, {true, true, 1 + int(decP4), 1, decP4}, {false, true, 1 + int(decP4), 1, decV4},
+		{true, true, 0, 17, decV4}, {true, true, 0, 64, decV4}, {true, true, 0, 256, decV4}, {true, false, 0, 16, decV4},
+		{true, true, 1 + int(decV2), 1, decV2}, {true, true, 1 + int(decV8), 64, decV8}, {true, false, 1 + int(decV8), 64, decV4},
 	} {
 		b := &Backend{kv8: c.kv8}
 		b.kv.HeadDim, b.kv.KVHeads = 128, 8
 		b.decW8Fit[2] = c.w8
-		b.decResident = [decVariants]int{264, 528, 132, 264}
-		b.force.decOpts = -1 // no clusters (decCluster would ask the device): splits up to 64
+		b.decResident = [decVariants]int{264, 528, 132}
 		b.force.decVar = c.force
 		if got := b.decVariantFor(c.n); got != c.want {
 			t.Errorf("kv8 %v, w8 %v, force %d, %d rows: %v, want %v", c.kv8, c.w8, c.force, c.n, got, c.want)
@@ -197,7 +191,7 @@ func TestW8Fits(t *testing.T) {
 // at 256. FP8 keys: a stage holds bf16 V, e4m3 K and 16 scales padded to
 // 128 bytes (6,272 bytes at 128), and a warp one bf16 K tile (4 KB: the
 // widened keys, or with e4m3 Q K^T room kept empty for two blocks an SM):
-// 89.5 KB. Persistent blocks (decP4) merge in that K tile's room: the same.
+// 89.5 KB.
 func TestDecShared(t *testing.T) {
 	for _, c := range []struct {
 		hd   int
@@ -210,8 +204,6 @@ func TestDecShared(t *testing.T) {
 		{128, true, decV4, 4 * (3*6272 + 4096)},
 		{64, true, decV4, 4 * (3*(2048+1024+128) + 2048)},
 		{256, true, decV4, 4 * (2*(8192+4096+128) + 8192)},
-		{128, true, decP4, 4 * (3*6272 + 4096)},
-		{64, true, decP4, 4 * (3*(2048+1024+128) + 2048)},
 	} {
 		if got := decShared(c.hd, c.k8, c.v); got != c.want {
 			t.Errorf("decShared(%d, k8 %v, %v) = %d, want %d", c.hd, c.k8, c.v, got, c.want)

@@ -492,12 +492,6 @@ func (b *Backend) Attention(out, q, k, v engine.Buffer, layer int, scale float32
 	}
 	dv := b.decV
 	grid, block := cuda.Dim3{X: b.nDec, Y: b.kv.KVHeads, Z: b.decSplit}, cuda.Dim3{X: 32 * dv.warps()}
-	if dv == decP4 { // persistent blocks, each taking pairs in turn (decSplitFor: unsplit)
-		b.fail(b.decodeKernel(hd, dv).Launch(b.s, cuda.Dim3{X: b.decBlocks(b.nDec)}, block, decShared(hd, b.kv8, dv),
-			ptr(o), uint64(0), b.attnDone, ptr(qb), kc, vc, b.i32(b.off.decSeqs), b.i32(b.off.pages),
-			c.Heads, b.kv.KVHeads, b.kv.BlockSize, scale, b.nDec, qb.ld, ks, b.attnOpts()&(decOptEarly|decOptMerge16)))
-		return
-	}
 	cluster := b.decCluster() && b.decSplit > 1
 	opts := b.attnOpts() &^ decOptCluster
 	if cluster {
@@ -576,9 +570,8 @@ func (b *Backend) decodeKernel(hd int, v decVariant) *cuda.Function {
 
 // decKernel is variant v of attn_decode at head-dimension index i (32 << i)
 // for the backend's key cache: attn_decode{,2,_w8}_d* with bf16 keys,
-// attn_decode8{,_w2,_w8,p}_d* with FP8 keys; decV4's where v has none (8
-// warps at head_dim 256; persistent blocks with bf16 keys, which
-// decVariantFor never picks).
+// attn_decode8{,_w2,_w8}_d* with FP8 keys; decV4's where v has none (8
+// warps at head_dim 256).
 func (b *Backend) decKernel(v decVariant, i int) *cuda.Function {
 	four, two, eight := b.fn.attnDecode[i], b.fn.attnDecode2[i], b.fn.attnDecodeW8[:]
 	if b.kv8 {
@@ -587,8 +580,6 @@ func (b *Backend) decKernel(v decVariant, i int) *cuda.Function {
 	switch {
 	case v == decV2:
 		return two
-	case v == decP4 && b.kv8:
-		return b.fn.attnDecode8P[i]
 	case v == decV8 && i < len(eight) && b.decW8Fit[i]:
 		return eight[i]
 	}
@@ -607,17 +598,11 @@ const (
 	decV4       decVariant = iota // attn_decode_d*: 4 warps
 	decV2                         // attn_decode2_d*: 2 warps (a third of the shared memory: twice the blocks an SM)
 	decV8                         // attn_decode_w8_d*: 8 warps (head_dim <= 128: one block an SM)
-	decP4                         // attn_decode8p_d*: 4 warps, persistent blocks (FP8 keys, unsplit pairs)
 	decVariants                   // how many
 )
 
-// String names the variant in TestDecodeBench's rows: w4, w2, w8, p4.
-func (v decVariant) String() string {
-	if v == decP4 {
-		return "p4"
-	}
-	return fmt.Sprintf("w%d", v.warps())
-}
+// String names the variant in TestDecodeBench's rows: w4, w2, w8.
+func (v decVariant) String() string { return fmt.Sprintf("w%d", v.warps()) }
 
 // warps is the variant's warps a block.
 func (v decVariant) warps() int {
@@ -681,7 +666,7 @@ const (
 func (b *Backend) decVariantFor(n int) decVariant {
 	w8 := b.w8()
 	switch f := b.force.decVar; {
-	case f > 0 && f <= int(decVariants) && (decVariant(f-1) != decV8 || w8) && (decVariant(f-1) != decP4 || b.kv8):
+	case f > 0 && f <= int(decVariants) && (decVariant(f-1) != decV8 || w8):
 		return decVariant(f - 1)
 	case n >= decWarps2MinRows && !b.kv8:
 		return decV2
@@ -689,26 +674,8 @@ func (b *Backend) decVariantFor(n int) decVariant {
 		return decV2
 	case w8 && n >= decWarps8MinRows && n*b.kv.KVHeads <= b.decResident[decV8]:
 		return decV8
-	case b.kv8 && b.persistFor(n):
-		return decP4
 	}
 	return decV4
-}
-
-// persistFor reports whether a step of n decode rows with FP8 keys runs
-// attn_decode8p (decP4): where attn_decode8's plan leaves its pairs unsplit
-// and they take more than one wave of it. The persistent blocks then take
-// the pairs of the later waves without a launch, a metadata chain or an
-// empty pipeline between them.
-func (b *Backend) persistFor(n int) bool {
-	pairs := n * b.kv.KVHeads
-	return pairs > b.decResident[decV4] && kvSplitFor(pairs, b.decResident[decV4], b.splitTop()) == 1
-}
-
-// decBlocks is attn_decode8p's grid for a step of n decode entries: as
-// many blocks as are resident (kernelForce.decBlocks's), at most one a pair.
-func (b *Backend) decBlocks(n int) int {
-	return max(1, min(n*b.kv.KVHeads, forced(b.force.decBlocks, b.decResident[decP4])))
 }
 
 // decShared is the dynamic shared memory of attn_decode's variant v at
