@@ -12,7 +12,8 @@
 # does it compile the e4m3 mma.sync (emulated on sm_90) as the device's
 # 13.0 does: fp8_gemv_seg's local SASS keeps only the last K chunk's
 # product (PERFORMANCE v0.46), so "same" there says the source did not
-# change, not what the device runs.
+# change, not what the device runs. SASS_KEEP=DIR copies both trees' SASS
+# (DIR/old.f, DIR/new.f: one file a function) there before cleaning up.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rev=${1:?usage: sass-diff.sh REV [DEFINES]}
