@@ -535,9 +535,9 @@ template <int N> __device__ __forceinline__ void wg_pin(float* d) {
     for (int i = 0; i < N; i++) asm volatile("" : "+f"(d[i])::"memory");
 }
 
-// The six wgmma wrappers: wg_mma_n{32,64,128} (e4m3) and
-// wg_mma_bf16_n{32,64,128}, d[0..N/2) += A (descriptor a) * B (b), one
-// instruction each. WG_MMA_FN builds one from the instruction, its
+// The wgmma wrappers: wg_mma_n{32,48,64,96,128,224,256} (e4m3) and
+// wg_mma_bf16_n{...} (the same N), d[0..N/2) += A (descriptor a) * B (b),
+// one instruction each. WG_MMA_FN builds one from the instruction, its
 // accumulator list (WG_R*, WG_D*), the operand numbers of a, b and the
 // scale-d predicate's source, and the trailing immediates (scale-a,
 // scale-b; bf16 also the two transposes).
@@ -547,6 +547,14 @@ template <int N> __device__ __forceinline__ void wg_pin(float* d) {
 #define WG_D16 "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
 #define WG_D32 WG_D16, "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
 #define WG_D64 WG_D32, "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+#define WG_R24 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23}"
+#define WG_R48 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47}"
+#define WG_R112 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111}"
+#define WG_D24 WG_D16, "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23])
+#define WG_D48 WG_D32, "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47])
+#define WG_D112 WG_D64, "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111])
+#define WG_R128 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}"
+#define WG_D128 WG_D112, "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define WG_MMA_FN(fn, op, regs, ia, ib, ip, tail, ...)                                                            \
     __device__ __forceinline__ void fn(float* d, unsigned long long a, unsigned long long b) {                    \
@@ -564,6 +572,14 @@ WG_MMA_FN(wg_mma_n128, "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3", 
 WG_MMA_FN(wg_mma_bf16_n32, "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16", WG_R16, "16", "17", "18", ", 1, 1, 0, 0", WG_D16)
 WG_MMA_FN(wg_mma_bf16_n64, "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16", WG_R32, "32", "33", "34", ", 1, 1, 0, 0", WG_D32)
 WG_MMA_FN(wg_mma_bf16_n128, "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16", WG_R64, "64", "65", "66", ", 1, 1, 0, 0", WG_D64)
+WG_MMA_FN(wg_mma_n48, "wgmma.mma_async.sync.aligned.m64n48k32.f32.e4m3.e4m3", WG_R24, "24", "25", "26", ", 1, 1", WG_D24)
+WG_MMA_FN(wg_mma_n96, "wgmma.mma_async.sync.aligned.m64n96k32.f32.e4m3.e4m3", WG_R48, "48", "49", "50", ", 1, 1", WG_D48)
+WG_MMA_FN(wg_mma_n224, "wgmma.mma_async.sync.aligned.m64n224k32.f32.e4m3.e4m3", WG_R112, "112", "113", "114", ", 1, 1", WG_D112)
+WG_MMA_FN(wg_mma_bf16_n48, "wgmma.mma_async.sync.aligned.m64n48k16.f32.bf16.bf16", WG_R24, "24", "25", "26", ", 1, 1, 0, 0", WG_D24)
+WG_MMA_FN(wg_mma_bf16_n96, "wgmma.mma_async.sync.aligned.m64n96k16.f32.bf16.bf16", WG_R48, "48", "49", "50", ", 1, 1, 0, 0", WG_D48)
+WG_MMA_FN(wg_mma_bf16_n224, "wgmma.mma_async.sync.aligned.m64n224k16.f32.bf16.bf16", WG_R112, "112", "113", "114", ", 1, 1, 0, 0", WG_D112)
+WG_MMA_FN(wg_mma_n256, "wgmma.mma_async.sync.aligned.m64n256k32.f32.e4m3.e4m3", WG_R128, "128", "129", "130", ", 1, 1", WG_D128)
+WG_MMA_FN(wg_mma_bf16_n256, "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16", WG_R128, "128", "129", "130", ", 1, 1, 0, 0", WG_D128)
 
 // wg_mma<ES, NT>: one 32-byte K step, e4m3 (ES 1) or bf16 (ES 2), N = 8 NT.
 template <int ES, int NT> __device__ __forceinline__ void wg_mma(float* d, unsigned long long a, unsigned long long b) {
@@ -575,6 +591,29 @@ template <int ES, int NT> __device__ __forceinline__ void wg_mma(float* d, unsig
         if constexpr (NT == 4) wg_mma_bf16_n32(d, a, b);
         else if constexpr (NT == 8) wg_mma_bf16_n64(d, a, b);
         else wg_mma_bf16_n128(d, a, b);
+    }
+}
+
+// wg_mma_n<ES, N>: one 32-byte K step of an m64nN wgmma, e4m3 (ES 1) or
+// bf16 (ES 2), for ws_body's weight widths.
+template <int ES, int N> __device__ __forceinline__ void wg_mma_n(float* d, unsigned long long a, unsigned long long b) {
+    static_assert(N == 32 || N == 48 || N == 64 || N == 96 || N == 128 || N == 224 || N == 256, "wg_mma_n: no wrapper for N");
+    if constexpr (ES == 1) {
+        if constexpr (N == 32) wg_mma_n32(d, a, b);
+        else if constexpr (N == 48) wg_mma_n48(d, a, b);
+        else if constexpr (N == 64) wg_mma_n64(d, a, b);
+        else if constexpr (N == 96) wg_mma_n96(d, a, b);
+        else if constexpr (N == 128) wg_mma_n128(d, a, b);
+        else if constexpr (N == 224) wg_mma_n224(d, a, b);
+        else wg_mma_n256(d, a, b);
+    } else {
+        if constexpr (N == 32) wg_mma_bf16_n32(d, a, b);
+        else if constexpr (N == 48) wg_mma_bf16_n48(d, a, b);
+        else if constexpr (N == 64) wg_mma_bf16_n64(d, a, b);
+        else if constexpr (N == 96) wg_mma_bf16_n96(d, a, b);
+        else if constexpr (N == 128) wg_mma_bf16_n128(d, a, b);
+        else if constexpr (N == 224) wg_mma_bf16_n224(d, a, b);
+        else wg_mma_bf16_n256(d, a, b);
     }
 }
 
@@ -747,6 +786,200 @@ __device__ __forceinline__ void wg_body(bf16* __restrict__ out, float* __restric
     }
     cp_async_wait<0>();
 }
+
+// ---------------------------------------------------------------------------
+// ws_body<ES, BN>: the product of up to 64 activation rows with a weight
+// matrix on wgmma, the way fp8_stream streams a few rows: one wave of
+// blocks, each streaming BN whole weight rows through its own pipeline.
+//   out[m, n] = sx[m] sw[n] sum_k x[m, k] w[n, k]   (ES 1: e4m3, row scales)
+//   out[m, n] = sum_k x[m, k] w[n, k]               (ES 2: bf16, sx null)
+// wg_body's roles swapped: the activation rows are the wgmma's M (64, rows
+// past M zero) and BN weight rows its N (m64nBN), so a block reads each
+// weight byte once and the activations once per BN weight rows (wg_body's
+// 64-row weight tiles re-read x once per 64). grid (N / BN, S): block
+// (b, z) takes weight rows [b BN, (b + 1) BN) over the z-th of S equal K
+// ranges; with S > 1 the splits meet as fp8_gemm_skinny's do (float32
+// partials, the tile's last block sums them in split order: the same bits
+// whichever finishes last, no second launch).
+//
+// A stage is WS_KA atoms of 128 bytes of K of each staged row: the 64
+// activation rows, then the BN weight rows, in wg_body's 128-byte-swizzle
+// K-major layout (row r at r * 128 of a 1024-aligned atom, 16-byte chunk c
+// at c ^ (r % 8)), copied by cp.async by all 128 threads (chunk tid % 8 of
+// rows tid / 8 + 16 i). ST stages (as many as WS_SMEM holds, 16 at most),
+// ST - 1 ahead of the one multiplied. The first `early` stages' weights
+// are asked before griddepcontrol.wait (no kernel of a step writes
+// weights); activation rows M..63 are zeroed once and never copied.
+// Accumulators: thread (warp w, lane l) holds activation rows 16 w + l / 4
+// (+8) and weight rows 8 j + 2 (l % 4) (+1) in d[4 j .. 4 j + 3].
+// K ES % (128 S) == 0 (each split whole 128-byte atoms), N % BN == 0.
+// part: S N 64 floats; done: N / BN counters, zero between launches.
+// ---------------------------------------------------------------------------
+#ifndef WS_KA
+#define WS_KA 1 // 128-byte K atoms a stage
+#endif
+#define WS_SMEM (200 * 1024) // a block's stage buffers at most (one block an SM)
+template <int BN> struct WsShape {
+    static constexpr int TR = 64;                 // activation rows staged: the wgmma's M
+    static constexpr int AB = (TR + BN) * WG_RB;  // an atom: 128 bytes of each staged row (a multiple of 1024)
+    static constexpr int SB = WS_KA * AB;         // a stage
+    static constexpr int FIT = (WS_SMEM - 1024) / SB;
+    static constexpr int ST = FIT < 16 ? FIT : 16;
+    static_assert(BN % 16 == 0 && ST >= 3, "ws_body: weight rows a multiple of 16, 3 stages at least");
+};
+
+template <int ES, int BN>
+__device__ __forceinline__ void ws_body(bf16* __restrict__ out, float* __restrict__ part, int* __restrict__ done,
+                                        const unsigned char* __restrict__ qx, const float* __restrict__ sx,
+                                        const unsigned char* __restrict__ qw, const float* __restrict__ sw, int M,
+                                        int N, int K, int early) {
+    using W = WsShape<BN>;
+    constexpr int TR = W::TR, AB = W::AB, SB = W::SB, ST = W::ST, AHEAD = ST - 1;
+    constexpr int CH = WG_RB / 16;                 // 16-byte chunks a staged row
+    constexpr int RSTEP = 128 / CH;                // rows between a thread's copies
+    constexpr int CX = TR / RSTEP, CW = BN / RSTEP; // a thread's activation and weight rows an atom
+    extern __shared__ __align__(16) unsigned char wsm[];
+    __shared__ int last;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, tig = lane & 3;
+    const int KB = K * ES, S = gridDim.y, z = blockIdx.y, n0 = blockIdx.x * BN;
+    const int kb0 = z * (KB / S), nst = (KB / S + WS_KA * WG_RB - 1) / (WS_KA * WG_RB); // this split's stages
+    const unsigned base = ((unsigned)__cvta_generic_to_shared(wsm) + 1023u) & ~1023u;
+    const int c = tid % CH, r0 = tid / CH;
+    const unsigned dst0 = r0 * WG_RB + ((c ^ (r0 & 7)) << 4);
+    const unsigned char* wsrc = qw + (long long)(n0 + r0) * KB + kb0 + 16 * c;
+    const unsigned char* xsrc = qx + (long long)r0 * KB + kb0 + 16 * c;
+    // the stage j copies: weights, activations (rows below M), each atom's
+    // chunks past this split's K zero-filled
+    auto copy_w = [&](int j) {
+        if (j >= nst) return;
+        const unsigned b = base + (j % ST) * SB + dst0 + TR * WG_RB;
+#pragma unroll
+        for (int a = 0; a < WS_KA; a++) {
+            const int col = (j * WS_KA + a) * WG_RB;
+            const bool ok = col < KB / S;
+#pragma unroll
+            for (int i = 0; i < CW; i++)
+                cp_async16(b + a * AB + i * RSTEP * WG_RB, wsrc + (long long)i * RSTEP * KB + (ok ? col : 0), ok ? 16 : 0);
+        }
+    };
+    auto copy_x = [&](int j) {
+        if (j >= nst) return;
+        const unsigned b = base + (j % ST) * SB + dst0;
+#pragma unroll
+        for (int a = 0; a < WS_KA; a++) {
+            const int col = (j * WS_KA + a) * WG_RB;
+            const bool ok = col < KB / S;
+#pragma unroll
+            for (int i = 0; i < CX; i++)
+                if (r0 + i * RSTEP < M) cp_async16(b + a * AB + i * RSTEP * WG_RB, xsrc + (long long)i * RSTEP * KB + (ok ? col : 0), ok ? 16 : 0);
+        }
+    };
+    // activation rows M..63 of every stage: zero, once (the copies skip them)
+    if (M < TR) {
+        for (int i = tid; i < ST * WS_KA * (TR - M) * CH; i += 128) {
+            const int ch = i % CH, rest = i / CH, r = M + rest % (TR - M), sa = rest / (TR - M);
+            const unsigned a = base + (sa / WS_KA) * SB + (sa % WS_KA) * AB + r * WG_RB + ch * 16;
+            asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(a), "r"(0) : "memory");
+        }
+    }
+    const int ne = early < AHEAD ? (early > 0 ? early : 0) : AHEAD;
+    for (int j = 0; j < ne; j++) copy_w(j);
+    pdl_entry();
+#pragma unroll 1
+    for (int j = 0; j < AHEAD; j++) {
+        if (j >= ne) copy_w(j);
+        copy_x(j);
+        cp_async_commit(); // one group a stage (the early weights join the first)
+    }
+    float d[BN / 2];
+#pragma unroll
+    for (int i = 0; i < BN / 2; i++) d[i] = 0.f;
+#pragma unroll 1
+    for (int j = 0; j < nst; j++) {
+        cp_async_wait<AHEAD - 1>(); // this thread's copies of stage j have landed
+        fence_proxy_async();        // ... and are visible to wgmma (and the zeroed rows, the first time)
+        __syncthreads();            // everyone's; and every warp is done with stage j - 1, which the next copy overwrites
+        copy_w(j + AHEAD);
+        copy_x(j + AHEAD);
+        cp_async_commit();
+        const unsigned b = base + (j % ST) * SB;
+        wg_pin<BN / 2>(d);
+        wg_fence();
+#pragma unroll
+        for (int a = 0; a < WS_KA; a++)
+#pragma unroll
+            for (int q = 0; q < WG_RB / 32; q++)
+                wg_mma_n<ES, BN>(d, wg_desc(b + a * AB + 32 * q), wg_desc(b + a * AB + TR * WG_RB + 32 * q));
+        wg_commit();
+        wg_wait<0>();
+        wg_pin<BN / 2>(d);
+    }
+    cp_async_wait<0>();
+    // the store: rows m = 16 warp + g (+8), weight rows n0 + 8 j + 2 tig (+1)
+    const int m0 = 16 * warp + g;
+    auto put = [&](const float* v) {
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            const int m = m0 + 8 * h;
+            if (m >= M) continue;
+            const float a = sx ? sx[m] : 1.f;
+#pragma unroll
+            for (int j = 0; j < BN / 8; j++) {
+                const int n = n0 + 8 * j + 2 * tig;
+                const float s0 = sw ? a * sw[n] : a, s1 = sw ? a * sw[n + 1] : a;
+                *reinterpret_cast<__nv_bfloat162*>(out + (long long)m * N + n) =
+                    __floats2bfloat162_rn(v[4 * j + 2 * h] * s0, v[4 * j + 2 * h + 1] * s1);
+            }
+        }
+    };
+    if (S == 1) {
+        put(d);
+        return;
+    }
+    // the splits: partials [tile][split][64][BN], this thread's pairs
+    float* tp = part + (long long)blockIdx.x * S * TR * BN;
+    auto at = [&](int s, int h, int j) { return tp + ((long long)s * TR + m0 + 8 * h) * BN + 8 * j + 2 * tig; };
+#pragma unroll
+    for (int h = 0; h < 2; h++)
+        if (m0 + 8 * h < M)
+#pragma unroll
+            for (int j = 0; j < BN / 8; j++) *reinterpret_cast<float2*>(at(z, h, j)) = make_float2(d[4 * j + 2 * h], d[4 * j + 2 * h + 1]);
+    __syncthreads();
+    if (tid == 0) {
+        __threadfence(); // the block's partials before its count (cumulative, after the barrier)
+        last = atomicAdd(done + blockIdx.x, 1) == S - 1;
+        if (last) __threadfence();
+    }
+    __syncthreads();
+    if (!last) return;
+    // the sum in split order, this block's own partial read back too (the
+    // same bits whichever block is last; d's registers hold it)
+#pragma unroll
+    for (int i = 0; i < BN / 2; i++) d[i] = 0.f;
+    for (int s = 0; s < S; s++) {
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            if (m0 + 8 * h >= M) continue;
+#pragma unroll
+            for (int j = 0; j < BN / 8; j++) {
+                const float2 p = __ldcg(reinterpret_cast<const float2*>(at(s, h, j)));
+                d[4 * j + 2 * h] += p.x, d[4 * j + 2 * h + 1] += p.y;
+            }
+        }
+    }
+    put(d);
+    if (tid == 0) done[blockIdx.x] = 0; // ready for the next launch
+}
+
+// WS_KERNELS(prefix, ES, ARGS, PASS): prefix_n{32,48,64,96,128,224,256}.
+#define WS_KERNELS(prefix, ES, ARGS, PASS)                                                                   \
+    extern "C" __global__ void __launch_bounds__(128, 1) prefix##_n32(ARGS) { ws_body<ES, 32>(PASS); }   \
+    extern "C" __global__ void __launch_bounds__(128, 1) prefix##_n48(ARGS) { ws_body<ES, 48>(PASS); }   \
+    extern "C" __global__ void __launch_bounds__(128, 1) prefix##_n64(ARGS) { ws_body<ES, 64>(PASS); }   \
+    extern "C" __global__ void __launch_bounds__(128, 1) prefix##_n96(ARGS) { ws_body<ES, 96>(PASS); }   \
+    extern "C" __global__ void __launch_bounds__(128, 1) prefix##_n128(ARGS) { ws_body<ES, 128>(PASS); } \
+    extern "C" __global__ void __launch_bounds__(128, 1) prefix##_n224(ARGS) { ws_body<ES, 224>(PASS); } \
+    extern "C" __global__ void __launch_bounds__(128, 1) prefix##_n256(ARGS) { ws_body<ES, 256>(PASS); }
 
 // WG_KERNELS(prefix, ES, ARGS, PASS): a module's six wgmma kernels,
 // prefix_n{32,64,128} (one warpgroup a block) and prefix2_n{32,64,128}

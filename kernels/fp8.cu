@@ -392,6 +392,14 @@ extern "C" __global__ void __launch_bounds__(32 * SK_WARPS) fp8_gemm_skinny_n128
 // (wg_body in common.cuh; only with PEFTD_WG).
 #ifdef PEFTD_WG
 WG_KERNELS(fp8_wg, 1, FP8_SKINNY_ARGS, FP8_SKINNY_PASS)
+// fp8_ws_n{32,48,64,96,128,224,256}: up to 64 rows streamed through wgmma
+// (ws_body in common.cuh), one wave of BN-row weight blocks, K split
+// gridDim.y ways (runtime/gpu ws.go).
+#define FP8_WS_ARGS                                                                                                   \
+    bf16 *out, float *part, int *done, const unsigned char *qx, const float *sx, const unsigned char *qw, const float *sw, \
+        int M, int N, int K, int early
+#define FP8_WS_PASS out, part, done, qx, sx, qw, sw, M, N, K, early
+WS_KERNELS(fp8_ws, 1, FP8_WS_ARGS, FP8_WS_PASS)
 #endif
 
 // fp8_splitk_reduce: the sum of a K-split product's float32 partials

@@ -110,6 +110,12 @@ type fp8State struct {
 	// cuBLASLt.
 	wg   *wgProduct
 	wgOn bool
+	// fp8_ws_n* (ws.go: 17-64 rows streamed through wgmma, one wave of
+	// blocks; only in the PEFTD_WG build, on sm_90a): nil where absent.
+	// wsOn (tests, benchmarks) sends the rows it plans to them before
+	// fp8_gemm_skinny, fp8_wg and cuBLASLt.
+	ws   *wsProduct
+	wsOn bool
 	// wgAuto (unless Options.NoFP8Wgmma) sends wgAutoFits' products to
 	// fp8_wg (wgAutoDefault: as New set it, for benchmarks that switch it);
 	// shared is set by Backend.Linear while the LoRA stream runs beside
@@ -180,6 +186,11 @@ func newFP8(ctx *cuda.Context, s *cuda.Stream, mm *cuda.Matmul, ko kernels.Optio
 		return nil, err
 	}
 	if f.wg, err = loadWG(ctx, s, f.mod, "fp8_wg", 1, limit); err != nil {
+		f.mod.Unload()
+		return nil, err
+	}
+	if f.ws, err = loadWS(ctx, s, f.mod, "fp8_ws", 1, limit); err != nil {
+		f.wg.free()
 		f.mod.Unload()
 		return nil, err
 	}
@@ -325,6 +336,11 @@ func (f *fp8State) linear(out, x cuda.DevicePtr, T int, w *fp8Weight, gen uint64
 	}
 	if gemvFits(T, w.rows, K) {
 		return f.gemvLaunch(out, T, w)
+	}
+	if f.wsOn {
+		if p, ok := f.ws.plan(T, w.rows, K); ok {
+			return f.ws.launch(f.s, p, out, f.actQ.Ptr(), f.actS.Ptr(), w.q.Ptr(), w.scale.Ptr(), T, w.rows, K)
+		}
 	}
 	if skinnyFits(T, w.rows, K, f.skinnyTop()) {
 		return f.skinnyLaunch(out, T, w)
@@ -484,6 +500,7 @@ func (f *fp8State) close() error {
 	}
 	f.tmp, f.actQ, f.actS, f.skPart, f.skDone, f.spPart = nil, nil, nil, nil, nil, nil
 	keep(f.wg.free())
+	keep(f.ws.free())
 	if f.mod != nil {
 		keep(f.mod.Unload())
 		f.mod = nil

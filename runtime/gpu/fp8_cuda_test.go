@@ -511,6 +511,16 @@ func TestFP8GemmBench(t *testing.T) {
 				}
 				r.f.wg.two = false
 			}
+			ws := math.NaN() // fp8_ws (ws.go) with its own plan, where it plans the shape (17-64 rows)
+			var wsp wsPlan
+			if p, ok := r.f.ws.plan(T, N, K); ok {
+				wsp, r.f.wsOn = p, true
+				ws = timeIt(30, func(i int) error { return r.f.linear(out.Ptr(), x.Ptr(), T, w8[i%n8], 7) })
+				r.f.wsOn = false
+			}
+			wsPlans := wsSweep(r.f.ws, T, N, K, func() float64 { // PEFTD_WS_SWEEP: every plan of one wave
+				return timeIt(30, func(i int) error { return r.f.linear(out.Ptr(), x.Ptr(), T, w8[i%n8], 7) })
+			}, func(on bool) { r.f.wsOn = on })
 			wgGrids := wgSweep(t, r.f.wg, T, N, K, func() float64 { // PEFTD_WG_GRIDS
 				return timeIt(30, func(i int) error { return r.f.linear(out.Ptr(), x.Ptr(), T, w8[i%n8], 7) })
 			}, func(on bool) { r.f.wgOn = on })
@@ -533,6 +543,12 @@ func TestFP8GemmBench(t *testing.T) {
 			bench("fp8gemm %-8s %5d %9.1f %9.1f %9.1f %9.1f %9.1f %9.1f %9.1f %8.2f %9.1f %9.1f %7.2f %7.2f %7.0f %5d %8.1f %8.1f %8.1f %8.1f %8.2f %8.1f %8.2f %8.1f %8.2f %8.1f", sh.name, T, t16, t8, gv8, sk, lt, tq, tt, t16/tt, fl16, fl8, fl16/t16, fl8/t8, fl/(t8*1e-6)/1e12, auto, sp[0], sp[1], sp[2], fs, fl8/fs, wg[0], fl8/wg[0], wg[1], fl8/wg[1], gv)
 			for _, w := range wgGrids {
 				bench("fp8wg %-8s %5d wgs %d grid %3d %8.1f us %6.2f of floor8", sh.name, T, w.wgs, w.G, w.us, fl8/w.us)
+			}
+			if !math.IsNaN(ws) {
+				bench("fp8ws %-8s %5d plan %-7v %8.1f us %6.2f of floor8 (default product %8.1f us %6.2f)", sh.name, T, wsp, ws, fl8/ws, t8, fl8/t8)
+			}
+			for _, w := range wsPlans {
+				bench("fp8ws %-8s %5d plan %-7v %8.1f us %6.2f of floor8 (early %d)", sh.name, T, w.p, w.us, fl8/w.us, w.early)
 			}
 		}
 		r.sync()
@@ -1030,6 +1046,96 @@ func TestFP8Wgmma(t *testing.T) {
 	}
 }
 
+// TestFP8WgStream: fp8_ws (ws.go) with every plan that takes each shape
+// (kernel width and K split) against the float64 product of the
+// dequantized operands and fp8_gemm_skinny, and a second launch bit for
+// bit; rows 17-64, splits meeting in the kernel, widths that leave most
+// blocks a few weight rows.
+func TestFP8WgStream(t *testing.T) {
+	r := newFP8Rig(t)
+	if r.f.ws == nil {
+		if kernels.Defined("PEFTD_WG") && r.ctx.Device().Arch() == "sm_90a" {
+			t.Fatal("PEFTD_WG is defined on an sm_90a card but no fp8_ws kernel loaded")
+		}
+		t.Skip("fp8_ws is compiled only with PEFTD_WG, for sm_90a")
+	}
+	defer func() { r.f.wsOn, r.f.skTop, r.f.ws.force = false, 0, wsPlan{} }()
+	for _, sz := range []struct{ T, N, K int }{
+		{17, 4096, 4096}, {32, 6144, 4096}, {64, 28672, 4096}, {64, 4096, 14336}, {48, 4096, 4096},
+		{33, 96, 256}, {64, 224, 384}, {20, 672, 1024},
+	} {
+		n := 0
+		for i := range wsWidths {
+			for _, S := range []int{1, 2, 4, 8} {
+				p := wsPlan{i: i, split: S}
+				if !r.f.ws.valid(p, sz.T, sz.N, sz.K) || sz.N/wsWidths[i]*S > 4*r.ctx.Device().SMs {
+					continue
+				}
+				r.f.ws.force = p
+				fp8WsCase(t, r, p, sz.T, sz.N, sz.K)
+				n++
+			}
+		}
+		if n == 0 {
+			t.Fatalf("no fp8_ws plan takes %d x %d x %d", sz.T, sz.N, sz.K)
+		}
+	}
+	// the automatic plan of each 8B shape at 64 rows fits one wave
+	r.f.ws.force = wsPlan{}
+	for _, sh := range [][2]int{{6144, 4096}, {4096, 4096}, {28672, 4096}, {4096, 14336}} {
+		p, ok := r.f.ws.plan(64, sh[0], sh[1])
+		if !ok || sh[0]/wsWidths[p.i]*p.split > r.ctx.Device().SMs {
+			t.Errorf("64 x %d x %d: plan %v (ok %v) is not one wave", sh[0], sh[1], p, ok)
+		}
+	}
+}
+
+// fp8WsCase is one shape and plan of TestFP8WgStream.
+func fp8WsCase(t *testing.T, r *fp8Rig, p wsPlan, T, N, K int) {
+	const tight = 4e-3 // bf16 output rounding
+	xh, wh := r.bf16Rand(T*K, 1), r.bf16Rand(N*K, 0.02)
+	dx := r.up(xh)
+	w, err := r.f.upload(wh, N, K)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.dropWeight(w)
+	run := func(ws bool) []uint16 {
+		r.f.wsOn, r.f.skTop = ws, skinnyMaxRows
+		out := r.alloc(2 * T * N)
+		r.s.Memset8(out.Ptr(), 0xFF, 2*T*N) // NaN poison: every element must be written
+		r.f.invalidate()
+		if err := r.f.linear(out.Ptr(), dx.Ptr(), T, w, 1); err != nil {
+			t.Fatalf("fp8_ws %v T=%d N=%d K=%d (ws %v): %v", p, T, N, K, ws, err)
+		}
+		g := make([]uint16, T*N)
+		cuda.CopyDtoH(r.s, g, out.Ptr())
+		r.sync()
+		return g
+	}
+	gw, gw2, gs := run(true), run(true), run(false)
+	qx, sx, qw, sw := r.operands(T, K, w)
+	deq := gemmRef(T, N, K,
+		func(i, k int) float64 { return float64(safetensors.E4M3ToFloat32(qx[i*K+k])) * float64(sx[i]) },
+		func(j, k int) float64 { return float64(safetensors.E4M3ToFloat32(qw[j*K+k])) * float64(sw[j]) })
+	fw, fs := make([]float32, len(gw)), make([]float64, len(gs))
+	for i := range gw {
+		fw[i], fs[i] = fromBF16(gw[i]), float64(fromBF16(gs[i]))
+	}
+	eDeq, eSk := relErr64(fw, deq), relErr64(fw, fs)
+	t.Logf("T=%4d N=%5d K=%5d (fp8_ws %v, %d blocks): vs float64(dequantized) maxrel=%.3g; vs fp8_gemm_skinny %.3g",
+		T, N, K, p, N/wsWidths[p.i]*p.split, eDeq, eSk)
+	if !(eDeq <= tight) {
+		t.Errorf("fp8_ws %v T=%d N=%d K=%d: vs dequantized float64 reference %.3g > %.0e", p, T, N, K, eDeq, tight)
+	}
+	if !(eSk <= tight) {
+		t.Errorf("fp8_ws %v T=%d N=%d K=%d: vs fp8_gemm_skinny %.3g > %.0e", p, T, N, K, eSk, tight)
+	}
+	if !slices.Equal(gw, gw2) {
+		t.Errorf("fp8_ws %v T=%d N=%d K=%d: a second product differs from the first", p, T, N, K)
+	}
+}
+
 // fp8WgmmaCase is one shape of TestFP8Wgmma with the wgmma build chosen.
 func fp8WgmmaCase(t *testing.T, r *fp8Rig, name string, T, N, K int) {
 	const tight = 4e-3 // bf16 output rounding
@@ -1110,6 +1216,48 @@ func wgSweep(t *testing.T, g *wgProduct, T, N, K int, timed func() float64, on f
 		}
 	}
 	g.two, g.forceG = false, 0
+	return res
+}
+
+// wsPlanTime is one of wsSweep's timings.
+type wsPlanTime struct {
+	p     wsPlan
+	early int
+	us    float64
+}
+
+// wsSweep times a T x N x K fp8_ws product with every valid plan of one
+// wave (at most the device's SMs blocks) and, for the automatic plan, 0
+// to 3 early stages (PEFTD_WS_SWEEP set; none otherwise): timed runs the
+// product once set up, on turns fp8_ws on and off.
+func wsSweep(g *wsProduct, T, N, K int, timed func() float64, on func(bool)) []wsPlanTime {
+	if g == nil || os.Getenv("PEFTD_WS_SWEEP") == "" {
+		return nil
+	}
+	var res []wsPlanTime
+	auto, ok := g.plan(T, N, K)
+	if !ok {
+		return nil
+	}
+	defer func() { g.force, g.early = wsPlan{}, 1 }()
+	for i := range wsWidths {
+		for _, S := range []int{1, 2, 4, 8} {
+			p := wsPlan{i: i, split: S}
+			if !g.valid(p, T, N, K) || N/wsWidths[i]*S > g.sms {
+				continue
+			}
+			g.force = p
+			for _, e := range []int{0, 1, 3} {
+				if p != auto && e != 1 {
+					continue
+				}
+				g.early = e
+				on(true)
+				res = append(res, wsPlanTime{p, e, timed()})
+				on(false)
+			}
+		}
+	}
 	return res
 }
 

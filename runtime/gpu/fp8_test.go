@@ -2,6 +2,8 @@ package gpu
 
 import (
 	"testing"
+
+	"github.com/peftd/peftd/runtime/cuda"
 )
 
 func TestParseWeightFormat(t *testing.T) {
@@ -291,6 +293,60 @@ func TestFP8StateScaledRows(t *testing.T) {
 		f := &fp8State{padOff: c.off, padOld: c.old, room: c.room}
 		if got := f.scaledRows(c.T); got != c.want {
 			t.Errorf("padOff %v padOld %v: scaledRows(%d) with room %d = %d, want %d", c.off, c.old, c.T, c.room, got, c.want)
+		}
+	}
+}
+
+// TestWsShape: fp8_ws's stages (WsShape in kernels/common.cuh) are whole
+// swizzle atoms, at least three, and a block fits an sm_90 SM.
+func TestWsShape(t *testing.T) {
+	for _, bn := range wsWidths {
+		if ab := (wsMaxRows + bn) * wsAtom; ab%1024 != 0 {
+			t.Errorf("n%d: an atom of %d bytes is not a multiple of 1024", bn, ab)
+		}
+		if st := wsStages(bn); st < 3 || st > 16 || st*wsStageBytes(bn) > 200<<10-1024 {
+			t.Errorf("n%d: %d stages of %d bytes", bn, st, wsStageBytes(bn))
+		}
+		if per := wsShared(bn) + 1152; per > 227<<10 {
+			t.Errorf("n%d: a block of %d bytes does not fit an sm_90 SM", bn, per)
+		}
+	}
+}
+
+// TestWsPlan: fp8_ws's plans at the 8B projection shapes: one wave of the
+// SM target, the most blocks, then the fewest splits; the rows it takes;
+// shapes no kernel divides.
+func TestWsPlan(t *testing.T) {
+	g := &wsProduct{esize: 1, sms: 132}
+	for i := range g.fn {
+		g.fn[i] = &cuda.Function{}
+	}
+	for _, c := range []struct {
+		T, N, K, target int
+		want            string // "": none
+	}{
+		{64, 28672, 4096, 0, "n224x1"},
+		{64, 6144, 4096, 0, "n48x1"},
+		{64, 4096, 4096, 0, "n32x1"},
+		{64, 4096, 14336, 0, "n32x1"},
+		{17, 28672, 4096, 116, "n256x1"}, // beside the LoRA stream: 112 blocks
+		{64, 4096, 4096, 84, "n64x1"},
+		{16, 28672, 4096, 0, ""},
+		{65, 28672, 4096, 0, ""},
+		{64, 4104, 4096, 0, ""},
+		{64, 4096, 4000, 0, ""},
+	} {
+		g.target = c.target
+		p, ok := g.plan(c.T, c.N, c.K)
+		got := ""
+		if ok {
+			got = p.String()
+			if blocks := c.N / wsWidths[p.i] * p.split; blocks > g.sms || (c.target > 0 && blocks > c.target) {
+				t.Errorf("%d x %d x %d (target %d): plan %v is %d blocks", c.T, c.N, c.K, c.target, p, blocks)
+			}
+		}
+		if got != c.want {
+			t.Errorf("%d x %d x %d: plan %q, want %q", c.T, c.N, c.K, got, c.want)
 		}
 	}
 }

@@ -278,6 +278,10 @@ func (b *Backend) Linear(out, in engine.Buffer, w engine.Weight) {
 			wg.SetSMTarget(target)
 			defer wg.SetSMTarget(0)
 		}
+		if _, ok := w.(*fp8Weight); ok && b.f8 != nil && b.f8.ws != nil {
+			b.f8.ws.SetSMTarget(target)
+			defer b.f8.ws.SetSMTarget(0)
+		}
 	}
 	if fw, ok := w.(*fp8Weight); ok {
 		o, x := buf(out), buf(in)

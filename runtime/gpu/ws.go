@@ -1,0 +1,174 @@
+package gpu
+
+import (
+	"fmt"
+
+	"github.com/peftd/peftd/kernels"
+	"github.com/peftd/peftd/runtime/cuda"
+)
+
+// wsProduct launches ws_body's kernels (kernels/common.cuh): the product of
+// 17-64 activation rows streamed through Hopper's warpgroup MMAs the way
+// fp8_stream streams 1-16 rows. The activation rows are the wgmma's M (64,
+// zeros past T) and each block's BN weight rows its N, so every block reads
+// its weight rows once over its share of K and the activations once per BN
+// weight rows: one wave of blocks, no stream-K tiles to flush (fp8_wg's
+// 64-row weight tiles re-read the activations once per 64 rows, as many
+// bytes as the weights at 64 rows). A K split (grid.y) meets in the
+// kernel: float32 partials summed in split order by the tile's last block.
+// Only in the FP8 module's PEFTD_WG build, on sm_90a (fp8_ws_n*).
+type wsProduct struct {
+	fn         [len(wsWidths)]*cuda.Function
+	part, done *cuda.DeviceBuffer // the splits' partials and per-tile counters (zero between launches)
+	esize      int                // operand bytes: 1 (e4m3)
+	sms        int                // the device's SMs
+	target     int                // SMs the products enqueued now may take (0: sms)
+	early      int                // stages' weights asked before griddepcontrol.wait (the kernel caps it at ST - 1)
+	force      wsPlan             // benchmarks: this plan where it fits (zero: plan's choice)
+}
+
+// wsWidths are the kernels' weight rows a block (BN: fp8_ws_n{BN}).
+var wsWidths = [...]int{32, 48, 64, 96, 128, 224, 256}
+
+// wsMaxRows is the most activation rows a product takes (the wgmma's M);
+// wsMinRows the fewest it is planned for (fp8_stream and fp8_gemv take
+// fewer); wsAtom is an atom's bytes of K a row (WG_RB); wsMaxPart bounds
+// a split product's S x N (its partials: S N 64 floats).
+const (
+	wsMaxRows = 64
+	wsMinRows = 17
+	wsAtom    = 128
+	wsMaxPart = 32768
+)
+
+// wsKA is WS_KA: 128-byte atoms a stage (PEFTD_KERNEL_DEFINES may set it).
+var wsKA = max(1, kernels.DefinedInt("WS_KA", 1))
+
+// wsStageBytes is WsShape's SB: WS_KA atoms of the 64 activation rows and
+// bn weight rows.
+func wsStageBytes(bn int) int { return wsKA * (wsMaxRows + bn) * wsAtom }
+
+// wsStages is WsShape's ST: as many stages as 200 KB less the alignment
+// holds, 16 at most.
+func wsStages(bn int) int { return min(16, (200<<10-1024)/wsStageBytes(bn)) }
+
+// wsShared is a block's dynamic shared memory: its stages and 1 KB to round
+// the base up to the swizzle's 1024 bytes.
+func wsShared(bn int) int { return wsStages(bn)*wsStageBytes(bn) + 1024 }
+
+// loadWS finds prefix_n{BN} in mod on an sm_90a card and raises their
+// shared memory limits; nil where none is there.
+func loadWS(ctx *cuda.Context, s *cuda.Stream, mod *cuda.Module, prefix string, esize, maxShared int) (*wsProduct, error) {
+	if ctx.Device().Arch() != "sm_90a" {
+		return nil, nil
+	}
+	g := &wsProduct{esize: esize, sms: ctx.Device().SMs, early: 1}
+	found := false
+	for i, bn := range wsWidths {
+		if wsStages(bn) < 3 || wsShared(bn) > maxShared {
+			continue
+		}
+		fn, err := mod.Function(fmt.Sprintf("%s_n%d", prefix, bn))
+		if err != nil {
+			continue // not compiled in
+		}
+		if err := fn.SetMaxDynamicShared(wsShared(bn)); err != nil {
+			return nil, err
+		}
+		g.fn[i], found = fn, true
+	}
+	if !found {
+		return nil, nil
+	}
+	var err error
+	if g.part, err = ctx.Alloc(wsMaxPart * wsMaxRows * 4); err == nil {
+		if g.done, err = ctx.Alloc(4 * wgMaxTiles); err == nil {
+			err = s.Memset8(g.done.Ptr(), 0, 4*wgMaxTiles)
+		}
+	}
+	if err != nil {
+		g.free()
+		return nil, fmt.Errorf("gpu: %s's split buffers: %w", prefix, err)
+	}
+	return g, nil
+}
+
+// free releases the split buffers (nil-safe).
+func (g *wsProduct) free() error {
+	if g == nil {
+		return nil
+	}
+	var first error
+	for _, b := range []*cuda.DeviceBuffer{g.part, g.done} {
+		if err := b.Free(); err != nil && first == nil {
+			first = err
+		}
+	}
+	g.part, g.done = nil, nil
+	return first
+}
+
+// SetSMTarget makes the products enqueued from now on plan for n SMs (0:
+// the device's), as cuda.Matmul's: beside the LoRA stream the held SMs
+// stay free.
+func (g *wsProduct) SetSMTarget(n int) { g.target = max(n, 0) }
+
+// wsPlan is one product's kernel (index into wsWidths) and K split.
+type wsPlan struct{ i, split int }
+
+func (p wsPlan) String() string { return fmt.Sprintf("n%dx%d", wsWidths[p.i], p.split) }
+
+// valid reports whether plan p computes a T x N x K product: a loaded
+// kernel, N whole blocks of its rows, each split whole atoms of K, and
+// room for the partials and counters.
+func (g *wsProduct) valid(p wsPlan, T, N, K int) bool {
+	if g == nil || T < 1 || T > wsMaxRows || p.i < 0 || p.i >= len(wsWidths) || g.fn[p.i] == nil || p.split < 1 {
+		return false
+	}
+	bn := wsWidths[p.i]
+	return N%bn == 0 && N/bn <= wgMaxTiles && (K*g.esize)%(wsAtom*p.split) == 0 && (p.split == 1 || p.split*N <= wsMaxPart)
+}
+
+// plan picks the kernel and K split of a T x N x K product (ok false: none
+// fits, or T is outside wsMinRows-wsMaxRows): the force plan where set and
+// valid; else the most blocks that fit one wave of the SM target, and of
+// those the fewest splits.
+func (g *wsProduct) plan(T, N, K int) (wsPlan, bool) {
+	if g == nil || T < wsMinRows || T > wsMaxRows {
+		return wsPlan{}, false
+	}
+	if g.force.split > 0 {
+		return g.force, g.valid(g.force, T, N, K)
+	}
+	sms := g.sms
+	if g.target > 0 {
+		sms = min(sms, g.target)
+	}
+	best, bestBlocks := wsPlan{}, 0
+	for _, S := range []int{1, 2, 4, 8} {
+		for i := range wsWidths {
+			p := wsPlan{i: i, split: S}
+			if !g.valid(p, T, N, K) {
+				continue
+			}
+			if blocks := N / wsWidths[i] * S; blocks <= sms && blocks > bestBlocks {
+				best, bestBlocks = p, blocks
+			}
+		}
+	}
+	return best, bestBlocks > 0
+}
+
+// launch enqueues out [T, N] = x [T, K] . w [N, K]^T, times sx[t] sw[n]
+// where sx is set (e4m3 operands), with plan p (valid) on s.
+func (g *wsProduct) launch(s *cuda.Stream, p wsPlan, out, x, sx, w, sw cuda.DevicePtr, T, N, K int) error {
+	if !g.valid(p, T, N, K) {
+		return fmt.Errorf("gpu: ws plan %v does not take %d x %d x %d", p, T, N, K)
+	}
+	if (uint64(out)|uint64(x)|uint64(w))%16 != 0 {
+		return fmt.Errorf("gpu: fp8_ws: operands not 16-byte aligned")
+	}
+	bn := wsWidths[p.i]
+	return g.fn[p.i].Launch(s, cuda.Dim3{X: N / bn, Y: p.split, Z: 1}, cuda.Dim3{X: 128, Y: 1, Z: 1}, wsShared(bn),
+		uint64(out), uint64(g.part.Ptr()), uint64(g.done.Ptr()), uint64(x), uint64(sx), uint64(w), uint64(sw), T, N, K, g.early)
+}
