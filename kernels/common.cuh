@@ -807,9 +807,10 @@ __device__ __forceinline__ void wg_body(bf16* __restrict__ out, float* __restric
 // K-major layout (row r at r * 128 of a 1024-aligned atom, 16-byte chunk c
 // at c ^ (r % 8)), copied by cp.async by all 128 threads (chunk tid % 8 of
 // rows tid / 8 + 16 i). ST stages (as many as WS_SMEM holds, 16 at most),
-// ST - 1 ahead of the one multiplied. The first `early` stages' weights
-// are asked before griddepcontrol.wait (no kernel of a step writes
-// weights); activation rows M..63 are zeroed once and never copied.
+// ST - 1 - WS_INFLIGHT ahead of the one multiplied. The first stages' weights are
+// asked before griddepcontrol.wait (no kernel of a step writes
+// weights; opts bits 0-3, at most ST - 1); activation rows M..63 are
+// zeroed once and never copied. opts bit 4: a staggered K walk (below).
 // Accumulators: thread (warp w, lane l) holds activation rows 16 w + l / 4
 // (+8) and weight rows 8 j + 2 (l % 4) (+1) in d[4 j .. 4 j + 3].
 // K ES % (128 S) == 0 (each split whole 128-byte atoms), N % BN == 0.
@@ -817,6 +818,9 @@ __device__ __forceinline__ void wg_body(bf16* __restrict__ out, float* __restric
 // ---------------------------------------------------------------------------
 #ifndef WS_KA
 #define WS_KA 1 // 128-byte K atoms a stage
+#endif
+#ifndef WS_INFLIGHT
+#define WS_INFLIGHT 0 // wgmma groups left running while the next stage starts (0 or 1)
 #endif
 #define WS_SMEM (200 * 1024) // a block's stage buffers at most (one block an SM)
 template <int BN> struct WsShape {
@@ -832,9 +836,10 @@ template <int ES, int BN>
 __device__ __forceinline__ void ws_body(bf16* __restrict__ out, float* __restrict__ part, int* __restrict__ done,
                                         const unsigned char* __restrict__ qx, const float* __restrict__ sx,
                                         const unsigned char* __restrict__ qw, const float* __restrict__ sw, int M,
-                                        int N, int K, int early) {
+                                        int N, int K, int opts) {
     using W = WsShape<BN>;
-    constexpr int TR = W::TR, AB = W::AB, SB = W::SB, ST = W::ST, AHEAD = ST - 1;
+    constexpr int TR = W::TR, AB = W::AB, SB = W::SB, ST = W::ST, AHEAD = ST - 1 - WS_INFLIGHT;
+    static_assert(WS_INFLIGHT == 0 || WS_INFLIGHT == 1, "ws_body: WS_INFLIGHT");
     constexpr int CH = WG_RB / 16;                 // 16-byte chunks a staged row
     constexpr int RSTEP = 128 / CH;                // rows between a thread's copies
     constexpr int CX = TR / RSTEP, CW = BN / RSTEP; // a thread's activation and weight rows an atom
@@ -843,11 +848,16 @@ __device__ __forceinline__ void ws_body(bf16* __restrict__ out, float* __restric
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, tig = lane & 3;
     const int KB = K * ES, S = gridDim.y, z = blockIdx.y, n0 = blockIdx.x * BN;
     const int kb0 = z * (KB / S), nst = (KB / S + WS_KA * WG_RB - 1) / (WS_KA * WG_RB); // this split's stages
+    // opts bit 4: each block starts its K walk at its own stage (and wraps
+    // around), so that the blocks reading the same activation lines at one
+    // time are few, not the whole grid (the sum's order is the block's)
+    const int koff = (opts & 16) ? (int)((long long)blockIdx.x * nst / gridDim.x) : 0;
     const unsigned base = ((unsigned)__cvta_generic_to_shared(wsm) + 1023u) & ~1023u;
     const int c = tid % CH, r0 = tid / CH;
     const unsigned dst0 = r0 * WG_RB + ((c ^ (r0 & 7)) << 4);
     const unsigned char* wsrc = qw + (long long)(n0 + r0) * KB + kb0 + 16 * c;
     const unsigned char* xsrc = qx + (long long)r0 * KB + kb0 + 16 * c;
+    auto kst = [&](int j) { const int k = j + koff; return k < nst ? k : k - nst; }; // the K stage local stage j holds
     // the stage j copies: weights, activations (rows below M), each atom's
     // chunks past this split's K zero-filled
     auto copy_w = [&](int j) {
@@ -855,7 +865,7 @@ __device__ __forceinline__ void ws_body(bf16* __restrict__ out, float* __restric
         const unsigned b = base + (j % ST) * SB + dst0 + TR * WG_RB;
 #pragma unroll
         for (int a = 0; a < WS_KA; a++) {
-            const int col = (j * WS_KA + a) * WG_RB;
+            const int col = (kst(j) * WS_KA + a) * WG_RB;
             const bool ok = col < KB / S;
 #pragma unroll
             for (int i = 0; i < CW; i++)
@@ -867,7 +877,7 @@ __device__ __forceinline__ void ws_body(bf16* __restrict__ out, float* __restric
         const unsigned b = base + (j % ST) * SB + dst0;
 #pragma unroll
         for (int a = 0; a < WS_KA; a++) {
-            const int col = (j * WS_KA + a) * WG_RB;
+            const int col = (kst(j) * WS_KA + a) * WG_RB;
             const bool ok = col < KB / S;
 #pragma unroll
             for (int i = 0; i < CX; i++)
@@ -882,7 +892,7 @@ __device__ __forceinline__ void ws_body(bf16* __restrict__ out, float* __restric
             asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(a), "r"(0) : "memory");
         }
     }
-    const int ne = early < AHEAD ? (early > 0 ? early : 0) : AHEAD;
+    const int early = opts & 15, ne = early < AHEAD ? early : AHEAD;
     for (int j = 0; j < ne; j++) copy_w(j);
     pdl_entry();
 #pragma unroll 1
@@ -898,7 +908,7 @@ __device__ __forceinline__ void ws_body(bf16* __restrict__ out, float* __restric
     for (int j = 0; j < nst; j++) {
         cp_async_wait<AHEAD - 1>(); // this thread's copies of stage j have landed
         fence_proxy_async();        // ... and are visible to wgmma (and the zeroed rows, the first time)
-        __syncthreads();            // everyone's; and every warp is done with stage j - 1, which the next copy overwrites
+        __syncthreads();            // everyone's; and every warp's group WS_INFLIGHT + 1 stages back is done (the next copy overwrites its stage)
         copy_w(j + AHEAD);
         copy_x(j + AHEAD);
         cp_async_commit();
@@ -911,9 +921,11 @@ __device__ __forceinline__ void ws_body(bf16* __restrict__ out, float* __restric
             for (int q = 0; q < WG_RB / 32; q++)
                 wg_mma_n<ES, BN>(d, wg_desc(b + a * AB + 32 * q), wg_desc(b + a * AB + TR * WG_RB + 32 * q));
         wg_commit();
-        wg_wait<0>();
+        wg_wait<WS_INFLIGHT>(); // the group WS_INFLIGHT + 1 stages back is done: the next copy may overwrite its stage
         wg_pin<BN / 2>(d);
     }
+    wg_wait<0>();
+    wg_pin<BN / 2>(d);
     cp_async_wait<0>();
     // the store: rows m = 16 warp + g (+8), weight rows n0 + 8 j + 2 tig (+1)
     const int m0 = 16 * warp + g;

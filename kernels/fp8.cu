@@ -397,8 +397,8 @@ WG_KERNELS(fp8_wg, 1, FP8_SKINNY_ARGS, FP8_SKINNY_PASS)
 // gridDim.y ways (runtime/gpu ws.go).
 #define FP8_WS_ARGS                                                                                                   \
     bf16 *out, float *part, int *done, const unsigned char *qx, const float *sx, const unsigned char *qw, const float *sw, \
-        int M, int N, int K, int early
-#define FP8_WS_PASS out, part, done, qx, sx, qw, sw, M, N, K, early
+        int M, int N, int K, int opts
+#define FP8_WS_PASS out, part, done, qx, sx, qw, sw, M, N, K, opts
 WS_KERNELS(fp8_ws, 1, FP8_WS_ARGS, FP8_WS_PASS)
 #endif
 

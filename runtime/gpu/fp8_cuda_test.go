@@ -548,7 +548,7 @@ func TestFP8GemmBench(t *testing.T) {
 				bench("fp8ws %-8s %5d plan %-7v %8.1f us %6.2f of floor8 (default product %8.1f us %6.2f)", sh.name, T, wsp, ws, fl8/ws, t8, fl8/t8)
 			}
 			for _, w := range wsPlans {
-				bench("fp8ws %-8s %5d plan %-7v %8.1f us %6.2f of floor8 (early %d)", sh.name, T, w.p, w.us, fl8/w.us, w.early)
+				bench("fp8ws %-8s %5d plan %-7v %8.1f us %6.2f of floor8 (early %d, stagger %v)", sh.name, T, w.p, w.us, fl8/w.us, w.early, w.stagger)
 			}
 		}
 		r.sync()
@@ -1059,7 +1059,7 @@ func TestFP8WgStream(t *testing.T) {
 		}
 		t.Skip("fp8_ws is compiled only with PEFTD_WG, for sm_90a")
 	}
-	defer func() { r.f.wsOn, r.f.skTop, r.f.ws.force = false, 0, wsPlan{} }()
+	defer func() { r.f.wsOn, r.f.skTop, r.f.ws.force, r.f.ws.noStagger = false, 0, wsPlan{}, false }()
 	for _, sz := range []struct{ T, N, K int }{
 		{17, 4096, 4096}, {32, 6144, 4096}, {64, 28672, 4096}, {64, 4096, 14336}, {48, 4096, 4096},
 		{33, 96, 256}, {64, 224, 384}, {20, 672, 1024},
@@ -1078,6 +1078,12 @@ func TestFP8WgStream(t *testing.T) {
 		}
 		if n == 0 {
 			t.Fatalf("no fp8_ws plan takes %d x %d x %d", sz.T, sz.N, sz.K)
+		}
+		// the automatic plan with every block walking K from its start
+		if p, ok := r.f.ws.plan(sz.T, sz.N, sz.K); ok {
+			r.f.ws.force, r.f.ws.noStagger = p, true
+			fp8WsCase(t, r, p, sz.T, sz.N, sz.K)
+			r.f.ws.noStagger = false
 		}
 	}
 	// the automatic plan of each 8B shape at 64 rows fits one wave
@@ -1221,9 +1227,10 @@ func wgSweep(t *testing.T, g *wgProduct, T, N, K int, timed func() float64, on f
 
 // wsPlanTime is one of wsSweep's timings.
 type wsPlanTime struct {
-	p     wsPlan
-	early int
-	us    float64
+	p       wsPlan
+	early   int
+	stagger bool
+	us      float64
 }
 
 // wsSweep times a T x N x K fp8_ws product with every valid plan of one
@@ -1239,21 +1246,24 @@ func wsSweep(g *wsProduct, T, N, K int, timed func() float64, on func(bool)) []w
 	if !ok {
 		return nil
 	}
-	defer func() { g.force, g.early = wsPlan{}, 1 }()
+	defer func() { g.force, g.early, g.noStagger = wsPlan{}, 1, false }()
 	for i := range wsWidths {
 		for _, S := range []int{1, 2, 4, 8} {
 			p := wsPlan{i: i, split: S}
-			if !g.valid(p, T, N, K) || N/wsWidths[i]*S > g.sms {
+			if !g.valid(p, T, N, K) || N/wsWidths[i]*S > g.sms || N/wsWidths[i]*S < g.sms/4 {
 				continue
 			}
 			g.force = p
-			for _, e := range []int{0, 1, 3} {
-				if p != auto && e != 1 {
+			for _, c := range []struct {
+				early   int
+				stagger bool
+			}{{1, true}, {1, false}, {0, true}, {3, true}, {15, true}} {
+				if p != auto && c.early != 1 {
 					continue
 				}
-				g.early = e
+				g.early, g.noStagger = c.early, !c.stagger
 				on(true)
-				res = append(res, wsPlanTime{p, e, timed()})
+				res = append(res, wsPlanTime{p, c.early, c.stagger, timed()})
 				on(false)
 			}
 		}

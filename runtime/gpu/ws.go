@@ -23,7 +23,8 @@ type wsProduct struct {
 	esize      int                // operand bytes: 1 (e4m3)
 	sms        int                // the device's SMs
 	target     int                // SMs the products enqueued now may take (0: sms)
-	early      int                // stages' weights asked before griddepcontrol.wait (the kernel caps it at ST - 1)
+	early      int                // stages' weights asked before griddepcontrol.wait (opts bits 0-3; the kernel caps it at ST - 1)
+	noStagger  bool               // benchmarks: every block walks K from its start (opts bit 4 off)
 	force      wsPlan             // benchmarks: this plan where it fits (zero: plan's choice)
 }
 
@@ -168,7 +169,10 @@ func (g *wsProduct) launch(s *cuda.Stream, p wsPlan, out, x, sx, w, sw cuda.Devi
 	if (uint64(out)|uint64(x)|uint64(w))%16 != 0 {
 		return fmt.Errorf("gpu: fp8_ws: operands not 16-byte aligned")
 	}
-	bn := wsWidths[p.i]
+	bn, opts := wsWidths[p.i], min(max(g.early, 0), 15)
+	if !g.noStagger {
+		opts |= 16 // each block's K walk from its own stage: the grid does not read one activation line at once
+	}
 	return g.fn[p.i].Launch(s, cuda.Dim3{X: N / bn, Y: p.split, Z: 1}, cuda.Dim3{X: 128, Y: 1, Z: 1}, wsShared(bn),
-		uint64(out), uint64(g.part.Ptr()), uint64(g.done.Ptr()), uint64(x), uint64(sx), uint64(w), uint64(sw), T, N, K, g.early)
+		uint64(out), uint64(g.part.Ptr()), uint64(g.done.Ptr()), uint64(x), uint64(sx), uint64(w), uint64(sw), T, N, K, opts)
 }
