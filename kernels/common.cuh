@@ -983,6 +983,179 @@ __device__ __forceinline__ void ws_body(bf16* __restrict__ out, float* __restric
     if (tid == 0) done[blockIdx.x] = 0; // ready for the next launch
 }
 
+// ---------------------------------------------------------------------------
+// wt_body<ES, BN>: ws_body's product with each stage copied by the tensor
+// memory accelerator (TMA): one thread asks for the stage's two boxes (the
+// 64 activation rows and the BN weight rows, 128 bytes of K each, in the
+// same 128-byte swizzle) and the stage's mbarrier counts their bytes in;
+// the other threads issue no copies. cp.async moves 16 bytes a thread an
+// instruction, and ws_body's blocks held ~22 GB/s each whatever the stage
+// layout (fp8bench v0.55); a box is one instruction whatever its size.
+// xmap: the activations [M rows][K ES bytes] in boxes of 128 bytes x 64
+// rows (rows past M read as zeros); wmap: the weights [N][K ES] in boxes of
+// 128 bytes x BN rows. Splits, scales and the store as ws_body.
+// ---------------------------------------------------------------------------
+struct __align__(64) TmaDesc {
+    unsigned long long v[16];
+};
+
+__device__ __forceinline__ void mbar_init(unsigned bar, unsigned count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_expect_tx(unsigned bar, unsigned bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(unsigned bar, unsigned parity) {
+    asm volatile("{\n.reg .pred P1;\nLAB_WAIT:\n"
+                 "mbarrier.try_wait.parity.shared::cta.b64 P1, [%0], %1;\n"
+                 "@P1 bra DONE;\nbra LAB_WAIT;\nDONE:\n}\n" ::"r"(bar),
+                 "r"(parity)
+                 : "memory");
+}
+// tma_load2d: the box at (c0, c1) (inner element, row) of map into shared
+// memory at dst, its bytes counted in at bar.
+__device__ __forceinline__ void tma_load2d(unsigned dst, const TmaDesc* map, int c0, int c1, unsigned bar) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(dst),
+                 "l"(reinterpret_cast<unsigned long long>(map)), "r"(c0), "r"(c1), "r"(bar)
+                 : "memory");
+#endif
+}
+
+template <int ES, int BN>
+__device__ __forceinline__ void wt_body(bf16* __restrict__ out, float* __restrict__ part, int* __restrict__ done,
+                                        const TmaDesc* xmap, const float* __restrict__ sx, const TmaDesc* wmap,
+                                        const float* __restrict__ sw, int M, int N, int K, int opts) {
+    using W = WsShape<BN>;
+    constexpr int TR = W::TR, AB = W::AB, SB = W::SB, ST = W::ST, AHEAD = ST - 1 - WS_INFLIGHT;
+    constexpr int EL = WG_RB / ES; // elements of a box row
+    extern __shared__ __align__(16) unsigned char wsm[];
+    __shared__ __align__(8) unsigned long long full[ST];
+    __shared__ int last;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, tig = lane & 3;
+    const int KB = K * ES, S = gridDim.y, z = blockIdx.y, n0 = blockIdx.x * BN;
+    const int kb0 = z * (KB / S), nst = (KB / S + WS_KA * WG_RB - 1) / (WS_KA * WG_RB);
+    const int koff = (opts & 16) ? (int)((long long)blockIdx.x * nst / gridDim.x) : 0;
+    const unsigned base = ((unsigned)__cvta_generic_to_shared(wsm) + 1023u) & ~1023u;
+    const unsigned bar0 = (unsigned)__cvta_generic_to_shared(full);
+    auto kst = [&](int j) { const int k = j + koff; return k < nst ? k : k - nst; };
+    // stage j's boxes (thread 0): the weights' with its count, then (xs) the activations'
+    auto ask_w = [&](int j) {
+        if (j >= nst) return;
+        const unsigned bar = bar0 + 8 * (j % ST), b = base + (j % ST) * SB;
+        mbar_expect_tx(bar, SB);
+#pragma unroll
+        for (int a = 0; a < WS_KA; a++) tma_load2d(b + a * AB + TR * WG_RB, wmap, (kb0 + (kst(j) * WS_KA + a) * WG_RB) / ES, n0, bar);
+    };
+    auto ask_x = [&](int j) {
+        if (j >= nst) return;
+        const unsigned bar = bar0 + 8 * (j % ST), b = base + (j % ST) * SB;
+#pragma unroll
+        for (int a = 0; a < WS_KA; a++) tma_load2d(b + a * AB, xmap, (kb0 + (kst(j) * WS_KA + a) * WG_RB) / ES, 0, bar);
+    };
+    static_assert(EL * ES == WG_RB, "wt_body: a box row is 128 bytes");
+    if (tid == 0) {
+        for (int i = 0; i < ST; i++) mbar_init(bar0 + 8 * i, 1);
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+        fence_proxy_async();
+    }
+    __syncthreads();
+    const int early = opts & 15, ne = early < AHEAD ? early : AHEAD;
+    if (tid == 0)
+        for (int j = 0; j < ne; j++) ask_w(j);
+    pdl_entry();
+    if (tid == 0)
+        for (int j = 0; j < AHEAD; j++) {
+            if (j >= ne) ask_w(j);
+            ask_x(j);
+        }
+    float d[BN / 2];
+#pragma unroll
+    for (int i = 0; i < BN / 2; i++) d[i] = 0.f;
+#pragma unroll 1
+    for (int j = 0; j < nst; j++) {
+        mbar_wait(bar0 + 8 * (j % ST), (j / ST) & 1); // stage j has landed
+        __syncthreads(); // every warp's group WS_INFLIGHT + 1 stages back is done: its stage may be refilled
+        if (tid == 0) {
+            ask_w(j + AHEAD);
+            ask_x(j + AHEAD);
+        }
+        const unsigned b = base + (j % ST) * SB;
+        wg_pin<BN / 2>(d);
+        wg_fence();
+#pragma unroll
+        for (int a = 0; a < WS_KA; a++)
+#pragma unroll
+            for (int q = 0; q < WG_RB / 32; q++)
+                wg_mma_n<ES, BN>(d, wg_desc(b + a * AB + 32 * q), wg_desc(b + a * AB + TR * WG_RB + 32 * q));
+        wg_commit();
+        wg_wait<WS_INFLIGHT>();
+        wg_pin<BN / 2>(d);
+    }
+    wg_wait<0>();
+    wg_pin<BN / 2>(d);
+    const int m0 = 16 * warp + g;
+    auto put = [&](const float* v) {
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            const int m = m0 + 8 * h;
+            if (m >= M) continue;
+            const float a = sx ? sx[m] : 1.f;
+#pragma unroll
+            for (int j = 0; j < BN / 8; j++) {
+                const int n = n0 + 8 * j + 2 * tig;
+                const float s0 = sw ? a * sw[n] : a, s1 = sw ? a * sw[n + 1] : a;
+                *reinterpret_cast<__nv_bfloat162*>(out + (long long)m * N + n) =
+                    __floats2bfloat162_rn(v[4 * j + 2 * h] * s0, v[4 * j + 2 * h + 1] * s1);
+            }
+        }
+    };
+    if (S == 1) {
+        put(d);
+        return;
+    }
+    float* tp = part + (long long)blockIdx.x * S * TR * BN;
+    auto at = [&](int s, int h, int j) { return tp + ((long long)s * TR + m0 + 8 * h) * BN + 8 * j + 2 * tig; };
+#pragma unroll
+    for (int h = 0; h < 2; h++)
+        if (m0 + 8 * h < M)
+#pragma unroll
+            for (int j = 0; j < BN / 8; j++) *reinterpret_cast<float2*>(at(z, h, j)) = make_float2(d[4 * j + 2 * h], d[4 * j + 2 * h + 1]);
+    __syncthreads();
+    if (tid == 0) {
+        __threadfence();
+        last = atomicAdd(done + blockIdx.x, 1) == S - 1;
+        if (last) __threadfence();
+    }
+    __syncthreads();
+    if (!last) return;
+#pragma unroll
+    for (int i = 0; i < BN / 2; i++) d[i] = 0.f;
+    for (int s = 0; s < S; s++) {
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            if (m0 + 8 * h >= M) continue;
+#pragma unroll
+            for (int j = 0; j < BN / 8; j++) {
+                const float2 p = __ldcg(reinterpret_cast<const float2*>(at(s, h, j)));
+                d[4 * j + 2 * h] += p.x, d[4 * j + 2 * h + 1] += p.y;
+            }
+        }
+    }
+    put(d);
+    if (tid == 0) done[blockIdx.x] = 0;
+}
+
+// WT_KERNELS(prefix, ES, ARGS, PASS): prefix_n{32,48,64,96,128,224,256} on wt_body.
+#define WT_KERNELS(prefix, ES, ARGS, PASS)                                                                   \
+    extern "C" __global__ void __launch_bounds__(128, 1) prefix##_n32(ARGS) { wt_body<ES, 32>(PASS); }   \
+    extern "C" __global__ void __launch_bounds__(128, 1) prefix##_n48(ARGS) { wt_body<ES, 48>(PASS); }   \
+    extern "C" __global__ void __launch_bounds__(128, 1) prefix##_n64(ARGS) { wt_body<ES, 64>(PASS); }   \
+    extern "C" __global__ void __launch_bounds__(128, 1) prefix##_n96(ARGS) { wt_body<ES, 96>(PASS); }   \
+    extern "C" __global__ void __launch_bounds__(128, 1) prefix##_n128(ARGS) { wt_body<ES, 128>(PASS); } \
+    extern "C" __global__ void __launch_bounds__(128, 1) prefix##_n224(ARGS) { wt_body<ES, 224>(PASS); } \
+    extern "C" __global__ void __launch_bounds__(128, 1) prefix##_n256(ARGS) { wt_body<ES, 256>(PASS); }
+
 // WS_KERNELS(prefix, ES, ARGS, PASS): prefix_n{32,48,64,96,128,224,256}.
 #define WS_KERNELS(prefix, ES, ARGS, PASS)                                                                   \
     extern "C" __global__ void __launch_bounds__(128, 1) prefix##_n32(ARGS) { ws_body<ES, 32>(PASS); }   \

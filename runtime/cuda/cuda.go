@@ -107,6 +107,7 @@ func (d Device) String() string {
 type paramArena struct {
 	vals  [maxKernelArgs]uint64
 	ptrs  [maxKernelArgs]unsafe.Pointer
+	maps  [tmaMaxArgs]TensorMap // *TensorMap arguments' copies (ptrs points at them)
 	cfg   launchConfig
 	attrs [3]launchAttr
 }

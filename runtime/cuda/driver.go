@@ -70,6 +70,8 @@ type driver struct {
 	// cuLaunchKernelEx (optional: CUDA 12+): launches with attributes
 	// (Programmatic Dependent Launch)
 	cuLaunchKernelEx func(cfg unsafe.Pointer, f cuFunction, params unsafe.Pointer, extra unsafe.Pointer) int32
+	// cuTensorMapEncodeTiled (optional: CUDA 12+; tma.go)
+	cuTensorMapEncodeTiled func(m unsafe.Pointer, dtype int32, rank uint32, addr uintptr, dims, strides, box, estr unsafe.Pointer, interleave, swizzle, l2, oob int32) int32
 	// The L2 set-aside for persisting accesses (optional: CUDA 11+; l2.go)
 	cuCtxSetLimit               func(limit int32, v uint64) int32
 	cuCtxGetLimit               func(v *uint64, limit int32) int32
@@ -183,6 +185,7 @@ func loadDriver() error {
 		b.fn(&d.cuGraphAddKernelNode, "cuGraphAddKernelNode_v2")
 		b.fn(&d.cuGraphDestroyNode, "cuGraphDestroyNode")
 		b.fn(&d.cuLaunchKernelEx, "cuLaunchKernelEx")
+		b.fn(&d.cuTensorMapEncodeTiled, "cuTensorMapEncodeTiled")
 		b.fn(&d.cuCtxSetLimit, "cuCtxSetLimit")
 		b.fn(&d.cuCtxGetLimit, "cuCtxGetLimit")
 		b.fn(&d.cuCtxResetPersistingL2Cache, "cuCtxResetPersistingL2Cache")

@@ -219,9 +219,19 @@ func (a *paramArena) pack(name string, args []any) error {
 	if len(args) > maxKernelArgs {
 		return fmt.Errorf("%w: %d kernel arguments (max %d)", ErrInvalidValue, len(args), maxKernelArgs)
 	}
+	nm := 0
 	for i, v := range args {
+		a.ptrs[i] = unsafe.Pointer(&a.vals[i])
 		var x uint64
 		switch v := v.(type) {
+		case *TensorMap: // passed by value: 128 bytes
+			if v == nil || nm == tmaMaxArgs {
+				return fmt.Errorf("%w: kernel %s argument %d: a nil tensor map, or more than %d", ErrInvalidValue, name, i, tmaMaxArgs)
+			}
+			a.maps[nm] = *v
+			a.ptrs[i] = unsafe.Pointer(&a.maps[nm])
+			nm++
+			continue
 		case int:
 			x = uint64(int64(v))
 		case int32:

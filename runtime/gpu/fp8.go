@@ -66,6 +66,7 @@ func fp8Projection(name string, shape []int) bool { return llama.FP8Projection(n
 type fp8Weight struct {
 	q, scale   *cuda.DeviceBuffer
 	rows, cols int
+	tmaps      wsMaps // fp8_wt's tensor maps of q (ws.go), made at first use
 }
 
 // fp8State holds the FP8 path's module, scratch and weights for a Backend
@@ -189,7 +190,7 @@ func newFP8(ctx *cuda.Context, s *cuda.Stream, mm *cuda.Matmul, ko kernels.Optio
 		f.mod.Unload()
 		return nil, err
 	}
-	if f.ws, err = loadWS(ctx, s, f.mod, "fp8_ws", 1, limit); err != nil {
+	if f.ws, err = loadWS(ctx, s, f.mod, "fp8_ws", "fp8_wt", 1, limit); err != nil {
 		f.wg.free()
 		f.mod.Unload()
 		return nil, err
@@ -339,7 +340,7 @@ func (f *fp8State) linear(out, x cuda.DevicePtr, T int, w *fp8Weight, gen uint64
 	}
 	if f.wsOn {
 		if p, ok := f.ws.plan(T, w.rows, K); ok {
-			return f.ws.launch(f.s, p, out, f.actQ.Ptr(), f.actS.Ptr(), w.q.Ptr(), w.scale.Ptr(), T, w.rows, K)
+			return f.ws.launch(f.s, p, out, f.actQ.Ptr(), f.actS.Ptr(), w.q.Ptr(), w.scale.Ptr(), T, w.rows, K, &w.tmaps)
 		}
 	}
 	if skinnyFits(T, w.rows, K, f.skinnyTop()) {

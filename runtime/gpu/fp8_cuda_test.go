@@ -548,7 +548,7 @@ func TestFP8GemmBench(t *testing.T) {
 				bench("fp8ws %-8s %5d plan %-7v %8.1f us %6.2f of floor8 (default product %8.1f us %6.2f)", sh.name, T, wsp, ws, fl8/ws, t8, fl8/t8)
 			}
 			for _, w := range wsPlans {
-				bench("fp8ws %-8s %5d plan %-7v %8.1f us %6.2f of floor8 (early %d, stagger %v)", sh.name, T, w.p, w.us, fl8/w.us, w.early, w.stagger)
+				bench("fp8ws %-8s %5d plan %-7v %8.1f us %6.2f of floor8 (early %d, stagger %v, TMA %v)", sh.name, T, w.p, w.us, fl8/w.us, w.early, w.stagger, w.tma)
 			}
 		}
 		r.sync()
@@ -1059,7 +1059,10 @@ func TestFP8WgStream(t *testing.T) {
 		}
 		t.Skip("fp8_ws is compiled only with PEFTD_WG, for sm_90a")
 	}
-	defer func() { r.f.wsOn, r.f.skTop, r.f.ws.force, r.f.ws.noStagger = false, 0, wsPlan{}, false }()
+	if r.f.ws.tfn == [len(wsWidths)]*cuda.Function{} {
+		t.Errorf("fp8_wt (TMA) not loaded (tensor maps: %v)", cuda.TMA())
+	}
+	defer func() { r.f.wsOn, r.f.skTop, r.f.ws.force, r.f.ws.noStagger, r.f.ws.noTMA = false, 0, wsPlan{}, false, false }()
 	for _, sz := range []struct{ T, N, K int }{
 		{17, 4096, 4096}, {32, 6144, 4096}, {64, 28672, 4096}, {64, 4096, 14336}, {48, 4096, 4096},
 		{33, 96, 256}, {64, 224, 384}, {20, 672, 1024},
@@ -1079,11 +1082,14 @@ func TestFP8WgStream(t *testing.T) {
 		if n == 0 {
 			t.Fatalf("no fp8_ws plan takes %d x %d x %d", sz.T, sz.N, sz.K)
 		}
-		// the automatic plan with every block walking K from its start
+		// the automatic plan with every block walking K from its start, and
+		// on the cp.async kernels (fp8_ws) where the TMA ones (fp8_wt) ran
 		if p, ok := r.f.ws.plan(sz.T, sz.N, sz.K); ok {
-			r.f.ws.force, r.f.ws.noStagger = p, true
-			fp8WsCase(t, r, p, sz.T, sz.N, sz.K)
-			r.f.ws.noStagger = false
+			for _, c := range [][2]bool{{true, false}, {false, true}, {true, true}} {
+				r.f.ws.force, r.f.ws.noStagger, r.f.ws.noTMA = p, c[0], c[1]
+				fp8WsCase(t, r, p, sz.T, sz.N, sz.K)
+			}
+			r.f.ws.noStagger, r.f.ws.noTMA = false, false
 		}
 	}
 	// the automatic plan of each 8B shape at 64 rows fits one wave
@@ -1129,8 +1135,8 @@ func fp8WsCase(t *testing.T, r *fp8Rig, p wsPlan, T, N, K int) {
 		fw[i], fs[i] = fromBF16(gw[i]), float64(fromBF16(gs[i]))
 	}
 	eDeq, eSk := relErr64(fw, deq), relErr64(fw, fs)
-	t.Logf("T=%4d N=%5d K=%5d (fp8_ws %v, %d blocks): vs float64(dequantized) maxrel=%.3g; vs fp8_gemm_skinny %.3g",
-		T, N, K, p, N/wsWidths[p.i]*p.split, eDeq, eSk)
+	t.Logf("T=%4d N=%5d K=%5d (fp8_ws %v, %d blocks, TMA %v, stagger %v): vs float64(dequantized) maxrel=%.3g; vs fp8_gemm_skinny %.3g",
+		T, N, K, p, N/wsWidths[p.i]*p.split, r.f.ws.tfn[p.i] != nil && !r.f.ws.noTMA, !r.f.ws.noStagger, eDeq, eSk)
 	if !(eDeq <= tight) {
 		t.Errorf("fp8_ws %v T=%d N=%d K=%d: vs dequantized float64 reference %.3g > %.0e", p, T, N, K, eDeq, tight)
 	}
@@ -1227,10 +1233,10 @@ func wgSweep(t *testing.T, g *wgProduct, T, N, K int, timed func() float64, on f
 
 // wsPlanTime is one of wsSweep's timings.
 type wsPlanTime struct {
-	p       wsPlan
-	early   int
-	stagger bool
-	us      float64
+	p            wsPlan
+	early        int
+	stagger, tma bool
+	us           float64
 }
 
 // wsSweep times a T x N x K fp8_ws product with every valid plan of one
@@ -1246,7 +1252,7 @@ func wsSweep(g *wsProduct, T, N, K int, timed func() float64, on func(bool)) []w
 	if !ok {
 		return nil
 	}
-	defer func() { g.force, g.early, g.noStagger = wsPlan{}, 1, false }()
+	defer func() { g.force, g.early, g.noStagger, g.noTMA = wsPlan{}, 1, false, false }()
 	for i := range wsWidths {
 		for _, S := range []int{1, 2, 4, 8} {
 			p := wsPlan{i: i, split: S}
@@ -1254,16 +1260,16 @@ func wsSweep(g *wsProduct, T, N, K int, timed func() float64, on func(bool)) []w
 				continue
 			}
 			g.force = p
-			for _, c := range []struct {
-				early   int
-				stagger bool
-			}{{1, true}, {1, false}, {0, true}, {3, true}, {15, true}} {
-				if p != auto && c.early != 1 {
+			for k, c := range []struct {
+				early        int
+				stagger, tma bool
+			}{{1, true, true}, {1, true, false}, {1, false, true}, {0, true, true}, {3, true, true}, {15, true, true}} {
+				if (p != auto && k > 1) || (c.tma && g.tfn[i] == nil) {
 					continue
 				}
-				g.early, g.noStagger = c.early, !c.stagger
+				g.early, g.noStagger, g.noTMA = c.early, !c.stagger, !c.tma
 				on(true)
-				res = append(res, wsPlanTime{p, c.early, c.stagger, timed()})
+				res = append(res, wsPlanTime{p, c.early, c.stagger, c.tma, timed()})
 				on(false)
 			}
 		}

@@ -19,6 +19,8 @@ import (
 // Only in the FP8 module's PEFTD_WG build, on sm_90a (fp8_ws_n*).
 type wsProduct struct {
 	fn         [len(wsWidths)]*cuda.Function
+	tfn        [len(wsWidths)]*cuda.Function // the same on TMA copies (fp8_wt_n*: wt_body), where the driver encodes tensor maps
+	noTMA      bool                          // benchmarks: the cp.async kernels (fn) even where tfn is loaded
 	part, done *cuda.DeviceBuffer // the splits' partials and per-tile counters (zero between launches)
 	esize      int                // operand bytes: 1 (e4m3)
 	sms        int                // the device's SMs
@@ -57,9 +59,10 @@ func wsStages(bn int) int { return min(16, (200<<10-1024)/wsStageBytes(bn)) }
 // the base up to the swizzle's 1024 bytes.
 func wsShared(bn int) int { return wsStages(bn)*wsStageBytes(bn) + 1024 }
 
-// loadWS finds prefix_n{BN} in mod on an sm_90a card and raises their
-// shared memory limits; nil where none is there.
-func loadWS(ctx *cuda.Context, s *cuda.Stream, mod *cuda.Module, prefix string, esize, maxShared int) (*wsProduct, error) {
+// loadWS finds prefix_n{BN} (and tprefix_n{BN}, their TMA builds) in mod
+// on an sm_90a card and raises their shared memory limits; nil where none
+// is there.
+func loadWS(ctx *cuda.Context, s *cuda.Stream, mod *cuda.Module, prefix, tprefix string, esize, maxShared int) (*wsProduct, error) {
 	if ctx.Device().Arch() != "sm_90a" {
 		return nil, nil
 	}
@@ -77,6 +80,15 @@ func loadWS(ctx *cuda.Context, s *cuda.Stream, mod *cuda.Module, prefix string, 
 			return nil, err
 		}
 		g.fn[i], found = fn, true
+		if tprefix == "" || !cuda.TMA() {
+			continue
+		}
+		if fn, err = mod.Function(fmt.Sprintf("%s_n%d", tprefix, bn)); err == nil {
+			if err := fn.SetMaxDynamicShared(wsShared(bn)); err != nil {
+				return nil, err
+			}
+			g.tfn[i] = fn
+		}
 	}
 	if !found {
 		return nil, nil
@@ -160,9 +172,14 @@ func (g *wsProduct) plan(T, N, K int) (wsPlan, bool) {
 	return best, bestBlocks > 0
 }
 
+// wsMaps are a weight's tensor maps, one for each kernel width (boxes of
+// its rows), made at their first launch.
+type wsMaps [len(wsWidths)]*cuda.TensorMap
+
 // launch enqueues out [T, N] = x [T, K] . w [N, K]^T, times sx[t] sw[n]
-// where sx is set (e4m3 operands), with plan p (valid) on s.
-func (g *wsProduct) launch(s *cuda.Stream, p wsPlan, out, x, sx, w, sw cuda.DevicePtr, T, N, K int) error {
+// where sx is set (e4m3 operands), with plan p (valid) on s; wm keeps w's
+// tensor maps (the TMA kernels').
+func (g *wsProduct) launch(s *cuda.Stream, p wsPlan, out, x, sx, w, sw cuda.DevicePtr, T, N, K int, wm *wsMaps) error {
 	if !g.valid(p, T, N, K) {
 		return fmt.Errorf("gpu: ws plan %v does not take %d x %d x %d", p, T, N, K)
 	}
@@ -172,6 +189,25 @@ func (g *wsProduct) launch(s *cuda.Stream, p wsPlan, out, x, sx, w, sw cuda.Devi
 	bn, opts := wsWidths[p.i], min(max(g.early, 0), 15)
 	if !g.noStagger {
 		opts |= 16 // each block's K walk from its own stage: the grid does not read one activation line at once
+	}
+	if fn := g.tfn[p.i]; fn != nil && !g.noTMA && wm != nil {
+		dt, el := cuda.TMapUint8, uint32(wsAtom)
+		if g.esize == 2 {
+			dt, el = cuda.TMapBFloat16, wsAtom/2
+		}
+		if wm[p.i] == nil {
+			m := new(cuda.TensorMap)
+			if err := cuda.EncodeTiled2D(m, dt, w, uint64(K), uint64(N), uint64(K*g.esize), el, uint32(bn), cuda.TMapSwizzle128B); err != nil {
+				return fmt.Errorf("gpu: fp8_wt weight map: %w", err)
+			}
+			wm[p.i] = m
+		}
+		var xm cuda.TensorMap // the activation rows: rows past T read as zeros
+		if err := cuda.EncodeTiled2D(&xm, dt, x, uint64(K), uint64(T), uint64(K*g.esize), el, wsMaxRows, cuda.TMapSwizzle128B); err != nil {
+			return fmt.Errorf("gpu: fp8_wt activation map: %w", err)
+		}
+		return fn.Launch(s, cuda.Dim3{X: N / bn, Y: p.split, Z: 1}, cuda.Dim3{X: 128, Y: 1, Z: 1}, wsShared(bn),
+			uint64(out), uint64(g.part.Ptr()), uint64(g.done.Ptr()), &xm, uint64(sx), wm[p.i], uint64(sw), T, N, K, opts)
 	}
 	return g.fn[p.i].Launch(s, cuda.Dim3{X: N / bn, Y: p.split, Z: 1}, cuda.Dim3{X: 128, Y: 1, Z: 1}, wsShared(bn),
 		uint64(out), uint64(g.part.Ptr()), uint64(g.done.Ptr()), uint64(x), uint64(sx), uint64(w), uint64(sw), T, N, K, opts)
