@@ -1062,7 +1062,9 @@ func TestFP8WgStream(t *testing.T) {
 	if r.f.ws.tfn == [len(wsWidths)]*cuda.Function{} {
 		t.Errorf("fp8_wt (TMA) not loaded (tensor maps: %v)", cuda.TMA())
 	}
-	defer func() { r.f.wsOn, r.f.skTop, r.f.ws.force, r.f.ws.noStagger, r.f.ws.noTMA = false, 0, wsPlan{}, false, false }()
+	defer func() {
+		r.f.wsOn, r.f.skTop, r.f.ws.force, r.f.ws.noStagger, r.f.ws.noTMA = false, 0, wsPlan{}, false, false
+	}()
 	for _, sz := range []struct{ T, N, K int }{
 		{17, 4096, 4096}, {32, 6144, 4096}, {64, 28672, 4096}, {64, 4096, 14336}, {48, 4096, 4096},
 		{33, 96, 256}, {64, 224, 384}, {20, 672, 1024},

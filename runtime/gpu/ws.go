@@ -21,13 +21,13 @@ type wsProduct struct {
 	fn         [len(wsWidths)]*cuda.Function
 	tfn        [len(wsWidths)]*cuda.Function // the same on TMA copies (fp8_wt_n*: wt_body), where the driver encodes tensor maps
 	noTMA      bool                          // benchmarks: the cp.async kernels (fn) even where tfn is loaded
-	part, done *cuda.DeviceBuffer // the splits' partials and per-tile counters (zero between launches)
-	esize      int                // operand bytes: 1 (e4m3)
-	sms        int                // the device's SMs
-	target     int                // SMs the products enqueued now may take (0: sms)
-	early      int                // stages' weights asked before griddepcontrol.wait (opts bits 0-3; the kernel caps it at ST - 1)
-	noStagger  bool               // benchmarks: every block walks K from its start (opts bit 4 off)
-	force      wsPlan             // benchmarks: this plan where it fits (zero: plan's choice)
+	part, done *cuda.DeviceBuffer            // the splits' partials and per-tile counters (zero between launches)
+	esize      int                           // operand bytes: 1 (e4m3)
+	sms        int                           // the device's SMs
+	target     int                           // SMs the products enqueued now may take (0: sms)
+	early      int                           // stages' weights asked before griddepcontrol.wait (opts bits 0-3; the kernel caps it at ST - 1)
+	noStagger  bool                          // benchmarks: every block walks K from its start (opts bit 4 off)
+	force      wsPlan                        // benchmarks: this plan where it fits (zero: plan's choice)
 }
 
 // wsWidths are the kernels' weight rows a block (BN: fp8_ws_n{BN}).
