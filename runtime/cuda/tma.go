@@ -35,10 +35,13 @@ func TMA() bool { return drv.cuTensorMapEncodeTiled != nil }
 // as zeros. The driver checks the constraints (base 16-byte aligned,
 // rowBytes a multiple of 16, box dimensions at most 256, the swizzled
 // inner box at most the swizzle's span) and reports what it refuses.
-func EncodeTiled2D(m *TensorMap, dtype int, base DevicePtr, inner, rows, rowBytes uint64, boxInner, boxRows uint32, swizzle int) error {
-	if err := Init(); err != nil {
-		return err
-	}
+// The driver wants a current context: it encodes on the executor thread
+// of the stream s the map is for.
+func EncodeTiled2D(s *Stream, m *TensorMap, dtype int, base DevicePtr, inner, rows, rowBytes uint64, boxInner, boxRows uint32, swizzle int) error {
+	return s.c.Do(func() error { return encodeTiled2D(m, dtype, base, inner, rows, rowBytes, boxInner, boxRows, swizzle) })
+}
+
+func encodeTiled2D(m *TensorMap, dtype int, base DevicePtr, inner, rows, rowBytes uint64, boxInner, boxRows uint32, swizzle int) error {
 	if !TMA() {
 		return fmt.Errorf("%w: tensor maps need cuTensorMapEncodeTiled (CUDA 12+)", ErrNotSupported)
 	}

@@ -197,13 +197,13 @@ func (g *wsProduct) launch(s *cuda.Stream, p wsPlan, out, x, sx, w, sw cuda.Devi
 		}
 		if wm[p.i] == nil {
 			m := new(cuda.TensorMap)
-			if err := cuda.EncodeTiled2D(m, dt, w, uint64(K), uint64(N), uint64(K*g.esize), el, uint32(bn), cuda.TMapSwizzle128B); err != nil {
+			if err := cuda.EncodeTiled2D(s, m, dt, w, uint64(K), uint64(N), uint64(K*g.esize), el, uint32(bn), cuda.TMapSwizzle128B); err != nil {
 				return fmt.Errorf("gpu: fp8_wt weight map: %w", err)
 			}
 			wm[p.i] = m
 		}
 		var xm cuda.TensorMap // the activation rows: rows past T read as zeros
-		if err := cuda.EncodeTiled2D(&xm, dt, x, uint64(K), uint64(T), uint64(K*g.esize), el, wsMaxRows, cuda.TMapSwizzle128B); err != nil {
+		if err := cuda.EncodeTiled2D(s, &xm, dt, x, uint64(K), uint64(T), uint64(K*g.esize), el, wsMaxRows, cuda.TMapSwizzle128B); err != nil {
 			return fmt.Errorf("gpu: fp8_wt activation map: %w", err)
 		}
 		return fn.Launch(s, cuda.Dim3{X: N / bn, Y: p.split, Z: 1}, cuda.Dim3{X: 128, Y: 1, Z: 1}, wsShared(bn),
