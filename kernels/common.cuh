@@ -1022,72 +1022,85 @@ __device__ __forceinline__ void tma_load2d(unsigned dst, const TmaDesc* map, int
 #endif
 }
 
+// WtShape: wt_body's two rings. The weights are streamed from DRAM and
+// want as many bytes in flight as the SM holds; the activation rows come
+// from L2 (every block reads them) and are asked for later, from a ring of
+// WT_XS stages, so that the 64 rows (8 KB a stage) do not take a weight
+// stage's room each (ws_body's single ring: 112 of 144 KB in flight were
+// weights at n224, and every 64-row product held ~0.7 of the bandwidth).
+#ifndef WT_XS
+#define WT_XS 3 // activation stages
+#endif
+#define WT_SMEM (232448 - 256) // a block's dynamic shared memory at most (sm_90's opt-in limit less the static part)
+template <int BN> struct WtShape {
+    static constexpr int TR = 64;
+    static constexpr int XB = TR * WG_RB, WB = BN * WG_RB; // an activation stage, a weight stage
+    static constexpr int FIT = (WT_SMEM - 1024 - WT_XS * XB) / WB;
+    static constexpr int STW = FIT < 32 ? FIT : 32; // weight stages
+    static_assert(STW >= 3 && WT_XS >= 2, "wt_body: too few stages");
+};
+
 template <int ES, int BN>
 __device__ __forceinline__ void wt_body(bf16* __restrict__ out, float* __restrict__ part, int* __restrict__ done,
                                         const TmaDesc* xmap, const float* __restrict__ sx, const TmaDesc* wmap,
                                         const float* __restrict__ sw, int M, int N, int K, int opts) {
-    using W = WsShape<BN>;
-    constexpr int TR = W::TR, AB = W::AB, SB = W::SB, ST = W::ST, AHEAD = ST - 1 - WS_INFLIGHT;
-    constexpr int EL = WG_RB / ES; // elements of a box row
+    using W = WtShape<BN>;
+    constexpr int TR = W::TR, XB = W::XB, WB = W::WB, STW = W::STW, XS = WT_XS;
+    constexpr int AW = STW - 1 - WS_INFLIGHT, AX = XS - 1 - WS_INFLIGHT; // stages asked ahead of the one multiplied
+    static_assert(AX >= 1, "wt_body: WT_XS");
     extern __shared__ __align__(16) unsigned char wsm[];
-    __shared__ __align__(8) unsigned long long full[ST];
+    __shared__ __align__(8) unsigned long long full[STW];
     __shared__ int last;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, tig = lane & 3;
     const int KB = K * ES, S = gridDim.y, z = blockIdx.y, n0 = blockIdx.x * BN;
-    const int kb0 = z * (KB / S), nst = (KB / S + WS_KA * WG_RB - 1) / (WS_KA * WG_RB);
+    const int kb0 = z * (KB / S), nst = (KB / S + WG_RB - 1) / WG_RB;
     const int koff = (opts & 16) ? (int)((long long)blockIdx.x * nst / gridDim.x) : 0;
-    const unsigned base = ((unsigned)__cvta_generic_to_shared(wsm) + 1023u) & ~1023u;
+    const unsigned xbase = ((unsigned)__cvta_generic_to_shared(wsm) + 1023u) & ~1023u, wbase = xbase + XS * XB;
     const unsigned bar0 = (unsigned)__cvta_generic_to_shared(full);
     auto kst = [&](int j) { const int k = j + koff; return k < nst ? k : k - nst; };
-    // stage j's boxes (thread 0): the weights' with its count, then (xs) the activations'
+    auto kel = [&](int j) { return (kb0 + kst(j) * WG_RB) / ES; }; // stage j's first K element
+    // stage j's boxes (thread 0): the weights' with the stage's whole count
+    // (the activations' box lands on the same barrier, asked later)
     auto ask_w = [&](int j) {
         if (j >= nst) return;
-        const unsigned bar = bar0 + 8 * (j % ST), b = base + (j % ST) * SB;
-        mbar_expect_tx(bar, SB);
-#pragma unroll
-        for (int a = 0; a < WS_KA; a++) tma_load2d(b + a * AB + TR * WG_RB, wmap, (kb0 + (kst(j) * WS_KA + a) * WG_RB) / ES, n0, bar);
+        const unsigned bar = bar0 + 8 * (j % STW);
+        mbar_expect_tx(bar, WB + XB);
+        tma_load2d(wbase + (j % STW) * WB, wmap, kel(j), n0, bar);
     };
     auto ask_x = [&](int j) {
         if (j >= nst) return;
-        const unsigned bar = bar0 + 8 * (j % ST), b = base + (j % ST) * SB;
-#pragma unroll
-        for (int a = 0; a < WS_KA; a++) tma_load2d(b + a * AB, xmap, (kb0 + (kst(j) * WS_KA + a) * WG_RB) / ES, 0, bar);
+        tma_load2d(xbase + (j % XS) * XB, xmap, kel(j), 0, bar0 + 8 * (j % STW));
     };
-    static_assert(EL * ES == WG_RB, "wt_body: a box row is 128 bytes");
     if (tid == 0) {
-        for (int i = 0; i < ST; i++) mbar_init(bar0 + 8 * i, 1);
+        for (int i = 0; i < STW; i++) mbar_init(bar0 + 8 * i, 1);
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
         fence_proxy_async();
     }
     __syncthreads();
-    const int early = opts & 15, ne = early < AHEAD ? early : AHEAD;
+    const int early = opts & 15, ne = early < AW ? early : AW;
     if (tid == 0)
         for (int j = 0; j < ne; j++) ask_w(j);
     pdl_entry();
-    if (tid == 0)
-        for (int j = 0; j < AHEAD; j++) {
-            if (j >= ne) ask_w(j);
-            ask_x(j);
-        }
+    if (tid == 0) {
+        for (int j = ne; j < AW; j++) ask_w(j);
+        for (int j = 0; j < AX; j++) ask_x(j);
+    }
     float d[BN / 2];
 #pragma unroll
     for (int i = 0; i < BN / 2; i++) d[i] = 0.f;
 #pragma unroll 1
     for (int j = 0; j < nst; j++) {
-        mbar_wait(bar0 + 8 * (j % ST), (j / ST) & 1); // stage j has landed
-        __syncthreads(); // every warp's group WS_INFLIGHT + 1 stages back is done: its stage may be refilled
+        mbar_wait(bar0 + 8 * (j % STW), (j / STW) & 1); // stage j's weights and activations have landed
+        __syncthreads(); // every warp's group WS_INFLIGHT + 1 stages back is done: its stages may be refilled
         if (tid == 0) {
-            ask_w(j + AHEAD);
-            ask_x(j + AHEAD);
+            ask_w(j + AW);
+            ask_x(j + AX);
         }
-        const unsigned b = base + (j % ST) * SB;
+        const unsigned xb = xbase + (j % XS) * XB, wb = wbase + (j % STW) * WB;
         wg_pin<BN / 2>(d);
         wg_fence();
 #pragma unroll
-        for (int a = 0; a < WS_KA; a++)
-#pragma unroll
-            for (int q = 0; q < WG_RB / 32; q++)
-                wg_mma_n<ES, BN>(d, wg_desc(b + a * AB + 32 * q), wg_desc(b + a * AB + TR * WG_RB + 32 * q));
+        for (int q = 0; q < WG_RB / 32; q++) wg_mma_n<ES, BN>(d, wg_desc(xb + 32 * q), wg_desc(wb + 32 * q));
         wg_commit();
         wg_wait<WS_INFLIGHT>();
         wg_pin<BN / 2>(d);

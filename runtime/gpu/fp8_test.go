@@ -350,3 +350,20 @@ func TestWsPlan(t *testing.T) {
 		}
 	}
 }
+
+// TestWtShape: the TMA kernels' rings (WtShape) fit sm_90's opt-in shared
+// memory with three weight stages at least, and the weight stages are
+// whole swizzle atoms.
+func TestWtShape(t *testing.T) {
+	for _, bn := range wsWidths {
+		if st := wtStages(bn); st < 3 || st > 32 {
+			t.Errorf("n%d: %d weight stages", bn, st)
+		}
+		if bn*wsAtom%1024 != 0 {
+			t.Errorf("n%d: a weight stage is not whole 1024-byte atoms", bn)
+		}
+		if per := wtShared(bn) + 8*wtStages(bn) + 16; per > 232448 {
+			t.Errorf("n%d: a block of %d bytes does not fit an sm_90 SM", bn, per)
+		}
+	}
+}

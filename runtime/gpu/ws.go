@@ -59,6 +59,19 @@ func wsStages(bn int) int { return min(16, (200<<10-1024)/wsStageBytes(bn)) }
 // the base up to the swizzle's 1024 bytes.
 func wsShared(bn int) int { return wsStages(bn)*wsStageBytes(bn) + 1024 }
 
+// wtXS is WT_XS: the TMA kernels' activation stages (PEFTD_KERNEL_DEFINES
+// may set it); wtSmem is WT_SMEM, their dynamic shared memory at most.
+var wtXS = max(2, kernels.DefinedInt("WT_XS", 3))
+
+const wtSmem = 232448 - 256
+
+// wtStages is WtShape's STW: the TMA kernels' weight stages (32 at most).
+func wtStages(bn int) int { return min(32, (wtSmem-1024-wtXS*wsMaxRows*wsAtom)/(bn*wsAtom)) }
+
+// wtShared is a TMA kernel's dynamic shared memory: 1 KB of alignment, the
+// activation ring and the weight ring.
+func wtShared(bn int) int { return 1024 + wtXS*wsMaxRows*wsAtom + wtStages(bn)*bn*wsAtom }
+
 // loadWS finds prefix_n{BN} (and tprefix_n{BN}, their TMA builds) in mod
 // on an sm_90a card and raises their shared memory limits; nil where none
 // is there.
@@ -83,8 +96,8 @@ func loadWS(ctx *cuda.Context, s *cuda.Stream, mod *cuda.Module, prefix, tprefix
 		if tprefix == "" || !cuda.TMA() {
 			continue
 		}
-		if fn, err = mod.Function(fmt.Sprintf("%s_n%d", tprefix, bn)); err == nil {
-			if err := fn.SetMaxDynamicShared(wsShared(bn)); err != nil {
+		if fn, err = mod.Function(fmt.Sprintf("%s_n%d", tprefix, bn)); err == nil && wtShared(bn) <= maxShared {
+			if err := fn.SetMaxDynamicShared(wtShared(bn)); err != nil {
 				return nil, err
 			}
 			g.tfn[i] = fn
@@ -206,7 +219,7 @@ func (g *wsProduct) launch(s *cuda.Stream, p wsPlan, out, x, sx, w, sw cuda.Devi
 		if err := cuda.EncodeTiled2D(s, &xm, dt, x, uint64(K), uint64(T), uint64(K*g.esize), el, wsMaxRows, cuda.TMapSwizzle128B); err != nil {
 			return fmt.Errorf("gpu: fp8_wt activation map: %w", err)
 		}
-		return fn.Launch(s, cuda.Dim3{X: N / bn, Y: p.split, Z: 1}, cuda.Dim3{X: 128, Y: 1, Z: 1}, wsShared(bn),
+		return fn.Launch(s, cuda.Dim3{X: N / bn, Y: p.split, Z: 1}, cuda.Dim3{X: 128, Y: 1, Z: 1}, wtShared(bn),
 			uint64(out), uint64(g.part.Ptr()), uint64(g.done.Ptr()), &xm, uint64(sx), wm[p.i], uint64(sw), T, N, K, opts)
 	}
 	return g.fn[p.i].Launch(s, cuda.Dim3{X: N / bn, Y: p.split, Z: 1}, cuda.Dim3{X: 128, Y: 1, Z: 1}, wsShared(bn),
