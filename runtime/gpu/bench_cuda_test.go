@@ -405,6 +405,7 @@ type decodeVariant struct {
 	prio                         int    // recordings with the LoRA stream's kernels at its priority (kernelForce.nodePrio: 1 at every row count, -1 at none, 0 the default)
 	wg                           bool   // FP8 weights: fp8_wg (wgmma; PEFTD_WG) for 17-128 rows (fp8State.wgOn)
 	ws                           bool   // FP8 weights: fp8_ws (ws.go; PEFTD_WG) for the 17-64 rows it plans (fp8State.wsOn)
+	wsgu                         bool   // FP8 weights: fp8_ws for the gate/up product only (fp8State.wsWide)
 	nowga                        bool   // FP8 weights: Options.NoFP8Wgmma, every product of 17-64 rows on cuBLASLt (the default routes wgAutoFits' to fp8_wg: fp8State.wgAuto)
 	bwg                          bool   // bf16 weights: gemm_wg (wgmma; PEFTD_WG) for 17-128 rows (kernelForce.bwg)
 	two                          bool   // with wg or bwg: two warpgroups a block (fp8_wg2, gemm_wg2: wgProduct.two)
@@ -432,27 +433,27 @@ func (v decodeVariant) force(f kernelForce) kernelForce {
 // fields of those names; two only where fp8_wg is compiled in).
 type fp8Knobs struct {
 	streamOn, streamOff, wgOn, wgAuto, wgBeside, segOff, splitBeside, padOff bool
-	streamLate, padOld, streamE1Off, streamE1Lone, two, wsOn                 bool
+	streamLate, padOld, streamE1Off, streamE1Lone, two, wsOn, wsWide         bool
 }
 
 // fp8KnobsOf is f's settings as they are.
 func fp8KnobsOf(f *fp8State) fp8Knobs {
 	return fp8Knobs{streamOn: f.streamOn, streamOff: f.streamOff, wgOn: f.wgOn, wgAuto: f.wgAuto, wgBeside: f.wgBeside,
 		segOff: f.segOff, splitBeside: f.splitBeside, padOff: f.padOff, streamLate: f.streamLate, padOld: f.padOld,
-		streamE1Off: f.streamE1Off, streamE1Lone: f.streamE1Lone, two: f.wg != nil && f.wg.two, wsOn: f.wsOn}
+		streamE1Off: f.streamE1Off, streamE1Lone: f.streamE1Lone, two: f.wg != nil && f.wg.two, wsOn: f.wsOn, wsWide: f.wsWide}
 }
 
 // fp8 is the FP8 settings row v asks of f (wgAuto: f's default unless v.nowga).
 func (v decodeVariant) fp8(f *fp8State) fp8Knobs {
 	return fp8Knobs{streamOn: v.fs, streamOff: v.gv, wgOn: v.wg, wgAuto: f.wgAutoDefault && !v.nowga, wgBeside: v.wgBeside,
 		segOff: v.noseg, splitBeside: v.splitBeside, padOff: v.nopad, streamLate: v.fslate, padOld: v.padOld,
-		streamE1Off: v.noe1, streamE1Lone: v.e1lone, two: f.wg != nil && v.two, wsOn: v.ws}
+		streamE1Off: v.noe1, streamE1Lone: v.e1lone, two: f.wg != nil && v.two, wsOn: v.ws, wsWide: v.wsgu}
 }
 
 // apply sets f's settings to k.
 func (k fp8Knobs) apply(f *fp8State) {
 	f.streamOn, f.streamOff, f.wgOn, f.wgAuto, f.wgBeside, f.segOff, f.splitBeside, f.padOff = k.streamOn, k.streamOff, k.wgOn, k.wgAuto, k.wgBeside, k.segOff, k.splitBeside, k.padOff
-	f.streamLate, f.padOld, f.streamE1Off, f.streamE1Lone, f.wsOn = k.streamLate, k.padOld, k.streamE1Off, k.streamE1Lone, k.wsOn
+	f.streamLate, f.padOld, f.streamE1Off, f.streamE1Lone, f.wsOn, f.wsWide = k.streamLate, k.padOld, k.streamE1Off, k.streamE1Lone, k.wsOn, k.wsWide
 	if f.wg != nil {
 		f.wg.two = k.two
 	}
@@ -484,7 +485,7 @@ func (v decodeVariant) label(ads []*lora.Adapter, pdlOK bool) string {
 		on   bool
 		name string
 	}{{v.eager, "eager"}, {v.serial, "serial"}, {v.nopdl && pdlOK, "nopdl"}, {v.ropeHeads, "ropeheads"}, {v.lt, "lt"}, {v.wgFull, "wgfull"}, {v.wgBeside, "wgbeside"}, {v.splitBeside, "splitbeside"}, {v.nopad, "nopad"}, {v.padOld, "padold"}, {v.fslate, "fslate"}, {v.noe1, "noe1"}, {v.e1lone, "e1lone"}, {v.skLate, "late"},
-		{v.fs, "fs"}, {v.gv, "gv"}, {v.noseg, "noseg"}, {v.wg && !v.two, "wg"}, {v.wg && v.two, "wg2"}, {v.ws, "ws"}, {v.nowga, "nowga"}, {v.bwg && !v.two, "bwg"}, {v.bwg && v.two, "bwg2"}, {v.tuned, "tuned"}} {
+		{v.fs, "fs"}, {v.gv, "gv"}, {v.noseg, "noseg"}, {v.wg && !v.two, "wg"}, {v.wg && v.two, "wg2"}, {v.ws, "ws"}, {v.wsgu, "wsgu"}, {v.nowga, "nowga"}, {v.bwg && !v.two, "bwg"}, {v.bwg && v.two, "bwg2"}, {v.tuned, "tuned"}} {
 		if f.on {
 			lbl += "+" + f.name
 		}
@@ -722,7 +723,7 @@ func TestDecodeBench(t *testing.T) {
 		{lora: true, sms: -1, holds: [4]int{16}}, {lora: true, sms: -1, holds: [4]int{32}}, {lora: true, sms: -1, wgFull: true}, {lora: true, sms: -1, wgBeside: true}, {lora: true, sms: -1, splitBeside: true}, {sms: -1, nopad: true}, {lora: true, sms: -1, nopad: true}, {lora: true, sms: -1, kc: 1024}, {lora: true, sms: -1, kc: 512}, {lora: true, sms: -1, kc: 2048}, {lora: true, sms: -1, kc: 4096}, {lora: true, sms: -1, inline: -1}, {lora: true, sms: -1, inline: 0b1011}, {lora: true, sms: -1, pdlJoins: -1}, {lora: true, sms: -1, pdlJoins: 1}, {lora: true, sms: -1, pdlJoins: 3},
 		{sms: -1, wg: true}, {lora: true, sms: -1, wg: true}, {sms: -1, bwg: true}, {lora: true, sms: -1, bwg: true},
 		{sms: -1, nowga: true}, {lora: true, sms: -1, nowga: true},
-		{sms: -1, ws: true}, {lora: true, sms: -1, ws: true},
+		{sms: -1, ws: true}, {lora: true, sms: -1, ws: true}, {sms: -1, wsgu: true}, {lora: true, sms: -1, wsgu: true},
 		{sms: -1, wg: true, two: true}, {lora: true, sms: -1, wg: true, two: true}, {sms: -1, bwg: true, two: true}, {lora: true, sms: -1, bwg: true, two: true},
 		{lora: true, sms: -1, rfold: 1}, {lora: true, sms: -1, rfold: -1},
 		{sms: -1, noseg: true}, {lora: true, sms: -1, noseg: true}, {lora: true, sms: -1, prio: -1}, {lora: true, sms: -1, prio: 1}, {sms: -1, hoist: -1}, {lora: true, sms: -1, hoist: -1}, {sms: -1, hoist: 1}, {lora: true, sms: -1, hoist: 1},
@@ -932,7 +933,7 @@ func TestDecodeBench(t *testing.T) {
 		gb.wg.two = false
 	}
 	if gb.f8 != nil {
-		gb.f8.streamOn, gb.f8.streamOff, gb.f8.wgOn, gb.f8.wgAuto, gb.f8.wgBeside, gb.f8.segOff, gb.f8.wsOn = false, false, false, gb.f8.wgAutoDefault, false, false, false
+		gb.f8.streamOn, gb.f8.streamOff, gb.f8.wgOn, gb.f8.wgAuto, gb.f8.wgBeside, gb.f8.segOff, gb.f8.wsOn, gb.f8.wsWide = false, false, false, gb.f8.wgAutoDefault, false, false, false, false
 		gb.f8.splitBeside, gb.f8.padOff = false, false
 		gb.f8.streamLate, gb.f8.padOld = false, false
 		gb.f8.streamE1Off, gb.f8.streamE1Lone = false, false

@@ -1073,7 +1073,7 @@ func TestFP8WgStream(t *testing.T) {
 		for i := range wsWidths {
 			for _, S := range []int{1, 2, 4, 8} {
 				p := wsPlan{i: i, split: S}
-				if !r.f.ws.valid(p, sz.T, sz.N, sz.K) || sz.N/wsWidths[i]*S > 4*r.ctx.Device().SMs {
+				if !r.f.ws.valid(p, sz.T, sz.N, sz.K) || sz.N/wsWidths[i]*S > r.ctx.Device().SMs {
 					continue
 				}
 				r.f.ws.force = p
