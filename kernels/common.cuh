@@ -823,12 +823,16 @@ __device__ __forceinline__ void wg_body(bf16* __restrict__ out, float* __restric
 #define WS_INFLIGHT 0 // wgmma groups left running while the next stage starts (0 or 1)
 #endif
 #define WS_SMEM (200 * 1024) // a block's stage buffers at most (one block an SM)
+// KA: WS_KA atoms a stage, halved while fewer than 3 stages would fit
+// (runtime/gpu's wsKAFor must agree).
 template <int BN> struct WsShape {
     static constexpr int TR = 64;                 // activation rows staged: the wgmma's M
     static constexpr int AB = (TR + BN) * WG_RB;  // an atom: 128 bytes of each staged row (a multiple of 1024)
-    static constexpr int SB = WS_KA * AB;         // a stage
-    static constexpr int FIT = (WS_SMEM - 1024) / SB;
-    static constexpr int ST = FIT < 16 ? FIT : 16;
+    __host__ __device__ static constexpr int fit(int ka) { return (WS_SMEM - 1024) / (ka * AB); }
+    __host__ __device__ static constexpr int ka(int k) { return k > 1 && fit(k) < 3 ? ka(k / 2) : k; }
+    static constexpr int KA = ka(WS_KA);
+    static constexpr int SB = KA * AB;            // a stage
+    static constexpr int ST = fit(KA) < 16 ? fit(KA) : 16;
     static_assert(BN % 16 == 0 && ST >= 3, "ws_body: weight rows a multiple of 16, 3 stages at least");
 };
 
@@ -838,7 +842,7 @@ __device__ __forceinline__ void ws_body(bf16* __restrict__ out, float* __restric
                                         const unsigned char* __restrict__ qw, const float* __restrict__ sw, int M,
                                         int N, int K, int opts) {
     using W = WsShape<BN>;
-    constexpr int TR = W::TR, AB = W::AB, SB = W::SB, ST = W::ST, AHEAD = ST - 1 - WS_INFLIGHT;
+    constexpr int TR = W::TR, AB = W::AB, SB = W::SB, ST = W::ST, KA = W::KA, AHEAD = ST - 1 - WS_INFLIGHT;
     static_assert(WS_INFLIGHT == 0 || WS_INFLIGHT == 1, "ws_body: WS_INFLIGHT");
     constexpr int CH = WG_RB / 16;                 // 16-byte chunks a staged row
     constexpr int RSTEP = 128 / CH;                // rows between a thread's copies
@@ -847,7 +851,7 @@ __device__ __forceinline__ void ws_body(bf16* __restrict__ out, float* __restric
     __shared__ int last;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, tig = lane & 3;
     const int KB = K * ES, S = gridDim.y, z = blockIdx.y, n0 = blockIdx.x * BN;
-    const int kb0 = z * (KB / S), nst = (KB / S + WS_KA * WG_RB - 1) / (WS_KA * WG_RB); // this split's stages
+    const int kb0 = z * (KB / S), nst = (KB / S + KA * WG_RB - 1) / (KA * WG_RB); // this split's stages
     // opts bit 4: each block starts its K walk at its own stage (and wraps
     // around), so that the blocks reading the same activation lines at one
     // time are few, not the whole grid (the sum's order is the block's)
@@ -864,8 +868,8 @@ __device__ __forceinline__ void ws_body(bf16* __restrict__ out, float* __restric
         if (j >= nst) return;
         const unsigned b = base + (j % ST) * SB + dst0 + TR * WG_RB;
 #pragma unroll
-        for (int a = 0; a < WS_KA; a++) {
-            const int col = (kst(j) * WS_KA + a) * WG_RB;
+        for (int a = 0; a < KA; a++) {
+            const int col = (kst(j) * KA + a) * WG_RB;
             const bool ok = col < KB / S;
 #pragma unroll
             for (int i = 0; i < CW; i++)
@@ -876,8 +880,8 @@ __device__ __forceinline__ void ws_body(bf16* __restrict__ out, float* __restric
         if (j >= nst) return;
         const unsigned b = base + (j % ST) * SB + dst0;
 #pragma unroll
-        for (int a = 0; a < WS_KA; a++) {
-            const int col = (kst(j) * WS_KA + a) * WG_RB;
+        for (int a = 0; a < KA; a++) {
+            const int col = (kst(j) * KA + a) * WG_RB;
             const bool ok = col < KB / S;
 #pragma unroll
             for (int i = 0; i < CX; i++)
@@ -886,9 +890,9 @@ __device__ __forceinline__ void ws_body(bf16* __restrict__ out, float* __restric
     };
     // activation rows M..63 of every stage: zero, once (the copies skip them)
     if (M < TR) {
-        for (int i = tid; i < ST * WS_KA * (TR - M) * CH; i += 128) {
+        for (int i = tid; i < ST * KA * (TR - M) * CH; i += 128) {
             const int ch = i % CH, rest = i / CH, r = M + rest % (TR - M), sa = rest / (TR - M);
-            const unsigned a = base + (sa / WS_KA) * SB + (sa % WS_KA) * AB + r * WG_RB + ch * 16;
+            const unsigned a = base + (sa / KA) * SB + (sa % KA) * AB + r * WG_RB + ch * 16;
             asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(a), "r"(0) : "memory");
         }
     }
@@ -916,7 +920,7 @@ __device__ __forceinline__ void ws_body(bf16* __restrict__ out, float* __restric
         wg_pin<BN / 2>(d);
         wg_fence();
 #pragma unroll
-        for (int a = 0; a < WS_KA; a++)
+        for (int a = 0; a < KA; a++)
 #pragma unroll
             for (int q = 0; q < WG_RB / 32; q++)
                 wg_mma_n<ES, BN>(d, wg_desc(b + a * AB + 32 * q), wg_desc(b + a * AB + TR * WG_RB + 32 * q));
@@ -1031,13 +1035,23 @@ __device__ __forceinline__ void tma_load2d(unsigned dst, const TmaDesc* map, int
 #ifndef WT_XS
 #define WT_XS 3 // activation stages
 #endif
+#ifndef WT_KA
+#define WT_KA 1 // 128-byte K atoms a stage (a box each: the 128-byte swizzle takes 128-byte rows)
+#endif
 #define WT_SMEM (232448 - 256) // a block's dynamic shared memory at most (sm_90's opt-in limit less the static part)
+// KA: WT_KA atoms a stage, halved while fewer than 4 weight stages would
+// fit; XS: WT_XS activation stages, at least 2 + WS_INFLIGHT (one asked
+// ahead). runtime/gpu's wtKAFor, wtXSEff and wtStages must agree.
 template <int BN> struct WtShape {
     static constexpr int TR = 64;
-    static constexpr int XB = TR * WG_RB, WB = BN * WG_RB; // an activation stage, a weight stage
-    static constexpr int FIT = (WT_SMEM - 1024 - WT_XS * XB) / WB;
-    static constexpr int STW = FIT < 32 ? FIT : 32; // weight stages
-    static_assert(STW >= 3 && WT_XS >= 2, "wt_body: too few stages");
+    static constexpr int XS = WT_XS < 2 + WS_INFLIGHT ? 2 + WS_INFLIGHT : WT_XS;
+    static constexpr int XA = TR * WG_RB, WA = BN * WG_RB; // an atom of the activations, of the weights
+    __host__ __device__ static constexpr int fit(int ka) { return (WT_SMEM - 1024 - XS * ka * XA) / (ka * WA); }
+    __host__ __device__ static constexpr int ka(int k) { return k > 1 && fit(k) < 4 ? ka(k / 2) : k; }
+    static constexpr int KA = ka(WT_KA);
+    static constexpr int XB = KA * XA, WB = KA * WA; // an activation stage, a weight stage
+    static constexpr int STW = fit(KA) < 32 ? fit(KA) : 32; // weight stages
+    static_assert(STW >= 3, "wt_body: too few stages");
 };
 
 template <int ES, int BN>
@@ -1045,7 +1059,7 @@ __device__ __forceinline__ void wt_body(bf16* __restrict__ out, float* __restric
                                         const TmaDesc* xmap, const float* __restrict__ sx, const TmaDesc* wmap,
                                         const float* __restrict__ sw, int M, int N, int K, int opts) {
     using W = WtShape<BN>;
-    constexpr int TR = W::TR, XB = W::XB, WB = W::WB, STW = W::STW, XS = WT_XS;
+    constexpr int TR = W::TR, XA = W::XA, WA = W::WA, XB = W::XB, WB = W::WB, STW = W::STW, XS = W::XS, KA = W::KA;
     constexpr int AW = STW - 1 - WS_INFLIGHT, AX = XS - 1 - WS_INFLIGHT; // stages asked ahead of the one multiplied
     static_assert(AX >= 1, "wt_body: WT_XS");
     extern __shared__ __align__(16) unsigned char wsm[];
@@ -1053,23 +1067,28 @@ __device__ __forceinline__ void wt_body(bf16* __restrict__ out, float* __restric
     __shared__ int last;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, tig = lane & 3;
     const int KB = K * ES, S = gridDim.y, z = blockIdx.y, n0 = blockIdx.x * BN;
-    const int kb0 = z * (KB / S), nst = (KB / S + WG_RB - 1) / WG_RB;
+    const int kb0 = z * (KB / S), nst = (KB / S + KA * WG_RB - 1) / (KA * WG_RB);
     const int koff = (opts & 16) ? (int)((long long)blockIdx.x * nst / gridDim.x) : 0;
     const unsigned xbase = ((unsigned)__cvta_generic_to_shared(wsm) + 1023u) & ~1023u, wbase = xbase + XS * XB;
     const unsigned bar0 = (unsigned)__cvta_generic_to_shared(full);
     auto kst = [&](int j) { const int k = j + koff; return k < nst ? k : k - nst; };
-    auto kel = [&](int j) { return (kb0 + kst(j) * WG_RB) / ES; }; // stage j's first K element
+    // stage j's atom a's first K element (a box past the split's K reads
+    // zeros only where it passes K itself: splits are whole stages, the
+    // planner's K ES % (128 S) and KA's stages dividing them)
+    auto kel = [&](int j, int a) { return (kb0 + (kst(j) * KA + a) * WG_RB) / ES; };
     // stage j's boxes (thread 0): the weights' with the stage's whole count
     // (the activations' box lands on the same barrier, asked later)
     auto ask_w = [&](int j) {
         if (j >= nst) return;
         const unsigned bar = bar0 + 8 * (j % STW);
         mbar_expect_tx(bar, WB + XB);
-        tma_load2d(wbase + (j % STW) * WB, wmap, kel(j), n0, bar);
+#pragma unroll
+        for (int a = 0; a < KA; a++) tma_load2d(wbase + (j % STW) * WB + a * WA, wmap, kel(j, a), n0, bar);
     };
     auto ask_x = [&](int j) {
         if (j >= nst) return;
-        tma_load2d(xbase + (j % XS) * XB, xmap, kel(j), 0, bar0 + 8 * (j % STW));
+#pragma unroll
+        for (int a = 0; a < KA; a++) tma_load2d(xbase + (j % XS) * XB + a * XA, xmap, kel(j, a), 0, bar0 + 8 * (j % STW));
     };
     if (tid == 0) {
         for (int i = 0; i < STW; i++) mbar_init(bar0 + 8 * i, 1);
@@ -1100,7 +1119,9 @@ __device__ __forceinline__ void wt_body(bf16* __restrict__ out, float* __restric
         wg_pin<BN / 2>(d);
         wg_fence();
 #pragma unroll
-        for (int q = 0; q < WG_RB / 32; q++) wg_mma_n<ES, BN>(d, wg_desc(xb + 32 * q), wg_desc(wb + 32 * q));
+        for (int a = 0; a < KA; a++)
+#pragma unroll
+            for (int q = 0; q < WG_RB / 32; q++) wg_mma_n<ES, BN>(d, wg_desc(xb + a * XA + 32 * q), wg_desc(wb + a * WA + 32 * q));
         wg_commit();
         wg_wait<WS_INFLIGHT>();
         wg_pin<BN / 2>(d);

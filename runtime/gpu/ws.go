@@ -47,13 +47,25 @@ const (
 // wsKA is WS_KA: 128-byte atoms a stage (PEFTD_KERNEL_DEFINES may set it).
 var wsKA = max(1, kernels.DefinedInt("WS_KA", 1))
 
-// wsStageBytes is WsShape's SB: WS_KA atoms of the 64 activation rows and
-// bn weight rows.
-func wsStageBytes(bn int) int { return wsKA * (wsMaxRows + bn) * wsAtom }
+// wsFit is how many stages of ka atoms (of the 64 activation rows and bn
+// weight rows) 200 KB less the alignment holds.
+func wsFit(bn, ka int) int { return (200<<10 - 1024) / (ka * (wsMaxRows + bn) * wsAtom) }
 
-// wsStages is WsShape's ST: as many stages as 200 KB less the alignment
-// holds, 16 at most.
-func wsStages(bn int) int { return min(16, (200<<10-1024)/wsStageBytes(bn)) }
+// wsKAFor is WsShape's KA: WS_KA atoms a stage, halved while fewer than 3
+// stages would fit.
+func wsKAFor(bn int) int {
+	ka := wsKA
+	for ka > 1 && wsFit(bn, ka) < 3 {
+		ka /= 2
+	}
+	return ka
+}
+
+// wsStageBytes is WsShape's SB.
+func wsStageBytes(bn int) int { return wsKAFor(bn) * (wsMaxRows + bn) * wsAtom }
+
+// wsStages is WsShape's ST: as many stages as fit, 16 at most.
+func wsStages(bn int) int { return min(16, wsFit(bn, wsKAFor(bn))) }
 
 // wsShared is a block's dynamic shared memory: its stages and 1 KB to round
 // the base up to the swizzle's 1024 bytes.
@@ -61,16 +73,35 @@ func wsShared(bn int) int { return wsStages(bn)*wsStageBytes(bn) + 1024 }
 
 // wtXS is WT_XS: the TMA kernels' activation stages (PEFTD_KERNEL_DEFINES
 // may set it); wtSmem is WT_SMEM, their dynamic shared memory at most.
-var wtXS = max(2, kernels.DefinedInt("WT_XS", 3))
+// WtShape's XS is WT_XS, at least 2 + WS_INFLIGHT.
+var (
+	wsInflight = kernels.DefinedInt("WS_INFLIGHT", 0)
+	wtXS       = max(2+wsInflight, kernels.DefinedInt("WT_XS", 3))
+	wtKA       = max(1, kernels.DefinedInt("WT_KA", 1)) // WT_KA: 128-byte K atoms a stage at most
+)
 
 const wtSmem = 232448 - 256
 
+// wtFit is how many weight stages of ka atoms of bn rows fit beside the
+// activation ring.
+func wtFit(bn, ka int) int { return (wtSmem - 1024 - wtXS*ka*wsMaxRows*wsAtom) / (ka * bn * wsAtom) }
+
+// wtKAFor is WtShape's KA: WT_KA atoms a stage, halved while fewer than 4
+// weight stages would fit.
+func wtKAFor(bn int) int {
+	ka := wtKA
+	for ka > 1 && wtFit(bn, ka) < 4 {
+		ka /= 2
+	}
+	return ka
+}
+
 // wtStages is WtShape's STW: the TMA kernels' weight stages (32 at most).
-func wtStages(bn int) int { return min(32, (wtSmem-1024-wtXS*wsMaxRows*wsAtom)/(bn*wsAtom)) }
+func wtStages(bn int) int { return min(32, wtFit(bn, wtKAFor(bn))) }
 
 // wtShared is a TMA kernel's dynamic shared memory: 1 KB of alignment, the
 // activation ring and the weight ring.
-func wtShared(bn int) int { return 1024 + wtXS*wsMaxRows*wsAtom + wtStages(bn)*bn*wsAtom }
+func wtShared(bn int) int { return 1024 + wtKAFor(bn)*(wtXS*wsMaxRows+wtStages(bn)*bn)*wsAtom }
 
 // loadWS finds prefix_n{BN} (and tprefix_n{BN}, their TMA builds) in mod
 // on an sm_90a card and raises their shared memory limits; nil where none
@@ -145,14 +176,17 @@ type wsPlan struct{ i, split int }
 func (p wsPlan) String() string { return fmt.Sprintf("n%dx%d", wsWidths[p.i], p.split) }
 
 // valid reports whether plan p computes a T x N x K product: a loaded
-// kernel, N whole blocks of its rows, each split whole atoms of K, and
+// kernel, N whole blocks of its rows, each split whole stages of K, and
 // room for the partials and counters.
 func (g *wsProduct) valid(p wsPlan, T, N, K int) bool {
 	if g == nil || T < 1 || T > wsMaxRows || p.i < 0 || p.i >= len(wsWidths) || g.fn[p.i] == nil || p.split < 1 {
 		return false
 	}
 	bn := wsWidths[p.i]
-	return N%bn == 0 && N/bn <= wgMaxTiles && (K*g.esize)%(wsAtom*p.split) == 0 && (p.split == 1 || p.split*N <= wsMaxPart)
+	// each split whole stages (a TMA box past a split's K would read the
+	// next split's, not zeros)
+	stage := wsAtom * max(wsKAFor(bn), wtKAFor(bn))
+	return N%bn == 0 && N/bn <= wgMaxTiles && (K*g.esize)%(stage*p.split) == 0 && (p.split == 1 || p.split*N <= wsMaxPart)
 }
 
 // plan picks the kernel and K split of a T x N x K product (ok false: none
