@@ -836,6 +836,72 @@ template <int BN> struct WsShape {
     static_assert(BN % 16 == 0 && ST >= 3, "ws_body: weight rows a multiple of 16, 3 stages at least");
 };
 
+// ws_store: the end of ws_body and wt_body for the accumulators d of
+// block (blockIdx.x, split z): rows m = 16 warp + g (+8) below M, weight
+// rows n0 + 8 j + 2 tig (+1), scaled (sx[m] sw[n] where set), rounded and
+// stored with one split; with gridDim.y splits, float32 partials
+// [tile][split][64][BN] and the tile's last block (done's counter; last:
+// a __shared__ int) sums them in split order, its own read back too (the
+// same bits whichever block is last), stores, and leaves the counter at
+// zero. Every thread of the block calls it (its barriers are the block's).
+template <int BN>
+__device__ __forceinline__ void ws_store(float* d, bf16* __restrict__ out, float* __restrict__ part, int* __restrict__ done,
+                                         const float* __restrict__ sx, const float* __restrict__ sw, int M, int N, int n0,
+                                         int z, int* last) {
+    constexpr int TR = 64;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, tig = lane & 3, S = gridDim.y;
+    const int m0 = 16 * warp + g;
+    auto put = [&](const float* v) {
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            const int m = m0 + 8 * h;
+            if (m >= M) continue;
+            const float a = sx ? sx[m] : 1.f;
+#pragma unroll
+            for (int j = 0; j < BN / 8; j++) {
+                const int n = n0 + 8 * j + 2 * tig;
+                const float s0 = sw ? a * sw[n] : a, s1 = sw ? a * sw[n + 1] : a;
+                *reinterpret_cast<__nv_bfloat162*>(out + (long long)m * N + n) =
+                    __floats2bfloat162_rn(v[4 * j + 2 * h] * s0, v[4 * j + 2 * h + 1] * s1);
+            }
+        }
+    };
+    if (S == 1) {
+        put(d);
+        return;
+    }
+    float* tp = part + (long long)blockIdx.x * S * TR * BN;
+    auto at = [&](int s, int h, int j) { return tp + ((long long)s * TR + m0 + 8 * h) * BN + 8 * j + 2 * tig; };
+#pragma unroll
+    for (int h = 0; h < 2; h++)
+        if (m0 + 8 * h < M)
+#pragma unroll
+            for (int j = 0; j < BN / 8; j++) *reinterpret_cast<float2*>(at(z, h, j)) = make_float2(d[4 * j + 2 * h], d[4 * j + 2 * h + 1]);
+    __syncthreads();
+    if (tid == 0) {
+        __threadfence(); // the block's partials before its count (cumulative, after the barrier)
+        *last = atomicAdd(done + blockIdx.x, 1) == S - 1;
+        if (*last) __threadfence();
+    }
+    __syncthreads();
+    if (!*last) return;
+#pragma unroll
+    for (int i = 0; i < BN / 2; i++) d[i] = 0.f;
+    for (int s = 0; s < S; s++) {
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            if (m0 + 8 * h >= M) continue;
+#pragma unroll
+            for (int j = 0; j < BN / 8; j++) {
+                const float2 p = __ldcg(reinterpret_cast<const float2*>(at(s, h, j)));
+                d[4 * j + 2 * h] += p.x, d[4 * j + 2 * h + 1] += p.y;
+            }
+        }
+    }
+    put(d);
+    if (tid == 0) done[blockIdx.x] = 0; // ready for the next launch
+}
+
 template <int ES, int BN>
 __device__ __forceinline__ void ws_body(bf16* __restrict__ out, float* __restrict__ part, int* __restrict__ done,
                                         const unsigned char* __restrict__ qx, const float* __restrict__ sx,
@@ -849,7 +915,7 @@ __device__ __forceinline__ void ws_body(bf16* __restrict__ out, float* __restric
     constexpr int CX = TR / RSTEP, CW = BN / RSTEP; // a thread's activation and weight rows an atom
     extern __shared__ __align__(16) unsigned char wsm[];
     __shared__ int last;
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, tig = lane & 3;
+    const int tid = threadIdx.x;
     const int KB = K * ES, S = gridDim.y, z = blockIdx.y, n0 = blockIdx.x * BN;
     const int kb0 = z * (KB / S), nst = (KB / S + KA * WG_RB - 1) / (KA * WG_RB); // this split's stages
     // opts bit 4: each block starts its K walk at its own stage (and wraps
@@ -931,60 +997,7 @@ __device__ __forceinline__ void ws_body(bf16* __restrict__ out, float* __restric
     wg_wait<0>();
     wg_pin<BN / 2>(d);
     cp_async_wait<0>();
-    // the store: rows m = 16 warp + g (+8), weight rows n0 + 8 j + 2 tig (+1)
-    const int m0 = 16 * warp + g;
-    auto put = [&](const float* v) {
-#pragma unroll
-        for (int h = 0; h < 2; h++) {
-            const int m = m0 + 8 * h;
-            if (m >= M) continue;
-            const float a = sx ? sx[m] : 1.f;
-#pragma unroll
-            for (int j = 0; j < BN / 8; j++) {
-                const int n = n0 + 8 * j + 2 * tig;
-                const float s0 = sw ? a * sw[n] : a, s1 = sw ? a * sw[n + 1] : a;
-                *reinterpret_cast<__nv_bfloat162*>(out + (long long)m * N + n) =
-                    __floats2bfloat162_rn(v[4 * j + 2 * h] * s0, v[4 * j + 2 * h + 1] * s1);
-            }
-        }
-    };
-    if (S == 1) {
-        put(d);
-        return;
-    }
-    // the splits: partials [tile][split][64][BN], this thread's pairs
-    float* tp = part + (long long)blockIdx.x * S * TR * BN;
-    auto at = [&](int s, int h, int j) { return tp + ((long long)s * TR + m0 + 8 * h) * BN + 8 * j + 2 * tig; };
-#pragma unroll
-    for (int h = 0; h < 2; h++)
-        if (m0 + 8 * h < M)
-#pragma unroll
-            for (int j = 0; j < BN / 8; j++) *reinterpret_cast<float2*>(at(z, h, j)) = make_float2(d[4 * j + 2 * h], d[4 * j + 2 * h + 1]);
-    __syncthreads();
-    if (tid == 0) {
-        __threadfence(); // the block's partials before its count (cumulative, after the barrier)
-        last = atomicAdd(done + blockIdx.x, 1) == S - 1;
-        if (last) __threadfence();
-    }
-    __syncthreads();
-    if (!last) return;
-    // the sum in split order, this block's own partial read back too (the
-    // same bits whichever block is last; d's registers hold it)
-#pragma unroll
-    for (int i = 0; i < BN / 2; i++) d[i] = 0.f;
-    for (int s = 0; s < S; s++) {
-#pragma unroll
-        for (int h = 0; h < 2; h++) {
-            if (m0 + 8 * h >= M) continue;
-#pragma unroll
-            for (int j = 0; j < BN / 8; j++) {
-                const float2 p = __ldcg(reinterpret_cast<const float2*>(at(s, h, j)));
-                d[4 * j + 2 * h] += p.x, d[4 * j + 2 * h + 1] += p.y;
-            }
-        }
-    }
-    put(d);
-    if (tid == 0) done[blockIdx.x] = 0; // ready for the next launch
+    ws_store<BN>(d, out, part, done, sx, sw, M, N, n0, z, &last);
 }
 
 // ---------------------------------------------------------------------------
@@ -1065,7 +1078,7 @@ __device__ __forceinline__ void wt_body(bf16* __restrict__ out, float* __restric
     extern __shared__ __align__(16) unsigned char wsm[];
     __shared__ __align__(8) unsigned long long full[STW];
     __shared__ int last;
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, tig = lane & 3;
+    const int tid = threadIdx.x;
     const int KB = K * ES, S = gridDim.y, z = blockIdx.y, n0 = blockIdx.x * BN;
     const int kb0 = z * (KB / S), nst = (KB / S + KA * WG_RB - 1) / (KA * WG_RB);
     const int koff = (opts & 16) ? (int)((long long)blockIdx.x * nst / gridDim.x) : 0;
@@ -1128,77 +1141,21 @@ __device__ __forceinline__ void wt_body(bf16* __restrict__ out, float* __restric
     }
     wg_wait<0>();
     wg_pin<BN / 2>(d);
-    const int m0 = 16 * warp + g;
-    auto put = [&](const float* v) {
-#pragma unroll
-        for (int h = 0; h < 2; h++) {
-            const int m = m0 + 8 * h;
-            if (m >= M) continue;
-            const float a = sx ? sx[m] : 1.f;
-#pragma unroll
-            for (int j = 0; j < BN / 8; j++) {
-                const int n = n0 + 8 * j + 2 * tig;
-                const float s0 = sw ? a * sw[n] : a, s1 = sw ? a * sw[n + 1] : a;
-                *reinterpret_cast<__nv_bfloat162*>(out + (long long)m * N + n) =
-                    __floats2bfloat162_rn(v[4 * j + 2 * h] * s0, v[4 * j + 2 * h + 1] * s1);
-            }
-        }
-    };
-    if (S == 1) {
-        put(d);
-        return;
-    }
-    float* tp = part + (long long)blockIdx.x * S * TR * BN;
-    auto at = [&](int s, int h, int j) { return tp + ((long long)s * TR + m0 + 8 * h) * BN + 8 * j + 2 * tig; };
-#pragma unroll
-    for (int h = 0; h < 2; h++)
-        if (m0 + 8 * h < M)
-#pragma unroll
-            for (int j = 0; j < BN / 8; j++) *reinterpret_cast<float2*>(at(z, h, j)) = make_float2(d[4 * j + 2 * h], d[4 * j + 2 * h + 1]);
-    __syncthreads();
-    if (tid == 0) {
-        __threadfence();
-        last = atomicAdd(done + blockIdx.x, 1) == S - 1;
-        if (last) __threadfence();
-    }
-    __syncthreads();
-    if (!last) return;
-#pragma unroll
-    for (int i = 0; i < BN / 2; i++) d[i] = 0.f;
-    for (int s = 0; s < S; s++) {
-#pragma unroll
-        for (int h = 0; h < 2; h++) {
-            if (m0 + 8 * h >= M) continue;
-#pragma unroll
-            for (int j = 0; j < BN / 8; j++) {
-                const float2 p = __ldcg(reinterpret_cast<const float2*>(at(s, h, j)));
-                d[4 * j + 2 * h] += p.x, d[4 * j + 2 * h + 1] += p.y;
-            }
-        }
-    }
-    put(d);
-    if (tid == 0) done[blockIdx.x] = 0;
+    ws_store<BN>(d, out, part, done, sx, sw, M, N, n0, z, &last);
 }
 
-// WT_KERNELS(prefix, ES, ARGS, PASS): prefix_n{32,48,64,96,128,224,256} on wt_body.
-#define WT_KERNELS(prefix, ES, ARGS, PASS)                                                                   \
-    extern "C" __global__ void __launch_bounds__(128, 1) prefix##_n32(ARGS) { wt_body<ES, 32>(PASS); }   \
-    extern "C" __global__ void __launch_bounds__(128, 1) prefix##_n48(ARGS) { wt_body<ES, 48>(PASS); }   \
-    extern "C" __global__ void __launch_bounds__(128, 1) prefix##_n64(ARGS) { wt_body<ES, 64>(PASS); }   \
-    extern "C" __global__ void __launch_bounds__(128, 1) prefix##_n96(ARGS) { wt_body<ES, 96>(PASS); }   \
-    extern "C" __global__ void __launch_bounds__(128, 1) prefix##_n128(ARGS) { wt_body<ES, 128>(PASS); } \
-    extern "C" __global__ void __launch_bounds__(128, 1) prefix##_n224(ARGS) { wt_body<ES, 224>(PASS); } \
-    extern "C" __global__ void __launch_bounds__(128, 1) prefix##_n256(ARGS) { wt_body<ES, 256>(PASS); }
-
-// WS_KERNELS(prefix, ES, ARGS, PASS): prefix_n{32,48,64,96,128,224,256}.
-#define WS_KERNELS(prefix, ES, ARGS, PASS)                                                                   \
-    extern "C" __global__ void __launch_bounds__(128, 1) prefix##_n32(ARGS) { ws_body<ES, 32>(PASS); }   \
-    extern "C" __global__ void __launch_bounds__(128, 1) prefix##_n48(ARGS) { ws_body<ES, 48>(PASS); }   \
-    extern "C" __global__ void __launch_bounds__(128, 1) prefix##_n64(ARGS) { ws_body<ES, 64>(PASS); }   \
-    extern "C" __global__ void __launch_bounds__(128, 1) prefix##_n96(ARGS) { ws_body<ES, 96>(PASS); }   \
-    extern "C" __global__ void __launch_bounds__(128, 1) prefix##_n128(ARGS) { ws_body<ES, 128>(PASS); } \
-    extern "C" __global__ void __launch_bounds__(128, 1) prefix##_n224(ARGS) { ws_body<ES, 224>(PASS); } \
-    extern "C" __global__ void __launch_bounds__(128, 1) prefix##_n256(ARGS) { ws_body<ES, 256>(PASS); }
+// WS_WIDTHS(prefix, body, ES, ARGS, PASS): prefix_n{32,48,64,96,128,224,256}
+// on body (ws_body or wt_body), one block an SM. ARGS and PASS are a
+// module's macros, named here (a macro passing them on would expand them
+// into too many arguments).
+#define WS_WIDTHS(prefix, body, ES, ARGS, PASS)                                                           \
+    extern "C" __global__ void __launch_bounds__(128, 1) prefix##_n32(ARGS) { body<ES, 32>(PASS); }   \
+    extern "C" __global__ void __launch_bounds__(128, 1) prefix##_n48(ARGS) { body<ES, 48>(PASS); }   \
+    extern "C" __global__ void __launch_bounds__(128, 1) prefix##_n64(ARGS) { body<ES, 64>(PASS); }   \
+    extern "C" __global__ void __launch_bounds__(128, 1) prefix##_n96(ARGS) { body<ES, 96>(PASS); }   \
+    extern "C" __global__ void __launch_bounds__(128, 1) prefix##_n128(ARGS) { body<ES, 128>(PASS); } \
+    extern "C" __global__ void __launch_bounds__(128, 1) prefix##_n224(ARGS) { body<ES, 224>(PASS); } \
+    extern "C" __global__ void __launch_bounds__(128, 1) prefix##_n256(ARGS) { body<ES, 256>(PASS); }
 
 // WG_KERNELS(prefix, ES, ARGS, PASS): a module's six wgmma kernels,
 // prefix_n{32,64,128} (one warpgroup a block) and prefix2_n{32,64,128}

@@ -399,13 +399,13 @@ WG_KERNELS(fp8_wg, 1, FP8_SKINNY_ARGS, FP8_SKINNY_PASS)
     bf16 *out, float *part, int *done, const unsigned char *qx, const float *sx, const unsigned char *qw, const float *sw, \
         int M, int N, int K, int opts
 #define FP8_WS_PASS out, part, done, qx, sx, qw, sw, M, N, K, opts
-WS_KERNELS(fp8_ws, 1, FP8_WS_ARGS, FP8_WS_PASS)
+WS_WIDTHS(fp8_ws, ws_body, 1, FP8_WS_ARGS, FP8_WS_PASS)
 // fp8_wt_n*: the same products with each stage copied by TMA (wt_body).
 #define FP8_WT_ARGS                                                                                      \
     bf16 *out, float *part, int *done, const __grid_constant__ TmaDesc xmap, const float *sx,           \
         const __grid_constant__ TmaDesc wmap, const float *sw, int M, int N, int K, int opts
 #define FP8_WT_PASS out, part, done, &xmap, sx, &wmap, sw, M, N, K, opts
-WT_KERNELS(fp8_wt, 1, FP8_WT_ARGS, FP8_WT_PASS)
+WS_WIDTHS(fp8_wt, wt_body, 1, FP8_WT_ARGS, FP8_WT_PASS)
 #endif
 
 // fp8_splitk_reduce: the sum of a K-split product's float32 partials

@@ -1106,6 +1106,21 @@ func TestFP8WgStream(t *testing.T) {
 
 // fp8WsCase is one shape and plan of TestFP8WgStream.
 func fp8WsCase(t *testing.T, r *fp8Rig, p wsPlan, T, N, K int) {
+	label := fmt.Sprintf("fp8_ws %v, %d blocks, TMA %v, stagger %v", p, N/wsWidths[p.i]*p.split,
+		r.f.ws.tfn[p.i] != nil && !r.f.ws.noTMA, !r.f.ws.noStagger)
+	fp8ProductCase(t, r, label, T, N, K, func(on bool) { r.f.wsOn = on })
+}
+
+// fp8WgmmaCase is one shape of TestFP8Wgmma with the wgmma build chosen.
+func fp8WgmmaCase(t *testing.T, r *fp8Rig, name string, T, N, K int) {
+	label := fmt.Sprintf("%s, %d blocks", name, r.f.wg.grid(T, N, K))
+	fp8ProductCase(t, r, label, T, N, K, func(on bool) { r.f.wgOn = on })
+}
+
+// fp8ProductCase checks one T x N x K FP8 product of the kernel on turns
+// on (label names it) against the float64 product of the dequantized
+// operands and fp8_gemm_skinny, and a second launch bit for bit.
+func fp8ProductCase(t *testing.T, r *fp8Rig, label string, T, N, K int, on func(bool)) {
 	const tight = 4e-3 // bf16 output rounding
 	xh, wh := r.bf16Rand(T*K, 1), r.bf16Rand(N*K, 0.02)
 	dx := r.up(xh)
@@ -1114,13 +1129,15 @@ func fp8WsCase(t *testing.T, r *fp8Rig, p wsPlan, T, N, K int) {
 		t.Fatal(err)
 	}
 	defer r.dropWeight(w)
-	run := func(ws bool) []uint16 {
-		r.f.wsOn, r.f.skTop = ws, skinnyMaxRows
+	run := func(kernel bool) []uint16 {
+		on(kernel)
+		r.f.skTop = skinnyMaxRows
+		defer on(false)
 		out := r.alloc(2 * T * N)
 		r.s.Memset8(out.Ptr(), 0xFF, 2*T*N) // NaN poison: every element must be written
 		r.f.invalidate()
 		if err := r.f.linear(out.Ptr(), dx.Ptr(), T, w, 1); err != nil {
-			t.Fatalf("fp8_ws %v T=%d N=%d K=%d (ws %v): %v", p, T, N, K, ws, err)
+			t.Fatalf("%s T=%d N=%d K=%d (on %v): %v", label, T, N, K, kernel, err)
 		}
 		g := make([]uint16, T*N)
 		cuda.CopyDtoH(r.s, g, out.Ptr())
@@ -1137,64 +1154,15 @@ func fp8WsCase(t *testing.T, r *fp8Rig, p wsPlan, T, N, K int) {
 		fw[i], fs[i] = fromBF16(gw[i]), float64(fromBF16(gs[i]))
 	}
 	eDeq, eSk := relErr64(fw, deq), relErr64(fw, fs)
-	t.Logf("T=%4d N=%5d K=%5d (fp8_ws %v, %d blocks, TMA %v, stagger %v): vs float64(dequantized) maxrel=%.3g; vs fp8_gemm_skinny %.3g",
-		T, N, K, p, N/wsWidths[p.i]*p.split, r.f.ws.tfn[p.i] != nil && !r.f.ws.noTMA, !r.f.ws.noStagger, eDeq, eSk)
+	t.Logf("T=%4d N=%5d K=%5d (%s): vs float64(dequantized) maxrel=%.3g; vs fp8_gemm_skinny %.3g", T, N, K, label, eDeq, eSk)
 	if !(eDeq <= tight) {
-		t.Errorf("fp8_ws %v T=%d N=%d K=%d: vs dequantized float64 reference %.3g > %.0e", p, T, N, K, eDeq, tight)
+		t.Errorf("%s T=%d N=%d K=%d: vs dequantized float64 reference %.3g > %.0e", label, T, N, K, eDeq, tight)
 	}
 	if !(eSk <= tight) {
-		t.Errorf("fp8_ws %v T=%d N=%d K=%d: vs fp8_gemm_skinny %.3g > %.0e", p, T, N, K, eSk, tight)
+		t.Errorf("%s T=%d N=%d K=%d: vs fp8_gemm_skinny %.3g > %.0e", label, T, N, K, eSk, tight)
 	}
 	if !slices.Equal(gw, gw2) {
-		t.Errorf("fp8_ws %v T=%d N=%d K=%d: a second product differs from the first", p, T, N, K)
-	}
-}
-
-// fp8WgmmaCase is one shape of TestFP8Wgmma with the wgmma build chosen.
-func fp8WgmmaCase(t *testing.T, r *fp8Rig, name string, T, N, K int) {
-	const tight = 4e-3 // bf16 output rounding
-	xh, wh := r.bf16Rand(T*K, 1), r.bf16Rand(N*K, 0.02)
-	dx := r.up(xh)
-	w, err := r.f.upload(wh, N, K)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer func() {
-		r.dropWeight(w)
-	}()
-	run := func(wg bool) []uint16 {
-		r.f.wgOn, r.f.skTop = wg, skinnyMaxRows
-		out := r.alloc(2 * T * N)
-		r.s.Memset8(out.Ptr(), 0xFF, 2*T*N) // NaN poison: every element must be written
-		r.f.invalidate()
-		if err := r.f.linear(out.Ptr(), dx.Ptr(), T, w, 1); err != nil {
-			t.Fatalf("%s T=%d N=%d K=%d (wgmma %v): %v", name, T, N, K, wg, err)
-		}
-		g := make([]uint16, T*N)
-		cuda.CopyDtoH(r.s, g, out.Ptr())
-		r.sync()
-		return g
-	}
-	gw, gw2, gs := run(true), run(true), run(false)
-	qx, sx, qw, sw := r.operands(T, K, w)
-	deq := gemmRef(T, N, K,
-		func(i, k int) float64 { return float64(safetensors.E4M3ToFloat32(qx[i*K+k])) * float64(sx[i]) },
-		func(j, k int) float64 { return float64(safetensors.E4M3ToFloat32(qw[j*K+k])) * float64(sw[j]) })
-	fw, fs := make([]float32, len(gw)), make([]float64, len(gs))
-	for i := range gw {
-		fw[i], fs[i] = fromBF16(gw[i]), float64(fromBF16(gs[i]))
-	}
-	eDeq, eSk := relErr64(fw, deq), relErr64(fw, fs)
-	t.Logf("T=%4d N=%5d K=%5d (%s, %d blocks): vs float64(dequantized) maxrel=%.3g; vs fp8_gemm_skinny %.3g",
-		T, N, K, name, r.f.wg.grid(T, N, K), eDeq, eSk)
-	if !(eDeq <= tight) {
-		t.Errorf("%s T=%d N=%d K=%d: vs dequantized float64 reference %.3g > %.0e", name, T, N, K, eDeq, tight)
-	}
-	if !(eSk <= tight) {
-		t.Errorf("%s T=%d N=%d K=%d: vs fp8_gemm_skinny %.3g > %.0e", name, T, N, K, eSk, tight)
-	}
-	if !slices.Equal(gw, gw2) {
-		t.Errorf("%s T=%d N=%d K=%d: a second product differs from the first", name, T, N, K)
+		t.Errorf("%s T=%d N=%d K=%d: a second product differs from the first", label, T, N, K)
 	}
 }
 

@@ -116,16 +116,39 @@ func loadWG(ctx *cuda.Context, s *cuda.Stream, mod *cuda.Module, prefix string, 
 		return nil, nil
 	}
 	var err error
-	if g.part, err = ctx.Alloc(wgPartBytes(g.sms)); err == nil {
-		if g.done, err = ctx.Alloc(4 * wgMaxTiles); err == nil {
-			err = s.Memset8(g.done.Ptr(), 0, 4*wgMaxTiles)
-		}
-	}
-	if err != nil {
-		g.free()
+	if g.part, g.done, err = splitBuffers(ctx, s, wgPartBytes(g.sms)); err != nil {
 		return nil, fmt.Errorf("gpu: %s's split buffers: %w", prefix, err)
 	}
 	return g, nil
+}
+
+// splitBuffers allocates a split product's float32 partials (partBytes)
+// and wgMaxTiles per-tile counters, zeroed (the kernels leave them at zero
+// between launches); on an error nothing is kept.
+func splitBuffers(ctx *cuda.Context, s *cuda.Stream, partBytes int) (part, done *cuda.DeviceBuffer, err error) {
+	if part, err = ctx.Alloc(partBytes); err != nil {
+		return nil, nil, err
+	}
+	if done, err = ctx.Alloc(4 * wgMaxTiles); err == nil {
+		err = s.Memset8(done.Ptr(), 0, 4*wgMaxTiles)
+	}
+	if err != nil {
+		freeSplit(&part, &done)
+		return nil, nil, err
+	}
+	return part, done, nil
+}
+
+// freeSplit releases a split product's buffers and clears them (nil-safe).
+func freeSplit(part, done **cuda.DeviceBuffer) error {
+	var first error
+	for _, b := range []**cuda.DeviceBuffer{part, done} {
+		if err := (*b).Free(); err != nil && first == nil {
+			first = err
+		}
+		*b = nil
+	}
+	return first
 }
 
 // free releases the split buffers (nil-safe).
@@ -133,14 +156,7 @@ func (g *wgProduct) free() error {
 	if g == nil {
 		return nil
 	}
-	var first error
-	for _, b := range []*cuda.DeviceBuffer{g.part, g.done} {
-		if err := b.Free(); err != nil && first == nil {
-			first = err
-		}
-	}
-	g.part, g.done = nil, nil
-	return first
+	return freeSplit(&g.part, &g.done)
 }
 
 // set is the variants launched: fn, or fn2 with two.

@@ -138,13 +138,7 @@ func loadWS(ctx *cuda.Context, s *cuda.Stream, mod *cuda.Module, prefix, tprefix
 		return nil, nil
 	}
 	var err error
-	if g.part, err = ctx.Alloc(wsMaxPart * wsMaxRows * 4); err == nil {
-		if g.done, err = ctx.Alloc(4 * wgMaxTiles); err == nil {
-			err = s.Memset8(g.done.Ptr(), 0, 4*wgMaxTiles)
-		}
-	}
-	if err != nil {
-		g.free()
+	if g.part, g.done, err = splitBuffers(ctx, s, wsMaxPart*wsMaxRows*4); err != nil {
 		return nil, fmt.Errorf("gpu: %s's split buffers: %w", prefix, err)
 	}
 	return g, nil
@@ -155,14 +149,7 @@ func (g *wsProduct) free() error {
 	if g == nil {
 		return nil
 	}
-	var first error
-	for _, b := range []*cuda.DeviceBuffer{g.part, g.done} {
-		if err := b.Free(); err != nil && first == nil {
-			first = err
-		}
-	}
-	g.part, g.done = nil, nil
-	return first
+	return freeSplit(&g.part, &g.done)
 }
 
 // SetSMTarget makes the products enqueued from now on plan for n SMs (0:
