@@ -67,7 +67,15 @@ func newFP8Rig(t testing.TB) *fp8Rig {
 	if r.mm, err = ctx.NewMatmul(32 << 20); err != nil {
 		t.Fatal(err)
 	}
-	if r.f, err = newFP8(ctx, r.s, r.mm, kernels.Options{}); err != nil {
+	// the module the Backend loads: on sm_90a the wgmma build (fp8_wg,
+	// fp8_ws, fp8_wt; Backend.init), so that their tests run by default
+	if ctx.Device().Arch() == "sm_90a" && !kernels.Defined("PEFTD_WG") {
+		r.f, _ = newFP8(ctx, r.s, r.mm, kernels.Options{Extra: kernels.FP8Wgmma})
+	}
+	if r.f == nil {
+		r.f, err = newFP8(ctx, r.s, r.mm, kernels.Options{})
+	}
+	if err != nil {
 		t.Fatal(err)
 	}
 	return r
@@ -1054,10 +1062,10 @@ func TestFP8Wgmma(t *testing.T) {
 func TestFP8WgStream(t *testing.T) {
 	r := newFP8Rig(t)
 	if r.f.ws == nil {
-		if kernels.Defined("PEFTD_WG") && r.ctx.Device().Arch() == "sm_90a" {
-			t.Fatal("PEFTD_WG is defined on an sm_90a card but no fp8_ws kernel loaded")
+		if r.ctx.Device().Arch() == "sm_90a" {
+			t.Fatal("no fp8_ws kernel loaded on an sm_90a card (the rig loads the wgmma build there)")
 		}
-		t.Skip("fp8_ws is compiled only with PEFTD_WG, for sm_90a")
+		t.Skip("fp8_ws is compiled only in the wgmma build, for sm_90a")
 	}
 	if r.f.ws.tfn == [len(wsWidths)]*cuda.Function{} {
 		t.Errorf("fp8_wt (TMA) not loaded (tensor maps: %v)", cuda.TMA())
@@ -1065,10 +1073,15 @@ func TestFP8WgStream(t *testing.T) {
 	defer func() {
 		r.f.wsOn, r.f.skTop, r.f.ws.force, r.f.ws.noStagger, r.f.ws.noTMA = false, 0, wsPlan{}, false, false
 	}()
+	wsOn := func(on bool) { r.f.wsOn = on }
+	label := func(p wsPlan) string {
+		return fmt.Sprintf("fp8_ws %v, TMA %v, stagger %v", p, r.f.ws.tfn[p.i] != nil && !r.f.ws.noTMA, !r.f.ws.noStagger)
+	}
 	for _, sz := range []struct{ T, N, K int }{
 		{17, 4096, 4096}, {32, 6144, 4096}, {64, 28672, 4096}, {64, 4096, 14336}, {48, 4096, 4096},
 		{33, 96, 256}, {64, 224, 384}, {20, 672, 1024},
 	} {
+		c := newFP8Case(t, r, sz.T, sz.N, sz.K)
 		n := 0
 		for i := range wsWidths {
 			for _, S := range []int{1, 2, 4, 8} {
@@ -1077,7 +1090,7 @@ func TestFP8WgStream(t *testing.T) {
 					continue
 				}
 				r.f.ws.force = p
-				fp8WsCase(t, r, p, sz.T, sz.N, sz.K)
+				c.check(label(p), wsOn)
 				n++
 			}
 		}
@@ -1087,12 +1100,13 @@ func TestFP8WgStream(t *testing.T) {
 		// the automatic plan with every block walking K from its start, and
 		// on the cp.async kernels (fp8_ws) where the TMA ones (fp8_wt) ran
 		if p, ok := r.f.ws.plan(sz.T, sz.N, sz.K); ok {
-			for _, c := range [][2]bool{{true, false}, {false, true}, {true, true}} {
-				r.f.ws.force, r.f.ws.noStagger, r.f.ws.noTMA = p, c[0], c[1]
-				fp8WsCase(t, r, p, sz.T, sz.N, sz.K)
+			for _, f := range [][2]bool{{true, false}, {false, true}, {true, true}} {
+				r.f.ws.force, r.f.ws.noStagger, r.f.ws.noTMA = p, f[0], f[1]
+				c.check(label(p), wsOn)
 			}
 			r.f.ws.noStagger, r.f.ws.noTMA = false, false
 		}
+		c.close()
 	}
 	// the automatic plan of each 8B shape at 64 rows fits one wave
 	r.f.ws.force = wsPlan{}
@@ -1104,56 +1118,75 @@ func TestFP8WgStream(t *testing.T) {
 	}
 }
 
-// fp8WsCase is one shape and plan of TestFP8WgStream.
-func fp8WsCase(t *testing.T, r *fp8Rig, p wsPlan, T, N, K int) {
-	label := fmt.Sprintf("fp8_ws %v, %d blocks, TMA %v, stagger %v", p, N/wsWidths[p.i]*p.split,
-		r.f.ws.tfn[p.i] != nil && !r.f.ws.noTMA, !r.f.ws.noStagger)
-	fp8ProductCase(t, r, label, T, N, K, func(on bool) { r.f.wsOn = on })
-}
-
 // fp8WgmmaCase is one shape of TestFP8Wgmma with the wgmma build chosen.
 func fp8WgmmaCase(t *testing.T, r *fp8Rig, name string, T, N, K int) {
-	label := fmt.Sprintf("%s, %d blocks", name, r.f.wg.grid(T, N, K))
-	fp8ProductCase(t, r, label, T, N, K, func(on bool) { r.f.wgOn = on })
+	c := newFP8Case(t, r, T, N, K)
+	defer c.close()
+	c.check(fmt.Sprintf("%s, %d blocks", name, r.f.wg.grid(T, N, K)), func(on bool) { r.f.wgOn = on })
 }
 
-// fp8ProductCase checks one T x N x K FP8 product of the kernel on turns
-// on (label names it) against the float64 product of the dequantized
-// operands and fp8_gemm_skinny, and a second launch bit for bit.
-func fp8ProductCase(t *testing.T, r *fp8Rig, label string, T, N, K int, on func(bool)) {
-	const tight = 4e-3 // bf16 output rounding
-	xh, wh := r.bf16Rand(T*K, 1), r.bf16Rand(N*K, 0.02)
-	dx := r.up(xh)
-	w, err := r.f.upload(wh, N, K)
-	if err != nil {
+// fp8Case is one T x N x K FP8 product's operands and references: the
+// float64 product of the dequantized operands and fp8_gemm_skinny's.
+type fp8Case struct {
+	t       *testing.T
+	r       *fp8Rig
+	T, N, K int
+	dx      *cuda.DeviceBuffer
+	w       *fp8Weight
+	deq     []float64
+	skinny  []float64
+}
+
+func newFP8Case(t *testing.T, r *fp8Rig, T, N, K int) *fp8Case {
+	c := &fp8Case{t: t, r: r, T: T, N: N, K: K}
+	c.dx = r.up(r.bf16Rand(T*K, 1))
+	var err error
+	if c.w, err = r.f.upload(r.bf16Rand(N*K, 0.02), N, K); err != nil {
 		t.Fatal(err)
 	}
-	defer r.dropWeight(w)
-	run := func(kernel bool) []uint16 {
-		on(kernel)
-		r.f.skTop = skinnyMaxRows
-		defer on(false)
-		out := r.alloc(2 * T * N)
-		r.s.Memset8(out.Ptr(), 0xFF, 2*T*N) // NaN poison: every element must be written
-		r.f.invalidate()
-		if err := r.f.linear(out.Ptr(), dx.Ptr(), T, w, 1); err != nil {
-			t.Fatalf("%s T=%d N=%d K=%d (on %v): %v", label, T, N, K, kernel, err)
-		}
-		g := make([]uint16, T*N)
-		cuda.CopyDtoH(r.s, g, out.Ptr())
-		r.sync()
-		return g
+	gs := c.run("fp8_gemm_skinny", func(bool) {})
+	c.skinny = make([]float64, len(gs))
+	for i := range gs {
+		c.skinny[i] = float64(fromBF16(gs[i]))
 	}
-	gw, gw2, gs := run(true), run(true), run(false)
-	qx, sx, qw, sw := r.operands(T, K, w)
-	deq := gemmRef(T, N, K,
+	qx, sx, qw, sw := r.operands(T, K, c.w)
+	c.deq = gemmRef(T, N, K,
 		func(i, k int) float64 { return float64(safetensors.E4M3ToFloat32(qx[i*K+k])) * float64(sx[i]) },
 		func(j, k int) float64 { return float64(safetensors.E4M3ToFloat32(qw[j*K+k])) * float64(sw[j]) })
-	fw, fs := make([]float32, len(gw)), make([]float64, len(gs))
-	for i := range gw {
-		fw[i], fs[i] = fromBF16(gw[i]), float64(fromBF16(gs[i]))
+	return c
+}
+
+func (c *fp8Case) close() { c.r.dropWeight(c.w) }
+
+// run is the product with on(true) (fp8_gemm_skinny where on does nothing).
+func (c *fp8Case) run(label string, on func(bool)) []uint16 {
+	r, T, N, K := c.r, c.T, c.N, c.K
+	on(true)
+	r.f.skTop = skinnyMaxRows
+	defer on(false)
+	out := r.alloc(2 * T * N)
+	r.s.Memset8(out.Ptr(), 0xFF, 2*T*N) // NaN poison: every element must be written
+	r.f.invalidate()
+	if err := r.f.linear(out.Ptr(), c.dx.Ptr(), T, c.w, 1); err != nil {
+		c.t.Fatalf("%s T=%d N=%d K=%d: %v", label, T, N, K, err)
 	}
-	eDeq, eSk := relErr64(fw, deq), relErr64(fw, fs)
+	g := make([]uint16, T*N)
+	cuda.CopyDtoH(r.s, g, out.Ptr())
+	r.sync()
+	return g
+}
+
+// check runs the kernel on turns on (label names it) twice: against the
+// references, and the second launch bit for bit.
+func (c *fp8Case) check(label string, on func(bool)) {
+	const tight = 4e-3 // bf16 output rounding
+	t, T, N, K := c.t, c.T, c.N, c.K
+	gw, gw2 := c.run(label, on), c.run(label, on)
+	fw := make([]float32, len(gw))
+	for i := range gw {
+		fw[i] = fromBF16(gw[i])
+	}
+	eDeq, eSk := relErr64(fw, c.deq), relErr64(fw, c.skinny)
 	t.Logf("T=%4d N=%5d K=%5d (%s): vs float64(dequantized) maxrel=%.3g; vs fp8_gemm_skinny %.3g", T, N, K, label, eDeq, eSk)
 	if !(eDeq <= tight) {
 		t.Errorf("%s T=%d N=%d K=%d: vs dequantized float64 reference %.3g > %.0e", label, T, N, K, eDeq, tight)
