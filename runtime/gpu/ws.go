@@ -16,7 +16,13 @@ import (
 // 64-row weight tiles re-read the activations once per 64 rows, as many
 // bytes as the weights at 64 rows). A K split (grid.y) meets in the
 // kernel: float32 partials summed in split order by the tile's last block.
-// Only in the FP8 module's PEFTD_WG build, on sm_90a (fp8_ws_n*).
+// fp8_ws_n* copy each stage by cp.async, fp8_wt_n* by TMA (the activation
+// rows in their own ring). Both are in the FP8 module's wgmma build
+// (kernels.FP8Wgmma, loaded by default on sm_90a), and no product routes
+// to them unless fp8State.wsOn or wsWide is set: PERFORMANCE v0.55
+// measured the one-ring builds no faster than the default products.
+// No launch allocates: the split buffers are made at load (a launch may be
+// inside a graph capture).
 type wsProduct struct {
 	fn         [len(wsWidths)]*cuda.Function
 	tfn        [len(wsWidths)]*cuda.Function // the same on TMA copies (fp8_wt_n*: wt_body), where the driver encodes tensor maps
