@@ -21,8 +21,8 @@ import (
 // (kernels.FP8Wgmma, loaded by default on sm_90a), and no product routes
 // to them unless fp8State.wsOn or wsWide is set: PERFORMANCE v0.55
 // measured the one-ring builds no faster than the default products.
-// No launch allocates: the split buffers are made at load (a launch may be
-// inside a graph capture).
+// No launch allocates device memory: the split buffers are made at load
+// (a launch may be inside a graph capture).
 type wsProduct struct {
 	fn         [len(wsWidths)]*cuda.Function
 	tfn        [len(wsWidths)]*cuda.Function // the same on TMA copies (fp8_wt_n*: wt_body), where the driver encodes tensor maps
