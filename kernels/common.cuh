@@ -581,21 +581,8 @@ WG_MMA_FN(wg_mma_bf16_n224, "wgmma.mma_async.sync.aligned.m64n224k16.f32.bf16.bf
 WG_MMA_FN(wg_mma_n256, "wgmma.mma_async.sync.aligned.m64n256k32.f32.e4m3.e4m3", WG_R128, "128", "129", "130", ", 1, 1", WG_D128)
 WG_MMA_FN(wg_mma_bf16_n256, "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16", WG_R128, "128", "129", "130", ", 1, 1, 0, 0", WG_D128)
 
-// wg_mma<ES, NT>: one 32-byte K step, e4m3 (ES 1) or bf16 (ES 2), N = 8 NT.
-template <int ES, int NT> __device__ __forceinline__ void wg_mma(float* d, unsigned long long a, unsigned long long b) {
-    if constexpr (ES == 1) {
-        if constexpr (NT == 4) wg_mma_n32(d, a, b);
-        else if constexpr (NT == 8) wg_mma_n64(d, a, b);
-        else wg_mma_n128(d, a, b);
-    } else {
-        if constexpr (NT == 4) wg_mma_bf16_n32(d, a, b);
-        else if constexpr (NT == 8) wg_mma_bf16_n64(d, a, b);
-        else wg_mma_bf16_n128(d, a, b);
-    }
-}
-
 // wg_mma_n<ES, N>: one 32-byte K step of an m64nN wgmma, e4m3 (ES 1) or
-// bf16 (ES 2), for ws_body's weight widths.
+// bf16 (ES 2): wg_body's N = 8 NT (32, 64, 128) and ws_body's widths.
 template <int ES, int N> __device__ __forceinline__ void wg_mma_n(float* d, unsigned long long a, unsigned long long b) {
     static_assert(N == 32 || N == 48 || N == 64 || N == 96 || N == 128 || N == 224 || N == 256, "wg_mma_n: no wrapper for N");
     if constexpr (ES == 1) {
@@ -769,7 +756,7 @@ __device__ __forceinline__ void wg_body(bf16* __restrict__ out, float* __restric
         for (int a = 0; a < KA; a++)
 #pragma unroll
             for (int q = 0; q < WG_RB / 32; q++)
-                wg_mma<ES, NT>(d, wg_desc(b + a * AB + wg * SK_ROWS * WG_RB + 32 * q), wg_desc(b + a * AB + WB + 32 * q));
+                wg_mma_n<ES, 8 * NT>(d, wg_desc(b + a * AB + wg * SK_ROWS * WG_RB + 32 * q), wg_desc(b + a * AB + WB + 32 * q));
         wg_commit();
         if (ks == SPT - 1 || j == n - 1) { // this block's last stage of the tile
             wg_wait<0>();
@@ -835,6 +822,14 @@ template <int BN> struct WsShape {
     static constexpr int ST = fit(KA) < 16 ? fit(KA) : 16;
     static_assert(BN % 16 == 0 && ST >= 3, "ws_body: weight rows a multiple of 16, 3 stages at least");
 };
+
+// ws_koff: the stage of its nst a block of ws_body or wt_body starts its
+// K walk at (wrapping around). opts bit 4: each block at its own stage, so
+// that the blocks reading the same activation lines at one time are few,
+// not the whole grid (the sum's order is the block's); else the first.
+__device__ __forceinline__ int ws_koff(int opts, int nst) {
+    return (opts & 16) ? (int)((long long)blockIdx.x * nst / gridDim.x) : 0;
+}
 
 // ws_store: the end of ws_body and wt_body for the accumulators d of
 // block (blockIdx.x, split z): rows m = 16 warp + g (+8) below M, weight
@@ -918,10 +913,7 @@ __device__ __forceinline__ void ws_body(bf16* __restrict__ out, float* __restric
     const int tid = threadIdx.x;
     const int KB = K * ES, S = gridDim.y, z = blockIdx.y, n0 = blockIdx.x * BN;
     const int kb0 = z * (KB / S), nst = (KB / S + KA * WG_RB - 1) / (KA * WG_RB); // this split's stages
-    // opts bit 4: each block starts its K walk at its own stage (and wraps
-    // around), so that the blocks reading the same activation lines at one
-    // time are few, not the whole grid (the sum's order is the block's)
-    const int koff = (opts & 16) ? (int)((long long)blockIdx.x * nst / gridDim.x) : 0;
+    const int koff = ws_koff(opts, nst);
     const unsigned base = ((unsigned)__cvta_generic_to_shared(wsm) + 1023u) & ~1023u;
     const int c = tid % CH, r0 = tid / CH;
     const unsigned dst0 = r0 * WG_RB + ((c ^ (r0 & 7)) << 4);
@@ -1081,7 +1073,7 @@ __device__ __forceinline__ void wt_body(bf16* __restrict__ out, float* __restric
     const int tid = threadIdx.x;
     const int KB = K * ES, S = gridDim.y, z = blockIdx.y, n0 = blockIdx.x * BN;
     const int kb0 = z * (KB / S), nst = (KB / S + KA * WG_RB - 1) / (KA * WG_RB);
-    const int koff = (opts & 16) ? (int)((long long)blockIdx.x * nst / gridDim.x) : 0;
+    const int koff = ws_koff(opts, nst);
     const unsigned xbase = ((unsigned)__cvta_generic_to_shared(wsm) + 1023u) & ~1023u, wbase = xbase + XS * XB;
     const unsigned bar0 = (unsigned)__cvta_generic_to_shared(full);
     auto kst = [&](int j) { const int k = j + koff; return k < nst ? k : k - nst; };
