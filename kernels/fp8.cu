@@ -400,12 +400,16 @@ WG_KERNELS(fp8_wg, 1, FP8_SKINNY_ARGS, FP8_SKINNY_PASS)
         int M, int N, int K, int opts
 #define FP8_WS_PASS out, part, done, qx, sx, qw, sw, M, N, K, opts
 WS_WIDTHS(fp8_ws, ws_body, 1, FP8_WS_ARGS, FP8_WS_PASS)
-// fp8_wt_n*: the same products with each stage copied by TMA (wt_body).
+// fp8_wt_n*: the same products with each stage copied by TMA (wt_body);
+// only with PEFTD_WT as well (PERFORMANCE v0.55-v0.56: no faster than
+// fp8_ws at any width, seven more kernels to compile at start-up).
+#ifdef PEFTD_WT
 #define FP8_WT_ARGS                                                                                      \
     bf16 *out, float *part, int *done, const __grid_constant__ TmaDesc xmap, const float *sx,           \
         const __grid_constant__ TmaDesc wmap, const float *sw, int M, int N, int K, int opts
 #define FP8_WT_PASS out, part, done, &xmap, sx, &wmap, sw, M, N, K, opts
 WS_WIDTHS(fp8_wt, wt_body, 1, FP8_WT_ARGS, FP8_WT_PASS)
+#endif
 #endif
 
 // fp8_splitk_reduce: the sum of a K-split product's float32 partials

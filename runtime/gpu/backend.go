@@ -213,6 +213,7 @@ func forcedOn(f int, def bool) bool {
 // the reference and the benchmarks compare them. Production never sets it.
 type kernelForce struct {
 	bwg        bool          // bf16 products of 17-128 rows: gemm_wg (wgmma; PEFTD_WG) where it fits, not cuBLASLt
+	bws        int           // bf16 products of 17-64 rows on gemm_ws (ws.go; PEFTD_WG) where it plans: 1 every product, 2 the narrow ones (wsNarrow), 0 none
 	loraRows   bool          // LoRA: the row-at-a-time kernels (lora_shrink, lora_expand)
 	loraV1     bool          // LoRA: SGMV v1 (sgmv_shrink, then an expand launch)
 	loraV2     bool          // LoRA: SGMV v2 (one launch per op) wherever it fits
@@ -247,6 +248,7 @@ type Backend struct {
 	mod *cuda.Module
 	sk  *bfSkinny  // the bf16 products of decode steps (nil: cuBLASLt's)
 	wg  *wgProduct // gemm_wg (wgmma, PEFTD_WG) for 17-128 rows where kernelForce.bwg asks (nil: not compiled in)
+	bws *wsProduct // gemm_ws (ws_body on bf16, PEFTD_WG) for 17-64 rows where kernelForce.bws asks (nil: not compiled in)
 	fn  funcs
 	// KernelInfo tells whether the kernels were compiled or read from the cache.
 	KernelInfo kernels.Info
@@ -532,6 +534,9 @@ func (b *Backend) open(opts Options) error {
 		limit = math.MaxInt
 	}
 	if b.wg, err = loadWG(b.ctx, b.s, b.mod, "gemm_wg", 2, limit); err != nil {
+		return err
+	}
+	if b.bws, err = loadWS(b.ctx, b.s, b.mod, "gemm_ws", "", 2, limit); err != nil {
 		return err
 	}
 	format, err := ParseWeightFormat(opts.WeightFormat)
@@ -953,7 +958,7 @@ func (b *Backend) Close() error {
 		errs = append(errs, h.Free())
 	}
 	errs = append(errs, b.tms[0].close(), b.tms[1].close(), b.chain.close(), b.la.fork.Destroy(), b.la.join.Destroy(), b.la.s.Destroy())
-	errs = append(errs, b.f8.close(), b.wg.free())
+	errs = append(errs, b.f8.close(), b.wg.free(), b.bws.free())
 	if b.sgLoad != nil { // never taken: wait for it (it uses the context)
 		if r := <-b.sgLoad; r.m != nil {
 			errs = append(errs, r.m.Unload())

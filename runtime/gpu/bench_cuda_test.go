@@ -406,6 +406,8 @@ type decodeVariant struct {
 	wg                           bool   // FP8 weights: fp8_wg (wgmma; PEFTD_WG) for 17-128 rows (fp8State.wgOn)
 	ws                           bool   // FP8 weights: fp8_ws (ws.go; PEFTD_WG) for the 17-64 rows it plans (fp8State.wsOn)
 	wsgu                         bool   // FP8 weights: fp8_ws for the gate/up product only (fp8State.wsWide)
+	wsqo                         bool   // FP8 weights: fp8_ws for the q/k/v and o products only (fp8State.wsNarrow)
+	bws                          int    // bf16 weights: gemm_ws (ws.go; PEFTD_WG) for 17-64 rows, 1 every product, 2 q/k/v and o (kernelForce.bws)
 	nowga                        bool   // FP8 weights: Options.NoFP8Wgmma, every product of 17-64 rows on cuBLASLt (the default routes wgAutoFits' to fp8_wg: fp8State.wgAuto)
 	bwg                          bool   // bf16 weights: gemm_wg (wgmma; PEFTD_WG) for 17-128 rows (kernelForce.bwg)
 	two                          bool   // with wg or bwg: two warpgroups a block (fp8_wg2, gemm_wg2: wgProduct.two)
@@ -421,7 +423,7 @@ type decodeVariant struct {
 // fields as f has them).
 func (v decodeVariant) force(f kernelForce) kernelForce {
 	f.decSplit, f.ropeHeads, f.decOpts = v.split, v.ropeHeads, v.opts
-	f.noSkinny, f.skLate, f.decVar, f.bwg = v.lt, v.skLate, v.dv, v.bwg
+	f.noSkinny, f.skLate, f.decVar, f.bwg, f.bws = v.lt, v.skLate, v.dv, v.bwg, v.bws
 	f.wgFull, f.loraKChunk = v.wgFull, v.kc
 	f.holds, f.pdlJoins, f.loraInline = v.holds, v.pdlJoins, v.inline
 	f.ropeLoRA, f.nodePrio, f.siluCl, f.addCl = v.rfold, v.prio, v.silucl, v.addcl
@@ -432,28 +434,28 @@ func (v decodeVariant) force(f kernelForce) kernelForce {
 // fp8Knobs are the FP8 products' settings a recording bakes in (fp8State's
 // fields of those names; two only where fp8_wg is compiled in).
 type fp8Knobs struct {
-	streamOn, streamOff, wgOn, wgAuto, wgBeside, segOff, splitBeside, padOff bool
-	streamLate, padOld, streamE1Off, streamE1Lone, two, wsOn, wsWide         bool
+	streamOn, streamOff, wgOn, wgAuto, wgBeside, segOff, splitBeside, padOff   bool
+	streamLate, padOld, streamE1Off, streamE1Lone, two, wsOn, wsWide, wsNarrow bool
 }
 
 // fp8KnobsOf is f's settings as they are.
 func fp8KnobsOf(f *fp8State) fp8Knobs {
 	return fp8Knobs{streamOn: f.streamOn, streamOff: f.streamOff, wgOn: f.wgOn, wgAuto: f.wgAuto, wgBeside: f.wgBeside,
 		segOff: f.segOff, splitBeside: f.splitBeside, padOff: f.padOff, streamLate: f.streamLate, padOld: f.padOld,
-		streamE1Off: f.streamE1Off, streamE1Lone: f.streamE1Lone, two: f.wg != nil && f.wg.two, wsOn: f.wsOn, wsWide: f.wsWide}
+		streamE1Off: f.streamE1Off, streamE1Lone: f.streamE1Lone, two: f.wg != nil && f.wg.two, wsOn: f.wsOn, wsWide: f.wsWide, wsNarrow: f.wsNarrow}
 }
 
 // fp8 is the FP8 settings row v asks of f (wgAuto: f's default unless v.nowga).
 func (v decodeVariant) fp8(f *fp8State) fp8Knobs {
 	return fp8Knobs{streamOn: v.fs, streamOff: v.gv, wgOn: v.wg, wgAuto: f.wgAutoDefault && !v.nowga, wgBeside: v.wgBeside,
 		segOff: v.noseg, splitBeside: v.splitBeside, padOff: v.nopad, streamLate: v.fslate, padOld: v.padOld,
-		streamE1Off: v.noe1, streamE1Lone: v.e1lone, two: f.wg != nil && v.two, wsOn: v.ws, wsWide: v.wsgu}
+		streamE1Off: v.noe1, streamE1Lone: v.e1lone, two: f.wg != nil && v.two, wsOn: v.ws, wsWide: v.wsgu, wsNarrow: v.wsqo}
 }
 
 // apply sets f's settings to k.
 func (k fp8Knobs) apply(f *fp8State) {
 	f.streamOn, f.streamOff, f.wgOn, f.wgAuto, f.wgBeside, f.segOff, f.splitBeside, f.padOff = k.streamOn, k.streamOff, k.wgOn, k.wgAuto, k.wgBeside, k.segOff, k.splitBeside, k.padOff
-	f.streamLate, f.padOld, f.streamE1Off, f.streamE1Lone, f.wsOn, f.wsWide = k.streamLate, k.padOld, k.streamE1Off, k.streamE1Lone, k.wsOn, k.wsWide
+	f.streamLate, f.padOld, f.streamE1Off, f.streamE1Lone, f.wsOn, f.wsWide, f.wsNarrow = k.streamLate, k.padOld, k.streamE1Off, k.streamE1Lone, k.wsOn, k.wsWide, k.wsNarrow
 	if f.wg != nil {
 		f.wg.two = k.two
 	}
@@ -485,7 +487,7 @@ func (v decodeVariant) label(ads []*lora.Adapter, pdlOK bool) string {
 		on   bool
 		name string
 	}{{v.eager, "eager"}, {v.serial, "serial"}, {v.nopdl && pdlOK, "nopdl"}, {v.ropeHeads, "ropeheads"}, {v.lt, "lt"}, {v.wgFull, "wgfull"}, {v.wgBeside, "wgbeside"}, {v.splitBeside, "splitbeside"}, {v.nopad, "nopad"}, {v.padOld, "padold"}, {v.fslate, "fslate"}, {v.noe1, "noe1"}, {v.e1lone, "e1lone"}, {v.skLate, "late"},
-		{v.fs, "fs"}, {v.gv, "gv"}, {v.noseg, "noseg"}, {v.wg && !v.two, "wg"}, {v.wg && v.two, "wg2"}, {v.ws, "ws"}, {v.wsgu, "wsgu"}, {v.nowga, "nowga"}, {v.bwg && !v.two, "bwg"}, {v.bwg && v.two, "bwg2"}, {v.tuned, "tuned"}} {
+		{v.fs, "fs"}, {v.gv, "gv"}, {v.noseg, "noseg"}, {v.wg && !v.two, "wg"}, {v.wg && v.two, "wg2"}, {v.ws, "ws"}, {v.wsgu, "wsgu"}, {v.wsqo, "wsqo"}, {v.bws == 1, "bws"}, {v.bws == 2, "bwsqo"}, {v.nowga, "nowga"}, {v.bwg && !v.two, "bwg"}, {v.bwg && v.two, "bwg2"}, {v.tuned, "tuned"}} {
 		if f.on {
 			lbl += "+" + f.name
 		}
@@ -724,6 +726,8 @@ func TestDecodeBench(t *testing.T) {
 		{sms: -1, wg: true}, {lora: true, sms: -1, wg: true}, {sms: -1, bwg: true}, {lora: true, sms: -1, bwg: true},
 		{sms: -1, nowga: true}, {lora: true, sms: -1, nowga: true},
 		{sms: -1, ws: true}, {lora: true, sms: -1, ws: true}, {sms: -1, wsgu: true}, {lora: true, sms: -1, wsgu: true},
+		{sms: -1, wsqo: true}, {lora: true, sms: -1, wsqo: true},
+		{sms: -1, bws: 1}, {lora: true, sms: -1, bws: 1}, {sms: -1, bws: 2}, {lora: true, sms: -1, bws: 2},
 		{sms: -1, wg: true, two: true}, {lora: true, sms: -1, wg: true, two: true}, {sms: -1, bwg: true, two: true}, {lora: true, sms: -1, bwg: true, two: true},
 		{lora: true, sms: -1, rfold: 1}, {lora: true, sms: -1, rfold: -1},
 		{sms: -1, noseg: true}, {lora: true, sms: -1, noseg: true}, {lora: true, sms: -1, prio: -1}, {lora: true, sms: -1, prio: 1}, {sms: -1, hoist: -1}, {lora: true, sms: -1, hoist: -1}, {sms: -1, hoist: 1}, {lora: true, sms: -1, hoist: 1},
@@ -804,7 +808,7 @@ func TestDecodeBench(t *testing.T) {
 		B, v := rn.B, rn.v
 		withLoRA, sampled := v.lora, v.sampled
 		gb.g.off = v.eager
-		if withLoRA && len(ads) == 0 || v.nopdl && !pdlOK || v.split > 0 && B > 64 || (v.fs || v.gv) && (gb.f8 == nil || gb.f8.stream == nil) || (v.wg || v.nowga) && (gb.f8 == nil || gb.f8.wg == nil) || v.bwg && (gb.f8 != nil || gb.wg == nil) || (v.fslate || v.noe1 || v.e1lone) && (gb.f8 == nil || gb.f8.stream == nil) || v.padOld && gb.f8 == nil {
+		if withLoRA && len(ads) == 0 || v.nopdl && !pdlOK || v.split > 0 && B > 64 || (v.fs || v.gv) && (gb.f8 == nil || gb.f8.stream == nil) || (v.wg || v.nowga) && (gb.f8 == nil || gb.f8.wg == nil) || v.bwg && (gb.f8 != nil || gb.wg == nil) || v.bws != 0 && (gb.f8 != nil || gb.bws == nil) || (v.fslate || v.noe1 || v.e1lone) && (gb.f8 == nil || gb.f8.stream == nil) || v.padOld && gb.f8 == nil {
 			continue
 		}
 		retune := v.tuned && !gb.tune.done
@@ -922,7 +926,7 @@ func TestDecodeBench(t *testing.T) {
 		t.Fatal(err)
 	}
 	gb.g.off, gb.force.decSplit, gb.force.ropeHeads, gb.force.decOpts = false, 0, false, 0
-	gb.force.noSkinny, gb.force.skLate, gb.force.decVar, gb.force.bwg = false, false, 0, false
+	gb.force.noSkinny, gb.force.skLate, gb.force.decVar, gb.force.bwg, gb.force.bws = false, false, 0, false, 0
 	gb.force.wgFull, gb.force.loraKChunk = false, 0
 	gb.force.holds, gb.force.pdlJoins, gb.force.ropeLoRA, gb.force.nodePrio = [4]int{}, 0, 0, 0
 	gb.force.siluCl, gb.force.memHoist, gb.force.l2Win = 0, 0, 0

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"math"
 	"os"
+	"slices"
 	"testing"
 
 	"github.com/peftd/peftd/kernels"
@@ -152,6 +153,11 @@ func TestSkinnyBench(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer wg.free()
+	bws, err := loadWS(r.ctx, r.s, mod, "gemm_ws", "", 2, math.MaxInt) // nil without PEFTD_WG
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer bws.free()
 	bw := r.copyBW()
 	bench("skinny device %s; copy bandwidth %.0f GB/s; median of 15 replays of 20 calls recorded as a graph, weights rotated over >= 150 MB", r.ctx.Device().Name, bw/1e9)
 	bench("skinny %-8s %4s %9s %9s %9s %9s %8s %8s %6s %9s %8s %9s %8s", "shape", "T", "lt_us", "sk_us", "late_us", "floor_us", "frac_lt", "frac_sk", "bn", "wg_us", "frac_wg", "wg2_us", "frac_wg2")
@@ -173,7 +179,8 @@ func TestSkinnyBench(t *testing.T) {
 		floor := float64(2*N*K) / bw * 1e6
 		for _, T := range envBatches(t, "PEFTD_SKINNY_T", []int{1, 4, 8, 16, 32, 64, 128}) {
 			p, ok := g.plan(T, N, K)
-			if T > 128 || !ok && !wg.fits(T, N, K) { // gemm_skinny takes 1-16 rows (in one wave), gemm_wg 17-128 (PEFTD_WG)
+			wp, wsOK := bws.plan(T, N, K)
+			if T > 128 || !ok && !wg.fits(T, N, K) && !wsOK { // gemm_skinny takes 1-16 rows (in one wave), gemm_wg 17-128, gemm_ws 17-64 (PEFTD_WG)
 				continue
 			}
 			lt := graphMedianUs(t, r.s, 20, 15, func(i int) error {
@@ -213,6 +220,20 @@ func TestSkinnyBench(t *testing.T) {
 				})
 			}, func(bool) {}) {
 				bench("skinnywg %-8s %4d wgs %d grid %3d %8.1f us %6.2f of floor", sh.name, T, w.wgs, w.G, w.us, floor/w.us)
+			}
+			if !wsOK {
+				continue
+			}
+			wsTimed := func() float64 {
+				p, _ := bws.plan(T, N, K) // the sweep's forced plan, or the automatic one
+				return graphMedianUs(t, r.s, 20, 15, func(i int) error {
+					return bws.launch(r.s, p, out.Ptr(), x.Ptr(), 0, ws[i%n].Ptr(), 0, T, N, K, nil)
+				})
+			}
+			us := wsTimed()
+			bench("skinnyws %-8s %4d plan %-7v %8.1f us %6.2f of floor (cuBLASLt %8.1f us %6.2f)", sh.name, T, wp, us, floor/us, lt, floor/lt)
+			for _, w := range wsSweep(bws, T, N, K, wsTimed, func(bool) {}) {
+				bench("skinnyws %-8s %4d plan %-7v %8.1f us %6.2f of floor (early %d, stagger %v)", sh.name, T, w.p, w.us, floor/w.us, w.early, w.stagger)
 			}
 		}
 	}
@@ -286,6 +307,92 @@ func TestBF16Wgmma(t *testing.T) {
 				}
 			}
 			t.Logf("%s: worst difference from cuBLASLt %.2g of the largest output", what, worst)
+		}
+	}
+}
+
+// bwsRig is fp8Rig's context, stream and cuBLASLt handle with the forward
+// module's gemm_ws kernels (ws_body on bf16; PEFTD_WG, sm_90a), or a skip.
+func bwsRig(t testing.TB) (*fp8Rig, *wsProduct) {
+	r := newFP8Rig(t)
+	mod := forwardModule(t, r)
+	limit := r.ctx.Device().MaxShared
+	if limit <= 0 {
+		limit = math.MaxInt
+	}
+	g, err := loadWS(r.ctx, r.s, mod, "gemm_ws", "", 2, limit)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if g == nil {
+		if kernels.Defined("PEFTD_WG") && r.ctx.Device().Arch() == "sm_90a" {
+			t.Fatal("PEFTD_WG is defined on an sm_90a card but no gemm_ws kernel loaded")
+		}
+		t.Skip("gemm_ws is compiled only with PEFTD_KERNEL_DEFINES=-DPEFTD_WG, for sm_90a")
+	}
+	t.Cleanup(func() { g.free() })
+	return r, g
+}
+
+// TestBF16WgStream checks gemm_ws (ws_body with bf16 operands: the
+// activation rows the wgmma's M, BN weight rows a block, the K split met
+// in the kernel) against cuBLASLt's bf16 product: every one-wave plan of
+// eight shapes (17-64 rows, K splits 1-8, widths that leave most blocks a
+// few weight rows), the automatic plan also with every block walking K
+// from its start. Every output is written and row M is left alone
+// (rowsProduct); a second launch gives the same bits. The automatic plan
+// of each 8B shape at 64 rows is one wave.
+func TestBF16WgStream(t *testing.T) {
+	r, g := bwsRig(t)
+	defer func() { g.noStagger = false }()
+	sms := r.ctx.Device().SMs
+	for _, sz := range []struct{ M, N, K int }{
+		{17, 4096, 4096}, {32, 6144, 4096}, {64, 28672, 4096}, {64, 4096, 14336}, {48, 4096, 4096},
+		{33, 96, 256}, {64, 224, 384}, {20, 672, 1024},
+	} {
+		M, N, K := sz.M, sz.N, sz.K
+		x, w := r.up(r.bf16Rand(M*K, 1)), r.up(r.bf16Rand(N*K, 0.02))
+		out := r.alloc(2 * (M + 1) * N)
+		want := rowsProduct(t, r, out, M, N, func() error {
+			return r.mm.GemmTN(r.s, out.Ptr(), cuda.R16BF, x.Ptr(), cuda.R16BF, w.Ptr(), cuda.R16BF, M, N, K, 1, 0)
+		})
+		check := func(p wsPlan) {
+			run := func() []uint16 {
+				return rowsProduct(t, r, out, M, N, func() error {
+					return g.launch(r.s, p, out.Ptr(), x.Ptr(), 0, w.Ptr(), 0, M, N, K, nil)
+				})
+			}
+			got, again := run(), run()
+			what := fmt.Sprintf("gemm_ws %v %d x %d x %d (stagger %v)", p, M, N, K, !g.noStagger)
+			worst := compareRows(t, what, want, got, N)
+			if !slices.Equal(got, again) {
+				t.Fatalf("%s: a second product differs from the first", what)
+			}
+			t.Logf("%s: worst difference from cuBLASLt %.2g of the largest output", what, worst)
+		}
+		n := 0
+		for i := range wsWidths {
+			for _, S := range []int{1, 2, 4, 8} {
+				p := wsPlan{i: i, split: S}
+				if g.valid(p, M, N, K) && N/wsWidths[i]*S <= sms {
+					check(p)
+					n++
+				}
+			}
+		}
+		if n == 0 {
+			t.Fatalf("no gemm_ws plan takes %d x %d x %d", M, N, K)
+		}
+		if p, ok := g.plan(M, N, K); ok {
+			g.noStagger = true
+			check(p)
+			g.noStagger = false
+		}
+	}
+	for _, sh := range [][2]int{{6144, 4096}, {4096, 4096}, {28672, 4096}, {4096, 14336}} {
+		p, ok := g.plan(64, sh[0], sh[1])
+		if !ok || sh[0]/wsWidths[p.i]*p.split > sms {
+			t.Errorf("64 x %d x %d: plan %v (ok %v) is not one wave", sh[0], sh[1], p, ok)
 		}
 	}
 }

@@ -1067,7 +1067,7 @@ func TestFP8WgStream(t *testing.T) {
 		}
 		t.Skip("fp8_ws is compiled only in the wgmma build, for sm_90a")
 	}
-	if r.f.ws.tfn == [len(wsWidths)]*cuda.Function{} {
+	if r.f.ws.tfn == [len(wsWidths)]*cuda.Function{} && kernels.Defined("PEFTD_WT") {
 		t.Errorf("fp8_wt (TMA) not loaded (tensor maps: %v)", cuda.TMA())
 	}
 	defer func() {
@@ -1242,7 +1242,7 @@ type wsPlanTime struct {
 	us           float64
 }
 
-// wsSweep times a T x N x K fp8_ws product with every valid plan of one
+// wsSweep times a T x N x K ws product (fp8_ws, gemm_ws) with every valid plan of one
 // wave (at most the device's SMs blocks) and, for the automatic plan, 0
 // to 3 early stages (PEFTD_WS_SWEEP set; none otherwise): timed runs the
 // product once set up, on turns fp8_ws on and off.
@@ -1267,12 +1267,13 @@ func wsSweep(g *wsProduct, T, N, K int, timed func() float64, on func(bool)) []w
 				early        int
 				stagger, tma bool
 			}{{1, true, true}, {1, true, false}, {1, false, true}, {0, true, true}, {3, true, true}, {15, true, true}} {
-				if (p != auto && k > 1) || (c.tma && g.tfn[i] == nil) {
+				tma := c.tma && g.tfn[i] != nil // without TMA kernels (gemm_ws) each row on cp.async, the second (cp.async) left out
+				if (p != auto && k > 1) || (k == 1 && g.tfn[i] == nil) {
 					continue
 				}
-				g.early, g.noStagger, g.noTMA = c.early, !c.stagger, !c.tma
+				g.early, g.noStagger, g.noTMA = c.early, !c.stagger, !tma
 				on(true)
-				res = append(res, wsPlanTime{p, c.early, c.stagger, c.tma, timed()})
+				res = append(res, wsPlanTime{p, c.early, c.stagger, tma, timed()})
 				on(false)
 			}
 		}

@@ -278,9 +278,9 @@ func (b *Backend) Linear(out, in engine.Buffer, w engine.Weight) {
 			wg.SetSMTarget(target)
 			defer wg.SetSMTarget(0)
 		}
-		if _, ok := w.(*fp8Weight); ok && b.f8 != nil && b.f8.ws != nil {
-			b.f8.ws.SetSMTarget(target)
-			defer b.f8.ws.SetSMTarget(0)
+		if ws := b.wsFor(w); ws != nil {
+			ws.SetSMTarget(target)
+			defer ws.SetSMTarget(0)
 		}
 	}
 	if fw, ok := w.(*fp8Weight); ok {
@@ -296,6 +296,12 @@ func (b *Backend) Linear(out, in engine.Buffer, w engine.Weight) {
 	o, x, wt := buf(out), buf(in), w.(*weight)
 	if !b.check(x.cols == wt.cols && o.cols == wt.rows && o.whole() && x.whole(), "linear: in width %d, out width %d, weight [%d,%d]", x.cols, o.cols, wt.rows, wt.cols) {
 		return
+	}
+	if f := b.force.bws; f == 1 || f == 2 && wsNarrow(wt.rows, wt.cols) {
+		if p, ok := b.bws.plan(b.rows(), wt.rows, wt.cols); ok {
+			b.fail(b.bws.launch(b.s, p, o.mem.Ptr(), x.mem.Ptr(), 0, wt.mem.Ptr(), 0, b.rows(), wt.rows, wt.cols, nil))
+			return
+		}
 	}
 	if b.force.bwg && b.wg.fits(b.rows(), wt.rows, wt.cols) {
 		b.fail(b.wg.launch(b.s, o.mem.Ptr(), x.mem.Ptr(), 0, wt.mem.Ptr(), 0, b.rows(), wt.rows, wt.cols))
@@ -333,6 +339,18 @@ func (b *Backend) wgFor(w engine.Weight) *wgProduct {
 		return nil
 	}
 	return b.wg
+}
+
+// wsFor is the ws products that may take w's product: fp8_ws for an FP8
+// weight, gemm_ws for a bf16 one (nil: none loaded).
+func (b *Backend) wsFor(w engine.Weight) *wsProduct {
+	if _, ok := w.(*fp8Weight); ok {
+		if b.f8 != nil {
+			return b.f8.ws
+		}
+		return nil
+	}
+	return b.bws
 }
 
 // RoPE rotates q and k in place at the step's positions (the rotation

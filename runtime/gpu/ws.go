@@ -17,10 +17,12 @@ import (
 // bytes as the weights at 64 rows). A K split (grid.y) meets in the
 // kernel: float32 partials summed in split order by the tile's last block.
 // fp8_ws_n* copy each stage by cp.async, fp8_wt_n* by TMA (the activation
-// rows in their own ring). Both are in the FP8 module's wgmma build
-// (kernels.FP8Wgmma, loaded by default on sm_90a), and no product routes
-// to them unless fp8State.wsOn or wsWide is set: PERFORMANCE v0.55
-// measured the one-ring builds no faster than the default products.
+// rows in their own ring; compiled only with PEFTD_WT as well). fp8_ws is
+// in the FP8 module's wgmma build (kernels.FP8Wgmma, loaded by default on
+// sm_90a); gemm_ws_n* (bf16 operands, no scales) in the forward module's
+// PEFTD_WG build. No product routes to them unless fp8State.wsOn, wsWide
+// or wsNarrow, or kernelForce.bws, is set: PERFORMANCE v0.55 measured the
+// FP8 builds no faster than the default products at 64 rows.
 // No launch allocates device memory: the split buffers are made at load
 // (a launch may be inside a graph capture).
 type wsProduct struct {
@@ -163,6 +165,12 @@ func (g *wsProduct) free() error {
 // stay free.
 func (g *wsProduct) SetSMTarget(n int) { g.target = max(n, 0) }
 
+// wsNarrow reports whether an N x K weight is one of the narrow products
+// (q/k/v, o: K <= N < 4 K) that fp8State.wsNarrow and kernelForce.bws 2
+// send to the ws kernels: PERFORMANCE v0.56 measured them ahead of the
+// default products there and behind on gate/up and down.
+func wsNarrow(N, K int) bool { return K <= N && N < 4*K }
+
 // wsPlan is one product's kernel (index into wsWidths) and K split.
 type wsPlan struct{ i, split int }
 
@@ -224,7 +232,7 @@ func (g *wsProduct) launch(s *cuda.Stream, p wsPlan, out, x, sx, w, sw cuda.Devi
 		return fmt.Errorf("gpu: ws plan %v does not take %d x %d x %d", p, T, N, K)
 	}
 	if (uint64(out)|uint64(x)|uint64(w))%16 != 0 {
-		return fmt.Errorf("gpu: fp8_ws: operands not 16-byte aligned")
+		return fmt.Errorf("gpu: ws product: operands not 16-byte aligned")
 	}
 	bn, opts := wsWidths[p.i], min(max(g.early, 0), 15)
 	if !g.noStagger {
