@@ -470,7 +470,7 @@ __device__ __forceinline__ void skinny_store(const float* acc, bf16* __restrict_
 // stages back read, which every warpgroup has waited for. Accumulators:
 // thread (warp w, lane l) holds weight rows 16w + l/4 (+8) and activation
 // rows 8t + 2(l%4) (+1) in d[4t..4t+3] (mma.sync's m16n8 layout per warp,
-// fp8_gemm_skinny's c[t][e]). Compiled only with PEFTD_WG
+// fp8_gemm_skinny's c[t][e]). Compiled only with PEFTD_WG (or PEFTD_WS)
 // (PEFTD_KERNEL_DEFINES): correct (TestFP8Wgmma, TestBF16Wgmma). With
 // v0.28's shape (2 blocks an SM, 128 bytes a row a stage) it lost to the
 // default products but for FP8 gate_up at 17-32 rows (ncu: ~40% of a
@@ -480,7 +480,7 @@ __device__ __forceinline__ void skinny_store(const float* acc, bf16* __restrict_
 // faster at 32 rows and, with four adapters, at 64 (base 2% slower
 // there). runtime/gpu/wg.go.
 // ---------------------------------------------------------------------------
-#ifdef PEFTD_WG
+#if defined(PEFTD_WG) || defined(PEFTD_WS)
 // defaults: v0.30's best at 17-64 rows (4 atoms, one block an SM, no
 // group in flight): 512 bytes of K a row a stage, as fp8_stream reads
 #ifndef WG_INFLIGHT
@@ -1160,5 +1160,5 @@ __device__ __forceinline__ void wt_body(bf16* __restrict__ out, float* __restric
     extern "C" __global__ void __launch_bounds__(64 * SK_WARPS) prefix##2_n64(ARGS) { wg_body<ES, 8, 2>(PASS); }  \
     extern "C" __global__ void __launch_bounds__(64 * SK_WARPS) prefix##2_n128(ARGS) { wg_body<ES, 16, 2>(PASS); }
 
-#endif // PEFTD_WG
+#endif // PEFTD_WG || PEFTD_WS
 

@@ -2935,14 +2935,19 @@ GEMM_SKINNY_LORA(48, 16)
 #define GEMM_WG_ARGS bf16 *out, float *part, int *done, const bf16 *x, const bf16 *w, int M, int N, int K
 #define GEMM_WG_PASS out, part, done, (const unsigned char*)x, nullptr, (const unsigned char*)w, nullptr, M, N, K
 WG_KERNELS(gemm_wg, 2, GEMM_WG_ARGS, GEMM_WG_PASS)
+#endif
 // gemm_ws_n{32,48,64,96,128,224,256}: the bf16 product of 17-64 rows
 // streamed through wgmma (ws_body in common.cuh: the activation rows the
 // wgmma's M, BN weight rows a block, one wave, the K split met in the
 // kernel; runtime/gpu ws.go plans it). sx and sw are null: fp8_ws's
-// argument list, so that one launcher takes both.
+// argument list, so that one launcher takes both. In the sm_90a build
+// (kernels.LlamaWS: PEFTD_WS, which leaves every other kernel's SASS
+// as it is), and with PEFTD_WG.
+#if defined(PEFTD_WS) || defined(PEFTD_WG)
 #define GEMM_WS_ARGS                                                                                    \
     bf16 *out, float *part, int *done, const bf16 *x, const float *sx, const bf16 *w, const float *sw, \
         int M, int N, int K, int opts
 #define GEMM_WS_PASS out, part, done, (const unsigned char*)x, sx, (const unsigned char*)w, sw, M, N, K, opts
 WS_WIDTHS(gemm_ws, ws_body, 2, GEMM_WS_ARGS, GEMM_WS_PASS)
 #endif
+

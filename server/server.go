@@ -133,6 +133,9 @@ type Config struct {
 	// NoFP8Wgmma is gpu.Options': every FP8 product of 17-64 rows on
 	// cuBLASLt, none on the wgmma kernels (sm_90a).
 	NoFP8Wgmma bool
+	// NoWS is gpu.Options': products of 17-64 rows off the ws kernels
+	// (gemm_ws, fp8_ws; sm_90a).
+	NoWS bool
 	// LoRAPartition is gpu.Options': SMs split by green contexts, this
 	// many for the LoRA stream (0: none).
 	LoRAPartition int
@@ -483,7 +486,7 @@ func newGPU(cfg Config) (*gpu.Backend, error) {
 	// starts read the cubin.
 	// --warm-graphs idle: the scheduler records the graphs while idle, and
 	// a request's step never waits for a recording (it runs eagerly)
-	return gpu.New(gpu.Options{Device: cfg.GPU, WeightFormat: cfg.Weights, KVFormat: cfg.KVCache, Eager: cfg.Eager, SerialLoRA: cfg.SerialLoRA, LoRASMs: cfg.LoRASMs, LoRAPartition: cfg.LoRAPartition, NoFP8Wgmma: cfg.NoFP8Wgmma, GraphRows: cfg.GraphRows, NoPDL: cfg.NoPDL, TuneGEMMs: cfg.TuneGEMMs, ChainSteps: cfg.ChainSteps,
+	return gpu.New(gpu.Options{Device: cfg.GPU, WeightFormat: cfg.Weights, KVFormat: cfg.KVCache, Eager: cfg.Eager, SerialLoRA: cfg.SerialLoRA, LoRASMs: cfg.LoRASMs, LoRAPartition: cfg.LoRAPartition, NoFP8Wgmma: cfg.NoFP8Wgmma, NoWS: cfg.NoWS, GraphRows: cfg.GraphRows, NoPDL: cfg.NoPDL, TuneGEMMs: cfg.TuneGEMMs, ChainSteps: cfg.ChainSteps,
 		RecordIdle: cfg.WarmGraphs == WarmIdle, PinnedImageBytes: cfg.PinnedCacheBytes})
 }
 
@@ -500,6 +503,9 @@ func logGPU(log *slog.Logger, cfg Config, b *gpu.Backend) {
 		log.Info("FP8 products of 17-64 rows on the wgmma kernels (--fp8-wgmma=false: cuBLASLt)")
 	case cfg.Weights == gpu.WeightsFP8 && !cfg.NoFP8Wgmma:
 		log.Info("FP8 products of 17-64 rows on cuBLASLt: the wgmma kernels need an sm_90a GPU and NVRTC at start-up", "arch", d.Arch())
+	}
+	if b.WSProducts() {
+		log.Info("products of 17-64 rows with no LoRA update beside on the ws kernels (gemm_ws, fp8_ws q/k/v and o; --ws-products=false: off)")
 	}
 }
 
