@@ -260,14 +260,17 @@ func TestFixture8BShape(t *testing.T) {
 	// PEFTD_FIXTURE_8B_PATHS=default,noinline,serial: the same cases through
 	// other LoRA paths (noinline: the q/k/v update on the LoRA stream at
 	// 1-16 rows too, kernelForce.loraInline -1; serial: Options.SerialLoRA;
-	// rfold, norfold: the q/k/v expand inside RoPE on, off)
+	// rfold, norfold: the q/k/v expand inside RoPE on, off; one: each case
+	// alone with Options.SerialLoRA, so that its 17-64-row prefill runs with
+	// no LoRA update beside the products: on sm_90a through the ws kernels,
+	// gemm_ws, which co-batched steps of these cases never reach)
 	paths := strings.Split(cmp.Or(os.Getenv("PEFTD_FIXTURE_8B_PATHS"), "default"), ",")
 	for _, path := range paths {
 		t.Run(path, func(t *testing.T) {
 			opts := engine.Options{MaxTokens: 1024, KVBlocks: 512, BlockSize: 16, AdapterSlots: len(adapters)}
-			e, b := newEngineBackend(t, m, opts, Options{SerialLoRA: path == "serial"})
+			e, b := newEngineBackend(t, m, opts, Options{SerialLoRA: path == "serial" || path == "one"})
 			switch path {
-			case "default", "serial":
+			case "default", "serial", "one":
 			case "noinline":
 				b.force.loraInline = -1
 			case "rfold", "norfold": // the q/k/v expand inside RoPE at 1-16 rows on, off (lora_rope.go)
@@ -290,6 +293,18 @@ func TestFixture8BShape(t *testing.T) {
 				}
 			}
 			t.Logf("loaded %s (%d layers, hidden %d, vocab %d) and %d adapters in %v", dir, m.Config.Layers, m.Config.Hidden, m.Config.VocabSize, len(names), time.Since(t0).Round(time.Millisecond))
+			if path == "one" {
+				if !b.WSProducts() && b.ctx.Device().Arch() == "sm_90a" {
+					t.Error("one: the ws products are off on an sm_90a card")
+				}
+				worst, worstRow := 0.0, 0.0
+				for _, c := range cases {
+					w, wr, _ := runCases(t, e, slots, []refCase{c})
+					worst, worstRow = max(worst, w), max(worstRow, wr)
+				}
+				t.Logf("maxrel=%.3g (per case, all rows); worst single row %.3g; %d cases one at a time (ws products %v)", worst, worstRow, len(cases), b.WSProducts())
+				return
+			}
 			worst, worstRow, st := runCases(t, e, slots, cases)
 			if e.FreeBlocks() != e.Options().KVBlocks {
 				t.Errorf("pages leaked: %d free of %d", e.FreeBlocks(), e.Options().KVBlocks)
