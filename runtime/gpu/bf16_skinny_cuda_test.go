@@ -240,15 +240,22 @@ func TestSkinnyBench(t *testing.T) {
 	}
 }
 
-// wgRig is fp8Rig's context, stream and cuBLASLt handle with the forward
-// module's gemm_wg variants (wgmma; PEFTD_WG, sm_90a), or a skip.
-func wgRig(t testing.TB) (*fp8Rig, *wgProduct) {
-	r := newFP8Rig(t)
-	mod := forwardModule(t, r)
+// forwardLimit is the forward module (forwardModule) on r's context and
+// the shared memory a block may opt into on the card (any size where it
+// is not reported).
+func forwardLimit(t testing.TB, r *fp8Rig) (*cuda.Module, int) {
 	limit := r.ctx.Device().MaxShared
 	if limit <= 0 {
 		limit = math.MaxInt
 	}
+	return forwardModule(t, r), limit
+}
+
+// wgRig is fp8Rig's context, stream and cuBLASLt handle with the forward
+// module's gemm_wg variants (wgmma; PEFTD_WG, sm_90a), or a skip.
+func wgRig(t testing.TB) (*fp8Rig, *wgProduct) {
+	r := newFP8Rig(t)
+	mod, limit := forwardLimit(t, r)
 	g, err := loadWG(r.ctx, r.s, mod, "gemm_wg", 2, limit)
 	if err != nil {
 		t.Fatal(err)
@@ -313,22 +320,17 @@ func TestBF16Wgmma(t *testing.T) {
 }
 
 // bwsRig is fp8Rig's context, stream and cuBLASLt handle with the forward
-// module's gemm_ws kernels (ws_body on bf16; PEFTD_WG, sm_90a), or a skip.
+// module's gemm_ws kernels (ws_body on bf16; sm_90a), or a skip.
 func bwsRig(t testing.TB) (*fp8Rig, *wsProduct) {
 	r := newFP8Rig(t)
-	mod := forwardModule(t, r)
-	limit := r.ctx.Device().MaxShared
-	if limit <= 0 {
-		limit = math.MaxInt
-	}
+	mod, limit := forwardLimit(t, r)
 	g, err := loadWS(r.ctx, r.s, mod, "gemm_ws", "", 2, limit)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if g == nil {
-		if r.ctx.Device().Arch() == "sm_90a" {
-			t.Fatal("no gemm_ws kernel loaded on an sm_90a card (forwardModule loads the kernels.LlamaWS build there)")
-		}
+	if g == nil && r.ctx.Device().Arch() == "sm_90a" {
+		t.Fatal("no gemm_ws kernel loaded on an sm_90a card (forwardModule loads the kernels.LlamaWS build there)")
+	} else if g == nil {
 		t.Skip("gemm_ws is compiled only in the forward module's sm_90a build")
 	}
 	t.Cleanup(func() { g.free() })
