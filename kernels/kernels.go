@@ -134,14 +134,9 @@ func (m Module) Label() string {
 // runtime/gpu loads on sm_90a for FP8 products of 17-64 rows.
 var FP8Wgmma = []string{"-DPEFTD_WG"}
 
-// LlamaWS is the options of the forward module's build with gemm_ws (bf16
-// products of 17-64 rows streamed through wgmma), which runtime/gpu loads
-// on sm_90a; the module's other kernels compile to the same SASS.
-var LlamaWS = []string{"-DPEFTD_WS"}
-
 // Modules are every source and variant runtime/gpu may load: what `peftd
 // kernels` compiles ahead of time.
-var Modules = []Module{{Name: Llama, MinCC: 80}, {Name: Llama, MinCC: 90, Extra: LlamaWS, Arch: "sm_90a"}, {Name: Sgmv, MinCC: 80}, {Name: FP8, MinCC: 89}, {Name: FP8, MinCC: 90, Extra: FP8Wgmma, Arch: "sm_90a"}}
+var Modules = []Module{{Name: Llama, MinCC: 80}, {Name: Sgmv, MinCC: 80}, {Name: FP8, MinCC: 89}, {Name: FP8, MinCC: 90, Extra: FP8Wgmma, Arch: "sm_90a"}}
 
 var compiles atomic.Int64
 

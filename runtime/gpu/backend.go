@@ -117,33 +117,17 @@ type Options struct {
 	// docs/PERFORMANCE.md v0.31, decode -4.6% at 32 rows, -4.9% with four
 	// adapters at 64, serving with adapters +1.2%.
 	NoFP8Wgmma bool
-	// NoWS keeps the products of 17-64 rows off the ws kernels (ws.go). By
-	// default on sm_90a, where no LoRA update runs beside the product,
-	// bf16 products take gemm_ws (the forward module's kernels.LlamaWS
-	// build) and FP8 q/k/v and o products fp8_ws (the FP8 module's wgmma
-	// build, so not with NoFP8Wgmma): docs/PERFORMANCE.md v0.56.
+	// NoWS keeps FP8 products of 17-64 rows off fp8_ws (ws.go). By default
+	// on sm_90a (with the FP8 module's wgmma build, so not with
+	// NoFP8Wgmma) the q/k/v and o products that no LoRA update runs beside
+	// take fp8_ws: docs/PERFORMANCE.md v0.56.
 	NoWS bool
 }
 
-// WSProducts reports whether products of 17-64 rows with no LoRA update
-// beside run on the ws kernels (gemm_ws for bf16 weights, fp8_ws for FP8
-// q/k/v and o): sm_90a, their builds loaded and Options.NoWS unset.
-func (b *Backend) WSProducts() bool {
-	if b.f8 != nil {
-		return b.f8.wsAuto
-	}
-	return b.bwsAuto
-}
-
-// llamaKernels is the forward module's build the Backend loads on dev:
-// on sm_90a the one with gemm_ws (kernels.LlamaWS) unless noWS, or
-// PEFTD_KERNEL_DEFINES already builds it in.
-func llamaKernels(dev cuda.Device, o kernels.Options, noWS bool) kernels.Options {
-	if !noWS && dev.Arch() == "sm_90a" && !kernels.Defined("PEFTD_WS") && !kernels.Defined("PEFTD_WG") {
-		o.Extra = append(slices.Clip(o.Extra), kernels.LlamaWS...)
-	}
-	return o
-}
+// WSProducts reports whether FP8 q/k/v and o products of 17-64 rows with
+// no LoRA update beside run on fp8_ws: FP8 weights on sm_90a, the wgmma
+// build loaded and Options.NoWS unset.
+func (b *Backend) WSProducts() bool { return b.f8 != nil && b.f8.wsAuto }
 
 // FP8Wgmma reports whether FP8 products of 17-64 rows run on the wgmma
 // kernels: FP8 weights, the wgmma products loaded (sm_90a) and
@@ -239,7 +223,7 @@ func forcedOn(f int, def bool) bool {
 // the reference and the benchmarks compare them. Production never sets it.
 type kernelForce struct {
 	bwg        bool          // bf16 products of 17-128 rows: gemm_wg (wgmma; PEFTD_WG) where it fits, not cuBLASLt
-	bws        int           // bf16 products of 17-64 rows on gemm_ws (ws.go) where it plans: 0 the default (bwsAuto: every product with no LoRA update beside), 1 every product, 2 the narrow ones (wsNarrow), -1 none
+	bws        int           // bf16 products of 17-64 rows on gemm_ws (ws.go; PEFTD_WS) where it plans: 1 every product, 2 the narrow ones (wsNarrow), 3 every product no LoRA update runs beside (0: none)
 	loraRows   bool          // LoRA: the row-at-a-time kernels (lora_shrink, lora_expand)
 	loraV1     bool          // LoRA: SGMV v1 (sgmv_shrink, then an expand launch)
 	loraV2     bool          // LoRA: SGMV v2 (one launch per op) wherever it fits
@@ -274,11 +258,8 @@ type Backend struct {
 	mod *cuda.Module
 	sk  *bfSkinny  // the bf16 products of decode steps (nil: cuBLASLt's)
 	wg  *wgProduct // gemm_wg (wgmma, PEFTD_WG) for 17-128 rows where kernelForce.bwg asks (nil: not compiled in)
-	bws *wsProduct // gemm_ws (ws_body on bf16: kernels.LlamaWS, sm_90a) for 17-64 rows (nil: not compiled in)
-	// bwsAuto (unless Options.NoWS): bf16 products of 17-64 rows with no
-	// LoRA update beside on gemm_ws where it plans (kernelForce.bws)
-	bwsAuto bool
-	fn      funcs
+	bws *wsProduct // gemm_ws (ws_body on bf16; PEFTD_WS or PEFTD_WG, sm_90a) for 17-64 rows where kernelForce.bws asks (nil: not compiled in)
+	fn  funcs
 	// KernelInfo tells whether the kernels were compiled or read from the cache.
 	KernelInfo kernels.Info
 
@@ -552,15 +533,8 @@ func (b *Backend) open(opts Options) error {
 		m, _, err := kernels.Load(ctx, kernels.Sgmv, kernels.Options{ContextFree: b.ctxFree})
 		sg <- sgLoaded{m, err}
 	}(b.ctx)
-	if ko := llamaKernels(b.ctx.Device(), opts.Kernels, opts.NoWS); len(ko.Extra) > len(opts.Kernels.Extra) {
-		// that build is compiled here unless cached or shipped: where it
-		// cannot be, the default build serves and WSProducts reports false
-		b.mod, b.KernelInfo, err = kernels.Load(b.ctx, kernels.Llama, ko)
-	}
-	if b.mod == nil {
-		if b.mod, b.KernelInfo, err = kernels.Load(b.ctx, kernels.Llama, opts.Kernels); err != nil {
-			return err
-		}
+	if b.mod, b.KernelInfo, err = kernels.Load(b.ctx, kernels.Llama, opts.Kernels); err != nil {
+		return err
 	}
 	if b.sk, err = newBFSkinny(b.mod, b.ctx.Device()); err != nil {
 		return err
@@ -575,7 +549,6 @@ func (b *Backend) open(opts Options) error {
 	if b.bws, err = loadWS(b.ctx, b.s, b.mod, "gemm_ws", "", 2, limit); err != nil {
 		return err
 	}
-	b.bwsAuto = !opts.NoWS && b.bws != nil
 	format, err := ParseWeightFormat(opts.WeightFormat)
 	if err != nil {
 		return err

@@ -407,8 +407,8 @@ type decodeVariant struct {
 	ws                           bool   // FP8 weights: fp8_ws (ws.go; PEFTD_WG) for the 17-64 rows it plans (fp8State.wsOn)
 	wsgu                         bool   // FP8 weights: fp8_ws for the gate/up product only (fp8State.wsWide)
 	wsqo                         bool   // FP8 weights: fp8_ws for the q/k/v and o products only (fp8State.wsNarrow)
-	bws                          int    // bf16 weights: gemm_ws (ws.go) for 17-64 rows, 1 every product, 2 q/k/v and o, also beside the LoRA stream (kernelForce.bws)
-	nows                         bool   // no ws products by default (kernelForce.bws -1, fp8State.wsAuto off: Options.NoWS)
+	bws                          int    // bf16 weights: gemm_ws (ws.go; PEFTD_WS) for 17-64 rows, 1 every product, 2 q/k/v and o, 3 every product no LoRA update runs beside (kernelForce.bws)
+	nows                         bool   // FP8 weights: no fp8_ws for q/k/v and o by default (fp8State.wsAuto off: Options.NoWS)
 	nowga                        bool   // FP8 weights: Options.NoFP8Wgmma, every product of 17-64 rows on cuBLASLt (the default routes wgAutoFits' to fp8_wg: fp8State.wgAuto)
 	bwg                          bool   // bf16 weights: gemm_wg (wgmma; PEFTD_WG) for 17-128 rows (kernelForce.bwg)
 	two                          bool   // with wg or bwg: two warpgroups a block (fp8_wg2, gemm_wg2: wgProduct.two)
@@ -425,9 +425,6 @@ type decodeVariant struct {
 func (v decodeVariant) force(f kernelForce) kernelForce {
 	f.decSplit, f.ropeHeads, f.decOpts = v.split, v.ropeHeads, v.opts
 	f.noSkinny, f.skLate, f.decVar, f.bwg, f.bws = v.lt, v.skLate, v.dv, v.bwg, v.bws
-	if v.nows {
-		f.bws = -1
-	}
 	f.wgFull, f.loraKChunk = v.wgFull, v.kc
 	f.holds, f.pdlJoins, f.loraInline = v.holds, v.pdlJoins, v.inline
 	f.ropeLoRA, f.nodePrio, f.siluCl, f.addCl = v.rfold, v.prio, v.silucl, v.addcl
@@ -492,7 +489,7 @@ func (v decodeVariant) label(ads []*lora.Adapter, pdlOK bool) string {
 		on   bool
 		name string
 	}{{v.eager, "eager"}, {v.serial, "serial"}, {v.nopdl && pdlOK, "nopdl"}, {v.ropeHeads, "ropeheads"}, {v.lt, "lt"}, {v.wgFull, "wgfull"}, {v.wgBeside, "wgbeside"}, {v.splitBeside, "splitbeside"}, {v.nopad, "nopad"}, {v.padOld, "padold"}, {v.fslate, "fslate"}, {v.noe1, "noe1"}, {v.e1lone, "e1lone"}, {v.skLate, "late"},
-		{v.fs, "fs"}, {v.gv, "gv"}, {v.noseg, "noseg"}, {v.wg && !v.two, "wg"}, {v.wg && v.two, "wg2"}, {v.ws, "ws"}, {v.wsgu, "wsgu"}, {v.wsqo, "wsqo"}, {v.bws == 1, "bws"}, {v.bws == 2, "bwsqo"}, {v.nows, "nows"}, {v.nowga, "nowga"}, {v.bwg && !v.two, "bwg"}, {v.bwg && v.two, "bwg2"}, {v.tuned, "tuned"}} {
+		{v.fs, "fs"}, {v.gv, "gv"}, {v.noseg, "noseg"}, {v.wg && !v.two, "wg"}, {v.wg && v.two, "wg2"}, {v.ws, "ws"}, {v.wsgu, "wsgu"}, {v.wsqo, "wsqo"}, {v.bws == 1, "bws"}, {v.bws == 2, "bwsqo"}, {v.bws == 3, "bwslone"}, {v.nows, "nows"}, {v.nowga, "nowga"}, {v.bwg && !v.two, "bwg"}, {v.bwg && v.two, "bwg2"}, {v.tuned, "tuned"}} {
 		if f.on {
 			lbl += "+" + f.name
 		}
@@ -732,7 +729,7 @@ func TestDecodeBench(t *testing.T) {
 		{sms: -1, nowga: true}, {lora: true, sms: -1, nowga: true},
 		{sms: -1, ws: true}, {lora: true, sms: -1, ws: true}, {sms: -1, wsgu: true}, {lora: true, sms: -1, wsgu: true},
 		{sms: -1, wsqo: true}, {lora: true, sms: -1, wsqo: true}, {sms: -1, nows: true}, {lora: true, sms: -1, nows: true},
-		{sms: -1, bws: 1}, {lora: true, sms: -1, bws: 1}, {sms: -1, bws: 2}, {lora: true, sms: -1, bws: 2},
+		{sms: -1, bws: 1}, {lora: true, sms: -1, bws: 1}, {sms: -1, bws: 2}, {lora: true, sms: -1, bws: 2}, {sms: -1, bws: 3}, {lora: true, sms: -1, bws: 3},
 		{sms: -1, wg: true, two: true}, {lora: true, sms: -1, wg: true, two: true}, {sms: -1, bwg: true, two: true}, {lora: true, sms: -1, bwg: true, two: true},
 		{lora: true, sms: -1, rfold: 1}, {lora: true, sms: -1, rfold: -1},
 		{sms: -1, noseg: true}, {lora: true, sms: -1, noseg: true}, {lora: true, sms: -1, prio: -1}, {lora: true, sms: -1, prio: 1}, {sms: -1, hoist: -1}, {lora: true, sms: -1, hoist: -1}, {sms: -1, hoist: 1}, {lora: true, sms: -1, hoist: 1},
@@ -813,7 +810,7 @@ func TestDecodeBench(t *testing.T) {
 		B, v := rn.B, rn.v
 		withLoRA, sampled := v.lora, v.sampled
 		gb.g.off = v.eager
-		if withLoRA && len(ads) == 0 || v.nopdl && !pdlOK || v.split > 0 && B > 64 || (v.fs || v.gv) && (gb.f8 == nil || gb.f8.stream == nil) || (v.wg || v.nowga) && (gb.f8 == nil || gb.f8.wg == nil) || v.bwg && (gb.f8 != nil || gb.wg == nil) || v.bws != 0 && (gb.f8 != nil || gb.bws == nil) || (v.fslate || v.noe1 || v.e1lone) && (gb.f8 == nil || gb.f8.stream == nil) || v.padOld && gb.f8 == nil {
+		if withLoRA && len(ads) == 0 || v.nopdl && !pdlOK || v.split > 0 && B > 64 || (v.fs || v.gv) && (gb.f8 == nil || gb.f8.stream == nil) || (v.wg || v.nowga) && (gb.f8 == nil || gb.f8.wg == nil) || v.bwg && (gb.f8 != nil || gb.wg == nil) || v.bws != 0 && (gb.f8 != nil || gb.bws == nil) || v.nows && gb.f8 == nil || (v.fslate || v.noe1 || v.e1lone) && (gb.f8 == nil || gb.f8.stream == nil) || v.padOld && gb.f8 == nil {
 			continue
 		}
 		retune := v.tuned && !gb.tune.done

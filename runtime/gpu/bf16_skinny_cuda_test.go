@@ -14,10 +14,9 @@ import (
 )
 
 // forwardModule loads the forward module (llama.cu) on r's context for the
-// rest of the test: the build the Backend loads (on sm_90a the one with
-// gemm_ws, kernels.LlamaWS).
+// rest of the test.
 func forwardModule(t testing.TB, r *fp8Rig) *cuda.Module {
-	mod, _, err := kernels.Load(r.ctx, kernels.Llama, llamaKernels(r.ctx.Device(), kernels.Options{}, false))
+	mod, _, err := kernels.Load(r.ctx, kernels.Llama, kernels.Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -320,7 +319,8 @@ func TestBF16Wgmma(t *testing.T) {
 }
 
 // bwsRig is fp8Rig's context, stream and cuBLASLt handle with the forward
-// module's gemm_ws kernels (ws_body on bf16; sm_90a), or a skip.
+// module's gemm_ws kernels (ws_body on bf16; PEFTD_WS or PEFTD_WG,
+// sm_90a), or a skip.
 func bwsRig(t testing.TB) (*fp8Rig, *wsProduct) {
 	r := newFP8Rig(t)
 	mod, limit := forwardLimit(t, r)
@@ -328,10 +328,11 @@ func bwsRig(t testing.TB) (*fp8Rig, *wsProduct) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if g == nil && r.ctx.Device().Arch() == "sm_90a" {
-		t.Fatal("no gemm_ws kernel loaded on an sm_90a card (forwardModule loads the kernels.LlamaWS build there)")
-	} else if g == nil {
-		t.Skip("gemm_ws is compiled only in the forward module's sm_90a build")
+	if g == nil {
+		if (kernels.Defined("PEFTD_WS") || kernels.Defined("PEFTD_WG")) && r.ctx.Device().Arch() == "sm_90a" {
+			t.Fatal("PEFTD_WS is defined on an sm_90a card but no gemm_ws kernel loaded")
+		}
+		t.Skip("gemm_ws is compiled only with PEFTD_KERNEL_DEFINES=-DPEFTD_WS, for sm_90a")
 	}
 	t.Cleanup(func() { g.free() })
 	return r, g

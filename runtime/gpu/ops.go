@@ -297,7 +297,7 @@ func (b *Backend) Linear(out, in engine.Buffer, w engine.Weight) {
 	if !b.check(x.cols == wt.cols && o.cols == wt.rows && o.whole() && x.whole(), "linear: in width %d, out width %d, weight [%d,%d]", x.cols, o.cols, wt.rows, wt.cols) {
 		return
 	}
-	if f := b.force.bws; f == 1 || f == 2 && wsNarrow(wt.rows, wt.cols) || f == 0 && b.bwsAuto && b.la.forkIn == 0 {
+	if f := b.force.bws; f == 1 || f == 2 && wsNarrow(wt.rows, wt.cols) || f == 3 && b.la.forkIn == 0 {
 		if p, ok := b.bws.plan(b.rows(), wt.rows, wt.cols); ok {
 			b.fail(b.bws.launch(b.s, p, o.mem.Ptr(), x.mem.Ptr(), 0, wt.mem.Ptr(), 0, b.rows(), wt.rows, wt.cols, nil))
 			return
