@@ -19,10 +19,13 @@ import (
 // fp8_ws_n* copy each stage by cp.async, fp8_wt_n* by TMA (the activation
 // rows in their own ring; compiled only with PEFTD_WT as well). fp8_ws is
 // in the FP8 module's wgmma build (kernels.FP8Wgmma, loaded by default on
-// sm_90a); gemm_ws_n* (bf16 operands, no scales) in the forward module's
-// PEFTD_WG build. No product routes to them unless fp8State.wsOn, wsWide
-// or wsNarrow, or kernelForce.bws, is set: PERFORMANCE v0.55 measured the
-// FP8 builds no faster than the default products at 64 rows.
+// sm_90a); gemm_ws_n* (bf16 operands, no scales) in the forward module
+// only with PEFTD_WS or PEFTD_WG. By default fp8State.wsAuto sends the
+// FP8 q/k/v and o products (wsNarrow) that no LoRA update runs beside to
+// fp8_ws (PERFORMANCE v0.56: decode -1.2 to -2% on an H100, within 0.8%
+// on an H200); fp8State.wsOn / wsWide / wsNarrow and kernelForce.bws
+// force the rest for A/Bs (gemm_ws: faster in the H100's steps, slower in
+// the H200's).
 // No launch allocates device memory: the split buffers are made at load
 // (a launch may be inside a graph capture).
 type wsProduct struct {
