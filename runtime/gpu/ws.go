@@ -169,9 +169,10 @@ func (g *wsProduct) free() error {
 func (g *wsProduct) SetSMTarget(n int) { g.target = max(n, 0) }
 
 // wsNarrow reports whether an N x K weight is one of the narrow products
-// (q/k/v, o: K <= N < 4 K) that fp8State.wsNarrow and kernelForce.bws 2
-// send to the ws kernels: PERFORMANCE v0.56 measured them ahead of the
-// default products there and behind on gate/up and down.
+// (q/k/v, o: K <= N < 4 K) that fp8State.wsAuto (where no LoRA update
+// runs beside), wsNarrow and kernelForce.bws 2 send to the ws kernels:
+// PERFORMANCE v0.55-v0.56 measured fp8_ws ahead of the default products
+// there on both cards, and behind on gate/up (both) and down (H200).
 func wsNarrow(N, K int) bool { return K <= N && N < 4*K }
 
 // wsPlan is one product's kernel (index into wsWidths) and K split.
