@@ -809,7 +809,13 @@ __device__ __forceinline__ void wg_body(bf16* __restrict__ out, float* __restric
 #ifndef WS_INFLIGHT
 #define WS_INFLIGHT 0 // wgmma groups left running while the next stage starts (0 or 1)
 #endif
-#define WS_SMEM (200 * 1024) // a block's stage buffers at most (one block an SM)
+#ifndef WS_SMEM
+// a block's stage buffers at most (one block an SM); less (e.g.
+// -DWS_SMEM=100000) leaves an SM room for a LoRA kernel's block beside
+// one of these (runtime/gpu's wsSmem reads it; widths with fewer than 3
+// stages are not loaded)
+#define WS_SMEM (200 * 1024)
+#endif
 // KA: WS_KA atoms a stage, halved while fewer than 3 stages would fit
 // (runtime/gpu's wsKAFor must agree).
 template <int BN> struct WsShape {
@@ -820,7 +826,7 @@ template <int BN> struct WsShape {
     static constexpr int KA = ka(WS_KA);
     static constexpr int SB = KA * AB;            // a stage
     static constexpr int ST = fit(KA) < 16 ? fit(KA) : 16;
-    static_assert(BN % 16 == 0 && ST >= 3, "ws_body: weight rows a multiple of 16, 3 stages at least");
+    static_assert(BN % 16 == 0 && ST >= 2, "ws_body: weight rows a multiple of 16, 2 stages at least (runtime/gpu loads 3 or more)");
 };
 
 // ws_koff: the stage of its nst a block of ws_body or wt_body starts its

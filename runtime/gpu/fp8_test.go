@@ -304,7 +304,7 @@ func TestWsShape(t *testing.T) {
 		if ab := (wsMaxRows + bn) * wsAtom; ab%1024 != 0 {
 			t.Errorf("n%d: an atom of %d bytes is not a multiple of 1024", bn, ab)
 		}
-		if st := wsStages(bn); st < 3 || st > 16 || st*wsStageBytes(bn) > 200<<10-1024 {
+		if st := wsStages(bn); st < 3 || st > 16 || st*wsStageBytes(bn) > wsSmem-1024 {
 			t.Errorf("n%d: %d stages of %d bytes", bn, st, wsStageBytes(bn))
 		}
 		if per := wsShared(bn) + 1152; per > 227<<10 {

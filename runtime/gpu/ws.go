@@ -58,9 +58,14 @@ const (
 // wsKA is WS_KA: 128-byte atoms a stage (PEFTD_KERNEL_DEFINES may set it).
 var wsKA = max(1, kernels.DefinedInt("WS_KA", 1))
 
+// wsSmem is WS_SMEM: a ws block's stage buffers at most (200 KB unless
+// PEFTD_KERNEL_DEFINES sets it, e.g. to leave room for a LoRA kernel's
+// block on the same SM).
+var wsSmem = kernels.DefinedInt("WS_SMEM", 200<<10)
+
 // wsFit is how many stages of ka atoms (of the 64 activation rows and bn
-// weight rows) 200 KB less the alignment holds.
-func wsFit(bn, ka int) int { return (200<<10 - 1024) / (ka * (wsMaxRows + bn) * wsAtom) }
+// weight rows) wsSmem less the alignment holds.
+func wsFit(bn, ka int) int { return (wsSmem - 1024) / (ka * (wsMaxRows + bn) * wsAtom) }
 
 // wsKAFor is WsShape's KA: WS_KA atoms a stage, halved while fewer than 3
 // stages would fit.
