@@ -1355,6 +1355,41 @@ func envBatches(t *testing.T, name string, def []int) []int {
 	return out
 }
 
+// benchShape is a product's weight shape in the product benchmarks.
+type benchShape struct {
+	name string
+	N, K int
+}
+
+// shapes8B are the 8B projections' weight shapes (fused q/k/v and gate/up).
+var shapes8B = []benchShape{{"qkv", 6144, 4096}, {"o", 4096, 4096}, {"gate_up", 28672, 4096}, {"down", 4096, 14336}}
+
+// envShapes is the shapes in the environment variable name, def when it
+// is unset: NAME:NxK entries, e.g. g8k:28672x8192,gpad:28672x4224 (the
+// e.g. FP8 gate/up in 8 KB rows, or in rows padded to 4,224 bytes).
+func envShapes(t *testing.T, name string, def []benchShape) []benchShape {
+	t.Helper()
+	s := os.Getenv(name)
+	if s == "" {
+		return def
+	}
+	var out []benchShape
+	for _, f := range strings.Split(s, ",") {
+		var sh benchShape
+		nm, dims, ok := strings.Cut(strings.TrimSpace(f), ":")
+		ns, ks, ok2 := strings.Cut(dims, "x")
+		var e1, e2 error
+		sh.name = nm
+		sh.N, e1 = strconv.Atoi(ns)
+		sh.K, e2 = strconv.Atoi(ks)
+		if !ok || !ok2 || nm == "" || e1 != nil || e2 != nil || sh.N <= 0 || sh.K <= 0 {
+			t.Fatalf("%s=%q: want shapes like qkv:6144x4096,down:4096x14336", name, s)
+		}
+		out = append(out, sh)
+	}
+	return out
+}
+
 // envPositive is the positive integer in the environment variable name,
 // def when it is unset.
 func envPositive(t *testing.T, name string, def int) int {

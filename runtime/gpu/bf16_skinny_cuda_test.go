@@ -161,10 +161,7 @@ func TestSkinnyBench(t *testing.T) {
 	bw := r.copyBW()
 	bench("skinny device %s; copy bandwidth %.0f GB/s; median of 15 replays of 20 calls recorded as a graph, weights rotated over >= 150 MB", r.ctx.Device().Name, bw/1e9)
 	bench("skinny %-8s %4s %9s %9s %9s %9s %8s %8s %6s %9s %8s %9s %8s", "shape", "T", "lt_us", "sk_us", "late_us", "floor_us", "frac_lt", "frac_sk", "bn", "wg_us", "frac_wg", "wg2_us", "frac_wg2")
-	for _, sh := range []struct {
-		name string
-		N, K int
-	}{{"qkv", 6144, 4096}, {"o", 4096, 4096}, {"gate_up", 28672, 4096}, {"down", 4096, 14336}} {
+	for _, sh := range envShapes(t, "PEFTD_BENCH_SHAPES", shapes8B) {
 		N, K := sh.N, sh.K
 		n := max(2, (150<<20)/(2*N*K)+1)
 		ws := make([]*cuda.DeviceBuffer, n)

@@ -422,10 +422,8 @@ func TestFP8GemmBench(t *testing.T) {
 	bench("fp8gemm device %s; copy bandwidth %.0f GB/s; peaks bf16 %.0f, fp8 %.0f TFLOP/s (datasheet); median of 15 replays of 20 calls recorded as a graph, weights rotated over >= 150 MB",
 		r.ctx.Device().Name, bw/1e9, peak16/1e12, peak8/1e12)
 	bench("fp8gemm %-8s %5s %9s %9s %9s %9s %9s %9s %9s %8s %9s %9s %7s %7s %7s %5s %8s %8s %8s %8s %8s %8s %8s %8s %8s %8s", "shape", "T", "bf16_us", "fp8_us", "gvalt_us", "skinny_us", "lt8_us", "quant_us", "fp8+q_us", "speedup", "floor16", "floor8", "frac16", "frac8", "TF/s8", "split", "sp2_us", "sp4_us", "sp8_us", "fs_us", "fsfrac8", "wg_us", "wgfrac8", "wg2_us", "wg2frac8", "gv_us")
-	shapes := []struct {
-		name string
-		N, K int
-	}{{"qkv", 6144, 4096}, {"o", 4096, 4096}, {"gate_up", 28672, 4096}, {"down", 4096, 14336}}
+	// PEFTD_BENCH_SHAPES: other weight shapes, e.g. g8k:28672x8192
+	shapes := envShapes(t, "PEFTD_BENCH_SHAPES", shapes8B)
 	Ts := envBatches(t, "PEFTD_FP8_BENCH_T", []int{1, 4, 16, 32, 48, 64, 96, 128, 192, 256, 2048}) // e.g. 1,4,8,16 for the few-row kernels alone
 	// 20 calls per recorded graph (rotating the weights), median of 15 replays
 	timeIt := func(_ int, fn func(i int) error) float64 { return graphMedianUs(t, r.s, 20, 15, fn) }
