@@ -1365,8 +1365,8 @@ type benchShape struct {
 var shapes8B = []benchShape{{"qkv", 6144, 4096}, {"o", 4096, 4096}, {"gate_up", 28672, 4096}, {"down", 4096, 14336}}
 
 // envShapes is the shapes in the environment variable name, def when it
-// is unset: NAME:NxK entries, e.g. g8k:28672x8192,gpad:28672x4224 (the
-// e.g. FP8 gate/up in 8 KB rows, or in rows padded to 4,224 bytes).
+// is unset: NAME:NxK entries, e.g. g8k:28672x8192,gpad:28672x4224 (FP8
+// gate/up's grid in 8 KB weight rows, and in rows padded to 4,224 bytes).
 func envShapes(t *testing.T, name string, def []benchShape) []benchShape {
 	t.Helper()
 	s := os.Getenv(name)
