@@ -75,10 +75,6 @@
 #     lorancu    ncu --set full (raw metrics, CSV) on the LoRA kernels of
 #                TestLoRABench's 4 x r32 case at LORANCU_T rows (default
 #                128,256); run it by name
-#     benchncu   ncu --set full on the first launches of the kernels matching
-#                PEFTD_NCU_KERNELS (PEFTD_NCU_COUNT, default 2) inside the
-#                benchmark test BENCHNCU_TEST (e.g. TestFP8GemmBench with
-#                PEFTD_FP8_BENCH_T=64 PEFTD_WS_SWEEP=1): benchncu.txt; run it by name
 #     kdetail    ncu --set full on the first launches of the kernels matching
 #                PEFTD_NCU_KERNELS (an ncu -k regex, default fp8_gemv|attn_decode|
 #                add_rmsnorm; PEFTD_NCU_COUNT launches, default 6) inside the
@@ -477,25 +473,6 @@ if want lorancu; then
 	save "$LOG/lorancu.txt"
 	cut -c1-220 "$LOG/lorancu.txt" | head -60
 	stamp lorancu
-fi
-
-if want benchncu; then
-	# ncu --set full on the first PEFTD_NCU_COUNT (default 2) launches of
-	# each kernel matching PEFTD_NCU_KERNELS inside one benchmark test
-	# (BENCHNCU_TEST, e.g. TestFP8GemmBench with PEFTD_FP8_BENCH_T=64
-	# PEFTD_WS_SWEEP=1, or TestSkinnyBench); the benchmark's own switch
-	# (PEFTD_FP8_BENCH, PEFTD_SKINNY_BENCH) is set here; run it by name
-	echo "=== benchncu: ncu --set full on ${PEFTD_NCU_KERNELS:?benchncu needs PEFTD_NCU_KERNELS} in ${BENCHNCU_TEST:?benchncu needs BENCHNCU_TEST}"
-	ncu="$(command -v ncu || echo "$CUDA_HOME/bin/ncu")"
-	(cd runtime/gpu && PEFTD_FP8_BENCH=1 PEFTD_SKINNY_BENCH=1 timeout "$(left 400)" "$ncu" --print-units base --set full \
-		-k "regex:$PEFTD_NCU_KERNELS" --launch-count "${PEFTD_NCU_COUNT:-2}" --csv --page raw "$GPUBIN" -test.count=1 -test.run "^$BENCHNCU_TEST\$") \
-		>"$LOG/benchncu.csv" 2>"$LOG/benchncu.err" || status=1
-	echo "$(grep -c '^"[0-9]' "$LOG/benchncu.csv") launches profiled"; tail -n 2 "$LOG/benchncu.err"
-	{ echo "# $BENCHNCU_TEST: $PEFTD_NCU_KERNELS"; "$PY" scripts/ncu_table.py "$LOG/benchncu.csv"; } >"$LOG/benchncu.txt" 2>&1
-	gzip -kf "$LOG/benchncu.csv"
-	save "$LOG/benchncu.txt"
-	cut -c1-260 "$LOG/benchncu.txt" | head -40
-	stamp benchncu
 fi
 
 if want kdetail; then
