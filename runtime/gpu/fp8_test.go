@@ -307,35 +307,42 @@ func TestWsShape(t *testing.T) {
 		if st := wsStages(bn); st < 3 || st > 16 || st*wsStageBytes(bn) > wsSmem-1024 {
 			t.Errorf("n%d: %d stages of %d bytes", bn, st, wsStageBytes(bn))
 		}
-		if per := wsShared(bn) + 1152; per > 227<<10 {
+		// the system's 1 KB a block, the scales' copies (ws_body's wsc,
+		// xsc) and the split counter
+		if per := wsShared(bn) + 1024 + 4*(bn+wsMaxRows) + 16; per > 227<<10 {
 			t.Errorf("n%d: a block of %d bytes does not fit an sm_90 SM", bn, per)
 		}
 	}
 }
 
-// TestWsPlan: fp8_ws's plans at the 8B projection shapes: one wave of the
-// SM target, the most blocks, then the fewest splits; the rows it takes;
-// shapes no kernel divides.
+// TestWsPlan: fp8_ws's and gemm_ws's plans at the 8B projection shapes:
+// one wave of the SM target, the most blocks, then the fewest splits
+// unless a block of under 64 weight rows would stream more than 8 KB of K
+// (wsShortRows); the rows it takes; shapes no kernel divides.
 func TestWsPlan(t *testing.T) {
-	g := &wsProduct{esize: 1, sms: 132}
-	for i := range g.fn {
-		g.fn[i] = &cuda.Function{}
-	}
 	for _, c := range []struct {
-		T, N, K, target int
-		want            string // "": none
+		esize, T, N, K, target int
+		want                   string // "": none
 	}{
-		{64, 28672, 4096, 0, "n224x1"},
-		{64, 6144, 4096, 0, "n48x1"},
-		{64, 4096, 4096, 0, "n32x1"},
-		{64, 4096, 14336, 0, "n32x1"},
-		{17, 28672, 4096, 116, "n256x1"}, // beside the LoRA stream: 112 blocks
-		{64, 4096, 4096, 84, "n64x1"},
-		{16, 28672, 4096, 0, ""},
-		{65, 28672, 4096, 0, ""},
-		{64, 4104, 4096, 0, ""},
-		{64, 4096, 4000, 0, ""},
+		{1, 64, 28672, 4096, 0, "n224x1"},
+		{1, 64, 6144, 4096, 0, "n48x1"},
+		{1, 64, 4096, 4096, 0, "n32x1"},
+		{1, 64, 4096, 14336, 0, "n64x2"}, // 14 KB of K a block at n32
+		{2, 64, 6144, 4096, 0, "n48x1"},  // 8 KB: not more
+		{2, 64, 4096, 4096, 0, "n32x1"},
+		{2, 64, 4096, 14336, 0, "n64x2"},
+		{2, 64, 28672, 4096, 0, "n224x1"},
+		{1, 17, 28672, 4096, 116, "n256x1"}, // beside the LoRA stream: 112 blocks
+		{1, 64, 4096, 4096, 84, "n64x1"},
+		{1, 16, 28672, 4096, 0, ""},
+		{1, 65, 28672, 4096, 0, ""},
+		{1, 64, 4104, 4096, 0, ""},
+		{1, 64, 4096, 4000, 0, ""},
 	} {
+		g := &wsProduct{esize: c.esize, sms: 132}
+		for i := range g.fn {
+			g.fn[i] = &cuda.Function{}
+		}
 		g.target = c.target
 		p, ok := g.plan(c.T, c.N, c.K)
 		got := ""

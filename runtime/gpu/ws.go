@@ -20,12 +20,13 @@ import (
 // rows in their own ring; compiled only with PEFTD_WT as well). fp8_ws is
 // in the FP8 module's wgmma build (kernels.FP8Wgmma, loaded by default on
 // sm_90a); gemm_ws_n* (bf16 operands, no scales) in the forward module
-// only with PEFTD_WS or PEFTD_WG. By default fp8State.wsAuto sends the
-// FP8 q/k/v and o products (wsNarrow) that no LoRA update runs beside to
-// fp8_ws (PERFORMANCE v0.56: decode -1.2 to -2% on an H100, within 0.8%
-// on an H200); fp8State.wsOn / wsWide / wsNarrow and kernelForce.bws
-// force the rest for A/Bs (gemm_ws: faster in the H100's steps, slower in
-// the H200's).
+// only with PEFTD_WS or PEFTD_WG. By default fp8State.wsAuto sends every
+// FP8 product of 17-64 rows that no LoRA update runs beside to fp8_ws
+// (PERFORMANCE v0.57: with its scales read from shared memory, gate/up
+// at 64 rows 33.1 us against cuBLASLt's 42.3 on an H200; v0.56 had only
+// q/k/v and o there); fp8State.wsOn / wsWide / wsNarrow and
+// kernelForce.bws force the rest for A/Bs (gemm_ws: faster in the H100's
+// steps, slower in the H200's, in isolation too: v0.57).
 // No launch allocates device memory: the split buffers are made at load
 // (a launch may be inside a graph capture).
 type wsProduct struct {
@@ -174,11 +175,9 @@ func (g *wsProduct) free() error {
 func (g *wsProduct) SetSMTarget(n int) { g.target = max(n, 0) }
 
 // wsNarrow reports whether an N x K weight is one of the narrow products
-// (q/k/v, o: K <= N < 4 K) that fp8State.wsAuto (where no LoRA update
-// runs beside), wsNarrow and kernelForce.bws 2 send to the ws kernels:
-// PERFORMANCE v0.55-v0.56 measured fp8_ws ahead of the default products
-// there on an H100 and level on an H200 (decode within 0.8%), behind on
-// gate/up (both cards) and down (H200).
+// (q/k/v, o: K <= N < 4 K) that fp8State.wsNarrow and kernelForce.bws 2
+// send to the ws kernels (A/Bs; v0.56's default, before v0.57 found the
+// scale reads that held fp8_ws back on gate/up).
 func wsNarrow(N, K int) bool { return K <= N && N < 4*K }
 
 // wsPlan is one product's kernel (index into wsWidths) and K split.
@@ -203,7 +202,9 @@ func (g *wsProduct) valid(p wsPlan, T, N, K int) bool {
 // plan picks the kernel and K split of a T x N x K product (ok false: none
 // fits, or T is outside wsMinRows-wsMaxRows): the force plan where set and
 // valid; else the most blocks that fit one wave of the SM target, and of
-// those the fewest splits.
+// those the fewest splits, except that a block of fewer than 64 weight
+// rows over more than wsLongSplit bytes of K gives way to a plan of 64 or
+// more rows with the same blocks (wsShortRows).
 func (g *wsProduct) plan(T, N, K int) (wsPlan, bool) {
 	if g == nil || T < wsMinRows || T > wsMaxRows {
 		return wsPlan{}, false
@@ -222,12 +223,33 @@ func (g *wsProduct) plan(T, N, K int) (wsPlan, bool) {
 			if !g.valid(p, T, N, K) {
 				continue
 			}
-			if blocks := N / wsWidths[i] * S; blocks <= sms && blocks > bestBlocks {
+			blocks := N / wsWidths[i] * S
+			if blocks > sms {
+				continue
+			}
+			if blocks > bestBlocks || blocks == bestBlocks && g.wsShortRows(best, K) && wsWidths[i] >= 64 {
 				best, bestBlocks = p, blocks
 			}
 		}
 	}
 	return best, bestBlocks > 0
+}
+
+// wsLongSplit is the most bytes of K a block of fewer than 64 weight rows
+// is planned for when a plan of wider blocks makes as many.
+const wsLongSplit = 8 << 10
+
+// wsShortRows reports whether plan p's blocks stream fewer than 64 weight
+// rows each over more than wsLongSplit bytes of K. A stage holds the 64
+// activation rows beside the BN weight rows, so at BN 32 two thirds of
+// the stages' room and of each block's reads are activations and a third
+// is weights in flight; over a long K range that costs more than a split.
+// H200, 64 rows, PERFORMANCE v0.57: FP8 down (14,336 bytes of K) n32x1
+// 26.4 us against n64x2 21.3; bf16 down n32x1 46.5 against n64x2 36.3;
+// with 4,096-8,192 bytes the fewest splits stay ahead (FP8 q/k/v n48x1
+// 11.0 against n96x2 12.7).
+func (g *wsProduct) wsShortRows(p wsPlan, K int) bool {
+	return wsWidths[p.i] < 64 && K*g.esize/p.split > wsLongSplit
 }
 
 // wsMaps are a weight's tensor maps, one for each kernel width (boxes of
