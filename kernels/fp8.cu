@@ -487,11 +487,6 @@ __device__ __forceinline__ void fp8_stream_body(bf16* __restrict__ out, const un
     typedef FsShape<BN, RB> S;
     constexpr int CH = RB / 16; // 16-byte chunks a tile row
     extern __shared__ __align__(128) unsigned char fsm[];
-    // the block's weight rows' and the activation rows' scales, for the
-    // end: read from global memory there, each store waited for its own
-    // scale loads (a dependent round trip every two stores: ws_store's
-    // lesson, PERFORMANCE v0.57)
-    __shared__ float wsc[BN], xsc[16];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int n0 = blockIdx.x * BN, nk = K / RB;
     const unsigned sb = (unsigned)__cvta_generic_to_shared(fsm);
@@ -521,9 +516,7 @@ __device__ __forceinline__ void fp8_stream_body(bf16* __restrict__ out, const un
     const bool early = opts & 1;
     if (early)
         for (int t = 0; t < NE; t++) issue_w(t);
-    for (int i = tid; i < BN; i += FS_THREADS) wsc[i] = sw[n0 + i]; // no kernel of a step writes weights' scales
     pdl_entry();
-    if (tid < 16) xsc[tid] = tid < M ? sx[tid] : 0.f; // both seen after the K loop's first barrier
     for (int t = 0; t < S::ST - 1; t++) {
         if (!early || t >= NE) issue_w(t);
         issue_x(t);
@@ -584,9 +577,9 @@ __device__ __forceinline__ void fp8_stream_body(bf16* __restrict__ out, const un
             const float2 v = *reinterpret_cast<const float2*>(red + (q * 16 + m) * BN + n);
             s.x += v.x, s.y += v.y;
         }
-        const float a = xsc[m];
+        const float a = sx[m];
         *reinterpret_cast<__nv_bfloat162*>(out + (i64)m * N + n0 + n) =
-            __floats2bfloat162_rn(s.x * a * wsc[n], s.y * a * wsc[n + 1]);
+            __floats2bfloat162_rn(s.x * a * sw[n0 + n], s.y * a * sw[n0 + n + 1]);
     }
 }
 
