@@ -33,7 +33,8 @@
 #                the default phases)
 #     skinnybench TestSkinnyBench: gemm_skinny (the bf16 product of 1-16
 #                rows) against cuBLASLt at the 8B shapes
-#                (PEFTD_SKINNY_T: other rows; not default)
+#                (PEFTD_SKINNY_T: other rows; not default; in both,
+#                PEFTD_BENCH_SHAPES=name:NxK,... other weight shapes)
 #     decode     makes a random 32-layer 8B checkpoint + 4 rank-32 adapters
 #                (tools/make_random_llama.py, ~16 GB under /tmp) and runs
 #                TestDecodeBench (decode tokens/s at batch 1, 16, 64, 256;
