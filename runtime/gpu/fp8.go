@@ -120,11 +120,11 @@ type fp8State struct {
 	wsNarrow     bool // only the narrow ones (wsNarrow: q/k/v, o)
 	// wsAuto (unless Options.NoWS) sends the narrow products with no LoRA
 	// update beside (lone) to them (wsAutoDefault: as New set it).
-	// PERFORMANCE v0.57, H200, FP8 decode at 64 rows: 4.60 ms so against
-	// 4.54 with every product there (`+ws`, fp8State.wsOn), with fp8_ws's
-	// scales read from shared memory (gate/up 43.5 -> 33.1 us, 0.91 of
-	// its bytes, against cuBLASLt's 42.3); every product is v0.57 Next 1,
-	// not the default until a GPU run of it
+	// PERFORMANCE v0.57, H200, FP8 decode at 64 rows: 4.60 ms with this
+	// rule against 4.54 with every product there (`+ws`, fp8State.wsOn),
+	// with fp8_ws's scales read from shared memory (gate/up 43.5 -> 33.1
+	// us, 0.91 of its bytes, against cuBLASLt's 42.3); every product is
+	// v0.57 Next 1, not the default until a GPU run of it
 	wsAuto, wsAutoDefault bool
 	// wgAuto (unless Options.NoFP8Wgmma) sends wgAutoFits' products to
 	// fp8_wg (wgAutoDefault: as New set it, for benchmarks that switch it);
