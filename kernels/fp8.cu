@@ -130,6 +130,10 @@ __device__ __forceinline__ void fp8_gemv_body(bf16* __restrict__ out, const unsi
     // 256 blocks, a third of a wave) are otherwise latency-bound. Two
     // activation tiles take half as many (registers).
     constexpr int U = NT == 1 ? 4 : 2;
+    // The weight scales of the rows lane writes (if warp 0; below), loaded
+    // before pdl_entry (no kernel of a step writes weights), not one pair
+    // before each store at the end.
+    const float osw[2] = {sw[n0 + g], sw[n0 + g + 8]};
     pdl_entry();
     const unsigned char* xr[NT];
     bool xv[NT];
@@ -166,6 +170,9 @@ __device__ __forceinline__ void fp8_gemv_body(bf16* __restrict__ out, const unsi
         for (int e = 0; e < 4; e++) red[warp][t][e][lane] = c[t][e];
     __syncthreads();
     if (warp != 0) return;
+    float osx[2 * NT]; // the activation scales, all requested before the first sum
+#pragma unroll
+    for (int i = 0; i < 2 * NT; i++) osx[i] = sx[min(8 * (i >> 1) + 2 * tig + (i & 1), M - 1)];
 #pragma unroll
     for (int t = 0; t < NT; t++) {
 #pragma unroll
@@ -175,7 +182,7 @@ __device__ __forceinline__ void fp8_gemv_body(bf16* __restrict__ out, const unsi
             for (int w = 0; w < nw; w++) v += red[w][t][e][lane];
             // c[e]: row n0 + g (+8 for e >= 2), column m = 8t + 2tig + (e & 1)
             const int m = 8 * t + 2 * tig + (e & 1), n = n0 + g + (e >= 2 ? 8 : 0);
-            if (m < M) out[(i64)m * N + n] = __float2bfloat16_rn(v * sx[m] * sw[n]);
+            if (m < M) out[(i64)m * N + n] = __float2bfloat16_rn(v * osx[2 * t + (e & 1)] * osw[e >> 1]);
         }
     }
 }
@@ -221,7 +228,17 @@ __device__ __forceinline__ void fp8_gemv_seg_body(bf16* __restrict__ out, const 
     const unsigned char* w1 = w0 + (i64)MX * K;
     const bool xv = xm < M;
     const unsigned char* xp = qx + (i64)(xv ? xm : 0) * K + koff;
+    // Thread i < RB M writes output (i / RB, rb0 + i % RB): RB M = G (16 /
+    // S) M <= 128 G / S^2 <= 32 KS G threads for S >= 2 (M <= 8 / S), so
+    // every output has a thread and none has two. Its scales are loaded
+    // here, the weight row's before pdl_entry (no kernel of a step writes
+    // weights), not after the reduction: there they were a global round
+    // trip before the store, at the end of every launch.
+    const int oi = threadIdx.x, om = oi / RB, on = rb0 + oi % RB;
+    const bool ov = om < M;
+    const float osw = sw[on];
     pdl_entry();
+    const float osx = sx[ov ? om : 0];
     uint4 A[CH], B[CH], X[CH];
 #pragma unroll
     for (int c = 0; c < CH; c++) {
@@ -258,12 +275,11 @@ __device__ __forceinline__ void fp8_gemv_seg_body(bf16* __restrict__ out, const 
         }
     }
     __syncthreads();
-    for (int i = threadIdx.x; i < RB * M; i += blockDim.x) {
-        const int m = i / RB, r = i % RB;
+    if (ov) {
+        const int r = oi % RB;
         float v = 0.f;
-        for (int j = 0; j < KS; j++) v += red[(j * MX + m) * RB + r]; // in k order: the same sum whatever the warps' timing
-        const int n = rb0 + r;
-        out[(i64)m * N + n] = __float2bfloat16_rn(v * sx[m] * sw[n]);
+        for (int j = 0; j < KS; j++) v += red[(j * MX + om) * RB + r]; // in k order: the same sum whatever the warps' timing
+        out[(i64)om * N + on] = __float2bfloat16_rn(v * osx * osw);
     }
 }
 #define FP8_SEG_ARGS                                                                                         \
@@ -477,7 +493,7 @@ template <int BN, int RB> struct FsShape {
     static constexpr int ST = (190 * 1024) / STAGE_B < 8 ? (190 * 1024) / STAGE_B : 8;
     static_assert(ST >= 3, "fp8_stream: too few stages");
     static_assert(RB % 128 == 0, "fp8_stream: a warp's quarter of a tile row is whole k32 steps");
-    static_assert(4 * 16 * BN * 4 <= ST * STAGE_B, "fp8_stream: the warps' sums do not fit the stages");
+    static_assert((4 * 16 * BN + BN + 16) * 4 <= ST * STAGE_B, "fp8_stream: the warps' sums and the scales do not fit the stages");
 };
 
 template <int BN, int RB, int EARLY = 0>
@@ -558,10 +574,26 @@ __device__ __forceinline__ void fp8_stream_body(bf16* __restrict__ out, const un
         }
     }
     cp_async_wait<0>();
-    // the warps' sums [warp][16][BN] meet in shared memory, added in warp order
+    // the warps' sums [warp][16][BN] meet in shared memory, added in warp
+    // order; after them the block's BN weight scales, then the M activation
+    // scales, all requested at once here (read from global memory one pair
+    // before each store, they were up to 14 round trips in a row at the end
+    // of every n224 launch; static shared memory for them slowed the kernel
+    // beside the LoRA kernels: v0.57)
     float* red = reinterpret_cast<float*>(fsm);
+    float* scl = red + 4 * 16 * BN;
     const int g = lane >> 2, c2 = 2 * (lane & 3);
+    constexpr int NS = (BN + 16 + FS_THREADS - 1) / FS_THREADS;
+    float sv[NS];
+#pragma unroll
+    for (int j = 0; j < NS; j++) {
+        const int i = tid + j * FS_THREADS;
+        sv[j] = i < BN ? sw[n0 + i] : sx[min(i - BN, M - 1)];
+    }
     __syncthreads(); // every warp is done with the stages
+#pragma unroll
+    for (int j = 0; j < NS; j++)
+        if (tid + j * FS_THREADS < BN + M) scl[tid + j * FS_THREADS] = sv[j];
 #pragma unroll
     for (int j = 0; j < S::NT; j++) {
         const int n = j * 8 + c2;
@@ -577,9 +609,9 @@ __device__ __forceinline__ void fp8_stream_body(bf16* __restrict__ out, const un
             const float2 v = *reinterpret_cast<const float2*>(red + (q * 16 + m) * BN + n);
             s.x += v.x, s.y += v.y;
         }
-        const float a = sx[m];
+        const float a = scl[BN + m];
         *reinterpret_cast<__nv_bfloat162*>(out + (i64)m * N + n0 + n) =
-            __floats2bfloat162_rn(s.x * a * sw[n0 + n], s.y * a * sw[n0 + n + 1]);
+            __floats2bfloat162_rn(s.x * a * scl[n], s.y * a * scl[n + 1]);
     }
 }
 

@@ -133,8 +133,8 @@ type Config struct {
 	// NoFP8Wgmma is gpu.Options': every FP8 product of 17-64 rows on
 	// cuBLASLt, none on the wgmma kernels (sm_90a).
 	NoFP8Wgmma bool
-	// NoWS is gpu.Options': FP8 q/k/v and o products of 17-64 rows off
-	// fp8_ws (sm_90a).
+	// NoWS is gpu.Options': FP8 products of 17-64 rows off fp8_ws
+	// (sm_90a).
 	NoWS bool
 	// LoRAPartition is gpu.Options': SMs split by green contexts, this
 	// many for the LoRA stream (0: none).
@@ -505,7 +505,7 @@ func logGPU(log *slog.Logger, cfg Config, b *gpu.Backend) {
 		log.Info("FP8 products of 17-64 rows on cuBLASLt: the wgmma kernels need an sm_90a GPU and NVRTC at start-up", "arch", d.Arch())
 	}
 	if b.WSProducts() {
-		log.Info("FP8 q/k/v and o products of 17-64 rows with no LoRA update beside on fp8_ws (--ws-products=false: off)")
+		log.Info("FP8 products of 17-64 rows with no LoRA update beside on fp8_ws (--ws-products=false: off)")
 	}
 }
 

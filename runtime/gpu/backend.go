@@ -119,13 +119,13 @@ type Options struct {
 	NoFP8Wgmma bool
 	// NoWS keeps FP8 products of 17-64 rows off fp8_ws (ws.go). By default
 	// on sm_90a (with the FP8 module's wgmma build, so not with
-	// NoFP8Wgmma) the q/k/v and o products that no LoRA update runs
-	// beside take fp8_ws: docs/PERFORMANCE.md v0.56-v0.57.
+	// NoFP8Wgmma) the products that no LoRA update runs beside take
+	// fp8_ws: docs/PERFORMANCE.md v0.56-v0.58.
 	NoWS bool
 }
 
-// WSProducts reports whether FP8 q/k/v and o products of 17-64 rows with
-// no LoRA update beside run on fp8_ws: FP8 weights on sm_90a, the wgmma
+// WSProducts reports whether FP8 products of 17-64 rows with no LoRA
+// update beside run on fp8_ws: FP8 weights on sm_90a, the wgmma
 // build loaded and Options.NoWS unset.
 func (b *Backend) WSProducts() bool { return b.f8 != nil && b.f8.wsAuto }
 

@@ -20,11 +20,11 @@ import (
 // rows in their own ring; compiled only with PEFTD_WT as well). fp8_ws is
 // in the FP8 module's wgmma build (kernels.FP8Wgmma, loaded by default on
 // sm_90a); gemm_ws_n* (bf16 operands, no scales) in the forward module
-// only with PEFTD_WS or PEFTD_WG. By default fp8State.wsAuto sends the
-// FP8 q/k/v and o products (wsNarrow) that no LoRA update runs beside to
-// fp8_ws (PERFORMANCE v0.56; v0.57 measured every lone product there
-// ahead, 4.54 vs 4.60 ms at 64 rows, its Next 1); fp8State.wsOn / wsWide
-// / wsNarrow and kernelForce.bws force the rest for A/Bs (gemm_ws:
+// only with PEFTD_WS or PEFTD_WG. By default fp8State.wsAuto sends every
+// FP8 product of 17-64 rows that no LoRA update runs beside to fp8_ws
+// (PERFORMANCE v0.56: q/k/v and o; v0.58: every one, after v0.57 measured
+// them ahead, 4.54 vs 4.60 ms at 64 rows); fp8State.wsOn / wsWide /
+// wsNarrow and kernelForce.bws force the rest for A/Bs (gemm_ws:
 // faster in the H100's steps, slower in the H200's, in isolation too:
 // v0.57).
 // No launch allocates device memory: the split buffers are made at load
@@ -175,10 +175,9 @@ func (g *wsProduct) free() error {
 func (g *wsProduct) SetSMTarget(n int) { g.target = max(n, 0) }
 
 // wsNarrow reports whether an N x K weight is one of the narrow products
-// (q/k/v, o: K <= N < 4 K) that fp8State.wsAuto (where no LoRA update
-// runs beside), wsNarrow and kernelForce.bws 2 send to the ws kernels
-// (v0.56; v0.57 found fp8_ws ahead on gate/up too once its scale reads
-// left global memory).
+// (q/k/v, o: K <= N < 4 K) that fp8State.wsNarrow and kernelForce.bws 2
+// send to the ws kernels (fp8State.wsAuto's products in v0.56; v0.57 found
+// fp8_ws ahead on gate/up too once its scale reads left global memory).
 func wsNarrow(N, K int) bool { return K <= N && N < 4*K }
 
 // wsPlan is one product's kernel (index into wsWidths) and K split.
