@@ -493,9 +493,7 @@ template <int BN, int RB> struct FsShape {
     static constexpr int ST = (190 * 1024) / STAGE_B < 8 ? (190 * 1024) / STAGE_B : 8;
     static_assert(ST >= 3, "fp8_stream: too few stages");
     static_assert(RB % 128 == 0, "fp8_stream: a warp's quarter of a tile row is whole k32 steps");
-    static constexpr int RS = (4 * 16 * BN * 4 + STAGE_B - 1) / STAGE_B; // stages the warps' sums take
-    static_assert(2 * RS <= ST, "fp8_stream: the warps' sums do not fit the stages beside the scales' stage");
-    static_assert((BN + 16) * 4 <= STAGE_B && BN % 4 == 0 && BN / 4 + 4 <= FS_THREADS, "fp8_stream: the scales do not fit a stage");
+    static_assert((4 * 16 * BN + BN + 16) * 4 <= ST * STAGE_B, "fp8_stream: the warps' sums and the scales do not fit the stages");
 };
 
 template <int BN, int RB, int EARLY = 0>
@@ -529,32 +527,12 @@ __device__ __forceinline__ void fp8_stream_body(bf16* __restrict__ out, const un
             }
         }
     };
-    // The scales: the block's BN weight scales, then the M activation
-    // scales (zeros past M), copied by cp.async into the first stage no
-    // tile needs again, `free` (stage (nk - ST) % ST, whose tile was taken
-    // in the step before the first one that issues no tile; where nk < ST,
-    // stage ST - 1, which no tile uses), with that step's (or the
-    // prologue's first) group: they land while the last tiles multiply.
-    // Loaded after the loop one pair before each store, they were up to 14
-    // global round trips in a row at the end of every n224 launch; static
-    // shared memory for them slowed the kernel beside the LoRA kernels
-    // (v0.57). The warps' sums go to the RS stages after it (or from 0).
-    auto free_stage = [&]() { return nk >= S::ST ? (nk - S::ST) % S::ST : S::ST - 1; }; // computed where used (registers)
-    auto issue_s = [&]() {
-        const unsigned sc = sb + free_stage() * S::STAGE_B;
-        if (tid < BN / 4) cp_async16(sc + 16 * tid, sw + n0 + 4 * tid, 16);
-        else if (tid < BN / 4 + 4) {
-            const int c = tid - BN / 4, v = min(max(M - 4 * c, 0), 4);
-            cp_async16(sc + 16 * tid, sx + 4 * c, 4 * v);
-        }
-    };
     // opts bit 0: NE weight tiles before griddepcontrol.wait (header comment)
     constexpr int NE = EARLY == 0 || EARLY > S::ST - 1 ? S::ST - 1 : EARLY;
     const bool early = opts & 1;
     if (early)
         for (int t = 0; t < NE; t++) issue_w(t);
     pdl_entry();
-    if (nk < S::ST) issue_s();
     for (int t = 0; t < S::ST - 1; t++) {
         if (!early || t >= NE) issue_w(t);
         issue_x(t);
@@ -569,7 +547,6 @@ __device__ __forceinline__ void fp8_stream_body(bf16* __restrict__ out, const un
         __syncthreads(); // tile t has landed for every thread; every warp is done with the stage the next issue overwrites
         issue_w(t + S::ST - 1);
         issue_x(t + S::ST - 1);
-        if (nk >= S::ST && t == nk - S::ST + 1) issue_s(); // into the stage this step would have refilled
         cp_async_commit();
         const unsigned wb = sb + (t % S::ST) * S::STAGE_B, xb = wb + BN * RB;
 #pragma unroll
@@ -597,12 +574,26 @@ __device__ __forceinline__ void fp8_stream_body(bf16* __restrict__ out, const un
         }
     }
     cp_async_wait<0>();
-    // the warps' sums [warp][16][BN] meet in shared memory, added in warp order
-    const int free = free_stage();
-    float* red = reinterpret_cast<float*>(fsm + (free < S::RS ? free + 1 : 0) * S::STAGE_B);
-    const float* scl = reinterpret_cast<const float*>(fsm + free * S::STAGE_B);
+    // the warps' sums [warp][16][BN] meet in shared memory, added in warp
+    // order; after them the block's BN weight scales, then the M activation
+    // scales, all requested at once here (read from global memory one pair
+    // before each store, they were up to 14 round trips in a row at the end
+    // of every n224 launch; static shared memory for them slowed the kernel
+    // beside the LoRA kernels: v0.57)
+    float* red = reinterpret_cast<float*>(fsm);
+    float* scl = red + 4 * 16 * BN;
     const int g = lane >> 2, c2 = 2 * (lane & 3);
+    constexpr int NS = (BN + 16 + FS_THREADS - 1) / FS_THREADS;
+    float sv[NS];
+#pragma unroll
+    for (int j = 0; j < NS; j++) {
+        const int i = tid + j * FS_THREADS;
+        sv[j] = i < BN ? sw[n0 + i] : sx[min(i - BN, M - 1)];
+    }
     __syncthreads(); // every warp is done with the stages
+#pragma unroll
+    for (int j = 0; j < NS; j++)
+        if (tid + j * FS_THREADS < BN + M) scl[tid + j * FS_THREADS] = sv[j];
 #pragma unroll
     for (int j = 0; j < S::NT; j++) {
         const int n = j * 8 + c2;

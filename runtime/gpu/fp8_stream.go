@@ -17,9 +17,12 @@ import (
 //
 // v0.22 (H200, TestDecodeBench with FP8 weights, one call): batch 16 4.20
 // -> 3.81 device ms a step (four rank-32 adapters 4.80 -> 4.35); batch 1
-// 3.16 -> 3.13, but 3.43 -> 3.61 with the adapters. So it takes steps of
-// fp8StreamMinRows-16 rows (where fp8_gemv runs its two-tile variant), and
-// fp8_gemv keeps the smaller ones.
+// 3.16 -> 3.13, but 3.43 -> 3.61 with the adapters. So it took steps of
+// 9-16 rows (where fp8_gemv runs its two-tile variant), and fp8_gemv and
+// fp8_gemv_seg kept the smaller ones. v0.58 (H200, one call, `+fs`):
+// 8 rows 3.23 -> 3.11 ms (four rank-32 adapters 3.67 -> 3.42), 4 rows
+// 3.06 -> 2.99 (3.46 -> 3.39), so it takes fp8StreamMinRows-16 rows; at
+// one row fp8_gemv_seg is ahead on gate/up (fp8bench 29.9 vs 34.6 µs).
 type fp8Stream struct {
 	*streamRows
 	e1 *streamRows // fp8_stream_n{bn}_e1: one weight tile before griddepcontrol.wait (every product but with fp8State.streamE1Off / streamE1Lone)
@@ -29,7 +32,7 @@ type fp8Stream struct {
 // fp8StreamMinRows the fewest it takes by default (fp8State.streamOn: any).
 const (
 	fp8StreamMaxRows = 16
-	fp8StreamMinRows = 9
+	fp8StreamMinRows = 4
 )
 
 // fp8StreamVariants: fp8_stream_n{bn}, widest first, with the bytes (e4m3

@@ -136,7 +136,9 @@ func TestKVSplitFor(t *testing.T) {
 }
 
 // TestDecVariantFor: attn_decode2 (2 warps) at decW2SmallMin-decW2SmallMax
-// rows and from decWarps2MinRows rows with bf16 keys; attn_decode_w8 (8)
+// rows and, with bf16 keys, from decWarps2MinRows rows or where the pairs
+// outgrow one wave of attn_decode (34 rows: 272 of 264 resident blocks)
+// and fit one of attn_decode2 (528); attn_decode_w8 (8)
 // from decWarps8MinRows rows while the (sequence, KV head) pairs fit its
 // resident blocks, where it fits the head dimension; attn_decode (4)
 // otherwise; kernelForce.decVar overrides the rows and the key format (not
@@ -149,7 +151,8 @@ func TestDecVariantFor(t *testing.T) {
 	}{
 		{false, true, 0, 1, decV4}, {false, true, 0, 2, decV4}, {false, true, 0, 3, decV2}, {false, true, 0, 4, decV2},
 		{false, true, 0, decWarps8MinRows, decV8}, {false, true, 0, 16, decV8}, {false, true, 0, 17, decV4},
-		{false, false, 0, 16, decV4}, {false, false, 0, 4, decV2}, {false, true, 0, decWarps2MinRows - 1, decV4},
+		{false, false, 0, 16, decV4}, {false, false, 0, 4, decV2}, {false, true, 0, 33, decV4}, {false, true, 0, 34, decV2},
+		{false, true, 0, 48, decV2}, {false, true, 0, decWarps2MinRows - 1, decV2}, {true, true, 0, 48, decV4},
 		{false, true, 0, decWarps2MinRows, decV2}, {false, true, 0, 256, decV2},
 		{false, true, 1 + int(decV4), 256, decV4}, {false, true, 1 + int(decV2), 1, decV2},
 		{false, true, 1 + int(decV8), 64, decV8}, {false, false, 1 + int(decV8), 1, decV4},

@@ -653,6 +653,12 @@ func decStages(hd int) int {
 // 6.15 device ms, 256 rows 11.66 -> 11.60 and 11.77 -> 11.71; 16 rows
 // 4.78 -> 5.07 and 4.79 -> 5.09, 1 row 4.26 -> 4.30 (4 warps fill a wave
 // there, and each block's pipeline is longer with 2).
+// Below it, bf16-key steps whose pairs are more than attn_decode's one
+// wave and no more than attn_decode2's run attn_decode2 too (H200, 8B
+// shapes: 34-63 rows; v0.58, one call, 48 rows, device ms, base / four
+// rank-32 adapters: FP8 weights 4.58 / 5.19 -> 4.19 / 4.87, bf16 6.13 /
+// 6.35 -> 5.74 / 6.01; 32 rows, one wave of attn_decode, 3.89 / 4.35 vs
+// w2 3.91 / 4.39). 512-token prompts; longer contexts not measured.
 const decWarps2MinRows = 64
 
 // decWarps8MinRows: decode steps of this many rows or more whose
@@ -682,7 +688,8 @@ const (
 
 // decVariantFor is attn_decode's variant for a decode step (or graph
 // bucket) of n rows: kernelForce.decVar's, else decV2 at
-// decW2SmallMin-decW2SmallMax rows and (bf16 keys) from decWarps2MinRows,
+// decW2SmallMin-decW2SmallMax rows and (bf16 keys) from decWarps2MinRows
+// or where its pairs need a second wave of decV4 and fit one of decV2,
 // decV8 from decWarps8MinRows rows while their pairs fit one wave of it
 // (where w8Fits the head dimension), else decV4.
 func (b *Backend) decVariantFor(n int) decVariant {
@@ -690,7 +697,7 @@ func (b *Backend) decVariantFor(n int) decVariant {
 	switch f := b.force.decVar; {
 	case f > 0 && f <= int(decVariants) && (decVariant(f-1) != decV8 || w8):
 		return decVariant(f - 1)
-	case n >= decWarps2MinRows && !b.kv8:
+	case !b.kv8 && (n >= decWarps2MinRows || n*b.kv.KVHeads > b.decResident[decV4] && n*b.kv.KVHeads <= b.decResident[decV2]):
 		return decV2
 	case n >= decW2SmallMin && n <= decW2SmallMax:
 		return decV2
