@@ -234,7 +234,7 @@ __device__ __forceinline__ void fp8_gemv_seg_body(bf16* __restrict__ out, const 
     // here, the weight row's before pdl_entry (no kernel of a step writes
     // weights), not after the reduction: there they were a global round
     // trip before the store, at the end of every launch.
-    const int oi = threadIdx.x, om = oi / RB, on = rb0 + oi % RB;
+    const int oi = threadIdx.x, om = oi / RB, orr = oi % RB, on = rb0 + orr;
     const bool ov = om < M;
     const float osw = sw[on];
     pdl_entry();
@@ -276,9 +276,8 @@ __device__ __forceinline__ void fp8_gemv_seg_body(bf16* __restrict__ out, const 
     }
     __syncthreads();
     if (ov) {
-        const int r = oi % RB;
         float v = 0.f;
-        for (int j = 0; j < KS; j++) v += red[(j * MX + om) * RB + r]; // in k order: the same sum whatever the warps' timing
+        for (int j = 0; j < KS; j++) v += red[(j * MX + om) * RB + orr]; // in k order: the same sum whatever the warps' timing
         out[(i64)om * N + on] = __float2bfloat16_rn(v * osx * osw);
     }
 }

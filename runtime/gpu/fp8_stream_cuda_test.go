@@ -20,10 +20,10 @@ func TestFP8Stream(t *testing.T) {
 	if r.f.stream == nil {
 		t.Skip("fp8_stream does not fit this card's shared memory")
 	}
-	// the 8B shapes, then short K ranges where the scales' stage moves
-	// (fp8_stream_body: stage ST - 1 with fewer tiles than stages, else
-	// (nk - ST) % ST): n48 (ST 5) with 2, 4 and 5 tiles, n32 (ST 7) with 3,
-	// 6 and 7, n224 (ST 6) with 2, 5 and 6
+	// the 8B shapes, then short K ranges at the edges of the stage ring
+	// (fewer tiles than the prologue issues, as many, one more): n48 (ST
+	// 5) with 2, 4 and 5 tiles, n32 (ST 7) with 3, 6 and 7, n224 (ST 6)
+	// with 2, 5 and 6
 	shapes := [][2]int{{6144, 4096}, {4096, 4096}, {28672, 4096}, {4096, 14336},
 		{6144, 1024}, {6144, 2048}, {6144, 2560}, {4096, 1536}, {4096, 3072}, {4096, 3584}, {28672, 256}, {28672, 640}, {28672, 768}}
 	if testing.Short() {

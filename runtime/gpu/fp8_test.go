@@ -74,6 +74,12 @@ func TestPlanSeg(t *testing.T) {
 		if ok != c.ok || ok && (p.k.S != c.S || p.k.CH != c.CH || p.KS != c.KS || p.G != c.G) {
 			t.Errorf("planSeg(%d, %d, %d) = %+v, %v; want S %d CH %d KS %d G %d, %v", c.M, c.N, c.K, p, ok, c.S, c.CH, c.KS, c.G, c.ok)
 		}
+		// fp8_gemv_seg_body gives each output of a block one thread
+		// (thread i writes output i / RB, i % RB): no more outputs than
+		// threads
+		if ok && p.rows()*c.M > 32*p.KS*p.G {
+			t.Errorf("planSeg(%d, %d, %d) = %+v: %d outputs a block for %d threads", c.M, c.N, c.K, p, p.rows()*c.M, 32*p.KS*p.G)
+		}
 	}
 }
 
