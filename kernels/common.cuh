@@ -6,7 +6,6 @@
 // kernels-check reads it from this folder.
 #pragma once
 #include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <cuda_fp8.h>
 
 typedef __nv_bfloat16 bf16;
@@ -253,46 +252,6 @@ __device__ __forceinline__ uint4 pack8(const float* f) {
     for (int i = 0; i < 4; i++) p[i] = __floats2bfloat162_rn(f[2 * i], f[2 * i + 1]);
     return u;
 }
-
-// upd_t: an element of the LoRA update buffer (runtime/gpu
-// loraAside.delta): the expand beside a projection writes the update
-// there and the op that reads the projection's output adds it (add8,
-// upd2, ...), product + update rounded to bf16 once, there. float16: half
-// float32's bytes written and read back (a 256-row gate/up update is 29 MB
-// in float32), 3 bits more than bf16 (an update rounded to bf16 moved
-// half the sums' roundings, float16 an eighth: PERFORMANCE v0.59);
-// magnitudes past float16's 65504 are held at it (a sum that large is
-// far outside any trained model's activations). -DPEFTD_UPD_F32 keeps
-// float32 (runtime/gpu reads the define for the buffer's element size).
-#ifdef PEFTD_UPD_F32
-typedef float upd_t;
-__device__ __forceinline__ float upd1(const upd_t* p) { return *p; }
-__device__ __forceinline__ float2 upd2(const upd_t* p) { return *reinterpret_cast<const float2*>(p); }
-__device__ __forceinline__ void upd8(const upd_t* p, float* f) {
-    const float4 a = *reinterpret_cast<const float4*>(p), b = *reinterpret_cast<const float4*>(p + 4);
-    f[0] = a.x, f[1] = a.y, f[2] = a.z, f[3] = a.w, f[4] = b.x, f[5] = b.y, f[6] = b.z, f[7] = b.w;
-}
-__device__ __forceinline__ void upd_put2(upd_t* p, float a, float b) { *reinterpret_cast<float2*>(p) = make_float2(a, b); }
-#else
-typedef __half upd_t;
-__device__ __forceinline__ float upd1(const upd_t* p) { return __half2float(*p); }
-__device__ __forceinline__ float2 upd2(const upd_t* p) { return __half22float2(*reinterpret_cast<const __half2*>(p)); }
-__device__ __forceinline__ void upd8(const upd_t* p, float* f) {
-    const uint4 u = *reinterpret_cast<const uint4*>(p);
-    const __half2* h = reinterpret_cast<const __half2*>(&u);
-#pragma unroll
-    for (int i = 0; i < 4; i++) {
-        const float2 v = __half22float2(h[i]);
-        f[2 * i] = v.x, f[2 * i + 1] = v.y;
-    }
-}
-// upd_hold: v with a magnitude past float16's largest finite value held at
-// it (NaN stays NaN: the comparison is false)
-__device__ __forceinline__ float upd_hold(float v) { return fabsf(v) > 65504.f ? copysignf(65504.f, v) : v; }
-__device__ __forceinline__ void upd_put2(upd_t* p, float a, float b) {
-    *reinterpret_cast<__half2*>(p) = __floats2half2_rn(upd_hold(a), upd_hold(b));
-}
-#endif
 
 // amax8: the largest magnitude of the 8 stored bf16 values of w into m,
 // bad set when one is not finite (the per-row FP8 quantization's scale).

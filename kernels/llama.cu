@@ -35,26 +35,23 @@ __device__ __forceinline__ uint4 widen8_e4m3(uint2 w) {
     return pack8(f);
 }
 
-// add8: a += d (8 values of a LoRA update from d, aligned to 8 of them),
-// each sum rounded to bf16 (a LoRA update added to a projection's output,
-// as an update in place would).
-__device__ __forceinline__ void add8(float* a, const upd_t* d) {
-    float f[8];
-    upd8(d, f);
-#pragma unroll
-    for (int i = 0; i < 8; i++) f[i] = a[i] + f[i];
+// add8: a += d (8 floats from 16-byte aligned d), each sum rounded to bf16
+// (a LoRA update added to a projection's output, as an update in place would).
+__device__ __forceinline__ void add8(float* a, const float* d) {
+    const float4 d0 = *reinterpret_cast<const float4*>(d), d1 = *reinterpret_cast<const float4*>(d + 4);
+    float f[8] = {a[0] + d0.x, a[1] + d0.y, a[2] + d0.z, a[3] + d0.w, a[4] + d1.x, a[5] + d1.y, a[6] + d1.z, a[7] + d1.w};
     unpack8(pack8(f), a);
 }
 
 // add_word: word c of row x8 plus d8's (and e8's, summed and rounded to bf16
 // first), rounded to bf16 and stored back when there is a delta.
-__device__ __forceinline__ uint4 add_word(uint4* x8, const uint4* d8, const upd_t* e8, int c) {
+__device__ __forceinline__ uint4 add_word(uint4* x8, const uint4* d8, const float4* e8, int c) {
     const uint4 xv = x8[c];
     if (!d8) return xv;
     float v[8], d[8];
     unpack8(xv, v);
     unpack8(d8[c], d);
-    if (e8) add8(d, e8 + 8 * c);
+    if (e8) add8(d, reinterpret_cast<const float*>(e8 + 2 * c));
 #pragma unroll
     for (int i = 0; i < 8; i++) v[i] += d[i];
     const uint4 b = pack8(v);
@@ -92,7 +89,7 @@ __device__ __forceinline__ uint4 norm_word(uint4* o8, int c, uint4 xb, uint4 wb,
 // for the FP8 projections that read it (no quant_rows_e4m3 launch).
 // grid (T), block a multiple of 32.
 #define ADD_RC 4 // 16-byte words of a row each thread keeps in registers (rows of up to 32 * blockDim values)
-extern "C" __global__ void add_rmsnorm(bf16* x, const bf16* delta, const upd_t* d2, const int* rl, bf16* out, const bf16* w, float eps, int H,
+extern "C" __global__ void add_rmsnorm(bf16* x, const bf16* delta, const float* d2, const int* rl, bf16* out, const bf16* w, float eps, int H,
                                        unsigned char* q, float* qscale) {
     const int r = blockIdx.x, tid = threadIdx.x, bd = blockDim.x, n8 = H >> 3;
     const bool vec = (H & 7) == 0;       // 16-byte words: every load of a row in flight at once
@@ -116,7 +113,7 @@ extern "C" __global__ void add_rmsnorm(bf16* x, const bf16* delta, const upd_t* 
     if (vec) {
         uint4* x8 = reinterpret_cast<uint4*>(xr);
         const uint4* d8 = delta ? reinterpret_cast<const uint4*>(delta + (i64)r * H) : nullptr;
-        const upd_t* e8 = d2 ? d2 + (i64)r * H : nullptr;
+        const float4* e8 = d2 ? reinterpret_cast<const float4*>(d2 + (i64)r * H) : nullptr;
         uint4* o8 = reinterpret_cast<uint4*>(out + (i64)r * H);
         float m = 0.f;
         int bad = 0;
@@ -155,7 +152,7 @@ extern "C" __global__ void add_rmsnorm(bf16* x, const bf16* delta, const upd_t* 
         float v = ld(xr + i);
         if (delta) {
             float d = ld(delta + (i64)r * H + i);
-            if (d2) d = __bfloat162float(tobf(d + upd1(d2 + (i64)r * H + i)));
+            if (d2) d = __bfloat162float(tobf(d + d2[(i64)r * H + i]));
             bf16 b = tobf(v + d);
             xr[i] = b;
             v = __bfloat162float(b);
@@ -197,16 +194,16 @@ extern "C" __global__ void fill_rows(unsigned char* dst, unsigned value, int esi
 
 // add_delta: x[r][c] += d[r][c] (rounded to bf16 in x) for c < cols and
 // the rows whose rl (row adapter slot) is >= 0, x rows ldx values apart, d
-// (upd_t) rows cols apart: a LoRA update computed on the LoRA stream,
+// (float32) rows cols apart: a LoRA update computed on the LoRA stream,
 // added where no op folds it in. grid-stride over rows*cols.
-extern "C" __global__ void add_delta(bf16* x, const upd_t* d, const int* rl, int rows, int cols, int ldx) {
+extern "C" __global__ void add_delta(bf16* x, const float* d, const int* rl, int rows, int cols, int ldx) {
     pdl_entry();
     const i64 n = (i64)rows * cols, stride = (i64)gridDim.x * blockDim.x;
     for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
         const i64 r = i / cols, c = i - r * cols;
         if (rl[r] < 0) continue;
         bf16* p = x + r * ldx + c;
-        *p = tobf(ld(p) + upd1(d + i));
+        *p = tobf(ld(p) + d[i]);
     }
 }
 
@@ -273,7 +270,7 @@ __device__ __forceinline__ int log2_or(int bs) { return (bs & (bs - 1)) == 0 ? _
 // place (rows ldq and ldk values apart), and, when kc is not null, k (as
 // rotated) and v (rows ldv apart) stored at the row's KV slot of one
 // layer's cache [slots, kvh*hd]; a row with a negative slot (padding of a
-// recorded step) stores nothing. dq, dk, dv (null, or all set): upd_t
+// recorded step) stores nothing. dq, dk, dv (null, or all set): float32
 // LoRA updates of q, k, v computed beside the qkv projection, rows ldd
 // apart, added first in the rows whose rl (row adapter slot) is >= 0
 // (rounded to bf16, as an update in place would have left them; q and k
@@ -281,12 +278,12 @@ __device__ __forceinline__ int log2_or(int bs) { return (bs & (bs - 1)) == 0 ? _
 // head y, then the key heads, then the value heads (a copy). block: any
 // multiple of 32; each thread takes frequencies i (one sincosf each).
 // inv_freq null: no rotation (k stored as it is).
-__device__ __forceinline__ float plus(const bf16* x, const upd_t* d, int i) {
-    return d ? __bfloat162float(tobf(ld(x + i) + upd1(d + i))) : ld(x + i);
+__device__ __forceinline__ float plus(const bf16* x, const float* d, int i) {
+    return d ? __bfloat162float(tobf(ld(x + i) + d[i])) : ld(x + i);
 }
 
 extern "C" __global__ void rope_store(bf16* q, bf16* k, const bf16* v, bf16* kc, bf16* vc, const float* inv_freq, const int* pos,
-                                      const int* slots, const upd_t* dq, const upd_t* dk, const upd_t* dv, const int* rl,
+                                      const int* slots, const float* dq, const float* dk, const float* dv, const int* rl,
                                       int heads, int kvh, int hd, int ldq, int ldk, int ldv, int ldd, unsigned char* kc8, float* ks, int bs) {
     pdl_entry();
     __shared__ float ysh[256]; // an FP8 key head's values (hd <= 256)
@@ -298,7 +295,7 @@ extern "C" __global__ void rope_store(bf16* q, bf16* k, const bf16* v, bf16* kc,
         if (slot < 0) return;
         const int vh = h - heads - kvh;
         const bf16* src = v + (i64)r * ldv + (i64)vh * hd;
-        const upd_t* d = dv ? dv + (i64)r * ldd + (i64)vh * hd : nullptr;
+        const float* d = dv ? dv + (i64)r * ldd + (i64)vh * hd : nullptr;
         bf16* dst = vc + (i64)slot * width + (i64)vh * hd;
         for (int i = threadIdx.x; i < hd; i += blockDim.x) dst[i] = d ? tobf(plus(src, d, i)) : src[i];
         return;
@@ -307,7 +304,7 @@ extern "C" __global__ void rope_store(bf16* q, bf16* k, const bf16* v, bf16* kc,
     const bool isk = h >= heads;
     const bool k8 = isk && ks && slot >= 0; // block-uniform: the key head goes to the FP8 cache
     bf16* x = isk ? k + (i64)r * ldk + (i64)(h - heads) * hd : q + (i64)r * ldq + (i64)h * hd;
-    const upd_t* d = isk ? (dk ? dk + (i64)r * ldd + (i64)(h - heads) * hd : nullptr) : (dq ? dq + (i64)r * ldd + (i64)h * hd : nullptr);
+    const float* d = isk ? (dk ? dk + (i64)r * ldd + (i64)(h - heads) * hd : nullptr) : (dq ? dq + (i64)r * ldd + (i64)h * hd : nullptr);
     bf16* dst = isk && slot >= 0 && kc ? kc + (i64)slot * width + (i64)(h - heads) * hd : nullptr;
     float amax = 0.f;
     if (!inv_freq) { // no rotation: add the update, store k as it is
@@ -361,7 +358,7 @@ extern "C" __global__ void rope_store(bf16* q, bf16* k, const bf16* v, bf16* kc,
 // griddepcontrol.wait, under the projection before. Same arguments and
 // results as rope_store; grid (T), block a multiple of 32.
 extern "C" __global__ void rope_store_rows(bf16* q, bf16* k, const bf16* v, bf16* kc, bf16* vc, const float* inv_freq, const int* pos,
-                                           const int* slots, const upd_t* dq, const upd_t* dk, const upd_t* dv, const int* rl,
+                                           const int* slots, const float* dq, const float* dk, const float* dv, const int* rl,
                                            int heads, int kvh, int hd, int ldq, int ldk, int ldv, int ldd, unsigned char* kc8, float* ks, int bs) {
     __shared__ float cs[128], sn[128]; // cos and sin of frequency i at the row's position (hd <= 256)
     const int r = blockIdx.x, tid = threadIdx.x, bd = blockDim.x, half = hd / 2, per = half / 8;
@@ -385,7 +382,7 @@ extern "C" __global__ void rope_store_rows(bf16* q, bf16* k, const bf16* v, bf16
         float y[16];
         if (act) {
             bf16* x = isk ? k + (i64)r * ldk + (i64)(h - heads) * hd : q + (i64)r * ldq + (i64)h * hd;
-            const upd_t* d = isk ? (dk ? dk + (i64)r * ldd + (i64)(h - heads) * hd : nullptr) : (dq ? dq + (i64)r * ldd + (i64)h * hd : nullptr);
+            const float* d = isk ? (dk ? dk + (i64)r * ldd + (i64)(h - heads) * hd : nullptr) : (dq ? dq + (i64)r * ldd + (i64)h * hd : nullptr);
             float x1[8], x2[8];
             unpack8(*reinterpret_cast<const uint4*>(x + 8 * j), x1);
             unpack8(*reinterpret_cast<const uint4*>(x + half + 8 * j), x2);
@@ -1782,7 +1779,7 @@ extern "C" __global__ void __launch_bounds__(PRE_THREADS) attn_prefill8_d128(ATT
 
 // silu_mul8: silu(g) * u for 8 values (16-byte words gw, uw), after adding
 // the LoRA updates dg and du (when dg is set) as silu_mul says.
-__device__ __forceinline__ uint4 silu_mul8(uint4 gw, uint4 uw, const upd_t* dg, const upd_t* du) {
+__device__ __forceinline__ uint4 silu_mul8(uint4 gw, uint4 uw, const float* dg, const float* du) {
     float a[8], b[8];
     unpack8(gw, a);
     unpack8(uw, b);
@@ -1797,7 +1794,7 @@ __device__ __forceinline__ uint4 silu_mul8(uint4 gw, uint4 uw, const upd_t* dg, 
 
 // silu_mul: out[r, c] = silu(g[r, c]) * u[r, c] for rows x cols values;
 // out's rows are cols apart, g's and u's ldg (views of one gate_up row).
-// dg, du (null, or both set): upd_t LoRA updates of g and u computed
+// dg, du (null, or both set): float32 LoRA updates of g and u computed
 // beside the gate_up projection, rows ldd apart, added first (rounded to
 // bf16, as an update in place would have left g and u) in the rows whose
 // rl (row adapter slot) is >= 0. Grid-stride over 8-value words when cols,
@@ -1808,7 +1805,7 @@ __device__ __forceinline__ uint4 silu_mul8(uint4 gw, uint4 uw, const upd_t* dg, 
 // down projection (no quantization launch).
 #define SILU_RC 4 // 16-byte words of a row each thread keeps in registers when quantizing (rows of up to 32 * blockDim values)
 __device__ __forceinline__ uint4 ld16(const bf16* p) { return *reinterpret_cast<const uint4*>(p); }
-extern "C" __global__ void silu_mul(bf16* out, const bf16* g, const bf16* u, const upd_t* dg, const upd_t* du, const int* rl,
+extern "C" __global__ void silu_mul(bf16* out, const bf16* g, const bf16* u, const float* dg, const float* du, const int* rl,
                                     int rows, int cols, int ldg, int ldd, unsigned char* q, float* qscale) {
     pdl_entry();
     if (q) { // one block per row, quantized as it is stored
@@ -1862,8 +1859,8 @@ extern "C" __global__ void silu_mul(bf16* out, const bf16* g, const bf16* u, con
         const i64 r = i / cols, c = i - r * cols;
         float x = ld(g + r * ldg + c), y = ld(u + r * ldg + c);
         if (dg && rl[r] >= 0) {
-            x = __bfloat162float(tobf(x + upd1(dg + r * ldd + c)));
-            y = __bfloat162float(tobf(y + upd1(du + r * ldd + c)));
+            x = __bfloat162float(tobf(x + dg[r * ldd + c]));
+            y = __bfloat162float(tobf(y + du[r * ldd + c]));
         }
         out[i] = tobf(x / (1.f + expf(-x)) * y);
     }
@@ -1879,7 +1876,7 @@ extern "C" __global__ void silu_mul(bf16* out, const bf16* g, const bf16* u, con
 // spread over SILU_CL SMs.
 #define SILU_CL 8
 #define SILU_CL_RC 2
-extern "C" __global__ void __launch_bounds__(256) silu_mul_cl(bf16* out, const bf16* g, const bf16* u, const upd_t* dg, const upd_t* du,
+extern "C" __global__ void __launch_bounds__(256) silu_mul_cl(bf16* out, const bf16* g, const bf16* u, const float* dg, const float* du,
                                                               const int* rl, int cols, int ldg, int ldd, unsigned char* q,
                                                               float* qscale) {
     pdl_entry();
@@ -1917,7 +1914,7 @@ extern "C" __global__ void __launch_bounds__(256) silu_mul_cl(bf16* out, const b
 // with each row over a cluster of ADD_CL blocks (sm_90; grid rows * ADD_CL,
 // blocks of ADD_CL_THREADS): block `rank` takes columns [rank * per,
 // (rank + 1) * per), per = H / ADD_CL, a pair of columns a thread (at most
-// ADD_CL_PR pairs), so a row's x, delta and LoRA update d2 (upd_t; rows
+// ADD_CL_PR pairs), so a row's x, delta and float32 LoRA update d2 (rows
 // whose rl is >= 0; delta + d2 rounded to bf16 first, as add_rmsnorm adds
 // them) are read by ADD_CL SMs. The row's sum of squares meets through
 // distributed shared memory (the blocks' sums added in rank order), then
@@ -1927,7 +1924,7 @@ extern "C" __global__ void __launch_bounds__(256) silu_mul_cl(bf16* out, const b
 #define ADD_CL 8
 #define ADD_CL_THREADS 256
 #define ADD_CL_PR 2
-extern "C" __global__ void __launch_bounds__(ADD_CL_THREADS) add_rmsnorm_cl(bf16* x, const bf16* delta, const upd_t* d2, const int* rl,
+extern "C" __global__ void __launch_bounds__(ADD_CL_THREADS) add_rmsnorm_cl(bf16* x, const bf16* delta, const float* d2, const int* rl,
                                                                          bf16* out, const bf16* w, float eps, int H, unsigned char* q,
                                                                          float* qscale) {
     __shared__ float sh[33];
@@ -1954,7 +1951,7 @@ extern "C" __global__ void __launch_bounds__(ADD_CL_THREADS) add_rmsnorm_cl(bf16
         const float2 xv = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(xr + 2 * p));
         float2 dv = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(delta + r * H + c0 + 2 * p));
         if (lo) {
-            const float2 e2 = upd2(d2 + r * H + c0 + 2 * p);
+            const float2 e2 = *reinterpret_cast<const float2*>(d2 + r * H + c0 + 2 * p);
             dv = __bfloat1622float2(__floats2bfloat162_rn(dv.x + e2.x, dv.y + e2.y));
         }
         const __nv_bfloat162 nb = __floats2bfloat162_rn(xv.x + dv.x, xv.y + dv.y);
@@ -2174,8 +2171,8 @@ extern "C" __global__ void __launch_bounds__(32 * SG_WARPS) sgmv_shrink4(SHRINK_
 }
 
 // sgmv_expand: out[row][off_s + j] += sum_k tmp[row][s*max_rank + k] * B_s[j][k]
-// (tmp summed over the ksplit partials); with accum 0, out is the update
-// buffer (upd_t, rows o_stride values apart) and gets the sum alone, zero where the slice has no
+// (tmp summed over the ksplit partials); with accum 0, out is float32 (rows
+// o_stride floats apart) and gets the sum alone, zero where the slice has no
 // adapter (a LoRA update computed beside its projection). grid (tiles, ceil(out_total/256)),
 // block 128: each thread owns two adjacent output columns. Its B rows (the
 // first 64 ranks, 16 bytes a load) and the tile's output values are loaded
@@ -2228,7 +2225,7 @@ extern "C" __global__ void __launch_bounds__(SG_EX_THREADS) sgmv_expand(
     __syncthreads();
     if (rank == 0) {
         if (!accum && active)
-            for (int r = 0; r < n; r++) upd_put2(reinterpret_cast<upd_t*>(out) + (i64)(tile.x + r) * o_stride + j, 0.f, 0.f);
+            for (int r = 0; r < n; r++) *reinterpret_cast<float2*>(reinterpret_cast<float*>(out) + (i64)(tile.x + r) * o_stride + j) = make_float2(0.f, 0.f);
         return;
     }
     const float* t = sm + s * mr8;
@@ -2263,7 +2260,7 @@ extern "C" __global__ void __launch_bounds__(SG_EX_THREADS) sgmv_expand(
             if (accum)
                 *reinterpret_cast<__nv_bfloat162*>(out + (i64)(tile.x + r) * o_stride + j) = __floats2bfloat162_rn(v.x + acc0[r], v.y + acc1[r]);
             else
-                upd_put2(reinterpret_cast<upd_t*>(out) + (i64)(tile.x + r) * o_stride + j, acc0[r], acc1[r]);
+                *reinterpret_cast<float2*>(reinterpret_cast<float*>(out) + (i64)(tile.x + r) * o_stride + j) = make_float2(acc0[r], acc1[r]);
         }
     }
 }
@@ -2393,7 +2390,7 @@ __device__ __forceinline__ void expand_tc_body(
                 const float2 o = __bfloat1622float2(*p);
                 *p = __floats2bfloat162_rn(o.x + v0, o.y + v1);
             } else {
-                upd_put2(reinterpret_cast<upd_t*>(out) + (i64)(tile.x + r) * o_stride + col, v0, v1);
+                *reinterpret_cast<float2*>(reinterpret_cast<float*>(out) + (i64)(tile.x + r) * o_stride + col) = make_float2(v0, v1);
             }
         }
     }

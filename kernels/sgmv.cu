@@ -142,7 +142,7 @@ __device__ __forceinline__ void fu_expand(
     __syncthreads();
     if (rank == 0) {
         if (!accum && active)
-            for (int r = 0; r < n; r++) upd_put2(reinterpret_cast<upd_t*>(out) + (i64)(tile.x + r) * o_stride + j, 0.f, 0.f);
+            for (int r = 0; r < n; r++) *reinterpret_cast<float2*>(reinterpret_cast<float*>(out) + (i64)(tile.x + r) * o_stride + j) = make_float2(0.f, 0.f);
         return;
     }
     const float* t = sm + s * mr8;
@@ -177,7 +177,7 @@ __device__ __forceinline__ void fu_expand(
             if (accum)
                 *reinterpret_cast<__nv_bfloat162*>(out + (i64)(tile.x + r) * o_stride + j) = __floats2bfloat162_rn(v.x + acc0[r], v.y + acc1[r]);
             else
-                upd_put2(reinterpret_cast<upd_t*>(out) + (i64)(tile.x + r) * o_stride + j, acc0[r], acc1[r]);
+                *reinterpret_cast<float2*>(reinterpret_cast<float*>(out) + (i64)(tile.x + r) * o_stride + j) = make_float2(acc0[r], acc1[r]);
         }
     }
 }

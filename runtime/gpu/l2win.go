@@ -10,12 +10,12 @@ import (
 )
 
 // The LoRA update buffer (loraAside.delta) in L2. The LoRA stream's expand
-// writes a group's update there while the group's product streams
+// writes a group's float32 update there while the group's product streams
 // its weights through L2 beside it; the op after the product (silu_mul,
 // add_rmsnorm, RoPE) reads it back. Written plainly, the update's lines
 // are evicted by the weights before that read: at 64 rows the gate/up
-// update is 3.7 MB written to DRAM and read again, every layer (14.7 MB at
-// 256; twice that in float32, the buffer's element before v0.59). With the buffer's first loraL2Bytes an L2 persisting window
+// update is 7.3 MB written to DRAM and read again, every layer (29 MB at
+// 256). With the buffer's first loraL2Bytes an L2 persisting window
 // (every kernel of both streams launched with it; cuda.AccessWindow) and
 // that much of L2 set aside, those lines stay in L2 from the expand to
 // their reader, and the next layer's update overwrites the same lines.

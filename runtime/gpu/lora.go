@@ -161,8 +161,8 @@ func (b *Backend) LoRA(out, in engine.Buffer, layer int, mods []llama.Module) {
 //
 // Linear records fork on the compute stream just before a GEMM (forkIn is
 // the GEMM's input); LoRA of the same input then has the LoRA stream wait
-// for fork, compute the group's update into delta (float16, updBytes: adding
-// it later rounds product + update once, as the update in place does; zero for projections
+// for fork, compute the group's update into delta (float32, so that adding
+// it later rounds once, as the update in place does; zero for projections
 // an adapter lacks; rows without an adapter are not written and the ops
 // skip them) and record join. The update is pending until an op reads the
 // projection's output: SiLUMul, Attention (rope_store) and AddRMSNorm fold
@@ -179,30 +179,18 @@ type loraAside struct {
 	fork, join *cuda.Event
 	forkIn     cuda.DevicePtr // input of the GEMM fork was recorded before (0: none)
 	delta      *cuda.DeviceBuffer
-	rows, cols int // delta holds rows x cols values of updBytes
+	rows, cols int // delta holds rows x cols float32 values
 	pend       pendingDelta
 }
 
 // pendingDelta is an update on the LoRA stream not yet added to its output:
 // columns [0, cols) of the rows at base (ld values apart) get delta
-// (updBytes a value, rows cols apart).
+// (float32, rows cols apart).
 type pendingDelta struct {
 	base, delta cuda.DevicePtr
 	ld, cols    int
 	local       bool      // computed on the compute stream (lora_inline.go): nothing to wait for
 	lora        *loraPend // not expanded (delta 0): rope_store_lora expands it (lora_rope.go), any other op in place
-}
-
-// updBytes is an element of the LoRA update buffer (the kernels' upd_t):
-// float16, or float32 where PEFTD_KERNEL_DEFINES has -DPEFTD_UPD_F32 (the
-// A/B of PERFORMANCE v0.59).
-var updBytes = updBytesFor(kernels.Defined("PEFTD_UPD_F32"))
-
-func updBytesFor(f32 bool) int {
-	if f32 {
-		return 4
-	}
-	return 2
 }
 
 // alloc sizes delta for rows rows of the widest fused group.
@@ -217,7 +205,7 @@ func (a *loraAside) alloc(ctx *cuda.Context, rows int, cfg *llama.Config) error 
 		cols = max(cols, w)
 	}
 	var err error
-	if a.delta, err = ctx.Alloc(max(updBytes*rows*cols, 256)); err != nil {
+	if a.delta, err = ctx.Alloc(max(4*rows*cols, 256)); err != nil {
 		return fmt.Errorf("gpu: LoRA update buffer: %w", err)
 	}
 	a.rows, a.cols = rows, cols
@@ -331,7 +319,7 @@ func (b *Backend) fuse(views ...*Buffer) ([]cuda.DevicePtr, int) {
 			b.join()
 			return nil, 0
 		}
-		d[i] = p.delta + cuda.DevicePtr(updBytes/2)*(ptr(v)-p.base) // the update of a bf16 view
+		d[i] = p.delta + 2*(ptr(v)-p.base) // float32 update of a bf16 view
 		n += v.cols
 	}
 	if n != p.cols {
@@ -570,8 +558,8 @@ func (b *Backend) launchShrink(st *cuda.Stream, sp sgShrinkPlan, x *Buffer, base
 // expandTC launches sgmv_expand_tc{tc} on st: the update of the group
 // whose projections' outputs start at offs (offs[len] is the width) in rows
 // outStride values apart at outPtr, from the step's LoRA scratch (ks K
-// parts, tStride floats a row), added in place (acc 1) or written to the
-// update buffer's elements (acc 0: upd_t, updBytes).
+// parts, tStride floats a row), added in place (acc 1) or written as
+// float32 (acc 0).
 func (b *Backend) expandTC(st *cuda.Stream, tc int, outPtr cuda.DevicePtr, outStride int, offs []int, ms [3]int, base, stride, tStride, ks, acc int) {
 	n := len(offs) - 1
 	total := offs[n]

@@ -19,7 +19,7 @@ import (
 // beside the weight rows as extra outputs (their bytes, 3 MB a layer for
 // four rank-32 adapters, stream with the weights' 50), and the expand
 // (sgmv_expand_tc, its B fetched before griddepcontrol.wait) writes the
-// update right after it on the compute stream, into the update buffer
+// update right after it on the compute stream, into the float32 buffer
 // the LoRA stream's updates use, for the op reading the output to add (as
 // rope_store_rows does q/k/v's): no fork, no join.
 
@@ -104,7 +104,7 @@ func (b *Backend) loraInline(out, in engine.Buffer, w engine.Weight, layer int, 
 		b.la.pend = b.pendLoRA(o, layer, mods, tc, 1, true)
 		return true
 	}
-	// the update into delta (updBytes a value), which the op reading out adds as it
+	// the update as float32 into delta, which the op reading out adds as it
 	// reads (fuse), as for an update from the LoRA stream: product + update
 	// is rounded once, there, and the expand need not read the product
 	d := b.la.delta.Ptr()

@@ -55,7 +55,6 @@ __device__ unsigned long __cvta_generic_to_shared(const void*);
 __device__ float logf(float);
 __device__ float sqrtf(float);
 __device__ float fabsf(float);
-__device__ float copysignf(float, float);
 __device__ float fmaxf(float, float);
 __device__ float fmaf(float, float, float);
 __device__ float fminf(float, float);
