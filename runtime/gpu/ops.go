@@ -658,7 +658,9 @@ func decStages(hd int) int {
 // shapes: 34-63 rows; v0.58, one call, 48 rows, device ms, base / four
 // rank-32 adapters: FP8 weights 4.58 / 5.19 -> 4.19 / 4.87, bf16 6.13 /
 // 6.35 -> 5.74 / 6.01; 32 rows, one wave of attn_decode, 3.89 / 4.35 vs
-// w2 3.91 / 4.39). 512-token prompts; longer contexts not measured.
+// w2 3.91 / 4.39), 512-token prompts. 4,096-token prompts (v0.59, FP8
+// weights, base): 40 / 48 rows 8.58 / 9.40 vs w4 9.08 / 9.66, but 56 rows
+// 10.78 vs w4 10.57 (attn_decode with its K split; one measurement).
 const decWarps2MinRows = 64
 
 // decWarps8MinRows: decode steps of this many rows or more whose
@@ -693,15 +695,15 @@ const (
 // decV8 from decWarps8MinRows rows while their pairs fit one wave of it
 // (where w8Fits the head dimension), else decV4.
 func (b *Backend) decVariantFor(n int) decVariant {
-	w8 := b.w8()
+	w8, pairs := b.w8(), n*b.kv.KVHeads // pairs: the step's (sequence, KV head) blocks before any split
 	switch f := b.force.decVar; {
 	case f > 0 && f <= int(decVariants) && (decVariant(f-1) != decV8 || w8):
 		return decVariant(f - 1)
-	case !b.kv8 && (n >= decWarps2MinRows || n*b.kv.KVHeads > b.decResident[decV4] && n*b.kv.KVHeads <= b.decResident[decV2]):
+	case !b.kv8 && (n >= decWarps2MinRows || pairs > b.decResident[decV4] && pairs <= b.decResident[decV2]):
 		return decV2
 	case n >= decW2SmallMin && n <= decW2SmallMax:
 		return decV2
-	case w8 && n >= decWarps8MinRows && n*b.kv.KVHeads <= b.decResident[decV8]:
+	case w8 && n >= decWarps8MinRows && pairs <= b.decResident[decV8]:
 		return decV8
 	}
 	return decV4
