@@ -174,6 +174,21 @@ __device__ __forceinline__ void mma16816(float* c, unsigned a0, unsigned a1, uns
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
+// pack_bf2: (lo, hi) rounded to a bf16 pair in one word.
+__device__ __forceinline__ unsigned pack_bf2(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<unsigned*>(&v);
+}
+
+// split2: the bf16 pair of (a, b) and the bf16 pair of their residuals
+// (the LoRA expands' A fragments: float32 precision from two bf16 MMAs).
+__device__ __forceinline__ void split2(float a, float b, unsigned& hi, unsigned& lo) {
+    hi = pack_bf2(a, b);
+    const __nv_bfloat162 h = *reinterpret_cast<const __nv_bfloat162*>(&hi);
+    const float2 f = __bfloat1622float2(h);
+    lo = pack_bf2(a - f.x, b - f.y);
+}
+
 // ldsm4 / ldsm4t: four 8x8 matrices of 16-bit values (bf16, or e4m3
 // byte pairs) from shared memory (lane l gives the address of row l%8 of
 // matrix l/8), as mma fragments; t: transposed.
@@ -906,11 +921,299 @@ __device__ __forceinline__ void ws_store(float* d, bf16* __restrict__ out, float
     if (tid == 0) done[blockIdx.x] = 0; // ready for the next launch
 }
 
-template <int ES, int BN>
+// ---------------------------------------------------------------------------
+// The LoRA expand in ws_body's end (fp8_ws_lora_n*, runtime/gpu lora_ws.go):
+// out[m, n] = sx[m] sw[n] (x . w)[m, n] + sum_k tmp[m, s R + k] B_{a(m), s}[n - off_s, k]
+// where a(m) is row m's adapter slot (rows[m], -1: none), s the slice
+// (q / k / v or gate / up) column n falls in and tmp the group's shrink
+// (scaled, one K part), made by sgmv_shrink launched just before the
+// product. The shrink runs beside the product's K loop: the product does
+// not wait for the grid before it (griddepcontrol.wait) until its drain,
+// reading only what the kernel before the shrink wrote (the activations,
+// by cp.async.cg through L2, and their scales by ld.cg); that kernel was
+// complete when the shrink's blocks passed their own wait, which came
+// before they let the product launch.
+//
+// The expand's operands land in the pipeline's buffers as the drain frees
+// them ("pieces", each a stage's room): B's columns of the block for each
+// distinct slot of the rows (RS ranks a column, zero past a slot's rank;
+// perB slots a piece), then tmp's rows of each slice the block covers (TS
+// floats a row). Piece p goes to buffer (nst + p) % ST at iteration
+// max(0, nst - AHEAD + p): the one the K loop would refill there. Then
+// each warp adds its 16 rows' update to the accumulators as m16n8k16 MMAs
+// (the wgmma accumulator of rows 16 w.. and columns 8 j.. is an m16n8
+// C fragment), tmp split in a bf16 high part and residual (float32
+// precision, as sgmv_expand_tc), B's 16 bytes a lane in expand_tc's
+// permuted K order. Slots past the pieces' room are staged after the loop
+// in turn. With a K split, split 0's block computes the update into a
+// partial of its own (part[S]) and the tile's last block adds it.
+// ---------------------------------------------------------------------------
+struct WsLora {
+    const float* tmp;        // [rows][tstride] the shrink's sums (scaled)
+    const int* rows;         // each row's adapter slot, -1: none
+    const LoraEntry* table;  // entries ebase + slot estride + m_s
+    int ebase, estride, m0, m1, m2, off1, off2, R, tstride;
+    int ks, kstride; // K parts of tmp, kstride floats apart (summed in order when read)
+};
+
+#define WS_LORA_MAXS 64 // distinct slots a block's rows may hold (64 rows)
+
+// ws_lora_slice: the slice output column n falls in.
+__device__ __forceinline__ int ws_lora_slice(const WsLora& L, int n) { return n >= L.off2 ? 2 : (n >= L.off1 ? 1 : 0); }
+
+// WsLoraSm: the block's view of the step's rows and entries, made before
+// the K loop (step metadata and adapter tables: no kernel writes them).
+struct WsLoraSm {
+    const bf16* eb[WS_LORA_MAXS * 3]; // [distinct slot][slice]: B
+    int er[WS_LORA_MAXS * 3];         // and its rank (0: the slot lacks the projection)
+    int slot[64 + WS_LORA_MAXS];      // the rows' slots, then the distinct ones
+    signed char ridx[64];             // each row's distinct slot (-1: none, or past M)
+    int nd;                           // distinct slots
+};
+
+__device__ __forceinline__ void ws_lora_prep(const WsLora& L, WsLoraSm& S, int M) {
+    const int tid = threadIdx.x;
+    if (tid < M) S.slot[tid] = L.rows[tid];
+    __syncthreads();
+    if (tid == 0) {
+        int nd = 0;
+        for (int m = 0; m < 64; m++) {
+            const int s = m < M ? S.slot[m] : -1;
+            int i = -1;
+            if (s >= 0) {
+                i = 0;
+                while (i < nd && S.slot[WS_LORA_MAXS + i] != s) i++;
+                if (i == nd) S.slot[WS_LORA_MAXS + nd++] = s;
+            }
+            S.ridx[m] = (signed char)i;
+        }
+        S.nd = nd;
+    }
+    __syncthreads();
+    for (int i = tid; i < S.nd * 3; i += 128) {
+        const int s = i % 3, mo = s == 0 ? L.m0 : (s == 1 ? L.m1 : L.m2);
+        const LoraEntry* e = mo >= 0 ? L.table + L.ebase + S.slot[WS_LORA_MAXS + i / 3] * L.estride + mo : nullptr;
+        S.eb[i] = e ? e->b : nullptr;
+        S.er[i] = e ? e->rank : 0;
+    }
+    __syncthreads();
+}
+
+// ws_lora_b: stage B's columns [n0, n0 + BN) of distinct slots [a0, a1) at
+// dst (a slot's BN x RS bf16 after the previous one's); cp.async, no commit.
+template <int BN>
+__device__ __forceinline__ void ws_lora_b(const WsLora& L, const WsLoraSm& S, unsigned dst, int a0, int a1, int n0, int RS) {
+    const int ch = RS / 8, per = BN * ch;
+    for (int i = threadIdx.x; i < (a1 - a0) * per; i += 128) {
+        const int a = a0 + i / per, r = i % per, col = r / ch, k = 8 * (r % ch), n = n0 + col;
+        const int s = ws_lora_slice(L, n), rk = S.er[a * 3 + s];
+        const int off = s == 0 ? 0 : (s == 1 ? L.off1 : L.off2);
+        const bool ok = k < rk;
+        cp_async16(dst + (unsigned)(((a - a0) * BN + col) * RS + k) * 2, ok ? (const void*)(S.eb[a * 3 + s] + (long long)(n - off) * rk + k) : (const void*)L.tmp, ok ? 16 : 0);
+    }
+}
+
+// ws_lora_t: stage K part u of tmp's rows 0..63 of slice s (R floats of
+// each, zero past M and R) at dst, TS floats a row; cp.async, no commit.
+__device__ __forceinline__ void ws_lora_t(const WsLora& L, unsigned dst, int s, int u, int M, int TS) {
+    const int ch = (TS - 4) / 4;
+    for (int i = threadIdx.x; i < 64 * ch; i += 128) {
+        const int m = i / ch, k = 4 * (i % ch);
+        const bool ok = m < M && k < L.R;
+        cp_async16(dst + (unsigned)(m * TS + k) * 4, ok ? (const void*)(L.tmp + (long long)u * L.kstride + (long long)m * L.tstride + s * L.R + k) : (const void*)L.tmp, ok ? 16 : 0);
+    }
+}
+
+// WsLoraPieces: where ws_body's LoRA variant put its pieces (ws_lora_geom).
+struct WsLoraPieces {
+    unsigned base;     // the first buffer
+    int nst, ST, SB;   // the split's stages, buffers and a buffer's bytes
+    int RS, TS, perB, slo, shi, PB, ks;
+    // tmp's K part u of slice s
+    __device__ __forceinline__ unsigned tp(int s, int u) const { return at(PB + (s - slo) * ks + u); }
+    __device__ __forceinline__ unsigned at(int p) const { return base + (unsigned)(((nst + p) % ST) * SB); }
+};
+
+// ws_lora_add: d (the block's accumulators, output units) += the update of
+// this warp's rows from distinct slots [a0, a1), whose B is staged at bsm
+// (RS ranks a column), tmp's parts where P puts them (TS floats a row).
+template <int BN>
+__device__ __forceinline__ void ws_lora_add(float* d, const WsLora& L, const WsLoraSm& S, const WsLoraPieces& P, unsigned bsm,
+                                            int a0, int a1, int n0) {
+    const int slo = P.slo, shi = P.shi, RS = P.RS, TS = P.TS;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, q = lane & 3;
+    const int ia = S.ridx[16 * warp + g], ib = S.ridx[16 * warp + g + 8];
+    unsigned long long has = (ia >= 0 ? 1ull << ia : 0ull) | (ib >= 0 ? 1ull << ib : 0ull);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) has |= __shfl_xor_sync(0xffffffffu, has, o);
+    for (int a = a0; a < a1; a++) {
+        if (!((has >> a) & 1)) continue; // warp-uniform
+        const unsigned bp = bsm + (unsigned)((a - a0) * BN * RS) * 2;
+        for (int s = slo; s <= shi; s++) {
+            const int rk = S.er[a * 3 + s];
+            const int soff = s == 0 ? 0 : (s == 1 ? L.off1 : L.off2), send = s == 0 ? L.off1 : (s == 1 ? L.off2 : 0x7fffffff);
+            for (int kc = 0; kc < rk; kc += 32) {
+                unsigned ah[2][4], al[2][4];
+#pragma unroll
+                for (int h = 0; h < 2; h++) {
+                    const int k = kc + 8 * q + 4 * h;
+                    float4 t0 = make_float4(0.f, 0.f, 0.f, 0.f), t1 = t0;
+                    if (k < rk) {
+                        float4 v0 = t0, v1 = t0;
+                        for (int u = 0; u < L.ks; u++) { // the K parts in order (sgmv_expand_tc's sum)
+                            const unsigned tb = P.tp(s, u);
+                            float4 v;
+                            asm volatile("ld.shared.v4.f32 {%0,%1,%2,%3}, [%4];" : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w) : "r"(tb + (unsigned)((16 * warp + g) * TS + k) * 4));
+                            v0.x += v.x, v0.y += v.y, v0.z += v.z, v0.w += v.w;
+                            asm volatile("ld.shared.v4.f32 {%0,%1,%2,%3}, [%4];" : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w) : "r"(tb + (unsigned)((16 * warp + g + 8) * TS + k) * 4));
+                            v1.x += v.x, v1.y += v.y, v1.z += v.z, v1.w += v.w;
+                        }
+                        if (ia == a) t0 = v0;
+                        if (ib == a) t1 = v1;
+                    }
+                    split2(t0.x, t0.y, ah[h][0], al[h][0]);
+                    split2(t1.x, t1.y, ah[h][1], al[h][1]);
+                    split2(t0.z, t0.w, ah[h][2], al[h][2]);
+                    split2(t1.z, t1.w, ah[h][3], al[h][3]);
+                }
+#pragma unroll
+                for (int j = 0; j < BN / 8; j++) {
+                    const int n = n0 + 8 * j;
+                    if (n < soff || n >= send) continue;
+                    uint4 bv;
+                    asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(bv.x), "=r"(bv.y), "=r"(bv.z), "=r"(bv.w) : "r"(bp + (unsigned)((8 * j + g) * RS + kc + 8 * q) * 2));
+                    mma16816(d + 4 * j, ah[0][0], ah[0][1], ah[0][2], ah[0][3], bv.x, bv.y);
+                    mma16816(d + 4 * j, al[0][0], al[0][1], al[0][2], al[0][3], bv.x, bv.y);
+                    mma16816(d + 4 * j, ah[1][0], ah[1][1], ah[1][2], ah[1][3], bv.z, bv.w);
+                    mma16816(d + 4 * j, al[1][0], al[1][1], al[1][2], al[1][3], bv.z, bv.w);
+                }
+            }
+        }
+    }
+}
+
+// ws_lora_geom: the pieces' layout for a block of BN weight rows from n0:
+// RS ranks a staged B column, TS floats a staged tmp row, perB slots a
+// piece, the slices slo..shi it covers; false where a piece cannot hold a
+// slot's B or a slice's tmp (runtime/gpu checks the same: wsLoRAFits).
+template <int BN, int SB>
+__device__ __forceinline__ bool ws_lora_geom(const WsLora& L, int n0, int& RS, int& TS, int& perB, int& slo, int& shi) {
+    RS = (L.R + 31) & ~31;
+    TS = RS + 4;
+    perB = SB / (BN * RS * 2);
+    slo = ws_lora_slice(L, n0);
+    shi = ws_lora_slice(L, n0 + BN - 1);
+    return perB >= 1 && 64 * TS * 4 <= SB;
+}
+
+// ws_lora_all: d += the update of every distinct slot: those staged in the
+// drain's B pieces, then the rest PB pieces at a time (the block's
+// barriers: every thread calls it).
+template <int BN>
+__device__ __forceinline__ void ws_lora_all(float* d, const WsLora& L, const WsLoraSm& S, const WsLoraPieces& P, int n0) {
+    const int nd = S.nd, step = P.PB * P.perB;
+    for (int c0 = 0; c0 < nd; c0 += step) {
+        if (c0 > 0) { // restage: every warp is done with the pieces
+            __syncthreads();
+            for (int p = 0; p < P.PB; p++) ws_lora_b<BN>(L, S, P.at(p), min(nd, c0 + p * P.perB), min(nd, c0 + (p + 1) * P.perB), n0, P.RS);
+            cp_async_commit();
+            cp_async_wait<0>();
+            __syncthreads();
+        }
+        for (int p = 0; p < P.PB; p++)
+            ws_lora_add<BN>(d, L, S, P, P.at(p), min(nd, c0 + p * P.perB), min(nd, c0 + (p + 1) * P.perB), n0);
+    }
+}
+
+// ws_store_lora: ws_store with the LoRA update (lz: this block computes
+// it; nd: the rows hold adapters, so split 0 wrote it to part[S]).
+template <int BN>
+__device__ __forceinline__ void ws_store_lora(float* d, bf16* __restrict__ out, float* __restrict__ part, int* __restrict__ done,
+                                              const float* xs, const float* ws, int M, int N, int n0, int z, int* last,
+                                              const WsLora& L, const WsLoraSm& S, const WsLoraPieces& P, bool lz) {
+    constexpr int TR = 64;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, tig = lane & 3, SP = gridDim.y;
+    const int m0 = 16 * warp + g;
+    auto scale = [&](float* v) {
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            const float a = xs[m0 + 8 * h];
+#pragma unroll
+            for (int j = 0; j < BN / 8; j++) {
+                const int n = 8 * j + 2 * tig;
+                v[4 * j + 2 * h] *= a * ws[n];
+                v[4 * j + 2 * h + 1] *= a * ws[n + 1];
+            }
+        }
+    };
+    auto put = [&](const float* v) {
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            const int m = m0 + 8 * h;
+            if (m >= M) continue;
+#pragma unroll
+            for (int j = 0; j < BN / 8; j++)
+                *reinterpret_cast<__nv_bfloat162*>(out + (long long)m * N + n0 + 8 * j + 2 * tig) = __floats2bfloat162_rn(v[4 * j + 2 * h], v[4 * j + 2 * h + 1]);
+        }
+    };
+    if (SP == 1) {
+        scale(d);
+        if (lz) ws_lora_all<BN>(d, L, S, P, n0);
+        put(d);
+        return;
+    }
+    float* tp = part + (long long)blockIdx.x * (SP + 1) * TR * BN;
+    auto at = [&](int s, int h, int j) { return tp + ((long long)s * TR + m0 + 8 * h) * BN + 8 * j + 2 * tig; };
+    auto save = [&](int s) {
+#pragma unroll
+        for (int h = 0; h < 2; h++)
+            if (m0 + 8 * h < M)
+#pragma unroll
+                for (int j = 0; j < BN / 8; j++) *reinterpret_cast<float2*>(at(s, h, j)) = make_float2(d[4 * j + 2 * h], d[4 * j + 2 * h + 1]);
+    };
+    save(z);
+    if (lz) { // split 0: the update, as a partial of its own
+#pragma unroll
+        for (int i = 0; i < BN / 2; i++) d[i] = 0.f;
+        ws_lora_all<BN>(d, L, S, P, n0);
+        save(SP);
+    }
+    __syncthreads();
+    if (tid == 0) {
+        __threadfence(); // the block's partials before its count (cumulative, after the barrier)
+        *last = atomicAdd(done + blockIdx.x, 1) == SP - 1;
+        if (*last) __threadfence();
+    }
+    __syncthreads();
+    if (!*last) return;
+#pragma unroll
+    for (int i = 0; i < BN / 2; i++) d[i] = 0.f;
+    auto addp = [&](int s) {
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            if (m0 + 8 * h >= M) continue;
+#pragma unroll
+            for (int j = 0; j < BN / 8; j++) {
+                const float2 p = __ldcg(reinterpret_cast<const float2*>(at(s, h, j)));
+                d[4 * j + 2 * h] += p.x, d[4 * j + 2 * h + 1] += p.y;
+            }
+        }
+    };
+    for (int s = 0; s < SP; s++) addp(s);
+    scale(d);
+    if (S.nd > 0) addp(SP);
+    put(d);
+    if (tid == 0) done[blockIdx.x] = 0; // ready for the next launch
+}
+
+template <bool LORA> struct WsLoraSmOf { using T = WsLoraSm; };
+template <> struct WsLoraSmOf<false> { using T = char; };
+
+template <int ES, int BN, bool LORA = false>
 __device__ __forceinline__ void ws_body(bf16* __restrict__ out, float* __restrict__ part, int* __restrict__ done,
                                         const unsigned char* __restrict__ qx, const float* __restrict__ sx,
                                         const unsigned char* __restrict__ qw, const float* __restrict__ sw, int M,
-                                        int N, int K, int opts) {
+                                        int N, int K, int opts, const WsLora* Lp = nullptr) {
     using W = WsShape<BN>;
     constexpr int TR = W::TR, AB = W::AB, SB = W::SB, ST = W::ST, KA = W::KA, AHEAD = ST - 1 - WS_INFLIGHT;
     static_assert(WS_INFLIGHT == 0 || WS_INFLIGHT == 1, "ws_body: WS_INFLIGHT");
@@ -920,6 +1223,7 @@ __device__ __forceinline__ void ws_body(bf16* __restrict__ out, float* __restric
     extern __shared__ __align__(16) unsigned char wsm[];
     __shared__ int last;
     __shared__ float wsc[BN], xsc[TR]; // the block's weight rows' and the activation rows' scales (ES 1)
+    __shared__ typename WsLoraSmOf<LORA>::T lsm; // the LoRA variant's rows and entries
     const int tid = threadIdx.x;
     const int KB = K * ES, S = gridDim.y, z = blockIdx.y, n0 = blockIdx.x * BN;
     const int kb0 = z * (KB / S), nst = (KB / S + KA * WG_RB - 1) / (KA * WG_RB); // this split's stages
@@ -968,15 +1272,47 @@ __device__ __forceinline__ void ws_body(bf16* __restrict__ out, float* __restric
     for (int j = 0; j < ne; j++) copy_w(j);
     if (ES == 1)
         for (int i = tid; i < BN; i += 128) wsc[i] = sw[n0 + i]; // weights' scales: no kernel of a step writes them
-    pdl_entry();
-    if (ES == 1)
-        for (int i = tid; i < TR; i += 128) xsc[i] = i < M ? sx[i] : 0.f; // both seen after the K loop's first barrier
+    if constexpr (LORA) { // no wait: the shrink before runs beside the K loop (ld.cg: the kernel before it wrote sx)
+        if (ES == 1)
+            for (int i = tid; i < TR; i += 128) xsc[i] = i < M ? __ldcg(sx + i) : 0.f;
+    } else {
+        pdl_entry();
+        if (ES == 1)
+            for (int i = tid; i < TR; i += 128) xsc[i] = i < M ? sx[i] : 0.f; // both seen after the K loop's first barrier
+    }
 #pragma unroll 1
     for (int j = 0; j < AHEAD; j++) {
         if (j >= ne) copy_w(j);
         copy_x(j);
         cp_async_commit(); // one group a stage (the early weights join the first)
     }
+    // the LoRA variant: the rows' slots and entries while the first stages
+    // land, and the pieces' layout (ws_lora_geom)
+    bool lz = false;
+    WsLoraPieces P{};
+    if constexpr (LORA) {
+        ws_lora_prep(*Lp, lsm, M);
+        P.base = base, P.nst = nst, P.ST = ST, P.SB = SB;
+        const bool fit = ws_lora_geom<BN, SB>(*Lp, n0, P.RS, P.TS, P.perB, P.slo, P.shi);
+        if (lsm.nd > 0 && !fit) __trap(); // runtime/gpu launches only what fits (wsLoRAFits)
+        P.ks = Lp->ks;
+        P.PB = min((lsm.nd + P.perB - 1) / max(P.perB, 1), AHEAD - (P.shi - P.slo + 1) * P.ks);
+        if (lsm.nd > 0 && P.PB < 1) __trap();
+        lz = z == 0 && lsm.nd > 0;
+    }
+    const int npiece = lz ? P.PB + (P.shi - P.slo + 1) * P.ks : 0;
+    // piece p: at iteration max(0, nst - AHEAD + p), into the buffer the K
+    // loop would refill there
+    auto piece = [&](int p) {
+        if constexpr (LORA) {
+            if (p < P.PB) {
+                ws_lora_b<BN>(*Lp, lsm, P.at(p), min(lsm.nd, p * P.perB), min(lsm.nd, (p + 1) * P.perB), n0, P.RS);
+            } else {
+                if (p == P.PB) pdl_entry(); // the shrink's sums: its grid done
+                ws_lora_t(*Lp, P.at(p), P.slo + (p - P.PB) / P.ks, (p - P.PB) % P.ks, M, P.TS);
+            }
+        }
+    };
     float d[BN / 2];
 #pragma unroll
     for (int i = 0; i < BN / 2; i++) d[i] = 0.f;
@@ -987,6 +1323,10 @@ __device__ __forceinline__ void ws_body(bf16* __restrict__ out, float* __restric
         __syncthreads();            // everyone's; and every warp's group WS_INFLIGHT + 1 stages back is done (the next copy overwrites its stage)
         copy_w(j + AHEAD);
         copy_x(j + AHEAD);
+        if (LORA && npiece > 0) {
+            const int p1 = min(j + AHEAD - nst, npiece - 1); // j 0: every piece whose buffer no stage took
+            for (int p = j == 0 ? 0 : max(0, j + AHEAD - nst); p <= p1; p++) piece(p);
+        }
         cp_async_commit();
         const unsigned b = base + (j % ST) * SB;
         wg_pin<BN / 2>(d);
@@ -1003,6 +1343,12 @@ __device__ __forceinline__ void ws_body(bf16* __restrict__ out, float* __restric
     wg_wait<0>();
     wg_pin<BN / 2>(d);
     cp_async_wait<0>();
+    if constexpr (LORA) {
+        if (!lz) pdl_entry(); // (split 0 waited for its pieces)
+        __syncthreads();      // every thread's pieces landed
+        ws_store_lora<BN>(d, out, part, done, xsc, wsc, M, N, n0, z, &last, *Lp, lsm, P, lz);
+        return;
+    }
     ws_store<BN>(d, out, part, done, ES == 1 ? xsc : nullptr, ES == 1 ? wsc : nullptr, M, N, n0, z, &last); // ES 1 has scales, ES 2 none (a constant: the reads stay shared-memory loads)
 }
 

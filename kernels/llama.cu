@@ -718,11 +718,6 @@ __device__ __forceinline__ void mma8_e4m3(float* d, unsigned a0, unsigned a2, un
 #endif
 }
 
-__device__ __forceinline__ unsigned pack_bf2(float lo, float hi) {
-    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<unsigned*>(&v);
-}
-
 // QK8 (sm_89 and later, FP8 keys, head_dim >= 64): attn_decode8 computes
 // Q K^T on the FP8 tensor cores (m16n8k32 e4m3) from the cached e4m3 keys
 // as they are, with Q quantized per head (amax / 448, as the keys are per
@@ -2286,14 +2281,6 @@ struct TcShape {
     static constexpr int NG = KC == 1 ? 8 : (KC == 2 ? 4 : 2); // 8-column groups per warp
     static constexpr int COLS = 8 * 8 * NG;                     // columns per block (8 warps)
 };
-
-// split2 (pack_bf2: attn_decode's): the bf16 pair of (a, b) and the bf16 pair of their residuals.
-__device__ __forceinline__ void split2(float a, float b, unsigned& hi, unsigned& lo) {
-    hi = pack_bf2(a, b);
-    const __nv_bfloat162 h = *reinterpret_cast<const __nv_bfloat162*>(&hi);
-    const float2 f = __bfloat1622float2(h);
-    lo = pack_bf2(a - f.x, b - f.y);
-}
 
 template <int KC>
 __device__ __forceinline__ void expand_tc_body(

@@ -418,6 +418,7 @@ type decodeVariant struct {
 	inline                       int    // groups whose shrink runs inside gemm_skinny (kernelForce.loraInline: -1 none, 0 the default (q/k/v), else a mask of llama.FusedGroups)
 	rfold                        int    // q/k/v LoRA expanded inside RoPE at 1-16 rows (kernelForce.ropeLoRA: 1 on, -1 off, 0 the default)
 	l2                           int    // the LoRA update buffer as an L2 persisting window (kernelForce.l2Win: 1 on, -1 off, 3 on over the whole buffer, 0 the default)
+	wsl                          int    // FP8 groups of 17-64 rows whose update runs in fp8_ws_lora's end (kernelForce.wsLoRA: -1 none, 0 the default, else a mask of llama.FusedGroups)
 }
 
 // force is f with the kernel settings row v sets (kernelForce's other
@@ -428,7 +429,7 @@ func (v decodeVariant) force(f kernelForce) kernelForce {
 	f.wgFull, f.loraKChunk = v.wgFull, v.kc
 	f.holds, f.pdlJoins, f.loraInline = v.holds, v.pdlJoins, v.inline
 	f.ropeLoRA, f.nodePrio, f.siluCl, f.addCl = v.rfold, v.prio, v.silucl, v.addcl
-	f.memHoist, f.l2Win = v.hoist, v.l2
+	f.memHoist, f.l2Win, f.wsLoRA = v.hoist, v.l2, v.wsl
 	return f
 }
 
@@ -518,6 +519,12 @@ func (v decodeVariant) label(ads []*lora.Adapter, pdlOK bool) string {
 		lbl += "+noinl"
 	case v.inline > 0:
 		lbl += fmt.Sprintf("+inl%d", v.inline)
+	}
+	switch {
+	case v.wsl < 0:
+		lbl += "+nowsl"
+	case v.wsl > 0:
+		lbl += fmt.Sprintf("+wsl%d", v.wsl)
 	}
 	lbl += onOffLabel(v.rfold, "rfold")
 	lbl += onOffLabel(v.silucl, "silucl")
@@ -725,7 +732,7 @@ func TestDecodeBench(t *testing.T) {
 		{sampled: true, sms: -1}, {eager: true, sms: -1}, {lora: true, eager: true, sms: -1},
 		{lora: true, serial: true, sms: -1}, {lora: true, sms: 0}, {lora: true, sms: 8}, {lora: true, sms: 16}, {lora: true, sms: 24}, {lora: true, sms: 32},
 		{lora: true, sms: 0, ws: true}, {lora: true, sms: 8, ws: true}, {lora: true, sms: 16, ws: true},
-		{lora: true, sms: -1, holds: [4]int{16}}, {lora: true, sms: -1, holds: [4]int{32}}, {lora: true, sms: -1, wgFull: true}, {lora: true, sms: -1, wgBeside: true}, {lora: true, sms: -1, splitBeside: true}, {sms: -1, nopad: true}, {lora: true, sms: -1, nopad: true}, {lora: true, sms: -1, kc: 1024}, {lora: true, sms: -1, kc: 512}, {lora: true, sms: -1, kc: 2048}, {lora: true, sms: -1, kc: 4096}, {lora: true, sms: -1, inline: -1}, {lora: true, sms: -1, inline: 0b1011}, {lora: true, sms: -1, pdlJoins: -1}, {lora: true, sms: -1, pdlJoins: 1}, {lora: true, sms: -1, pdlJoins: 3},
+		{lora: true, sms: -1, holds: [4]int{16}}, {lora: true, sms: -1, holds: [4]int{32}}, {lora: true, sms: -1, wgFull: true}, {lora: true, sms: -1, wgBeside: true}, {lora: true, sms: -1, splitBeside: true}, {sms: -1, nopad: true}, {lora: true, sms: -1, nopad: true}, {lora: true, sms: -1, kc: 1024}, {lora: true, sms: -1, kc: 512}, {lora: true, sms: -1, kc: 2048}, {lora: true, sms: -1, kc: 4096}, {lora: true, sms: -1, inline: -1}, {lora: true, sms: -1, wsl: -1}, {lora: true, sms: -1, wsl: 0b0111}, {lora: true, sms: -1, wsl: 0b0101}, {lora: true, sms: -1, inline: 0b1011}, {lora: true, sms: -1, pdlJoins: -1}, {lora: true, sms: -1, pdlJoins: 1}, {lora: true, sms: -1, pdlJoins: 3},
 		{sms: -1, wg: true}, {lora: true, sms: -1, wg: true}, {sms: -1, bwg: true}, {lora: true, sms: -1, bwg: true},
 		{sms: -1, nowga: true}, {lora: true, sms: -1, nowga: true},
 		{sms: -1, ws: true}, {lora: true, sms: -1, ws: true}, {sms: -1, wsgu: true}, {lora: true, sms: -1, wsgu: true},

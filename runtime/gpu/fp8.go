@@ -321,18 +321,8 @@ func (f *fp8State) linear(out, x cuda.DevicePtr, T int, w *fp8Weight, gen uint64
 		f.tmp = nil
 	}
 	K := w.cols
-	if !(f.cValid && f.cIn == x && f.cRows == T && f.cCols == K && f.cGen == gen) {
-		if err := f.grow(&f.actQ, (T*K+15)&^15); err != nil {
-			return err
-		}
-		if err := f.grow(&f.actS, 4*T); err != nil {
-			return err
-		}
-		if err := f.quantRows(f.actQ.Ptr(), f.actS.Ptr(), x, T, K, K); err != nil {
-			f.cValid = false
-			return err
-		}
-		f.cIn, f.cRows, f.cCols, f.cGen, f.cValid = x, T, K, gen, true
+	if err := f.prepare(x, T, K, gen); err != nil {
+		return err
 	}
 	if p, ok := f.stream.plan(T, w.rows, K); ok && !f.streamOff && (f.streamOn || T >= fp8StreamMinRows) {
 		opts := 1 // the first weight tiles before griddepcontrol.wait
@@ -367,6 +357,27 @@ func (f *fp8State) linear(out, x cuda.DevicePtr, T int, w *fp8Weight, gen uint64
 		T = Tp // the rows past T are scratch: their products land in out's rows past T, which nothing reads
 	}
 	return f.mm.GemmTNScaled(f.s, out, cuda.R16BF, f.actQ.Ptr(), f.actS.Ptr(), w.q.Ptr(), w.scale.Ptr(), T, w.rows, K)
+}
+
+// prepare quantizes x's T rows of K values per token into the activation
+// scratch (actQ, actS) unless it holds them already (same input, rows and
+// write generation gen).
+func (f *fp8State) prepare(x cuda.DevicePtr, T, K int, gen uint64) error {
+	if f.cValid && f.cIn == x && f.cRows == T && f.cCols == K && f.cGen == gen {
+		return nil
+	}
+	if err := f.grow(&f.actQ, (T*K+15)&^15); err != nil {
+		return err
+	}
+	if err := f.grow(&f.actS, 4*T); err != nil {
+		return err
+	}
+	if err := f.quantRows(f.actQ.Ptr(), f.actS.Ptr(), x, T, K, K); err != nil {
+		f.cValid = false
+		return err
+	}
+	f.cIn, f.cRows, f.cCols, f.cGen, f.cValid = x, T, K, gen, true
+	return nil
 }
 
 // scaledRows is the rows this state's scaled FP8 product of T rows is

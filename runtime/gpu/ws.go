@@ -32,6 +32,7 @@ import (
 type wsProduct struct {
 	fn         [len(wsWidths)]*cuda.Function
 	tfn        [len(wsWidths)]*cuda.Function // the same on TMA copies (fp8_wt_n*: wt_body), where the driver encodes tensor maps
+	lfn        [len(wsWidths)]*cuda.Function // the same with a LoRA update in their end (fp8_ws_lora_n*: lora_ws.go)
 	noTMA      bool                          // benchmarks: the cp.async kernels (fn) even where tfn is loaded
 	part, done *cuda.DeviceBuffer            // the splits' partials and per-tile counters (zero between launches)
 	esize      int                           // operand bytes: 1 (e4m3)
@@ -141,6 +142,12 @@ func loadWS(ctx *cuda.Context, s *cuda.Stream, mod *cuda.Module, prefix, tprefix
 			return nil, err
 		}
 		g.fn[i], found = fn, true
+		if fn, err = mod.Function(fmt.Sprintf("%s_lora_n%d", prefix, bn)); err == nil {
+			if err := fn.SetMaxDynamicShared(wsShared(bn)); err != nil {
+				return nil, err
+			}
+			g.lfn[i] = fn
+		}
 		if tprefix == "" || !cuda.TMA() {
 			continue
 		}
@@ -260,11 +267,8 @@ type wsMaps [len(wsWidths)]*cuda.TensorMap
 // where sx is set (e4m3 operands), with plan p (valid) on s; wm keeps w's
 // tensor maps (the TMA kernels').
 func (g *wsProduct) launch(s *cuda.Stream, p wsPlan, out, x, sx, w, sw cuda.DevicePtr, T, N, K int, wm *wsMaps) error {
-	if !g.valid(p, T, N, K) {
-		return fmt.Errorf("gpu: ws plan %v does not take %d x %d x %d", p, T, N, K)
-	}
-	if (uint64(out)|uint64(x)|uint64(w))%16 != 0 {
-		return fmt.Errorf("gpu: ws product: operands not 16-byte aligned")
+	if err := g.check(p, out, x, w, T, N, K); err != nil {
+		return err
 	}
 	bn, opts := wsWidths[p.i], min(max(g.early, 0), 15)
 	if !g.noStagger {
@@ -291,4 +295,16 @@ func (g *wsProduct) launch(s *cuda.Stream, p wsPlan, out, x, sx, w, sw cuda.Devi
 	}
 	return g.fn[p.i].Launch(s, cuda.Dim3{X: N / bn, Y: p.split, Z: 1}, cuda.Dim3{X: 128, Y: 1, Z: 1}, wsShared(bn),
 		uint64(out), uint64(g.part.Ptr()), uint64(g.done.Ptr()), uint64(x), uint64(sx), uint64(w), uint64(sw), T, N, K, opts)
+}
+
+// check reports a plan that does not take a T x N x K product, or
+// operands that are not 16-byte aligned.
+func (g *wsProduct) check(p wsPlan, out, x, w cuda.DevicePtr, T, N, K int) error {
+	if !g.valid(p, T, N, K) {
+		return fmt.Errorf("gpu: ws plan %v does not take %d x %d x %d", p, T, N, K)
+	}
+	if (uint64(out)|uint64(x)|uint64(w))%16 != 0 {
+		return fmt.Errorf("gpu: ws product: operands not 16-byte aligned")
+	}
+	return nil
 }
