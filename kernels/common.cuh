@@ -968,26 +968,36 @@ struct WsLoraSm {
     int er[WS_LORA_MAXS * 3];         // and its rank (0: the slot lacks the projection)
     int slot[64 + WS_LORA_MAXS];      // the rows' slots, then the distinct ones
     signed char ridx[64];             // each row's distinct slot (-1: none, or past M)
+    unsigned fmask[2];                // rows that are their slot's first
     int nd;                           // distinct slots
 };
 
 __device__ __forceinline__ void ws_lora_prep(const WsLora& L, WsLoraSm& S, int M) {
     const int tid = threadIdx.x;
-    if (tid < M) S.slot[tid] = L.rows[tid];
+    // rows 0..63 on threads 0..63 (warps 0 and 1): a row whose slot no
+    // earlier row has is its slot's first; a slot's index is the firsts
+    // before it
+    const int s = tid < M ? L.rows[tid] : -1;
+    if (tid < 64) S.slot[tid] = s;
     __syncthreads();
-    if (tid == 0) {
-        int nd = 0;
-        for (int m = 0; m < 64; m++) {
-            const int s = m < M ? S.slot[m] : -1;
-            int i = -1;
-            if (s >= 0) {
-                i = 0;
-                while (i < nd && S.slot[WS_LORA_MAXS + i] != s) i++;
-                if (i == nd) S.slot[WS_LORA_MAXS + nd++] = s;
+    int first = tid;
+    if (tid < 64 && s >= 0)
+        for (int m = 0; m < tid; m++)
+            if (S.slot[m] == s) {
+                first = m;
+                break;
             }
-            S.ridx[m] = (signed char)i;
-        }
-        S.nd = nd;
+    if (tid < 64) {
+        const unsigned fm = __ballot_sync(0xffffffffu, s >= 0 && first == tid);
+        if ((tid & 31) == 0) S.fmask[tid >> 5] = fm;
+    }
+    __syncthreads();
+    if (tid < 64) {
+        const unsigned long long all = (unsigned long long)S.fmask[1] << 32 | S.fmask[0];
+        const int idx = __popcll(all & ((1ull << first) - 1));
+        S.ridx[tid] = s >= 0 ? (signed char)idx : (signed char)-1;
+        if (s >= 0 && first == tid) S.slot[WS_LORA_MAXS + idx] = s;
+        if (tid == 0) S.nd = __popcll(all);
     }
     __syncthreads();
     for (int i = tid; i < S.nd * 3; i += 128) {
@@ -1324,8 +1334,13 @@ __device__ __forceinline__ void ws_body(bf16* __restrict__ out, float* __restric
         copy_w(j + AHEAD);
         copy_x(j + AHEAD);
         if (LORA && npiece > 0) {
-            const int p1 = min(j + AHEAD - nst, npiece - 1); // j 0: every piece whose buffer no stage took
+            // B's pieces as the drain frees their buffers (j 0: every one
+            // whose buffer no stage took); the shrink's sums all at once as
+            // late as their buffers allow, so the shrink has the K loop
+            const int p1 = min(j + AHEAD - nst, P.PB - 1);
             for (int p = j == 0 ? 0 : max(0, j + AHEAD - nst); p <= p1; p++) piece(p);
+            if (j == max(max(0, nst - 2), nst - AHEAD + npiece - 1))
+                for (int p = P.PB; p < npiece; p++) piece(p);
         }
         cp_async_commit();
         const unsigned b = base + (j % ST) * SB;

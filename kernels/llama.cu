@@ -2159,6 +2159,15 @@ extern "C" __global__ void __launch_bounds__(32 * SG_WARPS) sgmv_shrink(SHRINK_A
     shrink_body<1>(SHRINK_PASS, red);
 }
 
+// sgmv_shrink_c: sgmv_shrink, loaded with a preferred carveout of all
+// shared memory (runtime/gpu lora_ws.go: its blocks run beside
+// fp8_ws_lora's on the same SMs).
+extern "C" __global__ void __launch_bounds__(32 * SG_WARPS) sgmv_shrink_c(SHRINK_ARGS) {
+    pdl_entry();
+    __shared__ float red[SG_WARPS * SG_TR * 8];
+    shrink_body<1>(SHRINK_PASS, red);
+}
+
 extern "C" __global__ void __launch_bounds__(32 * SG_WARPS) sgmv_shrink4(SHRINK_ARGS) {
     pdl_entry();
     __shared__ float red[SG_WARPS * SG_TR * 32];

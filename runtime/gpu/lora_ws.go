@@ -31,10 +31,11 @@ import (
 // FP8 update of 17-64 rows runs in fp8_ws_lora's end by default.
 const wsLoRADefault = 0b1111
 
-// wsLoRAKCols is the most K columns a part of the shrink before
-// fp8_ws_lora takes (down's 14,336 in 4 parts: each warp's loads in 3-4
-// rounds, not 14, so the shrink ends within the product's K loop).
-const wsLoRAKCols = 4096
+// wsLoRAKCols is the K columns a part of the shrink before fp8_ws_lora
+// takes where the product's pieces hold them: 8 warps of 32 columns, each
+// with SG_SU = 4 iterations' loads in flight, take 1,024 in one round of
+// loads, so the shrink ends well within the product's K loop.
+const wsLoRAKCols = 1024
 
 // wsLoRAGroups is kernelForce.wsLoRA, or wsLoRADefault.
 func (b *Backend) wsLoRAGroups() int { return forced(b.force.wsLoRA, wsLoRADefault) }
@@ -113,16 +114,21 @@ func (b *Backend) loraWS(out, in engine.Buffer, w engine.Weight, layer int, mods
 	if !ok || b.f8.ws.lfn[p.i] == nil {
 		return false
 	}
-	// the shrink: one block per tile, slice and 8 ranks, K in parts of at
-	// most wsLoRAKCols columns (whole 256-column groups)
+	// the shrink: one block per tile, slice and 8 ranks, K in parts of
+	// about wsLoRAKCols columns (whole 256-column groups; each warp's loads
+	// in one round), fewer where the product's pieces cannot hold them
 	groups := (inF + 255) / 256
-	ks := (inF + wsLoRAKCols - 1) / wsLoRAKCols
-	sp := sgShrinkPlan{f: b.fn.sgShrink, nb: 8, rankTiles: (b.stepRank + 7) / 8}
-	sp.kchunk = (groups + ks - 1) / ks * 256
-	sp.ks = (inF + sp.kchunk - 1) / sp.kchunk
 	tStride := len(mods) * b.stepRank
-	if sp.ks*T*tStride > b.stepTmpFloats || !wsLoRAFits(p, offs, b.stepRank, sp.ks) {
-		return false
+	sp := sgShrinkPlan{f: b.fn.sgShrinkC, nb: 8, rankTiles: (b.stepRank + 7) / 8}
+	for ks := (inF + wsLoRAKCols - 1) / wsLoRAKCols; ; ks-- {
+		if ks < 1 {
+			return false
+		}
+		sp.kchunk = (groups + ks - 1) / ks * 256
+		sp.ks = (inF + sp.kchunk - 1) / sp.kchunk
+		if sp.ks*T*tStride <= b.stepTmpFloats && wsLoRAFits(p, offs, b.stepRank, sp.ks) {
+			break
+		}
 	}
 	b.join()
 	b.wrote(out)

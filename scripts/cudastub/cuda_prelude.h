@@ -50,6 +50,7 @@ __device__ float expf(float);
 __device__ float exp2f(float);
 __device__ int __ffs(int);
 __device__ int __popc(unsigned);
+__device__ int __popcll(unsigned long long);
 __device__ unsigned __ballot_sync(unsigned, int);
 __device__ unsigned long __cvta_generic_to_shared(const void*);
 __device__ float logf(float);
