@@ -1318,7 +1318,9 @@ __device__ __forceinline__ void ws_body(bf16* __restrict__ out, float* __restric
             if (p < P.PB) {
                 ws_lora_b<BN>(*Lp, lsm, P.at(p), min(lsm.nd, p * P.perB), min(lsm.nd, (p + 1) * P.perB), n0, P.RS);
             } else {
+#ifndef PEFTD_WSL_NOWAIT // (timing only: the sums read may be the last step's)
                 if (p == P.PB) pdl_entry(); // the shrink's sums: its grid done
+#endif
                 ws_lora_t(*Lp, P.at(p), P.slo + (p - P.PB) / P.ks, (p - P.PB) % P.ks, M, P.TS);
             }
         }
@@ -1359,7 +1361,9 @@ __device__ __forceinline__ void ws_body(bf16* __restrict__ out, float* __restric
     wg_pin<BN / 2>(d);
     cp_async_wait<0>();
     if constexpr (LORA) {
+#ifndef PEFTD_WSL_NOWAIT
         if (!lz) pdl_entry(); // (split 0 waited for its pieces)
+#endif
         __syncthreads();      // every thread's pieces landed
         ws_store_lora<BN>(d, out, part, done, xsc, wsc, M, N, n0, z, &last, *Lp, lsm, P, lz);
         return;
