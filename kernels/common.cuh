@@ -228,6 +228,12 @@ struct LoraEntry {
 
 __device__ __forceinline__ int sg_mod(int s, int m0, int m1, int m2) { return s == 0 ? m0 : (s == 1 ? m1 : m2); }
 
+__device__ __forceinline__ unsigned ld_acquire_u32(const unsigned* p) {
+    unsigned v;
+    asm volatile("ld.acquire.gpu.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+    return v;
+}
+
 __device__ __forceinline__ uint4 ldg16(const bf16* p) { return __ldg(reinterpret_cast<const uint4*>(p)); }
 
 // expand_chunk: acc{0,1}[r] += t[r*w + 0..7] . (8 bf16 of B row j, j+1) for rows r < n.
@@ -922,41 +928,146 @@ __device__ __forceinline__ void ws_store(float* d, bf16* __restrict__ out, float
 }
 
 // ---------------------------------------------------------------------------
-// The LoRA expand in ws_body's end (fp8_ws_lora_n*, runtime/gpu lora_ws.go):
+// The LoRA update in ws_body's end (fp8_ws_lora_n*, runtime/gpu lora_ws.go):
 // out[m, n] = sx[m] sw[n] (x . w)[m, n] + sum_k tmp[m, s R + k] B_{a(m), s}[n - off_s, k]
 // where a(m) is row m's adapter slot (rows[m], -1: none), s the slice
 // (q / k / v or gate / up) column n falls in and tmp the group's shrink
-// (scaled, one K part), made by sgmv_shrink launched just before the
-// product. The shrink runs beside the product's K loop: the product does
-// not wait for the grid before it (griddepcontrol.wait) until its drain,
-// reading only what the kernel before the shrink wrote (the activations,
-// by cp.async.cg through L2, and their scales by ld.cg); that kernel was
-// complete when the shrink's blocks passed their own wait, which came
-// before they let the product launch.
+// (scaled, in ks K parts).
 //
-// The expand's operands land in the pipeline's buffers as the drain frees
-// them ("pieces", each a stage's room): B's columns of the block for each
-// distinct slot of the rows (RS ranks a column, zero past a slot's rank;
-// perB slots a piece), then tmp's rows of each slice the block covers (TS
-// floats a row). Piece p goes to buffer (nst + p) % ST at iteration
-// max(0, nst - AHEAD + p): the one the K loop would refill there. Then
-// each warp adds its 16 rows' update to the accumulators as m16n8k16 MMAs
-// (the wgmma accumulator of rows 16 w.. and columns 8 j.. is an m16n8
-// C fragment), tmp split in a bf16 high part and residual (float32
-// precision, as sgmv_expand_tc), B's 16 bytes a lane in expand_tc's
-// permuted K order. Slots past the pieces' room are staged after the loop
-// in turn. With a K split, split 0's block computes the update into a
-// partial of its own (part[S]) and the tile's last block adds it.
+// The shrink runs in the same kernel, on WSL_SW warps each block has beside
+// its warpgroup: the grid's shrink warps take the units (a tile of 16 rows
+// of one adapter, a slice, 8 ranks, a K part) in turn, each as m16n8k16
+// MMAs on 16-byte loads of the bf16 activations and A (sgmv_shrink's
+// order), write their sums to tmp and count themselves done at sync[0].
+// They read the activations from L2 while the warpgroup streams the
+// weights from DRAM, so the shrink costs the product only its bytes. After
+// its K loop each block waits for every shrink warp of the grid (one wave:
+// runtime/gpu plans at most a block an SM, and a block's shrink warps
+// start with it), counts itself at sync[1], and the last block resets both
+// counters (every block has counted by then: all the grid's waits passed).
+//
+// B's columns of the block for each distinct slot of the rows (RS ranks a
+// column, zero past a slot's rank; perB slots a piece) land in the
+// pipeline's buffers as the drain frees them: piece p goes to buffer
+// (nst + p) % ST at iteration max(0, nst - AHEAD + p), the one the K loop
+// would refill there; slots past the pieces' room are staged after the
+// loop in turn. Each warp then adds its 16 rows' update to the
+// accumulators as m16n8k16 MMAs (the wgmma accumulator of rows 16 w.. and
+// columns 8 j.. is an m16n8 C fragment), its rows' tmp read once from L2
+// and split in a bf16 high part and residual (float32 precision, as
+// sgmv_expand_tc), B's 16 bytes a lane in expand_tc's permuted K order.
+// With a K split, split 0's block computes the update into a partial of
+// its own (part[S]) and the tile's last block adds it.
 // ---------------------------------------------------------------------------
+#ifndef WSL_SW
+#define WSL_SW 2 // shrink warps a fp8_ws_lora block has beside its warpgroup
+#endif
+#define WSL_WAIT_NS 1000000000ull // 1 s: a block waiting longer for the shrink fails the launch
+
 struct WsLora {
-    const float* tmp;        // [rows][tstride] the shrink's sums (scaled)
+    float* tmp;              // [ks][rows][tstride] the shrink's sums (scaled)
     const int* rows;         // each row's adapter slot, -1: none
     const LoraEntry* table;  // entries ebase + slot estride + m_s
     int ebase, estride, m0, m1, m2, off1, off2, R, tstride;
-    int ks, kstride; // K parts of tmp, kstride floats apart (summed in order when read)
+    int ks, kstride;         // K parts of tmp, kstride floats apart (summed in order when read)
+    const bf16* x;           // the shrink's activations [rows][x_stride]
+    const int4* tiles;       // the step's row tiles (row, rows, slot)
+    int ntiles, ns, kchunk, in_f, x_stride; // tiles, slices, a K part's columns
+    unsigned* sync;          // [0] shrink warps done, [1] blocks past their wait
 };
 
 #define WS_LORA_MAXS 64 // distinct slots a block's rows may hold (64 rows)
+
+// ws_bar: ws_body's block barrier: its warpgroup's alone (barrier 1) in
+// the LoRA variant, whose shrink warps leave early.
+template <bool LORA> __device__ __forceinline__ void ws_bar() {
+    if constexpr (LORA)
+        asm volatile("bar.sync 1, 128;\n" ::: "memory");
+    else
+        __syncthreads();
+}
+
+// ws_lora_shrink: this shrink warp's units of the group's shrink (the
+// grid's shrink warps in turn), then its count at sync[0].
+__device__ __forceinline__ void ws_lora_shrink(const WsLora& L) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
+    const int W = gridDim.x * gridDim.y * WSL_SW;
+    const int w = (blockIdx.y * gridDim.x + blockIdx.x) * WSL_SW + (threadIdx.x >> 5) - 4;
+    const int rt8 = (L.R + 7) / 8, units = L.ntiles * L.ns * rt8 * L.ks;
+    const uint4 z4 = make_uint4(0, 0, 0, 0);
+    const unsigned zero = (unsigned)(L.kchunk >> 31); // 0 (kchunk > 0), which the compiler cannot know
+    for (int u = w; u < units; u += W) {
+        int r = u / L.ks;
+        const int kp = u - r * L.ks, rt = r % rt8;
+        r /= rt8;
+        const int s = r % L.ns, t = r / L.ns;
+        const int4 tile = L.tiles[t];
+        if (tile.y == 0) continue; // a recorded step's spare tile
+        const LoraEntry e = L.table[L.ebase + tile.z * L.estride + sg_mod(s, L.m0, L.m1, L.m2)];
+        const int k0 = 8 * rt;
+        if (k0 >= e.rank) continue;
+        const int kbeg = kp * L.kchunk, kend = min(L.in_f, kbeg + L.kchunk);
+        const bool v0 = g < tile.y, v1 = g + 8 < tile.y, va = k0 + g < e.rank;
+        const bf16* x0 = L.x + (i64)(tile.x + (v0 ? g : 0)) * L.x_stride;
+        const bf16* x1 = L.x + (i64)(tile.x + (v1 ? g + 8 : 0)) * L.x_stride;
+        const bf16* ar = e.a + (i64)(va ? k0 + g : 0) * L.in_f;
+        float c[4] = {0.f, 0.f, 0.f, 0.f};
+        constexpr int U = 4; // iterations' loads in flight (sgmv_shrink's SG_SU)
+        for (int cb = kbeg; cb < kend; cb += 32 * U) {
+            uint4 xa[U], xb[U], aa[U];
+            unsigned dep = 0;
+#pragma unroll
+            for (int i = 0; i < U; i++) {
+                const int col = cb + 32 * i + 8 * q;
+                const bool in = col < kend;
+                xa[i] = (in && v0) ? ldg16(x0 + col) : z4;
+                xb[i] = (in && v1) ? ldg16(x1 + col) : z4;
+                aa[i] = (in && va) ? ldg16(ar + col) : z4;
+            }
+            // every load issued before the first MMA (sgmv_shrink's dep)
+#pragma unroll
+            for (int i = 0; i < U; i++) dep |= xa[i].x ^ xb[i].x ^ aa[i].x;
+            c[0] += __int_as_float(dep & zero);
+#pragma unroll
+            for (int i = 0; i < U; i++) {
+                mma16816(c, xa[i].x, xb[i].x, xa[i].y, xb[i].y, aa[i].x, aa[i].y);
+                mma16816(c, xa[i].z, xb[i].z, xa[i].w, xb[i].w, aa[i].z, aa[i].w);
+            }
+        }
+        // c0, c1: row g, ranks k0 + 2q, + 1; c2, c3: row g + 8
+        float* tr = L.tmp + (i64)kp * L.kstride + (i64)tile.x * L.tstride + s * L.R + k0 + 2 * q;
+        const bool r0 = k0 + 2 * q < e.rank, r1 = k0 + 2 * q + 1 < e.rank;
+        if (v0 && r0) tr[(i64)g * L.tstride] = c[0] * e.scale;
+        if (v0 && r1) tr[(i64)g * L.tstride + 1] = c[1] * e.scale;
+        if (v1 && r0) tr[(i64)(g + 8) * L.tstride] = c[2] * e.scale;
+        if (v1 && r1) tr[(i64)(g + 8) * L.tstride + 1] = c[3] * e.scale;
+    }
+    __syncwarp();
+    if (lane == 0) {
+        __threadfence(); // the warp's sums before its count
+        atomicAdd(L.sync, 1u);
+    }
+}
+
+// ws_lora_wait: thread 0 waits for every shrink warp of the grid, counts
+// the block past its wait, and the last block resets the counters; then
+// the warpgroup's barrier.
+__device__ __forceinline__ void ws_lora_wait(const WsLora& L) {
+    if (threadIdx.x == 0) {
+        const unsigned G = gridDim.x * gridDim.y, W = G * WSL_SW;
+        const unsigned long long t0 = globaltimer_ns();
+        while (ld_acquire_u32(L.sync) < W) {
+            __nanosleep(32);
+            if (globaltimer_ns() - t0 > WSL_WAIT_NS) __trap(); // a bug (the grid was not one wave), not a state to wait out
+        }
+        __threadfence();
+        if (atomicAdd(L.sync + 1, 1u) == G - 1) { // every block is past its wait: ready for the next launch
+            atomicExch(L.sync, 0u);
+            atomicExch(L.sync + 1, 0u);
+        }
+    }
+    ws_bar<true>();
+}
 
 // ws_lora_slice: the slice output column n falls in.
 __device__ __forceinline__ int ws_lora_slice(const WsLora& L, int n) { return n >= L.off2 ? 2 : (n >= L.off1 ? 1 : 0); }
@@ -972,6 +1083,7 @@ struct WsLoraSm {
     int nd;                           // distinct slots
 };
 
+// ws_lora_prep: the warpgroup's threads (the block's barrier 1).
 __device__ __forceinline__ void ws_lora_prep(const WsLora& L, WsLoraSm& S, int M) {
     const int tid = threadIdx.x;
     // rows 0..63 on threads 0..63 (warps 0 and 1): a row whose slot no
@@ -979,7 +1091,7 @@ __device__ __forceinline__ void ws_lora_prep(const WsLora& L, WsLoraSm& S, int M
     // before it
     const int s = tid < M ? L.rows[tid] : -1;
     if (tid < 64) S.slot[tid] = s;
-    __syncthreads();
+    ws_bar<true>();
     int first = tid;
     if (tid < 64 && s >= 0)
         for (int m = 0; m < tid; m++)
@@ -991,7 +1103,7 @@ __device__ __forceinline__ void ws_lora_prep(const WsLora& L, WsLoraSm& S, int M
         const unsigned fm = __ballot_sync(0xffffffffu, s >= 0 && first == tid);
         if ((tid & 31) == 0) S.fmask[tid >> 5] = fm;
     }
-    __syncthreads();
+    ws_bar<true>();
     if (tid < 64) {
         const unsigned long long all = (unsigned long long)S.fmask[1] << 32 | S.fmask[0];
         const int idx = __popcll(all & ((1ull << first) - 1));
@@ -999,14 +1111,14 @@ __device__ __forceinline__ void ws_lora_prep(const WsLora& L, WsLoraSm& S, int M
         if (s >= 0 && first == tid) S.slot[WS_LORA_MAXS + idx] = s;
         if (tid == 0) S.nd = __popcll(all);
     }
-    __syncthreads();
+    ws_bar<true>();
     for (int i = tid; i < S.nd * 3; i += 128) {
         const int s = i % 3, mo = s == 0 ? L.m0 : (s == 1 ? L.m1 : L.m2);
         const LoraEntry* e = mo >= 0 ? L.table + L.ebase + S.slot[WS_LORA_MAXS + i / 3] * L.estride + mo : nullptr;
         S.eb[i] = e ? e->b : nullptr;
         S.er[i] = e ? e->rank : 0;
     }
-    __syncthreads();
+    ws_bar<true>();
 }
 
 // ws_lora_b: stage B's columns [n0, n0 + BN) of distinct slots [a0, a1) at
@@ -1023,68 +1135,67 @@ __device__ __forceinline__ void ws_lora_b(const WsLora& L, const WsLoraSm& S, un
     }
 }
 
-// ws_lora_t: stage K part u of tmp's rows 0..63 of slice s (R floats of
-// each, zero past M and R) at dst, TS floats a row; cp.async, no commit.
-__device__ __forceinline__ void ws_lora_t(const WsLora& L, unsigned dst, int s, int u, int M, int TS) {
-    const int ch = (TS - 4) / 4;
-    for (int i = threadIdx.x; i < 64 * ch; i += 128) {
-        const int m = i / ch, k = 4 * (i % ch);
-        const bool ok = m < M && k < L.R;
-        cp_async16(dst + (unsigned)(m * TS + k) * 4, ok ? (const void*)(L.tmp + (long long)u * L.kstride + (long long)m * L.tstride + s * L.R + k) : (const void*)L.tmp, ok ? 16 : 0);
-    }
-}
-
-// WsLoraPieces: where ws_body's LoRA variant put its pieces (ws_lora_geom).
+// WsLoraPieces: where ws_body's LoRA variant put B's pieces (ws_lora_geom).
 struct WsLoraPieces {
-    unsigned base;     // the first buffer
-    int nst, ST, SB;   // the split's stages, buffers and a buffer's bytes
-    int RS, TS, perB, slo, shi, PB, ks;
-    // tmp's K part u of slice s
-    __device__ __forceinline__ unsigned tp(int s, int u) const { return at(PB + (s - slo) * ks + u); }
+    unsigned base;   // the first buffer
+    int nst, ST, SB; // the split's stages, buffers and a buffer's bytes
+    int RS, perB, slo, shi, PB;
     __device__ __forceinline__ unsigned at(int p) const { return base + (unsigned)(((nst + p) % ST) * SB); }
 };
 
 // ws_lora_add: d (the block's accumulators, output units) += the update of
 // this warp's rows from distinct slots [a0, a1), whose B is staged at bsm
-// (RS ranks a column), tmp's parts where P puts them (TS floats a row).
+// (RS ranks a column); the rows' tmp from L2 (ld.cg: the shrink warps
+// wrote it in this launch).
 template <int BN>
 __device__ __forceinline__ void ws_lora_add(float* d, const WsLora& L, const WsLoraSm& S, const WsLoraPieces& P, unsigned bsm,
                                             int a0, int a1, int n0) {
-    const int slo = P.slo, shi = P.shi, RS = P.RS, TS = P.TS;
+    const int RS = P.RS;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, q = lane & 3;
-    const int ia = S.ridx[16 * warp + g], ib = S.ridx[16 * warp + g + 8];
+    const int ra = 16 * warp + g, rb = ra + 8;
+    const int ia = S.ridx[ra], ib = S.ridx[rb];
     unsigned long long has = (ia >= 0 ? 1ull << ia : 0ull) | (ib >= 0 ? 1ull << ib : 0ull);
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) has |= __shfl_xor_sync(0xffffffffu, has, o);
-    for (int a = a0; a < a1; a++) {
-        if (!((has >> a) & 1)) continue; // warp-uniform
-        const unsigned bp = bsm + (unsigned)((a - a0) * BN * RS) * 2;
-        for (int s = slo; s <= shi; s++) {
-            const int rk = S.er[a * 3 + s];
-            const int soff = s == 0 ? 0 : (s == 1 ? L.off1 : L.off2), send = s == 0 ? L.off1 : (s == 1 ? L.off2 : 0x7fffffff);
-            for (int kc = 0; kc < rk; kc += 32) {
-                unsigned ah[2][4], al[2][4];
+    has &= (a1 - a0 >= 64 ? ~0ull : ((1ull << (a1 - a0)) - 1) << a0);
+    if (!has) return; // warp-uniform
+    for (int s = P.slo; s <= P.shi; s++) {
+        const int soff = s == 0 ? 0 : (s == 1 ? L.off1 : L.off2), send = s == 0 ? L.off1 : (s == 1 ? L.off2 : 0x7fffffff);
+        // the slice's ranks of the two rows' slots (0: none)
+        const int rka = ia >= 0 ? S.er[ia * 3 + s] : 0, rkb = ib >= 0 ? S.er[ib * 3 + s] : 0;
+        for (int kc = 0; kc < L.R; kc += 32) {
+            unsigned ah[2][4], al[2][4];
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                const int k = kc + 8 * q + 4 * h;
+                float4 t0 = make_float4(0.f, 0.f, 0.f, 0.f), t1 = t0;
+                for (int u = 0; u < L.ks; u++) { // the K parts in order (sgmv_expand_tc's sum)
+                    const float* tb = L.tmp + (long long)u * L.kstride + s * L.R + k;
+                    if (k < rka) {
+                        const float4 v = __ldcg(reinterpret_cast<const float4*>(tb + (long long)ra * L.tstride));
+                        t0.x += v.x, t0.y += v.y, t0.z += v.z, t0.w += v.w;
+                    }
+                    if (k < rkb) {
+                        const float4 v = __ldcg(reinterpret_cast<const float4*>(tb + (long long)rb * L.tstride));
+                        t1.x += v.x, t1.y += v.y, t1.z += v.z, t1.w += v.w;
+                    }
+                }
+                split2(t0.x, t0.y, ah[h][0], al[h][0]);
+                split2(t1.x, t1.y, ah[h][1], al[h][1]);
+                split2(t0.z, t0.w, ah[h][2], al[h][2]);
+                split2(t1.z, t1.w, ah[h][3], al[h][3]);
+            }
+            for (int a = a0; a < a1; a++) {
+                if (!((has >> a) & 1)) continue; // warp-uniform
+                if (kc >= S.er[a * 3 + s]) continue;
+                const unsigned bp = bsm + (unsigned)((a - a0) * BN * RS) * 2;
+                // the fragments of the rows of slot a, zero for the others
+                const unsigned ma = ia == a ? ~0u : 0u, mb = ib == a ? ~0u : 0u;
+                unsigned xh[2][4], xl[2][4];
 #pragma unroll
                 for (int h = 0; h < 2; h++) {
-                    const int k = kc + 8 * q + 4 * h;
-                    float4 t0 = make_float4(0.f, 0.f, 0.f, 0.f), t1 = t0;
-                    if (k < rk) {
-                        float4 v0 = t0, v1 = t0;
-                        for (int u = 0; u < L.ks; u++) { // the K parts in order (sgmv_expand_tc's sum)
-                            const unsigned tb = P.tp(s, u);
-                            float4 v;
-                            asm volatile("ld.shared.v4.f32 {%0,%1,%2,%3}, [%4];" : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w) : "r"(tb + (unsigned)((16 * warp + g) * TS + k) * 4));
-                            v0.x += v.x, v0.y += v.y, v0.z += v.z, v0.w += v.w;
-                            asm volatile("ld.shared.v4.f32 {%0,%1,%2,%3}, [%4];" : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w) : "r"(tb + (unsigned)((16 * warp + g + 8) * TS + k) * 4));
-                            v1.x += v.x, v1.y += v.y, v1.z += v.z, v1.w += v.w;
-                        }
-                        if (ia == a) t0 = v0;
-                        if (ib == a) t1 = v1;
-                    }
-                    split2(t0.x, t0.y, ah[h][0], al[h][0]);
-                    split2(t1.x, t1.y, ah[h][1], al[h][1]);
-                    split2(t0.z, t0.w, ah[h][2], al[h][2]);
-                    split2(t1.z, t1.w, ah[h][3], al[h][3]);
+                    xh[h][0] = ah[h][0] & ma, xh[h][1] = ah[h][1] & mb, xh[h][2] = ah[h][2] & ma, xh[h][3] = ah[h][3] & mb;
+                    xl[h][0] = al[h][0] & ma, xl[h][1] = al[h][1] & mb, xl[h][2] = al[h][2] & ma, xl[h][3] = al[h][3] & mb;
                 }
 #pragma unroll
                 for (int j = 0; j < BN / 8; j++) {
@@ -1092,10 +1203,10 @@ __device__ __forceinline__ void ws_lora_add(float* d, const WsLora& L, const WsL
                     if (n < soff || n >= send) continue;
                     uint4 bv;
                     asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(bv.x), "=r"(bv.y), "=r"(bv.z), "=r"(bv.w) : "r"(bp + (unsigned)((8 * j + g) * RS + kc + 8 * q) * 2));
-                    mma16816(d + 4 * j, ah[0][0], ah[0][1], ah[0][2], ah[0][3], bv.x, bv.y);
-                    mma16816(d + 4 * j, al[0][0], al[0][1], al[0][2], al[0][3], bv.x, bv.y);
-                    mma16816(d + 4 * j, ah[1][0], ah[1][1], ah[1][2], ah[1][3], bv.z, bv.w);
-                    mma16816(d + 4 * j, al[1][0], al[1][1], al[1][2], al[1][3], bv.z, bv.w);
+                    mma16816(d + 4 * j, xh[0][0], xh[0][1], xh[0][2], xh[0][3], bv.x, bv.y);
+                    mma16816(d + 4 * j, xl[0][0], xl[0][1], xl[0][2], xl[0][3], bv.x, bv.y);
+                    mma16816(d + 4 * j, xh[1][0], xh[1][1], xh[1][2], xh[1][3], bv.z, bv.w);
+                    mma16816(d + 4 * j, xl[1][0], xl[1][1], xl[1][2], xl[1][3], bv.z, bv.w);
                 }
             }
         }
@@ -1103,32 +1214,31 @@ __device__ __forceinline__ void ws_lora_add(float* d, const WsLora& L, const WsL
 }
 
 // ws_lora_geom: the pieces' layout for a block of BN weight rows from n0:
-// RS ranks a staged B column, TS floats a staged tmp row, perB slots a
-// piece, the slices slo..shi it covers; false where a piece cannot hold a
-// slot's B or a slice's tmp (runtime/gpu checks the same: wsLoRAFits).
+// RS ranks a staged B column, perB slots a piece, the slices slo..shi it
+// covers; false where a piece cannot hold a slot's B (runtime/gpu checks
+// the same: wsLoRAGeom).
 template <int BN, int SB>
-__device__ __forceinline__ bool ws_lora_geom(const WsLora& L, int n0, int& RS, int& TS, int& perB, int& slo, int& shi) {
+__device__ __forceinline__ bool ws_lora_geom(const WsLora& L, int n0, int& RS, int& perB, int& slo, int& shi) {
     RS = (L.R + 31) & ~31;
-    TS = RS + 4;
     perB = SB / (BN * RS * 2);
     slo = ws_lora_slice(L, n0);
     shi = ws_lora_slice(L, n0 + BN - 1);
-    return perB >= 1 && 64 * TS * 4 <= SB;
+    return perB >= 1;
 }
 
 // ws_lora_all: d += the update of every distinct slot: those staged in the
-// drain's B pieces, then the rest PB pieces at a time (the block's
-// barriers: every thread calls it).
+// drain's B pieces, then the rest PB pieces at a time (the warpgroup's
+// barriers: each of its threads calls it).
 template <int BN>
 __device__ __forceinline__ void ws_lora_all(float* d, const WsLora& L, const WsLoraSm& S, const WsLoraPieces& P, int n0) {
     const int nd = S.nd, step = P.PB * P.perB;
     for (int c0 = 0; c0 < nd; c0 += step) {
         if (c0 > 0) { // restage: every warp is done with the pieces
-            __syncthreads();
+            ws_bar<true>();
             for (int p = 0; p < P.PB; p++) ws_lora_b<BN>(L, S, P.at(p), min(nd, c0 + p * P.perB), min(nd, c0 + (p + 1) * P.perB), n0, P.RS);
             cp_async_commit();
             cp_async_wait<0>();
-            __syncthreads();
+            ws_bar<true>();
         }
         for (int p = 0; p < P.PB; p++)
             ws_lora_add<BN>(d, L, S, P, P.at(p), min(nd, c0 + p * P.perB), min(nd, c0 + (p + 1) * P.perB), n0);
@@ -1188,13 +1298,13 @@ __device__ __forceinline__ void ws_store_lora(float* d, bf16* __restrict__ out, 
         ws_lora_all<BN>(d, L, S, P, n0);
         save(SP);
     }
-    __syncthreads();
+    ws_bar<true>();
     if (tid == 0) {
         __threadfence(); // the block's partials before its count (cumulative, after the barrier)
         *last = atomicAdd(done + blockIdx.x, 1) == SP - 1;
         if (*last) __threadfence();
     }
-    __syncthreads();
+    ws_bar<true>();
     if (!*last) return;
 #pragma unroll
     for (int i = 0; i < BN / 2; i++) d[i] = 0.f;
@@ -1235,6 +1345,13 @@ __device__ __forceinline__ void ws_body(bf16* __restrict__ out, float* __restric
     __shared__ float wsc[BN], xsc[TR]; // the block's weight rows' and the activation rows' scales (ES 1)
     __shared__ typename WsLoraSmOf<LORA>::T lsm; // the LoRA variant's rows and entries
     const int tid = threadIdx.x;
+    if constexpr (LORA) {
+        if (tid >= 128) { // a shrink warp (after the kernel before: it wrote the activations)
+            pdl_entry();
+            ws_lora_shrink(*Lp);
+            return;
+        }
+    }
     const int KB = K * ES, S = gridDim.y, z = blockIdx.y, n0 = blockIdx.x * BN;
     const int kb0 = z * (KB / S), nst = (KB / S + KA * WG_RB - 1) / (KA * WG_RB); // this split's stages
     const int koff = ws_koff(opts, nst);
@@ -1282,14 +1399,9 @@ __device__ __forceinline__ void ws_body(bf16* __restrict__ out, float* __restric
     for (int j = 0; j < ne; j++) copy_w(j);
     if (ES == 1)
         for (int i = tid; i < BN; i += 128) wsc[i] = sw[n0 + i]; // weights' scales: no kernel of a step writes them
-    if constexpr (LORA) { // no wait: the shrink before runs beside the K loop (ld.cg: the kernel before it wrote sx)
-        if (ES == 1)
-            for (int i = tid; i < TR; i += 128) xsc[i] = i < M ? __ldcg(sx + i) : 0.f;
-    } else {
-        pdl_entry();
-        if (ES == 1)
-            for (int i = tid; i < TR; i += 128) xsc[i] = i < M ? sx[i] : 0.f; // both seen after the K loop's first barrier
-    }
+    pdl_entry();
+    if (ES == 1)
+        for (int i = tid; i < TR; i += 128) xsc[i] = i < M ? sx[i] : 0.f; // both seen after the K loop's first barrier
 #pragma unroll 1
     for (int j = 0; j < AHEAD; j++) {
         if (j >= ne) copy_w(j);
@@ -1303,27 +1415,16 @@ __device__ __forceinline__ void ws_body(bf16* __restrict__ out, float* __restric
     if constexpr (LORA) {
         ws_lora_prep(*Lp, lsm, M);
         P.base = base, P.nst = nst, P.ST = ST, P.SB = SB;
-        const bool fit = ws_lora_geom<BN, SB>(*Lp, n0, P.RS, P.TS, P.perB, P.slo, P.shi);
+        const bool fit = ws_lora_geom<BN, SB>(*Lp, n0, P.RS, P.perB, P.slo, P.shi);
         if (lsm.nd > 0 && !fit) __trap(); // runtime/gpu launches only what fits (wsLoRAFits)
-        P.ks = Lp->ks;
-        P.PB = min((lsm.nd + P.perB - 1) / max(P.perB, 1), AHEAD - (P.shi - P.slo + 1) * P.ks);
-        if (lsm.nd > 0 && P.PB < 1) __trap();
+        P.PB = min((lsm.nd + P.perB - 1) / max(P.perB, 1), AHEAD);
         lz = z == 0 && lsm.nd > 0;
     }
-    const int npiece = lz ? P.PB + (P.shi - P.slo + 1) * P.ks : 0;
+    const int npiece = lz ? P.PB : 0;
     // piece p: at iteration max(0, nst - AHEAD + p), into the buffer the K
     // loop would refill there
     auto piece = [&](int p) {
-        if constexpr (LORA) {
-            if (p < P.PB) {
-                ws_lora_b<BN>(*Lp, lsm, P.at(p), min(lsm.nd, p * P.perB), min(lsm.nd, (p + 1) * P.perB), n0, P.RS);
-            } else {
-#ifndef PEFTD_WSL_NOWAIT // (timing only: the sums read may be the last step's)
-                if (p == P.PB) pdl_entry(); // the shrink's sums: its grid done
-#endif
-                ws_lora_t(*Lp, P.at(p), P.slo + (p - P.PB) / P.ks, (p - P.PB) % P.ks, M, P.TS);
-            }
-        }
+        if constexpr (LORA) ws_lora_b<BN>(*Lp, lsm, P.at(p), min(lsm.nd, p * P.perB), min(lsm.nd, (p + 1) * P.perB), n0, P.RS);
     };
     float d[BN / 2];
 #pragma unroll
@@ -1332,17 +1433,14 @@ __device__ __forceinline__ void ws_body(bf16* __restrict__ out, float* __restric
     for (int j = 0; j < nst; j++) {
         cp_async_wait<AHEAD - 1>(); // this thread's copies of stage j have landed
         fence_proxy_async();        // ... and are visible to wgmma (and the zeroed rows, the first time)
-        __syncthreads();            // everyone's; and every warp's group WS_INFLIGHT + 1 stages back is done (the next copy overwrites its stage)
+        ws_bar<LORA>();             // everyone's; and every warp's group WS_INFLIGHT + 1 stages back is done (the next copy overwrites its stage)
         copy_w(j + AHEAD);
         copy_x(j + AHEAD);
         if (LORA && npiece > 0) {
             // B's pieces as the drain frees their buffers (j 0: every one
-            // whose buffer no stage took); the shrink's sums all at once as
-            // late as their buffers allow, so the shrink has the K loop
+            // whose buffer no stage took)
             const int p1 = min(j + AHEAD - nst, P.PB - 1);
             for (int p = j == 0 ? 0 : max(0, j + AHEAD - nst); p <= p1; p++) piece(p);
-            if (j == max(max(0, nst - 2), nst - AHEAD + npiece - 1))
-                for (int p = P.PB; p < npiece; p++) piece(p);
         }
         cp_async_commit();
         const unsigned b = base + (j % ST) * SB;
@@ -1361,10 +1459,7 @@ __device__ __forceinline__ void ws_body(bf16* __restrict__ out, float* __restric
     wg_pin<BN / 2>(d);
     cp_async_wait<0>();
     if constexpr (LORA) {
-#ifndef PEFTD_WSL_NOWAIT
-        if (!lz) pdl_entry(); // (split 0 waited for its pieces)
-#endif
-        __syncthreads();      // every thread's pieces landed
+        ws_lora_wait(*Lp); // the grid's shrink; its barrier: every thread's pieces landed
         ws_store_lora<BN>(d, out, part, done, xsc, wsc, M, N, n0, z, &last, *Lp, lsm, P, lz);
         return;
     }
@@ -1527,6 +1622,15 @@ __device__ __forceinline__ void wt_body(bf16* __restrict__ out, float* __restric
     extern "C" __global__ void __launch_bounds__(128, 1) prefix##_n128(ARGS) { body<ES, 128>(PASS); } \
     extern "C" __global__ void __launch_bounds__(128, 1) prefix##_n224(ARGS) { body<ES, 224>(PASS); } \
     extern "C" __global__ void __launch_bounds__(128, 1) prefix##_n256(ARGS) { body<ES, 256>(PASS); }
+// WS_WIDTHS_T: WS_WIDTHS with THREADS a block.
+#define WS_WIDTHS_T(prefix, body, ES, ARGS, PASS, THREADS)                                                           \
+    extern "C" __global__ void __launch_bounds__(THREADS, 1) prefix##_n32(ARGS) { body<ES, 32>(PASS); }   \
+    extern "C" __global__ void __launch_bounds__(THREADS, 1) prefix##_n48(ARGS) { body<ES, 48>(PASS); }   \
+    extern "C" __global__ void __launch_bounds__(THREADS, 1) prefix##_n64(ARGS) { body<ES, 64>(PASS); }   \
+    extern "C" __global__ void __launch_bounds__(THREADS, 1) prefix##_n96(ARGS) { body<ES, 96>(PASS); }   \
+    extern "C" __global__ void __launch_bounds__(THREADS, 1) prefix##_n128(ARGS) { body<ES, 128>(PASS); } \
+    extern "C" __global__ void __launch_bounds__(THREADS, 1) prefix##_n224(ARGS) { body<ES, 224>(PASS); } \
+    extern "C" __global__ void __launch_bounds__(THREADS, 1) prefix##_n256(ARGS) { body<ES, 256>(PASS); }
 
 // WG_KERNELS(prefix, ES, ARGS, PASS): a module's six wgmma kernels,
 // prefix_n{32,64,128} (one warpgroup a block) and prefix2_n{32,64,128}

@@ -415,20 +415,22 @@ WG_KERNELS(fp8_wg, 1, FP8_SKINNY_ARGS, FP8_SKINNY_PASS)
         int M, int N, int K, int opts
 #define FP8_WS_PASS out, part, done, qx, sx, qw, sw, M, N, K, opts
 WS_WIDTHS(fp8_ws, ws_body, 1, FP8_WS_ARGS, FP8_WS_PASS)
-// fp8_ws_lora_n*: the same products with the group's LoRA expand in their
-// end (WsLora, common.cuh; runtime/gpu lora_ws.go), the shrink launched
-// just before them.
+// fp8_ws_lora_n*: the same products with the group's LoRA update, the
+// shrink on WSL_SW more warps a block and the expand in the end (WsLora,
+// common.cuh; runtime/gpu lora_ws.go).
 #define FP8_WSL_ARGS                                                                                                  \
     bf16 *out, float *part, int *done, const unsigned char *qx, const float *sx, const unsigned char *qw, const float *sw, \
-        int M, int N, int K, int opts, const float *tmp, const int *rows, const LoraEntry *table, int ebase, int estride,   \
-        int m0, int m1, int m2, int off1, int off2, int R, int tstride, int ks, int kstride
-#define FP8_WSL_PASS out, part, done, qx, sx, qw, sw, M, N, K, opts, tmp, rows, table, ebase, estride, m0, m1, m2, off1, off2, R, tstride, ks, kstride
+        int M, int N, int K, int opts, float *tmp, const int *rows, const LoraEntry *table, int ebase, int estride,         \
+        int m0, int m1, int m2, int off1, int off2, int R, int tstride, int ks, int kstride, const bf16 *x,              \
+        const int4 *tiles, int ntiles, int ns, int kchunk, int in_f, int x_stride, unsigned *sync
+#define FP8_WSL_PASS out, part, done, qx, sx, qw, sw, M, N, K, opts, tmp, rows, table, ebase, estride, m0, m1, m2, off1, off2, R, tstride, ks, kstride, x, tiles, ntiles, ns, kchunk, in_f, x_stride, sync
 template <int ES, int BN>
 __device__ __forceinline__ void ws_lora_body(FP8_WSL_ARGS) {
-    const WsLora L{tmp, rows, table, ebase, estride, m0, m1, m2, off1, off2, R, tstride, ks, kstride};
+    const WsLora L{tmp, rows, table, ebase, estride, m0, m1, m2, off1, off2, R, tstride, ks, kstride,
+                   x, tiles, ntiles, ns, kchunk, in_f, x_stride, sync};
     ws_body<ES, BN, true>(out, part, done, qx, sx, qw, sw, M, N, K, opts, &L);
 }
-WS_WIDTHS(fp8_ws_lora, ws_lora_body, 1, FP8_WSL_ARGS, FP8_WSL_PASS)
+WS_WIDTHS_T(fp8_ws_lora, ws_lora_body, 1, FP8_WSL_ARGS, FP8_WSL_PASS, 128 + 32 * WSL_SW)
 // fp8_wt_n*: the same products with each stage copied by TMA (wt_body);
 // only with PEFTD_WT as well (PERFORMANCE v0.55-v0.56: no faster than
 // fp8_ws at any width, seven more kernels to compile at start-up).

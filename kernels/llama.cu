@@ -2159,23 +2159,6 @@ extern "C" __global__ void __launch_bounds__(32 * SG_WARPS) sgmv_shrink(SHRINK_A
     shrink_body<1>(SHRINK_PASS, red);
 }
 
-// sgmv_shrink_c: sgmv_shrink, loaded with a preferred carveout of all
-// shared memory (runtime/gpu lora_ws.go: its blocks run beside
-// fp8_ws_lora's on the same SMs).
-// -DSGC_MINB=n: at least n blocks an SM (registers capped to fit them
-// beside a product's block); -DPEFTD_WSL_SHRINK_EMPTY: the launch and its
-// wait only (timing only: the sums are not written).
-#ifndef SGC_MINB
-#define SGC_MINB 1
-#endif
-extern "C" __global__ void __launch_bounds__(32 * SG_WARPS, SGC_MINB) sgmv_shrink_c(SHRINK_ARGS) {
-    pdl_entry();
-#ifndef PEFTD_WSL_SHRINK_EMPTY
-    __shared__ float red[SG_WARPS * SG_TR * 8];
-    shrink_body<1>(SHRINK_PASS, red);
-#endif
-}
-
 extern "C" __global__ void __launch_bounds__(32 * SG_WARPS) sgmv_shrink4(SHRINK_ARGS) {
     pdl_entry();
     __shared__ float red[SG_WARPS * SG_TR * 32];

@@ -33,11 +33,6 @@
 
 #define SG_FU_WAIT_NS 1000000000ull // 1 s
 
-__device__ __forceinline__ unsigned ld_acquire_u32(const unsigned* p) {
-    unsigned v;
-    asm volatile("ld.acquire.gpu.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-    return v;
-}
 
 template <int NB>
 __device__ __forceinline__ void fu_shrink(

@@ -107,25 +107,11 @@ func (f *Function) launchable() cuFunction {
 // SetMaxDynamicShared lets launches use up to n bytes of dynamic shared memory.
 func (f *Function) SetMaxDynamicShared(n int) error {
 	const maxDynamicSharedSizeBytes = 8 // CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
-	return f.setAttribute(maxDynamicSharedSizeBytes, n)
-}
-
-// SetPreferredCarveout asks that an SM running this kernel give pct percent
-// of its L1 / shared memory to shared memory (a hint; -1: no preference).
-// An SM changes its carveout only when idle, so a kernel whose blocks
-// should share SMs with a later kernel's large-shared-memory blocks asks
-// for 100.
-func (f *Function) SetPreferredCarveout(pct int) error {
-	const preferredSharedMemoryCarveout = 9 // CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT
-	return f.setAttribute(preferredSharedMemoryCarveout, pct)
-}
-
-func (f *Function) setAttribute(attr int32, v int) error {
 	return f.c.Do(func() error {
 		if f.k != 0 && drv.lib.kernelSetAttribute != nil { // for every context of the device
-			return check("cuKernelSetAttribute", drv.lib.kernelSetAttribute(attr, int32(v), f.k, f.c.handle))
+			return check("cuKernelSetAttribute", drv.lib.kernelSetAttribute(maxDynamicSharedSizeBytes, int32(n), f.k, f.c.handle))
 		}
-		return check("cuFuncSetAttribute", drv.cuFuncSetAttribute(f.f, attr, int32(v)))
+		return check("cuFuncSetAttribute", drv.cuFuncSetAttribute(f.f, maxDynamicSharedSizeBytes, int32(n)))
 	})
 }
 

@@ -6,7 +6,7 @@ import (
 	"github.com/peftd/peftd/runtime/llama"
 )
 
-// The LoRA expand in the FP8 product's end (PERFORMANCE v0.60).
+// The LoRA update inside the FP8 product (PERFORMANCE v0.60).
 //
 // A step of 17-64 rows with no update runs each FP8 product on fp8_ws, one
 // wave of blocks over every SM (4.42 ms at 64 rows, H200). With adapters
@@ -16,54 +16,55 @@ import (
 // the update's shrink and expand are latency chains costing ~50 µs a layer
 // in series (`4xr32+serial`, 6.03 ms).
 //
-// Here the group's shrink (sgmv_shrink, K in a few parts) is launched on
-// the compute stream just before the product, which is fp8_ws_lora: the
-// product's K loop does not wait for the shrink (it reads only what the
-// kernel before the shrink wrote), B's columns of each block are staged in
-// the pipeline buffers the drain frees, the shrink's sums after its
-// griddepcontrol.wait, and the expand runs as MMAs on the accumulators
-// before the one rounding to bf16 (kernels/common.cuh, WsLora). So the
-// product keeps every SM and its plan, the update costs its bytes (B read
-// once, the shrink's x and A) and one short tail, and there is no float32
-// update for the next op to read.
+// Here the product is fp8_ws_lora, whose blocks have two more warps for
+// the group's shrink: the grid's shrink warps take its units (16 rows of
+// one adapter, a slice, 8 ranks, a K part) while the warpgroups stream the
+// weights; each block stages B's columns in the pipeline buffers its drain
+// frees, waits after its K loop for every shrink warp of the grid (one
+// wave: the plan has at most a block an SM) and adds the update to its
+// accumulators as MMAs before the one rounding to bf16 (kernels/common.cuh,
+// WsLora). So the product keeps every SM and its plan, the update costs its
+// bytes (B once, the shrink's x and A from L2) and one short tail, and no
+// kernel or float32 update is added to the step. (v0.60's first version
+// launched the shrink as its own kernel just before the product: the
+// product's blocks then waited for the shrink's on their SMs, 6.57 ms at
+// 64 rows against 5.16 for the LoRA stream.)
 
 // wsLoRADefault is the fused groups (bit g: llama.FusedGroups[g]) whose
-// FP8 update of 17-64 rows runs in fp8_ws_lora's end by default.
+// FP8 update of 17-64 rows runs in fp8_ws_lora by default.
 const wsLoRADefault = 0b1111
 
-// wsLoRAKCols is the K columns a part of the shrink before fp8_ws_lora
-// takes where the product's pieces hold them: 8 warps of 32 columns, each
-// with SG_SU = 4 iterations' loads in flight, take 1,024 in one round of
-// loads, so the shrink ends well within the product's K loop.
-const wsLoRAKCols = 1024
+// wsLoRAShrinkWarps is WSL_SW (common.cuh): a block's shrink warps.
+const wsLoRAShrinkWarps = 2
+
+// wsLoRAKMin is the fewest K columns a shrink unit takes (a warp's four
+// iterations of 32 columns in flight, one round of loads).
+const wsLoRAKMin = 128
 
 // wsLoRAGroups is kernelForce.wsLoRA, or wsLoRADefault.
 func (b *Backend) wsLoRAGroups() int { return forced(b.force.wsLoRA, wsLoRADefault) }
 
-// wsLoRAGeom is the pieces a block of fp8_ws_lora of bn weight rows needs
-// (ws_lora_geom in common.cuh): ok false where a stage's room cannot hold
-// one slot's B columns (RS ranks each) or one K part of a slice's tmp rows.
+// wsLoRAGeom is the B pieces a block of fp8_ws_lora of bn weight rows
+// needs (ws_lora_geom in common.cuh): RS ranks a staged column, perB
+// slots a piece; ok false where a stage's room cannot hold one slot's B.
 func wsLoRAGeom(bn, rank int) (rs, perB int, ok bool) {
 	rs = (rank + 31) &^ 31
-	sb := wsStageBytes(bn)
-	perB = sb / (bn * rs * 2)
-	return rs, perB, perB >= 1 && wsMaxRows*(rs+4)*4 <= sb
+	perB = wsStageBytes(bn) / (bn * rs * 2)
+	return rs, perB, perB >= 1
 }
 
 // wsLoRAFits reports whether plan p of fp8_ws_lora takes an N-column
 // product whose slices start at offs (offs[len]: N) with adapters of rank
-// up to rank and the shrink's sums in ks K parts: each block's pieces
-// (one slot's B at least, and ks parts of each slice it covers) within
-// the buffers its drain frees, and a split product's partials with the
-// update's own.
-func wsLoRAFits(p wsPlan, offs []int, rank, ks int) bool {
+// up to rank on a card of sms SMs: one wave (the blocks wait for the
+// grid's shrink warps), a stage's room for one slot's B, slices on 8-column
+// bounds, and a split product's partials with the update's own.
+func wsLoRAFits(p wsPlan, offs []int, rank, sms int) bool {
 	bn := wsWidths[p.i]
 	if _, _, ok := wsLoRAGeom(bn, rank); !ok {
 		return false
 	}
-	n := len(offs) - 1
-	N := offs[n]
-	if p.split > 1 && (p.split+1)*N > wsMaxPart {
+	N := offs[len(offs)-1]
+	if N/bn*p.split > sms || p.split > 1 && (p.split+1)*N > wsMaxPart {
 		return false
 	}
 	for _, o := range offs {
@@ -71,25 +72,28 @@ func wsLoRAFits(p wsPlan, offs []int, rank, ks int) bool {
 			return false
 		}
 	}
-	slice := func(c int) int {
-		s := 0
-		for s+1 < n && c >= offs[s+1] {
-			s++
-		}
-		return s
-	}
-	ahead := wsStages(bn) - 1 - wsInflight
-	for n0 := 0; n0 < N; n0 += bn {
-		if ahead < (slice(n0+bn-1)-slice(n0)+1)*ks+1 {
-			return false
-		}
-	}
 	return true
 }
 
-// loraWS enqueues the FP8 product of w and the group's update as the
-// shrink and fp8_ws_lora, and reports whether it did; false leaves them to
-// Linear and LoRA.
+// wsLoRAParts is the K parts of the shrink of a group of ns slices for T
+// rows at rank: about one unit (16 rows, a slice, 8 ranks, a part) for
+// each of the grid's shrink warps, each part wsLoRAKMin columns at least,
+// within the scratch's room (room floats, tStride a row); kchunk is a
+// part's columns.
+func wsLoRAParts(warps, T, ns, rank, inF, tStride, room int) (ks, kchunk int) {
+	units := (T + 15) / 16 * ns * ((rank + 7) / 8)
+	ks = max(1, min(warps/max(units, 1), inF/wsLoRAKMin))
+	for ks > 1 && ks*T*tStride > room {
+		ks--
+	}
+	kchunk = (inF + ks - 1) / ks
+	kchunk = (kchunk + 7) &^ 7 // whole 16-byte loads
+	return (inF + kchunk - 1) / kchunk, kchunk
+}
+
+// loraWS enqueues the FP8 product of w and the group's update as one
+// fp8_ws_lora, and reports whether it did; false leaves them to Linear and
+// LoRA.
 func (b *Backend) loraWS(out, in engine.Buffer, w engine.Weight, layer int, mods []llama.Module) bool {
 	fw, ok := w.(*fp8Weight)
 	if !ok || b.err != nil || b.f8 == nil || b.f8.ws == nil || b.nLora == 0 || b.stepRank == 0 || layer < 0 || layer >= b.cfg.Layers {
@@ -111,24 +115,13 @@ func (b *Backend) loraWS(out, in engine.Buffer, w engine.Weight, layer int, mods
 		return false
 	}
 	p, ok := b.f8.ws.plan(T, fw.rows, fw.cols)
-	if !ok || b.f8.ws.lfn[p.i] == nil {
+	if !ok || b.f8.ws.lfn[p.i] == nil || !wsLoRAFits(p, offs, b.stepRank, b.f8.ws.sms) {
 		return false
 	}
-	// the shrink: one block per tile, slice and 8 ranks, K in parts of
-	// about wsLoRAKCols columns (whole 256-column groups; each warp's loads
-	// in one round), fewer where the product's pieces cannot hold them
-	groups := (inF + 255) / 256
 	tStride := len(mods) * b.stepRank
-	sp := sgShrinkPlan{f: b.fn.sgShrinkC, nb: 8, rankTiles: (b.stepRank + 7) / 8}
-	for ks := (inF + wsLoRAKCols - 1) / wsLoRAKCols; ; ks-- {
-		if ks < 1 {
-			return false
-		}
-		sp.kchunk = (groups + ks - 1) / ks * 256
-		sp.ks = (inF + sp.kchunk - 1) / sp.kchunk
-		if sp.ks*T*tStride <= b.stepTmpFloats && wsLoRAFits(p, offs, b.stepRank, sp.ks) {
-			break
-		}
+	ks, kchunk := wsLoRAParts(fw.rows/wsWidths[p.i]*p.split*wsLoRAShrinkWarps, T, len(mods), b.stepRank, inF, tStride, b.stepTmpFloats)
+	if ks*T*tStride > b.stepTmpFloats {
+		return false
 	}
 	b.join()
 	b.wrote(out)
@@ -142,14 +135,11 @@ func (b *Backend) loraWS(out, in engine.Buffer, w engine.Weight, layer int, mods
 		return true
 	}
 	base, stride := b.tableRows(layer)
-	b.launchShrink(b.s, sp, x, base, stride, ms, inF, len(mods))
-	if b.err != nil {
-		return true
-	}
 	off1, off2 := slices12(offs)
 	b.fail(b.f8.ws.launchLoRA(b.s, p, o.mem.Ptr(), b.f8.actQ.Ptr(), b.f8.actS.Ptr(), fw.q.Ptr(), fw.scale.Ptr(), T, fw.rows, fw.cols,
 		wsLoRAArgs{tmp: b.stepTmp, rows: b.rowLora(), table: b.table.Ptr(), base: base, stride: stride, ms: ms, off1: off1, off2: off2,
-			rank: b.stepRank, tStride: tStride, ks: sp.ks, kStride: T * tStride}))
+			rank: b.stepRank, tStride: tStride, ks: ks, kStride: T * tStride,
+			x: ptr(x), tiles: b.i32(b.off.tiles), nTiles: b.nTiles, ns: len(mods), kChunk: kchunk, inF: inF, xStride: x.ld}))
 	return true
 }
 
@@ -160,6 +150,9 @@ type wsLoRAArgs struct {
 	ms                            [3]int
 	off1, off2, rank, tStride, ks int
 	kStride                       int
+	x, tiles                      cuda.DevicePtr // the shrink's activations and the step's row tiles
+	nTiles, ns, kChunk            int
+	inF, xStride                  int
 }
 
 // launchLoRA enqueues fp8_ws_lora with plan p (valid): launch's product
@@ -172,8 +165,9 @@ func (g *wsProduct) launchLoRA(s *cuda.Stream, p wsPlan, out, x, sx, w, sw cuda.
 	if !g.noStagger {
 		opts |= 16
 	}
-	return g.lfn[p.i].Launch(s, cuda.Dim3{X: N / bn, Y: p.split, Z: 1}, cuda.Dim3{X: 128, Y: 1, Z: 1}, wsShared(bn),
+	return g.lfn[p.i].Launch(s, cuda.Dim3{X: N / bn, Y: p.split, Z: 1}, cuda.Dim3{X: 128 + 32*wsLoRAShrinkWarps, Y: 1, Z: 1}, wsShared(bn),
 		uint64(out), uint64(g.part.Ptr()), uint64(g.done.Ptr()), uint64(x), uint64(sx), uint64(w), uint64(sw), T, N, K, opts,
 		uint64(a.tmp), uint64(a.rows), uint64(a.table), a.base, a.stride, a.ms[0], a.ms[1], a.ms[2], a.off1, a.off2,
-		a.rank, a.tStride, a.ks, a.kStride)
+		a.rank, a.tStride, a.ks, a.kStride, uint64(a.x), uint64(a.tiles), a.nTiles, a.ns, a.kChunk, a.inF, a.xStride,
+		uint64(g.lsync.Ptr()))
 }

@@ -32,7 +32,8 @@ import (
 type wsProduct struct {
 	fn         [len(wsWidths)]*cuda.Function
 	tfn        [len(wsWidths)]*cuda.Function // the same on TMA copies (fp8_wt_n*: wt_body), where the driver encodes tensor maps
-	lfn        [len(wsWidths)]*cuda.Function // the same with a LoRA update in their end (fp8_ws_lora_n*: lora_ws.go)
+	lfn        [len(wsWidths)]*cuda.Function // the same with a group's LoRA update (fp8_ws_lora_n*: lora_ws.go)
+	lsync      *cuda.DeviceBuffer            // fp8_ws_lora's two counters (zero between launches)
 	noTMA      bool                          // benchmarks: the cp.async kernels (fn) even where tfn is loaded
 	part, done *cuda.DeviceBuffer            // the splits' partials and per-tile counters (zero between launches)
 	esize      int                           // operand bytes: 1 (e4m3)
@@ -165,6 +166,15 @@ func loadWS(ctx *cuda.Context, s *cuda.Stream, mod *cuda.Module, prefix, tprefix
 	if g.part, g.done, err = splitBuffers(ctx, s, wsMaxPart*wsMaxRows*4); err != nil {
 		return nil, fmt.Errorf("gpu: %s's split buffers: %w", prefix, err)
 	}
+	if g.lfn != ([len(wsWidths)]*cuda.Function{}) {
+		if g.lsync, err = ctx.Alloc(8); err == nil {
+			err = s.Memset8(g.lsync.Ptr(), 0, 8)
+		}
+		if err != nil {
+			g.free()
+			return nil, fmt.Errorf("gpu: %s_lora's counters: %w", prefix, err)
+		}
+	}
 	return g, nil
 }
 
@@ -173,7 +183,12 @@ func (g *wsProduct) free() error {
 	if g == nil {
 		return nil
 	}
-	return freeSplit(&g.part, &g.done)
+	err := freeSplit(&g.part, &g.done)
+	if e := g.lsync.Free(); e != nil && err == nil {
+		err = e
+	}
+	g.lsync = nil
+	return err
 }
 
 // SetSMTarget makes the products enqueued from now on plan for n SMs (0:
