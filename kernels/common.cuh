@@ -993,9 +993,13 @@ __device__ __forceinline__ void ws_lora_shrink(const WsLora& L) {
     const int lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
     const int W = gridDim.x * gridDim.y * WSL_SW;
     const int w = (blockIdx.y * gridDim.x + blockIdx.x) * WSL_SW + (threadIdx.x >> 5) - 4;
-    const int rt8 = (L.R + 7) / 8, units = L.ntiles * L.ns * rt8 * L.ks;
+    const int rt8 = (L.R + 7) / 8;
+    int units = L.ntiles * L.ns * rt8 * L.ks;
     const uint4 z4 = make_uint4(0, 0, 0, 0);
     const unsigned zero = (unsigned)(L.kchunk >> 31); // 0 (kchunk > 0), which the compiler cannot know
+#ifdef PEFTD_WSL_NOSHRINK // (timing only: the sums are not written)
+    if (units > 0) units = 0;
+#endif
     for (int u = w; u < units; u += W) {
         int r = u / L.ks;
         const int kp = u - r * L.ks, rt = r % rt8;
@@ -1056,7 +1060,11 @@ __device__ __forceinline__ void ws_lora_wait(const WsLora& L) {
     if (threadIdx.x == 0) {
         const unsigned G = gridDim.x * gridDim.y, W = G * WSL_SW;
         const unsigned long long t0 = globaltimer_ns();
+#ifdef PEFTD_WSL_NOWAIT // (timing only: the sums read may be unfinished)
+        if (W > 0) {
+#else
         while (ld_acquire_u32(L.sync) < W) {
+#endif
             __nanosleep(32);
             if (globaltimer_ns() - t0 > WSL_WAIT_NS) __trap(); // a bug (the grid was not one wave), not a state to wait out
         }
@@ -1276,6 +1284,9 @@ __device__ __forceinline__ void ws_store_lora(float* d, bf16* __restrict__ out, 
                 *reinterpret_cast<__nv_bfloat162*>(out + (long long)m * N + n0 + 8 * j + 2 * tig) = __floats2bfloat162_rn(v[4 * j + 2 * h], v[4 * j + 2 * h + 1]);
         }
     };
+#ifdef PEFTD_WSL_NOADD // (timing only: no update)
+    lz = false;
+#endif
     if (SP == 1) {
         scale(d);
         if (lz) ws_lora_all<BN>(d, L, S, P, n0);
