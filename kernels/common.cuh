@@ -1016,7 +1016,7 @@ __device__ __forceinline__ void ws_lora_shrink(const WsLora& L) {
         const bf16* x1 = L.x + (i64)(tile.x + (v1 ? g + 8 : 0)) * L.x_stride;
         const bf16* ar = e.a + (i64)(va ? k0 + g : 0) * L.in_f;
         float c[4] = {0.f, 0.f, 0.f, 0.f};
-        constexpr int U = 4; // iterations' loads in flight (sgmv_shrink's SG_SU)
+        constexpr int U = 8; // iterations' loads in flight (the kernel's register budget is the warpgroup's)
         for (int cb = kbeg; cb < kend; cb += 32 * U) {
             uint4 xa[U], xb[U], aa[U];
             unsigned dep = 0;
@@ -1049,13 +1049,24 @@ __device__ __forceinline__ void ws_lora_shrink(const WsLora& L) {
     __syncwarp();
     if (lane == 0) {
         __threadfence(); // the warp's sums before its count
-        atomicAdd(L.sync, 1u);
+        if (atomicAdd(L.sync, 1u) == (unsigned)W - 1) {
+            // the last shrink warp: once every block is past its wait
+            // (sync[1]), the counters are reset for the next launch
+            const unsigned G = gridDim.x * gridDim.y;
+            const unsigned long long t0 = globaltimer_ns();
+            while (ld_acquire_u32(L.sync + 1) < G) {
+                __nanosleep(64);
+                if (globaltimer_ns() - t0 > WSL_WAIT_NS) __trap();
+            }
+            atomicExch(L.sync, 0u);
+            atomicExch(L.sync + 1, 0u);
+        }
     }
 }
 
-// ws_lora_wait: thread 0 waits for every shrink warp of the grid, counts
-// the block past its wait, and the last block resets the counters; then
-// the warpgroup's barrier.
+// ws_lora_wait: thread 0 waits for every shrink warp of the grid and
+// counts the block past its wait (the last shrink warp resets the
+// counters once every block has); then the warpgroup's barrier.
 __device__ __forceinline__ void ws_lora_wait(const WsLora& L) {
     if (threadIdx.x == 0) {
         const unsigned G = gridDim.x * gridDim.y, W = G * WSL_SW;
@@ -1069,10 +1080,7 @@ __device__ __forceinline__ void ws_lora_wait(const WsLora& L) {
             if (globaltimer_ns() - t0 > WSL_WAIT_NS) __trap(); // a bug (the grid was not one wave), not a state to wait out
         }
         __threadfence();
-        if (atomicAdd(L.sync + 1, 1u) == G - 1) { // every block is past its wait: ready for the next launch
-            atomicExch(L.sync, 0u);
-            atomicExch(L.sync + 1, 0u);
-        }
+        asm volatile("red.relaxed.gpu.global.add.u32 [%0], 1;\n" ::"l"(L.sync + 1) : "memory");
     }
     ws_bar<true>();
 }
@@ -1177,6 +1185,7 @@ __device__ __forceinline__ void ws_lora_add(float* d, const WsLora& L, const WsL
             for (int h = 0; h < 2; h++) {
                 const int k = kc + 8 * q + 4 * h;
                 float4 t0 = make_float4(0.f, 0.f, 0.f, 0.f), t1 = t0;
+#pragma unroll 4
                 for (int u = 0; u < L.ks; u++) { // the K parts in order (sgmv_expand_tc's sum)
                     const float* tb = L.tmp + (long long)u * L.kstride + s * L.R + k;
                     if (k < rka) {

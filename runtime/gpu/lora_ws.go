@@ -37,9 +37,14 @@ const wsLoRADefault = 0b1111
 // wsLoRAShrinkWarps is WSL_SW (common.cuh): a block's shrink warps.
 const wsLoRAShrinkWarps = 2
 
-// wsLoRAKMin is the fewest K columns a shrink unit takes (a warp's four
-// iterations of 32 columns in flight, one round of loads).
-const wsLoRAKMin = 128
+// wsLoRAKMin is the fewest K columns a shrink unit takes (a warp's eight
+// iterations of 32 columns in flight, one round of loads); wsLoRAMaxParts
+// the most K parts (each block's warps read every part of their rows'
+// sums, four loads in flight).
+const (
+	wsLoRAKMin     = 256
+	wsLoRAMaxParts = 4
+)
 
 // wsLoRAGroups is kernelForce.wsLoRA, or wsLoRADefault.
 func (b *Backend) wsLoRAGroups() int { return forced(b.force.wsLoRA, wsLoRADefault) }
@@ -77,12 +82,13 @@ func wsLoRAFits(p wsPlan, offs []int, rank, sms int) bool {
 
 // wsLoRAParts is the K parts of the shrink of a group of ns slices for T
 // rows at rank: about one unit (16 rows, a slice, 8 ranks, a part) for
-// each of the grid's shrink warps, each part wsLoRAKMin columns at least,
+// each of the grid's shrink warps, wsLoRAMaxParts at most, each part
+// wsLoRAKMin columns at least,
 // within the scratch's room (room floats, tStride a row); kchunk is a
 // part's columns.
 func wsLoRAParts(warps, T, ns, rank, inF, tStride, room int) (ks, kchunk int) {
 	units := (T + 15) / 16 * ns * ((rank + 7) / 8)
-	ks = max(1, min(warps/max(units, 1), inF/wsLoRAKMin))
+	ks = max(1, min(warps/max(units, 1), inF/wsLoRAKMin, wsLoRAMaxParts))
 	for ks > 1 && ks*T*tStride > room {
 		ks--
 	}
