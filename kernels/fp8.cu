@@ -417,7 +417,10 @@ WG_KERNELS(fp8_wg, 1, FP8_SKINNY_ARGS, FP8_SKINNY_PASS)
 WS_WIDTHS(fp8_ws, ws_body, 1, FP8_WS_ARGS, FP8_WS_PASS)
 // fp8_ws_lora_n*: the same products with the group's LoRA update, the
 // shrink on WSL_SW more warps a block and the expand in the end (WsLora,
-// common.cuh; runtime/gpu lora_ws.go).
+// common.cuh; runtime/gpu lora_ws.go); only with PEFTD_WSL as well
+// (PERFORMANCE v0.60: four rank-32 adapters at 64 rows 6.15 ms against
+// 5.11 for the LoRA stream beside fp8_ws; seven more kernels to compile).
+#ifdef PEFTD_WSL
 #define FP8_WSL_ARGS                                                                                                  \
     bf16 *out, float *part, int *done, const unsigned char *qx, const float *sx, const unsigned char *qw, const float *sw, \
         int M, int N, int K, int opts, float *tmp, const int *rows, const LoraEntry *table, int ebase, int estride,         \
@@ -431,6 +434,7 @@ __device__ __forceinline__ void ws_lora_body(FP8_WSL_ARGS) {
     ws_body<ES, BN, true>(out, part, done, qx, sx, qw, sw, M, N, K, opts, &L);
 }
 WS_WIDTHS_T(fp8_ws_lora, ws_lora_body, 1, FP8_WSL_ARGS, FP8_WSL_PASS, 128 + 32 * WSL_SW)
+#endif
 // fp8_wt_n*: the same products with each stage copied by TMA (wt_body);
 // only with PEFTD_WT as well (PERFORMANCE v0.55-v0.56: no faster than
 // fp8_ws at any width, seven more kernels to compile at start-up).

@@ -25,13 +25,21 @@ import (
 // accumulators as MMAs before the one rounding to bf16 (kernels/common.cuh,
 // WsLora). So the product keeps every SM and its plan, the update costs its
 // bytes (B once, the shrink's x and A from L2) and one short tail, and no
-// kernel or float32 update is added to the step. (v0.60's first version
-// launched the shrink as its own kernel just before the product: the
-// product's blocks then waited for the shrink's on their SMs, 6.57 ms at
-// 64 rows against 5.16 for the LoRA stream.)
+// kernel or float32 update is added to the step.
+//
+// Measured (H200, PERFORMANCE v0.60), it loses: four rank-32 adapters at
+// 64 rows 6.15 ms a step against 5.11 for the LoRA stream beside fp8_ws
+// (base 4.42). Without the update's MMAs (-DPEFTD_WSL_NOADD) 5.52, and
+// the shrink and the wait cost nothing measurable (-DPEFTD_WSL_NOSHRINK,
+// -DPEFTD_WSL_NOWAIT): each product is ~8 µs longer for the variant's
+// tail and footprint alone. So the kernels are compiled only with
+// PEFTD_KERNEL_DEFINES=-DPEFTD_WSL, and without them loraWS takes no group.
+// (v0.60's first version launched the shrink as its own kernel just
+// before the product: 6.57 ms.)
 
 // wsLoRADefault is the fused groups (bit g: llama.FusedGroups[g]) whose
-// FP8 update of 17-64 rows runs in fp8_ws_lora by default.
+// FP8 update of 17-64 rows runs in fp8_ws_lora by default, where the
+// kernels are compiled in (-DPEFTD_WSL).
 const wsLoRADefault = 0b1111
 
 // wsLoRAShrinkWarps is WSL_SW (common.cuh): a block's shrink warps.

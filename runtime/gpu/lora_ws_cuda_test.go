@@ -7,6 +7,8 @@ import (
 	"math"
 	"testing"
 
+	"github.com/peftd/peftd/kernels"
+	"github.com/peftd/peftd/runtime/cuda"
 	"github.com/peftd/peftd/runtime/engine"
 	"github.com/peftd/peftd/runtime/llama"
 	"github.com/peftd/peftd/runtime/lora"
@@ -28,6 +30,12 @@ func TestLinearLoRAWS(t *testing.T) {
 	r := newRigWith(t, cfg, maxT, engine.KVSpec{Layers: 1, Blocks: 8, BlockSize: 16, KVHeads: 8, HeadDim: 128}, Options{WeightFormat: "fp8"})
 	if r.b.f8 == nil || r.b.f8.ws == nil {
 		t.Skip("no fp8_ws on this card")
+	}
+	if r.b.f8.ws.lfn == [len(wsWidths)]*cuda.Function{} {
+		if kernels.Defined("PEFTD_WSL") {
+			t.Fatal("PEFTD_WSL is defined but no fp8_ws_lora kernel loaded")
+		}
+		t.Skip("fp8_ws_lora is compiled only with PEFTD_KERNEL_DEFINES=-DPEFTD_WSL")
 	}
 	mk := func(rank int, scale float32, mods ...llama.Module) *lora.Adapter {
 		a := &lora.Adapter{Name: fmt.Sprintf("r%d", rank), Layers: make([][llama.NumModules]*lora.Pair, cfg.Layers)}

@@ -32,7 +32,7 @@ import (
 type wsProduct struct {
 	fn         [len(wsWidths)]*cuda.Function
 	tfn        [len(wsWidths)]*cuda.Function // the same on TMA copies (fp8_wt_n*: wt_body), where the driver encodes tensor maps
-	lfn        [len(wsWidths)]*cuda.Function // the same with a group's LoRA update (fp8_ws_lora_n*: lora_ws.go)
+	lfn        [len(wsWidths)]*cuda.Function // the same with a group's LoRA update (fp8_ws_lora_n*, -DPEFTD_WSL: lora_ws.go)
 	lsync      *cuda.DeviceBuffer            // fp8_ws_lora's two counters (zero between launches)
 	noTMA      bool                          // benchmarks: the cp.async kernels (fn) even where tfn is loaded
 	part, done *cuda.DeviceBuffer            // the splits' partials and per-tile counters (zero between launches)
