@@ -81,11 +81,7 @@ func (b *Backend) loraInline(out, in engine.Buffer, w engine.Weight, layer int, 
 	if p, ok = b.sk.loraPlan(p, (extra+blocks-1)/blocks); !ok || b.rows()*tStride > b.stepTmpFloats {
 		return false
 	}
-	b.join()
-	b.wrote(out)
-	b.la.forkIn = 0
-	b.gateLayer(b.s, layer)
-	if b.err != nil {
+	if !b.enterFused(out, layer) {
 		return true
 	}
 	opts := bfSkinnyEarly
@@ -113,4 +109,16 @@ func (b *Backend) loraInline(out, in engine.Buffer, w engine.Weight, layer int, 
 		b.la.pend = pendingDelta{base: ptr(o), delta: d, ld: o.ld, cols: wt.rows, local: true}
 	}
 	return true
+}
+
+// enterFused readies the compute stream for a product that carries its
+// group's LoRA update (loraInline, loraWS): the LoRA stream joined, out
+// marked written, the layer's adapter uploads waited for; false where the
+// backend has failed (the caller has taken the group all the same).
+func (b *Backend) enterFused(out engine.Buffer, layer int) bool {
+	b.join()
+	b.wrote(out)
+	b.la.forkIn = 0
+	b.gateLayer(b.s, layer)
+	return b.err == nil
 }

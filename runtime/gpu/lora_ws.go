@@ -137,11 +137,7 @@ func (b *Backend) loraWS(out, in engine.Buffer, w engine.Weight, layer int, mods
 	if ks*T*tStride > b.stepTmpFloats {
 		return false
 	}
-	b.join()
-	b.wrote(out)
-	b.la.forkIn = 0
-	b.gateLayer(b.s, layer)
-	if b.err != nil {
+	if !b.enterFused(out, layer) {
 		return true
 	}
 	if err := b.f8.prepare(x.mem.Ptr(), T, fw.cols, b.gen); err != nil {
