@@ -236,6 +236,37 @@ __device__ __forceinline__ unsigned ld_acquire_u32(const unsigned* p) {
 
 __device__ __forceinline__ uint4 ldg16(const bf16* p) { return __ldg(reinterpret_cast<const uint4*>(p)); }
 
+// shrink_round: one round of a shrink warp's loads and MMAs: U iterations
+// of 32 columns, STEP apart from cb (each lane 8 contiguous columns of the
+// rows x0, x1 and the rank row ar, zero where invalid or past kend), every
+// load issued before the first MMA: dep makes that MMA wait for one word
+// of each (a load's words land together) and, masked by zero (0, which the
+// compiler cannot know), adds 0. c: the m16n8 C fragment (rows g, g + 8;
+// ranks 2q, 2q + 1).
+template <int U, int STEP>
+__device__ __forceinline__ void shrink_round(float* c, const bf16* x0, const bf16* x1, const bf16* ar, int cb, int kend, int q,
+                                             bool v0, bool v1, bool va, unsigned zero) {
+    const uint4 z4 = make_uint4(0, 0, 0, 0);
+    uint4 xa[U], xb[U], aa[U];
+    unsigned dep = 0;
+#pragma unroll
+    for (int u = 0; u < U; u++) {
+        const int col = cb + u * STEP + q * 8;
+        const bool in = col < kend;
+        xa[u] = (in && v0) ? ldg16(x0 + col) : z4;
+        xb[u] = (in && v1) ? ldg16(x1 + col) : z4;
+        aa[u] = (in && va) ? ldg16(ar + col) : z4;
+    }
+#pragma unroll
+    for (int u = 0; u < U; u++) dep |= xa[u].x ^ xb[u].x ^ aa[u].x;
+    c[0] += __int_as_float(dep & zero); // + 0.0f
+#pragma unroll
+    for (int u = 0; u < U; u++) {
+        mma16816(c, xa[u].x, xb[u].x, xa[u].y, xb[u].y, aa[u].x, aa[u].y);
+        mma16816(c, xa[u].z, xb[u].z, xa[u].w, xb[u].w, aa[u].z, aa[u].w);
+    }
+}
+
 // expand_chunk: acc{0,1}[r] += t[r*w + 0..7] . (8 bf16 of B row j, j+1) for rows r < n.
 __device__ __forceinline__ void expand_chunk(float* acc0, float* acc1, const float* t, int w, int n, uint4 a, uint4 b) {
     float f0[8], f1[8];
@@ -943,8 +974,8 @@ __device__ __forceinline__ void ws_store(float* d, bf16* __restrict__ out, float
 // weights from DRAM, so the shrink costs the product only its bytes. After
 // its K loop each block waits for every shrink warp of the grid (one wave:
 // runtime/gpu plans at most a block an SM, and a block's shrink warps
-// start with it), counts itself at sync[1], and the last block resets both
-// counters (every block has counted by then: all the grid's waits passed).
+// start with it) and counts itself at sync[1]; the last shrink warp to
+// count itself at sync[0] resets both counters once every block has.
 //
 // B's columns of the block for each distinct slot of the rows (RS ranks a
 // column, zero past a slot's rank; perB slots a piece) land in the
@@ -994,12 +1025,12 @@ __device__ __forceinline__ void ws_lora_shrink(const WsLora& L) {
     const int W = gridDim.x * gridDim.y * WSL_SW;
     const int w = (blockIdx.y * gridDim.x + blockIdx.x) * WSL_SW + (threadIdx.x >> 5) - 4;
     const int rt8 = (L.R + 7) / 8;
-    int units = L.ntiles * L.ns * rt8 * L.ks;
-    const uint4 z4 = make_uint4(0, 0, 0, 0);
-    const unsigned zero = (unsigned)(L.kchunk >> 31); // 0 (kchunk > 0), which the compiler cannot know
 #ifdef PEFTD_WSL_NOSHRINK // (timing only: the sums are not written)
-    if (units > 0) units = 0;
+    const int units = 0;
+#else
+    const int units = L.ntiles * L.ns * rt8 * L.ks;
 #endif
+    const unsigned zero = (unsigned)(L.kchunk >> 31); // 0 (kchunk > 0), which the compiler cannot know
     for (int u = w; u < units; u += W) {
         int r = u / L.ks;
         const int kp = u - r * L.ks, rt = r % rt8;
@@ -1017,27 +1048,7 @@ __device__ __forceinline__ void ws_lora_shrink(const WsLora& L) {
         const bf16* ar = e.a + (i64)(va ? k0 + g : 0) * L.in_f;
         float c[4] = {0.f, 0.f, 0.f, 0.f};
         constexpr int U = 8; // iterations' loads in flight (the kernel's register budget is the warpgroup's)
-        for (int cb = kbeg; cb < kend; cb += 32 * U) {
-            uint4 xa[U], xb[U], aa[U];
-            unsigned dep = 0;
-#pragma unroll
-            for (int i = 0; i < U; i++) {
-                const int col = cb + 32 * i + 8 * q;
-                const bool in = col < kend;
-                xa[i] = (in && v0) ? ldg16(x0 + col) : z4;
-                xb[i] = (in && v1) ? ldg16(x1 + col) : z4;
-                aa[i] = (in && va) ? ldg16(ar + col) : z4;
-            }
-            // every load issued before the first MMA (sgmv_shrink's dep)
-#pragma unroll
-            for (int i = 0; i < U; i++) dep |= xa[i].x ^ xb[i].x ^ aa[i].x;
-            c[0] += __int_as_float(dep & zero);
-#pragma unroll
-            for (int i = 0; i < U; i++) {
-                mma16816(c, xa[i].x, xb[i].x, xa[i].y, xb[i].y, aa[i].x, aa[i].y);
-                mma16816(c, xa[i].z, xb[i].z, xa[i].w, xb[i].w, aa[i].z, aa[i].w);
-            }
-        }
+        for (int cb = kbeg; cb < kend; cb += 32 * U) shrink_round<U, 32>(c, x0, x1, ar, cb, kend, q, v0, v1, va, zero);
         // c0, c1: row g, ranks k0 + 2q, + 1; c2, c3: row g + 8
         float* tr = L.tmp + (i64)kp * L.kstride + (i64)tile.x * L.tstride + s * L.R + k0 + 2 * q;
         const bool r0 = k0 + 2 * q < e.rank, r1 = k0 + 2 * q + 1 < e.rank;
@@ -1630,20 +1641,12 @@ __device__ __forceinline__ void wt_body(bf16* __restrict__ out, float* __restric
     ws_store<BN>(d, out, part, done, sx, sw ? sw + n0 : nullptr, M, N, n0, z, &last);
 }
 
-// WS_WIDTHS(prefix, body, ES, ARGS, PASS): prefix_n{32,48,64,96,128,224,256}
-// on body (ws_body or wt_body), one block an SM. ARGS and PASS are a
+// WS_WIDTHS(prefix, body, ES, ARGS, PASS, THREADS):
+// prefix_n{32,48,64,96,128,224,256} on body (ws_body or wt_body), one
+// block of THREADS an SM (128: one warpgroup). ARGS and PASS are a
 // module's macros, named here (a macro passing them on would expand them
 // into too many arguments).
-#define WS_WIDTHS(prefix, body, ES, ARGS, PASS)                                                           \
-    extern "C" __global__ void __launch_bounds__(128, 1) prefix##_n32(ARGS) { body<ES, 32>(PASS); }   \
-    extern "C" __global__ void __launch_bounds__(128, 1) prefix##_n48(ARGS) { body<ES, 48>(PASS); }   \
-    extern "C" __global__ void __launch_bounds__(128, 1) prefix##_n64(ARGS) { body<ES, 64>(PASS); }   \
-    extern "C" __global__ void __launch_bounds__(128, 1) prefix##_n96(ARGS) { body<ES, 96>(PASS); }   \
-    extern "C" __global__ void __launch_bounds__(128, 1) prefix##_n128(ARGS) { body<ES, 128>(PASS); } \
-    extern "C" __global__ void __launch_bounds__(128, 1) prefix##_n224(ARGS) { body<ES, 224>(PASS); } \
-    extern "C" __global__ void __launch_bounds__(128, 1) prefix##_n256(ARGS) { body<ES, 256>(PASS); }
-// WS_WIDTHS_T: WS_WIDTHS with THREADS a block.
-#define WS_WIDTHS_T(prefix, body, ES, ARGS, PASS, THREADS)                                                           \
+#define WS_WIDTHS(prefix, body, ES, ARGS, PASS, THREADS)                                                           \
     extern "C" __global__ void __launch_bounds__(THREADS, 1) prefix##_n32(ARGS) { body<ES, 32>(PASS); }   \
     extern "C" __global__ void __launch_bounds__(THREADS, 1) prefix##_n48(ARGS) { body<ES, 48>(PASS); }   \
     extern "C" __global__ void __launch_bounds__(THREADS, 1) prefix##_n64(ARGS) { body<ES, 64>(PASS); }   \

@@ -414,7 +414,7 @@ WG_KERNELS(fp8_wg, 1, FP8_SKINNY_ARGS, FP8_SKINNY_PASS)
     bf16 *out, float *part, int *done, const unsigned char *qx, const float *sx, const unsigned char *qw, const float *sw, \
         int M, int N, int K, int opts
 #define FP8_WS_PASS out, part, done, qx, sx, qw, sw, M, N, K, opts
-WS_WIDTHS(fp8_ws, ws_body, 1, FP8_WS_ARGS, FP8_WS_PASS)
+WS_WIDTHS(fp8_ws, ws_body, 1, FP8_WS_ARGS, FP8_WS_PASS, 128)
 // fp8_ws_lora_n*: the same products with the group's LoRA update, the
 // shrink on WSL_SW more warps a block and the expand in the end (WsLora,
 // common.cuh; runtime/gpu lora_ws.go); only with PEFTD_WSL as well
@@ -433,7 +433,7 @@ __device__ __forceinline__ void ws_lora_body(FP8_WSL_ARGS) {
                    x, tiles, ntiles, ns, kchunk, in_f, x_stride, sync};
     ws_body<ES, BN, true>(out, part, done, qx, sx, qw, sw, M, N, K, opts, &L);
 }
-WS_WIDTHS_T(fp8_ws_lora, ws_lora_body, 1, FP8_WSL_ARGS, FP8_WSL_PASS, 128 + 32 * WSL_SW)
+WS_WIDTHS(fp8_ws_lora, ws_lora_body, 1, FP8_WSL_ARGS, FP8_WSL_PASS, 128 + 32 * WSL_SW)
 #endif
 // fp8_wt_n*: the same products with each stage copied by TMA (wt_body);
 // only with PEFTD_WT as well (PERFORMANCE v0.55-v0.56: no faster than
@@ -443,7 +443,7 @@ WS_WIDTHS_T(fp8_ws_lora, ws_lora_body, 1, FP8_WSL_ARGS, FP8_WSL_PASS, 128 + 32 *
     bf16 *out, float *part, int *done, const __grid_constant__ TmaDesc xmap, const float *sx,           \
         const __grid_constant__ TmaDesc wmap, const float *sw, int M, int N, int K, int opts
 #define FP8_WT_PASS out, part, done, &xmap, sx, &wmap, sw, M, N, K, opts
-WS_WIDTHS(fp8_wt, wt_body, 1, FP8_WT_ARGS, FP8_WT_PASS)
+WS_WIDTHS(fp8_wt, wt_body, 1, FP8_WT_ARGS, FP8_WT_PASS, 128)
 #endif
 #endif
 

@@ -2091,26 +2091,8 @@ __device__ __forceinline__ void shrink_body(
         // (190 KB of shared memory an SM) a staged block does not fit.
         constexpr int U = SG_SU > 0 ? SG_SU : 1; // 1: -DSG_SU=0 must still compile this discarded branch
         const unsigned zero = (unsigned)(kchunk >> 31);
-        for (int cb = kbeg + warp * 32; cb < kend; cb += 32 * SG_WARPS * U) {
-            uint4 xa[U], xb[U], aa[U];
-            unsigned dep = 0;
-#pragma unroll
-            for (int u = 0; u < U; u++) {
-                const int col = cb + u * 32 * SG_WARPS + q * 8;
-                const bool in = col < kend;
-                xa[u] = (in && v0) ? ldg16(x0 + col) : z4;
-                xb[u] = (in && v1) ? ldg16(x1 + col) : z4;
-                aa[u] = (in && va[0]) ? ldg16(ar[0] + col) : z4;
-            }
-#pragma unroll
-            for (int u = 0; u < U; u++) dep |= xa[u].x ^ xb[u].x ^ aa[u].x;
-            c[0][0] += __int_as_float(dep & zero); // + 0.0f
-#pragma unroll
-            for (int u = 0; u < U; u++) {
-                mma16816(c[0], xa[u].x, xb[u].x, xa[u].y, xb[u].y, aa[u].x, aa[u].y);
-                mma16816(c[0], xa[u].z, xb[u].z, xa[u].w, xb[u].w, aa[u].z, aa[u].w);
-            }
-        }
+        for (int cb = kbeg + warp * 32; cb < kend; cb += 32 * SG_WARPS * U)
+            shrink_round<U, 32 * SG_WARPS>(c[0], x0, x1, ar[0], cb, kend, q, v0, v1, va[0], zero);
     } else
 #pragma unroll 4
     for (int cb = kbeg + warp * 32; cb < kend; cb += 32 * SG_WARPS) {
@@ -2937,6 +2919,6 @@ WG_KERNELS(gemm_wg, 2, GEMM_WG_ARGS, GEMM_WG_PASS)
     bf16 *out, float *part, int *done, const bf16 *x, const float *sx, const bf16 *w, const float *sw, \
         int M, int N, int K, int opts
 #define GEMM_WS_PASS out, part, done, (const unsigned char*)x, sx, (const unsigned char*)w, sw, M, N, K, opts
-WS_WIDTHS(gemm_ws, ws_body, 2, GEMM_WS_ARGS, GEMM_WS_PASS)
+WS_WIDTHS(gemm_ws, ws_body, 2, GEMM_WS_ARGS, GEMM_WS_PASS, 128)
 #endif
 

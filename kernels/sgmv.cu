@@ -33,7 +33,6 @@
 
 #define SG_FU_WAIT_NS 1000000000ull // 1 s
 
-
 template <int NB>
 __device__ __forceinline__ void fu_shrink(
     float* __restrict__ tmp, const bf16* __restrict__ x, const LoraEntry& e, const int4 tile, int s, int k0, int z,
