@@ -236,6 +236,21 @@ __device__ __forceinline__ unsigned ld_acquire_u32(const unsigned* p) {
 
 __device__ __forceinline__ uint4 ldg16(const bf16* p) { return __ldg(reinterpret_cast<const uint4*>(p)); }
 
+// ldg16_early: ldg16 for what a kernel reads before griddepcontrol.wait
+// (adapter weights). A volatile asm, so that ptxas keeps it before the
+// wait (also a volatile asm): plain __ldg loads were sunk past it (SASS of
+// sgmv_expand_tc1 before v0.61: its B loads after ACQBULK). With
+// -DPEFTD_LATE_EARLY the plain load, as before.
+__device__ __forceinline__ uint4 ldg16_early(const bf16* p) {
+#ifdef PEFTD_LATE_EARLY
+    return ldg16(p);
+#else
+    uint4 v;
+    asm volatile("ld.global.v4.u32 {%0,%1,%2,%3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p) : "memory");
+    return v;
+#endif
+}
+
 // shrink_round: one round of a shrink warp's loads and MMAs: U iterations
 // of 32 columns, STEP apart from cb (each lane 8 contiguous columns of the
 // rows x0, x1 and the rank row ar, zero where invalid or past kend), every

@@ -2147,6 +2147,140 @@ extern "C" __global__ void __launch_bounds__(32 * SG_WARPS) sgmv_shrink4(SHRINK_
     shrink_body<4>(SHRINK_PASS, red);
 }
 
+// sgmv_shrink64: sgmv_shrink for steps of many rows, on tiles of up to 64
+// rows of one adapter (the step's big tiles: {first row, rows, slot, 0})
+// and 32 rank rows a block: each x tile is read once per 32 ranks instead
+// of once per 8, each A row once per 64 rows instead of once per 16.
+// grid (big tiles, slices * rank tiles of 32, ksplit), block 256. It gives
+// sgmv_shrink's bits: the 8 warps split the block's K range as there (warp
+// w the 32-column chunks w, w + 8, ...; the same MMA chain for every
+// output element: an MMA's element depends only on its row of x, its rank
+// row and its own accumulator), each warp now over all 64 rows and 32
+// ranks, and the warps' sums are added in warp order from 0 as there. So
+// for the same K split the two give the same bits. Each lane loads 8
+// contiguous columns of its 8 rows of x and its 4 rank rows, two chunks'
+// worth before their 64 MMAs.
+#define SB_ROWS 64
+#define SB_MT (SB_ROWS / 16) // m16 tiles a block
+#define SB_RW 40             // red's row stride in floats (32 ranks + 8: fewer bank conflicts)
+
+extern "C" __global__ void __launch_bounds__(32 * SG_WARPS, 1) sgmv_shrink64(SHRINK_ARGS) {
+    __shared__ float red[SG_WARPS / 2][SB_ROWS * SB_RW]; // half the warps' sums at a time
+    // Before griddepcontrol.wait: the tile (step metadata, copied before the
+    // step), the table entry and A. Every block waits before it exits (a
+    // kernel that waits for this one then finds the one before done too).
+    const int4 tile = tiles[blockIdx.x];
+    const int s = blockIdx.y / rank_tiles, k0 = (blockIdx.y % rank_tiles) * 32;
+    LoraEntry e = {};
+    if (tile.y > 0) e = table[entry_base + tile.z * entry_stride + sg_mod(s, m0, m1, m2)];
+    if (tile.y == 0 || k0 >= e.rank) { // uniform: a spare tile (a recording's), or ranks past this adapter's
+        pdl_entry();
+        return;
+    }
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
+    const int kbeg = blockIdx.z * kchunk, kend = min(in_f, kbeg + kchunk);
+    // rows 8h + g (h = 0..7: m16 tile h / 2, its rows g and g + 8), ranks k0 + 8nb + g
+    const bf16* xr[2 * SB_MT];
+    bool vx[2 * SB_MT];
+#pragma unroll
+    for (int h = 0; h < 2 * SB_MT; h++) {
+        vx[h] = 8 * h + g < tile.y;
+        xr[h] = x + (i64)(tile.x + (vx[h] ? 8 * h + g : 0)) * x_stride;
+    }
+    const bf16* ar[4];
+    bool va[4];
+#pragma unroll
+    for (int nb = 0; nb < 4; nb++) {
+        va[nb] = k0 + nb * 8 + g < e.rank;
+        ar[nb] = e.a + (i64)(va[nb] ? k0 + nb * 8 + g : 0) * in_f;
+    }
+    float c[SB_MT][4][4];
+#pragma unroll
+    for (int m = 0; m < SB_MT; m++)
+#pragma unroll
+        for (int nb = 0; nb < 4; nb++) c[m][nb][0] = c[m][nb][1] = c[m][nb][2] = c[m][nb][3] = 0.f;
+    const uint4 z4 = make_uint4(0, 0, 0, 0);
+    // a round: two of the warp's chunks (cb, cb + 256), every load issued
+    // before its MMAs; the first round's A rows before griddepcontrol.wait
+    // (adapter weights, which no kernel of the step writes), so only x's
+    // loads wait for the kernel before
+    const int cb0 = kbeg + warp * 32;
+    uint4 av[2][4];
+#pragma unroll
+    for (int u = 0; u < 2; u++)
+#pragma unroll
+        for (int nb = 0; nb < 4; nb++) {
+            const int col = cb0 + 256 * u + q * 8;
+            av[u][nb] = (col < kend && va[nb]) ? ldg16_early(ar[nb] + col) : z4;
+        }
+    pdl_entry(); // x is the previous kernel's output
+    for (int cb = cb0; cb < kend; cb += 2 * 32 * SG_WARPS) {
+        if (cb != cb0)
+#pragma unroll
+            for (int u = 0; u < 2; u++)
+#pragma unroll
+                for (int nb = 0; nb < 4; nb++) {
+                    const int col = cb + 256 * u + q * 8;
+                    av[u][nb] = (col < kend && va[nb]) ? ldg16(ar[nb] + col) : z4;
+                }
+        uint4 xv[2][2 * SB_MT];
+#pragma unroll
+        for (int u = 0; u < 2; u++)
+#pragma unroll
+            for (int h = 0; h < 2 * SB_MT; h++) {
+                const int col = cb + 256 * u + q * 8;
+                xv[u][h] = (col < kend && vx[h]) ? ldg16(xr[h] + col) : z4;
+            }
+#pragma unroll
+        for (int u = 0; u < 2; u++) {
+            if (cb + 256 * u >= kend) break; // sgmv_shrink's chain has no MMA for a chunk past the range
+#pragma unroll
+            for (int m = 0; m < SB_MT; m++) {
+                const uint4 xa = xv[u][2 * m], xb = xv[u][2 * m + 1];
+#pragma unroll
+                for (int nb = 0; nb < 4; nb++) {
+                    mma16816(c[m][nb], xa.x, xb.x, xa.y, xb.y, av[u][nb].x, av[u][nb].y);
+                    mma16816(c[m][nb], xa.z, xb.z, xa.w, xb.w, av[u][nb].z, av[u][nb].w);
+                }
+            }
+        }
+    }
+    // the warps' sums in warp order, from 0 (sgmv_shrink's order): element
+    // i = threadIdx.x + 256j is row i / 32, rank i % 32
+    constexpr int PER = SB_ROWS * 32 / (32 * SG_WARPS);
+    float sum[PER];
+#pragma unroll
+    for (int j = 0; j < PER; j++) sum[j] = 0.f;
+#pragma unroll
+    for (int half = 0; half < 2; half++) {
+        if (warp / (SG_WARPS / 2) == half) {
+            float* rw = red[warp % (SG_WARPS / 2)];
+#pragma unroll
+            for (int m = 0; m < SB_MT; m++)
+#pragma unroll
+                for (int nb = 0; nb < 4; nb++) {
+                    const int r = 16 * m + g, k = nb * 8 + 2 * q;
+                    *reinterpret_cast<float2*>(rw + r * SB_RW + k) = make_float2(c[m][nb][0], c[m][nb][1]);
+                    *reinterpret_cast<float2*>(rw + (r + 8) * SB_RW + k) = make_float2(c[m][nb][2], c[m][nb][3]);
+                }
+        }
+        __syncthreads();
+#pragma unroll
+        for (int j = 0; j < PER; j++) {
+            const int i = threadIdx.x + 32 * SG_WARPS * j, r = i >> 5, k = i & 31;
+#pragma unroll
+            for (int w = 0; w < SG_WARPS / 2; w++) sum[j] += red[w][r * SB_RW + k];
+        }
+        __syncthreads();
+    }
+    float* out = tmp + ((i64)blockIdx.z * rows_total + tile.x) * t_stride + s * max_rank + k0;
+#pragma unroll
+    for (int j = 0; j < PER; j++) {
+        const int i = threadIdx.x + 32 * SG_WARPS * j, r = i >> 5, k = i & 31;
+        if (r < tile.y && k0 + k < e.rank) out[(i64)r * t_stride + k] = sum[j] * e.scale;
+    }
+}
+
 // sgmv_expand: out[row][off_s + j] += sum_k tmp[row][s*max_rank + k] * B_s[j][k]
 // (tmp summed over the ksplit partials); with accum 0, out is float32 (rows
 // o_stride floats apart) and gets the sum alone, zero where the slice has no
@@ -2298,7 +2432,7 @@ __device__ __forceinline__ void expand_tc_body(
 #pragma unroll
         for (int kc = 0; kc < KC; kc++) {
             const int k = kc * 32 + q * 8;
-            bv[ng][kc] = (c < sEnd && k < rank) ? ldg16(e.b + (i64)(c - sOff) * rank + k) : make_uint4(0, 0, 0, 0);
+            bv[ng][kc] = (c < sEnd && k < rank) ? ldg16_early(e.b + (i64)(c - sOff) * rank + k) : make_uint4(0, 0, 0, 0);
         }
     }
     pdl_entry(); // tmp is the shrink's output

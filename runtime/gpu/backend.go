@@ -183,7 +183,7 @@ type slotState struct {
 type funcs struct {
 	embed, addRMSNorm, addRMSNormCl, rmsnormRows, ropeStore, attention, siluMul, siluMulCl, shrink, expand *cuda.Function
 	addBias, headRMSNorm, addDelta, fillRows                                                               *cuda.Function
-	sgShrink, sgShrink4, sgExpand, sample, logitAdjust                                                     *cuda.Function
+	sgShrink, sgShrink4, sgShrink64, sgExpand, sample, logitAdjust                                         *cuda.Function
 	attnDecode                                                                                             [4]*cuda.Function // attn_decode_d32, d64, d128, d256
 	attnDecode8                                                                                            [4]*cuda.Function // attn_decode8_d*: FP8 keys
 	attnDecode2                                                                                            [4]*cuda.Function // attn_decode2_d*: 2 warps a block (decV2)
@@ -248,6 +248,7 @@ type kernelForce struct {
 	attnTS     bool          // attn_decode gets part with one split too (TestDecodeBench's PEFTD_ATTN_TS: the PEFTD_ATTN_TS build's timestamps)
 	addCl      int           // add_rmsnorm as add_rmsnorm_cl (a cluster of blocks a row; norm_cl.go): 1 wherever it fits, -1 never, 0 by the rows and update (addClFits)
 	wsLoRA     int           // fused groups (bit g: llama.FusedGroups[g]) whose FP8 update of 17-64 rows runs in fp8_ws_lora's end (lora_ws.go; 0: the default, wsLoRADefault; -1: none)
+	shrink64   int           // LoRA shrinks as sgmv_shrink64 (64-row tiles): 1 wherever it fits, -1 never, 0 from sgBigMinRows LoRA rows
 	l2Win      int           // the LoRA update buffer as an L2 persisting window (l2win.go): 1 on, -1 off, 0 the default (loraL2Default, PEFTD_LORA_L2); 3 on over the whole buffer, not loraL2Bytes of it (an A/B)
 }
 
@@ -318,6 +319,7 @@ type Backend struct {
 	maxRank     int
 	oddRank     bool // a loaded adapter has a rank that is not a multiple of 8
 	nTiles      int  // SGMV row tiles of the step
+	nBig        int  // sgmv_shrink64's tiles of the step (up to sgBigRows rows of one adapter)
 	expandShmem int  // dynamic shared memory sgmv_expand may use (raised on demand)
 	// SGMV v2 (kernels/sgmv.cu, shrink + expand in one launch per op), loaded
 	// with the first adapter; nil when that module failed to build or load
@@ -587,7 +589,7 @@ func (b *Backend) open(opts Options) error {
 	}{{&b.fn.embed, "embed"}, {&b.fn.addRMSNorm, "add_rmsnorm"}, {&b.fn.rmsnormRows, "rmsnorm_rows"}, {&b.fn.ropeStore, "rope_store"},
 		{&b.fn.attention, "attention"}, {&b.fn.siluMul, "silu_mul"}, {&b.fn.siluMulCl, "silu_mul_cl"}, {&b.fn.addRMSNormCl, "add_rmsnorm_cl"},
 		{&b.fn.shrink, "lora_shrink"}, {&b.fn.expand, "lora_expand"},
-		{&b.fn.sgShrink, "sgmv_shrink"}, {&b.fn.sgShrink4, "sgmv_shrink4"}, {&b.fn.sgExpand, "sgmv_expand"},
+		{&b.fn.sgShrink, "sgmv_shrink"}, {&b.fn.sgShrink4, "sgmv_shrink4"}, {&b.fn.sgShrink64, "sgmv_shrink64"}, {&b.fn.sgExpand, "sgmv_expand"},
 		{&b.fn.sample, "sample_rows"}, {&b.fn.logitAdjust, "logit_adjust"}, {&b.fn.attnDecode[0], "attn_decode_d32"}, {&b.fn.attnDecode[1], "attn_decode_d64"},
 		{&b.fn.attnDecode[2], "attn_decode_d128"}, {&b.fn.attnDecode[3], "attn_decode_d256"},
 		{&b.fn.attnDecode8[0], "attn_decode8_d32"}, {&b.fn.attnDecode8[1], "attn_decode8_d64"},

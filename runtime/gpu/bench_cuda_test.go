@@ -167,6 +167,15 @@ func TestLoRABench(t *testing.T) {
 	}
 	// PEFTD_LORA_BENCH_SETS=4x32,1x32: only those adapters x rank tables (timed as usual)
 	sets := os.Getenv("PEFTD_LORA_BENCH_SETS")
+	// PEFTD_LORA_BENCH_SHRINK64=1 or -1: sgmv_shrink64 for every shrink, or none (kernelForce.shrink64)
+	sh64 := 0
+	if v := os.Getenv("PEFTD_LORA_BENCH_SHRINK64"); v != "" {
+		var err error
+		if sh64, err = strconv.Atoi(v); err != nil {
+			t.Fatalf("PEFTD_LORA_BENCH_SHRINK64=%q: %v", v, err)
+		}
+		bench("lora shrinks: kernelForce.shrink64 %d", sh64)
+	}
 	if only == nil { // host cost of one eager kernel launch (purego call + hop to the CUDA thread)
 		x := r.buffer(1, 256)
 		r.fill(x, r.rnd(256, 1))
@@ -361,7 +370,7 @@ func TestLoRABench(t *testing.T) {
 						r.end()
 						continue
 					}
-					b.force = kernelForce{loraRows: v == 0, loraV1: v == 1, loraV2: v == 2}
+					b.force = kernelForce{loraRows: v == 0, loraV1: v == 1, loraV2: v == 2, shrink64: sh64}
 					r.begin(m)
 					us[v] = timeGraph(true)
 					r.end()
@@ -419,6 +428,7 @@ type decodeVariant struct {
 	rfold                        int    // q/k/v LoRA expanded inside RoPE at 1-16 rows (kernelForce.ropeLoRA: 1 on, -1 off, 0 the default)
 	l2                           int    // the LoRA update buffer as an L2 persisting window (kernelForce.l2Win: 1 on, -1 off, 3 on over the whole buffer, 0 the default)
 	wsl                          int    // FP8 groups of 17-64 rows whose update runs in fp8_ws_lora's end (kernelForce.wsLoRA: -1 none, 0 the default, else a mask of llama.FusedGroups)
+	sh64                         int    // LoRA shrinks as sgmv_shrink64 (kernelForce.shrink64: 1 always, -1 never, 0 the default)
 }
 
 // force is f with the kernel settings row v sets (kernelForce's other
@@ -429,7 +439,7 @@ func (v decodeVariant) force(f kernelForce) kernelForce {
 	f.wgFull, f.loraKChunk = v.wgFull, v.kc
 	f.holds, f.pdlJoins, f.loraInline = v.holds, v.pdlJoins, v.inline
 	f.ropeLoRA, f.nodePrio, f.siluCl, f.addCl = v.rfold, v.prio, v.silucl, v.addcl
-	f.memHoist, f.l2Win, f.wsLoRA = v.hoist, v.l2, v.wsl
+	f.memHoist, f.l2Win, f.wsLoRA, f.shrink64 = v.hoist, v.l2, v.wsl, v.sh64
 	return f
 }
 
@@ -527,6 +537,7 @@ func (v decodeVariant) label(ads []*lora.Adapter, pdlOK bool) string {
 		lbl += fmt.Sprintf("+wsl%d", v.wsl)
 	}
 	lbl += onOffLabel(v.rfold, "rfold")
+	lbl += onOffLabel(v.sh64, "sh64")
 	lbl += onOffLabel(v.silucl, "silucl")
 	lbl += onOffLabel(v.addcl, "addcl")
 	lbl += onOffLabel(v.prio, "prio")
@@ -747,6 +758,7 @@ func TestDecodeBench(t *testing.T) {
 		{sms: -1, fslate: true}, {lora: true, sms: -1, fslate: true},
 		{sms: -1, noe1: true}, {lora: true, sms: -1, noe1: true}, {lora: true, sms: -1, e1lone: true},
 		{sms: -1, l2: -1}, {lora: true, sms: -1, l2: -1}, {sms: -1, l2: 3}, {lora: true, sms: -1, l2: 3},
+		{lora: true, sms: -1, sh64: 1}, {lora: true, sms: -1, sh64: -1},
 	}
 	// PEFTD_LORA_PARTITION=16,32: rows +part16, +part32 with the SMs split by
 	// green contexts (Options.LoRAPartition), base and adapters, with and

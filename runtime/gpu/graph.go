@@ -156,6 +156,9 @@ func preTilesCap(n int) int { return (n+preRows-1)/preRows + min(n/2, 16) }
 // adapter slots: one partial tile per segment plus the full ones.
 func tilesCap(n, slots int) int { return min(n, (n+sgTileRows-1)/sgTileRows+max(slots, 1)) }
 
+// bigTilesCap is tilesCap for sgmv_shrink64's tiles of sgBigRows rows.
+func bigTilesCap(n, slots int) int { return min(n, (n+sgBigRows-1)/sgBigRows+max(slots, 1)) }
+
 // decSplitFor is the KV split of attn_decode for a decode step of n rows.
 // Blocks run in waves of decResident[decVariantFor(n)] (the blocks the GPU
 // holds at once); a block costs its share of the context plus a fixed part
@@ -205,7 +208,8 @@ func (b *Backend) initGraphs(maxContext int) error {
 	o.decSeqs = (11*M + 3) &^ 3 // int4 aligned: decEntry's four words a row
 	o.tiles = o.decSeqs + 4*M
 	o.preTiles = o.tiles + 4*tilesCap(M, b.g.slots)
-	o.pages = o.preTiles + 4*preTilesCap(M)
+	o.bigTiles = o.preTiles + 4*preTilesCap(M)
+	o.pages = o.bigTiles + 4*bigTilesCap(M, b.g.slots)
 	o.preRows = o.pages // the per-row kernel never runs in a recording
 	perSeq := (maxContext + b.kv.BlockSize - 1) / b.kv.BlockSize
 	b.g.pagesCap = M * min(max(perSeq, 1), b.kv.Blocks)
@@ -648,6 +652,7 @@ func (b *Backend) fillGraphMeta(meta *engine.StepMeta, n, rank int, mixed bool) 
 		h[o.logitRows+i] = r
 	}
 	nTiles, tl := tilesCap(n, b.g.slots), o.tiles
+	nBig, bl := bigTilesCap(n, b.g.slots), o.bigTiles
 	for _, g := range meta.LoRA {
 		if err := b.checkSegment(g, T); err != nil {
 			return err
@@ -655,13 +660,15 @@ func (b *Backend) fillGraphMeta(meta *engine.StepMeta, n, rank int, mixed bool) 
 		for r := g.Start; r < g.End; r++ {
 			h[o.loraSlots+r] = int32(g.Slot)
 		}
-		if tl+4*tilesOf(g.End-g.Start, sgTileRows) > o.tiles+4*nTiles {
-			return fmt.Errorf("%w: more LoRA tiles than %d", ErrBadStep, nTiles)
+		if tl+4*tilesOf(g.End-g.Start, sgTileRows) > o.tiles+4*nTiles || bl+4*tilesOf(g.End-g.Start, sgBigRows) > o.bigTiles+4*nBig {
+			return fmt.Errorf("%w: more LoRA tiles than %d (%d of %d rows)", ErrBadStep, nTiles, nBig, sgBigRows)
 		}
 		tl = putTiles(h, tl, g.Start, g.End, sgTileRows, int32(g.Slot))
+		bl = putTiles(h, bl, g.Start, g.End, sgBigRows, int32(g.Slot))
 	}
-	clear(h[tl : o.tiles+4*nTiles]) // tiles with no rows
-	if b.chain.on {                 // the rows' token sources, after the page tables
+	clear(h[tl : o.tiles+4*nTiles])  // tiles with no rows
+	clear(h[bl : o.bigTiles+4*nBig]) // the same
+	if b.chain.on {                  // the rows' token sources, after the page tables
 		src := h[o.tokFrom : o.tokFrom+n]
 		if err := b.fillTokFrom(src, meta); err != nil {
 			return err
@@ -677,10 +684,10 @@ func (b *Backend) fillGraphMeta(meta *engine.StepMeta, n, rank int, mixed bool) 
 	b.nRows, b.nLogit = n, n
 	b.nDec, b.nPre, b.nPreTiles = n, 0, nPreTiles
 	b.decSplit, b.decV, b.part = b.decSplitFor(n), b.decVariantFor(n), b.g.part
-	b.nLora, b.nTiles = 0, 0
+	b.nLora, b.nTiles, b.nBig = 0, 0, 0
 	b.stepRank, b.stepTmp, b.stepTmpFloats = 0, 0, 0
 	if rank > 0 {
-		b.nLora, b.nTiles = n, nTiles
+		b.nLora, b.nTiles, b.nBig = n, nTiles, nBig
 		b.stepRank, b.stepTmp, b.stepTmpFloats = rank, b.g.tmp.Ptr(), b.graphTmpFloats(rank)
 	}
 	b.graphLayout = true

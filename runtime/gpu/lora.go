@@ -510,10 +510,26 @@ func (b *Backend) loraSlices(st *cuda.Stream, outPtr cuda.DevicePtr, outStride i
 }
 
 // sgShrinkPlan is an SGMV shrink launch's shape: the kernel, its rank rows
-// a block (nb), rank tiles, K parts (ks) and K columns a part (kchunk).
+// a block (nb), rank tiles, K parts (ks) and K columns a part (kchunk); big:
+// sgmv_shrink64 on the step's tiles of sgBigRows rows.
 type sgShrinkPlan struct {
 	f                         *cuda.Function
 	nb, rankTiles, ks, kchunk int
+	big                       bool
+}
+
+// sgBigRows is sgmv_shrink64's rows a tile (SB_ROWS in llama.cu), and
+// sgBigMinRows the LoRA rows from which a step's shrinks take it.
+const (
+	sgBigRows    = 64
+	sgBigMinRows = 128
+)
+
+// shrinkBig reports whether the step's shrinks run as sgmv_shrink64
+// (kernelForce.shrink64: 1 always, -1 never). It gives sgmv_shrink's bits,
+// so this is a choice of speed alone.
+func (b *Backend) shrinkBig() bool {
+	return b.fn.sgShrink64 != nil && forcedOn(b.force.shrink64, b.nLora >= sgBigMinRows)
 }
 
 // shrinkPlan is the shrink of a group of n projections reading inF
@@ -524,11 +540,15 @@ func (b *Backend) shrinkPlan(st *cuda.Stream, inF, n int) sgShrinkPlan {
 	// Rank rows per shrink block: 32 when the tiles are well filled (each x
 	// tile is then read once per 32 ranks, not per 8), else 8 for more blocks.
 	p := sgShrinkPlan{f: b.fn.sgShrink, nb: 8}
-	if !b.graphLayout && b.nLora >= 8*b.nTiles && b.nTiles*n >= 16 {
+	tiles := b.nTiles
+	switch {
+	case b.shrinkBig():
+		p.f, p.nb, p.big, tiles = b.fn.sgShrink64, 32, true, b.nBig
+	case !b.graphLayout && b.nLora >= 8*b.nTiles && b.nTiles*n >= 16:
 		p.f, p.nb = b.fn.sgShrink4, 32
 	}
 	p.rankTiles = (b.stepRank + p.nb - 1) / p.nb
-	blocks := b.nTiles * n * p.rankTiles
+	blocks := tiles * n * p.rankTiles
 	// Split K across blocks until the grid covers the SMs about twice over,
 	// keeping at least 512 columns per block and the partials in the scratch.
 	groups := (inF + 255) / 256
@@ -536,7 +556,12 @@ func (b *Backend) shrinkPlan(st *cuda.Stream, inF, n int) sgShrinkPlan {
 	if st == b.la.s {
 		sms = b.loraStreamSMs()
 	}
-	ks := max(1, (2*sms+blocks-1)/blocks)
+	// sgmv_shrink64 (one block an SM): one wave
+	cover := 2
+	if p.big {
+		cover = 1
+	}
+	ks := max(1, (cover*sms+blocks-1)/blocks)
 	if kc := b.force.loraKChunk; kc > 0 {
 		ks = (inF + kc - 1) / kc
 	}
@@ -550,8 +575,12 @@ func (b *Backend) shrinkPlan(st *cuda.Stream, inF, n int) sgShrinkPlan {
 // ms (n of them, table entries from base, stride apart a slot) of x's
 // inF columns, into the step's LoRA scratch (sp.ks K parts).
 func (b *Backend) launchShrink(st *cuda.Stream, sp sgShrinkPlan, x *Buffer, base, stride int, ms [3]int, inF, n int) {
-	b.launchOn(st, sp.f, cuda.Dim3{X: b.nTiles, Y: n * sp.rankTiles, Z: sp.ks}, cuda.Dim3{X: 256},
-		b.stepTmp, ptr(x), b.table, b.i32(b.off.tiles), base, stride, ms[0], ms[1], ms[2], sp.rankTiles, b.stepRank,
+	tiles, nTiles := b.off.tiles, b.nTiles
+	if sp.big {
+		tiles, nTiles = b.off.bigTiles, b.nBig
+	}
+	b.launchOn(st, sp.f, cuda.Dim3{X: nTiles, Y: n * sp.rankTiles, Z: sp.ks}, cuda.Dim3{X: 256},
+		b.stepTmp, ptr(x), b.table, b.i32(tiles), base, stride, ms[0], ms[1], ms[2], sp.rankTiles, b.stepRank,
 		inF, x.ld, n*b.stepRank, b.rows(), sp.kchunk)
 }
 

@@ -131,6 +131,30 @@ func TestOpLoRAFused(t *testing.T) {
 				r.b.loraSlices(r.b.s, out.mem.Ptr(), total, x, layer, mods, true)
 			}
 			got := r.read(out, T)
+			if !aside && (mode == "v1" || mode == "tc1") {
+				// sgmv_shrink64 gives sgmv_shrink's (and sgmv_shrink4's) bits
+				// for the same K split (v1: the expand on CUDA cores, tc1: on
+				// tensor cores; 768-column parts: two and four here)
+				r.b.force.loraKChunk = 768
+				r.fill(out, ov)
+				r.b.loraSlices(r.b.s, out.mem.Ptr(), total, x, layer, mods, true)
+				small := r.read(out, T)
+				r.b.force.shrink64 = 1
+				r.fill(out, ov)
+				r.b.loraSlices(r.b.s, out.mem.Ptr(), total, x, layer, mods, true)
+				big := r.read(out, T)
+				r.b.force.shrink64, r.b.force.loraKChunk = 0, 0
+				for i := range small {
+					if math.Float32bits(small[i]) != math.Float32bits(big[i]) {
+						t.Fatalf("%s %v: sgmv_shrink64 differs from sgmv_shrink at %d (row %d): %g vs %g", mode, mods, i, i/total, big[i], small[i])
+					}
+				}
+				r.b.force.shrink64 = 1 // its own K split: checked against the reference below
+				r.fill(out, ov)
+				r.b.loraSlices(r.b.s, out.mem.Ptr(), total, x, layer, mods, true)
+				got = r.read(out, T)
+				r.b.force.shrink64 = 0
+			}
 			if mode == "v2" { // deterministic: the same bits again (K-split partials summed in a fixed order)
 				r.fill(out, ov)
 				r.b.loraSlices(r.b.s, out.mem.Ptr(), total, x, layer, mods, true)

@@ -9,6 +9,7 @@ import (
 
 type metaOffsets struct {
 	tokens, pos, kvSlots, rowSeq, seqInfo, pages, loraRows, loraSlots, logitRows, tiles, decSeqs, preRows, preTiles, end int
+	bigTiles                                                                                                             int // sgmv_shrink64's LoRA tiles (sgBigRows rows)
 	rowLora                                                                                                              int // each row's adapter slot, -1 for none (the ops that add a LoRA update skip those rows)
 	tokFrom                                                                                                              int // chained steps (graph layout, chain.go): each row's source in the ring, -1 for its token
 }
@@ -111,9 +112,10 @@ func (b *Backend) Begin(meta *engine.StepMeta) error {
 	o.loraSlots = o.loraRows + nLora
 	o.logitRows = o.loraSlots + nLora
 	o.tiles = (o.logitRows + len(meta.LogitRows) + 3) &^ 3 // int4 aligned
-	nTiles := 0
+	nTiles, nBig := 0, 0
 	for _, g := range meta.LoRA {
 		nTiles += tilesOf(g.End-g.Start, sgTileRows)
+		nBig += tilesOf(g.End-g.Start, sgBigRows)
 	}
 	o.decSeqs = o.tiles + 4*nTiles
 	nDec := 0
@@ -142,7 +144,8 @@ func (b *Backend) Begin(meta *engine.StepMeta) error {
 		}
 	}
 	o.preTiles = o.rowLora + T
-	o.end = o.preTiles + 4*nPreTiles
+	o.bigTiles = (o.preTiles + 4*nPreTiles + 3) &^ 3 // int4 aligned
+	o.end = o.bigTiles + 4*nBig
 	if err := b.s.Synchronize(); err != nil { // the pinned staging may still feed a copy
 		return err
 	}
@@ -230,14 +233,15 @@ func (b *Backend) Begin(meta *engine.StepMeta) error {
 		}
 		pt = putTiles(h, pt, s.Start, s.Start+s.Len, preRows, int32(si))
 	}
-	tl := o.tiles
+	tl, bl := o.tiles, o.bigTiles
 	for _, g := range meta.LoRA {
 		tl = putTiles(h, tl, g.Start, g.End, sgTileRows, int32(g.Slot))
+		bl = putTiles(h, bl, g.Start, g.End, sgBigRows, int32(g.Slot))
 	}
 	if err := cuda.CopyHtoD(b.s, b.metaDev.Ptr(), h[:o.end]); err != nil {
 		return err
 	}
-	b.meta, b.off, b.nLora, b.nTiles = meta, o, nLora, nTiles
+	b.meta, b.off, b.nLora, b.nTiles, b.nBig = meta, o, nLora, nTiles, nBig
 	b.metaBase, b.nRows, b.nLogit, b.graphLayout = b.metaDev.Ptr(), T, len(meta.LogitRows), false
 	b.nDec, b.nPre, b.nPreTiles, b.part = nDec, nPre, nPreTiles, b.attnPart
 	b.stepRank, b.stepTmp, b.stepTmpFloats = b.maxRank, 0, 0
