@@ -522,7 +522,7 @@ type sgShrinkPlan struct {
 // sgBigMinRows the LoRA rows from which a step's shrinks take it.
 const (
 	sgBigRows    = 64
-	sgBigMinRows = 128
+	sgBigMinRows = 256
 )
 
 // shrinkBig reports whether the step's shrinks run as sgmv_shrink64
