@@ -519,7 +519,10 @@ type sgShrinkPlan struct {
 }
 
 // sgBigRows is sgmv_shrink64's rows a tile (SB_ROWS in llama.cu), and
-// sgBigMinRows the LoRA rows from which a step's shrinks take it.
+// sgBigMinRows the LoRA rows from which a step's shrinks take it. H200,
+// FP8, four rank-32 adapters, device ms a step with it and without: 128
+// rows 6.96 vs 6.73, 256 rows 11.13 vs 11.22; the 4 x 512 prefill's LoRA
+// 317.7 vs 327.5 µs a layer (v0.61).
 const (
 	sgBigRows    = 64
 	sgBigMinRows = 256
