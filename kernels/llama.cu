@@ -2164,6 +2164,21 @@ extern "C" __global__ void __launch_bounds__(32 * SG_WARPS) sgmv_shrink4(SHRINK_
 #define SB_MT (SB_ROWS / 16) // m16 tiles a block
 #define SB_RW 40             // red's row stride in floats (32 ranks + 8: fewer bank conflicts)
 
+// sb_load_a: a lane's A loads for a round of sgmv_shrink64 (chunks cb and
+// cb + 256, rank rows ar, zero past kend or the rank); EARLY: issued before
+// griddepcontrol.wait (ldg16_early).
+template <bool EARLY>
+__device__ __forceinline__ void sb_load_a(uint4 (&av)[2][4], const bf16* const (&ar)[4], const bool (&va)[4], int cb, int kend, int q) {
+#pragma unroll
+    for (int u = 0; u < 2; u++)
+#pragma unroll
+        for (int nb = 0; nb < 4; nb++) {
+            const int col = cb + 256 * u + q * 8;
+            const bool ok = col < kend && va[nb];
+            av[u][nb] = !ok ? make_uint4(0, 0, 0, 0) : (EARLY ? ldg16_early(ar[nb] + col) : ldg16(ar[nb] + col));
+        }
+}
+
 extern "C" __global__ void __launch_bounds__(32 * SG_WARPS, 1) sgmv_shrink64(SHRINK_ARGS) {
     __shared__ float red[SG_WARPS / 2][SB_ROWS * SB_RW]; // half the warps' sums at a time
     // Before griddepcontrol.wait: the tile (step metadata, copied before the
@@ -2206,23 +2221,10 @@ extern "C" __global__ void __launch_bounds__(32 * SG_WARPS, 1) sgmv_shrink64(SHR
     // loads wait for the kernel before
     const int cb0 = kbeg + warp * 32;
     uint4 av[2][4];
-#pragma unroll
-    for (int u = 0; u < 2; u++)
-#pragma unroll
-        for (int nb = 0; nb < 4; nb++) {
-            const int col = cb0 + 256 * u + q * 8;
-            av[u][nb] = (col < kend && va[nb]) ? ldg16_early(ar[nb] + col) : z4;
-        }
+    sb_load_a<true>(av, ar, va, cb0, kend, q);
     pdl_entry(); // x is the previous kernel's output
     for (int cb = cb0; cb < kend; cb += 2 * 32 * SG_WARPS) {
-        if (cb != cb0)
-#pragma unroll
-            for (int u = 0; u < 2; u++)
-#pragma unroll
-                for (int nb = 0; nb < 4; nb++) {
-                    const int col = cb + 256 * u + q * 8;
-                    av[u][nb] = (col < kend && va[nb]) ? ldg16(ar[nb] + col) : z4;
-                }
+        if (cb != cb0) sb_load_a<false>(av, ar, va, cb, kend, q);
         uint4 xv[2][2 * SB_MT];
 #pragma unroll
         for (int u = 0; u < 2; u++)
