@@ -130,9 +130,9 @@ __device__ __forceinline__ void fp8_gemv_body(bf16* __restrict__ out, const unsi
     // 256 blocks, a third of a wave) are otherwise latency-bound. Two
     // activation tiles take half as many (registers).
     constexpr int U = NT == 1 ? 4 : 2;
-    // The weight scales of the rows lane writes (if warp 0; below), loaded
-    // before pdl_entry (no kernel of a step writes weights), not one pair
-    // before each store at the end.
+    // The weight scales of the rows lane writes (if warp 0; below), asked
+    // for here, not one pair before each store at the end. (Written before
+    // pdl_entry, but ptxas moves this .nc load past the wait: v0.61.)
     const float osw[2] = {sw[n0 + g], sw[n0 + g + 8]};
     pdl_entry();
     const unsigned char* xr[NT];
@@ -231,9 +231,10 @@ __device__ __forceinline__ void fp8_gemv_seg_body(bf16* __restrict__ out, const 
     // Thread i < RB M writes output (i / RB, rb0 + i % RB): RB M = G (16 /
     // S) M <= 128 G / S^2 <= 32 KS G threads for S >= 2 (M <= 8 / S), so
     // every output has a thread and none has two. Its scales are loaded
-    // here, the weight row's before pdl_entry (no kernel of a step writes
-    // weights), not after the reduction: there they were a global round
-    // trip before the store, at the end of every launch.
+    // here, not after the reduction: there they were a global round trip
+    // before the store, at the end of every launch. (The weight row's is
+    // written before pdl_entry, but ptxas moves this .nc load past the
+    // wait: v0.61; d84c1d4 measured early weights, PERFORMANCE v0.61.)
     const int oi = threadIdx.x, om = oi / RB, orr = oi % RB, on = rb0 + orr;
     const bool ov = om < M;
     const float osw = sw[on];

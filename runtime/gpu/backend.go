@@ -248,7 +248,7 @@ type kernelForce struct {
 	attnTS     bool          // attn_decode gets part with one split too (TestDecodeBench's PEFTD_ATTN_TS: the PEFTD_ATTN_TS build's timestamps)
 	addCl      int           // add_rmsnorm as add_rmsnorm_cl (a cluster of blocks a row; norm_cl.go): 1 wherever it fits, -1 never, 0 by the rows and update (addClFits)
 	wsLoRA     int           // fused groups (bit g: llama.FusedGroups[g]) whose FP8 update of 17-64 rows runs in fp8_ws_lora's end (lora_ws.go; 0: the default, wsLoRADefault; -1: none)
-	shrink64   int           // LoRA shrinks as sgmv_shrink64 (64-row tiles): 1 wherever it fits, -1 never, 0 from sgBigMinRows LoRA rows
+	shrink64   int           // LoRA shrinks as sgmv_shrink64 (64-row tiles): 1 always, -1 never, 0 from sgBigMinRows LoRA rows
 	l2Win      int           // the LoRA update buffer as an L2 persisting window (l2win.go): 1 on, -1 off, 0 the default (loraL2Default, PEFTD_LORA_L2); 3 on over the whole buffer, not loraL2Bytes of it (an A/B)
 }
 
