@@ -251,9 +251,9 @@ __device__ __forceinline__ void fp8_gemv_seg_body(bf16* __restrict__ out, const 
     // S) M <= 128 G / S^2 <= 32 KS G threads for S >= 2 (M <= 8 / S), so
     // every output has a thread and none has two. Its scales are loaded
     // here, not after the reduction: there they were a global round trip
-    // before the store, at the end of every launch. A plain .nc load of
-    // the weight row's scale written before pdl_entry is moved past the
-    // wait by ptxas (v0.61): the early path's loads are coherent.
+    // before the store, at the end of every launch. (The weight row's is
+    // written before pdl_entry, but ptxas moves this .nc load past the
+    // wait: v0.61; d84c1d4 measured early weights, PERFORMANCE v0.61.)
     const int oi = threadIdx.x, om = oi / RB, orr = oi % RB, on = rb0 + orr;
     const bool ov = om < M;
     uint4 A[CH], B[CH], X[CH];
@@ -262,9 +262,8 @@ __device__ __forceinline__ void fp8_gemv_seg_body(bf16* __restrict__ out, const 
     early = 0;
 #endif
     if (early) {
-        // a step with no LoRA update (runtime/gpu fp8State.plain): the
-        // block's whole share of the weights is asked for before the wait,
-        // its bytes stream while the kernel before ends
+        // the block's whole share of the weights is asked for before the
+        // wait: its bytes stream while the kernel before ends
         osw = ld_f32_early(sw + on);
 #pragma unroll
         for (int c = 0; c < CH; c++) {
@@ -275,15 +274,13 @@ __device__ __forceinline__ void fp8_gemv_seg_body(bf16* __restrict__ out, const 
     } else {
         osw = sw[on];
         pdl_entry();
-    }
-    const float osx = sx[ov ? om : 0];
-    if (!early) {
 #pragma unroll
         for (int c = 0; c < CH; c++) {
             A[c] = ld_stream16(w0 + c * CB);
             B[c] = ld_stream16(w1 + c * CB);
         }
     }
+    const float osx = sx[ov ? om : 0];
 #pragma unroll
     for (int c = 0; c < CH; c++) X[c] = xv ? __ldg(reinterpret_cast<const uint4*>(xp + c * CB)) : make_uint4(0u, 0u, 0u, 0u);
     float acc[4] = {0.f, 0.f, 0.f, 0.f};

@@ -165,12 +165,6 @@ type fp8State struct {
 	// LoRA update runs beside (lone, set by Backend.Linear); both for
 	// benchmarks and tests
 	streamE1Off, streamE1Lone, lone bool
-	// plain: the step runs no LoRA update at all (set by Backend.Linear).
-	// fp8_gemv_seg asks for its weights before griddepcontrol.wait only
-	// then: FP8 base 1 / 2 rows 2.69 / 2.89 -> 2.63 / 2.76 ms, while early
-	// weights in the lone products of steps with four rank-32 adapters
-	// made those 2.86 / 3.10 -> 2.95 / 3.25 (v0.62)
-	plain bool
 
 	// fp8_gemv_seg (fp8_seg.go) for steps of 1-4 rows; benchmarks and
 	// tests set segOff (fp8_gemv instead)
@@ -338,7 +332,7 @@ func (f *fp8State) linear(out, x cuda.DevicePtr, T int, w *fp8Weight, gen uint64
 		return f.stream.launch(f.s, p, out, f.actQ.Ptr(), f.actS.Ptr(), w, T, opts, !f.streamE1Off && (f.lone || !f.streamE1Lone))
 	}
 	if p, ok := planSeg(T, w.rows, K); ok && !f.segOff {
-		return f.seg.launch(f.s, p, out, f.actQ.Ptr(), f.actS.Ptr(), w, T, f.plain)
+		return f.seg.launch(f.s, p, out, f.actQ.Ptr(), f.actS.Ptr(), w, T, f.lone)
 	}
 	if gemvFits(T, w.rows, K) {
 		return f.gemvLaunch(out, T, w)
