@@ -235,7 +235,7 @@ extern "C" __global__ void __launch_bounds__(32 * GV_MAX_WARPS) fp8_gemv_n16(FP8
 template <int S, int CH>
 __device__ __forceinline__ void fp8_gemv_seg_body(bf16* __restrict__ out, const unsigned char* __restrict__ qx,
                                                   const float* __restrict__ sx, const unsigned char* __restrict__ qw,
-                                                  const float* __restrict__ sw, int M, int N, int K, int KS, int early) {
+                                                  const float* __restrict__ sw, int M, int N, int K, int KS) {
     constexpr int RW = 16 / S, MX = 8 / S, CB = S * 64;
     __shared__ float red[SEG_MAX_WARPS * 128 / (S * S)]; // [KS][MX][RB]: KS * G warps of RW rows, MX activation rows
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, tig = lane & 3;
@@ -257,29 +257,25 @@ __device__ __forceinline__ void fp8_gemv_seg_body(bf16* __restrict__ out, const 
     const int oi = threadIdx.x, om = oi / RB, orr = oi % RB, on = rb0 + orr;
     const bool ov = om < M;
     uint4 A[CH], B[CH], X[CH];
-    float osw;
 #ifdef PEFTD_GEMV_LATE
-    early = 0;
-#endif
-    if (early) {
-        // the block's whole share of the weights is asked for before the
-        // wait: its bytes stream while the kernel before ends
-        osw = ld_f32_early(sw + on);
+    const float osw = sw[on];
+    pdl_entry();
 #pragma unroll
-        for (int c = 0; c < CH; c++) {
-            A[c] = ld_stream16_early(w0 + c * CB);
-            B[c] = ld_stream16_early(w1 + c * CB);
-        }
-        pdl_entry();
-    } else {
-        osw = sw[on];
-        pdl_entry();
-#pragma unroll
-        for (int c = 0; c < CH; c++) {
-            A[c] = ld_stream16(w0 + c * CB);
-            B[c] = ld_stream16(w1 + c * CB);
-        }
+    for (int c = 0; c < CH; c++) {
+        A[c] = ld_stream16(w0 + c * CB);
+        B[c] = ld_stream16(w1 + c * CB);
     }
+#else
+    // the block's whole share of the weights is asked for before the wait:
+    // its bytes stream while the kernel before ends
+    const float osw = ld_f32_early(sw + on);
+#pragma unroll
+    for (int c = 0; c < CH; c++) {
+        A[c] = ld_stream16_early(w0 + c * CB);
+        B[c] = ld_stream16_early(w1 + c * CB);
+    }
+    pdl_entry();
+#endif
     const float osx = sx[ov ? om : 0];
 #pragma unroll
     for (int c = 0; c < CH; c++) X[c] = xv ? __ldg(reinterpret_cast<const uint4*>(xp + c * CB)) : make_uint4(0u, 0u, 0u, 0u);
@@ -319,10 +315,10 @@ __device__ __forceinline__ void fp8_gemv_seg_body(bf16* __restrict__ out, const 
 }
 #define FP8_SEG_ARGS                                                                                         \
     bf16 *out, const unsigned char *qx, const float *sx, const unsigned char *qw, const float *sw, int M, int N, \
-        int K, int KS, int early
+        int K, int KS
 #define FP8_SEG(S, CH)                                                                                             \
     extern "C" __global__ void __launch_bounds__(32 * SEG_MAX_WARPS) fp8_gemv_seg_s##S##_c##CH(FP8_SEG_ARGS) { \
-        fp8_gemv_seg_body<S, CH>(out, qx, sx, qw, sw, M, N, K, KS, early);                                        \
+        fp8_gemv_seg_body<S, CH>(out, qx, sx, qw, sw, M, N, K, KS);                                               \
     }
 FP8_SEG(8, 7)
 FP8_SEG(8, 4)

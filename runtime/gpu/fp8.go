@@ -332,7 +332,7 @@ func (f *fp8State) linear(out, x cuda.DevicePtr, T int, w *fp8Weight, gen uint64
 		return f.stream.launch(f.s, p, out, f.actQ.Ptr(), f.actS.Ptr(), w, T, opts, !f.streamE1Off && (f.lone || !f.streamE1Lone))
 	}
 	if p, ok := planSeg(T, w.rows, K); ok && !f.segOff {
-		return f.seg.launch(f.s, p, out, f.actQ.Ptr(), f.actS.Ptr(), w, T, f.lone)
+		return f.seg.launch(f.s, p, out, f.actQ.Ptr(), f.actS.Ptr(), w, T)
 	}
 	if gemvFits(T, w.rows, K) {
 		return f.gemvLaunch(out, T, w)

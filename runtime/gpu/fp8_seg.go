@@ -97,21 +97,11 @@ func newFP8Seg(mod *cuda.Module) (*fp8Seg, error) {
 }
 
 // launch enqueues out = sx sw (qx . qw^T) for M activation rows (qx, sx)
-// and weight w with plan p; early: the weights are asked for before
-// griddepcontrol.wait (a product no LoRA update runs beside: at 1-2 rows
-// beside one the early weights cost the step with adapters 3%, v0.61).
-func (g *fp8Seg) launch(s *cuda.Stream, p segPlan, out, qx, sx cuda.DevicePtr, w *fp8Weight, M int, early bool) error {
+// and weight w with plan p.
+func (g *fp8Seg) launch(s *cuda.Stream, p segPlan, out, qx, sx cuda.DevicePtr, w *fp8Weight, M int) error {
 	if (uint64(qx)|uint64(w.q.Ptr()))%16 != 0 {
 		return fmt.Errorf("gpu: fp8_gemv_seg: operands not 16-byte aligned")
 	}
 	return g.fn[p.k].Launch(s, cuda.Dim3{X: w.rows / p.rows()}, cuda.Dim3{X: 32 * p.KS * p.G}, 0,
-		uint64(out), uint64(qx), uint64(sx), uint64(w.q.Ptr()), uint64(w.scale.Ptr()), M, w.rows, w.cols, p.KS, b2i(early))
-}
-
-// b2i is 1 for true, 0 for false (a kernel's int flag).
-func b2i(v bool) int {
-	if v {
-		return 1
-	}
-	return 0
+		uint64(out), uint64(qx), uint64(sx), uint64(w.q.Ptr()), uint64(w.scale.Ptr()), M, w.rows, w.cols, p.KS)
 }
