@@ -74,25 +74,6 @@ __device__ __forceinline__ uint4 ld_stream16(const unsigned char* p) {
     return v;
 }
 
-// ld_stream16_early, ld_f32_early: weights (and their scales) read before
-// griddepcontrol.wait. Coherent loads, with the wait a memory barrier for
-// them: ptxas sinks non-coherent (.nc) loads past griddepcontrol.wait
-// (SASS of fp8_gemv_seg before v0.61: no load before ACQBULK), these stay
-// before it. -DPEFTD_GEMV_LATE: the weights after the wait, as before.
-__device__ __forceinline__ uint4 ld_stream16_early(const unsigned char* p) {
-    uint4 v;
-    asm volatile("ld.global.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-                 : "l"(p)
-                 : "memory");
-    return v;
-}
-__device__ __forceinline__ float ld_f32_early(const float* p) {
-    float v;
-    asm volatile("ld.global.f32 %0, [%1];\n" : "=f"(v) : "l"(p) : "memory");
-    return v;
-}
-
 // SpanW, span_w, span_mma: the two k32 MMAs of one 64-byte span that
 // fp8_gemv and fp8_gemm_skinny make, with weight rows g (a) and g + 8 (b)
 // as A (this lane's 16 bytes of each) and an activation row's 16 bytes (x)
@@ -256,27 +237,15 @@ __device__ __forceinline__ void fp8_gemv_seg_body(bf16* __restrict__ out, const 
     // wait: v0.61; d84c1d4 measured early weights, PERFORMANCE v0.61.)
     const int oi = threadIdx.x, om = oi / RB, orr = oi % RB, on = rb0 + orr;
     const bool ov = om < M;
-    uint4 A[CH], B[CH], X[CH];
-#ifdef PEFTD_GEMV_LATE
     const float osw = sw[on];
     pdl_entry();
+    const float osx = sx[ov ? om : 0];
+    uint4 A[CH], B[CH], X[CH];
 #pragma unroll
     for (int c = 0; c < CH; c++) {
         A[c] = ld_stream16(w0 + c * CB);
         B[c] = ld_stream16(w1 + c * CB);
     }
-#else
-    // the block's whole share of the weights is asked for before the wait:
-    // its bytes stream while the kernel before ends
-    const float osw = ld_f32_early(sw + on);
-#pragma unroll
-    for (int c = 0; c < CH; c++) {
-        A[c] = ld_stream16_early(w0 + c * CB);
-        B[c] = ld_stream16_early(w1 + c * CB);
-    }
-    pdl_entry();
-#endif
-    const float osx = sx[ov ? om : 0];
 #pragma unroll
     for (int c = 0; c < CH; c++) X[c] = xv ? __ldg(reinterpret_cast<const uint4*>(xp + c * CB)) : make_uint4(0u, 0u, 0u, 0u);
     float acc[4] = {0.f, 0.f, 0.f, 0.f};
