@@ -74,6 +74,26 @@ __device__ __forceinline__ uint4 ld_stream16(const unsigned char* p) {
     return v;
 }
 
+#ifdef PEFTD_SEG_EARLY
+// ld_stream16_early, ld_f32_early: weights (and their scales) read before
+// griddepcontrol.wait: coherent loads in volatile asm with a memory
+// clobber, which ptxas keeps before the wait (it sinks .nc loads past it:
+// v0.61's SASS scan).
+__device__ __forceinline__ uint4 ld_stream16_early(const unsigned char* p) {
+    uint4 v;
+    asm volatile("ld.global.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(p)
+                 : "memory");
+    return v;
+}
+__device__ __forceinline__ float ld_f32_early(const float* p) {
+    float v;
+    asm volatile("ld.global.f32 %0, [%1];\n" : "=f"(v) : "l"(p) : "memory");
+    return v;
+}
+#endif
+
 // SpanW, span_w, span_mma: the two k32 MMAs of one 64-byte span that
 // fp8_gemv and fp8_gemm_skinny make, with weight rows g (a) and g + 8 (b)
 // as A (this lane's 16 bytes of each) and an activation row's 16 bytes (x)
@@ -213,7 +233,7 @@ extern "C" __global__ void __launch_bounds__(32 * GV_MAX_WARPS) fp8_gemv_n16(FP8
 // (K = KS * CH * S * 64); grid N / (G * 16 / S). Runtime/gpu fp8_seg.go
 // plans it. Activation rows M..8/S-1 read as zeros and are not written.
 #define SEG_MAX_WARPS 16
-template <int S, int CH>
+template <int S, int CH, bool EARLY>
 __device__ __forceinline__ void fp8_gemv_seg_body(bf16* __restrict__ out, const unsigned char* __restrict__ qx,
                                                   const float* __restrict__ sx, const unsigned char* __restrict__ qw,
                                                   const float* __restrict__ sw, int M, int N, int K, int KS) {
@@ -235,16 +255,37 @@ __device__ __forceinline__ void fp8_gemv_seg_body(bf16* __restrict__ out, const 
     // before the store, at the end of every launch. (The weight row's is
     // written before pdl_entry, but ptxas moves this .nc load past the
     // wait: v0.61; d84c1d4 measured early weights, PERFORMANCE v0.61.)
+    // EARLY (fp8_gemv_seg_e_*, -DPEFTD_SEG_EARLY, steps with no LoRA
+    // update: runtime/gpu fp8State.plain): the block's whole share of the
+    // weights and its scale are asked for before the wait by coherent
+    // loads, so their bytes stream while the kernel before ends. A kernel
+    // of its own, not a flag of this one: v0.62's flag changed the late
+    // path's speed too.
     const int oi = threadIdx.x, om = oi / RB, orr = oi % RB, on = rb0 + orr;
     const bool ov = om < M;
-    const float osw = sw[on];
-    pdl_entry();
-    const float osx = sx[ov ? om : 0];
     uint4 A[CH], B[CH], X[CH];
+    float osw;
+    if constexpr (EARLY) {
+#ifdef PEFTD_SEG_EARLY
+        osw = ld_f32_early(sw + on);
 #pragma unroll
-    for (int c = 0; c < CH; c++) {
-        A[c] = ld_stream16(w0 + c * CB);
-        B[c] = ld_stream16(w1 + c * CB);
+        for (int c = 0; c < CH; c++) {
+            A[c] = ld_stream16_early(w0 + c * CB);
+            B[c] = ld_stream16_early(w1 + c * CB);
+        }
+        pdl_entry();
+#endif
+    } else {
+        osw = sw[on];
+        pdl_entry();
+    }
+    const float osx = sx[ov ? om : 0];
+    if constexpr (!EARLY) {
+#pragma unroll
+        for (int c = 0; c < CH; c++) {
+            A[c] = ld_stream16(w0 + c * CB);
+            B[c] = ld_stream16(w1 + c * CB);
+        }
     }
 #pragma unroll
     for (int c = 0; c < CH; c++) X[c] = xv ? __ldg(reinterpret_cast<const uint4*>(xp + c * CB)) : make_uint4(0u, 0u, 0u, 0u);
@@ -287,17 +328,26 @@ __device__ __forceinline__ void fp8_gemv_seg_body(bf16* __restrict__ out, const 
         int K, int KS
 #define FP8_SEG(S, CH)                                                                                             \
     extern "C" __global__ void __launch_bounds__(32 * SEG_MAX_WARPS) fp8_gemv_seg_s##S##_c##CH(FP8_SEG_ARGS) { \
-        fp8_gemv_seg_body<S, CH>(out, qx, sx, qw, sw, M, N, K, KS);                                               \
+        fp8_gemv_seg_body<S, CH, false>(out, qx, sx, qw, sw, M, N, K, KS);                                        \
     }
-FP8_SEG(8, 7)
-FP8_SEG(8, 4)
-FP8_SEG(8, 2)
-FP8_SEG(4, 7)
-FP8_SEG(4, 4)
-FP8_SEG(4, 2)
-FP8_SEG(2, 7)
-FP8_SEG(2, 4)
-FP8_SEG(2, 2)
+#ifdef PEFTD_SEG_EARLY
+#define FP8_SEG_E(S, CH)                                                                                             \
+    extern "C" __global__ void __launch_bounds__(32 * SEG_MAX_WARPS) fp8_gemv_seg_e_s##S##_c##CH(FP8_SEG_ARGS) { \
+        fp8_gemv_seg_body<S, CH, true>(out, qx, sx, qw, sw, M, N, K, KS);                                           \
+    }
+#else
+#define FP8_SEG_E(S, CH)
+#endif
+#define FP8_SEGS(S, CH) FP8_SEG(S, CH) FP8_SEG_E(S, CH)
+FP8_SEGS(8, 7)
+FP8_SEGS(8, 4)
+FP8_SEGS(8, 2)
+FP8_SEGS(4, 7)
+FP8_SEGS(4, 4)
+FP8_SEGS(4, 2)
+FP8_SEGS(2, 7)
+FP8_SEGS(2, 4)
+FP8_SEGS(2, 2)
 
 // fp8_gemm_skinny_n{32,64,128}: the same product for 17-128 rows (M <= 32,
 // 64 or 128), where cuBLASLt's one FP8 algorithm reads the weights at

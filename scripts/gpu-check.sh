@@ -115,6 +115,9 @@
 #   (readme8b and trained need testdata/llama3-tokenizer/model too, and bin/gpu with it
 #   is over the 64 MiB a call carries: carry bin/gpu/peftd, the .test files they need
 #   and testdata/llama3-tokenizer/model, leaving bin/gpu/versitygw.gz behind)
+# (v0.62, H200: `tests memcheck` alone outran a 420 s limit on a fresh
+# machine; a subset such as GPU_TEST_RUN='LoRA|Graph|Fixture|PDL|Lora|Rope|FP8'
+# without memcheck took 197 s.)
 # or split it over two calls when the budget is tight:
 #   run(command="bash scripts/gpu-check.sh --on-device tests memcheck fixture8b lorabench", carry=["bin/gpu"])
 #   run(command="bash scripts/gpu-check.sh --on-device decode", carry=["bin/gpu"])

@@ -14,7 +14,8 @@ cd "$(dirname "$0")/.."
 K=$(mktemp -d)
 # finished invocations' results wait in $OUT/multi (gpu-check clears only
 # $OUT's top-level files), so that a call cut off by its time limit still
-# brings back the ones that finished
+# brings back the ones that finished, and the output of the one it cut off
+# (multi/NAME.out)
 M="$OUT/multi"
 mkdir -p "$M"
 rc=0
@@ -27,9 +28,13 @@ for spec in "$@"; do
 	# SERVE8B_ARGS="--graph-rows 512"), but nothing in them runs
 	mapfile -t ev < <(python3 -c 'import shlex, sys; sys.stdout.write("".join(w + "\n" for w in shlex.split(sys.argv[1])))' "$envs")
 	# shellcheck disable=SC2086 # words on purpose
-	env "${ev[@]}" bash scripts/gpu-check.sh --on-device $phases >"$K/$name.out" 2>&1 || rc=1
-	tail -n "${MULTI_TAIL:-25}" "$K/$name.out" | tee -a "$K/multi.txt"
-	mv "$K/$name.out" "$OUT/" # gpu-check clears $OUT's files as it ends: its output joins them after
+	# the output goes to $OUT/multi as it is written: a call cut off by its
+	# time limit still brings back how far this invocation got (session 70
+	# lost a 420 s call's whole test run: the output waited in a temporary
+	# folder for the invocation's end)
+	env "${ev[@]}" bash scripts/gpu-check.sh --on-device $phases >"$M/$name.out" 2>&1 || rc=1
+	tail -n "${MULTI_TAIL:-25}" "$M/$name.out" | tee -a "$K/multi.txt"
+	mv "$M/$name.out" "$OUT/" # gpu-check clears $OUT's files as it ends: its output joins them after
 	tar czf "$M/$name.tgz" --exclude=./multi -C "$OUT" . && find "$OUT" -mindepth 1 -maxdepth 1 ! -name multi -exec rm -rf {} +
 	cp "$K/multi.txt" "$M/"
 done

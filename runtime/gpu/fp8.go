@@ -165,6 +165,10 @@ type fp8State struct {
 	// LoRA update runs beside (lone, set by Backend.Linear); both for
 	// benchmarks and tests
 	streamE1Off, streamE1Lone, lone bool
+	// plain: the step runs no LoRA update at all (set by Backend.Linear);
+	// fp8_gemv_seg's early twins (-DPEFTD_SEG_EARLY) take its products
+	// unless segEarlyOff (benchmarks and tests)
+	plain, segEarlyOff bool
 
 	// fp8_gemv_seg (fp8_seg.go) for steps of 1-4 rows; benchmarks and
 	// tests set segOff (fp8_gemv instead)
@@ -332,7 +336,7 @@ func (f *fp8State) linear(out, x cuda.DevicePtr, T int, w *fp8Weight, gen uint64
 		return f.stream.launch(f.s, p, out, f.actQ.Ptr(), f.actS.Ptr(), w, T, opts, !f.streamE1Off && (f.lone || !f.streamE1Lone))
 	}
 	if p, ok := planSeg(T, w.rows, K); ok && !f.segOff {
-		return f.seg.launch(f.s, p, out, f.actQ.Ptr(), f.actS.Ptr(), w, T)
+		return f.seg.launch(f.s, p, out, f.actQ.Ptr(), f.actS.Ptr(), w, T, f.plain && !f.segEarlyOff)
 	}
 	if gemvFits(T, w.rows, K) {
 		return f.gemvLaunch(out, T, w)
