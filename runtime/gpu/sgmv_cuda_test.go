@@ -16,6 +16,13 @@ import (
 
 // loraRef adds the float64 LoRA update of mods (outputs side by side) to want.
 func loraRef(want []float64, xv []float32, in, total int, segs []engine.Segment, ads map[int]*lora.Adapter, layer int, mods []llama.Module, cfg *llama.Config) {
+	loraRefAbs(want, nil, xv, in, total, segs, ads, layer, mods, cfg)
+}
+
+// loraRefAbs is loraRef that also adds, where abs is not nil, each
+// element's sum of the rank terms' magnitudes (sum_k |scale s_k B_jk|): what
+// an update's rounding errors scale with where its terms cancel.
+func loraRefAbs(want, abs []float64, xv []float32, in, total int, segs []engine.Segment, ads map[int]*lora.Adapter, layer int, mods []llama.Module, cfg *llama.Config) {
 	off := 0
 	for _, mod := range mods {
 		_, outF := cfg.Dims(mod)
@@ -33,11 +40,15 @@ func loraRef(want []float64, xv []float32, in, total int, segs []engine.Segment,
 					tmp[k] *= float64(p.Scale)
 				}
 				for j := 0; j < outF; j++ {
-					var s float64
+					var s, a float64
 					for k := range tmp {
-						s += tmp[k] * float64(fromBF16(safetensors.Float32ToBF16(p.B[j*p.Rank+k])))
+						v := tmp[k] * float64(fromBF16(safetensors.Float32ToBF16(p.B[j*p.Rank+k])))
+						s, a = s+v, a+math.Abs(v)
 					}
 					want[row*total+off+j] += s
+					if abs != nil {
+						abs[row*total+off+j] += a
+					}
 				}
 			}
 		}
