@@ -214,8 +214,11 @@ want tests && for p in "${PKGS[@]}"; do
 	# v0.27: runtime_gpu's ~100 tests outgrew a 120 s limit on a fresh
 	# machine (NVRTC compiling every module); a binary killed by its limit
 	# is a FAIL row of its own in the summary, not silently shorter
-	(cd "$p" && PEFTD_SAMPLE_BENCH=1 timeout "$(left 300)" "$b" -test.v -test.count=1 ${GPU_TEST_RUN:+-test.run "$GPU_TEST_RUN"}) >"$LOG/$n.log" 2>&1
-	rc=$?
+	# each test's result line also goes to the output as it comes (with its
+	# time): a call cut off by the device's limit still shows how far it got
+	(cd "$p" && PEFTD_SAMPLE_BENCH=1 timeout "$(left 300)" "$b" -test.v -test.count=1 ${GPU_TEST_RUN:+-test.run "$GPU_TEST_RUN"}) 2>&1 |
+		tee "$LOG/$n.log" | grep --line-buffered -E '^--- (PASS|FAIL)'
+	rc=${PIPESTATUS[0]}
 	if [[ $rc == 124 ]]; then
 		echo "--- FAIL: TIMEOUT (killed by its time limit; the tests after the last one logged did not run)" >>"$LOG/$n.log"
 	fi
