@@ -152,12 +152,10 @@ func (b *Backend) GraphsOn() bool { return !b.g.off }
 // for each of up to 16 prefill sequences. A step needing more runs eagerly.
 func preTilesCap(n int) int { return (n+preRows-1)/preRows + min(n/2, 16) }
 
-// tilesCap is the most SGMV tiles a step of n rows can have with slots
-// adapter slots: one partial tile per segment plus the full ones.
-func tilesCap(n, slots int) int { return min(n, (n+sgTileRows-1)/sgTileRows+max(slots, 1)) }
-
-// bigTilesCap is tilesCap for sgmv_shrink64's tiles of sgBigRows rows.
-func bigTilesCap(n, slots int) int { return min(n, (n+sgBigRows-1)/sgBigRows+max(slots, 1)) }
+// tilesCap is the most SGMV tiles of rows rows (sgTileRows, or
+// sgmv_shrink64's sgBigRows) a step of n rows can have with slots adapter
+// slots: one partial tile per segment plus the full ones.
+func tilesCap(n, slots, rows int) int { return min(n, (n+rows-1)/rows+max(slots, 1)) }
 
 // decSplitFor is the KV split of attn_decode for a decode step of n rows.
 // Blocks run in waves of decResident[decVariantFor(n)] (the blocks the GPU
@@ -207,9 +205,9 @@ func (b *Backend) initGraphs(maxContext int) error {
 	o.logitRows = 10 * M
 	o.decSeqs = (11*M + 3) &^ 3 // int4 aligned: decEntry's four words a row
 	o.tiles = o.decSeqs + 4*M
-	o.preTiles = o.tiles + 4*tilesCap(M, b.g.slots)
+	o.preTiles = o.tiles + 4*tilesCap(M, b.g.slots, sgTileRows)
 	o.bigTiles = o.preTiles + 4*preTilesCap(M)
-	o.pages = o.bigTiles + 4*bigTilesCap(M, b.g.slots)
+	o.pages = o.bigTiles + 4*tilesCap(M, b.g.slots, sgBigRows)
 	o.preRows = o.pages // the per-row kernel never runs in a recording
 	perSeq := (maxContext + b.kv.BlockSize - 1) / b.kv.BlockSize
 	b.g.pagesCap = M * min(max(perSeq, 1), b.kv.Blocks)
@@ -338,7 +336,7 @@ func (b *Backend) graphable(meta *engine.StepMeta) (ok, mixed bool) {
 	for _, g := range meta.LoRA {
 		lt += tilesOf(g.End-g.Start, sgTileRows)
 	}
-	if lt > tilesCap(n, b.g.slots) {
+	if lt > tilesCap(n, b.g.slots, sgTileRows) {
 		return false, false
 	}
 	return true, pre > 0
@@ -651,8 +649,8 @@ func (b *Backend) fillGraphMeta(meta *engine.StepMeta, n, rank int, mixed bool) 
 		}
 		h[o.logitRows+i] = r
 	}
-	nTiles, tl := tilesCap(n, b.g.slots), o.tiles
-	nBig, bl := bigTilesCap(n, b.g.slots), o.bigTiles
+	nTiles, tl := tilesCap(n, b.g.slots, sgTileRows), o.tiles
+	nBig, bl := tilesCap(n, b.g.slots, sgBigRows), o.bigTiles
 	for _, g := range meta.LoRA {
 		if err := b.checkSegment(g, T); err != nil {
 			return err

@@ -83,7 +83,7 @@ func TestTilesCap(t *testing.T) {
 		for _, s := range sizes {
 			tiles += (s + sgTileRows - 1) / sgTileRows
 		}
-		if c := tilesCap(n, slots); tiles > c {
+		if c := tilesCap(n, slots, sgTileRows); tiles > c {
 			t.Fatalf("%d rows in segments %v (%d slots): %d tiles > tilesCap %d", n, sizes, slots, tiles, c)
 		}
 	}
