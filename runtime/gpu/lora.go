@@ -135,7 +135,7 @@ func (b *Backend) UnloadAdapter(slot int) error {
 func (b *Backend) LoRA(out, in engine.Buffer, layer int, mods []llama.Module) {
 	b.join()
 	b.wrote(out)
-	if !b.ok() || b.nLora == 0 || b.stepRank == 0 {
+	if !b.ok() || !b.stepLoRA() {
 		return
 	}
 	o, x := buf(out), buf(in)
@@ -223,7 +223,7 @@ func (b *Backend) loraSMsFor(rows int) int {
 
 // asideOK reports whether the step's LoRA updates may run on the LoRA stream.
 func (b *Backend) asideOK() bool {
-	return b.la.on && b.la.delta != nil && b.nLora > 0 && b.stepRank > 0 && b.rows() <= b.la.rows
+	return b.la.on && b.la.delta != nil && b.stepLoRA() && b.rows() <= b.la.rows
 }
 
 // forkAt marks the compute stream's position before a GEMM reading x: a
@@ -422,7 +422,7 @@ func (b *Backend) tmpFloatsFor(r int) int { return 4 * b.maxT * 3 * max(r, 1) }
 // stride outStride elements), the projections' outputs side by side in
 // mods order. Segments come from the step's metadata.
 func (b *Backend) loraSlices(st *cuda.Stream, outPtr cuda.DevicePtr, outStride int, x *Buffer, layer int, mods []llama.Module, accum bool) {
-	if !b.ok() || b.nLora == 0 || b.stepRank == 0 {
+	if !b.ok() || !b.stepLoRA() {
 		return
 	}
 	if !b.check(len(mods) >= 1 && len(mods) <= 3 && layer >= 0 && layer < b.cfg.Layers, "lora: %d slices, layer %d", len(mods), layer) {
@@ -508,6 +508,10 @@ func (b *Backend) loraSlices(st *cuda.Stream, outPtr cuda.DevicePtr, outStride i
 		outPtr, b.stepTmp, b.table, tiles, base, stride, ms[0], ms[1], ms[2], len(mods), off1, off2, total,
 		b.stepRank, outStride, tStride, T, ks, acc))
 }
+
+// stepLoRA reports whether the step runs a LoRA update: rows with an
+// adapter, and a rank class for them.
+func (b *Backend) stepLoRA() bool { return b.nLora > 0 && b.stepRank > 0 }
 
 // sgShrinkPlan is an SGMV shrink launch's shape: the kernel, its rank rows
 // a block (nb), rank tiles, K parts (ks) and K columns a part (kchunk); big:

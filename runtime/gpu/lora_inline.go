@@ -52,7 +52,7 @@ func groupIndex(mods []llama.Module) int {
 // an operand they report as bad).
 func (b *Backend) loraInline(out, in engine.Buffer, w engine.Weight, layer int, mods []llama.Module) bool {
 	wt, isBF := w.(*weight)
-	if !isBF || b.err != nil || b.sk == nil || b.nLora == 0 || b.stepRank == 0 || layer < 0 || layer >= b.cfg.Layers {
+	if !isBF || b.err != nil || b.sk == nil || !b.stepLoRA() || layer < 0 || layer >= b.cfg.Layers {
 		return false
 	}
 	if g := groupIndex(mods); g < 0 || b.inlineGroups()&(1<<g) == 0 {

@@ -110,7 +110,7 @@ func wsLoRAParts(warps, T, ns, rank, inF, tStride, room int) (ks, kchunk int) {
 // LoRA.
 func (b *Backend) loraWS(out, in engine.Buffer, w engine.Weight, layer int, mods []llama.Module) bool {
 	fw, ok := w.(*fp8Weight)
-	if !ok || b.err != nil || b.f8 == nil || b.f8.ws == nil || b.nLora == 0 || b.stepRank == 0 || layer < 0 || layer >= b.cfg.Layers {
+	if !ok || b.err != nil || b.f8 == nil || b.f8.ws == nil || !b.stepLoRA() || layer < 0 || layer >= b.cfg.Layers {
 		return false
 	}
 	if g := groupIndex(mods); g < 0 || b.wsLoRAGroups()&(1<<g) == 0 {
