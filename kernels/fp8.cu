@@ -74,11 +74,10 @@ __device__ __forceinline__ uint4 ld_stream16(const unsigned char* p) {
     return v;
 }
 
-#ifdef PEFTD_SEG_EARLY
 // ld_stream16_early, ld_f32_early: weights (and their scales) read before
 // griddepcontrol.wait: coherent loads in volatile asm with a memory
 // clobber, which ptxas keeps before the wait (it sinks .nc loads past it:
-// v0.61's SASS scan).
+// v0.61's SASS scan). fp8_gemv_seg_e_* (-DPEFTD_SEG_EARLY) use them.
 __device__ __forceinline__ uint4 ld_stream16_early(const unsigned char* p) {
     uint4 v;
     asm volatile("ld.global.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
@@ -92,7 +91,6 @@ __device__ __forceinline__ float ld_f32_early(const float* p) {
     asm volatile("ld.global.f32 %0, [%1];\n" : "=f"(v) : "l"(p) : "memory");
     return v;
 }
-#endif
 
 // SpanW, span_w, span_mma: the two k32 MMAs of one 64-byte span that
 // fp8_gemv and fp8_gemm_skinny make, with weight rows g (a) and g + 8 (b)
@@ -266,7 +264,6 @@ __device__ __forceinline__ void fp8_gemv_seg_body(bf16* __restrict__ out, const 
     uint4 A[CH], B[CH], X[CH];
     float osw;
     if constexpr (EARLY) {
-#ifdef PEFTD_SEG_EARLY
         osw = ld_f32_early(sw + on);
 #pragma unroll
         for (int c = 0; c < CH; c++) {
@@ -274,7 +271,6 @@ __device__ __forceinline__ void fp8_gemv_seg_body(bf16* __restrict__ out, const 
             B[c] = ld_stream16_early(w1 + c * CB);
         }
         pdl_entry();
-#endif
     } else {
         osw = sw[on];
         pdl_entry();
