@@ -77,7 +77,7 @@ __device__ __forceinline__ uint4 ld_stream16(const unsigned char* p) {
 // ld_stream16_early, ld_f32_early: weights (and their scales) read before
 // griddepcontrol.wait: coherent loads in volatile asm with a memory
 // clobber, which ptxas keeps before the wait (it sinks .nc loads past it:
-// v0.61's SASS scan). fp8_gemv_seg_e_* (-DPEFTD_SEG_EARLY) use them.
+// v0.61's SASS scan). fp8_gemv_seg_e_* use them.
 __device__ __forceinline__ uint4 ld_stream16_early(const unsigned char* p) {
     uint4 v;
     asm volatile("ld.global.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
@@ -253,12 +253,13 @@ __device__ __forceinline__ void fp8_gemv_seg_body(bf16* __restrict__ out, const 
     // before the store, at the end of every launch. (The weight row's is
     // written before pdl_entry, but ptxas moves this .nc load past the
     // wait: v0.61; d84c1d4 measured early weights, PERFORMANCE v0.61.)
-    // EARLY (fp8_gemv_seg_e_*, -DPEFTD_SEG_EARLY, steps with no LoRA
-    // update: runtime/gpu fp8State.plain): the block's whole share of the
-    // weights and its scale are asked for before the wait by coherent
-    // loads, so their bytes stream while the kernel before ends. A kernel
-    // of its own, not a flag of this one: v0.62's flag changed the late
-    // path's speed too.
+    // EARLY (fp8_gemv_seg_e_*, steps with no LoRA update: runtime/gpu
+    // fp8State.plain): the block's whole share of the weights and its
+    // scale are asked for before the wait by coherent loads, so their
+    // bytes stream while the kernel before ends (v0.63: FP8 base 1 / 2
+    // rows 2.68 / 2.88 -> 2.61 / 2.73 ms, 4 rows the same). A kernel of its
+    // own, not a flag of this one: v0.62's flag changed the late path's
+    // speed too, and early weights beside a LoRA update slow the step.
     const int oi = threadIdx.x, om = oi / RB, orr = oi % RB, on = rb0 + orr;
     const bool ov = om < M;
     uint4 A[CH], B[CH], X[CH];
@@ -326,14 +327,10 @@ __device__ __forceinline__ void fp8_gemv_seg_body(bf16* __restrict__ out, const 
     extern "C" __global__ void __launch_bounds__(32 * SEG_MAX_WARPS) fp8_gemv_seg_s##S##_c##CH(FP8_SEG_ARGS) { \
         fp8_gemv_seg_body<S, CH, false>(out, qx, sx, qw, sw, M, N, K, KS);                                        \
     }
-#ifdef PEFTD_SEG_EARLY
 #define FP8_SEG_E(S, CH)                                                                                             \
     extern "C" __global__ void __launch_bounds__(32 * SEG_MAX_WARPS) fp8_gemv_seg_e_s##S##_c##CH(FP8_SEG_ARGS) { \
         fp8_gemv_seg_body<S, CH, true>(out, qx, sx, qw, sw, M, N, K, KS);                                           \
     }
-#else
-#define FP8_SEG_E(S, CH)
-#endif
 #define FP8_SEGS(S, CH) FP8_SEG(S, CH) FP8_SEG_E(S, CH)
 FP8_SEGS(8, 7)
 FP8_SEGS(8, 4)

@@ -408,7 +408,7 @@ type decodeVariant struct {
 	e1lone                       bool   // FP8 weights: the _e1 variants only for products no LoRA update runs beside, as v0.45 (fp8State.streamE1Lone)
 	fs, gv                       bool   // FP8 weights: fp8_stream for every 1-16 rows (fp8State.streamOn; the default from fp8StreamMinRows), or for none (streamOff)
 	noseg                        bool   // FP8 weights: fp8_gemv, not fp8_gemv_seg, at 1-4 rows (fp8State.segOff)
-	nosege                       bool   // FP8 weights: not fp8_gemv_seg's early twins in steps with no LoRA update (fp8State.segEarlyOff; -DPEFTD_SEG_EARLY)
+	nosege                       bool   // FP8 weights: not fp8_gemv_seg's early twins in steps with no LoRA update (fp8State.segEarlyOff)
 	silucl                       int    // FP8 silu_mul of 1-64 rows as silu_mul_cl (kernelForce.siluCl: 1 wherever it fits, -1 never, 0 the default)
 	addcl                        int    // add_rmsnorm as add_rmsnorm_cl (kernelForce.addCl: 1 wherever it fits, -1 never, 0 the default: 1-16 rows adding a LoRA update)
 	hoist                        int    // recordings and cuBLASLt's memsets (kernelForce.memHoist: -1 as captured, 1 moved, 0 the default: moved and replaced by fill_rows)

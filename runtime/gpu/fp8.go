@@ -166,7 +166,7 @@ type fp8State struct {
 	// benchmarks and tests
 	streamE1Off, streamE1Lone, lone bool
 	// plain: the step runs no LoRA update at all (set by Backend.Linear);
-	// fp8_gemv_seg's early twins (-DPEFTD_SEG_EARLY) take its products
+	// fp8_gemv_seg's early twins take its products
 	// unless segEarlyOff (benchmarks and tests)
 	plain, segEarlyOff bool
 

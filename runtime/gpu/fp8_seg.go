@@ -17,13 +17,14 @@ import (
 // 9.83 / 6.31 / 31.82 / 17.28. At eight rows (S = 1) it lost gate_up and
 // down to fp8_gemv, so fp8_gemv keeps 5-8 rows.
 //
-// efn: the fp8_gemv_seg_e_* twins (compiled only with -DPEFTD_SEG_EARLY),
-// which ask for their weights before griddepcontrol.wait, for steps with
-// no LoRA update (fp8State.plain). v0.61-v0.62: early weights took FP8
-// base 1 / 2 rows 2.69 / 2.89 -> 2.63 / 2.76 ms but slowed steps with
-// adapters, as early weights (d84c1d4), as a flag for lone products
-// (db4f37b) and as a flag for plain steps (820c92d, whose late path was
-// slower too): twins leave the default kernels' code as it is.
+// efn: the fp8_gemv_seg_e_* twins, which ask for their weights before
+// griddepcontrol.wait, for steps with no LoRA update (fp8State.plain).
+// v0.61-v0.62: early weights slowed steps with adapters, as early weights
+// for every step (d84c1d4), as a flag for lone products (db4f37b) and as a
+// flag for plain steps (820c92d, whose late path was slower too); twins
+// leave the default kernels' code as it is. v0.63 (H200): FP8 base 1 / 2 /
+// 4 rows 2.68 / 2.88 / 2.97 -> 2.61 / 2.73 / 2.98 ms, four rank-32
+// adapters unchanged.
 type fp8Seg struct {
 	fn, efn map[segKernel]*cuda.Function
 }
@@ -99,26 +100,24 @@ func newFP8Seg(mod *cuda.Module) (*fp8Seg, error) {
 				return nil, err
 			}
 			g.fn[segKernel{S: S, CH: ch}] = fn
-			if fn, err := mod.Function(fmt.Sprintf("fp8_gemv_seg_e_s%d_c%d", S, ch)); err == nil {
-				g.efn[segKernel{S: S, CH: ch}] = fn // -DPEFTD_SEG_EARLY
+			if fn, err = mod.Function(fmt.Sprintf("fp8_gemv_seg_e_s%d_c%d", S, ch)); err != nil {
+				return nil, err
 			}
+			g.efn[segKernel{S: S, CH: ch}] = fn
 		}
 	}
 	return g, nil
 }
 
-// hasEarly reports whether the early twins are compiled in.
-func (g *fp8Seg) hasEarly() bool { return len(g.efn) > 0 }
-
 // launch enqueues out = sx sw (qx . qw^T) for M activation rows (qx, sx)
-// and weight w with plan p; early: the early twin where it is compiled in.
+// and weight w with plan p; early: its early twin (steps with no LoRA update).
 func (g *fp8Seg) launch(s *cuda.Stream, p segPlan, out, qx, sx cuda.DevicePtr, w *fp8Weight, M int, early bool) error {
 	if (uint64(qx)|uint64(w.q.Ptr()))%16 != 0 {
 		return fmt.Errorf("gpu: fp8_gemv_seg: operands not 16-byte aligned")
 	}
 	fn := g.fn[p.k]
-	if e := g.efn[p.k]; early && e != nil {
-		fn = e
+	if early {
+		fn = g.efn[p.k]
 	}
 	return fn.Launch(s, cuda.Dim3{X: w.rows / p.rows()}, cuda.Dim3{X: 32 * p.KS * p.G}, 0,
 		uint64(out), uint64(qx), uint64(sx), uint64(w.q.Ptr()), uint64(w.scale.Ptr()), M, w.rows, w.cols, p.KS)
