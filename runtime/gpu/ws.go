@@ -94,7 +94,7 @@ func wsShared(bn int) int { return wsStages(bn)*wsStageBytes(bn) + 1024 }
 // may set it); wtSmem is WT_SMEM, their dynamic shared memory at most.
 // WtShape's XS is WT_XS, at least 2 + WS_INFLIGHT.
 var (
-	wsInflight = kernels.DefinedInt("WS_INFLIGHT", 0)
+	wsInflight = kernels.DefinedInt("WS_INFLIGHT", 1) // common.cuh's default
 	wtXS       = max(2+wsInflight, kernels.DefinedInt("WT_XS", 3))
 	wtKA       = max(1, kernels.DefinedInt("WT_KA", 1)) // WT_KA: 128-byte K atoms a stage at most
 )
