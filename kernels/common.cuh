@@ -861,7 +861,8 @@ __device__ __forceinline__ void wg_body(bf16* __restrict__ out, float* __restric
 // K-major layout (row r at r * 128 of a 1024-aligned atom, 16-byte chunk c
 // at c ^ (r % 8)), copied by cp.async by all 128 threads (chunk tid % 8 of
 // rows tid / 8 + 16 i). ST stages (as many as WS_SMEM holds, 16 at most),
-// ST - 1 - WS_INFLIGHT ahead of the one multiplied. The first stages' weights are
+// ST - 1 - IF ahead of the one multiplied (IF: WsShape's wgmma groups left
+// running, WS_INFLIGHT or WS_INFLIGHT_NARROW). The first stages' weights are
 // asked before griddepcontrol.wait (no kernel of a step writes
 // weights; opts bits 0-3, at most ST - 1); activation rows M..63 are
 // zeroed once and never copied. opts bit 4: a staggered K walk (below).
@@ -874,13 +875,19 @@ __device__ __forceinline__ void wg_body(bf16* __restrict__ out, float* __restric
 #define WS_KA 1 // 128-byte K atoms a stage
 #endif
 #ifndef WS_INFLIGHT
-// wgmma groups left running while the next stage starts (0 or 1). 1 since
+// wgmma groups left running while the next stage starts (0-2). 1 since
 // v0.63 (H200, FP8 decode base 32 / 64 rows 3.83 / 4.45 -> 3.70 / 4.34 ms;
 // steps with adapters, whose products beside the LoRA stream are not
 // fp8_ws's, unchanged): the narrow blocks' stages are latency chains
 // (v0.55), and one group in flight lets the next stage's copies start
 // before the last stage's MMAs end. -DWS_INFLIGHT=0 for the A/B.
 #define WS_INFLIGHT 1
+#endif
+#ifndef WS_INFLIGHT_NARROW
+// the same for the narrow widths (BN <= 64: o, q/k/v, down), whose 12-16
+// KB stages are the shortest chains (PERFORMANCE v0.63 section 2: 0.4-0.6
+// of their bytes at 64 rows); -DWS_INFLIGHT_NARROW=2 for the A/B
+#define WS_INFLIGHT_NARROW WS_INFLIGHT
 #endif
 #ifndef WS_SMEM
 // a block's stage buffers at most (one block an SM); less (e.g.
@@ -899,6 +906,7 @@ template <int BN> struct WsShape {
     static constexpr int KA = ka(WS_KA);
     static constexpr int SB = KA * AB;            // a stage
     static constexpr int ST = fit(KA) < 16 ? fit(KA) : 16;
+    static constexpr int IF = BN <= 64 ? WS_INFLIGHT_NARROW : WS_INFLIGHT; // wgmma groups left running (ws_body)
     static_assert(BN % 16 == 0 && ST >= 2, "ws_body: weight rows a multiple of 16, 2 stages at least (runtime/gpu loads 3 or more)");
 };
 
@@ -1387,8 +1395,8 @@ __device__ __forceinline__ void ws_body(bf16* __restrict__ out, float* __restric
                                         const unsigned char* __restrict__ qw, const float* __restrict__ sw, int M,
                                         int N, int K, int opts, const WsLora* Lp = nullptr) {
     using W = WsShape<BN>;
-    constexpr int TR = W::TR, AB = W::AB, SB = W::SB, ST = W::ST, KA = W::KA, AHEAD = ST - 1 - WS_INFLIGHT;
-    static_assert(WS_INFLIGHT == 0 || WS_INFLIGHT == 1, "ws_body: WS_INFLIGHT");
+    constexpr int TR = W::TR, AB = W::AB, SB = W::SB, ST = W::ST, KA = W::KA, IF = W::IF, AHEAD = ST - 1 - IF;
+    static_assert(IF >= 0 && IF <= 2, "ws_body: WS_INFLIGHT, WS_INFLIGHT_NARROW 0-2");
     static_assert(AHEAD >= 1, "ws_body: fewer than 2 + WS_INFLIGHT stages fit");
     constexpr int CH = WG_RB / 16;                 // 16-byte chunks a staged row
     constexpr int RSTEP = 128 / CH;                // rows between a thread's copies
@@ -1486,7 +1494,7 @@ __device__ __forceinline__ void ws_body(bf16* __restrict__ out, float* __restric
     for (int j = 0; j < nst; j++) {
         cp_async_wait<AHEAD - 1>(); // this thread's copies of stage j have landed
         fence_proxy_async();        // ... and are visible to wgmma (and the zeroed rows, the first time)
-        ws_bar<LORA>();             // everyone's; and every warp's group WS_INFLIGHT + 1 stages back is done (the next copy overwrites its stage)
+        ws_bar<LORA>();             // everyone's; and every warp's group IF + 1 stages back is done (the next copy overwrites its stage)
         copy_w(j + AHEAD);
         copy_x(j + AHEAD);
         if (LORA && npiece > 0) {
@@ -1505,7 +1513,7 @@ __device__ __forceinline__ void ws_body(bf16* __restrict__ out, float* __restric
             for (int q = 0; q < WG_RB / 32; q++)
                 wg_mma_n<ES, BN>(d, wg_desc(b + a * AB + 32 * q), wg_desc(b + a * AB + TR * WG_RB + 32 * q));
         wg_commit();
-        wg_wait<WS_INFLIGHT>(); // the group WS_INFLIGHT + 1 stages back is done: the next copy may overwrite its stage
+        wg_wait<IF>(); // the group IF + 1 stages back is done: the next copy may overwrite its stage
         wg_pin<BN / 2>(d);
     }
     wg_wait<0>();
