@@ -118,14 +118,17 @@ type fp8State struct {
 	ws           *wsProduct
 	wsOn, wsWide bool // wsWide: only the wide products (N >= 4 K: gate/up)
 	wsNarrow     bool // only the narrow ones (wsNarrow: q/k/v, o)
-	// wsAuto (unless Options.NoWS) sends every product with no LoRA
-	// update beside (lone) to them (wsAutoDefault: as New set it).
+	// wsAuto (unless Options.NoWS) sends every product it plans to them
+	// (wsAutoDefault: as New set it), beside a LoRA update too unless
+	// wsLone (benchmarks: v0.58-v0.62's rule, lone products only).
 	// v0.56 sent only the narrow ones (q/k/v, o); v0.57 moved fp8_ws's
 	// scale reads to shared memory (gate/up at 64 rows 43.5 -> 33.1 us,
 	// 0.91 of its bytes, against cuBLASLt's 42.3) and measured FP8 decode
-	// at 64 rows 4.60 ms with the v0.56 rule, 4.54 with every product
-	// there (H200); v0.58 made it the default
-	wsAuto, wsAutoDefault bool
+	// at 64 rows 4.60 ms with the v0.56 rule, 4.54 with every lone product
+	// there (H200); v0.58 made it the default. Beside the LoRA stream
+	// fp8_ws lost to cuBLASLt until v0.63's WS_INFLIGHT 1: four rank-32
+	// adapters 32 / 64 rows 4.35 / 5.13 -> 4.13 / 4.95 ms (H200)
+	wsAuto, wsAutoDefault, wsLone bool
 	// wgAuto (unless Options.NoFP8Wgmma) sends wgAutoFits' products to
 	// fp8_wg (wgAutoDefault: as New set it, for benchmarks that switch it);
 	// shared is set by Backend.Linear while the LoRA stream runs beside
@@ -341,7 +344,7 @@ func (f *fp8State) linear(out, x cuda.DevicePtr, T int, w *fp8Weight, gen uint64
 	if gemvFits(T, w.rows, K) {
 		return f.gemvLaunch(out, T, w)
 	}
-	if f.wsOn || f.wsAuto && f.lone || (f.wsWide && w.rows >= 4*K) || (f.wsNarrow && wsNarrow(w.rows, K)) {
+	if f.wsOn || f.wsAuto && (f.lone || !f.wsLone) || (f.wsWide && w.rows >= 4*K) || (f.wsNarrow && wsNarrow(w.rows, K)) {
 		if p, ok := f.ws.plan(T, w.rows, K); ok {
 			return f.ws.launch(f.s, p, out, f.actQ.Ptr(), f.actS.Ptr(), w.q.Ptr(), w.scale.Ptr(), T, w.rows, K, &w.tmaps)
 		}

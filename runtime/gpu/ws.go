@@ -21,9 +21,10 @@ import (
 // in the FP8 module's wgmma build (kernels.FP8Wgmma, loaded by default on
 // sm_90a); gemm_ws_n* (bf16 operands, no scales) in the forward module
 // only with PEFTD_WS or PEFTD_WG. By default fp8State.wsAuto sends every
-// FP8 product of 17-64 rows that no LoRA update runs beside to fp8_ws
-// (PERFORMANCE v0.56: q/k/v and o; v0.58: every one, after v0.57 measured
-// them ahead, 4.54 vs 4.60 ms at 64 rows); fp8State.wsOn / wsWide /
+// FP8 product of 17-64 rows it plans to fp8_ws (PERFORMANCE v0.56: q/k/v
+// and o with no LoRA update beside; v0.58: every such one, after v0.57
+// measured them ahead, 4.54 vs 4.60 ms at 64 rows; v0.63: beside the
+// LoRA stream too, after WS_INFLIGHT 1); fp8State.wsOn / wsWide /
 // wsNarrow and kernelForce.bws force the rest for A/Bs (gemm_ws:
 // faster in the H100's steps, slower in the H200's, in isolation too:
 // v0.57).
