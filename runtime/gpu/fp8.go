@@ -129,6 +129,11 @@ type fp8State struct {
 	// fp8_ws lost to cuBLASLt until v0.63's WS_INFLIGHT 1: four rank-32
 	// adapters 32 / 64 rows 4.35 / 5.13 -> 4.13 / 4.95 ms (H200)
 	wsAuto, wsAutoDefault, wsLone bool
+	// wsFrom (benchmarks, tests; 0: off): fp8_ws's products from wsFrom
+	// rows below wsMinRows too, ahead of fp8_stream, fp8_gemv_seg and
+	// fp8_gemv (wsMinRows dates from before v0.57's scale fix and v0.63's
+	// WS_INFLIGHT 1; TestDecodeBench `+wsN`)
+	wsFrom int
 	// wgAuto (unless Options.NoFP8Wgmma) sends wgAutoFits' products to
 	// fp8_wg (wgAutoDefault: as New set it, for benchmarks that switch it);
 	// shared is set by Backend.Linear while the LoRA stream runs beside
@@ -330,6 +335,11 @@ func (f *fp8State) linear(out, x cuda.DevicePtr, T int, w *fp8Weight, gen uint64
 	K := w.cols
 	if err := f.prepare(x, T, K, gen); err != nil {
 		return err
+	}
+	if f.wsFrom > 0 && T < wsMinRows && (f.wsOn || f.wsAuto && (f.lone || !f.wsLone)) {
+		if p, ok := f.ws.planFrom(T, w.rows, K, f.wsFrom); ok {
+			return f.ws.launch(f.s, p, out, f.actQ.Ptr(), f.actS.Ptr(), w.q.Ptr(), w.scale.Ptr(), T, w.rows, K, &w.tmaps)
+		}
 	}
 	if p, ok := f.stream.plan(T, w.rows, K); ok && !f.streamOff && (f.streamOn || T >= fp8StreamMinRows) {
 		opts := 1 // the first weight tiles before griddepcontrol.wait

@@ -1088,8 +1088,9 @@ func TestFP8WgStream(t *testing.T) {
 		t.Errorf("fp8_wt (TMA) not loaded (tensor maps: %v)", cuda.TMA())
 	}
 	defer func() {
-		r.f.wsOn, r.f.skTop, r.f.ws.force, r.f.ws.noStagger, r.f.ws.noTMA = false, 0, wsPlan{}, false, false
+		r.f.wsOn, r.f.skTop, r.f.ws.force, r.f.ws.noStagger, r.f.ws.noTMA, r.f.wsFrom = false, 0, wsPlan{}, false, false, 0
 	}()
+	r.f.wsFrom = 1 // the steps of 1-16 rows too (TestDecodeBench's +wsN A/Bs)
 	wsOn := func(on bool) { r.f.wsOn = on }
 	label := func(p wsPlan) string {
 		return fmt.Sprintf("fp8_ws %v, TMA %v, stagger %v", p, r.f.ws.tfn[p.i] != nil && !r.f.ws.noTMA, !r.f.ws.noStagger)
@@ -1097,6 +1098,7 @@ func TestFP8WgStream(t *testing.T) {
 	for _, sz := range []struct{ T, N, K int }{
 		{17, 4096, 4096}, {32, 6144, 4096}, {64, 28672, 4096}, {64, 4096, 14336}, {48, 4096, 4096},
 		{33, 96, 256}, {64, 224, 384}, {20, 672, 1024},
+		{1, 4096, 4096}, {9, 6144, 4096}, {16, 4096, 14336},
 	} {
 		c := newFP8Case(t, r, sz.T, sz.N, sz.K)
 		n := 0

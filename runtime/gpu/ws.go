@@ -228,8 +228,12 @@ func (g *wsProduct) valid(p wsPlan, T, N, K int) bool {
 // those the fewest splits, except that a block of fewer than 64 weight
 // rows over more than wsLongSplit bytes of K gives way to a plan of 64 or
 // more rows with the same blocks (wsShortRows).
-func (g *wsProduct) plan(T, N, K int) (wsPlan, bool) {
-	if g == nil || T < wsMinRows || T > wsMaxRows {
+func (g *wsProduct) plan(T, N, K int) (wsPlan, bool) { return g.planFrom(T, N, K, wsMinRows) }
+
+// planFrom is plan for products of from-64 rows (from >= 1; the kernel
+// zeroes the activation rows past T).
+func (g *wsProduct) planFrom(T, N, K, from int) (wsPlan, bool) {
+	if g == nil || T < max(from, 1) || T > wsMaxRows {
 		return wsPlan{}, false
 	}
 	if g.force.split > 0 {
