@@ -177,6 +177,10 @@ type fp8State struct {
 	// fp8_gemv_seg's early twins take its products
 	// unless segEarlyOff (benchmarks and tests)
 	plain, segEarlyOff bool
+	// segQXOff (benchmarks, tests): quant_rows_e4m3 before fp8_gemv_seg
+	// even where fp8_gemv_seg_q* (-DPEFTD_SEG_QX) would quantize the
+	// input itself
+	segQXOff bool
 
 	// fp8_gemv_seg (fp8_seg.go) for steps of 1-4 rows; benchmarks and
 	// tests set segOff (fp8_gemv instead)
@@ -321,6 +325,19 @@ func (f *fp8State) holds(x cuda.DevicePtr, rows, cols int, gen uint64) {
 // invalidate forgets the quantized activation rows.
 func (f *fp8State) invalidate() { f.cValid = false }
 
+// cached reports whether the activation scratch holds x's T rows of K
+// values quantized (same input, rows and write generation gen).
+func (f *fp8State) cached(x cuda.DevicePtr, T, K int, gen uint64) bool {
+	return f.cValid && f.cIn == x && f.cRows == T && f.cCols == K && f.cGen == gen
+}
+
+// streamPlan is fp8_stream's plan where it takes a T-row product (from
+// fp8StreamMinRows rows, or any with streamOn; never with streamOff).
+func (f *fp8State) streamPlan(T, N, K int) (fp8StreamPlan, bool) {
+	p, ok := f.stream.plan(T, N, K)
+	return p, ok && !f.streamOff && (f.streamOn || T >= fp8StreamMinRows)
+}
+
 // linear enqueues out[T, w.rows] (bf16) = x[T, w.cols] (bf16) @ W^T through
 // the FP8 GEMM: x's rows are quantized per token into the scratch unless
 // the scratch already holds them (same input, rows and write generation gen).
@@ -333,6 +350,16 @@ func (f *fp8State) linear(out, x cuda.DevicePtr, T int, w *fp8Weight, gen uint64
 		f.tmp = nil
 	}
 	K := w.cols
+	// an input no kernel before has quantized (o's), at 1-4 rows:
+	// fp8_gemv_seg_q* quantize it themselves (-DPEFTD_SEG_QX), and the
+	// scratch keeps what it holds
+	if f.seg.hasQX() && !f.segQXOff && !f.segOff && f.wsFrom == 0 && uint64(x)%16 == 0 && !f.cached(x, T, K, gen) {
+		if p, ok := planSeg(T, w.rows, K); ok {
+			if _, stream := f.streamPlan(T, w.rows, K); !stream {
+				return f.seg.launchQX(f.s, p, out, x, w, T, f.plain && !f.segEarlyOff)
+			}
+		}
+	}
 	if err := f.prepare(x, T, K, gen); err != nil {
 		return err
 	}
@@ -341,7 +368,7 @@ func (f *fp8State) linear(out, x cuda.DevicePtr, T int, w *fp8Weight, gen uint64
 			return f.ws.launch(f.s, p, out, f.actQ.Ptr(), f.actS.Ptr(), w.q.Ptr(), w.scale.Ptr(), T, w.rows, K, &w.tmaps)
 		}
 	}
-	if p, ok := f.stream.plan(T, w.rows, K); ok && !f.streamOff && (f.streamOn || T >= fp8StreamMinRows) {
+	if p, ok := f.streamPlan(T, w.rows, K); ok {
 		opts := 1 // the first weight tiles before griddepcontrol.wait
 		if f.streamLate {
 			opts = 0
@@ -380,7 +407,7 @@ func (f *fp8State) linear(out, x cuda.DevicePtr, T int, w *fp8Weight, gen uint64
 // scratch (actQ, actS) unless it holds them already (same input, rows and
 // write generation gen).
 func (f *fp8State) prepare(x cuda.DevicePtr, T, K int, gen uint64) error {
-	if f.cValid && f.cIn == x && f.cRows == T && f.cCols == K && f.cGen == gen {
+	if f.cached(x, T, K, gen) {
 		return nil
 	}
 	if err := f.grow(&f.actQ, (T*K+15)&^15); err != nil {
