@@ -270,6 +270,13 @@ __device__ __forceinline__ void fp8_gemv_seg_body(bf16* __restrict__ out, const 
     const int oi = threadIdx.x, om = oi / RB, orr = oi % RB, on = rb0 + orr;
     const bool ov = om < M;
     uint4 A[CH], B[CH], X[CH];
+    auto late_w = [&] { // the block's weights after the wait (not EARLY)
+#pragma unroll
+        for (int c = 0; c < CH; c++) {
+            A[c] = ld_stream16(w0 + c * CB);
+            B[c] = ld_stream16(w1 + c * CB);
+        }
+    };
     float osw;
     if constexpr (EARLY) {
         osw = ld_f32_early(sw + on);
@@ -285,13 +292,7 @@ __device__ __forceinline__ void fp8_gemv_seg_body(bf16* __restrict__ out, const 
     }
     float osx;
     if constexpr (QX) {
-        if constexpr (!EARLY) { // the weights stream while the block finds the rows' scales
-#pragma unroll
-            for (int c = 0; c < CH; c++) {
-                A[c] = ld_stream16(w0 + c * CB);
-                B[c] = ld_stream16(w1 + c * CB);
-            }
-        }
+        if constexpr (!EARLY) late_w(); // the weights stream while the block finds the rows' scales
         // each row's scale over the whole block, as quant_rows_e4m3's
         // e4m3_inv: every thread gets the factor and the scale
         __shared__ float qsh[33];
@@ -327,13 +328,7 @@ __device__ __forceinline__ void fp8_gemv_seg_body(bf16* __restrict__ out, const 
         }
     } else {
         osx = sx[ov ? om : 0];
-        if constexpr (!EARLY) {
-#pragma unroll
-            for (int c = 0; c < CH; c++) {
-                A[c] = ld_stream16(w0 + c * CB);
-                B[c] = ld_stream16(w1 + c * CB);
-            }
-        }
+        if constexpr (!EARLY) late_w();
 #pragma unroll
         for (int c = 0; c < CH; c++) X[c] = xv ? __ldg(reinterpret_cast<const uint4*>(xp + c * CB)) : make_uint4(0u, 0u, 0u, 0u);
     }

@@ -970,13 +970,7 @@ func TestDecodeBench(t *testing.T) {
 		gb.wg.two = false
 	}
 	if gb.f8 != nil {
-		gb.f8.streamOn, gb.f8.streamOff, gb.f8.wgOn, gb.f8.wgAuto, gb.f8.wgBeside, gb.f8.segOff, gb.f8.wsOn, gb.f8.wsWide = false, false, false, gb.f8.wgAutoDefault, false, false, false, false
-		gb.f8.splitBeside, gb.f8.padOff = false, false
-		gb.f8.streamLate, gb.f8.padOld = false, false
-		gb.f8.streamE1Off, gb.f8.streamE1Lone, gb.f8.segEarlyOff = false, false, false
-		if gb.f8.wg != nil {
-			gb.f8.wg.two = false
-		}
+		decodeVariant{}.fp8(gb.f8).apply(gb.f8) // the default row's FP8 settings, every knob
 	}
 	if res, took := gb.TuneStats(); len(res) > 0 {
 		changed := 0

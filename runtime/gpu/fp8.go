@@ -338,6 +338,10 @@ func (f *fp8State) streamPlan(T, N, K int) (fp8StreamPlan, bool) {
 	return p, ok && !f.streamOff && (f.streamOn || T >= fp8StreamMinRows)
 }
 
+// wsAutoTakes reports whether wsAuto sends this product to fp8_ws where it
+// plans it: every product, or with wsLone only one no LoRA update runs beside.
+func (f *fp8State) wsAutoTakes() bool { return f.wsAuto && (f.lone || !f.wsLone) }
+
 // linear enqueues out[T, w.rows] (bf16) = x[T, w.cols] (bf16) @ W^T through
 // the FP8 GEMM: x's rows are quantized per token into the scratch unless
 // the scratch already holds them (same input, rows and write generation gen).
@@ -363,7 +367,7 @@ func (f *fp8State) linear(out, x cuda.DevicePtr, T int, w *fp8Weight, gen uint64
 	if err := f.prepare(x, T, K, gen); err != nil {
 		return err
 	}
-	if f.wsFrom > 0 && T < wsMinRows && (f.wsOn || f.wsAuto && (f.lone || !f.wsLone)) {
+	if f.wsFrom > 0 && T < wsMinRows && (f.wsOn || f.wsAutoTakes()) {
 		if p, ok := f.ws.planFrom(T, w.rows, K, f.wsFrom); ok {
 			return f.ws.launch(f.s, p, out, f.actQ.Ptr(), f.actS.Ptr(), w.q.Ptr(), w.scale.Ptr(), T, w.rows, K, &w.tmaps)
 		}
@@ -381,7 +385,7 @@ func (f *fp8State) linear(out, x cuda.DevicePtr, T int, w *fp8Weight, gen uint64
 	if gemvFits(T, w.rows, K) {
 		return f.gemvLaunch(out, T, w)
 	}
-	if f.wsOn || f.wsAuto && (f.lone || !f.wsLone) || (f.wsWide && w.rows >= 4*K) || (f.wsNarrow && wsNarrow(w.rows, K)) {
+	if f.wsOn || f.wsAutoTakes() || (f.wsWide && w.rows >= 4*K) || (f.wsNarrow && wsNarrow(w.rows, K)) {
 		if p, ok := f.ws.plan(T, w.rows, K); ok {
 			return f.ws.launch(f.s, p, out, f.actQ.Ptr(), f.actS.Ptr(), w.q.Ptr(), w.scale.Ptr(), T, w.rows, K, &w.tmaps)
 		}

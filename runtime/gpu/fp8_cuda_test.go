@@ -379,48 +379,47 @@ func TestFP8Gemm(t *testing.T) {
 		switch {
 		case seg:
 			path = fmt.Sprintf("fp8_gemv_seg_s%d_c%d, %d warps a block", p.k.S, p.k.CH, p.KS*p.G)
-			{ // the twin that loads its weights early (steps with no LoRA update) gives the same bits
-				path += ", and its early twin"
-				again := r.alloc(2 * sz.T * sz.N)
-				r.s.Memset8(again.Ptr(), 0xFF, 2*sz.T*sz.N)
-				r.f.plain = true
-				err := r.f.linear(again.Ptr(), dx.Ptr(), sz.T, w, 1)
-				r.f.plain = false
-				if err != nil {
-					t.Fatal(err)
-				}
-				g2 := make([]uint16, sz.T*sz.N)
-				cuda.CopyDtoH(r.s, g2, again.Ptr())
-				r.sync()
-				if !slices.Equal(g2, g8) {
-					t.Errorf("T=%d N=%d K=%d: fp8_gemv_seg_e_s%d_c%d differs from fp8_gemv_seg_s%d_c%d", sz.T, sz.N, sz.K, p.k.S, p.k.CH, p.k.S, p.k.CH)
-				}
-				// -DPEFTD_SEG_QX: the kernels that quantize the bf16 input
-				// themselves give the same bits too, late and early
-				if r.f.seg.hasQX() {
-					path += ", and its own quantization (late and early)"
-					for _, plain := range []bool{false, true} {
-						n0 := r.f.seg.qxLaunches
-						r.s.Memset8(again.Ptr(), 0xFF, 2*sz.T*sz.N)
-						r.f.invalidate() // an input no kernel quantized: the fused route
-						r.f.plain, r.f.segQXOff = plain, false
-						err := r.f.linear(again.Ptr(), dx.Ptr(), sz.T, w, 1)
-						r.f.plain, r.f.segQXOff = false, true
-						if err != nil {
-							t.Fatal(err)
-						}
-						if r.f.seg.qxLaunches != n0+1 {
-							t.Fatalf("T=%d N=%d K=%d: fp8_gemv_seg_q* not launched (plain %v)", sz.T, sz.N, sz.K, plain)
-						}
-						cuda.CopyDtoH(r.s, g2, again.Ptr())
-						r.sync()
-						if !slices.Equal(g2, g8) {
-							t.Errorf("T=%d N=%d K=%d: fp8_gemv_seg_q*_s%d_c%d (plain %v) differs from quant_rows_e4m3 + fp8_gemv_seg", sz.T, sz.N, sz.K, p.k.S, p.k.CH, plain)
-						}
+			// the twin that loads its weights early (steps with no LoRA update) gives the same bits
+			path += ", and its early twin"
+			again := r.alloc(2 * sz.T * sz.N)
+			r.s.Memset8(again.Ptr(), 0xFF, 2*sz.T*sz.N)
+			r.f.plain = true
+			err := r.f.linear(again.Ptr(), dx.Ptr(), sz.T, w, 1)
+			r.f.plain = false
+			if err != nil {
+				t.Fatal(err)
+			}
+			g2 := make([]uint16, sz.T*sz.N)
+			cuda.CopyDtoH(r.s, g2, again.Ptr())
+			r.sync()
+			if !slices.Equal(g2, g8) {
+				t.Errorf("T=%d N=%d K=%d: fp8_gemv_seg_e_s%d_c%d differs from fp8_gemv_seg_s%d_c%d", sz.T, sz.N, sz.K, p.k.S, p.k.CH, p.k.S, p.k.CH)
+			}
+			// -DPEFTD_SEG_QX: the kernels that quantize the bf16 input
+			// themselves give the same bits too, late and early
+			if r.f.seg.hasQX() {
+				path += ", and its own quantization (late and early)"
+				for _, plain := range []bool{false, true} {
+					n0 := r.f.seg.qxLaunches
+					r.s.Memset8(again.Ptr(), 0xFF, 2*sz.T*sz.N)
+					r.f.invalidate() // an input no kernel quantized: the fused route
+					r.f.plain, r.f.segQXOff = plain, false
+					err := r.f.linear(again.Ptr(), dx.Ptr(), sz.T, w, 1)
+					r.f.plain, r.f.segQXOff = false, true
+					if err != nil {
+						t.Fatal(err)
+					}
+					if r.f.seg.qxLaunches != n0+1 {
+						t.Fatalf("T=%d N=%d K=%d: fp8_gemv_seg_q* not launched (plain %v)", sz.T, sz.N, sz.K, plain)
+					}
+					cuda.CopyDtoH(r.s, g2, again.Ptr())
+					r.sync()
+					if !slices.Equal(g2, g8) {
+						t.Errorf("T=%d N=%d K=%d: fp8_gemv_seg_q*_s%d_c%d (plain %v) differs from quant_rows_e4m3 + fp8_gemv_seg", sz.T, sz.N, sz.K, p.k.S, p.k.CH, plain)
 					}
 				}
-				again.Free()
 			}
+			again.Free()
 		case gemvFits(sz.T, sz.N, sz.K):
 			path = "fp8_gemv"
 		case r.f.splitNo[[3]int{sz.T, sz.N, sz.K}]:
