@@ -231,17 +231,10 @@ extern "C" __global__ void __launch_bounds__(32 * GV_MAX_WARPS) fp8_gemv_n16(FP8
 // (K = KS * CH * S * 64); grid N / (G * 16 / S). Runtime/gpu fp8_seg.go
 // plans it. Activation rows M..8/S-1 read as zeros and are not written.
 #define SEG_MAX_WARPS 16
-//
-// QX (fp8_gemv_seg_q*, -DPEFTD_SEG_QX only; not run on a GPU yet): the
-// activation rows come as bf16 (xb; qx and sx unused) and each block
-// quantizes them itself, as quant_rows_e4m3 would (the same amax8,
-// e4m3_scale and e4m3_word: the same operands bit for bit), so o's input
-// needs no launch of its own at 1-4 rows (PERFORMANCE v0.63 Next 4).
-template <int S, int CH, bool EARLY, bool QX = false>
+template <int S, int CH, bool EARLY>
 __device__ __forceinline__ void fp8_gemv_seg_body(bf16* __restrict__ out, const unsigned char* __restrict__ qx,
                                                   const float* __restrict__ sx, const unsigned char* __restrict__ qw,
-                                                  const float* __restrict__ sw, int M, int N, int K, int KS,
-                                                  const bf16* __restrict__ xb = nullptr) {
+                                                  const float* __restrict__ sw, int M, int N, int K, int KS) {
     constexpr int RW = 16 / S, MX = 8 / S, CB = S * 64;
     __shared__ float red[SEG_MAX_WARPS * 128 / (S * S)]; // [KS][MX][RB]: KS * G warps of RW rows, MX activation rows
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, tig = lane & 3;
@@ -252,7 +245,7 @@ __device__ __forceinline__ void fp8_gemv_seg_body(bf16* __restrict__ out, const 
     const unsigned char* w0 = qw + (i64)(rb0 + grp * RW + g / S) * K + koff;
     const unsigned char* w1 = w0 + (i64)MX * K;
     const bool xv = xm < M;
-    const unsigned char* xp = QX ? nullptr : qx + (i64)(xv ? xm : 0) * K + koff;
+    const unsigned char* xp = qx + (i64)(xv ? xm : 0) * K + koff;
     // Thread i < RB M writes output (i / RB, rb0 + i % RB): RB M = G (16 /
     // S) M <= 128 G / S^2 <= 32 KS G threads for S >= 2 (M <= 8 / S), so
     // every output has a thread and none has two. Its scales are loaded
@@ -270,13 +263,6 @@ __device__ __forceinline__ void fp8_gemv_seg_body(bf16* __restrict__ out, const 
     const int oi = threadIdx.x, om = oi / RB, orr = oi % RB, on = rb0 + orr;
     const bool ov = om < M;
     uint4 A[CH], B[CH], X[CH];
-    auto late_w = [&] { // the block's weights after the wait (not EARLY)
-#pragma unroll
-        for (int c = 0; c < CH; c++) {
-            A[c] = ld_stream16(w0 + c * CB);
-            B[c] = ld_stream16(w1 + c * CB);
-        }
-    };
     float osw;
     if constexpr (EARLY) {
         osw = ld_f32_early(sw + on);
@@ -290,48 +276,16 @@ __device__ __forceinline__ void fp8_gemv_seg_body(bf16* __restrict__ out, const 
         osw = sw[on];
         pdl_entry();
     }
-    float osx;
-    if constexpr (QX) {
-        if constexpr (!EARLY) late_w(); // the weights stream while the block finds the rows' scales
-        // each row's scale over the whole block, as quant_rows_e4m3's
-        // e4m3_inv: every thread gets the factor and the scale
-        __shared__ float qsh[33];
-        float inv[MX], sc[MX];
-#pragma unroll
-        for (int m = 0; m < MX; m++) {
-            inv[m] = 0.f, sc[m] = 0.f;
-            if (m >= M) continue; // block-uniform
-            const uint4* xr = reinterpret_cast<const uint4*>(xb + (i64)m * K);
-            float mm = 0.f;
-            int bd = 0;
-            for (int c = threadIdx.x; c < K / 8; c += blockDim.x) amax8(__ldg(xr + c), mm, bd);
-            bd = __syncthreads_or(bd);
-            inv[m] = e4m3_scale(block_max(mm, qsh), bd, &sc[m]);
-        }
-        float xi = inv[0];
-        osx = sc[0];
-#pragma unroll
-        for (int m = 1; m < MX; m++) {
-            if (xm == m) xi = inv[m];
-            if (om == m) osx = sc[m];
-        }
-        const bf16* xbp = xb + (i64)(xv ? xm : 0) * K + koff; // the same k as the e4m3 bytes of xp would be
+    const float osx = sx[ov ? om : 0];
+    if constexpr (!EARLY) {
 #pragma unroll
         for (int c = 0; c < CH; c++) {
-            if (xv) {
-                const uint2 lo = e4m3_word(__ldg(reinterpret_cast<const uint4*>(xbp + c * CB)), xi);
-                const uint2 hi = e4m3_word(__ldg(reinterpret_cast<const uint4*>(xbp + c * CB + 8)), xi);
-                X[c] = make_uint4(lo.x, lo.y, hi.x, hi.y);
-            } else {
-                X[c] = make_uint4(0u, 0u, 0u, 0u);
-            }
+            A[c] = ld_stream16(w0 + c * CB);
+            B[c] = ld_stream16(w1 + c * CB);
         }
-    } else {
-        osx = sx[ov ? om : 0];
-        if constexpr (!EARLY) late_w();
-#pragma unroll
-        for (int c = 0; c < CH; c++) X[c] = xv ? __ldg(reinterpret_cast<const uint4*>(xp + c * CB)) : make_uint4(0u, 0u, 0u, 0u);
     }
+#pragma unroll
+    for (int c = 0; c < CH; c++) X[c] = xv ? __ldg(reinterpret_cast<const uint4*>(xp + c * CB)) : make_uint4(0u, 0u, 0u, 0u);
     float acc[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
     for (int c = 0; c < CH; c++) {
@@ -377,19 +331,7 @@ __device__ __forceinline__ void fp8_gemv_seg_body(bf16* __restrict__ out, const 
     extern "C" __global__ void __launch_bounds__(32 * SEG_MAX_WARPS) fp8_gemv_seg_e_s##S##_c##CH(FP8_SEG_ARGS) { \
         fp8_gemv_seg_body<S, CH, true>(out, qx, sx, qw, sw, M, N, K, KS);                                           \
     }
-#ifdef PEFTD_SEG_QX
-#define FP8_SEG_QX_ARGS bf16 *out, const bf16 *x, const unsigned char *qw, const float *sw, int M, int N, int K, int KS
-#define FP8_SEG_Q(S, CH)                                                                                                 \
-    extern "C" __global__ void __launch_bounds__(32 * SEG_MAX_WARPS) fp8_gemv_seg_q_s##S##_c##CH(FP8_SEG_QX_ARGS) {  \
-        fp8_gemv_seg_body<S, CH, false, true>(out, nullptr, nullptr, qw, sw, M, N, K, KS, x);                          \
-    }                                                                                                                    \
-    extern "C" __global__ void __launch_bounds__(32 * SEG_MAX_WARPS) fp8_gemv_seg_qe_s##S##_c##CH(FP8_SEG_QX_ARGS) { \
-        fp8_gemv_seg_body<S, CH, true, true>(out, nullptr, nullptr, qw, sw, M, N, K, KS, x);                           \
-    }
-#else
-#define FP8_SEG_Q(S, CH)
-#endif
-#define FP8_SEGS(S, CH) FP8_SEG(S, CH) FP8_SEG_E(S, CH) FP8_SEG_Q(S, CH)
+#define FP8_SEGS(S, CH) FP8_SEG(S, CH) FP8_SEG_E(S, CH)
 FP8_SEGS(8, 7)
 FP8_SEGS(8, 4)
 FP8_SEGS(8, 2)

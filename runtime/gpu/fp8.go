@@ -177,10 +177,6 @@ type fp8State struct {
 	// fp8_gemv_seg's early twins take its products
 	// unless segEarlyOff (benchmarks and tests)
 	plain, segEarlyOff bool
-	// segQXOff (benchmarks, tests): quant_rows_e4m3 before fp8_gemv_seg
-	// even where fp8_gemv_seg_q* (-DPEFTD_SEG_QX) would quantize the
-	// input itself
-	segQXOff bool
 
 	// fp8_gemv_seg (fp8_seg.go) for steps of 1-4 rows; benchmarks and
 	// tests set segOff (fp8_gemv instead)
@@ -354,16 +350,6 @@ func (f *fp8State) linear(out, x cuda.DevicePtr, T int, w *fp8Weight, gen uint64
 		f.tmp = nil
 	}
 	K := w.cols
-	// an input no kernel before has quantized (o's), at 1-4 rows:
-	// fp8_gemv_seg_q* quantize it themselves (-DPEFTD_SEG_QX), and the
-	// scratch keeps what it holds
-	if f.seg.hasQX() && !f.segQXOff && !f.segOff && f.wsFrom == 0 && uint64(x)%16 == 0 && !f.cached(x, T, K, gen) {
-		if p, ok := planSeg(T, w.rows, K); ok {
-			if _, stream := f.streamPlan(T, w.rows, K); !stream {
-				return f.seg.launchQX(f.s, p, out, x, w, T, f.plain && !f.segEarlyOff)
-			}
-		}
-	}
 	if err := f.prepare(x, T, K, gen); err != nil {
 		return err
 	}

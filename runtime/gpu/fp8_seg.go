@@ -25,16 +25,8 @@ import (
 // leave the default kernels' code as it is. v0.63 (H200): FP8 base 1 / 2 /
 // 4 rows 2.68 / 2.88 / 2.97 -> 2.61 / 2.73 / 2.98 ms, four rank-32
 // adapters unchanged.
-//
-// qfn, qefn: fp8_gemv_seg_q_* and _qe_* (compiled only with
-// -DPEFTD_SEG_QX; not run on a GPU yet), the same two with the bf16
-// activation rows quantized inside each block (quant_rows_e4m3's
-// arithmetic), for inputs no kernel before has quantized (o's, at 1-4
-// rows): no quant_rows_e4m3 launch. qxLaunches counts their launches
-// (tests).
 type fp8Seg struct {
-	fn, efn, qfn, qefn map[segKernel]*cuda.Function
-	qxLaunches         int
+	fn, efn map[segKernel]*cuda.Function
 }
 
 // segKernel names one variant: S segments a weight row, CH chunks a warp.
@@ -100,7 +92,7 @@ func planSeg(M, N, K int) (p segPlan, ok bool) {
 
 // newFP8Seg finds the variants in the FP8 module.
 func newFP8Seg(mod *cuda.Module) (*fp8Seg, error) {
-	g := &fp8Seg{fn: map[segKernel]*cuda.Function{}, efn: map[segKernel]*cuda.Function{}, qfn: map[segKernel]*cuda.Function{}, qefn: map[segKernel]*cuda.Function{}}
+	g := &fp8Seg{fn: map[segKernel]*cuda.Function{}, efn: map[segKernel]*cuda.Function{}}
 	for _, S := range []int{8, 4, 2} {
 		for _, ch := range segChunks {
 			fn, err := mod.Function(fmt.Sprintf("fp8_gemv_seg_s%d_c%d", S, ch))
@@ -112,36 +104,9 @@ func newFP8Seg(mod *cuda.Module) (*fp8Seg, error) {
 				return nil, err
 			}
 			g.efn[segKernel{S: S, CH: ch}] = fn
-			q, qerr := mod.Function(fmt.Sprintf("fp8_gemv_seg_q_s%d_c%d", S, ch))
-			qe, qeerr := mod.Function(fmt.Sprintf("fp8_gemv_seg_qe_s%d_c%d", S, ch))
-			if qerr == nil && qeerr == nil { // -DPEFTD_SEG_QX
-				g.qfn[segKernel{S: S, CH: ch}], g.qefn[segKernel{S: S, CH: ch}] = q, qe
-			}
 		}
 	}
 	return g, nil
-}
-
-// hasQX reports whether the kernels that quantize their own input are
-// compiled in (-DPEFTD_SEG_QX).
-func (g *fp8Seg) hasQX() bool { return g != nil && len(g.qfn) > 0 }
-
-// launchQX enqueues out = x . qw^T sw for M bf16 activation rows x, each
-// quantized per row inside the kernel, with plan p; early as launch's.
-func (g *fp8Seg) launchQX(s *cuda.Stream, p segPlan, out, x cuda.DevicePtr, w *fp8Weight, M int, early bool) error {
-	if (uint64(x)|uint64(w.q.Ptr()))%16 != 0 {
-		return fmt.Errorf("gpu: fp8_gemv_seg_q: operands not 16-byte aligned")
-	}
-	fn := g.qfn[p.k]
-	if early {
-		fn = g.qefn[p.k]
-	}
-	if fn == nil {
-		return fmt.Errorf("gpu: fp8_gemv_seg_q: no kernel s%d_c%d", p.k.S, p.k.CH)
-	}
-	g.qxLaunches++
-	return fn.Launch(s, cuda.Dim3{X: w.rows / p.rows()}, cuda.Dim3{X: 32 * p.KS * p.G}, 0,
-		uint64(out), uint64(x), uint64(w.q.Ptr()), uint64(w.scale.Ptr()), M, w.rows, w.cols, p.KS)
 }
 
 // launch enqueues out = sx sw (qx . qw^T) for M activation rows (qx, sx)
