@@ -121,6 +121,7 @@ type gemmKey struct {
 	beta0      bool
 	sms        int32 // CUBLASLT_MATMUL_DESC_SM_COUNT_TARGET (0: every SM)
 	split      int   // > 1: GemmTNSplitK's batch of K slices (f32 partials)
+	fast       bool  // CUBLASLT_MATMUL_DESC_FAST_ACCUM (FP8 operands only: SetFastAccum)
 }
 
 type gemmPlan struct {
@@ -138,6 +139,7 @@ type Matmul struct {
 	plans       map[gemmKey]*gemmPlan
 	alpha, beta *[1]float32
 	sms         int32 // SetSMTarget
+	fast        bool  // SetFastAccum
 	pin         runtime.Pinner
 	track       bool          // TrackCaptures: note each product's place in a capture
 	calls       []LibraryCall // the products enqueued on capturing streams since TrackCaptures
@@ -203,6 +205,9 @@ func (m *Matmul) plan(k gemmKey) (*gemmPlan, error) {
 		return fail(err)
 	}
 	if err := setSMTarget(p.desc, k.sms); err != nil {
+		return fail(err)
+	}
+	if err := setFastAccum(p.desc, k.fast); err != nil {
 		return fail(err)
 	}
 	ta, tb := opT, opN
@@ -278,7 +283,7 @@ func (m *Matmul) GemmTN(s *Stream, out DevicePtr, outType DataType, in DevicePtr
 		return fmt.Errorf("%w: GemmTN T=%d N=%d K=%d", ErrInvalidValue, T, N, K)
 	}
 	return m.c.Do(func() error {
-		p, err := m.plan(gemmKey{t: T, n: N, k: K, in: inType, w: wType, out: outType, beta0: beta == 0, sms: m.sms})
+		p, err := m.plan(gemmKey{t: T, n: N, k: K, in: inType, w: wType, out: outType, beta0: beta == 0, sms: m.sms, fast: m.fastFor(inType, wType)})
 		if err != nil {
 			return err
 		}

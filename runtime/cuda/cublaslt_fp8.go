@@ -35,8 +35,31 @@ func FP8Enums() map[string]int {
 
 // scaledKey marks a plan for the scaled FP8 product in the plan map (its
 // gemmKey has both operand types R8FE4M3; beta0 is always true).
-func scaledKey(T, N, K int, out DataType, sms int32) gemmKey {
-	return gemmKey{t: T, n: N, k: K, in: R8FE4M3, w: R8FE4M3, out: out, beta0: true, sms: sms}
+func scaledKey(T, N, K int, out DataType, sms int32, fast bool) gemmKey {
+	return gemmKey{t: T, n: N, k: K, in: R8FE4M3, w: R8FE4M3, out: out, beta0: true, sms: sms, fast: fast}
+}
+
+// SetFastAccum makes the FP8 products planned from now on accumulate the
+// tensor cores' way (CUBLASLT_MATMUL_DESC_FAST_ACCUM = 1: no periodic
+// promotion of the partial sums to float32 in the CUDA cores, so more of
+// the algorithms' time goes to the MMAs), or (false, the default) with
+// cuBLASLt's promotion. Products of other types ignore it. peftd's own
+// wgmma and mma.sync FP8 kernels never promote: with it, cuBLASLt's
+// products accumulate as theirs do.
+func (m *Matmul) SetFastAccum(on bool) { m.fast = on }
+
+// FastAccum reports SetFastAccum's setting.
+func (m *Matmul) FastAccum() bool { return m.fast }
+
+// fastFor is SetFastAccum's setting for a product of these operand types.
+func (m *Matmul) fastFor(in, w DataType) bool { return m.fast && in == R8FE4M3 && w == R8FE4M3 }
+
+func setFastAccum(desc uintptr, on bool) error {
+	if !on {
+		return nil
+	}
+	v := int8(1) // CUBLASLT_MATMUL_DESC_FAST_ACCUM is an int8_t
+	return checkBLAS("cublasLtMatmulDescSetAttribute", blas.cublasLtMatmulDescSetAttribute(desc, descFastAccum, unsafe.Pointer(&v), 1))
 }
 
 // planScaled makes (or finds) the plan of a scaled FP8 product. The scale
@@ -66,6 +89,9 @@ func (m *Matmul) planScaled(k gemmKey, inScale, wScale DevicePtr) (*gemmPlan, er
 		return fail(err)
 	}
 	if err := setSMTarget(p.desc, k.sms); err != nil {
+		return fail(err)
+	}
+	if err := setFastAccum(p.desc, k.fast); err != nil {
 		return fail(err)
 	}
 	for _, a := range [][2]int32{{descAScaleMode, scaleOuterVec32F}, {descBScaleMode, scaleOuterVec32F}} {
@@ -104,7 +130,7 @@ func (m *Matmul) GemmTNScaled(s *Stream, out DevicePtr, outType DataType, in, in
 		return fmt.Errorf("%w: GemmTNScaled T=%d N=%d K=%d (K must be a positive multiple of 16)", ErrInvalidValue, T, N, K)
 	}
 	return m.c.Do(func() error {
-		p, err := m.planScaled(scaledKey(T, N, K, outType, m.sms), inScale, wScale)
+		p, err := m.planScaled(scaledKey(T, N, K, outType, m.sms, m.fast), inScale, wScale)
 		if err != nil {
 			return err
 		}

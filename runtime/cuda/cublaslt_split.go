@@ -38,7 +38,7 @@ func (m *Matmul) GemmTNSplitK(s *Stream, part DevicePtr, in DevicePtr, inType Da
 		return fmt.Errorf("%w: GemmTNSplitK T=%d N=%d K=%d split %d (K/split must be a positive multiple of 16)", ErrInvalidValue, T, N, K, splits)
 	}
 	return m.c.Do(func() error {
-		p, err := m.plan(gemmKey{t: T, n: N, k: K, in: inType, w: wType, out: R32F, beta0: true, sms: m.sms, split: splits})
+		p, err := m.plan(gemmKey{t: T, n: N, k: K, in: inType, w: wType, out: R32F, beta0: true, sms: m.sms, split: splits, fast: m.fastFor(inType, wType)})
 		if err != nil {
 			if errors.Is(err, ErrNotSupported) {
 				return err

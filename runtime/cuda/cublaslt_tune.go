@@ -38,7 +38,7 @@ func (m *Matmul) TuneGemmTN(s *Stream, out DevicePtr, outType DataType, in Devic
 	if T <= 0 || N <= 0 || K <= 0 || len(ws) == 0 || maxAlgos <= 0 || reps <= 0 {
 		return r, fmt.Errorf("%w: TuneGemmTN T=%d N=%d K=%d, %d weights, %d algorithms, %d reps", ErrInvalidValue, T, N, K, len(ws), maxAlgos, reps)
 	}
-	key := gemmKey{t: T, n: N, k: K, in: inType, w: wType, out: outType, beta0: true, sms: m.sms}
+	key := gemmKey{t: T, n: N, k: K, in: inType, w: wType, out: outType, beta0: true, sms: m.sms, fast: m.fastFor(inType, wType)}
 	var p *gemmPlan
 	var algos [][heuristicResultSize]byte
 	err := m.c.Do(func() error {

@@ -43,6 +43,9 @@ func TestFP8AlgoSweep(t *testing.T) {
 		}
 		m.SetSMTarget(n)
 	}
+	// PEFTD_FP8_SWEEP_FAST=1: the FP8 products with fast accumulation
+	// (SetFastAccum: no periodic promotion to float32)
+	m.SetFastAccum(os.Getenv("PEFTD_FP8_SWEEP_FAST") == "1")
 	alloc := func(n int, fill uint8) *DeviceBuffer {
 		b, err := c.Alloc(n)
 		if err != nil {
@@ -77,12 +80,12 @@ func TestFP8AlgoSweep(t *testing.T) {
 			return m.plan(gemmKey{t: T, n: N, k: K, in: R16BF, w: R16BF, out: R16BF, beta0: true})
 		}
 		if unscaled {
-			return m.plan(gemmKey{t: T, n: N, k: K, in: R8FE4M3, w: R8FE4M3, out: R32F, beta0: true, split: 1})
+			return m.plan(gemmKey{t: T, n: N, k: K, in: R8FE4M3, w: R8FE4M3, out: R32F, beta0: true, split: 1, fast: m.fast})
 		}
-		return m.planScaled(scaledKey(T, N, K, R16BF, 0), xs, ws)
+		return m.planScaled(scaledKey(T, N, K, R16BF, 0, m.fast), xs, ws)
 	}
 	const bw = 4.0e12 // bytes/s, H200 copy bandwidth (docs/PERFORMANCE.md)
-	t.Logf("SWEEP SM target %d (0: the whole card)", m.SMTarget())
+	t.Logf("SWEEP SM target %d (0: the whole card), fast accumulation %v", m.SMTarget(), m.fast)
 	t.Logf("SWEEP %-8s %4s %9s %9s %5s %9s %7s %s", "shape", "T", "first_us", "best_us", "best", "floor_us", "algos", "all_us")
 	for _, sh := range []struct {
 		name string

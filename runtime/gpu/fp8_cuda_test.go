@@ -67,6 +67,9 @@ func newFP8Rig(t testing.TB) *fp8Rig {
 	if r.mm, err = ctx.NewMatmul(32 << 20); err != nil {
 		t.Fatal(err)
 	}
+	// PEFTD_FP8_FAST_ACCUM=1: cuBLASLt's FP8 products as Options.FP8FastAccum
+	// makes them (the tolerances then judge that accumulation too)
+	r.mm.SetFastAccum(os.Getenv("PEFTD_FP8_FAST_ACCUM") == "1")
 	// the module the Backend loads: on sm_90a the wgmma build (fp8_wg,
 	// fp8_ws, fp8_wt; Backend.init), so that their tests run by default
 	if ctx.Device().Arch() == "sm_90a" && !kernels.Defined("PEFTD_WG") {
