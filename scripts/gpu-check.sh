@@ -130,7 +130,10 @@
 # PEFTD_WEIGHTS=fp8 (decode), PEFTD_KV=fp8 and PEFTD_DECODE_PROMPT=4096
 # (decode, nsysdec, profile, kdetail), NSYSDEC_VARIANTS=2 (nsysdec: the
 # 4 x r32 rows too), SERVE8B_ARGS (e.g. "--weights fp8"), SERVE8B_QUICK=1
-# (serve8b: the Go client's base and four-adapter runs only), DECODE_LAYERS
+# (serve8b: the Go client's base and four-adapter runs only; serve flags such
+# as --fp8-fast-accum go in SERVE8B_ARGS), PEFTD_FP8_FAST_ACCUM=1 (fp8ref's
+# TestFP8SchemeFidelity, quality's GPU fp8 candidates and the FP8 rig's
+# tests with cuBLASLt's fast accumulation), DECODE_LAYERS
 # (layers of the random checkpoint, default 32), PEFTD_KERNEL_DEFINES=
 # -DPEFTD_ATTN_TS with PEFTD_ATTN_TS=1 (decode: each row's attn_decode
 # phases, the "attnts" lines of decode.txt; PERFORMANCE v0.47). A/B of two
@@ -336,9 +339,13 @@ if want quality; then
 	echo "=== quality: peftd eval (stories260K, pirate, space; held-out text and generations)"
 	PD="$ROOT/bin/gpu/peftd"
 	# the default cache: the kernels compile once for every eval (and phase)
+	# PEFTD_FP8_FAST_ACCUM=1: the GPU's fp8 candidates with cuBLASLt's fast
+	# accumulation too (eval's fast-accum key; serve's --fp8-fast-accum)
+	FA=()
+	[[ ${PEFTD_FP8_FAST_ACCUM:-} == 1 ]] && FA=(--cand device=cuda,weights=fp8,fast-accum --cand device=cuda,weights=fp8,kv-cache=fp8,fast-accum)
 	{
-		timeout "$(left 200)" "$PD" eval --ref device=cpu --cand device=cuda --cand device=cuda,weights=fp8 --cand device=cuda,weights=fp8,kv-cache=fp8 &&
-			timeout "$(left 200)" "$PD" eval --ref device=cuda --cand device=cuda,weights=fp8 --cand device=cuda,kv-cache=fp8 --cand device=cuda,weights=fp8,kv-cache=fp8 &&
+		timeout "$(left 200)" "$PD" eval --ref device=cpu --cand device=cuda --cand device=cuda,weights=fp8 --cand device=cuda,weights=fp8,kv-cache=fp8 "${FA[@]}" &&
+			timeout "$(left 200)" "$PD" eval --ref device=cuda --cand device=cuda,weights=fp8 --cand device=cuda,kv-cache=fp8 --cand device=cuda,weights=fp8,kv-cache=fp8 "${FA[@]}" &&
 			timeout "$(left 200)" "$PD" eval --ref device=cpu,weights=fp8,kv-cache=fp8 --cand device=cuda,weights=fp8,kv-cache=fp8
 	} >"$LOG/quality.txt" 2>&1 || { echo "quality: FAIL"; status=1; }
 	tail -n 12 "$LOG/quality.txt"

@@ -50,6 +50,9 @@ type engineSpec struct {
 	Weights string `json:"weights"`
 	KVCache string `json:"kv_cache"`
 	Eager   bool   `json:"eager,omitempty"`
+	// FastAccum: cuBLASLt's FP8 products with fast accumulation (serve's
+	// --fp8-fast-accum)
+	FastAccum bool `json:"fast_accum,omitempty"`
 }
 
 // String names the setup; on the CPU, whose own format is float32, an
@@ -62,6 +65,9 @@ func (s engineSpec) String() string {
 	out := fmt.Sprintf("device=%s,weights=%s,kv-cache=%s", s.Device, w, kv)
 	if s.Eager {
 		out += ",eager"
+	}
+	if s.FastAccum {
+		out += ",fast-accum"
 	}
 	return out
 }
@@ -82,7 +88,7 @@ func fellBack(sp engineSpec, device string) error {
 	return nil
 }
 
-// parseEngineSpec reads "device=cuda,weights=fp8,kv-cache=fp8,eager".
+// parseEngineSpec reads "device=cuda,weights=fp8,kv-cache=fp8,eager,fast-accum".
 func parseEngineSpec(s string) (engineSpec, error) {
 	sp := engineSpec{Device: server.DeviceAuto, Weights: server.WeightsBF16, KVCache: server.KVCacheBF16}
 	for _, f := range strings.Split(s, ",") {
@@ -109,17 +115,21 @@ func parseEngineSpec(s string) (engineSpec, error) {
 				return sp, fmt.Errorf("engine %q: kv-cache %q: want bf16 or fp8", s, v)
 			}
 			sp.KVCache = v
-		case "eager":
+		case "eager", "fast-accum":
 			b := true
 			if v != "" {
 				var err error
 				if b, err = strconv.ParseBool(v); err != nil {
-					return sp, fmt.Errorf("engine %q: eager %q: want true or false", s, v)
+					return sp, fmt.Errorf("engine %q: %s %q: want true or false", s, k, v)
 				}
 			}
-			sp.Eager = b
+			if k == "eager" {
+				sp.Eager = b
+			} else {
+				sp.FastAccum = b
+			}
 		default:
-			return sp, fmt.Errorf("engine %q: unknown key %q (want device, weights, kv-cache, eager)", s, k)
+			return sp, fmt.Errorf("engine %q: unknown key %q (want device, weights, kv-cache, eager, fast-accum)", s, k)
 		}
 	}
 	return sp, nil
@@ -164,7 +174,7 @@ func cmdEval(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	fs.Var(&adapters, "adapter", "NAME=DIR, or an embedded demo adapter name (pirate, space); repeat for several (default with the embedded model: pirate and space)")
 	fs.Var(&texts, "text", "NAME=FILE: held-out text scored under adapter NAME (base: the base model), stories separated by blank lines; repeat (default with the embedded model: its held-out text)")
 	fs.Var(&prompts, "prompt", "a prompt generated from under every adapter and the base model; repeat (default: 16 story openings)")
-	refSpec := fs.String("ref", "device=auto", "the reference engine: comma-separated device=auto|cpu|cuda, weights=bf16|fp8, kv-cache=bf16|fp8, eager")
+	refSpec := fs.String("ref", "device=auto", "the reference engine: comma-separated device=auto|cpu|cuda, weights=bf16|fp8, kv-cache=bf16|fp8, eager, fast-accum (cuBLASLt's FP8 products with fast accumulation)")
 	fs.Var(&cands, "cand", "a candidate engine, as --ref; repeat to compare several with the same reference (required)")
 	maxNew := fs.Int("max-new", 128, "tokens generated per prompt at most")
 	batch := fs.Int("batch", 16, "prompts generated at once (co-batched decode steps)")
@@ -302,7 +312,7 @@ func cmdEval(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	}
 	open := func(sp engineSpec, kv func(*llama.Model, *tokenizer.Tokenizer) (int, error)) (*engine.Engine, server.EngineInfo, error) {
 		e, info, err := server.OpenEngine(ctx, server.EngineConfig{Model: *modelDir, Device: sp.Device, Weights: sp.Weights, KVCache: sp.KVCache,
-			Eager: sp.Eager, Slots: max(len(ads), 1), Logger: log, KVTokens: kv, KVSeqs: *batch})
+			Eager: sp.Eager, FP8FastAccum: sp.FastAccum, Slots: max(len(ads), 1), Logger: log, KVTokens: kv, KVSeqs: *batch})
 		if err != nil {
 			return nil, info, fmt.Errorf("eval: engine %s: %w", sp, err)
 		}

@@ -76,6 +76,7 @@ func TestEvalErrors(t *testing.T) {
 		{"unknown key", []string{"--cand", "device=cpu,speed=fast"}, `unknown key "speed"`},
 		{"bad device", []string{"--cand", "device=tpu"}, `device "tpu"`},
 		{"bad weights", []string{"--ref", "weights=int4", "--cand", "device=cpu"}, `weights "int4"`},
+		{"bad fast-accum", []string{"--cand", "device=cpu,fast-accum=maybe"}, `fast-accum "maybe"`},
 		{"text for no adapter", []string{"--ref", "device=cpu", "--cand", "device=cpu", "--text", "robot=" + empty}, `no --adapter of that name`},
 		{"text without a name", []string{"--ref", "device=cpu", "--cand", "device=cpu", "--text", empty}, "want NAME=FILE"},
 		{"empty text", []string{"--ref", "device=cpu", "--cand", "device=cpu", "--text", "base=" + empty}, "no text"},
@@ -94,5 +95,27 @@ func TestEvalErrors(t *testing.T) {
 				t.Errorf("err %v, want one saying %q", err, tc.want)
 			}
 		})
+	}
+}
+
+// TestParseEngineSpec reads each key of an engine spec and names the spec
+// back the way eval's table prints it.
+func TestParseEngineSpec(t *testing.T) {
+	for _, tc := range []struct {
+		in   string
+		want engineSpec
+		name string
+	}{
+		{"device=cuda", engineSpec{Device: "cuda", Weights: "bf16", KVCache: "bf16"}, "device=cuda,weights=bf16,kv-cache=bf16"},
+		{"device=cuda,weights=fp8,fast-accum", engineSpec{Device: "cuda", Weights: "fp8", KVCache: "bf16", FastAccum: true}, "device=cuda,weights=fp8,kv-cache=bf16,fast-accum"},
+		{"device=cuda,weights=fp8,kv-cache=fp8,eager,fast-accum=false", engineSpec{Device: "cuda", Weights: "fp8", KVCache: "fp8", Eager: true}, "device=cuda,weights=fp8,kv-cache=fp8,eager"},
+	} {
+		got, err := parseEngineSpec(tc.in)
+		if err != nil {
+			t.Fatalf("%q: %v", tc.in, err)
+		}
+		if got != tc.want || got.String() != tc.name {
+			t.Errorf("%q: got %+v (%s), want %+v (%s)", tc.in, got, got, tc.want, tc.name)
+		}
 	}
 }

@@ -1008,7 +1008,10 @@ func TestFP8SchemeFidelity(t *testing.T) {
 	if w := os.Getenv("PEFTD_FP8_REF_WEIGHTS"); w != "" {
 		bo.WeightFormat = w
 	}
-	t.Logf("scheme: weights %s, KV cache %s", bo.WeightFormat, cmp.Or(bo.KVFormat, KVBF16))
+	// PEFTD_FP8_FAST_ACCUM=1: cuBLASLt's FP8 products with fast accumulation
+	// (Options.FP8FastAccum), the setting whose fidelity is in question
+	bo.FP8FastAccum = os.Getenv("PEFTD_FP8_FAST_ACCUM") == "1"
+	t.Logf("scheme: weights %s, KV cache %s, cuBLASLt fast accumulation %v", bo.WeightFormat, cmp.Or(bo.KVFormat, KVBF16), bo.FP8FastAccum)
 	q := measureWith(t, m, adapters, scheme, opts, bo)
 	ctl := measureWith(t, m, adapters, scheme, opts, Options{WeightFormat: WeightsBF16})
 	t.Logf("%-4s %-18s %12s %12s %6s %8s", "case", "adapter", "peftd_vs_ref", "ref_vs_exact", "ratio", "bf16_ctl")
