@@ -321,19 +321,6 @@ func (f *fp8State) holds(x cuda.DevicePtr, rows, cols int, gen uint64) {
 // invalidate forgets the quantized activation rows.
 func (f *fp8State) invalidate() { f.cValid = false }
 
-// cached reports whether the activation scratch holds x's T rows of K
-// values quantized (same input, rows and write generation gen).
-func (f *fp8State) cached(x cuda.DevicePtr, T, K int, gen uint64) bool {
-	return f.cValid && f.cIn == x && f.cRows == T && f.cCols == K && f.cGen == gen
-}
-
-// streamPlan is fp8_stream's plan where it takes a T-row product (from
-// fp8StreamMinRows rows, or any with streamOn; never with streamOff).
-func (f *fp8State) streamPlan(T, N, K int) (fp8StreamPlan, bool) {
-	p, ok := f.stream.plan(T, N, K)
-	return p, ok && !f.streamOff && (f.streamOn || T >= fp8StreamMinRows)
-}
-
 // wsAutoTakes reports whether wsAuto sends this product to fp8_ws where it
 // plans it: every product, or with wsLone only one no LoRA update runs beside.
 func (f *fp8State) wsAutoTakes() bool { return f.wsAuto && (f.lone || !f.wsLone) }
@@ -358,7 +345,7 @@ func (f *fp8State) linear(out, x cuda.DevicePtr, T int, w *fp8Weight, gen uint64
 			return f.ws.launch(f.s, p, out, f.actQ.Ptr(), f.actS.Ptr(), w.q.Ptr(), w.scale.Ptr(), T, w.rows, K, &w.tmaps)
 		}
 	}
-	if p, ok := f.streamPlan(T, w.rows, K); ok {
+	if p, ok := f.stream.plan(T, w.rows, K); ok && !f.streamOff && (f.streamOn || T >= fp8StreamMinRows) {
 		opts := 1 // the first weight tiles before griddepcontrol.wait
 		if f.streamLate {
 			opts = 0
@@ -397,7 +384,7 @@ func (f *fp8State) linear(out, x cuda.DevicePtr, T int, w *fp8Weight, gen uint64
 // scratch (actQ, actS) unless it holds them already (same input, rows and
 // write generation gen).
 func (f *fp8State) prepare(x cuda.DevicePtr, T, K int, gen uint64) error {
-	if f.cached(x, T, K, gen) {
+	if f.cValid && f.cIn == x && f.cRows == T && f.cCols == K && f.cGen == gen {
 		return nil
 	}
 	if err := f.grow(&f.actQ, (T*K+15)&^15); err != nil {
