@@ -131,9 +131,9 @@
 # (decode, nsysdec, profile, kdetail), NSYSDEC_VARIANTS=2 (nsysdec: the
 # 4 x r32 rows too), SERVE8B_ARGS (e.g. "--weights fp8"), SERVE8B_QUICK=1
 # (serve8b: the Go client's base and four-adapter runs only; serve flags such
-# as --fp8-fast-accum go in SERVE8B_ARGS), PEFTD_FP8_FAST_ACCUM=1 (fp8ref's
+# as --fp8-fast-accum=false go in SERVE8B_ARGS), PEFTD_FP8_PRECISE_ACCUM=1 (fp8ref's
 # TestFP8SchemeFidelity, quality's GPU fp8 candidates and the FP8 rig's
-# tests with cuBLASLt's fast accumulation), DECODE_LAYERS
+# tests with cuBLASLt's float32 promotion, the default's A/B), DECODE_LAYERS
 # (layers of the random checkpoint, default 32), PEFTD_KERNEL_DEFINES=
 # -DPEFTD_ATTN_TS with PEFTD_ATTN_TS=1 (decode: each row's attn_decode
 # phases, the "attnts" lines of decode.txt; PERFORMANCE v0.47). A/B of two
@@ -339,10 +339,10 @@ if want quality; then
 	echo "=== quality: peftd eval (stories260K, pirate, space; held-out text and generations)"
 	PD="$ROOT/bin/gpu/peftd"
 	# the default cache: the kernels compile once for every eval (and phase)
-	# PEFTD_FP8_FAST_ACCUM=1: the GPU's fp8 candidates with cuBLASLt's fast
-	# accumulation too (eval's fast-accum key; serve's --fp8-fast-accum)
+	# PEFTD_FP8_PRECISE_ACCUM=1: the GPU's fp8 candidates with cuBLASLt's float32
+	# promotion too (eval's precise-accum key; serve's --fp8-fast-accum=false)
 	FA=()
-	[[ ${PEFTD_FP8_FAST_ACCUM:-} == 1 ]] && FA=(--cand device=cuda,weights=fp8,fast-accum --cand device=cuda,weights=fp8,kv-cache=fp8,fast-accum)
+	[[ ${PEFTD_FP8_PRECISE_ACCUM:-} == 1 ]] && FA=(--cand device=cuda,weights=fp8,precise-accum --cand device=cuda,weights=fp8,kv-cache=fp8,precise-accum)
 	{
 		timeout "$(left 200)" "$PD" eval --ref device=cpu --cand device=cuda --cand device=cuda,weights=fp8 --cand device=cuda,weights=fp8,kv-cache=fp8 "${FA[@]}" &&
 			timeout "$(left 200)" "$PD" eval --ref device=cuda --cand device=cuda,weights=fp8 --cand device=cuda,kv-cache=fp8 --cand device=cuda,weights=fp8,kv-cache=fp8 "${FA[@]}" &&
@@ -369,14 +369,17 @@ if want trained; then
 		(cd quality && PEFTD_TRAINED_MODEL=$TD "$ROOT/$(bin_of quality)" -test.run TestTrainedModel -test.v) >"$LOG/trained.check.log" 2>&1 ||
 			{ echo "trained: FAIL: TestTrainedModel"; status=1; }
 		grep -E "relative|moves|^--- " "$LOG/trained.check.log"
+		# PEFTD_FP8_PRECISE_ACCUM=1: the fp8 candidates with cuBLASLt's float32 promotion too
+		TFA=()
+		[[ ${PEFTD_FP8_PRECISE_ACCUM:-} == 1 ]] && TFA=(--cand device=cuda,weights=fp8,precise-accum --cand device=cuda,weights=fp8,kv-cache=fp8,precise-accum)
 		mapfile -t TP <"$TD/prompts.txt"
 		PARGS=()
 		for p in "${TP[@]}"; do PARGS+=(--prompt "$p"); done
 		timeout "$(left 240)" "$ROOT/bin/gpu/peftd" eval --model "$TD/base" --adapter "code=$TD/adapter" \
 			--text "base=$TD/heldout/base.txt" --text "code=$TD/heldout/adapter.txt" "${PARGS[@]}" \
-			--ref device=cuda --cand device=cuda,weights=fp8 --cand device=cuda,kv-cache=fp8 --cand device=cuda,weights=fp8,kv-cache=fp8 \
+			--ref device=cuda --cand device=cuda,weights=fp8 --cand device=cuda,kv-cache=fp8 --cand device=cuda,weights=fp8,kv-cache=fp8 "${TFA[@]}" \
 			>"$LOG/trained.txt" 2>&1 || { echo "trained: FAIL: eval"; status=1; }
-		tail -n 12 "$LOG/trained.txt"
+		tail -n 16 "$LOG/trained.txt"
 	fi
 	stamp trained
 fi

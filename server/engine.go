@@ -28,9 +28,9 @@ type EngineConfig struct {
 	Threads int
 	// Eager runs every GPU step op by op (no CUDA graphs), as Config.Eager.
 	Eager bool
-	// FP8FastAccum is Config.FP8FastAccum (cuBLASLt's FP8 products without
-	// their periodic promotion to float32).
-	FP8FastAccum bool
+	// FP8PreciseAccum is Config.FP8PreciseAccum (cuBLASLt's FP8 products
+	// with their periodic promotion to float32).
+	FP8PreciseAccum bool
 	// Slots are the engine's adapter slots (default 4).
 	Slots int
 	// MaxBatchTokens bounds the rows of a step (0: the engine default).
@@ -84,7 +84,7 @@ func OpenEngine(ctx context.Context, cfg EngineConfig) (e *engine.Engine, info E
 	if err != nil {
 		return nil, info, err
 	}
-	sc := Config{Device: cfg.Device, GPU: cfg.GPU, Weights: w, KVCache: kv, Eager: cfg.Eager, FP8FastAccum: cfg.FP8FastAccum, Threads: cfg.Threads, Slots: cfg.Slots,
+	sc := Config{Device: cfg.Device, GPU: cfg.GPU, Weights: w, KVCache: kv, Eager: cfg.Eager, FP8PreciseAccum: cfg.FP8PreciseAccum, Threads: cfg.Threads, Slots: cfg.Slots,
 		KVBlocks: cfg.KVBlocks, MaxBatchTokens: cfg.MaxBatchTokens}
 	be, dev, err := pickBackend(sc, log)
 	if err != nil {

@@ -136,9 +136,9 @@ type Config struct {
 	// NoWS is gpu.Options': FP8 products of 17-64 rows off fp8_ws
 	// (sm_90a).
 	NoWS bool
-	// FP8FastAccum is gpu.Options': cuBLASLt's FP8 products without
-	// their periodic promotion to float32.
-	FP8FastAccum bool
+	// FP8PreciseAccum is gpu.Options': cuBLASLt's FP8 products with
+	// their periodic promotion to float32 (default: without).
+	FP8PreciseAccum bool
 	// LoRAPartition is gpu.Options': SMs split by green contexts, this
 	// many for the LoRA stream (0: none).
 	LoRAPartition int
@@ -489,7 +489,7 @@ func newGPU(cfg Config) (*gpu.Backend, error) {
 	// starts read the cubin.
 	// --warm-graphs idle: the scheduler records the graphs while idle, and
 	// a request's step never waits for a recording (it runs eagerly)
-	return gpu.New(gpu.Options{Device: cfg.GPU, WeightFormat: cfg.Weights, KVFormat: cfg.KVCache, Eager: cfg.Eager, SerialLoRA: cfg.SerialLoRA, LoRASMs: cfg.LoRASMs, LoRAPartition: cfg.LoRAPartition, NoFP8Wgmma: cfg.NoFP8Wgmma, NoWS: cfg.NoWS, FP8FastAccum: cfg.FP8FastAccum, GraphRows: cfg.GraphRows, NoPDL: cfg.NoPDL, TuneGEMMs: cfg.TuneGEMMs, ChainSteps: cfg.ChainSteps,
+	return gpu.New(gpu.Options{Device: cfg.GPU, WeightFormat: cfg.Weights, KVFormat: cfg.KVCache, Eager: cfg.Eager, SerialLoRA: cfg.SerialLoRA, LoRASMs: cfg.LoRASMs, LoRAPartition: cfg.LoRAPartition, NoFP8Wgmma: cfg.NoFP8Wgmma, NoWS: cfg.NoWS, FP8PreciseAccum: cfg.FP8PreciseAccum, GraphRows: cfg.GraphRows, NoPDL: cfg.NoPDL, TuneGEMMs: cfg.TuneGEMMs, ChainSteps: cfg.ChainSteps,
 		RecordIdle: cfg.WarmGraphs == WarmIdle, PinnedImageBytes: cfg.PinnedCacheBytes})
 }
 
@@ -510,8 +510,8 @@ func logGPU(log *slog.Logger, cfg Config, b *gpu.Backend) {
 	if b.WSProducts() {
 		log.Info("FP8 products of 17-64 rows with no LoRA update beside on fp8_ws (--ws-products=false: off)")
 	}
-	if cfg.FP8FastAccum && cfg.Weights == gpu.WeightsFP8 {
-		log.Info("cuBLASLt's FP8 products with fast accumulation: no periodic promotion to float32 (--fp8-fast-accum)")
+	if cfg.FP8PreciseAccum && cfg.Weights == gpu.WeightsFP8 {
+		log.Info("cuBLASLt's FP8 products promote their sums to float32 every few K steps (--fp8-fast-accum=false)")
 	}
 }
 

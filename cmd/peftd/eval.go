@@ -50,9 +50,9 @@ type engineSpec struct {
 	Weights string `json:"weights"`
 	KVCache string `json:"kv_cache"`
 	Eager   bool   `json:"eager,omitempty"`
-	// FastAccum: cuBLASLt's FP8 products with fast accumulation (serve's
-	// --fp8-fast-accum)
-	FastAccum bool `json:"fast_accum,omitempty"`
+	// PreciseAccum: cuBLASLt's FP8 products with their periodic promotion
+	// to float32 (serve's --fp8-fast-accum=false)
+	PreciseAccum bool `json:"precise_accum,omitempty"`
 }
 
 // String names the setup; on the CPU, whose own format is float32, an
@@ -66,8 +66,8 @@ func (s engineSpec) String() string {
 	if s.Eager {
 		out += ",eager"
 	}
-	if s.FastAccum {
-		out += ",fast-accum"
+	if s.PreciseAccum {
+		out += ",precise-accum"
 	}
 	return out
 }
@@ -88,7 +88,7 @@ func fellBack(sp engineSpec, device string) error {
 	return nil
 }
 
-// parseEngineSpec reads "device=cuda,weights=fp8,kv-cache=fp8,eager,fast-accum".
+// parseEngineSpec reads "device=cuda,weights=fp8,kv-cache=fp8,eager,precise-accum".
 func parseEngineSpec(s string) (engineSpec, error) {
 	sp := engineSpec{Device: server.DeviceAuto, Weights: server.WeightsBF16, KVCache: server.KVCacheBF16}
 	for _, f := range strings.Split(s, ",") {
@@ -115,7 +115,7 @@ func parseEngineSpec(s string) (engineSpec, error) {
 				return sp, fmt.Errorf("engine %q: kv-cache %q: want bf16 or fp8", s, v)
 			}
 			sp.KVCache = v
-		case "eager", "fast-accum":
+		case "eager", "precise-accum":
 			b := true
 			if v != "" {
 				var err error
@@ -126,10 +126,10 @@ func parseEngineSpec(s string) (engineSpec, error) {
 			if k == "eager" {
 				sp.Eager = b
 			} else {
-				sp.FastAccum = b
+				sp.PreciseAccum = b
 			}
 		default:
-			return sp, fmt.Errorf("engine %q: unknown key %q (want device, weights, kv-cache, eager, fast-accum)", s, k)
+			return sp, fmt.Errorf("engine %q: unknown key %q (want device, weights, kv-cache, eager, precise-accum)", s, k)
 		}
 	}
 	return sp, nil
@@ -174,7 +174,7 @@ func cmdEval(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	fs.Var(&adapters, "adapter", "NAME=DIR, or an embedded demo adapter name (pirate, space); repeat for several (default with the embedded model: pirate and space)")
 	fs.Var(&texts, "text", "NAME=FILE: held-out text scored under adapter NAME (base: the base model), stories separated by blank lines; repeat (default with the embedded model: its held-out text)")
 	fs.Var(&prompts, "prompt", "a prompt generated from under every adapter and the base model; repeat (default: 16 story openings)")
-	refSpec := fs.String("ref", "device=auto", "the reference engine: comma-separated device=auto|cpu|cuda, weights=bf16|fp8, kv-cache=bf16|fp8, eager, fast-accum (cuBLASLt's FP8 products with fast accumulation)")
+	refSpec := fs.String("ref", "device=auto", "the reference engine: comma-separated device=auto|cpu|cuda, weights=bf16|fp8, kv-cache=bf16|fp8, eager, precise-accum (cuBLASLt's FP8 products with float32 promotion)")
 	fs.Var(&cands, "cand", "a candidate engine, as --ref; repeat to compare several with the same reference (required)")
 	maxNew := fs.Int("max-new", 128, "tokens generated per prompt at most")
 	batch := fs.Int("batch", 16, "prompts generated at once (co-batched decode steps)")
@@ -312,7 +312,7 @@ func cmdEval(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	}
 	open := func(sp engineSpec, kv func(*llama.Model, *tokenizer.Tokenizer) (int, error)) (*engine.Engine, server.EngineInfo, error) {
 		e, info, err := server.OpenEngine(ctx, server.EngineConfig{Model: *modelDir, Device: sp.Device, Weights: sp.Weights, KVCache: sp.KVCache,
-			Eager: sp.Eager, FP8FastAccum: sp.FastAccum, Slots: max(len(ads), 1), Logger: log, KVTokens: kv, KVSeqs: *batch})
+			Eager: sp.Eager, FP8PreciseAccum: sp.PreciseAccum, Slots: max(len(ads), 1), Logger: log, KVTokens: kv, KVSeqs: *batch})
 		if err != nil {
 			return nil, info, fmt.Errorf("eval: engine %s: %w", sp, err)
 		}

@@ -76,7 +76,7 @@ func TestEvalErrors(t *testing.T) {
 		{"unknown key", []string{"--cand", "device=cpu,speed=fast"}, `unknown key "speed"`},
 		{"bad device", []string{"--cand", "device=tpu"}, `device "tpu"`},
 		{"bad weights", []string{"--ref", "weights=int4", "--cand", "device=cpu"}, `weights "int4"`},
-		{"bad fast-accum", []string{"--cand", "device=cpu,fast-accum=maybe"}, `fast-accum "maybe"`},
+		{"bad precise-accum", []string{"--cand", "device=cpu,precise-accum=maybe"}, `precise-accum "maybe"`},
 		{"text for no adapter", []string{"--ref", "device=cpu", "--cand", "device=cpu", "--text", "robot=" + empty}, `no --adapter of that name`},
 		{"text without a name", []string{"--ref", "device=cpu", "--cand", "device=cpu", "--text", empty}, "want NAME=FILE"},
 		{"empty text", []string{"--ref", "device=cpu", "--cand", "device=cpu", "--text", "base=" + empty}, "no text"},
@@ -107,8 +107,8 @@ func TestParseEngineSpec(t *testing.T) {
 		name string
 	}{
 		{"device=cuda", engineSpec{Device: "cuda", Weights: "bf16", KVCache: "bf16"}, "device=cuda,weights=bf16,kv-cache=bf16"},
-		{"device=cuda,weights=fp8,fast-accum", engineSpec{Device: "cuda", Weights: "fp8", KVCache: "bf16", FastAccum: true}, "device=cuda,weights=fp8,kv-cache=bf16,fast-accum"},
-		{"device=cuda,weights=fp8,kv-cache=fp8,eager,fast-accum=false", engineSpec{Device: "cuda", Weights: "fp8", KVCache: "fp8", Eager: true}, "device=cuda,weights=fp8,kv-cache=fp8,eager"},
+		{"device=cuda,weights=fp8,precise-accum", engineSpec{Device: "cuda", Weights: "fp8", KVCache: "bf16", PreciseAccum: true}, "device=cuda,weights=fp8,kv-cache=bf16,precise-accum"},
+		{"device=cuda,weights=fp8,kv-cache=fp8,eager,precise-accum=false", engineSpec{Device: "cuda", Weights: "fp8", KVCache: "fp8", Eager: true}, "device=cuda,weights=fp8,kv-cache=fp8,eager"},
 	} {
 		got, err := parseEngineSpec(tc.in)
 		if err != nil {

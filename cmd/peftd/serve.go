@@ -65,7 +65,7 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	fs.BoolVar(&f.serialLoRA, "serial-lora", false, "GPU: run each LoRA update on the compute stream after its projection, not beside it on the LoRA stream (for comparison)")
 	fs.IntVar(&f.graphRows, "graph-rows", 0, "GPU: the largest step, in rows, recorded as a CUDA graph (256, 384 or 512; 0: 256), and with --max-batch-tokens 0 the rows prompt chunks fill a step to; larger steps run op by op and cannot be chained behind the step in flight")
 	fs.BoolVar(&f.wsProducts, "ws-products", true, "GPU, --weights fp8, sm_90a: the products of 17-64 rows with no LoRA update beside on fp8_ws (wgmma, one wave of weight-row blocks; docs/PERFORMANCE.md v0.56-v0.58); --ws-products=false keeps them on cuBLASLt and fp8_wg")
-	fs.BoolVar(&f.fp8FastAccum, "fp8-fast-accum", false, "GPU, --weights fp8: cuBLASLt's FP8 products (steps of 65 rows and more) accumulate as the tensor cores do, without cuBLASLt's periodic promotion to float32, as peftd's own FP8 kernels do (an A/B: docs/PERFORMANCE.md v0.64)")
+	fs.BoolVar(&f.fp8FastAccum, "fp8-fast-accum", true, "GPU, --weights fp8: cuBLASLt's FP8 products (steps of 65 rows and more) accumulate as the tensor cores do, as peftd's own FP8 kernels do; false: with cuBLASLt's periodic promotion to float32 (an A/B: docs/PERFORMANCE.md v0.65)")
 	fs.BoolVar(&f.fp8Wgmma, "fp8-wgmma", true, "GPU, --weights fp8, sm_90a: FP8 products of 17-64 rows on the wgmma kernels instead of cuBLASLt (every shape up to 32 rows, the wide gate/up product up to 64; docs/PERFORMANCE.md v0.31, v0.33); --fp8-wgmma=false keeps them all on cuBLASLt")
 	fs.IntVar(&f.loraPartition, "lora-partition", 0, "GPU: split the SMs by green contexts, at least this many (8 a unit on Hopper) for the LoRA stream and the rest for the base model, in every step (0: no partition; an experiment, see docs/PERFORMANCE.md)")
 	fs.IntVar(&f.loraSMs, "lora-sms", 0, "GPU: multiprocessors the GEMMs of a step with adapters leave to the LoRA stream (0: chosen by the step's rows: none up to 16 rows, 16 above, 48 for the q/k/v product from 64 rows; -1: none)")
@@ -186,7 +186,7 @@ func serve(ctx context.Context, f serveFlags, log *slog.Logger) error {
 		return fmt.Errorf("serve: --kv-cache %q: want bf16 or fp8", f.kvCache)
 	}
 	srv, err := server.New(ctx, server.Config{Model: f.model, Store: f.store, SQSQueueURL: f.sqsQueueURL, Listen: f.listen, Device: f.device, Weights: f.weights, KVCache: f.kvCache, Eager: f.eager, WarmGraphs: f.warmGraphs,
-		SerialLoRA: f.serialLoRA, NoPDL: f.noPDL, TuneGEMMs: f.tuneGEMMs, ChainSteps: f.chain, LoRASMs: f.loraSMs, LoRAPartition: f.loraPartition, NoFP8Wgmma: !f.fp8Wgmma, NoWS: !f.wsProducts, FP8FastAccum: f.fp8FastAccum, GraphRows: f.graphRows, PinnedCacheBytes: f.pinnedBytes, Slots: f.slots, KVBlocks: f.kvBlocks, MaxBatchTokens: f.maxBatchTokens, MaxQueue: f.maxQueue, NoPrefixCache: f.noPrefixCache,
+		SerialLoRA: f.serialLoRA, NoPDL: f.noPDL, TuneGEMMs: f.tuneGEMMs, ChainSteps: f.chain, LoRASMs: f.loraSMs, LoRAPartition: f.loraPartition, NoFP8Wgmma: !f.fp8Wgmma, NoWS: !f.wsProducts, FP8PreciseAccum: !f.fp8FastAccum, GraphRows: f.graphRows, PinnedCacheBytes: f.pinnedBytes, Slots: f.slots, KVBlocks: f.kvBlocks, MaxBatchTokens: f.maxBatchTokens, MaxQueue: f.maxQueue, NoPrefixCache: f.noPrefixCache,
 		RequestTimeout: f.requestTimeout, DeviceTTL: f.deviceTTL, HostTTL: f.hostTTL, Keys: keys,
 		MaxUpload: f.maxUpload, HostBytes: f.hostBytes, DiskBytes: f.diskBytes, CacheDir: f.cacheDir, Pin: splitList(f.pin), Logger: log})
 	if err != nil {

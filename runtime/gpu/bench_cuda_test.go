@@ -411,7 +411,7 @@ type decodeVariant struct {
 	nosege                       bool   // FP8 weights: not fp8_gemv_seg's early twins in steps with no LoRA update (fp8State.segEarlyOff)
 	wslone                       bool   // FP8 weights: fp8_ws only for products no LoRA update runs beside (fp8State.wsLone: v0.58-v0.62's rule)
 	wsfrom                       int    // FP8 weights: fp8_ws from this many rows below 17 too (fp8State.wsFrom; label +wsN)
-	fa                           bool   // FP8 weights: cuBLASLt's FP8 products with fast accumulation (Options.FP8FastAccum)
+	pa                           bool   // FP8 weights: cuBLASLt's FP8 products with float32 promotion (Options.FP8PreciseAccum)
 	silucl                       int    // FP8 silu_mul of 1-64 rows as silu_mul_cl (kernelForce.siluCl: 1 wherever it fits, -1 never, 0 the default)
 	addcl                        int    // add_rmsnorm as add_rmsnorm_cl (kernelForce.addCl: 1 wherever it fits, -1 never, 0 the default: 1-16 rows adding a LoRA update)
 	hoist                        int    // recordings and cuBLASLt's memsets (kernelForce.memHoist: -1 as captured, 1 moved, 0 the default: moved and replaced by fill_rows)
@@ -467,7 +467,7 @@ func fp8KnobsOf(f *fp8State) fp8Knobs {
 func (v decodeVariant) fp8(f *fp8State) fp8Knobs {
 	return fp8Knobs{streamOn: v.fs, streamOff: v.gv, wgOn: v.wg, wgAuto: f.wgAutoDefault && !v.nowga, wgBeside: v.wgBeside,
 		segOff: v.noseg, splitBeside: v.splitBeside, padOff: v.nopad, streamLate: v.fslate, padOld: v.padOld,
-		streamE1Off: v.noe1, streamE1Lone: v.e1lone, two: f.wg != nil && v.two, wsOn: v.ws, wsWide: v.wsgu, wsNarrow: v.wsqo, wsAuto: f.wsAutoDefault && !v.nows, segEarlyOff: v.nosege, wsLone: v.wslone, wsFrom: v.wsfrom, fastAccum: v.fa}
+		streamE1Off: v.noe1, streamE1Lone: v.e1lone, two: f.wg != nil && v.two, wsOn: v.ws, wsWide: v.wsgu, wsNarrow: v.wsqo, wsAuto: f.wsAutoDefault && !v.nows, segEarlyOff: v.nosege, wsLone: v.wslone, wsFrom: v.wsfrom, fastAccum: !v.pa}
 }
 
 // apply sets f's settings to k.
@@ -507,7 +507,7 @@ func (v decodeVariant) label(ads []*lora.Adapter, pdlOK bool) string {
 		on   bool
 		name string
 	}{{v.eager, "eager"}, {v.serial, "serial"}, {v.nopdl && pdlOK, "nopdl"}, {v.ropeHeads, "ropeheads"}, {v.lt, "lt"}, {v.wgFull, "wgfull"}, {v.wgBeside, "wgbeside"}, {v.splitBeside, "splitbeside"}, {v.nopad, "nopad"}, {v.padOld, "padold"}, {v.fslate, "fslate"}, {v.noe1, "noe1"}, {v.e1lone, "e1lone"}, {v.skLate, "late"},
-		{v.fs, "fs"}, {v.gv, "gv"}, {v.noseg, "noseg"}, {v.nosege, "nosege"}, {v.wg && !v.two, "wg"}, {v.wg && v.two, "wg2"}, {v.ws, "ws"}, {v.wsgu, "wsgu"}, {v.wsqo, "wsqo"}, {v.bws == 1, "bws"}, {v.bws == 2, "bwsqo"}, {v.bws == 3, "bwslone"}, {v.nows, "nows"}, {v.wslone, "wslone"}, {v.nowga, "nowga"}, {v.fa, "fa"}, {v.bwg && !v.two, "bwg"}, {v.bwg && v.two, "bwg2"}, {v.tuned, "tuned"}} {
+		{v.fs, "fs"}, {v.gv, "gv"}, {v.noseg, "noseg"}, {v.nosege, "nosege"}, {v.wg && !v.two, "wg"}, {v.wg && v.two, "wg2"}, {v.ws, "ws"}, {v.wsgu, "wsgu"}, {v.wsqo, "wsqo"}, {v.bws == 1, "bws"}, {v.bws == 2, "bwsqo"}, {v.bws == 3, "bwslone"}, {v.nows, "nows"}, {v.wslone, "wslone"}, {v.nowga, "nowga"}, {v.pa, "pa"}, {v.bwg && !v.two, "bwg"}, {v.bwg && v.two, "bwg2"}, {v.tuned, "tuned"}} {
 		if f.on {
 			lbl += "+" + f.name
 		}
@@ -770,7 +770,7 @@ func TestDecodeBench(t *testing.T) {
 		{sms: -1, noe1: true}, {lora: true, sms: -1, noe1: true}, {lora: true, sms: -1, e1lone: true},
 		{sms: -1, l2: -1}, {lora: true, sms: -1, l2: -1}, {sms: -1, l2: 3}, {lora: true, sms: -1, l2: 3},
 		{lora: true, sms: -1, sh64: 1}, {lora: true, sms: -1, sh64: -1},
-		{sms: -1, fa: true}, {lora: true, sms: -1, fa: true},
+		{sms: -1, pa: true}, {lora: true, sms: -1, pa: true},
 	}
 	// PEFTD_LORA_PARTITION=16,32: rows +part16, +part32 with the SMs split by
 	// green contexts (Options.LoRAPartition), base and adapters, with and
@@ -842,7 +842,7 @@ func TestDecodeBench(t *testing.T) {
 		B, v := rn.B, rn.v
 		withLoRA, sampled := v.lora, v.sampled
 		gb.g.off = v.eager
-		if withLoRA && len(ads) == 0 || v.nopdl && !pdlOK || v.split > 0 && B > 64 || (v.fs || v.gv) && (gb.f8 == nil || gb.f8.stream == nil) || (v.wg || v.nowga) && (gb.f8 == nil || gb.f8.wg == nil) || v.bwg && (gb.f8 != nil || gb.wg == nil) || v.bws != 0 && (gb.f8 != nil || gb.bws == nil) || v.nows && gb.f8 == nil || (v.wslone || v.wsfrom > 0) && (gb.f8 == nil || gb.f8.ws == nil) || (v.fslate || v.noe1 || v.e1lone) && (gb.f8 == nil || gb.f8.stream == nil) || (v.padOld || v.fa) && gb.f8 == nil || v.wsl != 0 && (gb.f8 == nil || gb.f8.ws == nil || gb.f8.ws.lfn == [len(wsWidths)]*cuda.Function{}) {
+		if withLoRA && len(ads) == 0 || v.nopdl && !pdlOK || v.split > 0 && B > 64 || (v.fs || v.gv) && (gb.f8 == nil || gb.f8.stream == nil) || (v.wg || v.nowga) && (gb.f8 == nil || gb.f8.wg == nil) || v.bwg && (gb.f8 != nil || gb.wg == nil) || v.bws != 0 && (gb.f8 != nil || gb.bws == nil) || v.nows && gb.f8 == nil || (v.wslone || v.wsfrom > 0) && (gb.f8 == nil || gb.f8.ws == nil) || (v.fslate || v.noe1 || v.e1lone) && (gb.f8 == nil || gb.f8.stream == nil) || (v.padOld || v.pa) && gb.f8 == nil || v.wsl != 0 && (gb.f8 == nil || gb.f8.ws == nil || gb.f8.ws.lfn == [len(wsWidths)]*cuda.Function{}) {
 			continue
 		}
 		retune := v.tuned && !gb.tune.done
