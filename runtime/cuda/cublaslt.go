@@ -67,6 +67,11 @@ type cublasLtLib struct {
 	cublasLtMatmulPreferenceSetAttribute func(p uintptr, attr int32, buf unsafe.Pointer, n uint64) int32
 	cublasLtMatmulAlgoGetHeuristic       func(h, desc, a, b, c, d, pref uintptr, req int32, results unsafe.Pointer, ret *int32) int32
 	cublasLtMatmul                       func(h, desc uintptr, alpha unsafe.Pointer, A DevicePtr, Ad uintptr, B DevicePtr, Bd uintptr, beta unsafe.Pointer, C DevicePtr, Cd uintptr, D DevicePtr, Dd uintptr, algo unsafe.Pointer, ws DevicePtr, wsSize uint64, s cuStream) int32
+	// an algorithm's configuration and capabilities (configVariants)
+	cublasLtMatmulAlgoConfigGetAttribute func(algo unsafe.Pointer, attr int32, buf unsafe.Pointer, n uint64, written *uint64) int32
+	cublasLtMatmulAlgoConfigSetAttribute func(algo unsafe.Pointer, attr int32, buf unsafe.Pointer, n uint64) int32
+	cublasLtMatmulAlgoCapGetAttribute    func(algo unsafe.Pointer, attr int32, buf unsafe.Pointer, n uint64, written *uint64) int32
+	cublasLtMatmulAlgoCheck              func(h, desc, a, b, c, d uintptr, algo unsafe.Pointer, result unsafe.Pointer) int32
 }
 
 var (
@@ -96,6 +101,10 @@ func loadCublasLt() error {
 		b.fn(&l.cublasLtMatmulPreferenceSetAttribute, "cublasLtMatmulPreferenceSetAttribute")
 		b.fn(&l.cublasLtMatmulAlgoGetHeuristic, "cublasLtMatmulAlgoGetHeuristic")
 		b.fn(&l.cublasLtMatmul, "cublasLtMatmul")
+		b.fn(&l.cublasLtMatmulAlgoConfigGetAttribute, "cublasLtMatmulAlgoConfigGetAttribute")
+		b.fn(&l.cublasLtMatmulAlgoConfigSetAttribute, "cublasLtMatmulAlgoConfigSetAttribute")
+		b.fn(&l.cublasLtMatmulAlgoCapGetAttribute, "cublasLtMatmulAlgoCapGetAttribute")
+		b.fn(&l.cublasLtMatmulAlgoCheck, "cublasLtMatmulAlgoCheck")
 		if b.err != nil {
 			return fmt.Errorf("%w: %v", ErrNoLibrary, b.err)
 		}

@@ -3,9 +3,11 @@
 package cuda
 
 import (
+	"cmp"
 	"fmt"
 	"math"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -60,6 +62,10 @@ func TestFP8AlgoSweep(t *testing.T) {
 	// K-split path's, GemmTNSplitK with one slice) instead of the
 	// outer-vector-scaled one into bf16
 	unscaled := os.Getenv("PEFTD_FP8_SWEEP") == "unscaled"
+	// PEFTD_FP8_SWEEP_CONFIGS=1: instead of the heuristic's algorithms, its
+	// first one in every tile, stage count and cluster shape cuBLASLt
+	// accepts for the product (Matmul.configVariants)
+	configs := os.Getenv("PEFTD_FP8_SWEEP_CONFIGS") == "1"
 	bf16 := os.Getenv("PEFTD_FP8_SWEEP") == "bf16"
 	es, rows := 1, []int{32, 64, 128, 192, 256} // bytes per operand element, the rows swept
 	if bf16 {
@@ -106,12 +112,16 @@ func TestFP8AlgoSweep(t *testing.T) {
 			}
 			out := alloc(4*T*N, 0)
 			var algos [][heuristicResultSize]byte
+			var cfgs []AlgoConfig
 			err := c.Do(func() error {
 				p, err := planOf(T, N, K, xs.Ptr(), ws.Ptr())
 				if err != nil {
 					return err
 				}
-				algos, err = m.candidates(p, 16)
+				if algos, err = m.candidates(p, 16); err != nil || !configs || len(algos) == 0 {
+					return err
+				}
+				algos, cfgs, err = m.configVariants(p, &algos[0])
 				return err
 			})
 			if err != nil {
@@ -148,6 +158,17 @@ func TestFP8AlgoSweep(t *testing.T) {
 			all := ""
 			for _, u := range us {
 				all += fmt.Sprintf(" %.1f", u)
+			}
+			if configs { // the five fastest configurations, by name
+				order := make([]int, len(us))
+				for i := range order {
+					order[i] = i
+				}
+				slices.SortStableFunc(order, func(a, b int) int { return cmp.Compare(us[a], us[b]) })
+				all = " first " + cfgs[0].String() + ";"
+				for _, i := range order[:min(5, len(order))] {
+					all += fmt.Sprintf(" %s %.1f", cfgs[i], us[i])
+				}
 			}
 			t.Logf("SWEEP %-8s %4d %9.1f %9.1f %5d %9.1f %7d%s", sh.name, T, us[0], us[best], best, floor, len(us), all)
 			x.Free()

@@ -1,0 +1,160 @@
+package cuda
+
+import (
+	"encoding/binary"
+	"fmt"
+	"slices"
+	"unsafe"
+)
+
+// cuBLASLt's algorithm configuration (cublasLtMatmulAlgoConfigAttributes_t)
+// and capability (cublasLtMatmulAlgoCapAttributes_t) attributes that
+// configVariants reads and sets.
+const (
+	algoConfigTileID    = 1 // CUBLASLT_ALGO_CONFIG_TILE_ID (cublasLtMatmulTile_t)
+	algoConfigStagesID  = 6 // CUBLASLT_ALGO_CONFIG_STAGES_ID (cublasLtMatmulStages_t)
+	algoConfigClusterID = 8 // CUBLASLT_ALGO_CONFIG_CLUSTER_SHAPE_ID (cublasLtClusterShape_t)
+	algoCapTileIDs      = 6 // CUBLASLT_ALGO_CAP_TILE_IDS
+	algoCapStagesIDs    = 13
+	// heuristicWorkspaceOffset is where cublasLtMatmulHeuristicResult_t
+	// keeps the workspace bytes the algorithm needs (a size_t after the
+	// 64-byte algorithm).
+	heuristicWorkspaceOffset = 64
+)
+
+// clusterShapes are the thread-block cluster shapes configVariants tries
+// besides an algorithm's own (cublasLtClusterShape_t: 2 is 1x1x1, 3 2x1x1,
+// 5 1x2x1, 6 2x2x1).
+var clusterShapes = []uint32{2, 3, 5, 6}
+
+// tileNames are cublasLtMatmulTile_t's names (rows of D by its columns: in
+// GemmTN's column-major view, weight rows by activation rows), by id.
+var tileNames = []string{"undef", "8x8", "8x16", "16x8", "8x32", "16x16", "32x8", "8x64", "16x32", "32x16", "64x8",
+	"32x32", "32x64", "64x32", "32x128", "64x64", "128x32", "64x128", "128x64", "64x256", "128x128", "256x64",
+	"64x512", "128x256", "256x128", "512x64", "64x96", "96x64", "96x128", "128x160", "160x128", "192x128",
+	"128x192", "128x96", "32x256", "256x32"}
+
+// AlgoConfig is an algorithm's tile, stages and cluster shape (cuBLASLt's
+// ids).
+type AlgoConfig struct{ Tile, Stages, Cluster uint32 }
+
+func (c AlgoConfig) String() string {
+	t := fmt.Sprintf("tile%d", c.Tile)
+	if int(c.Tile) < len(tileNames) {
+		t = tileNames[c.Tile]
+	}
+	return fmt.Sprintf("%s/st%d/cl%d", t, c.Stages, c.Cluster)
+}
+
+// configAttr reads one configuration attribute of algorithm a (an
+// unsigned integer of at most 4 bytes) and its size in bytes.
+func configAttr(a *[heuristicResultSize]byte, attr int32) (uint32, uint64, error) {
+	var n uint64
+	if err := checkBLAS("cublasLtMatmulAlgoConfigGetAttribute", blas.cublasLtMatmulAlgoConfigGetAttribute(unsafe.Pointer(&a[0]), attr, nil, 0, &n)); err != nil {
+		return 0, 0, err
+	}
+	if n == 0 || n > 4 {
+		return 0, 0, fmt.Errorf("%w: cuBLASLt algorithm attribute %d is %d bytes", ErrNotSupported, attr, n)
+	}
+	var buf [4]byte
+	if err := checkBLAS("cublasLtMatmulAlgoConfigGetAttribute", blas.cublasLtMatmulAlgoConfigGetAttribute(unsafe.Pointer(&a[0]), attr, unsafe.Pointer(&buf[0]), n, &n)); err != nil {
+		return 0, 0, err
+	}
+	return binary.LittleEndian.Uint32(buf[:]), n, nil
+}
+
+// setConfigAttr sets one configuration attribute of algorithm a to v in n
+// bytes (configAttr's size).
+func setConfigAttr(a *[heuristicResultSize]byte, attr int32, v uint32, n uint64) error {
+	var buf [4]byte
+	binary.LittleEndian.PutUint32(buf[:], v)
+	return checkBLAS("cublasLtMatmulAlgoConfigSetAttribute", blas.cublasLtMatmulAlgoConfigSetAttribute(unsafe.Pointer(&a[0]), attr, unsafe.Pointer(&buf[0]), n))
+}
+
+// capIDs reads a capability of algorithm a that is an array of uint32 ids.
+func capIDs(a *[heuristicResultSize]byte, attr int32) ([]uint32, error) {
+	var n uint64
+	if err := checkBLAS("cublasLtMatmulAlgoCapGetAttribute", blas.cublasLtMatmulAlgoCapGetAttribute(unsafe.Pointer(&a[0]), attr, nil, 0, &n)); err != nil {
+		return nil, err
+	}
+	if n == 0 {
+		return nil, nil
+	}
+	ids := make([]uint32, (n+3)/4)
+	if err := checkBLAS("cublasLtMatmulAlgoCapGetAttribute", blas.cublasLtMatmulAlgoCapGetAttribute(unsafe.Pointer(&a[0]), attr, unsafe.Pointer(&ids[0]), 4*uint64(len(ids)), &n)); err != nil {
+		return nil, err
+	}
+	return ids, nil
+}
+
+// configOf is algorithm a's tile, stages and cluster shape, and the sizes
+// of those three attributes.
+func configOf(a *[heuristicResultSize]byte) (AlgoConfig, [3]uint64, error) {
+	var c AlgoConfig
+	var sz [3]uint64
+	var err error
+	for i, f := range []struct {
+		attr int32
+		v    *uint32
+	}{{algoConfigTileID, &c.Tile}, {algoConfigStagesID, &c.Stages}, {algoConfigClusterID, &c.Cluster}} {
+		if *f.v, sz[i], err = configAttr(a, f.attr); err != nil {
+			return c, sz, err
+		}
+	}
+	return c, sz, nil
+}
+
+// configVariants is algorithm base (a heuristic result for plan p) and
+// every variant of it with another tile, stage count or cluster shape
+// among those its capabilities list that cuBLASLt accepts for p
+// (cublasLtMatmulAlgoCheck) within the Matmul's workspace, base first: the
+// configurations the heuristic does not offer (for the outer-vector-scaled
+// FP8 product it offers one). On the context's thread (Context.Do).
+func (m *Matmul) configVariants(p *gemmPlan, base *[heuristicResultSize]byte) ([][heuristicResultSize]byte, []AlgoConfig, error) {
+	bc, sz, err := configOf(base)
+	if err != nil {
+		return nil, nil, err
+	}
+	tiles, err := capIDs(base, algoCapTileIDs)
+	if err != nil {
+		return nil, nil, err
+	}
+	stages, err := capIDs(base, algoCapStagesIDs)
+	if err != nil {
+		return nil, nil, err
+	}
+	clusters := append([]uint32{bc.Cluster}, clusterShapes...)
+	if !slices.Contains(tiles, bc.Tile) {
+		tiles = append(tiles, bc.Tile)
+	}
+	if !slices.Contains(stages, bc.Stages) {
+		stages = append(stages, bc.Stages)
+	}
+	algos, cfgs := [][heuristicResultSize]byte{*base}, []AlgoConfig{bc}
+	seen := map[AlgoConfig]bool{bc: true}
+	for _, t := range tiles {
+		for _, st := range stages {
+			for _, cl := range clusters {
+				c := AlgoConfig{t, st, cl}
+				if seen[c] {
+					continue
+				}
+				seen[c] = true
+				a := *base
+				if setConfigAttr(&a, algoConfigTileID, t, sz[0]) != nil || setConfigAttr(&a, algoConfigStagesID, st, sz[1]) != nil || setConfigAttr(&a, algoConfigClusterID, cl, sz[2]) != nil {
+					continue
+				}
+				var res [heuristicResultSize]byte
+				if blas.cublasLtMatmulAlgoCheck(m.h, p.desc, p.a, p.b, p.d, p.d, unsafe.Pointer(&a[0]), unsafe.Pointer(&res[0])) != 0 {
+					continue // this configuration does not run this product
+				}
+				if binary.LittleEndian.Uint32(res[heuristicStateOffset:]) != 0 || binary.LittleEndian.Uint64(res[heuristicWorkspaceOffset:]) > uint64(m.ws.Size()) {
+					continue
+				}
+				copy(res[:64], a[:64]) // the checked algorithm, with a heuristic result's tail
+				algos, cfgs = append(algos, res), append(cfgs, c)
+			}
+		}
+	}
+	return algos, cfgs, nil
+}
