@@ -161,7 +161,13 @@ func warmEngine(e *engine.Engine, log *slog.Logger, pin bool) error {
 					changed++
 				}
 			}
-			log.Info("cuBLASLt algorithms tuned", "products", len(res), "changed", changed, "seconds", fmt.Sprintf("%.2f", took.Seconds()))
+			whole := 0
+			for _, s := range g.SplitTunes() {
+				if s.Whole {
+					whole++
+				}
+			}
+			log.Info("cuBLASLt algorithms tuned", "products", len(res), "changed", changed, "fp8_split_to_whole", whole, "seconds", fmt.Sprintf("%.2f", took.Seconds()))
 		}
 	}
 	if pin {

@@ -105,12 +105,12 @@ func configOf(a *[heuristicResultSize]byte) (AlgoConfig, [3]uint64, error) {
 }
 
 // configVariants is algorithm base (a heuristic result for plan p) and
-// every variant of it with another tile, stage count or cluster shape
-// among those its capabilities list that cuBLASLt accepts for p
+// every variant of it with another tile, cluster shape or (allStages) stage
+// count among those its capabilities list that cuBLASLt accepts for p
 // (cublasLtMatmulAlgoCheck) within the Matmul's workspace, base first: the
 // configurations the heuristic does not offer (for the outer-vector-scaled
 // FP8 product it offers one). On the context's thread (Context.Do).
-func (m *Matmul) configVariants(p *gemmPlan, base *[heuristicResultSize]byte) ([][heuristicResultSize]byte, []AlgoConfig, error) {
+func (m *Matmul) configVariants(p *gemmPlan, base *[heuristicResultSize]byte, allStages bool) ([][heuristicResultSize]byte, []AlgoConfig, error) {
 	bc, sz, err := configOf(base)
 	if err != nil {
 		return nil, nil, err
@@ -119,9 +119,11 @@ func (m *Matmul) configVariants(p *gemmPlan, base *[heuristicResultSize]byte) ([
 	if err != nil {
 		return nil, nil, err
 	}
-	stages, err := capIDs(base, algoCapStagesIDs)
-	if err != nil {
-		return nil, nil, err
+	stages := []uint32{bc.Stages}
+	if allStages {
+		if stages, err = capIDs(base, algoCapStagesIDs); err != nil {
+			return nil, nil, err
+		}
 	}
 	clusters := append([]uint32{bc.Cluster}, clusterShapes...)
 	if !slices.Contains(tiles, bc.Tile) {
@@ -157,4 +159,79 @@ func (m *Matmul) configVariants(p *gemmPlan, base *[heuristicResultSize]byte) ([
 		}
 	}
 	return algos, cfgs, nil
+}
+
+// TuneGemmTNScaled times cuBLASLt's scaled FP8 product (GemmTNScaled into
+// bf16) at this shape (T rows, N x K weights, the Matmul's SM count target
+// and accumulation now) in every configuration of the heuristic's algorithm
+// configVariants finds (its own stage count), and keeps the fastest for
+// the later products of that shape when it beats the heuristic's by more
+// than tuneMargin. The heuristic offers one algorithm for these
+// (outer-vector) scales, and its tile leaves SMs idle or waves part-full
+// at 65-256 rows: on the H200 (docs/PERFORMANCE.md v0.65) o at 128 rows
+// runs 8.2 us with 64x64 tiles against 14.2, down at 256 rows 24.5 against
+// 37.4. Each configuration runs reps products per timed trial, three
+// trials after an untimed one, their weights (and row scales) taken in
+// turn from ws and wScales; in, inScale and out are scratch (inScale: T
+// float32 scales, ones will do). It waits for s.
+func (m *Matmul) TuneGemmTNScaled(s *Stream, out, in, inScale DevicePtr, ws, wScales []DevicePtr, T, N, K, reps int) (TuneResult, error) {
+	r := TuneResult{T: T, N: N, K: K, SMs: int(m.sms)}
+	if T <= 0 || N <= 0 || K <= 0 || K%16 != 0 || len(ws) == 0 || len(ws) != len(wScales) || reps <= 0 {
+		return r, fmt.Errorf("%w: TuneGemmTNScaled T=%d N=%d K=%d, %d weights, %d scales, %d reps", ErrInvalidValue, T, N, K, len(ws), len(wScales), reps)
+	}
+	key := scaledKey(T, N, K, R16BF, m.sms, m.fast)
+	var p *gemmPlan
+	var algos [][heuristicResultSize]byte
+	err := m.c.Do(func() error {
+		var err error
+		if p, err = m.planScaled(key, inScale, wScales[0]); err != nil {
+			return err
+		}
+		algos, r.Configs, err = m.configVariants(p, &p.algo, false)
+		return err
+	})
+	if err != nil {
+		return r, err
+	}
+	if len(algos) < 2 {
+		return r, nil // nothing to choose from
+	}
+	run := func(a *[heuristicResultSize]byte, i int) error {
+		return m.c.Do(func() error {
+			j := i % len(ws)
+			if err := setScales(p.desc, inScale, wScales[j]); err != nil {
+				return err
+			}
+			return m.enqueue(s, p, a, out, in, ws[j], 1, 0)
+		})
+	}
+	for ai := range algos {
+		a := &algos[ai]
+		ms, err := s.MedianMs(1, 3, func(trial int) error {
+			for i := range reps {
+				if err := run(a, trial*reps+i); err != nil {
+					return err
+				}
+			}
+			return nil
+		})
+		if err != nil {
+			return r, fmt.Errorf("configuration %s (%d of %d): %w", r.Configs[ai], ai, len(algos), err)
+		}
+		r.Us = append(r.Us, ms*1000/float64(reps))
+	}
+	best := 0
+	for i, us := range r.Us {
+		if us < r.Us[best] {
+			best = i
+		}
+	}
+	if best != 0 && r.Us[best] < r.Us[0]*(1-tuneMargin) {
+		r.Kept = best
+		err = m.c.Do(func() error {
+			p.algo = algos[best]
+			return nil
+		})
+	}
+	return r, err
 }

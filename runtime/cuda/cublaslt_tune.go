@@ -15,6 +15,9 @@ type TuneResult struct {
 	SMs     int // the SM count target the plan is for (0: every SM)
 	Us      []float64
 	Kept    int
+	// Configs name what Us timed when they are configurations of one
+	// algorithm (TuneGemmTNScaled), not the heuristic's algorithms.
+	Configs []AlgoConfig
 }
 
 // tuneMargin is how much faster than the heuristic's first choice another

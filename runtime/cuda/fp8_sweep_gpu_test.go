@@ -121,7 +121,7 @@ func TestFP8AlgoSweep(t *testing.T) {
 				if algos, err = m.candidates(p, 16); err != nil || !configs || len(algos) == 0 {
 					return err
 				}
-				algos, cfgs, err = m.configVariants(p, &algos[0])
+				algos, cfgs, err = m.configVariants(p, &algos[0], true)
 				return err
 			})
 			if err != nil {

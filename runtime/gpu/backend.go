@@ -96,6 +96,10 @@ type Options struct {
 	// buckets of tuneMinRows rows and more (tune.go), and keeps the
 	// fastest of each. Off by default: on an H200 the decode steps ran
 	// within 1% of cuBLASLt's first choices (docs/PERFORMANCE.md v0.21).
+	// With FP8 weights it tunes the FP8 products of 65 rows and more
+	// instead: every tile and cluster shape of cuBLASLt's one scaled
+	// algorithm, and the K split against the tuned whole product
+	// (tuneFP8; built in v0.65, not yet measured in steps).
 	TuneGEMMs bool
 	// LoRAPartition, when positive, splits the SMs by green contexts
 	// (partition.go): at least that many (the driver rounds up: 8 SMs a

@@ -824,7 +824,8 @@ func TestDecodeBench(t *testing.T) {
 		}
 	}
 	for _, B := range batches { // the tuned rows: base and adapters again
-		if B >= tuneMinRows && gb.f8 == nil && onlyRows == 0 {
+		// FP8: the tuning takes products of more than wsMaxRows rows (tuneFP8)
+		if B >= tuneMinRows && (gb.f8 == nil || B > wsMaxRows) && onlyRows == 0 {
 			for _, v := range []decodeVariant{{sms: -1, tuned: true}, {lora: true, sms: -1, tuned: true}} {
 				if wantRow(v) {
 					runs = append(runs, run{B, v})
@@ -979,7 +980,14 @@ func TestDecodeBench(t *testing.T) {
 			if r.Kept != 0 {
 				changed++
 			}
+			if len(r.Configs) > 0 { // FP8: configurations of one algorithm (the first: the heuristic's)
+				bench("decode tune T=%d N=%d K=%d sms=%d: %d configurations, first %s %.1f us, kept %s %.1f us", r.T, r.N, r.K, r.SMs, len(r.Us), r.Configs[0], r.Us[0], r.Configs[r.Kept], r.Us[r.Kept])
+				continue
+			}
 			bench("decode tune T=%d N=%d K=%d sms=%d kept %d of %.1f us", r.T, r.N, r.K, r.SMs, r.Kept, r.Us)
+		}
+		for _, s := range gb.SplitTunes() {
+			bench("decode tune split T=%d N=%d K=%d sms=%d: %d-way split %.1f us, whole %.1f us, whole kept %v", s.T, s.N, s.K, s.SMs, s.S, s.SplitUs, s.WholeUs, s.Whole)
 		}
 		bench("decode tune: %d products tuned in %v, %d changed", len(res), took.Round(time.Millisecond), changed)
 	}

@@ -87,6 +87,10 @@ type fp8State struct {
 	spPart     *cuda.DeviceBuffer
 	splitForce int
 	splitNo    map[[3]int]bool
+	// splitWhole: the products (T, N, K, cuBLASLt's SM target) that
+	// Options.TuneGEMMs found faster whole, in their tuned configuration,
+	// than split (tune.go)
+	splitWhole map[[4]int]bool
 	// splitBeside: a product beside the LoRA stream plans its K split for
 	// the whole card, not its SM target, at every row count (a benchmark's
 	// knob; by default only steps of splitBesideRows, fp8_split.go)

@@ -57,7 +57,7 @@ func (f *fp8State) split(T, N, K int) int {
 	if f.splitForce > 0 {
 		return f.splitForce
 	}
-	if f.splitNo[[3]int{T, N, K}] {
+	if f.splitNo[[3]int{T, N, K}] || f.splitWhole[[4]int{T, N, K, f.mm.SMTarget()}] {
 		return 1
 	}
 	return splitFor(T, N, K, splitSMs(T, f.planSMs(), f.mm.SMTarget(), f.shared, f.splitBeside))

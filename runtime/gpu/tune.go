@@ -19,8 +19,23 @@ const tuneMinRows = 32
 type tuneState struct {
 	on, done bool
 	results  []cuda.TuneResult
+	splits   []SplitTune // FP8 weights: the K split against the tuned whole product
 	took     time.Duration
 }
+
+// SplitTune is what Options.TuneGEMMs measured for one FP8 product that
+// splits K (fp8_split.go): microseconds a product split S ways (cuBLASLt's
+// partials and fp8_splitk_reduce) and whole (the scaled product in its
+// tuned configuration), and whether it runs whole from now on.
+type SplitTune struct {
+	T, N, K, SMs, S  int
+	SplitUs, WholeUs float64
+	Whole            bool
+}
+
+// SplitTunes reports the K-split decisions Options.TuneGEMMs made for FP8
+// products (nil when it did not run or no product splits).
+func (b *Backend) SplitTunes() []SplitTune { return b.tune.splits }
 
 // TuneStats reports what Options.TuneGEMMs measured (nil when it did not
 // run): one result per (rows, weight shape, SM target) tuned, and the time
@@ -40,6 +55,12 @@ func (b *Backend) tuneGemms() error {
 	}
 	b.tune.done = true
 	t0 := time.Now()
+	defer func() { b.tune.took = time.Since(t0) }()
+	if b.f8 != nil {
+		if err := b.tuneFP8(); err != nil {
+			return err
+		}
+	}
 	type shape struct{ n, k int }
 	var order []shape
 	byShape := map[shape][]cuda.DevicePtr{}
@@ -100,6 +121,145 @@ func (b *Backend) tuneGemms() error {
 			}
 		}
 	}
-	b.tune.took = time.Since(t0)
+	return nil
+}
+
+// tuneFP8Reps is the products of each timed trial of the FP8 tuning, and
+// splitTuneMargin how much faster than the K split the whole product must
+// be to replace it (cuda's tuneMargin: noise must not swap routes).
+const (
+	tuneFP8Reps     = 5
+	splitTuneMargin = 0.03
+)
+
+// tuneFP8 is Options.TuneGEMMs for FP8 weights, run by tuneGemms: for each
+// graph bucket of more than wsMaxRows rows (fewer take peftd's own FP8
+// kernels), each FP8 projection shape several layers share and each SM
+// target the recorded steps set (all SMs, and the SMs a product leaves
+// the LoRA stream), cuBLASLt's scaled product is tuned in every
+// configuration of its one algorithm (cuda.Matmul.TuneGemmTNScaled, at the
+// rows the product runs: scaledRows' padding); where the route splits K,
+// the split as it runs (fp8State.linear) is timed against the whole tuned
+// product, and the whole one is kept (fp8State.splitWhole) when it is
+// faster by splitTuneMargin. The products read their weights in turn, from
+// memory, as a step does.
+func (b *Backend) tuneFP8() error {
+	f := b.f8
+	type shape struct{ n, k int }
+	var order []shape
+	byShape := map[shape][]*fp8Weight{}
+	for _, w := range f.weights {
+		sh := shape{w.rows, w.cols}
+		if byShape[sh] == nil {
+			order = append(order, sh)
+		}
+		byShape[sh] = append(byShape[sh], w)
+	}
+	order = slices.DeleteFunc(order, func(sh shape) bool { return len(byShape[sh]) < 2 })
+	var rows []int
+	for _, n := range graphBuckets[:bucketIndex(b.g.maxRows)+1] {
+		if n > wsMaxRows {
+			rows = append(rows, n)
+		}
+	}
+	if len(rows) == 0 || len(order) == 0 {
+		return nil
+	}
+	maxN, maxK := 0, 0
+	for _, sh := range order {
+		maxN, maxK = max(maxN, sh.n), max(maxK, sh.k)
+	}
+	// the step's largest rows, padded as scaledRows may (to 128 rows' multiple)
+	room := (rows[len(rows)-1] + 127) &^ 127
+	x, err := b.ctx.Alloc(2 * room * maxK)
+	if err != nil {
+		return fmt.Errorf("gpu: tune fp8: %w", err)
+	}
+	defer x.Free()
+	out, err := b.ctx.Alloc(2 * room * maxN)
+	if err != nil {
+		return fmt.Errorf("gpu: tune fp8: %w", err)
+	}
+	defer out.Free()
+	if err := b.s.Memset8(x.Ptr(), 0x3c, 2*room*maxK); err != nil { // bf16 0x3c3c: ~0.011
+		return fmt.Errorf("gpu: tune fp8: %w", err)
+	}
+	if err := f.grow(&f.actQ, room*maxK); err != nil { // scaledRows pads where the scratch holds the rows
+		return err
+	}
+	if err := f.grow(&f.actS, 4*room); err != nil {
+		return err
+	}
+	defer func() {
+		b.mm.SetSMTarget(0)
+		f.shared, f.room, f.lone, f.plain, f.splitForce = false, 0, false, false, 0
+		f.invalidate() // the scratch holds the tuning's rows
+	}()
+	gen := b.gen
+	for _, T := range rows {
+		for _, sh := range order {
+			ws := byShape[sh]
+			targets := []int{0}
+			if hold := b.holdFor(T, sh.n, sh.k, true); b.la.on && hold > 0 {
+				targets = append(targets, max(1, b.ctx.Device().SMs-hold))
+			}
+			for _, sms := range targets {
+				b.mm.SetSMTarget(sms)
+				f.shared, f.room, f.lone, f.plain = sms != 0, room, sms == 0, true
+				// the route as it runs (fp8State.linear), the weights in turn
+				timed := func() (float64, error) {
+					ms, err := b.s.MedianMs(1, 3, func(trial int) error {
+						for i := range tuneFP8Reps {
+							if err := f.linear(out.Ptr(), x.Ptr(), T, ws[(trial*tuneFP8Reps+i)%len(ws)], gen); err != nil {
+								return err
+							}
+						}
+						return nil
+					})
+					return ms * 1000 / tuneFP8Reps, err
+				}
+				if _, err := timed(); err != nil { // quantizes x into the scratch, loads the route's kernels
+					return fmt.Errorf("gpu: tune fp8 %d rows x [%d, %d]: %w", T, sh.n, sh.k, err)
+				}
+				split := f.split(T, sh.n, sh.k)
+				var splitUs float64
+				if split > 1 {
+					if splitUs, err = timed(); err != nil {
+						return fmt.Errorf("gpu: tune fp8 %d rows x [%d, %d]: %w", T, sh.n, sh.k, err)
+					}
+				}
+				tp := T
+				if p := f.scaledRows(T); p != T && f.fits(p, sh.k) {
+					tp = p
+				}
+				qs, scales := make([]cuda.DevicePtr, len(ws)), make([]cuda.DevicePtr, len(ws))
+				for i, w := range ws {
+					qs[i], scales[i] = w.q.Ptr(), w.scale.Ptr()
+				}
+				r, err := b.mm.TuneGemmTNScaled(b.s, out.Ptr(), f.actQ.Ptr(), f.actS.Ptr(), qs, scales, tp, sh.n, sh.k, tuneFP8Reps)
+				if err != nil {
+					return fmt.Errorf("gpu: tune fp8 %d rows x [%d, %d]: %w", tp, sh.n, sh.k, err)
+				}
+				b.tune.results = append(b.tune.results, r)
+				if split <= 1 {
+					continue
+				}
+				f.splitForce = 1 // whole, in the tuned configuration
+				wholeUs, err := timed()
+				f.splitForce = 0
+				if err != nil {
+					return fmt.Errorf("gpu: tune fp8 %d rows x [%d, %d] whole: %w", T, sh.n, sh.k, err)
+				}
+				st := SplitTune{T: T, N: sh.n, K: sh.k, SMs: sms, S: split, SplitUs: splitUs, WholeUs: wholeUs, Whole: wholeUs < splitUs*(1-splitTuneMargin)}
+				if st.Whole {
+					if f.splitWhole == nil {
+						f.splitWhole = map[[4]int]bool{}
+					}
+					f.splitWhole[[4]int{T, sh.n, sh.k, sms}] = true
+				}
+				b.tune.splits = append(b.tune.splits, st)
+			}
+		}
+	}
 	return nil
 }
