@@ -205,7 +205,7 @@ func (b *Backend) tuneFP8() error {
 			}
 			for _, sms := range targets {
 				b.mm.SetSMTarget(sms)
-				f.shared, f.room, f.lone, f.plain = sms != 0, room, sms == 0, true
+				f.shared, f.room, f.lone, f.plain = sms != 0, room, sms == 0, sms == 0
 				// the route as it runs (fp8State.linear), the weights in turn
 				timed := func() (float64, error) {
 					ms, err := b.s.MedianMs(1, 3, func(trial int) error {
