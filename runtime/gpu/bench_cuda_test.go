@@ -980,7 +980,7 @@ func TestDecodeBench(t *testing.T) {
 			if r.Kept != 0 {
 				changed++
 			}
-			if len(r.Configs) > 0 { // FP8: configurations of one algorithm (the first: the heuristic's)
+			if len(r.Configs) > 0 && len(r.Us) > 0 { // FP8: configurations of one algorithm (the first: the heuristic's)
 				bench("decode tune T=%d N=%d K=%d sms=%d: %d configurations, first %s %.1f us, kept %s %.1f us", r.T, r.N, r.K, r.SMs, len(r.Us), r.Configs[0], r.Us[0], r.Configs[r.Kept], r.Us[r.Kept])
 				continue
 			}

@@ -91,6 +91,10 @@ type fp8State struct {
 	// Options.TuneGEMMs found faster whole, in their tuned configuration,
 	// than split (tune.go)
 	splitWhole map[[4]int]bool
+	// padNo: the products (T, N, K, SM target) that Options.TuneGEMMs
+	// found faster unpadded in their own tuned configuration than padded
+	// to scaledRows' rows in theirs (tune.go)
+	padNo map[[4]int]bool
 	// splitBeside: a product beside the LoRA stream plans its K split for
 	// the whole card, not its SM target, at every row count (a benchmark's
 	// knob; by default only steps of splitBesideRows, fp8_split.go)
@@ -371,7 +375,9 @@ func (f *fp8State) linear(out, x cuda.DevicePtr, T int, w *fp8Weight, gen uint64
 		return f.skinnyLaunch(out, T, w)
 	}
 	Tp := f.scaledRows(T)
-	pads := Tp != T && f.fits(Tp, K) // cuBLASLt's product padded beats fp8_wg's (scaledRowsFrom)
+	// cuBLASLt's product padded beats fp8_wg's (scaledRowsFrom), and its
+	// own at T rows unless the tuning found otherwise (padNo)
+	pads := Tp != T && f.fits(Tp, K) && !f.padNo[[4]int{T, w.rows, K, f.mm.SMTarget()}]
 	if f.wgAuto && !pads && wgAutoFits(T, w.rows, K, f.shared && f.wgBeside) && f.wg.fits(T, w.rows, K) {
 		return f.wg.launch(f.s, out, f.actQ.Ptr(), f.actS.Ptr(), w.q.Ptr(), w.scale.Ptr(), T, w.rows, K)
 	}

@@ -138,7 +138,9 @@ const (
 // target the recorded steps set (all SMs, and the SMs a product leaves
 // the LoRA stream), cuBLASLt's scaled product is tuned in every
 // configuration of its one algorithm (cuda.Matmul.TuneGemmTNScaled, at the
-// rows the product runs: scaledRows' padding); where the route splits K,
+// rows the product runs: scaledRows' padding, and unpadded, which is kept
+// (fp8State.padNo) when its best configuration is faster by
+// splitTuneMargin); where the route splits K,
 // the split as it runs (fp8State.linear) is timed against the whole tuned
 // product, and the whole one is kept (fp8State.splitWhole) when it is
 // faster by splitTuneMargin. The products read their weights in turn, from
@@ -241,6 +243,22 @@ func (b *Backend) tuneFP8() error {
 					return fmt.Errorf("gpu: tune fp8 %d rows x [%d, %d]: %w", tp, sh.n, sh.k, err)
 				}
 				b.tune.results = append(b.tune.results, r)
+				if tp != T {
+					// scaledRows pads to tp rows for the heuristic's 128-row
+					// tiles; in its own best configuration the product of T
+					// rows may be faster
+					r2, err := b.mm.TuneGemmTNScaled(b.s, out.Ptr(), f.actQ.Ptr(), f.actS.Ptr(), qs, scales, T, sh.n, sh.k, tuneFP8Reps)
+					if err != nil {
+						return fmt.Errorf("gpu: tune fp8 %d rows x [%d, %d]: %w", T, sh.n, sh.k, err)
+					}
+					b.tune.results = append(b.tune.results, r2)
+					if len(r.Us) > 0 && len(r2.Us) > 0 && r2.Us[r2.Kept] < r.Us[r.Kept]*(1-splitTuneMargin) {
+						if f.padNo == nil {
+							f.padNo = map[[4]int]bool{}
+						}
+						f.padNo[[4]int{T, sh.n, sh.k, sms}] = true
+					}
+				}
 				if split <= 1 {
 					continue
 				}
