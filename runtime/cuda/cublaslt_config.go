@@ -196,42 +196,12 @@ func (m *Matmul) TuneGemmTNScaled(s *Stream, out, in, inScale DevicePtr, ws, wSc
 	if len(algos) < 2 {
 		return r, nil // nothing to choose from
 	}
-	run := func(a *[heuristicResultSize]byte, i int) error {
-		return m.c.Do(func() error {
-			j := i % len(ws)
-			if err := setScales(p.desc, inScale, wScales[j]); err != nil {
-				return err
-			}
-			return m.enqueue(s, p, a, out, in, ws[j], 1, 0)
-		})
-	}
-	for ai := range algos {
-		a := &algos[ai]
-		ms, err := s.MedianMs(1, 3, func(trial int) error {
-			for i := range reps {
-				if err := run(a, trial*reps+i); err != nil {
-					return err
-				}
-			}
-			return nil
-		})
-		if err != nil {
-			return r, fmt.Errorf("configuration %s (%d of %d): %w", r.Configs[ai], ai, len(algos), err)
+	r.Us, r.Kept, err = m.keepFastest(s, p, algos, reps, func(a *[heuristicResultSize]byte, i int) error {
+		j := i % len(ws)
+		if err := setScales(p.desc, inScale, wScales[j]); err != nil {
+			return err
 		}
-		r.Us = append(r.Us, ms*1000/float64(reps))
-	}
-	best := 0
-	for i, us := range r.Us {
-		if us < r.Us[best] {
-			best = i
-		}
-	}
-	if best != 0 && r.Us[best] < r.Us[0]*(1-tuneMargin) {
-		r.Kept = best
-		err = m.c.Do(func() error {
-			p.algo = algos[best]
-			return nil
-		})
-	}
+		return m.enqueue(s, p, a, out, in, ws[j], 1, 0)
+	})
 	return r, err
 }

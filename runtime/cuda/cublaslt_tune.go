@@ -58,39 +58,47 @@ func (m *Matmul) TuneGemmTN(s *Stream, out DevicePtr, outType DataType, in Devic
 	if len(algos) < 2 {
 		return r, nil // nothing to choose from
 	}
-	run := func(a *[heuristicResultSize]byte, i int) error {
-		return m.c.Do(func() error { return m.enqueue(s, p, a, out, in, ws[i%len(ws)], 1, 0) })
-	}
+	r.Us, r.Kept, err = m.keepFastest(s, p, algos, reps, func(a *[heuristicResultSize]byte, i int) error {
+		return m.enqueue(s, p, a, out, in, ws[i%len(ws)], 1, 0)
+	})
+	return r, err
+}
+
+// keepFastest times each of algos for plan p, reps products (run, on the
+// context's thread, with the product's index) per trial, one untimed
+// trial (the algorithm's kernels load lazily) and three timed, and makes
+// the fastest p's algorithm when it beats algos[0] by more than
+// tuneMargin: the microseconds a product of each, and the one kept.
+func (m *Matmul) keepFastest(s *Stream, p *gemmPlan, algos [][heuristicResultSize]byte, reps int, run func(a *[heuristicResultSize]byte, i int) error) ([]float64, int, error) {
+	var us []float64
 	for ai := range algos {
 		a := &algos[ai]
-		// one untimed trial (the algorithm's kernels load lazily), three timed
 		ms, err := s.MedianMs(1, 3, func(trial int) error {
 			for i := range reps {
-				if err := run(a, trial*reps+i); err != nil {
+				if err := m.c.Do(func() error { return run(a, trial*reps+i) }); err != nil {
 					return err
 				}
 			}
 			return nil
 		})
 		if err != nil {
-			return r, fmt.Errorf("algorithm %d of %d: %w", ai, len(algos), err)
+			return us, 0, fmt.Errorf("algorithm %d of %d: %w", ai, len(algos), err)
 		}
-		r.Us = append(r.Us, ms*1000/float64(reps))
+		us = append(us, ms*1000/float64(reps))
 	}
 	best := 0
-	for i, us := range r.Us {
-		if us < r.Us[best] {
+	for i, u := range us {
+		if u < us[best] {
 			best = i
 		}
 	}
-	if best != 0 && r.Us[best] < r.Us[0]*(1-tuneMargin) {
-		r.Kept = best
-		err = m.c.Do(func() error {
-			p.algo = algos[best]
-			return nil
-		})
+	if best == 0 || us[best] >= us[0]*(1-tuneMargin) {
+		return us, 0, nil
 	}
-	return r, err
+	return us, best, m.c.Do(func() error {
+		p.algo = algos[best]
+		return nil
+	})
 }
 
 // candidates is up to n of the algorithms cuBLASLt's heuristic offers for

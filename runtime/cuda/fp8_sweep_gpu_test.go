@@ -26,16 +26,7 @@ func TestFP8AlgoSweep(t *testing.T) {
 		t.Skip("PEFTD_FP8_SWEEP is not set")
 	}
 	c := ctx(t)
-	s, err := c.NewStream()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Destroy()
-	m, err := c.NewMatmul(32 << 20)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer m.Close()
+	s, m := streamAndMatmul(t, c)
 	// PEFTD_FP8_SWEEP_SMS=n: plan for an SM target of n, as a product
 	// beside the LoRA stream does (the SMs it holds back are not counted)
 	if env := os.Getenv("PEFTD_FP8_SWEEP_SMS"); env != "" {

@@ -90,20 +90,12 @@ func (b *Backend) tuneGemms() error {
 	if len(rows) == 0 || maxN == 0 {
 		return nil
 	}
-	T := rows[len(rows)-1]
-	in, err := b.ctx.Alloc(2 * T * maxK)
+	in, out, err := b.tuneScratch(rows[len(rows)-1], maxN, maxK)
 	if err != nil {
-		return fmt.Errorf("gpu: tune: %w", err)
+		return err
 	}
 	defer in.Free()
-	out, err := b.ctx.Alloc(2 * T * maxN)
-	if err != nil {
-		return fmt.Errorf("gpu: tune: %w", err)
-	}
 	defer out.Free()
-	if err := b.s.Memset8(in.Ptr(), 0x3c, 2*T*maxK); err != nil { // bf16 0x3c3c: ~0.011
-		return fmt.Errorf("gpu: tune: %w", err)
-	}
 	defer b.mm.SetSMTarget(0)
 	for _, n := range rows {
 		for _, sh := range order {
@@ -122,6 +114,24 @@ func (b *Backend) tuneGemms() error {
 		}
 	}
 	return nil
+}
+
+// tuneScratch is the tuning's bf16 input (T rows of maxK values, all
+// ~0.011) and output (T rows of maxN).
+func (b *Backend) tuneScratch(T, maxN, maxK int) (in, out *cuda.DeviceBuffer, err error) {
+	if in, err = b.ctx.Alloc(2 * T * maxK); err != nil {
+		return nil, nil, fmt.Errorf("gpu: tune: %w", err)
+	}
+	if out, err = b.ctx.Alloc(2 * T * maxN); err != nil {
+		in.Free()
+		return nil, nil, fmt.Errorf("gpu: tune: %w", err)
+	}
+	if err = b.s.Memset8(in.Ptr(), 0x3c, 2*T*maxK); err != nil { // bf16 0x3c3c: ~0.011
+		in.Free()
+		out.Free()
+		return nil, nil, fmt.Errorf("gpu: tune: %w", err)
+	}
+	return in, out, nil
 }
 
 // tuneFP8Reps is the products of each timed trial of the FP8 tuning, and
@@ -173,19 +183,12 @@ func (b *Backend) tuneFP8() error {
 	}
 	// the step's largest rows, padded as scaledRows may (to 128 rows' multiple)
 	room := (rows[len(rows)-1] + 127) &^ 127
-	x, err := b.ctx.Alloc(2 * room * maxK)
+	x, out, err := b.tuneScratch(room, maxN, maxK)
 	if err != nil {
-		return fmt.Errorf("gpu: tune fp8: %w", err)
+		return err
 	}
 	defer x.Free()
-	out, err := b.ctx.Alloc(2 * room * maxN)
-	if err != nil {
-		return fmt.Errorf("gpu: tune fp8: %w", err)
-	}
 	defer out.Free()
-	if err := b.s.Memset8(x.Ptr(), 0x3c, 2*room*maxK); err != nil { // bf16 0x3c3c: ~0.011
-		return fmt.Errorf("gpu: tune fp8: %w", err)
-	}
 	if err := f.grow(&f.actQ, room*maxK); err != nil { // scaledRows pads where the scratch holds the rows
 		return err
 	}
