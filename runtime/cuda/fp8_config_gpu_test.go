@@ -15,11 +15,10 @@ import (
 // a configuration TuneGemmTNScaled may keep is known to compute the
 // product; then TuneGemmTNScaled itself, and GemmTNScaled after it.
 func TestFP8ConfigVariants(t *testing.T) {
-	c := ctx(t)
+	c, s, m := matmulRig(t)
 	if d := c.Device(); d.Major*10+d.Minor < 89 {
 		t.Skipf("%s has no FP8 tensor cores (sm_89 and later)", d)
 	}
-	s, m := streamAndMatmul(t, c)
 	m.SetFastAccum(true)
 	// e4m3 codes of exact values: 1, 0.5, 2, -1, 0.75, 1.5, -0.5, 0
 	codes := []byte{0x38, 0x30, 0x40, 0xB8, 0x34, 0x3C, 0xB0, 0x00}
@@ -146,19 +145,3 @@ func alloc(t *testing.T, c *Context, n int) *DeviceBuffer {
 	return b
 }
 
-// streamAndMatmul is a stream and a Matmul (32 MB of workspace) on c,
-// released when the test ends.
-func streamAndMatmul(t *testing.T, c *Context) (*Stream, *Matmul) {
-	t.Helper()
-	s, err := c.NewStream()
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { s.Destroy() })
-	m, err := c.NewMatmul(32 << 20)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { m.Close() })
-	return s, m
-}

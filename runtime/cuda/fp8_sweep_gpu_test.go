@@ -25,8 +25,7 @@ func TestFP8AlgoSweep(t *testing.T) {
 	if os.Getenv("PEFTD_FP8_SWEEP") == "" {
 		t.Skip("PEFTD_FP8_SWEEP is not set")
 	}
-	c := ctx(t)
-	s, m := streamAndMatmul(t, c)
+	c, s, m := matmulRig(t)
 	// PEFTD_FP8_SWEEP_SMS=n: plan for an SM target of n, as a product
 	// beside the LoRA stream does (the SMs it holds back are not counted)
 	if env := os.Getenv("PEFTD_FP8_SWEEP_SMS"); env != "" {
