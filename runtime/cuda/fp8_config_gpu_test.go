@@ -144,4 +144,3 @@ func alloc(t *testing.T, c *Context, n int) *DeviceBuffer {
 	}
 	return b
 }
-
