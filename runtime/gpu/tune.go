@@ -142,19 +142,21 @@ const (
 	splitTuneMargin = 0.03
 )
 
-// tuneFP8 is Options.TuneGEMMs for FP8 weights, run by tuneGemms: for each
+// tuneFP8 is Options.TuneGEMMs for FP8 weights, run by tuneGemms. For each
 // graph bucket of more than wsMaxRows rows (fewer take peftd's own FP8
 // kernels), each FP8 projection shape several layers share and each SM
 // target the recorded steps set (all SMs, and the SMs a product leaves
-// the LoRA stream), cuBLASLt's scaled product is tuned in every
-// configuration of its one algorithm (cuda.Matmul.TuneGemmTNScaled, at the
-// rows the product runs: scaledRows' padding, and unpadded, which is kept
-// (fp8State.padNo) when its best configuration is faster by
-// splitTuneMargin); where the route splits K,
-// the split as it runs (fp8State.linear) is timed against the whole tuned
-// product, and the whole one is kept (fp8State.splitWhole) when it is
-// faster by splitTuneMargin. The products read their weights in turn, from
-// memory, as a step does.
+// the LoRA stream):
+//   - cuBLASLt's scaled product is tuned in every configuration of its one
+//     algorithm (cuda.Matmul.TuneGemmTNScaled) at the rows it runs
+//     (scaledRows' padding), and unpadded too, which is kept
+//     (fp8State.padNo) when its best configuration is faster by
+//     splitTuneMargin;
+//   - where the route splits K, the split as it runs (fp8State.linear) is
+//     timed against the whole tuned product, and the whole one is kept
+//     (fp8State.splitWhole) when it is faster by splitTuneMargin.
+//
+// The products read their weights in turn, from memory, as a step does.
 func (b *Backend) tuneFP8() error {
 	f := b.f8
 	type shape struct{ n, k int }
