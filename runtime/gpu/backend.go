@@ -93,9 +93,11 @@ type Options struct {
 	NoPDL bool
 	// TuneGEMMs times, before the first graphs are recorded, the
 	// algorithms cuBLASLt offers for the bf16 projections at the graph
-	// buckets of tuneMinRows rows and more (tune.go), and keeps the
+	// buckets of tuneMinRows rows and more, and the first one's other tiles
+	// and cluster shapes (tune.go, cuda.Matmul.TuneGemmTN), and keeps the
 	// fastest of each. Off by default: on an H200 the decode steps ran
-	// within 1% of cuBLASLt's first choices (docs/PERFORMANCE.md v0.21).
+	// within 1% of cuBLASLt's first choices (docs/PERFORMANCE.md v0.21,
+	// before the tiles were tried).
 	// With FP8 weights it tunes the FP8 products of 65 rows and more
 	// instead: every tile and cluster shape of cuBLASLt's one scaled
 	// algorithm, and the K split against the tuned whole product

@@ -984,7 +984,9 @@ func TestDecodeBench(t *testing.T) {
 				bench("decode tune T=%d N=%d K=%d sms=%d: %d configurations, first %s %.1f us, kept %s %.1f us", r.T, r.N, r.K, r.SMs, len(r.Us), r.Configs[0], r.Us[0], r.Configs[r.Kept], r.Us[r.Kept])
 				continue
 			}
-			bench("decode tune T=%d N=%d K=%d sms=%d kept %d of %.1f us", r.T, r.N, r.K, r.SMs, r.Kept, r.Us)
+			if len(r.Us) > 0 {
+				bench("decode tune T=%d N=%d K=%d sms=%d: %d algorithms and configurations, first %.1f us, kept #%d %.1f us", r.T, r.N, r.K, r.SMs, len(r.Us), r.Us[0], r.Kept, r.Us[r.Kept])
+			}
 		}
 		for _, s := range gb.SplitTunes() {
 			bench("decode tune split T=%d N=%d K=%d sms=%d: %d-way split %.1f us, whole %.1f us, whole kept %v", s.T, s.N, s.K, s.SMs, s.S, s.SplitUs, s.WholeUs, s.Whole)
