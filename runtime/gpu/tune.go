@@ -61,33 +61,15 @@ func (b *Backend) tuneGemms() error {
 			return err
 		}
 	}
-	type shape struct{ n, k int }
-	var order []shape
-	byShape := map[shape][]cuda.DevicePtr{}
+	var projs []*weight
 	for _, w := range b.weights {
-		if !w.proj {
-			continue
-		}
-		sh := shape{w.rows, w.cols}
-		if byShape[sh] == nil {
-			order = append(order, sh)
-		}
-		byShape[sh] = append(byShape[sh], w.mem.Ptr())
-	}
-	// a shape of one layer only would have its products read the weight
-	// from L2: it is not tuned
-	order = slices.DeleteFunc(order, func(sh shape) bool { return len(byShape[sh]) < 2 })
-	var rows []int
-	for _, n := range graphBuckets[:bucketIndex(b.g.maxRows)+1] {
-		if n >= tuneMinRows {
-			rows = append(rows, n)
+		if w.proj {
+			projs = append(projs, w)
 		}
 	}
-	maxN, maxK := 0, 0
-	for _, sh := range order {
-		maxN, maxK = max(maxN, sh.n), max(maxK, sh.k)
-	}
-	if len(rows) == 0 || maxN == 0 {
+	order, byShape, maxN, maxK := sharedShapes(projs, func(w *weight) tuneShape { return tuneShape{w.rows, w.cols} })
+	rows := b.tuneRows(tuneMinRows)
+	if len(rows) == 0 || len(order) == 0 {
 		return nil
 	}
 	in, out, err := b.tuneScratch(rows[len(rows)-1], maxN, maxK)
@@ -105,7 +87,11 @@ func (b *Backend) tuneGemms() error {
 			}
 			for _, sms := range targets {
 				b.mm.SetSMTarget(sms)
-				r, err := b.mm.TuneGemmTN(b.s, out.Ptr(), cuda.R16BF, in.Ptr(), cuda.R16BF, byShape[sh], cuda.R16BF, n, sh.n, sh.k, 8, 5)
+				ws := make([]cuda.DevicePtr, len(byShape[sh]))
+				for i, w := range byShape[sh] {
+					ws[i] = w.mem.Ptr()
+				}
+				r, err := b.mm.TuneGemmTN(b.s, out.Ptr(), cuda.R16BF, in.Ptr(), cuda.R16BF, ws, cuda.R16BF, n, sh.n, sh.k, 8, 5)
 				if err != nil {
 					return fmt.Errorf("gpu: tune %d rows x [%d, %d]: %w", n, sh.n, sh.k, err)
 				}
@@ -114,6 +100,41 @@ func (b *Backend) tuneGemms() error {
 		}
 	}
 	return nil
+}
+
+// tuneShape is a projection weight's rows and columns.
+type tuneShape struct{ n, k int }
+
+// sharedShapes groups weights by shape, in order of first appearance,
+// leaving out a shape of one weight only (one layer's: its products would
+// read the weight from L2, which no step does, so it is not tuned), and
+// reports the largest rows and columns of those kept.
+func sharedShapes[W any](weights []W, shape func(W) tuneShape) (order []tuneShape, byShape map[tuneShape][]W, maxN, maxK int) {
+	byShape = map[tuneShape][]W{}
+	for _, w := range weights {
+		sh := shape(w)
+		if byShape[sh] == nil {
+			order = append(order, sh)
+		}
+		byShape[sh] = append(byShape[sh], w)
+	}
+	order = slices.DeleteFunc(order, func(sh tuneShape) bool { return len(byShape[sh]) < 2 })
+	for _, sh := range order {
+		maxN, maxK = max(maxN, sh.n), max(maxK, sh.k)
+	}
+	return order, byShape, maxN, maxK
+}
+
+// tuneRows is the graph buckets of from rows and more that the steps
+// record.
+func (b *Backend) tuneRows(from int) []int {
+	var rows []int
+	for _, n := range graphBuckets[:bucketIndex(b.g.maxRows)+1] {
+		if n >= from {
+			rows = append(rows, n)
+		}
+	}
+	return rows
 }
 
 // tuneScratch is the tuning's bf16 input (T rows of maxK values, all
@@ -159,29 +180,10 @@ const (
 // The products read their weights in turn, from memory, as a step does.
 func (b *Backend) tuneFP8() error {
 	f := b.f8
-	type shape struct{ n, k int }
-	var order []shape
-	byShape := map[shape][]*fp8Weight{}
-	for _, w := range f.weights {
-		sh := shape{w.rows, w.cols}
-		if byShape[sh] == nil {
-			order = append(order, sh)
-		}
-		byShape[sh] = append(byShape[sh], w)
-	}
-	order = slices.DeleteFunc(order, func(sh shape) bool { return len(byShape[sh]) < 2 })
-	var rows []int
-	for _, n := range graphBuckets[:bucketIndex(b.g.maxRows)+1] {
-		if n > wsMaxRows {
-			rows = append(rows, n)
-		}
-	}
+	order, byShape, maxN, maxK := sharedShapes(f.weights, func(w *fp8Weight) tuneShape { return tuneShape{w.rows, w.cols} })
+	rows := b.tuneRows(wsMaxRows + 1)
 	if len(rows) == 0 || len(order) == 0 {
 		return nil
-	}
-	maxN, maxK := 0, 0
-	for _, sh := range order {
-		maxN, maxK = max(maxN, sh.n), max(maxK, sh.k)
 	}
 	// the step's largest rows, padded as scaledRows may (to 128 rows' multiple)
 	room := (rows[len(rows)-1] + 127) &^ 127
@@ -225,7 +227,10 @@ func (b *Backend) tuneFP8() error {
 					})
 					return ms * 1000 / tuneFP8Reps, err
 				}
-				if _, err := timed(); err != nil { // quantizes x into the scratch, loads the route's kernels
+				// x's T rows quantized into the scratch, as the route and
+				// TuneGemmTNScaled read them (timed's untimed trial loads the
+				// route's kernels)
+				if err := f.prepare(x.Ptr(), T, sh.k, gen); err != nil {
 					return fmt.Errorf("gpu: tune fp8 %d rows x [%d, %d]: %w", T, sh.n, sh.k, err)
 				}
 				split := f.split(T, sh.n, sh.k)
