@@ -151,6 +151,12 @@ type Config struct {
 	// TuneGEMMs is gpu.Options': cuBLASLt's algorithms timed for the
 	// projections at the graph buckets before the graphs are recorded.
 	TuneGEMMs bool
+	// TuneFP8 is gpu.Options': with FP8 weights, the scaled FP8 products'
+	// tiles and cluster shapes timed before the graphs are recorded.
+	TuneFP8 bool
+	// TuneCacheDir keeps what TuneFP8 decided (gpu.Options'): "" the
+	// peftd cache's tune folder, "-" none.
+	TuneCacheDir string
 	// ChainSteps is gpu.Options': a step launched behind the one in
 	// flight, its decode rows reading that step's tokens on the device.
 	ChainSteps bool
@@ -490,7 +496,7 @@ func newGPU(cfg Config) (*gpu.Backend, error) {
 	// --warm-graphs idle: the scheduler records the graphs while idle, and
 	// a request's step never waits for a recording (it runs eagerly)
 	return gpu.New(gpu.Options{Device: cfg.GPU, WeightFormat: cfg.Weights, KVFormat: cfg.KVCache, Eager: cfg.Eager, SerialLoRA: cfg.SerialLoRA, LoRASMs: cfg.LoRASMs, LoRAPartition: cfg.LoRAPartition, NoFP8Wgmma: cfg.NoFP8Wgmma, NoWS: cfg.NoWS, FP8PreciseAccum: cfg.FP8PreciseAccum, GraphRows: cfg.GraphRows, NoPDL: cfg.NoPDL, TuneGEMMs: cfg.TuneGEMMs, ChainSteps: cfg.ChainSteps,
-		RecordIdle: cfg.WarmGraphs == WarmIdle, PinnedImageBytes: cfg.PinnedCacheBytes})
+		TuneFP8: cfg.TuneFP8, TuneCacheDir: tuneCacheDir(cfg.TuneCacheDir), RecordIdle: cfg.WarmGraphs == WarmIdle, PinnedImageBytes: cfg.PinnedCacheBytes})
 }
 
 func logGPU(log *slog.Logger, cfg Config, b *gpu.Backend) {
@@ -729,4 +735,21 @@ func withSQSQueue(storeURL, queue string) (string, error) {
 func cacheKey(store string) string {
 	h := sha256.Sum256([]byte(store))
 	return hex.EncodeToString(h[:8])
+}
+
+// tuneCacheDir is Config.TuneCacheDir as gpu.Options takes it: "" the
+// peftd cache's tune folder (none when the user has no cache folder), "-"
+// none.
+func tuneCacheDir(dir string) string {
+	switch dir {
+	case "-":
+		return ""
+	case "":
+		d, err := os.UserCacheDir() // $XDG_CACHE_HOME, else ~/.cache
+		if err != nil {
+			return ""
+		}
+		return filepath.Join(d, "peftd", "tune")
+	}
+	return dir
 }

@@ -142,23 +142,75 @@ func (m *Matmul) configVariants(p *gemmPlan, base *[heuristicResultSize]byte, al
 					continue
 				}
 				seen[c] = true
-				a := *base
-				if setConfigAttr(&a, algoConfigTileID, t, sz[0]) != nil || setConfigAttr(&a, algoConfigStagesID, st, sz[1]) != nil || setConfigAttr(&a, algoConfigClusterID, cl, sz[2]) != nil {
-					continue
+				if res, ok := m.variant(p, base, sz, c); ok {
+					algos, cfgs = append(algos, res), append(cfgs, c)
 				}
-				var res [heuristicResultSize]byte
-				if blas.cublasLtMatmulAlgoCheck(m.h, p.desc, p.a, p.b, p.d, p.d, unsafe.Pointer(&a[0]), unsafe.Pointer(&res[0])) != 0 {
-					continue // this configuration does not run this product
-				}
-				if binary.LittleEndian.Uint32(res[heuristicStateOffset:]) != 0 || binary.LittleEndian.Uint64(res[heuristicWorkspaceOffset:]) > uint64(m.ws.Size()) {
-					continue
-				}
-				copy(res[:64], a[:64]) // the checked algorithm, with a heuristic result's tail
-				algos, cfgs = append(algos, res), append(cfgs, c)
 			}
 		}
 	}
 	return algos, cfgs, nil
+}
+
+// variant is algorithm base in configuration c (sz: configOf's attribute
+// sizes), as a heuristic result, and whether cuBLASLt accepts it for plan
+// p (cublasLtMatmulAlgoCheck) within the Matmul's workspace. On the
+// context's thread.
+func (m *Matmul) variant(p *gemmPlan, base *[heuristicResultSize]byte, sz [3]uint64, c AlgoConfig) ([heuristicResultSize]byte, bool) {
+	var res [heuristicResultSize]byte
+	a := *base
+	if setConfigAttr(&a, algoConfigTileID, c.Tile, sz[0]) != nil || setConfigAttr(&a, algoConfigStagesID, c.Stages, sz[1]) != nil || setConfigAttr(&a, algoConfigClusterID, c.Cluster, sz[2]) != nil {
+		return res, false
+	}
+	if blas.cublasLtMatmulAlgoCheck(m.h, p.desc, p.a, p.b, p.d, p.d, unsafe.Pointer(&a[0]), unsafe.Pointer(&res[0])) != 0 {
+		return res, false // this configuration does not run this product
+	}
+	if binary.LittleEndian.Uint32(res[heuristicStateOffset:]) != 0 || binary.LittleEndian.Uint64(res[heuristicWorkspaceOffset:]) > uint64(m.ws.Size()) {
+		return res, false
+	}
+	copy(res[:64], a[:64]) // the checked algorithm, with a heuristic result's tail
+	return res, true
+}
+
+// UseScaledConfig makes configuration c of the heuristic's algorithm the
+// one GemmTNScaled runs from now on for T rows x [N, K] weights into bf16
+// at the Matmul's SM count target and accumulation now: what
+// TuneGemmTNScaled kept, read back from a record of it (runtime/gpu's
+// tuning cache). It returns the heuristic's own configuration, which it
+// asks cuBLASLt for again: a record made when the heuristic chose
+// differently (another cuBLASLt, say) is stale, and the caller should tune
+// instead. c equal to it, or one cuBLASLt no longer accepts
+// (ErrNotSupported), leaves the product to the heuristic's. inScale and
+// wScale are any scale vectors (each product sets its own).
+func (m *Matmul) UseScaledConfig(inScale, wScale DevicePtr, T, N, K int, c AlgoConfig) (AlgoConfig, error) {
+	if T <= 0 || N <= 0 || K <= 0 || K%16 != 0 {
+		return AlgoConfig{}, fmt.Errorf("%w: UseScaledConfig T=%d N=%d K=%d", ErrInvalidValue, T, N, K)
+	}
+	var heur AlgoConfig
+	err := m.c.Do(func() error {
+		p, err := m.planScaled(scaledKey(T, N, K, R16BF, m.sms, m.fast), inScale, wScale)
+		if err != nil {
+			return err
+		}
+		h, err := m.heuristic(p)
+		if err != nil {
+			return err
+		}
+		var sz [3]uint64
+		if heur, sz, err = configOf(&h); err != nil {
+			return err
+		}
+		if c == heur {
+			p.algo = h
+			return nil
+		}
+		a, ok := m.variant(p, &h, sz, c)
+		if !ok {
+			return fmt.Errorf("%w: cuBLASLt does not run configuration %s for T=%d N=%d K=%d", ErrNotSupported, c, T, N, K)
+		}
+		p.algo = a
+		return nil
+	})
+	return heur, err
 }
 
 // TuneGemmTNScaled times cuBLASLt's scaled FP8 product (GemmTNScaled into
@@ -187,14 +239,24 @@ func (m *Matmul) TuneGemmTNScaled(s *Stream, out, in, inScale DevicePtr, ws, wSc
 		if p, err = m.planScaled(key, inScale, wScales[0]); err != nil {
 			return err
 		}
-		algos, r.Configs, err = m.configVariants(p, &p.algo, false)
+		// from the heuristic's choice, not the plan's algorithm: a plan
+		// tuned before (another bucket's rows padded to these) starts over,
+		// and Configs[0] is the heuristic's (UseScaledConfig checks it)
+		h, err := m.heuristic(p)
+		if err != nil {
+			return err
+		}
+		algos, r.Configs, err = m.configVariants(p, &h, false)
 		return err
 	})
 	if err != nil {
 		return r, err
 	}
-	if len(algos) < 2 {
-		return r, nil // nothing to choose from
+	if len(algos) < 2 { // nothing to choose from
+		return r, m.c.Do(func() error {
+			p.algo = algos[0]
+			return nil
+		})
 	}
 	r.Us, r.Kept, err = m.keepFastest(s, p, algos, reps, func(a *[heuristicResultSize]byte, i int) error {
 		j := i % len(ws)
@@ -204,4 +266,18 @@ func (m *Matmul) TuneGemmTNScaled(s *Stream, out, in, inScale DevicePtr, ws, wSc
 		return m.enqueue(s, p, a, out, in, ws[j], 1, 0)
 	})
 	return r, err
+}
+
+// heuristic is cuBLASLt's first choice for plan p, asked again (p's
+// algorithm may be a tuned one). On the context's thread.
+func (m *Matmul) heuristic(p *gemmPlan) ([heuristicResultSize]byte, error) {
+	var h [heuristicResultSize]byte
+	var ret int32
+	if err := checkBLAS("cublasLtMatmulAlgoGetHeuristic", blas.cublasLtMatmulAlgoGetHeuristic(m.h, p.desc, p.a, p.b, p.d, p.d, m.pref, 1, unsafe.Pointer(&h[0]), &ret)); err != nil {
+		return h, err
+	}
+	if ret == 0 {
+		return h, fmt.Errorf("%w: cuBLASLt offers no algorithm for this product", ErrNotSupported)
+	}
+	return h, nil
 }

@@ -99,10 +99,22 @@ type Options struct {
 	// within 1% of cuBLASLt's first choices (docs/PERFORMANCE.md v0.21,
 	// before the tiles were tried).
 	// With FP8 weights it tunes the FP8 products of 65 rows and more
-	// instead: every tile and cluster shape of cuBLASLt's one scaled
-	// algorithm, and the K split against the tuned whole product
-	// (tuneFP8; built in v0.65, not yet measured in steps).
+	// instead, as TuneFP8 does.
 	TuneGEMMs bool
+	// TuneFP8 tunes, with FP8 weights, the FP8 products of 65 rows and
+	// more before the first graphs are recorded: every tile and cluster
+	// shape of cuBLASLt's one scaled algorithm, and the K split against
+	// the tuned whole product (tune.go's tuneFP8). On an H200 the 8B
+	// model's steps of 128 and 256 rows ran 4% and 3% faster, serving 3%
+	// more tokens a second (docs/PERFORMANCE.md v0.66); it takes ~55 s,
+	// once with TuneCacheDir. Off in the zero Options (tests); peftd
+	// serve turns it on.
+	TuneFP8 bool
+	// TuneCacheDir keeps what TuneFP8 (or TuneGEMMs) decided for the FP8
+	// products, one file per card, driver, cuBLASLt, accumulation and
+	// routes (tunecache.go): a later start reads each product's record
+	// instead of timing it. "": no cache.
+	TuneCacheDir string
 	// LoRAPartition, when positive, splits the SMs by green contexts
 	// (partition.go): at least that many (the driver rounds up: 8 SMs a
 	// unit on Hopper, at most half of them) run the LoRA stream, the
@@ -506,7 +518,7 @@ func (b *Backend) open(opts Options) error {
 		// not every GPU can: then the kernels launch as before
 		b.pdl = b.s.SetProgrammaticLaunch(true) == nil
 	}
-	b.tune.on, b.chain.on = opts.TuneGEMMs, opts.ChainSteps
+	b.tune.on, b.tune.fp8, b.tune.cacheDir, b.chain.on = opts.TuneGEMMs, opts.TuneFP8, opts.TuneCacheDir, opts.ChainSteps
 	b.la.on, b.la.sms = !opts.SerialLoRA, max(opts.LoRASMs, 0)
 	b.pinN = int(PinnedBytes(opts.PinnedImageBytes) / stageChunkBytes)
 	if opts.LoRASMs == 0 {

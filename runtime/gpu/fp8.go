@@ -607,3 +607,21 @@ func (f *fp8State) planSMs() int {
 	}
 	return f.ctx.Device().SMs
 }
+
+// setPadNo notes that T rows x [N, K] at SM target sms run unpadded
+// (padNo; tune.go).
+func (f *fp8State) setPadNo(T, N, K, sms int) {
+	if f.padNo == nil {
+		f.padNo = map[[4]int]bool{}
+	}
+	f.padNo[[4]int{T, N, K, sms}] = true
+}
+
+// setSplitWhole notes that T rows x [N, K] at SM target sms run whole,
+// not split (splitWhole; tune.go).
+func (f *fp8State) setSplitWhole(T, N, K, sms int) {
+	if f.splitWhole == nil {
+		f.splitWhole = map[[4]int]bool{}
+	}
+	f.splitWhole[[4]int{T, N, K, sms}] = true
+}

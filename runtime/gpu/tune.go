@@ -1,6 +1,7 @@
 package gpu
 
 import (
+	"errors"
 	"fmt"
 	"slices"
 	"time"
@@ -21,6 +22,10 @@ type tuneState struct {
 	results  []cuda.TuneResult
 	splits   []SplitTune // FP8 weights: the K split against the tuned whole product
 	took     time.Duration
+	fp8      bool   // Options.TuneFP8: the FP8 products alone
+	cacheDir string // Options.TuneCacheDir
+	cached   int    // FP8 products whose configurations came from the cache
+	cacheErr error  // the cache could not be read or written
 }
 
 // SplitTune is what Options.TuneGEMMs measured for one FP8 product that
@@ -42,6 +47,11 @@ func (b *Backend) SplitTunes() []SplitTune { return b.tune.splits }
 // it took.
 func (b *Backend) TuneStats() ([]cuda.TuneResult, time.Duration) { return b.tune.results, b.tune.took }
 
+// TuneCacheStats reports how many FP8 products took their tuning from
+// Options.TuneCacheDir's records, and what went wrong reading or writing
+// them (the tuning stands: it measured what it could not read).
+func (b *Backend) TuneCacheStats() (cached int, err error) { return b.tune.cached, b.tune.cacheErr }
+
 // tuneGemms tunes cuBLASLt's algorithm for the bf16 products the recorded
 // steps run (Options.TuneGEMMs), once, before the first recording: every
 // shape of the layers' projection weights that several layers share, at
@@ -50,7 +60,7 @@ func (b *Backend) TuneStats() ([]cuda.TuneResult, time.Duration) { return b.tune
 // runs beside the GEMMs). The weights of a shape are taken in turn, so the
 // products read them from memory as a step does.
 func (b *Backend) tuneGemms() error {
-	if !b.tune.on || b.tune.done || b.g.off {
+	if (!b.tune.on && !b.tune.fp8) || b.tune.done || b.g.off {
 		return nil
 	}
 	b.tune.done = true
@@ -60,6 +70,9 @@ func (b *Backend) tuneGemms() error {
 		if err := b.tuneFP8(); err != nil {
 			return err
 		}
+	}
+	if !b.tune.on {
+		return nil // Options.TuneFP8: the FP8 products alone
 	}
 	var projs []*weight
 	for _, w := range b.weights {
@@ -163,11 +176,11 @@ const (
 	splitTuneMargin = 0.03
 )
 
-// tuneFP8 is Options.TuneGEMMs for FP8 weights, run by tuneGemms. For each
-// graph bucket of more than wsMaxRows rows (fewer take peftd's own FP8
-// kernels), each FP8 projection shape several layers share and each SM
-// target the recorded steps set (all SMs, and the SMs a product leaves
-// the LoRA stream):
+// tuneFP8 is Options.TuneGEMMs (or TuneFP8) for FP8 weights, run by
+// tuneGemms. For each graph bucket of more than wsMaxRows rows (fewer
+// take peftd's own FP8 kernels), each FP8 projection shape several layers
+// share and each SM target the recorded steps set (all SMs, and the SMs a
+// product leaves the LoRA stream):
 //   - cuBLASLt's scaled product is tuned in every configuration of its one
 //     algorithm (cuda.Matmul.TuneGemmTNScaled) at the rows it runs
 //     (scaledRows' padding), and unpadded too, which is kept
@@ -178,6 +191,9 @@ const (
 //     (fp8State.splitWhole) when it is faster by splitTuneMargin.
 //
 // The products read their weights in turn, from memory, as a step does.
+// With Options.TuneCacheDir, what it decided is kept there (tunecache.go)
+// and a later start on the same card, driver, cuBLASLt and accumulation
+// takes each product's record instead of timing it again.
 func (b *Backend) tuneFP8() error {
 	f := b.f8
 	order, byShape, maxN, maxK := sharedShapes(f.weights, func(w *fp8Weight) tuneShape { return tuneShape{w.rows, w.cols} })
@@ -204,7 +220,10 @@ func (b *Backend) tuneFP8() error {
 		f.shared, f.room, f.lone, f.plain, f.splitForce = false, 0, false, false, 0
 		f.invalidate() // the scratch holds the tuning's rows
 	}()
-	gen := b.gen
+	cache := b.openTuneCache()
+	// a product (rows, N, K, SM target) tuned once this start: a bucket's
+	// rows padded to the next bucket's are that bucket's product
+	tuned := map[[4]int]cuda.TuneResult{}
 	for _, T := range rows {
 		for _, sh := range order {
 			ws := byShape[sh]
@@ -215,79 +234,191 @@ func (b *Backend) tuneFP8() error {
 			for _, sms := range targets {
 				b.mm.SetSMTarget(sms)
 				f.shared, f.room, f.lone, f.plain = sms != 0, room, sms == 0, sms == 0
-				// the route as it runs (fp8State.linear), the weights in turn
-				timed := func() (float64, error) {
-					ms, err := b.s.MedianMs(1, 3, func(trial int) error {
-						for i := range tuneFP8Reps {
-							if err := f.linear(out.Ptr(), x.Ptr(), T, ws[(trial*tuneFP8Reps+i)%len(ws)], gen); err != nil {
-								return err
-							}
-						}
-						return nil
-					})
-					return ms * 1000 / tuneFP8Reps, err
-				}
-				// x's T rows quantized into the scratch, as the route and
-				// TuneGemmTNScaled read them (timed's untimed trial loads the
-				// route's kernels)
-				if err := f.prepare(x.Ptr(), T, sh.k, gen); err != nil {
-					return fmt.Errorf("gpu: tune fp8 %d rows x [%d, %d]: %w", T, sh.n, sh.k, err)
-				}
-				split := f.split(T, sh.n, sh.k)
-				var splitUs float64
-				if split > 1 {
-					if splitUs, err = timed(); err != nil {
-						return fmt.Errorf("gpu: tune fp8 %d rows x [%d, %d]: %w", T, sh.n, sh.k, err)
+				if rec, ok := cache.get(T, sh.n, sh.k, sms); ok {
+					if ok, err := b.useFP8Record(rec, ws[0], tuned); err != nil {
+						return err
+					} else if ok {
+						continue
 					}
 				}
-				tp := T
-				if p := f.scaledRows(T); p != T && f.fits(p, sh.k) {
-					tp = p
-				}
-				qs, scales := make([]cuda.DevicePtr, len(ws)), make([]cuda.DevicePtr, len(ws))
-				for i, w := range ws {
-					qs[i], scales[i] = w.q.Ptr(), w.scale.Ptr()
-				}
-				r, err := b.mm.TuneGemmTNScaled(b.s, out.Ptr(), f.actQ.Ptr(), f.actS.Ptr(), qs, scales, tp, sh.n, sh.k, tuneFP8Reps)
+				rec, err := b.tuneFP8Product(T, sh, ws, sms, x.Ptr(), out.Ptr(), tuned)
 				if err != nil {
-					return fmt.Errorf("gpu: tune fp8 %d rows x [%d, %d]: %w", tp, sh.n, sh.k, err)
+					return err
 				}
-				b.tune.results = append(b.tune.results, r)
-				if tp != T {
-					// scaledRows pads to tp rows for the heuristic's 128-row
-					// tiles; in its own best configuration the product of T
-					// rows may be faster
-					r2, err := b.mm.TuneGemmTNScaled(b.s, out.Ptr(), f.actQ.Ptr(), f.actS.Ptr(), qs, scales, T, sh.n, sh.k, tuneFP8Reps)
-					if err != nil {
-						return fmt.Errorf("gpu: tune fp8 %d rows x [%d, %d]: %w", T, sh.n, sh.k, err)
-					}
-					b.tune.results = append(b.tune.results, r2)
-					if len(r.Us) > 0 && len(r2.Us) > 0 && r2.Us[r2.Kept] < r.Us[r.Kept]*(1-splitTuneMargin) {
-						if f.padNo == nil {
-							f.padNo = map[[4]int]bool{}
-						}
-						f.padNo[[4]int{T, sh.n, sh.k, sms}] = true
-					}
-				}
-				if split <= 1 {
-					continue
-				}
-				f.splitForce = 1 // whole, in the tuned configuration
-				wholeUs, err := timed()
-				f.splitForce = 0
-				if err != nil {
-					return fmt.Errorf("gpu: tune fp8 %d rows x [%d, %d] whole: %w", T, sh.n, sh.k, err)
-				}
-				st := SplitTune{T: T, N: sh.n, K: sh.k, SMs: sms, S: split, SplitUs: splitUs, WholeUs: wholeUs, Whole: wholeUs < splitUs*(1-splitTuneMargin)}
-				if st.Whole {
-					if f.splitWhole == nil {
-						f.splitWhole = map[[4]int]bool{}
-					}
-					f.splitWhole[[4]int{T, sh.n, sh.k, sms}] = true
-				}
-				b.tune.splits = append(b.tune.splits, st)
+				cache.put(rec)
 			}
 		}
 	}
+	if cache != nil {
+		// the tuning stands either way; a cache that cannot be written
+		// makes the next start tune again
+		b.tune.cacheErr = errors.Join(cache.loadErr, cache.save())
+	}
 	return nil
+}
+
+// tuneFP8Product is tuneFP8 for T rows of the weights ws (one shape) at
+// SM target sms (set), its scratch x (bf16 rows) and out: it times,
+// keeps what was faster, and returns the record of it. tuned holds the
+// cuBLASLt products tuned so far (it adds those it tunes): one is not
+// tuned twice.
+func (b *Backend) tuneFP8Product(T int, sh tuneShape, ws []*fp8Weight, sms int, x, out cuda.DevicePtr, tuned map[[4]int]cuda.TuneResult) (fp8TuneRecord, error) {
+	f, gen := b.f8, b.gen
+	rec := fp8TuneRecord{T: T, N: sh.n, K: sh.k, SMs: sms}
+	// the route as it runs (fp8State.linear), the weights in turn
+	timed := func() (float64, error) {
+		ms, err := b.s.MedianMs(1, 3, func(trial int) error {
+			for i := range tuneFP8Reps {
+				if err := f.linear(out, x, T, ws[(trial*tuneFP8Reps+i)%len(ws)], gen); err != nil {
+					return err
+				}
+			}
+			return nil
+		})
+		return ms * 1000 / tuneFP8Reps, err
+	}
+	// x's T rows quantized into the scratch, as the route and
+	// TuneGemmTNScaled read them (timed's untimed trial loads the route's
+	// kernels)
+	if err := f.prepare(x, T, sh.k, gen); err != nil {
+		return rec, fmt.Errorf("gpu: tune fp8 %d rows x [%d, %d]: %w", T, sh.n, sh.k, err)
+	}
+	split := f.split(T, sh.n, sh.k)
+	var splitUs float64
+	if split > 1 {
+		var err error
+		if splitUs, err = timed(); err != nil {
+			return rec, fmt.Errorf("gpu: tune fp8 %d rows x [%d, %d]: %w", T, sh.n, sh.k, err)
+		}
+	}
+	tp := T
+	if p := f.scaledRows(T); p != T && f.fits(p, sh.k) {
+		tp = p
+	}
+	qs, scales := make([]cuda.DevicePtr, len(ws)), make([]cuda.DevicePtr, len(ws))
+	for i, w := range ws {
+		qs[i], scales[i] = w.q.Ptr(), w.scale.Ptr()
+	}
+	scaled := func(rows int) (cuda.TuneResult, error) {
+		key := [4]int{rows, sh.n, sh.k, sms}
+		if r, ok := tuned[key]; ok {
+			return r, nil
+		}
+		r, err := b.mm.TuneGemmTNScaled(b.s, out, f.actQ.Ptr(), f.actS.Ptr(), qs, scales, rows, sh.n, sh.k, tuneFP8Reps)
+		if err != nil {
+			return r, fmt.Errorf("gpu: tune fp8 %d rows x [%d, %d]: %w", rows, sh.n, sh.k, err)
+		}
+		tuned[key] = r
+		b.tune.results = append(b.tune.results, r)
+		return r, nil
+	}
+	r, err := scaled(tp)
+	if err != nil {
+		return rec, err
+	}
+	rec.Configs = append(rec.Configs, tunedConfigOf(r))
+	if tp != T {
+		// scaledRows pads to tp rows for the heuristic's 128-row tiles; in
+		// its own best configuration the product of T rows may be faster
+		r2, err := scaled(T)
+		if err != nil {
+			return rec, err
+		}
+		rec.Configs = append(rec.Configs, tunedConfigOf(r2))
+		if len(r.Us) > 0 && len(r2.Us) > 0 && r2.Us[r2.Kept] < r.Us[r.Kept]*(1-splitTuneMargin) {
+			rec.PadNo = true
+			f.setPadNo(T, sh.n, sh.k, sms)
+		}
+	}
+	if split <= 1 {
+		return rec, nil
+	}
+	f.splitForce = 1 // whole, in the tuned configuration
+	wholeUs, err := timed()
+	f.splitForce = 0
+	if err != nil {
+		return rec, fmt.Errorf("gpu: tune fp8 %d rows x [%d, %d] whole: %w", T, sh.n, sh.k, err)
+	}
+	st := SplitTune{T: T, N: sh.n, K: sh.k, SMs: sms, S: split, SplitUs: splitUs, WholeUs: wholeUs, Whole: wholeUs < splitUs*(1-splitTuneMargin)}
+	if st.Whole {
+		f.setSplitWhole(T, sh.n, sh.k, sms)
+	}
+	b.tune.splits = append(b.tune.splits, st)
+	rec.Split = &st
+	return rec, nil
+}
+
+// useFP8Record makes what rec recorded (tuneFP8Product, an earlier
+// start) the products' configuration and routes, at the SM target set,
+// and reports whether it could: a record the current routes or cuBLASLt's
+// heuristic no longer match is stale (false), and the product is tuned
+// again. w is one weight of the shape (its scales for the plan); tuned
+// holds the cuBLASLt products set so far this start (tuneFP8Product's),
+// which the record must agree with, and gets the record's.
+func (b *Backend) useFP8Record(rec fp8TuneRecord, w *fp8Weight, tuned map[[4]int]cuda.TuneResult) (bool, error) {
+	f := b.f8
+	split := f.split(rec.T, rec.N, rec.K)
+	if (split > 1) != (rec.Split != nil) || (rec.Split != nil && rec.Split.S != split) {
+		return false, nil
+	}
+	for _, c := range rec.Configs {
+		if r, ok := tuned[[4]int{c.Rows, rec.N, rec.K, rec.SMs}]; ok && (len(r.Configs) == 0 || r.Configs[r.Kept] != c.Kept) {
+			return false, nil // set otherwise this start
+		}
+	}
+	tp := rec.T
+	if p := f.scaledRows(rec.T); p != rec.T && f.fits(p, rec.K) {
+		tp = p
+	}
+	want := []int{tp}
+	if tp != rec.T {
+		want = append(want, rec.T)
+	}
+	if len(rec.Configs) != len(want) {
+		return false, nil
+	}
+	for i, c := range rec.Configs {
+		if c.Rows != want[i] {
+			return false, nil
+		}
+		heur, err := b.mm.UseScaledConfig(f.actS.Ptr(), w.scale.Ptr(), c.Rows, rec.N, rec.K, c.Kept)
+		if err != nil && !errors.Is(err, cuda.ErrNotSupported) {
+			return false, fmt.Errorf("gpu: tune fp8 %d rows x [%d, %d] from the cache: %w", c.Rows, rec.N, rec.K, err)
+		}
+		if err == nil && heur == c.Heuristic {
+			continue
+		}
+		// stale: this product (unless cuBLASLt refused the configuration,
+		// which leaves it as it was) and those set before it back to the
+		// heuristic's
+		if err == nil {
+			if _, err := b.mm.UseScaledConfig(f.actS.Ptr(), w.scale.Ptr(), c.Rows, rec.N, rec.K, heur); err != nil {
+				return false, fmt.Errorf("gpu: tune fp8 %d rows x [%d, %d]: %w", c.Rows, rec.N, rec.K, err)
+			}
+		}
+		for _, d := range rec.Configs[:i] {
+			if _, err := b.mm.UseScaledConfig(f.actS.Ptr(), w.scale.Ptr(), d.Rows, rec.N, rec.K, d.Heuristic); err != nil {
+				return false, fmt.Errorf("gpu: tune fp8 %d rows x [%d, %d]: %w", d.Rows, rec.N, rec.K, err)
+			}
+		}
+		return false, nil
+	}
+	for _, c := range rec.Configs {
+		key := [4]int{c.Rows, rec.N, rec.K, rec.SMs}
+		if _, ok := tuned[key]; !ok {
+			tuned[key] = c.result(rec)
+			b.tune.results = append(b.tune.results, tuned[key])
+			b.tune.cached++
+		}
+	}
+	if rec.PadNo {
+		f.setPadNo(rec.T, rec.N, rec.K, rec.SMs)
+	}
+	if rec.Split != nil {
+		if rec.Split.Whole {
+			f.setSplitWhole(rec.T, rec.N, rec.K, rec.SMs)
+		}
+		b.tune.splits = append(b.tune.splits, *rec.Split)
+	}
+	return true, nil
 }

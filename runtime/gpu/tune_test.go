@@ -1,8 +1,16 @@
 package gpu
 
 import (
+	"errors"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"reflect"
 	"slices"
+	"strings"
 	"testing"
+
+	"github.com/peftd/peftd/runtime/cuda"
 )
 
 // TestSharedShapes groups weights by shape in order of first appearance,
@@ -26,5 +34,77 @@ func TestSharedShapes(t *testing.T) {
 	}
 	if order, _, maxN, _ := sharedShapes([]w{{0, 8, 8}}, func(x w) tuneShape { return tuneShape{x.n, x.k} }); len(order) != 0 || maxN != 0 {
 		t.Errorf("one weight: %v, largest rows %d; want nothing", order, maxN)
+	}
+}
+
+// TestTuneCacheRoundTrip writes tuneFP8's records and reads them back
+// under the same key; a file of another key, or not JSON, yields no
+// records and an error naming the file, and is rewritten.
+func TestTuneCacheRoundTrip(t *testing.T) {
+	dir := t.TempDir()
+	key := fp8TuneKey{Version: tuneCacheVersion, Device: "NVIDIA H200", CC: 90, SMs: 132, Driver: 13000, CublasLt: 130100, FastAccum: true, Routes: "r"}
+	path := filepath.Join(dir, "sub", "fp8-x.json")
+	open := func(k fp8TuneKey) *tuneCache {
+		c := &tuneCache{path: path, key: k, records: map[[4]int]fp8TuneRecord{}}
+		c.load()
+		return c
+	}
+	c := open(key)
+	if c.loadErr != nil || len(c.records) != 0 {
+		t.Fatalf("no file: %v, %d records; want none and no error", c.loadErr, len(c.records))
+	}
+	if err := c.save(); err != nil { // nothing new: nothing written
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(path); !errors.Is(err, fs.ErrNotExist) {
+		t.Fatalf("save with no records wrote %s (%v)", path, err)
+	}
+	r := cuda.TuneResult{T: 256, N: 4096, K: 14336, SMs: 116, Us: []float64{37.3, 30, 24.5}, Kept: 2,
+		Configs: []cuda.AlgoConfig{{Tile: 20, Stages: 36, Cluster: 3}, {Tile: 15, Stages: 36, Cluster: 2}, {Tile: 18, Stages: 36, Cluster: 2}}}
+	recs := []fp8TuneRecord{
+		{T: 256, N: 4096, K: 14336, SMs: 116, Configs: []tunedConfig{tunedConfigOf(r)}, Split: &SplitTune{T: 256, N: 4096, K: 14336, SMs: 116, S: 2, SplitUs: 29.8, WholeUs: 26.6, Whole: true}},
+		{T: 96, N: 6144, K: 4096, Configs: []tunedConfig{{Rows: 128, Heuristic: r.Configs[0], Kept: r.Configs[0], HeurUs: 12}, {Rows: 96, Heuristic: r.Configs[0], Kept: r.Configs[1], HeurUs: 12.5, KeptUs: 11}}, PadNo: true},
+	}
+	for _, rec := range recs {
+		c.put(rec)
+	}
+	if err := c.save(); err != nil {
+		t.Fatal(err)
+	}
+	c2 := open(key)
+	if c2.loadErr != nil || len(c2.records) != 2 {
+		t.Fatalf("read back: %v, %d records; want 2", c2.loadErr, len(c2.records))
+	}
+	for _, want := range recs {
+		got, ok := c2.get(want.T, want.N, want.K, want.SMs)
+		if !ok || !reflect.DeepEqual(got, want) {
+			t.Errorf("record %d x [%d, %d] at %d SMs: %+v, want %+v", want.T, want.N, want.K, want.SMs, got, want)
+		}
+	}
+	if _, ok := c2.get(256, 4096, 14336, 0); ok {
+		t.Error("a record for an SM target never tuned")
+	}
+	// the record's configurations as TuneStats reports them
+	if res := recs[0].Configs[0].result(recs[0]); res.Kept != 1 || res.Configs[1] != r.Configs[2] || res.Us[1] != 24.5 || res.Us[0] != 37.3 {
+		t.Errorf("cached result %+v: want the heuristic's 37.3 us, then the kept %s at 24.5", res, r.Configs[2])
+	}
+	if res := recs[1].Configs[0].result(recs[1]); res.Kept != 0 || len(res.Configs) != 1 {
+		t.Errorf("cached result %+v: want the heuristic's alone", res)
+	}
+	other := key
+	other.CublasLt++
+	if c3 := open(other); c3.loadErr == nil || !strings.Contains(c3.loadErr.Error(), path) || len(c3.records) != 0 || !c3.dirty {
+		t.Errorf("another cuBLASLt: %v, %d records, dirty %t; want an error naming the file, none, rewritten", c3.loadErr, len(c3.records), c3.dirty)
+	}
+	if err := os.WriteFile(path, []byte("{not json"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if c4 := open(key); c4.loadErr == nil || len(c4.records) != 0 {
+		t.Errorf("a broken file: %v, %d records; want an error, none", c4.loadErr, len(c4.records))
+	}
+	var nilCache *tuneCache // no TuneCacheDir
+	nilCache.put(recs[0])
+	if _, ok := nilCache.get(256, 4096, 14336, 116); ok || nilCache.save() != nil {
+		t.Error("the nil cache holds records")
 	}
 }
