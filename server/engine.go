@@ -167,8 +167,8 @@ func warmEngine(e *engine.Engine, log *slog.Logger, pin bool) error {
 					whole++
 				}
 			}
-			cached, cerr := g.TuneCacheStats()
-			log.Info("cuBLASLt algorithms tuned", "products", len(res), "changed", changed, "fp8_split_to_whole", whole, "from_cache", cached, "seconds", fmt.Sprintf("%.2f", took.Seconds()))
+			cached, file, cerr := g.TuneCacheStats()
+			log.Info("cuBLASLt algorithms tuned", "products", len(res), "changed", changed, "fp8_split_to_whole", whole, "from_cache", cached, "cache", file, "seconds", fmt.Sprintf("%.2f", took.Seconds()))
 			if cerr != nil {
 				log.Warn("cuBLASLt tuning cache", "err", cerr)
 			}

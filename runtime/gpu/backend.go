@@ -396,6 +396,7 @@ type Backend struct {
 	pins        *imageCache    // adapter images kept in the uploader's pinned blocks (nil: none)
 	pinN        int            // kept blocks to pin (StartPinning; Options.PinnedImageBytes)
 	pinOnce     sync.Once      // StartPinning
+	pinStarted  atomic.Bool    // StartPinning ran: pinDone will close
 	pinDone     chan struct{}  // closes when pinBlocks ends (made by Init)
 	pinStop     atomic.Bool    // Close: pinBlocks stops
 	ringUploads atomic.Int64   // adapter uploads through the staging ring (PinnedStats)

@@ -18,14 +18,15 @@ const tuneMinRows = 32
 // tuneState is Options.TuneGEMMs: whether to tune, whether it ran, and
 // what it measured.
 type tuneState struct {
-	on, done bool
-	results  []cuda.TuneResult
-	splits   []SplitTune // FP8 weights: the K split against the tuned whole product
-	took     time.Duration
-	fp8      bool   // Options.TuneFP8: the FP8 products alone
-	cacheDir string // Options.TuneCacheDir
-	cached   int    // FP8 products whose configurations came from the cache
-	cacheErr error  // the cache could not be read or written
+	on, done  bool
+	results   []cuda.TuneResult
+	splits    []SplitTune // FP8 weights: the K split against the tuned whole product
+	took      time.Duration
+	fp8       bool   // Options.TuneFP8: the FP8 products alone
+	cacheDir  string // Options.TuneCacheDir
+	cached    int    // FP8 products whose configurations came from the cache
+	cacheErr  error  // the cache could not be read or written
+	cacheFile string // the cache's file
 }
 
 // SplitTune is what Options.TuneGEMMs measured for one FP8 product that
@@ -48,9 +49,12 @@ func (b *Backend) SplitTunes() []SplitTune { return b.tune.splits }
 func (b *Backend) TuneStats() ([]cuda.TuneResult, time.Duration) { return b.tune.results, b.tune.took }
 
 // TuneCacheStats reports how many FP8 products took their tuning from
-// Options.TuneCacheDir's records, and what went wrong reading or writing
-// them (the tuning stands: it measured what it could not read).
-func (b *Backend) TuneCacheStats() (cached int, err error) { return b.tune.cached, b.tune.cacheErr }
+// Options.TuneCacheDir's records, the file holding them ("" without the
+// option), and what went wrong reading or writing it (the tuning stands:
+// it measured what it could not read).
+func (b *Backend) TuneCacheStats() (cached int, file string, err error) {
+	return b.tune.cached, b.tune.cacheFile, b.tune.cacheErr
+}
 
 // tuneGemms tunes cuBLASLt's algorithm for the bf16 products the recorded
 // steps run (Options.TuneGEMMs), once, before the first recording: every
@@ -92,6 +96,7 @@ func (b *Backend) tuneGemms() error {
 	defer in.Free()
 	defer out.Free()
 	defer b.mm.SetSMTarget(0)
+	b.waitPinning() // no timing beside the host memory being pinned
 	for _, n := range rows {
 		for _, sh := range order {
 			targets := []int{0}
@@ -250,6 +255,7 @@ func (b *Backend) tuneFP8() error {
 		}
 	}
 	if cache != nil {
+		b.tune.cacheFile = cache.path
 		// the tuning stands either way; a cache that cannot be written
 		// makes the next start tune again
 		b.tune.cacheErr = errors.Join(cache.loadErr, cache.save())
@@ -264,6 +270,7 @@ func (b *Backend) tuneFP8() error {
 // tuned twice.
 func (b *Backend) tuneFP8Product(T int, sh tuneShape, ws []*fp8Weight, sms int, x, out cuda.DevicePtr, tuned map[[4]int]cuda.TuneResult) (fp8TuneRecord, error) {
 	f, gen := b.f8, b.gen
+	b.waitPinning() // no timing beside the host memory being pinned
 	rec := fp8TuneRecord{T: T, N: sh.n, K: sh.k, SMs: sms}
 	// the route as it runs (fp8State.linear), the weights in turn
 	timed := func() (float64, error) {

@@ -45,9 +45,12 @@ func TestFP8TuneCache(t *testing.T) {
 			t.Fatal(err)
 		}
 		res, took := b.TuneStats()
-		cached, err := b.TuneCacheStats()
+		cached, file, err := b.TuneCacheStats()
 		if err != nil {
 			t.Fatalf("tuning cache: %v", err)
+		}
+		if filepath.Dir(file) != dir {
+			t.Errorf("tuning cache file %q, want one in %s", file, dir)
 		}
 		r := run{results: len(res), cached: cached, configs: map[[4]int]string{}}
 		for _, x := range res {
