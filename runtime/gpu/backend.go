@@ -105,10 +105,10 @@ type Options struct {
 	// more before the first graphs are recorded: every tile and cluster
 	// shape of cuBLASLt's one scaled algorithm, and the K split against
 	// the tuned whole product (tune.go's tuneFP8). On an H200 the 8B
-	// model's steps of 128 and 256 rows ran 4% and 3% faster, serving 3%
-	// more tokens a second (docs/PERFORMANCE.md v0.66); it takes ~55 s,
-	// once with TuneCacheDir. Off in the zero Options (tests); peftd
-	// serve turns it on.
+	// model's steps of 128 and 256 rows ran 4% and 3% faster, serving
+	// 2.5-3% more tokens a second (docs/PERFORMANCE.md v0.66); it takes
+	// ~20 s, once with TuneCacheDir (then 0.05 s). Off in the zero
+	// Options (tests); peftd serve turns it on.
 	TuneFP8 bool
 	// TuneCacheDir keeps what TuneFP8 (or TuneGEMMs) decided for the FP8
 	// products, one file per card, driver, cuBLASLt, accumulation and
