@@ -167,8 +167,14 @@ func warmEngine(e *engine.Engine, log *slog.Logger, pin bool) error {
 					whole++
 				}
 			}
+			lt := 0
+			for _, r := range g.RouteTunes() {
+				if r.Lt {
+					lt++
+				}
+			}
 			cached, file, cerr := g.TuneCacheStats()
-			log.Info("cuBLASLt algorithms tuned", "products", len(res), "changed", changed, "fp8_split_to_whole", whole, "from_cache", cached, "cache", file, "seconds", fmt.Sprintf("%.2f", took.Seconds()))
+			log.Info("cuBLASLt algorithms tuned", "products", len(res), "changed", changed, "fp8_split_to_whole", whole, "fp8_small_to_cublaslt", lt, "from_cache", cached, "cache", file, "seconds", fmt.Sprintf("%.2f", took.Seconds()))
 			if cerr != nil {
 				log.Warn("cuBLASLt tuning cache", "err", cerr)
 			}

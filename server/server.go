@@ -154,6 +154,8 @@ type Config struct {
 	// TuneFP8 is gpu.Options': with FP8 weights, the scaled FP8 products'
 	// tiles and cluster shapes timed before the graphs are recorded.
 	TuneFP8 bool
+	// TuneFP8From is gpu.Options': the fewest rows TuneFP8 covers (0: 65).
+	TuneFP8From int
 	// TuneCacheDir keeps what TuneFP8 decided (gpu.Options'): "" the
 	// peftd cache's tune folder, "-" none.
 	TuneCacheDir string
@@ -496,7 +498,7 @@ func newGPU(cfg Config) (*gpu.Backend, error) {
 	// --warm-graphs idle: the scheduler records the graphs while idle, and
 	// a request's step never waits for a recording (it runs eagerly)
 	return gpu.New(gpu.Options{Device: cfg.GPU, WeightFormat: cfg.Weights, KVFormat: cfg.KVCache, Eager: cfg.Eager, SerialLoRA: cfg.SerialLoRA, LoRASMs: cfg.LoRASMs, LoRAPartition: cfg.LoRAPartition, NoFP8Wgmma: cfg.NoFP8Wgmma, NoWS: cfg.NoWS, FP8PreciseAccum: cfg.FP8PreciseAccum, GraphRows: cfg.GraphRows, NoPDL: cfg.NoPDL, TuneGEMMs: cfg.TuneGEMMs, ChainSteps: cfg.ChainSteps,
-		TuneFP8: cfg.TuneFP8, TuneCacheDir: tuneCacheDir(cfg.TuneCacheDir), RecordIdle: cfg.WarmGraphs == WarmIdle, PinnedImageBytes: cfg.PinnedCacheBytes})
+		TuneFP8: cfg.TuneFP8, TuneFP8From: cfg.TuneFP8From, TuneCacheDir: tuneCacheDir(cfg.TuneCacheDir), RecordIdle: cfg.WarmGraphs == WarmIdle, PinnedImageBytes: cfg.PinnedCacheBytes})
 }
 
 func logGPU(log *slog.Logger, cfg Config, b *gpu.Backend) {

@@ -159,6 +159,14 @@ func TestServeNegativeGraphRows(t *testing.T) {
 	}
 }
 
+// TestServeNegativeTuneFrom: --tune-fp8-from below zero is refused before
+// anything starts, naming the flag.
+func TestServeNegativeTuneFrom(t *testing.T) {
+	if _, err := runCLI(t, "serve", "--listen", "127.0.0.1:0", "--tune-fp8-from", "-3"); err == nil || !strings.Contains(err.Error(), "--tune-fp8-from -3") {
+		t.Errorf("--tune-fp8-from -3: %v", err)
+	}
+}
+
 // TestServeDevice: --device cuda without a usable GPU is an error naming the
 // cause; auto falls back to cpu with one "device" line saying why.
 func TestServeDevice(t *testing.T) {

@@ -110,6 +110,16 @@ type Options struct {
 	// ~20 s, once with TuneCacheDir (then 0.05 s). Off in the zero
 	// Options (tests); peftd serve turns it on.
 	TuneFP8 bool
+	// TuneFP8From is the fewest rows whose FP8 products TuneFP8 (or
+	// TuneGEMMs) tunes; 0: wsMaxRows+1 (65), the rows cuBLASLt takes.
+	// Below 65 each product's route as it runs (fp8_stream, fp8_ws,
+	// fp8_wg, or cuBLASLt padded or split) is timed against cuBLASLt's
+	// scaled product tuned at those rows, which replaces it where 3%
+	// faster (fp8State.ltRows): isolated on an H200, cuBLASLt's best
+	// configurations at 64 rows ran o in 8.1 µs, q/k/v 10.2, gate/up
+	// 32.8, against 10.4 / 13.3 / 35.7 for fp8_ws in a step's trace
+	// (PERFORMANCE v0.66). Built in v0.66, not yet run in steps.
+	TuneFP8From int
 	// TuneCacheDir keeps what TuneFP8 (or TuneGEMMs) decided for the FP8
 	// products, one file per card, driver, cuBLASLt, accumulation and
 	// routes (tunecache.go): a later start reads each product's record
@@ -520,6 +530,7 @@ func (b *Backend) open(opts Options) error {
 		b.pdl = b.s.SetProgrammaticLaunch(true) == nil
 	}
 	b.tune.on, b.tune.fp8, b.tune.cacheDir, b.chain.on = opts.TuneGEMMs, opts.TuneFP8, opts.TuneCacheDir, opts.ChainSteps
+	b.tune.fp8From = max(opts.TuneFP8From, 0)
 	b.la.on, b.la.sms = !opts.SerialLoRA, max(opts.LoRASMs, 0)
 	b.pinN = int(PinnedBytes(opts.PinnedImageBytes) / stageChunkBytes)
 	if opts.LoRASMs == 0 {

@@ -823,9 +823,14 @@ func TestDecodeBench(t *testing.T) {
 			runs = append(runs, run{B, v})
 		}
 	}
+	// PEFTD_TUNE_FP8_FROM=16: the FP8 tuning (the `+tuned` rows) from 16
+	// rows, each route of 64 rows or fewer against cuBLASLt's tuned product
+	// (Options.TuneFP8From)
+	gb.tune.fp8From = envPositive(t, "PEFTD_TUNE_FP8_FROM", 0)
 	for _, B := range batches { // the tuned rows: base and adapters again
-		// FP8: the tuning takes products of more than wsMaxRows rows (tuneFP8)
-		if B >= tuneMinRows && (gb.f8 == nil || B > wsMaxRows) && onlyRows == 0 {
+		// FP8: the tuning takes products of more than wsMaxRows rows
+		// (tuneFP8), or from PEFTD_TUNE_FP8_FROM
+		if (gb.f8 == nil && B >= tuneMinRows || gb.f8 != nil && B >= gb.fp8TuneFrom()) && onlyRows == 0 {
 			for _, v := range []decodeVariant{{sms: -1, tuned: true}, {lora: true, sms: -1, tuned: true}} {
 				if wantRow(v) {
 					runs = append(runs, run{B, v})
@@ -990,6 +995,9 @@ func TestDecodeBench(t *testing.T) {
 		}
 		for _, s := range gb.SplitTunes() {
 			bench("decode tune split T=%d N=%d K=%d sms=%d: %d-way split %.1f us, whole %.1f us, whole kept %v", s.T, s.N, s.K, s.SMs, s.S, s.SplitUs, s.WholeUs, s.Whole)
+		}
+		for _, r := range gb.RouteTunes() {
+			bench("decode tune route T=%d N=%d K=%d sms=%d: route %.1f us, cuBLASLt tuned %.1f us, cuBLASLt kept %v", r.T, r.N, r.K, r.SMs, r.RouteUs, r.LtUs, r.Lt)
 		}
 		bench("decode tune: %d products tuned in %v, %d changed", len(res), took.Round(time.Millisecond), changed)
 	}

@@ -95,6 +95,13 @@ type fp8State struct {
 	// found faster unpadded in their own tuned configuration than padded
 	// to scaledRows' rows in theirs (tune.go)
 	padNo map[[4]int]bool
+	// ltRows: the products (T, N, K, SM target) of wsMaxRows rows or fewer
+	// that Options.TuneFP8From found faster on cuBLASLt's scaled product
+	// in its tuned configuration at T rows than on the route linear takes
+	// otherwise (peftd's own kernels, or cuBLASLt padded or split); ltForce
+	// sends every product there (the tuning's timing of it)
+	ltRows  map[[4]int]bool
+	ltForce bool
 	// splitBeside: a product beside the LoRA stream plans its K split for
 	// the whole card, not its SM target, at every row count (a benchmark's
 	// knob; by default only steps of splitBesideRows, fp8_split.go)
@@ -347,6 +354,9 @@ func (f *fp8State) linear(out, x cuda.DevicePtr, T int, w *fp8Weight, gen uint64
 	K := w.cols
 	if err := f.prepare(x, T, K, gen); err != nil {
 		return err
+	}
+	if f.ltForce || f.ltRows[[4]int{T, w.rows, K, f.mm.SMTarget()}] {
+		return f.mm.GemmTNScaled(f.s, out, cuda.R16BF, f.actQ.Ptr(), f.actS.Ptr(), w.q.Ptr(), w.scale.Ptr(), T, w.rows, K)
 	}
 	if f.wsFrom > 0 && T < wsMinRows && (f.wsOn || f.wsAutoTakes()) {
 		if p, ok := f.ws.planFrom(T, w.rows, K, f.wsFrom); ok {
@@ -624,4 +634,13 @@ func (f *fp8State) setSplitWhole(T, N, K, sms int) {
 		f.splitWhole = map[[4]int]bool{}
 	}
 	f.splitWhole[[4]int{T, N, K, sms}] = true
+}
+
+// setLT notes that T rows x [N, K] at SM target sms run on cuBLASLt's
+// scaled product at T rows (ltRows; tune.go).
+func (f *fp8State) setLT(T, N, K, sms int) {
+	if f.ltRows == nil {
+		f.ltRows = map[[4]int]bool{}
+	}
+	f.ltRows[[4]int{T, N, K, sms}] = true
 }

@@ -27,6 +27,31 @@ type tuneState struct {
 	cached    int    // FP8 products whose configurations came from the cache
 	cacheErr  error  // the cache could not be read or written
 	cacheFile string // the cache's file
+	fp8From   int    // Options.TuneFP8From
+	routes    []RouteTune
+}
+
+// RouteTune is what Options.TuneFP8From measured for one FP8 product of
+// wsMaxRows rows or fewer: microseconds a product on the route linear
+// takes (peftd's own kernels, or cuBLASLt padded or split) and on
+// cuBLASLt's scaled product tuned at T rows, and whether cuBLASLt runs it
+// from now on.
+type RouteTune struct {
+	T, N, K, SMs  int
+	RouteUs, LtUs float64
+	Lt            bool
+}
+
+// RouteTunes reports the route decisions Options.TuneFP8From made (nil
+// when it did not run).
+func (b *Backend) RouteTunes() []RouteTune { return b.tune.routes }
+
+// fp8TuneFrom is the fewest rows tuneFP8 covers (Options.TuneFP8From).
+func (b *Backend) fp8TuneFrom() int {
+	if b.tune.fp8From > 0 {
+		return b.tune.fp8From
+	}
+	return wsMaxRows + 1
 }
 
 // SplitTune is what Options.TuneGEMMs measured for one FP8 product that
@@ -202,7 +227,7 @@ const (
 func (b *Backend) tuneFP8() error {
 	f := b.f8
 	order, byShape, maxN, maxK := sharedShapes(f.weights, func(w *fp8Weight) tuneShape { return tuneShape{w.rows, w.cols} })
-	rows := b.tuneRows(wsMaxRows + 1)
+	rows := b.tuneRows(b.fp8TuneFrom())
 	if len(rows) == 0 || len(order) == 0 {
 		return nil
 	}
@@ -222,9 +247,15 @@ func (b *Backend) tuneFP8() error {
 	}
 	defer func() {
 		b.mm.SetSMTarget(0)
-		f.shared, f.room, f.lone, f.plain, f.splitForce = false, 0, false, false, 0
+		f.shared, f.room, f.lone, f.plain, f.splitForce, f.ltForce = false, 0, false, false, 0, false
 		f.invalidate() // the scratch holds the tuning's rows
 	}()
+	if rows[0] <= wsMaxRows {
+		// the most rows first: a route of wsMaxRows rows or fewer that
+		// pads to cuBLASLt's 128-row product is timed with that product
+		// tuned
+		slices.Reverse(rows)
+	}
 	cache := b.openTuneCache()
 	// a product (rows, N, K, SM target) tuned once this start: a bucket's
 	// rows padded to the next bucket's are that bucket's product
@@ -290,18 +321,6 @@ func (b *Backend) tuneFP8Product(T int, sh tuneShape, ws []*fp8Weight, sms int, 
 	if err := f.prepare(x, T, sh.k, gen); err != nil {
 		return rec, fmt.Errorf("gpu: tune fp8 %d rows x [%d, %d]: %w", T, sh.n, sh.k, err)
 	}
-	split := f.split(T, sh.n, sh.k)
-	var splitUs float64
-	if split > 1 {
-		var err error
-		if splitUs, err = timed(); err != nil {
-			return rec, fmt.Errorf("gpu: tune fp8 %d rows x [%d, %d]: %w", T, sh.n, sh.k, err)
-		}
-	}
-	tp := T
-	if p := f.scaledRows(T); p != T && f.fits(p, sh.k) {
-		tp = p
-	}
 	qs, scales := make([]cuda.DevicePtr, len(ws)), make([]cuda.DevicePtr, len(ws))
 	for i, w := range ws {
 		qs[i], scales[i] = w.q.Ptr(), w.scale.Ptr()
@@ -318,6 +337,21 @@ func (b *Backend) tuneFP8Product(T int, sh tuneShape, ws []*fp8Weight, sms int, 
 		tuned[key] = r
 		b.tune.results = append(b.tune.results, r)
 		return r, nil
+	}
+	if T <= wsMaxRows {
+		return b.tuneFP8Route(rec, timed, scaled)
+	}
+	split := f.split(T, sh.n, sh.k)
+	var splitUs float64
+	if split > 1 {
+		var err error
+		if splitUs, err = timed(); err != nil {
+			return rec, fmt.Errorf("gpu: tune fp8 %d rows x [%d, %d]: %w", T, sh.n, sh.k, err)
+		}
+	}
+	tp := T
+	if p := f.scaledRows(T); p != T && f.fits(p, sh.k) {
+		tp = p
 	}
 	r, err := scaled(tp)
 	if err != nil {
@@ -355,6 +389,40 @@ func (b *Backend) tuneFP8Product(T int, sh tuneShape, ws []*fp8Weight, sms int, 
 	return rec, nil
 }
 
+// tuneFP8Route is tuneFP8Product for wsMaxRows rows or fewer (rec names
+// the product, timed times linear, scaled tunes cuBLASLt's product at
+// some rows): the route linear takes is timed
+// against cuBLASLt's scaled product at T rows, tuned (its plan at T rows
+// takes the kept configuration) and timed through linear (ltForce), and
+// cuBLASLt takes the product from now on (fp8State.ltRows) when it is
+// faster by splitTuneMargin.
+func (b *Backend) tuneFP8Route(rec fp8TuneRecord, timed func() (float64, error), scaled func(rows int) (cuda.TuneResult, error)) (fp8TuneRecord, error) {
+	f := b.f8
+	T, N, K, sms := rec.T, rec.N, rec.K, rec.SMs
+	routeUs, err := timed()
+	if err != nil {
+		return rec, fmt.Errorf("gpu: tune fp8 %d rows x [%d, %d] route: %w", T, N, K, err)
+	}
+	r, err := scaled(T)
+	if err != nil {
+		return rec, err
+	}
+	rec.Configs = append(rec.Configs, tunedConfigOf(r))
+	f.ltForce = true
+	ltUs, err := timed()
+	f.ltForce = false
+	if err != nil {
+		return rec, fmt.Errorf("gpu: tune fp8 %d rows x [%d, %d] on cuBLASLt: %w", T, N, K, err)
+	}
+	rt := RouteTune{T: T, N: N, K: K, SMs: sms, RouteUs: routeUs, LtUs: ltUs, Lt: ltUs < routeUs*(1-splitTuneMargin)}
+	if rt.Lt {
+		f.setLT(T, N, K, sms)
+	}
+	b.tune.routes = append(b.tune.routes, rt)
+	rec.Route = &rt
+	return rec, nil
+}
+
 // useFP8Record makes what rec recorded (tuneFP8Product, an earlier
 // start) the products' configuration and routes, at the SM target set,
 // and reports whether it could: a record the current routes or cuBLASLt's
@@ -364,8 +432,12 @@ func (b *Backend) tuneFP8Product(T int, sh tuneShape, ws []*fp8Weight, sms int, 
 // which the record must agree with, and gets the record's.
 func (b *Backend) useFP8Record(rec fp8TuneRecord, w *fp8Weight, tuned map[[4]int]cuda.TuneResult) (bool, error) {
 	f := b.f8
-	split := f.split(rec.T, rec.N, rec.K)
-	if (split > 1) != (rec.Split != nil) || (rec.Split != nil && rec.Split.S != split) {
+	if rec.T <= wsMaxRows {
+		// tuneFP8Route's record: one configuration, at T rows
+		if rec.Route == nil || rec.Split != nil || len(rec.Configs) != 1 || rec.Configs[0].Rows != rec.T {
+			return false, nil
+		}
+	} else if split := f.split(rec.T, rec.N, rec.K); rec.Route != nil || (split > 1) != (rec.Split != nil) || (rec.Split != nil && rec.Split.S != split) {
 		return false, nil
 	}
 	for _, c := range rec.Configs {
@@ -374,7 +446,7 @@ func (b *Backend) useFP8Record(rec fp8TuneRecord, w *fp8Weight, tuned map[[4]int
 		}
 	}
 	tp := rec.T
-	if p := f.scaledRows(rec.T); p != rec.T && f.fits(p, rec.K) {
+	if p := f.scaledRows(rec.T); p != rec.T && f.fits(p, rec.K) && rec.T > wsMaxRows {
 		tp = p
 	}
 	want := []int{tp}
@@ -426,6 +498,12 @@ func (b *Backend) useFP8Record(rec fp8TuneRecord, w *fp8Weight, tuned map[[4]int
 			f.setSplitWhole(rec.T, rec.N, rec.K, rec.SMs)
 		}
 		b.tune.splits = append(b.tune.splits, *rec.Split)
+	}
+	if rec.Route != nil {
+		if rec.Route.Lt {
+			f.setLT(rec.T, rec.N, rec.K, rec.SMs)
+		}
+		b.tune.routes = append(b.tune.routes, *rec.Route)
 	}
 	return true, nil
 }

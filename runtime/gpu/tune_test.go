@@ -64,6 +64,7 @@ func TestTuneCacheRoundTrip(t *testing.T) {
 	recs := []fp8TuneRecord{
 		{T: 256, N: 4096, K: 14336, SMs: 116, Configs: []tunedConfig{tunedConfigOf(r)}, Split: &SplitTune{T: 256, N: 4096, K: 14336, SMs: 116, S: 2, SplitUs: 29.8, WholeUs: 26.6, Whole: true}},
 		{T: 96, N: 6144, K: 4096, Configs: []tunedConfig{{Rows: 128, Heuristic: r.Configs[0], Kept: r.Configs[0], HeurUs: 12}, {Rows: 96, Heuristic: r.Configs[0], Kept: r.Configs[1], HeurUs: 12.5, KeptUs: 11}}, PadNo: true},
+		{T: 64, N: 4096, K: 4096, SMs: 100, Configs: []tunedConfig{{Rows: 64, Heuristic: r.Configs[0], Kept: r.Configs[1], HeurUs: 14, KeptUs: 8.1}}, Route: &RouteTune{T: 64, N: 4096, K: 4096, SMs: 100, RouteUs: 10.4, LtUs: 8.3, Lt: true}},
 	}
 	for _, rec := range recs {
 		c.put(rec)
@@ -72,8 +73,8 @@ func TestTuneCacheRoundTrip(t *testing.T) {
 		t.Fatal(err)
 	}
 	c2 := open(key)
-	if c2.loadErr != nil || len(c2.records) != 2 {
-		t.Fatalf("read back: %v, %d records; want 2", c2.loadErr, len(c2.records))
+	if c2.loadErr != nil || len(c2.records) != len(recs) {
+		t.Fatalf("read back: %v, %d records; want %d", c2.loadErr, len(c2.records), len(recs))
 	}
 	for _, want := range recs {
 		got, ok := c2.get(want.T, want.N, want.K, want.SMs)

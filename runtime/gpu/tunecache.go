@@ -72,7 +72,8 @@ func (c tunedConfig) result(rec fp8TuneRecord) cuda.TuneResult {
 // shape at one SM target: the configuration of the product at the rows
 // the route runs (scaledRows' padding) and, when it pads, unpadded;
 // whether unpadded runs (fp8State.padNo); and where the route splits K,
-// the split against the whole product.
+// the split against the whole product. For wsMaxRows rows or fewer: the
+// configuration at T rows and the route against it.
 type fp8TuneRecord struct {
 	T       int           `json:"t"`
 	N       int           `json:"n"`
@@ -81,6 +82,9 @@ type fp8TuneRecord struct {
 	Configs []tunedConfig `json:"configs"`
 	PadNo   bool          `json:"pad_no,omitempty"`
 	Split   *SplitTune    `json:"split,omitempty"`
+	// Route: wsMaxRows rows or fewer (Options.TuneFP8From), the route
+	// against cuBLASLt's product tuned at T rows (Configs' one entry)
+	Route *RouteTune `json:"route,omitempty"`
 }
 
 // tuneCache is tuneFP8's records in Options.TuneCacheDir (nil: no cache):

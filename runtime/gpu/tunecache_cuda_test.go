@@ -13,8 +13,9 @@ import (
 	"github.com/peftd/peftd/runtime/engine"
 )
 
-// TestFP8TuneCache: Options.TuneFP8 with a TuneCacheDir tunes the fixture's
-// FP8 products once and writes what it kept; a second backend takes every
+// TestFP8TuneCache: Options.TuneFP8 (from 16 rows: TuneFP8From) with a
+// TuneCacheDir tunes the fixture's FP8 products once and writes what it
+// kept; a second backend takes every
 // product from the file (the same configurations, no timing) and computes
 // the fixture's cases as the first did; a record whose heuristic no longer
 // matches (here edited) is stale, and that product alone is tuned again
@@ -27,10 +28,12 @@ func TestFP8TuneCache(t *testing.T) {
 	dir := t.TempDir()
 	opts := engine.DefaultOptions()
 	opts.AdapterSlots = len(adapters)
-	bo := Options{WeightFormat: WeightsFP8, TuneFP8: true, TuneCacheDir: dir}
+	// from 16 rows: the routes of 16-64 rows against cuBLASLt too
+	bo := Options{WeightFormat: WeightsFP8, TuneFP8: true, TuneFP8From: 16, TuneCacheDir: dir}
 	type run struct {
 		results        int
 		cached         int
+		routes, lt     int
 		configs        map[[4]int]string
 		worst, worstRw float64
 		match          int
@@ -52,7 +55,12 @@ func TestFP8TuneCache(t *testing.T) {
 		if filepath.Dir(file) != dir {
 			t.Errorf("tuning cache file %q, want one in %s", file, dir)
 		}
-		r := run{results: len(res), cached: cached, configs: map[[4]int]string{}}
+		r := run{results: len(res), cached: cached, routes: len(b.RouteTunes()), configs: map[[4]int]string{}}
+		for _, rt := range b.RouteTunes() {
+			if rt.Lt {
+				r.lt++
+			}
+		}
 		for _, x := range res {
 			if len(x.Configs) > 0 {
 				r.configs[[4]int{x.T, x.N, x.K, x.SMs}] = x.Configs[x.Kept].String()
@@ -60,7 +68,7 @@ func TestFP8TuneCache(t *testing.T) {
 		}
 		q := measureCases(t, e, loadSlots(t, e, adapters, fx.AdapterNames, 0), cases)
 		r.worst, r.worstRw, r.match = q.worst(), q.worstRow, q.match
-		t.Logf("%d products tuned in %v, %d from the cache; worst relative error %.4g (row %.4g), greedy %d exact", len(res), took, cached, r.worst, r.worstRw, q.match)
+		t.Logf("%d products tuned in %v, %d from the cache, %d routes of 16-64 rows (%d to cuBLASLt); worst relative error %.4g (row %.4g), greedy %d exact", len(res), took, cached, r.routes, r.lt, r.worst, r.worstRw, q.match)
 		return r // the engine closes with the test
 	}
 	first := start()
@@ -77,6 +85,9 @@ func TestFP8TuneCache(t *testing.T) {
 	second := start()
 	if second.cached != first.results || second.results != first.results {
 		t.Errorf("second start: %d products, %d from the cache; want all %d", second.results, second.cached, first.results)
+	}
+	if first.routes == 0 || second.routes != first.routes || second.lt != first.lt {
+		t.Errorf("routes of 16-64 rows: %d (%d to cuBLASLt) tuned, %d (%d) from the cache; want some, the same", first.routes, first.lt, second.routes, second.lt)
 	}
 	if !reflect.DeepEqual(second.configs, first.configs) {
 		t.Errorf("configurations from the cache %v, tuned %v", second.configs, first.configs)
