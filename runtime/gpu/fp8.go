@@ -384,10 +384,10 @@ func (f *fp8State) linear(out, x cuda.DevicePtr, T int, w *fp8Weight, gen uint64
 	if skinnyFits(T, w.rows, K, f.skinnyTop()) {
 		return f.skinnyLaunch(out, T, w)
 	}
-	Tp := f.scaledRows(T)
+	Tp := f.padRows(T, K)
 	// cuBLASLt's product padded beats fp8_wg's (scaledRowsFrom), and its
 	// own at T rows unless the tuning found otherwise (padNo)
-	pads := Tp != T && f.fits(Tp, K) && !f.padNo[[4]int{T, w.rows, K, f.mm.SMTarget()}]
+	pads := Tp != T && !f.padNo[[4]int{T, w.rows, K, f.mm.SMTarget()}]
 	if f.wgAuto && !pads && wgAutoFits(T, w.rows, K, f.shared && f.wgBeside) && f.wg.fits(T, w.rows, K) {
 		return f.wg.launch(f.s, out, f.actQ.Ptr(), f.actS.Ptr(), w.q.Ptr(), w.scale.Ptr(), T, w.rows, K)
 	}
@@ -433,6 +433,15 @@ func (f *fp8State) scaledRows(T int) int {
 		return T
 	}
 	return scaledRowsFrom(T, f.room, scaledPadFrom)
+}
+
+// padRows is the rows cuBLASLt's scaled product of T rows of K values
+// runs for when it pads (scaledRows, where the scratch holds them), else T.
+func (f *fp8State) padRows(T, K int) int {
+	if p := f.scaledRows(T); p != T && f.fits(p, K) {
+		return p
+	}
+	return T
 }
 
 // scaledRowsFrom is the rows the scaled FP8 product of T rows is asked
@@ -618,29 +627,11 @@ func (f *fp8State) planSMs() int {
 	return f.ctx.Device().SMs
 }
 
-// setPadNo notes that T rows x [N, K] at SM target sms run unpadded
-// (padNo; tune.go).
-func (f *fp8State) setPadNo(T, N, K, sms int) {
-	if f.padNo == nil {
-		f.padNo = map[[4]int]bool{}
+// markProduct adds T rows x [N, K] at SM target sms to one of the
+// tuning's decision maps (padNo, splitWhole, ltRows; tune.go).
+func markProduct(m *map[[4]int]bool, T, N, K, sms int) {
+	if *m == nil {
+		*m = map[[4]int]bool{}
 	}
-	f.padNo[[4]int{T, N, K, sms}] = true
-}
-
-// setSplitWhole notes that T rows x [N, K] at SM target sms run whole,
-// not split (splitWhole; tune.go).
-func (f *fp8State) setSplitWhole(T, N, K, sms int) {
-	if f.splitWhole == nil {
-		f.splitWhole = map[[4]int]bool{}
-	}
-	f.splitWhole[[4]int{T, N, K, sms}] = true
-}
-
-// setLT notes that T rows x [N, K] at SM target sms run on cuBLASLt's
-// scaled product at T rows (ltRows; tune.go).
-func (f *fp8State) setLT(T, N, K, sms int) {
-	if f.ltRows == nil {
-		f.ltRows = map[[4]int]bool{}
-	}
-	f.ltRows[[4]int{T, N, K, sms}] = true
+	(*m)[[4]int{T, N, K, sms}] = true
 }

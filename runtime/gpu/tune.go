@@ -124,11 +124,7 @@ func (b *Backend) tuneGemms() error {
 	b.waitPinning() // no timing beside the host memory being pinned
 	for _, n := range rows {
 		for _, sh := range order {
-			targets := []int{0}
-			if hold := b.holdFor(n, sh.n, sh.k, false); b.la.on && hold > 0 {
-				targets = append(targets, max(1, b.ctx.Device().SMs-hold))
-			}
-			for _, sms := range targets {
+			for _, sms := range b.tuneTargets(n, sh, false) {
 				b.mm.SetSMTarget(sms)
 				ws := make([]cuda.DevicePtr, len(byShape[sh]))
 				for i, w := range byShape[sh] {
@@ -178,6 +174,17 @@ func (b *Backend) tuneRows(from int) []int {
 		}
 	}
 	return rows
+}
+
+// tuneTargets is the SM count targets the recorded steps set for
+// products of T rows x sh (fp8: FP8 weights): every SM (0), and the SMs
+// left beside the LoRA stream where it holds some back.
+func (b *Backend) tuneTargets(T int, sh tuneShape, fp8 bool) []int {
+	targets := []int{0}
+	if hold := b.holdFor(T, sh.n, sh.k, fp8); b.la.on && hold > 0 {
+		targets = append(targets, max(1, b.ctx.Device().SMs-hold))
+	}
+	return targets
 }
 
 // tuneScratch is the tuning's bf16 input (T rows of maxK values, all
@@ -263,11 +270,7 @@ func (b *Backend) tuneFP8() error {
 	for _, T := range rows {
 		for _, sh := range order {
 			ws := byShape[sh]
-			targets := []int{0}
-			if hold := b.holdFor(T, sh.n, sh.k, true); b.la.on && hold > 0 {
-				targets = append(targets, max(1, b.ctx.Device().SMs-hold))
-			}
-			for _, sms := range targets {
+			for _, sms := range b.tuneTargets(T, sh, true) {
 				b.mm.SetSMTarget(sms)
 				f.shared, f.room, f.lone, f.plain = sms != 0, room, sms == 0, sms == 0
 				if rec, ok := cache.get(T, sh.n, sh.k, sms); ok {
@@ -349,10 +352,7 @@ func (b *Backend) tuneFP8Product(T int, sh tuneShape, ws []*fp8Weight, sms int, 
 			return rec, fmt.Errorf("gpu: tune fp8 %d rows x [%d, %d]: %w", T, sh.n, sh.k, err)
 		}
 	}
-	tp := T
-	if p := f.scaledRows(T); p != T && f.fits(p, sh.k) {
-		tp = p
-	}
+	tp := f.padRows(T, sh.k)
 	r, err := scaled(tp)
 	if err != nil {
 		return rec, err
@@ -368,7 +368,7 @@ func (b *Backend) tuneFP8Product(T int, sh tuneShape, ws []*fp8Weight, sms int, 
 		rec.Configs = append(rec.Configs, tunedConfigOf(r2))
 		if len(r.Us) > 0 && len(r2.Us) > 0 && r2.Us[r2.Kept] < r.Us[r.Kept]*(1-splitTuneMargin) {
 			rec.PadNo = true
-			f.setPadNo(T, sh.n, sh.k, sms)
+			markProduct(&f.padNo, T, sh.n, sh.k, sms)
 		}
 	}
 	if split <= 1 {
@@ -382,7 +382,7 @@ func (b *Backend) tuneFP8Product(T int, sh tuneShape, ws []*fp8Weight, sms int, 
 	}
 	st := SplitTune{T: T, N: sh.n, K: sh.k, SMs: sms, S: split, SplitUs: splitUs, WholeUs: wholeUs, Whole: wholeUs < splitUs*(1-splitTuneMargin)}
 	if st.Whole {
-		f.setSplitWhole(T, sh.n, sh.k, sms)
+		markProduct(&f.splitWhole, T, sh.n, sh.k, sms)
 	}
 	b.tune.splits = append(b.tune.splits, st)
 	rec.Split = &st
@@ -416,7 +416,7 @@ func (b *Backend) tuneFP8Route(rec fp8TuneRecord, timed func() (float64, error),
 	}
 	rt := RouteTune{T: T, N: N, K: K, SMs: sms, RouteUs: routeUs, LtUs: ltUs, Lt: ltUs < routeUs*(1-splitTuneMargin)}
 	if rt.Lt {
-		f.setLT(T, N, K, sms)
+		markProduct(&f.ltRows, T, N, K, sms)
 	}
 	b.tune.routes = append(b.tune.routes, rt)
 	rec.Route = &rt
@@ -445,9 +445,9 @@ func (b *Backend) useFP8Record(rec fp8TuneRecord, w *fp8Weight, tuned map[[4]int
 			return false, nil // set otherwise this start
 		}
 	}
-	tp := rec.T
-	if p := f.scaledRows(rec.T); p != rec.T && f.fits(p, rec.K) && rec.T > wsMaxRows {
-		tp = p
+	tp := rec.T // tuneFP8Route's records: at T rows
+	if rec.T > wsMaxRows {
+		tp = f.padRows(rec.T, rec.K)
 	}
 	want := []int{tp}
 	if tp != rec.T {
@@ -491,17 +491,17 @@ func (b *Backend) useFP8Record(rec fp8TuneRecord, w *fp8Weight, tuned map[[4]int
 		}
 	}
 	if rec.PadNo {
-		f.setPadNo(rec.T, rec.N, rec.K, rec.SMs)
+		markProduct(&f.padNo, rec.T, rec.N, rec.K, rec.SMs)
 	}
 	if rec.Split != nil {
 		if rec.Split.Whole {
-			f.setSplitWhole(rec.T, rec.N, rec.K, rec.SMs)
+			markProduct(&f.splitWhole, rec.T, rec.N, rec.K, rec.SMs)
 		}
 		b.tune.splits = append(b.tune.splits, *rec.Split)
 	}
 	if rec.Route != nil {
 		if rec.Route.Lt {
-			f.setLT(rec.T, rec.N, rec.K, rec.SMs)
+			markProduct(&f.ltRows, rec.T, rec.N, rec.K, rec.SMs)
 		}
 		b.tune.routes = append(b.tune.routes, *rec.Route)
 	}
