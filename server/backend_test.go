@@ -3,6 +3,7 @@ package server
 import (
 	"bytes"
 	"log/slog"
+	"path/filepath"
 	"strings"
 	"testing"
 
@@ -68,6 +69,18 @@ func TestBaseHostBytesGPU(t *testing.T) {
 	} {
 		if got := baseHostBytes(nil, DeviceCUDA, 0, c.pinned); got != c.want {
 			t.Errorf("baseHostBytes(cuda, pinned %d) = %d, want %d", c.pinned, got, c.want)
+		}
+	}
+}
+
+// TestTuneCacheDir: --tune-cache's default is the peftd cache's tune folder
+// (PEFTD_CACHE's, as the other caches), "-" none, anything else as given.
+func TestTuneCacheDir(t *testing.T) {
+	root := t.TempDir()
+	t.Setenv("PEFTD_CACHE", root)
+	for _, c := range []struct{ in, want string }{{"", filepath.Join(root, "tune")}, {"-", ""}, {"/srv/tune", "/srv/tune"}} {
+		if got := tuneCacheDir(c.in); got != c.want {
+			t.Errorf("tuneCacheDir(%q) = %q, want %q", c.in, got, c.want)
 		}
 	}
 }

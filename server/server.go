@@ -740,18 +740,13 @@ func cacheKey(store string) string {
 }
 
 // tuneCacheDir is Config.TuneCacheDir as gpu.Options takes it: "" the
-// peftd cache's tune folder (none when the user has no cache folder), "-"
-// none.
+// peftd cache's tune folder, "-" none.
 func tuneCacheDir(dir string) string {
 	switch dir {
 	case "-":
 		return ""
 	case "":
-		d, err := os.UserCacheDir() // $XDG_CACHE_HOME, else ~/.cache
-		if err != nil {
-			return ""
-		}
-		return filepath.Join(d, "peftd", "tune")
+		return filepath.Join(models.DefaultCacheDir(), "tune")
 	}
 	return dir
 }
