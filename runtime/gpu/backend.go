@@ -231,6 +231,7 @@ type funcs struct {
 	sgExpandTC                                                                                             [3]*cuda.Function // sgmv_expand_tc1, tc2, tc4
 	ropeRows                                                                                               *cuda.Function    // rope_store_rows
 	ropeLoRA                                                                                               *cuda.Function    // rope_store_lora
+	siluMulLoRA                                                                                            [3]*cuda.Function // silu_mul_lora1, 2, 4 (lora_silu.go)
 }
 
 // forced is an int setting of kernelForce whose 0 means the default and
@@ -278,6 +279,7 @@ type kernelForce struct {
 	wholeLoad  bool          // adapter loads: a step waits for the whole image before it starts (no per-layer start)
 	slowFill   time.Duration // adapter loads: a sleep after each chunk's fill (tests: a step must wait for the host)
 	ropeLoRA   int           // q/k/v LoRA expanded inside RoPE at 1-16 rows (lora_rope.go): 1 on, -1 off, 0 by the rows (ropeFold)
+	siluLoRA   int           // FP8 gate/up LoRA expanded inside silu_mul (lora_silu.go): 1 on, -1 off, 0 by the rows (siluFold)
 	siluCl     int           // FP8 silu_mul of 1-64 rows: 1 silu_mul_cl (a cluster of blocks a row) wherever it fits, -1 never, 0 by the rows (siluClFits)
 	nodePrio   int           // recordings run the LoRA stream's kernels at that stream's priority (graph.go nodePriority): 1 at every row count, -1 at none, 0 by the rows
 	memHoist   int           // recordings and cuBLASLt's memsets (memsethoist.go): -1 as captured, 1 moved beside the kernel before them, 0 moved and replaced by fill_rows
@@ -381,6 +383,8 @@ type Backend struct {
 	preFit           [3]bool
 	pdl              bool      // the compute stream launches kernels programmatically (Options.NoPDL)
 	ropeLoRALaunches int       // rope_store_lora launches recorded or run (lora_rope.go; tests)
+	siluLoRALaunches int       // silu_mul_lora launches recorded or run (lora_silu.go; tests)
+	siluLoRAMax      int       // silu_mul_lora's dynamic shared memory limit as raised (0: not usable)
 	addClUpdates     int       // add_rmsnorm_cl launches that added a LoRA update (norm_cl.go; tests)
 	tune             tuneState // Options.TuneGEMMs (tune.go)
 	nDec, nPre       int       // decode sequences and prefill rows of the step
@@ -643,7 +647,8 @@ func (b *Backend) open(opts Options) error {
 		{&b.fn.attnPrefill8[0], "attn_prefill8_d32"}, {&b.fn.attnPrefill8[1], "attn_prefill8_d64"}, {&b.fn.attnPrefill8[2], "attn_prefill8_d128"},
 		{&b.fn.addBias, "add_bias"}, {&b.fn.headRMSNorm, "head_rmsnorm"}, {&b.fn.addDelta, "add_delta"}, {&b.fn.fillRows, "fill_rows"},
 		{&b.fn.sgExpandTC[0], "sgmv_expand_tc1"}, {&b.fn.sgExpandTC[1], "sgmv_expand_tc2"}, {&b.fn.sgExpandTC[2], "sgmv_expand_tc4"},
-		{&b.fn.ropeRows, "rope_store_rows"}, {&b.fn.ropeLoRA, "rope_store_lora"}} {
+		{&b.fn.ropeRows, "rope_store_rows"}, {&b.fn.ropeLoRA, "rope_store_lora"},
+		{&b.fn.siluMulLoRA[0], "silu_mul_lora1"}, {&b.fn.siluMulLoRA[1], "silu_mul_lora2"}, {&b.fn.siluMulLoRA[2], "silu_mul_lora4"}} {
 		if *f.p, err = b.mod.Function(f.name); err != nil {
 			return err
 		}
@@ -773,6 +778,15 @@ func (b *Backend) Init(cfg *llama.Config, spec engine.Spec) error {
 		return fmt.Errorf("gpu: head_dim %d > 256 is not supported by the attention kernel", cfg.HeadDim)
 	}
 	b.cfg, b.kv, b.maxT = cfg, kv, maxTokens
+	// silu_mul_lora's shared memory for this model's rows (lora_silu.go)
+	if sh, limit := siluLoRAShared(cfg.Intermediate), b.ctx.Device().MaxShared; b.ctx.Device().Major >= 9 && (limit <= 0 || sh <= limit) {
+		for _, f := range b.fn.siluMulLoRA {
+			if err := f.SetMaxDynamicShared(sh); err != nil {
+				return err
+			}
+		}
+		b.siluLoRAMax = sh
+	}
 	hd := kv.HeadDim
 	b.decOK = hd >= 32 && hd <= 256 && hd&(hd-1) == 0 && cfg.Heads%kv.KVHeads == 0 && cfg.Heads/kv.KVHeads <= decMaxG && b.decFit[headIndex(hd)]
 	b.preOK = hd >= 32 && hd <= 128 && hd&(hd-1) == 0 && cfg.Heads%kv.KVHeads == 0 && b.preFit[headIndex(hd)]

@@ -413,6 +413,7 @@ type decodeVariant struct {
 	wsfrom                       int    // FP8 weights: fp8_ws from this many rows below 17 too (fp8State.wsFrom; label +wsN)
 	pa                           bool   // FP8 weights: cuBLASLt's FP8 products with float32 promotion (Options.FP8PreciseAccum)
 	silucl                       int    // FP8 silu_mul of 1-64 rows as silu_mul_cl (kernelForce.siluCl: 1 wherever it fits, -1 never, 0 the default)
+	sfold                        int    // FP8 gate/up LoRA update expanded inside silu_mul (kernelForce.siluLoRA: 1 on, -1 off, 0 the default)
 	addcl                        int    // add_rmsnorm as add_rmsnorm_cl (kernelForce.addCl: 1 wherever it fits, -1 never, 0 the default: 1-16 rows adding a LoRA update)
 	hoist                        int    // recordings and cuBLASLt's memsets (kernelForce.memHoist: -1 as captured, 1 moved, 0 the default: moved and replaced by fill_rows)
 	prio                         int    // recordings with the LoRA stream's kernels at its priority (kernelForce.nodePrio: 1 at every row count, -1 at none, 0 the default)
@@ -442,7 +443,7 @@ func (v decodeVariant) force(f kernelForce) kernelForce {
 	f.noSkinny, f.skLate, f.decVar, f.bwg, f.bws = v.lt, v.skLate, v.dv, v.bwg, v.bws
 	f.wgFull, f.loraKChunk = v.wgFull, v.kc
 	f.holds, f.pdlJoins, f.loraInline = v.holds, v.pdlJoins, v.inline
-	f.ropeLoRA, f.nodePrio, f.siluCl, f.addCl = v.rfold, v.prio, v.silucl, v.addcl
+	f.ropeLoRA, f.nodePrio, f.siluCl, f.addCl, f.siluLoRA = v.rfold, v.prio, v.silucl, v.addcl, v.sfold
 	f.memHoist, f.l2Win, f.wsLoRA, f.shrink64 = v.hoist, v.l2, v.wsl, v.sh64
 	return f
 }
@@ -549,6 +550,7 @@ func (v decodeVariant) label(ads []*lora.Adapter, pdlOK bool) string {
 	lbl += onOffLabel(v.rfold, "rfold")
 	lbl += onOffLabel(v.sh64, "sh64")
 	lbl += onOffLabel(v.silucl, "silucl")
+	lbl += onOffLabel(v.sfold, "sfold")
 	lbl += onOffLabel(v.addcl, "addcl")
 	lbl += onOffLabel(v.prio, "prio")
 	lbl += onOffLabel(v.hoist, "hoist")
@@ -764,6 +766,7 @@ func TestDecodeBench(t *testing.T) {
 		{lora: true, sms: -1, rfold: 1}, {lora: true, sms: -1, rfold: -1},
 		{sms: -1, noseg: true}, {lora: true, sms: -1, noseg: true}, {sms: -1, nosege: true}, {lora: true, sms: -1, prio: -1}, {lora: true, sms: -1, prio: 1}, {sms: -1, hoist: -1}, {lora: true, sms: -1, hoist: -1}, {sms: -1, hoist: 1}, {lora: true, sms: -1, hoist: 1},
 		{sms: -1, silucl: -1}, {lora: true, sms: -1, silucl: -1}, {sms: -1, silucl: 1}, {lora: true, sms: -1, silucl: 1},
+		{lora: true, sms: -1, sfold: 1}, {lora: true, sms: -1, sfold: -1},
 		{sms: -1, addcl: -1}, {lora: true, sms: -1, addcl: -1}, {sms: -1, addcl: 1}, {lora: true, sms: -1, addcl: 1},
 		{sms: -1, padOld: true}, {lora: true, sms: -1, padOld: true},
 		{sms: -1, fslate: true}, {lora: true, sms: -1, fslate: true},
@@ -829,8 +832,10 @@ func TestDecodeBench(t *testing.T) {
 	gb.tune.fp8From = envPositive(t, "PEFTD_TUNE_FP8_FROM", 0)
 	for _, B := range batches { // the tuned rows: base and adapters again
 		// FP8: the tuning takes products of more than wsMaxRows rows
-		// (tuneFP8), or from PEFTD_TUNE_FP8_FROM
-		if (gb.f8 == nil && B >= tuneMinRows || gb.f8 != nil && B >= gb.fp8TuneFrom()) && onlyRows == 0 {
+		// (tuneFP8), or from PEFTD_TUNE_FP8_FROM; under PEFTD_DECODE_VARIANTS
+		// (nsysdec) only where PEFTD_DECODE_ROWS names them
+		rows := B + mixedP // a mixed step's products take the prompt's rows too
+		if (gb.f8 == nil && rows >= tuneMinRows || gb.f8 != nil && rows >= gb.fp8TuneFrom()) && (onlyRows == 0 || rowsWanted != "") {
 			for _, v := range []decodeVariant{{sms: -1, tuned: true}, {lora: true, sms: -1, tuned: true}} {
 				if wantRow(v) {
 					runs = append(runs, run{B, v})
@@ -969,7 +974,7 @@ func TestDecodeBench(t *testing.T) {
 	gb.force.noSkinny, gb.force.skLate, gb.force.decVar, gb.force.bwg, gb.force.bws = false, false, 0, false, 0
 	gb.force.wgFull, gb.force.loraKChunk = false, 0
 	gb.force.holds, gb.force.pdlJoins, gb.force.ropeLoRA, gb.force.nodePrio = [4]int{}, 0, 0, 0
-	gb.force.siluCl, gb.force.memHoist, gb.force.l2Win = 0, 0, 0
+	gb.force.siluCl, gb.force.memHoist, gb.force.l2Win, gb.force.siluLoRA = 0, 0, 0, 0
 	if err := gb.applyL2Window(); err != nil {
 		t.Fatal(err)
 	}

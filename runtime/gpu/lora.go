@@ -252,7 +252,7 @@ func (b *Backend) loraAside(o, x *Buffer, layer int, mods []llama.Module, total 
 	}
 	b.fail(b.la.s.Wait(b.la.fork))
 	pend := pendingDelta{base: ptr(o), delta: d, ld: o.ld, cols: total}
-	if tc := b.tcChunks(mods); b.ropeFold(mods, tc) { // the shrink alone: RoPE expands (lora_rope.go)
+	if tc := b.tcChunks(mods); b.ropeFold(mods, tc) || b.siluFold(mods, tc) { // the shrink alone: RoPE or silu_mul expands (lora_rope.go, lora_silu.go)
 		pend = b.pendLoRA(o, layer, mods, tc, b.loraShrink(b.la.s, x, layer, mods), false)
 	} else {
 		b.loraSlices(b.la.s, d, total, x, layer, mods, false)
