@@ -1871,13 +1871,14 @@ extern "C" __global__ void silu_mul(bf16* out, const bf16* g, const bf16* u, con
 // spread over SILU_CL SMs.
 #define SILU_CL 8
 #define SILU_CL_RC 2
-// silu_cl_row: row r's share of block `rank` of its cluster (silu_mul_cl's
-// work; silu_mul_lora's rows with no adapter). Every block of the cluster
-// calls it for the same row.
-__device__ __forceinline__ void silu_cl_row(bf16* out, const bf16* g, const bf16* u, const float* dg, const float* du, const int* rl,
-                                            i64 r, unsigned rank, int cols, int ldg, int ldd, unsigned char* q, float* qscale) {
+extern "C" __global__ void __launch_bounds__(256) silu_mul_cl(bf16* out, const bf16* g, const bf16* u, const float* dg, const float* du,
+                                                              const int* rl, int cols, int ldg, int ldd, unsigned char* q,
+                                                              float* qscale) {
+    pdl_entry();
     __shared__ float sh[33];
     __shared__ float cm; // this block's max |v| (+Inf: a non-finite value), read by the cluster
+    const unsigned rank = cluster_rank();
+    const i64 r = blockIdx.x / SILU_CL;
     const bool lo = dg && rl[r] >= 0;
     const int n8 = cols >> 3, per = (n8 + SILU_CL - 1) / SILU_CL, w0 = rank * per, w1 = min(n8, w0 + per);
     float m = 0.f;
@@ -1903,68 +1904,58 @@ __device__ __forceinline__ void silu_cl_row(bf16* out, const bf16* g, const bf16
         if (c < w1) *reinterpret_cast<uint2*>(q + r * cols + 8 * c) = e4m3_word(w[j], inv);
     }
 }
-extern "C" __global__ void __launch_bounds__(256) silu_mul_cl(bf16* out, const bf16* g, const bf16* u, const float* dg, const float* du,
-                                                              const int* rl, int cols, int ldg, int ldd, unsigned char* q,
-                                                              float* qscale) {
-    pdl_entry();
-    silu_cl_row(out, g, u, dg, du, rl, blockIdx.x / SILU_CL, cluster_rank(), cols, ldg, ldd, q, qscale);
-}
 
-// silu_mul_lora{1,2,4}: silu_mul's quantizing path (the FP8 down
-// projection's input) for a step whose gate/up LoRA update was left
-// unexpanded: the LoRA stream ran the shrink alone, and the expand happens
-// here, so no float32 update is written or read (runtime/gpu/lora_silu.go).
-// grid (ntiles + rows) * SILU_CL blocks of 256 threads in clusters of
-// SILU_CL. Cluster c < ntiles takes LoRA tile c (tiles[c]: its first row,
-// at most SG_TR rows, one adapter slot; no rows: a recorded step's spare
-// tile): block `rank` takes columns [rank * per, (rank + 1) * per) of the
-// gate and the up halves (per = 8 * ceil(cols / 8 / SILU_CL); cols a
-// multiple of 8; the last blocks may have fewer or none), computes
-// the tile's update of them on the tensor cores as sgmv_expand_tc does
-// (tmp, the shrink's output, summed over its ksplit K parts; A fragments
-// split into bf16 pairs; B in expand_tc's K order), adds it to g and u
-// rounded to bf16 (as silu_mul adds the LoRA stream's float32 update) and
-// keeps silu(g) * u of its columns in shared memory (dynamic: SG_TR * per
-// bf16). The rows' max |v| meet through distributed shared memory, then
-// each block stores its columns of out and their e4m3 bytes (as
-// quant_rows_e4m3 would from the stored values) and rank 0 the rows'
-// scales. Cluster c >= ntiles takes row c - ntiles if it has no adapter
-// (rl < 0), as silu_mul_cl does; rows with one are their tile's. Slices:
-// gate is the table entry of module m0 (tmp's ranks at 0), up of m1 (at
-// max_rank); KC: 32-rank chunks (ranks multiples of 8, at most 32 * KC).
+// silu_mul_lora{1,2,4}: out = silu(g) * u for a step whose gate/up LoRA
+// update was left unexpanded: the LoRA stream ran the shrink alone, and
+// the expand happens here, so no float32 update is written or read
+// (runtime/gpu/lora_silu.go); the FP8 down projection then quantizes out
+// as it quantizes any input. grid (ceil(cols / 512), ntiles + ceil(rows /
+// SG_TR)), blocks of 256 threads; warp w of block x takes the 8-column
+// n-tiles 8x + w * 8 / 8 ... (64 columns a warp, 512 a block) of the gate
+// and the up halves. Row tile y < ntiles is LoRA tile y (tiles[y]: its
+// first row, at most SG_TR rows, one adapter slot; no rows: a recorded
+// step's spare tile): the tile's update of those columns on the tensor
+// cores as sgmv_expand_tc computes it (tmp, the shrink's output, summed
+// over its ksplit K parts; A fragments split into bf16 pairs; B in
+// expand_tc's K order), added to g and u rounded to bf16 (as silu_mul adds
+// the LoRA stream's float32 update). Row tile y >= ntiles is rows
+// [(y - ntiles) * SG_TR, +SG_TR) of those with no adapter (rl < 0), no
+// update. Gate is the table entry of module m0 (tmp's ranks at 0), up of
+// m1 (at max_rank); KC: 32-rank chunks (ranks multiples of 8, at most 32 *
+// KC); NB n-tiles' loads in flight a warp.
 #define SLORA_WARPS 8
 template <int KC>
 __device__ __forceinline__ void silu_lora_body(
     bf16* __restrict__ out, const bf16* __restrict__ g, const bf16* __restrict__ u, const float* __restrict__ tmp,
     const LoraEntry* __restrict__ table, const int4* __restrict__ tiles, const int* __restrict__ rl, int ntiles, int entry_base,
-    int entry_stride, int m0, int m1, int max_rank, int t_stride, int rows_total, int ksplit, int cols, int ldg,
-    unsigned char* __restrict__ q, float* __restrict__ qscale) {
-    constexpr int R = 32 * KC, W = R + 4;
-    const float INF = __int_as_float(0x7f800000);
+    int entry_stride, int m0, int m1, int max_rank, int t_stride, int rows_total, int ksplit, int cols, int ldg) {
+    constexpr int R = 32 * KC, W = R + 4, NB = KC >= 4 ? 1 : 4 / KC;
     __shared__ __align__(16) float ts[2][SG_TR * W]; // the tile's rows of tmp: gate's ranks, up's
-    __shared__ float wm[SLORA_WARPS][SG_TR];        // each warp's max |v| a row (+Inf: a non-finite value)
-    __shared__ float cmx[SG_TR];                    // this block's, read by the cluster
-    __shared__ float rmx[SG_TR];                    // the cluster's: the rows' max
-    extern __shared__ __align__(16) unsigned char silu_lora_smem[];
-    const unsigned rank = cluster_rank();
-    const int c = blockIdx.x / SILU_CL;
+    const int ty = blockIdx.y;
+    const bool lora = ty < ntiles;
     // before griddepcontrol.wait only step metadata and the table (no
     // kernel of the step writes them)
-    const int4 tile = c < ntiles ? tiles[c] : make_int4(0, 0, 0, 0);
+    int r0, n;
     LoraEntry eg{nullptr, nullptr, 0, 0.f, {0, 0}}, eu = eg;
-    if (tile.y > 0) {
-        eg = table[entry_base + tile.z * entry_stride + m0];
-        eu = table[entry_base + tile.z * entry_stride + m1];
+    if (lora) {
+        const int4 tile = tiles[ty];
+        r0 = tile.x, n = tile.y;
+        if (n > 0) {
+            eg = table[entry_base + tile.z * entry_stride + m0];
+            eu = table[entry_base + tile.z * entry_stride + m1];
+        }
+    } else {
+        r0 = (ty - ntiles) * SG_TR, n = min(SG_TR, rows_total - r0);
+    }
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gq = lane >> 2, qq = lane & 3;
+    bool v0 = gq < n, v1 = gq + 8 < n;
+    if (!lora) {
+        v0 = v0 && rl[r0 + gq] < 0;
+        v1 = v1 && rl[r0 + gq + 8] < 0;
     }
     pdl_entry();
-    if (c >= ntiles) {
-        const int r = c - ntiles;
-        if (rl[r] < 0) silu_cl_row(out, g, u, nullptr, nullptr, rl, r, rank, cols, ldg, 0, q, qscale);
-        return;
-    }
-    if (tile.y == 0) return;
-    const int n = tile.y, r0 = tile.x;
-    {
+    if (!__syncthreads_or(v0 || v1)) return; // no rows here
+    if (lora) {
         // the tile's rows of tmp, summed over the K parts (sum_kparts), for both slices
         constexpr int PER = SG_TR * R / 256, ZU = EX_ZU / PER > 0 ? EX_ZU / PER : 1, DR = 256 / R;
         const int rr = threadIdx.x / R, k = threadIdx.x % R;
@@ -1979,132 +1970,88 @@ __device__ __forceinline__ void silu_lora_body(
 #pragma unroll
             for (int v = 0; v < PER; v++) ts[s][(rr + DR * v) * W + k] = t[v];
         }
+        __syncthreads();
     }
-    __syncthreads();
-    // this block's 8-column n-tiles: pnt of the row's cols / 8, fewer in the last blocks
-    const int pnt = (cols / 8 + SILU_CL - 1) / SILU_CL, per = 8 * pnt, c0 = rank * per;
-    const int ntn = max(0, min(cols / 8, (int)(rank + 1) * pnt) - (int)rank * pnt);
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gq = lane >> 2, qq = lane & 3;
-    bf16* ys = reinterpret_cast<bf16*>(silu_lora_smem); // [SG_TR][per]
-    const bool v0 = gq < n, v1 = gq + 8 < n;
     const bf16* g0 = g + (i64)(r0 + (v0 ? gq : 0)) * ldg;
     const bf16* g1 = g + (i64)(r0 + (v1 ? gq + 8 : 0)) * ldg;
     const bf16* u0 = u + (i64)(r0 + (v0 ? gq : 0)) * ldg;
     const bf16* u1 = u + (i64)(r0 + (v1 ? gq + 8 : 0)) * ldg;
-    float mx0 = 0.f, mx1 = 0.f;
-    int bad0 = 0, bad1 = 0;
-    for (int nt = warp; nt < ntn; nt += SLORA_WARPS) {
-        const int cb = c0 + nt * 8; // the n-tile's first column
-        uint4 bg[KC], bu[KC];
+    bf16* o0 = out + (i64)(r0 + gq) * cols;
+    bf16* o1 = out + (i64)(r0 + gq + 8) * cols;
+    const __nv_bfloat162 zero2 = __floats2bfloat162_rn(0.f, 0.f);
+#pragma unroll 1
+    for (int b0 = 0; b0 < 8; b0 += NB) {
+        // every load of NB n-tiles first: B's fragments, then g and u
+        uint4 bg[NB][KC], bu[NB][KC];
+        __nv_bfloat162 xv[NB][4]; // g row gq, g row gq + 8, u row gq, u row gq + 8
 #pragma unroll
-        for (int kc = 0; kc < KC; kc++) {
-            const int k = kc * 32 + qq * 8;
-            bg[kc] = k < eg.rank ? ldg16(eg.b + (i64)(cb + gq) * eg.rank + k) : make_uint4(0, 0, 0, 0);
-            bu[kc] = k < eu.rank ? ldg16(eu.b + (i64)(cb + gq) * eu.rank + k) : make_uint4(0, 0, 0, 0);
+        for (int j = 0; j < NB; j++) {
+            const int cb = blockIdx.x * 512 + warp * 64 + (b0 + j) * 8; // the n-tile's first column
+            const bool in = cb < cols;
+#pragma unroll
+            for (int kc = 0; kc < KC; kc++) {
+                const int k = kc * 32 + qq * 8;
+                bg[j][kc] = lora && in && k < eg.rank ? ldg16(eg.b + (i64)(cb + gq) * eg.rank + k) : make_uint4(0, 0, 0, 0);
+                bu[j][kc] = lora && in && k < eu.rank ? ldg16(eu.b + (i64)(cb + gq) * eu.rank + k) : make_uint4(0, 0, 0, 0);
+            }
+            const int col = cb + 2 * qq;
+            xv[j][0] = in && v0 ? *reinterpret_cast<const __nv_bfloat162*>(g0 + col) : zero2;
+            xv[j][1] = in && v1 ? *reinterpret_cast<const __nv_bfloat162*>(g1 + col) : zero2;
+            xv[j][2] = in && v0 ? *reinterpret_cast<const __nv_bfloat162*>(u0 + col) : zero2;
+            xv[j][3] = in && v1 ? *reinterpret_cast<const __nv_bfloat162*>(u1 + col) : zero2;
         }
-        const int col = cb + 2 * qq; // this lane's two columns, rows gq and gq + 8
-        const __nv_bfloat162 zero2 = __floats2bfloat162_rn(0.f, 0.f);
-        const float2 ga = __bfloat1622float2(v0 ? *reinterpret_cast<const __nv_bfloat162*>(g0 + col) : zero2);
-        const float2 gb = __bfloat1622float2(v1 ? *reinterpret_cast<const __nv_bfloat162*>(g1 + col) : zero2);
-        const float2 ua = __bfloat1622float2(v0 ? *reinterpret_cast<const __nv_bfloat162*>(u0 + col) : zero2);
-        const float2 ub = __bfloat1622float2(v1 ? *reinterpret_cast<const __nv_bfloat162*>(u1 + col) : zero2);
-        float dg[4] = {0.f, 0.f, 0.f, 0.f}, du[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
-        for (int kc = 0; kc < KC; kc++) {
+        for (int j = 0; j < NB; j++) {
+            const int cb = blockIdx.x * 512 + warp * 64 + (b0 + j) * 8;
+            if (cb >= cols) continue;
+            float dg[4] = {0.f, 0.f, 0.f, 0.f}, du[4] = {0.f, 0.f, 0.f, 0.f};
+            if (lora) {
 #pragma unroll
-            for (int h = 0; h < 2; h++) {
-                const int k = kc * 32 + qq * 8 + 4 * h;
+                for (int kc = 0; kc < KC; kc++) {
 #pragma unroll
-                for (int s = 0; s < 2; s++) {
-                    const float4 t0 = *reinterpret_cast<const float4*>(ts[s] + gq * W + k);
-                    const float4 t1 = *reinterpret_cast<const float4*>(ts[s] + (gq + 8) * W + k);
-                    unsigned ah[4], al[4];
-                    split2(t0.x, t0.y, ah[0], al[0]);
-                    split2(t1.x, t1.y, ah[1], al[1]);
-                    split2(t0.z, t0.w, ah[2], al[2]);
-                    split2(t1.z, t1.w, ah[3], al[3]);
-                    const uint4 bv = s == 0 ? bg[kc] : bu[kc];
-                    float* acc = s == 0 ? dg : du;
-                    const unsigned b0 = h == 0 ? bv.x : bv.z, b1 = h == 0 ? bv.y : bv.w;
-                    mma16816(acc, ah[0], ah[1], ah[2], ah[3], b0, b1);
-                    mma16816(acc, al[0], al[1], al[2], al[3], b0, b1);
+                    for (int h = 0; h < 2; h++) {
+                        const int k = kc * 32 + qq * 8 + 4 * h;
+#pragma unroll
+                        for (int s = 0; s < 2; s++) {
+                            const float4 t0 = *reinterpret_cast<const float4*>(ts[s] + gq * W + k);
+                            const float4 t1 = *reinterpret_cast<const float4*>(ts[s] + (gq + 8) * W + k);
+                            unsigned ah[4], al[4];
+                            split2(t0.x, t0.y, ah[0], al[0]);
+                            split2(t1.x, t1.y, ah[1], al[1]);
+                            split2(t0.z, t0.w, ah[2], al[2]);
+                            split2(t1.z, t1.w, ah[3], al[3]);
+                            const uint4 bv = s == 0 ? bg[j][kc] : bu[j][kc];
+                            float* acc = s == 0 ? dg : du;
+                            const unsigned b0w = h == 0 ? bv.x : bv.z, b1w = h == 0 ? bv.y : bv.w;
+                            mma16816(acc, ah[0], ah[1], ah[2], ah[3], b0w, b1w);
+                            mma16816(acc, al[0], al[1], al[2], al[3], b0w, b1w);
+                        }
+                    }
                 }
             }
-        }
-        // as silu_mul8: the update added and rounded to bf16, then silu(g) * u rounded
-        float y[4];
-        const float gx[4] = {ga.x, ga.y, gb.x, gb.y}, ux[4] = {ua.x, ua.y, ub.x, ub.y};
+            // as silu_mul8: the update added and rounded to bf16, then silu(g) * u rounded
+            const float2 ga = __bfloat1622float2(xv[j][0]), gb = __bfloat1622float2(xv[j][1]);
+            const float2 ua = __bfloat1622float2(xv[j][2]), ub = __bfloat1622float2(xv[j][3]);
+            const float gx[4] = {ga.x, ga.y, gb.x, gb.y}, ux[4] = {ua.x, ua.y, ub.x, ub.y};
+            float y[4];
 #pragma unroll
-        for (int i = 0; i < 4; i++) {
-            const float a = __bfloat162float(__float2bfloat16_rn(gx[i] + dg[i]));
-            const float b = __bfloat162float(__float2bfloat16_rn(ux[i] + du[i]));
-            y[i] = a / (1.f + expf(-a)) * b;
+            for (int i = 0; i < 4; i++) {
+                const float a = lora ? __bfloat162float(__float2bfloat16_rn(gx[i] + dg[i])) : gx[i];
+                const float b = lora ? __bfloat162float(__float2bfloat16_rn(ux[i] + du[i])) : ux[i];
+                y[i] = a / (1.f + expf(-a)) * b;
+            }
+            const int col = cb + 2 * qq;
+            if (v0) *reinterpret_cast<__nv_bfloat162*>(o0 + col) = __floats2bfloat162_rn(y[0], y[1]);
+            if (v1) *reinterpret_cast<__nv_bfloat162*>(o1 + col) = __floats2bfloat162_rn(y[2], y[3]);
         }
-        const __nv_bfloat162 y0 = __floats2bfloat162_rn(y[0], y[1]), y1 = __floats2bfloat162_rn(y[2], y[3]);
-        if (v0) {
-            *reinterpret_cast<__nv_bfloat162*>(ys + gq * per + col - c0) = y0;
-            const float2 f = __bfloat1622float2(y0);
-            const float a = fmaxf(fabsf(f.x), fabsf(f.y));
-            bad0 |= !(fabsf(f.x) <= 3.4e38f) | !(fabsf(f.y) <= 3.4e38f);
-            mx0 = fmaxf(mx0, a);
-        }
-        if (v1) {
-            *reinterpret_cast<__nv_bfloat162*>(ys + (gq + 8) * per + col - c0) = y1;
-            const float2 f = __bfloat1622float2(y1);
-            const float a = fmaxf(fabsf(f.x), fabsf(f.y));
-            bad1 |= !(fabsf(f.x) <= 3.4e38f) | !(fabsf(f.y) <= 3.4e38f);
-            mx1 = fmaxf(mx1, a);
-        }
-    }
-    // each row's max: the four lanes of a row, the warps, the cluster's blocks
-#pragma unroll
-    for (int o = 1; o < 4; o <<= 1) {
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, o));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, o));
-        bad0 |= __shfl_xor_sync(0xffffffffu, bad0, o);
-        bad1 |= __shfl_xor_sync(0xffffffffu, bad1, o);
-    }
-    if (qq == 0) {
-        wm[warp][gq] = bad0 ? INF : mx0;
-        wm[warp][gq + 8] = bad1 ? INF : mx1;
-    }
-    __syncthreads();
-    if (threadIdx.x < SG_TR) {
-        float m = 0.f;
-#pragma unroll
-        for (int w = 0; w < SLORA_WARPS; w++) m = fmaxf(m, wm[w][threadIdx.x]);
-        cmx[threadIdx.x] = m;
-    }
-    cluster_sync();
-    if (threadIdx.x < SG_TR) {
-        float m = 0.f;
-#pragma unroll
-        for (unsigned k = 0; k < SILU_CL; k++) m = fmaxf(m, ld_cluster(cmx + threadIdx.x, k));
-        rmx[threadIdx.x] = m;
-    }
-    cluster_sync(); // rmx for the block; no block leaves while another still reads its cmx
-    if (rank == 0 && threadIdx.x < n) {
-        float s;
-        e4m3_scale(rmx[threadIdx.x], rmx[threadIdx.x] == INF, &s);
-        qscale[r0 + threadIdx.x] = s;
-    }
-    const int wpr = ntn; // 16-byte words of a row this block holds
-    for (int i = threadIdx.x; i < n * wpr; i += blockDim.x) {
-        const int r = i / wpr, w = i - r * wpr;
-        float s;
-        const float inv = e4m3_scale(rmx[r], rmx[r] == INF, &s);
-        const uint4 yv = *reinterpret_cast<const uint4*>(ys + r * per + 8 * w);
-        *reinterpret_cast<uint4*>(out + (i64)(r0 + r) * cols + c0 + 8 * w) = yv;
-        *reinterpret_cast<uint2*>(q + (i64)(r0 + r) * cols + c0 + 8 * w) = e4m3_word(yv, inv);
     }
 }
 
 #define SILU_LORA_ARGS                                                                                                    \
     bf16 *out, const bf16 *g, const bf16 *u, const float *tmp, const LoraEntry *table, const int4 *tiles, const int *rl, int ntiles, \
-        int entry_base, int entry_stride, int m0, int m1, int max_rank, int t_stride, int rows_total, int ksplit, int cols, int ldg, \
-        unsigned char *q, float *qscale
+        int entry_base, int entry_stride, int m0, int m1, int max_rank, int t_stride, int rows_total, int ksplit, int cols, int ldg
 #define SILU_LORA_PASS                                                                                                    \
-    out, g, u, tmp, table, tiles, rl, ntiles, entry_base, entry_stride, m0, m1, max_rank, t_stride, rows_total, ksplit, cols, ldg, q, qscale
+    out, g, u, tmp, table, tiles, rl, ntiles, entry_base, entry_stride, m0, m1, max_rank, t_stride, rows_total, ksplit, cols, ldg
 extern "C" __global__ void __launch_bounds__(256) silu_mul_lora1(SILU_LORA_ARGS) { silu_lora_body<1>(SILU_LORA_PASS); }
 extern "C" __global__ void __launch_bounds__(256) silu_mul_lora2(SILU_LORA_ARGS) { silu_lora_body<2>(SILU_LORA_PASS); }
 extern "C" __global__ void __launch_bounds__(256) silu_mul_lora4(SILU_LORA_ARGS) { silu_lora_body<4>(SILU_LORA_PASS); }

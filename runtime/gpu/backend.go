@@ -384,7 +384,6 @@ type Backend struct {
 	pdl              bool      // the compute stream launches kernels programmatically (Options.NoPDL)
 	ropeLoRALaunches int       // rope_store_lora launches recorded or run (lora_rope.go; tests)
 	siluLoRALaunches int       // silu_mul_lora launches recorded or run (lora_silu.go; tests)
-	siluLoRAMax      int       // silu_mul_lora's dynamic shared memory limit as raised (0: not usable)
 	addClUpdates     int       // add_rmsnorm_cl launches that added a LoRA update (norm_cl.go; tests)
 	tune             tuneState // Options.TuneGEMMs (tune.go)
 	nDec, nPre       int       // decode sequences and prefill rows of the step
@@ -778,15 +777,6 @@ func (b *Backend) Init(cfg *llama.Config, spec engine.Spec) error {
 		return fmt.Errorf("gpu: head_dim %d > 256 is not supported by the attention kernel", cfg.HeadDim)
 	}
 	b.cfg, b.kv, b.maxT = cfg, kv, maxTokens
-	// silu_mul_lora's shared memory for this model's rows (lora_silu.go)
-	if sh, limit := siluLoRAShared(cfg.Intermediate), b.ctx.Device().MaxShared; b.ctx.Device().Major >= 9 && (limit <= 0 || sh <= limit) {
-		for _, f := range b.fn.siluMulLoRA {
-			if err := f.SetMaxDynamicShared(sh); err != nil {
-				return err
-			}
-		}
-		b.siluLoRAMax = sh
-	}
 	hd := kv.HeadDim
 	b.decOK = hd >= 32 && hd <= 256 && hd&(hd-1) == 0 && cfg.Heads%kv.KVHeads == 0 && cfg.Heads/kv.KVHeads <= decMaxG && b.decFit[headIndex(hd)]
 	b.preOK = hd >= 32 && hd <= 128 && hd&(hd-1) == 0 && cfg.Heads%kv.KVHeads == 0 && b.preFit[headIndex(hd)]

@@ -17,10 +17,11 @@ import (
 // µs on 16 SMs beside a 55 µs product, silu_mul then done 30 µs after the
 // product against 14 without adapters). With the fold the LoRA stream runs
 // the shrink alone, and silu_mul_lora expands each LoRA tile's update on
-// the tensor cores as it reads g and u, over a cluster of blocks a tile
-// (the rows' FP8 scales meet in distributed shared memory): no float32
-// update in memory and no expand on the held SMs. Rows with no adapter
-// take silu_mul_cl's path inside the same launch.
+// the tensor cores as it reads g and u, 512 columns of a tile a block, its
+// loads in flight together (rows with no adapter: tiles of their own in the
+// same launch); it writes out in bf16 only, and the down projection
+// quantizes it as any FP8 input (quant_rows_e4m3). No float32 update in
+// memory and no expand on the held SMs.
 
 // siluLoRAMinRows is the fewest rows whose gate/up update goes into
 // silu_mul by default (kernelForce.siluLoRA 1 sends every FP8 step's).
@@ -29,30 +30,17 @@ const siluLoRAMinRows = 1 << 30 // off by default until measured (docs/PERFORMAN
 // gateUpGroup is the gate/up group's index in llama.FusedGroups.
 const gateUpGroup = 2
 
-// siluLoRAShared is silu_mul_lora's dynamic shared memory for rows cols
-// wide: SG_TR rows of a block's columns (8 * ceil(cols / 8 / SILU_CL)) in
-// bf16.
-func siluLoRAShared(cols int) int {
-	pnt := (cols/8 + siluCl - 1) / siluCl
-	return sgTileRows * 8 * pnt * 2
-}
-
-// siluLoRAFits reports whether silu_mul_lora takes rows cols wide: whole
-// 16-byte words, rows with no adapter within silu_mul_cl's reach, and its
-// shared memory within what New raised the limit to.
-func (b *Backend) siluLoRAFits(cols int) bool {
-	return cols%8 == 0 && cols/8 <= siluCl*siluClWords && b.siluLoRAMax > 0 && siluLoRAShared(cols) <= b.siluLoRAMax
-}
+// siluLoRACols is the columns of each half one block of silu_mul_lora takes.
+const siluLoRACols = 512
 
 // siluFold reports whether group mods' update (tc: its tensor-core
-// chunks) is left to silu_mul_lora: the gate/up group of an FP8 step on
-// sm_90+, by the rows or kernelForce.siluLoRA.
+// chunks) is left to silu_mul_lora: the gate/up group of an FP8 step, by
+// the rows or kernelForce.siluLoRA.
 func (b *Backend) siluFold(mods []llama.Module, tc int) bool {
-	if b.f8 == nil || tc == 0 || b.stepRank > 128 || len(mods) != 2 || groupIndex(mods) != gateUpGroup || b.ctx.Device().Major < 9 {
+	if b.f8 == nil || tc == 0 || b.stepRank > 128 || len(mods) != 2 || groupIndex(mods) != gateUpGroup {
 		return false
 	}
-	I := b.cfg.Intermediate
-	return forcedOn(b.force.siluLoRA, b.rows() >= siluLoRAMinRows) && b.siluLoRAFits(I) && b.f8.fits(b.rows(), I)
+	return forcedOn(b.force.siluLoRA, b.rows() >= siluLoRAMinRows) && b.cfg.Intermediate%8 == 0
 }
 
 // siluLoRA enqueues silu_mul_lora for out = silu(g) * u when the pending
@@ -62,12 +50,12 @@ func (b *Backend) siluFold(mods []llama.Module, tc int) bool {
 func (b *Backend) siluLoRA(o, g, u *Buffer) bool {
 	p := b.la.pend
 	l := p.lora
-	if l == nil || len(l.offs) != 3 || b.err != nil || o == nil || g == nil || u == nil || b.f8 == nil {
+	if l == nil || len(l.offs) != 3 || b.err != nil || o == nil || g == nil || u == nil {
 		return false
 	}
 	I := l.offs[1]
-	if l.offs[2] != 2*I || ptr(g) != p.base || ptr(u) != p.base+uint64(2*I) || g.ld != p.ld || u.ld != p.ld || p.ld%8 != 0 ||
-		g.cols != I || u.cols != I || o.cols != I || !o.whole() || !b.siluLoRAFits(I) || !b.f8.fits(b.rows(), I) {
+	if l.offs[2] != 2*I || I%8 != 0 || ptr(g) != p.base || ptr(u) != p.base+uint64(2*I) || g.ld != p.ld || u.ld != p.ld || p.ld%8 != 0 ||
+		g.cols != I || u.cols != I || o.cols != I || !o.whole() {
 		return false
 	}
 	f := b.fn.siluMulLoRA[bits.TrailingZeros(uint(l.tc))]
@@ -81,12 +69,8 @@ func (b *Backend) siluLoRA(o, g, u *Buffer) bool {
 		return true
 	}
 	b.siluLoRALaunches++
-	b.fail(f.LaunchCluster(b.s, cuda.Dim3{X: (b.nTiles + b.rows()) * siluCl}, cuda.Dim3{X: 256}, cuda.Dim3{X: siluCl}, siluLoRAShared(I),
+	b.launch(f, cuda.Dim3{X: (I + siluLoRACols - 1) / siluLoRACols, Y: b.nTiles + (b.rows()+sgTileRows-1)/sgTileRows}, cuda.Dim3{X: 256},
 		ptr(o), ptr(g), ptr(u), b.stepTmp, b.table, b.i32(b.off.tiles), b.rowLora(), b.nTiles, l.base, l.stride, l.ms[0], l.ms[1],
-		b.stepRank, l.tStride, b.rows(), l.ks, I, p.ld, b.f8.actQ.Ptr(), b.f8.actS.Ptr()))
-	b.g.capture.launched(b.s)
-	if b.err == nil {
-		b.f8.holds(o.mem.Ptr(), b.rows(), I, b.gen)
-	}
+		b.stepRank, l.tStride, b.rows(), l.ks, I, p.ld)
 	return true
 }
