@@ -1905,35 +1905,32 @@ extern "C" __global__ void __launch_bounds__(256) silu_mul_cl(bf16* out, const b
     }
 }
 
-// silu_mul_lora{1,2}: out = silu(g) * u for a step whose gate/up LoRA
+// silu_mul_lora{1,2,4}: out = silu(g) * u for a step whose gate/up LoRA
 // update was left unexpanded: the LoRA stream ran the shrink alone, and
 // the expand happens here, so no float32 update is written or read
 // (runtime/gpu/lora_silu.go); the FP8 down projection then quantizes out
 // as it quantizes any input. grid (ceil(cols / 512), ntiles + ceil(rows /
-// SL_ROWS)), blocks of 256 threads; warp w of block x takes the 8-column
-// n-tiles of columns [512x + 64w, +64) of the gate and the up halves, for
-// up to SL_ROWS rows (four 16-row m-tiles: each fragment of B loaded once
-// for them). Row tile y < ntiles is LoRA tile y (tiles[y], sgmv_shrink64's
-// 64-row tiles: its first row, at most SL_ROWS rows, one adapter slot; no
-// rows: a recorded step's spare tile): the tile's update of those columns
-// on the tensor cores as sgmv_expand_tc computes it (tmp, the shrink's
-// output, summed over its ksplit K parts; A fragments split into bf16
-// pairs; B in expand_tc's K order), added to g and u rounded to bf16 (as
-// silu_mul adds the LoRA stream's float32 update). Row tile y >= ntiles
-// is rows [(y - ntiles) * SL_ROWS, +SL_ROWS) of those with no adapter (rl
-// < 0), no update. Gate is the table entry of module m0 (tmp's ranks at
-// 0), up of m1 (at max_rank); KC: 32-rank chunks (ranks multiples of 8, at
-// most 32 * KC); NB n-tiles' loads in flight a warp.
-#define SL_ROWS 64
-#define SL_MT (SL_ROWS / SG_TR)
+// SG_TR)), blocks of 256 threads; warp w of block x takes the 8-column
+// n-tiles 8x + w * 8 / 8 ... (64 columns a warp, 512 a block) of the gate
+// and the up halves. Row tile y < ntiles is LoRA tile y (tiles[y]: its
+// first row, at most SG_TR rows, one adapter slot; no rows: a recorded
+// step's spare tile): the tile's update of those columns on the tensor
+// cores as sgmv_expand_tc computes it (tmp, the shrink's output, summed
+// over its ksplit K parts; A fragments split into bf16 pairs; B in
+// expand_tc's K order), added to g and u rounded to bf16 (as silu_mul adds
+// the LoRA stream's float32 update). Row tile y >= ntiles is rows
+// [(y - ntiles) * SG_TR, +SG_TR) of those with no adapter (rl < 0), no
+// update. Gate is the table entry of module m0 (tmp's ranks at 0), up of
+// m1 (at max_rank); KC: 32-rank chunks (ranks multiples of 8, at most 32 *
+// KC); NB n-tiles' loads in flight a warp.
+#define SLORA_WARPS 8
 template <int KC>
 __device__ __forceinline__ void silu_lora_body(
     bf16* __restrict__ out, const bf16* __restrict__ g, const bf16* __restrict__ u, const float* __restrict__ tmp,
     const LoraEntry* __restrict__ table, const int4* __restrict__ tiles, const int* __restrict__ rl, int ntiles, int entry_base,
     int entry_stride, int m0, int m1, int max_rank, int t_stride, int rows_total, int ksplit, int cols, int ldg) {
-    constexpr int R = 32 * KC, W = R + 4, NB = 2 / KC;
-    __shared__ __align__(16) float ts[2][SL_ROWS * W]; // the tile's rows of tmp: gate's ranks, up's
-    __shared__ int live[SL_MT];                        // m-tiles with a row to write
+    constexpr int R = 32 * KC, W = R + 4, NB = KC >= 4 ? 1 : 4 / KC;
+    __shared__ __align__(16) float ts[2][SG_TR * W]; // the tile's rows of tmp: gate's ranks, up's
     const int ty = blockIdx.y;
     const bool lora = ty < ntiles;
     // before griddepcontrol.wait only step metadata and the table (no
@@ -1948,22 +1945,19 @@ __device__ __forceinline__ void silu_lora_body(
             eu = table[entry_base + tile.z * entry_stride + m1];
         }
     } else {
-        r0 = (ty - ntiles) * SL_ROWS, n = min(SL_ROWS, rows_total - r0);
+        r0 = (ty - ntiles) * SG_TR, n = min(SG_TR, rows_total - r0);
     }
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gq = lane >> 2, qq = lane & 3;
-    // row r of the block (< SL_ROWS) is written when it is the tile's, or has no adapter
-    auto valid = [&](int r) { return r < n && (lora || rl[r0 + r] < 0); };
-    if (threadIdx.x < SL_MT) {
-        int any = 0;
-        for (int r = threadIdx.x * SG_TR; r < (threadIdx.x + 1) * SG_TR; r++) any |= valid(r);
-        live[threadIdx.x] = any;
+    bool v0 = gq < n, v1 = gq + 8 < n;
+    if (!lora) {
+        v0 = v0 && rl[r0 + gq] < 0;
+        v1 = v1 && rl[r0 + gq + 8] < 0;
     }
     pdl_entry();
-    __syncthreads();
-    if (!(live[0] | live[1] | live[2] | live[3])) return; // no rows here
+    if (!__syncthreads_or(v0 || v1)) return; // no rows here
     if (lora) {
         // the tile's rows of tmp, summed over the K parts (sum_kparts), for both slices
-        constexpr int PER = SL_ROWS * R / 256, ZU = EX_ZU / PER > 0 ? EX_ZU / PER : 1, DR = 256 / R;
+        constexpr int PER = SG_TR * R / 256, ZU = EX_ZU / PER > 0 ? EX_ZU / PER : 1, DR = 256 / R;
         const int rr = threadIdx.x / R, k = threadIdx.x % R;
 #pragma unroll
         for (int s = 0; s < 2; s++) {
@@ -1978,15 +1972,18 @@ __device__ __forceinline__ void silu_lora_body(
         }
         __syncthreads();
     }
-    bool vr[SL_MT][2];
-#pragma unroll
-    for (int mt = 0; mt < SL_MT; mt++) vr[mt][0] = valid(mt * SG_TR + gq), vr[mt][1] = valid(mt * SG_TR + gq + 8);
+    const bf16* g0 = g + (i64)(r0 + (v0 ? gq : 0)) * ldg;
+    const bf16* g1 = g + (i64)(r0 + (v1 ? gq + 8 : 0)) * ldg;
+    const bf16* u0 = u + (i64)(r0 + (v0 ? gq : 0)) * ldg;
+    const bf16* u1 = u + (i64)(r0 + (v1 ? gq + 8 : 0)) * ldg;
+    bf16* o0 = out + (i64)(r0 + gq) * cols;
+    bf16* o1 = out + (i64)(r0 + gq + 8) * cols;
     const __nv_bfloat162 zero2 = __floats2bfloat162_rn(0.f, 0.f);
 #pragma unroll 1
     for (int b0 = 0; b0 < 8; b0 += NB) {
-        // every load of NB n-tiles first: B's fragments, then g and u of each m-tile's rows
+        // every load of NB n-tiles first: B's fragments, then g and u
         uint4 bg[NB][KC], bu[NB][KC];
-        __nv_bfloat162 xv[NB][SL_MT][4]; // g row gq, g row gq + 8, u row gq, u row gq + 8
+        __nv_bfloat162 xv[NB][4]; // g row gq, g row gq + 8, u row gq, u row gq + 8
 #pragma unroll
         for (int j = 0; j < NB; j++) {
             const int cb = blockIdx.x * 512 + warp * 64 + (b0 + j) * 8; // the n-tile's first column
@@ -1998,65 +1995,54 @@ __device__ __forceinline__ void silu_lora_body(
                 bu[j][kc] = lora && in && k < eu.rank ? ldg16(eu.b + (i64)(cb + gq) * eu.rank + k) : make_uint4(0, 0, 0, 0);
             }
             const int col = cb + 2 * qq;
-#pragma unroll
-            for (int mt = 0; mt < SL_MT; mt++) {
-                const i64 ra = r0 + mt * SG_TR + gq, rb = ra + 8;
-                const bool a = in && vr[mt][0], b = in && vr[mt][1];
-                xv[j][mt][0] = a ? *reinterpret_cast<const __nv_bfloat162*>(g + ra * ldg + col) : zero2;
-                xv[j][mt][1] = b ? *reinterpret_cast<const __nv_bfloat162*>(g + rb * ldg + col) : zero2;
-                xv[j][mt][2] = a ? *reinterpret_cast<const __nv_bfloat162*>(u + ra * ldg + col) : zero2;
-                xv[j][mt][3] = b ? *reinterpret_cast<const __nv_bfloat162*>(u + rb * ldg + col) : zero2;
-            }
+            xv[j][0] = in && v0 ? *reinterpret_cast<const __nv_bfloat162*>(g0 + col) : zero2;
+            xv[j][1] = in && v1 ? *reinterpret_cast<const __nv_bfloat162*>(g1 + col) : zero2;
+            xv[j][2] = in && v0 ? *reinterpret_cast<const __nv_bfloat162*>(u0 + col) : zero2;
+            xv[j][3] = in && v1 ? *reinterpret_cast<const __nv_bfloat162*>(u1 + col) : zero2;
         }
 #pragma unroll
         for (int j = 0; j < NB; j++) {
             const int cb = blockIdx.x * 512 + warp * 64 + (b0 + j) * 8;
             if (cb >= cols) continue;
-            const int col = cb + 2 * qq;
+            float dg[4] = {0.f, 0.f, 0.f, 0.f}, du[4] = {0.f, 0.f, 0.f, 0.f};
+            if (lora) {
 #pragma unroll
-            for (int mt = 0; mt < SL_MT; mt++) {
-                if (!live[mt]) continue;
-                float dg[4] = {0.f, 0.f, 0.f, 0.f}, du[4] = {0.f, 0.f, 0.f, 0.f};
-                if (lora) {
-                    const int ra = mt * SG_TR + gq;
+                for (int kc = 0; kc < KC; kc++) {
 #pragma unroll
-                    for (int kc = 0; kc < KC; kc++) {
+                    for (int h = 0; h < 2; h++) {
+                        const int k = kc * 32 + qq * 8 + 4 * h;
 #pragma unroll
-                        for (int h = 0; h < 2; h++) {
-                            const int k = kc * 32 + qq * 8 + 4 * h;
-#pragma unroll
-                            for (int s = 0; s < 2; s++) {
-                                const float4 t0 = *reinterpret_cast<const float4*>(ts[s] + ra * W + k);
-                                const float4 t1 = *reinterpret_cast<const float4*>(ts[s] + (ra + 8) * W + k);
-                                unsigned ah[4], al[4];
-                                split2(t0.x, t0.y, ah[0], al[0]);
-                                split2(t1.x, t1.y, ah[1], al[1]);
-                                split2(t0.z, t0.w, ah[2], al[2]);
-                                split2(t1.z, t1.w, ah[3], al[3]);
-                                const uint4 bv = s == 0 ? bg[j][kc] : bu[j][kc];
-                                float* acc = s == 0 ? dg : du;
-                                const unsigned b0w = h == 0 ? bv.x : bv.z, b1w = h == 0 ? bv.y : bv.w;
-                                mma16816(acc, ah[0], ah[1], ah[2], ah[3], b0w, b1w);
-                                mma16816(acc, al[0], al[1], al[2], al[3], b0w, b1w);
-                            }
+                        for (int s = 0; s < 2; s++) {
+                            const float4 t0 = *reinterpret_cast<const float4*>(ts[s] + gq * W + k);
+                            const float4 t1 = *reinterpret_cast<const float4*>(ts[s] + (gq + 8) * W + k);
+                            unsigned ah[4], al[4];
+                            split2(t0.x, t0.y, ah[0], al[0]);
+                            split2(t1.x, t1.y, ah[1], al[1]);
+                            split2(t0.z, t0.w, ah[2], al[2]);
+                            split2(t1.z, t1.w, ah[3], al[3]);
+                            const uint4 bv = s == 0 ? bg[j][kc] : bu[j][kc];
+                            float* acc = s == 0 ? dg : du;
+                            const unsigned b0w = h == 0 ? bv.x : bv.z, b1w = h == 0 ? bv.y : bv.w;
+                            mma16816(acc, ah[0], ah[1], ah[2], ah[3], b0w, b1w);
+                            mma16816(acc, al[0], al[1], al[2], al[3], b0w, b1w);
                         }
                     }
                 }
-                // as silu_mul8: the update added and rounded to bf16, then silu(g) * u rounded
-                const float2 ga = __bfloat1622float2(xv[j][mt][0]), gb = __bfloat1622float2(xv[j][mt][1]);
-                const float2 ua = __bfloat1622float2(xv[j][mt][2]), ub = __bfloat1622float2(xv[j][mt][3]);
-                const float gx[4] = {ga.x, ga.y, gb.x, gb.y}, ux[4] = {ua.x, ua.y, ub.x, ub.y};
-                float y[4];
-#pragma unroll
-                for (int i = 0; i < 4; i++) {
-                    const float a = lora ? __bfloat162float(__float2bfloat16_rn(gx[i] + dg[i])) : gx[i];
-                    const float b = lora ? __bfloat162float(__float2bfloat16_rn(ux[i] + du[i])) : ux[i];
-                    y[i] = a / (1.f + expf(-a)) * b;
-                }
-                const i64 ra = r0 + mt * SG_TR + gq;
-                if (vr[mt][0]) *reinterpret_cast<__nv_bfloat162*>(out + ra * cols + col) = __floats2bfloat162_rn(y[0], y[1]);
-                if (vr[mt][1]) *reinterpret_cast<__nv_bfloat162*>(out + (ra + 8) * cols + col) = __floats2bfloat162_rn(y[2], y[3]);
             }
+            // as silu_mul8: the update added and rounded to bf16, then silu(g) * u rounded
+            const float2 ga = __bfloat1622float2(xv[j][0]), gb = __bfloat1622float2(xv[j][1]);
+            const float2 ua = __bfloat1622float2(xv[j][2]), ub = __bfloat1622float2(xv[j][3]);
+            const float gx[4] = {ga.x, ga.y, gb.x, gb.y}, ux[4] = {ua.x, ua.y, ub.x, ub.y};
+            float y[4];
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                const float a = lora ? __bfloat162float(__float2bfloat16_rn(gx[i] + dg[i])) : gx[i];
+                const float b = lora ? __bfloat162float(__float2bfloat16_rn(ux[i] + du[i])) : ux[i];
+                y[i] = a / (1.f + expf(-a)) * b;
+            }
+            const int col = cb + 2 * qq;
+            if (v0) *reinterpret_cast<__nv_bfloat162*>(o0 + col) = __floats2bfloat162_rn(y[0], y[1]);
+            if (v1) *reinterpret_cast<__nv_bfloat162*>(o1 + col) = __floats2bfloat162_rn(y[2], y[3]);
         }
     }
 }
@@ -2068,6 +2054,7 @@ __device__ __forceinline__ void silu_lora_body(
     out, g, u, tmp, table, tiles, rl, ntiles, entry_base, entry_stride, m0, m1, max_rank, t_stride, rows_total, ksplit, cols, ldg
 extern "C" __global__ void __launch_bounds__(256) silu_mul_lora1(SILU_LORA_ARGS) { silu_lora_body<1>(SILU_LORA_PASS); }
 extern "C" __global__ void __launch_bounds__(256) silu_mul_lora2(SILU_LORA_ARGS) { silu_lora_body<2>(SILU_LORA_PASS); }
+extern "C" __global__ void __launch_bounds__(256) silu_mul_lora4(SILU_LORA_ARGS) { silu_lora_body<4>(SILU_LORA_PASS); }
 
 // add_rmsnorm_cl: add_rmsnorm (delta set, out set) for steps of a few rows
 // with each row over a cluster of ADD_CL blocks (sm_90; grid rows * ADD_CL,

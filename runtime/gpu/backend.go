@@ -231,7 +231,7 @@ type funcs struct {
 	sgExpandTC                                                                                             [3]*cuda.Function // sgmv_expand_tc1, tc2, tc4
 	ropeRows                                                                                               *cuda.Function    // rope_store_rows
 	ropeLoRA                                                                                               *cuda.Function    // rope_store_lora
-	siluMulLoRA                                                                                            [2]*cuda.Function // silu_mul_lora1, 2 (lora_silu.go)
+	siluMulLoRA                                                                                            [3]*cuda.Function // silu_mul_lora1, 2, 4 (lora_silu.go)
 }
 
 // forced is an int setting of kernelForce whose 0 means the default and
@@ -647,7 +647,7 @@ func (b *Backend) open(opts Options) error {
 		{&b.fn.addBias, "add_bias"}, {&b.fn.headRMSNorm, "head_rmsnorm"}, {&b.fn.addDelta, "add_delta"}, {&b.fn.fillRows, "fill_rows"},
 		{&b.fn.sgExpandTC[0], "sgmv_expand_tc1"}, {&b.fn.sgExpandTC[1], "sgmv_expand_tc2"}, {&b.fn.sgExpandTC[2], "sgmv_expand_tc4"},
 		{&b.fn.ropeRows, "rope_store_rows"}, {&b.fn.ropeLoRA, "rope_store_lora"},
-		{&b.fn.siluMulLoRA[0], "silu_mul_lora1"}, {&b.fn.siluMulLoRA[1], "silu_mul_lora2"}} {
+		{&b.fn.siluMulLoRA[0], "silu_mul_lora1"}, {&b.fn.siluMulLoRA[1], "silu_mul_lora2"}, {&b.fn.siluMulLoRA[2], "silu_mul_lora4"}} {
 		if *f.p, err = b.mod.Function(f.name); err != nil {
 			return err
 		}

@@ -1,6 +1,8 @@
 package gpu
 
 import (
+	"math/bits"
+
 	"github.com/peftd/peftd/runtime/cuda"
 	"github.com/peftd/peftd/runtime/llama"
 )
@@ -15,10 +17,9 @@ import (
 // µs on 16 SMs beside a 55 µs product, silu_mul then done 30 µs after the
 // product against 14 without adapters). With the fold the LoRA stream runs
 // the shrink alone, and silu_mul_lora expands each LoRA tile's update on
-// the tensor cores as it reads g and u, 512 columns of a 64-row tile a
-// block (sgmv_shrink64's tiles: B read once for up to 64 rows), its loads
-// in flight together (rows with no adapter: tiles of their own in the same
-// launch); ranks up to 64; it writes out in bf16 only, and the down projection
+// the tensor cores as it reads g and u, 512 columns of a tile a block, its
+// loads in flight together (rows with no adapter: tiles of their own in the
+// same launch); it writes out in bf16 only, and the down projection
 // quantizes it as any FP8 input (quant_rows_e4m3). No float32 update in
 // memory and no expand on the held SMs.
 
@@ -36,7 +37,7 @@ const siluLoRACols = 512
 // chunks) is left to silu_mul_lora: the gate/up group of an FP8 step, by
 // the rows or kernelForce.siluLoRA.
 func (b *Backend) siluFold(mods []llama.Module, tc int) bool {
-	if b.f8 == nil || tc == 0 || tc > 2 || len(mods) != 2 || groupIndex(mods) != gateUpGroup {
+	if b.f8 == nil || tc == 0 || b.stepRank > 128 || len(mods) != 2 || groupIndex(mods) != gateUpGroup {
 		return false
 	}
 	return forcedOn(b.force.siluLoRA, b.rows() >= siluLoRAMinRows) && b.cfg.Intermediate%8 == 0
@@ -57,10 +58,10 @@ func (b *Backend) siluLoRA(o, g, u *Buffer) bool {
 		g.cols != I || u.cols != I || o.cols != I || !o.whole() {
 		return false
 	}
-	if l.tc == 0 || l.tc > 2 || b.fn.siluMulLoRA[l.tc-1] == nil {
+	f := b.fn.siluMulLoRA[bits.TrailingZeros(uint(l.tc))]
+	if f == nil {
 		return false
 	}
-	f := b.fn.siluMulLoRA[l.tc-1]
 	b.la.pend = pendingDelta{}
 	b.waitUpdate(p)
 	b.opStart()
@@ -68,8 +69,8 @@ func (b *Backend) siluLoRA(o, g, u *Buffer) bool {
 		return true
 	}
 	b.siluLoRALaunches++
-	b.launch(f, cuda.Dim3{X: (I + siluLoRACols - 1) / siluLoRACols, Y: b.nBig + (b.rows()+sgBigRows-1)/sgBigRows}, cuda.Dim3{X: 256},
-		ptr(o), ptr(g), ptr(u), b.stepTmp, b.table, b.i32(b.off.bigTiles), b.rowLora(), b.nBig, l.base, l.stride, l.ms[0], l.ms[1],
+	b.launch(f, cuda.Dim3{X: (I + siluLoRACols - 1) / siluLoRACols, Y: b.nTiles + (b.rows()+sgTileRows-1)/sgTileRows}, cuda.Dim3{X: 256},
+		ptr(o), ptr(g), ptr(u), b.stepTmp, b.table, b.i32(b.off.tiles), b.rowLora(), b.nTiles, l.base, l.stride, l.ms[0], l.ms[1],
 		b.stepRank, l.tStride, b.rows(), l.ks, I, p.ld)
 	return true
 }
