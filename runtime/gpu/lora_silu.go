@@ -25,7 +25,14 @@ import (
 
 // siluLoRAMinRows is the fewest rows whose gate/up update goes into
 // silu_mul by default (kernelForce.siluLoRA 1 sends every FP8 step's).
-const siluLoRAMinRows = 1 << 30 // off by default until measured (docs/PERFORMANCE.md v0.67)
+//
+// Off: measured on an H200 (PERFORMANCE v0.67, FP8, four rank-32
+// adapters, device ms a step) it is slower at every row count: 64 / 128 /
+// 256 rows 5.25 / 6.89 / 11.47 against 4.94 / 6.65 / 11.03, a 240-row
+// mixed step 8.75 against 8.40 (silu_mul_lora 35 µs where the expand's
+// tail and silu_mul took 30, and the down projection quantizing its input
+// again). Kept for the A/B (decode rows +sfold) and the next form.
+const siluLoRAMinRows = 1 << 30
 
 // gateUpGroup is the gate/up group's index in llama.FusedGroups.
 const gateUpGroup = 2
