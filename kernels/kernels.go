@@ -18,6 +18,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/peftd/peftd/internal/atomicfile"
 	"github.com/peftd/peftd/runtime/cuda"
 )
 
@@ -278,7 +279,7 @@ func (j *job) compile() ([]byte, Info, error) {
 	}
 	compiles.Add(1)
 	info.Compiled, info.CompileTime, info.Log = true, time.Since(t0), log
-	if err := writeAtomic(info.CachePath, cubin); err != nil {
+	if err := atomicfile.Write(info.CachePath, cubin); err != nil {
 		info.Log += fmt.Sprintf("\nkernels: cache not written: %v", err)
 	}
 	return cubin, info, nil
@@ -343,24 +344,4 @@ func load(c *cuda.Context, cubin []byte, o Options) (*cuda.Module, error) {
 		return c.LoadLibrary(cubin)
 	}
 	return c.LoadModule(cubin)
-}
-
-func writeAtomic(path string, data []byte) error {
-	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
-		return err
-	}
-	f, err := os.CreateTemp(filepath.Dir(path), ".tmp-*")
-	if err != nil {
-		return err
-	}
-	if _, err := f.Write(data); err != nil {
-		f.Close()
-		os.Remove(f.Name())
-		return err
-	}
-	if err := f.Close(); err != nil {
-		os.Remove(f.Name())
-		return err
-	}
-	return os.Rename(f.Name(), path)
 }

@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"slices"
 
+	"github.com/peftd/peftd/internal/atomicfile"
 	"github.com/peftd/peftd/runtime/cuda"
 )
 
@@ -176,23 +177,8 @@ func (c *tuneCache) save() error {
 	if err != nil {
 		return err
 	}
-	if err := os.MkdirAll(filepath.Dir(c.path), 0o755); err != nil {
-		return fmt.Errorf("gpu: tuning cache: %w", err)
-	}
-	tmp, err := os.CreateTemp(filepath.Dir(c.path), ".fp8-tune-*")
-	if err != nil {
-		return fmt.Errorf("gpu: tuning cache: %w", err)
-	}
-	_, werr := tmp.Write(data)
-	if cerr := tmp.Close(); werr == nil {
-		werr = cerr
-	}
-	if werr == nil {
-		werr = os.Rename(tmp.Name(), c.path)
-	}
-	if werr != nil {
-		os.Remove(tmp.Name())
-		return fmt.Errorf("gpu: tuning cache %s: %w", c.path, werr)
+	if err := atomicfile.Write(c.path, data); err != nil {
+		return fmt.Errorf("gpu: tuning cache %s: %w", c.path, err)
 	}
 	c.dirty = false
 	return nil
