@@ -1923,7 +1923,6 @@ extern "C" __global__ void __launch_bounds__(256) silu_mul_cl(bf16* out, const b
 // update. Gate is the table entry of module m0 (tmp's ranks at 0), up of
 // m1 (at max_rank); KC: 32-rank chunks (ranks multiples of 8, at most 32 *
 // KC); NB n-tiles' loads in flight a warp.
-#define SLORA_WARPS 8
 template <int KC>
 __device__ __forceinline__ void silu_lora_body(
     bf16* __restrict__ out, const bf16* __restrict__ g, const bf16* __restrict__ u, const float* __restrict__ tmp,

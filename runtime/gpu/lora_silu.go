@@ -44,7 +44,7 @@ const siluLoRACols = 512
 // chunks) is left to silu_mul_lora: the gate/up group of an FP8 step, by
 // the rows or kernelForce.siluLoRA.
 func (b *Backend) siluFold(mods []llama.Module, tc int) bool {
-	if b.f8 == nil || tc == 0 || b.stepRank > 128 || len(mods) != 2 || groupIndex(mods) != gateUpGroup {
+	if b.f8 == nil || tc == 0 || groupIndex(mods) != gateUpGroup { // tc 0: ranks the tensor-core expand does not take
 		return false
 	}
 	return forcedOn(b.force.siluLoRA, b.rows() >= siluLoRAMinRows) && b.cfg.Intermediate%8 == 0
@@ -65,10 +65,6 @@ func (b *Backend) siluLoRA(o, g, u *Buffer) bool {
 		g.cols != I || u.cols != I || o.cols != I || !o.whole() {
 		return false
 	}
-	f := b.fn.siluMulLoRA[bits.TrailingZeros(uint(l.tc))]
-	if f == nil {
-		return false
-	}
 	b.la.pend = pendingDelta{}
 	b.waitUpdate(p)
 	b.opStart()
@@ -76,7 +72,7 @@ func (b *Backend) siluLoRA(o, g, u *Buffer) bool {
 		return true
 	}
 	b.siluLoRALaunches++
-	b.launch(f, cuda.Dim3{X: (I + siluLoRACols - 1) / siluLoRACols, Y: b.nTiles + (b.rows()+sgTileRows-1)/sgTileRows}, cuda.Dim3{X: 256},
+	b.launch(b.fn.siluMulLoRA[bits.TrailingZeros(uint(l.tc))], cuda.Dim3{X: (I + siluLoRACols - 1) / siluLoRACols, Y: b.nTiles + (b.rows()+sgTileRows-1)/sgTileRows}, cuda.Dim3{X: 256},
 		ptr(o), ptr(g), ptr(u), b.stepTmp, b.table, b.i32(b.off.tiles), b.rowLora(), b.nTiles, l.base, l.stride, l.ms[0], l.ms[1],
 		b.stepRank, l.tStride, b.rows(), l.ks, I, p.ld)
 	return true
