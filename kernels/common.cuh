@@ -872,7 +872,12 @@ __device__ __forceinline__ void wg_body(bf16* __restrict__ out, float* __restric
 // part: S N 64 floats; done: N / BN counters, zero between launches.
 // ---------------------------------------------------------------------------
 #ifndef WS_KA
-#define WS_KA 1 // 128-byte K atoms a stage
+// 128-byte K atoms a stage: 2 since v0.68 (H200, FP8 decode base 32 / 64
+// rows 3.74 / 4.36 -> 3.67 / 4.30 ms, four rank-32 adapters 4.12 / 4.95 ->
+// 4.08 / 4.87): half the stages' barriers and waits for the same bytes;
+// the widths whose two-atom stages leave fewer than 3 (n224, n256) keep
+// one (WsShape's ka). -DWS_KA=1 for the A/B.
+#define WS_KA 2
 #endif
 #ifndef WS_INFLIGHT
 // wgmma groups left running while the next stage starts (0-2). 1 since

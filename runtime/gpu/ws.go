@@ -59,8 +59,9 @@ const (
 	wsMaxPart = 32768
 )
 
-// wsKA is WS_KA: 128-byte atoms a stage (PEFTD_KERNEL_DEFINES may set it).
-var wsKA = max(1, kernels.DefinedInt("WS_KA", 1))
+// wsKA is WS_KA: 128-byte atoms a stage (common.cuh's default 2;
+// PEFTD_KERNEL_DEFINES may set it).
+var wsKA = max(1, kernels.DefinedInt("WS_KA", 2))
 
 // wsSmem is WS_SMEM: a ws block's stage buffers at most (200 KB unless
 // PEFTD_KERNEL_DEFINES sets it, e.g. to leave room for a LoRA kernel's
