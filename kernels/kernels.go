@@ -135,9 +135,14 @@ func (m Module) Label() string {
 // runtime/gpu loads on sm_90a for FP8 products of 17-64 rows.
 var FP8Wgmma = []string{"-DPEFTD_WG"}
 
+// BF16Wgmma is the options of the forward module's build with gemm_ws
+// (ws_body on bf16 operands; every other kernel's SASS unchanged), which
+// runtime/gpu loads on sm_90a with bf16 weights for products of 17-64 rows.
+var BF16Wgmma = []string{"-DPEFTD_WS"}
+
 // Modules are every source and variant runtime/gpu may load: what `peftd
 // kernels` compiles ahead of time.
-var Modules = []Module{{Name: Llama, MinCC: 80}, {Name: Sgmv, MinCC: 80}, {Name: FP8, MinCC: 89}, {Name: FP8, MinCC: 90, Extra: FP8Wgmma, Arch: "sm_90a"}}
+var Modules = []Module{{Name: Llama, MinCC: 80}, {Name: Llama, MinCC: 90, Extra: BF16Wgmma, Arch: "sm_90a"}, {Name: Sgmv, MinCC: 80}, {Name: FP8, MinCC: 89}, {Name: FP8, MinCC: 90, Extra: FP8Wgmma, Arch: "sm_90a"}}
 
 var compiles atomic.Int64
 

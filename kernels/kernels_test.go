@@ -104,8 +104,9 @@ func TestDefinedInt(t *testing.T) {
 }
 
 // TestModulesFor: what `peftd kernels` builds for each target: every
-// source from its oldest compute capability, and the FP8 module's wgmma
-// build only for sm_90a (the one target runtime/gpu loads it on).
+// source from its oldest compute capability, and the wgmma builds (the
+// forward module's with gemm_ws, the FP8 module's) only for sm_90a (the
+// one target runtime/gpu loads them on).
 func TestModulesFor(t *testing.T) {
 	for _, c := range []struct {
 		arch string
@@ -114,7 +115,7 @@ func TestModulesFor(t *testing.T) {
 	}{
 		{"sm_80", 80, []string{"llama.cu", "sgmv.cu"}},
 		{"sm_89", 89, []string{"llama.cu", "sgmv.cu", "fp8.cu"}},
-		{"sm_90a", 90, []string{"llama.cu", "sgmv.cu", "fp8.cu", "fp8.cu -DPEFTD_WG"}},
+		{"sm_90a", 90, []string{"llama.cu", "llama.cu -DPEFTD_WS", "sgmv.cu", "fp8.cu", "fp8.cu -DPEFTD_WG"}},
 		{"sm_100a", 100, []string{"llama.cu", "sgmv.cu", "fp8.cu"}},
 	} {
 		var got []string

@@ -3197,9 +3197,10 @@ WG_KERNELS(gemm_wg, 2, GEMM_WG_ARGS, GEMM_WG_PASS)
 // kernel; runtime/gpu ws.go plans it). sx and sw are null: fp8_ws's
 // argument list, so that one launcher takes both. Only with PEFTD_WS
 // (which leaves every other kernel's SASS as it is) or PEFTD_WG, on
-// sm_90a: PERFORMANCE v0.56 measured it 1-2.4% faster in decode steps of
-// 24-64 rows on an H100 and 5-6% slower on an H200, so nothing loads it
-// by default.
+// sm_90a: runtime/gpu loads that build (kernels.BF16Wgmma) for bf16
+// weights there, and the products no LoRA update runs beside take it
+// (PERFORMANCE v0.68: with two K atoms a stage, bf16 decode at 32 / 64
+// rows -4% on an H200; v0.56 had it 5-6% slower there with one).
 #if defined(PEFTD_WS) || defined(PEFTD_WG)
 #define GEMM_WS_ARGS                                                                                    \
     bf16 *out, float *part, int *done, const bf16 *x, const float *sx, const bf16 *w, const float *sw, \

@@ -146,10 +146,12 @@ type Options struct {
 	// docs/PERFORMANCE.md v0.31, decode -4.6% at 32 rows, -4.9% with four
 	// adapters at 64, serving with adapters +1.2%.
 	NoFP8Wgmma bool
-	// NoWS keeps FP8 products of 17-64 rows off fp8_ws (ws.go). By default
-	// on sm_90a (with the FP8 module's wgmma build, so not with
-	// NoFP8Wgmma) the products that no LoRA update runs beside take
-	// fp8_ws: docs/PERFORMANCE.md v0.56-v0.58.
+	// NoWS keeps products of 17-64 rows off the ws kernels (ws.go). By
+	// default on sm_90a FP8 products take fp8_ws (with the FP8 module's
+	// wgmma build, so not with NoFP8Wgmma; docs/PERFORMANCE.md
+	// v0.56-v0.63), and bf16 products that no LoRA update runs beside take
+	// gemm_ws (the forward module's kernels.BF16Wgmma build; v0.68: bf16
+	// decode at 32 / 64 rows -4%).
 	NoWS bool
 	// FP8PreciseAccum has cuBLASLt's FP8 products (the steps of 65 rows
 	// and more, and some of 17-64 beside the LoRA stream) promote their
@@ -261,7 +263,7 @@ func forcedOn(f int, def bool) bool {
 // the reference and the benchmarks compare them. Production never sets it.
 type kernelForce struct {
 	bwg        bool          // bf16 products of 17-128 rows: gemm_wg (wgmma; PEFTD_WG) where it fits, not cuBLASLt
-	bws        int           // bf16 products of 17-64 rows on gemm_ws (ws.go; PEFTD_WS) where it plans: 1 every product, 2 the narrow ones (wsNarrow), 3 every product no LoRA update runs beside (0: none)
+	bws        int           // bf16 products of 17-64 rows on gemm_ws (ws.go) where it plans: 1 every product, 2 the narrow ones (wsNarrow), 3 every product no LoRA update runs beside, -1 none (0: Backend.bwsAuto's choice, 3 or none)
 	loraRows   bool          // LoRA: the row-at-a-time kernels (lora_shrink, lora_expand)
 	loraV1     bool          // LoRA: SGMV v1 (sgmv_shrink, then an expand launch)
 	loraV2     bool          // LoRA: SGMV v2 (one launch per op) wherever it fits
@@ -299,8 +301,11 @@ type Backend struct {
 	mod *cuda.Module
 	sk  *bfSkinny  // the bf16 products of decode steps (nil: cuBLASLt's)
 	wg  *wgProduct // gemm_wg (wgmma, PEFTD_WG) for 17-128 rows where kernelForce.bwg asks (nil: not compiled in)
-	bws *wsProduct // gemm_ws (ws_body on bf16; PEFTD_WS or PEFTD_WG, sm_90a) for 17-64 rows where kernelForce.bws asks (nil: not compiled in)
-	fn  funcs
+	bws *wsProduct // gemm_ws (ws_body on bf16; kernels.BF16Wgmma, PEFTD_WS or PEFTD_WG, sm_90a) for 17-64 rows (nil: not compiled in)
+	// bwsAuto: bf16 weights and gemm_ws loaded (Options.NoWS unset): the
+	// products of 17-64 rows that no LoRA update runs beside take it
+	bwsAuto bool
+	fn      funcs
 	// KernelInfo tells whether the kernels were compiled or read from the cache.
 	KernelInfo kernels.Info
 
@@ -519,6 +524,13 @@ func New(opts Options) (*Backend, error) {
 	return b, nil
 }
 
+// bf16WS reports whether a Backend with weights of format (NoWS unset)
+// loads the forward module's build with gemm_ws: bf16 weights on sm_90a,
+// where PEFTD_KERNEL_DEFINES does not compile it in already.
+func bf16WS(format string, noWS bool, arch string) bool {
+	return format == WeightsBF16 && !noWS && arch == "sm_90a" && !kernels.Defined("PEFTD_WS") && !kernels.Defined("PEFTD_WG")
+}
+
 func (b *Backend) open(opts Options) error {
 	b.g.off = opts.Eager
 	b.g.recordIdle, b.g.rowsLimit = opts.RecordIdle, opts.GraphRows
@@ -579,8 +591,23 @@ func (b *Backend) open(opts Options) error {
 		m, _, err := kernels.Load(ctx, kernels.Sgmv, kernels.Options{ContextFree: b.ctxFree})
 		sg <- sgLoaded{m, err}
 	}(b.ctx)
-	if b.mod, b.KernelInfo, err = kernels.Load(b.ctx, kernels.Llama, opts.Kernels); err != nil {
+	format, err := ParseWeightFormat(opts.WeightFormat)
+	if err != nil {
 		return err
+	}
+	// bf16 weights on sm_90a: the forward module's build with gemm_ws
+	// (kernels.BF16Wgmma) unless Options.NoWS; where it cannot load (no
+	// NVRTC, only shipped cubins without it), the default build serves
+	b.mod = nil
+	if bf16WS(format, opts.NoWS, b.ctx.Device().Arch()) {
+		ko := opts.Kernels
+		ko.Extra = append(slices.Clip(ko.Extra), kernels.BF16Wgmma...)
+		b.mod, b.KernelInfo, _ = kernels.Load(b.ctx, kernels.Llama, ko)
+	}
+	if b.mod == nil {
+		if b.mod, b.KernelInfo, err = kernels.Load(b.ctx, kernels.Llama, opts.Kernels); err != nil {
+			return err
+		}
 	}
 	if b.sk, err = newBFSkinny(b.mod, b.ctx.Device()); err != nil {
 		return err
@@ -595,10 +622,7 @@ func (b *Backend) open(opts Options) error {
 	if b.bws, err = loadWS(b.ctx, b.s, b.mod, "gemm_ws", "", 2, limit); err != nil {
 		return err
 	}
-	format, err := ParseWeightFormat(opts.WeightFormat)
-	if err != nil {
-		return err
-	}
+	b.bwsAuto = format == WeightsBF16 && !opts.NoWS && b.bws != nil
 	kvFormat, err := ParseKVFormat(opts.KVFormat)
 	if err != nil {
 		return err

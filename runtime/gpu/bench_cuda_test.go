@@ -421,7 +421,7 @@ type decodeVariant struct {
 	ws                           bool   // FP8 weights: fp8_ws (ws.go; PEFTD_WG) for the 17-64 rows it plans (fp8State.wsOn)
 	wsgu                         bool   // FP8 weights: fp8_ws for the gate/up product only (fp8State.wsWide)
 	wsqo                         bool   // FP8 weights: fp8_ws for the q/k/v and o products only (fp8State.wsNarrow)
-	bws                          int    // bf16 weights: gemm_ws (ws.go; PEFTD_WS) for 17-64 rows, 1 every product, 2 q/k/v and o, 3 every product no LoRA update runs beside (kernelForce.bws)
+	bws                          int    // bf16 weights: gemm_ws (ws.go) for 17-64 rows, 1 every product, 2 q/k/v and o, 3 every product no LoRA update runs beside (the default on sm_90a), -1 none (kernelForce.bws)
 	nows                         bool   // FP8 weights: no fp8_ws for lone products by default (fp8State.wsAuto off: Options.NoWS)
 	nowga                        bool   // FP8 weights: Options.NoFP8Wgmma, every product of 17-64 rows on cuBLASLt (the default routes wgAutoFits' to fp8_wg: fp8State.wgAuto)
 	bwg                          bool   // bf16 weights: gemm_wg (wgmma; PEFTD_WG) for 17-128 rows (kernelForce.bwg)
@@ -508,7 +508,7 @@ func (v decodeVariant) label(ads []*lora.Adapter, pdlOK bool) string {
 		on   bool
 		name string
 	}{{v.eager, "eager"}, {v.serial, "serial"}, {v.nopdl && pdlOK, "nopdl"}, {v.ropeHeads, "ropeheads"}, {v.lt, "lt"}, {v.wgFull, "wgfull"}, {v.wgBeside, "wgbeside"}, {v.splitBeside, "splitbeside"}, {v.nopad, "nopad"}, {v.padOld, "padold"}, {v.fslate, "fslate"}, {v.noe1, "noe1"}, {v.e1lone, "e1lone"}, {v.skLate, "late"},
-		{v.fs, "fs"}, {v.gv, "gv"}, {v.noseg, "noseg"}, {v.nosege, "nosege"}, {v.wg && !v.two, "wg"}, {v.wg && v.two, "wg2"}, {v.ws, "ws"}, {v.wsgu, "wsgu"}, {v.wsqo, "wsqo"}, {v.bws == 1, "bws"}, {v.bws == 2, "bwsqo"}, {v.bws == 3, "bwslone"}, {v.nows, "nows"}, {v.wslone, "wslone"}, {v.nowga, "nowga"}, {v.pa, "pa"}, {v.bwg && !v.two, "bwg"}, {v.bwg && v.two, "bwg2"}, {v.tuned, "tuned"}} {
+		{v.fs, "fs"}, {v.gv, "gv"}, {v.noseg, "noseg"}, {v.nosege, "nosege"}, {v.wg && !v.two, "wg"}, {v.wg && v.two, "wg2"}, {v.ws, "ws"}, {v.wsgu, "wsgu"}, {v.wsqo, "wsqo"}, {v.bws == 1, "bws"}, {v.bws == 2, "bwsqo"}, {v.bws == 3, "bwslone"}, {v.bws < 0, "nobws"}, {v.nows, "nows"}, {v.wslone, "wslone"}, {v.nowga, "nowga"}, {v.pa, "pa"}, {v.bwg && !v.two, "bwg"}, {v.bwg && v.two, "bwg2"}, {v.tuned, "tuned"}} {
 		if f.on {
 			lbl += "+" + f.name
 		}
@@ -761,7 +761,7 @@ func TestDecodeBench(t *testing.T) {
 		{sms: -1, ws: true}, {lora: true, sms: -1, ws: true}, {sms: -1, wsgu: true}, {lora: true, sms: -1, wsgu: true},
 		{sms: -1, wsqo: true}, {lora: true, sms: -1, wsqo: true}, {sms: -1, nows: true}, {lora: true, sms: -1, nows: true}, {lora: true, sms: -1, wslone: true},
 		{sms: -1, wsfrom: 1}, {lora: true, sms: -1, wsfrom: 1}, {sms: -1, wsfrom: 9}, {lora: true, sms: -1, wsfrom: 9},
-		{sms: -1, bws: 1}, {lora: true, sms: -1, bws: 1}, {sms: -1, bws: 2}, {lora: true, sms: -1, bws: 2}, {sms: -1, bws: 3}, {lora: true, sms: -1, bws: 3},
+		{sms: -1, bws: 1}, {lora: true, sms: -1, bws: 1}, {sms: -1, bws: 2}, {lora: true, sms: -1, bws: 2}, {sms: -1, bws: 3}, {lora: true, sms: -1, bws: 3}, {sms: -1, bws: -1}, {lora: true, sms: -1, bws: -1},
 		{sms: -1, wg: true, two: true}, {lora: true, sms: -1, wg: true, two: true}, {sms: -1, bwg: true, two: true}, {lora: true, sms: -1, bwg: true, two: true},
 		{lora: true, sms: -1, rfold: 1}, {lora: true, sms: -1, rfold: -1},
 		{sms: -1, noseg: true}, {lora: true, sms: -1, noseg: true}, {sms: -1, nosege: true}, {lora: true, sms: -1, prio: -1}, {lora: true, sms: -1, prio: 1}, {sms: -1, hoist: -1}, {lora: true, sms: -1, hoist: -1}, {sms: -1, hoist: 1}, {lora: true, sms: -1, hoist: 1},

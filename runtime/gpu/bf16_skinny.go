@@ -125,17 +125,26 @@ func (g *bfSkinny) launch(s *cuda.Stream, p bfSkinnyPlan, out, x, w uint64, M, N
 
 // Products says which kernels take the projections by step rows, for the
 // startup log: bf16 weights through gemm_skinny at 1-16 rows (where the
-// card holds it) and cuBLASLt above; FP8 weights through fp8_gemv, then
-// fp8_stream, then cuBLASLt's FP8 GEMM.
+// card holds it), gemm_ws at 17-64 where it is on (bwsAuto) and cuBLASLt
+// above; FP8 weights through fp8_gemv, then fp8_stream, then fp8_ws where
+// it is on (wsAuto), then cuBLASLt's FP8 GEMM.
 func (b *Backend) Products() string {
 	if b.f8 != nil {
 		if b.f8.stream == nil {
 			return fmt.Sprintf("fp8_gemv 1-%d rows, cuBLASLt FP8 above", gemvMaxRows)
 		}
-		return fmt.Sprintf("fp8_gemv 1-%d rows, fp8_stream %d-%d where a shape fits it, cuBLASLt FP8 above", fp8StreamMinRows-1, fp8StreamMinRows, fp8StreamMaxRows)
+		ws := ""
+		if b.f8.wsAuto {
+			ws = fmt.Sprintf(", fp8_ws %d-%d", wsMinRows, wsMaxRows)
+		}
+		return fmt.Sprintf("fp8_gemv 1-%d rows, fp8_stream %d-%d where a shape fits it%s, cuBLASLt FP8 above", fp8StreamMinRows-1, fp8StreamMinRows, fp8StreamMaxRows, ws)
+	}
+	ws := ""
+	if b.bwsAuto {
+		ws = fmt.Sprintf(", gemm_ws %d-%d with no LoRA update beside", wsMinRows, wsMaxRows)
 	}
 	if b.sk == nil {
-		return "cuBLASLt"
+		return "cuBLASLt" + ws
 	}
-	return fmt.Sprintf("gemm_skinny 1-%d rows where a shape fits it, cuBLASLt above", bfSkinnyMaxRows)
+	return fmt.Sprintf("gemm_skinny 1-%d rows where a shape fits it%s, cuBLASLt above", bfSkinnyMaxRows, ws)
 }

@@ -297,7 +297,7 @@ func (b *Backend) Linear(out, in engine.Buffer, w engine.Weight) {
 	if !b.check(x.cols == wt.cols && o.cols == wt.rows && o.whole() && x.whole(), "linear: in width %d, out width %d, weight [%d,%d]", x.cols, o.cols, wt.rows, wt.cols) {
 		return
 	}
-	if f := b.force.bws; f == 1 || f == 2 && wsNarrow(wt.rows, wt.cols) || f == 3 && b.la.forkIn == 0 {
+	if f := b.bwsMode(); f == 1 || f == 2 && wsNarrow(wt.rows, wt.cols) || f == 3 && b.la.forkIn == 0 {
 		if p, ok := b.bws.plan(b.rows(), wt.rows, wt.cols); ok {
 			b.fail(b.bws.launch(b.s, p, o.mem.Ptr(), x.mem.Ptr(), 0, wt.mem.Ptr(), 0, b.rows(), wt.rows, wt.cols, nil))
 			return
@@ -316,6 +316,21 @@ func (b *Backend) Linear(out, in engine.Buffer, w engine.Weight) {
 		return
 	}
 	b.fail(b.mm.GemmTN(b.s, o.mem.Ptr(), cuda.R16BF, x.mem.Ptr(), cuda.R16BF, wt.mem.Ptr(), cuda.R16BF, b.rows(), wt.rows, wt.cols, 1, 0))
+}
+
+// bwsMode is kernelForce.bws where set, else 3 (the products no LoRA
+// update runs beside) where gemm_ws is on by default (bwsAuto), else 0.
+// H200, bf16 decode, device ms a step (PERFORMANCE v0.68): base 32 / 64
+// rows 5.33 / 6.13 -> 5.12 / 5.88; four rank-32 adapters 5.63 / 6.47 either
+// way (every product beside the LoRA stream on gemm_ws: 5.56 / 6.59).
+func (b *Backend) bwsMode() int {
+	switch f := b.force.bws; {
+	case f != 0:
+		return f
+	case b.bwsAuto:
+		return 3
+	}
+	return 0
 }
 
 // skinnyPlan is gemm_skinny's plan for the step's product with an N x K
