@@ -1859,7 +1859,7 @@ func TestDecodeVariantKnobs(t *testing.T) {
 		if got != v.force(got) || !got.attnRows || !got.loraV2 || got.decOpts != v.opts || got.holds != v.holds {
 			t.Errorf("%+v: force %+v", v, got)
 		}
-		for _, st := range []*fp8State{{wgAutoDefault: true}, {}} {
+		for _, st := range []*fp8State{{wgAutoDefault: true, mm: &cuda.Matmul{}}, {mm: &cuda.Matmul{}}} { // apply sets the Matmul's accumulation
 			want := v.fp8(st)
 			want.apply(st)
 			if fp8KnobsOf(st) != want {
