@@ -901,14 +901,20 @@ __device__ __forceinline__ void wg_body(bf16* __restrict__ out, float* __restric
 // stages are not loaded)
 #define WS_SMEM (200 * 1024)
 #endif
-// KA: WS_KA atoms a stage, halved while fewer than 3 stages would fit
-// (runtime/gpu's wsKAFor must agree).
-template <int BN> struct WsShape {
+#ifndef WS_KA_BF16
+// gemm_ws's (bf16 operands, ES 2: an atom holds 64 values of K, half of
+// FP8's 128) atoms a stage: WS_KA unless set, for the A/B of bf16 stages
+// as long in K as FP8's (-DWS_KA_BF16=4; runtime/gpu's wsKABF16 reads it)
+#define WS_KA_BF16 WS_KA
+#endif
+// KA: WS_KA (ES 2: WS_KA_BF16) atoms a stage, halved while fewer than 3
+// stages would fit (runtime/gpu's wsKAFor must agree).
+template <int BN, int ES = 1> struct WsShape {
     static constexpr int TR = 64;                 // activation rows staged: the wgmma's M
     static constexpr int AB = (TR + BN) * WG_RB;  // an atom: 128 bytes of each staged row (a multiple of 1024)
     __host__ __device__ static constexpr int fit(int ka) { return (WS_SMEM - 1024) / (ka * AB); }
     __host__ __device__ static constexpr int ka(int k) { return k > 1 && fit(k) < 3 ? ka(k / 2) : k; }
-    static constexpr int KA = ka(WS_KA);
+    static constexpr int KA = ka(ES == 2 ? WS_KA_BF16 : WS_KA);
     static constexpr int SB = KA * AB;            // a stage
     static constexpr int ST = fit(KA) < 16 ? fit(KA) : 16;
     static constexpr int IF = BN <= 64 ? WS_INFLIGHT_NARROW : WS_INFLIGHT; // wgmma groups left running (ws_body)
@@ -1399,7 +1405,7 @@ __device__ __forceinline__ void ws_body(bf16* __restrict__ out, float* __restric
                                         const unsigned char* __restrict__ qx, const float* __restrict__ sx,
                                         const unsigned char* __restrict__ qw, const float* __restrict__ sw, int M,
                                         int N, int K, int opts, const WsLora* Lp = nullptr) {
-    using W = WsShape<BN>;
+    using W = WsShape<BN, ES>;
     constexpr int TR = W::TR, AB = W::AB, SB = W::SB, ST = W::ST, KA = W::KA, IF = W::IF, AHEAD = ST - 1 - IF;
     static_assert(IF >= 0 && IF <= 2, "ws_body: WS_INFLIGHT, WS_INFLIGHT_NARROW 0-2");
     static_assert(AHEAD >= 1, "ws_body: fewer than 2 + WS_INFLIGHT stages fit");

@@ -306,17 +306,19 @@ func TestFP8StateScaledRows(t *testing.T) {
 // TestWsShape: fp8_ws's stages (WsShape in kernels/common.cuh) are whole
 // swizzle atoms, at least three, and a block fits an sm_90 SM.
 func TestWsShape(t *testing.T) {
-	for _, bn := range wsWidths {
-		if ab := (wsMaxRows + bn) * wsAtom; ab%1024 != 0 {
-			t.Errorf("n%d: an atom of %d bytes is not a multiple of 1024", bn, ab)
-		}
-		if st := wsStages(bn); st < 3 || st > 16 || st*wsStageBytes(bn) > wsSmem-1024 {
-			t.Errorf("n%d: %d stages of %d bytes", bn, st, wsStageBytes(bn))
-		}
-		// the system's 1 KB a block, the scales' copies (ws_body's wsc,
-		// xsc) and the split counter
-		if per := wsShared(bn) + 1024 + 4*(bn+wsMaxRows) + 16; per > 227<<10 {
-			t.Errorf("n%d: a block of %d bytes does not fit an sm_90 SM", bn, per)
+	for _, es := range []int{1, 2} {
+		for _, bn := range wsWidths {
+			if ab := (wsMaxRows + bn) * wsAtom; ab%1024 != 0 {
+				t.Errorf("n%d: an atom of %d bytes is not a multiple of 1024", bn, ab)
+			}
+			if st := wsStages(bn, es); st < 3 || st > 16 || st*wsStageBytes(bn, es) > wsSmem-1024 {
+				t.Errorf("n%d, %d-byte operands: %d stages of %d bytes", bn, es, st, wsStageBytes(bn, es))
+			}
+			// the system's 1 KB a block, the scales' copies (ws_body's wsc,
+			// xsc) and the split counter
+			if per := wsShared(bn, es) + 1024 + 4*(bn+wsMaxRows) + 16; per > 227<<10 {
+				t.Errorf("n%d, %d-byte operands: a block of %d bytes does not fit an sm_90 SM", bn, es, per)
+			}
 		}
 	}
 }

@@ -62,7 +62,7 @@ func (b *Backend) wsLoRAGroups() int { return forced(b.force.wsLoRA, wsLoRADefau
 // slots a piece; ok false where a stage's room cannot hold one slot's B.
 func wsLoRAGeom(bn, rank int) (rs, perB int, ok bool) {
 	rs = (rank + 31) &^ 31
-	perB = wsStageBytes(bn) / (bn * rs * 2)
+	perB = wsStageBytes(bn, 1) / (bn * rs * 2)
 	return rs, perB, perB >= 1
 }
 
@@ -175,7 +175,7 @@ func (g *wsProduct) launchLoRA(s *cuda.Stream, p wsPlan, out, x, sx, w, sw cuda.
 	if !g.noStagger {
 		opts |= 16
 	}
-	return g.lfn[p.i].Launch(s, cuda.Dim3{X: N / bn, Y: p.split, Z: 1}, cuda.Dim3{X: 128 + 32*wsLoRAShrinkWarps, Y: 1, Z: 1}, wsShared(bn),
+	return g.lfn[p.i].Launch(s, cuda.Dim3{X: N / bn, Y: p.split, Z: 1}, cuda.Dim3{X: 128 + 32*wsLoRAShrinkWarps, Y: 1, Z: 1}, wsShared(bn, 1),
 		uint64(out), uint64(g.part.Ptr()), uint64(g.done.Ptr()), uint64(x), uint64(sx), uint64(w), uint64(sw), T, N, K, opts,
 		uint64(a.tmp), uint64(a.rows), uint64(a.table), a.base, a.stride, a.ms[0], a.ms[1], a.ms[2], a.off1, a.off2,
 		a.rank, a.tStride, a.ks, a.kStride, uint64(a.x), uint64(a.tiles), a.nTiles, a.ns, a.kChunk, a.inF, a.xStride,

@@ -60,8 +60,12 @@ const (
 )
 
 // wsKA is WS_KA: 128-byte atoms a stage (common.cuh's default 2;
-// PEFTD_KERNEL_DEFINES may set it).
-var wsKA = max(1, kernels.DefinedInt("WS_KA", 2))
+// PEFTD_KERNEL_DEFINES may set it); wsKABF16 is WS_KA_BF16, gemm_ws's
+// (WS_KA unless set).
+var (
+	wsKA     = max(1, kernels.DefinedInt("WS_KA", 2))
+	wsKABF16 = max(1, kernels.DefinedInt("WS_KA_BF16", wsKA))
+)
 
 // wsSmem is WS_SMEM: a ws block's stage buffers at most (200 KB unless
 // PEFTD_KERNEL_DEFINES sets it, e.g. to leave room for a LoRA kernel's
@@ -72,10 +76,13 @@ var wsSmem = kernels.DefinedInt("WS_SMEM", 200<<10)
 // weight rows) wsSmem less the alignment holds.
 func wsFit(bn, ka int) int { return (wsSmem - 1024) / (ka * (wsMaxRows + bn) * wsAtom) }
 
-// wsKAFor is WsShape's KA: WS_KA atoms a stage, halved while fewer than 3
-// stages would fit.
-func wsKAFor(bn int) int {
+// wsKAFor is WsShape's KA for operands of esize bytes: WS_KA (2:
+// WS_KA_BF16) atoms a stage, halved while fewer than 3 stages would fit.
+func wsKAFor(bn, esize int) int {
 	ka := wsKA
+	if esize == 2 {
+		ka = wsKABF16
+	}
 	for ka > 1 && wsFit(bn, ka) < 3 {
 		ka /= 2
 	}
@@ -83,14 +90,14 @@ func wsKAFor(bn int) int {
 }
 
 // wsStageBytes is WsShape's SB.
-func wsStageBytes(bn int) int { return wsKAFor(bn) * (wsMaxRows + bn) * wsAtom }
+func wsStageBytes(bn, esize int) int { return wsKAFor(bn, esize) * (wsMaxRows + bn) * wsAtom }
 
 // wsStages is WsShape's ST: as many stages as fit, 16 at most.
-func wsStages(bn int) int { return min(16, wsFit(bn, wsKAFor(bn))) }
+func wsStages(bn, esize int) int { return min(16, wsFit(bn, wsKAFor(bn, esize))) }
 
 // wsShared is a block's dynamic shared memory: its stages and 1 KB to round
 // the base up to the swizzle's 1024 bytes.
-func wsShared(bn int) int { return wsStages(bn)*wsStageBytes(bn) + 1024 }
+func wsShared(bn, esize int) int { return wsStages(bn, esize)*wsStageBytes(bn, esize) + 1024 }
 
 // wtXS is WT_XS: the TMA kernels' activation stages (PEFTD_KERNEL_DEFINES
 // may set it); wtSmem is WT_SMEM, their dynamic shared memory at most.
@@ -134,19 +141,19 @@ func loadWS(ctx *cuda.Context, s *cuda.Stream, mod *cuda.Module, prefix, tprefix
 	g := &wsProduct{esize: esize, sms: ctx.Device().SMs, early: 1}
 	found := false
 	for i, bn := range wsWidths {
-		if wsStages(bn) < 3 || wsShared(bn) > maxShared {
+		if wsStages(bn, esize) < 3 || wsShared(bn, esize) > maxShared {
 			continue
 		}
 		fn, err := mod.Function(fmt.Sprintf("%s_n%d", prefix, bn))
 		if err != nil {
 			continue // not compiled in
 		}
-		if err := fn.SetMaxDynamicShared(wsShared(bn)); err != nil {
+		if err := fn.SetMaxDynamicShared(wsShared(bn, esize)); err != nil {
 			return nil, err
 		}
 		g.fn[i], found = fn, true
 		if fn, err = mod.Function(fmt.Sprintf("%s_lora_n%d", prefix, bn)); err == nil {
-			if err := fn.SetMaxDynamicShared(wsShared(bn)); err != nil {
+			if err := fn.SetMaxDynamicShared(wsShared(bn, esize)); err != nil {
 				return nil, err
 			}
 			g.lfn[i] = fn
@@ -219,7 +226,7 @@ func (g *wsProduct) valid(p wsPlan, T, N, K int) bool {
 	bn := wsWidths[p.i]
 	// each split whole stages (a TMA box past a split's K would read the
 	// next split's, not zeros)
-	stage := wsAtom * max(wsKAFor(bn), wtKAFor(bn))
+	stage := wsAtom * max(wsKAFor(bn, g.esize), wtKAFor(bn))
 	return N%bn == 0 && N/bn <= wgMaxTiles && (K*g.esize)%(stage*p.split) == 0 && (p.split == 1 || p.split*N <= wsMaxPart)
 }
 
@@ -314,7 +321,7 @@ func (g *wsProduct) launch(s *cuda.Stream, p wsPlan, out, x, sx, w, sw cuda.Devi
 		return fn.Launch(s, cuda.Dim3{X: N / bn, Y: p.split, Z: 1}, cuda.Dim3{X: 128, Y: 1, Z: 1}, wtShared(bn),
 			uint64(out), uint64(g.part.Ptr()), uint64(g.done.Ptr()), &xm, uint64(sx), wm[p.i], uint64(sw), T, N, K, opts)
 	}
-	return g.fn[p.i].Launch(s, cuda.Dim3{X: N / bn, Y: p.split, Z: 1}, cuda.Dim3{X: 128, Y: 1, Z: 1}, wsShared(bn),
+	return g.fn[p.i].Launch(s, cuda.Dim3{X: N / bn, Y: p.split, Z: 1}, cuda.Dim3{X: 128, Y: 1, Z: 1}, wsShared(bn, g.esize),
 		uint64(out), uint64(g.part.Ptr()), uint64(g.done.Ptr()), uint64(x), uint64(sx), uint64(w), uint64(sw), T, N, K, opts)
 }
 
