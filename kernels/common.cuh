@@ -1538,6 +1538,203 @@ __device__ __forceinline__ void ws_body(bf16* __restrict__ out, float* __restric
     ws_store<BN>(d, out, part, done, ES == 1 ? xsc : nullptr, ES == 1 ? wsc : nullptr, M, N, n0, z, &last); // ES 1 has scales, ES 2 none (a constant: the reads stay shared-memory loads)
 }
 
+#ifdef PEFTD_WS_SK
+// ---------------------------------------------------------------------------
+// wsk_body<ES, BN>: ws_body's product on any number of blocks (stream-K):
+// the N / BN weight tiles' K stages (SPT a tile, KA atoms each) are one
+// run of U units, and block b of gridDim.x = G takes units [b U / G,
+// (b + 1) U / G) in order (wg_first), so a grid of the SMs the LoRA
+// stream leaves (e.g. 100) is one wave of equal shares where ws_body's
+// one-wave plans jump between powers of two of blocks (64, 128). A block
+// flushes each tile it touches at the tile's last stage or its own last:
+// a tile whole in one block is scaled and stored; a part goes to the
+// block's slot (its first tile 0, its last 1: part [G][2][64][BN] floats)
+// and the tile's last block to count in (done[tile], left at zero) sums
+// the slots of the tile's blocks in block order (the same bits whichever
+// finishes last), scales and stores. Copies, stages and the wgmma groups
+// as ws_body (no stagger: the blocks start at their own units). A block
+// touches at most WSK_TILES tiles (runtime/gpu plans no more); their
+// weight scales are read before griddepcontrol.wait. Only with
+// PEFTD_WS_SK (fp8_wsk_n*, fp8.cu): built for the A/B of PERFORMANCE v0.68
+// Next 3. opts: bits 0-3 as ws_body's (early stages), the rest unused.
+// ---------------------------------------------------------------------------
+#ifndef WSK_TILES
+#define WSK_TILES 4
+#endif
+template <int ES, int BN>
+__device__ __forceinline__ void wsk_body(bf16* __restrict__ out, float* __restrict__ part, int* __restrict__ done,
+                                         const unsigned char* __restrict__ qx, const float* __restrict__ sx,
+                                         const unsigned char* __restrict__ qw, const float* __restrict__ sw, int M,
+                                         int N, int K, int opts) {
+    using W = WsShape<BN, ES>;
+    constexpr int TR = W::TR, AB = W::AB, SB = W::SB, ST = W::ST, KA = W::KA, IF = W::IF, AHEAD = ST - 1 - IF;
+    static_assert(IF >= 0 && IF <= 2, "wsk_body: WS_INFLIGHT, WS_INFLIGHT_NARROW 0-2");
+    static_assert(AHEAD >= 1, "wsk_body: fewer than 2 + WS_INFLIGHT stages fit");
+    constexpr int CH = WG_RB / 16, RSTEP = 128 / CH, CX = TR / RSTEP, CW = BN / RSTEP;
+    extern __shared__ __align__(16) unsigned char wsm[];
+    __shared__ int last;
+    __shared__ float wsc[WSK_TILES][BN], xsc[TR]; // the scales of the tiles the block touches, of the activation rows (ES 1)
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, tig = lane & 3, m0 = 16 * warp + g;
+    const int KB = K * ES, SPT = (KB + KA * WG_RB - 1) / (KA * WG_RB); // stages a tile
+    const int U = N / BN * SPT, G = gridDim.x, bid = blockIdx.x;
+    const int u0 = wg_first(bid, U, G), n = wg_first(bid + 1, U, G) - u0;
+    if (n <= 0) { // more blocks than units: runtime/gpu plans none
+        pdl_entry();
+        return;
+    }
+    const int t0 = u0 / SPT, nt = (u0 + n - 1) / SPT - t0 + 1; // the first tile and how many
+    if (nt > WSK_TILES) __trap(); // runtime/gpu plans no more (skValid)
+    const unsigned base = ((unsigned)__cvta_generic_to_shared(wsm) + 1023u) & ~1023u;
+    const int c = tid % CH, r0 = tid / CH;
+    const unsigned dst0 = r0 * WG_RB + ((c ^ (r0 & 7)) << 4);
+    const unsigned char* wrow = qw + (long long)r0 * KB + 16 * c; // the tile's first weight row at + tile BN KB
+    const unsigned char* xsrc = qx + (long long)r0 * KB + 16 * c;
+    // the stage j copies (unit u0 + j: tile u / SPT, its stage u % SPT),
+    // each atom past K zero-filled
+    auto copy_w = [&](int j) {
+        if (j >= n) return;
+        const int u = u0 + j, t = u / SPT, ks = u - t * SPT;
+        const unsigned char* src = wrow + (long long)t * BN * KB;
+        const unsigned b = base + (j % ST) * SB + dst0 + TR * WG_RB;
+#pragma unroll
+        for (int a = 0; a < KA; a++) {
+            const int col = (ks * KA + a) * WG_RB;
+            const bool ok = col < KB;
+#pragma unroll
+            for (int i = 0; i < CW; i++)
+                cp_async16(b + a * AB + i * RSTEP * WG_RB, src + (long long)i * RSTEP * KB + (ok ? col : 0), ok ? 16 : 0);
+        }
+    };
+    auto copy_x = [&](int j) {
+        if (j >= n) return;
+        const int u = u0 + j, ks = u % SPT;
+        const unsigned b = base + (j % ST) * SB + dst0;
+#pragma unroll
+        for (int a = 0; a < KA; a++) {
+            const int col = (ks * KA + a) * WG_RB;
+            const bool ok = col < KB;
+#pragma unroll
+            for (int i = 0; i < CX; i++)
+                if (r0 + i * RSTEP < M) cp_async16(b + a * AB + i * RSTEP * WG_RB, xsrc + (long long)i * RSTEP * KB + (ok ? col : 0), ok ? 16 : 0);
+        }
+    };
+    if (M < TR) { // activation rows M..63 of every stage: zero, once
+        for (int i = tid; i < ST * KA * (TR - M) * CH; i += 128) {
+            const int ch = i % CH, rest = i / CH, r = M + rest % (TR - M), sa = rest / (TR - M);
+            const unsigned a = base + (sa / KA) * SB + (sa % KA) * AB + r * WG_RB + ch * 16;
+            asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(a), "r"(0) : "memory");
+        }
+    }
+    const int early = opts & 15, ne = early < AHEAD ? early : AHEAD;
+    for (int j = 0; j < ne; j++) copy_w(j);
+    if (ES == 1)
+        for (int i = tid; i < WSK_TILES * BN; i += 128) {
+            const int tt = i / BN;
+            if (tt < nt) wsc[tt][i % BN] = sw[(t0 + tt) * BN + i % BN]; // no kernel of a step writes them
+        }
+    pdl_entry();
+    if (ES == 1)
+        for (int i = tid; i < TR; i += 128) xsc[i] = i < M ? sx[i] : 0.f; // both seen after the K loop's first barrier
+#pragma unroll 1
+    for (int j = 0; j < AHEAD; j++) {
+        if (j >= ne) copy_w(j);
+        copy_x(j);
+        cp_async_commit(); // one group a stage (the early weights join the first)
+    }
+    float d[BN / 2];
+    // put: v, the sums of tile t (the block's tt-th), scaled, rounded and stored
+    auto put = [&](const float* v, int t, int tt) {
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            const int m = m0 + 8 * h;
+            if (m >= M) continue;
+            const float a = ES == 1 ? xsc[m] : 1.f;
+#pragma unroll
+            for (int jj = 0; jj < BN / 8; jj++) {
+                const int c2 = 8 * jj + 2 * tig;
+                const float s0 = ES == 1 ? a * wsc[tt][c2] : a, s1 = ES == 1 ? a * wsc[tt][c2 + 1] : a;
+                *reinterpret_cast<__nv_bfloat162*>(out + (long long)m * N + t * BN + c2) =
+                    __floats2bfloat162_rn(v[4 * jj + 2 * h] * s0, v[4 * jj + 2 * h + 1] * s1);
+            }
+        }
+    };
+    // slot: block b's partial sums of tile t (its first tile: 0, else 1)
+    auto slot = [&](int b, int t, int h, int jj) {
+        return part + ((long long)b * 2 + (wg_first(b, U, G) / SPT == t ? 0 : 1)) * TR * BN + (m0 + 8 * h) * BN + 8 * jj + 2 * tig;
+    };
+    // flush: tile t (the block's tt-th), held from its stage k0 to k1
+    auto flush = [&](int t, int tt, int k0, int k1) {
+        if (k0 == 0 && k1 == SPT - 1) {
+            put(d, t, tt);
+            return;
+        }
+#pragma unroll
+        for (int h = 0; h < 2; h++)
+            if (m0 + 8 * h < M)
+#pragma unroll
+                for (int jj = 0; jj < BN / 8; jj++) *reinterpret_cast<float2*>(slot(bid, t, h, jj)) = make_float2(d[4 * jj + 2 * h], d[4 * jj + 2 * h + 1]);
+        const int b0 = wg_block(t * SPT, U, G), b1 = wg_block((t + 1) * SPT - 1, U, G);
+        __syncthreads();
+        if (tid == 0) {
+            __threadfence(); // the block's partials before its count (cumulative, after the barrier)
+            last = atomicAdd(done + t, 1) == b1 - b0;
+            if (last) __threadfence();
+        }
+        __syncthreads();
+        if (!last) return;
+#pragma unroll
+        for (int i = 0; i < BN / 2; i++) d[i] = 0.f;
+        for (int b = b0; b <= b1; b++) {
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                if (m0 + 8 * h >= M) continue;
+#pragma unroll
+                for (int jj = 0; jj < BN / 8; jj++) {
+                    const float2 p = __ldcg(reinterpret_cast<const float2*>(slot(b, t, h, jj)));
+                    d[4 * jj + 2 * h] += p.x, d[4 * jj + 2 * h + 1] += p.y;
+                }
+            }
+        }
+        put(d, t, tt);
+        if (tid == 0) done[t] = 0; // ready for the next launch
+    };
+#pragma unroll
+    for (int i = 0; i < BN / 2; i++) d[i] = 0.f;
+    int ks = u0 - t0 * SPT, k0 = ks, tt = 0;
+#pragma unroll 1
+    for (int j = 0; j < n; j++) {
+        cp_async_wait<AHEAD - 1>(); // this thread's copies of stage j have landed
+        fence_proxy_async();        // ... and are visible to wgmma (and the zeroed rows, the first time)
+        __syncthreads();            // everyone's; and every warp's group IF + 1 stages back is done
+        copy_w(j + AHEAD);
+        copy_x(j + AHEAD);
+        cp_async_commit();
+        const unsigned b = base + (j % ST) * SB;
+        wg_pin<BN / 2>(d);
+        wg_fence();
+#pragma unroll
+        for (int a = 0; a < KA; a++)
+#pragma unroll
+            for (int q = 0; q < WG_RB / 32; q++)
+                wg_mma_n<ES, BN>(d, wg_desc(b + a * AB + 32 * q), wg_desc(b + a * AB + TR * WG_RB + 32 * q));
+        wg_commit();
+        if (ks == SPT - 1 || j == n - 1) { // the tile's last stage here
+            wg_wait<0>();
+            wg_pin<BN / 2>(d);
+            flush(t0 + tt, tt, k0, ks);
+#pragma unroll
+            for (int i = 0; i < BN / 2; i++) d[i] = 0.f;
+            tt++, ks = 0, k0 = 0;
+        } else {
+            wg_wait<IF>(); // the group IF + 1 stages back is done: the next copy may overwrite its stage
+            wg_pin<BN / 2>(d);
+            ks++;
+        }
+    }
+    cp_async_wait<0>();
+}
+#endif // PEFTD_WS_SK
+
 // ---------------------------------------------------------------------------
 // wt_body<ES, BN>: ws_body's product with each stage copied by the tensor
 // memory accelerator (TMA): one thread asks for the stage's two boxes (the

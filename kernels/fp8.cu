@@ -459,6 +459,13 @@ WG_KERNELS(fp8_wg, 1, FP8_SKINNY_ARGS, FP8_SKINNY_PASS)
         int M, int N, int K, int opts
 #define FP8_WS_PASS out, part, done, qx, sx, qw, sw, M, N, K, opts
 WS_WIDTHS(fp8_ws, ws_body, 1, FP8_WS_ARGS, FP8_WS_PASS, 128)
+// fp8_wsk_n*: the same products on any number of blocks (stream-K:
+// wsk_body in common.cuh), only with PEFTD_WS_SK as well (the A/B of
+// PERFORMANCE v0.68 Next 3; runtime/gpu ws.go plans them where
+// wsProduct.skMode asks)
+#ifdef PEFTD_WS_SK
+WS_WIDTHS(fp8_wsk, wsk_body, 1, FP8_WS_ARGS, FP8_WS_PASS, 128)
+#endif
 // fp8_ws_lora_n*: the same products with the group's LoRA update, the
 // shrink on WSL_SW more warps a block and the expand in the end (WsLora,
 // common.cuh; runtime/gpu lora_ws.go); only with PEFTD_WSL as well

@@ -1093,6 +1093,9 @@ func TestFP8WgStream(t *testing.T) {
 	if r.f.ws.tfn == [len(wsWidths)]*cuda.Function{} && kernels.Defined("PEFTD_WT") {
 		t.Errorf("fp8_wt (TMA) not loaded (tensor maps: %v)", cuda.TMA())
 	}
+	if r.f.ws.kfn == [len(wsWidths)]*cuda.Function{} && kernels.Defined("PEFTD_WS_SK") {
+		t.Error("PEFTD_WS_SK is defined but no fp8_wsk kernel loaded")
+	}
 	defer func() {
 		r.f.wsOn, r.f.skTop, r.f.ws.force, r.f.ws.noStagger, r.f.ws.noTMA, r.f.wsFrom = false, 0, wsPlan{}, false, false, 0
 	}()
@@ -1121,6 +1124,17 @@ func TestFP8WgStream(t *testing.T) {
 		}
 		if n == 0 {
 			t.Fatalf("no fp8_ws plan takes %d x %d x %d", sz.T, sz.N, sz.K)
+		}
+		// the stream-K kernels (fp8_wsk, PEFTD_WS_SK) on grids of several
+		// sizes: each block's share of the tiles' K stages, the tiles
+		// split between blocks summed by their last
+		for i := range wsWidths {
+			for _, G := range []int{7, 64, 84, 100, 116, r.ctx.Device().SMs} {
+				if p := (wsPlan{i: i, split: 1, sk: G}); r.f.ws.valid(p, sz.T, sz.N, sz.K) {
+					r.f.ws.force = p
+					c.check(label(p), wsOn)
+				}
+			}
 		}
 		// the automatic plan with every block walking K from its start, and
 		// on the cp.async kernels (fp8_ws) where the TMA ones (fp8_wt) ran

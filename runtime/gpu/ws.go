@@ -34,6 +34,8 @@ type wsProduct struct {
 	fn         [len(wsWidths)]*cuda.Function
 	tfn        [len(wsWidths)]*cuda.Function // the same on TMA copies (fp8_wt_n*: wt_body), where the driver encodes tensor maps
 	lfn        [len(wsWidths)]*cuda.Function // the same with a group's LoRA update (fp8_ws_lora_n*, -DPEFTD_WSL: lora_ws.go)
+	kfn        [len(wsWidths)]*cuda.Function // the same on any number of blocks (stream-K: fp8_wsk_n*, -DPEFTD_WS_SK)
+	partCap    int                           // the partials buffer's floats / wsMaxRows
 	lsync      *cuda.DeviceBuffer            // fp8_ws_lora's two counters (zero between launches)
 	noTMA      bool                          // benchmarks: the cp.async kernels (fn) even where tfn is loaded
 	part, done *cuda.DeviceBuffer            // the splits' partials and per-tile counters (zero between launches)
@@ -43,6 +45,11 @@ type wsProduct struct {
 	early      int                           // stages' weights asked before griddepcontrol.wait (opts bits 0-3; the kernel caps it at ST - 1)
 	noStagger  bool                          // benchmarks: every block walks K from its start (opts bit 4 off)
 	force      wsPlan                        // benchmarks: this plan where it fits (zero: plan's choice)
+	// skMode: the stream-K kernels (kfn) for the products plan takes, on
+	// as many blocks as the SM target allows: 1 where the target is below
+	// the device's SMs (beside the LoRA stream), 2 for every product; 0
+	// none (the default: PERFORMANCE v0.68 Next 3 is their A/B)
+	skMode int
 }
 
 // wsWidths are the kernels' weight rows a block (BN: fp8_ws_n{BN}).
@@ -152,6 +159,12 @@ func loadWS(ctx *cuda.Context, s *cuda.Stream, mod *cuda.Module, prefix, tprefix
 			return nil, err
 		}
 		g.fn[i], found = fn, true
+		if fn, err = mod.Function(fmt.Sprintf("%sk_n%d", prefix, bn)); err == nil { // the stream-K build (PEFTD_WS_SK)
+			if err := fn.SetMaxDynamicShared(wsShared(bn, esize)); err != nil {
+				return nil, err
+			}
+			g.kfn[i] = fn
+		}
 		if fn, err = mod.Function(fmt.Sprintf("%s_lora_n%d", prefix, bn)); err == nil {
 			if err := fn.SetMaxDynamicShared(wsShared(bn, esize)); err != nil {
 				return nil, err
@@ -171,8 +184,12 @@ func loadWS(ctx *cuda.Context, s *cuda.Stream, mod *cuda.Module, prefix, tprefix
 	if !found {
 		return nil, nil
 	}
+	g.partCap = wsMaxPart
+	if g.kfn != ([len(wsWidths)]*cuda.Function{}) {
+		g.partCap = max(g.partCap, 2*g.sms*wsWidths[len(wsWidths)-1]) // two tiles a block of the widest on every SM
+	}
 	var err error
-	if g.part, g.done, err = splitBuffers(ctx, s, wsMaxPart*wsMaxRows*4); err != nil {
+	if g.part, g.done, err = splitBuffers(ctx, s, g.partCap*wsMaxRows*4); err != nil {
 		return nil, fmt.Errorf("gpu: %s's split buffers: %w", prefix, err)
 	}
 	if g.lfn != ([len(wsWidths)]*cuda.Function{}) {
@@ -211,15 +228,63 @@ func (g *wsProduct) SetSMTarget(n int) { g.target = max(n, 0) }
 // fp8_ws ahead on gate/up too once its scale reads left global memory).
 func wsNarrow(N, K int) bool { return K <= N && N < 4*K }
 
-// wsPlan is one product's kernel (index into wsWidths) and K split.
-type wsPlan struct{ i, split int }
+// wsPlan is one product's kernel (index into wsWidths) and K split, or
+// (sk > 0) its stream-K kernel on sk blocks (split 1).
+type wsPlan struct{ i, split, sk int }
 
-func (p wsPlan) String() string { return fmt.Sprintf("n%dx%d", wsWidths[p.i], p.split) }
+func (p wsPlan) String() string {
+	if p.sk > 0 {
+		return fmt.Sprintf("n%dk%d", wsWidths[p.i], p.sk)
+	}
+	return fmt.Sprintf("n%dx%d", wsWidths[p.i], p.split)
+}
+
+// skMode is f's fp8_ws stream-K setting (wsProduct.skMode; 0 without fp8_ws).
+func (f *fp8State) skMode() int {
+	if f.ws == nil {
+		return 0
+	}
+	return f.ws.skMode
+}
+
+// wskTiles is WSK_TILES: the most weight tiles a stream-K block touches.
+var wskTiles = kernels.DefinedInt("WSK_TILES", 4)
+
+// skUnits is a stream-K product's K stages a tile (SPT) and units in all
+// (U) with the kernel of bn weight rows.
+func (g *wsProduct) skUnits(bn, N, K int) (spt, units int) {
+	atoms := wsAtom * wsKAFor(bn, g.esize)
+	spt = (K*g.esize + atoms - 1) / atoms
+	return spt, N / bn * spt
+}
+
+// skValid reports whether stream-K plan p takes a T x N x K product: a
+// loaded kernel, whole weight tiles, K in whole 128-byte atoms, no more
+// blocks than units, at most wskTiles tiles a block and room for the
+// partials (two tiles a block).
+func (g *wsProduct) skValid(p wsPlan, T, N, K int) bool {
+	if g == nil || T < 1 || T > wsMaxRows || p.i < 0 || p.i >= len(wsWidths) || g.kfn[p.i] == nil || p.split != 1 || p.sk < 1 {
+		return false
+	}
+	bn := wsWidths[p.i]
+	if N%bn != 0 || N/bn > wgMaxTiles || (K*g.esize)%wsAtom != 0 || 2*p.sk*bn > g.partCap {
+		return false
+	}
+	spt, units := g.skUnits(bn, N, K)
+	if p.sk > units {
+		return false
+	}
+	run := (units + p.sk - 1) / p.sk // a block's units at most
+	return (run+spt-2)/spt+1 <= wskTiles
+}
 
 // valid reports whether plan p computes a T x N x K product: a loaded
 // kernel, N whole blocks of its rows, each split whole stages of K, and
 // room for the partials and counters.
 func (g *wsProduct) valid(p wsPlan, T, N, K int) bool {
+	if p.sk > 0 {
+		return g.skValid(p, T, N, K)
+	}
 	if g == nil || T < 1 || T > wsMaxRows || p.i < 0 || p.i >= len(wsWidths) || g.fn[p.i] == nil || p.split < 1 {
 		return false
 	}
@@ -251,6 +316,9 @@ func (g *wsProduct) planFrom(T, N, K, from int) (wsPlan, bool) {
 	if g.target > 0 {
 		sms = min(sms, g.target)
 	}
+	if sk, ok := g.skPlan(T, N, K, sms); ok {
+		return sk, true
+	}
 	best, bestBlocks := wsPlan{}, 0
 	for _, S := range []int{1, 2, 4, 8} {
 		for i := range wsWidths {
@@ -268,6 +336,31 @@ func (g *wsProduct) planFrom(T, N, K, from int) (wsPlan, bool) {
 		}
 	}
 	return best, bestBlocks > 0
+}
+
+// skPlan is the stream-K plan skMode asks for a T x N x K product on sms
+// SMs: the width the whole device's one-wave plan takes, on sms blocks
+// (fewer where the product has fewer units); ok false where skMode does
+// not ask, no stream-K kernel takes it, or it makes no more blocks than
+// the one-wave plan.
+func (g *wsProduct) skPlan(T, N, K, sms int) (wsPlan, bool) {
+	if g.skMode == 0 || g.skMode == 1 && sms >= g.sms || g.kfn == ([len(wsWidths)]*cuda.Function{}) {
+		return wsPlan{}, false
+	}
+	full := *g
+	full.target, full.skMode = 0, 0
+	wide, ok := full.planFrom(T, N, K, 1)
+	if !ok {
+		return wsPlan{}, false
+	}
+	narrow := full
+	narrow.target = sms
+	if p, ok := narrow.planFrom(T, N, K, 1); ok && N/wsWidths[p.i]*p.split >= sms {
+		return wsPlan{}, false // the one-wave plan fills the SMs already
+	}
+	_, units := g.skUnits(wsWidths[wide.i], N, K)
+	p := wsPlan{i: wide.i, split: 1, sk: min(sms, units)}
+	return p, g.skValid(p, T, N, K)
 }
 
 // wsLongSplit is the most bytes of K a block of fewer than 64 weight rows
@@ -301,6 +394,10 @@ func (g *wsProduct) launch(s *cuda.Stream, p wsPlan, out, x, sx, w, sw cuda.Devi
 	bn, opts := wsWidths[p.i], min(max(g.early, 0), 15)
 	if !g.noStagger {
 		opts |= 16 // each block's K walk from its own stage: the grid does not read one activation line at once
+	}
+	if p.sk > 0 { // stream-K: no stagger (each block starts at its own units)
+		return g.kfn[p.i].Launch(s, cuda.Dim3{X: p.sk, Y: 1, Z: 1}, cuda.Dim3{X: 128, Y: 1, Z: 1}, wsShared(bn, g.esize),
+			uint64(out), uint64(g.part.Ptr()), uint64(g.done.Ptr()), uint64(x), uint64(sx), uint64(w), uint64(sw), T, N, K, min(max(g.early, 0), 15))
 	}
 	if fn := g.tfn[p.i]; fn != nil && !g.noTMA && wm != nil {
 		dt, el := cuda.TMapUint8, uint32(wsAtom)
