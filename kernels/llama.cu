@@ -3207,5 +3207,10 @@ WG_KERNELS(gemm_wg, 2, GEMM_WG_ARGS, GEMM_WG_PASS)
         int M, int N, int K, int opts
 #define GEMM_WS_PASS out, part, done, (const unsigned char*)x, sx, (const unsigned char*)w, sw, M, N, K, opts
 WS_WIDTHS(gemm_ws, ws_body, 2, GEMM_WS_ARGS, GEMM_WS_PASS, 128)
+// gemm_wsk_n*: the same on any number of blocks (stream-K: wsk_body),
+// only with PEFTD_WS_SK as well (PERFORMANCE v0.68 Next 3)
+#ifdef PEFTD_WS_SK
+WS_WIDTHS(gemm_wsk, wsk_body, 2, GEMM_WS_ARGS, GEMM_WS_PASS, 128)
+#endif
 #endif
 

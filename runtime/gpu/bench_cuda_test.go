@@ -411,7 +411,7 @@ type decodeVariant struct {
 	nosege                       bool   // FP8 weights: not fp8_gemv_seg's early twins in steps with no LoRA update (fp8State.segEarlyOff)
 	wslone                       bool   // FP8 weights: fp8_ws only for products no LoRA update runs beside (fp8State.wsLone: v0.58-v0.62's rule)
 	wsfrom                       int    // FP8 weights: fp8_ws from this many rows below 17 too (fp8State.wsFrom; label +wsN)
-	wssk                         int    // FP8 weights: the stream-K fp8_wsk (PEFTD_WS_SK) for the products beside the LoRA stream (1) or every one (2) (wsProduct.skMode; label +wsskN)
+	wssk                         int    // the stream-K ws kernels (fp8_wsk, gemm_wsk with bf16 and +bws; PEFTD_WS_SK) for the products beside the LoRA stream (1) or every one (2) (wsProduct.skMode; label +wsskN)
 	pa                           bool   // FP8 weights: cuBLASLt's FP8 products with float32 promotion (Options.FP8PreciseAccum)
 	silucl                       int    // FP8 silu_mul of 1-64 rows as silu_mul_cl (kernelForce.siluCl: 1 wherever it fits, -1 never, 0 the default)
 	sfold                        int    // FP8 gate/up LoRA update expanded inside silu_mul (kernelForce.siluLoRA: 1 on, -1 off, 0 the default)
@@ -463,6 +463,16 @@ func fp8KnobsOf(f *fp8State) fp8Knobs {
 	return fp8Knobs{streamOn: f.streamOn, streamOff: f.streamOff, wgOn: f.wgOn, wgAuto: f.wgAuto, wgBeside: f.wgBeside,
 		segOff: f.segOff, splitBeside: f.splitBeside, padOff: f.padOff, streamLate: f.streamLate, padOld: f.padOld,
 		streamE1Off: f.streamE1Off, streamE1Lone: f.streamE1Lone, two: f.wg != nil && f.wg.two, wsOn: f.wsOn, wsWide: f.wsWide, wsNarrow: f.wsNarrow, wsAuto: f.wsAuto, segEarlyOff: f.segEarlyOff, wsLone: f.wsLone, wsFrom: f.wsFrom, fastAccum: f.mm.FastAccum(), wsSK: f.skMode()}
+}
+
+// skLoaded reports whether gb's ws products have their stream-K kernels
+// (PEFTD_WS_SK): fp8_wsk with FP8 weights, gemm_wsk with bf16.
+func skLoaded(gb *Backend) bool {
+	ws := gb.bws
+	if gb.f8 != nil {
+		ws = gb.f8.ws
+	}
+	return ws != nil && ws.kfn != [len(wsWidths)]*cuda.Function{}
 }
 
 // fp8 is the FP8 settings row v asks of f (wgAuto: f's default unless v.nowga).
@@ -767,7 +777,7 @@ func TestDecodeBench(t *testing.T) {
 		{sms: -1, nowga: true}, {lora: true, sms: -1, nowga: true},
 		{sms: -1, ws: true}, {lora: true, sms: -1, ws: true}, {sms: -1, wsgu: true}, {lora: true, sms: -1, wsgu: true},
 		{sms: -1, wsqo: true}, {lora: true, sms: -1, wsqo: true}, {sms: -1, nows: true}, {lora: true, sms: -1, nows: true}, {lora: true, sms: -1, wslone: true},
-		{sms: -1, wsfrom: 1}, {lora: true, sms: -1, wsfrom: 1}, {lora: true, sms: -1, wssk: 1}, {sms: -1, wssk: 2}, {lora: true, sms: -1, wssk: 2}, {sms: -1, wsfrom: 9}, {lora: true, sms: -1, wsfrom: 9},
+		{sms: -1, wsfrom: 1}, {lora: true, sms: -1, wsfrom: 1}, {lora: true, sms: -1, wssk: 1}, {sms: -1, wssk: 2}, {lora: true, sms: -1, wssk: 2}, {lora: true, sms: -1, bws: 1, wssk: 1}, {sms: -1, wsfrom: 9}, {lora: true, sms: -1, wsfrom: 9},
 		{sms: -1, bws: 1}, {lora: true, sms: -1, bws: 1}, {sms: -1, bws: 2}, {lora: true, sms: -1, bws: 2}, {sms: -1, bws: 3}, {lora: true, sms: -1, bws: 3}, {sms: -1, bws: -1}, {lora: true, sms: -1, bws: -1},
 		{sms: -1, wg: true, two: true}, {lora: true, sms: -1, wg: true, two: true}, {sms: -1, bwg: true, two: true}, {lora: true, sms: -1, bwg: true, two: true},
 		{lora: true, sms: -1, rfold: 1}, {lora: true, sms: -1, rfold: -1},
@@ -860,12 +870,12 @@ func TestDecodeBench(t *testing.T) {
 		B, v := rn.B, rn.v
 		withLoRA, sampled := v.lora, v.sampled
 		gb.g.off = v.eager
-		if withLoRA && len(ads) == 0 || v.nopdl && !pdlOK || v.split > 0 && B > 64 || (v.fs || v.gv) && (gb.f8 == nil || gb.f8.stream == nil) || (v.wg || v.nowga) && (gb.f8 == nil || gb.f8.wg == nil) || v.bwg && (gb.f8 != nil || gb.wg == nil) || v.bws != 0 && (gb.f8 != nil || gb.bws == nil) || v.nows && gb.f8 == nil || (v.wslone || v.wsfrom > 0) && (gb.f8 == nil || gb.f8.ws == nil) || v.wssk > 0 && (gb.f8 == nil || gb.f8.ws == nil || gb.f8.ws.kfn == [len(wsWidths)]*cuda.Function{}) || (v.fslate || v.noe1 || v.e1lone) && (gb.f8 == nil || gb.f8.stream == nil) || (v.padOld || v.pa) && gb.f8 == nil || v.wsl != 0 && (gb.f8 == nil || gb.f8.ws == nil || gb.f8.ws.lfn == [len(wsWidths)]*cuda.Function{}) {
+		if withLoRA && len(ads) == 0 || v.nopdl && !pdlOK || v.split > 0 && B > 64 || (v.fs || v.gv) && (gb.f8 == nil || gb.f8.stream == nil) || (v.wg || v.nowga) && (gb.f8 == nil || gb.f8.wg == nil) || v.bwg && (gb.f8 != nil || gb.wg == nil) || v.bws != 0 && (gb.f8 != nil || gb.bws == nil) || v.nows && gb.f8 == nil || (v.wslone || v.wsfrom > 0) && (gb.f8 == nil || gb.f8.ws == nil) || v.wssk > 0 && !skLoaded(gb) || (v.fslate || v.noe1 || v.e1lone) && (gb.f8 == nil || gb.f8.stream == nil) || (v.padOld || v.pa) && gb.f8 == nil || v.wsl != 0 && (gb.f8 == nil || gb.f8.ws == nil || gb.f8.ws.lfn == [len(wsWidths)]*cuda.Function{}) {
 			continue
 		}
 		retune := v.tuned && !gb.tune.done
 		if wantPDL := pdlOK && !v.nopdl; retune || partOf(gb) != v.part || gb.la.on == v.serial || gb.la.sms != v.sms || gb.s.ProgrammaticLaunch() != wantPDL ||
-			gb.force != v.force(gb.force) || gb.wg != nil && gb.wg.two != v.two || gb.f8 != nil && fp8KnobsOf(gb.f8) != v.fp8(gb.f8) { // recordings bake the LoRA and launch modes, the kernels and the GEMM algorithms in
+			gb.force != v.force(gb.force) || gb.wg != nil && gb.wg.two != v.two || gb.f8 != nil && fp8KnobsOf(gb.f8) != v.fp8(gb.f8) || gb.bws != nil && gb.bws.skMode != v.wssk { // recordings bake the LoRA and launch modes, the kernels and the GEMM algorithms in
 			gb.la.on, gb.la.sms = !v.serial, v.sms
 			gb.force = v.force(gb.force)
 			if err := gb.applyL2Window(); err != nil {
@@ -876,6 +886,9 @@ func TestDecodeBench(t *testing.T) {
 			}
 			if gb.f8 != nil {
 				v.fp8(gb.f8).apply(gb.f8)
+			}
+			if gb.bws != nil {
+				gb.bws.skMode = v.wssk
 			}
 			if retune {
 				gb.tune.on = true // tuned by the Warmup below
@@ -990,6 +1003,9 @@ func TestDecodeBench(t *testing.T) {
 	}
 	if gb.f8 != nil {
 		decodeVariant{}.fp8(gb.f8).apply(gb.f8) // the default row's FP8 settings, every knob
+	}
+	if gb.bws != nil {
+		gb.bws.skMode = 0
 	}
 	if res, took := gb.TuneStats(); len(res) > 0 {
 		changed := 0

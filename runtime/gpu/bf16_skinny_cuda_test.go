@@ -388,6 +388,14 @@ func TestBF16WgStream(t *testing.T) {
 		if n == 0 {
 			t.Fatalf("no gemm_ws plan takes %d x %d x %d", M, N, K)
 		}
+		// the stream-K kernels (gemm_wsk, PEFTD_WS_SK) on grids of several sizes
+		for i := range wsWidths {
+			for _, G := range []int{7, 64, 84, 100, 116, sms} {
+				if p := (wsPlan{i: i, split: 1, sk: G}); g.valid(p, M, N, K) {
+					check(p)
+				}
+			}
+		}
 		if p, ok := g.plan(M, N, K); ok {
 			g.noStagger = true
 			check(p)
