@@ -1397,6 +1397,50 @@ __device__ __forceinline__ void ws_store_lora(float* d, bf16* __restrict__ out, 
     if (tid == 0) done[blockIdx.x] = 0; // ready for the next launch
 }
 
+// ws_zero_rows: activation rows M..63 of each of ST stages of KA atoms
+// (SB bytes a stage, AB an atom) from base: zero (ws_body's and
+// wsk_body's copies skip them); the block's first 128 threads.
+template <int ST, int KA, int SB, int AB>
+__device__ __forceinline__ void ws_zero_rows(unsigned base, int M) {
+    constexpr int TR = 64, CH = WG_RB / 16;
+    if (M >= TR) return;
+    for (int i = threadIdx.x; i < ST * KA * (TR - M) * CH; i += 128) {
+        const int ch = i % CH, rest = i / CH, r = M + rest % (TR - M), sa = rest / (TR - M);
+        const unsigned a = base + (sa / KA) * SB + (sa % KA) * AB + r * WG_RB + ch * 16;
+        asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(a), "r"(0) : "memory");
+    }
+}
+
+// ws_fill: after griddepcontrol.wait, the activation rows' scales (ES 1;
+// seen after the K loop's first barrier) and the first AHEAD stages'
+// copies, one cp.async group a stage (the ne early weight stages, asked
+// before the wait, join the first).
+template <int ES, int AHEAD, class CW, class CX>
+__device__ __forceinline__ void ws_fill(float* xsc, const float* __restrict__ sx, int M, int ne, CW copy_w, CX copy_x) {
+    if (ES == 1)
+        for (int i = threadIdx.x; i < 64; i += 128) xsc[i] = i < M ? sx[i] : 0.f;
+#pragma unroll 1
+    for (int j = 0; j < AHEAD; j++) {
+        if (j >= ne) copy_w(j);
+        copy_x(j);
+        cp_async_commit();
+    }
+}
+
+// ws_mma: one stage's wgmma group into d: KA atoms (AB bytes apart) at
+// b, each the 64 activation rows then the BN weight rows.
+template <int ES, int BN, int KA, int AB>
+__device__ __forceinline__ void ws_mma(float* d, unsigned b) {
+    wg_pin<BN / 2>(d);
+    wg_fence();
+#pragma unroll
+    for (int a = 0; a < KA; a++)
+#pragma unroll
+        for (int q = 0; q < WG_RB / 32; q++)
+            wg_mma_n<ES, BN>(d, wg_desc(b + a * AB + 32 * q), wg_desc(b + a * AB + 64 * WG_RB + 32 * q));
+    wg_commit();
+}
+
 template <bool LORA> struct WsLoraSmOf { using T = WsLoraSm; };
 template <> struct WsLoraSmOf<false> { using T = char; };
 
@@ -1459,27 +1503,13 @@ __device__ __forceinline__ void ws_body(bf16* __restrict__ out, float* __restric
                 if (r0 + i * RSTEP < M) cp_async16(b + a * AB + i * RSTEP * WG_RB, xsrc + (long long)i * RSTEP * KB + (ok ? col : 0), ok ? 16 : 0);
         }
     };
-    // activation rows M..63 of every stage: zero, once (the copies skip them)
-    if (M < TR) {
-        for (int i = tid; i < ST * KA * (TR - M) * CH; i += 128) {
-            const int ch = i % CH, rest = i / CH, r = M + rest % (TR - M), sa = rest / (TR - M);
-            const unsigned a = base + (sa / KA) * SB + (sa % KA) * AB + r * WG_RB + ch * 16;
-            asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(a), "r"(0) : "memory");
-        }
-    }
+    ws_zero_rows<ST, KA, SB, AB>(base, M); // activation rows M..63 of every stage: zero, once (the copies skip them)
     const int early = opts & 15, ne = early < AHEAD ? early : AHEAD;
     for (int j = 0; j < ne; j++) copy_w(j);
     if (ES == 1)
         for (int i = tid; i < BN; i += 128) wsc[i] = sw[n0 + i]; // weights' scales: no kernel of a step writes them
     pdl_entry();
-    if (ES == 1)
-        for (int i = tid; i < TR; i += 128) xsc[i] = i < M ? sx[i] : 0.f; // both seen after the K loop's first barrier
-#pragma unroll 1
-    for (int j = 0; j < AHEAD; j++) {
-        if (j >= ne) copy_w(j);
-        copy_x(j);
-        cp_async_commit(); // one group a stage (the early weights join the first)
-    }
+    ws_fill<ES, AHEAD>(xsc, sx, M, ne, copy_w, copy_x);
     // the LoRA variant: the rows' slots and entries while the first stages
     // land, and the pieces' layout (ws_lora_geom)
     bool lz = false;
@@ -1515,15 +1545,7 @@ __device__ __forceinline__ void ws_body(bf16* __restrict__ out, float* __restric
             for (int p = j == 0 ? 0 : max(0, j + AHEAD - nst); p <= p1; p++) piece(p);
         }
         cp_async_commit();
-        const unsigned b = base + (j % ST) * SB;
-        wg_pin<BN / 2>(d);
-        wg_fence();
-#pragma unroll
-        for (int a = 0; a < KA; a++)
-#pragma unroll
-            for (int q = 0; q < WG_RB / 32; q++)
-                wg_mma_n<ES, BN>(d, wg_desc(b + a * AB + 32 * q), wg_desc(b + a * AB + TR * WG_RB + 32 * q));
-        wg_commit();
+        ws_mma<ES, BN, KA, AB>(d, base + (j % ST) * SB);
         wg_wait<IF>(); // the group IF + 1 stages back is done: the next copy may overwrite its stage
         wg_pin<BN / 2>(d);
     }
@@ -1618,13 +1640,7 @@ __device__ __forceinline__ void wsk_body(bf16* __restrict__ out, float* __restri
                 if (r0 + i * RSTEP < M) cp_async16(b + a * AB + i * RSTEP * WG_RB, xsrc + (long long)i * RSTEP * KB + (ok ? col : 0), ok ? 16 : 0);
         }
     };
-    if (M < TR) { // activation rows M..63 of every stage: zero, once
-        for (int i = tid; i < ST * KA * (TR - M) * CH; i += 128) {
-            const int ch = i % CH, rest = i / CH, r = M + rest % (TR - M), sa = rest / (TR - M);
-            const unsigned a = base + (sa / KA) * SB + (sa % KA) * AB + r * WG_RB + ch * 16;
-            asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(a), "r"(0) : "memory");
-        }
-    }
+    ws_zero_rows<ST, KA, SB, AB>(base, M); // activation rows M..63 of every stage: zero, once
     const int early = opts & 15, ne = early < AHEAD ? early : AHEAD;
     for (int j = 0; j < ne; j++) copy_w(j);
     if (ES == 1)
@@ -1633,14 +1649,7 @@ __device__ __forceinline__ void wsk_body(bf16* __restrict__ out, float* __restri
             if (tt < nt) wsc[tt][i % BN] = sw[(t0 + tt) * BN + i % BN]; // no kernel of a step writes them
         }
     pdl_entry();
-    if (ES == 1)
-        for (int i = tid; i < TR; i += 128) xsc[i] = i < M ? sx[i] : 0.f; // both seen after the K loop's first barrier
-#pragma unroll 1
-    for (int j = 0; j < AHEAD; j++) {
-        if (j >= ne) copy_w(j);
-        copy_x(j);
-        cp_async_commit(); // one group a stage (the early weights join the first)
-    }
+    ws_fill<ES, AHEAD>(xsc, sx, M, ne, copy_w, copy_x);
     float d[BN / 2];
     // put: v, the sums of tile t (the block's tt-th), scaled, rounded and stored
     auto put = [&](const float* v, int t, int tt) {
@@ -1709,15 +1718,7 @@ __device__ __forceinline__ void wsk_body(bf16* __restrict__ out, float* __restri
         copy_w(j + AHEAD);
         copy_x(j + AHEAD);
         cp_async_commit();
-        const unsigned b = base + (j % ST) * SB;
-        wg_pin<BN / 2>(d);
-        wg_fence();
-#pragma unroll
-        for (int a = 0; a < KA; a++)
-#pragma unroll
-            for (int q = 0; q < WG_RB / 32; q++)
-                wg_mma_n<ES, BN>(d, wg_desc(b + a * AB + 32 * q), wg_desc(b + a * AB + TR * WG_RB + 32 * q));
-        wg_commit();
+        ws_mma<ES, BN, KA, AB>(d, base + (j % ST) * SB);
         if (ks == SPT - 1 || j == n - 1) { // the tile's last stage here
             wg_wait<0>();
             wg_pin<BN / 2>(d);
