@@ -598,7 +598,6 @@ func (b *Backend) open(opts Options) error {
 	// bf16 weights on sm_90a: the forward module's build with gemm_ws
 	// (kernels.BF16Wgmma) unless Options.NoWS; where it cannot load (no
 	// NVRTC, only shipped cubins without it), the default build serves
-	b.mod = nil
 	if bf16WS(format, opts.NoWS, b.ctx.Device().Arch()) {
 		ko := opts.Kernels
 		ko.Extra = append(slices.Clip(ko.Extra), kernels.BF16Wgmma...)

@@ -465,6 +465,14 @@ func fp8KnobsOf(f *fp8State) fp8Knobs {
 		streamE1Off: f.streamE1Off, streamE1Lone: f.streamE1Lone, two: f.wg != nil && f.wg.two, wsOn: f.wsOn, wsWide: f.wsWide, wsNarrow: f.wsNarrow, wsAuto: f.wsAuto, segEarlyOff: f.segEarlyOff, wsLone: f.wsLone, wsFrom: f.wsFrom, fastAccum: f.mm.FastAccum(), wsSK: f.skMode()}
 }
 
+// skMode is f's fp8_ws stream-K setting (wsProduct.skMode; 0 without fp8_ws).
+func (f *fp8State) skMode() int {
+	if f.ws == nil {
+		return 0
+	}
+	return f.ws.skMode
+}
+
 // skLoaded reports whether gb's ws products have their stream-K kernels
 // (PEFTD_WS_SK): fp8_wsk with FP8 weights, gemm_wsk with bf16.
 func skLoaded(gb *Backend) bool {

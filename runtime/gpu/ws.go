@@ -239,14 +239,6 @@ func (p wsPlan) String() string {
 	return fmt.Sprintf("n%dx%d", wsWidths[p.i], p.split)
 }
 
-// skMode is f's fp8_ws stream-K setting (wsProduct.skMode; 0 without fp8_ws).
-func (f *fp8State) skMode() int {
-	if f.ws == nil {
-		return 0
-	}
-	return f.ws.skMode
-}
-
 // wskTiles is WSK_TILES: the most weight tiles a stream-K block touches.
 var wskTiles = kernels.DefinedInt("WSK_TILES", 4)
 
@@ -258,41 +250,31 @@ func (g *wsProduct) skUnits(bn, N, K int) (spt, units int) {
 	return spt, N / bn * spt
 }
 
-// skValid reports whether stream-K plan p takes a T x N x K product: a
-// loaded kernel, whole weight tiles, K in whole 128-byte atoms, no more
-// blocks than units, at most wskTiles tiles a block and room for the
-// partials (two tiles a block).
-func (g *wsProduct) skValid(p wsPlan, T, N, K int) bool {
-	if g == nil || T < 1 || T > wsMaxRows || p.i < 0 || p.i >= len(wsWidths) || g.kfn[p.i] == nil || p.split != 1 || p.sk < 1 {
-		return false
-	}
-	bn := wsWidths[p.i]
-	if N%bn != 0 || N/bn > wgMaxTiles || (K*g.esize)%wsAtom != 0 || 2*p.sk*bn > g.partCap {
-		return false
-	}
-	spt, units := g.skUnits(bn, N, K)
-	if p.sk > units {
-		return false
-	}
-	run := (units + p.sk - 1) / p.sk // a block's units at most
-	return (run+spt-2)/spt+1 <= wskTiles
-}
-
 // valid reports whether plan p computes a T x N x K product: a loaded
-// kernel, N whole blocks of its rows, each split whole stages of K, and
-// room for the partials and counters.
+// kernel, N whole blocks of its rows, and room for the partials and
+// counters; a split plan each split whole stages of K, a stream-K plan
+// (sk blocks) K whole 128-byte atoms, no more blocks than units and at
+// most wskTiles tiles a block.
 func (g *wsProduct) valid(p wsPlan, T, N, K int) bool {
-	if p.sk > 0 {
-		return g.skValid(p, T, N, K)
-	}
-	if g == nil || T < 1 || T > wsMaxRows || p.i < 0 || p.i >= len(wsWidths) || g.fn[p.i] == nil || p.split < 1 {
+	if g == nil || T < 1 || T > wsMaxRows || p.i < 0 || p.i >= len(wsWidths) || p.split < 1 {
 		return false
 	}
 	bn := wsWidths[p.i]
+	if N%bn != 0 || N/bn > wgMaxTiles {
+		return false
+	}
+	if p.sk > 0 {
+		if g.kfn[p.i] == nil || p.split != 1 || (K*g.esize)%wsAtom != 0 || 2*p.sk*bn > g.partCap {
+			return false
+		}
+		spt, units := g.skUnits(bn, N, K)
+		run := (units + p.sk - 1) / p.sk // a block's units at most
+		return p.sk <= units && (run+spt-2)/spt+1 <= wskTiles
+	}
 	// each split whole stages (a TMA box past a split's K would read the
 	// next split's, not zeros)
 	stage := wsAtom * max(wsKAFor(bn, g.esize), wtKAFor(bn))
-	return N%bn == 0 && N/bn <= wgMaxTiles && (K*g.esize)%(stage*p.split) == 0 && (p.split == 1 || p.split*N <= wsMaxPart)
+	return g.fn[p.i] != nil && (K*g.esize)%(stage*p.split) == 0 && (p.split == 1 || p.split*N <= wsMaxPart)
 }
 
 // plan picks the kernel and K split of a T x N x K product (ok false: none
@@ -319,6 +301,14 @@ func (g *wsProduct) planFrom(T, N, K, from int) (wsPlan, bool) {
 	if sk, ok := g.skPlan(T, N, K, sms); ok {
 		return sk, true
 	}
+	best, blocks := g.oneWave(T, N, K, sms)
+	return best, blocks > 0
+}
+
+// oneWave is the one-wave plan of a T x N x K product on sms SMs and its
+// blocks (0: none fits): the most blocks, then the fewest splits but as
+// wsShortRows says.
+func (g *wsProduct) oneWave(T, N, K, sms int) (wsPlan, int) {
 	best, bestBlocks := wsPlan{}, 0
 	for _, S := range []int{1, 2, 4, 8} {
 		for i := range wsWidths {
@@ -335,7 +325,7 @@ func (g *wsProduct) planFrom(T, N, K, from int) (wsPlan, bool) {
 			}
 		}
 	}
-	return best, bestBlocks > 0
+	return best, bestBlocks
 }
 
 // skPlan is the stream-K plan skMode asks for a T x N x K product on sms
@@ -347,20 +337,16 @@ func (g *wsProduct) skPlan(T, N, K, sms int) (wsPlan, bool) {
 	if g.skMode == 0 || g.skMode == 1 && sms >= g.sms || g.kfn == ([len(wsWidths)]*cuda.Function{}) {
 		return wsPlan{}, false
 	}
-	full := *g
-	full.target, full.skMode = 0, 0
-	wide, ok := full.planFrom(T, N, K, 1)
-	if !ok {
+	wide, blocks := g.oneWave(T, N, K, g.sms)
+	if blocks == 0 {
 		return wsPlan{}, false
 	}
-	narrow := full
-	narrow.target = sms
-	if p, ok := narrow.planFrom(T, N, K, 1); ok && N/wsWidths[p.i]*p.split >= sms {
+	if _, blocks = g.oneWave(T, N, K, sms); blocks >= sms {
 		return wsPlan{}, false // the one-wave plan fills the SMs already
 	}
 	_, units := g.skUnits(wsWidths[wide.i], N, K)
 	p := wsPlan{i: wide.i, split: 1, sk: min(sms, units)}
-	return p, g.skValid(p, T, N, K)
+	return p, g.valid(p, T, N, K)
 }
 
 // wsLongSplit is the most bytes of K a block of fewer than 64 weight rows
