@@ -929,6 +929,27 @@ __device__ __forceinline__ int ws_koff(int opts, int nst) {
     return (opts & 16) ? (int)((long long)blockIdx.x * nst / gridDim.x) : 0;
 }
 
+// ws_put: the accumulators v of a ws block (ws_body's, wt_body's,
+// wsk_body's layout: rows 16 warp + lane / 4 (+8) below M, weight rows
+// n0 + 8 j + 2 (lane % 4) (+1)) scaled by xs[m] ws[n - n0] where set,
+// rounded and stored into out's rows of N values.
+template <int BN>
+__device__ __forceinline__ void ws_put(const float* v, bf16* __restrict__ out, const float* xs, const float* ws, int M, int N, int n0, int m0, int tig) {
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        const int m = m0 + 8 * h;
+        if (m >= M) continue;
+        const float a = xs ? xs[m] : 1.f;
+#pragma unroll
+        for (int j = 0; j < BN / 8; j++) {
+            const int n = 8 * j + 2 * tig;
+            const float s0 = ws ? a * ws[n] : a, s1 = ws ? a * ws[n + 1] : a;
+            *reinterpret_cast<__nv_bfloat162*>(out + (long long)m * N + n0 + n) =
+                __floats2bfloat162_rn(v[4 * j + 2 * h] * s0, v[4 * j + 2 * h + 1] * s1);
+        }
+    }
+}
+
 // ws_store: the end of ws_body and wt_body for the accumulators d of
 // block (blockIdx.x, split z): rows m = 16 warp + g (+8) below M, weight
 // rows n0 + 8 j + 2 tig (+1), scaled (xs[m] ws[n - n0] where set: ws_body
@@ -947,21 +968,7 @@ __device__ __forceinline__ void ws_store(float* d, bf16* __restrict__ out, float
     constexpr int TR = 64;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, tig = lane & 3, S = gridDim.y;
     const int m0 = 16 * warp + g;
-    auto put = [&](const float* v) {
-#pragma unroll
-        for (int h = 0; h < 2; h++) {
-            const int m = m0 + 8 * h;
-            if (m >= M) continue;
-            const float a = xs ? xs[m] : 1.f;
-#pragma unroll
-            for (int j = 0; j < BN / 8; j++) {
-                const int n = 8 * j + 2 * tig;
-                const float s0 = ws ? a * ws[n] : a, s1 = ws ? a * ws[n + 1] : a;
-                *reinterpret_cast<__nv_bfloat162*>(out + (long long)m * N + n0 + n) =
-                    __floats2bfloat162_rn(v[4 * j + 2 * h] * s0, v[4 * j + 2 * h + 1] * s1);
-            }
-        }
-    };
+    auto put = [&](const float* v) { ws_put<BN>(v, out, xs, ws, M, N, n0, m0, tig); };
     if (S == 1) {
         put(d);
         return;
@@ -1397,6 +1404,25 @@ __device__ __forceinline__ void ws_store_lora(float* d, bf16* __restrict__ out, 
     if (tid == 0) done[blockIdx.x] = 0; // ready for the next launch
 }
 
+// ws_copy: one stage's cp.async chunks of a thread (ws_body's and
+// wsk_body's copies): for each of KA atoms, the 16 bytes at column
+// (ks KA + a) 128 of C rows (r0 = tid / 8 + 16 i, KB bytes apart) from src
+// (the thread's chunk of the block's row 0) into the stage at b (AB bytes
+// an atom; b the thread's swizzled place), zero-filled for an atom at or
+// past lim bytes; GUARD: only rows below M (the activations).
+template <int KA, int AB, int C, bool GUARD>
+__device__ __forceinline__ void ws_copy(unsigned b, const unsigned char* src, int KB, int ks, int lim, int r0, int M) {
+    constexpr int RSTEP = 128 / (WG_RB / 16);
+#pragma unroll
+    for (int a = 0; a < KA; a++) {
+        const int col = (ks * KA + a) * WG_RB;
+        const bool ok = col < lim;
+#pragma unroll
+        for (int i = 0; i < C; i++)
+            if (!GUARD || r0 + i * RSTEP < M) cp_async16(b + a * AB + i * RSTEP * WG_RB, src + (long long)i * RSTEP * KB + (ok ? col : 0), ok ? 16 : 0);
+    }
+}
+
 // ws_zero_rows: activation rows M..63 of each of ST stages of KA atoms
 // (SB bytes a stage, AB an atom) from base: zero (ws_body's and
 // wsk_body's copies skip them); the block's first 128 threads.
@@ -1480,28 +1506,10 @@ __device__ __forceinline__ void ws_body(bf16* __restrict__ out, float* __restric
     // the stage j copies: weights, activations (rows below M), each atom's
     // chunks past this split's K zero-filled
     auto copy_w = [&](int j) {
-        if (j >= nst) return;
-        const unsigned b = base + (j % ST) * SB + dst0 + TR * WG_RB;
-#pragma unroll
-        for (int a = 0; a < KA; a++) {
-            const int col = (kst(j) * KA + a) * WG_RB;
-            const bool ok = col < KB / S;
-#pragma unroll
-            for (int i = 0; i < CW; i++)
-                cp_async16(b + a * AB + i * RSTEP * WG_RB, wsrc + (long long)i * RSTEP * KB + (ok ? col : 0), ok ? 16 : 0);
-        }
+        if (j < nst) ws_copy<KA, AB, CW, false>(base + (j % ST) * SB + dst0 + TR * WG_RB, wsrc, KB, kst(j), KB / S, r0, M);
     };
     auto copy_x = [&](int j) {
-        if (j >= nst) return;
-        const unsigned b = base + (j % ST) * SB + dst0;
-#pragma unroll
-        for (int a = 0; a < KA; a++) {
-            const int col = (kst(j) * KA + a) * WG_RB;
-            const bool ok = col < KB / S;
-#pragma unroll
-            for (int i = 0; i < CX; i++)
-                if (r0 + i * RSTEP < M) cp_async16(b + a * AB + i * RSTEP * WG_RB, xsrc + (long long)i * RSTEP * KB + (ok ? col : 0), ok ? 16 : 0);
-        }
+        if (j < nst) ws_copy<KA, AB, CX, true>(base + (j % ST) * SB + dst0, xsrc, KB, kst(j), KB / S, r0, M);
     };
     ws_zero_rows<ST, KA, SB, AB>(base, M); // activation rows M..63 of every stage: zero, once (the copies skip them)
     const int early = opts & 15, ne = early < AHEAD ? early : AHEAD;
@@ -1615,30 +1623,11 @@ __device__ __forceinline__ void wsk_body(bf16* __restrict__ out, float* __restri
     // each atom past K zero-filled
     auto copy_w = [&](int j) {
         if (j >= n) return;
-        const int u = u0 + j, t = u / SPT, ks = u - t * SPT;
-        const unsigned char* src = wrow + (long long)t * BN * KB;
-        const unsigned b = base + (j % ST) * SB + dst0 + TR * WG_RB;
-#pragma unroll
-        for (int a = 0; a < KA; a++) {
-            const int col = (ks * KA + a) * WG_RB;
-            const bool ok = col < KB;
-#pragma unroll
-            for (int i = 0; i < CW; i++)
-                cp_async16(b + a * AB + i * RSTEP * WG_RB, src + (long long)i * RSTEP * KB + (ok ? col : 0), ok ? 16 : 0);
-        }
+        const int u = u0 + j, t = u / SPT;
+        ws_copy<KA, AB, CW, false>(base + (j % ST) * SB + dst0 + TR * WG_RB, wrow + (long long)t * BN * KB, KB, u - t * SPT, KB, r0, M);
     };
     auto copy_x = [&](int j) {
-        if (j >= n) return;
-        const int u = u0 + j, ks = u % SPT;
-        const unsigned b = base + (j % ST) * SB + dst0;
-#pragma unroll
-        for (int a = 0; a < KA; a++) {
-            const int col = (ks * KA + a) * WG_RB;
-            const bool ok = col < KB;
-#pragma unroll
-            for (int i = 0; i < CX; i++)
-                if (r0 + i * RSTEP < M) cp_async16(b + a * AB + i * RSTEP * WG_RB, xsrc + (long long)i * RSTEP * KB + (ok ? col : 0), ok ? 16 : 0);
-        }
+        if (j < n) ws_copy<KA, AB, CX, true>(base + (j % ST) * SB + dst0, xsrc, KB, (u0 + j) % SPT, KB, r0, M);
     };
     ws_zero_rows<ST, KA, SB, AB>(base, M); // activation rows M..63 of every stage: zero, once
     const int early = opts & 15, ne = early < AHEAD ? early : AHEAD;
@@ -1651,22 +1640,8 @@ __device__ __forceinline__ void wsk_body(bf16* __restrict__ out, float* __restri
     pdl_entry();
     ws_fill<ES, AHEAD>(xsc, sx, M, ne, copy_w, copy_x);
     float d[BN / 2];
-    // put: v, the sums of tile t (the block's tt-th), scaled, rounded and stored
-    auto put = [&](const float* v, int t, int tt) {
-#pragma unroll
-        for (int h = 0; h < 2; h++) {
-            const int m = m0 + 8 * h;
-            if (m >= M) continue;
-            const float a = ES == 1 ? xsc[m] : 1.f;
-#pragma unroll
-            for (int jj = 0; jj < BN / 8; jj++) {
-                const int c2 = 8 * jj + 2 * tig;
-                const float s0 = ES == 1 ? a * wsc[tt][c2] : a, s1 = ES == 1 ? a * wsc[tt][c2 + 1] : a;
-                *reinterpret_cast<__nv_bfloat162*>(out + (long long)m * N + t * BN + c2) =
-                    __floats2bfloat162_rn(v[4 * jj + 2 * h] * s0, v[4 * jj + 2 * h + 1] * s1);
-            }
-        }
-    };
+    // put: v, the sums of tile t (the block's tt-th), scaled (ES 1), rounded and stored
+    auto put = [&](const float* v, int t, int tt) { ws_put<BN>(v, out, ES == 1 ? xsc : nullptr, ES == 1 ? wsc[tt] : nullptr, M, N, t * BN, m0, tig); };
     // slot: block b's partial sums of tile t (its first tile: 0, else 1)
     auto slot = [&](int b, int t, int h, int jj) {
         return part + ((long long)b * 2 + (wg_first(b, U, G) / SPT == t ? 0 : 1)) * TR * BN + (m0 + 8 * h) * BN + 8 * jj + 2 * tig;
