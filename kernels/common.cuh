@@ -1682,30 +1682,31 @@ __device__ __forceinline__ void wsk_body(bf16* __restrict__ out, float* __restri
         put(d, t, tt);
         if (tid == 0) done[t] = 0; // ready for the next launch
     };
-#pragma unroll
-    for (int i = 0; i < BN / 2; i++) d[i] = 0.f;
-    int ks = u0 - t0 * SPT, k0 = ks, tt = 0;
+    // a loop over the block's tiles around ws_body's loop over stages: one
+    // loop over units with the flush inside made ptxas wait for every
+    // wgmma group at its back edge (the accumulators zeroed on one path,
+    // in flight on the other), a full wait a stage (PERFORMANCE v0.69)
+    int j = 0;
 #pragma unroll 1
-    for (int j = 0; j < n; j++) {
-        cp_async_wait<AHEAD - 1>(); // this thread's copies of stage j have landed
-        fence_proxy_async();        // ... and are visible to wgmma (and the zeroed rows, the first time)
-        __syncthreads();            // everyone's; and every warp's group IF + 1 stages back is done
-        copy_w(j + AHEAD);
-        copy_x(j + AHEAD);
-        cp_async_commit();
-        ws_mma<ES, BN, KA, AB>(d, base + (j % ST) * SB);
-        if (ks == SPT - 1 || j == n - 1) { // the tile's last stage here
-            wg_wait<0>();
-            wg_pin<BN / 2>(d);
-            flush(t0 + tt, tt, k0, ks);
+    for (int tt = 0; tt < nt; tt++) {
+        const int t = t0 + tt, k0 = tt == 0 ? u0 - t0 * SPT : 0, k1 = min(SPT, u0 + n - t * SPT); // the tile's stages [k0, k1) here
 #pragma unroll
-            for (int i = 0; i < BN / 2; i++) d[i] = 0.f;
-            tt++, ks = 0, k0 = 0;
-        } else {
+        for (int i = 0; i < BN / 2; i++) d[i] = 0.f;
+#pragma unroll 1
+        for (int ks = k0; ks < k1; ks++, j++) {
+            cp_async_wait<AHEAD - 1>(); // this thread's copies of stage j have landed
+            fence_proxy_async();        // ... and are visible to wgmma (and the zeroed rows, the first time)
+            __syncthreads();            // everyone's; and every warp's group IF + 1 stages back is done
+            copy_w(j + AHEAD);
+            copy_x(j + AHEAD);
+            cp_async_commit();
+            ws_mma<ES, BN, KA, AB>(d, base + (j % ST) * SB);
             wg_wait<IF>(); // the group IF + 1 stages back is done: the next copy may overwrite its stage
             wg_pin<BN / 2>(d);
-            ks++;
         }
+        wg_wait<0>();
+        wg_pin<BN / 2>(d);
+        flush(t, tt, k0, k1 - 1);
     }
     cp_async_wait<0>();
 }
