@@ -1591,6 +1591,9 @@ __device__ __forceinline__ void ws_body(bf16* __restrict__ out, float* __restric
 #ifndef WSK_TILES
 #define WSK_TILES 4
 #endif
+#ifndef WSK_DEFER
+#define WSK_DEFER 1
+#endif
 template <int ES, int BN>
 __device__ __forceinline__ void wsk_body(bf16* __restrict__ out, float* __restrict__ part, int* __restrict__ done,
                                          const unsigned char* __restrict__ qx, const float* __restrict__ sx,
@@ -1646,17 +1649,9 @@ __device__ __forceinline__ void wsk_body(bf16* __restrict__ out, float* __restri
     auto slot = [&](int b, int t, int h, int jj) {
         return part + ((long long)b * 2 + (wg_first(b, U, G) / SPT == t ? 0 : 1)) * TR * BN + (m0 + 8 * h) * BN + 8 * jj + 2 * tig;
     };
-    // flush: tile t (the block's tt-th), held from its stage k0 to k1
-    auto flush = [&](int t, int tt, int k0, int k1) {
-        if (k0 == 0 && k1 == SPT - 1) {
-            put(d, t, tt);
-            return;
-        }
-#pragma unroll
-        for (int h = 0; h < 2; h++)
-            if (m0 + 8 * h < M)
-#pragma unroll
-                for (int jj = 0; jj < BN / 8; jj++) *reinterpret_cast<float2*>(slot(bid, t, h, jj)) = make_float2(d[4 * jj + 2 * h], d[4 * jj + 2 * h + 1]);
+    // settle: tile t (the block's tt-th) counted in; its last block to
+    // count in sums the tile's slots in block order, scales and stores
+    auto settle = [&](int t, int tt) {
         const int b0 = wg_block(t * SPT, U, G), b1 = wg_block((t + 1) * SPT - 1, U, G);
         __syncthreads();
         if (tid == 0) {
@@ -1681,6 +1676,30 @@ __device__ __forceinline__ void wsk_body(bf16* __restrict__ out, float* __restri
         }
         put(d, t, tt);
         if (tid == 0) done[t] = 0; // ready for the next launch
+    };
+    // flush: tile t (the block's tt-th), held from its stage k0 to k1: a
+    // whole tile stored; a part written to the block's slot and settled,
+    // the block's first tile of several (WSK_DEFER) after its last stage:
+    // its count's fence and atomic, and the sum where it is the tile's
+    // last, stalled the block's copies mid-run (PERFORMANCE v0.69)
+    bool defer = false;
+    auto flush = [&](int t, int tt, int k0, int k1) {
+        if (k0 == 0 && k1 == SPT - 1) {
+            put(d, t, tt);
+            return;
+        }
+#pragma unroll
+        for (int h = 0; h < 2; h++)
+            if (m0 + 8 * h < M)
+#pragma unroll
+                for (int jj = 0; jj < BN / 8; jj++) *reinterpret_cast<float2*>(slot(bid, t, h, jj)) = make_float2(d[4 * jj + 2 * h], d[4 * jj + 2 * h + 1]);
+#if WSK_DEFER
+        if (tt == 0 && nt > 1) {
+            defer = true;
+            return;
+        }
+#endif
+        settle(t, tt);
     };
     // a loop over the block's tiles around ws_body's loop over stages: one
     // loop over units with the flush inside made ptxas wait for every
@@ -1708,6 +1727,7 @@ __device__ __forceinline__ void wsk_body(bf16* __restrict__ out, float* __restri
         wg_pin<BN / 2>(d);
         flush(t, tt, k0, k1 - 1);
     }
+    if (defer) settle(t0, 0);
     cp_async_wait<0>();
 }
 #endif // PEFTD_WS_SK

@@ -263,7 +263,7 @@ func forcedOn(f int, def bool) bool {
 // the reference and the benchmarks compare them. Production never sets it.
 type kernelForce struct {
 	bwg        bool          // bf16 products of 17-128 rows: gemm_wg (wgmma; PEFTD_WG) where it fits, not cuBLASLt
-	bws        int           // bf16 products of 17-64 rows on gemm_ws (ws.go) where it plans: 1 every product, 2 the narrow ones (wsNarrow), 3 every product no LoRA update runs beside, -1 none (0: Backend.bwsAuto's choice, 3 or none)
+	bws        int           // bf16 products of 17-64 rows on gemm_ws (ws.go) where it plans: 1 every product, 2 the narrow ones (wsNarrow), 3 every product no LoRA update runs beside, 4 those and every product of at most bwsBesideRows rows, -1 none (0: Backend.bwsAuto's choice, 4 or none)
 	loraRows   bool          // LoRA: the row-at-a-time kernels (lora_shrink, lora_expand)
 	loraV1     bool          // LoRA: SGMV v1 (sgmv_shrink, then an expand launch)
 	loraV2     bool          // LoRA: SGMV v2 (one launch per op) wherever it fits

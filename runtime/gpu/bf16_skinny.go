@@ -141,7 +141,7 @@ func (b *Backend) Products() string {
 	}
 	ws := ""
 	if b.bwsAuto {
-		ws = fmt.Sprintf(", gemm_ws %d-%d with no LoRA update beside", wsMinRows, wsMaxRows)
+		ws = fmt.Sprintf(", gemm_ws %d-%d (beside a LoRA update %d-%d)", wsMinRows, wsMaxRows, wsMinRows, bwsBesideRows)
 	}
 	if b.sk == nil {
 		return "cuBLASLt" + ws

@@ -1537,3 +1537,67 @@ func TestFP8WideRows(t *testing.T) {
 		}
 	}
 }
+
+// TestWsSKBench times fp8_ws's one-wave plan against fp8_wsk's stream-K
+// plan (PEFTD_WS_SK) of each 8B projection at 32 and 64 rows
+// (PEFTD_WSSK_BENCH_T: others), for SM targets of the whole device and of
+// what the LoRA stream's holds leave: both run alone, so the table is each
+// plan's blocks' own pace (GB/s a block) where TestDecodeBench's +wssk rows
+// mix it with the LoRA stream. Median of 15 replays of 20 calls recorded
+// as a graph, weights rotated over >= 150 MB. PEFTD_WSSK_BENCH=1 runs it.
+func TestWsSKBench(t *testing.T) {
+	if os.Getenv("PEFTD_WSSK_BENCH") == "" {
+		t.Skip("PEFTD_WSSK_BENCH is not set")
+	}
+	r := newFP8Rig(t)
+	if r.f.ws == nil || r.f.ws.kfn == [len(wsWidths)]*cuda.Function{} {
+		t.Skip("no fp8_wsk kernel loaded (PEFTD_KERNEL_DEFINES=-DPEFTD_WS_SK on an sm_90a card)")
+	}
+	sms := r.ctx.Device().SMs
+	defer func() { r.f.wsOn, r.f.ws.force = false, wsPlan{} }()
+	r.f.wsOn = true
+	bench("wssk device %s; copy bandwidth %.0f GB/s; %s; median of 15 replays of 20 calls as a graph", r.ctx.Device().Name, r.copyBW()/1e9, os.Getenv(kernels.DefinesEnv))
+	bench("wssk %-8s %3s %4s %9s %8s %7s %9s %8s %7s %6s", "shape", "T", "sms", "ws_plan", "ws_us", "GB/s/b", "sk_plan", "sk_us", "GB/s/b", "sk/ws")
+	Ts := envBatches(t, "PEFTD_WSSK_BENCH_T", []int{32, 64})
+	for _, sh := range envShapes(t, "PEFTD_BENCH_SHAPES", shapes8B) {
+		N, K := sh.N, sh.K
+		n8 := max(2, (150<<20)/(N*K)+1)
+		w8 := make([]*fp8Weight, n8)
+		var err error
+		if w8[0], err = r.f.upload(r.bf16Rand(N*K, 0.02), N, K); err != nil {
+			t.Fatal(err)
+		}
+		for i := 1; i < n8; i++ {
+			w8[i] = &fp8Weight{q: r.alloc(N * K), scale: r.alloc(4 * N), rows: N, cols: K}
+			r.s.CopyDtoD(w8[i].q.Ptr(), w8[0].q.Ptr(), N*K)
+			r.s.CopyDtoD(w8[i].scale.Ptr(), w8[0].scale.Ptr(), 4*N)
+		}
+		x := r.up(r.bf16Rand(slices.Max(Ts)*K, 1))
+		out := r.alloc(2 * slices.Max(Ts) * N)
+		r.sync()
+		for _, T := range Ts {
+			r.f.invalidate()
+			for _, target := range []int{sms, sms - 16, sms - 32, 84} {
+				ws, blocks := r.f.ws.oneWave(T, N, K, target)
+				wide, _ := r.f.ws.oneWave(T, N, K, sms)
+				_, units := r.f.ws.skUnits(wsWidths[wide.i], N, K)
+				sk := wsPlan{i: wide.i, split: 1, sk: min(target, units)}
+				if blocks == 0 || !r.f.ws.valid(sk, T, N, K) {
+					continue
+				}
+				timed := func(p wsPlan, blocks int) (us, gbs float64) {
+					r.f.ws.force = p
+					if err := r.f.linear(out.Ptr(), x.Ptr(), T, w8[0], 7); err != nil { // quantizes x once (cached below)
+						t.Fatal(err)
+					}
+					us = graphMedianUs(t, r.s, 20, 15, func(i int) error { return r.f.linear(out.Ptr(), x.Ptr(), T, w8[i%n8], 7) })
+					return us, float64(N*K) / (us * 1e-6) / float64(blocks) / 1e9
+				}
+				wu, wg := timed(ws, blocks)
+				su, sg := timed(sk, sk.sk)
+				bench("wssk %-8s %3d %4d %9v %8.2f %7.2f %9v %8.2f %7.2f %6.3f", sh.name, T, target, ws, wu, wg, sk, su, sg, su/wu)
+			}
+		}
+		r.dropWeight(w8[0]) // the copies go with the test (alloc)
+	}
+}

@@ -264,7 +264,10 @@ func TestFixture8BShape(t *testing.T) {
 	// alone with Options.SerialLoRA and kernelForce.bws 3, so that its
 	// 17-64-row prefill runs with no LoRA update beside the products, on
 	// gemm_ws where PEFTD_KERNEL_DEFINES=-DPEFTD_WS builds it in: the
-	// co-batched steps of these cases never reach 17-64 rows)
+	// co-batched steps of these cases never reach 17-64 rows; beside: each
+	// case alone with the LoRA stream on and kernelForce.bws 1, so that the
+	// 17-64-row prefill's products run on gemm_ws beside the LoRA update,
+	// as bwsMode 4 sends those of 17-32 rows by default)
 	paths := strings.Split(cmp.Or(os.Getenv("PEFTD_FIXTURE_8B_PATHS"), "default"), ",")
 	for _, path := range paths {
 		t.Run(path, func(t *testing.T) {
@@ -274,6 +277,8 @@ func TestFixture8BShape(t *testing.T) {
 			case "default", "serial":
 			case "one":
 				b.force.bws = 3
+			case "beside":
+				b.force.bws = 1
 			case "noinline":
 				b.force.loraInline = -1
 			case "rfold", "norfold": // the q/k/v expand inside RoPE at 1-16 rows on, off (lora_rope.go)
@@ -296,7 +301,7 @@ func TestFixture8BShape(t *testing.T) {
 				}
 			}
 			t.Logf("loaded %s (%d layers, hidden %d, vocab %d) and %d adapters in %v", dir, m.Config.Layers, m.Config.Hidden, m.Config.VocabSize, len(names), time.Since(t0).Round(time.Millisecond))
-			if path == "one" {
+			if path == "one" || path == "beside" {
 				worst, worstRow := 0.0, 0.0
 				for _, c := range cases {
 					w, wr, _ := runCases(t, e, slots, []refCase{c})

@@ -297,7 +297,7 @@ func (b *Backend) Linear(out, in engine.Buffer, w engine.Weight) {
 	if !b.check(x.cols == wt.cols && o.cols == wt.rows && o.whole() && x.whole(), "linear: in width %d, out width %d, weight [%d,%d]", x.cols, o.cols, wt.rows, wt.cols) {
 		return
 	}
-	if f := b.bwsMode(); f == 1 || f == 2 && wsNarrow(wt.rows, wt.cols) || f == 3 && b.la.forkIn == 0 {
+	if f := b.bwsMode(); f == 1 || f == 2 && wsNarrow(wt.rows, wt.cols) || f == 3 && b.la.forkIn == 0 || f == 4 && (b.la.forkIn == 0 || b.rows() <= bwsBesideRows) {
 		if p, ok := b.bws.plan(b.rows(), wt.rows, wt.cols); ok {
 			b.fail(b.bws.launch(b.s, p, o.mem.Ptr(), x.mem.Ptr(), 0, wt.mem.Ptr(), 0, b.rows(), wt.rows, wt.cols, nil))
 			return
@@ -318,20 +318,30 @@ func (b *Backend) Linear(out, in engine.Buffer, w engine.Weight) {
 	b.fail(b.mm.GemmTN(b.s, o.mem.Ptr(), cuda.R16BF, x.mem.Ptr(), cuda.R16BF, wt.mem.Ptr(), cuda.R16BF, b.rows(), wt.rows, wt.cols, 1, 0))
 }
 
-// bwsMode is kernelForce.bws where set, else 3 (the products no LoRA
-// update runs beside) where gemm_ws is on by default (bwsAuto), else 0.
+// bwsMode is kernelForce.bws where set, else 4 (the products no LoRA
+// update runs beside, and at most bwsBesideRows rows every product) where
+// gemm_ws is on by default (bwsAuto), else 0.
 // H200, bf16 decode, device ms a step (PERFORMANCE v0.68): base 32 / 64
-// rows 5.33 / 6.13 -> 5.12 / 5.88; four rank-32 adapters 5.63 / 6.47 either
-// way (every product beside the LoRA stream on gemm_ws: 5.56 / 6.59).
+// rows 5.33 / 6.13 -> 5.12 / 5.88 with gemm_ws where no LoRA update runs
+// beside (3).
 func (b *Backend) bwsMode() int {
 	switch f := b.force.bws; {
 	case f != 0:
 		return f
 	case b.bwsAuto:
-		return 3
+		return 4
 	}
 	return 0
 }
+
+// bwsBesideRows is the most step rows whose products beside the LoRA
+// stream run on gemm_ws by default: with fewer SMs left there its one-wave
+// plans still beat cuBLASLt's at 24-32 rows, not at 48-64. H200, bf16
+// decode, four rank-32 adapters, device ms a step at 24 / 32 / 48 / 64
+// rows (PERFORMANCE v0.69, session 77 call 2): cuBLASLt beside the stream
+// 5.54 / 5.70 / 6.00 / 6.50, gemm_ws 5.40 / 5.56 / 6.12 / 6.56 (session 76
+// call 7: 5.63 -> 5.56 at 32 rows, 6.47 -> 6.59 at 64).
+const bwsBesideRows = 32
 
 // skinnyPlan is gemm_skinny's plan for the step's product with an N x K
 // weight on the whole card; ok false: cuBLASLt's product, also for a
