@@ -1586,13 +1586,15 @@ __device__ __forceinline__ void ws_body(bf16* __restrict__ out, float* __restric
 // touches at most WSK_TILES tiles (runtime/gpu plans no more); their
 // weight scales are read before griddepcontrol.wait. Only with
 // PEFTD_WS_SK (fp8_wsk_n*, fp8.cu): built for the A/B of PERFORMANCE v0.68
-// Next 3. opts: bits 0-3 as ws_body's (early stages), the rest unused.
+// Next 3. Measured in v0.69 and off: alone (TestWsSKBench) a product takes
+// 1.2-2.2x ws_body's one-wave plan at 32-64 rows, whatever the SMs left;
+// a tile of 16 K stages at these shapes moves as many bytes in float
+// partials (64 rows x BN x 4) as in one weight stage, each written and
+// summed while the block's copies drain. opts: bits 0-3 as ws_body's
+// (early stages), the rest unused.
 // ---------------------------------------------------------------------------
 #ifndef WSK_TILES
 #define WSK_TILES 4
-#endif
-#ifndef WSK_DEFER
-#define WSK_DEFER 1
 #endif
 template <int ES, int BN>
 __device__ __forceinline__ void wsk_body(bf16* __restrict__ out, float* __restrict__ part, int* __restrict__ done,
@@ -1678,11 +1680,9 @@ __device__ __forceinline__ void wsk_body(bf16* __restrict__ out, float* __restri
         if (tid == 0) done[t] = 0; // ready for the next launch
     };
     // flush: tile t (the block's tt-th), held from its stage k0 to k1: a
-    // whole tile stored; a part written to the block's slot and settled,
-    // the block's first tile of several (WSK_DEFER) after its last stage:
-    // its count's fence and atomic, and the sum where it is the tile's
-    // last, stalled the block's copies mid-run (PERFORMANCE v0.69)
-    bool defer = false;
+    // whole tile stored; a part written to the block's slot and settled
+    // at once (settling a block's first tile after its last stage lost:
+    // TRIED v0.69)
     auto flush = [&](int t, int tt, int k0, int k1) {
         if (k0 == 0 && k1 == SPT - 1) {
             put(d, t, tt);
@@ -1693,12 +1693,6 @@ __device__ __forceinline__ void wsk_body(bf16* __restrict__ out, float* __restri
             if (m0 + 8 * h < M)
 #pragma unroll
                 for (int jj = 0; jj < BN / 8; jj++) *reinterpret_cast<float2*>(slot(bid, t, h, jj)) = make_float2(d[4 * jj + 2 * h], d[4 * jj + 2 * h + 1]);
-#if WSK_DEFER
-        if (tt == 0 && nt > 1) {
-            defer = true;
-            return;
-        }
-#endif
         settle(t, tt);
     };
     // a loop over the block's tiles around ws_body's loop over stages: one
@@ -1727,7 +1721,6 @@ __device__ __forceinline__ void wsk_body(bf16* __restrict__ out, float* __restri
         wg_pin<BN / 2>(d);
         flush(t, tt, k0, k1 - 1);
     }
-    if (defer) settle(t0, 0);
     cp_async_wait<0>();
 }
 #endif // PEFTD_WS_SK
