@@ -127,6 +127,8 @@
 #   run(command="bash scripts/gpu-check.sh --on-device tests memcheck fixture8b lorabench", carry=["bin/gpu"])
 #   run(command="bash scripts/gpu-check.sh --on-device decode", carry=["bin/gpu"])
 # Knobs: GPU_TEST_RUN (a -test.run pattern for tests/memcheck), SKIP_MEMCHECK=1,
+# MEMCHECK_PART=i/n (memcheck: every n-th test from the i-th; the whole
+# runtime_gpu binary under memcheck outran 330 s in v0.69),
 # PEFTD_DECODE_BATCHES (e.g. 1,16), PEFTD_DECODE_QUICK=1 (decode: base and
 # adapters only), PEFTD_DECODE_ROWS=no,no+split2 (decode: only the rows of
 # those labels; without QUICK, so any row of TestDecodeBench's list),
@@ -257,11 +259,22 @@ if want memcheck && [[ "${SKIP_MEMCHECK:-0}" != 1 ]] && command -v compute-sanit
 			echo "memcheck $n: no test matches GPU_TEST_RUN" # compute-sanitizer fails a binary that makes no CUDA call
 			continue
 		fi
+		run="${GPU_TEST_RUN:-}"
+		if [[ -n "${MEMCHECK_PART:-}" ]]; then
+			# MEMCHECK_PART=i/n: every n-th test of the binary's list from the
+			# i-th (heavy and light ones interleaved), so that n invocations
+			# (or calls) cover a memcheck one call's time limit cannot
+			part=${MEMCHECK_PART%/*} parts=${MEMCHECK_PART#*/}
+			sel=$(cd "$p" && "$b" -test.list "${GPU_TEST_RUN:-.}" | grep '^Test' | awk -v i="$part" -v n="$parts" '(NR - 1) % n == i - 1' | paste -sd'|')
+			[[ -n $sel ]] || { echo "memcheck $n: no test in part $MEMCHECK_PART"; continue; }
+			run="^($sel)\$"
+			echo "memcheck $n: part $MEMCHECK_PART, $(tr '|' '\n' <<<"$sel" | wc -l) tests"
+		fi
 		echo "=== memcheck $n"
 		# -test.v: a run cut off by its time limit still says which tests
 		# memcheck finished (session 71: the whole runtime_gpu binary outran
 		# the 170 s this was; it takes more than that under the sanitizer)
-		(cd "$p" && timeout "$(left 540)" compute-sanitizer --tool memcheck --report-api-errors no --error-exitcode 86 "$b" -test.v -test.count=1 ${GPU_TEST_RUN:+-test.run "$GPU_TEST_RUN"}) >"$LOG/$n.memcheck.log" 2>&1
+		(cd "$p" && timeout "$(left 540)" compute-sanitizer --tool memcheck --report-api-errors no --error-exitcode 86 "$b" -test.v -test.count=1 ${run:+-test.run "$run"}) >"$LOG/$n.memcheck.log" 2>&1
 		rc=$?
 		[[ $rc == 124 ]] && echo "memcheck $n: cut off by its time limit after $(grep -c '^--- PASS' "$LOG/$n.memcheck.log") passing tests (the last: $(grep '^--- ' "$LOG/$n.memcheck.log" | tail -1))"
 		if [[ $rc != 0 ]] && grep -q '^PASS$' "$LOG/$n.memcheck.log" && grep -q 'terminated before first instrumented API call' "$LOG/$n.memcheck.log"; then
