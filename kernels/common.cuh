@@ -1467,6 +1467,25 @@ __device__ __forceinline__ void ws_mma(float* d, unsigned b) {
     wg_commit();
 }
 
+// ws_stage: one K stage of ws_body's and wsk_body's pipeline on the
+// accumulators d: wait for this thread's copies of the stage at smem (its
+// AHEAD - 1 successors may still fly) and make them visible to wgmma (and
+// the zeroed rows, the first time), the block's barrier (everyone's; and
+// every warp's group IF + 1 stages back is done, so issue may overwrite
+// its stage), issue() (the copies of the stage AHEAD on) committed as one
+// group, then the stage's wgmma group, IF groups left in flight.
+template <int ES, int BN, int KA, int AB, int AHEAD, int IF, bool LORA, class Issue>
+__device__ __forceinline__ void ws_stage(float* d, int j, unsigned base, unsigned sb, int st, Issue issue) {
+    cp_async_wait<AHEAD - 1>();
+    fence_proxy_async();
+    ws_bar<LORA>();
+    issue();
+    cp_async_commit();
+    ws_mma<ES, BN, KA, AB>(d, base + (j % st) * sb);
+    wg_wait<IF>();
+    wg_pin<BN / 2>(d);
+}
+
 template <bool LORA> struct WsLoraSmOf { using T = WsLoraSm; };
 template <> struct WsLoraSmOf<false> { using T = char; };
 
@@ -1540,23 +1559,17 @@ __device__ __forceinline__ void ws_body(bf16* __restrict__ out, float* __restric
 #pragma unroll
     for (int i = 0; i < BN / 2; i++) d[i] = 0.f;
 #pragma unroll 1
-    for (int j = 0; j < nst; j++) {
-        cp_async_wait<AHEAD - 1>(); // this thread's copies of stage j have landed
-        fence_proxy_async();        // ... and are visible to wgmma (and the zeroed rows, the first time)
-        ws_bar<LORA>();             // everyone's; and every warp's group IF + 1 stages back is done (the next copy overwrites its stage)
-        copy_w(j + AHEAD);
-        copy_x(j + AHEAD);
-        if (LORA && npiece > 0) {
-            // B's pieces as the drain frees their buffers (j 0: every one
-            // whose buffer no stage took)
-            const int p1 = min(j + AHEAD - nst, P.PB - 1);
-            for (int p = j == 0 ? 0 : max(0, j + AHEAD - nst); p <= p1; p++) piece(p);
-        }
-        cp_async_commit();
-        ws_mma<ES, BN, KA, AB>(d, base + (j % ST) * SB);
-        wg_wait<IF>(); // the group IF + 1 stages back is done: the next copy may overwrite its stage
-        wg_pin<BN / 2>(d);
-    }
+    for (int j = 0; j < nst; j++)
+        ws_stage<ES, BN, KA, AB, AHEAD, IF, LORA>(d, j, base, SB, ST, [&] {
+            copy_w(j + AHEAD);
+            copy_x(j + AHEAD);
+            if (LORA && npiece > 0) {
+                // B's pieces as the drain frees their buffers (j 0: every one
+                // whose buffer no stage took)
+                const int p1 = min(j + AHEAD - nst, P.PB - 1);
+                for (int p = j == 0 ? 0 : max(0, j + AHEAD - nst); p <= p1; p++) piece(p);
+            }
+        });
     wg_wait<0>();
     wg_pin<BN / 2>(d);
     cp_async_wait<0>();
@@ -1706,17 +1719,11 @@ __device__ __forceinline__ void wsk_body(bf16* __restrict__ out, float* __restri
 #pragma unroll
         for (int i = 0; i < BN / 2; i++) d[i] = 0.f;
 #pragma unroll 1
-        for (int ks = k0; ks < k1; ks++, j++) {
-            cp_async_wait<AHEAD - 1>(); // this thread's copies of stage j have landed
-            fence_proxy_async();        // ... and are visible to wgmma (and the zeroed rows, the first time)
-            __syncthreads();            // everyone's; and every warp's group IF + 1 stages back is done
-            copy_w(j + AHEAD);
-            copy_x(j + AHEAD);
-            cp_async_commit();
-            ws_mma<ES, BN, KA, AB>(d, base + (j % ST) * SB);
-            wg_wait<IF>(); // the group IF + 1 stages back is done: the next copy may overwrite its stage
-            wg_pin<BN / 2>(d);
-        }
+        for (int ks = k0; ks < k1; ks++, j++)
+            ws_stage<ES, BN, KA, AB, AHEAD, IF, false>(d, j, base, SB, ST, [&] {
+                copy_w(j + AHEAD);
+                copy_x(j + AHEAD);
+            });
         wg_wait<0>();
         wg_pin<BN / 2>(d);
         flush(t, tt, k0, k1 - 1);
