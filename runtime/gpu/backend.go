@@ -149,9 +149,10 @@ type Options struct {
 	// NoWS keeps products of 17-64 rows off the ws kernels (ws.go). By
 	// default on sm_90a FP8 products take fp8_ws (with the FP8 module's
 	// wgmma build, so not with NoFP8Wgmma; docs/PERFORMANCE.md
-	// v0.56-v0.63), and bf16 products that no LoRA update runs beside take
-	// gemm_ws (the forward module's kernels.BF16Wgmma build; v0.68: bf16
-	// decode at 32 / 64 rows -4%).
+	// v0.56-v0.63), and bf16 products that no LoRA update runs beside, or
+	// of at most 32 rows, take gemm_ws (the forward module's
+	// kernels.BF16Wgmma build; v0.68: bf16 decode at 32 / 64 rows -4%;
+	// v0.69: -3% with four adapters at 24 / 32 rows).
 	NoWS bool
 	// FP8PreciseAccum has cuBLASLt's FP8 products (the steps of 65 rows
 	// and more, and some of 17-64 beside the LoRA stream) promote their
@@ -303,7 +304,7 @@ type Backend struct {
 	wg  *wgProduct // gemm_wg (wgmma, PEFTD_WG) for 17-128 rows where kernelForce.bwg asks (nil: not compiled in)
 	bws *wsProduct // gemm_ws (ws_body on bf16; kernels.BF16Wgmma, PEFTD_WS or PEFTD_WG, sm_90a) for 17-64 rows (nil: not compiled in)
 	// bwsAuto: bf16 weights and gemm_ws loaded (Options.NoWS unset): the
-	// products of 17-64 rows that no LoRA update runs beside take it
+	// products of 17-64 rows take it as bwsMode 4 says
 	bwsAuto bool
 	fn      funcs
 	// KernelInfo tells whether the kernels were compiled or read from the cache.

@@ -1554,8 +1554,8 @@ func TestWsSKBench(t *testing.T) {
 		t.Skip("no fp8_wsk kernel loaded (PEFTD_KERNEL_DEFINES=-DPEFTD_WS_SK on an sm_90a card)")
 	}
 	sms := r.ctx.Device().SMs
-	defer func() { r.f.wsOn, r.f.ws.force = false, wsPlan{} }()
-	r.f.wsOn = true
+	defer func() { r.f.wsOn, r.f.ws.force, r.f.ws.skMode = false, wsPlan{}, 0 }()
+	r.f.wsOn, r.f.ws.skMode = true, 2 // skPlan's plan on every target
 	bench("wssk device %s; copy bandwidth %.0f GB/s; %s; median of 15 replays of 20 calls as a graph", r.ctx.Device().Name, r.copyBW()/1e9, os.Getenv(kernels.DefinesEnv))
 	bench("wssk %-8s %3s %4s %9s %8s %7s %9s %8s %7s %6s", "shape", "T", "sms", "ws_plan", "ws_us", "GB/s/b", "sk_plan", "sk_us", "GB/s/b", "sk/ws")
 	Ts := envBatches(t, "PEFTD_WSSK_BENCH_T", []int{32, 64})
@@ -1579,10 +1579,8 @@ func TestWsSKBench(t *testing.T) {
 			r.f.invalidate()
 			for _, target := range []int{sms, sms - 16, sms - 32, 84} {
 				ws, blocks := r.f.ws.oneWave(T, N, K, target)
-				wide, _ := r.f.ws.oneWave(T, N, K, sms)
-				_, units := r.f.ws.skUnits(wsWidths[wide.i], N, K)
-				sk := wsPlan{i: wide.i, split: 1, sk: min(target, units)}
-				if blocks == 0 || !r.f.ws.valid(sk, T, N, K) {
+				sk, ok := r.f.ws.skPlan(T, N, K, target)
+				if blocks == 0 || !ok {
 					continue
 				}
 				timed := func(p wsPlan, blocks int) (us, gbs float64) {
