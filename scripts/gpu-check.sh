@@ -587,7 +587,7 @@ if want serve8b; then
 		PEFTD_CACHE=$SD "$SRVBIN" serve --device cuda --model "$MD/base" --store "$MD/adapters" --slots 5 --max-queue 1024 --listen 127.0.0.1:8081 ${SERVE8B_ARGS:-} >"$LOG/serve8b.log" 2>&1 &
 		SRV=$!
 		if serve_wait "$LOG/serve8b.log" "$(left 200)"; then
-			grep -E 'engine|kv cache|device' "$LOG/serve8b.log" | head -4 | cut -c1-240
+			grep -E 'engine|kv cache|device|tuned|CUDA graphs' "$LOG/serve8b.log" | head -6 | cut -c1-300
 			AD=$(ls "$MD/adapters" | paste -sd, -)
 			# warm-up: the base model, then every adapter (fetched, parsed and
 			# uploaded into its slot here, not during the timed runs; 5 slots hold all 4)

@@ -3,6 +3,7 @@ package cuda
 import (
 	"cmp"
 	"encoding/binary"
+	"encoding/hex"
 	"fmt"
 	"slices"
 	"unsafe"
@@ -20,6 +21,37 @@ type TuneResult struct {
 	// Configs name what Us timed when they are configurations of one
 	// algorithm (TuneGemmTNScaled), not the heuristic's algorithms.
 	Configs []AlgoConfig
+	// Heuristic and Algo are, for TuneGemmTN, cuBLASLt's first choice for
+	// the product and the algorithm kept (the same when Kept is 0): what
+	// UseGemmTNAlgo takes back in a later process.
+	Heuristic, Algo Algo
+}
+
+// algoSize is the bytes of cublasLtMatmulAlgo_t, the head of a heuristic
+// result.
+const algoSize = 64
+
+// Algo is one cuBLASLt algorithm in one configuration
+// (cublasLtMatmulAlgo_t). cuBLASLt's documentation has it serialized and
+// restored for use with the same cuBLASLt version: its text form is hex,
+// for a tuning cache keyed by that version.
+type Algo [algoSize]byte
+
+// MarshalText is a's bytes in hex.
+func (a Algo) MarshalText() ([]byte, error) { return []byte(hex.EncodeToString(a[:])), nil }
+
+// UnmarshalText reads MarshalText's hex.
+func (a *Algo) UnmarshalText(b []byte) error {
+	if hex.DecodedLen(len(b)) != algoSize {
+		return fmt.Errorf("%w: a cuBLASLt algorithm is %d hex digits, not %d", ErrInvalidValue, 2*algoSize, len(b))
+	}
+	_, err := hex.Decode(a[:], b)
+	return err
+}
+
+func algoOf(h *[heuristicResultSize]byte) (a Algo) {
+	copy(a[:], h[:algoSize])
+	return a
 }
 
 // tuneMargin is how much faster than the heuristic's first choice another
@@ -66,13 +98,64 @@ func (m *Matmul) TuneGemmTN(s *Stream, out DevicePtr, outType DataType, in Devic
 	if err != nil {
 		return r, err
 	}
-	if len(algos) < 2 {
-		return r, nil // nothing to choose from
+	if len(algos) < 2 { // nothing to choose from
+		if len(algos) == 1 {
+			r.Heuristic, r.Algo = algoOf(&algos[0]), algoOf(&algos[0])
+		}
+		return r, nil
 	}
 	r.Us, r.Kept, err = m.keepFastest(s, p, algos, reps, func(a *[heuristicResultSize]byte, i int) error {
 		return m.enqueue(s, p, a, out, in, ws[i%len(ws)], 1, 0)
 	})
+	if err != nil {
+		return r, err
+	}
+	r.Algo = algoOf(&algos[r.Kept])
+	err = m.c.Do(func() error {
+		h, err := m.heuristic(p)
+		r.Heuristic = algoOf(&h)
+		return err
+	})
 	return r, err
+}
+
+// UseGemmTNAlgo makes algorithm a the one GemmTN runs from now on for T
+// rows x [N, K] weights of these types (beta 0) at the Matmul's SM count
+// target: what TuneGemmTN kept (TuneResult.Algo), read back from a record
+// of it (runtime/gpu's tuning cache). It returns cuBLASLt's first choice
+// for the product, asked again: a record made when the heuristic chose
+// otherwise (another cuBLASLt, say) is stale, and the caller should tune
+// instead. a equal to it runs as the heuristic's; one cuBLASLt does not
+// run for this product within the workspace (cublasLtMatmulAlgoCheck)
+// leaves the product as it was and is ErrNotSupported.
+func (m *Matmul) UseGemmTNAlgo(outType, inType, wType DataType, T, N, K int, a Algo) (Algo, error) {
+	if T <= 0 || N <= 0 || K <= 0 {
+		return Algo{}, fmt.Errorf("%w: UseGemmTNAlgo T=%d N=%d K=%d", ErrInvalidValue, T, N, K)
+	}
+	var heur Algo
+	err := m.c.Do(func() error {
+		p, err := m.plan(gemmKey{t: T, n: N, k: K, in: inType, w: wType, out: outType, beta0: true, sms: m.sms, fast: m.fastFor(inType, wType)})
+		if err != nil {
+			return err
+		}
+		h, err := m.heuristic(p)
+		if err != nil {
+			return err
+		}
+		if heur = algoOf(&h); a == heur {
+			p.algo = h
+			return nil
+		}
+		var res [heuristicResultSize]byte
+		if blas.cublasLtMatmulAlgoCheck(m.h, p.desc, p.a, p.b, p.d, p.d, unsafe.Pointer(&a[0]), unsafe.Pointer(&res[0])) != 0 ||
+			binary.LittleEndian.Uint32(res[heuristicStateOffset:]) != 0 || binary.LittleEndian.Uint64(res[heuristicWorkspaceOffset:]) > uint64(m.ws.Size()) {
+			return fmt.Errorf("%w: cuBLASLt does not run the recorded algorithm for T=%d N=%d K=%d", ErrNotSupported, T, N, K)
+		}
+		copy(res[:algoSize], a[:]) // the checked algorithm, with a heuristic result's tail
+		p.algo = res
+		return nil
+	})
+	return heur, err
 }
 
 // keepFastest times each of algos for plan p, reps products (run, on the

@@ -73,7 +73,7 @@ func (b *Backend) SplitTunes() []SplitTune { return b.tune.splits }
 // it took.
 func (b *Backend) TuneStats() ([]cuda.TuneResult, time.Duration) { return b.tune.results, b.tune.took }
 
-// TuneCacheStats reports how many FP8 products took their tuning from
+// TuneCacheStats reports how many products took their tuning from
 // Options.TuneCacheDir's records, the file holding them ("" without the
 // option), and what went wrong reading or writing it (the tuning stands:
 // it measured what it could not read).
@@ -122,10 +122,25 @@ func (b *Backend) tuneGemms() error {
 	defer out.Free()
 	defer b.mm.SetSMTarget(0)
 	b.waitPinning() // no timing beside the host memory being pinned
+	cache := b.openBF16TuneCache()
 	for _, n := range rows {
 		for _, sh := range order {
 			for _, sms := range b.tuneTargets(n, sh, false) {
 				b.mm.SetSMTarget(sms)
+				if rec, ok := cache.get(n, sh.n, sh.k, sms); ok {
+					heur, err := b.mm.UseGemmTNAlgo(cuda.R16BF, cuda.R16BF, cuda.R16BF, n, sh.n, sh.k, rec.Kept)
+					if err != nil && !errors.Is(err, cuda.ErrNotSupported) {
+						return fmt.Errorf("gpu: tune %d rows x [%d, %d] from the cache: %w", n, sh.n, sh.k, err)
+					}
+					if err == nil && heur == rec.Heuristic {
+						b.tune.results = append(b.tune.results, rec.result())
+						b.tune.cached++
+						continue
+					}
+					// stale (cuBLASLt's first choice is another now, or it
+					// refuses the recorded one): tuned again, which starts
+					// the product over from the heuristic's
+				}
 				ws := make([]cuda.DevicePtr, len(byShape[sh]))
 				for i, w := range byShape[sh] {
 					ws[i] = w.mem.Ptr()
@@ -135,8 +150,15 @@ func (b *Backend) tuneGemms() error {
 					return fmt.Errorf("gpu: tune %d rows x [%d, %d]: %w", n, sh.n, sh.k, err)
 				}
 				b.tune.results = append(b.tune.results, r)
+				cache.put(bf16RecordOf(r))
 			}
 		}
+	}
+	if cache != nil {
+		b.tune.cacheFile = cache.path
+		// the tuning stands either way; a cache that cannot be written
+		// makes the next start tune again
+		b.tune.cacheErr = errors.Join(cache.loadErr, cache.save())
 	}
 	return nil
 }

@@ -42,10 +42,10 @@ func TestSharedShapes(t *testing.T) {
 // records and an error naming the file, and is rewritten.
 func TestTuneCacheRoundTrip(t *testing.T) {
 	dir := t.TempDir()
-	key := fp8TuneKey{Version: tuneCacheVersion, Device: "NVIDIA H200", CC: 90, SMs: 132, Driver: 13000, CublasLt: 130100, FastAccum: true, Routes: "r"}
+	key := tuneKey{Version: tuneCacheVersion, Device: "NVIDIA H200", CC: 90, SMs: 132, Driver: 13000, CublasLt: 130100, FastAccum: true, Routes: "r"}
 	path := filepath.Join(dir, "sub", "fp8-x.json")
-	open := func(k fp8TuneKey) *tuneCache {
-		c := &tuneCache{path: path, key: k, records: map[[4]int]fp8TuneRecord{}}
+	open := func(k tuneKey) *tuneCache[fp8TuneRecord] {
+		c := &tuneCache[fp8TuneRecord]{path: path, key: k, records: map[[4]int]fp8TuneRecord{}}
 		c.load()
 		return c
 	}
@@ -103,9 +103,62 @@ func TestTuneCacheRoundTrip(t *testing.T) {
 	if c4 := open(key); c4.loadErr == nil || len(c4.records) != 0 {
 		t.Errorf("a broken file: %v, %d records; want an error, none", c4.loadErr, len(c4.records))
 	}
-	var nilCache *tuneCache // no TuneCacheDir
+	var nilCache *tuneCache[fp8TuneRecord] // no TuneCacheDir
 	nilCache.put(recs[0])
 	if _, ok := nilCache.get(256, 4096, 14336, 116); ok || nilCache.save() != nil {
 		t.Error("the nil cache holds records")
+	}
+}
+
+// TestBF16TuneRecord: a bf16 record (TuneGemmTN's heuristic and kept
+// algorithms, bytes cuBLASLt hands out) goes through a cache file and back
+// as it was, reports itself to TuneStats as the tuning did, and an
+// algorithm's text of the wrong length is refused.
+func TestBF16TuneRecord(t *testing.T) {
+	var heur, kept cuda.Algo
+	for i := range heur {
+		heur[i], kept[i] = byte(i), byte(255-i)
+	}
+	r := cuda.TuneResult{T: 64, N: 4096, K: 4096, SMs: 116, Us: []float64{16.6, 15.9, 14.4}, Kept: 2, Heuristic: heur, Algo: kept}
+	rec := bf16RecordOf(r)
+	if rec.HeurUs != 16.6 || rec.KeptUs != 14.4 || rec.Kept != kept || rec.Heuristic != heur {
+		t.Fatalf("record %+v: want the heuristic at 16.6 us and the kept algorithm at 14.4", rec)
+	}
+	if res := rec.result(); res.Kept != 1 || len(res.Us) != 2 || res.Us[1] != 14.4 || res.Algo != kept || res.Heuristic != heur {
+		t.Errorf("as TuneStats reports it: %+v", res)
+	}
+	same := bf16RecordOf(cuda.TuneResult{T: 32, N: 6144, K: 4096, Us: []float64{17.8, 18.1}, Heuristic: heur, Algo: heur})
+	if res := same.result(); res.Kept != 0 || len(res.Us) != 1 {
+		t.Errorf("the heuristic kept: %+v, want its time alone", res)
+	}
+	path := filepath.Join(t.TempDir(), "bf16-x.json")
+	key := tuneKey{Version: bf16TuneVersion, Device: "NVIDIA H200", CC: 90, SMs: 132, Driver: 13000, CublasLt: 130100}
+	c := &tuneCache[bf16TuneRecord]{path: path, key: key, records: map[[4]int]bf16TuneRecord{}}
+	c.put(rec)
+	c.put(same)
+	if err := c.save(); err != nil {
+		t.Fatal(err)
+	}
+	c2 := &tuneCache[bf16TuneRecord]{path: path, key: key, records: map[[4]int]bf16TuneRecord{}}
+	c2.load()
+	if c2.loadErr != nil || len(c2.records) != 2 {
+		t.Fatalf("read back: %v, %d records", c2.loadErr, len(c2.records))
+	}
+	for _, want := range []bf16TuneRecord{rec, same} {
+		if got, ok := c2.get(want.T, want.N, want.K, want.SMs); !ok || got != want {
+			t.Errorf("record %v: %+v, want %+v", want.at(), got, want)
+		}
+	}
+	var a cuda.Algo
+	if err := a.UnmarshalText([]byte("00ff")); err == nil {
+		t.Error("a 2-byte algorithm was read")
+	}
+	txt, _ := kept.MarshalText()
+	if err := a.UnmarshalText(txt); err != nil || a != kept {
+		t.Errorf("text %s read back as %x (%v)", txt, a, err)
+	}
+	txt[0] = 'z'
+	if err := a.UnmarshalText(txt); err == nil {
+		t.Error("text that is not hex was read")
 	}
 }
