@@ -156,7 +156,10 @@ type Config struct {
 	TuneFP8 bool
 	// TuneFP8From is gpu.Options': the fewest rows TuneFP8 covers (0: 65).
 	TuneFP8From int
-	// TuneCacheDir keeps what TuneFP8 decided (gpu.Options'): "" the
+	// TuneBF16 is gpu.Options': with bf16 weights, cuBLASLt's algorithms
+	// timed for the decode products beside the LoRA stream.
+	TuneBF16 bool
+	// TuneCacheDir keeps what the tunings decided (gpu.Options'): "" the
 	// peftd cache's tune folder, "-" none.
 	TuneCacheDir string
 	// ChainSteps is gpu.Options': a step launched behind the one in
@@ -498,7 +501,7 @@ func newGPU(cfg Config) (*gpu.Backend, error) {
 	// --warm-graphs idle: the scheduler records the graphs while idle, and
 	// a request's step never waits for a recording (it runs eagerly)
 	return gpu.New(gpu.Options{Device: cfg.GPU, WeightFormat: cfg.Weights, KVFormat: cfg.KVCache, Eager: cfg.Eager, SerialLoRA: cfg.SerialLoRA, LoRASMs: cfg.LoRASMs, LoRAPartition: cfg.LoRAPartition, NoFP8Wgmma: cfg.NoFP8Wgmma, NoWS: cfg.NoWS, FP8PreciseAccum: cfg.FP8PreciseAccum, GraphRows: cfg.GraphRows, NoPDL: cfg.NoPDL, TuneGEMMs: cfg.TuneGEMMs, ChainSteps: cfg.ChainSteps,
-		TuneFP8: cfg.TuneFP8, TuneFP8From: cfg.TuneFP8From, TuneCacheDir: tuneCacheDir(cfg.TuneCacheDir), RecordIdle: cfg.WarmGraphs == WarmIdle, PinnedImageBytes: cfg.PinnedCacheBytes})
+		TuneFP8: cfg.TuneFP8, TuneFP8From: cfg.TuneFP8From, TuneBF16: cfg.TuneBF16, TuneCacheDir: tuneCacheDir(cfg.TuneCacheDir), RecordIdle: cfg.WarmGraphs == WarmIdle, PinnedImageBytes: cfg.PinnedCacheBytes})
 }
 
 func logGPU(log *slog.Logger, cfg Config, b *gpu.Backend) {

@@ -101,6 +101,16 @@ type Options struct {
 	// With FP8 weights it tunes the FP8 products of 65 rows and more
 	// instead, as TuneFP8 does.
 	TuneGEMMs bool
+	// TuneBF16 tunes, with bf16 weights, the products cuBLASLt runs beside
+	// the LoRA stream in decode steps (tuneMinRows to wsMaxRows rows, at
+	// the SMs the stream leaves; gemm_ws takes the others) as TuneGEMMs
+	// does. On an H200 the 64-row steps with four rank-32 adapters ran
+	// 1.9% faster (6.33 -> 6.21 ms; o at 116 SMs 16.6 -> 14.4 µs); the
+	// whole TuneGEMMs moved serving within 1%, the steps of 128-256 rows
+	// beside the stream slower (docs/PERFORMANCE.md v0.70). ~10 s for the
+	// 8B model, once with TuneCacheDir. Off in the zero Options (tests);
+	// peftd serve turns it on.
+	TuneBF16 bool
 	// TuneFP8 tunes, with FP8 weights, the FP8 products of 65 rows and
 	// more before the first graphs are recorded: every tile and cluster
 	// shape of cuBLASLt's one scaled algorithm, and the K split against
@@ -121,10 +131,10 @@ type Options struct {
 	// (PERFORMANCE v0.66). In steps (v0.67) cuBLASLt took 1 product of
 	// 68 and the 16-64-row steps moved at most 1.5%: 0 by default.
 	TuneFP8From int
-	// TuneCacheDir keeps what TuneFP8 (or TuneGEMMs) decided for the FP8
-	// products, one file per card, driver, cuBLASLt, accumulation and
-	// routes (tunecache.go): a later start reads each product's record
-	// instead of timing it. "": no cache.
+	// TuneCacheDir keeps what TuneFP8, TuneBF16 or TuneGEMMs decided, one
+	// file per weight format, card, driver, cuBLASLt (FP8: accumulation
+	// and routes too; tunecache.go): a later start reads each product's
+	// record instead of timing it. "": no cache.
 	TuneCacheDir string
 	// LoRAPartition, when positive, splits the SMs by green contexts
 	// (partition.go): at least that many (the driver rounds up: 8 SMs a
@@ -546,7 +556,7 @@ func (b *Backend) open(opts Options) error {
 		// not every GPU can: then the kernels launch as before
 		b.pdl = b.s.SetProgrammaticLaunch(true) == nil
 	}
-	b.tune.on, b.tune.fp8, b.tune.cacheDir, b.chain.on = opts.TuneGEMMs, opts.TuneFP8, opts.TuneCacheDir, opts.ChainSteps
+	b.tune.on, b.tune.fp8, b.tune.bf16, b.tune.cacheDir, b.chain.on = opts.TuneGEMMs, opts.TuneFP8, opts.TuneBF16, opts.TuneCacheDir, opts.ChainSteps
 	b.tune.fp8From = max(opts.TuneFP8From, 0)
 	b.la.on, b.la.sms = !opts.SerialLoRA, max(opts.LoRASMs, 0)
 	b.pinN = int(PinnedBytes(opts.PinnedImageBytes) / stageChunkBytes)

@@ -855,12 +855,18 @@ func TestDecodeBench(t *testing.T) {
 	// rows, each route of 64 rows or fewer against cuBLASLt's tuned product
 	// (Options.TuneFP8From)
 	gb.tune.fp8From = envPositive(t, "PEFTD_TUNE_FP8_FROM", 0)
+	// bf16: the `+tuned` rows take peftd serve's tuning (Options.TuneBF16:
+	// the decode products beside the LoRA stream), or with
+	// PEFTD_DECODE_TUNE=all every product of tuneMinRows rows and more
+	// (Options.TuneGEMMs)
+	tuneAll := os.Getenv("PEFTD_DECODE_TUNE") == "all"
 	for _, B := range batches { // the tuned rows: base and adapters again
 		// FP8: the tuning takes products of more than wsMaxRows rows
 		// (tuneFP8), or from PEFTD_TUNE_FP8_FROM; under PEFTD_DECODE_VARIANTS
 		// (nsysdec) only where PEFTD_DECODE_ROWS names them
 		rows := B + mixedP // a mixed step's products take the prompt's rows too
-		if (gb.f8 == nil && rows >= tuneMinRows || gb.f8 != nil && rows >= gb.fp8TuneFrom()) && (onlyRows == 0 || rowsWanted != "") {
+		bf16Rows := rows >= tuneMinRows && (tuneAll || rows <= wsMaxRows)
+		if (gb.f8 == nil && bf16Rows || gb.f8 != nil && rows >= gb.fp8TuneFrom()) && (onlyRows == 0 || rowsWanted != "") {
 			for _, v := range []decodeVariant{{sms: -1, tuned: true}, {lora: true, sms: -1, tuned: true}} {
 				if wantRow(v) {
 					runs = append(runs, run{B, v})
@@ -898,8 +904,12 @@ func TestDecodeBench(t *testing.T) {
 			if gb.bws != nil {
 				gb.bws.skMode = v.wssk
 			}
-			if retune {
-				gb.tune.on = true // tuned by the Warmup below
+			if retune { // tuned by the Warmup below
+				if gb.f8 != nil || tuneAll {
+					gb.tune.on = true
+				} else {
+					gb.tune.bf16 = true
+				}
 			}
 			if err := benchPartition(gb, v.part); errors.Is(err, ErrPartition) {
 				bench("decode SM partition %d: %v (row %s left out)", v.part, err, v.label(ads, pdlOK))

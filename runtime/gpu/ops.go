@@ -297,7 +297,7 @@ func (b *Backend) Linear(out, in engine.Buffer, w engine.Weight) {
 	if !b.check(x.cols == wt.cols && o.cols == wt.rows && o.whole() && x.whole(), "linear: in width %d, out width %d, weight [%d,%d]", x.cols, o.cols, wt.rows, wt.cols) {
 		return
 	}
-	if f := b.bwsMode(); f == 1 || f == 2 && wsNarrow(wt.rows, wt.cols) || f == 3 && b.la.forkIn == 0 || f == 4 && (b.la.forkIn == 0 || b.rows() <= bwsBesideRows) {
+	if b.bwsTakes(b.rows(), wt.rows, wt.cols, b.la.forkIn != 0) {
 		if p, ok := b.bws.plan(b.rows(), wt.rows, wt.cols); ok {
 			b.fail(b.bws.launch(b.s, p, o.mem.Ptr(), x.mem.Ptr(), 0, wt.mem.Ptr(), 0, b.rows(), wt.rows, wt.cols, nil))
 			return
@@ -316,6 +316,22 @@ func (b *Backend) Linear(out, in engine.Buffer, w engine.Weight) {
 		return
 	}
 	b.fail(b.mm.GemmTN(b.s, o.mem.Ptr(), cuda.R16BF, x.mem.Ptr(), cuda.R16BF, wt.mem.Ptr(), cuda.R16BF, b.rows(), wt.rows, wt.cols, 1, 0))
+}
+
+// bwsTakes is whether bwsMode routes a bf16 product of T rows x [N, K]
+// to gemm_ws (where it plans: bws.plan), beside a LoRA update or not.
+func (b *Backend) bwsTakes(T, N, K int, beside bool) bool {
+	switch b.bwsMode() {
+	case 1:
+		return true
+	case 2:
+		return wsNarrow(N, K)
+	case 3:
+		return !beside
+	case 4:
+		return !beside || T <= bwsBesideRows
+	}
+	return false
 }
 
 // bwsMode is kernelForce.bws where set, else 4 (the products no LoRA

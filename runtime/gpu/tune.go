@@ -23,6 +23,7 @@ type tuneState struct {
 	splits    []SplitTune // FP8 weights: the K split against the tuned whole product
 	took      time.Duration
 	fp8       bool   // Options.TuneFP8: the FP8 products alone
+	bf16      bool   // Options.TuneBF16: the bf16 products cuBLASLt runs beside the LoRA stream in decode steps (bf16Beside)
 	cacheDir  string // Options.TuneCacheDir
 	cached    int    // FP8 products whose configurations came from the cache
 	cacheErr  error  // the cache could not be read or written
@@ -89,19 +90,17 @@ func (b *Backend) TuneCacheStats() (cached int, file string, err error) {
 // runs beside the GEMMs). The weights of a shape are taken in turn, so the
 // products read them from memory as a step does.
 func (b *Backend) tuneGemms() error {
-	if (!b.tune.on && !b.tune.fp8) || b.tune.done || b.g.off {
+	if (!b.tune.on && !b.tune.fp8 && !b.tune.bf16) || b.tune.done || b.g.off {
 		return nil
 	}
 	b.tune.done = true
 	t0 := time.Now()
 	defer func() { b.tune.took = time.Since(t0) }()
 	if b.f8 != nil {
-		if err := b.tuneFP8(); err != nil {
-			return err
+		if !b.tune.on && !b.tune.fp8 {
+			return nil // Options.TuneBF16 alone: no bf16 products to tune
 		}
-	}
-	if !b.tune.on {
-		return nil // Options.TuneFP8: the FP8 products alone
+		return b.tuneFP8() // the FP8 products alone
 	}
 	var projs []*weight
 	for _, w := range b.weights {
@@ -111,6 +110,11 @@ func (b *Backend) tuneGemms() error {
 	}
 	order, byShape, maxN, maxK := sharedShapes(projs, func(w *weight) tuneShape { return tuneShape{w.rows, w.cols} })
 	rows := b.tuneRows(tuneMinRows)
+	targets := b.tuneTargets
+	if !b.tune.on { // Options.TuneBF16: the decode products beside the LoRA stream
+		rows = slices.DeleteFunc(rows, func(n int) bool { return n > wsMaxRows })
+		targets = b.bf16Beside
+	}
 	if len(rows) == 0 || len(order) == 0 {
 		return nil
 	}
@@ -125,7 +129,7 @@ func (b *Backend) tuneGemms() error {
 	cache := b.openBF16TuneCache()
 	for _, n := range rows {
 		for _, sh := range order {
-			for _, sms := range b.tuneTargets(n, sh, false) {
+			for _, sms := range targets(n, sh, false) {
 				b.mm.SetSMTarget(sms)
 				if rec, ok := cache.get(n, sh.n, sh.k, sms); ok {
 					heur, err := b.mm.UseGemmTNAlgo(cuda.R16BF, cuda.R16BF, cuda.R16BF, n, sh.n, sh.k, rec.Kept)
@@ -207,6 +211,20 @@ func (b *Backend) tuneTargets(T int, sh tuneShape, fp8 bool) []int {
 		targets = append(targets, max(1, b.ctx.Device().SMs-hold))
 	}
 	return targets
+}
+
+// bf16Beside is Options.TuneBF16's SM targets for bf16 products of T
+// rows x sh (fp8 is false): the SMs left beside the LoRA stream where it
+// holds some back and cuBLASLt runs the product there (gemm_ws does not
+// take it: bwsTakes), else none.
+func (b *Backend) bf16Beside(T int, sh tuneShape, fp8 bool) []int {
+	ts := b.tuneTargets(T, sh, fp8)[1:] // not every SM: those products run without the stream
+	if len(ts) > 0 && b.bws != nil && b.bwsTakes(T, sh.n, sh.k, true) {
+		if _, ok := b.bws.plan(T, sh.n, sh.k); ok {
+			return nil
+		}
+	}
+	return ts
 }
 
 // tuneScratch is the tuning's bf16 input (T rows of maxK values, all
