@@ -128,7 +128,8 @@
 #   run(command="bash scripts/gpu-check.sh --on-device decode", carry=["bin/gpu"])
 # Knobs: GPU_TEST_RUN (a -test.run pattern for tests/memcheck), SKIP_MEMCHECK=1,
 # MEMCHECK_PART=i/n (memcheck: every n-th test from the i-th; the whole
-# runtime_gpu binary under memcheck outran 330 s in v0.69),
+# runtime_gpu binary under memcheck outran 330 s in v0.69), MEMCHECK_SKIP
+# (memcheck: tests left out, default TuneCache|TuneGemmTN),
 # PEFTD_DECODE_BATCHES (e.g. 1,16), PEFTD_DECODE_QUICK=1 (decode: base and
 # adapters only), PEFTD_DECODE_ROWS=no,no+split2 (decode: only the rows of
 # those labels; without QUICK, so any row of TestDecodeBench's list),
@@ -274,7 +275,11 @@ if want memcheck && [[ "${SKIP_MEMCHECK:-0}" != 1 ]] && command -v compute-sanit
 		# -test.v: a run cut off by its time limit still says which tests
 		# memcheck finished (session 71: the whole runtime_gpu binary outran
 		# the 170 s this was; it takes more than that under the sanitizer)
-		(cd "$p" && timeout "$(left 540)" compute-sanitizer --tool memcheck --report-api-errors no --error-exitcode 86 "$b" -test.v -test.count=1 ${run:+-test.run "$run"}) >"$LOG/$n.memcheck.log" 2>&1
+		# MEMCHECK_SKIP (default: the tuning tests, which time hundreds of
+		# cuBLASLt configurations a product and run peftd's kernels only as
+		# the fixture tests do; "" runs them too)
+		skip=${MEMCHECK_SKIP-TuneCache|TuneGemmTN}
+		(cd "$p" && timeout "$(left 540)" compute-sanitizer --tool memcheck --report-api-errors no --error-exitcode 86 "$b" -test.v -test.count=1 ${run:+-test.run "$run"} ${skip:+-test.skip "$skip"}) >"$LOG/$n.memcheck.log" 2>&1
 		rc=$?
 		[[ $rc == 124 ]] && echo "memcheck $n: cut off by its time limit after $(grep -c '^--- PASS' "$LOG/$n.memcheck.log") passing tests (the last: $(grep '^--- ' "$LOG/$n.memcheck.log" | tail -1))"
 		if [[ $rc != 0 ]] && grep -q '^PASS$' "$LOG/$n.memcheck.log" && grep -q 'terminated before first instrumented API call' "$LOG/$n.memcheck.log"; then
