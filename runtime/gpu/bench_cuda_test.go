@@ -399,7 +399,7 @@ type decodeVariant struct {
 	splitBeside                  bool   // FP8 weights: products beside the LoRA stream plan their K split for the whole card (fp8State.splitBeside)
 	nopad                        bool   // FP8 weights: scaled products for their own rows, not padded to a multiple of 128 (fp8State.padOff)
 	wgBeside                     bool   // FP8 weights: every 33-64-row product beside the LoRA stream on fp8_wg (fp8State.wgBeside: v0.32's routing)
-	kc                           int    // LoRA shrinks' K split in pieces of kc columns (kernelForce.loraKChunk; 0: the default)
+	kc                           int    // LoRA shrinks' K split in pieces of kc columns (kernelForce.loraKChunk; 0: the default; -1: covering the SMs twice at every row count)
 	skLate                       bool   // gemm_skinny without its early weight tiles (kernelForce.skLate)
 	dv                           int    // attn_decode's variant whatever the rows: 1 + a decVariant (kernelForce.decVar; 0: decVariantFor's)
 	padOld                       bool   // FP8 weights: v0.43's padding (129-255 rows only; 33-64-row gate/up on fp8_wg: fp8State.padOld)
@@ -537,6 +537,8 @@ func (v decodeVariant) label(ads []*lora.Adapter, pdlOK bool) string {
 	}
 	if v.kc > 0 {
 		lbl += fmt.Sprintf("+kc%d", v.kc)
+	} else if v.kc < 0 {
+		lbl += "+kcauto" // the shrinks' K split to cover the SMs twice, whatever the rows (before fp8KChunk)
 	}
 	if v.wssk > 0 {
 		lbl += fmt.Sprintf("+wssk%d", v.wssk)
@@ -780,7 +782,7 @@ func TestDecodeBench(t *testing.T) {
 		{sampled: true, sms: -1}, {eager: true, sms: -1}, {lora: true, eager: true, sms: -1},
 		{lora: true, serial: true, sms: -1}, {lora: true, sms: 0}, {lora: true, sms: 8}, {lora: true, sms: 16}, {lora: true, sms: 24}, {lora: true, sms: 32},
 		{lora: true, sms: 0, ws: true}, {lora: true, sms: 8, ws: true}, {lora: true, sms: 16, ws: true},
-		{lora: true, sms: -1, holds: [4]int{16}}, {lora: true, sms: -1, holds: [4]int{32}}, {lora: true, sms: -1, wgFull: true}, {lora: true, sms: -1, wgBeside: true}, {lora: true, sms: -1, splitBeside: true}, {sms: -1, nopad: true}, {lora: true, sms: -1, nopad: true}, {lora: true, sms: -1, kc: 1024}, {lora: true, sms: -1, kc: 512}, {lora: true, sms: -1, kc: 2048}, {lora: true, sms: -1, kc: 4096}, {lora: true, sms: -1, inline: -1}, {lora: true, sms: -1, wsl: -1}, {lora: true, sms: -1, wsl: 0b0111}, {lora: true, sms: -1, wsl: 0b0101}, {lora: true, sms: -1, inline: 0b1011}, {lora: true, sms: -1, pdlJoins: -1}, {lora: true, sms: -1, pdlJoins: 1}, {lora: true, sms: -1, pdlJoins: 3},
+		{lora: true, sms: -1, holds: [4]int{16}}, {lora: true, sms: -1, holds: [4]int{32}}, {lora: true, sms: -1, wgFull: true}, {lora: true, sms: -1, wgBeside: true}, {lora: true, sms: -1, splitBeside: true}, {sms: -1, nopad: true}, {lora: true, sms: -1, nopad: true}, {lora: true, sms: -1, kc: 1024}, {lora: true, sms: -1, kc: 512}, {lora: true, sms: -1, kc: 2048}, {lora: true, sms: -1, kc: 4096}, {lora: true, sms: -1, kc: -1}, {lora: true, sms: -1, inline: -1}, {lora: true, sms: -1, wsl: -1}, {lora: true, sms: -1, wsl: 0b0111}, {lora: true, sms: -1, wsl: 0b0101}, {lora: true, sms: -1, inline: 0b1011}, {lora: true, sms: -1, pdlJoins: -1}, {lora: true, sms: -1, pdlJoins: 1}, {lora: true, sms: -1, pdlJoins: 3},
 		{sms: -1, wg: true}, {lora: true, sms: -1, wg: true}, {sms: -1, bwg: true}, {lora: true, sms: -1, bwg: true},
 		{sms: -1, nowga: true}, {lora: true, sms: -1, nowga: true},
 		{sms: -1, ws: true}, {lora: true, sms: -1, ws: true}, {sms: -1, wsgu: true}, {lora: true, sms: -1, wsgu: true},
