@@ -105,11 +105,13 @@ type Options struct {
 	// the LoRA stream in decode steps (tuneMinRows to wsMaxRows rows, at
 	// the SMs the stream leaves; gemm_ws takes the others) as TuneGEMMs
 	// does. On an H200 the 64-row steps with four rank-32 adapters ran
-	// 1.9% faster (6.33 -> 6.21 ms; o at 116 SMs 16.6 -> 14.4 µs); the
-	// whole TuneGEMMs moved serving within 1%, the steps of 128-256 rows
-	// beside the stream slower (docs/PERFORMANCE.md v0.70). ~10 s for the
-	// 8B model, once with TuneCacheDir. Off in the zero Options (tests);
-	// peftd serve turns it on.
+	// 1.5% faster (6.48 -> 6.38 ms; o at 116 SMs 17.0 -> 14.3 µs; with
+	// every product tuned, TuneGEMMs, 6.33 -> 6.21), 48-row ones within
+	// noise (5.99 -> 6.03); the whole TuneGEMMs moved serving within 1%,
+	// the steps of 128-256 rows beside the stream slower
+	// (docs/PERFORMANCE.md v0.70). ~15 s for the 8B model, once with
+	// TuneCacheDir. Off in the zero Options (tests); peftd serve turns it
+	// on.
 	TuneBF16 bool
 	// TuneFP8 tunes, with FP8 weights, the FP8 products of 65 rows and
 	// more before the first graphs are recorded: every tile and cluster
