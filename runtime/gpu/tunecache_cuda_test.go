@@ -32,12 +32,11 @@ func TestFP8TuneCache(t *testing.T) {
 	// from 16 rows: the routes of 16-64 rows against cuBLASLt too
 	bo := Options{WeightFormat: WeightsFP8, TuneFP8: true, TuneFP8From: 16, TuneCacheDir: dir}
 	type run struct {
-		results        int
-		cached         int
-		routes, lt     int
-		configs        map[[4]int]string
-		worst, worstRw float64
-		match          int
+		results    int
+		cached     int
+		routes, lt int
+		configs    map[[4]int]string
+		cases      caseStats
 	}
 	start := func() run {
 		t.Helper()
@@ -68,62 +67,28 @@ func TestFP8TuneCache(t *testing.T) {
 			}
 		}
 		q := measureCases(t, e, loadSlots(t, e, adapters, fx.AdapterNames, 0), cases)
-		r.worst, r.worstRw, r.match = q.worst(), q.worstRow, q.match
-		t.Logf("%d products tuned in %v, %d from the cache, %d routes of 16-64 rows (%d to cuBLASLt); worst relative error %.4g (row %.4g), greedy %d exact", len(res), took, cached, r.routes, r.lt, r.worst, r.worstRw, q.match)
+		r.cases = caseStats{q.worst(), q.worstRow, q.match}
+		t.Logf("%d products tuned in %v, %d from the cache, %d routes of 16-64 rows (%d to cuBLASLt); worst relative error %.4g (row %.4g), greedy %d exact", len(res), took, cached, r.routes, r.lt, r.cases.worst, r.cases.worstRow, q.match)
 		return r // the engine closes with the test
 	}
-	first := start()
-	if first.results == 0 {
-		t.Skip("the fixture's steps run no FP8 product of more than 64 rows: nothing to tune")
-	}
-	if first.cached != 0 {
-		t.Errorf("an empty cache gave %d products", first.cached)
-	}
-	files, _ := filepath.Glob(filepath.Join(dir, "fp8-*.json"))
-	if len(files) != 1 {
-		t.Fatalf("cache files %v, want one", files)
-	}
-	second := start()
-	if second.cached != first.results || second.results != first.results {
-		t.Errorf("second start: %d products, %d from the cache; want all %d", second.results, second.cached, first.results)
-	}
+	first, second, files := twoStarts(t, dir, "fp8", "FP8 product of more than 64 rows", start, func(r run) (int, int) { return r.results, r.cached })
 	if first.routes == 0 || second.routes != first.routes || second.lt != first.lt {
 		t.Errorf("routes of 16-64 rows: %d (%d to cuBLASLt) tuned, %d (%d) from the cache; want some, the same", first.routes, first.lt, second.routes, second.lt)
 	}
 	if !reflect.DeepEqual(second.configs, first.configs) {
 		t.Errorf("configurations from the cache %v, tuned %v", second.configs, first.configs)
 	}
-	if second.worst != first.worst || second.worstRw != first.worstRw || second.match != first.match || !(second.worst <= fp8GrossTol) {
-		t.Errorf("cases from the cache: worst %.4g, %d greedy exact; tuned: %.4g, %d (bound %.2g)", second.worst, second.match, first.worst, first.match, fp8GrossTol)
-	}
+	second.cases.same(t, first.cases, fp8GrossTol)
 	// a stale record: its heuristic is not cuBLASLt's now
-	data, err := os.ReadFile(files[0])
-	if err != nil {
-		t.Fatal(err)
-	}
-	var f tuneCacheFile[fp8TuneRecord]
-	if err := json.Unmarshal(data, &f); err != nil {
-		t.Fatal(err)
-	}
+	f := readCacheFile[fp8TuneRecord](t, files[0])
 	f.Records[0].Configs[0].Heuristic.Tile = 9999
 	stale := len(f.Records[0].Configs)
-	if data, err = json.Marshal(f); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(files[0], data, 0o644); err != nil {
-		t.Fatal(err)
-	}
+	writeCacheFile(t, files[0], f)
 	third := start()
 	if third.cached != first.results-stale || third.results != first.results {
 		t.Errorf("a stale record: %d products, %d from the cache; want %d and %d", third.results, third.cached, first.results, first.results-stale)
 	}
-	if data, err = os.ReadFile(files[0]); err != nil {
-		t.Fatal(err)
-	}
-	if err := json.Unmarshal(data, &f); err != nil {
-		t.Fatal(err)
-	}
-	if f.Records[0].Configs[0].Heuristic.Tile == 9999 {
+	if f = readCacheFile[fp8TuneRecord](t, files[0]); f.Records[0].Configs[0].Heuristic.Tile == 9999 {
 		t.Error("the stale record was not rewritten")
 	}
 }
@@ -147,8 +112,7 @@ func TestBF16TuneCache(t *testing.T) {
 	type run struct {
 		results, cached, changed int
 		algos                    map[[4]int]cuda.Algo
-		worst, worstRw           float64
-		match                    int
+		cases                    caseStats
 	}
 	start := func() run {
 		t.Helper()
@@ -172,39 +136,16 @@ func TestBF16TuneCache(t *testing.T) {
 			}
 		}
 		q := measureCases(t, e, loadSlots(t, e, adapters, fx.AdapterNames, 0), cases)
-		r.worst, r.worstRw, r.match = q.worst(), q.worstRow, q.match
-		t.Logf("%d products tuned in %v (%d changed), %d from the cache; worst relative error %.4g (row %.4g), greedy %d exact", len(res), took, r.changed, cached, r.worst, r.worstRw, q.match)
+		r.cases = caseStats{q.worst(), q.worstRow, q.match}
+		t.Logf("%d products tuned in %v (%d changed), %d from the cache; worst relative error %.4g (row %.4g), greedy %d exact", len(res), took, r.changed, cached, r.cases.worst, r.cases.worstRow, q.match)
 		return r
 	}
-	first := start()
-	if first.results == 0 {
-		t.Skip("the fixture's steps run no bf16 product of 32 rows or more: nothing to tune")
-	}
-	if first.cached != 0 {
-		t.Errorf("an empty cache gave %d products", first.cached)
-	}
-	files, _ := filepath.Glob(filepath.Join(dir, "bf16-*.json"))
-	if len(files) != 1 {
-		t.Fatalf("cache files %v, want one", files)
-	}
-	second := start()
-	if second.cached != first.results || second.results != first.results {
-		t.Errorf("second start: %d products, %d from the cache; want all %d", second.results, second.cached, first.results)
-	}
+	first, second, files := twoStarts(t, dir, "bf16", "bf16 product of 32 rows or more", start, func(r run) (int, int) { return r.results, r.cached })
 	if !reflect.DeepEqual(second.algos, first.algos) {
 		t.Errorf("algorithms from the cache differ from those tuned (%d products)", len(first.algos))
 	}
-	if second.worst != first.worst || second.worstRw != first.worstRw || second.match != first.match || !(second.worst <= fixtureTol) {
-		t.Errorf("cases from the cache: worst %.4g, %d greedy exact; tuned: %.4g, %d (bound %.2g)", second.worst, second.match, first.worst, first.match, fixtureTol)
-	}
-	data, err := os.ReadFile(files[0])
-	if err != nil {
-		t.Fatal(err)
-	}
-	var f tuneCacheFile[bf16TuneRecord]
-	if err := json.Unmarshal(data, &f); err != nil {
-		t.Fatal(err)
-	}
+	second.cases.same(t, first.cases, fixtureTol)
+	f := readCacheFile[bf16TuneRecord](t, files[0])
 	if len(f.Records) < 2 {
 		t.Skipf("%d records: the stale cases want two", len(f.Records))
 	}
@@ -215,26 +156,84 @@ func TestBF16TuneCache(t *testing.T) {
 	if f.Records[1].Kept == f.Records[1].Heuristic {
 		t.Fatal("the edited record still names the heuristic")
 	}
-	if data, err = json.Marshal(f); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(files[0], data, 0o644); err != nil {
-		t.Fatal(err)
-	}
+	writeCacheFile(t, files[0], f)
 	third := start()
 	if third.cached != first.results-2 || third.results != first.results {
 		t.Errorf("two stale records: %d products, %d from the cache; want %d and %d", third.results, third.cached, first.results, first.results-2)
 	}
-	if data, err = os.ReadFile(files[0]); err != nil {
-		t.Fatal(err)
-	}
-	var g tuneCacheFile[bf16TuneRecord]
-	if err := json.Unmarshal(data, &g); err != nil {
-		t.Fatal(err)
-	}
+	g := readCacheFile[bf16TuneRecord](t, files[0])
 	for _, r := range g.Records {
 		if r.at() == f.Records[0].at() && r.Heuristic == f.Records[0].Heuristic || r.at() == f.Records[1].at() && r.Kept == f.Records[1].Kept {
 			t.Errorf("stale record %v was not rewritten", r.at())
 		}
+	}
+}
+
+// twoStarts starts a backend twice on the tuning cache folder dir: the
+// first (an empty cache) must tune some product (none skips the test: the
+// fixture's steps run no `what`) and take none from the cache, leaving one
+// file prefix-*.json; the second must take every product from it. counts
+// is a start's products and those from the cache. It returns both starts
+// and the file (a one-element slice).
+func twoStarts[R any](t *testing.T, dir, prefix, what string, start func() R, counts func(R) (results, cached int)) (first, second R, files []string) {
+	t.Helper()
+	first = start()
+	n, cached := counts(first)
+	if n == 0 {
+		t.Skipf("the fixture's steps run no %s: nothing to tune", what)
+	}
+	if cached != 0 {
+		t.Errorf("an empty cache gave %d products", cached)
+	}
+	files, _ = filepath.Glob(filepath.Join(dir, prefix+"-*.json"))
+	if len(files) != 1 {
+		t.Fatalf("cache files %v, want one", files)
+	}
+	second = start()
+	if n2, c2 := counts(second); c2 != n || n2 != n {
+		t.Errorf("second start: %d products, %d from the cache; want all %d", n2, c2, n)
+	}
+	return first, second, files
+}
+
+// caseStats is measureCases' result a tuning test compares between
+// starts.
+type caseStats struct {
+	worst, worstRow float64
+	match           int
+}
+
+// same reports a start whose cases differ from the tuned one's (c is the
+// start from the cache) or exceed bound.
+func (c caseStats) same(t *testing.T, tuned caseStats, bound float64) {
+	t.Helper()
+	if c != tuned || !(c.worst <= bound) {
+		t.Errorf("cases from the cache: worst %.4g, %d greedy exact; tuned: %.4g, %d (bound %.2g)", c.worst, c.match, tuned.worst, tuned.match, bound)
+	}
+}
+
+// readCacheFile is the tuning cache file at path.
+func readCacheFile[R tuneRecord](t *testing.T, path string) tuneCacheFile[R] {
+	t.Helper()
+	var f tuneCacheFile[R]
+	data, err := os.ReadFile(path)
+	if err == nil {
+		err = json.Unmarshal(data, &f)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	return f
+}
+
+// writeCacheFile writes f as the tuning cache file at path.
+func writeCacheFile[R tuneRecord](t *testing.T, path string, f tuneCacheFile[R]) {
+	t.Helper()
+	data, err := json.Marshal(f)
+	if err == nil {
+		err = os.WriteFile(path, data, 0o644)
+	}
+	if err != nil {
+		t.Fatal(err)
 	}
 }
