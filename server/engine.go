@@ -148,6 +148,11 @@ func warmEngine(e *engine.Engine, log *slog.Logger, pin bool) error {
 	if pin {
 		g.StartPinning() // beside the recordings; ready waits for it below
 	}
+	if isGPU {
+		if products, dir := g.TuneScope(); products != "" {
+			log.Info("timing cuBLASLt's algorithms before recording the CUDA graphs (seconds on a GPU's first start; later starts read the tune cache)", "products", products, "cache", dir)
+		}
+	}
 	if err := e.Warmup(); err != nil {
 		return fmt.Errorf("server: warm up the engine: %w", err)
 	}

@@ -82,6 +82,29 @@ func (b *Backend) TuneCacheStats() (cached int, file string, err error) {
 	return b.tune.cached, b.tune.cacheFile, b.tune.cacheErr
 }
 
+// TuneScope says which products the tuning before the first recording
+// will time ("" when none: off, done, or eager steps), and the folder that
+// keeps what it decides ("" without one): for a startup line, since a
+// first start on a GPU spends seconds there.
+func (b *Backend) TuneScope() (products, cacheDir string) {
+	if b.tune.done || b.g.off {
+		return "", ""
+	}
+	switch {
+	case b.f8 != nil && (b.tune.on || b.tune.fp8):
+		products = fmt.Sprintf("FP8 products of %d-%d rows", b.fp8TuneFrom(), b.g.maxRows)
+	case b.f8 != nil:
+	case b.tune.on:
+		products = fmt.Sprintf("bf16 products of %d-%d rows", tuneMinRows, b.g.maxRows)
+	case b.tune.bf16 && b.la.on:
+		products = fmt.Sprintf("bf16 products of %d-%d rows beside the LoRA stream", tuneMinRows, min(wsMaxRows, b.g.maxRows))
+	}
+	if products == "" {
+		return "", ""
+	}
+	return products, b.tune.cacheDir
+}
+
 // tuneGemms tunes cuBLASLt's algorithm for the bf16 products the recorded
 // steps run (Options.TuneGEMMs), once, before the first recording: every
 // shape of the layers' projection weights that several layers share, at

@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"reflect"
+	"strings"
 	"testing"
 
 	fx "github.com/peftd/peftd/internal/fixture"
@@ -117,8 +118,14 @@ func TestBF16TuneCache(t *testing.T) {
 	start := func() run {
 		t.Helper()
 		e, b := newEngineBackend(t, m, opts, bo)
+		if products, cdir := b.TuneScope(); !strings.HasPrefix(products, "bf16 products of 32-") || cdir != dir {
+			t.Errorf("before the warm-up the tuning's scope is %q (cache %q), want the bf16 products from 32 rows (cache %s)", products, cdir, dir)
+		}
 		if err := e.Warmup(); err != nil {
 			t.Fatal(err)
+		}
+		if products, _ := b.TuneScope(); products != "" {
+			t.Errorf("after the warm-up the tuning's scope is %q, want none (it ran)", products)
 		}
 		res, took := b.TuneStats()
 		cached, file, err := b.TuneCacheStats()
