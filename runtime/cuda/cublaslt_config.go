@@ -156,18 +156,25 @@ func (m *Matmul) configVariants(p *gemmPlan, base *[heuristicResultSize]byte, al
 // p (cublasLtMatmulAlgoCheck) within the Matmul's workspace. On the
 // context's thread.
 func (m *Matmul) variant(p *gemmPlan, base *[heuristicResultSize]byte, sz [3]uint64, c AlgoConfig) ([heuristicResultSize]byte, bool) {
-	var res [heuristicResultSize]byte
 	a := *base
 	if setConfigAttr(&a, algoConfigTileID, c.Tile, sz[0]) != nil || setConfigAttr(&a, algoConfigStagesID, c.Stages, sz[1]) != nil || setConfigAttr(&a, algoConfigClusterID, c.Cluster, sz[2]) != nil {
-		return res, false
+		return [heuristicResultSize]byte{}, false
 	}
+	return m.checkAlgo(p, algoOf(&a))
+}
+
+// checkAlgo is algorithm a as a heuristic result, and whether cuBLASLt
+// runs it for plan p (cublasLtMatmulAlgoCheck) within the Matmul's
+// workspace. On the context's thread.
+func (m *Matmul) checkAlgo(p *gemmPlan, a Algo) ([heuristicResultSize]byte, bool) {
+	var res [heuristicResultSize]byte
 	if blas.cublasLtMatmulAlgoCheck(m.h, p.desc, p.a, p.b, p.d, p.d, unsafe.Pointer(&a[0]), unsafe.Pointer(&res[0])) != 0 {
-		return res, false // this configuration does not run this product
+		return res, false // this algorithm does not run this product
 	}
 	if binary.LittleEndian.Uint32(res[heuristicStateOffset:]) != 0 || binary.LittleEndian.Uint64(res[heuristicWorkspaceOffset:]) > uint64(m.ws.Size()) {
 		return res, false
 	}
-	copy(res[:64], a[:64]) // the checked algorithm, with a heuristic result's tail
+	copy(res[:algoSize], a[:]) // the checked algorithm, with a heuristic result's tail
 	return res, true
 }
 

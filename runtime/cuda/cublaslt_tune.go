@@ -146,12 +146,10 @@ func (m *Matmul) UseGemmTNAlgo(outType, inType, wType DataType, T, N, K int, a A
 			p.algo = h
 			return nil
 		}
-		var res [heuristicResultSize]byte
-		if blas.cublasLtMatmulAlgoCheck(m.h, p.desc, p.a, p.b, p.d, p.d, unsafe.Pointer(&a[0]), unsafe.Pointer(&res[0])) != 0 ||
-			binary.LittleEndian.Uint32(res[heuristicStateOffset:]) != 0 || binary.LittleEndian.Uint64(res[heuristicWorkspaceOffset:]) > uint64(m.ws.Size()) {
+		res, ok := m.checkAlgo(p, a)
+		if !ok {
 			return fmt.Errorf("%w: cuBLASLt does not run the recorded algorithm for T=%d N=%d K=%d", ErrNotSupported, T, N, K)
 		}
-		copy(res[:algoSize], a[:]) // the checked algorithm, with a heuristic result's tail
 		p.algo = res
 		return nil
 	})
