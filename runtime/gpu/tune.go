@@ -82,6 +82,31 @@ func (b *Backend) TuneCacheStats() (cached int, file string, err error) {
 	return b.tune.cached, b.tune.cacheFile, b.tune.cacheErr
 }
 
+// tuneKind is what the tuning before the first recording times.
+type tuneKind int
+
+const (
+	tuneNone       tuneKind = iota
+	tuneFP8Prods            // the FP8 products (tuneFP8): Options.TuneFP8, or TuneGEMMs with FP8 weights
+	tuneBF16All             // every bf16 product of tuneMinRows rows and more: Options.TuneGEMMs
+	tuneBF16Beside          // the bf16 decode products beside the LoRA stream (bf16Beside): Options.TuneBF16
+)
+
+// tuneWhat is the tuning the options ask for with these weights (done or
+// not).
+func (b *Backend) tuneWhat() tuneKind {
+	switch {
+	case b.f8 != nil && (b.tune.on || b.tune.fp8):
+		return tuneFP8Prods
+	case b.f8 != nil: // Options.TuneBF16 alone: no bf16 products to tune
+	case b.tune.on:
+		return tuneBF16All
+	case b.tune.bf16:
+		return tuneBF16Beside
+	}
+	return tuneNone
+}
+
 // TuneScope says which products the tuning before the first recording
 // will time ("" when none: off, done, or eager steps), and the folder that
 // keeps what it decides ("" without one): for a startup line, since a
@@ -90,14 +115,15 @@ func (b *Backend) TuneScope() (products, cacheDir string) {
 	if b.tune.done || b.g.off {
 		return "", ""
 	}
-	switch {
-	case b.f8 != nil && (b.tune.on || b.tune.fp8):
+	switch b.tuneWhat() {
+	case tuneFP8Prods:
 		products = fmt.Sprintf("FP8 products of %d-%d rows", b.fp8TuneFrom(), b.g.maxRows)
-	case b.f8 != nil:
-	case b.tune.on:
+	case tuneBF16All:
 		products = fmt.Sprintf("bf16 products of %d-%d rows", tuneMinRows, b.g.maxRows)
-	case b.tune.bf16 && b.la.on:
-		products = fmt.Sprintf("bf16 products of %d-%d rows beside the LoRA stream", tuneMinRows, min(wsMaxRows, b.g.maxRows))
+	case tuneBF16Beside:
+		if b.la.on { // else no product runs beside the stream
+			products = fmt.Sprintf("bf16 products of %d-%d rows beside the LoRA stream", tuneMinRows, min(wsMaxRows, b.g.maxRows))
+		}
 	}
 	if products == "" {
 		return "", ""
@@ -119,11 +145,12 @@ func (b *Backend) tuneGemms() error {
 	b.tune.done = true
 	t0 := time.Now()
 	defer func() { b.tune.took = time.Since(t0) }()
-	if b.f8 != nil {
-		if !b.tune.on && !b.tune.fp8 {
-			return nil // Options.TuneBF16 alone: no bf16 products to tune
-		}
-		return b.tuneFP8() // the FP8 products alone
+	kind := b.tuneWhat()
+	switch kind {
+	case tuneNone:
+		return nil
+	case tuneFP8Prods:
+		return b.tuneFP8()
 	}
 	var projs []*weight
 	for _, w := range b.weights {
@@ -134,7 +161,7 @@ func (b *Backend) tuneGemms() error {
 	order, byShape, maxN, maxK := sharedShapes(projs, func(w *weight) tuneShape { return tuneShape{w.rows, w.cols} })
 	rows := b.tuneRows(tuneMinRows)
 	targets := b.tuneTargets
-	if !b.tune.on { // Options.TuneBF16: the decode products beside the LoRA stream
+	if kind == tuneBF16Beside {
 		rows = slices.DeleteFunc(rows, func(n int) bool { return n > wsMaxRows })
 		targets = b.bf16Beside
 	}
