@@ -1538,6 +1538,24 @@ func TestFP8WideRows(t *testing.T) {
 	}
 }
 
+// weightCopies uploads a random N x K FP8 weight and as many device
+// copies of it (two at least, over 150 MB in all) as products taking them
+// in turn need to read them from memory, not L2. The copies go with the
+// test (alloc); the first with dropWeight.
+func (r *fp8Rig) weightCopies(N, K int) []*fp8Weight {
+	w8 := make([]*fp8Weight, max(2, (150<<20)/(N*K)+1))
+	var err error
+	if w8[0], err = r.f.upload(r.bf16Rand(N*K, 0.02), N, K); err != nil {
+		r.t.Fatal(err)
+	}
+	for i := 1; i < len(w8); i++ {
+		w8[i] = &fp8Weight{q: r.alloc(N * K), scale: r.alloc(4 * N), rows: N, cols: K}
+		r.s.CopyDtoD(w8[i].q.Ptr(), w8[0].q.Ptr(), N*K)
+		r.s.CopyDtoD(w8[i].scale.Ptr(), w8[0].scale.Ptr(), 4*N)
+	}
+	return w8
+}
+
 // TestWsSKBench times fp8_ws's one-wave plan against fp8_wsk's stream-K
 // plan (PEFTD_WS_SK) of each 8B projection at 32 and 64 rows
 // (PEFTD_WSSK_BENCH_T: others), for SM targets of the whole device and of
@@ -1561,17 +1579,8 @@ func TestWsSKBench(t *testing.T) {
 	Ts := envBatches(t, "PEFTD_WSSK_BENCH_T", []int{32, 64})
 	for _, sh := range envShapes(t, "PEFTD_BENCH_SHAPES", shapes8B) {
 		N, K := sh.N, sh.K
-		n8 := max(2, (150<<20)/(N*K)+1)
-		w8 := make([]*fp8Weight, n8)
-		var err error
-		if w8[0], err = r.f.upload(r.bf16Rand(N*K, 0.02), N, K); err != nil {
-			t.Fatal(err)
-		}
-		for i := 1; i < n8; i++ {
-			w8[i] = &fp8Weight{q: r.alloc(N * K), scale: r.alloc(4 * N), rows: N, cols: K}
-			r.s.CopyDtoD(w8[i].q.Ptr(), w8[0].q.Ptr(), N*K)
-			r.s.CopyDtoD(w8[i].scale.Ptr(), w8[0].scale.Ptr(), 4*N)
-		}
+		w8 := r.weightCopies(N, K)
+		n8 := len(w8)
 		x := r.up(r.bf16Rand(slices.Max(Ts)*K, 1))
 		out := r.alloc(2 * slices.Max(Ts) * N)
 		r.sync()

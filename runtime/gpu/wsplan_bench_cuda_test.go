@@ -70,17 +70,8 @@ func TestWsPlanBench(t *testing.T) {
 			}
 			g := r.f.ws
 			wsPlanBench(t, r, g, "fp8", 1, Ts, shapes, func(sh benchShape) (func(p wsPlan, T, i int) error, func()) {
-				n := max(2, (150<<20)/(sh.N*sh.K)+1)
-				w8 := make([]*fp8Weight, n)
-				var err error
-				if w8[0], err = r.f.upload(r.bf16Rand(sh.N*sh.K, 0.02), sh.N, sh.K); err != nil {
-					t.Fatal(err)
-				}
-				for i := 1; i < n; i++ {
-					w8[i] = &fp8Weight{q: r.alloc(sh.N * sh.K), scale: r.alloc(4 * sh.N), rows: sh.N, cols: sh.K}
-					r.s.CopyDtoD(w8[i].q.Ptr(), w8[0].q.Ptr(), sh.N*sh.K)
-					r.s.CopyDtoD(w8[i].scale.Ptr(), w8[0].scale.Ptr(), 4*sh.N)
-				}
+				w8 := r.weightCopies(sh.N, sh.K)
+				n := len(w8)
 				x := r.up(r.bf16Rand(slices.Max(Ts)*sh.K, 1))
 				out := r.alloc(2 * slices.Max(Ts) * sh.N)
 				r.sync()
