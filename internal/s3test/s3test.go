@@ -237,18 +237,38 @@ func (s *Server) Upload(t testing.TB, bucket, key, dir string) {
 }
 
 // Put uploads an adapter's config and weights under key/ (weights first).
+// A PUT versitygw answers with ExistingObjectIsDirectory is tried again
+// (up to putTries times): its posix backend creates the object's parent
+// folders after writing it and reports any failure there so, and a
+// watching store's probe object deleted under the same prefix at that
+// moment removes the folders it emptied (store/s3watch.go's ProbeDir): a
+// race in the server, not a refusal of the key (TestS3DeployReplaceDelete
+// failed so twice in ~10 CI runs).
 func (s *Server) Put(t testing.TB, bucket, key string, cfg, weights []byte) {
 	t.Helper()
 	for _, o := range []struct {
 		name string
 		b    []byte
 	}{{lora.WeightsFile, weights}, {lora.ConfigFile, cfg}} {
-		if _, err := s.Client.PutObject(context.Background(), bucket, key+"/"+o.name, bytes.NewReader(o.b), int64(len(o.b)),
-			minio.PutObjectOptions{}); err != nil {
+		var err error
+		for try := 0; try < putTries; try++ {
+			if try > 0 {
+				time.Sleep(20 * time.Millisecond)
+			}
+			if _, err = s.Client.PutObject(context.Background(), bucket, key+"/"+o.name, bytes.NewReader(o.b), int64(len(o.b)),
+				minio.PutObjectOptions{}); err == nil || minio.ToErrorResponse(err).Code != "ExistingObjectIsDirectory" {
+				break
+			}
+		}
+		if err != nil {
 			t.Fatal(err)
 		}
 	}
 }
+
+// putTries is how many times Put sends a PUT versitygw's folder race
+// refused.
+const putTries = 5
 
 func freeAddr() (string, error) {
 	l, err := net.Listen("tcp", "127.0.0.1:0")
