@@ -2,7 +2,9 @@ package store
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
+	"fmt"
 	"log/slog"
 	"strings"
 	"sync"
@@ -346,12 +348,57 @@ func TestListenWatchProbeDenied(t *testing.T) {
 	eventually(t, time.Second, "proven by a real event", r.proven.Load)
 }
 
+// xmlAnswerErr is the error minio-go's stream reports when the server
+// answers ListenBucketNotification with an XML document (versitygw takes the
+// request for a ListObjects).
+func xmlAnswerErr() error {
+	var info notification.Info
+	return json.Unmarshal([]byte(`<?xml version="1.0" encoding="UTF-8"?><ListBucketResult>`), &info)
+}
+
+func TestStreamUnsupported(t *testing.T) {
+	var jsonErr notification.Info
+	truncated := json.Unmarshal([]byte(`{"Records":[`), &jsonErr)
+	garbled := json.Unmarshal([]byte(`{"Records":x}`), &jsonErr)
+	for _, c := range []struct {
+		name string
+		err  error
+		want bool
+	}{
+		{"NotImplemented (AWS S3, GCS)", minio.ErrorResponse{StatusCode: 501, Code: minio.APINotSupported}, true},
+		{"an XML answer (versitygw)", xmlAnswerErr(), true},
+		{"an XML answer, wrapped", fmt.Errorf("stream: %w", xmlAnswerErr()), true},
+		{"a truncated JSON line", truncated, false},
+		{"a garbled JSON line", garbled, false},
+		{"access denied", minio.ErrorResponse{StatusCode: 403, Code: "AccessDenied"}, false},
+		{"a dropped connection", errors.New("unexpected EOF"), false},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			if got := streamUnsupported(c.err); got != c.want {
+				t.Errorf("streamUnsupported(%v) = %v, want %v", c.err, got, c.want)
+			}
+		})
+	}
+}
+
 func TestListenWatchUnsupportedEndpoint(t *testing.T) {
+	for _, c := range []struct {
+		name string
+		err  error
+	}{
+		{"NotImplemented", minio.ErrorResponse{StatusCode: 501, Code: minio.APINotSupported, Message: "AWS"}},
+		{"XML answer", xmlAnswerErr()},
+	} {
+		t.Run(c.name, func(t *testing.T) { testListenWatchUnsupported(t, c.err) })
+	}
+}
+
+func testListenWatchUnsupported(t *testing.T, answer error) {
 	f := newFakeBucket()
 	listen := func(ctx context.Context) <-chan notification.Info {
 		f.set(func(f *fakeBucket) { f.listens++ })
 		ch := make(chan notification.Info, 1)
-		ch <- notification.Info{Err: minio.ErrorResponse{StatusCode: 501, Code: minio.APINotSupported, Message: "AWS"}}
+		ch <- notification.Info{Err: answer}
 		close(ch)
 		return ch
 	}

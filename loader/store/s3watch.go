@@ -4,6 +4,8 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"encoding/json"
+	"errors"
 	"fmt"
 	"log/slog"
 	"net/url"
@@ -139,10 +141,19 @@ type listenProbe struct {
 	again    int // probeAgain entries used
 }
 
-// streamUnsupported: the endpoint has no ListenBucketNotification at all
-// (AWS S3, GCS), so reopening the stream is pointless.
+// streamUnsupported: the endpoint has no ListenBucketNotification at all,
+// so reopening the stream is pointless. AWS S3 and GCS refuse the request
+// (NotImplemented). S3 servers that ignore its query (versitygw) answer it
+// as a ListObjects: an XML document where lines of JSON were asked for.
+// Reopening such a stream each retry also wrote and deleted a probe object
+// each time, and versitygw removes the folders a delete empties, which
+// failed uploads made at that moment ("Existing Object is a directory").
 func streamUnsupported(err error) bool {
-	return minio.ToErrorResponse(err).Code == minio.APINotSupported
+	if minio.ToErrorResponse(err).Code == minio.APINotSupported {
+		return true
+	}
+	var syn *json.SyntaxError
+	return errors.As(err, &syn) && strings.HasPrefix(syn.Error(), "invalid character '<'")
 }
 
 func (w *listenWatch) run(ctx context.Context, ch chan<- Event) {
@@ -283,6 +294,7 @@ func (w *listenWatch) run(ctx context.Context, ch chan<- Event) {
 		demote(reason, err)
 		if err != nil && streamUnsupported(err) {
 			never = true
+			w.log.Info("store: s3: the endpoint serves no bucket notification stream; not asking again, listing every poll interval", "err", err, "poll", w.poll)
 			return
 		}
 		openAt = time.Now().Add(retryWait)
