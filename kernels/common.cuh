@@ -1524,9 +1524,32 @@ __device__ __forceinline__ void ws_body(bf16* __restrict__ out, float* __restric
     auto kst = [&](int j) { const int k = j + koff; return k < nst ? k : k - nst; }; // the K stage local stage j holds
     // the stage j copies: weights, activations (rows below M), each atom's
     // chunks past this split's K zero-filled
+#ifndef WS_WTILE_EXP
     auto copy_w = [&](int j) {
         if (j < nst) ws_copy<KA, AB, CW, false>(base + (j % ST) * SB + dst0 + TR * WG_RB, wsrc, KB, kst(j), KB / S, r0, M);
     };
+#else
+    // timing only, results wrong: the block's weight bytes (its BN rows of
+    // its split's K range) read as if stored tile-major, each stage's BN
+    // rows x KA atoms one contiguous run (a row's w bytes of the stage
+    // together, w = KA 128 but at the split's end), to measure what DRAM
+    // locality costs the narrow blocks (64 rows of 256 bytes KB apart a
+    // stage) before building a tiled weight layout
+    const unsigned char* wtile = qw + (long long)n0 * KB + (long long)z * BN * (KB / S) + 16 * c;
+    auto copy_w = [&](int j) {
+        if (j >= nst) return;
+        const unsigned dst = base + (j % ST) * SB + dst0 + TR * WG_RB;
+        const int ks = kst(j), lim = KB / S, k0 = ks * KA * WG_RB, w = min(KA * WG_RB, lim - k0);
+        const unsigned char* src = wtile + (long long)BN * k0 + (long long)r0 * w;
+#pragma unroll
+        for (int a = 0; a < KA; a++) {
+            const bool ok = k0 + a * WG_RB < lim;
+#pragma unroll
+            for (int i = 0; i < CW; i++)
+                cp_async16(dst + a * AB + i * RSTEP * WG_RB, src + (long long)i * RSTEP * w + (ok ? a * WG_RB : 0), ok ? 16 : 0);
+        }
+    };
+#endif
 #ifdef WS_XROWS_EXP
     // timing only, results wrong: at most WS_XROWS_EXP activation rows
     // copied a stage (the rest of the 64 never written), to measure what
