@@ -950,6 +950,29 @@ __device__ __forceinline__ void ws_put(const float* v, bf16* __restrict__ out, c
     }
 }
 
+// ws_put_silu: ws_put for ws_body's SILU blocks (bf16, one split): weight
+// rows n < BN / 2 are gate's columns gn0 + n and rows BN / 2 + n up's same
+// columns (accumulators j and j + BN / 16 of a thread); each is rounded to
+// bf16 as ws_put stores it and silu(g) * u is computed and rounded as
+// silu_mul8 does from the stored values (the same bits as gemm_ws then
+// silu_mul), into out's rows of I values.
+template <int BN>
+__device__ __forceinline__ void ws_put_silu(const float* v, bf16* __restrict__ out, int M, int I, int gn0, int m0, int tig) {
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        const int m = m0 + 8 * h;
+        if (m >= M) continue;
+#pragma unroll
+        for (int j = 0; j < BN / 16; j++) {
+            const int n = 8 * j + 2 * tig, ju = j + BN / 16;
+            const float2 g = __bfloat1622float2(__floats2bfloat162_rn(v[4 * j + 2 * h], v[4 * j + 2 * h + 1]));
+            const float2 u = __bfloat1622float2(__floats2bfloat162_rn(v[4 * ju + 2 * h], v[4 * ju + 2 * h + 1]));
+            *reinterpret_cast<__nv_bfloat162*>(out + (long long)m * I + gn0 + n) =
+                __floats2bfloat162_rn(g.x / (1.f + expf(-g.x)) * u.x, g.y / (1.f + expf(-g.y)) * u.y);
+        }
+    }
+}
+
 // ws_store: the end of ws_body and wt_body for the accumulators d of
 // block (blockIdx.x, split z): rows m = 16 warp + g (+8) below M, weight
 // rows n0 + 8 j + 2 tig (+1), scaled (xs[m] ws[n - n0] where set: ws_body
@@ -1423,6 +1446,26 @@ __device__ __forceinline__ void ws_copy(unsigned b, const unsigned char* src, in
     }
 }
 
+// ws_copy_halves: ws_copy's weight copies (no guard) for a block whose
+// first C / 2 row groups come from lo and the rest from hi (ws_body's
+// SILU: gate rows, then the same rows of up), each the thread's chunk of
+// that half's row 0.
+template <int KA, int AB, int C>
+__device__ __forceinline__ void ws_copy_halves(unsigned b, const unsigned char* lo, const unsigned char* hi, int KB, int ks, int lim) {
+    constexpr int RSTEP = 128 / (WG_RB / 16);
+    static_assert(C % 2 == 0, "ws_copy_halves: an even number of row groups");
+#pragma unroll
+    for (int a = 0; a < KA; a++) {
+        const int col = (ks * KA + a) * WG_RB;
+        const bool ok = col < lim;
+#pragma unroll
+        for (int i = 0; i < C; i++) {
+            const unsigned char* src = i < C / 2 ? lo + (long long)i * RSTEP * KB : hi + (long long)(i - C / 2) * RSTEP * KB;
+            cp_async16(b + a * AB + i * RSTEP * WG_RB, src + (ok ? col : 0), ok ? 16 : 0);
+        }
+    }
+}
+
 // ws_zero_rows: activation rows M..63 of each of ST stages of KA atoms
 // (SB bytes a stage, AB an atom) from base: zero (ws_body's and
 // wsk_body's copies skip them); the block's first 128 threads.
@@ -1489,7 +1532,7 @@ __device__ __forceinline__ void ws_stage(float* d, int j, unsigned base, unsigne
 template <bool LORA> struct WsLoraSmOf { using T = WsLoraSm; };
 template <> struct WsLoraSmOf<false> { using T = char; };
 
-template <int ES, int BN, bool LORA = false>
+template <int ES, int BN, bool LORA = false, bool SILU = false>
 __device__ __forceinline__ void ws_body(bf16* __restrict__ out, float* __restrict__ part, int* __restrict__ done,
                                         const unsigned char* __restrict__ qx, const float* __restrict__ sx,
                                         const unsigned char* __restrict__ qw, const float* __restrict__ sw, int M,
@@ -1498,6 +1541,7 @@ __device__ __forceinline__ void ws_body(bf16* __restrict__ out, float* __restric
     constexpr int TR = W::TR, AB = W::AB, SB = W::SB, ST = W::ST, KA = W::KA, IF = W::IF, AHEAD = ST - 1 - IF;
     static_assert(IF >= 0 && IF <= 2, "ws_body: WS_INFLIGHT, WS_INFLIGHT_NARROW 0-2");
     static_assert(AHEAD >= 1, "ws_body: fewer than 2 + WS_INFLIGHT stages fit");
+    static_assert(!SILU || (ES == 2 && !LORA && BN % 32 == 0), "ws_body: SILU is bf16, without LoRA, on whole 16-row groups a half");
     constexpr int CH = WG_RB / 16;                 // 16-byte chunks a staged row
     constexpr int RSTEP = 128 / CH;                // rows between a thread's copies
     constexpr int CX = TR / RSTEP, CW = BN / RSTEP; // a thread's activation and weight rows an atom
@@ -1519,37 +1563,21 @@ __device__ __forceinline__ void ws_body(bf16* __restrict__ out, float* __restric
     const unsigned base = ((unsigned)__cvta_generic_to_shared(wsm) + 1023u) & ~1023u;
     const int c = tid % CH, r0 = tid / CH;
     const unsigned dst0 = r0 * WG_RB + ((c ^ (r0 & 7)) << 4);
-    const unsigned char* wsrc = qw + (long long)(n0 + r0) * KB + kb0 + 16 * c;
+    // SILU: the block's BN / 2 gate rows gn0.. and the same rows of up (N / 2 on)
+    const int gn0 = SILU ? blockIdx.x * (BN / 2) : n0;
+    const unsigned char* wsrc = qw + (long long)(gn0 + r0) * KB + kb0 + 16 * c;
+    const unsigned char* whi = SILU ? wsrc + (long long)(N / 2) * KB : nullptr;
     const unsigned char* xsrc = qx + (long long)r0 * KB + kb0 + 16 * c;
     auto kst = [&](int j) { const int k = j + koff; return k < nst ? k : k - nst; }; // the K stage local stage j holds
     // the stage j copies: weights, activations (rows below M), each atom's
     // chunks past this split's K zero-filled
-#ifndef WS_WTILE_EXP
     auto copy_w = [&](int j) {
-        if (j < nst) ws_copy<KA, AB, CW, false>(base + (j % ST) * SB + dst0 + TR * WG_RB, wsrc, KB, kst(j), KB / S, r0, M);
-    };
-#else
-    // timing only, results wrong: the block's weight bytes (its BN rows of
-    // its split's K range) read as if stored tile-major, each stage's BN
-    // rows x KA atoms one contiguous run (a row's w bytes of the stage
-    // together, w = KA 128 but at the split's end), to measure what DRAM
-    // locality costs the narrow blocks (64 rows of 256 bytes KB apart a
-    // stage) before building a tiled weight layout
-    const unsigned char* wtile = qw + (long long)n0 * KB + (long long)z * BN * (KB / S) + 16 * c;
-    auto copy_w = [&](int j) {
-        if (j >= nst) return;
-        const unsigned dst = base + (j % ST) * SB + dst0 + TR * WG_RB;
-        const int ks = kst(j), lim = KB / S, k0 = ks * KA * WG_RB, w = min(KA * WG_RB, lim - k0);
-        const unsigned char* src = wtile + (long long)BN * k0 + (long long)r0 * w;
-#pragma unroll
-        for (int a = 0; a < KA; a++) {
-            const bool ok = k0 + a * WG_RB < lim;
-#pragma unroll
-            for (int i = 0; i < CW; i++)
-                cp_async16(dst + a * AB + i * RSTEP * WG_RB, src + (long long)i * RSTEP * w + (ok ? a * WG_RB : 0), ok ? 16 : 0);
+        if constexpr (SILU) {
+            if (j < nst) ws_copy_halves<KA, AB, CW>(base + (j % ST) * SB + dst0 + TR * WG_RB, wsrc, whi, KB, kst(j), KB / S);
+        } else {
+            if (j < nst) ws_copy<KA, AB, CW, false>(base + (j % ST) * SB + dst0 + TR * WG_RB, wsrc, KB, kst(j), KB / S, r0, M);
         }
     };
-#endif
 #ifdef WS_XROWS_EXP
     // timing only, results wrong: at most WS_XROWS_EXP activation rows
     // copied a stage (the rest of the 64 never written), to measure what
@@ -1609,6 +1637,11 @@ __device__ __forceinline__ void ws_body(bf16* __restrict__ out, float* __restric
     if constexpr (LORA) {
         ws_lora_wait(*Lp); // the grid's shrink; its barrier: every thread's pieces landed
         ws_store_lora<BN>(d, out, part, done, xsc, wsc, M, N, n0, z, &last, *Lp, lsm, P, lz);
+        return;
+    }
+    if constexpr (SILU) {
+        if (S != 1) __trap(); // runtime/gpu launches SILU with one split (wsProduct.siluFits)
+        ws_put_silu<BN>(d, out, M, N / 2, gn0, 16 * (tid >> 5) + ((tid & 31) >> 2), tid & 3);
         return;
     }
     ws_store<BN>(d, out, part, done, ES == 1 ? xsc : nullptr, ES == 1 ? wsc : nullptr, M, N, n0, z, &last); // ES 1 has scales, ES 2 none (a constant: the reads stay shared-memory loads)

@@ -3207,6 +3207,15 @@ WG_KERNELS(gemm_wg, 2, GEMM_WG_ARGS, GEMM_WG_PASS)
         int M, int N, int K, int opts
 #define GEMM_WS_PASS out, part, done, (const unsigned char*)x, sx, (const unsigned char*)w, sw, M, N, K, opts
 WS_WIDTHS(gemm_ws, ws_body, 2, GEMM_WS_ARGS, GEMM_WS_PASS, 128)
+// gemm_ws_silu_n{224,256}: the gate/up product (N = 2 I rows: gate's I,
+// then up's) and silu_mul of its halves in one launch, out [M, I] =
+// silu(x . gate^T) * (x . up^T), bit for bit gemm_ws_n* then silu_mul
+// (ws_body's SILU: a block streams BN / 2 rows of gate and the same rows
+// of up, its end pairs them); one split only. runtime/gpu's LinearSiLU
+// takes the products of base steps' 17-64 rows that gemm_ws plans on
+// these widths (PERFORMANCE v0.71).
+extern "C" __global__ void __launch_bounds__(128, 1) gemm_ws_silu_n224(GEMM_WS_ARGS) { ws_body<2, 224, false, true>(GEMM_WS_PASS); }
+extern "C" __global__ void __launch_bounds__(128, 1) gemm_ws_silu_n256(GEMM_WS_ARGS) { ws_body<2, 256, false, true>(GEMM_WS_PASS); }
 // gemm_wsk_n*: the same on any number of blocks (stream-K: wsk_body),
 // only with PEFTD_WS_SK as well (PERFORMANCE v0.68 Next 3)
 #ifdef PEFTD_WS_SK

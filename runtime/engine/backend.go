@@ -278,6 +278,19 @@ type LinearLoRAOps interface {
 	LinearLoRA(out, in Buffer, w Weight, layer int, mods []llama.Module)
 }
 
+// LinearSiLUOps is an optional capability of Ops: the gate/up product and
+// SiLUMul of its two halves as one op, so that a backend may compute
+// silu(gate) * up in the product's end and never store gate and up (the
+// CUDA backend does for bf16 decode steps of 17-64 rows). The engine
+// calls it where no LoRA update changes the product.
+type LinearSiLUOps interface {
+	// LinearSiLU is Linear(gateUp, in, w) and then SiLUMul(act, gate, up)
+	// for gate and up the halves of gateUp, without writing gateUp; false
+	// when the backend does not take this product (nothing was done: the
+	// engine issues the two ops).
+	LinearSiLU(act, in Buffer, w Weight) bool
+}
+
 // FamilyOps are what models beyond Llama's layout need; a backend without
 // them runs Llama and Mistral models, and New refuses the others by name.
 type FamilyOps interface {

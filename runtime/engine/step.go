@@ -466,6 +466,7 @@ func (e *Engine) forward(b Ops, s Shape) {
 	// linear is group g's product and then its LoRA update, as one op
 	// where the backend has it (LinearLoRAOps)
 	fl, fused := b.(LinearLoRAOps)
+	fs, fusedSiLU := b.(LinearSiLUOps) // the gate/up product and silu_mul as one op where the backend takes it
 	linear := func(out, in Buffer, w Weight, l int, g int) {
 		if fused && hasLoRA(g) {
 			fl.LinearLoRA(out, in, w, l, llama.FusedGroups[g])
@@ -497,8 +498,10 @@ func (e *Engine) forward(b Ops, s Shape) {
 		b.Attention(e.attn, e.q, e.k, e.v, l, scale, e.invFreq)
 		linear(e.tmp, e.attn, lw.o, l, 1)
 		b.AddRMSNorm(e.x, e.tmp, e.h, lw.postNorm, eps)
-		linear(e.gateUp, e.h, lw.gateUp, l, 2)
-		b.SiLUMul(e.act, e.gate, e.up)
+		if hasLoRA(2) || !fusedSiLU || !fs.LinearSiLU(e.act, e.h, lw.gateUp) {
+			linear(e.gateUp, e.h, lw.gateUp, l, 2)
+			b.SiLUMul(e.act, e.gate, e.up)
+		}
 		linear(e.tmp, e.act, lw.down, l, 3)
 	}
 	b.AddRMSNorm(e.x, e.tmp, nil, nil, eps) // x += the last MLP output

@@ -35,6 +35,7 @@ type wsProduct struct {
 	tfn        [len(wsWidths)]*cuda.Function // the same on TMA copies (fp8_wt_n*: wt_body), where the driver encodes tensor maps
 	lfn        [len(wsWidths)]*cuda.Function // the same with a group's LoRA update (fp8_ws_lora_n*, -DPEFTD_WSL: lora_ws.go)
 	kfn        [len(wsWidths)]*cuda.Function // the same on any number of blocks (stream-K: fp8_wsk_n*, -DPEFTD_WS_SK)
+	sfn        [len(wsWidths)]*cuda.Function // gate/up and silu_mul in one (gemm_ws_silu_n*: silu_ws.go), where compiled
 	partCap    int                           // the partials buffer's floats / wsMaxRows
 	lsync      *cuda.DeviceBuffer            // fp8_ws_lora's two counters (zero between launches)
 	noTMA      bool                          // benchmarks: the cp.async kernels (fn) even where tfn is loaded
@@ -164,6 +165,12 @@ func loadWS(ctx *cuda.Context, s *cuda.Stream, mod *cuda.Module, prefix, tprefix
 				return nil, err
 			}
 			g.kfn[i] = fn
+		}
+		if fn, err = mod.Function(fmt.Sprintf("%s_silu_n%d", prefix, bn)); err == nil {
+			if err := fn.SetMaxDynamicShared(wsShared(bn, esize)); err != nil {
+				return nil, err
+			}
+			g.sfn[i] = fn
 		}
 		if fn, err = mod.Function(fmt.Sprintf("%s_lora_n%d", prefix, bn)); err == nil {
 			if err := fn.SetMaxDynamicShared(wsShared(bn, esize)); err != nil {
