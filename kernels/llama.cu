@@ -3213,7 +3213,8 @@ WS_WIDTHS(gemm_ws, ws_body, 2, GEMM_WS_ARGS, GEMM_WS_PASS, 128)
 // (ws_body's SILU: a block streams BN / 2 rows of gate and the same rows
 // of up, its end pairs them); one split only. runtime/gpu's LinearSiLU
 // takes the products of base steps' 17-64 rows that gemm_ws plans on
-// these widths (PERFORMANCE v0.71).
+// these widths where kernelForce.wsSiLU turns it on (off by default until
+// a GPU run measures it: PERFORMANCE v0.71).
 extern "C" __global__ void __launch_bounds__(128, 1) gemm_ws_silu_n224(GEMM_WS_ARGS) { ws_body<2, 224, false, true>(GEMM_WS_PASS); }
 extern "C" __global__ void __launch_bounds__(128, 1) gemm_ws_silu_n256(GEMM_WS_ARGS) { ws_body<2, 256, false, true>(GEMM_WS_PASS); }
 // gemm_wsk_n*: the same on any number of blocks (stream-K: wsk_body),

@@ -435,7 +435,7 @@ type decodeVariant struct {
 	l2                           int    // the LoRA update buffer as an L2 persisting window (kernelForce.l2Win: 1 on, -1 off, 3 on over the whole buffer, 0 the default)
 	wsl                          int    // FP8 groups of 17-64 rows whose update runs in fp8_ws_lora's end (kernelForce.wsLoRA: -1 none, 0 the default, else a mask of llama.FusedGroups)
 	sh64                         int    // LoRA shrinks as sgmv_shrink64 (kernelForce.shrink64: 1 always, -1 never, 0 the default)
-	wssilu                       int    // bf16 gate/up and silu_mul in one gemm_ws_silu launch (kernelForce.wsSiLU: -1 never, 0 the default: where it fits)
+	wssilu                       int    // bf16 gate/up and silu_mul in one gemm_ws_silu launch where it fits (kernelForce.wsSiLU: 1 on, -1 never, 0 the default: wsSiLUAuto)
 }
 
 // force is f with the kernel settings row v sets (kernelForce's other
@@ -803,7 +803,7 @@ func TestDecodeBench(t *testing.T) {
 		{sms: -1, l2: -1}, {lora: true, sms: -1, l2: -1}, {sms: -1, l2: 3}, {lora: true, sms: -1, l2: 3},
 		{lora: true, sms: -1, sh64: 1}, {lora: true, sms: -1, sh64: -1},
 		{sms: -1, pa: true}, {lora: true, sms: -1, pa: true},
-		{sms: -1, wssilu: -1},
+		{sms: -1, wssilu: 1}, {sms: -1, wssilu: -1},
 	}
 	// PEFTD_LORA_PARTITION=16,32: rows +part16, +part32 with the SMs split by
 	// green contexts (Options.LoRAPartition), base and adapters, with and

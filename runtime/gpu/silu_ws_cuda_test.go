@@ -94,26 +94,23 @@ func rowsCopy(t *testing.T, r *fp8Rig, b *cuda.DeviceBuffer, M, N int) []uint16 
 
 func bf16f(v uint16) float32 { return math.Float32frombits(uint32(v) << 16) }
 
-// TestOpLinearSiLU: Backend.LinearSiLU takes a bf16 gate/up product of
-// 17-64 rows that gemm_ws plans on a fused width (here forced to n224),
-// and writes silu(x . gate^T) * (x . up^T); 16 and 65 rows, and
-// kernelForce.wsSiLU -1, are left to Linear and SiLUMul (false, act as
-// it was).
+// TestOpLinearSiLU: Backend.LinearSiLU (on: kernelForce.wsSiLU 1) takes a
+// bf16 gate/up product of 17-64 rows that gemm_ws plans on a fused width
+// (here forced to n224), and writes silu(x . gate^T) * (x . up^T); 16 and
+// 65 rows, and kernelForce.wsSiLU -1, are left to Linear and SiLUMul
+// (false, act as it was); with wsSiLU 0 it does as wsSiLUAuto says.
 func TestOpLinearSiLU(t *testing.T) {
 	const I, K = 448, 256
 	for _, c := range []struct {
-		T    int
-		off  bool
-		want bool
-	}{{16, false, false}, {17, false, true}, {40, false, true}, {64, false, true}, {65, false, false}, {40, true, false}} {
+		T, force int
+		want     bool
+	}{{16, 1, false}, {17, 1, true}, {40, 1, true}, {64, 1, true}, {65, 1, false}, {40, -1, false}, {40, 0, wsSiLUAuto}} {
 		r := newRig(t, testConfig(K, I, 4, 2, 64, 32, 1), c.T, engine.KVSpec{Layers: 1, Blocks: 4, BlockSize: 16, KVHeads: 2, HeadDim: 64})
 		if r.b.bws == nil {
 			t.Skip("gemm_ws is compiled only for sm_90a")
 		}
 		r.b.bws.force = wsPlan{i: slices.Index(wsWidths[:], 224), split: 1}
-		if c.off {
-			r.b.force.wsSiLU = -1
-		}
+		r.b.force.wsSiLU = c.force
 		w, wv := r.weight(2*I, K, 0.5)
 		xv := r.rnd(c.T*K, 1)
 		x, act := r.buffer(c.T, K), r.buffer(c.T, I)
@@ -124,7 +121,7 @@ func TestOpLinearSiLU(t *testing.T) {
 		got := r.read(act, c.T)
 		r.end()
 		if took != c.want {
-			t.Fatalf("T=%d (wsSiLU off %v): LinearSiLU took the product: %v, want %v", c.T, c.off, took, c.want)
+			t.Fatalf("T=%d (wsSiLU %d): LinearSiLU took the product: %v, want %v", c.T, c.force, took, c.want)
 		}
 		if !took {
 			for i, v := range got {
