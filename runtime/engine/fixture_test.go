@@ -113,13 +113,7 @@ func (p *partsCPU) UploadParts(name string, dtype safetensors.DType, shape []int
 func TestUploadParts(t *testing.T) {
 	m, adapters, cases := loadFixture(t)
 	b := &partsCPU{Backend: cpu.New(0), parts: map[string]int{}}
-	opts := engine.DefaultOptions()
-	opts.KVBlocks = 256
-	e, err := engine.New(m, b, opts)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { e.Close() })
+	e, slots := fixtureEngineOn(t, m, adapters, b)
 	if len(b.parts) != 2*m.Config.Layers {
 		t.Errorf("%d stacked weights came in parts (%v), want q/k/v and gate/up of %d layers", len(b.parts), b.parts, m.Config.Layers)
 	}
@@ -128,6 +122,20 @@ func TestUploadParts(t *testing.T) {
 			t.Errorf("%s: %d parts, want 3 (q, k, v) or 2 (gate, up)", n, k)
 		}
 	}
+	runCases(t, e, slots, cases)
+}
+
+// fixtureEngineOn is an engine of the fixture's model on backend b (256
+// KV pages) with the fixture's adapters loaded, and their slots.
+func fixtureEngineOn(t *testing.T, m *llama.Model, adapters map[string]*lora.Adapter, b engine.Backend) (*engine.Engine, map[string]int) {
+	t.Helper()
+	opts := engine.DefaultOptions()
+	opts.KVBlocks = 256
+	e, err := engine.New(m, b, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { e.Close() })
 	slots := map[string]int{}
 	for _, n := range fixture.AdapterNames {
 		slots[n] = len(slots)
@@ -135,5 +143,5 @@ func TestUploadParts(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	runCases(t, e, slots, cases)
+	return e, slots
 }

@@ -72,20 +72,7 @@ func (o siluOps) LinearSiLU(act, in engine.Buffer, w engine.Weight) bool {
 func TestLinearSiLUOps(t *testing.T) {
 	m, adapters, cases := loadFixture(t)
 	b := &siluCPU{Backend: cpu.New(0)}
-	opts := engine.DefaultOptions()
-	opts.KVBlocks = 256
-	e, err := engine.New(m, b, opts)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { e.Close() })
-	slots := map[string]int{}
-	for name, a := range adapters {
-		slots[name] = len(slots)
-		if err := e.LoadAdapter(slots[name], a); err != nil {
-			t.Fatal(err)
-		}
-	}
+	e, slots := fixtureEngineOn(t, m, adapters, b)
 	for _, c := range cases { // one by one: the cases without an adapter make steps without LoRA
 		runCases(t, e, slots, []refCase{c})
 	}
