@@ -954,8 +954,11 @@ __device__ __forceinline__ void ws_put(const float* v, bf16* __restrict__ out, c
 // rows n < BN / 2 are gate's columns gn0 + n and rows BN / 2 + n up's same
 // columns (accumulators j and j + BN / 16 of a thread); each is rounded to
 // bf16 as ws_put stores it and silu(g) * u is computed and rounded as
-// silu_mul8 does from the stored values (the same bits as gemm_ws then
-// silu_mul), into out's rows of I values.
+// silu_mul8 does from the stored values, into out's rows of I values. The
+// same bits as gemm_ws then silu_mul where both walk K from its start
+// (opts bit 4 off); with the stagger a gate or up column's stages start
+// where its fused block's do, not where gemm_ws's block's do, so its
+// float32 sum (not the rounding points) may differ in the last bits.
 template <int BN>
 __device__ __forceinline__ void ws_put_silu(const float* v, bf16* __restrict__ out, int M, int I, int gn0, int m0, int tig) {
 #pragma unroll

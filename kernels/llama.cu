@@ -3209,7 +3209,8 @@ WG_KERNELS(gemm_wg, 2, GEMM_WG_ARGS, GEMM_WG_PASS)
 WS_WIDTHS(gemm_ws, ws_body, 2, GEMM_WS_ARGS, GEMM_WS_PASS, 128)
 // gemm_ws_silu_n{224,256}: the gate/up product (N = 2 I rows: gate's I,
 // then up's) and silu_mul of its halves in one launch, out [M, I] =
-// silu(x . gate^T) * (x . up^T), bit for bit gemm_ws_n* then silu_mul
+// silu(x . gate^T) * (x . up^T), rounded where gemm_ws_n* then silu_mul
+// round (bit for bit without the staggered K walk: ws_put_silu)
 // (ws_body's SILU: a block streams BN / 2 rows of gate and the same rows
 // of up, its end pairs them); one split only. runtime/gpu's LinearSiLU
 // takes the products of base steps' 17-64 rows that gemm_ws plans on

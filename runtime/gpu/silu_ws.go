@@ -13,8 +13,10 @@ import (
 // rows of gate and the same rows of up and writes silu(g) * u of them, so
 // the gate/up output never reaches memory and silu_mul's launch (a
 // dependent kernel of ~3.5 µs of its own a layer at 64 rows on an H200:
-// PERFORMANCE v0.71) is gone. The values are the two kernels' bit for bit
-// (ws_put_silu rounds g and u to bf16 first, as stored). Off by default
+// PERFORMANCE v0.71) is gone. The values are rounded where the two
+// kernels round them (ws_put_silu rounds g and u to bf16 first, as
+// stored): bit for bit the two kernels' without the staggered K walk,
+// within the last bits of g and u's float32 sums with it. Off by default
 // until measured (wsSiLUAuto).
 
 // siluFits reports whether plan p of an N x K gate/up product (N: gate's
@@ -46,7 +48,7 @@ func (g *wsProduct) launchSiLU(s *cuda.Stream, p wsPlan, act, x, w cuda.DevicePt
 // compiled; every other kernel's unchanged) but was lent no GPU after, so
 // it is neither checked nor measured there yet. kernelForce.wsSiLU 1 turns
 // it on (TestDecodeBench row +wssilu, the A/B; TestBF16WsSiLU and
-// TestOpLinearSiLU check it bit for bit against gemm_ws then silu_mul).
+// TestOpLinearSiLU check it against gemm_ws then silu_mul and float64).
 const wsSiLUAuto = false
 
 // LinearSiLU is engine.LinearSiLUOps: act = silu(gate) * up where [gate

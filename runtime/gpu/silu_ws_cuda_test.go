@@ -13,14 +13,18 @@ import (
 )
 
 // TestBF16WsSiLU checks gemm_ws_silu (the gate/up product and silu_mul
-// in one launch) against gemm_ws's product then silu_mul bit for bit, for
-// every one-wave plan with a fused kernel of six shapes (17-64 rows, the
-// 8B model's gate/up and small ones with one to eight blocks); rows past M
-// are left alone (rowsProduct), and the two-kernel reference itself lies
-// within a rounding step of silu computed in float64 from its product.
-// The 8B gate/up product's automatic plan at 17-64 rows has a fused kernel.
+// in one launch) against gemm_ws's product then silu_mul, for every
+// one-wave plan with a fused kernel of six shapes (17-64 rows, the 8B
+// model's gate/up and small ones with one to eight blocks): bit for bit
+// with every block walking K from its start, and within 1/64 (four bf16
+// steps) of it with the default stagger (a column's K walk then starts where its
+// fused block's does); rows past M are left alone (rowsProduct), and the
+// two-kernel reference itself lies within a rounding step of silu computed
+// in float64 from its product. The 8B gate/up product's automatic plan at
+// 17-64 rows has a fused kernel.
 func TestBF16WsSiLU(t *testing.T) {
 	r, g := bwsRig(t)
+	defer func() { g.noStagger = false }()
 	mod, _ := forwardLimit(t, r)
 	silu, err := mod.Function("silu_mul")
 	if err != nil {
@@ -40,6 +44,7 @@ func TestBF16WsSiLU(t *testing.T) {
 				continue
 			}
 			tested++
+			g.noStagger = true // the reference and the bit-for-bit check walk K from its start
 			want := rowsProduct(t, r, ref, M, I, func() error {
 				if err := g.launch(r.s, p, gu.Ptr(), x.Ptr(), 0, w.Ptr(), 0, M, N, K, nil); err != nil {
 					return err
@@ -49,15 +54,24 @@ func TestBF16WsSiLU(t *testing.T) {
 					uint64(ref.Ptr()), uint64(gu.Ptr()), uint64(gu.Ptr()+2*uint64(I)), uint64(0), uint64(0), uint64(0), M, I, N, 0, uint64(0), uint64(0))
 			})
 			prod := rowsCopy(t, r, gu, M, N)
-			got := rowsProduct(t, r, act, M, I, func() error { return g.launchSiLU(r.s, p, act.Ptr(), x.Ptr(), w.Ptr(), M, N, K) })
+			fused := func() []uint16 {
+				return rowsProduct(t, r, act, M, I, func() error { return g.launchSiLU(r.s, p, act.Ptr(), x.Ptr(), w.Ptr(), M, N, K) })
+			}
 			what := fmt.Sprintf("gemm_ws_silu %v %d x %d x %d", p, M, N, K)
+			got := fused()
 			for j := range got {
 				if got[j] != want[j] {
-					t.Fatalf("%s: output %d (row %d, column %d) %#04x, gemm_ws then silu_mul %#04x", what, j, j/I, j%I, got[j], want[j])
+					t.Fatalf("%s, unstaggered: output %d (row %d, column %d) %#04x, gemm_ws then silu_mul %#04x", what, j, j/I, j%I, got[j], want[j])
 				}
 			}
-			// the reference is silu(g) * u of the stored product
-			worst, scale := 0.0, 0.0
+			g.noStagger = false
+			got, again := fused(), fused()
+			if !slices.Equal(got, again) {
+				t.Fatalf("%s: a second launch differs from the first", what)
+			}
+			// the reference is silu(g) * u of the stored product, and the
+			// staggered outputs are within 1/64 of it
+			worst, scale, off := 0.0, 0.0, 0
 			for j, v := range want {
 				m, c := j/I, j%I
 				gv, uv := float64(bf16f(prod[m*N+c])), float64(bf16f(prod[m*N+I+c]))
@@ -68,7 +82,16 @@ func TestBF16WsSiLU(t *testing.T) {
 			if worst > 1.0/128 || scale == 0 {
 				t.Fatalf("%s: silu_mul's reference is %.3g off silu(g) * u in float64 (largest %g)", what, worst, scale)
 			}
-			t.Logf("%s: %d outputs equal gemm_ws then silu_mul", what, len(got))
+			for j, v := range got {
+				a, b := float64(bf16f(v)), float64(bf16f(want[j]))
+				if math.IsNaN(a) || math.Abs(a-b) > max(math.Abs(a), math.Abs(b))/64+1e-4*scale {
+					t.Fatalf("%s, staggered: output %d (row %d, column %d) %g, gemm_ws then silu_mul %g", what, j, j/I, j%I, a, b)
+				}
+				if v != want[j] {
+					off++
+				}
+			}
+			t.Logf("%s: equal to gemm_ws then silu_mul unstaggered; staggered %d of %d outputs differ in their last bits", what, off, len(got))
 		}
 	}
 	if tested == 0 {
