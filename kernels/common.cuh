@@ -1581,18 +1581,8 @@ __device__ __forceinline__ void ws_body(bf16* __restrict__ out, float* __restric
             if (j < nst) ws_copy<KA, AB, CW, false>(base + (j % ST) * SB + dst0 + TR * WG_RB, wsrc, KB, kst(j), KB / S, r0, M);
         }
     };
-#ifdef WS_XROWS_EXP
-    // timing only, results wrong: at most WS_XROWS_EXP activation rows
-    // copied a stage (the rest of the 64 never written), to measure what
-    // the blocks' activation reads from L2 cost at 64 rows (each block
-    // copies all of them: as many bytes as its weights at n64) before
-    // building clusters that multicast them
-    const int xm = M < WS_XROWS_EXP ? M : WS_XROWS_EXP;
-#else
-    const int xm = M;
-#endif
     auto copy_x = [&](int j) {
-        if (j < nst) ws_copy<KA, AB, CX, true>(base + (j % ST) * SB + dst0, xsrc, KB, kst(j), KB / S, r0, xm);
+        if (j < nst) ws_copy<KA, AB, CX, true>(base + (j % ST) * SB + dst0, xsrc, KB, kst(j), KB / S, r0, M);
     };
     ws_zero_rows<ST, KA, SB, AB>(base, M); // activation rows M..63 of every stage: zero, once (the copies skip them)
     const int early = opts & 15, ne = early < AHEAD ? early : AHEAD;
