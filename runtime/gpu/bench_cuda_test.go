@@ -435,6 +435,7 @@ type decodeVariant struct {
 	l2                           int    // the LoRA update buffer as an L2 persisting window (kernelForce.l2Win: 1 on, -1 off, 3 on over the whole buffer, 0 the default)
 	wsl                          int    // FP8 groups of 17-64 rows whose update runs in fp8_ws_lora's end (kernelForce.wsLoRA: -1 none, 0 the default, else a mask of llama.FusedGroups)
 	sh64                         int    // LoRA shrinks as sgmv_shrink64 (kernelForce.shrink64: 1 always, -1 never, 0 the default)
+	wsearly                      int    // K stages of weights every ws product asks before griddepcontrol.wait (kernelForce.wsEarly; 0: wsEarlyStages)
 	wssilu                       int    // bf16 gate/up and silu_mul in one gemm_ws_silu launch where it fits (kernelForce.wsSiLU: 1 on, -1 never, 0 the default: wsSiLUAuto)
 }
 
@@ -446,7 +447,7 @@ func (v decodeVariant) force(f kernelForce) kernelForce {
 	f.wgFull, f.loraKChunk = v.wgFull, v.kc
 	f.holds, f.pdlJoins, f.loraInline = v.holds, v.pdlJoins, v.inline
 	f.ropeLoRA, f.nodePrio, f.siluCl, f.addCl, f.siluLoRA = v.rfold, v.prio, v.silucl, v.addcl, v.sfold
-	f.memHoist, f.l2Win, f.wsLoRA, f.shrink64, f.wsSiLU = v.hoist, v.l2, v.wsl, v.sh64, v.wssilu
+	f.memHoist, f.l2Win, f.wsLoRA, f.shrink64, f.wsSiLU, f.wsEarly = v.hoist, v.l2, v.wsl, v.sh64, v.wssilu, v.wsearly
 	return f
 }
 
@@ -578,6 +579,9 @@ func (v decodeVariant) label(ads []*lora.Adapter, pdlOK bool) string {
 	lbl += onOffLabel(v.rfold, "rfold")
 	lbl += onOffLabel(v.sh64, "sh64")
 	lbl += onOffLabel(v.wssilu, "wssilu")
+	if v.wsearly > 0 {
+		lbl += fmt.Sprintf("+wsearly%d", v.wsearly)
+	}
 	lbl += onOffLabel(v.silucl, "silucl")
 	lbl += onOffLabel(v.sfold, "sfold")
 	lbl += onOffLabel(v.addcl, "addcl")
@@ -804,6 +808,7 @@ func TestDecodeBench(t *testing.T) {
 		{lora: true, sms: -1, sh64: 1}, {lora: true, sms: -1, sh64: -1},
 		{sms: -1, pa: true}, {lora: true, sms: -1, pa: true},
 		{sms: -1, wssilu: 1}, {sms: -1, wssilu: -1},
+		{sms: -1, wsearly: 2}, {sms: -1, wsearly: 4}, {sms: -1, wsearly: 7}, {lora: true, sms: -1, wsearly: 2}, {lora: true, sms: -1, wsearly: 4}, {lora: true, sms: -1, wsearly: 7},
 	}
 	// PEFTD_LORA_PARTITION=16,32: rows +part16, +part32 with the SMs split by
 	// green contexts (Options.LoRAPartition), base and adapters, with and

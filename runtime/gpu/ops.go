@@ -263,6 +263,9 @@ func (b *Backend) Linear(out, in engine.Buffer, w engine.Weight) {
 	}
 	b.wrote(out)
 	b.forkAt(buf(in))
+	if ws := b.wsFor(w); ws != nil {
+		ws.early = b.wsEarly()
+	}
 	shared := false // the LoRA stream runs beside this product on SMs held back from it
 	if base, _, ok := b.Partition(); ok {
 		// the compute stream's green context has base SMs, the LoRA

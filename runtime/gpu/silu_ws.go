@@ -79,6 +79,7 @@ func (b *Backend) LinearSiLU(act, in engine.Buffer, w engine.Weight) bool {
 		return true
 	}
 	b.wrote(act)
+	b.bws.early = b.wsEarly()
 	b.fail(b.bws.launchSiLU(b.s, p, o.mem.Ptr(), x.mem.Ptr(), wt.mem.Ptr(), T, wt.rows, wt.cols))
 	return true
 }

@@ -146,7 +146,7 @@ func loadWS(ctx *cuda.Context, s *cuda.Stream, mod *cuda.Module, prefix, tprefix
 	if ctx.Device().Arch() != "sm_90a" {
 		return nil, nil
 	}
-	g := &wsProduct{esize: esize, sms: ctx.Device().SMs, early: 1}
+	g := &wsProduct{esize: esize, sms: ctx.Device().SMs, early: wsEarlyStages}
 	found := false
 	for i, bn := range wsWidths {
 		if wsStages(bn, esize) < 3 || wsShared(bn, esize) > maxShared {
@@ -371,6 +371,24 @@ const wsLongSplit = 8 << 10
 // 11.0 against n96x2 12.7).
 func (g *wsProduct) wsShortRows(p wsPlan, K int) bool {
 	return wsWidths[p.i] < 64 && K*g.esize/p.split > wsLongSplit
+}
+
+// wsEarlyStages is the K stages of weights a ws product asks before
+// griddepcontrol.wait (opts bits 0-3), so that they land while the kernel
+// before it ends. One since v0.55, measured in isolation only (0-3 stages
+// within noise there: PERFORMANCE v0.56); in a step the product after
+// attention (o) launches under a 40 µs kernel with 7 of its 8 stages empty
+// (PERFORMANCE v0.71 Next), so kernelForce.wsEarly sets another count for
+// the A/B (TestDecodeBench +wsearlyN).
+const wsEarlyStages = 1
+
+// wsEarly is the early stages the step's ws products ask
+// (kernelForce.wsEarly where set, else wsEarlyStages).
+func (b *Backend) wsEarly() int {
+	if b.force.wsEarly > 0 {
+		return b.force.wsEarly
+	}
+	return wsEarlyStages
 }
 
 // wsMaps are a weight's tensor maps, one for each kernel width (boxes of
