@@ -976,6 +976,96 @@ __device__ __forceinline__ void ws_put_silu(const float* v, bf16* __restrict__ o
     }
 }
 
+// WsSiluQ: where ws_body's FP8 SILU blocks (fp8_ws_silu_n*) put the
+// quantized rows: q [M][I] e4m3 bytes and qscale [M] (silu_mul's), and
+// sync: 64 row maxima (float bits) then two counters, zero between
+// launches (the last block leaves them so).
+struct WsSiluQ {
+    unsigned char* q;
+    float* qscale;
+    unsigned* sync;
+};
+
+// ws_put_silu_q: ws_put_silu for FP8 operands (the scales xs[m] ws[n]
+// applied as ws_put does; up's scales at ws[BN / 2 + n]), which also
+// quantizes each row as silu_mul does into Q: the row's max |v| over every
+// block (atomicMax on the bits of a non-negative float; +Inf for a
+// non-finite value) met at a grid-wide barrier, then each block converts
+// its own values with the row's scale. The barrier is safe only because
+// every block of the grid is resident at once: a one-wave plan (blocks <=
+// SMs, one a SM) with no other kernel holding SMs it waits for (the
+// kernel after it launches only once every block has reached
+// griddepcontrol.launch_dependents, in pdl_entry). Every thread of the
+// block calls it.
+template <int BN>
+__device__ __forceinline__ void ws_put_silu_q(float* v, bf16* __restrict__ out, const float* xs, const float* ws, int M, int I, int gn0,
+                                              int m0, int tig, const WsSiluQ& Q) {
+    const int tid = threadIdx.x;
+    float mx[2] = {0.f, 0.f};
+    int bad[2] = {0, 0};
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        const int m = m0 + 8 * h;
+        if (m >= M) continue;
+        const float a = xs[m];
+#pragma unroll
+        for (int j = 0; j < BN / 16; j++) {
+            const int n = 8 * j + 2 * tig, ju = j + BN / 16;
+            const float2 g = __bfloat1622float2(__floats2bfloat162_rn(v[4 * j + 2 * h] * (a * ws[n]), v[4 * j + 2 * h + 1] * (a * ws[n + 1])));
+            const float2 u = __bfloat1622float2(
+                __floats2bfloat162_rn(v[4 * ju + 2 * h] * (a * ws[BN / 2 + n]), v[4 * ju + 2 * h + 1] * (a * ws[BN / 2 + n + 1])));
+            const __nv_bfloat162 r = __floats2bfloat162_rn(g.x / (1.f + expf(-g.x)) * u.x, g.y / (1.f + expf(-g.y)) * u.y);
+            *reinterpret_cast<__nv_bfloat162*>(out + (long long)m * I + gn0 + n) = r;
+            amax1(r.x, mx[h], bad[h]);
+            amax1(r.y, mx[h], bad[h]);
+            const float2 f = __bfloat1622float2(r);
+            v[4 * j + 2 * h] = f.x, v[4 * j + 2 * h + 1] = f.y; // the stored values, kept for the quantization
+        }
+    }
+#pragma unroll
+    for (int h = 0; h < 2; h++) { // the row's lanes (tig) meet; each warp holds its own rows
+#pragma unroll
+        for (int o = 1; o < 4; o <<= 1) {
+            mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], o));
+            bad[h] |= __shfl_xor_sync(0xffffffffu, bad[h], o);
+        }
+        if (tig == 0 && m0 + 8 * h < M) atomicMax(Q.sync + m0 + 8 * h, bad[h] ? 0x7f800000u : __float_as_uint(mx[h]));
+    }
+    unsigned* arrive = Q.sync + 64;
+    unsigned* leave = Q.sync + 65;
+    __syncthreads();
+    if (tid == 0) {
+        __threadfence(); // the block's maxima before its arrival
+        atomicAdd(arrive, 1u);
+        while (*reinterpret_cast<volatile unsigned*>(arrive) < gridDim.x) __nanosleep(64);
+        __threadfence();
+    }
+    __syncthreads();
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        const int m = m0 + 8 * h;
+        if (m >= M) continue;
+        const float amax = __uint_as_float(__ldcg(Q.sync + m));
+        float sc;
+        const float inv = e4m3_scale(amax, amax == __int_as_float(0x7f800000), &sc);
+        if (blockIdx.x == 0 && tig == 0) Q.qscale[m] = sc;
+#pragma unroll
+        for (int j = 0; j < BN / 16; j++) {
+            const int n = 8 * j + 2 * tig;
+            *reinterpret_cast<unsigned short*>(Q.q + (long long)m * I + gn0 + n) =
+                __nv_cvt_float2_to_fp8x2(make_float2(v[4 * j + 2 * h] * inv, v[4 * j + 2 * h + 1] * inv), __NV_SATFINITE, __NV_E4M3);
+        }
+    }
+    __syncthreads(); // every thread has read the maxima
+    if (tid == 0) {
+        __threadfence();
+        if (atomicAdd(leave, 1u) == gridDim.x - 1) { // the last block out: zero for the next launch
+            for (int i = 0; i < 64; i++) Q.sync[i] = 0;
+            *arrive = 0, *leave = 0;
+        }
+    }
+}
+
 // ws_store: the end of ws_body and wt_body for the accumulators d of
 // block (blockIdx.x, split z): rows m = 16 warp + g (+8) below M, weight
 // rows n0 + 8 j + 2 tig (+1), scaled (xs[m] ws[n - n0] where set: ws_body
@@ -1539,12 +1629,12 @@ template <int ES, int BN, bool LORA = false, bool SILU = false>
 __device__ __forceinline__ void ws_body(bf16* __restrict__ out, float* __restrict__ part, int* __restrict__ done,
                                         const unsigned char* __restrict__ qx, const float* __restrict__ sx,
                                         const unsigned char* __restrict__ qw, const float* __restrict__ sw, int M,
-                                        int N, int K, int opts, const WsLora* Lp = nullptr) {
+                                        int N, int K, int opts, const WsLora* Lp = nullptr, WsSiluQ SQ = {}) {
     using W = WsShape<BN, ES>;
     constexpr int TR = W::TR, AB = W::AB, SB = W::SB, ST = W::ST, KA = W::KA, IF = W::IF, AHEAD = ST - 1 - IF;
     static_assert(IF >= 0 && IF <= 2, "ws_body: WS_INFLIGHT, WS_INFLIGHT_NARROW 0-2");
     static_assert(AHEAD >= 1, "ws_body: fewer than 2 + WS_INFLIGHT stages fit");
-    static_assert(!SILU || (ES == 2 && !LORA && BN % 32 == 0), "ws_body: SILU is bf16, without LoRA, on whole 16-row groups a half");
+    static_assert(!SILU || (!LORA && BN % 32 == 0), "ws_body: SILU is without LoRA, on whole 16-row groups a half");
     constexpr int CH = WG_RB / 16;                 // 16-byte chunks a staged row
     constexpr int RSTEP = 128 / CH;                // rows between a thread's copies
     constexpr int CX = TR / RSTEP, CW = BN / RSTEP; // a thread's activation and weight rows an atom
@@ -1588,7 +1678,8 @@ __device__ __forceinline__ void ws_body(bf16* __restrict__ out, float* __restric
     const int early = opts & 15, ne = early < AHEAD ? early : AHEAD;
     for (int j = 0; j < ne; j++) copy_w(j);
     if (ES == 1)
-        for (int i = tid; i < BN; i += 128) wsc[i] = sw[n0 + i]; // weights' scales: no kernel of a step writes them
+        for (int i = tid; i < BN; i += 128) // weights' scales: no kernel of a step writes them (SILU: gate's rows, then up's)
+            wsc[i] = sw[SILU ? (i < BN / 2 ? gn0 + i : N / 2 + gn0 + i - BN / 2) : n0 + i];
     pdl_entry();
     ws_fill<ES, AHEAD>(xsc, sx, M, ne, copy_w, copy_x);
     // the LoRA variant: the rows' slots and entries while the first stages
@@ -1634,7 +1725,10 @@ __device__ __forceinline__ void ws_body(bf16* __restrict__ out, float* __restric
     }
     if constexpr (SILU) {
         if (S != 1) __trap(); // runtime/gpu launches SILU with one split (wsProduct.siluFits)
-        ws_put_silu<BN>(d, out, M, N / 2, gn0, 16 * (tid >> 5) + ((tid & 31) >> 2), tid & 3);
+        if constexpr (ES == 1)
+            ws_put_silu_q<BN>(d, out, xsc, wsc, M, N / 2, gn0, 16 * (tid >> 5) + ((tid & 31) >> 2), tid & 3, SQ);
+        else
+            ws_put_silu<BN>(d, out, M, N / 2, gn0, 16 * (tid >> 5) + ((tid & 31) >> 2), tid & 3);
         return;
     }
     ws_store<BN>(d, out, part, done, ES == 1 ? xsc : nullptr, ES == 1 ? wsc : nullptr, M, N, n0, z, &last); // ES 1 has scales, ES 2 none (a constant: the reads stay shared-memory loads)

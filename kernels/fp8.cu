@@ -459,6 +459,17 @@ WG_KERNELS(fp8_wg, 1, FP8_SKINNY_ARGS, FP8_SKINNY_PASS)
         int M, int N, int K, int opts
 #define FP8_WS_PASS out, part, done, qx, sx, qw, sw, M, N, K, opts
 WS_WIDTHS(fp8_ws, ws_body, 1, FP8_WS_ARGS, FP8_WS_PASS, 128)
+// fp8_ws_silu_n{224,256}: the gate/up product (N = 2 I rows: gate's, then
+// up's) and silu_mul of its halves in one launch, out [M, I] bf16 and its
+// rows quantized per row into q and qscale as silu_mul quantizes them
+// (ws_body's SILU, ws_put_silu_q: a grid-wide barrier meets the rows'
+// maxima; sync zero between launches); one split only. runtime/gpu's
+// LinearSiLU takes it where kernelForce.wsSiLU turns it on (off by
+// default until a GPU run measures it: PERFORMANCE v0.71).
+#define FP8_WS_SILU_ARGS FP8_WS_ARGS, unsigned char *q, float *qscale, unsigned *sync
+#define FP8_WS_SILU_PASS FP8_WS_PASS, nullptr, WsSiluQ{q, qscale, sync}
+extern "C" __global__ void __launch_bounds__(128, 1) fp8_ws_silu_n224(FP8_WS_SILU_ARGS) { ws_body<1, 224, false, true>(FP8_WS_SILU_PASS); }
+extern "C" __global__ void __launch_bounds__(128, 1) fp8_ws_silu_n256(FP8_WS_SILU_ARGS) { ws_body<1, 256, false, true>(FP8_WS_SILU_PASS); }
 // fp8_wsk_n*: the same products on any number of blocks (stream-K:
 // wsk_body in common.cuh), only with PEFTD_WS_SK as well (the A/B of
 // PERFORMANCE v0.68 Next 3; runtime/gpu ws.go plans them where

@@ -3216,8 +3216,10 @@ WS_WIDTHS(gemm_ws, ws_body, 2, GEMM_WS_ARGS, GEMM_WS_PASS, 128)
 // takes the products of base steps' 17-64 rows that gemm_ws plans on
 // these widths where kernelForce.wsSiLU turns it on (off by default until
 // a GPU run measures it: PERFORMANCE v0.71).
-extern "C" __global__ void __launch_bounds__(128, 1) gemm_ws_silu_n224(GEMM_WS_ARGS) { ws_body<2, 224, false, true>(GEMM_WS_PASS); }
-extern "C" __global__ void __launch_bounds__(128, 1) gemm_ws_silu_n256(GEMM_WS_ARGS) { ws_body<2, 256, false, true>(GEMM_WS_PASS); }
+// (fp8_ws_silu_n*'s argument list: q, qscale and sync are not used here)
+#define GEMM_WS_SILU_ARGS GEMM_WS_ARGS, unsigned char *q, float *qscale, unsigned *sync
+extern "C" __global__ void __launch_bounds__(128, 1) gemm_ws_silu_n224(GEMM_WS_SILU_ARGS) { ws_body<2, 224, false, true>(GEMM_WS_PASS); }
+extern "C" __global__ void __launch_bounds__(128, 1) gemm_ws_silu_n256(GEMM_WS_SILU_ARGS) { ws_body<2, 256, false, true>(GEMM_WS_PASS); }
 // gemm_wsk_n*: the same on any number of blocks (stream-K: wsk_body),
 // only with PEFTD_WS_SK as well (PERFORMANCE v0.68 Next 3)
 #ifdef PEFTD_WS_SK

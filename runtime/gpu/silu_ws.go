@@ -19,28 +19,48 @@ import (
 // within the last bits of g and u's float32 sums with it. Off by default
 // until measured (wsSiLUAuto).
 
+// wsSiluSync is WsSiluQ's sync words: 64 row maxima and two counters.
+const wsSiluSync = 66
+
 // siluFits reports whether plan p of an N x K gate/up product (N: gate's
 // rows, then up's) has a fused kernel: one split, its width's
-// gemm_ws_silu loaded, and each half whole blocks of BN / 2 rows.
+// gemm_ws_silu or fp8_ws_silu loaded (FP8: with its barrier words), and
+// each half whole blocks of BN / 2 rows.
 func (g *wsProduct) siluFits(p wsPlan, N int) bool {
-	return g != nil && p.sk == 0 && p.split == 1 && g.sfn[p.i] != nil && N%wsWidths[p.i] == 0
+	return g != nil && p.sk == 0 && p.split == 1 && g.sfn[p.i] != nil && N%wsWidths[p.i] == 0 && (g.esize != 1 || g.ssync != nil)
 }
 
 // launchSiLU enqueues act [T, N / 2] = silu(x . gate^T) * (x . up^T) with
-// plan p (siluFits) on s, w [N, K] the two halves.
-func (g *wsProduct) launchSiLU(s *cuda.Stream, p wsPlan, act, x, w cuda.DevicePtr, T, N, K int) error {
+// plan p (siluFits) on s, w [N, K] the two halves. With e4m3 operands (sx,
+// sw their rows' scales) act's rows are also quantized into q [T, N / 2]
+// and qscale [T] as silu_mul quantizes them (fp8_ws_silu: every block of
+// the one-wave plan must be resident at once, which a plan of at most the
+// SMs on an otherwise idle card is; the caller keeps it off green-context
+// partitions).
+func (g *wsProduct) launchSiLU(s *cuda.Stream, p wsPlan, act, x, sx, w, sw, q, qscale cuda.DevicePtr, T, N, K int) error {
 	if err := g.check(p, act, x, w, T, N, K); err != nil {
 		return err
 	}
 	if !g.siluFits(p, N) {
 		return fmt.Errorf("gpu: ws plan %v has no gate/up kernel with silu_mul for N %d", p, N)
 	}
+	var sync uint64
+	if g.esize == 1 {
+		if sx == 0 || sw == 0 || q == 0 || qscale == 0 {
+			return fmt.Errorf("gpu: fp8_ws_silu needs the rows' scales and the quantized rows' place")
+		}
+		sync = uint64(g.ssync.Ptr())
+	}
+	if N/wsWidths[p.i] > g.sms {
+		return fmt.Errorf("gpu: ws plan %v of N %d is more blocks than the %d SMs (the silu kernels' blocks must all be resident)", p, N, g.sms)
+	}
 	bn, opts := wsWidths[p.i], min(max(g.early, 0), 15)
 	if !g.noStagger {
 		opts |= 16
 	}
 	return g.sfn[p.i].Launch(s, cuda.Dim3{X: N / bn, Y: 1, Z: 1}, cuda.Dim3{X: 128, Y: 1, Z: 1}, wsShared(bn, g.esize),
-		uint64(act), uint64(g.part.Ptr()), uint64(g.done.Ptr()), uint64(x), uint64(0), uint64(w), uint64(0), T, N, K, opts)
+		uint64(act), uint64(g.part.Ptr()), uint64(g.done.Ptr()), uint64(x), uint64(sx), uint64(w), uint64(sw), T, N, K, opts,
+		uint64(q), uint64(qscale), sync)
 }
 
 // wsSiLUAuto is whether LinearSiLU takes the products it fits by default.
@@ -52,34 +72,68 @@ func (g *wsProduct) launchSiLU(s *cuda.Stream, p wsPlan, act, x, w cuda.DevicePt
 const wsSiLUAuto = false
 
 // LinearSiLU is engine.LinearSiLUOps: act = silu(gate) * up where [gate
-// up] = in . w^T, as one gemm_ws_silu launch where the step's product
-// would run on gemm_ws with no LoRA update beside (bwsTakes) and its plan
-// has a fused kernel (siluFits); false, having done nothing, otherwise
-// (FP8 weights, whose silu_mul also quantizes each row with the row's
-// amax; other rows; a green-context partition; off by kernelForce.wsSiLU
-// and wsSiLUAuto).
+// up] = in . w^T, as one gemm_ws_silu or fp8_ws_silu launch where the
+// step's product would run on gemm_ws (bf16: bwsTakes, no LoRA update
+// beside) or fp8_ws (FP8: fp8State's ws routing, not a product its tuning
+// gave to cuBLASLt) and its plan has a fused kernel (siluFits); the FP8
+// kernel also leaves act quantized in the activation scratch, as silu_mul
+// does, for the down projection. False, having done nothing, otherwise
+// (other rows, a green-context partition, off by kernelForce.wsSiLU and
+// wsSiLUAuto).
 func (b *Backend) LinearSiLU(act, in engine.Buffer, w engine.Weight) bool {
-	wt, ok := w.(*weight)
-	if !ok || !forcedOn(b.force.wsSiLU, wsSiLUAuto) || b.bws == nil || !b.ok() {
+	if !forcedOn(b.force.wsSiLU, wsSiLUAuto) || !b.ok() {
 		return false
 	}
 	if _, _, part := b.Partition(); part {
-		return false
+		return false // fp8_ws_silu's blocks must all be resident: not on a partition's SMs
 	}
+	N, K := weightShape(w)
+	ws := b.wsFor(w)
 	o, x, T := buf(act), buf(in), b.rows()
-	if x.cols != wt.cols || 2*o.cols != wt.rows || !o.whole() || !x.whole() || !b.bwsTakes(T, wt.rows, wt.cols, false) {
+	if ws == nil || N == 0 || x.cols != K || 2*o.cols != N || !o.whole() || !x.whole() {
 		return false
 	}
-	p, ok := b.bws.plan(T, wt.rows, wt.cols)
-	if !ok || !b.bws.siluFits(p, wt.rows) {
+	fw, fp8 := w.(*fp8Weight)
+	if fp8 {
+		f := b.f8
+		if !(f.wsOn || f.wsAuto) || f.ltForce || f.ltRows[[4]int{T, N, K, f.mm.SMTarget()}] || !f.fits(T, o.cols) || !f.fits(T, K) {
+			return false
+		}
+	} else if !b.bwsTakes(T, N, K, false) {
 		return false
+	}
+	p, ok := ws.plan(T, N, K)
+	if !ok || !ws.siluFits(p, N) {
+		return false
+	}
+	ws.early = b.wsEarly()
+	if !fp8 {
+		b.opStart()
+		if !b.ok() {
+			return true
+		}
+		b.wrote(act)
+		b.fail(ws.launchSiLU(b.s, p, o.mem.Ptr(), x.mem.Ptr(), 0, w.(*weight).mem.Ptr(), 0, 0, 0, T, N, K))
+		return true
+	}
+	// FP8: in's rows quantized (add_rmsnorm left them so: prepare keeps
+	// them) before this op's write generation, then act's quantized rows
+	// replace them in the scratch (written after every block has read
+	// its activation stages: ws_put_silu_q's barrier) for the down product
+	f := b.f8
+	b.join()
+	if err := f.prepare(x.mem.Ptr(), T, K, b.gen); err != nil {
+		b.fail(err)
+		return true
 	}
 	b.opStart()
 	if !b.ok() {
 		return true
 	}
 	b.wrote(act)
-	b.bws.early = b.wsEarly()
-	b.fail(b.bws.launchSiLU(b.s, p, o.mem.Ptr(), x.mem.Ptr(), wt.mem.Ptr(), T, wt.rows, wt.cols))
+	b.fail(ws.launchSiLU(b.s, p, o.mem.Ptr(), f.actQ.Ptr(), f.actS.Ptr(), fw.q.Ptr(), fw.scale.Ptr(), f.actQ.Ptr(), f.actS.Ptr(), T, N, K))
+	if b.err == nil {
+		f.holds(o.mem.Ptr(), T, o.cols, b.gen)
+	}
 	return true
 }

@@ -3,6 +3,7 @@
 package gpu
 
 import (
+	"encoding/binary"
 	"fmt"
 	"math"
 	"slices"
@@ -10,6 +11,7 @@ import (
 
 	"github.com/peftd/peftd/runtime/cuda"
 	"github.com/peftd/peftd/runtime/engine"
+	"github.com/peftd/peftd/runtime/safetensors"
 )
 
 // TestBF16WsSiLU checks gemm_ws_silu (the gate/up product and silu_mul
@@ -55,7 +57,7 @@ func TestBF16WsSiLU(t *testing.T) {
 			})
 			prod := rowsCopy(t, r, gu, M, N)
 			fused := func() []uint16 {
-				return rowsProduct(t, r, act, M, I, func() error { return g.launchSiLU(r.s, p, act.Ptr(), x.Ptr(), w.Ptr(), M, N, K) })
+				return rowsProduct(t, r, act, M, I, func() error { return g.launchSiLU(r.s, p, act.Ptr(), x.Ptr(), 0, w.Ptr(), 0, 0, 0, M, N, K) })
 			}
 			what := fmt.Sprintf("gemm_ws_silu %v %d x %d x %d", p, M, N, K)
 			got := fused()
@@ -102,6 +104,128 @@ func TestBF16WsSiLU(t *testing.T) {
 			t.Errorf("%d x 28672 x 4096: plan %v (ok %v) has no fused gate/up kernel", T, p, ok)
 		}
 	}
+}
+
+// TestFP8WsSiLU checks fp8_ws_silu (the FP8 gate/up product, silu_mul
+// and the per-row quantization of its output in one launch, the rows'
+// maxima met at a grid-wide barrier) against fp8_ws's product then
+// silu_mul's quantizing path: with every block walking K from its start
+// the bf16 rows, the e4m3 bytes and the row scales bit for bit; with the
+// stagger the bf16 rows within 1/64 and the scales within 1/64; a second
+// launch gives the same bits (the barrier's words left at zero), for every
+// fused one-wave plan of five shapes (17-64 rows, the 8B gate/up and small
+// ones), rows past M untouched.
+func TestFP8WsSiLU(t *testing.T) {
+	r := newFP8Rig(t)
+	g := r.f.ws
+	if g == nil {
+		t.Skip("fp8_ws is compiled only in the wgmma build, for sm_90a")
+	}
+	defer func() { g.noStagger = false }()
+	mod, _ := forwardLimit(t, r)
+	silu, err := mod.Function("silu_mul")
+	if err != nil {
+		t.Fatal(err)
+	}
+	sms := r.ctx.Device().SMs
+	tested := 0
+	for _, sz := range []struct{ M, N, K int }{
+		{17, 28672, 4096}, {64, 28672, 4096}, {48, 448, 256}, {64, 512, 384}, {33, 1792, 1024},
+	} {
+		M, N, K, I := sz.M, sz.N, sz.K, sz.N/2
+		x := r.up(r.bf16Rand(M*K, 1))
+		w, err := r.f.upload(r.bf16Rand(N*K, 0.02), N, K)
+		if err != nil {
+			t.Fatal(err)
+		}
+		qx, sx := r.alloc(M*K), r.alloc(4*M)
+		if err := r.f.quantRows(qx.Ptr(), sx.Ptr(), x.Ptr(), M, K, K); err != nil {
+			t.Fatal(err)
+		}
+		gu, ref, act := r.alloc(2*M*N), r.alloc(2*(M+1)*I), r.alloc(2*(M+1)*I)
+		qref, sref, q, qs := r.alloc(M*I), r.alloc(4*M), r.alloc(M*I), r.alloc(4*M)
+		for i := range wsWidths {
+			p := wsPlan{i: i, split: 1}
+			if !g.valid(p, M, N, K) || N/wsWidths[i] > sms || !g.siluFits(p, N) {
+				continue
+			}
+			tested++
+			g.noStagger = true
+			want := rowsProduct(t, r, ref, M, I, func() error {
+				if err := g.launch(r.s, p, gu.Ptr(), qx.Ptr(), sx.Ptr(), w.q.Ptr(), w.scale.Ptr(), M, N, K, nil); err != nil {
+					return err
+				}
+				return silu.Launch(r.s, cuda.Dim3{X: M, Y: 1, Z: 1}, cuda.Dim3{X: 512, Y: 1, Z: 1}, 0,
+					uint64(ref.Ptr()), uint64(gu.Ptr()), uint64(gu.Ptr()+2*uint64(I)), uint64(0), uint64(0), uint64(0), M, I, N, 0, uint64(qref.Ptr()), uint64(sref.Ptr()))
+			})
+			wantQ, wantS := bytesOf(t, r, qref, M*I), floatsOf(t, r, sref, M)
+			fused := func() ([]uint16, []byte, []float32) {
+				got := rowsProduct(t, r, act, M, I, func() error {
+					return g.launchSiLU(r.s, p, act.Ptr(), qx.Ptr(), sx.Ptr(), w.q.Ptr(), w.scale.Ptr(), q.Ptr(), qs.Ptr(), M, N, K)
+				})
+				return got, bytesOf(t, r, q, M*I), floatsOf(t, r, qs, M)
+			}
+			what := fmt.Sprintf("fp8_ws_silu %v %d x %d x %d", p, M, N, K)
+			got, gotQ, gotS := fused()
+			for j := range got {
+				if got[j] != want[j] || gotQ[j] != wantQ[j] {
+					t.Fatalf("%s, unstaggered: output %d (row %d, column %d) %#04x / e4m3 %#02x, fp8_ws then silu_mul %#04x / %#02x", what, j, j/I, j%I, got[j], gotQ[j], want[j], wantQ[j])
+				}
+			}
+			for m := range gotS {
+				if math.Float32bits(gotS[m]) != math.Float32bits(wantS[m]) {
+					t.Fatalf("%s, unstaggered: row %d scale %g, silu_mul's %g", what, m, gotS[m], wantS[m])
+				}
+			}
+			g.noStagger = false
+			got, gotQ, gotS = fused()
+			again, againQ, againS := fused()
+			if !slices.Equal(got, again) || !slices.Equal(gotQ, againQ) || !slices.Equal(gotS, againS) {
+				t.Fatalf("%s: a second launch differs from the first (the barrier's words not left at zero?)", what)
+			}
+			scale := 0.0
+			for _, v := range want {
+				scale = max(scale, math.Abs(float64(bf16f(v))))
+			}
+			for j, v := range got {
+				a, b := float64(bf16f(v)), float64(bf16f(want[j]))
+				if math.IsNaN(a) || math.Abs(a-b) > max(math.Abs(a), math.Abs(b))/64+1e-4*scale {
+					t.Fatalf("%s, staggered: output %d %g, fp8_ws then silu_mul %g", what, j, a, b)
+				}
+			}
+			for m := range gotS {
+				if d := math.Abs(float64(gotS[m] - wantS[m])); d > float64(wantS[m])/64 {
+					t.Fatalf("%s, staggered: row %d scale %g, silu_mul's %g", what, m, gotS[m], wantS[m])
+				}
+			}
+			t.Logf("%s: bf16 rows, e4m3 bytes and scales equal fp8_ws then silu_mul unstaggered", what)
+		}
+		r.dropWeight(w)
+	}
+	if tested == 0 {
+		t.Fatal("no fp8_ws plan with a fused gate/up kernel")
+	}
+}
+
+// bytesOf and floatsOf read n bytes or float32s of b.
+func bytesOf(t *testing.T, r *fp8Rig, b *cuda.DeviceBuffer, n int) []byte {
+	t.Helper()
+	h := make([]byte, n)
+	if err := cuda.CopyDtoH(r.s, h, b.Ptr()); err != nil {
+		t.Fatal(err)
+	}
+	r.sync()
+	return h
+}
+
+func floatsOf(t *testing.T, r *fp8Rig, b *cuda.DeviceBuffer, n int) []float32 {
+	t.Helper()
+	h := make([]float32, n)
+	if err := cuda.CopyDtoH(r.s, h, b.Ptr()); err != nil {
+		t.Fatal(err)
+	}
+	r.sync()
+	return h
 }
 
 // rowsCopy reads buffer b's first M rows of N bf16 values.
@@ -168,4 +292,88 @@ func TestOpLinearSiLU(t *testing.T) {
 		}
 		r.compare("linear_silu", got, want, opTol)
 	}
+}
+
+// TestOpLinearSiLUFP8: with FP8 weights Backend.LinearSiLU (forced on,
+// fp8_ws's plan forced to n224) gives the rows Linear then SiLUMul give
+// (within opTol: the same rounding points, sums in another K order), leaves
+// act's quantized rows in the activation scratch (fp8State.holds: the
+// down projection reads them, no quantizing launch), and the down
+// projection after it matches the one after the two ops; declined at 16
+// and 65 rows.
+func TestOpLinearSiLUFP8(t *testing.T) {
+	const I, K = 448, 256
+	cfg := testConfig(K, I, 4, 2, 64, 32, 1)
+	for _, T := range []int{16, 17, 40, 64, 65} {
+		r := newRigWith(t, cfg, T, engine.KVSpec{Layers: 1, Blocks: 8, BlockSize: 16, KVHeads: 2, HeadDim: 64}, Options{WeightFormat: "fp8"})
+		if r.b.f8 == nil || r.b.f8.ws == nil {
+			t.Skip("fp8_ws is compiled only in the wgmma build, for sm_90a")
+		}
+		r.b.f8.ws.force = wsPlan{i: slices.Index(wsWidths[:], 224), split: 1}
+		upload := func(name string, rows, cols int) engine.Weight {
+			v := r.rnd(rows*cols, 0.5)
+			raw := make([]byte, 4*len(v))
+			for i, x := range v {
+				binary.LittleEndian.PutUint32(raw[4*i:], math.Float32bits(x))
+			}
+			w, err := r.b.Upload(name, safetensors.F32, []int{rows, cols}, raw)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, ok := w.(*fp8Weight); !ok {
+				t.Fatalf("%s uploaded as %T, not FP8", name, w)
+			}
+			return w
+		}
+		wgu, wd := upload("model.layers.0.mlp.up_proj.weight", 2*I, K), upload("model.layers.0.mlp.down_proj.weight", K, I)
+		x := r.buffer(T, K)
+		r.fill(x, r.rnd(T*K, 1))
+		run := func(fused bool) (act, out []float32, took bool) {
+			a, o := r.buffer(T, I), r.buffer(T, K)
+			r.begin(oneSeq(T, 16, zeros(T)))
+			if fused {
+				r.b.force.wsSiLU = 1
+				took = r.b.LinearSiLU(a, x, wgu)
+				if took && !(r.b.f8.cValid && r.b.f8.cIn == a.mem.Ptr() && r.b.f8.cRows == T && r.b.f8.cCols == I) {
+					t.Errorf("T=%d: after LinearSiLU the scratch does not hold act's quantized rows", T)
+				}
+			}
+			if !took {
+				r.b.force.wsSiLU = -1
+				gu := r.buffer(T, 2*I)
+				g, err := r.b.NewView(gu, 0, I)
+				if err != nil {
+					t.Fatal(err)
+				}
+				u, err := r.b.NewView(gu, I, I)
+				if err != nil {
+					t.Fatal(err)
+				}
+				r.b.Linear(gu, x, wgu)
+				r.b.SiLUMul(a, g, u)
+			}
+			r.b.Linear(o, a, wd)
+			act, out = r.read(a, T), r.read(o, T)
+			r.end()
+			return act, out, took
+		}
+		fa, fo, took := run(true)
+		if want := T >= 17 && T <= 64; took != want {
+			t.Fatalf("T=%d: LinearSiLU took the product: %v, want %v", T, took, want)
+		}
+		if !took {
+			continue
+		}
+		ua, uo, _ := run(false)
+		r.compare(fmt.Sprintf("T=%d act", T), fa, f64s(ua), opTol)
+		r.compare(fmt.Sprintf("T=%d down", T), fo, f64s(uo), opTol)
+	}
+}
+
+func f64s(v []float32) []float64 {
+	o := make([]float64, len(v))
+	for i, x := range v {
+		o[i] = float64(x)
+	}
+	return o
 }

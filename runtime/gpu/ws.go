@@ -35,7 +35,8 @@ type wsProduct struct {
 	tfn        [len(wsWidths)]*cuda.Function // the same on TMA copies (fp8_wt_n*: wt_body), where the driver encodes tensor maps
 	lfn        [len(wsWidths)]*cuda.Function // the same with a group's LoRA update (fp8_ws_lora_n*, -DPEFTD_WSL: lora_ws.go)
 	kfn        [len(wsWidths)]*cuda.Function // the same on any number of blocks (stream-K: fp8_wsk_n*, -DPEFTD_WS_SK)
-	sfn        [len(wsWidths)]*cuda.Function // gate/up and silu_mul in one (gemm_ws_silu_n*: silu_ws.go), where compiled
+	sfn        [len(wsWidths)]*cuda.Function // gate/up and silu_mul in one (gemm_ws_silu_n*, fp8_ws_silu_n*: silu_ws.go), where compiled
+	ssync      *cuda.DeviceBuffer            // fp8_ws_silu's row maxima and barrier counters (zero between launches)
 	partCap    int                           // the partials buffer's floats / wsMaxRows
 	lsync      *cuda.DeviceBuffer            // fp8_ws_lora's two counters (zero between launches)
 	noTMA      bool                          // benchmarks: the cp.async kernels (fn) even where tfn is loaded
@@ -199,6 +200,15 @@ func loadWS(ctx *cuda.Context, s *cuda.Stream, mod *cuda.Module, prefix, tprefix
 	if g.part, g.done, err = splitBuffers(ctx, s, g.partCap*wsMaxRows*4); err != nil {
 		return nil, fmt.Errorf("gpu: %s's split buffers: %w", prefix, err)
 	}
+	if esize == 1 && g.sfn != ([len(wsWidths)]*cuda.Function{}) {
+		if g.ssync, err = ctx.Alloc(4 * wsSiluSync); err == nil {
+			err = s.Memset8(g.ssync.Ptr(), 0, 4*wsSiluSync)
+		}
+		if err != nil {
+			g.free()
+			return nil, fmt.Errorf("gpu: %s_silu's barrier: %w", prefix, err)
+		}
+	}
 	if g.lfn != ([len(wsWidths)]*cuda.Function{}) {
 		if g.lsync, err = ctx.Alloc(8); err == nil {
 			err = s.Memset8(g.lsync.Ptr(), 0, 8)
@@ -221,6 +231,10 @@ func (g *wsProduct) free() error {
 		err = e
 	}
 	g.lsync = nil
+	if e := g.ssync.Free(); e != nil && err == nil {
+		err = e
+	}
+	g.ssync = nil
 	return err
 }
 
