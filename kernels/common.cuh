@@ -1033,9 +1033,10 @@ __device__ __forceinline__ void ws_put_silu_q(float* v, bf16* __restrict__ out, 
     }
     unsigned* arrive = Q.sync + 64;
     unsigned* leave = Q.sync + 65;
+    __threadfence(); // each thread's maxima, at the device, before the block's arrival
     __syncthreads();
     if (tid == 0) {
-        __threadfence(); // the block's maxima before its arrival
+        __threadfence();
         atomicAdd(arrive, 1u);
         while (*reinterpret_cast<volatile unsigned*>(arrive) < gridDim.x) __nanosleep(64);
         __threadfence();
