@@ -27,12 +27,7 @@ import (
 func TestBF16WsSiLU(t *testing.T) {
 	r, g := bwsRig(t)
 	defer func() { g.noStagger = false }()
-	mod, _ := forwardLimit(t, r)
-	silu, err := mod.Function("silu_mul")
-	if err != nil {
-		t.Fatal(err)
-	}
-	sms := r.ctx.Device().SMs
+	silu := siluMulKernel(t, r)
 	tested := 0
 	for _, sz := range []struct{ M, N, K int }{
 		{17, 28672, 4096}, {32, 28672, 4096}, {64, 28672, 4096}, {48, 448, 256}, {64, 512, 384}, {33, 1792, 1024},
@@ -40,11 +35,7 @@ func TestBF16WsSiLU(t *testing.T) {
 		M, N, K, I := sz.M, sz.N, sz.K, sz.N/2
 		x, w := r.up(r.bf16Rand(M*K, 1)), r.up(r.bf16Rand(N*K, 0.02))
 		gu, ref, act := r.alloc(2*M*N), r.alloc(2*(M+1)*I), r.alloc(2*(M+1)*I)
-		for i := range wsWidths {
-			p := wsPlan{i: i, split: 1}
-			if !g.valid(p, M, N, K) || N/wsWidths[i] > sms || !g.siluFits(p, N) {
-				continue
-			}
+		for _, p := range siluPlans(g, M, N, K, r.ctx.Device().SMs) {
 			tested++
 			g.noStagger = true // the reference and the bit-for-bit check walk K from its start
 			want := rowsProduct(t, r, ref, M, I, func() error {
@@ -55,7 +46,7 @@ func TestBF16WsSiLU(t *testing.T) {
 				return silu.Launch(r.s, cuda.Dim3{X: max(1, min((words+255)/256, 8192)), Y: 1, Z: 1}, cuda.Dim3{X: 256, Y: 1, Z: 1}, 0,
 					uint64(ref.Ptr()), uint64(gu.Ptr()), uint64(gu.Ptr()+2*uint64(I)), uint64(0), uint64(0), uint64(0), M, I, N, 0, uint64(0), uint64(0))
 			})
-			prod := rowsCopy(t, r, gu, M, N)
+			prod := readBack[uint16](t, r, gu, M*N)
 			fused := func() []uint16 {
 				return rowsProduct(t, r, act, M, I, func() error { return g.launchSiLU(r.s, p, act.Ptr(), x.Ptr(), 0, w.Ptr(), 0, 0, 0, M, N, K) })
 			}
@@ -122,12 +113,7 @@ func TestFP8WsSiLU(t *testing.T) {
 		t.Skip("fp8_ws is compiled only in the wgmma build, for sm_90a")
 	}
 	defer func() { g.noStagger = false }()
-	mod, _ := forwardLimit(t, r)
-	silu, err := mod.Function("silu_mul")
-	if err != nil {
-		t.Fatal(err)
-	}
-	sms := r.ctx.Device().SMs
+	silu := siluMulKernel(t, r)
 	tested := 0
 	for _, sz := range []struct{ M, N, K int }{
 		{17, 28672, 4096}, {64, 28672, 4096}, {48, 448, 256}, {64, 512, 384}, {33, 1792, 1024},
@@ -144,11 +130,7 @@ func TestFP8WsSiLU(t *testing.T) {
 		}
 		gu, ref, act := r.alloc(2*M*N), r.alloc(2*(M+1)*I), r.alloc(2*(M+1)*I)
 		qref, sref, q, qs := r.alloc(M*I), r.alloc(4*M), r.alloc(M*I), r.alloc(4*M)
-		for i := range wsWidths {
-			p := wsPlan{i: i, split: 1}
-			if !g.valid(p, M, N, K) || N/wsWidths[i] > sms || !g.siluFits(p, N) {
-				continue
-			}
+		for _, p := range siluPlans(g, M, N, K, r.ctx.Device().SMs) {
 			tested++
 			g.noStagger = true
 			want := rowsProduct(t, r, ref, M, I, func() error {
@@ -158,12 +140,12 @@ func TestFP8WsSiLU(t *testing.T) {
 				return silu.Launch(r.s, cuda.Dim3{X: M, Y: 1, Z: 1}, cuda.Dim3{X: 512, Y: 1, Z: 1}, 0,
 					uint64(ref.Ptr()), uint64(gu.Ptr()), uint64(gu.Ptr()+2*uint64(I)), uint64(0), uint64(0), uint64(0), M, I, N, 0, uint64(qref.Ptr()), uint64(sref.Ptr()))
 			})
-			wantQ, wantS := bytesOf(t, r, qref, M*I), floatsOf(t, r, sref, M)
+			wantQ, wantS := readBack[byte](t, r, qref, M*I), readBack[float32](t, r, sref, M)
 			fused := func() ([]uint16, []byte, []float32) {
 				got := rowsProduct(t, r, act, M, I, func() error {
 					return g.launchSiLU(r.s, p, act.Ptr(), qx.Ptr(), sx.Ptr(), w.q.Ptr(), w.scale.Ptr(), q.Ptr(), qs.Ptr(), M, N, K)
 				})
-				return got, bytesOf(t, r, q, M*I), floatsOf(t, r, qs, M)
+				return got, readBack[byte](t, r, q, M*I), readBack[float32](t, r, qs, M)
 			}
 			what := fmt.Sprintf("fp8_ws_silu %v %d x %d x %d", p, M, N, K)
 			got, gotQ, gotS := fused()
@@ -207,10 +189,10 @@ func TestFP8WsSiLU(t *testing.T) {
 	}
 }
 
-// bytesOf and floatsOf read n bytes or float32s of b.
-func bytesOf(t *testing.T, r *fp8Rig, b *cuda.DeviceBuffer, n int) []byte {
+// readBack reads n values of b.
+func readBack[T any](t *testing.T, r *fp8Rig, b *cuda.DeviceBuffer, n int) []T {
 	t.Helper()
-	h := make([]byte, n)
+	h := make([]T, n)
 	if err := cuda.CopyDtoH(r.s, h, b.Ptr()); err != nil {
 		t.Fatal(err)
 	}
@@ -218,25 +200,28 @@ func bytesOf(t *testing.T, r *fp8Rig, b *cuda.DeviceBuffer, n int) []byte {
 	return h
 }
 
-func floatsOf(t *testing.T, r *fp8Rig, b *cuda.DeviceBuffer, n int) []float32 {
+// siluMulKernel is the forward module's silu_mul (the two-kernel
+// reference of the fused gate/up kernels).
+func siluMulKernel(t *testing.T, r *fp8Rig) *cuda.Function {
 	t.Helper()
-	h := make([]float32, n)
-	if err := cuda.CopyDtoH(r.s, h, b.Ptr()); err != nil {
+	mod, _ := forwardLimit(t, r)
+	silu, err := mod.Function("silu_mul")
+	if err != nil {
 		t.Fatal(err)
 	}
-	r.sync()
-	return h
+	return silu
 }
 
-// rowsCopy reads buffer b's first M rows of N bf16 values.
-func rowsCopy(t *testing.T, r *fp8Rig, b *cuda.DeviceBuffer, M, N int) []uint16 {
-	t.Helper()
-	h := make([]uint16, M*N)
-	if err := cuda.CopyDtoH(r.s, h, b.Ptr()); err != nil {
-		t.Fatal(err)
+// siluPlans are g's one-wave plans of an M x N x K gate/up product (at
+// most sms blocks) that have a fused kernel.
+func siluPlans(g *wsProduct, M, N, K, sms int) []wsPlan {
+	var ps []wsPlan
+	for i := range wsWidths {
+		if p := (wsPlan{i: i, split: 1}); g.valid(p, M, N, K) && N/wsWidths[i] <= sms && g.siluFits(p, N) {
+			ps = append(ps, p)
+		}
 	}
-	r.sync()
-	return h
+	return ps
 }
 
 func bf16f(v uint16) float32 { return math.Float32frombits(uint32(v) << 16) }
