@@ -1038,7 +1038,13 @@ __device__ __forceinline__ void ws_put_silu_q(float* v, bf16* __restrict__ out, 
     if (tid == 0) {
         __threadfence();
         atomicAdd(arrive, 1u);
-        while (*reinterpret_cast<volatile unsigned*>(arrive) < gridDim.x) __nanosleep(64);
+        // bounded: blocks that are not all resident (a plan of more
+        // blocks than SMs, SMs another kernel holds) end the kernel with
+        // an error after ~5 s instead of hanging the card
+        for (unsigned spins = 0; *reinterpret_cast<volatile unsigned*>(arrive) < gridDim.x; spins++) {
+            if (spins > (1u << 26)) __trap();
+            __nanosleep(64);
+        }
         __threadfence();
     }
     __syncthreads();
