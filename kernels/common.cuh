@@ -950,11 +950,25 @@ __device__ __forceinline__ void ws_put(const float* v, bf16* __restrict__ out, c
     }
 }
 
+// ws_silu_pair: silu(g) * u for a SILU block's thread's two columns 8 j +
+// 2 tig (+1) of row half h: gate's accumulators j and up's j + BN / 16,
+// each scaled as ws_put scales (SCALED, FP8 operands: a the row's scale,
+// ws the block's weight rows' scales, gate's then up's; bf16: none) and
+// rounded to bf16 as ws_put stores it, then silu(g) * u computed and
+// rounded as silu_mul8 does from the stored values.
+template <int BN, bool SCALED>
+__device__ __forceinline__ __nv_bfloat162 ws_silu_pair(const float* v, int j, int h, int tig, float a, const float* ws) {
+    const int n = 8 * j + 2 * tig, ju = j + BN / 16;
+    const float g0 = SCALED ? a * ws[n] : 1.f, g1 = SCALED ? a * ws[n + 1] : 1.f;
+    const float u0 = SCALED ? a * ws[BN / 2 + n] : 1.f, u1 = SCALED ? a * ws[BN / 2 + n + 1] : 1.f;
+    const float2 g = __bfloat1622float2(__floats2bfloat162_rn(v[4 * j + 2 * h] * g0, v[4 * j + 2 * h + 1] * g1));
+    const float2 u = __bfloat1622float2(__floats2bfloat162_rn(v[4 * ju + 2 * h] * u0, v[4 * ju + 2 * h + 1] * u1));
+    return __floats2bfloat162_rn(g.x / (1.f + expf(-g.x)) * u.x, g.y / (1.f + expf(-g.y)) * u.y);
+}
+
 // ws_put_silu: ws_put for ws_body's SILU blocks (bf16, one split): weight
 // rows n < BN / 2 are gate's columns gn0 + n and rows BN / 2 + n up's same
-// columns (accumulators j and j + BN / 16 of a thread); each is rounded to
-// bf16 as ws_put stores it and silu(g) * u is computed and rounded as
-// silu_mul8 does from the stored values, into out's rows of I values. The
+// columns; silu(g) * u (ws_silu_pair) into out's rows of I values. The
 // same bits as gemm_ws then silu_mul where both walk K from its start
 // (opts bit 4 off); with the stagger a gate or up column's stages start
 // where its fused block's do, not where gemm_ws's block's do, so its
@@ -966,13 +980,8 @@ __device__ __forceinline__ void ws_put_silu(const float* v, bf16* __restrict__ o
         const int m = m0 + 8 * h;
         if (m >= M) continue;
 #pragma unroll
-        for (int j = 0; j < BN / 16; j++) {
-            const int n = 8 * j + 2 * tig, ju = j + BN / 16;
-            const float2 g = __bfloat1622float2(__floats2bfloat162_rn(v[4 * j + 2 * h], v[4 * j + 2 * h + 1]));
-            const float2 u = __bfloat1622float2(__floats2bfloat162_rn(v[4 * ju + 2 * h], v[4 * ju + 2 * h + 1]));
-            *reinterpret_cast<__nv_bfloat162*>(out + (long long)m * I + gn0 + n) =
-                __floats2bfloat162_rn(g.x / (1.f + expf(-g.x)) * u.x, g.y / (1.f + expf(-g.y)) * u.y);
-        }
+        for (int j = 0; j < BN / 16; j++)
+            *reinterpret_cast<__nv_bfloat162*>(out + (long long)m * I + gn0 + 8 * j + 2 * tig) = ws_silu_pair<BN, false>(v, j, h, tig, 1.f, nullptr);
     }
 }
 
@@ -986,8 +995,8 @@ struct WsSiluQ {
     unsigned* sync;
 };
 
-// ws_put_silu_q: ws_put_silu for FP8 operands (the scales xs[m] ws[n]
-// applied as ws_put does; up's scales at ws[BN / 2 + n]), which also
+// ws_put_silu_q: ws_put_silu for FP8 operands (ws_silu_pair with the
+// scales xs[m] and ws, up's at ws[BN / 2 + n]), which also
 // quantizes each row as silu_mul does into Q: the row's max |v| over every
 // block (atomicMax on the bits of a non-negative float; +Inf for a
 // non-finite value) met at a grid-wide barrier, then each block converts
@@ -1010,12 +1019,8 @@ __device__ __forceinline__ void ws_put_silu_q(float* v, bf16* __restrict__ out, 
         const float a = xs[m];
 #pragma unroll
         for (int j = 0; j < BN / 16; j++) {
-            const int n = 8 * j + 2 * tig, ju = j + BN / 16;
-            const float2 g = __bfloat1622float2(__floats2bfloat162_rn(v[4 * j + 2 * h] * (a * ws[n]), v[4 * j + 2 * h + 1] * (a * ws[n + 1])));
-            const float2 u = __bfloat1622float2(
-                __floats2bfloat162_rn(v[4 * ju + 2 * h] * (a * ws[BN / 2 + n]), v[4 * ju + 2 * h + 1] * (a * ws[BN / 2 + n + 1])));
-            const __nv_bfloat162 r = __floats2bfloat162_rn(g.x / (1.f + expf(-g.x)) * u.x, g.y / (1.f + expf(-g.y)) * u.y);
-            *reinterpret_cast<__nv_bfloat162*>(out + (long long)m * I + gn0 + n) = r;
+            const __nv_bfloat162 r = ws_silu_pair<BN, true>(v, j, h, tig, a, ws);
+            *reinterpret_cast<__nv_bfloat162*>(out + (long long)m * I + gn0 + 8 * j + 2 * tig) = r;
             amax1(r.x, mx[h], bad[h]);
             amax1(r.y, mx[h], bad[h]);
             const float2 f = __bfloat1622float2(r);

@@ -281,8 +281,9 @@ type LinearLoRAOps interface {
 // LinearSiLUOps is an optional capability of Ops: the gate/up product and
 // SiLUMul of its two halves as one op, so that a backend may compute
 // silu(gate) * up in the product's end and never store gate and up (the
-// CUDA backend does for bf16 decode steps of 17-64 rows). The engine
-// calls it where no LoRA update changes the product.
+// CUDA backend can, for bf16 and FP8 steps of 17-64 rows, where its
+// kernelForce.wsSiLU turns it on). The engine calls it where no LoRA
+// update changes the product.
 type LinearSiLUOps interface {
 	// LinearSiLU is Linear(gateUp, in, w) and then SiLUMul(act, gate, up)
 	// for gate and up the halves of gateUp, without writing gateUp; false

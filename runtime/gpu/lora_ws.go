@@ -171,10 +171,7 @@ func (g *wsProduct) launchLoRA(s *cuda.Stream, p wsPlan, out, x, sx, w, sw cuda.
 	if err := g.check(p, out, x, w, T, N, K); err != nil {
 		return err
 	}
-	bn, opts := wsWidths[p.i], min(max(g.early, 0), 15)
-	if !g.noStagger {
-		opts |= 16
-	}
+	bn, opts := wsWidths[p.i], g.launchOpts()
 	return g.lfn[p.i].Launch(s, cuda.Dim3{X: N / bn, Y: p.split, Z: 1}, cuda.Dim3{X: 128 + 32*wsLoRAShrinkWarps, Y: 1, Z: 1}, wsShared(bn, 1),
 		uint64(out), uint64(g.part.Ptr()), uint64(g.done.Ptr()), uint64(x), uint64(sx), uint64(w), uint64(sw), T, N, K, opts,
 		uint64(a.tmp), uint64(a.rows), uint64(a.table), a.base, a.stride, a.ms[0], a.ms[1], a.ms[2], a.off1, a.off2,

@@ -8,12 +8,13 @@ import (
 )
 
 // The gate/up product and silu_mul in one launch (gemm_ws_silu_n*,
-// kernels/llama.cu): in a bf16 step of 17-64 rows whose gate/up product
-// gemm_ws takes with no LoRA update beside, each block streams BN / 2
-// rows of gate and the same rows of up and writes silu(g) * u of them, so
-// the gate/up output never reaches memory and silu_mul's launch (a
-// dependent kernel of ~3.5 µs of its own a layer at 64 rows on an H200:
-// PERFORMANCE v0.71) is gone. The values are rounded where the two
+// kernels/llama.cu; fp8_ws_silu_n*, kernels/fp8.cu, which also quantizes
+// the rows as silu_mul does): in a step of 17-64 rows whose gate/up
+// product a ws kernel takes with no LoRA update beside, each block streams
+// BN / 2 rows of gate and the same rows of up and writes silu(g) * u of
+// them, so the gate/up output never reaches memory and silu_mul's launch
+// (a dependent kernel of ~3.5 µs of its own a layer at 64 rows on an H200
+// with bf16, 5.0 with FP8: PERFORMANCE v0.71, v0.68) is gone. The values are rounded where the two
 // kernels round them (ws_put_silu rounds g and u to bf16 first, as
 // stored): bit for bit the two kernels' without the staggered K walk,
 // within the last bits of g and u's float32 sums with it. Off by default
@@ -54,21 +55,20 @@ func (g *wsProduct) launchSiLU(s *cuda.Stream, p wsPlan, act, x, sx, w, sw, q, q
 	if N/wsWidths[p.i] > g.sms {
 		return fmt.Errorf("gpu: ws plan %v of N %d is more blocks than the %d SMs (the silu kernels' blocks must all be resident)", p, N, g.sms)
 	}
-	bn, opts := wsWidths[p.i], min(max(g.early, 0), 15)
-	if !g.noStagger {
-		opts |= 16
-	}
+	bn, opts := wsWidths[p.i], g.launchOpts()
 	return g.sfn[p.i].Launch(s, cuda.Dim3{X: N / bn, Y: 1, Z: 1}, cuda.Dim3{X: 128, Y: 1, Z: 1}, wsShared(bn, g.esize),
 		uint64(act), uint64(g.part.Ptr()), uint64(g.done.Ptr()), uint64(x), uint64(sx), uint64(w), uint64(sw), T, N, K, opts,
 		uint64(q), uint64(qscale), sync)
 }
 
 // wsSiLUAuto is whether LinearSiLU takes the products it fits by default.
-// Off: session 79 built and tested gemm_ws_silu on the CPU side (its SASS
-// compiled; every other kernel's unchanged) but was lent no GPU after, so
-// it is neither checked nor measured there yet. kernelForce.wsSiLU 1 turns
-// it on (TestDecodeBench row +wssilu, the A/B; TestBF16WsSiLU and
-// TestOpLinearSiLU check it against gemm_ws then silu_mul and float64).
+// Off: session 79 built gemm_ws_silu and fp8_ws_silu and tested them on
+// the CPU side (their SASS compiled; every other kernel's unchanged) but
+// was lent no GPU after, so they are neither checked nor measured there
+// yet. kernelForce.wsSiLU 1 turns them on (TestDecodeBench row +wssilu,
+// the A/B; TestBF16WsSiLU, TestFP8WsSiLU, TestOpLinearSiLU and
+// TestOpLinearSiLUFP8 check them against the separate kernels and
+// float64).
 const wsSiLUAuto = false
 
 // LinearSiLU is engine.LinearSiLUOps: act = silu(gate) * up where [gate

@@ -129,14 +129,25 @@ func splitBuffers(ctx *cuda.Context, s *cuda.Stream, partBytes int) (part, done 
 	if part, err = ctx.Alloc(partBytes); err != nil {
 		return nil, nil, err
 	}
-	if done, err = ctx.Alloc(4 * wgMaxTiles); err == nil {
-		err = s.Memset8(done.Ptr(), 0, 4*wgMaxTiles)
-	}
-	if err != nil {
-		freeSplit(&part, &done)
+	if done, err = allocZero(ctx, s, 4*wgMaxTiles); err != nil {
+		part.Free()
 		return nil, nil, err
 	}
 	return part, done, nil
+}
+
+// allocZero is n bytes of device memory zeroed on s (nil where the
+// allocation or the memset fails: nothing is left allocated).
+func allocZero(ctx *cuda.Context, s *cuda.Stream, n int) (*cuda.DeviceBuffer, error) {
+	b, err := ctx.Alloc(n)
+	if err != nil {
+		return nil, err
+	}
+	if err := s.Memset8(b.Ptr(), 0, n); err != nil {
+		b.Free()
+		return nil, err
+	}
+	return b, nil
 }
 
 // freeSplit releases a split product's buffers and clears them (nil-safe).

@@ -149,44 +149,45 @@ func loadWS(ctx *cuda.Context, s *cuda.Stream, mod *cuda.Module, prefix, tprefix
 	}
 	g := &wsProduct{esize: esize, sms: ctx.Device().SMs, early: wsEarlyStages}
 	found := false
+	// kernel is name from mod with its shared memory limit raised to
+	// shared (nil where it is not compiled in)
+	kernel := func(name string, shared int) (*cuda.Function, error) {
+		fn, err := mod.Function(name)
+		if err != nil {
+			return nil, nil
+		}
+		if err := fn.SetMaxDynamicShared(shared); err != nil {
+			return nil, err
+		}
+		return fn, nil
+	}
 	for i, bn := range wsWidths {
 		if wsStages(bn, esize) < 3 || wsShared(bn, esize) > maxShared {
 			continue
 		}
-		fn, err := mod.Function(fmt.Sprintf("%s_n%d", prefix, bn))
-		if err != nil {
-			continue // not compiled in
-		}
-		if err := fn.SetMaxDynamicShared(wsShared(bn, esize)); err != nil {
+		sh := wsShared(bn, esize)
+		var err error
+		if g.fn[i], err = kernel(fmt.Sprintf("%s_n%d", prefix, bn), sh); err != nil {
 			return nil, err
 		}
-		g.fn[i], found = fn, true
-		if fn, err = mod.Function(fmt.Sprintf("%sk_n%d", prefix, bn)); err == nil { // the stream-K build (PEFTD_WS_SK)
-			if err := fn.SetMaxDynamicShared(wsShared(bn, esize)); err != nil {
-				return nil, err
-			}
-			g.kfn[i] = fn
+		if g.fn[i] == nil {
+			continue // not compiled in
 		}
-		if fn, err = mod.Function(fmt.Sprintf("%s_silu_n%d", prefix, bn)); err == nil {
-			if err := fn.SetMaxDynamicShared(wsShared(bn, esize)); err != nil {
-				return nil, err
-			}
-			g.sfn[i] = fn
+		found = true
+		if g.kfn[i], err = kernel(fmt.Sprintf("%sk_n%d", prefix, bn), sh); err != nil { // the stream-K build (PEFTD_WS_SK)
+			return nil, err
 		}
-		if fn, err = mod.Function(fmt.Sprintf("%s_lora_n%d", prefix, bn)); err == nil {
-			if err := fn.SetMaxDynamicShared(wsShared(bn, esize)); err != nil {
-				return nil, err
-			}
-			g.lfn[i] = fn
+		if g.sfn[i], err = kernel(fmt.Sprintf("%s_silu_n%d", prefix, bn), sh); err != nil {
+			return nil, err
 		}
-		if tprefix == "" || !cuda.TMA() {
+		if g.lfn[i], err = kernel(fmt.Sprintf("%s_lora_n%d", prefix, bn), sh); err != nil {
+			return nil, err
+		}
+		if tprefix == "" || !cuda.TMA() || wtShared(bn) > maxShared {
 			continue
 		}
-		if fn, err = mod.Function(fmt.Sprintf("%s_n%d", tprefix, bn)); err == nil && wtShared(bn) <= maxShared {
-			if err := fn.SetMaxDynamicShared(wtShared(bn)); err != nil {
-				return nil, err
-			}
-			g.tfn[i] = fn
+		if g.tfn[i], err = kernel(fmt.Sprintf("%s_n%d", tprefix, bn), wtShared(bn)); err != nil {
+			return nil, err
 		}
 	}
 	if !found {
@@ -201,19 +202,13 @@ func loadWS(ctx *cuda.Context, s *cuda.Stream, mod *cuda.Module, prefix, tprefix
 		return nil, fmt.Errorf("gpu: %s's split buffers: %w", prefix, err)
 	}
 	if esize == 1 && g.sfn != ([len(wsWidths)]*cuda.Function{}) {
-		if g.ssync, err = ctx.Alloc(4 * wsSiluSync); err == nil {
-			err = s.Memset8(g.ssync.Ptr(), 0, 4*wsSiluSync)
-		}
-		if err != nil {
+		if g.ssync, err = allocZero(ctx, s, 4*wsSiluSync); err != nil {
 			g.free()
 			return nil, fmt.Errorf("gpu: %s_silu's barrier: %w", prefix, err)
 		}
 	}
 	if g.lfn != ([len(wsWidths)]*cuda.Function{}) {
-		if g.lsync, err = ctx.Alloc(8); err == nil {
-			err = s.Memset8(g.lsync.Ptr(), 0, 8)
-		}
-		if err != nil {
+		if g.lsync, err = allocZero(ctx, s, 8); err != nil {
 			g.free()
 			return nil, fmt.Errorf("gpu: %s_lora's counters: %w", prefix, err)
 		}
@@ -416,10 +411,7 @@ func (g *wsProduct) launch(s *cuda.Stream, p wsPlan, out, x, sx, w, sw cuda.Devi
 	if err := g.check(p, out, x, w, T, N, K); err != nil {
 		return err
 	}
-	bn, opts := wsWidths[p.i], min(max(g.early, 0), 15)
-	if !g.noStagger {
-		opts |= 16 // each block's K walk from its own stage: the grid does not read one activation line at once
-	}
+	bn, opts := wsWidths[p.i], g.launchOpts()
 	if p.sk > 0 { // stream-K: no stagger (each block starts at its own units)
 		return g.kfn[p.i].Launch(s, cuda.Dim3{X: p.sk, Y: 1, Z: 1}, cuda.Dim3{X: 128, Y: 1, Z: 1}, wsShared(bn, g.esize),
 			uint64(out), uint64(g.part.Ptr()), uint64(g.done.Ptr()), uint64(x), uint64(sx), uint64(w), uint64(sw), T, N, K, min(max(g.early, 0), 15))
@@ -445,6 +437,17 @@ func (g *wsProduct) launch(s *cuda.Stream, p wsPlan, out, x, sx, w, sw cuda.Devi
 	}
 	return g.fn[p.i].Launch(s, cuda.Dim3{X: N / bn, Y: p.split, Z: 1}, cuda.Dim3{X: 128, Y: 1, Z: 1}, wsShared(bn, g.esize),
 		uint64(out), uint64(g.part.Ptr()), uint64(g.done.Ptr()), uint64(x), uint64(sx), uint64(w), uint64(sw), T, N, K, opts)
+}
+
+// launchOpts is the kernels' opts: the early weight stages (bits 0-3)
+// and, unless noStagger, bit 4: each block's K walk from its own stage, so
+// that the grid does not read one activation line at once.
+func (g *wsProduct) launchOpts() int {
+	opts := min(max(g.early, 0), 15)
+	if !g.noStagger {
+		opts |= 16
+	}
+	return opts
 }
 
 // check reports a plan that does not take a T x N x K product, or
