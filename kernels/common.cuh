@@ -414,6 +414,57 @@ __device__ void quant_words_e4m3(const uint4 (&w)[NW], int n8, unsigned char* q,
     }
 }
 
+// add_rmsnorm's pieces (llama.cu), here for ws_body's NORM end too.
+// ADD_RC: 16-byte words of a row each thread of add_rmsnorm keeps in
+// registers (rows of up to 32 * blockDim values).
+#define ADD_RC 4 // 16-byte words of a row each thread keeps in registers (rows of up to 32 * blockDim values)
+
+// add8: a += d (8 floats from 16-byte aligned d), each sum rounded to bf16
+// (a LoRA update added to a projection's output, as an update in place would).
+__device__ __forceinline__ void add8(float* a, const float* d) {
+    const float4 d0 = *reinterpret_cast<const float4*>(d), d1 = *reinterpret_cast<const float4*>(d + 4);
+    float f[8] = {a[0] + d0.x, a[1] + d0.y, a[2] + d0.z, a[3] + d0.w, a[4] + d1.x, a[5] + d1.y, a[6] + d1.z, a[7] + d1.w};
+    unpack8(pack8(f), a);
+}
+
+// add_word: word c of row x8 plus d8's (and e8's, summed and rounded to bf16
+// first), rounded to bf16 and stored back when there is a delta.
+__device__ __forceinline__ uint4 add_word(uint4* x8, const uint4* d8, const float4* e8, int c) {
+    const uint4 xv = x8[c];
+    if (!d8) return xv;
+    float v[8], d[8];
+    unpack8(xv, v);
+    unpack8(d8[c], d);
+    if (e8) add8(d, reinterpret_cast<const float*>(e8 + 2 * c));
+#pragma unroll
+    for (int i = 0; i < 8; i++) v[i] += d[i];
+    const uint4 b = pack8(v);
+    x8[c] = b;
+    return b;
+}
+
+__device__ __forceinline__ float sumsq8(uint4 b) {
+    float v[8], s = 0.f;
+    unpack8(b, v);
+#pragma unroll
+    for (int i = 0; i < 8; i++) s += v[i] * v[i];
+    return s;
+}
+
+// norm_word: word c of o8 = w * x * inv (returned too); with q, the stored values' amax
+// into m and bad set when one is not finite.
+__device__ __forceinline__ uint4 norm_word(uint4* o8, int c, uint4 xb, uint4 wb, float inv, bool q, float& m, int& bad) {
+    float v[8], g[8];
+    unpack8(xb, v);
+    unpack8(wb, g);
+#pragma unroll
+    for (int i = 0; i < 8; i++) v[i] = g[i] * (v[i] * inv);
+    const uint4 b = pack8(v);
+    o8[c] = b;
+    if (q) amax8(b, m, bad);
+    return b;
+}
+
 // The skinny products' tiling (fp8_gemm_skinny in fp8.cu; wg_body below
 // per warpgroup): a block of SK_WARPS warps takes SK_ROWS weight rows.
 #define SK_WARPS 4
@@ -502,6 +553,7 @@ __device__ __forceinline__ void skinny_store(const float* acc, bf16* __restrict_
     frag_out<NT>(out, v, M, N, n0, 16 * warp + g, tig, sx, sw);
     if (tid == 0) done[tile] = 0; // ready for the next launch
 }
+
 
 // ---------------------------------------------------------------------------
 // wg_body<ES, NT, WGS>: the product of 17-128 activation rows with a
@@ -985,6 +1037,47 @@ __device__ __forceinline__ void ws_put_silu(const float* v, bf16* __restrict__ o
     }
 }
 
+// grid_meet: a grid-wide barrier on the counter *arrive (zero before the
+// launch): every thread's writes so far are visible at the device to every
+// block after it. Safe only where every block of the grid is resident at
+// once (ws_body's SILU and NORM ends: a one-wave plan, one block an SM, and
+// the kernel after it launches only once every block has reached
+// griddepcontrol.launch_dependents in pdl_entry). Bounded: blocks that are
+// not all resident (a plan of more blocks than SMs, SMs another kernel
+// holds) end the kernel with an error after ~5 s instead of hanging the
+// card. Every thread of the block calls it.
+__device__ __forceinline__ void grid_meet(unsigned* arrive) {
+    const unsigned n = gridDim.x * gridDim.y * gridDim.z;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        __threadfence();
+        atomicAdd(arrive, 1u);
+        for (unsigned spins = 0; *reinterpret_cast<volatile unsigned*>(arrive) < n; spins++) {
+            if (spins > (1u << 26)) __trap();
+            __nanosleep(64);
+        }
+        __threadfence();
+    }
+    __syncthreads();
+}
+
+// grid_leave: after grid_meet(arrive), once every thread of the block has
+// read what the barrier guarded: the last block out zeroes the nw words
+// from w, arrive and the leave counter after it (arrive + 1) for the next
+// launch. Every thread of the block calls it.
+__device__ __forceinline__ void grid_leave(unsigned* w, int nw, unsigned* arrive) {
+    unsigned* leave = arrive + 1;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        __threadfence();
+        if (atomicAdd(leave, 1u) == gridDim.x * gridDim.y * gridDim.z - 1) {
+            for (int i = 0; i < nw; i++) w[i] = 0;
+            *arrive = 0, *leave = 0;
+        }
+    }
+}
+
 // WsSiluQ: where ws_body's FP8 SILU blocks (fp8_ws_silu_n*) put the
 // quantized rows: q [M][I] e4m3 bytes and qscale [M] (silu_mul's), and
 // sync: 64 row maxima (float bits) then two counters, zero between
@@ -999,17 +1092,12 @@ struct WsSiluQ {
 // scales xs[m] and ws, up's at ws[BN / 2 + n]), which also
 // quantizes each row as silu_mul does into Q: the row's max |v| over every
 // block (atomicMax on the bits of a non-negative float; +Inf for a
-// non-finite value) met at a grid-wide barrier, then each block converts
-// its own values with the row's scale. The barrier is safe only because
-// every block of the grid is resident at once: a one-wave plan (blocks <=
-// SMs, one a SM) with no other kernel holding SMs it waits for (the
-// kernel after it launches only once every block has reached
-// griddepcontrol.launch_dependents, in pdl_entry). Every thread of the
-// block calls it.
+// non-finite value) met at a grid-wide barrier (grid_meet: every block
+// resident at once), then each block converts its own values with the
+// row's scale. Every thread of the block calls it.
 template <int BN>
 __device__ __forceinline__ void ws_put_silu_q(float* v, bf16* __restrict__ out, const float* xs, const float* ws, int M, int I, int gn0,
                                               int m0, int tig, const WsSiluQ& Q) {
-    const int tid = threadIdx.x;
     float mx[2] = {0.f, 0.f};
     int bad[2] = {0, 0};
 #pragma unroll
@@ -1036,23 +1124,7 @@ __device__ __forceinline__ void ws_put_silu_q(float* v, bf16* __restrict__ out, 
         }
         if (tig == 0 && m0 + 8 * h < M) atomicMax(Q.sync + m0 + 8 * h, bad[h] ? 0x7f800000u : __float_as_uint(mx[h]));
     }
-    unsigned* arrive = Q.sync + 64;
-    unsigned* leave = Q.sync + 65;
-    __threadfence(); // each thread's maxima, at the device, before the block's arrival
-    __syncthreads();
-    if (tid == 0) {
-        __threadfence();
-        atomicAdd(arrive, 1u);
-        // bounded: blocks that are not all resident (a plan of more
-        // blocks than SMs, SMs another kernel holds) end the kernel with
-        // an error after ~5 s instead of hanging the card
-        for (unsigned spins = 0; *reinterpret_cast<volatile unsigned*>(arrive) < gridDim.x; spins++) {
-            if (spins > (1u << 26)) __trap();
-            __nanosleep(64);
-        }
-        __threadfence();
-    }
-    __syncthreads();
+    grid_meet(Q.sync + 64); // each thread's maxima, at the device
 #pragma unroll
     for (int h = 0; h < 2; h++) {
         const int m = m0 + 8 * h;
@@ -1068,14 +1140,7 @@ __device__ __forceinline__ void ws_put_silu_q(float* v, bf16* __restrict__ out, 
                 __nv_cvt_float2_to_fp8x2(make_float2(v[4 * j + 2 * h] * inv, v[4 * j + 2 * h + 1] * inv), __NV_SATFINITE, __NV_E4M3);
         }
     }
-    __syncthreads(); // every thread has read the maxima
-    if (tid == 0) {
-        __threadfence();
-        if (atomicAdd(leave, 1u) == gridDim.x - 1) { // the last block out: zero for the next launch
-            for (int i = 0; i < 64; i++) Q.sync[i] = 0;
-            *arrive = 0, *leave = 0;
-        }
-    }
+    grid_leave(Q.sync, 64, Q.sync + 64); // every thread has read the maxima
 }
 
 // ws_store: the end of ws_body and wt_body for the accumulators d of
@@ -1131,6 +1196,111 @@ __device__ __forceinline__ void ws_store(float* d, bf16* __restrict__ out, float
     }
     put(d);
     if (tid == 0) done[blockIdx.x] = 0; // ready for the next launch
+}
+
+// WsNorm: what ws_body's NORM blocks (gemm_ws_norm_n*, fp8_ws_norm_n*)
+// do once the product's rows (the delta) are stored: add_rmsnorm's work,
+// x += delta and, where out is set, out = rmsnorm(x) * w (eps; H the
+// width, the product's N), with q set also out's rows quantized into q and
+// qscale as add_rmsnorm's FP8 path does; sync: two counters, zero between
+// launches (the last block leaves them so).
+struct WsNorm {
+    bf16* x;
+    bf16* out;
+    const bf16* w;
+    float eps;
+    unsigned char* q;
+    float* qscale;
+    unsigned* sync;
+};
+
+// add_words: the sum of two words of 8 bf16 values, each rounded to bf16
+// (add_word's without a LoRA update).
+__device__ __forceinline__ uint4 add_words(uint4 a, uint4 b) {
+    float v[8], d[8];
+    unpack8(a, v);
+    unpack8(b, d);
+#pragma unroll
+    for (int i = 0; i < 8; i++) v[i] += d[i];
+    return pack8(v);
+}
+
+// ws_add_norm: the NORM blocks' end, with the product's rows delta [M][H]
+// stored by this block: the grid meets (grid_meet: every block's rows
+// stored), then block b (of G, x fastest) takes rows b, b + G, ... and does
+// add_rmsnorm's work on each with the same bits: its 128 threads stand for
+// add_rmsnorm's 256 (thread t for t and t + 128, whose 16-byte words t +
+// 256 i are this thread's even and odd words t + 128 j), each sum of
+// squares added in add_rmsnorm's order and the two met as its block_sum
+// meets its eight warps. The norm's weight and the block's first row of x
+// (no other block writes them) are read before the barrier, so that only
+// delta's words are read after it. H % 8 == 0 and H <= 2048 ADD_RC
+// (runtime/gpu checks). Every thread of the block calls it.
+__device__ __forceinline__ void ws_add_norm(const bf16* delta, int M, int H, const WsNorm& P) {
+    constexpr int NW = 2 * ADD_RC;
+    __shared__ float sh[33];
+    const int G = gridDim.x * gridDim.y, b0 = blockIdx.y * gridDim.x + blockIdx.x;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, n8 = H >> 3;
+    const uint4* w8 = reinterpret_cast<const uint4*>(P.w);
+    uint4 wk[NW], xk[NW], dk[NW];
+    auto load_x = [&](int r) {
+        const uint4* x8 = reinterpret_cast<const uint4*>(P.x + (long long)r * H);
+#pragma unroll
+        for (int j = 0; j < NW; j++)
+            if (tid + 128 * j < n8) xk[j] = x8[tid + 128 * j];
+    };
+    if (P.out)
+#pragma unroll
+        for (int j = 0; j < NW; j++)
+            if (tid + 128 * j < n8) wk[j] = __ldg(w8 + tid + 128 * j);
+    if (b0 < M) load_x(b0);
+    grid_meet(P.sync);
+    for (int r = b0; r < M; r += G) {
+        if (r != b0) load_x(r);
+        const uint4* d8 = reinterpret_cast<const uint4*>(delta + (long long)r * H);
+#pragma unroll
+        for (int j = 0; j < NW; j++)
+            if (tid + 128 * j < n8) dk[j] = __ldcg(d8 + tid + 128 * j);
+        uint4* x8 = reinterpret_cast<uint4*>(P.x + (long long)r * H);
+        float sa = 0.f, sb = 0.f; // the sums of squares of add_rmsnorm's threads t and t + 128
+#pragma unroll
+        for (int j = 0; j < NW; j++) {
+            const int c = tid + 128 * j;
+            if (c < n8) {
+                xk[j] = add_words(xk[j], dk[j]);
+                x8[c] = xk[j];
+                if (j & 1)
+                    sb += sumsq8(xk[j]);
+                else
+                    sa += sumsq8(xk[j]);
+            }
+        }
+        if (!P.out) continue;
+        // block_sum over add_rmsnorm's eight warps: ours (0-3) and the ones
+        // our second sums stand for (4-7)
+        sa = warp_sum(sa), sb = warp_sum(sb);
+        if (lane == 0) sh[warp] = sa, sh[warp + 4] = sb;
+        __syncthreads();
+        if (warp == 0) {
+            float s = lane < 8 ? sh[lane] : 0.f;
+            s = warp_sum(s);
+            if (lane == 0) sh[32] = s;
+        }
+        __syncthreads();
+        const float ss = sh[32];
+        __syncthreads();
+        const float inv = 1.f / sqrtf(ss / (float)H + P.eps);
+        uint4* o8 = reinterpret_cast<uint4*>(P.out + (long long)r * H);
+        float m = 0.f;
+        int bad = 0;
+#pragma unroll
+        for (int j = 0; j < NW; j++) {
+            const int c = tid + 128 * j;
+            if (c < n8) xk[j] = norm_word(o8, c, xk[j], wk[j], inv, P.q != nullptr, m, bad);
+        }
+        if (P.q) quant_words_e4m3<NW>(xk, n8, P.q + (long long)r * H, P.qscale + r, m, bad, sh);
+    }
+    grid_leave(nullptr, 0, P.sync);
 }
 
 // ---------------------------------------------------------------------------
@@ -1637,16 +1807,17 @@ __device__ __forceinline__ void ws_stage(float* d, int j, unsigned base, unsigne
 template <bool LORA> struct WsLoraSmOf { using T = WsLoraSm; };
 template <> struct WsLoraSmOf<false> { using T = char; };
 
-template <int ES, int BN, bool LORA = false, bool SILU = false>
+template <int ES, int BN, bool LORA = false, bool SILU = false, bool NORM = false>
 __device__ __forceinline__ void ws_body(bf16* __restrict__ out, float* __restrict__ part, int* __restrict__ done,
                                         const unsigned char* __restrict__ qx, const float* __restrict__ sx,
                                         const unsigned char* __restrict__ qw, const float* __restrict__ sw, int M,
-                                        int N, int K, int opts, const WsLora* Lp = nullptr, WsSiluQ SQ = {}) {
+                                        int N, int K, int opts, const WsLora* Lp = nullptr, WsSiluQ SQ = {}, WsNorm NP = {}) {
     using W = WsShape<BN, ES>;
     constexpr int TR = W::TR, AB = W::AB, SB = W::SB, ST = W::ST, KA = W::KA, IF = W::IF, AHEAD = ST - 1 - IF;
     static_assert(IF >= 0 && IF <= 2, "ws_body: WS_INFLIGHT, WS_INFLIGHT_NARROW 0-2");
     static_assert(AHEAD >= 1, "ws_body: fewer than 2 + WS_INFLIGHT stages fit");
     static_assert(!SILU || (!LORA && BN % 32 == 0), "ws_body: SILU is without LoRA, on whole 16-row groups a half");
+    static_assert(!NORM || (!LORA && !SILU), "ws_body: NORM is a plain product's end");
     constexpr int CH = WG_RB / 16;                 // 16-byte chunks a staged row
     constexpr int RSTEP = 128 / CH;                // rows between a thread's copies
     constexpr int CX = TR / RSTEP, CW = BN / RSTEP; // a thread's activation and weight rows an atom
@@ -1744,6 +1915,13 @@ __device__ __forceinline__ void ws_body(bf16* __restrict__ out, float* __restric
         return;
     }
     ws_store<BN>(d, out, part, done, ES == 1 ? xsc : nullptr, ES == 1 ? wsc : nullptr, M, N, n0, z, &last); // ES 1 has scales, ES 2 none (a constant: the reads stay shared-memory loads)
+    if constexpr (NORM) {
+        // every block's rows of out stored (with splits, by each tile's
+        // last block: ws_add_norm's barrier), then add_rmsnorm's work on
+        // them; the activations and their scales (FP8: the scratch NP.q
+        // rewrites) were all read before
+        ws_add_norm(out, M, N, NP);
+    }
 }
 
 #ifdef PEFTD_WS_SK

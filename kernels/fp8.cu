@@ -470,6 +470,16 @@ WS_WIDTHS(fp8_ws, ws_body, 1, FP8_WS_ARGS, FP8_WS_PASS, 128)
 #define FP8_WS_SILU_PASS FP8_WS_PASS, nullptr, WsSiluQ{q, qscale, sync}
 extern "C" __global__ void __launch_bounds__(128, 1) fp8_ws_silu_n224(FP8_WS_SILU_ARGS) { ws_body<1, 224, false, true>(FP8_WS_SILU_PASS); }
 extern "C" __global__ void __launch_bounds__(128, 1) fp8_ws_silu_n256(FP8_WS_SILU_ARGS) { ws_body<1, 256, false, true>(FP8_WS_SILU_PASS); }
+// fp8_ws_norm_n{32,64}: the o or down product (N = H) and add_rmsnorm of
+// its rows in one launch (gemm_ws_norm_n*'s, llama.cu), nout's rows also
+// quantized per row into q and qscale as add_rmsnorm quantizes them for
+// the FP8 projections that read it next (the scratch the product read its
+// activations from: ws_add_norm writes it after the barrier). Off by
+// default until measured (kernelForce.wsNorm).
+#define FP8_WS_NORM_ARGS FP8_WS_ARGS, bf16 *xr, bf16 *nout, const bf16 *nw, float eps, unsigned char *q, float *qscale, unsigned *sync
+#define FP8_WS_NORM_PASS FP8_WS_PASS, nullptr, WsSiluQ{}, WsNorm{xr, nout, nw, eps, q, qscale, sync}
+extern "C" __global__ void __launch_bounds__(128, 1) fp8_ws_norm_n32(FP8_WS_NORM_ARGS) { ws_body<1, 32, false, false, true>(FP8_WS_NORM_PASS); }
+extern "C" __global__ void __launch_bounds__(128, 1) fp8_ws_norm_n64(FP8_WS_NORM_ARGS) { ws_body<1, 64, false, false, true>(FP8_WS_NORM_PASS); }
 // fp8_wsk_n*: the same products on any number of blocks (stream-K:
 // wsk_body in common.cuh), only with PEFTD_WS_SK as well (the A/B of
 // PERFORMANCE v0.68 Next 3; runtime/gpu ws.go plans them where

@@ -35,52 +35,6 @@ __device__ __forceinline__ uint4 widen8_e4m3(uint2 w) {
     return pack8(f);
 }
 
-// add8: a += d (8 floats from 16-byte aligned d), each sum rounded to bf16
-// (a LoRA update added to a projection's output, as an update in place would).
-__device__ __forceinline__ void add8(float* a, const float* d) {
-    const float4 d0 = *reinterpret_cast<const float4*>(d), d1 = *reinterpret_cast<const float4*>(d + 4);
-    float f[8] = {a[0] + d0.x, a[1] + d0.y, a[2] + d0.z, a[3] + d0.w, a[4] + d1.x, a[5] + d1.y, a[6] + d1.z, a[7] + d1.w};
-    unpack8(pack8(f), a);
-}
-
-// add_word: word c of row x8 plus d8's (and e8's, summed and rounded to bf16
-// first), rounded to bf16 and stored back when there is a delta.
-__device__ __forceinline__ uint4 add_word(uint4* x8, const uint4* d8, const float4* e8, int c) {
-    const uint4 xv = x8[c];
-    if (!d8) return xv;
-    float v[8], d[8];
-    unpack8(xv, v);
-    unpack8(d8[c], d);
-    if (e8) add8(d, reinterpret_cast<const float*>(e8 + 2 * c));
-#pragma unroll
-    for (int i = 0; i < 8; i++) v[i] += d[i];
-    const uint4 b = pack8(v);
-    x8[c] = b;
-    return b;
-}
-
-__device__ __forceinline__ float sumsq8(uint4 b) {
-    float v[8], s = 0.f;
-    unpack8(b, v);
-#pragma unroll
-    for (int i = 0; i < 8; i++) s += v[i] * v[i];
-    return s;
-}
-
-// norm_word: word c of o8 = w * x * inv (returned too); with q, the stored values' amax
-// into m and bad set when one is not finite.
-__device__ __forceinline__ uint4 norm_word(uint4* o8, int c, uint4 xb, uint4 wb, float inv, bool q, float& m, int& bad) {
-    float v[8], g[8];
-    unpack8(xb, v);
-    unpack8(wb, g);
-#pragma unroll
-    for (int i = 0; i < 8; i++) v[i] = g[i] * (v[i] * inv);
-    const uint4 b = pack8(v);
-    o8[c] = b;
-    if (q) amax8(b, m, bad);
-    return b;
-}
-
 // add_rmsnorm: x[r] += delta[r] (and the LoRA update d2 of the rows whose
 // rl is >= 0, rows H apart; delta + d2 is rounded to bf16 first, as the
 // projection's output updated in place would have been), rounded to bf16;
@@ -88,7 +42,6 @@ __device__ __forceinline__ uint4 norm_word(uint4* o8, int c, uint4 xb, uint4 wb,
 // too, out[r] quantized per row to e4m3 into q[r] (H bytes) and qscale[r]
 // for the FP8 projections that read it (no quant_rows_e4m3 launch).
 // grid (T), block a multiple of 32.
-#define ADD_RC 4 // 16-byte words of a row each thread keeps in registers (rows of up to 32 * blockDim values)
 extern "C" __global__ void add_rmsnorm(bf16* x, const bf16* delta, const float* d2, const int* rl, bf16* out, const bf16* w, float eps, int H,
                                        unsigned char* q, float* qscale) {
     const int r = blockIdx.x, tid = threadIdx.x, bd = blockDim.x, n8 = H >> 3;
@@ -3220,6 +3173,20 @@ WS_WIDTHS(gemm_ws, ws_body, 2, GEMM_WS_ARGS, GEMM_WS_PASS, 128)
 #define GEMM_WS_SILU_ARGS GEMM_WS_ARGS, unsigned char *q, float *qscale, unsigned *sync
 extern "C" __global__ void __launch_bounds__(128, 1) gemm_ws_silu_n224(GEMM_WS_SILU_ARGS) { ws_body<2, 224, false, true>(GEMM_WS_PASS); }
 extern "C" __global__ void __launch_bounds__(128, 1) gemm_ws_silu_n256(GEMM_WS_SILU_ARGS) { ws_body<2, 256, false, true>(GEMM_WS_PASS); }
+// gemm_ws_norm_n{32,64}: the o or down product (N = H, the hidden width)
+// and add_rmsnorm of its rows in one launch: out [M, H] = x . w^T as
+// gemm_ws_n* stores it, then (ws_body's NORM: a grid-wide barrier, then
+// each block add_rmsnorm's work on its share of the rows, ws_add_norm) xr
+// += out and, where nout is set, nout = rmsnorm(xr) * nw, bit for bit
+// gemm_ws_n* then add_rmsnorm. runtime/gpu's LinearAddRMSNorm takes the
+// products of base steps' 17-64 rows that gemm_ws plans on these widths
+// where kernelForce.wsNorm turns it on (off by default until a GPU run
+// measures it). (fp8_ws_norm_n*'s argument list: q and qscale are not
+// used here)
+#define GEMM_WS_NORM_ARGS GEMM_WS_ARGS, bf16 *xr, bf16 *nout, const bf16 *nw, float eps, unsigned char *q, float *qscale, unsigned *sync
+#define GEMM_WS_NORM_PASS GEMM_WS_PASS, nullptr, WsSiluQ{}, WsNorm{xr, nout, nw, eps, nullptr, nullptr, sync}
+extern "C" __global__ void __launch_bounds__(128, 1) gemm_ws_norm_n32(GEMM_WS_NORM_ARGS) { ws_body<2, 32, false, false, true>(GEMM_WS_NORM_PASS); }
+extern "C" __global__ void __launch_bounds__(128, 1) gemm_ws_norm_n64(GEMM_WS_NORM_ARGS) { ws_body<2, 64, false, false, true>(GEMM_WS_NORM_PASS); }
 // gemm_wsk_n*: the same on any number of blocks (stream-K: wsk_body),
 // only with PEFTD_WS_SK as well (PERFORMANCE v0.68 Next 3)
 #ifdef PEFTD_WS_SK

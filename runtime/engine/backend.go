@@ -292,6 +292,20 @@ type LinearSiLUOps interface {
 	LinearSiLU(act, in Buffer, w Weight) bool
 }
 
+// LinearAddRMSNormOps is an optional capability of Ops: a projection and
+// the AddRMSNorm of the residual stream after it as one op, so that a
+// backend may do the add and the norm in the product's end instead of a
+// launch of their own (the CUDA backend can, for the o and down products
+// of bf16 and FP8 steps of 17-64 rows, where its kernelForce.wsNorm turns
+// it on). The engine calls it where no LoRA update changes the product.
+type LinearAddRMSNormOps interface {
+	// LinearAddRMSNorm is Linear(delta, in, w) and then AddRMSNorm(x,
+	// delta, out, norm, eps) (out and norm nil: only the add); false when
+	// the backend does not take this product (nothing was done: the
+	// engine issues the two ops).
+	LinearAddRMSNorm(delta, in Buffer, w Weight, x, out Buffer, norm Weight, eps float32) bool
+}
+
 // FamilyOps are what models beyond Llama's layout need; a backend without
 // them runs Llama and Mistral models, and New refuses the others by name.
 type FamilyOps interface {

@@ -475,14 +475,27 @@ func (e *Engine) forward(b Ops, s Shape) {
 		b.Linear(out, in, w)
 		lora(out, in, l, g)
 	}
+	// linearNorm is group g's product into e.tmp, then the residual add
+	// and the norm after it (norm nil: the add alone), as one op where
+	// the backend takes it (LinearAddRMSNormOps)
+	fn, fusedNorm := b.(LinearAddRMSNormOps)
+	linearNorm := func(in Buffer, w Weight, l int, g int, norm Weight) {
+		out := e.h
+		if norm == nil {
+			out = nil
+		}
+		if !hasLoRA(g) && fusedNorm && fn.LinearAddRMSNorm(e.tmp, in, w, e.x, out, norm, eps) {
+			return
+		}
+		linear(e.tmp, in, w, l, g)
+		b.AddRMSNorm(e.x, e.tmp, out, norm, eps)
+	}
 	b.Embed(e.x, e.embed)
 	scale := float32(1 / math.Sqrt(float64(c.HeadDim)))
 	for l := range e.layers {
 		lw := &e.layers[l]
 		if l == 0 {
 			b.AddRMSNorm(e.x, nil, e.h, lw.inNorm, eps)
-		} else {
-			b.AddRMSNorm(e.x, e.tmp, e.h, lw.inNorm, eps) // adds the previous layer's MLP output
 		}
 		if lw.qkvBias != nil {
 			b.Linear(e.qkv, e.h, lw.qkv)
@@ -496,14 +509,18 @@ func (e *Engine) forward(b Ops, s Shape) {
 			fo.HeadRMSNorm(e.k, c.KVHeads, c.HeadDim, lw.kNorm, eps)
 		}
 		b.Attention(e.attn, e.q, e.k, e.v, l, scale, e.invFreq)
-		linear(e.tmp, e.attn, lw.o, l, 1)
-		b.AddRMSNorm(e.x, e.tmp, e.h, lw.postNorm, eps)
+		linearNorm(e.attn, lw.o, l, 1, lw.postNorm)
 		if hasLoRA(2) || !fusedSiLU || !fs.LinearSiLU(e.act, e.h, lw.gateUp) {
 			linear(e.gateUp, e.h, lw.gateUp, l, 2)
 			b.SiLUMul(e.act, e.gate, e.up)
 		}
-		linear(e.tmp, e.act, lw.down, l, 3)
+		// x += the MLP output, then the next layer's input norm (after the
+		// last layer the add alone: Logits normalizes)
+		var next Weight
+		if l+1 < len(e.layers) {
+			next = e.layers[l+1].inNorm
+		}
+		linearNorm(e.act, lw.down, l, 3, next)
 	}
-	b.AddRMSNorm(e.x, e.tmp, nil, nil, eps) // x += the last MLP output
 	b.Logits(e.logits, e.x, e.norm, e.head, eps)
 }

@@ -84,29 +84,19 @@ func (b *Backend) LinearSiLU(act, in engine.Buffer, w engine.Weight) bool {
 	if !forcedOn(b.force.wsSiLU, wsSiLUAuto) || !b.ok() {
 		return false
 	}
-	if _, _, part := b.Partition(); part {
-		return false // fp8_ws_silu's blocks must all be resident: not on a partition's SMs
-	}
 	N, K := weightShape(w)
-	ws := b.wsFor(w)
 	o, x, T := buf(act), buf(in), b.rows()
-	if ws == nil || N == 0 || x.cols != K || 2*o.cols != N || !o.whole() || !x.whole() {
+	if N == 0 || x.cols != K || 2*o.cols != N || !o.whole() || !x.whole() {
 		return false
 	}
-	fw, fp8 := w.(*fp8Weight)
-	if fp8 {
-		f := b.f8
-		if !(f.wsOn || f.wsAuto) || f.ltForce || f.ltRows[[4]int{T, N, K, f.mm.SMTarget()}] || !f.fits(T, o.cols) || !f.fits(T, K) {
-			return false
-		}
-	} else if !b.bwsTakes(T, N, K, false) {
-		return false
-	}
-	p, ok := ws.plan(T, N, K)
+	ws, p, ok := b.wsAlone(w, T, N, K)
 	if !ok || !ws.siluFits(p, N) {
 		return false
 	}
-	ws.early = b.wsEarly()
+	fw, fp8 := w.(*fp8Weight)
+	if fp8 && !b.f8.fits(T, o.cols) {
+		return false
+	}
 	if !fp8 {
 		b.opStart()
 		if !b.ok() {
@@ -136,4 +126,37 @@ func (b *Backend) LinearSiLU(act, in engine.Buffer, w engine.Weight) bool {
 		f.holds(o.mem.Ptr(), T, o.cols, b.gen)
 	}
 	return true
+}
+
+// wsAlone is the ws products and plan that take the step's T x N x K
+// product with weight w where no LoRA update runs beside it: bf16 where
+// bwsTakes routes it to gemm_ws, FP8 where fp8State's routing gives it to
+// fp8_ws (its activation rows fit the scratch, and its tuning did not give
+// it to cuBLASLt); ok false otherwise, and on a green-context partition
+// (the fused kernels' grid-wide barriers need every block resident at
+// once, on SMs the partition may not have). The fused ops (LinearSiLU,
+// LinearAddRMSNorm) take a product only where it says so, with the plan
+// Linear would have launched.
+func (b *Backend) wsAlone(w engine.Weight, T, N, K int) (*wsProduct, wsPlan, bool) {
+	if _, _, part := b.Partition(); part {
+		return nil, wsPlan{}, false
+	}
+	ws := b.wsFor(w)
+	if ws == nil {
+		return nil, wsPlan{}, false
+	}
+	if _, fp8 := w.(*fp8Weight); fp8 {
+		f := b.f8
+		if !(f.wsOn || f.wsAuto) || f.ltForce || f.ltRows[[4]int{T, N, K, f.mm.SMTarget()}] || !f.fits(T, K) {
+			return nil, wsPlan{}, false
+		}
+	} else if !b.bwsTakes(T, N, K, false) {
+		return nil, wsPlan{}, false
+	}
+	p, ok := ws.plan(T, N, K)
+	if !ok {
+		return nil, wsPlan{}, false
+	}
+	ws.early = b.wsEarly()
+	return ws, p, true
 }

@@ -37,6 +37,8 @@ type wsProduct struct {
 	kfn        [len(wsWidths)]*cuda.Function // the same on any number of blocks (stream-K: fp8_wsk_n*, -DPEFTD_WS_SK)
 	sfn        [len(wsWidths)]*cuda.Function // gate/up and silu_mul in one (gemm_ws_silu_n*, fp8_ws_silu_n*: silu_ws.go), where compiled
 	ssync      *cuda.DeviceBuffer            // fp8_ws_silu's row maxima and barrier counters (zero between launches)
+	nfn        [len(wsWidths)]*cuda.Function // the o or down product and add_rmsnorm in one (gemm_ws_norm_n*, fp8_ws_norm_n*: norm_ws.go), where compiled
+	nsync      *cuda.DeviceBuffer            // their barrier counters (zero between launches)
 	partCap    int                           // the partials buffer's floats / wsMaxRows
 	lsync      *cuda.DeviceBuffer            // fp8_ws_lora's two counters (zero between launches)
 	noTMA      bool                          // benchmarks: the cp.async kernels (fn) even where tfn is loaded
@@ -183,6 +185,9 @@ func loadWS(ctx *cuda.Context, s *cuda.Stream, mod *cuda.Module, prefix, tprefix
 		if g.lfn[i], err = kernel(fmt.Sprintf("%s_lora_n%d", prefix, bn), sh); err != nil {
 			return nil, err
 		}
+		if g.nfn[i], err = kernel(fmt.Sprintf("%s_norm_n%d", prefix, bn), sh); err != nil {
+			return nil, err
+		}
 		if tprefix == "" || !cuda.TMA() || wtShared(bn) > maxShared {
 			continue
 		}
@@ -205,6 +210,12 @@ func loadWS(ctx *cuda.Context, s *cuda.Stream, mod *cuda.Module, prefix, tprefix
 		if g.ssync, err = allocZero(ctx, s, 4*wsSiluSync); err != nil {
 			g.free()
 			return nil, fmt.Errorf("gpu: %s_silu's barrier: %w", prefix, err)
+		}
+	}
+	if g.nfn != ([len(wsWidths)]*cuda.Function{}) {
+		if g.nsync, err = allocZero(ctx, s, 4*wsNormSync); err != nil {
+			g.free()
+			return nil, fmt.Errorf("gpu: %s_norm's barrier: %w", prefix, err)
 		}
 	}
 	if g.lfn != ([len(wsWidths)]*cuda.Function{}) {
@@ -230,6 +241,10 @@ func (g *wsProduct) free() error {
 		err = e
 	}
 	g.ssync = nil
+	if e := g.nsync.Free(); e != nil && err == nil {
+		err = e
+	}
+	g.nsync = nil
 	return err
 }
 

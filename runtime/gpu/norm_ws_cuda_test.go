@@ -1,0 +1,324 @@
+//go:build cuda
+
+package gpu
+
+import (
+	"encoding/binary"
+	"fmt"
+	"math"
+	"slices"
+	"testing"
+
+	"github.com/peftd/peftd/runtime/cuda"
+	"github.com/peftd/peftd/runtime/engine"
+	"github.com/peftd/peftd/runtime/safetensors"
+)
+
+// TestWsNorm checks gemm_ws_norm and fp8_ws_norm (the o or down product
+// and add_rmsnorm of its rows in one launch, met at a grid-wide barrier)
+// against gemm_ws / fp8_ws's product then add_rmsnorm: with every block
+// walking K from its start the product's rows, the residual rows and the
+// normalized rows (FP8: also their e4m3 bytes and scales) bit for bit, and
+// the add alone (no norm output) too; with the default stagger a second
+// launch gives the same bits (the barrier's words left at zero) and the
+// rows lie within a rounding step of the two kernels'; for every one-wave
+// plan with a NORM kernel (K splits 1-8) of six shapes (17-64 rows, the 8B
+// model's o and down, small ones), rows past M untouched. The 8B o and
+// down products' automatic plans at 17-64 rows have a NORM kernel.
+func TestWsNorm(t *testing.T) {
+	for _, format := range []string{"bf16", "fp8"} {
+		t.Run(format, func(t *testing.T) { wsNormCheck(t, format == "fp8") })
+	}
+}
+
+// wsNormOut is one run's rows: the product (d), the residual (x), the
+// normalized rows (o) and, with FP8, o quantized (q, s).
+type wsNormOut struct {
+	d, x, o []uint16
+	q       []byte
+	s       []float32
+}
+
+func wsNormCheck(t *testing.T, fp8 bool) {
+	var r *fp8Rig
+	var g *wsProduct
+	if fp8 {
+		r = newFP8Rig(t)
+		if g = r.f.ws; g == nil {
+			t.Skip("fp8_ws is compiled only in the wgmma build, for sm_90a")
+		}
+	} else {
+		r, g = bwsRig(t)
+	}
+	if g.nsync == nil {
+		t.Fatal("no ws kernel with add_rmsnorm loaded")
+	}
+	defer func() { g.noStagger = false }()
+	mod, _ := forwardLimit(t, r)
+	addNorm, err := mod.Function("add_rmsnorm")
+	if err != nil {
+		t.Fatal(err)
+	}
+	const eps = 1e-5
+	sms := r.ctx.Device().SMs
+	tested := 0
+	for _, sz := range []struct{ M, N, K int }{
+		{17, 4096, 4096}, {64, 4096, 4096}, {64, 4096, 14336}, {32, 4096, 14336}, {48, 256, 512}, {33, 512, 1024},
+	} {
+		M, N, K := sz.M, sz.N, sz.K
+		x := r.up(r.bf16Rand(M*K, 1))
+		// the product's operands: bf16 as they are, FP8 quantized
+		var xin, sx, wq, ws cuda.DevicePtr
+		var w8 *fp8Weight
+		if fp8 {
+			if w8, err = r.f.upload(r.bf16Rand(N*K, 0.02), N, K); err != nil {
+				t.Fatal(err)
+			}
+			qx, sxb := r.alloc(M*K), r.alloc(4*M)
+			if err := r.f.quantRows(qx.Ptr(), sxb.Ptr(), x.Ptr(), M, K, K); err != nil {
+				t.Fatal(err)
+			}
+			xin, sx, wq, ws = qx.Ptr(), sxb.Ptr(), w8.q.Ptr(), w8.scale.Ptr()
+		} else {
+			xin, wq = x.Ptr(), r.up(r.bf16Rand(N*K, 0.02)).Ptr()
+		}
+		res, nw := r.bf16Rand(M*N, 1), r.up(r.bf16Rand(N, 1))
+		d, xr, o := r.alloc(2*(M+1)*N), r.alloc(2*(M+1)*N), r.alloc(2*(M+1)*N)
+		q, qs := r.alloc(M*N), r.alloc(4*M)
+		// run is one launch pair (fused false: the product, then
+		// add_rmsnorm) or one NORM launch with plan p on fresh residual
+		// rows; norm false: the add alone
+		run := func(p wsPlan, fused, norm bool) wsNormOut {
+			poison := make([]uint16, (M+1)*N)
+			for i := range poison {
+				poison[i] = poisonBF16
+			}
+			for _, b := range []*cuda.DeviceBuffer{d, o, xr} {
+				if err := cuda.CopyHtoD(r.s, b.Ptr(), poison); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if err := cuda.CopyHtoD(r.s, xr.Ptr(), res); err != nil {
+				t.Fatal(err)
+			}
+			var op, np, qp, sp cuda.DevicePtr
+			if norm {
+				op, np = o.Ptr(), nw.Ptr()
+				if fp8 {
+					qp, sp = q.Ptr(), qs.Ptr()
+				}
+			}
+			if fused {
+				err = g.launchNorm(r.s, p, d.Ptr(), xin, sx, wq, ws, xr.Ptr(), op, np, qp, sp, eps, M, N, K)
+			} else if err = g.launch(r.s, p, d.Ptr(), xin, sx, wq, ws, M, N, K, nil); err == nil {
+				err = addNorm.Launch(r.s, cuda.Dim3{X: M, Y: 1, Z: 1}, cuda.Dim3{X: 256, Y: 1, Z: 1}, 0,
+					uint64(xr.Ptr()), uint64(d.Ptr()), uint64(0), uint64(0), uint64(op), uint64(np), float32(eps), N, uint64(qp), uint64(sp))
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			var out wsNormOut
+			for _, c := range []struct {
+				b *cuda.DeviceBuffer
+				h *[]uint16
+			}{{d, &out.d}, {xr, &out.x}, {o, &out.o}} {
+				h := readBack[uint16](t, r, c.b, (M+1)*N)
+				for i := M * N; i < len(h); i++ {
+					if h[i] != poisonBF16 {
+						t.Fatalf("row %d (past M) written at column %d", M, i-M*N)
+					}
+				}
+				*c.h = h[:M*N]
+			}
+			if fp8 && norm {
+				out.q, out.s = readBack[byte](t, r, q, M*N), readBack[float32](t, r, qs, M)
+			}
+			return out
+		}
+		for _, p := range normPlans(g, M, N, K, sms) {
+			tested++
+			what := fmt.Sprintf("%s %v %d x %d x %d", map[bool]string{false: "gemm_ws_norm", true: "fp8_ws_norm"}[fp8], p, M, N, K)
+			g.noStagger = true
+			for _, norm := range []bool{true, false} {
+				want, got := run(p, false, norm), run(p, true, norm)
+				for _, c := range []struct {
+					name      string
+					got, want []uint16
+				}{{"product", got.d, want.d}, {"residual", got.x, want.x}, {"norm", got.o, want.o}} {
+					if i := firstDiff(c.got, c.want); i >= 0 {
+						t.Fatalf("%s (norm %v), unstaggered: %s %d (row %d, column %d) %#04x, the two kernels' %#04x", what, norm, c.name, i, i/N, i%N, c.got[i], c.want[i])
+					}
+				}
+				if i := firstDiff(got.q, want.q); i >= 0 {
+					t.Fatalf("%s, unstaggered: e4m3 %d (row %d) %#02x, add_rmsnorm's %#02x", what, i, i/N, got.q[i], want.q[i])
+				}
+				for m := range got.s {
+					if math.Float32bits(got.s[m]) != math.Float32bits(want.s[m]) {
+						t.Fatalf("%s, unstaggered: row %d scale %g, add_rmsnorm's %g", what, m, got.s[m], want.s[m])
+					}
+				}
+			}
+			want := run(p, false, true)
+			g.noStagger = false
+			got, again := run(p, true, true), run(p, true, true)
+			if !slices.Equal(got.d, again.d) || !slices.Equal(got.x, again.x) || !slices.Equal(got.o, again.o) || !slices.Equal(got.q, again.q) || !slices.Equal(got.s, again.s) {
+				t.Fatalf("%s: a second launch differs from the first (the barrier's words not left at zero?)", what)
+			}
+			// staggered: the product's float32 sums in another K order
+			compareRows(t, what+" staggered product", want.d, got.d, N)
+			compareRows(t, what+" staggered residual", want.x, got.x, N)
+			worst := compareRows(t, what+" staggered norm", want.o, got.o, N)
+			t.Logf("%s: bit for bit the two kernels' unstaggered (norm and add alone); staggered norm within %.3g", what, worst)
+		}
+		if w8 != nil {
+			r.dropWeight(w8)
+		}
+	}
+	if tested == 0 {
+		t.Fatal("no ws plan with a NORM kernel")
+	}
+	for _, K := range []int{4096, 14336} {
+		for _, T := range []int{17, 32, 48, 64} {
+			if p, ok := g.plan(T, 4096, K); !ok || !g.normFits(p, 4096) {
+				t.Errorf("%d x 4096 x %d: plan %v (ok %v) has no NORM kernel", T, K, p, ok)
+			}
+		}
+	}
+}
+
+// firstDiff is the first index where a and b differ (-1: none; they are
+// the same length).
+func firstDiff[T comparable](a, b []T) int {
+	for i := range a {
+		if a[i] != b[i] {
+			return i
+		}
+	}
+	return -1
+}
+
+// normPlans are g's one-wave plans of an M x N x K product (at most sms
+// blocks, K splits 1-8) that have a NORM kernel.
+func normPlans(g *wsProduct, M, N, K, sms int) []wsPlan {
+	var ps []wsPlan
+	for i := range wsWidths {
+		for _, S := range []int{1, 2, 4, 8} {
+			if p := (wsPlan{i: i, split: S}); g.valid(p, M, N, K) && g.normFits(p, N) && N/wsWidths[i]*S <= sms {
+				ps = append(ps, p)
+			}
+		}
+	}
+	return ps
+}
+
+// TestOpLinearAddRMSNorm: Backend.LinearAddRMSNorm (kernelForce.wsNorm
+// 1) takes an o product of 17-64 rows that the ws kernels plan (bf16: a
+// split of two, FP8: one), and gives bit for bit what Linear then
+// AddRMSNorm give: the product, the residual, the normalized rows and
+// (FP8) the gate/up product after it, which reads the normalized rows'
+// quantized copy LinearAddRMSNorm left in the scratch; also the add alone
+// (no norm: the last layer's); 16 and 65 rows, and kernelForce.wsNorm -1,
+// are declined with nothing written.
+func TestOpLinearAddRMSNorm(t *testing.T) {
+	const H, I = 256, 448
+	cfg := testConfig(H, I, 4, 2, 64, 32, 1)
+	for _, format := range []string{"bf16", "fp8"} {
+		for _, c := range []struct {
+			T, force int
+			want     bool
+		}{{16, 1, false}, {17, 1, true}, {40, 1, true}, {64, 1, true}, {65, 1, false}, {40, -1, false}} {
+			r := newRigWith(t, cfg, c.T, engine.KVSpec{Layers: 1, Blocks: 8, BlockSize: 16, KVHeads: 2, HeadDim: 64}, Options{WeightFormat: format})
+			if format == "bf16" && r.b.bws == nil || format == "fp8" && (r.b.f8 == nil || r.b.f8.ws == nil) {
+				t.Skip("the ws kernels are compiled only for sm_90a")
+			}
+			wo, wgu := r.projection("model.layers.0.self_attn.o_proj.weight", H, H, format), r.projection("model.layers.0.mlp.up_proj.weight", 2*I, H, format)
+			nw, _ := r.weight(1, H, 1)
+			a, res := r.buffer(c.T, H), r.rnd(c.T*H, 1)
+			r.fill(a, r.rnd(c.T*H, 1))
+			// run is the op (fused; where it declines, nothing more) or
+			// Linear then AddRMSNorm, then the gate/up product of the
+			// normalized rows: the product's, the residual's, the norm's and
+			// gate/up's rows
+			run := func(fused, norm bool) (took bool, rows [4][]float32) {
+				d, x, o, gu := r.buffer(c.T, H), r.buffer(c.T, H), r.buffer(c.T, H), r.buffer(c.T, 2*I)
+				r.poison(d)
+				r.poison(o)
+				r.poison(gu)
+				r.fill(x, res)
+				var out engine.Buffer
+				var w engine.Weight
+				if norm {
+					out, w = o, nw
+				}
+				r.begin(oneSeq(c.T, 16, zeros(c.T)))
+				if fused {
+					r.b.force.wsNorm = c.force
+					took = r.b.LinearAddRMSNorm(d, a, wo, x, out, w, 1e-5)
+					if took && norm && r.b.f8 != nil && !(r.b.f8.cValid && r.b.f8.cIn == o.mem.Ptr() && r.b.f8.cRows == c.T && r.b.f8.cCols == H) {
+						t.Errorf("%s T=%d: after LinearAddRMSNorm the scratch does not hold the normalized rows", format, c.T)
+					}
+				} else {
+					r.b.force.wsNorm = -1
+					r.b.Linear(d, a, wo)
+					r.b.AddRMSNorm(x, d, out, w, 1e-5)
+				}
+				if norm && (took || !fused) {
+					r.b.Linear(gu, o, wgu)
+				}
+				rows = [4][]float32{r.read(d, c.T), r.read(x, c.T), r.read(o, c.T), r.read(gu, c.T)}
+				r.end()
+				return took, rows
+			}
+			for _, norm := range []bool{true, false} {
+				what := fmt.Sprintf("%s T=%d wsNorm %d norm %v", format, c.T, c.force, norm)
+				took, got := run(true, norm)
+				if took != c.want {
+					t.Fatalf("%s: LinearAddRMSNorm took the product: %v, want %v", what, took, c.want)
+				}
+				if !took { // nothing written: the outputs still poison, the residual as it was
+					for i, v := range slices.Concat(got[0], got[2], got[3]) {
+						if !math.IsNaN(float64(v)) {
+							t.Fatalf("%s: declined but wrote output %d = %v", what, i, v)
+						}
+					}
+					if !slices.Equal(got[1], res) {
+						t.Fatalf("%s: declined but changed the residual rows", what)
+					}
+					continue
+				}
+				_, want := run(false, norm)
+				n := 2
+				if norm {
+					n = 4
+				}
+				for i, name := range []string{"product", "residual", "norm", "gate/up after it"}[:n] {
+					for j := range want[i] {
+						if math.Float32bits(got[i][j]) != math.Float32bits(want[i][j]) {
+							t.Fatalf("%s: %s %d is %g, Linear then AddRMSNorm's %g", what, name, j, got[i][j], want[i][j])
+						}
+					}
+				}
+				t.Logf("%s: bit for bit Linear then AddRMSNorm", what)
+			}
+		}
+	}
+}
+
+// projection uploads a rows x cols projection weight under name (FP8 with
+// format fp8: the backend quantizes the projections it names).
+func (r *rig) projection(name string, rows, cols int, format string) engine.Weight {
+	r.t.Helper()
+	v := r.rnd(rows*cols, 0.5)
+	raw := make([]byte, 4*len(v))
+	for i, x := range v {
+		binary.LittleEndian.PutUint32(raw[4*i:], math.Float32bits(x))
+	}
+	w, err := r.b.Upload(name, safetensors.F32, []int{rows, cols}, raw)
+	if err != nil {
+		r.t.Fatal(err)
+	}
+	if _, ok := w.(*fp8Weight); ok != (format == "fp8") {
+		r.t.Fatalf("%s uploaded as %T with %s weights", name, w, format)
+	}
+	return w
+}
