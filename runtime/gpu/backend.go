@@ -321,7 +321,10 @@ type Backend struct {
 	// bwsAuto: bf16 weights and gemm_ws loaded (Options.NoWS unset): the
 	// products of 17-64 rows take it as bwsMode 4 says
 	bwsAuto bool
-	fn      funcs
+	// fused counts the fused ops' launches enqueued or recorded
+	// (LinearSiLU, LinearAddRMSNorm: tests see that a step took them)
+	fused struct{ silu, norm int }
+	fn    funcs
 	// KernelInfo tells whether the kernels were compiled or read from the cache.
 	KernelInfo kernels.Info
 

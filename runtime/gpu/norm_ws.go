@@ -126,6 +126,7 @@ func (b *Backend) LinearAddRMSNorm(delta, in engine.Buffer, w engine.Weight, x, 
 		b.wrote(out)
 		op = o.mem.Ptr()
 	}
+	b.fused.norm++
 	if !fp8 {
 		b.fail(ws.launchNorm(b.s, p, d.mem.Ptr(), xi.mem.Ptr(), 0, w.(*weight).mem.Ptr(), 0, xr.mem.Ptr(), op, nw, 0, 0, eps, T, N, K))
 		return true

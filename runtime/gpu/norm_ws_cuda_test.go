@@ -3,9 +3,12 @@
 package gpu
 
 import (
+	"context"
 	"encoding/binary"
 	"fmt"
+	"maps"
 	"math"
+	"math/rand/v2"
 	"slices"
 	"testing"
 
@@ -321,4 +324,116 @@ func (r *rig) projection(name string, rows, cols int, format string) engine.Weig
 		r.t.Fatalf("%s uploaded as %T with %s weights", name, w, format)
 	}
 	return w
+}
+
+// TestFusedForwardBits: the tiny fixture's forward with LinearAddRMSNorm
+// on (kernelForce.wsNorm 1) gives the logits it gives with it off, bit
+// for bit (the NORM kernel walks K as gemm_ws / fp8_ws's plan does, and its
+// end sums as add_rmsnorm does), in bf16 and FP8, through recorded decode
+// and mixed steps of 17-64 rows and eager ones, base rows alone and beside
+// adapters (whose o updates make the engine issue the two ops); in bf16
+// the fused op took products (the o projection: the fixture's down, K
+// 352, has no ws plan) and declined the rest.
+func TestFusedForwardBits(t *testing.T) {
+	m, adapters, _ := loadFixture(t)
+	names := slices.Sorted(maps.Keys(adapters))
+	opts := engine.Options{MaxTokens: 512, KVBlocks: 2048, BlockSize: 16, AdapterSlots: len(names)}
+	for _, format := range []string{"bf16", "fp8"} {
+		t.Run(format, func(t *testing.T) {
+			mk := func(force int) (*engine.Engine, *Backend) {
+				e, b := newEngineBackend(t, m, opts, Options{WeightFormat: format})
+				if format == "bf16" && b.bws == nil || format == "fp8" && (b.f8 == nil || b.f8.ws == nil) {
+					t.Skip("the ws kernels are compiled only for sm_90a")
+				}
+				b.force.wsNorm = force
+				for i, n := range names {
+					if err := e.LoadAdapter(i, adapters[n]); err != nil {
+						t.Fatal(err)
+					}
+				}
+				if err := e.Warmup(); err != nil {
+					t.Fatal(err)
+				}
+				return e, b
+			}
+			eOn, bOn := mk(1)
+			eOff, bOff := mk(-1)
+			ctx := context.Background()
+			V := m.Config.VocabSize
+			rng := rand.New(rand.NewPCG(5, 6))
+			const nSeq = 64
+			on, off := make([]*engine.Sequence, nSeq), make([]*engine.Sequence, nSeq)
+			slot := make([]int, nSeq)
+			for i := range nSeq {
+				on[i], off[i] = &engine.Sequence{}, &engine.Sequence{}
+				slot[i] = -1 // the first half base rows alone, the rest with adapters too
+				if i >= nSeq/2 {
+					slot[i] = i%(len(names)+1) - 1
+				}
+			}
+			steps := 0
+			// step runs the same rows (sequence, tokens) on both engines and
+			// compares every logit
+			step := func(what string, rows []int, toks [][]int32) {
+				var in1, in2 []engine.Input
+				for k, i := range rows {
+					in1 = append(in1, engine.Input{Seq: on[i], Tokens: toks[k], Slot: slot[i]})
+					in2 = append(in2, engine.Input{Seq: off[i], Tokens: toks[k], Slot: slot[i]})
+				}
+				o1, err := eOn.Step(ctx, in1)
+				if err != nil {
+					t.Fatal(err)
+				}
+				o2, err := eOff.Step(ctx, in2)
+				if err != nil {
+					t.Fatal(err)
+				}
+				for k := range o1 {
+					if j := firstDiff(o1[k], o2[k]); j >= 0 {
+						t.Fatalf("%s, row %d (seq %d slot %d): logit %d %g with the fused op, %g without", what, k, rows[k], slot[rows[k]], j, o1[k][j], o2[k][j])
+					}
+				}
+				steps++
+			}
+			tokens := func(n int) []int32 {
+				v := make([]int32, n)
+				for k := range v {
+					v[k] = int32(rng.IntN(V))
+				}
+				return v
+			}
+			// prefill: base prompts of 1-3 tokens 16 at a time (17-48 rows),
+			// then the adapters' sequences
+			for lo := 0; lo < nSeq; lo += 16 {
+				var rows []int
+				var toks [][]int32
+				for i := lo; i < lo+16; i++ {
+					rows, toks = append(rows, i), append(toks, tokens(1+rng.IntN(3)))
+				}
+				step(fmt.Sprintf("prefill %d-%d", lo, lo+15), rows, toks)
+			}
+			for _, c := range []struct {
+				n    int
+				base bool
+			}{{17, true}, {32, true}, {48, true}, {64, false}, {24, false}, {40, true}, {16, true}, {65, false}} {
+				pool := rng.Perm(nSeq)
+				if c.base {
+					pool = rng.Perm(nSeq / 2)
+				}
+				var rows []int
+				var toks [][]int32
+				for _, i := range pool[:min(c.n, len(pool))] {
+					rows, toks = append(rows, i), append(toks, tokens(1))
+				}
+				step(fmt.Sprintf("decode %d rows (base only %v)", len(rows), c.base), rows, toks)
+			}
+			// FP8: the fixture's o (128 bytes of K) is less than a stage of
+			// fp8_ws (two 128-byte atoms), so no ws plan takes it and the op
+			// declines every product (TestOpLinearAddRMSNorm covers FP8)
+			if (bOn.fused.norm == 0) != (format == "fp8") || bOff.fused.norm != 0 {
+				t.Fatalf("fused launches: %d with the op on (want some in bf16, none in FP8), %d with it off (want none)", bOn.fused.norm, bOff.fused.norm)
+			}
+			t.Logf("%s: %d steps bit for bit; %d fused o/down launches enqueued or recorded", format, steps, bOn.fused.norm)
+		})
+	}
 }

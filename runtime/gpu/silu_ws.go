@@ -103,6 +103,7 @@ func (b *Backend) LinearSiLU(act, in engine.Buffer, w engine.Weight) bool {
 			return true
 		}
 		b.wrote(act)
+		b.fused.silu++
 		b.fail(ws.launchSiLU(b.s, p, o.mem.Ptr(), x.mem.Ptr(), 0, w.(*weight).mem.Ptr(), 0, 0, 0, T, N, K))
 		return true
 	}
@@ -121,6 +122,7 @@ func (b *Backend) LinearSiLU(act, in engine.Buffer, w engine.Weight) bool {
 		return true
 	}
 	b.wrote(act)
+	b.fused.silu++
 	b.fail(ws.launchSiLU(b.s, p, o.mem.Ptr(), f.actQ.Ptr(), f.actS.Ptr(), fw.q.Ptr(), fw.scale.Ptr(), f.actQ.Ptr(), f.actS.Ptr(), T, N, K))
 	if b.err == nil {
 		f.holds(o.mem.Ptr(), T, o.cols, b.gen)
