@@ -2,7 +2,8 @@
 # sass-diff.sh REV [DEFINES]: which kernels compile differently in the
 # working tree than at REV: every module built for sm_90a with the local
 # CUDA 12.4 NVRTC (scripts/cuda-local.sh) at both, SASS compared function by
-# function (addresses and encodings dropped). "same" for every kernel a
+# function (addresses, encodings and the padding after them dropped: a
+# module that grew pads its listing wider). "same" for every kernel a
 # device run measured means the submitted tree runs that measured code
 # (with this NVRTC; the device's is 13.0). DEFINES: PEFTD_KERNEL_DEFINES
 # for both builds. NVRTC 12.4 is not quite deterministic here: a kernel
@@ -29,7 +30,7 @@ for v in old new; do
 	mkdir -p "$tmp/$v.k" "$tmp/$v.f"
 	CUDA_HOME=$CH PEFTD_KERNEL_DEFINES="${2:-}" "$tmp/$v" kernels --arch 9.0 --dir "$tmp/$v.k" >/dev/null
 	for c in "$tmp/$v.k"/*.cubin; do
-		"$CH/bin/cuobjdump" -sass "$c" | sed -E 's@/\*[0-9a-f]{4}\*/@@; s@/\* 0x[0-9a-f]+ \*/@@; /^\s*$/d' |
+		"$CH/bin/cuobjdump" -sass "$c" | sed -E 's@/\*[0-9a-f]{4,}\*/@@; s@/\* 0x[0-9a-f]+ \*/@@; s/[[:space:]]+$//; /^\s*$/d' |
 			awk -v d="$tmp/$v.f" '/Function : /{fn=$3} fn!=""{print > (d "/" fn)}'
 	done
 done
