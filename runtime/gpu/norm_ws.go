@@ -94,7 +94,7 @@ func (b *Backend) LinearAddRMSNorm(delta, in engine.Buffer, w engine.Weight, x, 
 		}
 		nw = nt.mem.Ptr()
 	}
-	ws, p, ok := b.wsAlone(w, T, N, K)
+	ws, p, ok := b.wsAlone(w, xi, T, N, K)
 	if !ok || !ws.normFits(p, N) {
 		return false
 	}

@@ -89,7 +89,7 @@ func (b *Backend) LinearSiLU(act, in engine.Buffer, w engine.Weight) bool {
 	if N == 0 || x.cols != K || 2*o.cols != N || !o.whole() || !x.whole() {
 		return false
 	}
-	ws, p, ok := b.wsAlone(w, T, N, K)
+	ws, p, ok := b.wsAlone(w, x, T, N, K)
 	if !ok || !ws.siluFits(p, N) {
 		return false
 	}
@@ -131,7 +131,8 @@ func (b *Backend) LinearSiLU(act, in engine.Buffer, w engine.Weight) bool {
 }
 
 // wsAlone is the ws products and plan that take the step's T x N x K
-// product with weight w where no LoRA update runs beside it: bf16 where
+// product of in with weight w (its early stages set as Linear sets them)
+// where no LoRA update runs beside it: bf16 where
 // bwsTakes routes it to gemm_ws, FP8 where fp8State's routing gives it to
 // fp8_ws (its activation rows fit the scratch, and its tuning did not give
 // it to cuBLASLt); ok false otherwise, and on a green-context partition
@@ -139,7 +140,7 @@ func (b *Backend) LinearSiLU(act, in engine.Buffer, w engine.Weight) bool {
 // once, on SMs the partition may not have). The fused ops (LinearSiLU,
 // LinearAddRMSNorm) take a product only where it says so, with the plan
 // Linear would have launched.
-func (b *Backend) wsAlone(w engine.Weight, T, N, K int) (*wsProduct, wsPlan, bool) {
+func (b *Backend) wsAlone(w engine.Weight, in *Buffer, T, N, K int) (*wsProduct, wsPlan, bool) {
 	if _, _, part := b.Partition(); part {
 		return nil, wsPlan{}, false
 	}
@@ -159,6 +160,6 @@ func (b *Backend) wsAlone(w engine.Weight, T, N, K int) (*wsProduct, wsPlan, boo
 	if !ok {
 		return nil, wsPlan{}, false
 	}
-	ws.early = b.wsEarly()
+	ws.early = b.wsEarly(in)
 	return ws, p, true
 }

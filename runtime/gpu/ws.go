@@ -406,9 +406,13 @@ func (g *wsProduct) wsShortRows(p wsPlan, K int) bool {
 // the A/B (TestDecodeBench +wsearlyN).
 const wsEarlyStages = 1
 
-// wsEarly is the early stages the step's ws products ask
-// (kernelForce.wsEarly where set, else wsEarlyStages).
-func (b *Backend) wsEarly() int {
+// wsEarly is the early stages the step's ws product of input in asks
+// (kernelForce.wsEarlyO where set and in is the attention output, else
+// kernelForce.wsEarly where set, else wsEarlyStages).
+func (b *Backend) wsEarly(in *Buffer) int {
+	if b.force.wsEarlyO > 0 && in != nil && in.mem.Ptr() == b.attnOut {
+		return b.force.wsEarlyO
+	}
 	if b.force.wsEarly > 0 {
 		return b.force.wsEarly
 	}
