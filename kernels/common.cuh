@@ -672,6 +672,8 @@ template <int N> __device__ __forceinline__ void wg_pin(float* d) {
 #define WG_D24 WG_D16, "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23])
 #define WG_D48 WG_D32, "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47])
 #define WG_D112 WG_D64, "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111])
+#define WG_R56 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55}"
+#define WG_D56 WG_D48, "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55])
 #define WG_R128 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}"
 #define WG_D128 WG_D112, "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -697,18 +699,21 @@ WG_MMA_FN(wg_mma_n224, "wgmma.mma_async.sync.aligned.m64n224k32.f32.e4m3.e4m3", 
 WG_MMA_FN(wg_mma_bf16_n48, "wgmma.mma_async.sync.aligned.m64n48k16.f32.bf16.bf16", WG_R24, "24", "25", "26", ", 1, 1, 0, 0", WG_D24)
 WG_MMA_FN(wg_mma_bf16_n96, "wgmma.mma_async.sync.aligned.m64n96k16.f32.bf16.bf16", WG_R48, "48", "49", "50", ", 1, 1, 0, 0", WG_D48)
 WG_MMA_FN(wg_mma_bf16_n224, "wgmma.mma_async.sync.aligned.m64n224k16.f32.bf16.bf16", WG_R112, "112", "113", "114", ", 1, 1, 0, 0", WG_D112)
+WG_MMA_FN(wg_mma_n112, "wgmma.mma_async.sync.aligned.m64n112k32.f32.e4m3.e4m3", WG_R56, "56", "57", "58", ", 1, 1", WG_D56)
+WG_MMA_FN(wg_mma_bf16_n112, "wgmma.mma_async.sync.aligned.m64n112k16.f32.bf16.bf16", WG_R56, "56", "57", "58", ", 1, 1, 0, 0", WG_D56)
 WG_MMA_FN(wg_mma_n256, "wgmma.mma_async.sync.aligned.m64n256k32.f32.e4m3.e4m3", WG_R128, "128", "129", "130", ", 1, 1", WG_D128)
 WG_MMA_FN(wg_mma_bf16_n256, "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16", WG_R128, "128", "129", "130", ", 1, 1, 0, 0", WG_D128)
 
 // wg_mma_n<ES, N>: one 32-byte K step of an m64nN wgmma, e4m3 (ES 1) or
 // bf16 (ES 2): wg_body's N = 8 NT (32, 64, 128) and ws_body's widths.
 template <int ES, int N> __device__ __forceinline__ void wg_mma_n(float* d, unsigned long long a, unsigned long long b) {
-    static_assert(N == 32 || N == 48 || N == 64 || N == 96 || N == 128 || N == 224 || N == 256, "wg_mma_n: no wrapper for N");
+    static_assert(N == 32 || N == 48 || N == 64 || N == 96 || N == 112 || N == 128 || N == 224 || N == 256, "wg_mma_n: no wrapper for N");
     if constexpr (ES == 1) {
         if constexpr (N == 32) wg_mma_n32(d, a, b);
         else if constexpr (N == 48) wg_mma_n48(d, a, b);
         else if constexpr (N == 64) wg_mma_n64(d, a, b);
         else if constexpr (N == 96) wg_mma_n96(d, a, b);
+        else if constexpr (N == 112) wg_mma_n112(d, a, b);
         else if constexpr (N == 128) wg_mma_n128(d, a, b);
         else if constexpr (N == 224) wg_mma_n224(d, a, b);
         else wg_mma_n256(d, a, b);
@@ -717,6 +722,7 @@ template <int ES, int N> __device__ __forceinline__ void wg_mma_n(float* d, unsi
         else if constexpr (N == 48) wg_mma_bf16_n48(d, a, b);
         else if constexpr (N == 64) wg_mma_bf16_n64(d, a, b);
         else if constexpr (N == 96) wg_mma_bf16_n96(d, a, b);
+        else if constexpr (N == 112) wg_mma_bf16_n112(d, a, b);
         else if constexpr (N == 128) wg_mma_bf16_n128(d, a, b);
         else if constexpr (N == 224) wg_mma_bf16_n224(d, a, b);
         else wg_mma_bf16_n256(d, a, b);
@@ -953,6 +959,13 @@ __device__ __forceinline__ void wg_body(bf16* __restrict__ out, float* __restric
 // stages are not loaded)
 #define WS_SMEM (200 * 1024)
 #endif
+#ifndef WSH_SMEM
+// the half-row blocks' (ws_body's HALF: gemm_wsh_n*, fp8_wsh_n*) stage
+// buffers at most: the whole of an SM's shared memory but their static
+// arrays, so that n224's 44 KB stages are five, as its 36 KB ones are
+// under WS_SMEM (runtime/gpu's wshSmem reads it)
+#define WSH_SMEM (226 * 1024)
+#endif
 #ifndef WS_KA_BF16
 // gemm_ws's (bf16 operands, ES 2: an atom holds 64 values of K, half of
 // FP8's 128) atoms a stage: WS_KA unless set, for the A/B of bf16 stages
@@ -961,12 +974,14 @@ __device__ __forceinline__ void wg_body(bf16* __restrict__ out, float* __restric
 #endif
 // KA: WS_KA (ES 2: WS_KA_BF16) atoms a stage, halved while fewer than 3
 // stages would fit (runtime/gpu's wsKAFor must agree).
-template <int BN, int ES = 1> struct WsShape {
+template <int BN, int ES = 1, bool HALF = false> struct WsShape {
     static constexpr int TR = 64;                 // activation rows staged: the wgmma's M
-    static constexpr int AB = (TR + BN) * WG_RB;  // an atom: 128 bytes of each staged row (a multiple of 1024)
-    __host__ __device__ static constexpr int fit(int ka) { return (WS_SMEM - 1024) / (ka * AB); }
+    static constexpr int WR = HALF ? BN / 2 : BN; // weight rows a stage
+    static constexpr int AB = (TR + WR) * WG_RB;  // an atom: 128 bytes of each staged row (a multiple of 1024)
+    static constexpr int SMEM = HALF ? WSH_SMEM : WS_SMEM;
+    __host__ __device__ static constexpr int fit(int ka) { return (SMEM - 1024) / (ka * AB); }
     __host__ __device__ static constexpr int ka(int k) { return k > 1 && fit(k) < 3 ? ka(k / 2) : k; }
-    static constexpr int KA = ka(ES == 2 ? WS_KA_BF16 : WS_KA);
+    static constexpr int KA = HALF ? 2 : ka(ES == 2 ? WS_KA_BF16 : WS_KA);
     static constexpr int SB = KA * AB;            // a stage
     static constexpr int ST = fit(KA) < 16 ? fit(KA) : 16;
     static constexpr int IF = BN <= 64 ? WS_INFLIGHT_NARROW : WS_INFLIGHT; // wgmma groups left running (ws_body)
@@ -1804,23 +1819,49 @@ __device__ __forceinline__ void ws_stage(float* d, int j, unsigned base, unsigne
     wg_pin<BN / 2>(d);
 }
 
+// ws_stage_half: ws_stage for ws_body's HALF blocks: stage j holds BN / 2
+// weight rows (half H: 0 the first, 1 the second), whose wgmma group of N
+// BN / 2 goes into that half of the accumulators (d + H BN / 4: the same
+// registers BN's layout gives those rows); the whole of d pinned after
+// the wait (the other half's group may be the one left in flight).
+template <int ES, int BN, int KA, int AB, int AHEAD, int IF, int H, class Issue>
+__device__ __forceinline__ void ws_stage_half(float* d, int j, unsigned base, unsigned sb, int st, Issue issue) {
+    cp_async_wait<AHEAD - 1>();
+    fence_proxy_async();
+    ws_bar<false>();
+    issue();
+    cp_async_commit();
+    ws_mma<ES, BN / 2, KA, AB>(d + H * (BN / 4), base + (j % st) * sb);
+    wg_wait<IF>();
+    wg_pin<BN / 2>(d);
+}
+
 template <bool LORA> struct WsLoraSmOf { using T = WsLoraSm; };
 template <> struct WsLoraSmOf<false> { using T = char; };
 
-template <int ES, int BN, bool LORA = false, bool SILU = false, bool NORM = false>
+// ws_body's HALF blocks (gemm_wsh_n*, fp8_wsh_n*; BN 224 and 256, whose
+// one-atom stages read 128 bytes of each weight row a stage): a stage is
+// two atoms (256 bytes of K) of half the block's weight rows beside the 64
+// activation rows', the halves alternating stage by stage (K pair p of
+// half h at stage 2 p + h, the stagger moving whole pairs), each into its
+// half of the accumulators (ws_stage_half). Each row's DRAM reads are
+// twice as long for the same stage bytes, the activations read twice (L2);
+// the products, split and end are BN's.
+template <int ES, int BN, bool LORA = false, bool SILU = false, bool NORM = false, bool HALF = false>
 __device__ __forceinline__ void ws_body(bf16* __restrict__ out, float* __restrict__ part, int* __restrict__ done,
                                         const unsigned char* __restrict__ qx, const float* __restrict__ sx,
                                         const unsigned char* __restrict__ qw, const float* __restrict__ sw, int M,
                                         int N, int K, int opts, const WsLora* Lp = nullptr, WsSiluQ SQ = {}, WsNorm NP = {}) {
-    using W = WsShape<BN, ES>;
+    using W = WsShape<BN, ES, HALF>;
     constexpr int TR = W::TR, AB = W::AB, SB = W::SB, ST = W::ST, KA = W::KA, IF = W::IF, AHEAD = ST - 1 - IF;
     static_assert(IF >= 0 && IF <= 2, "ws_body: WS_INFLIGHT, WS_INFLIGHT_NARROW 0-2");
     static_assert(AHEAD >= 1, "ws_body: fewer than 2 + WS_INFLIGHT stages fit");
     static_assert(!SILU || (!LORA && BN % 32 == 0), "ws_body: SILU is without LoRA, on whole 16-row groups a half");
     static_assert(!NORM || (!LORA && !SILU), "ws_body: NORM is a plain product's end");
+    static_assert(!HALF || (!LORA && !NORM && BN % 32 == 0 && W::KA == 2), "ws_body: HALF takes plain and SILU products of whole 16-row halves");
     constexpr int CH = WG_RB / 16;                 // 16-byte chunks a staged row
     constexpr int RSTEP = 128 / CH;                // rows between a thread's copies
-    constexpr int CX = TR / RSTEP, CW = BN / RSTEP; // a thread's activation and weight rows an atom
+    constexpr int CX = TR / RSTEP, CW = W::WR / RSTEP; // a thread's activation and weight rows an atom
     extern __shared__ __align__(16) unsigned char wsm[];
     __shared__ int last;
     __shared__ float wsc[BN], xsc[TR]; // the block's weight rows' and the activation rows' scales (ES 1)
@@ -1834,28 +1875,34 @@ __device__ __forceinline__ void ws_body(bf16* __restrict__ out, float* __restric
         }
     }
     const int KB = K * ES, S = gridDim.y, z = blockIdx.y, n0 = blockIdx.x * BN;
-    const int kb0 = z * (KB / S), nst = (KB / S + KA * WG_RB - 1) / (KA * WG_RB); // this split's stages
-    const int koff = ws_koff(opts, nst);
+    const int kb0 = z * (KB / S), nks = (KB / S + KA * WG_RB - 1) / (KA * WG_RB); // this split's K stages (HALF: pairs)
+    const int nst = HALF ? 2 * nks : nks, koff = HALF ? 2 * ws_koff(opts, nks) : ws_koff(opts, nks);
     const unsigned base = ((unsigned)__cvta_generic_to_shared(wsm) + 1023u) & ~1023u;
     const int c = tid % CH, r0 = tid / CH;
     const unsigned dst0 = r0 * WG_RB + ((c ^ (r0 & 7)) << 4);
     // SILU: the block's BN / 2 gate rows gn0.. and the same rows of up (N / 2 on)
     const int gn0 = SILU ? blockIdx.x * (BN / 2) : n0;
     const unsigned char* wsrc = qw + (long long)(gn0 + r0) * KB + kb0 + 16 * c;
-    const unsigned char* whi = SILU ? wsrc + (long long)(N / 2) * KB : nullptr;
+    // the second half's rows: SILU up's, HALF the block's second BN / 2
+    const unsigned char* whi = SILU ? wsrc + (long long)(N / 2) * KB : HALF ? wsrc + (long long)(BN / 2) * KB : nullptr;
     const unsigned char* xsrc = qx + (long long)r0 * KB + kb0 + 16 * c;
-    auto kst = [&](int j) { const int k = j + koff; return k < nst ? k : k - nst; }; // the K stage local stage j holds
+    auto kst = [&](int j) { const int k = j + koff; return k < nst ? k : k - nst; }; // the K stage local stage j holds (HALF: pair 2 k + half)
     // the stage j copies: weights, activations (rows below M), each atom's
     // chunks past this split's K zero-filled
     auto copy_w = [&](int j) {
-        if constexpr (SILU) {
+        if constexpr (HALF) {
+            if (j < nst) {
+                const int k = kst(j);
+                ws_copy<KA, AB, CW, false>(base + (j % ST) * SB + dst0 + TR * WG_RB, (k & 1) ? whi : wsrc, KB, k >> 1, KB / S, r0, M);
+            }
+        } else if constexpr (SILU) {
             if (j < nst) ws_copy_halves<KA, AB, CW>(base + (j % ST) * SB + dst0 + TR * WG_RB, wsrc, whi, KB, kst(j), KB / S);
         } else {
             if (j < nst) ws_copy<KA, AB, CW, false>(base + (j % ST) * SB + dst0 + TR * WG_RB, wsrc, KB, kst(j), KB / S, r0, M);
         }
     };
     auto copy_x = [&](int j) {
-        if (j < nst) ws_copy<KA, AB, CX, true>(base + (j % ST) * SB + dst0, xsrc, KB, kst(j), KB / S, r0, M);
+        if (j < nst) ws_copy<KA, AB, CX, true>(base + (j % ST) * SB + dst0, xsrc, KB, HALF ? kst(j) >> 1 : kst(j), KB / S, r0, M);
     };
     ws_zero_rows<ST, KA, SB, AB>(base, M); // activation rows M..63 of every stage: zero, once (the copies skip them)
     const int early = opts & 15, ne = early < AHEAD ? early : AHEAD;
@@ -1886,18 +1933,34 @@ __device__ __forceinline__ void ws_body(bf16* __restrict__ out, float* __restric
     float d[BN / 2];
 #pragma unroll
     for (int i = 0; i < BN / 2; i++) d[i] = 0.f;
+    if constexpr (HALF) {
+        // stage j even: the first half's pair, j + 1 the second's (nst and
+        // koff are even)
 #pragma unroll 1
-    for (int j = 0; j < nst; j++)
-        ws_stage<ES, BN, KA, AB, AHEAD, IF, LORA>(d, j, base, SB, ST, [&] {
-            copy_w(j + AHEAD);
-            copy_x(j + AHEAD);
-            if (LORA && npiece > 0) {
-                // B's pieces as the drain frees their buffers (j 0: every one
-                // whose buffer no stage took)
-                const int p1 = min(j + AHEAD - nst, P.PB - 1);
-                for (int p = j == 0 ? 0 : max(0, j + AHEAD - nst); p <= p1; p++) piece(p);
-            }
-        });
+        for (int j = 0; j < nst; j += 2) {
+            ws_stage_half<ES, BN, KA, AB, AHEAD, IF, 0>(d, j, base, SB, ST, [&] {
+                copy_w(j + AHEAD);
+                copy_x(j + AHEAD);
+            });
+            ws_stage_half<ES, BN, KA, AB, AHEAD, IF, 1>(d, j + 1, base, SB, ST, [&] {
+                copy_w(j + 1 + AHEAD);
+                copy_x(j + 1 + AHEAD);
+            });
+        }
+    } else {
+#pragma unroll 1
+        for (int j = 0; j < nst; j++)
+            ws_stage<ES, BN, KA, AB, AHEAD, IF, LORA>(d, j, base, SB, ST, [&] {
+                copy_w(j + AHEAD);
+                copy_x(j + AHEAD);
+                if (LORA && npiece > 0) {
+                    // B's pieces as the drain frees their buffers (j 0: every one
+                    // whose buffer no stage took)
+                    const int p1 = min(j + AHEAD - nst, P.PB - 1);
+                    for (int p = j == 0 ? 0 : max(0, j + AHEAD - nst); p <= p1; p++) piece(p);
+                }
+            });
+    }
     wg_wait<0>();
     wg_pin<BN / 2>(d);
     cp_async_wait<0>();

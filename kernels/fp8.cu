@@ -470,6 +470,13 @@ WS_WIDTHS(fp8_ws, ws_body, 1, FP8_WS_ARGS, FP8_WS_PASS, 128)
 #define FP8_WS_SILU_PASS FP8_WS_PASS, nullptr, WsSiluQ{q, qscale, sync}
 extern "C" __global__ void __launch_bounds__(128, 1) fp8_ws_silu_n224(FP8_WS_SILU_ARGS) { ws_body<1, 224, false, true>(FP8_WS_SILU_PASS); }
 extern "C" __global__ void __launch_bounds__(128, 1) fp8_ws_silu_n256(FP8_WS_SILU_ARGS) { ws_body<1, 256, false, true>(FP8_WS_SILU_PASS); }
+// fp8_wsh_n{224,256}, fp8_wsh_silu_n{224,256}: fp8_ws_n* and
+// fp8_ws_silu_n* of the same widths with half-row stages (gemm_wsh_n*'s,
+// llama.cu; off by default until measured: kernelForce.wsHalf).
+extern "C" __global__ void __launch_bounds__(128, 1) fp8_wsh_n224(FP8_WS_ARGS) { ws_body<1, 224, false, false, false, true>(FP8_WS_PASS); }
+extern "C" __global__ void __launch_bounds__(128, 1) fp8_wsh_n256(FP8_WS_ARGS) { ws_body<1, 256, false, false, false, true>(FP8_WS_PASS); }
+extern "C" __global__ void __launch_bounds__(128, 1) fp8_wsh_silu_n224(FP8_WS_SILU_ARGS) { ws_body<1, 224, false, true, false, true>(FP8_WS_SILU_PASS); }
+extern "C" __global__ void __launch_bounds__(128, 1) fp8_wsh_silu_n256(FP8_WS_SILU_ARGS) { ws_body<1, 256, false, true, false, true>(FP8_WS_SILU_PASS); }
 // fp8_ws_norm_n{32,64}: the o or down product (N = H) and add_rmsnorm of
 // its rows in one launch (gemm_ws_norm_n*'s, llama.cu), nout's rows also
 // quantized per row into q and qscale as add_rmsnorm quantizes them for

@@ -3173,6 +3173,18 @@ WS_WIDTHS(gemm_ws, ws_body, 2, GEMM_WS_ARGS, GEMM_WS_PASS, 128)
 #define GEMM_WS_SILU_ARGS GEMM_WS_ARGS, unsigned char *q, float *qscale, unsigned *sync
 extern "C" __global__ void __launch_bounds__(128, 1) gemm_ws_silu_n224(GEMM_WS_SILU_ARGS) { ws_body<2, 224, false, true>(GEMM_WS_PASS); }
 extern "C" __global__ void __launch_bounds__(128, 1) gemm_ws_silu_n256(GEMM_WS_SILU_ARGS) { ws_body<2, 256, false, true>(GEMM_WS_PASS); }
+// gemm_wsh_n{224,256}, gemm_wsh_silu_n{224,256}: gemm_ws_n* and
+// gemm_ws_silu_n* of the same widths with half-row stages (ws_body's HALF:
+// two 128-byte atoms of half the block's weight rows a stage, the halves
+// alternating; gate's rows, then up's, for SILU), so that each weight row
+// is read 256 bytes at a time as the narrower widths read it (PERFORMANCE
+// v0.71 section 3: read tile-major, gate/up took 3-4% less). The same
+// products; runtime/gpu takes them where kernelForce.wsHalf turns them on
+// (off by default until a GPU run measures them).
+extern "C" __global__ void __launch_bounds__(128, 1) gemm_wsh_n224(GEMM_WS_ARGS) { ws_body<2, 224, false, false, false, true>(GEMM_WS_PASS); }
+extern "C" __global__ void __launch_bounds__(128, 1) gemm_wsh_n256(GEMM_WS_ARGS) { ws_body<2, 256, false, false, false, true>(GEMM_WS_PASS); }
+extern "C" __global__ void __launch_bounds__(128, 1) gemm_wsh_silu_n224(GEMM_WS_SILU_ARGS) { ws_body<2, 224, false, true, false, true>(GEMM_WS_PASS); }
+extern "C" __global__ void __launch_bounds__(128, 1) gemm_wsh_silu_n256(GEMM_WS_SILU_ARGS) { ws_body<2, 256, false, true, false, true>(GEMM_WS_PASS); }
 // gemm_ws_norm_n{32,64}: the o or down product (N = H, the hidden width)
 // and add_rmsnorm of its rows in one launch: out [M, H] = x . w^T as
 // gemm_ws_n* stores it, then (ws_body's NORM: a grid-wide barrier, then

@@ -38,6 +38,9 @@ type wsProduct struct {
 	sfn        [len(wsWidths)]*cuda.Function // gate/up and silu_mul in one (gemm_ws_silu_n*, fp8_ws_silu_n*: silu_ws.go), where compiled
 	ssync      *cuda.DeviceBuffer            // fp8_ws_silu's row maxima and barrier counters (zero between launches)
 	nfn        [len(wsWidths)]*cuda.Function // the o or down product and add_rmsnorm in one (gemm_ws_norm_n*, fp8_ws_norm_n*: norm_ws.go), where compiled
+	hfn        [len(wsWidths)]*cuda.Function // fn's products with half-row stages (gemm_wsh_n*, fp8_wsh_n*: 224 and 256), where compiled
+	hsfn       [len(wsWidths)]*cuda.Function // sfn's (gemm_wsh_silu_n*, fp8_wsh_silu_n*)
+	half       bool                          // the products enqueued now take hfn and hsfn where loaded (kernelForce.wsHalf)
 	nsync      *cuda.DeviceBuffer            // their barrier counters (zero between launches)
 	partCap    int                           // the partials buffer's floats / wsMaxRows
 	lsync      *cuda.DeviceBuffer            // fp8_ws_lora's two counters (zero between launches)
@@ -109,6 +112,34 @@ func wsStages(bn, esize int) int { return min(16, wsFit(bn, wsKAFor(bn, esize)))
 // wsShared is a block's dynamic shared memory: its stages and 1 KB to round
 // the base up to the swizzle's 1024 bytes.
 func wsShared(bn, esize int) int { return wsStages(bn, esize)*wsStageBytes(bn, esize) + 1024 }
+
+// wshSmem is WSH_SMEM: the half-row blocks' stage buffers at most (226 KB
+// unless PEFTD_KERNEL_DEFINES sets it).
+var wshSmem = kernels.DefinedInt("WSH_SMEM", 226<<10)
+
+// wshStageBytes is WsShape<bn, ES, true>'s SB: two atoms of the 64
+// activation rows and half the block's bn weight rows; wshStages its ST
+// and wshShared the block's dynamic shared memory.
+func wshStageBytes(bn int) int { return 2 * (wsMaxRows + bn/2) * wsAtom }
+func wshStages(bn int) int     { return min(16, (wshSmem-1024)/wshStageBytes(bn)) }
+func wshShared(bn int) int     { return wshStages(bn)*wshStageBytes(bn) + 1024 }
+
+// wshStatic is room left for a half-row kernel's static shared memory
+// (its scales and counters: 2.4 KB at most as compiled) beside wshShared
+// within the card's limit.
+const wshStatic = 4 << 10
+
+// halfOn reports whether the products enqueued now take width i's
+// half-row kernel (half set and the kernel loaded).
+func (g *wsProduct) halfOn(i int) bool { return g.half && g.hfn[i] != nil }
+
+// shared is plan width i's kernel's dynamic shared memory.
+func (g *wsProduct) shared(i int) int {
+	if g.halfOn(i) {
+		return wshShared(wsWidths[i])
+	}
+	return wsShared(wsWidths[i], g.esize)
+}
 
 // wtXS is WT_XS: the TMA kernels' activation stages (PEFTD_KERNEL_DEFINES
 // may set it); wtSmem is WT_SMEM, their dynamic shared memory at most.
@@ -187,6 +218,14 @@ func loadWS(ctx *cuda.Context, s *cuda.Stream, mod *cuda.Module, prefix, tprefix
 		}
 		if g.nfn[i], err = kernel(fmt.Sprintf("%s_norm_n%d", prefix, bn), sh); err != nil {
 			return nil, err
+		}
+		if wshStages(bn) >= 3 && wshShared(bn)+wshStatic <= maxShared {
+			if g.hfn[i], err = kernel(fmt.Sprintf("%sh_n%d", prefix, bn), wshShared(bn)); err != nil {
+				return nil, err
+			}
+			if g.hsfn[i], err = kernel(fmt.Sprintf("%sh_silu_n%d", prefix, bn), wshShared(bn)); err != nil {
+				return nil, err
+			}
 		}
 		if tprefix == "" || !cuda.TMA() || wtShared(bn) > maxShared {
 			continue
@@ -303,8 +342,11 @@ func (g *wsProduct) valid(p wsPlan, T, N, K int) bool {
 		return p.sk <= units && (run+spt-2)/spt+1 <= wskTiles
 	}
 	// each split whole stages (a TMA box past a split's K would read the
-	// next split's, not zeros)
+	// next split's, not zeros; a half-row stage is two atoms)
 	stage := wsAtom * max(wsKAFor(bn, g.esize), wtKAFor(bn))
+	if g.halfOn(p.i) {
+		stage = max(stage, 2*wsAtom)
+	}
 	return g.fn[p.i] != nil && (K*g.esize)%(stage*p.split) == 0 && (p.split == 1 || p.split*N <= wsMaxPart)
 }
 
@@ -406,6 +448,21 @@ func (g *wsProduct) wsShortRows(p wsPlan, K int) bool {
 // the A/B (TestDecodeBench +wsearlyN).
 const wsEarlyStages = 1
 
+// wsHalfAuto is whether the ws products of widths 224 and 256 take their
+// half-row kernels (gemm_wsh_n*, fp8_wsh_n*: two 128-byte atoms of half the
+// block's weight rows a stage, the halves alternating) by default. Off:
+// session 80 built them and compiled their SASS with no GPU lent, so they
+// are neither checked nor measured there yet. PERFORMANCE v0.71 section 3
+// measured what they are for: gate/up read tile-major (each row 256 bytes
+// and more at a time) 61.9 -> 60.1 µs (bf16) and 34.0 -> 33.1 µs (FP8) at
+// 64 rows. kernelForce.wsHalf 1 turns them on (TestDecodeBench +wshalf;
+// TestWsHalf checks them against the one-atom kernels).
+const wsHalfAuto = false
+
+// wsHalf is whether the step's ws products take the half-row kernels
+// (kernelForce.wsHalf, else wsHalfAuto).
+func (b *Backend) wsHalf() bool { return forcedOn(b.force.wsHalf, wsHalfAuto) }
+
 // wsEarly is the early stages the step's ws product of input in asks
 // (kernelForce.wsEarlyO where set and in is the attention output, else
 // kernelForce.wsEarly where set, else wsEarlyStages).
@@ -434,6 +491,10 @@ func (g *wsProduct) launch(s *cuda.Stream, p wsPlan, out, x, sx, w, sw cuda.Devi
 	if p.sk > 0 { // stream-K: no stagger (each block starts at its own units)
 		return g.kfn[p.i].Launch(s, cuda.Dim3{X: p.sk, Y: 1, Z: 1}, cuda.Dim3{X: 128, Y: 1, Z: 1}, wsShared(bn, g.esize),
 			uint64(out), uint64(g.part.Ptr()), uint64(g.done.Ptr()), uint64(x), uint64(sx), uint64(w), uint64(sw), T, N, K, min(max(g.early, 0), 15))
+	}
+	if g.halfOn(p.i) {
+		return g.hfn[p.i].Launch(s, cuda.Dim3{X: N / bn, Y: p.split, Z: 1}, cuda.Dim3{X: 128, Y: 1, Z: 1}, wshShared(bn),
+			uint64(out), uint64(g.part.Ptr()), uint64(g.done.Ptr()), uint64(x), uint64(sx), uint64(w), uint64(sw), T, N, K, opts)
 	}
 	if fn := g.tfn[p.i]; fn != nil && !g.noTMA && wm != nil {
 		dt, el := cuda.TMapUint8, uint32(wsAtom)
