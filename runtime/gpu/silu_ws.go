@@ -55,11 +55,11 @@ func (g *wsProduct) launchSiLU(s *cuda.Stream, p wsPlan, act, x, sx, w, sw, q, q
 	if N/wsWidths[p.i] > g.sms {
 		return fmt.Errorf("gpu: ws plan %v of N %d is more blocks than the %d SMs (the silu kernels' blocks must all be resident)", p, N, g.sms)
 	}
-	bn, opts, fn := wsWidths[p.i], g.launchOpts(), g.sfn[p.i]
-	if g.halfOn(p.i) && g.hsfn[p.i] != nil {
-		fn = g.hsfn[p.i]
+	bn, opts, fn, sh := wsWidths[p.i], g.launchOpts(), g.sfn[p.i], wsShared(wsWidths[p.i], g.esize)
+	if g.halfOn(p.i) && g.hsfn[p.i] != nil { // the half-row twin (loaded with hfn)
+		fn, sh = g.hsfn[p.i], wshShared(bn)
 	}
-	return fn.Launch(s, cuda.Dim3{X: N / bn, Y: 1, Z: 1}, cuda.Dim3{X: 128, Y: 1, Z: 1}, g.shared(p.i),
+	return fn.Launch(s, cuda.Dim3{X: N / bn, Y: 1, Z: 1}, cuda.Dim3{X: 128, Y: 1, Z: 1}, sh,
 		uint64(act), uint64(g.part.Ptr()), uint64(g.done.Ptr()), uint64(x), uint64(sx), uint64(w), uint64(sw), T, N, K, opts,
 		uint64(q), uint64(qscale), sync)
 }

@@ -133,14 +133,6 @@ const wshStatic = 4 << 10
 // half-row kernel (half set and the kernel loaded).
 func (g *wsProduct) halfOn(i int) bool { return g.half && g.hfn[i] != nil }
 
-// shared is plan width i's kernel's dynamic shared memory.
-func (g *wsProduct) shared(i int) int {
-	if g.halfOn(i) {
-		return wshShared(wsWidths[i])
-	}
-	return wsShared(wsWidths[i], g.esize)
-}
-
 // wtXS is WT_XS: the TMA kernels' activation stages (PEFTD_KERNEL_DEFINES
 // may set it); wtSmem is WT_SMEM, their dynamic shared memory at most.
 // WtShape's XS is WT_XS, at least 2 + WS_INFLIGHT.
