@@ -267,16 +267,22 @@ func TestFixture8BShape(t *testing.T) {
 	// co-batched steps of these cases never reach 17-64 rows; beside: each
 	// case alone with the LoRA stream on and kernelForce.bws 1, so that the
 	// 17-64-row prefill's products run on gemm_ws beside the LoRA update,
-	// as bwsMode 4 sends those of 17-32 rows by default)
+	// as bwsMode 4 sends those of 17-32 rows by default; fused: "one" with
+	// the fused and half-row ws kernels forced on, kernelForce.wsSiLU,
+	// wsNorm and wsHalf: gate/up with silu_mul, o and down with the
+	// add_rmsnorm after them, gate/up on half-row stages)
 	paths := strings.Split(cmp.Or(os.Getenv("PEFTD_FIXTURE_8B_PATHS"), "default"), ",")
 	for _, path := range paths {
 		t.Run(path, func(t *testing.T) {
 			opts := engine.Options{MaxTokens: 1024, KVBlocks: 512, BlockSize: 16, AdapterSlots: len(adapters)}
-			e, b := newEngineBackend(t, m, opts, Options{SerialLoRA: path == "serial" || path == "one"})
+			one := path == "one" || path == "fused"
+			e, b := newEngineBackend(t, m, opts, Options{SerialLoRA: path == "serial" || one})
 			switch path {
 			case "default", "serial":
 			case "one":
 				b.force.bws = 3
+			case "fused":
+				b.force.bws, b.force.wsSiLU, b.force.wsNorm, b.force.wsHalf = 3, 1, 1, 1
 			case "beside":
 				b.force.bws = 1
 			case "noinline":
@@ -301,13 +307,16 @@ func TestFixture8BShape(t *testing.T) {
 				}
 			}
 			t.Logf("loaded %s (%d layers, hidden %d, vocab %d) and %d adapters in %v", dir, m.Config.Layers, m.Config.Hidden, m.Config.VocabSize, len(names), time.Since(t0).Round(time.Millisecond))
-			if path == "one" || path == "beside" {
+			if one || path == "beside" {
 				worst, worstRow := 0.0, 0.0
 				for _, c := range cases {
 					w, wr, _ := runCases(t, e, slots, []refCase{c})
 					worst, worstRow = max(worst, w), max(worstRow, wr)
 				}
-				t.Logf("maxrel=%.3g (per case, all rows); worst single row %.3g; %d cases one at a time (gemm_ws %v)", worst, worstRow, len(cases), b.bws != nil)
+				t.Logf("maxrel=%.3g (per case, all rows); worst single row %.3g; %d cases one at a time (gemm_ws %v; fused launches: silu %d, norm %d)", worst, worstRow, len(cases), b.bws != nil, b.fused.silu, b.fused.norm)
+				if path == "fused" && b.bws != nil && (b.fused.silu == 0 || b.fused.norm == 0) {
+					t.Errorf("the fused kernels took no product: silu %d, norm %d launches", b.fused.silu, b.fused.norm)
+				}
 				return
 			}
 			worst, worstRow, st := runCases(t, e, slots, cases)
