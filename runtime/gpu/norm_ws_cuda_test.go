@@ -42,17 +42,53 @@ type wsNormOut struct {
 	s       []float32
 }
 
-func wsNormCheck(t *testing.T, fp8 bool) {
-	var r *fp8Rig
-	var g *wsProduct
-	if fp8 {
-		r = newFP8Rig(t)
-		if g = r.f.ws; g == nil {
-			t.Skip("fp8_ws is compiled only in the wgmma build, for sm_90a")
-		}
-	} else {
-		r, g = bwsRig(t)
+// wsRigFor is a rig and its ws products of one format: fp8_ws (FP8) or
+// gemm_ws (bf16), or a skip where they are not compiled in.
+func wsRigFor(t *testing.T, fp8 bool) (*fp8Rig, *wsProduct) {
+	t.Helper()
+	if !fp8 {
+		return bwsRig(t)
 	}
+	r := newFP8Rig(t)
+	if r.f.ws == nil {
+		t.Skip("fp8_ws is compiled only in the wgmma build, for sm_90a")
+	}
+	return r, r.f.ws
+}
+
+// wsOperands are an M x N x K ws product's operands: x's M random bf16
+// rows as they are (bf16) or quantized per row (x, sx), and a random N x K
+// weight (w, and with FP8 its row scales sw and w8, dropped by drop).
+type wsOperands struct {
+	x, sx, w, sw cuda.DevicePtr
+	w8           *fp8Weight
+}
+
+func newWsOperands(t *testing.T, r *fp8Rig, fp8 bool, M, N, K int) wsOperands {
+	t.Helper()
+	x := r.up(r.bf16Rand(M*K, 1))
+	if !fp8 {
+		return wsOperands{x: x.Ptr(), w: r.up(r.bf16Rand(N*K, 0.02)).Ptr()}
+	}
+	w8, err := r.f.upload(r.bf16Rand(N*K, 0.02), N, K)
+	if err != nil {
+		t.Fatal(err)
+	}
+	qx, sx := r.alloc(M*K), r.alloc(4*M)
+	if err := r.f.quantRows(qx.Ptr(), sx.Ptr(), x.Ptr(), M, K, K); err != nil {
+		t.Fatal(err)
+	}
+	return wsOperands{x: qx.Ptr(), sx: sx.Ptr(), w: w8.q.Ptr(), sw: w8.scale.Ptr(), w8: w8}
+}
+
+func (o wsOperands) drop(r *fp8Rig) {
+	if o.w8 != nil {
+		r.dropWeight(o.w8)
+	}
+}
+
+func wsNormCheck(t *testing.T, fp8 bool) {
+	r, g := wsRigFor(t, fp8)
 	if g.nsync == nil {
 		t.Fatal("no ws kernel with add_rmsnorm loaded")
 	}
@@ -69,22 +105,8 @@ func wsNormCheck(t *testing.T, fp8 bool) {
 		{17, 4096, 4096}, {64, 4096, 4096}, {64, 4096, 14336}, {32, 4096, 14336}, {48, 256, 512}, {33, 512, 1024},
 	} {
 		M, N, K := sz.M, sz.N, sz.K
-		x := r.up(r.bf16Rand(M*K, 1))
-		// the product's operands: bf16 as they are, FP8 quantized
-		var xin, sx, wq, ws cuda.DevicePtr
-		var w8 *fp8Weight
-		if fp8 {
-			if w8, err = r.f.upload(r.bf16Rand(N*K, 0.02), N, K); err != nil {
-				t.Fatal(err)
-			}
-			qx, sxb := r.alloc(M*K), r.alloc(4*M)
-			if err := r.f.quantRows(qx.Ptr(), sxb.Ptr(), x.Ptr(), M, K, K); err != nil {
-				t.Fatal(err)
-			}
-			xin, sx, wq, ws = qx.Ptr(), sxb.Ptr(), w8.q.Ptr(), w8.scale.Ptr()
-		} else {
-			xin, wq = x.Ptr(), r.up(r.bf16Rand(N*K, 0.02)).Ptr()
-		}
+		ops := newWsOperands(t, r, fp8, M, N, K)
+		xin, sx, wq, ws := ops.x, ops.sx, ops.w, ops.sw
 		res, nw := r.bf16Rand(M*N, 1), r.up(r.bf16Rand(N, 1))
 		d, xr, o := r.alloc(2*(M+1)*N), r.alloc(2*(M+1)*N), r.alloc(2*(M+1)*N)
 		q, qs := r.alloc(M*N), r.alloc(4*M)
@@ -173,9 +195,7 @@ func wsNormCheck(t *testing.T, fp8 bool) {
 			worst := compareRows(t, what+" staggered norm", want.o, got.o, N)
 			t.Logf("%s: bit for bit the two kernels' unstaggered (norm and add alone); staggered norm within %.3g", what, worst)
 		}
-		if w8 != nil {
-			r.dropWeight(w8)
-		}
+		ops.drop(r)
 	}
 	if tested == 0 {
 		t.Fatal("no ws plan with a NORM kernel")

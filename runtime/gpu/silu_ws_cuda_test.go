@@ -3,7 +3,6 @@
 package gpu
 
 import (
-	"encoding/binary"
 	"fmt"
 	"math"
 	"slices"
@@ -11,7 +10,6 @@ import (
 
 	"github.com/peftd/peftd/runtime/cuda"
 	"github.com/peftd/peftd/runtime/engine"
-	"github.com/peftd/peftd/runtime/safetensors"
 )
 
 // TestBF16WsSiLU checks gemm_ws_silu (the gate/up product and silu_mul
@@ -295,22 +293,7 @@ func TestOpLinearSiLUFP8(t *testing.T) {
 			t.Skip("fp8_ws is compiled only in the wgmma build, for sm_90a")
 		}
 		r.b.f8.ws.force = wsPlan{i: slices.Index(wsWidths[:], 224), split: 1}
-		upload := func(name string, rows, cols int) engine.Weight {
-			v := r.rnd(rows*cols, 0.5)
-			raw := make([]byte, 4*len(v))
-			for i, x := range v {
-				binary.LittleEndian.PutUint32(raw[4*i:], math.Float32bits(x))
-			}
-			w, err := r.b.Upload(name, safetensors.F32, []int{rows, cols}, raw)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if _, ok := w.(*fp8Weight); !ok {
-				t.Fatalf("%s uploaded as %T, not FP8", name, w)
-			}
-			return w
-		}
-		wgu, wd := upload("model.layers.0.mlp.up_proj.weight", 2*I, K), upload("model.layers.0.mlp.down_proj.weight", K, I)
+		wgu, wd := r.projection("model.layers.0.mlp.up_proj.weight", 2*I, K, "fp8"), r.projection("model.layers.0.mlp.down_proj.weight", K, I, "fp8")
 		x := r.buffer(T, K)
 		r.fill(x, r.rnd(T*K, 1))
 		run := func(fused bool) (act, out []float32, took bool) {

@@ -29,16 +29,7 @@ func TestWsHalf(t *testing.T) {
 }
 
 func wsHalfCheck(t *testing.T, fp8 bool) {
-	var r *fp8Rig
-	var g *wsProduct
-	if fp8 {
-		r = newFP8Rig(t)
-		if g = r.f.ws; g == nil {
-			t.Skip("fp8_ws is compiled only in the wgmma build, for sm_90a")
-		}
-	} else {
-		r, g = bwsRig(t)
-	}
+	r, g := wsRigFor(t, fp8)
 	for _, bn := range []int{224, 256} {
 		if g.hfn[slices.Index(wsWidths[:], bn)] == nil {
 			t.Fatalf("no half-row kernel of width %d loaded (its shared memory %d bytes, the card's limit %d)", bn, wshShared(bn), r.ctx.Device().MaxShared)
@@ -51,22 +42,8 @@ func wsHalfCheck(t *testing.T, fp8 bool) {
 		{17, 28672, 4096}, {40, 28672, 4096}, {64, 28672, 4096}, {64, 1792, 1024}, {33, 3584, 2048}, {20, 448, 768},
 	} {
 		M, N, K, I := sz.M, sz.N, sz.K, sz.N/2
-		x := r.up(r.bf16Rand(M*K, 1))
-		var xin, sx, wq, ws cuda.DevicePtr
-		var w8 *fp8Weight
-		if fp8 {
-			var err error
-			if w8, err = r.f.upload(r.bf16Rand(N*K, 0.02), N, K); err != nil {
-				t.Fatal(err)
-			}
-			qx, sxb := r.alloc(M*K), r.alloc(4*M)
-			if err := r.f.quantRows(qx.Ptr(), sxb.Ptr(), x.Ptr(), M, K, K); err != nil {
-				t.Fatal(err)
-			}
-			xin, sx, wq, ws = qx.Ptr(), sxb.Ptr(), w8.q.Ptr(), w8.scale.Ptr()
-		} else {
-			xin, wq = x.Ptr(), r.up(r.bf16Rand(N*K, 0.02)).Ptr()
-		}
+		ops := newWsOperands(t, r, fp8, M, N, K)
+		xin, sx, wq, ws := ops.x, ops.sx, ops.w, ops.sw
 		out, act := r.alloc(2*(M+1)*N), r.alloc(2*(M+1)*I)
 		q, qs := r.alloc(M*I), r.alloc(4*M)
 		product := func(p wsPlan, half bool) []uint16 {
@@ -127,9 +104,7 @@ func wsHalfCheck(t *testing.T, fp8 bool) {
 				t.Logf("%s silu: unstaggered, %d of %d outputs differ from the one-atom kernel's", what, countDiff(oneA, halfA), len(oneA))
 			}
 		}
-		if w8 != nil {
-			r.dropWeight(w8)
-		}
+		ops.drop(r)
 	}
 	if tested == 0 {
 		t.Fatal("no plan with a half-row kernel")
