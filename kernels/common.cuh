@@ -1886,7 +1886,7 @@ __device__ __forceinline__ void ws_body(bf16* __restrict__ out, float* __restric
     // the second half's rows: SILU up's, HALF the block's second BN / 2
     const unsigned char* whi = SILU ? wsrc + (long long)(N / 2) * KB : HALF ? wsrc + (long long)(BN / 2) * KB : nullptr;
     const unsigned char* xsrc = qx + (long long)r0 * KB + kb0 + 16 * c;
-    auto kst = [&](int j) { const int k = j + koff; return k < nst ? k : k - nst; }; // the K stage local stage j holds (HALF: pair 2 k + half)
+    auto kst = [&](int j) { const int k = j + koff; return k < nst ? k : k - nst; }; // the K stage local stage j holds (HALF: k = 2 pair + half)
     // the stage j copies: weights, activations (rows below M), each atom's
     // chunks past this split's K zero-filled
     auto copy_w = [&](int j) {
