@@ -1,6 +1,7 @@
 package gpu
 
 import (
+	"slices"
 	"testing"
 
 	"github.com/peftd/peftd/runtime/cuda"
@@ -450,5 +451,77 @@ func TestWtShape(t *testing.T) {
 		if per := wtShared(bn) + 8*wtStages(bn) + 16; per > 232448 {
 			t.Errorf("n%d: a block of %d bytes does not fit an sm_90 SM", bn, per)
 		}
+	}
+}
+
+// TestWsFusedPlans: at the 8B shapes and 17-64 rows, on 132 SMs (H100,
+// H200) and 114 (H100 PCIe), the plans the fused ws kernels need: o and
+// down's plans have a NORM kernel (gemm_ws_norm_n*, fp8_ws_norm_n*:
+// widths 32 and 64, no more blocks than SMs); gate/up's plan with the
+// half-row kernels on is one of theirs (224 or 256, its K whole two-atom
+// stages) and unchanged by them; the half-row kernels have as many stages
+// as the one-atom ones (five 44 KB stages at 224) within the card's 227 KB
+// beside their static arrays; and neither a partition-sized SM target nor a missing kernel
+// makes a plan claim one (normFits, halfOn false).
+func TestWsFusedPlans(t *testing.T) {
+	const maxShared = 232448 // sm_90's per-block opt-in limit
+	for _, esize := range []int{1, 2} {
+		for _, sms := range []int{132, 114} {
+			g := &wsProduct{esize: esize, sms: sms, nsync: &cuda.DeviceBuffer{}}
+			for i, bn := range wsWidths {
+				g.fn[i] = &cuda.Function{}
+				switch bn {
+				case 32, 64:
+					g.nfn[i] = &cuda.Function{}
+				case 224, 256:
+					g.hfn[i], g.hsfn[i] = &cuda.Function{}, &cuda.Function{}
+				}
+			}
+			for _, T := range []int{17, 24, 32, 48, 64} {
+				for _, sh := range [][2]int{{4096, 4096}, {4096, 14336}} {
+					N, K := sh[0], sh[1]
+					p, ok := g.plan(T, N, K)
+					if !ok || !g.normFits(p, N) {
+						t.Errorf("esize %d, %d SMs: %d x %d x %d: plan %v (ok %v) has no NORM kernel", esize, sms, T, N, K, p, ok)
+					}
+				}
+				g.half = false
+				one, ok1 := g.plan(T, 28672, 4096)
+				g.half = true
+				half, ok2 := g.plan(T, 28672, 4096)
+				if !ok1 || !ok2 || one != half || !g.halfOn(half.i) {
+					t.Errorf("esize %d, %d SMs: %d x 28672 x 4096: plan %v, with the half-row kernels %v (half-row %v)", esize, sms, T, one, half, ok2 && g.halfOn(half.i))
+				}
+				g.half = false
+			}
+		}
+	}
+	// as many stages as the one-atom kernels (a stage's weight bytes are
+	// theirs: the weight bytes in flight the same)
+	for _, bn := range []int{224, 256} {
+		if st, sh := wshStages(bn), wshShared(bn); st < wsStages(bn, 1) || st < wsStages(bn, 2) || sh+wshStatic > maxShared || wshStageBytes(bn)-2*wsMaxRows*wsAtom != bn*wsAtom {
+			t.Errorf("n%d half-row: %d stages of %d bytes, %d in all (one-atom kernels: %d / %d stages)", bn, st, wshStageBytes(bn), sh, wsStages(bn, 1), wsStages(bn, 2))
+		}
+	}
+	// not without the kernel, the barrier words, or with more blocks than SMs
+	g := &wsProduct{esize: 1, sms: 132}
+	for i := range g.fn {
+		g.fn[i] = &cuda.Function{}
+	}
+	p := wsPlan{i: 0, split: 1} // n32x1: 128 blocks for N 4096
+	if g.normFits(p, 4096) {
+		t.Error("normFits without a NORM kernel")
+	}
+	g.nfn[0] = &cuda.Function{}
+	if g.normFits(p, 4096) {
+		t.Error("normFits without the barrier words")
+	}
+	g.nsync = &cuda.DeviceBuffer{}
+	if !g.normFits(p, 4096) || g.normFits(wsPlan{i: 0, split: 2}, 4096) || g.normFits(p, 12288) || g.normFits(wsPlan{i: 0, split: 1, sk: 100}, 4096) {
+		t.Error("normFits: want n32x1 of 4096 only (256 blocks, a 12,288-wide row and stream-K plans refused)")
+	}
+	g.half = true
+	if g.halfOn(slices.Index(wsWidths[:], 224)) {
+		t.Error("halfOn without the half-row kernel")
 	}
 }
