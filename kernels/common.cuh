@@ -1060,15 +1060,17 @@ __device__ __forceinline__ void ws_put_silu(const float* v, bf16* __restrict__ o
 // griddepcontrol.launch_dependents in pdl_entry). Bounded: blocks that are
 // not all resident (a plan of more blocks than SMs, SMs another kernel
 // holds) end the kernel with an error after ~5 s instead of hanging the
-// card. Every thread of the block calls it.
-__device__ __forceinline__ void grid_meet(unsigned* arrive) {
+// card. wait false: the block only arrives (its writes published) and
+// goes on without waiting for the others (it reads nothing they wrote).
+// Every thread of the block calls it.
+__device__ __forceinline__ void grid_meet(unsigned* arrive, bool wait = true) {
     const unsigned n = gridDim.x * gridDim.y * gridDim.z;
     __threadfence();
     __syncthreads();
     if (threadIdx.x == 0) {
         __threadfence();
         atomicAdd(arrive, 1u);
-        for (unsigned spins = 0; *reinterpret_cast<volatile unsigned*>(arrive) < n; spins++) {
+        for (unsigned spins = 0; wait && *reinterpret_cast<volatile unsigned*>(arrive) < n; spins++) {
             if (spins > (1u << 26)) __trap();
             __nanosleep(64);
         }
@@ -1249,8 +1251,10 @@ __device__ __forceinline__ uint4 add_words(uint4 a, uint4 b) {
 // squares added in add_rmsnorm's order and the two met as its block_sum
 // meets its eight warps. The norm's weight and the block's first row of x
 // (no other block writes them) are read before the barrier, so that only
-// delta's words are read after it. H % 8 == 0 and H <= 2048 ADD_RC
-// (runtime/gpu checks). Every thread of the block calls it.
+// delta's words are read after it. A block with no rows (G > M) arrives
+// and ends without waiting, so that its SM takes the next kernel's block
+// while the others finish. H % 8 == 0 and H <= 2048 ADD_RC (runtime/gpu
+// checks). Every thread of the block calls it.
 __device__ __forceinline__ void ws_add_norm(const bf16* delta, int M, int H, const WsNorm& P) {
     constexpr int NW = 2 * ADD_RC;
     __shared__ float sh[33];
@@ -1269,7 +1273,7 @@ __device__ __forceinline__ void ws_add_norm(const bf16* delta, int M, int H, con
         for (int j = 0; j < NW; j++)
             if (tid + 128 * j < n8) wk[j] = __ldg(w8 + tid + 128 * j);
     if (b0 < M) load_x(b0);
-    grid_meet(P.sync);
+    grid_meet(P.sync, b0 < M);
     for (int r = b0; r < M; r += G) {
         if (r != b0) load_x(r);
         const uint4* d8 = reinterpret_cast<const uint4*>(delta + (long long)r * H);
