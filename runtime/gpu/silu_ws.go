@@ -151,16 +151,20 @@ func (b *Backend) wsAlone(w engine.Weight, in *Buffer, T, N, K int) (*wsProduct,
 	if ws == nil {
 		return nil, wsPlan{}, false
 	}
+	from := wsMinRows
 	if _, fp8 := w.(*fp8Weight); fp8 {
 		f := b.f8
 		if !(f.wsOn || f.wsAuto) || f.ltForce || f.ltRows[[4]int{T, N, K, f.mm.SMTarget()}] || !f.fits(T, K) {
 			return nil, wsPlan{}, false
 		}
+		if f.wsFrom > 0 && T < wsMinRows {
+			from = f.wsFrom // as fp8State.linear sends them (TestDecodeBench +wsN: its 9-16-row A/B)
+		}
 	} else if !b.bwsTakes(T, N, K, false) {
 		return nil, wsPlan{}, false
 	}
 	ws.early, ws.half = b.wsEarly(in), b.wsHalf()
-	p, ok := ws.plan(T, N, K)
+	p, ok := ws.planFrom(T, N, K, from)
 	if !ok {
 		return nil, wsPlan{}, false
 	}
