@@ -1778,10 +1778,10 @@ __device__ __forceinline__ void ws_zero_rows(unsigned base, int M) {
 // seen after the K loop's first barrier) and the first AHEAD stages'
 // copies, one cp.async group a stage (the ne early weight stages, asked
 // before the wait, join the first).
-template <int ES, int AHEAD, class CW, class CX>
+template <int ES, int AHEAD, bool CG = false, class CW, class CX>
 __device__ __forceinline__ void ws_fill(float* xsc, const float* __restrict__ sx, int M, int ne, CW copy_w, CX copy_x) {
     if (ES == 1)
-        for (int i = threadIdx.x; i < 64; i += 128) xsc[i] = i < M ? sx[i] : 0.f;
+        for (int i = threadIdx.x; i < 64; i += 128) xsc[i] = i < M ? (CG ? __ldcg(sx + i) : sx[i]) : 0.f; // CG: the grid wrote them (ws_quant_rows)
 #pragma unroll 1
     for (int j = 0; j < AHEAD; j++) {
         if (j >= ne) copy_w(j);
@@ -1843,6 +1843,43 @@ __device__ __forceinline__ void ws_stage_half(float* d, int j, unsigned base, un
 template <bool LORA> struct WsLoraSmOf { using T = WsLoraSm; };
 template <> struct WsLoraSmOf<false> { using T = char; };
 
+// WsQx: ws_body's QX head (fp8_ws_qx_n*, fp8_ws_qxnorm_n*): xb the
+// product's activation rows in bf16 [M][K], quantized by the kernel into
+// its own qx and sx (the activation scratch) before any block reads them;
+// sync: two counters, zero between launches.
+struct WsQx {
+    const bf16* xb;
+    unsigned* sync;
+};
+
+// ws_quant_rows: the QX head, after griddepcontrol.wait: block b (of G, x
+// fastest) quantizes rows b, b + G, ... of xb into q (rows K bytes apart)
+// and s as quant_rows_e4m3 does (the same bytes: the row's max and the
+// conversion are elementwise or order-free), then the grid meets
+// (grid_meet: every row quantized and visible before any block copies its
+// activation stages). K % 8 == 0 and K <= 8192 (runtime/gpu checks).
+// Every thread of the block calls it.
+__device__ __forceinline__ void ws_quant_rows(const bf16* __restrict__ xb, unsigned char* q, float* s, int M, int K, unsigned* sync) {
+    constexpr int NW = 8;
+    __shared__ float sh[33];
+    const int G = gridDim.x * gridDim.y, tid = threadIdx.x, n8 = K >> 3;
+    for (int r = blockIdx.y * gridDim.x + blockIdx.x; r < M; r += G) {
+        const uint4* x8 = reinterpret_cast<const uint4*>(xb + (long long)r * K);
+        uint4 w[NW];
+        float m = 0.f;
+        int bad = 0;
+#pragma unroll
+        for (int j = 0; j < NW; j++)
+            if (tid + 128 * j < n8) w[j] = x8[tid + 128 * j];
+#pragma unroll
+        for (int j = 0; j < NW; j++)
+            if (tid + 128 * j < n8) amax8(w[j], m, bad);
+        quant_words_e4m3<NW>(w, n8, q + (long long)r * K, s + r, m, bad, sh);
+    }
+    grid_meet(sync);
+    grid_leave(nullptr, 0, sync);
+}
+
 // ws_body's HALF blocks (gemm_wsh_n*, fp8_wsh_n*; BN 224 and 256, whose
 // one-atom stages read 128 bytes of each weight row a stage): a stage is
 // two atoms (256 bytes of K) of half the block's weight rows beside the 64
@@ -1851,11 +1888,17 @@ template <> struct WsLoraSmOf<false> { using T = char; };
 // half of the accumulators (ws_stage_half). Each row's DRAM reads are
 // twice as long for the same stage bytes, the activations read twice (L2);
 // the products, split and end are BN's.
-template <int ES, int BN, bool LORA = false, bool SILU = false, bool NORM = false, bool HALF = false>
+//
+// ws_body's QX blocks (fp8_ws_qx_n*, fp8_ws_qxnorm_n*): the activation rows
+// come in bf16 (WsQx), and the kernel quantizes them into qx and sx itself
+// (ws_quant_rows, after griddepcontrol.wait; the early weight stages land
+// meanwhile) instead of a quant_rows_e4m3 launch before it.
+template <int ES, int BN, bool LORA = false, bool SILU = false, bool NORM = false, bool HALF = false, bool QX = false>
 __device__ __forceinline__ void ws_body(bf16* __restrict__ out, float* __restrict__ part, int* __restrict__ done,
                                         const unsigned char* __restrict__ qx, const float* __restrict__ sx,
                                         const unsigned char* __restrict__ qw, const float* __restrict__ sw, int M,
-                                        int N, int K, int opts, const WsLora* Lp = nullptr, WsSiluQ SQ = {}, WsNorm NP = {}) {
+                                        int N, int K, int opts, const WsLora* Lp = nullptr, WsSiluQ SQ = {}, WsNorm NP = {},
+                                        WsQx QP = {}) {
     using W = WsShape<BN, ES, HALF>;
     constexpr int TR = W::TR, AB = W::AB, SB = W::SB, ST = W::ST, KA = W::KA, IF = W::IF, AHEAD = ST - 1 - IF;
     static_assert(IF >= 0 && IF <= 2, "ws_body: WS_INFLIGHT, WS_INFLIGHT_NARROW 0-2");
@@ -1863,6 +1906,7 @@ __device__ __forceinline__ void ws_body(bf16* __restrict__ out, float* __restric
     static_assert(!SILU || (!LORA && BN % 32 == 0), "ws_body: SILU is without LoRA, on whole 16-row groups a half");
     static_assert(!NORM || (!LORA && !SILU), "ws_body: NORM is a plain product's end");
     static_assert(!HALF || (!LORA && !NORM && BN % 32 == 0 && W::KA == 2), "ws_body: HALF takes plain and SILU products of whole 16-row halves");
+    static_assert(!QX || (ES == 1 && !LORA && !SILU && !HALF), "ws_body: QX quantizes a plain or NORM FP8 product's activations");
     constexpr int CH = WG_RB / 16;                 // 16-byte chunks a staged row
     constexpr int RSTEP = 128 / CH;                // rows between a thread's copies
     constexpr int CX = TR / RSTEP, CW = W::WR / RSTEP; // a thread's activation and weight rows an atom
@@ -1915,7 +1959,8 @@ __device__ __forceinline__ void ws_body(bf16* __restrict__ out, float* __restric
         for (int i = tid; i < BN; i += 128) // weights' scales: no kernel of a step writes them (SILU: gate's rows, then up's)
             wsc[i] = sw[SILU ? (i < BN / 2 ? gn0 + i : N / 2 + gn0 + i - BN / 2) : n0 + i];
     pdl_entry();
-    ws_fill<ES, AHEAD>(xsc, sx, M, ne, copy_w, copy_x);
+    if constexpr (QX) ws_quant_rows(QP.xb, const_cast<unsigned char*>(qx), const_cast<float*>(sx), M, K, QP.sync);
+    ws_fill<ES, AHEAD, QX>(xsc, sx, M, ne, copy_w, copy_x);
     // the LoRA variant: the rows' slots and entries while the first stages
     // land, and the pieces' layout (ws_lora_geom)
     bool lz = false;

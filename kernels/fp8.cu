@@ -487,6 +487,19 @@ extern "C" __global__ void __launch_bounds__(128, 1) fp8_wsh_silu_n256(FP8_WS_SI
 #define FP8_WS_NORM_PASS FP8_WS_PASS, nullptr, WsSiluQ{}, WsNorm{xr, nout, nw, eps, q, qscale, sync}
 extern "C" __global__ void __launch_bounds__(128, 1) fp8_ws_norm_n32(FP8_WS_NORM_ARGS) { ws_body<1, 32, false, false, true>(FP8_WS_NORM_PASS); }
 extern "C" __global__ void __launch_bounds__(128, 1) fp8_ws_norm_n64(FP8_WS_NORM_ARGS) { ws_body<1, 64, false, false, true>(FP8_WS_NORM_PASS); }
+// fp8_ws_qx_n{32,64}, fp8_ws_qxnorm_n{32,64}: fp8_ws_n* and fp8_ws_norm_n*
+// whose activation rows come in bf16 (xb) and are quantized by the kernel
+// into qx and sx (ws_body's QX head: each block its share of the rows as
+// quant_rows_e4m3 does, then a grid-wide barrier; sync's words 2-3) in
+// place of a quant_rows_e4m3 launch before it: the o product, whose
+// input (the attention output) nothing else quantizes. Off by default
+// until measured (kernelForce.wsQX).
+#define FP8_WS_QX_PASS(NORMP) FP8_WS_PASS, nullptr, WsSiluQ{}, NORMP, WsQx{xb, sync + 2}
+extern "C" __global__ void __launch_bounds__(128, 1) fp8_ws_qx_n32(FP8_WS_ARGS, const bf16 *xb, unsigned *sync) { ws_body<1, 32, false, false, false, false, true>(FP8_WS_QX_PASS(WsNorm{})); }
+extern "C" __global__ void __launch_bounds__(128, 1) fp8_ws_qx_n64(FP8_WS_ARGS, const bf16 *xb, unsigned *sync) { ws_body<1, 64, false, false, false, false, true>(FP8_WS_QX_PASS(WsNorm{})); }
+#define FP8_WS_QXNORM_NP WsNorm{xr, nout, nw, eps, q, qscale, sync}
+extern "C" __global__ void __launch_bounds__(128, 1) fp8_ws_qxnorm_n32(FP8_WS_NORM_ARGS, const bf16 *xb) { ws_body<1, 32, false, false, true, false, true>(FP8_WS_QX_PASS(FP8_WS_QXNORM_NP)); }
+extern "C" __global__ void __launch_bounds__(128, 1) fp8_ws_qxnorm_n64(FP8_WS_NORM_ARGS, const bf16 *xb) { ws_body<1, 64, false, false, true, false, true>(FP8_WS_QX_PASS(FP8_WS_QXNORM_NP)); }
 // fp8_wsk_n*: the same products on any number of blocks (stream-K:
 // wsk_body in common.cuh), only with PEFTD_WS_SK as well (the A/B of
 // PERFORMANCE v0.68 Next 3; runtime/gpu ws.go plans them where

@@ -438,6 +438,7 @@ type decodeVariant struct {
 	wsearly                      int    // K stages of weights every ws product asks before griddepcontrol.wait (kernelForce.wsEarly; 0: wsEarlyStages)
 	wssilu                       int    // bf16 gate/up and silu_mul in one gemm_ws_silu launch where it fits (kernelForce.wsSiLU: 1 on, -1 never, 0 the default: wsSiLUAuto)
 	wsearlyo                     int    // the same for o alone (kernelForce.wsEarlyO; 0: as wsearly)
+	wsqx                         int    // FP8: o's product quantizing its own input (fp8_ws_qx, fp8_ws_qxnorm; kernelForce.wsQX: 1 on, -1 never, 0 the default: wsQXAuto)
 	wshalf                       int    // gate/up on the half-row kernels (gemm_wsh, fp8_wsh) where loaded (kernelForce.wsHalf: 1 on, -1 never, 0 the default: wsHalfAuto)
 	wsnorm                       int    // o and down with the add_rmsnorm after them in one gemm_ws_norm / fp8_ws_norm launch where it fits (kernelForce.wsNorm: 1 on, -1 never, 0 the default: wsNormAuto)
 }
@@ -450,7 +451,7 @@ func (v decodeVariant) force(f kernelForce) kernelForce {
 	f.wgFull, f.loraKChunk = v.wgFull, v.kc
 	f.holds, f.pdlJoins, f.loraInline = v.holds, v.pdlJoins, v.inline
 	f.ropeLoRA, f.nodePrio, f.siluCl, f.addCl, f.siluLoRA = v.rfold, v.prio, v.silucl, v.addcl, v.sfold
-	f.memHoist, f.l2Win, f.wsLoRA, f.shrink64, f.wsSiLU, f.wsEarly, f.wsNorm, f.wsEarlyO, f.wsHalf = v.hoist, v.l2, v.wsl, v.sh64, v.wssilu, v.wsearly, v.wsnorm, v.wsearlyo, v.wshalf
+	f.memHoist, f.l2Win, f.wsLoRA, f.shrink64, f.wsSiLU, f.wsEarly, f.wsNorm, f.wsEarlyO, f.wsHalf, f.wsQX = v.hoist, v.l2, v.wsl, v.sh64, v.wssilu, v.wsearly, v.wsnorm, v.wsearlyo, v.wshalf, v.wsqx
 	return f
 }
 
@@ -584,6 +585,7 @@ func (v decodeVariant) label(ads []*lora.Adapter, pdlOK bool) string {
 	lbl += onOffLabel(v.wssilu, "wssilu")
 	lbl += onOffLabel(v.wsnorm, "wsnorm")
 	lbl += onOffLabel(v.wshalf, "wshalf")
+	lbl += onOffLabel(v.wsqx, "wsqx")
 	if v.wsearly > 0 {
 		lbl += fmt.Sprintf("+wsearly%d", v.wsearly)
 	}
@@ -819,6 +821,7 @@ func TestDecodeBench(t *testing.T) {
 		{sms: -1, wsnorm: 1}, {sms: -1, wsnorm: -1}, {sms: -1, wssilu: 1, wsnorm: 1},
 		{sms: -1, wshalf: 1}, {sms: -1, wshalf: 1, wssilu: 1}, {sms: -1, wshalf: 1, wssilu: 1, wsnorm: 1},
 		{sms: -1, wsfrom: 9, wssilu: 1, wsnorm: 1}, {sms: -1, wsfrom: 9, wssilu: 1, wsnorm: 1, wshalf: 1}, // FP8 9-16 rows: fp8_ws with the fused ends
+		{sms: -1, wsqx: 1}, {sms: -1, wsqx: 1, wsnorm: 1}, {sms: -1, wsqx: 1, wsnorm: 1, wssilu: 1, wshalf: 1}, {sms: -1, wsfrom: 9, wsqx: 1, wsnorm: 1, wssilu: 1},
 		{sms: -1, wsearlyo: 4}, {sms: -1, wsearlyo: 7}, {lora: true, sms: -1, wsearlyo: 4}, {lora: true, sms: -1, wsearlyo: 7},
 		{sms: -1, wsearly: 2}, {sms: -1, wsearly: 4}, {sms: -1, wsearly: 7}, {lora: true, sms: -1, wsearly: 2}, {lora: true, sms: -1, wsearly: 4}, {lora: true, sms: -1, wsearly: 7},
 	}

@@ -192,6 +192,11 @@ type fp8State struct {
 	// fp8_gemv_seg's early twins take its products
 	// unless segEarlyOff (benchmarks and tests)
 	plain, segEarlyOff bool
+	// qx: a product fp8_ws takes whose input the scratch does not hold
+	// quantized runs on a QX kernel that quantizes it itself (qx_ws.go;
+	// set by Backend.Linear from kernelForce.wsQX)
+	qx   bool
+	qxes int // QX launches enqueued or recorded (tests)
 
 	// fp8_gemv_seg (fp8_seg.go) for steps of 1-4 rows; benchmarks and
 	// tests set segOff (fp8_gemv instead)
@@ -352,6 +357,14 @@ func (f *fp8State) linear(out, x cuda.DevicePtr, T int, w *fp8Weight, gen uint64
 		f.tmp = nil
 	}
 	K := w.cols
+	if p, ok := f.qxPlan(x, T, w.rows, K, gen); ok { // the product quantizes x's rows itself (qx_ws.go)
+		if err := f.ws.launchQX(f.s, p, out, x, f.actQ.Ptr(), f.actS.Ptr(), w.q.Ptr(), w.scale.Ptr(), T, w.rows, K); err != nil {
+			return err
+		}
+		f.qxes++
+		f.holds(x, T, K, gen)
+		return nil
+	}
 	if err := f.prepare(x, T, K, gen); err != nil {
 		return err
 	}
@@ -404,7 +417,7 @@ func (f *fp8State) linear(out, x cuda.DevicePtr, T int, w *fp8Weight, gen uint64
 // scratch (actQ, actS) unless it holds them already (same input, rows and
 // write generation gen).
 func (f *fp8State) prepare(x cuda.DevicePtr, T, K int, gen uint64) error {
-	if f.cValid && f.cIn == x && f.cRows == T && f.cCols == K && f.cGen == gen {
+	if f.held(x, T, K, gen) {
 		return nil
 	}
 	if err := f.grow(&f.actQ, (T*K+15)&^15); err != nil {

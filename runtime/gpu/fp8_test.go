@@ -457,7 +457,8 @@ func TestWtShape(t *testing.T) {
 // TestWsFusedPlans: at the 8B shapes and 17-64 rows, on 132 SMs (H100,
 // H200) and 114 (H100 PCIe), the plans the fused ws kernels need: o and
 // down's plans have a NORM kernel (gemm_ws_norm_n*, fp8_ws_norm_n*:
-// widths 32 and 64, no more blocks than SMs); gate/up's plan with the
+// widths 32 and 64, no more blocks than SMs) and with FP8 o's a QX one
+// (fp8_ws_qx_n*: rows of at most 8,192 values, not down's 14,336); gate/up's plan with the
 // half-row kernels on is one of theirs (224 or 256, its K whole two-atom
 // stages) and unchanged by them; the half-row kernels have as many stages
 // as the one-atom ones (five 44 KB stages at 224) within the card's 227 KB
@@ -472,7 +473,7 @@ func TestWsFusedPlans(t *testing.T) {
 				g.fn[i] = &cuda.Function{}
 				switch bn {
 				case 32, 64:
-					g.nfn[i] = &cuda.Function{}
+					g.nfn[i], g.qfn[i], g.qnfn[i] = &cuda.Function{}, &cuda.Function{}, &cuda.Function{}
 				case 224, 256:
 					g.hfn[i], g.hsfn[i] = &cuda.Function{}, &cuda.Function{}
 				}
@@ -483,6 +484,9 @@ func TestWsFusedPlans(t *testing.T) {
 					p, ok := g.plan(T, N, K)
 					if !ok || !g.normFits(p, N) {
 						t.Errorf("esize %d, %d SMs: %d x %d x %d: plan %v (ok %v) has no NORM kernel", esize, sms, T, N, K, p, ok)
+					}
+					if qx := ok && g.qxFits(p, K); qx != (esize == 1 && K <= wsQXMaxK) { // FP8 only, o's input (down's 14,336 values a row are more than a block holds)
+						t.Errorf("esize %d, %d SMs: %d x %d x %d: plan %v QX kernel %v", esize, sms, T, N, K, p, qx)
 					}
 				}
 				g.half = false

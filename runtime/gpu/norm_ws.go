@@ -19,8 +19,9 @@ import (
 // H200 with bf16: PERFORMANCE v0.71) and the handoff to it go. Off by
 // default until measured (wsNormAuto).
 
-// wsNormSync is the NORM kernels' sync words: two barrier counters.
-const wsNormSync = 2
+// wsSync is the NORM and QX kernels' sync words: the NORM end's two
+// barrier counters, then the QX head's two (the kernel's sync + 2).
+const wsSync = 4
 
 // wsNormMaxWidth is the widest row ws_add_norm holds in registers: 2
 // ADD_RC 16-byte words a thread of 128 (add_rmsnorm's limit at 256
@@ -39,13 +40,22 @@ func (g *wsProduct) normFits(p wsPlan, N int) bool {
 // launchNorm enqueues delta [T, N] = x . w^T (times sx[t] sw[n] with e4m3
 // operands) with plan p (normFits) on s, then xr [T, N] += delta and,
 // where nout is set, nout = rmsnorm(xr) * nw (eps), its rows quantized
-// into q and qscale where q is set (e4m3 operands only).
-func (g *wsProduct) launchNorm(s *cuda.Stream, p wsPlan, delta, x, sx, w, sw, xr, nout, nw, q, qscale cuda.DevicePtr, eps float32, T, N, K int) error {
+// into q and qscale where q is set (e4m3 operands only). With xb set
+// (e4m3 operands, qxFits) the kernel first quantizes xb's bf16 rows into
+// x and sx itself (fp8_ws_qxnorm: qx_ws.go).
+func (g *wsProduct) launchNorm(s *cuda.Stream, p wsPlan, delta, x, sx, w, sw, xr, nout, nw, q, qscale, xb cuda.DevicePtr, eps float32, T, N, K int) error {
 	if err := g.check(p, delta, x, w, T, N, K); err != nil {
 		return err
 	}
 	if !g.normFits(p, N) {
 		return fmt.Errorf("gpu: ws plan %v has no kernel with add_rmsnorm for N %d", p, N)
+	}
+	fn := g.nfn[p.i]
+	if xb != 0 {
+		if !g.qxFits(p, K) || g.qnfn[p.i] == nil {
+			return fmt.Errorf("gpu: ws plan %v has no kernel quantizing its rows with add_rmsnorm for K %d", p, K)
+		}
+		fn = g.qnfn[p.i]
 	}
 	if (nout == 0) != (nw == 0) || q != 0 && (g.esize != 1 || nout == 0 || qscale == 0) {
 		return fmt.Errorf("gpu: ws product with add_rmsnorm: the norm's output and weight go together, and the quantized rows need e4m3 operands and the output")
@@ -54,9 +64,12 @@ func (g *wsProduct) launchNorm(s *cuda.Stream, p wsPlan, delta, x, sx, w, sw, xr
 		return fmt.Errorf("gpu: ws product with add_rmsnorm: rows not 16-byte aligned")
 	}
 	bn := wsWidths[p.i]
-	return g.nfn[p.i].Launch(s, cuda.Dim3{X: N / bn, Y: p.split, Z: 1}, cuda.Dim3{X: 128, Y: 1, Z: 1}, wsShared(bn, g.esize),
-		uint64(delta), uint64(g.part.Ptr()), uint64(g.done.Ptr()), uint64(x), uint64(sx), uint64(w), uint64(sw), T, N, K, g.launchOpts(),
-		uint64(xr), uint64(nout), uint64(nw), eps, uint64(q), uint64(qscale), uint64(g.nsync.Ptr()))
+	args := []any{uint64(delta), uint64(g.part.Ptr()), uint64(g.done.Ptr()), uint64(x), uint64(sx), uint64(w), uint64(sw), T, N, K, g.launchOpts(),
+		uint64(xr), uint64(nout), uint64(nw), eps, uint64(q), uint64(qscale), uint64(g.nsync.Ptr())}
+	if xb != 0 {
+		args = append(args, uint64(xb))
+	}
+	return fn.Launch(s, cuda.Dim3{X: N / bn, Y: p.split, Z: 1}, cuda.Dim3{X: 128, Y: 1, Z: 1}, wsShared(bn, g.esize), args...)
 }
 
 // wsNormAuto is whether LinearAddRMSNorm takes the products it fits by
@@ -105,12 +118,17 @@ func (b *Backend) LinearAddRMSNorm(delta, in engine.Buffer, w engine.Weight, x, 
 	if quant && !fp8 {
 		return false
 	}
+	var xb cuda.DevicePtr // in's bf16 rows, where the kernel quantizes them itself (fp8_ws_qxnorm: qx_ws.go)
 	if fp8 {
 		// in's rows quantized before this op's write generation (as Linear
-		// does), then out's replace them in the scratch (after every block
-		// has read its activation stages: the kernel's barrier)
+		// does; or by the kernel), then out's replace them in the scratch
+		// (after every block has read its activation stages: the kernel's
+		// barrier)
 		b.join()
-		if err := b.f8.prepare(xi.mem.Ptr(), T, K, b.gen); err != nil {
+		if b.wsQX() && !b.f8.held(xi.mem.Ptr(), T, K, b.gen) && ws.qxFits(p, K) && ws.qnfn[p.i] != nil {
+			xb = xi.mem.Ptr()
+			b.f8.qxes++
+		} else if err := b.f8.prepare(xi.mem.Ptr(), T, K, b.gen); err != nil {
 			b.fail(err)
 			return true
 		}
@@ -128,7 +146,7 @@ func (b *Backend) LinearAddRMSNorm(delta, in engine.Buffer, w engine.Weight, x, 
 	}
 	b.fused.norm++
 	if !fp8 {
-		b.fail(ws.launchNorm(b.s, p, d.mem.Ptr(), xi.mem.Ptr(), 0, w.(*weight).mem.Ptr(), 0, xr.mem.Ptr(), op, nw, 0, 0, eps, T, N, K))
+		b.fail(ws.launchNorm(b.s, p, d.mem.Ptr(), xi.mem.Ptr(), 0, w.(*weight).mem.Ptr(), 0, xr.mem.Ptr(), op, nw, 0, 0, 0, eps, T, N, K))
 		return true
 	}
 	f := b.f8
@@ -136,7 +154,7 @@ func (b *Backend) LinearAddRMSNorm(delta, in engine.Buffer, w engine.Weight, x, 
 	if quant {
 		q, qs = f.actQ.Ptr(), f.actS.Ptr()
 	}
-	b.fail(ws.launchNorm(b.s, p, d.mem.Ptr(), f.actQ.Ptr(), f.actS.Ptr(), fw.q.Ptr(), fw.scale.Ptr(), xr.mem.Ptr(), op, nw, q, qs, eps, T, N, K))
+	b.fail(ws.launchNorm(b.s, p, d.mem.Ptr(), f.actQ.Ptr(), f.actS.Ptr(), fw.q.Ptr(), fw.scale.Ptr(), xr.mem.Ptr(), op, nw, q, qs, xb, eps, T, N, K))
 	if quant && b.err == nil {
 		f.holds(op, T, N, b.gen)
 	}

@@ -62,13 +62,14 @@ func wsRigFor(t *testing.T, fp8 bool) (*fp8Rig, *wsProduct) {
 type wsOperands struct {
 	x, sx, w, sw cuda.DevicePtr
 	w8           *fp8Weight
+	xb           cuda.DevicePtr // x's bf16 rows (FP8: before the quantization)
 }
 
 func newWsOperands(t *testing.T, r *fp8Rig, fp8 bool, M, N, K int) wsOperands {
 	t.Helper()
 	x := r.up(r.bf16Rand(M*K, 1))
 	if !fp8 {
-		return wsOperands{x: x.Ptr(), w: r.up(r.bf16Rand(N*K, 0.02)).Ptr()}
+		return wsOperands{x: x.Ptr(), w: r.up(r.bf16Rand(N*K, 0.02)).Ptr(), xb: x.Ptr()}
 	}
 	w8, err := r.f.upload(r.bf16Rand(N*K, 0.02), N, K)
 	if err != nil {
@@ -78,7 +79,7 @@ func newWsOperands(t *testing.T, r *fp8Rig, fp8 bool, M, N, K int) wsOperands {
 	if err := r.f.quantRows(qx.Ptr(), sx.Ptr(), x.Ptr(), M, K, K); err != nil {
 		t.Fatal(err)
 	}
-	return wsOperands{x: qx.Ptr(), sx: sx.Ptr(), w: w8.q.Ptr(), sw: w8.scale.Ptr(), w8: w8}
+	return wsOperands{x: qx.Ptr(), sx: sx.Ptr(), w: w8.q.Ptr(), sw: w8.scale.Ptr(), w8: w8, xb: x.Ptr()}
 }
 
 func (o wsOperands) drop(r *fp8Rig) {
@@ -110,10 +111,19 @@ func wsNormCheck(t *testing.T, fp8 bool) {
 		res, nw := r.bf16Rand(M*N, 1), r.up(r.bf16Rand(N, 1))
 		d, xr, o := r.alloc(2*(M+1)*N), r.alloc(2*(M+1)*N), r.alloc(2*(M+1)*N)
 		q, qs := r.alloc(M*N), r.alloc(4*M)
-		// run is one launch pair (fused false: the product, then
-		// add_rmsnorm) or one NORM launch with plan p on fresh residual
-		// rows; norm false: the add alone
-		run := func(p wsPlan, fused, norm bool) wsNormOut {
+		// FP8: the QX kernel's own activation scratch (poisoned before each
+		// launch), and what quant_rows_e4m3 made of x's rows
+		qx2, sx2 := r.alloc(M*K), r.alloc(4*M)
+		var wantQX []byte
+		var wantSX []float32
+		if fp8 {
+			wantQX, wantSX = readAt[byte](t, r, xin, M*K), readAt[float32](t, r, sx, M)
+		}
+		// run is one launch pair (mode 0: the product, then add_rmsnorm),
+		// one NORM launch (1) or one QX NORM launch (2: FP8, x's bf16 rows
+		// quantized by the kernel into qx2, sx2) with plan p on fresh
+		// residual rows; norm false: the add alone
+		run := func(p wsPlan, mode int, norm bool) wsNormOut {
 			poison := make([]uint16, (M+1)*N)
 			for i := range poison {
 				poison[i] = poisonBF16
@@ -133,14 +143,29 @@ func wsNormCheck(t *testing.T, fp8 bool) {
 					qp, sp = q.Ptr(), qs.Ptr()
 				}
 			}
-			if fused {
-				err = g.launchNorm(r.s, p, d.Ptr(), xin, sx, wq, ws, xr.Ptr(), op, np, qp, sp, eps, M, N, K)
-			} else if err = g.launch(r.s, p, d.Ptr(), xin, sx, wq, ws, M, N, K, nil); err == nil {
-				err = addNorm.Launch(r.s, cuda.Dim3{X: M, Y: 1, Z: 1}, cuda.Dim3{X: 256, Y: 1, Z: 1}, 0,
-					uint64(xr.Ptr()), uint64(d.Ptr()), uint64(0), uint64(0), uint64(op), uint64(np), float32(eps), N, uint64(qp), uint64(sp))
+			switch mode {
+			case 0:
+				if err = g.launch(r.s, p, d.Ptr(), xin, sx, wq, ws, M, N, K, nil); err == nil {
+					err = addNorm.Launch(r.s, cuda.Dim3{X: M, Y: 1, Z: 1}, cuda.Dim3{X: 256, Y: 1, Z: 1}, 0,
+						uint64(xr.Ptr()), uint64(d.Ptr()), uint64(0), uint64(0), uint64(op), uint64(np), float32(eps), N, uint64(qp), uint64(sp))
+				}
+			case 1:
+				err = g.launchNorm(r.s, p, d.Ptr(), xin, sx, wq, ws, xr.Ptr(), op, np, qp, sp, 0, eps, M, N, K)
+			case 2:
+				poisonBytes(t, r, qx2, M*K)
+				poisonBytes(t, r, sx2, 4*M)
+				err = g.launchNorm(r.s, p, d.Ptr(), qx2.Ptr(), sx2.Ptr(), wq, ws, xr.Ptr(), op, np, qp, sp, ops.xb, eps, M, N, K)
 			}
 			if err != nil {
 				t.Fatal(err)
+			}
+			if mode == 2 { // the kernel's quantization is quant_rows_e4m3's
+				if i := firstDiff(readBack[byte](t, r, qx2, M*K), wantQX); i >= 0 {
+					t.Fatalf("QX: e4m3 activation %d (row %d) differs from quant_rows_e4m3's", i, i/K)
+				}
+				if i := firstDiff(f32bits(readBack[float32](t, r, sx2, M)), f32bits(wantSX)); i >= 0 {
+					t.Fatalf("QX: row %d's scale differs from quant_rows_e4m3's", i)
+				}
 			}
 			var out wsNormOut
 			for _, c := range []struct {
@@ -164,36 +189,48 @@ func wsNormCheck(t *testing.T, fp8 bool) {
 			tested++
 			what := fmt.Sprintf("%s %v %d x %d x %d", map[bool]string{false: "gemm_ws_norm", true: "fp8_ws_norm"}[fp8], p, M, N, K)
 			g.noStagger = true
+			modes := []int{1}
+			if fp8 && g.qxFits(p, K) && g.qnfn[p.i] != nil {
+				modes = append(modes, 2)
+			}
 			for _, norm := range []bool{true, false} {
-				want, got := run(p, false, norm), run(p, true, norm)
-				for _, c := range []struct {
-					name      string
-					got, want []uint16
-				}{{"product", got.d, want.d}, {"residual", got.x, want.x}, {"norm", got.o, want.o}} {
-					if i := firstDiff(c.got, c.want); i >= 0 {
-						t.Fatalf("%s (norm %v), unstaggered: %s %d (row %d, column %d) %#04x, the two kernels' %#04x", what, norm, c.name, i, i/N, i%N, c.got[i], c.want[i])
+				want := run(p, 0, norm)
+				for _, mode := range modes {
+					got := run(p, mode, norm)
+					for _, c := range []struct {
+						name      string
+						got, want []uint16
+					}{{"product", got.d, want.d}, {"residual", got.x, want.x}, {"norm", got.o, want.o}} {
+						if i := firstDiff(c.got, c.want); i >= 0 {
+							t.Fatalf("%s (mode %d, norm %v), unstaggered: %s %d (row %d, column %d) %#04x, the two kernels' %#04x", what, mode, norm, c.name, i, i/N, i%N, c.got[i], c.want[i])
+						}
 					}
-				}
-				if i := firstDiff(got.q, want.q); i >= 0 {
-					t.Fatalf("%s, unstaggered: e4m3 %d (row %d) %#02x, add_rmsnorm's %#02x", what, i, i/N, got.q[i], want.q[i])
-				}
-				for m := range got.s {
-					if math.Float32bits(got.s[m]) != math.Float32bits(want.s[m]) {
-						t.Fatalf("%s, unstaggered: row %d scale %g, add_rmsnorm's %g", what, m, got.s[m], want.s[m])
+					if i := firstDiff(got.q, want.q); i >= 0 {
+						t.Fatalf("%s (mode %d), unstaggered: e4m3 %d (row %d) %#02x, add_rmsnorm's %#02x", what, mode, i, i/N, got.q[i], want.q[i])
+					}
+					for m := range got.s {
+						if math.Float32bits(got.s[m]) != math.Float32bits(want.s[m]) {
+							t.Fatalf("%s (mode %d), unstaggered: row %d scale %g, add_rmsnorm's %g", what, mode, m, got.s[m], want.s[m])
+						}
 					}
 				}
 			}
-			want := run(p, false, true)
+			want := run(p, 0, true)
 			g.noStagger = false
-			got, again := run(p, true, true), run(p, true, true)
+			got, again := run(p, 1, true), run(p, 1, true)
 			if !slices.Equal(got.d, again.d) || !slices.Equal(got.x, again.x) || !slices.Equal(got.o, again.o) || !slices.Equal(got.q, again.q) || !slices.Equal(got.s, again.s) {
 				t.Fatalf("%s: a second launch differs from the first (the barrier's words not left at zero?)", what)
+			}
+			if len(modes) > 1 { // the QX kernel staggers as the NORM one does: the same bits
+				if qx := run(p, 2, true); !slices.Equal(qx.d, got.d) || !slices.Equal(qx.x, got.x) || !slices.Equal(qx.o, got.o) || !slices.Equal(qx.q, got.q) {
+					t.Fatalf("%s: staggered, the QX kernel differs from the NORM kernel", what)
+				}
 			}
 			// staggered: the product's float32 sums in another K order
 			compareRows(t, what+" staggered product", want.d, got.d, N)
 			compareRows(t, what+" staggered residual", want.x, got.x, N)
 			worst := compareRows(t, what+" staggered norm", want.o, got.o, N)
-			t.Logf("%s: bit for bit the two kernels' unstaggered (norm and add alone); staggered norm within %.3g", what, worst)
+			t.Logf("%s: bit for bit the two kernels' unstaggered (norm and add alone; QX too: %v); staggered norm within %.3g", what, len(modes) > 1, worst)
 		}
 		ops.drop(r)
 	}
@@ -456,4 +493,24 @@ func TestFusedForwardBits(t *testing.T) {
 			t.Logf("%s: %d steps bit for bit; %d fused o/down launches enqueued or recorded", format, steps, bOn.fused.norm)
 		})
 	}
+}
+
+// poisonBytes fills n bytes of b with 0xff (e4m3 NaN; as float32, NaN).
+func poisonBytes(t *testing.T, r *fp8Rig, b *cuda.DeviceBuffer, n int) {
+	t.Helper()
+	h := make([]byte, n)
+	for i := range h {
+		h[i] = 0xff
+	}
+	if err := cuda.CopyHtoD(r.s, b.Ptr(), h); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func f32bits(v []float32) []uint32 {
+	o := make([]uint32, len(v))
+	for i, x := range v {
+		o[i] = math.Float32bits(x)
+	}
+	return o
 }

@@ -291,9 +291,9 @@ func (b *Backend) Linear(out, in engine.Buffer, w engine.Weight) {
 		if !b.check(x.cols == fw.cols && o.cols == fw.rows && o != x && o.whole() && x.whole(), "linear: in width %d, out width %d, fp8 weight [%d,%d]", x.cols, o.cols, fw.rows, fw.cols) {
 			return
 		}
-		b.f8.shared, b.f8.room, b.f8.lone, b.f8.plain = shared, o.rows, b.la.forkIn == 0, !b.stepLoRA()
+		b.f8.shared, b.f8.room, b.f8.lone, b.f8.plain, b.f8.qx = shared, o.rows, b.la.forkIn == 0, !b.stepLoRA(), b.wsQX()
 		b.fail(b.f8.linear(o.mem.Ptr(), x.mem.Ptr(), b.rows(), fw, b.gen))
-		b.f8.shared, b.f8.room, b.f8.lone, b.f8.plain = false, 0, false, false
+		b.f8.shared, b.f8.room, b.f8.lone, b.f8.plain, b.f8.qx = false, 0, false, false, false
 		return
 	}
 	o, x, wt := buf(out), buf(in), w.(*weight)

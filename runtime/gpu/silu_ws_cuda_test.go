@@ -190,8 +190,14 @@ func TestFP8WsSiLU(t *testing.T) {
 // readBack reads n values of b.
 func readBack[T any](t *testing.T, r *fp8Rig, b *cuda.DeviceBuffer, n int) []T {
 	t.Helper()
+	return readAt[T](t, r, b.Ptr(), n)
+}
+
+// readAt reads n values at p.
+func readAt[T any](t *testing.T, r *fp8Rig, p cuda.DevicePtr, n int) []T {
+	t.Helper()
 	h := make([]T, n)
-	if err := cuda.CopyDtoH(r.s, h, b.Ptr()); err != nil {
+	if err := cuda.CopyDtoH(r.s, h, p); err != nil {
 		t.Fatal(err)
 	}
 	r.sync()

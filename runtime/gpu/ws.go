@@ -41,7 +41,9 @@ type wsProduct struct {
 	hfn        [len(wsWidths)]*cuda.Function // fn's products with half-row stages (gemm_wsh_n*, fp8_wsh_n*: 224 and 256), where compiled
 	hsfn       [len(wsWidths)]*cuda.Function // sfn's (gemm_wsh_silu_n*, fp8_wsh_silu_n*)
 	half       bool                          // the products enqueued now take hfn and hsfn where loaded (kernelForce.wsHalf)
-	nsync      *cuda.DeviceBuffer            // their barrier counters (zero between launches)
+	nsync      *cuda.DeviceBuffer            // their barrier counters and the QX kernels' (zero between launches: wsSync)
+	qfn        [len(wsWidths)]*cuda.Function // fn's FP8 products quantizing their bf16 activation rows themselves (fp8_ws_qx_n*: qx_ws.go), where compiled
+	qnfn       [len(wsWidths)]*cuda.Function // nfn's the same way (fp8_ws_qxnorm_n*)
 	partCap    int                           // the partials buffer's floats / wsMaxRows
 	lsync      *cuda.DeviceBuffer            // fp8_ws_lora's two counters (zero between launches)
 	noTMA      bool                          // benchmarks: the cp.async kernels (fn) even where tfn is loaded
@@ -211,6 +213,12 @@ func loadWS(ctx *cuda.Context, s *cuda.Stream, mod *cuda.Module, prefix, tprefix
 		if g.nfn[i], err = kernel(fmt.Sprintf("%s_norm_n%d", prefix, bn), sh); err != nil {
 			return nil, err
 		}
+		if g.qfn[i], err = kernel(fmt.Sprintf("%s_qx_n%d", prefix, bn), sh); err != nil {
+			return nil, err
+		}
+		if g.qnfn[i], err = kernel(fmt.Sprintf("%s_qxnorm_n%d", prefix, bn), sh); err != nil {
+			return nil, err
+		}
 		if wshStages(bn) >= 3 && wshShared(bn)+wshStatic <= maxShared {
 			if g.hfn[i], err = kernel(fmt.Sprintf("%sh_n%d", prefix, bn), wshShared(bn)); err != nil {
 				return nil, err
@@ -243,8 +251,8 @@ func loadWS(ctx *cuda.Context, s *cuda.Stream, mod *cuda.Module, prefix, tprefix
 			return nil, fmt.Errorf("gpu: %s_silu's barrier: %w", prefix, err)
 		}
 	}
-	if g.nfn != ([len(wsWidths)]*cuda.Function{}) {
-		if g.nsync, err = allocZero(ctx, s, 4*wsNormSync); err != nil {
+	if g.nfn != ([len(wsWidths)]*cuda.Function{}) || g.qfn != ([len(wsWidths)]*cuda.Function{}) {
+		if g.nsync, err = allocZero(ctx, s, 4*wsSync); err != nil {
 			g.free()
 			return nil, fmt.Errorf("gpu: %s_norm's barrier: %w", prefix, err)
 		}
