@@ -188,6 +188,13 @@ func loadWS(ctx *cuda.Context, s *cuda.Stream, mod *cuda.Module, prefix, tprefix
 		}
 		return fn, nil
 	}
+	optional := func(name string, shared int) *cuda.Function {
+		fn, err := kernel(name, shared)
+		if err != nil {
+			return nil
+		}
+		return fn
+	}
 	for i, bn := range wsWidths {
 		if wsStages(bn, esize) < 3 || wsShared(bn, esize) > maxShared {
 			continue
@@ -210,22 +217,15 @@ func loadWS(ctx *cuda.Context, s *cuda.Stream, mod *cuda.Module, prefix, tprefix
 		if g.lfn[i], err = kernel(fmt.Sprintf("%s_lora_n%d", prefix, bn), sh); err != nil {
 			return nil, err
 		}
-		if g.nfn[i], err = kernel(fmt.Sprintf("%s_norm_n%d", prefix, bn), sh); err != nil {
-			return nil, err
-		}
-		if g.qfn[i], err = kernel(fmt.Sprintf("%s_qx_n%d", prefix, bn), sh); err != nil {
-			return nil, err
-		}
-		if g.qnfn[i], err = kernel(fmt.Sprintf("%s_qxnorm_n%d", prefix, bn), sh); err != nil {
-			return nil, err
-		}
+		// the fused and half-row variants (off by default: norm_ws.go,
+		// qx_ws.go, wsHalf) are optional: one the card will not give its
+		// shared memory is left out, never an error for the products
+		g.nfn[i] = optional(fmt.Sprintf("%s_norm_n%d", prefix, bn), sh)
+		g.qfn[i] = optional(fmt.Sprintf("%s_qx_n%d", prefix, bn), sh)
+		g.qnfn[i] = optional(fmt.Sprintf("%s_qxnorm_n%d", prefix, bn), sh)
 		if wshStages(bn) >= 3 && wshShared(bn)+wshStatic <= maxShared {
-			if g.hfn[i], err = kernel(fmt.Sprintf("%sh_n%d", prefix, bn), wshShared(bn)); err != nil {
-				return nil, err
-			}
-			if g.hsfn[i], err = kernel(fmt.Sprintf("%sh_silu_n%d", prefix, bn), wshShared(bn)); err != nil {
-				return nil, err
-			}
+			g.hfn[i] = optional(fmt.Sprintf("%sh_n%d", prefix, bn), wshShared(bn))
+			g.hsfn[i] = optional(fmt.Sprintf("%sh_silu_n%d", prefix, bn), wshShared(bn))
 		}
 		if tprefix == "" || !cuda.TMA() || wtShared(bn) > maxShared {
 			continue
