@@ -238,11 +238,7 @@ func wsNormCheck(t *testing.T, fp8 bool) {
 		t.Fatal("no ws plan with a NORM kernel")
 	}
 	for _, K := range []int{4096, 14336} {
-		for _, T := range []int{17, 32, 48, 64} {
-			if p, ok := g.plan(T, 4096, K); !ok || !g.normFits(p, 4096) {
-				t.Errorf("%d x 4096 x %d: plan %v (ok %v) has no NORM kernel", T, K, p, ok)
-			}
-		}
+		autoPlansFit(t, g, 4096, K, "NORM", func(p wsPlan) bool { return g.normFits(p, 4096) })
 	}
 }
 

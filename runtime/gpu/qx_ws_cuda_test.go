@@ -65,11 +65,7 @@ func TestWsQX(t *testing.T) {
 	if tested == 0 {
 		t.Fatal("no plan with a QX kernel")
 	}
-	for _, T := range []int{17, 32, 48, 64} {
-		if p, ok := g.plan(T, 4096, 4096); !ok || !g.qxFits(p, 4096) {
-			t.Errorf("%d x 4096 x 4096: plan %v (ok %v) has no QX kernel", T, p, ok)
-		}
-	}
+	autoPlansFit(t, g, 4096, 4096, "QX", func(p wsPlan) bool { return g.qxFits(p, 4096) })
 }
 
 // TestOpLinearQX: with FP8 weights and kernelForce.wsQX 1, Linear of rows

@@ -110,11 +110,7 @@ func wsHalfCheck(t *testing.T, fp8 bool) {
 		t.Fatal("no plan with a half-row kernel")
 	}
 	g.half = true
-	for _, T := range []int{17, 32, 48, 64} {
-		if p, ok := g.plan(T, 28672, 4096); !ok || !g.halfOn(p.i) {
-			t.Errorf("%d x 28672 x 4096: plan %v (ok %v) has no half-row kernel", T, p, ok)
-		}
-	}
+	autoPlansFit(t, g, 28672, 4096, "half-row", func(p wsPlan) bool { return g.halfOn(p.i) })
 }
 
 // countDiff is how many of a and b's values differ (the same length).
