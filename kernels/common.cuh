@@ -1810,32 +1810,23 @@ __device__ __forceinline__ void ws_mma(float* d, unsigned b) {
 // the zeroed rows, the first time), the block's barrier (everyone's; and
 // every warp's group IF + 1 stages back is done, so issue may overwrite
 // its stage), issue() (the copies of the stage AHEAD on) committed as one
-// group, then the stage's wgmma group, IF groups left in flight.
-template <int ES, int BN, int KA, int AB, int AHEAD, int IF, bool LORA, class Issue>
+// group, then the stage's wgmma group, IF groups left in flight. H 0 or 1
+// (ws_body's HALF blocks): the stage holds half H of the block's BN weight
+// rows, whose wgmma group of N BN / 2 goes into that half of the
+// accumulators (d + H BN / 4: the registers BN's layout gives those rows);
+// the whole of d is pinned after the wait either way (in HALF the other
+// half's group may be the one left in flight).
+template <int ES, int BN, int KA, int AB, int AHEAD, int IF, bool LORA, int H = -1, class Issue>
 __device__ __forceinline__ void ws_stage(float* d, int j, unsigned base, unsigned sb, int st, Issue issue) {
     cp_async_wait<AHEAD - 1>();
     fence_proxy_async();
     ws_bar<LORA>();
     issue();
     cp_async_commit();
-    ws_mma<ES, BN, KA, AB>(d, base + (j % st) * sb);
-    wg_wait<IF>();
-    wg_pin<BN / 2>(d);
-}
-
-// ws_stage_half: ws_stage for ws_body's HALF blocks: stage j holds BN / 2
-// weight rows (half H: 0 the first, 1 the second), whose wgmma group of N
-// BN / 2 goes into that half of the accumulators (d + H BN / 4: the same
-// registers BN's layout gives those rows); the whole of d pinned after
-// the wait (the other half's group may be the one left in flight).
-template <int ES, int BN, int KA, int AB, int AHEAD, int IF, int H, class Issue>
-__device__ __forceinline__ void ws_stage_half(float* d, int j, unsigned base, unsigned sb, int st, Issue issue) {
-    cp_async_wait<AHEAD - 1>();
-    fence_proxy_async();
-    ws_bar<false>();
-    issue();
-    cp_async_commit();
-    ws_mma<ES, BN / 2, KA, AB>(d + H * (BN / 4), base + (j % st) * sb);
+    if constexpr (H < 0)
+        ws_mma<ES, BN, KA, AB>(d, base + (j % st) * sb);
+    else
+        ws_mma<ES, BN / 2, KA, AB>(d + H * (BN / 4), base + (j % st) * sb);
     wg_wait<IF>();
     wg_pin<BN / 2>(d);
 }
@@ -1860,7 +1851,7 @@ struct WsQx {
 // activation stages). K % 8 == 0 and K <= 8192 (runtime/gpu checks).
 // Every thread of the block calls it.
 __device__ __forceinline__ void ws_quant_rows(const bf16* __restrict__ xb, unsigned char* q, float* s, int M, int K, unsigned* sync) {
-    constexpr int NW = 8;
+    constexpr int NW = 2 * ADD_RC; // ws_add_norm's row in registers (runtime/gpu's wsRowMax)
     __shared__ float sh[33];
     const int G = gridDim.x * gridDim.y, tid = threadIdx.x, n8 = K >> 3;
     for (int r = blockIdx.y * gridDim.x + blockIdx.x; r < M; r += G) {
@@ -1885,7 +1876,7 @@ __device__ __forceinline__ void ws_quant_rows(const bf16* __restrict__ xb, unsig
 // two atoms (256 bytes of K) of half the block's weight rows beside the 64
 // activation rows', the halves alternating stage by stage (K pair p of
 // half h at stage 2 p + h, the stagger moving whole pairs), each into its
-// half of the accumulators (ws_stage_half). Each row's DRAM reads are
+// half of the accumulators (ws_stage's H). Each row's DRAM reads are
 // twice as long for the same stage bytes, the activations read twice (L2);
 // the products, split and end are BN's.
 //
@@ -1987,11 +1978,11 @@ __device__ __forceinline__ void ws_body(bf16* __restrict__ out, float* __restric
         // koff are even)
 #pragma unroll 1
         for (int j = 0; j < nst; j += 2) {
-            ws_stage_half<ES, BN, KA, AB, AHEAD, IF, 0>(d, j, base, SB, ST, [&] {
+            ws_stage<ES, BN, KA, AB, AHEAD, IF, false, 0>(d, j, base, SB, ST, [&] {
                 copy_w(j + AHEAD);
                 copy_x(j + AHEAD);
             });
-            ws_stage_half<ES, BN, KA, AB, AHEAD, IF, 1>(d, j + 1, base, SB, ST, [&] {
+            ws_stage<ES, BN, KA, AB, AHEAD, IF, false, 1>(d, j + 1, base, SB, ST, [&] {
                 copy_w(j + 1 + AHEAD);
                 copy_x(j + 1 + AHEAD);
             });
@@ -2344,6 +2335,37 @@ __device__ __forceinline__ void wt_body(bf16* __restrict__ out, float* __restric
     extern "C" __global__ void __launch_bounds__(THREADS, 1) prefix##_n128(ARGS) { body<ES, 128>(PASS); } \
     extern "C" __global__ void __launch_bounds__(THREADS, 1) prefix##_n224(ARGS) { body<ES, 224>(PASS); } \
     extern "C" __global__ void __launch_bounds__(THREADS, 1) prefix##_n256(ARGS) { body<ES, 256>(PASS); }
+
+// WS_FUSED_KERNELS(prefix, ES, ARGS, PASS, SARGS, SPASS, NARGS, NPASS):
+// a module's fused and half-row ws kernels beside WS_WIDTHS's (runtime/gpu
+// loadWS finds them by these names; they are off by default until
+// measured: PERFORMANCE v0.71-v0.72):
+// - prefix_silu_n{224,256} (SARGS, SPASS): the gate/up product (N = 2 I
+//   rows: gate's I, then up's) and silu_mul of its halves in one launch,
+//   out [M, I] = silu(x . gate^T) * (x . up^T) rounded where the two
+//   kernels round (ws_body's SILU: a block streams BN / 2 rows of gate and
+//   the same rows of up, its end pairs them; FP8 also quantizes the rows,
+//   a grid-wide barrier meeting their maxima); one split only
+//   (kernelForce.wsSiLU);
+// - prefix##h_n{224,256}, prefix##h_silu_n{224,256}: the same widths with
+//   half-row stages (ws_body's HALF: two 128-byte atoms of half the
+//   block's weight rows a stage, the halves alternating; gate's rows, then
+//   up's, for SILU), each weight row read 256 bytes at a time
+//   (kernelForce.wsHalf);
+// - prefix_norm_n{32,64} (NARGS, NPASS): the o or down product (N = H)
+//   and add_rmsnorm of its rows in one launch (ws_body's NORM: the rows
+//   stored as prefix_n* stores them, a grid-wide barrier, then each block
+//   add_rmsnorm's work on its share of the rows with its bits; FP8 also
+//   quantizes them) (kernelForce.wsNorm).
+#define WS_FUSED_KERNELS(prefix, ES, ARGS, PASS, SARGS, SPASS, NARGS, NPASS)                                                       \
+    extern "C" __global__ void __launch_bounds__(128, 1) prefix##_silu_n224(SARGS) { ws_body<ES, 224, false, true>(SPASS); }             \
+    extern "C" __global__ void __launch_bounds__(128, 1) prefix##_silu_n256(SARGS) { ws_body<ES, 256, false, true>(SPASS); }             \
+    extern "C" __global__ void __launch_bounds__(128, 1) prefix##h_n224(ARGS) { ws_body<ES, 224, false, false, false, true>(PASS); }     \
+    extern "C" __global__ void __launch_bounds__(128, 1) prefix##h_n256(ARGS) { ws_body<ES, 256, false, false, false, true>(PASS); }     \
+    extern "C" __global__ void __launch_bounds__(128, 1) prefix##h_silu_n224(SARGS) { ws_body<ES, 224, false, true, false, true>(SPASS); } \
+    extern "C" __global__ void __launch_bounds__(128, 1) prefix##h_silu_n256(SARGS) { ws_body<ES, 256, false, true, false, true>(SPASS); } \
+    extern "C" __global__ void __launch_bounds__(128, 1) prefix##_norm_n32(NARGS) { ws_body<ES, 32, false, false, true>(NPASS); }        \
+    extern "C" __global__ void __launch_bounds__(128, 1) prefix##_norm_n64(NARGS) { ws_body<ES, 64, false, false, true>(NPASS); }
 
 // WG_KERNELS(prefix, ES, ARGS, PASS): a module's six wgmma kernels,
 // prefix_n{32,64,128} (one warpgroup a block) and prefix2_n{32,64,128}

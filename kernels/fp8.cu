@@ -459,34 +459,18 @@ WG_KERNELS(fp8_wg, 1, FP8_SKINNY_ARGS, FP8_SKINNY_PASS)
         int M, int N, int K, int opts
 #define FP8_WS_PASS out, part, done, qx, sx, qw, sw, M, N, K, opts
 WS_WIDTHS(fp8_ws, ws_body, 1, FP8_WS_ARGS, FP8_WS_PASS, 128)
-// fp8_ws_silu_n{224,256}: the gate/up product (N = 2 I rows: gate's, then
-// up's) and silu_mul of its halves in one launch, out [M, I] bf16 and its
-// rows quantized per row into q and qscale as silu_mul quantizes them
-// (ws_body's SILU, ws_put_silu_q: a grid-wide barrier meets the rows'
-// maxima; sync zero between launches); one split only. runtime/gpu's
-// LinearSiLU takes it where kernelForce.wsSiLU turns it on (off by
-// default until a GPU run measures it: PERFORMANCE v0.71).
+// fp8_ws_silu_n*, fp8_wsh_n*, fp8_wsh_silu_n*, fp8_ws_norm_n*: the fused
+// and half-row kernels (WS_FUSED_KERNELS, common.cuh) on e4m3 operands:
+// the SILU end also quantizes its rows into q and qscale as silu_mul
+// does (ws_put_silu_q: the rows' maxima met at a grid-wide barrier on
+// sync), the NORM end the normalized rows as add_rmsnorm does, into the
+// scratch the product read its activations from (written after the
+// barrier).
 #define FP8_WS_SILU_ARGS FP8_WS_ARGS, unsigned char *q, float *qscale, unsigned *sync
 #define FP8_WS_SILU_PASS FP8_WS_PASS, nullptr, WsSiluQ{q, qscale, sync}
-extern "C" __global__ void __launch_bounds__(128, 1) fp8_ws_silu_n224(FP8_WS_SILU_ARGS) { ws_body<1, 224, false, true>(FP8_WS_SILU_PASS); }
-extern "C" __global__ void __launch_bounds__(128, 1) fp8_ws_silu_n256(FP8_WS_SILU_ARGS) { ws_body<1, 256, false, true>(FP8_WS_SILU_PASS); }
-// fp8_wsh_n{224,256}, fp8_wsh_silu_n{224,256}: fp8_ws_n* and
-// fp8_ws_silu_n* of the same widths with half-row stages (gemm_wsh_n*'s,
-// llama.cu; off by default until measured: kernelForce.wsHalf).
-extern "C" __global__ void __launch_bounds__(128, 1) fp8_wsh_n224(FP8_WS_ARGS) { ws_body<1, 224, false, false, false, true>(FP8_WS_PASS); }
-extern "C" __global__ void __launch_bounds__(128, 1) fp8_wsh_n256(FP8_WS_ARGS) { ws_body<1, 256, false, false, false, true>(FP8_WS_PASS); }
-extern "C" __global__ void __launch_bounds__(128, 1) fp8_wsh_silu_n224(FP8_WS_SILU_ARGS) { ws_body<1, 224, false, true, false, true>(FP8_WS_SILU_PASS); }
-extern "C" __global__ void __launch_bounds__(128, 1) fp8_wsh_silu_n256(FP8_WS_SILU_ARGS) { ws_body<1, 256, false, true, false, true>(FP8_WS_SILU_PASS); }
-// fp8_ws_norm_n{32,64}: the o or down product (N = H) and add_rmsnorm of
-// its rows in one launch (gemm_ws_norm_n*'s, llama.cu), nout's rows also
-// quantized per row into q and qscale as add_rmsnorm quantizes them for
-// the FP8 projections that read it next (the scratch the product read its
-// activations from: ws_add_norm writes it after the barrier). Off by
-// default until measured (kernelForce.wsNorm).
 #define FP8_WS_NORM_ARGS FP8_WS_ARGS, bf16 *xr, bf16 *nout, const bf16 *nw, float eps, unsigned char *q, float *qscale, unsigned *sync
 #define FP8_WS_NORM_PASS FP8_WS_PASS, nullptr, WsSiluQ{}, WsNorm{xr, nout, nw, eps, q, qscale, sync}
-extern "C" __global__ void __launch_bounds__(128, 1) fp8_ws_norm_n32(FP8_WS_NORM_ARGS) { ws_body<1, 32, false, false, true>(FP8_WS_NORM_PASS); }
-extern "C" __global__ void __launch_bounds__(128, 1) fp8_ws_norm_n64(FP8_WS_NORM_ARGS) { ws_body<1, 64, false, false, true>(FP8_WS_NORM_PASS); }
+WS_FUSED_KERNELS(fp8_ws, 1, FP8_WS_ARGS, FP8_WS_PASS, FP8_WS_SILU_ARGS, FP8_WS_SILU_PASS, FP8_WS_NORM_ARGS, FP8_WS_NORM_PASS)
 // fp8_ws_qx_n{32,64}, fp8_ws_qxnorm_n{32,64}: fp8_ws_n* and fp8_ws_norm_n*
 // whose activation rows come in bf16 (xb) and are quantized by the kernel
 // into qx and sx (ws_body's QX head: each block its share of the rows as

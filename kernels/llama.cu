@@ -3160,45 +3160,14 @@ WG_KERNELS(gemm_wg, 2, GEMM_WG_ARGS, GEMM_WG_PASS)
         int M, int N, int K, int opts
 #define GEMM_WS_PASS out, part, done, (const unsigned char*)x, sx, (const unsigned char*)w, sw, M, N, K, opts
 WS_WIDTHS(gemm_ws, ws_body, 2, GEMM_WS_ARGS, GEMM_WS_PASS, 128)
-// gemm_ws_silu_n{224,256}: the gate/up product (N = 2 I rows: gate's I,
-// then up's) and silu_mul of its halves in one launch, out [M, I] =
-// silu(x . gate^T) * (x . up^T), rounded where gemm_ws_n* then silu_mul
-// round (bit for bit without the staggered K walk: ws_put_silu)
-// (ws_body's SILU: a block streams BN / 2 rows of gate and the same rows
-// of up, its end pairs them); one split only. runtime/gpu's LinearSiLU
-// takes the products of base steps' 17-64 rows that gemm_ws plans on
-// these widths where kernelForce.wsSiLU turns it on (off by default until
-// a GPU run measures it: PERFORMANCE v0.71).
-// (fp8_ws_silu_n*'s argument list: q, qscale and sync are not used here)
+// gemm_ws_silu_n*, gemm_wsh_n*, gemm_wsh_silu_n*, gemm_ws_norm_n*: the
+// fused and half-row kernels (WS_FUSED_KERNELS, common.cuh) on bf16
+// operands. Their argument lists are fp8_ws's (q, qscale and sync are
+// not used by the bf16 SILU and NORM ends: no quantized rows).
 #define GEMM_WS_SILU_ARGS GEMM_WS_ARGS, unsigned char *q, float *qscale, unsigned *sync
-extern "C" __global__ void __launch_bounds__(128, 1) gemm_ws_silu_n224(GEMM_WS_SILU_ARGS) { ws_body<2, 224, false, true>(GEMM_WS_PASS); }
-extern "C" __global__ void __launch_bounds__(128, 1) gemm_ws_silu_n256(GEMM_WS_SILU_ARGS) { ws_body<2, 256, false, true>(GEMM_WS_PASS); }
-// gemm_wsh_n{224,256}, gemm_wsh_silu_n{224,256}: gemm_ws_n* and
-// gemm_ws_silu_n* of the same widths with half-row stages (ws_body's HALF:
-// two 128-byte atoms of half the block's weight rows a stage, the halves
-// alternating; gate's rows, then up's, for SILU), so that each weight row
-// is read 256 bytes at a time as the narrower widths read it (PERFORMANCE
-// v0.71 section 3: read tile-major, gate/up took 3-4% less). The same
-// products; runtime/gpu takes them where kernelForce.wsHalf turns them on
-// (off by default until a GPU run measures them).
-extern "C" __global__ void __launch_bounds__(128, 1) gemm_wsh_n224(GEMM_WS_ARGS) { ws_body<2, 224, false, false, false, true>(GEMM_WS_PASS); }
-extern "C" __global__ void __launch_bounds__(128, 1) gemm_wsh_n256(GEMM_WS_ARGS) { ws_body<2, 256, false, false, false, true>(GEMM_WS_PASS); }
-extern "C" __global__ void __launch_bounds__(128, 1) gemm_wsh_silu_n224(GEMM_WS_SILU_ARGS) { ws_body<2, 224, false, true, false, true>(GEMM_WS_PASS); }
-extern "C" __global__ void __launch_bounds__(128, 1) gemm_wsh_silu_n256(GEMM_WS_SILU_ARGS) { ws_body<2, 256, false, true, false, true>(GEMM_WS_PASS); }
-// gemm_ws_norm_n{32,64}: the o or down product (N = H, the hidden width)
-// and add_rmsnorm of its rows in one launch: out [M, H] = x . w^T as
-// gemm_ws_n* stores it, then (ws_body's NORM: a grid-wide barrier, then
-// each block add_rmsnorm's work on its share of the rows, ws_add_norm) xr
-// += out and, where nout is set, nout = rmsnorm(xr) * nw, bit for bit
-// gemm_ws_n* then add_rmsnorm. runtime/gpu's LinearAddRMSNorm takes the
-// products of base steps' 17-64 rows that gemm_ws plans on these widths
-// where kernelForce.wsNorm turns it on (off by default until a GPU run
-// measures it). (fp8_ws_norm_n*'s argument list: q and qscale are not
-// used here)
 #define GEMM_WS_NORM_ARGS GEMM_WS_ARGS, bf16 *xr, bf16 *nout, const bf16 *nw, float eps, unsigned char *q, float *qscale, unsigned *sync
 #define GEMM_WS_NORM_PASS GEMM_WS_PASS, nullptr, WsSiluQ{}, WsNorm{xr, nout, nw, eps, nullptr, nullptr, sync}
-extern "C" __global__ void __launch_bounds__(128, 1) gemm_ws_norm_n32(GEMM_WS_NORM_ARGS) { ws_body<2, 32, false, false, true>(GEMM_WS_NORM_PASS); }
-extern "C" __global__ void __launch_bounds__(128, 1) gemm_ws_norm_n64(GEMM_WS_NORM_ARGS) { ws_body<2, 64, false, false, true>(GEMM_WS_NORM_PASS); }
+WS_FUSED_KERNELS(gemm_ws, 2, GEMM_WS_ARGS, GEMM_WS_PASS, GEMM_WS_SILU_ARGS, GEMM_WS_PASS, GEMM_WS_NORM_ARGS, GEMM_WS_NORM_PASS)
 // gemm_wsk_n*: the same on any number of blocks (stream-K: wsk_body),
 // only with PEFTD_WS_SK as well (PERFORMANCE v0.68 Next 3)
 #ifdef PEFTD_WS_SK
