@@ -485,7 +485,7 @@ func TestWsFusedPlans(t *testing.T) {
 					if !ok || !g.normFits(p, N) {
 						t.Errorf("esize %d, %d SMs: %d x %d x %d: plan %v (ok %v) has no NORM kernel", esize, sms, T, N, K, p, ok)
 					}
-					if qx := ok && g.qxFits(p, K); qx != (esize == 1 && K <= wsQXMaxK) { // FP8 only, o's input (down's 14,336 values a row are more than a block holds)
+					if qx := ok && g.qxFits(p, N, K); qx != (esize == 1 && K <= wsRowMax) { // FP8 only, o's input (down's 14,336 values a row are more than a block holds)
 						t.Errorf("esize %d, %d SMs: %d x %d x %d: plan %v QX kernel %v", esize, sms, T, N, K, p, qx)
 					}
 				}

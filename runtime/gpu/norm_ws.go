@@ -23,18 +23,25 @@ import (
 // barrier counters, then the QX head's two (the kernel's sync + 2).
 const wsSync = 4
 
-// wsNormMaxWidth is the widest row ws_add_norm holds in registers: 2
-// ADD_RC 16-byte words a thread of 128 (add_rmsnorm's limit at 256
-// threads).
-const wsNormMaxWidth = 2 * 4 * 128 * 8
+// wsRowMax is the widest row a ws block's 128 threads hold in registers,
+// 8 16-byte words of bf16 each: ws_add_norm's (2 ADD_RC, add_rmsnorm's
+// limit at 256 threads) and ws_quant_rows' (common.cuh).
+const wsRowMax = 2 * 4 * 128 * 8
 
 // normFits reports whether plan p of a product of N output columns (the
 // hidden width) has a NORM kernel: one that is loaded, with its barrier
 // words, not stream-K, no more blocks than SMs (the barrier needs them
 // all resident), and rows ws_add_norm holds.
 func (g *wsProduct) normFits(p wsPlan, N int) bool {
-	return g != nil && p.sk == 0 && g.nfn[p.i] != nil && g.nsync != nil && N%8 == 0 && N <= wsNormMaxWidth &&
-		N%wsWidths[p.i] == 0 && N/wsWidths[p.i]*p.split <= g.sms
+	return g != nil && g.resident(p, N) && g.nfn[p.i] != nil && g.nsync != nil && N%8 == 0 && N <= wsRowMax
+}
+
+// resident reports whether plan p of a product of N output columns is one
+// grid of at most the device's SMs and not stream-K: the fused kernels'
+// grid-wide barriers (SILU's FP8 end, NORM, QX) need every block resident
+// at once.
+func (g *wsProduct) resident(p wsPlan, N int) bool {
+	return p.sk == 0 && N%wsWidths[p.i] == 0 && N/wsWidths[p.i]*p.split <= g.sms
 }
 
 // launchNorm enqueues delta [T, N] = x . w^T (times sx[t] sw[n] with e4m3
@@ -52,7 +59,7 @@ func (g *wsProduct) launchNorm(s *cuda.Stream, p wsPlan, delta, x, sx, w, sw, xr
 	}
 	fn := g.nfn[p.i]
 	if xb != 0 {
-		if !g.qxFits(p, K) || g.qnfn[p.i] == nil {
+		if !g.qxFits(p, N, K) || g.qnfn[p.i] == nil {
 			return fmt.Errorf("gpu: ws plan %v has no kernel quantizing its rows with add_rmsnorm for K %d", p, K)
 		}
 		fn = g.qnfn[p.i]
@@ -118,23 +125,12 @@ func (b *Backend) LinearAddRMSNorm(delta, in engine.Buffer, w engine.Weight, x, 
 	if quant && !fp8 {
 		return false
 	}
-	var xb cuda.DevicePtr // in's bf16 rows, where the kernel quantizes them itself (fp8_ws_qxnorm: qx_ws.go)
-	if fp8 {
-		// in's rows quantized before this op's write generation (as Linear
-		// does; or by the kernel), then out's replace them in the scratch
-		// (after every block has read its activation stages: the kernel's
-		// barrier)
-		b.join()
-		if b.wsQX() && !b.f8.held(xi.mem.Ptr(), T, K, b.gen) && ws.qxFits(p, K) && ws.qnfn[p.i] != nil {
-			xb = xi.mem.Ptr()
-			b.f8.qxes++
-		} else if err := b.f8.prepare(xi.mem.Ptr(), T, K, b.gen); err != nil {
-			b.fail(err)
-			return true
-		}
-	}
-	b.opStart()
-	if !b.ok() {
+	// FP8: out's quantized rows replace in's in the scratch (after every
+	// block has read its activation stages: the kernel's barrier); in's
+	// bf16 rows (xb) where the kernel quantizes them itself
+	// (fp8_ws_qxnorm: qx_ws.go)
+	xb, started := b.wsFusedStart(xi, T, K, fp8, fp8 && b.wsQX() && ws.qxFits(p, N, K) && ws.qnfn[p.i] != nil)
+	if !started {
 		return true
 	}
 	b.wrote(delta)

@@ -18,10 +18,6 @@ import (
 // and the product runs as fp8_ws's. Off by default until measured
 // (wsQXAuto).
 
-// wsQXMaxK is the widest activation row ws_quant_rows holds in registers
-// (8 16-byte words a thread of 128).
-const wsQXMaxK = 8 * 128 * 8
-
 // wsQXAuto is whether FP8 products take the QX kernels by default. Off:
 // session 80 built them with no GPU lent. kernelForce.wsQX 1 turns them on
 // (TestDecodeBench +wsqx; TestWsQX and TestOpLinearQX check them against
@@ -38,12 +34,11 @@ func (b *Backend) wsQX() bool {
 	return forcedOn(b.force.wsQX, wsQXAuto)
 }
 
-// qxFits reports whether plan p of a product of K-wide activation rows
-// has a QX kernel: loaded with the barrier words, not stream-K, no more
-// blocks than SMs, rows ws_quant_rows holds.
-func (g *wsProduct) qxFits(p wsPlan, K int) bool {
-	return g != nil && g.esize == 1 && p.sk == 0 && g.qfn[p.i] != nil && g.nsync != nil && K%8 == 0 && K <= wsQXMaxK &&
-		p.i >= 0 && p.i < len(wsWidths)
+// qxFits reports whether plan p of an N x K product has a QX kernel:
+// loaded with the barrier words, every block resident (resident), rows of
+// K values ws_quant_rows holds.
+func (g *wsProduct) qxFits(p wsPlan, N, K int) bool {
+	return g != nil && g.esize == 1 && g.resident(p, N) && g.qfn[p.i] != nil && g.nsync != nil && K%8 == 0 && K <= wsRowMax
 }
 
 // launchQX enqueues out [T, N] = xb [T, K] . w^T as fp8_ws does, the
@@ -53,11 +48,8 @@ func (g *wsProduct) launchQX(s *cuda.Stream, p wsPlan, out, xb, q, qs, w, sw cud
 	if err := g.check(p, out, q, w, T, N, K); err != nil {
 		return err
 	}
-	if !g.qxFits(p, K) {
-		return fmt.Errorf("gpu: ws plan %v has no kernel quantizing its %d-wide rows", p, K)
-	}
-	if blocks := N / wsWidths[p.i] * p.split; blocks > g.sms {
-		return fmt.Errorf("gpu: ws plan %v of N %d is %d blocks, more than the %d SMs (the QX kernels' blocks must all be resident)", p, N, blocks, g.sms)
+	if !g.qxFits(p, N, K) {
+		return fmt.Errorf("gpu: ws plan %v of %d x %d has no kernel quantizing its rows (or more blocks than the %d SMs: they must all be resident)", p, N, K, g.sms)
 	}
 	if xb%16 != 0 || qs == 0 {
 		return fmt.Errorf("gpu: fp8_ws_qx: bf16 rows not 16-byte aligned, or no scale rows")
@@ -93,5 +85,5 @@ func (f *fp8State) qxPlan(x cuda.DevicePtr, T, N, K int, gen uint64) (wsPlan, bo
 	case f.wsOn || f.wsAutoTakes() || (f.wsWide && N >= 4*K) || (f.wsNarrow && wsNarrow(N, K)):
 		p, ok = f.ws.plan(T, N, K)
 	}
-	return p, ok && f.ws.qxFits(p, K) && N/wsWidths[p.i]*p.split <= f.ws.sms
+	return p, ok && f.ws.qxFits(p, N, K)
 }

@@ -52,7 +52,7 @@ func (g *wsProduct) launchSiLU(s *cuda.Stream, p wsPlan, act, x, sx, w, sw, q, q
 		}
 		sync = uint64(g.ssync.Ptr())
 	}
-	if N/wsWidths[p.i] > g.sms {
+	if !g.resident(p, N) {
 		return fmt.Errorf("gpu: ws plan %v of N %d is more blocks than the %d SMs (the silu kernels' blocks must all be resident)", p, N, g.sms)
 	}
 	bn, opts, fn, sh := wsWidths[p.i], g.launchOpts(), g.sfn[p.i], wsShared(wsWidths[p.i], g.esize)
@@ -100,37 +100,46 @@ func (b *Backend) LinearSiLU(act, in engine.Buffer, w engine.Weight) bool {
 	if fp8 && !b.f8.fits(T, o.cols) {
 		return false
 	}
-	if !fp8 {
-		b.opStart()
-		if !b.ok() {
-			return true
-		}
-		b.wrote(act)
-		b.fused.silu++
-		b.fail(ws.launchSiLU(b.s, p, o.mem.Ptr(), x.mem.Ptr(), 0, w.(*weight).mem.Ptr(), 0, 0, 0, T, N, K))
-		return true
-	}
-	// FP8: in's rows quantized (add_rmsnorm left them so: prepare keeps
-	// them) before this op's write generation, then act's quantized rows
-	// replace them in the scratch (written after every block has read
-	// its activation stages: ws_put_silu_q's barrier) for the down product
-	f := b.f8
-	b.join()
-	if err := f.prepare(x.mem.Ptr(), T, K, b.gen); err != nil {
-		b.fail(err)
-		return true
-	}
-	b.opStart()
-	if !b.ok() {
+	// FP8: act's quantized rows replace in's in the scratch (written after
+	// every block has read its activation stages: ws_put_silu_q's barrier)
+	// for the down product
+	if _, started := b.wsFusedStart(x, T, K, fp8, false); !started {
 		return true
 	}
 	b.wrote(act)
 	b.fused.silu++
+	if !fp8 {
+		b.fail(ws.launchSiLU(b.s, p, o.mem.Ptr(), x.mem.Ptr(), 0, w.(*weight).mem.Ptr(), 0, 0, 0, T, N, K))
+		return true
+	}
+	f := b.f8
 	b.fail(ws.launchSiLU(b.s, p, o.mem.Ptr(), f.actQ.Ptr(), f.actS.Ptr(), fw.q.Ptr(), fw.scale.Ptr(), f.actQ.Ptr(), f.actS.Ptr(), T, N, K))
 	if b.err == nil {
 		f.holds(o.mem.Ptr(), T, o.cols, b.gen)
 	}
 	return true
+}
+
+// wsFusedStart starts a fused op (LinearSiLU, LinearAddRMSNorm) of the
+// step's T rows of in (K values): with FP8 operands in's rows are
+// quantized into the scratch before the op's write generation, as Linear
+// quantizes them (prepare: none where add_rmsnorm or silu_mul left them
+// so), or, with qx and the rows not held, left to the kernel (xb, in's
+// bf16 rows, returned); then the op's start (opStart). started false:
+// the backend has failed (the op is taken, nothing enqueued).
+func (b *Backend) wsFusedStart(in *Buffer, T, K int, fp8, qx bool) (xb cuda.DevicePtr, started bool) {
+	if fp8 {
+		b.join()
+		if qx && !b.f8.held(in.mem.Ptr(), T, K, b.gen) {
+			xb = in.mem.Ptr()
+			b.f8.qxes++
+		} else if err := b.f8.prepare(in.mem.Ptr(), T, K, b.gen); err != nil {
+			b.fail(err)
+			return 0, false
+		}
+	}
+	b.opStart()
+	return xb, b.ok()
 }
 
 // wsAlone is the ws products and plan that take the step's T x N x K
