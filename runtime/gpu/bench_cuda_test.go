@@ -546,15 +546,7 @@ func (v decodeVariant) label(ads []*lora.Adapter, pdlOK bool) string {
 	} else if v.kc < 0 {
 		lbl += "+kcauto" // the shrinks' K split to cover the SMs twice, whatever the rows (before fp8KChunk)
 	}
-	if v.wssk > 0 {
-		lbl += fmt.Sprintf("+wssk%d", v.wssk)
-	}
-	if v.wsfrom > 0 {
-		lbl += fmt.Sprintf("+ws%d", v.wsfrom)
-	}
-	if v.part > 0 {
-		lbl += fmt.Sprintf("+part%d", v.part)
-	}
+	lbl += countLabel(v.wssk, "wssk") + countLabel(v.wsfrom, "ws") + countLabel(v.part, "part")
 	if v.holds != [4]int{} {
 		h := v.holds[:]
 		for h[len(h)-1] == 0 {
@@ -586,12 +578,7 @@ func (v decodeVariant) label(ads []*lora.Adapter, pdlOK bool) string {
 	lbl += onOffLabel(v.wsnorm, "wsnorm")
 	lbl += onOffLabel(v.wshalf, "wshalf")
 	lbl += onOffLabel(v.wsqx, "wsqx")
-	if v.wsearly > 0 {
-		lbl += fmt.Sprintf("+wsearly%d", v.wsearly)
-	}
-	if v.wsearlyo > 0 {
-		lbl += fmt.Sprintf("+wsearlyo%d", v.wsearlyo)
-	}
+	lbl += countLabel(v.wsearly, "wsearly") + countLabel(v.wsearlyo, "wsearlyo")
 	lbl += onOffLabel(v.silucl, "silucl")
 	lbl += onOffLabel(v.sfold, "sfold")
 	lbl += onOffLabel(v.addcl, "addcl")
@@ -609,6 +596,15 @@ func (v decodeVariant) label(ads []*lora.Adapter, pdlOK bool) string {
 		lbl += fmt.Sprintf("+pdljoin%d", v.pdlJoins)
 	}
 	return lbl
+}
+
+// countLabel is a label's part for a setting of n (0: the default):
+// "+name" and n, or nothing.
+func countLabel(n int, name string) string {
+	if n > 0 {
+		return fmt.Sprintf("+%s%d", name, n)
+	}
+	return ""
 }
 
 // onOffLabel is a label's part for a kernelForce switch (1 on, -1 off, 0

@@ -379,34 +379,39 @@ func newMatchEngine(t *testing.T, m *llama.Model, adapters map[string]*lora.Adap
 	return e, e.Backend().(*Backend)
 }
 
+// sameLogits runs one step of inputs ip on ep and the same rows is (each
+// engine's own sequences) on es and fails unless every logits row is
+// bit-identical; it returns the rows compared.
+func sameLogits(t *testing.T, ep, es *engine.Engine, ip, is []engine.Input, what string) int {
+	t.Helper()
+	op, err := ep.Step(context.Background(), ip)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ol, err := es.Step(context.Background(), is)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for k := range op {
+		if j := firstDiff(op[k], ol[k]); j >= 0 {
+			t.Fatalf("%s, input %d: logits differ (first at %d: %g, %g; relative %.3g)", what, k, j, op[k][j], ol[k][j], fx.RelErr(op[k], ol[k]))
+		}
+	}
+	return len(op)
+}
+
 // matchSteps runs the same prefill, mixed and decode steps (sequences on
 // slots -1..adapters-1) on engines ep and es and fails unless every logits
 // row is bit-identical.
 func matchSteps(t *testing.T, m *llama.Model, adapters int, ep, es *engine.Engine, what string) {
 	t.Helper()
-	ctx := context.Background()
 	V := m.Config.VocabSize
 	rng := rand.New(rand.NewPCG(5, 6))
 	const nSeq = 24
 	sp, ss := make([]*engine.Sequence, nSeq), make([]*engine.Sequence, nSeq)
 	slot := make([]int, nSeq)
 	rows := 0
-	run := func(step string, ip, is []engine.Input) {
-		op, err := ep.Step(ctx, ip)
-		if err != nil {
-			t.Fatal(err)
-		}
-		ol, err := es.Step(ctx, is)
-		if err != nil {
-			t.Fatal(err)
-		}
-		for k := range op {
-			if !slices.Equal(op[k], ol[k]) {
-				t.Fatalf("%s, input %d: logits differ %s (relative %.3g)", step, k, what, fx.RelErr(op[k], ol[k]))
-			}
-			rows++
-		}
-	}
+	run := func(step string, ip, is []engine.Input) { rows += sameLogits(t, ep, es, ip, is, step+": "+what) }
 	// prompts: 4-300 tokens (eager above 256 rows a step, mixed graphs below)
 	for lo := 0; lo < nSeq; lo += 6 {
 		var ip, is []engine.Input

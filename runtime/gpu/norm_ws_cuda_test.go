@@ -3,7 +3,6 @@
 package gpu
 
 import (
-	"context"
 	"encoding/binary"
 	"fmt"
 	"maps"
@@ -28,9 +27,12 @@ import (
 // plan with a NORM kernel (K splits 1-8) of six shapes (17-64 rows, the 8B
 // model's o and down, small ones), rows past M untouched. The 8B o and
 // down products' automatic plans at 17-64 rows have a NORM kernel.
-func TestWsNorm(t *testing.T) {
+func TestWsNorm(t *testing.T) { eachWsFormat(t, wsNormCheck) }
+
+// eachWsFormat runs check as subtests bf16 and fp8 (its fp8 true).
+func eachWsFormat(t *testing.T, check func(t *testing.T, fp8 bool)) {
 	for _, format := range []string{"bf16", "fp8"} {
-		t.Run(format, func(t *testing.T) { wsNormCheck(t, format == "fp8") })
+		t.Run(format, func(t *testing.T) { check(t, format == "fp8") })
 	}
 }
 
@@ -190,7 +192,7 @@ func wsNormCheck(t *testing.T, fp8 bool) {
 			what := fmt.Sprintf("%s %v %d x %d x %d", map[bool]string{false: "gemm_ws_norm", true: "fp8_ws_norm"}[fp8], p, M, N, K)
 			g.noStagger = true
 			modes := []int{1}
-			if fp8 && g.qxFits(p, K) && g.qnfn[p.i] != nil {
+			if fp8 && g.qxFits(p, N, K) && g.qnfn[p.i] != nil {
 				modes = append(modes, 2)
 			}
 			for _, norm := range []bool{true, false} {
@@ -411,7 +413,6 @@ func TestFusedForwardBits(t *testing.T) {
 			}
 			eOn, bOn := mk(1)
 			eOff, bOff := mk(-1)
-			ctx := context.Background()
 			V := m.Config.VocabSize
 			rng := rand.New(rand.NewPCG(5, 6))
 			const nSeq = 64
@@ -433,19 +434,7 @@ func TestFusedForwardBits(t *testing.T) {
 					in1 = append(in1, engine.Input{Seq: on[i], Tokens: toks[k], Slot: slot[i]})
 					in2 = append(in2, engine.Input{Seq: off[i], Tokens: toks[k], Slot: slot[i]})
 				}
-				o1, err := eOn.Step(ctx, in1)
-				if err != nil {
-					t.Fatal(err)
-				}
-				o2, err := eOff.Step(ctx, in2)
-				if err != nil {
-					t.Fatal(err)
-				}
-				for k := range o1 {
-					if j := firstDiff(o1[k], o2[k]); j >= 0 {
-						t.Fatalf("%s, row %d (seq %d slot %d): logit %d %g with the fused op, %g without", what, k, rows[k], slot[rows[k]], j, o1[k][j], o2[k][j])
-					}
-				}
+				sameLogits(t, eOn, eOff, in1, in2, what+", the fused op on and off")
 				steps++
 			}
 			tokens := func(n int) []int32 {

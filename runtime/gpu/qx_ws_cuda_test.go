@@ -33,7 +33,7 @@ func TestWsQX(t *testing.T) {
 		out := r.alloc(2 * (M + 1) * N)
 		qx, sx := r.alloc(M*K), r.alloc(4*M)
 		for _, p := range normPlans(g, M, N, K, r.ctx.Device().SMs) {
-			if !g.qxFits(p, K) {
+			if !g.qxFits(p, N, K) {
 				continue
 			}
 			tested++
@@ -65,7 +65,7 @@ func TestWsQX(t *testing.T) {
 	if tested == 0 {
 		t.Fatal("no plan with a QX kernel")
 	}
-	autoPlansFit(t, g, 4096, 4096, "QX", func(p wsPlan) bool { return g.qxFits(p, 4096) })
+	autoPlansFit(t, g, 4096, 4096, "QX", func(p wsPlan) bool { return g.qxFits(p, 4096, 4096) })
 }
 
 // TestOpLinearQX: with FP8 weights and kernelForce.wsQX 1, Linear of rows

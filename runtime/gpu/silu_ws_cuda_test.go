@@ -31,13 +31,13 @@ func TestBF16WsSiLU(t *testing.T) {
 		{17, 28672, 4096}, {32, 28672, 4096}, {64, 28672, 4096}, {48, 448, 256}, {64, 512, 384}, {33, 1792, 1024},
 	} {
 		M, N, K, I := sz.M, sz.N, sz.K, sz.N/2
-		x, w := r.up(r.bf16Rand(M*K, 1)), r.up(r.bf16Rand(N*K, 0.02))
+		ops := newWsOperands(t, r, false, M, N, K)
 		gu, ref, act := r.alloc(2*M*N), r.alloc(2*(M+1)*I), r.alloc(2*(M+1)*I)
 		for _, p := range siluPlans(g, M, N, K, r.ctx.Device().SMs) {
 			tested++
 			g.noStagger = true // the reference and the bit-for-bit check walk K from its start
 			want := rowsProduct(t, r, ref, M, I, func() error {
-				if err := g.launch(r.s, p, gu.Ptr(), x.Ptr(), 0, w.Ptr(), 0, M, N, K, nil); err != nil {
+				if err := g.launch(r.s, p, gu.Ptr(), ops.x, 0, ops.w, 0, M, N, K, nil); err != nil {
 					return err
 				}
 				words := M * I / 8
@@ -46,7 +46,7 @@ func TestBF16WsSiLU(t *testing.T) {
 			})
 			prod := readBack[uint16](t, r, gu, M*N)
 			fused := func() []uint16 {
-				return rowsProduct(t, r, act, M, I, func() error { return g.launchSiLU(r.s, p, act.Ptr(), x.Ptr(), 0, w.Ptr(), 0, 0, 0, M, N, K) })
+				return rowsProduct(t, r, act, M, I, func() error { return g.launchSiLU(r.s, p, act.Ptr(), ops.x, 0, ops.w, 0, 0, 0, M, N, K) })
 			}
 			what := fmt.Sprintf("gemm_ws_silu %v %d x %d x %d", p, M, N, K)
 			got := fused()
@@ -113,11 +113,7 @@ func autoPlansFit(t *testing.T, g *wsProduct, N, K int, kind string, fits func(w
 // fused one-wave plan of five shapes (17-64 rows, the 8B gate/up and small
 // ones), rows past M untouched.
 func TestFP8WsSiLU(t *testing.T) {
-	r := newFP8Rig(t)
-	g := r.f.ws
-	if g == nil {
-		t.Skip("fp8_ws is compiled only in the wgmma build, for sm_90a")
-	}
+	r, g := wsRigFor(t, true)
 	defer func() { g.noStagger = false }()
 	silu := siluMulKernel(t, r)
 	tested := 0
@@ -125,22 +121,14 @@ func TestFP8WsSiLU(t *testing.T) {
 		{17, 28672, 4096}, {64, 28672, 4096}, {48, 448, 256}, {64, 512, 384}, {33, 1792, 1024},
 	} {
 		M, N, K, I := sz.M, sz.N, sz.K, sz.N/2
-		x := r.up(r.bf16Rand(M*K, 1))
-		w, err := r.f.upload(r.bf16Rand(N*K, 0.02), N, K)
-		if err != nil {
-			t.Fatal(err)
-		}
-		qx, sx := r.alloc(M*K), r.alloc(4*M)
-		if err := r.f.quantRows(qx.Ptr(), sx.Ptr(), x.Ptr(), M, K, K); err != nil {
-			t.Fatal(err)
-		}
+		ops := newWsOperands(t, r, true, M, N, K)
 		gu, ref, act := r.alloc(2*M*N), r.alloc(2*(M+1)*I), r.alloc(2*(M+1)*I)
 		qref, sref, q, qs := r.alloc(M*I), r.alloc(4*M), r.alloc(M*I), r.alloc(4*M)
 		for _, p := range siluPlans(g, M, N, K, r.ctx.Device().SMs) {
 			tested++
 			g.noStagger = true
 			want := rowsProduct(t, r, ref, M, I, func() error {
-				if err := g.launch(r.s, p, gu.Ptr(), qx.Ptr(), sx.Ptr(), w.q.Ptr(), w.scale.Ptr(), M, N, K, nil); err != nil {
+				if err := g.launch(r.s, p, gu.Ptr(), ops.x, ops.sx, ops.w, ops.sw, M, N, K, nil); err != nil {
 					return err
 				}
 				return silu.Launch(r.s, cuda.Dim3{X: M, Y: 1, Z: 1}, cuda.Dim3{X: 512, Y: 1, Z: 1}, 0,
@@ -149,7 +137,7 @@ func TestFP8WsSiLU(t *testing.T) {
 			wantQ, wantS := readBack[byte](t, r, qref, M*I), readBack[float32](t, r, sref, M)
 			fused := func() ([]uint16, []byte, []float32) {
 				got := rowsProduct(t, r, act, M, I, func() error {
-					return g.launchSiLU(r.s, p, act.Ptr(), qx.Ptr(), sx.Ptr(), w.q.Ptr(), w.scale.Ptr(), q.Ptr(), qs.Ptr(), M, N, K)
+					return g.launchSiLU(r.s, p, act.Ptr(), ops.x, ops.sx, ops.w, ops.sw, q.Ptr(), qs.Ptr(), M, N, K)
 				})
 				return got, readBack[byte](t, r, q, M*I), readBack[float32](t, r, qs, M)
 			}
@@ -188,7 +176,7 @@ func TestFP8WsSiLU(t *testing.T) {
 			}
 			t.Logf("%s: bf16 rows, e4m3 bytes and scales equal fp8_ws then silu_mul unstaggered", what)
 		}
-		r.dropWeight(w)
+		ops.drop(r)
 	}
 	if tested == 0 {
 		t.Fatal("no fp8_ws plan with a fused gate/up kernel")

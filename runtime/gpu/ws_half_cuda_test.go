@@ -22,11 +22,7 @@ import (
 // and the rows within a rounding step of the unstaggered ones; FP8 SILU's
 // row scales within 1/64; rows past M untouched. The 8B gate/up's
 // automatic plan at 17-64 rows has a half-row kernel.
-func TestWsHalf(t *testing.T) {
-	for _, format := range []string{"bf16", "fp8"} {
-		t.Run(format, func(t *testing.T) { wsHalfCheck(t, format == "fp8") })
-	}
-}
+func TestWsHalf(t *testing.T) { eachWsFormat(t, wsHalfCheck) }
 
 func wsHalfCheck(t *testing.T, fp8 bool) {
 	r, g := wsRigFor(t, fp8)
