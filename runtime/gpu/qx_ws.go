@@ -11,10 +11,11 @@ import (
 // ws_body's QX head): the o product's input, the attention output, is the
 // one activation of a decode step that no kernel before it leaves
 // quantized, so today a quant_rows_e4m3 launch of its own runs between
-// attention and o (3.4 µs of its own a layer at 64 rows on an H200:
-// PERFORMANCE v0.5x). Here each block of the product quantizes its share
-// of the rows after griddepcontrol.wait (its early weight stages landing
-// meanwhile) with quant_rows_e4m3's bits, the grid meets at a barrier,
+// attention and o (it added 2.1 µs a layer at 64 rows and 3.4 at 16 to
+// an H200's FP8 step: PERFORMANCE v0.44). Here each block of the product
+// quantizes its share of the rows after griddepcontrol.wait (its early
+// weight stages landing meanwhile) with quant_rows_e4m3's bits, the grid
+// meets at a barrier,
 // and the product runs as fp8_ws's. Off by default until measured
 // (wsQXAuto).
 
