@@ -15,9 +15,8 @@ import (
 // an H200's FP8 step: PERFORMANCE v0.44). Here each block of the product
 // quantizes its share of the rows after griddepcontrol.wait (its early
 // weight stages landing meanwhile) with quant_rows_e4m3's bits, the grid
-// meets at a barrier,
-// and the product runs as fp8_ws's. Off by default until measured
-// (wsQXAuto).
+// meets at a barrier, and the product runs as fp8_ws's. Off by default
+// until measured (wsQXAuto).
 
 // wsQXAuto is whether FP8 products take the QX kernels by default. Off:
 // session 80 built them with no GPU lent. kernelForce.wsQX 1 turns them on
