@@ -211,15 +211,14 @@ func loadWS(ctx *cuda.Context, s *cuda.Stream, mod *cuda.Module, prefix, tprefix
 		if g.kfn[i], err = kernel(fmt.Sprintf("%sk_n%d", prefix, bn), sh); err != nil { // the stream-K build (PEFTD_WS_SK)
 			return nil, err
 		}
-		if g.sfn[i], err = kernel(fmt.Sprintf("%s_silu_n%d", prefix, bn), sh); err != nil {
-			return nil, err
-		}
 		if g.lfn[i], err = kernel(fmt.Sprintf("%s_lora_n%d", prefix, bn), sh); err != nil {
 			return nil, err
 		}
-		// the fused and half-row variants (off by default: norm_ws.go,
-		// qx_ws.go, wsHalf) are optional: one the card will not give its
-		// shared memory is left out, never an error for the products
+		// the fused and half-row variants (off by default: silu_ws.go,
+		// norm_ws.go, qx_ws.go, wsHalf) are optional: one the card will not
+		// give its shared memory is left out, never an error for the
+		// products
+		g.sfn[i] = optional(fmt.Sprintf("%s_silu_n%d", prefix, bn), sh)
 		g.nfn[i] = optional(fmt.Sprintf("%s_norm_n%d", prefix, bn), sh)
 		g.qfn[i] = optional(fmt.Sprintf("%s_qx_n%d", prefix, bn), sh)
 		g.qnfn[i] = optional(fmt.Sprintf("%s_qxnorm_n%d", prefix, bn), sh)
