@@ -282,6 +282,44 @@ __device__ __forceinline__ void shrink_round(float* c, const bf16* x0, const bf1
     }
 }
 
+// shrink_load_a / shrink_round_x: shrink_round split in two, for
+// sgmv_shrink_e, whose first round of A loads is issued before
+// griddepcontrol.wait (EARLY: ldg16_early, which ptxas keeps there) and
+// whose x loads wait for the kernel before. The MMAs are shrink_round's, in
+// its order, so the bits are sgmv_shrink's.
+template <int U, int STEP, bool EARLY>
+__device__ __forceinline__ void shrink_load_a(uint4 (&aa)[U], const bf16* ar, int cb, int kend, int q, bool va) {
+#pragma unroll
+    for (int u = 0; u < U; u++) {
+        const int col = cb + u * STEP + q * 8;
+        const bool ok = col < kend && va;
+        aa[u] = !ok ? make_uint4(0, 0, 0, 0) : (EARLY ? ldg16_early(ar + col) : ldg16(ar + col));
+    }
+}
+
+template <int U, int STEP>
+__device__ __forceinline__ void shrink_round_x(float* c, const bf16* x0, const bf16* x1, const uint4 (&aa)[U], int cb, int kend, int q,
+                                               bool v0, bool v1, unsigned zero) {
+    const uint4 z4 = make_uint4(0, 0, 0, 0);
+    uint4 xa[U], xb[U];
+    unsigned dep = 0;
+#pragma unroll
+    for (int u = 0; u < U; u++) {
+        const int col = cb + u * STEP + q * 8;
+        const bool in = col < kend;
+        xa[u] = (in && v0) ? ldg16(x0 + col) : z4;
+        xb[u] = (in && v1) ? ldg16(x1 + col) : z4;
+    }
+#pragma unroll
+    for (int u = 0; u < U; u++) dep |= xa[u].x ^ xb[u].x ^ aa[u].x;
+    c[0] += __int_as_float(dep & zero); // + 0.0f
+#pragma unroll
+    for (int u = 0; u < U; u++) {
+        mma16816(c, xa[u].x, xb[u].x, xa[u].y, xb[u].y, aa[u].x, aa[u].y);
+        mma16816(c, xa[u].z, xb[u].z, xa[u].w, xb[u].w, aa[u].z, aa[u].w);
+    }
+}
+
 // expand_chunk: acc{0,1}[r] += t[r*w + 0..7] . (8 bf16 of B row j, j+1) for rows r < n.
 __device__ __forceinline__ void expand_chunk(float* acc0, float* acc1, const float* t, int w, int n, uint4 a, uint4 b) {
     float f0[8], f1[8];

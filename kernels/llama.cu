@@ -2155,16 +2155,31 @@ extern "C" __global__ void lora_expand(bf16* out, const float* tmp, const LoraEn
 // loads 8 contiguous values of both), so every load is 16 bytes. NB=4 reads
 // each x tile once per 32 rank rows instead of 8 (prefill); NB=1 gives more
 // blocks when there are few rows (decode).
-template <int NB>
+//
+// EARLY (sgmv_shrink_e, NB 1): the kernel calls no pdl_entry before this;
+// the tile, the table entry and the warp's first round of A (adapter
+// weights and step metadata: nothing a kernel of the step writes) are
+// issued before griddepcontrol.wait, as sgmv_shrink64 does, so that after
+// it only x's loads are a round trip. Every block waits before it exits (a
+// kernel waiting for this one then finds the one before done too). The
+// MMA chain is sgmv_shrink's: the same bits.
+template <int NB, bool EARLY = false>
 __device__ __forceinline__ void shrink_body(
     float* __restrict__ tmp, const bf16* __restrict__ x, const LoraEntry* __restrict__ table, const int4* __restrict__ tiles,
     int entry_base, int entry_stride, int m0, int m1, int m2, int rank_tiles, int max_rank,
     int in_f, int x_stride, int t_stride, int rows_total, int kchunk, float* red) {
+    static_assert(!EARLY || NB == 1, "shrink_body: the early loads are sgmv_shrink's (NB 1)");
     const int4 tile = tiles[blockIdx.x];
-    if (tile.y == 0) return; // no rows (a recorded step's spare tile)
+    if (tile.y == 0) { // no rows (a recorded step's spare tile)
+        if constexpr (EARLY) pdl_entry();
+        return;
+    }
     const int s = blockIdx.y / rank_tiles, k0 = (blockIdx.y % rank_tiles) * 8 * NB;
     const LoraEntry e = table[entry_base + tile.z * entry_stride + sg_mod(s, m0, m1, m2)];
-    if (k0 >= e.rank) return; // uniform over the block
+    if (k0 >= e.rank) { // uniform over the block
+        if constexpr (EARLY) pdl_entry();
+        return;
+    }
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
     const int kbeg = blockIdx.z * kchunk, kend = min(in_f, kbeg + kchunk);
     const bool v0 = g < tile.y, v1 = g + 8 < tile.y;
@@ -2194,20 +2209,32 @@ __device__ __forceinline__ void shrink_body(
         // (190 KB of shared memory an SM) a staged block does not fit.
         constexpr int U = SG_SU > 0 ? SG_SU : 1; // 1: -DSG_SU=0 must still compile this discarded branch
         const unsigned zero = (unsigned)(kchunk >> 31);
-        for (int cb = kbeg + warp * 32; cb < kend; cb += 32 * SG_WARPS * U)
-            shrink_round<U, 32 * SG_WARPS>(c[0], x0, x1, ar[0], cb, kend, q, v0, v1, va[0], zero);
-    } else
+        if constexpr (EARLY) {
+            const int cb0 = kbeg + warp * 32;
+            uint4 aa[U];
+            shrink_load_a<U, 32 * SG_WARPS, true>(aa, ar[0], cb0, kend, q, va[0]);
+            pdl_entry(); // x is the previous kernel's output
+            for (int cb = cb0; cb < kend; cb += 32 * SG_WARPS * U) {
+                if (cb != cb0) shrink_load_a<U, 32 * SG_WARPS, false>(aa, ar[0], cb, kend, q, va[0]);
+                shrink_round_x<U, 32 * SG_WARPS>(c[0], x0, x1, aa, cb, kend, q, v0, v1, zero);
+            }
+        } else
+            for (int cb = kbeg + warp * 32; cb < kend; cb += 32 * SG_WARPS * U)
+                shrink_round<U, 32 * SG_WARPS>(c[0], x0, x1, ar[0], cb, kend, q, v0, v1, va[0], zero);
+    } else {
+        if constexpr (EARLY) pdl_entry(); // -DSG_SU=0: no early A
 #pragma unroll 4
-    for (int cb = kbeg + warp * 32; cb < kend; cb += 32 * SG_WARPS) {
-        const int col = cb + q * 8;
-        const bool in = col < kend;
-        const uint4 xa = (in && v0) ? ldg16(x0 + col) : z4;
-        const uint4 xb = (in && v1) ? ldg16(x1 + col) : z4;
+        for (int cb = kbeg + warp * 32; cb < kend; cb += 32 * SG_WARPS) {
+            const int col = cb + q * 8;
+            const bool in = col < kend;
+            const uint4 xa = (in && v0) ? ldg16(x0 + col) : z4;
+            const uint4 xb = (in && v1) ? ldg16(x1 + col) : z4;
 #pragma unroll
-        for (int nb = 0; nb < NB; nb++) {
-            const uint4 aa = (in && va[nb]) ? ldg16(ar[nb] + col) : z4;
-            mma16816(c[nb], xa.x, xb.x, xa.y, xb.y, aa.x, aa.y);
-            mma16816(c[nb], xa.z, xb.z, xa.w, xb.w, aa.z, aa.w);
+            for (int nb = 0; nb < NB; nb++) {
+                const uint4 aa = (in && va[nb]) ? ldg16(ar[nb] + col) : z4;
+                mma16816(c[nb], xa.x, xb.x, xa.y, xb.y, aa.x, aa.y);
+                mma16816(c[nb], xa.z, xb.z, xa.w, xb.w, aa.z, aa.w);
+            }
         }
     }
     // c0,c1: row g, rank cols 2q,2q+1; c2,c3: row g+8. red: [warp][row][8*NB]
@@ -2242,6 +2269,13 @@ extern "C" __global__ void __launch_bounds__(32 * SG_WARPS) sgmv_shrink(SHRINK_A
     pdl_entry();
     __shared__ float red[SG_WARPS * SG_TR * 8];
     shrink_body<1>(SHRINK_PASS, red);
+}
+
+// sgmv_shrink_e: sgmv_shrink with its loads before griddepcontrol.wait
+// (shrink_body's EARLY; kernelForce.shrinkEarly, off by default).
+extern "C" __global__ void __launch_bounds__(32 * SG_WARPS) sgmv_shrink_e(SHRINK_ARGS) {
+    __shared__ float red[SG_WARPS * SG_TR * 8];
+    shrink_body<1, true>(SHRINK_PASS, red);
 }
 
 extern "C" __global__ void __launch_bounds__(32 * SG_WARPS) sgmv_shrink4(SHRINK_ARGS) {

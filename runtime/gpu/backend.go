@@ -235,7 +235,7 @@ type slotState struct {
 type funcs struct {
 	embed, addRMSNorm, addRMSNormCl, rmsnormRows, ropeStore, attention, siluMul, siluMulCl, shrink, expand *cuda.Function
 	addBias, headRMSNorm, addDelta, fillRows                                                               *cuda.Function
-	sgShrink, sgShrink4, sgShrink64, sgExpand, sample, logitAdjust                                         *cuda.Function
+	sgShrink, sgShrink4, sgShrink64, sgShrinkE, sgExpand, sample, logitAdjust                              *cuda.Function
 	attnDecode                                                                                             [4]*cuda.Function // attn_decode_d32, d64, d128, d256
 	attnDecode8                                                                                            [4]*cuda.Function // attn_decode8_d*: FP8 keys
 	attnDecode2                                                                                            [4]*cuda.Function // attn_decode2_d*: 2 warps a block (decV2)
@@ -309,6 +309,7 @@ type kernelForce struct {
 	addCl      int           // add_rmsnorm as add_rmsnorm_cl (a cluster of blocks a row; norm_cl.go): 1 wherever it fits, -1 never, 0 by the rows and update (addClFits)
 	wsLoRA     int           // fused groups (bit g: llama.FusedGroups[g]) whose FP8 update of 17-64 rows runs in fp8_ws_lora's end (lora_ws.go; 0: the default, wsLoRADefault; -1: none)
 	shrink64   int           // LoRA shrinks as sgmv_shrink64 (64-row tiles): 1 always, -1 never, 0 from sgBigMinRows LoRA rows
+	shrinkE    bool          // LoRA shrinks of 8 rank rows a block as sgmv_shrink_e (tile, table entry and first A round before griddepcontrol.wait; sgmv_shrink's bits)
 	l2Win      int           // the LoRA update buffer as an L2 persisting window (l2win.go): 1 on, -1 off, 0 the default (loraL2Default, PEFTD_LORA_L2); 3 on over the whole buffer, not loraL2Bytes of it (an A/B)
 }
 
@@ -327,6 +328,8 @@ type Backend struct {
 	// fused counts the fused ops' launches enqueued or recorded
 	// (LinearSiLU, LinearAddRMSNorm: tests see that a step took them)
 	fused struct{ silu, norm int }
+	// shrinkEs counts the sgmv_shrink_e launches enqueued or recorded (tests)
+	shrinkEs int
 	// attnOut is the buffer the step's last Attention op wrote: the
 	// product that reads it is o (kernelForce.wsEarlyO)
 	attnOut cuda.DevicePtr
@@ -680,7 +683,8 @@ func (b *Backend) open(opts Options) error {
 	}{{&b.fn.embed, "embed"}, {&b.fn.addRMSNorm, "add_rmsnorm"}, {&b.fn.rmsnormRows, "rmsnorm_rows"}, {&b.fn.ropeStore, "rope_store"},
 		{&b.fn.attention, "attention"}, {&b.fn.siluMul, "silu_mul"}, {&b.fn.siluMulCl, "silu_mul_cl"}, {&b.fn.addRMSNormCl, "add_rmsnorm_cl"},
 		{&b.fn.shrink, "lora_shrink"}, {&b.fn.expand, "lora_expand"},
-		{&b.fn.sgShrink, "sgmv_shrink"}, {&b.fn.sgShrink4, "sgmv_shrink4"}, {&b.fn.sgShrink64, "sgmv_shrink64"}, {&b.fn.sgExpand, "sgmv_expand"},
+		{&b.fn.sgShrink, "sgmv_shrink"}, {&b.fn.sgShrink4, "sgmv_shrink4"}, {&b.fn.sgShrink64, "sgmv_shrink64"}, {&b.fn.sgShrinkE, "sgmv_shrink_e"},
+		{&b.fn.sgExpand, "sgmv_expand"},
 		{&b.fn.sample, "sample_rows"}, {&b.fn.logitAdjust, "logit_adjust"}, {&b.fn.attnDecode[0], "attn_decode_d32"}, {&b.fn.attnDecode[1], "attn_decode_d64"},
 		{&b.fn.attnDecode[2], "attn_decode_d128"}, {&b.fn.attnDecode[3], "attn_decode_d256"},
 		{&b.fn.attnDecode8[0], "attn_decode8_d32"}, {&b.fn.attnDecode8[1], "attn_decode8_d64"},

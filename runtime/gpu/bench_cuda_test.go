@@ -136,7 +136,8 @@ func loraParamsPerRank(cfg *llama.Config) int {
 // fused SGMV kernels of kernels/sgmv.cu (one launch per op), tc the shrink
 // and tensor-core expand; graph_us is tc in a recorded step's layout, the
 // updates added in place (as serial LoRA does), aside_us the same written
-// as float32 updates (as the LoRA stream does beside the products).
+// as float32 updates (as the LoRA stream does beside the products), early_us
+// aside_us with the shrinks on sgmv_shrink_e (kernelForce.shrinkE).
 func TestLoRABench(t *testing.T) {
 	if os.Getenv("PEFTD_LORA_BENCH") == "" {
 		t.Skip("set PEFTD_LORA_BENCH=1 to run")
@@ -305,7 +306,7 @@ func TestLoRABench(t *testing.T) {
 		}
 		return float64(2 * T * n)
 	}
-	bench("lora %-4s %-4s %-9s %9s %9s %9s %9s %8s %9s %9s %7s %7s %7s %7s %9s %9s", "N", "rank", "T", "v0_us", "v1_us", "v2_us", "tc_us", "adapt_MB", "floor_us", "floorA_us", "v1_frac", "v2_frac", "tcA_frac", "v1/tc", "graph_us", "aside_us")
+	bench("lora %-4s %-4s %-9s %9s %9s %9s %9s %8s %9s %9s %7s %7s %7s %7s %9s %9s %9s", "N", "rank", "T", "v0_us", "v1_us", "v2_us", "tc_us", "adapt_MB", "floor_us", "floorA_us", "v1_frac", "v2_frac", "tcA_frac", "v1/tc", "graph_us", "aside_us", "early_us")
 	rng := rand.New(rand.NewPCG(1, 2))
 	for _, nAd := range []int{1, 4, 16} {
 		for _, rank := range []int{16, 32, 64} {
@@ -353,13 +354,13 @@ func TestLoRABench(t *testing.T) {
 				// default: shrink + tensor-core expand), and the graph layout:
 				// what a replayed serving step of T rows runs (the rows padded
 				// to their bucket, the bucket's tile capacity, the rank class)
-				var us [6]float64
+				var us [7]float64
 				for v := range 5 {
 					if only != nil && v == 0 {
 						continue
 					}
 					if v == 4 {
-						us[4], us[5] = math.NaN(), math.NaN()
+						us[4], us[5], us[6] = math.NaN(), math.NaN(), math.NaN()
 						// (the rig's graphs have tiles for 8 adapters: the
 						// 16-adapter rows get no graph column)
 						if b.g.off || !b.preOK || T > b.g.maxRows || len(c.segs) > b.g.slots {
@@ -367,6 +368,9 @@ func TestLoRABench(t *testing.T) {
 						}
 						graphLoRALayout(t, b, m, T)
 						us[4], us[5] = timeGraph(true), timeGraph(false)
+						b.force.shrinkE = true // aside, the shrinks on sgmv_shrink_e
+						us[6] = timeGraph(false)
+						b.force.shrinkE = false
 						r.end()
 						continue
 					}
@@ -379,7 +383,7 @@ func TestLoRABench(t *testing.T) {
 				adBytes := float64(2 * rank * perRank * len(c.segs))
 				floor := adBytes / bw * 1e6
 				floorAll := (adBytes + actBytes(T)) / bw * 1e6
-				bench("lora %-4d %-4d %-9s %9.1f %9.1f %9.1f %9.1f %8.1f %9.1f %9.1f %7.2f %7.2f %7.2f %7.2f %9.1f %9.1f", nAd, rank, c.label, us[0], us[1], us[2], us[3], adBytes/1e6, floor, floorAll, floor/us[1], floor/us[2], floorAll/us[3], us[1]/us[3], us[4], us[5])
+				bench("lora %-4d %-4d %-9s %9.1f %9.1f %9.1f %9.1f %8.1f %9.1f %9.1f %7.2f %7.2f %7.2f %7.2f %9.1f %9.1f %9.1f", nAd, rank, c.label, us[0], us[1], us[2], us[3], adBytes/1e6, floor, floorAll, floor/us[1], floor/us[2], floorAll/us[3], us[1]/us[3], us[4], us[5], us[6])
 			}
 		}
 	}
@@ -440,6 +444,7 @@ type decodeVariant struct {
 	wsearlyo                     int    // the same for o alone (kernelForce.wsEarlyO; 0: as wsearly)
 	wsqx                         int    // FP8: o's product quantizing its own input (fp8_ws_qx, fp8_ws_qxnorm; kernelForce.wsQX: 1 on, -1 never, 0 the default: wsQXAuto)
 	wshalf                       int    // gate/up on the half-row kernels (gemm_wsh, fp8_wsh) where loaded (kernelForce.wsHalf: 1 on, -1 never, 0 the default: wsHalfAuto)
+	she                          bool   // LoRA shrinks of 8 rank rows a block on sgmv_shrink_e (kernelForce.shrinkE)
 	wsnorm                       int    // o and down with the add_rmsnorm after them in one gemm_ws_norm / fp8_ws_norm launch where it fits (kernelForce.wsNorm: 1 on, -1 never, 0 the default: wsNormAuto)
 }
 
@@ -452,6 +457,7 @@ func (v decodeVariant) force(f kernelForce) kernelForce {
 	f.holds, f.pdlJoins, f.loraInline = v.holds, v.pdlJoins, v.inline
 	f.ropeLoRA, f.nodePrio, f.siluCl, f.addCl, f.siluLoRA = v.rfold, v.prio, v.silucl, v.addcl, v.sfold
 	f.memHoist, f.l2Win, f.wsLoRA, f.shrink64, f.wsSiLU, f.wsEarly, f.wsNorm, f.wsEarlyO, f.wsHalf, f.wsQX = v.hoist, v.l2, v.wsl, v.sh64, v.wssilu, v.wsearly, v.wsnorm, v.wsearlyo, v.wshalf, v.wsqx
+	f.shrinkE = v.she
 	return f
 }
 
@@ -574,6 +580,9 @@ func (v decodeVariant) label(ads []*lora.Adapter, pdlOK bool) string {
 	}
 	lbl += onOffLabel(v.rfold, "rfold")
 	lbl += onOffLabel(v.sh64, "sh64")
+	if v.she {
+		lbl += "+she"
+	}
 	lbl += onOffLabel(v.wssilu, "wssilu")
 	lbl += onOffLabel(v.wsnorm, "wsnorm")
 	lbl += onOffLabel(v.wshalf, "wshalf")
@@ -811,7 +820,7 @@ func TestDecodeBench(t *testing.T) {
 		{sms: -1, fslate: true}, {lora: true, sms: -1, fslate: true},
 		{sms: -1, noe1: true}, {lora: true, sms: -1, noe1: true}, {lora: true, sms: -1, e1lone: true},
 		{sms: -1, l2: -1}, {lora: true, sms: -1, l2: -1}, {sms: -1, l2: 3}, {lora: true, sms: -1, l2: 3},
-		{lora: true, sms: -1, sh64: 1}, {lora: true, sms: -1, sh64: -1},
+		{lora: true, sms: -1, sh64: 1}, {lora: true, sms: -1, sh64: -1}, {lora: true, sms: -1, she: true},
 		{sms: -1, pa: true}, {lora: true, sms: -1, pa: true},
 		{sms: -1, wssilu: 1}, {sms: -1, wssilu: -1},
 		{sms: -1, wsnorm: 1}, {sms: -1, wsnorm: -1}, {sms: -1, wssilu: 1, wsnorm: 1},

@@ -257,6 +257,28 @@ func TestPDLMatchesSerialLaunch(t *testing.T) {
 	matchSteps(t, m, len(adapters), ep, es, "with and without PDL")
 }
 
+// TestShrinkEarlyMatch: with the LoRA shrinks of 8 rank rows a block on
+// sgmv_shrink_e (kernelForce.shrinkE: tile, table entry and first A round
+// before griddepcontrol.wait), every logits row of the prefill, mixed and
+// decode steps (replayed recordings and eager steps, adapters in them) is
+// bit-identical to sgmv_shrink's.
+func TestShrinkEarlyMatch(t *testing.T) {
+	m, adapters, _ := loadFixture(t)
+	ed, _ := newMatchEngine(t, m, adapters, Options{})
+	ee, be := newMatchEngine(t, m, adapters, Options{})
+	be.force.shrinkE = true
+	if err := be.dropGraphs(); err != nil {
+		t.Fatal(err)
+	}
+	if err := ee.Warmup(); err != nil { // recorded again, on sgmv_shrink_e
+		t.Fatal(err)
+	}
+	if be.shrinkEs == 0 {
+		t.Fatal("no recording launched sgmv_shrink_e")
+	}
+	matchSteps(t, m, len(adapters), ee, ed, "sgmv_shrink_e and sgmv_shrink")
+}
+
 // TestProgrammaticJoinsMatch: with the LoRA stream's joins recorded as
 // programmatic dependencies (kernelForce.pdlJoins modes 1, 2, the default,
 // and 3; pdljoin.go) every logits row of the prefill, mixed and decode

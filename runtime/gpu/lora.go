@@ -563,6 +563,8 @@ func (b *Backend) shrinkPlan(st *cuda.Stream, inF, n int) sgShrinkPlan {
 		p.f, p.nb, p.big, tiles = b.fn.sgShrink64, 32, true, b.nBig
 	case !b.graphLayout && b.nLora >= 8*b.nTiles && b.nTiles*n >= 16:
 		p.f, p.nb = b.fn.sgShrink4, 32
+	case b.force.shrinkE:
+		p.f = b.fn.sgShrinkE
 	}
 	p.rankTiles = (b.stepRank + p.nb - 1) / p.nb
 	blocks := tiles * n * p.rankTiles
@@ -599,6 +601,9 @@ func (b *Backend) launchShrink(st *cuda.Stream, sp sgShrinkPlan, x *Buffer, base
 	tiles, nTiles := b.off.tiles, b.nTiles
 	if sp.big {
 		tiles, nTiles = b.off.bigTiles, b.nBig
+	}
+	if sp.f == b.fn.sgShrinkE {
+		b.shrinkEs++
 	}
 	b.launchOn(st, sp.f, cuda.Dim3{X: nTiles, Y: n * sp.rankTiles, Z: sp.ks}, cuda.Dim3{X: 256},
 		b.stepTmp, ptr(x), b.table, b.i32(tiles), base, stride, ms[0], ms[1], ms[2], sp.rankTiles, b.stepRank,

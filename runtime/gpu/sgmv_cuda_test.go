@@ -94,6 +94,7 @@ func TestOpLoRAFused(t *testing.T) {
 	// Read adds (tc-aside)
 	// tc1, tc1-aside: slots 1 and 2 holding rank-32 adapters (every rank at
 	// most 32: sgmv_expand_tc1, the rank-32 adapters' kernel)
+	earlyRuns := 0 // cases that ran sgmv_shrink_e
 	for _, mode := range []string{"v2", "v1", "v0", "tc", "tc-aside", "tc1", "tc1-aside"} {
 		r.b.force = kernelForce{loraRows: mode == "v0", loraV1: mode == "v1", loraV2: mode == "v2"}
 		switch mode {
@@ -142,6 +143,22 @@ func TestOpLoRAFused(t *testing.T) {
 				r.b.loraSlices(r.b.s, out.mem.Ptr(), total, x, layer, mods, true)
 			}
 			got := r.read(out, T)
+			if !aside && mode != "v0" && mode != "v2" {
+				// sgmv_shrink_e gives sgmv_shrink's bits (where the plan
+				// takes sgmv_shrink: single projections here)
+				before := r.b.shrinkEs
+				r.b.force.shrinkE = true
+				r.fill(out, ov)
+				r.b.loraSlices(r.b.s, out.mem.Ptr(), total, x, layer, mods, true)
+				early := r.read(out, T)
+				r.b.force.shrinkE = false
+				if r.b.shrinkEs > before {
+					earlyRuns++
+					if i := firstDiff(f32bits(early), f32bits(got)); i >= 0 {
+						t.Fatalf("%s %v: sgmv_shrink_e differs from sgmv_shrink at %d (row %d): %g vs %g", mode, mods, i, i/total, early[i], got[i])
+					}
+				}
+			}
 			if !aside && (mode == "v1" || mode == "tc1") {
 				// sgmv_shrink64 gives sgmv_shrink's (and sgmv_shrink4's) bits
 				// for the same K split (v1: the expand on CUDA cores, tc1: on
@@ -198,5 +215,8 @@ func TestOpLoRAFused(t *testing.T) {
 			r.compare(fmt.Sprintf("lora %s %v delta", mode, mods), gd, wd, 2e-2)
 			r.compare(fmt.Sprintf("lora %s %v", mode, mods), got, want, opTol)
 		}
+	}
+	if earlyRuns == 0 {
+		t.Error("no case ran sgmv_shrink_e")
 	}
 }
