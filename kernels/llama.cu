@@ -2196,6 +2196,7 @@ __device__ __forceinline__ void shrink_body(
 #pragma unroll
     for (int nb = 0; nb < NB; nb++) c[nb][0] = c[nb][1] = c[nb][2] = c[nb][3] = 0.f;
     const uint4 z4 = make_uint4(0, 0, 0, 0);
+    if constexpr (EARLY && SG_SU == 0) pdl_entry(); // -DSG_SU=0: the loop below, no early A
     if constexpr (NB == 1 && SG_SU > 0) {
         // SG_SU K-iterations' loads of x and A in flight together. Written
         // plainly, the compiler issues each iteration's loads only after the
@@ -2221,20 +2222,18 @@ __device__ __forceinline__ void shrink_body(
         } else
             for (int cb = kbeg + warp * 32; cb < kend; cb += 32 * SG_WARPS * U)
                 shrink_round<U, 32 * SG_WARPS>(c[0], x0, x1, ar[0], cb, kend, q, v0, v1, va[0], zero);
-    } else {
-        if constexpr (EARLY) pdl_entry(); // -DSG_SU=0: no early A
+    } else
 #pragma unroll 4
-        for (int cb = kbeg + warp * 32; cb < kend; cb += 32 * SG_WARPS) {
-            const int col = cb + q * 8;
-            const bool in = col < kend;
-            const uint4 xa = (in && v0) ? ldg16(x0 + col) : z4;
-            const uint4 xb = (in && v1) ? ldg16(x1 + col) : z4;
+    for (int cb = kbeg + warp * 32; cb < kend; cb += 32 * SG_WARPS) {
+        const int col = cb + q * 8;
+        const bool in = col < kend;
+        const uint4 xa = (in && v0) ? ldg16(x0 + col) : z4;
+        const uint4 xb = (in && v1) ? ldg16(x1 + col) : z4;
 #pragma unroll
-            for (int nb = 0; nb < NB; nb++) {
-                const uint4 aa = (in && va[nb]) ? ldg16(ar[nb] + col) : z4;
-                mma16816(c[nb], xa.x, xb.x, xa.y, xb.y, aa.x, aa.y);
-                mma16816(c[nb], xa.z, xb.z, xa.w, xb.w, aa.z, aa.w);
-            }
+        for (int nb = 0; nb < NB; nb++) {
+            const uint4 aa = (in && va[nb]) ? ldg16(ar[nb] + col) : z4;
+            mma16816(c[nb], xa.x, xb.x, xa.y, xb.y, aa.x, aa.y);
+            mma16816(c[nb], xa.z, xb.z, xa.w, xb.w, aa.z, aa.w);
         }
     }
     // c0,c1: row g, rank cols 2q,2q+1; c2,c3: row g+8. red: [warp][row][8*NB]
@@ -2272,7 +2271,7 @@ extern "C" __global__ void __launch_bounds__(32 * SG_WARPS) sgmv_shrink(SHRINK_A
 }
 
 // sgmv_shrink_e: sgmv_shrink with its loads before griddepcontrol.wait
-// (shrink_body's EARLY; kernelForce.shrinkEarly, off by default).
+// (shrink_body's EARLY; kernelForce.shrinkE, off by default).
 extern "C" __global__ void __launch_bounds__(32 * SG_WARPS) sgmv_shrink_e(SHRINK_ARGS) {
     __shared__ float red[SG_WARPS * SG_TR * 8];
     shrink_body<1, true>(SHRINK_PASS, red);
@@ -2537,7 +2536,14 @@ struct TcShape {
     static constexpr int COLS = 8 * 8 * NG;                     // columns per block (8 warps)
 };
 
-template <int KC>
+//
+// PRE (sgmv_expand_tcp{1,2,4}; kernelForce.expandPre, off by default):
+// adding in place, the block's output values are loaded right after
+// griddepcontrol.wait, with the tile's rows of tmp, instead of one pair at
+// a time after the MMAs: there each load waits for the store before it
+// (the SASS of the plain kernels: 16 dependent load / add / store round
+// trips a thread at KC 1). The same adds: the same bits.
+template <int KC, bool PRE = false>
 __device__ __forceinline__ void expand_tc_body(
     bf16* __restrict__ out, const float* __restrict__ tmp, const LoraEntry* __restrict__ table, const int4* __restrict__ tiles,
     int entry_base, int entry_stride, int m0, int m1, int m2, int blk1, int blk2, int off1, int off2, int out_total,
@@ -2575,6 +2581,22 @@ __device__ __forceinline__ void expand_tc_body(
         }
     }
     pdl_entry(); // tmp is the shrink's output
+    // PRE: the output values this thread adds to (the product before this
+    // kernel wrote them: after the wait), in flight with tmp's loads
+    __nv_bfloat162 ov[PRE ? NG : 1][2];
+    if constexpr (PRE) {
+#pragma unroll
+        for (int ng = 0; ng < NG; ng++) {
+            const int col = col0 + ng * 8 + 2 * q;
+#pragma unroll
+            for (int half = 0; half < 2; half++) {
+                const int r = g + 8 * half;
+                ov[ng][half] = accum && rank > 0 && col < sEnd && r < n
+                                   ? *reinterpret_cast<const __nv_bfloat162*>(out + (i64)(tile.x + r) * o_stride + col)
+                                   : __floats2bfloat162_rn(0.f, 0.f);
+            }
+        }
+    }
     if (rank > 0) {
         // The tile's rows of tmp, summed over the K parts (sum_kparts):
         // each thread's PER values (rows r0 + DR * u, rank k), EX_ZU / PER
@@ -2629,7 +2651,7 @@ __device__ __forceinline__ void expand_tc_body(
             const float v0 = c[ng][2 * half], v1 = c[ng][2 * half + 1];
             if (accum) {
                 __nv_bfloat162* p = reinterpret_cast<__nv_bfloat162*>(out + (i64)(tile.x + r) * o_stride + col);
-                const float2 o = __bfloat1622float2(*p);
+                const float2 o = __bfloat1622float2(PRE ? ov[PRE ? ng : 0][half] : *p);
                 *p = __floats2bfloat162_rn(o.x + v0, o.y + v1);
             } else {
                 *reinterpret_cast<float2*>(reinterpret_cast<float*>(out) + (i64)(tile.x + r) * o_stride + col) = make_float2(v0, v1);
@@ -2649,6 +2671,10 @@ __device__ __forceinline__ void expand_tc_body(
 extern "C" __global__ void __launch_bounds__(256) sgmv_expand_tc1(EXPAND_TC_ARGS) { expand_tc_body<1>(EXPAND_TC_PASS); }
 extern "C" __global__ void __launch_bounds__(256) sgmv_expand_tc2(EXPAND_TC_ARGS) { expand_tc_body<2>(EXPAND_TC_PASS); }
 extern "C" __global__ void __launch_bounds__(256) sgmv_expand_tc4(EXPAND_TC_ARGS) { expand_tc_body<4>(EXPAND_TC_PASS); }
+// tcp1 held to 80 registers (three blocks an SM, as tc1's 67): 104 without
+extern "C" __global__ void __launch_bounds__(256, 3) sgmv_expand_tcp1(EXPAND_TC_ARGS) { expand_tc_body<1, true>(EXPAND_TC_PASS); }
+extern "C" __global__ void __launch_bounds__(256) sgmv_expand_tcp2(EXPAND_TC_ARGS) { expand_tc_body<2, true>(EXPAND_TC_PASS); }
+extern "C" __global__ void __launch_bounds__(256) sgmv_expand_tcp4(EXPAND_TC_ARGS) { expand_tc_body<4, true>(EXPAND_TC_PASS); }
 
 // l2_flush: reads n 16-byte words (a buffer larger than L2) and writes nothing
 // unless the impossible happens, so the cache ends up full of clean lines.

@@ -137,7 +137,8 @@ func loraParamsPerRank(cfg *llama.Config) int {
 // and tensor-core expand; graph_us is tc in a recorded step's layout, the
 // updates added in place (as serial LoRA does), aside_us the same written
 // as float32 updates (as the LoRA stream does beside the products), early_us
-// aside_us with the shrinks on sgmv_shrink_e (kernelForce.shrinkE).
+// aside_us with the shrinks on sgmv_shrink_e (kernelForce.shrinkE), pre_us
+// tc_us with the expands on sgmv_expand_tcp* (kernelForce.expandPre).
 func TestLoRABench(t *testing.T) {
 	if os.Getenv("PEFTD_LORA_BENCH") == "" {
 		t.Skip("set PEFTD_LORA_BENCH=1 to run")
@@ -306,7 +307,7 @@ func TestLoRABench(t *testing.T) {
 		}
 		return float64(2 * T * n)
 	}
-	bench("lora %-4s %-4s %-9s %9s %9s %9s %9s %8s %9s %9s %7s %7s %7s %7s %9s %9s %9s", "N", "rank", "T", "v0_us", "v1_us", "v2_us", "tc_us", "adapt_MB", "floor_us", "floorA_us", "v1_frac", "v2_frac", "tcA_frac", "v1/tc", "graph_us", "aside_us", "early_us")
+	bench("lora %-4s %-4s %-9s %9s %9s %9s %9s %8s %9s %9s %7s %7s %7s %7s %9s %9s %9s %9s", "N", "rank", "T", "v0_us", "v1_us", "v2_us", "tc_us", "adapt_MB", "floor_us", "floorA_us", "v1_frac", "v2_frac", "tcA_frac", "v1/tc", "graph_us", "aside_us", "early_us", "pre_us")
 	rng := rand.New(rand.NewPCG(1, 2))
 	for _, nAd := range []int{1, 4, 16} {
 		for _, rank := range []int{16, 32, 64} {
@@ -354,7 +355,7 @@ func TestLoRABench(t *testing.T) {
 				// default: shrink + tensor-core expand), and the graph layout:
 				// what a replayed serving step of T rows runs (the rows padded
 				// to their bucket, the bucket's tile capacity, the rank class)
-				var us [7]float64
+				var us [8]float64
 				for v := range 5 {
 					if only != nil && v == 0 {
 						continue
@@ -379,11 +380,16 @@ func TestLoRABench(t *testing.T) {
 					us[v] = timeGraph(true)
 					r.end()
 				}
+				// pre_us: tc with the expands' output values loaded early (sgmv_expand_tcp*)
+				b.force = kernelForce{shrink64: sh64, expandPre: true}
+				r.begin(m)
+				us[7] = timeGraph(true)
+				r.end()
 				b.force = kernelForce{}
 				adBytes := float64(2 * rank * perRank * len(c.segs))
 				floor := adBytes / bw * 1e6
 				floorAll := (adBytes + actBytes(T)) / bw * 1e6
-				bench("lora %-4d %-4d %-9s %9.1f %9.1f %9.1f %9.1f %8.1f %9.1f %9.1f %7.2f %7.2f %7.2f %7.2f %9.1f %9.1f %9.1f", nAd, rank, c.label, us[0], us[1], us[2], us[3], adBytes/1e6, floor, floorAll, floor/us[1], floor/us[2], floorAll/us[3], us[1]/us[3], us[4], us[5], us[6])
+				bench("lora %-4d %-4d %-9s %9.1f %9.1f %9.1f %9.1f %8.1f %9.1f %9.1f %7.2f %7.2f %7.2f %7.2f %9.1f %9.1f %9.1f %9.1f", nAd, rank, c.label, us[0], us[1], us[2], us[3], adBytes/1e6, floor, floorAll, floor/us[1], floor/us[2], floorAll/us[3], us[1]/us[3], us[4], us[5], us[6], us[7])
 			}
 		}
 	}

@@ -627,7 +627,12 @@ func (b *Backend) expandTC(st *cuda.Stream, tc int, outPtr cuda.DevicePtr, outSt
 	}
 	grid := start[n]
 	blk1, blk2 := slices12(start)
-	b.launchOn(st, b.fn.sgExpandTC[bits.TrailingZeros(uint(tc))], cuda.Dim3{X: grid, Y: b.nTiles}, cuda.Dim3{X: 256},
+	f := b.fn.sgExpandTC[bits.TrailingZeros(uint(tc))]
+	if b.force.expandPre && acc == 1 {
+		f = b.fn.sgExpandTCP[bits.TrailingZeros(uint(tc))]
+		b.expandPres++
+	}
+	b.launchOn(st, f, cuda.Dim3{X: grid, Y: b.nTiles}, cuda.Dim3{X: 256},
 		outPtr, b.stepTmp, b.table, b.i32(b.off.tiles), base, stride, ms[0], ms[1], ms[2], blk1, blk2, off1, off2, total,
 		b.stepRank, outStride, tStride, b.rows(), ks, acc)
 }

@@ -94,7 +94,7 @@ func TestOpLoRAFused(t *testing.T) {
 	// Read adds (tc-aside)
 	// tc1, tc1-aside: slots 1 and 2 holding rank-32 adapters (every rank at
 	// most 32: sgmv_expand_tc1, the rank-32 adapters' kernel)
-	earlyRuns := 0 // cases that ran sgmv_shrink_e
+	earlyRuns, preRuns := 0, 0 // cases that ran sgmv_shrink_e, sgmv_expand_tcp*
 	for _, mode := range []string{"v2", "v1", "v0", "tc", "tc-aside", "tc1", "tc1-aside"} {
 		r.b.force = kernelForce{loraRows: mode == "v0", loraV1: mode == "v1", loraV2: mode == "v2"}
 		switch mode {
@@ -158,6 +158,20 @@ func TestOpLoRAFused(t *testing.T) {
 						t.Fatalf("%s %v: sgmv_shrink_e differs from sgmv_shrink at %d (row %d): %g vs %g", mode, mods, i, i/total, early[i], got[i])
 					}
 				}
+				// sgmv_expand_tcp* (the output values loaded early) gives
+				// sgmv_expand_tc*'s bits
+				before = r.b.expandPres
+				r.b.force.expandPre = true
+				r.fill(out, ov)
+				r.b.loraSlices(r.b.s, out.mem.Ptr(), total, x, layer, mods, true)
+				pre := r.read(out, T)
+				r.b.force.expandPre = false
+				if r.b.expandPres > before {
+					preRuns++
+					if i := firstDiff(f32bits(pre), f32bits(got)); i >= 0 {
+						t.Fatalf("%s %v: sgmv_expand_tcp differs from sgmv_expand_tc at %d (row %d): %g vs %g", mode, mods, i, i/total, pre[i], got[i])
+					}
+				}
 			}
 			if !aside && (mode == "v1" || mode == "tc1") {
 				// sgmv_shrink64 gives sgmv_shrink's (and sgmv_shrink4's) bits
@@ -216,7 +230,7 @@ func TestOpLoRAFused(t *testing.T) {
 			r.compare(fmt.Sprintf("lora %s %v", mode, mods), got, want, opTol)
 		}
 	}
-	if earlyRuns == 0 {
-		t.Error("no case ran sgmv_shrink_e")
+	if earlyRuns == 0 || preRuns == 0 {
+		t.Errorf("cases that ran sgmv_shrink_e: %d, sgmv_expand_tcp*: %d; want some of each", earlyRuns, preRuns)
 	}
 }
