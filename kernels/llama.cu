@@ -2676,6 +2676,123 @@ extern "C" __global__ void __launch_bounds__(256, 3) sgmv_expand_tcp1(EXPAND_TC_
 extern "C" __global__ void __launch_bounds__(256) sgmv_expand_tcp2(EXPAND_TC_ARGS) { expand_tc_body<2, true>(EXPAND_TC_PASS); }
 extern "C" __global__ void __launch_bounds__(256) sgmv_expand_tcp4(EXPAND_TC_ARGS) { expand_tc_body<4, true>(EXPAND_TC_PASS); }
 
+// sgmv_expand_tc64: sgmv_expand_tc1 on the step's 64-row tiles of one
+// adapter (the big tiles sgmv_shrink64 takes: {first row, rows, slot, 0}),
+// 128 columns a block instead of 512 (kernelForce.expand64, off by
+// default). Each B column is then read once per 64 rows of its adapter,
+// not once per 16 (a step of 256 rows with four adapters reads B once
+// instead of four times; a 4 x 512 prefill 8 times instead of 32). Ranks
+// multiples of 8 up to 32, as tc1. grid (sum over slices of ceil(width_s
+// / 128), big tiles), block 256: warp w takes the 16 columns [16 w, 16 w +
+// 16) of the block's 128 (NG 2 groups of 8), every row of the tile (four
+// m16 tiles). The MMAs per output element are tc1's in tc1's order (the
+// same t rows split into bf16 high + residual, the same K order), so the
+// bits are tc1's. Before griddepcontrol.wait: the tile, the table entry
+// and B (16 bytes a lane a column group); after it, adding in place, the
+// output values (tcp1's early loads) with t's rows.
+#define X64_ROWS 64
+#define X64_COLS 128
+extern "C" __global__ void __launch_bounds__(256) sgmv_expand_tc64(EXPAND_TC_ARGS) {
+    constexpr int NG = 2, R = 32, W = R + 4, MT = X64_ROWS / 16;
+    __shared__ __align__(16) float ts[X64_ROWS * W];
+    const int4 tile = tiles[blockIdx.y];
+    if (tile.y == 0) { // no rows (a recorded step's spare tile)
+        pdl_entry();
+        return;
+    }
+    const int bx = blockIdx.x;
+    const int s = bx >= blk2 ? 2 : (bx >= blk1 ? 1 : 0);
+    const int sOff = s == 0 ? 0 : (s == 1 ? off1 : off2);
+    const int sEnd = s == 0 ? off1 : (s == 1 ? off2 : out_total);
+    const int chunk = bx - (s == 0 ? 0 : (s == 1 ? blk1 : blk2));
+    const LoraEntry e = table[entry_base + tile.z * entry_stride + sg_mod(s, m0, m1, m2)];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
+    const int col0 = sOff + chunk * X64_COLS + warp * 8 * NG;
+    const int n = tile.y, rank = e.rank;
+    uint4 bv[NG];
+#pragma unroll
+    for (int ng = 0; ng < NG; ng++) {
+        const int c = col0 + ng * 8 + g;
+        bv[ng] = (c < sEnd && q * 8 < rank) ? ldg16_early(e.b + (i64)(c - sOff) * rank + q * 8) : make_uint4(0, 0, 0, 0);
+    }
+    pdl_entry(); // tmp is the shrink's output, out the product's
+    __nv_bfloat162 ov[MT][NG][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+        for (int ng = 0; ng < NG; ng++) {
+            const int col = col0 + ng * 8 + 2 * q;
+#pragma unroll
+            for (int half = 0; half < 2; half++) {
+                const int r = 16 * mt + g + 8 * half;
+                ov[mt][ng][half] = accum && rank > 0 && col < sEnd && r < n
+                                       ? *reinterpret_cast<const __nv_bfloat162*>(out + (i64)(tile.x + r) * o_stride + col)
+                                       : __floats2bfloat162_rn(0.f, 0.f);
+            }
+        }
+    if (rank > 0) {
+        // the tile's rows of tmp summed over the K parts, as tc1 sums them
+        constexpr int PER = X64_ROWS * R / 256, DR = 256 / R;
+        const int r0 = threadIdx.x / R, k = threadIdx.x % R;
+        bool ok[PER];
+#pragma unroll
+        for (int u = 0; u < PER; u++) ok[u] = r0 + DR * u < n && k < rank;
+        float v[PER];
+        sum_kparts<1>(v, tmp + ((i64)tile.x + r0) * t_stride + s * max_rank + k, (i64)DR * t_stride, (i64)rows_total * t_stride, ksplit, ok);
+#pragma unroll
+        for (int u = 0; u < PER; u++) ts[(r0 + DR * u) * W + k] = v[u];
+    }
+    __syncthreads();
+    if (rank == 0) {
+        if (accum) return; // nothing to add
+    }
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++) {
+        if (16 * mt >= n) break; // uniform: no row of this m16 tile
+        float c[NG][4];
+#pragma unroll
+        for (int ng = 0; ng < NG; ng++) c[ng][0] = c[ng][1] = c[ng][2] = c[ng][3] = 0.f;
+        if (rank > 0) {
+            const float* tr = ts + 16 * mt * W;
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                const int k = q * 8 + 4 * h;
+                const float4 t0 = *reinterpret_cast<const float4*>(tr + g * W + k);
+                const float4 t1 = *reinterpret_cast<const float4*>(tr + (g + 8) * W + k);
+                unsigned ah[4], al[4];
+                split2(t0.x, t0.y, ah[0], al[0]);
+                split2(t1.x, t1.y, ah[1], al[1]);
+                split2(t0.z, t0.w, ah[2], al[2]);
+                split2(t1.z, t1.w, ah[3], al[3]);
+#pragma unroll
+                for (int ng = 0; ng < NG; ng++) {
+                    const unsigned b0 = h == 0 ? bv[ng].x : bv[ng].z;
+                    const unsigned b1 = h == 0 ? bv[ng].y : bv[ng].w;
+                    mma16816(c[ng], ah[0], ah[1], ah[2], ah[3], b0, b1);
+                    mma16816(c[ng], al[0], al[1], al[2], al[3], b0, b1);
+                }
+            }
+        }
+#pragma unroll
+        for (int ng = 0; ng < NG; ng++) {
+            const int col = col0 + ng * 8 + 2 * q;
+            if (col >= sEnd) continue;
+#pragma unroll
+            for (int half = 0; half < 2; half++) {
+                const int r = 16 * mt + g + 8 * half;
+                if (r >= n) continue;
+                const float v0 = c[ng][2 * half], v1 = c[ng][2 * half + 1];
+                if (accum) {
+                    const float2 o = __bfloat1622float2(ov[mt][ng][half]);
+                    *reinterpret_cast<__nv_bfloat162*>(out + (i64)(tile.x + r) * o_stride + col) = __floats2bfloat162_rn(o.x + v0, o.y + v1);
+                } else {
+                    *reinterpret_cast<float2*>(reinterpret_cast<float*>(out) + (i64)(tile.x + r) * o_stride + col) = make_float2(v0, v1);
+                }
+            }
+        }
+    }
+}
+
 // l2_flush: reads n 16-byte words (a buffer larger than L2) and writes nothing
 // unless the impossible happens, so the cache ends up full of clean lines.
 // Benchmarks run it between timed replays (a memset would leave dirty lines

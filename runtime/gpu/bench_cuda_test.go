@@ -138,7 +138,9 @@ func loraParamsPerRank(cfg *llama.Config) int {
 // updates added in place (as serial LoRA does), aside_us the same written
 // as float32 updates (as the LoRA stream does beside the products), early_us
 // aside_us with the shrinks on sgmv_shrink_e (kernelForce.shrinkE), pre_us
-// tc_us with the expands on sgmv_expand_tcp* (kernelForce.expandPre).
+// tc_us with the expands on sgmv_expand_tcp* (kernelForce.expandPre),
+// x64_us pre_us with the rank-32 class's on sgmv_expand_tc64 (64-row
+// tiles; kernelForce.expand64), x64a_us aside_us with sgmv_expand_tc64.
 func TestLoRABench(t *testing.T) {
 	if os.Getenv("PEFTD_LORA_BENCH") == "" {
 		t.Skip("set PEFTD_LORA_BENCH=1 to run")
@@ -307,7 +309,7 @@ func TestLoRABench(t *testing.T) {
 		}
 		return float64(2 * T * n)
 	}
-	bench("lora %-4s %-4s %-9s %9s %9s %9s %9s %8s %9s %9s %7s %7s %7s %7s %9s %9s %9s %9s", "N", "rank", "T", "v0_us", "v1_us", "v2_us", "tc_us", "adapt_MB", "floor_us", "floorA_us", "v1_frac", "v2_frac", "tcA_frac", "v1/tc", "graph_us", "aside_us", "early_us", "pre_us")
+	bench("lora %-4s %-4s %-9s %9s %9s %9s %9s %8s %9s %9s %7s %7s %7s %7s %9s %9s %9s %9s %9s %9s", "N", "rank", "T", "v0_us", "v1_us", "v2_us", "tc_us", "adapt_MB", "floor_us", "floorA_us", "v1_frac", "v2_frac", "tcA_frac", "v1/tc", "graph_us", "aside_us", "early_us", "pre_us", "x64_us", "x64a_us")
 	rng := rand.New(rand.NewPCG(1, 2))
 	for _, nAd := range []int{1, 4, 16} {
 		for _, rank := range []int{16, 32, 64} {
@@ -355,13 +357,13 @@ func TestLoRABench(t *testing.T) {
 				// default: shrink + tensor-core expand), and the graph layout:
 				// what a replayed serving step of T rows runs (the rows padded
 				// to their bucket, the bucket's tile capacity, the rank class)
-				var us [8]float64
+				var us [10]float64
 				for v := range 5 {
 					if only != nil && v == 0 {
 						continue
 					}
 					if v == 4 {
-						us[4], us[5], us[6] = math.NaN(), math.NaN(), math.NaN()
+						us[4], us[5], us[6], us[9] = math.NaN(), math.NaN(), math.NaN(), math.NaN()
 						// (the rig's graphs have tiles for 8 adapters: the
 						// 16-adapter rows get no graph column)
 						if b.g.off || !b.preOK || T > b.g.maxRows || len(c.segs) > b.g.slots {
@@ -372,6 +374,9 @@ func TestLoRABench(t *testing.T) {
 						b.force.shrinkE = true // aside, the shrinks on sgmv_shrink_e
 						us[6] = timeGraph(false)
 						b.force.shrinkE = false
+						b.force.expand64 = true // aside, the expands on sgmv_expand_tc64
+						us[9] = timeGraph(false)
+						b.force.expand64 = false
 						r.end()
 						continue
 					}
@@ -380,16 +385,22 @@ func TestLoRABench(t *testing.T) {
 					us[v] = timeGraph(true)
 					r.end()
 				}
-				// pre_us: tc with the expands' output values loaded early (sgmv_expand_tcp*)
+				// pre_us: tc with the expands' output values loaded early
+				// (sgmv_expand_tcp*); x64_us: and on 64-row tiles
+				// (sgmv_expand_tc64, the rank-32 class)
 				b.force = kernelForce{shrink64: sh64, expandPre: true}
 				r.begin(m)
 				us[7] = timeGraph(true)
+				r.end()
+				b.force.expand64 = true
+				r.begin(m)
+				us[8] = timeGraph(true)
 				r.end()
 				b.force = kernelForce{}
 				adBytes := float64(2 * rank * perRank * len(c.segs))
 				floor := adBytes / bw * 1e6
 				floorAll := (adBytes + actBytes(T)) / bw * 1e6
-				bench("lora %-4d %-4d %-9s %9.1f %9.1f %9.1f %9.1f %8.1f %9.1f %9.1f %7.2f %7.2f %7.2f %7.2f %9.1f %9.1f %9.1f %9.1f", nAd, rank, c.label, us[0], us[1], us[2], us[3], adBytes/1e6, floor, floorAll, floor/us[1], floor/us[2], floorAll/us[3], us[1]/us[3], us[4], us[5], us[6], us[7])
+				bench("lora %-4d %-4d %-9s %9.1f %9.1f %9.1f %9.1f %8.1f %9.1f %9.1f %7.2f %7.2f %7.2f %7.2f %9.1f %9.1f %9.1f %9.1f %9.1f %9.1f", nAd, rank, c.label, us[0], us[1], us[2], us[3], adBytes/1e6, floor, floorAll, floor/us[1], floor/us[2], floorAll/us[3], us[1]/us[3], us[4], us[5], us[6], us[7], us[8], us[9])
 			}
 		}
 	}
@@ -451,6 +462,7 @@ type decodeVariant struct {
 	wsqx                         int    // FP8: o's product quantizing its own input (fp8_ws_qx, fp8_ws_qxnorm; kernelForce.wsQX: 1 on, -1 never, 0 the default: wsQXAuto)
 	wshalf                       int    // gate/up on the half-row kernels (gemm_wsh, fp8_wsh) where loaded (kernelForce.wsHalf: 1 on, -1 never, 0 the default: wsHalfAuto)
 	she                          bool   // LoRA shrinks of 8 rank rows a block on sgmv_shrink_e (kernelForce.shrinkE)
+	x64                          bool   // rank-32-class LoRA expands on sgmv_expand_tc64, 64-row tiles (kernelForce.expand64)
 	wsnorm                       int    // o and down with the add_rmsnorm after them in one gemm_ws_norm / fp8_ws_norm launch where it fits (kernelForce.wsNorm: 1 on, -1 never, 0 the default: wsNormAuto)
 }
 
@@ -463,7 +475,7 @@ func (v decodeVariant) force(f kernelForce) kernelForce {
 	f.holds, f.pdlJoins, f.loraInline = v.holds, v.pdlJoins, v.inline
 	f.ropeLoRA, f.nodePrio, f.siluCl, f.addCl, f.siluLoRA = v.rfold, v.prio, v.silucl, v.addcl, v.sfold
 	f.memHoist, f.l2Win, f.wsLoRA, f.shrink64, f.wsSiLU, f.wsEarly, f.wsNorm, f.wsEarlyO, f.wsHalf, f.wsQX = v.hoist, v.l2, v.wsl, v.sh64, v.wssilu, v.wsearly, v.wsnorm, v.wsearlyo, v.wshalf, v.wsqx
-	f.shrinkE = v.she
+	f.shrinkE, f.expand64 = v.she, v.x64
 	return f
 }
 
@@ -588,6 +600,9 @@ func (v decodeVariant) label(ads []*lora.Adapter, pdlOK bool) string {
 	lbl += onOffLabel(v.sh64, "sh64")
 	if v.she {
 		lbl += "+she"
+	}
+	if v.x64 {
+		lbl += "+x64"
 	}
 	lbl += onOffLabel(v.wssilu, "wssilu")
 	lbl += onOffLabel(v.wsnorm, "wsnorm")
@@ -826,7 +841,7 @@ func TestDecodeBench(t *testing.T) {
 		{sms: -1, fslate: true}, {lora: true, sms: -1, fslate: true},
 		{sms: -1, noe1: true}, {lora: true, sms: -1, noe1: true}, {lora: true, sms: -1, e1lone: true},
 		{sms: -1, l2: -1}, {lora: true, sms: -1, l2: -1}, {sms: -1, l2: 3}, {lora: true, sms: -1, l2: 3},
-		{lora: true, sms: -1, sh64: 1}, {lora: true, sms: -1, sh64: -1}, {lora: true, sms: -1, she: true},
+		{lora: true, sms: -1, sh64: 1}, {lora: true, sms: -1, sh64: -1}, {lora: true, sms: -1, she: true}, {lora: true, sms: -1, x64: true},
 		{sms: -1, pa: true}, {lora: true, sms: -1, pa: true},
 		{sms: -1, wssilu: 1}, {sms: -1, wssilu: -1},
 		{sms: -1, wsnorm: 1}, {sms: -1, wsnorm: -1}, {sms: -1, wssilu: 1, wsnorm: 1},

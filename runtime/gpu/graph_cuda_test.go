@@ -257,26 +257,39 @@ func TestPDLMatchesSerialLaunch(t *testing.T) {
 	matchSteps(t, m, len(adapters), ep, es, "with and without PDL")
 }
 
-// TestShrinkEarlyMatch: with the LoRA shrinks of 8 rank rows a block on
+// TestLoRAVariantsMatch: with the LoRA shrinks of 8 rank rows a block on
 // sgmv_shrink_e (kernelForce.shrinkE: tile, table entry and first A round
-// before griddepcontrol.wait), every logits row of the prefill, mixed and
-// decode steps (replayed recordings and eager steps, adapters in them) is
-// bit-identical to sgmv_shrink's.
-func TestShrinkEarlyMatch(t *testing.T) {
+// before griddepcontrol.wait), with the tensor-core expands adding in
+// place on sgmv_expand_tcp* (expandPre: the output values loaded early),
+// and with the rank-32-class expands on sgmv_expand_tc64 (expand64: 64-row
+// tiles), every logits row of the prefill, mixed and decode steps
+// (replayed recordings and eager steps, adapters in them) is
+// bit-identical to the default kernels', and each variant ran.
+func TestLoRAVariantsMatch(t *testing.T) {
 	m, adapters, _ := loadFixture(t)
 	ed, _ := newMatchEngine(t, m, adapters, Options{})
-	ee, be := newMatchEngine(t, m, adapters, Options{})
-	be.force.shrinkE = true
-	if err := be.dropGraphs(); err != nil {
-		t.Fatal(err)
+	for _, v := range []struct {
+		name string
+		set  func(*kernelForce)
+		runs func(*Backend) int
+	}{
+		{"sgmv_shrink_e", func(f *kernelForce) { f.shrinkE = true }, func(b *Backend) int { return b.shrinkEs }},
+		{"sgmv_expand_tcp", func(f *kernelForce) { f.expandPre = true }, func(b *Backend) int { return b.expandPres }},
+		{"sgmv_expand_tc64", func(f *kernelForce) { f.expand64 = true }, func(b *Backend) int { return b.expand64s }},
+	} {
+		ev, bv := newMatchEngine(t, m, adapters, Options{})
+		v.set(&bv.force)
+		if err := bv.dropGraphs(); err != nil {
+			t.Fatal(err)
+		}
+		if err := ev.Warmup(); err != nil { // recorded again, with the variant
+			t.Fatal(err)
+		}
+		matchSteps(t, m, len(adapters), ev, ed, v.name+" and the default kernels")
+		if v.runs(bv) == 0 {
+			t.Errorf("%s: no launch in the recordings or the steps", v.name)
+		}
 	}
-	if err := ee.Warmup(); err != nil { // recorded again, on sgmv_shrink_e
-		t.Fatal(err)
-	}
-	if be.shrinkEs == 0 {
-		t.Fatal("no recording launched sgmv_shrink_e")
-	}
-	matchSteps(t, m, len(adapters), ee, ed, "sgmv_shrink_e and sgmv_shrink")
 }
 
 // TestProgrammaticJoinsMatch: with the LoRA stream's joins recorded as

@@ -619,8 +619,14 @@ func (b *Backend) expandTC(st *cuda.Stream, tc int, outPtr cuda.DevicePtr, outSt
 	n := len(offs) - 1
 	total := offs[n]
 	off1, off2 := slices12(offs)
+	// sgmv_expand_tc64 (kernelForce.expand64): the rank-32 class on the
+	// step's 64-row tiles
+	big := b.force.expand64 && tc == 1 && b.nBig > 0 && b.fn.sgExpandTC64 != nil
 	// blocks per slice of sgmv_expand_tc{tc}; blk1, blk2: where slices 1 and 2 start
 	cols := tcBlockCols(tc)
+	if big {
+		cols = x64Cols
+	}
 	start := make([]int, n+1)
 	for i := 0; i < n; i++ {
 		start[i+1] = start[i] + (offs[i+1]-offs[i]+cols-1)/cols
@@ -628,14 +634,23 @@ func (b *Backend) expandTC(st *cuda.Stream, tc int, outPtr cuda.DevicePtr, outSt
 	grid := start[n]
 	blk1, blk2 := slices12(start)
 	f := b.fn.sgExpandTC[bits.TrailingZeros(uint(tc))]
-	if b.force.expandPre && acc == 1 {
+	tiles, nTiles := b.off.tiles, b.nTiles
+	switch {
+	case big:
+		f, tiles, nTiles = b.fn.sgExpandTC64, b.off.bigTiles, b.nBig
+		b.expand64s++
+	case b.force.expandPre && acc == 1:
 		f = b.fn.sgExpandTCP[bits.TrailingZeros(uint(tc))]
 		b.expandPres++
 	}
-	b.launchOn(st, f, cuda.Dim3{X: grid, Y: b.nTiles}, cuda.Dim3{X: 256},
-		outPtr, b.stepTmp, b.table, b.i32(b.off.tiles), base, stride, ms[0], ms[1], ms[2], blk1, blk2, off1, off2, total,
+	b.launchOn(st, f, cuda.Dim3{X: grid, Y: nTiles}, cuda.Dim3{X: 256},
+		outPtr, b.stepTmp, b.table, b.i32(tiles), base, stride, ms[0], ms[1], ms[2], blk1, blk2, off1, off2, total,
 		b.stepRank, outStride, tStride, b.rows(), ks, acc)
 }
+
+// x64Cols is X64_COLS in llama.cu: the output columns of an
+// sgmv_expand_tc64 block.
+const x64Cols = 128
 
 // groupSlices is the layout of fused group mods (at most three
 // projections): where each projection's output starts among the group's

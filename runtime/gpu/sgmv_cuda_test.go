@@ -94,7 +94,7 @@ func TestOpLoRAFused(t *testing.T) {
 	// Read adds (tc-aside)
 	// tc1, tc1-aside: slots 1 and 2 holding rank-32 adapters (every rank at
 	// most 32: sgmv_expand_tc1, the rank-32 adapters' kernel)
-	earlyRuns, preRuns := 0, 0 // cases that ran sgmv_shrink_e, sgmv_expand_tcp*
+	earlyRuns, preRuns, x64Runs := 0, 0, 0 // cases that ran sgmv_shrink_e, sgmv_expand_tcp*, sgmv_expand_tc64
 	for _, mode := range []string{"v2", "v1", "v0", "tc", "tc-aside", "tc1", "tc1-aside"} {
 		r.b.force = kernelForce{loraRows: mode == "v0", loraV1: mode == "v1", loraV2: mode == "v2"}
 		switch mode {
@@ -172,6 +172,19 @@ func TestOpLoRAFused(t *testing.T) {
 						t.Fatalf("%s %v: sgmv_expand_tcp differs from sgmv_expand_tc at %d (row %d): %g vs %g", mode, mods, i, i/total, pre[i], got[i])
 					}
 				}
+				// sgmv_expand_tc64 (64-row tiles) gives sgmv_expand_tc1's bits
+				before = r.b.expand64s
+				r.b.force.expand64 = true
+				r.fill(out, ov)
+				r.b.loraSlices(r.b.s, out.mem.Ptr(), total, x, layer, mods, true)
+				x64 := r.read(out, T)
+				r.b.force.expand64 = false
+				if r.b.expand64s > before {
+					x64Runs++
+					if i := firstDiff(f32bits(x64), f32bits(got)); i >= 0 {
+						t.Fatalf("%s %v: sgmv_expand_tc64 differs from sgmv_expand_tc1 at %d (row %d): %g vs %g", mode, mods, i, i/total, x64[i], got[i])
+					}
+				}
 			}
 			if !aside && (mode == "v1" || mode == "tc1") {
 				// sgmv_shrink64 gives sgmv_shrink's (and sgmv_shrink4's) bits
@@ -230,7 +243,7 @@ func TestOpLoRAFused(t *testing.T) {
 			r.compare(fmt.Sprintf("lora %s %v", mode, mods), got, want, opTol)
 		}
 	}
-	if earlyRuns == 0 || preRuns == 0 {
-		t.Errorf("cases that ran sgmv_shrink_e: %d, sgmv_expand_tcp*: %d; want some of each", earlyRuns, preRuns)
+	if earlyRuns == 0 || preRuns == 0 || x64Runs == 0 {
+		t.Errorf("cases that ran sgmv_shrink_e: %d, sgmv_expand_tcp*: %d, sgmv_expand_tc64: %d; want some of each", earlyRuns, preRuns, x64Runs)
 	}
 }
