@@ -463,6 +463,8 @@ type decodeVariant struct {
 	wshalf                       int    // gate/up on the half-row kernels (gemm_wsh, fp8_wsh) where loaded (kernelForce.wsHalf: 1 on, -1 never, 0 the default: wsHalfAuto)
 	she                          bool   // LoRA shrinks of 8 rank rows a block on sgmv_shrink_e (kernelForce.shrinkE)
 	x64                          bool   // rank-32-class LoRA expands on sgmv_expand_tc64, 64-row tiles (kernelForce.expand64)
+	pre                          bool   // in-place tensor-core expands on sgmv_expand_tcp* (kernelForce.expandPre)
+	late                         int    // from this many LoRA rows the expands in place on the compute stream, the shrinks alone beside (kernelForce.expandLate)
 	wsnorm                       int    // o and down with the add_rmsnorm after them in one gemm_ws_norm / fp8_ws_norm launch where it fits (kernelForce.wsNorm: 1 on, -1 never, 0 the default: wsNormAuto)
 }
 
@@ -475,7 +477,7 @@ func (v decodeVariant) force(f kernelForce) kernelForce {
 	f.holds, f.pdlJoins, f.loraInline = v.holds, v.pdlJoins, v.inline
 	f.ropeLoRA, f.nodePrio, f.siluCl, f.addCl, f.siluLoRA = v.rfold, v.prio, v.silucl, v.addcl, v.sfold
 	f.memHoist, f.l2Win, f.wsLoRA, f.shrink64, f.wsSiLU, f.wsEarly, f.wsNorm, f.wsEarlyO, f.wsHalf, f.wsQX = v.hoist, v.l2, v.wsl, v.sh64, v.wssilu, v.wsearly, v.wsnorm, v.wsearlyo, v.wshalf, v.wsqx
-	f.shrinkE, f.expand64 = v.she, v.x64
+	f.shrinkE, f.expand64, f.expandPre, f.expandLate = v.she, v.x64, v.pre, v.late
 	return f
 }
 
@@ -604,6 +606,10 @@ func (v decodeVariant) label(ads []*lora.Adapter, pdlOK bool) string {
 	if v.x64 {
 		lbl += "+x64"
 	}
+	if v.pre {
+		lbl += "+pre"
+	}
+	lbl += countLabel(v.late, "late")
 	lbl += onOffLabel(v.wssilu, "wssilu")
 	lbl += onOffLabel(v.wsnorm, "wsnorm")
 	lbl += onOffLabel(v.wshalf, "wshalf")
@@ -842,6 +848,7 @@ func TestDecodeBench(t *testing.T) {
 		{sms: -1, noe1: true}, {lora: true, sms: -1, noe1: true}, {lora: true, sms: -1, e1lone: true},
 		{sms: -1, l2: -1}, {lora: true, sms: -1, l2: -1}, {sms: -1, l2: 3}, {lora: true, sms: -1, l2: 3},
 		{lora: true, sms: -1, sh64: 1}, {lora: true, sms: -1, sh64: -1}, {lora: true, sms: -1, she: true}, {lora: true, sms: -1, x64: true},
+		{lora: true, sms: -1, late: 128, x64: true}, {lora: true, sms: -1, late: 128, pre: true}, {lora: true, sms: -1, late: 1, x64: true},
 		{sms: -1, pa: true}, {lora: true, sms: -1, pa: true},
 		{sms: -1, wssilu: 1}, {sms: -1, wssilu: -1},
 		{sms: -1, wsnorm: 1}, {sms: -1, wsnorm: -1}, {sms: -1, wssilu: 1, wsnorm: 1},

@@ -262,9 +262,11 @@ func TestPDLMatchesSerialLaunch(t *testing.T) {
 // before griddepcontrol.wait), with the tensor-core expands adding in
 // place on sgmv_expand_tcp* (expandPre: the output values loaded early),
 // and with the rank-32-class expands on sgmv_expand_tc64 (expand64: 64-row
-// tiles), every logits row of the prefill, mixed and decode steps
-// (replayed recordings and eager steps, adapters in them) is
-// bit-identical to the default kernels', and each variant ran.
+// tiles), and with the expands left to the compute stream (expandLate:
+// in place when the product is read, on tcp or tc64), every logits row of
+// the prefill, mixed and decode steps (replayed recordings and eager
+// steps, adapters in them) is bit-identical to the default kernels', and
+// each variant ran.
 func TestLoRAVariantsMatch(t *testing.T) {
 	m, adapters, _ := loadFixture(t)
 	ed, _ := newMatchEngine(t, m, adapters, Options{})
@@ -276,6 +278,8 @@ func TestLoRAVariantsMatch(t *testing.T) {
 		{"sgmv_shrink_e", func(f *kernelForce) { f.shrinkE = true }, func(b *Backend) int { return b.shrinkEs }},
 		{"sgmv_expand_tcp", func(f *kernelForce) { f.expandPre = true }, func(b *Backend) int { return b.expandPres }},
 		{"sgmv_expand_tc64", func(f *kernelForce) { f.expand64 = true }, func(b *Backend) int { return b.expand64s }},
+		{"late sgmv_expand_tcp", func(f *kernelForce) { f.expandLate, f.expandPre = 1, true }, func(b *Backend) int { return b.expandPres }},
+		{"late sgmv_expand_tc64", func(f *kernelForce) { f.expandLate, f.expand64 = 1, true }, func(b *Backend) int { return b.expand64s }},
 	} {
 		ev, bv := newMatchEngine(t, m, adapters, Options{})
 		v.set(&bv.force)

@@ -252,9 +252,13 @@ func (b *Backend) loraAside(o, x *Buffer, layer int, mods []llama.Module, total 
 	}
 	b.fail(b.la.s.Wait(b.la.fork))
 	pend := pendingDelta{base: ptr(o), delta: d, ld: o.ld, cols: total}
-	if tc := b.tcChunks(mods); b.ropeFold(mods, tc) || b.siluFold(mods, tc) { // the shrink alone: RoPE or silu_mul expands (lora_rope.go, lora_silu.go)
+	switch tc := b.tcChunks(mods); {
+	case b.ropeFold(mods, tc) || b.siluFold(mods, tc): // the shrink alone: RoPE or silu_mul expands (lora_rope.go, lora_silu.go)
 		pend = b.pendLoRA(o, layer, mods, tc, b.loraShrink(b.la.s, x, layer, mods), false)
-	} else {
+	case b.expandLate(tc): // the shrink alone: the expand in place when the output is read (join)
+		pend = b.pendLoRA(o, layer, mods, tc, b.loraShrink(b.la.s, x, layer, mods), false)
+		pend.lora.late = true
+	default:
 		b.loraSlices(b.la.s, d, total, x, layer, mods, false)
 	}
 	if b.err == nil {
@@ -263,6 +267,15 @@ func (b *Backend) loraAside(o, x *Buffer, layer int, mods []llama.Module, total 
 	if b.err == nil {
 		b.la.pend = pend
 	}
+}
+
+// expandLate reports whether a group's update (tc: its tensor-core chunks)
+// is left to the compute stream: the LoRA stream runs its shrink alone and
+// the op that reads the product first expands it in place (join), so no
+// float32 update is written and read back (kernelForce.expandLate: from
+// that many LoRA rows; off by default, PERFORMANCE v0.73).
+func (b *Backend) expandLate(tc int) bool {
+	return b.force.expandLate > 0 && tc > 0 && b.nLora >= b.force.expandLate
 }
 
 // join adds a pending update to its output (after the LoRA stream's work).

@@ -57,7 +57,7 @@ func (b *Backend) siluFold(mods []llama.Module, tc int) bool {
 func (b *Backend) siluLoRA(o, g, u *Buffer) bool {
 	p := b.la.pend
 	l := p.lora
-	if l == nil || len(l.offs) != 3 || b.err != nil || o == nil || g == nil || u == nil {
+	if l == nil || l.late || len(l.offs) != 3 || b.err != nil || o == nil || g == nil || u == nil {
 		return false
 	}
 	I := l.offs[1]
