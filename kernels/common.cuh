@@ -1101,6 +1101,7 @@ __device__ __forceinline__ void ws_put_silu(const float* v, bf16* __restrict__ o
 // card. wait false: the block only arrives (its writes published) and
 // goes on without waiting for the others (it reads nothing they wrote).
 // Every thread of the block calls it.
+#define GRID_MEET_NS 5000000000ull // 5 s by the global timer
 __device__ __forceinline__ void grid_meet(unsigned* arrive, bool wait = true) {
     const unsigned n = gridDim.x * gridDim.y * gridDim.z;
     __threadfence();
@@ -1108,9 +1109,12 @@ __device__ __forceinline__ void grid_meet(unsigned* arrive, bool wait = true) {
     if (threadIdx.x == 0) {
         __threadfence();
         atomicAdd(arrive, 1u);
-        for (unsigned spins = 0; wait && *reinterpret_cast<volatile unsigned*>(arrive) < n; spins++) {
-            if (spins > (1u << 26)) __trap();
-            __nanosleep(64);
+        if (wait) {
+            const unsigned long long t0 = globaltimer_ns();
+            while (ld_acquire_u32(arrive) < n) {
+                __nanosleep(64);
+                if (globaltimer_ns() - t0 > GRID_MEET_NS) __trap(); // a plan whose blocks are not all resident: fail, do not hang
+            }
         }
         __threadfence();
     }
@@ -1922,6 +1926,13 @@ __device__ __forceinline__ void ws_quant_rows(const bf16* __restrict__ xb, unsig
 // come in bf16 (WsQx), and the kernel quantizes them into qx and sx itself
 // (ws_quant_rows, after griddepcontrol.wait; the early weight stages land
 // meanwhile) instead of a quant_rows_e4m3 launch before it.
+//
+// qx and sx are declared __restrict__ (the default kernels' code), but the
+// FP8 SILU and NORM ends (SQ.q / qscale, NP.q / qscale) and the QX head
+// write that same scratch through other pointers. That holds only because
+// every read of qx and sx is a cp.async or an __ldcg, or comes before the
+// grid's barrier and its fences; a plain read of either after a barrier
+// could compile to a non-coherent load and see stale data.
 template <int ES, int BN, bool LORA = false, bool SILU = false, bool NORM = false, bool HALF = false, bool QX = false>
 __device__ __forceinline__ void ws_body(bf16* __restrict__ out, float* __restrict__ part, int* __restrict__ done,
                                         const unsigned char* __restrict__ qx, const float* __restrict__ sx,

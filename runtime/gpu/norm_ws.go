@@ -67,7 +67,7 @@ func (g *wsProduct) launchNorm(s *cuda.Stream, p wsPlan, delta, x, sx, w, sw, xr
 	if (nout == 0) != (nw == 0) || q != 0 && (g.esize != 1 || nout == 0 || qscale == 0) {
 		return fmt.Errorf("gpu: ws product with add_rmsnorm: the norm's output and weight go together, and the quantized rows need e4m3 operands and the output")
 	}
-	if (uint64(xr)|uint64(nout)|uint64(nw))%16 != 0 {
+	if (uint64(xr)|uint64(nout)|uint64(nw)|uint64(xb))%16 != 0 { // xb: the QX head's 16-byte loads
 		return fmt.Errorf("gpu: ws product with add_rmsnorm: rows not 16-byte aligned")
 	}
 	bn := wsWidths[p.i]

@@ -223,6 +223,7 @@ func wsNormCheck(t *testing.T, fp8 bool) {
 			if !slices.Equal(got.d, again.d) || !slices.Equal(got.x, again.x) || !slices.Equal(got.o, again.o) || !slices.Equal(got.q, again.q) || !slices.Equal(got.s, again.s) {
 				t.Fatalf("%s: a second launch differs from the first (the barrier's words not left at zero?)", what)
 			}
+			syncWordsZero(t, r.s, g, what)
 			if len(modes) > 1 { // the QX kernel staggers as the NORM one does: the same bits
 				if qx := run(p, 2, true); !slices.Equal(qx.d, got.d) || !slices.Equal(qx.x, got.x) || !slices.Equal(qx.o, got.o) || !slices.Equal(qx.q, got.q) {
 					t.Fatalf("%s: staggered, the QX kernel differs from the NORM kernel", what)
@@ -357,9 +358,81 @@ func TestOpLinearAddRMSNorm(t *testing.T) {
 					}
 				}
 				t.Logf("%s: bit for bit Linear then AddRMSNorm", what)
+				if norm {
+					replayed(t, r, c.T, what, got, func(d, x, o, gu *Buffer) bool {
+						r.b.force.wsNorm, r.b.force.wsQX = c.force, 1 // FP8: o's quantization inside the product too (fp8_ws_qxnorm)
+						defer func() { r.b.force.wsQX = 0 }()
+						took := r.b.LinearAddRMSNorm(d, a, wo, x, o, nw, 1e-5)
+						r.b.Linear(gu, o, wgu)
+						return took
+					}, res)
+				}
 			}
 		}
 	}
+}
+
+// replayed captures op (the fused op on fresh buffers d, x (the residual
+// rows res), o and gu, then the gate/up product of o) into a CUDA graph
+// on r's stream and replays it three times, each on the residual rows
+// refilled: each replay must give want's rows (the op run eagerly) bit for
+// bit, and leave the barrier words at zero (a grid barrier inside a
+// recording, PDL edges included, as a step's replay runs it).
+func replayed(t *testing.T, r *rig, T int, what string, want [4][]float32, op func(d, x, o, gu *Buffer) bool, res []float32) {
+	t.Helper()
+	H, GU := len(want[0])/T, len(want[3])/T
+	d, x, o, gu := r.buffer(T, H), r.buffer(T, H), r.buffer(T, H), r.buffer(T, GU)
+	r.begin(oneSeq(T, 16, zeros(T)))
+	defer r.end()
+	if err := r.b.s.BeginCapture(); err != nil {
+		t.Fatal(err)
+	}
+	took := op(d, x, o, gu)
+	g, err := r.b.s.EndCapture()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r.b.err != nil {
+		t.Fatalf("%s, recorded: %v", what, r.b.err)
+	}
+	if !took {
+		t.Fatalf("%s, recorded: the fused op declined", what)
+	}
+	defer g.Destroy()
+	ge, err := g.Instantiate()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ge.Destroy()
+	for rep := range 3 {
+		r.poison(d)
+		r.poison(o)
+		r.poison(gu)
+		r.fill(x, res)
+		if err := ge.Launch(r.b.s); err != nil {
+			t.Fatal(err)
+		}
+		got := [4][]float32{r.read(d, T), r.read(x, T), r.read(o, T), r.read(gu, T)}
+		for i, name := range []string{"product", "residual", "norm", "gate/up after it"} {
+			if j := firstDiff(f32bits(got[i]), f32bits(want[i])); j >= 0 {
+				t.Fatalf("%s, replay %d: %s %d is %g, the eager op's %g", what, rep, name, j, got[i][j], want[i][j])
+			}
+		}
+		for _, ws := range []*wsProduct{r.b.bws, fp8WS(r.b)} {
+			if ws != nil {
+				syncWordsZero(t, r.b.s, ws, fmt.Sprintf("%s, replay %d", what, rep))
+			}
+		}
+	}
+	t.Logf("%s: recorded and replayed three times, bit for bit", what)
+}
+
+// fp8WS is b's fp8_ws products (nil with bf16 weights).
+func fp8WS(b *Backend) *wsProduct {
+	if b.f8 == nil {
+		return nil
+	}
+	return b.f8.ws
 }
 
 // projection uploads a rows x cols projection weight under name (FP8 with

@@ -58,6 +58,7 @@ func TestWsQX(t *testing.T) {
 					}
 				}
 			}
+			syncWordsZero(t, r.s, g, what)
 			t.Logf("%s: quant_rows_e4m3 then fp8_ws bit for bit, staggered and not, twice", what)
 		}
 		ops.drop(r)

@@ -25,10 +25,12 @@ const wsSiluSync = 66
 
 // siluFits reports whether plan p of an N x K gate/up product (N: gate's
 // rows, then up's) has a fused kernel: one split, its width's
-// gemm_ws_silu or fp8_ws_silu loaded (FP8: with its barrier words), and
-// each half whole blocks of BN / 2 rows.
+// gemm_ws_silu or fp8_ws_silu loaded (FP8: with its barrier words, and
+// every block resident at once for the barrier), and each half whole
+// blocks of BN / 2 rows.
 func (g *wsProduct) siluFits(p wsPlan, N int) bool {
-	return g != nil && p.sk == 0 && p.split == 1 && g.sfn[p.i] != nil && N%wsWidths[p.i] == 0 && (g.esize != 1 || g.ssync != nil)
+	return g != nil && p.sk == 0 && p.split == 1 && g.sfn[p.i] != nil && N%wsWidths[p.i] == 0 &&
+		(g.esize != 1 || g.ssync != nil && g.resident(p, N))
 }
 
 // launchSiLU enqueues act [T, N / 2] = silu(x . gate^T) * (x . up^T) with
@@ -51,9 +53,6 @@ func (g *wsProduct) launchSiLU(s *cuda.Stream, p wsPlan, act, x, sx, w, sw, q, q
 			return fmt.Errorf("gpu: fp8_ws_silu needs the rows' scales and the quantized rows' place")
 		}
 		sync = uint64(g.ssync.Ptr())
-	}
-	if !g.resident(p, N) {
-		return fmt.Errorf("gpu: ws plan %v of N %d is more blocks than the %d SMs (the silu kernels' blocks must all be resident)", p, N, g.sms)
 	}
 	bn, opts, fn, sh := wsWidths[p.i], g.launchOpts(), g.sfn[p.i], wsShared(wsWidths[p.i], g.esize)
 	if g.halfOn(p.i) && g.hsfn[p.i] != nil { // the half-row twin (loaded with hfn)

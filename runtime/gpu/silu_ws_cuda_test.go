@@ -159,6 +159,7 @@ func TestFP8WsSiLU(t *testing.T) {
 			if !slices.Equal(got, again) || !slices.Equal(gotQ, againQ) || !slices.Equal(gotS, againS) {
 				t.Fatalf("%s: a second launch differs from the first (the barrier's words not left at zero?)", what)
 			}
+			syncWordsZero(t, r.s, g, what)
 			scale := 0.0
 			for _, v := range want {
 				scale = max(scale, math.Abs(float64(bf16f(v))))
@@ -187,6 +188,31 @@ func TestFP8WsSiLU(t *testing.T) {
 func readBack[T any](t *testing.T, r *fp8Rig, b *cuda.DeviceBuffer, n int) []T {
 	t.Helper()
 	return readAt[T](t, r, b.Ptr(), n)
+}
+
+// syncWordsZero fails unless g's barrier words (nsync: NORM's and QX's
+// counters; ssync: fp8_ws_silu's maxima and counters) are all zero, as
+// every launch must leave them for the next one: a word left set lets the
+// next launch's barrier pass early, which equal bits cannot show.
+func syncWordsZero(t *testing.T, s *cuda.Stream, g *wsProduct, what string) {
+	t.Helper()
+	for _, b := range []*cuda.DeviceBuffer{g.nsync, g.ssync} {
+		if b == nil {
+			continue
+		}
+		w := make([]uint32, b.Size()/4)
+		if err := cuda.CopyDtoH(s, w, b.Ptr()); err != nil {
+			t.Fatal(err)
+		}
+		if err := s.Synchronize(); err != nil {
+			t.Fatal(err)
+		}
+		for i, v := range w {
+			if v != 0 {
+				t.Fatalf("%s: barrier word %d of %d is %d after the launch, want 0", what, i, len(w), v)
+			}
+		}
+	}
 }
 
 // readAt reads n values at p.
