@@ -359,63 +359,65 @@ func TestOpLinearAddRMSNorm(t *testing.T) {
 				}
 				t.Logf("%s: bit for bit Linear then AddRMSNorm", what)
 				if norm {
-					replayed(t, r, c.T, what, got, func(d, x, o, gu *Buffer) bool {
+					d, x, o, gu := r.buffer(c.T, H), r.buffer(c.T, H), r.buffer(c.T, H), r.buffer(c.T, 2*I)
+					replayed(t, r, c.T, what, func() bool {
 						r.b.force.wsNorm, r.b.force.wsQX = c.force, 1 // FP8: o's quantization inside the product too (fp8_ws_qxnorm)
 						defer func() { r.b.force.wsQX = 0 }()
 						took := r.b.LinearAddRMSNorm(d, a, wo, x, o, nw, 1e-5)
 						r.b.Linear(gu, o, wgu)
 						return took
-					}, res)
+					}, func() {
+						r.poison(d)
+						r.poison(o)
+						r.poison(gu)
+						r.fill(x, res)
+					}, []*Buffer{d, x, o, gu}, got[:])
 				}
 			}
 		}
 	}
 }
 
-// replayed captures op (the fused op on fresh buffers d, x (the residual
-// rows res), o and gu, then the gate/up product of o) into a CUDA graph
-// on r's stream and replays it three times, each on the residual rows
-// refilled: each replay must give want's rows (the op run eagerly) bit for
-// bit, and leave the barrier words at zero (a grid barrier inside a
-// recording, PDL edges included, as a step's replay runs it).
-func replayed(t *testing.T, r *rig, T int, what string, want [4][]float32, op func(d, x, o, gu *Buffer) bool, res []float32) {
+// replayed captures op (a fused op and what reads its output, on buffers
+// allocated before) into a CUDA graph on r's stream and replays it three
+// times, refill() before each (the inputs it changes in place, outputs
+// poisoned): each replay must leave outs holding want's rows (the ops run
+// eagerly) bit for bit, and the ws products' barrier words at zero (a grid
+// barrier inside a recording, PDL edges included, as a step's replay runs
+// it).
+func replayed(t *testing.T, r *rig, T int, what string, op func() bool, refill func(), outs []*Buffer, want [][]float32) {
 	t.Helper()
-	H, GU := len(want[0])/T, len(want[3])/T
-	d, x, o, gu := r.buffer(T, H), r.buffer(T, H), r.buffer(T, H), r.buffer(T, GU)
 	r.begin(oneSeq(T, 16, zeros(T)))
 	defer r.end()
 	if err := r.b.s.BeginCapture(); err != nil {
 		t.Fatal(err)
 	}
-	took := op(d, x, o, gu)
+	took := op()
 	g, err := r.b.s.EndCapture()
 	if err != nil {
 		t.Fatal(err)
 	}
+	defer g.Destroy()
 	if r.b.err != nil {
 		t.Fatalf("%s, recorded: %v", what, r.b.err)
 	}
 	if !took {
 		t.Fatalf("%s, recorded: the fused op declined", what)
 	}
-	defer g.Destroy()
 	ge, err := g.Instantiate()
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer ge.Destroy()
 	for rep := range 3 {
-		r.poison(d)
-		r.poison(o)
-		r.poison(gu)
-		r.fill(x, res)
+		refill()
 		if err := ge.Launch(r.b.s); err != nil {
 			t.Fatal(err)
 		}
-		got := [4][]float32{r.read(d, T), r.read(x, T), r.read(o, T), r.read(gu, T)}
-		for i, name := range []string{"product", "residual", "norm", "gate/up after it"} {
-			if j := firstDiff(f32bits(got[i]), f32bits(want[i])); j >= 0 {
-				t.Fatalf("%s, replay %d: %s %d is %g, the eager op's %g", what, rep, name, j, got[i][j], want[i][j])
+		for i, o := range outs {
+			got := r.read(o, T)
+			if j := firstDiff(f32bits(got), f32bits(want[i])); j >= 0 {
+				t.Fatalf("%s, replay %d: output %d's value %d is %g, the eager ops' %g", what, rep, i, j, got[j], want[i][j])
 			}
 		}
 		for _, ws := range []*wsProduct{r.b.bws, fp8WS(r.b)} {

@@ -363,6 +363,16 @@ func TestOpLinearSiLUFP8(t *testing.T) {
 		ua, uo, _ := run(false)
 		r.compare(fmt.Sprintf("T=%d act", T), fa, f64s(ua), opTol)
 		r.compare(fmt.Sprintf("T=%d down", T), fo, f64s(uo), opTol)
+		a, o := r.buffer(T, I), r.buffer(T, K)
+		replayed(t, r, T, fmt.Sprintf("T=%d fp8_ws_silu", T), func() bool {
+			r.b.force.wsSiLU = 1
+			took := r.b.LinearSiLU(a, x, wgu)
+			r.b.Linear(o, a, wd)
+			return took
+		}, func() {
+			r.poison(a)
+			r.poison(o)
+		}, []*Buffer{a, o}, [][]float32{fa, fo})
 	}
 }
 
