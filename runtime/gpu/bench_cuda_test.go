@@ -180,6 +180,16 @@ func TestLoRABench(t *testing.T) {
 		}
 		bench("lora shrinks: kernelForce.shrink64 %d", sh64)
 	}
+	// PEFTD_LORA_BENCH_KC=1024: the shrinks' K split in pieces of that many
+	// columns (kernelForce.loraKChunk; -1: covering the SMs twice)
+	kc := 0
+	if v := os.Getenv("PEFTD_LORA_BENCH_KC"); v != "" {
+		var err error
+		if kc, err = strconv.Atoi(v); err != nil {
+			t.Fatalf("PEFTD_LORA_BENCH_KC=%q: %v", v, err)
+		}
+		bench("lora shrinks: kernelForce.loraKChunk %d", kc)
+	}
 	if only == nil { // host cost of one eager kernel launch (purego call + hop to the CUDA thread)
 		x := r.buffer(1, 256)
 		r.fill(x, r.rnd(256, 1))
@@ -380,7 +390,7 @@ func TestLoRABench(t *testing.T) {
 						r.end()
 						continue
 					}
-					b.force = kernelForce{loraRows: v == 0, loraV1: v == 1, loraV2: v == 2, shrink64: sh64}
+					b.force = kernelForce{loraRows: v == 0, loraV1: v == 1, loraV2: v == 2, shrink64: sh64, loraKChunk: kc}
 					r.begin(m)
 					us[v] = timeGraph(true)
 					r.end()
@@ -388,7 +398,7 @@ func TestLoRABench(t *testing.T) {
 				// pre_us: tc with the expands' output values loaded early
 				// (sgmv_expand_tcp*); x64_us: and on 64-row tiles
 				// (sgmv_expand_tc64, the rank-32 class)
-				b.force = kernelForce{shrink64: sh64, expandPre: true}
+				b.force = kernelForce{shrink64: sh64, loraKChunk: kc, expandPre: true}
 				r.begin(m)
 				us[7] = timeGraph(true)
 				r.end()
