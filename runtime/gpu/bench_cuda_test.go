@@ -893,6 +893,9 @@ func TestDecodeBench(t *testing.T) {
 				h[i] = n
 			}
 			vs = append(vs, decodeVariant{lora: true, sms: -1, holds: h})
+			// and with the expands in place on the compute stream (the
+			// LoRA stream runs the shrinks alone: fewer SMs may do)
+			vs = append(vs, decodeVariant{lora: true, sms: -1, holds: h, late: 1, x64: true})
 		}
 	}
 	if os.Getenv("PEFTD_DECODE_QUICK") != "" { // base and adapters, each with cuBLASLt (+lt), and with FP8 weights with fp8_stream at every row count (+fs) and at none (+gv)
