@@ -2530,10 +2530,11 @@ extern "C" __global__ void __launch_bounds__(SG_EX_THREADS) sgmv_expand(
 // sgmv_expand: B is read with 16-byte loads that are all in flight at once
 // and the products run as MMAs, so a block of 256 threads covers 512
 // columns (rank 32) with ~16 instructions per column group.
-template <int KC>
+template <int KC, int MT = 1>
 struct TcShape {
-    static constexpr int NG = KC == 1 ? 8 : (KC == 2 ? 4 : 2); // 8-column groups per warp
-    static constexpr int COLS = 8 * 8 * NG;                     // columns per block (8 warps)
+    static constexpr int NG = (KC == 1 ? 8 : (KC == 2 ? 4 : 2)) / MT; // 8-column groups per warp
+    static constexpr int COLS = 8 * 8 * NG;                            // columns per block (8 warps)
+    static_assert(NG >= 1, "TcShape: MT m16 tiles leave a warp no column group");
 };
 
 //
@@ -2543,13 +2544,18 @@ struct TcShape {
 // a time after the MMAs: there each load waits for the store before it
 // (the SASS of the plain kernels: 16 dependent load / add / store round
 // trips a thread at KC 1). The same adds: the same bits.
-template <int KC, bool PRE = false>
+//
+// MT (sgmv_expand_tc64: KC 1, MT 4): a block takes MT m16 tiles of rows
+// (the step's 64-row tiles of one adapter) and NG / MT column groups a
+// warp: each B column is then read once per 16 MT rows. The MMAs of each
+// output are the same in the same order: the bits of MT 1.
+template <int KC, bool PRE = false, int MT = 1>
 __device__ __forceinline__ void expand_tc_body(
     bf16* __restrict__ out, const float* __restrict__ tmp, const LoraEntry* __restrict__ table, const int4* __restrict__ tiles,
     int entry_base, int entry_stride, int m0, int m1, int m2, int blk1, int blk2, int off1, int off2, int out_total,
     int max_rank, int o_stride, int t_stride, int rows_total, int ksplit, int accum) {
-    constexpr int NG = TcShape<KC>::NG, R = 32 * KC, W = R + 4;
-    __shared__ __align__(16) float ts[SG_TR * W];
+    constexpr int NG = TcShape<KC, MT>::NG, R = 32 * KC, W = R + 4;
+    __shared__ __align__(16) float ts[SG_TR * MT * W];
     // Before griddepcontrol.wait (pdl_entry) this block reads only what no
     // kernel of the step writes: its tile (step metadata, copied before the
     // step), its table entry and its columns of B (adapter weights). So
@@ -2568,7 +2574,7 @@ __device__ __forceinline__ void expand_tc_body(
     const int chunk = bx - (s == 0 ? 0 : (s == 1 ? blk1 : blk2));
     const LoraEntry e = table[entry_base + tile.z * entry_stride + sg_mod(s, m0, m1, m2)];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
-    const int col0 = sOff + chunk * TcShape<KC>::COLS + warp * 8 * NG;
+    const int col0 = sOff + chunk * TcShape<KC, MT>::COLS + warp * 8 * NG;
     const int n = tile.y, rank = e.rank;
     uint4 bv[NG][KC];
 #pragma unroll
@@ -2583,25 +2589,27 @@ __device__ __forceinline__ void expand_tc_body(
     pdl_entry(); // tmp is the shrink's output
     // PRE: the output values this thread adds to (the product before this
     // kernel wrote them: after the wait), in flight with tmp's loads
-    __nv_bfloat162 ov[PRE ? NG : 1][2];
+    __nv_bfloat162 ov[PRE ? MT : 1][PRE ? NG : 1][2];
     if constexpr (PRE) {
 #pragma unroll
-        for (int ng = 0; ng < NG; ng++) {
-            const int col = col0 + ng * 8 + 2 * q;
+        for (int mt = 0; mt < MT; mt++)
 #pragma unroll
-            for (int half = 0; half < 2; half++) {
-                const int r = g + 8 * half;
-                ov[ng][half] = accum && rank > 0 && col < sEnd && r < n
-                                   ? *reinterpret_cast<const __nv_bfloat162*>(out + (i64)(tile.x + r) * o_stride + col)
-                                   : __floats2bfloat162_rn(0.f, 0.f);
+            for (int ng = 0; ng < NG; ng++) {
+                const int col = col0 + ng * 8 + 2 * q;
+#pragma unroll
+                for (int half = 0; half < 2; half++) {
+                    const int r = 16 * mt + g + 8 * half;
+                    ov[mt][ng][half] = accum && rank > 0 && col < sEnd && r < n
+                                           ? *reinterpret_cast<const __nv_bfloat162*>(out + (i64)(tile.x + r) * o_stride + col)
+                                           : __floats2bfloat162_rn(0.f, 0.f);
+                }
             }
-        }
     }
     if (rank > 0) {
         // The tile's rows of tmp, summed over the K parts (sum_kparts):
         // each thread's PER values (rows r0 + DR * u, rank k), EX_ZU / PER
         // K parts of each in flight together.
-        constexpr int PER = SG_TR * R / 256, ZU = EX_ZU / PER > 0 ? EX_ZU / PER : 1, DR = 256 / R;
+        constexpr int PER = SG_TR * MT * R / 256, ZU = EX_ZU / PER > 0 ? EX_ZU / PER : 1, DR = 256 / R;
         const int r0 = threadIdx.x / R, k = threadIdx.x % R;
         bool ok[PER];
 #pragma unroll
@@ -2612,49 +2620,54 @@ __device__ __forceinline__ void expand_tc_body(
         for (int u = 0; u < PER; u++) ts[(r0 + DR * u) * W + k] = v[u];
     }
     __syncthreads();
-    float c[NG][4];
 #pragma unroll
-    for (int ng = 0; ng < NG; ng++) c[ng][0] = c[ng][1] = c[ng][2] = c[ng][3] = 0.f;
-    if (rank > 0) {
+    for (int mt = 0; mt < MT; mt++) {
+        if (MT > 1 && 16 * mt >= n) break; // uniform: no row of this m16 tile
+        const float* tr = ts + 16 * mt * W;
+        float c[NG][4];
 #pragma unroll
-        for (int kc = 0; kc < KC; kc++) {
+        for (int ng = 0; ng < NG; ng++) c[ng][0] = c[ng][1] = c[ng][2] = c[ng][3] = 0.f;
+        if (rank > 0) {
 #pragma unroll
-            for (int h = 0; h < 2; h++) {
-                const int k = kc * 32 + q * 8 + 4 * h;
-                const float4 t0 = *reinterpret_cast<const float4*>(ts + g * W + k);
-                const float4 t1 = *reinterpret_cast<const float4*>(ts + (g + 8) * W + k);
-                unsigned ah[4], al[4];
-                split2(t0.x, t0.y, ah[0], al[0]);
-                split2(t1.x, t1.y, ah[1], al[1]);
-                split2(t0.z, t0.w, ah[2], al[2]);
-                split2(t1.z, t1.w, ah[3], al[3]);
+            for (int kc = 0; kc < KC; kc++) {
 #pragma unroll
-                for (int ng = 0; ng < NG; ng++) {
-                    const unsigned b0 = h == 0 ? bv[ng][kc].x : bv[ng][kc].z;
-                    const unsigned b1 = h == 0 ? bv[ng][kc].y : bv[ng][kc].w;
-                    mma16816(c[ng], ah[0], ah[1], ah[2], ah[3], b0, b1);
-                    mma16816(c[ng], al[0], al[1], al[2], al[3], b0, b1);
+                for (int h = 0; h < 2; h++) {
+                    const int k = kc * 32 + q * 8 + 4 * h;
+                    const float4 t0 = *reinterpret_cast<const float4*>(tr + g * W + k);
+                    const float4 t1 = *reinterpret_cast<const float4*>(tr + (g + 8) * W + k);
+                    unsigned ah[4], al[4];
+                    split2(t0.x, t0.y, ah[0], al[0]);
+                    split2(t1.x, t1.y, ah[1], al[1]);
+                    split2(t0.z, t0.w, ah[2], al[2]);
+                    split2(t1.z, t1.w, ah[3], al[3]);
+#pragma unroll
+                    for (int ng = 0; ng < NG; ng++) {
+                        const unsigned b0 = h == 0 ? bv[ng][kc].x : bv[ng][kc].z;
+                        const unsigned b1 = h == 0 ? bv[ng][kc].y : bv[ng][kc].w;
+                        mma16816(c[ng], ah[0], ah[1], ah[2], ah[3], b0, b1);
+                        mma16816(c[ng], al[0], al[1], al[2], al[3], b0, b1);
+                    }
                 }
             }
+        } else if (accum) {
+            return; // nothing to add
         }
-    } else if (accum) {
-        return; // nothing to add
-    }
 #pragma unroll
-    for (int ng = 0; ng < NG; ng++) {
-        const int col = col0 + ng * 8 + 2 * q;
-        if (col >= sEnd) continue;
+        for (int ng = 0; ng < NG; ng++) {
+            const int col = col0 + ng * 8 + 2 * q;
+            if (col >= sEnd) continue;
 #pragma unroll
-        for (int half = 0; half < 2; half++) {
-            const int r = g + 8 * half;
-            if (r >= n) continue;
-            const float v0 = c[ng][2 * half], v1 = c[ng][2 * half + 1];
-            if (accum) {
-                __nv_bfloat162* p = reinterpret_cast<__nv_bfloat162*>(out + (i64)(tile.x + r) * o_stride + col);
-                const float2 o = __bfloat1622float2(PRE ? ov[PRE ? ng : 0][half] : *p);
-                *p = __floats2bfloat162_rn(o.x + v0, o.y + v1);
-            } else {
-                *reinterpret_cast<float2*>(reinterpret_cast<float*>(out) + (i64)(tile.x + r) * o_stride + col) = make_float2(v0, v1);
+            for (int half = 0; half < 2; half++) {
+                const int r = 16 * mt + g + 8 * half;
+                if (r >= n) continue;
+                const float v0 = c[ng][2 * half], v1 = c[ng][2 * half + 1];
+                if (accum) {
+                    __nv_bfloat162* p = reinterpret_cast<__nv_bfloat162*>(out + (i64)(tile.x + r) * o_stride + col);
+                    const float2 o = __bfloat1622float2(PRE ? ov[PRE ? mt : 0][PRE ? ng : 0][half] : *p);
+                    *p = __floats2bfloat162_rn(o.x + v0, o.y + v1);
+                } else {
+                    *reinterpret_cast<float2*>(reinterpret_cast<float*>(out) + (i64)(tile.x + r) * o_stride + col) = make_float2(v0, v1);
+                }
             }
         }
     }
@@ -2676,121 +2689,17 @@ extern "C" __global__ void __launch_bounds__(256, 3) sgmv_expand_tcp1(EXPAND_TC_
 extern "C" __global__ void __launch_bounds__(256) sgmv_expand_tcp2(EXPAND_TC_ARGS) { expand_tc_body<2, true>(EXPAND_TC_PASS); }
 extern "C" __global__ void __launch_bounds__(256) sgmv_expand_tcp4(EXPAND_TC_ARGS) { expand_tc_body<4, true>(EXPAND_TC_PASS); }
 
-// sgmv_expand_tc64: sgmv_expand_tc1 on the step's 64-row tiles of one
+// sgmv_expand_tc64: sgmv_expand_tcp1 on the step's 64-row tiles of one
 // adapter (the big tiles sgmv_shrink64 takes: {first row, rows, slot, 0}),
-// 128 columns a block instead of 512 (kernelForce.expand64, off by
-// default). Each B column is then read once per 64 rows of its adapter,
-// not once per 16 (a step of 256 rows with four adapters reads B once
-// instead of four times; a 4 x 512 prefill 8 times instead of 32). Ranks
-// multiples of 8 up to 32, as tc1. grid (sum over slices of ceil(width_s
-// / 128), big tiles), block 256: warp w takes the 16 columns [16 w, 16 w +
-// 16) of the block's 128 (NG 2 groups of 8), every row of the tile (four
-// m16 tiles). The MMAs per output element are tc1's in tc1's order (the
-// same t rows split into bf16 high + residual, the same K order), so the
-// bits are tc1's. Before griddepcontrol.wait: the tile, the table entry
-// and B (16 bytes a lane a column group); after it, adding in place, the
-// output values (tcp1's early loads) with t's rows.
-#define X64_ROWS 64
-#define X64_COLS 128
+// 128 columns a block instead of 512 (expand_tc_body's MT 4;
+// kernelForce.expand64, off by default). Each B column is then read once
+// per 64 rows of its adapter, not once per 16 (a step of 256 rows with
+// four adapters reads B once instead of four times; a 4 x 512 prefill 8
+// times instead of 32). The same bits as tc1.
+#define X64_COLS 128 // TcShape<1, 4>::COLS; x64Cols in runtime/gpu
 extern "C" __global__ void __launch_bounds__(256) sgmv_expand_tc64(EXPAND_TC_ARGS) {
-    constexpr int NG = 2, R = 32, W = R + 4, MT = X64_ROWS / 16;
-    __shared__ __align__(16) float ts[X64_ROWS * W];
-    const int4 tile = tiles[blockIdx.y];
-    if (tile.y == 0) { // no rows (a recorded step's spare tile)
-        pdl_entry();
-        return;
-    }
-    const int bx = blockIdx.x;
-    const int s = bx >= blk2 ? 2 : (bx >= blk1 ? 1 : 0);
-    const int sOff = s == 0 ? 0 : (s == 1 ? off1 : off2);
-    const int sEnd = s == 0 ? off1 : (s == 1 ? off2 : out_total);
-    const int chunk = bx - (s == 0 ? 0 : (s == 1 ? blk1 : blk2));
-    const LoraEntry e = table[entry_base + tile.z * entry_stride + sg_mod(s, m0, m1, m2)];
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
-    const int col0 = sOff + chunk * X64_COLS + warp * 8 * NG;
-    const int n = tile.y, rank = e.rank;
-    uint4 bv[NG];
-#pragma unroll
-    for (int ng = 0; ng < NG; ng++) {
-        const int c = col0 + ng * 8 + g;
-        bv[ng] = (c < sEnd && q * 8 < rank) ? ldg16_early(e.b + (i64)(c - sOff) * rank + q * 8) : make_uint4(0, 0, 0, 0);
-    }
-    pdl_entry(); // tmp is the shrink's output, out the product's
-    __nv_bfloat162 ov[MT][NG][2];
-#pragma unroll
-    for (int mt = 0; mt < MT; mt++)
-#pragma unroll
-        for (int ng = 0; ng < NG; ng++) {
-            const int col = col0 + ng * 8 + 2 * q;
-#pragma unroll
-            for (int half = 0; half < 2; half++) {
-                const int r = 16 * mt + g + 8 * half;
-                ov[mt][ng][half] = accum && rank > 0 && col < sEnd && r < n
-                                       ? *reinterpret_cast<const __nv_bfloat162*>(out + (i64)(tile.x + r) * o_stride + col)
-                                       : __floats2bfloat162_rn(0.f, 0.f);
-            }
-        }
-    if (rank > 0) {
-        // the tile's rows of tmp summed over the K parts, as tc1 sums them
-        constexpr int PER = X64_ROWS * R / 256, DR = 256 / R;
-        const int r0 = threadIdx.x / R, k = threadIdx.x % R;
-        bool ok[PER];
-#pragma unroll
-        for (int u = 0; u < PER; u++) ok[u] = r0 + DR * u < n && k < rank;
-        float v[PER];
-        sum_kparts<1>(v, tmp + ((i64)tile.x + r0) * t_stride + s * max_rank + k, (i64)DR * t_stride, (i64)rows_total * t_stride, ksplit, ok);
-#pragma unroll
-        for (int u = 0; u < PER; u++) ts[(r0 + DR * u) * W + k] = v[u];
-    }
-    __syncthreads();
-    if (rank == 0) {
-        if (accum) return; // nothing to add
-    }
-#pragma unroll
-    for (int mt = 0; mt < MT; mt++) {
-        if (16 * mt >= n) break; // uniform: no row of this m16 tile
-        float c[NG][4];
-#pragma unroll
-        for (int ng = 0; ng < NG; ng++) c[ng][0] = c[ng][1] = c[ng][2] = c[ng][3] = 0.f;
-        if (rank > 0) {
-            const float* tr = ts + 16 * mt * W;
-#pragma unroll
-            for (int h = 0; h < 2; h++) {
-                const int k = q * 8 + 4 * h;
-                const float4 t0 = *reinterpret_cast<const float4*>(tr + g * W + k);
-                const float4 t1 = *reinterpret_cast<const float4*>(tr + (g + 8) * W + k);
-                unsigned ah[4], al[4];
-                split2(t0.x, t0.y, ah[0], al[0]);
-                split2(t1.x, t1.y, ah[1], al[1]);
-                split2(t0.z, t0.w, ah[2], al[2]);
-                split2(t1.z, t1.w, ah[3], al[3]);
-#pragma unroll
-                for (int ng = 0; ng < NG; ng++) {
-                    const unsigned b0 = h == 0 ? bv[ng].x : bv[ng].z;
-                    const unsigned b1 = h == 0 ? bv[ng].y : bv[ng].w;
-                    mma16816(c[ng], ah[0], ah[1], ah[2], ah[3], b0, b1);
-                    mma16816(c[ng], al[0], al[1], al[2], al[3], b0, b1);
-                }
-            }
-        }
-#pragma unroll
-        for (int ng = 0; ng < NG; ng++) {
-            const int col = col0 + ng * 8 + 2 * q;
-            if (col >= sEnd) continue;
-#pragma unroll
-            for (int half = 0; half < 2; half++) {
-                const int r = 16 * mt + g + 8 * half;
-                if (r >= n) continue;
-                const float v0 = c[ng][2 * half], v1 = c[ng][2 * half + 1];
-                if (accum) {
-                    const float2 o = __bfloat1622float2(ov[mt][ng][half]);
-                    *reinterpret_cast<__nv_bfloat162*>(out + (i64)(tile.x + r) * o_stride + col) = __floats2bfloat162_rn(o.x + v0, o.y + v1);
-                } else {
-                    *reinterpret_cast<float2*>(reinterpret_cast<float*>(out) + (i64)(tile.x + r) * o_stride + col) = make_float2(v0, v1);
-                }
-            }
-        }
-    }
+    static_assert(TcShape<1, 4>::COLS == X64_COLS, "sgmv_expand_tc64: runtime/gpu's x64Cols");
+    expand_tc_body<1, true, 4>(EXPAND_TC_PASS);
 }
 
 // l2_flush: reads n 16-byte words (a buffer larger than L2) and writes nothing
