@@ -270,17 +270,7 @@ func TestPDLMatchesSerialLaunch(t *testing.T) {
 func TestLoRAVariantsMatch(t *testing.T) {
 	m, adapters, _ := loadFixture(t)
 	ed, _ := newMatchEngine(t, m, adapters, Options{})
-	for _, v := range []struct {
-		name string
-		set  func(*kernelForce)
-		runs func(*Backend) int
-	}{
-		{"sgmv_shrink_e", func(f *kernelForce) { f.shrinkE = true }, func(b *Backend) int { return b.shrinkEs }},
-		{"sgmv_expand_tcp", func(f *kernelForce) { f.expandPre = true }, func(b *Backend) int { return b.expandPres }},
-		{"sgmv_expand_tc64", func(f *kernelForce) { f.expand64 = true }, func(b *Backend) int { return b.expand64s }},
-		{"late sgmv_expand_tcp", func(f *kernelForce) { f.expandLate, f.expandPre = 1, true }, func(b *Backend) int { return b.expandPres }},
-		{"late sgmv_expand_tc64", func(f *kernelForce) { f.expandLate, f.expand64 = 1, true }, func(b *Backend) int { return b.expand64s }},
-	} {
+	for _, v := range loraVariants {
 		ev, bv := newMatchEngine(t, m, adapters, Options{})
 		v.set(&bv.force)
 		if err := bv.dropGraphs(); err != nil {
@@ -294,6 +284,25 @@ func TestLoRAVariantsMatch(t *testing.T) {
 			t.Errorf("%s: no launch in the recordings or the steps", v.name)
 		}
 	}
+}
+
+// loraVariant is an off-by-default LoRA kernel choice with the default
+// kernels' bits: set forces it, runs counts its launches; op: it applies
+// to one loraSlices call (TestOpLoRAFused), not only to a step's aside
+// updates.
+type loraVariant struct {
+	name string
+	op   bool
+	set  func(*kernelForce)
+	runs func(*Backend) int
+}
+
+var loraVariants = []loraVariant{
+	{"sgmv_shrink_e", true, func(f *kernelForce) { f.shrinkE = true }, func(b *Backend) int { return b.shrinkEs }},
+	{"sgmv_expand_tcp", true, func(f *kernelForce) { f.expandPre = true }, func(b *Backend) int { return b.expandPres }},
+	{"sgmv_expand_tc64", true, func(f *kernelForce) { f.expand64 = true }, func(b *Backend) int { return b.expand64s }},
+	{"late sgmv_expand_tcp", false, func(f *kernelForce) { f.expandLate, f.expandPre = 1, true }, func(b *Backend) int { return b.expandPres }},
+	{"late sgmv_expand_tc64", false, func(f *kernelForce) { f.expandLate, f.expand64 = 1, true }, func(b *Backend) int { return b.expand64s }},
 }
 
 // TestProgrammaticJoinsMatch: with the LoRA stream's joins recorded as

@@ -60,7 +60,9 @@ func loraRefAbs(want, abs []float64, xv []float32, in, total int, segs []engine.
 // fallback; v2 also for bitwise repeatability) on fused
 // q/k/v, gate/up and single projections: heterogeneous ranks (multiples of 8
 // and not), segments longer than one 16-row tile, rows without adapter,
-// adapters that skip a projection, and K split across blocks.
+// adapters that skip a projection, and K split across blocks; the
+// off-by-default variants (loraVariants that apply to one op) bit for bit
+// against the default kernels.
 func TestOpLoRAFused(t *testing.T) {
 	cfg := testConfig(1024, 2816, 8, 2, 128, 32, 2)
 	T := 70
@@ -94,7 +96,7 @@ func TestOpLoRAFused(t *testing.T) {
 	// Read adds (tc-aside)
 	// tc1, tc1-aside: slots 1 and 2 holding rank-32 adapters (every rank at
 	// most 32: sgmv_expand_tc1, the rank-32 adapters' kernel)
-	earlyRuns, preRuns, x64Runs := 0, 0, 0 // cases that ran sgmv_shrink_e, sgmv_expand_tcp*, sgmv_expand_tc64
+	ran := make([]int, len(loraVariants)) // cases that ran each variant
 	for _, mode := range []string{"v2", "v1", "v0", "tc", "tc-aside", "tc1", "tc1-aside"} {
 		r.b.force = kernelForce{loraRows: mode == "v0", loraV1: mode == "v1", loraV2: mode == "v2"}
 		switch mode {
@@ -144,45 +146,24 @@ func TestOpLoRAFused(t *testing.T) {
 			}
 			got := r.read(out, T)
 			if !aside && mode != "v0" && mode != "v2" {
-				// sgmv_shrink_e gives sgmv_shrink's bits (where the plan
-				// takes sgmv_shrink: single projections here)
-				before := r.b.shrinkEs
-				r.b.force.shrinkE = true
-				r.fill(out, ov)
-				r.b.loraSlices(r.b.s, out.mem.Ptr(), total, x, layer, mods, true)
-				early := r.read(out, T)
-				r.b.force.shrinkE = false
-				if r.b.shrinkEs > before {
-					earlyRuns++
-					if i := firstDiff(f32bits(early), f32bits(got)); i >= 0 {
-						t.Fatalf("%s %v: sgmv_shrink_e differs from sgmv_shrink at %d (row %d): %g vs %g", mode, mods, i, i/total, early[i], got[i])
+				// each variant gives the default kernels' bits (where the
+				// plan takes it: sgmv_shrink_e only where it is sgmv_shrink,
+				// single projections here; tc64 the rank-32 class)
+				for i, v := range loraVariants {
+					if !v.op {
+						continue
 					}
-				}
-				// sgmv_expand_tcp* (the output values loaded early) gives
-				// sgmv_expand_tc*'s bits
-				before = r.b.expandPres
-				r.b.force.expandPre = true
-				r.fill(out, ov)
-				r.b.loraSlices(r.b.s, out.mem.Ptr(), total, x, layer, mods, true)
-				pre := r.read(out, T)
-				r.b.force.expandPre = false
-				if r.b.expandPres > before {
-					preRuns++
-					if i := firstDiff(f32bits(pre), f32bits(got)); i >= 0 {
-						t.Fatalf("%s %v: sgmv_expand_tcp differs from sgmv_expand_tc at %d (row %d): %g vs %g", mode, mods, i, i/total, pre[i], got[i])
-					}
-				}
-				// sgmv_expand_tc64 (64-row tiles) gives sgmv_expand_tc1's bits
-				before = r.b.expand64s
-				r.b.force.expand64 = true
-				r.fill(out, ov)
-				r.b.loraSlices(r.b.s, out.mem.Ptr(), total, x, layer, mods, true)
-				x64 := r.read(out, T)
-				r.b.force.expand64 = false
-				if r.b.expand64s > before {
-					x64Runs++
-					if i := firstDiff(f32bits(x64), f32bits(got)); i >= 0 {
-						t.Fatalf("%s %v: sgmv_expand_tc64 differs from sgmv_expand_tc1 at %d (row %d): %g vs %g", mode, mods, i, i/total, x64[i], got[i])
+					before, saved := v.runs(r.b), r.b.force
+					v.set(&r.b.force)
+					r.fill(out, ov)
+					r.b.loraSlices(r.b.s, out.mem.Ptr(), total, x, layer, mods, true)
+					alt := r.read(out, T)
+					r.b.force = saved
+					if v.runs(r.b) > before {
+						ran[i]++
+						if j := firstDiff(f32bits(alt), f32bits(got)); j >= 0 {
+							t.Fatalf("%s %v: %s differs from the default kernels at %d (row %d): %g vs %g", mode, mods, v.name, j, j/total, alt[j], got[j])
+						}
 					}
 				}
 			}
@@ -243,7 +224,9 @@ func TestOpLoRAFused(t *testing.T) {
 			r.compare(fmt.Sprintf("lora %s %v", mode, mods), got, want, opTol)
 		}
 	}
-	if earlyRuns == 0 || preRuns == 0 || x64Runs == 0 {
-		t.Errorf("cases that ran sgmv_shrink_e: %d, sgmv_expand_tcp*: %d, sgmv_expand_tc64: %d; want some of each", earlyRuns, preRuns, x64Runs)
+	for i, v := range loraVariants {
+		if v.op && ran[i] == 0 {
+			t.Errorf("no case ran %s", v.name)
+		}
 	}
 }
