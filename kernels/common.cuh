@@ -257,36 +257,10 @@ __device__ __forceinline__ uint4 ldg16_early(const bf16* p) {
 // load issued before the first MMA: dep makes that MMA wait for one word
 // of each (a load's words land together) and, masked by zero (0, which the
 // compiler cannot know), adds 0. c: the m16n8 C fragment (rows g, g + 8;
-// ranks 2q, 2q + 1).
-template <int U, int STEP>
-__device__ __forceinline__ void shrink_round(float* c, const bf16* x0, const bf16* x1, const bf16* ar, int cb, int kend, int q,
-                                             bool v0, bool v1, bool va, unsigned zero) {
-    const uint4 z4 = make_uint4(0, 0, 0, 0);
-    uint4 xa[U], xb[U], aa[U];
-    unsigned dep = 0;
-#pragma unroll
-    for (int u = 0; u < U; u++) {
-        const int col = cb + u * STEP + q * 8;
-        const bool in = col < kend;
-        xa[u] = (in && v0) ? ldg16(x0 + col) : z4;
-        xb[u] = (in && v1) ? ldg16(x1 + col) : z4;
-        aa[u] = (in && va) ? ldg16(ar + col) : z4;
-    }
-#pragma unroll
-    for (int u = 0; u < U; u++) dep |= xa[u].x ^ xb[u].x ^ aa[u].x;
-    c[0] += __int_as_float(dep & zero); // + 0.0f
-#pragma unroll
-    for (int u = 0; u < U; u++) {
-        mma16816(c, xa[u].x, xb[u].x, xa[u].y, xb[u].y, aa[u].x, aa[u].y);
-        mma16816(c, xa[u].z, xb[u].z, xa[u].w, xb[u].w, aa[u].z, aa[u].w);
-    }
-}
-
-// shrink_load_a / shrink_round_x: shrink_round split in two, for
-// sgmv_shrink_e, whose first round of A loads is issued before
-// griddepcontrol.wait (EARLY: ldg16_early, which ptxas keeps there) and
-// whose x loads wait for the kernel before. The MMAs are shrink_round's, in
-// its order, so the bits are sgmv_shrink's.
+// ranks 2q, 2q + 1). shrink_load_a and shrink_round_x are its two halves
+// (A's loads; x's loads and the MMAs): sgmv_shrink_e issues the first
+// round's A before griddepcontrol.wait (EARLY: ldg16_early, which ptxas
+// keeps there) and x's after it, the same MMAs in the same order.
 template <int U, int STEP, bool EARLY>
 __device__ __forceinline__ void shrink_load_a(uint4 (&aa)[U], const bf16* ar, int cb, int kend, int q, bool va) {
 #pragma unroll
@@ -318,6 +292,14 @@ __device__ __forceinline__ void shrink_round_x(float* c, const bf16* x0, const b
         mma16816(c, xa[u].x, xb[u].x, xa[u].y, xb[u].y, aa[u].x, aa[u].y);
         mma16816(c, xa[u].z, xb[u].z, xa[u].w, xb[u].w, aa[u].z, aa[u].w);
     }
+}
+
+template <int U, int STEP>
+__device__ __forceinline__ void shrink_round(float* c, const bf16* x0, const bf16* x1, const bf16* ar, int cb, int kend, int q,
+                                             bool v0, bool v1, bool va, unsigned zero) {
+    uint4 aa[U];
+    shrink_load_a<U, STEP, false>(aa, ar, cb, kend, q, va);
+    shrink_round_x<U, STEP>(c, x0, x1, aa, cb, kend, q, v0, v1, zero);
 }
 
 // expand_chunk: acc{0,1}[r] += t[r*w + 0..7] . (8 bf16 of B row j, j+1) for rows r < n.
