@@ -294,12 +294,30 @@ __device__ __forceinline__ void shrink_round_x(float* c, const bf16* x0, const b
     }
 }
 
+// (shrink_round is not written as its two halves: that moves sgmv_shrink's
+// SASS, its A loads issued before x's; sass-diff, session 81.)
 template <int U, int STEP>
 __device__ __forceinline__ void shrink_round(float* c, const bf16* x0, const bf16* x1, const bf16* ar, int cb, int kend, int q,
                                              bool v0, bool v1, bool va, unsigned zero) {
-    uint4 aa[U];
-    shrink_load_a<U, STEP, false>(aa, ar, cb, kend, q, va);
-    shrink_round_x<U, STEP>(c, x0, x1, aa, cb, kend, q, v0, v1, zero);
+    const uint4 z4 = make_uint4(0, 0, 0, 0);
+    uint4 xa[U], xb[U], aa[U];
+    unsigned dep = 0;
+#pragma unroll
+    for (int u = 0; u < U; u++) {
+        const int col = cb + u * STEP + q * 8;
+        const bool in = col < kend;
+        xa[u] = (in && v0) ? ldg16(x0 + col) : z4;
+        xb[u] = (in && v1) ? ldg16(x1 + col) : z4;
+        aa[u] = (in && va) ? ldg16(ar + col) : z4;
+    }
+#pragma unroll
+    for (int u = 0; u < U; u++) dep |= xa[u].x ^ xb[u].x ^ aa[u].x;
+    c[0] += __int_as_float(dep & zero); // + 0.0f
+#pragma unroll
+    for (int u = 0; u < U; u++) {
+        mma16816(c, xa[u].x, xb[u].x, xa[u].y, xb[u].y, aa[u].x, aa[u].y);
+        mma16816(c, xa[u].z, xb[u].z, xa[u].w, xb[u].w, aa[u].z, aa[u].w);
+    }
 }
 
 // expand_chunk: acc{0,1}[r] += t[r*w + 0..7] . (8 bf16 of B row j, j+1) for rows r < n.
