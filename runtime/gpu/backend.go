@@ -337,6 +337,8 @@ type Backend struct {
 	// sgmv_expand_tcp* and sgmv_expand_tc64 launches enqueued or recorded
 	// (tests)
 	shrinkEs, expandPres, expand64s int
+	// lateExpands counts the expands join ran in place for expandLate
+	lateExpands int
 	// attnOut is the buffer the step's last Attention op wrote: the
 	// product that reads it is o (kernelForce.wsEarlyO)
 	attnOut cuda.DevicePtr

@@ -255,7 +255,7 @@ func (b *Backend) loraAside(o, x *Buffer, layer int, mods []llama.Module, total 
 	switch tc := b.tcChunks(mods); {
 	case b.ropeFold(mods, tc) || b.siluFold(mods, tc): // the shrink alone: RoPE or silu_mul expands (lora_rope.go, lora_silu.go)
 		pend = b.pendLoRA(o, layer, mods, tc, b.loraShrink(b.la.s, x, layer, mods), false)
-	case b.expandLate(tc): // the shrink alone: the expand in place when the output is read (join)
+	case b.expandLate(tc) && b.sgmvOK(x, mods, o.ld, ptr(o)): // the shrink alone: the expand in place when the output is read (join)
 		pend = b.pendLoRA(o, layer, mods, tc, b.loraShrink(b.la.s, x, layer, mods), false)
 		pend.lora.late = true
 	default:
@@ -290,6 +290,9 @@ func (b *Backend) join() {
 	}
 	b.waitUpdate(p)
 	if l := p.lora; l != nil { // an op other than RoPE reads it: expanded in place
+		if l.late {
+			b.lateExpands++
+		}
 		b.expandTC(b.s, l.tc, p.base, p.ld, l.offs, l.ms, l.base, l.stride, l.tStride, l.ks, 1)
 		b.gen++
 		return

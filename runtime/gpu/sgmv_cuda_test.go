@@ -8,6 +8,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/peftd/peftd/runtime/cuda"
 	"github.com/peftd/peftd/runtime/engine"
 	"github.com/peftd/peftd/runtime/llama"
 	"github.com/peftd/peftd/runtime/lora"
@@ -149,6 +150,27 @@ func TestOpLoRAFused(t *testing.T) {
 				// each variant gives the default kernels' bits (where the
 				// plan takes it: sgmv_shrink_e only where it is sgmv_shrink,
 				// single projections here; tc64 the rank-32 class)
+				// and written aside as float32 (accum 0: the LoRA stream's
+				// update, zeros where a slice has no adapter)
+				upd, err := r.b.ctx.Alloc(4 * T * total)
+				if err != nil {
+					t.Fatal(err)
+				}
+				aside := func() []float32 {
+					h := make([]float32, T*total)
+					if err := r.b.s.Memset32(upd.Ptr(), 0x7fc00000, T*total); err != nil { // NaN: unwritten shows
+						t.Fatal(err)
+					}
+					r.b.loraSlices(r.b.s, upd.Ptr(), total, x, layer, mods, false)
+					if err := cuda.CopyDtoH(r.b.s, h, upd.Ptr()); err != nil {
+						t.Fatal(err)
+					}
+					if err := r.b.s.Synchronize(); err != nil {
+						t.Fatal(err)
+					}
+					return h
+				}
+				gotAside := aside()
 				for i, v := range loraVariants {
 					if !v.op {
 						continue
@@ -158,14 +180,22 @@ func TestOpLoRAFused(t *testing.T) {
 					r.fill(out, ov)
 					r.b.loraSlices(r.b.s, out.mem.Ptr(), total, x, layer, mods, true)
 					alt := r.read(out, T)
+					mid := v.runs(r.b)
+					altAside := aside()
 					r.b.force = saved
-					if v.runs(r.b) > before {
+					if mid > before {
 						ran[i]++
 						if j := firstDiff(f32bits(alt), f32bits(got)); j >= 0 {
 							t.Fatalf("%s %v: %s differs from the default kernels at %d (row %d): %g vs %g", mode, mods, v.name, j, j/total, alt[j], got[j])
 						}
 					}
+					if v.runs(r.b) > mid {
+						if j := firstDiff(f32bits(altAside), f32bits(gotAside)); j >= 0 {
+							t.Fatalf("%s %v: %s's float32 update differs from the default kernels' at %d (row %d): %g vs %g", mode, mods, v.name, j, j/total, altAside[j], gotAside[j])
+						}
+					}
 				}
+				upd.Free()
 			}
 			if !aside && (mode == "v1" || mode == "tc1") {
 				// sgmv_shrink64 gives sgmv_shrink's (and sgmv_shrink4's) bits
