@@ -185,24 +185,10 @@ func TestLoRABench(t *testing.T) {
 	// PEFTD_LORA_BENCH_SETS=4x32,1x32: only those adapters x rank tables (timed as usual)
 	sets := os.Getenv("PEFTD_LORA_BENCH_SETS")
 	// PEFTD_LORA_BENCH_SHRINK64=1 or -1: sgmv_shrink64 for every shrink, or none (kernelForce.shrink64)
-	sh64 := 0
-	if v := os.Getenv("PEFTD_LORA_BENCH_SHRINK64"); v != "" {
-		var err error
-		if sh64, err = strconv.Atoi(v); err != nil {
-			t.Fatalf("PEFTD_LORA_BENCH_SHRINK64=%q: %v", v, err)
-		}
-		bench("lora shrinks: kernelForce.shrink64 %d", sh64)
-	}
+	sh64 := envInt(t, "PEFTD_LORA_BENCH_SHRINK64", "lora shrinks: kernelForce.shrink64")
 	// PEFTD_LORA_BENCH_KC=1024: the shrinks' K split in pieces of that many
 	// columns (kernelForce.loraKChunk; -1: covering the SMs twice)
-	kc := 0
-	if v := os.Getenv("PEFTD_LORA_BENCH_KC"); v != "" {
-		var err error
-		if kc, err = strconv.Atoi(v); err != nil {
-			t.Fatalf("PEFTD_LORA_BENCH_KC=%q: %v", v, err)
-		}
-		bench("lora shrinks: kernelForce.loraKChunk %d", kc)
-	}
+	kc := envInt(t, "PEFTD_LORA_BENCH_KC", "lora shrinks: kernelForce.loraKChunk")
 	if only == nil { // host cost of one eager kernel launch (purego call + hop to the CUDA thread)
 		x := r.buffer(1, 256)
 		r.fill(x, r.rnd(256, 1))
@@ -1566,6 +1552,22 @@ func envShapes(t *testing.T, name string, def []benchShape) []benchShape {
 
 // envPositive is the positive integer in the environment variable name,
 // def when it is unset.
+// envInt is the integer in environment variable name (0 when unset),
+// announced as a bench line "what N" when set.
+func envInt(t *testing.T, name, what string) int {
+	t.Helper()
+	v := os.Getenv(name)
+	if v == "" {
+		return 0
+	}
+	n, err := strconv.Atoi(v)
+	if err != nil {
+		t.Fatalf("%s=%q: %v", name, v, err)
+	}
+	bench("%s %d", what, n)
+	return n
+}
+
 func envPositive(t *testing.T, name string, def int) int {
 	t.Helper()
 	v := os.Getenv(name)
