@@ -1550,8 +1550,6 @@ func envShapes(t *testing.T, name string, def []benchShape) []benchShape {
 	return out
 }
 
-// envPositive is the positive integer in the environment variable name,
-// def when it is unset.
 // envInt is the integer in environment variable name (0 when unset),
 // announced as a bench line "what N" when set.
 func envInt(t *testing.T, name, what string) int {
@@ -1568,6 +1566,8 @@ func envInt(t *testing.T, name, what string) int {
 	return n
 }
 
+// envPositive is the positive integer in the environment variable name,
+// def when it is unset.
 func envPositive(t *testing.T, name string, def int) int {
 	t.Helper()
 	v := os.Getenv(name)
