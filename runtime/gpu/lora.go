@@ -252,13 +252,16 @@ func (b *Backend) loraAside(o, x *Buffer, layer int, mods []llama.Module, total 
 	}
 	b.fail(b.la.s.Wait(b.la.fork))
 	pend := pendingDelta{base: ptr(o), delta: d, ld: o.ld, cols: total}
-	switch tc := b.tcChunks(mods); {
-	case b.ropeFold(mods, tc) || b.siluFold(mods, tc): // the shrink alone: RoPE or silu_mul expands (lora_rope.go, lora_silu.go)
+	// The shrink alone where RoPE or silu_mul expands the update
+	// (lora_rope.go, lora_silu.go), or, late, join expands it in place
+	// when the output is read; else shrink and expand into delta.
+	tc := b.tcChunks(mods)
+	fold := b.ropeFold(mods, tc) || b.siluFold(mods, tc)
+	late := !fold && b.expandLate(tc) && b.sgmvOK(x, mods, o.ld, ptr(o))
+	if fold || late {
 		pend = b.pendLoRA(o, layer, mods, tc, b.loraShrink(b.la.s, x, layer, mods), false)
-	case b.expandLate(tc) && b.sgmvOK(x, mods, o.ld, ptr(o)): // the shrink alone: the expand in place when the output is read (join)
-		pend = b.pendLoRA(o, layer, mods, tc, b.loraShrink(b.la.s, x, layer, mods), false)
-		pend.lora.late = true
-	default:
+		pend.lora.late = late
+	} else {
 		b.loraSlices(b.la.s, d, total, x, layer, mods, false)
 	}
 	if b.err == nil {
@@ -637,7 +640,7 @@ func (b *Backend) expandTC(st *cuda.Stream, tc int, outPtr cuda.DevicePtr, outSt
 	off1, off2 := slices12(offs)
 	// sgmv_expand_tc64 (kernelForce.expand64): the rank-32 class on the
 	// step's 64-row tiles
-	big := b.force.expand64 && tc == 1 && b.nBig > 0 && b.fn.sgExpandTC64 != nil
+	big := b.force.expand64 && tc == 1 && b.nBig > 0
 	// blocks per slice of sgmv_expand_tc{tc}; blk1, blk2: where slices 1 and 2 start
 	cols := tcBlockCols(tc)
 	if big {
