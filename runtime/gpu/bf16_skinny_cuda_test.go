@@ -88,6 +88,13 @@ func compareRows(t *testing.T, what string, want, got []uint16, N int) float64 {
 // round to a neighbouring bf16 value, which moves the product two steps).
 func compareRowsTol(t *testing.T, what string, want, got []uint16, N int, div float64) float64 {
 	t.Helper()
+	return compareRowsAbs(t, what, want, got, N, div, 1e-4)
+}
+
+// compareRowsAbs is compareRowsTol with the absolute term abs of the
+// largest wanted value in place of 1e-4.
+func compareRowsAbs(t *testing.T, what string, want, got []uint16, N int, div, abs float64) float64 {
+	t.Helper()
 	scale, worst := 0.0, 0.0
 	for _, v := range want {
 		scale = max(scale, math.Abs(float64(fromBF16(v))))
@@ -98,12 +105,43 @@ func compareRowsTol(t *testing.T, what string, want, got []uint16, N int, div fl
 			t.Fatalf("%s: output [%d,%d] not written", what, i/N, i%N)
 		}
 		d := math.Abs(a - b)
-		if d > math.Max(math.Abs(a), math.Abs(b))/div+scale*1e-4 {
+		if d > math.Max(math.Abs(a), math.Abs(b))/div+scale*abs {
 			t.Fatalf("%s: output [%d,%d] is %g, want %g", what, i/N, i%N, b, a)
 		}
 		worst = max(worst, d/scale)
 	}
 	return worst
+}
+
+// compareOrder checks two runs of one product whose K sums ran in
+// different orders (a staggered ws walk against an unstaggered one):
+// elementwise within a bf16 step of the larger (each run rounds its own
+// sum) plus an absolute term of the rows' largest value, 1e-4 with bf16
+// operands (float32 sums: the order moves them by far less) and 1/128
+// with FP8 (wgmma's FP8 accumulator keeps about 14 bits in each add, and
+// a sum takes K/32 of them: ~1e-3 of the running sum apart at K 4096,
+// 2^-7 at worst), then div more for outputs one step further on (64: the
+// silu(g) * u rows); and the RMS of the differences within 1/128 of the
+// rows' RMS, which an atom of K skipped or summed twice moves by ~1/8.
+// It returns that RMS ratio.
+func compareOrder(t *testing.T, what string, want, got []uint16, N int, fp8 bool, div float64) float64 {
+	t.Helper()
+	abs := 1e-4
+	if fp8 {
+		abs = 1.0 / 128
+	}
+	compareRowsAbs(t, what, want, got, N, div, abs)
+	var dd, ww float64
+	for i := range want {
+		a, b := float64(fromBF16(want[i])), float64(fromBF16(got[i]))
+		dd += (a - b) * (a - b)
+		ww += a * a
+	}
+	ratio := math.Sqrt(dd / max(ww, 1e-30))
+	if ratio > 1.0/128 {
+		t.Fatalf("%s: the differences' RMS is %.3g of the rows' (bound 1/128: a K atom skipped or summed twice?)", what, ratio)
+	}
+	return ratio
 }
 
 // TestSkinnyGemm checks gemm_skinny against cuBLASLt's bf16 product (both

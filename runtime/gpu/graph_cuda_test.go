@@ -260,7 +260,8 @@ func TestPDLMatchesSerialLaunch(t *testing.T) {
 // TestLoRAVariantsMatch: with the LoRA shrinks of 8 rank rows a block on
 // sgmv_shrink_e (kernelForce.shrinkE: tile, table entry and first A round
 // before griddepcontrol.wait), with the tensor-core expands adding in
-// place on sgmv_expand_tcp* (expandPre: the output values loaded early),
+// place on sgmv_expand_tcp* (expandPre: the output values loaded early;
+// both engines' LoRA serial, where every update adds in place),
 // and with the rank-32-class expands on sgmv_expand_tc64 (expand64: 64-row
 // tiles), and with the expands left to the compute stream (expandLate:
 // in place when the product is read, on tcp or tc64), every logits row of
@@ -280,18 +281,24 @@ func TestLoRAVariantsMatch(t *testing.T) {
 	if len(upTo32) == 0 || len(upTo32) == len(all) {
 		t.Fatalf("the fixture's adapters: %d of %d of rank 32 or less, want some but not all", len(upTo32), len(all))
 	}
-	defaults := map[int]*engine.Engine{}
+	type key struct {
+		n      int
+		serial bool
+	}
+	defaults := map[key]*engine.Engine{}
 	for _, v := range loraVariants {
 		adapters := all
 		if v.maxRank32 {
 			adapters = upTo32
 		}
-		ed := defaults[len(adapters)]
+		bo := Options{SerialLoRA: v.serial}
+		k := key{len(adapters), v.serial}
+		ed := defaults[k]
 		if ed == nil {
-			ed, _ = newMatchEngine(t, m, adapters, Options{})
-			defaults[len(adapters)] = ed
+			ed, _ = newMatchEngine(t, m, adapters, bo)
+			defaults[k] = ed
 		}
-		ev, bv := newMatchEngine(t, m, adapters, Options{})
+		ev, bv := newMatchEngine(t, m, adapters, bo)
 		v.set(&bv.force)
 		if err := bv.dropGraphs(); err != nil {
 			t.Fatal(err)
@@ -299,7 +306,11 @@ func TestLoRAVariantsMatch(t *testing.T) {
 		if err := ev.Warmup(); err != nil { // recorded again, with the variant
 			t.Fatal(err)
 		}
-		matchSteps(t, m, len(adapters), ev, ed, v.name+" and the default kernels")
+		what := v.name + " and the default kernels"
+		if v.serial {
+			what += ", LoRA serial"
+		}
+		matchSteps(t, m, len(adapters), ev, ed, what)
 		if v.runs(bv) == 0 {
 			t.Errorf("%s: no launch in the recordings or the steps", v.name)
 		}
@@ -314,18 +325,19 @@ type loraVariant struct {
 	name      string
 	op        bool
 	maxRank32 bool // it applies to the rank-32 class alone (steps of adapters of rank 32 or less)
+	serial    bool // its kernel runs only where an update adds in place: TestLoRAVariantsMatch runs LoRA serially (Options.SerialLoRA) in both engines
 	set       func(*kernelForce)
 	runs      func(*Backend) int
 }
 
 var loraVariants = []loraVariant{
-	{"sgmv_shrink_e", true, false, func(f *kernelForce) { f.shrinkE = true }, func(b *Backend) int { return b.shrinkEs }},
-	{"sgmv_expand_tcp", true, false, func(f *kernelForce) { f.expandPre = true }, func(b *Backend) int { return b.expandPres }},
-	{"sgmv_expand_tc64", true, true, func(f *kernelForce) { f.expand64 = true }, func(b *Backend) int { return b.expand64s }},
+	{"sgmv_shrink_e", true, false, false, func(f *kernelForce) { f.shrinkE = true }, func(b *Backend) int { return b.shrinkEs }},
+	{"sgmv_expand_tcp", true, false, true, func(f *kernelForce) { f.expandPre = true }, func(b *Backend) int { return b.expandPres }},
+	{"sgmv_expand_tc64", true, true, false, func(f *kernelForce) { f.expand64 = true }, func(b *Backend) int { return b.expand64s }},
 	// the late variants count join's late expands: an eager step above
 	// the graph rows adds in place anyway (its expands count as tcp / tc64)
-	{"late sgmv_expand_tcp", false, false, func(f *kernelForce) { f.expandLate, f.expandPre = 1, true }, func(b *Backend) int { return min(b.lateExpands, b.expandPres) }},
-	{"late sgmv_expand_tc64", false, true, func(f *kernelForce) { f.expandLate, f.expand64 = 1, true }, func(b *Backend) int { return min(b.lateExpands, b.expand64s) }},
+	{"late sgmv_expand_tcp", false, false, false, func(f *kernelForce) { f.expandLate, f.expandPre = 1, true }, func(b *Backend) int { return min(b.lateExpands, b.expandPres) }},
+	{"late sgmv_expand_tc64", false, true, false, func(f *kernelForce) { f.expandLate, f.expand64 = 1, true }, func(b *Backend) int { return min(b.lateExpands, b.expand64s) }},
 }
 
 // adapterMaxRank is the largest rank of a's projections.
