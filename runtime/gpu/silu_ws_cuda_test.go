@@ -65,16 +65,16 @@ func TestBF16WsSiLU(t *testing.T) {
 			worst, scale, off := 0.0, 0.0, 0
 			for j, v := range want {
 				m, c := j/I, j%I
-				gv, uv := float64(bf16f(prod[m*N+c])), float64(bf16f(prod[m*N+I+c]))
+				gv, uv := float64(fromBF16(prod[m*N+c])), float64(fromBF16(prod[m*N+I+c]))
 				e := gv / (1 + math.Exp(-gv)) * uv
 				scale = max(scale, math.Abs(e))
-				worst = max(worst, math.Abs(float64(bf16f(v))-e)/max(math.Abs(e), 1e-30))
+				worst = max(worst, math.Abs(float64(fromBF16(v))-e)/max(math.Abs(e), 1e-30))
 			}
 			if worst > 1.0/128 || scale == 0 {
 				t.Fatalf("%s: silu_mul's reference is %.3g off silu(g) * u in float64 (largest %g)", what, worst, scale)
 			}
 			for j, v := range got {
-				a, b := float64(bf16f(v)), float64(bf16f(want[j]))
+				a, b := float64(fromBF16(v)), float64(fromBF16(want[j]))
 				if math.IsNaN(a) || math.Abs(a-b) > max(math.Abs(a), math.Abs(b))/64+1e-4*scale {
 					t.Fatalf("%s, staggered: output %d (row %d, column %d) %g, gemm_ws then silu_mul %g", what, j, j/I, j%I, a, b)
 				}
@@ -241,8 +241,6 @@ func siluPlans(g *wsProduct, M, N, K, sms int) []wsPlan {
 	}
 	return ps
 }
-
-func bf16f(v uint16) float32 { return math.Float32frombits(uint32(v) << 16) }
 
 // TestOpLinearSiLU: Backend.LinearSiLU (on: kernelForce.wsSiLU 1) takes a
 // bf16 gate/up product of 17-64 rows that gemm_ws plans on a fused width
