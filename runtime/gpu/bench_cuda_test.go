@@ -469,7 +469,7 @@ type decodeVariant struct {
 	wssilu                       int    // bf16 gate/up and silu_mul in one gemm_ws_silu launch where it fits (kernelForce.wsSiLU: 1 on, -1 never, 0 the default: wsSiLUAuto)
 	wsearlyo                     int    // the same for o alone (kernelForce.wsEarlyO; 0: as wsearly)
 	wsqx                         int    // FP8: o's product quantizing its own input (fp8_ws_qx, fp8_ws_qxnorm; kernelForce.wsQX: 1 on, -1 never, 0 the default: wsQXAuto)
-	wshalf                       int    // gate/up on the half-row kernels (gemm_wsh, fp8_wsh) where loaded (kernelForce.wsHalf: 1 on, -1 never, 0 the default: wsHalfAuto)
+	wshalf                       int    // gate/up on the half-row kernels (gemm_wsh, fp8_wsh) where loaded (kernelForce.wsHalf: 1 on, -1 never, 0 the default: wsHalfAuto, wsHalfFP8Auto)
 	she                          bool   // LoRA shrinks of 8 rank rows a block on sgmv_shrink_e (kernelForce.shrinkE)
 	x64                          bool   // rank-32-class LoRA expands on sgmv_expand_tc64, 64-row tiles (kernelForce.expand64)
 	pre                          bool   // in-place tensor-core expands on sgmv_expand_tcp* (kernelForce.expandPre)
@@ -861,7 +861,7 @@ func TestDecodeBench(t *testing.T) {
 		{sms: -1, pa: true}, {lora: true, sms: -1, pa: true},
 		{sms: -1, wssilu: 1}, {sms: -1, wssilu: -1},
 		{sms: -1, wsnorm: 1}, {sms: -1, wsnorm: -1}, {sms: -1, wssilu: 1, wsnorm: 1},
-		{sms: -1, wshalf: 1}, {sms: -1, wshalf: 1, wssilu: 1}, {sms: -1, wshalf: 1, wssilu: 1, wsnorm: 1},
+		{sms: -1, wshalf: 1}, {sms: -1, wshalf: -1}, {lora: true, sms: -1, wshalf: 1}, {lora: true, sms: -1, wshalf: -1}, {sms: -1, wshalf: 1, wssilu: 1}, {sms: -1, wshalf: 1, wssilu: 1, wsnorm: 1},
 		{sms: -1, wsfrom: 9, wssilu: 1, wsnorm: 1}, {sms: -1, wsfrom: 9, wssilu: 1, wsnorm: 1, wshalf: 1}, // FP8 9-16 rows: fp8_ws with the fused ends
 		{sms: -1, wsqx: 1}, {sms: -1, wsqx: 1, wsnorm: 1}, {sms: -1, wsqx: 1, wsnorm: 1, wssilu: 1, wshalf: 1}, {sms: -1, wsfrom: 9, wsqx: 1, wsnorm: 1, wssilu: 1},
 		{sms: -1, wsearlyo: 4}, {sms: -1, wsearlyo: 7}, {lora: true, sms: -1, wsearlyo: 4}, {lora: true, sms: -1, wsearlyo: 7},

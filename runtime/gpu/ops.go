@@ -264,7 +264,7 @@ func (b *Backend) Linear(out, in engine.Buffer, w engine.Weight) {
 	b.wrote(out)
 	b.forkAt(buf(in))
 	if ws := b.wsFor(w); ws != nil {
-		ws.early, ws.half = b.wsEarly(buf(in)), b.wsHalf()
+		ws.early, ws.half = b.wsEarly(buf(in)), b.wsHalf(ws.esize)
 	}
 	shared := false // the LoRA stream runs beside this product on SMs held back from it
 	if base, _, ok := b.Partition(); ok {

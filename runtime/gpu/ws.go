@@ -449,18 +449,28 @@ const wsEarlyStages = 1
 
 // wsHalfAuto is whether the ws products of widths 224 and 256 take their
 // half-row kernels (gemm_wsh_n*, fp8_wsh_n*: two 128-byte atoms of half the
-// block's weight rows a stage, the halves alternating) by default. Off:
-// session 80 built them and compiled their SASS with no GPU lent, so they
-// are neither checked nor measured there yet. PERFORMANCE v0.71 section 3
-// measured what they are for: gate/up read tile-major (each row 256 bytes
-// and more at a time) 61.9 -> 60.1 µs (bf16) and 34.0 -> 33.1 µs (FP8) at
-// 64 rows. kernelForce.wsHalf 1 turns them on (TestDecodeBench +wshalf;
+// block's weight rows a stage, the halves alternating) by default, for
+// bf16 weights (esize 2) and for FP8 (esize 1). PERFORMANCE v0.71 section
+// 3 measured what they are for: gate/up read tile-major (each row 256
+// bytes and more at a time) 61.9 -> 60.1 µs (bf16) and 34.0 -> 33.1 µs
+// (FP8) at 64 rows. PERFORMANCE v0.75 (H100, TestWsHalf passing on the
+// same tree): FP8 steps 4.74 -> 4.63 ms at 32 rows and 5.62 -> 5.56 at 64,
+// so FP8 takes them; bf16 steps are not measured with them yet and stay
+// off. kernelForce.wsHalf 1 or -1 sets both (TestDecodeBench +wshalf;
 // TestWsHalf checks them against the one-atom kernels).
-const wsHalfAuto = false
+const (
+	wsHalfAuto    = false // bf16
+	wsHalfFP8Auto = true
+)
 
-// wsHalf is whether the step's ws products take the half-row kernels
-// (kernelForce.wsHalf, else wsHalfAuto).
-func (b *Backend) wsHalf() bool { return forcedOn(b.force.wsHalf, wsHalfAuto) }
+// wsHalf is whether the step's ws products of element size esize take the
+// half-row kernels (kernelForce.wsHalf, else wsHalfAuto or wsHalfFP8Auto).
+func (b *Backend) wsHalf(esize int) bool {
+	if esize == 1 {
+		return forcedOn(b.force.wsHalf, wsHalfFP8Auto)
+	}
+	return forcedOn(b.force.wsHalf, wsHalfAuto)
+}
 
 // wsEarly is the early stages the step's ws product of input in asks
 // (kernelForce.wsEarlyO where set and in is the attention output, else
