@@ -455,15 +455,14 @@ const wsEarlyStages = 1
 // bytes and more at a time) 61.9 -> 60.1 µs (bf16) and 34.0 -> 33.1 µs
 // (FP8) at 64 rows. PERFORMANCE v0.75 (H100, TestWsHalf passing on the
 // same tree): FP8 steps 4.74 -> 4.63 ms at 32 rows and 5.62 -> 5.56 at 64
-// with them forced on. FP8 is to take them by default once a GPU call runs
-// that default on the tree that sets it (the fixtures and 1-256-row steps
-// through it; session 83 lost its device before that call); bf16 steps are
-// not measured with them yet. kernelForce.wsHalf 1 or -1 sets both
+// with them forced on, so FP8 takes them by default (session 84, checked on
+// the tree that sets it: PERFORMANCE v0.76); bf16 steps stay on the
+// one-atom kernels until measured. kernelForce.wsHalf 1 or -1 sets both
 // (TestDecodeBench +wshalf, +nowshalf; TestWsHalf checks them against the
 // one-atom kernels).
 const (
 	wsHalfAuto    = false // bf16
-	wsHalfFP8Auto = false
+	wsHalfFP8Auto = true
 )
 
 // wsHalf is whether the step's ws products of element size esize take the
