@@ -165,20 +165,23 @@ func TestLoRABench(t *testing.T) {
 	bw := copyBandwidth(t, b)
 	dev := b.Device()
 	bench("lora device %s; copy bandwidth %.0f GB/s (D2D 1 GiB, read+write)", dev.Name, bw/1e9)
-	// PEFTD_LORA_BENCH_ONLY=N,rank,T (e.g. 4,32,8): that case alone, v1 then
-	// v2, one untimed replay each and no warm-up (for ncu: 8 + 4 kernels).
+	// PEFTD_LORA_BENCH_ONLY=N,rank,T (e.g. 4,32,8, or 4,32,4x512pf for the
+	// prefill case): that case alone, v1 then v2, one untimed replay each
+	// and no warm-up (for ncu: 8 + 4 kernels).
 	reps, warm := 40, 3
-	var only []int
+	var only []string
 	if o := os.Getenv("PEFTD_LORA_BENCH_ONLY"); o != "" {
-		for _, f := range strings.Split(o, ",") {
-			v, err := strconv.Atoi(strings.TrimSpace(f))
-			if err != nil {
-				t.Fatalf("PEFTD_LORA_BENCH_ONLY=%q: %v", o, err)
-			}
-			only = append(only, v)
+		only = strings.Split(o, ",")
+		for i := range only {
+			only[i] = strings.TrimSpace(only[i])
 		}
 		if len(only) != 3 {
 			t.Fatalf("PEFTD_LORA_BENCH_ONLY=%q: want N,rank,T", o)
+		}
+		for _, f := range only[:2] {
+			if _, err := strconv.Atoi(f); err != nil {
+				t.Fatalf("PEFTD_LORA_BENCH_ONLY=%q: %v", o, err)
+			}
 		}
 		reps, warm = 1, 0
 	}
@@ -322,7 +325,7 @@ func TestLoRABench(t *testing.T) {
 	rng := rand.New(rand.NewPCG(1, 2))
 	for _, nAd := range []int{1, 4, 16} {
 		for _, rank := range []int{16, 32, 64} {
-			if only != nil && (nAd != only[0] || rank != only[1]) || sets != "" && !slices.Contains(strings.Split(sets, ","), fmt.Sprintf("%dx%d", nAd, rank)) {
+			if only != nil && (fmt.Sprint(nAd) != only[0] || fmt.Sprint(rank) != only[1]) || sets != "" && !slices.Contains(strings.Split(sets, ","), fmt.Sprintf("%dx%d", nAd, rank)) {
 				continue
 			}
 			for s := 0; s < 16; s++ {
@@ -351,7 +354,7 @@ func TestLoRABench(t *testing.T) {
 				cases = append(cases, tc{"4x512pf", []int{512, 512, 512, 512}})
 			}
 			for _, c := range cases {
-				if only != nil && c.label != fmt.Sprint(only[2]) {
+				if only != nil && c.label != only[2] {
 					continue
 				}
 				T := 0
