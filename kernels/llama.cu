@@ -2549,13 +2549,28 @@ struct TcShape {
 // (the step's 64-row tiles of one adapter) and NG / MT column groups a
 // warp: each B column is then read once per 16 MT rows. The MMAs of each
 // output are the same in the same order: the bits of MT 1.
-template <int KC, bool PRE = false, int MT = 1>
+//
+// ST (sgmv_expand_tc64s; kernelForce.stageOut): adding in place, the
+// block's output tile moves between global and shared memory in 16-byte
+// pieces of whole rows (cp.async in right after griddepcontrol.wait, in
+// flight with tmp's loads; coalesced stores out after the adds), and each
+// thread adds its MMA values to the tile in shared memory, instead of
+// 4-byte loads and stores in the MMA fragment's layout (8 rows x 16 bytes
+// an instruction: half of each 32-byte sector). The same adds: the same
+// bits. Needs 16-byte aligned rows (o_stride % 8 == 0, out 16-byte
+// aligned: runtime/gpu checks).
+template <int KC, bool PRE = false, int MT = 1, bool ST = false>
 __device__ __forceinline__ void expand_tc_body(
     bf16* __restrict__ out, const float* __restrict__ tmp, const LoraEntry* __restrict__ table, const int4* __restrict__ tiles,
     int entry_base, int entry_stride, int m0, int m1, int m2, int blk1, int blk2, int off1, int off2, int out_total,
     int max_rank, int o_stride, int t_stride, int rows_total, int ksplit, int accum) {
     constexpr int NG = TcShape<KC, MT>::NG, R = 32 * KC, W = R + 4;
+    // ST: the output tile, rows of COLS + 8 bf16 (the 8: a thread's
+    // fragment rows g = 0..7 land 4 banks apart)
+    constexpr int COLS = TcShape<KC, MT>::COLS, OW = COLS + 8;
+    static_assert(!ST || !PRE, "expand_tc_body: ST loads the outputs itself");
     __shared__ __align__(16) float ts[SG_TR * MT * W];
+    __shared__ __align__(16) bf16 os[ST ? 16 * MT * OW : 8];
     // Before griddepcontrol.wait (pdl_entry) this block reads only what no
     // kernel of the step writes: its tile (step metadata, copied before the
     // step), its table entry and its columns of B (adapter weights). So
@@ -2587,6 +2602,21 @@ __device__ __forceinline__ void expand_tc_body(
         }
     }
     pdl_entry(); // tmp is the shrink's output
+    // ST: the block's output tile into os (the product before this kernel
+    // wrote it: after the wait), in flight with tmp's loads; 16-byte
+    // pieces, piece i row i / (COLS / 8)
+    const int bcol0 = sOff + chunk * COLS; // the block's first column
+    const bool staged = ST && accum && rank > 0;
+    if constexpr (ST) {
+        if (staged) {
+            for (int i = threadIdx.x; i < 16 * MT * (COLS / 8); i += 256) {
+                const int r = i / (COLS / 8), col = bcol0 + 8 * (i % (COLS / 8));
+                if (r < n && col < sEnd)
+                    cp_async16(static_cast<unsigned>(__cvta_generic_to_shared(os + r * OW + col - bcol0)), out + (i64)(tile.x + r) * o_stride + col, 16);
+            }
+            cp_async_commit();
+        }
+    }
     // PRE: the output values this thread adds to (the product before this
     // kernel wrote them: after the wait), in flight with tmp's loads
     __nv_bfloat162 ov[PRE ? MT : 1][PRE ? NG : 1][2];
@@ -2618,6 +2648,9 @@ __device__ __forceinline__ void expand_tc_body(
         sum_kparts<ZU>(v, tmp + ((i64)tile.x + r0) * t_stride + s * max_rank + k, (i64)DR * t_stride, (i64)rows_total * t_stride, ksplit, ok);
 #pragma unroll
         for (int u = 0; u < PER; u++) ts[(r0 + DR * u) * W + k] = v[u];
+    }
+    if constexpr (ST) {
+        if (staged) cp_async_wait<0>(); // this thread's pieces of os have landed (the barrier: everyone's)
     }
     __syncthreads();
 #pragma unroll
@@ -2661,13 +2694,27 @@ __device__ __forceinline__ void expand_tc_body(
                 const int r = 16 * mt + g + 8 * half;
                 if (r >= n) continue;
                 const float v0 = c[ng][2 * half], v1 = c[ng][2 * half + 1];
-                if (accum) {
+                if (ST && accum) {
+                    __nv_bfloat162* p = reinterpret_cast<__nv_bfloat162*>(os + r * OW + col - bcol0);
+                    const float2 o = __bfloat1622float2(*p);
+                    *p = __floats2bfloat162_rn(o.x + v0, o.y + v1);
+                } else if (accum) {
                     __nv_bfloat162* p = reinterpret_cast<__nv_bfloat162*>(out + (i64)(tile.x + r) * o_stride + col);
                     const float2 o = __bfloat1622float2(PRE ? ov[PRE ? mt : 0][PRE ? ng : 0][half] : *p);
                     *p = __floats2bfloat162_rn(o.x + v0, o.y + v1);
                 } else {
                     *reinterpret_cast<float2*>(reinterpret_cast<float*>(out) + (i64)(tile.x + r) * o_stride + col) = make_float2(v0, v1);
                 }
+            }
+        }
+    }
+    if constexpr (ST) {
+        if (staged) { // the summed tile out in 16-byte pieces of whole rows
+            __syncthreads();
+            for (int i = threadIdx.x; i < 16 * MT * (COLS / 8); i += 256) {
+                const int r = i / (COLS / 8), col = bcol0 + 8 * (i % (COLS / 8));
+                if (r < n && col < sEnd)
+                    *reinterpret_cast<uint4*>(out + (i64)(tile.x + r) * o_stride + col) = *reinterpret_cast<const uint4*>(os + r * OW + col - bcol0);
             }
         }
     }
@@ -2701,6 +2748,11 @@ extern "C" __global__ void __launch_bounds__(256) sgmv_expand_tc64(EXPAND_TC_ARG
     static_assert(TcShape<1, 4>::COLS == X64_COLS, "sgmv_expand_tc64: runtime/gpu's x64Cols");
     expand_tc_body<1, true, 4>(EXPAND_TC_PASS);
 }
+// sgmv_expand_tc64s: sgmv_expand_tc64 with the output tile staged in
+// shared memory (expand_tc_body's ST; kernelForce.stageOut, off by
+// default): 16-byte whole-row loads and stores of the values it adds to.
+// The same bits.
+extern "C" __global__ void __launch_bounds__(256) sgmv_expand_tc64s(EXPAND_TC_ARGS) { expand_tc_body<1, false, 4, true>(EXPAND_TC_PASS); }
 
 // l2_flush: reads n 16-byte words (a buffer larger than L2) and writes nothing
 // unless the impossible happens, so the cache ends up full of clean lines.

@@ -247,6 +247,7 @@ type funcs struct {
 	sgExpandTC                                                                                             [3]*cuda.Function // sgmv_expand_tc1, tc2, tc4
 	sgExpandTCP                                                                                            [3]*cuda.Function // sgmv_expand_tcp1, tcp2, tcp4 (kernelForce.expandPre)
 	sgExpandTC64                                                                                           *cuda.Function    // sgmv_expand_tc64 (kernelForce.expand64)
+	sgExpandTC64S                                                                                          *cuda.Function    // sgmv_expand_tc64s (kernelForce.stageOut)
 	ropeRows                                                                                               *cuda.Function    // rope_store_rows
 	ropeLoRA                                                                                               *cuda.Function    // rope_store_lora
 	siluMulLoRA                                                                                            [3]*cuda.Function // silu_mul_lora1, 2, 4 (lora_silu.go)
@@ -313,6 +314,7 @@ type kernelForce struct {
 	shrink64   int           // LoRA shrinks as sgmv_shrink64 (64-row tiles): 1 always, -1 never, 0 from sgBigMinRows LoRA rows
 	expandLate int           // from this many LoRA rows (0: never) the LoRA stream runs the shrinks alone and each expand runs in place on the compute stream when its product is read (lora.go expandLate)
 	expand64   bool          // rank-32-class tensor-core LoRA expands as sgmv_expand_tc64 (64-row tiles of one adapter, 128 columns a block: B read once per 64 rows; the output values loaded early when adding in place; tc1's bits)
+	stageOut   bool          // with expand64, the expands adding in place as sgmv_expand_tc64s (the output tile staged in shared memory: 16-byte whole-row loads and stores, not 4-byte ones in the MMA fragment's layout; the same bits)
 	expandPre  bool          // tensor-core LoRA expands adding in place as sgmv_expand_tcp* (the output values loaded with tmp's, not one pair at a time after the MMAs; the same bits)
 	shrinkE    bool          // LoRA shrinks of 8 rank rows a block as sgmv_shrink_e (tile, table entry and first A round before griddepcontrol.wait; sgmv_shrink's bits)
 	l2Win      int           // the LoRA update buffer as an L2 persisting window (l2win.go): 1 on, -1 off, 0 the default (loraL2Default, PEFTD_LORA_L2); 3 on over the whole buffer, not loraL2Bytes of it (an A/B)
@@ -333,10 +335,10 @@ type Backend struct {
 	// fused counts the fused ops' launches enqueued or recorded
 	// (LinearSiLU, LinearAddRMSNorm: tests see that a step took them)
 	fused struct{ silu, norm int }
-	// shrinkEs, expandPres and expand64s count the sgmv_shrink_e,
-	// sgmv_expand_tcp* and sgmv_expand_tc64 launches enqueued or recorded
-	// (tests)
-	shrinkEs, expandPres, expand64s int
+	// shrinkEs, expandPres, expand64s and expandStageds count the
+	// sgmv_shrink_e, sgmv_expand_tcp*, sgmv_expand_tc64 and
+	// sgmv_expand_tc64s launches enqueued or recorded (tests)
+	shrinkEs, expandPres, expand64s, expandStageds int
 	// lateExpands counts the expands join ran in place for expandLate
 	lateExpands int
 	// attnOut is the buffer the step's last Attention op wrote: the
@@ -708,7 +710,7 @@ func (b *Backend) open(opts Options) error {
 		{&b.fn.attnPrefill8[0], "attn_prefill8_d32"}, {&b.fn.attnPrefill8[1], "attn_prefill8_d64"}, {&b.fn.attnPrefill8[2], "attn_prefill8_d128"},
 		{&b.fn.addBias, "add_bias"}, {&b.fn.headRMSNorm, "head_rmsnorm"}, {&b.fn.addDelta, "add_delta"}, {&b.fn.fillRows, "fill_rows"},
 		{&b.fn.sgExpandTC[0], "sgmv_expand_tc1"}, {&b.fn.sgExpandTC[1], "sgmv_expand_tc2"}, {&b.fn.sgExpandTC[2], "sgmv_expand_tc4"},
-		{&b.fn.sgExpandTCP[0], "sgmv_expand_tcp1"}, {&b.fn.sgExpandTCP[1], "sgmv_expand_tcp2"}, {&b.fn.sgExpandTCP[2], "sgmv_expand_tcp4"}, {&b.fn.sgExpandTC64, "sgmv_expand_tc64"},
+		{&b.fn.sgExpandTCP[0], "sgmv_expand_tcp1"}, {&b.fn.sgExpandTCP[1], "sgmv_expand_tcp2"}, {&b.fn.sgExpandTCP[2], "sgmv_expand_tcp4"}, {&b.fn.sgExpandTC64, "sgmv_expand_tc64"}, {&b.fn.sgExpandTC64S, "sgmv_expand_tc64s"},
 		{&b.fn.ropeRows, "rope_store_rows"}, {&b.fn.ropeLoRA, "rope_store_lora"},
 		{&b.fn.siluMulLoRA[0], "silu_mul_lora1"}, {&b.fn.siluMulLoRA[1], "silu_mul_lora2"}, {&b.fn.siluMulLoRA[2], "silu_mul_lora4"}} {
 		if *f.p, err = b.mod.Function(f.name); err != nil {

@@ -151,7 +151,9 @@ func loraParamsPerRank(cfg *llama.Config) int {
 // aside_us with the shrinks on sgmv_shrink_e (kernelForce.shrinkE), pre_us
 // tc_us with the expands on sgmv_expand_tcp* (kernelForce.expandPre),
 // x64_us pre_us with the rank-32 class's on sgmv_expand_tc64 (64-row
-// tiles; kernelForce.expand64), x64a_us aside_us with sgmv_expand_tc64;
+// tiles; kernelForce.expand64), x64a_us aside_us with sgmv_expand_tc64,
+// x64s_us x64_us with the output tile staged in shared memory
+// (sgmv_expand_tc64s, kernelForce.stageOut);
 // NaN where the variant's kernel does not run (sgmv_shrink64's rows for
 // early_us, ranks above 32 for the x64 columns).
 func TestLoRABench(t *testing.T) {
@@ -321,7 +323,7 @@ func TestLoRABench(t *testing.T) {
 		}
 		return float64(2 * T * n)
 	}
-	bench("lora %-4s %-4s %-9s %9s %9s %9s %9s %8s %9s %9s %7s %7s %7s %7s %9s %9s %9s %9s %9s %9s", "N", "rank", "T", "v0_us", "v1_us", "v2_us", "tc_us", "adapt_MB", "floor_us", "floorA_us", "v1_frac", "v2_frac", "tcA_frac", "v1/tc", "graph_us", "aside_us", "early_us", "pre_us", "x64_us", "x64a_us")
+	bench("lora %-4s %-4s %-9s %9s %9s %9s %9s %8s %9s %9s %7s %7s %7s %7s %9s %9s %9s %9s %9s %9s %9s", "N", "rank", "T", "v0_us", "v1_us", "v2_us", "tc_us", "adapt_MB", "floor_us", "floorA_us", "v1_frac", "v2_frac", "tcA_frac", "v1/tc", "graph_us", "aside_us", "early_us", "pre_us", "x64_us", "x64a_us", "x64s_us")
 	rng := rand.New(rand.NewPCG(1, 2))
 	for _, nAd := range []int{1, 4, 16} {
 		for _, rank := range []int{16, 32, 64} {
@@ -369,7 +371,7 @@ func TestLoRABench(t *testing.T) {
 				// default: shrink + tensor-core expand), and the graph layout:
 				// what a replayed serving step of T rows runs (the rows padded
 				// to their bucket, the bucket's tile capacity, the rank class)
-				var us [10]float64
+				var us [11]float64
 				for v := range 5 {
 					if only != nil && v == 0 {
 						continue
@@ -408,11 +410,15 @@ func TestLoRABench(t *testing.T) {
 				r.begin(m)
 				us[8] = ranOr(&b.expand64s, timeGraph, true)
 				r.end()
+				b.force.stageOut = true
+				r.begin(m)
+				us[10] = ranOr(&b.expandStageds, timeGraph, true)
+				r.end()
 				b.force = kernelForce{}
 				adBytes := float64(2 * rank * perRank * len(c.segs))
 				floor := adBytes / bw * 1e6
 				floorAll := (adBytes + actBytes(T)) / bw * 1e6
-				bench("lora %-4d %-4d %-9s %9.1f %9.1f %9.1f %9.1f %8.1f %9.1f %9.1f %7.2f %7.2f %7.2f %7.2f %9.1f %9.1f %9.1f %9.1f %9.1f %9.1f", nAd, rank, c.label, us[0], us[1], us[2], us[3], adBytes/1e6, floor, floorAll, floor/us[1], floor/us[2], floorAll/us[3], us[1]/us[3], us[4], us[5], us[6], us[7], us[8], us[9])
+				bench("lora %-4d %-4d %-9s %9.1f %9.1f %9.1f %9.1f %8.1f %9.1f %9.1f %7.2f %7.2f %7.2f %7.2f %9.1f %9.1f %9.1f %9.1f %9.1f %9.1f %9.1f", nAd, rank, c.label, us[0], us[1], us[2], us[3], adBytes/1e6, floor, floorAll, floor/us[1], floor/us[2], floorAll/us[3], us[1]/us[3], us[4], us[5], us[6], us[7], us[8], us[9], us[10])
 			}
 		}
 	}

@@ -655,6 +655,10 @@ func (b *Backend) expandTC(st *cuda.Stream, tc int, outPtr cuda.DevicePtr, outSt
 	f := b.fn.sgExpandTC[bits.TrailingZeros(uint(tc))]
 	tiles, nTiles := b.off.tiles, b.nTiles
 	switch {
+	case big && b.force.stageOut && acc == 1 && outStride%8 == 0 && outPtr%16 == 0:
+		// (16-byte whole-row pieces of the output)
+		f, tiles, nTiles = b.fn.sgExpandTC64S, b.off.bigTiles, b.nBig
+		b.expandStageds++
 	case big:
 		f, tiles, nTiles = b.fn.sgExpandTC64, b.off.bigTiles, b.nBig
 		b.expand64s++
