@@ -154,7 +154,8 @@ func loraParamsPerRank(cfg *llama.Config) int {
 // tiles; kernelForce.expand64), x64a_us aside_us with sgmv_expand_tc64,
 // x64s_us x64_us with the output tile staged in shared memory
 // (sgmv_expand_tc64s, kernelForce.stageOut);
-// NaN where the variant's kernel does not run (sgmv_shrink64's rows for
+// tc_us (the default) takes sgmv_expand_tc64s from stageOutMinRows LoRA
+// rows (the 4 x 512 prefill, since v0.76); NaN where the variant's kernel does not run (sgmv_shrink64's rows for
 // early_us, ranks above 32 for the x64 columns).
 func TestLoRABench(t *testing.T) {
 	if os.Getenv("PEFTD_LORA_BENCH") == "" {
@@ -402,7 +403,7 @@ func TestLoRABench(t *testing.T) {
 				// pre_us: tc with the expands' output values loaded early
 				// (sgmv_expand_tcp*); x64_us: and on 64-row tiles
 				// (sgmv_expand_tc64, the rank-32 class)
-				b.force = kernelForce{shrink64: sh64, loraKChunk: kc, expandPre: true}
+				b.force = kernelForce{shrink64: sh64, loraKChunk: kc, expandPre: true, stageOut: -1}
 				r.begin(m)
 				us[7] = ranOr(&b.expandPres, timeGraph, true)
 				r.end()
@@ -410,7 +411,7 @@ func TestLoRABench(t *testing.T) {
 				r.begin(m)
 				us[8] = ranOr(&b.expand64s, timeGraph, true)
 				r.end()
-				b.force.stageOut = true
+				b.force.stageOut = 1
 				r.begin(m)
 				us[10] = ranOr(&b.expandStageds, timeGraph, true)
 				r.end()

@@ -334,7 +334,7 @@ var loraVariants = []loraVariant{
 	{"sgmv_shrink_e", true, false, false, func(f *kernelForce) { f.shrinkE = true }, func(b *Backend) int { return b.shrinkEs }},
 	{"sgmv_expand_tcp", true, false, true, func(f *kernelForce) { f.expandPre = true }, func(b *Backend) int { return b.expandPres }},
 	{"sgmv_expand_tc64", true, true, false, func(f *kernelForce) { f.expand64 = true }, func(b *Backend) int { return b.expand64s }},
-	{"sgmv_expand_tc64s", true, true, true, func(f *kernelForce) { f.expand64, f.stageOut = true, true }, func(b *Backend) int { return b.expandStageds }},
+	{"sgmv_expand_tc64s", true, true, true, func(f *kernelForce) { f.expand64, f.stageOut = true, 1 }, func(b *Backend) int { return b.expandStageds }},
 	// the late variants count join's late expands: an eager step above
 	// the graph rows adds in place anyway (its expands count as tcp / tc64)
 	{"late sgmv_expand_tcp", false, false, false, func(f *kernelForce) { f.expandLate, f.expandPre = 1, true }, func(b *Backend) int { return min(b.lateExpands, b.expandPres) }},

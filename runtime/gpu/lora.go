@@ -639,8 +639,12 @@ func (b *Backend) expandTC(st *cuda.Stream, tc int, outPtr cuda.DevicePtr, outSt
 	total := offs[n]
 	off1, off2 := slices12(offs)
 	// sgmv_expand_tc64 (kernelForce.expand64): the rank-32 class on the
-	// step's 64-row tiles
-	big := b.force.expand64 && tc == 1 && b.nBig > 0
+	// step's 64-row tiles; sgmv_expand_tc64s (stageOut): the same with
+	// the output tile staged, for an update added in place into 16-byte
+	// aligned rows
+	canStage := acc == 1 && outStride%8 == 0 && outPtr%16 == 0 && b.fn.sgExpandTC64S != nil
+	staged := canStage && (b.force.stageOut > 0 && b.force.expand64 || b.force.stageOut == 0 && b.nLora >= stageOutMinRows)
+	big := (b.force.expand64 || staged) && tc == 1 && b.nBig > 0
 	// blocks per slice of sgmv_expand_tc{tc}; blk1, blk2: where slices 1 and 2 start
 	cols := tcBlockCols(tc)
 	if big {
@@ -655,8 +659,7 @@ func (b *Backend) expandTC(st *cuda.Stream, tc int, outPtr cuda.DevicePtr, outSt
 	f := b.fn.sgExpandTC[bits.TrailingZeros(uint(tc))]
 	tiles, nTiles := b.off.tiles, b.nTiles
 	switch {
-	case big && b.force.stageOut && acc == 1 && outStride%8 == 0 && outPtr%16 == 0:
-		// (16-byte whole-row pieces of the output)
+	case big && staged:
 		f, tiles, nTiles = b.fn.sgExpandTC64S, b.off.bigTiles, b.nBig
 		b.expandStageds++
 	case big:
@@ -670,6 +673,14 @@ func (b *Backend) expandTC(st *cuda.Stream, tc int, outPtr cuda.DevicePtr, outSt
 		outPtr, b.stepTmp, b.table, b.i32(tiles), base, stride, ms[0], ms[1], ms[2], blk1, blk2, off1, off2, total,
 		b.stepRank, outStride, tStride, b.rows(), ks, acc)
 }
+
+// stageOutMinRows is the LoRA rows from which the rank-32 class's expands
+// adding in place run as sgmv_expand_tc64s by default. H100, TestLoRABench,
+// four rank-32 adapters, µs a layer (PERFORMANCE v0.76): the 4 x 512
+// prefill 292.2 against 345.5 (tc1, the default before) and 318.4
+// (tc64); at 8-256 rows it loses to tc1 (256 rows 108.3 vs 77.8). Rows
+// between 256 and 2,048 are not measured.
+const stageOutMinRows = 1024
 
 // x64Cols is X64_COLS in llama.cu: the output columns of an
 // sgmv_expand_tc64 block.
