@@ -314,7 +314,7 @@ type kernelForce struct {
 	shrink64   int           // LoRA shrinks as sgmv_shrink64 (64-row tiles): 1 always, -1 never, 0 from sgBigMinRows LoRA rows
 	expandLate int           // from this many LoRA rows (0: never) the LoRA stream runs the shrinks alone and each expand runs in place on the compute stream when its product is read (lora.go expandLate)
 	expand64   bool          // rank-32-class tensor-core LoRA expands as sgmv_expand_tc64 (64-row tiles of one adapter, 128 columns a block: B read once per 64 rows; the output values loaded early when adding in place; tc1's bits)
-	stageOut   int           // rank-32-class expands adding in place as sgmv_expand_tc64s (the output tile staged in shared memory: 16-byte whole-row loads and stores, not 4-byte ones in the MMA fragment's layout; the same bits): 1 wherever expand64 is set, -1 never, 0 from stageOutMinRows LoRA rows
+	stageOut   int           // rank-32-class expands adding in place as sgmv_expand_tc64s (the output tile staged in shared memory: 16-byte whole-row loads and stores, not 4-byte ones in the MMA fragment's layout; the same bits): 1 wherever expand64 is set, -1 never, 0 from stageOutMinRows LoRA rows where stageOutAuto (off)
 	expandPre  bool          // tensor-core LoRA expands adding in place as sgmv_expand_tcp* (the output values loaded with tmp's, not one pair at a time after the MMAs; the same bits)
 	shrinkE    bool          // LoRA shrinks of 8 rank rows a block as sgmv_shrink_e (tile, table entry and first A round before griddepcontrol.wait; sgmv_shrink's bits)
 	l2Win      int           // the LoRA update buffer as an L2 persisting window (l2win.go): 1 on, -1 off, 0 the default (loraL2Default, PEFTD_LORA_L2); 3 on over the whole buffer, not loraL2Bytes of it (an A/B)

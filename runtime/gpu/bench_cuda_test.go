@@ -155,7 +155,7 @@ func loraParamsPerRank(cfg *llama.Config) int {
 // x64s_us x64_us with the output tile staged in shared memory
 // (sgmv_expand_tc64s, kernelForce.stageOut);
 // tc_us (the default) takes sgmv_expand_tc64s from stageOutMinRows LoRA
-// rows (the 4 x 512 prefill, since v0.76); NaN where the variant's kernel does not run (sgmv_shrink64's rows for
+// rows once stageOutAuto is set; NaN where the variant's kernel does not run (sgmv_shrink64's rows for
 // early_us, ranks above 32 for the x64 columns).
 func TestLoRABench(t *testing.T) {
 	if os.Getenv("PEFTD_LORA_BENCH") == "" {

@@ -643,7 +643,7 @@ func (b *Backend) expandTC(st *cuda.Stream, tc int, outPtr cuda.DevicePtr, outSt
 	// the output tile staged, for an update added in place into 16-byte
 	// aligned rows
 	canStage := acc == 1 && outStride%8 == 0 && outPtr%16 == 0 && b.fn.sgExpandTC64S != nil
-	staged := canStage && (b.force.stageOut > 0 && b.force.expand64 || b.force.stageOut == 0 && b.nLora >= stageOutMinRows)
+	staged := canStage && (b.force.stageOut > 0 && b.force.expand64 || b.force.stageOut == 0 && stageOutAuto && b.nLora >= stageOutMinRows)
 	big := (b.force.expand64 || staged) && tc == 1 && b.nBig > 0
 	// blocks per slice of sgmv_expand_tc{tc}; blk1, blk2: where slices 1 and 2 start
 	cols := tcBlockCols(tc)
@@ -675,12 +675,18 @@ func (b *Backend) expandTC(st *cuda.Stream, tc int, outPtr cuda.DevicePtr, outSt
 }
 
 // stageOutMinRows is the LoRA rows from which the rank-32 class's expands
-// adding in place run as sgmv_expand_tc64s by default. H100, TestLoRABench,
-// four rank-32 adapters, µs a layer (PERFORMANCE v0.76): the 4 x 512
-// prefill 292.2 against 345.5 (tc1, the default before) and 318.4
-// (tc64); at 8-256 rows it loses to tc1 (256 rows 108.3 vs 77.8). Rows
-// between 256 and 2,048 are not measured.
-const stageOutMinRows = 1024
+// adding in place run as sgmv_expand_tc64s where stageOutAuto is set.
+// H100, TestLoRABench, four rank-32 adapters, µs a layer (PERFORMANCE
+// v0.76, kernelForce.stageOut 1): the 4 x 512 prefill 292.2 against 345.5
+// (tc1, the default) and 318.4 (tc64); at 8-256 rows it loses to tc1
+// (256 rows 108.3 vs 77.8). Rows between 256 and 2,048 are not measured.
+// stageOutAuto stays off until a GPU call runs the tree that sets it
+// (session 84 had no device time left for it); the kernel itself ran
+// and gives tc1's bits (TestLoRAVariantsMatch, TestOpLoRAFused).
+const (
+	stageOutMinRows = 1024
+	stageOutAuto    = false
+)
 
 // x64Cols is X64_COLS in llama.cu: the output columns of an
 // sgmv_expand_tc64 block.
