@@ -153,10 +153,10 @@ func loraParamsPerRank(cfg *llama.Config) int {
 // x64_us pre_us with the rank-32 class's on sgmv_expand_tc64 (64-row
 // tiles; kernelForce.expand64), x64a_us aside_us with sgmv_expand_tc64,
 // x64s_us x64_us with the output tile staged in shared memory
-// (sgmv_expand_tc64s, kernelForce.stageOut);
-// tc_us (the default) takes sgmv_expand_tc64s from stageOutMinRows LoRA
-// rows once stageOutAuto is set; NaN where the variant's kernel does not run (sgmv_shrink64's rows for
-// early_us, ranks above 32 for the x64 columns).
+// (sgmv_expand_tc64s, kernelForce.stageOut; tc_us takes it from
+// stageOutMinRows LoRA rows once stageOutAuto is set); NaN where the
+// variant's kernel does not run (sgmv_shrink64's rows for early_us, ranks
+// above 32 for the x64 columns).
 func TestLoRABench(t *testing.T) {
 	if os.Getenv("PEFTD_LORA_BENCH") == "" {
 		t.Skip("set PEFTD_LORA_BENCH=1 to run")

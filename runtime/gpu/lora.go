@@ -642,7 +642,7 @@ func (b *Backend) expandTC(st *cuda.Stream, tc int, outPtr cuda.DevicePtr, outSt
 	// step's 64-row tiles; sgmv_expand_tc64s (stageOut): the same with
 	// the output tile staged, for an update added in place into 16-byte
 	// aligned rows
-	canStage := acc == 1 && outStride%8 == 0 && outPtr%16 == 0 && b.fn.sgExpandTC64S != nil
+	canStage := acc == 1 && outStride%8 == 0 && outPtr%16 == 0
 	staged := canStage && (b.force.stageOut > 0 && b.force.expand64 || b.force.stageOut == 0 && stageOutAuto && b.nLora >= stageOutMinRows)
 	big := (b.force.expand64 || staged) && tc == 1 && b.nBig > 0
 	// blocks per slice of sgmv_expand_tc{tc}; blk1, blk2: where slices 1 and 2 start
