@@ -2315,76 +2315,52 @@ __device__ __forceinline__ void sb_load_a(uint4 (&av)[2][4], const bf16* const (
         }
 }
 
-extern "C" __global__ void __launch_bounds__(32 * SG_WARPS, 1) sgmv_shrink64(SHRINK_ARGS) {
-    __shared__ float red[SG_WARPS / 2][SB_ROWS * SB_RW]; // half the warps' sums at a time
-    // Before griddepcontrol.wait: the tile (step metadata, copied before the
-    // step), the table entry and A. Every block waits before it exits (a
-    // kernel that waits for this one then finds the one before done too).
-    const int4 tile = tiles[blockIdx.x];
-    const int s = blockIdx.y / rank_tiles, k0 = (blockIdx.y % rank_tiles) * 32;
-    LoraEntry e = {};
-    if (tile.y > 0) e = table[entry_base + tile.z * entry_stride + sg_mod(s, m0, m1, m2)];
-    if (tile.y == 0 || k0 >= e.rank) { // uniform: a spare tile (a recording's), or ranks past this adapter's
-        pdl_entry();
-        return;
-    }
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
-    const int kbeg = blockIdx.z * kchunk, kend = min(in_f, kbeg + kchunk);
-    // rows 8h + g (h = 0..7: m16 tile h / 2, its rows g and g + 8), ranks k0 + 8nb + g
-    const bf16* xr[2 * SB_MT];
-    bool vx[2 * SB_MT];
+// sb_rows: a lane's rows of sgmv_shrink64's tile: of x 8h + g (h = 0..7:
+// m16 tile h / 2, its rows g and g + 8), of A the ranks k0 + 8nb + g; v*:
+// inside the tile / the adapter's rank (else row 0, read as zeros).
+__device__ __forceinline__ void sb_rows(const bf16* (&xr)[2 * SB_MT], bool (&vx)[2 * SB_MT], const bf16* (&ar)[4], bool (&va)[4], const bf16* x,
+                                        int x_stride, int4 tile, const LoraEntry& e, int k0, int in_f, int g) {
 #pragma unroll
     for (int h = 0; h < 2 * SB_MT; h++) {
         vx[h] = 8 * h + g < tile.y;
         xr[h] = x + (i64)(tile.x + (vx[h] ? 8 * h + g : 0)) * x_stride;
     }
-    const bf16* ar[4];
-    bool va[4];
 #pragma unroll
     for (int nb = 0; nb < 4; nb++) {
         va[nb] = k0 + nb * 8 + g < e.rank;
         ar[nb] = e.a + (i64)(va[nb] ? k0 + nb * 8 + g : 0) * in_f;
     }
-    float c[SB_MT][4][4];
+}
+
+__device__ __forceinline__ void sb_zero(float (&c)[SB_MT][4][4]) {
 #pragma unroll
     for (int m = 0; m < SB_MT; m++)
 #pragma unroll
         for (int nb = 0; nb < 4; nb++) c[m][nb][0] = c[m][nb][1] = c[m][nb][2] = c[m][nb][3] = 0.f;
-    const uint4 z4 = make_uint4(0, 0, 0, 0);
-    // a round: two of the warp's chunks (cb, cb + 256), every load issued
-    // before its MMAs; the first round's A rows before griddepcontrol.wait
-    // (adapter weights, which no kernel of the step writes), so only x's
-    // loads wait for the kernel before
-    const int cb0 = kbeg + warp * 32;
-    uint4 av[2][4];
-    sb_load_a<true>(av, ar, va, cb0, kend, q);
-    pdl_entry(); // x is the previous kernel's output
-    for (int cb = cb0; cb < kend; cb += 2 * 32 * SG_WARPS) {
-        if (cb != cb0) sb_load_a<false>(av, ar, va, cb, kend, q);
-        uint4 xv[2][2 * SB_MT];
+}
+
+// sb_mma: one 32-column chunk's MMAs of a warp of sgmv_shrink64 (x pieces
+// xv: rows 8h + g, A pieces av: ranks 8nb + g; 8 columns from 8q each).
+__device__ __forceinline__ void sb_mma(float (&c)[SB_MT][4][4], const uint4 (&xv)[2 * SB_MT], const uint4 (&av)[4]) {
 #pragma unroll
-        for (int u = 0; u < 2; u++)
+    for (int m = 0; m < SB_MT; m++) {
+        const uint4 xa = xv[2 * m], xb = xv[2 * m + 1];
 #pragma unroll
-            for (int h = 0; h < 2 * SB_MT; h++) {
-                const int col = cb + 256 * u + q * 8;
-                xv[u][h] = (col < kend && vx[h]) ? ldg16(xr[h] + col) : z4;
-            }
-#pragma unroll
-        for (int u = 0; u < 2; u++) {
-            if (cb + 256 * u >= kend) break; // sgmv_shrink's chain has no MMA for a chunk past the range
-#pragma unroll
-            for (int m = 0; m < SB_MT; m++) {
-                const uint4 xa = xv[u][2 * m], xb = xv[u][2 * m + 1];
-#pragma unroll
-                for (int nb = 0; nb < 4; nb++) {
-                    mma16816(c[m][nb], xa.x, xb.x, xa.y, xb.y, av[u][nb].x, av[u][nb].y);
-                    mma16816(c[m][nb], xa.z, xb.z, xa.w, xb.w, av[u][nb].z, av[u][nb].w);
-                }
-            }
+        for (int nb = 0; nb < 4; nb++) {
+            mma16816(c[m][nb], xa.x, xb.x, xa.y, xb.y, av[nb].x, av[nb].y);
+            mma16816(c[m][nb], xa.z, xb.z, xa.w, xb.w, av[nb].z, av[nb].w);
         }
     }
-    // the warps' sums in warp order, from 0 (sgmv_shrink's order): element
-    // i = threadIdx.x + 256j is row i / 32, rank i % 32
+}
+
+// sb_finish: sgmv_shrink64's end. The warps' sums in warp order, from 0
+// (sgmv_shrink's order), through red (SG_WARPS / 2 warps' tiles at a
+// time), scaled into tmp's K part blockIdx.z. Every thread of the block
+// calls it (barriers).
+__device__ __forceinline__ void sb_finish(const float (&c)[SB_MT][4][4], float (*red)[SB_ROWS * SB_RW], float* __restrict__ tmp, int4 tile,
+                                          const LoraEntry& e, int s, int k0, int max_rank, int t_stride, int rows_total) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
+    // element i = threadIdx.x + 256j is row i / 32, rank i % 32
     constexpr int PER = SB_ROWS * 32 / (32 * SG_WARPS);
     float sum[PER];
 #pragma unroll
@@ -2417,6 +2393,149 @@ extern "C" __global__ void __launch_bounds__(32 * SG_WARPS, 1) sgmv_shrink64(SHR
         const int i = threadIdx.x + 32 * SG_WARPS * j, r = i >> 5, k = i & 31;
         if (r < tile.y && k0 + k < e.rank) out[(i64)r * t_stride + k] = sum[j] * e.scale;
     }
+}
+
+extern "C" __global__ void __launch_bounds__(32 * SG_WARPS, 1) sgmv_shrink64(SHRINK_ARGS) {
+    __shared__ float red[SG_WARPS / 2][SB_ROWS * SB_RW]; // half the warps' sums at a time
+    // Before griddepcontrol.wait: the tile (step metadata, copied before the
+    // step), the table entry and A. Every block waits before it exits (a
+    // kernel that waits for this one then finds the one before done too).
+    const int4 tile = tiles[blockIdx.x];
+    const int s = blockIdx.y / rank_tiles, k0 = (blockIdx.y % rank_tiles) * 32;
+    LoraEntry e = {};
+    if (tile.y > 0) e = table[entry_base + tile.z * entry_stride + sg_mod(s, m0, m1, m2)];
+    if (tile.y == 0 || k0 >= e.rank) { // uniform: a spare tile (a recording's), or ranks past this adapter's
+        pdl_entry();
+        return;
+    }
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
+    const int kbeg = blockIdx.z * kchunk, kend = min(in_f, kbeg + kchunk);
+    const bf16* xr[2 * SB_MT];
+    bool vx[2 * SB_MT];
+    const bf16* ar[4];
+    bool va[4];
+    sb_rows(xr, vx, ar, va, x, x_stride, tile, e, k0, in_f, g);
+    float c[SB_MT][4][4];
+    sb_zero(c);
+    const uint4 z4 = make_uint4(0, 0, 0, 0);
+    // a round: two of the warp's chunks (cb, cb + 256), every load issued
+    // before its MMAs; the first round's A rows before griddepcontrol.wait
+    // (adapter weights, which no kernel of the step writes), so only x's
+    // loads wait for the kernel before
+    const int cb0 = kbeg + warp * 32;
+    uint4 av[2][4];
+    sb_load_a<true>(av, ar, va, cb0, kend, q);
+    pdl_entry(); // x is the previous kernel's output
+    for (int cb = cb0; cb < kend; cb += 2 * 32 * SG_WARPS) {
+        if (cb != cb0) sb_load_a<false>(av, ar, va, cb, kend, q);
+        uint4 xv[2][2 * SB_MT];
+#pragma unroll
+        for (int u = 0; u < 2; u++)
+#pragma unroll
+            for (int h = 0; h < 2 * SB_MT; h++) {
+                const int col = cb + 256 * u + q * 8;
+                xv[u][h] = (col < kend && vx[h]) ? ldg16(xr[h] + col) : z4;
+            }
+#pragma unroll
+        for (int u = 0; u < 2; u++) {
+            if (cb + 256 * u >= kend) break; // sgmv_shrink's chain has no MMA for a chunk past the range
+            sb_mma(c, xv[u], av[u]);
+        }
+    }
+    sb_finish(c, red, tmp, tile, e, s, k0, max_rank, t_stride, rows_total);
+}
+
+// sgmv_shrink64p: sgmv_shrink64 with each lane's loads in its own ring in
+// shared memory, SBP_ST - 1 chunks ahead of its MMAs (cp.async), instead
+// of two chunks' loads into registers, a wait, then their MMAs. ncu, the
+// 4 x 512 prefill (H200): sgmv_shrink64 at 14-35% of DRAM's throughput,
+// long scoreboard its top stall. A lane reads back only what it copied
+// itself, so cp.async.wait_group orders it: no barrier in the loop. The
+// ring is [stage][piece][thread] (a warp's 16-byte pieces side by side:
+// no bank conflicts). The same chunks, MMAs in the same order and the same
+// reduction: sgmv_shrink64's bits. Dynamic shared memory SBP_SHARED
+// (runtime/gpu's sbpShared); red reuses it after the loop.
+#define SBP_ST 4
+#define SBP_PIECES (2 * SB_MT + 4) // a lane's 16-byte pieces a chunk: 8 of x, 4 of A
+#define SBP_SHARED (SBP_ST * SBP_PIECES * 32 * SG_WARPS * 16)
+static_assert(SG_WARPS / 2 * SB_ROWS * SB_RW * 4 <= SBP_SHARED, "sgmv_shrink64p: red fits in the ring");
+
+__device__ __forceinline__ unsigned sbp_at(unsigned ring, int st, int piece) { return ring + (unsigned)((st * SBP_PIECES + piece) * 32 * SG_WARPS * 16); }
+
+// sbp_copy_a / sbp_copy_x: a lane's A / x pieces of the chunk at column cb
+// (8 columns from cb + 8q) into ring stage st, zeros past kend or outside
+// the rank / tile, as sgmv_shrink64 loads them.
+__device__ __forceinline__ void sbp_copy_a(unsigned ring, int st, const bf16* const (&ar)[4], const bool (&va)[4], int cb, int kend, int q) {
+    const int col = cb + q * 8;
+#pragma unroll
+    for (int nb = 0; nb < 4; nb++) {
+        const bool ok = col < kend && va[nb];
+        cp_async16(sbp_at(ring, st, 2 * SB_MT + nb), ar[nb] + (ok ? col : 0), ok ? 16 : 0);
+    }
+}
+__device__ __forceinline__ void sbp_copy_x(unsigned ring, int st, const bf16* const (&xr)[2 * SB_MT], const bool (&vx)[2 * SB_MT], int cb, int kend, int q) {
+    const int col = cb + q * 8;
+#pragma unroll
+    for (int h = 0; h < 2 * SB_MT; h++) {
+        const bool ok = col < kend && vx[h];
+        cp_async16(sbp_at(ring, st, h), xr[h] + (ok ? col : 0), ok ? 16 : 0);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(32 * SG_WARPS, 1) sgmv_shrink64p(SHRINK_ARGS) {
+    extern __shared__ __align__(16) unsigned char sbp_ring[];
+    const int4 tile = tiles[blockIdx.x];
+    const int s = blockIdx.y / rank_tiles, k0 = (blockIdx.y % rank_tiles) * 32;
+    LoraEntry e = {};
+    if (tile.y > 0) e = table[entry_base + tile.z * entry_stride + sg_mod(s, m0, m1, m2)];
+    if (tile.y == 0 || k0 >= e.rank) { // uniform: a spare tile (a recording's), or ranks past this adapter's
+        pdl_entry();
+        return;
+    }
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
+    const int kbeg = blockIdx.z * kchunk, kend = min(in_f, kbeg + kchunk);
+    const bf16* xr[2 * SB_MT];
+    bool vx[2 * SB_MT];
+    const bf16* ar[4];
+    bool va[4];
+    sb_rows(xr, vx, ar, va, x, x_stride, tile, e, k0, in_f, g);
+    float c[SB_MT][4][4];
+    sb_zero(c);
+    // the warp's chunks: columns c0 + 256j, j < nch (sgmv_shrink64's cb, cb + 256, ...)
+    const int c0 = kbeg + warp * 32;
+    const int nch = c0 < kend ? (kend - c0 + 255) / 256 : 0;
+    const unsigned ring = (unsigned)__cvta_generic_to_shared(sbp_ring) + threadIdx.x * 16;
+    // the first stages' A before griddepcontrol.wait (adapter weights,
+    // which no kernel of the step writes), x after it; a group a stage
+#pragma unroll
+    for (int j = 0; j < SBP_ST - 1; j++) sbp_copy_a(ring, j, ar, va, c0 + 256 * j, kend, q);
+    pdl_entry(); // x is the previous kernel's output
+#pragma unroll
+    for (int j = 0; j < SBP_ST - 1; j++) {
+        sbp_copy_x(ring, j, xr, vx, c0 + 256 * j, kend, q);
+        cp_async_commit();
+    }
+    for (int j = 0; j < nch; j++) {
+        // chunk j + SBP_ST - 1 into the stage chunk j - 1 left (this lane
+        // read it into registers for MMAs already issued)
+        const int jn = j + SBP_ST - 1, sn = jn % SBP_ST;
+        if (jn < nch) {
+            sbp_copy_a(ring, sn, ar, va, c0 + 256 * jn, kend, q);
+            sbp_copy_x(ring, sn, xr, vx, c0 + 256 * jn, kend, q);
+        }
+        cp_async_commit(); // empty past the end: the group count stays uniform
+        cp_async_wait<SBP_ST - 1>(); // chunk j's group has landed
+        const int st = j % SBP_ST;
+        uint4 xv[2 * SB_MT], av[4];
+#pragma unroll
+        for (int h = 0; h < 2 * SB_MT; h++) asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];\n" : "=r"(xv[h].x), "=r"(xv[h].y), "=r"(xv[h].z), "=r"(xv[h].w) : "r"(sbp_at(ring, st, h)));
+#pragma unroll
+        for (int nb = 0; nb < 4; nb++) asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];\n" : "=r"(av[nb].x), "=r"(av[nb].y), "=r"(av[nb].z), "=r"(av[nb].w) : "r"(sbp_at(ring, st, 2 * SB_MT + nb)));
+        sb_mma(c, xv, av);
+    }
+    cp_async_wait<0>();
+    __syncthreads(); // every warp done with its ring: red takes it
+    sb_finish(c, reinterpret_cast<float(*)[SB_ROWS * SB_RW]>(sbp_ring), tmp, tile, e, s, k0, max_rank, t_stride, rows_total);
 }
 
 // sgmv_expand: out[row][off_s + j] += sum_k tmp[row][s*max_rank + k] * B_s[j][k]
@@ -2749,8 +2868,8 @@ extern "C" __global__ void __launch_bounds__(256) sgmv_expand_tc64(EXPAND_TC_ARG
     expand_tc_body<1, true, 4>(EXPAND_TC_PASS);
 }
 // sgmv_expand_tc64s: sgmv_expand_tc64 with the output tile staged in
-// shared memory (expand_tc_body's ST; kernelForce.stageOut, off by
-// default): 16-byte whole-row loads and stores of the values it adds to.
+// shared memory (expand_tc_body's ST; kernelForce.stageOut, by
+// default from stageOutMinRows LoRA rows): 16-byte whole-row loads and stores of the values it adds to.
 // The same bits.
 extern "C" __global__ void __launch_bounds__(256) sgmv_expand_tc64s(EXPAND_TC_ARGS) { expand_tc_body<1, false, 4, true>(EXPAND_TC_PASS); }
 

@@ -235,7 +235,7 @@ type slotState struct {
 type funcs struct {
 	embed, addRMSNorm, addRMSNormCl, rmsnormRows, ropeStore, attention, siluMul, siluMulCl, shrink, expand *cuda.Function
 	addBias, headRMSNorm, addDelta, fillRows                                                               *cuda.Function
-	sgShrink, sgShrink4, sgShrink64, sgShrinkE, sgExpand, sample, logitAdjust                              *cuda.Function
+	sgShrink, sgShrink4, sgShrink64, sgShrink64P, sgShrinkE, sgExpand, sample, logitAdjust                 *cuda.Function
 	attnDecode                                                                                             [4]*cuda.Function // attn_decode_d32, d64, d128, d256
 	attnDecode8                                                                                            [4]*cuda.Function // attn_decode8_d*: FP8 keys
 	attnDecode2                                                                                            [4]*cuda.Function // attn_decode2_d*: 2 warps a block (decV2)
@@ -312,9 +312,10 @@ type kernelForce struct {
 	addCl      int           // add_rmsnorm as add_rmsnorm_cl (a cluster of blocks a row; norm_cl.go): 1 wherever it fits, -1 never, 0 by the rows and update (addClFits)
 	wsLoRA     int           // fused groups (bit g: llama.FusedGroups[g]) whose FP8 update of 17-64 rows runs in fp8_ws_lora's end (lora_ws.go; 0: the default, wsLoRADefault; -1: none)
 	shrink64   int           // LoRA shrinks as sgmv_shrink64 (64-row tiles): 1 always, -1 never, 0 from sgBigMinRows LoRA rows
+	shrinkPipe int           // those shrinks as sgmv_shrink64p (each lane's loads through its own cp.async ring in shared memory; the same bits) where the card has the shared memory (sbpFits): 1 always, -1 never, 0 where shrinkPipeAuto
 	expandLate int           // from this many LoRA rows (0: never) the LoRA stream runs the shrinks alone and each expand runs in place on the compute stream when its product is read (lora.go expandLate)
 	expand64   bool          // rank-32-class tensor-core LoRA expands as sgmv_expand_tc64 (64-row tiles of one adapter, 128 columns a block: B read once per 64 rows; the output values loaded early when adding in place; tc1's bits)
-	stageOut   int           // rank-32-class expands adding in place as sgmv_expand_tc64s (the output tile staged in shared memory: 16-byte whole-row loads and stores, not 4-byte ones in the MMA fragment's layout; the same bits): 1 wherever expand64 is set, -1 never, 0 from stageOutMinRows LoRA rows where stageOutAuto (off)
+	stageOut   int           // rank-32-class expands adding in place as sgmv_expand_tc64s (the output tile staged in shared memory: 16-byte whole-row loads and stores, not 4-byte ones in the MMA fragment's layout; the same bits): 1 wherever expand64 is set, -1 never, 0 from stageOutMinRows LoRA rows where stageOutAuto (on)
 	expandPre  bool          // tensor-core LoRA expands adding in place as sgmv_expand_tcp* (the output values loaded with tmp's, not one pair at a time after the MMAs; the same bits)
 	shrinkE    bool          // LoRA shrinks of 8 rank rows a block as sgmv_shrink_e (tile, table entry and first A round before griddepcontrol.wait; sgmv_shrink's bits)
 	l2Win      int           // the LoRA update buffer as an L2 persisting window (l2win.go): 1 on, -1 off, 0 the default (loraL2Default, PEFTD_LORA_L2); 3 on over the whole buffer, not loraL2Bytes of it (an A/B)
@@ -335,10 +336,13 @@ type Backend struct {
 	// fused counts the fused ops' launches enqueued or recorded
 	// (LinearSiLU, LinearAddRMSNorm: tests see that a step took them)
 	fused struct{ silu, norm int }
-	// shrinkEs, expandPres, expand64s and expandStageds count the
-	// sgmv_shrink_e, sgmv_expand_tcp*, sgmv_expand_tc64 and
-	// sgmv_expand_tc64s launches enqueued or recorded (tests)
-	shrinkEs, expandPres, expand64s, expandStageds int
+	// shrinkEs, expandPres, expand64s, expandStageds, shrinkBigs and
+	// shrinkPipes count the sgmv_shrink_e, sgmv_expand_tcp*,
+	// sgmv_expand_tc64, sgmv_expand_tc64s, sgmv_shrink64 and
+	// sgmv_shrink64p launches enqueued or recorded (tests)
+	shrinkEs, expandPres, expand64s, expandStageds, shrinkBigs, shrinkPipes int
+	// sbpFits: a block may have sgmv_shrink64p's shared memory (sbpShared)
+	sbpFits bool
 	// lateExpands counts the expands join ran in place for expandLate
 	lateExpands int
 	// attnOut is the buffer the step's last Attention op wrote: the
@@ -694,7 +698,7 @@ func (b *Backend) open(opts Options) error {
 	}{{&b.fn.embed, "embed"}, {&b.fn.addRMSNorm, "add_rmsnorm"}, {&b.fn.rmsnormRows, "rmsnorm_rows"}, {&b.fn.ropeStore, "rope_store"},
 		{&b.fn.attention, "attention"}, {&b.fn.siluMul, "silu_mul"}, {&b.fn.siluMulCl, "silu_mul_cl"}, {&b.fn.addRMSNormCl, "add_rmsnorm_cl"},
 		{&b.fn.shrink, "lora_shrink"}, {&b.fn.expand, "lora_expand"},
-		{&b.fn.sgShrink, "sgmv_shrink"}, {&b.fn.sgShrink4, "sgmv_shrink4"}, {&b.fn.sgShrink64, "sgmv_shrink64"}, {&b.fn.sgShrinkE, "sgmv_shrink_e"},
+		{&b.fn.sgShrink, "sgmv_shrink"}, {&b.fn.sgShrink4, "sgmv_shrink4"}, {&b.fn.sgShrink64, "sgmv_shrink64"}, {&b.fn.sgShrink64P, "sgmv_shrink64p"}, {&b.fn.sgShrinkE, "sgmv_shrink_e"},
 		{&b.fn.sgExpand, "sgmv_expand"},
 		{&b.fn.sample, "sample_rows"}, {&b.fn.logitAdjust, "logit_adjust"}, {&b.fn.attnDecode[0], "attn_decode_d32"}, {&b.fn.attnDecode[1], "attn_decode_d64"},
 		{&b.fn.attnDecode[2], "attn_decode_d128"}, {&b.fn.attnDecode[3], "attn_decode_d256"},
@@ -721,6 +725,11 @@ func (b *Backend) open(opts Options) error {
 	// limit raised, and a variant that needs more than a block may have on
 	// this card (99 KB on sm_86/sm_89: attn_decode_d256) is left out; Init
 	// sends that head size to the per-row kernel.
+	if b.sbpFits = limit >= sbpShared; b.sbpFits {
+		if err := b.fn.sgShrink64P.SetMaxDynamicShared(sbpShared); err != nil {
+			return err
+		}
+	}
 	b.decFit, b.preFit = attnFits(limit, b.kv8)
 	b.decW8Fit = w8Fits(limit, b.kv8)
 	pre := b.fn.attnPrefill[:]

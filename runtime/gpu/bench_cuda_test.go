@@ -154,7 +154,9 @@ func loraParamsPerRank(cfg *llama.Config) int {
 // tiles; kernelForce.expand64), x64a_us aside_us with sgmv_expand_tc64,
 // x64s_us x64_us with the output tile staged in shared memory
 // (sgmv_expand_tc64s, kernelForce.stageOut; tc_us takes it from
-// stageOutMinRows LoRA rows once stageOutAuto is set); NaN where the
+// stageOutMinRows LoRA rows, stageOutAuto), nopipe_us tc_us with the
+// big shrinks on sgmv_shrink64, not sgmv_shrink64p (kernelForce.shrinkPipe
+// -1; sgBigMinRows LoRA rows up); NaN where the
 // variant's kernel does not run (sgmv_shrink64's rows for early_us, ranks
 // above 32 for the x64 columns).
 func TestLoRABench(t *testing.T) {
@@ -324,7 +326,7 @@ func TestLoRABench(t *testing.T) {
 		}
 		return float64(2 * T * n)
 	}
-	bench("lora %-4s %-4s %-9s %9s %9s %9s %9s %8s %9s %9s %7s %7s %7s %7s %9s %9s %9s %9s %9s %9s %9s", "N", "rank", "T", "v0_us", "v1_us", "v2_us", "tc_us", "adapt_MB", "floor_us", "floorA_us", "v1_frac", "v2_frac", "tcA_frac", "v1/tc", "graph_us", "aside_us", "early_us", "pre_us", "x64_us", "x64a_us", "x64s_us")
+	bench("lora %-4s %-4s %-9s %9s %9s %9s %9s %8s %9s %9s %7s %7s %7s %7s %9s %9s %9s %9s %9s %9s %9s %9s", "N", "rank", "T", "v0_us", "v1_us", "v2_us", "tc_us", "adapt_MB", "floor_us", "floorA_us", "v1_frac", "v2_frac", "tcA_frac", "v1/tc", "graph_us", "aside_us", "early_us", "pre_us", "x64_us", "x64a_us", "x64s_us", "nopipe_us")
 	rng := rand.New(rand.NewPCG(1, 2))
 	for _, nAd := range []int{1, 4, 16} {
 		for _, rank := range []int{16, 32, 64} {
@@ -353,8 +355,10 @@ func TestLoRABench(t *testing.T) {
 				}
 				cases = append(cases, tc{fmt.Sprint(T), segs})
 			}
-			if nAd == 4 {
-				cases = append(cases, tc{"4x512pf", []int{512, 512, 512, 512}})
+			if nAd == 4 { // prefill: 512, 1,024 and 2,048 rows (stageOutMinRows)
+				for _, n := range []int{128, 256, 512} {
+					cases = append(cases, tc{fmt.Sprintf("4x%dpf", n), []int{n, n, n, n}})
+				}
 			}
 			for _, c := range cases {
 				if only != nil && c.label != only[2] {
@@ -372,7 +376,7 @@ func TestLoRABench(t *testing.T) {
 				// default: shrink + tensor-core expand), and the graph layout:
 				// what a replayed serving step of T rows runs (the rows padded
 				// to their bucket, the bucket's tile capacity, the rank class)
-				var us [11]float64
+				var us [12]float64
 				for v := range 5 {
 					if only != nil && v == 0 {
 						continue
@@ -415,11 +419,17 @@ func TestLoRABench(t *testing.T) {
 				r.begin(m)
 				us[10] = ranOr(&b.expandStageds, timeGraph, true)
 				r.end()
+				// nopipe_us: tc with the big shrinks on sgmv_shrink64, not
+				// sgmv_shrink64p (kernelForce.shrinkPipe -1)
+				b.force = kernelForce{shrink64: sh64, loraKChunk: kc, shrinkPipe: -1}
+				r.begin(m)
+				us[11] = ranOr(&b.shrinkBigs, timeGraph, true)
+				r.end()
 				b.force = kernelForce{}
 				adBytes := float64(2 * rank * perRank * len(c.segs))
 				floor := adBytes / bw * 1e6
 				floorAll := (adBytes + actBytes(T)) / bw * 1e6
-				bench("lora %-4d %-4d %-9s %9.1f %9.1f %9.1f %9.1f %8.1f %9.1f %9.1f %7.2f %7.2f %7.2f %7.2f %9.1f %9.1f %9.1f %9.1f %9.1f %9.1f %9.1f", nAd, rank, c.label, us[0], us[1], us[2], us[3], adBytes/1e6, floor, floorAll, floor/us[1], floor/us[2], floorAll/us[3], us[1]/us[3], us[4], us[5], us[6], us[7], us[8], us[9], us[10])
+				bench("lora %-4d %-4d %-9s %9.1f %9.1f %9.1f %9.1f %8.1f %9.1f %9.1f %7.2f %7.2f %7.2f %7.2f %9.1f %9.1f %9.1f %9.1f %9.1f %9.1f %9.1f %9.1f", nAd, rank, c.label, us[0], us[1], us[2], us[3], adBytes/1e6, floor, floorAll, floor/us[1], floor/us[2], floorAll/us[3], us[1]/us[3], us[4], us[5], us[6], us[7], us[8], us[9], us[10], us[11])
 			}
 		}
 	}

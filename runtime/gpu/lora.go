@@ -539,6 +539,7 @@ type sgShrinkPlan struct {
 	f                         *cuda.Function
 	nb, rankTiles, ks, kchunk int
 	big                       bool
+	shmem                     int // dynamic shared memory (sgmv_shrink64p's ring)
 }
 
 // sgBigRows is sgmv_shrink64's rows a tile (SB_ROWS in llama.cu), and
@@ -549,6 +550,15 @@ type sgShrinkPlan struct {
 const (
 	sgBigRows    = 64
 	sgBigMinRows = 256
+)
+
+// sbpShared is sgmv_shrink64p's dynamic shared memory (SBP_SHARED in
+// llama.cu: 4 stages x 12 pieces x 256 threads x 16 bytes), and
+// shrinkPipeAuto whether the big shrinks take it by default where a block
+// may have that much (sm_90, sm_100: 227 KB; not sm_86 / sm_89 / sm_120).
+const (
+	sbpShared      = 4 * 12 * 256 * 16
+	shrinkPipeAuto = true
 )
 
 // shrinkBig reports whether the step's shrinks run as sgmv_shrink64
@@ -580,6 +590,9 @@ func (b *Backend) shrinkPlan(st *cuda.Stream, inF, n int) sgShrinkPlan {
 	switch {
 	case b.shrinkBig():
 		p.f, p.nb, p.big, tiles = b.fn.sgShrink64, 32, true, b.nBig
+		if b.sbpFits && forcedOn(b.force.shrinkPipe, shrinkPipeAuto) {
+			p.f, p.shmem = b.fn.sgShrink64P, sbpShared
+		}
 	case !b.graphLayout && b.nLora >= 8*b.nTiles && b.nTiles*n >= 16:
 		p.f, p.nb = b.fn.sgShrink4, 32
 	case b.force.shrinkE:
@@ -587,19 +600,19 @@ func (b *Backend) shrinkPlan(st *cuda.Stream, inF, n int) sgShrinkPlan {
 	}
 	p.rankTiles = (b.stepRank + p.nb - 1) / p.nb
 	blocks := tiles * n * p.rankTiles
-	// Split K across blocks until the grid covers the SMs about twice over,
-	// keeping at least 512 columns per block and the partials in the scratch.
+	// Split K across blocks until the grid covers the SMs about twice over
+	// (sgmv_shrink64: whole waves, bigShrinkSplit), keeping at least 512
+	// columns per block and the partials in the scratch.
 	groups := (inF + 255) / 256
 	sms := b.baseSMs() // the SMs st's kernels run on
 	if st == b.la.s {
 		sms = b.loraStreamSMs()
 	}
-	// sgmv_shrink64 (one block an SM): one wave
-	cover := 2
+	ksMax := min(max(1, groups/2), max(1, b.stepTmpFloats/(T*tStride)))
+	ks := max(1, (2*sms+blocks-1)/blocks)
 	if p.big {
-		cover = 1
+		ks = bigShrinkSplit(blocks, sms, ksMax)
 	}
-	ks := max(1, (cover*sms+blocks-1)/blocks)
 	kc := b.force.loraKChunk
 	if kc == 0 && b.f8 != nil && T >= fp8KChunkRows[0] && T <= fp8KChunkRows[1] {
 		kc = fp8KChunk
@@ -607,10 +620,33 @@ func (b *Backend) shrinkPlan(st *cuda.Stream, inF, n int) sgShrinkPlan {
 	if kc > 0 {
 		ks = (inF + kc - 1) / kc
 	}
-	ks = min(ks, max(1, groups/2), max(1, b.stepTmpFloats/(T*tStride)))
+	ks = min(ks, ksMax)
 	p.kchunk = (groups + ks - 1) / ks * 256
 	p.ks = (inF + p.kchunk - 1) / p.kchunk
 	return p
+}
+
+// bigShrinkSplit is the K parts of a sgmv_shrink64 grid of blocks tiles x
+// slices x rank tiles on sms SMs (one block an SM: 198 registers, 256
+// threads), at most ksMax: the one with the least time in waves of equal
+// blocks, ceil(blocks*ks/sms) * (1/ks + 1/16) in units of one unsplit
+// block's work (1/16: a block's fixed cost, its start, A's first loads
+// and the reduction; the fewest parts among equal times). Rounding
+// blocks*ks up to whole waves is what this weighs: the 4 x 512 prefill's
+// q/k/v shrink (96 blocks) took 2 parts (192 blocks: two waves on 132
+// SMs, the second 45% full) where 4 give three full waves; gate/up (64
+// blocks) 3 -> 2 parts, down (32) 5 -> 4.
+func bigShrinkSplit(blocks, sms, ksMax int) int {
+	const fixed = 16 // a block's fixed cost: 1/fixed of an unsplit block
+	best, bestWaves := 1, (blocks+sms-1)/sms
+	for ks := 2; ks <= ksMax; ks++ {
+		waves := (blocks*ks + sms - 1) / sms
+		// waves * (fixed + ks) / ks < bestWaves * (fixed + best) / best
+		if waves*(fixed+ks)*best < bestWaves*(fixed+best)*ks {
+			best, bestWaves = ks, waves
+		}
+	}
+	return best
 }
 
 // launchShrink enqueues shrink plan sp on st: the ranks of group slices
@@ -621,10 +657,15 @@ func (b *Backend) launchShrink(st *cuda.Stream, sp sgShrinkPlan, x *Buffer, base
 	if sp.big {
 		tiles, nTiles = b.off.bigTiles, b.nBig
 	}
-	if sp.f == b.fn.sgShrinkE {
+	switch sp.f {
+	case b.fn.sgShrinkE:
 		b.shrinkEs++
+	case b.fn.sgShrink64:
+		b.shrinkBigs++
+	case b.fn.sgShrink64P:
+		b.shrinkPipes++
 	}
-	b.launchOn(st, sp.f, cuda.Dim3{X: nTiles, Y: n * sp.rankTiles, Z: sp.ks}, cuda.Dim3{X: 256},
+	b.launchShmOn(st, sp.f, cuda.Dim3{X: nTiles, Y: n * sp.rankTiles, Z: sp.ks}, cuda.Dim3{X: 256}, sp.shmem,
 		b.stepTmp, ptr(x), b.table, b.i32(tiles), base, stride, ms[0], ms[1], ms[2], sp.rankTiles, b.stepRank,
 		inF, x.ld, n*b.stepRank, b.rows(), sp.kchunk)
 }
@@ -680,12 +721,10 @@ func (b *Backend) expandTC(st *cuda.Stream, tc int, outPtr cuda.DevicePtr, outSt
 // v0.76, kernelForce.stageOut 1): the 4 x 512 prefill 292.2 against 345.5
 // (tc1, the default) and 318.4 (tc64); at 8-256 rows it loses to tc1
 // (256 rows 108.3 vs 77.8). Rows between 256 and 2,048 are not measured.
-// stageOutAuto stays off until a GPU call runs the tree that sets it
-// (session 84 had no device time left for it); the kernel itself ran
-// and gives tc1's bits (TestLoRAVariantsMatch, TestOpLoRAFused).
+// The kernel gives tc1's bits (TestLoRAVariantsMatch, TestOpLoRAFused).
 const (
 	stageOutMinRows = 1024
-	stageOutAuto    = false
+	stageOutAuto    = true
 )
 
 // x64Cols is X64_COLS in llama.cu: the output columns of an

@@ -63,3 +63,23 @@ func TestProductSMs(t *testing.T) {
 		}
 	}
 }
+
+// TestBigShrinkSplit: sgmv_shrink64's K parts fill whole waves of the SMs
+// (the 4 x 512 prefill's groups on 132 SMs), never above the cap, and the
+// fewest parts among equal times.
+func TestBigShrinkSplit(t *testing.T) {
+	for _, c := range []struct{ blocks, sms, ksMax, want int }{
+		{96, 132, 4, 4},  // q/k/v: 384 blocks, three full waves
+		{96, 132, 2, 1},  // 192 blocks would take two waves for half the work each: no gain
+		{64, 132, 6, 2},  // gate/up: one wave of 128
+		{32, 132, 12, 4}, // o, down: one wave of 128
+		{12, 132, 8, 8},  // 256 rows' q/k/v: the cap
+		{200, 132, 8, 3}, // 600 blocks in 5 waves: 1.98 against 2.125 unsplit
+		{132, 132, 8, 1},
+		{1, 132, 1, 1},
+	} {
+		if got := bigShrinkSplit(c.blocks, c.sms, c.ksMax); got != c.want {
+			t.Errorf("bigShrinkSplit(%d, %d, %d) = %d, want %d", c.blocks, c.sms, c.ksMax, got, c.want)
+		}
+	}
+}

@@ -205,16 +205,34 @@ func TestOpLoRAFused(t *testing.T) {
 				r.fill(out, ov)
 				r.b.loraSlices(r.b.s, out.mem.Ptr(), total, x, layer, mods, true)
 				small := r.read(out, T)
-				r.b.force.shrink64 = 1
+				r.b.force.shrink64, r.b.force.shrinkPipe = 1, -1
 				r.fill(out, ov)
+				before := r.b.shrinkBigs
 				r.b.loraSlices(r.b.s, out.mem.Ptr(), total, x, layer, mods, true)
 				big := r.read(out, T)
-				r.b.force.shrink64, r.b.force.loraKChunk = 0, 0
+				if r.b.shrinkBigs == before {
+					t.Fatalf("%s %v: kernelForce shrink64 1, shrinkPipe -1: no sgmv_shrink64 launch", mode, mods)
+				}
 				for i := range small {
 					if math.Float32bits(small[i]) != math.Float32bits(big[i]) {
 						t.Fatalf("%s %v: sgmv_shrink64 differs from sgmv_shrink at %d (row %d): %g vs %g", mode, mods, i, i/total, big[i], small[i])
 					}
 				}
+				// sgmv_shrink64p (the loads through a cp.async ring) gives sgmv_shrink64's bits
+				if r.b.sbpFits {
+					r.b.force.shrinkPipe = 1
+					r.fill(out, ov)
+					before = r.b.shrinkPipes
+					r.b.loraSlices(r.b.s, out.mem.Ptr(), total, x, layer, mods, true)
+					pipe := r.read(out, T)
+					if r.b.shrinkPipes == before {
+						t.Fatalf("%s %v: kernelForce shrinkPipe 1: no sgmv_shrink64p launch", mode, mods)
+					}
+					if j := firstDiff(f32bits(pipe), f32bits(big)); j >= 0 {
+						t.Fatalf("%s %v: sgmv_shrink64p differs from sgmv_shrink64 at %d (row %d): %g vs %g", mode, mods, j, j/total, pipe[j], big[j])
+					}
+				}
+				r.b.force.shrink64, r.b.force.shrinkPipe, r.b.force.loraKChunk = 0, 0, 0
 				r.b.force.shrink64 = 1 // its own K split: checked against the reference below
 				r.fill(out, ov)
 				r.b.loraSlices(r.b.s, out.mem.Ptr(), total, x, layer, mods, true)

@@ -307,10 +307,15 @@ func (b *Backend) launchCluster(f *cuda.Function, grid, block, cluster cuda.Dim3
 
 // launchOn enqueues f on stream st (the LoRA stream or the compute stream).
 func (b *Backend) launchOn(st *cuda.Stream, f *cuda.Function, grid, block cuda.Dim3, args ...any) {
+	b.launchShmOn(st, f, grid, block, 0, args...)
+}
+
+// launchShmOn is launchOn with shmem bytes of dynamic shared memory.
+func (b *Backend) launchShmOn(st *cuda.Stream, f *cuda.Function, grid, block cuda.Dim3, shmem int, args ...any) {
 	if b.err != nil {
 		return
 	}
-	b.fail(f.Launch(st, grid, block, 0, args...))
+	b.fail(f.Launch(st, grid, block, shmem, args...))
 	b.g.capture.launched(st)
 }
 
