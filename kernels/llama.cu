@@ -2395,28 +2395,36 @@ __device__ __forceinline__ void sb_finish(const float (&c)[SB_MT][4][4], float (
     }
 }
 
+// SB_START: the start of sgmv_shrink64 and sgmv_shrink64p (a macro: it
+// returns from the kernel): the tile, slice s, rank tile k0 and table
+// entry e (a block with nothing to do waits and leaves), the lane's place
+// (warp, g, q), its K range [kbeg, kend), its rows (sb_rows) and the
+// zeroed accumulators c.
+#define SB_START                                                                                                 \
+    const int4 tile = tiles[blockIdx.x];                                                                         \
+    const int s = blockIdx.y / rank_tiles, k0 = (blockIdx.y % rank_tiles) * 32;                                  \
+    LoraEntry e = {};                                                                                            \
+    if (tile.y > 0) e = table[entry_base + tile.z * entry_stride + sg_mod(s, m0, m1, m2)];                       \
+    if (tile.y == 0 || k0 >= e.rank) { /* uniform: a spare tile (a recording's), or ranks past this adapter's */ \
+        pdl_entry();                                                                                             \
+        return;                                                                                                  \
+    }                                                                                                            \
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;                     \
+    const int kbeg = blockIdx.z * kchunk, kend = min(in_f, kbeg + kchunk);                                       \
+    const bf16* xr[2 * SB_MT];                                                                                   \
+    bool vx[2 * SB_MT];                                                                                          \
+    const bf16* ar[4];                                                                                           \
+    bool va[4];                                                                                                  \
+    sb_rows(xr, vx, ar, va, x, x_stride, tile, e, k0, in_f, g);                                                  \
+    float c[SB_MT][4][4];                                                                                        \
+    sb_zero(c);
+
 extern "C" __global__ void __launch_bounds__(32 * SG_WARPS, 1) sgmv_shrink64(SHRINK_ARGS) {
     __shared__ float red[SG_WARPS / 2][SB_ROWS * SB_RW]; // half the warps' sums at a time
     // Before griddepcontrol.wait: the tile (step metadata, copied before the
     // step), the table entry and A. Every block waits before it exits (a
     // kernel that waits for this one then finds the one before done too).
-    const int4 tile = tiles[blockIdx.x];
-    const int s = blockIdx.y / rank_tiles, k0 = (blockIdx.y % rank_tiles) * 32;
-    LoraEntry e = {};
-    if (tile.y > 0) e = table[entry_base + tile.z * entry_stride + sg_mod(s, m0, m1, m2)];
-    if (tile.y == 0 || k0 >= e.rank) { // uniform: a spare tile (a recording's), or ranks past this adapter's
-        pdl_entry();
-        return;
-    }
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
-    const int kbeg = blockIdx.z * kchunk, kend = min(in_f, kbeg + kchunk);
-    const bf16* xr[2 * SB_MT];
-    bool vx[2 * SB_MT];
-    const bf16* ar[4];
-    bool va[4];
-    sb_rows(xr, vx, ar, va, x, x_stride, tile, e, k0, in_f, g);
-    float c[SB_MT][4][4];
-    sb_zero(c);
+    SB_START
     const uint4 z4 = make_uint4(0, 0, 0, 0);
     // a round: two of the warp's chunks (cb, cb + 256), every load issued
     // before its MMAs; the first round's A rows before griddepcontrol.wait
@@ -2484,23 +2492,7 @@ __device__ __forceinline__ void sbp_copy_x(unsigned ring, int st, const bf16* co
 
 extern "C" __global__ void __launch_bounds__(32 * SG_WARPS, 1) sgmv_shrink64p(SHRINK_ARGS) {
     extern __shared__ __align__(16) unsigned char sbp_ring[];
-    const int4 tile = tiles[blockIdx.x];
-    const int s = blockIdx.y / rank_tiles, k0 = (blockIdx.y % rank_tiles) * 32;
-    LoraEntry e = {};
-    if (tile.y > 0) e = table[entry_base + tile.z * entry_stride + sg_mod(s, m0, m1, m2)];
-    if (tile.y == 0 || k0 >= e.rank) { // uniform: a spare tile (a recording's), or ranks past this adapter's
-        pdl_entry();
-        return;
-    }
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
-    const int kbeg = blockIdx.z * kchunk, kend = min(in_f, kbeg + kchunk);
-    const bf16* xr[2 * SB_MT];
-    bool vx[2 * SB_MT];
-    const bf16* ar[4];
-    bool va[4];
-    sb_rows(xr, vx, ar, va, x, x_stride, tile, e, k0, in_f, g);
-    float c[SB_MT][4][4];
-    sb_zero(c);
+    SB_START
     // the warp's chunks: columns c0 + 256j, j < nch (sgmv_shrink64's cb, cb + 256, ...)
     const int c0 = kbeg + warp * 32;
     const int nch = c0 < kend ? (kend - c0 + 255) / 256 : 0;
