@@ -78,6 +78,13 @@ __device__ __forceinline__ void cp_async16(unsigned dst, const void* src, int n)
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+// lds16 reads 16 bytes of shared memory at shared-space address a (what
+// cp_async16 wrote there).
+__device__ __forceinline__ uint4 lds16(unsigned a) {
+    uint4 v;
+    asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(a));
+    return v;
+}
 // cp_async4, cp_async8: the same for 4 and 8 bytes (through L1: .cg takes only 16).
 __device__ __forceinline__ void cp_async4(unsigned dst, const void* src, int n) {
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(n));

@@ -362,12 +362,6 @@ FP8_SEGS(2, 2)
 #define SK_STAGES 4
 #define SK_LD (SK_U * 64 + 64) // bytes per staged row: 16-byte reads of 8 lanes hit 32 different banks
 
-__device__ __forceinline__ uint4 sk_lds(unsigned a) {
-    uint4 v;
-    asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(a));
-    return v;
-}
-
 template <int NT>
 __device__ __forceinline__ void fp8_skinny_body(bf16* __restrict__ out, float* __restrict__ part, int* __restrict__ done,
                                                 const unsigned char* __restrict__ qx, const float* __restrict__ sx,
@@ -429,10 +423,10 @@ __device__ __forceinline__ void fp8_skinny_body(bf16* __restrict__ out, float* _
         const unsigned b = base + (j % SK_STAGES) * SB;
 #pragma unroll
         for (int u = 0; u < SK_U; u++) {
-            const uint4 A = sk_lds(b + wrow + u * 64), B = sk_lds(b + wrow + 8 * SK_LD + u * 64);
+            const uint4 A = lds16(b + wrow + u * 64), B = lds16(b + wrow + 8 * SK_LD + u * 64);
             const SpanW ws = span_w(A, B);
 #pragma unroll
-            for (int t = 0; t < NT; t++) span_mma(c[t], ws, sk_lds(b + WB + (8 * t + g) * SK_LD + tig * 16 + u * 64));
+            for (int t = 0; t < NT; t++) span_mma(c[t], ws, lds16(b + WB + (8 * t + g) * SK_LD + tig * 16 + u * 64));
         }
     }
     cp_async_wait<0>();

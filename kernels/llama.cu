@@ -2520,9 +2520,9 @@ extern "C" __global__ void __launch_bounds__(32 * SG_WARPS, 1) sgmv_shrink64p(SH
         const int st = j % SBP_ST;
         uint4 xv[2 * SB_MT], av[4];
 #pragma unroll
-        for (int h = 0; h < 2 * SB_MT; h++) asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];\n" : "=r"(xv[h].x), "=r"(xv[h].y), "=r"(xv[h].z), "=r"(xv[h].w) : "r"(sbp_at(ring, st, h)));
+        for (int h = 0; h < 2 * SB_MT; h++) xv[h] = lds16(sbp_at(ring, st, h));
 #pragma unroll
-        for (int nb = 0; nb < 4; nb++) asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];\n" : "=r"(av[nb].x), "=r"(av[nb].y), "=r"(av[nb].z), "=r"(av[nb].w) : "r"(sbp_at(ring, st, 2 * SB_MT + nb)));
+        for (int nb = 0; nb < 4; nb++) av[nb] = lds16(sbp_at(ring, st, 2 * SB_MT + nb));
         sb_mma(c, xv, av);
     }
     cp_async_wait<0>();

@@ -627,8 +627,8 @@ func (b *Backend) shrinkPlan(st *cuda.Stream, inF, n int) sgShrinkPlan {
 }
 
 // bigShrinkSplit is the K parts of a sgmv_shrink64 grid of blocks tiles x
-// slices x rank tiles on sms SMs (one block an SM: 198 registers, 256
-// threads), at most ksMax: the one with the least time in waves of equal
+// slices x rank tiles on sms SMs (one block an SM: sgmv_shrink64's 200
+// registers a thread, sgmv_shrink64p's 192 KB), at most ksMax: the one with the least time in waves of equal
 // blocks, ceil(blocks*ks/sms) * (1/ks + 1/16) in units of one unsplit
 // block's work (1/16: a block's fixed cost, its start, A's first loads
 // and the reduction; the fewest parts among equal times). Rounding
@@ -720,8 +720,10 @@ func (b *Backend) expandTC(st *cuda.Stream, tc int, outPtr cuda.DevicePtr, outSt
 // H100, TestLoRABench, four rank-32 adapters, µs a layer (PERFORMANCE
 // v0.76, kernelForce.stageOut 1): the 4 x 512 prefill 292.2 against 345.5
 // (tc1, the default) and 318.4 (tc64); at 8-256 rows it loses to tc1
-// (256 rows 108.3 vs 77.8). Rows between 256 and 2,048 are not measured.
-// The kernel gives tc1's bits (TestLoRAVariantsMatch, TestOpLoRAFused).
+// (256 rows 108.3 vs 77.8). v0.77 (H200, on by default): 4 x 256 = 1,024
+// rows 159.6 against pre 169.2; 4 x 128 = 512 rows it would lose, 125.8
+// against 107.6. The kernel gives tc1's bits (TestLoRAVariantsMatch,
+// TestOpLoRAFused).
 const (
 	stageOutMinRows = 1024
 	stageOutAuto    = true
