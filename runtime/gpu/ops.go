@@ -129,15 +129,16 @@ func (b *Backend) holdFor(rows, n, k int, fp8 bool) int {
 // autoQKVSMs from autoQKVMinRows rows (its update outlasts the product
 // there: PERFORMANCE v0.31-v0.32) and with FP8 weights autoFP8OutSMs for
 // the o and down products there too; above autoWideRows rows
-// autoWideHolds (autoWideHoldsFP8 for FP8 weights), and autoWideHoldsFP8
-// for FP8 steps that fp8_wg takes whole (gemvMaxRows+1 to fp8WgAllRows).
+// autoWideHolds (autoMidHoldsFP8 and autoBigHoldsFP8 for FP8 weights), and
+// autoWideHoldsFP8 for FP8 steps that fp8_wg takes whole (gemvMaxRows+1 to
+// fp8WgAllRows).
 func autoHolds(rows int, fp8 bool) [4]int {
 	if rows > autoWideRows {
 		switch {
 		case fp8 && rows <= fp8MidRows:
 			return autoMidHoldsFP8
 		case fp8:
-			return autoWideHoldsFP8
+			return autoBigHoldsFP8
 		}
 		return autoWideHolds
 	}
@@ -203,6 +204,17 @@ var autoWideHoldsFP8 = [4]int{32, 32, 16, 32}
 const fp8MidRows = 128
 
 var autoMidHoldsFP8 = [4]int{48, 32, 16, 32}
+
+// Above fp8MidRows rows FP8 steps hold autoBigHoldsFP8: the gate/up
+// update's expand (sgmv_expand_tc1 writing a float32 update of 28,672
+// columns) on 16 SMs outlasted its product by ~9 µs a layer in mixed steps
+// and silu_mul waited for it (PERFORMANCE v0.78's trace). H100, four
+// rank-32 adapters, device ms a step, gate/up holding 16 / 20 / 24 / 28
+// SMs (q/k/v, o, down 32 each; v0.78, one call): 160 rows 10.62 / 10.40 /
+// 10.62 / 10.65, 256 rows 13.64 / 13.43 / 13.42 / 13.43, mixed steps (64
+// decode rows and a 176-token prompt) 9.46 / 9.27 / 9.28 / 9.28; holding
+// more from q/k/v or o (40.32.24.32, 48.48.16.48) lost.
+var autoBigHoldsFP8 = [4]int{32, 32, 20, 32}
 
 // The q/k/v product's SMs left to the LoRA stream in steps of
 // autoQKVMinRows to autoWideRows rows (Options.LoRASMs automatic; above
