@@ -464,45 +464,23 @@ __device__ void quant_words_e4m3(const uint4 (&w)[NW], int n8, unsigned char* q,
 // registers (rows of up to 32 * blockDim values).
 #define ADD_RC 4 // 16-byte words of a row each thread keeps in registers (rows of up to 32 * blockDim values)
 
-// A LoRA update (an expand's float32 sums) is added to its projection's
-// output as fp16 (upd_t, upd_round), whichever op adds it: the op reading
-// the output, from the update buffer the LoRA stream's expand wrote (fp16:
-// half the bytes of float32 written and read back), or the expand itself in
-// place; so every path gives the same bits. fp16 keeps 11 significant bits
-// against the bf16 output's 8 (PEFT in bf16 rounds its update to 8). Finite
-// values past fp16's range (65504) saturate there; NaN and infinities pass.
-typedef __half upd_t;
-__device__ __forceinline__ __half upd_h(float x) {
-    return __float2half_rn(fabsf(x) > 65504.f && isfinite(x) ? copysignf(65504.f, x) : x);
-}
-__device__ __forceinline__ float upd_round(float x) { return __half2float(upd_h(x)); }
-__device__ __forceinline__ __half2 upd_h2(float a, float b) { return __halves2half2(upd_h(a), upd_h(b)); }
-__device__ __forceinline__ float2 upd2(const upd_t* d) { return __half22float2(*reinterpret_cast<const __half2*>(d)); }
-
-// add8: a += d (8 updates from 16-byte aligned d), each sum rounded to bf16
+// add8: a += d (8 floats from 16-byte aligned d), each sum rounded to bf16
 // (a LoRA update added to a projection's output, as an update in place would).
-__device__ __forceinline__ void add8(float* a, const upd_t* d) {
-    const uint4 w = *reinterpret_cast<const uint4*>(d);
-    const __half2* h = reinterpret_cast<const __half2*>(&w);
-    float f[8];
-#pragma unroll
-    for (int i = 0; i < 4; i++) {
-        const float2 v = __half22float2(h[i]);
-        f[2 * i] = a[2 * i] + v.x, f[2 * i + 1] = a[2 * i + 1] + v.y;
-    }
+__device__ __forceinline__ void add8(float* a, const float* d) {
+    const float4 d0 = *reinterpret_cast<const float4*>(d), d1 = *reinterpret_cast<const float4*>(d + 4);
+    float f[8] = {a[0] + d0.x, a[1] + d0.y, a[2] + d0.z, a[3] + d0.w, a[4] + d1.x, a[5] + d1.y, a[6] + d1.z, a[7] + d1.w};
     unpack8(pack8(f), a);
 }
 
-// add_word: word c of row x8 plus d8's (and e8's, the update's 8 values,
-// summed and rounded to bf16 first), rounded to bf16 and stored back when
-// there is a delta.
-__device__ __forceinline__ uint4 add_word(uint4* x8, const uint4* d8, const uint4* e8, int c) {
+// add_word: word c of row x8 plus d8's (and e8's, summed and rounded to bf16
+// first), rounded to bf16 and stored back when there is a delta.
+__device__ __forceinline__ uint4 add_word(uint4* x8, const uint4* d8, const float4* e8, int c) {
     const uint4 xv = x8[c];
     if (!d8) return xv;
     float v[8], d[8];
     unpack8(xv, v);
     unpack8(d8[c], d);
-    if (e8) add8(d, reinterpret_cast<const upd_t*>(e8 + c));
+    if (e8) add8(d, reinterpret_cast<const float*>(e8 + 2 * c));
 #pragma unroll
     for (int i = 0; i < 8; i++) v[i] += d[i];
     const uint4 b = pack8(v);

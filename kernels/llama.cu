@@ -42,7 +42,7 @@ __device__ __forceinline__ uint4 widen8_e4m3(uint2 w) {
 // too, out[r] quantized per row to e4m3 into q[r] (H bytes) and qscale[r]
 // for the FP8 projections that read it (no quant_rows_e4m3 launch).
 // grid (T), block a multiple of 32.
-extern "C" __global__ void add_rmsnorm(bf16* x, const bf16* delta, const upd_t* d2, const int* rl, bf16* out, const bf16* w, float eps, int H,
+extern "C" __global__ void add_rmsnorm(bf16* x, const bf16* delta, const float* d2, const int* rl, bf16* out, const bf16* w, float eps, int H,
                                        unsigned char* q, float* qscale) {
     const int r = blockIdx.x, tid = threadIdx.x, bd = blockDim.x, n8 = H >> 3;
     const bool vec = (H & 7) == 0;       // 16-byte words: every load of a row in flight at once
@@ -66,7 +66,7 @@ extern "C" __global__ void add_rmsnorm(bf16* x, const bf16* delta, const upd_t* 
     if (vec) {
         uint4* x8 = reinterpret_cast<uint4*>(xr);
         const uint4* d8 = delta ? reinterpret_cast<const uint4*>(delta + (i64)r * H) : nullptr;
-        const uint4* e8 = d2 ? reinterpret_cast<const uint4*>(d2 + (i64)r * H) : nullptr;
+        const float4* e8 = d2 ? reinterpret_cast<const float4*>(d2 + (i64)r * H) : nullptr;
         uint4* o8 = reinterpret_cast<uint4*>(out + (i64)r * H);
         float m = 0.f;
         int bad = 0;
@@ -105,7 +105,7 @@ extern "C" __global__ void add_rmsnorm(bf16* x, const bf16* delta, const upd_t* 
         float v = ld(xr + i);
         if (delta) {
             float d = ld(delta + (i64)r * H + i);
-            if (d2) d = __bfloat162float(tobf(d + __half2float(d2[(i64)r * H + i])));
+            if (d2) d = __bfloat162float(tobf(d + d2[(i64)r * H + i]));
             bf16 b = tobf(v + d);
             xr[i] = b;
             v = __bfloat162float(b);
@@ -147,16 +147,16 @@ extern "C" __global__ void fill_rows(unsigned char* dst, unsigned value, int esi
 
 // add_delta: x[r][c] += d[r][c] (rounded to bf16 in x) for c < cols and
 // the rows whose rl (row adapter slot) is >= 0, x rows ldx values apart, d
-// (fp16, upd_t) rows cols apart: a LoRA update computed on the LoRA stream,
+// (float32) rows cols apart: a LoRA update computed on the LoRA stream,
 // added where no op folds it in. grid-stride over rows*cols.
-extern "C" __global__ void add_delta(bf16* x, const upd_t* d, const int* rl, int rows, int cols, int ldx) {
+extern "C" __global__ void add_delta(bf16* x, const float* d, const int* rl, int rows, int cols, int ldx) {
     pdl_entry();
     const i64 n = (i64)rows * cols, stride = (i64)gridDim.x * blockDim.x;
     for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
         const i64 r = i / cols, c = i - r * cols;
         if (rl[r] < 0) continue;
         bf16* p = x + r * ldx + c;
-        *p = tobf(ld(p) + __half2float(d[i]));
+        *p = tobf(ld(p) + d[i]);
     }
 }
 
@@ -223,7 +223,7 @@ __device__ __forceinline__ int log2_or(int bs) { return (bs & (bs - 1)) == 0 ? _
 // place (rows ldq and ldk values apart), and, when kc is not null, k (as
 // rotated) and v (rows ldv apart) stored at the row's KV slot of one
 // layer's cache [slots, kvh*hd]; a row with a negative slot (padding of a
-// recorded step) stores nothing. dq, dk, dv (null, or all set): fp16
+// recorded step) stores nothing. dq, dk, dv (null, or all set): float32
 // LoRA updates of q, k, v computed beside the qkv projection, rows ldd
 // apart, added first in the rows whose rl (row adapter slot) is >= 0
 // (rounded to bf16, as an update in place would have left them; q and k
@@ -231,12 +231,12 @@ __device__ __forceinline__ int log2_or(int bs) { return (bs & (bs - 1)) == 0 ? _
 // head y, then the key heads, then the value heads (a copy). block: any
 // multiple of 32; each thread takes frequencies i (one sincosf each).
 // inv_freq null: no rotation (k stored as it is).
-__device__ __forceinline__ float plus(const bf16* x, const upd_t* d, int i) {
-    return d ? __bfloat162float(tobf(ld(x + i) + __half2float(d[i]))) : ld(x + i);
+__device__ __forceinline__ float plus(const bf16* x, const float* d, int i) {
+    return d ? __bfloat162float(tobf(ld(x + i) + d[i])) : ld(x + i);
 }
 
 extern "C" __global__ void rope_store(bf16* q, bf16* k, const bf16* v, bf16* kc, bf16* vc, const float* inv_freq, const int* pos,
-                                      const int* slots, const upd_t* dq, const upd_t* dk, const upd_t* dv, const int* rl,
+                                      const int* slots, const float* dq, const float* dk, const float* dv, const int* rl,
                                       int heads, int kvh, int hd, int ldq, int ldk, int ldv, int ldd, unsigned char* kc8, float* ks, int bs) {
     pdl_entry();
     __shared__ float ysh[256]; // an FP8 key head's values (hd <= 256)
@@ -248,7 +248,7 @@ extern "C" __global__ void rope_store(bf16* q, bf16* k, const bf16* v, bf16* kc,
         if (slot < 0) return;
         const int vh = h - heads - kvh;
         const bf16* src = v + (i64)r * ldv + (i64)vh * hd;
-        const upd_t* d = dv ? dv + (i64)r * ldd + (i64)vh * hd : nullptr;
+        const float* d = dv ? dv + (i64)r * ldd + (i64)vh * hd : nullptr;
         bf16* dst = vc + (i64)slot * width + (i64)vh * hd;
         for (int i = threadIdx.x; i < hd; i += blockDim.x) dst[i] = d ? tobf(plus(src, d, i)) : src[i];
         return;
@@ -257,7 +257,7 @@ extern "C" __global__ void rope_store(bf16* q, bf16* k, const bf16* v, bf16* kc,
     const bool isk = h >= heads;
     const bool k8 = isk && ks && slot >= 0; // block-uniform: the key head goes to the FP8 cache
     bf16* x = isk ? k + (i64)r * ldk + (i64)(h - heads) * hd : q + (i64)r * ldq + (i64)h * hd;
-    const upd_t* d = isk ? (dk ? dk + (i64)r * ldd + (i64)(h - heads) * hd : nullptr) : (dq ? dq + (i64)r * ldd + (i64)h * hd : nullptr);
+    const float* d = isk ? (dk ? dk + (i64)r * ldd + (i64)(h - heads) * hd : nullptr) : (dq ? dq + (i64)r * ldd + (i64)h * hd : nullptr);
     bf16* dst = isk && slot >= 0 && kc ? kc + (i64)slot * width + (i64)(h - heads) * hd : nullptr;
     float amax = 0.f;
     if (!inv_freq) { // no rotation: add the update, store k as it is
@@ -311,7 +311,7 @@ extern "C" __global__ void rope_store(bf16* q, bf16* k, const bf16* v, bf16* kc,
 // griddepcontrol.wait, under the projection before. Same arguments and
 // results as rope_store; grid (T), block a multiple of 32.
 extern "C" __global__ void rope_store_rows(bf16* q, bf16* k, const bf16* v, bf16* kc, bf16* vc, const float* inv_freq, const int* pos,
-                                           const int* slots, const upd_t* dq, const upd_t* dk, const upd_t* dv, const int* rl,
+                                           const int* slots, const float* dq, const float* dk, const float* dv, const int* rl,
                                            int heads, int kvh, int hd, int ldq, int ldk, int ldv, int ldd, unsigned char* kc8, float* ks, int bs) {
     __shared__ float cs[128], sn[128]; // cos and sin of frequency i at the row's position (hd <= 256)
     const int r = blockIdx.x, tid = threadIdx.x, bd = blockDim.x, half = hd / 2, per = half / 8;
@@ -335,7 +335,7 @@ extern "C" __global__ void rope_store_rows(bf16* q, bf16* k, const bf16* v, bf16
         float y[16];
         if (act) {
             bf16* x = isk ? k + (i64)r * ldk + (i64)(h - heads) * hd : q + (i64)r * ldq + (i64)h * hd;
-            const upd_t* d = isk ? (dk ? dk + (i64)r * ldd + (i64)(h - heads) * hd : nullptr) : (dq ? dq + (i64)r * ldd + (i64)h * hd : nullptr);
+            const float* d = isk ? (dk ? dk + (i64)r * ldd + (i64)(h - heads) * hd : nullptr) : (dq ? dq + (i64)r * ldd + (i64)h * hd : nullptr);
             float x1[8], x2[8];
             unpack8(*reinterpret_cast<const uint4*>(x + 8 * j), x1);
             unpack8(*reinterpret_cast<const uint4*>(x + half + 8 * j), x2);
@@ -408,7 +408,7 @@ extern "C" __global__ void rope_store_rows(bf16* q, bf16* k, const bf16* v, bf16
 // the row's adapter's B (the table entry of the slice's module: entry_base
 // + slot * entry_stride + m{s}), and added to the projection's output
 // (rounded to bf16, as rope_store_rows' add8 does) before the rotation;
-// rows whose rl is < 0 get none. No expand launch and no update in
+// rows whose rl is < 0 get none. No expand launch and no float32 update in
 // memory (runtime/gpu/lora_rope.go). grid (heads + 2 * kvh, rows): query
 // heads, key heads, value heads, each row; block hd / 2 threads: thread j
 // takes rotation pair j (columns j and j + hd / 2). Before
@@ -500,8 +500,8 @@ extern "C" __global__ void rope_store_lora(bf16* q, bf16* k, const bf16* v, bf16
         for (int c = 0; c < ROPE_LORA_PRE; c++)
             if (8 * c < e.rank) chunk(8 * c, w1[c], w2[c]);
         for (int kk = 8 * ROPE_LORA_PRE; kk < e.rank; kk += 8) chunk(kk, ldg16(b1 + kk), ldg16(b2 + kk));
-        x1 = __bfloat162float(tobf(x1 + upd_round(d1)));
-        x2 = __bfloat162float(tobf(x2 + upd_round(d2)));
+        x1 = __bfloat162float(tobf(x1 + d1));
+        x2 = __bfloat162float(tobf(x2 + d2));
     }
     if (sl == 2) { // a value head: to the cache
         if (vc && slot >= 0) {
@@ -1727,7 +1727,7 @@ extern "C" __global__ void __launch_bounds__(PRE_THREADS) attn_prefill8_d128(ATT
 
 // silu_mul8: silu(g) * u for 8 values (16-byte words gw, uw), after adding
 // the LoRA updates dg and du (when dg is set) as silu_mul says.
-__device__ __forceinline__ uint4 silu_mul8(uint4 gw, uint4 uw, const upd_t* dg, const upd_t* du) {
+__device__ __forceinline__ uint4 silu_mul8(uint4 gw, uint4 uw, const float* dg, const float* du) {
     float a[8], b[8];
     unpack8(gw, a);
     unpack8(uw, b);
@@ -1742,7 +1742,7 @@ __device__ __forceinline__ uint4 silu_mul8(uint4 gw, uint4 uw, const upd_t* dg, 
 
 // silu_mul: out[r, c] = silu(g[r, c]) * u[r, c] for rows x cols values;
 // out's rows are cols apart, g's and u's ldg (views of one gate_up row).
-// dg, du (null, or both set): fp16 LoRA updates (upd_t) of g and u computed
+// dg, du (null, or both set): float32 LoRA updates of g and u computed
 // beside the gate_up projection, rows ldd apart, added first (rounded to
 // bf16, as an update in place would have left g and u) in the rows whose
 // rl (row adapter slot) is >= 0. Grid-stride over 8-value words when cols,
@@ -1753,7 +1753,7 @@ __device__ __forceinline__ uint4 silu_mul8(uint4 gw, uint4 uw, const upd_t* dg, 
 // down projection (no quantization launch).
 #define SILU_RC 4 // 16-byte words of a row each thread keeps in registers when quantizing (rows of up to 32 * blockDim values)
 __device__ __forceinline__ uint4 ld16(const bf16* p) { return *reinterpret_cast<const uint4*>(p); }
-extern "C" __global__ void silu_mul(bf16* out, const bf16* g, const bf16* u, const upd_t* dg, const upd_t* du, const int* rl,
+extern "C" __global__ void silu_mul(bf16* out, const bf16* g, const bf16* u, const float* dg, const float* du, const int* rl,
                                     int rows, int cols, int ldg, int ldd, unsigned char* q, float* qscale) {
     pdl_entry();
     if (q) { // one block per row, quantized as it is stored
@@ -1807,8 +1807,8 @@ extern "C" __global__ void silu_mul(bf16* out, const bf16* g, const bf16* u, con
         const i64 r = i / cols, c = i - r * cols;
         float x = ld(g + r * ldg + c), y = ld(u + r * ldg + c);
         if (dg && rl[r] >= 0) {
-            x = __bfloat162float(tobf(x + __half2float(dg[r * ldd + c])));
-            y = __bfloat162float(tobf(y + __half2float(du[r * ldd + c])));
+            x = __bfloat162float(tobf(x + dg[r * ldd + c]));
+            y = __bfloat162float(tobf(y + du[r * ldd + c]));
         }
         out[i] = tobf(x / (1.f + expf(-x)) * y);
     }
@@ -1824,7 +1824,7 @@ extern "C" __global__ void silu_mul(bf16* out, const bf16* g, const bf16* u, con
 // spread over SILU_CL SMs.
 #define SILU_CL 8
 #define SILU_CL_RC 2
-extern "C" __global__ void __launch_bounds__(256) silu_mul_cl(bf16* out, const bf16* g, const bf16* u, const upd_t* dg, const upd_t* du,
+extern "C" __global__ void __launch_bounds__(256) silu_mul_cl(bf16* out, const bf16* g, const bf16* u, const float* dg, const float* du,
                                                               const int* rl, int cols, int ldg, int ldd, unsigned char* q,
                                                               float* qscale) {
     pdl_entry();
@@ -1860,7 +1860,7 @@ extern "C" __global__ void __launch_bounds__(256) silu_mul_cl(bf16* out, const b
 
 // silu_mul_lora{1,2,4}: out = silu(g) * u for a step whose gate/up LoRA
 // update was left unexpanded: the LoRA stream ran the shrink alone, and
-// the expand happens here, so no update is written or read
+// the expand happens here, so no float32 update is written or read
 // (runtime/gpu/lora_silu.go); the FP8 down projection then quantizes out
 // as it quantizes any input. grid (ceil(cols / 512), ntiles + ceil(rows /
 // SG_TR)), blocks of 256 threads; warp w of block x takes the 8-column
@@ -1871,7 +1871,7 @@ extern "C" __global__ void __launch_bounds__(256) silu_mul_cl(bf16* out, const b
 // cores as sgmv_expand_tc computes it (tmp, the shrink's output, summed
 // over its ksplit K parts; A fragments split into bf16 pairs; B in
 // expand_tc's K order), added to g and u rounded to bf16 (as silu_mul adds
-// the LoRA stream's fp16 update). Row tile y >= ntiles is rows
+// the LoRA stream's float32 update). Row tile y >= ntiles is rows
 // [(y - ntiles) * SG_TR, +SG_TR) of those with no adapter (rl < 0), no
 // update. Gate is the table entry of module m0 (tmp's ranks at 0), up of
 // m1 (at max_rank); KC: 32-rank chunks (ranks multiples of 8, at most 32 *
@@ -1988,8 +1988,8 @@ __device__ __forceinline__ void silu_lora_body(
             float y[4];
 #pragma unroll
             for (int i = 0; i < 4; i++) {
-                const float a = lora ? __bfloat162float(__float2bfloat16_rn(gx[i] + upd_round(dg[i]))) : gx[i];
-                const float b = lora ? __bfloat162float(__float2bfloat16_rn(ux[i] + upd_round(du[i]))) : ux[i];
+                const float a = lora ? __bfloat162float(__float2bfloat16_rn(gx[i] + dg[i])) : gx[i];
+                const float b = lora ? __bfloat162float(__float2bfloat16_rn(ux[i] + du[i])) : ux[i];
                 y[i] = a / (1.f + expf(-a)) * b;
             }
             const int col = cb + 2 * qq;
@@ -2012,7 +2012,7 @@ extern "C" __global__ void __launch_bounds__(256) silu_mul_lora4(SILU_LORA_ARGS)
 // with each row over a cluster of ADD_CL blocks (sm_90; grid rows * ADD_CL,
 // blocks of ADD_CL_THREADS): block `rank` takes columns [rank * per,
 // (rank + 1) * per), per = H / ADD_CL, a pair of columns a thread (at most
-// ADD_CL_PR pairs), so a row's x, delta and fp16 LoRA update d2 (rows
+// ADD_CL_PR pairs), so a row's x, delta and float32 LoRA update d2 (rows
 // whose rl is >= 0; delta + d2 rounded to bf16 first, as add_rmsnorm adds
 // them) are read by ADD_CL SMs. The row's sum of squares meets through
 // distributed shared memory (the blocks' sums added in rank order), then
@@ -2022,7 +2022,7 @@ extern "C" __global__ void __launch_bounds__(256) silu_mul_lora4(SILU_LORA_ARGS)
 #define ADD_CL 8
 #define ADD_CL_THREADS 256
 #define ADD_CL_PR 2
-extern "C" __global__ void __launch_bounds__(ADD_CL_THREADS) add_rmsnorm_cl(bf16* x, const bf16* delta, const upd_t* d2, const int* rl,
+extern "C" __global__ void __launch_bounds__(ADD_CL_THREADS) add_rmsnorm_cl(bf16* x, const bf16* delta, const float* d2, const int* rl,
                                                                          bf16* out, const bf16* w, float eps, int H, unsigned char* q,
                                                                          float* qscale) {
     __shared__ float sh[33];
@@ -2049,7 +2049,7 @@ extern "C" __global__ void __launch_bounds__(ADD_CL_THREADS) add_rmsnorm_cl(bf16
         const float2 xv = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(xr + 2 * p));
         float2 dv = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(delta + r * H + c0 + 2 * p));
         if (lo) {
-            const float2 e2 = upd2(d2 + r * H + c0 + 2 * p);
+            const float2 e2 = *reinterpret_cast<const float2*>(d2 + r * H + c0 + 2 * p);
             dv = __bfloat1622float2(__floats2bfloat162_rn(dv.x + e2.x, dv.y + e2.y));
         }
         const __nv_bfloat162 nb = __floats2bfloat162_rn(xv.x + dv.x, xv.y + dv.y);
@@ -2127,7 +2127,7 @@ extern "C" __global__ void lora_expand(bf16* out, const float* tmp, const LoraEn
     float acc = 0.f;
     for (int k = 0; k < e.rank; k++) acc += t[k] * ld(br + k);
     bf16* o = out + (i64)rows[i] * o_stride + j;
-    *o = tobf(ld(o) + upd_round(acc));
+    *o = tobf(ld(o) + acc);
 }
 
 // ---------------------------------------------------------------------------
@@ -2531,10 +2531,9 @@ extern "C" __global__ void __launch_bounds__(32 * SG_WARPS, 1) sgmv_shrink64p(SH
 }
 
 // sgmv_expand: out[row][off_s + j] += sum_k tmp[row][s*max_rank + k] * B_s[j][k]
-// (tmp summed over the ksplit partials; the sum added as upd_round rounds
-// it); with accum 0, out is fp16 (upd_t, rows o_stride values apart) and
-// gets the sum alone, zero where the slice has no adapter (a LoRA update
-// computed beside its projection). grid (tiles, ceil(out_total/256)),
+// (tmp summed over the ksplit partials); with accum 0, out is float32 (rows
+// o_stride floats apart) and gets the sum alone, zero where the slice has no
+// adapter (a LoRA update computed beside its projection). grid (tiles, ceil(out_total/256)),
 // block 128: each thread owns two adjacent output columns. Its B rows (the
 // first 64 ranks, 16 bytes a load) and the tile's output values are loaded
 // before the tile's tmp rows are staged in shared memory, so the three
@@ -2586,7 +2585,7 @@ extern "C" __global__ void __launch_bounds__(SG_EX_THREADS) sgmv_expand(
     __syncthreads();
     if (rank == 0) {
         if (!accum && active)
-            for (int r = 0; r < n; r++) *reinterpret_cast<__half2*>(reinterpret_cast<upd_t*>(out) + (i64)(tile.x + r) * o_stride + j) = upd_h2(0.f, 0.f);
+            for (int r = 0; r < n; r++) *reinterpret_cast<float2*>(reinterpret_cast<float*>(out) + (i64)(tile.x + r) * o_stride + j) = make_float2(0.f, 0.f);
         return;
     }
     const float* t = sm + s * mr8;
@@ -2619,9 +2618,9 @@ extern "C" __global__ void __launch_bounds__(SG_EX_THREADS) sgmv_expand(
         if (r < n) {
             const float2 v = __bfloat1622float2(ov[r]);
             if (accum)
-                *reinterpret_cast<__nv_bfloat162*>(out + (i64)(tile.x + r) * o_stride + j) = __floats2bfloat162_rn(v.x + upd_round(acc0[r]), v.y + upd_round(acc1[r]));
+                *reinterpret_cast<__nv_bfloat162*>(out + (i64)(tile.x + r) * o_stride + j) = __floats2bfloat162_rn(v.x + acc0[r], v.y + acc1[r]);
             else
-                *reinterpret_cast<__half2*>(reinterpret_cast<upd_t*>(out) + (i64)(tile.x + r) * o_stride + j) = upd_h2(acc0[r], acc1[r]);
+                *reinterpret_cast<float2*>(reinterpret_cast<float*>(out) + (i64)(tile.x + r) * o_stride + j) = make_float2(acc0[r], acc1[r]);
         }
     }
 }
@@ -2809,13 +2808,13 @@ __device__ __forceinline__ void expand_tc_body(
                 if (ST && accum) {
                     __nv_bfloat162* p = reinterpret_cast<__nv_bfloat162*>(os + r * OW + col - bcol0);
                     const float2 o = __bfloat1622float2(*p);
-                    *p = __floats2bfloat162_rn(o.x + upd_round(v0), o.y + upd_round(v1));
+                    *p = __floats2bfloat162_rn(o.x + v0, o.y + v1);
                 } else if (accum) {
                     __nv_bfloat162* p = reinterpret_cast<__nv_bfloat162*>(out + (i64)(tile.x + r) * o_stride + col);
                     const float2 o = __bfloat1622float2(PRE ? ov[PRE ? mt : 0][PRE ? ng : 0][half] : *p);
-                    *p = __floats2bfloat162_rn(o.x + upd_round(v0), o.y + upd_round(v1));
+                    *p = __floats2bfloat162_rn(o.x + v0, o.y + v1);
                 } else {
-                    *reinterpret_cast<__half2*>(reinterpret_cast<upd_t*>(out) + (i64)(tile.x + r) * o_stride + col) = upd_h2(v0, v1);
+                    *reinterpret_cast<float2*>(reinterpret_cast<float*>(out) + (i64)(tile.x + r) * o_stride + col) = make_float2(v0, v1);
                 }
             }
         }

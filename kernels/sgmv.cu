@@ -136,7 +136,7 @@ __device__ __forceinline__ void fu_expand(
     __syncthreads();
     if (rank == 0) {
         if (!accum && active)
-            for (int r = 0; r < n; r++) *reinterpret_cast<__half2*>(reinterpret_cast<upd_t*>(out) + (i64)(tile.x + r) * o_stride + j) = upd_h2(0.f, 0.f);
+            for (int r = 0; r < n; r++) *reinterpret_cast<float2*>(reinterpret_cast<float*>(out) + (i64)(tile.x + r) * o_stride + j) = make_float2(0.f, 0.f);
         return;
     }
     const float* t = sm + s * mr8;
@@ -169,9 +169,9 @@ __device__ __forceinline__ void fu_expand(
         if (r < n) {
             const float2 v = __bfloat1622float2(ov[r]);
             if (accum)
-                *reinterpret_cast<__nv_bfloat162*>(out + (i64)(tile.x + r) * o_stride + j) = __floats2bfloat162_rn(v.x + upd_round(acc0[r]), v.y + upd_round(acc1[r]));
+                *reinterpret_cast<__nv_bfloat162*>(out + (i64)(tile.x + r) * o_stride + j) = __floats2bfloat162_rn(v.x + acc0[r], v.y + acc1[r]);
             else
-                *reinterpret_cast<__half2*>(reinterpret_cast<upd_t*>(out) + (i64)(tile.x + r) * o_stride + j) = upd_h2(acc0[r], acc1[r]);
+                *reinterpret_cast<float2*>(reinterpret_cast<float*>(out) + (i64)(tile.x + r) * o_stride + j) = make_float2(acc0[r], acc1[r]);
         }
     }
 }

@@ -147,7 +147,7 @@ func loraParamsPerRank(cfg *llama.Config) int {
 // fused SGMV kernels of kernels/sgmv.cu (one launch per op), tc the shrink
 // and tensor-core expand; graph_us is tc in a recorded step's layout, the
 // updates added in place (as serial LoRA does), aside_us the same written
-// as fp16 updates (as the LoRA stream does beside the products), early_us
+// as float32 updates (as the LoRA stream does beside the products), early_us
 // aside_us with the shrinks on sgmv_shrink_e (kernelForce.shrinkE), pre_us
 // tc_us with the expands on sgmv_expand_tcp* (kernelForce.expandPre),
 // x64_us pre_us with the rank-32 class's on sgmv_expand_tc64 (64-row
@@ -246,11 +246,11 @@ func TestLoRABench(t *testing.T) {
 		r.fill(o.x, r.rnd(maxT*o.x.cols, 1))
 		r.fill(o.out, r.rnd(maxT*o.out.cols, 1))
 	}
-	// each op's update (fp16), as a step's LoRA stream writes it beside the
+	// each op's float32 update, as a step's LoRA stream writes it beside the
 	// product for the op reading the product to add (aside_us)
 	aside := make([]*cuda.DeviceBuffer, len(ops))
 	for i, o := range ops {
-		if aside[i], err = b.ctx.Alloc(updateBytes * maxT * o.out.cols); err != nil {
+		if aside[i], err = b.ctx.Alloc(4 * maxT * o.out.cols); err != nil {
 			t.Fatal(err)
 		}
 		defer aside[i].Free()
@@ -267,7 +267,7 @@ func TestLoRABench(t *testing.T) {
 	}
 	// timeGraph captures the layer's LoRA ops and returns the median replay
 	// time in µs: the updates added in place to the outputs, or (inPlace
-	// false) written as updates aside.
+	// false) written as float32 updates aside.
 	timeGraph := func(inPlace bool) float64 {
 		if err := b.s.BeginCapture(); err != nil {
 			t.Fatal(err)

@@ -10,7 +10,7 @@ import (
 )
 
 // The LoRA update buffer (loraAside.delta) in L2. The LoRA stream's expand
-// writes a group's update there while the group's product streams
+// writes a group's float32 update there while the group's product streams
 // its weights through L2 beside it; the op after the product (silu_mul,
 // add_rmsnorm, RoPE) reads it back. Written plainly, the update's lines
 // are evicted by the weights before that read: at 64 rows the gate/up

@@ -179,27 +179,19 @@ type loraAside struct {
 	fork, join *cuda.Event
 	forkIn     cuda.DevicePtr // input of the GEMM fork was recorded before (0: none)
 	delta      *cuda.DeviceBuffer
-	rows, cols int // delta holds rows x cols fp16 values (updateBytes each)
+	rows, cols int // delta holds rows x cols float32 values
 	pend       pendingDelta
 }
 
 // pendingDelta is an update on the LoRA stream not yet added to its output:
 // columns [0, cols) of the rows at base (ld values apart) get delta
-// (fp16, rows cols apart).
+// (float32, rows cols apart).
 type pendingDelta struct {
 	base, delta cuda.DevicePtr
 	ld, cols    int
 	local       bool      // computed on the compute stream (lora_inline.go): nothing to wait for
 	lora        *loraPend // not expanded (delta 0): rope_store_lora expands it (lora_rope.go), any other op in place
 }
-
-// updateBytes is the size of one value of a LoRA update in the update
-// buffer: fp16 (the kernels' upd_t). Every path adds an update to its
-// output as fp16 (upd_round), so the buffer holds what they add: half the
-// bytes float32 took to write on the LoRA stream and read back where the
-// output is read (PERFORMANCE v0.78: FP8 mixed steps, silu_mul 14 -> 27
-// µs a layer reading the float32 gate/up update).
-const updateBytes = 2
 
 // alloc sizes delta for rows rows of the widest fused group.
 func (a *loraAside) alloc(ctx *cuda.Context, rows int, cfg *llama.Config) error {
@@ -213,7 +205,7 @@ func (a *loraAside) alloc(ctx *cuda.Context, rows int, cfg *llama.Config) error 
 		cols = max(cols, w)
 	}
 	var err error
-	if a.delta, err = ctx.Alloc(max(updateBytes*rows*cols, 256)); err != nil {
+	if a.delta, err = ctx.Alloc(max(4*rows*cols, 256)); err != nil {
 		return fmt.Errorf("gpu: LoRA update buffer: %w", err)
 	}
 	a.rows, a.cols = rows, cols
@@ -283,7 +275,7 @@ func (b *Backend) loraAside(o, x *Buffer, layer int, mods []llama.Module, total 
 // expandLate reports whether a group's update (tc: its tensor-core chunks)
 // is left to the compute stream: the LoRA stream runs its shrink alone and
 // the op that reads the product first expands it in place (join), so no
-// update is written and read back (kernelForce.expandLate: from
+// float32 update is written and read back (kernelForce.expandLate: from
 // that many LoRA rows; off by default, PERFORMANCE v0.73).
 func (b *Backend) expandLate(tc int) bool {
 	return b.force.expandLate > 0 && tc > 0 && b.nLora >= b.force.expandLate
@@ -346,7 +338,7 @@ func (b *Backend) fuse(views ...*Buffer) ([]cuda.DevicePtr, int) {
 			b.join()
 			return nil, 0
 		}
-		d[i] = p.delta + (ptr(v)-p.base)/2*updateBytes // the update of a bf16 view
+		d[i] = p.delta + 2*(ptr(v)-p.base) // float32 update of a bf16 view
 		n += v.cols
 	}
 	if n != p.cols {

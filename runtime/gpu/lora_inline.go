@@ -100,7 +100,7 @@ func (b *Backend) loraInline(out, in engine.Buffer, w engine.Weight, layer int, 
 		b.la.pend = b.pendLoRA(o, layer, mods, tc, 1, true)
 		return true
 	}
-	// the update as fp16 into delta, which the op reading out adds as it
+	// the update as float32 into delta, which the op reading out adds as it
 	// reads (fuse), as for an update from the LoRA stream: product + update
 	// is rounded once, there, and the expand need not read the product
 	d := b.la.delta.Ptr()

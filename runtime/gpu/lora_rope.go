@@ -18,8 +18,8 @@ import (
 //   - FP8 weights (the LoRA stream): the stream runs the shrink alone, so
 //     the op after the product waits for one kernel, not two (v0.37: the
 //     q/k/v join cost 119 µs a step at 16 rows).
-// The update is summed in float32 and added to the product as fp16 (upd_round),
-// as rope_store_rows adds the expand's update.
+// The update is summed in float32 and added to the product rounded once,
+// as rope_store_rows adds the expand's float32 update.
 
 // ropeLoRARows is the most rows whose update goes into RoPE by default
 // (rope_store_lora takes any; kernelForce.ropeLoRA 1 sends every step's).

@@ -20,7 +20,7 @@ import (
 // the tensor cores as it reads g and u, 512 columns of a tile a block, its
 // loads in flight together (rows with no adapter: tiles of their own in the
 // same launch); it writes out in bf16 only, and the down projection
-// quantizes it as any FP8 input (quant_rows_e4m3). No update in
+// quantizes it as any FP8 input (quant_rows_e4m3). No float32 update in
 // memory and no expand on the held SMs.
 
 // siluLoRAMinRows is the fewest rows whose gate/up update goes into

@@ -25,7 +25,7 @@ import (
 // accumulators as MMAs before the one rounding to bf16 (kernels/common.cuh,
 // WsLora). So the product keeps every SM and its plan, the update costs its
 // bytes (B once, the shrink's x and A from L2) and one short tail, and no
-// kernel or update is added to the step.
+// kernel or float32 update is added to the step.
 //
 // Measured (H200, PERFORMANCE v0.60), it loses: four rank-32 adapters at
 // 64 rows 6.15 ms a step against 5.11 for the LoRA stream beside fp8_ws

@@ -8,8 +8,8 @@ import (
 // kernels/llama.cu), where it adds a LoRA update.
 //
 // add_rmsnorm is one block a row. After the o and down products of a step
-// with adapters it also adds their fp16 LoRA update from the LoRA
-// stream: 24 KB a row at hidden 4,096 with x and the product's output,
+// with adapters it also adds their float32 LoRA update from the LoRA
+// stream: 32 KB a row at hidden 4,096 besides x and the product's output,
 // all read by one SM. add_rmsnorm_cl spreads each row over addCl blocks
 // (the row's sum of squares and max through distributed shared memory).
 // Measured on an H200 with four rank-32 adapters (v0.40, two calls, device

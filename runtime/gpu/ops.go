@@ -206,7 +206,7 @@ const fp8MidRows = 128
 var autoMidHoldsFP8 = [4]int{48, 32, 16, 32}
 
 // Above fp8MidRows rows FP8 steps hold autoBigHoldsFP8: the gate/up
-// update's expand (sgmv_expand_tc1 writing the then float32 update of 28,672
+// update's expand (sgmv_expand_tc1 writing a float32 update of 28,672
 // columns) on 16 SMs outlasted its product by ~9 µs a layer in mixed steps
 // and silu_mul waited for it (PERFORMANCE v0.78's trace). H100, four
 // rank-32 adapters, device ms a step, gate/up holding 16 / 20 / 24 / 28

@@ -93,7 +93,7 @@ func TestOpLoRAFused(t *testing.T) {
 	}
 	// v2, v1, v0 with a rank-5 adapter among them; then, its slot holding a
 	// rank-40 one (every rank a multiple of 8), the tensor-core expand
-	// adding in place (tc) and into the LoRA stream's fp16 update that
+	// adding in place (tc) and into the LoRA stream's float32 update that
 	// Read adds (tc-aside)
 	// tc1, tc1-aside: slots 1 and 2 holding rank-32 adapters (every rank at
 	// most 32: sgmv_expand_tc1, the rank-32 adapters' kernel)
@@ -150,16 +150,15 @@ func TestOpLoRAFused(t *testing.T) {
 				// each variant gives the default kernels' bits (where the
 				// plan takes it: sgmv_shrink_e only where it is sgmv_shrink,
 				// single projections here; tc64 the rank-32 class)
-				// and written aside as fp16 (accum 0: the LoRA stream's
+				// and written aside as float32 (accum 0: the LoRA stream's
 				// update, zeros where a slice has no adapter)
-				words := (T*total + 1) / 2 // 32-bit words of fp16 pairs
-				upd, err := r.b.ctx.Alloc(4 * words)
+				upd, err := r.b.ctx.Alloc(4 * T * total)
 				if err != nil {
 					t.Fatal(err)
 				}
 				aside := func() []float32 {
-					h := make([]uint16, 2*words)
-					if err := r.b.s.Memset32(upd.Ptr(), 0x7e007e00, words); err != nil { // NaN: unwritten shows
+					h := make([]float32, T*total)
+					if err := r.b.s.Memset32(upd.Ptr(), 0x7fc00000, T*total); err != nil { // NaN: unwritten shows
 						t.Fatal(err)
 					}
 					r.b.loraSlices(r.b.s, upd.Ptr(), total, x, layer, mods, false)
@@ -169,11 +168,7 @@ func TestOpLoRAFused(t *testing.T) {
 					if err := r.b.s.Synchronize(); err != nil {
 						t.Fatal(err)
 					}
-					f := make([]float32, T*total)
-					for i := range f {
-						f[i] = halfToFloat32(h[i])
-					}
-					return f
+					return h
 				}
 				gotAside := aside()
 				for i, v := range loraVariants {
@@ -196,7 +191,7 @@ func TestOpLoRAFused(t *testing.T) {
 					}
 					if v.runs(r.b) > mid {
 						if j := firstDiff(f32bits(altAside), f32bits(gotAside)); j >= 0 {
-							t.Fatalf("%s %v: %s's update differs from the default kernels' at %d (row %d): %g vs %g", mode, mods, v.name, j, j/total, altAside[j], gotAside[j])
+							t.Fatalf("%s %v: %s's float32 update differs from the default kernels' at %d (row %d): %g vs %g", mode, mods, v.name, j, j/total, altAside[j], gotAside[j])
 						}
 					}
 				}

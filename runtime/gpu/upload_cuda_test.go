@@ -179,24 +179,6 @@ func float32ToHalf(f float32) uint16 {
 	return sign | uint16(h)
 }
 
-// halfToFloat32 is the value of IEEE fp16 bits h (the LoRA update
-// buffer's values, updateBytes each).
-func halfToFloat32(h uint16) float32 {
-	sign := uint32(h>>15) << 31
-	exp, man := uint32(h>>10)&0x1f, uint32(h)&0x3ff
-	switch {
-	case exp == 0x1f: // infinity, NaN
-		return math.Float32frombits(sign | 0x7f800000 | man<<13)
-	case exp == 0: // zero, subnormal: man x 2^-24
-		f := float32(man) / (1 << 24)
-		if sign != 0 {
-			f = -f
-		}
-		return f
-	}
-	return math.Float32frombits(sign | (exp+112)<<23 | man<<13)
-}
-
 // TestLoadBench times engine.New (every weight converted, staged and
 // copied) on the random 8B checkpoint of PEFTD_MODEL_8B, from the page
 // cache (the file is read once before timing), and checks the embedding
