@@ -494,6 +494,7 @@ type decodeVariant struct {
 	x64                          bool   // rank-32-class LoRA expands on sgmv_expand_tc64, 64-row tiles (kernelForce.expand64)
 	pre                          bool   // in-place tensor-core expands on sgmv_expand_tcp* (kernelForce.expandPre)
 	late                         int    // from this many LoRA rows the expands in place on the compute stream, the shrinks alone beside (kernelForce.expandLate)
+	onopdl                       int    // the o group's LoRA kernels without PDL (kernelForce.oNoPDL: 1 on, -1 off, 0 the default)
 	wsnorm                       int    // o and down with the add_rmsnorm after them in one gemm_ws_norm / fp8_ws_norm launch where it fits (kernelForce.wsNorm: 1 on, -1 never, 0 the default: wsNormAuto)
 }
 
@@ -506,7 +507,7 @@ func (v decodeVariant) force(f kernelForce) kernelForce {
 	f.holds, f.pdlJoins, f.loraInline = v.holds, v.pdlJoins, v.inline
 	f.ropeLoRA, f.nodePrio, f.siluCl, f.addCl, f.siluLoRA = v.rfold, v.prio, v.silucl, v.addcl, v.sfold
 	f.memHoist, f.l2Win, f.wsLoRA, f.shrink64, f.wsSiLU, f.wsEarly, f.wsNorm, f.wsEarlyO, f.wsHalf, f.wsQX = v.hoist, v.l2, v.wsl, v.sh64, v.wssilu, v.wsearly, v.wsnorm, v.wsearlyo, v.wshalf, v.wsqx
-	f.shrinkE, f.expand64, f.expandPre, f.expandLate = v.she, v.x64, v.pre, v.late
+	f.shrinkE, f.expand64, f.expandPre, f.expandLate, f.oNoPDL = v.she, v.x64, v.pre, v.late, v.onopdl
 	return f
 }
 
@@ -648,6 +649,7 @@ func (v decodeVariant) label(ads []*lora.Adapter, pdlOK bool) string {
 	lbl += onOffLabel(v.sfold, "sfold")
 	lbl += onOffLabel(v.addcl, "addcl")
 	lbl += onOffLabel(v.prio, "prio")
+	lbl += onOffLabel(v.onopdl, "onopdl")
 	lbl += onOffLabel(v.hoist, "hoist")
 	if v.l2 > 1 {
 		lbl += fmt.Sprintf("+l2m%d", v.l2)
@@ -885,6 +887,7 @@ func TestDecodeBench(t *testing.T) {
 		{sms: -1, wsfrom: 9, wssilu: 1, wsnorm: 1}, {sms: -1, wsfrom: 9, wssilu: 1, wsnorm: 1, wshalf: 1}, // FP8 9-16 rows: fp8_ws with the fused ends
 		{sms: -1, wsqx: 1}, {sms: -1, wsqx: 1, wsnorm: 1}, {sms: -1, wsqx: 1, wsnorm: 1, wssilu: 1, wshalf: 1}, {sms: -1, wsfrom: 9, wsqx: 1, wsnorm: 1, wssilu: 1},
 		{sms: -1, wsearlyo: 4}, {sms: -1, wsearlyo: 7}, {lora: true, sms: -1, wsearlyo: 4}, {lora: true, sms: -1, wsearlyo: 7},
+		{lora: true, sms: -1, onopdl: 1},
 		{sms: -1, wsearly: 2}, {sms: -1, wsearly: 4}, {sms: -1, wsearly: 7}, {lora: true, sms: -1, wsearly: 2}, {lora: true, sms: -1, wsearly: 4}, {lora: true, sms: -1, wsearly: 7},
 	}
 	// PEFTD_LORA_PARTITION=16,32: rows +part16, +part32 with the SMs split by

@@ -252,6 +252,10 @@ func (b *Backend) loraAside(o, x *Buffer, layer int, mods []llama.Module, total 
 	}
 	b.fail(b.la.s.Wait(b.la.fork))
 	pend := pendingDelta{base: ptr(o), delta: d, ld: o.ld, cols: total}
+	if b.la.s.ProgrammaticLaunch() && b.oNoPDL(mods) {
+		b.fail(b.la.s.SetProgrammaticLaunch(false))
+		defer func() { b.fail(b.la.s.SetProgrammaticLaunch(true)) }()
+	}
 	// The shrink alone where RoPE or silu_mul expands the update
 	// (lora_rope.go, lora_silu.go), or, late, join expands it in place
 	// when the output is read; else shrink and expand into delta.
@@ -270,6 +274,17 @@ func (b *Backend) loraAside(o, x *Buffer, layer int, mods []llama.Module, total 
 	if b.err == nil {
 		b.la.pend = pend
 	}
+}
+
+// oNoPDL reports whether group mods is o and its LoRA kernels launch
+// without PDL (kernelForce.oNoPDL; by default off). In an FP8 step the o
+// product launches after quant_rows_e4m3, a few µs after the attention the
+// LoRA stream forks at: the update's expand, launched programmatically
+// under its shrink, had its blocks on nearly every SM by then, and the
+// product (a block a whole SM) waited for them to leave (PERFORMANCE
+// v0.78's trace: 4.9 µs a layer in 240-row mixed steps).
+func (b *Backend) oNoPDL(mods []llama.Module) bool {
+	return len(mods) == 1 && mods[0] == llama.O && forcedOn(b.force.oNoPDL, false)
 }
 
 // expandLate reports whether a group's update (tc: its tensor-core chunks)
