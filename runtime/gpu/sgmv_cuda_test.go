@@ -232,7 +232,7 @@ func TestOpLoRAFused(t *testing.T) {
 						t.Fatalf("%s %v: sgmv_shrink64p differs from sgmv_shrink64 at %d (row %d): %g vs %g", mode, mods, j, j/total, pipe[j], big[j])
 					}
 				}
-				r.b.force.shrink64, r.b.force.shrinkPipe, r.b.force.loraKChunk = 0, 0, 0
+				r.b.force.shrinkPipe, r.b.force.loraKChunk = 0, 0
 				r.b.force.shrink64 = 1 // its own K split: checked against the reference below
 				r.fill(out, ov)
 				r.b.loraSlices(r.b.s, out.mem.Ptr(), total, x, layer, mods, true)
