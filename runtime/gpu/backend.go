@@ -318,7 +318,7 @@ type kernelForce struct {
 	stageOut   int           // rank-32-class expands adding in place as sgmv_expand_tc64s (the output tile staged in shared memory: 16-byte whole-row loads and stores, not 4-byte ones in the MMA fragment's layout; the same bits): 1 wherever expand64 is set, -1 never, 0 from stageOutMinRows LoRA rows where stageOutAuto (on)
 	expandPre  bool          // tensor-core LoRA expands adding in place as sgmv_expand_tcp* (the output values loaded with tmp's, not one pair at a time after the MMAs; the same bits)
 	shrinkE    bool          // LoRA shrinks of 8 rank rows a block as sgmv_shrink_e (tile, table entry and first A round before griddepcontrol.wait; sgmv_shrink's bits)
-	oNoPDL     int           // the o group's LoRA kernels launched without PDL (loraAside: its expand's blocks, placed early under the shrink, would take the SMs the o product launching after them needs): 1 on, -1 off, 0 the default (off; Backend.oNoPDL)
+	oNoPDL     int           // the o group's LoRA kernels launched without PDL (loraAside: its expand's blocks, placed early under the shrink, would take the SMs the o product launching after them needs): 1 on, -1 off, 0 the default (FP8 steps above fp8MidRows rows; Backend.oNoPDL)
 	l2Win      int           // the LoRA update buffer as an L2 persisting window (l2win.go): 1 on, -1 off, 0 the default (loraL2Default, PEFTD_LORA_L2); 3 on over the whole buffer, not loraL2Bytes of it (an A/B)
 }
 

@@ -887,7 +887,7 @@ func TestDecodeBench(t *testing.T) {
 		{sms: -1, wsfrom: 9, wssilu: 1, wsnorm: 1}, {sms: -1, wsfrom: 9, wssilu: 1, wsnorm: 1, wshalf: 1}, // FP8 9-16 rows: fp8_ws with the fused ends
 		{sms: -1, wsqx: 1}, {sms: -1, wsqx: 1, wsnorm: 1}, {sms: -1, wsqx: 1, wsnorm: 1, wssilu: 1, wshalf: 1}, {sms: -1, wsfrom: 9, wsqx: 1, wsnorm: 1, wssilu: 1},
 		{sms: -1, wsearlyo: 4}, {sms: -1, wsearlyo: 7}, {lora: true, sms: -1, wsearlyo: 4}, {lora: true, sms: -1, wsearlyo: 7},
-		{lora: true, sms: -1, onopdl: 1},
+		{lora: true, sms: -1, onopdl: 1}, {lora: true, sms: -1, onopdl: -1},
 		{sms: -1, wsearly: 2}, {sms: -1, wsearly: 4}, {sms: -1, wsearly: 7}, {lora: true, sms: -1, wsearly: 2}, {lora: true, sms: -1, wsearly: 4}, {lora: true, sms: -1, wsearly: 7},
 	}
 	// PEFTD_LORA_PARTITION=16,32: rows +part16, +part32 with the SMs split by

@@ -277,14 +277,16 @@ func (b *Backend) loraAside(o, x *Buffer, layer int, mods []llama.Module, total 
 }
 
 // oNoPDL reports whether group mods is o and its LoRA kernels launch
-// without PDL (kernelForce.oNoPDL; by default off). In an FP8 step the o
-// product launches after quant_rows_e4m3, a few µs after the attention the
-// LoRA stream forks at: the update's expand, launched programmatically
-// under its shrink, had its blocks on nearly every SM by then, and the
-// product (a block a whole SM) waited for them to leave (PERFORMANCE
-// v0.78's trace: 4.9 µs a layer in 240-row mixed steps).
+// without PDL (kernelForce.oNoPDL; by default in FP8 steps of more than
+// fp8MidRows rows). In an FP8 step the o product launches after
+// quant_rows_e4m3, a few µs after the attention the LoRA stream forks at:
+// the update's expand, launched programmatically under its shrink, had its
+// blocks on nearly every SM by then, and the product (a block a whole SM)
+// waited for them to leave (PERFORMANCE v0.78's trace: 4.9 µs a layer in
+// 240-row mixed steps; without PDL mixed steps 9.26 -> 9.14 ms, 256 rows
+// 13.42 -> 13.28, 16 and 64 rows within 0.3%).
 func (b *Backend) oNoPDL(mods []llama.Module) bool {
-	return len(mods) == 1 && mods[0] == llama.O && forcedOn(b.force.oNoPDL, false)
+	return len(mods) == 1 && mods[0] == llama.O && forcedOn(b.force.oNoPDL, b.f8 != nil && b.rows() > fp8MidRows)
 }
 
 // expandLate reports whether a group's update (tc: its tensor-core chunks)
