@@ -29,6 +29,20 @@ __device__ __forceinline__ void pdl_entry() {
 #endif
 }
 
+// pdl_trigger and pdl_wait: pdl_entry's two halves, for a kernel that
+// lets the next one be scheduled before it waits (attn_decode after
+// attn_prefill: opts bit 5).
+__device__ __forceinline__ void pdl_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
 // globaltimer_ns: the GPU's global nanosecond clock (%globaltimer; 32 ns
 // steps on Hopper), comparable across blocks and SMs.
 __device__ __forceinline__ unsigned long long globaltimer_ns() {

@@ -886,10 +886,13 @@ __device__ __forceinline__ void dec_merge(bf16* __restrict__ out, const float* _
 // fragments (rows: the G heads, lane group g; rows past G zero): bf16 pairs
 // in qa, or with QK8 e4m3 values in qa8 (A[g][32s + 16h + 4tig ..+3] in
 // qa8[s][h]) and this lane's head's scale in qsc (amax / 448).
+// l2: the bf16 values are read from L2 (ld.global.cg), not through L1
+// (attn_decode after attn_prefill, opts bit 5: it reads q without a
+// griddepcontrol.wait of its own).
 template <int HD, bool K8>
 __device__ __forceinline__ void dec_load_q(const bf16* __restrict__ q, int row, int ldq, int kh, int G, int g, int tig,
                                            unsigned (&qa)[HD / 16][2], unsigned (&qa8)[DecShape<HD, K8>::QK8 ? HD / 32 : 1][2],
-                                           float& qsc) {
+                                           float& qsc, bool l2) {
     typedef DecShape<HD, K8> D;
     qsc = 1.f;
     if constexpr (D::QK8) {
@@ -901,7 +904,8 @@ __device__ __forceinline__ void dec_load_q(const bf16* __restrict__ q, int row, 
 #pragma unroll
             for (int h = 0; h < 4; h++) { // two bf16 at a time
                 const int d = 32 * s2 + 16 * (h >> 1) + 4 * tig + 2 * (h & 1);
-                const unsigned u = g < G ? *reinterpret_cast<const unsigned*>(qh + d) : 0u;
+                const unsigned* up = reinterpret_cast<const unsigned*>(qh + d);
+                const unsigned u = g < G ? (l2 ? __ldcg(up) : *up) : 0u;
                 const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&u));
                 v[s2][2 * h] = f.x, v[s2][2 * h + 1] = f.y;
                 am = fmaxf(am, fmaxf(fabsf(f.x), fabsf(f.y)));
@@ -925,8 +929,9 @@ __device__ __forceinline__ void dec_load_q(const bf16* __restrict__ q, int row, 
             if (g < G) {
                 const bf16* qh = q + (i64)row * ldq + (i64)(kh * G + g) * HD;
                 const int d = ks * 16 + tig * 2;
-                qa[ks][0] = *reinterpret_cast<const unsigned*>(qh + d);
-                qa[ks][1] = *reinterpret_cast<const unsigned*>(qh + d + 8);
+                const unsigned* u = reinterpret_cast<const unsigned*>(qh + d);
+                qa[ks][0] = l2 ? __ldcg(u) : u[0];
+                qa[ks][1] = l2 ? __ldcg(u + 4) : u[4];
             }
         }
     }
@@ -1112,9 +1117,20 @@ __device__ __forceinline__ void attn_decode_body(
     unsigned long long* ats = reinterpret_cast<unsigned long long*>(part) +
                               ((i64)(blockIdx.z * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x) * (ATS_W * W + ATS_B);
 #endif
+    // opts bit 5 (late; bf16 keys): the kernel before is attn_prefill,
+    // whose blocks all passed their griddepcontrol.wait (rope_store done,
+    // its writes in L2) before this kernel's blocks were scheduled. So this
+    // one reads q and the cache at once (q from L2: dec_load_q's l2, the
+    // rows by cp.async.cg) and runs beside attn_prefill; its blocks wait for
+    // attn_prefill only at their end (attn_decode_late), so the kernel after
+    // this one still finds both kernels' rows written.
+    const bool late = !K8 && (opts & 32);
     const int4 e = __ldg(reinterpret_cast<const int4*>(dec) + di);
     if (e.w < 0) { // no sequence (a recording's spare entry)
-        pdl_entry();
+        if (late)
+            pdl_trigger();
+        else
+            pdl_entry();
         return;
     }
     const int row = e.x, ctx = e.y, poff = e.z;
@@ -1190,7 +1206,7 @@ __device__ __forceinline__ void attn_decode_body(
     // step, so their DRAM latency runs under the kernel before.
     int pre = 0;
     if ((opts & 1) && nk > 0) {
-        auto safe = [&](int k) { return k >= nk || min(p1, p0 + (warp + k * W) * DEC_TILE + DEC_TILE) <= ctx - 1; };
+        auto safe = [&](int k) { return late || k >= nk || min(p1, p0 + (warp + k * W) * DEC_TILE + DEC_TILE) <= ctx - 1; };
         for (; pre < D::ST - 1 && safe(pre); pre++) {
             issue(pre);
             advance(pre + 2);
@@ -1199,7 +1215,10 @@ __device__ __forceinline__ void attn_decode_body(
 #ifdef PEFTD_ATTN_TS
     const unsigned long long ts_pre = globaltimer_ns();
 #endif
-    pdl_entry();
+    if (late)
+        pdl_trigger();
+    else
+        pdl_entry();
 #ifdef PEFTD_ATTN_TS
     ts_wait = globaltimer_ns();
 #endif
@@ -1207,7 +1226,7 @@ __device__ __forceinline__ void attn_decode_body(
         unsigned qa[HD / 16][2];                // A fragments of Q (rows: the query heads)
         unsigned qa8[D::QK8 ? HD / 32 : 1][2]; // QK8: e4m3 Q (dec_load_q)
         float qsc;                             // QK8: this lane's head's Q scale
-        dec_load_q<HD, K8>(q, row, ldq, kh, G, g, tig, qa, qa8, qsc);
+        dec_load_q<HD, K8>(q, row, ldq, kh, G, g, tig, qa, qa8, qsc, late);
         const float qs = scale * LOG2E * qsc;
         for (int k = pre; k < D::ST - 1; k++) {
             issue(k);
@@ -1439,43 +1458,55 @@ __device__ __forceinline__ void attn_decode_body(
         int opts
 #define ATTN_DECODE_PASS \
     out, part, done, q, kc, vc, dec, pages, heads, kvh, bs, scale, nsplit, ldq, ks, opts
-extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode_d32(ATTN_DECODE_ARGS) { attn_decode_body<32, false, DEC_WARPS>(ATTN_DECODE_PASS); }
-extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode_d64(ATTN_DECODE_ARGS) { attn_decode_body<64, false, DEC_WARPS>(ATTN_DECODE_PASS); }
-extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode_d128(ATTN_DECODE_ARGS) { attn_decode_body<128, false, DEC_WARPS>(ATTN_DECODE_PASS); }
-extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode_d256(ATTN_DECODE_ARGS) { attn_decode_body<256, false, DEC_WARPS>(ATTN_DECODE_PASS); }
+
+// attn_decode_late: with opts bit 5 (bf16 keys) a block that attended a
+// sequence, and block 0 whatever it did, waits for attn_prefill (the kernel
+// before) as it ends: the kernel completes after attn_prefill has, with no
+// spare entry's block holding its SM until then.
+template <bool K8>
+__device__ __forceinline__ void attn_decode_late(const int* __restrict__ dec, int opts) {
+    if (K8 || !(opts & 32)) return;
+    const int lin = blockIdx.y * gridDim.x + blockIdx.x;
+    const int di = (opts & 16) ? lin / gridDim.y : blockIdx.x;
+    if (__ldg(reinterpret_cast<const int4*>(dec) + di).w >= 0 || (blockIdx.x | blockIdx.y | blockIdx.z) == 0) pdl_wait();
+}
+extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode_d32(ATTN_DECODE_ARGS) { attn_decode_body<32, false, DEC_WARPS>(ATTN_DECODE_PASS); attn_decode_late<false>(dec, opts); }
+extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode_d64(ATTN_DECODE_ARGS) { attn_decode_body<64, false, DEC_WARPS>(ATTN_DECODE_PASS); attn_decode_late<false>(dec, opts); }
+extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode_d128(ATTN_DECODE_ARGS) { attn_decode_body<128, false, DEC_WARPS>(ATTN_DECODE_PASS); attn_decode_late<false>(dec, opts); }
+extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode_d256(ATTN_DECODE_ARGS) { attn_decode_body<256, false, DEC_WARPS>(ATTN_DECODE_PASS); attn_decode_late<false>(dec, opts); }
 // attn_decode2_d*: the same with 2 warps a block (DEC_WARPS2; bf16 keys): a
 // third of the shared memory, so twice the blocks an SM (decode steps of
 // 64 rows and more: runtime/gpu decVariantFor).
 #define DEC_WARPS2 2
-extern "C" __global__ void __launch_bounds__(32 * DEC_WARPS2) attn_decode2_d32(ATTN_DECODE_ARGS) { attn_decode_body<32, false, DEC_WARPS2>(ATTN_DECODE_PASS); }
-extern "C" __global__ void __launch_bounds__(32 * DEC_WARPS2) attn_decode2_d64(ATTN_DECODE_ARGS) { attn_decode_body<64, false, DEC_WARPS2>(ATTN_DECODE_PASS); }
-extern "C" __global__ void __launch_bounds__(32 * DEC_WARPS2) attn_decode2_d128(ATTN_DECODE_ARGS) { attn_decode_body<128, false, DEC_WARPS2>(ATTN_DECODE_PASS); }
-extern "C" __global__ void __launch_bounds__(32 * DEC_WARPS2) attn_decode2_d256(ATTN_DECODE_ARGS) { attn_decode_body<256, false, DEC_WARPS2>(ATTN_DECODE_PASS); }
+extern "C" __global__ void __launch_bounds__(32 * DEC_WARPS2) attn_decode2_d32(ATTN_DECODE_ARGS) { attn_decode_body<32, false, DEC_WARPS2>(ATTN_DECODE_PASS); attn_decode_late<false>(dec, opts); }
+extern "C" __global__ void __launch_bounds__(32 * DEC_WARPS2) attn_decode2_d64(ATTN_DECODE_ARGS) { attn_decode_body<64, false, DEC_WARPS2>(ATTN_DECODE_PASS); attn_decode_late<false>(dec, opts); }
+extern "C" __global__ void __launch_bounds__(32 * DEC_WARPS2) attn_decode2_d128(ATTN_DECODE_ARGS) { attn_decode_body<128, false, DEC_WARPS2>(ATTN_DECODE_PASS); attn_decode_late<false>(dec, opts); }
+extern "C" __global__ void __launch_bounds__(32 * DEC_WARPS2) attn_decode2_d256(ATTN_DECODE_ARGS) { attn_decode_body<256, false, DEC_WARPS2>(ATTN_DECODE_PASS); attn_decode_late<false>(dec, opts); }
 // attn_decode_w8_d*: the same with 8 warps a block (DEC_WARPS8; bf16 keys,
 // head_dim up to 128: 192 KB there, one block an SM). Steps whose (sequence,
 // KV head) pairs fit one wave of them run unsplit: no cluster merge, and as
 // many tiles in flight as 4-warp blocks split two ways (runtime/gpu
 // decVariantFor).
 #define DEC_WARPS8 8
-extern "C" __global__ void __launch_bounds__(32 * DEC_WARPS8) attn_decode_w8_d32(ATTN_DECODE_ARGS) { attn_decode_body<32, false, DEC_WARPS8>(ATTN_DECODE_PASS); }
-extern "C" __global__ void __launch_bounds__(32 * DEC_WARPS8) attn_decode_w8_d64(ATTN_DECODE_ARGS) { attn_decode_body<64, false, DEC_WARPS8>(ATTN_DECODE_PASS); }
-extern "C" __global__ void __launch_bounds__(32 * DEC_WARPS8) attn_decode_w8_d128(ATTN_DECODE_ARGS) { attn_decode_body<128, false, DEC_WARPS8>(ATTN_DECODE_PASS); }
+extern "C" __global__ void __launch_bounds__(32 * DEC_WARPS8) attn_decode_w8_d32(ATTN_DECODE_ARGS) { attn_decode_body<32, false, DEC_WARPS8>(ATTN_DECODE_PASS); attn_decode_late<false>(dec, opts); }
+extern "C" __global__ void __launch_bounds__(32 * DEC_WARPS8) attn_decode_w8_d64(ATTN_DECODE_ARGS) { attn_decode_body<64, false, DEC_WARPS8>(ATTN_DECODE_PASS); attn_decode_late<false>(dec, opts); }
+extern "C" __global__ void __launch_bounds__(32 * DEC_WARPS8) attn_decode_w8_d128(ATTN_DECODE_ARGS) { attn_decode_body<128, false, DEC_WARPS8>(ATTN_DECODE_PASS); attn_decode_late<false>(dec, opts); }
 // attn_decode8_d*: the same over an FP8 key cache (kc: e4m3 values; ks: one
 // float32 scale per cache slot and KV head, at kscale_at).
-extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode8_d32(ATTN_DECODE_ARGS) { attn_decode_body<32, true, DEC_WARPS>(ATTN_DECODE_PASS); }
-extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode8_d64(ATTN_DECODE_ARGS) { attn_decode_body<64, true, DEC_WARPS>(ATTN_DECODE_PASS); }
-extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode8_d128(ATTN_DECODE_ARGS) { attn_decode_body<128, true, DEC_WARPS>(ATTN_DECODE_PASS); }
-extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode8_d256(ATTN_DECODE_ARGS) { attn_decode_body<256, true, DEC_WARPS>(ATTN_DECODE_PASS); }
+extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode8_d32(ATTN_DECODE_ARGS) { attn_decode_body<32, true, DEC_WARPS>(ATTN_DECODE_PASS); attn_decode_late<true>(dec, opts); }
+extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode8_d64(ATTN_DECODE_ARGS) { attn_decode_body<64, true, DEC_WARPS>(ATTN_DECODE_PASS); attn_decode_late<true>(dec, opts); }
+extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode8_d128(ATTN_DECODE_ARGS) { attn_decode_body<128, true, DEC_WARPS>(ATTN_DECODE_PASS); attn_decode_late<true>(dec, opts); }
+extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode8_d256(ATTN_DECODE_ARGS) { attn_decode_body<256, true, DEC_WARPS>(ATTN_DECODE_PASS); attn_decode_late<true>(dec, opts); }
 // attn_decode8_w2_d*, attn_decode8_w8_d*: FP8 keys with 2 and 8 warps a
 // block (the bf16 keys' attn_decode2 and attn_decode_w8 shapes; head_dim
 // up to 128 for 8 warps: 179 KB there).
-extern "C" __global__ void __launch_bounds__(32 * DEC_WARPS2) attn_decode8_w2_d32(ATTN_DECODE_ARGS) { attn_decode_body<32, true, DEC_WARPS2>(ATTN_DECODE_PASS); }
-extern "C" __global__ void __launch_bounds__(32 * DEC_WARPS2) attn_decode8_w2_d64(ATTN_DECODE_ARGS) { attn_decode_body<64, true, DEC_WARPS2>(ATTN_DECODE_PASS); }
-extern "C" __global__ void __launch_bounds__(32 * DEC_WARPS2) attn_decode8_w2_d128(ATTN_DECODE_ARGS) { attn_decode_body<128, true, DEC_WARPS2>(ATTN_DECODE_PASS); }
-extern "C" __global__ void __launch_bounds__(32 * DEC_WARPS2) attn_decode8_w2_d256(ATTN_DECODE_ARGS) { attn_decode_body<256, true, DEC_WARPS2>(ATTN_DECODE_PASS); }
-extern "C" __global__ void __launch_bounds__(32 * DEC_WARPS8) attn_decode8_w8_d32(ATTN_DECODE_ARGS) { attn_decode_body<32, true, DEC_WARPS8>(ATTN_DECODE_PASS); }
-extern "C" __global__ void __launch_bounds__(32 * DEC_WARPS8) attn_decode8_w8_d64(ATTN_DECODE_ARGS) { attn_decode_body<64, true, DEC_WARPS8>(ATTN_DECODE_PASS); }
-extern "C" __global__ void __launch_bounds__(32 * DEC_WARPS8) attn_decode8_w8_d128(ATTN_DECODE_ARGS) { attn_decode_body<128, true, DEC_WARPS8>(ATTN_DECODE_PASS); }
+extern "C" __global__ void __launch_bounds__(32 * DEC_WARPS2) attn_decode8_w2_d32(ATTN_DECODE_ARGS) { attn_decode_body<32, true, DEC_WARPS2>(ATTN_DECODE_PASS); attn_decode_late<true>(dec, opts); }
+extern "C" __global__ void __launch_bounds__(32 * DEC_WARPS2) attn_decode8_w2_d64(ATTN_DECODE_ARGS) { attn_decode_body<64, true, DEC_WARPS2>(ATTN_DECODE_PASS); attn_decode_late<true>(dec, opts); }
+extern "C" __global__ void __launch_bounds__(32 * DEC_WARPS2) attn_decode8_w2_d128(ATTN_DECODE_ARGS) { attn_decode_body<128, true, DEC_WARPS2>(ATTN_DECODE_PASS); attn_decode_late<true>(dec, opts); }
+extern "C" __global__ void __launch_bounds__(32 * DEC_WARPS2) attn_decode8_w2_d256(ATTN_DECODE_ARGS) { attn_decode_body<256, true, DEC_WARPS2>(ATTN_DECODE_PASS); attn_decode_late<true>(dec, opts); }
+extern "C" __global__ void __launch_bounds__(32 * DEC_WARPS8) attn_decode8_w8_d32(ATTN_DECODE_ARGS) { attn_decode_body<32, true, DEC_WARPS8>(ATTN_DECODE_PASS); attn_decode_late<true>(dec, opts); }
+extern "C" __global__ void __launch_bounds__(32 * DEC_WARPS8) attn_decode8_w8_d64(ATTN_DECODE_ARGS) { attn_decode_body<64, true, DEC_WARPS8>(ATTN_DECODE_PASS); attn_decode_late<true>(dec, opts); }
+extern "C" __global__ void __launch_bounds__(32 * DEC_WARPS8) attn_decode8_w8_d128(ATTN_DECODE_ARGS) { attn_decode_body<128, true, DEC_WARPS8>(ATTN_DECODE_PASS); attn_decode_late<true>(dec, opts); }
 
 // attn_prefill_d{32,64,128}: causal attention of prefill rows on the tensor
 // cores (flash-attention style). grid (tiles, heads), block PRE_THREADS,

@@ -233,13 +233,15 @@ func attentionCase(t *testing.T, sh attnShape, k8 bool) {
 	// (attn_decode2, attn_decode8_w2: kernelForce.decVar), a fifth with 8
 	// (attn_decode_w8, attn_decode8_w8, where it fits the head dimension),
 	// a sixth with 4 (attn_decode, attn_decode8) and a seventh with the
-	// blocks head-major (opts 23), which must give opts 7's bits.
+	// blocks head-major (opts 23), which must give opts 7's bits, and an
+	// eighth with the decode blocks beside attn_prefill (opts 39, bit 5:
+	// no wait before their tiles; bf16 keys), the same bits again.
 	var first, seven []float32
 	for i, run := range []struct {
 		v0   bool
 		opts int
 		dv   int // 1 + a decVariant
-	}{{false, -1, 0}, {false, 3, 0}, {false, 7, 0}, {false, 0, 1 + int(decV2)}, {false, 0, 1 + int(decV8)}, {false, 0, 1 + int(decV4)}, {false, 23, 0}, {true, 0, 0}} {
+	}{{false, -1, 0}, {false, 3, 0}, {false, 7, 0}, {false, 0, 1 + int(decV2)}, {false, 0, 1 + int(decV8)}, {false, 0, 1 + int(decV4)}, {false, 23, 0}, {false, 39, 0}, {true, 0, 0}} {
 		v0 := run.v0
 		r.b.force.attnRows, r.b.force.decOpts, r.b.force.decVar = v0, run.opts, run.dv
 		r.poison(out)
@@ -288,11 +290,11 @@ func attentionCase(t *testing.T, sh attnShape, k8 bool) {
 		case 2:
 			name += fmt.Sprintf(", decOpts 7 (clusters: %v, split %d)", r.b.decCluster(), r.b.decSplit)
 			seven = got
-		case 6: // the blocks head-major (opts bit 4): the same sums as opts 7
-			name += ", decOpts 23 (head-major blocks)"
+		case 6, 7: // the blocks head-major (opts bit 4), or late (bit 5): the same sums as opts 7
+			name += fmt.Sprintf(", decOpts %d", run.opts)
 			for j := range got {
 				if math.Float32bits(got[j]) != math.Float32bits(seven[j]) {
-					t.Fatalf("attn_decode with decOpts 23: value %d is %g, %g with 7", j, got[j], seven[j])
+					t.Fatalf("attn_decode with decOpts %d: value %d is %g, %g with 7", run.opts, j, got[j], seven[j])
 				}
 			}
 		case 3, 4, 5:

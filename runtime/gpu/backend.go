@@ -294,7 +294,7 @@ type kernelForce struct {
 	attnRows   bool          // attention: the per-row kernel for every row (no attn_decode, attn_prefill, graphs)
 	decSplit   int           // attn_decode: this many KV splits per (sequence, KV head), at most decSplitFor's cap (0: decSplitFor's choice)
 	ropeHeads  bool          // RoPE and the K/V store: rope_store (a block per row and head) for every shape
-	decOpts    int           // attn_decode's opts (llama.cu) in place of decOptsDefault (0: the default; -1: none): 1 the first tiles before griddepcontrol.wait, 2 the merge with 16 loads in flight, 4 the splits as clusters (decCluster)
+	decOpts    int           // attn_decode's opts (llama.cu) in place of decOptsDefault (0: the default; -1: none): 1 the first tiles before griddepcontrol.wait, 2 the merge with 16 loads in flight, 4 the splits as clusters (decCluster), 16 head-major blocks, 32 no wait before the tiles right after attn_prefill (decOptLate)
 	decVar     int           // attn_decode's variant whatever the rows: 1 + a decVariant (0: decVariantFor's choice)
 	noSkinny   bool          // bf16 products: cuBLASLt whatever the rows (no gemm_skinny)
 	skLate     bool          // gemm_skinny: no weight tiles before griddepcontrol.wait (opts 0)

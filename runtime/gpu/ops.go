@@ -576,6 +576,9 @@ func (b *Backend) Attention(out, q, k, v engine.Buffer, layer int, scale float32
 	if cluster {
 		opts |= decOptCluster
 	}
+	if b.nPreTiles == 0 || b.kv8 { // late: only right after attn_prefill, bf16 keys
+		opts &^= decOptLate
+	}
 	args := []any{ptr(o), part, b.attnDone, ptr(qb), kc, vc, b.i32(b.off.decSeqs), b.i32(b.off.pages),
 		c.Heads, b.kv.KVHeads, b.kv.BlockSize, scale, b.decSplit, qb.ld, ks, opts}
 	if cluster {
@@ -592,12 +595,16 @@ func (b *Backend) Attention(out, q, k, v engine.Buffer, layer int, scale float32
 // cluster of at most decClusterMax blocks (DEC_CLUSTER), merged through
 // their shared memory (set by the step: decCluster and a split);
 // decOptHeadMajor, the blocks in launch order a sequence's KV heads one
-// after another (resident blocks read whole cache rows).
+// after another (resident blocks read whole cache rows); decOptLate (bf16
+// keys, set only where attn_prefill is the kernel before: a mixed step),
+// no griddepcontrol.wait before the tiles: the decode blocks attend beside
+// attn_prefill's and wait for it as they end (attn_decode_late).
 const (
 	decOptEarly     = 1
 	decOptMerge16   = 2
 	decOptCluster   = 4
 	decOptHeadMajor = 16
+	decOptLate      = 32
 	decClusterMax   = 8
 )
 
@@ -613,7 +620,10 @@ const (
 // 10.94 with the stages on 128-byte lines; v0.41 11.49 -> 11.37. 512-token
 // contexts at 16 / 64 / 256 rows: 4.61 / 5.90 / 10.87 vs 4.63 / 5.91 /
 // 10.85 (noise). bf16 keys gain nothing (4,096: 12.68 vs 12.71).
-const decOptsDefault = decOptEarly | decOptMerge16 | decOptCluster
+//
+// decOptLate: mixed steps' decode rows beside the prompt's attention
+// (PERFORMANCE v0.79).
+const decOptsDefault = decOptEarly | decOptMerge16 | decOptCluster | decOptLate
 
 // attnOpts is the opts attn_decode launches with: decOptsDefault (with
 // decOptHeadMajor for FP8 keys), or kernelForce.decOpts (-1: none) for
