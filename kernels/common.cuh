@@ -11,6 +11,20 @@
 typedef __nv_bfloat16 bf16;
 typedef long long i64;
 
+// pdl_wait and pdl_trigger: pdl_entry's two halves, also for a kernel
+// that lets the next one be scheduled before it waits (attn_decode after
+// attn_prefill: opts bit 5).
+__device__ __forceinline__ void pdl_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
 // pdl_entry: with Programmatic Dependent Launch (runtime/cuda
 // Stream.SetProgrammaticLaunch) a kernel's blocks may start while the kernel
 // before it on the stream still runs. Every kernel calls this first (or
@@ -23,24 +37,8 @@ typedef long long i64;
 // kernels is resident ahead of the one running, was measured in v0.24: no
 // change in bf16 decode, FP8 at 16 rows 3.79 -> 3.99 ms.)
 __device__ __forceinline__ void pdl_entry() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.wait;\n" ::: "memory");
-    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-#endif
-}
-
-// pdl_trigger and pdl_wait: pdl_entry's two halves, for a kernel that
-// lets the next one be scheduled before it waits (attn_decode after
-// attn_prefill: opts bit 5).
-__device__ __forceinline__ void pdl_trigger() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void pdl_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.wait;\n" ::: "memory");
-#endif
+    pdl_wait();
+    pdl_trigger();
 }
 
 // globaltimer_ns: the GPU's global nanosecond clock (%globaltimer; 32 ns

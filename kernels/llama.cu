@@ -1092,6 +1092,16 @@ __device__ __forceinline__ void dec_tile(unsigned kb, unsigned vb, int lane, int
 // (launched with clusters of 1 x 1 x nsplit) and merge through each other's
 // shared memory (dec_cluster_merge). Bit 4: the blocks head-major (the
 // KV head fastest in launch order; the same result bits).
+// dec_entry: the dec entry (sequence) of this attn_decode block: blockIdx.x,
+// or with opts bit 4 (head-major) the launch order's sequence.
+__device__ __forceinline__ int dec_entry(int opts) {
+    return (opts & 16) ? (blockIdx.y * gridDim.x + blockIdx.x) / gridDim.y : blockIdx.x;
+}
+// dec_late: opts bit 5 where it applies (bf16 keys): no wait before the
+// tiles, a wait at the end (attn_decode_late).
+template <bool K8>
+__device__ __forceinline__ bool dec_late(int opts) { return !K8 && (opts & 32); }
+
 template <int HD, bool K8, int W>
 __device__ __forceinline__ void attn_decode_body(
     bf16* __restrict__ out, float* __restrict__ part, int* __restrict__ done, const bf16* __restrict__ q,
@@ -1103,6 +1113,8 @@ __device__ __forceinline__ void attn_decode_body(
     // opts bit 4: the blocks in launch order take a sequence's KV heads one
     // after another (head-major), not one KV head's sequences, so resident
     // blocks read whole cache rows (FP8 keys, v0.53)
+    // (di is dec_entry's index written out with kh's: through the helper
+    // NVRTC 12.4 compiles every attn_decode differently, session 87's sass-diff)
     const int lin = blockIdx.y * gridDim.x + blockIdx.x;
     const int di = (opts & 16) ? lin / gridDim.y : blockIdx.x, kh = (opts & 16) ? lin % gridDim.y : blockIdx.y;
     const int sp = blockIdx.z, tid = threadIdx.x;
@@ -1124,7 +1136,7 @@ __device__ __forceinline__ void attn_decode_body(
     // rows by cp.async.cg) and runs beside attn_prefill; its blocks wait for
     // attn_prefill only at their end (attn_decode_late), so the kernel after
     // this one still finds both kernels' rows written.
-    const bool late = !K8 && (opts & 32);
+    const bool late = dec_late<K8>(opts);
     const int4 e = __ldg(reinterpret_cast<const int4*>(dec) + di);
     if (e.w < 0) { // no sequence (a recording's spare entry)
         if (late)
@@ -1465,10 +1477,8 @@ __device__ __forceinline__ void attn_decode_body(
 // spare entry's block holding its SM until then.
 template <bool K8>
 __device__ __forceinline__ void attn_decode_late(const int* __restrict__ dec, int opts) {
-    if (K8 || !(opts & 32)) return;
-    const int lin = blockIdx.y * gridDim.x + blockIdx.x;
-    const int di = (opts & 16) ? lin / gridDim.y : blockIdx.x;
-    if (__ldg(reinterpret_cast<const int4*>(dec) + di).w >= 0 || (blockIdx.x | blockIdx.y | blockIdx.z) == 0) pdl_wait();
+    if (!dec_late<K8>(opts)) return;
+    if (__ldg(reinterpret_cast<const int4*>(dec) + dec_entry(opts)).w >= 0 || (blockIdx.x | blockIdx.y | blockIdx.z) == 0) pdl_wait();
 }
 extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode_d32(ATTN_DECODE_ARGS) { attn_decode_body<32, false, DEC_WARPS>(ATTN_DECODE_PASS); attn_decode_late<false>(dec, opts); }
 extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode_d64(ATTN_DECODE_ARGS) { attn_decode_body<64, false, DEC_WARPS>(ATTN_DECODE_PASS); attn_decode_late<false>(dec, opts); }
