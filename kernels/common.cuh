@@ -616,9 +616,8 @@ __device__ __forceinline__ void skinny_store(const float* acc, bf16* __restrict_
 // wg_body<ES, NT, WGS>: the product of 17-128 activation rows with a
 // weight matrix on Hopper's warpgroup MMAs (wgmma, sm_90a), stream-K:
 // e4m3 operands with row scales (ES = 1: fp8_wg_n{32,64,128} in fp8.cu;
-// mma.sync has no native FP8 there, FP8_WIDE above) or bf16 (ES = 2:
-// gemm_wg_n* in llama.cu); WGS warpgroups a block (fp8_wg2_*, gemm_wg2_*
-// with two).
+// mma.sync has no native FP8 there, FP8_WIDE above; ES = 2, bf16, was
+// gemm_wg, removed in v0.80); WGS warpgroups a block (fp8_wg2_* with two).
 //
 // Work: the weight rows in tiles of BM = 64 WGS, each tile's K in stages
 // of KA (WG_KA at most, WgShape) 128-byte atoms a row (SPT stages a tile; the last one
@@ -1045,7 +1044,7 @@ template <int BN, int ES = 1, bool HALF = false> struct WsShape {
     static_assert(BN % 16 == 0 && ST >= 2, "ws_body: weight rows a multiple of 16, 2 stages at least (runtime/gpu loads 3 or more)");
 };
 
-// ws_koff: the stage of its nst a block of ws_body or wt_body starts its
+// ws_koff: the stage of its nst a block of ws_body starts its
 // K walk at (wrapping around). opts bit 4: each block at its own stage, so
 // that the blocks reading the same activation lines at one time are few,
 // not the whole grid (the sum's order is the block's); else the first.
@@ -1053,10 +1052,10 @@ __device__ __forceinline__ int ws_koff(int opts, int nst) {
     return (opts & 16) ? (int)((long long)blockIdx.x * nst / gridDim.x) : 0;
 }
 
-// ws_put: the accumulators v of a ws block (ws_body's, wt_body's,
-// wsk_body's layout: rows 16 warp + lane / 4 (+8) below M, weight rows
-// n0 + 8 j + 2 (lane % 4) (+1)) scaled by xs[m] ws[n - n0] where set,
-// rounded and stored into out's rows of N values.
+// ws_put: the accumulators v of a ws block (ws_body's layout: rows 16
+// warp + lane / 4 (+8) below M, weight rows n0 + 8 j + 2 (lane % 4) (+1))
+// scaled by xs[m] ws[n - n0] where set, rounded and stored into out's rows
+// of N values.
 template <int BN>
 __device__ __forceinline__ void ws_put(const float* v, bf16* __restrict__ out, const float* xs, const float* ws, int M, int N, int n0, int m0, int tig) {
 #pragma unroll
@@ -1221,7 +1220,7 @@ __device__ __forceinline__ void ws_put_silu_q(float* v, bf16* __restrict__ out, 
     grid_leave(Q.sync, 64, Q.sync + 64); // every thread has read the maxima
 }
 
-// ws_store: the end of ws_body and wt_body for the accumulators d of
+// ws_store: the end of ws_body for the accumulators d of
 // block (blockIdx.x, split z): rows m = 16 warp + g (+8) below M, weight
 // rows n0 + 8 j + 2 tig (+1), scaled (xs[m] ws[n - n0] where set: ws_body
 // passes copies in shared memory, read before any store; from global
@@ -1383,411 +1382,12 @@ __device__ __forceinline__ void ws_add_norm(const bf16* delta, int M, int H, con
     grid_leave(nullptr, 0, P.sync);
 }
 
-// ---------------------------------------------------------------------------
-// The LoRA update in ws_body's end (fp8_ws_lora_n*, runtime/gpu lora_ws.go):
-// out[m, n] = sx[m] sw[n] (x . w)[m, n] + sum_k tmp[m, s R + k] B_{a(m), s}[n - off_s, k]
-// where a(m) is row m's adapter slot (rows[m], -1: none), s the slice
-// (q / k / v or gate / up) column n falls in and tmp the group's shrink
-// (scaled, in ks K parts).
-//
-// The shrink runs in the same kernel, on WSL_SW warps each block has beside
-// its warpgroup: the grid's shrink warps take the units (a tile of 16 rows
-// of one adapter, a slice, 8 ranks, a K part) in turn, each as m16n8k16
-// MMAs on 16-byte loads of the bf16 activations and A (sgmv_shrink's
-// order), write their sums to tmp and count themselves done at sync[0].
-// They read the activations from L2 while the warpgroup streams the
-// weights from DRAM, so the shrink costs the product only its bytes. After
-// its K loop each block waits for every shrink warp of the grid (one wave:
-// runtime/gpu plans at most a block an SM, and a block's shrink warps
-// start with it) and counts itself at sync[1]; the last shrink warp to
-// count itself at sync[0] resets both counters once every block has.
-//
-// B's columns of the block for each distinct slot of the rows (RS ranks a
-// column, zero past a slot's rank; perB slots a piece) land in the
-// pipeline's buffers as the drain frees them: piece p goes to buffer
-// (nst + p) % ST at iteration max(0, nst - AHEAD + p), the one the K loop
-// would refill there; slots past the pieces' room are staged after the
-// loop in turn. Each warp then adds its 16 rows' update to the
-// accumulators as m16n8k16 MMAs (the wgmma accumulator of rows 16 w.. and
-// columns 8 j.. is an m16n8 C fragment), its rows' tmp read once from L2
-// and split in a bf16 high part and residual (float32 precision, as
-// sgmv_expand_tc), B's 16 bytes a lane in expand_tc's permuted K order.
-// With a K split, split 0's block computes the update into a partial of
-// its own (part[S]) and the tile's last block adds it.
-// ---------------------------------------------------------------------------
-#ifndef WSL_SW
-#define WSL_SW 2 // shrink warps a fp8_ws_lora block has beside its warpgroup
-#endif
-#define WSL_WAIT_NS 1000000000ull // 1 s: a block waiting longer for the shrink fails the launch
-
-struct WsLora {
-    float* tmp;              // [ks][rows][tstride] the shrink's sums (scaled)
-    const int* rows;         // each row's adapter slot, -1: none
-    const LoraEntry* table;  // entries ebase + slot estride + m_s
-    int ebase, estride, m0, m1, m2, off1, off2, R, tstride;
-    int ks, kstride;         // K parts of tmp, kstride floats apart (summed in order when read)
-    const bf16* x;           // the shrink's activations [rows][x_stride]
-    const int4* tiles;       // the step's row tiles (row, rows, slot)
-    int ntiles, ns, kchunk, in_f, x_stride; // tiles, slices, a K part's columns
-    unsigned* sync;          // [0] shrink warps done, [1] blocks past their wait
-};
-
-#define WS_LORA_MAXS 64 // distinct slots a block's rows may hold (64 rows)
-
-// ws_bar: ws_body's block barrier: its warpgroup's alone (barrier 1) in
-// the LoRA variant, whose shrink warps leave early.
-template <bool LORA> __device__ __forceinline__ void ws_bar() {
-    if constexpr (LORA)
-        asm volatile("bar.sync 1, 128;\n" ::: "memory");
-    else
-        __syncthreads();
-}
-
-// ws_lora_shrink: this shrink warp's units of the group's shrink (the
-// grid's shrink warps in turn), then its count at sync[0].
-__device__ __forceinline__ void ws_lora_shrink(const WsLora& L) {
-    const int lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
-    const int W = gridDim.x * gridDim.y * WSL_SW;
-    const int w = (blockIdx.y * gridDim.x + blockIdx.x) * WSL_SW + (threadIdx.x >> 5) - 4;
-    const int rt8 = (L.R + 7) / 8;
-#ifdef PEFTD_WSL_NOSHRINK // (timing only: the sums are not written)
-    const int units = 0;
-#else
-    const int units = L.ntiles * L.ns * rt8 * L.ks;
-#endif
-    const unsigned zero = (unsigned)(L.kchunk >> 31); // 0 (kchunk > 0), which the compiler cannot know
-    for (int u = w; u < units; u += W) {
-        int r = u / L.ks;
-        const int kp = u - r * L.ks, rt = r % rt8;
-        r /= rt8;
-        const int s = r % L.ns, t = r / L.ns;
-        const int4 tile = L.tiles[t];
-        if (tile.y == 0) continue; // a recorded step's spare tile
-        const LoraEntry e = L.table[L.ebase + tile.z * L.estride + sg_mod(s, L.m0, L.m1, L.m2)];
-        const int k0 = 8 * rt;
-        if (k0 >= e.rank) continue;
-        const int kbeg = kp * L.kchunk, kend = min(L.in_f, kbeg + L.kchunk);
-        const bool v0 = g < tile.y, v1 = g + 8 < tile.y, va = k0 + g < e.rank;
-        const bf16* x0 = L.x + (i64)(tile.x + (v0 ? g : 0)) * L.x_stride;
-        const bf16* x1 = L.x + (i64)(tile.x + (v1 ? g + 8 : 0)) * L.x_stride;
-        const bf16* ar = e.a + (i64)(va ? k0 + g : 0) * L.in_f;
-        float c[4] = {0.f, 0.f, 0.f, 0.f};
-        constexpr int U = 8; // iterations' loads in flight (the kernel's register budget is the warpgroup's)
-        for (int cb = kbeg; cb < kend; cb += 32 * U) shrink_round<U, 32>(c, x0, x1, ar, cb, kend, q, v0, v1, va, zero);
-        // c0, c1: row g, ranks k0 + 2q, + 1; c2, c3: row g + 8
-        float* tr = L.tmp + (i64)kp * L.kstride + (i64)tile.x * L.tstride + s * L.R + k0 + 2 * q;
-        const bool r0 = k0 + 2 * q < e.rank, r1 = k0 + 2 * q + 1 < e.rank;
-        if (v0 && r0) tr[(i64)g * L.tstride] = c[0] * e.scale;
-        if (v0 && r1) tr[(i64)g * L.tstride + 1] = c[1] * e.scale;
-        if (v1 && r0) tr[(i64)(g + 8) * L.tstride] = c[2] * e.scale;
-        if (v1 && r1) tr[(i64)(g + 8) * L.tstride + 1] = c[3] * e.scale;
-    }
-    __syncwarp();
-    if (lane == 0) {
-        __threadfence(); // the warp's sums before its count
-        if (atomicAdd(L.sync, 1u) == (unsigned)W - 1) {
-            // the last shrink warp: once every block is past its wait
-            // (sync[1]), the counters are reset for the next launch
-            const unsigned G = gridDim.x * gridDim.y;
-            const unsigned long long t0 = globaltimer_ns();
-            while (ld_acquire_u32(L.sync + 1) < G) {
-                __nanosleep(64);
-                if (globaltimer_ns() - t0 > WSL_WAIT_NS) __trap();
-            }
-            atomicExch(L.sync, 0u);
-            atomicExch(L.sync + 1, 0u);
-        }
-    }
-}
-
-// ws_lora_wait: thread 0 waits for every shrink warp of the grid and
-// counts the block past its wait (the last shrink warp resets the
-// counters once every block has); then the warpgroup's barrier.
-__device__ __forceinline__ void ws_lora_wait(const WsLora& L) {
-    if (threadIdx.x == 0) {
-        const unsigned G = gridDim.x * gridDim.y, W = G * WSL_SW;
-        const unsigned long long t0 = globaltimer_ns();
-#ifdef PEFTD_WSL_NOWAIT // (timing only: the sums read may be unfinished)
-        if (W > 0) {
-#else
-        while (ld_acquire_u32(L.sync) < W) {
-#endif
-            __nanosleep(32);
-            if (globaltimer_ns() - t0 > WSL_WAIT_NS) __trap(); // a bug (the grid was not one wave), not a state to wait out
-        }
-        __threadfence();
-        asm volatile("red.relaxed.gpu.global.add.u32 [%0], 1;\n" ::"l"(L.sync + 1) : "memory");
-    }
-    ws_bar<true>();
-}
-
-// ws_lora_slice: the slice output column n falls in.
-__device__ __forceinline__ int ws_lora_slice(const WsLora& L, int n) { return n >= L.off2 ? 2 : (n >= L.off1 ? 1 : 0); }
-
-// WsLoraSm: the block's view of the step's rows and entries, made before
-// the K loop (step metadata and adapter tables: no kernel writes them).
-struct WsLoraSm {
-    const bf16* eb[WS_LORA_MAXS * 3]; // [distinct slot][slice]: B
-    int er[WS_LORA_MAXS * 3];         // and its rank (0: the slot lacks the projection)
-    int slot[64 + WS_LORA_MAXS];      // the rows' slots, then the distinct ones
-    signed char ridx[64];             // each row's distinct slot (-1: none, or past M)
-    unsigned fmask[2];                // rows that are their slot's first
-    int nd;                           // distinct slots
-};
-
-// ws_lora_prep: the warpgroup's threads (the block's barrier 1).
-__device__ __forceinline__ void ws_lora_prep(const WsLora& L, WsLoraSm& S, int M) {
-    const int tid = threadIdx.x;
-    // rows 0..63 on threads 0..63 (warps 0 and 1): a row whose slot no
-    // earlier row has is its slot's first; a slot's index is the firsts
-    // before it
-    const int s = tid < M ? L.rows[tid] : -1;
-    if (tid < 64) S.slot[tid] = s;
-    ws_bar<true>();
-    int first = tid;
-    if (tid < 64 && s >= 0)
-        for (int m = 0; m < tid; m++)
-            if (S.slot[m] == s) {
-                first = m;
-                break;
-            }
-    if (tid < 64) {
-        const unsigned fm = __ballot_sync(0xffffffffu, s >= 0 && first == tid);
-        if ((tid & 31) == 0) S.fmask[tid >> 5] = fm;
-    }
-    ws_bar<true>();
-    if (tid < 64) {
-        const unsigned long long all = (unsigned long long)S.fmask[1] << 32 | S.fmask[0];
-        const int idx = __popcll(all & ((1ull << first) - 1));
-        S.ridx[tid] = s >= 0 ? (signed char)idx : (signed char)-1;
-        if (s >= 0 && first == tid) S.slot[WS_LORA_MAXS + idx] = s;
-        if (tid == 0) S.nd = __popcll(all);
-    }
-    ws_bar<true>();
-    for (int i = tid; i < S.nd * 3; i += 128) {
-        const int s = i % 3, mo = s == 0 ? L.m0 : (s == 1 ? L.m1 : L.m2);
-        const LoraEntry* e = mo >= 0 ? L.table + L.ebase + S.slot[WS_LORA_MAXS + i / 3] * L.estride + mo : nullptr;
-        S.eb[i] = e ? e->b : nullptr;
-        S.er[i] = e ? e->rank : 0;
-    }
-    ws_bar<true>();
-}
-
-// ws_lora_b: stage B's columns [n0, n0 + BN) of distinct slots [a0, a1) at
-// dst (a slot's BN x RS bf16 after the previous one's); cp.async, no commit.
-template <int BN>
-__device__ __forceinline__ void ws_lora_b(const WsLora& L, const WsLoraSm& S, unsigned dst, int a0, int a1, int n0, int RS) {
-    const int ch = RS / 8, per = BN * ch;
-    for (int i = threadIdx.x; i < (a1 - a0) * per; i += 128) {
-        const int a = a0 + i / per, r = i % per, col = r / ch, k = 8 * (r % ch), n = n0 + col;
-        const int s = ws_lora_slice(L, n), rk = S.er[a * 3 + s];
-        const int off = s == 0 ? 0 : (s == 1 ? L.off1 : L.off2);
-        const bool ok = k < rk;
-        cp_async16(dst + (unsigned)(((a - a0) * BN + col) * RS + k) * 2, ok ? (const void*)(S.eb[a * 3 + s] + (long long)(n - off) * rk + k) : (const void*)L.tmp, ok ? 16 : 0);
-    }
-}
-
-// WsLoraPieces: where ws_body's LoRA variant put B's pieces (ws_lora_geom).
-struct WsLoraPieces {
-    unsigned base;   // the first buffer
-    int nst, ST, SB; // the split's stages, buffers and a buffer's bytes
-    int RS, perB, slo, shi, PB;
-    __device__ __forceinline__ unsigned at(int p) const { return base + (unsigned)(((nst + p) % ST) * SB); }
-};
-
-// ws_lora_add: d (the block's accumulators, output units) += the update of
-// this warp's rows from distinct slots [a0, a1), whose B is staged at bsm
-// (RS ranks a column); the rows' tmp from L2 (ld.cg: the shrink warps
-// wrote it in this launch).
-template <int BN>
-__device__ __forceinline__ void ws_lora_add(float* d, const WsLora& L, const WsLoraSm& S, const WsLoraPieces& P, unsigned bsm,
-                                            int a0, int a1, int n0) {
-    const int RS = P.RS;
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, q = lane & 3;
-    const int ra = 16 * warp + g, rb = ra + 8;
-    const int ia = S.ridx[ra], ib = S.ridx[rb];
-    unsigned long long has = (ia >= 0 ? 1ull << ia : 0ull) | (ib >= 0 ? 1ull << ib : 0ull);
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) has |= __shfl_xor_sync(0xffffffffu, has, o);
-    has &= (a1 - a0 >= 64 ? ~0ull : ((1ull << (a1 - a0)) - 1) << a0);
-    if (!has) return; // warp-uniform
-    for (int s = P.slo; s <= P.shi; s++) {
-        const int soff = s == 0 ? 0 : (s == 1 ? L.off1 : L.off2), send = s == 0 ? L.off1 : (s == 1 ? L.off2 : 0x7fffffff);
-        // the slice's ranks of the two rows' slots (0: none)
-        const int rka = ia >= 0 ? S.er[ia * 3 + s] : 0, rkb = ib >= 0 ? S.er[ib * 3 + s] : 0;
-        for (int kc = 0; kc < L.R; kc += 32) {
-            unsigned ah[2][4], al[2][4];
-#pragma unroll
-            for (int h = 0; h < 2; h++) {
-                const int k = kc + 8 * q + 4 * h;
-                float4 t0 = make_float4(0.f, 0.f, 0.f, 0.f), t1 = t0;
-#pragma unroll 4
-                for (int u = 0; u < L.ks; u++) { // the K parts in order (sgmv_expand_tc's sum)
-                    const float* tb = L.tmp + (long long)u * L.kstride + s * L.R + k;
-                    if (k < rka) {
-                        const float4 v = __ldcg(reinterpret_cast<const float4*>(tb + (long long)ra * L.tstride));
-                        t0.x += v.x, t0.y += v.y, t0.z += v.z, t0.w += v.w;
-                    }
-                    if (k < rkb) {
-                        const float4 v = __ldcg(reinterpret_cast<const float4*>(tb + (long long)rb * L.tstride));
-                        t1.x += v.x, t1.y += v.y, t1.z += v.z, t1.w += v.w;
-                    }
-                }
-                split2(t0.x, t0.y, ah[h][0], al[h][0]);
-                split2(t1.x, t1.y, ah[h][1], al[h][1]);
-                split2(t0.z, t0.w, ah[h][2], al[h][2]);
-                split2(t1.z, t1.w, ah[h][3], al[h][3]);
-            }
-            for (int a = a0; a < a1; a++) {
-                if (!((has >> a) & 1)) continue; // warp-uniform
-                if (kc >= S.er[a * 3 + s]) continue;
-                const unsigned bp = bsm + (unsigned)((a - a0) * BN * RS) * 2;
-                // the fragments of the rows of slot a, zero for the others
-                const unsigned ma = ia == a ? ~0u : 0u, mb = ib == a ? ~0u : 0u;
-                unsigned xh[2][4], xl[2][4];
-#pragma unroll
-                for (int h = 0; h < 2; h++) {
-                    xh[h][0] = ah[h][0] & ma, xh[h][1] = ah[h][1] & mb, xh[h][2] = ah[h][2] & ma, xh[h][3] = ah[h][3] & mb;
-                    xl[h][0] = al[h][0] & ma, xl[h][1] = al[h][1] & mb, xl[h][2] = al[h][2] & ma, xl[h][3] = al[h][3] & mb;
-                }
-#pragma unroll
-                for (int j = 0; j < BN / 8; j++) {
-                    const int n = n0 + 8 * j;
-                    if (n < soff || n >= send) continue;
-                    uint4 bv;
-                    asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(bv.x), "=r"(bv.y), "=r"(bv.z), "=r"(bv.w) : "r"(bp + (unsigned)((8 * j + g) * RS + kc + 8 * q) * 2));
-                    mma16816(d + 4 * j, xh[0][0], xh[0][1], xh[0][2], xh[0][3], bv.x, bv.y);
-                    mma16816(d + 4 * j, xl[0][0], xl[0][1], xl[0][2], xl[0][3], bv.x, bv.y);
-                    mma16816(d + 4 * j, xh[1][0], xh[1][1], xh[1][2], xh[1][3], bv.z, bv.w);
-                    mma16816(d + 4 * j, xl[1][0], xl[1][1], xl[1][2], xl[1][3], bv.z, bv.w);
-                }
-            }
-        }
-    }
-}
-
-// ws_lora_geom: the pieces' layout for a block of BN weight rows from n0:
-// RS ranks a staged B column, perB slots a piece, the slices slo..shi it
-// covers; false where a piece cannot hold a slot's B (runtime/gpu checks
-// the same: wsLoRAGeom).
-template <int BN, int SB>
-__device__ __forceinline__ bool ws_lora_geom(const WsLora& L, int n0, int& RS, int& perB, int& slo, int& shi) {
-    RS = (L.R + 31) & ~31;
-    perB = SB / (BN * RS * 2);
-    slo = ws_lora_slice(L, n0);
-    shi = ws_lora_slice(L, n0 + BN - 1);
-    return perB >= 1;
-}
-
-// ws_lora_all: d += the update of every distinct slot: those staged in the
-// drain's B pieces, then the rest PB pieces at a time (the warpgroup's
-// barriers: each of its threads calls it).
-template <int BN>
-__device__ __forceinline__ void ws_lora_all(float* d, const WsLora& L, const WsLoraSm& S, const WsLoraPieces& P, int n0) {
-    const int nd = S.nd, step = P.PB * P.perB;
-    for (int c0 = 0; c0 < nd; c0 += step) {
-        if (c0 > 0) { // restage: every warp is done with the pieces
-            ws_bar<true>();
-            for (int p = 0; p < P.PB; p++) ws_lora_b<BN>(L, S, P.at(p), min(nd, c0 + p * P.perB), min(nd, c0 + (p + 1) * P.perB), n0, P.RS);
-            cp_async_commit();
-            cp_async_wait<0>();
-            ws_bar<true>();
-        }
-        for (int p = 0; p < P.PB; p++)
-            ws_lora_add<BN>(d, L, S, P, P.at(p), min(nd, c0 + p * P.perB), min(nd, c0 + (p + 1) * P.perB), n0);
-    }
-}
-
-// ws_store_lora: ws_store with the LoRA update (lz: this block computes
-// it; nd: the rows hold adapters, so split 0 wrote it to part[S]).
-template <int BN>
-__device__ __forceinline__ void ws_store_lora(float* d, bf16* __restrict__ out, float* __restrict__ part, int* __restrict__ done,
-                                              const float* xs, const float* ws, int M, int N, int n0, int z, int* last,
-                                              const WsLora& L, const WsLoraSm& S, const WsLoraPieces& P, bool lz) {
-    constexpr int TR = 64;
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, tig = lane & 3, SP = gridDim.y;
-    const int m0 = 16 * warp + g;
-    auto scale = [&](float* v) {
-#pragma unroll
-        for (int h = 0; h < 2; h++) {
-            const float a = xs[m0 + 8 * h];
-#pragma unroll
-            for (int j = 0; j < BN / 8; j++) {
-                const int n = 8 * j + 2 * tig;
-                v[4 * j + 2 * h] *= a * ws[n];
-                v[4 * j + 2 * h + 1] *= a * ws[n + 1];
-            }
-        }
-    };
-    auto put = [&](const float* v) {
-#pragma unroll
-        for (int h = 0; h < 2; h++) {
-            const int m = m0 + 8 * h;
-            if (m >= M) continue;
-#pragma unroll
-            for (int j = 0; j < BN / 8; j++)
-                *reinterpret_cast<__nv_bfloat162*>(out + (long long)m * N + n0 + 8 * j + 2 * tig) = __floats2bfloat162_rn(v[4 * j + 2 * h], v[4 * j + 2 * h + 1]);
-        }
-    };
-#ifdef PEFTD_WSL_NOADD // (timing only: no update)
-    lz = false;
-#endif
-    if (SP == 1) {
-        scale(d);
-        if (lz) ws_lora_all<BN>(d, L, S, P, n0);
-        put(d);
-        return;
-    }
-    float* tp = part + (long long)blockIdx.x * (SP + 1) * TR * BN;
-    auto at = [&](int s, int h, int j) { return tp + ((long long)s * TR + m0 + 8 * h) * BN + 8 * j + 2 * tig; };
-    auto save = [&](int s) {
-#pragma unroll
-        for (int h = 0; h < 2; h++)
-            if (m0 + 8 * h < M)
-#pragma unroll
-                for (int j = 0; j < BN / 8; j++) *reinterpret_cast<float2*>(at(s, h, j)) = make_float2(d[4 * j + 2 * h], d[4 * j + 2 * h + 1]);
-    };
-    save(z);
-    if (lz) { // split 0: the update, as a partial of its own
-#pragma unroll
-        for (int i = 0; i < BN / 2; i++) d[i] = 0.f;
-        ws_lora_all<BN>(d, L, S, P, n0);
-        save(SP);
-    }
-    ws_bar<true>();
-    if (tid == 0) {
-        __threadfence(); // the block's partials before its count (cumulative, after the barrier)
-        *last = atomicAdd(done + blockIdx.x, 1) == SP - 1;
-        if (*last) __threadfence();
-    }
-    ws_bar<true>();
-    if (!*last) return;
-#pragma unroll
-    for (int i = 0; i < BN / 2; i++) d[i] = 0.f;
-    auto addp = [&](int s) {
-#pragma unroll
-        for (int h = 0; h < 2; h++) {
-            if (m0 + 8 * h >= M) continue;
-#pragma unroll
-            for (int j = 0; j < BN / 8; j++) {
-                const float2 p = __ldcg(reinterpret_cast<const float2*>(at(s, h, j)));
-                d[4 * j + 2 * h] += p.x, d[4 * j + 2 * h + 1] += p.y;
-            }
-        }
-    };
-    for (int s = 0; s < SP; s++) addp(s);
-    scale(d);
-    if (S.nd > 0) addp(SP);
-    put(d);
-    if (tid == 0) done[blockIdx.x] = 0; // ready for the next launch
-}
-
-// ws_copy: one stage's cp.async chunks of a thread (ws_body's and
-// wsk_body's copies): for each of KA atoms, the 16 bytes at column
-// (ks KA + a) 128 of C rows (r0 = tid / 8 + 16 i, KB bytes apart) from src
-// (the thread's chunk of the block's row 0) into the stage at b (AB bytes
-// an atom; b the thread's swizzled place), zero-filled for an atom at or
-// past lim bytes; GUARD: only rows below M (the activations).
+// ws_copy: one stage's cp.async chunks of a thread (ws_body's copies): for
+// each of KA atoms, the 16 bytes at column (ks KA + a) 128 of C rows (r0 =
+// tid / 8 + 16 i, KB bytes apart) from src (the thread's chunk of the
+// block's row 0) into the stage at b (AB bytes an atom; b the thread's
+// swizzled place), zero-filled for an atom at or past lim bytes; GUARD:
+// only rows below M (the activations).
 template <int KA, int AB, int C, bool GUARD>
 __device__ __forceinline__ void ws_copy(unsigned b, const unsigned char* src, int KB, int ks, int lim, int r0, int M) {
     constexpr int RSTEP = 128 / (WG_RB / 16);
@@ -1822,8 +1422,8 @@ __device__ __forceinline__ void ws_copy_halves(unsigned b, const unsigned char* 
 }
 
 // ws_zero_rows: activation rows M..63 of each of ST stages of KA atoms
-// (SB bytes a stage, AB an atom) from base: zero (ws_body's and
-// wsk_body's copies skip them); the block's first 128 threads.
+// (SB bytes a stage, AB an atom) from base: zero (ws_body's copies
+// skip them); the block's first 128 threads.
 template <int ST, int KA, int SB, int AB>
 __device__ __forceinline__ void ws_zero_rows(unsigned base, int M) {
     constexpr int TR = 64, CH = WG_RB / 16;
@@ -1839,10 +1439,10 @@ __device__ __forceinline__ void ws_zero_rows(unsigned base, int M) {
 // seen after the K loop's first barrier) and the first AHEAD stages'
 // copies, one cp.async group a stage (the ne early weight stages, asked
 // before the wait, join the first).
-template <int ES, int AHEAD, bool CG = false, class CW, class CX>
+template <int ES, int AHEAD, class CW, class CX>
 __device__ __forceinline__ void ws_fill(float* xsc, const float* __restrict__ sx, int M, int ne, CW copy_w, CX copy_x) {
     if (ES == 1)
-        for (int i = threadIdx.x; i < 64; i += 128) xsc[i] = i < M ? (CG ? __ldcg(sx + i) : sx[i]) : 0.f; // CG: the grid wrote them (ws_quant_rows)
+        for (int i = threadIdx.x; i < 64; i += 128) xsc[i] = i < M ? sx[i] : 0.f;
 #pragma unroll 1
     for (int j = 0; j < AHEAD; j++) {
         if (j >= ne) copy_w(j);
@@ -1865,7 +1465,7 @@ __device__ __forceinline__ void ws_mma(float* d, unsigned b) {
     wg_commit();
 }
 
-// ws_stage: one K stage of ws_body's and wsk_body's pipeline on the
+// ws_stage: one K stage of ws_body's pipeline on the
 // accumulators d: wait for this thread's copies of the stage at smem (its
 // AHEAD - 1 successors may still fly) and make them visible to wgmma (and
 // the zeroed rows, the first time), the block's barrier (everyone's; and
@@ -1877,11 +1477,11 @@ __device__ __forceinline__ void ws_mma(float* d, unsigned b) {
 // accumulators (d + H BN / 4: the registers BN's layout gives those rows);
 // the whole of d is pinned after the wait either way (in HALF the other
 // half's group may be the one left in flight).
-template <int ES, int BN, int KA, int AB, int AHEAD, int IF, bool LORA, int H = -1, class Issue>
+template <int ES, int BN, int KA, int AB, int AHEAD, int IF, int H = -1, class Issue>
 __device__ __forceinline__ void ws_stage(float* d, int j, unsigned base, unsigned sb, int st, Issue issue) {
     cp_async_wait<AHEAD - 1>();
     fence_proxy_async();
-    ws_bar<LORA>();
+    __syncthreads();
     issue();
     cp_async_commit();
     if constexpr (H < 0)
@@ -1890,46 +1490,6 @@ __device__ __forceinline__ void ws_stage(float* d, int j, unsigned base, unsigne
         ws_mma<ES, BN / 2, KA, AB>(d + H * (BN / 4), base + (j % st) * sb);
     wg_wait<IF>();
     wg_pin<BN / 2>(d);
-}
-
-template <bool LORA> struct WsLoraSmOf { using T = WsLoraSm; };
-template <> struct WsLoraSmOf<false> { using T = char; };
-
-// WsQx: ws_body's QX head (fp8_ws_qx_n*, fp8_ws_qxnorm_n*): xb the
-// product's activation rows in bf16 [M][K], quantized by the kernel into
-// its own qx and sx (the activation scratch) before any block reads them;
-// sync: two counters, zero between launches.
-struct WsQx {
-    const bf16* xb;
-    unsigned* sync;
-};
-
-// ws_quant_rows: the QX head, after griddepcontrol.wait: block b (of G, x
-// fastest) quantizes rows b, b + G, ... of xb into q (rows K bytes apart)
-// and s as quant_rows_e4m3 does (the same bytes: the row's max and the
-// conversion are elementwise or order-free), then the grid meets
-// (grid_meet: every row quantized and visible before any block copies its
-// activation stages). K % 8 == 0 and K <= 8192 (runtime/gpu checks).
-// Every thread of the block calls it.
-__device__ __forceinline__ void ws_quant_rows(const bf16* __restrict__ xb, unsigned char* q, float* s, int M, int K, unsigned* sync) {
-    constexpr int NW = 2 * ADD_RC; // ws_add_norm's row in registers (runtime/gpu's wsRowMax)
-    __shared__ float sh[33];
-    const int G = gridDim.x * gridDim.y, tid = threadIdx.x, n8 = K >> 3;
-    for (int r = blockIdx.y * gridDim.x + blockIdx.x; r < M; r += G) {
-        const uint4* x8 = reinterpret_cast<const uint4*>(xb + (long long)r * K);
-        uint4 w[NW];
-        float m = 0.f;
-        int bad = 0;
-#pragma unroll
-        for (int j = 0; j < NW; j++)
-            if (tid + 128 * j < n8) w[j] = x8[tid + 128 * j];
-#pragma unroll
-        for (int j = 0; j < NW; j++)
-            if (tid + 128 * j < n8) amax8(w[j], m, bad);
-        quant_words_e4m3<NW>(w, n8, q + (long long)r * K, s + r, m, bad, sh);
-    }
-    grid_meet(sync);
-    grid_leave(nullptr, 0, sync);
 }
 
 // ws_body's HALF blocks (gemm_wsh_n*, fp8_wsh_n*; BN 224 and 256, whose
@@ -1941,46 +1501,31 @@ __device__ __forceinline__ void ws_quant_rows(const bf16* __restrict__ xb, unsig
 // twice as long for the same stage bytes, the activations read twice (L2);
 // the products, split and end are BN's.
 //
-// ws_body's QX blocks (fp8_ws_qx_n*, fp8_ws_qxnorm_n*): the activation rows
-// come in bf16 (WsQx), and the kernel quantizes them into qx and sx itself
-// (ws_quant_rows, after griddepcontrol.wait; the early weight stages land
-// meanwhile) instead of a quant_rows_e4m3 launch before it.
-//
 // qx and sx are declared __restrict__ (the default kernels' code), but the
-// FP8 SILU and NORM ends (SQ.q / qscale, NP.q / qscale) and the QX head
-// write that same scratch through other pointers. That holds only because
-// every read of qx and sx is a cp.async or an __ldcg, or comes before the
-// grid's barrier and its fences; a plain read of either after a barrier
-// could compile to a non-coherent load and see stale data.
-template <int ES, int BN, bool LORA = false, bool SILU = false, bool NORM = false, bool HALF = false, bool QX = false>
+// FP8 SILU and NORM ends (SQ.q / qscale, NP.q / qscale) write that same
+// scratch through other pointers. That holds only because every read of
+// qx and sx is a cp.async or comes before the grid's barrier and its
+// fences; a plain read of either after a barrier could compile to a
+// non-coherent load and see stale data.
+template <int ES, int BN, bool SILU = false, bool NORM = false, bool HALF = false>
 __device__ __forceinline__ void ws_body(bf16* __restrict__ out, float* __restrict__ part, int* __restrict__ done,
                                         const unsigned char* __restrict__ qx, const float* __restrict__ sx,
                                         const unsigned char* __restrict__ qw, const float* __restrict__ sw, int M,
-                                        int N, int K, int opts, const WsLora* Lp = nullptr, WsSiluQ SQ = {}, WsNorm NP = {},
-                                        WsQx QP = {}) {
+                                        int N, int K, int opts, WsSiluQ SQ = {}, WsNorm NP = {}) {
     using W = WsShape<BN, ES, HALF>;
     constexpr int TR = W::TR, AB = W::AB, SB = W::SB, ST = W::ST, KA = W::KA, IF = W::IF, AHEAD = ST - 1 - IF;
     static_assert(IF >= 0 && IF <= 2, "ws_body: WS_INFLIGHT, WS_INFLIGHT_NARROW 0-2");
     static_assert(AHEAD >= 1, "ws_body: fewer than 2 + WS_INFLIGHT stages fit");
-    static_assert(!SILU || (!LORA && BN % 32 == 0), "ws_body: SILU is without LoRA, on whole 16-row groups a half");
-    static_assert(!NORM || (!LORA && !SILU), "ws_body: NORM is a plain product's end");
-    static_assert(!HALF || (!LORA && !NORM && BN % 32 == 0 && W::KA == 2), "ws_body: HALF takes plain and SILU products of whole 16-row halves");
-    static_assert(!QX || (ES == 1 && !LORA && !SILU && !HALF), "ws_body: QX quantizes a plain or NORM FP8 product's activations");
+    static_assert(!SILU || BN % 32 == 0, "ws_body: SILU on whole 16-row groups a half");
+    static_assert(!NORM || !SILU, "ws_body: NORM is a plain product's end");
+    static_assert(!HALF || (!NORM && BN % 32 == 0 && W::KA == 2), "ws_body: HALF takes plain and SILU products of whole 16-row halves");
     constexpr int CH = WG_RB / 16;                 // 16-byte chunks a staged row
     constexpr int RSTEP = 128 / CH;                // rows between a thread's copies
     constexpr int CX = TR / RSTEP, CW = W::WR / RSTEP; // a thread's activation and weight rows an atom
     extern __shared__ __align__(16) unsigned char wsm[];
     __shared__ int last;
     __shared__ float wsc[BN], xsc[TR]; // the block's weight rows' and the activation rows' scales (ES 1)
-    __shared__ typename WsLoraSmOf<LORA>::T lsm; // the LoRA variant's rows and entries
     const int tid = threadIdx.x;
-    if constexpr (LORA) {
-        if (tid >= 128) { // a shrink warp (after the kernel before: it wrote the activations)
-            pdl_entry();
-            ws_lora_shrink(*Lp);
-            return;
-        }
-    }
     const int KB = K * ES, S = gridDim.y, z = blockIdx.y, n0 = blockIdx.x * BN;
     const int kb0 = z * (KB / S), nks = (KB / S + KA * WG_RB - 1) / (KA * WG_RB); // this split's K stages (HALF: pairs)
     const int nst = HALF ? 2 * nks : nks, koff = HALF ? 2 * ws_koff(opts, nks) : ws_koff(opts, nks);
@@ -2018,26 +1563,7 @@ __device__ __forceinline__ void ws_body(bf16* __restrict__ out, float* __restric
         for (int i = tid; i < BN; i += 128) // weights' scales: no kernel of a step writes them (SILU: gate's rows, then up's)
             wsc[i] = sw[SILU ? (i < BN / 2 ? gn0 + i : N / 2 + gn0 + i - BN / 2) : n0 + i];
     pdl_entry();
-    if constexpr (QX) ws_quant_rows(QP.xb, const_cast<unsigned char*>(qx), const_cast<float*>(sx), M, K, QP.sync);
-    ws_fill<ES, AHEAD, QX>(xsc, sx, M, ne, copy_w, copy_x);
-    // the LoRA variant: the rows' slots and entries while the first stages
-    // land, and the pieces' layout (ws_lora_geom)
-    bool lz = false;
-    WsLoraPieces P{};
-    if constexpr (LORA) {
-        ws_lora_prep(*Lp, lsm, M);
-        P.base = base, P.nst = nst, P.ST = ST, P.SB = SB;
-        const bool fit = ws_lora_geom<BN, SB>(*Lp, n0, P.RS, P.perB, P.slo, P.shi);
-        if (lsm.nd > 0 && !fit) __trap(); // runtime/gpu launches only what fits (wsLoRAFits)
-        P.PB = min((lsm.nd + P.perB - 1) / max(P.perB, 1), AHEAD);
-        lz = z == 0 && lsm.nd > 0;
-    }
-    const int npiece = lz ? P.PB : 0;
-    // piece p: at iteration max(0, nst - AHEAD + p), into the buffer the K
-    // loop would refill there
-    auto piece = [&](int p) {
-        if constexpr (LORA) ws_lora_b<BN>(*Lp, lsm, P.at(p), min(lsm.nd, p * P.perB), min(lsm.nd, (p + 1) * P.perB), n0, P.RS);
-    };
+    ws_fill<ES, AHEAD>(xsc, sx, M, ne, copy_w, copy_x);
     float d[BN / 2];
 #pragma unroll
     for (int i = 0; i < BN / 2; i++) d[i] = 0.f;
@@ -2046,11 +1572,11 @@ __device__ __forceinline__ void ws_body(bf16* __restrict__ out, float* __restric
         // koff are even)
 #pragma unroll 1
         for (int j = 0; j < nst; j += 2) {
-            ws_stage<ES, BN, KA, AB, AHEAD, IF, false, 0>(d, j, base, SB, ST, [&] {
+            ws_stage<ES, BN, KA, AB, AHEAD, IF, 0>(d, j, base, SB, ST, [&] {
                 copy_w(j + AHEAD);
                 copy_x(j + AHEAD);
             });
-            ws_stage<ES, BN, KA, AB, AHEAD, IF, false, 1>(d, j + 1, base, SB, ST, [&] {
+            ws_stage<ES, BN, KA, AB, AHEAD, IF, 1>(d, j + 1, base, SB, ST, [&] {
                 copy_w(j + 1 + AHEAD);
                 copy_x(j + 1 + AHEAD);
             });
@@ -2058,25 +1584,14 @@ __device__ __forceinline__ void ws_body(bf16* __restrict__ out, float* __restric
     } else {
 #pragma unroll 1
         for (int j = 0; j < nst; j++)
-            ws_stage<ES, BN, KA, AB, AHEAD, IF, LORA>(d, j, base, SB, ST, [&] {
+            ws_stage<ES, BN, KA, AB, AHEAD, IF>(d, j, base, SB, ST, [&] {
                 copy_w(j + AHEAD);
                 copy_x(j + AHEAD);
-                if (LORA && npiece > 0) {
-                    // B's pieces as the drain frees their buffers (j 0: every one
-                    // whose buffer no stage took)
-                    const int p1 = min(j + AHEAD - nst, P.PB - 1);
-                    for (int p = j == 0 ? 0 : max(0, j + AHEAD - nst); p <= p1; p++) piece(p);
-                }
             });
     }
     wg_wait<0>();
     wg_pin<BN / 2>(d);
     cp_async_wait<0>();
-    if constexpr (LORA) {
-        ws_lora_wait(*Lp); // the grid's shrink; its barrier: every thread's pieces landed
-        ws_store_lora<BN>(d, out, part, done, xsc, wsc, M, N, n0, z, &last, *Lp, lsm, P, lz);
-        return;
-    }
     if constexpr (SILU) {
         if (S != 1) __trap(); // runtime/gpu launches SILU with one split (wsProduct.siluFits)
         if constexpr (ES == 1)
@@ -2095,306 +1610,11 @@ __device__ __forceinline__ void ws_body(bf16* __restrict__ out, float* __restric
     }
 }
 
-#ifdef PEFTD_WS_SK
-// ---------------------------------------------------------------------------
-// wsk_body<ES, BN>: ws_body's product on any number of blocks (stream-K):
-// the N / BN weight tiles' K stages (SPT a tile, KA atoms each) are one
-// run of U units, and block b of gridDim.x = G takes units [b U / G,
-// (b + 1) U / G) in order (wg_first), so a grid of the SMs the LoRA
-// stream leaves (e.g. 100) is one wave of equal shares where ws_body's
-// one-wave plans jump between powers of two of blocks (64, 128). A block
-// flushes each tile it touches at the tile's last stage or its own last:
-// a tile whole in one block is scaled and stored; a part goes to the
-// block's slot (its first tile 0, its last 1: part [G][2][64][BN] floats)
-// and the tile's last block to count in (done[tile], left at zero) sums
-// the slots of the tile's blocks in block order (the same bits whichever
-// finishes last), scales and stores. Copies, stages and the wgmma groups
-// as ws_body (no stagger: the blocks start at their own units). A block
-// touches at most WSK_TILES tiles (runtime/gpu plans no more); their
-// weight scales are read before griddepcontrol.wait. Only with
-// PEFTD_WS_SK (fp8_wsk_n*, fp8.cu): built for the A/B of PERFORMANCE v0.68
-// Next 3. Measured in v0.69 and off: alone (TestWsSKBench) a product takes
-// 1.2-2.2x ws_body's one-wave plan at 32-64 rows, whatever the SMs left;
-// a tile of 16 K stages at these shapes moves as many bytes in float
-// partials (64 rows x BN x 4) as in one weight stage, each written and
-// summed while the block's copies drain. opts: bits 0-3 as ws_body's
-// (early stages), the rest unused.
-// ---------------------------------------------------------------------------
-#ifndef WSK_TILES
-#define WSK_TILES 4
-#endif
-template <int ES, int BN>
-__device__ __forceinline__ void wsk_body(bf16* __restrict__ out, float* __restrict__ part, int* __restrict__ done,
-                                         const unsigned char* __restrict__ qx, const float* __restrict__ sx,
-                                         const unsigned char* __restrict__ qw, const float* __restrict__ sw, int M,
-                                         int N, int K, int opts) {
-    using W = WsShape<BN, ES>;
-    constexpr int TR = W::TR, AB = W::AB, SB = W::SB, ST = W::ST, KA = W::KA, IF = W::IF, AHEAD = ST - 1 - IF;
-    static_assert(IF >= 0 && IF <= 2, "wsk_body: WS_INFLIGHT, WS_INFLIGHT_NARROW 0-2");
-    static_assert(AHEAD >= 1, "wsk_body: fewer than 2 + WS_INFLIGHT stages fit");
-    constexpr int CH = WG_RB / 16, RSTEP = 128 / CH, CX = TR / RSTEP, CW = BN / RSTEP;
-    extern __shared__ __align__(16) unsigned char wsm[];
-    __shared__ int last;
-    __shared__ float wsc[WSK_TILES][BN], xsc[TR]; // the scales of the tiles the block touches, of the activation rows (ES 1)
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, tig = lane & 3, m0 = 16 * warp + g;
-    const int KB = K * ES, SPT = (KB + KA * WG_RB - 1) / (KA * WG_RB); // stages a tile
-    const int U = N / BN * SPT, G = gridDim.x, bid = blockIdx.x;
-    const int u0 = wg_first(bid, U, G), n = wg_first(bid + 1, U, G) - u0;
-    if (n <= 0) { // more blocks than units: runtime/gpu plans none
-        pdl_entry();
-        return;
-    }
-    const int t0 = u0 / SPT, nt = (u0 + n - 1) / SPT - t0 + 1; // the first tile and how many
-    if (nt > WSK_TILES) __trap(); // runtime/gpu plans no more (skValid)
-    const unsigned base = ((unsigned)__cvta_generic_to_shared(wsm) + 1023u) & ~1023u;
-    const int c = tid % CH, r0 = tid / CH;
-    const unsigned dst0 = r0 * WG_RB + ((c ^ (r0 & 7)) << 4);
-    const unsigned char* wrow = qw + (long long)r0 * KB + 16 * c; // the tile's first weight row at + tile BN KB
-    const unsigned char* xsrc = qx + (long long)r0 * KB + 16 * c;
-    // the stage j copies (unit u0 + j: tile u / SPT, its stage u % SPT),
-    // each atom past K zero-filled
-    auto copy_w = [&](int j) {
-        if (j >= n) return;
-        const int u = u0 + j, t = u / SPT;
-        ws_copy<KA, AB, CW, false>(base + (j % ST) * SB + dst0 + TR * WG_RB, wrow + (long long)t * BN * KB, KB, u - t * SPT, KB, r0, M);
-    };
-    auto copy_x = [&](int j) {
-        if (j < n) ws_copy<KA, AB, CX, true>(base + (j % ST) * SB + dst0, xsrc, KB, (u0 + j) % SPT, KB, r0, M);
-    };
-    ws_zero_rows<ST, KA, SB, AB>(base, M); // activation rows M..63 of every stage: zero, once
-    const int early = opts & 15, ne = early < AHEAD ? early : AHEAD;
-    for (int j = 0; j < ne; j++) copy_w(j);
-    if (ES == 1)
-        for (int i = tid; i < WSK_TILES * BN; i += 128) {
-            const int tt = i / BN;
-            if (tt < nt) wsc[tt][i % BN] = sw[(t0 + tt) * BN + i % BN]; // no kernel of a step writes them
-        }
-    pdl_entry();
-    ws_fill<ES, AHEAD>(xsc, sx, M, ne, copy_w, copy_x);
-    float d[BN / 2];
-    // put: v, the sums of tile t (the block's tt-th), scaled (ES 1), rounded and stored
-    auto put = [&](const float* v, int t, int tt) { ws_put<BN>(v, out, ES == 1 ? xsc : nullptr, ES == 1 ? wsc[tt] : nullptr, M, N, t * BN, m0, tig); };
-    // slot: block b's partial sums of tile t (its first tile: 0, else 1)
-    auto slot = [&](int b, int t, int h, int jj) {
-        return part + ((long long)b * 2 + (wg_first(b, U, G) / SPT == t ? 0 : 1)) * TR * BN + (m0 + 8 * h) * BN + 8 * jj + 2 * tig;
-    };
-    // settle: tile t (the block's tt-th) counted in; its last block to
-    // count in sums the tile's slots in block order, scales and stores
-    auto settle = [&](int t, int tt) {
-        const int b0 = wg_block(t * SPT, U, G), b1 = wg_block((t + 1) * SPT - 1, U, G);
-        __syncthreads();
-        if (tid == 0) {
-            __threadfence(); // the block's partials before its count (cumulative, after the barrier)
-            last = atomicAdd(done + t, 1) == b1 - b0;
-            if (last) __threadfence();
-        }
-        __syncthreads();
-        if (!last) return;
-#pragma unroll
-        for (int i = 0; i < BN / 2; i++) d[i] = 0.f;
-        for (int b = b0; b <= b1; b++) {
-#pragma unroll
-            for (int h = 0; h < 2; h++) {
-                if (m0 + 8 * h >= M) continue;
-#pragma unroll
-                for (int jj = 0; jj < BN / 8; jj++) {
-                    const float2 p = __ldcg(reinterpret_cast<const float2*>(slot(b, t, h, jj)));
-                    d[4 * jj + 2 * h] += p.x, d[4 * jj + 2 * h + 1] += p.y;
-                }
-            }
-        }
-        put(d, t, tt);
-        if (tid == 0) done[t] = 0; // ready for the next launch
-    };
-    // flush: tile t (the block's tt-th), held from its stage k0 to k1: a
-    // whole tile stored; a part written to the block's slot and settled
-    // at once (settling a block's first tile after its last stage lost:
-    // TRIED v0.69)
-    auto flush = [&](int t, int tt, int k0, int k1) {
-        if (k0 == 0 && k1 == SPT - 1) {
-            put(d, t, tt);
-            return;
-        }
-#pragma unroll
-        for (int h = 0; h < 2; h++)
-            if (m0 + 8 * h < M)
-#pragma unroll
-                for (int jj = 0; jj < BN / 8; jj++) *reinterpret_cast<float2*>(slot(bid, t, h, jj)) = make_float2(d[4 * jj + 2 * h], d[4 * jj + 2 * h + 1]);
-        settle(t, tt);
-    };
-    // a loop over the block's tiles around ws_body's loop over stages: one
-    // loop over units with the flush inside made ptxas wait for every
-    // wgmma group at its back edge (the accumulators zeroed on one path,
-    // in flight on the other), a full wait a stage (PERFORMANCE v0.69)
-    int j = 0;
-#pragma unroll 1
-    for (int tt = 0; tt < nt; tt++) {
-        const int t = t0 + tt, k0 = tt == 0 ? u0 - t0 * SPT : 0, k1 = min(SPT, u0 + n - t * SPT); // the tile's stages [k0, k1) here
-#pragma unroll
-        for (int i = 0; i < BN / 2; i++) d[i] = 0.f;
-#pragma unroll 1
-        for (int ks = k0; ks < k1; ks++, j++)
-            ws_stage<ES, BN, KA, AB, AHEAD, IF, false>(d, j, base, SB, ST, [&] {
-                copy_w(j + AHEAD);
-                copy_x(j + AHEAD);
-            });
-        wg_wait<0>();
-        wg_pin<BN / 2>(d);
-        flush(t, tt, k0, k1 - 1);
-    }
-    cp_async_wait<0>();
-}
-#endif // PEFTD_WS_SK
-
-// ---------------------------------------------------------------------------
-// wt_body<ES, BN>: ws_body's product with each stage copied by the tensor
-// memory accelerator (TMA): one thread asks for the stage's two boxes (the
-// 64 activation rows and the BN weight rows, 128 bytes of K each, in the
-// same 128-byte swizzle) and the stage's mbarrier counts their bytes in;
-// the other threads issue no copies. cp.async moves 16 bytes a thread an
-// instruction, and ws_body's blocks held ~22 GB/s each whatever the stage
-// layout (fp8bench v0.55); a box is one instruction whatever its size.
-// xmap: the activations [M rows][K ES bytes] in boxes of 128 bytes x 64
-// rows (rows past M read as zeros); wmap: the weights [N][K ES] in boxes of
-// 128 bytes x BN rows. Splits, scales and the store as ws_body.
-// ---------------------------------------------------------------------------
-struct __align__(64) TmaDesc {
-    unsigned long long v[16];
-};
-
-__device__ __forceinline__ void mbar_init(unsigned bar, unsigned count) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
-}
-__device__ __forceinline__ void mbar_expect_tx(unsigned bar, unsigned bytes) {
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void mbar_wait(unsigned bar, unsigned parity) {
-    asm volatile("{\n.reg .pred P1;\nLAB_WAIT:\n"
-                 "mbarrier.try_wait.parity.shared::cta.b64 P1, [%0], %1;\n"
-                 "@P1 bra DONE;\nbra LAB_WAIT;\nDONE:\n}\n" ::"r"(bar),
-                 "r"(parity)
-                 : "memory");
-}
-// tma_load2d: the box at (c0, c1) (inner element, row) of map into shared
-// memory at dst, its bytes counted in at bar.
-__device__ __forceinline__ void tma_load2d(unsigned dst, const TmaDesc* map, int c0, int c1, unsigned bar) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(dst),
-                 "l"(reinterpret_cast<unsigned long long>(map)), "r"(c0), "r"(c1), "r"(bar)
-                 : "memory");
-#endif
-}
-
-// WtShape: wt_body's two rings. The weights are streamed from DRAM and
-// want as many bytes in flight as the SM holds; the activation rows come
-// from L2 (every block reads them) and are asked for later, from a ring of
-// WT_XS stages, so that the 64 rows (8 KB a stage) do not take a weight
-// stage's room each (ws_body's single ring: 112 of 144 KB in flight were
-// weights at n224, and every 64-row product held ~0.7 of the bandwidth).
-#ifndef WT_XS
-#define WT_XS 3 // activation stages
-#endif
-#ifndef WT_KA
-#define WT_KA 1 // 128-byte K atoms a stage (a box each: the 128-byte swizzle takes 128-byte rows)
-#endif
-#define WT_SMEM (232448 - 256) // a block's dynamic shared memory at most (sm_90's opt-in limit less the static part)
-// KA: WT_KA atoms a stage, halved while fewer than 4 weight stages would
-// fit; XS: WT_XS activation stages, at least 2 + WS_INFLIGHT (one asked
-// ahead). runtime/gpu's wtKAFor, wtXSEff and wtStages must agree.
-template <int BN> struct WtShape {
-    static constexpr int TR = 64;
-    static constexpr int XS = WT_XS < 2 + WS_INFLIGHT ? 2 + WS_INFLIGHT : WT_XS;
-    static constexpr int XA = TR * WG_RB, WA = BN * WG_RB; // an atom of the activations, of the weights
-    __host__ __device__ static constexpr int fit(int ka) { return (WT_SMEM - 1024 - XS * ka * XA) / (ka * WA); }
-    __host__ __device__ static constexpr int ka(int k) { return k > 1 && fit(k) < 4 ? ka(k / 2) : k; }
-    static constexpr int KA = ka(WT_KA);
-    static constexpr int XB = KA * XA, WB = KA * WA; // an activation stage, a weight stage
-    static constexpr int STW = fit(KA) < 32 ? fit(KA) : 32; // weight stages
-    static_assert(STW >= 3, "wt_body: too few stages");
-};
-
-template <int ES, int BN>
-__device__ __forceinline__ void wt_body(bf16* __restrict__ out, float* __restrict__ part, int* __restrict__ done,
-                                        const TmaDesc* xmap, const float* __restrict__ sx, const TmaDesc* wmap,
-                                        const float* __restrict__ sw, int M, int N, int K, int opts) {
-    using W = WtShape<BN>;
-    constexpr int TR = W::TR, XA = W::XA, WA = W::WA, XB = W::XB, WB = W::WB, STW = W::STW, XS = W::XS, KA = W::KA;
-    constexpr int AW = STW - 1 - WS_INFLIGHT, AX = XS - 1 - WS_INFLIGHT; // stages asked ahead of the one multiplied
-    static_assert(AX >= 1, "wt_body: WT_XS");
-    extern __shared__ __align__(16) unsigned char wsm[];
-    __shared__ __align__(8) unsigned long long full[STW];
-    __shared__ int last;
-    const int tid = threadIdx.x;
-    const int KB = K * ES, S = gridDim.y, z = blockIdx.y, n0 = blockIdx.x * BN;
-    const int kb0 = z * (KB / S), nst = (KB / S + KA * WG_RB - 1) / (KA * WG_RB);
-    const int koff = ws_koff(opts, nst);
-    const unsigned xbase = ((unsigned)__cvta_generic_to_shared(wsm) + 1023u) & ~1023u, wbase = xbase + XS * XB;
-    const unsigned bar0 = (unsigned)__cvta_generic_to_shared(full);
-    auto kst = [&](int j) { const int k = j + koff; return k < nst ? k : k - nst; };
-    // stage j's atom a's first K element (a box past the split's K reads
-    // zeros only where it passes K itself: splits are whole stages, the
-    // planner's K ES % (128 S) and KA's stages dividing them)
-    auto kel = [&](int j, int a) { return (kb0 + (kst(j) * KA + a) * WG_RB) / ES; };
-    // stage j's boxes (thread 0): the weights' with the stage's whole count
-    // (the activations' box lands on the same barrier, asked later)
-    auto ask_w = [&](int j) {
-        if (j >= nst) return;
-        const unsigned bar = bar0 + 8 * (j % STW);
-        mbar_expect_tx(bar, WB + XB);
-#pragma unroll
-        for (int a = 0; a < KA; a++) tma_load2d(wbase + (j % STW) * WB + a * WA, wmap, kel(j, a), n0, bar);
-    };
-    auto ask_x = [&](int j) {
-        if (j >= nst) return;
-#pragma unroll
-        for (int a = 0; a < KA; a++) tma_load2d(xbase + (j % XS) * XB + a * XA, xmap, kel(j, a), 0, bar0 + 8 * (j % STW));
-    };
-    if (tid == 0) {
-        for (int i = 0; i < STW; i++) mbar_init(bar0 + 8 * i, 1);
-        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-        fence_proxy_async();
-    }
-    __syncthreads();
-    const int early = opts & 15, ne = early < AW ? early : AW;
-    if (tid == 0)
-        for (int j = 0; j < ne; j++) ask_w(j);
-    pdl_entry();
-    if (tid == 0) {
-        for (int j = ne; j < AW; j++) ask_w(j);
-        for (int j = 0; j < AX; j++) ask_x(j);
-    }
-    float d[BN / 2];
-#pragma unroll
-    for (int i = 0; i < BN / 2; i++) d[i] = 0.f;
-#pragma unroll 1
-    for (int j = 0; j < nst; j++) {
-        mbar_wait(bar0 + 8 * (j % STW), (j / STW) & 1); // stage j's weights and activations have landed
-        __syncthreads(); // every warp's group WS_INFLIGHT + 1 stages back is done: its stages may be refilled
-        if (tid == 0) {
-            ask_w(j + AW);
-            ask_x(j + AX);
-        }
-        const unsigned xb = xbase + (j % XS) * XB, wb = wbase + (j % STW) * WB;
-        wg_pin<BN / 2>(d);
-        wg_fence();
-#pragma unroll
-        for (int a = 0; a < KA; a++)
-#pragma unroll
-            for (int q = 0; q < WG_RB / 32; q++) wg_mma_n<ES, BN>(d, wg_desc(xb + a * XA + 32 * q), wg_desc(wb + a * WA + 32 * q));
-        wg_commit();
-        wg_wait<WS_INFLIGHT>();
-        wg_pin<BN / 2>(d);
-    }
-    wg_wait<0>();
-    wg_pin<BN / 2>(d);
-    ws_store<BN>(d, out, part, done, sx, sw ? sw + n0 : nullptr, M, N, n0, z, &last);
-}
-
 // WS_WIDTHS(prefix, body, ES, ARGS, PASS, THREADS):
-// prefix_n{32,48,64,96,128,224,256} on body (ws_body or wt_body), one
-// block of THREADS an SM (128: one warpgroup). ARGS and PASS are a
-// module's macros, named here (a macro passing them on would expand them
-// into too many arguments).
+// prefix_n{32,48,64,96,128,224,256} on body (ws_body), one block of
+// THREADS an SM (128: one warpgroup). ARGS and PASS are a module's macros,
+// named here (a macro passing them on would expand them into too many
+// arguments).
 #define WS_WIDTHS(prefix, body, ES, ARGS, PASS, THREADS)                                                           \
     extern "C" __global__ void __launch_bounds__(THREADS, 1) prefix##_n32(ARGS) { body<ES, 32>(PASS); }   \
     extern "C" __global__ void __launch_bounds__(THREADS, 1) prefix##_n48(ARGS) { body<ES, 48>(PASS); }   \
@@ -2426,14 +1646,14 @@ __device__ __forceinline__ void wt_body(bf16* __restrict__ out, float* __restric
 //   add_rmsnorm's work on its share of the rows with its bits; FP8 also
 //   quantizes them) (kernelForce.wsNorm).
 #define WS_FUSED_KERNELS(prefix, ES, ARGS, PASS, SARGS, SPASS, NARGS, NPASS)                                                       \
-    extern "C" __global__ void __launch_bounds__(128, 1) prefix##_silu_n224(SARGS) { ws_body<ES, 224, false, true>(SPASS); }             \
-    extern "C" __global__ void __launch_bounds__(128, 1) prefix##_silu_n256(SARGS) { ws_body<ES, 256, false, true>(SPASS); }             \
-    extern "C" __global__ void __launch_bounds__(128, 1) prefix##h_n224(ARGS) { ws_body<ES, 224, false, false, false, true>(PASS); }     \
-    extern "C" __global__ void __launch_bounds__(128, 1) prefix##h_n256(ARGS) { ws_body<ES, 256, false, false, false, true>(PASS); }     \
-    extern "C" __global__ void __launch_bounds__(128, 1) prefix##h_silu_n224(SARGS) { ws_body<ES, 224, false, true, false, true>(SPASS); } \
-    extern "C" __global__ void __launch_bounds__(128, 1) prefix##h_silu_n256(SARGS) { ws_body<ES, 256, false, true, false, true>(SPASS); } \
-    extern "C" __global__ void __launch_bounds__(128, 1) prefix##_norm_n32(NARGS) { ws_body<ES, 32, false, false, true>(NPASS); }        \
-    extern "C" __global__ void __launch_bounds__(128, 1) prefix##_norm_n64(NARGS) { ws_body<ES, 64, false, false, true>(NPASS); }
+    extern "C" __global__ void __launch_bounds__(128, 1) prefix##_silu_n224(SARGS) { ws_body<ES, 224, true>(SPASS); }             \
+    extern "C" __global__ void __launch_bounds__(128, 1) prefix##_silu_n256(SARGS) { ws_body<ES, 256, true>(SPASS); }             \
+    extern "C" __global__ void __launch_bounds__(128, 1) prefix##h_n224(ARGS) { ws_body<ES, 224, false, false, true>(PASS); }     \
+    extern "C" __global__ void __launch_bounds__(128, 1) prefix##h_n256(ARGS) { ws_body<ES, 256, false, false, true>(PASS); }     \
+    extern "C" __global__ void __launch_bounds__(128, 1) prefix##h_silu_n224(SARGS) { ws_body<ES, 224, true, false, true>(SPASS); } \
+    extern "C" __global__ void __launch_bounds__(128, 1) prefix##h_silu_n256(SARGS) { ws_body<ES, 256, true, false, true>(SPASS); } \
+    extern "C" __global__ void __launch_bounds__(128, 1) prefix##_norm_n32(NARGS) { ws_body<ES, 32, false, true>(NPASS); }        \
+    extern "C" __global__ void __launch_bounds__(128, 1) prefix##_norm_n64(NARGS) { ws_body<ES, 64, false, true>(NPASS); }
 
 // WG_KERNELS(prefix, ES, ARGS, PASS): a module's six wgmma kernels,
 // prefix_n{32,64,128} (one warpgroup a block) and prefix2_n{32,64,128}

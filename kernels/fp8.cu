@@ -461,60 +461,10 @@ WS_WIDTHS(fp8_ws, ws_body, 1, FP8_WS_ARGS, FP8_WS_PASS, 128)
 // scratch the product read its activations from (written after the
 // barrier).
 #define FP8_WS_SILU_ARGS FP8_WS_ARGS, unsigned char *q, float *qscale, unsigned *sync
-#define FP8_WS_SILU_PASS FP8_WS_PASS, nullptr, WsSiluQ{q, qscale, sync}
+#define FP8_WS_SILU_PASS FP8_WS_PASS, WsSiluQ{q, qscale, sync}
 #define FP8_WS_NORM_ARGS FP8_WS_ARGS, bf16 *xr, bf16 *nout, const bf16 *nw, float eps, unsigned char *q, float *qscale, unsigned *sync
-#define FP8_WS_NORM_PASS FP8_WS_PASS, nullptr, WsSiluQ{}, WsNorm{xr, nout, nw, eps, q, qscale, sync}
+#define FP8_WS_NORM_PASS FP8_WS_PASS, WsSiluQ{}, WsNorm{xr, nout, nw, eps, q, qscale, sync}
 WS_FUSED_KERNELS(fp8_ws, 1, FP8_WS_ARGS, FP8_WS_PASS, FP8_WS_SILU_ARGS, FP8_WS_SILU_PASS, FP8_WS_NORM_ARGS, FP8_WS_NORM_PASS)
-// fp8_ws_qx_n{32,64}, fp8_ws_qxnorm_n{32,64}: fp8_ws_n* and fp8_ws_norm_n*
-// whose activation rows come in bf16 (xb) and are quantized by the kernel
-// into qx and sx (ws_body's QX head: each block its share of the rows as
-// quant_rows_e4m3 does, then a grid-wide barrier; sync's words 2-3) in
-// place of a quant_rows_e4m3 launch before it: the o product, whose
-// input (the attention output) nothing else quantizes. Off by default
-// until measured (kernelForce.wsQX).
-#define FP8_WS_QX_PASS(NORMP) FP8_WS_PASS, nullptr, WsSiluQ{}, NORMP, WsQx{xb, sync + 2}
-extern "C" __global__ void __launch_bounds__(128, 1) fp8_ws_qx_n32(FP8_WS_ARGS, const bf16 *xb, unsigned *sync) { ws_body<1, 32, false, false, false, false, true>(FP8_WS_QX_PASS(WsNorm{})); }
-extern "C" __global__ void __launch_bounds__(128, 1) fp8_ws_qx_n64(FP8_WS_ARGS, const bf16 *xb, unsigned *sync) { ws_body<1, 64, false, false, false, false, true>(FP8_WS_QX_PASS(WsNorm{})); }
-#define FP8_WS_QXNORM_NP WsNorm{xr, nout, nw, eps, q, qscale, sync}
-extern "C" __global__ void __launch_bounds__(128, 1) fp8_ws_qxnorm_n32(FP8_WS_NORM_ARGS, const bf16 *xb) { ws_body<1, 32, false, false, true, false, true>(FP8_WS_QX_PASS(FP8_WS_QXNORM_NP)); }
-extern "C" __global__ void __launch_bounds__(128, 1) fp8_ws_qxnorm_n64(FP8_WS_NORM_ARGS, const bf16 *xb) { ws_body<1, 64, false, false, true, false, true>(FP8_WS_QX_PASS(FP8_WS_QXNORM_NP)); }
-// fp8_wsk_n*: the same products on any number of blocks (stream-K:
-// wsk_body in common.cuh), only with PEFTD_WS_SK as well (the A/B of
-// PERFORMANCE v0.68 Next 3; runtime/gpu ws.go plans them where
-// wsProduct.skMode asks)
-#ifdef PEFTD_WS_SK
-WS_WIDTHS(fp8_wsk, wsk_body, 1, FP8_WS_ARGS, FP8_WS_PASS, 128)
-#endif
-// fp8_ws_lora_n*: the same products with the group's LoRA update, the
-// shrink on WSL_SW more warps a block and the expand in the end (WsLora,
-// common.cuh; runtime/gpu lora_ws.go); only with PEFTD_WSL as well
-// (PERFORMANCE v0.60: four rank-32 adapters at 64 rows 6.15 ms against
-// 5.11 for the LoRA stream beside fp8_ws; seven more kernels to compile).
-#ifdef PEFTD_WSL
-#define FP8_WSL_ARGS                                                                                                  \
-    bf16 *out, float *part, int *done, const unsigned char *qx, const float *sx, const unsigned char *qw, const float *sw, \
-        int M, int N, int K, int opts, float *tmp, const int *rows, const LoraEntry *table, int ebase, int estride,         \
-        int m0, int m1, int m2, int off1, int off2, int R, int tstride, int ks, int kstride, const bf16 *x,              \
-        const int4 *tiles, int ntiles, int ns, int kchunk, int in_f, int x_stride, unsigned *sync
-#define FP8_WSL_PASS out, part, done, qx, sx, qw, sw, M, N, K, opts, tmp, rows, table, ebase, estride, m0, m1, m2, off1, off2, R, tstride, ks, kstride, x, tiles, ntiles, ns, kchunk, in_f, x_stride, sync
-template <int ES, int BN>
-__device__ __forceinline__ void ws_lora_body(FP8_WSL_ARGS) {
-    const WsLora L{tmp, rows, table, ebase, estride, m0, m1, m2, off1, off2, R, tstride, ks, kstride,
-                   x, tiles, ntiles, ns, kchunk, in_f, x_stride, sync};
-    ws_body<ES, BN, true>(out, part, done, qx, sx, qw, sw, M, N, K, opts, &L);
-}
-WS_WIDTHS(fp8_ws_lora, ws_lora_body, 1, FP8_WSL_ARGS, FP8_WSL_PASS, 128 + 32 * WSL_SW)
-#endif
-// fp8_wt_n*: the same products with each stage copied by TMA (wt_body);
-// only with PEFTD_WT as well (PERFORMANCE v0.55-v0.56: no faster than
-// fp8_ws at any width, seven more kernels to compile at start-up).
-#ifdef PEFTD_WT
-#define FP8_WT_ARGS                                                                                      \
-    bf16 *out, float *part, int *done, const __grid_constant__ TmaDesc xmap, const float *sx,           \
-        const __grid_constant__ TmaDesc wmap, const float *sw, int M, int N, int K, int opts
-#define FP8_WT_PASS out, part, done, &xmap, sx, &wmap, sw, M, N, K, opts
-WS_WIDTHS(fp8_wt, wt_body, 1, FP8_WT_ARGS, FP8_WT_PASS, 128)
-#endif
 #endif
 
 // fp8_splitk_reduce: the sum of a K-split product's float32 partials

@@ -3424,16 +3424,6 @@ GEMM_SKINNY_LORA(32, 16)
 GEMM_SKINNY_LORA(48, 8)
 GEMM_SKINNY_LORA(48, 16)
 
-// gemm_wg_n{32,64,128}: the bf16 product out [M, N] = x [M, K] . w [N, K]^T
-// for 17-128 rows (M <= 32, 64, 128) on wgmma: wg_body (common.cuh, its
-// grid, partials and counters) with bf16 operands and no scales.
-// gemm_wg2_n*: two warpgroups a block, 128 weight rows (N % 128 == 0).
-// Only with PEFTD_WG (PEFTD_KERNEL_DEFINES), on sm_90a.
-#ifdef PEFTD_WG
-#define GEMM_WG_ARGS bf16 *out, float *part, int *done, const bf16 *x, const bf16 *w, int M, int N, int K
-#define GEMM_WG_PASS out, part, done, (const unsigned char*)x, nullptr, (const unsigned char*)w, nullptr, M, N, K
-WG_KERNELS(gemm_wg, 2, GEMM_WG_ARGS, GEMM_WG_PASS)
-#endif
 // gemm_ws_n{32,48,64,96,128,224,256}: the bf16 product of 17-64 rows
 // streamed through wgmma (ws_body in common.cuh: the activation rows the
 // wgmma's M, BN weight rows a block, one wave, the K split met in the
@@ -3456,12 +3446,7 @@ WS_WIDTHS(gemm_ws, ws_body, 2, GEMM_WS_ARGS, GEMM_WS_PASS, 128)
 // not used by the bf16 SILU and NORM ends: no quantized rows).
 #define GEMM_WS_SILU_ARGS GEMM_WS_ARGS, unsigned char *q, float *qscale, unsigned *sync
 #define GEMM_WS_NORM_ARGS GEMM_WS_ARGS, bf16 *xr, bf16 *nout, const bf16 *nw, float eps, unsigned char *q, float *qscale, unsigned *sync
-#define GEMM_WS_NORM_PASS GEMM_WS_PASS, nullptr, WsSiluQ{}, WsNorm{xr, nout, nw, eps, nullptr, nullptr, sync}
+#define GEMM_WS_NORM_PASS GEMM_WS_PASS, WsSiluQ{}, WsNorm{xr, nout, nw, eps, nullptr, nullptr, sync}
 WS_FUSED_KERNELS(gemm_ws, 2, GEMM_WS_ARGS, GEMM_WS_PASS, GEMM_WS_SILU_ARGS, GEMM_WS_PASS, GEMM_WS_NORM_ARGS, GEMM_WS_NORM_PASS)
-// gemm_wsk_n*: the same on any number of blocks (stream-K: wsk_body),
-// only with PEFTD_WS_SK as well (PERFORMANCE v0.68 Next 3)
-#ifdef PEFTD_WS_SK
-WS_WIDTHS(gemm_wsk, wsk_body, 2, GEMM_WS_ARGS, GEMM_WS_PASS, 128)
-#endif
 #endif
 

@@ -31,9 +31,6 @@
 #                its n128 variant, cuBLASLt) against bf16 at the 8B projection
 #                shapes, 1-2048 rows (PEFTD_FP8_BENCH_T: other rows; not in
 #                the default phases)
-#     wsskbench  TestWsSKBench: fp8_ws's one-wave plan against fp8_wsk's
-#                stream-K plan at SM targets (needs PEFTD_KERNEL_DEFINES=
-#                -DPEFTD_WS_SK; not in the default phases)
 #     wsplanbench TestWsPlanBench: every one-wave plan of gemm_ws and fp8_ws
 #                (width x K split) at the 8B shapes against the planner's, with
 #                the activation bytes each reads from L2 (not in the default
@@ -445,7 +442,6 @@ want attnbench && bench_phase attnbench PEFTD_ATTN_BENCH TestAttnBench '^BENCH a
 want lorabench && bench_phase lorabench PEFTD_LORA_BENCH TestLoRABench '^BENCH lora' 300
 want fp8bench && bench_phase fp8bench PEFTD_FP8_BENCH TestFP8GemmBench '^BENCH fp8\(gemm\|wg\)' 300
 want skinnybench && bench_phase skinnybench PEFTD_SKINNY_BENCH TestSkinnyBench '^BENCH skinny' 200
-want wsskbench && bench_phase wsskbench PEFTD_WSSK_BENCH TestWsSKBench '^BENCH wssk' 200
 want wsplanbench && bench_phase wsplanbench PEFTD_WSPLAN_BENCH TestWsPlanBench '^BENCH wsplan' 300
 if want decode; then
 	MD=/tmp/llama8b-random
@@ -911,7 +907,6 @@ fi
 	fi
 	[[ -s "$LOG/attnbench.txt" ]] && echo "Prefill attention per 8B layer (median us):" && cut -c12- "$LOG/attnbench.txt"
 	[[ -s "$LOG/skinnybench.txt" ]] && echo "bf16 product of 1-16 rows, gemm_skinny vs cuBLASLt (median us over graph replays):" && cut -c14- "$LOG/skinnybench.txt"
-	[[ -s "$LOG/wsskbench.txt" ]] && echo "fp8_ws one-wave plan vs fp8_wsk stream-K at SM targets (median us over graph replays):" && cut -c12- "$LOG/wsskbench.txt"
 	[[ -s "$LOG/wsplanbench.txt" ]] && echo "ws one-wave plans (* the planner's; median us over graph replays):" && cut -c14- "$LOG/wsplanbench.txt"
 	[[ -s "$LOG/fp8bench.txt" ]] && echo "FP8 product at the 8B projection shapes (median us over graph replays):" && cut -c15- "$LOG/fp8bench.txt"
 	[[ -f "$LOG/serve.result" ]] && cat "$LOG/serve.result" && grep -E 'tok|req|TTFT|thr' "$LOG/serve.bench.txt" | head -8
@@ -945,7 +940,7 @@ if [[ -n "${OUT:-}" ]]; then
 	tar czf "$OUT/logs.tgz" --exclude='*.qdstrm' --exclude='*.nsys-rep' --exclude='*.sqlite' --exclude='*.csv' -C "$LOG" . 2>/dev/null
 	cp "$LOG/summary.txt" "$OUT/"
 	n=0
-	for f in quality.txt trained.txt lorancu.txt decode.txt skinnybench.txt wsskbench.txt wsplanbench.txt fp8bench.txt cold8b.txt ready8b.txt readme8b.txt serve8b.txt lorabench.txt attnbench.txt soak8b.txt prefix8b.txt nsys8b.txt nsysdec.txt load.txt profile.txt kdetail.txt train.json; do
+	for f in quality.txt trained.txt lorancu.txt decode.txt skinnybench.txt wsplanbench.txt fp8bench.txt cold8b.txt ready8b.txt readme8b.txt serve8b.txt lorabench.txt attnbench.txt soak8b.txt prefix8b.txt nsys8b.txt nsysdec.txt load.txt profile.txt kdetail.txt train.json; do
 		if ((n < 6)) && [[ -f "$LOG/$f" ]]; then cp "$LOG/$f" "$OUT/" && n=$((n + 1)); fi
 	done
 fi

@@ -278,10 +278,8 @@ func forcedOn(f int, def bool) bool {
 // Backend otherwise chooses by shape: the tests check every family against
 // the reference and the benchmarks compare them. Production never sets it.
 type kernelForce struct {
-	bwg        bool          // bf16 products of 17-128 rows: gemm_wg (wgmma; PEFTD_WG) where it fits, not cuBLASLt
 	wsEarly    int           // K stages of weights every ws product asks before griddepcontrol.wait (0: wsEarlyStages; the kernel takes at most ST - 1)
 	wsEarlyO   int           // the same for the product that reads the attention output (o: it launches under attention), where set (0: as wsEarly says)
-	wsQX       int           // FP8 products on fp8_ws whose input is not quantized yet (o): the QX kernels quantizing it themselves (qx_ws.go) where loaded (1), -1 never (0: wsQXAuto, off)
 	wsHalf     int           // ws products of widths 224 and 256 (gate/up): the half-row kernels (gemm_wsh, fp8_wsh) where loaded (1), -1 never (0: wsHalfAuto for bf16, off; wsHalfFP8Auto for FP8, on)
 	wsSiLU     int           // bf16 gate/up products gemm_ws takes in base steps: with silu_mul in the same launch (silu_ws.go) where it fits (1), -1 never (0: wsSiLUAuto, off)
 	wsNorm     int           // o and down products a ws kernel takes in base steps: with the add_rmsnorm after them in the same launch (norm_ws.go) where it fits (1), -1 never (0: wsNormAuto, off)
@@ -310,7 +308,6 @@ type kernelForce struct {
 	memHoist   int           // recordings and cuBLASLt's memsets (memsethoist.go): -1 as captured, 1 moved beside the kernel before them, 0 moved and replaced by fill_rows
 	attnTS     bool          // attn_decode gets part with one split too (TestDecodeBench's PEFTD_ATTN_TS: the PEFTD_ATTN_TS build's timestamps)
 	addCl      int           // add_rmsnorm as add_rmsnorm_cl (a cluster of blocks a row; norm_cl.go): 1 wherever it fits, -1 never, 0 by the rows and update (addClFits)
-	wsLoRA     int           // fused groups (bit g: llama.FusedGroups[g]) whose FP8 update of 17-64 rows runs in fp8_ws_lora's end (lora_ws.go; 0: the default, wsLoRADefault; -1: none)
 	shrink64   int           // LoRA shrinks as sgmv_shrink64 (64-row tiles): 1 always, -1 never, 0 from sgBigMinRows LoRA rows
 	shrinkPipe int           // those shrinks as sgmv_shrink64p (each lane's loads through its own cp.async ring in shared memory; the same bits) where the card has the shared memory (sbpFits): 1 always, -1 never, 0 where shrinkPipeAuto
 	expandLate int           // from this many LoRA rows (0: never) the LoRA stream runs the shrinks alone and each expand runs in place on the compute stream when its product is read (lora.go expandLate)
@@ -329,7 +326,6 @@ type Backend struct {
 	mm  *cuda.Matmul
 	mod *cuda.Module
 	sk  *bfSkinny  // the bf16 products of decode steps (nil: cuBLASLt's)
-	wg  *wgProduct // gemm_wg (wgmma, PEFTD_WG) for 17-128 rows where kernelForce.bwg asks (nil: not compiled in)
 	bws *wsProduct // gemm_ws (ws_body on bf16; kernels.BF16Wgmma, PEFTD_WS or PEFTD_WG, sm_90a) for 17-64 rows (nil: not compiled in)
 	// bwsAuto: bf16 weights and gemm_ws loaded (Options.NoWS unset): the
 	// products of 17-64 rows take it as bwsMode 4 says
@@ -659,10 +655,7 @@ func (b *Backend) open(opts Options) error {
 	if limit <= 0 { // not reported: try them all
 		limit = math.MaxInt
 	}
-	if b.wg, err = loadWG(b.ctx, b.s, b.mod, "gemm_wg", 2, limit); err != nil {
-		return err
-	}
-	if b.bws, err = loadWS(b.ctx, b.s, b.mod, "gemm_ws", "", 2, limit); err != nil {
+	if b.bws, err = loadWS(b.ctx, b.s, b.mod, "gemm_ws", 2, limit); err != nil {
 		return err
 	}
 	b.bwsAuto = format == WeightsBF16 && !opts.NoWS && b.bws != nil
@@ -1091,7 +1084,7 @@ func (b *Backend) Close() error {
 		errs = append(errs, h.Free())
 	}
 	errs = append(errs, b.tms[0].close(), b.tms[1].close(), b.chain.close(), b.la.fork.Destroy(), b.la.join.Destroy(), b.la.s.Destroy())
-	errs = append(errs, b.f8.close(), b.wg.free(), b.bws.free())
+	errs = append(errs, b.f8.close(), b.bws.free())
 	if b.sgLoad != nil { // never taken: wait for it (it uses the context)
 		if r := <-b.sgLoad; r.m != nil {
 			errs = append(errs, r.m.Unload())

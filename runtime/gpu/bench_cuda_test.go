@@ -461,7 +461,6 @@ type decodeVariant struct {
 	nosege                       bool   // FP8 weights: not fp8_gemv_seg's early twins in steps with no LoRA update (fp8State.segEarlyOff)
 	wslone                       bool   // FP8 weights: fp8_ws only for products no LoRA update runs beside (fp8State.wsLone: v0.58-v0.62's rule)
 	wsfrom                       int    // FP8 weights: fp8_ws from this many rows below 17 too (fp8State.wsFrom; label +wsN)
-	wssk                         int    // the stream-K ws kernels (fp8_wsk, gemm_wsk with bf16 and +bws; PEFTD_WS_SK) for the products beside the LoRA stream (1) or every one (2) (wsProduct.skMode; label +wsskN)
 	pa                           bool   // FP8 weights: cuBLASLt's FP8 products with float32 promotion (Options.FP8PreciseAccum)
 	silucl                       int    // FP8 silu_mul of 1-64 rows as silu_mul_cl (kernelForce.siluCl: 1 wherever it fits, -1 never, 0 the default)
 	sfold                        int    // FP8 gate/up LoRA update expanded inside silu_mul (kernelForce.siluLoRA: 1 on, -1 off, 0 the default)
@@ -475,20 +474,17 @@ type decodeVariant struct {
 	bws                          int    // bf16 weights: gemm_ws (ws.go) for 17-64 rows, 1 every product, 2 q/k/v and o, 3 every product no LoRA update runs beside (v0.68's default), 4 those and every product of 17-32 rows (the default on sm_90a), -1 none (kernelForce.bws)
 	nows                         bool   // FP8 weights: no fp8_ws for lone products by default (fp8State.wsAuto off: Options.NoWS)
 	nowga                        bool   // FP8 weights: Options.NoFP8Wgmma, every product of 17-64 rows on cuBLASLt (the default routes wgAutoFits' to fp8_wg: fp8State.wgAuto)
-	bwg                          bool   // bf16 weights: gemm_wg (wgmma; PEFTD_WG) for 17-128 rows (kernelForce.bwg)
-	two                          bool   // with wg or bwg: two warpgroups a block (fp8_wg2, gemm_wg2: wgProduct.two)
+	two                          bool   // with wg: two warpgroups a block (fp8_wg2: wgProduct.two)
 	part                         int    // SMs for the LoRA stream in a green-context split (partition.go; PEFTD_LORA_PARTITION lists them; 0: none)
 	holds                        [4]int // SMs each fused group's product leaves to the LoRA stream (kernelForce.holds; 0: the default, holdFor)
 	pdlJoins                     int    // recordings' programmatic joins (kernelForce.pdlJoins: -1 none, 0 the default (2), 1, 3)
 	inline                       int    // groups whose shrink runs inside gemm_skinny (kernelForce.loraInline: -1 none, 0 the default (q/k/v), else a mask of llama.FusedGroups)
 	rfold                        int    // q/k/v LoRA expanded inside RoPE at 1-16 rows (kernelForce.ropeLoRA: 1 on, -1 off, 0 the default)
 	l2                           int    // the LoRA update buffer as an L2 persisting window (kernelForce.l2Win: 1 on, -1 off, 3 on over the whole buffer, 0 the default)
-	wsl                          int    // FP8 groups of 17-64 rows whose update runs in fp8_ws_lora's end (kernelForce.wsLoRA: -1 none, 0 the default, else a mask of llama.FusedGroups)
 	sh64                         int    // LoRA shrinks as sgmv_shrink64 (kernelForce.shrink64: 1 always, -1 never, 0 the default)
 	wsearly                      int    // K stages of weights every ws product asks before griddepcontrol.wait (kernelForce.wsEarly; 0: wsEarlyStages)
 	wssilu                       int    // bf16 gate/up and silu_mul in one gemm_ws_silu launch where it fits (kernelForce.wsSiLU: 1 on, -1 never, 0 the default: wsSiLUAuto)
 	wsearlyo                     int    // the same for o alone (kernelForce.wsEarlyO; 0: as wsearly)
-	wsqx                         int    // FP8: o's product quantizing its own input (fp8_ws_qx, fp8_ws_qxnorm; kernelForce.wsQX: 1 on, -1 never, 0 the default: wsQXAuto)
 	wshalf                       int    // gate/up on the half-row kernels (gemm_wsh, fp8_wsh) where loaded (kernelForce.wsHalf: 1 on, -1 never, 0 the default: wsHalfAuto, wsHalfFP8Auto)
 	she                          bool   // LoRA shrinks of 8 rank rows a block on sgmv_shrink_e (kernelForce.shrinkE)
 	x64                          bool   // rank-32-class LoRA expands on sgmv_expand_tc64, 64-row tiles (kernelForce.expand64)
@@ -502,11 +498,11 @@ type decodeVariant struct {
 // fields as f has them).
 func (v decodeVariant) force(f kernelForce) kernelForce {
 	f.decSplit, f.ropeHeads, f.decOpts = v.split, v.ropeHeads, v.opts
-	f.noSkinny, f.skLate, f.decVar, f.bwg, f.bws = v.lt, v.skLate, v.dv, v.bwg, v.bws
+	f.noSkinny, f.skLate, f.decVar, f.bws = v.lt, v.skLate, v.dv, v.bws
 	f.wgFull, f.loraKChunk = v.wgFull, v.kc
 	f.holds, f.pdlJoins, f.loraInline = v.holds, v.pdlJoins, v.inline
 	f.ropeLoRA, f.nodePrio, f.siluCl, f.addCl, f.siluLoRA = v.rfold, v.prio, v.silucl, v.addcl, v.sfold
-	f.memHoist, f.l2Win, f.wsLoRA, f.shrink64, f.wsSiLU, f.wsEarly, f.wsNorm, f.wsEarlyO, f.wsHalf, f.wsQX = v.hoist, v.l2, v.wsl, v.sh64, v.wssilu, v.wsearly, v.wsnorm, v.wsearlyo, v.wshalf, v.wsqx
+	f.memHoist, f.l2Win, f.shrink64, f.wsSiLU, f.wsEarly, f.wsNorm, f.wsEarlyO, f.wsHalf = v.hoist, v.l2, v.sh64, v.wssilu, v.wsearly, v.wsnorm, v.wsearlyo, v.wshalf
 	f.shrinkE, f.expand64, f.expandPre, f.expandLate, f.oNoPDL = v.she, v.x64, v.pre, v.late, v.onopdl
 	return f
 }
@@ -517,39 +513,21 @@ type fp8Knobs struct {
 	streamOn, streamOff, wgOn, wgAuto, wgBeside, segOff, splitBeside, padOff   bool
 	streamLate, padOld, streamE1Off, streamE1Lone, two, wsOn, wsWide, wsNarrow bool
 	wsAuto, segEarlyOff, wsLone, fastAccum                                     bool
-	wsFrom, wsSK                                                               int
+	wsFrom                                                                     int
 }
 
 // fp8KnobsOf is f's settings as they are.
 func fp8KnobsOf(f *fp8State) fp8Knobs {
 	return fp8Knobs{streamOn: f.streamOn, streamOff: f.streamOff, wgOn: f.wgOn, wgAuto: f.wgAuto, wgBeside: f.wgBeside,
 		segOff: f.segOff, splitBeside: f.splitBeside, padOff: f.padOff, streamLate: f.streamLate, padOld: f.padOld,
-		streamE1Off: f.streamE1Off, streamE1Lone: f.streamE1Lone, two: f.wg != nil && f.wg.two, wsOn: f.wsOn, wsWide: f.wsWide, wsNarrow: f.wsNarrow, wsAuto: f.wsAuto, segEarlyOff: f.segEarlyOff, wsLone: f.wsLone, wsFrom: f.wsFrom, fastAccum: f.mm.FastAccum(), wsSK: f.skMode()}
-}
-
-// skMode is f's fp8_ws stream-K setting (wsProduct.skMode; 0 without fp8_ws).
-func (f *fp8State) skMode() int {
-	if f.ws == nil {
-		return 0
-	}
-	return f.ws.skMode
-}
-
-// skLoaded reports whether gb's ws products have their stream-K kernels
-// (PEFTD_WS_SK): fp8_wsk with FP8 weights, gemm_wsk with bf16.
-func skLoaded(gb *Backend) bool {
-	ws := gb.bws
-	if gb.f8 != nil {
-		ws = gb.f8.ws
-	}
-	return ws != nil && ws.kfn != [len(wsWidths)]*cuda.Function{}
+		streamE1Off: f.streamE1Off, streamE1Lone: f.streamE1Lone, two: f.wg != nil && f.wg.two, wsOn: f.wsOn, wsWide: f.wsWide, wsNarrow: f.wsNarrow, wsAuto: f.wsAuto, segEarlyOff: f.segEarlyOff, wsLone: f.wsLone, wsFrom: f.wsFrom, fastAccum: f.mm.FastAccum()}
 }
 
 // fp8 is the FP8 settings row v asks of f (wgAuto: f's default unless v.nowga).
 func (v decodeVariant) fp8(f *fp8State) fp8Knobs {
 	return fp8Knobs{streamOn: v.fs, streamOff: v.gv, wgOn: v.wg, wgAuto: f.wgAutoDefault && !v.nowga, wgBeside: v.wgBeside,
 		segOff: v.noseg, splitBeside: v.splitBeside, padOff: v.nopad, streamLate: v.fslate, padOld: v.padOld,
-		streamE1Off: v.noe1, streamE1Lone: v.e1lone, two: f.wg != nil && v.two, wsOn: v.ws, wsWide: v.wsgu, wsNarrow: v.wsqo, wsAuto: f.wsAutoDefault && !v.nows, segEarlyOff: v.nosege, wsLone: v.wslone, wsFrom: v.wsfrom, fastAccum: !v.pa, wsSK: v.wssk}
+		streamE1Off: v.noe1, streamE1Lone: v.e1lone, two: f.wg != nil && v.two, wsOn: v.ws, wsWide: v.wsgu, wsNarrow: v.wsqo, wsAuto: f.wsAutoDefault && !v.nows, segEarlyOff: v.nosege, wsLone: v.wslone, wsFrom: v.wsfrom, fastAccum: !v.pa}
 }
 
 // apply sets f's settings to k.
@@ -557,9 +535,6 @@ func (k fp8Knobs) apply(f *fp8State) {
 	f.streamOn, f.streamOff, f.wgOn, f.wgAuto, f.wgBeside, f.segOff, f.splitBeside, f.padOff = k.streamOn, k.streamOff, k.wgOn, k.wgAuto, k.wgBeside, k.segOff, k.splitBeside, k.padOff
 	f.streamLate, f.padOld, f.streamE1Off, f.streamE1Lone, f.wsOn, f.wsWide, f.wsNarrow, f.wsAuto = k.streamLate, k.padOld, k.streamE1Off, k.streamE1Lone, k.wsOn, k.wsWide, k.wsNarrow, k.wsAuto
 	f.segEarlyOff, f.wsLone, f.wsFrom = k.segEarlyOff, k.wsLone, k.wsFrom
-	if f.ws != nil {
-		f.ws.skMode = k.wsSK
-	}
 	f.mm.SetFastAccum(k.fastAccum)
 	if f.wg != nil {
 		f.wg.two = k.two
@@ -592,7 +567,7 @@ func (v decodeVariant) label(ads []*lora.Adapter, pdlOK bool) string {
 		on   bool
 		name string
 	}{{v.eager, "eager"}, {v.serial, "serial"}, {v.nopdl && pdlOK, "nopdl"}, {v.ropeHeads, "ropeheads"}, {v.lt, "lt"}, {v.wgFull, "wgfull"}, {v.wgBeside, "wgbeside"}, {v.splitBeside, "splitbeside"}, {v.nopad, "nopad"}, {v.padOld, "padold"}, {v.fslate, "fslate"}, {v.noe1, "noe1"}, {v.e1lone, "e1lone"}, {v.skLate, "late"},
-		{v.fs, "fs"}, {v.gv, "gv"}, {v.noseg, "noseg"}, {v.nosege, "nosege"}, {v.wg && !v.two, "wg"}, {v.wg && v.two, "wg2"}, {v.ws, "ws"}, {v.wsgu, "wsgu"}, {v.wsqo, "wsqo"}, {v.bws == 1, "bws"}, {v.bws == 2, "bwsqo"}, {v.bws == 3, "bwslone"}, {v.bws < 0, "nobws"}, {v.nows, "nows"}, {v.wslone, "wslone"}, {v.nowga, "nowga"}, {v.pa, "pa"}, {v.bwg && !v.two, "bwg"}, {v.bwg && v.two, "bwg2"}, {v.tuned, "tuned"}} {
+		{v.fs, "fs"}, {v.gv, "gv"}, {v.noseg, "noseg"}, {v.nosege, "nosege"}, {v.wg && !v.two, "wg"}, {v.wg && v.two, "wg2"}, {v.ws, "ws"}, {v.wsgu, "wsgu"}, {v.wsqo, "wsqo"}, {v.bws == 1, "bws"}, {v.bws == 2, "bwsqo"}, {v.bws == 3, "bwslone"}, {v.bws < 0, "nobws"}, {v.nows, "nows"}, {v.wslone, "wslone"}, {v.nowga, "nowga"}, {v.pa, "pa"}, {v.tuned, "tuned"}} {
 		if f.on {
 			lbl += "+" + f.name
 		}
@@ -602,7 +577,7 @@ func (v decodeVariant) label(ads []*lora.Adapter, pdlOK bool) string {
 	} else if v.kc < 0 {
 		lbl += "+kcauto" // the shrinks' K split to cover the SMs twice, whatever the rows (before fp8KChunk)
 	}
-	lbl += countLabel(v.wssk, "wssk") + countLabel(v.wsfrom, "ws") + countLabel(v.part, "part")
+	lbl += countLabel(v.wsfrom, "ws") + countLabel(v.part, "part")
 	if v.holds != [4]int{} {
 		h := v.holds[:]
 		for h[len(h)-1] == 0 {
@@ -622,12 +597,6 @@ func (v decodeVariant) label(ads []*lora.Adapter, pdlOK bool) string {
 	case v.inline > 0:
 		lbl += fmt.Sprintf("+inl%d", v.inline)
 	}
-	switch {
-	case v.wsl < 0:
-		lbl += "+nowsl"
-	case v.wsl > 0:
-		lbl += fmt.Sprintf("+wsl%d", v.wsl)
-	}
 	lbl += onOffLabel(v.rfold, "rfold")
 	lbl += onOffLabel(v.sh64, "sh64")
 	if v.she {
@@ -643,7 +612,6 @@ func (v decodeVariant) label(ads []*lora.Adapter, pdlOK bool) string {
 	lbl += onOffLabel(v.wssilu, "wssilu")
 	lbl += onOffLabel(v.wsnorm, "wsnorm")
 	lbl += onOffLabel(v.wshalf, "wshalf")
-	lbl += onOffLabel(v.wsqx, "wsqx")
 	lbl += countLabel(v.wsearly, "wsearly") + countLabel(v.wsearlyo, "wsearlyo")
 	lbl += onOffLabel(v.silucl, "silucl")
 	lbl += onOffLabel(v.sfold, "sfold")
@@ -861,14 +829,14 @@ func TestDecodeBench(t *testing.T) {
 		{sampled: true, sms: -1}, {eager: true, sms: -1}, {lora: true, eager: true, sms: -1},
 		{lora: true, serial: true, sms: -1}, {lora: true, sms: 0}, {lora: true, sms: 8}, {lora: true, sms: 16}, {lora: true, sms: 24}, {lora: true, sms: 32},
 		{lora: true, sms: 0, ws: true}, {lora: true, sms: 8, ws: true}, {lora: true, sms: 16, ws: true},
-		{lora: true, sms: -1, holds: [4]int{16}}, {lora: true, sms: -1, holds: [4]int{32}}, {lora: true, sms: -1, wgFull: true}, {lora: true, sms: -1, wgBeside: true}, {lora: true, sms: -1, splitBeside: true}, {sms: -1, nopad: true}, {lora: true, sms: -1, nopad: true}, {lora: true, sms: -1, kc: 1024}, {lora: true, sms: -1, kc: 512}, {lora: true, sms: -1, kc: 2048}, {lora: true, sms: -1, kc: 4096}, {lora: true, sms: -1, kc: -1}, {lora: true, sms: -1, inline: -1}, {lora: true, sms: -1, wsl: -1}, {lora: true, sms: -1, wsl: 0b0111}, {lora: true, sms: -1, wsl: 0b0101}, {lora: true, sms: -1, inline: 0b1011}, {lora: true, sms: -1, pdlJoins: -1}, {lora: true, sms: -1, pdlJoins: 1}, {lora: true, sms: -1, pdlJoins: 3},
-		{sms: -1, wg: true}, {lora: true, sms: -1, wg: true}, {sms: -1, bwg: true}, {lora: true, sms: -1, bwg: true},
+		{lora: true, sms: -1, holds: [4]int{16}}, {lora: true, sms: -1, holds: [4]int{32}}, {lora: true, sms: -1, wgFull: true}, {lora: true, sms: -1, wgBeside: true}, {lora: true, sms: -1, splitBeside: true}, {sms: -1, nopad: true}, {lora: true, sms: -1, nopad: true}, {lora: true, sms: -1, kc: 1024}, {lora: true, sms: -1, kc: 512}, {lora: true, sms: -1, kc: 2048}, {lora: true, sms: -1, kc: 4096}, {lora: true, sms: -1, kc: -1}, {lora: true, sms: -1, inline: -1}, {lora: true, sms: -1, inline: 0b1011}, {lora: true, sms: -1, pdlJoins: -1}, {lora: true, sms: -1, pdlJoins: 1}, {lora: true, sms: -1, pdlJoins: 3},
+		{sms: -1, wg: true}, {lora: true, sms: -1, wg: true},
 		{sms: -1, nowga: true}, {lora: true, sms: -1, nowga: true},
 		{sms: -1, ws: true}, {lora: true, sms: -1, ws: true}, {sms: -1, wsgu: true}, {lora: true, sms: -1, wsgu: true},
 		{sms: -1, wsqo: true}, {lora: true, sms: -1, wsqo: true}, {sms: -1, nows: true}, {lora: true, sms: -1, nows: true}, {lora: true, sms: -1, wslone: true},
-		{sms: -1, wsfrom: 1}, {lora: true, sms: -1, wsfrom: 1}, {lora: true, sms: -1, wssk: 1}, {sms: -1, wssk: 2}, {lora: true, sms: -1, wssk: 2}, {lora: true, sms: -1, bws: 1, wssk: 1}, {sms: -1, wsfrom: 9}, {lora: true, sms: -1, wsfrom: 9},
+		{sms: -1, wsfrom: 1}, {lora: true, sms: -1, wsfrom: 1}, {sms: -1, wsfrom: 9}, {lora: true, sms: -1, wsfrom: 9},
 		{sms: -1, bws: 1}, {lora: true, sms: -1, bws: 1}, {sms: -1, bws: 2}, {lora: true, sms: -1, bws: 2}, {sms: -1, bws: 3}, {lora: true, sms: -1, bws: 3}, {sms: -1, bws: -1}, {lora: true, sms: -1, bws: -1},
-		{sms: -1, wg: true, two: true}, {lora: true, sms: -1, wg: true, two: true}, {sms: -1, bwg: true, two: true}, {lora: true, sms: -1, bwg: true, two: true},
+		{sms: -1, wg: true, two: true}, {lora: true, sms: -1, wg: true, two: true},
 		{lora: true, sms: -1, rfold: 1}, {lora: true, sms: -1, rfold: -1},
 		{sms: -1, noseg: true}, {lora: true, sms: -1, noseg: true}, {sms: -1, nosege: true}, {lora: true, sms: -1, prio: -1}, {lora: true, sms: -1, prio: 1}, {sms: -1, hoist: -1}, {lora: true, sms: -1, hoist: -1}, {sms: -1, hoist: 1}, {lora: true, sms: -1, hoist: 1},
 		{sms: -1, silucl: -1}, {lora: true, sms: -1, silucl: -1}, {sms: -1, silucl: 1}, {lora: true, sms: -1, silucl: 1},
@@ -885,7 +853,6 @@ func TestDecodeBench(t *testing.T) {
 		{sms: -1, wsnorm: 1}, {sms: -1, wsnorm: -1}, {sms: -1, wssilu: 1, wsnorm: 1},
 		{sms: -1, wshalf: 1}, {sms: -1, wshalf: -1}, {lora: true, sms: -1, wshalf: 1}, {lora: true, sms: -1, wshalf: -1}, {sms: -1, wshalf: 1, wssilu: 1}, {sms: -1, wshalf: 1, wssilu: 1, wsnorm: 1},
 		{sms: -1, wsfrom: 9, wssilu: 1, wsnorm: 1}, {sms: -1, wsfrom: 9, wssilu: 1, wsnorm: 1, wshalf: 1}, // FP8 9-16 rows: fp8_ws with the fused ends
-		{sms: -1, wsqx: 1}, {sms: -1, wsqx: 1, wsnorm: 1}, {sms: -1, wsqx: 1, wsnorm: 1, wssilu: 1, wshalf: 1}, {sms: -1, wsfrom: 9, wsqx: 1, wsnorm: 1, wssilu: 1},
 		{sms: -1, wsearlyo: 4}, {sms: -1, wsearlyo: 7}, {lora: true, sms: -1, wsearlyo: 4}, {lora: true, sms: -1, wsearlyo: 7},
 		{lora: true, sms: -1, onopdl: 1}, {lora: true, sms: -1, onopdl: -1},
 		{sms: -1, wsearly: 2}, {sms: -1, wsearly: 4}, {sms: -1, wsearly: 7}, {lora: true, sms: -1, wsearly: 2}, {lora: true, sms: -1, wsearly: 4}, {lora: true, sms: -1, wsearly: 7},
@@ -977,25 +944,19 @@ func TestDecodeBench(t *testing.T) {
 		B, v := rn.B, rn.v
 		withLoRA, sampled := v.lora, v.sampled
 		gb.g.off = v.eager
-		if withLoRA && len(ads) == 0 || v.nopdl && !pdlOK || v.split > 0 && B > 64 || (v.fs || v.gv) && (gb.f8 == nil || gb.f8.stream == nil) || (v.wg || v.nowga) && (gb.f8 == nil || gb.f8.wg == nil) || v.bwg && (gb.f8 != nil || gb.wg == nil) || v.bws != 0 && (gb.f8 != nil || gb.bws == nil) || v.nows && gb.f8 == nil || (v.wslone || v.wsfrom > 0) && (gb.f8 == nil || gb.f8.ws == nil) || v.wssk > 0 && !skLoaded(gb) || (v.fslate || v.noe1 || v.e1lone) && (gb.f8 == nil || gb.f8.stream == nil) || (v.padOld || v.pa) && gb.f8 == nil || v.wsl != 0 && (gb.f8 == nil || gb.f8.ws == nil || gb.f8.ws.lfn == [len(wsWidths)]*cuda.Function{}) {
+		if withLoRA && len(ads) == 0 || v.nopdl && !pdlOK || v.split > 0 && B > 64 || (v.fs || v.gv) && (gb.f8 == nil || gb.f8.stream == nil) || (v.wg || v.nowga) && (gb.f8 == nil || gb.f8.wg == nil) || v.bws != 0 && (gb.f8 != nil || gb.bws == nil) || v.nows && gb.f8 == nil || (v.wslone || v.wsfrom > 0) && (gb.f8 == nil || gb.f8.ws == nil) || (v.fslate || v.noe1 || v.e1lone) && (gb.f8 == nil || gb.f8.stream == nil) || (v.padOld || v.pa) && gb.f8 == nil {
 			continue
 		}
 		retune := v.tuned && !gb.tune.done
 		if wantPDL := pdlOK && !v.nopdl; retune || partOf(gb) != v.part || gb.la.on == v.serial || gb.la.sms != v.sms || gb.s.ProgrammaticLaunch() != wantPDL ||
-			gb.force != v.force(gb.force) || gb.wg != nil && gb.wg.two != v.two || gb.f8 != nil && fp8KnobsOf(gb.f8) != v.fp8(gb.f8) || gb.bws != nil && gb.bws.skMode != v.wssk { // recordings bake the LoRA and launch modes, the kernels and the GEMM algorithms in
+			gb.force != v.force(gb.force) || gb.f8 != nil && fp8KnobsOf(gb.f8) != v.fp8(gb.f8) { // recordings bake the LoRA and launch modes, the kernels and the GEMM algorithms in
 			gb.la.on, gb.la.sms = !v.serial, v.sms
 			gb.force = v.force(gb.force)
 			if err := gb.applyL2Window(); err != nil {
 				t.Fatal(err)
 			}
-			if gb.wg != nil {
-				gb.wg.two = v.two
-			}
 			if gb.f8 != nil {
 				v.fp8(gb.f8).apply(gb.f8)
-			}
-			if gb.bws != nil {
-				gb.bws.skMode = v.wssk
 			}
 			if retune { // tuned by the Warmup below
 				if gb.f8 != nil || tuneAll {
@@ -1102,21 +1063,15 @@ func TestDecodeBench(t *testing.T) {
 		t.Fatal(err)
 	}
 	gb.g.off, gb.force.decSplit, gb.force.ropeHeads, gb.force.decOpts = false, 0, false, 0
-	gb.force.noSkinny, gb.force.skLate, gb.force.decVar, gb.force.bwg, gb.force.bws = false, false, 0, false, 0
+	gb.force.noSkinny, gb.force.skLate, gb.force.decVar, gb.force.bws = false, false, 0, 0
 	gb.force.wgFull, gb.force.loraKChunk = false, 0
 	gb.force.holds, gb.force.pdlJoins, gb.force.ropeLoRA, gb.force.nodePrio = [4]int{}, 0, 0, 0
 	gb.force.siluCl, gb.force.memHoist, gb.force.l2Win, gb.force.siluLoRA = 0, 0, 0, 0
 	if err := gb.applyL2Window(); err != nil {
 		t.Fatal(err)
 	}
-	if gb.wg != nil {
-		gb.wg.two = false
-	}
 	if gb.f8 != nil {
 		decodeVariant{}.fp8(gb.f8).apply(gb.f8) // the default row's FP8 settings, every knob
-	}
-	if gb.bws != nil {
-		gb.bws.skMode = 0
 	}
 	if res, took := gb.TuneStats(); len(res) > 0 {
 		changed := 0

@@ -190,28 +190,23 @@ func TestSkinnyGemm(t *testing.T) {
 }
 
 // TestSkinnyBench (PEFTD_SKINNY_BENCH=1) times gemm_skinny against
-// cuBLASLt's bf16 product on the 8B shapes at 1-16 rows, and gemm_wg
-// (compiled with PEFTD_WG) at 17-128 (PEFTD_SKINNY_T: other rows): median of 15 replays of a graph of 20
-// calls, the weights rotated over >= 150 MB so that none is in L2; floor =
-// the weight bytes at the measured copy rate.
+// cuBLASLt's bf16 product on the 8B shapes at 1-16 rows, and gemm_ws at
+// 17-64 (PEFTD_SKINNY_T: other rows): median of 15 replays of a graph of
+// 20 calls, the weights rotated over >= 150 MB so that none is in L2;
+// floor = the weight bytes at the measured copy rate.
 func TestSkinnyBench(t *testing.T) {
 	if os.Getenv("PEFTD_SKINNY_BENCH") == "" {
 		t.Skip("PEFTD_SKINNY_BENCH is not set")
 	}
 	r, g, mod := skinnyRig(t)
-	wg, err := loadWG(r.ctx, r.s, mod, "gemm_wg", 2, math.MaxInt) // nil without PEFTD_WG
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer wg.free()
-	bws, err := loadWS(r.ctx, r.s, mod, "gemm_ws", "", 2, math.MaxInt) // nil without PEFTD_WG
+	bws, err := loadWS(r.ctx, r.s, mod, "gemm_ws", 2, math.MaxInt) // nil without the wgmma build (sm_90a)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer bws.free()
 	bw := r.copyBW()
 	bench("skinny device %s; copy bandwidth %.0f GB/s; median of 15 replays of 20 calls recorded as a graph, weights rotated over >= 150 MB", r.ctx.Device().Name, bw/1e9)
-	bench("skinny %-8s %4s %9s %9s %9s %9s %8s %8s %6s %9s %8s %9s %8s", "shape", "T", "lt_us", "sk_us", "late_us", "floor_us", "frac_lt", "frac_sk", "bn", "wg_us", "frac_wg", "wg2_us", "frac_wg2")
+	bench("skinny %-8s %4s %9s %9s %9s %9s %8s %8s %6s", "shape", "T", "lt_us", "sk_us", "late_us", "floor_us", "frac_lt", "frac_sk", "bn")
 	for _, sh := range envShapes(t, "PEFTD_BENCH_SHAPES", shapes8B) {
 		N, K := sh.N, sh.K
 		n := max(2, (150<<20)/(2*N*K)+1)
@@ -228,13 +223,13 @@ func TestSkinnyBench(t *testing.T) {
 		for _, T := range envBatches(t, "PEFTD_SKINNY_T", []int{1, 4, 8, 16, 32, 64, 128}) {
 			p, ok := g.plan(T, N, K)
 			wp, wsOK := bws.plan(T, N, K)
-			if T > 128 || !ok && !wg.fits(T, N, K) && !wsOK { // gemm_skinny takes 1-16 rows (in one wave), gemm_wg 17-128, gemm_ws 17-64 (PEFTD_WG)
+			if T > 128 || !ok && !wsOK { // gemm_skinny takes 1-16 rows (in one wave), gemm_ws 17-64
 				continue
 			}
 			lt := graphMedianUs(t, r.s, 20, 15, func(i int) error {
 				return r.mm.GemmTN(r.s, out.Ptr(), cuda.R16BF, x.Ptr(), cuda.R16BF, ws[i%n].Ptr(), cuda.R16BF, T, N, K, 1, 0)
 			})
-			sk, late, wgUs := math.NaN(), math.NaN(), math.NaN()
+			sk, late := math.NaN(), math.NaN()
 			if ok {
 				sk = graphMedianUs(t, r.s, 20, 15, func(i int) error {
 					return g.launch(r.s, p, out.Ptr(), x.Ptr(), ws[i%n].Ptr(), T, N, K, bfSkinnyEarly)
@@ -243,39 +238,14 @@ func TestSkinnyBench(t *testing.T) {
 					return g.launch(r.s, p, out.Ptr(), x.Ptr(), ws[i%n].Ptr(), T, N, K, 0)
 				})
 			}
-			wgUs2 := math.NaN()
-			for _, two := range []bool{false, true} { // gemm_wg, gemm_wg2
-				if wg == nil {
-					break
-				}
-				wg.two = two
-				if wg.fits(T, N, K) {
-					us := graphMedianUs(t, r.s, 20, 15, func(i int) error {
-						return wg.launch(r.s, out.Ptr(), x.Ptr(), 0, ws[i%n].Ptr(), 0, T, N, K)
-					})
-					if two {
-						wgUs2 = us
-					} else {
-						wgUs = us
-					}
-				}
-				wg.two = false
-			}
-			bench("skinny %-8s %4d %9.1f %9.1f %9.1f %9.1f %8.2f %8.2f %6d %9.1f %8.2f %9.1f %8.2f", sh.name, T, lt, sk, late, floor, floor/lt, floor/sk, p.bn, wgUs, floor/wgUs, wgUs2, floor/wgUs2)
-			for _, w := range wgSweep(t, wg, T, N, K, func() float64 {
-				return graphMedianUs(t, r.s, 20, 15, func(i int) error {
-					return wg.launch(r.s, out.Ptr(), x.Ptr(), 0, ws[i%n].Ptr(), 0, T, N, K)
-				})
-			}, func(bool) {}) {
-				bench("skinnywg %-8s %4d wgs %d grid %3d %8.1f us %6.2f of floor", sh.name, T, w.wgs, w.G, w.us, floor/w.us)
-			}
+			bench("skinny %-8s %4d %9.1f %9.1f %9.1f %9.1f %8.2f %8.2f %6d", sh.name, T, lt, sk, late, floor, floor/lt, floor/sk, p.bn)
 			if !wsOK {
 				continue
 			}
 			wsTimed := func() float64 {
 				p, _ := bws.plan(T, N, K) // the sweep's forced plan, or the automatic one
 				return graphMedianUs(t, r.s, 20, 15, func(i int) error {
-					return bws.launch(r.s, p, out.Ptr(), x.Ptr(), 0, ws[i%n].Ptr(), 0, T, N, K, nil)
+					return bws.launch(r.s, p, out.Ptr(), x.Ptr(), 0, ws[i%n].Ptr(), 0, T, N, K)
 				})
 			}
 			us := wsTimed()
@@ -298,81 +268,13 @@ func forwardLimit(t testing.TB, r *fp8Rig) (*cuda.Module, int) {
 	return forwardModule(t, r), limit
 }
 
-// wgRig is fp8Rig's context, stream and cuBLASLt handle with the forward
-// module's gemm_wg variants (wgmma; PEFTD_WG, sm_90a), or a skip.
-func wgRig(t testing.TB) (*fp8Rig, *wgProduct) {
-	r := newFP8Rig(t)
-	mod, limit := forwardLimit(t, r)
-	g, err := loadWG(r.ctx, r.s, mod, "gemm_wg", 2, limit)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if g == nil {
-		if kernels.Defined("PEFTD_WG") && r.ctx.Device().Arch() == "sm_90a" {
-			t.Fatal("PEFTD_WG is defined on an sm_90a card but no gemm_wg kernel loaded")
-		}
-		t.Skip("gemm_wg is compiled only with PEFTD_KERNEL_DEFINES=-DPEFTD_WG, for sm_90a")
-	}
-	t.Cleanup(func() { g.free() })
-	return r, g
-}
-
-// TestBF16Wgmma checks gemm_wg (wg_body with bf16 operands; one
-// warpgroup a block, then two: gemm_wg2) against cuBLASLt's bf16 product
-// at 17-128 rows: the 8B projections (tiles whole in a block or shared;
-// the n32, n64 and n128 variants with their zero-filled rows), a 3B's o,
-// and a K whose last stage holds one 64-byte span (and N = 192, which two
-// warpgroups do not take). Every output is written and row M is left alone (rowsProduct); a
-// second product gives the same bits (shared tiles' partials summed in
-// block order).
-func TestBF16Wgmma(t *testing.T) {
-	r, g := wgRig(t)
-	defer func() { g.two = false }()
-	for _, two := range []bool{false, true} {
-		g.two = two
-		name := map[bool]string{false: "gemm_wg", true: "gemm_wg2"}[two]
-		if g.top() == 0 {
-			t.Fatalf("%s: not loaded", name)
-		}
-		for _, sh := range []struct{ M, N, K int }{
-			{17, 6144, 4096}, {32, 4096, 4096}, {33, 28672, 4096}, {64, 4096, 14336}, {64, 6144, 4096},
-			{65, 4096, 4096}, {100, 28672, 4096}, {128, 4096, 14336}, {48, 3072, 3072}, {20, 192, 544},
-		} {
-			M, N, K := sh.M, sh.N, sh.K
-			if !g.fits(M, N, K) {
-				if two && N%128 != 0 {
-					continue
-				}
-				t.Fatalf("%s does not take %d x %d x %d", name, M, N, K)
-			}
-			x, w := r.up(r.bf16Rand(M*K, 1)), r.up(r.bf16Rand(N*K, 0.02))
-			out := r.alloc(2 * (M + 1) * N)
-			want := rowsProduct(t, r, out, M, N, func() error {
-				return r.mm.GemmTN(r.s, out.Ptr(), cuda.R16BF, x.Ptr(), cuda.R16BF, w.Ptr(), cuda.R16BF, M, N, K, 1, 0)
-			})
-			run := func() []uint16 {
-				return rowsProduct(t, r, out, M, N, func() error { return g.launch(r.s, out.Ptr(), x.Ptr(), 0, w.Ptr(), 0, M, N, K) })
-			}
-			got, again := run(), run()
-			what := fmt.Sprintf("%s %d x %d x %d (%d blocks)", name, M, N, K, g.grid(M, N, K))
-			worst := compareRows(t, what, want, got, N)
-			for i := range got {
-				if got[i] != again[i] {
-					t.Fatalf("%s: a second product differs at [%d,%d]", what, i/N, i%N)
-				}
-			}
-			t.Logf("%s: worst difference from cuBLASLt %.2g of the largest output", what, worst)
-		}
-	}
-}
-
 // bwsRig is fp8Rig's context, stream and cuBLASLt handle with the forward
 // module's gemm_ws kernels (ws_body on bf16; PEFTD_WS or PEFTD_WG,
 // sm_90a), or a skip.
 func bwsRig(t testing.TB) (*fp8Rig, *wsProduct) {
 	r := newFP8Rig(t)
 	mod, limit := forwardLimit(t, r)
-	g, err := loadWS(r.ctx, r.s, mod, "gemm_ws", "", 2, limit)
+	g, err := loadWS(r.ctx, r.s, mod, "gemm_ws", 2, limit)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -411,7 +313,7 @@ func TestBF16WgStream(t *testing.T) {
 		check := func(p wsPlan) {
 			run := func() []uint16 {
 				return rowsProduct(t, r, out, M, N, func() error {
-					return g.launch(r.s, p, out.Ptr(), x.Ptr(), 0, w.Ptr(), 0, M, N, K, nil)
+					return g.launch(r.s, p, out.Ptr(), x.Ptr(), 0, w.Ptr(), 0, M, N, K)
 				})
 			}
 			got, again := run(), run()
@@ -434,14 +336,6 @@ func TestBF16WgStream(t *testing.T) {
 		}
 		if n == 0 {
 			t.Fatalf("no gemm_ws plan takes %d x %d x %d", M, N, K)
-		}
-		// the stream-K kernels (gemm_wsk, PEFTD_WS_SK) on grids of several sizes
-		for i := range wsWidths {
-			for _, G := range []int{7, 64, 84, 100, 116, sms} {
-				if p := (wsPlan{i: i, split: 1, sk: G}); g.valid(p, M, N, K) {
-					check(p)
-				}
-			}
 		}
 		if p, ok := g.plan(M, N, K); ok {
 			g.noStagger = true

@@ -66,7 +66,6 @@ func fp8Projection(name string, shape []int) bool { return llama.FP8Projection(n
 type fp8Weight struct {
 	q, scale   *cuda.DeviceBuffer
 	rows, cols int
-	tmaps      wsMaps // fp8_wt's tensor maps of q (ws.go), made at first use
 }
 
 // fp8State holds the FP8 path's module, scratch and weights for a Backend
@@ -192,11 +191,6 @@ type fp8State struct {
 	// fp8_gemv_seg's early twins take its products
 	// unless segEarlyOff (benchmarks and tests)
 	plain, segEarlyOff bool
-	// qx: a product fp8_ws takes whose input the scratch does not hold
-	// quantized runs on a QX kernel that quantizes it itself (qx_ws.go;
-	// set by Backend.Linear from kernelForce.wsQX)
-	qx   bool
-	qxes int // QX launches enqueued or recorded (tests)
 
 	// fp8_gemv_seg (fp8_seg.go) for steps of 1-4 rows; benchmarks and
 	// tests set segOff (fp8_gemv instead)
@@ -231,7 +225,7 @@ func newFP8(ctx *cuda.Context, s *cuda.Stream, mm *cuda.Matmul, ko kernels.Optio
 		f.mod.Unload()
 		return nil, err
 	}
-	if f.ws, err = loadWS(ctx, s, f.mod, "fp8_ws", "fp8_wt", 1, limit); err != nil {
+	if f.ws, err = loadWS(ctx, s, f.mod, "fp8_ws", 1, limit); err != nil {
 		f.wg.free()
 		f.mod.Unload()
 		return nil, err
@@ -338,6 +332,12 @@ func (f *fp8State) holds(x cuda.DevicePtr, rows, cols int, gen uint64) {
 	f.cIn, f.cRows, f.cCols, f.cGen, f.cValid = x, rows, cols, gen, true
 }
 
+// held reports whether the activation scratch holds x's T rows of K
+// values quantized at write generation gen.
+func (f *fp8State) held(x cuda.DevicePtr, T, K int, gen uint64) bool {
+	return f.cValid && f.cIn == x && f.cRows == T && f.cCols == K && f.cGen == gen
+}
+
 // invalidate forgets the quantized activation rows.
 func (f *fp8State) invalidate() { f.cValid = false }
 
@@ -357,14 +357,6 @@ func (f *fp8State) linear(out, x cuda.DevicePtr, T int, w *fp8Weight, gen uint64
 		f.tmp = nil
 	}
 	K := w.cols
-	if p, ok := f.qxPlan(x, T, w.rows, K, gen); ok { // the product quantizes x's rows itself (qx_ws.go)
-		if err := f.ws.launchQX(f.s, p, out, x, f.actQ.Ptr(), f.actS.Ptr(), w.q.Ptr(), w.scale.Ptr(), T, w.rows, K); err != nil {
-			return err
-		}
-		f.qxes++
-		f.holds(x, T, K, gen)
-		return nil
-	}
 	if err := f.prepare(x, T, K, gen); err != nil {
 		return err
 	}
@@ -373,7 +365,7 @@ func (f *fp8State) linear(out, x cuda.DevicePtr, T int, w *fp8Weight, gen uint64
 	}
 	if f.wsFrom > 0 && T < wsMinRows && (f.wsOn || f.wsAutoTakes()) {
 		if p, ok := f.ws.planFrom(T, w.rows, K, f.wsFrom); ok {
-			return f.ws.launch(f.s, p, out, f.actQ.Ptr(), f.actS.Ptr(), w.q.Ptr(), w.scale.Ptr(), T, w.rows, K, &w.tmaps)
+			return f.ws.launch(f.s, p, out, f.actQ.Ptr(), f.actS.Ptr(), w.q.Ptr(), w.scale.Ptr(), T, w.rows, K)
 		}
 	}
 	if p, ok := f.stream.plan(T, w.rows, K); ok && !f.streamOff && (f.streamOn || T >= fp8StreamMinRows) {
@@ -391,7 +383,7 @@ func (f *fp8State) linear(out, x cuda.DevicePtr, T int, w *fp8Weight, gen uint64
 	}
 	if f.wsOn || f.wsAutoTakes() || (f.wsWide && w.rows >= 4*K) || (f.wsNarrow && wsNarrow(w.rows, K)) {
 		if p, ok := f.ws.plan(T, w.rows, K); ok {
-			return f.ws.launch(f.s, p, out, f.actQ.Ptr(), f.actS.Ptr(), w.q.Ptr(), w.scale.Ptr(), T, w.rows, K, &w.tmaps)
+			return f.ws.launch(f.s, p, out, f.actQ.Ptr(), f.actS.Ptr(), w.q.Ptr(), w.scale.Ptr(), T, w.rows, K)
 		}
 	}
 	if skinnyFits(T, w.rows, K, f.skinnyTop()) {

@@ -72,7 +72,7 @@ func newFP8Rig(t testing.TB) *fp8Rig {
 	// (Options.FP8PreciseAccum; the tolerances judge either)
 	r.mm.SetFastAccum(os.Getenv("PEFTD_FP8_PRECISE_ACCUM") != "1")
 	// the module the Backend loads: on sm_90a the wgmma build (fp8_wg,
-	// fp8_ws, fp8_wt; Backend.init), so that their tests run by default
+	// fp8_ws; Backend.init), so that their tests run by default
 	if ctx.Device().Arch() == "sm_90a" && !kernels.Defined("PEFTD_WG") {
 		r.f, _ = newFP8(ctx, r.s, r.mm, kernels.Options{Extra: kernels.FP8Wgmma})
 	}
@@ -576,7 +576,7 @@ func TestFP8GemmBench(t *testing.T) {
 				bench("fp8ws %-8s %5d plan %-7v %8.1f us %6.2f of floor8 (default product %8.1f us %6.2f)", sh.name, T, wsp, ws, fl8/ws, t8, fl8/t8)
 			}
 			for _, w := range wsPlans {
-				bench("fp8ws %-8s %5d plan %-7v %8.1f us %6.2f of floor8 (early %d, stagger %v, TMA %v)", sh.name, T, w.p, w.us, fl8/w.us, w.early, w.stagger, w.tma)
+				bench("fp8ws %-8s %5d plan %-7v %8.1f us %6.2f of floor8 (early %d, stagger %v)", sh.name, T, w.p, w.us, fl8/w.us, w.early, w.stagger)
 			}
 		}
 		r.sync()
@@ -1090,19 +1090,13 @@ func TestFP8WgStream(t *testing.T) {
 		}
 		t.Skip("fp8_ws is compiled only in the wgmma build, for sm_90a")
 	}
-	if r.f.ws.tfn == [len(wsWidths)]*cuda.Function{} && kernels.Defined("PEFTD_WT") {
-		t.Errorf("fp8_wt (TMA) not loaded (tensor maps: %v)", cuda.TMA())
-	}
-	if r.f.ws.kfn == [len(wsWidths)]*cuda.Function{} && kernels.Defined("PEFTD_WS_SK") {
-		t.Error("PEFTD_WS_SK is defined but no fp8_wsk kernel loaded")
-	}
 	defer func() {
-		r.f.wsOn, r.f.skTop, r.f.ws.force, r.f.ws.noStagger, r.f.ws.noTMA, r.f.wsFrom = false, 0, wsPlan{}, false, false, 0
+		r.f.wsOn, r.f.skTop, r.f.ws.force, r.f.ws.noStagger, r.f.wsFrom = false, 0, wsPlan{}, false, 0
 	}()
 	r.f.wsFrom = 1 // the steps of 1-16 rows too (TestDecodeBench's +wsN A/Bs)
 	wsOn := func(on bool) { r.f.wsOn = on }
 	label := func(p wsPlan) string {
-		return fmt.Sprintf("fp8_ws %v, TMA %v, stagger %v", p, r.f.ws.tfn[p.i] != nil && !r.f.ws.noTMA, !r.f.ws.noStagger)
+		return fmt.Sprintf("fp8_ws %v, stagger %v", p, !r.f.ws.noStagger)
 	}
 	for _, sz := range []struct{ T, N, K int }{
 		{17, 4096, 4096}, {32, 6144, 4096}, {64, 28672, 4096}, {64, 4096, 14336}, {48, 4096, 4096},
@@ -1125,25 +1119,11 @@ func TestFP8WgStream(t *testing.T) {
 		if n == 0 {
 			t.Fatalf("no fp8_ws plan takes %d x %d x %d", sz.T, sz.N, sz.K)
 		}
-		// the stream-K kernels (fp8_wsk, PEFTD_WS_SK) on grids of several
-		// sizes: each block's share of the tiles' K stages, the tiles
-		// split between blocks summed by their last
-		for i := range wsWidths {
-			for _, G := range []int{7, 64, 84, 100, 116, r.ctx.Device().SMs} {
-				if p := (wsPlan{i: i, split: 1, sk: G}); r.f.ws.valid(p, sz.T, sz.N, sz.K) {
-					r.f.ws.force = p
-					c.check(label(p), wsOn)
-				}
-			}
-		}
-		// the automatic plan with every block walking K from its start, and
-		// on the cp.async kernels (fp8_ws) where the TMA ones (fp8_wt) ran
+		// the automatic plan with every block walking K from its start
 		if p, ok := r.f.ws.plan(sz.T, sz.N, sz.K); ok {
-			for _, f := range [][2]bool{{true, false}, {false, true}, {true, true}} {
-				r.f.ws.force, r.f.ws.noStagger, r.f.ws.noTMA = p, f[0], f[1]
-				c.check(label(p), wsOn)
-			}
-			r.f.ws.noStagger, r.f.ws.noTMA = false, false
+			r.f.ws.force, r.f.ws.noStagger = p, true
+			c.check(label(p), wsOn)
+			r.f.ws.noStagger = false
 		}
 		c.close()
 	}
@@ -1244,7 +1224,7 @@ type wgGridTime struct {
 	us     float64
 }
 
-// wgSweep times a T x N x K wgmma product (g: fp8_wg or gemm_wg) with one
+// wgSweep times a T x N x K wgmma product (g: fp8_wg) with one
 // and two warpgroups a block at each grid PEFTD_WG_GRIDS lists (e.g.
 // "132,200,264"; blocks, at most wgPerSM an SM, stream-K builds only;
 // none when unset or g is nil): timed runs the product once set up, on
@@ -1275,10 +1255,10 @@ func wgSweep(t *testing.T, g *wgProduct, T, N, K int, timed func() float64, on f
 
 // wsPlanTime is one of wsSweep's timings.
 type wsPlanTime struct {
-	p            wsPlan
-	early        int
-	stagger, tma bool
-	us           float64
+	p       wsPlan
+	early   int
+	stagger bool
+	us      float64
 }
 
 // wsSweep times a T x N x K ws product (fp8_ws, gemm_ws) with every valid plan of one
@@ -1294,7 +1274,7 @@ func wsSweep(g *wsProduct, T, N, K int, timed func() float64, on func(bool)) []w
 	if !ok {
 		return nil
 	}
-	defer func() { g.force, g.early, g.noStagger, g.noTMA = wsPlan{}, 1, false, false }()
+	defer func() { g.force, g.early, g.noStagger = wsPlan{}, 1, false }()
 	for i := range wsWidths {
 		for _, S := range []int{1, 2, 4, 8} {
 			p := wsPlan{i: i, split: S}
@@ -1303,16 +1283,15 @@ func wsSweep(g *wsProduct, T, N, K int, timed func() float64, on func(bool)) []w
 			}
 			g.force = p
 			for k, c := range []struct {
-				early        int
-				stagger, tma bool
-			}{{1, true, true}, {1, true, false}, {1, false, true}, {0, true, true}, {3, true, true}, {15, true, true}} {
-				tma := c.tma && g.tfn[i] != nil // without TMA kernels (gemm_ws) each row on cp.async, the second (cp.async) left out
-				if (p != auto && k > 1) || (k == 1 && g.tfn[i] == nil) {
+				early   int
+				stagger bool
+			}{{1, true}, {1, false}, {0, true}, {3, true}, {15, true}} {
+				if p != auto && k > 0 {
 					continue
 				}
-				g.early, g.noStagger, g.noTMA = c.early, !c.stagger, !tma
+				g.early, g.noStagger = c.early, !c.stagger
 				on(true)
-				res = append(res, wsPlanTime{p, c.early, c.stagger, tma, timed()})
+				res = append(res, wsPlanTime{p, c.early, c.stagger, timed()})
 				on(false)
 			}
 		}
@@ -1554,57 +1533,4 @@ func (r *fp8Rig) weightCopies(N, K int) []*fp8Weight {
 		r.s.CopyDtoD(w8[i].scale.Ptr(), w8[0].scale.Ptr(), 4*N)
 	}
 	return w8
-}
-
-// TestWsSKBench times fp8_ws's one-wave plan against fp8_wsk's stream-K
-// plan (PEFTD_WS_SK) of each 8B projection at 32 and 64 rows
-// (PEFTD_WSSK_BENCH_T: others), for SM targets of the whole device and of
-// what the LoRA stream's holds leave: both run alone, so the table is each
-// plan's blocks' own pace (GB/s a block) where TestDecodeBench's +wssk rows
-// mix it with the LoRA stream. Median of 15 replays of 20 calls recorded
-// as a graph, weights rotated over >= 150 MB. PEFTD_WSSK_BENCH=1 runs it.
-func TestWsSKBench(t *testing.T) {
-	if os.Getenv("PEFTD_WSSK_BENCH") == "" {
-		t.Skip("PEFTD_WSSK_BENCH is not set")
-	}
-	r := newFP8Rig(t)
-	if r.f.ws == nil || r.f.ws.kfn == [len(wsWidths)]*cuda.Function{} {
-		t.Skip("no fp8_wsk kernel loaded (PEFTD_KERNEL_DEFINES=-DPEFTD_WS_SK on an sm_90a card)")
-	}
-	sms := r.ctx.Device().SMs
-	defer func() { r.f.wsOn, r.f.ws.force, r.f.ws.skMode = false, wsPlan{}, 0 }()
-	r.f.wsOn, r.f.ws.skMode = true, 2 // skPlan's plan on every target
-	bench("wssk device %s; copy bandwidth %.0f GB/s; %s; median of 15 replays of 20 calls as a graph", r.ctx.Device().Name, r.copyBW()/1e9, os.Getenv(kernels.DefinesEnv))
-	bench("wssk %-8s %3s %4s %9s %8s %7s %9s %8s %7s %6s", "shape", "T", "sms", "ws_plan", "ws_us", "GB/s/b", "sk_plan", "sk_us", "GB/s/b", "sk/ws")
-	Ts := envBatches(t, "PEFTD_WSSK_BENCH_T", []int{32, 64})
-	for _, sh := range envShapes(t, "PEFTD_BENCH_SHAPES", shapes8B) {
-		N, K := sh.N, sh.K
-		w8 := r.weightCopies(N, K)
-		n8 := len(w8)
-		x := r.up(r.bf16Rand(slices.Max(Ts)*K, 1))
-		out := r.alloc(2 * slices.Max(Ts) * N)
-		r.sync()
-		for _, T := range Ts {
-			r.f.invalidate()
-			for _, target := range []int{sms, sms - 16, sms - 32, 84} {
-				ws, blocks := r.f.ws.oneWave(T, N, K, target)
-				sk, ok := r.f.ws.skPlan(T, N, K, target)
-				if blocks == 0 || !ok {
-					continue
-				}
-				timed := func(p wsPlan, blocks int) (us, gbs float64) {
-					r.f.ws.force = p
-					if err := r.f.linear(out.Ptr(), x.Ptr(), T, w8[0], 7); err != nil { // quantizes x once (cached below)
-						t.Fatal(err)
-					}
-					us = graphMedianUs(t, r.s, 20, 15, func(i int) error { return r.f.linear(out.Ptr(), x.Ptr(), T, w8[i%n8], 7) })
-					return us, float64(N*K) / (us * 1e-6) / float64(blocks) / 1e9
-				}
-				wu, wg := timed(ws, blocks)
-				su, sg := timed(sk, sk.sk)
-				bench("wssk %-8s %3d %4d %9v %8.2f %7.2f %9v %8.2f %7.2f %6.3f", sh.name, T, target, ws, wu, wg, sk, su, sg, su/wu)
-			}
-		}
-		r.dropWeight(w8[0]) // the copies go with the test (alloc)
-	}
 }

@@ -375,90 +375,10 @@ func TestWsPlan(t *testing.T) {
 	}
 }
 
-// TestWsSKPlan: the stream-K plans (fp8_wsk, skMode) at the 8B shapes
-// beside the LoRA stream: the whole device's width on every SM the hold
-// leaves; none where the one-wave plan fills them, none without skMode
-// (the default) and none with skMode 1 on the whole device (mode 2 there
-// takes every SM where the one-wave plan leaves some). Every block
-// of each plan touches at most wskTiles tiles (wg_first's shares, as
-// wsk_body splits them).
-func TestWsSKPlan(t *testing.T) {
-	for _, c := range []struct {
-		mode, T, N, K, target int
-		want                  string
-	}{
-		{1, 64, 4096, 4096, 100, "n32k100"},   // o: n64x1 on 64 blocks one-wave
-		{1, 64, 4096, 14336, 100, "n64k100"},  // down: n64x1 on 64
-		{1, 64, 6144, 4096, 84, "n48k84"},     // q/k/v: n96x1 on 64
-		{1, 64, 28672, 4096, 116, "n224k116"}, // gate/up: n256 on 112
-		{1, 64, 6144, 4096, 128, ""},          // n48 fills 128 already
-		{1, 64, 4096, 4096, 0, ""},            // the whole device: mode 1 leaves it
-		{2, 64, 4096, 4096, 0, "n32k132"},     // mode 2: every SM (n32's one wave is 128)
-		{2, 64, 4096, 14336, 0, "n64k132"},    // n64x2: 128
-		{0, 64, 4096, 4096, 100, ""},          // off
-		{1, 20, 4096, 4096, 100, "n32k100"},
-	} {
-		g := &wsProduct{esize: 1, sms: 132, skMode: c.mode, partCap: max(wsMaxPart, 2*132*256)}
-		for i := range g.fn {
-			g.fn[i], g.kfn[i] = &cuda.Function{}, &cuda.Function{}
-		}
-		g.target = c.target
-		p, ok := g.plan(c.T, c.N, c.K)
-		got := ""
-		if ok && p.sk > 0 {
-			got = p.String()
-		}
-		if got != c.want {
-			t.Errorf("mode %d, %d x %d x %d, target %d: plan %v (%q), want %q", c.mode, c.T, c.N, c.K, c.target, p, got, c.want)
-		}
-		if !ok || p.sk == 0 {
-			continue
-		}
-		bn := wsWidths[p.i]
-		spt, units := g.skUnits(bn, c.N, c.K)
-		for b := 0; b < p.sk; b++ {
-			u0, u1 := b*units/p.sk, (b+1)*units/p.sk
-			if u1 <= u0 {
-				t.Errorf("%v: block %d has no units", p, b)
-				continue
-			}
-			if tiles := (u1-1)/spt - u0/spt + 1; tiles > wskTiles {
-				t.Errorf("%v: block %d touches %d tiles", p, b, tiles)
-			}
-		}
-	}
-	// no stream-K kernels loaded: the one-wave plans
-	g := &wsProduct{esize: 1, sms: 132, skMode: 2, target: 100, partCap: wsMaxPart}
-	for i := range g.fn {
-		g.fn[i] = &cuda.Function{}
-	}
-	if p, ok := g.plan(64, 4096, 4096); !ok || p.sk != 0 {
-		t.Errorf("without fp8_wsk: plan %v, %v", p, ok)
-	}
-}
-
-// TestWtShape: the TMA kernels' rings (WtShape) fit sm_90's opt-in shared
-// memory with three weight stages at least, and the weight stages are
-// whole swizzle atoms.
-func TestWtShape(t *testing.T) {
-	for _, bn := range wsWidths {
-		if st := wtStages(bn); st < 3 || st > 32 {
-			t.Errorf("n%d: %d weight stages", bn, st)
-		}
-		if bn*wsAtom%1024 != 0 {
-			t.Errorf("n%d: a weight stage is not whole 1024-byte atoms", bn)
-		}
-		if per := wtShared(bn) + 8*wtStages(bn) + 16; per > 232448 {
-			t.Errorf("n%d: a block of %d bytes does not fit an sm_90 SM", bn, per)
-		}
-	}
-}
-
 // TestWsFusedPlans: at the 8B shapes and 17-64 rows, on 132 SMs (H100,
 // H200) and 114 (H100 PCIe), the plans the fused ws kernels need: o and
 // down's plans have a NORM kernel (gemm_ws_norm_n*, fp8_ws_norm_n*:
-// widths 32 and 64, no more blocks than SMs) and with FP8 o's a QX one
-// (fp8_ws_qx_n*: rows of at most 8,192 values, not down's 14,336); gate/up's plan with the
+// widths 32 and 64, no more blocks than SMs); gate/up's plan with the
 // half-row kernels on is one of theirs (224 or 256, its K whole two-atom
 // stages) and unchanged by them; the half-row kernels have as many stages
 // as the one-atom ones (five 44 KB stages at 224) within the card's 227 KB
@@ -473,7 +393,7 @@ func TestWsFusedPlans(t *testing.T) {
 				g.fn[i] = &cuda.Function{}
 				switch bn {
 				case 32, 64:
-					g.nfn[i], g.qfn[i], g.qnfn[i] = &cuda.Function{}, &cuda.Function{}, &cuda.Function{}
+					g.nfn[i] = &cuda.Function{}
 				case 224, 256:
 					g.hfn[i], g.hsfn[i] = &cuda.Function{}, &cuda.Function{}
 				}
@@ -484,9 +404,6 @@ func TestWsFusedPlans(t *testing.T) {
 					p, ok := g.plan(T, N, K)
 					if !ok || !g.normFits(p, N) {
 						t.Errorf("esize %d, %d SMs: %d x %d x %d: plan %v (ok %v) has no NORM kernel", esize, sms, T, N, K, p, ok)
-					}
-					if qx := ok && g.qxFits(p, N, K); qx != (esize == 1 && K <= wsRowMax) { // FP8 only, o's input (down's 14,336 values a row are more than a block holds)
-						t.Errorf("esize %d, %d SMs: %d x %d x %d: plan %v QX kernel %v", esize, sms, T, N, K, p, qx)
 					}
 				}
 				g.half = false
@@ -521,8 +438,8 @@ func TestWsFusedPlans(t *testing.T) {
 		t.Error("normFits without the barrier words")
 	}
 	g.nsync = &cuda.DeviceBuffer{}
-	if !g.normFits(p, 4096) || g.normFits(wsPlan{i: 0, split: 2}, 4096) || g.normFits(p, 12288) || g.normFits(wsPlan{i: 0, split: 1, sk: 100}, 4096) {
-		t.Error("normFits: want n32x1 of 4096 only (256 blocks, a 12,288-wide row and stream-K plans refused)")
+	if !g.normFits(p, 4096) || g.normFits(wsPlan{i: 0, split: 2}, 4096) || g.normFits(p, 12288) {
+		t.Error("normFits: want n32x1 of 4096 only (256 blocks and a 12,288-wide row refused)")
 	}
 	g.half = true
 	if g.halfOn(slices.Index(wsWidths[:], 224)) {

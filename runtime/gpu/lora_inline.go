@@ -26,7 +26,7 @@ import (
 // LinearLoRA is Linear and then LoRA of the same input
 // (engine.LinearLoRAOps): inline where loraInline takes the group.
 func (b *Backend) LinearLoRA(out, in engine.Buffer, w engine.Weight, layer int, mods []llama.Module) {
-	if b.loraInline(out, in, w, layer, mods) || b.loraWS(out, in, w, layer, mods) {
+	if b.loraInline(out, in, w, layer, mods) {
 		return
 	}
 	b.Linear(out, in, w)

@@ -37,46 +37,33 @@ func (g *wsProduct) normFits(p wsPlan, N int) bool {
 }
 
 // resident reports whether plan p of a product of N output columns is one
-// grid of at most the device's SMs and not stream-K: the fused kernels'
-// grid-wide barriers (SILU's FP8 end, NORM, QX) need every block resident
-// at once.
+// grid of at most the device's SMs: the fused kernels' grid-wide barriers
+// (SILU's FP8 end, NORM) need every block resident at once.
 func (g *wsProduct) resident(p wsPlan, N int) bool {
-	return p.sk == 0 && N%wsWidths[p.i] == 0 && N/wsWidths[p.i]*p.split <= g.sms
+	return N%wsWidths[p.i] == 0 && N/wsWidths[p.i]*p.split <= g.sms
 }
 
 // launchNorm enqueues delta [T, N] = x . w^T (times sx[t] sw[n] with e4m3
 // operands) with plan p (normFits) on s, then xr [T, N] += delta and,
 // where nout is set, nout = rmsnorm(xr) * nw (eps), its rows quantized
-// into q and qscale where q is set (e4m3 operands only). With xb set
-// (e4m3 operands, qxFits) the kernel first quantizes xb's bf16 rows into
-// x and sx itself (fp8_ws_qxnorm: qx_ws.go).
-func (g *wsProduct) launchNorm(s *cuda.Stream, p wsPlan, delta, x, sx, w, sw, xr, nout, nw, q, qscale, xb cuda.DevicePtr, eps float32, T, N, K int) error {
+// into q and qscale where q is set (e4m3 operands only).
+func (g *wsProduct) launchNorm(s *cuda.Stream, p wsPlan, delta, x, sx, w, sw, xr, nout, nw, q, qscale cuda.DevicePtr, eps float32, T, N, K int) error {
 	if err := g.check(p, delta, x, w, T, N, K); err != nil {
 		return err
 	}
 	if !g.normFits(p, N) {
 		return fmt.Errorf("gpu: ws plan %v has no kernel with add_rmsnorm for N %d", p, N)
 	}
-	fn := g.nfn[p.i]
-	if xb != 0 {
-		if !g.qxFits(p, N, K) || g.qnfn[p.i] == nil {
-			return fmt.Errorf("gpu: ws plan %v has no kernel quantizing its rows with add_rmsnorm for K %d", p, K)
-		}
-		fn = g.qnfn[p.i]
-	}
 	if (nout == 0) != (nw == 0) || q != 0 && (g.esize != 1 || nout == 0 || qscale == 0) {
 		return fmt.Errorf("gpu: ws product with add_rmsnorm: the norm's output and weight go together, and the quantized rows need e4m3 operands and the output")
 	}
-	if (uint64(xr)|uint64(nout)|uint64(nw)|uint64(xb))%16 != 0 { // xb: the QX head's 16-byte loads
+	if (uint64(xr)|uint64(nout)|uint64(nw))%16 != 0 {
 		return fmt.Errorf("gpu: ws product with add_rmsnorm: rows not 16-byte aligned")
 	}
 	bn := wsWidths[p.i]
-	args := []any{uint64(delta), uint64(g.part.Ptr()), uint64(g.done.Ptr()), uint64(x), uint64(sx), uint64(w), uint64(sw), T, N, K, g.launchOpts(),
-		uint64(xr), uint64(nout), uint64(nw), eps, uint64(q), uint64(qscale), uint64(g.nsync.Ptr())}
-	if xb != 0 {
-		args = append(args, uint64(xb))
-	}
-	return fn.Launch(s, cuda.Dim3{X: N / bn, Y: p.split, Z: 1}, cuda.Dim3{X: 128, Y: 1, Z: 1}, wsShared(bn, g.esize), args...)
+	return g.nfn[p.i].Launch(s, cuda.Dim3{X: N / bn, Y: p.split, Z: 1}, cuda.Dim3{X: 128, Y: 1, Z: 1}, wsShared(bn, g.esize),
+		uint64(delta), uint64(g.part.Ptr()), uint64(g.done.Ptr()), uint64(x), uint64(sx), uint64(w), uint64(sw), T, N, K, g.launchOpts(),
+		uint64(xr), uint64(nout), uint64(nw), eps, uint64(q), uint64(qscale), uint64(g.nsync.Ptr()))
 }
 
 // wsNormAuto is whether LinearAddRMSNorm takes the products it fits by
@@ -126,11 +113,8 @@ func (b *Backend) LinearAddRMSNorm(delta, in engine.Buffer, w engine.Weight, x, 
 		return false
 	}
 	// FP8: out's quantized rows replace in's in the scratch (after every
-	// block has read its activation stages: the kernel's barrier); in's
-	// bf16 rows (xb) where the kernel quantizes them itself
-	// (fp8_ws_qxnorm: qx_ws.go)
-	xb, started := b.wsFusedStart(xi, T, K, fp8, fp8 && b.wsQX() && ws.qxFits(p, N, K) && ws.qnfn[p.i] != nil)
-	if !started {
+	// block has read its activation stages: the kernel's barrier)
+	if !b.wsFusedStart(xi, T, K, fp8) {
 		return true
 	}
 	b.wrote(delta)
@@ -142,7 +126,7 @@ func (b *Backend) LinearAddRMSNorm(delta, in engine.Buffer, w engine.Weight, x, 
 	}
 	b.fused.norm++
 	if !fp8 {
-		b.fail(ws.launchNorm(b.s, p, d.mem.Ptr(), xi.mem.Ptr(), 0, w.(*weight).mem.Ptr(), 0, xr.mem.Ptr(), op, nw, 0, 0, 0, eps, T, N, K))
+		b.fail(ws.launchNorm(b.s, p, d.mem.Ptr(), xi.mem.Ptr(), 0, w.(*weight).mem.Ptr(), 0, xr.mem.Ptr(), op, nw, 0, 0, eps, T, N, K))
 		return true
 	}
 	f := b.f8
@@ -150,7 +134,7 @@ func (b *Backend) LinearAddRMSNorm(delta, in engine.Buffer, w engine.Weight, x, 
 	if quant {
 		q, qs = f.actQ.Ptr(), f.actS.Ptr()
 	}
-	b.fail(ws.launchNorm(b.s, p, d.mem.Ptr(), f.actQ.Ptr(), f.actS.Ptr(), fw.q.Ptr(), fw.scale.Ptr(), xr.mem.Ptr(), op, nw, q, qs, xb, eps, T, N, K))
+	b.fail(ws.launchNorm(b.s, p, d.mem.Ptr(), f.actQ.Ptr(), f.actS.Ptr(), fw.q.Ptr(), fw.scale.Ptr(), xr.mem.Ptr(), op, nw, q, qs, eps, T, N, K))
 	if quant && b.err == nil {
 		f.holds(op, T, N, b.gen)
 	}

@@ -117,18 +117,9 @@ func wsNormCheck(t *testing.T, fp8 bool) {
 		nw := r.up(nwh)
 		d, xr, o := r.alloc(2*(M+1)*N), r.alloc(2*(M+1)*N), r.alloc(2*(M+1)*N)
 		q, qs := r.alloc(M*N), r.alloc(4*M)
-		// FP8: the QX kernel's own activation scratch (poisoned before each
-		// launch), and what quant_rows_e4m3 made of x's rows
-		qx2, sx2 := r.alloc(M*K), r.alloc(4*M)
-		var wantQX []byte
-		var wantSX []float32
-		if fp8 {
-			wantQX, wantSX = readAt[byte](t, r, xin, M*K), readAt[float32](t, r, sx, M)
-		}
-		// run is one launch pair (mode 0: the product, then add_rmsnorm),
-		// one NORM launch (1) or one QX NORM launch (2: FP8, x's bf16 rows
-		// quantized by the kernel into qx2, sx2) with plan p on fresh
-		// residual rows; norm false: the add alone
+		// run is one launch pair (mode 0: the product, then add_rmsnorm)
+		// or one NORM launch (1) with plan p on fresh residual rows; norm
+		// false: the add alone
 		run := func(p wsPlan, mode int, norm bool) wsNormOut {
 			poison := make([]uint16, (M+1)*N)
 			for i := range poison {
@@ -151,27 +142,15 @@ func wsNormCheck(t *testing.T, fp8 bool) {
 			}
 			switch mode {
 			case 0:
-				if err = g.launch(r.s, p, d.Ptr(), xin, sx, wq, ws, M, N, K, nil); err == nil {
+				if err = g.launch(r.s, p, d.Ptr(), xin, sx, wq, ws, M, N, K); err == nil {
 					err = addNorm.Launch(r.s, cuda.Dim3{X: M, Y: 1, Z: 1}, cuda.Dim3{X: 256, Y: 1, Z: 1}, 0,
 						uint64(xr.Ptr()), uint64(d.Ptr()), uint64(0), uint64(0), uint64(op), uint64(np), float32(eps), N, uint64(qp), uint64(sp))
 				}
 			case 1:
-				err = g.launchNorm(r.s, p, d.Ptr(), xin, sx, wq, ws, xr.Ptr(), op, np, qp, sp, 0, eps, M, N, K)
-			case 2:
-				poisonBytes(t, r, qx2, M*K)
-				poisonBytes(t, r, sx2, 4*M)
-				err = g.launchNorm(r.s, p, d.Ptr(), qx2.Ptr(), sx2.Ptr(), wq, ws, xr.Ptr(), op, np, qp, sp, ops.xb, eps, M, N, K)
+				err = g.launchNorm(r.s, p, d.Ptr(), xin, sx, wq, ws, xr.Ptr(), op, np, qp, sp, eps, M, N, K)
 			}
 			if err != nil {
 				t.Fatal(err)
-			}
-			if mode == 2 { // the kernel's quantization is quant_rows_e4m3's
-				if i := firstDiff(readBack[byte](t, r, qx2, M*K), wantQX); i >= 0 {
-					t.Fatalf("QX: e4m3 activation %d (row %d) differs from quant_rows_e4m3's", i, i/K)
-				}
-				if i := firstDiff(f32bits(readBack[float32](t, r, sx2, M)), f32bits(wantSX)); i >= 0 {
-					t.Fatalf("QX: row %d's scale differs from quant_rows_e4m3's", i)
-				}
 			}
 			var out wsNormOut
 			for _, c := range []struct {
@@ -195,13 +174,9 @@ func wsNormCheck(t *testing.T, fp8 bool) {
 			tested++
 			what := fmt.Sprintf("%s %v %d x %d x %d", map[bool]string{false: "gemm_ws_norm", true: "fp8_ws_norm"}[fp8], p, M, N, K)
 			g.noStagger = true
-			modes := []int{1}
-			if fp8 && g.qxFits(p, N, K) && g.qnfn[p.i] != nil {
-				modes = append(modes, 2)
-			}
 			for _, norm := range []bool{true, false} {
 				want := run(p, 0, norm)
-				for _, mode := range modes {
+				for _, mode := range []int{1} { // the fused kernel against the two
 					got := run(p, mode, norm)
 					for _, c := range []struct {
 						name      string
@@ -228,11 +203,6 @@ func wsNormCheck(t *testing.T, fp8 bool) {
 				t.Fatalf("%s: a second launch differs from the first (the barrier's words not left at zero?)", what)
 			}
 			syncWordsZero(t, r.s, g, what)
-			if len(modes) > 1 { // the QX kernel staggers as the NORM one does: the same bits
-				if qx := run(p, 2, true); !slices.Equal(qx.d, got.d) || !slices.Equal(qx.x, got.x) || !slices.Equal(qx.o, got.o) || !slices.Equal(qx.q, got.q) {
-					t.Fatalf("%s: staggered, the QX kernel differs from the NORM kernel", what)
-				}
-			}
 			// staggered: the product's sums in another K order; the residual
 			// carries the product's difference (res + d may cancel to far
 			// less than d), and the norm rows are rmsnorm of their own
@@ -240,7 +210,7 @@ func wsNormCheck(t *testing.T, fp8 bool) {
 			rms := compareOrder(t, what+" staggered product", want.d, got.d, N, fp8, 128)
 			residualFollows(t, what+" staggered residual", want, got, N)
 			worst := compareRows(t, what+" staggered norm", hostRMSNorm(got.x, nwh, eps, N), got.o, N)
-			t.Logf("%s: bit for bit the two kernels' unstaggered (norm and add alone; QX too: %v); staggered product RMS %.3g apart, norm within %.3g of its residual's", what, len(modes) > 1, rms, worst)
+			t.Logf("%s: bit for bit the two kernels' unstaggered (norm and add alone); staggered product RMS %.3g apart, norm within %.3g of its residual's", what, rms, worst)
 		}
 		ops.drop(r)
 	}
@@ -405,8 +375,7 @@ func TestOpLinearAddRMSNorm(t *testing.T) {
 				if norm {
 					d, x, o, gu := r.buffer(c.T, H), r.buffer(c.T, H), r.buffer(c.T, H), r.buffer(c.T, 2*I)
 					replayed(t, r, c.T, what, func() bool {
-						r.b.force.wsNorm, r.b.force.wsQX = c.force, 1 // FP8: o's quantization inside the product too (fp8_ws_qxnorm)
-						defer func() { r.b.force.wsQX = 0 }()
+						r.b.force.wsNorm = c.force
 						took := r.b.LinearAddRMSNorm(d, a, wo, x, o, nw, 1e-5)
 						r.b.Linear(gu, o, wgu)
 						return took

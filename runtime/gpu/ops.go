@@ -303,9 +303,9 @@ func (b *Backend) Linear(out, in engine.Buffer, w engine.Weight) {
 		if !b.check(x.cols == fw.cols && o.cols == fw.rows && o != x && o.whole() && x.whole(), "linear: in width %d, out width %d, fp8 weight [%d,%d]", x.cols, o.cols, fw.rows, fw.cols) {
 			return
 		}
-		b.f8.shared, b.f8.room, b.f8.lone, b.f8.plain, b.f8.qx = shared, o.rows, b.la.forkIn == 0, !b.stepLoRA(), b.wsQX()
+		b.f8.shared, b.f8.room, b.f8.lone, b.f8.plain = shared, o.rows, b.la.forkIn == 0, !b.stepLoRA()
 		b.fail(b.f8.linear(o.mem.Ptr(), x.mem.Ptr(), b.rows(), fw, b.gen))
-		b.f8.shared, b.f8.room, b.f8.lone, b.f8.plain, b.f8.qx = false, 0, false, false, false
+		b.f8.shared, b.f8.room, b.f8.lone, b.f8.plain = false, 0, false, false
 		return
 	}
 	o, x, wt := buf(out), buf(in), w.(*weight)
@@ -314,13 +314,9 @@ func (b *Backend) Linear(out, in engine.Buffer, w engine.Weight) {
 	}
 	if b.bwsTakes(b.rows(), wt.rows, wt.cols, b.la.forkIn != 0) {
 		if p, ok := b.bws.plan(b.rows(), wt.rows, wt.cols); ok {
-			b.fail(b.bws.launch(b.s, p, o.mem.Ptr(), x.mem.Ptr(), 0, wt.mem.Ptr(), 0, b.rows(), wt.rows, wt.cols, nil))
+			b.fail(b.bws.launch(b.s, p, o.mem.Ptr(), x.mem.Ptr(), 0, wt.mem.Ptr(), 0, b.rows(), wt.rows, wt.cols))
 			return
 		}
-	}
-	if b.force.bwg && b.wg.fits(b.rows(), wt.rows, wt.cols) {
-		b.fail(b.wg.launch(b.s, o.mem.Ptr(), x.mem.Ptr(), 0, wt.mem.Ptr(), 0, b.rows(), wt.rows, wt.cols))
-		return
 	}
 	if p, ok := b.skinnyPlan(wt.rows, wt.cols, shared); ok {
 		opts := bfSkinnyEarly
@@ -386,15 +382,12 @@ func (b *Backend) skinnyPlan(N, K int, shared bool) (bfSkinnyPlan, bool) {
 }
 
 // wgFor is the wgmma products that may take w's product: the FP8 ones for
-// an FP8 weight, gemm_wg for a bf16 one (nil: none loaded).
+// an FP8 weight (nil: none loaded, or a bf16 weight).
 func (b *Backend) wgFor(w engine.Weight) *wgProduct {
-	if _, ok := w.(*fp8Weight); ok {
-		if b.f8 != nil {
-			return b.f8.wg
-		}
-		return nil
+	if _, ok := w.(*fp8Weight); ok && b.f8 != nil {
+		return b.f8.wg
 	}
-	return b.wg
+	return nil
 }
 
 // wsFor is the ws products that may take w's product: fp8_ws for an FP8

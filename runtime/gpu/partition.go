@@ -118,9 +118,6 @@ func (b *Backend) planFor() {
 	if b.sk != nil && b.sk.streamRows != nil {
 		b.sk.sms = sms
 	}
-	if b.wg != nil {
-		b.wg.sms = min(sms, b.wg.smsMax)
-	}
 	if f := b.f8; f != nil {
 		f.s, f.sms = b.s, sms
 		if f.stream != nil && f.stream.streamRows != nil {

@@ -29,7 +29,7 @@ const wsSiluSync = 66
 // every block resident at once for the barrier), and each half whole
 // blocks of BN / 2 rows.
 func (g *wsProduct) siluFits(p wsPlan, N int) bool {
-	return g != nil && p.sk == 0 && p.split == 1 && g.sfn[p.i] != nil && N%wsWidths[p.i] == 0 &&
+	return g != nil && p.split == 1 && g.sfn[p.i] != nil && N%wsWidths[p.i] == 0 &&
 		(g.esize != 1 || g.ssync != nil && g.resident(p, N))
 }
 
@@ -102,7 +102,7 @@ func (b *Backend) LinearSiLU(act, in engine.Buffer, w engine.Weight) bool {
 	// FP8: act's quantized rows replace in's in the scratch (written after
 	// every block has read its activation stages: ws_put_silu_q's barrier)
 	// for the down product
-	if _, started := b.wsFusedStart(x, T, K, fp8, false); !started {
+	if !b.wsFusedStart(x, T, K, fp8) {
 		return true
 	}
 	b.wrote(act)
@@ -123,22 +123,18 @@ func (b *Backend) LinearSiLU(act, in engine.Buffer, w engine.Weight) bool {
 // step's T rows of in (K values): with FP8 operands in's rows are
 // quantized into the scratch before the op's write generation, as Linear
 // quantizes them (prepare: none where add_rmsnorm or silu_mul left them
-// so), or, with qx and the rows not held, left to the kernel (xb, in's
-// bf16 rows, returned); then the op's start (opStart). started false:
-// the backend has failed (the op is taken, nothing enqueued).
-func (b *Backend) wsFusedStart(in *Buffer, T, K int, fp8, qx bool) (xb cuda.DevicePtr, started bool) {
+// so); then the op's start (opStart). false: the backend has failed (the
+// op is taken, nothing enqueued).
+func (b *Backend) wsFusedStart(in *Buffer, T, K int, fp8 bool) bool {
 	if fp8 {
 		b.join()
-		if qx && !b.f8.held(in.mem.Ptr(), T, K, b.gen) {
-			xb = in.mem.Ptr()
-			b.f8.qxes++
-		} else if err := b.f8.prepare(in.mem.Ptr(), T, K, b.gen); err != nil {
+		if err := b.f8.prepare(in.mem.Ptr(), T, K, b.gen); err != nil {
 			b.fail(err)
-			return 0, false
+			return false
 		}
 	}
 	b.opStart()
-	return xb, b.ok()
+	return b.ok()
 }
 
 // wsAlone is the ws products and plan that take the step's T x N x K

@@ -37,7 +37,7 @@ func TestBF16WsSiLU(t *testing.T) {
 			tested++
 			g.noStagger = true // the reference and the bit-for-bit check walk K from its start
 			want := rowsProduct(t, r, ref, M, I, func() error {
-				if err := g.launch(r.s, p, gu.Ptr(), ops.x, 0, ops.w, 0, M, N, K, nil); err != nil {
+				if err := g.launch(r.s, p, gu.Ptr(), ops.x, 0, ops.w, 0, M, N, K); err != nil {
 					return err
 				}
 				words := M * I / 8
@@ -129,7 +129,7 @@ func TestFP8WsSiLU(t *testing.T) {
 			tested++
 			g.noStagger = true
 			want := rowsProduct(t, r, ref, M, I, func() error {
-				if err := g.launch(r.s, p, gu.Ptr(), ops.x, ops.sx, ops.w, ops.sw, M, N, K, nil); err != nil {
+				if err := g.launch(r.s, p, gu.Ptr(), ops.x, ops.sx, ops.w, ops.sw, M, N, K); err != nil {
 					return err
 				}
 				return silu.Launch(r.s, cuda.Dim3{X: M, Y: 1, Z: 1}, cuda.Dim3{X: 512, Y: 1, Z: 1}, 0,

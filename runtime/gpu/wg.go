@@ -10,12 +10,13 @@ import (
 // wgProduct launches wg_body's kernels (kernels/common.cuh): the product of
 // 17-128 activation rows on Hopper's warpgroup MMAs, stream-K (wgPerSM
 // blocks an SM, each streaming an equal share of the tiles' K stages),
-// with e4m3 operands and row scales (fp8_wg_n* in the FP8 module) or bf16
-// ones (gemm_wg_n* in the forward module). They are compiled only with PEFTD_WG
-// (the FP8 module's kernels.FP8Wgmma build, or PEFTD_KERNEL_DEFINES) and
-// load only on sm_90a; by default FP8 products of 17-64 rows take them
+// with e4m3 operands and row scales (fp8_wg_n* in the FP8 module; a bf16
+// build, gemm_wg, lost to cuBLASLt at 32-128 rows: PERFORMANCE v0.30,
+// removed in v0.80). They are compiled only with PEFTD_WG (the FP8
+// module's kernels.FP8Wgmma build) and load only on sm_90a; by default
+// FP8 products of 17-64 rows that fp8_ws does not plan take them
 // (fp8State.wgAuto, wgAutoFits), and a test or benchmark asks for more
-// (fp8State.wgOn, kernelForce.bwg).
+// (fp8State.wgOn).
 //
 // Two builds of each: one warpgroup a block (64-row weight tiles: fn) and
 // two (prefix2_n*, 128-row tiles, x staged once for both: fn2); two
@@ -257,14 +258,8 @@ func (g *wgProduct) launch(s *cuda.Stream, out, x, sx, w, sw cuda.DevicePtr, T, 
 	if i < 0 {
 		return fmt.Errorf("gpu: no wgmma product for %d rows", T)
 	}
-	args := []any{uint64(out), uint64(g.part.Ptr()), uint64(g.done.Ptr()), uint64(x)}
-	if g.esize == 1 { // fp8_wg: (out, part, done, qx, sx, qw, sw, M, N, K)
-		args = append(args, uint64(sx), uint64(w), uint64(sw))
-	} else { // gemm_wg: (out, part, done, x, w, M, N, K)
-		args = append(args, uint64(w))
-	}
-	args = append(args, T, N, K)
 	wgs := g.wgs()
 	return g.set()[i].Launch(s, cuda.Dim3{X: g.grid(T, N, K)}, cuda.Dim3{X: skinnyThreads * wgs},
-		wgShared(skinnyVariants[i].rows, wgs), args...)
+		wgShared(skinnyVariants[i].rows, wgs), uint64(out), uint64(g.part.Ptr()), uint64(g.done.Ptr()), uint64(x),
+		uint64(sx), uint64(w), uint64(sw), T, N, K)
 }

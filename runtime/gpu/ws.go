@@ -16,9 +16,8 @@ import (
 // 64-row weight tiles re-read the activations once per 64 rows, as many
 // bytes as the weights at 64 rows). A K split (grid.y) meets in the
 // kernel: float32 partials summed in split order by the tile's last block.
-// fp8_ws_n* copy each stage by cp.async, fp8_wt_n* by TMA (the activation
-// rows in their own ring; compiled only with PEFTD_WT as well). fp8_ws is
-// in the FP8 module's wgmma build (kernels.FP8Wgmma, loaded by default on
+// Each stage is copied by cp.async (TMA copies were measured no faster:
+// PERFORMANCE v0.55-v0.56, removed in v0.80). fp8_ws is in the FP8 module's wgmma build (kernels.FP8Wgmma, loaded by default on
 // sm_90a); gemm_ws_n* (bf16 operands, no scales) in the forward module
 // only with PEFTD_WS or PEFTD_WG. By default fp8State.wsAuto sends every
 // FP8 product of 17-64 rows it plans to fp8_ws (PERFORMANCE v0.56: q/k/v
@@ -32,21 +31,13 @@ import (
 // (a launch may be inside a graph capture).
 type wsProduct struct {
 	fn         [len(wsWidths)]*cuda.Function
-	tfn        [len(wsWidths)]*cuda.Function // the same on TMA copies (fp8_wt_n*: wt_body), where the driver encodes tensor maps
-	lfn        [len(wsWidths)]*cuda.Function // the same with a group's LoRA update (fp8_ws_lora_n*, -DPEFTD_WSL: lora_ws.go)
-	kfn        [len(wsWidths)]*cuda.Function // the same on any number of blocks (stream-K: fp8_wsk_n*, -DPEFTD_WS_SK)
 	sfn        [len(wsWidths)]*cuda.Function // gate/up and silu_mul in one (gemm_ws_silu_n*, fp8_ws_silu_n*: silu_ws.go), where compiled
 	ssync      *cuda.DeviceBuffer            // fp8_ws_silu's row maxima and barrier counters (zero between launches)
 	nfn        [len(wsWidths)]*cuda.Function // the o or down product and add_rmsnorm in one (gemm_ws_norm_n*, fp8_ws_norm_n*: norm_ws.go), where compiled
 	hfn        [len(wsWidths)]*cuda.Function // fn's products with half-row stages (gemm_wsh_n*, fp8_wsh_n*: 224 and 256), where compiled
 	hsfn       [len(wsWidths)]*cuda.Function // sfn's (gemm_wsh_silu_n*, fp8_wsh_silu_n*)
 	half       bool                          // the products enqueued now take hfn and hsfn where loaded (kernelForce.wsHalf)
-	nsync      *cuda.DeviceBuffer            // their barrier counters and the QX kernels' (zero between launches: wsSync)
-	qfn        [len(wsWidths)]*cuda.Function // fn's FP8 products quantizing their bf16 activation rows themselves (fp8_ws_qx_n*: qx_ws.go), where compiled
-	qnfn       [len(wsWidths)]*cuda.Function // nfn's the same way (fp8_ws_qxnorm_n*)
-	partCap    int                           // the partials buffer's floats / wsMaxRows
-	lsync      *cuda.DeviceBuffer            // fp8_ws_lora's two counters (zero between launches)
-	noTMA      bool                          // benchmarks: the cp.async kernels (fn) even where tfn is loaded
+	nsync      *cuda.DeviceBuffer            // nfn's barrier counters (zero between launches: wsSync)
 	part, done *cuda.DeviceBuffer            // the splits' partials and per-tile counters (zero between launches)
 	esize      int                           // operand bytes: 1 (e4m3)
 	sms        int                           // the device's SMs
@@ -54,11 +45,6 @@ type wsProduct struct {
 	early      int                           // stages' weights asked before griddepcontrol.wait (opts bits 0-3; the kernel caps it at ST - 1)
 	noStagger  bool                          // benchmarks: every block walks K from its start (opts bit 4 off)
 	force      wsPlan                        // benchmarks: this plan where it fits (zero: plan's choice)
-	// skMode: the stream-K kernels (kfn) for the products plan takes, on
-	// as many blocks as the SM target allows: 1 where the target is below
-	// the device's SMs (beside the LoRA stream), 2 for every product; 0
-	// none (the default: PERFORMANCE v0.68 Next 3 is their A/B)
-	skMode int
 }
 
 // wsWidths are the kernels' weight rows a block (BN: fp8_ws_n{BN}).
@@ -135,42 +121,9 @@ const wshStatic = 4 << 10
 // half-row kernel (half set and the kernel loaded).
 func (g *wsProduct) halfOn(i int) bool { return g.half && g.hfn[i] != nil }
 
-// wtXS is WT_XS: the TMA kernels' activation stages (PEFTD_KERNEL_DEFINES
-// may set it); wtSmem is WT_SMEM, their dynamic shared memory at most.
-// WtShape's XS is WT_XS, at least 2 + WS_INFLIGHT.
-var (
-	wsInflight = kernels.DefinedInt("WS_INFLIGHT", 1) // common.cuh's default
-	wtXS       = max(2+wsInflight, kernels.DefinedInt("WT_XS", 3))
-	wtKA       = max(1, kernels.DefinedInt("WT_KA", 1)) // WT_KA: 128-byte K atoms a stage at most
-)
-
-const wtSmem = 232448 - 256
-
-// wtFit is how many weight stages of ka atoms of bn rows fit beside the
-// activation ring.
-func wtFit(bn, ka int) int { return (wtSmem - 1024 - wtXS*ka*wsMaxRows*wsAtom) / (ka * bn * wsAtom) }
-
-// wtKAFor is WtShape's KA: WT_KA atoms a stage, halved while fewer than 4
-// weight stages would fit.
-func wtKAFor(bn int) int {
-	ka := wtKA
-	for ka > 1 && wtFit(bn, ka) < 4 {
-		ka /= 2
-	}
-	return ka
-}
-
-// wtStages is WtShape's STW: the TMA kernels' weight stages (32 at most).
-func wtStages(bn int) int { return min(32, wtFit(bn, wtKAFor(bn))) }
-
-// wtShared is a TMA kernel's dynamic shared memory: 1 KB of alignment, the
-// activation ring and the weight ring.
-func wtShared(bn int) int { return 1024 + wtKAFor(bn)*(wtXS*wsMaxRows+wtStages(bn)*bn)*wsAtom }
-
-// loadWS finds prefix_n{BN} (and tprefix_n{BN}, their TMA builds) in mod
-// on an sm_90a card and raises their shared memory limits; nil where none
-// is there.
-func loadWS(ctx *cuda.Context, s *cuda.Stream, mod *cuda.Module, prefix, tprefix string, esize, maxShared int) (*wsProduct, error) {
+// loadWS finds prefix_n{BN} in mod on an sm_90a card and raises their
+// shared memory limits; nil where none is there.
+func loadWS(ctx *cuda.Context, s *cuda.Stream, mod *cuda.Module, prefix string, esize, maxShared int) (*wsProduct, error) {
 	if ctx.Device().Arch() != "sm_90a" {
 		return nil, nil
 	}
@@ -208,40 +161,21 @@ func loadWS(ctx *cuda.Context, s *cuda.Stream, mod *cuda.Module, prefix, tprefix
 			continue // not compiled in
 		}
 		found = true
-		if g.kfn[i], err = kernel(fmt.Sprintf("%sk_n%d", prefix, bn), sh); err != nil { // the stream-K build (PEFTD_WS_SK)
-			return nil, err
-		}
-		if g.lfn[i], err = kernel(fmt.Sprintf("%s_lora_n%d", prefix, bn), sh); err != nil {
-			return nil, err
-		}
 		// the fused and half-row variants (off by default: silu_ws.go,
-		// norm_ws.go, qx_ws.go, wsHalf) are optional: one the card will not
-		// give its shared memory is left out, never an error for the
-		// products
+		// norm_ws.go, wsHalf) are optional: one the card will not give its
+		// shared memory is left out, never an error for the products
 		g.sfn[i] = optional(fmt.Sprintf("%s_silu_n%d", prefix, bn), sh)
 		g.nfn[i] = optional(fmt.Sprintf("%s_norm_n%d", prefix, bn), sh)
-		g.qfn[i] = optional(fmt.Sprintf("%s_qx_n%d", prefix, bn), sh)
-		g.qnfn[i] = optional(fmt.Sprintf("%s_qxnorm_n%d", prefix, bn), sh)
 		if wshStages(bn) >= 3 && wshShared(bn)+wshStatic <= maxShared {
 			g.hfn[i] = optional(fmt.Sprintf("%sh_n%d", prefix, bn), wshShared(bn))
 			g.hsfn[i] = optional(fmt.Sprintf("%sh_silu_n%d", prefix, bn), wshShared(bn))
-		}
-		if tprefix == "" || !cuda.TMA() || wtShared(bn) > maxShared {
-			continue
-		}
-		if g.tfn[i], err = kernel(fmt.Sprintf("%s_n%d", tprefix, bn), wtShared(bn)); err != nil {
-			return nil, err
 		}
 	}
 	if !found {
 		return nil, nil
 	}
-	g.partCap = wsMaxPart
-	if g.kfn != ([len(wsWidths)]*cuda.Function{}) {
-		g.partCap = max(g.partCap, 2*g.sms*wsWidths[len(wsWidths)-1]) // two tiles a block of the widest on every SM
-	}
 	var err error
-	if g.part, g.done, err = splitBuffers(ctx, s, g.partCap*wsMaxRows*4); err != nil {
+	if g.part, g.done, err = splitBuffers(ctx, s, wsMaxPart*wsMaxRows*4); err != nil {
 		return nil, fmt.Errorf("gpu: %s's split buffers: %w", prefix, err)
 	}
 	if esize == 1 && g.sfn != ([len(wsWidths)]*cuda.Function{}) {
@@ -250,16 +184,10 @@ func loadWS(ctx *cuda.Context, s *cuda.Stream, mod *cuda.Module, prefix, tprefix
 			return nil, fmt.Errorf("gpu: %s_silu's barrier: %w", prefix, err)
 		}
 	}
-	if g.nfn != ([len(wsWidths)]*cuda.Function{}) || g.qfn != ([len(wsWidths)]*cuda.Function{}) {
+	if g.nfn != ([len(wsWidths)]*cuda.Function{}) {
 		if g.nsync, err = allocZero(ctx, s, 4*wsSync); err != nil {
 			g.free()
 			return nil, fmt.Errorf("gpu: %s_norm's barrier: %w", prefix, err)
-		}
-	}
-	if g.lfn != ([len(wsWidths)]*cuda.Function{}) {
-		if g.lsync, err = allocZero(ctx, s, 8); err != nil {
-			g.free()
-			return nil, fmt.Errorf("gpu: %s_lora's counters: %w", prefix, err)
 		}
 	}
 	return g, nil
@@ -271,10 +199,6 @@ func (g *wsProduct) free() error {
 		return nil
 	}
 	err := freeSplit(&g.part, &g.done)
-	if e := g.lsync.Free(); e != nil && err == nil {
-		err = e
-	}
-	g.lsync = nil
 	if e := g.ssync.Free(); e != nil && err == nil {
 		err = e
 	}
@@ -297,33 +221,14 @@ func (g *wsProduct) SetSMTarget(n int) { g.target = max(n, 0) }
 // fp8_ws ahead on gate/up too once its scale reads left global memory).
 func wsNarrow(N, K int) bool { return K <= N && N < 4*K }
 
-// wsPlan is one product's kernel (index into wsWidths) and K split, or
-// (sk > 0) its stream-K kernel on sk blocks (split 1).
-type wsPlan struct{ i, split, sk int }
+// wsPlan is one product's kernel (index into wsWidths) and K split.
+type wsPlan struct{ i, split int }
 
-func (p wsPlan) String() string {
-	if p.sk > 0 {
-		return fmt.Sprintf("n%dk%d", wsWidths[p.i], p.sk)
-	}
-	return fmt.Sprintf("n%dx%d", wsWidths[p.i], p.split)
-}
-
-// wskTiles is WSK_TILES: the most weight tiles a stream-K block touches.
-var wskTiles = kernels.DefinedInt("WSK_TILES", 4)
-
-// skUnits is a stream-K product's K stages a tile (SPT) and units in all
-// (U) with the kernel of bn weight rows.
-func (g *wsProduct) skUnits(bn, N, K int) (spt, units int) {
-	atoms := wsAtom * wsKAFor(bn, g.esize)
-	spt = (K*g.esize + atoms - 1) / atoms
-	return spt, N / bn * spt
-}
+func (p wsPlan) String() string { return fmt.Sprintf("n%dx%d", wsWidths[p.i], p.split) }
 
 // valid reports whether plan p computes a T x N x K product: a loaded
-// kernel, N whole blocks of its rows, and room for the partials and
-// counters; a split plan each split whole stages of K, a stream-K plan
-// (sk blocks) K whole 128-byte atoms, no more blocks than units and at
-// most wskTiles tiles a block.
+// kernel, N whole blocks of its rows, each split whole stages of K, and
+// room for the partials and counters.
 func (g *wsProduct) valid(p wsPlan, T, N, K int) bool {
 	if g == nil || T < 1 || T > wsMaxRows || p.i < 0 || p.i >= len(wsWidths) || p.split < 1 {
 		return false
@@ -332,17 +237,8 @@ func (g *wsProduct) valid(p wsPlan, T, N, K int) bool {
 	if N%bn != 0 || N/bn > wgMaxTiles {
 		return false
 	}
-	if p.sk > 0 {
-		if g.kfn[p.i] == nil || p.split != 1 || (K*g.esize)%wsAtom != 0 || 2*p.sk*bn > g.partCap {
-			return false
-		}
-		spt, units := g.skUnits(bn, N, K)
-		run := (units + p.sk - 1) / p.sk // a block's units at most
-		return p.sk <= units && (run+spt-2)/spt+1 <= wskTiles
-	}
-	// each split whole stages (a TMA box past a split's K would read the
-	// next split's, not zeros; a half-row stage is two atoms)
-	stage := wsAtom * max(wsKAFor(bn, g.esize), wtKAFor(bn))
+	// each split whole stages (a half-row stage is two atoms)
+	stage := wsAtom * wsKAFor(bn, g.esize)
 	if g.halfOn(p.i) {
 		stage = max(stage, 2*wsAtom)
 	}
@@ -370,9 +266,6 @@ func (g *wsProduct) planFrom(T, N, K, from int) (wsPlan, bool) {
 	if g.target > 0 {
 		sms = min(sms, g.target)
 	}
-	if sk, ok := g.skPlan(T, N, K, sms); ok {
-		return sk, true
-	}
 	best, blocks := g.oneWave(T, N, K, sms)
 	return best, blocks > 0
 }
@@ -398,27 +291,6 @@ func (g *wsProduct) oneWave(T, N, K, sms int) (wsPlan, int) {
 		}
 	}
 	return best, bestBlocks
-}
-
-// skPlan is the stream-K plan skMode asks for a T x N x K product on sms
-// SMs: the width the whole device's one-wave plan takes, on sms blocks
-// (fewer where the product has fewer units); ok false where skMode does
-// not ask, no stream-K kernel takes it, or it makes no more blocks than
-// the one-wave plan.
-func (g *wsProduct) skPlan(T, N, K, sms int) (wsPlan, bool) {
-	if g.skMode == 0 || g.skMode == 1 && sms >= g.sms || g.kfn == ([len(wsWidths)]*cuda.Function{}) {
-		return wsPlan{}, false
-	}
-	wide, blocks := g.oneWave(T, N, K, g.sms)
-	if blocks == 0 {
-		return wsPlan{}, false
-	}
-	if _, blocks = g.oneWave(T, N, K, sms); blocks >= sms {
-		return wsPlan{}, false // the one-wave plan fills the SMs already
-	}
-	_, units := g.skUnits(wsWidths[wide.i], N, K)
-	p := wsPlan{i: wide.i, split: 1, sk: min(sms, units)}
-	return p, g.valid(p, T, N, K)
 }
 
 // wsLongSplit is the most bytes of K a block of fewer than 64 weight rows
@@ -487,44 +359,16 @@ func (b *Backend) wsEarly(in *Buffer) int {
 	return wsEarlyStages
 }
 
-// wsMaps are a weight's tensor maps, one for each kernel width (boxes of
-// its rows), made at their first launch.
-type wsMaps [len(wsWidths)]*cuda.TensorMap
-
 // launch enqueues out [T, N] = x [T, K] . w [N, K]^T, times sx[t] sw[n]
-// where sx is set (e4m3 operands), with plan p (valid) on s; wm keeps w's
-// tensor maps (the TMA kernels').
-func (g *wsProduct) launch(s *cuda.Stream, p wsPlan, out, x, sx, w, sw cuda.DevicePtr, T, N, K int, wm *wsMaps) error {
+// where sx is set (e4m3 operands), with plan p (valid) on s.
+func (g *wsProduct) launch(s *cuda.Stream, p wsPlan, out, x, sx, w, sw cuda.DevicePtr, T, N, K int) error {
 	if err := g.check(p, out, x, w, T, N, K); err != nil {
 		return err
 	}
 	bn, opts := wsWidths[p.i], g.launchOpts()
-	if p.sk > 0 { // stream-K: no stagger (each block starts at its own units)
-		return g.kfn[p.i].Launch(s, cuda.Dim3{X: p.sk, Y: 1, Z: 1}, cuda.Dim3{X: 128, Y: 1, Z: 1}, wsShared(bn, g.esize),
-			uint64(out), uint64(g.part.Ptr()), uint64(g.done.Ptr()), uint64(x), uint64(sx), uint64(w), uint64(sw), T, N, K, min(max(g.early, 0), 15))
-	}
 	if g.halfOn(p.i) {
 		return g.hfn[p.i].Launch(s, cuda.Dim3{X: N / bn, Y: p.split, Z: 1}, cuda.Dim3{X: 128, Y: 1, Z: 1}, wshShared(bn),
 			uint64(out), uint64(g.part.Ptr()), uint64(g.done.Ptr()), uint64(x), uint64(sx), uint64(w), uint64(sw), T, N, K, opts)
-	}
-	if fn := g.tfn[p.i]; fn != nil && !g.noTMA && wm != nil {
-		dt, el := cuda.TMapUint8, uint32(wsAtom)
-		if g.esize == 2 {
-			dt, el = cuda.TMapBFloat16, wsAtom/2
-		}
-		if wm[p.i] == nil {
-			m := new(cuda.TensorMap)
-			if err := cuda.EncodeTiled2D(s, m, dt, w, uint64(K), uint64(N), uint64(K*g.esize), el, uint32(bn), cuda.TMapSwizzle128B); err != nil {
-				return fmt.Errorf("gpu: fp8_wt weight map: %w", err)
-			}
-			wm[p.i] = m
-		}
-		var xm cuda.TensorMap // the activation rows: rows past T read as zeros
-		if err := cuda.EncodeTiled2D(s, &xm, dt, x, uint64(K), uint64(T), uint64(K*g.esize), el, wsMaxRows, cuda.TMapSwizzle128B); err != nil {
-			return fmt.Errorf("gpu: fp8_wt activation map: %w", err)
-		}
-		return fn.Launch(s, cuda.Dim3{X: N / bn, Y: p.split, Z: 1}, cuda.Dim3{X: 128, Y: 1, Z: 1}, wtShared(bn),
-			uint64(out), uint64(g.part.Ptr()), uint64(g.done.Ptr()), &xm, uint64(sx), wm[p.i], uint64(sw), T, N, K, opts)
 	}
 	return g.fn[p.i].Launch(s, cuda.Dim3{X: N / bn, Y: p.split, Z: 1}, cuda.Dim3{X: 128, Y: 1, Z: 1}, wsShared(bn, g.esize),
 		uint64(out), uint64(g.part.Ptr()), uint64(g.done.Ptr()), uint64(x), uint64(sx), uint64(w), uint64(sw), T, N, K, opts)

@@ -46,7 +46,7 @@ func wsHalfCheck(t *testing.T, fp8 bool) {
 		q, qs := r.alloc(M*I), r.alloc(4*M)
 		product := func(p wsPlan, half bool) []uint16 {
 			g.half = half
-			return rowsProduct(t, r, out, M, N, func() error { return g.launch(r.s, p, out.Ptr(), xin, sx, wq, ws, M, N, K, nil) })
+			return rowsProduct(t, r, out, M, N, func() error { return g.launch(r.s, p, out.Ptr(), xin, sx, wq, ws, M, N, K) })
 		}
 		silu := func(p wsPlan, half bool) ([]uint16, []float32) {
 			g.half = half

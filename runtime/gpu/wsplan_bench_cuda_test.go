@@ -22,7 +22,7 @@ import (
 // splits read fewer; this measures whether that pays against the split's
 // float partials (S x T x N x 4 bytes written and summed). Opt-in
 // (PEFTD_WSPLAN_BENCH=1; gpu-check phase wsplanbench);
-// PEFTD_WSPLAN_FORMATS (bf16,fp8), PEFTD_WSSK_BENCH_T (32,64) and
+// PEFTD_WSPLAN_FORMATS (bf16,fp8), PEFTD_WSPLAN_BENCH_T (32,64) and
 // PEFTD_BENCH_SHAPES choose.
 func TestWsPlanBench(t *testing.T) {
 	if os.Getenv("PEFTD_WSPLAN_BENCH") == "" {
@@ -32,14 +32,14 @@ func TestWsPlanBench(t *testing.T) {
 	if formats == "" {
 		formats = "bf16,fp8"
 	}
-	Ts := envBatches(t, "PEFTD_WSSK_BENCH_T", []int{32, 64})
+	Ts := envBatches(t, "PEFTD_WSPLAN_BENCH_T", []int{32, 64})
 	shapes := envShapes(t, "PEFTD_BENCH_SHAPES", shapes8B)
 	r := newFP8Rig(t)
 	for _, format := range strings.Split(formats, ",") {
 		switch format {
 		case "bf16":
 			mod, limit := forwardLimit(t, r)
-			g, err := loadWS(r.ctx, r.s, mod, "gemm_ws", "", 2, limit)
+			g, err := loadWS(r.ctx, r.s, mod, "gemm_ws", 2, limit)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -60,7 +60,7 @@ func TestWsPlanBench(t *testing.T) {
 				out := r.alloc(2 * slices.Max(Ts) * sh.N)
 				r.sync()
 				return func(p wsPlan, T, i int) error { // the buffers go with the test (alloc)
-					return g.launch(r.s, p, out.Ptr(), x.Ptr(), 0, ws[i%n].Ptr(), 0, T, sh.N, sh.K, nil)
+					return g.launch(r.s, p, out.Ptr(), x.Ptr(), 0, ws[i%n].Ptr(), 0, T, sh.N, sh.K)
 				}, nil
 			})
 		case "fp8":
