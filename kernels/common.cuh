@@ -276,45 +276,7 @@ __device__ __forceinline__ uint4 ldg16_early(const bf16* p) {
 // load issued before the first MMA: dep makes that MMA wait for one word
 // of each (a load's words land together) and, masked by zero (0, which the
 // compiler cannot know), adds 0. c: the m16n8 C fragment (rows g, g + 8;
-// ranks 2q, 2q + 1). shrink_load_a and shrink_round_x are its two halves
-// (A's loads; x's loads and the MMAs): sgmv_shrink_e issues the first
-// round's A before griddepcontrol.wait (EARLY: ldg16_early, which ptxas
-// keeps there) and x's after it, the same MMAs in the same order.
-template <int U, int STEP, bool EARLY>
-__device__ __forceinline__ void shrink_load_a(uint4 (&aa)[U], const bf16* ar, int cb, int kend, int q, bool va) {
-#pragma unroll
-    for (int u = 0; u < U; u++) {
-        const int col = cb + u * STEP + q * 8;
-        const bool ok = col < kend && va;
-        aa[u] = !ok ? make_uint4(0, 0, 0, 0) : (EARLY ? ldg16_early(ar + col) : ldg16(ar + col));
-    }
-}
-
-template <int U, int STEP>
-__device__ __forceinline__ void shrink_round_x(float* c, const bf16* x0, const bf16* x1, const uint4 (&aa)[U], int cb, int kend, int q,
-                                               bool v0, bool v1, unsigned zero) {
-    const uint4 z4 = make_uint4(0, 0, 0, 0);
-    uint4 xa[U], xb[U];
-    unsigned dep = 0;
-#pragma unroll
-    for (int u = 0; u < U; u++) {
-        const int col = cb + u * STEP + q * 8;
-        const bool in = col < kend;
-        xa[u] = (in && v0) ? ldg16(x0 + col) : z4;
-        xb[u] = (in && v1) ? ldg16(x1 + col) : z4;
-    }
-#pragma unroll
-    for (int u = 0; u < U; u++) dep |= xa[u].x ^ xb[u].x ^ aa[u].x;
-    c[0] += __int_as_float(dep & zero); // + 0.0f
-#pragma unroll
-    for (int u = 0; u < U; u++) {
-        mma16816(c, xa[u].x, xb[u].x, xa[u].y, xb[u].y, aa[u].x, aa[u].y);
-        mma16816(c, xa[u].z, xb[u].z, xa[u].w, xb[u].w, aa[u].z, aa[u].w);
-    }
-}
-
-// (shrink_round is not written as its two halves: that moves sgmv_shrink's
-// SASS, its A loads issued before x's; sass-diff, session 81.)
+// ranks 2q, 2q + 1).
 template <int U, int STEP>
 __device__ __forceinline__ void shrink_round(float* c, const bf16* x0, const bf16* x1, const bf16* ar, int cb, int kend, int q,
                                              bool v0, bool v1, bool va, unsigned zero) {

@@ -1899,156 +1899,6 @@ extern "C" __global__ void __launch_bounds__(256) silu_mul_cl(bf16* out, const b
     }
 }
 
-// silu_mul_lora{1,2,4}: out = silu(g) * u for a step whose gate/up LoRA
-// update was left unexpanded: the LoRA stream ran the shrink alone, and
-// the expand happens here, so no float32 update is written or read
-// (runtime/gpu/lora_silu.go); the FP8 down projection then quantizes out
-// as it quantizes any input. grid (ceil(cols / 512), ntiles + ceil(rows /
-// SG_TR)), blocks of 256 threads; warp w of block x takes the 8-column
-// n-tiles 8x + w * 8 / 8 ... (64 columns a warp, 512 a block) of the gate
-// and the up halves. Row tile y < ntiles is LoRA tile y (tiles[y]: its
-// first row, at most SG_TR rows, one adapter slot; no rows: a recorded
-// step's spare tile): the tile's update of those columns on the tensor
-// cores as sgmv_expand_tc computes it (tmp, the shrink's output, summed
-// over its ksplit K parts; A fragments split into bf16 pairs; B in
-// expand_tc's K order), added to g and u rounded to bf16 (as silu_mul adds
-// the LoRA stream's float32 update). Row tile y >= ntiles is rows
-// [(y - ntiles) * SG_TR, +SG_TR) of those with no adapter (rl < 0), no
-// update. Gate is the table entry of module m0 (tmp's ranks at 0), up of
-// m1 (at max_rank); KC: 32-rank chunks (ranks multiples of 8, at most 32 *
-// KC); NB n-tiles' loads in flight a warp.
-template <int KC>
-__device__ __forceinline__ void silu_lora_body(
-    bf16* __restrict__ out, const bf16* __restrict__ g, const bf16* __restrict__ u, const float* __restrict__ tmp,
-    const LoraEntry* __restrict__ table, const int4* __restrict__ tiles, const int* __restrict__ rl, int ntiles, int entry_base,
-    int entry_stride, int m0, int m1, int max_rank, int t_stride, int rows_total, int ksplit, int cols, int ldg) {
-    constexpr int R = 32 * KC, W = R + 4, NB = KC >= 4 ? 1 : 4 / KC;
-    __shared__ __align__(16) float ts[2][SG_TR * W]; // the tile's rows of tmp: gate's ranks, up's
-    const int ty = blockIdx.y;
-    const bool lora = ty < ntiles;
-    // before griddepcontrol.wait only step metadata and the table (no
-    // kernel of the step writes them)
-    int r0, n;
-    LoraEntry eg{nullptr, nullptr, 0, 0.f, {0, 0}}, eu = eg;
-    if (lora) {
-        const int4 tile = tiles[ty];
-        r0 = tile.x, n = tile.y;
-        if (n > 0) {
-            eg = table[entry_base + tile.z * entry_stride + m0];
-            eu = table[entry_base + tile.z * entry_stride + m1];
-        }
-    } else {
-        r0 = (ty - ntiles) * SG_TR, n = min(SG_TR, rows_total - r0);
-    }
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gq = lane >> 2, qq = lane & 3;
-    bool v0 = gq < n, v1 = gq + 8 < n;
-    if (!lora) {
-        v0 = v0 && rl[r0 + gq] < 0;
-        v1 = v1 && rl[r0 + gq + 8] < 0;
-    }
-    pdl_entry();
-    if (!__syncthreads_or(v0 || v1)) return; // no rows here
-    if (lora) {
-        // the tile's rows of tmp, summed over the K parts (sum_kparts), for both slices
-        constexpr int PER = SG_TR * R / 256, ZU = EX_ZU / PER > 0 ? EX_ZU / PER : 1, DR = 256 / R;
-        const int rr = threadIdx.x / R, k = threadIdx.x % R;
-#pragma unroll
-        for (int s = 0; s < 2; s++) {
-            const int rk = s == 0 ? eg.rank : eu.rank;
-            bool ok[PER];
-#pragma unroll
-            for (int v = 0; v < PER; v++) ok[v] = rr + DR * v < n && k < rk;
-            float t[PER];
-            sum_kparts<ZU>(t, tmp + ((i64)r0 + rr) * t_stride + s * max_rank + k, (i64)DR * t_stride, (i64)rows_total * t_stride, ksplit, ok);
-#pragma unroll
-            for (int v = 0; v < PER; v++) ts[s][(rr + DR * v) * W + k] = t[v];
-        }
-        __syncthreads();
-    }
-    const bf16* g0 = g + (i64)(r0 + (v0 ? gq : 0)) * ldg;
-    const bf16* g1 = g + (i64)(r0 + (v1 ? gq + 8 : 0)) * ldg;
-    const bf16* u0 = u + (i64)(r0 + (v0 ? gq : 0)) * ldg;
-    const bf16* u1 = u + (i64)(r0 + (v1 ? gq + 8 : 0)) * ldg;
-    bf16* o0 = out + (i64)(r0 + gq) * cols;
-    bf16* o1 = out + (i64)(r0 + gq + 8) * cols;
-    const __nv_bfloat162 zero2 = __floats2bfloat162_rn(0.f, 0.f);
-#pragma unroll 1
-    for (int b0 = 0; b0 < 8; b0 += NB) {
-        // every load of NB n-tiles first: B's fragments, then g and u
-        uint4 bg[NB][KC], bu[NB][KC];
-        __nv_bfloat162 xv[NB][4]; // g row gq, g row gq + 8, u row gq, u row gq + 8
-#pragma unroll
-        for (int j = 0; j < NB; j++) {
-            const int cb = blockIdx.x * 512 + warp * 64 + (b0 + j) * 8; // the n-tile's first column
-            const bool in = cb < cols;
-#pragma unroll
-            for (int kc = 0; kc < KC; kc++) {
-                const int k = kc * 32 + qq * 8;
-                bg[j][kc] = lora && in && k < eg.rank ? ldg16(eg.b + (i64)(cb + gq) * eg.rank + k) : make_uint4(0, 0, 0, 0);
-                bu[j][kc] = lora && in && k < eu.rank ? ldg16(eu.b + (i64)(cb + gq) * eu.rank + k) : make_uint4(0, 0, 0, 0);
-            }
-            const int col = cb + 2 * qq;
-            xv[j][0] = in && v0 ? *reinterpret_cast<const __nv_bfloat162*>(g0 + col) : zero2;
-            xv[j][1] = in && v1 ? *reinterpret_cast<const __nv_bfloat162*>(g1 + col) : zero2;
-            xv[j][2] = in && v0 ? *reinterpret_cast<const __nv_bfloat162*>(u0 + col) : zero2;
-            xv[j][3] = in && v1 ? *reinterpret_cast<const __nv_bfloat162*>(u1 + col) : zero2;
-        }
-#pragma unroll
-        for (int j = 0; j < NB; j++) {
-            const int cb = blockIdx.x * 512 + warp * 64 + (b0 + j) * 8;
-            if (cb >= cols) continue;
-            float dg[4] = {0.f, 0.f, 0.f, 0.f}, du[4] = {0.f, 0.f, 0.f, 0.f};
-            if (lora) {
-#pragma unroll
-                for (int kc = 0; kc < KC; kc++) {
-#pragma unroll
-                    for (int h = 0; h < 2; h++) {
-                        const int k = kc * 32 + qq * 8 + 4 * h;
-#pragma unroll
-                        for (int s = 0; s < 2; s++) {
-                            const float4 t0 = *reinterpret_cast<const float4*>(ts[s] + gq * W + k);
-                            const float4 t1 = *reinterpret_cast<const float4*>(ts[s] + (gq + 8) * W + k);
-                            unsigned ah[4], al[4];
-                            split2(t0.x, t0.y, ah[0], al[0]);
-                            split2(t1.x, t1.y, ah[1], al[1]);
-                            split2(t0.z, t0.w, ah[2], al[2]);
-                            split2(t1.z, t1.w, ah[3], al[3]);
-                            const uint4 bv = s == 0 ? bg[j][kc] : bu[j][kc];
-                            float* acc = s == 0 ? dg : du;
-                            const unsigned b0w = h == 0 ? bv.x : bv.z, b1w = h == 0 ? bv.y : bv.w;
-                            mma16816(acc, ah[0], ah[1], ah[2], ah[3], b0w, b1w);
-                            mma16816(acc, al[0], al[1], al[2], al[3], b0w, b1w);
-                        }
-                    }
-                }
-            }
-            // as silu_mul8: the update added and rounded to bf16, then silu(g) * u rounded
-            const float2 ga = __bfloat1622float2(xv[j][0]), gb = __bfloat1622float2(xv[j][1]);
-            const float2 ua = __bfloat1622float2(xv[j][2]), ub = __bfloat1622float2(xv[j][3]);
-            const float gx[4] = {ga.x, ga.y, gb.x, gb.y}, ux[4] = {ua.x, ua.y, ub.x, ub.y};
-            float y[4];
-#pragma unroll
-            for (int i = 0; i < 4; i++) {
-                const float a = lora ? __bfloat162float(__float2bfloat16_rn(gx[i] + dg[i])) : gx[i];
-                const float b = lora ? __bfloat162float(__float2bfloat16_rn(ux[i] + du[i])) : ux[i];
-                y[i] = a / (1.f + expf(-a)) * b;
-            }
-            const int col = cb + 2 * qq;
-            if (v0) *reinterpret_cast<__nv_bfloat162*>(o0 + col) = __floats2bfloat162_rn(y[0], y[1]);
-            if (v1) *reinterpret_cast<__nv_bfloat162*>(o1 + col) = __floats2bfloat162_rn(y[2], y[3]);
-        }
-    }
-}
-
-#define SILU_LORA_ARGS                                                                                                    \
-    bf16 *out, const bf16 *g, const bf16 *u, const float *tmp, const LoraEntry *table, const int4 *tiles, const int *rl, int ntiles, \
-        int entry_base, int entry_stride, int m0, int m1, int max_rank, int t_stride, int rows_total, int ksplit, int cols, int ldg
-#define SILU_LORA_PASS                                                                                                    \
-    out, g, u, tmp, table, tiles, rl, ntiles, entry_base, entry_stride, m0, m1, max_rank, t_stride, rows_total, ksplit, cols, ldg
-extern "C" __global__ void __launch_bounds__(256) silu_mul_lora1(SILU_LORA_ARGS) { silu_lora_body<1>(SILU_LORA_PASS); }
-extern "C" __global__ void __launch_bounds__(256) silu_mul_lora2(SILU_LORA_ARGS) { silu_lora_body<2>(SILU_LORA_PASS); }
-extern "C" __global__ void __launch_bounds__(256) silu_mul_lora4(SILU_LORA_ARGS) { silu_lora_body<4>(SILU_LORA_PASS); }
-
 // add_rmsnorm_cl: add_rmsnorm (delta set, out set) for steps of a few rows
 // with each row over a cluster of ADD_CL blocks (sm_90; grid rows * ADD_CL,
 // blocks of ADD_CL_THREADS): block `rank` takes columns [rank * per,
@@ -2196,31 +2046,16 @@ extern "C" __global__ void lora_expand(bf16* out, const float* tmp, const LoraEn
 // loads 8 contiguous values of both), so every load is 16 bytes. NB=4 reads
 // each x tile once per 32 rank rows instead of 8 (prefill); NB=1 gives more
 // blocks when there are few rows (decode).
-//
-// EARLY (sgmv_shrink_e, NB 1): the kernel calls no pdl_entry before this;
-// the tile, the table entry and the warp's first round of A (adapter
-// weights and step metadata: nothing a kernel of the step writes) are
-// issued before griddepcontrol.wait, as sgmv_shrink64 does, so that after
-// it only x's loads are a round trip. Every block waits before it exits (a
-// kernel waiting for this one then finds the one before done too). The
-// MMA chain is sgmv_shrink's: the same bits.
-template <int NB, bool EARLY = false>
+template <int NB>
 __device__ __forceinline__ void shrink_body(
     float* __restrict__ tmp, const bf16* __restrict__ x, const LoraEntry* __restrict__ table, const int4* __restrict__ tiles,
     int entry_base, int entry_stride, int m0, int m1, int m2, int rank_tiles, int max_rank,
     int in_f, int x_stride, int t_stride, int rows_total, int kchunk, float* red) {
-    static_assert(!EARLY || NB == 1, "shrink_body: the early loads are sgmv_shrink's (NB 1)");
     const int4 tile = tiles[blockIdx.x];
-    if (tile.y == 0) { // no rows (a recorded step's spare tile)
-        if constexpr (EARLY) pdl_entry();
-        return;
-    }
+    if (tile.y == 0) return; // no rows (a recorded step's spare tile)
     const int s = blockIdx.y / rank_tiles, k0 = (blockIdx.y % rank_tiles) * 8 * NB;
     const LoraEntry e = table[entry_base + tile.z * entry_stride + sg_mod(s, m0, m1, m2)];
-    if (k0 >= e.rank) { // uniform over the block
-        if constexpr (EARLY) pdl_entry();
-        return;
-    }
+    if (k0 >= e.rank) return; // uniform over the block
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
     const int kbeg = blockIdx.z * kchunk, kend = min(in_f, kbeg + kchunk);
     const bool v0 = g < tile.y, v1 = g + 8 < tile.y;
@@ -2237,7 +2072,6 @@ __device__ __forceinline__ void shrink_body(
 #pragma unroll
     for (int nb = 0; nb < NB; nb++) c[nb][0] = c[nb][1] = c[nb][2] = c[nb][3] = 0.f;
     const uint4 z4 = make_uint4(0, 0, 0, 0);
-    if constexpr (EARLY && SG_SU == 0) pdl_entry(); // -DSG_SU=0: the loop below, no early A
     if constexpr (NB == 1 && SG_SU > 0) {
         // SG_SU K-iterations' loads of x and A in flight together. Written
         // plainly, the compiler issues each iteration's loads only after the
@@ -2251,18 +2085,8 @@ __device__ __forceinline__ void shrink_body(
         // (190 KB of shared memory an SM) a staged block does not fit.
         constexpr int U = SG_SU > 0 ? SG_SU : 1; // 1: -DSG_SU=0 must still compile this discarded branch
         const unsigned zero = (unsigned)(kchunk >> 31);
-        if constexpr (EARLY) {
-            const int cb0 = kbeg + warp * 32;
-            uint4 aa[U];
-            shrink_load_a<U, 32 * SG_WARPS, true>(aa, ar[0], cb0, kend, q, va[0]);
-            pdl_entry(); // x is the previous kernel's output
-            for (int cb = cb0; cb < kend; cb += 32 * SG_WARPS * U) {
-                if (cb != cb0) shrink_load_a<U, 32 * SG_WARPS, false>(aa, ar[0], cb, kend, q, va[0]);
-                shrink_round_x<U, 32 * SG_WARPS>(c[0], x0, x1, aa, cb, kend, q, v0, v1, zero);
-            }
-        } else
-            for (int cb = kbeg + warp * 32; cb < kend; cb += 32 * SG_WARPS * U)
-                shrink_round<U, 32 * SG_WARPS>(c[0], x0, x1, ar[0], cb, kend, q, v0, v1, va[0], zero);
+        for (int cb = kbeg + warp * 32; cb < kend; cb += 32 * SG_WARPS * U)
+            shrink_round<U, 32 * SG_WARPS>(c[0], x0, x1, ar[0], cb, kend, q, v0, v1, va[0], zero);
     } else
 #pragma unroll 4
     for (int cb = kbeg + warp * 32; cb < kend; cb += 32 * SG_WARPS) {
@@ -2309,13 +2133,6 @@ extern "C" __global__ void __launch_bounds__(32 * SG_WARPS) sgmv_shrink(SHRINK_A
     pdl_entry();
     __shared__ float red[SG_WARPS * SG_TR * 8];
     shrink_body<1>(SHRINK_PASS, red);
-}
-
-// sgmv_shrink_e: sgmv_shrink with its loads before griddepcontrol.wait
-// (shrink_body's EARLY; kernelForce.shrinkE, off by default).
-extern "C" __global__ void __launch_bounds__(32 * SG_WARPS) sgmv_shrink_e(SHRINK_ARGS) {
-    __shared__ float red[SG_WARPS * SG_TR * 8];
-    shrink_body<1, true>(SHRINK_PASS, red);
 }
 
 extern "C" __global__ void __launch_bounds__(32 * SG_WARPS) sgmv_shrink4(SHRINK_ARGS) {
@@ -2690,14 +2507,7 @@ struct TcShape {
 };
 
 //
-// PRE (sgmv_expand_tcp{1,2,4}; kernelForce.expandPre, off by default):
-// adding in place, the block's output values are loaded right after
-// griddepcontrol.wait, with the tile's rows of tmp, instead of one pair at
-// a time after the MMAs: there each load waits for the store before it
-// (the SASS of the plain kernels: 16 dependent load / add / store round
-// trips a thread at KC 1). The same adds: the same bits.
-//
-// MT (sgmv_expand_tc64: KC 1, MT 4): a block takes MT m16 tiles of rows
+// MT (sgmv_expand_tc64s: KC 1, MT 4): a block takes MT m16 tiles of rows
 // (the step's 64-row tiles of one adapter) and NG / MT column groups a
 // warp: each B column is then read once per 16 MT rows. The MMAs of each
 // output are the same in the same order: the bits of MT 1.
@@ -2711,7 +2521,7 @@ struct TcShape {
 // an instruction: half of each 32-byte sector). The same adds: the same
 // bits. Needs 16-byte aligned rows (o_stride % 8 == 0, out 16-byte
 // aligned: runtime/gpu checks).
-template <int KC, bool PRE = false, int MT = 1, bool ST = false>
+template <int KC, int MT = 1, bool ST = false>
 __device__ __forceinline__ void expand_tc_body(
     bf16* __restrict__ out, const float* __restrict__ tmp, const LoraEntry* __restrict__ table, const int4* __restrict__ tiles,
     int entry_base, int entry_stride, int m0, int m1, int m2, int blk1, int blk2, int off1, int off2, int out_total,
@@ -2720,7 +2530,6 @@ __device__ __forceinline__ void expand_tc_body(
     // ST: the output tile, rows of COLS + 8 bf16 (the 8: a thread's
     // fragment rows g = 0..7 land 4 banks apart)
     constexpr int COLS = TcShape<KC, MT>::COLS, OW = COLS + 8;
-    static_assert(!ST || !PRE, "expand_tc_body: ST loads the outputs itself");
     __shared__ __align__(16) float ts[SG_TR * MT * W];
     __shared__ __align__(16) bf16 os[ST ? 16 * MT * OW : 8];
     // Before griddepcontrol.wait (pdl_entry) this block reads only what no
@@ -2768,24 +2577,6 @@ __device__ __forceinline__ void expand_tc_body(
             }
             cp_async_commit();
         }
-    }
-    // PRE: the output values this thread adds to (the product before this
-    // kernel wrote them: after the wait), in flight with tmp's loads
-    __nv_bfloat162 ov[PRE ? MT : 1][PRE ? NG : 1][2];
-    if constexpr (PRE) {
-#pragma unroll
-        for (int mt = 0; mt < MT; mt++)
-#pragma unroll
-            for (int ng = 0; ng < NG; ng++) {
-                const int col = col0 + ng * 8 + 2 * q;
-#pragma unroll
-                for (int half = 0; half < 2; half++) {
-                    const int r = 16 * mt + g + 8 * half;
-                    ov[mt][ng][half] = accum && rank > 0 && col < sEnd && r < n
-                                           ? *reinterpret_cast<const __nv_bfloat162*>(out + (i64)(tile.x + r) * o_stride + col)
-                                           : __floats2bfloat162_rn(0.f, 0.f);
-                }
-            }
     }
     if (rank > 0) {
         // The tile's rows of tmp, summed over the K parts (sum_kparts):
@@ -2852,7 +2643,7 @@ __device__ __forceinline__ void expand_tc_body(
                     *p = __floats2bfloat162_rn(o.x + v0, o.y + v1);
                 } else if (accum) {
                     __nv_bfloat162* p = reinterpret_cast<__nv_bfloat162*>(out + (i64)(tile.x + r) * o_stride + col);
-                    const float2 o = __bfloat1622float2(PRE ? ov[PRE ? mt : 0][PRE ? ng : 0][half] : *p);
+                    const float2 o = __bfloat1622float2(*p);
                     *p = __floats2bfloat162_rn(o.x + v0, o.y + v1);
                 } else {
                     *reinterpret_cast<float2*>(reinterpret_cast<float*>(out) + (i64)(tile.x + r) * o_stride + col) = make_float2(v0, v1);
@@ -2883,28 +2674,21 @@ __device__ __forceinline__ void expand_tc_body(
 extern "C" __global__ void __launch_bounds__(256) sgmv_expand_tc1(EXPAND_TC_ARGS) { expand_tc_body<1>(EXPAND_TC_PASS); }
 extern "C" __global__ void __launch_bounds__(256) sgmv_expand_tc2(EXPAND_TC_ARGS) { expand_tc_body<2>(EXPAND_TC_PASS); }
 extern "C" __global__ void __launch_bounds__(256) sgmv_expand_tc4(EXPAND_TC_ARGS) { expand_tc_body<4>(EXPAND_TC_PASS); }
-// tcp1 held to 80 registers (three blocks an SM, as tc1's 67): 104 without
-extern "C" __global__ void __launch_bounds__(256, 3) sgmv_expand_tcp1(EXPAND_TC_ARGS) { expand_tc_body<1, true>(EXPAND_TC_PASS); }
-extern "C" __global__ void __launch_bounds__(256) sgmv_expand_tcp2(EXPAND_TC_ARGS) { expand_tc_body<2, true>(EXPAND_TC_PASS); }
-extern "C" __global__ void __launch_bounds__(256) sgmv_expand_tcp4(EXPAND_TC_ARGS) { expand_tc_body<4, true>(EXPAND_TC_PASS); }
-
-// sgmv_expand_tc64: sgmv_expand_tcp1 on the step's 64-row tiles of one
-// adapter (the big tiles sgmv_shrink64 takes: {first row, rows, slot, 0}),
-// 128 columns a block instead of 512 (expand_tc_body's MT 4;
-// kernelForce.expand64, off by default). Each B column is then read once
-// per 64 rows of its adapter, not once per 16 (a step of 256 rows with
-// four adapters reads B once instead of four times; a 4 x 512 prefill 8
-// times instead of 32). The same bits as tc1.
+// sgmv_expand_tc64s: sgmv_expand_tc1 adding in place on the step's 64-row
+// tiles of one adapter (the big tiles sgmv_shrink64 takes: {first row,
+// rows, slot, 0}), 128 columns a block instead of 512 (expand_tc_body's MT
+// 4), the output tile staged in shared memory (ST): 16-byte whole-row
+// loads and stores of the values it adds to. Each B column is read once
+// per 64 rows of its adapter, not once per 16. By default from
+// stageOutMinRows LoRA rows (kernelForce.stageOut). The same bits as tc1.
+// (Without the staging, sgmv_expand_tc64, and tc1 with the output values
+// loaded early, sgmv_expand_tcp*, lost: PERFORMANCE v0.75-v0.78, removed
+// in v0.80.)
 #define X64_COLS 128 // TcShape<1, 4>::COLS; x64Cols in runtime/gpu
-extern "C" __global__ void __launch_bounds__(256) sgmv_expand_tc64(EXPAND_TC_ARGS) {
-    static_assert(TcShape<1, 4>::COLS == X64_COLS, "sgmv_expand_tc64: runtime/gpu's x64Cols");
-    expand_tc_body<1, true, 4>(EXPAND_TC_PASS);
+extern "C" __global__ void __launch_bounds__(256) sgmv_expand_tc64s(EXPAND_TC_ARGS) {
+    static_assert(TcShape<1, 4>::COLS == X64_COLS, "sgmv_expand_tc64s: runtime/gpu's x64Cols");
+    expand_tc_body<1, 4, true>(EXPAND_TC_PASS);
 }
-// sgmv_expand_tc64s: sgmv_expand_tc64 with the output tile staged in
-// shared memory (expand_tc_body's ST; kernelForce.stageOut, by
-// default from stageOutMinRows LoRA rows): 16-byte whole-row loads and stores of the values it adds to.
-// The same bits.
-extern "C" __global__ void __launch_bounds__(256) sgmv_expand_tc64s(EXPAND_TC_ARGS) { expand_tc_body<1, false, 4, true>(EXPAND_TC_PASS); }
 
 // l2_flush: reads n 16-byte words (a buffer larger than L2) and writes nothing
 // unless the impossible happens, so the cache ends up full of clean lines.

@@ -235,7 +235,7 @@ type slotState struct {
 type funcs struct {
 	embed, addRMSNorm, addRMSNormCl, rmsnormRows, ropeStore, attention, siluMul, siluMulCl, shrink, expand *cuda.Function
 	addBias, headRMSNorm, addDelta, fillRows                                                               *cuda.Function
-	sgShrink, sgShrink4, sgShrink64, sgShrink64P, sgShrinkE, sgExpand, sample, logitAdjust                 *cuda.Function
+	sgShrink, sgShrink4, sgShrink64, sgShrink64P, sgExpand, sample, logitAdjust                            *cuda.Function
 	attnDecode                                                                                             [4]*cuda.Function // attn_decode_d32, d64, d128, d256
 	attnDecode8                                                                                            [4]*cuda.Function // attn_decode8_d*: FP8 keys
 	attnDecode2                                                                                            [4]*cuda.Function // attn_decode2_d*: 2 warps a block (decV2)
@@ -245,12 +245,9 @@ type funcs struct {
 	attnPrefill                                                                                            [3]*cuda.Function // attn_prefill_d32, d64, d128
 	attnPrefill8                                                                                           [3]*cuda.Function // attn_prefill8_d*: FP8 keys
 	sgExpandTC                                                                                             [3]*cuda.Function // sgmv_expand_tc1, tc2, tc4
-	sgExpandTCP                                                                                            [3]*cuda.Function // sgmv_expand_tcp1, tcp2, tcp4 (kernelForce.expandPre)
-	sgExpandTC64                                                                                           *cuda.Function    // sgmv_expand_tc64 (kernelForce.expand64)
 	sgExpandTC64S                                                                                          *cuda.Function    // sgmv_expand_tc64s (kernelForce.stageOut)
 	ropeRows                                                                                               *cuda.Function    // rope_store_rows
 	ropeLoRA                                                                                               *cuda.Function    // rope_store_lora
-	siluMulLoRA                                                                                            [3]*cuda.Function // silu_mul_lora1, 2, 4 (lora_silu.go)
 }
 
 // forced is an int setting of kernelForce whose 0 means the default and
@@ -302,7 +299,6 @@ type kernelForce struct {
 	wholeLoad  bool          // adapter loads: a step waits for the whole image before it starts (no per-layer start)
 	slowFill   time.Duration // adapter loads: a sleep after each chunk's fill (tests: a step must wait for the host)
 	ropeLoRA   int           // q/k/v LoRA expanded inside RoPE at 1-16 rows (lora_rope.go): 1 on, -1 off, 0 by the rows (ropeFold)
-	siluLoRA   int           // FP8 gate/up LoRA expanded inside silu_mul (lora_silu.go): 1 on, -1 off, 0 by the rows (siluFold)
 	siluCl     int           // FP8 silu_mul of 1-64 rows: 1 silu_mul_cl (a cluster of blocks a row) wherever it fits, -1 never, 0 by the rows (siluClFits)
 	nodePrio   int           // recordings run the LoRA stream's kernels at that stream's priority (graph.go nodePriority): 1 at every row count, -1 at none, 0 by the rows
 	memHoist   int           // recordings and cuBLASLt's memsets (memsethoist.go): -1 as captured, 1 moved beside the kernel before them, 0 moved and replaced by fill_rows
@@ -310,11 +306,7 @@ type kernelForce struct {
 	addCl      int           // add_rmsnorm as add_rmsnorm_cl (a cluster of blocks a row; norm_cl.go): 1 wherever it fits, -1 never, 0 by the rows and update (addClFits)
 	shrink64   int           // LoRA shrinks as sgmv_shrink64 (64-row tiles): 1 always, -1 never, 0 from sgBigMinRows LoRA rows
 	shrinkPipe int           // those shrinks as sgmv_shrink64p (each lane's loads through its own cp.async ring in shared memory; the same bits) where the card has the shared memory (sbpFits): 1 always, -1 never, 0 where shrinkPipeAuto
-	expandLate int           // from this many LoRA rows (0: never) the LoRA stream runs the shrinks alone and each expand runs in place on the compute stream when its product is read (lora.go expandLate)
-	expand64   bool          // rank-32-class tensor-core LoRA expands as sgmv_expand_tc64 (64-row tiles of one adapter, 128 columns a block: B read once per 64 rows; the output values loaded early when adding in place; tc1's bits)
-	stageOut   int           // rank-32-class expands adding in place as sgmv_expand_tc64s (the output tile staged in shared memory: 16-byte whole-row loads and stores, not 4-byte ones in the MMA fragment's layout; the same bits): 1 wherever expand64 is set, -1 never, 0 from stageOutMinRows LoRA rows where stageOutAuto (on)
-	expandPre  bool          // tensor-core LoRA expands adding in place as sgmv_expand_tcp* (the output values loaded with tmp's, not one pair at a time after the MMAs; the same bits)
-	shrinkE    bool          // LoRA shrinks of 8 rank rows a block as sgmv_shrink_e (tile, table entry and first A round before griddepcontrol.wait; sgmv_shrink's bits)
+	stageOut   int           // rank-32-class expands adding in place as sgmv_expand_tc64s (the output tile staged in shared memory: 16-byte whole-row loads and stores, not 4-byte ones in the MMA fragment's layout; the same bits): 1 always, -1 never, 0 from stageOutMinRows LoRA rows where stageOutAuto (on)
 	oNoPDL     int           // the o group's LoRA kernels launched without PDL (loraAside: its expand's blocks, placed early under the shrink, would take the SMs the o product launching after them needs): 1 on, -1 off, 0 the default (FP8 steps above fp8MidRows rows; Backend.oNoPDL)
 	l2Win      int           // the LoRA update buffer as an L2 persisting window (l2win.go): 1 on, -1 off, 0 the default (loraL2Default, PEFTD_LORA_L2); 3 on over the whole buffer, not loraL2Bytes of it (an A/B)
 }
@@ -333,15 +325,12 @@ type Backend struct {
 	// fused counts the fused ops' launches enqueued or recorded
 	// (LinearSiLU, LinearAddRMSNorm: tests see that a step took them)
 	fused struct{ silu, norm int }
-	// shrinkEs, expandPres, expand64s, expandStageds, shrinkBigs and
-	// shrinkPipes count the sgmv_shrink_e, sgmv_expand_tcp*,
-	// sgmv_expand_tc64, sgmv_expand_tc64s, sgmv_shrink64 and
-	// sgmv_shrink64p launches enqueued or recorded (tests)
-	shrinkEs, expandPres, expand64s, expandStageds, shrinkBigs, shrinkPipes int
+	// expandStageds, shrinkBigs and shrinkPipes count the
+	// sgmv_expand_tc64s, sgmv_shrink64 and sgmv_shrink64p launches
+	// enqueued or recorded (tests)
+	expandStageds, shrinkBigs, shrinkPipes int
 	// sbpFits: a block may have sgmv_shrink64p's shared memory (sbpShared)
 	sbpFits bool
-	// lateExpands counts the expands join ran in place for expandLate
-	lateExpands int
 	// attnOut is the buffer the step's last Attention op wrote: the
 	// product that reads it is o (kernelForce.wsEarlyO)
 	attnOut cuda.DevicePtr
@@ -429,7 +418,6 @@ type Backend struct {
 	preFit           [3]bool
 	pdl              bool      // the compute stream launches kernels programmatically (Options.NoPDL)
 	ropeLoRALaunches int       // rope_store_lora launches recorded or run (lora_rope.go; tests)
-	siluLoRALaunches int       // silu_mul_lora launches recorded or run (lora_silu.go; tests)
 	addClUpdates     int       // add_rmsnorm_cl launches that added a LoRA update (norm_cl.go; tests)
 	tune             tuneState // Options.TuneGEMMs (tune.go)
 	nDec, nPre       int       // decode sequences and prefill rows of the step
@@ -692,7 +680,7 @@ func (b *Backend) open(opts Options) error {
 	}{{&b.fn.embed, "embed"}, {&b.fn.addRMSNorm, "add_rmsnorm"}, {&b.fn.rmsnormRows, "rmsnorm_rows"}, {&b.fn.ropeStore, "rope_store"},
 		{&b.fn.attention, "attention"}, {&b.fn.siluMul, "silu_mul"}, {&b.fn.siluMulCl, "silu_mul_cl"}, {&b.fn.addRMSNormCl, "add_rmsnorm_cl"},
 		{&b.fn.shrink, "lora_shrink"}, {&b.fn.expand, "lora_expand"},
-		{&b.fn.sgShrink, "sgmv_shrink"}, {&b.fn.sgShrink4, "sgmv_shrink4"}, {&b.fn.sgShrink64, "sgmv_shrink64"}, {&b.fn.sgShrink64P, "sgmv_shrink64p"}, {&b.fn.sgShrinkE, "sgmv_shrink_e"},
+		{&b.fn.sgShrink, "sgmv_shrink"}, {&b.fn.sgShrink4, "sgmv_shrink4"}, {&b.fn.sgShrink64, "sgmv_shrink64"}, {&b.fn.sgShrink64P, "sgmv_shrink64p"},
 		{&b.fn.sgExpand, "sgmv_expand"},
 		{&b.fn.sample, "sample_rows"}, {&b.fn.logitAdjust, "logit_adjust"}, {&b.fn.attnDecode[0], "attn_decode_d32"}, {&b.fn.attnDecode[1], "attn_decode_d64"},
 		{&b.fn.attnDecode[2], "attn_decode_d128"}, {&b.fn.attnDecode[3], "attn_decode_d256"},
@@ -708,9 +696,8 @@ func (b *Backend) open(opts Options) error {
 		{&b.fn.attnPrefill8[0], "attn_prefill8_d32"}, {&b.fn.attnPrefill8[1], "attn_prefill8_d64"}, {&b.fn.attnPrefill8[2], "attn_prefill8_d128"},
 		{&b.fn.addBias, "add_bias"}, {&b.fn.headRMSNorm, "head_rmsnorm"}, {&b.fn.addDelta, "add_delta"}, {&b.fn.fillRows, "fill_rows"},
 		{&b.fn.sgExpandTC[0], "sgmv_expand_tc1"}, {&b.fn.sgExpandTC[1], "sgmv_expand_tc2"}, {&b.fn.sgExpandTC[2], "sgmv_expand_tc4"},
-		{&b.fn.sgExpandTCP[0], "sgmv_expand_tcp1"}, {&b.fn.sgExpandTCP[1], "sgmv_expand_tcp2"}, {&b.fn.sgExpandTCP[2], "sgmv_expand_tcp4"}, {&b.fn.sgExpandTC64, "sgmv_expand_tc64"}, {&b.fn.sgExpandTC64S, "sgmv_expand_tc64s"},
-		{&b.fn.ropeRows, "rope_store_rows"}, {&b.fn.ropeLoRA, "rope_store_lora"},
-		{&b.fn.siluMulLoRA[0], "silu_mul_lora1"}, {&b.fn.siluMulLoRA[1], "silu_mul_lora2"}, {&b.fn.siluMulLoRA[2], "silu_mul_lora4"}} {
+		{&b.fn.sgExpandTC64S, "sgmv_expand_tc64s"},
+		{&b.fn.ropeRows, "rope_store_rows"}, {&b.fn.ropeLoRA, "rope_store_lora"}} {
 		if *f.p, err = b.mod.Function(f.name); err != nil {
 			return err
 		}

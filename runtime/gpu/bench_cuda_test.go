@@ -147,18 +147,14 @@ func loraParamsPerRank(cfg *llama.Config) int {
 // fused SGMV kernels of kernels/sgmv.cu (one launch per op), tc the shrink
 // and tensor-core expand; graph_us is tc in a recorded step's layout, the
 // updates added in place (as serial LoRA does), aside_us the same written
-// as float32 updates (as the LoRA stream does beside the products), early_us
-// aside_us with the shrinks on sgmv_shrink_e (kernelForce.shrinkE), pre_us
-// tc_us with the expands on sgmv_expand_tcp* (kernelForce.expandPre),
-// x64_us pre_us with the rank-32 class's on sgmv_expand_tc64 (64-row
-// tiles; kernelForce.expand64), x64a_us aside_us with sgmv_expand_tc64,
-// x64s_us x64_us with the output tile staged in shared memory
-// (sgmv_expand_tc64s, kernelForce.stageOut; tc_us takes it from
+// as float32 updates (as the LoRA stream does beside the products),
+// x64s_us tc_us with the rank-32 class's expands on 64-row tiles with the
+// output tile staged in shared memory at every row count
+// (sgmv_expand_tc64s, kernelForce.stageOut 1; tc_us takes it from
 // stageOutMinRows LoRA rows, stageOutAuto), nopipe_us tc_us with the
 // big shrinks on sgmv_shrink64, not sgmv_shrink64p (kernelForce.shrinkPipe
-// -1; sgBigMinRows LoRA rows up); NaN where the
-// variant's kernel does not run (sgmv_shrink64's rows for early_us, ranks
-// above 32 for the x64 columns).
+// -1; sgBigMinRows LoRA rows up); NaN where the variant's kernel does not
+// run (ranks above 32 for x64s_us).
 func TestLoRABench(t *testing.T) {
 	if os.Getenv("PEFTD_LORA_BENCH") == "" {
 		t.Skip("set PEFTD_LORA_BENCH=1 to run")
@@ -326,7 +322,7 @@ func TestLoRABench(t *testing.T) {
 		}
 		return float64(2 * T * n)
 	}
-	bench("lora %-4s %-4s %-9s %9s %9s %9s %9s %8s %9s %9s %7s %7s %7s %7s %9s %9s %9s %9s %9s %9s %9s %9s", "N", "rank", "T", "v0_us", "v1_us", "v2_us", "tc_us", "adapt_MB", "floor_us", "floorA_us", "v1_frac", "v2_frac", "tcA_frac", "v1/tc", "graph_us", "aside_us", "early_us", "pre_us", "x64_us", "x64a_us", "x64s_us", "nopipe_us")
+	bench("lora %-4s %-4s %-9s %9s %9s %9s %9s %8s %9s %9s %7s %7s %7s %7s %9s %9s %9s %9s", "N", "rank", "T", "v0_us", "v1_us", "v2_us", "tc_us", "adapt_MB", "floor_us", "floorA_us", "v1_frac", "v2_frac", "tcA_frac", "v1/tc", "graph_us", "aside_us", "x64s_us", "nopipe_us")
 	rng := rand.New(rand.NewPCG(1, 2))
 	for _, nAd := range []int{1, 4, 16} {
 		for _, rank := range []int{16, 32, 64} {
@@ -376,13 +372,13 @@ func TestLoRABench(t *testing.T) {
 				// default: shrink + tensor-core expand), and the graph layout:
 				// what a replayed serving step of T rows runs (the rows padded
 				// to their bucket, the bucket's tile capacity, the rank class)
-				var us [12]float64
+				var us [8]float64
 				for v := range 5 {
 					if only != nil && v == 0 {
 						continue
 					}
 					if v == 4 {
-						us[4], us[5], us[6], us[9] = math.NaN(), math.NaN(), math.NaN(), math.NaN()
+						us[4], us[5] = math.NaN(), math.NaN()
 						// (the rig's graphs have tiles for 8 adapters: the
 						// 16-adapter rows get no graph column)
 						if b.g.off || !b.preOK || T > b.g.maxRows || len(c.segs) > b.g.slots {
@@ -390,12 +386,6 @@ func TestLoRABench(t *testing.T) {
 						}
 						graphLoRALayout(t, b, m, T)
 						us[4], us[5] = timeGraph(true), timeGraph(false)
-						b.force.shrinkE = true // aside, the shrinks on sgmv_shrink_e
-						us[6] = ranOr(&b.shrinkEs, timeGraph, false)
-						b.force.shrinkE = false
-						b.force.expand64 = true // aside, the expands on sgmv_expand_tc64
-						us[9] = ranOr(&b.expand64s, timeGraph, false)
-						b.force.expand64 = false
 						r.end()
 						continue
 					}
@@ -404,32 +394,23 @@ func TestLoRABench(t *testing.T) {
 					us[v] = timeGraph(true)
 					r.end()
 				}
-				// pre_us: tc with the expands' output values loaded early
-				// (sgmv_expand_tcp*); x64_us: and on 64-row tiles
-				// (sgmv_expand_tc64, the rank-32 class)
-				b.force = kernelForce{shrink64: sh64, loraKChunk: kc, expandPre: true, stageOut: -1}
+				// x64s_us: tc with the expands on sgmv_expand_tc64s at every
+				// row count (the rank-32 class)
+				b.force = kernelForce{shrink64: sh64, loraKChunk: kc, stageOut: 1}
 				r.begin(m)
-				us[7] = ranOr(&b.expandPres, timeGraph, true)
-				r.end()
-				b.force.expand64 = true
-				r.begin(m)
-				us[8] = ranOr(&b.expand64s, timeGraph, true)
-				r.end()
-				b.force.stageOut = 1
-				r.begin(m)
-				us[10] = ranOr(&b.expandStageds, timeGraph, true)
+				us[6] = ranOr(&b.expandStageds, timeGraph, true)
 				r.end()
 				// nopipe_us: tc with the big shrinks on sgmv_shrink64, not
 				// sgmv_shrink64p (kernelForce.shrinkPipe -1)
 				b.force = kernelForce{shrink64: sh64, loraKChunk: kc, shrinkPipe: -1}
 				r.begin(m)
-				us[11] = ranOr(&b.shrinkBigs, timeGraph, true)
+				us[7] = ranOr(&b.shrinkBigs, timeGraph, true)
 				r.end()
 				b.force = kernelForce{}
 				adBytes := float64(2 * rank * perRank * len(c.segs))
 				floor := adBytes / bw * 1e6
 				floorAll := (adBytes + actBytes(T)) / bw * 1e6
-				bench("lora %-4d %-4d %-9s %9.1f %9.1f %9.1f %9.1f %8.1f %9.1f %9.1f %7.2f %7.2f %7.2f %7.2f %9.1f %9.1f %9.1f %9.1f %9.1f %9.1f %9.1f %9.1f", nAd, rank, c.label, us[0], us[1], us[2], us[3], adBytes/1e6, floor, floorAll, floor/us[1], floor/us[2], floorAll/us[3], us[1]/us[3], us[4], us[5], us[6], us[7], us[8], us[9], us[10], us[11])
+				bench("lora %-4d %-4d %-9s %9.1f %9.1f %9.1f %9.1f %8.1f %9.1f %9.1f %7.2f %7.2f %7.2f %7.2f %9.1f %9.1f %9.1f %9.1f", nAd, rank, c.label, us[0], us[1], us[2], us[3], adBytes/1e6, floor, floorAll, floor/us[1], floor/us[2], floorAll/us[3], us[1]/us[3], us[4], us[5], us[6], us[7])
 			}
 		}
 	}
@@ -463,7 +444,6 @@ type decodeVariant struct {
 	wsfrom                       int    // FP8 weights: fp8_ws from this many rows below 17 too (fp8State.wsFrom; label +wsN)
 	pa                           bool   // FP8 weights: cuBLASLt's FP8 products with float32 promotion (Options.FP8PreciseAccum)
 	silucl                       int    // FP8 silu_mul of 1-64 rows as silu_mul_cl (kernelForce.siluCl: 1 wherever it fits, -1 never, 0 the default)
-	sfold                        int    // FP8 gate/up LoRA update expanded inside silu_mul (kernelForce.siluLoRA: 1 on, -1 off, 0 the default)
 	addcl                        int    // add_rmsnorm as add_rmsnorm_cl (kernelForce.addCl: 1 wherever it fits, -1 never, 0 the default: 1-16 rows adding a LoRA update)
 	hoist                        int    // recordings and cuBLASLt's memsets (kernelForce.memHoist: -1 as captured, 1 moved, 0 the default: moved and replaced by fill_rows)
 	prio                         int    // recordings with the LoRA stream's kernels at its priority (kernelForce.nodePrio: 1 at every row count, -1 at none, 0 the default)
@@ -486,10 +466,6 @@ type decodeVariant struct {
 	wssilu                       int    // bf16 gate/up and silu_mul in one gemm_ws_silu launch where it fits (kernelForce.wsSiLU: 1 on, -1 never, 0 the default: wsSiLUAuto)
 	wsearlyo                     int    // the same for o alone (kernelForce.wsEarlyO; 0: as wsearly)
 	wshalf                       int    // gate/up on the half-row kernels (gemm_wsh, fp8_wsh) where loaded (kernelForce.wsHalf: 1 on, -1 never, 0 the default: wsHalfAuto, wsHalfFP8Auto)
-	she                          bool   // LoRA shrinks of 8 rank rows a block on sgmv_shrink_e (kernelForce.shrinkE)
-	x64                          bool   // rank-32-class LoRA expands on sgmv_expand_tc64, 64-row tiles (kernelForce.expand64)
-	pre                          bool   // in-place tensor-core expands on sgmv_expand_tcp* (kernelForce.expandPre)
-	late                         int    // from this many LoRA rows the expands in place on the compute stream, the shrinks alone beside (kernelForce.expandLate)
 	onopdl                       int    // the o group's LoRA kernels without PDL (kernelForce.oNoPDL: 1 on, -1 off, 0 the default)
 	wsnorm                       int    // o and down with the add_rmsnorm after them in one gemm_ws_norm / fp8_ws_norm launch where it fits (kernelForce.wsNorm: 1 on, -1 never, 0 the default: wsNormAuto)
 }
@@ -501,9 +477,9 @@ func (v decodeVariant) force(f kernelForce) kernelForce {
 	f.noSkinny, f.skLate, f.decVar, f.bws = v.lt, v.skLate, v.dv, v.bws
 	f.wgFull, f.loraKChunk = v.wgFull, v.kc
 	f.holds, f.pdlJoins, f.loraInline = v.holds, v.pdlJoins, v.inline
-	f.ropeLoRA, f.nodePrio, f.siluCl, f.addCl, f.siluLoRA = v.rfold, v.prio, v.silucl, v.addcl, v.sfold
+	f.ropeLoRA, f.nodePrio, f.siluCl, f.addCl = v.rfold, v.prio, v.silucl, v.addcl
 	f.memHoist, f.l2Win, f.shrink64, f.wsSiLU, f.wsEarly, f.wsNorm, f.wsEarlyO, f.wsHalf = v.hoist, v.l2, v.sh64, v.wssilu, v.wsearly, v.wsnorm, v.wsearlyo, v.wshalf
-	f.shrinkE, f.expand64, f.expandPre, f.expandLate, f.oNoPDL = v.she, v.x64, v.pre, v.late, v.onopdl
+	f.oNoPDL = v.onopdl
 	return f
 }
 
@@ -599,22 +575,11 @@ func (v decodeVariant) label(ads []*lora.Adapter, pdlOK bool) string {
 	}
 	lbl += onOffLabel(v.rfold, "rfold")
 	lbl += onOffLabel(v.sh64, "sh64")
-	if v.she {
-		lbl += "+she"
-	}
-	if v.x64 {
-		lbl += "+x64"
-	}
-	if v.pre {
-		lbl += "+pre"
-	}
-	lbl += countLabel(v.late, "late")
 	lbl += onOffLabel(v.wssilu, "wssilu")
 	lbl += onOffLabel(v.wsnorm, "wsnorm")
 	lbl += onOffLabel(v.wshalf, "wshalf")
 	lbl += countLabel(v.wsearly, "wsearly") + countLabel(v.wsearlyo, "wsearlyo")
 	lbl += onOffLabel(v.silucl, "silucl")
-	lbl += onOffLabel(v.sfold, "sfold")
 	lbl += onOffLabel(v.addcl, "addcl")
 	lbl += onOffLabel(v.prio, "prio")
 	lbl += onOffLabel(v.onopdl, "onopdl")
@@ -840,14 +805,12 @@ func TestDecodeBench(t *testing.T) {
 		{lora: true, sms: -1, rfold: 1}, {lora: true, sms: -1, rfold: -1},
 		{sms: -1, noseg: true}, {lora: true, sms: -1, noseg: true}, {sms: -1, nosege: true}, {lora: true, sms: -1, prio: -1}, {lora: true, sms: -1, prio: 1}, {sms: -1, hoist: -1}, {lora: true, sms: -1, hoist: -1}, {sms: -1, hoist: 1}, {lora: true, sms: -1, hoist: 1},
 		{sms: -1, silucl: -1}, {lora: true, sms: -1, silucl: -1}, {sms: -1, silucl: 1}, {lora: true, sms: -1, silucl: 1},
-		{lora: true, sms: -1, sfold: 1}, {lora: true, sms: -1, sfold: -1},
 		{sms: -1, addcl: -1}, {lora: true, sms: -1, addcl: -1}, {sms: -1, addcl: 1}, {lora: true, sms: -1, addcl: 1},
 		{sms: -1, padOld: true}, {lora: true, sms: -1, padOld: true},
 		{sms: -1, fslate: true}, {lora: true, sms: -1, fslate: true},
 		{sms: -1, noe1: true}, {lora: true, sms: -1, noe1: true}, {lora: true, sms: -1, e1lone: true},
 		{sms: -1, l2: -1}, {lora: true, sms: -1, l2: -1}, {sms: -1, l2: 3}, {lora: true, sms: -1, l2: 3},
-		{lora: true, sms: -1, sh64: 1}, {lora: true, sms: -1, sh64: -1}, {lora: true, sms: -1, she: true}, {lora: true, sms: -1, x64: true},
-		{lora: true, sms: -1, late: 128, x64: true}, {lora: true, sms: -1, late: 128, pre: true}, {lora: true, sms: -1, late: 1, x64: true},
+		{lora: true, sms: -1, sh64: 1}, {lora: true, sms: -1, sh64: -1},
 		{sms: -1, pa: true}, {lora: true, sms: -1, pa: true},
 		{sms: -1, wssilu: 1}, {sms: -1, wssilu: -1},
 		{sms: -1, wsnorm: 1}, {sms: -1, wsnorm: -1}, {sms: -1, wssilu: 1, wsnorm: 1},
@@ -882,9 +845,6 @@ func TestDecodeBench(t *testing.T) {
 				h[i] = n
 			}
 			vs = append(vs, decodeVariant{lora: true, sms: -1, holds: h})
-			// and with the expands in place on the compute stream (the
-			// LoRA stream runs the shrinks alone: fewer SMs may do)
-			vs = append(vs, decodeVariant{lora: true, sms: -1, holds: h, late: 1, x64: true})
 		}
 	}
 	if os.Getenv("PEFTD_DECODE_QUICK") != "" { // base and adapters, each with cuBLASLt (+lt), and with FP8 weights with fp8_stream at every row count (+fs) and at none (+gv)
@@ -1066,7 +1026,7 @@ func TestDecodeBench(t *testing.T) {
 	gb.force.noSkinny, gb.force.skLate, gb.force.decVar, gb.force.bws = false, false, 0, 0
 	gb.force.wgFull, gb.force.loraKChunk = false, 0
 	gb.force.holds, gb.force.pdlJoins, gb.force.ropeLoRA, gb.force.nodePrio = [4]int{}, 0, 0, 0
-	gb.force.siluCl, gb.force.memHoist, gb.force.l2Win, gb.force.siluLoRA = 0, 0, 0, 0
+	gb.force.siluCl, gb.force.memHoist, gb.force.l2Win = 0, 0, 0
 	if err := gb.applyL2Window(); err != nil {
 		t.Fatal(err)
 	}

@@ -257,20 +257,15 @@ func TestPDLMatchesSerialLaunch(t *testing.T) {
 	matchSteps(t, m, len(adapters), ep, es, "with and without PDL")
 }
 
-// TestLoRAVariantsMatch: with the LoRA shrinks of 8 rank rows a block on
-// sgmv_shrink_e (kernelForce.shrinkE: tile, table entry and first A round
-// before griddepcontrol.wait), with the tensor-core expands adding in
-// place on sgmv_expand_tcp* (expandPre: the output values loaded early;
-// both engines' LoRA serial, where every update adds in place),
-// and with the rank-32-class expands on sgmv_expand_tc64 (expand64: 64-row
-// tiles), and with the expands left to the compute stream (expandLate:
-// in place when the product is read, on tcp or tc64), every logits row of
-// the prefill, mixed and decode steps (replayed recordings and eager
-// steps, adapters in them) is bit-identical to the default kernels', and
-// each variant ran.
+// TestLoRAVariantsMatch: with the rank-32-class expands adding in place
+// on sgmv_expand_tc64s at every row count (kernelForce.stageOut 1: 64-row
+// tiles, the output tile staged; both engines' LoRA serial, where every
+// update adds in place), every logits row of the prefill, mixed and
+// decode steps (replayed recordings and eager steps, adapters in them) is
+// bit-identical to the default kernels', and each variant ran.
 func TestLoRAVariantsMatch(t *testing.T) {
 	m, all, _ := loadFixture(t)
-	// the rank-32 class alone for sgmv_expand_tc64 (the fixture's rank-64
+	// the rank-32 class alone for sgmv_expand_tc64s (the fixture's rank-64
 	// adapter puts every step in the rank-64 class: tc 2)
 	upTo32 := map[string]*lora.Adapter{}
 	for n, a := range all {
@@ -331,14 +326,7 @@ type loraVariant struct {
 }
 
 var loraVariants = []loraVariant{
-	{"sgmv_shrink_e", true, false, false, func(f *kernelForce) { f.shrinkE = true }, func(b *Backend) int { return b.shrinkEs }},
-	{"sgmv_expand_tcp", true, false, true, func(f *kernelForce) { f.expandPre = true }, func(b *Backend) int { return b.expandPres }},
-	{"sgmv_expand_tc64", true, true, false, func(f *kernelForce) { f.expand64 = true }, func(b *Backend) int { return b.expand64s }},
-	{"sgmv_expand_tc64s", true, true, true, func(f *kernelForce) { f.expand64, f.stageOut = true, 1 }, func(b *Backend) int { return b.expandStageds }},
-	// the late variants count join's late expands: an eager step above
-	// the graph rows adds in place anyway (its expands count as tcp / tc64)
-	{"late sgmv_expand_tcp", false, false, false, func(f *kernelForce) { f.expandLate, f.expandPre = 1, true }, func(b *Backend) int { return min(b.lateExpands, b.expandPres) }},
-	{"late sgmv_expand_tc64", false, true, false, func(f *kernelForce) { f.expandLate, f.expand64 = 1, true }, func(b *Backend) int { return min(b.lateExpands, b.expand64s) }},
+	{"sgmv_expand_tc64s", true, true, true, func(f *kernelForce) { f.stageOut = 1 }, func(b *Backend) int { return b.expandStageds }},
 }
 
 // adapterMaxRank is the largest rank of a's projections.

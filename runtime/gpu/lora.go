@@ -256,15 +256,10 @@ func (b *Backend) loraAside(o, x *Buffer, layer int, mods []llama.Module, total 
 		b.fail(b.la.s.SetProgrammaticLaunch(false))
 		defer func() { b.fail(b.la.s.SetProgrammaticLaunch(true)) }()
 	}
-	// The shrink alone where RoPE or silu_mul expands the update
-	// (lora_rope.go, lora_silu.go), or, late, join expands it in place
-	// when the output is read; else shrink and expand into delta.
-	tc := b.tcChunks(mods)
-	fold := b.ropeFold(mods, tc) || b.siluFold(mods, tc)
-	late := !fold && b.expandLate(tc) && b.sgmvOK(x, mods, o.ld, ptr(o))
-	if fold || late {
+	// The shrink alone where RoPE expands the update (lora_rope.go); else
+	// shrink and expand into delta.
+	if tc := b.tcChunks(mods); b.ropeFold(mods, tc) {
 		pend = b.pendLoRA(o, layer, mods, tc, b.loraShrink(b.la.s, x, layer, mods), false)
-		pend.lora.late = late
 	} else {
 		b.loraSlices(b.la.s, d, total, x, layer, mods, false)
 	}
@@ -289,15 +284,6 @@ func (b *Backend) oNoPDL(mods []llama.Module) bool {
 	return len(mods) == 1 && mods[0] == llama.O && forcedOn(b.force.oNoPDL, b.f8 != nil && b.rows() > fp8MidRows)
 }
 
-// expandLate reports whether a group's update (tc: its tensor-core chunks)
-// is left to the compute stream: the LoRA stream runs its shrink alone and
-// the op that reads the product first expands it in place (join), so no
-// float32 update is written and read back (kernelForce.expandLate: from
-// that many LoRA rows; off by default, PERFORMANCE v0.73).
-func (b *Backend) expandLate(tc int) bool {
-	return b.force.expandLate > 0 && tc > 0 && b.nLora >= b.force.expandLate
-}
-
 // join adds a pending update to its output (after the LoRA stream's work).
 func (b *Backend) join() {
 	p := b.la.pend
@@ -310,9 +296,6 @@ func (b *Backend) join() {
 	}
 	b.waitUpdate(p)
 	if l := p.lora; l != nil { // an op other than RoPE reads it: expanded in place
-		if l.late {
-			b.lateExpands++
-		}
 		b.expandTC(b.s, l.tc, p.base, p.ld, l.offs, l.ms, l.base, l.stride, l.tStride, l.ks, 1)
 		b.gen++
 		return
@@ -612,8 +595,6 @@ func (b *Backend) shrinkPlan(st *cuda.Stream, inF, n int) sgShrinkPlan {
 		}
 	case !b.graphLayout && b.nLora >= 8*b.nTiles && b.nTiles*n >= 16:
 		p.f, p.nb = b.fn.sgShrink4, 32
-	case b.force.shrinkE:
-		p.f = b.fn.sgShrinkE
 	}
 	p.rankTiles = (b.stepRank + p.nb - 1) / p.nb
 	blocks := tiles * n * p.rankTiles
@@ -675,8 +656,6 @@ func (b *Backend) launchShrink(st *cuda.Stream, sp sgShrinkPlan, x *Buffer, base
 		tiles, nTiles = b.off.bigTiles, b.nBig
 	}
 	switch sp.f {
-	case b.fn.sgShrinkE:
-		b.shrinkEs++
 	case b.fn.sgShrink64:
 		b.shrinkBigs++
 	case b.fn.sgShrink64P:
@@ -696,13 +675,11 @@ func (b *Backend) expandTC(st *cuda.Stream, tc int, outPtr cuda.DevicePtr, outSt
 	n := len(offs) - 1
 	total := offs[n]
 	off1, off2 := slices12(offs)
-	// sgmv_expand_tc64 (kernelForce.expand64): the rank-32 class on the
-	// step's 64-row tiles; sgmv_expand_tc64s (stageOut): the same with
-	// the output tile staged, for an update added in place into 16-byte
-	// aligned rows
+	// sgmv_expand_tc64s (stageOut): the rank-32 class on the step's
+	// 64-row tiles with the output tile staged, for an update added in
+	// place into 16-byte aligned rows
 	canStage := acc == 1 && outStride%8 == 0 && outPtr%16 == 0
-	staged := canStage && (b.force.stageOut > 0 && b.force.expand64 || b.force.stageOut == 0 && stageOutAuto && b.nLora >= stageOutMinRows)
-	big := (b.force.expand64 || staged) && tc == 1 && b.nBig > 0
+	big := canStage && forcedOn(b.force.stageOut, stageOutAuto && b.nLora >= stageOutMinRows) && tc == 1 && b.nBig > 0
 	// blocks per slice of sgmv_expand_tc{tc}; blk1, blk2: where slices 1 and 2 start
 	cols := tcBlockCols(tc)
 	if big {
@@ -716,16 +693,9 @@ func (b *Backend) expandTC(st *cuda.Stream, tc int, outPtr cuda.DevicePtr, outSt
 	blk1, blk2 := slices12(start)
 	f := b.fn.sgExpandTC[bits.TrailingZeros(uint(tc))]
 	tiles, nTiles := b.off.tiles, b.nTiles
-	switch {
-	case big && staged:
+	if big {
 		f, tiles, nTiles = b.fn.sgExpandTC64S, b.off.bigTiles, b.nBig
 		b.expandStageds++
-	case big:
-		f, tiles, nTiles = b.fn.sgExpandTC64, b.off.bigTiles, b.nBig
-		b.expand64s++
-	case b.force.expandPre && acc == 1:
-		f = b.fn.sgExpandTCP[bits.TrailingZeros(uint(tc))]
-		b.expandPres++
 	}
 	b.launchOn(st, f, cuda.Dim3{X: grid, Y: nTiles}, cuda.Dim3{X: 256},
 		outPtr, b.stepTmp, b.table, b.i32(tiles), base, stride, ms[0], ms[1], ms[2], blk1, blk2, off1, off2, total,
@@ -740,14 +710,15 @@ func (b *Backend) expandTC(st *cuda.Stream, tc int, outPtr cuda.DevicePtr, outSt
 // (256 rows 108.3 vs 77.8). v0.77 (H200, on by default): 4 x 256 = 1,024
 // rows 159.6 against pre 169.2; 4 x 128 = 512 rows it would lose, 125.8
 // against 107.6. The kernel gives tc1's bits (TestLoRAVariantsMatch,
-// TestOpLoRAFused).
+// TestOpLoRAFused). kernelForce.stageOut 1 takes it at every row count,
+// -1 at none.
 const (
 	stageOutMinRows = 1024
 	stageOutAuto    = true
 )
 
 // x64Cols is X64_COLS in llama.cu: the output columns of an
-// sgmv_expand_tc64 block.
+// sgmv_expand_tc64s block.
 const x64Cols = 128
 
 // groupSlices is the layout of fused group mods (at most three

@@ -38,7 +38,6 @@ type loraPend struct {
 	ks, tStride, base, stride, tc int
 	offs                          []int
 	ms                            [3]int
-	late                          bool // expandLate's: expanded in place by join, not by RoPE or silu_mul
 }
 
 // ropeFold reports whether group mods' update (tc: its tensor-core chunks,
@@ -76,7 +75,7 @@ func (b *Backend) pendLoRA(o *Buffer, layer int, mods []llama.Module, tc, ks int
 func (b *Backend) takeQKV(qb, kb, vb *Buffer) (loraPend, bool) {
 	p := b.la.pend
 	l := p.lora
-	if l == nil || l.late || len(l.offs) != 4 || b.err != nil {
+	if l == nil || len(l.offs) != 4 || b.err != nil {
 		return loraPend{}, false
 	}
 	for i, v := range []*Buffer{qb, kb, vb} {

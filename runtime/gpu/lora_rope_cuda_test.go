@@ -25,27 +25,6 @@ func TestRopeLoRAFixture(t *testing.T) {
 		func(_ *testing.T, b *Backend, on int) { b.force.ropeLoRA = on }, func(b *Backend) int { return b.ropeLoRALaunches })
 }
 
-// TestSiluLoRAFixture: the gate/up LoRA update expanded inside silu_mul
-// (silu_mul_lora, lora_silu.go) against the reference, as
-// TestRopeLoRAFixture runs the q/k/v fold: FP8 weights and FP8 keys (the
-// fold needs the FP8 down projection's quantizing silu_mul; bf16 skips),
-// every step's update forced into silu_mul and not. The fixture's
-// intermediate size (352) leaves the cluster's last block part of a tile's
-// columns, and its teacher-forced prompts fill several tiles an adapter
-// beside rows with none.
-func TestSiluLoRAFixture(t *testing.T) {
-	forcedFixture(t, "expand in silu_mul", "silu_mul_lora launches",
-		func(t *testing.T, b *Backend, on int) {
-			if b.f8 == nil {
-				t.Skip("bf16 weights: no quantizing silu_mul to fold into")
-			}
-			if b.ctx.Device().Major < 9 {
-				t.Skip("no thread-block clusters before sm_90")
-			}
-			b.force.siluLoRA = on
-		}, func(b *Backend) int { return b.siluLoRALaunches })
-}
-
 // forcedFixture runs the tiny fixture's cases co-batched and teacher-forced
 // with a kernel choice forced off and on (set, -1 then 1; it may skip), for bf16
 // weights, FP8 weights and FP8 keys: on must launch the kernel (count) and

@@ -839,9 +839,6 @@ func (b *Backend) siluClFits(cols int) bool {
 // SiLUMul computes out = silu(gate) * up.
 func (b *Backend) SiLUMul(out, gate, up engine.Buffer) {
 	o, g, u := buf(out), buf(gate), buf(up)
-	if b.siluLoRA(o, g, u) { // the gate/up update expanded here (lora_silu.go)
-		return
-	}
 	var dg, du uint64 // LoRA updates of gate and up from the LoRA stream
 	ldd := 0
 	if p, ld := b.fuse(g, u); p != nil {

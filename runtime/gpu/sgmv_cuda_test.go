@@ -148,8 +148,7 @@ func TestOpLoRAFused(t *testing.T) {
 			got := r.read(out, T)
 			if !aside && mode != "v0" && mode != "v2" {
 				// each variant gives the default kernels' bits (where the
-				// plan takes it: sgmv_shrink_e only where it is sgmv_shrink,
-				// single projections here; tc64 the rank-32 class)
+				// plan takes it: tc64s the rank-32 class, in place)
 				// and written aside as float32 (accum 0: the LoRA stream's
 				// update, zeros where a slice has no adapter)
 				upd, err := r.b.ctx.Alloc(4 * T * total)
