@@ -6,7 +6,7 @@ import (
 )
 
 // TestWgTilingEmulated runs wg_body's index arithmetic (kernels/common.cuh,
-// PEFTD_WG: fp8_wg, gemm_wg) on the CPU with integers for the operands,
+// PEFTD_WG: fp8_wg) on the CPU with integers for the operands,
 // for one and two warpgroups a block, each block's whole pipeline in turn
 // (in a shuffled order, so any of a shared tile's blocks may finish it):
 // its stage units (b U / G on), each stage's cp.async chunks where the
