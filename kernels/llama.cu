@@ -1794,8 +1794,8 @@ __device__ __forceinline__ uint4 silu_mul8(uint4 gw, uint4 uw, const float* dg, 
 // down projection (no quantization launch).
 #define SILU_RC 4 // 16-byte words of a row each thread keeps in registers when quantizing (rows of up to 32 * blockDim values)
 __device__ __forceinline__ uint4 ld16(const bf16* p) { return *reinterpret_cast<const uint4*>(p); }
-extern "C" __global__ void silu_mul(bf16* out, const bf16* g, const bf16* u, const float* dg, const float* du, const int* rl,
-                                    int rows, int cols, int ldg, int ldd, unsigned char* q, float* qscale) {
+__device__ __forceinline__ void silu_mul_body(bf16* out, const bf16* g, const bf16* u, const float* dg, const float* du, const int* rl,
+                                              int rows, int cols, int ldg, int ldd, unsigned char* q, float* qscale) {
     pdl_entry();
     if (q) { // one block per row, quantized as it is stored
         __shared__ float sh[33];
@@ -1854,6 +1854,16 @@ extern "C" __global__ void silu_mul(bf16* out, const bf16* g, const bf16* u, con
         out[i] = tobf(x / (1.f + expf(-x)) * y);
     }
 }
+#define SILU_MUL_ARGS                                                                                                    \
+    bf16 *out, const bf16 *g, const bf16 *u, const float *dg, const float *du, const int *rl, int rows, int cols, int ldg, \
+        int ldd, unsigned char *q, float *qscale
+#define SILU_MUL_PASS out, g, u, dg, du, rl, rows, cols, ldg, ldd, q, qscale
+extern "C" __global__ void silu_mul(SILU_MUL_ARGS) { silu_mul_body(SILU_MUL_PASS); }
+// silu_mul_o2: silu_mul with at most 64 registers a thread, so two of the
+// quantizing path's 512-thread blocks fit an SM (silu_mul's 80 registers
+// fit one: ncu, H100, 256 rows of 14,336 columns, 1.94 waves, 17.2 µs at
+// 26% of DRAM; PERFORMANCE v0.79). Chosen by kernelForce.siluO2.
+extern "C" __global__ void __launch_bounds__(512, 2) silu_mul_o2(SILU_MUL_ARGS) { silu_mul_body(SILU_MUL_PASS); }
 
 // silu_mul_cl: silu_mul's quantizing path for steps of a few rows with each
 // row over a cluster of SILU_CL blocks (sm_90; grid rows x SILU_CL, blocks

@@ -917,12 +917,13 @@ func checkFusedQuant(t *testing.T, r *rig, f8 *fp8State, out engine.Buffer, T, H
 // quant_rows_e4m3's. A width that is not a multiple of 8 takes the unfused
 // kernel.
 func TestFP8FusedQuantSiLU(t *testing.T) {
-	// each width with one block a row (silu_mul) and, on sm_90+, a cluster
-	// of blocks a row (silu_mul_cl, the default up to siluClRows rows):
-	// 20000 gives some threads of silu_mul_cl two words
-	for _, c := range []struct{ H, cl int }{{256, -1}, {1032, -1}, {260, -1}, {256, 0}, {1032, 0}, {14344, 0}, {20000, 0}, {20000, -1}} {
+	// each width with one block a row (silu_mul; o2: silu_mul_o2) and, on
+	// sm_90+, a cluster of blocks a row (silu_mul_cl, the default up to
+	// siluClRows rows): 20000 gives some threads of silu_mul_cl two words
+	for _, c := range []struct{ H, cl, o2 int }{{256, -1, 0}, {1032, -1, 0}, {260, -1, 0}, {256, 0, 0}, {1032, 0, 0}, {14344, 0, 0}, {20000, 0, 0}, {20000, -1, 0},
+		{14344, -1, 1}, {20000, -1, 1}, {1032, -1, 1}} {
 		H := c.H
-		t.Run(fmt.Sprintf("%d-cl%d", H, c.cl), func(t *testing.T) {
+		t.Run(fmt.Sprintf("%d-cl%d-o2%d", H, c.cl, c.o2), func(t *testing.T) {
 			cfg := testConfig(128, H, 4, 2, 32, 64, 1)
 			r := newRig(t, cfg, 8, engine.KVSpec{Layers: 1, Blocks: 4, BlockSize: 16, KVHeads: 2, HeadDim: 32})
 			f8, err := newFP8(r.b.ctx, r.b.s, r.b.mm, kernels.Options{})
@@ -943,7 +944,7 @@ func TestFP8FusedQuantSiLU(t *testing.T) {
 			plain := r.read(out, T)
 			r.end()
 			r.b.f8 = f8
-			r.b.force.siluCl = c.cl
+			r.b.force.siluCl, r.b.force.siluO2 = c.cl, c.o2
 			if c.cl == 0 && !r.b.siluClFits(H) && r.b.ctx.Device().Major >= 9 {
 				t.Fatalf("silu_mul_cl does not take %d columns", H)
 			}

@@ -836,6 +836,19 @@ func (b *Backend) siluClFits(cols int) bool {
 	return forcedOn(b.force.siluCl, b.rows() <= siluClRows) && b.ctx.Device().Major >= 9 && cols%8 == 0 && cols/8 <= siluCl*siluClWords
 }
 
+// siluMulFn is the kernel of the quantizing silu_mul with one 512-thread
+// block a row: silu_mul, or silu_mul_o2 (at most 64 registers a thread, two
+// blocks an SM) where kernelForce.siluO2 says. By default silu_mul: ncu
+// (PERFORMANCE v0.79, H100, 256 rows) found silu_mul's 80 registers a
+// thread fit one block an SM, two waves for 256 rows; silu_mul_o2 is built
+// for that A/B (TestDecodeBench +siluo2) and not measured yet.
+func (b *Backend) siluMulFn() *cuda.Function {
+	if forcedOn(b.force.siluO2, false) && b.fn.siluMulO2 != nil {
+		return b.fn.siluMulO2
+	}
+	return b.fn.siluMul
+}
+
 // SiLUMul computes out = silu(gate) * up.
 func (b *Backend) SiLUMul(out, gate, up engine.Buffer) {
 	o, g, u := buf(out), buf(gate), buf(up)
@@ -860,7 +873,7 @@ func (b *Backend) SiLUMul(out, gate, up engine.Buffer) {
 			b.launchCluster(b.fn.siluMulCl, cuda.Dim3{X: b.rows() * siluCl}, cuda.Dim3{X: 256}, cuda.Dim3{X: siluCl},
 				ptr(o), ptr(g), ptr(u), dg, du, b.rowLora(), o.cols, g.ld, ldd, b.f8.actQ.Ptr(), b.f8.actS.Ptr())
 		} else {
-			b.launch(b.fn.siluMul, cuda.Dim3{X: b.rows()}, cuda.Dim3{X: 512}, ptr(o), ptr(g), ptr(u), dg, du, b.rowLora(), b.rows(), o.cols, g.ld, ldd,
+			b.launch(b.siluMulFn(), cuda.Dim3{X: b.rows()}, cuda.Dim3{X: 512}, ptr(o), ptr(g), ptr(u), dg, du, b.rowLora(), b.rows(), o.cols, g.ld, ldd,
 				b.f8.actQ.Ptr(), b.f8.actS.Ptr())
 		}
 		if b.err == nil {
