@@ -443,7 +443,7 @@ type decodeVariant struct {
 	wslone                       bool   // FP8 weights: fp8_ws only for products no LoRA update runs beside (fp8State.wsLone: v0.58-v0.62's rule)
 	wsfrom                       int    // FP8 weights: fp8_ws from this many rows below 17 too (fp8State.wsFrom; label +wsN)
 	pa                           bool   // FP8 weights: cuBLASLt's FP8 products with float32 promotion (Options.FP8PreciseAccum)
-	siluo2                       int    // FP8 silu_mul above 64 rows as silu_mul_o2 (kernelForce.siluO2: 1 on, -1 off, 0 the default)
+	siluo2                       int    // FP8 silu_mul of more than 64 rows as silu_mul_o2 (kernelForce.siluO2: 1 on, -1 off, 0 the default: above fp8MidRows)
 	silucl                       int    // FP8 silu_mul of 1-64 rows as silu_mul_cl (kernelForce.siluCl: 1 wherever it fits, -1 never, 0 the default)
 	addcl                        int    // add_rmsnorm as add_rmsnorm_cl (kernelForce.addCl: 1 wherever it fits, -1 never, 0 the default: 1-16 rows adding a LoRA update)
 	hoist                        int    // recordings and cuBLASLt's memsets (kernelForce.memHoist: -1 as captured, 1 moved, 0 the default: moved and replaced by fill_rows)
@@ -807,7 +807,7 @@ func TestDecodeBench(t *testing.T) {
 		{lora: true, sms: -1, rfold: 1}, {lora: true, sms: -1, rfold: -1},
 		{sms: -1, noseg: true}, {lora: true, sms: -1, noseg: true}, {sms: -1, nosege: true}, {lora: true, sms: -1, prio: -1}, {lora: true, sms: -1, prio: 1}, {sms: -1, hoist: -1}, {lora: true, sms: -1, hoist: -1}, {sms: -1, hoist: 1}, {lora: true, sms: -1, hoist: 1},
 		{sms: -1, silucl: -1}, {lora: true, sms: -1, silucl: -1}, {sms: -1, silucl: 1}, {lora: true, sms: -1, silucl: 1},
-		{sms: -1, siluo2: 1}, {lora: true, sms: -1, siluo2: 1},
+		{sms: -1, siluo2: -1}, {lora: true, sms: -1, siluo2: -1}, {sms: -1, siluo2: 1}, {lora: true, sms: -1, siluo2: 1},
 		{sms: -1, addcl: -1}, {lora: true, sms: -1, addcl: -1}, {sms: -1, addcl: 1}, {lora: true, sms: -1, addcl: 1},
 		{sms: -1, padOld: true}, {lora: true, sms: -1, padOld: true},
 		{sms: -1, fslate: true}, {lora: true, sms: -1, fslate: true},

@@ -838,12 +838,15 @@ func (b *Backend) siluClFits(cols int) bool {
 
 // siluMulFn is the kernel of the quantizing silu_mul with one 512-thread
 // block a row: silu_mul, or silu_mul_o2 (at most 64 registers a thread, two
-// blocks an SM) where kernelForce.siluO2 says. By default silu_mul: ncu
-// (PERFORMANCE v0.79, H100, 256 rows) found silu_mul's 80 registers a
-// thread fit one block an SM, two waves for 256 rows; silu_mul_o2 is built
-// for that A/B (TestDecodeBench +siluo2) and not measured yet.
+// blocks an SM) above fp8MidRows rows (kernelForce.siluO2: 1 at every row
+// count, -1 at none). ncu (PERFORMANCE v0.79, H100, 256 rows) found
+// silu_mul's 80 registers a thread fit one block an SM, two waves for 256
+// rows. v0.80 (H100, device ms a step, base / four rank-32 adapters):
+// mixed steps (64 rows + a 176-token prompt) 6.24 / 7.45 -> 6.17 / 7.38,
+// 256 rows 11.84 / 13.00 -> 11.76 / 12.93; at 128 rows it lost, 7.89 /
+// 8.43 -> 7.94 / 8.51.
 func (b *Backend) siluMulFn() *cuda.Function {
-	if forcedOn(b.force.siluO2, false) && b.fn.siluMulO2 != nil {
+	if forcedOn(b.force.siluO2, b.rows() > fp8MidRows) && b.fn.siluMulO2 != nil {
 		return b.fn.siluMulO2
 	}
 	return b.fn.siluMul
