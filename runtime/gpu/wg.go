@@ -25,7 +25,7 @@ type wgProduct struct {
 	fn, fn2    [len(skinnyVariants)]*cuda.Function
 	two        bool               // fn2 where it fits
 	part, done *cuda.DeviceBuffer // shared tiles' partials, and per-tile counters left at zero between launches
-	esize      int                // operand bytes: 1 (e4m3) or 2 (bf16)
+	esize      int                // operand bytes: 1 (e4m3; wg_body also compiles 2, bf16, which nothing loads since gemm_wg went)
 	sms        int                // SMs planned for (the compute stream's: partition.go)
 	smsMax     int                // the device's: the partials are sized for it
 	forceG     int                // benchmarks: this many blocks (0: wgPerSM an SM; at most that)

@@ -17,8 +17,9 @@ import (
 // bytes as the weights at 64 rows). A K split (grid.y) meets in the
 // kernel: float32 partials summed in split order by the tile's last block.
 // Each stage is copied by cp.async (TMA copies were measured no faster:
-// PERFORMANCE v0.55-v0.56, removed in v0.80). fp8_ws is in the FP8 module's wgmma build (kernels.FP8Wgmma, loaded by default on
-// sm_90a); gemm_ws_n* (bf16 operands, no scales) in the forward module
+// PERFORMANCE v0.55-v0.56, removed in v0.80). fp8_ws is in the FP8
+// module's wgmma build (kernels.FP8Wgmma, loaded by default on sm_90a);
+// gemm_ws_n* (bf16 operands, no scales) in the forward module
 // only with PEFTD_WS or PEFTD_WG. By default fp8State.wsAuto sends every
 // FP8 product of 17-64 rows it plans to fp8_ws (PERFORMANCE v0.56: q/k/v
 // and o with no LoRA update beside; v0.58: every such one, after v0.57
