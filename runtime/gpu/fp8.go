@@ -148,6 +148,11 @@ type fp8State struct {
 	// fp8_gemv (wsMinRows dates from before v0.57's scale fix and v0.63's
 	// WS_INFLIGHT 1; TestDecodeBench `+wsN`)
 	wsFrom int
+	// wsLoneFrom (0: off; wsLoneFromDefault as New sets it): under wsAuto,
+	// a lone product (no LoRA update beside it) takes fp8_ws from this many
+	// rows below wsMinRows too (benchmarks turn it off: TestDecodeBench
+	// +nowslone)
+	wsLoneFrom int
 	// wgAuto (unless Options.NoFP8Wgmma) sends wgAutoFits' products to
 	// fp8_wg (wgAutoDefault: as New set it, for benchmarks that switch it);
 	// shared is set by Backend.Linear while the LoRA stream runs beside
@@ -345,6 +350,28 @@ func (f *fp8State) invalidate() { f.cValid = false }
 // plans it: every product, or with wsLone only one no LoRA update runs beside.
 func (f *fp8State) wsAutoTakes() bool { return f.wsAuto && (f.lone || !f.wsLone) }
 
+// wsLoneFromDefault is fp8State.wsLoneFrom as New sets it: FP8 products of
+// 9-16 rows with no LoRA update beside them on fp8_ws (with its half-row
+// gate/up), not fp8_stream. H200, v0.77 (TestDecodeBench +ws9, which sent
+// every 9-16-row product there): 16 rows base 3.31 -> 3.23 ms, but four
+// rank-32 adapters 3.68 -> 3.82 (beside the LoRA stream fp8_ws's one-wave
+// plans lose the SMs the LoRA blocks take), so only lone products.
+const wsLoneFromDefault = 9
+
+// wsBelowFrom is the fewest rows below wsMinRows from which a product
+// takes fp8_ws (0: none), lone if no LoRA update runs beside it: wsFrom
+// where set and wsOn or wsAuto would take it, else wsLoneFrom for a lone
+// product under wsAuto.
+func (f *fp8State) wsBelowFrom(lone bool) int {
+	if f.wsFrom > 0 && (f.wsOn || f.wsAuto && (lone || !f.wsLone)) {
+		return f.wsFrom
+	}
+	if f.wsLoneFrom > 0 && f.wsAuto && lone {
+		return f.wsLoneFrom
+	}
+	return 0
+}
+
 // linear enqueues out[T, w.rows] (bf16) = x[T, w.cols] (bf16) @ W^T through
 // the FP8 GEMM: x's rows are quantized per token into the scratch unless
 // the scratch already holds them (same input, rows and write generation gen).
@@ -363,8 +390,8 @@ func (f *fp8State) linear(out, x cuda.DevicePtr, T int, w *fp8Weight, gen uint64
 	if f.ltForce || f.ltRows[[4]int{T, w.rows, K, f.mm.SMTarget()}] {
 		return f.mm.GemmTNScaled(f.s, out, cuda.R16BF, f.actQ.Ptr(), f.actS.Ptr(), w.q.Ptr(), w.scale.Ptr(), T, w.rows, K)
 	}
-	if f.wsFrom > 0 && T < wsMinRows && (f.wsOn || f.wsAutoTakes()) {
-		if p, ok := f.ws.planFrom(T, w.rows, K, f.wsFrom); ok {
+	if from := f.wsBelowFrom(f.lone); from > 0 && T < wsMinRows {
+		if p, ok := f.ws.planFrom(T, w.rows, K, from); ok {
 			return f.ws.launch(f.s, p, out, f.actQ.Ptr(), f.actS.Ptr(), w.q.Ptr(), w.scale.Ptr(), T, w.rows, K)
 		}
 	}

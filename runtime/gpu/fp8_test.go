@@ -446,3 +446,31 @@ func TestWsFusedPlans(t *testing.T) {
 		t.Error("halfOn without the half-row kernel")
 	}
 }
+
+// TestWsBelowFrom: below wsMinRows fp8_ws takes lone products from
+// wsLoneFrom rows under wsAuto (the default, wsLoneFromDefault), never a
+// product beside a LoRA update unless wsFrom asks for it (and wsLone does
+// not keep it to lone ones), and nothing with wsAuto and wsOn off.
+func TestWsBelowFrom(t *testing.T) {
+	for _, c := range []struct {
+		name             string
+		auto, on, wsLone bool
+		wsFrom, loneFrom int
+		lone             bool
+		want             int
+	}{
+		{"default, lone", true, false, false, 0, wsLoneFromDefault, true, wsLoneFromDefault},
+		{"default, beside LoRA", true, false, false, 0, wsLoneFromDefault, false, 0},
+		{"lone rule off", true, false, false, 0, 0, true, 0},
+		{"wsAuto off", false, false, false, 0, wsLoneFromDefault, true, 0},
+		{"+ws9 beside LoRA", true, false, false, 9, wsLoneFromDefault, false, 9},
+		{"+ws1 lone", true, false, false, 1, wsLoneFromDefault, true, 1},
+		{"+ws9 with wsLone, beside LoRA", true, false, true, 9, wsLoneFromDefault, false, 0},
+		{"+ws9 forced on, wsAuto off", false, true, false, 9, 0, false, 9},
+	} {
+		f := &fp8State{wsAuto: c.auto, wsOn: c.on, wsLone: c.wsLone, wsFrom: c.wsFrom, wsLoneFrom: c.loneFrom}
+		if got := f.wsBelowFrom(c.lone); got != c.want {
+			t.Errorf("%s: wsBelowFrom(%v) = %d, want %d", c.name, c.lone, got, c.want)
+		}
+	}
+}

@@ -17,8 +17,8 @@ import (
 // with bf16, 5.0 with FP8: PERFORMANCE v0.71, v0.68) is gone. The values are rounded where the two
 // kernels round them (ws_put_silu rounds g and u to bf16 first, as
 // stored): bit for bit the two kernels' without the staggered K walk,
-// within the last bits of g and u's float32 sums with it. Off by default
-// until measured (wsSiLUAuto).
+// within the last bits of g and u's float32 sums with it. On by default
+// for bf16 weights, off for FP8 (wsSiLUAuto).
 
 // wsSiluSync is WsSiluQ's sync words: 64 row maxima and two counters.
 const wsSiluSync = 66
@@ -63,15 +63,15 @@ func (g *wsProduct) launchSiLU(s *cuda.Stream, p wsPlan, act, x, sx, w, sw, q, q
 		uint64(q), uint64(qscale), sync)
 }
 
-// wsSiLUAuto is whether LinearSiLU takes the products it fits by default.
-// Off: session 79 built gemm_ws_silu and fp8_ws_silu and tested them on
-// the CPU side (their SASS compiled; every other kernel's unchanged) but
-// was lent no GPU after, so they are neither checked nor measured there
-// yet. kernelForce.wsSiLU 1 turns them on (TestDecodeBench row +wssilu,
-// the A/B; TestBF16WsSiLU, TestFP8WsSiLU, TestOpLinearSiLU and
-// TestOpLinearSiLUFP8 check them against the separate kernels and
-// float64).
-const wsSiLUAuto = false
+// wsSiLUAuto is whether LinearSiLU takes the products it fits by default,
+// by weight format. bf16 on: base steps of 32 / 64 rows 6.66 / 7.63 ->
+// 6.62 / 7.50 ms on an H100 (PERFORMANCE v0.81; the bf16 end has no grid
+// barrier). FP8 off: fp8_ws_silu's grid barrier costs more than silu_mul's
+// own launch (v0.76). kernelForce.wsSiLU 1 / -1 turns both on / off
+// (TestDecodeBench rows +wssilu / +nowssilu, the A/Bs; TestBF16WsSiLU,
+// TestFP8WsSiLU, TestOpLinearSiLU and TestOpLinearSiLUFP8 check them
+// against the separate kernels and float64).
+func wsSiLUAuto(fp8 bool) bool { return !fp8 }
 
 // LinearSiLU is engine.LinearSiLUOps: act = silu(gate) * up where [gate
 // up] = in . w^T, as one gemm_ws_silu or fp8_ws_silu launch where the
@@ -83,7 +83,8 @@ const wsSiLUAuto = false
 // (other rows, a green-context partition, off by kernelForce.wsSiLU and
 // wsSiLUAuto).
 func (b *Backend) LinearSiLU(act, in engine.Buffer, w engine.Weight) bool {
-	if !forcedOn(b.force.wsSiLU, wsSiLUAuto) || !b.ok() {
+	fw, fp8 := w.(*fp8Weight)
+	if !forcedOn(b.force.wsSiLU, wsSiLUAuto(fp8)) || !b.ok() {
 		return false
 	}
 	N, K := weightShape(w)
@@ -95,7 +96,6 @@ func (b *Backend) LinearSiLU(act, in engine.Buffer, w engine.Weight) bool {
 	if !ok || !ws.siluFits(p, N) {
 		return false
 	}
-	fw, fp8 := w.(*fp8Weight)
 	if fp8 && !b.f8.fits(T, o.cols) {
 		return false
 	}
@@ -161,8 +161,10 @@ func (b *Backend) wsAlone(w engine.Weight, in *Buffer, T, N, K int) (*wsProduct,
 		if !(f.wsOn || f.wsAuto) || f.ltForce || f.ltRows[[4]int{T, N, K, f.mm.SMTarget()}] || !f.fits(T, K) {
 			return nil, wsPlan{}, false
 		}
-		if f.wsFrom > 0 && T < wsMinRows {
-			from = f.wsFrom // as fp8State.linear sends them (TestDecodeBench +wsN: its 9-16-row A/B)
+		if T < wsMinRows { // as fp8State.linear sends them (wsBelowFrom; TestDecodeBench +wsN: its 9-16-row A/B)
+			if from = f.wsBelowFrom(true); from == 0 { // a fused op has no LoRA update beside it
+				return nil, wsPlan{}, false
+			}
 		}
 	} else if !b.bwsTakes(T, N, K, false) {
 		return nil, wsPlan{}, false

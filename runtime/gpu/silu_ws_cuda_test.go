@@ -252,7 +252,7 @@ func TestOpLinearSiLU(t *testing.T) {
 	for _, c := range []struct {
 		T, force int
 		want     bool
-	}{{16, 1, false}, {17, 1, true}, {40, 1, true}, {64, 1, true}, {65, 1, false}, {40, -1, false}, {40, 0, wsSiLUAuto}} {
+	}{{16, 1, false}, {17, 1, true}, {40, 1, true}, {64, 1, true}, {65, 1, false}, {40, -1, false}, {40, 0, wsSiLUAuto(false)}} {
 		r := newRig(t, testConfig(K, I, 4, 2, 64, 32, 1), c.T, engine.KVSpec{Layers: 1, Blocks: 5, BlockSize: 16, KVHeads: 2, HeadDim: 64})
 		if r.b.bws == nil {
 			t.Skip("gemm_ws is compiled only for sm_90a")
@@ -301,7 +301,7 @@ func TestOpLinearSiLU(t *testing.T) {
 // act's quantized rows in the activation scratch (fp8State.holds: the
 // down projection reads them, no quantizing launch), and the down
 // projection after it matches the one after the two ops; declined at 16
-// and 65 rows.
+// and 65 rows, and by default (wsSiLUAuto: off for FP8).
 func TestOpLinearSiLUFP8(t *testing.T) {
 	const I, K = 448, 256
 	cfg := testConfig(K, I, 4, 2, 64, 32, 1)
@@ -314,6 +314,15 @@ func TestOpLinearSiLUFP8(t *testing.T) {
 		wgu, wd := r.projection("model.layers.0.mlp.up_proj.weight", 2*I, K, "fp8"), r.projection("model.layers.0.mlp.down_proj.weight", K, I, "fp8")
 		x := r.buffer(T, K)
 		r.fill(x, r.rnd(T*K, 1))
+		if T == 40 { // the default (wsSiLU 0) for FP8 weights: wsSiLUAuto(true)
+			a := r.buffer(T, I)
+			r.begin(oneSeq(T, 16, zeros(T)))
+			r.b.force.wsSiLU = 0
+			if took := r.b.LinearSiLU(a, x, wgu); took != wsSiLUAuto(true) {
+				t.Errorf("T=%d: by default LinearSiLU took the FP8 product: %v, want %v", T, took, wsSiLUAuto(true))
+			}
+			r.end()
+		}
 		run := func(fused bool) (act, out []float32, took bool) {
 			a, o := r.buffer(T, I), r.buffer(T, K)
 			r.begin(oneSeq(T, 16, zeros(T)))
