@@ -300,12 +300,13 @@ func TestOpLinearSiLU(t *testing.T) {
 // (within opTol: the same rounding points, sums in another K order), leaves
 // act's quantized rows in the activation scratch (fp8State.holds: the
 // down projection reads them, no quantizing launch), and the down
-// projection after it matches the one after the two ops; declined at 16
-// and 65 rows, and by default (wsSiLUAuto: off for FP8).
+// projection after it matches the one after the two ops; taken from
+// wsLoneFrom rows (9: fp8State.linear's lone products), declined at 8 and
+// 65 rows, and by default (wsSiLUAuto: off for FP8).
 func TestOpLinearSiLUFP8(t *testing.T) {
 	const I, K = 448, 256
 	cfg := testConfig(K, I, 4, 2, 64, 32, 1)
-	for _, T := range []int{16, 17, 40, 64, 65} {
+	for _, T := range []int{8, 16, 17, 40, 64, 65} {
 		r := newRigWith(t, cfg, T, engine.KVSpec{Layers: 1, Blocks: 8, BlockSize: 16, KVHeads: 2, HeadDim: 64}, Options{WeightFormat: "fp8"})
 		if r.b.f8 == nil || r.b.f8.ws == nil {
 			t.Skip("fp8_ws is compiled only in the wgmma build, for sm_90a")
@@ -353,7 +354,11 @@ func TestOpLinearSiLUFP8(t *testing.T) {
 			return act, out, took
 		}
 		fa, fo, took := run(true)
-		if want := T >= 17 && T <= 64; took != want {
+		from := wsMinRows // the fewest rows fp8State.linear gives fp8_ws (wsLoneFrom: lone products below wsMinRows)
+		if f := r.b.f8.wsLoneFrom; f > 0 {
+			from = f
+		}
+		if want := T >= from && T <= 64; took != want {
 			t.Fatalf("T=%d: LinearSiLU took the product: %v, want %v", T, took, want)
 		}
 		if !took {

@@ -329,12 +329,14 @@ const wsEarlyStages = 1
 // (FP8) at 64 rows. PERFORMANCE v0.75 (H100, TestWsHalf passing on the
 // same tree): FP8 steps 4.74 -> 4.63 ms at 32 rows and 5.62 -> 5.56 at 64
 // with them forced on, so FP8 takes them by default (session 84, checked on
-// the tree that sets it: PERFORMANCE v0.76); bf16 steps stay on the
-// one-atom kernels until measured. kernelForce.wsHalf 1 or -1 sets both
+// the tree that sets it: PERFORMANCE v0.76); bf16 steps too since v0.81:
+// base steps with them forced on, H100 32 / 64 rows 6.66 / 7.63 -> 6.61 /
+// 7.57 ms; H200 with gemm_ws_silu 17 / 32 / 64 rows 4.90 / 5.10 / 5.79 ->
+// 4.86 / 5.05 / 5.75. kernelForce.wsHalf 1 or -1 sets both
 // (TestDecodeBench +wshalf, +nowshalf; TestWsHalf checks them against the
 // one-atom kernels).
 const (
-	wsHalfAuto    = false // bf16
+	wsHalfAuto    = true // bf16
 	wsHalfFP8Auto = true
 )
 
