@@ -579,7 +579,8 @@ __device__ __forceinline__ void skinny_store(const float* acc, bf16* __restrict_
 // weight matrix on Hopper's warpgroup MMAs (wgmma, sm_90a), stream-K:
 // e4m3 operands with row scales (ES = 1: fp8_wg_n{32,64,128} in fp8.cu;
 // mma.sync has no native FP8 there, FP8_WIDE above; ES = 2, bf16, was
-// gemm_wg, removed in v0.80); WGS warpgroups a block (fp8_wg2_* with two).
+// gemm_wg, removed in v0.80); WGS warpgroups a block (1 in every build:
+// the two-warpgroup fp8_wg2_* left the module in v0.81).
 //
 // Work: the weight rows in tiles of BM = 64 WGS, each tile's K in stages
 // of KA (WG_KA at most, WgShape) 128-byte atoms a row (SPT stages a tile; the last one
@@ -1617,16 +1618,15 @@ __device__ __forceinline__ void ws_body(bf16* __restrict__ out, float* __restric
     extern "C" __global__ void __launch_bounds__(128, 1) prefix##_norm_n32(NARGS) { ws_body<ES, 32, false, true>(NPASS); }        \
     extern "C" __global__ void __launch_bounds__(128, 1) prefix##_norm_n64(NARGS) { ws_body<ES, 64, false, true>(NPASS); }
 
-// WG_KERNELS(prefix, ES, ARGS, PASS): a module's six wgmma kernels,
-// prefix_n{32,64,128} (one warpgroup a block) and prefix2_n{32,64,128}
-// (two), with the module's argument list and its pass to wg_body.
-#define WG_KERNELS(prefix, ES, ARGS, PASS)                                                                   \
-    extern "C" __global__ void __launch_bounds__(32 * SK_WARPS) prefix##_n32(ARGS) { wg_body<ES, 4, 1>(PASS); }   \
-    extern "C" __global__ void __launch_bounds__(32 * SK_WARPS) prefix##_n64(ARGS) { wg_body<ES, 8, 1>(PASS); }   \
-    extern "C" __global__ void __launch_bounds__(32 * SK_WARPS) prefix##_n128(ARGS) { wg_body<ES, 16, 1>(PASS); } \
-    extern "C" __global__ void __launch_bounds__(64 * SK_WARPS) prefix##2_n32(ARGS) { wg_body<ES, 4, 2>(PASS); }  \
-    extern "C" __global__ void __launch_bounds__(64 * SK_WARPS) prefix##2_n64(ARGS) { wg_body<ES, 8, 2>(PASS); }  \
-    extern "C" __global__ void __launch_bounds__(64 * SK_WARPS) prefix##2_n128(ARGS) { wg_body<ES, 16, 2>(PASS); }
+// WG_KERNELS(prefix, ES, ARGS, PASS): a module's three wgmma kernels,
+// prefix_n{32,64,128} (one warpgroup a block: wg_body's WGS 1; the
+// two-warpgroup prefix2_n* builds, which only benchmarks launched, left
+// the module in v0.81), with the module's argument list and its pass to
+// wg_body.
+#define WG_KERNELS(prefix, ES, ARGS, PASS)                                                                 \
+    extern "C" __global__ void __launch_bounds__(32 * SK_WARPS) prefix##_n32(ARGS) { wg_body<ES, 4, 1>(PASS); } \
+    extern "C" __global__ void __launch_bounds__(32 * SK_WARPS) prefix##_n64(ARGS) { wg_body<ES, 8, 1>(PASS); } \
+    extern "C" __global__ void __launch_bounds__(32 * SK_WARPS) prefix##_n128(ARGS) { wg_body<ES, 16, 1>(PASS); }
 
 #endif // PEFTD_WG || PEFTD_WS
 

@@ -441,7 +441,7 @@ extern "C" __global__ void __launch_bounds__(32 * SK_WARPS) fp8_gemm_skinny_n32(
 extern "C" __global__ void __launch_bounds__(32 * SK_WARPS) fp8_gemm_skinny_n64(FP8_SKINNY_ARGS) { fp8_skinny_body<8>(FP8_SKINNY_PASS); }
 extern "C" __global__ void __launch_bounds__(32 * SK_WARPS) fp8_gemm_skinny_n128(FP8_SKINNY_ARGS) { fp8_skinny_body<16>(FP8_SKINNY_PASS); }
 
-// fp8_wg_n{32,64,128}, fp8_wg2_n*: fp8_gemm_skinny's product on wgmma
+// fp8_wg_n{32,64,128}: fp8_gemm_skinny's product on wgmma
 // (wg_body in common.cuh; only with PEFTD_WG).
 #ifdef PEFTD_WG
 WG_KERNELS(fp8_wg, 1, FP8_SKINNY_ARGS, FP8_SKINNY_PASS)
@@ -502,7 +502,7 @@ extern "C" __global__ void fp8_splitk_reduce(bf16* __restrict__ out, const float
     }
 }
 
-// fp8_stream_n{32,48,224}: the FP8 product for a few rows (M <= 16) the
+// fp8_stream_n{32,48,224}_e1: the FP8 product for a few rows (M <= 16) the
 // way gemm_skinny (llama.cu) streams bf16 weights:
 //   out[m, n] = bf16(sx[m] * sw[n] * sum_k qx[m, k] * qw[n, k])
 // grid N / BN blocks (one wave; runtime/gpu/fp8_stream.go picks BN), block
@@ -515,10 +515,13 @@ extern "C" __global__ void fp8_splitk_reduce(bf16* __restrict__ out, const float
 // fragment's bytes, so ldmatrix reads both from rows whose 16-byte chunks
 // are XOR-swizzled in groups of 8); the warps' sums meet in shared memory
 // and are scaled as they are written. K % RB == 0, N % BN == 0, 16-byte
-// aligned rows. opts bit 0: the first ST - 1 weight tiles are requested
-// before griddepcontrol.wait (no kernel of a step writes weights); EARLY >
-// 0 (the _e1 variants): that many instead (a count fixed at compile time:
-// v0.44's count in opts slowed the kernel beside the LoRA stream).
+// aligned rows. opts bit 0: EARLY weight tiles (at most ST - 1; EARLY 0:
+// ST - 1) are requested before griddepcontrol.wait (no kernel of a step
+// writes weights). The module holds the _e1 variants only (one tile:
+// v0.45; v0.44's ST - 1 tiles, whose kernels left the module in v0.81,
+// queued the small kernel before each product behind ~18 MB of early
+// tiles; a count in opts instead slowed the kernel beside the LoRA
+// stream).
 #define FS_THREADS 128
 
 template <int BN, int RB> struct FsShape {
@@ -657,9 +660,6 @@ __device__ __forceinline__ void fp8_stream_body(bf16* __restrict__ out, const un
 #define FP8_STREAM_ARGS                                                                                      \
     bf16 *out, const unsigned char *qx, const float *sx, const unsigned char *qw, const float *sw, int M, int N, \
         int K, int opts
-extern "C" __global__ void __launch_bounds__(FS_THREADS) fp8_stream_n32(FP8_STREAM_ARGS) { fp8_stream_body<32, 512>(out, qx, sx, qw, sw, M, N, K, opts); }
-extern "C" __global__ void __launch_bounds__(FS_THREADS) fp8_stream_n48(FP8_STREAM_ARGS) { fp8_stream_body<48, 512>(out, qx, sx, qw, sw, M, N, K, opts); }
-extern "C" __global__ void __launch_bounds__(FS_THREADS) fp8_stream_n224(FP8_STREAM_ARGS) { fp8_stream_body<224, 128>(out, qx, sx, qw, sw, M, N, K, opts); }
 extern "C" __global__ void __launch_bounds__(FS_THREADS) fp8_stream_n32_e1(FP8_STREAM_ARGS) { fp8_stream_body<32, 512, 1>(out, qx, sx, qw, sw, M, N, K, opts); }
 extern "C" __global__ void __launch_bounds__(FS_THREADS) fp8_stream_n48_e1(FP8_STREAM_ARGS) { fp8_stream_body<48, 512, 1>(out, qx, sx, qw, sw, M, N, K, opts); }
 extern "C" __global__ void __launch_bounds__(FS_THREADS) fp8_stream_n224_e1(FP8_STREAM_ARGS) { fp8_stream_body<224, 128, 1>(out, qx, sx, qw, sw, M, N, K, opts); }

@@ -435,8 +435,6 @@ type decodeVariant struct {
 	dv                           int    // attn_decode's variant whatever the rows: 1 + a decVariant (kernelForce.decVar; 0: decVariantFor's)
 	padOld                       bool   // FP8 weights: v0.43's padding (129-255 rows only; 33-64-row gate/up on fp8_wg: fp8State.padOld)
 	fslate                       bool   // FP8 weights: fp8_stream without its early weight tiles (fp8State.streamLate)
-	noe1                         bool   // FP8 weights: no _e1 variants for any product (fp8State.streamE1Off: v0.44's every stage but one early)
-	e1lone                       bool   // FP8 weights: the _e1 variants only for products no LoRA update runs beside, as v0.45 (fp8State.streamE1Lone)
 	fs, gv                       bool   // FP8 weights: fp8_stream for every 1-16 rows (fp8State.streamOn; the default from fp8StreamMinRows), or for none (streamOff)
 	noseg                        bool   // FP8 weights: fp8_gemv, not fp8_gemv_seg, at 1-4 rows (fp8State.segOff)
 	nosege                       bool   // FP8 weights: not fp8_gemv_seg's early twins in steps with no LoRA update (fp8State.segEarlyOff)
@@ -456,7 +454,6 @@ type decodeVariant struct {
 	bws                          int    // bf16 weights: gemm_ws (ws.go) for 17-64 rows, 1 every product, 2 q/k/v and o, 3 every product no LoRA update runs beside (v0.68's default), 4 those and every product of 17-32 rows (the default on sm_90a), -1 none (kernelForce.bws)
 	nows                         bool   // FP8 weights: no fp8_ws for lone products by default (fp8State.wsAuto off: Options.NoWS)
 	nowga                        bool   // FP8 weights: Options.NoFP8Wgmma, every product of 17-64 rows on cuBLASLt (the default routes wgAutoFits' to fp8_wg: fp8State.wgAuto)
-	two                          bool   // with wg: two warpgroups a block (fp8_wg2: wgProduct.two)
 	part                         int    // SMs for the LoRA stream in a green-context split (partition.go; PEFTD_LORA_PARTITION lists them; 0: none)
 	holds                        [4]int // SMs each fused group's product leaves to the LoRA stream (kernelForce.holds; 0: the default, holdFor)
 	pdlJoins                     int    // recordings' programmatic joins (kernelForce.pdlJoins: -1 none, 0 the default (2), 1, 3)
@@ -486,26 +483,26 @@ func (v decodeVariant) force(f kernelForce) kernelForce {
 }
 
 // fp8Knobs are the FP8 products' settings a recording bakes in (fp8State's
-// fields of those names; two only where fp8_wg is compiled in).
+// fields of those names).
 type fp8Knobs struct {
-	streamOn, streamOff, wgOn, wgAuto, wgBeside, segOff, splitBeside, padOff   bool
-	streamLate, padOld, streamE1Off, streamE1Lone, two, wsOn, wsWide, wsNarrow bool
-	wsAuto, segEarlyOff, wsLone, fastAccum                                     bool
-	wsFrom, wsLoneFrom                                                         int
+	streamOn, streamOff, wgOn, wgAuto, wgBeside, segOff, splitBeside, padOff bool
+	streamLate, padOld, wsOn, wsWide, wsNarrow                               bool
+	wsAuto, segEarlyOff, wsLone, fastAccum                                   bool
+	wsFrom, wsLoneFrom                                                       int
 }
 
 // fp8KnobsOf is f's settings as they are.
 func fp8KnobsOf(f *fp8State) fp8Knobs {
 	return fp8Knobs{streamOn: f.streamOn, streamOff: f.streamOff, wgOn: f.wgOn, wgAuto: f.wgAuto, wgBeside: f.wgBeside,
 		segOff: f.segOff, splitBeside: f.splitBeside, padOff: f.padOff, streamLate: f.streamLate, padOld: f.padOld,
-		streamE1Off: f.streamE1Off, streamE1Lone: f.streamE1Lone, two: f.wg != nil && f.wg.two, wsOn: f.wsOn, wsWide: f.wsWide, wsNarrow: f.wsNarrow, wsAuto: f.wsAuto, segEarlyOff: f.segEarlyOff, wsLone: f.wsLone, wsFrom: f.wsFrom, wsLoneFrom: f.wsLoneFrom, fastAccum: f.mm.FastAccum()}
+		wsOn: f.wsOn, wsWide: f.wsWide, wsNarrow: f.wsNarrow, wsAuto: f.wsAuto, segEarlyOff: f.segEarlyOff, wsLone: f.wsLone, wsFrom: f.wsFrom, wsLoneFrom: f.wsLoneFrom, fastAccum: f.mm.FastAccum()}
 }
 
 // fp8 is the FP8 settings row v asks of f (wgAuto: f's default unless v.nowga).
 func (v decodeVariant) fp8(f *fp8State) fp8Knobs {
 	return fp8Knobs{streamOn: v.fs, streamOff: v.gv, wgOn: v.wg, wgAuto: f.wgAutoDefault && !v.nowga, wgBeside: v.wgBeside,
 		segOff: v.noseg, splitBeside: v.splitBeside, padOff: v.nopad, streamLate: v.fslate, padOld: v.padOld,
-		streamE1Off: v.noe1, streamE1Lone: v.e1lone, two: f.wg != nil && v.two, wsOn: v.ws, wsWide: v.wsgu, wsNarrow: v.wsqo, wsAuto: f.wsAutoDefault && !v.nows, segEarlyOff: v.nosege, wsLone: v.wslone, wsFrom: v.wsfrom, wsLoneFrom: v.wsLoneFrom(), fastAccum: !v.pa}
+		wsOn: v.ws, wsWide: v.wsgu, wsNarrow: v.wsqo, wsAuto: f.wsAutoDefault && !v.nows, segEarlyOff: v.nosege, wsLone: v.wslone, wsFrom: v.wsfrom, wsLoneFrom: v.wsLoneFrom(), fastAccum: !v.pa}
 }
 
 // wsLoneFrom is fp8State.wsLoneFrom as v asks for it.
@@ -519,12 +516,9 @@ func (v decodeVariant) wsLoneFrom() int {
 // apply sets f's settings to k.
 func (k fp8Knobs) apply(f *fp8State) {
 	f.streamOn, f.streamOff, f.wgOn, f.wgAuto, f.wgBeside, f.segOff, f.splitBeside, f.padOff = k.streamOn, k.streamOff, k.wgOn, k.wgAuto, k.wgBeside, k.segOff, k.splitBeside, k.padOff
-	f.streamLate, f.padOld, f.streamE1Off, f.streamE1Lone, f.wsOn, f.wsWide, f.wsNarrow, f.wsAuto = k.streamLate, k.padOld, k.streamE1Off, k.streamE1Lone, k.wsOn, k.wsWide, k.wsNarrow, k.wsAuto
+	f.streamLate, f.padOld, f.wsOn, f.wsWide, f.wsNarrow, f.wsAuto = k.streamLate, k.padOld, k.wsOn, k.wsWide, k.wsNarrow, k.wsAuto
 	f.segEarlyOff, f.wsLone, f.wsFrom, f.wsLoneFrom = k.segEarlyOff, k.wsLone, k.wsFrom, k.wsLoneFrom
 	f.mm.SetFastAccum(k.fastAccum)
-	if f.wg != nil {
-		f.wg.two = k.two
-	}
 }
 
 // label names a row of TestDecodeBench's table: "no" (base) or the
@@ -552,8 +546,8 @@ func (v decodeVariant) label(ads []*lora.Adapter, pdlOK bool) string {
 	for _, f := range []struct {
 		on   bool
 		name string
-	}{{v.eager, "eager"}, {v.serial, "serial"}, {v.nopdl && pdlOK, "nopdl"}, {v.ropeHeads, "ropeheads"}, {v.lt, "lt"}, {v.wgFull, "wgfull"}, {v.wgBeside, "wgbeside"}, {v.splitBeside, "splitbeside"}, {v.nopad, "nopad"}, {v.padOld, "padold"}, {v.fslate, "fslate"}, {v.noe1, "noe1"}, {v.e1lone, "e1lone"}, {v.skLate, "late"},
-		{v.fs, "fs"}, {v.gv, "gv"}, {v.noseg, "noseg"}, {v.nosege, "nosege"}, {v.wg && !v.two, "wg"}, {v.wg && v.two, "wg2"}, {v.ws, "ws"}, {v.wsgu, "wsgu"}, {v.wsqo, "wsqo"}, {v.bws == 1, "bws"}, {v.bws == 2, "bwsqo"}, {v.bws == 3, "bwslone"}, {v.bws < 0, "nobws"}, {v.nows, "nows"}, {v.wslone, "wslone"}, {v.nowga, "nowga"}, {v.pa, "pa"}, {v.tuned, "tuned"}, {v.nowslone, "nowslone"}} {
+	}{{v.eager, "eager"}, {v.serial, "serial"}, {v.nopdl && pdlOK, "nopdl"}, {v.ropeHeads, "ropeheads"}, {v.lt, "lt"}, {v.wgFull, "wgfull"}, {v.wgBeside, "wgbeside"}, {v.splitBeside, "splitbeside"}, {v.nopad, "nopad"}, {v.padOld, "padold"}, {v.fslate, "fslate"}, {v.skLate, "late"},
+		{v.fs, "fs"}, {v.gv, "gv"}, {v.noseg, "noseg"}, {v.nosege, "nosege"}, {v.wg, "wg"}, {v.ws, "ws"}, {v.wsgu, "wsgu"}, {v.wsqo, "wsqo"}, {v.bws == 1, "bws"}, {v.bws == 2, "bwsqo"}, {v.bws == 3, "bwslone"}, {v.bws < 0, "nobws"}, {v.nows, "nows"}, {v.wslone, "wslone"}, {v.nowga, "nowga"}, {v.pa, "pa"}, {v.tuned, "tuned"}, {v.nowslone, "nowslone"}} {
 		if f.on {
 			lbl += "+" + f.name
 		}
@@ -812,7 +806,6 @@ func TestDecodeBench(t *testing.T) {
 		{sms: -1, wsqo: true}, {lora: true, sms: -1, wsqo: true}, {sms: -1, nows: true}, {lora: true, sms: -1, nows: true}, {lora: true, sms: -1, wslone: true},
 		{sms: -1, wsfrom: 1}, {lora: true, sms: -1, wsfrom: 1}, {sms: -1, wsfrom: 9}, {lora: true, sms: -1, wsfrom: 9}, {sms: -1, nowslone: true}, {lora: true, sms: -1, nowslone: true},
 		{sms: -1, bws: 1}, {lora: true, sms: -1, bws: 1}, {sms: -1, bws: 2}, {lora: true, sms: -1, bws: 2}, {sms: -1, bws: 3}, {lora: true, sms: -1, bws: 3}, {sms: -1, bws: -1}, {lora: true, sms: -1, bws: -1},
-		{sms: -1, wg: true, two: true}, {lora: true, sms: -1, wg: true, two: true},
 		{lora: true, sms: -1, rfold: 1}, {lora: true, sms: -1, rfold: -1},
 		{sms: -1, noseg: true}, {lora: true, sms: -1, noseg: true}, {sms: -1, nosege: true}, {lora: true, sms: -1, prio: -1}, {lora: true, sms: -1, prio: 1}, {sms: -1, hoist: -1}, {lora: true, sms: -1, hoist: -1}, {sms: -1, hoist: 1}, {lora: true, sms: -1, hoist: 1},
 		{sms: -1, silucl: -1}, {lora: true, sms: -1, silucl: -1}, {sms: -1, silucl: 1}, {lora: true, sms: -1, silucl: 1},
@@ -820,7 +813,6 @@ func TestDecodeBench(t *testing.T) {
 		{sms: -1, addcl: -1}, {lora: true, sms: -1, addcl: -1}, {sms: -1, addcl: 1}, {lora: true, sms: -1, addcl: 1},
 		{sms: -1, padOld: true}, {lora: true, sms: -1, padOld: true},
 		{sms: -1, fslate: true}, {lora: true, sms: -1, fslate: true},
-		{sms: -1, noe1: true}, {lora: true, sms: -1, noe1: true}, {lora: true, sms: -1, e1lone: true},
 		{sms: -1, l2: -1}, {lora: true, sms: -1, l2: -1}, {sms: -1, l2: 3}, {lora: true, sms: -1, l2: 3},
 		{lora: true, sms: -1, sh64: 1}, {lora: true, sms: -1, sh64: -1},
 		{sms: -1, pa: true}, {lora: true, sms: -1, pa: true},
@@ -916,7 +908,7 @@ func TestDecodeBench(t *testing.T) {
 		B, v := rn.B, rn.v
 		withLoRA, sampled := v.lora, v.sampled
 		gb.g.off = v.eager
-		if withLoRA && len(ads) == 0 || v.nopdl && !pdlOK || v.split > 0 && B > 64 || (v.fs || v.gv) && (gb.f8 == nil || gb.f8.stream == nil) || (v.wg || v.nowga) && (gb.f8 == nil || gb.f8.wg == nil) || v.bws != 0 && (gb.f8 != nil || gb.bws == nil) || v.nows && gb.f8 == nil || (v.wslone || v.wsfrom > 0 || v.nowslone) && (gb.f8 == nil || gb.f8.ws == nil) || (v.fslate || v.noe1 || v.e1lone) && (gb.f8 == nil || gb.f8.stream == nil) || (v.padOld || v.pa) && gb.f8 == nil {
+		if withLoRA && len(ads) == 0 || v.nopdl && !pdlOK || v.split > 0 && B > 64 || (v.fs || v.gv) && (gb.f8 == nil || gb.f8.stream == nil) || (v.wg || v.nowga) && (gb.f8 == nil || gb.f8.wg == nil) || v.bws != 0 && (gb.f8 != nil || gb.bws == nil) || v.nows && gb.f8 == nil || (v.wslone || v.wsfrom > 0 || v.nowslone) && (gb.f8 == nil || gb.f8.ws == nil) || v.fslate && (gb.f8 == nil || gb.f8.stream == nil) || (v.padOld || v.pa) && gb.f8 == nil {
 			continue
 		}
 		retune := v.tuned && !gb.tune.done
@@ -1928,7 +1920,7 @@ func TestLoRABesideBench(t *testing.T) {
 // so a row records again exactly when its settings differ.
 func TestDecodeVariantKnobs(t *testing.T) {
 	rows := []decodeVariant{{sms: -1}, {sms: -1, opts: 23}, {lora: true, sms: -1, dv: 2, holds: [4]int{16}},
-		{sms: -1, fs: true, nowga: true, two: true}, {lora: true, sms: -1, fslate: true, noe1: true, nopad: true, l2: -1}}
+		{sms: -1, fs: true, nowga: true}, {lora: true, sms: -1, fslate: true, nopad: true, l2: -1}}
 	for _, v := range rows {
 		var f kernelForce
 		f.attnRows, f.loraV2 = true, true // fields no row sets stay as they are
@@ -1942,8 +1934,8 @@ func TestDecodeVariantKnobs(t *testing.T) {
 			if fp8KnobsOf(st) != want {
 				t.Errorf("%+v: FP8 settings %+v after apply, want %+v", v, fp8KnobsOf(st), want)
 			}
-			if want.streamOn != v.fs || want.wgAuto != (st.wgAutoDefault && !v.nowga) || want.two {
-				t.Errorf("%+v: FP8 settings %+v (no fp8_wg: two stays false)", v, want)
+			if want.streamOn != v.fs || want.wgAuto != (st.wgAutoDefault && !v.nowga) {
+				t.Errorf("%+v: FP8 settings %+v: streamOn or wgAuto not as the row asks", v, want)
 			}
 		}
 	}

@@ -187,11 +187,11 @@ type fp8State struct {
 	// early tiles: add_rmsnorm 4.5 / 5.9 -> 3.3 / 3.1 µs at 16 rows).
 	// Beside a LoRA update they made no difference until the LoRA shrink
 	// kept its loads in flight (v0.46): four r32 adapters, 9 / 16 rows 3.69
-	// / 3.84 -> 3.62 / 3.78. streamE1Off: v0.44's prologue for every
-	// product; streamE1Lone: v0.45's, the _e1 variants only for products no
-	// LoRA update runs beside (lone, set by Backend.Linear); both for
-	// benchmarks and tests
-	streamE1Off, streamE1Lone, lone bool
+	// / 3.84 -> 3.62 / 3.78. The variants with every stage but one early
+	// left the module in v0.81 (issue 9: no benchmark-only kernels).
+	// lone: no LoRA update runs beside the product being enqueued (set by
+	// Backend.Linear)
+	lone bool
 	// plain: the step runs no LoRA update at all (set by Backend.Linear);
 	// fp8_gemv_seg's early twins take its products
 	// unless segEarlyOff (benchmarks and tests)
@@ -400,7 +400,7 @@ func (f *fp8State) linear(out, x cuda.DevicePtr, T int, w *fp8Weight, gen uint64
 		if f.streamLate {
 			opts = 0
 		}
-		return f.stream.launch(f.s, p, out, f.actQ.Ptr(), f.actS.Ptr(), w, T, opts, !f.streamE1Off && (f.lone || !f.streamE1Lone))
+		return f.stream.launch(f.s, p, out, f.actQ.Ptr(), f.actS.Ptr(), w, T, opts)
 	}
 	if p, ok := planSeg(T, w.rows, K); ok && !f.segOff {
 		return f.seg.launch(f.s, p, out, f.actQ.Ptr(), f.actS.Ptr(), w, T, f.plain && !f.segEarlyOff)

@@ -443,7 +443,7 @@ func TestFP8GemmBench(t *testing.T) {
 	const peak16, peak8 = 989e12, 1979e12 // H100 SXM dense bf16 / fp8 tensor FLOP/s (datasheet)
 	bench("fp8gemm device %s; copy bandwidth %.0f GB/s; peaks bf16 %.0f, fp8 %.0f TFLOP/s (datasheet); median of 15 replays of 20 calls recorded as a graph, weights rotated over >= 150 MB",
 		r.ctx.Device().Name, bw/1e9, peak16/1e12, peak8/1e12)
-	bench("fp8gemm %-8s %5s %9s %9s %9s %9s %9s %9s %9s %8s %9s %9s %7s %7s %7s %5s %8s %8s %8s %8s %8s %8s %8s %8s %8s %8s", "shape", "T", "bf16_us", "fp8_us", "gvalt_us", "skinny_us", "lt8_us", "quant_us", "fp8+q_us", "speedup", "floor16", "floor8", "frac16", "frac8", "TF/s8", "split", "sp2_us", "sp4_us", "sp8_us", "fs_us", "fsfrac8", "wg_us", "wgfrac8", "wg2_us", "wg2frac8", "gv_us")
+	bench("fp8gemm %-8s %5s %9s %9s %9s %9s %9s %9s %9s %8s %9s %9s %7s %7s %7s %5s %8s %8s %8s %8s %8s %8s %8s %8s", "shape", "T", "bf16_us", "fp8_us", "gvalt_us", "skinny_us", "lt8_us", "quant_us", "fp8+q_us", "speedup", "floor16", "floor8", "frac16", "frac8", "TF/s8", "split", "sp2_us", "sp4_us", "sp8_us", "fs_us", "fsfrac8", "wg_us", "wgfrac8", "gv_us")
 	// PEFTD_BENCH_SHAPES: other weight shapes, e.g. g8k:28672x8192
 	shapes := envShapes(t, "PEFTD_BENCH_SHAPES", shapes8B)
 	Ts := envBatches(t, "PEFTD_FP8_BENCH_T", []int{1, 4, 16, 32, 48, 64, 96, 128, 192, 256, 2048}) // e.g. 1,4,8,16 for the few-row kernels alone
@@ -526,18 +526,11 @@ func TestFP8GemmBench(t *testing.T) {
 				fs = timeIt(30, func(i int) error { return r.f.linear(out.Ptr(), x.Ptr(), T, w8[i%n8], 7) })
 				r.f.streamOn = false
 			}
-			wg := [2]float64{math.NaN(), math.NaN()} // fp8_wg, fp8_wg2 (wgmma, PEFTD_WG) where they take the shape (17-128 rows)
-			for j, two := range []bool{false, true} {
-				if r.f.wg == nil {
-					break
-				}
-				r.f.wg.two = two
-				if r.f.wg.fits(T, N, K) {
-					r.f.wgOn = true
-					wg[j] = timeIt(30, func(i int) error { return r.f.linear(out.Ptr(), x.Ptr(), T, w8[i%n8], 7) })
-					r.f.wgOn = false
-				}
-				r.f.wg.two = false
+			wg := math.NaN() // fp8_wg (wgmma, PEFTD_WG) where it takes the shape (17-128 rows)
+			if r.f.wg != nil && r.f.wg.fits(T, N, K) {
+				r.f.wgOn = true
+				wg = timeIt(30, func(i int) error { return r.f.linear(out.Ptr(), x.Ptr(), T, w8[i%n8], 7) })
+				r.f.wgOn = false
 			}
 			ws := math.NaN() // fp8_ws (ws.go) with its own plan, where it plans the shape (17-64 rows)
 			var wsp wsPlan
@@ -568,9 +561,9 @@ func TestFP8GemmBench(t *testing.T) {
 			if !gemvFits(T, N, K) {
 				auto = r.f.split(T, N, K)
 			}
-			bench("fp8gemm %-8s %5d %9.1f %9.1f %9.1f %9.1f %9.1f %9.1f %9.1f %8.2f %9.1f %9.1f %7.2f %7.2f %7.0f %5d %8.1f %8.1f %8.1f %8.1f %8.2f %8.1f %8.2f %8.1f %8.2f %8.1f", sh.name, T, t16, t8, gv8, sk, lt, tq, tt, t16/tt, fl16, fl8, fl16/t16, fl8/t8, fl/(t8*1e-6)/1e12, auto, sp[0], sp[1], sp[2], fs, fl8/fs, wg[0], fl8/wg[0], wg[1], fl8/wg[1], gv)
+			bench("fp8gemm %-8s %5d %9.1f %9.1f %9.1f %9.1f %9.1f %9.1f %9.1f %8.2f %9.1f %9.1f %7.2f %7.2f %7.0f %5d %8.1f %8.1f %8.1f %8.1f %8.2f %8.1f %8.2f %8.1f", sh.name, T, t16, t8, gv8, sk, lt, tq, tt, t16/tt, fl16, fl8, fl16/t16, fl8/t8, fl/(t8*1e-6)/1e12, auto, sp[0], sp[1], sp[2], fs, fl8/fs, wg, fl8/wg, gv)
 			for _, w := range wgGrids {
-				bench("fp8wg %-8s %5d wgs %d grid %3d %8.1f us %6.2f of floor8", sh.name, T, w.wgs, w.G, w.us, fl8/w.us)
+				bench("fp8wg %-8s %5d grid %3d %8.1f us %6.2f of floor8", sh.name, T, w.G, w.us, fl8/w.us)
 			}
 			if !math.IsNaN(ws) {
 				bench("fp8ws %-8s %5d plan %-7v %8.1f us %6.2f of floor8 (default product %8.1f us %6.2f)", sh.name, T, wsp, ws, fl8/ws, t8, fl8/t8)
@@ -1040,13 +1033,13 @@ func TestFP8SchemeFidelity(t *testing.T) {
 }
 
 // TestFP8Wgmma checks fp8_wg (fp8_gemm_skinny on Hopper's wgmma; compiled
-// only with PEFTD_KERNEL_DEFINES=-DPEFTD_WG, on sm_90a; one warpgroup a
-// block, then two: fp8_wg2) against the float64 product of the same e4m3
+// only with PEFTD_KERNEL_DEFINES=-DPEFTD_WG, on sm_90a) against the
+// float64 product of the same e4m3
 // operands and scales, and against fp8_gemm_skinny's mma.sync product of
 // them, at 17-128 rows: the 8B projections (tiles whole in a block or
 // shared by several, and the n32, n64 and n128 variants with their
 // zero-filled rows) and a K whose last stage holds one 64-byte span (N =
-// 192: not for two warpgroups). A second product gives the same bits
+// 192). A second product gives the same bits
 // (shared tiles' partials summed in block order).
 func TestFP8Wgmma(t *testing.T) {
 	r := newFP8Rig(t)
@@ -1056,25 +1049,18 @@ func TestFP8Wgmma(t *testing.T) {
 		}
 		t.Skip("fp8_wg is compiled only with PEFTD_KERNEL_DEFINES=-DPEFTD_WG, for sm_90a")
 	}
-	defer func() { r.f.wgOn, r.f.skTop, r.f.wg.two = false, 0, false }()
-	for _, two := range []bool{false, true} {
-		r.f.wg.two = two
-		name := map[bool]string{false: "fp8_wg", true: "fp8_wg2"}[two]
-		if r.f.wg.top() == 0 {
-			t.Fatalf("%s: not loaded", name)
+	defer func() { r.f.wgOn, r.f.skTop = false, 0 }()
+	if r.f.wg.top() == 0 {
+		t.Fatal("fp8_wg: not loaded")
+	}
+	for _, sz := range []struct{ T, N, K int }{
+		{17, 4096, 4096}, {32, 6144, 4096}, {33, 4096, 14336}, {64, 28672, 4096}, {64, 4096, 4096},
+		{65, 6144, 4096}, {100, 4096, 14336}, {128, 28672, 4096}, {128, 4096, 4096}, {40, 128, 64}, {97, 192, 576},
+	} {
+		if !r.f.wg.fits(sz.T, sz.N, sz.K) {
+			t.Fatalf("fp8_wg does not take %d x %d x %d", sz.T, sz.N, sz.K)
 		}
-		for _, sz := range []struct{ T, N, K int }{
-			{17, 4096, 4096}, {32, 6144, 4096}, {33, 4096, 14336}, {64, 28672, 4096}, {64, 4096, 4096},
-			{65, 6144, 4096}, {100, 4096, 14336}, {128, 28672, 4096}, {128, 4096, 4096}, {40, 128, 64}, {97, 192, 576},
-		} {
-			if !r.f.wg.fits(sz.T, sz.N, sz.K) {
-				if two && sz.N%128 != 0 {
-					continue
-				}
-				t.Fatalf("%s does not take %d x %d x %d", name, sz.T, sz.N, sz.K)
-			}
-			fp8WgmmaCase(t, r, name, sz.T, sz.N, sz.K)
-		}
+		fp8WgmmaCase(t, r, "fp8_wg", sz.T, sz.N, sz.K)
 	}
 }
 
@@ -1221,36 +1207,29 @@ func (c *fp8Case) check(label string, on func(bool)) {
 
 // wgGridTime is one of wgSweep's timings.
 type wgGridTime struct {
-	wgs, G int
-	us     float64
+	G  int
+	us float64
 }
 
-// wgSweep times a T x N x K wgmma product (g: fp8_wg) with one
-// and two warpgroups a block at each grid PEFTD_WG_GRIDS lists (e.g.
-// "132,200,264"; blocks, at most wgPerSM an SM, stream-K builds only;
-// none when unset or g is nil): timed runs the product once set up, on
-// turns the product's wgmma path on and off.
+// wgSweep times a T x N x K wgmma product (g: fp8_wg) at each grid
+// PEFTD_WG_GRIDS lists (e.g. "132,200,264"; blocks, at most wgPerSM an
+// SM, stream-K builds only; none when unset or g is nil): timed runs the
+// product once set up, on turns the product's wgmma path on and off.
 func wgSweep(t *testing.T, g *wgProduct, T, N, K int, timed func() float64, on func(bool)) []wgGridTime {
-	if g == nil || os.Getenv("PEFTD_WG_GRIDS") == "" {
+	if g == nil || os.Getenv("PEFTD_WG_GRIDS") == "" || !g.fits(T, N, K) {
 		return nil
 	}
 	var res []wgGridTime
-	for _, two := range []bool{false, true} {
-		g.two = two
-		if !g.fits(T, N, K) {
-			continue
+	for _, G := range envBatches(t, "PEFTD_WG_GRIDS", nil) {
+		g.forceG = G
+		if g.grid(T, N, K) != G {
+			continue // more than the SMs or the stage units
 		}
-		for _, G := range envBatches(t, "PEFTD_WG_GRIDS", nil) {
-			g.forceG = G
-			if g.grid(T, N, K) != G {
-				continue // more than the SMs or the stage units
-			}
-			on(true)
-			res = append(res, wgGridTime{g.wgs(), G, timed()})
-			on(false)
-		}
+		on(true)
+		res = append(res, wgGridTime{G, timed()})
+		on(false)
 	}
-	g.two, g.forceG = false, 0
+	g.forceG = 0
 	return res
 }
 

@@ -23,9 +23,11 @@ import (
 // 8 rows 3.23 -> 3.11 ms (four rank-32 adapters 3.67 -> 3.42), 4 rows
 // 3.06 -> 2.99 (3.46 -> 3.39), so it takes fp8StreamMinRows-16 rows; at
 // one row fp8_gemv_seg is ahead on gate/up (fp8bench 29.9 vs 34.6 µs).
+//
+// The variants are fp8_stream_n{bn}_e1: with opts bit 0 one weight tile
+// before griddepcontrol.wait (fp8State's comment on stream has why one).
 type fp8Stream struct {
 	*streamRows
-	e1 *streamRows // fp8_stream_n{bn}_e1: one weight tile before griddepcontrol.wait (every product but with fp8State.streamE1Off / streamE1Lone)
 }
 
 // fp8StreamMaxRows is the most rows fp8_stream takes (one m16 tile);
@@ -35,7 +37,7 @@ const (
 	fp8StreamMinRows = 4
 )
 
-// fp8StreamVariants: fp8_stream_n{bn}, widest first, with the bytes (e4m3
+// fp8StreamVariants: fp8_stream_n{bn}_e1, widest first, with the bytes (e4m3
 // values) of each weight row a tile holds.
 var fp8StreamVariants = []streamVariant{{bn: 224, tile: 128}, {bn: 48, tile: 512}, {bn: 32, tile: 512}}
 
@@ -46,15 +48,11 @@ func fp8StreamShared(v streamVariant) int { return stageShared(v.bn+16, v.tile) 
 // newFP8Stream finds the variants in the FP8 module and raises their
 // shared memory limits; nil where the card cannot give a block that much.
 func newFP8Stream(mod *cuda.Module, dev cuda.Device) (*fp8Stream, error) {
-	g, err := loadStreamRows(mod, dev, fp8StreamVariants, func(bn int) string { return fmt.Sprintf("fp8_stream_n%d", bn) }, fp8StreamShared)
+	g, err := loadStreamRows(mod, dev, fp8StreamVariants, func(bn int) string { return fmt.Sprintf("fp8_stream_n%d_e1", bn) }, fp8StreamShared)
 	if g == nil || err != nil {
 		return nil, err
 	}
-	e1, err := loadStreamRows(mod, dev, fp8StreamVariants, func(bn int) string { return fmt.Sprintf("fp8_stream_n%d_e1", bn) }, fp8StreamShared)
-	if err != nil {
-		return nil, err
-	}
-	return &fp8Stream{streamRows: g, e1: e1}, nil
+	return &fp8Stream{streamRows: g}, nil
 }
 
 // fp8StreamPlan is one product's variant.
@@ -74,17 +72,13 @@ func (g *fp8Stream) plan(M, N, K int) (p fp8StreamPlan, ok bool) {
 }
 
 // launch enqueues out = sx sw (qx . qw^T) for M activation rows (qx, sx)
-// and weight w with plan p and the kernel's opts (bit 0: early weight
-// tiles; every stage but one, or one with e1: the _e1 variant).
-func (g *fp8Stream) launch(s *cuda.Stream, p fp8StreamPlan, out, qx, sx cuda.DevicePtr, w *fp8Weight, M, opts int, e1 bool) error {
+// and weight w with plan p and the kernel's opts (bit 0: one weight tile
+// before griddepcontrol.wait).
+func (g *fp8Stream) launch(s *cuda.Stream, p fp8StreamPlan, out, qx, sx cuda.DevicePtr, w *fp8Weight, M, opts int) error {
 	v := g.vs[p.i]
 	if (uint64(out)|uint64(qx)|uint64(w.q.Ptr()))%16 != 0 {
 		return fmt.Errorf("gpu: fp8_stream: operands not 16-byte aligned")
 	}
-	fn := g.fn[p.i]
-	if e1 && g.e1 != nil {
-		fn = g.e1.fn[p.i]
-	}
-	return fn.Launch(s, cuda.Dim3{X: w.rows / v.bn, Y: 1, Z: 1}, cuda.Dim3{X: 128, Y: 1, Z: 1}, fp8StreamShared(v),
+	return g.fn[p.i].Launch(s, cuda.Dim3{X: w.rows / v.bn, Y: 1, Z: 1}, cuda.Dim3{X: 128, Y: 1, Z: 1}, fp8StreamShared(v),
 		uint64(out), uint64(qx), uint64(sx), uint64(w.q.Ptr()), uint64(w.scale.Ptr()), M, w.rows, w.cols, opts)
 }

@@ -6,7 +6,7 @@ import (
 )
 
 // TestStreamRowsEmulated runs the index arithmetic of the weight-streaming
-// kernels for a few rows (gemm_skinny_n{32,48,224} in kernels/llama.cu, fp8_stream_n{32,48,224} in kernels/fp8.cu) on the
+// kernels for a few rows (gemm_skinny_n{32,48,224} in kernels/llama.cu, fp8_stream_n{32,48,224}_e1 in kernels/fp8.cu) on the
 // CPU, with the kernels' expressions, thread by thread:
 //   - each tile's cp.async copies land in a shared-memory image (sk_slot's
 //     swizzle), tagged with the global row and byte they came from;
@@ -36,7 +36,7 @@ func TestStreamRowsEmulated(t *testing.T) {
 		fams = append(fams, family{fmt.Sprintf("gemm_skinny_n%d", v.bn), v.bn, 2 * v.tile, 4, wk, bfSkinnyShared(v), 128})
 	}
 	for _, v := range fp8StreamVariants {
-		fams = append(fams, family{fmt.Sprintf("fp8_stream_n%d", v.bn), v.bn, v.tile, 4, true, fp8StreamShared(v), 128})
+		fams = append(fams, family{fmt.Sprintf("fp8_stream_n%d_e1", v.bn), v.bn, v.tile, 4, true, fp8StreamShared(v), 128})
 	}
 	type src struct {
 		x         bool // x (activations) or w (weights)

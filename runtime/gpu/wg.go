@@ -18,12 +18,11 @@ import (
 // (fp8State.wgAuto, wgAutoFits), and a test or benchmark asks for more
 // (fp8State.wgOn).
 //
-// Two builds of each: one warpgroup a block (64-row weight tiles: fn) and
-// two (prefix2_n*, 128-row tiles, x staged once for both: fn2); two
-// (tests, benchmarks) launches the second where N allows.
+// One warpgroup a block (64-row weight tiles). wg_body's two-warpgroup
+// build (fp8_wg2_n*, 128-row tiles) left the module in v0.81: only
+// benchmarks launched it (issue 9), and v0.31-v0.33 measured it no faster.
 type wgProduct struct {
-	fn, fn2    [len(skinnyVariants)]*cuda.Function
-	two        bool               // fn2 where it fits
+	fn         [len(skinnyVariants)]*cuda.Function
 	part, done *cuda.DeviceBuffer // shared tiles' partials, and per-tile counters left at zero between launches
 	esize      int                // operand bytes: 1 (e4m3; wg_body also compiles 2, bf16, which nothing loads since gemm_wg went)
 	sms        int                // SMs planned for (the compute stream's: partition.go)
@@ -93,25 +92,18 @@ func loadWG(ctx *cuda.Context, s *cuda.Stream, mod *cuda.Module, prefix string, 
 	}
 	g := &wgProduct{esize: esize, sms: ctx.Device().SMs, smsMax: ctx.Device().SMs}
 	found := false
-	for _, b := range []struct {
-		wgs  int
-		name string // the functions' prefix
-		set  *[len(skinnyVariants)]*cuda.Function
-	}{{1, prefix, &g.fn}, {2, prefix + "2", &g.fn2}} {
-		wgs, set := b.wgs, b.set
-		for i, v := range skinnyVariants {
-			if wgShared(v.rows, wgs)+4 > maxShared {
-				continue
-			}
-			fn, err := mod.Function(fmt.Sprintf("%s_n%d", b.name, v.rows))
-			if err != nil {
-				continue // not compiled in
-			}
-			if err := fn.SetMaxDynamicShared(wgShared(v.rows, wgs)); err != nil {
-				return nil, err
-			}
-			set[i], found = fn, true
+	for i, v := range skinnyVariants {
+		if wgShared(v.rows, 1)+4 > maxShared {
+			continue
 		}
+		fn, err := mod.Function(fmt.Sprintf("%s_n%d", prefix, v.rows))
+		if err != nil {
+			continue // not compiled in
+		}
+		if err := fn.SetMaxDynamicShared(wgShared(v.rows, 1)); err != nil {
+			return nil, err
+		}
+		g.fn[i], found = fn, true
 	}
 	if !found {
 		return nil, nil
@@ -171,29 +163,13 @@ func (g *wgProduct) free() error {
 	return freeSplit(&g.part, &g.done)
 }
 
-// set is the variants launched: fn, or fn2 with two.
-func (g *wgProduct) set() *[len(skinnyVariants)]*cuda.Function {
-	if g.two {
-		return &g.fn2
-	}
-	return &g.fn
-}
-
-// wgs is the warpgroups a block of the variants launched.
-func (g *wgProduct) wgs() int {
-	if g.two {
-		return 2
-	}
-	return 1
-}
-
 // top is the rows of the largest variant loaded (0: none).
 func (g *wgProduct) top() int {
 	if g == nil {
 		return 0
 	}
 	top := 0
-	for i, fn := range g.set() {
+	for i, fn := range g.fn {
 		if fn != nil {
 			top = skinnyVariants[i].rows
 		}
@@ -204,7 +180,7 @@ func (g *wgProduct) top() int {
 // variant is the smallest variant that takes T rows (-1: none loaded).
 func (g *wgProduct) variant(T int) int {
 	for i, v := range skinnyVariants {
-		if T <= v.rows && g.set()[i] != nil {
+		if T <= v.rows && g.fn[i] != nil {
 			return i
 		}
 	}
@@ -229,7 +205,7 @@ func (g *wgProduct) fits(T, N, K int) bool {
 	if g == nil || T <= gemvMaxRows || g.variant(T) < 0 || K*g.esize%64 != 0 {
 		return false
 	}
-	bm := skinnyRows * g.wgs()
+	bm := skinnyRows
 	return N%bm == 0 && N/bm <= wgMaxTiles
 }
 
@@ -238,8 +214,8 @@ func (g *wgProduct) fits(T, N, K int) bool {
 // its stage units (tiles of 64 weight rows a warpgroup, each row's K in
 // stages of the variant's wgAtoms 128-byte atoms, the last zero-filled).
 func (g *wgProduct) grid(T, N, K int) int {
-	ka := wgAtoms(g.rows(T), g.wgs())
-	units := N / (skinnyRows * g.wgs()) * ((K*g.esize + ka*wgRowBytes - 1) / (ka * wgRowBytes))
+	ka := wgAtoms(g.rows(T), 1)
+	units := N / skinnyRows * ((K*g.esize + ka*wgRowBytes - 1) / (ka * wgRowBytes))
 	sms := g.sms
 	if g.target > 0 {
 		sms = min(sms, g.target)
@@ -258,8 +234,7 @@ func (g *wgProduct) launch(s *cuda.Stream, out, x, sx, w, sw cuda.DevicePtr, T, 
 	if i < 0 {
 		return fmt.Errorf("gpu: no wgmma product for %d rows", T)
 	}
-	wgs := g.wgs()
-	return g.set()[i].Launch(s, cuda.Dim3{X: g.grid(T, N, K)}, cuda.Dim3{X: skinnyThreads * wgs},
-		wgShared(skinnyVariants[i].rows, wgs), uint64(out), uint64(g.part.Ptr()), uint64(g.done.Ptr()), uint64(x),
+	return g.fn[i].Launch(s, cuda.Dim3{X: g.grid(T, N, K)}, cuda.Dim3{X: skinnyThreads},
+		wgShared(skinnyVariants[i].rows, 1), uint64(out), uint64(g.part.Ptr()), uint64(g.done.Ptr()), uint64(x),
 		uint64(sx), uint64(w), uint64(sw), T, N, K)
 }

@@ -7,7 +7,7 @@ import (
 
 // TestWgTilingEmulated runs wg_body's index arithmetic (kernels/common.cuh,
 // PEFTD_WG: fp8_wg) on the CPU with integers for the operands,
-// for one and two warpgroups a block, each block's whole pipeline in turn
+// one warpgroup a block, each block's whole pipeline in turn
 // (in a shuffled order, so any of a shared tile's blocks may finish it):
 // its stage units (b U / G on), each stage's cp.async chunks where the
 // kernel puts them (each thread's chunk c = tid % 8 of rows tid / 8 +
@@ -27,8 +27,8 @@ import (
 // 64-byte span, activation rows past M.
 func TestWgTilingEmulated(t *testing.T) {
 	defer func(per, ka int) { wgPerSM, wgKA = per, ka }(wgPerSM, wgKA)
-	// WG_PER_SM, WG_KA, WG_INFLIGHT: the default (its 128-row and
-	// two-warpgroup variants take 2 or 3 atoms a stage: wgAtoms), then the
+	// WG_PER_SM, WG_KA, WG_INFLIGHT: the default (its 128-row variant
+	// takes 3 atoms a stage: wgAtoms), then the
 	// A/B builds (v0.28's default first)
 	for _, cfg := range []struct{ per, ka, inflight int }{{1, 4, 0}, {2, 1, 1}, {1, 1, 1}, {2, 2, 1}, {2, 1, 0}, {1, 4, 1}, {1, 3, 0}} {
 		wgPerSM, wgKA = cfg.per, cfg.ka
@@ -37,23 +37,19 @@ func TestWgTilingEmulated(t *testing.T) {
 }
 
 func wgEmulateAll(t *testing.T, inflight int) {
-	for _, wgs := range []int{1, 2} { // warpgroups a block (fp8_wg, fp8_wg2)
-		for _, c := range []struct{ M, N, K, sms int }{
-			{17, 128, 64 * 13, 8}, {33, 128, 64 * 9, 4}, {64, 256, 64 * 16, 2}, {20, 128, 64, 8}, {40, 256, 64 * 5, 100},
-			{65, 128, 64 * 7, 8}, {128, 128, 64 * 10, 16}, {100, 384, 64 * 3, 2}, {48, 64, 64 * 6, 3}, {24, 1024, 256, 5},
-			{30, 512, 64 * 11, 1},
-		} {
-			if c.N%(wgs*skinnyRows) != 0 {
-				continue
-			}
-			wgEmulate(t, wgs, c.M, c.N, c.K, c.sms, inflight)
-		}
+	for _, c := range []struct{ M, N, K, sms int }{
+		{17, 128, 64 * 13, 8}, {33, 128, 64 * 9, 4}, {64, 256, 64 * 16, 2}, {20, 128, 64, 8}, {40, 256, 64 * 5, 100},
+		{65, 128, 64 * 7, 8}, {128, 128, 64 * 10, 16}, {100, 384, 64 * 3, 2}, {48, 64, 64 * 6, 3}, {24, 1024, 256, 5},
+		{30, 512, 64 * 11, 1},
+	} {
+		wgEmulate(t, c.M, c.N, c.K, c.sms, inflight)
 	}
 }
 
-// wgEmulate is one shape of TestWgTilingEmulated with wgs warpgroups a
-// block and inflight (WG_INFLIGHT) wgmma groups left running.
-func wgEmulate(t *testing.T, wgs, M, N, K, sms, inflight int) {
+// wgEmulate is one shape of TestWgTilingEmulated with inflight
+// (WG_INFLIGHT) wgmma groups left running.
+func wgEmulate(t *testing.T, M, N, K, sms, inflight int) {
+	const wgs = 1 // warpgroups a block (wg_body's WGS: fp8_wg builds one)
 	const rb = wgRowBytes
 	v := skinnyVariantFor(M)
 	NT := skinnyVariants[v].rows / 8
@@ -75,7 +71,7 @@ func wgEmulate(t *testing.T, wgs, M, N, K, sms, inflight int) {
 	for i := range qx {
 		qx[i] = rng.IntN(15) - 7
 	}
-	g := &wgProduct{sms: sms, esize: 1, two: wgs == 2}
+	g := &wgProduct{sms: sms, esize: 1}
 	SPT := (K + ka*rb - 1) / (ka * rb)
 	tiles := N / BM
 	U := tiles * SPT
