@@ -277,7 +277,7 @@ func forcedOn(f int, def bool) bool {
 type kernelForce struct {
 	wsEarly    int           // K stages of weights every ws product asks before griddepcontrol.wait (0: wsEarlyStages; the kernel takes at most ST - 1)
 	wsEarlyO   int           // the same for the product that reads the attention output (o: it launches under attention), where set (0: as wsEarly says)
-	wsHalf     int           // ws products of widths 224 and 256 (gate/up): the half-row kernels (gemm_wsh, fp8_wsh) where loaded (1), -1 never (0: wsHalfAuto for bf16, wsHalfFP8Auto for FP8: both on)
+	wsHalf     int           // ws products of widths 224 and 256 (gate/up): the half-row kernels (gemm_wsh, fp8_wsh) where loaded (1), -1 never (0: wsHalfAuto for bf16, off; wsHalfFP8Auto for FP8, on)
 	wsSiLU     int           // bf16 gate/up products gemm_ws takes in base steps: with silu_mul in the same launch (silu_ws.go) where it fits (1), -1 never (0: wsSiLUAuto: bf16 on, FP8 off)
 	wsNorm     int           // o and down products a ws kernel takes in base steps: with the add_rmsnorm after them in the same launch (norm_ws.go) where it fits (1), -1 never (0: wsNormAuto, off)
 	bws        int           // bf16 products of 17-64 rows on gemm_ws (ws.go) where it plans: 1 every product, 2 the narrow ones (wsNarrow), 3 every product no LoRA update runs beside, 4 those and every product of at most bwsBesideRows rows, -1 none (0: Backend.bwsAuto's choice, 4 or none)

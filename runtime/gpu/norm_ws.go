@@ -17,7 +17,7 @@ import (
 // the two kernels' (ws_add_norm's 128 threads sum as add_rmsnorm's 256).
 // add_rmsnorm's launch (2 x ~2.85 µs of its own a layer at 64 rows on an
 // H200 with bf16: PERFORMANCE v0.71) and the handoff to it go. Off by
-// default until measured (wsNormAuto).
+// default: measured slower (wsNormAuto).
 
 // wsSync is the NORM and QX kernels' sync words: the NORM end's two
 // barrier counters, then the QX head's two (the kernel's sync + 2).
@@ -67,10 +67,9 @@ func (g *wsProduct) launchNorm(s *cuda.Stream, p wsPlan, delta, x, sx, w, sw, xr
 }
 
 // wsNormAuto is whether LinearAddRMSNorm takes the products it fits by
-// default. Off: session 80 built gemm_ws_norm and fp8_ws_norm and tested
-// them on the CPU side (their SASS compiled; every other kernel's
-// unchanged) with no GPU lent, so they are neither checked nor measured
-// there yet. kernelForce.wsNorm 1 turns them on (TestDecodeBench row
+// default. Off: the grid-wide barrier costs more than add_rmsnorm's launch
+// and handoff (FP8: PERFORMANCE v0.76; bf16 base steps, H100, v0.81: 32 /
+// 64 rows 6.66 / 7.63 -> 6.77 / 7.73 ms). kernelForce.wsNorm 1 turns them on (TestDecodeBench row
 // +wsnorm, the A/B; TestWsNorm and TestOpLinearAddRMSNorm check them
 // against the separate kernels).
 const wsNormAuto = false

@@ -329,14 +329,17 @@ const wsEarlyStages = 1
 // (FP8) at 64 rows. PERFORMANCE v0.75 (H100, TestWsHalf passing on the
 // same tree): FP8 steps 4.74 -> 4.63 ms at 32 rows and 5.62 -> 5.56 at 64
 // with them forced on, so FP8 takes them by default (session 84, checked on
-// the tree that sets it: PERFORMANCE v0.76); bf16 steps too since v0.81:
-// base steps with them forced on, H100 32 / 64 rows 6.66 / 7.63 -> 6.61 /
-// 7.57 ms; H200 with gemm_ws_silu 17 / 32 / 64 rows 4.90 / 5.10 / 5.79 ->
-// 4.86 / 5.05 / 5.75. kernelForce.wsHalf 1 or -1 sets both
+// the tree that sets it: PERFORMANCE v0.76). bf16 base steps gain with
+// them forced on (PERFORMANCE v0.81: H100 32 / 64 rows 6.66 / 7.63 ->
+// 6.61 / 7.57 ms; H200 with gemm_ws_silu 17 / 32 / 64 rows 4.90 / 5.10 /
+// 5.79 -> 4.86 / 5.05 / 5.75), but bf16 products of 17-32 rows run
+// gemm_ws beside the LoRA stream too and the half-row kernels were not
+// measured there, and no device was lent for the call that would, so bf16
+// stays off until it runs. kernelForce.wsHalf 1 or -1 sets both
 // (TestDecodeBench +wshalf, +nowshalf; TestWsHalf checks them against the
 // one-atom kernels).
 const (
-	wsHalfAuto    = true // bf16
+	wsHalfAuto    = false // bf16
 	wsHalfFP8Auto = true
 )
 
