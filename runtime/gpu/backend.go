@@ -284,7 +284,7 @@ type kernelForce struct {
 	loraRows   bool          // LoRA: the row-at-a-time kernels (lora_shrink, lora_expand)
 	loraV1     bool          // LoRA: SGMV v1 (sgmv_shrink, then an expand launch)
 	loraV2     bool          // LoRA: SGMV v2 (one launch per op) wherever it fits
-	holds      [4]int        // LoRA beside each fused group's product (llama.FusedGroups' order): hold this many SMs back from it (0: holdFor's choice)
+	holds      [4]int        // LoRA beside each fused group's product (llama.FusedGroups' order): hold this many SMs back from it (0: holdFor's choice; negative: none)
 	pdlJoins   int           // recordings' programmatic joins: mode 1, 2 or 3 (pdljoin.go's joinMode; 0: the default, 2; -1: none)
 	attnRows   bool          // attention: the per-row kernel for every row (no attn_decode, attn_prefill, graphs)
 	decSplit   int           // attn_decode: this many KV splits per (sequence, KV head), at most decSplitFor's cap (0: decSplitFor's choice)

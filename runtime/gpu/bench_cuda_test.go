@@ -831,9 +831,11 @@ func TestDecodeBench(t *testing.T) {
 		vs = append(vs, decodeVariant{sms: -1, part: n}, decodeVariant{lora: true, sms: -1, part: n},
 			decodeVariant{sms: -1, nopdl: true, part: n}, decodeVariant{lora: true, sms: -1, nopdl: true, part: n})
 	}
-	// PEFTD_DECODE_HOLDS=32.32.16.24,48.0.0.24: rows with adapters and
+	// PEFTD_DECODE_HOLDS=32.32.16.24,48.0.0.-1: rows with adapters and
 	// those SMs held back from each fused group's product (q/k/v, o,
-	// gate/up, down; 0: the default for that group; kernelForce.holds)
+	// gate/up, down; 0: the default for that group; -1: none, the product
+	// on every SM and the LoRA stream's blocks sharing them;
+	// kernelForce.holds)
 	if env := os.Getenv("PEFTD_DECODE_HOLDS"); env != "" {
 		for _, f := range strings.Split(env, ",") {
 			var h [4]int
@@ -843,8 +845,8 @@ func TestDecodeBench(t *testing.T) {
 			}
 			for i, p := range parts {
 				n, err := strconv.Atoi(p)
-				if err != nil || n < 0 || n > gb.Device().SMs/2 {
-					t.Fatalf("PEFTD_DECODE_HOLDS: %q: %q is not 0 to %d SMs", f, p, gb.Device().SMs/2)
+				if err != nil || n < -1 || n > gb.Device().SMs/2 {
+					t.Fatalf("PEFTD_DECODE_HOLDS: %q: %q is not -1 (none) or 0 to %d SMs", f, p, gb.Device().SMs/2)
 				}
 				h[i] = n
 			}

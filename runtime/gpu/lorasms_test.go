@@ -13,8 +13,8 @@ import (
 // 32, gate/up 16, down 24, or 32 for an FP8 down; FP8 at 17-32 rows as
 // above 64),
 // its group found by its shape (bf16 or FP8; o and down are equally wide,
-// told apart by their inputs), an override per group (kernelForce.holds),
-// or Options.LoRASMs for all.
+// told apart by their inputs), an override per group (kernelForce.holds;
+// negative: none), or Options.LoRASMs for all.
 func TestProductSMs(t *testing.T) {
 	cfg := &llama.Config{VocabSize: 1000, Hidden: 256, Intermediate: 512, Layers: 2, Heads: 4, KVHeads: 2, HeadDim: 64}
 	ws := [...]engine.Weight{
@@ -48,6 +48,7 @@ func TestProductSMs(t *testing.T) {
 		{rows: 256, holds: [4]int{48, 0, 0, 8}, want: [8]int{48, 48, 32, 32, 16, 8, 8, 16}},
 		{rows: 256, sms: 24, holds: [4]int{0, 0, 0, 40}, want: [8]int{24, 24, 24, 24, 24, 40, 40, 24}},
 		{rows: 1, holds: [4]int{48}, want: [8]int{48, 48, 0, 0, 0, 0, 0, 0}},
+		{rows: 256, holds: [4]int{-1, 0, 0, -1}, want: [8]int{0, 0, 32, 32, 16, 0, 0, 16}}, // negative: none held
 	} {
 		sms := c.sms // Options.LoRASMs; 0 in the table: automatic
 		if sms == 0 {
