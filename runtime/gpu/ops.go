@@ -111,8 +111,9 @@ func (b *Backend) productSMs(w engine.Weight) int {
 // holdFor is the SMs a product of a step of rows rows with an n x k weight
 // (FP8 or bf16) leaves to the LoRA stream: kernelForce.holds for its group
 // where set (negative: none, the product takes every SM and the LoRA
-// stream's blocks share them), else Options.LoRASMs where set, else autoHolds by its group
-// (found by the shape: groupOf) or autoLoRASMs for a product of no group.
+// stream's blocks share them), else Options.LoRASMs where set, else
+// autoHolds by its group (found by the shape: groupOf) or autoLoRASMs for
+// a product of no group.
 func (b *Backend) holdFor(rows, n, k int, fp8 bool) int {
 	g := b.groupOf(n, k)
 	if g >= 0 && b.force.holds[g] != 0 {
