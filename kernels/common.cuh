@@ -575,14 +575,14 @@ __device__ __forceinline__ void skinny_store(const float* acc, bf16* __restrict_
 
 
 // ---------------------------------------------------------------------------
-// wg_body<ES, NT, WGS>: the product of 17-128 activation rows with a
+// wg_body<ES, NT>: the product of 17-128 activation rows with a
 // weight matrix on Hopper's warpgroup MMAs (wgmma, sm_90a), stream-K:
 // e4m3 operands with row scales (ES = 1: fp8_wg_n{32,64,128} in fp8.cu;
 // mma.sync has no native FP8 there, FP8_WIDE above; ES = 2, bf16, was
-// gemm_wg, removed in v0.80); WGS warpgroups a block (1 in every build:
-// the two-warpgroup fp8_wg2_* left the module in v0.81).
+// gemm_wg, removed in v0.80); one warpgroup a block (the two-warpgroup
+// fp8_wg2_* left the module in v0.81).
 //
-// Work: the weight rows in tiles of BM = 64 WGS, each tile's K in stages
+// Work: the weight rows in tiles of BM = 64, each tile's K in stages
 // of KA (WG_KA at most, WgShape) 128-byte atoms a row (SPT stages a tile; the last one
 // zero-filled past K), U = tiles * SPT stage units in tile order.
 // WG_PER_SM blocks an SM (grid G <= WG_PER_SM SMs, 200 / WG_PER_SM KB of
@@ -749,13 +749,13 @@ template <int ES, int N> __device__ __forceinline__ void wg_mma_n(float* d, unsi
 }
 
 // WgShape: a variant's stage layout. KA: atoms a stage, WG_KA or as many
-// as leave room for 3 stages in WG_SMEM (the 128-row and two-warpgroup
-// variants take 2 or 3 at WG_KA 4); ST: stages, as many as WG_SMEM holds
+// as leave room for 3 stages in WG_SMEM (the 128-row variant takes 2 at
+// WG_KA 4); ST: stages, as many as WG_SMEM holds
 // (3 to 16); shared memory ST * SB + 1024 (the base rounded up to 1024
 // bytes). runtime/gpu/wg.go's wgAtoms and wgStages must agree.
-template <int NT, int WGS> struct WgShape {
+template <int NT> struct WgShape {
     static constexpr int TR = 8 * NT;                // activation rows staged
-    static constexpr int BM = SK_ROWS * WGS;         // weight rows a tile
+    static constexpr int BM = SK_ROWS;               // weight rows a tile
     static constexpr int WB = BM * WG_RB;            // weight bytes of an atom
     static constexpr int AB = WB + TR * WG_RB;       // bytes of an atom: weights, then activations (a multiple of 1024)
     static constexpr int KFIT = (WG_SMEM - 1024) / (3 * AB);
@@ -766,8 +766,7 @@ template <int NT, int WGS> struct WgShape {
 };
 
 #if WG_KA == 4 && WG_PER_SM == 1 // the default: runtime/gpu TestWgShared's table
-static_assert(WgShape<4, 1>::KA == 4 && WgShape<8, 1>::KA == 4 && WgShape<16, 1>::KA == 2 && WgShape<4, 2>::KA == 3 &&
-                  WgShape<8, 2>::KA == 2 && WgShape<16, 2>::KA == 2,
+static_assert(WgShape<4>::KA == 4 && WgShape<8>::KA == 4 && WgShape<16>::KA == 2,
               "WgShape: atoms a stage differ from runtime/gpu's wgAtoms");
 #endif
 
@@ -779,15 +778,14 @@ __device__ __forceinline__ int wg_block(int u, int U, int G) { return (int)(((lo
 // wg_body: out [M, N] = x [M, K] . w [N, K]^T (times sx[m] sw[n] when sx
 // is set), operands of ES bytes, rows K values apart, K * ES % 64 == 0, N
 // % BM == 0; part: 2 G BM TR floats; done: N / BM counters, zero.
-template <int ES, int NT, int WGS>
+template <int ES, int NT>
 __device__ __forceinline__ void wg_body(bf16* __restrict__ out, float* __restrict__ part, int* __restrict__ done,
                                         const unsigned char* __restrict__ qx, const float* __restrict__ sx,
                                         const unsigned char* __restrict__ qw, const float* __restrict__ sw, int M,
                                         int N, int K) {
     static_assert(NT == 4 || NT == 8 || NT == 16, "wg_body: 32, 64 or 128 activation rows");
     static_assert(ES == 1 || ES == 2, "wg_body: e4m3 or bf16 operands");
-    static_assert(WGS == 1 || WGS == 2, "wg_body: one or two warpgroups");
-    using W = WgShape<NT, WGS>;
+    using W = WgShape<NT>;
     constexpr int TR = W::TR, BM = W::BM, WB = W::WB, AB = W::AB, KA = W::KA, SB = W::SB, ST = W::ST;
     constexpr int CH = WG_RB / 16; // 16-byte chunks a staged row
     constexpr int AHEAD = ST - 1 - WG_INFLIGHT;
@@ -795,7 +793,7 @@ __device__ __forceinline__ void wg_body(bf16* __restrict__ out, float* __restric
     extern __shared__ __align__(16) unsigned char wgm[];
     __shared__ int last;
     __shared__ float sxs[TR]; // the activation rows' scales (FP8), loaded once
-    const int tid = threadIdx.x, wg = WGS == 1 ? 0 : tid / (SK_WARPS * 32);
+    const int tid = threadIdx.x;
     const int KB = K * ES;                 // bytes of an operand row
     const int SPT = (KB + KA * WG_RB - 1) / (KA * WG_RB); // stages a tile
     const int U = N / BM * SPT, G = gridDim.x, bid = blockIdx.x;
@@ -804,10 +802,10 @@ __device__ __forceinline__ void wg_body(bf16* __restrict__ out, float* __restric
 
     // The copies. Thread tid copies the same chunks of every stage: 16-byte
     // chunk c = tid % 8 of staged rows r0 + RSTEP k (r0 = tid / 8, RSTEP =
-    // 16 WGS, k < CPT; the first WK are weight rows, then activation rows).
+    // 16, k < CPT; the first WK are weight rows, then activation rows).
     // (r0 + RSTEP k) % 8 == r0 % 8, so the swizzled chunk is the same in
     // every row. Chunks past K and activation rows past M are zero-filled.
-    constexpr int RSTEP = WGS * SK_WARPS * 32 / CH;
+    constexpr int RSTEP = SK_WARPS * 32 / CH;
     constexpr int CPT = (BM + TR) / RSTEP, WK = BM / RSTEP;
     static_assert(RSTEP % 8 == 0 && BM % RSTEP == 0 && TR % RSTEP == 0, "wg_body: rows of a thread share their swizzle");
     const int c = tid % CH, r0 = tid / CH;
@@ -836,11 +834,11 @@ __device__ __forceinline__ void wg_body(bf16* __restrict__ out, float* __restric
     const int lane = tid & 31, warp = (tid >> 5) & 3, g = lane >> 2, tig = lane & 3;
     // put: v (laid out as d) for weight tile `tile`, scaled, rounded and stored
     auto put = [&](const float* v, int tile) {
-        frag_out<NT>(out, v, M, N, tile * BM + wg * SK_ROWS, 16 * warp + g, tig, sx ? sxs : nullptr, sw);
+        frag_out<NT>(out, v, M, N, tile * BM, 16 * warp + g, tig, sx ? sxs : nullptr, sw);
     };
     // a slot of the partials: block b's first (0) or last (1) shared tile;
     // each warpgroup its 64 rows, each thread its fragment's pairs
-    const int at = wg * SK_ROWS * TR + (16 * warp + g) * TR + 2 * tig;
+    const int at = (16 * warp + g) * TR + 2 * tig;
     auto slot = [&](int b, int tile) {
         return part + ((long long)b * 2 + (wg_first(b, U, G) / SPT == tile ? 0 : 1)) * BM * TR + at;
     };
@@ -900,7 +898,7 @@ __device__ __forceinline__ void wg_body(bf16* __restrict__ out, float* __restric
         for (int a = 0; a < KA; a++)
 #pragma unroll
             for (int q = 0; q < WG_RB / 32; q++)
-                wg_mma_n<ES, 8 * NT>(d, wg_desc(b + a * AB + wg * SK_ROWS * WG_RB + 32 * q), wg_desc(b + a * AB + WB + 32 * q));
+                wg_mma_n<ES, 8 * NT>(d, wg_desc(b + a * AB + 32 * q), wg_desc(b + a * AB + WB + 32 * q));
         wg_commit();
         if (ks == SPT - 1 || j == n - 1) { // this block's last stage of the tile
             wg_wait<0>();
@@ -1619,14 +1617,13 @@ __device__ __forceinline__ void ws_body(bf16* __restrict__ out, float* __restric
     extern "C" __global__ void __launch_bounds__(128, 1) prefix##_norm_n64(NARGS) { ws_body<ES, 64, false, true>(NPASS); }
 
 // WG_KERNELS(prefix, ES, ARGS, PASS): a module's three wgmma kernels,
-// prefix_n{32,64,128} (one warpgroup a block: wg_body's WGS 1; the
-// two-warpgroup prefix2_n* builds, which only benchmarks launched, left
-// the module in v0.81), with the module's argument list and its pass to
-// wg_body.
+// prefix_n{32,64,128} (one warpgroup a block; the two-warpgroup
+// prefix2_n* builds, which only benchmarks launched, left the module in
+// v0.81), with the module's argument list and its pass to wg_body.
 #define WG_KERNELS(prefix, ES, ARGS, PASS)                                                                 \
-    extern "C" __global__ void __launch_bounds__(32 * SK_WARPS) prefix##_n32(ARGS) { wg_body<ES, 4, 1>(PASS); } \
-    extern "C" __global__ void __launch_bounds__(32 * SK_WARPS) prefix##_n64(ARGS) { wg_body<ES, 8, 1>(PASS); } \
-    extern "C" __global__ void __launch_bounds__(32 * SK_WARPS) prefix##_n128(ARGS) { wg_body<ES, 16, 1>(PASS); }
+    extern "C" __global__ void __launch_bounds__(32 * SK_WARPS) prefix##_n32(ARGS) { wg_body<ES, 4>(PASS); } \
+    extern "C" __global__ void __launch_bounds__(32 * SK_WARPS) prefix##_n64(ARGS) { wg_body<ES, 8>(PASS); } \
+    extern "C" __global__ void __launch_bounds__(32 * SK_WARPS) prefix##_n128(ARGS) { wg_body<ES, 16>(PASS); }
 
 #endif // PEFTD_WG || PEFTD_WS
 

@@ -515,13 +515,12 @@ extern "C" __global__ void fp8_splitk_reduce(bf16* __restrict__ out, const float
 // fragment's bytes, so ldmatrix reads both from rows whose 16-byte chunks
 // are XOR-swizzled in groups of 8); the warps' sums meet in shared memory
 // and are scaled as they are written. K % RB == 0, N % BN == 0, 16-byte
-// aligned rows. opts bit 0: EARLY weight tiles (at most ST - 1; EARLY 0:
-// ST - 1) are requested before griddepcontrol.wait (no kernel of a step
-// writes weights). The module holds the _e1 variants only (one tile:
-// v0.45; v0.44's ST - 1 tiles, whose kernels left the module in v0.81,
-// queued the small kernel before each product behind ~18 MB of early
-// tiles; a count in opts instead slowed the kernel beside the LoRA
-// stream).
+// aligned rows. opts bit 0: the first weight tile is requested before
+// griddepcontrol.wait (no kernel of a step writes weights): one tile, the
+// _e1 of the names (v0.45; v0.44's ST - 1 tiles, whose kernels left the
+// module in v0.81, queued the small kernel before each product behind ~18
+// MB of early tiles; a count in opts instead slowed the kernel beside the
+// LoRA stream).
 #define FS_THREADS 128
 
 template <int BN, int RB> struct FsShape {
@@ -538,7 +537,7 @@ template <int BN, int RB> struct FsShape {
     static_assert((4 * 16 * BN + BN + 16) * 4 <= ST * STAGE_B, "fp8_stream: the warps' sums and the scales do not fit the stages");
 };
 
-template <int BN, int RB, int EARLY = 0>
+template <int BN, int RB>
 __device__ __forceinline__ void fp8_stream_body(bf16* __restrict__ out, const unsigned char* __restrict__ qx,
                                                 const float* __restrict__ sx, const unsigned char* __restrict__ qw,
                                                 const float* __restrict__ sw, int M, int N, int K, int opts) {
@@ -570,7 +569,7 @@ __device__ __forceinline__ void fp8_stream_body(bf16* __restrict__ out, const un
         }
     };
     // opts bit 0: NE weight tiles before griddepcontrol.wait (header comment)
-    constexpr int NE = EARLY == 0 || EARLY > S::ST - 1 ? S::ST - 1 : EARLY;
+    constexpr int NE = 1;
     const bool early = opts & 1;
     if (early)
         for (int t = 0; t < NE; t++) issue_w(t);
@@ -660,6 +659,6 @@ __device__ __forceinline__ void fp8_stream_body(bf16* __restrict__ out, const un
 #define FP8_STREAM_ARGS                                                                                      \
     bf16 *out, const unsigned char *qx, const float *sx, const unsigned char *qw, const float *sw, int M, int N, \
         int K, int opts
-extern "C" __global__ void __launch_bounds__(FS_THREADS) fp8_stream_n32_e1(FP8_STREAM_ARGS) { fp8_stream_body<32, 512, 1>(out, qx, sx, qw, sw, M, N, K, opts); }
-extern "C" __global__ void __launch_bounds__(FS_THREADS) fp8_stream_n48_e1(FP8_STREAM_ARGS) { fp8_stream_body<48, 512, 1>(out, qx, sx, qw, sw, M, N, K, opts); }
-extern "C" __global__ void __launch_bounds__(FS_THREADS) fp8_stream_n224_e1(FP8_STREAM_ARGS) { fp8_stream_body<224, 128, 1>(out, qx, sx, qw, sw, M, N, K, opts); }
+extern "C" __global__ void __launch_bounds__(FS_THREADS) fp8_stream_n32_e1(FP8_STREAM_ARGS) { fp8_stream_body<32, 512>(out, qx, sx, qw, sw, M, N, K, opts); }
+extern "C" __global__ void __launch_bounds__(FS_THREADS) fp8_stream_n48_e1(FP8_STREAM_ARGS) { fp8_stream_body<48, 512>(out, qx, sx, qw, sw, M, N, K, opts); }
+extern "C" __global__ void __launch_bounds__(FS_THREADS) fp8_stream_n224_e1(FP8_STREAM_ARGS) { fp8_stream_body<224, 128>(out, qx, sx, qw, sw, M, N, K, opts); }

@@ -224,14 +224,12 @@ func TestSplitFor(t *testing.T) {
 // number of 1 KB), and a block of the default build fits an sm_90 SM (227
 // KB of shared memory a block at most, 1.1 KB static).
 func TestWgShared(t *testing.T) {
-	for _, wgs := range []int{1, 2} {
-		for _, v := range skinnyVariants {
-			if stage := (wgs*skinnyRows + v.rows) * wgRowBytes; stage%1024 != 0 {
-				t.Errorf("%d warpgroups, %d rows: a stage of %d bytes is not a multiple of 1024", wgs, v.rows, stage)
-			}
-			if per := wgShared(v.rows, wgs) + 1152; per > 227<<10 {
-				t.Errorf("%d warpgroups, %d rows: a block of %d bytes does not fit an sm_90 SM", wgs, v.rows, per)
-			}
+	for _, v := range skinnyVariants {
+		if stage := (skinnyRows + v.rows) * wgRowBytes; stage%1024 != 0 {
+			t.Errorf("%d rows: a stage of %d bytes is not a multiple of 1024", v.rows, stage)
+		}
+		if per := wgShared(v.rows) + 1152; per > 227<<10 {
+			t.Errorf("%d rows: a block of %d bytes does not fit an sm_90 SM", v.rows, per)
 		}
 	}
 	// the default's atoms a stage (WG_KA 4, one block an SM: 199 KB of
@@ -239,13 +237,13 @@ func TestWgShared(t *testing.T) {
 	if wgKA != 4 || wgPerSM != 1 {
 		return // an A/B build (PEFTD_KERNEL_DEFINES)
 	}
-	want := map[[2]int]int{{1, 32}: 4, {1, 64}: 4, {1, 128}: 2, {2, 32}: 3, {2, 64}: 2, {2, 128}: 2}
-	for k, w := range want {
-		if got := wgAtoms(k[1], k[0]); got != w {
-			t.Errorf("%d warpgroups, %d rows: %d atoms a stage, want %d", k[0], k[1], got, w)
+	want := map[int]int{32: 4, 64: 4, 128: 2} // rows: atoms (common.cuh's static_assert)
+	for rows, w := range want {
+		if got := wgAtoms(rows); got != w {
+			t.Errorf("%d rows: %d atoms a stage, want %d", rows, got, w)
 		}
-		if st := wgStages(k[1], k[0]); st < 3 || st*wgStageBytes(k[1], k[0]) > wgSmem() {
-			t.Errorf("%d warpgroups, %d rows: %d stages of %d bytes in %d", k[0], k[1], st, wgStageBytes(k[1], k[0]), wgSmem())
+		if st := wgStages(rows); st < 3 || st*wgStageBytes(rows) > wgSmem() {
+			t.Errorf("%d rows: %d stages of %d bytes in %d", rows, st, wgStageBytes(rows), wgSmem())
 		}
 	}
 }

@@ -55,26 +55,26 @@ var (
 func wgSmem() int { return 200<<10/wgPerSM - 1024 }
 
 // wgAtomBytes is WgShape's AB: one 128-byte atom of each of the variant's
-// weight rows (64 a warpgroup) and tr staged activation rows.
-func wgAtomBytes(tr, wgs int) int { return (wgs*skinnyRows + tr) * wgRowBytes }
+// 64 weight rows and tr staged activation rows.
+func wgAtomBytes(tr int) int { return (skinnyRows + tr) * wgRowBytes }
 
 // wgAtoms is WgShape's KA: wgKA atoms a stage, or as many as leave room for
 // three stages (1 at least).
-func wgAtoms(tr, wgs int) int { return max(1, min(wgKA, wgSmem()/(3*wgAtomBytes(tr, wgs)))) }
+func wgAtoms(tr int) int { return max(1, min(wgKA, wgSmem()/(3*wgAtomBytes(tr)))) }
 
-// wgStageBytes is WgShape's SB: a stage of tr staged rows and wgs warpgroups.
-func wgStageBytes(tr, wgs int) int { return wgAtoms(tr, wgs) * wgAtomBytes(tr, wgs) }
+// wgStageBytes is WgShape's SB: a stage of tr staged rows.
+func wgStageBytes(tr int) int { return wgAtoms(tr) * wgAtomBytes(tr) }
 
 // wgStages is WgShape's ST: the stages of the variant with tr staged rows
-// and wgs warpgroups (WG_SMEM bytes at most, but 3 at least).
-func wgStages(tr, wgs int) int {
-	return max(3, min(16, wgSmem()/wgStageBytes(tr, wgs)))
+// (WG_SMEM bytes at most, but 3 at least).
+func wgStages(tr int) int {
+	return max(3, min(16, wgSmem()/wgStageBytes(tr)))
 }
 
 // wgShared is wg_body's dynamic shared memory for tr staged activation
-// rows and wgs warpgroups: its stages, and 1 KB to round the base up to
-// the swizzle's 1024 bytes.
-func wgShared(tr, wgs int) int { return wgStages(tr, wgs)*wgStageBytes(tr, wgs) + 1024 }
+// rows: its stages, and 1 KB to round the base up to the swizzle's 1024
+// bytes.
+func wgShared(tr int) int { return wgStages(tr)*wgStageBytes(tr) + 1024 }
 
 // wgPartBytes bounds the shared tiles' partials on a GPU of sms SMs: two
 // slots a block, wgPerSM blocks an SM, 128 weight rows by 128 activation
@@ -93,14 +93,14 @@ func loadWG(ctx *cuda.Context, s *cuda.Stream, mod *cuda.Module, prefix string, 
 	g := &wgProduct{esize: esize, sms: ctx.Device().SMs, smsMax: ctx.Device().SMs}
 	found := false
 	for i, v := range skinnyVariants {
-		if wgShared(v.rows, 1)+4 > maxShared {
+		if wgShared(v.rows)+4 > maxShared {
 			continue
 		}
 		fn, err := mod.Function(fmt.Sprintf("%s_n%d", prefix, v.rows))
 		if err != nil {
 			continue // not compiled in
 		}
-		if err := fn.SetMaxDynamicShared(wgShared(v.rows, 1)); err != nil {
+		if err := fn.SetMaxDynamicShared(wgShared(v.rows)); err != nil {
 			return nil, err
 		}
 		g.fn[i], found = fn, true
@@ -214,7 +214,7 @@ func (g *wgProduct) fits(T, N, K int) bool {
 // its stage units (tiles of 64 weight rows a warpgroup, each row's K in
 // stages of the variant's wgAtoms 128-byte atoms, the last zero-filled).
 func (g *wgProduct) grid(T, N, K int) int {
-	ka := wgAtoms(g.rows(T), 1)
+	ka := wgAtoms(g.rows(T))
 	units := N / skinnyRows * ((K*g.esize + ka*wgRowBytes - 1) / (ka * wgRowBytes))
 	sms := g.sms
 	if g.target > 0 {
@@ -235,6 +235,6 @@ func (g *wgProduct) launch(s *cuda.Stream, out, x, sx, w, sw cuda.DevicePtr, T, 
 		return fmt.Errorf("gpu: no wgmma product for %d rows", T)
 	}
 	return g.fn[i].Launch(s, cuda.Dim3{X: g.grid(T, N, K)}, cuda.Dim3{X: skinnyThreads},
-		wgShared(skinnyVariants[i].rows, 1), uint64(out), uint64(g.part.Ptr()), uint64(g.done.Ptr()), uint64(x),
+		wgShared(skinnyVariants[i].rows), uint64(out), uint64(g.part.Ptr()), uint64(g.done.Ptr()), uint64(x),
 		uint64(sx), uint64(w), uint64(sw), T, N, K)
 }

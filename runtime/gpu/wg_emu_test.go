@@ -49,21 +49,20 @@ func wgEmulateAll(t *testing.T, inflight int) {
 // wgEmulate is one shape of TestWgTilingEmulated with inflight
 // (WG_INFLIGHT) wgmma groups left running.
 func wgEmulate(t *testing.T, M, N, K, sms, inflight int) {
-	const wgs = 1 // warpgroups a block (wg_body's WGS: fp8_wg builds one)
 	const rb = wgRowBytes
 	v := skinnyVariantFor(M)
 	NT := skinnyVariants[v].rows / 8
 	TR := 8 * NT
-	BM := wgs * skinnyRows // weight rows a tile
+	BM := skinnyRows // weight rows a tile
 	WB := BM * rb
-	AB := WB + TR*rb       // an atom
-	ka := wgAtoms(TR, wgs) // atoms a stage (WgShape's KA)
+	AB := WB + TR*rb  // an atom
+	ka := wgAtoms(TR) // atoms a stage (WgShape's KA)
 	SB := ka * AB
 	CH := rb / 16
-	ST := wgStages(TR, wgs)
+	ST := wgStages(TR)
 	ahead := ST - 1 - inflight // AHEAD
-	threads := wgs * skinnyThreads
-	rng := rand.New(rand.NewPCG(uint64(M), uint64(K)+uint64(wgs)))
+	threads := skinnyThreads
+	rng := rand.New(rand.NewPCG(uint64(M), uint64(K)))
 	qw, qx := make([]int, N*K), make([]int, M*K)
 	for i := range qw {
 		qw[i] = rng.IntN(15) - 7
@@ -125,27 +124,23 @@ func wgEmulate(t *testing.T, M, N, K, sms, inflight int) {
 				}
 			}
 		}
-		// D[warpgroup][weight row][activation row], as wgmma accumulates it
-		D := make([][][]int, wgs)
+		// D[weight row][activation row], as wgmma accumulates it
+		var D [][]int
 		zero := func() {
-			for w := range D {
-				D[w] = make([][]int, skinnyRows)
-				for r := range D[w] {
-					D[w][r] = make([]int, TR)
-				}
+			D = make([][]int, skinnyRows)
+			for r := range D {
+				D[r] = make([]int, TR)
 			}
 		}
 		zero()
 		group := func(j int) { // stage j's wgmma group
 			buf := (j % ST) * SB
-			for w := range wgs {
-				for a := range ka {
-					for q := range rb / 32 {
-						for r := range skinnyRows {
-							for nn := range TR {
-								for k := range 32 {
-									D[w][r][nn] += read(smem, buf+a*AB+w*skinnyRows*rb+32*q, r, k) * read(smem, buf+a*AB+WB+32*q, nn, k)
-								}
+			for a := range ka {
+				for q := range rb / 32 {
+					for r := range skinnyRows {
+						for nn := range TR {
+							for k := range 32 {
+								D[r][nn] += read(smem, buf+a*AB+32*q, r, k) * read(smem, buf+a*AB+WB+32*q, nn, k)
 							}
 						}
 					}
@@ -156,27 +151,25 @@ func wgEmulate(t *testing.T, M, N, K, sms, inflight int) {
 		// each thread's registers d[4t + e] as the kernel's put and slots use them
 		flush := func(tile, k0, k1 int) {
 			whole := k0 == 0 && k1 == SPT-1
-			for w := range wgs {
-				for tid := range skinnyThreads {
-					warp, lane := tid/32, tid%32
-					gg, tig := lane/4, lane%4
-					for tt := range NT {
-						for e := range 4 {
-							row := 16*warp + gg
-							if e >= 2 {
-								row += 8
-							}
-							m := 8*tt + 2*tig + (e & 1)
-							val := D[w][row][m]
-							if whole {
-								if m < M {
-									out[m*N+tile*BM+w*skinnyRows+row] = val
-									written[m*N+tile*BM+w*skinnyRows+row]++
-								}
-								continue
-							}
-							part[slot(b, tile)+w*skinnyRows*TR+row*TR+m] = val
+			for tid := range skinnyThreads {
+				warp, lane := tid/32, tid%32
+				gg, tig := lane/4, lane%4
+				for tt := range NT {
+					for e := range 4 {
+						row := 16*warp + gg
+						if e >= 2 {
+							row += 8
 						}
+						m := 8*tt + 2*tig + (e & 1)
+						val := D[row][m]
+						if whole {
+							if m < M {
+								out[m*N+tile*BM+row] = val
+								written[m*N+tile*BM+row]++
+							}
+							continue
+						}
+						part[slot(b, tile)+row*TR+m] = val
 					}
 				}
 			}
@@ -187,16 +180,14 @@ func wgEmulate(t *testing.T, M, N, K, sms, inflight int) {
 			if done[tile]++; done[tile] != b1-b0+1 {
 				return
 			}
-			for w := range wgs {
-				for row := range skinnyRows {
-					for m := range min(M, TR) {
-						sum := 0
-						for bb := b0; bb <= b1; bb++ {
-							sum += part[slot(bb, tile)+w*skinnyRows*TR+row*TR+m]
-						}
-						out[m*N+tile*BM+w*skinnyRows+row] = sum
-						written[m*N+tile*BM+w*skinnyRows+row]++
+			for row := range skinnyRows {
+				for m := range min(M, TR) {
+					sum := 0
+					for bb := b0; bb <= b1; bb++ {
+						sum += part[slot(bb, tile)+row*TR+m]
 					}
+					out[m*N+tile*BM+row] = sum
+					written[m*N+tile*BM+row]++
 				}
 			}
 			done[tile] = 0
