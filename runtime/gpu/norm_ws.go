@@ -19,9 +19,10 @@ import (
 // H200 with bf16: PERFORMANCE v0.71) and the handoff to it go. Off by
 // default: measured slower (wsNormAuto).
 
-// wsSync is the NORM and QX kernels' sync words: the NORM end's two
-// barrier counters, then the QX head's two (the kernel's sync + 2).
-const wsSync = 4
+// wsSync is the NORM kernels' sync words: grid_meet's arrival and
+// grid_leave's departure counters (the QX head's two after them went with
+// it in v0.80).
+const wsSync = 2
 
 // wsRowMax is the widest row a ws block's 128 threads hold in registers,
 // 8 16-byte words of bf16 each: ws_add_norm's (2 ADD_RC, add_rmsnorm's

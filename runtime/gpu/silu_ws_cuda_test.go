@@ -182,8 +182,8 @@ func readBack[T any](t *testing.T, r *fp8Rig, b *cuda.DeviceBuffer, n int) []T {
 	return readAt[T](t, r, b.Ptr(), n)
 }
 
-// syncWordsZero fails unless g's barrier words (nsync: NORM's and QX's
-// counters; ssync: fp8_ws_silu's maxima and counters) are all zero, as
+// syncWordsZero fails unless g's barrier words (nsync: NORM's counters;
+// ssync: fp8_ws_silu's maxima and counters) are all zero, as
 // every launch must leave them for the next one: a word left set lets the
 // next launch's barrier pass early, which equal bits cannot show.
 func syncWordsZero(t *testing.T, s *cuda.Stream, g *wsProduct, what string) {
