@@ -446,6 +446,17 @@ __device__ __forceinline__ void add8(float* a, const float* d) {
     unpack8(pack8(f), a);
 }
 
+// add8 of a bf16 update (8 values from 16-byte aligned d): the same sums
+// of values already rounded to bf16 (silu_mul_o2h's gate/up updates).
+__device__ __forceinline__ void add8(float* a, const bf16* d) {
+    float dv[8];
+    unpack8(*reinterpret_cast<const uint4*>(d), dv);
+    float f[8];
+#pragma unroll
+    for (int j = 0; j < 8; j++) f[j] = a[j] + dv[j];
+    unpack8(pack8(f), a);
+}
+
 // add_word: word c of row x8 plus d8's (and e8's, summed and rounded to bf16
 // first), rounded to bf16 and stored back when there is a delta.
 __device__ __forceinline__ uint4 add_word(uint4* x8, const uint4* d8, const float4* e8, int c) {

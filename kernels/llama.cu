@@ -1767,8 +1767,10 @@ extern "C" __global__ void __launch_bounds__(PRE_THREADS) attn_prefill8_d64(ATTN
 extern "C" __global__ void __launch_bounds__(PRE_THREADS) attn_prefill8_d128(ATTN_PREFILL_ARGS) { pdl_entry(); attn_prefill_body<128, true>(ATTN_PREFILL_PASS); }
 
 // silu_mul8: silu(g) * u for 8 values (16-byte words gw, uw), after adding
-// the LoRA updates dg and du (when dg is set) as silu_mul says.
-__device__ __forceinline__ uint4 silu_mul8(uint4 gw, uint4 uw, const float* dg, const float* du) {
+// the LoRA updates dg and du (when dg is set; float32 or bf16: D) as
+// silu_mul says.
+template <typename D>
+__device__ __forceinline__ uint4 silu_mul8(uint4 gw, uint4 uw, const D* dg, const D* du) {
     float a[8], b[8];
     unpack8(gw, a);
     unpack8(uw, b);
@@ -1786,7 +1788,9 @@ __device__ __forceinline__ uint4 silu_mul8(uint4 gw, uint4 uw, const float* dg, 
 // dg, du (null, or both set): float32 LoRA updates of g and u computed
 // beside the gate_up projection, rows ldd apart, added first (rounded to
 // bf16, as an update in place would have left g and u) in the rows whose
-// rl (row adapter slot) is >= 0. Grid-stride over 8-value words when cols,
+// rl (row adapter slot) is >= 0; bf16 updates where D is bf16
+// (silu_mul_o2h: half the update's bytes, each update rounded to bf16
+// before the add, as PEFT's bf16 lora_B output is). Grid-stride over 8-value words when cols,
 // ldg and ldd are multiples of 8. q, qscale (null, or both set; then cols,
 // ldg and ldd must be multiples of 8 and the grid is one block per row): each
 // out row is also quantized to e4m3 into q (cols bytes per row) and its scale
@@ -1794,7 +1798,10 @@ __device__ __forceinline__ uint4 silu_mul8(uint4 gw, uint4 uw, const float* dg, 
 // down projection (no quantization launch).
 #define SILU_RC 4 // 16-byte words of a row each thread keeps in registers when quantizing (rows of up to 32 * blockDim values)
 __device__ __forceinline__ uint4 ld16(const bf16* p) { return *reinterpret_cast<const uint4*>(p); }
-__device__ __forceinline__ void silu_mul_body(bf16* out, const bf16* g, const bf16* u, const float* dg, const float* du, const int* rl,
+__device__ __forceinline__ float dval(float v) { return v; }
+__device__ __forceinline__ float dval(bf16 v) { return __bfloat162float(v); }
+template <typename D>
+__device__ __forceinline__ void silu_mul_body(bf16* out, const bf16* g, const bf16* u, const D* dg, const D* du, const int* rl,
                                               int rows, int cols, int ldg, int ldd, unsigned char* q, float* qscale) {
     pdl_entry();
     if (q) { // one block per row, quantized as it is stored
@@ -1848,15 +1855,16 @@ __device__ __forceinline__ void silu_mul_body(bf16* out, const bf16* g, const bf
         const i64 r = i / cols, c = i - r * cols;
         float x = ld(g + r * ldg + c), y = ld(u + r * ldg + c);
         if (dg && rl[r] >= 0) {
-            x = __bfloat162float(tobf(x + dg[r * ldd + c]));
-            y = __bfloat162float(tobf(y + du[r * ldd + c]));
+            x = __bfloat162float(tobf(x + dval(dg[r * ldd + c])));
+            y = __bfloat162float(tobf(y + dval(du[r * ldd + c])));
         }
         out[i] = tobf(x / (1.f + expf(-x)) * y);
     }
 }
-#define SILU_MUL_ARGS                                                                                                    \
-    bf16 *out, const bf16 *g, const bf16 *u, const float *dg, const float *du, const int *rl, int rows, int cols, int ldg, \
+#define SILU_MUL_ARGS_D(D)                                                                                           \
+    bf16 *out, const bf16 *g, const bf16 *u, const D *dg, const D *du, const int *rl, int rows, int cols, int ldg, \
         int ldd, unsigned char *q, float *qscale
+#define SILU_MUL_ARGS SILU_MUL_ARGS_D(float)
 #define SILU_MUL_PASS out, g, u, dg, du, rl, rows, cols, ldg, ldd, q, qscale
 extern "C" __global__ void silu_mul(SILU_MUL_ARGS) { silu_mul_body(SILU_MUL_PASS); }
 // silu_mul_o2: silu_mul with at most 64 registers a thread, so two of the
@@ -1864,6 +1872,10 @@ extern "C" __global__ void silu_mul(SILU_MUL_ARGS) { silu_mul_body(SILU_MUL_PASS
 // fit one: ncu, H100, 256 rows of 14,336 columns, 1.94 waves, 17.2 µs at
 // 26% of DRAM; PERFORMANCE v0.79). Chosen by kernelForce.siluO2.
 extern "C" __global__ void __launch_bounds__(512, 2) silu_mul_o2(SILU_MUL_ARGS) { silu_mul_body(SILU_MUL_PASS); }
+// silu_mul_o2h: silu_mul_o2 reading bf16 LoRA updates of g and u (the
+// gate/up expand's acc 2: kernelForce.guHalf): 2 + 2 + 2 + 2 bytes a value
+// read instead of 2 + 2 + 4 + 4.
+extern "C" __global__ void __launch_bounds__(512, 2) silu_mul_o2h(SILU_MUL_ARGS_D(bf16)) { silu_mul_body(SILU_MUL_PASS); }
 
 // silu_mul_cl: silu_mul's quantizing path for steps of a few rows with each
 // row over a cluster of SILU_CL blocks (sm_90; grid rows x SILU_CL, blocks
@@ -2496,7 +2508,9 @@ extern "C" __global__ void __launch_bounds__(SG_EX_THREADS) sgmv_expand(
 // sgmv_expand_tc{1,2,4}: the expand on the tensor cores, for adapters whose
 // ranks are multiples of 8 (at most 32*KC) and slices whose widths are
 // multiples of 8. Same contract as sgmv_expand (accum, tmp partials, tile
-// and table layout). grid (sum over slices of ceil(width_s / block
+// and table layout), and accum 2: out (bf16, rows o_stride values apart)
+// gets the sum alone rounded to bf16 (silu_mul_o2h's gate/up updates:
+// kernelForce.guHalf). grid (sum over slices of ceil(width_s / block
 // columns), tiles), block 256: each block takes one slice's column range
 // of one tile; blk1 and blk2 are the first blockIdx.x of slices 1 and 2.
 // Each warp takes 8*NG columns: lane (g, q) loads 8 consecutive ranks
@@ -2577,7 +2591,7 @@ __device__ __forceinline__ void expand_tc_body(
     // wrote it: after the wait), in flight with tmp's loads; 16-byte
     // pieces, piece i row i / (COLS / 8)
     const int bcol0 = sOff + chunk * COLS; // the block's first column
-    const bool staged = ST && accum && rank > 0;
+    const bool staged = ST && accum == 1 && rank > 0;
     if constexpr (ST) {
         if (staged) {
             for (int i = threadIdx.x; i < 16 * MT * (COLS / 8); i += 256) {
@@ -2635,7 +2649,7 @@ __device__ __forceinline__ void expand_tc_body(
                     }
                 }
             }
-        } else if (accum) {
+        } else if (accum == 1) {
             return; // nothing to add
         }
 #pragma unroll
@@ -2647,14 +2661,16 @@ __device__ __forceinline__ void expand_tc_body(
                 const int r = 16 * mt + g + 8 * half;
                 if (r >= n) continue;
                 const float v0 = c[ng][2 * half], v1 = c[ng][2 * half + 1];
-                if (ST && accum) {
+                if (ST && accum == 1) {
                     __nv_bfloat162* p = reinterpret_cast<__nv_bfloat162*>(os + r * OW + col - bcol0);
                     const float2 o = __bfloat1622float2(*p);
                     *p = __floats2bfloat162_rn(o.x + v0, o.y + v1);
-                } else if (accum) {
+                } else if (accum == 1) {
                     __nv_bfloat162* p = reinterpret_cast<__nv_bfloat162*>(out + (i64)(tile.x + r) * o_stride + col);
                     const float2 o = __bfloat1622float2(*p);
                     *p = __floats2bfloat162_rn(o.x + v0, o.y + v1);
+                } else if (accum == 2) { // the update alone, rounded to bf16
+                    *reinterpret_cast<__nv_bfloat162*>(out + (i64)(tile.x + r) * o_stride + col) = __floats2bfloat162_rn(v0, v1);
                 } else {
                     *reinterpret_cast<float2*>(reinterpret_cast<float*>(out) + (i64)(tile.x + r) * o_stride + col) = make_float2(v0, v1);
                 }

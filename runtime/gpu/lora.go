@@ -154,7 +154,7 @@ func (b *Backend) LoRA(out, in engine.Buffer, layer int, mods []llama.Module) {
 		b.loraAside(o, x, layer, mods, total)
 		return
 	}
-	b.loraSlices(b.s, ptr(o), o.ld, x, layer, mods, true)
+	b.loraSlices(b.s, ptr(o), o.ld, x, layer, mods, 1)
 }
 
 // loraAside is the LoRA stream and the update it computes beside a GEMM.
@@ -189,6 +189,7 @@ type loraAside struct {
 type pendingDelta struct {
 	base, delta cuda.DevicePtr
 	ld, cols    int
+	half        bool      // delta holds bf16 values (guHalf): only silu_mul_o2h reads it
 	local       bool      // computed on the compute stream (lora_inline.go): nothing to wait for
 	lora        *loraPend // not expanded (delta 0): rope_store_lora expands it (lora_rope.go), any other op in place
 }
@@ -261,7 +262,11 @@ func (b *Backend) loraAside(o, x *Buffer, layer int, mods []llama.Module, total 
 	if tc := b.tcChunks(mods); b.ropeFold(mods, tc) {
 		pend = b.pendLoRA(o, layer, mods, tc, b.loraShrink(b.la.s, x, layer, mods), false)
 	} else {
-		b.loraSlices(b.la.s, d, total, x, layer, mods, false)
+		acc := 0
+		if pend.half = b.guHalf(mods, tc); pend.half {
+			acc = 2
+		}
+		b.loraSlices(b.la.s, d, total, x, layer, mods, acc)
 	}
 	if b.err == nil {
 		b.fail(b.la.join.Record(b.la.s))
@@ -294,6 +299,9 @@ func (b *Backend) join() {
 	if b.err != nil {
 		return
 	}
+	if !b.check(!p.half, "lora: a bf16 gate/up update (guHalf) pending for an op other than silu_mul") {
+		return
+	}
 	b.waitUpdate(p)
 	if l := p.lora; l != nil { // an op other than RoPE reads it: expanded in place
 		b.expandTC(b.s, l.tc, p.base, p.ld, l.offs, l.ms, l.base, l.stride, l.tStride, l.ks, 1)
@@ -321,36 +329,48 @@ func (b *Backend) waitUpdate(p pendingDelta) {
 // update's output exactly) each view's part of the update and the
 // update's row stride, after the LoRA stream's work; with no pending
 // update it returns nil; with one the views do not cover, it joins it
-// first and returns nil.
+// first and returns nil. The update is float32 (fuseHalf: SiLUMul may
+// also take a bf16 one).
 func (b *Backend) fuse(views ...*Buffer) ([]cuda.DevicePtr, int) {
+	d, ld, _ := b.fuseHalf(false, views...)
+	return d, ld
+}
+
+// fuseHalf is fuse for an op that reads bf16 updates too where half is
+// set; it reports whether the update it hands over is bf16.
+func (b *Backend) fuseHalf(half bool, views ...*Buffer) ([]cuda.DevicePtr, int, bool) {
 	p := b.la.pend
-	if p.lora != nil {
+	if p.lora != nil || (p.half && !half) {
 		b.join()
-		return nil, 0
+		return nil, 0, false
 	}
 	if p.delta == 0 {
-		return nil, 0
+		return nil, 0, false
+	}
+	size := cuda.DevicePtr(4) // bytes an update value
+	if p.half {
+		size = 2
 	}
 	d := make([]cuda.DevicePtr, len(views))
 	n := 0
 	for i, v := range views {
 		if v == nil || ptr(v) < p.base || v.ld != p.ld || int(ptr(v)-p.base)/2+v.cols > p.cols {
 			b.join()
-			return nil, 0
+			return nil, 0, false
 		}
-		d[i] = p.delta + 2*(ptr(v)-p.base) // float32 update of a bf16 view
+		d[i] = p.delta + size*((ptr(v)-p.base)/2) // the update of a bf16 view
 		n += v.cols
 	}
 	if n != p.cols {
 		b.join()
-		return nil, 0
+		return nil, 0, false
 	}
 	b.la.pend = pendingDelta{}
 	if b.err != nil {
-		return nil, 0
+		return nil, 0, false
 	}
 	b.waitUpdate(p)
-	return d, p.cols
+	return d, p.cols, p.half
 }
 
 // rowLora is the device array of each row's adapter slot (-1: none).
@@ -440,18 +460,14 @@ func (b *Backend) tmpFloatsFor(r int) int { return 4 * b.maxT * 3 * max(r, 1) }
 // same input x (fused q/k/v or gate/up) to the output rows at outPtr (row
 // stride outStride elements), the projections' outputs side by side in
 // mods order. Segments come from the step's metadata.
-func (b *Backend) loraSlices(st *cuda.Stream, outPtr cuda.DevicePtr, outStride int, x *Buffer, layer int, mods []llama.Module, accum bool) {
+func (b *Backend) loraSlices(st *cuda.Stream, outPtr cuda.DevicePtr, outStride int, x *Buffer, layer int, mods []llama.Module, acc int) {
 	if !b.ok() || !b.stepLoRA() {
 		return
 	}
-	if !b.check(len(mods) >= 1 && len(mods) <= 3 && layer >= 0 && layer < b.cfg.Layers, "lora: %d slices, layer %d", len(mods), layer) {
+	if !b.check(len(mods) >= 1 && len(mods) <= 3 && layer >= 0 && layer < b.cfg.Layers && acc >= 0 && acc <= 2, "lora: %d slices, layer %d, acc %d", len(mods), layer, acc) {
 		return
 	}
 	b.gateLayer(st, layer)
-	acc := 0
-	if accum {
-		acc = 1
-	}
 	offs, ms, inF, same := b.groupSlices(mods)
 	if !b.check(same, "lora: fused projections read different widths") {
 		return
@@ -462,7 +478,7 @@ func (b *Backend) loraSlices(st *cuda.Stream, outPtr cuda.DevicePtr, outStride i
 	}
 	base, stride := b.tableRows(layer)
 	if !b.sgmvOK(x, mods, outStride, outPtr) {
-		if !b.check(accum, "lora: the row-at-a-time kernels only add in place") {
+		if !b.check(acc == 1, "lora: the row-at-a-time kernels only add in place") {
 			return
 		}
 		rows, slots := b.i32(b.off.loraRows), b.i32(b.off.loraSlots)
@@ -485,6 +501,9 @@ func (b *Backend) loraSlices(st *cuda.Stream, outPtr cuda.DevicePtr, outStride i
 	// (512 output columns of one tile) after them; see kernels/sgmv.cu.
 	tc := b.tcChunks(mods)
 	v2 := !b.graphLayout && (b.force.loraV2 || (!b.force.loraV1 && tc == 0 && b.nLora >= sgV2MinRows*b.nTiles))
+	if !b.check(acc < 2 || (tc > 0 && !v2), "lora: a bf16 update (acc 2) needs the tensor-core expand") {
+		return
+	}
 	if f := b.sgFused[nb/32]; f != nil && v2 && b.nTiles <= sgFuMaxTiles && len(b.slots)*len(mods) <= sgFuMaxEnt {
 		nShrink := b.nTiles * len(mods) * rankTiles * ks
 		grid := nShrink + b.nTiles*((total+sgFuCols-1)/sgFuCols)
@@ -669,8 +688,8 @@ func (b *Backend) launchShrink(st *cuda.Stream, sp sgShrinkPlan, x *Buffer, base
 // expandTC launches sgmv_expand_tc{tc} on st: the update of the group
 // whose projections' outputs start at offs (offs[len] is the width) in rows
 // outStride values apart at outPtr, from the step's LoRA scratch (ks K
-// parts, tStride floats a row), added in place (acc 1) or written as
-// float32 (acc 0).
+// parts, tStride floats a row), added in place (acc 1), written as
+// float32 (acc 0) or as bf16 (acc 2: guHalf).
 func (b *Backend) expandTC(st *cuda.Stream, tc int, outPtr cuda.DevicePtr, outStride int, offs []int, ms [3]int, base, stride, tStride, ks, acc int) {
 	n := len(offs) - 1
 	total := offs[n]

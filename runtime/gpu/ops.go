@@ -838,6 +838,31 @@ func (b *Backend) siluClFits(cols int) bool {
 	return forcedOn(b.force.siluCl, b.rows() <= siluClRows) && b.ctx.Device().Major >= 9 && cols%8 == 0 && cols/8 <= siluCl*siluClWords
 }
 
+// guHalf reports whether the update of group mods beside its product is
+// written as bf16 (sgmv_expand_tc* acc 2) for silu_mul_o2h to read: the
+// gate/up group of an FP8 step whose silu_mul is silu_mul_o2 (more than
+// fp8MidRows rows), with the tensor-core expand (tc > 0).
+// kernelForce.guHalf: 1 wherever that holds, -1 never, 0 guHalfAuto.
+// PERFORMANCE v0.80's mixed-step trace: silu_mul_o2 waited 6.6 µs a layer
+// for the gate/up expand (1,176 blocks writing a float32 update of 28,672
+// columns on 20 held SMs), then read g, u and the two float32 updates (41
+// MB at 240 rows) in 22.8 µs; bf16 updates halve the expand's writes and
+// take a third off silu_mul's reads. Each update is then rounded to bf16
+// before the add (PEFT's bf16 lora_B output is too), not only the sum.
+func (b *Backend) guHalf(mods []llama.Module, tc int) bool {
+	if tc == 0 || b.force.loraV2 || b.f8 == nil || b.fn.siluMulO2H == nil || !forcedOn(b.force.guHalf, guHalfAuto) {
+		return false
+	}
+	if len(mods) != 2 || mods[0] != llama.Gate || mods[1] != llama.Up {
+		return false
+	}
+	_, n := b.cfg.Dims(llama.Gate)
+	return n%8 == 0 && b.f8.fits(b.rows(), n) && !b.siluClFits(n) && b.siluMulFn() == b.fn.siluMulO2
+}
+
+// guHalfAuto is guHalf's default.
+const guHalfAuto = false
+
 // siluMulFn is the kernel of the quantizing silu_mul with one 512-thread
 // block a row: silu_mul, or silu_mul_o2 (at most 64 registers a thread, two
 // blocks an SM) above fp8MidRows rows (kernelForce.siluO2: 1 at every row
@@ -859,7 +884,8 @@ func (b *Backend) SiLUMul(out, gate, up engine.Buffer) {
 	o, g, u := buf(out), buf(gate), buf(up)
 	var dg, du uint64 // LoRA updates of gate and up from the LoRA stream
 	ldd := 0
-	if p, ld := b.fuse(g, u); p != nil {
+	p, ld, half := b.fuseHalf(true, g, u)
+	if p != nil {
 		dg, du, ldd = p[0], p[1], ld
 	}
 	b.opStart()
@@ -878,12 +904,23 @@ func (b *Backend) SiLUMul(out, gate, up engine.Buffer) {
 			b.launchCluster(b.fn.siluMulCl, cuda.Dim3{X: b.rows() * siluCl}, cuda.Dim3{X: 256}, cuda.Dim3{X: siluCl},
 				ptr(o), ptr(g), ptr(u), dg, du, b.rowLora(), o.cols, g.ld, ldd, b.f8.actQ.Ptr(), b.f8.actS.Ptr())
 		} else {
-			b.launch(b.siluMulFn(), cuda.Dim3{X: b.rows()}, cuda.Dim3{X: 512}, ptr(o), ptr(g), ptr(u), dg, du, b.rowLora(), b.rows(), o.cols, g.ld, ldd,
+			f := b.siluMulFn()
+			if half {
+				if !b.check(f == b.fn.siluMulO2, "silu_mul: a bf16 LoRA update (guHalf) for a kernel that reads float32") {
+					return
+				}
+				f = b.fn.siluMulO2H
+				b.siluHalfs++
+			}
+			b.launch(f, cuda.Dim3{X: b.rows()}, cuda.Dim3{X: 512}, ptr(o), ptr(g), ptr(u), dg, du, b.rowLora(), b.rows(), o.cols, g.ld, ldd,
 				b.f8.actQ.Ptr(), b.f8.actS.Ptr())
 		}
 		if b.err == nil {
 			b.f8.holds(o.mem.Ptr(), b.rows(), o.cols, b.gen)
 		}
+		return
+	}
+	if !b.check(!half, "silu_mul: a bf16 LoRA update (guHalf) outside the FP8 path") {
 		return
 	}
 	words := b.rows() * o.cols
