@@ -1867,14 +1867,16 @@ __device__ __forceinline__ void silu_mul_body(bf16* out, const bf16* g, const bf
 #define SILU_MUL_ARGS SILU_MUL_ARGS_D(float)
 #define SILU_MUL_PASS out, g, u, dg, du, rl, rows, cols, ldg, ldd, q, qscale
 extern "C" __global__ void silu_mul(SILU_MUL_ARGS) { silu_mul_body(SILU_MUL_PASS); }
+// silu_mul_h, silu_mul_o2h, silu_mul_clh: silu_mul, silu_mul_o2 and
+// silu_mul_cl reading bf16 LoRA updates of g and u (the gate/up expand's
+// acc 2: kernelForce.guHalf): 2 + 2 + 2 + 2 bytes a value read instead of
+// 2 + 2 + 4 + 4.
+extern "C" __global__ void silu_mul_h(SILU_MUL_ARGS_D(bf16)) { silu_mul_body(SILU_MUL_PASS); }
 // silu_mul_o2: silu_mul with at most 64 registers a thread, so two of the
 // quantizing path's 512-thread blocks fit an SM (silu_mul's 80 registers
 // fit one: ncu, H100, 256 rows of 14,336 columns, 1.94 waves, 17.2 µs at
 // 26% of DRAM; PERFORMANCE v0.79). Chosen by kernelForce.siluO2.
 extern "C" __global__ void __launch_bounds__(512, 2) silu_mul_o2(SILU_MUL_ARGS) { silu_mul_body(SILU_MUL_PASS); }
-// silu_mul_o2h: silu_mul_o2 reading bf16 LoRA updates of g and u (the
-// gate/up expand's acc 2: kernelForce.guHalf): 2 + 2 + 2 + 2 bytes a value
-// read instead of 2 + 2 + 4 + 4.
 extern "C" __global__ void __launch_bounds__(512, 2) silu_mul_o2h(SILU_MUL_ARGS_D(bf16)) { silu_mul_body(SILU_MUL_PASS); }
 
 // silu_mul_cl: silu_mul's quantizing path for steps of a few rows with each
@@ -1887,9 +1889,9 @@ extern "C" __global__ void __launch_bounds__(512, 2) silu_mul_o2h(SILU_MUL_ARGS_
 // spread over SILU_CL SMs.
 #define SILU_CL 8
 #define SILU_CL_RC 2
-extern "C" __global__ void __launch_bounds__(256) silu_mul_cl(bf16* out, const bf16* g, const bf16* u, const float* dg, const float* du,
-                                                              const int* rl, int cols, int ldg, int ldd, unsigned char* q,
-                                                              float* qscale) {
+template <typename D>
+__device__ __forceinline__ void silu_mul_cl_body(bf16* out, const bf16* g, const bf16* u, const D* dg, const D* du, const int* rl, int cols, int ldg,
+                                                 int ldd, unsigned char* q, float* qscale) {
     pdl_entry();
     __shared__ float sh[33];
     __shared__ float cm; // this block's max |v| (+Inf: a non-finite value), read by the cluster
@@ -1920,6 +1922,11 @@ extern "C" __global__ void __launch_bounds__(256) silu_mul_cl(bf16* out, const b
         if (c < w1) *reinterpret_cast<uint2*>(q + r * cols + 8 * c) = e4m3_word(w[j], inv);
     }
 }
+#define SILU_CL_ARGS_D(D) \
+    bf16 *out, const bf16 *g, const bf16 *u, const D *dg, const D *du, const int *rl, int cols, int ldg, int ldd, unsigned char *q, float *qscale
+#define SILU_CL_PASS out, g, u, dg, du, rl, cols, ldg, ldd, q, qscale
+extern "C" __global__ void __launch_bounds__(256) silu_mul_cl(SILU_CL_ARGS_D(float)) { silu_mul_cl_body(SILU_CL_PASS); }
+extern "C" __global__ void __launch_bounds__(256) silu_mul_clh(SILU_CL_ARGS_D(bf16)) { silu_mul_cl_body(SILU_CL_PASS); }
 
 // add_rmsnorm_cl: add_rmsnorm (delta set, out set) for steps of a few rows
 // with each row over a cluster of ADD_CL blocks (sm_90; grid rows * ADD_CL,

@@ -233,21 +233,21 @@ type slotState struct {
 }
 
 type funcs struct {
-	embed, addRMSNorm, addRMSNormCl, rmsnormRows, ropeStore, attention, siluMul, siluMulO2, siluMulO2H, siluMulCl, shrink, expand *cuda.Function
-	addBias, headRMSNorm, addDelta, fillRows                                                                                      *cuda.Function
-	sgShrink, sgShrink4, sgShrink64, sgShrink64P, sgExpand, sample, logitAdjust                                                   *cuda.Function
-	attnDecode                                                                                                                    [4]*cuda.Function // attn_decode_d32, d64, d128, d256
-	attnDecode8                                                                                                                   [4]*cuda.Function // attn_decode8_d*: FP8 keys
-	attnDecode2                                                                                                                   [4]*cuda.Function // attn_decode2_d*: 2 warps a block (decV2)
-	attnDecodeW8                                                                                                                  [3]*cuda.Function // attn_decode_w8_d32, d64, d128: 8 warps a block (decV8)
-	attnDecode8W2                                                                                                                 [4]*cuda.Function // attn_decode8_w2_d*: FP8 keys, 2 warps a block (decV2)
-	attnDecode8W8                                                                                                                 [3]*cuda.Function // attn_decode8_w8_d32, d64, d128: FP8 keys, 8 warps a block (decV8)
-	attnPrefill                                                                                                                   [3]*cuda.Function // attn_prefill_d32, d64, d128
-	attnPrefill8                                                                                                                  [3]*cuda.Function // attn_prefill8_d*: FP8 keys
-	sgExpandTC                                                                                                                    [3]*cuda.Function // sgmv_expand_tc1, tc2, tc4
-	sgExpandTC64S                                                                                                                 *cuda.Function    // sgmv_expand_tc64s (kernelForce.stageOut)
-	ropeRows                                                                                                                      *cuda.Function    // rope_store_rows
-	ropeLoRA                                                                                                                      *cuda.Function    // rope_store_lora
+	embed, addRMSNorm, addRMSNormCl, rmsnormRows, ropeStore, attention, siluMul, siluMulO2, siluMulCl, siluMulH, siluMulO2H, siluMulClH, shrink, expand *cuda.Function
+	addBias, headRMSNorm, addDelta, fillRows                                                                                                            *cuda.Function
+	sgShrink, sgShrink4, sgShrink64, sgShrink64P, sgExpand, sample, logitAdjust                                                                         *cuda.Function
+	attnDecode                                                                                                                                          [4]*cuda.Function // attn_decode_d32, d64, d128, d256
+	attnDecode8                                                                                                                                         [4]*cuda.Function // attn_decode8_d*: FP8 keys
+	attnDecode2                                                                                                                                         [4]*cuda.Function // attn_decode2_d*: 2 warps a block (decV2)
+	attnDecodeW8                                                                                                                                        [3]*cuda.Function // attn_decode_w8_d32, d64, d128: 8 warps a block (decV8)
+	attnDecode8W2                                                                                                                                       [4]*cuda.Function // attn_decode8_w2_d*: FP8 keys, 2 warps a block (decV2)
+	attnDecode8W8                                                                                                                                       [3]*cuda.Function // attn_decode8_w8_d32, d64, d128: FP8 keys, 8 warps a block (decV8)
+	attnPrefill                                                                                                                                         [3]*cuda.Function // attn_prefill_d32, d64, d128
+	attnPrefill8                                                                                                                                        [3]*cuda.Function // attn_prefill8_d*: FP8 keys
+	sgExpandTC                                                                                                                                          [3]*cuda.Function // sgmv_expand_tc1, tc2, tc4
+	sgExpandTC64S                                                                                                                                       *cuda.Function    // sgmv_expand_tc64s (kernelForce.stageOut)
+	ropeRows                                                                                                                                            *cuda.Function    // rope_store_rows
+	ropeLoRA                                                                                                                                            *cuda.Function    // rope_store_lora
 }
 
 // forced is an int setting of kernelForce whose 0 means the default and
@@ -300,7 +300,7 @@ type kernelForce struct {
 	slowFill   time.Duration // adapter loads: a sleep after each chunk's fill (tests: a step must wait for the host)
 	ropeLoRA   int           // q/k/v LoRA expanded inside RoPE at 1-16 rows (lora_rope.go): 1 on, -1 off, 0 by the rows (ropeFold)
 	siluO2     int           // FP8 silu_mul of more than siluClRows rows (one 512-thread block a row) as silu_mul_o2 (64 registers a thread: two blocks an SM): 1 on, -1 off, 0 the default (above fp8MidRows rows; Backend.siluMulFn)
-	guHalf     int           // the gate/up LoRA update beside its product written as bf16 (sgmv_expand_tc* acc 2), read by silu_mul_o2h, where silu_mul_o2 would read it (Backend.guHalf): 1 on, -1 off, 0 the default (guHalfAuto)
+	guHalf     int           // the gate/up LoRA update beside its product written as bf16 (sgmv_expand_tc* acc 2) and read by silu_mul_h / _o2h / _clh (Backend.guHalf): 1 on, -1 off, 0 the default (guHalfAuto)
 	siluCl     int           // FP8 silu_mul of 1-64 rows: 1 silu_mul_cl (a cluster of blocks a row) wherever it fits, -1 never, 0 by the rows (siluClFits)
 	nodePrio   int           // recordings run the LoRA stream's kernels at that stream's priority (graph.go nodePriority): 1 at every row count, -1 at none, 0 by the rows
 	memHoist   int           // recordings and cuBLASLt's memsets (memsethoist.go): -1 as captured, 1 moved beside the kernel before them, 0 moved and replaced by fill_rows
@@ -328,7 +328,7 @@ type Backend struct {
 	// (LinearSiLU, LinearAddRMSNorm: tests see that a step took them)
 	fused struct{ silu, norm int }
 	// expandStageds, shrinkBigs, shrinkPipes and siluHalfs count the
-	// sgmv_expand_tc64s, sgmv_shrink64, sgmv_shrink64p and silu_mul_o2h
+	// sgmv_expand_tc64s, sgmv_shrink64, sgmv_shrink64p and silu_mul_*h
 	// launches enqueued or recorded (tests)
 	expandStageds, shrinkBigs, shrinkPipes, siluHalfs int
 	// sbpFits: a block may have sgmv_shrink64p's shared memory (sbpShared)
@@ -681,7 +681,7 @@ func (b *Backend) open(opts Options) error {
 		p    **cuda.Function
 		name string
 	}{{&b.fn.embed, "embed"}, {&b.fn.addRMSNorm, "add_rmsnorm"}, {&b.fn.rmsnormRows, "rmsnorm_rows"}, {&b.fn.ropeStore, "rope_store"},
-		{&b.fn.attention, "attention"}, {&b.fn.siluMul, "silu_mul"}, {&b.fn.siluMulO2, "silu_mul_o2"}, {&b.fn.siluMulO2H, "silu_mul_o2h"}, {&b.fn.siluMulCl, "silu_mul_cl"}, {&b.fn.addRMSNormCl, "add_rmsnorm_cl"},
+		{&b.fn.attention, "attention"}, {&b.fn.siluMul, "silu_mul"}, {&b.fn.siluMulO2, "silu_mul_o2"}, {&b.fn.siluMulH, "silu_mul_h"}, {&b.fn.siluMulO2H, "silu_mul_o2h"}, {&b.fn.siluMulClH, "silu_mul_clh"}, {&b.fn.siluMulCl, "silu_mul_cl"}, {&b.fn.addRMSNormCl, "add_rmsnorm_cl"},
 		{&b.fn.shrink, "lora_shrink"}, {&b.fn.expand, "lora_expand"},
 		{&b.fn.sgShrink, "sgmv_shrink"}, {&b.fn.sgShrink4, "sgmv_shrink4"}, {&b.fn.sgShrink64, "sgmv_shrink64"}, {&b.fn.sgShrink64P, "sgmv_shrink64p"},
 		{&b.fn.sgExpand, "sgmv_expand"},

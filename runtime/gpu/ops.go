@@ -839,25 +839,37 @@ func (b *Backend) siluClFits(cols int) bool {
 }
 
 // guHalf reports whether the update of group mods beside its product is
-// written as bf16 (sgmv_expand_tc* acc 2) for silu_mul_o2h to read: the
-// gate/up group of an FP8 step whose silu_mul is silu_mul_o2 (more than
-// fp8MidRows rows), with the tensor-core expand (tc > 0).
-// kernelForce.guHalf: 1 wherever that holds, -1 never, 0 guHalfAuto.
-// PERFORMANCE v0.80's mixed-step trace: silu_mul_o2 waited 6.6 µs a layer
-// for the gate/up expand (1,176 blocks writing a float32 update of 28,672
-// columns on 20 held SMs), then read g, u and the two float32 updates (41
-// MB at 240 rows) in 22.8 µs; bf16 updates halve the expand's writes and
-// take a third off silu_mul's reads. Each update is then rounded to bf16
-// before the add (PEFT's bf16 lora_B output is too), not only the sum.
+// written as bf16 (sgmv_expand_tc* acc 2) for SiLUMul to read (silu_mul_h,
+// silu_mul_o2h, silu_mul_clh): the gate/up group, with the tensor-core
+// expand (tc > 0). kernelForce.guHalf: 1 wherever that holds, -1 never, 0
+// guHalfAuto. PERFORMANCE v0.80's FP8 mixed-step trace: silu_mul_o2
+// waited 6.6 µs a layer for the gate/up expand (1,176 blocks writing a
+// float32 update of 28,672 columns on 20 held SMs), then read g, u and the
+// two float32 updates (41 MB at 240 rows) in 22.8 µs; bf16 updates halve
+// the expand's writes and take a third off silu_mul's reads. Each update
+// is then rounded to bf16 before the add (PEFT's bf16 lora_B output is
+// too), not only the sum.
 func (b *Backend) guHalf(mods []llama.Module, tc int) bool {
-	if tc == 0 || b.force.loraV2 || b.f8 == nil || b.fn.siluMulO2H == nil || !forcedOn(b.force.guHalf, guHalfAuto) {
+	if tc == 0 || b.force.loraV2 || !forcedOn(b.force.guHalf, guHalfAuto) {
 		return false
 	}
-	if len(mods) != 2 || mods[0] != llama.Gate || mods[1] != llama.Up {
-		return false
+	return len(mods) == 2 && mods[0] == llama.Gate && mods[1] == llama.Up
+}
+
+// siluHalf is silu_mul kernel f, or its twin reading bf16 updates where
+// half is set.
+func (b *Backend) siluHalf(half bool, f *cuda.Function) *cuda.Function {
+	if !half {
+		return f
 	}
-	_, n := b.cfg.Dims(llama.Gate)
-	return n%8 == 0 && b.f8.fits(b.rows(), n) && !b.siluClFits(n) && b.siluMulFn() == b.fn.siluMulO2
+	b.siluHalfs++
+	switch f {
+	case b.fn.siluMulO2:
+		return b.fn.siluMulO2H
+	case b.fn.siluMulCl:
+		return b.fn.siluMulClH
+	}
+	return b.fn.siluMulH
 }
 
 // guHalfAuto is guHalf's default.
@@ -901,18 +913,10 @@ func (b *Backend) SiLUMul(out, gate, up engine.Buffer) {
 	// scratch
 	if vec && b.f8 != nil && b.f8.fits(b.rows(), o.cols) {
 		if b.siluClFits(o.cols) {
-			b.launchCluster(b.fn.siluMulCl, cuda.Dim3{X: b.rows() * siluCl}, cuda.Dim3{X: 256}, cuda.Dim3{X: siluCl},
+			b.launchCluster(b.siluHalf(half, b.fn.siluMulCl), cuda.Dim3{X: b.rows() * siluCl}, cuda.Dim3{X: 256}, cuda.Dim3{X: siluCl},
 				ptr(o), ptr(g), ptr(u), dg, du, b.rowLora(), o.cols, g.ld, ldd, b.f8.actQ.Ptr(), b.f8.actS.Ptr())
 		} else {
-			f := b.siluMulFn()
-			if half {
-				if !b.check(f == b.fn.siluMulO2, "silu_mul: a bf16 LoRA update (guHalf) for a kernel that reads float32") {
-					return
-				}
-				f = b.fn.siluMulO2H
-				b.siluHalfs++
-			}
-			b.launch(f, cuda.Dim3{X: b.rows()}, cuda.Dim3{X: 512}, ptr(o), ptr(g), ptr(u), dg, du, b.rowLora(), b.rows(), o.cols, g.ld, ldd,
+			b.launch(b.siluHalf(half, b.siluMulFn()), cuda.Dim3{X: b.rows()}, cuda.Dim3{X: 512}, ptr(o), ptr(g), ptr(u), dg, du, b.rowLora(), b.rows(), o.cols, g.ld, ldd,
 				b.f8.actQ.Ptr(), b.f8.actS.Ptr())
 		}
 		if b.err == nil {
@@ -920,14 +924,11 @@ func (b *Backend) SiLUMul(out, gate, up engine.Buffer) {
 		}
 		return
 	}
-	if !b.check(!half, "silu_mul: a bf16 LoRA update (guHalf) outside the FP8 path") {
-		return
-	}
 	words := b.rows() * o.cols
 	if vec {
 		words /= 8
 	}
-	b.launch(b.fn.siluMul, cuda.Dim3{X: max(1, min((words+255)/256, 8192))}, cuda.Dim3{X: 256}, ptr(o), ptr(g), ptr(u), dg, du, b.rowLora(), b.rows(), o.cols, g.ld, ldd,
+	b.launch(b.siluHalf(half, b.fn.siluMul), cuda.Dim3{X: max(1, min((words+255)/256, 8192))}, cuda.Dim3{X: 256}, ptr(o), ptr(g), ptr(u), dg, du, b.rowLora(), b.rows(), o.cols, g.ld, ldd,
 		uint64(0), uint64(0))
 }
 
