@@ -2,7 +2,9 @@ package gpu
 
 import (
 	"fmt"
+	"log/slog"
 	"math/bits"
+	"os"
 	"slices"
 
 	"github.com/peftd/peftd/runtime/cuda"
@@ -850,7 +852,7 @@ func (b *Backend) siluClFits(cols int) bool {
 // is then rounded to bf16 before the add (PEFT's bf16 lora_B output is
 // too), not only the sum.
 func (b *Backend) guHalf(mods []llama.Module, tc int) bool {
-	if tc == 0 || b.force.loraV2 || !forcedOn(b.force.guHalf, guHalfAuto) {
+	if tc == 0 || b.force.loraV2 || !forcedOn(b.force.guHalf, b.guHalfOn) {
 		return false
 	}
 	return len(mods) == 2 && mods[0] == llama.Gate && mods[1] == llama.Up
@@ -874,6 +876,22 @@ func (b *Backend) siluHalf(half bool, f *cuda.Function) *cuda.Function {
 
 // guHalfAuto is guHalf's default.
 const guHalfAuto = false
+
+// guHalfDefault is guHalfAuto, or what PEFTD_LORA_GU_HALF=on|off says (the
+// whole engine's A/B: serving, and every test of the LoRA paths).
+func guHalfDefault() bool {
+	switch v := os.Getenv("PEFTD_LORA_GU_HALF"); v {
+	case "":
+		return guHalfAuto
+	case "on", "1":
+		return true
+	case "off", "0":
+		return false
+	default:
+		slog.Warn("gpu: PEFTD_LORA_GU_HALF is not on or off; using the default", "value", v, "default", guHalfAuto)
+		return guHalfAuto
+	}
+}
 
 // siluMulFn is the kernel of the quantizing silu_mul with one 512-thread
 // block a row: silu_mul, or silu_mul_o2 (at most 64 registers a thread, two
