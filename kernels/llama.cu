@@ -1789,7 +1789,7 @@ __device__ __forceinline__ uint4 silu_mul8(uint4 gw, uint4 uw, const D* dg, cons
 // beside the gate_up projection, rows ldd apart, added first (rounded to
 // bf16, as an update in place would have left g and u) in the rows whose
 // rl (row adapter slot) is >= 0; bf16 updates where D is bf16
-// (silu_mul_o2h: half the update's bytes, each update rounded to bf16
+// (silu_mul_h / _o2h / _clh: half the update's bytes, each update rounded to bf16
 // before the add, as PEFT's bf16 lora_B output is). Grid-stride over 8-value words when cols,
 // ldg and ldd are multiples of 8. q, qscale (null, or both set; then cols,
 // ldg and ldd must be multiples of 8 and the grid is one block per row): each
@@ -2515,9 +2515,7 @@ extern "C" __global__ void __launch_bounds__(SG_EX_THREADS) sgmv_expand(
 // sgmv_expand_tc{1,2,4}: the expand on the tensor cores, for adapters whose
 // ranks are multiples of 8 (at most 32*KC) and slices whose widths are
 // multiples of 8. Same contract as sgmv_expand (accum, tmp partials, tile
-// and table layout), and accum 2: out (bf16, rows o_stride values apart)
-// gets the sum alone rounded to bf16 (silu_mul_o2h's gate/up updates:
-// kernelForce.guHalf). grid (sum over slices of ceil(width_s / block
+// and table layout). grid (sum over slices of ceil(width_s / block
 // columns), tiles), block 256: each block takes one slice's column range
 // of one tile; blk1 and blk2 are the first blockIdx.x of slices 1 and 2.
 // Each warp takes 8*NG columns: lane (g, q) loads 8 consecutive ranks
@@ -2552,7 +2550,7 @@ struct TcShape {
 // an instruction: half of each 32-byte sector). The same adds: the same
 // bits. Needs 16-byte aligned rows (o_stride % 8 == 0, out 16-byte
 // aligned: runtime/gpu checks).
-template <int KC, int MT = 1, bool ST = false>
+template <int KC, int MT = 1, bool ST = false, bool HS = false>
 __device__ __forceinline__ void expand_tc_body(
     bf16* __restrict__ out, const float* __restrict__ tmp, const LoraEntry* __restrict__ table, const int4* __restrict__ tiles,
     int entry_base, int entry_stride, int m0, int m1, int m2, int blk1, int blk2, int off1, int off2, int out_total,
@@ -2598,7 +2596,7 @@ __device__ __forceinline__ void expand_tc_body(
     // wrote it: after the wait), in flight with tmp's loads; 16-byte
     // pieces, piece i row i / (COLS / 8)
     const int bcol0 = sOff + chunk * COLS; // the block's first column
-    const bool staged = ST && accum == 1 && rank > 0;
+    const bool staged = ST && accum && rank > 0;
     if constexpr (ST) {
         if (staged) {
             for (int i = threadIdx.x; i < 16 * MT * (COLS / 8); i += 256) {
@@ -2656,7 +2654,7 @@ __device__ __forceinline__ void expand_tc_body(
                     }
                 }
             }
-        } else if (accum == 1) {
+        } else if (!HS && accum) {
             return; // nothing to add
         }
 #pragma unroll
@@ -2668,16 +2666,16 @@ __device__ __forceinline__ void expand_tc_body(
                 const int r = 16 * mt + g + 8 * half;
                 if (r >= n) continue;
                 const float v0 = c[ng][2 * half], v1 = c[ng][2 * half + 1];
-                if (ST && accum == 1) {
+                if (HS) { // the update alone, rounded to bf16
+                    *reinterpret_cast<__nv_bfloat162*>(out + (i64)(tile.x + r) * o_stride + col) = __floats2bfloat162_rn(v0, v1);
+                } else if (ST && accum) {
                     __nv_bfloat162* p = reinterpret_cast<__nv_bfloat162*>(os + r * OW + col - bcol0);
                     const float2 o = __bfloat1622float2(*p);
                     *p = __floats2bfloat162_rn(o.x + v0, o.y + v1);
-                } else if (accum == 1) {
+                } else if (accum) {
                     __nv_bfloat162* p = reinterpret_cast<__nv_bfloat162*>(out + (i64)(tile.x + r) * o_stride + col);
                     const float2 o = __bfloat1622float2(*p);
                     *p = __floats2bfloat162_rn(o.x + v0, o.y + v1);
-                } else if (accum == 2) { // the update alone, rounded to bf16
-                    *reinterpret_cast<__nv_bfloat162*>(out + (i64)(tile.x + r) * o_stride + col) = __floats2bfloat162_rn(v0, v1);
                 } else {
                     *reinterpret_cast<float2*>(reinterpret_cast<float*>(out) + (i64)(tile.x + r) * o_stride + col) = make_float2(v0, v1);
                 }
@@ -2707,6 +2705,13 @@ __device__ __forceinline__ void expand_tc_body(
 extern "C" __global__ void __launch_bounds__(256) sgmv_expand_tc1(EXPAND_TC_ARGS) { expand_tc_body<1>(EXPAND_TC_PASS); }
 extern "C" __global__ void __launch_bounds__(256) sgmv_expand_tc2(EXPAND_TC_ARGS) { expand_tc_body<2>(EXPAND_TC_PASS); }
 extern "C" __global__ void __launch_bounds__(256) sgmv_expand_tc4(EXPAND_TC_ARGS) { expand_tc_body<4>(EXPAND_TC_PASS); }
+// sgmv_expand_tch{1,2,4}: sgmv_expand_tc{kc} writing the update alone as
+// bf16 (HS; accum not read): out is bf16, rows o_stride values apart, zero
+// where the slice has no adapter (the gate/up update silu_mul_h / _o2h /
+// _clh read: kernelForce.guHalf, runtime/gpu's acc 2).
+extern "C" __global__ void __launch_bounds__(256) sgmv_expand_tch1(EXPAND_TC_ARGS) { expand_tc_body<1, 1, false, true>(EXPAND_TC_PASS); }
+extern "C" __global__ void __launch_bounds__(256) sgmv_expand_tch2(EXPAND_TC_ARGS) { expand_tc_body<2, 1, false, true>(EXPAND_TC_PASS); }
+extern "C" __global__ void __launch_bounds__(256) sgmv_expand_tch4(EXPAND_TC_ARGS) { expand_tc_body<4, 1, false, true>(EXPAND_TC_PASS); }
 // sgmv_expand_tc64s: sgmv_expand_tc1 adding in place on the step's 64-row
 // tiles of one adapter (the big tiles sgmv_shrink64 takes: {first row,
 // rows, slot, 0}), 128 columns a block instead of 512 (expand_tc_body's MT

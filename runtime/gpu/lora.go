@@ -689,7 +689,7 @@ func (b *Backend) launchShrink(st *cuda.Stream, sp sgShrinkPlan, x *Buffer, base
 // whose projections' outputs start at offs (offs[len] is the width) in rows
 // outStride values apart at outPtr, from the step's LoRA scratch (ks K
 // parts, tStride floats a row), added in place (acc 1), written as
-// float32 (acc 0) or as bf16 (acc 2: guHalf).
+// float32 (acc 0) or as bf16 (acc 2: sgmv_expand_tch{tc}, guHalf).
 func (b *Backend) expandTC(st *cuda.Stream, tc int, outPtr cuda.DevicePtr, outStride int, offs []int, ms [3]int, base, stride, tStride, ks, acc int) {
 	n := len(offs) - 1
 	total := offs[n]
@@ -711,6 +711,9 @@ func (b *Backend) expandTC(st *cuda.Stream, tc int, outPtr cuda.DevicePtr, outSt
 	grid := start[n]
 	blk1, blk2 := slices12(start)
 	f := b.fn.sgExpandTC[bits.TrailingZeros(uint(tc))]
+	if acc == 2 {
+		f = b.fn.sgExpandTCH[bits.TrailingZeros(uint(tc))]
+	}
 	tiles, nTiles := b.off.tiles, b.nTiles
 	if big {
 		f, tiles, nTiles = b.fn.sgExpandTC64S, b.off.bigTiles, b.nBig
