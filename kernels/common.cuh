@@ -447,14 +447,12 @@ __device__ __forceinline__ void add8(float* a, const float* d) {
 }
 
 // add8 of a bf16 update (8 values from 16-byte aligned d): the same sums
-// of values already rounded to bf16 (silu_mul_o2h's gate/up updates).
+// of values already rounded to bf16 (silu_mul_h / _o2h / _clh's gate/up
+// updates).
 __device__ __forceinline__ void add8(float* a, const bf16* d) {
-    float dv[8];
+    __align__(16) float dv[8];
     unpack8(*reinterpret_cast<const uint4*>(d), dv);
-    float f[8];
-#pragma unroll
-    for (int j = 0; j < 8; j++) f[j] = a[j] + dv[j];
-    unpack8(pack8(f), a);
+    add8(a, dv);
 }
 
 // add_word: word c of row x8 plus d8's (and e8's, summed and rounded to bf16

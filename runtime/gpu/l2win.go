@@ -59,13 +59,23 @@ func (b *Backend) loraL2On() bool {
 	case b.force.l2Win < 0:
 		return false
 	}
-	switch os.Getenv("PEFTD_LORA_L2") {
+	return envOnOff("PEFTD_LORA_L2", loraL2Default)
+}
+
+// envOnOff is environment variable name's switch: on or 1, off or 0, or
+// def where it is unset (and, with a warning, where it is anything else).
+func envOnOff(name string, def bool) bool {
+	switch v := os.Getenv(name); v {
+	case "":
+		return def
 	case "on", "1":
 		return true
 	case "off", "0":
 		return false
+	default:
+		slog.Warn("gpu: "+name+" is not on or off; using the default", "value", v, "default", def)
+		return def
 	}
-	return loraL2Default
 }
 
 // l2Window is the window over the update buffer: its first loraL2Bytes

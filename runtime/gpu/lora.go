@@ -189,7 +189,7 @@ type loraAside struct {
 type pendingDelta struct {
 	base, delta cuda.DevicePtr
 	ld, cols    int
-	half        bool      // delta holds bf16 values (guHalf): only silu_mul_o2h reads it
+	half        bool      // delta holds bf16 values (guHalf): only SiLUMul reads it (silu_mul_h / _o2h / _clh)
 	local       bool      // computed on the compute stream (lora_inline.go): nothing to wait for
 	lora        *loraPend // not expanded (delta 0): rope_store_lora expands it (lora_rope.go), any other op in place
 }

@@ -2,9 +2,7 @@ package gpu
 
 import (
 	"fmt"
-	"log/slog"
 	"math/bits"
-	"os"
 	"slices"
 
 	"github.com/peftd/peftd/runtime/cuda"
@@ -879,19 +877,7 @@ const guHalfAuto = false
 
 // guHalfDefault is guHalfAuto, or what PEFTD_LORA_GU_HALF=on|off says (the
 // whole engine's A/B: serving, and every test of the LoRA paths).
-func guHalfDefault() bool {
-	switch v := os.Getenv("PEFTD_LORA_GU_HALF"); v {
-	case "":
-		return guHalfAuto
-	case "on", "1":
-		return true
-	case "off", "0":
-		return false
-	default:
-		slog.Warn("gpu: PEFTD_LORA_GU_HALF is not on or off; using the default", "value", v, "default", guHalfAuto)
-		return guHalfAuto
-	}
-}
+func guHalfDefault() bool { return envOnOff("PEFTD_LORA_GU_HALF", guHalfAuto) }
 
 // siluMulFn is the kernel of the quantizing silu_mul with one 512-thread
 // block a row: silu_mul, or silu_mul_o2 (at most 64 registers a thread, two
