@@ -270,9 +270,9 @@ func TestLoRABench(t *testing.T) {
 		}
 		for i, o := range ops {
 			if inPlace {
-				b.loraSlices(b.s, o.out.mem.Ptr(), o.out.cols, o.x, 0, o.mods, 1)
+				b.loraSlices(b.s, o.out.mem.Ptr(), o.out.cols, o.x, 0, o.mods, accAdd)
 			} else {
-				b.loraSlices(b.s, aside[i].Ptr(), o.out.cols, o.x, 0, o.mods, 0)
+				b.loraSlices(b.s, aside[i].Ptr(), o.out.cols, o.x, 0, o.mods, accFloat)
 			}
 		}
 		g, err := b.s.EndCapture()

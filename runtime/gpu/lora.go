@@ -154,7 +154,7 @@ func (b *Backend) LoRA(out, in engine.Buffer, layer int, mods []llama.Module) {
 		b.loraAside(o, x, layer, mods, total)
 		return
 	}
-	b.loraSlices(b.s, ptr(o), o.ld, x, layer, mods, 1)
+	b.loraSlices(b.s, ptr(o), o.ld, x, layer, mods, accAdd)
 }
 
 // loraAside is the LoRA stream and the update it computes beside a GEMM.
@@ -262,9 +262,9 @@ func (b *Backend) loraAside(o, x *Buffer, layer int, mods []llama.Module, total 
 	if tc := b.tcChunks(mods); b.ropeFold(mods, tc) {
 		pend = b.pendLoRA(o, layer, mods, tc, b.loraShrink(b.la.s, x, layer, mods), false)
 	} else {
-		acc := 0
+		acc := accFloat
 		if pend.half = b.guHalf(mods, tc); pend.half {
-			acc = 2
+			acc = accHalf
 		}
 		b.loraSlices(b.la.s, d, total, x, layer, mods, acc)
 	}
@@ -304,7 +304,7 @@ func (b *Backend) join() {
 	}
 	b.waitUpdate(p)
 	if l := p.lora; l != nil { // an op other than RoPE reads it: expanded in place
-		b.expandTC(b.s, l.tc, p.base, p.ld, l.offs, l.ms, l.base, l.stride, l.tStride, l.ks, 1)
+		b.expandTC(b.s, l.tc, p.base, p.ld, l.offs, l.ms, l.base, l.stride, l.tStride, l.ks, accAdd)
 		b.gen++
 		return
 	}
@@ -453,6 +453,16 @@ func (b *Backend) loraCtr() cuda.DevicePtr { return b.loraTmp.Ptr() + uint64(4*b
 // the largest rank for every row, times 4 for K-split partial sums.
 func (b *Backend) tmpFloats() int { return b.tmpFloatsFor(b.maxRank) }
 
+// loraAcc is how an SGMV expand writes its update to the output rows: the
+// kernels' acc argument.
+type loraAcc int
+
+const (
+	accFloat loraAcc = 0 // written as float32, for a later fused add (pendingDelta)
+	accAdd   loraAcc = 1 // added in place to the bf16 output
+	accHalf  loraAcc = 2 // written as bf16 (sgmv_expand_tch*, guHalf)
+)
+
 // tmpFloatsFor is tmpFloats for adapters of rank up to r.
 func (b *Backend) tmpFloatsFor(r int) int { return 4 * b.maxT * 3 * max(r, 1) }
 
@@ -460,11 +470,11 @@ func (b *Backend) tmpFloatsFor(r int) int { return 4 * b.maxT * 3 * max(r, 1) }
 // same input x (fused q/k/v or gate/up) to the output rows at outPtr (row
 // stride outStride elements), the projections' outputs side by side in
 // mods order. Segments come from the step's metadata.
-func (b *Backend) loraSlices(st *cuda.Stream, outPtr cuda.DevicePtr, outStride int, x *Buffer, layer int, mods []llama.Module, acc int) {
+func (b *Backend) loraSlices(st *cuda.Stream, outPtr cuda.DevicePtr, outStride int, x *Buffer, layer int, mods []llama.Module, acc loraAcc) {
 	if !b.ok() || !b.stepLoRA() {
 		return
 	}
-	if !b.check(len(mods) >= 1 && len(mods) <= 3 && layer >= 0 && layer < b.cfg.Layers && acc >= 0 && acc <= 2, "lora: %d slices, layer %d, acc %d", len(mods), layer, acc) {
+	if !b.check(len(mods) >= 1 && len(mods) <= 3 && layer >= 0 && layer < b.cfg.Layers && acc >= accFloat && acc <= accHalf, "lora: %d slices, layer %d, acc %d", len(mods), layer, acc) {
 		return
 	}
 	b.gateLayer(st, layer)
@@ -478,7 +488,7 @@ func (b *Backend) loraSlices(st *cuda.Stream, outPtr cuda.DevicePtr, outStride i
 	}
 	base, stride := b.tableRows(layer)
 	if !b.sgmvOK(x, mods, outStride, outPtr) {
-		if !b.check(acc == 1, "lora: the row-at-a-time kernels only add in place") {
+		if !b.check(acc == accAdd, "lora: the row-at-a-time kernels only add in place") {
 			return
 		}
 		rows, slots := b.i32(b.off.loraRows), b.i32(b.off.loraSlots)
@@ -501,7 +511,7 @@ func (b *Backend) loraSlices(st *cuda.Stream, outPtr cuda.DevicePtr, outStride i
 	// (512 output columns of one tile) after them; see kernels/sgmv.cu.
 	tc := b.tcChunks(mods)
 	v2 := !b.graphLayout && (b.force.loraV2 || (!b.force.loraV1 && tc == 0 && b.nLora >= sgV2MinRows*b.nTiles))
-	if !b.check(acc < 2 || (tc > 0 && !v2), "lora: a bf16 update (acc 2) needs the tensor-core expand") {
+	if !b.check(acc != accHalf || (tc > 0 && !v2), "lora: a bf16 update (accHalf) needs the tensor-core expand") {
 		return
 	}
 	if f := b.sgFused[nb/32]; f != nil && v2 && b.nTiles <= sgFuMaxTiles && len(b.slots)*len(mods) <= sgFuMaxEnt {
@@ -523,7 +533,7 @@ func (b *Backend) loraSlices(st *cuda.Stream, outPtr cuda.DevicePtr, outStride i
 		b.fail(f.Launch(st, cuda.Dim3{X: grid}, cuda.Dim3{X: sgFuThreads}, shmem,
 			outPtr, b.stepTmp, ptr(x), b.table, tiles, b.loraCtr(), b.nTiles, len(b.slots), base, stride,
 			ms[0], ms[1], ms[2], len(mods), rankTiles, ks, kchunk, nShrink, off1, off2, total,
-			b.stepRank, inF, x.ld, outStride, tStride, T, acc))
+			b.stepRank, inF, x.ld, outStride, tStride, T, int(acc)))
 		return
 	}
 	b.launchShrink(st, sp, x, base, stride, ms, inF, len(mods))
@@ -544,7 +554,7 @@ func (b *Backend) loraSlices(st *cuda.Stream, outPtr cuda.DevicePtr, outStride i
 	}
 	b.fail(b.fn.sgExpand.Launch(st, cuda.Dim3{X: b.nTiles, Y: (total + 255) / 256}, cuda.Dim3{X: 128}, shmem,
 		outPtr, b.stepTmp, b.table, tiles, base, stride, ms[0], ms[1], ms[2], len(mods), off1, off2, total,
-		b.stepRank, outStride, tStride, T, ks, acc))
+		b.stepRank, outStride, tStride, T, ks, int(acc)))
 }
 
 // stepLoRA reports whether the step runs a LoRA update: rows with an
@@ -688,16 +698,16 @@ func (b *Backend) launchShrink(st *cuda.Stream, sp sgShrinkPlan, x *Buffer, base
 // expandTC launches sgmv_expand_tc{tc} on st: the update of the group
 // whose projections' outputs start at offs (offs[len] is the width) in rows
 // outStride values apart at outPtr, from the step's LoRA scratch (ks K
-// parts, tStride floats a row), added in place (acc 1), written as
-// float32 (acc 0) or as bf16 (acc 2: sgmv_expand_tch{tc}, guHalf).
-func (b *Backend) expandTC(st *cuda.Stream, tc int, outPtr cuda.DevicePtr, outStride int, offs []int, ms [3]int, base, stride, tStride, ks, acc int) {
+// parts, tStride floats a row), written as acc says (accHalf:
+// sgmv_expand_tch{tc}).
+func (b *Backend) expandTC(st *cuda.Stream, tc int, outPtr cuda.DevicePtr, outStride int, offs []int, ms [3]int, base, stride, tStride, ks int, acc loraAcc) {
 	n := len(offs) - 1
 	total := offs[n]
 	off1, off2 := slices12(offs)
 	// sgmv_expand_tc64s (stageOut): the rank-32 class on the step's
 	// 64-row tiles with the output tile staged, for an update added in
 	// place into 16-byte aligned rows
-	canStage := acc == 1 && outStride%8 == 0 && outPtr%16 == 0
+	canStage := acc == accAdd && outStride%8 == 0 && outPtr%16 == 0
 	big := canStage && forcedOn(b.force.stageOut, stageOutAuto && b.nLora >= stageOutMinRows) && tc == 1 && b.nBig > 0
 	// blocks per slice of sgmv_expand_tc{tc}; blk1, blk2: where slices 1 and 2 start
 	cols := tcBlockCols(tc)
@@ -711,7 +721,7 @@ func (b *Backend) expandTC(st *cuda.Stream, tc int, outPtr cuda.DevicePtr, outSt
 	grid := start[n]
 	blk1, blk2 := slices12(start)
 	f := b.fn.sgExpandTC[bits.TrailingZeros(uint(tc))]
-	if acc == 2 {
+	if acc == accHalf {
 		f = b.fn.sgExpandTCH[bits.TrailingZeros(uint(tc))]
 	}
 	tiles, nTiles := b.off.tiles, b.nTiles
@@ -721,7 +731,7 @@ func (b *Backend) expandTC(st *cuda.Stream, tc int, outPtr cuda.DevicePtr, outSt
 	}
 	b.launchOn(st, f, cuda.Dim3{X: grid, Y: nTiles}, cuda.Dim3{X: 256},
 		outPtr, b.stepTmp, b.table, b.i32(tiles), base, stride, ms[0], ms[1], ms[2], blk1, blk2, off1, off2, total,
-		b.stepRank, outStride, tStride, b.rows(), ks, acc)
+		b.stepRank, outStride, tStride, b.rows(), ks, int(acc))
 }
 
 // stageOutMinRows is the LoRA rows from which the rank-32 class's expands

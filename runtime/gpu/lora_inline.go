@@ -93,7 +93,7 @@ func (b *Backend) loraInline(out, in engine.Buffer, w engine.Weight, layer int, 
 		ptr(o), ptr(x), wt.mem.Ptr(), b.rows(), wt.rows, wt.cols, opts,
 		b.stepTmp, b.table, b.i32(b.off.tiles), base, stride, ms[0], ms[1], ms[2], len(mods), b.stepRank, extra, tStride))
 	if !b.asideOK() { // no update buffer (Options.SerialLoRA): added in place
-		b.expandTC(b.s, tc, ptr(o), o.ld, offs, ms, base, stride, tStride, 1, 1)
+		b.expandTC(b.s, tc, ptr(o), o.ld, offs, ms, base, stride, tStride, 1, accAdd)
 		return true
 	}
 	if b.ropeFold(mods, tc) { // RoPE expands it (lora_rope.go)
@@ -104,7 +104,7 @@ func (b *Backend) loraInline(out, in engine.Buffer, w engine.Weight, layer int, 
 	// reads (fuse), as for an update from the LoRA stream: product + update
 	// is rounded once, there, and the expand need not read the product
 	d := b.la.delta.Ptr()
-	b.expandTC(b.s, tc, d, wt.rows, offs, ms, base, stride, tStride, 1, 0)
+	b.expandTC(b.s, tc, d, wt.rows, offs, ms, base, stride, tStride, 1, accFloat)
 	if b.err == nil {
 		b.la.pend = pendingDelta{base: ptr(o), delta: d, ld: o.ld, cols: wt.rows, local: true}
 	}

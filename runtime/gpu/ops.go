@@ -839,7 +839,7 @@ func (b *Backend) siluClFits(cols int) bool {
 }
 
 // guHalf reports whether the update of group mods beside its product is
-// written as bf16 (sgmv_expand_tch*, acc 2) for SiLUMul to read (silu_mul_h,
+// written as bf16 (sgmv_expand_tch*, accHalf) for SiLUMul to read (silu_mul_h,
 // silu_mul_o2h, silu_mul_clh): the gate/up group, with the tensor-core
 // expand (tc > 0). kernelForce.guHalf: 1 wherever that holds, -1 never, 0
 // guHalfAuto. PERFORMANCE v0.80's FP8 mixed-step trace: silu_mul_o2

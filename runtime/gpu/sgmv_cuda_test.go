@@ -143,7 +143,7 @@ func TestOpLoRAFused(t *testing.T) {
 					t.Fatalf("%v: the update is not pending on the LoRA stream", mods)
 				}
 			} else {
-				r.b.loraSlices(r.b.s, out.mem.Ptr(), total, x, layer, mods, 1)
+				r.b.loraSlices(r.b.s, out.mem.Ptr(), total, x, layer, mods, accAdd)
 			}
 			got := r.read(out, T)
 			if !aside && mode != "v0" && mode != "v2" {
@@ -160,7 +160,7 @@ func TestOpLoRAFused(t *testing.T) {
 					if err := r.b.s.Memset32(upd.Ptr(), 0x7fc00000, T*total); err != nil { // NaN: unwritten shows
 						t.Fatal(err)
 					}
-					r.b.loraSlices(r.b.s, upd.Ptr(), total, x, layer, mods, 0)
+					r.b.loraSlices(r.b.s, upd.Ptr(), total, x, layer, mods, accFloat)
 					if err := cuda.CopyDtoH(r.b.s, h, upd.Ptr()); err != nil {
 						t.Fatal(err)
 					}
@@ -177,7 +177,7 @@ func TestOpLoRAFused(t *testing.T) {
 					before, saved := v.runs(r.b), r.b.force
 					v.set(&r.b.force)
 					r.fill(out, ov)
-					r.b.loraSlices(r.b.s, out.mem.Ptr(), total, x, layer, mods, 1)
+					r.b.loraSlices(r.b.s, out.mem.Ptr(), total, x, layer, mods, accAdd)
 					alt := r.read(out, T)
 					mid := v.runs(r.b)
 					altAside := aside()
@@ -202,12 +202,12 @@ func TestOpLoRAFused(t *testing.T) {
 				// tensor cores; 768-column parts: two and four here)
 				r.b.force.loraKChunk = 768
 				r.fill(out, ov)
-				r.b.loraSlices(r.b.s, out.mem.Ptr(), total, x, layer, mods, 1)
+				r.b.loraSlices(r.b.s, out.mem.Ptr(), total, x, layer, mods, accAdd)
 				small := r.read(out, T)
 				r.b.force.shrink64, r.b.force.shrinkPipe = 1, -1
 				r.fill(out, ov)
 				before := r.b.shrinkBigs
-				r.b.loraSlices(r.b.s, out.mem.Ptr(), total, x, layer, mods, 1)
+				r.b.loraSlices(r.b.s, out.mem.Ptr(), total, x, layer, mods, accAdd)
 				big := r.read(out, T)
 				if r.b.shrinkBigs == before {
 					t.Fatalf("%s %v: kernelForce shrink64 1, shrinkPipe -1: no sgmv_shrink64 launch", mode, mods)
@@ -222,7 +222,7 @@ func TestOpLoRAFused(t *testing.T) {
 					r.b.force.shrinkPipe = 1
 					r.fill(out, ov)
 					before = r.b.shrinkPipes
-					r.b.loraSlices(r.b.s, out.mem.Ptr(), total, x, layer, mods, 1)
+					r.b.loraSlices(r.b.s, out.mem.Ptr(), total, x, layer, mods, accAdd)
 					pipe := r.read(out, T)
 					if r.b.shrinkPipes == before {
 						t.Fatalf("%s %v: kernelForce shrinkPipe 1: no sgmv_shrink64p launch", mode, mods)
@@ -234,13 +234,13 @@ func TestOpLoRAFused(t *testing.T) {
 				r.b.force.shrinkPipe, r.b.force.loraKChunk = 0, 0
 				r.b.force.shrink64 = 1 // its own K split: checked against the reference below
 				r.fill(out, ov)
-				r.b.loraSlices(r.b.s, out.mem.Ptr(), total, x, layer, mods, 1)
+				r.b.loraSlices(r.b.s, out.mem.Ptr(), total, x, layer, mods, accAdd)
 				got = r.read(out, T)
 				r.b.force.shrink64 = 0
 			}
 			if mode == "v2" { // deterministic: the same bits again (K-split partials summed in a fixed order)
 				r.fill(out, ov)
-				r.b.loraSlices(r.b.s, out.mem.Ptr(), total, x, layer, mods, 1)
+				r.b.loraSlices(r.b.s, out.mem.Ptr(), total, x, layer, mods, accAdd)
 				again := r.read(out, T)
 				for i := range got {
 					if math.Float32bits(got[i]) != math.Float32bits(again[i]) {
