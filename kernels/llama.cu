@@ -2727,11 +2727,6 @@ extern "C" __global__ void __launch_bounds__(256) sgmv_expand_tc64s(EXPAND_TC_AR
     static_assert(TcShape<1, 4>::COLS == X64_COLS, "sgmv_expand_tc64s: runtime/gpu's x64Cols");
     expand_tc_body<1, 4, true>(EXPAND_TC_PASS);
 }
-// sgmv_expand_tch64: sgmv_expand_tch1 on the step's 64-row tiles of one
-// adapter (MT 4, 128 columns a block, as sgmv_expand_tc64s): each B column
-// read once per 64 rows of its adapter, not once per 16. The same MMAs in
-// the same order: the bits of tch1 (kernelForce.guHalf64).
-extern "C" __global__ void __launch_bounds__(256) sgmv_expand_tch64(EXPAND_TC_ARGS) { expand_tc_body<1, 4, false, true>(EXPAND_TC_PASS); }
 
 // l2_flush: reads n 16-byte words (a buffer larger than L2) and writes nothing
 // unless the impossible happens, so the cache ends up full of clean lines.

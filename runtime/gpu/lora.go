@@ -709,9 +709,6 @@ func (b *Backend) expandTC(st *cuda.Stream, tc int, outPtr cuda.DevicePtr, outSt
 	// place into 16-byte aligned rows
 	canStage := acc == accAdd && outStride%8 == 0 && outPtr%16 == 0
 	big := canStage && forcedOn(b.force.stageOut, stageOutAuto && b.nLora >= stageOutMinRows) && tc == 1 && b.nBig > 0
-	// sgmv_expand_tch64 (guHalf64): the same tiles for a bf16 update
-	half64 := acc == accHalf && forcedOn(b.force.guHalf64, guHalf64Auto) && tc == 1 && b.nBig > 0
-	big = big || half64
 	// blocks per slice of sgmv_expand_tc{tc}; blk1, blk2: where slices 1 and 2 start
 	cols := tcBlockCols(tc)
 	if big {
@@ -730,21 +727,12 @@ func (b *Backend) expandTC(st *cuda.Stream, tc int, outPtr cuda.DevicePtr, outSt
 	tiles, nTiles := b.off.tiles, b.nTiles
 	if big {
 		f, tiles, nTiles = b.fn.sgExpandTC64S, b.off.bigTiles, b.nBig
-		if half64 {
-			f = b.fn.sgExpandTCH64
-			b.expandHalf64s++
-		} else {
-			b.expandStageds++
-		}
+		b.expandStageds++
 	}
 	b.launchOn(st, f, cuda.Dim3{X: grid, Y: nTiles}, cuda.Dim3{X: 256},
 		outPtr, b.stepTmp, b.table, b.i32(tiles), base, stride, ms[0], ms[1], ms[2], blk1, blk2, off1, off2, total,
 		b.stepRank, outStride, tStride, b.rows(), ks, int(acc))
 }
-
-// guHalf64Auto is kernelForce.guHalf64's default: off until measured
-// (PERFORMANCE v0.83).
-const guHalf64Auto = false
 
 // stageOutMinRows is the LoRA rows from which the rank-32 class's expands
 // adding in place run as sgmv_expand_tc64s where stageOutAuto is set.
