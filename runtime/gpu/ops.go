@@ -873,7 +873,7 @@ func (b *Backend) siluHalf(half bool, f *cuda.Function) *cuda.Function {
 }
 
 // guHalfAuto is guHalf's default.
-const guHalfAuto = false
+const guHalfAuto = true
 
 // guHalfDefault is guHalfAuto, or what PEFTD_LORA_GU_HALF=on|off says (the
 // whole engine's A/B: serving, and every test of the LoRA paths).
