@@ -5,7 +5,7 @@ nsysdec_cuda_gpu_trace.csv.gz in its logs; gunzip it first); and, over
 every step, the gap before each cuBLASLt product and what precedes it.
 Run here on a fetched trace, not on the device.
 
-  nsys_layer.py TRACE.csv [lora 0|1] [layer N]
+  nsys_layer.py TRACE.csv [lora 0|1] [layer N] [steps all|decode|mixed]
 
 lora 1 (default) picks a step with kernels on a second stream (the LoRA
 stream), 0 one without; the step is one from the trace's second half.
@@ -14,7 +14,10 @@ stream, kernel, grid and registers a thread, and for the compute stream's
 kernels (the embed's stream) what each adds: its end minus the latest end
 before it on that stream (PERFORMANCE v0.44-v0.45's per-layer chains).
 The added table sums that per kernel family over each step of the kind
-picked, medians over the steps. The gap table groups every
+picked, medians over the steps. steps decode keeps only steps with no
+prompt in them (no attn_prefill: a base decode trace's prefill steps
+otherwise join its "without a second stream" medians), mixed only steps
+with one; all (default) every step. The gap table groups every
 cuBLASLt product (nvjet*) by (LoRA step?, the kernel before it on its
 stream, its grid) with the median gap from that kernel's end to its start,
 and lists the memset nodes with the kernels around them (PERFORMANCE
@@ -37,18 +40,20 @@ def load(path):
     return rows
 
 
-def steps(rows):
+def steps(rows, kind="all"):
     emb = [i for i, r in enumerate(rows) if r[2].startswith("embed")]
     for j in range(len(emb) - 1):
         ks = rows[emb[j]:emb[j + 1]]
+        if kind != "all" and any(k[2].startswith("attn_prefill") for k in ks) != (kind == "mixed"):
+            continue
         # fill_rows (memsethoist.go's node for cuBLASLt's memset) runs on
         # a stream of its own in base steps too: not the LoRA stream
         kern = [k for k in ks if "[CUDA mem" not in k[2] and not k[2].startswith("fill_rows")]
         yield ks, len({k[3] for k in kern}) > 1
 
 
-def timeline(rows, lora, layer):
-    all_steps = list(steps(rows))
+def timeline(rows, lora, layer, kind):
+    all_steps = list(steps(rows, kind))
     pick = [ks for ks, side in all_steps[len(all_steps) // 2:] if side == lora]
     if not pick:
         print(f"no step {'with' if lora else 'without'} a second stream in the trace's second half")
@@ -69,12 +74,14 @@ def timeline(rows, lora, layer):
         print(f"{(k[0]-t0)/1e3:9.1f} {(k[0]+k[1]-t0)/1e3:9.1f} {k[1]/1e3:6.1f} s{k[3]:>3} {k[2]:52s} g={k[4]},{k[5]},{k[6]} r={k[7]}{add}")
 
 
-def added(rows, lora):
+def added(rows, lora, kind):
     """Per kernel family, the compute stream's added time summed over a
-    step, median over the steps of the kind picked (µs)."""
+    step, median over the steps of the kind picked (µs), and the step's
+    span (embed's start to the compute stream's last end)."""
     fam = defaultdict(list)
+    spans = []
     n = 0
-    for ks, side in steps(rows):
+    for ks, side in steps(rows, kind):
         if side != lora:
             continue
         n += 1
@@ -87,9 +94,10 @@ def added(rows, lora):
             prev = max(prev, k[0] + k[1])
         for name, v in f.items():
             fam[name].append(v)
+        spans.append((prev - ks[0][0]) / 1e3)
     if not n:
         return
-    print(f"added time a step by kernel family, median of {n} steps {'with' if lora else 'without'} a second stream (µs)")
+    print(f"added time a step by kernel family, median of {n} steps ({kind}) {'with' if lora else 'without'} a second stream (µs); step span median {statistics.median(spans):.1f}")
     total = 0.0
     for name, v in sorted(fam.items(), key=lambda x: -statistics.median(x[1])):
         m = statistics.median(v)
@@ -128,9 +136,12 @@ def main():
     rows = load(sys.argv[1])
     lora = sys.argv[2] != "0" if len(sys.argv) > 2 else True
     layer = int(sys.argv[3]) if len(sys.argv) > 3 else 10
-    timeline(rows, lora, layer)
+    kind = sys.argv[4] if len(sys.argv) > 4 else "all"
+    if kind not in ("all", "decode", "mixed"):
+        sys.exit(f"steps must be all, decode or mixed, not {kind!r}")
+    timeline(rows, lora, layer, kind)
     print()
-    added(rows, lora)
+    added(rows, lora, kind)
     print()
     gaps(rows)
 
