@@ -838,10 +838,20 @@ func TestDecodeBench(t *testing.T) {
 	// those SMs held back from each fused group's product (q/k/v, o,
 	// gate/up, down; 0: the default for that group; -1: none, the product
 	// on every SM and the LoRA stream's blocks sharing them;
-	// kernelForce.holds)
+	// kernelForce.holds); an entry ending +wsN (16.16.16.16+ws9) also
+	// puts FP8 products from N rows below 17 on fp8_ws (the +wsN rows'
+	// fp8State.wsFrom: label 4xr32+ws9+hold16.16.16.16)
 	if env := os.Getenv("PEFTD_DECODE_HOLDS"); env != "" {
 		for _, f := range strings.Split(env, ",") {
 			var h [4]int
+			wsFrom := 0
+			if hs, ws, ok := strings.Cut(f, "+ws"); ok {
+				n, err := strconv.Atoi(ws)
+				if err != nil || n < 1 || n > 16 {
+					t.Fatalf("PEFTD_DECODE_HOLDS: %q: +ws%s is not +ws1 to +ws16", f, ws)
+				}
+				f, wsFrom = hs, n
+			}
 			parts := strings.Split(f, ".")
 			if len(parts) > len(h) {
 				t.Fatalf("PEFTD_DECODE_HOLDS: %q has more than %d groups", f, len(h))
@@ -853,7 +863,7 @@ func TestDecodeBench(t *testing.T) {
 				}
 				h[i] = n
 			}
-			vs = append(vs, decodeVariant{lora: true, sms: -1, holds: h})
+			vs = append(vs, decodeVariant{lora: true, sms: -1, holds: h, wsfrom: wsFrom})
 		}
 	}
 	if os.Getenv("PEFTD_DECODE_QUICK") != "" { // base and adapters, each with cuBLASLt (+lt), and with FP8 weights with fp8_stream at every row count (+fs) and at none (+gv)
