@@ -1869,7 +1869,7 @@ __device__ __forceinline__ void silu_mul_body(bf16* out, const bf16* g, const bf
 extern "C" __global__ void silu_mul(SILU_MUL_ARGS) { silu_mul_body(SILU_MUL_PASS); }
 // silu_mul_h, silu_mul_o2h, silu_mul_clh: silu_mul, silu_mul_o2 and
 // silu_mul_cl reading bf16 LoRA updates of g and u (the gate/up expand's
-// acc 2: kernelForce.guHalf): 2 + 2 + 2 + 2 bytes a value read instead of
+// accHalf, sgmv_expand_tch*: kernelForce.guHalf): 2 + 2 + 2 + 2 bytes a value read instead of
 // 2 + 2 + 4 + 4.
 extern "C" __global__ void silu_mul_h(SILU_MUL_ARGS_D(bf16)) { silu_mul_body(SILU_MUL_PASS); }
 // silu_mul_o2: silu_mul with at most 64 registers a thread, so two of the
@@ -2712,7 +2712,7 @@ extern "C" __global__ void __launch_bounds__(256) sgmv_expand_tc4(EXPAND_TC_ARGS
 // sgmv_expand_tch{1,2,4}: sgmv_expand_tc{kc} writing the update alone as
 // bf16 (HS; accum not read): out is bf16, rows o_stride values apart, zero
 // where the slice has no adapter (the gate/up update silu_mul_h / _o2h /
-// _clh read: kernelForce.guHalf, runtime/gpu's acc 2).
+// _clh read: kernelForce.guHalf, runtime/gpu's accHalf).
 extern "C" __global__ void __launch_bounds__(256) sgmv_expand_tch1(EXPAND_TC_ARGS) { expand_tc_body<1, 1, false, true>(EXPAND_TC_PASS); }
 extern "C" __global__ void __launch_bounds__(256) sgmv_expand_tch2(EXPAND_TC_ARGS) { expand_tc_body<2, 1, false, true>(EXPAND_TC_PASS); }
 extern "C" __global__ void __launch_bounds__(256) sgmv_expand_tch4(EXPAND_TC_ARGS) { expand_tc_body<4, 1, false, true>(EXPAND_TC_PASS); }
