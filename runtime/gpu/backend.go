@@ -682,7 +682,7 @@ func (b *Backend) open(opts Options) error {
 		b.f8.wgAutoDefault = b.f8.wgAuto
 		b.f8.wsAuto = !opts.NoWS && b.f8.ws != nil
 		b.f8.wsAutoDefault = b.f8.wsAuto
-		b.f8.wsLoneFrom = wsLoneFromDefault
+		b.f8.wsLoneFrom, b.f8.wsBesideFrom = wsLoneFromDefault, wsBesideFromDefault
 	}
 	for _, f := range []struct {
 		p    **cuda.Function

@@ -441,6 +441,7 @@ type decodeVariant struct {
 	wslone                       bool   // FP8 weights: fp8_ws only for products no LoRA update runs beside (fp8State.wsLone: v0.58-v0.62's rule)
 	wsfrom                       int    // FP8 weights: fp8_ws from this many rows below 17 too (fp8State.wsFrom; label +wsN)
 	nowslone                     bool   // FP8 weights: lone products of 9-16 rows on fp8_stream, not fp8_ws (fp8State.wsLoneFrom 0)
+	nowsbeside                   bool   // FP8 weights: products of 9-16 rows beside a LoRA update on fp8_stream with no SMs held, not fp8_ws with autoSmallHoldsFP8 (fp8State.wsBesideFrom 0; v0.83's rule)
 	pa                           bool   // FP8 weights: cuBLASLt's FP8 products with float32 promotion (Options.FP8PreciseAccum)
 	siluo2                       int    // FP8 silu_mul of more than 64 rows as silu_mul_o2 (kernelForce.siluO2: 1 on, -1 off, 0 the default: above fp8MidRows)
 	silucl                       int    // FP8 silu_mul of 1-64 rows as silu_mul_cl (kernelForce.siluCl: 1 wherever it fits, -1 never, 0 the default)
@@ -490,21 +491,21 @@ type fp8Knobs struct {
 	streamOn, streamOff, wgOn, wgAuto, wgBeside, segOff, splitBeside, padOff bool
 	streamLate, padOld, wsOn, wsWide, wsNarrow                               bool
 	wsAuto, segEarlyOff, wsLone, fastAccum                                   bool
-	wsFrom, wsLoneFrom                                                       int
+	wsFrom, wsLoneFrom, wsBesideFrom                                         int
 }
 
 // fp8KnobsOf is f's settings as they are.
 func fp8KnobsOf(f *fp8State) fp8Knobs {
 	return fp8Knobs{streamOn: f.streamOn, streamOff: f.streamOff, wgOn: f.wgOn, wgAuto: f.wgAuto, wgBeside: f.wgBeside,
 		segOff: f.segOff, splitBeside: f.splitBeside, padOff: f.padOff, streamLate: f.streamLate, padOld: f.padOld,
-		wsOn: f.wsOn, wsWide: f.wsWide, wsNarrow: f.wsNarrow, wsAuto: f.wsAuto, segEarlyOff: f.segEarlyOff, wsLone: f.wsLone, wsFrom: f.wsFrom, wsLoneFrom: f.wsLoneFrom, fastAccum: f.mm.FastAccum()}
+		wsOn: f.wsOn, wsWide: f.wsWide, wsNarrow: f.wsNarrow, wsAuto: f.wsAuto, segEarlyOff: f.segEarlyOff, wsLone: f.wsLone, wsFrom: f.wsFrom, wsLoneFrom: f.wsLoneFrom, wsBesideFrom: f.wsBesideFrom, fastAccum: f.mm.FastAccum()}
 }
 
 // fp8 is the FP8 settings row v asks of f (wgAuto: f's default unless v.nowga).
 func (v decodeVariant) fp8(f *fp8State) fp8Knobs {
 	return fp8Knobs{streamOn: v.fs, streamOff: v.gv, wgOn: v.wg, wgAuto: f.wgAutoDefault && !v.nowga, wgBeside: v.wgBeside,
 		segOff: v.noseg, splitBeside: v.splitBeside, padOff: v.nopad, streamLate: v.fslate, padOld: v.padOld,
-		wsOn: v.ws, wsWide: v.wsgu, wsNarrow: v.wsqo, wsAuto: f.wsAutoDefault && !v.nows, segEarlyOff: v.nosege, wsLone: v.wslone, wsFrom: v.wsfrom, wsLoneFrom: v.wsLoneFrom(), fastAccum: !v.pa}
+		wsOn: v.ws, wsWide: v.wsgu, wsNarrow: v.wsqo, wsAuto: f.wsAutoDefault && !v.nows, segEarlyOff: v.nosege, wsLone: v.wslone, wsFrom: v.wsfrom, wsLoneFrom: v.wsLoneFrom(), wsBesideFrom: v.wsBesideFrom(), fastAccum: !v.pa}
 }
 
 // wsLoneFrom is fp8State.wsLoneFrom as v asks for it.
@@ -515,11 +516,19 @@ func (v decodeVariant) wsLoneFrom() int {
 	return wsLoneFromDefault
 }
 
+// wsBesideFrom is fp8State.wsBesideFrom as v asks for it.
+func (v decodeVariant) wsBesideFrom() int {
+	if v.nowsbeside {
+		return 0
+	}
+	return wsBesideFromDefault
+}
+
 // apply sets f's settings to k.
 func (k fp8Knobs) apply(f *fp8State) {
 	f.streamOn, f.streamOff, f.wgOn, f.wgAuto, f.wgBeside, f.segOff, f.splitBeside, f.padOff = k.streamOn, k.streamOff, k.wgOn, k.wgAuto, k.wgBeside, k.segOff, k.splitBeside, k.padOff
 	f.streamLate, f.padOld, f.wsOn, f.wsWide, f.wsNarrow, f.wsAuto = k.streamLate, k.padOld, k.wsOn, k.wsWide, k.wsNarrow, k.wsAuto
-	f.segEarlyOff, f.wsLone, f.wsFrom, f.wsLoneFrom = k.segEarlyOff, k.wsLone, k.wsFrom, k.wsLoneFrom
+	f.segEarlyOff, f.wsLone, f.wsFrom, f.wsLoneFrom, f.wsBesideFrom = k.segEarlyOff, k.wsLone, k.wsFrom, k.wsLoneFrom, k.wsBesideFrom
 	f.mm.SetFastAccum(k.fastAccum)
 }
 
@@ -549,7 +558,7 @@ func (v decodeVariant) label(ads []*lora.Adapter, pdlOK bool) string {
 		on   bool
 		name string
 	}{{v.eager, "eager"}, {v.serial, "serial"}, {v.nopdl && pdlOK, "nopdl"}, {v.ropeHeads, "ropeheads"}, {v.lt, "lt"}, {v.wgFull, "wgfull"}, {v.wgBeside, "wgbeside"}, {v.splitBeside, "splitbeside"}, {v.nopad, "nopad"}, {v.padOld, "padold"}, {v.fslate, "fslate"}, {v.skLate, "late"},
-		{v.fs, "fs"}, {v.gv, "gv"}, {v.noseg, "noseg"}, {v.nosege, "nosege"}, {v.wg, "wg"}, {v.ws, "ws"}, {v.wsgu, "wsgu"}, {v.wsqo, "wsqo"}, {v.bws == 1, "bws"}, {v.bws == 2, "bwsqo"}, {v.bws == 3, "bwslone"}, {v.bws < 0, "nobws"}, {v.nows, "nows"}, {v.wslone, "wslone"}, {v.nowga, "nowga"}, {v.pa, "pa"}, {v.tuned, "tuned"}, {v.nowslone, "nowslone"}} {
+		{v.fs, "fs"}, {v.gv, "gv"}, {v.noseg, "noseg"}, {v.nosege, "nosege"}, {v.wg, "wg"}, {v.ws, "ws"}, {v.wsgu, "wsgu"}, {v.wsqo, "wsqo"}, {v.bws == 1, "bws"}, {v.bws == 2, "bwsqo"}, {v.bws == 3, "bwslone"}, {v.bws < 0, "nobws"}, {v.nows, "nows"}, {v.wslone, "wslone"}, {v.nowga, "nowga"}, {v.pa, "pa"}, {v.tuned, "tuned"}, {v.nowslone, "nowslone"}, {v.nowsbeside, "nowsbeside"}} {
 		if f.on {
 			lbl += "+" + f.name
 		}
@@ -808,7 +817,7 @@ func TestDecodeBench(t *testing.T) {
 		{sms: -1, nowga: true}, {lora: true, sms: -1, nowga: true},
 		{sms: -1, ws: true}, {lora: true, sms: -1, ws: true}, {sms: -1, wsgu: true}, {lora: true, sms: -1, wsgu: true},
 		{sms: -1, wsqo: true}, {lora: true, sms: -1, wsqo: true}, {sms: -1, nows: true}, {lora: true, sms: -1, nows: true}, {lora: true, sms: -1, wslone: true},
-		{sms: -1, wsfrom: 1}, {lora: true, sms: -1, wsfrom: 1}, {sms: -1, wsfrom: 9}, {lora: true, sms: -1, wsfrom: 9}, {sms: -1, nowslone: true}, {lora: true, sms: -1, nowslone: true},
+		{sms: -1, wsfrom: 1}, {lora: true, sms: -1, wsfrom: 1}, {sms: -1, wsfrom: 9}, {lora: true, sms: -1, wsfrom: 9}, {sms: -1, nowslone: true}, {lora: true, sms: -1, nowslone: true}, {lora: true, sms: -1, nowsbeside: true},
 		{sms: -1, bws: 1}, {lora: true, sms: -1, bws: 1}, {sms: -1, bws: 2}, {lora: true, sms: -1, bws: 2}, {sms: -1, bws: 3}, {lora: true, sms: -1, bws: 3}, {sms: -1, bws: -1}, {lora: true, sms: -1, bws: -1},
 		{lora: true, sms: -1, rfold: 1}, {lora: true, sms: -1, rfold: -1},
 		{sms: -1, noseg: true}, {lora: true, sms: -1, noseg: true}, {sms: -1, nosege: true}, {lora: true, sms: -1, prio: -1}, {lora: true, sms: -1, prio: 1}, {sms: -1, hoist: -1}, {lora: true, sms: -1, hoist: -1}, {sms: -1, hoist: 1}, {lora: true, sms: -1, hoist: 1},
@@ -925,7 +934,7 @@ func TestDecodeBench(t *testing.T) {
 		B, v := rn.B, rn.v
 		withLoRA, sampled := v.lora, v.sampled
 		gb.g.off = v.eager
-		if withLoRA && len(ads) == 0 || v.nopdl && !pdlOK || v.split > 0 && B > 64 || (v.fs || v.gv) && (gb.f8 == nil || gb.f8.stream == nil) || (v.wg || v.nowga) && (gb.f8 == nil || gb.f8.wg == nil) || v.bws != 0 && (gb.f8 != nil || gb.bws == nil) || v.nows && gb.f8 == nil || (v.wslone || v.wsfrom > 0 || v.nowslone) && (gb.f8 == nil || gb.f8.ws == nil) || v.fslate && (gb.f8 == nil || gb.f8.stream == nil) || (v.padOld || v.pa) && gb.f8 == nil {
+		if withLoRA && len(ads) == 0 || v.nopdl && !pdlOK || v.split > 0 && B > 64 || (v.fs || v.gv) && (gb.f8 == nil || gb.f8.stream == nil) || (v.wg || v.nowga) && (gb.f8 == nil || gb.f8.wg == nil) || v.bws != 0 && (gb.f8 != nil || gb.bws == nil) || v.nows && gb.f8 == nil || (v.wslone || v.wsfrom > 0 || v.nowslone || v.nowsbeside) && (gb.f8 == nil || gb.f8.ws == nil) || v.fslate && (gb.f8 == nil || gb.f8.stream == nil) || (v.padOld || v.pa) && gb.f8 == nil {
 			continue
 		}
 		retune := v.tuned && !gb.tune.done

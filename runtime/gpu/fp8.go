@@ -153,6 +153,12 @@ type fp8State struct {
 	// rows below wsMinRows too (benchmarks turn it off: TestDecodeBench
 	// +nowslone)
 	wsLoneFrom int
+	// wsBesideFrom (0: off; wsBesideFromDefault as New sets it): under
+	// wsAuto (and not wsLone), a product beside a LoRA update takes fp8_ws
+	// from this many rows below wsMinRows too, planned for the SMs the
+	// step's products leave it (autoSmallHoldsFP8: holdFor; benchmarks
+	// turn it off: TestDecodeBench +nowsbeside)
+	wsBesideFrom int
 	// wgAuto (unless Options.NoFP8Wgmma) sends wgAutoFits' products to
 	// fp8_wg (wgAutoDefault: as New set it, for benchmarks that switch it);
 	// shared is set by Backend.Linear while the LoRA stream runs beside
@@ -358,10 +364,23 @@ func (f *fp8State) wsAutoTakes() bool { return f.wsAuto && (f.lone || !f.wsLone)
 // plans lose the SMs the LoRA blocks take), so only lone products.
 const wsLoneFromDefault = 9
 
+// wsBesideFromDefault is fp8State.wsBesideFrom as New sets it: FP8
+// products of 9-16 rows beside a LoRA update on fp8_ws too, with the
+// step's products holding autoSmallHoldsFP8 SMs for the LoRA stream.
+// v0.77 (H200) measured fp8_ws there with no SMs held and lost (four
+// rank-32 adapters 3.68 -> 3.82 ms at 16 rows: the one-wave plans and the
+// LoRA blocks took turns); with 16 SMs held from each product ws plans
+// for the rest (H100, four rank-32 adapters, device ms a step, against
+// fp8_stream with no hold; PERFORMANCE v0.84, two calls): 16 rows 4.69 ->
+// 4.61 and 4.57 -> 4.52, 12 rows 4.45 -> 4.40, 9 rows 4.37 -> 4.32; 1 and
+// 8 rows unchanged (fp8_gemv_seg and fp8_stream take those).
+const wsBesideFromDefault = 9
+
 // wsBelowFrom is the fewest rows below wsMinRows from which a product
 // takes fp8_ws (0: none), lone if no LoRA update runs beside it: wsFrom
-// where set and wsOn or wsAuto would take it, else wsLoneFrom for a lone
-// product under wsAuto.
+// where set and wsOn or wsAuto would take it, else under wsAuto
+// wsLoneFrom for a lone product and wsBesideFrom (unless wsLone) for one
+// beside a LoRA update.
 func (f *fp8State) wsBelowFrom(lone bool) int {
 	if f.wsFrom > 0 && (f.wsOn || f.wsAuto && (lone || !f.wsLone)) {
 		return f.wsFrom
@@ -369,7 +388,17 @@ func (f *fp8State) wsBelowFrom(lone bool) int {
 	if f.wsLoneFrom > 0 && f.wsAuto && lone {
 		return f.wsLoneFrom
 	}
+	if f.wsBesideFrom > 0 && f.wsAuto && !lone && !f.wsLone {
+		return f.wsBesideFrom
+	}
 	return 0
+}
+
+// wsBeside reports whether a step of T rows sends its products beside a
+// LoRA update to fp8_ws by wsBesideFrom (holdFor then holds
+// autoSmallHoldsFP8 for the LoRA stream).
+func (f *fp8State) wsBeside(T int) bool {
+	return f.ws != nil && f.wsFrom == 0 && f.wsBesideFrom > 0 && f.wsAuto && !f.wsLone && T >= f.wsBesideFrom && T < wsMinRows
 }
 
 // linear enqueues out[T, w.rows] (bf16) = x[T, w.cols] (bf16) @ W^T through

@@ -5,6 +5,7 @@ import (
 	"testing"
 
 	"github.com/peftd/peftd/runtime/cuda"
+	"github.com/peftd/peftd/runtime/llama"
 )
 
 func TestParseWeightFormat(t *testing.T) {
@@ -446,29 +447,76 @@ func TestWsFusedPlans(t *testing.T) {
 }
 
 // TestWsBelowFrom: below wsMinRows fp8_ws takes lone products from
-// wsLoneFrom rows under wsAuto (the default, wsLoneFromDefault), never a
-// product beside a LoRA update unless wsFrom asks for it (and wsLone does
-// not keep it to lone ones), and nothing with wsAuto and wsOn off.
+// wsLoneFrom rows and products beside a LoRA update from wsBesideFrom rows
+// under wsAuto (the defaults, wsLoneFromDefault and wsBesideFromDefault;
+// wsLone keeps it to lone ones), wsFrom where it asks, and nothing with
+// wsAuto and wsOn off.
 func TestWsBelowFrom(t *testing.T) {
+	const L, B = wsLoneFromDefault, wsBesideFromDefault
 	for _, c := range []struct {
-		name             string
-		auto, on, wsLone bool
-		wsFrom, loneFrom int
-		lone             bool
-		want             int
+		name                       string
+		auto, on, wsLone           bool
+		wsFrom, loneFrom, besideFr int
+		lone                       bool
+		want                       int
 	}{
-		{"default, lone", true, false, false, 0, wsLoneFromDefault, true, wsLoneFromDefault},
-		{"default, beside LoRA", true, false, false, 0, wsLoneFromDefault, false, 0},
-		{"lone rule off", true, false, false, 0, 0, true, 0},
-		{"wsAuto off", false, false, false, 0, wsLoneFromDefault, true, 0},
-		{"+ws9 beside LoRA", true, false, false, 9, wsLoneFromDefault, false, 9},
-		{"+ws1 lone", true, false, false, 1, wsLoneFromDefault, true, 1},
-		{"+ws9 with wsLone, beside LoRA", true, false, true, 9, wsLoneFromDefault, false, 0},
-		{"+ws9 forced on, wsAuto off", false, true, false, 9, 0, false, 9},
+		{"default, lone", true, false, false, 0, L, B, true, L},
+		{"default, beside LoRA", true, false, false, 0, L, B, false, B},
+		{"beside rule off, beside LoRA", true, false, false, 0, L, 0, false, 0},
+		{"lone rule off", true, false, false, 0, 0, B, true, 0},
+		{"wsLone, beside LoRA", true, false, true, 0, L, B, false, 0},
+		{"wsAuto off", false, false, false, 0, L, B, true, 0},
+		{"wsAuto off, beside LoRA", false, false, false, 0, L, B, false, 0},
+		{"+ws12 beside LoRA", true, false, false, 12, L, B, false, 12},
+		{"+ws1 lone", true, false, false, 1, L, B, true, 1},
+		{"+ws9 with wsLone, beside LoRA", true, false, true, 9, L, B, false, 0},
+		{"+ws9 forced on, wsAuto off", false, true, false, 9, 0, 0, false, 9},
 	} {
-		f := &fp8State{wsAuto: c.auto, wsOn: c.on, wsLone: c.wsLone, wsFrom: c.wsFrom, wsLoneFrom: c.loneFrom}
+		f := &fp8State{wsAuto: c.auto, wsOn: c.on, wsLone: c.wsLone, wsFrom: c.wsFrom, wsLoneFrom: c.loneFrom, wsBesideFrom: c.besideFr}
 		if got := f.wsBelowFrom(c.lone); got != c.want {
 			t.Errorf("%s: wsBelowFrom(%v) = %d, want %d", c.name, c.lone, got, c.want)
+		}
+	}
+}
+
+// TestWsBesideHolds: FP8 steps of wsBesideFrom to wsMinRows-1 rows hold
+// autoSmallHoldsFP8 SMs from each product for the LoRA stream while their
+// products beside an update take fp8_ws (fp8State.wsBeside), and none
+// (autoHolds) with the rule off, without the ws kernels, with wsFrom set
+// (a benchmark's +wsN names its holds itself), at other rows, or for
+// bf16 products.
+func TestWsBesideHolds(t *testing.T) {
+	cfg := &llama.Config{Hidden: 4096, Intermediate: 14336, Heads: 32, KVHeads: 8, HeadDim: 128}
+	mk := func(ws bool, from, wsFrom int) *Backend {
+		f := &fp8State{wsAuto: true, wsBesideFrom: from, wsFrom: wsFrom}
+		if ws {
+			f.ws = &wsProduct{}
+		}
+		return &Backend{cfg: cfg, f8: f, la: loraAside{sms: -1}}
+	}
+	qkv := [2]int{6144, 4096}
+	for _, c := range []struct {
+		name      string
+		b         *Backend
+		rows      int
+		fp8, want bool
+	}{
+		{"16 rows", mk(true, wsBesideFromDefault, 0), 16, true, true},
+		{"9 rows", mk(true, wsBesideFromDefault, 0), 9, true, true},
+		{"8 rows", mk(true, wsBesideFromDefault, 0), 8, true, false},
+		{"17 rows", mk(true, wsBesideFromDefault, 0), 17, true, false},
+		{"rule off", mk(true, 0, 0), 16, true, false},
+		{"no ws kernels", mk(false, wsBesideFromDefault, 0), 16, true, false},
+		{"+ws9", mk(true, wsBesideFromDefault, 9), 16, true, false},
+		{"bf16", mk(true, wsBesideFromDefault, 0), 16, false, false},
+	} {
+		got := c.b.holdFor(c.rows, qkv[0], qkv[1], c.fp8)
+		want := autoHolds(c.rows, c.fp8)[0]
+		if c.want {
+			want = autoSmallHoldsFP8[0]
+		}
+		if got != want {
+			t.Errorf("%s: holdFor = %d, want %d", c.name, got, want)
 		}
 	}
 }

@@ -122,8 +122,20 @@ func (b *Backend) holdFor(rows, n, k int, fp8 bool) int {
 	if g < 0 || b.la.sms >= 0 {
 		return b.loraSMsFor(rows)
 	}
+	if fp8 && b.f8 != nil && b.f8.wsBeside(rows) {
+		return autoSmallHoldsFP8[g]
+	}
 	return autoHolds(rows, fp8)[g]
 }
+
+// autoSmallHoldsFP8 is what each fused group's FP8 product leaves to the
+// LoRA stream in steps whose products beside an update take fp8_ws below
+// wsMinRows rows (fp8State.wsBeside): ws plans for the rest. H100, four
+// rank-32 adapters, 16 rows, device ms a step (PERFORMANCE v0.84): 16 from
+// each 4.61, 8.8.16.8 4.61, 16.16.24.16 4.73, none (fp8_ws and the LoRA
+// kernels taking turns) 4.71, against fp8_stream's 4.69; 9 and 12 rows
+// 16.16.16.16 0.001 ms ahead of 8.8.16.8.
+var autoSmallHoldsFP8 = [4]int{16, 16, 16, 16}
 
 // autoHolds is the SMs each fused group's product (llama.FusedGroups'
 // order: q/k/v, o, gate/up, down) leaves to the LoRA stream in a step of
