@@ -458,6 +458,7 @@ type decodeVariant struct {
 	part                         int    // SMs for the LoRA stream in a green-context split (partition.go; PEFTD_LORA_PARTITION lists them; 0: none)
 	holds                        [4]int // SMs each fused group's product leaves to the LoRA stream (kernelForce.holds; 0: the default, holdFor)
 	pdlJoins                     int    // recordings' programmatic joins (kernelForce.pdlJoins: -1 none, 0 the default (2), 1, 3)
+	sergrp                       int    // groups whose update runs after the product on the compute stream, in place, no SMs held (kernelForce.serialLoRA: -1 none, 0 the default, else a mask of llama.FusedGroups; label +serN)
 	inline                       int    // groups whose shrink runs inside gemm_skinny (kernelForce.loraInline: -1 none, 0 the default (q/k/v), else a mask of llama.FusedGroups)
 	rfold                        int    // q/k/v LoRA expanded inside RoPE at 1-16 rows (kernelForce.ropeLoRA: 1 on, -1 off, 0 the default)
 	l2                           int    // the LoRA update buffer as an L2 persisting window (kernelForce.l2Win: 1 on, -1 off, 3 on over the whole buffer, 0 the default)
@@ -478,7 +479,7 @@ func (v decodeVariant) force(f kernelForce) kernelForce {
 	f.decSplit, f.ropeHeads, f.decOpts = v.split, v.ropeHeads, v.opts
 	f.noSkinny, f.skLate, f.decVar, f.bws = v.lt, v.skLate, v.dv, v.bws
 	f.wgFull, f.loraKChunk = v.wgFull, v.kc
-	f.holds, f.pdlJoins, f.loraInline = v.holds, v.pdlJoins, v.inline
+	f.holds, f.pdlJoins, f.loraInline, f.serialLoRA = v.holds, v.pdlJoins, v.inline, v.sergrp
 	f.ropeLoRA, f.nodePrio, f.siluCl, f.addCl = v.rfold, v.prio, v.silucl, v.addcl
 	f.memHoist, f.l2Win, f.shrink64, f.wsSiLU, f.wsEarly, f.wsNorm, f.wsEarlyO, f.wsHalf = v.hoist, v.l2, v.sh64, v.wssilu, v.wsearly, v.wsnorm, v.wsearlyo, v.wshalf
 	f.oNoPDL, f.siluO2, f.guHalf, f.guHalfWide = v.onopdl, v.siluo2, v.guhalf, v.guhw
@@ -581,6 +582,12 @@ func (v decodeVariant) label(ads []*lora.Adapter, pdlOK bool) string {
 			}
 			lbl += strconv.Itoa(n)
 		}
+	}
+	switch {
+	case v.sergrp < 0:
+		lbl += "+noser"
+	case v.sergrp > 0:
+		lbl += fmt.Sprintf("+ser%d", v.sergrp)
 	}
 	switch {
 	case v.inline < 0:
@@ -812,7 +819,7 @@ func TestDecodeBench(t *testing.T) {
 		{sampled: true, sms: -1}, {eager: true, sms: -1}, {lora: true, eager: true, sms: -1},
 		{lora: true, serial: true, sms: -1}, {lora: true, sms: 0}, {lora: true, sms: 8}, {lora: true, sms: 16}, {lora: true, sms: 24}, {lora: true, sms: 32},
 		{lora: true, sms: 0, ws: true}, {lora: true, sms: 8, ws: true}, {lora: true, sms: 16, ws: true},
-		{lora: true, sms: -1, holds: [4]int{16}}, {lora: true, sms: -1, holds: [4]int{32}}, {lora: true, sms: -1, wgFull: true}, {lora: true, sms: -1, wgBeside: true}, {lora: true, sms: -1, splitBeside: true}, {sms: -1, nopad: true}, {lora: true, sms: -1, nopad: true}, {lora: true, sms: -1, kc: 1024}, {lora: true, sms: -1, kc: 512}, {lora: true, sms: -1, kc: 2048}, {lora: true, sms: -1, kc: 4096}, {lora: true, sms: -1, kc: -1}, {lora: true, sms: -1, inline: -1}, {lora: true, sms: -1, inline: 0b1011}, {lora: true, sms: -1, pdlJoins: -1}, {lora: true, sms: -1, pdlJoins: 1}, {lora: true, sms: -1, pdlJoins: 3},
+		{lora: true, sms: -1, holds: [4]int{16}}, {lora: true, sms: -1, holds: [4]int{32}}, {lora: true, sms: -1, wgFull: true}, {lora: true, sms: -1, wgBeside: true}, {lora: true, sms: -1, splitBeside: true}, {sms: -1, nopad: true}, {lora: true, sms: -1, nopad: true}, {lora: true, sms: -1, kc: 1024}, {lora: true, sms: -1, kc: 512}, {lora: true, sms: -1, kc: 2048}, {lora: true, sms: -1, kc: 4096}, {lora: true, sms: -1, kc: -1}, {lora: true, sms: -1, inline: -1}, {lora: true, sms: -1, inline: 0b1011}, {lora: true, sms: -1, sergrp: 2}, {lora: true, sms: -1, sergrp: 4}, {lora: true, sms: -1, sergrp: 8}, {lora: true, sms: -1, sergrp: 12}, {lora: true, sms: -1, sergrp: 14}, {lora: true, sms: -1, sergrp: 15}, {lora: true, sms: -1, sergrp: -1}, {lora: true, sms: -1, pdlJoins: -1}, {lora: true, sms: -1, pdlJoins: 1}, {lora: true, sms: -1, pdlJoins: 3},
 		{sms: -1, wg: true}, {lora: true, sms: -1, wg: true},
 		{sms: -1, nowga: true}, {lora: true, sms: -1, nowga: true},
 		{sms: -1, ws: true}, {lora: true, sms: -1, ws: true}, {sms: -1, wsgu: true}, {lora: true, sms: -1, wsgu: true},

@@ -128,6 +128,24 @@ func (b *Backend) holdFor(rows, n, k int, fp8 bool) int {
 	return autoHolds(rows, fp8)[g]
 }
 
+// serialGroup reports whether the LoRA update of w's fused group runs
+// after its product on the compute stream (in place, as Options.SerialLoRA
+// runs every update) instead of beside it on the LoRA stream:
+// kernelForce.serialLoRA's mask where set, else autoSerialGroups.
+func (b *Backend) serialGroup(w engine.Weight) bool {
+	g := b.groupOf(weightShape(w))
+	if g < 0 || !b.stepLoRA() {
+		return false
+	}
+	_, fp8 := w.(*fp8Weight)
+	return forced(b.force.serialLoRA, autoSerialGroups(b.rows(), fp8))&(1<<g) != 0
+}
+
+// autoSerialGroups is the fused groups (bit g: llama.FusedGroups[g]) whose
+// update runs serially by default in a step of rows rows: none, until a
+// measurement says otherwise (TestDecodeBench +serN).
+func autoSerialGroups(rows int, fp8 bool) int { return 0 }
+
 // autoSmallHoldsFP8 is what each fused group's FP8 product leaves to the
 // LoRA stream in steps whose products beside an update take fp8_ws below
 // wsMinRows rows (fp8State.wsBeside): ws plans for the rest. H100, four
@@ -288,7 +306,11 @@ func (b *Backend) Linear(out, in engine.Buffer, w engine.Weight) {
 		return
 	}
 	b.wrote(out)
-	b.forkAt(buf(in))
+	if b.serialGroup(w) {
+		b.la.forkIn = 0 // no fork: LoRA then runs the update in place after the product, which takes every SM
+	} else {
+		b.forkAt(buf(in))
+	}
 	if ws := b.wsFor(w); ws != nil {
 		ws.early, ws.half = b.wsEarly(buf(in)), b.wsHalf(ws.esize)
 	}
