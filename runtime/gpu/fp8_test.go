@@ -520,3 +520,33 @@ func TestWsBesideHolds(t *testing.T) {
 		}
 	}
 }
+
+// TestSerialGroup: kernelForce.serialLoRA's mask picks the fused groups
+// whose update runs after the product (by the weight's shape), only in a
+// step with LoRA rows, and none by default or with -1.
+func TestSerialGroup(t *testing.T) {
+	cfg := &llama.Config{Hidden: 4096, Intermediate: 14336, Heads: 32, KVHeads: 8, HeadDim: 128}
+	shapes := [4]*fp8Weight{{rows: 6144, cols: 4096}, {rows: 4096, cols: 4096}, {rows: 2 * 14336, cols: 4096}, {rows: 4096, cols: 14336}}
+	for _, c := range []struct {
+		name       string
+		mask, rows int
+		want       [4]bool
+	}{
+		{"default", 0, 64, [4]bool{}},
+		{"none", -1, 64, [4]bool{}},
+		{"gate/up", 4, 64, [4]bool{2: true}},
+		{"o and down", 10, 64, [4]bool{1: true, 3: true}},
+		{"all, no LoRA rows", 15, 0, [4]bool{}},
+	} {
+		b := &Backend{cfg: cfg, nLora: c.rows, stepRank: 32}
+		b.force.serialLoRA = c.mask
+		for g, w := range shapes {
+			if got := b.serialGroup(w); got != c.want[g] {
+				t.Errorf("%s: group %d serial %v, want %v", c.name, g, got, c.want[g])
+			}
+		}
+	}
+	if b := (&Backend{cfg: cfg, nLora: 8, stepRank: 32}); b.serialGroup(&weight{rows: 128, cols: 4096}) {
+		t.Error("a weight of no fused group: serial")
+	}
+}

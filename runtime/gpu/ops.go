@@ -130,21 +130,16 @@ func (b *Backend) holdFor(rows, n, k int, fp8 bool) int {
 
 // serialGroup reports whether the LoRA update of w's fused group runs
 // after its product on the compute stream (in place, as Options.SerialLoRA
-// runs every update) instead of beside it on the LoRA stream:
-// kernelForce.serialLoRA's mask where set, else autoSerialGroups.
+// runs every update, the product on every SM) instead of beside it on the
+// LoRA stream: kernelForce.serialLoRA's mask (benchmarks: TestDecodeBench
+// +serN). Never by default: FP8, four rank-32 adapters, H100 (PERFORMANCE
+// v0.84), mixed steps (64 decode rows and a 176-token prompt) 7.24 ms
+// beside, 7.61 / 7.72 / 7.47 with o / gate/up / down serial; 256 rows
+// 12.77 against 13.25 (gate/up) and 13.02 (down).
 func (b *Backend) serialGroup(w engine.Weight) bool {
 	g := b.groupOf(weightShape(w))
-	if g < 0 || !b.stepLoRA() {
-		return false
-	}
-	_, fp8 := w.(*fp8Weight)
-	return forced(b.force.serialLoRA, autoSerialGroups(b.rows(), fp8))&(1<<g) != 0
+	return g >= 0 && b.force.serialLoRA > 0 && b.force.serialLoRA&(1<<g) != 0 && b.stepLoRA()
 }
-
-// autoSerialGroups is the fused groups (bit g: llama.FusedGroups[g]) whose
-// update runs serially by default in a step of rows rows: none, until a
-// measurement says otherwise (TestDecodeBench +serN).
-func autoSerialGroups(rows int, fp8 bool) int { return 0 }
 
 // autoSmallHoldsFP8 is what each fused group's FP8 product leaves to the
 // LoRA stream in steps whose products beside an update take fp8_ws below
