@@ -452,7 +452,7 @@ type decodeVariant struct {
 	ws                           bool   // FP8 weights: fp8_ws (ws.go; PEFTD_WG) for the 17-64 rows it plans (fp8State.wsOn)
 	wsgu                         bool   // FP8 weights: fp8_ws for the gate/up product only (fp8State.wsWide)
 	wsqo                         bool   // FP8 weights: fp8_ws for the q/k/v and o products only (fp8State.wsNarrow)
-	bws                          int    // bf16 weights: gemm_ws (ws.go) for 17-64 rows, 1 every product, 2 q/k/v and o, 3 every product no LoRA update runs beside (v0.68's default), 4 those and every product of 17-32 rows (the default on sm_90a), -1 none (kernelForce.bws)
+	bws                          int    // bf16 weights: gemm_ws (ws.go) for 17-64 rows, 1 every product, 2 q/k/v and o, 3 every product no LoRA update runs beside (v0.68's default), 4 those and every product of at most bwsBesideRows rows beside one (the default on sm_90a: since v0.84 every row count, as 1), -1 none (kernelForce.bws)
 	nows                         bool   // FP8 weights: no fp8_ws for lone products by default (fp8State.wsAuto off: Options.NoWS)
 	nowga                        bool   // FP8 weights: Options.NoFP8Wgmma, every product of 17-64 rows on cuBLASLt (the default routes wgAutoFits' to fp8_wg: fp8State.wgAuto)
 	part                         int    // SMs for the LoRA stream in a green-context split (partition.go; PEFTD_LORA_PARTITION lists them; 0: none)

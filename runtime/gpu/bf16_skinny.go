@@ -135,13 +135,23 @@ func (b *Backend) Products() string {
 		}
 		ws := ""
 		if b.f8.wsAuto {
-			ws = fmt.Sprintf(", fp8_ws %d-%d", wsMinRows, wsMaxRows)
+			from := wsMinRows
+			if f := b.f8.wsLoneFrom; f > 0 {
+				from = min(from, f)
+			}
+			if f := b.f8.wsBesideFrom; f > 0 {
+				from = min(from, f)
+			}
+			ws = fmt.Sprintf(", fp8_ws %d-%d", from, wsMaxRows)
 		}
 		return fmt.Sprintf("fp8_gemv 1-%d rows, fp8_stream %d-%d where a shape fits it%s, cuBLASLt FP8 above", fp8StreamMinRows-1, fp8StreamMinRows, fp8StreamMaxRows, ws)
 	}
 	ws := ""
 	if b.bwsAuto {
-		ws = fmt.Sprintf(", gemm_ws %d-%d (beside a LoRA update %d-%d)", wsMinRows, wsMaxRows, wsMinRows, bwsBesideRows)
+		ws = fmt.Sprintf(", gemm_ws %d-%d", wsMinRows, wsMaxRows)
+		if bwsBesideRows < wsMaxRows {
+			ws += fmt.Sprintf(" (beside a LoRA update %d-%d)", wsMinRows, bwsBesideRows)
+		}
 	}
 	if b.sk == nil {
 		return "cuBLASLt" + ws

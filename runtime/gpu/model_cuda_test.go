@@ -267,7 +267,7 @@ func TestFixture8BShape(t *testing.T) {
 	// co-batched steps of these cases never reach 17-64 rows; beside: each
 	// case alone with the LoRA stream on and kernelForce.bws 1, so that the
 	// 17-64-row prefill's products run on gemm_ws beside the LoRA update,
-	// as bwsMode 4 sends those of 17-32 rows by default; fused: "one" with
+	// as bwsMode 4 sends them by default (17-32 rows until v0.84); fused: "one" with
 	// the fused and half-row ws kernels forced on, kernelForce.wsSiLU,
 	// wsNorm and wsHalf: gate/up with silu_mul, o and down with the
 	// add_rmsnorm after them, gate/up on half-row stages)

@@ -393,13 +393,16 @@ func (b *Backend) bwsMode() int {
 }
 
 // bwsBesideRows is the most step rows whose products beside the LoRA
-// stream run on gemm_ws by default: with fewer SMs left there its one-wave
-// plans still beat cuBLASLt's at 24-32 rows, not at 48-64. H200, bf16
-// decode, four rank-32 adapters, device ms a step at 24 / 32 / 48 / 64
-// rows (PERFORMANCE v0.69, session 77 call 2): cuBLASLt beside the stream
-// 5.54 / 5.70 / 6.00 / 6.50, gemm_ws 5.40 / 5.56 / 6.12 / 6.56 (session 76
-// call 7: 5.63 -> 5.56 at 32 rows, 6.47 -> 6.59 at 64).
-const bwsBesideRows = 32
+// stream run on gemm_ws by default: every row count gemm_ws plans (17-64).
+// H200, bf16 decode, four rank-32 adapters, device ms a step at 24 / 32 /
+// 48 / 64 rows (PERFORMANCE v0.69, session 77 call 2): cuBLASLt beside the
+// stream 5.54 / 5.70 / 6.00 / 6.50, gemm_ws 5.40 / 5.56 / 6.12 / 6.56, so
+// it was 32 until v0.84. H100 (v0.84, with the bf16 gate/up update,
+// guHalf, and the LoRA kernels since): 48 / 64 rows 7.81 / 8.28 with
+// cuBLASLt beside the stream, 7.64 / 8.12 with gemm_ws (-2.2 / -1.9%; the
+// four adapters' ratio to base at 64 rows 0.905 -> 0.922). Not re-measured
+// on an H200 since v0.69.
+const bwsBesideRows = wsMaxRows
 
 // skinnyPlan is gemm_skinny's plan for the step's product with an N x K
 // weight on the whole card; ok false: cuBLASLt's product, also for a
