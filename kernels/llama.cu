@@ -2550,19 +2550,15 @@ struct TcShape {
 // an instruction: half of each 32-byte sector). The same adds: the same
 // bits. Needs 16-byte aligned rows (o_stride % 8 == 0, out 16-byte
 // aligned: runtime/gpu checks).
-//
-// NGD (sgmv_expand_tchw: MT 4, NGD 1): the column groups a warp divided by
-// NGD instead of MT, so a block keeps MT 1's 512 columns and in-flight B
-// loads and walks its MT m16 tiles one after another with B in registers.
-template <int KC, int MT = 1, bool ST = false, bool HS = false, int NGD = MT>
+template <int KC, int MT = 1, bool ST = false, bool HS = false>
 __device__ __forceinline__ void expand_tc_body(
     bf16* __restrict__ out, const float* __restrict__ tmp, const LoraEntry* __restrict__ table, const int4* __restrict__ tiles,
     int entry_base, int entry_stride, int m0, int m1, int m2, int blk1, int blk2, int off1, int off2, int out_total,
     int max_rank, int o_stride, int t_stride, int rows_total, int ksplit, int accum) {
-    constexpr int NG = TcShape<KC, NGD>::NG, R = 32 * KC, W = R + 4;
+    constexpr int NG = TcShape<KC, MT>::NG, R = 32 * KC, W = R + 4;
     // ST: the output tile, rows of COLS + 8 bf16 (the 8: a thread's
     // fragment rows g = 0..7 land 4 banks apart)
-    constexpr int COLS = TcShape<KC, NGD>::COLS, OW = COLS + 8;
+    constexpr int COLS = TcShape<KC, MT>::COLS, OW = COLS + 8;
     __shared__ __align__(16) float ts[SG_TR * MT * W];
     __shared__ __align__(16) bf16 os[ST ? 16 * MT * OW : 8];
     // Before griddepcontrol.wait (pdl_entry) this block reads only what no
@@ -2583,7 +2579,7 @@ __device__ __forceinline__ void expand_tc_body(
     const int chunk = bx - (s == 0 ? 0 : (s == 1 ? blk1 : blk2));
     const LoraEntry e = table[entry_base + tile.z * entry_stride + sg_mod(s, m0, m1, m2)];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
-    const int col0 = sOff + chunk * COLS + warp * 8 * NG;
+    const int col0 = sOff + chunk * TcShape<KC, MT>::COLS + warp * 8 * NG;
     const int n = tile.y, rank = e.rank;
     uint4 bv[NG][KC];
 #pragma unroll
@@ -2716,14 +2712,6 @@ extern "C" __global__ void __launch_bounds__(256) sgmv_expand_tc4(EXPAND_TC_ARGS
 extern "C" __global__ void __launch_bounds__(256) sgmv_expand_tch1(EXPAND_TC_ARGS) { expand_tc_body<1, 1, false, true>(EXPAND_TC_PASS); }
 extern "C" __global__ void __launch_bounds__(256) sgmv_expand_tch2(EXPAND_TC_ARGS) { expand_tc_body<2, 1, false, true>(EXPAND_TC_PASS); }
 extern "C" __global__ void __launch_bounds__(256) sgmv_expand_tch4(EXPAND_TC_ARGS) { expand_tc_body<4, 1, false, true>(EXPAND_TC_PASS); }
-// sgmv_expand_tchw: sgmv_expand_tch1 on the step's 64-row tiles of one
-// adapter, 512 columns a block as tch1 (MT 4, NGD 1): a block loads its B
-// columns once and runs up to four m16 tiles with them, where tch1 takes a
-// block (and a B load) for each; the same MMAs in the same order, so
-// tch1's bits (kernelForce.guHalfWide). v0.80's +gubig and v0.83's
-// +guh64 took 64-row tiles with a quarter of the columns a warp (MT 4,
-// NGD 4) and lost: fewer B loads in flight.
-extern "C" __global__ void __launch_bounds__(256) sgmv_expand_tchw(EXPAND_TC_ARGS) { expand_tc_body<1, 4, false, true, 1>(EXPAND_TC_PASS); }
 // sgmv_expand_tc64s: sgmv_expand_tc1 adding in place on the step's 64-row
 // tiles of one adapter (the big tiles sgmv_shrink64 takes: {first row,
 // rows, slot, 0}), 128 columns a block instead of 512 (expand_tc_body's MT

@@ -247,7 +247,6 @@ type funcs struct {
 	sgExpandTC                                                                                                                                          [3]*cuda.Function // sgmv_expand_tc1, tc2, tc4
 	sgExpandTCH                                                                                                                                         [3]*cuda.Function // sgmv_expand_tch1, tch2, tch4 (the update as bf16: guHalf)
 	sgExpandTC64S                                                                                                                                       *cuda.Function    // sgmv_expand_tc64s (kernelForce.stageOut)
-	sgExpandTCHW                                                                                                                                        *cuda.Function    // sgmv_expand_tchw (kernelForce.guHalfWide)
 	ropeRows                                                                                                                                            *cuda.Function    // rope_store_rows
 	ropeLoRA                                                                                                                                            *cuda.Function    // rope_store_lora
 }
@@ -304,7 +303,6 @@ type kernelForce struct {
 	ropeLoRA   int           // q/k/v LoRA expanded inside RoPE at 1-16 rows (lora_rope.go): 1 on, -1 off, 0 by the rows (ropeFold)
 	siluO2     int           // FP8 silu_mul of more than siluClRows rows (one 512-thread block a row) as silu_mul_o2 (64 registers a thread: two blocks an SM): 1 on, -1 off, 0 the default (above fp8MidRows rows; Backend.siluMulFn)
 	guHalf     int           // the gate/up LoRA update beside its product written as bf16 (sgmv_expand_tch*, accHalf) and read by silu_mul_h / _o2h / _clh (Backend.guHalf): 1 on, -1 off, 0 the default (guHalfAuto)
-	guHalfWide int           // that update, for the rank-32 class, as sgmv_expand_tchw on the step's 64-row tiles (512 columns a block, B loaded once for up to four m16 tiles; tch1's bits): 1 always, -1 never, 0 the default (guHalfWideAuto)
 	siluCl     int           // FP8 silu_mul of 1-64 rows: 1 silu_mul_cl (a cluster of blocks a row) wherever it fits, -1 never, 0 by the rows (siluClFits)
 	nodePrio   int           // recordings run the LoRA stream's kernels at that stream's priority (graph.go nodePriority): 1 at every row count, -1 at none, 0 by the rows
 	memHoist   int           // recordings and cuBLASLt's memsets (memsethoist.go): -1 as captured, 1 moved beside the kernel before them, 0 moved and replaced by fill_rows
@@ -333,11 +331,10 @@ type Backend struct {
 	fused struct{ silu, norm int }
 	// guHalfOn is guHalf's default (guHalfDefault, read by New)
 	guHalfOn bool
-	// expandStageds, expandHalfWides, shrinkBigs, shrinkPipes and
-	// siluHalfs count the sgmv_expand_tc64s, sgmv_expand_tchw,
-	// sgmv_shrink64, sgmv_shrink64p and silu_mul_*h launches enqueued or
-	// recorded (tests)
-	expandStageds, expandHalfWides, shrinkBigs, shrinkPipes, siluHalfs int
+	// expandStageds, shrinkBigs, shrinkPipes and siluHalfs count the
+	// sgmv_expand_tc64s, sgmv_shrink64, sgmv_shrink64p and silu_mul_*h
+	// launches enqueued or recorded (tests)
+	expandStageds, shrinkBigs, shrinkPipes, siluHalfs int
 	// sbpFits: a block may have sgmv_shrink64p's shared memory (sbpShared)
 	sbpFits bool
 	// attnOut is the buffer the step's last Attention op wrote: the
@@ -708,7 +705,7 @@ func (b *Backend) open(opts Options) error {
 		{&b.fn.addBias, "add_bias"}, {&b.fn.headRMSNorm, "head_rmsnorm"}, {&b.fn.addDelta, "add_delta"}, {&b.fn.fillRows, "fill_rows"},
 		{&b.fn.sgExpandTC[0], "sgmv_expand_tc1"}, {&b.fn.sgExpandTC[1], "sgmv_expand_tc2"}, {&b.fn.sgExpandTC[2], "sgmv_expand_tc4"},
 		{&b.fn.sgExpandTCH[0], "sgmv_expand_tch1"}, {&b.fn.sgExpandTCH[1], "sgmv_expand_tch2"}, {&b.fn.sgExpandTCH[2], "sgmv_expand_tch4"},
-		{&b.fn.sgExpandTC64S, "sgmv_expand_tc64s"}, {&b.fn.sgExpandTCHW, "sgmv_expand_tchw"},
+		{&b.fn.sgExpandTC64S, "sgmv_expand_tc64s"},
 		{&b.fn.ropeRows, "rope_store_rows"}, {&b.fn.ropeLoRA, "rope_store_lora"}} {
 		if *f.p, err = b.mod.Function(f.name); err != nil {
 			return err

@@ -469,7 +469,6 @@ type decodeVariant struct {
 	wshalf                       int    // gate/up on the half-row kernels (gemm_wsh, fp8_wsh) where loaded (kernelForce.wsHalf: 1 on, -1 never, 0 the default: wsHalfAuto, wsHalfFP8Auto)
 	onopdl                       int    // the o group's LoRA kernels without PDL (kernelForce.oNoPDL: 1 on, -1 off, 0 the default)
 	guhalf                       int    // the gate/up LoRA update as bf16, read by silu_mul_h / _o2h / _clh (kernelForce.guHalf: 1 on, -1 off, 0 the default: guHalfAuto)
-	guhw                         int    // that update as sgmv_expand_tchw on 64-row tiles, 512 columns a block (kernelForce.guHalfWide: 1 on, -1 off, 0 the default: guHalfWideAuto)
 	wsnorm                       int    // o and down with the add_rmsnorm after them in one gemm_ws_norm / fp8_ws_norm launch where it fits (kernelForce.wsNorm: 1 on, -1 never, 0 the default: wsNormAuto)
 }
 
@@ -482,7 +481,7 @@ func (v decodeVariant) force(f kernelForce) kernelForce {
 	f.holds, f.pdlJoins, f.loraInline, f.serialLoRA = v.holds, v.pdlJoins, v.inline, v.sergrp
 	f.ropeLoRA, f.nodePrio, f.siluCl, f.addCl = v.rfold, v.prio, v.silucl, v.addcl
 	f.memHoist, f.l2Win, f.shrink64, f.wsSiLU, f.wsEarly, f.wsNorm, f.wsEarlyO, f.wsHalf = v.hoist, v.l2, v.sh64, v.wssilu, v.wsearly, v.wsnorm, v.wsearlyo, v.wshalf
-	f.oNoPDL, f.siluO2, f.guHalf, f.guHalfWide = v.onopdl, v.siluo2, v.guhalf, v.guhw
+	f.oNoPDL, f.siluO2, f.guHalf = v.onopdl, v.siluo2, v.guhalf
 	return f
 }
 
@@ -604,7 +603,6 @@ func (v decodeVariant) label(ads []*lora.Adapter, pdlOK bool) string {
 	lbl += onOffLabel(v.silucl, "silucl")
 	lbl += onOffLabel(v.siluo2, "siluo2")
 	lbl += onOffLabel(v.guhalf, "guhalf")
-	lbl += onOffLabel(v.guhw, "guhw")
 	lbl += onOffLabel(v.addcl, "addcl")
 	lbl += onOffLabel(v.prio, "prio")
 	lbl += onOffLabel(v.onopdl, "onopdl")
@@ -842,7 +840,7 @@ func TestDecodeBench(t *testing.T) {
 		{sms: -1, wsfrom: 9, wssilu: 1, wsnorm: 1}, {sms: -1, wsfrom: 9, wssilu: 1, wsnorm: 1, wshalf: 1}, // FP8 9-16 rows: fp8_ws with the fused ends
 		{sms: -1, wsearlyo: 4}, {sms: -1, wsearlyo: 7}, {lora: true, sms: -1, wsearlyo: 4}, {lora: true, sms: -1, wsearlyo: 7},
 		{lora: true, sms: -1, onopdl: 1}, {lora: true, sms: -1, onopdl: -1},
-		{lora: true, sms: -1, guhalf: 1}, {lora: true, sms: -1, guhalf: -1}, {lora: true, sms: -1, guhw: 1},
+		{lora: true, sms: -1, guhalf: 1}, {lora: true, sms: -1, guhalf: -1},
 		{sms: -1, wsearly: 2}, {sms: -1, wsearly: 4}, {sms: -1, wsearly: 7}, {lora: true, sms: -1, wsearly: 2}, {lora: true, sms: -1, wsearly: 4}, {lora: true, sms: -1, wsearly: 7},
 	}
 	// PEFTD_LORA_PARTITION=16,32: rows +part16, +part32 with the SMs split by

@@ -327,9 +327,6 @@ type loraVariant struct {
 
 var loraVariants = []loraVariant{
 	{"sgmv_expand_tc64s", true, true, true, func(f *kernelForce) { f.stageOut = 1 }, func(b *Backend) int { return b.expandStageds }},
-	// the bf16 gate/up update (guHalf, on by default) beside its product:
-	// LoRA not serial
-	{"sgmv_expand_tchw", false, true, false, func(f *kernelForce) { f.guHalf, f.guHalfWide = 1, 1 }, func(b *Backend) int { return b.expandHalfWides }},
 }
 
 // adapterMaxRank is the largest rank of a's projections.

@@ -728,19 +728,11 @@ func (b *Backend) expandTC(st *cuda.Stream, tc int, outPtr cuda.DevicePtr, outSt
 	if big {
 		f, tiles, nTiles = b.fn.sgExpandTC64S, b.off.bigTiles, b.nBig
 		b.expandStageds++
-	} else if acc == accHalf && tc == 1 && b.nBig > 0 && forcedOn(b.force.guHalfWide, guHalfWideAuto) {
-		// sgmv_expand_tchw: tch1's blocks (cols) on the 64-row tiles
-		f, tiles, nTiles = b.fn.sgExpandTCHW, b.off.bigTiles, b.nBig
-		b.expandHalfWides++
 	}
 	b.launchOn(st, f, cuda.Dim3{X: grid, Y: nTiles}, cuda.Dim3{X: 256},
 		outPtr, b.stepTmp, b.table, b.i32(tiles), base, stride, ms[0], ms[1], ms[2], blk1, blk2, off1, off2, total,
 		b.stepRank, outStride, tStride, b.rows(), ks, int(acc))
 }
-
-// guHalfWideAuto is kernelForce.guHalfWide's default: off until measured
-// (PERFORMANCE v0.83 Next 0).
-const guHalfWideAuto = false
 
 // stageOutMinRows is the LoRA rows from which the rank-32 class's expands
 // adding in place run as sgmv_expand_tc64s where stageOutAuto is set.
