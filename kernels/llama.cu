@@ -1928,6 +1928,171 @@ __device__ __forceinline__ void silu_mul_cl_body(bf16* out, const bf16* g, const
 extern "C" __global__ void __launch_bounds__(256) silu_mul_cl(SILU_CL_ARGS_D(float)) { silu_mul_cl_body(SILU_CL_PASS); }
 extern "C" __global__ void __launch_bounds__(256) silu_mul_clh(SILU_CL_ARGS_D(bf16)) { silu_mul_cl_body(SILU_CL_PASS); }
 
+// silu_mul_fold: silu_mul of the gate/up product with its LoRA update
+// expanded here (the rank-32 class), not by an expand on the LoRA stream:
+// the LoRA stream ran only the shrink (tmp: ksplit K parts, t_stride
+// floats a row, slice s at s * max_rank), and this kernel computes each
+// row's update of g and u on the tensor cores as sgmv_expand_tch1 does
+// (the same fragments, the same K order, each update rounded to bf16),
+// adds it as silu_mul_h does, and writes out (rows cols apart; bf16 only:
+// with FP8 weights the down projection quantizes out itself). No update
+// goes through memory and nothing waits for an expand's tail beside the
+// product (PERFORMANCE v0.84's mixed-step trace: the gate/up expand ended
+// 12 µs after its product, silu_mul 14 µs after that).
+// Grid (ceil(cols / SF_COLS), ceil(rows / 16)), SF_THREADS threads: a
+// block takes 16 consecutive rows of the step (any adapters: each distinct
+// one in turn, the other rows' A fragments zero; rows with rl < 0 get no
+// update) and SF_COLS columns of g and the same of u, staged through
+// shared memory in 16-byte pieces (cols, ldg multiples of 8; g and u
+// 16-byte aligned). Before griddepcontrol.wait a block reads only step
+// metadata and adapter weights: rl, its adapters' table entries and the
+// first one's B fragments.
+#define SF_COLS 256
+#define SF_THREADS 256
+#define SF_R 32          // the rank-32 class: tmp's slices are max_rank <= 32 wide
+#define SF_W (SF_R + 4)  // a ts row (the +4: expand_tc_body's padding)
+#define SF_OW (SF_COLS + 8)
+extern "C" __global__ void __launch_bounds__(SF_THREADS) silu_mul_fold(bf16* __restrict__ out, const bf16* __restrict__ g, const bf16* __restrict__ u,
+                                                                     const int* __restrict__ rl, int rows, int cols, int ldg,
+                                                                     const float* __restrict__ tmp, const LoraEntry* __restrict__ table,
+                                                                     int entry_base, int entry_stride, int m0, int m1, int max_rank,
+                                                                     int t_stride, int rows_total, int ksplit) {
+    constexpr int NG = SF_COLS / 64; // 8-column groups a warp (8 warps)
+    __shared__ __align__(16) bf16 gs[SG_TR * SF_OW];
+    __shared__ __align__(16) bf16 us[SG_TR * SF_OW];
+    __shared__ __align__(16) float ts[2 * SG_TR * SF_W];
+    __shared__ int ai[SG_TR];                  // each row's index in ad (-1: no adapter, or past rows)
+    __shared__ int ad[SG_TR], nad;             // the distinct adapter slots of the block's rows
+    __shared__ const bf16* eb[SG_TR][2];       // their B of gate and up
+    __shared__ int er[SG_TR][2];               // and ranks
+    const int r0 = blockIdx.y * SG_TR, c0 = blockIdx.x * SF_COLS, n = min(SG_TR, rows - r0);
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, gq = lane >> 2, q = lane & 3;
+    if (tid < SG_TR) ai[tid] = tid < n ? rl[r0 + tid] : -1; // the slot, for now
+    __syncthreads();
+    if (tid == 0) {
+        int k = 0;
+        for (int r = 0; r < SG_TR; r++) {
+            const int sl = ai[r];
+            int j = -1;
+            if (sl >= 0) {
+                for (int i = 0; i < k; i++)
+                    if (ad[i] == sl) j = i;
+                if (j < 0) {
+                    ad[k] = sl;
+                    j = k++;
+                }
+            }
+            ai[r] = j;
+        }
+        nad = k;
+    }
+    __syncthreads();
+    if (tid < 2 * nad) {
+        const LoraEntry e = table[entry_base + ad[tid >> 1] * entry_stride + sg_mod(tid & 1, m0, m1, 0)];
+        eb[tid >> 1][tid & 1] = e.b;
+        er[tid >> 1][tid & 1] = min(e.rank, SF_R);
+    }
+    __syncthreads();
+    const int col0 = c0 + warp * 8 * NG; // this warp's first column
+    // B fragments of adapter a: column col0 + ng * 8 + gq, ranks q * 8 ..
+    // q * 8 + 7 (zero past the rank or the columns)
+    uint4 bg[NG], bu[NG];
+    auto loadB = [&](int a, bool early) {
+#pragma unroll
+        for (int ng = 0; ng < NG; ng++) {
+            const int c = col0 + ng * 8 + gq, k = q * 8;
+            const bool in = c < cols;
+            const int rg = er[a][0], ru = er[a][1];
+            bg[ng] = in && k < rg ? (early ? ldg16_early(eb[a][0] + (i64)c * rg + k) : ldg16(eb[a][0] + (i64)c * rg + k)) : make_uint4(0, 0, 0, 0);
+            bu[ng] = in && k < ru ? (early ? ldg16_early(eb[a][1] + (i64)c * ru + k) : ldg16(eb[a][1] + (i64)c * ru + k)) : make_uint4(0, 0, 0, 0);
+        }
+    };
+    if (nad > 0) loadB(0, true);
+    pdl_entry(); // g, u (the product) and tmp (the shrink) are this step's
+    // g and u's tile into shared memory, 16-byte pieces of whole rows
+    for (int i = tid; i < 2 * SG_TR * (SF_COLS / 8); i += SF_THREADS) {
+        const int m = i / (SG_TR * (SF_COLS / 8)), j = i % (SG_TR * (SF_COLS / 8));
+        const int r = j / (SF_COLS / 8), c = c0 + 8 * (j % (SF_COLS / 8));
+        if (r < n && c < cols) {
+            bf16* d = (m ? us : gs) + r * SF_OW + (c - c0);
+            cp_async16(static_cast<unsigned>(__cvta_generic_to_shared(d)), (m ? u : g) + (i64)(r0 + r) * ldg + c, 16);
+        }
+    }
+    cp_async_commit();
+    // each row's s of gate and up, its K parts summed in order (sum_kparts'
+    // sums), zero past its adapter's rank and for rows with none
+    for (int i = tid; i < 2 * SG_TR * SF_R; i += SF_THREADS) {
+        const int sl = i / (SG_TR * SF_R), r = (i / SF_R) % SG_TR, k = i % SF_R;
+        const int a = ai[r];
+        float v = 0.f;
+        if (a >= 0 && k < er[a][sl]) {
+            const float* tp = tmp + (i64)(r0 + r) * t_stride + sl * max_rank + k;
+            for (int z = 0; z < ksplit; z++) v += __ldcg(tp + (i64)z * rows_total * t_stride);
+        }
+        ts[(sl * SG_TR + r) * SF_W + k] = v;
+    }
+    cp_async_wait<0>();
+    __syncthreads();
+    float cg[NG][4], cu[NG][4];
+#pragma unroll
+    for (int ng = 0; ng < NG; ng++) cg[ng][0] = cg[ng][1] = cg[ng][2] = cg[ng][3] = cu[ng][0] = cu[ng][1] = cu[ng][2] = cu[ng][3] = 0.f;
+    for (int a = 0; a < nad; a++) {
+        if (a > 0) loadB(a, false);
+        const bool m0r = ai[gq] == a, m8r = ai[gq + 8] == a; // the fragment rows of adapter a
+#pragma unroll
+        for (int sl = 0; sl < 2; sl++) {
+            const float* tr = ts + sl * SG_TR * SF_W;
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                const int k = q * 8 + 4 * h;
+                const float4 z4 = make_float4(0.f, 0.f, 0.f, 0.f);
+                const float4 t0 = m0r ? *reinterpret_cast<const float4*>(tr + gq * SF_W + k) : z4;
+                const float4 t1 = m8r ? *reinterpret_cast<const float4*>(tr + (gq + 8) * SF_W + k) : z4;
+                unsigned ah[4], al[4];
+                split2(t0.x, t0.y, ah[0], al[0]);
+                split2(t1.x, t1.y, ah[1], al[1]);
+                split2(t0.z, t0.w, ah[2], al[2]);
+                split2(t1.z, t1.w, ah[3], al[3]);
+#pragma unroll
+                for (int ng = 0; ng < NG; ng++) {
+                    const uint4 bv = sl ? bu[ng] : bg[ng];
+                    float* c = sl ? cu[ng] : cg[ng];
+                    const unsigned b0 = h == 0 ? bv.x : bv.z, b1 = h == 0 ? bv.y : bv.w;
+                    mma16816(c, ah[0], ah[1], ah[2], ah[3], b0, b1);
+                    mma16816(c, al[0], al[1], al[2], al[3], b0, b1);
+                }
+            }
+        }
+    }
+    // silu(g + dg) * (u + du), each update rounded to bf16 first and each
+    // sum rounded (silu_mul_h's add8), into gs in place
+#pragma unroll
+    for (int ng = 0; ng < NG; ng++) {
+        const int col = col0 + ng * 8 + 2 * q;
+        if (col >= cols) continue;
+#pragma unroll
+        for (int hf = 0; hf < 2; hf++) {
+            const int r = gq + 8 * hf;
+            if (r >= n) continue;
+            __nv_bfloat162* pg = reinterpret_cast<__nv_bfloat162*>(gs + r * SF_OW + (col - c0));
+            const __nv_bfloat162* pu = reinterpret_cast<const __nv_bfloat162*>(us + r * SF_OW + (col - c0));
+            float2 x = __bfloat1622float2(*pg), y = __bfloat1622float2(*pu);
+            if (ai[r] >= 0) {
+                const float2 dg = __bfloat1622float2(__floats2bfloat162_rn(cg[ng][2 * hf], cg[ng][2 * hf + 1]));
+                const float2 du = __bfloat1622float2(__floats2bfloat162_rn(cu[ng][2 * hf], cu[ng][2 * hf + 1]));
+                x = __bfloat1622float2(__floats2bfloat162_rn(x.x + dg.x, x.y + dg.y));
+                y = __bfloat1622float2(__floats2bfloat162_rn(y.x + du.x, y.y + du.y));
+            }
+            *pg = __floats2bfloat162_rn(x.x / (1.f + expf(-x.x)) * y.x, x.y / (1.f + expf(-x.y)) * y.y);
+        }
+    }
+    __syncthreads();
+    for (int j = tid; j < SG_TR * (SF_COLS / 8); j += SF_THREADS) {
+        const int r = j / (SF_COLS / 8), c = c0 + 8 * (j % (SF_COLS / 8));
+        if (r < n && c < cols) *reinterpret_cast<uint4*>(out + (i64)(r0 + r) * cols + c) = *reinterpret_cast<const uint4*>(gs + r * SF_OW + (c - c0));
+    }
+}
+
 // add_rmsnorm_cl: add_rmsnorm (delta set, out set) for steps of a few rows
 // with each row over a cluster of ADD_CL blocks (sm_90; grid rows * ADD_CL,
 // blocks of ADD_CL_THREADS): block `rank` takes columns [rank * per,

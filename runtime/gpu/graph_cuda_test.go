@@ -327,6 +327,9 @@ type loraVariant struct {
 
 var loraVariants = []loraVariant{
 	{"sgmv_expand_tc64s", true, true, true, func(f *kernelForce) { f.stageOut = 1 }, func(b *Backend) int { return b.expandStageds }},
+	// the gate/up update expanded inside silu_mul: the LoRA stream beside
+	// the products (not serial), guHalf's rounding (the default)
+	{"silu_mul_fold", false, true, false, func(f *kernelForce) { f.siluFold = 1 }, func(b *Backend) int { return b.siluFolds }},
 }
 
 // adapterMaxRank is the largest rank of a's projections.
