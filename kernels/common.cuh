@@ -208,6 +208,21 @@ __device__ __forceinline__ void split2(float a, float b, unsigned& hi, unsigned&
     lo = pack_bf2(a - f.x, b - f.y);
 }
 
+// lora_afrag: the A fragments of the LoRA expands' MMAs from float32 s
+// values (t0: row g, t1: row g + 8, ranks k .. k + 3 each), as bf16 pairs
+// (ah) and their residuals (al); mma_hilo: c += (ah + al) b, the two MMAs
+// of one such fragment (float32 precision from bf16 MMAs).
+__device__ __forceinline__ void lora_afrag(float4 t0, float4 t1, unsigned (&ah)[4], unsigned (&al)[4]) {
+    split2(t0.x, t0.y, ah[0], al[0]);
+    split2(t1.x, t1.y, ah[1], al[1]);
+    split2(t0.z, t0.w, ah[2], al[2]);
+    split2(t1.z, t1.w, ah[3], al[3]);
+}
+__device__ __forceinline__ void mma_hilo(float* c, const unsigned (&ah)[4], const unsigned (&al)[4], unsigned b0, unsigned b1) {
+    mma16816(c, ah[0], ah[1], ah[2], ah[3], b0, b1);
+    mma16816(c, al[0], al[1], al[2], al[3], b0, b1);
+}
+
 // ldsm4 / ldsm4t: four 8x8 matrices of 16-bit values (bf16, or e4m3
 // byte pairs) from shared memory (lane l gives the address of row l%8 of
 // matrix l/8), as mma fragments; t: transposed.
