@@ -17,7 +17,11 @@ The added table sums that per kernel family over each step of the kind
 picked, medians over the steps. steps decode keeps only steps with no
 prompt in them (no attn_prefill: a base decode trace's prefill steps
 otherwise join its "without a second stream" medians), mixed only steps
-with one; all (default) every step. The gap table groups every
+with decode and prompt rows (attn_decode and attn_prefill); all (default)
+every step. A step has LoRA (lora 1) when its kernels use more than one
+stream or it has a LoRA shrink or expand; a kernel is the compute chain's
+when it is on the embed's stream or is not a LoRA shrink, expand or
+fill_rows (nsys may give a recording's nodes of one stream several). The gap table groups every
 cuBLASLt product (nvjet*) by (LoRA step?, the kernel before it on its
 stream, its grid) with the median gap from that kernel's end to its start,
 and lists the memset nodes with the kernels around them (PERFORMANCE
@@ -40,16 +44,35 @@ def load(path):
     return rows
 
 
+def lora_kernel(name):
+    """A LoRA kernel by its name (the shrinks and expands the LoRA stream
+    runs; rope_store_lora and silu_mul_fold are the compute stream's)."""
+    return name.startswith(("sgmv_", "lora_shrink", "lora_expand"))
+
+
+def compute(k, strm):
+    """Whether kernel k is on the step's compute chain: on the embed's
+    stream, or any stream's kernel that is not a LoRA kernel nor
+    memsethoist.go's fill_rows (nsys may put a recorded graph's nodes of one
+    stream on several: a mixed-step trace had add_rmsnorm on the stream of
+    the LoRA shrinks before it, v0.84)."""
+    if "[CUDA mem" in k[2]:
+        return False
+    return k[3] == strm or not (lora_kernel(k[2]) or k[2].startswith("fill_rows"))
+
+
 def steps(rows, kind="all"):
     emb = [i for i, r in enumerate(rows) if r[2].startswith("embed")]
     for j in range(len(emb) - 1):
         ks = rows[emb[j]:emb[j + 1]]
-        if kind != "all" and any(k[2].startswith("attn_prefill") for k in ks) != (kind == "mixed"):
+        pre = any(k[2].startswith("attn_prefill") for k in ks)
+        dec = any(k[2].startswith("attn_decode") for k in ks)
+        if kind == "decode" and pre or kind == "mixed" and not (pre and dec):
             continue
         # fill_rows (memsethoist.go's node for cuBLASLt's memset) runs on
         # a stream of its own in base steps too: not the LoRA stream
         kern = [k for k in ks if "[CUDA mem" not in k[2] and not k[2].startswith("fill_rows")]
-        yield ks, len({k[3] for k in kern}) > 1
+        yield ks, len({k[3] for k in kern}) > 1 or any(lora_kernel(k[2]) for k in kern)
 
 
 def timeline(rows, lora, layer, kind):
@@ -65,10 +88,10 @@ def timeline(rows, lora, layer, kind):
         print(f"the step has {len(att)} attn_decode kernels: no layer {layer}")
         return
     first = att[layer] - 2
-    prev = max((k[0] + k[1] for k in ks[:first] if k[3] == strm and "[CUDA mem" not in k[2]), default=t0)
+    prev = max((k[0] + k[1] for k in ks[:first] if compute(k, strm)), default=t0)
     for k in ks[first:att[layer + 1] + 2]:
         add = ""
-        if k[3] == strm and "[CUDA mem" not in k[2]:
+        if compute(k, strm):
             add = f" added {(k[0] + k[1] - prev) / 1e3:6.1f}"
             prev = max(prev, k[0] + k[1])
         print(f"{(k[0]-t0)/1e3:9.1f} {(k[0]+k[1]-t0)/1e3:9.1f} {k[1]/1e3:6.1f} s{k[3]:>3} {k[2]:52s} g={k[4]},{k[5]},{k[6]} r={k[7]}{add}")
@@ -88,7 +111,7 @@ def added(rows, lora, kind):
         strm, prev = ks[0][3], ks[0][0]
         f = defaultdict(float)
         for k in ks:
-            if k[3] != strm or "[CUDA mem" in k[2]:
+            if not compute(k, strm):
                 continue
             f[k[2][:40]] += (k[0] + k[1] - prev) / 1e3
             prev = max(prev, k[0] + k[1])
@@ -111,7 +134,7 @@ def gaps(rows):
     ms = Counter()
     for ks, side in steps(rows):
         strm = ks[0][3]
-        comp = [k for k in ks if k[3] == strm and "[CUDA mem" not in k[2]]
+        comp = [k for k in ks if compute(k, strm)]
         for a, b in zip(comp, comp[1:]):
             if b[2].startswith("nvjet"):
                 prod[(side, a[2][:16], f"{b[4]}x{b[5]}")].append(((b[0] - a[0] - a[1]) / 1e3, b[1] / 1e3))
