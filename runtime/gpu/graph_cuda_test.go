@@ -265,17 +265,7 @@ func TestPDLMatchesSerialLaunch(t *testing.T) {
 // bit-identical to the default kernels', and each variant ran.
 func TestLoRAVariantsMatch(t *testing.T) {
 	m, all, _ := loadFixture(t)
-	// the rank-32 class alone for sgmv_expand_tc64s (the fixture's rank-64
-	// adapter puts every step in the rank-64 class: tc 2)
-	upTo32 := map[string]*lora.Adapter{}
-	for n, a := range all {
-		if adapterMaxRank(a) <= 32 {
-			upTo32[n] = a
-		}
-	}
-	if len(upTo32) == 0 || len(upTo32) == len(all) {
-		t.Fatalf("the fixture's adapters: %d of %d of rank 32 or less, want some but not all", len(upTo32), len(all))
-	}
+	upTo32 := rank32Adapters(t, all)
 	type key struct {
 		n      int
 		serial bool
@@ -330,6 +320,24 @@ var loraVariants = []loraVariant{
 	// the gate/up update expanded inside silu_mul: the LoRA stream beside
 	// the products (not serial), guHalf's rounding (the default)
 	{"silu_mul_fold", false, true, false, func(f *kernelForce) { f.siluFold = 1 }, func(b *Backend) int { return b.siluFolds }},
+}
+
+// rank32Adapters is the fixture's adapters of rank 32 or less: the rank-32
+// class alone, for the kernels only it takes (sgmv_expand_tc64s,
+// silu_mul_fold; the fixture's rank-64 adapter puts every step it is in in
+// the rank-64 class: tc 2).
+func rank32Adapters(t *testing.T, all map[string]*lora.Adapter) map[string]*lora.Adapter {
+	t.Helper()
+	upTo32 := map[string]*lora.Adapter{}
+	for n, a := range all {
+		if adapterMaxRank(a) <= 32 {
+			upTo32[n] = a
+		}
+	}
+	if len(upTo32) == 0 || len(upTo32) == len(all) {
+		t.Fatalf("the fixture's adapters: %d of %d of rank 32 or less, want some but not all", len(upTo32), len(all))
+	}
+	return upTo32
 }
 
 // adapterMaxRank is the largest rank of a's projections.
