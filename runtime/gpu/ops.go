@@ -137,8 +137,11 @@ func (b *Backend) holdFor(rows, n, k int, fp8 bool) int {
 // beside, 7.61 / 7.72 / 7.47 with o / gate/up / down serial; 256 rows
 // 12.77 against 13.25 (gate/up) and 13.02 (down).
 func (b *Backend) serialGroup(w engine.Weight) bool {
+	if b.force.serialLoRA <= 0 || !b.stepLoRA() {
+		return false
+	}
 	g := b.groupOf(weightShape(w))
-	return g >= 0 && b.force.serialLoRA > 0 && b.force.serialLoRA&(1<<g) != 0 && b.stepLoRA()
+	return g >= 0 && b.force.serialLoRA&(1<<g) != 0
 }
 
 // autoSmallHoldsFP8 is what each fused group's FP8 product leaves to the
