@@ -208,6 +208,12 @@ __device__ __forceinline__ void split2(float a, float b, unsigned& hi, unsigned&
     lo = pack_bf2(a - f.x, b - f.y);
 }
 
+// silu_mul2: silu(g) * u for a pair of values already rounded to bf16
+// (silu_mul8's expression), rounded to a bf16 pair.
+__device__ __forceinline__ __nv_bfloat162 silu_mul2(float2 g, float2 u) {
+    return __floats2bfloat162_rn(g.x / (1.f + expf(-g.x)) * u.x, g.y / (1.f + expf(-g.y)) * u.y);
+}
+
 // lora_afrag: the A fragments of the LoRA expands' MMAs from float32 s
 // values (t0: row g, t1: row g + 8, ranks k .. k + 3 each), as bf16 pairs
 // (ah) and their residuals (al); mma_hilo: c += (ah + al) b, the two MMAs
@@ -1071,7 +1077,7 @@ __device__ __forceinline__ __nv_bfloat162 ws_silu_pair(const float* v, int j, in
     const float u0 = SCALED ? a * ws[BN / 2 + n] : 1.f, u1 = SCALED ? a * ws[BN / 2 + n + 1] : 1.f;
     const float2 g = __bfloat1622float2(__floats2bfloat162_rn(v[4 * j + 2 * h] * g0, v[4 * j + 2 * h + 1] * g1));
     const float2 u = __bfloat1622float2(__floats2bfloat162_rn(v[4 * ju + 2 * h] * u0, v[4 * ju + 2 * h + 1] * u1));
-    return __floats2bfloat162_rn(g.x / (1.f + expf(-g.x)) * u.x, g.y / (1.f + expf(-g.y)) * u.y);
+    return silu_mul2(g, u);
 }
 
 // ws_put_silu: ws_put for ws_body's SILU blocks (bf16, one split): weight

@@ -2021,15 +2021,18 @@ extern "C" __global__ void __launch_bounds__(SF_THREADS) silu_mul_fold(bf16* __r
     cp_async_commit();
     // each row's s of gate and up, its K parts summed in order (sum_kparts'
     // sums), zero past its adapter's rank and for rows with none
-    for (int i = tid; i < 2 * SG_TR * SF_R; i += SF_THREADS) {
-        const int sl = i / (SG_TR * SF_R), r = (i / SF_R) % SG_TR, k = i % SF_R;
-        const int a = ai[r];
-        float v = 0.f;
-        if (a >= 0 && k < er[a][sl]) {
-            const float* tp = tmp + (i64)(r0 + r) * t_stride + sl * max_rank + k;
-            for (int z = 0; z < ksplit; z++) v += __ldcg(tp + (i64)z * rows_total * t_stride);
+    static_assert(SF_THREADS == SF_R * SG_TR / 2, "silu_mul_fold: a thread sums rows r and r + 8 of one rank");
+    {
+        const int k = tid % SF_R, r = tid / SF_R; // rows r and r + 8
+#pragma unroll
+        for (int sl = 0; sl < 2; sl++) {
+            const int a0 = ai[r], a8 = ai[r + 8];
+            const bool ok[2] = {a0 >= 0 && k < er[a0 < 0 ? 0 : a0][sl], a8 >= 0 && k < er[a8 < 0 ? 0 : a8][sl]};
+            float v[2];
+            sum_kparts<EX_ZU / 2>(v, tmp + (i64)(r0 + r) * t_stride + sl * max_rank + k, (i64)8 * t_stride, (i64)rows_total * t_stride, ksplit, ok);
+            ts[(sl * SG_TR + r) * SF_W + k] = v[0];
+            ts[(sl * SG_TR + r + 8) * SF_W + k] = v[1];
         }
-        ts[(sl * SG_TR + r) * SF_W + k] = v;
     }
     cp_async_wait<0>();
     __syncthreads();
@@ -2077,7 +2080,7 @@ extern "C" __global__ void __launch_bounds__(SF_THREADS) silu_mul_fold(bf16* __r
                 x = __bfloat1622float2(__floats2bfloat162_rn(x.x + dg.x, x.y + dg.y));
                 y = __bfloat1622float2(__floats2bfloat162_rn(y.x + du.x, y.y + du.y));
             }
-            *pg = __floats2bfloat162_rn(x.x / (1.f + expf(-x.x)) * y.x, x.y / (1.f + expf(-x.y)) * y.y);
+            *pg = silu_mul2(x, y);
         }
     }
     __syncthreads();

@@ -395,10 +395,12 @@ func (f *fp8State) wsBelowFrom(lone bool) int {
 }
 
 // wsBeside reports whether a step of T rows sends its products beside a
-// LoRA update to fp8_ws by wsBesideFrom (holdFor then holds
+// LoRA update to fp8_ws by wsBesideFrom (wsBelowFrom's rule for them, not
+// a benchmark's wsFrom, which names its own holds; holdFor then holds
 // autoSmallHoldsFP8 for the LoRA stream).
 func (f *fp8State) wsBeside(T int) bool {
-	return f.ws != nil && f.wsFrom == 0 && f.wsBesideFrom > 0 && f.wsAuto && !f.wsLone && T >= f.wsBesideFrom && T < wsMinRows
+	from := f.wsBelowFrom(false)
+	return f.ws != nil && f.wsFrom == 0 && from > 0 && T >= from && T < wsMinRows
 }
 
 // linear enqueues out[T, w.rows] (bf16) = x[T, w.cols] (bf16) @ W^T through

@@ -73,17 +73,34 @@ func (b *Backend) pendLoRA(o *Buffer, layer int, mods []llama.Module, tc, ks int
 // output's three slices (in place: rope_store_lora expands it), after the
 // LoRA stream's work; false leaves it pending.
 func (b *Backend) takeQKV(qb, kb, vb *Buffer) (loraPend, bool) {
-	p := b.la.pend
-	l := p.lora
-	if l == nil || len(l.offs) != 4 || b.err != nil {
+	if !b.pendSlices(qb, kb, vb) {
 		return loraPend{}, false
 	}
-	for i, v := range []*Buffer{qb, kb, vb} {
+	return b.takePend(), true
+}
+
+// pendSlices reports whether views are, in order, every slice of the
+// pending unexpanded update's output (its group's projections), with the
+// output's row stride.
+func (b *Backend) pendSlices(views ...*Buffer) bool {
+	p := b.la.pend
+	l := p.lora
+	if l == nil || len(l.offs) != len(views)+1 || b.err != nil {
+		return false
+	}
+	for i, v := range views {
 		if v == nil || ptr(v) != p.base+uint64(2*l.offs[i]) || v.ld != p.ld || v.cols != l.offs[i+1]-l.offs[i] {
-			return loraPend{}, false
+			return false
 		}
 	}
+	return true
+}
+
+// takePend takes the pending unexpanded update (the op that asked expands
+// it), after the LoRA stream's work.
+func (b *Backend) takePend() loraPend {
+	p := b.la.pend
 	b.la.pend = pendingDelta{}
 	b.waitUpdate(p)
-	return *l, true
+	return *p.lora
 }

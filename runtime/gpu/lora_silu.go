@@ -48,22 +48,14 @@ func (b *Backend) siluFold(mods []llama.Module, tc int) bool {
 // two slices and out is a whole buffer of their width (silu_mul_fold
 // expands it), after the LoRA stream's work; false leaves it pending.
 func (b *Backend) takeGU(o, g, u *Buffer) (loraPend, bool) {
-	p := b.la.pend
-	l := p.lora
-	if l == nil || len(l.offs) != 3 || l.tc != 1 || b.err != nil || o == nil || !o.whole() {
+	if !b.pendSlices(g, u) || b.la.pend.lora.tc != 1 || o == nil || !o.whole() {
 		return loraPend{}, false
 	}
-	for i, v := range []*Buffer{g, u} {
-		if v == nil || ptr(v) != p.base+uint64(2*l.offs[i]) || v.ld != p.ld || v.cols != l.offs[i+1]-l.offs[i] || v.ld%8 != 0 || ptr(v)%16 != 0 {
-			return loraPend{}, false
-		}
-	}
-	if o.cols != g.cols || g.cols != u.cols || o.cols%8 != 0 || ptr(o)%16 != 0 {
+	// 16-byte pieces of whole rows (the kernel's staging and stores)
+	if g.cols != u.cols || o.cols != g.cols || o.cols%8 != 0 || g.ld%8 != 0 || ptr(g)%16 != 0 || ptr(u)%16 != 0 || ptr(o)%16 != 0 {
 		return loraPend{}, false
 	}
-	b.la.pend = pendingDelta{}
-	b.waitUpdate(p)
-	return *l, true
+	return b.takePend(), true
 }
 
 // sfCols and sfRows are SF_COLS and SG_TR in llama.cu: a silu_mul_fold
