@@ -247,7 +247,6 @@ type funcs struct {
 	sgExpandTC                                                                                                                                          [3]*cuda.Function // sgmv_expand_tc1, tc2, tc4
 	sgExpandTCH                                                                                                                                         [3]*cuda.Function // sgmv_expand_tch1, tch2, tch4 (the update as bf16: guHalf)
 	sgExpandTC64S                                                                                                                                       *cuda.Function    // sgmv_expand_tc64s (kernelForce.stageOut)
-	siluFold                                                                                                                                            *cuda.Function    // silu_mul_fold (kernelForce.siluFold, lora_silu.go)
 	ropeRows                                                                                                                                            *cuda.Function    // rope_store_rows
 	ropeLoRA                                                                                                                                            *cuda.Function    // rope_store_lora
 }
@@ -303,7 +302,6 @@ type kernelForce struct {
 	slowFill   time.Duration // adapter loads: a sleep after each chunk's fill (tests: a step must wait for the host)
 	ropeLoRA   int           // q/k/v LoRA expanded inside RoPE at 1-16 rows (lora_rope.go): 1 on, -1 off, 0 by the rows (ropeFold)
 	siluO2     int           // FP8 silu_mul of more than siluClRows rows (one 512-thread block a row) as silu_mul_o2 (64 registers a thread: two blocks an SM): 1 on, -1 off, 0 the default (above fp8MidRows rows; Backend.siluMulFn)
-	siluFold   int           // the gate/up LoRA update of the rank-32 class expanded inside silu_mul (silu_mul_fold, lora_silu.go; the LoRA stream runs the shrink alone): 1 wherever it fits, -1 never, 0 the default (siluFoldAuto)
 	guHalf     int           // the gate/up LoRA update beside its product written as bf16 (sgmv_expand_tch*, accHalf) and read by silu_mul_h / _o2h / _clh (Backend.guHalf): 1 on, -1 off, 0 the default (guHalfAuto)
 	siluCl     int           // FP8 silu_mul of 1-64 rows: 1 silu_mul_cl (a cluster of blocks a row) wherever it fits, -1 never, 0 by the rows (siluClFits)
 	nodePrio   int           // recordings run the LoRA stream's kernels at that stream's priority (graph.go nodePriority): 1 at every row count, -1 at none, 0 by the rows
@@ -331,13 +329,12 @@ type Backend struct {
 	// fused counts the fused ops' launches enqueued or recorded
 	// (LinearSiLU, LinearAddRMSNorm: tests see that a step took them)
 	fused struct{ silu, norm int }
-	// guHalfOn is guHalf's default (guHalfDefault, read by New);
-	// siluFoldOn siluFold's (siluFoldDefault)
-	guHalfOn, siluFoldOn bool
-	// expandStageds, shrinkBigs, shrinkPipes, siluHalfs and siluFolds count
-	// the sgmv_expand_tc64s, sgmv_shrink64, sgmv_shrink64p, silu_mul_*h and
-	// silu_mul_fold launches enqueued or recorded (tests)
-	expandStageds, shrinkBigs, shrinkPipes, siluHalfs, siluFolds int
+	// guHalfOn is guHalf's default (guHalfDefault, read by New)
+	guHalfOn bool
+	// expandStageds, shrinkBigs, shrinkPipes and siluHalfs count the
+	// sgmv_expand_tc64s, sgmv_shrink64, sgmv_shrink64p and silu_mul_*h
+	// launches enqueued or recorded (tests)
+	expandStageds, shrinkBigs, shrinkPipes, siluHalfs int
 	// sbpFits: a block may have sgmv_shrink64p's shared memory (sbpShared)
 	sbpFits bool
 	// attnOut is the buffer the step's last Attention op wrote: the
@@ -585,7 +582,7 @@ func (b *Backend) open(opts Options) error {
 	b.tune.on, b.tune.fp8, b.tune.bf16, b.tune.cacheDir, b.chain.on = opts.TuneGEMMs, opts.TuneFP8, opts.TuneBF16, opts.TuneCacheDir, opts.ChainSteps
 	b.tune.fp8From = max(opts.TuneFP8From, 0)
 	b.la.on, b.la.sms = !opts.SerialLoRA, max(opts.LoRASMs, 0)
-	b.guHalfOn, b.siluFoldOn = guHalfDefault(), siluFoldDefault()
+	b.guHalfOn = guHalfDefault()
 	b.pinN = int(PinnedBytes(opts.PinnedImageBytes) / stageChunkBytes)
 	if opts.LoRASMs == 0 {
 		b.la.sms = -1 // by the step's rows
@@ -708,7 +705,7 @@ func (b *Backend) open(opts Options) error {
 		{&b.fn.addBias, "add_bias"}, {&b.fn.headRMSNorm, "head_rmsnorm"}, {&b.fn.addDelta, "add_delta"}, {&b.fn.fillRows, "fill_rows"},
 		{&b.fn.sgExpandTC[0], "sgmv_expand_tc1"}, {&b.fn.sgExpandTC[1], "sgmv_expand_tc2"}, {&b.fn.sgExpandTC[2], "sgmv_expand_tc4"},
 		{&b.fn.sgExpandTCH[0], "sgmv_expand_tch1"}, {&b.fn.sgExpandTCH[1], "sgmv_expand_tch2"}, {&b.fn.sgExpandTCH[2], "sgmv_expand_tch4"},
-		{&b.fn.sgExpandTC64S, "sgmv_expand_tc64s"}, {&b.fn.siluFold, "silu_mul_fold"},
+		{&b.fn.sgExpandTC64S, "sgmv_expand_tc64s"},
 		{&b.fn.ropeRows, "rope_store_rows"}, {&b.fn.ropeLoRA, "rope_store_lora"}} {
 		if *f.p, err = b.mod.Function(f.name); err != nil {
 			return err

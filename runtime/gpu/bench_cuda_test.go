@@ -468,7 +468,6 @@ type decodeVariant struct {
 	wsearlyo                     int    // the same for o alone (kernelForce.wsEarlyO; 0: as wsearly)
 	wshalf                       int    // gate/up on the half-row kernels (gemm_wsh, fp8_wsh) where loaded (kernelForce.wsHalf: 1 on, -1 never, 0 the default: wsHalfAuto, wsHalfFP8Auto)
 	onopdl                       int    // the o group's LoRA kernels without PDL (kernelForce.oNoPDL: 1 on, -1 off, 0 the default)
-	sfold                        int    // the gate/up LoRA update expanded inside silu_mul (kernelForce.siluFold: 1 on, -1 off, 0 the default: siluFoldAuto)
 	guhalf                       int    // the gate/up LoRA update as bf16, read by silu_mul_h / _o2h / _clh (kernelForce.guHalf: 1 on, -1 off, 0 the default: guHalfAuto)
 	wsnorm                       int    // o and down with the add_rmsnorm after them in one gemm_ws_norm / fp8_ws_norm launch where it fits (kernelForce.wsNorm: 1 on, -1 never, 0 the default: wsNormAuto)
 }
@@ -482,7 +481,7 @@ func (v decodeVariant) force(f kernelForce) kernelForce {
 	f.holds, f.pdlJoins, f.loraInline, f.serialLoRA = v.holds, v.pdlJoins, v.inline, v.sergrp
 	f.ropeLoRA, f.nodePrio, f.siluCl, f.addCl = v.rfold, v.prio, v.silucl, v.addcl
 	f.memHoist, f.l2Win, f.shrink64, f.wsSiLU, f.wsEarly, f.wsNorm, f.wsEarlyO, f.wsHalf = v.hoist, v.l2, v.sh64, v.wssilu, v.wsearly, v.wsnorm, v.wsearlyo, v.wshalf
-	f.oNoPDL, f.siluO2, f.guHalf, f.siluFold = v.onopdl, v.siluo2, v.guhalf, v.sfold
+	f.oNoPDL, f.siluO2, f.guHalf = v.onopdl, v.siluo2, v.guhalf
 	return f
 }
 
@@ -604,7 +603,6 @@ func (v decodeVariant) label(ads []*lora.Adapter, pdlOK bool) string {
 	lbl += onOffLabel(v.silucl, "silucl")
 	lbl += onOffLabel(v.siluo2, "siluo2")
 	lbl += onOffLabel(v.guhalf, "guhalf")
-	lbl += onOffLabel(v.sfold, "sfold")
 	lbl += onOffLabel(v.addcl, "addcl")
 	lbl += onOffLabel(v.prio, "prio")
 	lbl += onOffLabel(v.onopdl, "onopdl")
@@ -842,7 +840,7 @@ func TestDecodeBench(t *testing.T) {
 		{sms: -1, wsfrom: 9, wssilu: 1, wsnorm: 1}, {sms: -1, wsfrom: 9, wssilu: 1, wsnorm: 1, wshalf: 1}, // FP8 9-16 rows: fp8_ws with the fused ends
 		{sms: -1, wsearlyo: 4}, {sms: -1, wsearlyo: 7}, {lora: true, sms: -1, wsearlyo: 4}, {lora: true, sms: -1, wsearlyo: 7},
 		{lora: true, sms: -1, onopdl: 1}, {lora: true, sms: -1, onopdl: -1},
-		{lora: true, sms: -1, guhalf: 1}, {lora: true, sms: -1, guhalf: -1}, {lora: true, sms: -1, sfold: 1},
+		{lora: true, sms: -1, guhalf: 1}, {lora: true, sms: -1, guhalf: -1},
 		{sms: -1, wsearly: 2}, {sms: -1, wsearly: 4}, {sms: -1, wsearly: 7}, {lora: true, sms: -1, wsearly: 2}, {lora: true, sms: -1, wsearly: 4}, {lora: true, sms: -1, wsearly: 7},
 	}
 	// PEFTD_LORA_PARTITION=16,32: rows +part16, +part32 with the SMs split by
@@ -859,14 +857,15 @@ func TestDecodeBench(t *testing.T) {
 	// kernelForce.holds); an entry ending +wsN (16.16.16.16+ws9) also
 	// puts FP8 products from N rows below 17 on fp8_ws (the +wsN rows'
 	// fp8State.wsFrom: label 4xr32+ws9+hold16.16.16.16), an entry ending
-	// +sfold (32.32.8.32+sfold) the gate/up update expanded inside silu_mul
-	// (kernelForce.siluFold: label 4xr32+hold32.32.8.32+sfold)
+	// +splitbeside (32.32.20.32+splitbeside) the K split of FP8 products
+	// beside the LoRA stream planned for the whole card (fp8State.splitBeside:
+	// label 4xr32+splitbeside+hold32.32.20.32)
 	if env := os.Getenv("PEFTD_DECODE_HOLDS"); env != "" {
 		for _, f := range strings.Split(env, ",") {
 			var h [4]int
-			wsFrom, sfold := 0, 0
-			if hs, ok := strings.CutSuffix(f, "+sfold"); ok {
-				f, sfold = hs, 1
+			wsFrom, splitBeside := 0, false
+			if hs, ok := strings.CutSuffix(f, "+splitbeside"); ok {
+				f, splitBeside = hs, true
 			}
 			if hs, ws, ok := strings.Cut(f, "+ws"); ok {
 				n, err := strconv.Atoi(ws)
@@ -886,7 +885,7 @@ func TestDecodeBench(t *testing.T) {
 				}
 				h[i] = n
 			}
-			vs = append(vs, decodeVariant{lora: true, sms: -1, holds: h, wsfrom: wsFrom, sfold: sfold})
+			vs = append(vs, decodeVariant{lora: true, sms: -1, holds: h, wsfrom: wsFrom, splitBeside: splitBeside})
 		}
 	}
 	if os.Getenv("PEFTD_DECODE_QUICK") != "" { // base and adapters, each with cuBLASLt (+lt), and with FP8 weights with fp8_stream at every row count (+fs) and at none (+gv)

@@ -317,15 +317,12 @@ type loraVariant struct {
 
 var loraVariants = []loraVariant{
 	{"sgmv_expand_tc64s", true, true, true, func(f *kernelForce) { f.stageOut = 1 }, func(b *Backend) int { return b.expandStageds }},
-	// the gate/up update expanded inside silu_mul: the LoRA stream beside
-	// the products (not serial), guHalf's rounding (the default)
-	{"silu_mul_fold", false, true, false, func(f *kernelForce) { f.siluFold = 1 }, func(b *Backend) int { return b.siluFolds }},
 }
 
 // rank32Adapters is the fixture's adapters of rank 32 or less: the rank-32
-// class alone, for the kernels only it takes (sgmv_expand_tc64s,
-// silu_mul_fold; the fixture's rank-64 adapter puts every step it is in in
-// the rank-64 class: tc 2).
+// class alone, for the kernels only it takes (sgmv_expand_tc64s; the
+// fixture's rank-64 adapter puts every step it is in in the rank-64 class:
+// tc 2).
 func rank32Adapters(t *testing.T, all map[string]*lora.Adapter) map[string]*lora.Adapter {
 	t.Helper()
 	upTo32 := map[string]*lora.Adapter{}

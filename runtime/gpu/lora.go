@@ -257,9 +257,9 @@ func (b *Backend) loraAside(o, x *Buffer, layer int, mods []llama.Module, total 
 		b.fail(b.la.s.SetProgrammaticLaunch(false))
 		defer func() { b.fail(b.la.s.SetProgrammaticLaunch(true)) }()
 	}
-	// The shrink alone where RoPE or silu_mul expands the update
-	// (lora_rope.go, lora_silu.go); else shrink and expand into delta.
-	if tc := b.tcChunks(mods); b.ropeFold(mods, tc) || b.siluFold(mods, tc) {
+	// The shrink alone where RoPE expands the update (lora_rope.go); else
+	// shrink and expand into delta.
+	if tc := b.tcChunks(mods); b.ropeFold(mods, tc) {
 		pend = b.pendLoRA(o, layer, mods, tc, b.loraShrink(b.la.s, x, layer, mods), false)
 	} else {
 		acc := accFloat

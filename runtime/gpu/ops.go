@@ -938,11 +938,6 @@ func (b *Backend) siluMulFn() *cuda.Function {
 // SiLUMul computes out = silu(gate) * up.
 func (b *Backend) SiLUMul(out, gate, up engine.Buffer) {
 	o, g, u := buf(out), buf(gate), buf(up)
-	if l, ok := b.takeGU(o, g, u); ok { // the update is expanded here (lora_silu.go)
-		b.opStart()
-		b.siluFoldLaunch(o, g, u, l)
-		return
-	}
 	var dg, du uint64 // LoRA updates of gate and up from the LoRA stream
 	ldd := 0
 	p, ld, half := b.fuseHalf(true, g, u)
