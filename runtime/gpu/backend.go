@@ -329,8 +329,10 @@ type Backend struct {
 	// fused counts the fused ops' launches enqueued or recorded
 	// (LinearSiLU, LinearAddRMSNorm: tests see that a step took them)
 	fused struct{ silu, norm int }
-	// guHalfOn is guHalf's default (guHalfDefault, read by New)
-	guHalfOn bool
+	// guHalfOn is guHalf's default (guHalfDefault, read by New);
+	// hugeHoldsOff: FP8 steps above fp8HugeRows rows hold autoBigHoldsFP8,
+	// not autoHugeHoldsFP8 (PEFTD_LORA_FP8_HUGE_HOLDS=off, read by New)
+	guHalfOn, hugeHoldsOff bool
 	// expandStageds, shrinkBigs, shrinkPipes and siluHalfs count the
 	// sgmv_expand_tc64s, sgmv_shrink64, sgmv_shrink64p and silu_mul_*h
 	// launches enqueued or recorded (tests)
@@ -582,7 +584,7 @@ func (b *Backend) open(opts Options) error {
 	b.tune.on, b.tune.fp8, b.tune.bf16, b.tune.cacheDir, b.chain.on = opts.TuneGEMMs, opts.TuneFP8, opts.TuneBF16, opts.TuneCacheDir, opts.ChainSteps
 	b.tune.fp8From = max(opts.TuneFP8From, 0)
 	b.la.on, b.la.sms = !opts.SerialLoRA, max(opts.LoRASMs, 0)
-	b.guHalfOn = guHalfDefault()
+	b.guHalfOn, b.hugeHoldsOff = guHalfDefault(), hugeHoldsOff()
 	b.pinN = int(PinnedBytes(opts.PinnedImageBytes) / stageChunkBytes)
 	if opts.LoRASMs == 0 {
 		b.la.sms = -1 // by the step's rows

@@ -521,6 +521,41 @@ func TestWsBesideHolds(t *testing.T) {
 	}
 }
 
+// TestHugeHolds: FP8 steps of more than fp8HugeRows rows hold
+// autoHugeHoldsFP8 from each group's product (48 SMs from o and down),
+// v0.84's autoBigHoldsFP8 with PEFTD_LORA_FP8_HUGE_HOLDS=off
+// (hugeHoldsOff), autoBigHoldsFP8 from fp8MidRows+1 to fp8HugeRows rows,
+// and bf16 steps autoWideHolds either way.
+func TestHugeHolds(t *testing.T) {
+	cfg := &llama.Config{Hidden: 4096, Intermediate: 14336, Heads: 32, KVHeads: 8, HeadDim: 128}
+	shapes := [4][2]int{{6144, 4096}, {4096, 4096}, {2 * 14336, 4096}, {4096, 14336}}
+	for _, c := range []struct {
+		name string
+		rows int
+		fp8  bool
+		off  bool
+		want [4]int
+	}{
+		{"FP8 mixed step", 240, true, false, [4]int{32, 48, 20, 48}},
+		{"FP8 256 rows", 256, true, false, [4]int{32, 48, 20, 48}},
+		{"FP8 193 rows", 193, true, false, [4]int{32, 48, 20, 48}},
+		{"FP8 192 rows", 192, true, false, autoBigHoldsFP8},
+		{"FP8 160 rows", 160, true, false, autoBigHoldsFP8},
+		{"FP8 mixed step, off", 240, true, true, autoBigHoldsFP8},
+		{"bf16 mixed step", 240, false, false, autoWideHolds},
+		{"bf16 mixed step, off", 240, false, true, autoWideHolds},
+	} {
+		b := &Backend{cfg: cfg, f8: &fp8State{}, la: loraAside{sms: -1}, hugeHoldsOff: c.off}
+		var got [4]int
+		for g, sh := range shapes {
+			got[g] = b.holdFor(c.rows, sh[0], sh[1], c.fp8)
+		}
+		if got != c.want {
+			t.Errorf("%s: holds %v, want %v", c.name, got, c.want)
+		}
+	}
+}
+
 // TestSerialGroup: kernelForce.serialLoRA's mask picks the fused groups
 // whose update runs after the product (by the weight's shape), only in a
 // step with LoRA rows, and none by default or with -1.

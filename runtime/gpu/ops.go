@@ -125,6 +125,9 @@ func (b *Backend) holdFor(rows, n, k int, fp8 bool) int {
 	if fp8 && b.f8 != nil && b.f8.wsBeside(rows) {
 		return autoSmallHoldsFP8[g]
 	}
+	if fp8 && rows > fp8HugeRows && b.hugeHoldsOff {
+		return autoBigHoldsFP8[g] // PEFTD_LORA_FP8_HUGE_HOLDS=off: v0.84's rule
+	}
 	return autoHolds(rows, fp8)[g]
 }
 
@@ -167,6 +170,8 @@ func autoHolds(rows int, fp8 bool) [4]int {
 		switch {
 		case fp8 && rows <= fp8MidRows:
 			return autoMidHoldsFP8
+		case fp8 && rows > fp8HugeRows:
+			return autoHugeHoldsFP8
 		case fp8:
 			return autoBigHoldsFP8
 		}
@@ -245,6 +250,26 @@ var autoMidHoldsFP8 = [4]int{48, 32, 16, 32}
 // decode rows and a 176-token prompt) 9.46 / 9.27 / 9.28 / 9.28; holding
 // more from q/k/v or o (40.32.24.32, 48.48.16.48) lost.
 var autoBigHoldsFP8 = [4]int{32, 32, 20, 32}
+
+// Above fp8HugeRows rows (serving's mixed steps: ~60 decode rows beside a
+// prompt, ~236 rows) FP8 steps hold autoHugeHoldsFP8: 48 SMs, not 32, from
+// the o and down products. cuBLASLt runs those whole there (their 64
+// output tiles of 128 x 128 cannot split K within one wave of the SMs
+// left: fp8_split.go), so the product's blocks fit the smaller share
+// and the down update (its shrink reads the 14,336-column input) gets
+// more SMs. H200, four rank-32 adapters, device ms a step (PERFORMANCE
+// v0.85, two calls): mixed steps (64 decode rows and a 176-token prompt)
+// 6.64 / 6.64 against 6.72 / 6.73 (32.40.20.40, 32.32.20.64 and
+// 32.64.20.64 the same, 32.64.20.32 6.74: the down hold is the gain), 256
+// rows 10.45 against 10.48; 160 rows lose (8.54 against 8.31), so the
+// rule starts above 192. PEFTD_LORA_FP8_HUGE_HOLDS=off keeps
+// autoBigHoldsFP8 (the whole engine's A/B: serving).
+const fp8HugeRows = 192
+
+var autoHugeHoldsFP8 = [4]int{32, 48, 20, 48}
+
+// hugeHoldsOff is PEFTD_LORA_FP8_HUGE_HOLDS=off (on by default).
+func hugeHoldsOff() bool { return !envOnOff("PEFTD_LORA_FP8_HUGE_HOLDS", true) }
 
 // The q/k/v product's SMs left to the LoRA stream in steps of
 // autoQKVMinRows to autoWideRows rows (Options.LoRASMs automatic; above
