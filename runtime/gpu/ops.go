@@ -262,8 +262,12 @@ var autoBigHoldsFP8 = [4]int{32, 32, 20, 32}
 // 6.64 / 6.64 against 6.72 / 6.73 (32.40.20.40, 32.32.20.64 and
 // 32.64.20.64 the same, 32.64.20.32 6.74: the down hold is the gain), 256
 // rows 10.45 against 10.48; 160 rows lose (8.54 against 8.31), so the
-// rule starts above 192. PEFTD_LORA_FP8_HUGE_HOLDS=off keeps
-// autoBigHoldsFP8 (the whole engine's A/B: serving).
+// rule starts above 192. On an H100 it is neutral: mixed steps 7.26
+// against 7.25, 256 rows 12.77 against 12.78; serve8b FP8 with four
+// adapters 9,219 / 9,174 tok/s against 8,990 / 9,207 off (two A/Bs; its
+// mixed steps 7.19 / 7.26 ms against 7.29 / 7.26).
+// PEFTD_LORA_FP8_HUGE_HOLDS=off keeps autoBigHoldsFP8 (the whole engine's
+// A/B: serving).
 const fp8HugeRows = 192
 
 var autoHugeHoldsFP8 = [4]int{32, 48, 20, 48}
