@@ -35,15 +35,22 @@ __device__ __forceinline__ uint4 widen8_e4m3(uint2 w) {
     return pack8(f);
 }
 
+// ldf: a LoRA update's value as float (float32 or bf16 updates).
+__device__ __forceinline__ float ldf(const float* p) { return *p; }
+__device__ __forceinline__ float ldf(const bf16* p) { return __bfloat162float(*p); }
+
 // add_rmsnorm: x[r] += delta[r] (and the LoRA update d2 of the rows whose
 // rl is >= 0, rows H apart; delta + d2 is rounded to bf16 first, as the
 // projection's output updated in place would have been), rounded to bf16;
 // then, when out is set, out[r] = rmsnorm(x[r]) * w; and when q is set
 // too, out[r] quantized per row to e4m3 into q[r] (H bytes) and qscale[r]
 // for the FP8 projections that read it (no quant_rows_e4m3 launch).
-// grid (T), block a multiple of 32.
-extern "C" __global__ void add_rmsnorm(bf16* x, const bf16* delta, const float* d2, const int* rl, bf16* out, const bf16* w, float eps, int H,
-                                       unsigned char* q, float* qscale) {
+// grid (T), block a multiple of 32. add_rmsnorm_h: the same with a bf16
+// update (outHalf: o's and down's updates written as bf16, each value
+// rounded to bf16 before the sum, as PEFT's bf16 lora_B output is).
+template <class D>
+__device__ __forceinline__ void add_rmsnorm_body(bf16* x, const bf16* delta, const D* d2, const int* rl, bf16* out, const bf16* w, float eps,
+                                                 int H, unsigned char* q, float* qscale) {
     const int r = blockIdx.x, tid = threadIdx.x, bd = blockDim.x, n8 = H >> 3;
     const bool vec = (H & 7) == 0;       // 16-byte words: every load of a row in flight at once
     const bool regs = vec && n8 <= ADD_RC * bd; // the row stays in registers between the two passes
@@ -66,7 +73,7 @@ extern "C" __global__ void add_rmsnorm(bf16* x, const bf16* delta, const float* 
     if (vec) {
         uint4* x8 = reinterpret_cast<uint4*>(xr);
         const uint4* d8 = delta ? reinterpret_cast<const uint4*>(delta + (i64)r * H) : nullptr;
-        const float4* e8 = d2 ? reinterpret_cast<const float4*>(d2 + (i64)r * H) : nullptr;
+        const D* e8 = d2 ? d2 + (i64)r * H : nullptr;
         uint4* o8 = reinterpret_cast<uint4*>(out + (i64)r * H);
         float m = 0.f;
         int bad = 0;
@@ -105,7 +112,7 @@ extern "C" __global__ void add_rmsnorm(bf16* x, const bf16* delta, const float* 
         float v = ld(xr + i);
         if (delta) {
             float d = ld(delta + (i64)r * H + i);
-            if (d2) d = __bfloat162float(tobf(d + d2[(i64)r * H + i]));
+            if (d2) d = __bfloat162float(tobf(d + ldf(d2 + (i64)r * H + i)));
             bf16 b = tobf(v + d);
             xr[i] = b;
             v = __bfloat162float(b);
@@ -125,6 +132,11 @@ extern "C" __global__ void add_rmsnorm(bf16* x, const bf16* delta, const float* 
     }
     if (q) quant_row_e4m3(o, q + (i64)r * H, qscale + r, H, false, m, bad, sh);
 }
+#define ADD_RMSNORM_ARGS_D(D) \
+    bf16 *x, const bf16 *delta, const D *d2, const int *rl, bf16 *out, const bf16 *w, float eps, int H, unsigned char *q, float *qscale
+#define ADD_RMSNORM_PASS x, delta, d2, rl, out, w, eps, H, q, qscale
+extern "C" __global__ void add_rmsnorm(ADD_RMSNORM_ARGS_D(float)) { add_rmsnorm_body(ADD_RMSNORM_PASS); }
+extern "C" __global__ void add_rmsnorm_h(ADD_RMSNORM_ARGS_D(bf16)) { add_rmsnorm_body(ADD_RMSNORM_PASS); }
 
 // fill_rows: what a memset node does (cuda.MemsetParams): height rows of
 // width elements of esize bytes (1, 2 or 4) set to value, rows pitch bytes
@@ -147,18 +159,22 @@ extern "C" __global__ void fill_rows(unsigned char* dst, unsigned value, int esi
 
 // add_delta: x[r][c] += d[r][c] (rounded to bf16 in x) for c < cols and
 // the rows whose rl (row adapter slot) is >= 0, x rows ldx values apart, d
-// (float32) rows cols apart: a LoRA update computed on the LoRA stream,
-// added where no op folds it in. grid-stride over rows*cols.
-extern "C" __global__ void add_delta(bf16* x, const float* d, const int* rl, int rows, int cols, int ldx) {
+// (float32; add_delta_h: bf16) rows cols apart: a LoRA update computed on
+// the LoRA stream, added where no op folds it in. grid-stride over
+// rows*cols.
+template <class D>
+__device__ __forceinline__ void add_delta_body(bf16* x, const D* d, const int* rl, int rows, int cols, int ldx) {
     pdl_entry();
     const i64 n = (i64)rows * cols, stride = (i64)gridDim.x * blockDim.x;
     for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
         const i64 r = i / cols, c = i - r * cols;
         if (rl[r] < 0) continue;
         bf16* p = x + r * ldx + c;
-        *p = tobf(ld(p) + d[i]);
+        *p = tobf(ld(p) + ldf(d + i));
     }
 }
+extern "C" __global__ void add_delta(bf16* x, const float* d, const int* rl, int rows, int cols, int ldx) { add_delta_body(x, d, rl, rows, cols, ldx); }
+extern "C" __global__ void add_delta_h(bf16* x, const bf16* d, const int* rl, int rows, int cols, int ldx) { add_delta_body(x, d, rl, rows, cols, ldx); }
 
 // add_bias: x[r] += b (rounded to bf16 in x); grid (T), any block (Qwen2's q/k/v biases).
 extern "C" __global__ void add_bias(bf16* x, const bf16* b, int H) {

@@ -234,7 +234,7 @@ type slotState struct {
 
 type funcs struct {
 	embed, addRMSNorm, addRMSNormCl, rmsnormRows, ropeStore, attention, siluMul, siluMulO2, siluMulCl, siluMulH, siluMulO2H, siluMulClH, shrink, expand *cuda.Function
-	addBias, headRMSNorm, addDelta, fillRows                                                                                                            *cuda.Function
+	addBias, headRMSNorm, addDelta, addDeltaH, addRMSNormH, fillRows                                                                                    *cuda.Function
 	sgShrink, sgShrink4, sgShrink64, sgShrink64P, sgExpand, sample, logitAdjust                                                                         *cuda.Function
 	attnDecode                                                                                                                                          [4]*cuda.Function // attn_decode_d32, d64, d128, d256
 	attnDecode8                                                                                                                                         [4]*cuda.Function // attn_decode8_d*: FP8 keys
@@ -302,6 +302,7 @@ type kernelForce struct {
 	slowFill   time.Duration // adapter loads: a sleep after each chunk's fill (tests: a step must wait for the host)
 	ropeLoRA   int           // q/k/v LoRA expanded inside RoPE at 1-16 rows (lora_rope.go): 1 on, -1 off, 0 by the rows (ropeFold)
 	siluO2     int           // FP8 silu_mul of more than siluClRows rows (one 512-thread block a row) as silu_mul_o2 (64 registers a thread: two blocks an SM): 1 on, -1 off, 0 the default (above fp8MidRows rows; Backend.siluMulFn)
+	outHalf    int           // the o and down LoRA updates beside their products written as bf16 (sgmv_expand_tch*, accHalf) and read by add_rmsnorm_h (Backend.outHalf): 1 at every row count (add_rmsnorm_h then stands in for add_rmsnorm_cl), -1 off, 0 the default (outHalfAuto, above addClRows rows)
 	guHalf     int           // the gate/up LoRA update beside its product written as bf16 (sgmv_expand_tch*, accHalf) and read by silu_mul_h / _o2h / _clh (Backend.guHalf): 1 on, -1 off, 0 the default (guHalfAuto)
 	siluCl     int           // FP8 silu_mul of 1-64 rows: 1 silu_mul_cl (a cluster of blocks a row) wherever it fits, -1 never, 0 by the rows (siluClFits)
 	nodePrio   int           // recordings run the LoRA stream's kernels at that stream's priority (graph.go nodePriority): 1 at every row count, -1 at none, 0 by the rows
@@ -333,10 +334,12 @@ type Backend struct {
 	// hugeHoldsOff: FP8 steps above fp8HugeRows rows hold autoBigHoldsFP8,
 	// not autoHugeHoldsFP8 (PEFTD_LORA_FP8_HUGE_HOLDS=off, read by New)
 	guHalfOn, hugeHoldsOff bool
-	// expandStageds, shrinkBigs, shrinkPipes and siluHalfs count the
-	// sgmv_expand_tc64s, sgmv_shrink64, sgmv_shrink64p and silu_mul_*h
-	// launches enqueued or recorded (tests)
-	expandStageds, shrinkBigs, shrinkPipes, siluHalfs int
+	// outHalfOn is outHalf's default (outHalfDefault, read by New)
+	outHalfOn bool
+	// expandStageds, shrinkBigs, shrinkPipes, siluHalfs and normHalfs
+	// count the sgmv_expand_tc64s, sgmv_shrink64, sgmv_shrink64p,
+	// silu_mul_*h and add_rmsnorm_h launches enqueued or recorded (tests)
+	expandStageds, shrinkBigs, shrinkPipes, siluHalfs, normHalfs int
 	// sbpFits: a block may have sgmv_shrink64p's shared memory (sbpShared)
 	sbpFits bool
 	// attnOut is the buffer the step's last Attention op wrote: the
@@ -584,7 +587,7 @@ func (b *Backend) open(opts Options) error {
 	b.tune.on, b.tune.fp8, b.tune.bf16, b.tune.cacheDir, b.chain.on = opts.TuneGEMMs, opts.TuneFP8, opts.TuneBF16, opts.TuneCacheDir, opts.ChainSteps
 	b.tune.fp8From = max(opts.TuneFP8From, 0)
 	b.la.on, b.la.sms = !opts.SerialLoRA, max(opts.LoRASMs, 0)
-	b.guHalfOn, b.hugeHoldsOff = guHalfDefault(), hugeHoldsOff()
+	b.guHalfOn, b.hugeHoldsOff, b.outHalfOn = guHalfDefault(), hugeHoldsOff(), outHalfDefault()
 	b.pinN = int(PinnedBytes(opts.PinnedImageBytes) / stageChunkBytes)
 	if opts.LoRASMs == 0 {
 		b.la.sms = -1 // by the step's rows
@@ -704,7 +707,7 @@ func (b *Backend) open(opts Options) error {
 		{&b.fn.attnDecode8W8[0], "attn_decode8_w8_d32"}, {&b.fn.attnDecode8W8[1], "attn_decode8_w8_d64"}, {&b.fn.attnDecode8W8[2], "attn_decode8_w8_d128"},
 		{&b.fn.attnPrefill[0], "attn_prefill_d32"}, {&b.fn.attnPrefill[1], "attn_prefill_d64"}, {&b.fn.attnPrefill[2], "attn_prefill_d128"},
 		{&b.fn.attnPrefill8[0], "attn_prefill8_d32"}, {&b.fn.attnPrefill8[1], "attn_prefill8_d64"}, {&b.fn.attnPrefill8[2], "attn_prefill8_d128"},
-		{&b.fn.addBias, "add_bias"}, {&b.fn.headRMSNorm, "head_rmsnorm"}, {&b.fn.addDelta, "add_delta"}, {&b.fn.fillRows, "fill_rows"},
+		{&b.fn.addBias, "add_bias"}, {&b.fn.headRMSNorm, "head_rmsnorm"}, {&b.fn.addDelta, "add_delta"}, {&b.fn.addDeltaH, "add_delta_h"}, {&b.fn.addRMSNormH, "add_rmsnorm_h"}, {&b.fn.fillRows, "fill_rows"},
 		{&b.fn.sgExpandTC[0], "sgmv_expand_tc1"}, {&b.fn.sgExpandTC[1], "sgmv_expand_tc2"}, {&b.fn.sgExpandTC[2], "sgmv_expand_tc4"},
 		{&b.fn.sgExpandTCH[0], "sgmv_expand_tch1"}, {&b.fn.sgExpandTCH[1], "sgmv_expand_tch2"}, {&b.fn.sgExpandTCH[2], "sgmv_expand_tch4"},
 		{&b.fn.sgExpandTC64S, "sgmv_expand_tc64s"},

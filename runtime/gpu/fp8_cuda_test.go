@@ -727,62 +727,74 @@ func TestFP8Fixture(t *testing.T) {
 	}
 }
 
-// TestGuHalf: the fixture co-batched, the gate/up LoRA updates beside
-// their product written as bf16 and read by silu_mul_h / _o2h / _clh
-// (kernelForce.guHalf 1), against the same engine with float32 updates
-// (guHalf -1), with bf16 and FP8 weights: the co-batched prefill (151
-// rows: silu_mul_o2 with FP8 weights) and the 8-row decode steps
-// (silu_mul_cl with FP8 on sm_90, silu_mul with bf16) take it. The
-// reference error may grow by at most guHalfSlack in any case (each update
-// is rounded to bf16 once more: a few parts in 1,000 of an update that is
-// itself a small part of g and u); bf16 must still meet fixtureTol.
-func TestGuHalf(t *testing.T) {
+// TestHalfUpdates: the fixture co-batched with LoRA updates beside their
+// products written as bf16, against the same engine with float32 updates,
+// with bf16 and FP8 weights: the gate/up updates read by silu_mul_h /
+// _o2h / _clh (kernelForce.guHalf 1 against -1), and the o and down
+// updates read by add_rmsnorm_h (kernelForce.outHalf 1 against -1). The
+// co-batched prefill (151 rows: silu_mul_o2 with FP8 weights) and the
+// 8-row decode steps (silu_mul_cl with FP8 on sm_90, silu_mul with bf16;
+// add_rmsnorm_h in place of add_rmsnorm_cl) take them. The reference
+// error may grow by at most halfSlack in any case (each update is rounded
+// to bf16 once more: a few parts in 1,000 of an update that is itself a
+// small part of its output); bf16 must still meet fixtureTol.
+func TestHalfUpdates(t *testing.T) {
 	if err := Available(); err != nil {
 		t.Skipf("no GPU: %v", err)
 	}
-	const guHalfSlack = 0.01
+	const halfSlack = 0.01
 	m, adapters, cases := loadFixture(t)
 	opts := engine.DefaultOptions()
 	opts.AdapterSlots = len(adapters)
-	for _, wf := range []string{WeightsBF16, WeightsFP8} {
-		t.Run(wf, func(t *testing.T) {
-			var q [2]quality
-			for i, gh := range []int{-1, 1} {
-				e := newEngineWith(t, m, opts, Options{WeightFormat: wf})
-				b := e.Backend().(*Backend)
-				if wf == WeightsFP8 && b.f8 == nil {
-					t.Skip("no FP8 weights on this GPU")
-				}
-				b.force.guHalf = gh
-				if err := b.dropGraphs(); err != nil {
-					t.Fatal(err)
-				}
-				slots := map[string]int{}
-				for _, n := range slices.Sorted(maps.Keys(adapters)) {
-					slots[n] = len(slots)
-					if err := e.LoadAdapter(slots[n], adapters[n]); err != nil {
+	for _, h := range []struct {
+		name   string
+		set    func(f *kernelForce, on int)
+		kernel string
+		runs   func(b *Backend) int
+	}{
+		{"gate_up", func(f *kernelForce, on int) { f.guHalf, f.outHalf = on, -1 }, "silu_mul_*h", func(b *Backend) int { return b.siluHalfs }},
+		{"o_down", func(f *kernelForce, on int) { f.outHalf = on }, "add_rmsnorm_h", func(b *Backend) int { return b.normHalfs }},
+	} {
+		for _, wf := range []string{WeightsBF16, WeightsFP8} {
+			t.Run(h.name+"/"+wf, func(t *testing.T) {
+				var q [2]quality
+				for i, on := range []int{-1, 1} {
+					e := newEngineWith(t, m, opts, Options{WeightFormat: wf})
+					b := e.Backend().(*Backend)
+					if wf == WeightsFP8 && b.f8 == nil {
+						t.Skip("no FP8 weights on this GPU")
+					}
+					h.set(&b.force, on)
+					if err := b.dropGraphs(); err != nil {
 						t.Fatal(err)
 					}
+					slots := map[string]int{}
+					for _, n := range slices.Sorted(maps.Keys(adapters)) {
+						slots[n] = len(slots)
+						if err := e.LoadAdapter(slots[n], adapters[n]); err != nil {
+							t.Fatal(err)
+						}
+					}
+					q[i] = measureCases(t, e, slots, cases)
+					if (h.runs(b) > 0) != (on > 0) {
+						t.Errorf("%s %d: %d %s launches", h.name, on, h.runs(b), h.kernel)
+					}
+					t.Logf("%s %d: worst case %.4g, worst row %.4g, mean KL %.3g, %s launches %d", h.name, on, q[i].worst(), q[i].worstRow, q[i].kl, h.kernel, h.runs(b))
 				}
-				q[i] = measureCases(t, e, slots, cases)
-				if (b.siluHalfs > 0) != (gh > 0) {
-					t.Errorf("guHalf %d: %d silu_mul_*h launches", gh, b.siluHalfs)
+				for c := range cases {
+					if d := q[1].perCase[c] - q[0].perCase[c]; !(d <= halfSlack) {
+						t.Errorf("case %d: relative error %.4g with bf16 %s updates, %.4g with float32", cases[c].ID, q[1].perCase[c], h.name, q[0].perCase[c])
+					}
 				}
-				t.Logf("guHalf %d: worst case %.4g, worst row %.4g, mean KL %.3g, silu_mul_*h launches %d", gh, q[i].worst(), q[i].worstRow, q[i].kl, b.siluHalfs)
-			}
-			for c := range cases {
-				if d := q[1].perCase[c] - q[0].perCase[c]; !(d <= guHalfSlack) {
-					t.Errorf("case %d: relative error %.4g with bf16 gate/up updates, %.4g with float32", cases[c].ID, q[1].perCase[c], q[0].perCase[c])
+				tol := fp8GrossTol
+				if wf == WeightsBF16 {
+					tol = fixtureTol
 				}
-			}
-			tol := fp8GrossTol
-			if wf == WeightsBF16 {
-				tol = fixtureTol
-			}
-			if w := q[1].worst(); !(w <= tol) {
-				t.Errorf("worst case %.3g > %.2g", w, tol)
-			}
-		})
+				if w := q[1].worst(); !(w <= tol) {
+					t.Errorf("worst case %.3g > %.2g", w, tol)
+				}
+			})
+		}
 	}
 }
 

@@ -263,7 +263,7 @@ func (b *Backend) loraAside(o, x *Buffer, layer int, mods []llama.Module, total 
 		pend = b.pendLoRA(o, layer, mods, tc, b.loraShrink(b.la.s, x, layer, mods), false)
 	} else {
 		acc := accFloat
-		if pend.half = b.guHalf(mods, tc); pend.half {
+		if pend.half = b.guHalf(mods, tc) || b.outHalf(mods, tc); pend.half {
 			acc = accHalf
 		}
 		b.loraSlices(b.la.s, d, total, x, layer, mods, acc)
@@ -299,9 +299,6 @@ func (b *Backend) join() {
 	if b.err != nil {
 		return
 	}
-	if !b.check(!p.half, "lora: a bf16 gate/up update (guHalf) pending for an op other than silu_mul") {
-		return
-	}
 	b.waitUpdate(p)
 	if l := p.lora; l != nil { // an op other than RoPE reads it: expanded in place
 		b.expandTC(b.s, l.tc, p.base, p.ld, l.offs, l.ms, l.base, l.stride, l.tStride, l.ks, accAdd)
@@ -309,7 +306,11 @@ func (b *Backend) join() {
 		return
 	}
 	n := b.rows() * p.cols
-	b.launch(b.fn.addDelta, cuda.Dim3{X: max(1, min((n+255)/256, 4096))}, cuda.Dim3{X: 256}, p.base, p.delta, b.rowLora(), b.rows(), p.cols, p.ld)
+	f := b.fn.addDelta
+	if p.half { // a bf16 update (guHalf, outHalf) no op fused
+		f = b.fn.addDeltaH
+	}
+	b.launch(f, cuda.Dim3{X: max(1, min((n+255)/256, 4096))}, cuda.Dim3{X: 256}, p.base, p.delta, b.rowLora(), b.rows(), p.cols, p.ld)
 	b.gen++
 }
 
@@ -329,8 +330,8 @@ func (b *Backend) waitUpdate(p pendingDelta) {
 // update's output exactly) each view's part of the update and the
 // update's row stride, after the LoRA stream's work; with no pending
 // update it returns nil; with one the views do not cover, it joins it
-// first and returns nil. The update is float32 (fuseHalf: SiLUMul may
-// also take a bf16 one).
+// first and returns nil. The update is float32 (fuseHalf: SiLUMul and
+// AddRMSNorm may also take a bf16 one).
 func (b *Backend) fuse(views ...*Buffer) ([]cuda.DevicePtr, int) {
 	d, ld, _ := b.fuseHalf(false, views...)
 	return d, ld

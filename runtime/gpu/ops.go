@@ -31,9 +31,10 @@ func (b *Backend) Embed(out engine.Buffer, table engine.Weight) {
 func (b *Backend) AddRMSNorm(x, delta, out engine.Buffer, w engine.Weight, eps float32) {
 	xb, d, o := buf(x), buf(delta), buf(out)
 	var d2 uint64 // a LoRA update of delta (o or down) from the LoRA stream
+	half := false // d2 is bf16 (outHalf): add_rmsnorm_h
 	if d != nil && d.whole() {
-		if p, _ := b.fuse(d); p != nil {
-			d2 = p[0]
+		if p, _, h := b.fuseHalf(true, d); p != nil {
+			d2, half = p[0], h
 		}
 	}
 	b.opStart()
@@ -60,10 +61,15 @@ func (b *Backend) AddRMSNorm(x, delta, out engine.Buffer, w engine.Weight, eps f
 	if o != nil && b.f8 != nil && b.f8.fits(b.rows(), xb.cols) {
 		q, qs = b.f8.actQ.Ptr(), b.f8.actS.Ptr()
 	}
-	if d != nil && o != nil && b.addClFits(xb.cols, d2 != 0) { // norm_cl.go
+	f := b.fn.addRMSNorm
+	if half {
+		f = b.fn.addRMSNormH
+		b.normHalfs++
+	}
+	if d != nil && o != nil && !half && b.addClFits(xb.cols, d2 != 0) { // norm_cl.go
 		b.addRMSNormCl(xb, d, o, d2, wp, eps, q, qs)
 	} else {
-		b.launch(b.fn.addRMSNorm, cuda.Dim3{X: b.rows()}, cuda.Dim3{X: 256}, xb.mem, ptr(d), d2, b.rowLora(), ptr(o), wp, eps, xb.cols, q, qs)
+		b.launch(f, cuda.Dim3{X: b.rows()}, cuda.Dim3{X: 256}, xb.mem, ptr(d), d2, b.rowLora(), ptr(o), wp, eps, xb.cols, q, qs)
 	}
 	if q != 0 && b.err == nil {
 		b.f8.holds(o.mem.Ptr(), b.rows(), xb.cols, b.gen)
@@ -920,6 +926,31 @@ func (b *Backend) guHalf(mods []llama.Module, tc int) bool {
 	return len(mods) == 2 && mods[0] == llama.Gate && mods[1] == llama.Up
 }
 
+// outHalf reports whether the update of group mods beside its product is
+// written as bf16 (sgmv_expand_tch*, accHalf) for AddRMSNorm to read
+// (add_rmsnorm_h): the o and down groups, with the tensor-core expand (tc
+// > 0). kernelForce.outHalf: 1 at every row count (add_rmsnorm_h then
+// stands in for add_rmsnorm_cl at 1-16 rows), -1 never, 0 outHalfAuto
+// above addClRows rows (where add_rmsnorm reads the update anyway). As
+// guHalf did for gate/up (PERFORMANCE v0.83): the expand writes half the
+// bytes and add_rmsnorm, on the step's path, reads half (240-row FP8 mixed
+// steps: 3.9 MB less each way a group and layer); each update is rounded
+// to bf16 before the add (PEFT's bf16 lora_B output is too).
+func (b *Backend) outHalf(mods []llama.Module, tc int) bool {
+	if tc == 0 || b.force.loraV2 || len(mods) != 1 || mods[0] != llama.O && mods[0] != llama.Down {
+		return false
+	}
+	return forcedOn(b.force.outHalf, b.outHalfOn && b.rows() > addClRows)
+}
+
+// outHalfAuto is kernelForce.outHalf's default: off until measured
+// (PERFORMANCE v0.85 Next).
+const outHalfAuto = false
+
+// outHalfDefault is outHalfAuto, or what PEFTD_LORA_OUT_HALF=on|off says
+// (the whole engine's A/B: serving, and every test of the LoRA paths).
+func outHalfDefault() bool { return envOnOff("PEFTD_LORA_OUT_HALF", outHalfAuto) }
+
 // siluHalf is silu_mul kernel f, or its twin reading bf16 updates where
 // half is set.
 func (b *Backend) siluHalf(half bool, f *cuda.Function) *cuda.Function {
@@ -940,7 +971,7 @@ func (b *Backend) siluHalf(half bool, f *cuda.Function) *cuda.Function {
 // adapters, device ms a step): FP8 mixed steps 7.47 -> 7.31, FP8 decode
 // 16 / 64 / 256 rows -0.2 / -0.8 / -1.2%, bf16 64 / 256 rows -0.2 /
 // -0.5%; serve8b with four adapters +0.8% (FP8) and +0.5% (bf16); every
-// fixture within its limits, TestGuHalf's cases within 0.01 of the
+// fixture within its limits, TestHalfUpdates' cases within 0.01 of the
 // float32 update's error.
 const guHalfAuto = true
 

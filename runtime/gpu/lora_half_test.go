@@ -1,0 +1,56 @@
+package gpu
+
+import (
+	"testing"
+
+	"github.com/peftd/peftd/runtime/llama"
+)
+
+// TestOutHalf: the o and down groups' updates are bf16 (outHalf) with the
+// tensor-core expand only; by default above addClRows rows where
+// PEFTD_LORA_OUT_HALF turned it on; kernelForce.outHalf 1 at every row
+// count, -1 never; never for other groups or with the v2 kernels forced.
+func TestOutHalf(t *testing.T) {
+	o, down := []llama.Module{llama.O}, []llama.Module{llama.Down}
+	gu := []llama.Module{llama.Gate, llama.Up}
+	qkv := []llama.Module{llama.Q, llama.K, llama.V}
+	for _, c := range []struct {
+		name      string
+		mods      []llama.Module
+		tc, rows  int
+		on        bool // outHalfOn (PEFTD_LORA_OUT_HALF)
+		force     int
+		v2, wants bool
+	}{
+		{"o, 240 rows", o, 1, 240, true, 0, false, true},
+		{"down, 17 rows", down, 2, 17, true, 0, false, true},
+		{"down, 16 rows: add_rmsnorm_cl's", down, 1, 16, true, 0, false, false},
+		{"off by default", o, 1, 240, false, 0, false, false},
+		{"forced on, 8 rows", down, 1, 8, false, 1, false, true},
+		{"forced off", down, 1, 240, true, -1, false, false},
+		{"CUDA-core expand", o, 0, 240, true, 1, false, false},
+		{"v2 kernels", o, 1, 240, true, 1, true, false},
+		{"gate/up (guHalf's)", gu, 1, 240, true, 1, false, false},
+		{"q/k/v", qkv, 1, 240, true, 1, false, false},
+	} {
+		b := &Backend{nRows: c.rows, outHalfOn: c.on}
+		b.force.outHalf, b.force.loraV2 = c.force, c.v2
+		if got := b.outHalf(c.mods, c.tc); got != c.wants {
+			t.Errorf("%s: outHalf = %v, want %v", c.name, got, c.wants)
+		}
+	}
+}
+
+// TestOutHalfDefault: PEFTD_LORA_OUT_HALF turns outHalf's default on or
+// off; anything else keeps outHalfAuto.
+func TestOutHalfDefault(t *testing.T) {
+	for _, tc := range []struct {
+		env  string
+		want bool
+	}{{"", outHalfAuto}, {"on", true}, {"1", true}, {"off", false}, {"0", false}, {"bogus", outHalfAuto}} {
+		t.Setenv("PEFTD_LORA_OUT_HALF", tc.env)
+		if got := outHalfDefault(); got != tc.want {
+			t.Errorf("PEFTD_LORA_OUT_HALF=%q: %v, want %v", tc.env, got, tc.want)
+		}
+	}
+}
