@@ -10,8 +10,8 @@ import (
 // TestProductSMs: the SMs a product leaves to the LoRA stream beside it,
 // by the step's rows (none up to 16 rows, 16 above; the fused q/k/v product
 // 48 from 64 rows, and FP8 o and down 32 there; above 64 rows q/k/v and o
-// 32, gate/up 16, down 24, or 32 for an FP8 down; FP8 at 17-32 rows as
-// above 64),
+// 32, gate/up 16, down 24, or 32 for an FP8 down, and FP8 o and down 48
+// above 192 rows; FP8 at 17-32 rows as above 64),
 // its group found by its shape (bf16 or FP8; o and down are equally wide,
 // told apart by their inputs), an override per group (kernelForce.holds;
 // negative: none), or Options.LoRASMs for all.
@@ -40,15 +40,17 @@ func TestProductSMs(t *testing.T) {
 		{rows: 65, want: [8]int{32, 48, 32, 32, 16, 24, 32, 16}},
 		{rows: 128, want: [8]int{32, 48, 32, 32, 16, 24, 32, 16}},
 		{rows: 129, want: [8]int{32, 32, 32, 32, 16, 24, 32, 16}},
-		{rows: 256, want: [8]int{32, 32, 32, 32, 16, 24, 32, 16}},
+		{rows: 192, want: [8]int{32, 32, 32, 32, 16, 24, 32, 16}},
+		{rows: 193, want: [8]int{32, 32, 32, 48, 16, 24, 48, 16}},
+		{rows: 256, want: [8]int{32, 32, 32, 48, 16, 24, 48, 16}},
 		{rows: 256, sms: 24, want: [8]int{24, 24, 24, 24, 24, 24, 24, 24}},
 		{rows: 2, sms: 8, want: [8]int{8, 8, 8, 8, 8, 8, 8, 8}},
 		{rows: 64, holds: [4]int{32}, want: [8]int{32, 32, 16, 32, 16, 16, 32, 16}},
 		{rows: 64, holds: [4]int{0, 32, 8, 24}, want: [8]int{48, 48, 32, 32, 8, 24, 24, 16}},
-		{rows: 256, holds: [4]int{48, 0, 0, 8}, want: [8]int{48, 48, 32, 32, 16, 8, 8, 16}},
+		{rows: 256, holds: [4]int{48, 0, 0, 8}, want: [8]int{48, 48, 32, 48, 16, 8, 8, 16}},
 		{rows: 256, sms: 24, holds: [4]int{0, 0, 0, 40}, want: [8]int{24, 24, 24, 24, 24, 40, 40, 24}},
 		{rows: 1, holds: [4]int{48}, want: [8]int{48, 48, 0, 0, 0, 0, 0, 0}},
-		{rows: 256, holds: [4]int{-1, 0, 0, -1}, want: [8]int{0, 0, 32, 32, 16, 0, 0, 16}}, // negative: none held
+		{rows: 256, holds: [4]int{-1, 0, 0, -1}, want: [8]int{0, 0, 32, 48, 16, 0, 0, 16}}, // negative: none held
 	} {
 		sms := c.sms // Options.LoRASMs; 0 in the table: automatic
 		if sms == 0 {
