@@ -246,14 +246,17 @@ __device__ __forceinline__ int log2_or(int bs) { return (bs & (bs - 1)) == 0 ? _
 // keep the sum). grid (T, heads + 2*kvh): block y < heads takes query
 // head y, then the key heads, then the value heads (a copy). block: any
 // multiple of 32; each thread takes frequencies i (one sincosf each).
-// inv_freq null: no rotation (k stored as it is).
-__device__ __forceinline__ float plus(const bf16* x, const float* d, int i) {
-    return d ? __bfloat162float(tobf(ld(x + i) + d[i])) : ld(x + i);
+// inv_freq null: no rotation (k stored as it is). rope_store_h and
+// rope_store_rows_h: the same with bf16 updates (qkvHalf).
+template <class D> __device__ __forceinline__ float plus(const bf16* x, const D* d, int i) {
+    return d ? __bfloat162float(tobf(ld(x + i) + ldf(d + i))) : ld(x + i);
 }
+#define ROPE_ARGS_D(D)                                                                                                          \
+    bf16 *q, bf16 *k, const bf16 *v, bf16 *kc, bf16 *vc, const float *inv_freq, const int *pos, const int *slots, const D *dq, \
+        const D *dk, const D *dv, const int *rl, int heads, int kvh, int hd, int ldq, int ldk, int ldv, int ldd, unsigned char *kc8, float *ks, int bs
+#define ROPE_PASS q, k, v, kc, vc, inv_freq, pos, slots, dq, dk, dv, rl, heads, kvh, hd, ldq, ldk, ldv, ldd, kc8, ks, bs
 
-extern "C" __global__ void rope_store(bf16* q, bf16* k, const bf16* v, bf16* kc, bf16* vc, const float* inv_freq, const int* pos,
-                                      const int* slots, const float* dq, const float* dk, const float* dv, const int* rl,
-                                      int heads, int kvh, int hd, int ldq, int ldk, int ldv, int ldd, unsigned char* kc8, float* ks, int bs) {
+template <class D> __device__ __forceinline__ void rope_store_body(ROPE_ARGS_D(D)) {
     pdl_entry();
     __shared__ float ysh[256]; // an FP8 key head's values (hd <= 256)
     __shared__ float red[33];
@@ -264,7 +267,7 @@ extern "C" __global__ void rope_store(bf16* q, bf16* k, const bf16* v, bf16* kc,
         if (slot < 0) return;
         const int vh = h - heads - kvh;
         const bf16* src = v + (i64)r * ldv + (i64)vh * hd;
-        const float* d = dv ? dv + (i64)r * ldd + (i64)vh * hd : nullptr;
+        const D* d = dv ? dv + (i64)r * ldd + (i64)vh * hd : nullptr;
         bf16* dst = vc + (i64)slot * width + (i64)vh * hd;
         for (int i = threadIdx.x; i < hd; i += blockDim.x) dst[i] = d ? tobf(plus(src, d, i)) : src[i];
         return;
@@ -273,7 +276,7 @@ extern "C" __global__ void rope_store(bf16* q, bf16* k, const bf16* v, bf16* kc,
     const bool isk = h >= heads;
     const bool k8 = isk && ks && slot >= 0; // block-uniform: the key head goes to the FP8 cache
     bf16* x = isk ? k + (i64)r * ldk + (i64)(h - heads) * hd : q + (i64)r * ldq + (i64)h * hd;
-    const float* d = isk ? (dk ? dk + (i64)r * ldd + (i64)(h - heads) * hd : nullptr) : (dq ? dq + (i64)r * ldd + (i64)h * hd : nullptr);
+    const D* d = isk ? (dk ? dk + (i64)r * ldd + (i64)(h - heads) * hd : nullptr) : (dq ? dq + (i64)r * ldd + (i64)h * hd : nullptr);
     bf16* dst = isk && slot >= 0 && kc ? kc + (i64)slot * width + (i64)(h - heads) * hd : nullptr;
     float amax = 0.f;
     if (!inv_freq) { // no rotation: add the update, store k as it is
@@ -316,6 +319,8 @@ extern "C" __global__ void rope_store(bf16* q, bf16* k, const bf16* v, bf16* kc,
     for (int i = threadIdx.x; i < hd; i += blockDim.x) q8[i] = __nv_cvt_float_to_fp8(ysh[i] * inv, __NV_SATFINITE, __NV_E4M3);
     if (threadIdx.x == 0) ks[kscale_at(slot, kvh, kh, bs, log2_or(bs))] = sc;
 }
+extern "C" __global__ void rope_store(ROPE_ARGS_D(float)) { rope_store_body(ROPE_PASS); }
+extern "C" __global__ void rope_store_h(ROPE_ARGS_D(bf16)) { rope_store_body(ROPE_PASS); }
 
 // rope_store_rows: rope_store for head_dim 64, 128 or 256 with 16-byte
 // aligned rows (ldq, ldk, ldv, ldd multiples of 8): one block per row, each
@@ -326,9 +331,7 @@ extern "C" __global__ void rope_store(bf16* q, bf16* k, const bf16* v, bf16* kc,
 // metadata and inv_freq, which no kernel writes: they are read before
 // griddepcontrol.wait, under the projection before. Same arguments and
 // results as rope_store; grid (T), block a multiple of 32.
-extern "C" __global__ void rope_store_rows(bf16* q, bf16* k, const bf16* v, bf16* kc, bf16* vc, const float* inv_freq, const int* pos,
-                                           const int* slots, const float* dq, const float* dk, const float* dv, const int* rl,
-                                           int heads, int kvh, int hd, int ldq, int ldk, int ldv, int ldd, unsigned char* kc8, float* ks, int bs) {
+template <class D> __device__ __forceinline__ void rope_store_rows_body(ROPE_ARGS_D(D)) {
     __shared__ float cs[128], sn[128]; // cos and sin of frequency i at the row's position (hd <= 256)
     const int r = blockIdx.x, tid = threadIdx.x, bd = blockDim.x, half = hd / 2, per = half / 8;
     const bool rot = inv_freq != nullptr;
@@ -351,7 +354,7 @@ extern "C" __global__ void rope_store_rows(bf16* q, bf16* k, const bf16* v, bf16
         float y[16];
         if (act) {
             bf16* x = isk ? k + (i64)r * ldk + (i64)(h - heads) * hd : q + (i64)r * ldq + (i64)h * hd;
-            const float* d = isk ? (dk ? dk + (i64)r * ldd + (i64)(h - heads) * hd : nullptr) : (dq ? dq + (i64)r * ldd + (i64)h * hd : nullptr);
+            const D* d = isk ? (dk ? dk + (i64)r * ldd + (i64)(h - heads) * hd : nullptr) : (dq ? dq + (i64)r * ldd + (i64)h * hd : nullptr);
             float x1[8], x2[8];
             unpack8(*reinterpret_cast<const uint4*>(x + 8 * j), x1);
             unpack8(*reinterpret_cast<const uint4*>(x + half + 8 * j), x2);
@@ -416,6 +419,8 @@ extern "C" __global__ void rope_store_rows(bf16* q, bf16* k, const bf16* v, bf16
         *reinterpret_cast<uint4*>(vc + (i64)slot * width + 8 * u) = w;
     }
 }
+extern "C" __global__ void rope_store_rows(ROPE_ARGS_D(float)) { rope_store_rows_body(ROPE_PASS); }
+extern "C" __global__ void rope_store_rows_h(ROPE_ARGS_D(bf16)) { rope_store_rows_body(ROPE_PASS); }
 
 // rope_store_lora: rope_store_rows' results for a step whose q/k/v LoRA
 // update has not been expanded: each row's update of a head is computed

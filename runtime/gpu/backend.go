@@ -247,7 +247,7 @@ type funcs struct {
 	sgExpandTC                                                                                                                                          [3]*cuda.Function // sgmv_expand_tc1, tc2, tc4
 	sgExpandTCH                                                                                                                                         [3]*cuda.Function // sgmv_expand_tch1, tch2, tch4 (the update as bf16: guHalf)
 	sgExpandTC64S                                                                                                                                       *cuda.Function    // sgmv_expand_tc64s (kernelForce.stageOut)
-	ropeRows                                                                                                                                            *cuda.Function    // rope_store_rows
+	ropeRows, ropeRowsH, ropeStoreH                                                                                                                     *cuda.Function    // rope_store_rows, and with bf16 updates (qkvHalf) rope_store_rows_h and rope_store_h
 	ropeLoRA                                                                                                                                            *cuda.Function    // rope_store_lora
 }
 
@@ -302,6 +302,7 @@ type kernelForce struct {
 	slowFill   time.Duration // adapter loads: a sleep after each chunk's fill (tests: a step must wait for the host)
 	ropeLoRA   int           // q/k/v LoRA expanded inside RoPE at 1-16 rows (lora_rope.go): 1 on, -1 off, 0 by the rows (ropeFold)
 	siluO2     int           // FP8 silu_mul of more than siluClRows rows (one 512-thread block a row) as silu_mul_o2 (64 registers a thread: two blocks an SM): 1 on, -1 off, 0 the default (above fp8MidRows rows; Backend.siluMulFn)
+	qkvHalf    int           // the q/k/v LoRA update beside its product written as bf16 (sgmv_expand_tch*, accHalf) and read by rope_store_rows_h / rope_store_h (Backend.qkvHalf): 1 on, -1 off, 0 the default (qkvHalfAuto)
 	outHalf    int           // the o and down LoRA updates beside their products written as bf16 (sgmv_expand_tch*, accHalf) and read by add_rmsnorm_h (Backend.outHalf): 1 at every row count (add_rmsnorm_h then stands in for add_rmsnorm_cl), -1 off, 0 the default (outHalfAuto, above addClRows rows)
 	guHalf     int           // the gate/up LoRA update beside its product written as bf16 (sgmv_expand_tch*, accHalf) and read by silu_mul_h / _o2h / _clh (Backend.guHalf): 1 on, -1 off, 0 the default (guHalfAuto)
 	siluCl     int           // FP8 silu_mul of 1-64 rows: 1 silu_mul_cl (a cluster of blocks a row) wherever it fits, -1 never, 0 by the rows (siluClFits)
@@ -334,12 +335,14 @@ type Backend struct {
 	// hugeHoldsOff: FP8 steps above fp8HugeRows rows hold autoBigHoldsFP8,
 	// not autoHugeHoldsFP8 (PEFTD_LORA_FP8_HUGE_HOLDS=off, read by New)
 	guHalfOn, hugeHoldsOff bool
-	// outHalfOn is outHalf's default (outHalfDefault, read by New)
-	outHalfOn bool
-	// expandStageds, shrinkBigs, shrinkPipes, siluHalfs and normHalfs
-	// count the sgmv_expand_tc64s, sgmv_shrink64, sgmv_shrink64p,
-	// silu_mul_*h and add_rmsnorm_h launches enqueued or recorded (tests)
-	expandStageds, shrinkBigs, shrinkPipes, siluHalfs, normHalfs int
+	// outHalfOn and qkvHalfOn are outHalf's and qkvHalf's defaults
+	// (outHalfDefault, qkvHalfDefault; read by New)
+	outHalfOn, qkvHalfOn bool
+	// expandStageds, shrinkBigs, shrinkPipes, siluHalfs, normHalfs and
+	// ropeHalfs count the sgmv_expand_tc64s, sgmv_shrink64, sgmv_shrink64p,
+	// silu_mul_*h, add_rmsnorm_h and rope_store*_h launches enqueued or
+	// recorded (tests)
+	expandStageds, shrinkBigs, shrinkPipes, siluHalfs, normHalfs, ropeHalfs int
 	// sbpFits: a block may have sgmv_shrink64p's shared memory (sbpShared)
 	sbpFits bool
 	// attnOut is the buffer the step's last Attention op wrote: the
@@ -587,7 +590,8 @@ func (b *Backend) open(opts Options) error {
 	b.tune.on, b.tune.fp8, b.tune.bf16, b.tune.cacheDir, b.chain.on = opts.TuneGEMMs, opts.TuneFP8, opts.TuneBF16, opts.TuneCacheDir, opts.ChainSteps
 	b.tune.fp8From = max(opts.TuneFP8From, 0)
 	b.la.on, b.la.sms = !opts.SerialLoRA, max(opts.LoRASMs, 0)
-	b.guHalfOn, b.hugeHoldsOff, b.outHalfOn = guHalfDefault(), hugeHoldsOff(), outHalfDefault()
+	b.guHalfOn, b.hugeHoldsOff = guHalfDefault(), hugeHoldsOff()
+	b.outHalfOn, b.qkvHalfOn = outHalfDefault(), qkvHalfDefault()
 	b.pinN = int(PinnedBytes(opts.PinnedImageBytes) / stageChunkBytes)
 	if opts.LoRASMs == 0 {
 		b.la.sms = -1 // by the step's rows
@@ -711,7 +715,7 @@ func (b *Backend) open(opts Options) error {
 		{&b.fn.sgExpandTC[0], "sgmv_expand_tc1"}, {&b.fn.sgExpandTC[1], "sgmv_expand_tc2"}, {&b.fn.sgExpandTC[2], "sgmv_expand_tc4"},
 		{&b.fn.sgExpandTCH[0], "sgmv_expand_tch1"}, {&b.fn.sgExpandTCH[1], "sgmv_expand_tch2"}, {&b.fn.sgExpandTCH[2], "sgmv_expand_tch4"},
 		{&b.fn.sgExpandTC64S, "sgmv_expand_tc64s"},
-		{&b.fn.ropeRows, "rope_store_rows"}, {&b.fn.ropeLoRA, "rope_store_lora"}} {
+		{&b.fn.ropeRows, "rope_store_rows"}, {&b.fn.ropeRowsH, "rope_store_rows_h"}, {&b.fn.ropeStoreH, "rope_store_h"}, {&b.fn.ropeLoRA, "rope_store_lora"}} {
 		if *f.p, err = b.mod.Function(f.name); err != nil {
 			return err
 		}

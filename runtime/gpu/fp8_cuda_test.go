@@ -730,8 +730,10 @@ func TestFP8Fixture(t *testing.T) {
 // TestHalfUpdates: the fixture co-batched with LoRA updates beside their
 // products written as bf16, against the same engine with float32 updates,
 // with bf16 and FP8 weights: the gate/up updates read by silu_mul_h /
-// _o2h / _clh (kernelForce.guHalf 1 against -1), and the o and down
-// updates read by add_rmsnorm_h (kernelForce.outHalf 1 against -1). The
+// _o2h / _clh (kernelForce.guHalf 1 against -1), the o and down updates
+// read by add_rmsnorm_h (kernelForce.outHalf 1 against -1), and the q/k/v
+// update read by rope_store_rows_h (kernelForce.qkvHalf; the 151-row
+// prefill: at 8 rows rope_store_lora expands it itself). The
 // co-batched prefill (151 rows: silu_mul_o2 with FP8 weights) and the
 // 8-row decode steps (silu_mul_cl with FP8 on sm_90, silu_mul with bf16;
 // add_rmsnorm_h in place of add_rmsnorm_cl) take them. The reference
@@ -752,8 +754,9 @@ func TestHalfUpdates(t *testing.T) {
 		kernel string
 		runs   func(b *Backend) int
 	}{
-		{"gate_up", func(f *kernelForce, on int) { f.guHalf, f.outHalf = on, -1 }, "silu_mul_*h", func(b *Backend) int { return b.siluHalfs }},
-		{"o_down", func(f *kernelForce, on int) { f.outHalf = on }, "add_rmsnorm_h", func(b *Backend) int { return b.normHalfs }},
+		{"gate_up", func(f *kernelForce, on int) { f.guHalf, f.outHalf, f.qkvHalf = on, -1, -1 }, "silu_mul_*h", func(b *Backend) int { return b.siluHalfs }},
+		{"o_down", func(f *kernelForce, on int) { f.outHalf, f.qkvHalf = on, -1 }, "add_rmsnorm_h", func(b *Backend) int { return b.normHalfs }},
+		{"qkv", func(f *kernelForce, on int) { f.qkvHalf, f.outHalf = on, -1 }, "rope_store*_h", func(b *Backend) int { return b.ropeHalfs }},
 	} {
 		for _, wf := range []string{WeightsBF16, WeightsFP8} {
 			t.Run(h.name+"/"+wf, func(t *testing.T) {

@@ -263,7 +263,7 @@ func (b *Backend) loraAside(o, x *Buffer, layer int, mods []llama.Module, total 
 		pend = b.pendLoRA(o, layer, mods, tc, b.loraShrink(b.la.s, x, layer, mods), false)
 	} else {
 		acc := accFloat
-		if pend.half = b.guHalf(mods, tc) || b.outHalf(mods, tc); pend.half {
+		if pend.half = b.guHalf(mods, tc) || b.outHalf(mods, tc) || b.qkvHalf(mods, tc); pend.half {
 			acc = accHalf
 		}
 		b.loraSlices(b.la.s, d, total, x, layer, mods, acc)
@@ -330,8 +330,8 @@ func (b *Backend) waitUpdate(p pendingDelta) {
 // update's output exactly) each view's part of the update and the
 // update's row stride, after the LoRA stream's work; with no pending
 // update it returns nil; with one the views do not cover, it joins it
-// first and returns nil. The update is float32 (fuseHalf: SiLUMul and
-// AddRMSNorm may also take a bf16 one).
+// first and returns nil. The update is float32 (fuseHalf: SiLUMul,
+// AddRMSNorm and RoPE may also take a bf16 one).
 func (b *Backend) fuse(views ...*Buffer) ([]cuda.DevicePtr, int) {
 	d, ld, _ := b.fuseHalf(false, views...)
 	return d, ld

@@ -41,16 +41,55 @@ func TestOutHalf(t *testing.T) {
 	}
 }
 
-// TestOutHalfDefault: PEFTD_LORA_OUT_HALF turns outHalf's default on or
-// off; anything else keeps outHalfAuto.
-func TestOutHalfDefault(t *testing.T) {
-	for _, tc := range []struct {
+// TestQKVHalf: the q/k/v group's update is bf16 (qkvHalf) with the
+// tensor-core expand only, where PEFTD_LORA_QKV_HALF turned it on or
+// kernelForce.qkvHalf is 1; never for other groups or with the v2 kernels
+// forced.
+func TestQKVHalf(t *testing.T) {
+	qkv := []llama.Module{llama.Q, llama.K, llama.V}
+	for _, c := range []struct {
+		name      string
+		mods      []llama.Module
+		tc        int
+		on        bool // qkvHalfOn (PEFTD_LORA_QKV_HALF)
+		force     int
+		v2, wants bool
+	}{
+		{"on", qkv, 1, true, 0, false, true},
+		{"rank-64 class", qkv, 2, true, 0, false, true},
+		{"off by default", qkv, 1, false, 0, false, false},
+		{"forced on", qkv, 1, false, 1, false, true},
+		{"forced off", qkv, 1, true, -1, false, false},
+		{"CUDA-core expand", qkv, 0, true, 1, false, false},
+		{"v2 kernels", qkv, 1, true, 1, true, false},
+		{"o (outHalf's)", []llama.Module{llama.O}, 1, true, 1, false, false},
+		{"q and k alone", []llama.Module{llama.Q, llama.K}, 1, true, 1, false, false},
+	} {
+		b := &Backend{nRows: 240, qkvHalfOn: c.on}
+		b.force.qkvHalf, b.force.loraV2 = c.force, c.v2
+		if got := b.qkvHalf(c.mods, c.tc); got != c.wants {
+			t.Errorf("%s: qkvHalf = %v, want %v", c.name, got, c.wants)
+		}
+	}
+}
+
+// TestHalfDefaults: PEFTD_LORA_OUT_HALF and PEFTD_LORA_QKV_HALF turn
+// outHalf's and qkvHalf's defaults on or off; anything else keeps the
+// Auto constants.
+func TestHalfDefaults(t *testing.T) {
+	for _, knob := range []struct {
 		env  string
-		want bool
-	}{{"", outHalfAuto}, {"on", true}, {"1", true}, {"off", false}, {"0", false}, {"bogus", outHalfAuto}} {
-		t.Setenv("PEFTD_LORA_OUT_HALF", tc.env)
-		if got := outHalfDefault(); got != tc.want {
-			t.Errorf("PEFTD_LORA_OUT_HALF=%q: %v, want %v", tc.env, got, tc.want)
+		auto bool
+		get  func() bool
+	}{{"PEFTD_LORA_OUT_HALF", outHalfAuto, outHalfDefault}, {"PEFTD_LORA_QKV_HALF", qkvHalfAuto, qkvHalfDefault}} {
+		for _, tc := range []struct {
+			env  string
+			want bool
+		}{{"", knob.auto}, {"on", true}, {"1", true}, {"off", false}, {"0", false}, {"bogus", knob.auto}} {
+			t.Setenv(knob.env, tc.env)
+			if got := knob.get(); got != tc.want {
+				t.Errorf("%s=%q: %v, want %v", knob.env, tc.env, got, tc.want)
+			}
 		}
 	}
 }

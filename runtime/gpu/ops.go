@@ -492,9 +492,10 @@ func (b *Backend) ropeStore(qb, kb, vb *Buffer, layer int, invFreq []float32, he
 	if vb != nil && layer >= 0 && headDim == b.cfg.HeadDim {
 		fold, folded = b.takeQKV(qb, kb, vb)
 	}
+	half := false // the update is bf16 (qkvHalf): rope_store_rows_h / rope_store_h
 	if vb != nil && !folded {
-		if p, ld := b.fuse(qb, kb, vb); p != nil {
-			dq, dk, dv, ldd = p[0], p[1], p[2], ld
+		if p, ld, h := b.fuseHalf(true, qb, kb, vb); p != nil {
+			dq, dk, dv, ldd, half = p[0], p[1], p[2], ld, h
 		}
 	}
 	b.opStart()
@@ -528,14 +529,19 @@ func (b *Backend) ropeStore(qb, kb, vb *Buffer, layer int, invFreq []float32, he
 	}
 	args := []any{ptr(qb), ptr(kb), ptr(vb), kc, vc, freq, b.i32(b.off.pos), b.i32(b.off.kvSlots), dq, dk, dv, b.rowLora(),
 		heads, kvHeads, headDim, qb.ld, kb.ld, ldv, ldd, kc8, ks, b.kv.BlockSize}
+	rows, each := b.fn.ropeRows, b.fn.ropeStore
+	if half {
+		rows, each = b.fn.ropeRowsH, b.fn.ropeStoreH
+		b.ropeHalfs++
+	}
 	if !b.force.ropeHeads && ropeRowsFit(headDim, []uint64{ptr(qb), ptr(kb), ptr(vb), dq, dk, dv}, []int{qb.ld, kb.ld, ldv, ldd}) {
 		// a block per row: threads for every rotation unit (8 pairs) at once
 		units := (heads + kvHeads) * headDim / 16
-		b.launch(b.fn.ropeRows, cuda.Dim3{X: b.rows()}, cuda.Dim3{X: min(1024, max(64, (units+31)&^31))}, args...)
+		b.launch(rows, cuda.Dim3{X: b.rows()}, cuda.Dim3{X: min(1024, max(64, (units+31)&^31))}, args...)
 		return
 	}
 	threads := min(128, max(32, (headDim/2+31)&^31))
-	b.launch(b.fn.ropeStore, cuda.Dim3{X: b.rows(), Y: ny}, cuda.Dim3{X: threads}, args...)
+	b.launch(each, cuda.Dim3{X: b.rows(), Y: ny}, cuda.Dim3{X: threads}, args...)
 }
 
 // freqTable is the device copy of invFreq (uploaded when it changed; 0 for
@@ -946,6 +952,27 @@ func (b *Backend) outHalf(mods []llama.Module, tc int) bool {
 // outHalfAuto is kernelForce.outHalf's default: off until measured
 // (PERFORMANCE v0.85 Next).
 const outHalfAuto = false
+
+// qkvHalf reports whether the q/k/v group's update beside its product is
+// written as bf16 (sgmv_expand_tch*, accHalf) for RoPE to read
+// (rope_store_rows_h, rope_store_h), with the tensor-core expand (tc > 0):
+// where RoPE does not expand it itself (ropeFold, 1-16 rows by default,
+// decides first). kernelForce.qkvHalf: 1 on, -1 off, 0 qkvHalfAuto. At
+// 240 rows the update is 2.9 MB less each way a layer (6,144 columns).
+func (b *Backend) qkvHalf(mods []llama.Module, tc int) bool {
+	if tc == 0 || b.force.loraV2 || len(mods) != 3 || mods[0] != llama.Q || mods[1] != llama.K || mods[2] != llama.V {
+		return false
+	}
+	return forcedOn(b.force.qkvHalf, b.qkvHalfOn)
+}
+
+// qkvHalfAuto is kernelForce.qkvHalf's default: off until measured
+// (PERFORMANCE v0.85 Next).
+const qkvHalfAuto = false
+
+// qkvHalfDefault is qkvHalfAuto, or what PEFTD_LORA_QKV_HALF=on|off says
+// (the whole engine's A/B).
+func qkvHalfDefault() bool { return envOnOff("PEFTD_LORA_QKV_HALF", qkvHalfAuto) }
 
 // outHalfDefault is outHalfAuto, or what PEFTD_LORA_OUT_HALF=on|off says
 // (the whole engine's A/B: serving, and every test of the LoRA paths).

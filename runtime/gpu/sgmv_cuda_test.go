@@ -99,9 +99,9 @@ func TestOpLoRAFused(t *testing.T) {
 	// most 32: sgmv_expand_tc1, the rank-32 adapters' kernel)
 	ran := make([]int, len(loraVariants)) // cases that ran each variant
 	for _, mode := range []string{"v2", "v1", "v0", "tc", "tc-aside", "tc1", "tc1-aside"} {
-		// guHalf and outHalf off: the aside modes check the float32 update
-		// buffer (bf16 updates: TestHalfUpdates)
-		r.b.force = kernelForce{loraRows: mode == "v0", loraV1: mode == "v1", loraV2: mode == "v2", guHalf: -1, outHalf: -1}
+		// guHalf, outHalf and qkvHalf off: the aside modes check the float32
+		// update buffer (bf16 updates: TestHalfUpdates)
+		r.b.force = kernelForce{loraRows: mode == "v0", loraV1: mode == "v1", loraV2: mode == "v2", guHalf: -1, outHalf: -1, qkvHalf: -1}
 		switch mode {
 		case "tc":
 			ads[2] = mk(40, 1.25, llama.Q, llama.V, llama.Up, llama.Down)
