@@ -476,17 +476,19 @@ __device__ __forceinline__ void add8(float* a, const bf16* d) {
     add8(a, dv);
 }
 
-// add_word: word c of row x8 plus d8's (and the update row e's, float32 or
-// bf16, summed and rounded to bf16 first), rounded to bf16 and stored back
-// when there is a delta.
-template <class D>
-__device__ __forceinline__ uint4 add_word(uint4* x8, const uint4* d8, const D* e, int c) {
+// add_word: word c of row x8 plus d8's (and the update row's: e8 float32,
+// or bf16 for add_rmsnorm_h; summed and rounded to bf16 first), rounded to
+// bf16 and stored back when there is a delta.
+__device__ __forceinline__ void add_upd(float* d, const float4* e8, int c) { add8(d, reinterpret_cast<const float*>(e8 + 2 * c)); }
+__device__ __forceinline__ void add_upd(float* d, const bf16* e, int c) { add8(d, e + 8 * c); }
+template <class E>
+__device__ __forceinline__ uint4 add_word(uint4* x8, const uint4* d8, const E* e8, int c) {
     const uint4 xv = x8[c];
     if (!d8) return xv;
     float v[8], d[8];
     unpack8(xv, v);
     unpack8(d8[c], d);
-    if (e) add8(d, e + 8 * c);
+    if (e8) add_upd(d, e8, c);
 #pragma unroll
     for (int i = 0; i < 8; i++) v[i] += d[i];
     const uint4 b = pack8(v);

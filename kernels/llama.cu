@@ -35,9 +35,12 @@ __device__ __forceinline__ uint4 widen8_e4m3(uint2 w) {
     return pack8(f);
 }
 
-// ldf: a LoRA update's value as float (float32 or bf16 updates).
+// ldf: a LoRA update's value as float (float32 or bf16 updates); upd_row:
+// an update row as add_word reads it (float32 in float4 words).
 __device__ __forceinline__ float ldf(const float* p) { return *p; }
 __device__ __forceinline__ float ldf(const bf16* p) { return __bfloat162float(*p); }
+__device__ __forceinline__ const float4* upd_row(const float* p) { return reinterpret_cast<const float4*>(p); }
+__device__ __forceinline__ const bf16* upd_row(const bf16* p) { return p; }
 
 // add_rmsnorm: x[r] += delta[r] (and the LoRA update d2 of the rows whose
 // rl is >= 0, rows H apart; delta + d2 is rounded to bf16 first, as the
@@ -73,7 +76,7 @@ __device__ __forceinline__ void add_rmsnorm_body(bf16* x, const bf16* delta, con
     if (vec) {
         uint4* x8 = reinterpret_cast<uint4*>(xr);
         const uint4* d8 = delta ? reinterpret_cast<const uint4*>(delta + (i64)r * H) : nullptr;
-        const D* e8 = d2 ? d2 + (i64)r * H : nullptr;
+        const auto e8 = d2 ? upd_row(d2 + (i64)r * H) : nullptr;
         uint4* o8 = reinterpret_cast<uint4*>(out + (i64)r * H);
         float m = 0.f;
         int bad = 0;

@@ -22,7 +22,7 @@ CH=${CUDA_HOME:-.cache/cuda-local}
 [[ -f $CH/lib64/libnvrtc.so.12 ]] || { echo "sass-diff: no NVRTC in $CH (bash scripts/cuda-local.sh)"; exit 2; }
 CH=$(cd "$CH" && pwd)
 tmp=$(mktemp -d)
-trap 'git worktree remove --force "$tmp/wt" 2>/dev/null || true; [[ -n ${SASS_KEEP:-} ]] && cp -r "$tmp/old.f" "$tmp/new.f" "$SASS_KEEP"/; rm -rf "$tmp"' EXIT
+trap 'git worktree remove --force "$tmp/wt" 2>/dev/null || true; [[ -n ${SASS_KEEP:-} ]] && mkdir -p "$SASS_KEEP" && cp -r "$tmp/old.f" "$tmp/new.f" "$SASS_KEEP"/; rm -rf "$tmp"' EXIT
 git worktree add -q "$tmp/wt" "$rev"
 (cd "$tmp/wt" && go build -o "$tmp/old" ./cmd/peftd)
 go build -o "$tmp/new" ./cmd/peftd
