@@ -635,6 +635,19 @@ if want serve8b; then
 				awk '{v[$1 " " $2]=$3} END {printf "SERVEHOST mean_ms"; n=split("plan prepare issue wait emit settle", ph, " "); for (i=1;i<=n;i++) {c=v["count " ph[i]]; printf " %s=%.3f", ph[i], (c>0 ? 1000*v["sum " ph[i]]/c : 0)}; printf "\n"}' |
 				tee -a "$LOG/serve8b.txt"
 			grep -E 'adapter|load|graphs' "$LOG/serve8b.log" | tail -n 12 | cut -c1-240
+			# what the FP8 tuning kept (the tune cache's records, kept whole in
+			# the logs): for products of more than 128 rows, the heuristic's and
+			# the kept configuration's µs at each SM target (0: every SM; else
+			# the SMs left beside the LoRA stream), and the K split against them
+			for tf in "$SD"/tune/fp8-*.json; do
+				[[ -f $tf ]] || continue
+				cp "$tf" "$LOG/serve8b.tune.json"
+				"$PY" -c 'import json,sys
+for r in json.load(open(sys.argv[1]))["records"]:
+    if r["t"] <= 128 or not r["configs"]: continue
+    c = r["configs"][0]; sp = r.get("split") or {}
+    print("SERVETUNE t=%d n=%d k=%d sms=%d heuristic_us=%.1f kept_us=%.1f split_us=%s whole=%s" % (r["t"], r["n"], r["k"], r["sms"], c["heuristic_us"], c["kept_us"], "%.1f" % sp["SplitUs"] if sp else "-", sp.get("Whole", "-")))' "$tf" 2>&1 | tee -a "$LOG/serve8b.txt"
+			done
 		else
 			echo "serve8b: FAIL: server did not start"; tail -n 20 "$LOG/serve8b.log"; status=1
 		fi
