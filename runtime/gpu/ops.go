@@ -940,7 +940,7 @@ func (b *Backend) guHalf(mods []llama.Module, tc int) bool {
 // above addClRows rows (where add_rmsnorm reads the update anyway). As
 // guHalf did for gate/up (PERFORMANCE v0.83): the expand writes half the
 // bytes and add_rmsnorm, on the step's path, reads half (240-row FP8 mixed
-// steps: 3.9 MB less each way a group and layer); each update is rounded
+// steps: 2 MB less each way a group and layer); each update is rounded
 // to bf16 before the add (PEFT's bf16 lora_B output is too).
 func (b *Backend) outHalf(mods []llama.Module, tc int) bool {
 	if tc == 0 || b.force.loraV2 || len(mods) != 1 || mods[0] != llama.O && mods[0] != llama.Down {
