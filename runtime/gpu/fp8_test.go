@@ -511,7 +511,7 @@ func TestWsBesideHolds(t *testing.T) {
 		{"bf16", mk(true, wsBesideFromDefault, 0), 16, false, false},
 	} {
 		got := c.b.holdFor(c.rows, qkv[0], qkv[1], c.fp8)
-		want := autoHolds(c.rows, c.fp8)[0]
+		want := autoHolds(c.rows, c.fp8, true)[0]
 		if c.want {
 			want = autoSmallHoldsFP8[0]
 		}

@@ -263,7 +263,7 @@ func (b *Backend) loraAside(o, x *Buffer, layer int, mods []llama.Module, total 
 		pend = b.pendLoRA(o, layer, mods, tc, b.loraShrink(b.la.s, x, layer, mods), false)
 	} else {
 		acc := accFloat
-		if pend.half = b.guHalf(mods, tc) || b.outHalf(mods, tc) || b.qkvHalf(mods, tc); pend.half {
+		if pend.half = b.halfUpdate(mods, tc); pend.half {
 			acc = accHalf
 		}
 		b.loraSlices(b.la.s, d, total, x, layer, mods, acc)
@@ -307,7 +307,7 @@ func (b *Backend) join() {
 	}
 	n := b.rows() * p.cols
 	f := b.fn.addDelta
-	if p.half { // a bf16 update (guHalf, outHalf) no op fused
+	if p.half { // a bf16 update (halfUpdate) no op fused
 		f = b.fn.addDeltaH
 	}
 	b.launch(f, cuda.Dim3{X: max(1, min((n+255)/256, 4096))}, cuda.Dim3{X: 256}, p.base, p.delta, b.rowLora(), b.rows(), p.cols, p.ld)

@@ -35,7 +35,7 @@ func TestOutHalf(t *testing.T) {
 	} {
 		b := &Backend{nRows: c.rows, outHalfOn: c.on}
 		b.force.outHalf, b.force.loraV2 = c.force, c.v2
-		if got := b.outHalf(c.mods, c.tc); got != c.wants {
+		if got := b.halfUpdate(c.mods, c.tc); got != c.wants {
 			t.Errorf("%s: outHalf = %v, want %v", c.name, got, c.wants)
 		}
 	}
@@ -67,7 +67,7 @@ func TestQKVHalf(t *testing.T) {
 	} {
 		b := &Backend{nRows: 240, qkvHalfOn: c.on}
 		b.force.qkvHalf, b.force.loraV2 = c.force, c.v2
-		if got := b.qkvHalf(c.mods, c.tc); got != c.wants {
+		if got := b.halfUpdate(c.mods, c.tc); got != c.wants {
 			t.Errorf("%s: qkvHalf = %v, want %v", c.name, got, c.wants)
 		}
 	}

@@ -131,10 +131,7 @@ func (b *Backend) holdFor(rows, n, k int, fp8 bool) int {
 	if fp8 && b.f8 != nil && b.f8.wsBeside(rows) {
 		return autoSmallHoldsFP8[g]
 	}
-	if fp8 && rows > fp8HugeRows && b.hugeHoldsOff {
-		return autoBigHoldsFP8[g] // PEFTD_LORA_FP8_HUGE_HOLDS=off: v0.84's rule
-	}
-	return autoHolds(rows, fp8)[g]
+	return autoHolds(rows, fp8, !b.hugeHoldsOff)[g]
 }
 
 // serialGroup reports whether the LoRA update of w's fused group runs
@@ -168,15 +165,15 @@ var autoSmallHoldsFP8 = [4]int{16, 16, 16, 16}
 // autoQKVSMs from autoQKVMinRows rows (its update outlasts the product
 // there: PERFORMANCE v0.31-v0.32) and with FP8 weights autoFP8OutSMs for
 // the o and down products there too; above autoWideRows rows
-// autoWideHolds (autoMidHoldsFP8 and autoBigHoldsFP8 for FP8 weights), and
-// autoWideHoldsFP8 for FP8 steps that fp8_wg takes whole (gemvMaxRows+1 to
-// fp8WgAllRows).
-func autoHolds(rows int, fp8 bool) [4]int {
+// autoWideHolds (autoMidHoldsFP8 and autoBigHoldsFP8 for FP8 weights, and
+// with huge autoHugeHoldsFP8 above fp8HugeRows), and autoWideHoldsFP8 for
+// FP8 steps that fp8_wg takes whole (gemvMaxRows+1 to fp8WgAllRows).
+func autoHolds(rows int, fp8, huge bool) [4]int {
 	if rows > autoWideRows {
 		switch {
 		case fp8 && rows <= fp8MidRows:
 			return autoMidHoldsFP8
-		case fp8 && rows > fp8HugeRows:
+		case fp8 && huge && rows > fp8HugeRows:
 			return autoHugeHoldsFP8
 		case fp8:
 			return autoBigHoldsFP8
@@ -272,8 +269,8 @@ var autoBigHoldsFP8 = [4]int{32, 32, 20, 32}
 // against 7.25, 256 rows 12.77 against 12.78; serve8b FP8 with four
 // adapters 9,219 / 9,174 tok/s against 8,990 / 9,207 off (two A/Bs; its
 // mixed steps 7.19 / 7.26 ms against 7.29 / 7.26).
-// PEFTD_LORA_FP8_HUGE_HOLDS=off keeps autoBigHoldsFP8 (the whole engine's
-// A/B: serving).
+// PEFTD_LORA_FP8_HUGE_HOLDS=off keeps autoBigHoldsFP8 (autoHolds' huge
+// false; the whole engine's A/B: serving).
 const fp8HugeRows = 192
 
 var autoHugeHoldsFP8 = [4]int{32, 48, 20, 48}
@@ -914,57 +911,45 @@ func (b *Backend) siluClFits(cols int) bool {
 	return forcedOn(b.force.siluCl, b.rows() <= siluClRows) && b.ctx.Device().Major >= 9 && cols%8 == 0 && cols/8 <= siluCl*siluClWords
 }
 
-// guHalf reports whether the update of group mods beside its product is
-// written as bf16 (sgmv_expand_tch*, accHalf) for SiLUMul to read (silu_mul_h,
-// silu_mul_o2h, silu_mul_clh): the gate/up group, with the tensor-core
-// expand (tc > 0). kernelForce.guHalf: 1 wherever that holds, -1 never, 0
-// guHalfAuto. PERFORMANCE v0.80's FP8 mixed-step trace: silu_mul_o2
-// waited 6.6 µs a layer for the gate/up expand (1,176 blocks writing a
-// float32 update of 28,672 columns on 20 held SMs), then read g, u and the
-// two float32 updates (41 MB at 240 rows) in 22.8 µs; bf16 updates halve
-// the expand's writes and take a third off silu_mul's reads. Each update
-// is then rounded to bf16 before the add (PEFT's bf16 lora_B output is
-// too), not only the sum.
-func (b *Backend) guHalf(mods []llama.Module, tc int) bool {
-	if tc == 0 || b.force.loraV2 || !forcedOn(b.force.guHalf, b.guHalfOn) {
+// halfUpdate reports whether the update of group mods beside its product
+// is written as bf16 (sgmv_expand_tch*, accHalf: the tensor-core expand,
+// tc > 0, not the v2 kernels) for the op that reads it, each update then
+// rounded to bf16 before the add (PEFT's bf16 lora_B output is too), by
+// the group:
+//   - gate/up (guHalf; SiLUMul reads it: silu_mul_h, _o2h, _clh):
+//     kernelForce.guHalf 1 on, -1 off, 0 guHalfAuto. PERFORMANCE v0.80's
+//     FP8 mixed-step trace: silu_mul_o2 waited 6.6 µs a layer for the
+//     gate/up expand (1,176 blocks writing a float32 update of 28,672
+//     columns on 20 held SMs), then read g, u and the two float32 updates
+//     (41 MB at 240 rows) in 22.8 µs; bf16 updates halve the expand's
+//     writes and take a third off silu_mul's reads.
+//   - o, down (outHalf; AddRMSNorm reads it: add_rmsnorm_h):
+//     kernelForce.outHalf 1 at every row count (add_rmsnorm_h then stands
+//     in for add_rmsnorm_cl at 1-16 rows), -1 off, 0 outHalfAuto above
+//     addClRows rows (where add_rmsnorm reads the update anyway); 240-row
+//     FP8 mixed steps: 2 MB less each way a group and layer.
+//   - q/k/v (qkvHalf; RoPE reads it: rope_store_rows_h, rope_store_h)
+//     where RoPE does not expand it itself (ropeFold, 1-16 rows by
+//     default, decides first): kernelForce.qkvHalf 1 on, -1 off, 0
+//     qkvHalfAuto; 2.9 MB less each way a layer at 240 rows.
+func (b *Backend) halfUpdate(mods []llama.Module, tc int) bool {
+	if tc == 0 || b.force.loraV2 {
 		return false
 	}
-	return len(mods) == 2 && mods[0] == llama.Gate && mods[1] == llama.Up
-}
-
-// outHalf reports whether the update of group mods beside its product is
-// written as bf16 (sgmv_expand_tch*, accHalf) for AddRMSNorm to read
-// (add_rmsnorm_h): the o and down groups, with the tensor-core expand (tc
-// > 0). kernelForce.outHalf: 1 at every row count (add_rmsnorm_h then
-// stands in for add_rmsnorm_cl at 1-16 rows), -1 never, 0 outHalfAuto
-// above addClRows rows (where add_rmsnorm reads the update anyway). As
-// guHalf did for gate/up (PERFORMANCE v0.83): the expand writes half the
-// bytes and add_rmsnorm, on the step's path, reads half (240-row FP8 mixed
-// steps: 2 MB less each way a group and layer); each update is rounded
-// to bf16 before the add (PEFT's bf16 lora_B output is too).
-func (b *Backend) outHalf(mods []llama.Module, tc int) bool {
-	if tc == 0 || b.force.loraV2 || len(mods) != 1 || mods[0] != llama.O && mods[0] != llama.Down {
-		return false
+	switch {
+	case slices.Equal(mods, []llama.Module{llama.Gate, llama.Up}):
+		return forcedOn(b.force.guHalf, b.guHalfOn)
+	case slices.Equal(mods, []llama.Module{llama.O}), slices.Equal(mods, []llama.Module{llama.Down}):
+		return forcedOn(b.force.outHalf, b.outHalfOn && b.rows() > addClRows)
+	case slices.Equal(mods, []llama.Module{llama.Q, llama.K, llama.V}):
+		return forcedOn(b.force.qkvHalf, b.qkvHalfOn)
 	}
-	return forcedOn(b.force.outHalf, b.outHalfOn && b.rows() > addClRows)
+	return false
 }
 
 // outHalfAuto is kernelForce.outHalf's default: off until measured
 // (PERFORMANCE v0.85 Next).
 const outHalfAuto = false
-
-// qkvHalf reports whether the q/k/v group's update beside its product is
-// written as bf16 (sgmv_expand_tch*, accHalf) for RoPE to read
-// (rope_store_rows_h, rope_store_h), with the tensor-core expand (tc > 0):
-// where RoPE does not expand it itself (ropeFold, 1-16 rows by default,
-// decides first). kernelForce.qkvHalf: 1 on, -1 off, 0 qkvHalfAuto. At
-// 240 rows the update is 2.9 MB less each way a layer (6,144 columns).
-func (b *Backend) qkvHalf(mods []llama.Module, tc int) bool {
-	if tc == 0 || b.force.loraV2 || len(mods) != 3 || mods[0] != llama.Q || mods[1] != llama.K || mods[2] != llama.V {
-		return false
-	}
-	return forcedOn(b.force.qkvHalf, b.qkvHalfOn)
-}
 
 // qkvHalfAuto is kernelForce.qkvHalf's default: off until measured
 // (PERFORMANCE v0.85 Next).
