@@ -208,27 +208,6 @@ __device__ __forceinline__ void split2(float a, float b, unsigned& hi, unsigned&
     lo = pack_bf2(a - f.x, b - f.y);
 }
 
-// silu_mul2: silu(g) * u for a pair of values already rounded to bf16
-// (silu_mul8's expression), rounded to a bf16 pair.
-__device__ __forceinline__ __nv_bfloat162 silu_mul2(float2 g, float2 u) {
-    return __floats2bfloat162_rn(g.x / (1.f + expf(-g.x)) * u.x, g.y / (1.f + expf(-g.y)) * u.y);
-}
-
-// lora_afrag: the A fragments of the LoRA expands' MMAs from float32 s
-// values (t0: row g, t1: row g + 8, ranks k .. k + 3 each), as bf16 pairs
-// (ah) and their residuals (al); mma_hilo: c += (ah + al) b, the two MMAs
-// of one such fragment (float32 precision from bf16 MMAs).
-__device__ __forceinline__ void lora_afrag(float4 t0, float4 t1, unsigned (&ah)[4], unsigned (&al)[4]) {
-    split2(t0.x, t0.y, ah[0], al[0]);
-    split2(t1.x, t1.y, ah[1], al[1]);
-    split2(t0.z, t0.w, ah[2], al[2]);
-    split2(t1.z, t1.w, ah[3], al[3]);
-}
-__device__ __forceinline__ void mma_hilo(float* c, const unsigned (&ah)[4], const unsigned (&al)[4], unsigned b0, unsigned b1) {
-    mma16816(c, ah[0], ah[1], ah[2], ah[3], b0, b1);
-    mma16816(c, al[0], al[1], al[2], al[3], b0, b1);
-}
-
 // ldsm4 / ldsm4t: four 8x8 matrices of 16-bit values (bf16, or e4m3
 // byte pairs) from shared memory (lane l gives the address of row l%8 of
 // matrix l/8), as mma fragments; t: transposed.
@@ -1081,7 +1060,7 @@ __device__ __forceinline__ __nv_bfloat162 ws_silu_pair(const float* v, int j, in
     const float u0 = SCALED ? a * ws[BN / 2 + n] : 1.f, u1 = SCALED ? a * ws[BN / 2 + n + 1] : 1.f;
     const float2 g = __bfloat1622float2(__floats2bfloat162_rn(v[4 * j + 2 * h] * g0, v[4 * j + 2 * h + 1] * g1));
     const float2 u = __bfloat1622float2(__floats2bfloat162_rn(v[4 * ju + 2 * h] * u0, v[4 * ju + 2 * h + 1] * u1));
-    return silu_mul2(g, u);
+    return __floats2bfloat162_rn(g.x / (1.f + expf(-g.x)) * u.x, g.y / (1.f + expf(-g.y)) * u.y);
 }
 
 // ws_put_silu: ws_put for ws_body's SILU blocks (bf16, one split): weight

@@ -2665,10 +2665,17 @@ __device__ __forceinline__ void expand_tc_body(
                     const float4 t0 = *reinterpret_cast<const float4*>(tr + g * W + k);
                     const float4 t1 = *reinterpret_cast<const float4*>(tr + (g + 8) * W + k);
                     unsigned ah[4], al[4];
-                    lora_afrag(t0, t1, ah, al);
+                    split2(t0.x, t0.y, ah[0], al[0]);
+                    split2(t1.x, t1.y, ah[1], al[1]);
+                    split2(t0.z, t0.w, ah[2], al[2]);
+                    split2(t1.z, t1.w, ah[3], al[3]);
 #pragma unroll
-                    for (int ng = 0; ng < NG; ng++)
-                        mma_hilo(c[ng], ah, al, h == 0 ? bv[ng][kc].x : bv[ng][kc].z, h == 0 ? bv[ng][kc].y : bv[ng][kc].w);
+                    for (int ng = 0; ng < NG; ng++) {
+                        const unsigned b0 = h == 0 ? bv[ng][kc].x : bv[ng][kc].z;
+                        const unsigned b1 = h == 0 ? bv[ng][kc].y : bv[ng][kc].w;
+                        mma16816(c[ng], ah[0], ah[1], ah[2], ah[3], b0, b1);
+                        mma16816(c[ng], al[0], al[1], al[2], al[3], b0, b1);
+                    }
                 }
             }
         } else if (!HS && accum) {

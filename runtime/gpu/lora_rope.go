@@ -73,34 +73,17 @@ func (b *Backend) pendLoRA(o *Buffer, layer int, mods []llama.Module, tc, ks int
 // output's three slices (in place: rope_store_lora expands it), after the
 // LoRA stream's work; false leaves it pending.
 func (b *Backend) takeQKV(qb, kb, vb *Buffer) (loraPend, bool) {
-	if !b.pendSlices(qb, kb, vb) {
-		return loraPend{}, false
-	}
-	return b.takePend(), true
-}
-
-// pendSlices reports whether views are, in order, every slice of the
-// pending unexpanded update's output (its group's projections), with the
-// output's row stride.
-func (b *Backend) pendSlices(views ...*Buffer) bool {
 	p := b.la.pend
 	l := p.lora
-	if l == nil || len(l.offs) != len(views)+1 || b.err != nil {
-		return false
+	if l == nil || len(l.offs) != 4 || b.err != nil {
+		return loraPend{}, false
 	}
-	for i, v := range views {
+	for i, v := range []*Buffer{qb, kb, vb} {
 		if v == nil || ptr(v) != p.base+uint64(2*l.offs[i]) || v.ld != p.ld || v.cols != l.offs[i+1]-l.offs[i] {
-			return false
+			return loraPend{}, false
 		}
 	}
-	return true
-}
-
-// takePend takes the pending unexpanded update (the op that asked expands
-// it), after the LoRA stream's work.
-func (b *Backend) takePend() loraPend {
-	p := b.la.pend
 	b.la.pend = pendingDelta{}
 	b.waitUpdate(p)
-	return *p.lora
+	return *l, true
 }
