@@ -7,9 +7,9 @@ import (
 )
 
 // TestOutHalf: the o and down groups' updates are bf16 (outHalf) with the
-// tensor-core expand only; by default above addClRows rows where
-// PEFTD_LORA_OUT_HALF turned it on; kernelForce.outHalf 1 at every row
-// count, -1 never; never for other groups or with the v2 kernels forced.
+// tensor-core expand only, at every row count where outHalfOn
+// (outHalfAuto, PEFTD_LORA_OUT_HALF) or kernelForce.outHalf 1 says so, -1
+// never; never for other groups or with the v2 kernels forced.
 func TestOutHalf(t *testing.T) {
 	o, down := []llama.Module{llama.O}, []llama.Module{llama.Down}
 	gu := []llama.Module{llama.Gate, llama.Up}
@@ -24,8 +24,9 @@ func TestOutHalf(t *testing.T) {
 	}{
 		{"o, 240 rows", o, 1, 240, true, 0, false, true},
 		{"down, 17 rows", down, 2, 17, true, 0, false, true},
-		{"down, 16 rows: add_rmsnorm_cl's", down, 1, 16, true, 0, false, false},
-		{"off by default", o, 1, 240, false, 0, false, false},
+		{"down, 16 rows (add_rmsnorm_h for add_rmsnorm_cl)", down, 1, 16, true, 0, false, true},
+		{"o, 1 row", o, 1, 1, true, 0, false, true},
+		{"turned off", o, 1, 240, false, 0, false, false},
 		{"forced on, 8 rows", down, 1, 8, false, 1, false, true},
 		{"forced off", down, 1, 240, true, -1, false, false},
 		{"CUDA-core expand", o, 0, 240, true, 1, false, false},
