@@ -1697,6 +1697,29 @@ __device__ __forceinline__ void lx_items(const WsLora& L, const WsLoraMap& mp, i
     }
 }
 
+// lx_prefetch: before griddepcontrol.wait, the fifth warp asks L2 for
+// this block's share (1 / the grid) of the active slots' A rows of every
+// slice (adapter weights: no kernel of a step writes them), 128-byte
+// lines, so that the shrink items' A loads after the wait find them there
+// rather than behind the product's weight stream in DRAM.
+__device__ __forceinline__ void lx_prefetch(const WsLora& L, const WsLoraMap& mp, int K) {
+    const int lane = threadIdx.x & 31, G = gridDim.x * gridDim.y, b = blockIdx.y * gridDim.x + blockIdx.x;
+    const long long per = (long long)K * 2 * 8 / 128; // lines an 8-row rank tile of A holds (K a multiple of 8)
+    long long total = 0;
+    for (int s = 0; s < L.nslices; s++)
+        for (int a = 0; a < mp.nact; a++) total += (long long)(mp.er[s][mp.act[a]] / 8) * per;
+    const long long lo = total * b / G, hi = total * (b + 1) / G;
+    long long at = 0;
+    for (int s = 0; s < L.nslices; s++)
+        for (int a = 0; a < mp.nact; a++) {
+            const int e = mp.act[a];
+            const long long n = (long long)(mp.er[s][e] / 8) * per, from = max(lo, at), to = min(hi, at + n);
+            for (long long i = from + lane; i < to; i += 32)
+                asm volatile("prefetch.global.L2 [%0];" ::"l"(reinterpret_cast<const char*>(mp.ea[s][e]) + (i - at) * 128));
+            at += n;
+        }
+}
+
 // lx_wait: until every (slice, slot)'s S is stored (ctr[1]); then S is
 // read by cp.async (L2). The warpgroup's threads.
 __device__ __forceinline__ void lx_wait(const WsLora& L, const WsLoraMap& mp) {
@@ -1776,10 +1799,17 @@ __device__ __forceinline__ void lx_leave(const WsLora& L) {
     }
 }
 
-// LxShared: WsLoraMap in the LORA blocks' static shared memory, a byte in
-// the others'.
-template <bool LORA> struct LxShared { using T = WsLoraMap; };
-template <> struct LxShared<false> { using T = unsigned char; };
+// lx_map_smem: the LORA blocks' WsLoraMap, in static shared memory that
+// only the kernels calling it have (null for the others: ws_body's other
+// instances keep their shared memory as it was).
+template <bool LORA> __device__ __forceinline__ WsLoraMap* lx_map_smem() {
+    if constexpr (LORA) {
+        __shared__ WsLoraMap m;
+        return &m;
+    } else {
+        return nullptr;
+    }
+}
 
 // ws_body's HALF blocks (gemm_wsh_n*, fp8_wsh_n*; BN 224 and 256, whose
 // one-atom stages read 128 bytes of each weight row a stage): a stage is
@@ -1817,7 +1847,7 @@ __device__ __forceinline__ void ws_body(bf16* __restrict__ out, float* __restric
     constexpr int CX = TR / RSTEP, CW = W::WR / RSTEP; // a thread's activation and weight rows an atom
     extern __shared__ __align__(16) unsigned char wsm[];
     __shared__ int last;
-    __shared__ typename LxShared<LORA>::T lxm; // LORA: the step's slots and columns
+    WsLoraMap* const lxp = lx_map_smem<LORA>(); // LORA: the step's slots and columns
     __shared__ float wsc[BN], xsc[TR]; // the block's weight rows' and the activation rows' scales (ES 1)
     const int tid = threadIdx.x;
     const int KB = K * ES, S = gridDim.y, z = blockIdx.y, n0 = blockIdx.x * BN;
@@ -1854,9 +1884,9 @@ __device__ __forceinline__ void ws_body(bf16* __restrict__ out, float* __restric
     // nls stages after the nst base ones, in the last split's blocks only
     int lw0 = 0, lwend = 0, nls = 0;
     if constexpr (LORA) {
-        lx_map(L, M, lxm);
+        lx_map(L, M, *lxp);
         const int slo = lx_slice(L, n0), shi = lx_slice(L, n0 + BN - 1);
-        lw0 = slo * lxm.RS, lwend = (shi + 1) * lxm.RS;
+        lw0 = slo * lxp->RS, lwend = (shi + 1) * lxp->RS;
         nls = z == S - 1 ? (lwend - lw0 + 64 * KA - 1) / (64 * KA) : 0;
     }
     // LORA: stage j's copies, base or LoRA (the first LoRA stage's wait
@@ -1866,9 +1896,9 @@ __device__ __forceinline__ void ws_body(bf16* __restrict__ out, float* __restric
             copy_w(j);
             copy_x(j);
         } else if constexpr (LORA) {
-            if (j == nst && nls > 0) lx_wait(L, lxm);
+            if (j == nst && nls > 0) lx_wait(L, *lxp);
             if (j < nst + nls)
-                lx_copy<KA, AB, CX, CW>(L, lxm, base + (j % ST) * SB + dst0, base + (j % ST) * SB + dst0 + TR * WG_RB, j - nst, lw0, lwend, r0, c, M, n0);
+                lx_copy<KA, AB, CX, CW>(L, *lxp, base + (j % ST) * SB + dst0, base + (j % ST) * SB + dst0 + TR * WG_RB, j - nst, lw0, lwend, r0, c, M, n0);
         }
     };
     if constexpr (LORA) {
@@ -1877,8 +1907,9 @@ __device__ __forceinline__ void ws_body(bf16* __restrict__ out, float* __restric
         // (their S rows asked once every item is done: copy), and the
         // last block out zeroes the counters
         if (tid >= 128) {
+            lx_prefetch(L, *lxp, K);
             pdl_entry();
-            lx_items(L, lxm, K);
+            lx_items(L, *lxp, K);
         } else {
             ws_zero_rows<ST, KA, SB, AB>(base, M);
             const int early = opts & 15, ne = early < AHEAD ? early : AHEAD;
