@@ -303,7 +303,7 @@ type kernelForce struct {
 	ropeLoRA   int           // q/k/v LoRA expanded inside RoPE at 1-16 rows (lora_rope.go): 1 on, -1 off, 0 by the rows (ropeFold)
 	siluO2     int           // FP8 silu_mul of more than siluClRows rows (one 512-thread block a row) as silu_mul_o2 (64 registers a thread: two blocks an SM): 1 on, -1 off, 0 the default (above fp8MidRows rows; Backend.siluMulFn)
 	qkvHalf    int           // the q/k/v LoRA update beside its product written as bf16 (sgmv_expand_tch*, accHalf) and read by rope_store_rows_h / rope_store_h (Backend.halfUpdate): 1 on, -1 off, 0 the default (qkvHalfAuto)
-	outHalf    int           // the o and down LoRA updates beside their products written as bf16 (sgmv_expand_tch*, accHalf) and read by add_rmsnorm_h (Backend.halfUpdate): 1 on (add_rmsnorm_h stands in for add_rmsnorm_cl at 1-16 rows), -1 off, 0 the default (outHalfAuto)
+	outHalf    int           // the o and down LoRA updates beside their products written as bf16 (sgmv_expand_tch*, accHalf) and read by add_rmsnorm_h (Backend.halfUpdate): 1 on (add_rmsnorm_h stands in for add_rmsnorm_cl at 1-16 rows), -1 off, 0 the default (outHalfAuto with FP8 weights, off with bf16)
 	guHalf     int           // the gate/up LoRA update beside its product written as bf16 (sgmv_expand_tch*, accHalf) and read by silu_mul_h / _o2h / _clh (Backend.halfUpdate): 1 on, -1 off, 0 the default (guHalfAuto)
 	siluCl     int           // FP8 silu_mul of 1-64 rows: 1 silu_mul_cl (a cluster of blocks a row) wherever it fits, -1 never, 0 by the rows (siluClFits)
 	nodePrio   int           // recordings run the LoRA stream's kernels at that stream's priority (graph.go nodePriority): 1 at every row count, -1 at none, 0 by the rows

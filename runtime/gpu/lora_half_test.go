@@ -8,8 +8,9 @@ import (
 
 // TestOutHalf: the o and down groups' updates are bf16 (outHalf) with the
 // tensor-core expand only, at every row count where outHalfOn
-// (outHalfAuto, PEFTD_LORA_OUT_HALF) or kernelForce.outHalf 1 says so, -1
-// never; never for other groups or with the v2 kernels forced.
+// (outHalfAuto, PEFTD_LORA_OUT_HALF) says so with FP8 weights or
+// kernelForce.outHalf 1 with either, -1 never; never for other groups or
+// with the v2 kernels forced.
 func TestOutHalf(t *testing.T) {
 	o, down := []llama.Module{llama.O}, []llama.Module{llama.Down}
 	gu := []llama.Module{llama.Gate, llama.Up}
@@ -21,20 +22,26 @@ func TestOutHalf(t *testing.T) {
 		on        bool // outHalfOn (PEFTD_LORA_OUT_HALF)
 		force     int
 		v2, wants bool
+		bf16      bool // bf16 weights (no fp8State)
 	}{
-		{"o, 240 rows", o, 1, 240, true, 0, false, true},
-		{"down, 17 rows", down, 2, 17, true, 0, false, true},
-		{"down, 16 rows (add_rmsnorm_h for add_rmsnorm_cl)", down, 1, 16, true, 0, false, true},
-		{"o, 1 row", o, 1, 1, true, 0, false, true},
-		{"turned off", o, 1, 240, false, 0, false, false},
-		{"forced on, 8 rows", down, 1, 8, false, 1, false, true},
-		{"forced off", down, 1, 240, true, -1, false, false},
-		{"CUDA-core expand", o, 0, 240, true, 1, false, false},
-		{"v2 kernels", o, 1, 240, true, 1, true, false},
-		{"gate/up (guHalf's)", gu, 1, 240, true, 1, false, false},
-		{"q/k/v", qkv, 1, 240, true, 1, false, false},
+		{"o, 240 rows", o, 1, 240, true, 0, false, true, false},
+		{"down, 17 rows", down, 2, 17, true, 0, false, true, false},
+		{"down, 16 rows (add_rmsnorm_h for add_rmsnorm_cl)", down, 1, 16, true, 0, false, true, false},
+		{"o, 1 row", o, 1, 1, true, 0, false, true, false},
+		{"turned off", o, 1, 240, false, 0, false, false, false},
+		{"forced on, 8 rows", down, 1, 8, false, 1, false, true, false},
+		{"forced off", down, 1, 240, true, -1, false, false, false},
+		{"CUDA-core expand", o, 0, 240, true, 1, false, false, false},
+		{"v2 kernels", o, 1, 240, true, 1, true, false, false},
+		{"gate/up (guHalf's)", gu, 1, 240, true, 1, false, false, false},
+		{"q/k/v", qkv, 1, 240, true, 1, false, false, false},
+		{"bf16 weights: off by default", o, 1, 240, true, 0, false, false, true},
+		{"bf16 weights, forced on", down, 1, 16, false, 1, false, true, true},
 	} {
 		b := &Backend{nRows: c.rows, outHalfOn: c.on}
+		if !c.bf16 {
+			b.f8 = &fp8State{}
+		}
 		b.force.outHalf, b.force.loraV2 = c.force, c.v2
 		if got := b.halfUpdate(c.mods, c.tc); got != c.wants {
 			t.Errorf("%s: outHalf = %v, want %v", c.name, got, c.wants)

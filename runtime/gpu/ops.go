@@ -925,8 +925,10 @@ func (b *Backend) siluClFits(cols int) bool {
 //     writes and take a third off silu_mul's reads.
 //   - o, down (outHalf; AddRMSNorm reads it: add_rmsnorm_h, which at 1-16
 //     rows stands in for add_rmsnorm_cl): kernelForce.outHalf 1 on, -1
-//     off, 0 outHalfAuto; 240-row FP8 mixed steps: 2 MB less each way a
-//     group and layer.
+//     off, 0 outHalfAuto with FP8 weights (bf16 steps keep float32
+//     updates: with bf16 ones TestFixtureCoBatched's worst row is 0.0309,
+//     past its 3e-2 bound, and bf16 decode gained nothing); 240-row FP8
+//     mixed steps: 2 MB less each way a group and layer.
 //   - q/k/v (qkvHalf; RoPE reads it: rope_store_rows_h, rope_store_h)
 //     where RoPE does not expand it itself (ropeFold, 1-16 rows by
 //     default, decides first): kernelForce.qkvHalf 1 on, -1 off, 0
@@ -939,17 +941,18 @@ func (b *Backend) halfUpdate(mods []llama.Module, tc int) bool {
 	case slices.Equal(mods, []llama.Module{llama.Gate, llama.Up}):
 		return forcedOn(b.force.guHalf, b.guHalfOn)
 	case slices.Equal(mods, []llama.Module{llama.O}), slices.Equal(mods, []llama.Module{llama.Down}):
-		return forcedOn(b.force.outHalf, b.outHalfOn)
+		return forcedOn(b.force.outHalf, b.outHalfOn && b.f8 != nil)
 	case slices.Equal(mods, []llama.Module{llama.Q, llama.K, llama.V}):
 		return forcedOn(b.force.qkvHalf, b.qkvHalfOn)
 	}
 	return false
 }
 
-// outHalfAuto is kernelForce.outHalf's default: on since v0.86 (H100,
-// four rank-32 adapters, FP8 device ms a step: 16 rows 4.52-4.53 -> 4.41
-// in two calls, 1 row 3.61 -> 3.57, 4-256 rows and mixed steps within
-// 0.3%; bf16 1 row 5.69 -> 5.67, 16-256 rows the same).
+// outHalfAuto is kernelForce.outHalf's default for steps with FP8 weights:
+// on since v0.86 (H100, four rank-32 adapters, FP8 device ms a step: 16
+// rows 4.52-4.53 -> 4.41 in two calls, 1 row 3.61 -> 3.57, 4-256 rows and
+// mixed steps within 0.3%; bf16, where halfUpdate keeps it off, 1 row
+// 5.69 -> 5.67 and 16-256 rows the same).
 const outHalfAuto = true
 
 // qkvHalfAuto is kernelForce.qkvHalf's default: off (v0.86, H100, FP8
