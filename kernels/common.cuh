@@ -1697,29 +1697,6 @@ __device__ __forceinline__ void lx_items(const WsLora& L, const WsLoraMap& mp, i
     }
 }
 
-// lx_prefetch: before griddepcontrol.wait, the fifth warp asks L2 for
-// this block's share (1 / the grid) of the active slots' A rows of every
-// slice (adapter weights: no kernel of a step writes them), 128-byte
-// lines, so that the shrink items' A loads after the wait find them there
-// rather than behind the product's weight stream in DRAM.
-__device__ __forceinline__ void lx_prefetch(const WsLora& L, const WsLoraMap& mp, int K) {
-    const int lane = threadIdx.x & 31, G = gridDim.x * gridDim.y, b = blockIdx.y * gridDim.x + blockIdx.x;
-    const long long per = (long long)K * 2 * 8 / 128; // lines an 8-row rank tile of A holds (K a multiple of 8)
-    long long total = 0;
-    for (int s = 0; s < L.nslices; s++)
-        for (int a = 0; a < mp.nact; a++) total += (long long)(mp.er[s][mp.act[a]] / 8) * per;
-    const long long lo = total * b / G, hi = total * (b + 1) / G;
-    long long at = 0;
-    for (int s = 0; s < L.nslices; s++)
-        for (int a = 0; a < mp.nact; a++) {
-            const int e = mp.act[a];
-            const long long n = (long long)(mp.er[s][e] / 8) * per, from = max(lo, at), to = min(hi, at + n);
-            for (long long i = from + lane; i < to; i += 32)
-                asm volatile("prefetch.global.L2 [%0];" ::"l"(reinterpret_cast<const char*>(mp.ea[s][e]) + (i - at) * 128));
-            at += n;
-        }
-}
-
 // lx_wait: until every (slice, slot)'s S is stored (ctr[1]); then S is
 // read by cp.async (L2). The warpgroup's threads.
 __device__ __forceinline__ void lx_wait(const WsLora& L, const WsLoraMap& mp) {
@@ -1907,7 +1884,6 @@ __device__ __forceinline__ void ws_body(bf16* __restrict__ out, float* __restric
         // (their S rows asked once every item is done: copy), and the
         // last block out zeroes the counters
         if (tid >= 128) {
-            lx_prefetch(L, *lxp, K);
             pdl_entry();
             lx_items(L, *lxp, K);
         } else {
