@@ -1195,7 +1195,7 @@ __device__ __forceinline__ void ws_put_silu_q(float* v, bf16* __restrict__ out, 
 }
 
 // ws_sync: a ws block's barrier: the whole block's, or with WG (the
-// LORA blocks, whose fifth warp runs the shrink items) the warpgroup's
+// LORA blocks, whose shrink warps run beside it) the warpgroup's
 // (named barrier 1, 128 threads).
 template <bool WG>
 __device__ __forceinline__ void ws_sync() {
@@ -1493,7 +1493,8 @@ __device__ __forceinline__ void ws_stage(float* d, int j, unsigned base, unsigne
 // expand reads) and the update is rounded once, with the product.
 //
 // The shrink (S) runs inside the same launch, beside the product: each
-// block has a fifth warp that takes shrink items (slice, active slot,
+// block has LX_WARPS shrink warps (one by default: the block's fifth)
+// that take shrink items (slice, active slot,
 // LX_KC values of K, 32 rank columns) by ticket (ctr[0]) once the
 // activations are there, while the warpgroup streams the weights; an item
 // sums its slot's rows (gathered, m16n8k16 MMAs as sgmv's shrink) into
@@ -1516,8 +1517,14 @@ __device__ __forceinline__ void ws_stage(float* d, int j, unsigned base, unsigne
 #define LX_MAXSLOTS 32
 #define LX_MAXR 64
 #define LX_COLS 1024
-#define LX_KC 512
-#define LX_KSMAX 32
+#ifndef LX_KC
+#define LX_KC 512 // K values a shrink item sums (PEFTD_KERNEL_DEFINES may set it; runtime/gpu's lxKC reads it)
+#endif
+#define LX_KMAX 16384               // K at most
+#define LX_KSMAX (LX_KMAX / LX_KC)  // K chunks at most
+#ifndef LX_WARPS
+#define LX_WARPS 1 // shrink warps a block beside the warpgroup (runtime/gpu's lxWarps reads it)
+#endif
 #define LX_CTR (4 + 3 * LX_MAXSLOTS) // counters: ticket, done, leave, spare, then (slice, slot) K chunks
 #define LX_WAIT_NS 1000000000ull     // 1 s: a bug, not a state to wait out
 #define LX_NB 4                      // rank tiles of 8 a shrink item
@@ -1604,7 +1611,7 @@ __device__ __forceinline__ void lx_map(const WsLora& L, int M, WsLoraMap& mp) {
 }
 
 // lx_item: shrink item (slice s, active slot index a, K chunk kc, rank
-// part h) on one warp (the LORA blocks' fifth): the slot's rows (16 at a
+// part h) on one warp (a LORA block's shrink warp): the slot's rows (16 at a
 // time) times the slice's A rows 32 h .. 32 h + 31 over [kc LX_KC,
 // +LX_KC), 32 values of K an MMA pair (sgmv's fu_shrink walk: 8 values a
 // lane, the same permutation of K in both operands), LX_U pairs' loads
@@ -1612,7 +1619,9 @@ __device__ __forceinline__ void lx_map(const WsLora& L, int M, WsLoraMap& mp) {
 // (LX_KC chunks x mp.rh parts, those past the rank empty) then sums them
 // in K order, scales, rounds and stores S for the slot's rows and counts
 // it done.
+#ifndef LX_U
 #define LX_U 4 // MMA pairs' loads asked at once (lx_item)
+#endif
 __device__ __forceinline__ void lx_item(const WsLora& L, const WsLoraMap& mp, int s, int a, int kc, int h, int K) {
     const int lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
     const int e = mp.act[a], r = mp.er[s][e], col0 = s * mp.RS + mp.coff[e];
@@ -1669,11 +1678,13 @@ __device__ __forceinline__ void lx_item(const WsLora& L, const WsLoraMap& mp, in
         const int rr = i / w, j = i - rr * w, m = mp.order[r0 + rr];
         float v = 0.f;
         if (j < r) {
-            float p[LX_KSMAX];
+            for (int k0 = 0; k0 < KS; k0 += 8) { // eight loads in flight, the sum in K order
+                float p[8];
 #pragma unroll
-            for (int k = 0; k < LX_KSMAX; k++) p[k] = k < KS ? __ldcg(L.part + ((i64)k * 64 + m) * LX_COLS + col0 + j) : 0.f;
+                for (int k = 0; k < 8; k++) p[k] = k0 + k < KS ? __ldcg(L.part + ((i64)(k0 + k) * 64 + m) * LX_COLS + col0 + j) : 0.f;
 #pragma unroll
-            for (int k = 0; k < LX_KSMAX; k++) v += p[k];
+                for (int k = 0; k < 8; k++) v += p[k];
+            }
             v *= mp.esc[s][e];
         }
         L.s[(i64)m * LX_COLS + col0 + j] = __float2bfloat16_rn(v);
@@ -1683,7 +1694,7 @@ __device__ __forceinline__ void lx_item(const WsLora& L, const WsLoraMap& mp, in
     if (lane == 0) atomicAdd(L.ctr + 1, 1u);
 }
 
-// lx_items: the shrink items the block's fifth warp takes, one ticket at
+// lx_items: the shrink items a shrink warp takes, one ticket at
 // a time, until none is left.
 __device__ __forceinline__ void lx_items(const WsLora& L, const WsLoraMap& mp, int K) {
     const int KS = (K + LX_KC - 1) / LX_KC, per = KS * mp.rh, n = L.nslices * mp.nact * per;
@@ -1879,11 +1890,11 @@ __device__ __forceinline__ void ws_body(bf16* __restrict__ out, float* __restric
         }
     };
     if constexpr (LORA) {
-        // the fifth warp takes the shrink items once the activations are
+        // the shrink warps take the shrink items once the activations are
         // there; the warpgroup streams the product, its LoRA stages last
         // (their S rows asked once every item is done: copy), and the
         // last block out zeroes the counters
-        if (tid >= 128) {
+        if (tid >= 128) { // the shrink warps
             pdl_entry();
             lx_items(L, *lxp, K);
         } else {
@@ -2023,15 +2034,15 @@ __device__ __forceinline__ void ws_body(bf16* __restrict__ out, float* __restric
 
 // WSL_WIDTHS(prefix, ES, ARGS, PASS): prefix_n{32,...,256}, the plain
 // products with the LoRA update inside their K (ws_body's LORA; runtime/gpu
-// lora_k.go): blocks of 160 threads, the warpgroup's and the shrink warp.
+// lora_k.go): blocks of the warpgroup and LX_WARPS shrink warps.
 #define WSL_WIDTHS(prefix, ES, ARGS, PASS)                                                                                         \
-    extern "C" __global__ void __launch_bounds__(160, 1) prefix##_n32(ARGS) { ws_body<ES, 32, false, false, false, true>(PASS); }   \
-    extern "C" __global__ void __launch_bounds__(160, 1) prefix##_n48(ARGS) { ws_body<ES, 48, false, false, false, true>(PASS); }   \
-    extern "C" __global__ void __launch_bounds__(160, 1) prefix##_n64(ARGS) { ws_body<ES, 64, false, false, false, true>(PASS); }   \
-    extern "C" __global__ void __launch_bounds__(160, 1) prefix##_n96(ARGS) { ws_body<ES, 96, false, false, false, true>(PASS); }   \
-    extern "C" __global__ void __launch_bounds__(160, 1) prefix##_n128(ARGS) { ws_body<ES, 128, false, false, false, true>(PASS); } \
-    extern "C" __global__ void __launch_bounds__(160, 1) prefix##_n224(ARGS) { ws_body<ES, 224, false, false, false, true>(PASS); } \
-    extern "C" __global__ void __launch_bounds__(160, 1) prefix##_n256(ARGS) { ws_body<ES, 256, false, false, false, true>(PASS); }
+    extern "C" __global__ void __launch_bounds__(128 + 32 * LX_WARPS, 1) prefix##_n32(ARGS) { ws_body<ES, 32, false, false, false, true>(PASS); }   \
+    extern "C" __global__ void __launch_bounds__(128 + 32 * LX_WARPS, 1) prefix##_n48(ARGS) { ws_body<ES, 48, false, false, false, true>(PASS); }   \
+    extern "C" __global__ void __launch_bounds__(128 + 32 * LX_WARPS, 1) prefix##_n64(ARGS) { ws_body<ES, 64, false, false, false, true>(PASS); }   \
+    extern "C" __global__ void __launch_bounds__(128 + 32 * LX_WARPS, 1) prefix##_n96(ARGS) { ws_body<ES, 96, false, false, false, true>(PASS); }   \
+    extern "C" __global__ void __launch_bounds__(128 + 32 * LX_WARPS, 1) prefix##_n128(ARGS) { ws_body<ES, 128, false, false, false, true>(PASS); } \
+    extern "C" __global__ void __launch_bounds__(128 + 32 * LX_WARPS, 1) prefix##_n224(ARGS) { ws_body<ES, 224, false, false, false, true>(PASS); } \
+    extern "C" __global__ void __launch_bounds__(128 + 32 * LX_WARPS, 1) prefix##_n256(ARGS) { ws_body<ES, 256, false, false, false, true>(PASS); }
 
 // WG_KERNELS(prefix, ES, ARGS, PASS): a module's three wgmma kernels,
 // prefix_n{32,64,128} (one warpgroup a block; the two-warpgroup

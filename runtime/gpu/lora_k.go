@@ -3,6 +3,7 @@ package gpu
 import (
 	"errors"
 
+	"github.com/peftd/peftd/kernels"
 	"github.com/peftd/peftd/runtime/cuda"
 	"github.com/peftd/peftd/runtime/engine"
 	"github.com/peftd/peftd/runtime/llama"
@@ -19,7 +20,7 @@ import (
 // most 64 rows on a ws kernel can instead take the update as more of its
 // K: each row's shrink S (its own adapter's columns, zero elsewhere) times
 // the adapters' B rows, added by the same MMAs into the same sums before
-// they are rounded. The shrink runs in the same launch (a fifth warp a
+// they are rounded. The shrink runs in the same launch (a shrink warp a
 // block takes ticketed items beside the product: see common.cuh), so the
 // group is one kernel on every SM, with no update buffer, no fork and
 // join, and no SMs held back.
@@ -30,12 +31,21 @@ import (
 
 // LX_* in kernels/common.cuh.
 const (
-	lxMaxSlots = 32   // table slots
-	lxMaxRank  = 64   // an entry's rank
-	lxCols     = 1024 // S's columns: slices x the slots' ranks rounded to 8
-	lxKC       = 512  // K values a shrink item sums
-	lxKSMax    = 32   // K chunks
+	lxMaxSlots = 32    // table slots
+	lxMaxRank  = 64    // an entry's rank
+	lxCols     = 1024  // S's columns: slices x the slots' ranks rounded to 8
+	lxKMax     = 16384 // K at most
 	lxCtr      = 4 + 3*lxMaxSlots
+)
+
+// lxKC is LX_KC, the K values a shrink item sums (512 unless
+// PEFTD_KERNEL_DEFINES sets it), lxKSMax the K chunks at most, lxWarps
+// LX_WARPS, the shrink warps a block beside the warpgroup (1 unless set):
+// the A/Bs of the shrink's shape.
+var (
+	lxKC    = max(8, kernels.DefinedInt("LX_KC", 512))
+	lxKSMax = lxKMax / lxKC
+	lxWarps = max(1, kernels.DefinedInt("LX_WARPS", 1))
 )
 
 // lxStatic is room for a wsl kernel's static shared memory (WsLoraMap and
@@ -56,7 +66,7 @@ func loraKDefault() bool { return envOnOff("PEFTD_LORA_K", loraKAuto) }
 // them so).
 type lxBuffers struct{ part, s, ctr *cuda.DeviceBuffer }
 
-// newLXBuffers allocates a wsl launcher's scratch (8.1 MB).
+// newLXBuffers allocates a wsl launcher's scratch (8.1 MB with LX_KC 512).
 func newLXBuffers(ctx *cuda.Context, s *cuda.Stream) (lxBuffers, error) {
 	var l lxBuffers
 	var err error
@@ -108,7 +118,7 @@ func (g *wsProduct) launchLoRA(s *cuda.Stream, p wsPlan, out, x, sx, w, sw cuda.
 		return errors.New("gpu: ws product with the LoRA update: kernel not loaded")
 	}
 	bn := wsWidths[p.i]
-	return g.lfn[p.i].Launch(s, cuda.Dim3{X: N / bn, Y: p.split, Z: 1}, cuda.Dim3{X: 160, Y: 1, Z: 1}, wsShared(bn, g.esize),
+	return g.lfn[p.i].Launch(s, cuda.Dim3{X: N / bn, Y: p.split, Z: 1}, cuda.Dim3{X: 128 + 32*lxWarps, Y: 1, Z: 1}, wsShared(bn, g.esize),
 		uint64(out), uint64(g.part.Ptr()), uint64(g.done.Ptr()), uint64(x), uint64(sx), uint64(w), uint64(sw), T, N, K, g.launchOpts(),
 		uint64(la.x), uint64(la.table), uint64(la.rows), la.base, la.stride, la.ms[0], la.ms[1], la.ms[2], la.nslices, la.off1, la.off2,
 		la.slots, uint64(g.lx.part.Ptr()), uint64(g.lx.s.Ptr()), uint64(g.lx.ctr.Ptr()))
@@ -120,7 +130,7 @@ func (g *wsProduct) launchLoRA(s *cuda.Stream, p wsPlan, out, x, sx, w, sw cuda.
 // columns (each slot's largest rank) within lxCols for every slice, and K
 // within the shrink's chunks.
 func (b *Backend) loraKFits(nslices, k int) bool {
-	if len(b.slots) > lxMaxSlots || k%8 != 0 || k > lxKSMax*lxKC {
+	if len(b.slots) > lxMaxSlots || k%8 != 0 || k > lxKMax {
 		return false
 	}
 	cols := 0
