@@ -2032,6 +2032,14 @@ __device__ __forceinline__ void ws_body(bf16* __restrict__ out, float* __restric
     extern "C" __global__ void __launch_bounds__(128, 1) prefix##_norm_n32(NARGS) { ws_body<ES, 32, false, true>(NPASS); }        \
     extern "C" __global__ void __launch_bounds__(128, 1) prefix##_norm_n64(NARGS) { ws_body<ES, 64, false, true>(NPASS); }
 
+// WSL_LORA_ARGS, WSL_LORA_PASS: the wsl kernels' LoRA arguments after a
+// module's ws ones (runtime/gpu's launchLoRA passes them in this order),
+// and the WsLora they make.
+#define WSL_LORA_ARGS                                                                                                        \
+    const bf16 *lx, const LoraEntry *ltable, const int *lrows, int lebase, int lestride, int lm0, int lm1, int lm2, int lnslices, \
+        int loff1, int loff2, int lnslots, float *lpart, bf16 *ls, unsigned *lctr
+#define WSL_LORA_PASS WsLora{lx, ltable, lrows, lebase, lestride, lm0, lm1, lm2, lnslices, loff1, loff2, lnslots, lpart, ls, lctr}
+
 // WSL_WIDTHS(prefix, ES, ARGS, PASS): prefix_n{32,...,256}, the plain
 // products with the LoRA update inside their K (ws_body's LORA; runtime/gpu
 // lora_k.go): blocks of the warpgroup and LX_WARPS shrink warps.

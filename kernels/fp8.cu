@@ -466,11 +466,8 @@ WS_WIDTHS(fp8_ws, ws_body, 1, FP8_WS_ARGS, FP8_WS_PASS, 128)
 #define FP8_WS_NORM_PASS FP8_WS_PASS, WsSiluQ{}, WsNorm{xr, nout, nw, eps, q, qscale, sync}
 WS_FUSED_KERNELS(fp8_ws, 1, FP8_WS_ARGS, FP8_WS_PASS, FP8_WS_SILU_ARGS, FP8_WS_SILU_PASS, FP8_WS_NORM_ARGS, FP8_WS_NORM_PASS)
 // fp8_wsl_n*: fp8_ws with the LoRA update inside its K (WsLora, common.cuh)
-#define FP8_WSL_ARGS                                                                                                          \
-    FP8_WS_ARGS, const bf16 *lx, const LoraEntry *ltable, const int *lrows, int lebase, int lestride, int lm0, int lm1, int lm2, \
-        int lnslices, int loff1, int loff2, int lnslots, float *lpart, bf16 *ls, unsigned *lctr
-#define FP8_WSL_PASS \
-    FP8_WS_PASS, WsSiluQ{}, WsNorm{}, WsLora{lx, ltable, lrows, lebase, lestride, lm0, lm1, lm2, lnslices, loff1, loff2, lnslots, lpart, ls, lctr}
+#define FP8_WSL_ARGS FP8_WS_ARGS, WSL_LORA_ARGS
+#define FP8_WSL_PASS FP8_WS_PASS, WsSiluQ{}, WsNorm{}, WSL_LORA_PASS
 WSL_WIDTHS(fp8_wsl, 1, FP8_WSL_ARGS, FP8_WSL_PASS)
 #endif
 

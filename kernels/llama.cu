@@ -3296,11 +3296,8 @@ WS_WIDTHS(gemm_ws, ws_body, 2, GEMM_WS_ARGS, GEMM_WS_PASS, 128)
 WS_FUSED_KERNELS(gemm_ws, 2, GEMM_WS_ARGS, GEMM_WS_PASS, GEMM_WS_SILU_ARGS, GEMM_WS_PASS, GEMM_WS_NORM_ARGS, GEMM_WS_NORM_PASS)
 // gemm_wsl_n*: gemm_ws with the LoRA update inside its K (WsLora,
 // common.cuh); fp8_wsl's argument list (lx is x)
-#define GEMM_WSL_ARGS                                                                                                          \
-    GEMM_WS_ARGS, const bf16 *lx, const LoraEntry *ltable, const int *lrows, int lebase, int lestride, int lm0, int lm1, int lm2, \
-        int lnslices, int loff1, int loff2, int lnslots, float *lpart, bf16 *ls, unsigned *lctr
-#define GEMM_WSL_PASS \
-    GEMM_WS_PASS, WsSiluQ{}, WsNorm{}, WsLora{lx, ltable, lrows, lebase, lestride, lm0, lm1, lm2, lnslices, loff1, loff2, lnslots, lpart, ls, lctr}
+#define GEMM_WSL_ARGS GEMM_WS_ARGS, WSL_LORA_ARGS
+#define GEMM_WSL_PASS GEMM_WS_PASS, WsSiluQ{}, WsNorm{}, WSL_LORA_PASS
 WSL_WIDTHS(gemm_wsl, 2, GEMM_WSL_ARGS, GEMM_WSL_PASS)
 #endif
 

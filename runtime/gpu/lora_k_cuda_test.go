@@ -35,14 +35,7 @@ func TestLoRAK(t *testing.T) {
 				t.Skip("no FP8 weights on this GPU")
 			}
 			mk := func(rank int, scale float32, mods ...llama.Module) *lora.Adapter {
-				a := &lora.Adapter{Name: fmt.Sprintf("r%d", rank), Layers: make([][llama.NumModules]*lora.Pair, cfg.Layers)}
-				for l := range a.Layers {
-					for _, m := range mods {
-						in, out := cfg.Dims(m)
-						a.Layers[l][m] = &lora.Pair{Rank: rank, Scale: scale, A: r.rnd(rank*in, 0.3), B: r.rnd(out*rank, 0.3)}
-					}
-				}
-				return a
+				return r.adapter(rank, scale, 0.3, mods...)
 			}
 			all := []llama.Module{llama.Q, llama.K, llama.V, llama.O, llama.Gate, llama.Up, llama.Down}
 			for s, a := range map[int]*lora.Adapter{0: mk(16, 2, all...), 1: mk(64, 0.5, all...), 2: mk(8, 1.25, llama.Q, llama.V, llama.Up, llama.Down),

@@ -40,17 +40,3 @@ func TestLoRAKFits(t *testing.T) {
 		}
 	}
 }
-
-// TestLoRAKDefault: PEFTD_LORA_K turns the update inside the product on or
-// off; anything else keeps loraKAuto.
-func TestLoRAKDefault(t *testing.T) {
-	for _, c := range []struct {
-		env  string
-		want bool
-	}{{"", loraKAuto}, {"on", true}, {"1", true}, {"off", false}, {"0", false}, {"bogus", loraKAuto}} {
-		t.Setenv("PEFTD_LORA_K", c.env)
-		if got := loraKDefault(); got != c.want {
-			t.Errorf("PEFTD_LORA_K=%q: %v, want %v", c.env, got, c.want)
-		}
-	}
-}
