@@ -119,9 +119,8 @@ func (g *wsProduct) launchLoRA(s *cuda.Stream, p wsPlan, out, x, sx, w, sw cuda.
 	}
 	bn := wsWidths[p.i]
 	return g.lfn[p.i].Launch(s, cuda.Dim3{X: N / bn, Y: p.split, Z: 1}, cuda.Dim3{X: 128 + 32*lxWarps, Y: 1, Z: 1}, wsShared(bn, g.esize),
-		uint64(out), uint64(g.part.Ptr()), uint64(g.done.Ptr()), uint64(x), uint64(sx), uint64(w), uint64(sw), T, N, K, g.launchOpts(),
-		uint64(la.x), uint64(la.table), uint64(la.rows), la.base, la.stride, la.ms[0], la.ms[1], la.ms[2], la.nslices, la.off1, la.off2,
-		la.slots, uint64(g.lx.part.Ptr()), uint64(g.lx.s.Ptr()), uint64(g.lx.ctr.Ptr()))
+		g.args(out, x, sx, w, sw, T, N, K, uint64(la.x), uint64(la.table), uint64(la.rows), la.base, la.stride, la.ms[0], la.ms[1], la.ms[2],
+			la.nslices, la.off1, la.off2, la.slots, uint64(g.lx.part.Ptr()), uint64(g.lx.s.Ptr()), uint64(g.lx.ctr.Ptr()))...)
 }
 
 // loraKFits reports whether the table fits a wsl launch of a group of

@@ -63,8 +63,7 @@ func (g *wsProduct) launchNorm(s *cuda.Stream, p wsPlan, delta, x, sx, w, sw, xr
 	}
 	bn := wsWidths[p.i]
 	return g.nfn[p.i].Launch(s, cuda.Dim3{X: N / bn, Y: p.split, Z: 1}, cuda.Dim3{X: 128, Y: 1, Z: 1}, wsShared(bn, g.esize),
-		uint64(delta), uint64(g.part.Ptr()), uint64(g.done.Ptr()), uint64(x), uint64(sx), uint64(w), uint64(sw), T, N, K, g.launchOpts(),
-		uint64(xr), uint64(nout), uint64(nw), eps, uint64(q), uint64(qscale), uint64(g.nsync.Ptr()))
+		g.args(delta, x, sx, w, sw, T, N, K, uint64(xr), uint64(nout), uint64(nw), eps, uint64(q), uint64(qscale), uint64(g.nsync.Ptr()))...)
 }
 
 // wsNormAuto is whether LinearAddRMSNorm takes the products it fits by

@@ -54,13 +54,11 @@ func (g *wsProduct) launchSiLU(s *cuda.Stream, p wsPlan, act, x, sx, w, sw, q, q
 		}
 		sync = uint64(g.ssync.Ptr())
 	}
-	bn, opts, fn, sh := wsWidths[p.i], g.launchOpts(), g.sfn[p.i], wsShared(wsWidths[p.i], g.esize)
+	bn, fn, sh := wsWidths[p.i], g.sfn[p.i], wsShared(wsWidths[p.i], g.esize)
 	if g.halfOn(p.i) && g.hsfn[p.i] != nil { // the half-row twin (loaded with hfn)
 		fn, sh = g.hsfn[p.i], wshShared(bn)
 	}
-	return fn.Launch(s, cuda.Dim3{X: N / bn, Y: 1, Z: 1}, cuda.Dim3{X: 128, Y: 1, Z: 1}, sh,
-		uint64(act), uint64(g.part.Ptr()), uint64(g.done.Ptr()), uint64(x), uint64(sx), uint64(w), uint64(sw), T, N, K, opts,
-		uint64(q), uint64(qscale), sync)
+	return fn.Launch(s, cuda.Dim3{X: N / bn, Y: 1, Z: 1}, cuda.Dim3{X: 128, Y: 1, Z: 1}, sh, g.args(act, x, sx, w, sw, T, N, K, uint64(q), uint64(qscale), sync)...)
 }
 
 // wsSiLUAuto is whether LinearSiLU takes the products it fits by default,

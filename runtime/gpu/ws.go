@@ -385,13 +385,18 @@ func (g *wsProduct) launch(s *cuda.Stream, p wsPlan, out, x, sx, w, sw cuda.Devi
 	if err := g.check(p, out, x, w, T, N, K); err != nil {
 		return err
 	}
-	bn, opts := wsWidths[p.i], g.launchOpts()
+	bn := wsWidths[p.i]
 	if g.halfOn(p.i) {
-		return g.hfn[p.i].Launch(s, cuda.Dim3{X: N / bn, Y: p.split, Z: 1}, cuda.Dim3{X: 128, Y: 1, Z: 1}, wshShared(bn),
-			uint64(out), uint64(g.part.Ptr()), uint64(g.done.Ptr()), uint64(x), uint64(sx), uint64(w), uint64(sw), T, N, K, opts)
+		return g.hfn[p.i].Launch(s, cuda.Dim3{X: N / bn, Y: p.split, Z: 1}, cuda.Dim3{X: 128, Y: 1, Z: 1}, wshShared(bn), g.args(out, x, sx, w, sw, T, N, K)...)
 	}
-	return g.fn[p.i].Launch(s, cuda.Dim3{X: N / bn, Y: p.split, Z: 1}, cuda.Dim3{X: 128, Y: 1, Z: 1}, wsShared(bn, g.esize),
-		uint64(out), uint64(g.part.Ptr()), uint64(g.done.Ptr()), uint64(x), uint64(sx), uint64(w), uint64(sw), T, N, K, opts)
+	return g.fn[p.i].Launch(s, cuda.Dim3{X: N / bn, Y: p.split, Z: 1}, cuda.Dim3{X: 128, Y: 1, Z: 1}, wsShared(bn, g.esize), g.args(out, x, sx, w, sw, T, N, K)...)
+}
+
+// args is a ws kernel's argument list for out [T, N] = x [T, K] . w [N,
+// K]^T (ws_body's: the split buffers and launchOpts' opts), then more, a
+// fused or LoRA kernel's own arguments.
+func (g *wsProduct) args(out, x, sx, w, sw cuda.DevicePtr, T, N, K int, more ...any) []any {
+	return append([]any{uint64(out), uint64(g.part.Ptr()), uint64(g.done.Ptr()), uint64(x), uint64(sx), uint64(w), uint64(sw), T, N, K, g.launchOpts()}, more...)
 }
 
 // launchOpts is the kernels' opts: the early weight stages (bits 0-3)
