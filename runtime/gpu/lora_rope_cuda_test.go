@@ -68,7 +68,9 @@ func forcedFixture(t *testing.T, what, launches string, set func(t *testing.T, b
 // (norm_cl.go) against the reference, as TestRopeLoRAFixture runs the
 // q/k/v fold: the tiny fixture's cases co-batched and teacher-forced with
 // add_rmsnorm_cl forced on (every step's adds, prefill rows too) and off,
-// bf16 weights, FP8 weights and FP8 keys; on must add updates in
+// bf16 weights, FP8 weights and FP8 keys, with float32 updates (outHalf
+// off: its add_rmsnorm_h stands in for add_rmsnorm_cl, by default with FP8
+// weights); on must add updates in
 // add_rmsnorm_cl and off must not; bf16 must meet the fixture's limit, and
 // on may not move a configuration's worst error by more than 0.005 (the
 // row's sum of squares is summed in another order).
@@ -78,6 +80,6 @@ func TestNormClFixture(t *testing.T) {
 			if b.ctx.Device().Major < 9 {
 				t.Skip("no thread-block clusters before sm_90")
 			}
-			b.force.addCl = on
+			b.force.addCl, b.force.outHalf = on, -1
 		}, func(b *Backend) int { return b.addClUpdates })
 }
