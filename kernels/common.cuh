@@ -1194,17 +1194,6 @@ __device__ __forceinline__ void ws_put_silu_q(float* v, bf16* __restrict__ out, 
     grid_leave(Q.sync, 64, Q.sync + 64); // every thread has read the maxima
 }
 
-// ws_sync: a ws block's barrier: the whole block's, or with WG (the
-// LORA blocks, whose shrink warps run beside it) the warpgroup's
-// (named barrier 1, 128 threads).
-template <bool WG>
-__device__ __forceinline__ void ws_sync() {
-    if constexpr (WG)
-        asm volatile("bar.sync 1, 128;\n" ::: "memory");
-    else
-        __syncthreads();
-}
-
 // ws_store: the end of ws_body for the accumulators d of
 // block (blockIdx.x, split z): rows m = 16 warp + g (+8) below M, weight
 // rows n0 + 8 j + 2 tig (+1), scaled (xs[m] ws[n - n0] where set: ws_body
@@ -1217,7 +1206,7 @@ __device__ __forceinline__ void ws_sync() {
 // a __shared__ int) sums them in split order, its own read back too (the
 // same bits whichever block is last), stores, and leaves the counter at
 // zero. Every thread of the block calls it (its barriers are the block's).
-template <int BN, bool WG = false>
+template <int BN>
 __device__ __forceinline__ void ws_store(float* d, bf16* __restrict__ out, float* __restrict__ part, int* __restrict__ done,
                                          const float* xs, const float* ws, int M, int N, int n0, int z, int* last) {
     constexpr int TR = 64;
@@ -1235,13 +1224,13 @@ __device__ __forceinline__ void ws_store(float* d, bf16* __restrict__ out, float
         if (m0 + 8 * h < M)
 #pragma unroll
             for (int j = 0; j < BN / 8; j++) *reinterpret_cast<float2*>(at(z, h, j)) = make_float2(d[4 * j + 2 * h], d[4 * j + 2 * h + 1]);
-    ws_sync<WG>();
+    __syncthreads();
     if (tid == 0) {
         __threadfence(); // the block's partials before its count (cumulative, after the barrier)
         *last = atomicAdd(done + blockIdx.x, 1) == S - 1;
         if (*last) __threadfence();
     }
-    ws_sync<WG>();
+    __syncthreads();
     if (!*last) return;
 #pragma unroll
     for (int i = 0; i < BN / 2; i++) d[i] = 0.f;
@@ -1462,11 +1451,11 @@ __device__ __forceinline__ void ws_mma(float* d, unsigned b) {
 // accumulators (d + H BN / 4: the registers BN's layout gives those rows);
 // the whole of d is pinned after the wait either way (in HALF the other
 // half's group may be the one left in flight).
-template <int ES, int BN, int KA, int AB, int AHEAD, int IF, int H = -1, bool WG = false, class Issue>
+template <int ES, int BN, int KA, int AB, int AHEAD, int IF, int H = -1, class Issue>
 __device__ __forceinline__ void ws_stage(float* d, int j, unsigned base, unsigned sb, int st, Issue issue) {
     cp_async_wait<AHEAD - 1>();
     fence_proxy_async();
-    ws_sync<WG>();
+    __syncthreads();
     issue();
     cp_async_commit();
     if constexpr (H < 0)
@@ -1475,328 +1464,6 @@ __device__ __forceinline__ void ws_stage(float* d, int j, unsigned base, unsigne
         ws_mma<ES, BN / 2, KA, AB>(d + H * (BN / 4), base + (j % st) * sb);
     wg_wait<IF>();
     wg_pin<BN / 2>(d);
-}
-
-// ---------------------------------------------------------------------------
-// The LoRA update inside a ws product's K (ws_body's LORA: fp8_wsl_n*,
-// gemm_wsl_n*; runtime/gpu lora_k.go). For output column n of slice s (q,
-// k, v; gate, up; or the one) and row m of adapter slot e,
-//   out[m, n] = base[m, n] + sum_j S[m, j] B_{e,s}[n, j],
-//   S[m, j] = bf16(scale_{e,s} sum_k x[m, k] A_{e,s}[j, k])
-// is one product over K extended by the LoRA columns: the step's active
-// slots (those some row has) each take round8(rank) columns of a slice's
-// RS, in slot order, slice s's at s RS. A row's S is zero outside its own
-// slot's columns and the B rows zero outside their slice's and slot's (the
-// copies fill zeros there), so the extension adds exactly each row's own
-// update, with no update buffer, no LoRA stream and no held SMs: the B
-// rows stream with the weights (one more read of the adapter bytes the
-// expand reads) and the update is rounded once, with the product.
-//
-// The shrink (S) runs inside the same launch, beside the product: each
-// block has LX_WARPS shrink warps (one by default: the block's fifth)
-// that take shrink items (slice, active slot,
-// LX_KC values of K, 32 rank columns) by ticket (ctr[0]) once the
-// activations are there, while the warpgroup streams the weights; an item
-// sums its slot's rows (gathered, m16n8k16 MMAs as sgmv's shrink) into
-// float32 partials, and the last item of a (slice, slot) (ctr[4 + s
-// LX_MAXSLOTS + e]) sums them in K order, scales, rounds and stores S,
-// then counts itself done (ctr[1]). The warpgroup waits for every (slice,
-// slot) done only when it asks for its first LoRA stage's S rows, after
-// its base K walk's copies: items are only taken by warps already
-// running, which finish them without waiting, so nothing waits on a block
-// that cannot run. The last block out (ctr[2]) zeroes the counters for
-// the next launch. The warpgroup's barriers are named (ws_sync<true>).
-//
-// FP8 (ES 1): the block's float32 sums are scaled (xs[m] ws[n]) after its
-// base stages and before the LoRA ones, whose bf16 MMAs add into the same
-// registers; every split's partials are then scaled ones and the store
-// scales nothing. The LoRA stages run in the last K split's blocks.
-// Ranks are multiples of 8 at most LX_MAXR, slots below LX_MAXSLOTS, and
-// the slices' columns at most LX_COLS (runtime/gpu's loraKFits).
-// ---------------------------------------------------------------------------
-#define LX_MAXSLOTS 32
-#define LX_MAXR 64
-#define LX_COLS 1024
-#ifndef LX_KC
-#define LX_KC 512 // K values a shrink item sums (PEFTD_KERNEL_DEFINES may set it; runtime/gpu's lxKC reads it)
-#endif
-#define LX_KMAX 16384               // K at most
-#define LX_KSMAX (LX_KMAX / LX_KC)  // K chunks at most
-#ifndef LX_WARPS
-#define LX_WARPS 1 // shrink warps a block beside the warpgroup (runtime/gpu's lxWarps reads it)
-#endif
-#define LX_CTR (4 + 3 * LX_MAXSLOTS) // counters: ticket, done, leave, spare, then (slice, slot) K chunks
-#define LX_WAIT_NS 1000000000ull     // 1 s: a bug, not a state to wait out
-#define LX_NB 4                      // rank tiles of 8 a shrink item
-
-struct WsLora {
-    const bf16* x;          // the product's activations, bf16 [M][K] (the shrink's input)
-    const LoraEntry* table; // the LoRA table: entry(slot, slice) = table[ebase + slot estride + module(slice)]
-    const int* rowslot;     // each row's slot (-1: none)
-    int ebase, estride, m0, m1, m2;
-    int nslices, off1, off2; // slices' first output columns (off1, off2 = N past the last)
-    int nslots;              // slots in the table
-    float* part;             // shrink partials [LX_KSMAX][64][LX_COLS]
-    bf16* s;                 // S [64][LX_COLS]
-    unsigned* ctr;           // LX_CTR counters, zero between launches
-};
-
-// WsLoraMap: a LoRA block's view of the step, in shared memory (the same
-// in every block).
-struct WsLoraMap {
-    int rs[64];                       // each row's slot (-1: none)
-    int coff[LX_MAXSLOTS];            // an active slot's first column in its slice's RS (-1: not active)
-    int r8[LX_MAXSLOTS];              // its columns: round8 of its largest rank over the slices
-    int act[LX_MAXSLOTS];             // the active slots in order
-    int start[LX_MAXSLOTS + 1];       // their rows' place in order
-    int order[64];                    // the rows by active slot
-    int cnt[LX_MAXSLOTS];             // rows a slot has
-    const bf16* ea[3][LX_MAXSLOTS];   // A [rank][K] of (slice, slot)
-    const bf16* eb[3][LX_MAXSLOTS];   // B [slice's N][rank]
-    int er[3][LX_MAXSLOTS];           // ranks
-    float esc[3][LX_MAXSLOTS];        // scales
-    unsigned char colslot[LX_COLS / 8]; // a slice's 8-column chunk: its slot
-    int nact, RS, rh; // active slots, a slice's columns, rank parts of 32 an item
-};
-
-// lx_map: every block's WsLoraMap from the step's rows and the table (both
-// written by the host before the step: read before griddepcontrol.wait).
-__device__ __forceinline__ void lx_map(const WsLora& L, int M, WsLoraMap& mp) {
-    const int tid = threadIdx.x;
-    for (int i = tid; i < 64; i += blockDim.x) {
-        const int e = i < M ? L.rowslot[i] : -1;
-        mp.rs[i] = e >= 0 && e < L.nslots && e < LX_MAXSLOTS ? e : -1;
-    }
-    for (int i = tid; i < 3 * LX_MAXSLOTS; i += blockDim.x) {
-        const int s = i / LX_MAXSLOTS, e = i % LX_MAXSLOTS;
-        LoraEntry en{};
-        if (s < L.nslices && e < L.nslots) en = L.table[L.ebase + e * L.estride + sg_mod(s, L.m0, L.m1, L.m2)];
-        mp.ea[s][e] = en.a, mp.eb[s][e] = en.b, mp.er[s][e] = en.a && en.b ? en.rank : 0, mp.esc[s][e] = en.scale;
-    }
-    for (int e = tid; e < LX_MAXSLOTS; e += blockDim.x) mp.cnt[e] = 0;
-    __syncthreads();
-    for (int m = tid; m < 64; m += blockDim.x)
-        if (mp.rs[m] >= 0) atomicAdd(&mp.cnt[mp.rs[m]], 1);
-    __syncthreads();
-    if (tid == 0) {
-        int n = 0, c = 0, rows = 0;
-        for (int e = 0; e < LX_MAXSLOTS; e++) {
-            mp.coff[e] = -1, mp.r8[e] = 0;
-            if (mp.cnt[e] == 0) continue;
-            int r = 0;
-            for (int s = 0; s < L.nslices; s++) r = max(r, mp.er[s][e]);
-            mp.coff[e] = c, mp.r8[e] = (r + 7) & ~7, mp.act[n] = e, mp.start[n] = rows;
-            c += mp.r8[e], rows += mp.cnt[e], n++;
-        }
-        int rmax = 0;
-        for (int i = 0; i < n; i++) rmax = max(rmax, mp.r8[mp.act[i]]);
-        mp.start[n] = rows, mp.nact = n, mp.RS = c, mp.rh = (rmax + 8 * LX_NB - 1) / (8 * LX_NB);
-        if (L.nslices * c > LX_COLS) __trap(); // runtime/gpu's loraKFits bounds every slot's columns
-    }
-    __syncthreads();
-    for (int m = tid; m < 64; m += blockDim.x) { // order: each row after the earlier rows of its slot
-        const int e = mp.rs[m];
-        if (e < 0) continue;
-        int a = 0, before = 0;
-        while (mp.act[a] != e) a++;
-        for (int i = 0; i < m; i++) before += mp.rs[i] == e;
-        mp.order[mp.start[a] + before] = m;
-    }
-    for (int q = tid; q < mp.RS / 8; q += blockDim.x) {
-        int a = 0;
-        while (a + 1 < mp.nact && mp.coff[mp.act[a + 1]] <= 8 * q) a++;
-        mp.colslot[q] = (unsigned char)mp.act[a];
-    }
-    __syncthreads();
-}
-
-// lx_item: shrink item (slice s, active slot index a, K chunk kc, rank
-// part h) on one warp (a LORA block's shrink warp): the slot's rows (16 at a
-// time) times the slice's A rows 32 h .. 32 h + 31 over [kc LX_KC,
-// +LX_KC), 32 values of K an MMA pair (sgmv's fu_shrink walk: 8 values a
-// lane, the same permutation of K in both operands), LX_U pairs' loads
-// asked before their MMAs, into float32 partials; the last item of (s, a)
-// (LX_KC chunks x mp.rh parts, those past the rank empty) then sums them
-// in K order, scales, rounds and stores S for the slot's rows and counts
-// it done.
-#ifndef LX_U
-#define LX_U 4 // MMA pairs' loads asked at once (lx_item)
-#endif
-__device__ __forceinline__ void lx_item(const WsLora& L, const WsLoraMap& mp, int s, int a, int kc, int h, int K) {
-    const int lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
-    const int e = mp.act[a], r = mp.er[s][e], col0 = s * mp.RS + mp.coff[e];
-    const int nb0 = h * LX_NB, nbn = min(LX_NB, r / 8 - nb0); // this part's rank tiles
-    const int KS = (K + LX_KC - 1) / LX_KC, kbeg = kc * LX_KC, kend = min(K, kbeg + LX_KC);
-    const int rows = mp.start[a + 1] - mp.start[a], r0 = mp.start[a];
-    const bf16* A = mp.ea[s][e] + (i64)nb0 * 8 * K;
-    const uint4 z4 = make_uint4(0, 0, 0, 0);
-    for (int t0 = 0; t0 < rows && nbn > 0; t0 += 16) {
-        const int n = min(16, rows - t0);
-        const bf16* x0 = L.x + (i64)mp.order[r0 + t0 + (g < n ? g : 0)] * K;
-        const bf16* x1 = L.x + (i64)mp.order[r0 + t0 + (g + 8 < n ? g + 8 : 0)] * K;
-        float c[LX_NB][4];
-#pragma unroll
-        for (int nb = 0; nb < LX_NB; nb++) c[nb][0] = c[nb][1] = c[nb][2] = c[nb][3] = 0.f;
-        for (int cb = kbeg; cb < kend; cb += 32 * LX_U) {
-            uint4 xa[LX_U], xb[LX_U], aa[LX_U][LX_NB];
-#pragma unroll
-            for (int u = 0; u < LX_U; u++) {
-                const int col = cb + 32 * u + 8 * q;
-                const bool in = col < kend;
-                xa[u] = in && g < n ? ldg16(x0 + col) : z4;
-                xb[u] = in && g + 8 < n ? ldg16(x1 + col) : z4;
-#pragma unroll
-                for (int nb = 0; nb < LX_NB; nb++) aa[u][nb] = in && nb < nbn ? ldg16(A + (i64)(nb * 8 + g) * K + col) : z4;
-            }
-#pragma unroll
-            for (int u = 0; u < LX_U; u++)
-#pragma unroll
-                for (int nb = 0; nb < LX_NB; nb++) {
-                    mma16816(c[nb], xa[u].x, xb[u].x, xa[u].y, xb[u].y, aa[u][nb].x, aa[u][nb].y);
-                    mma16816(c[nb], xa[u].z, xb[u].z, xa[u].w, xb[u].w, aa[u][nb].z, aa[u][nb].w);
-                }
-        }
-        const int ma = g < n ? mp.order[r0 + t0 + g] : -1, mb = g + 8 < n ? mp.order[r0 + t0 + g + 8] : -1;
-#pragma unroll
-        for (int nb = 0; nb < LX_NB; nb++) {
-            if (nb >= nbn) break;
-            const int j = col0 + (nb0 + nb) * 8 + 2 * q;
-            if (ma >= 0) *reinterpret_cast<float2*>(L.part + ((i64)kc * 64 + ma) * LX_COLS + j) = make_float2(c[nb][0], c[nb][1]);
-            if (mb >= 0) *reinterpret_cast<float2*>(L.part + ((i64)kc * 64 + mb) * LX_COLS + j) = make_float2(c[nb][2], c[nb][3]);
-        }
-    }
-    __threadfence(); // this lane's partials before the count
-    __syncwarp();
-    unsigned last = 0;
-    if (lane == 0) {
-        last = atomicAdd(L.ctr + 4 + s * LX_MAXSLOTS + e, 1u) == (unsigned)(KS * mp.rh) - 1;
-        if (last) __threadfence();
-    }
-    if (!__shfl_sync(0xffffffffu, last, 0)) return;
-    const int w = mp.r8[e];
-    for (int i = lane; i < rows * w; i += 32) {
-        const int rr = i / w, j = i - rr * w, m = mp.order[r0 + rr];
-        float v = 0.f;
-        if (j < r) {
-            for (int k0 = 0; k0 < KS; k0 += 8) { // eight loads in flight, the sum in K order
-                float p[8];
-#pragma unroll
-                for (int k = 0; k < 8; k++) p[k] = k0 + k < KS ? __ldcg(L.part + ((i64)(k0 + k) * 64 + m) * LX_COLS + col0 + j) : 0.f;
-#pragma unroll
-                for (int k = 0; k < 8; k++) v += p[k];
-            }
-            v *= mp.esc[s][e];
-        }
-        L.s[(i64)m * LX_COLS + col0 + j] = __float2bfloat16_rn(v);
-    }
-    __threadfence();
-    __syncwarp();
-    if (lane == 0) atomicAdd(L.ctr + 1, 1u);
-}
-
-// lx_items: the shrink items a shrink warp takes, one ticket at
-// a time, until none is left.
-__device__ __forceinline__ void lx_items(const WsLora& L, const WsLoraMap& mp, int K) {
-    const int KS = (K + LX_KC - 1) / LX_KC, per = KS * mp.rh, n = L.nslices * mp.nact * per;
-    for (;;) {
-        int t = 0;
-        if ((threadIdx.x & 31) == 0) t = (int)atomicAdd(L.ctr, 1u);
-        t = __shfl_sync(0xffffffffu, t, 0);
-        if (t >= n) return;
-        const int u = t % per;
-        lx_item(L, mp, t / (mp.nact * per), (t / per) % mp.nact, u % KS, u / KS, K);
-    }
-}
-
-// lx_wait: until every (slice, slot)'s S is stored (ctr[1]); then S is
-// read by cp.async (L2). The warpgroup's threads.
-__device__ __forceinline__ void lx_wait(const WsLora& L, const WsLoraMap& mp) {
-    if (threadIdx.x == 0) {
-        const unsigned n = (unsigned)(L.nslices * mp.nact);
-        const unsigned long long t0 = globaltimer_ns();
-        while (ld_acquire_u32(L.ctr + 1) < n) {
-            __nanosleep(32);
-            if (globaltimer_ns() - t0 > LX_WAIT_NS) __trap();
-        }
-        __threadfence();
-    }
-    ws_sync<true>();
-}
-
-// lx_slice: output column n's slice.
-__device__ __forceinline__ int lx_slice(const WsLora& L, int n) { return n >= L.off2 ? 2 : (n >= L.off1 ? 1 : 0); }
-
-// lx_copy: LoRA stage l's copies of a thread (ws_copy's places: KA atoms
-// of AB bytes at b, the activation rows' then at w the weight rows'): walk
-// column c = w0 + 64 (l KA + a) + 8 chunk of the block's slices (below
-// wend); an activation row's S chunk where c is in its slot's columns of
-// that slice, a weight row's B chunk where c is in one of its slice's
-// slots' ranks; zeros elsewhere. Rows at or past M are not copied (the
-// stage's zeros).
-template <int KA, int AB, int CX, int CW>
-__device__ __forceinline__ void lx_copy(const WsLora& L, const WsLoraMap& mp, unsigned b, unsigned wb, int l, int w0, int wend, int r0,
-                                        int chunk, int M, int n0) {
-    constexpr int RSTEP = 128 / (WG_RB / 16);
-#pragma unroll
-    for (int a = 0; a < KA; a++) {
-        const int c = w0 + 64 * (l * KA + a) + 8 * chunk;
-        const bool walk = c < wend && mp.RS > 0;
-        const int sc = walk ? c / mp.RS : 0, o = c - sc * mp.RS, e = walk ? mp.colslot[o / 8] : 0, j = o - mp.coff[e];
-#pragma unroll
-        for (int i = 0; i < CX; i++) {
-            const int m = r0 + i * RSTEP;
-            if (m >= M) continue;
-            const bool ok = walk && mp.rs[m] == e;
-            cp_async16(b + a * AB + i * RSTEP * WG_RB, ok ? (const void*)(L.s + (i64)m * LX_COLS + c) : (const void*)L.s, ok ? 16 : 0);
-        }
-#pragma unroll
-        for (int i = 0; i < CW; i++) {
-            const int n = n0 + r0 + i * RSTEP, sn = lx_slice(L, n);
-            const int nl = n - (sn == 0 ? 0 : (sn == 1 ? L.off1 : L.off2)), r = mp.er[sn][e];
-            const bool ok = walk && sn == sc && j < r;
-            cp_async16(wb + a * AB + i * RSTEP * WG_RB, ok ? (const void*)(mp.eb[sn][e] + (i64)nl * r + j) : (const void*)L.s, ok ? 16 : 0);
-        }
-    }
-}
-
-// lx_scale: a ws block's float32 sums scaled as ws_put would (xs[m] ws[n
-// - n0]), in place, before the LoRA stages add to them.
-template <int BN>
-__device__ __forceinline__ void lx_scale(float* d, const float* xs, const float* ws) {
-    const int lane = threadIdx.x & 31, m0 = 16 * (threadIdx.x >> 5) + (lane >> 2), tig = lane & 3;
-#pragma unroll
-    for (int h = 0; h < 2; h++) {
-        const float a = xs[m0 + 8 * h];
-#pragma unroll
-        for (int j = 0; j < BN / 8; j++) {
-            const int n = 8 * j + 2 * tig;
-            d[4 * j + 2 * h] *= a * ws[n];
-            d[4 * j + 2 * h + 1] *= a * ws[n + 1];
-        }
-    }
-}
-
-// lx_leave: after the block's stores, the last block out zeroes the
-// counters for the next launch.
-__device__ __forceinline__ void lx_leave(const WsLora& L) {
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        __threadfence();
-        if (atomicAdd(L.ctr + 2, 1u) == gridDim.x * gridDim.y * gridDim.z - 1)
-            for (int i = 0; i < LX_CTR; i++) L.ctr[i] = 0;
-    }
-}
-
-// lx_map_smem: the LORA blocks' WsLoraMap, in static shared memory that
-// only the kernels calling it have (null for the others: ws_body's other
-// instances keep their shared memory as it was).
-template <bool LORA> __device__ __forceinline__ WsLoraMap* lx_map_smem() {
-    if constexpr (LORA) {
-        __shared__ WsLoraMap m;
-        return &m;
-    } else {
-        return nullptr;
-    }
 }
 
 // ws_body's HALF blocks (gemm_wsh_n*, fp8_wsh_n*; BN 224 and 256, whose
@@ -1814,14 +1481,11 @@ template <bool LORA> __device__ __forceinline__ WsLoraMap* lx_map_smem() {
 // qx and sx is a cp.async or comes before the grid's barrier and its
 // fences; a plain read of either after a barrier could compile to a
 // non-coherent load and see stale data.
-//
-// LORA (fp8_wsl_n*, gemm_wsl_n*): the LoRA update inside the product's K
-// (WsLora above), plain products only.
-template <int ES, int BN, bool SILU = false, bool NORM = false, bool HALF = false, bool LORA = false>
+template <int ES, int BN, bool SILU = false, bool NORM = false, bool HALF = false>
 __device__ __forceinline__ void ws_body(bf16* __restrict__ out, float* __restrict__ part, int* __restrict__ done,
                                         const unsigned char* __restrict__ qx, const float* __restrict__ sx,
                                         const unsigned char* __restrict__ qw, const float* __restrict__ sw, int M,
-                                        int N, int K, int opts, WsSiluQ SQ = {}, WsNorm NP = {}, WsLora L = {}) {
+                                        int N, int K, int opts, WsSiluQ SQ = {}, WsNorm NP = {}) {
     using W = WsShape<BN, ES, HALF>;
     constexpr int TR = W::TR, AB = W::AB, SB = W::SB, ST = W::ST, KA = W::KA, IF = W::IF, AHEAD = ST - 1 - IF;
     static_assert(IF >= 0 && IF <= 2, "ws_body: WS_INFLIGHT, WS_INFLIGHT_NARROW 0-2");
@@ -1829,13 +1493,11 @@ __device__ __forceinline__ void ws_body(bf16* __restrict__ out, float* __restric
     static_assert(!SILU || BN % 32 == 0, "ws_body: SILU on whole 16-row groups a half");
     static_assert(!NORM || !SILU, "ws_body: NORM is a plain product's end");
     static_assert(!HALF || (!NORM && BN % 32 == 0 && W::KA == 2), "ws_body: HALF takes plain and SILU products of whole 16-row halves");
-    static_assert(!LORA || (!SILU && !NORM && !HALF), "ws_body: LORA takes plain products");
     constexpr int CH = WG_RB / 16;                 // 16-byte chunks a staged row
     constexpr int RSTEP = 128 / CH;                // rows between a thread's copies
     constexpr int CX = TR / RSTEP, CW = W::WR / RSTEP; // a thread's activation and weight rows an atom
     extern __shared__ __align__(16) unsigned char wsm[];
     __shared__ int last;
-    WsLoraMap* const lxp = lx_map_smem<LORA>(); // LORA: the step's slots and columns
     __shared__ float wsc[BN], xsc[TR]; // the block's weight rows' and the activation rows' scales (ES 1)
     const int tid = threadIdx.x;
     const int KB = K * ES, S = gridDim.y, z = blockIdx.y, n0 = blockIdx.x * BN;
@@ -1868,71 +1530,6 @@ __device__ __forceinline__ void ws_body(bf16* __restrict__ out, float* __restric
     auto copy_x = [&](int j) {
         if (j < nst) ws_copy<KA, AB, CX, true>(base + (j % ST) * SB + dst0, xsrc, KB, HALF ? kst(j) >> 1 : kst(j), KB / S, r0, M);
     };
-    // LORA: the walk over the block's slices' LoRA columns [lw0, lwend), in
-    // nls stages after the nst base ones, in the last split's blocks only
-    int lw0 = 0, lwend = 0, nls = 0;
-    if constexpr (LORA) {
-        lx_map(L, M, *lxp);
-        const int slo = lx_slice(L, n0), shi = lx_slice(L, n0 + BN - 1);
-        lw0 = slo * lxp->RS, lwend = (shi + 1) * lxp->RS;
-        nls = z == S - 1 ? (lwend - lw0 + 64 * KA - 1) / (64 * KA) : 0;
-    }
-    // LORA: stage j's copies, base or LoRA (the first LoRA stage's wait
-    // for S)
-    auto copy = [&](int j) {
-        if (j < nst) {
-            copy_w(j);
-            copy_x(j);
-        } else if constexpr (LORA) {
-            if (j == nst && nls > 0) lx_wait(L, *lxp);
-            if (j < nst + nls)
-                lx_copy<KA, AB, CX, CW>(L, *lxp, base + (j % ST) * SB + dst0, base + (j % ST) * SB + dst0 + TR * WG_RB, j - nst, lw0, lwend, r0, c, M, n0);
-        }
-    };
-    if constexpr (LORA) {
-        // the shrink warps take the shrink items once the activations are
-        // there; the warpgroup streams the product, its LoRA stages last
-        // (their S rows asked once every item is done: copy), and the
-        // last block out zeroes the counters
-        if (tid >= 128) { // the shrink warps
-            pdl_entry();
-            lx_items(L, *lxp, K);
-        } else {
-            ws_zero_rows<ST, KA, SB, AB>(base, M);
-            const int early = opts & 15, ne = early < AHEAD ? early : AHEAD;
-            for (int j = 0; j < ne; j++) copy_w(j);
-            if (ES == 1)
-                for (int i = tid; i < BN; i += 128) wsc[i] = sw[n0 + i];
-            pdl_entry();
-            if (ES == 1)
-                for (int i = tid; i < 64; i += 128) xsc[i] = i < M ? sx[i] : 0.f;
-#pragma unroll 1
-            for (int j = 0; j < AHEAD; j++) {
-                if (j >= nst || j >= ne) copy(j);
-                else copy_x(j);
-                cp_async_commit();
-            }
-            float d[BN / 2];
-#pragma unroll
-            for (int i = 0; i < BN / 2; i++) d[i] = 0.f;
-#pragma unroll 1
-            for (int j = 0; j < nst; j++)
-                ws_stage<ES, BN, KA, AB, AHEAD, IF, -1, true>(d, j, base, SB, ST, [&] { copy(j + AHEAD); });
-            // the base sums scaled, then the LoRA stages' bf16 MMAs into them
-            wg_wait<0>();
-            wg_pin<BN / 2>(d);
-            if constexpr (ES == 1) lx_scale<BN>(d, xsc, wsc);
-#pragma unroll 1
-            for (int j = nst; j < nst + nls; j++)
-                ws_stage<2, BN, KA, AB, AHEAD, IF, -1, true>(d, j, base, SB, ST, [&] { copy(j + AHEAD); });
-            wg_wait<0>();
-            wg_pin<BN / 2>(d);
-            cp_async_wait<0>();
-            ws_store<BN, true>(d, out, part, done, nullptr, nullptr, M, N, n0, z, &last);
-        }
-        lx_leave(L);
-        return;
-    }
     ws_zero_rows<ST, KA, SB, AB>(base, M); // activation rows M..63 of every stage: zero, once (the copies skip them)
     const int early = opts & 15, ne = early < AHEAD ? early : AHEAD;
     for (int j = 0; j < ne; j++) copy_w(j);
@@ -2031,26 +1628,6 @@ __device__ __forceinline__ void ws_body(bf16* __restrict__ out, float* __restric
     extern "C" __global__ void __launch_bounds__(128, 1) prefix##h_silu_n256(SARGS) { ws_body<ES, 256, true, false, true>(SPASS); } \
     extern "C" __global__ void __launch_bounds__(128, 1) prefix##_norm_n32(NARGS) { ws_body<ES, 32, false, true>(NPASS); }        \
     extern "C" __global__ void __launch_bounds__(128, 1) prefix##_norm_n64(NARGS) { ws_body<ES, 64, false, true>(NPASS); }
-
-// WSL_LORA_ARGS, WSL_LORA_PASS: the wsl kernels' LoRA arguments after a
-// module's ws ones (runtime/gpu's launchLoRA passes them in this order),
-// and the WsLora they make.
-#define WSL_LORA_ARGS                                                                                                        \
-    const bf16 *lx, const LoraEntry *ltable, const int *lrows, int lebase, int lestride, int lm0, int lm1, int lm2, int lnslices, \
-        int loff1, int loff2, int lnslots, float *lpart, bf16 *ls, unsigned *lctr
-#define WSL_LORA_PASS WsLora{lx, ltable, lrows, lebase, lestride, lm0, lm1, lm2, lnslices, loff1, loff2, lnslots, lpart, ls, lctr}
-
-// WSL_WIDTHS(prefix, ES, ARGS, PASS): prefix_n{32,...,256}, the plain
-// products with the LoRA update inside their K (ws_body's LORA; runtime/gpu
-// lora_k.go): blocks of the warpgroup and LX_WARPS shrink warps.
-#define WSL_WIDTHS(prefix, ES, ARGS, PASS)                                                                                         \
-    extern "C" __global__ void __launch_bounds__(128 + 32 * LX_WARPS, 1) prefix##_n32(ARGS) { ws_body<ES, 32, false, false, false, true>(PASS); }   \
-    extern "C" __global__ void __launch_bounds__(128 + 32 * LX_WARPS, 1) prefix##_n48(ARGS) { ws_body<ES, 48, false, false, false, true>(PASS); }   \
-    extern "C" __global__ void __launch_bounds__(128 + 32 * LX_WARPS, 1) prefix##_n64(ARGS) { ws_body<ES, 64, false, false, false, true>(PASS); }   \
-    extern "C" __global__ void __launch_bounds__(128 + 32 * LX_WARPS, 1) prefix##_n96(ARGS) { ws_body<ES, 96, false, false, false, true>(PASS); }   \
-    extern "C" __global__ void __launch_bounds__(128 + 32 * LX_WARPS, 1) prefix##_n128(ARGS) { ws_body<ES, 128, false, false, false, true>(PASS); } \
-    extern "C" __global__ void __launch_bounds__(128 + 32 * LX_WARPS, 1) prefix##_n224(ARGS) { ws_body<ES, 224, false, false, false, true>(PASS); } \
-    extern "C" __global__ void __launch_bounds__(128 + 32 * LX_WARPS, 1) prefix##_n256(ARGS) { ws_body<ES, 256, false, false, false, true>(PASS); }
 
 // WG_KERNELS(prefix, ES, ARGS, PASS): a module's three wgmma kernels,
 // prefix_n{32,64,128} (one warpgroup a block; the two-warpgroup

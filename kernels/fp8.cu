@@ -465,10 +465,6 @@ WS_WIDTHS(fp8_ws, ws_body, 1, FP8_WS_ARGS, FP8_WS_PASS, 128)
 #define FP8_WS_NORM_ARGS FP8_WS_ARGS, bf16 *xr, bf16 *nout, const bf16 *nw, float eps, unsigned char *q, float *qscale, unsigned *sync
 #define FP8_WS_NORM_PASS FP8_WS_PASS, WsSiluQ{}, WsNorm{xr, nout, nw, eps, q, qscale, sync}
 WS_FUSED_KERNELS(fp8_ws, 1, FP8_WS_ARGS, FP8_WS_PASS, FP8_WS_SILU_ARGS, FP8_WS_SILU_PASS, FP8_WS_NORM_ARGS, FP8_WS_NORM_PASS)
-// fp8_wsl_n*: fp8_ws with the LoRA update inside its K (WsLora, common.cuh)
-#define FP8_WSL_ARGS FP8_WS_ARGS, WSL_LORA_ARGS
-#define FP8_WSL_PASS FP8_WS_PASS, WsSiluQ{}, WsNorm{}, WSL_LORA_PASS
-WSL_WIDTHS(fp8_wsl, 1, FP8_WSL_ARGS, FP8_WSL_PASS)
 #endif
 
 // fp8_splitk_reduce: the sum of a K-split product's float32 partials

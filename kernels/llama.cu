@@ -3294,10 +3294,5 @@ WS_WIDTHS(gemm_ws, ws_body, 2, GEMM_WS_ARGS, GEMM_WS_PASS, 128)
 #define GEMM_WS_NORM_ARGS GEMM_WS_ARGS, bf16 *xr, bf16 *nout, const bf16 *nw, float eps, unsigned char *q, float *qscale, unsigned *sync
 #define GEMM_WS_NORM_PASS GEMM_WS_PASS, WsSiluQ{}, WsNorm{xr, nout, nw, eps, nullptr, nullptr, sync}
 WS_FUSED_KERNELS(gemm_ws, 2, GEMM_WS_ARGS, GEMM_WS_PASS, GEMM_WS_SILU_ARGS, GEMM_WS_PASS, GEMM_WS_NORM_ARGS, GEMM_WS_NORM_PASS)
-// gemm_wsl_n*: gemm_ws with the LoRA update inside its K (WsLora,
-// common.cuh); fp8_wsl's argument list (lx is x)
-#define GEMM_WSL_ARGS GEMM_WS_ARGS, WSL_LORA_ARGS
-#define GEMM_WSL_PASS GEMM_WS_PASS, WsSiluQ{}, WsNorm{}, WSL_LORA_PASS
-WSL_WIDTHS(gemm_wsl, 2, GEMM_WSL_ARGS, GEMM_WSL_PASS)
 #endif
 

@@ -314,7 +314,6 @@ type kernelForce struct {
 	shrinkPipe int           // those shrinks as sgmv_shrink64p (each lane's loads through its own cp.async ring in shared memory; the same bits) where the card has the shared memory (sbpFits): 1 always, -1 never, 0 where shrinkPipeAuto
 	stageOut   int           // rank-32-class expands adding in place as sgmv_expand_tc64s (the output tile staged in shared memory: 16-byte whole-row loads and stores, not 4-byte ones in the MMA fragment's layout; the same bits): 1 always, -1 never, 0 from stageOutMinRows LoRA rows where stageOutAuto (on)
 	oNoPDL     int           // the o group's LoRA kernels launched without PDL (loraAside: its expand's blocks, placed early under the shrink, would take the SMs the o product launching after them needs): 1 on, -1 off, 0 the default (FP8 steps above fp8MidRows rows; Backend.oNoPDL)
-	loraK      int           // LoRA updates inside their ws product's K (lora_k.go: fp8_wsl, gemm_wsl) where they fit: 1 on, -1 off, 0 the default (loraKAuto, PEFTD_LORA_K)
 	l2Win      int           // the LoRA update buffer as an L2 persisting window (l2win.go): 1 on, -1 off, 0 the default (loraL2Default, PEFTD_LORA_L2); 3 on over the whole buffer, not loraL2Bytes of it (an A/B)
 }
 
@@ -339,11 +338,6 @@ type Backend struct {
 	// outHalfOn and qkvHalfOn are outHalf's and qkvHalf's defaults
 	// (outHalfDefault, qkvHalfDefault; read by New)
 	outHalfOn, qkvHalfOn bool
-	// loraKOn is loraK's default (loraKDefault, read by New); loraKs
-	// counts the products enqueued or recorded with the update inside
-	// (tests)
-	loraKOn bool
-	loraKs  int
 	// expandStageds, shrinkBigs, shrinkPipes, siluHalfs, normHalfs and
 	// ropeHalfs count the sgmv_expand_tc64s, sgmv_shrink64, sgmv_shrink64p,
 	// silu_mul_*h, add_rmsnorm_h and rope_store*_h launches enqueued or
@@ -598,7 +592,6 @@ func (b *Backend) open(opts Options) error {
 	b.la.on, b.la.sms = !opts.SerialLoRA, max(opts.LoRASMs, 0)
 	b.guHalfOn, b.hugeHoldsOff = guHalfDefault(), hugeHoldsOff()
 	b.outHalfOn, b.qkvHalfOn = outHalfDefault(), qkvHalfDefault()
-	b.loraKOn = loraKDefault()
 	b.pinN = int(PinnedBytes(opts.PinnedImageBytes) / stageChunkBytes)
 	if opts.LoRASMs == 0 {
 		b.la.sms = -1 // by the step's rows

@@ -472,7 +472,6 @@ type decodeVariant struct {
 	outhalf                      int    // the o and down LoRA updates as bf16, read by add_rmsnorm_h (kernelForce.outHalf: 1 on, -1 off, 0 the default: outHalfAuto)
 	guhalf                       int    // the gate/up LoRA update as bf16, read by silu_mul_h / _o2h / _clh (kernelForce.guHalf: 1 on, -1 off, 0 the default: guHalfAuto)
 	wsnorm                       int    // o and down with the add_rmsnorm after them in one gemm_ws_norm / fp8_ws_norm launch where it fits (kernelForce.wsNorm: 1 on, -1 never, 0 the default: wsNormAuto)
-	lorak                        int    // the LoRA updates inside their ws products' K (fp8_wsl, gemm_wsl; kernelForce.loraK: 1 on, -1 off, 0 the default: loraKAuto)
 }
 
 // force is f with the kernel settings row v sets (kernelForce's other
@@ -484,7 +483,7 @@ func (v decodeVariant) force(f kernelForce) kernelForce {
 	f.holds, f.pdlJoins, f.loraInline, f.serialLoRA = v.holds, v.pdlJoins, v.inline, v.sergrp
 	f.ropeLoRA, f.nodePrio, f.siluCl, f.addCl = v.rfold, v.prio, v.silucl, v.addcl
 	f.memHoist, f.l2Win, f.shrink64, f.wsSiLU, f.wsEarly, f.wsNorm, f.wsEarlyO, f.wsHalf = v.hoist, v.l2, v.sh64, v.wssilu, v.wsearly, v.wsnorm, v.wsearlyo, v.wshalf
-	f.oNoPDL, f.siluO2, f.guHalf, f.outHalf, f.qkvHalf, f.loraK = v.onopdl, v.siluo2, v.guhalf, v.outhalf, v.qkvhalf, v.lorak
+	f.oNoPDL, f.siluO2, f.guHalf, f.outHalf, f.qkvHalf = v.onopdl, v.siluo2, v.guhalf, v.outhalf, v.qkvhalf
 	return f
 }
 
@@ -608,7 +607,6 @@ func (v decodeVariant) label(ads []*lora.Adapter, pdlOK bool) string {
 	lbl += onOffLabel(v.guhalf, "guhalf")
 	lbl += onOffLabel(v.outhalf, "outhalf")
 	lbl += onOffLabel(v.qkvhalf, "qkvhalf")
-	lbl += onOffLabel(v.lorak, "lorak")
 	lbl += onOffLabel(v.addcl, "addcl")
 	lbl += onOffLabel(v.prio, "prio")
 	lbl += onOffLabel(v.onopdl, "onopdl")
@@ -847,7 +845,6 @@ func TestDecodeBench(t *testing.T) {
 		{sms: -1, wsearlyo: 4}, {sms: -1, wsearlyo: 7}, {lora: true, sms: -1, wsearlyo: 4}, {lora: true, sms: -1, wsearlyo: 7},
 		{lora: true, sms: -1, onopdl: 1}, {lora: true, sms: -1, onopdl: -1},
 		{lora: true, sms: -1, guhalf: 1}, {lora: true, sms: -1, guhalf: -1}, {lora: true, sms: -1, outhalf: 1}, {lora: true, sms: -1, outhalf: -1}, {lora: true, sms: -1, qkvhalf: 1}, {lora: true, sms: -1, qkvhalf: -1}, {lora: true, sms: -1, outhalf: 1, qkvhalf: 1},
-		{lora: true, sms: -1, lorak: 1}, {lora: true, sms: -1, lorak: -1},
 		{sms: -1, wsearly: 2}, {sms: -1, wsearly: 4}, {sms: -1, wsearly: 7}, {lora: true, sms: -1, wsearly: 2}, {lora: true, sms: -1, wsearly: 4}, {lora: true, sms: -1, wsearly: 7},
 	}
 	// PEFTD_LORA_PARTITION=16,32: rows +part16, +part32 with the SMs split by

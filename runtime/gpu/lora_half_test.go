@@ -81,15 +81,15 @@ func TestQKVHalf(t *testing.T) {
 	}
 }
 
-// TestLoRAKnobDefaults: PEFTD_LORA_OUT_HALF, PEFTD_LORA_QKV_HALF and
-// PEFTD_LORA_K turn outHalf's, qkvHalf's and loraK's defaults on or off;
+// TestLoRAKnobDefaults: PEFTD_LORA_OUT_HALF and PEFTD_LORA_QKV_HALF turn
+// outHalf's and qkvHalf's defaults on or off;
 // anything else keeps the Auto constants.
 func TestLoRAKnobDefaults(t *testing.T) {
 	for _, knob := range []struct {
 		env  string
 		auto bool
 		get  func() bool
-	}{{"PEFTD_LORA_OUT_HALF", outHalfAuto, outHalfDefault}, {"PEFTD_LORA_QKV_HALF", qkvHalfAuto, qkvHalfDefault}, {"PEFTD_LORA_K", loraKAuto, loraKDefault}} {
+	}{{"PEFTD_LORA_OUT_HALF", outHalfAuto, outHalfDefault}, {"PEFTD_LORA_QKV_HALF", qkvHalfAuto, qkvHalfDefault}} {
 		for _, tc := range []struct {
 			env  string
 			want bool

@@ -24,10 +24,9 @@ import (
 // rope_store_rows does q/k/v's): no fork, no join.
 
 // LinearLoRA is Linear and then LoRA of the same input
-// (engine.LinearLoRAOps): the update inside the product's K where loraK
-// takes the group, else inline where loraInline does.
+// (engine.LinearLoRAOps): inline where loraInline takes the group.
 func (b *Backend) LinearLoRA(out, in engine.Buffer, w engine.Weight, layer int, mods []llama.Module) {
-	if b.loraK(out, in, w, layer, mods) || b.loraInline(out, in, w, layer, mods) {
+	if b.loraInline(out, in, w, layer, mods) {
 		return
 	}
 	b.Linear(out, in, w)

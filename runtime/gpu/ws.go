@@ -37,8 +37,6 @@ type wsProduct struct {
 	nfn        [len(wsWidths)]*cuda.Function // the o or down product and add_rmsnorm in one (gemm_ws_norm_n*, fp8_ws_norm_n*: norm_ws.go), where compiled
 	hfn        [len(wsWidths)]*cuda.Function // fn's products with half-row stages (gemm_wsh_n*, fp8_wsh_n*: 224 and 256), where compiled
 	hsfn       [len(wsWidths)]*cuda.Function // sfn's (gemm_wsh_silu_n*, fp8_wsh_silu_n*)
-	lfn        [len(wsWidths)]*cuda.Function // fn's products with the LoRA update inside their K (gemm_wsl_n*, fp8_wsl_n*: lora_k.go), where compiled
-	lx         lxBuffers                     // lfn's scratch (allocated where some lfn is loaded)
 	half       bool                          // the products enqueued now take hfn and hsfn where loaded (kernelForce.wsHalf)
 	nsync      *cuda.DeviceBuffer            // nfn's barrier counters (zero between launches: wsSync)
 	part, done *cuda.DeviceBuffer            // the splits' partials and per-tile counters (zero between launches)
@@ -169,9 +167,6 @@ func loadWS(ctx *cuda.Context, s *cuda.Stream, mod *cuda.Module, prefix string, 
 		// shared memory is left out, never an error for the products
 		g.sfn[i] = optional(fmt.Sprintf("%s_silu_n%d", prefix, bn), sh)
 		g.nfn[i] = optional(fmt.Sprintf("%s_norm_n%d", prefix, bn), sh)
-		if wsShared(bn, esize)+lxStatic <= maxShared {
-			g.lfn[i] = optional(fmt.Sprintf("%sl_n%d", prefix, bn), sh)
-		}
 		if wshStages(bn) >= 3 && wshShared(bn)+wshStatic <= maxShared {
 			g.hfn[i] = optional(fmt.Sprintf("%sh_n%d", prefix, bn), wshShared(bn))
 			g.hsfn[i] = optional(fmt.Sprintf("%sh_silu_n%d", prefix, bn), wshShared(bn))
@@ -188,12 +183,6 @@ func loadWS(ctx *cuda.Context, s *cuda.Stream, mod *cuda.Module, prefix string, 
 		if g.ssync, err = allocZero(ctx, s, 4*wsSiluSync); err != nil {
 			g.free()
 			return nil, fmt.Errorf("gpu: %s_silu's barrier: %w", prefix, err)
-		}
-	}
-	if g.lfn != ([len(wsWidths)]*cuda.Function{}) {
-		if g.lx, err = newLXBuffers(ctx, s); err != nil {
-			g.free()
-			return nil, fmt.Errorf("gpu: %sl's scratch: %w", prefix, err)
 		}
 	}
 	if g.nfn != ([len(wsWidths)]*cuda.Function{}) {
@@ -219,9 +208,6 @@ func (g *wsProduct) free() error {
 		err = e
 	}
 	g.nsync = nil
-	if e := g.lx.free(); e != nil && err == nil {
-		err = e
-	}
 	return err
 }
 
@@ -394,7 +380,7 @@ func (g *wsProduct) launch(s *cuda.Stream, p wsPlan, out, x, sx, w, sw cuda.Devi
 
 // args is a ws kernel's argument list for out [T, N] = x [T, K] . w [N,
 // K]^T (ws_body's: the split buffers and launchOpts' opts), then more, a
-// fused or LoRA kernel's own arguments.
+// fused kernel's own arguments.
 func (g *wsProduct) args(out, x, sx, w, sw cuda.DevicePtr, T, N, K int, more ...any) []any {
 	return append([]any{uint64(out), uint64(g.part.Ptr()), uint64(g.done.Ptr()), uint64(x), uint64(sx), uint64(w), uint64(sw), T, N, K, g.launchOpts()}, more...)
 }
