@@ -407,8 +407,12 @@ func (f *fp8State) wsBeside(T int) bool {
 // the FP8 GEMM: x's rows are quantized per token into the scratch unless
 // the scratch already holds them (same input, rows and write generation gen).
 func (f *fp8State) linear(out, x cuda.DevicePtr, T int, w *fp8Weight, gen uint64) error {
-	if err := f.dropStaging(); err != nil {
-		return err
+	if f.tmp != nil { // uploads are over: the staging is not needed any more
+		if err := f.s.Synchronize(); err != nil {
+			return err
+		}
+		f.tmp.Free()
+		f.tmp = nil
 	}
 	K := w.cols
 	if err := f.prepare(x, T, K, gen); err != nil {
@@ -457,20 +461,6 @@ func (f *fp8State) linear(out, x cuda.DevicePtr, T int, w *fp8Weight, gen uint64
 		T = Tp // the rows past T are scratch: their products land in out's rows past T, which nothing reads
 	}
 	return f.mm.GemmTNScaled(f.s, out, cuda.R16BF, f.actQ.Ptr(), f.actS.Ptr(), w.q.Ptr(), w.scale.Ptr(), T, w.rows, K)
-}
-
-// dropStaging frees the upload staging once the first product is
-// enqueued: the uploads are over.
-func (f *fp8State) dropStaging() error {
-	if f.tmp == nil {
-		return nil
-	}
-	if err := f.s.Synchronize(); err != nil {
-		return err
-	}
-	f.tmp.Free()
-	f.tmp = nil
-	return nil
 }
 
 // prepare quantizes x's T rows of K values per token into the activation

@@ -341,10 +341,10 @@ func TestOpLinearAddRMSNorm(t *testing.T) {
 				return took, rows
 			}
 			want := c.want
-			if from := 0; format == "fp8" && c.T < wsMinRows && c.force > 0 {
+			if format == "fp8" && c.T < wsMinRows && c.force > 0 {
 				// FP8 products of fewer rows with no LoRA update beside go to
 				// fp8_ws from wsLoneFrom rows (v0.81): the fused op with them
-				from = r.b.f8.wsBelowFrom(true)
+				from := r.b.f8.wsBelowFrom(true)
 				want = from > 0 && c.T >= from
 			}
 			for _, norm := range []bool{true, false} {

@@ -68,19 +68,6 @@ func testConfig(hidden, inter, heads, kvHeads, headDim, vocab, layers int) *llam
 	return c
 }
 
-// adapter is a random adapter of rank and scale on the rig's layers for
-// mods, its A and B values in [-s, s).
-func (r *rig) adapter(rank int, scale, s float32, mods ...llama.Module) *lora.Adapter {
-	a := &lora.Adapter{Name: fmt.Sprintf("r%d", rank), Layers: make([][llama.NumModules]*lora.Pair, r.cfg.Layers)}
-	for l := range a.Layers {
-		for _, m := range mods {
-			in, out := r.cfg.Dims(m)
-			a.Layers[l][m] = &lora.Pair{Rank: rank, Scale: scale, A: r.rnd(rank*in, s), B: r.rnd(out*rank, s)}
-		}
-	}
-	return a
-}
-
 // rnd returns n bf16-representable random values in [-s, s), never all zero.
 func (r *rig) rnd(n int, s float32) []float32 {
 	v := make([]float32, n)

@@ -69,7 +69,14 @@ func TestOpLoRAFused(t *testing.T) {
 	T := 70
 	r := newRig(t, cfg, T, engine.KVSpec{Layers: 2, Blocks: 8, BlockSize: 16, KVHeads: 2, HeadDim: 128})
 	mk := func(rank int, scale float32, mods ...llama.Module) *lora.Adapter {
-		return r.adapter(rank, scale, 0.1, mods...)
+		a := &lora.Adapter{Name: "r", Layers: make([][llama.NumModules]*lora.Pair, cfg.Layers)}
+		for l := range a.Layers {
+			for _, m := range mods {
+				in, out := cfg.Dims(m)
+				a.Layers[l][m] = &lora.Pair{Rank: rank, Scale: scale, A: r.rnd(rank*in, 0.1), B: r.rnd(out*rank, 0.1)}
+			}
+		}
+		return a
 	}
 	all := []llama.Module{llama.Q, llama.K, llama.V, llama.O, llama.Gate, llama.Up, llama.Down}
 	ads := map[int]*lora.Adapter{0: mk(16, 2, all...), 1: mk(64, 0.5, all...), 2: mk(5, 1.25, llama.Q, llama.V, llama.Up, llama.Down),
