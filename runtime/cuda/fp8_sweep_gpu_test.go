@@ -80,14 +80,32 @@ func TestFP8AlgoSweep(t *testing.T) {
 		}
 		return m.planScaled(scaledKey(T, N, K, R16BF, 0, m.fast), xs, ws)
 	}
+	// PEFTD_FP8_SWEEP_KPLUS=q,o,gu,d: that many more columns of K for each
+	// shape (qkv, o, gate_up, down), as a LoRA update carried in the
+	// product's K would add (a rank-32 slot a target: 4 adapters on q/k/v
+	// 384, o 128, gate/up 256, down 128)
+	var kplus [4]int
+	if env := os.Getenv("PEFTD_FP8_SWEEP_KPLUS"); env != "" {
+		f := strings.Split(env, ",")
+		if len(f) != len(kplus) {
+			t.Fatalf("PEFTD_FP8_SWEEP_KPLUS: %q is not four column counts", env)
+		}
+		for i := range f {
+			n, err := strconv.Atoi(f[i])
+			if err != nil || n < 0 || n%16 != 0 {
+				t.Fatalf("PEFTD_FP8_SWEEP_KPLUS: %q is not a multiple of 16", f[i])
+			}
+			kplus[i] = n
+		}
+	}
 	const bw = 4.0e12 // bytes/s, H200 copy bandwidth (docs/PERFORMANCE.md)
-	t.Logf("SWEEP SM target %d (0: the whole card), fast accumulation %v", m.SMTarget(), m.fast)
+	t.Logf("SWEEP SM target %d (0: the whole card), fast accumulation %v, K plus %v", m.SMTarget(), m.fast, kplus)
 	t.Logf("SWEEP %-8s %4s %9s %9s %5s %9s %7s %s", "shape", "T", "first_us", "best_us", "best", "floor_us", "algos", "all_us")
-	for _, sh := range []struct {
+	for si, sh := range []struct {
 		name string
 		N, K int
 	}{{"qkv", 6144, 4096}, {"o", 4096, 4096}, {"gate_up", 28672, 4096}, {"down", 4096, 14336}} {
-		N, K := sh.N, sh.K
+		N, K := sh.N, sh.K+kplus[si]
 		copies := (150<<20)/(N*K*es) + 2
 		w := alloc(copies*N*K*es, 0x30) // e4m3 0x30 = 0.5 (bf16 0x3030: 6.4e-10)
 		ws := alloc(4*N, 0)

@@ -264,11 +264,18 @@ func TestLoRABench(t *testing.T) {
 	// timeGraph captures the layer's LoRA ops and returns the median replay
 	// time in µs: the updates added in place to the outputs, or (inPlace
 	// false) written as float32 updates aside.
+	shrinkOnly := false // timeGraph captures the ops' shrinks alone (shrink_us)
 	timeGraph := func(inPlace bool) float64 {
 		if err := b.s.BeginCapture(); err != nil {
 			t.Fatal(err)
 		}
 		for i, o := range ops {
+			if shrinkOnly {
+				_, ms, inF, _ := b.groupSlices(o.mods)
+				base, stride := b.tableRows(0)
+				b.launchShrink(b.s, b.shrinkPlan(b.s, inF, len(o.mods)), o.x, base, stride, ms, inF, len(o.mods))
+				continue
+			}
 			if inPlace {
 				b.loraSlices(b.s, o.out.mem.Ptr(), o.out.cols, o.x, 0, o.mods, accAdd)
 			} else {
@@ -322,7 +329,7 @@ func TestLoRABench(t *testing.T) {
 		}
 		return float64(2 * T * n)
 	}
-	bench("lora %-4s %-4s %-9s %9s %9s %9s %9s %8s %9s %9s %7s %7s %7s %7s %9s %9s %9s %9s", "N", "rank", "T", "v0_us", "v1_us", "v2_us", "tc_us", "adapt_MB", "floor_us", "floorA_us", "v1_frac", "v2_frac", "tcA_frac", "v1/tc", "graph_us", "aside_us", "x64s_us", "nopipe_us")
+	bench("lora %-4s %-4s %-9s %9s %9s %9s %9s %8s %9s %9s %7s %7s %7s %7s %9s %9s %9s %9s %9s", "N", "rank", "T", "v0_us", "v1_us", "v2_us", "tc_us", "adapt_MB", "floor_us", "floorA_us", "v1_frac", "v2_frac", "tcA_frac", "v1/tc", "graph_us", "aside_us", "x64s_us", "nopipe_us", "shrink_us")
 	rng := rand.New(rand.NewPCG(1, 2))
 	for _, nAd := range []int{1, 4, 16} {
 		for _, rank := range []int{16, 32, 64} {
@@ -372,7 +379,7 @@ func TestLoRABench(t *testing.T) {
 				// default: shrink + tensor-core expand), and the graph layout:
 				// what a replayed serving step of T rows runs (the rows padded
 				// to their bucket, the bucket's tile capacity, the rank class)
-				var us [8]float64
+				var us [9]float64
 				for v := range 5 {
 					if only != nil && v == 0 {
 						continue
@@ -406,11 +413,20 @@ func TestLoRABench(t *testing.T) {
 				r.begin(m)
 				us[7] = ranOr(&b.shrinkBigs, timeGraph, true)
 				r.end()
+				// shrink_us: tc's shrinks alone, on the whole card (what a
+				// LoRA update carried in the products' K would still run
+				// ahead of each product)
+				b.force = kernelForce{shrink64: sh64, loraKChunk: kc}
+				r.begin(m)
+				shrinkOnly = true
+				us[8] = timeGraph(true)
+				shrinkOnly = false
+				r.end()
 				b.force = kernelForce{}
 				adBytes := float64(2 * rank * perRank * len(c.segs))
 				floor := adBytes / bw * 1e6
 				floorAll := (adBytes + actBytes(T)) / bw * 1e6
-				bench("lora %-4d %-4d %-9s %9.1f %9.1f %9.1f %9.1f %8.1f %9.1f %9.1f %7.2f %7.2f %7.2f %7.2f %9.1f %9.1f %9.1f %9.1f", nAd, rank, c.label, us[0], us[1], us[2], us[3], adBytes/1e6, floor, floorAll, floor/us[1], floor/us[2], floorAll/us[3], us[1]/us[3], us[4], us[5], us[6], us[7])
+				bench("lora %-4d %-4d %-9s %9.1f %9.1f %9.1f %9.1f %8.1f %9.1f %9.1f %7.2f %7.2f %7.2f %7.2f %9.1f %9.1f %9.1f %9.1f %9.1f", nAd, rank, c.label, us[0], us[1], us[2], us[3], adBytes/1e6, floor, floorAll, floor/us[1], floor/us[2], floorAll/us[3], us[1]/us[3], us[4], us[5], us[6], us[7], us[8])
 			}
 		}
 	}
