@@ -2074,6 +2074,44 @@ extern "C" __global__ void lora_expand(bf16* out, const float* tmp, const LoraEn
     *o = tobf(ld(o) + acc);
 }
 
+// lora_cat_e4m3: the input side of a LoRA update carried in an FP8
+// product's K (runtime/gpu/kcat.go): [qx | S'] . [qw | B']^T, both row
+// scaled, adds S . B^T to x . W^T. For each row t (grid.x = rows) it writes
+// the E = slices * P * R extension columns at xq + t * ldq: column
+// (s * P + p) * R + j holds e4m3(S[t, s, j] * fac[slot * slices + s] / sx[t])
+// where slot is row t's adapter (rl), p its K position (kpos[slot]), j below
+// its rank for slice s, and S the shrink's sum over ks partials in tmp
+// ([ks][rows_total][t_stride], slice s from s * max_rank, the adapter's
+// scale applied); every other column 0, so rows of no adapter or no
+// position add nothing. sx[t] is the row's e4m3 scale (a NaN row scale
+// gives NaN, as the base product's does).
+extern "C" __global__ void lora_cat_e4m3(unsigned char* __restrict__ xq, i64 ldq, const float* __restrict__ tmp,
+                                         const float* __restrict__ sx, const int* __restrict__ rl,
+                                         const int* __restrict__ kpos, const float* __restrict__ fac,
+                                         const LoraEntry* __restrict__ table, int entry_base, int entry_stride,
+                                         int m0, int m1, int m2, int slices, int P, int R, int ks, int rows_total,
+                                         int t_stride, int max_rank) {
+    pdl_entry();
+    const int t = blockIdx.x, slot = rl[t];
+    const int p = slot >= 0 ? kpos[slot] : -1;
+    const float inv = 1.f / sx[t];
+    unsigned char* row = xq + (i64)t * ldq;
+    const int E = slices * P * R;
+    for (int c = threadIdx.x; c < E; c += blockDim.x) {
+        const int s = c / (P * R), j = c % R;
+        float v = 0.f;
+        if ((c / R) % P == p) {
+            const LoraEntry e = table[entry_base + slot * entry_stride + sg_mod(s, m0, m1, m2)];
+            if (j < e.rank && j < max_rank) {
+                float sum = 0.f;
+                for (int z = 0; z < ks; z++) sum += tmp[((i64)z * rows_total + t) * t_stride + s * max_rank + j];
+                v = sum * fac[slot * slices + s] * inv;
+            }
+        }
+        row[c] = __nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3);
+    }
+}
+
 // ---------------------------------------------------------------------------
 // SGMV v1: segment-tiled LoRA shrink (tensor cores) and expand (bf16x8 loads).
 //

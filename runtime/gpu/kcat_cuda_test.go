@@ -1,0 +1,359 @@
+//go:build cuda
+
+package gpu
+
+import (
+	"math"
+	"math/rand/v2"
+	"os"
+	"slices"
+	"testing"
+
+	"github.com/peftd/peftd/runtime/cuda"
+	"github.com/peftd/peftd/runtime/engine"
+	"github.com/peftd/peftd/runtime/llama"
+	"github.com/peftd/peftd/runtime/lora"
+	"github.com/peftd/peftd/runtime/safetensors"
+)
+
+// TestKCatGroup: each fused group of an 8B layer at 240 rows (a mixed
+// step's shape: 60 decode rows of four rank-32 adapters, 4 of none, a
+// 176-token prompt of one), its LoRA update carried in the FP8 product's
+// K (kcat.go: the step's shrink, lora_cat_e4m3, cuBLASLt's scaled product
+// over K + E columns) against the product over K plus the SGMV update
+// added in place. The update's error is e4m3's on S and B (a few % of
+// it); rows of no adapter get none. PEFTD_KCAT_BENCH=1 also times the
+// four groups as one recorded graph after an L2 flush: the products over
+// K alone, and shrink + lora_cat_e4m3 + the product over K + E (KCAT
+// lines; their difference is the update's cost a layer).
+func TestKCatGroup(t *testing.T) {
+	cfg := cfg8B(1)
+	const T, P, R = 240, 4, 32
+	r := newRigWith(t, cfg, T, engine.KVSpec{Layers: 1, Blocks: 32, BlockSize: 16, KVHeads: 8, HeadDim: 128}, Options{WeightFormat: "fp8"})
+	b := r.b
+	if b.f8 == nil {
+		t.Skip("no FP8 path on this device")
+	}
+	rng := rand.New(rand.NewPCG(5, 6))
+	// trained-like adapters: B ~ 0.2 of a weight row's largest value
+	// (randomAdapter's B, as large as A, puts S' B' past e4m3's range)
+	ads := make([]*lora.Adapter, P)
+	for s := range ads {
+		ads[s] = &lora.Adapter{Name: "kcat", Layers: make([][llama.NumModules]*lora.Pair, 1)}
+		for md := llama.Module(0); md < llama.NumModules; md++ {
+			in, out := cfg.Dims(md)
+			ads[s].Layers[0][md] = &lora.Pair{Rank: R, Scale: 2, A: r.rnd(R*in, 0.02), B: r.rnd(out*R, 0.005)}
+		}
+		if err := b.LoadAdapter(s, ads[s]); err != nil {
+			t.Fatal(err)
+		}
+	}
+	segs := []engine.Segment{{Start: 0, End: 16, Slot: 0}, {Start: 16, End: 31, Slot: 1}, {Start: 31, End: 48, Slot: 2},
+		{Start: 48, End: 60, Slot: 3}, {Start: 64, End: T, Slot: 1}} // rows 60-63: no adapter
+	m := oneSeq(T, 16, zeros(T))
+	m.LoRA = segs
+	slotOf := func(row int) int {
+		for _, s := range segs {
+			if row >= s.Start && row < s.End {
+				return s.Slot
+			}
+		}
+		return -1
+	}
+	alloc := func(n int) cuda.DevicePtr {
+		buf, err := b.ctx.Alloc(n)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { buf.Free() })
+		return buf.Ptr()
+	}
+	upload := func(host any) cuda.DevicePtr {
+		var p cuda.DevicePtr
+		var err error
+		switch h := host.(type) {
+		case []byte:
+			p = alloc(len(h))
+			err = cuda.CopyHtoD(b.s, p, h)
+		case []uint16:
+			p = alloc(2 * len(h))
+			err = cuda.CopyHtoD(b.s, p, h)
+		case []int32:
+			p = alloc(4 * len(h))
+			err = cuda.CopyHtoD(b.s, p, h)
+		case []float32:
+			p = alloc(4 * len(h))
+			err = cuda.CopyHtoD(b.s, p, h)
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	kpos := upload([]int32{0, 1, 2, 3, -1, -1, -1, -1})
+	type group struct {
+		name       string
+		mods       []llama.Module
+		N, K, ld   int
+		x          *Buffer
+		qx, sx     cuda.DevicePtr // x in e4m3 over K, its row scales
+		xcat, wcat cuda.DevicePtr // [T, ld] and [N, ld]: K then the extension
+		w          *fp8Weight
+		fac        cuda.DevicePtr
+		base, ref  *Buffer // the product over K; plus the SGMV update
+		cat        *Buffer // over K + E
+	}
+	var groups []*group
+	for _, g := range []struct {
+		name string
+		mods []llama.Module
+	}{{"qkv", []llama.Module{llama.Q, llama.K, llama.V}}, {"o", []llama.Module{llama.O}}, {"gate_up", []llama.Module{llama.Gate, llama.Up}}, {"down", []llama.Module{llama.Down}}} {
+		K, _ := cfg.Dims(g.mods[0])
+		var outs []int
+		N := 0
+		for _, md := range g.mods {
+			_, o := cfg.Dims(md)
+			outs, N = append(outs, o), N+o
+		}
+		E := len(g.mods) * P * R
+		ld := K + E
+		// weights of about 0.5 a product, the update ~10% of it
+		host := make([]uint16, N*K)
+		f32ToBF16(host, r.rnd(N*K, 0.025))
+		w, err := b.f8.upload(host, N, K)
+		if err != nil {
+			t.Fatal(err)
+		}
+		qw := make([]byte, N*K)
+		sw := make([]float32, N)
+		if err := cuda.CopyDtoH(b.s, qw, w.q.Ptr()); err != nil {
+			t.Fatal(err)
+		}
+		if err := cuda.CopyDtoH(b.s, sw, w.scale.Ptr()); err != nil {
+			t.Fatal(err)
+		}
+		wc := make([]byte, N*ld)
+		for n := 0; n < N; n++ {
+			copy(wc[n*ld:n*ld+K], qw[n*K:(n+1)*K])
+		}
+		fac := make([]float32, 8*len(g.mods))
+		for s := range fac {
+			fac[s] = 1
+		}
+		for s, a := range ads {
+			off := 0
+			for i, md := range g.mods {
+				p := a.Layers[0][md]
+				bb := make([]float32, len(p.B)) // B as the device holds it (bf16)
+				h := make([]uint16, len(p.B))
+				f32ToBF16(h, p.B)
+				for j := range h {
+					bb[j] = fromBF16(h[j])
+				}
+				rows := sw[off : off+outs[i]]
+				f, err := kcatFactor(bb, p.Rank, rows)
+				if err != nil {
+					t.Fatal(err)
+				}
+				fac[s*len(g.mods)+i] = f
+				if err := kcatExtension(wc[off*ld:], ld, K+(i*P+s)*R, R, bb, p.Rank, rows, f); err != nil {
+					t.Fatal(err)
+				}
+				off += outs[i]
+			}
+		}
+		// activations as an LLM's: normal, four outlier channels 20x
+		xs := make([]float32, T*K)
+		for i := range xs {
+			xs[i] = float32(rng.NormFloat64())
+			if c := i % K; c == 7 || c == 300 || c == 1201 || c == K-5 {
+				xs[i] *= 20
+			}
+		}
+		x := r.buffer(T, K)
+		r.fill(x, xs)
+		gr := &group{name: g.name, mods: g.mods, N: N, K: K, ld: ld, x: x, w: w, wcat: upload(wc), fac: upload(fac),
+			qx: alloc(T * K), sx: alloc(4 * T), xcat: alloc(T * ld), base: r.buffer(T, N), ref: r.buffer(T, N), cat: r.buffer(T, N)}
+		if err := b.f8.quantRows(gr.qx, gr.sx, ptr(x), T, K, x.ld); err != nil {
+			t.Fatal(err)
+		}
+		qx := make([]byte, T*K)
+		if err := cuda.CopyDtoH(b.s, qx, gr.qx); err != nil {
+			t.Fatal(err)
+		}
+		xc := make([]byte, T*ld)
+		for i := 0; i < T; i++ {
+			copy(xc[i*ld:i*ld+K], qx[i*K:(i+1)*K])
+		}
+		if err := cuda.CopyHtoD(b.s, gr.xcat, xc); err != nil {
+			t.Fatal(err)
+		}
+		groups = append(groups, gr)
+	}
+	base, stride := b.tableRows(0)
+	// kcat: the shrink, lora_cat_e4m3 and the product over K + E
+	kcat := func(g *group) {
+		_, ms, _, _ := b.groupSlices(g.mods)
+		sp := b.shrinkPlan(b.s, g.K, len(g.mods))
+		b.launchShrink(b.s, sp, g.x, base, stride, ms, g.K, len(g.mods))
+		b.loraCat(b.s, g.xcat+cuda.DevicePtr(g.K), g.ld, g.sx, kpos, g.fac, 0, g.mods, P, R, sp.ks)
+		b.fail(b.mm.GemmTNScaled(b.s, ptr(g.cat), cuda.R16BF, g.xcat, g.sx, g.wcat, g.w.scale.Ptr(), T, g.N, g.ld))
+	}
+	plain := func(g *group, out *Buffer) {
+		b.fail(b.mm.GemmTNScaled(b.s, ptr(out), cuda.R16BF, g.qx, g.sx, g.w.q.Ptr(), g.w.scale.Ptr(), T, g.N, g.K))
+	}
+	r.begin(m)
+	for _, g := range groups {
+		plain(g, g.base)
+		plain(g, g.ref)
+		b.loraSlices(b.s, ptr(g.ref), g.N, g.x, 0, g.mods, accAdd)
+		kcat(g)
+	}
+	r.end()
+	for _, g := range groups {
+		// S' values e4m3 saturated (±448: 0x7e, 0xfe), and the largest
+		xc := make([]byte, T*g.ld)
+		if err := cuda.CopyDtoH(b.s, xc, g.xcat); err != nil {
+			t.Fatal(err)
+		}
+		sat, top := 0, 0.0
+		for i := 0; i < T; i++ {
+			for _, v := range xc[i*g.ld+g.K : (i+1)*g.ld] {
+				if v&0x7f == 0x7e {
+					sat++
+				}
+				top = max(top, math.Abs(float64(safetensors.E4M3ToFloat32(v))))
+			}
+		}
+		bs, ref, cat := r.read(g.base, T), r.read(g.ref, T), r.read(g.cat, T)
+		var upd, errMax, errSS, updSS, noneMax, baseMax, baseSS float64
+		for i := 0; i < T; i++ {
+			for n := 0; n < g.N; n++ {
+				k := i*g.N + n
+				baseMax, baseSS = max(baseMax, math.Abs(float64(bs[k]))), baseSS+float64(bs[k])*float64(bs[k])
+				d := math.Abs(float64(cat[k] - ref[k]))
+				if slotOf(i) < 0 {
+					noneMax = max(noneMax, math.Abs(float64(cat[k]-bs[k])))
+					continue
+				}
+				u := float64(ref[k] - bs[k])
+				upd, updSS = max(upd, math.Abs(u)), updSS+u*u
+				errMax, errSS = max(errMax, d), errSS+d*d
+			}
+		}
+		n := float64(T * g.N)
+		rel, rms := errMax/upd, math.Sqrt(errSS/updSS)
+		t.Logf("KCAT %-8s N %5d K %5d E %3d: update max %.4f rms %.4f (base max %.3f rms %.3f), kcat - SGMV max %.4f (%.3f of the update's max), rms %.4f of the update's; S' max %.0f, %d saturated; rows of no adapter max |kcat - base| %.5f",
+			g.name, g.N, g.K, g.ld-g.K, upd, math.Sqrt(updSS/n), baseMax, math.Sqrt(baseSS/n), errMax, rel, rms, top, sat, noneMax)
+		// e4m3 on S' and B': ~2^-5 relative rms each, ~0.05 of the update
+		// together; the SGMV reference rounds base + update to bf16 once
+		// more (2^-9 of the base, itself ~20x the update: ~0.04 of it)
+		if !(upd > 0) || rms > 0.12 || sat > 0 || noneMax > 0.02*baseMax {
+			t.Errorf("%s: kcat's update off the SGMV one (rms %.4f of the update, %d saturated, no-adapter rows %.5f)", g.name, rms, sat, noneMax)
+		}
+	}
+	if os.Getenv("PEFTD_KCAT_BENCH") == "" {
+		return
+	}
+	flush, err := b.ctx.Alloc(256 << 20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer flush.Free()
+	flushFn, err := b.mod.Function("l2_flush")
+	if err != nil {
+		t.Fatal(err)
+	}
+	evs := make([]*cuda.Event, 40)
+	for i := range evs {
+		if evs[i], err = b.ctx.NewEvent(true); err != nil {
+			t.Fatal(err)
+		}
+		defer evs[i].Destroy()
+	}
+	timeIt := func(run func(g *group)) float64 {
+		r.begin(m)
+		defer r.end()
+		if err := b.s.BeginCapture(); err != nil {
+			t.Fatal(err)
+		}
+		for _, g := range groups {
+			run(g)
+		}
+		gr, err := b.s.EndCapture()
+		if err != nil || b.err != nil {
+			t.Fatal(err, b.err)
+		}
+		defer gr.Destroy()
+		ge, err := gr.Instantiate()
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer ge.Destroy()
+		const warm, reps = 3, 20
+		for i := 0; i < warm+reps; i++ {
+			if err := flushFn.Launch(b.s, cuda.Dim3{X: 4 * b.Device().SMs}, cuda.Dim3{X: 512}, 0, flush.Ptr(), int64(flush.Size()/16), flush.Ptr()); err != nil {
+				t.Fatal(err)
+			}
+			if i >= warm {
+				evs[2*(i-warm)].Record(b.s)
+			}
+			if err := ge.Launch(b.s); err != nil {
+				t.Fatal(err)
+			}
+			if i >= warm {
+				evs[2*(i-warm)+1].Record(b.s)
+			}
+		}
+		if err := b.s.Synchronize(); err != nil {
+			t.Fatal(err)
+		}
+		us := make([]float32, reps)
+		for i := range us {
+			ms, err := evs[2*i+1].Since(evs[2*i])
+			if err != nil {
+				t.Fatal(err)
+			}
+			us[i] = ms * 1e3
+		}
+		return median(us)
+	}
+	p := timeIt(func(g *group) { plain(g, g.base) })
+	k := timeIt(kcat)
+	sh := timeIt(func(g *group) {
+		_, ms, _, _ := b.groupSlices(g.mods)
+		b.launchShrink(b.s, b.shrinkPlan(b.s, g.K, len(g.mods)), g.x, base, stride, ms, g.K, len(g.mods))
+	})
+	// the shrinks as dense products of every position's A (P * slices * R
+	// rows), bf16 and FP8 (x in e4m3 as the product reads it): what a
+	// shrink with no segments costs on cuBLASLt
+	dense := make([][2]cuda.DevicePtr, len(groups)) // bf16 A, its output
+	dense8 := make([]*fp8Weight, len(groups))
+	for i, g := range groups {
+		n := P * len(g.mods) * R
+		host := make([]uint16, n*g.K)
+		f32ToBF16(host, r.rnd(n*g.K, 0.02))
+		dense[i] = [2]cuda.DevicePtr{upload(host), alloc(4 * T * n)}
+		if dense8[i], err = b.f8.upload(host, n, g.K); err != nil {
+			t.Fatal(err)
+		}
+	}
+	d16 := timeIt(func(g *group) {
+		i := slices.Index(groups, g)
+		n := P * len(g.mods) * R
+		b.fail(b.mm.GemmTN(b.s, dense[i][1], cuda.R16BF, ptr(g.x), cuda.R16BF, dense[i][0], cuda.R16BF, T, n, g.K, 1, 0))
+	})
+	d8 := timeIt(func(g *group) {
+		i := slices.Index(groups, g)
+		w := dense8[i]
+		b.fail(b.mm.GemmTNScaled(b.s, dense[i][1], cuda.R16BF, g.qx, g.sx, w.q.Ptr(), w.scale.Ptr(), T, w.rows, g.K))
+	})
+	cat := timeIt(func(g *group) {
+		b.loraCat(b.s, g.xcat+cuda.DevicePtr(g.K), g.ld, g.sx, kpos, g.fac, 0, g.mods, P, R, b.shrinkPlan(b.s, g.K, len(g.mods)).ks)
+	})
+	ext := timeIt(func(g *group) {
+		b.fail(b.mm.GemmTNScaled(b.s, ptr(g.cat), cuda.R16BF, g.xcat, g.sx, g.wcat, g.w.scale.Ptr(), T, g.N, g.ld))
+	})
+	t.Logf("KCAT %s, %d rows, four groups of an 8B layer (median µs of 20 replays after an L2 flush): products over K %.1f, shrink + lora_cat_e4m3 + products over K + E %.1f (the update %.1f a layer); alone: shrinks %.1f, lora_cat_e4m3 %.1f, products over K + E %.1f, dense shrinks on cuBLASLt bf16 %.1f, FP8 %.1f",
+		b.Device().Name, T, p, k, k-p, sh, cat, ext, d16, d8)
+}
