@@ -2232,6 +2232,49 @@ extern "C" __global__ void __launch_bounds__(32 * SG_WARPS) sgmv_shrink4(SHRINK_
     shrink_body<4>(SHRINK_PASS, red);
 }
 
+// lora_shrink_e4m3: sgmv_shrink4 and lora_cat_e4m3 in one launch, for the
+// rank-32 class (max_rank 32: one rank tile). grid (tiles, slices, ks),
+// block 256: each block sums its K part of a 16-row tile's 32 ranks of one
+// slice into tmp as sgmv_shrink4 does; the last of the ks blocks of a
+// (tile, slice) to finish (ctr[tile * slices + s], back to 0 after) adds
+// the parts and stores the slice's P * R extension columns of the tile's
+// rows at xq (rows ldq bytes apart): S' at the tile adapter's position
+// (kpos[slot]), zeros elsewhere. Rows in no tile are not written.
+extern "C" __global__ void __launch_bounds__(32 * SG_WARPS) lora_shrink_e4m3(SHRINK_ARGS, unsigned char* __restrict__ xq, i64 ldq,
+                                                                             const float* __restrict__ sx, const int* __restrict__ kpos,
+                                                                             const float* __restrict__ fac, unsigned* __restrict__ ctr,
+                                                                             int P, int R) {
+    pdl_entry();
+    __shared__ float red[SG_WARPS * SG_TR * 32];
+    __shared__ unsigned ticket;
+    const int4 tile = tiles[blockIdx.x];
+    if (tile.y == 0) return; // a recorded step's spare tile: every block of it leaves here
+    const int s = blockIdx.y, slices = gridDim.y, ks = gridDim.z;
+    const LoraEntry e = table[entry_base + tile.z * entry_stride + sg_mod(s, m0, m1, m2)];
+    const int p = kpos[tile.z];
+    if (e.rank > 0) shrink_body<4>(SHRINK_PASS, red); // rank 0: the module is not adapted, S' = 0
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        __threadfence(); // this block's partials before its ticket
+        ticket = atomicAdd(&ctr[blockIdx.x * slices + s], 1u);
+    }
+    __syncthreads();
+    if (ticket != (unsigned)(ks - 1)) return;
+    __threadfence(); // the other blocks' partials after their tickets
+    const int W = P * R;
+    for (int i = threadIdx.x; i < tile.y * W; i += blockDim.x) {
+        const int r = i / W, c = i - r * W, j = c % R, row = tile.x + r;
+        float v = 0.f;
+        if (c / R == p && j < e.rank && j < max_rank) {
+            float sum = 0.f;
+            for (int z = 0; z < ks; z++) sum += __ldcg(tmp + ((i64)z * rows_total + row) * t_stride + s * max_rank + j);
+            v = sum * fac[tile.z * slices + s] / sx[row];
+        }
+        xq[(i64)row * ldq + s * W + c] = __nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3);
+    }
+    if (threadIdx.x == 0) ctr[blockIdx.x * slices + s] = 0; // for the next launch (graph replays)
+}
+
 // sgmv_shrink64: sgmv_shrink for steps of many rows, on tiles of up to 64
 // rows of one adapter (the step's big tiles: {first row, rows, slot, 0})
 // and 32 rank rows a block: each x tile is read once per 32 ranks instead

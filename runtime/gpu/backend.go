@@ -234,7 +234,7 @@ type slotState struct {
 
 type funcs struct {
 	embed, addRMSNorm, addRMSNormCl, rmsnormRows, ropeStore, attention, siluMul, siluMulO2, siluMulCl, siluMulH, siluMulO2H, siluMulClH, shrink, expand *cuda.Function
-	addBias, headRMSNorm, addDelta, addDeltaH, addRMSNormH, fillRows, loraCat                                                                           *cuda.Function
+	addBias, headRMSNorm, addDelta, addDeltaH, addRMSNormH, fillRows, loraCat, loraShrinkCat                                                            *cuda.Function
 	sgShrink, sgShrink4, sgShrink64, sgShrink64P, sgExpand, sample, logitAdjust                                                                         *cuda.Function
 	attnDecode                                                                                                                                          [4]*cuda.Function // attn_decode_d32, d64, d128, d256
 	attnDecode8                                                                                                                                         [4]*cuda.Function // attn_decode8_d*: FP8 keys
@@ -696,7 +696,7 @@ func (b *Backend) open(opts Options) error {
 		name string
 	}{{&b.fn.embed, "embed"}, {&b.fn.addRMSNorm, "add_rmsnorm"}, {&b.fn.rmsnormRows, "rmsnorm_rows"}, {&b.fn.ropeStore, "rope_store"},
 		{&b.fn.attention, "attention"}, {&b.fn.siluMul, "silu_mul"}, {&b.fn.siluMulO2, "silu_mul_o2"}, {&b.fn.siluMulH, "silu_mul_h"}, {&b.fn.siluMulO2H, "silu_mul_o2h"}, {&b.fn.siluMulClH, "silu_mul_clh"}, {&b.fn.siluMulCl, "silu_mul_cl"}, {&b.fn.addRMSNormCl, "add_rmsnorm_cl"},
-		{&b.fn.shrink, "lora_shrink"}, {&b.fn.expand, "lora_expand"}, {&b.fn.loraCat, "lora_cat_e4m3"},
+		{&b.fn.shrink, "lora_shrink"}, {&b.fn.expand, "lora_expand"}, {&b.fn.loraCat, "lora_cat_e4m3"}, {&b.fn.loraShrinkCat, "lora_shrink_e4m3"},
 		{&b.fn.sgShrink, "sgmv_shrink"}, {&b.fn.sgShrink4, "sgmv_shrink4"}, {&b.fn.sgShrink64, "sgmv_shrink64"}, {&b.fn.sgShrink64P, "sgmv_shrink64p"},
 		{&b.fn.sgExpand, "sgmv_expand"},
 		{&b.fn.sample, "sample_rows"}, {&b.fn.logitAdjust, "logit_adjust"}, {&b.fn.attnDecode[0], "attn_decode_d32"}, {&b.fn.attnDecode[1], "attn_decode_d64"},

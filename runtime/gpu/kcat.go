@@ -101,3 +101,29 @@ func (b *Backend) loraCat(st *cuda.Stream, xq cuda.DevicePtr, ldq int, sx, kpos,
 		xq, int64(ldq), b.stepTmp, sx, b.rowLora(), kpos, fac, b.table, base, stride, ms[0], ms[1], ms[2],
 		len(mods), P, R, ks, b.rows(), len(mods)*b.stepRank, b.stepRank)
 }
+
+// loraShrinkCat launches lora_shrink_e4m3 on st: the step's shrink of
+// group mods over x and the extension columns of its adapter rows in one
+// launch (the rank-32 class: b.stepRank 32), K split to cover the SMs
+// about twice; ctr holds a zeroed counter for each (tile, slice). Rows of
+// no adapter are not written.
+func (b *Backend) loraShrinkCat(st *cuda.Stream, xq cuda.DevicePtr, ldq int, sx, kpos, fac, ctr cuda.DevicePtr, x *Buffer, layer int, mods []llama.Module, P, R int) {
+	if !b.ok() || !b.stepLoRA() {
+		return
+	}
+	n := len(mods)
+	if !b.check(n >= 1 && n <= 3 && b.stepRank == 32 && R >= b.stepRank && ldq >= n*P*R, "kcat: %d slices, rank class %d, %d positions of %d columns, rows %d bytes apart", n, b.stepRank, P, R, ldq) {
+		return
+	}
+	_, ms, inF, _ := b.groupSlices(mods)
+	base, stride := b.tableRows(layer)
+	T, tStride := b.rows(), n*b.stepRank
+	groups := (inF + 255) / 256
+	ks := max(1, (2*b.baseSMs()+b.nTiles*n-1)/(b.nTiles*n))
+	ks = min(ks, max(1, groups/2), max(1, b.stepTmpFloats/(T*tStride)))
+	kchunk := (groups + ks - 1) / ks * 256
+	ks = (inF + kchunk - 1) / kchunk
+	b.launchOn(st, b.fn.loraShrinkCat, cuda.Dim3{X: b.nTiles, Y: n, Z: ks}, cuda.Dim3{X: 256},
+		b.stepTmp, ptr(x), b.table, b.i32(b.off.tiles), base, stride, ms[0], ms[1], ms[2], 1, b.stepRank,
+		inF, x.ld, tStride, T, kchunk, xq, int64(ldq), sx, kpos, fac, ctr, P, R)
+}

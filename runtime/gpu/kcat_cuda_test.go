@@ -98,10 +98,11 @@ func TestKCatGroup(t *testing.T) {
 		x          *Buffer
 		qx, sx     cuda.DevicePtr // x in e4m3 over K, its row scales
 		xcat, wcat cuda.DevicePtr // [T, ld] and [N, ld]: K then the extension
+		xcat2      cuda.DevicePtr // xcat for lora_shrink_e4m3
 		w          *fp8Weight
 		fac        cuda.DevicePtr
 		base, ref  *Buffer // the product over K; plus the SGMV update
-		cat        *Buffer // over K + E
+		cat, cat2  *Buffer // over K + E: lora_cat_e4m3's extension, lora_shrink_e4m3's
 	}
 	var groups []*group
 	for _, g := range []struct {
@@ -173,7 +174,8 @@ func TestKCatGroup(t *testing.T) {
 		x := r.buffer(T, K)
 		r.fill(x, xs)
 		gr := &group{name: g.name, mods: g.mods, N: N, K: K, ld: ld, x: x, w: w, wcat: upload(wc), fac: upload(fac),
-			qx: alloc(T * K), sx: alloc(4 * T), xcat: alloc(T * ld), base: r.buffer(T, N), ref: r.buffer(T, N), cat: r.buffer(T, N)}
+			qx: alloc(T * K), sx: alloc(4 * T), xcat: alloc(T * ld), xcat2: alloc(T * ld), base: r.buffer(T, N), ref: r.buffer(T, N),
+			cat: r.buffer(T, N), cat2: r.buffer(T, N)}
 		if err := b.f8.quantRows(gr.qx, gr.sx, ptr(x), T, K, x.ld); err != nil {
 			t.Fatal(err)
 		}
@@ -188,6 +190,9 @@ func TestKCatGroup(t *testing.T) {
 		if err := cuda.CopyHtoD(b.s, gr.xcat, xc); err != nil {
 			t.Fatal(err)
 		}
+		if err := cuda.CopyHtoD(b.s, gr.xcat2, xc); err != nil { // rows of no adapter keep these zeros
+			t.Fatal(err)
+		}
 		groups = append(groups, gr)
 	}
 	base, stride := b.tableRows(0)
@@ -199,6 +204,11 @@ func TestKCatGroup(t *testing.T) {
 		b.loraCat(b.s, g.xcat+cuda.DevicePtr(g.K), g.ld, g.sx, kpos, g.fac, 0, g.mods, P, R, sp.ks)
 		b.fail(b.mm.GemmTNScaled(b.s, ptr(g.cat), cuda.R16BF, g.xcat, g.sx, g.wcat, g.w.scale.Ptr(), T, g.N, g.ld))
 	}
+	ctr := upload(make([]int32, 1024)) // lora_shrink_e4m3's counters, zero
+	fused := func(g *group) {
+		b.loraShrinkCat(b.s, g.xcat2+cuda.DevicePtr(g.K), g.ld, g.sx, kpos, g.fac, ctr, g.x, 0, g.mods, P, R)
+		b.fail(b.mm.GemmTNScaled(b.s, ptr(g.cat2), cuda.R16BF, g.xcat2, g.sx, g.wcat, g.w.scale.Ptr(), T, g.N, g.ld))
+	}
 	plain := func(g *group, out *Buffer) {
 		b.fail(b.mm.GemmTNScaled(b.s, ptr(out), cuda.R16BF, g.qx, g.sx, g.w.q.Ptr(), g.w.scale.Ptr(), T, g.N, g.K))
 	}
@@ -208,6 +218,7 @@ func TestKCatGroup(t *testing.T) {
 		plain(g, g.ref)
 		b.loraSlices(b.s, ptr(g.ref), g.N, g.x, 0, g.mods, accAdd)
 		kcat(g)
+		fused(g)
 	}
 	r.end()
 	for _, g := range groups {
@@ -225,31 +236,37 @@ func TestKCatGroup(t *testing.T) {
 				top = max(top, math.Abs(float64(safetensors.E4M3ToFloat32(v))))
 			}
 		}
-		bs, ref, cat := r.read(g.base, T), r.read(g.ref, T), r.read(g.cat, T)
-		var upd, errMax, errSS, updSS, noneMax, baseMax, baseSS float64
-		for i := 0; i < T; i++ {
-			for n := 0; n < g.N; n++ {
-				k := i*g.N + n
-				baseMax, baseSS = max(baseMax, math.Abs(float64(bs[k]))), baseSS+float64(bs[k])*float64(bs[k])
-				d := math.Abs(float64(cat[k] - ref[k]))
-				if slotOf(i) < 0 {
-					noneMax = max(noneMax, math.Abs(float64(cat[k]-bs[k])))
-					continue
+		bs, ref := r.read(g.base, T), r.read(g.ref, T)
+		for _, way := range []struct {
+			name string
+			out  *Buffer
+		}{{"lora_cat_e4m3", g.cat}, {"lora_shrink_e4m3", g.cat2}} {
+			cat := r.read(way.out, T)
+			var upd, errMax, errSS, updSS, noneMax, baseMax, baseSS float64
+			for i := 0; i < T; i++ {
+				for n := 0; n < g.N; n++ {
+					k := i*g.N + n
+					baseMax, baseSS = max(baseMax, math.Abs(float64(bs[k]))), baseSS+float64(bs[k])*float64(bs[k])
+					d := math.Abs(float64(cat[k] - ref[k]))
+					if slotOf(i) < 0 {
+						noneMax = max(noneMax, math.Abs(float64(cat[k]-bs[k])))
+						continue
+					}
+					u := float64(ref[k] - bs[k])
+					upd, updSS = max(upd, math.Abs(u)), updSS+u*u
+					errMax, errSS = max(errMax, d), errSS+d*d
 				}
-				u := float64(ref[k] - bs[k])
-				upd, updSS = max(upd, math.Abs(u)), updSS+u*u
-				errMax, errSS = max(errMax, d), errSS+d*d
 			}
-		}
-		n := float64(T * g.N)
-		rel, rms := errMax/upd, math.Sqrt(errSS/updSS)
-		t.Logf("KCAT %-8s N %5d K %5d E %3d: update max %.4f rms %.4f (base max %.3f rms %.3f), kcat - SGMV max %.4f (%.3f of the update's max), rms %.4f of the update's; S' max %.0f, %d saturated; rows of no adapter max |kcat - base| %.5f",
-			g.name, g.N, g.K, g.ld-g.K, upd, math.Sqrt(updSS/n), baseMax, math.Sqrt(baseSS/n), errMax, rel, rms, top, sat, noneMax)
-		// e4m3 on S' and B': ~2^-5 relative rms each, ~0.05 of the update
-		// together; the SGMV reference rounds base + update to bf16 once
-		// more (2^-9 of the base, itself ~20x the update: ~0.04 of it)
-		if !(upd > 0) || rms > 0.12 || sat > 0 || noneMax > 0.02*baseMax {
-			t.Errorf("%s: kcat's update off the SGMV one (rms %.4f of the update, %d saturated, no-adapter rows %.5f)", g.name, rms, sat, noneMax)
+			n := float64(T * g.N)
+			rel, rms := errMax/upd, math.Sqrt(errSS/updSS)
+			t.Logf("KCAT %-8s %-16s N %5d K %5d E %3d: update max %.4f rms %.4f (base max %.3f rms %.3f), kcat - SGMV max %.4f (%.3f of the update's max), rms %.4f of the update's; S' max %.0f, %d saturated; rows of no adapter max |kcat - base| %.5f",
+				g.name, way.name, g.N, g.K, g.ld-g.K, upd, math.Sqrt(updSS/n), baseMax, math.Sqrt(baseSS/n), errMax, rel, rms, top, sat, noneMax)
+			// e4m3 on S' and B': ~2^-5 relative rms each, ~0.05 of the update
+			// together; the SGMV reference rounds base + update to bf16 once
+			// more (2^-9 of the base, itself ~20x the update: ~0.04 of it)
+			if !(upd > 0) || rms > 0.12 || sat > 0 || noneMax > 0.02*baseMax {
+				t.Errorf("%s %s: kcat's update off the SGMV one (rms %.4f of the update, %d saturated, no-adapter rows %.5f)", g.name, way.name, rms, sat, noneMax)
+			}
 		}
 	}
 	if os.Getenv("PEFTD_KCAT_BENCH") == "" {
@@ -351,9 +368,13 @@ func TestKCatGroup(t *testing.T) {
 	cat := timeIt(func(g *group) {
 		b.loraCat(b.s, g.xcat+cuda.DevicePtr(g.K), g.ld, g.sx, kpos, g.fac, 0, g.mods, P, R, b.shrinkPlan(b.s, g.K, len(g.mods)).ks)
 	})
+	fk := timeIt(fused)
+	fs := timeIt(func(g *group) {
+		b.loraShrinkCat(b.s, g.xcat2+cuda.DevicePtr(g.K), g.ld, g.sx, kpos, g.fac, ctr, g.x, 0, g.mods, P, R)
+	})
 	ext := timeIt(func(g *group) {
 		b.fail(b.mm.GemmTNScaled(b.s, ptr(g.cat), cuda.R16BF, g.xcat, g.sx, g.wcat, g.w.scale.Ptr(), T, g.N, g.ld))
 	})
-	t.Logf("KCAT %s, %d rows, four groups of an 8B layer (median µs of 20 replays after an L2 flush): products over K %.1f, shrink + lora_cat_e4m3 + products over K + E %.1f (the update %.1f a layer); alone: shrinks %.1f, lora_cat_e4m3 %.1f, products over K + E %.1f, dense shrinks on cuBLASLt bf16 %.1f, FP8 %.1f",
-		b.Device().Name, T, p, k, k-p, sh, cat, ext, d16, d8)
+	t.Logf("KCAT %s, %d rows, four groups of an 8B layer (median µs of 20 replays after an L2 flush): products over K %.1f, shrink + lora_cat_e4m3 + products over K + E %.1f (the update %.1f a layer), lora_shrink_e4m3 + products over K + E %.1f (the update %.1f); alone: shrinks %.1f, lora_cat_e4m3 %.1f, lora_shrink_e4m3 %.1f, products over K + E %.1f, dense shrinks on cuBLASLt bf16 %.1f, FP8 %.1f",
+		b.Device().Name, T, p, k, k-p, fk, fk-p, sh, cat, fs, ext, d16, d8)
 }
