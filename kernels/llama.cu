@@ -2074,6 +2074,7 @@ extern "C" __global__ void lora_expand(bf16* out, const float* tmp, const LoraEn
     *o = tobf(ld(o) + acc);
 }
 
+#ifdef PEFTD_KCAT // kcat.go, not in the engine yet: built with PEFTD_KERNEL_DEFINES=-DPEFTD_KCAT
 // lora_cat_e4m3: the input side of a LoRA update carried in an FP8
 // product's K (runtime/gpu/kcat.go): [qx | S'] . [qw | B']^T, both row
 // scaled, adds S . B^T to x . W^T. For each row t (grid.x = rows) it writes
@@ -2111,6 +2112,7 @@ extern "C" __global__ void lora_cat_e4m3(unsigned char* __restrict__ xq, i64 ldq
         row[c] = __nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3);
     }
 }
+#endif
 
 // ---------------------------------------------------------------------------
 // SGMV v1: segment-tiled LoRA shrink (tensor cores) and expand (bf16x8 loads).
@@ -2232,6 +2234,7 @@ extern "C" __global__ void __launch_bounds__(32 * SG_WARPS) sgmv_shrink4(SHRINK_
     shrink_body<4>(SHRINK_PASS, red);
 }
 
+#ifdef PEFTD_KCAT
 // lora_shrink_e4m3: sgmv_shrink4 and lora_cat_e4m3 in one launch, for the
 // rank-32 class (max_rank 32: one rank tile). grid (tiles, slices, ks),
 // block 256: each block sums its K part of a 16-row tile's 32 ranks of one
@@ -2274,6 +2277,7 @@ extern "C" __global__ void __launch_bounds__(32 * SG_WARPS) lora_shrink_e4m3(SHR
     }
     if (threadIdx.x == 0) ctr[blockIdx.x * slices + s] = 0; // for the next launch (graph replays)
 }
+#endif
 
 // sgmv_shrink64: sgmv_shrink for steps of many rows, on tiles of up to 64
 // rows of one adapter (the step's big tiles: {first row, rows, slot, 0})

@@ -696,7 +696,7 @@ func (b *Backend) open(opts Options) error {
 		name string
 	}{{&b.fn.embed, "embed"}, {&b.fn.addRMSNorm, "add_rmsnorm"}, {&b.fn.rmsnormRows, "rmsnorm_rows"}, {&b.fn.ropeStore, "rope_store"},
 		{&b.fn.attention, "attention"}, {&b.fn.siluMul, "silu_mul"}, {&b.fn.siluMulO2, "silu_mul_o2"}, {&b.fn.siluMulH, "silu_mul_h"}, {&b.fn.siluMulO2H, "silu_mul_o2h"}, {&b.fn.siluMulClH, "silu_mul_clh"}, {&b.fn.siluMulCl, "silu_mul_cl"}, {&b.fn.addRMSNormCl, "add_rmsnorm_cl"},
-		{&b.fn.shrink, "lora_shrink"}, {&b.fn.expand, "lora_expand"}, {&b.fn.loraCat, "lora_cat_e4m3"}, {&b.fn.loraShrinkCat, "lora_shrink_e4m3"},
+		{&b.fn.shrink, "lora_shrink"}, {&b.fn.expand, "lora_expand"},
 		{&b.fn.sgShrink, "sgmv_shrink"}, {&b.fn.sgShrink4, "sgmv_shrink4"}, {&b.fn.sgShrink64, "sgmv_shrink64"}, {&b.fn.sgShrink64P, "sgmv_shrink64p"},
 		{&b.fn.sgExpand, "sgmv_expand"},
 		{&b.fn.sample, "sample_rows"}, {&b.fn.logitAdjust, "logit_adjust"}, {&b.fn.attnDecode[0], "attn_decode_d32"}, {&b.fn.attnDecode[1], "attn_decode_d64"},
@@ -718,6 +718,18 @@ func (b *Backend) open(opts Options) error {
 		{&b.fn.ropeRows, "rope_store_rows"}, {&b.fn.ropeRowsH, "rope_store_rows_h"}, {&b.fn.ropeStoreH, "rope_store_h"}, {&b.fn.ropeLoRA, "rope_store_lora"}} {
 		if *f.p, err = b.mod.Function(f.name); err != nil {
 			return err
+		}
+	}
+	// kcat.go's kernels, only where PEFTD_KERNEL_DEFINES=-DPEFTD_KCAT
+	// builds them in (the engine does not run them yet: TestKCatGroup)
+	if kernels.Defined("PEFTD_KCAT") {
+		for _, f := range []struct {
+			p    **cuda.Function
+			name string
+		}{{&b.fn.loraCat, "lora_cat_e4m3"}, {&b.fn.loraShrinkCat, "lora_shrink_e4m3"}} {
+			if *f.p, err = b.mod.Function(f.name); err != nil {
+				return err
+			}
 		}
 	}
 	// Only the variants of the KV format in use get their shared memory

@@ -213,18 +213,8 @@ func TestLoRABench(t *testing.T) {
 		}
 		bench("lora eager launch: %.1f us host time per kernel launch (%d tiny launches, %.1f us each end to end)", float64(host.Microseconds())/n, n, float64(time.Since(t0).Microseconds())/n)
 	}
-	flush, err := b.ctx.Alloc(256 << 20)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer flush.Free()
-	if err := b.s.Memset32(flush.Ptr(), 0x12345678, flush.Size()/4); err != nil {
-		t.Fatal(err)
-	}
-	flushFn, err := b.mod.Function("l2_flush")
-	if err != nil {
-		t.Fatal(err)
-	}
+	flush := l2Flusher(t, b)
+	var err error
 	// activations: inputs and outputs of the four LoRA ops of a layer
 	type op struct {
 		name string
@@ -301,9 +291,7 @@ func TestLoRABench(t *testing.T) {
 			}
 		}
 		for i := 0; i < reps; i++ {
-			if err := flushFn.Launch(b.s, cuda.Dim3{X: 4 * dev.SMs}, cuda.Dim3{X: 512}, 0, flush.Ptr(), int64(flush.Size()/16), flush.Ptr()); err != nil {
-				t.Fatal(err)
-			}
+			flush()
 			evs[2*i].Record(b.s)
 			if err := ge.Launch(b.s); err != nil {
 				t.Fatal(err)
@@ -1857,15 +1845,8 @@ func TestLoRABesideBench(t *testing.T) {
 		}
 		groups = append(groups, group{g.name, g.mods, &weight{mem: mem, rows: n, cols: in}, x, out})
 	}
-	flush, err := b.ctx.Alloc(256 << 20)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer flush.Free()
-	flushFn, err := b.mod.Function("l2_flush")
-	if err != nil {
-		t.Fatal(err)
-	}
+	flush := l2Flusher(t, b)
+	var err error
 	const reps = 20
 	var evs [3]*cuda.Event // fork, product's end, update's end
 	for i := range evs {
@@ -1912,9 +1893,7 @@ func TestLoRABesideBench(t *testing.T) {
 						// everything after them before the device gets there, so
 						// the events time the device, not the launches
 						for range 6 {
-							if err := flushFn.Launch(b.s, cuda.Dim3{X: 4 * b.Device().SMs}, cuda.Dim3{X: 512}, 0, flush.Ptr(), int64(flush.Size()/16), flush.Ptr()); err != nil {
-								t.Fatal(err)
-							}
+							flush()
 						}
 						evs[0].Record(b.s)
 						switch {

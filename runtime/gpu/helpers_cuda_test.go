@@ -75,3 +75,27 @@ func waitFills(t *testing.T, b *Backend, n int64) {
 		}
 	}
 }
+
+// l2Flusher returns a function that enqueues l2_flush over 256 MB on b.s
+// (failing t if it cannot), so that a timed replay after it reads its
+// operands from DRAM, as a step's kernels do.
+func l2Flusher(t *testing.T, b *Backend) func() {
+	t.Helper()
+	flush, err := b.ctx.Alloc(256 << 20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { flush.Free() })
+	if err := b.s.Memset32(flush.Ptr(), 0x12345678, flush.Size()/4); err != nil {
+		t.Fatal(err)
+	}
+	fn, err := b.mod.Function("l2_flush")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return func() {
+		if err := fn.Launch(b.s, cuda.Dim3{X: 4 * b.Device().SMs}, cuda.Dim3{X: 512}, 0, flush.Ptr(), int64(flush.Size()/16), flush.Ptr()); err != nil {
+			t.Fatal(err)
+		}
+	}
+}

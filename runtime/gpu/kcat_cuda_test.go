@@ -34,6 +34,9 @@ func TestKCatGroup(t *testing.T) {
 	if b.f8 == nil {
 		t.Skip("no FP8 path on this device")
 	}
+	if b.fn.loraCat == nil {
+		t.Skip("lora_cat_e4m3 and lora_shrink_e4m3 are compiled only with PEFTD_KERNEL_DEFINES=-DPEFTD_KCAT")
+	}
 	rng := rand.New(rand.NewPCG(5, 6))
 	// trained-like adapters: B ~ 0.2 of a weight row's largest value
 	// (randomAdapter's B, as large as A, puts S' B' past e4m3's range)
@@ -272,15 +275,8 @@ func TestKCatGroup(t *testing.T) {
 	if os.Getenv("PEFTD_KCAT_BENCH") == "" {
 		return
 	}
-	flush, err := b.ctx.Alloc(256 << 20)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer flush.Free()
-	flushFn, err := b.mod.Function("l2_flush")
-	if err != nil {
-		t.Fatal(err)
-	}
+	flush := l2Flusher(t, b)
+	var err error
 	evs := make([]*cuda.Event, 40)
 	for i := range evs {
 		if evs[i], err = b.ctx.NewEvent(true); err != nil {
@@ -309,9 +305,7 @@ func TestKCatGroup(t *testing.T) {
 		defer ge.Destroy()
 		const warm, reps = 3, 20
 		for i := 0; i < warm+reps; i++ {
-			if err := flushFn.Launch(b.s, cuda.Dim3{X: 4 * b.Device().SMs}, cuda.Dim3{X: 512}, 0, flush.Ptr(), int64(flush.Size()/16), flush.Ptr()); err != nil {
-				t.Fatal(err)
-			}
+			flush()
 			if i >= warm {
 				evs[2*(i-warm)].Record(b.s)
 			}
