@@ -362,6 +362,14 @@ func TestKCatGroup(t *testing.T) {
 	cat := timeIt(func(g *group) {
 		b.loraCat(b.s, g.xcat+cuda.DevicePtr(g.K), g.ld, g.sx, kpos, g.fac, 0, g.mods, P, R, b.shrinkPlan(b.s, g.K, len(g.mods)).ks)
 	})
+	// the shrinks on 64-row tiles (sgmv_shrink64 / 64p, forced: by default
+	// they start at sgBigMinRows LoRA rows, and this step has 236)
+	b.force.shrink64 = 1
+	sh64 := timeIt(func(g *group) {
+		_, ms, _, _ := b.groupSlices(g.mods)
+		b.launchShrink(b.s, b.shrinkPlan(b.s, g.K, len(g.mods)), g.x, base, stride, ms, g.K, len(g.mods))
+	})
+	b.force.shrink64 = 0
 	fk := timeIt(fused)
 	fs := timeIt(func(g *group) {
 		b.loraShrinkCat(b.s, g.xcat2+cuda.DevicePtr(g.K), g.ld, g.sx, kpos, g.fac, ctr, g.x, 0, g.mods, P, R)
@@ -369,6 +377,6 @@ func TestKCatGroup(t *testing.T) {
 	ext := timeIt(func(g *group) {
 		b.fail(b.mm.GemmTNScaled(b.s, ptr(g.cat), cuda.R16BF, g.xcat, g.sx, g.wcat, g.w.scale.Ptr(), T, g.N, g.ld))
 	})
-	t.Logf("KCAT %s, %d rows, four groups of an 8B layer (median µs of 20 replays after an L2 flush): products over K %.1f, shrink + lora_cat_e4m3 + products over K + E %.1f (the update %.1f a layer), lora_shrink_e4m3 + products over K + E %.1f (the update %.1f); alone: shrinks %.1f, lora_cat_e4m3 %.1f, lora_shrink_e4m3 %.1f, products over K + E %.1f, dense shrinks on cuBLASLt bf16 %.1f, FP8 %.1f",
-		b.Device().Name, T, p, k, k-p, fk, fk-p, sh, cat, fs, ext, d16, d8)
+	t.Logf("KCAT %s, %d rows, four groups of an 8B layer (median µs of 20 replays after an L2 flush): products over K %.1f, shrink + lora_cat_e4m3 + products over K + E %.1f (the update %.1f a layer), lora_shrink_e4m3 + products over K + E %.1f (the update %.1f); alone: shrinks %.1f (on 64-row tiles %.1f), lora_cat_e4m3 %.1f, lora_shrink_e4m3 %.1f, products over K + E %.1f, dense shrinks on cuBLASLt bf16 %.1f, FP8 %.1f",
+		b.Device().Name, T, p, k, k-p, fk, fk-p, sh, sh64, cat, fs, ext, d16, d8)
 }
