@@ -2235,6 +2235,40 @@ extern "C" __global__ void __launch_bounds__(32 * SG_WARPS) sgmv_shrink4(SHRINK_
 }
 
 #ifdef PEFTD_KCAT
+// kcat_tail: the end of lora_shrink_e4m3 and lora_shrink64_e4m3, every
+// thread of the block after its K part is in tmp: the block takes a ticket
+// (ctr[blockIdx.x * slices + s]); the last of the ks blocks of the (tile,
+// slice) sums the parts and stores the slice's P * R extension columns of
+// the tile's rows at xq (S' at position p, zeros elsewhere), then resets
+// the counter for the next launch (graph replays).
+__device__ __forceinline__ void kcat_tail(int4 tile, const LoraEntry& e, int p, int s, int slices, int ks, unsigned char* __restrict__ xq,
+                                          i64 ldq, const float* __restrict__ tmp, const float* __restrict__ sx,
+                                          const float* __restrict__ fac, unsigned* __restrict__ ctr, int P, int R, int rows_total,
+                                          int t_stride, int max_rank, unsigned* ticket) {
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        __threadfence(); // this block's partials before its ticket
+        *ticket = atomicAdd(&ctr[blockIdx.x * slices + s], 1u);
+    }
+    __syncthreads();
+    if (*ticket != (unsigned)(ks - 1)) return;
+    __threadfence(); // the other blocks' partials after their tickets
+    const int W = P * R;
+    for (int i = threadIdx.x; i < tile.y * W; i += blockDim.x) {
+        const int r = i / W, c = i - r * W, j = c % R, row = tile.x + r;
+        float v = 0.f;
+        if (c / R == p && j < e.rank && j < max_rank) {
+            float sum = 0.f;
+            for (int z = 0; z < ks; z++) sum += __ldcg(tmp + ((i64)z * rows_total + row) * t_stride + s * max_rank + j);
+            v = sum * fac[tile.z * slices + s] / sx[row];
+        }
+        xq[(i64)row * ldq + s * W + c] = __nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3);
+    }
+    if (threadIdx.x == 0) ctr[blockIdx.x * slices + s] = 0;
+}
+#endif
+
+#ifdef PEFTD_KCAT
 // lora_shrink_e4m3: sgmv_shrink4 and lora_cat_e4m3 in one launch, for the
 // rank-32 class (max_rank 32: one rank tile). grid (tiles, slices, ks),
 // block 256: each block sums its K part of a 16-row tile's 32 ranks of one
@@ -2256,26 +2290,7 @@ extern "C" __global__ void __launch_bounds__(32 * SG_WARPS) lora_shrink_e4m3(SHR
     const LoraEntry e = table[entry_base + tile.z * entry_stride + sg_mod(s, m0, m1, m2)];
     const int p = kpos[tile.z];
     if (e.rank > 0) shrink_body<4>(SHRINK_PASS, red); // rank 0: the module is not adapted, S' = 0
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        __threadfence(); // this block's partials before its ticket
-        ticket = atomicAdd(&ctr[blockIdx.x * slices + s], 1u);
-    }
-    __syncthreads();
-    if (ticket != (unsigned)(ks - 1)) return;
-    __threadfence(); // the other blocks' partials after their tickets
-    const int W = P * R;
-    for (int i = threadIdx.x; i < tile.y * W; i += blockDim.x) {
-        const int r = i / W, c = i - r * W, j = c % R, row = tile.x + r;
-        float v = 0.f;
-        if (c / R == p && j < e.rank && j < max_rank) {
-            float sum = 0.f;
-            for (int z = 0; z < ks; z++) sum += __ldcg(tmp + ((i64)z * rows_total + row) * t_stride + s * max_rank + j);
-            v = sum * fac[tile.z * slices + s] / sx[row];
-        }
-        xq[(i64)row * ldq + s * W + c] = __nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3);
-    }
-    if (threadIdx.x == 0) ctr[blockIdx.x * slices + s] = 0; // for the next launch (graph replays)
+    kcat_tail(tile, e, p, s, slices, ks, xq, ldq, tmp, sx, fac, ctr, P, R, rows_total, t_stride, max_rank, &ticket);
 }
 #endif
 
@@ -2525,6 +2540,71 @@ extern "C" __global__ void __launch_bounds__(32 * SG_WARPS, 1) sgmv_shrink64p(SH
     __syncthreads(); // every warp done with its ring: red takes it
     sb_finish(c, reinterpret_cast<float(*)[SB_ROWS * SB_RW]>(sbp_ring), tmp, tile, e, s, k0, max_rank, t_stride, rows_total);
 }
+
+#ifdef PEFTD_KCAT
+// lora_shrink64_e4m3: lora_shrink_e4m3 on sgmv_shrink64p's 64-row tiles
+// (the step's big tiles, its ring of SBP_SHARED bytes of dynamic shared
+// memory, one block an SM), the rank-32 class: grid (big tiles, slices,
+// ks). A slice the adapter does not adapt (rank 0) stores zeros.
+extern "C" __global__ void __launch_bounds__(32 * SG_WARPS, 1) lora_shrink64_e4m3(SHRINK_ARGS, unsigned char* __restrict__ xq, i64 ldq,
+                                                                                const float* __restrict__ sx, const int* __restrict__ kpos,
+                                                                                const float* __restrict__ fac, unsigned* __restrict__ ctr,
+                                                                                int P, int R) {
+    extern __shared__ __align__(16) unsigned char sbp_ring[];
+    __shared__ unsigned ticket;
+    const int4 tile = tiles[blockIdx.x];
+    if (tile.y == 0) { // a recorded step's spare tile: every block of it leaves here
+        pdl_entry();
+        return;
+    }
+    const int s = blockIdx.y, slices = gridDim.y, ks = gridDim.z, k0 = 0;
+    const LoraEntry e = table[entry_base + tile.z * entry_stride + sg_mod(s, m0, m1, m2)];
+    if (e.rank > 0) { // sgmv_shrink64p's K part (rank_tiles 1)
+        const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
+        const int kbeg = blockIdx.z * kchunk, kend = min(in_f, kbeg + kchunk);
+        const bf16* xr[2 * SB_MT];
+        bool vx[2 * SB_MT];
+        const bf16* ar[4];
+        bool va[4];
+        sb_rows(xr, vx, ar, va, x, x_stride, tile, e, k0, in_f, g);
+        float c[SB_MT][4][4];
+        sb_zero(c);
+        const int c0 = kbeg + warp * 32;
+        const int nch = c0 < kend ? (kend - c0 + 255) / 256 : 0;
+        const unsigned ring = (unsigned)__cvta_generic_to_shared(sbp_ring) + threadIdx.x * 16;
+#pragma unroll
+        for (int j = 0; j < SBP_ST - 1; j++) sbp_copy_a(ring, j, ar, va, c0 + 256 * j, kend, q);
+        pdl_entry(); // x is the previous kernel's output
+#pragma unroll
+        for (int j = 0; j < SBP_ST - 1; j++) {
+            sbp_copy_x(ring, j, xr, vx, c0 + 256 * j, kend, q);
+            cp_async_commit();
+        }
+        for (int j = 0; j < nch; j++) {
+            const int jn = j + SBP_ST - 1, sn = jn % SBP_ST;
+            if (jn < nch) {
+                sbp_copy_a(ring, sn, ar, va, c0 + 256 * jn, kend, q);
+                sbp_copy_x(ring, sn, xr, vx, c0 + 256 * jn, kend, q);
+            }
+            cp_async_commit();
+            cp_async_wait<SBP_ST - 1>();
+            const int st = j % SBP_ST;
+            uint4 xv[2 * SB_MT], av[4];
+#pragma unroll
+            for (int h = 0; h < 2 * SB_MT; h++) xv[h] = lds16(sbp_at(ring, st, h));
+#pragma unroll
+            for (int nb = 0; nb < 4; nb++) av[nb] = lds16(sbp_at(ring, st, 2 * SB_MT + nb));
+            sb_mma(c, xv, av);
+        }
+        cp_async_wait<0>();
+        __syncthreads(); // every warp done with its ring: red takes it
+        sb_finish(c, reinterpret_cast<float(*)[SB_ROWS * SB_RW]>(sbp_ring), tmp, tile, e, s, k0, max_rank, t_stride, rows_total);
+    } else {
+        pdl_entry();
+    }
+    kcat_tail(tile, e, kpos[tile.z], s, slices, ks, xq, ldq, tmp, sx, fac, ctr, P, R, rows_total, t_stride, max_rank, &ticket);
+}
+#endif
 
 // sgmv_expand: out[row][off_s + j] += sum_k tmp[row][s*max_rank + k] * B_s[j][k]
 // (tmp summed over the ksplit partials); with accum 0, out is float32 (rows

@@ -234,7 +234,7 @@ type slotState struct {
 
 type funcs struct {
 	embed, addRMSNorm, addRMSNormCl, rmsnormRows, ropeStore, attention, siluMul, siluMulO2, siluMulCl, siluMulH, siluMulO2H, siluMulClH, shrink, expand *cuda.Function
-	addBias, headRMSNorm, addDelta, addDeltaH, addRMSNormH, fillRows, loraCat, loraShrinkCat                                                            *cuda.Function
+	addBias, headRMSNorm, addDelta, addDeltaH, addRMSNormH, fillRows, loraCat, loraShrinkCat, loraShrink64Cat                                           *cuda.Function
 	sgShrink, sgShrink4, sgShrink64, sgShrink64P, sgExpand, sample, logitAdjust                                                                         *cuda.Function
 	attnDecode                                                                                                                                          [4]*cuda.Function // attn_decode_d32, d64, d128, d256
 	attnDecode8                                                                                                                                         [4]*cuda.Function // attn_decode8_d*: FP8 keys
@@ -726,7 +726,7 @@ func (b *Backend) open(opts Options) error {
 		for _, f := range []struct {
 			p    **cuda.Function
 			name string
-		}{{&b.fn.loraCat, "lora_cat_e4m3"}, {&b.fn.loraShrinkCat, "lora_shrink_e4m3"}} {
+		}{{&b.fn.loraCat, "lora_cat_e4m3"}, {&b.fn.loraShrinkCat, "lora_shrink_e4m3"}, {&b.fn.loraShrink64Cat, "lora_shrink64_e4m3"}} {
 			if *f.p, err = b.mod.Function(f.name); err != nil {
 				return err
 			}
@@ -739,6 +739,11 @@ func (b *Backend) open(opts Options) error {
 	if b.sbpFits = limit >= sbpShared; b.sbpFits {
 		if err := b.fn.sgShrink64P.SetMaxDynamicShared(sbpShared); err != nil {
 			return err
+		}
+		if b.fn.loraShrink64Cat != nil {
+			if err := b.fn.loraShrink64Cat.SetMaxDynamicShared(sbpShared); err != nil {
+				return err
+			}
 		}
 	}
 	b.decFit, b.preFit = attnFits(limit, b.kv8)

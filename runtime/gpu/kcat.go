@@ -127,3 +127,27 @@ func (b *Backend) loraShrinkCat(st *cuda.Stream, xq cuda.DevicePtr, ldq int, sx,
 		b.stepTmp, ptr(x), b.table, b.i32(b.off.tiles), base, stride, ms[0], ms[1], ms[2], 1, b.stepRank,
 		inF, x.ld, tStride, T, kchunk, xq, int64(ldq), sx, kpos, fac, ctr, P, R)
 }
+
+// loraShrink64Cat is loraShrinkCat on the step's 64-row tiles
+// (lora_shrink64_e4m3: sgmv_shrink64p's pipelined body, where its shared
+// memory fits), K split as the big shrinks split it (bigShrinkSplit).
+func (b *Backend) loraShrink64Cat(st *cuda.Stream, xq cuda.DevicePtr, ldq int, sx, kpos, fac, ctr cuda.DevicePtr, x *Buffer, layer int, mods []llama.Module, P, R int) {
+	if !b.ok() || !b.stepLoRA() {
+		return
+	}
+	n := len(mods)
+	if !b.check(b.sbpFits && b.fn.loraShrink64Cat != nil && n >= 1 && n <= 3 && b.stepRank == 32 && R >= b.stepRank && ldq >= n*P*R, "kcat: 64-row tiles: %d slices, rank class %d, %d positions of %d columns, rows %d bytes apart", n, b.stepRank, P, R, ldq) {
+		return
+	}
+	_, ms, inF, _ := b.groupSlices(mods)
+	base, stride := b.tableRows(layer)
+	T, tStride := b.rows(), n*b.stepRank
+	groups := (inF + 255) / 256
+	ksMax := min(max(1, groups/2), max(1, b.stepTmpFloats/(T*tStride)))
+	ks := bigShrinkSplit(b.nBig*n, b.baseSMs(), ksMax)
+	kchunk := (groups + ks - 1) / ks * 256
+	ks = (inF + kchunk - 1) / kchunk
+	b.launchShmOn(st, b.fn.loraShrink64Cat, cuda.Dim3{X: b.nBig, Y: n, Z: ks}, cuda.Dim3{X: 256}, sbpShared,
+		b.stepTmp, ptr(x), b.table, b.i32(b.off.bigTiles), base, stride, ms[0], ms[1], ms[2], 1, b.stepRank,
+		inF, x.ld, tStride, T, kchunk, xq, int64(ldq), sx, kpos, fac, ctr, P, R)
+}

@@ -19,13 +19,15 @@ import (
 // TestKCatGroup: each fused group of an 8B layer at 240 rows (a mixed
 // step's shape: 60 decode rows of four rank-32 adapters, 4 of none, a
 // 176-token prompt of one), its LoRA update carried in the FP8 product's
-// K (kcat.go: the step's shrink, lora_cat_e4m3, cuBLASLt's scaled product
-// over K + E columns) against the product over K plus the SGMV update
-// added in place. The update's error is e4m3's on S and B (a few % of
-// it); rows of no adapter get none. PEFTD_KCAT_BENCH=1 also times the
+// K (kcat.go) three ways (the step's shrink then lora_cat_e4m3;
+// lora_shrink_e4m3; lora_shrink64_e4m3 where its shared memory fits),
+// each followed by cuBLASLt's scaled product over K + E columns, against
+// the product over K plus the SGMV update added in place. The update's
+// error is e4m3's on S and B (a few % of it), no S' may saturate, and
+// rows of no adapter get no update. PEFTD_KCAT_BENCH=1 also times the
 // four groups as one recorded graph after an L2 flush: the products over
-// K alone, and shrink + lora_cat_e4m3 + the product over K + E (KCAT
-// lines; their difference is the update's cost a layer).
+// K alone, each way with its product over K + E (KCAT lines; the
+// difference is the update's cost a layer), and their parts alone.
 func TestKCatGroup(t *testing.T) {
 	cfg := cfg8B(1)
 	const T, P, R = 240, 4, 32
@@ -102,10 +104,12 @@ func TestKCatGroup(t *testing.T) {
 		qx, sx     cuda.DevicePtr // x in e4m3 over K, its row scales
 		xcat, wcat cuda.DevicePtr // [T, ld] and [N, ld]: K then the extension
 		xcat2      cuda.DevicePtr // xcat for lora_shrink_e4m3
+		xcat3      cuda.DevicePtr // xcat for lora_shrink64_e4m3
 		w          *fp8Weight
 		fac        cuda.DevicePtr
 		base, ref  *Buffer // the product over K; plus the SGMV update
 		cat, cat2  *Buffer // over K + E: lora_cat_e4m3's extension, lora_shrink_e4m3's
+		cat3       *Buffer // lora_shrink64_e4m3's
 	}
 	var groups []*group
 	for _, g := range []struct {
@@ -177,8 +181,8 @@ func TestKCatGroup(t *testing.T) {
 		x := r.buffer(T, K)
 		r.fill(x, xs)
 		gr := &group{name: g.name, mods: g.mods, N: N, K: K, ld: ld, x: x, w: w, wcat: upload(wc), fac: upload(fac),
-			qx: alloc(T * K), sx: alloc(4 * T), xcat: alloc(T * ld), xcat2: alloc(T * ld), base: r.buffer(T, N), ref: r.buffer(T, N),
-			cat: r.buffer(T, N), cat2: r.buffer(T, N)}
+			qx: alloc(T * K), sx: alloc(4 * T), xcat: alloc(T * ld), xcat2: alloc(T * ld), xcat3: alloc(T * ld), base: r.buffer(T, N), ref: r.buffer(T, N),
+			cat: r.buffer(T, N), cat2: r.buffer(T, N), cat3: r.buffer(T, N)}
 		if err := b.f8.quantRows(gr.qx, gr.sx, ptr(x), T, K, x.ld); err != nil {
 			t.Fatal(err)
 		}
@@ -193,8 +197,10 @@ func TestKCatGroup(t *testing.T) {
 		if err := cuda.CopyHtoD(b.s, gr.xcat, xc); err != nil {
 			t.Fatal(err)
 		}
-		if err := cuda.CopyHtoD(b.s, gr.xcat2, xc); err != nil { // rows of no adapter keep these zeros
-			t.Fatal(err)
+		for _, p := range []cuda.DevicePtr{gr.xcat2, gr.xcat3} { // rows of no adapter keep these zeros
+			if err := cuda.CopyHtoD(b.s, p, xc); err != nil {
+				t.Fatal(err)
+			}
 		}
 		groups = append(groups, gr)
 	}
@@ -212,6 +218,10 @@ func TestKCatGroup(t *testing.T) {
 		b.loraShrinkCat(b.s, g.xcat2+cuda.DevicePtr(g.K), g.ld, g.sx, kpos, g.fac, ctr, g.x, 0, g.mods, P, R)
 		b.fail(b.mm.GemmTNScaled(b.s, ptr(g.cat2), cuda.R16BF, g.xcat2, g.sx, g.wcat, g.w.scale.Ptr(), T, g.N, g.ld))
 	}
+	fused64 := func(g *group) {
+		b.loraShrink64Cat(b.s, g.xcat3+cuda.DevicePtr(g.K), g.ld, g.sx, kpos, g.fac, ctr, g.x, 0, g.mods, P, R)
+		b.fail(b.mm.GemmTNScaled(b.s, ptr(g.cat3), cuda.R16BF, g.xcat3, g.sx, g.wcat, g.w.scale.Ptr(), T, g.N, g.ld))
+	}
 	plain := func(g *group, out *Buffer) {
 		b.fail(b.mm.GemmTNScaled(b.s, ptr(out), cuda.R16BF, g.qx, g.sx, g.w.q.Ptr(), g.w.scale.Ptr(), T, g.N, g.K))
 	}
@@ -222,6 +232,9 @@ func TestKCatGroup(t *testing.T) {
 		b.loraSlices(b.s, ptr(g.ref), g.N, g.x, 0, g.mods, accAdd)
 		kcat(g)
 		fused(g)
+		if b.sbpFits {
+			fused64(g)
+		}
 	}
 	r.end()
 	for _, g := range groups {
@@ -243,7 +256,10 @@ func TestKCatGroup(t *testing.T) {
 		for _, way := range []struct {
 			name string
 			out  *Buffer
-		}{{"lora_cat_e4m3", g.cat}, {"lora_shrink_e4m3", g.cat2}} {
+		}{{"lora_cat_e4m3", g.cat}, {"lora_shrink_e4m3", g.cat2}, {"lora_shrink64_e4m3", g.cat3}} {
+			if way.out == g.cat3 && !b.sbpFits {
+				continue
+			}
 			cat := r.read(way.out, T)
 			var upd, errMax, errSS, updSS, noneMax, baseMax, baseSS float64
 			for i := 0; i < T; i++ {
@@ -370,13 +386,16 @@ func TestKCatGroup(t *testing.T) {
 		b.launchShrink(b.s, b.shrinkPlan(b.s, g.K, len(g.mods)), g.x, base, stride, ms, g.K, len(g.mods))
 	})
 	b.force.shrink64 = 0
-	fk := timeIt(fused)
+	fk, fk64 := timeIt(fused), math.NaN()
+	if b.sbpFits {
+		fk64 = timeIt(fused64)
+	}
 	fs := timeIt(func(g *group) {
 		b.loraShrinkCat(b.s, g.xcat2+cuda.DevicePtr(g.K), g.ld, g.sx, kpos, g.fac, ctr, g.x, 0, g.mods, P, R)
 	})
 	ext := timeIt(func(g *group) {
 		b.fail(b.mm.GemmTNScaled(b.s, ptr(g.cat), cuda.R16BF, g.xcat, g.sx, g.wcat, g.w.scale.Ptr(), T, g.N, g.ld))
 	})
-	t.Logf("KCAT %s, %d rows, four groups of an 8B layer (median µs of 20 replays after an L2 flush): products over K %.1f, shrink + lora_cat_e4m3 + products over K + E %.1f (the update %.1f a layer), lora_shrink_e4m3 + products over K + E %.1f (the update %.1f); alone: shrinks %.1f (on 64-row tiles %.1f), lora_cat_e4m3 %.1f, lora_shrink_e4m3 %.1f, products over K + E %.1f, dense shrinks on cuBLASLt bf16 %.1f, FP8 %.1f",
-		b.Device().Name, T, p, k, k-p, fk, fk-p, sh, sh64, cat, fs, ext, d16, d8)
+	t.Logf("KCAT %s, %d rows, four groups of an 8B layer (median µs of 20 replays after an L2 flush): products over K %.1f, shrink + lora_cat_e4m3 + products over K + E %.1f (the update %.1f a layer), lora_shrink_e4m3 + products over K + E %.1f (the update %.1f), lora_shrink64_e4m3 + products over K + E %.1f (the update %.1f); alone: shrinks %.1f (on 64-row tiles %.1f), lora_cat_e4m3 %.1f, lora_shrink_e4m3 %.1f, products over K + E %.1f, dense shrinks on cuBLASLt bf16 %.1f, FP8 %.1f",
+		b.Device().Name, T, p, k, k-p, fk, fk-p, fk64, fk64-p, sh, sh64, cat, fs, ext, d16, d8)
 }
