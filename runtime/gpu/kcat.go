@@ -22,10 +22,12 @@ import (
 // extension holds P adapter positions of R columns for each slice of a
 // fused group (q/k/v: 3 slices, gate/up 2, o and down 1): a row's S' sits
 // at its adapter's position, zeros elsewhere, so one product serves rows
-// of P adapters. Where it pays: the expands of 65-256-row steps, whose
-// products are cuBLASLt's (PERFORMANCE v0.88: at 240 rows the extension
-// of four rank-32 positions costs 5.6 µs a layer on an H100 against ~45
-// for the update beside the product).
+// of P adapters. Where it could pay: the expands of 65-256-row steps,
+// whose products are cuBLASLt's. PERFORMANCE v0.88 (H100, 240 rows): the
+// extension of four rank-32 positions costs 5.6 µs a layer, but with
+// today's shrink ahead of each product the update costs 53.3 µs a layer
+// against ~45 beside the products, so the engine does not use it yet and
+// its kernels build only with PEFTD_KERNEL_DEFINES=-DPEFTD_KCAT.
 
 // kcatBMax is the largest |B'| kcatFactor aims for. Each extension
 // column's product S' B' must stay within e4m3's 448 on both sides, so
@@ -105,38 +107,21 @@ func (b *Backend) loraCat(st *cuda.Stream, xq cuda.DevicePtr, ldq int, sx, kpos,
 // loraShrinkCat launches lora_shrink_e4m3 on st: the step's shrink of
 // group mods over x and the extension columns of its adapter rows in one
 // launch (the rank-32 class: b.stepRank 32), K split to cover the SMs
-// about twice; ctr holds a zeroed counter for each (tile, slice). Rows of
-// no adapter are not written.
-func (b *Backend) loraShrinkCat(st *cuda.Stream, xq cuda.DevicePtr, ldq int, sx, kpos, fac, ctr cuda.DevicePtr, x *Buffer, layer int, mods []llama.Module, P, R int) {
+// about twice; with big, lora_shrink64_e4m3 on the step's 64-row tiles
+// (sgmv_shrink64p's pipelined body, where its shared memory fits), K
+// split as bigShrinkSplit splits the big shrinks. ctr holds a zeroed
+// counter for each (tile, slice). Rows of no adapter are not written.
+func (b *Backend) loraShrinkCat(st *cuda.Stream, xq cuda.DevicePtr, ldq int, sx, kpos, fac, ctr cuda.DevicePtr, x *Buffer, layer int, mods []llama.Module, P, R int, big bool) {
 	if !b.ok() || !b.stepLoRA() {
 		return
 	}
 	n := len(mods)
-	if !b.check(n >= 1 && n <= 3 && b.stepRank == 32 && R >= b.stepRank && ldq >= n*P*R, "kcat: %d slices, rank class %d, %d positions of %d columns, rows %d bytes apart", n, b.stepRank, P, R, ldq) {
-		return
+	f, tiles, nTiles, shmem := b.fn.loraShrinkCat, b.off.tiles, b.nTiles, 0
+	if big {
+		f, tiles, nTiles, shmem = b.fn.loraShrink64Cat, b.off.bigTiles, b.nBig, sbpShared
 	}
-	_, ms, inF, _ := b.groupSlices(mods)
-	base, stride := b.tableRows(layer)
-	T, tStride := b.rows(), n*b.stepRank
-	groups := (inF + 255) / 256
-	ks := max(1, (2*b.baseSMs()+b.nTiles*n-1)/(b.nTiles*n))
-	ks = min(ks, max(1, groups/2), max(1, b.stepTmpFloats/(T*tStride)))
-	kchunk := (groups + ks - 1) / ks * 256
-	ks = (inF + kchunk - 1) / kchunk
-	b.launchOn(st, b.fn.loraShrinkCat, cuda.Dim3{X: b.nTiles, Y: n, Z: ks}, cuda.Dim3{X: 256},
-		b.stepTmp, ptr(x), b.table, b.i32(b.off.tiles), base, stride, ms[0], ms[1], ms[2], 1, b.stepRank,
-		inF, x.ld, tStride, T, kchunk, xq, int64(ldq), sx, kpos, fac, ctr, P, R)
-}
-
-// loraShrink64Cat is loraShrinkCat on the step's 64-row tiles
-// (lora_shrink64_e4m3: sgmv_shrink64p's pipelined body, where its shared
-// memory fits), K split as the big shrinks split it (bigShrinkSplit).
-func (b *Backend) loraShrink64Cat(st *cuda.Stream, xq cuda.DevicePtr, ldq int, sx, kpos, fac, ctr cuda.DevicePtr, x *Buffer, layer int, mods []llama.Module, P, R int) {
-	if !b.ok() || !b.stepLoRA() {
-		return
-	}
-	n := len(mods)
-	if !b.check(b.sbpFits && b.fn.loraShrink64Cat != nil && n >= 1 && n <= 3 && b.stepRank == 32 && R >= b.stepRank && ldq >= n*P*R, "kcat: 64-row tiles: %d slices, rank class %d, %d positions of %d columns, rows %d bytes apart", n, b.stepRank, P, R, ldq) {
+	if !b.check(f != nil && (!big || b.sbpFits) && n >= 1 && n <= 3 && b.stepRank == 32 && R >= b.stepRank && ldq >= n*P*R,
+		"kcat: %d slices (64-row tiles %v), rank class %d, %d positions of %d columns, rows %d bytes apart", n, big, b.stepRank, P, R, ldq) {
 		return
 	}
 	_, ms, inF, _ := b.groupSlices(mods)
@@ -144,10 +129,13 @@ func (b *Backend) loraShrink64Cat(st *cuda.Stream, xq cuda.DevicePtr, ldq int, s
 	T, tStride := b.rows(), n*b.stepRank
 	groups := (inF + 255) / 256
 	ksMax := min(max(1, groups/2), max(1, b.stepTmpFloats/(T*tStride)))
-	ks := bigShrinkSplit(b.nBig*n, b.baseSMs(), ksMax)
+	ks := min(ksMax, max(1, (2*b.baseSMs()+nTiles*n-1)/(nTiles*n)))
+	if big {
+		ks = bigShrinkSplit(nTiles*n, b.baseSMs(), ksMax)
+	}
 	kchunk := (groups + ks - 1) / ks * 256
 	ks = (inF + kchunk - 1) / kchunk
-	b.launchShmOn(st, b.fn.loraShrink64Cat, cuda.Dim3{X: b.nBig, Y: n, Z: ks}, cuda.Dim3{X: 256}, sbpShared,
-		b.stepTmp, ptr(x), b.table, b.i32(b.off.bigTiles), base, stride, ms[0], ms[1], ms[2], 1, b.stepRank,
+	b.launchShmOn(st, f, cuda.Dim3{X: nTiles, Y: n, Z: ks}, cuda.Dim3{X: 256}, shmem,
+		b.stepTmp, ptr(x), b.table, b.i32(tiles), base, stride, ms[0], ms[1], ms[2], 1, b.stepRank,
 		inF, x.ld, tStride, T, kchunk, xq, int64(ldq), sx, kpos, fac, ctr, P, R)
 }

@@ -215,11 +215,11 @@ func TestKCatGroup(t *testing.T) {
 	}
 	ctr := upload(make([]int32, 1024)) // lora_shrink_e4m3's counters, zero
 	fused := func(g *group) {
-		b.loraShrinkCat(b.s, g.xcat2+cuda.DevicePtr(g.K), g.ld, g.sx, kpos, g.fac, ctr, g.x, 0, g.mods, P, R)
+		b.loraShrinkCat(b.s, g.xcat2+cuda.DevicePtr(g.K), g.ld, g.sx, kpos, g.fac, ctr, g.x, 0, g.mods, P, R, false)
 		b.fail(b.mm.GemmTNScaled(b.s, ptr(g.cat2), cuda.R16BF, g.xcat2, g.sx, g.wcat, g.w.scale.Ptr(), T, g.N, g.ld))
 	}
 	fused64 := func(g *group) {
-		b.loraShrink64Cat(b.s, g.xcat3+cuda.DevicePtr(g.K), g.ld, g.sx, kpos, g.fac, ctr, g.x, 0, g.mods, P, R)
+		b.loraShrinkCat(b.s, g.xcat3+cuda.DevicePtr(g.K), g.ld, g.sx, kpos, g.fac, ctr, g.x, 0, g.mods, P, R, true)
 		b.fail(b.mm.GemmTNScaled(b.s, ptr(g.cat3), cuda.R16BF, g.xcat3, g.sx, g.wcat, g.w.scale.Ptr(), T, g.N, g.ld))
 	}
 	plain := func(g *group, out *Buffer) {
@@ -391,7 +391,7 @@ func TestKCatGroup(t *testing.T) {
 		fk64 = timeIt(fused64)
 	}
 	fs := timeIt(func(g *group) {
-		b.loraShrinkCat(b.s, g.xcat2+cuda.DevicePtr(g.K), g.ld, g.sx, kpos, g.fac, ctr, g.x, 0, g.mods, P, R)
+		b.loraShrinkCat(b.s, g.xcat2+cuda.DevicePtr(g.K), g.ld, g.sx, kpos, g.fac, ctr, g.x, 0, g.mods, P, R, false)
 	})
 	ext := timeIt(func(g *group) {
 		b.fail(b.mm.GemmTNScaled(b.s, ptr(g.cat), cuda.R16BF, g.xcat, g.sx, g.wcat, g.w.scale.Ptr(), T, g.N, g.ld))
