@@ -691,10 +691,11 @@ func (b *Backend) open(opts Options) error {
 		b.f8.wsAutoDefault = b.f8.wsAuto
 		b.f8.wsLoneFrom, b.f8.wsBesideFrom = wsLoneFromDefault, wsBesideFromDefault
 	}
-	for _, f := range []struct {
+	type fnName struct {
 		p    **cuda.Function
 		name string
-	}{{&b.fn.embed, "embed"}, {&b.fn.addRMSNorm, "add_rmsnorm"}, {&b.fn.rmsnormRows, "rmsnorm_rows"}, {&b.fn.ropeStore, "rope_store"},
+	}
+	fns := []fnName{{&b.fn.embed, "embed"}, {&b.fn.addRMSNorm, "add_rmsnorm"}, {&b.fn.rmsnormRows, "rmsnorm_rows"}, {&b.fn.ropeStore, "rope_store"},
 		{&b.fn.attention, "attention"}, {&b.fn.siluMul, "silu_mul"}, {&b.fn.siluMulO2, "silu_mul_o2"}, {&b.fn.siluMulH, "silu_mul_h"}, {&b.fn.siluMulO2H, "silu_mul_o2h"}, {&b.fn.siluMulClH, "silu_mul_clh"}, {&b.fn.siluMulCl, "silu_mul_cl"}, {&b.fn.addRMSNormCl, "add_rmsnorm_cl"},
 		{&b.fn.shrink, "lora_shrink"}, {&b.fn.expand, "lora_expand"},
 		{&b.fn.sgShrink, "sgmv_shrink"}, {&b.fn.sgShrink4, "sgmv_shrink4"}, {&b.fn.sgShrink64, "sgmv_shrink64"}, {&b.fn.sgShrink64P, "sgmv_shrink64p"},
@@ -715,21 +716,15 @@ func (b *Backend) open(opts Options) error {
 		{&b.fn.sgExpandTC[0], "sgmv_expand_tc1"}, {&b.fn.sgExpandTC[1], "sgmv_expand_tc2"}, {&b.fn.sgExpandTC[2], "sgmv_expand_tc4"},
 		{&b.fn.sgExpandTCH[0], "sgmv_expand_tch1"}, {&b.fn.sgExpandTCH[1], "sgmv_expand_tch2"}, {&b.fn.sgExpandTCH[2], "sgmv_expand_tch4"},
 		{&b.fn.sgExpandTC64S, "sgmv_expand_tc64s"},
-		{&b.fn.ropeRows, "rope_store_rows"}, {&b.fn.ropeRowsH, "rope_store_rows_h"}, {&b.fn.ropeStoreH, "rope_store_h"}, {&b.fn.ropeLoRA, "rope_store_lora"}} {
-		if *f.p, err = b.mod.Function(f.name); err != nil {
-			return err
-		}
-	}
+		{&b.fn.ropeRows, "rope_store_rows"}, {&b.fn.ropeRowsH, "rope_store_rows_h"}, {&b.fn.ropeStoreH, "rope_store_h"}, {&b.fn.ropeLoRA, "rope_store_lora"}}
 	// kcat.go's kernels, only where PEFTD_KERNEL_DEFINES=-DPEFTD_KCAT
 	// builds them in (the engine does not run them yet: TestKCatGroup)
 	if kernels.Defined("PEFTD_KCAT") {
-		for _, f := range []struct {
-			p    **cuda.Function
-			name string
-		}{{&b.fn.loraCat, "lora_cat_e4m3"}, {&b.fn.loraShrinkCat, "lora_shrink_e4m3"}, {&b.fn.loraShrink64Cat, "lora_shrink64_e4m3"}} {
-			if *f.p, err = b.mod.Function(f.name); err != nil {
-				return err
-			}
+		fns = append(fns, fnName{&b.fn.loraCat, "lora_cat_e4m3"}, fnName{&b.fn.loraShrinkCat, "lora_shrink_e4m3"}, fnName{&b.fn.loraShrink64Cat, "lora_shrink64_e4m3"})
+	}
+	for _, f := range fns {
+		if *f.p, err = b.mod.Function(f.name); err != nil {
+			return err
 		}
 	}
 	// Only the variants of the KV format in use get their shared memory

@@ -244,70 +244,23 @@ func TestLoRABench(t *testing.T) {
 	if b.sgFused[0] == nil && b.sgErr != nil {
 		t.Logf("%v", b.sgErr)
 	}
-	evs := make([]*cuda.Event, 2*reps)
-	for i := range evs {
-		if evs[i], err = b.ctx.NewEvent(true); err != nil {
-			t.Fatal(err)
-		}
-		defer evs[i].Destroy()
-	}
 	// timeGraph captures the layer's LoRA ops and returns the median replay
 	// time in µs: the updates added in place to the outputs, or (inPlace
 	// false) written as float32 updates aside.
 	shrinkOnly := false // timeGraph captures the ops' shrinks alone (shrink_us)
 	timeGraph := func(inPlace bool) float64 {
-		if err := b.s.BeginCapture(); err != nil {
-			t.Fatal(err)
-		}
-		for i, o := range ops {
-			if shrinkOnly {
-				_, ms, inF, _ := b.groupSlices(o.mods)
-				base, stride := b.tableRows(0)
-				b.launchShrink(b.s, b.shrinkPlan(b.s, inF, len(o.mods)), o.x, base, stride, ms, inF, len(o.mods))
-				continue
+		return replayUs(t, b, flush, warm, reps, func() {
+			for i, o := range ops {
+				switch {
+				case shrinkOnly:
+					groupShrink(b, o.x, o.mods)
+				case inPlace:
+					b.loraSlices(b.s, o.out.mem.Ptr(), o.out.cols, o.x, 0, o.mods, accAdd)
+				default:
+					b.loraSlices(b.s, aside[i].Ptr(), o.out.cols, o.x, 0, o.mods, accFloat)
+				}
 			}
-			if inPlace {
-				b.loraSlices(b.s, o.out.mem.Ptr(), o.out.cols, o.x, 0, o.mods, accAdd)
-			} else {
-				b.loraSlices(b.s, aside[i].Ptr(), o.out.cols, o.x, 0, o.mods, accFloat)
-			}
-		}
-		g, err := b.s.EndCapture()
-		if err != nil {
-			t.Fatal(err)
-		}
-		if b.err != nil {
-			t.Fatal(b.err)
-		}
-		defer g.Destroy()
-		ge, err := g.Instantiate()
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer ge.Destroy()
-		for i := 0; i < warm; i++ {
-			if err := ge.Launch(b.s); err != nil {
-				t.Fatal(err)
-			}
-		}
-		for i := 0; i < reps; i++ {
-			flush()
-			evs[2*i].Record(b.s)
-			if err := ge.Launch(b.s); err != nil {
-				t.Fatal(err)
-			}
-			evs[2*i+1].Record(b.s)
-		}
-		if err := b.s.Synchronize(); err != nil {
-			t.Fatal(err)
-		}
-		ms := make([]float32, reps)
-		for i := range ms {
-			if ms[i], err = evs[2*i+1].Since(evs[2*i]); err != nil {
-				t.Fatal(err)
-			}
-		}
-		return median(ms) * 1e3
+		})
 	}
 	perRank := loraParamsPerRank(cfg)
 	actBytes := func(T int) float64 { // x read once per op, out read and written

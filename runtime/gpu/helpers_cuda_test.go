@@ -9,6 +9,7 @@ import (
 	fx "github.com/peftd/peftd/internal/fixture"
 	"github.com/peftd/peftd/runtime/cuda"
 	"github.com/peftd/peftd/runtime/engine"
+	"github.com/peftd/peftd/runtime/llama"
 	"github.com/peftd/peftd/runtime/sample"
 )
 
@@ -98,4 +99,68 @@ func l2Flusher(t *testing.T, b *Backend) func() {
 			t.Fatal(err)
 		}
 	}
+}
+
+// replayUs records record() on b.s as one CUDA graph and returns the
+// median device microseconds of reps replays, each after flush (a fresh
+// L2), following warm untimed ones.
+func replayUs(t *testing.T, b *Backend, flush func(), warm, reps int, record func()) float64 {
+	t.Helper()
+	if err := b.s.BeginCapture(); err != nil {
+		t.Fatal(err)
+	}
+	record()
+	g, err := b.s.EndCapture()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if b.err != nil {
+		t.Fatal(b.err)
+	}
+	defer g.Destroy()
+	ge, err := g.Instantiate()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ge.Destroy()
+	evs := make([]*cuda.Event, 2*reps)
+	for i := range evs {
+		if evs[i], err = b.ctx.NewEvent(true); err != nil {
+			t.Fatal(err)
+		}
+		defer evs[i].Destroy()
+	}
+	for i := 0; i < warm; i++ {
+		if err := ge.Launch(b.s); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for i := 0; i < reps; i++ {
+		flush()
+		evs[2*i].Record(b.s)
+		if err := ge.Launch(b.s); err != nil {
+			t.Fatal(err)
+		}
+		evs[2*i+1].Record(b.s)
+	}
+	if err := b.s.Synchronize(); err != nil {
+		t.Fatal(err)
+	}
+	ms := make([]float32, reps)
+	for i := range ms {
+		if ms[i], err = evs[2*i+1].Since(evs[2*i]); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return median(ms) * 1e3
+}
+
+// groupShrink enqueues the step's shrink of group mods over x on b.s (as
+// loraSlices plans it for layer 0) and returns its plan.
+func groupShrink(b *Backend, x *Buffer, mods []llama.Module) sgShrinkPlan {
+	_, ms, inF, _ := b.groupSlices(mods)
+	base, stride := b.tableRows(0)
+	sp := b.shrinkPlan(b.s, inF, len(mods))
+	b.launchShrink(b.s, sp, x, base, stride, ms, inF, len(mods))
+	return sp
 }

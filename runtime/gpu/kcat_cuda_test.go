@@ -204,12 +204,9 @@ func TestKCatGroup(t *testing.T) {
 		}
 		groups = append(groups, gr)
 	}
-	base, stride := b.tableRows(0)
 	// kcat: the shrink, lora_cat_e4m3 and the product over K + E
 	kcat := func(g *group) {
-		_, ms, _, _ := b.groupSlices(g.mods)
-		sp := b.shrinkPlan(b.s, g.K, len(g.mods))
-		b.launchShrink(b.s, sp, g.x, base, stride, ms, g.K, len(g.mods))
+		sp := groupShrink(b, g.x, g.mods)
 		b.loraCat(b.s, g.xcat+cuda.DevicePtr(g.K), g.ld, g.sx, kpos, g.fac, 0, g.mods, P, R, sp.ks)
 		b.fail(b.mm.GemmTNScaled(b.s, ptr(g.cat), cuda.R16BF, g.xcat, g.sx, g.wcat, g.w.scale.Ptr(), T, g.N, g.ld))
 	}
@@ -292,65 +289,18 @@ func TestKCatGroup(t *testing.T) {
 		return
 	}
 	flush := l2Flusher(t, b)
-	var err error
-	evs := make([]*cuda.Event, 40)
-	for i := range evs {
-		if evs[i], err = b.ctx.NewEvent(true); err != nil {
-			t.Fatal(err)
-		}
-		defer evs[i].Destroy()
-	}
 	timeIt := func(run func(g *group)) float64 {
 		r.begin(m)
 		defer r.end()
-		if err := b.s.BeginCapture(); err != nil {
-			t.Fatal(err)
-		}
-		for _, g := range groups {
-			run(g)
-		}
-		gr, err := b.s.EndCapture()
-		if err != nil || b.err != nil {
-			t.Fatal(err, b.err)
-		}
-		defer gr.Destroy()
-		ge, err := gr.Instantiate()
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer ge.Destroy()
-		const warm, reps = 3, 20
-		for i := 0; i < warm+reps; i++ {
-			flush()
-			if i >= warm {
-				evs[2*(i-warm)].Record(b.s)
+		return replayUs(t, b, flush, 3, 20, func() {
+			for _, g := range groups {
+				run(g)
 			}
-			if err := ge.Launch(b.s); err != nil {
-				t.Fatal(err)
-			}
-			if i >= warm {
-				evs[2*(i-warm)+1].Record(b.s)
-			}
-		}
-		if err := b.s.Synchronize(); err != nil {
-			t.Fatal(err)
-		}
-		us := make([]float32, reps)
-		for i := range us {
-			ms, err := evs[2*i+1].Since(evs[2*i])
-			if err != nil {
-				t.Fatal(err)
-			}
-			us[i] = ms * 1e3
-		}
-		return median(us)
+		})
 	}
 	p := timeIt(func(g *group) { plain(g, g.base) })
 	k := timeIt(kcat)
-	sh := timeIt(func(g *group) {
-		_, ms, _, _ := b.groupSlices(g.mods)
-		b.launchShrink(b.s, b.shrinkPlan(b.s, g.K, len(g.mods)), g.x, base, stride, ms, g.K, len(g.mods))
-	})
+	sh := timeIt(func(g *group) { groupShrink(b, g.x, g.mods) })
 	// the shrinks as dense products of every position's A (P * slices * R
 	// rows), bf16 and FP8 (x in e4m3 as the product reads it): what a
 	// shrink with no segments costs on cuBLASLt
@@ -361,6 +311,7 @@ func TestKCatGroup(t *testing.T) {
 		host := make([]uint16, n*g.K)
 		f32ToBF16(host, r.rnd(n*g.K, 0.02))
 		dense[i] = [2]cuda.DevicePtr{upload(host), alloc(4 * T * n)}
+		var err error
 		if dense8[i], err = b.f8.upload(host, n, g.K); err != nil {
 			t.Fatal(err)
 		}
@@ -381,10 +332,7 @@ func TestKCatGroup(t *testing.T) {
 	// the shrinks on 64-row tiles (sgmv_shrink64 / 64p, forced: by default
 	// they start at sgBigMinRows LoRA rows, and this step has 236)
 	b.force.shrink64 = 1
-	sh64 := timeIt(func(g *group) {
-		_, ms, _, _ := b.groupSlices(g.mods)
-		b.launchShrink(b.s, b.shrinkPlan(b.s, g.K, len(g.mods)), g.x, base, stride, ms, g.K, len(g.mods))
-	})
+	sh64 := timeIt(func(g *group) { groupShrink(b, g.x, g.mods) })
 	b.force.shrink64 = 0
 	fk, fk64 := timeIt(fused), math.NaN()
 	if b.sbpFits {
