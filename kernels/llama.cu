@@ -2112,6 +2112,38 @@ extern "C" __global__ void lora_cat_e4m3(unsigned char* __restrict__ xq, i64 ldq
         row[c] = __nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3);
     }
 }
+
+// kcat_select_e4m3: lora_cat_e4m3 from a dense shrink: sd[t] (bf16, lds
+// apart) holds row t's products with every position's A rows, in the
+// extension's column order ((s * P + p) * R + j; the adapter's scale and
+// fac folded into A, columns past a rank zero). It writes column c of
+// row t's extension e4m3(sd[t, c] / sx[t]) where c's position is the row
+// adapter's (kpos[rl[t]]), else 0. grid (rows), block 128; E a multiple
+// of 8, lds of 8 and xq, ldq of 8 bytes aligned.
+extern "C" __global__ void kcat_select_e4m3(unsigned char* __restrict__ xq, i64 ldq, const bf16* __restrict__ sd, i64 lds,
+                                            const float* __restrict__ sx, const int* __restrict__ rl,
+                                            const int* __restrict__ kpos, int E, int P, int R) {
+    pdl_entry();
+    const int t = blockIdx.x, slot = rl[t];
+    const int p = slot >= 0 ? kpos[slot] : -1;
+    const float inv = 1.f / sx[t];
+    const uint4* src = reinterpret_cast<const uint4*>(sd + (i64)t * lds);
+    uint2* dst = reinterpret_cast<uint2*>(xq + (i64)t * ldq);
+    for (int c8 = threadIdx.x; c8 < (E >> 3); c8 += blockDim.x) {
+        const int c = c8 << 3;
+        uint2 o = make_uint2(0u, 0u);
+        if (p >= 0 && (c / R) % P == p) { // R a multiple of 8: the 8 columns share a position
+            const uint4 w = src[c8];
+            const bf16* v = reinterpret_cast<const bf16*>(&w);
+            unsigned char b[8];
+#pragma unroll
+            for (int i = 0; i < 8; i++) b[i] = __nv_cvt_float_to_fp8(__bfloat162float(v[i]) * inv, __NV_SATFINITE, __NV_E4M3);
+            o.x = b[0] | b[1] << 8 | b[2] << 16 | (unsigned)b[3] << 24;
+            o.y = b[4] | b[5] << 8 | b[6] << 16 | (unsigned)b[7] << 24;
+        }
+        dst[c8] = o;
+    }
+}
 #endif
 
 // ---------------------------------------------------------------------------

@@ -139,3 +139,21 @@ func (b *Backend) loraShrinkCat(st *cuda.Stream, xq cuda.DevicePtr, ldq int, sx,
 		b.stepTmp, ptr(x), b.table, b.i32(tiles), base, stride, ms[0], ms[1], ms[2], 1, b.stepRank,
 		inF, x.ld, tStride, T, kchunk, xq, int64(ldq), sx, kpos, fac, ctr, P, R)
 }
+
+// kcatSelect launches kcat_select_e4m3 on st: the extension columns
+// (E = slices * P * R of them, the first at xq, rows ldq bytes apart) of
+// the step's rows from sd, a dense shrink of x against every position's
+// A rows in the extension's order (bf16, rows lds values apart; the
+// adapter's scale and factor folded into A), and the rows' e4m3 scales sx.
+func (b *Backend) kcatSelect(st *cuda.Stream, xq cuda.DevicePtr, ldq int, sd cuda.DevicePtr, lds int, sx, kpos cuda.DevicePtr, slices, P, R int) {
+	if !b.ok() {
+		return
+	}
+	E := slices * P * R
+	if !b.check(b.fn.kcatSelect != nil && slices >= 1 && slices <= 3 && P > 0 && R > 0 && R%8 == 0 && ldq >= E && ldq%8 == 0 && lds >= E && lds%8 == 0 && uint64(xq)%8 == 0,
+		"kcat: select of %d slices, %d positions of %d columns, rows %d bytes apart, dense rows %d apart", slices, P, R, ldq, lds) {
+		return
+	}
+	b.launchOn(st, b.fn.kcatSelect, cuda.Dim3{X: b.rows()}, cuda.Dim3{X: 128},
+		xq, int64(ldq), sd, int64(lds), sx, b.rowLora(), kpos, E, P, R)
+}

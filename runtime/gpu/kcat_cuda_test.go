@@ -19,8 +19,9 @@ import (
 // TestKCatGroup: each fused group of an 8B layer at 240 rows (a mixed
 // step's shape: 60 decode rows of four rank-32 adapters, 4 of none, a
 // 176-token prompt of one), its LoRA update carried in the FP8 product's
-// K (kcat.go) three ways (the step's shrink then lora_cat_e4m3;
-// lora_shrink_e4m3; lora_shrink64_e4m3 where its shared memory fits),
+// K (kcat.go) four ways (the step's shrink then lora_cat_e4m3;
+// lora_shrink_e4m3; lora_shrink64_e4m3 where its shared memory fits; a
+// dense bf16 shrink against every position's A then kcat_select_e4m3),
 // each followed by cuBLASLt's scaled product over K + E columns, against
 // the product over K plus the SGMV update added in place. The update's
 // error is e4m3's on S and B (a few % of it), no S' may saturate, and
@@ -105,11 +106,14 @@ func TestKCatGroup(t *testing.T) {
 		xcat, wcat cuda.DevicePtr // [T, ld] and [N, ld]: K then the extension
 		xcat2      cuda.DevicePtr // xcat for lora_shrink_e4m3
 		xcat3      cuda.DevicePtr // xcat for lora_shrink64_e4m3
+		xcat4      cuda.DevicePtr // xcat for kcat_select_e4m3
+		aall, sd   cuda.DevicePtr // every position's A rows (bf16, [E, K], scale and factor folded in); the dense shrink [T, E] bf16
 		w          *fp8Weight
 		fac        cuda.DevicePtr
 		base, ref  *Buffer // the product over K; plus the SGMV update
 		cat, cat2  *Buffer // over K + E: lora_cat_e4m3's extension, lora_shrink_e4m3's
 		cat3       *Buffer // lora_shrink64_e4m3's
+		cat4       *Buffer // the dense shrink and kcat_select_e4m3's
 	}
 	var groups []*group
 	for _, g := range []struct {
@@ -148,6 +152,7 @@ func TestKCatGroup(t *testing.T) {
 		for s := range fac {
 			fac[s] = 1
 		}
+		aall := make([]float32, E*K)
 		for s, a := range ads {
 			off := 0
 			for i, md := range g.mods {
@@ -164,6 +169,14 @@ func TestKCatGroup(t *testing.T) {
 					t.Fatal(err)
 				}
 				fac[s*len(g.mods)+i] = f
+				for j := 0; j < p.Rank; j++ { // A as the device holds it (bf16), times the scale and f
+					h := make([]uint16, K)
+					f32ToBF16(h, p.A[j*K:(j+1)*K])
+					row := aall[((i*P+s)*R+j)*K:]
+					for k := range h {
+						row[k] = fromBF16(h[k]) * p.Scale * f
+					}
+				}
 				if err := kcatExtension(wc[off*ld:], ld, K+(i*P+s)*R, R, bb, p.Rank, rows, f); err != nil {
 					t.Fatal(err)
 				}
@@ -180,7 +193,10 @@ func TestKCatGroup(t *testing.T) {
 		}
 		x := r.buffer(T, K)
 		r.fill(x, xs)
+		ah := make([]uint16, E*K)
+		f32ToBF16(ah, aall)
 		gr := &group{name: g.name, mods: g.mods, N: N, K: K, ld: ld, x: x, w: w, wcat: upload(wc), fac: upload(fac),
+			xcat4: alloc(T * ld), aall: upload(ah), sd: alloc(2 * T * E), cat4: r.buffer(T, N),
 			qx: alloc(T * K), sx: alloc(4 * T), xcat: alloc(T * ld), xcat2: alloc(T * ld), xcat3: alloc(T * ld), base: r.buffer(T, N), ref: r.buffer(T, N),
 			cat: r.buffer(T, N), cat2: r.buffer(T, N), cat3: r.buffer(T, N)}
 		if err := b.f8.quantRows(gr.qx, gr.sx, ptr(x), T, K, x.ld); err != nil {
@@ -197,7 +213,7 @@ func TestKCatGroup(t *testing.T) {
 		if err := cuda.CopyHtoD(b.s, gr.xcat, xc); err != nil {
 			t.Fatal(err)
 		}
-		for _, p := range []cuda.DevicePtr{gr.xcat2, gr.xcat3} { // rows of no adapter keep these zeros
+		for _, p := range []cuda.DevicePtr{gr.xcat2, gr.xcat3, gr.xcat4} { // rows of no adapter keep these zeros
 			if err := cuda.CopyHtoD(b.s, p, xc); err != nil {
 				t.Fatal(err)
 			}
@@ -219,6 +235,19 @@ func TestKCatGroup(t *testing.T) {
 		b.loraShrinkCat(b.s, g.xcat3+cuda.DevicePtr(g.K), g.ld, g.sx, kpos, g.fac, ctr, g.x, 0, g.mods, P, R, true)
 		b.fail(b.mm.GemmTNScaled(b.s, ptr(g.cat3), cuda.R16BF, g.xcat3, g.sx, g.wcat, g.w.scale.Ptr(), T, g.N, g.ld))
 	}
+	denseShrink := func(g *group) {
+		E := g.ld - g.K
+		b.fail(b.mm.GemmTN(b.s, g.sd, cuda.R16BF, ptr(g.x), cuda.R16BF, g.aall, cuda.R16BF, T, E, g.K, 1, 0))
+	}
+	selectCat := func(g *group) {
+		E := g.ld - g.K
+		b.kcatSelect(b.s, g.xcat4+cuda.DevicePtr(g.K), g.ld, g.sd, E, g.sx, kpos, len(g.mods), P, R)
+	}
+	denseCat := func(g *group) {
+		denseShrink(g)
+		selectCat(g)
+		b.fail(b.mm.GemmTNScaled(b.s, ptr(g.cat4), cuda.R16BF, g.xcat4, g.sx, g.wcat, g.w.scale.Ptr(), T, g.N, g.ld))
+	}
 	plain := func(g *group, out *Buffer) {
 		b.fail(b.mm.GemmTNScaled(b.s, ptr(out), cuda.R16BF, g.qx, g.sx, g.w.q.Ptr(), g.w.scale.Ptr(), T, g.N, g.K))
 	}
@@ -232,30 +261,32 @@ func TestKCatGroup(t *testing.T) {
 		if b.sbpFits {
 			fused64(g)
 		}
+		denseCat(g)
 	}
 	r.end()
 	for _, g := range groups {
-		// S' values e4m3 saturated (±448: 0x7e, 0xfe), and the largest
-		xc := make([]byte, T*g.ld)
-		if err := cuda.CopyDtoH(b.s, xc, g.xcat); err != nil {
-			t.Fatal(err)
-		}
-		sat, top := 0, 0.0
-		for i := 0; i < T; i++ {
-			for _, v := range xc[i*g.ld+g.K : (i+1)*g.ld] {
-				if v&0x7f == 0x7e {
-					sat++
-				}
-				top = max(top, math.Abs(float64(safetensors.E4M3ToFloat32(v))))
-			}
-		}
 		bs, ref := r.read(g.base, T), r.read(g.ref, T)
 		for _, way := range []struct {
 			name string
+			xq   cuda.DevicePtr
 			out  *Buffer
-		}{{"lora_cat_e4m3", g.cat}, {"lora_shrink_e4m3", g.cat2}, {"lora_shrink64_e4m3", g.cat3}} {
+		}{{"lora_cat_e4m3", g.xcat, g.cat}, {"lora_shrink_e4m3", g.xcat2, g.cat2}, {"lora_shrink64_e4m3", g.xcat3, g.cat3}, {"kcat_select_e4m3", g.xcat4, g.cat4}} {
 			if way.out == g.cat3 && !b.sbpFits {
 				continue
+			}
+			// S' values e4m3 saturated (±448: 0x7e, 0xfe), and the largest
+			xc := make([]byte, T*g.ld)
+			if err := cuda.CopyDtoH(b.s, xc, way.xq); err != nil {
+				t.Fatal(err)
+			}
+			sat, top := 0, 0.0
+			for i := 0; i < T; i++ {
+				for _, v := range xc[i*g.ld+g.K : (i+1)*g.ld] {
+					if v&0x7f == 0x7e {
+						sat++
+					}
+					top = max(top, math.Abs(float64(safetensors.E4M3ToFloat32(v))))
+				}
 			}
 			cat := r.read(way.out, T)
 			var upd, errMax, errSS, updSS, noneMax, baseMax, baseSS float64
@@ -341,9 +372,12 @@ func TestKCatGroup(t *testing.T) {
 	fs := timeIt(func(g *group) {
 		b.loraShrinkCat(b.s, g.xcat2+cuda.DevicePtr(g.K), g.ld, g.sx, kpos, g.fac, ctr, g.x, 0, g.mods, P, R, false)
 	})
+	dk := timeIt(denseCat)
+	dsh := timeIt(denseShrink)
+	dsel := timeIt(selectCat)
 	ext := timeIt(func(g *group) {
 		b.fail(b.mm.GemmTNScaled(b.s, ptr(g.cat), cuda.R16BF, g.xcat, g.sx, g.wcat, g.w.scale.Ptr(), T, g.N, g.ld))
 	})
-	t.Logf("KCAT %s, %d rows, four groups of an 8B layer (median µs of 20 replays after an L2 flush): products over K %.1f, shrink + lora_cat_e4m3 + products over K + E %.1f (the update %.1f a layer), lora_shrink_e4m3 + products over K + E %.1f (the update %.1f), lora_shrink64_e4m3 + products over K + E %.1f (the update %.1f); alone: shrinks %.1f (on 64-row tiles %.1f), lora_cat_e4m3 %.1f, lora_shrink_e4m3 %.1f, products over K + E %.1f, dense shrinks on cuBLASLt bf16 %.1f, FP8 %.1f",
-		b.Device().Name, T, p, k, k-p, fk, fk-p, fk64, fk64-p, sh, sh64, cat, fs, ext, d16, d8)
+	t.Logf("KCAT %s, %d rows, four groups of an 8B layer (median µs of 20 replays after an L2 flush): products over K %.1f, shrink + lora_cat_e4m3 + products over K + E %.1f (the update %.1f a layer), lora_shrink_e4m3 + products over K + E %.1f (the update %.1f), lora_shrink64_e4m3 + products over K + E %.1f (the update %.1f); alone: shrinks %.1f (on 64-row tiles %.1f), lora_cat_e4m3 %.1f, lora_shrink_e4m3 %.1f, products over K + E %.1f, dense shrinks on cuBLASLt bf16 %.1f, FP8 %.1f; dense shrink (every position's A, bf16) + kcat_select_e4m3 + products over K + E %.1f (the update %.1f; alone: dense shrinks %.1f, kcat_select_e4m3 %.1f)",
+		b.Device().Name, T, p, k, k-p, fk, fk-p, fk64, fk64-p, sh, sh64, cat, fs, ext, d16, d8, dk, dk-p, dsh, dsel)
 }
