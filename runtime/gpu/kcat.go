@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"math"
 
+	"github.com/peftd/peftd/kernels"
 	"github.com/peftd/peftd/runtime/cuda"
 	"github.com/peftd/peftd/runtime/llama"
 	"github.com/peftd/peftd/runtime/safetensors"
@@ -156,4 +157,59 @@ func (b *Backend) kcatSelect(st *cuda.Stream, xq cuda.DevicePtr, ldq int, sd cud
 	}
 	b.launchOn(st, b.fn.kcatSelect, cuda.Dim3{X: b.rows()}, cuda.Dim3{X: 128},
 		xq, int64(ldq), sd, int64(lds), sx, b.rowLora(), kpos, E, P, R)
+}
+
+// kcatLoad loads kcat_shrink_e4m3_n64 and _n128 where the module has them
+// (PEFTD_KCAT) and this card's shared memory (maxShared bytes) holds them.
+func (f *fp8State) kcatLoad(maxShared int) error {
+	if !kernels.Defined("PEFTD_KCAT") {
+		return nil
+	}
+	for i, tr := range []int{64, 128} {
+		if skinnyShared(tr)+4 > maxShared {
+			continue
+		}
+		fn, err := f.mod.Function(fmt.Sprintf("kcat_shrink_e4m3_n%d", tr))
+		if err == nil {
+			err = fn.SetMaxDynamicShared(skinnyShared(tr))
+		}
+		if err != nil {
+			return err
+		}
+		f.kcat[i] = fn
+	}
+	return nil
+}
+
+// kcatShrink launches kcat_shrink_e4m3 on st: the extension columns (the
+// first at xq, rows ldq bytes apart) of the step's rows from their e4m3
+// rows qx (ldx bytes apart) and a, every K position's A rows in the
+// extension's order (e4m3, its row scales with the adapter's scale and
+// factor folded in); kpos the slots' positions. n128: 128 rows a block
+// (one block an SM), else 64.
+func (b *Backend) kcatShrink(st *cuda.Stream, xq cuda.DevicePtr, ldq int, qx cuda.DevicePtr, ldx int, a *fp8Weight, kpos cuda.DevicePtr, P, R int, n128 bool) {
+	if !b.ok() {
+		return
+	}
+	f := b.f8
+	i, tr := 0, 64
+	if n128 {
+		i, tr = 1, 128
+	}
+	if !b.check(f != nil && f.kcat[i] != nil && a.rows%skinnyRows == 0 && a.rows%(P*R) == 0 && R%8 == 0 && a.cols%64 == 0 && ldx >= a.cols && ldq >= a.rows,
+		"kcat: dense shrink of %d extension columns (%d positions of %d) over %d, rows %d / %d bytes apart", a.rows, P, R, a.cols, ldx, ldq) {
+		return
+	}
+	b.fail(f.reserveSkinny())
+	if !b.ok() {
+		return
+	}
+	T := b.rows()
+	tiles, zs := a.rows/skinnyRows, (T+tr-1)/tr
+	perSM := skinnyPerSM(tr)
+	S := max(1, min(16, (perSM*f.planSMs()+tiles*zs-1)/(tiles*zs), a.cols/64/4))
+	b.fail(f.kcat[i].Launch(st, cuda.Dim3{X: tiles, Y: S, Z: zs}, cuda.Dim3{X: skinnyThreads}, skinnyShared(tr),
+		uint64(f.skPart.Ptr()), uint64(f.skDone.Ptr()), uint64(qx), int64(ldx), uint64(a.q.Ptr()), uint64(a.scale.Ptr()),
+		T, a.rows, a.cols, uint64(xq), int64(ldq), uint64(b.rowLora()), uint64(kpos), P, R))
+	b.g.capture.launched(st)
 }

@@ -19,9 +19,11 @@ import (
 // TestKCatGroup: each fused group of an 8B layer at 240 rows (a mixed
 // step's shape: 60 decode rows of four rank-32 adapters, 4 of none, a
 // 176-token prompt of one), its LoRA update carried in the FP8 product's
-// K (kcat.go) four ways (the step's shrink then lora_cat_e4m3;
+// K (kcat.go) six ways (the step's shrink then lora_cat_e4m3;
 // lora_shrink_e4m3; lora_shrink64_e4m3 where its shared memory fits; a
-// dense bf16 shrink against every position's A then kcat_select_e4m3),
+// dense bf16 shrink against every position's A then kcat_select_e4m3;
+// kcat_shrink_e4m3_n64 and _n128, the dense shrink in e4m3 on
+// fp8_gemm_skinny's loop with the masked store at its end),
 // each followed by cuBLASLt's scaled product over K + E columns, against
 // the product over K plus the SGMV update added in place. The update's
 // error is e4m3's on S and B (a few % of it), no S' may saturate, and
@@ -107,6 +109,9 @@ func TestKCatGroup(t *testing.T) {
 		xcat2      cuda.DevicePtr // xcat for lora_shrink_e4m3
 		xcat3      cuda.DevicePtr // xcat for lora_shrink64_e4m3
 		xcat4      cuda.DevicePtr // xcat for kcat_select_e4m3
+		xcat5      cuda.DevicePtr // xcat for kcat_shrink_e4m3_n64
+		xcat6      cuda.DevicePtr // xcat for kcat_shrink_e4m3_n128
+		qa         *fp8Weight     // aall in e4m3 with row scales
 		aall, sd   cuda.DevicePtr // every position's A rows (bf16, [E, K], scale and factor folded in); the dense shrink [T, E] bf16
 		w          *fp8Weight
 		fac        cuda.DevicePtr
@@ -114,6 +119,7 @@ func TestKCatGroup(t *testing.T) {
 		cat, cat2  *Buffer // over K + E: lora_cat_e4m3's extension, lora_shrink_e4m3's
 		cat3       *Buffer // lora_shrink64_e4m3's
 		cat4       *Buffer // the dense shrink and kcat_select_e4m3's
+		cat5, cat6 *Buffer // kcat_shrink_e4m3_n64's, _n128's
 	}
 	var groups []*group
 	for _, g := range []struct {
@@ -197,8 +203,12 @@ func TestKCatGroup(t *testing.T) {
 		f32ToBF16(ah, aall)
 		gr := &group{name: g.name, mods: g.mods, N: N, K: K, ld: ld, x: x, w: w, wcat: upload(wc), fac: upload(fac),
 			xcat4: alloc(T * ld), aall: upload(ah), sd: alloc(2 * T * E), cat4: r.buffer(T, N),
+			xcat5: alloc(T * ld), xcat6: alloc(T * ld), cat5: r.buffer(T, N), cat6: r.buffer(T, N),
 			qx: alloc(T * K), sx: alloc(4 * T), xcat: alloc(T * ld), xcat2: alloc(T * ld), xcat3: alloc(T * ld), base: r.buffer(T, N), ref: r.buffer(T, N),
 			cat: r.buffer(T, N), cat2: r.buffer(T, N), cat3: r.buffer(T, N)}
+		if gr.qa, err = b.f8.upload(ah, E, K); err != nil {
+			t.Fatal(err)
+		}
 		if err := b.f8.quantRows(gr.qx, gr.sx, ptr(x), T, K, x.ld); err != nil {
 			t.Fatal(err)
 		}
@@ -213,7 +223,7 @@ func TestKCatGroup(t *testing.T) {
 		if err := cuda.CopyHtoD(b.s, gr.xcat, xc); err != nil {
 			t.Fatal(err)
 		}
-		for _, p := range []cuda.DevicePtr{gr.xcat2, gr.xcat3, gr.xcat4} { // rows of no adapter keep these zeros
+		for _, p := range []cuda.DevicePtr{gr.xcat2, gr.xcat3, gr.xcat4, gr.xcat5, gr.xcat6} { // rows of no adapter keep these zeros
 			if err := cuda.CopyHtoD(b.s, p, xc); err != nil {
 				t.Fatal(err)
 			}
@@ -248,6 +258,21 @@ func TestKCatGroup(t *testing.T) {
 		selectCat(g)
 		b.fail(b.mm.GemmTNScaled(b.s, ptr(g.cat4), cuda.R16BF, g.xcat4, g.sx, g.wcat, g.w.scale.Ptr(), T, g.N, g.ld))
 	}
+	skShrink := func(g *group, n128 bool) {
+		xq := g.xcat5
+		if n128 {
+			xq = g.xcat6
+		}
+		b.kcatShrink(b.s, xq+cuda.DevicePtr(g.K), g.ld, g.qx, g.K, g.qa, kpos, P, R, n128)
+	}
+	skCat := func(g *group, n128 bool) {
+		skShrink(g, n128)
+		xq, out := g.xcat5, g.cat5
+		if n128 {
+			xq, out = g.xcat6, g.cat6
+		}
+		b.fail(b.mm.GemmTNScaled(b.s, ptr(out), cuda.R16BF, xq, g.sx, g.wcat, g.w.scale.Ptr(), T, g.N, g.ld))
+	}
 	plain := func(g *group, out *Buffer) {
 		b.fail(b.mm.GemmTNScaled(b.s, ptr(out), cuda.R16BF, g.qx, g.sx, g.w.q.Ptr(), g.w.scale.Ptr(), T, g.N, g.K))
 	}
@@ -262,6 +287,12 @@ func TestKCatGroup(t *testing.T) {
 			fused64(g)
 		}
 		denseCat(g)
+		if b.f8.kcat[0] != nil {
+			skCat(g, false)
+		}
+		if b.f8.kcat[1] != nil {
+			skCat(g, true)
+		}
 	}
 	r.end()
 	for _, g := range groups {
@@ -270,8 +301,9 @@ func TestKCatGroup(t *testing.T) {
 			name string
 			xq   cuda.DevicePtr
 			out  *Buffer
-		}{{"lora_cat_e4m3", g.xcat, g.cat}, {"lora_shrink_e4m3", g.xcat2, g.cat2}, {"lora_shrink64_e4m3", g.xcat3, g.cat3}, {"kcat_select_e4m3", g.xcat4, g.cat4}} {
-			if way.out == g.cat3 && !b.sbpFits {
+		}{{"lora_cat_e4m3", g.xcat, g.cat}, {"lora_shrink_e4m3", g.xcat2, g.cat2}, {"lora_shrink64_e4m3", g.xcat3, g.cat3}, {"kcat_select_e4m3", g.xcat4, g.cat4},
+			{"kcat_shrink_e4m3_n64", g.xcat5, g.cat5}, {"kcat_shrink_e4m3_n128", g.xcat6, g.cat6}} {
+			if way.out == g.cat3 && !b.sbpFits || way.out == g.cat5 && b.f8.kcat[0] == nil || way.out == g.cat6 && b.f8.kcat[1] == nil {
 				continue
 			}
 			// S' values e4m3 saturated (±448: 0x7e, 0xfe), and the largest
@@ -372,12 +404,21 @@ func TestKCatGroup(t *testing.T) {
 	fs := timeIt(func(g *group) {
 		b.loraShrinkCat(b.s, g.xcat2+cuda.DevicePtr(g.K), g.ld, g.sx, kpos, g.fac, ctr, g.x, 0, g.mods, P, R, false)
 	})
+	sk64, sk128, skc64, skc128 := math.NaN(), math.NaN(), math.NaN(), math.NaN()
+	if b.f8.kcat[0] != nil {
+		sk64 = timeIt(func(g *group) { skCat(g, false) })
+		skc64 = timeIt(func(g *group) { skShrink(g, false) })
+	}
+	if b.f8.kcat[1] != nil {
+		sk128 = timeIt(func(g *group) { skCat(g, true) })
+		skc128 = timeIt(func(g *group) { skShrink(g, true) })
+	}
 	dk := timeIt(denseCat)
 	dsh := timeIt(denseShrink)
 	dsel := timeIt(selectCat)
 	ext := timeIt(func(g *group) {
 		b.fail(b.mm.GemmTNScaled(b.s, ptr(g.cat), cuda.R16BF, g.xcat, g.sx, g.wcat, g.w.scale.Ptr(), T, g.N, g.ld))
 	})
-	t.Logf("KCAT %s, %d rows, four groups of an 8B layer (median µs of 20 replays after an L2 flush): products over K %.1f, shrink + lora_cat_e4m3 + products over K + E %.1f (the update %.1f a layer), lora_shrink_e4m3 + products over K + E %.1f (the update %.1f), lora_shrink64_e4m3 + products over K + E %.1f (the update %.1f); alone: shrinks %.1f (on 64-row tiles %.1f), lora_cat_e4m3 %.1f, lora_shrink_e4m3 %.1f, products over K + E %.1f, dense shrinks on cuBLASLt bf16 %.1f, FP8 %.1f; dense shrink (every position's A, bf16) + kcat_select_e4m3 + products over K + E %.1f (the update %.1f; alone: dense shrinks %.1f, kcat_select_e4m3 %.1f)",
-		b.Device().Name, T, p, k, k-p, fk, fk-p, fk64, fk64-p, sh, sh64, cat, fs, ext, d16, d8, dk, dk-p, dsh, dsel)
+	t.Logf("KCAT %s, %d rows, four groups of an 8B layer (median µs of 20 replays after an L2 flush): products over K %.1f, shrink + lora_cat_e4m3 + products over K + E %.1f (the update %.1f a layer), lora_shrink_e4m3 + products over K + E %.1f (the update %.1f), lora_shrink64_e4m3 + products over K + E %.1f (the update %.1f); alone: shrinks %.1f (on 64-row tiles %.1f), lora_cat_e4m3 %.1f, lora_shrink_e4m3 %.1f, products over K + E %.1f, dense shrinks on cuBLASLt bf16 %.1f, FP8 %.1f; dense shrink (every position's A, bf16) + kcat_select_e4m3 + products over K + E %.1f (the update %.1f; alone: dense shrinks %.1f, kcat_select_e4m3 %.1f); kcat_shrink_e4m3_n64 + products over K + E %.1f (the update %.1f; alone %.1f), _n128 %.1f (the update %.1f; alone %.1f)",
+		b.Device().Name, T, p, k, k-p, fk, fk-p, fk64, fk64-p, sh, sh64, cat, fs, ext, d16, d8, dk, dk-p, dsh, dsel, sk64, sk64-p, skc64, sk128, sk128-p, skc128)
 }
