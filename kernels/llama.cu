@@ -2144,6 +2144,30 @@ extern "C" __global__ void kcat_select_e4m3(unsigned char* __restrict__ xq, i64 
         dst[c8] = o;
     }
 }
+
+// kcat_select_split_e4m3: kcat_select_e4m3 from a dense shrink's K-split
+// float32 partials (part [splits][rows_total][E], cuBLASLt's
+// GemmTNSplitK): column c of row t's extension is e4m3(sum * g[c]) with
+// g the e4m3 A rows' scales (an e4m3 shrink: x's scale cancels), or
+// e4m3(sum / sx[t]) where g is null (a bf16 shrink), at the row adapter's
+// position, else 0. grid (rows), block 128.
+extern "C" __global__ void kcat_select_split_e4m3(unsigned char* __restrict__ xq, i64 ldq, const float* __restrict__ part, int splits,
+                                                  int rows_total, const float* __restrict__ g, const float* __restrict__ sx,
+                                                  const int* __restrict__ rl, const int* __restrict__ kpos, int E, int P, int R) {
+    pdl_entry();
+    const int t = blockIdx.x, slot = rl[t];
+    const int p = slot >= 0 ? kpos[slot] : -1;
+    const float inv = 1.f / sx[t];
+    unsigned char* row = xq + (i64)t * ldq;
+    for (int c = threadIdx.x; c < E; c += blockDim.x) {
+        float v = 0.f;
+        if (p >= 0 && (c / R) % P == p) {
+            for (int z = 0; z < splits; z++) v += part[((i64)z * rows_total + t) * E + c];
+            v *= g ? g[c] : inv;
+        }
+        row[c] = __nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3);
+    }
+}
 #endif
 
 // ---------------------------------------------------------------------------

@@ -32,13 +32,14 @@ import (
 
 // kcatBMax is the largest |B'| kcatFactor aims for. Each extension
 // column's product S' B' must stay within e4m3's 448 on both sides, so
-// the range splits between them: B' keeps 2^5 (its values to 2^-6 normal,
-// 11 binades below its largest), S' the rest. S' is S / sx times the
-// factor: ~30 for LLM activations (rows with outliers: sx = amax / 448)
-// and trained adapters (|B| ~ 0.1 of a weight row's largest value), so
-// S' of a few hundred still fits. A value past 448 saturates (e4m3's
-// SATFINITE): TestKCatGroup counts them.
-const kcatBMax = 32
+// the range splits between them: B' keeps 2^2 (its values to 2^-6 normal,
+// 8 binades below its largest), S' the rest. S' is S / sx times the
+// factor, and S / sx runs to a few hundred where a row's largest value is
+// an outlier channel (sx = amax / 448: the other values sit high in
+// e4m3's range). A value past 448 saturates (e4m3's SATFINITE):
+// TestKCatGroup counts them. 32 (v0.88) saturated 0.1-0.4% of S' on
+// trained-like data (PERFORMANCE v0.89), so it went to 4.
+const kcatBMax = 4
 
 // kcatFactor is f for one adapter slice: the power of two that puts
 // max |B[n, j]| / (sw[n] f) at or just below kcatBMax (1 for an all-zero
@@ -212,4 +213,21 @@ func (b *Backend) kcatShrink(st *cuda.Stream, xq cuda.DevicePtr, ldq int, qx cud
 		uint64(f.skPart.Ptr()), uint64(f.skDone.Ptr()), uint64(qx), int64(ldx), uint64(a.q.Ptr()), uint64(a.scale.Ptr()),
 		T, a.rows, a.cols, uint64(xq), int64(ldq), uint64(b.rowLora()), uint64(kpos), P, R))
 	b.g.capture.launched(st)
+}
+
+// kcatSelectSplit launches kcat_select_split_e4m3 on st: kcatSelect from
+// the splits float32 partials of a dense shrink (GemmTNSplitK's [splits,
+// rows, E]); g the e4m3 A rows' scales for an e4m3 shrink, 0 for a bf16
+// one (then the rows' scales sx divide).
+func (b *Backend) kcatSelectSplit(st *cuda.Stream, xq cuda.DevicePtr, ldq int, part cuda.DevicePtr, splits int, g, sx, kpos cuda.DevicePtr, slices, P, R int) {
+	if !b.ok() {
+		return
+	}
+	E := slices * P * R
+	if !b.check(b.fn.kcatSelectSplit != nil && splits >= 1 && slices >= 1 && slices <= 3 && P > 0 && R > 0 && ldq >= E,
+		"kcat: select of %d slices, %d positions of %d columns from %d splits, rows %d bytes apart", slices, P, R, splits, ldq) {
+		return
+	}
+	b.launchOn(st, b.fn.kcatSelectSplit, cuda.Dim3{X: b.rows()}, cuda.Dim3{X: 128},
+		xq, int64(ldq), part, splits, b.rows(), g, sx, b.rowLora(), kpos, E, P, R)
 }

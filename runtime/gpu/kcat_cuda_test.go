@@ -3,10 +3,12 @@
 package gpu
 
 import (
+	"fmt"
 	"math"
 	"math/rand/v2"
 	"os"
 	"slices"
+	"strings"
 	"testing"
 
 	"github.com/peftd/peftd/runtime/cuda"
@@ -112,6 +114,8 @@ func TestKCatGroup(t *testing.T) {
 		xcat5      cuda.DevicePtr // xcat for kcat_shrink_e4m3_n64
 		xcat6      cuda.DevicePtr // xcat for kcat_shrink_e4m3_n128
 		qa         *fp8Weight     // aall in e4m3 with row scales
+		xcat7      cuda.DevicePtr // xcat for the bf16 split dense shrink
+		xcat8      cuda.DevicePtr // xcat for the e4m3 split dense shrink
 		aall, sd   cuda.DevicePtr // every position's A rows (bf16, [E, K], scale and factor folded in); the dense shrink [T, E] bf16
 		w          *fp8Weight
 		fac        cuda.DevicePtr
@@ -120,6 +124,7 @@ func TestKCatGroup(t *testing.T) {
 		cat3       *Buffer // lora_shrink64_e4m3's
 		cat4       *Buffer // the dense shrink and kcat_select_e4m3's
 		cat5, cat6 *Buffer // kcat_shrink_e4m3_n64's, _n128's
+		cat7, cat8 *Buffer // the split dense shrinks' (bf16, e4m3) and kcat_select_split_e4m3's
 	}
 	var groups []*group
 	for _, g := range []struct {
@@ -204,6 +209,7 @@ func TestKCatGroup(t *testing.T) {
 		gr := &group{name: g.name, mods: g.mods, N: N, K: K, ld: ld, x: x, w: w, wcat: upload(wc), fac: upload(fac),
 			xcat4: alloc(T * ld), aall: upload(ah), sd: alloc(2 * T * E), cat4: r.buffer(T, N),
 			xcat5: alloc(T * ld), xcat6: alloc(T * ld), cat5: r.buffer(T, N), cat6: r.buffer(T, N),
+			xcat7: alloc(T * ld), xcat8: alloc(T * ld), cat7: r.buffer(T, N), cat8: r.buffer(T, N),
 			qx: alloc(T * K), sx: alloc(4 * T), xcat: alloc(T * ld), xcat2: alloc(T * ld), xcat3: alloc(T * ld), base: r.buffer(T, N), ref: r.buffer(T, N),
 			cat: r.buffer(T, N), cat2: r.buffer(T, N), cat3: r.buffer(T, N)}
 		if gr.qa, err = b.f8.upload(ah, E, K); err != nil {
@@ -223,7 +229,7 @@ func TestKCatGroup(t *testing.T) {
 		if err := cuda.CopyHtoD(b.s, gr.xcat, xc); err != nil {
 			t.Fatal(err)
 		}
-		for _, p := range []cuda.DevicePtr{gr.xcat2, gr.xcat3, gr.xcat4, gr.xcat5, gr.xcat6} { // rows of no adapter keep these zeros
+		for _, p := range []cuda.DevicePtr{gr.xcat2, gr.xcat3, gr.xcat4, gr.xcat5, gr.xcat6, gr.xcat7, gr.xcat8} { // rows of no adapter keep these zeros
 			if err := cuda.CopyHtoD(b.s, p, xc); err != nil {
 				t.Fatal(err)
 			}
@@ -273,6 +279,27 @@ func TestKCatGroup(t *testing.T) {
 		}
 		b.fail(b.mm.GemmTNScaled(b.s, ptr(out), cuda.R16BF, xq, g.sx, g.wcat, g.w.scale.Ptr(), T, g.N, g.ld))
 	}
+	// the dense shrinks as cuBLASLt K splits (float32 partials), summed by
+	// kcat_select_split_e4m3: bf16 x against bf16 A, or e4m3 against e4m3
+	splitPart := alloc(4 * 16 * T * 3 * P * R)
+	splitShrink := func(g *group, fp8 bool, splits int) {
+		E := g.ld - g.K
+		if fp8 {
+			b.fail(b.mm.GemmTNSplitK(b.s, splitPart, g.qx, cuda.R8FE4M3, g.qa.q.Ptr(), cuda.R8FE4M3, T, E, g.K, splits))
+			b.kcatSelectSplit(b.s, g.xcat8+cuda.DevicePtr(g.K), g.ld, splitPart, splits, g.qa.scale.Ptr(), g.sx, kpos, len(g.mods), P, R)
+			return
+		}
+		b.fail(b.mm.GemmTNSplitK(b.s, splitPart, ptr(g.x), cuda.R16BF, g.aall, cuda.R16BF, T, E, g.K, splits))
+		b.kcatSelectSplit(b.s, g.xcat7+cuda.DevicePtr(g.K), g.ld, splitPart, splits, 0, g.sx, kpos, len(g.mods), P, R)
+	}
+	splitCat := func(g *group, fp8 bool, splits int) {
+		splitShrink(g, fp8, splits)
+		xq, out := g.xcat7, g.cat7
+		if fp8 {
+			xq, out = g.xcat8, g.cat8
+		}
+		b.fail(b.mm.GemmTNScaled(b.s, ptr(out), cuda.R16BF, xq, g.sx, g.wcat, g.w.scale.Ptr(), T, g.N, g.ld))
+	}
 	plain := func(g *group, out *Buffer) {
 		b.fail(b.mm.GemmTNScaled(b.s, ptr(out), cuda.R16BF, g.qx, g.sx, g.w.q.Ptr(), g.w.scale.Ptr(), T, g.N, g.K))
 	}
@@ -293,6 +320,8 @@ func TestKCatGroup(t *testing.T) {
 		if b.f8.kcat[1] != nil {
 			skCat(g, true)
 		}
+		splitCat(g, false, 8)
+		splitCat(g, true, 8)
 	}
 	r.end()
 	for _, g := range groups {
@@ -302,7 +331,8 @@ func TestKCatGroup(t *testing.T) {
 			xq   cuda.DevicePtr
 			out  *Buffer
 		}{{"lora_cat_e4m3", g.xcat, g.cat}, {"lora_shrink_e4m3", g.xcat2, g.cat2}, {"lora_shrink64_e4m3", g.xcat3, g.cat3}, {"kcat_select_e4m3", g.xcat4, g.cat4},
-			{"kcat_shrink_e4m3_n64", g.xcat5, g.cat5}, {"kcat_shrink_e4m3_n128", g.xcat6, g.cat6}} {
+			{"kcat_shrink_e4m3_n64", g.xcat5, g.cat5}, {"kcat_shrink_e4m3_n128", g.xcat6, g.cat6},
+			{"split8 bf16 + select", g.xcat7, g.cat7}, {"split8 e4m3 + select", g.xcat8, g.cat8}} {
 			if way.out == g.cat3 && !b.sbpFits || way.out == g.cat5 && b.f8.kcat[0] == nil || way.out == g.cat6 && b.f8.kcat[1] == nil {
 				continue
 			}
@@ -413,6 +443,15 @@ func TestKCatGroup(t *testing.T) {
 		sk128 = timeIt(func(g *group) { skCat(g, true) })
 		skc128 = timeIt(func(g *group) { skShrink(g, true) })
 	}
+	var splitT []string
+	for _, fp8 := range []bool{false, true} {
+		for _, sp := range []int{4, 8, 16} {
+			c := timeIt(func(g *group) { splitCat(g, fp8, sp) })
+			a := timeIt(func(g *group) { splitShrink(g, fp8, sp) })
+			splitT = append(splitT, fmt.Sprintf("e4m3 %v split %d: the update %.1f (shrink + select alone %.1f)", fp8, sp, c-p, a))
+		}
+	}
+	t.Logf("KCAT split dense shrinks on cuBLASLt + kcat_select_split_e4m3, four groups: %s", strings.Join(splitT, "; "))
 	dk := timeIt(denseCat)
 	dsh := timeIt(denseShrink)
 	dsel := timeIt(selectCat)
