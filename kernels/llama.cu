@@ -2309,16 +2309,29 @@ __device__ __forceinline__ void kcat_tail(int4 tile, const LoraEntry& e, int p, 
     __syncthreads();
     if (*ticket != (unsigned)(ks - 1)) return;
     __threadfence(); // the other blocks' partials after their tickets
+    // the other positions' columns 0, then the position's R: each sum's
+    // ks loads issued eight at a time (v0.89: one at a time, the tail of
+    // lora_shrink64_e4m3's ~16-way splits cost ~30 µs a group)
     const int W = P * R;
     for (int i = threadIdx.x; i < tile.y * W; i += blockDim.x) {
-        const int r = i / W, c = i - r * W, j = c % R, row = tile.x + r;
-        float v = 0.f;
-        if (c / R == p && j < e.rank && j < max_rank) {
-            float sum = 0.f;
-            for (int z = 0; z < ks; z++) sum += __ldcg(tmp + ((i64)z * rows_total + row) * t_stride + s * max_rank + j);
-            v = sum * fac[tile.z * slices + s] / sx[row];
+        const int r = i / W, c = i - r * W;
+        if (c / R != p) xq[(i64)(tile.x + r) * ldq + s * W + c] = 0;
+    }
+    if (p >= 0) {
+        const float f = fac[tile.z * slices + s];
+        for (int i = threadIdx.x; i < tile.y * R; i += blockDim.x) {
+            const int r = i / R, j = i - r * R, row = tile.x + r;
+            float v = 0.f;
+            if (j < e.rank && j < max_rank) {
+                const float* src = tmp + (i64)row * t_stride + s * max_rank + j;
+                const i64 zs = (i64)rows_total * t_stride;
+                float sum = 0.f;
+#pragma unroll 8
+                for (int z = 0; z < ks; z++) sum += __ldcg(src + z * zs);
+                v = sum * f / sx[row];
+            }
+            xq[(i64)row * ldq + s * W + p * R + j] = __nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3);
         }
-        xq[(i64)row * ldq + s * W + c] = __nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3);
     }
     if (threadIdx.x == 0) ctr[blockIdx.x * slices + s] = 0;
 }
