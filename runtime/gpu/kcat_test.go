@@ -18,7 +18,7 @@ func TestKCatFactor(t *testing.T) {
 	}{
 		{"at the bound", []float32{4, -1}, []float32{1}, 2, 1, false},
 		{"just over", []float32{4.5, 0}, []float32{1}, 2, 2, false},
-		{"small B", []float32{0.01, 0.002, -0.003, 0.001}, []float32{0.001, 0.0001}, 2, 8, false},     // max 30: 30/4 = 2^2.9, up to 2^3
+		{"small B", []float32{0.01, 0.002, -0.003, 0.001}, []float32{0.001, 0.0001}, 2, 8, false},      // max 30: 30/4 = 2^2.9, up to 2^3
 		{"smaller B", []float32{0.001, 0.002, -0.003, 0.001}, []float32{0.1, 0.01}, 2, 1.0 / 8, false}, // max 0.3: 0.3/4 = 2^-3.7, up to 2^-3
 		{"zero B", []float32{0, 0}, []float32{1, 2}, 1, 1, false},
 		{"row scale 0", []float32{1}, []float32{0}, 1, 0, true},
