@@ -371,9 +371,11 @@ func TestKCatGroup(t *testing.T) {
 			t.Logf("KCAT %-8s %-16s N %5d K %5d E %3d: update max %.4f rms %.4f (base max %.3f rms %.3f), kcat - SGMV max %.4f (%.3f of the update's max), rms %.4f of the update's; S' max %.0f, %d saturated; rows of no adapter max |kcat - base| %.5f",
 				g.name, way.name, g.N, g.K, g.ld-g.K, upd, math.Sqrt(updSS/n), baseMax, math.Sqrt(baseSS/n), errMax, rel, rms, top, sat, noneMax)
 			// e4m3 on S' and B': ~2^-5 relative rms each, ~0.05 of the update
-			// together; the SGMV reference rounds base + update to bf16 once
-			// more (2^-9 of the base, itself ~20x the update: ~0.04 of it)
-			if !(upd > 0) || rms > 0.12 || sat > 0 || noneMax > 0.02*baseMax {
+			// together; both outputs rounded to bf16 (2^-9 of the base,
+			// itself ~40x the update here: ~0.06 of it); an e4m3 shrink
+			// rounds x too. Measured (H100, v0.89, kcatBMax 256): 0.115-0.116
+			// from a bf16 shrink, 0.120-0.121 from an e4m3 one
+			if !(upd > 0) || rms > 0.13 || sat > 0 || noneMax > 0.02*baseMax {
 				t.Errorf("%s %s: kcat's update off the SGMV one (rms %.4f of the update, %d saturated, no-adapter rows %.5f)", g.name, way.name, rms, sat, noneMax)
 			}
 		}

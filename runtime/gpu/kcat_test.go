@@ -16,10 +16,10 @@ func TestKCatFactor(t *testing.T) {
 		want    float32
 		wantErr bool
 	}{
-		{"at the bound", []float32{4, -1}, []float32{1}, 2, 1, false},
-		{"just over", []float32{4.5, 0}, []float32{1}, 2, 2, false},
-		{"small B", []float32{0.01, 0.002, -0.003, 0.001}, []float32{0.001, 0.0001}, 2, 8, false},      // max 30: 30/4 = 2^2.9, up to 2^3
-		{"smaller B", []float32{0.001, 0.002, -0.003, 0.001}, []float32{0.1, 0.01}, 2, 1.0 / 8, false}, // max 0.3: 0.3/4 = 2^-3.7, up to 2^-3
+		{"at the bound", []float32{256, -1}, []float32{1}, 2, 1, false},
+		{"just over", []float32{257, 0}, []float32{1}, 2, 2, false},
+		{"small B", []float32{0.01, 0.002, -0.003, 0.001}, []float32{0.001, 0.0001}, 2, 1.0 / 8, false},  // max 30: 30/256 = 2^-3.1, up to 2^-3
+		{"smaller B", []float32{0.001, 0.002, -0.003, 0.001}, []float32{0.1, 0.01}, 2, 1.0 / 512, false}, // max 0.3: 0.3/256 = 2^-9.7, up to 2^-9
 		{"zero B", []float32{0, 0}, []float32{1, 2}, 1, 1, false},
 		{"row scale 0", []float32{1}, []float32{0}, 1, 0, true},
 		{"NaN B", []float32{float32(math.NaN())}, []float32{1}, 1, 0, true},
