@@ -24,11 +24,13 @@ import (
 // fused group (q/k/v: 3 slices, gate/up 2, o and down 1): a row's S' sits
 // at its adapter's position, zeros elsewhere, so one product serves rows
 // of P adapters. Where it could pay: the expands of 65-256-row steps,
-// whose products are cuBLASLt's. PERFORMANCE v0.88 (H100, 240 rows): the
-// extension of four rank-32 positions costs 5.6 µs a layer, but with
-// today's shrink ahead of each product the update costs 53.3 µs a layer
-// against ~45 beside the products, so the engine does not use it yet and
-// its kernels build only with PEFTD_KERNEL_DEFINES=-DPEFTD_KCAT.
+// whose products are cuBLASLt's. PERFORMANCE v0.88-v0.89 (H100, 240
+// rows): the extension of four rank-32 positions costs 5.6 µs a layer,
+// but the shrink must run ahead of each product, and the best of eight
+// ways (cuBLASLt's K-split e4m3 shrink, then kcat_select_split_e4m3)
+// brings the update to 39.2 µs a layer against ~45 beside the products.
+// So the engine does not use it, and its kernels build only with
+// PEFTD_KERNEL_DEFINES=-DPEFTD_KCAT.
 
 // kcatBMax is the largest |B'| kcatFactor aims for. Each extension
 // column's product S' B' must stay within e4m3's 448 on both sides: f
