@@ -546,24 +546,16 @@ template <int NT> __device__ __forceinline__ void frag_add_pairs(float* v, const
 // __shared__ int of these 128 threads) sums them in split order and
 // stores them, then leaves the counter at zero for the next launch. Every
 // thread of the block calls it (its barriers are the block's). sx, sw: the
-// activation and weight row scales. o stores the sums: o.put<NT>(v, M,
-// N, n0, r, tig) (SkinnyOut: frag_out into a bf16 matrix).
-struct SkinnyOut {
-    bf16* __restrict__ out;
-    const float* __restrict__ sx;
-    const float* __restrict__ sw;
-    template <int NT> __device__ __forceinline__ void put(const float* v, int M, int N, int n0, int r, int tig) const {
-        frag_out<NT>(out, v, M, N, n0, r, tig, sx, sw);
-    }
-};
-template <int NT, class Out>
-__device__ __forceinline__ void skinny_store(const float* acc, const Out& o, float* __restrict__ part, int* __restrict__ done, int M,
-                                             int N, int* last, int tile, int tid) {
+// activation and weight row scales.
+template <int NT>
+__device__ __forceinline__ void skinny_store(const float* acc, bf16* __restrict__ out, float* __restrict__ part,
+                                             int* __restrict__ done, const float* __restrict__ sx,
+                                             const float* __restrict__ sw, int M, int N, int* last, int tile, int tid) {
     constexpr int TR = 8 * NT;
     const int lane = tid & 31, warp = tid >> 5, g = lane >> 2, tig = lane & 3;
     const int n0 = tile * SK_ROWS, S = gridDim.y, sp = blockIdx.y;
     if (S == 1) {
-        o.template put<NT>(acc, M, N, n0, 16 * warp + g, tig);
+        frag_out<NT>(out, acc, M, N, n0, 16 * warp + g, tig, sx, sw);
         return;
     }
     // Split: every block's partials go to part, [weight row][activation
@@ -590,7 +582,7 @@ __device__ __forceinline__ void skinny_store(const float* acc, const Out& o, flo
             frag_add_pairs<NT>(v, parts + (i64)s * SK_ROWS * TR + at, TR);
         }
     }
-    o.template put<NT>(v, M, N, n0, 16 * warp + g, tig);
+    frag_out<NT>(out, v, M, N, n0, 16 * warp + g, tig, sx, sw);
     if (tid == 0) done[tile] = 0; // ready for the next launch
 }
 

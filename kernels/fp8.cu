@@ -362,17 +362,17 @@ FP8_SEGS(2, 2)
 #define SK_STAGES 4
 #define SK_LD (SK_U * 64 + 64) // bytes per staged row: 16-byte reads of 8 lanes hit 32 different banks
 
-// fp8_skinny_mma is its K loop: the block's sums in c (fragment layout:
-// common.cuh's frag_out), activation rows ldx bytes apart; fp8_skinny_body
-// the whole kernel.
 template <int NT>
-__device__ __forceinline__ void fp8_skinny_mma(float (&c)[NT][4], const unsigned char* __restrict__ qx, i64 ldx,
-                                               const unsigned char* __restrict__ qw, int M, int K) {
+__device__ __forceinline__ void fp8_skinny_body(bf16* __restrict__ out, float* __restrict__ part, int* __restrict__ done,
+                                                const unsigned char* __restrict__ qx, const float* __restrict__ sx,
+                                                const unsigned char* __restrict__ qw, const float* __restrict__ sw, int M,
+                                                int N, int K) {
     constexpr int TR = 8 * NT;            // activation rows staged (zeros past M)
     constexpr int WB = SK_ROWS * SK_LD;   // weight bytes of a stage
     constexpr int SB = WB + TR * SK_LD;   // bytes of a stage
     constexpr int CH = SK_U * 4;          // 16-byte chunks per staged row
     extern __shared__ __align__(16) unsigned char skm[];
+    __shared__ int last;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, tig = lane & 3;
     const int n0 = blockIdx.x * SK_ROWS, S = gridDim.y, sp = blockIdx.y;
     const int spans = K / 64, per = (spans + S - 1) / S;
@@ -393,11 +393,12 @@ __device__ __forceinline__ void fp8_skinny_mma(float (&c)[NT][4], const unsigned
             const bool w = r < SK_ROWS;
             const int xr = r - SK_ROWS;
             const bool ok = s < s1 && (w || xr < M);
-            const unsigned char* src = w ? qw + (i64)(n0 + r) * K : qx + (i64)(ok ? xr : 0) * ldx;
+            const unsigned char* src = w ? qw + (i64)(n0 + r) * K : qx + (i64)(ok ? xr : 0) * K;
             cp_async16(b + r * SK_LD + c * 16, src + (i64)(ok ? s : s0) * 64 + (c & 3) * 16, ok ? 16 : 0);
         }
     };
 
+    float c[NT][4];
 #pragma unroll
     for (int t = 0; t < NT; t++) c[t][0] = c[t][1] = c[t][2] = c[t][3] = 0.f;
     // The weights never change during a step: their first stages are
@@ -429,16 +430,7 @@ __device__ __forceinline__ void fp8_skinny_mma(float (&c)[NT][4], const unsigned
         }
     }
     cp_async_wait<0>();
-}
-template <int NT>
-__device__ __forceinline__ void fp8_skinny_body(bf16* __restrict__ out, float* __restrict__ part, int* __restrict__ done,
-                                                const unsigned char* __restrict__ qx, const float* __restrict__ sx,
-                                                const unsigned char* __restrict__ qw, const float* __restrict__ sw, int M,
-                                                int N, int K) {
-    __shared__ int last;
-    float c[NT][4];
-    fp8_skinny_mma<NT>(c, qx, K, qw, M, K);
-    skinny_store<NT>(&c[0][0], SkinnyOut{out, sx, sw}, part, done, M, N, &last, blockIdx.x, threadIdx.x);
+    skinny_store<NT>(&c[0][0], out, part, done, sx, sw, M, N, &last, blockIdx.x, threadIdx.x);
 }
 
 #define FP8_SKINNY_ARGS                                                                                        \
@@ -448,59 +440,6 @@ __device__ __forceinline__ void fp8_skinny_body(bf16* __restrict__ out, float* _
 extern "C" __global__ void __launch_bounds__(32 * SK_WARPS) fp8_gemm_skinny_n32(FP8_SKINNY_ARGS) { fp8_skinny_body<4>(FP8_SKINNY_PASS); }
 extern "C" __global__ void __launch_bounds__(32 * SK_WARPS) fp8_gemm_skinny_n64(FP8_SKINNY_ARGS) { fp8_skinny_body<8>(FP8_SKINNY_PASS); }
 extern "C" __global__ void __launch_bounds__(32 * SK_WARPS) fp8_gemm_skinny_n128(FP8_SKINNY_ARGS) { fp8_skinny_body<16>(FP8_SKINNY_PASS); }
-
-#ifdef PEFTD_KCAT // runtime/gpu kcat.go, not in the engine yet
-// kcat_shrink_e4m3_n{64,128}: the input side of a LoRA update carried in
-// an FP8 product's K (kcat.go) from a dense shrink on fp8_gemm_skinny's
-// loop: the step's e4m3 rows qx (ldx bytes apart) against qa, every K
-// position's A rows in the extension's column order ([N = slices * P * R,
-// K] e4m3; row n's scale, the adapter's scale and factor folded in, g[n]).
-// Column n of row m's extension (xq + m * ldq) gets e4m3(g[n] * qx[m] .
-// qa[n]) where n's position ((n / R) % P) is the row adapter's
-// (kpos[rl[m]]), else 0: S' = S f / sx, since x = sx qx. grid (N / 64,
-// K splits, row blocks of 8 NT rows), the partials and counters as
-// fp8_gemm_skinny's (row block z's after the first z's).
-struct KcatOut {
-    unsigned char* __restrict__ xq;
-    i64 ldq;
-    const float* __restrict__ g;
-    const int* __restrict__ rl;
-    const int* __restrict__ kpos;
-    int P, R;
-    template <int NT> __device__ __forceinline__ void put(const float* v, int M, int N, int n0, int r, int tig) const {
-#pragma unroll
-        for (int t = 0; t < NT; t++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const int m = 8 * t + 2 * tig + (e & 1), n = n0 + r + (e >= 2 ? 8 : 0);
-                if (m >= M) continue;
-                const int slot = rl[m], p = slot >= 0 ? kpos[slot] : -1;
-                const float y = (n / R) % P == p ? v[4 * t + e] * g[n] : 0.f;
-                xq[(i64)m * ldq + n] = __nv_cvt_float_to_fp8(y, __NV_SATFINITE, __NV_E4M3);
-            }
-    }
-};
-template <int NT>
-__device__ __forceinline__ void kcat_shrink_body(float* __restrict__ part, int* __restrict__ done, const unsigned char* __restrict__ qx,
-                                                 i64 ldx, const unsigned char* __restrict__ qa, const float* __restrict__ g, int M,
-                                                 int N, int K, unsigned char* __restrict__ xq, i64 ldq, const int* __restrict__ rl,
-                                                 const int* __restrict__ kpos, int P, int R) {
-    constexpr int TR = 8 * NT;
-    __shared__ int last;
-    const int z = blockIdx.z, m0 = z * TR, Mz = min(TR, M - m0);
-    float c[NT][4];
-    fp8_skinny_mma<NT>(c, qx + (i64)m0 * ldx, ldx, qa, Mz, K);
-    skinny_store<NT>(&c[0][0], KcatOut{xq + (i64)m0 * ldq, ldq, g, rl + m0, kpos, P, R},
-                     part + (i64)z * gridDim.x * gridDim.y * SK_ROWS * TR, done + z * gridDim.x, Mz, N, &last, blockIdx.x,
-                     threadIdx.x);
-}
-#define KCAT_SHRINK_ARGS                                                                                                  \
-    float *part, int *done, const unsigned char *qx, i64 ldx, const unsigned char *qa, const float *g, int M, int N, int K, \
-        unsigned char *xq, i64 ldq, const int *rl, const int *kpos, int P, int R
-#define KCAT_SHRINK_PASS part, done, qx, ldx, qa, g, M, N, K, xq, ldq, rl, kpos, P, R
-extern "C" __global__ void __launch_bounds__(32 * SK_WARPS) kcat_shrink_e4m3_n64(KCAT_SHRINK_ARGS) { kcat_shrink_body<8>(KCAT_SHRINK_PASS); }
-extern "C" __global__ void __launch_bounds__(32 * SK_WARPS) kcat_shrink_e4m3_n128(KCAT_SHRINK_ARGS) { kcat_shrink_body<16>(KCAT_SHRINK_PASS); }
-#endif
 
 // fp8_wg_n{32,64,128}: fp8_gemm_skinny's product on wgmma
 // (wg_body in common.cuh; only with PEFTD_WG).

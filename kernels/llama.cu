@@ -2113,44 +2113,14 @@ extern "C" __global__ void lora_cat_e4m3(unsigned char* __restrict__ xq, i64 ldq
     }
 }
 
-// kcat_select_e4m3: lora_cat_e4m3 from a dense shrink: sd[t] (bf16, lds
-// apart) holds row t's products with every position's A rows, in the
-// extension's column order ((s * P + p) * R + j; the adapter's scale and
-// fac folded into A, columns past a rank zero). It writes column c of
-// row t's extension e4m3(sd[t, c] / sx[t]) where c's position is the row
-// adapter's (kpos[rl[t]]), else 0. grid (rows), block 128; E a multiple
-// of 8, lds of 8 and xq, ldq of 8 bytes aligned.
-extern "C" __global__ void kcat_select_e4m3(unsigned char* __restrict__ xq, i64 ldq, const bf16* __restrict__ sd, i64 lds,
-                                            const float* __restrict__ sx, const int* __restrict__ rl,
-                                            const int* __restrict__ kpos, int E, int P, int R) {
-    pdl_entry();
-    const int t = blockIdx.x, slot = rl[t];
-    const int p = slot >= 0 ? kpos[slot] : -1;
-    const float inv = 1.f / sx[t];
-    const uint4* src = reinterpret_cast<const uint4*>(sd + (i64)t * lds);
-    uint2* dst = reinterpret_cast<uint2*>(xq + (i64)t * ldq);
-    for (int c8 = threadIdx.x; c8 < (E >> 3); c8 += blockDim.x) {
-        const int c = c8 << 3;
-        uint2 o = make_uint2(0u, 0u);
-        if (p >= 0 && (c / R) % P == p) { // R a multiple of 8: the 8 columns share a position
-            const uint4 w = src[c8];
-            const bf16* v = reinterpret_cast<const bf16*>(&w);
-            unsigned char b[8];
-#pragma unroll
-            for (int i = 0; i < 8; i++) b[i] = __nv_cvt_float_to_fp8(__bfloat162float(v[i]) * inv, __NV_SATFINITE, __NV_E4M3);
-            o.x = b[0] | b[1] << 8 | b[2] << 16 | (unsigned)b[3] << 24;
-            o.y = b[4] | b[5] << 8 | b[6] << 16 | (unsigned)b[7] << 24;
-        }
-        dst[c8] = o;
-    }
-}
-
-// kcat_select_split_e4m3: kcat_select_e4m3 from a dense shrink's K-split
-// float32 partials (part [splits][rows_total][E], cuBLASLt's
-// GemmTNSplitK): column c of row t's extension is e4m3(sum * g[c]) with
-// g the e4m3 A rows' scales (an e4m3 shrink: x's scale cancels), or
-// e4m3(sum / sx[t]) where g is null (a bf16 shrink), at the row adapter's
-// position, else 0. grid (rows), block 128.
+// kcat_select_split_e4m3: lora_cat_e4m3 from a dense shrink (x against
+// every position's A rows in the extension's column order, (s * P + p) *
+// R + j; the adapter's scale and fac folded into A) as K-split float32
+// partials (part [splits][rows_total][E], cuBLASLt's GemmTNSplitK): column
+// c of row t's extension is e4m3(sum * g[c]) with g the e4m3 A rows'
+// scales (an e4m3 shrink: x's scale cancels), or e4m3(sum / sx[t]) where
+// g is null (a bf16 shrink), where c's position is the row adapter's
+// (kpos[rl[t]]), else 0. grid (rows), block 128.
 extern "C" __global__ void kcat_select_split_e4m3(unsigned char* __restrict__ xq, i64 ldq, const float* __restrict__ part, int splits,
                                                   int rows_total, const float* __restrict__ g, const float* __restrict__ sx,
                                                   const int* __restrict__ rl, const int* __restrict__ kpos, int E, int P, int R) {
@@ -2289,79 +2259,6 @@ extern "C" __global__ void __launch_bounds__(32 * SG_WARPS) sgmv_shrink4(SHRINK_
     __shared__ float red[SG_WARPS * SG_TR * 32];
     shrink_body<4>(SHRINK_PASS, red);
 }
-
-#ifdef PEFTD_KCAT
-// kcat_tail: the end of lora_shrink_e4m3 and lora_shrink64_e4m3, every
-// thread of the block after its K part is in tmp: the block takes a ticket
-// (ctr[blockIdx.x * slices + s]); the last of the ks blocks of the (tile,
-// slice) sums the parts and stores the slice's P * R extension columns of
-// the tile's rows at xq (S' at position p, zeros elsewhere), then resets
-// the counter for the next launch (graph replays).
-__device__ __forceinline__ void kcat_tail(int4 tile, const LoraEntry& e, int p, int s, int slices, int ks, unsigned char* __restrict__ xq,
-                                          i64 ldq, const float* __restrict__ tmp, const float* __restrict__ sx,
-                                          const float* __restrict__ fac, unsigned* __restrict__ ctr, int P, int R, int rows_total,
-                                          int t_stride, int max_rank, unsigned* ticket) {
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        __threadfence(); // this block's partials before its ticket
-        *ticket = atomicAdd(&ctr[blockIdx.x * slices + s], 1u);
-    }
-    __syncthreads();
-    if (*ticket != (unsigned)(ks - 1)) return;
-    __threadfence(); // the other blocks' partials after their tickets
-    // the other positions' columns 0, then the position's R: each sum's
-    // ks loads issued eight at a time (v0.89: one at a time, the tail of
-    // lora_shrink64_e4m3's ~16-way splits cost ~30 µs a group)
-    const int W = P * R;
-    for (int i = threadIdx.x; i < tile.y * W; i += blockDim.x) {
-        const int r = i / W, c = i - r * W;
-        if (c / R != p) xq[(i64)(tile.x + r) * ldq + s * W + c] = 0;
-    }
-    if (p >= 0) {
-        const float f = fac[tile.z * slices + s];
-        for (int i = threadIdx.x; i < tile.y * R; i += blockDim.x) {
-            const int r = i / R, j = i - r * R, row = tile.x + r;
-            float v = 0.f;
-            if (j < e.rank && j < max_rank) {
-                const float* src = tmp + (i64)row * t_stride + s * max_rank + j;
-                const i64 zs = (i64)rows_total * t_stride;
-                float sum = 0.f;
-#pragma unroll 8
-                for (int z = 0; z < ks; z++) sum += __ldcg(src + z * zs);
-                v = sum * f / sx[row];
-            }
-            xq[(i64)row * ldq + s * W + p * R + j] = __nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3);
-        }
-    }
-    if (threadIdx.x == 0) ctr[blockIdx.x * slices + s] = 0;
-}
-#endif
-
-#ifdef PEFTD_KCAT
-// lora_shrink_e4m3: sgmv_shrink4 and lora_cat_e4m3 in one launch, for the
-// rank-32 class (max_rank 32: one rank tile). grid (tiles, slices, ks),
-// block 256: each block sums its K part of a 16-row tile's 32 ranks of one
-// slice into tmp as sgmv_shrink4 does; the last of the ks blocks of a
-// (tile, slice) to finish (ctr[tile * slices + s], back to 0 after) adds
-// the parts and stores the slice's P * R extension columns of the tile's
-// rows at xq (rows ldq bytes apart): S' at the tile adapter's position
-// (kpos[slot]), zeros elsewhere. Rows in no tile are not written.
-extern "C" __global__ void __launch_bounds__(32 * SG_WARPS) lora_shrink_e4m3(SHRINK_ARGS, unsigned char* __restrict__ xq, i64 ldq,
-                                                                             const float* __restrict__ sx, const int* __restrict__ kpos,
-                                                                             const float* __restrict__ fac, unsigned* __restrict__ ctr,
-                                                                             int P, int R) {
-    pdl_entry();
-    __shared__ float red[SG_WARPS * SG_TR * 32];
-    __shared__ unsigned ticket;
-    const int4 tile = tiles[blockIdx.x];
-    if (tile.y == 0) return; // a recorded step's spare tile: every block of it leaves here
-    const int s = blockIdx.y, slices = gridDim.y, ks = gridDim.z;
-    const LoraEntry e = table[entry_base + tile.z * entry_stride + sg_mod(s, m0, m1, m2)];
-    const int p = kpos[tile.z];
-    if (e.rank > 0) shrink_body<4>(SHRINK_PASS, red); // rank 0: the module is not adapted, S' = 0
-    kcat_tail(tile, e, p, s, slices, ks, xq, ldq, tmp, sx, fac, ctr, P, R, rows_total, t_stride, max_rank, &ticket);
-}
-#endif
 
 // sgmv_shrink64: sgmv_shrink for steps of many rows, on tiles of up to 64
 // rows of one adapter (the step's big tiles: {first row, rows, slot, 0})
@@ -2609,71 +2506,6 @@ extern "C" __global__ void __launch_bounds__(32 * SG_WARPS, 1) sgmv_shrink64p(SH
     __syncthreads(); // every warp done with its ring: red takes it
     sb_finish(c, reinterpret_cast<float(*)[SB_ROWS * SB_RW]>(sbp_ring), tmp, tile, e, s, k0, max_rank, t_stride, rows_total);
 }
-
-#ifdef PEFTD_KCAT
-// lora_shrink64_e4m3: lora_shrink_e4m3 on sgmv_shrink64p's 64-row tiles
-// (the step's big tiles, its ring of SBP_SHARED bytes of dynamic shared
-// memory, one block an SM), the rank-32 class: grid (big tiles, slices,
-// ks). A slice the adapter does not adapt (rank 0) stores zeros.
-extern "C" __global__ void __launch_bounds__(32 * SG_WARPS, 1) lora_shrink64_e4m3(SHRINK_ARGS, unsigned char* __restrict__ xq, i64 ldq,
-                                                                                const float* __restrict__ sx, const int* __restrict__ kpos,
-                                                                                const float* __restrict__ fac, unsigned* __restrict__ ctr,
-                                                                                int P, int R) {
-    extern __shared__ __align__(16) unsigned char sbp_ring[];
-    __shared__ unsigned ticket;
-    const int4 tile = tiles[blockIdx.x];
-    if (tile.y == 0) { // a recorded step's spare tile: every block of it leaves here
-        pdl_entry();
-        return;
-    }
-    const int s = blockIdx.y, slices = gridDim.y, ks = gridDim.z, k0 = 0;
-    const LoraEntry e = table[entry_base + tile.z * entry_stride + sg_mod(s, m0, m1, m2)];
-    if (e.rank > 0) { // sgmv_shrink64p's K part (rank_tiles 1)
-        const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
-        const int kbeg = blockIdx.z * kchunk, kend = min(in_f, kbeg + kchunk);
-        const bf16* xr[2 * SB_MT];
-        bool vx[2 * SB_MT];
-        const bf16* ar[4];
-        bool va[4];
-        sb_rows(xr, vx, ar, va, x, x_stride, tile, e, k0, in_f, g);
-        float c[SB_MT][4][4];
-        sb_zero(c);
-        const int c0 = kbeg + warp * 32;
-        const int nch = c0 < kend ? (kend - c0 + 255) / 256 : 0;
-        const unsigned ring = (unsigned)__cvta_generic_to_shared(sbp_ring) + threadIdx.x * 16;
-#pragma unroll
-        for (int j = 0; j < SBP_ST - 1; j++) sbp_copy_a(ring, j, ar, va, c0 + 256 * j, kend, q);
-        pdl_entry(); // x is the previous kernel's output
-#pragma unroll
-        for (int j = 0; j < SBP_ST - 1; j++) {
-            sbp_copy_x(ring, j, xr, vx, c0 + 256 * j, kend, q);
-            cp_async_commit();
-        }
-        for (int j = 0; j < nch; j++) {
-            const int jn = j + SBP_ST - 1, sn = jn % SBP_ST;
-            if (jn < nch) {
-                sbp_copy_a(ring, sn, ar, va, c0 + 256 * jn, kend, q);
-                sbp_copy_x(ring, sn, xr, vx, c0 + 256 * jn, kend, q);
-            }
-            cp_async_commit();
-            cp_async_wait<SBP_ST - 1>();
-            const int st = j % SBP_ST;
-            uint4 xv[2 * SB_MT], av[4];
-#pragma unroll
-            for (int h = 0; h < 2 * SB_MT; h++) xv[h] = lds16(sbp_at(ring, st, h));
-#pragma unroll
-            for (int nb = 0; nb < 4; nb++) av[nb] = lds16(sbp_at(ring, st, 2 * SB_MT + nb));
-            sb_mma(c, xv, av);
-        }
-        cp_async_wait<0>();
-        __syncthreads(); // every warp done with its ring: red takes it
-        sb_finish(c, reinterpret_cast<float(*)[SB_ROWS * SB_RW]>(sbp_ring), tmp, tile, e, s, k0, max_rank, t_stride, rows_total);
-    } else {
-        pdl_entry();
-    }
-    kcat_tail(tile, e, kpos[tile.z], s, slices, ks, xq, ldq, tmp, sx, fac, ctr, P, R, rows_total, t_stride, max_rank, &ticket);
-}
-#endif
 
 // sgmv_expand: out[row][off_s + j] += sum_k tmp[row][s*max_rank + k] * B_s[j][k]
 // (tmp summed over the ksplit partials); with accum 0, out is float32 (rows

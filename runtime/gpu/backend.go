@@ -234,7 +234,7 @@ type slotState struct {
 
 type funcs struct {
 	embed, addRMSNorm, addRMSNormCl, rmsnormRows, ropeStore, attention, siluMul, siluMulO2, siluMulCl, siluMulH, siluMulO2H, siluMulClH, shrink, expand *cuda.Function
-	addBias, headRMSNorm, addDelta, addDeltaH, addRMSNormH, fillRows, loraCat, loraShrinkCat, loraShrink64Cat, kcatSelect, kcatSelectSplit              *cuda.Function
+	addBias, headRMSNorm, addDelta, addDeltaH, addRMSNormH, fillRows, loraCat, kcatSelectSplit                                                          *cuda.Function
 	sgShrink, sgShrink4, sgShrink64, sgShrink64P, sgExpand, sample, logitAdjust                                                                         *cuda.Function
 	attnDecode                                                                                                                                          [4]*cuda.Function // attn_decode_d32, d64, d128, d256
 	attnDecode8                                                                                                                                         [4]*cuda.Function // attn_decode8_d*: FP8 keys
@@ -720,7 +720,7 @@ func (b *Backend) open(opts Options) error {
 	// kcat.go's kernels, only where PEFTD_KERNEL_DEFINES=-DPEFTD_KCAT
 	// builds them in (the engine does not run them yet: TestKCatGroup)
 	if kernels.Defined("PEFTD_KCAT") {
-		fns = append(fns, fnName{&b.fn.loraCat, "lora_cat_e4m3"}, fnName{&b.fn.loraShrinkCat, "lora_shrink_e4m3"}, fnName{&b.fn.loraShrink64Cat, "lora_shrink64_e4m3"}, fnName{&b.fn.kcatSelect, "kcat_select_e4m3"}, fnName{&b.fn.kcatSelectSplit, "kcat_select_split_e4m3"})
+		fns = append(fns, fnName{&b.fn.loraCat, "lora_cat_e4m3"}, fnName{&b.fn.kcatSelectSplit, "kcat_select_split_e4m3"})
 	}
 	for _, f := range fns {
 		if *f.p, err = b.mod.Function(f.name); err != nil {
@@ -734,11 +734,6 @@ func (b *Backend) open(opts Options) error {
 	if b.sbpFits = limit >= sbpShared; b.sbpFits {
 		if err := b.fn.sgShrink64P.SetMaxDynamicShared(sbpShared); err != nil {
 			return err
-		}
-		if b.fn.loraShrink64Cat != nil {
-			if err := b.fn.loraShrink64Cat.SetMaxDynamicShared(sbpShared); err != nil {
-				return err
-			}
 		}
 	}
 	b.decFit, b.preFit = attnFits(limit, b.kv8)

@@ -116,7 +116,6 @@ type fp8State struct {
 	// fp8_gemm_skinny_n32, _n64, _n128 (skinnyVariants), and their split-K
 	// partials and counters (reserveSkinny)
 	skinny         [len(skinnyVariants)]*cuda.Function
-	kcat           [2]*cuda.Function // kcat_shrink_e4m3_n64, _n128: only with PEFTD_KCAT (kcat.go)
 	skPart, skDone *cuda.DeviceBuffer
 	skTop          int // the most rows sent to fp8_gemm_skinny (0: skinnyAutoRows); benchmarks set it
 	skMax          int // rows of the largest fp8_gemm_skinny variant the card holds (0: none)
@@ -230,10 +229,6 @@ func newFP8(ctx *cuda.Context, s *cuda.Stream, mm *cuda.Matmul, ko kernels.Optio
 		limit = math.MaxInt
 	}
 	if err := f.skinnyLoad(limit); err != nil {
-		f.mod.Unload()
-		return nil, err
-	}
-	if err := f.kcatLoad(limit); err != nil {
 		f.mod.Unload()
 		return nil, err
 	}

@@ -4,7 +4,6 @@ import (
 	"fmt"
 	"math"
 
-	"github.com/peftd/peftd/kernels"
 	"github.com/peftd/peftd/runtime/cuda"
 	"github.com/peftd/peftd/runtime/llama"
 	"github.com/peftd/peftd/runtime/safetensors"
@@ -109,119 +108,13 @@ func (b *Backend) loraCat(st *cuda.Stream, xq cuda.DevicePtr, ldq int, sx, kpos,
 		len(mods), P, R, ks, b.rows(), len(mods)*b.stepRank, b.stepRank)
 }
 
-// loraShrinkCat launches lora_shrink_e4m3 on st: the step's shrink of
-// group mods over x and the extension columns of its adapter rows in one
-// launch (the rank-32 class: b.stepRank 32), K split to cover the SMs
-// about twice; with big, lora_shrink64_e4m3 on the step's 64-row tiles
-// (sgmv_shrink64p's pipelined body, where its shared memory fits), K
-// split as bigShrinkSplit splits the big shrinks. ctr holds a zeroed
-// counter for each (tile, slice). Rows of no adapter are not written.
-func (b *Backend) loraShrinkCat(st *cuda.Stream, xq cuda.DevicePtr, ldq int, sx, kpos, fac, ctr cuda.DevicePtr, x *Buffer, layer int, mods []llama.Module, P, R int, big bool) {
-	if !b.ok() || !b.stepLoRA() {
-		return
-	}
-	n := len(mods)
-	f, tiles, nTiles, shmem := b.fn.loraShrinkCat, b.off.tiles, b.nTiles, 0
-	if big {
-		f, tiles, nTiles, shmem = b.fn.loraShrink64Cat, b.off.bigTiles, b.nBig, sbpShared
-	}
-	if !b.check(f != nil && (!big || b.sbpFits) && n >= 1 && n <= 3 && b.stepRank == 32 && R >= b.stepRank && ldq >= n*P*R,
-		"kcat: %d slices (64-row tiles %v), rank class %d, %d positions of %d columns, rows %d bytes apart", n, big, b.stepRank, P, R, ldq) {
-		return
-	}
-	_, ms, inF, _ := b.groupSlices(mods)
-	base, stride := b.tableRows(layer)
-	T, tStride := b.rows(), n*b.stepRank
-	groups := (inF + 255) / 256
-	ksMax := min(max(1, groups/2), max(1, b.stepTmpFloats/(T*tStride)))
-	ks := min(ksMax, max(1, (2*b.baseSMs()+nTiles*n-1)/(nTiles*n)))
-	if big {
-		ks = bigShrinkSplit(nTiles*n, b.baseSMs(), ksMax)
-	}
-	kchunk := (groups + ks - 1) / ks * 256
-	ks = (inF + kchunk - 1) / kchunk
-	b.launchShmOn(st, f, cuda.Dim3{X: nTiles, Y: n, Z: ks}, cuda.Dim3{X: 256}, shmem,
-		b.stepTmp, ptr(x), b.table, b.i32(tiles), base, stride, ms[0], ms[1], ms[2], 1, b.stepRank,
-		inF, x.ld, tStride, T, kchunk, xq, int64(ldq), sx, kpos, fac, ctr, P, R)
-}
-
-// kcatSelect launches kcat_select_e4m3 on st: the extension columns
-// (E = slices * P * R of them, the first at xq, rows ldq bytes apart) of
-// the step's rows from sd, a dense shrink of x against every position's
-// A rows in the extension's order (bf16, rows lds values apart; the
-// adapter's scale and factor folded into A), and the rows' e4m3 scales sx.
-func (b *Backend) kcatSelect(st *cuda.Stream, xq cuda.DevicePtr, ldq int, sd cuda.DevicePtr, lds int, sx, kpos cuda.DevicePtr, slices, P, R int) {
-	if !b.ok() {
-		return
-	}
-	E := slices * P * R
-	if !b.check(b.fn.kcatSelect != nil && slices >= 1 && slices <= 3 && P > 0 && R > 0 && R%8 == 0 && ldq >= E && ldq%8 == 0 && lds >= E && lds%8 == 0 && uint64(xq)%8 == 0,
-		"kcat: select of %d slices, %d positions of %d columns, rows %d bytes apart, dense rows %d apart", slices, P, R, ldq, lds) {
-		return
-	}
-	b.launchOn(st, b.fn.kcatSelect, cuda.Dim3{X: b.rows()}, cuda.Dim3{X: 128},
-		xq, int64(ldq), sd, int64(lds), sx, b.rowLora(), kpos, E, P, R)
-}
-
-// kcatLoad loads kcat_shrink_e4m3_n64 and _n128 where the module has them
-// (PEFTD_KCAT) and this card's shared memory (maxShared bytes) holds them.
-func (f *fp8State) kcatLoad(maxShared int) error {
-	if !kernels.Defined("PEFTD_KCAT") {
-		return nil
-	}
-	for i, tr := range []int{64, 128} {
-		if skinnyShared(tr)+4 > maxShared {
-			continue
-		}
-		fn, err := f.mod.Function(fmt.Sprintf("kcat_shrink_e4m3_n%d", tr))
-		if err == nil {
-			err = fn.SetMaxDynamicShared(skinnyShared(tr))
-		}
-		if err != nil {
-			return err
-		}
-		f.kcat[i] = fn
-	}
-	return nil
-}
-
-// kcatShrink launches kcat_shrink_e4m3 on st: the extension columns (the
-// first at xq, rows ldq bytes apart) of the step's rows from their e4m3
-// rows qx (ldx bytes apart) and a, every K position's A rows in the
-// extension's order (e4m3, its row scales with the adapter's scale and
-// factor folded in); kpos the slots' positions. n128: 128 rows a block
-// (one block an SM), else 64.
-func (b *Backend) kcatShrink(st *cuda.Stream, xq cuda.DevicePtr, ldq int, qx cuda.DevicePtr, ldx int, a *fp8Weight, kpos cuda.DevicePtr, P, R int, n128 bool) {
-	if !b.ok() {
-		return
-	}
-	f := b.f8
-	i, tr := 0, 64
-	if n128 {
-		i, tr = 1, 128
-	}
-	if !b.check(f != nil && f.kcat[i] != nil && a.rows%skinnyRows == 0 && a.rows%(P*R) == 0 && R%8 == 0 && a.cols%64 == 0 && ldx >= a.cols && ldq >= a.rows,
-		"kcat: dense shrink of %d extension columns (%d positions of %d) over %d, rows %d / %d bytes apart", a.rows, P, R, a.cols, ldx, ldq) {
-		return
-	}
-	b.fail(f.reserveSkinny())
-	if !b.ok() {
-		return
-	}
-	T := b.rows()
-	tiles, zs := a.rows/skinnyRows, (T+tr-1)/tr
-	perSM := skinnyPerSM(tr)
-	S := max(1, min(16, (perSM*f.planSMs()+tiles*zs-1)/(tiles*zs), a.cols/64/4))
-	b.fail(f.kcat[i].Launch(st, cuda.Dim3{X: tiles, Y: S, Z: zs}, cuda.Dim3{X: skinnyThreads}, skinnyShared(tr),
-		uint64(f.skPart.Ptr()), uint64(f.skDone.Ptr()), uint64(qx), int64(ldx), uint64(a.q.Ptr()), uint64(a.scale.Ptr()),
-		T, a.rows, a.cols, uint64(xq), int64(ldq), uint64(b.rowLora()), uint64(kpos), P, R))
-	b.g.capture.launched(st)
-}
-
-// kcatSelectSplit launches kcat_select_split_e4m3 on st: kcatSelect from
-// the splits float32 partials of a dense shrink (GemmTNSplitK's [splits,
-// rows, E]); g the e4m3 A rows' scales for an e4m3 shrink, 0 for a bf16
-// one (then the rows' scales sx divide).
+// kcatSelectSplit launches kcat_select_split_e4m3 on st: the extension
+// columns (E = slices * P * R of them, the first at xq, rows ldq bytes
+// apart) of the step's rows from the splits float32 partials of a dense
+// shrink (GemmTNSplitK's [splits, rows, E]: x against every position's A
+// rows in the extension's order, the adapter's scale and factor folded
+// into A); g the e4m3 A rows' scales for an e4m3 shrink, 0 for a bf16 one
+// (then the rows' e4m3 scales sx divide).
 func (b *Backend) kcatSelectSplit(st *cuda.Stream, xq cuda.DevicePtr, ldq int, part cuda.DevicePtr, splits int, g, sx, kpos cuda.DevicePtr, slices, P, R int) {
 	if !b.ok() {
 		return

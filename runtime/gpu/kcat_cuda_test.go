@@ -7,7 +7,6 @@ import (
 	"math"
 	"math/rand/v2"
 	"os"
-	"slices"
 	"strings"
 	"testing"
 
@@ -21,12 +20,11 @@ import (
 // TestKCatGroup: each fused group of an 8B layer at 240 rows (a mixed
 // step's shape: 60 decode rows of four rank-32 adapters, 4 of none, a
 // 176-token prompt of one), its LoRA update carried in the FP8 product's
-// K (kcat.go) six ways (the step's shrink then lora_cat_e4m3;
-// lora_shrink_e4m3; lora_shrink64_e4m3 where its shared memory fits; a
-// dense bf16 shrink against every position's A then kcat_select_e4m3;
-// kcat_shrink_e4m3_n64 and _n128, the dense shrink in e4m3 on
-// fp8_gemm_skinny's loop with the masked store at its end),
-// each followed by cuBLASLt's scaled product over K + E columns, against
+// K (kcat.go) three ways (the step's SGMV shrink then lora_cat_e4m3; a
+// dense shrink of every position's A on cuBLASLt, K split 8 ways, bf16
+// or e4m3, then kcat_select_split_e4m3; PERFORMANCE v0.89 has five more
+// that lost), each followed by cuBLASLt's scaled product over K + E
+// columns, against
 // the product over K plus the SGMV update added in place. The update's
 // error is e4m3's on S and B (a few % of it), no S' may saturate, and
 // rows of no adapter get no update. PEFTD_KCAT_BENCH=1 also times the
@@ -108,22 +106,14 @@ func TestKCatGroup(t *testing.T) {
 		x          *Buffer
 		qx, sx     cuda.DevicePtr // x in e4m3 over K, its row scales
 		xcat, wcat cuda.DevicePtr // [T, ld] and [N, ld]: K then the extension
-		xcat2      cuda.DevicePtr // xcat for lora_shrink_e4m3
-		xcat3      cuda.DevicePtr // xcat for lora_shrink64_e4m3
-		xcat4      cuda.DevicePtr // xcat for kcat_select_e4m3
-		xcat5      cuda.DevicePtr // xcat for kcat_shrink_e4m3_n64
-		xcat6      cuda.DevicePtr // xcat for kcat_shrink_e4m3_n128
-		qa         *fp8Weight     // aall in e4m3 with row scales
 		xcat7      cuda.DevicePtr // xcat for the bf16 split dense shrink
 		xcat8      cuda.DevicePtr // xcat for the e4m3 split dense shrink
-		aall, sd   cuda.DevicePtr // every position's A rows (bf16, [E, K], scale and factor folded in); the dense shrink [T, E] bf16
+		aall       cuda.DevicePtr // every position's A rows (bf16, [E, K], scale and factor folded in)
+		qa         *fp8Weight     // aall in e4m3 with row scales
 		w          *fp8Weight
 		fac        cuda.DevicePtr
 		base, ref  *Buffer // the product over K; plus the SGMV update
-		cat, cat2  *Buffer // over K + E: lora_cat_e4m3's extension, lora_shrink_e4m3's
-		cat3       *Buffer // lora_shrink64_e4m3's
-		cat4       *Buffer // the dense shrink and kcat_select_e4m3's
-		cat5, cat6 *Buffer // kcat_shrink_e4m3_n64's, _n128's
+		cat        *Buffer // over K + E: lora_cat_e4m3's extension
 		cat7, cat8 *Buffer // the split dense shrinks' (bf16, e4m3) and kcat_select_split_e4m3's
 	}
 	var groups []*group
@@ -206,12 +196,9 @@ func TestKCatGroup(t *testing.T) {
 		r.fill(x, xs)
 		ah := make([]uint16, E*K)
 		f32ToBF16(ah, aall)
-		gr := &group{name: g.name, mods: g.mods, N: N, K: K, ld: ld, x: x, w: w, wcat: upload(wc), fac: upload(fac),
-			xcat4: alloc(T * ld), aall: upload(ah), sd: alloc(2 * T * E), cat4: r.buffer(T, N),
-			xcat5: alloc(T * ld), xcat6: alloc(T * ld), cat5: r.buffer(T, N), cat6: r.buffer(T, N),
-			xcat7: alloc(T * ld), xcat8: alloc(T * ld), cat7: r.buffer(T, N), cat8: r.buffer(T, N),
-			qx: alloc(T * K), sx: alloc(4 * T), xcat: alloc(T * ld), xcat2: alloc(T * ld), xcat3: alloc(T * ld), base: r.buffer(T, N), ref: r.buffer(T, N),
-			cat: r.buffer(T, N), cat2: r.buffer(T, N), cat3: r.buffer(T, N)}
+		gr := &group{name: g.name, mods: g.mods, N: N, K: K, ld: ld, x: x, w: w, wcat: upload(wc), fac: upload(fac), aall: upload(ah),
+			qx: alloc(T * K), sx: alloc(4 * T), xcat: alloc(T * ld), xcat7: alloc(T * ld), xcat8: alloc(T * ld),
+			base: r.buffer(T, N), ref: r.buffer(T, N), cat: r.buffer(T, N), cat7: r.buffer(T, N), cat8: r.buffer(T, N)}
 		if gr.qa, err = b.f8.upload(ah, E, K); err != nil {
 			t.Fatal(err)
 		}
@@ -229,7 +216,7 @@ func TestKCatGroup(t *testing.T) {
 		if err := cuda.CopyHtoD(b.s, gr.xcat, xc); err != nil {
 			t.Fatal(err)
 		}
-		for _, p := range []cuda.DevicePtr{gr.xcat2, gr.xcat3, gr.xcat4, gr.xcat5, gr.xcat6, gr.xcat7, gr.xcat8} { // rows of no adapter keep these zeros
+		for _, p := range []cuda.DevicePtr{gr.xcat7, gr.xcat8} { // rows of no adapter keep these zeros
 			if err := cuda.CopyHtoD(b.s, p, xc); err != nil {
 				t.Fatal(err)
 			}
@@ -241,43 +228,6 @@ func TestKCatGroup(t *testing.T) {
 		sp := groupShrink(b, g.x, g.mods)
 		b.loraCat(b.s, g.xcat+cuda.DevicePtr(g.K), g.ld, g.sx, kpos, g.fac, 0, g.mods, P, R, sp.ks)
 		b.fail(b.mm.GemmTNScaled(b.s, ptr(g.cat), cuda.R16BF, g.xcat, g.sx, g.wcat, g.w.scale.Ptr(), T, g.N, g.ld))
-	}
-	ctr := upload(make([]int32, 1024)) // lora_shrink_e4m3's counters, zero
-	fused := func(g *group) {
-		b.loraShrinkCat(b.s, g.xcat2+cuda.DevicePtr(g.K), g.ld, g.sx, kpos, g.fac, ctr, g.x, 0, g.mods, P, R, false)
-		b.fail(b.mm.GemmTNScaled(b.s, ptr(g.cat2), cuda.R16BF, g.xcat2, g.sx, g.wcat, g.w.scale.Ptr(), T, g.N, g.ld))
-	}
-	fused64 := func(g *group) {
-		b.loraShrinkCat(b.s, g.xcat3+cuda.DevicePtr(g.K), g.ld, g.sx, kpos, g.fac, ctr, g.x, 0, g.mods, P, R, true)
-		b.fail(b.mm.GemmTNScaled(b.s, ptr(g.cat3), cuda.R16BF, g.xcat3, g.sx, g.wcat, g.w.scale.Ptr(), T, g.N, g.ld))
-	}
-	denseShrink := func(g *group) {
-		E := g.ld - g.K
-		b.fail(b.mm.GemmTN(b.s, g.sd, cuda.R16BF, ptr(g.x), cuda.R16BF, g.aall, cuda.R16BF, T, E, g.K, 1, 0))
-	}
-	selectCat := func(g *group) {
-		E := g.ld - g.K
-		b.kcatSelect(b.s, g.xcat4+cuda.DevicePtr(g.K), g.ld, g.sd, E, g.sx, kpos, len(g.mods), P, R)
-	}
-	denseCat := func(g *group) {
-		denseShrink(g)
-		selectCat(g)
-		b.fail(b.mm.GemmTNScaled(b.s, ptr(g.cat4), cuda.R16BF, g.xcat4, g.sx, g.wcat, g.w.scale.Ptr(), T, g.N, g.ld))
-	}
-	skShrink := func(g *group, n128 bool) {
-		xq := g.xcat5
-		if n128 {
-			xq = g.xcat6
-		}
-		b.kcatShrink(b.s, xq+cuda.DevicePtr(g.K), g.ld, g.qx, g.K, g.qa, kpos, P, R, n128)
-	}
-	skCat := func(g *group, n128 bool) {
-		skShrink(g, n128)
-		xq, out := g.xcat5, g.cat5
-		if n128 {
-			xq, out = g.xcat6, g.cat6
-		}
-		b.fail(b.mm.GemmTNScaled(b.s, ptr(out), cuda.R16BF, xq, g.sx, g.wcat, g.w.scale.Ptr(), T, g.N, g.ld))
 	}
 	// the dense shrinks as cuBLASLt K splits (float32 partials), summed by
 	// kcat_select_split_e4m3: bf16 x against bf16 A, or e4m3 against e4m3
@@ -309,17 +259,6 @@ func TestKCatGroup(t *testing.T) {
 		plain(g, g.ref)
 		b.loraSlices(b.s, ptr(g.ref), g.N, g.x, 0, g.mods, accAdd)
 		kcat(g)
-		fused(g)
-		if b.sbpFits {
-			fused64(g)
-		}
-		denseCat(g)
-		if b.f8.kcat[0] != nil {
-			skCat(g, false)
-		}
-		if b.f8.kcat[1] != nil {
-			skCat(g, true)
-		}
 		splitCat(g, false, 8)
 		splitCat(g, true, 8)
 	}
@@ -330,12 +269,7 @@ func TestKCatGroup(t *testing.T) {
 			name string
 			xq   cuda.DevicePtr
 			out  *Buffer
-		}{{"lora_cat_e4m3", g.xcat, g.cat}, {"lora_shrink_e4m3", g.xcat2, g.cat2}, {"lora_shrink64_e4m3", g.xcat3, g.cat3}, {"kcat_select_e4m3", g.xcat4, g.cat4},
-			{"kcat_shrink_e4m3_n64", g.xcat5, g.cat5}, {"kcat_shrink_e4m3_n128", g.xcat6, g.cat6},
-			{"split8 bf16 + select", g.xcat7, g.cat7}, {"split8 e4m3 + select", g.xcat8, g.cat8}} {
-			if way.out == g.cat3 && !b.sbpFits || way.out == g.cat5 && b.f8.kcat[0] == nil || way.out == g.cat6 && b.f8.kcat[1] == nil {
-				continue
-			}
+		}{{"lora_cat_e4m3", g.xcat, g.cat}, {"split8 bf16 + select", g.xcat7, g.cat7}, {"split8 e4m3 + select", g.xcat8, g.cat8}} {
 			// S' values e4m3 saturated (±448: 0x7e, 0xfe), and the largest
 			xc := make([]byte, T*g.ld)
 			if err := cuda.CopyDtoH(b.s, xc, way.xq); err != nil {
@@ -396,30 +330,13 @@ func TestKCatGroup(t *testing.T) {
 	p := timeIt(func(g *group) { plain(g, g.base) })
 	k := timeIt(kcat)
 	sh := timeIt(func(g *group) { groupShrink(b, g.x, g.mods) })
-	// the shrinks as dense products of every position's A (P * slices * R
-	// rows), bf16 and FP8 (x in e4m3 as the product reads it): what a
-	// shrink with no segments costs on cuBLASLt
-	dense := make([][2]cuda.DevicePtr, len(groups)) // bf16 A, its output
-	dense8 := make([]*fp8Weight, len(groups))
-	for i, g := range groups {
-		n := P * len(g.mods) * R
-		host := make([]uint16, n*g.K)
-		f32ToBF16(host, r.rnd(n*g.K, 0.02))
-		dense[i] = [2]cuda.DevicePtr{upload(host), alloc(4 * T * n)}
-		var err error
-		if dense8[i], err = b.f8.upload(host, n, g.K); err != nil {
-			t.Fatal(err)
-		}
-	}
+	// the shrinks as dense products of every position's A, unsplit, bf16
+	// and FP8 (x in e4m3 as the product reads it)
 	d16 := timeIt(func(g *group) {
-		i := slices.Index(groups, g)
-		n := P * len(g.mods) * R
-		b.fail(b.mm.GemmTN(b.s, dense[i][1], cuda.R16BF, ptr(g.x), cuda.R16BF, dense[i][0], cuda.R16BF, T, n, g.K, 1, 0))
+		b.fail(b.mm.GemmTN(b.s, splitPart, cuda.R16BF, ptr(g.x), cuda.R16BF, g.aall, cuda.R16BF, T, g.qa.rows, g.K, 1, 0))
 	})
 	d8 := timeIt(func(g *group) {
-		i := slices.Index(groups, g)
-		w := dense8[i]
-		b.fail(b.mm.GemmTNScaled(b.s, dense[i][1], cuda.R16BF, g.qx, g.sx, w.q.Ptr(), w.scale.Ptr(), T, w.rows, g.K))
+		b.fail(b.mm.GemmTNScaled(b.s, splitPart, cuda.R16BF, g.qx, g.sx, g.qa.q.Ptr(), g.qa.scale.Ptr(), T, g.qa.rows, g.K))
 	})
 	cat := timeIt(func(g *group) {
 		b.loraCat(b.s, g.xcat+cuda.DevicePtr(g.K), g.ld, g.sx, kpos, g.fac, 0, g.mods, P, R, b.shrinkPlan(b.s, g.K, len(g.mods)).ks)
@@ -429,22 +346,6 @@ func TestKCatGroup(t *testing.T) {
 	b.force.shrink64 = 1
 	sh64 := timeIt(func(g *group) { groupShrink(b, g.x, g.mods) })
 	b.force.shrink64 = 0
-	fk, fk64 := timeIt(fused), math.NaN()
-	if b.sbpFits {
-		fk64 = timeIt(fused64)
-	}
-	fs := timeIt(func(g *group) {
-		b.loraShrinkCat(b.s, g.xcat2+cuda.DevicePtr(g.K), g.ld, g.sx, kpos, g.fac, ctr, g.x, 0, g.mods, P, R, false)
-	})
-	sk64, sk128, skc64, skc128 := math.NaN(), math.NaN(), math.NaN(), math.NaN()
-	if b.f8.kcat[0] != nil {
-		sk64 = timeIt(func(g *group) { skCat(g, false) })
-		skc64 = timeIt(func(g *group) { skShrink(g, false) })
-	}
-	if b.f8.kcat[1] != nil {
-		sk128 = timeIt(func(g *group) { skCat(g, true) })
-		skc128 = timeIt(func(g *group) { skShrink(g, true) })
-	}
 	var splitT []string
 	for _, fp8 := range []bool{false, true} {
 		for _, sp := range []int{4, 8, 16} {
@@ -454,12 +355,9 @@ func TestKCatGroup(t *testing.T) {
 		}
 	}
 	t.Logf("KCAT split dense shrinks on cuBLASLt + kcat_select_split_e4m3, four groups: %s", strings.Join(splitT, "; "))
-	dk := timeIt(denseCat)
-	dsh := timeIt(denseShrink)
-	dsel := timeIt(selectCat)
 	ext := timeIt(func(g *group) {
 		b.fail(b.mm.GemmTNScaled(b.s, ptr(g.cat), cuda.R16BF, g.xcat, g.sx, g.wcat, g.w.scale.Ptr(), T, g.N, g.ld))
 	})
-	t.Logf("KCAT %s, %d rows, four groups of an 8B layer (median µs of 20 replays after an L2 flush): products over K %.1f, shrink + lora_cat_e4m3 + products over K + E %.1f (the update %.1f a layer), lora_shrink_e4m3 + products over K + E %.1f (the update %.1f), lora_shrink64_e4m3 + products over K + E %.1f (the update %.1f); alone: shrinks %.1f (on 64-row tiles %.1f), lora_cat_e4m3 %.1f, lora_shrink_e4m3 %.1f, products over K + E %.1f, dense shrinks on cuBLASLt bf16 %.1f, FP8 %.1f; dense shrink (every position's A, bf16) + kcat_select_e4m3 + products over K + E %.1f (the update %.1f; alone: dense shrinks %.1f, kcat_select_e4m3 %.1f); kcat_shrink_e4m3_n64 + products over K + E %.1f (the update %.1f; alone %.1f), _n128 %.1f (the update %.1f; alone %.1f)",
-		b.Device().Name, T, p, k, k-p, fk, fk-p, fk64, fk64-p, sh, sh64, cat, fs, ext, d16, d8, dk, dk-p, dsh, dsel, sk64, sk64-p, skc64, sk128, sk128-p, skc128)
+	t.Logf("KCAT %s, %d rows, four groups of an 8B layer (median µs of 20 replays after an L2 flush): products over K %.1f, shrink + lora_cat_e4m3 + products over K + E %.1f (the update %.1f a layer); alone: shrinks %.1f (on 64-row tiles %.1f), lora_cat_e4m3 %.1f, products over K + E %.1f, dense shrinks on cuBLASLt unsplit bf16 %.1f, FP8 %.1f",
+		b.Device().Name, T, p, k, k-p, sh, sh64, cat, ext, d16, d8)
 }
