@@ -5,6 +5,7 @@ package gpu
 import (
 	"testing"
 	"time"
+	"unsafe"
 
 	fx "github.com/peftd/peftd/internal/fixture"
 	"github.com/peftd/peftd/runtime/cuda"
@@ -163,4 +164,26 @@ func groupShrink(b *Backend, x *Buffer, mods []llama.Module) sgShrinkPlan {
 	sp := b.shrinkPlan(b.s, inF, len(mods))
 	b.launchShrink(b.s, sp, x, base, stride, ms, inF, len(mods))
 	return sp
+}
+
+// devAlloc allocates n bytes of device memory, freed when t ends.
+func devAlloc(t *testing.T, b *Backend, n int) cuda.DevicePtr {
+	t.Helper()
+	buf, err := b.ctx.Alloc(n)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { buf.Free() })
+	return buf.Ptr()
+}
+
+// devUpload copies host into new device memory of its size (devAlloc's).
+func devUpload[T any](t *testing.T, b *Backend, host []T) cuda.DevicePtr {
+	t.Helper()
+	var z T
+	p := devAlloc(t, b, len(host)*int(unsafe.Sizeof(z)))
+	if err := cuda.CopyHtoD(b.s, p, host); err != nil {
+		t.Fatal(err)
+	}
+	return p
 }

@@ -98,7 +98,7 @@ func (b *Backend) loraCat(st *cuda.Stream, xq cuda.DevicePtr, ldq int, sx, kpos,
 	if !b.ok() || !b.stepLoRA() {
 		return
 	}
-	if !b.check(len(mods) >= 1 && len(mods) <= 3 && P > 0 && R > 0 && ks > 0 && ldq >= len(mods)*P*R, "kcat: %d slices, %d positions of %d columns, rows %d bytes apart", len(mods), P, R, ldq) {
+	if !b.check(b.fn.loraCat != nil && len(mods) >= 1 && len(mods) <= 3 && P > 0 && R > 0 && ks > 0 && ldq >= len(mods)*P*R, "kcat: %d slices, %d positions of %d columns, rows %d bytes apart", len(mods), P, R, ldq) {
 		return
 	}
 	_, ms, _, _ := b.groupSlices(mods)

@@ -40,7 +40,7 @@ func TestKCatGroup(t *testing.T) {
 		t.Skip("no FP8 path on this device")
 	}
 	if b.fn.loraCat == nil {
-		t.Skip("lora_cat_e4m3 and lora_shrink_e4m3 are compiled only with PEFTD_KERNEL_DEFINES=-DPEFTD_KCAT")
+		t.Skip("lora_cat_e4m3 and kcat_select_split_e4m3 are compiled only with PEFTD_KERNEL_DEFINES=-DPEFTD_KCAT")
 	}
 	rng := rand.New(rand.NewPCG(5, 6))
 	// trained-like adapters: B ~ 0.2 of a weight row's largest value
@@ -68,67 +68,29 @@ func TestKCatGroup(t *testing.T) {
 		}
 		return -1
 	}
-	alloc := func(n int) cuda.DevicePtr {
-		buf, err := b.ctx.Alloc(n)
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { buf.Free() })
-		return buf.Ptr()
-	}
-	upload := func(host any) cuda.DevicePtr {
-		var p cuda.DevicePtr
-		var err error
-		switch h := host.(type) {
-		case []byte:
-			p = alloc(len(h))
-			err = cuda.CopyHtoD(b.s, p, h)
-		case []uint16:
-			p = alloc(2 * len(h))
-			err = cuda.CopyHtoD(b.s, p, h)
-		case []int32:
-			p = alloc(4 * len(h))
-			err = cuda.CopyHtoD(b.s, p, h)
-		case []float32:
-			p = alloc(4 * len(h))
-			err = cuda.CopyHtoD(b.s, p, h)
-		}
-		if err != nil {
-			t.Fatal(err)
-		}
-		return p
-	}
-	kpos := upload([]int32{0, 1, 2, 3, -1, -1, -1, -1})
+	kpos := devUpload(t, b, []int32{0, 1, 2, 3, -1, -1, -1, -1})
 	type group struct {
-		name       string
-		mods       []llama.Module
-		N, K, ld   int
-		x          *Buffer
-		qx, sx     cuda.DevicePtr // x in e4m3 over K, its row scales
-		xcat, wcat cuda.DevicePtr // [T, ld] and [N, ld]: K then the extension
-		xcat7      cuda.DevicePtr // xcat for the bf16 split dense shrink
-		xcat8      cuda.DevicePtr // xcat for the e4m3 split dense shrink
-		aall       cuda.DevicePtr // every position's A rows (bf16, [E, K], scale and factor folded in)
-		qa         *fp8Weight     // aall in e4m3 with row scales
-		w          *fp8Weight
-		fac        cuda.DevicePtr
-		base, ref  *Buffer // the product over K; plus the SGMV update
-		cat        *Buffer // over K + E: lora_cat_e4m3's extension
-		cat7, cat8 *Buffer // the split dense shrinks' (bf16, e4m3) and kcat_select_split_e4m3's
+		name         string
+		mods         []llama.Module
+		N, K, ld     int
+		x            *Buffer
+		qx, sx       cuda.DevicePtr // x in e4m3 over K, its row scales
+		xcat, wcat   cuda.DevicePtr // [T, ld] and [N, ld]: K then the extension
+		xcatBF       cuda.DevicePtr // xcat for the bf16 split dense shrink
+		xcatE4       cuda.DevicePtr // xcat for the e4m3 split dense shrink
+		aall         cuda.DevicePtr // every position's A rows (bf16, [E, K], scale and factor folded in)
+		qa           *fp8Weight     // aall in e4m3 with row scales
+		w            *fp8Weight
+		fac          cuda.DevicePtr
+		base, ref    *Buffer // the product over K; plus the SGMV update
+		cat          *Buffer // over K + E: lora_cat_e4m3's extension
+		catBF, catE4 *Buffer // the split dense shrinks' (bf16, e4m3) and kcat_select_split_e4m3's
 	}
 	var groups []*group
-	for _, g := range []struct {
-		name string
-		mods []llama.Module
-	}{{"qkv", []llama.Module{llama.Q, llama.K, llama.V}}, {"o", []llama.Module{llama.O}}, {"gate_up", []llama.Module{llama.Gate, llama.Up}}, {"down", []llama.Module{llama.Down}}} {
-		K, _ := cfg.Dims(g.mods[0])
-		var outs []int
-		N := 0
-		for _, md := range g.mods {
-			_, o := cfg.Dims(md)
-			outs, N = append(outs, o), N+o
-		}
-		E := len(g.mods) * P * R
+	for gi, mods := range llama.FusedGroups {
+		offs, _, K, _ := b.groupSlices(mods)
+		N := offs[len(mods)]
+		E := len(mods) * P * R
 		ld := K + E
 		// weights of about 0.5 a product, the update ~10% of it
 		host := make([]uint16, N*K)
@@ -149,14 +111,13 @@ func TestKCatGroup(t *testing.T) {
 		for n := 0; n < N; n++ {
 			copy(wc[n*ld:n*ld+K], qw[n*K:(n+1)*K])
 		}
-		fac := make([]float32, 8*len(g.mods))
+		fac := make([]float32, 8*len(mods))
 		for s := range fac {
 			fac[s] = 1
 		}
 		aall := make([]float32, E*K)
 		for s, a := range ads {
-			off := 0
-			for i, md := range g.mods {
+			for i, md := range mods {
 				p := a.Layers[0][md]
 				bb := make([]float32, len(p.B)) // B as the device holds it (bf16)
 				h := make([]uint16, len(p.B))
@@ -164,12 +125,12 @@ func TestKCatGroup(t *testing.T) {
 				for j := range h {
 					bb[j] = fromBF16(h[j])
 				}
-				rows := sw[off : off+outs[i]]
+				rows := sw[offs[i]:offs[i+1]]
 				f, err := kcatFactor(bb, p.Rank, rows)
 				if err != nil {
 					t.Fatal(err)
 				}
-				fac[s*len(g.mods)+i] = f
+				fac[s*len(mods)+i] = f
 				for j := 0; j < p.Rank; j++ { // A as the device holds it (bf16), times the scale and f
 					h := make([]uint16, K)
 					f32ToBF16(h, p.A[j*K:(j+1)*K])
@@ -178,10 +139,9 @@ func TestKCatGroup(t *testing.T) {
 						row[k] = fromBF16(h[k]) * p.Scale * f
 					}
 				}
-				if err := kcatExtension(wc[off*ld:], ld, K+(i*P+s)*R, R, bb, p.Rank, rows, f); err != nil {
+				if err := kcatExtension(wc[offs[i]*ld:], ld, K+(i*P+s)*R, R, bb, p.Rank, rows, f); err != nil {
 					t.Fatal(err)
 				}
-				off += outs[i]
 			}
 		}
 		// activations as an LLM's: normal, four outlier channels 20x
@@ -196,9 +156,9 @@ func TestKCatGroup(t *testing.T) {
 		r.fill(x, xs)
 		ah := make([]uint16, E*K)
 		f32ToBF16(ah, aall)
-		gr := &group{name: g.name, mods: g.mods, N: N, K: K, ld: ld, x: x, w: w, wcat: upload(wc), fac: upload(fac), aall: upload(ah),
-			qx: alloc(T * K), sx: alloc(4 * T), xcat: alloc(T * ld), xcat7: alloc(T * ld), xcat8: alloc(T * ld),
-			base: r.buffer(T, N), ref: r.buffer(T, N), cat: r.buffer(T, N), cat7: r.buffer(T, N), cat8: r.buffer(T, N)}
+		gr := &group{name: shapes8B[gi].name, mods: mods, N: N, K: K, ld: ld, x: x, w: w, wcat: devUpload(t, b, wc), fac: devUpload(t, b, fac), aall: devUpload(t, b, ah),
+			qx: devAlloc(t, b, T*K), sx: devAlloc(t, b, 4*T), xcat: devAlloc(t, b, T*ld), xcatBF: devAlloc(t, b, T*ld), xcatE4: devAlloc(t, b, T*ld),
+			base: r.buffer(T, N), ref: r.buffer(T, N), cat: r.buffer(T, N), catBF: r.buffer(T, N), catE4: r.buffer(T, N)}
 		if gr.qa, err = b.f8.upload(ah, E, K); err != nil {
 			t.Fatal(err)
 		}
@@ -216,7 +176,7 @@ func TestKCatGroup(t *testing.T) {
 		if err := cuda.CopyHtoD(b.s, gr.xcat, xc); err != nil {
 			t.Fatal(err)
 		}
-		for _, p := range []cuda.DevicePtr{gr.xcat7, gr.xcat8} { // rows of no adapter keep these zeros
+		for _, p := range []cuda.DevicePtr{gr.xcatBF, gr.xcatE4} { // rows of no adapter keep these zeros
 			if err := cuda.CopyHtoD(b.s, p, xc); err != nil {
 				t.Fatal(err)
 			}
@@ -231,22 +191,22 @@ func TestKCatGroup(t *testing.T) {
 	}
 	// the dense shrinks as cuBLASLt K splits (float32 partials), summed by
 	// kcat_select_split_e4m3: bf16 x against bf16 A, or e4m3 against e4m3
-	splitPart := alloc(4 * 16 * T * 3 * P * R)
+	splitPart := devAlloc(t, b, 4*16*T*3*P*R)
 	splitShrink := func(g *group, fp8 bool, splits int) {
 		E := g.ld - g.K
 		if fp8 {
 			b.fail(b.mm.GemmTNSplitK(b.s, splitPart, g.qx, cuda.R8FE4M3, g.qa.q.Ptr(), cuda.R8FE4M3, T, E, g.K, splits))
-			b.kcatSelectSplit(b.s, g.xcat8+cuda.DevicePtr(g.K), g.ld, splitPart, splits, g.qa.scale.Ptr(), g.sx, kpos, len(g.mods), P, R)
+			b.kcatSelectSplit(b.s, g.xcatE4+cuda.DevicePtr(g.K), g.ld, splitPart, splits, g.qa.scale.Ptr(), g.sx, kpos, len(g.mods), P, R)
 			return
 		}
 		b.fail(b.mm.GemmTNSplitK(b.s, splitPart, ptr(g.x), cuda.R16BF, g.aall, cuda.R16BF, T, E, g.K, splits))
-		b.kcatSelectSplit(b.s, g.xcat7+cuda.DevicePtr(g.K), g.ld, splitPart, splits, 0, g.sx, kpos, len(g.mods), P, R)
+		b.kcatSelectSplit(b.s, g.xcatBF+cuda.DevicePtr(g.K), g.ld, splitPart, splits, 0, g.sx, kpos, len(g.mods), P, R)
 	}
 	splitCat := func(g *group, fp8 bool, splits int) {
 		splitShrink(g, fp8, splits)
-		xq, out := g.xcat7, g.cat7
+		xq, out := g.xcatBF, g.catBF
 		if fp8 {
-			xq, out = g.xcat8, g.cat8
+			xq, out = g.xcatE4, g.catE4
 		}
 		b.fail(b.mm.GemmTNScaled(b.s, ptr(out), cuda.R16BF, xq, g.sx, g.wcat, g.w.scale.Ptr(), T, g.N, g.ld))
 	}
@@ -269,7 +229,7 @@ func TestKCatGroup(t *testing.T) {
 			name string
 			xq   cuda.DevicePtr
 			out  *Buffer
-		}{{"lora_cat_e4m3", g.xcat, g.cat}, {"split8 bf16 + select", g.xcat7, g.cat7}, {"split8 e4m3 + select", g.xcat8, g.cat8}} {
+		}{{"lora_cat_e4m3", g.xcat, g.cat}, {"split8 bf16 + select", g.xcatBF, g.catBF}, {"split8 e4m3 + select", g.xcatE4, g.catE4}} {
 			// S' values e4m3 saturated (±448: 0x7e, 0xfe), and the largest
 			xc := make([]byte, T*g.ld)
 			if err := cuda.CopyDtoH(b.s, xc, way.xq); err != nil {

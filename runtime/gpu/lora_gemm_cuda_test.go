@@ -53,14 +53,6 @@ func TestLoRAGemmFormBench(t *testing.T) {
 			prompt = a.Layers[0]
 		}
 	}
-	alloc := func(n int) cuda.DevicePtr {
-		buf, err := b.ctx.Alloc(n)
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { buf.Free() })
-		return buf.Ptr()
-	}
 	type group struct {
 		name      string
 		mods      []llama.Module
@@ -72,45 +64,29 @@ func TestLoRAGemmFormBench(t *testing.T) {
 		acat, bbd cuda.DevicePtr // the prompt adapter's scale A_cat [nR, K] and B_bd [N, nR], bf16
 	}
 	var groups []*group
-	for _, g := range []struct {
-		name string
-		mods []llama.Module
-	}{{"qkv", []llama.Module{llama.Q, llama.K, llama.V}}, {"o", []llama.Module{llama.O}}, {"gate_up", []llama.Module{llama.Gate, llama.Up}}, {"down", []llama.Module{llama.Down}}} {
-		K, _ := cfg.Dims(g.mods[0])
-		var outs []int
-		N := 0
-		for _, md := range g.mods {
-			_, o := cfg.Dims(md)
-			outs, N = append(outs, o), N+o
-		}
-		nR := len(g.mods) * R
+	for gi, mods := range llama.FusedGroups {
+		offs, _, K, _ := b.groupSlices(mods)
+		N := offs[len(mods)]
+		nR := len(mods) * R
 		acat := make([]float32, nR*K)
 		bbd := make([]float32, N*nR)
-		off := 0
-		for i, md := range g.mods {
+		for i, md := range mods {
 			p := prompt[md]
 			for j := 0; j < R*K; j++ {
 				acat[i*R*K+j] = p.A[j] * p.Scale
 			}
-			for n := 0; n < outs[i]; n++ {
-				copy(bbd[(off+n)*nR+i*R:(off+n)*nR+(i+1)*R], p.B[n*R:(n+1)*R])
+			for n := offs[i]; n < offs[i+1]; n++ {
+				copy(bbd[n*nR+i*R:n*nR+(i+1)*R], p.B[(n-offs[i])*R:])
 			}
-			off += outs[i]
 		}
 		ah, bh := make([]uint16, len(acat)), make([]uint16, len(bbd))
 		f32ToBF16(ah, acat)
 		f32ToBF16(bh, bbd)
-		ga, gb := alloc(2*len(ah)), alloc(2*len(bh))
-		if err := cuda.CopyHtoD(b.s, ga, ah); err != nil {
-			t.Fatal(err)
-		}
-		if err := cuda.CopyHtoD(b.s, gb, bh); err != nil {
-			t.Fatal(err)
-		}
 		x := r.buffer(maxT, K)
 		r.fill(x, r.rnd(maxT*K, 1))
-		groups = append(groups, &group{name: g.name, mods: g.mods, K: K, N: N, x: x, nR: nR,
-			aside: alloc(4 * maxT * N), s: alloc(2 * maxT * nR), u: alloc(2 * maxT * N), u32: alloc(4 * maxT * N), acat: ga, bbd: gb})
+		groups = append(groups, &group{name: shapes8B[gi].name, mods: mods, K: K, N: N, x: x, nR: nR,
+			aside: devAlloc(t, b, 4*maxT*N), s: devAlloc(t, b, 2*maxT*nR), u: devAlloc(t, b, 2*maxT*N), u32: devAlloc(t, b, 4*maxT*N),
+			acat: devUpload(t, b, ah), bbd: devUpload(t, b, bh)})
 	}
 	// gemmForm enqueues the GEMM form's update of rows [r0, r0+T) (U as
 	// bf16, or float32 with f32)
