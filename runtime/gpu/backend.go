@@ -309,6 +309,7 @@ type kernelForce struct {
 	nodePrio   int           // recordings run the LoRA stream's kernels at that stream's priority (graph.go nodePriority): 1 at every row count, -1 at none, 0 by the rows
 	memHoist   int           // recordings and cuBLASLt's memsets (memsethoist.go): -1 as captured, 1 moved beside the kernel before them, 0 moved and replaced by fill_rows
 	attnTS     bool          // attn_decode gets part with one split too (TestDecodeBench's PEFTD_ATTN_TS: the PEFTD_ATTN_TS build's timestamps)
+	allLogits  bool          // mixed recordings compute every row's logits, as before v0.90 (no few-logits recordings: logitCaps)
 	addCl      int           // add_rmsnorm as add_rmsnorm_cl (a cluster of blocks a row; norm_cl.go): 1 wherever it fits, -1 never, 0 by the rows and update (addClFits)
 	shrink64   int           // LoRA shrinks as sgmv_shrink64 (64-row tiles): 1 always, -1 never, 0 from sgBigMinRows LoRA rows
 	shrinkPipe int           // those shrinks as sgmv_shrink64p (each lane's loads through its own cp.async ring in shared memory; the same bits) where the card has the shared memory (sbpFits): 1 always, -1 never, 0 where shrinkPipeAuto

@@ -428,6 +428,7 @@ type decodeVariant struct {
 	qkvhalf                      int    // the q/k/v LoRA update as bf16, read by rope_store_rows_h / rope_store_h (kernelForce.qkvHalf: 1 on, -1 off, 0 the default: qkvHalfAuto)
 	outhalf                      int    // the o and down LoRA updates as bf16, read by add_rmsnorm_h (kernelForce.outHalf: 1 on, -1 off, 0 the default: outHalfAuto)
 	guhalf                       int    // the gate/up LoRA update as bf16, read by silu_mul_h / _o2h / _clh (kernelForce.guHalf: 1 on, -1 off, 0 the default: guHalfAuto)
+	alllogits                    bool   // mixed recordings compute every row's logits (kernelForce.allLogits; the default: half their rows where that holds the step's, logitCaps)
 	wsnorm                       int    // o and down with the add_rmsnorm after them in one gemm_ws_norm / fp8_ws_norm launch where it fits (kernelForce.wsNorm: 1 on, -1 never, 0 the default: wsNormAuto)
 }
 
@@ -441,6 +442,7 @@ func (v decodeVariant) force(f kernelForce) kernelForce {
 	f.ropeLoRA, f.nodePrio, f.siluCl, f.addCl = v.rfold, v.prio, v.silucl, v.addcl
 	f.memHoist, f.l2Win, f.shrink64, f.wsSiLU, f.wsEarly, f.wsNorm, f.wsEarlyO, f.wsHalf = v.hoist, v.l2, v.sh64, v.wssilu, v.wsearly, v.wsnorm, v.wsearlyo, v.wshalf
 	f.oNoPDL, f.siluO2, f.guHalf, f.outHalf, f.qkvHalf = v.onopdl, v.siluo2, v.guhalf, v.outhalf, v.qkvhalf
+	f.allLogits = v.alllogits
 	return f
 }
 
@@ -517,7 +519,7 @@ func (v decodeVariant) label(ads []*lora.Adapter, pdlOK bool) string {
 		on   bool
 		name string
 	}{{v.eager, "eager"}, {v.serial, "serial"}, {v.nopdl && pdlOK, "nopdl"}, {v.ropeHeads, "ropeheads"}, {v.lt, "lt"}, {v.wgFull, "wgfull"}, {v.wgBeside, "wgbeside"}, {v.splitBeside, "splitbeside"}, {v.nopad, "nopad"}, {v.padOld, "padold"}, {v.fslate, "fslate"}, {v.skLate, "late"},
-		{v.fs, "fs"}, {v.gv, "gv"}, {v.noseg, "noseg"}, {v.nosege, "nosege"}, {v.wg, "wg"}, {v.ws, "ws"}, {v.wsgu, "wsgu"}, {v.wsqo, "wsqo"}, {v.bws == 1, "bws"}, {v.bws == 2, "bwsqo"}, {v.bws == 3, "bwslone"}, {v.bws < 0, "nobws"}, {v.nows, "nows"}, {v.wslone, "wslone"}, {v.nowga, "nowga"}, {v.pa, "pa"}, {v.tuned, "tuned"}, {v.nowslone, "nowslone"}, {v.nowsbeside, "nowsbeside"}} {
+		{v.fs, "fs"}, {v.gv, "gv"}, {v.noseg, "noseg"}, {v.nosege, "nosege"}, {v.wg, "wg"}, {v.ws, "ws"}, {v.wsgu, "wsgu"}, {v.wsqo, "wsqo"}, {v.bws == 1, "bws"}, {v.bws == 2, "bwsqo"}, {v.bws == 3, "bwslone"}, {v.bws < 0, "nobws"}, {v.nows, "nows"}, {v.wslone, "wslone"}, {v.nowga, "nowga"}, {v.pa, "pa"}, {v.tuned, "tuned"}, {v.nowslone, "nowslone"}, {v.nowsbeside, "nowsbeside"}, {v.alllogits, "alllogits"}} {
 		if f.on {
 			lbl += "+" + f.name
 		}
@@ -802,6 +804,7 @@ func TestDecodeBench(t *testing.T) {
 		{sms: -1, wsearlyo: 4}, {sms: -1, wsearlyo: 7}, {lora: true, sms: -1, wsearlyo: 4}, {lora: true, sms: -1, wsearlyo: 7},
 		{lora: true, sms: -1, onopdl: 1}, {lora: true, sms: -1, onopdl: -1},
 		{lora: true, sms: -1, guhalf: 1}, {lora: true, sms: -1, guhalf: -1}, {lora: true, sms: -1, outhalf: 1}, {lora: true, sms: -1, outhalf: -1}, {lora: true, sms: -1, qkvhalf: 1}, {lora: true, sms: -1, qkvhalf: -1}, {lora: true, sms: -1, outhalf: 1, qkvhalf: 1},
+		{sms: -1, alllogits: true}, {lora: true, sms: -1, alllogits: true},
 		{sms: -1, wsearly: 2}, {sms: -1, wsearly: 4}, {sms: -1, wsearly: 7}, {lora: true, sms: -1, wsearly: 2}, {lora: true, sms: -1, wsearly: 4}, {lora: true, sms: -1, wsearly: 7},
 	}
 	// PEFTD_LORA_PARTITION=16,32: rows +part16, +part32 with the SMs split by
@@ -1716,9 +1719,9 @@ func h2dBench(t *testing.T, b *Backend, a *lora.Adapter) {
 func graphLoRALayout(t *testing.T, b *Backend, m *engine.StepMeta, T int) {
 	t.Helper()
 	n := graphBuckets[bucketIndex(T)]
-	key, err := b.graphKeyFor(n, engine.Shape{LoRA: uint8(1<<llama.NumModules - 1)}, true)
+	key, err := b.graphKeyFor(n, engine.Shape{LoRA: uint8(1<<llama.NumModules - 1)}, true, len(m.LogitRows))
 	if err == nil {
-		err = b.fillGraphMeta(m, n, key.rank, true)
+		err = b.fillGraphMeta(m, key)
 	}
 	if err != nil {
 		t.Fatal(err)

@@ -106,7 +106,7 @@ func (b *Backend) Chainable(meta *engine.StepMeta, prog engine.Program) bool {
 	if !ok {
 		return false
 	}
-	key := b.graphKeyOf(graphBuckets[bucketIndex(len(meta.Tokens))], prog.Shape, mixed)
+	key := b.graphKeyOf(graphBuckets[bucketIndex(len(meta.Tokens))], prog.Shape, mixed, len(meta.LogitRows))
 	if key.lora != 0 && (b.g.tmp == nil || key.rank > b.g.tmpRank) {
 		return false // the LoRA scratch would grow (a wait, and new recordings)
 	}

@@ -93,6 +93,42 @@ type graphKey struct {
 	// runs sgmv_expand, not the tensor-core kernels (tcChunks), whose
 	// 16-byte loads of B need ranks in multiples of 8
 	odd bool
+	// logits: the rows whose logits the recording computes (the first
+	// ones of the step's LogitRows; logitCaps): rows, or fewer in a mixed
+	// recording
+	logits int
+}
+
+// fewLogitsMinRows is the fewest rows of a mixed recording that comes in
+// two (logitCaps): one computing the logits of half its rows, one of
+// every row. A mixed step needs the logits of its decode rows and of each
+// prompt chunk's last row only (serve8b's 256-row mixed steps: ~65 of
+// them), and the lm_head product (vocabulary x hidden, the step's largest
+// at 8B shapes: 1 GB of bf16) at 256 rows is bound by its FLOPs rather
+// than its bytes: 449 µs of an H100's 8.7 ms bf16 mixed step (PERFORMANCE
+// v0.90), against ~365 for its bytes. Below 128 rows it reads its bytes
+// in the same time whatever the rows.
+const fewLogitsMinRows = 128
+
+// logitCaps is the logits rows of the recordings of n rows (mixed: with
+// prefill rows), the fewest first: a step replays the first that holds
+// its logit rows (logitCapFor).
+func (b *Backend) logitCaps(n int, mixed bool) []int {
+	if !mixed || n < fewLogitsMinRows || b.force.allLogits {
+		return []int{n}
+	}
+	return []int{n / 2, n}
+}
+
+// logitCapFor is the logits rows of the recording a step of n rows
+// (bucket) with logits logit rows replays.
+func (b *Backend) logitCapFor(n int, mixed bool, logits int) int {
+	for _, c := range b.logitCaps(n, mixed) {
+		if logits <= c {
+			return c
+		}
+	}
+	return n
 }
 
 // graphState is the CUDA-graph side of the backend.
@@ -369,11 +405,11 @@ func (b *Backend) Execute(meta *engine.StepMeta, prog engine.Program) error {
 // launches the bucket's graph, recording it first if needed.
 func (b *Backend) replay(meta *engine.StepMeta, prog engine.Program, mixed bool) error {
 	n := graphBuckets[bucketIndex(len(meta.Tokens))]
-	key, err := b.graphKeyFor(n, prog.Shape, mixed)
+	key, err := b.graphKeyFor(n, prog.Shape, mixed, len(meta.LogitRows))
 	if err != nil {
 		return err
 	}
-	if err := b.fillGraphMeta(meta, n, key.rank, mixed); err != nil {
+	if err := b.fillGraphMeta(meta, key); err != nil {
 		return err
 	}
 	gated, err := b.waitLoads(meta, true)
@@ -413,10 +449,10 @@ func (b *Backend) replay(meta *engine.StepMeta, prog engine.Program, mixed bool)
 	return err
 }
 
-// graphKeyFor is the key of a recording for steps of rows rows and program
-// shape s, with the LoRA scratch sized for it.
-func (b *Backend) graphKeyFor(rows int, s engine.Shape, mixed bool) (graphKey, error) {
-	key := b.graphKeyOf(rows, s, mixed)
+// graphKeyFor is the key of a recording for steps of rows rows, program
+// shape s and logits logit rows, with the LoRA scratch sized for it.
+func (b *Backend) graphKeyFor(rows int, s engine.Shape, mixed bool, logits int) (graphKey, error) {
+	key := b.graphKeyOf(rows, s, mixed, logits)
 	return key, b.sizeGraphTmp(key)
 }
 
@@ -429,8 +465,8 @@ func (b *Backend) sizeGraphTmp(key graphKey) error {
 }
 
 // graphKeyOf is graphKeyFor's key alone (the scratch left as it is).
-func (b *Backend) graphKeyOf(rows int, s engine.Shape, mixed bool) graphKey {
-	key := graphKey{rows: rows, lora: s.LoRA, mixed: mixed}
+func (b *Backend) graphKeyOf(rows int, s engine.Shape, mixed bool, logits int) graphKey {
+	key := graphKey{rows: rows, lora: s.LoRA, mixed: mixed, logits: b.logitCapFor(rows, mixed, logits)}
 	if key.lora != 0 {
 		key.rank, key.odd = rankClass(b.maxRank), b.oddRank
 	}
@@ -563,16 +599,18 @@ func (b *Backend) nodePriority(rows int) bool {
 }
 
 // fillGraphMeta writes meta, padded to n rows, in the graph layout and
-// copies it to the device; it sets the step's launch parameters. mixed: the
-// step may have prefill rows (graphable checked their tiles fit).
-func (b *Backend) fillGraphMeta(meta *engine.StepMeta, n, rank int, mixed bool) error {
+// copies it to the device; it sets the step's launch parameters. key is
+// the recording's: its rows (n), rank class, mixed (the step may have
+// prefill rows: graphable checked their tiles fit) and logits rows.
+func (b *Backend) fillGraphMeta(meta *engine.StepMeta, key graphKey) error {
+	n, rank, mixed := key.rows, key.rank, key.mixed
 	b.err = nil
 	b.gen++
 	b.la.pend, b.la.forkIn = pendingDelta{}, 0
 	o := b.g.lay
 	T, S := len(meta.Tokens), len(meta.Seqs)
-	if len(meta.Positions) != T || len(meta.KVSlots) != T || S > T || len(meta.LogitRows) > T {
-		return fmt.Errorf("%w: %d tokens, %d positions, %d KV slots, %d sequences, %d logit rows", ErrBadStep, T, len(meta.Positions), len(meta.KVSlots), S, len(meta.LogitRows))
+	if len(meta.Positions) != T || len(meta.KVSlots) != T || S > T || len(meta.LogitRows) > T || len(meta.LogitRows) > key.logits || key.logits > n {
+		return fmt.Errorf("%w: %d tokens, %d positions, %d KV slots, %d sequences, %d logit rows (the recording's %d of %d rows)", ErrBadStep, T, len(meta.Positions), len(meta.KVSlots), S, len(meta.LogitRows), key.logits, n)
 	}
 	hb := b.g.host
 	if b.chain.on {
@@ -679,7 +717,7 @@ func (b *Backend) fillGraphMeta(meta *engine.StepMeta, n, rank int, mixed bool) 
 		return err
 	}
 	b.meta, b.off, b.metaBase = meta, o, b.g.dev.Ptr()
-	b.nRows, b.nLogit = n, n
+	b.nRows, b.nLogit = n, key.logits
 	b.nDec, b.nPre, b.nPreTiles = n, 0, nPreTiles
 	b.decSplit, b.decV, b.part = b.decSplitFor(n), b.decVariantFor(n), b.g.part
 	b.nLora, b.nTiles, b.nBig = 0, 0, 0
@@ -720,26 +758,28 @@ func (b *Backend) Warmup(progs []engine.Program, max int) (done, left int, err e
 	for _, prog := range progs {
 		for _, mixed := range kinds {
 			for _, n := range graphBuckets[:bucketIndex(b.g.maxRows)+1] {
-				key := b.graphKeyOf(n, prog.Shape, mixed)
-				if b.g.execs[key] != nil {
-					continue
+				for _, logits := range b.logitCaps(n, mixed) {
+					key := b.graphKeyOf(n, prog.Shape, mixed, logits)
+					if b.g.execs[key] != nil {
+						continue
+					}
+					if max > 0 && done == max { // counted, not recorded: the scratch stays as it is
+						left++
+						continue
+					}
+					if err := b.sizeGraphTmp(key); err != nil {
+						return done, 0, err
+					}
+					if err := b.fillGraphMeta(empty, key); err != nil {
+						return done, 0, err
+					}
+					err = b.warmRecord(key, prog)
+					b.meta, b.err = nil, nil
+					if err != nil {
+						return done, 0, fmt.Errorf("gpu: warm up %d rows (logits of %d): %w", n, key.logits, err)
+					}
+					done++
 				}
-				if max > 0 && done == max { // counted, not recorded: the scratch stays as it is
-					left++
-					continue
-				}
-				if err := b.sizeGraphTmp(key); err != nil {
-					return done, 0, err
-				}
-				if err := b.fillGraphMeta(empty, n, key.rank, mixed); err != nil {
-					return done, 0, err
-				}
-				err = b.warmRecord(key, prog)
-				b.meta, b.err = nil, nil
-				if err != nil {
-					return done, 0, fmt.Errorf("gpu: warm up %d rows: %w", n, err)
-				}
-				done++
 			}
 		}
 	}

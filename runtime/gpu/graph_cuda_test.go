@@ -61,8 +61,15 @@ func TestGraphDecodeMatchesEager(t *testing.T) {
 	if !gb.preOK {
 		t.Fatal("the fixture model's head shape has no attn_prefill: mixed graphs are not tested")
 	}
-	if want := 2 * 2 * (bucketIndex(gb.g.maxRows) + 1); warm != want {
-		t.Errorf("Warmup recorded %d graphs, want %d (two programs x decode and mixed x every bucket up to %d rows)", warm, want, gb.g.maxRows)
+	want := 0
+	for _, n := range graphBuckets[:bucketIndex(gb.g.maxRows)+1] {
+		want += 2 * (1 + len(gb.logitCaps(n, true))) // two programs x (decode + mixed, of each logits count)
+	}
+	if few := 2 * (bucketIndex(gb.g.maxRows) - bucketIndex(fewLogitsMinRows) + 1); want != 2*2*(bucketIndex(gb.g.maxRows)+1)+few {
+		t.Errorf("logitCaps: %d recordings, want %d (a few-logits mixed one from %d rows)", want, 2*2*(bucketIndex(gb.g.maxRows)+1)+few, fewLogitsMinRows)
+	}
+	if warm != want {
+		t.Errorf("Warmup recorded %d graphs, want %d (two programs x decode and mixed x every bucket up to %d rows, mixed ones of %d rows and more twice: logitCaps)", warm, want, gb.g.maxRows, fewLogitsMinRows)
 	}
 	if n, _ := eb.GraphStats(); n != 0 {
 		t.Errorf("the eager backend recorded %d graphs", n)

@@ -48,6 +48,36 @@ func TestRecordedRows(t *testing.T) {
 	}
 }
 
+// TestLogitCapFor: mixed recordings of 128 rows and more come with the
+// logits of half their rows and of all; a step replays the first that
+// holds its logit rows; decode recordings, small mixed ones and
+// kernelForce.allLogits compute every row's.
+func TestLogitCapFor(t *testing.T) {
+	for _, c := range []struct {
+		n      int
+		mixed  bool
+		logits int
+		all    bool
+		want   int
+	}{
+		{256, true, 65, false, 128}, {256, true, 1, false, 128}, {256, true, 128, false, 128}, {256, true, 129, false, 256},
+		{256, true, 256, false, 256}, {192, true, 64, false, 96}, {128, true, 64, false, 64}, {128, true, 65, false, 128},
+		{512, true, 200, false, 256}, {96, true, 2, false, 96}, {64, true, 1, false, 64},
+		{256, false, 65, false, 256}, {256, false, 256, false, 256},
+		{256, true, 65, true, 256},
+	} {
+		b := &Backend{}
+		b.force.allLogits = c.all
+		got := b.logitCapFor(c.n, c.mixed, c.logits)
+		if got != c.want {
+			t.Errorf("logitCapFor(%d rows, mixed %v, %d logit rows, allLogits %v) = %d, want %d", c.n, c.mixed, c.logits, c.all, got, c.want)
+		}
+		if caps := b.logitCaps(c.n, c.mixed); !slices.Contains(caps, got) || caps[len(caps)-1] != c.n || !slices.IsSorted(caps) {
+			t.Errorf("logitCaps(%d, %v) = %v: not ascending to %d, or without %d", c.n, c.mixed, caps, c.n, got)
+		}
+	}
+}
+
 func TestRankClass(t *testing.T) {
 	for _, c := range []struct{ rank, want int }{{0, 32}, {1, 32}, {8, 32}, {32, 32}, {33, 64}, {64, 64}, {65, 128}, {128, 128}, {129, 256}, {300, 512}, {512, 512}} {
 		if got := rankClass(c.rank); got != c.want {
