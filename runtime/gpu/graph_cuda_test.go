@@ -61,10 +61,7 @@ func TestGraphDecodeMatchesEager(t *testing.T) {
 	if !gb.preOK {
 		t.Fatal("the fixture model's head shape has no attn_prefill: mixed graphs are not tested")
 	}
-	want := 0
-	for _, n := range graphBuckets[:bucketIndex(gb.g.maxRows)+1] {
-		want += 2 * (1 + len(gb.logitCaps(n, true))) // two programs x (decode + mixed, of each logits count)
-	}
+	want := 2 * recordingsPerProgram(gb)
 	if few := 2 * (bucketIndex(gb.g.maxRows) - bucketIndex(fewLogitsMinRows) + 1); want != 2*2*(bucketIndex(gb.g.maxRows)+1)+few {
 		t.Errorf("logitCaps: %d recordings, want %d (a few-logits mixed one from %d rows)", want, 2*2*(bucketIndex(gb.g.maxRows)+1)+few, fewLogitsMinRows)
 	}
@@ -552,6 +549,17 @@ func matchSteps(t *testing.T, m *llama.Model, adapters int, ep, es *engine.Engin
 	t.Logf("%d logits rows bit-identical %s", rows, what)
 }
 
+// recordingsPerProgram is the recordings Warmup makes of one program on b:
+// a decode one and the mixed ones (one for each of logitCaps) of every
+// bucket.
+func recordingsPerProgram(b *Backend) int {
+	n := 0
+	for _, rows := range graphBuckets[:bucketIndex(b.g.maxRows)+1] {
+		n += 1 + len(b.logitCaps(rows, b.preOK))
+	}
+	return n
+}
+
 // TestWarmSomeOneAtATime: WarmSome(1), as the scheduler calls it while
 // idle (--warm-graphs idle), records one graph a call, with an adapter on q
 // and v loaded, until none is missing: Warmup's graphs (no adapters, and
@@ -565,7 +573,7 @@ func TestWarmSomeOneAtATime(t *testing.T) {
 		t.Fatal(err)
 	}
 	b := e.Backend().(*Backend)
-	want := 3 * 2 * (bucketIndex(b.g.maxRows) + 1) // three programs x decode and mixed x every bucket
+	want := 3 * recordingsPerProgram(b) // three programs
 	calls := 0
 	for ; calls < 2*want; calls++ { // as the scheduler does: until a call finds nothing to record
 		n, left, err := e.WarmSome(1)
