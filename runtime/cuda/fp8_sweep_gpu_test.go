@@ -56,6 +56,21 @@ func TestFP8AlgoSweep(t *testing.T) {
 	// first one in every tile, stage count and cluster shape cuBLASLt
 	// accepts for the product (Matmul.configVariants)
 	configs := os.Getenv("PEFTD_FP8_SWEEP_CONFIGS") == "1"
+	// PEFTD_FP8_SWEEP_SPLITS=2,4,8: every algorithm above also with its K
+	// split that many ways, in each reduction scheme cuBLASLt accepts for
+	// it (splitVariants): the 256-row bf16 o and down products on nvjet's
+	// 128x64 tiles ran at 458 TFLOP/s in a mixed step (PERFORMANCE v0.90),
+	// and bigger tiles need a K split to fill the card
+	var splits []uint32
+	if env := os.Getenv("PEFTD_FP8_SWEEP_SPLITS"); env != "" {
+		for _, f := range strings.Split(env, ",") {
+			n, err := strconv.Atoi(f)
+			if err != nil || n < 2 || n > 64 {
+				t.Fatalf("PEFTD_FP8_SWEEP_SPLITS: %q is not a K split of 2 to 64", f)
+			}
+			splits = append(splits, uint32(n))
+		}
+	}
 	bf16 := os.Getenv("PEFTD_FP8_SWEEP") == "bf16"
 	es, rows := 1, []int{32, 64, 128, 192, 256} // bytes per operand element, the rows swept
 	if bf16 {
@@ -120,17 +135,33 @@ func TestFP8AlgoSweep(t *testing.T) {
 			}
 			out := alloc(4*T*N, 0)
 			var algos [][heuristicResultSize]byte
-			var cfgs []AlgoConfig
+			var names []string
 			err := c.Do(func() error {
 				p, err := planOf(T, N, K, xs.Ptr(), ws.Ptr())
 				if err != nil {
 					return err
 				}
-				if algos, err = m.candidates(p, 16); err != nil || !configs || len(algos) == 0 {
+				if algos, err = m.candidates(p, 16); err != nil || len(algos) == 0 {
 					return err
 				}
-				algos, cfgs, err = m.configVariants(p, &algos[0], true)
-				return err
+				for i := range algos {
+					names = append(names, fmt.Sprintf("h%d", i))
+				}
+				if configs {
+					var cfgs []AlgoConfig
+					if algos, cfgs, err = m.configVariants(p, &algos[0], true); err != nil {
+						return err
+					}
+					names = names[:0]
+					for _, cf := range cfgs {
+						names = append(names, cf.String())
+					}
+				}
+				if len(splits) > 0 {
+					sa, sn := m.splitVariants(p, algos, names, splits)
+					algos, names = append(algos, sa...), append(names, sn...)
+				}
+				return nil
 			})
 			if err != nil {
 				t.Fatal(err)
@@ -167,15 +198,15 @@ func TestFP8AlgoSweep(t *testing.T) {
 			for _, u := range us {
 				all += fmt.Sprintf(" %.1f", u)
 			}
-			if configs { // the five fastest configurations, by name
+			if configs || len(splits) > 0 { // the five fastest, by name
 				order := make([]int, len(us))
 				for i := range order {
 					order[i] = i
 				}
 				slices.SortStableFunc(order, func(a, b int) int { return cmp.Compare(us[a], us[b]) })
-				all = " first " + cfgs[0].String() + ";"
+				all = " first " + names[0] + ";"
 				for _, i := range order[:min(5, len(order))] {
-					all += fmt.Sprintf(" %s %.1f", cfgs[i], us[i])
+					all += fmt.Sprintf(" %s %.1f", names[i], us[i])
 				}
 			}
 			t.Logf("SWEEP %-8s %4d %9.1f %9.1f %5d %9.1f %7d%s", sh.name, T, us[0], us[best], best, floor, len(us), all)
@@ -186,4 +217,45 @@ func TestFP8AlgoSweep(t *testing.T) {
 		w.Free()
 		ws.Free()
 	}
+}
+
+// The K split's configuration attributes (cublasLtMatmulAlgoConfigAttributes_t)
+// and cublasLtReductionScheme_t's schemes (INPLACE, COMPUTE_TYPE,
+// OUTPUT_TYPE).
+const (
+	algoConfigSplitK    = 2 // CUBLASLT_ALGO_CONFIG_SPLITK_NUM
+	algoConfigReduction = 3 // CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME
+)
+
+var reductionSchemes = []uint32{1, 2, 4}
+
+// splitVariants is each algorithm of algos (named names) with its K split
+// splits ways in every reduction scheme, those cuBLASLt accepts for plan p
+// within the Matmul's workspace (checkAlgo), named name/skS/rsR. On the
+// context's thread.
+func (m *Matmul) splitVariants(p *gemmPlan, algos [][heuristicResultSize]byte, names []string, splits []uint32) ([][heuristicResultSize]byte, []string) {
+	var out [][heuristicResultSize]byte
+	var outNames []string
+	for i := range algos {
+		_, skSize, err := configAttr(&algos[i], algoConfigSplitK)
+		if err != nil {
+			continue
+		}
+		_, rsSize, err := configAttr(&algos[i], algoConfigReduction)
+		if err != nil {
+			continue
+		}
+		for _, sk := range splits {
+			for _, rs := range reductionSchemes {
+				a := algos[i]
+				if setConfigAttr(&a, algoConfigSplitK, sk, skSize) != nil || setConfigAttr(&a, algoConfigReduction, rs, rsSize) != nil {
+					continue
+				}
+				if res, ok := m.checkAlgo(p, algoOf(&a)); ok {
+					out, outNames = append(out, res), append(outNames, fmt.Sprintf("%s/sk%d/rs%d", names[i], sk, rs))
+				}
+			}
+		}
+	}
+	return out, outNames
 }
