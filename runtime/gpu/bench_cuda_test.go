@@ -774,7 +774,7 @@ func TestDecodeBench(t *testing.T) {
 		{sms: -1, lt: true}, {lora: true, sms: -1, lt: true}, {sms: -1, fs: true}, {lora: true, sms: -1, fs: true}, {sms: -1, gv: true}, {lora: true, sms: -1, gv: true},
 		{sms: -1, skLate: true}, {sms: -1, opts: -1},
 		{sms: -1, split: 4},
-		{sms: -1, opts: 3}, {sms: -1, opts: 23}, {lora: true, sms: -1, opts: 23}, {sms: -1, opts: 7}, {lora: true, sms: -1, opts: 7},
+		{sms: -1, opts: 3}, {sms: -1, opts: 23}, {lora: true, sms: -1, opts: 23}, {sms: -1, opts: 7}, {lora: true, sms: -1, opts: 7}, {sms: -1, opts: 55}, {lora: true, sms: -1, opts: 55},
 		{sms: -1, nopdl: true}, {lora: true, sms: -1, nopdl: true},
 		{sms: -1, ropeHeads: true}, {sms: -1, split: 16}, {sms: -1, split: 1}, {sms: -1, split: 2}, {sms: -1, split: 3}, {sms: -1, dv: 1 + int(decV2)}, {lora: true, sms: -1, dv: 1 + int(decV2)}, {sms: -1, dv: 1 + int(decV4)}, {lora: true, sms: -1, dv: 1 + int(decV4)}, {sms: -1, dv: 1 + int(decV8)}, {lora: true, sms: -1, dv: 1 + int(decV8)},
 		{sampled: true, sms: -1}, {eager: true, sms: -1}, {lora: true, eager: true, sms: -1},
