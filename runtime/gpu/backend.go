@@ -101,6 +101,14 @@ type Options struct {
 	// With FP8 weights it tunes the FP8 products of 65 rows and more
 	// instead, as TuneFP8 does.
 	TuneGEMMs bool
+	// TuneSplits, 2 or more, has the bf16 tuning (TuneGEMMs, TuneBF16)
+	// also time each algorithm with its K split 2 to TuneSplits ways, in each reduction
+	// scheme cuBLASLt accepts (cuda.Matmul.SetTuneSplits): the 256-row
+	// o and down products of a mixed step run on cuBLASLt's 128x64 tiles
+	// at 458 TFLOP/s on an H100 (docs/PERFORMANCE.md v0.90). 0: none (the
+	// default; not measured in steps yet). Its decisions are cached apart
+	// from those without it.
+	TuneSplits int
 	// TuneBF16 tunes, with bf16 weights, the products cuBLASLt runs beside
 	// the LoRA stream in decode steps (tuneMinRows to wsMaxRows rows, at
 	// the SMs the stream leaves; gemm_ws takes the others) as TuneGEMMs
@@ -621,6 +629,13 @@ func (b *Backend) open(opts Options) error {
 		return err
 	}
 	b.mm.SetFastAccum(!opts.FP8PreciseAccum)
+	if opts.TuneSplits < 0 {
+		return fmt.Errorf("gpu: Options.TuneSplits %d: a K split is 2 ways or more (0: none)", opts.TuneSplits)
+	}
+	if err := b.mm.SetTuneSplits(opts.TuneSplits); err != nil {
+		return fmt.Errorf("gpu: Options.TuneSplits: %w", err)
+	}
+	b.tune.kSplits = opts.TuneSplits
 	// The fused SGMV module is first needed when an adapter loads: load it
 	// (on a cold kernel cache, compile it) beside the main module now, so
 	// that no compile lands on an adapter's first request.

@@ -29,6 +29,7 @@ type tuneState struct {
 	cacheErr  error  // the cache could not be read or written
 	cacheFile string // the cache's file
 	fp8From   int    // Options.TuneFP8From
+	kSplits   int    // Options.TuneSplits: bf16 candidates also with K split 2 to kSplits ways
 	routes    []RouteTune
 }
 
@@ -120,6 +121,9 @@ func (b *Backend) TuneScope() (products, cacheDir string) {
 		products = fmt.Sprintf("FP8 products of %d-%d rows", b.fp8TuneFrom(), b.g.maxRows)
 	case tuneBF16All:
 		products = fmt.Sprintf("bf16 products of %d-%d rows", tuneMinRows, b.g.maxRows)
+		if b.tune.kSplits >= 2 {
+			products += fmt.Sprintf(", each algorithm also with K split 2-%d ways", b.tune.kSplits)
+		}
 	case tuneBF16Beside:
 		if b.la.on { // else no product runs beside the stream
 			products = fmt.Sprintf("bf16 products of %d-%d rows beside the LoRA stream", tuneMinRows, min(wsMaxRows, b.g.maxRows))
