@@ -151,8 +151,9 @@ type Config struct {
 	// TuneGEMMs is gpu.Options': cuBLASLt's algorithms timed for the
 	// projections at the graph buckets before the graphs are recorded.
 	TuneGEMMs bool
-	// TuneSplits is gpu.Options': the bf16 tuning also times each
-	// algorithm with its K split 2 to TuneSplits ways (0: none).
+	// TuneSplits is gpu.Options': TuneGEMMs also times cuBLASLt's
+	// algorithms above 64 rows with their K split 2 to TuneSplits ways
+	// (0: none).
 	TuneSplits int
 	// TuneFP8 is gpu.Options': with FP8 weights, the scaled FP8 products'
 	// tiles and cluster shapes timed before the graphs are recorded.

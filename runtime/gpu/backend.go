@@ -101,11 +101,12 @@ type Options struct {
 	// With FP8 weights it tunes the FP8 products of 65 rows and more
 	// instead, as TuneFP8 does.
 	TuneGEMMs bool
-	// TuneSplits, 2 or more, has the bf16 tuning (TuneGEMMs, TuneBF16)
-	// also time each algorithm with its K split 2 to TuneSplits ways, in each reduction
-	// scheme cuBLASLt accepts (cuda.Matmul.SetTuneSplits): the 256-row
-	// o and down products of a mixed step run on cuBLASLt's 128x64 tiles
-	// at 458 TFLOP/s on an H100 (docs/PERFORMANCE.md v0.90). 0: none (the
+	// TuneSplits (2 to 64) has TuneGEMMs (bf16 weights) also time each
+	// algorithm of the products of more than wsMaxRows rows (cuBLASLt's)
+	// with its K split 2 to TuneSplits ways, in each reduction scheme
+	// cuBLASLt accepts (cuda.Matmul.SetTuneSplits): the 256-row o and down
+	// products of a mixed step run on cuBLASLt's 128x64 tiles at 458
+	// TFLOP/s on an H100 (docs/PERFORMANCE.md v0.90). 0: none (the
 	// default; not measured in steps yet). Its decisions are cached apart
 	// from those without it.
 	TuneSplits int

@@ -122,7 +122,7 @@ func (b *Backend) TuneScope() (products, cacheDir string) {
 	case tuneBF16All:
 		products = fmt.Sprintf("bf16 products of %d-%d rows", tuneMinRows, b.g.maxRows)
 		if b.tune.kSplits >= 2 {
-			products += fmt.Sprintf(", each algorithm also with K split 2-%d ways", b.tune.kSplits)
+			products += fmt.Sprintf(", those above %d rows also with K split 2-%d ways", wsMaxRows, b.tune.kSplits)
 		}
 	case tuneBF16Beside:
 		if b.la.on { // else no product runs beside the stream
@@ -179,9 +179,20 @@ func (b *Backend) tuneGemms() error {
 	defer in.Free()
 	defer out.Free()
 	defer b.mm.SetSMTarget(0)
+	// the K splits are for this tuning only (0, none, is never refused)
+	defer func() { _ = b.mm.SetTuneSplits(0) }()
 	b.waitPinning() // no timing beside the host memory being pinned
 	cache := b.openBF16TuneCache()
 	for _, n := range rows {
+		// Options.TuneSplits: the K split candidates for the products of
+		// more than wsMaxRows rows (the mixed steps' 96-256)
+		splits := 0
+		if n > wsMaxRows {
+			splits = b.tune.kSplits
+		}
+		if err := b.mm.SetTuneSplits(splits); err != nil {
+			return fmt.Errorf("gpu: tune %d rows: %w", n, err)
+		}
 		for _, sh := range order {
 			for _, sms := range targets(n, sh, false) {
 				b.mm.SetSMTarget(sms)
