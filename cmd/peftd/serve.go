@@ -194,6 +194,9 @@ func serve(ctx context.Context, f serveFlags, log *slog.Logger) error {
 	if f.tuneSplits < 0 || f.tuneSplits == 1 || f.tuneSplits > 64 {
 		return fmt.Errorf("serve: --tune-splits %d: want 0 (none) or 2 to 64 ways", f.tuneSplits)
 	}
+	if f.tuneSplits > 0 && !f.tuneGEMMs {
+		return fmt.Errorf("serve: --tune-splits %d times the products --tune-gemms tunes: give --tune-gemms too", f.tuneSplits)
+	}
 	switch f.kvCache {
 	case server.KVCacheBF16, server.KVCacheFP8:
 	default:
