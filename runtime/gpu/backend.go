@@ -630,11 +630,10 @@ func (b *Backend) open(opts Options) error {
 		return err
 	}
 	b.mm.SetFastAccum(!opts.FP8PreciseAccum)
-	if opts.TuneSplits < 0 {
-		return fmt.Errorf("gpu: Options.TuneSplits %d: a K split is 2 ways or more (0: none)", opts.TuneSplits)
-	}
-	if err := b.mm.SetTuneSplits(opts.TuneSplits); err != nil {
-		return fmt.Errorf("gpu: Options.TuneSplits: %w", err)
+	// the Matmul takes the splits only while tuneGemms times the products
+	// of more than wsMaxRows rows
+	if opts.TuneSplits < 0 || opts.TuneSplits == 1 || opts.TuneSplits > 64 {
+		return fmt.Errorf("gpu: Options.TuneSplits %d: want 0 (none) or a K split of 2 to 64 ways", opts.TuneSplits)
 	}
 	b.tune.kSplits = opts.TuneSplits
 	// The fused SGMV module is first needed when an adapter loads: load it
