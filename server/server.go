@@ -151,10 +151,6 @@ type Config struct {
 	// TuneGEMMs is gpu.Options': cuBLASLt's algorithms timed for the
 	// projections at the graph buckets before the graphs are recorded.
 	TuneGEMMs bool
-	// TuneSplits is gpu.Options': TuneGEMMs also times cuBLASLt's
-	// algorithms above 64 rows with their K split 2 to TuneSplits ways
-	// (0: none).
-	TuneSplits int
 	// TuneFP8 is gpu.Options': with FP8 weights, the scaled FP8 products'
 	// tiles and cluster shapes timed before the graphs are recorded.
 	TuneFP8 bool
@@ -504,7 +500,7 @@ func newGPU(cfg Config) (*gpu.Backend, error) {
 	// starts read the cubin.
 	// --warm-graphs idle: the scheduler records the graphs while idle, and
 	// a request's step never waits for a recording (it runs eagerly)
-	return gpu.New(gpu.Options{Device: cfg.GPU, WeightFormat: cfg.Weights, KVFormat: cfg.KVCache, Eager: cfg.Eager, SerialLoRA: cfg.SerialLoRA, LoRASMs: cfg.LoRASMs, LoRAPartition: cfg.LoRAPartition, NoFP8Wgmma: cfg.NoFP8Wgmma, NoWS: cfg.NoWS, FP8PreciseAccum: cfg.FP8PreciseAccum, GraphRows: cfg.GraphRows, NoPDL: cfg.NoPDL, TuneGEMMs: cfg.TuneGEMMs, TuneSplits: cfg.TuneSplits, ChainSteps: cfg.ChainSteps,
+	return gpu.New(gpu.Options{Device: cfg.GPU, WeightFormat: cfg.Weights, KVFormat: cfg.KVCache, Eager: cfg.Eager, SerialLoRA: cfg.SerialLoRA, LoRASMs: cfg.LoRASMs, LoRAPartition: cfg.LoRAPartition, NoFP8Wgmma: cfg.NoFP8Wgmma, NoWS: cfg.NoWS, FP8PreciseAccum: cfg.FP8PreciseAccum, GraphRows: cfg.GraphRows, NoPDL: cfg.NoPDL, TuneGEMMs: cfg.TuneGEMMs, ChainSteps: cfg.ChainSteps,
 		TuneFP8: cfg.TuneFP8, TuneFP8From: cfg.TuneFP8From, TuneBF16: cfg.TuneBF16, TuneCacheDir: tuneCacheDir(cfg.TuneCacheDir), RecordIdle: cfg.WarmGraphs == WarmIdle, PinnedImageBytes: cfg.PinnedCacheBytes})
 }
 

@@ -30,7 +30,7 @@ type serveFlags struct {
 	warmGraphs                            string
 	serialLoRA, noPDL, tuneGEMMs, chain   bool
 	tuneFP8, tuneBF16                     bool
-	tuneFP8From, tuneSplits               int
+	tuneFP8From                           int
 	tuneCache                             string
 	fp8Wgmma, wsProducts, fp8FastAccum    bool
 	loraSMs, loraPartition                int
@@ -68,7 +68,6 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	fs.BoolVar(&f.tuneFP8, "tune-fp8", true, "GPU, --weights fp8: before recording the CUDA graphs, time every tile and cluster shape of cuBLASLt's FP8 product at 65-256 rows, and the K split against it, and keep the fastest (an H200 served 2.5-3% more tokens a second; ~20 s for Llama 3.1 8B, once: see --tune-cache)")
 	fs.BoolVar(&f.tuneBF16, "tune-bf16", true, "GPU, bf16 weights: before recording the CUDA graphs, time the algorithms cuBLASLt offers for the decode products it runs beside the LoRA stream (33-64 rows), and keep the fastest (an H200's 64-row steps with four adapters 1.5-1.9% faster; ~15 s for Llama 3.1 8B, once: see --tune-cache)")
 	fs.IntVar(&f.tuneFP8From, "tune-fp8-from", 0, "GPU, --tune-fp8: the fewest rows tuned (0: 65, the steps cuBLASLt runs); below 65 each product's own route (peftd's FP8 kernels) is timed against cuBLASLt's product tuned at those rows, which takes it where faster (measured: steps within 1.5%, twice the tuning time, docs/PERFORMANCE.md v0.67)")
-	fs.IntVar(&f.tuneSplits, "tune-splits", 0, "GPU, bf16 weights, --tune-gemms: the products above 64 rows are also timed with each algorithm's K split 2 to this many ways, in each reduction scheme cuBLASLt accepts (0: none; an experiment for the mixed steps' 256-row products, see docs/PERFORMANCE.md v0.90)")
 	fs.StringVar(&f.tuneCache, "tune-cache", "", "folder keeping what --tune-fp8, --tune-bf16 and --tune-gemms decided, one file per GPU, driver and cuBLASLt, so that later starts skip the timing (default: the peftd cache's tune folder; - disables)")
 	fs.BoolVar(&f.serialLoRA, "serial-lora", false, "GPU: run each LoRA update on the compute stream after its projection, not beside it on the LoRA stream (for comparison)")
 	fs.IntVar(&f.graphRows, "graph-rows", 0, "GPU: the largest step, in rows, recorded as a CUDA graph (256, 384 or 512; 0: 256), and with --max-batch-tokens 0 the rows prompt chunks fill a step to; larger steps run op by op and cannot be chained behind the step in flight")
@@ -191,19 +190,13 @@ func serve(ctx context.Context, f serveFlags, log *slog.Logger) error {
 	if f.tuneFP8From < 0 {
 		return fmt.Errorf("serve: --tune-fp8-from %d: want 0 (65 rows) or a positive row count", f.tuneFP8From)
 	}
-	if f.tuneSplits < 0 || f.tuneSplits == 1 || f.tuneSplits > 64 {
-		return fmt.Errorf("serve: --tune-splits %d: want 0 (none) or 2 to 64 ways", f.tuneSplits)
-	}
-	if f.tuneSplits > 0 && !f.tuneGEMMs {
-		return fmt.Errorf("serve: --tune-splits %d times the products --tune-gemms tunes: give --tune-gemms too", f.tuneSplits)
-	}
 	switch f.kvCache {
 	case server.KVCacheBF16, server.KVCacheFP8:
 	default:
 		return fmt.Errorf("serve: --kv-cache %q: want bf16 or fp8", f.kvCache)
 	}
 	srv, err := server.New(ctx, server.Config{Model: f.model, Store: f.store, SQSQueueURL: f.sqsQueueURL, Listen: f.listen, Device: f.device, Weights: f.weights, KVCache: f.kvCache, Eager: f.eager, WarmGraphs: f.warmGraphs,
-		SerialLoRA: f.serialLoRA, NoPDL: f.noPDL, TuneGEMMs: f.tuneGEMMs, TuneSplits: f.tuneSplits, TuneFP8: f.tuneFP8, TuneFP8From: f.tuneFP8From, TuneBF16: f.tuneBF16, TuneCacheDir: f.tuneCache, ChainSteps: f.chain, LoRASMs: f.loraSMs, LoRAPartition: f.loraPartition, NoFP8Wgmma: !f.fp8Wgmma, NoWS: !f.wsProducts, FP8PreciseAccum: !f.fp8FastAccum, GraphRows: f.graphRows, PinnedCacheBytes: f.pinnedBytes, Slots: f.slots, KVBlocks: f.kvBlocks, MaxBatchTokens: f.maxBatchTokens, MaxQueue: f.maxQueue, NoPrefixCache: f.noPrefixCache,
+		SerialLoRA: f.serialLoRA, NoPDL: f.noPDL, TuneGEMMs: f.tuneGEMMs, TuneFP8: f.tuneFP8, TuneFP8From: f.tuneFP8From, TuneBF16: f.tuneBF16, TuneCacheDir: f.tuneCache, ChainSteps: f.chain, LoRASMs: f.loraSMs, LoRAPartition: f.loraPartition, NoFP8Wgmma: !f.fp8Wgmma, NoWS: !f.wsProducts, FP8PreciseAccum: !f.fp8FastAccum, GraphRows: f.graphRows, PinnedCacheBytes: f.pinnedBytes, Slots: f.slots, KVBlocks: f.kvBlocks, MaxBatchTokens: f.maxBatchTokens, MaxQueue: f.maxQueue, NoPrefixCache: f.noPrefixCache,
 		RequestTimeout: f.requestTimeout, DeviceTTL: f.deviceTTL, HostTTL: f.hostTTL, Keys: keys,
 		MaxUpload: f.maxUpload, HostBytes: f.hostBytes, DiskBytes: f.diskBytes, CacheDir: f.cacheDir, Pin: splitList(f.pin), Logger: log})
 	if err != nil {

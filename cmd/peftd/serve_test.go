@@ -167,19 +167,6 @@ func TestServeNegativeTuneFrom(t *testing.T) {
 	}
 }
 
-// TestServeBadTuneSplits: --tune-splits other than 0 or 2-64, or without
-// --tune-gemms, is refused before anything starts, naming the flag.
-func TestServeBadTuneSplits(t *testing.T) {
-	for _, v := range []string{"-1", "1", "65"} {
-		if _, err := runCLI(t, "serve", "--listen", "127.0.0.1:0", "--tune-gemms", "--tune-splits", v); err == nil || !strings.Contains(err.Error(), "--tune-splits "+v) {
-			t.Errorf("--tune-splits %s: %v", v, err)
-		}
-	}
-	if _, err := runCLI(t, "serve", "--listen", "127.0.0.1:0", "--tune-splits", "4"); err == nil || !strings.Contains(err.Error(), "--tune-gemms") {
-		t.Errorf("--tune-splits 4 without --tune-gemms: %v", err)
-	}
-}
-
 // TestServeDevice: --device cuda without a usable GPU is an error naming the
 // cause; auto falls back to cpu with one "device" line saying why.
 func TestServeDevice(t *testing.T) {

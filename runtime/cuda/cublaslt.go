@@ -147,9 +147,8 @@ type Matmul struct {
 	pref        uintptr
 	plans       map[gemmKey]*gemmPlan
 	alpha, beta *[1]float32
-	sms         int32    // SetSMTarget
-	fast        bool     // SetFastAccum
-	tuneSplits  []uint32 // SetTuneSplits
+	sms         int32 // SetSMTarget
+	fast        bool  // SetFastAccum
 	pin         runtime.Pinner
 	track       bool          // TrackCaptures: note each product's place in a capture
 	calls       []LibraryCall // the products enqueued on capturing streams since TrackCaptures

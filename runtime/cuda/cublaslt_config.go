@@ -16,8 +16,6 @@ const (
 	algoConfigClusterID = 8 // CUBLASLT_ALGO_CONFIG_CLUSTER_SHAPE_ID (cublasLtClusterShape_t)
 	algoCapTileIDs      = 6 // CUBLASLT_ALGO_CAP_TILE_IDS
 	algoCapStagesIDs    = 13
-	algoConfigSplitK    = 2 // CUBLASLT_ALGO_CONFIG_SPLITK_NUM
-	algoConfigReduction = 3 // CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME (cublasLtReductionScheme_t)
 	// heuristicWorkspaceOffset is where cublasLtMatmulHeuristicResult_t
 	// keeps the workspace bytes the algorithm needs (a size_t after the
 	// 64-byte algorithm).
@@ -104,50 +102,6 @@ func configOf(a *[heuristicResultSize]byte) (AlgoConfig, [3]uint64, error) {
 		}
 	}
 	return c, sz, nil
-}
-
-// reductionSchemes are cublasLtReductionScheme_t's ways to sum a K
-// split's slices that splitVariants tries: INPLACE (1, in the output),
-// COMPUTE_TYPE (2, in the workspace at the compute type), OUTPUT_TYPE (4,
-// in the workspace at the output's).
-var reductionSchemes = []uint32{1, 2, 4}
-
-// splitVariant names one of splitVariants' algorithms: the base-th of
-// the algorithms it was given, with K split splits ways and the slices
-// summed by scheme.
-type splitVariant struct{ base, splits, scheme uint32 }
-
-func (v splitVariant) String() string { return fmt.Sprintf("sk%d/rs%d", v.splits, v.scheme) }
-
-// splitVariants is each of algos (heuristic results for plan p) with its
-// K split each of splits ways, in every reduction scheme, those cuBLASLt
-// runs for p (cublasLtMatmulAlgoCheck) within the Matmul's workspace. On
-// the context's thread (Context.Do).
-func (m *Matmul) splitVariants(p *gemmPlan, algos [][heuristicResultSize]byte, splits []uint32) ([][heuristicResultSize]byte, []splitVariant) {
-	var out [][heuristicResultSize]byte
-	var names []splitVariant
-	for i := range algos {
-		_, skSize, err := configAttr(&algos[i], algoConfigSplitK)
-		if err != nil {
-			continue
-		}
-		_, rsSize, err := configAttr(&algos[i], algoConfigReduction)
-		if err != nil {
-			continue
-		}
-		for _, sk := range splits {
-			for _, rs := range reductionSchemes {
-				a := algos[i]
-				if setConfigAttr(&a, algoConfigSplitK, sk, skSize) != nil || setConfigAttr(&a, algoConfigReduction, rs, rsSize) != nil {
-					continue
-				}
-				if res, ok := m.checkAlgo(p, algoOf(&a)); ok {
-					out, names = append(out, res), append(names, splitVariant{uint32(i), sk, rs})
-				}
-			}
-		}
-	}
-	return out, names
 }
 
 // configVariants is algorithm base (a heuristic result for plan p) and

@@ -1,10 +1,6 @@
 package cuda
 
-import (
-	"errors"
-	"slices"
-	"testing"
-)
+import "testing"
 
 func TestAlgoConfigString(t *testing.T) {
 	for _, c := range []struct {
@@ -19,34 +15,5 @@ func TestAlgoConfigString(t *testing.T) {
 		if got := c.cfg.String(); got != c.want {
 			t.Errorf("%+v: %q, want %q", c.cfg, got, c.want)
 		}
-	}
-}
-
-// TestSetTuneSplits: the K splits TuneGemmTN adds are 2 to most ways; fewer
-// than 2 none; more than 64 an error that leaves them as they were.
-func TestSetTuneSplits(t *testing.T) {
-	m := &Matmul{}
-	for _, c := range []struct {
-		most int
-		want []uint32
-	}{{4, []uint32{2, 3, 4}}, {2, []uint32{2}}, {1, nil}, {0, nil}, {-3, nil}} {
-		if err := m.SetTuneSplits(c.most); err != nil {
-			t.Fatalf("SetTuneSplits(%d): %v", c.most, err)
-		}
-		if !slices.Equal(m.tuneSplits, c.want) {
-			t.Errorf("SetTuneSplits(%d): %v, want %v", c.most, m.tuneSplits, c.want)
-		}
-	}
-	if err := m.SetTuneSplits(3); err != nil {
-		t.Fatal(err)
-	}
-	if err := m.SetTuneSplits(65); !errors.Is(err, ErrInvalidValue) {
-		t.Errorf("SetTuneSplits(65): %v, want ErrInvalidValue", err)
-	}
-	if !slices.Equal(m.tuneSplits, []uint32{2, 3}) {
-		t.Errorf("a refused SetTuneSplits changed the splits to %v", m.tuneSplits)
-	}
-	if got := (splitVariant{base: 1, splits: 4, scheme: 2}).String(); got != "sk4/rs2" {
-		t.Errorf("splitVariant name %q, want sk4/rs2", got)
 	}
 }

@@ -93,10 +93,6 @@ func (m *Matmul) TuneGemmTN(s *Stream, out DevicePtr, outType DataType, in Devic
 		if vs, _, verr := m.configVariants(p, &algos[0], false); verr == nil {
 			algos = append(algos, vs[1:]...)
 		}
-		if len(m.tuneSplits) > 0 {
-			vs, _ := m.splitVariants(p, algos, m.tuneSplits)
-			algos = append(algos, vs...)
-		}
 		return nil
 	})
 	if err != nil {
@@ -158,23 +154,6 @@ func (m *Matmul) UseGemmTNAlgo(outType, inType, wType DataType, T, N, K int, a A
 		return nil
 	})
 	return heur, err
-}
-
-// SetTuneSplits makes TuneGemmTN also time each algorithm it times with
-// its K split 2 to most ways, in each reduction scheme cuBLASLt accepts
-// (most < 2: none, the default). cuBLASLt's heuristic picks 128x64 tiles
-// for the 8B model's 256-row bf16 o and down products, which ran at 458
-// TFLOP/s in a mixed step on an H100 (docs/PERFORMANCE.md v0.90); larger
-// tiles fill the card only with K split.
-func (m *Matmul) SetTuneSplits(most int) error {
-	if most > 64 {
-		return fmt.Errorf("%w: a K split of %d ways (at most 64)", ErrInvalidValue, most)
-	}
-	m.tuneSplits = nil
-	for k := 2; k <= most; k++ {
-		m.tuneSplits = append(m.tuneSplits, uint32(k))
-	}
-	return nil
 }
 
 // keepFastest times each of algos for plan p, reps products (run, on the

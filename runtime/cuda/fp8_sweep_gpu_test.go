@@ -158,11 +158,8 @@ func TestFP8AlgoSweep(t *testing.T) {
 					}
 				}
 				if len(splits) > 0 {
-					sa, sv := m.splitVariants(p, algos, splits)
-					for _, v := range sv {
-						names = append(names, names[v.base]+"/"+v.String())
-					}
-					algos = append(algos, sa...)
+					sa, sn := m.splitVariants(p, algos, names, splits)
+					algos, names = append(algos, sa...), append(names, sn...)
 				}
 				return nil
 			})
@@ -220,4 +217,45 @@ func TestFP8AlgoSweep(t *testing.T) {
 		w.Free()
 		ws.Free()
 	}
+}
+
+// The K split's configuration attributes (cublasLtMatmulAlgoConfigAttributes_t)
+// and cublasLtReductionScheme_t's schemes (INPLACE, COMPUTE_TYPE,
+// OUTPUT_TYPE).
+const (
+	algoConfigSplitK    = 2 // CUBLASLT_ALGO_CONFIG_SPLITK_NUM
+	algoConfigReduction = 3 // CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME
+)
+
+var reductionSchemes = []uint32{1, 2, 4}
+
+// splitVariants is each algorithm of algos (named names) with its K split
+// splits ways in every reduction scheme, those cuBLASLt accepts for plan p
+// within the Matmul's workspace (checkAlgo), named name/skS/rsR. On the
+// context's thread.
+func (m *Matmul) splitVariants(p *gemmPlan, algos [][heuristicResultSize]byte, names []string, splits []uint32) ([][heuristicResultSize]byte, []string) {
+	var out [][heuristicResultSize]byte
+	var outNames []string
+	for i := range algos {
+		_, skSize, err := configAttr(&algos[i], algoConfigSplitK)
+		if err != nil {
+			continue
+		}
+		_, rsSize, err := configAttr(&algos[i], algoConfigReduction)
+		if err != nil {
+			continue
+		}
+		for _, sk := range splits {
+			for _, rs := range reductionSchemes {
+				a := algos[i]
+				if setConfigAttr(&a, algoConfigSplitK, sk, skSize) != nil || setConfigAttr(&a, algoConfigReduction, rs, rsSize) != nil {
+					continue
+				}
+				if res, ok := m.checkAlgo(p, algoOf(&a)); ok {
+					out, outNames = append(out, res), append(outNames, fmt.Sprintf("%s/sk%d/rs%d", names[i], sk, rs))
+				}
+			}
+		}
+	}
+	return out, outNames
 }

@@ -101,15 +101,6 @@ type Options struct {
 	// With FP8 weights it tunes the FP8 products of 65 rows and more
 	// instead, as TuneFP8 does.
 	TuneGEMMs bool
-	// TuneSplits (2 to 64) has TuneGEMMs (bf16 weights) also time each
-	// algorithm of the products of more than wsMaxRows rows (cuBLASLt's)
-	// with its K split 2 to TuneSplits ways, in each reduction scheme
-	// cuBLASLt accepts (cuda.Matmul.SetTuneSplits): the 256-row o and down
-	// products of a mixed step run on cuBLASLt's 128x64 tiles at 458
-	// TFLOP/s on an H100 (docs/PERFORMANCE.md v0.90). 0: none (the
-	// default; not measured in steps yet). Its decisions are cached apart
-	// from those without it.
-	TuneSplits int
 	// TuneBF16 tunes, with bf16 weights, the products cuBLASLt runs beside
 	// the LoRA stream in decode steps (tuneMinRows to wsMaxRows rows, at
 	// the SMs the stream leaves; gemm_ws takes the others) as TuneGEMMs
@@ -630,12 +621,6 @@ func (b *Backend) open(opts Options) error {
 		return err
 	}
 	b.mm.SetFastAccum(!opts.FP8PreciseAccum)
-	// the Matmul takes the splits only while tuneGemms times the products
-	// of more than wsMaxRows rows
-	if opts.TuneSplits < 0 || opts.TuneSplits == 1 || opts.TuneSplits > 64 {
-		return fmt.Errorf("gpu: Options.TuneSplits %d: want 0 (none) or a K split of 2 to 64 ways", opts.TuneSplits)
-	}
-	b.tune.kSplits = opts.TuneSplits
 	// The fused SGMV module is first needed when an adapter loads: load it
 	// (on a cold kernel cache, compile it) beside the main module now, so
 	// that no compile lands on an adapter's first request.

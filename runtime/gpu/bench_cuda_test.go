@@ -885,15 +885,6 @@ func TestDecodeBench(t *testing.T) {
 	// PEFTD_DECODE_TUNE=all every product of tuneMinRows rows and more
 	// (Options.TuneGEMMs)
 	tuneAll := os.Getenv("PEFTD_DECODE_TUNE") == "all"
-	// PEFTD_DECODE_TUNE_SPLITS=n (with PEFTD_DECODE_TUNE=all): the tuning
-	// also times cuBLASLt's algorithms with their K split 2 to n ways
-	// (Options.TuneSplits)
-	if n := envPositive(t, "PEFTD_DECODE_TUNE_SPLITS", 0); n > 0 {
-		if n < 2 || n > 64 {
-			t.Fatalf("PEFTD_DECODE_TUNE_SPLITS=%d: want 2 to 64", n)
-		}
-		gb.tune.kSplits = n
-	}
 	for _, B := range batches { // the tuned rows: base and adapters again
 		// FP8: the tuning takes products of more than wsMaxRows rows
 		// (tuneFP8), or from PEFTD_TUNE_FP8_FROM; under PEFTD_DECODE_VARIANTS

@@ -29,7 +29,6 @@ type tuneState struct {
 	cacheErr  error  // the cache could not be read or written
 	cacheFile string // the cache's file
 	fp8From   int    // Options.TuneFP8From
-	kSplits   int    // Options.TuneSplits: bf16 candidates also with K split 2 to kSplits ways
 	routes    []RouteTune
 }
 
@@ -121,9 +120,6 @@ func (b *Backend) TuneScope() (products, cacheDir string) {
 		products = fmt.Sprintf("FP8 products of %d-%d rows", b.fp8TuneFrom(), b.g.maxRows)
 	case tuneBF16All:
 		products = fmt.Sprintf("bf16 products of %d-%d rows", tuneMinRows, b.g.maxRows)
-		if b.tune.kSplits >= 2 {
-			products += fmt.Sprintf(", those above %d rows also with K split 2-%d ways", wsMaxRows, b.tune.kSplits)
-		}
 	case tuneBF16Beside:
 		if b.la.on { // else no product runs beside the stream
 			products = fmt.Sprintf("bf16 products of %d-%d rows beside the LoRA stream", tuneMinRows, min(wsMaxRows, b.g.maxRows))
@@ -179,20 +175,9 @@ func (b *Backend) tuneGemms() error {
 	defer in.Free()
 	defer out.Free()
 	defer b.mm.SetSMTarget(0)
-	// the K splits are for this tuning only (0, none, is never refused)
-	defer func() { _ = b.mm.SetTuneSplits(0) }()
 	b.waitPinning() // no timing beside the host memory being pinned
 	cache := b.openBF16TuneCache()
 	for _, n := range rows {
-		// Options.TuneSplits: the K split candidates for the products of
-		// more than wsMaxRows rows (the mixed steps' 96-256)
-		splits := 0
-		if n > wsMaxRows {
-			splits = b.tune.kSplits
-		}
-		if err := b.mm.SetTuneSplits(splits); err != nil {
-			return fmt.Errorf("gpu: tune %d rows: %w", n, err)
-		}
 		for _, sh := range order {
 			for _, sms := range targets(n, sh, false) {
 				b.mm.SetSMTarget(sms)

@@ -163,11 +163,7 @@ func (b *Backend) openTuneCache() *tuneCache[fp8TuneRecord] {
 // Options.TuneCacheDir). A bf16 record is cuBLASLt's product alone, so no
 // route names it: the card, driver and cuBLASLt do.
 func (b *Backend) openBF16TuneCache() *tuneCache[bf16TuneRecord] {
-	routes := "" // Options.TuneSplits' decisions (TuneGEMMs' 65-256-row products) are kept apart
-	if b.tune.kSplits >= 2 && b.tuneWhat() == tuneBF16All {
-		routes = fmt.Sprintf("ksplits<=%d", b.tune.kSplits)
-	}
-	return openCache[bf16TuneRecord](b, "bf16", bf16TuneVersion, false, routes)
+	return openCache[bf16TuneRecord](b, "bf16", bf16TuneVersion, false, "")
 }
 
 // openCache is the cache file prefix-<key's hash>.json in
