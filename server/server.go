@@ -157,7 +157,8 @@ type Config struct {
 	// TuneFP8From is gpu.Options': the fewest rows TuneFP8 covers (0: 65).
 	TuneFP8From int
 	// TuneBF16 is gpu.Options': with bf16 weights, cuBLASLt's algorithms
-	// timed for the decode products beside the LoRA stream.
+	// timed for the decode products beside the LoRA stream and the
+	// larger products of the base steps.
 	TuneBF16 bool
 	// TuneCacheDir keeps what the tunings decided (gpu.Options'): "" the
 	// peftd cache's tune folder, "-" none.

@@ -109,9 +109,11 @@ type Options struct {
 	// every product tuned, TuneGEMMs, 6.33 -> 6.21), 48-row ones within
 	// noise (5.99 -> 6.03); the whole TuneGEMMs moved serving within 1%,
 	// the steps of 128-256 rows beside the stream slower
-	// (docs/PERFORMANCE.md v0.70). ~15 s for the 8B model, once with
-	// TuneCacheDir. Off in the zero Options (tests); peftd serve turns it
-	// on.
+	// (docs/PERFORMANCE.md v0.70). It also tunes the products of more
+	// than wsMaxRows rows on the whole card, where the base steps run them
+	// (bf16Default; v0.91: an H100's base mixed steps 1% faster). ~40 s for
+	// the 8B model, once with TuneCacheDir. Off in the zero Options (tests);
+	// peftd serve turns it on.
 	TuneBF16 bool
 	// TuneFP8 tunes, with FP8 weights, the FP8 products of 65 rows and
 	// more before the first graphs are recorded: every tile and cluster

@@ -881,7 +881,8 @@ func TestDecodeBench(t *testing.T) {
 	// (Options.TuneFP8From)
 	gb.tune.fp8From = envPositive(t, "PEFTD_TUNE_FP8_FROM", 0)
 	// bf16: the `+tuned` rows take peftd serve's tuning (Options.TuneBF16:
-	// the decode products beside the LoRA stream), or with
+	// the decode products beside the LoRA stream, the larger ones on the
+	// whole card), or with
 	// PEFTD_DECODE_TUNE=all every product of tuneMinRows rows and more
 	// (Options.TuneGEMMs)
 	tuneAll := os.Getenv("PEFTD_DECODE_TUNE") == "all"
@@ -890,7 +891,7 @@ func TestDecodeBench(t *testing.T) {
 		// (tuneFP8), or from PEFTD_TUNE_FP8_FROM; under PEFTD_DECODE_VARIANTS
 		// (nsysdec) only where PEFTD_DECODE_ROWS names them
 		rows := B + mixedP // a mixed step's products take the prompt's rows too
-		bf16Rows := rows >= tuneMinRows && (tuneAll || rows <= wsMaxRows)
+		bf16Rows := rows >= tuneMinRows
 		if (gb.f8 == nil && bf16Rows || gb.f8 != nil && rows >= gb.fp8TuneFrom()) && (onlyRows == 0 || rowsWanted != "") {
 			for _, v := range []decodeVariant{{sms: -1, tuned: true}, {lora: true, sms: -1, tuned: true}} {
 				if wantRow(v) {

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"strings"
 	"time"
 
 	"github.com/peftd/peftd/runtime/cuda"
@@ -23,7 +24,7 @@ type tuneState struct {
 	splits    []SplitTune // FP8 weights: the K split against the tuned whole product
 	took      time.Duration
 	fp8       bool   // Options.TuneFP8: the FP8 products alone
-	bf16      bool   // Options.TuneBF16: the bf16 products cuBLASLt runs beside the LoRA stream in decode steps (bf16Beside)
+	bf16      bool   // Options.TuneBF16: the bf16 products cuBLASLt runs beside the LoRA stream in decode steps, and on the whole card above wsMaxRows rows (bf16Default)
 	cacheDir  string // Options.TuneCacheDir
 	cached    int    // FP8 products whose configurations came from the cache
 	cacheErr  error  // the cache could not be read or written
@@ -89,7 +90,7 @@ const (
 	tuneNone       tuneKind = iota
 	tuneFP8Prods            // the FP8 products (tuneFP8): Options.TuneFP8, or TuneGEMMs with FP8 weights
 	tuneBF16All             // every bf16 product of tuneMinRows rows and more: Options.TuneGEMMs
-	tuneBF16Beside          // the bf16 decode products beside the LoRA stream (bf16Beside): Options.TuneBF16
+	tuneBF16Beside          // the bf16 decode products beside the LoRA stream, and the larger ones on the whole card (bf16Default): Options.TuneBF16
 )
 
 // tuneWhat is the tuning the options ask for with these weights (done or
@@ -121,9 +122,14 @@ func (b *Backend) TuneScope() (products, cacheDir string) {
 	case tuneBF16All:
 		products = fmt.Sprintf("bf16 products of %d-%d rows", tuneMinRows, b.g.maxRows)
 	case tuneBF16Beside:
+		var parts []string
 		if b.la.on { // else no product runs beside the stream
-			products = fmt.Sprintf("bf16 products of %d-%d rows beside the LoRA stream", tuneMinRows, min(wsMaxRows, b.g.maxRows))
+			parts = append(parts, fmt.Sprintf("bf16 products of %d-%d rows beside the LoRA stream", tuneMinRows, min(wsMaxRows, b.g.maxRows)))
 		}
+		if b.g.maxRows > wsMaxRows {
+			parts = append(parts, fmt.Sprintf("bf16 products of %d-%d rows on the whole card", wsMaxRows+1, b.g.maxRows))
+		}
+		products = strings.Join(parts, ", ")
 	}
 	if products == "" {
 		return "", ""
@@ -162,8 +168,7 @@ func (b *Backend) tuneGemms() error {
 	rows := b.tuneRows(tuneMinRows)
 	targets := b.tuneTargets
 	if kind == tuneBF16Beside {
-		rows = slices.DeleteFunc(rows, func(n int) bool { return n > wsMaxRows })
-		targets = b.bf16Beside
+		targets = b.bf16Default
 	}
 	if len(rows) == 0 || len(order) == 0 {
 		return nil
@@ -275,6 +280,22 @@ func (b *Backend) bf16Beside(T int, sh tuneShape, fp8 bool) []int {
 		}
 	}
 	return ts
+}
+
+// bf16Default is Options.TuneBF16's SM targets for bf16 products of T
+// rows x sh (fp8 is false): bf16Beside's up to wsMaxRows rows; above them
+// the whole card, where the base steps run their products (steps with
+// adapters hold SMs from every product above autoWideRows rows, and those
+// products tuned alone ran slower beside the LoRA kernels: PERFORMANCE
+// v0.70). The whole card's 65-256-row products are the mixed steps':
+// tuned, an H100's base mixed steps ran 8.64 -> 8.55 ms and serve8b's
+// base 7,439 -> 7,506 tok/s (v0.91, `--tune-gemms`); v0.70's H200 8,511
+// -> 8,589.
+func (b *Backend) bf16Default(T int, sh tuneShape, fp8 bool) []int {
+	if T <= wsMaxRows {
+		return b.bf16Beside(T, sh, fp8)
+	}
+	return []int{0}
 }
 
 // tuneScratch is the tuning's bf16 input (T rows of maxK values, all
