@@ -111,9 +111,10 @@ type Options struct {
 	// the steps of 128-256 rows beside the stream slower
 	// (docs/PERFORMANCE.md v0.70). It also tunes the products of more
 	// than wsMaxRows rows on the whole card, where the base steps run them
-	// (bf16Default; v0.91: an H100's base mixed steps 1% faster). ~40 s for
-	// the 8B model, once with TuneCacheDir. Off in the zero Options (tests);
-	// peftd serve turns it on.
+	// (bf16Default; v0.91: an H100's base mixed steps 1% faster). Under 85 s
+	// for the 8B model (every bf16 product tuned: 84 s on an H100), once
+	// with TuneCacheDir. Off in the zero Options (tests); peftd serve turns
+	// it on.
 	TuneBF16 bool
 	// TuneFP8 tunes, with FP8 weights, the FP8 products of 65 rows and
 	// more before the first graphs are recorded: every tile and cluster
