@@ -162,3 +162,37 @@ func TestBF16TuneRecord(t *testing.T) {
 		t.Error("text that is not hex was read")
 	}
 }
+
+// TestBF16DefaultScope: Options.TuneBF16 times the products of more than
+// wsMaxRows rows on the whole card only (the base steps'), those up to it
+// where bf16Beside says (none without the LoRA stream), and the startup
+// line names both ranges.
+func TestBF16DefaultScope(t *testing.T) {
+	b := &Backend{}
+	sh := tuneShape{4096, 14336}
+	for _, c := range []struct {
+		rows int
+		want []int
+	}{{32, nil}, {wsMaxRows, nil}, {wsMaxRows + 1, []int{0}}, {96, []int{0}}, {256, []int{0}}} {
+		if got := b.bf16Default(c.rows, sh, false); !slices.Equal(got, c.want) {
+			t.Errorf("%d rows: SM targets %v, want %v", c.rows, got, c.want)
+		}
+	}
+	b.tune.bf16, b.g.maxRows = true, 256
+	for _, c := range []struct {
+		stream bool
+		want   string
+	}{
+		{false, "bf16 products of 65-256 rows on the whole card"},
+		{true, "bf16 products of 32-64 rows beside the LoRA stream, bf16 products of 65-256 rows on the whole card"},
+	} {
+		b.la.on = c.stream
+		if got, _ := b.TuneScope(); got != c.want {
+			t.Errorf("LoRA stream %v: scope %q, want %q", c.stream, got, c.want)
+		}
+	}
+	b.g.maxRows = wsMaxRows
+	if got, _ := b.TuneScope(); got != "bf16 products of 32-64 rows beside the LoRA stream" {
+		t.Errorf("recordings of at most %d rows: scope %q", wsMaxRows, got)
+	}
+}
