@@ -87,10 +87,10 @@ func (b *Backend) TuneCacheStats() (cached int, file string, err error) {
 type tuneKind int
 
 const (
-	tuneNone       tuneKind = iota
-	tuneFP8Prods            // the FP8 products (tuneFP8): Options.TuneFP8, or TuneGEMMs with FP8 weights
-	tuneBF16All             // every bf16 product of tuneMinRows rows and more: Options.TuneGEMMs
-	tuneBF16Beside          // the bf16 decode products beside the LoRA stream, and the larger ones on the whole card (bf16Default): Options.TuneBF16
+	tuneNone        tuneKind = iota
+	tuneFP8Prods             // the FP8 products (tuneFP8): Options.TuneFP8, or TuneGEMMs with FP8 weights
+	tuneBF16All              // every bf16 product of tuneMinRows rows and more: Options.TuneGEMMs
+	tuneBF16Default          // the bf16 decode products beside the LoRA stream, and the larger ones on the whole card (bf16Default): Options.TuneBF16
 )
 
 // tuneWhat is the tuning the options ask for with these weights (done or
@@ -103,7 +103,7 @@ func (b *Backend) tuneWhat() tuneKind {
 	case b.tune.on:
 		return tuneBF16All
 	case b.tune.bf16:
-		return tuneBF16Beside
+		return tuneBF16Default
 	}
 	return tuneNone
 }
@@ -121,7 +121,7 @@ func (b *Backend) TuneScope() (products, cacheDir string) {
 		products = fmt.Sprintf("FP8 products of %d-%d rows", b.fp8TuneFrom(), b.g.maxRows)
 	case tuneBF16All:
 		products = fmt.Sprintf("bf16 products of %d-%d rows", tuneMinRows, b.g.maxRows)
-	case tuneBF16Beside:
+	case tuneBF16Default:
 		var parts []string
 		if b.la.on { // else no product runs beside the stream
 			parts = append(parts, fmt.Sprintf("bf16 products of %d-%d rows beside the LoRA stream", tuneMinRows, min(wsMaxRows, b.g.maxRows)))
@@ -167,7 +167,7 @@ func (b *Backend) tuneGemms() error {
 	order, byShape, maxN, maxK := sharedShapes(projs, func(w *weight) tuneShape { return tuneShape{w.rows, w.cols} })
 	rows := b.tuneRows(tuneMinRows)
 	targets := b.tuneTargets
-	if kind == tuneBF16Beside {
+	if kind == tuneBF16Default {
 		targets = b.bf16Default
 	}
 	if len(rows) == 0 || len(order) == 0 {
