@@ -1453,39 +1453,30 @@ __device__ __forceinline__ void ws_copy(unsigned b, const unsigned char* src, in
     }
 }
 
-// ws_copy_halves: ws_copy's weight copies (no guard) for a block whose
-// first C / 2 row groups come from lo and the rest from hi (ws_body's
-// SILU: gate rows, then the same rows of up), each the thread's chunk of
-// that half's row 0.
+// ws_copy_each: ws_copy's weight copies (no guard) for a block whose C
+// row groups come from anywhere: src(i) is the thread's chunk of its
+// group-i row.
+template <int KA, int AB, int C, class Src>
+__device__ __forceinline__ void ws_copy_each(unsigned b, Src src, int ks, int lim) {
+    constexpr int RSTEP = 128 / (WG_RB / 16);
+#pragma unroll
+    for (int a = 0; a < KA; a++) {
+        const int col = (ks * KA + a) * WG_RB;
+        const bool ok = col < lim;
+#pragma unroll
+        for (int i = 0; i < C; i++) cp_async16(b + a * AB + i * RSTEP * WG_RB, src(i) + (ok ? col : 0), ok ? 16 : 0);
+    }
+}
+
+// ws_copy_halves: ws_copy_each for a block whose first C / 2 row groups
+// come from lo and the rest from hi (ws_body's SILU: gate rows, then the
+// same rows of up), each the thread's chunk of that half's row 0.
 template <int KA, int AB, int C>
 __device__ __forceinline__ void ws_copy_halves(unsigned b, const unsigned char* lo, const unsigned char* hi, int KB, int ks, int lim) {
     constexpr int RSTEP = 128 / (WG_RB / 16);
     static_assert(C % 2 == 0, "ws_copy_halves: an even number of row groups");
-#pragma unroll
-    for (int a = 0; a < KA; a++) {
-        const int col = (ks * KA + a) * WG_RB;
-        const bool ok = col < lim;
-#pragma unroll
-        for (int i = 0; i < C; i++) {
-            const unsigned char* src = i < C / 2 ? lo + (long long)i * RSTEP * KB : hi + (long long)(i - C / 2) * RSTEP * KB;
-            cp_async16(b + a * AB + i * RSTEP * WG_RB, src + (ok ? col : 0), ok ? 16 : 0);
-        }
-    }
-}
-
-// ws_copy_rows: ws_copy's weight copies (no guard) for a block whose
-// row groups come from anywhere: src[i] is the thread's chunk of its
-// group-i row (ws_body's ROPE: the rows ws_rope_row places).
-template <int KA, int AB, int C>
-__device__ __forceinline__ void ws_copy_rows(unsigned b, const unsigned char* const (&src)[C], int ks, int lim) {
-    constexpr int RSTEP = 128 / (WG_RB / 16);
-#pragma unroll
-    for (int a = 0; a < KA; a++) {
-        const int col = (ks * KA + a) * WG_RB;
-        const bool ok = col < lim;
-#pragma unroll
-        for (int i = 0; i < C; i++) cp_async16(b + a * AB + i * RSTEP * WG_RB, src[i] + (ok ? col : 0), ok ? 16 : 0);
-    }
+    ws_copy_each<KA, AB, C>(
+        b, [&](int i) { return i < C / 2 ? lo + (long long)i * RSTEP * KB : hi + (long long)(i - C / 2) * RSTEP * KB; }, ks, lim);
 }
 
 // ws_zero_rows: activation rows M..63 of each of ST stages of KA atoms
@@ -1623,7 +1614,7 @@ __device__ __forceinline__ void ws_body(bf16* __restrict__ out, float* __restric
         } else if constexpr (SILU) {
             if (j < nst) ws_copy_halves<KA, AB, CW>(base + (j % ST) * SB + dst0 + TR * WG_RB, wsrc, whi, KB, kst(j), KB / S);
         } else if constexpr (ROPE) {
-            if (j < nst) ws_copy_rows<KA, AB, CW>(base + (j % ST) * SB + dst0 + TR * WG_RB, wrow, kst(j), KB / S);
+            if (j < nst) ws_copy_each<KA, AB, CW>(base + (j % ST) * SB + dst0 + TR * WG_RB, [&](int i) { return wrow[i]; }, kst(j), KB / S);
         } else {
             if (j < nst) ws_copy<KA, AB, CW, false>(base + (j % ST) * SB + dst0 + TR * WG_RB, wsrc, KB, kst(j), KB / S, r0, M);
         }

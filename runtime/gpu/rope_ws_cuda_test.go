@@ -4,9 +4,7 @@ package gpu
 
 import (
 	"fmt"
-	"maps"
 	"math"
-	"math/rand/v2"
 	"slices"
 	"testing"
 
@@ -211,53 +209,15 @@ func sameBits(a, b []float32) int {
 // count is logged), and the fused op took products. FP8: the fixture's
 // q/k/v (128 bytes of K) has no fp8_ws plan, so it declines them all.
 func TestFusedForwardRoPE(t *testing.T) {
-	m, adapters, _ := loadFixture(t)
-	names := slices.Sorted(maps.Keys(adapters))
-	opts := engine.Options{MaxTokens: 512, KVBlocks: 2048, BlockSize: 16, AdapterSlots: len(names)}
 	for _, format := range []string{"bf16", "fp8"} {
 		t.Run(format, func(t *testing.T) {
-			mk := func(force int) (*engine.Engine, *Backend) {
-				e, b := newEngineBackend(t, m, opts, Options{WeightFormat: format})
-				if format == "bf16" && b.bws == nil || format == "fp8" && (b.f8 == nil || b.f8.ws == nil) {
-					t.Skip("the ws kernels are compiled only for sm_90a")
-				}
-				b.force.wsRoPE = force
-				for i, n := range names {
-					if err := e.LoadAdapter(i, adapters[n]); err != nil {
-						t.Fatal(err)
-					}
-				}
-				if err := e.Warmup(); err != nil {
-					t.Fatal(err)
-				}
-				return e, b
-			}
-			eOn, bOn := mk(1)
-			eOff, bOff := mk(-1)
-			V := m.Config.VocabSize
-			rng := rand.New(rand.NewPCG(7, 8))
-			const nSeq = 64
-			on, off := make([]*engine.Sequence, nSeq), make([]*engine.Sequence, nSeq)
-			slot := make([]int, nSeq)
-			for i := range nSeq {
-				on[i], off[i] = &engine.Sequence{}, &engine.Sequence{}
-				slot[i] = -1 // the first half base rows alone, the rest with adapters too
-				if i >= nSeq/2 {
-					slot[i] = i%(len(names)+1) - 1
-				}
-			}
 			worst, rows, exact := 0.0, 0, 0
-			step := func(what string, idx []int, toks [][]int32) {
-				var in1, in2 []engine.Input
-				for k, i := range idx {
-					in1 = append(in1, engine.Input{Seq: on[i], Tokens: toks[k], Slot: slot[i]})
-					in2 = append(in2, engine.Input{Seq: off[i], Tokens: toks[k], Slot: slot[i]})
-				}
-				o1, err := eOn.Step(t.Context(), in1)
+			bOn, bOff := fusedForward(t, format, func(b *Backend, force int) { b.force.wsRoPE = force }, func(what string, ep, es *engine.Engine, ip, is []engine.Input) {
+				o1, err := ep.Step(t.Context(), ip)
 				if err != nil {
 					t.Fatal(err)
 				}
-				o2, err := eOff.Step(t.Context(), in2)
+				o2, err := es.Step(t.Context(), is)
 				if err != nil {
 					t.Fatal(err)
 				}
@@ -272,37 +232,7 @@ func TestFusedForwardRoPE(t *testing.T) {
 						exact++
 					}
 				}
-			}
-			tokens := func(n int) []int32 {
-				v := make([]int32, n)
-				for k := range v {
-					v[k] = int32(rng.IntN(V))
-				}
-				return v
-			}
-			for lo := 0; lo < nSeq; lo += 16 {
-				var idx []int
-				var toks [][]int32
-				for i := lo; i < lo+16; i++ {
-					idx, toks = append(idx, i), append(toks, tokens(1+rng.IntN(3)))
-				}
-				step(fmt.Sprintf("prefill %d-%d", lo, lo+15), idx, toks)
-			}
-			for _, c := range []struct {
-				n    int
-				base bool
-			}{{17, true}, {32, true}, {48, true}, {64, false}, {24, false}, {40, true}, {16, true}, {65, false}, {32, true}} {
-				pool := rng.Perm(nSeq)
-				if c.base {
-					pool = rng.Perm(nSeq / 2)
-				}
-				var idx []int
-				var toks [][]int32
-				for _, i := range pool[:min(c.n, len(pool))] {
-					idx, toks = append(idx, i), append(toks, tokens(1))
-				}
-				step(fmt.Sprintf("decode %d rows (base only %v)", len(idx), c.base), idx, toks)
-			}
+			})
 			if (bOn.fused.rope == 0) != (format == "fp8") || bOff.fused.rope != 0 {
 				t.Fatalf("fused launches: %d with the op on (want some in bf16, none in FP8), %d with it off (want none)", bOn.fused.rope, bOff.fused.rope)
 			}
