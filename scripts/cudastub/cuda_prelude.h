@@ -40,6 +40,7 @@ __device__ unsigned __shfl_up_sync(unsigned, unsigned, unsigned, int = 32);
 template <class T> __device__ T __ldg(const T*);
 template <class T> __device__ T __ldcg(const T*);
 __device__ float __int_as_float(int);
+__device__ float __uint_as_float(unsigned);
 __device__ int __float_as_int(float);
 __device__ float __fdiv_rn(float, float);
 __device__ float __fmul_rn(float, float);
