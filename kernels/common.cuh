@@ -1047,19 +1047,31 @@ __device__ __forceinline__ void ws_put(const float* v, bf16* __restrict__ out, c
     }
 }
 
-// ws_silu_pair: silu(g) * u for a SILU block's thread's two columns 8 j +
-// 2 tig (+1) of row half h: gate's accumulators j and up's j + BN / 16,
-// each scaled as ws_put scales (SCALED, FP8 operands: a the row's scale,
-// ws the block's weight rows' scales, gate's then up's; bf16: none) and
-// rounded to bf16 as ws_put stores it, then silu(g) * u computed and
-// rounded as silu_mul8 does from the stored values.
+// ws_halves: a thread's two columns 8 j + 2 tig (+1) of row half h in
+// each half of a block whose weight rows BN / 2 on pair with the first
+// half's (SILU: gate's, then up's; ROPE: rotation pairs' first columns,
+// then their second ones): accumulators j (lo) and j + BN / 16 (hi), each
+// scaled as ws_put scales (SCALED, FP8 operands: a the row's scale, ws the
+// block's weight rows' scales; bf16: none) and rounded to bf16 as ws_put
+// stores it.
 template <int BN, bool SCALED>
-__device__ __forceinline__ __nv_bfloat162 ws_silu_pair(const float* v, int j, int h, int tig, float a, const float* ws) {
+__device__ __forceinline__ void ws_halves(const float* v, int j, int h, int tig, float a, const float* ws, __nv_bfloat162& lo, __nv_bfloat162& hi) {
     const int n = 8 * j + 2 * tig, ju = j + BN / 16;
     const float g0 = SCALED ? a * ws[n] : 1.f, g1 = SCALED ? a * ws[n + 1] : 1.f;
     const float u0 = SCALED ? a * ws[BN / 2 + n] : 1.f, u1 = SCALED ? a * ws[BN / 2 + n + 1] : 1.f;
-    const float2 g = __bfloat1622float2(__floats2bfloat162_rn(v[4 * j + 2 * h] * g0, v[4 * j + 2 * h + 1] * g1));
-    const float2 u = __bfloat1622float2(__floats2bfloat162_rn(v[4 * ju + 2 * h] * u0, v[4 * ju + 2 * h + 1] * u1));
+    lo = __floats2bfloat162_rn(v[4 * j + 2 * h] * g0, v[4 * j + 2 * h + 1] * g1);
+    hi = __floats2bfloat162_rn(v[4 * ju + 2 * h] * u0, v[4 * ju + 2 * h + 1] * u1);
+}
+
+// ws_silu_pair: silu(g) * u for a SILU block's thread's two columns 8 j +
+// 2 tig (+1) of row half h: gate's and up's as stored (ws_halves), then
+// silu(g) * u computed and rounded as silu_mul8 does from the stored
+// values.
+template <int BN, bool SCALED>
+__device__ __forceinline__ __nv_bfloat162 ws_silu_pair(const float* v, int j, int h, int tig, float a, const float* ws) {
+    __nv_bfloat162 gb, ub;
+    ws_halves<BN, SCALED>(v, j, h, tig, a, ws, gb, ub);
+    const float2 g = __bfloat1622float2(gb), u = __bfloat1622float2(ub);
     return __floats2bfloat162_rn(g.x / (1.f + expf(-g.x)) * u.x, g.y / (1.f + expf(-g.y)) * u.y);
 }
 
@@ -1226,14 +1238,15 @@ __device__ __forceinline__ int ws_rope_row(int r, int hd) {
 }
 
 // ws_put_rope: the end of a ROPE block (one split): each pair of the
-// thread's columns scaled and rounded as ws_put stores them, then, for a
+// thread's columns scaled and rounded as ws_put stores them (ws_halves;
+// SCALED: xs and ws the rows' and weight rows' scales), then, for a
 // query or key head, rotated at the row's position as rope_store_rows
 // rotates (cos and sin of pos inv_freq[i], each result rounded to bf16),
 // stored into out (in place of the product, as rope_store_rows leaves
 // q and k), and a key or value head's also into its cache at the row's
 // slot. Columns 8 j + 2 tig (+1) of rows m0 (+8): two adjacent pairs, so
 // every store is a bf16x2.
-template <int BN>
+template <int BN, bool SCALED>
 __device__ __forceinline__ void ws_put_rope(const float* v, bf16* __restrict__ out, const float* xs, const float* ws, int M, int N, int m0, int tig,
                                             const WsRope& R) {
     const int half = R.hd / 2, qk = (R.heads + R.kvh) * R.hd, width = R.kvh * R.hd;
@@ -1241,20 +1254,17 @@ __device__ __forceinline__ void ws_put_rope(const float* v, bf16* __restrict__ o
     for (int h = 0; h < 2; h++) {
         const int m = m0 + 8 * h;
         if (m >= M) continue;
-        const float a = xs ? xs[m] : 1.f;
+        const float a = SCALED ? xs[m] : 1.f;
         const float pos = (float)R.pos[m];
         const int slot = R.slots[m];
 #pragma unroll
         for (int j = 0; j < BN / 16; j++) {
-            const int n = 8 * j + 2 * tig, ju = j + BN / 16;
-            const int p = blockIdx.x * (BN / 2) + n, hh = p / half, i = p - hh * half;
+            const int p = blockIdx.x * (BN / 2) + 8 * j + 2 * tig, hh = p / half, i = p - hh * half;
             const int c1 = hh * R.hd + i, c2 = c1 + half; // the pair's two columns (i even: i + 1 is the next pair's)
-            const float s0 = ws ? a * ws[n] : a, s1 = ws ? a * ws[n + 1] : a;
-            const float t0 = ws ? a * ws[BN / 2 + n] : a, t1 = ws ? a * ws[BN / 2 + n + 1] : a;
-            const float2 x1 = __bfloat1622float2(__floats2bfloat162_rn(v[4 * j + 2 * h] * s0, v[4 * j + 2 * h + 1] * s1));
-            const float2 x2 = __bfloat1622float2(__floats2bfloat162_rn(v[4 * ju + 2 * h] * t0, v[4 * ju + 2 * h + 1] * t1));
-            __nv_bfloat162 y1 = __floats2bfloat162_rn(x1.x, x1.y), y2 = __floats2bfloat162_rn(x2.x, x2.y);
+            __nv_bfloat162 y1, y2; // the pairs' first and second columns as the product stores them
+            ws_halves<BN, SCALED>(v, j, h, tig, a, ws, y1, y2);
             if (c1 < qk && R.inv_freq) {
+                const float2 x1 = __bfloat1622float2(y1), x2 = __bfloat1622float2(y2);
                 float sa, ca, sb, cb;
                 sincosf(pos * R.inv_freq[i], &sa, &ca);
                 sincosf(pos * R.inv_freq[i + 1], &sb, &cb);
@@ -1672,7 +1682,7 @@ __device__ __forceinline__ void ws_body(bf16* __restrict__ out, float* __restric
     }
     if constexpr (ROPE) {
         if (S != 1) __trap(); // runtime/gpu launches ROPE with one split (wsProduct.ropeFits)
-        ws_put_rope<BN>(d, out, ES == 1 ? xsc : nullptr, ES == 1 ? wsc : nullptr, M, N, 16 * (tid >> 5) + ((tid & 31) >> 2), tid & 3, RP);
+        ws_put_rope<BN, ES == 1>(d, out, xsc, wsc, M, N, 16 * (tid >> 5) + ((tid & 31) >> 2), tid & 3, RP);
         return;
     }
     ws_store<BN>(d, out, part, done, ES == 1 ? xsc : nullptr, ES == 1 ? wsc : nullptr, M, N, n0, z, &last); // ES 1 has scales, ES 2 none (a constant: the reads stay shared-memory loads)
