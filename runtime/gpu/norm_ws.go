@@ -104,7 +104,7 @@ func (b *Backend) LinearAddRMSNorm(delta, in engine.Buffer, w engine.Weight, x, 
 	if !ok || !ws.normFits(p, N) {
 		return false
 	}
-	fw, fp8 := w.(*fp8Weight)
+	_, fp8 := w.(*fp8Weight)
 	// add_rmsnorm quantizes out's rows wherever an FP8 state is and they
 	// fit its scratch: so does this op, and only with e4m3 operands
 	quant := o != nil && b.f8 != nil && b.f8.fits(T, N)
@@ -124,18 +124,14 @@ func (b *Backend) LinearAddRMSNorm(delta, in engine.Buffer, w engine.Weight, x, 
 		op = o.mem.Ptr()
 	}
 	b.fused.norm++
-	if !fp8 {
-		b.fail(ws.launchNorm(b.s, p, d.mem.Ptr(), xi.mem.Ptr(), 0, w.(*weight).mem.Ptr(), 0, xr.mem.Ptr(), op, nw, 0, 0, eps, T, N, K))
-		return true
-	}
-	f := b.f8
-	var q, qs cuda.DevicePtr
+	xp, sx, wp, sw := b.wsOperands(xi, w)
+	var q, qs cuda.DevicePtr // quant (FP8 only): out's rows quantized into the scratch
 	if quant {
-		q, qs = f.actQ.Ptr(), f.actS.Ptr()
+		q, qs = b.f8.actQ.Ptr(), b.f8.actS.Ptr()
 	}
-	b.fail(ws.launchNorm(b.s, p, d.mem.Ptr(), f.actQ.Ptr(), f.actS.Ptr(), fw.q.Ptr(), fw.scale.Ptr(), xr.mem.Ptr(), op, nw, q, qs, eps, T, N, K))
+	b.fail(ws.launchNorm(b.s, p, d.mem.Ptr(), xp, sx, wp, sw, xr.mem.Ptr(), op, nw, q, qs, eps, T, N, K))
 	if quant && b.err == nil {
-		f.holds(op, T, N, b.gen)
+		b.f8.holds(op, T, N, b.gen)
 	}
 	return true
 }

@@ -86,7 +86,7 @@ func (b *Backend) LinearRoPE(qkv, in engine.Buffer, w engine.Weight, layer int, 
 	if !ok || !ws.ropeFits(p, N, hd) {
 		return false
 	}
-	fw, fp8 := w.(*fp8Weight)
+	_, fp8 := w.(*fp8Weight)
 	if !b.wsFusedStart(x, T, K, fp8) {
 		return true
 	}
@@ -94,12 +94,8 @@ func (b *Backend) LinearRoPE(qkv, in engine.Buffer, w engine.Weight, layer int, 
 	b.fused.rope++
 	kc, vc, _ := b.layerCache(layer)
 	r := wsRoPEArgs{pos: b.i32(b.off.pos), slots: b.i32(b.off.kvSlots), invFreq: b.freqTable(invFreq), kc: kc, vc: vc, heads: heads, kvHeads: kvh, headDim: hd}
-	if fp8 {
-		f := b.f8
-		b.fail(ws.launchRoPE(b.s, p, o.mem.Ptr(), f.actQ.Ptr(), f.actS.Ptr(), fw.q.Ptr(), fw.scale.Ptr(), T, N, K, r))
-	} else {
-		b.fail(ws.launchRoPE(b.s, p, o.mem.Ptr(), x.mem.Ptr(), 0, w.(*weight).mem.Ptr(), 0, T, N, K, r))
-	}
+	xp, sx, wp, sw := b.wsOperands(x, w)
+	b.fail(ws.launchRoPE(b.s, p, o.mem.Ptr(), xp, sx, wp, sw, T, N, K, r))
 	if b.err == nil {
 		b.ropeDone, b.ropeQKV = layer+1, cuda.DevicePtr(ptr(o))
 	}

@@ -81,7 +81,7 @@ func wsSiLUAuto(fp8 bool) bool { return !fp8 }
 // (other rows, a green-context partition, off by kernelForce.wsSiLU and
 // wsSiLUAuto).
 func (b *Backend) LinearSiLU(act, in engine.Buffer, w engine.Weight) bool {
-	fw, fp8 := w.(*fp8Weight)
+	_, fp8 := w.(*fp8Weight)
 	if !forcedOn(b.force.wsSiLU, wsSiLUAuto(fp8)) || !b.ok() {
 		return false
 	}
@@ -105,16 +105,27 @@ func (b *Backend) LinearSiLU(act, in engine.Buffer, w engine.Weight) bool {
 	}
 	b.wrote(act)
 	b.fused.silu++
-	if !fp8 {
-		b.fail(ws.launchSiLU(b.s, p, o.mem.Ptr(), x.mem.Ptr(), 0, w.(*weight).mem.Ptr(), 0, 0, 0, T, N, K))
-		return true
+	xp, sx, wp, sw := b.wsOperands(x, w)
+	var q, qs cuda.DevicePtr // FP8: act's rows quantized into the scratch
+	if fp8 {
+		q, qs = b.f8.actQ.Ptr(), b.f8.actS.Ptr()
 	}
-	f := b.f8
-	b.fail(ws.launchSiLU(b.s, p, o.mem.Ptr(), f.actQ.Ptr(), f.actS.Ptr(), fw.q.Ptr(), fw.scale.Ptr(), f.actQ.Ptr(), f.actS.Ptr(), T, N, K))
-	if b.err == nil {
-		f.holds(o.mem.Ptr(), T, o.cols, b.gen)
+	b.fail(ws.launchSiLU(b.s, p, o.mem.Ptr(), xp, sx, wp, sw, q, qs, T, N, K))
+	if fp8 && b.err == nil {
+		b.f8.holds(o.mem.Ptr(), T, o.cols, b.gen)
 	}
 	return true
+}
+
+// wsOperands is a fused op's product operands for in and w, after
+// wsFusedStart: with an FP8 weight the activation scratch (in's rows
+// quantized) and the weight's e4m3 bytes, each with its rows' scales;
+// else in's and w's bf16 values, with no scales.
+func (b *Backend) wsOperands(in *Buffer, w engine.Weight) (x, sx, wv, sw cuda.DevicePtr) {
+	if fw, ok := w.(*fp8Weight); ok {
+		return b.f8.actQ.Ptr(), b.f8.actS.Ptr(), fw.q.Ptr(), fw.scale.Ptr()
+	}
+	return in.mem.Ptr(), 0, w.(*weight).mem.Ptr(), 0
 }
 
 // wsFusedStart starts a fused op (LinearSiLU, LinearAddRMSNorm) of the
