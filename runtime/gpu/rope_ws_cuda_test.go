@@ -13,24 +13,6 @@ import (
 	"github.com/peftd/peftd/runtime/engine"
 )
 
-// ropeStep is a step of T rows of one sequence at positions ctx0..ctx0+T-1
-// (its cache pages 0..), so that the rotation runs at positions past 0.
-func ropeStep(T, ctx0, bs int) *engine.StepMeta {
-	m := &engine.StepMeta{Tokens: zeros(T)}
-	var blocks []int32
-	for i := 0; i < (ctx0+T+bs-1)/bs; i++ {
-		blocks = append(blocks, int32(i))
-	}
-	for i := 0; i < T; i++ {
-		p := ctx0 + i
-		m.Positions = append(m.Positions, int32(p))
-		m.KVSlots = append(m.KVSlots, blocks[p/bs]*int32(bs)+int32(p%bs))
-		m.LogitRows = append(m.LogitRows, int32(i))
-	}
-	m.Seqs = []engine.SeqMeta{{Start: 0, Len: T, Context: ctx0 + T, Blocks: blocks}}
-	return m
-}
-
 // TestOpLinearRoPE: Backend.LinearRoPE (kernelForce.wsRoPE 1) with each
 // rope width (gemm_ws_rope_n*, fp8_ws_rope_n*; the ws plan forced to it)
 // leaves what Linear and Attention's rope_store_rows leave: q and k
@@ -78,7 +60,7 @@ func TestOpLinearRoPE(t *testing.T) {
 							t.Fatal(err)
 						}
 					}
-					meta := ropeStep(T, ctx0, bs)
+					meta := seqFrom(T, ctx0, bs, zeros(T)) // the rotation at positions past 0
 					// run: the product and the attention, fused or not: qkv,
 					// the attention output, and the caches' rows at the slots
 					run := func(force int) (qkv, att, keys, vals []float32, took bool) {
@@ -213,14 +195,7 @@ func TestFusedForwardRoPE(t *testing.T) {
 		t.Run(format, func(t *testing.T) {
 			worst, rows, exact := 0.0, 0, 0
 			bOn, bOff := fusedForward(t, format, func(b *Backend, force int) { b.force.wsRoPE = force }, func(what string, ep, es *engine.Engine, ip, is []engine.Input) {
-				o1, err := ep.Step(t.Context(), ip)
-				if err != nil {
-					t.Fatal(err)
-				}
-				o2, err := es.Step(t.Context(), is)
-				if err != nil {
-					t.Fatal(err)
-				}
+				o1, o2 := stepBoth(t, ep, es, ip, is)
 				for k := range o1 {
 					rel := fx.RelErr(o1[k], o2[k])
 					if !(rel <= 5e-3) {
