@@ -1047,31 +1047,19 @@ __device__ __forceinline__ void ws_put(const float* v, bf16* __restrict__ out, c
     }
 }
 
-// ws_halves: a thread's two columns 8 j + 2 tig (+1) of row half h in
-// each half of a block whose weight rows BN / 2 on pair with the first
-// half's (SILU: gate's, then up's; ROPE: rotation pairs' first columns,
-// then their second ones): accumulators j (lo) and j + BN / 16 (hi), each
-// scaled as ws_put scales (SCALED, FP8 operands: a the row's scale, ws the
-// block's weight rows' scales; bf16: none) and rounded to bf16 as ws_put
-// stores it.
+// ws_silu_pair: silu(g) * u for a SILU block's thread's two columns 8 j +
+// 2 tig (+1) of row half h: gate's accumulators j and up's j + BN / 16,
+// each scaled as ws_put scales (SCALED, FP8 operands: a the row's scale,
+// ws the block's weight rows' scales, gate's then up's; bf16: none) and
+// rounded to bf16 as ws_put stores it, then silu(g) * u computed and
+// rounded as silu_mul8 does from the stored values.
 template <int BN, bool SCALED>
-__device__ __forceinline__ void ws_halves(const float* v, int j, int h, int tig, float a, const float* ws, __nv_bfloat162& lo, __nv_bfloat162& hi) {
+__device__ __forceinline__ __nv_bfloat162 ws_silu_pair(const float* v, int j, int h, int tig, float a, const float* ws) {
     const int n = 8 * j + 2 * tig, ju = j + BN / 16;
     const float g0 = SCALED ? a * ws[n] : 1.f, g1 = SCALED ? a * ws[n + 1] : 1.f;
     const float u0 = SCALED ? a * ws[BN / 2 + n] : 1.f, u1 = SCALED ? a * ws[BN / 2 + n + 1] : 1.f;
-    lo = __floats2bfloat162_rn(v[4 * j + 2 * h] * g0, v[4 * j + 2 * h + 1] * g1);
-    hi = __floats2bfloat162_rn(v[4 * ju + 2 * h] * u0, v[4 * ju + 2 * h + 1] * u1);
-}
-
-// ws_silu_pair: silu(g) * u for a SILU block's thread's two columns 8 j +
-// 2 tig (+1) of row half h: gate's and up's as stored (ws_halves), then
-// silu(g) * u computed and rounded as silu_mul8 does from the stored
-// values.
-template <int BN, bool SCALED>
-__device__ __forceinline__ __nv_bfloat162 ws_silu_pair(const float* v, int j, int h, int tig, float a, const float* ws) {
-    __nv_bfloat162 gb, ub;
-    ws_halves<BN, SCALED>(v, j, h, tig, a, ws, gb, ub);
-    const float2 g = __bfloat1622float2(gb), u = __bfloat1622float2(ub);
+    const float2 g = __bfloat1622float2(__floats2bfloat162_rn(v[4 * j + 2 * h] * g0, v[4 * j + 2 * h + 1] * g1));
+    const float2 u = __bfloat1622float2(__floats2bfloat162_rn(v[4 * ju + 2 * h] * u0, v[4 * ju + 2 * h + 1] * u1));
     return __floats2bfloat162_rn(g.x / (1.f + expf(-g.x)) * u.x, g.y / (1.f + expf(-g.y)) * u.y);
 }
 
@@ -1204,82 +1192,6 @@ __device__ __forceinline__ void ws_put_silu_q(float* v, bf16* __restrict__ out, 
         }
     }
     grid_leave(Q.sync, 64, Q.sync + 64); // every thread has read the maxima
-}
-
-// WsRope: what ws_body's ROPE blocks (fp8_ws_rope_n*, gemm_ws_rope_n*)
-// need to end the q/k/v product as rope_store_rows does: the rows'
-// positions and KV slots (the step's metadata), the rotation's inverse
-// frequencies (null: no rotation), one layer's bf16 key and value caches
-// [slots, kvh hd] (a row whose slot is negative stores none), and the
-// heads: out's row is heads query heads, kvh key heads, kvh value heads
-// of hd values each.
-struct WsRope {
-    const int* pos;
-    const int* slots;
-    const float* inv_freq;
-    bf16* kc;
-    bf16* vc;
-    int heads, kvh, hd;
-};
-
-// ws_rope_row: the weight row (out's column) that staged row r of a ROPE
-// block holds. The block's BN / 2 rotation pairs are p = blockIdx.x BN /
-// 2 + r' (r' < BN / 2) of the row's pairs, pair p being columns i and i +
-// hd / 2 of head p / (hd / 2), i = p % (hd / 2); rows r < BN / 2 are the
-// pairs' first columns, rows BN / 2 + r' their second ones. So a thread's
-// accumulators j and j + BN / 16 (ws_body's layout) are one pair's two
-// columns, rotated in registers. Value heads pair the same way (no
-// rotation: the pairing only places their columns).
-template <int BN>
-__device__ __forceinline__ int ws_rope_row(int r, int hd) {
-    const int half = hd / 2, hi = r >= BN / 2 ? 1 : 0;
-    const int p = blockIdx.x * (BN / 2) + r - hi * (BN / 2), h = p / half;
-    return h * hd + (p - h * half) + hi * half;
-}
-
-// ws_put_rope: the end of a ROPE block (one split): each pair of the
-// thread's columns scaled and rounded as ws_put stores them (ws_halves;
-// SCALED: xs and ws the rows' and weight rows' scales), then, for a
-// query or key head, rotated at the row's position as rope_store_rows
-// rotates (cos and sin of pos inv_freq[i], each result rounded to bf16),
-// stored into out (in place of the product, as rope_store_rows leaves
-// q and k), and a key or value head's also into its cache at the row's
-// slot. Columns 8 j + 2 tig (+1) of rows m0 (+8): two adjacent pairs, so
-// every store is a bf16x2.
-template <int BN, bool SCALED>
-__device__ __forceinline__ void ws_put_rope(const float* v, bf16* __restrict__ out, const float* xs, const float* ws, int M, int N, int m0, int tig,
-                                            const WsRope& R) {
-    const int half = R.hd / 2, qk = (R.heads + R.kvh) * R.hd, width = R.kvh * R.hd;
-#pragma unroll
-    for (int h = 0; h < 2; h++) {
-        const int m = m0 + 8 * h;
-        if (m >= M) continue;
-        const float a = SCALED ? xs[m] : 1.f;
-        const float pos = (float)R.pos[m];
-        const int slot = R.slots[m];
-#pragma unroll
-        for (int j = 0; j < BN / 16; j++) {
-            const int p = blockIdx.x * (BN / 2) + 8 * j + 2 * tig, hh = p / half, i = p - hh * half;
-            const int c1 = hh * R.hd + i, c2 = c1 + half; // the pair's two columns (i even: i + 1 is the next pair's)
-            __nv_bfloat162 y1, y2; // the pairs' first and second columns as the product stores them
-            ws_halves<BN, SCALED>(v, j, h, tig, a, ws, y1, y2);
-            if (c1 < qk && R.inv_freq) {
-                const float2 x1 = __bfloat1622float2(y1), x2 = __bfloat1622float2(y2);
-                float sa, ca, sb, cb;
-                sincosf(pos * R.inv_freq[i], &sa, &ca);
-                sincosf(pos * R.inv_freq[i + 1], &sb, &cb);
-                y1 = __halves2bfloat162(__float2bfloat16_rn(x1.x * ca - x2.x * sa), __float2bfloat16_rn(x1.y * cb - x2.y * sb));
-                y2 = __halves2bfloat162(__float2bfloat16_rn(x2.x * ca + x1.x * sa), __float2bfloat16_rn(x2.y * cb + x1.y * sb));
-            }
-            *reinterpret_cast<__nv_bfloat162*>(out + (long long)m * N + c1) = y1;
-            *reinterpret_cast<__nv_bfloat162*>(out + (long long)m * N + c2) = y2;
-            if (c1 >= R.heads * R.hd && slot >= 0) { // a key or value head: its cache too
-                bf16* dst = c1 < qk ? R.kc + (long long)slot * width + (c1 - R.heads * R.hd) : R.vc + (long long)slot * width + (c1 - qk);
-                *reinterpret_cast<__nv_bfloat162*>(dst) = y1;
-                *reinterpret_cast<__nv_bfloat162*>(dst + half) = y2;
-            }
-        }
-    }
 }
 
 // ws_store: the end of ws_body for the accumulators d of
@@ -1463,30 +1375,24 @@ __device__ __forceinline__ void ws_copy(unsigned b, const unsigned char* src, in
     }
 }
 
-// ws_copy_each: ws_copy's weight copies (no guard) for a block whose C
-// row groups come from anywhere: src(i) is the thread's chunk of its
-// group-i row.
-template <int KA, int AB, int C, class Src>
-__device__ __forceinline__ void ws_copy_each(unsigned b, Src src, int ks, int lim) {
+// ws_copy_halves: ws_copy's weight copies (no guard) for a block whose
+// first C / 2 row groups come from lo and the rest from hi (ws_body's
+// SILU: gate rows, then the same rows of up), each the thread's chunk of
+// that half's row 0.
+template <int KA, int AB, int C>
+__device__ __forceinline__ void ws_copy_halves(unsigned b, const unsigned char* lo, const unsigned char* hi, int KB, int ks, int lim) {
     constexpr int RSTEP = 128 / (WG_RB / 16);
+    static_assert(C % 2 == 0, "ws_copy_halves: an even number of row groups");
 #pragma unroll
     for (int a = 0; a < KA; a++) {
         const int col = (ks * KA + a) * WG_RB;
         const bool ok = col < lim;
 #pragma unroll
-        for (int i = 0; i < C; i++) cp_async16(b + a * AB + i * RSTEP * WG_RB, src(i) + (ok ? col : 0), ok ? 16 : 0);
+        for (int i = 0; i < C; i++) {
+            const unsigned char* src = i < C / 2 ? lo + (long long)i * RSTEP * KB : hi + (long long)(i - C / 2) * RSTEP * KB;
+            cp_async16(b + a * AB + i * RSTEP * WG_RB, src + (ok ? col : 0), ok ? 16 : 0);
+        }
     }
-}
-
-// ws_copy_halves: ws_copy_each for a block whose first C / 2 row groups
-// come from lo and the rest from hi (ws_body's SILU: gate rows, then the
-// same rows of up), each the thread's chunk of that half's row 0.
-template <int KA, int AB, int C>
-__device__ __forceinline__ void ws_copy_halves(unsigned b, const unsigned char* lo, const unsigned char* hi, int KB, int ks, int lim) {
-    constexpr int RSTEP = 128 / (WG_RB / 16);
-    static_assert(C % 2 == 0, "ws_copy_halves: an even number of row groups");
-    ws_copy_each<KA, AB, C>(
-        b, [&](int i) { return i < C / 2 ? lo + (long long)i * RSTEP * KB : hi + (long long)(i - C / 2) * RSTEP * KB; }, ks, lim);
 }
 
 // ws_zero_rows: activation rows M..63 of each of ST stages of KA atoms
@@ -1575,11 +1481,11 @@ __device__ __forceinline__ void ws_stage(float* d, int j, unsigned base, unsigne
 // qx and sx is a cp.async or comes before the grid's barrier and its
 // fences; a plain read of either after a barrier could compile to a
 // non-coherent load and see stale data.
-template <int ES, int BN, bool SILU = false, bool NORM = false, bool HALF = false, bool ROPE = false>
+template <int ES, int BN, bool SILU = false, bool NORM = false, bool HALF = false>
 __device__ __forceinline__ void ws_body(bf16* __restrict__ out, float* __restrict__ part, int* __restrict__ done,
                                         const unsigned char* __restrict__ qx, const float* __restrict__ sx,
                                         const unsigned char* __restrict__ qw, const float* __restrict__ sw, int M,
-                                        int N, int K, int opts, WsSiluQ SQ = {}, WsNorm NP = {}, WsRope RP = {}) {
+                                        int N, int K, int opts, WsSiluQ SQ = {}, WsNorm NP = {}) {
     using W = WsShape<BN, ES, HALF>;
     constexpr int TR = W::TR, AB = W::AB, SB = W::SB, ST = W::ST, KA = W::KA, IF = W::IF, AHEAD = ST - 1 - IF;
     static_assert(IF >= 0 && IF <= 2, "ws_body: WS_INFLIGHT, WS_INFLIGHT_NARROW 0-2");
@@ -1587,7 +1493,6 @@ __device__ __forceinline__ void ws_body(bf16* __restrict__ out, float* __restric
     static_assert(!SILU || BN % 32 == 0, "ws_body: SILU on whole 16-row groups a half");
     static_assert(!NORM || !SILU, "ws_body: NORM is a plain product's end");
     static_assert(!HALF || (!NORM && BN % 32 == 0 && W::KA == 2), "ws_body: HALF takes plain and SILU products of whole 16-row halves");
-    static_assert(!ROPE || (!SILU && !NORM && !HALF), "ws_body: ROPE is a plain product's end");
     constexpr int CH = WG_RB / 16;                 // 16-byte chunks a staged row
     constexpr int RSTEP = 128 / CH;                // rows between a thread's copies
     constexpr int CX = TR / RSTEP, CW = W::WR / RSTEP; // a thread's activation and weight rows an atom
@@ -1607,11 +1512,6 @@ __device__ __forceinline__ void ws_body(bf16* __restrict__ out, float* __restric
     // the second half's rows: SILU up's, HALF the block's second BN / 2
     const unsigned char* whi = SILU ? wsrc + (long long)(N / 2) * KB : HALF ? wsrc + (long long)(BN / 2) * KB : nullptr;
     const unsigned char* xsrc = qx + (long long)r0 * KB + kb0 + 16 * c;
-    // ROPE: each of the thread's weight rows where ws_rope_row places it
-    const unsigned char* wrow[ROPE ? CW : 1];
-    if constexpr (ROPE)
-#pragma unroll
-        for (int i = 0; i < CW; i++) wrow[i] = qw + (long long)ws_rope_row<BN>(r0 + RSTEP * i, RP.hd) * KB + kb0 + 16 * c;
     auto kst = [&](int j) { const int k = j + koff; return k < nst ? k : k - nst; }; // the K stage local stage j holds (HALF: k = 2 pair + half)
     // the stage j copies: weights, activations (rows below M), each atom's
     // chunks past this split's K zero-filled
@@ -1623,8 +1523,6 @@ __device__ __forceinline__ void ws_body(bf16* __restrict__ out, float* __restric
             }
         } else if constexpr (SILU) {
             if (j < nst) ws_copy_halves<KA, AB, CW>(base + (j % ST) * SB + dst0 + TR * WG_RB, wsrc, whi, KB, kst(j), KB / S);
-        } else if constexpr (ROPE) {
-            if (j < nst) ws_copy_each<KA, AB, CW>(base + (j % ST) * SB + dst0 + TR * WG_RB, [&](int i) { return wrow[i]; }, kst(j), KB / S);
         } else {
             if (j < nst) ws_copy<KA, AB, CW, false>(base + (j % ST) * SB + dst0 + TR * WG_RB, wsrc, KB, kst(j), KB / S, r0, M);
         }
@@ -1636,12 +1534,8 @@ __device__ __forceinline__ void ws_body(bf16* __restrict__ out, float* __restric
     const int early = opts & 15, ne = early < AHEAD ? early : AHEAD;
     for (int j = 0; j < ne; j++) copy_w(j);
     if (ES == 1)
-        for (int i = tid; i < BN; i += 128) { // weights' scales: no kernel of a step writes them (SILU: gate's rows, then up's)
-            if constexpr (ROPE)
-                wsc[i] = sw[ws_rope_row<BN>(i, RP.hd)];
-            else
-                wsc[i] = sw[SILU ? (i < BN / 2 ? gn0 + i : N / 2 + gn0 + i - BN / 2) : n0 + i];
-        }
+        for (int i = tid; i < BN; i += 128) // weights' scales: no kernel of a step writes them (SILU: gate's rows, then up's)
+            wsc[i] = sw[SILU ? (i < BN / 2 ? gn0 + i : N / 2 + gn0 + i - BN / 2) : n0 + i];
     pdl_entry();
     ws_fill<ES, AHEAD>(xsc, sx, M, ne, copy_w, copy_x);
     float d[BN / 2];
@@ -1678,11 +1572,6 @@ __device__ __forceinline__ void ws_body(bf16* __restrict__ out, float* __restric
             ws_put_silu_q<BN>(d, out, xsc, wsc, M, N / 2, gn0, 16 * (tid >> 5) + ((tid & 31) >> 2), tid & 3, SQ);
         else
             ws_put_silu<BN>(d, out, M, N / 2, gn0, 16 * (tid >> 5) + ((tid & 31) >> 2), tid & 3);
-        return;
-    }
-    if constexpr (ROPE) {
-        if (S != 1) __trap(); // runtime/gpu launches ROPE with one split (wsProduct.ropeFits)
-        ws_put_rope<BN, ES == 1>(d, out, xsc, wsc, M, N, 16 * (tid >> 5) + ((tid & 31) >> 2), tid & 3, RP);
         return;
     }
     ws_store<BN>(d, out, part, done, ES == 1 ? xsc : nullptr, ES == 1 ? wsc : nullptr, M, N, n0, z, &last); // ES 1 has scales, ES 2 none (a constant: the reads stay shared-memory loads)
@@ -1739,16 +1628,6 @@ __device__ __forceinline__ void ws_body(bf16* __restrict__ out, float* __restric
     extern "C" __global__ void __launch_bounds__(128, 1) prefix##h_silu_n256(SARGS) { ws_body<ES, 256, true, false, true>(SPASS); } \
     extern "C" __global__ void __launch_bounds__(128, 1) prefix##_norm_n32(NARGS) { ws_body<ES, 32, false, true>(NPASS); }        \
     extern "C" __global__ void __launch_bounds__(128, 1) prefix##_norm_n64(NARGS) { ws_body<ES, 64, false, true>(NPASS); }
-
-// WS_ROPE_KERNELS(prefix, ES, RARGS, RPASS): prefix_rope_n{32,48,64}, the
-// q/k/v product and rope_store_rows' work in one launch (ws_body's ROPE:
-// each block streams the weight rows of BN / 2 rotation pairs, its end
-// rotates them in registers and stores q and k in place and k and v in
-// the layer's bf16 cache); one split only (kernelForce.wsRoPE).
-#define WS_ROPE_KERNELS(prefix, ES, RARGS, RPASS)                                                                                  \
-    extern "C" __global__ void __launch_bounds__(128, 1) prefix##_rope_n32(RARGS) { ws_body<ES, 32, false, false, false, true>(RPASS); } \
-    extern "C" __global__ void __launch_bounds__(128, 1) prefix##_rope_n48(RARGS) { ws_body<ES, 48, false, false, false, true>(RPASS); } \
-    extern "C" __global__ void __launch_bounds__(128, 1) prefix##_rope_n64(RARGS) { ws_body<ES, 64, false, false, false, true>(RPASS); }
 
 // WG_KERNELS(prefix, ES, ARGS, PASS): a module's three wgmma kernels,
 // prefix_n{32,64,128} (one warpgroup a block; the two-warpgroup

@@ -465,12 +465,6 @@ WS_WIDTHS(fp8_ws, ws_body, 1, FP8_WS_ARGS, FP8_WS_PASS, 128)
 #define FP8_WS_NORM_ARGS FP8_WS_ARGS, bf16 *xr, bf16 *nout, const bf16 *nw, float eps, unsigned char *q, float *qscale, unsigned *sync
 #define FP8_WS_NORM_PASS FP8_WS_PASS, WsSiluQ{}, WsNorm{xr, nout, nw, eps, q, qscale, sync}
 WS_FUSED_KERNELS(fp8_ws, 1, FP8_WS_ARGS, FP8_WS_PASS, FP8_WS_SILU_ARGS, FP8_WS_SILU_PASS, FP8_WS_NORM_ARGS, FP8_WS_NORM_PASS)
-// fp8_ws_rope_n{32,48,64}: the q/k/v product with RoPE and the KV store
-// (WS_ROPE_KERNELS, common.cuh) on e4m3 operands
-#define FP8_WS_ROPE_ARGS \
-    FP8_WS_ARGS, const int *pos, const int *slots, const float *inv_freq, bf16 *kc, bf16 *vc, int heads, int kvh, int hd
-#define FP8_WS_ROPE_PASS FP8_WS_PASS, WsSiluQ{}, WsNorm{}, WsRope{pos, slots, inv_freq, kc, vc, heads, kvh, hd}
-WS_ROPE_KERNELS(fp8_ws, 1, FP8_WS_ROPE_ARGS, FP8_WS_ROPE_PASS)
 #endif
 
 // fp8_splitk_reduce: the sum of a K-split product's float32 partials

@@ -3360,11 +3360,5 @@ WS_WIDTHS(gemm_ws, ws_body, 2, GEMM_WS_ARGS, GEMM_WS_PASS, 128)
 #define GEMM_WS_NORM_ARGS GEMM_WS_ARGS, bf16 *xr, bf16 *nout, const bf16 *nw, float eps, unsigned char *q, float *qscale, unsigned *sync
 #define GEMM_WS_NORM_PASS GEMM_WS_PASS, WsSiluQ{}, WsNorm{xr, nout, nw, eps, nullptr, nullptr, sync}
 WS_FUSED_KERNELS(gemm_ws, 2, GEMM_WS_ARGS, GEMM_WS_PASS, GEMM_WS_SILU_ARGS, GEMM_WS_PASS, GEMM_WS_NORM_ARGS, GEMM_WS_NORM_PASS)
-// gemm_ws_rope_n{32,48,64}: the q/k/v product with RoPE and the KV store
-// (WS_ROPE_KERNELS, common.cuh) on bf16 operands (fp8_ws_rope's arguments)
-#define GEMM_WS_ROPE_ARGS \
-    GEMM_WS_ARGS, const int *pos, const int *slots, const float *inv_freq, bf16 *kc, bf16 *vc, int heads, int kvh, int hd
-#define GEMM_WS_ROPE_PASS GEMM_WS_PASS, WsSiluQ{}, WsNorm{}, WsRope{pos, slots, inv_freq, kc, vc, heads, kvh, hd}
-WS_ROPE_KERNELS(gemm_ws, 2, GEMM_WS_ROPE_ARGS, GEMM_WS_ROPE_PASS)
 #endif
 

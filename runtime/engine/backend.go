@@ -306,24 +306,6 @@ type LinearAddRMSNormOps interface {
 	LinearAddRMSNorm(delta, in Buffer, w Weight, x, out Buffer, norm Weight, eps float32) bool
 }
 
-// LinearRoPEOps is an optional capability of Ops: the q/k/v projection
-// and the rotation and KV store that Attention begins with as one op, so
-// that a backend may rotate q and k and store k and v in the product's end
-// instead of a launch of their own (the CUDA backend can, for base steps
-// whose q/k/v product its ws kernels take, where its kernelForce.wsRoPE
-// turns it on). The engine calls it where no LoRA update, bias or head
-// norm changes q/k/v between the product and the rotation.
-type LinearRoPEOps interface {
-	// LinearRoPE is Linear(qkv, in, w) and then the rotation of qkv's
-	// query and key heads at the step's positions (invFreq; nil: none) and
-	// the store of its key and value heads at the step's KV slots of
-	// layer, as Attention(..., layer, ..., invFreq) on qkv's q, k and v
-	// views would do first; that Attention call then only attends. false
-	// when the backend does not take this product (nothing was done: the
-	// engine issues Linear, and Attention does all of it).
-	LinearRoPE(qkv, in Buffer, w Weight, layer int, invFreq []float32) bool
-}
-
 // FamilyOps are what models beyond Llama's layout need; a backend without
 // them runs Llama and Mistral models, and New refuses the others by name.
 type FamilyOps interface {

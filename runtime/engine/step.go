@@ -467,7 +467,6 @@ func (e *Engine) forward(b Ops, s Shape) {
 	// where the backend has it (LinearLoRAOps)
 	fl, fused := b.(LinearLoRAOps)
 	fs, fusedSiLU := b.(LinearSiLUOps) // the gate/up product and silu_mul as one op where the backend takes it
-	fr, fusedRoPE := b.(LinearRoPEOps) // the q/k/v product and the rotation and KV store as one op where the backend takes it
 	linear := func(out, in Buffer, w Weight, l int, g int) {
 		if fused && hasLoRA(g) {
 			fl.LinearLoRA(out, in, w, l, llama.FusedGroups[g])
@@ -502,7 +501,7 @@ func (e *Engine) forward(b Ops, s Shape) {
 			b.Linear(e.qkv, e.h, lw.qkv)
 			fo.AddBias(e.qkv, lw.qkvBias)
 			lora(e.qkv, e.h, l, 0)
-		} else if hasLoRA(0) || lw.qNorm != nil || !fusedRoPE || !fr.LinearRoPE(e.qkv, e.h, lw.qkv, l, e.invFreq) {
+		} else {
 			linear(e.qkv, e.h, lw.qkv, l, 0)
 		}
 		if lw.qNorm != nil {

@@ -284,7 +284,6 @@ type kernelForce struct {
 	wsHalf     int           // ws products of widths 224 and 256 (gate/up): the half-row kernels (gemm_wsh, fp8_wsh) where loaded (1), -1 never (0: wsHalfAuto for bf16, off; wsHalfFP8Auto for FP8, on)
 	wsSiLU     int           // bf16 gate/up products gemm_ws takes in base steps: with silu_mul in the same launch (silu_ws.go) where it fits (1), -1 never (0: wsSiLUAuto: bf16 on, FP8 off)
 	wsNorm     int           // o and down products a ws kernel takes in base steps: with the add_rmsnorm after them in the same launch (norm_ws.go) where it fits (1), -1 never (0: wsNormAuto, off)
-	wsRoPE     int           // q/k/v products a ws kernel takes in base steps: with RoPE and the KV store in the same launch (rope_ws.go) where it fits (1), -1 never (0: wsRoPEAuto)
 	bws        int           // bf16 products of 17-64 rows on gemm_ws (ws.go) where it plans: 1 every product, 2 the narrow ones (wsNarrow), 3 every product no LoRA update runs beside, 4 those and every product of at most bwsBesideRows rows, -1 none (0: Backend.bwsAuto's choice, 4 or none)
 	loraRows   bool          // LoRA: the row-at-a-time kernels (lora_shrink, lora_expand)
 	loraV1     bool          // LoRA: SGMV v1 (sgmv_shrink, then an expand launch)
@@ -335,12 +334,7 @@ type Backend struct {
 	bwsAuto bool
 	// fused counts the fused ops' launches enqueued or recorded
 	// (LinearSiLU, LinearAddRMSNorm: tests see that a step took them)
-	fused struct{ silu, norm, rope int }
-	// ropeDone is the layer + 1 whose q/k/v LinearRoPE rotated and stored
-	// (Attention then only attends; 0: none), and ropeQKV that product's
-	// output, which the attention's q must be a view of
-	ropeDone int
-	ropeQKV  cuda.DevicePtr
+	fused struct{ silu, norm int }
 	// guHalfOn is guHalf's default (guHalfDefault, read by New);
 	// hugeHoldsOff: FP8 steps above fp8HugeRows rows hold autoBigHoldsFP8,
 	// not autoHugeHoldsFP8 (PEFTD_LORA_FP8_HUGE_HOLDS=off, read by New)

@@ -482,12 +482,6 @@ func (b *Backend) RoPE(q, k engine.Buffer, invFreq []float32, heads, kvHeads, he
 // (rope_store_rows where it fits; rope_store_lora where q/k/v's LoRA update
 // was left unexpanded for it, lora_rope.go).
 func (b *Backend) ropeStore(qb, kb, vb *Buffer, layer int, invFreq []float32, heads, kvHeads, headDim int) {
-	if vb != nil && layer >= 0 && b.ropeDone == layer+1 { // LinearRoPE rotated and stored them (rope_ws.go)
-		b.ropeDone = 0
-		b.check(ptr(qb) == uint64(b.ropeQKV) && ptr(kb) == ptr(qb)+uint64(2*heads*headDim) && ptr(vb) == ptr(kb)+uint64(2*kvHeads*headDim),
-			"attention: layer %d's q/k/v are not the views of the product LinearRoPE rotated", layer)
-		return
-	}
 	var dq, dk, dv uint64 // LoRA updates of q, k, v from the LoRA stream
 	ldd := 0
 	var fold loraPend // an update to expand here (rope_store_lora, lora_rope.go)

@@ -156,23 +156,18 @@ func (r *rig) compare(name string, got []float32, want []float64, tol float64) {
 }
 
 // oneSeq is a step of T rows of one fresh sequence on pages 0..
-func oneSeq(T, bs int, tokens []int32) *engine.StepMeta { return seqFrom(T, 0, bs, tokens) }
-
-// seqFrom is a step of T rows (tokens) of one sequence at positions
-// ctx0..ctx0+T-1, its cache pages 0.. in order.
-func seqFrom(T, ctx0, bs int, tokens []int32) *engine.StepMeta {
+func oneSeq(T, bs int, tokens []int32) *engine.StepMeta {
 	m := &engine.StepMeta{Tokens: tokens}
 	var blocks []int32
-	for i := 0; i < (ctx0+T+bs-1)/bs; i++ {
+	for i := 0; i < (T+bs-1)/bs; i++ {
 		blocks = append(blocks, int32(i))
 	}
 	for i := 0; i < T; i++ {
-		p := ctx0 + i
-		m.Positions = append(m.Positions, int32(p))
-		m.KVSlots = append(m.KVSlots, blocks[p/bs]*int32(bs)+int32(p%bs))
+		m.Positions = append(m.Positions, int32(i))
+		m.KVSlots = append(m.KVSlots, blocks[i/bs]*int32(bs)+int32(i%bs))
 		m.LogitRows = append(m.LogitRows, int32(i))
 	}
-	m.Seqs = []engine.SeqMeta{{Start: 0, Len: T, Context: ctx0 + T, Blocks: blocks}}
+	m.Seqs = []engine.SeqMeta{{Start: 0, Len: T, Context: T, Blocks: blocks}}
 	return m
 }
 

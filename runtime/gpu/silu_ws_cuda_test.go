@@ -163,7 +163,7 @@ func TestFP8WsSiLU(t *testing.T) {
 			syncWordsZero(t, r.s, g, what)
 			rms := compareOrder(t, what+", staggered", want, got, I, true, 64)
 			for m := range gotS {
-				if d := math.Abs(float64(gotS[m] - wantS[m])); d > float64(wantS[m])/64 {
+				if !siluScaleNear(gotS[m], wantS[m]) {
 					t.Fatalf("%s, staggered: row %d scale %g, silu_mul's %g", what, m, gotS[m], wantS[m])
 				}
 			}
@@ -386,4 +386,15 @@ func f64s(v []float32) []float64 {
 		o[i] = float64(x)
 	}
 	return o
+}
+
+// siluScaleNear reports whether an e4m3 row scale (the row's largest
+// |silu(g)*u| / 448) from products summed in another K order is within what
+// the order can move it: g and u may each round to the neighbouring bf16
+// (2^-7 of the value at most), silu passes g's change on at most 1.28 times
+// (d ln silu(g) / d ln g = 1 + g*sigmoid(-g) <= 1.28), and the product's own
+// bf16 rounding may flip too: (1.28 + 1 + 1) * 2^-7 < 1/32. 1/64 (the bound
+// until session 101) failed once in a run on random data: 1.6% apart.
+func siluScaleNear(got, want float32) bool {
+	return math.Abs(float64(got-want)) <= math.Abs(float64(want))/32
 }

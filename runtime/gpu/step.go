@@ -84,7 +84,6 @@ func (b *Backend) Begin(meta *engine.StepMeta) error {
 	b.err = nil
 	b.gen++
 	b.la.pend, b.la.forkIn = pendingDelta{}, 0
-	b.ropeDone, b.ropeQKV = 0, 0
 	T := len(meta.Tokens)
 	if T == 0 || T > b.maxT {
 		return fmt.Errorf("%w: %d rows (max %d)", ErrBadStep, T, b.maxT)

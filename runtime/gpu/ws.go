@@ -37,7 +37,6 @@ type wsProduct struct {
 	nfn        [len(wsWidths)]*cuda.Function // the o or down product and add_rmsnorm in one (gemm_ws_norm_n*, fp8_ws_norm_n*: norm_ws.go), where compiled
 	hfn        [len(wsWidths)]*cuda.Function // fn's products with half-row stages (gemm_wsh_n*, fp8_wsh_n*: 224 and 256), where compiled
 	hsfn       [len(wsWidths)]*cuda.Function // sfn's (gemm_wsh_silu_n*, fp8_wsh_silu_n*)
-	rfn        [len(wsWidths)]*cuda.Function // the q/k/v product with RoPE and the KV store in one (gemm_ws_rope_n*, fp8_ws_rope_n*: rope_ws.go), where compiled
 	half       bool                          // the products enqueued now take hfn and hsfn where loaded (kernelForce.wsHalf)
 	nsync      *cuda.DeviceBuffer            // nfn's barrier counters (zero between launches: wsSync)
 	part, done *cuda.DeviceBuffer            // the splits' partials and per-tile counters (zero between launches)
@@ -168,7 +167,6 @@ func loadWS(ctx *cuda.Context, s *cuda.Stream, mod *cuda.Module, prefix string, 
 		// shared memory is left out, never an error for the products
 		g.sfn[i] = optional(fmt.Sprintf("%s_silu_n%d", prefix, bn), sh)
 		g.nfn[i] = optional(fmt.Sprintf("%s_norm_n%d", prefix, bn), sh)
-		g.rfn[i] = optional(fmt.Sprintf("%s_rope_n%d", prefix, bn), sh)
 		if wshStages(bn) >= 3 && wshShared(bn)+wshStatic <= maxShared {
 			g.hfn[i] = optional(fmt.Sprintf("%sh_n%d", prefix, bn), wshShared(bn))
 			g.hsfn[i] = optional(fmt.Sprintf("%sh_silu_n%d", prefix, bn), wshShared(bn))

@@ -89,7 +89,7 @@ func wsHalfCheck(t *testing.T, fp8 bool) {
 				halfA, halfS := silu(p, true)
 				compareRows(t, what+" silu unstaggered", oneA, halfA, I)
 				for m := range oneS {
-					if d := oneS[m] - halfS[m]; d > oneS[m]/64 || -d > oneS[m]/64 {
+					if !siluScaleNear(halfS[m], oneS[m]) {
 						t.Fatalf("%s silu: row %d scale %g, the one-atom kernel's %g", what, m, halfS[m], oneS[m])
 					}
 				}
