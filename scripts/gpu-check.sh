@@ -128,6 +128,7 @@
 #   run(command="bash scripts/gpu-check.sh --on-device tests memcheck fixture8b lorabench", carry=["bin/gpu"])
 #   run(command="bash scripts/gpu-check.sh --on-device decode", carry=["bin/gpu"])
 # Knobs: GPU_TEST_RUN (a -test.run pattern for tests/memcheck), SKIP_MEMCHECK=1,
+# PEFTD_TEST_SEED (the seed of the random-data tests' data: each logs its own),
 # MEMCHECK_PART=i/n (memcheck: every n-th test from the i-th; the whole
 # runtime_gpu binary under memcheck outran 330 s in v0.69), MEMCHECK_SKIP
 # (memcheck: tests left out, default TuneCache|TuneGemmTN),

@@ -48,7 +48,7 @@ func newFP8Rig(t testing.TB) *fp8Rig {
 	if err != nil {
 		t.Fatal(err)
 	}
-	r := &fp8Rig{t: t, ctx: ctx, rng: rand.New(rand.NewPCG(rand.Uint64(), 8))}
+	r := &fp8Rig{t: t, ctx: ctx, rng: rand.New(rand.NewPCG(testSeed(t), 8))}
 	t.Cleanup(func() {
 		r.f.close()
 		r.mm.Close()

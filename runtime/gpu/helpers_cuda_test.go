@@ -3,6 +3,9 @@
 package gpu
 
 import (
+	"math/rand/v2"
+	"os"
+	"strconv"
 	"testing"
 	"time"
 	"unsafe"
@@ -13,6 +16,22 @@ import (
 	"github.com/peftd/peftd/runtime/llama"
 	"github.com/peftd/peftd/runtime/sample"
 )
+
+// testSeed is the seed of a test's random data: PEFTD_TEST_SEED where set
+// (to repeat a run), else a fresh one. It is logged, so that a failure on
+// random data names the seed that repeats it.
+func testSeed(t testing.TB) uint64 {
+	t.Helper()
+	seed := rand.Uint64()
+	if v := os.Getenv("PEFTD_TEST_SEED"); v != "" {
+		var err error
+		if seed, err = strconv.ParseUint(v, 10, 64); err != nil {
+			t.Fatalf("PEFTD_TEST_SEED=%q: %v", v, err)
+		}
+	}
+	t.Logf("random data from seed %d (PEFTD_TEST_SEED repeats it)", seed)
+	return seed
+}
 
 // fixtureErrors runs the fixture's cases co-batched and teacher-forced on
 // e (adapters at slots) and returns the worst case-level relative error

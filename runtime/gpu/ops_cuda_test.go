@@ -53,7 +53,7 @@ func newRigWith(t *testing.T, cfg *llama.Config, maxT int, kv engine.KVSpec, opt
 	if err := b.Init(cfg, engine.Spec{MaxTokens: maxT, KV: kv, AdapterSlots: 8}); err != nil {
 		t.Fatal(err)
 	}
-	r := &rig{t: t, b: b, cfg: cfg, kv: kv, rng: rand.New(rand.NewPCG(rand.Uint64(), 7))}
+	r := &rig{t: t, b: b, cfg: cfg, kv: kv, rng: rand.New(rand.NewPCG(testSeed(t), 7))}
 	t.Cleanup(func() { t.Logf("maxrel=%.3g", r.worst) })
 	return r
 }
