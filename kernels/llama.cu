@@ -2686,7 +2686,7 @@ __device__ __forceinline__ void expand_tc_body(
     // wrote it: after the wait), in flight with tmp's loads; 16-byte
     // pieces, piece i row i / (COLS / 8)
     const int bcol0 = sOff + chunk * COLS; // the block's first column
-    const bool staged = ST && accum && rank > 0;
+    const bool staged = ST && !HS && accum && rank > 0;
     if constexpr (ST) {
         if (staged) {
             for (int i = threadIdx.x; i < 16 * MT * (COLS / 8); i += 256) {
@@ -2757,7 +2757,12 @@ __device__ __forceinline__ void expand_tc_body(
                 if (r >= n) continue;
                 const float v0 = c[ng][2 * half], v1 = c[ng][2 * half + 1];
                 if (HS) { // the update alone, rounded to bf16
-                    *reinterpret_cast<__nv_bfloat162*>(out + (i64)(tile.x + r) * o_stride + col) = __floats2bfloat162_rn(v0, v1);
+                    const __nv_bfloat162 h = __floats2bfloat162_rn(v0, v1);
+                    if constexpr (ST) { // into the tile in shared memory: out in whole rows below
+                        *reinterpret_cast<__nv_bfloat162*>(os + r * OW + col - bcol0) = h;
+                    } else {
+                        *reinterpret_cast<__nv_bfloat162*>(out + (i64)(tile.x + r) * o_stride + col) = h;
+                    }
                 } else if (ST && accum) {
                     __nv_bfloat162* p = reinterpret_cast<__nv_bfloat162*>(os + r * OW + col - bcol0);
                     const float2 o = __bfloat1622float2(*p);
@@ -2773,7 +2778,7 @@ __device__ __forceinline__ void expand_tc_body(
         }
     }
     if constexpr (ST) {
-        if (staged) { // the summed tile out in 16-byte pieces of whole rows
+        if (staged || HS) { // the summed tile (HS: the update) out in 16-byte pieces of whole rows
             __syncthreads();
             for (int i = threadIdx.x; i < 16 * MT * (COLS / 8); i += 256) {
                 const int r = i / (COLS / 8), col = bcol0 + 8 * (i % (COLS / 8));
@@ -2802,6 +2807,13 @@ extern "C" __global__ void __launch_bounds__(256) sgmv_expand_tc4(EXPAND_TC_ARGS
 extern "C" __global__ void __launch_bounds__(256) sgmv_expand_tch1(EXPAND_TC_ARGS) { expand_tc_body<1, 1, false, true>(EXPAND_TC_PASS); }
 extern "C" __global__ void __launch_bounds__(256) sgmv_expand_tch2(EXPAND_TC_ARGS) { expand_tc_body<2, 1, false, true>(EXPAND_TC_PASS); }
 extern "C" __global__ void __launch_bounds__(256) sgmv_expand_tch4(EXPAND_TC_ARGS) { expand_tc_body<4, 1, false, true>(EXPAND_TC_PASS); }
+// sgmv_expand_tch1s: sgmv_expand_tch1 with its output tile staged (ST):
+// the fragments' bf16 pairs go to shared memory, and the tile leaves in
+// 16-byte pieces of whole rows (a warp's store: 512 bytes of one row, full
+// 32-byte sectors) instead of 4-byte pieces of 8 rows an instruction (half
+// of each sector). The same values: tch1's bits. Needs 16-byte aligned
+// rows (o_stride % 8 == 0, out 16-byte aligned: runtime/gpu checks).
+extern "C" __global__ void __launch_bounds__(256) sgmv_expand_tch1s(EXPAND_TC_ARGS) { expand_tc_body<1, 1, true, true>(EXPAND_TC_PASS); }
 // sgmv_expand_tc64s: sgmv_expand_tc1 adding in place on the step's 64-row
 // tiles of one adapter (the big tiles sgmv_shrink64 takes: {first row,
 // rows, slot, 0}), 128 columns a block instead of 512 (expand_tc_body's MT

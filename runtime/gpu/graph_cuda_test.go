@@ -261,12 +261,14 @@ func TestPDLMatchesSerialLaunch(t *testing.T) {
 	matchSteps(t, m, len(adapters), ep, es, "with and without PDL")
 }
 
-// TestLoRAVariantsMatch: with the rank-32-class expands adding in place
-// on sgmv_expand_tc64s at every row count (kernelForce.stageOut 1: 64-row
-// tiles, the output tile staged; both engines' LoRA serial, where every
-// update adds in place), every logits row of the prefill, mixed and
-// decode steps (replayed recordings and eager steps, adapters in them) is
-// bit-identical to the default kernels', and each variant ran.
+// TestLoRAVariantsMatch: with each off-by-default LoRA kernel (loraVariants:
+// the rank-32-class expands adding in place on sgmv_expand_tc64s at every
+// row count, kernelForce.stageOut 1, both engines' LoRA serial, where
+// every update adds in place; the bf16 updates beside the products written
+// by sgmv_expand_tch1s, kernelForce.halfStage 1), every logits row of the
+// prefill, mixed and decode steps (replayed recordings and eager steps,
+// adapters in them) is bit-identical to the default kernels', and each
+// variant ran.
 func TestLoRAVariantsMatch(t *testing.T) {
 	m, all, _ := loadFixture(t)
 	upTo32 := rank32Adapters(t, all)
@@ -321,6 +323,7 @@ type loraVariant struct {
 
 var loraVariants = []loraVariant{
 	{"sgmv_expand_tc64s", true, true, true, func(f *kernelForce) { f.stageOut = 1 }, func(b *Backend) int { return b.expandStageds }},
+	{"sgmv_expand_tch1s", false, true, false, func(f *kernelForce) { f.halfStage = 1 }, func(b *Backend) int { return b.halfStageds }},
 }
 
 // rank32Adapters is the fixture's adapters of rank 32 or less: the rank-32

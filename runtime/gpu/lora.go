@@ -722,7 +722,11 @@ func (b *Backend) expandTC(st *cuda.Stream, tc int, outPtr cuda.DevicePtr, outSt
 	grid := start[n]
 	blk1, blk2 := slices12(start)
 	f := b.fn.sgExpandTC[bits.TrailingZeros(uint(tc))]
-	if acc == accHalf {
+	switch {
+	case acc == accHalf && tc == 1 && outStride%8 == 0 && outPtr%16 == 0 && forcedOn(b.force.halfStage, halfStageAuto):
+		f = b.fn.sgExpandTCHS
+		b.halfStageds++
+	case acc == accHalf:
 		f = b.fn.sgExpandTCH[bits.TrailingZeros(uint(tc))]
 	}
 	tiles, nTiles := b.off.tiles, b.nTiles
@@ -749,6 +753,17 @@ const (
 	stageOutMinRows = 1024
 	stageOutAuto    = true
 )
+
+// halfStageAuto is kernelForce.halfStage's default: whether the rank-32
+// class's bf16 updates (accHalf: gate/up always, o and down in FP8 steps)
+// are written by sgmv_expand_tch1s, the output tile staged in shared
+// memory and stored in 16-byte pieces of whole rows. PERFORMANCE v0.93's
+// trace of an FP8 mixed step with four adapters: the gate/up expand
+// (tch1, 840 blocks of 16 rows x 512 columns on the 20 SMs its product
+// leaves) takes 68.5 µs beside a 60 µs product, and tch1 writes its bf16
+// pairs 8 rows x 16 bytes an instruction, half of each 32-byte sector.
+// Off until measured (`+hstage` in TestDecodeBench).
+const halfStageAuto = false
 
 // x64Cols is X64_COLS in llama.cu: the output columns of an
 // sgmv_expand_tc64s block.

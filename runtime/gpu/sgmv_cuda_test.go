@@ -240,6 +240,9 @@ func TestOpLoRAFused(t *testing.T) {
 				got = r.read(out, T)
 				r.b.force.shrink64 = 0
 			}
+			if !aside && mode == "tc1" {
+				halfUpdateMatches(t, r, x, T, total, layer, mods)
+			}
 			if mode == "v2" { // deterministic: the same bits again (K-split partials summed in a fixed order)
 				r.fill(out, ov)
 				r.b.loraSlices(r.b.s, out.mem.Ptr(), total, x, layer, mods, accAdd)
@@ -276,6 +279,62 @@ func TestOpLoRAFused(t *testing.T) {
 	for i, v := range loraVariants {
 		if v.op && ran[i] == 0 {
 			t.Errorf("no case ran %s", v.name)
+		}
+	}
+}
+
+// halfUpdateMatches: the rank-32 class's update written as bf16 (accHalf:
+// sgmv_expand_tch1, and sgmv_expand_tch1s with kernelForce.halfStage 1) is
+// the float32 update (accFloat) rounded to bf16, value for value, and
+// left unwritten exactly where the float32 one is (rows of no adapter).
+func halfUpdateMatches(t *testing.T, r *rig, x *Buffer, T, total, layer int, mods []llama.Module) {
+	t.Helper()
+	n := T * total
+	f32, err := r.b.ctx.Alloc(4 * n)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f32.Free()
+	h16, err := r.b.ctx.Alloc(2 * n)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h16.Free()
+	if err := r.b.s.Memset32(f32.Ptr(), 0x7fc00000, n); err != nil { // NaN: unwritten shows
+		t.Fatal(err)
+	}
+	r.b.loraSlices(r.b.s, f32.Ptr(), total, x, layer, mods, accFloat)
+	want := make([]float32, n)
+	if err := cuda.CopyDtoH(r.b.s, want, f32.Ptr()); err != nil {
+		t.Fatal(err)
+	}
+	saved := r.b.force
+	defer func() { r.b.force = saved }()
+	for _, hs := range []int{-1, 1} {
+		r.b.force.halfStage = hs
+		if err := r.b.s.Memset8(h16.Ptr(), 0xff, 2*n); err != nil { // bf16 NaN 0xffff: unwritten shows
+			t.Fatal(err)
+		}
+		before := r.b.halfStageds
+		r.b.loraSlices(r.b.s, h16.Ptr(), total, x, layer, mods, accHalf)
+		if staged := r.b.halfStageds > before; staged != (hs == 1) {
+			t.Fatalf("%v, kernelForce.halfStage %d: sgmv_expand_tch1s launched: %v", mods, hs, staged)
+		}
+		got := make([]uint16, n)
+		if err := cuda.CopyDtoH(r.b.s, got, h16.Ptr()); err != nil {
+			t.Fatal(err)
+		}
+		if err := r.b.s.Synchronize(); err != nil {
+			t.Fatal(err)
+		}
+		what := map[int]string{-1: "sgmv_expand_tch1", 1: "sgmv_expand_tch1s"}[hs]
+		for i, w := range want {
+			switch {
+			case math.IsNaN(float64(w)) && got[i] != 0xffff:
+				t.Fatalf("%v: %s wrote %#04x at %d (row %d), where the float32 update is unwritten", mods, what, got[i], i, i/total)
+			case !math.IsNaN(float64(w)) && got[i] != safetensors.Float32ToBF16(w):
+				t.Fatalf("%v: %s's bf16 update %#04x at %d (row %d), the float32 update %g rounds to %#04x", mods, what, got[i], i, i/total, w, safetensors.Float32ToBF16(w))
+			}
 		}
 	}
 }
