@@ -2639,7 +2639,9 @@ struct TcShape {
 // 4-byte loads and stores in the MMA fragment's layout (8 rows x 16 bytes
 // an instruction: half of each 32-byte sector). The same adds: the same
 // bits. Needs 16-byte aligned rows (o_stride % 8 == 0, out 16-byte
-// aligned: runtime/gpu checks).
+// aligned: runtime/gpu checks). With HS (sgmv_expand_tch1s) the tile is
+// the bf16 update alone: nothing is loaded into it first; the fragments'
+// rounded pairs land in it and it leaves the same way.
 template <int KC, int MT = 1, bool ST = false, bool HS = false>
 __device__ __forceinline__ void expand_tc_body(
     bf16* __restrict__ out, const float* __restrict__ tmp, const LoraEntry* __restrict__ table, const int4* __restrict__ tiles,
