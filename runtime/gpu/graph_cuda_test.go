@@ -487,27 +487,19 @@ func newMatchEngine(t *testing.T, m *llama.Model, adapters map[string]*lora.Adap
 	return e, e.Backend().(*Backend)
 }
 
-// stepBoth runs one step of inputs ip on ep and the same rows is (each
-// engine's own sequences) on es and returns each one's logits rows.
-func stepBoth(t *testing.T, ep, es *engine.Engine, ip, is []engine.Input) (op, ol [][]float32) {
-	t.Helper()
-	op, err := ep.Step(context.Background(), ip)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ol, err = es.Step(context.Background(), is)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return op, ol
-}
-
 // sameLogits runs one step of inputs ip on ep and the same rows is (each
 // engine's own sequences) on es and fails unless every logits row is
 // bit-identical; it returns the rows compared.
 func sameLogits(t *testing.T, ep, es *engine.Engine, ip, is []engine.Input, what string) int {
 	t.Helper()
-	op, ol := stepBoth(t, ep, es, ip, is)
+	op, err := ep.Step(context.Background(), ip)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ol, err := es.Step(context.Background(), is)
+	if err != nil {
+		t.Fatal(err)
+	}
 	for k := range op {
 		if j := firstDiff(op[k], ol[k]); j >= 0 {
 			t.Fatalf("%s, input %d: logits differ (first at %d: %g, %g; relative %.3g)", what, k, j, op[k][j], ol[k][j], fx.RelErr(op[k], ol[k]))

@@ -707,9 +707,10 @@ func (b *Backend) expandTC(st *cuda.Stream, tc int, outPtr cuda.DevicePtr, outSt
 	off1, off2 := slices12(offs)
 	// sgmv_expand_tc64s (stageOut): the rank-32 class on the step's
 	// 64-row tiles with the output tile staged, for an update added in
-	// place into 16-byte aligned rows
-	canStage := acc == accAdd && outStride%8 == 0 && outPtr%16 == 0
-	big := canStage && forcedOn(b.force.stageOut, stageOutAuto && b.nLora >= stageOutMinRows) && tc == 1 && b.nBig > 0
+	// place into 16-byte aligned rows (sgmv_expand_tch1s, halfStage: a bf16
+	// update into such rows)
+	aligned := outStride%8 == 0 && outPtr%16 == 0
+	big := acc == accAdd && aligned && forcedOn(b.force.stageOut, stageOutAuto && b.nLora >= stageOutMinRows) && tc == 1 && b.nBig > 0
 	// blocks per slice of sgmv_expand_tc{tc}; blk1, blk2: where slices 1 and 2 start
 	cols := tcBlockCols(tc)
 	if big {
@@ -723,7 +724,7 @@ func (b *Backend) expandTC(st *cuda.Stream, tc int, outPtr cuda.DevicePtr, outSt
 	blk1, blk2 := slices12(start)
 	f := b.fn.sgExpandTC[bits.TrailingZeros(uint(tc))]
 	switch {
-	case acc == accHalf && tc == 1 && outStride%8 == 0 && outPtr%16 == 0 && forcedOn(b.force.halfStage, halfStageAuto):
+	case acc == accHalf && tc == 1 && aligned && forcedOn(b.force.halfStage, halfStageAuto):
 		f = b.fn.sgExpandTCHS
 		b.halfStageds++
 	case acc == accHalf:

@@ -483,13 +483,85 @@ func (r *rig) projection(name string, rows, cols int, format string) engine.Weig
 // the fused op took products (the o projection: the fixture's down, K
 // 352, has no ws plan) and declined the rest.
 func TestFusedForwardBits(t *testing.T) {
+	m, adapters, _ := loadFixture(t)
+	names := slices.Sorted(maps.Keys(adapters))
+	opts := engine.Options{MaxTokens: 512, KVBlocks: 2048, BlockSize: 16, AdapterSlots: len(names)}
 	for _, format := range []string{"bf16", "fp8"} {
 		t.Run(format, func(t *testing.T) {
+			mk := func(force int) (*engine.Engine, *Backend) {
+				e, b := newEngineBackend(t, m, opts, Options{WeightFormat: format})
+				if format == "bf16" && b.bws == nil || format == "fp8" && (b.f8 == nil || b.f8.ws == nil) {
+					t.Skip("the ws kernels are compiled only for sm_90a")
+				}
+				b.force.wsNorm = force
+				for i, n := range names {
+					if err := e.LoadAdapter(i, adapters[n]); err != nil {
+						t.Fatal(err)
+					}
+				}
+				if err := e.Warmup(); err != nil {
+					t.Fatal(err)
+				}
+				return e, b
+			}
+			eOn, bOn := mk(1)
+			eOff, bOff := mk(-1)
+			V := m.Config.VocabSize
+			rng := rand.New(rand.NewPCG(5, 6))
+			const nSeq = 64
+			on, off := make([]*engine.Sequence, nSeq), make([]*engine.Sequence, nSeq)
+			slot := make([]int, nSeq)
+			for i := range nSeq {
+				on[i], off[i] = &engine.Sequence{}, &engine.Sequence{}
+				slot[i] = -1 // the first half base rows alone, the rest with adapters too
+				if i >= nSeq/2 {
+					slot[i] = i%(len(names)+1) - 1
+				}
+			}
 			steps := 0
-			bOn, bOff := fusedForward(t, format, func(b *Backend, force int) { b.force.wsNorm = force }, func(what string, ep, es *engine.Engine, ip, is []engine.Input) {
-				sameLogits(t, ep, es, ip, is, what+", the fused op on and off")
+			// step runs the same rows (sequence, tokens) on both engines and
+			// compares every logit
+			step := func(what string, rows []int, toks [][]int32) {
+				var in1, in2 []engine.Input
+				for k, i := range rows {
+					in1 = append(in1, engine.Input{Seq: on[i], Tokens: toks[k], Slot: slot[i]})
+					in2 = append(in2, engine.Input{Seq: off[i], Tokens: toks[k], Slot: slot[i]})
+				}
+				sameLogits(t, eOn, eOff, in1, in2, what+", the fused op on and off")
 				steps++
-			})
+			}
+			tokens := func(n int) []int32 {
+				v := make([]int32, n)
+				for k := range v {
+					v[k] = int32(rng.IntN(V))
+				}
+				return v
+			}
+			// prefill: base prompts of 1-3 tokens 16 at a time (17-48 rows),
+			// then the adapters' sequences
+			for lo := 0; lo < nSeq; lo += 16 {
+				var rows []int
+				var toks [][]int32
+				for i := lo; i < lo+16; i++ {
+					rows, toks = append(rows, i), append(toks, tokens(1+rng.IntN(3)))
+				}
+				step(fmt.Sprintf("prefill %d-%d", lo, lo+15), rows, toks)
+			}
+			for _, c := range []struct {
+				n    int
+				base bool
+			}{{17, true}, {32, true}, {48, true}, {64, false}, {24, false}, {40, true}, {16, true}, {65, false}} {
+				pool := rng.Perm(nSeq)
+				if c.base {
+					pool = rng.Perm(nSeq / 2)
+				}
+				var rows []int
+				var toks [][]int32
+				for _, i := range pool[:min(c.n, len(pool))] {
+					rows, toks = append(rows, i), append(toks, tokens(1))
+				}
+				step(fmt.Sprintf("decode %d rows (base only %v)", len(rows), c.base), rows, toks)
+			}
 			// FP8: the fixture's o (128 bytes of K) is less than a stage of
 			// fp8_ws (two 128-byte atoms), so no ws plan takes it and the op
 			// declines every product (TestOpLinearAddRMSNorm covers FP8)
@@ -499,90 +571,6 @@ func TestFusedForwardBits(t *testing.T) {
 			t.Logf("%s: %d steps bit for bit; %d fused o/down launches enqueued or recorded", format, steps, bOn.fused.norm)
 		})
 	}
-}
-
-// fusedForward runs the tiny fixture (weights of format, its adapters
-// loaded) on two engines, one whose backend set(b, 1) forces a fused op
-// on and one set(b, -1) off, through the same steps: base prompts of 1-3
-// tokens 16 at a time (17-48 rows), then the adapters' sequences', then
-// decode steps of 16-65 rows, base rows alone and beside adapters,
-// recorded and eager; step(what, on's engine, off's, their inputs) runs
-// and compares each. It returns the two backends (their fused counts).
-func fusedForward(t *testing.T, format string, set func(b *Backend, force int), step func(what string, ep, es *engine.Engine, ip, is []engine.Input)) (bOn, bOff *Backend) {
-	t.Helper()
-	m, adapters, _ := loadFixture(t)
-	names := slices.Sorted(maps.Keys(adapters))
-	opts := engine.Options{MaxTokens: 512, KVBlocks: 2048, BlockSize: 16, AdapterSlots: len(names)}
-	mk := func(force int) (*engine.Engine, *Backend) {
-		e, b := newEngineBackend(t, m, opts, Options{WeightFormat: format})
-		if format == "bf16" && b.bws == nil || format == "fp8" && (b.f8 == nil || b.f8.ws == nil) {
-			t.Skip("the ws kernels are compiled only for sm_90a")
-		}
-		set(b, force)
-		for i, n := range names {
-			if err := e.LoadAdapter(i, adapters[n]); err != nil {
-				t.Fatal(err)
-			}
-		}
-		if err := e.Warmup(); err != nil {
-			t.Fatal(err)
-		}
-		return e, b
-	}
-	eOn, bOn := mk(1)
-	eOff, bOff := mk(-1)
-	V := m.Config.VocabSize
-	rng := rand.New(rand.NewPCG(5, 6))
-	const nSeq = 64
-	on, off := make([]*engine.Sequence, nSeq), make([]*engine.Sequence, nSeq)
-	slot := make([]int, nSeq)
-	for i := range nSeq {
-		on[i], off[i] = &engine.Sequence{}, &engine.Sequence{}
-		slot[i] = -1 // the first half base rows alone, the rest with adapters too
-		if i >= nSeq/2 {
-			slot[i] = i%(len(names)+1) - 1
-		}
-	}
-	// run runs the same rows (sequence, tokens) on both engines
-	run := func(what string, rows []int, toks [][]int32) {
-		var in1, in2 []engine.Input
-		for k, i := range rows {
-			in1 = append(in1, engine.Input{Seq: on[i], Tokens: toks[k], Slot: slot[i]})
-			in2 = append(in2, engine.Input{Seq: off[i], Tokens: toks[k], Slot: slot[i]})
-		}
-		step(what, eOn, eOff, in1, in2)
-	}
-	tokens := func(n int) []int32 {
-		v := make([]int32, n)
-		for k := range v {
-			v[k] = int32(rng.IntN(V))
-		}
-		return v
-	}
-	for lo := 0; lo < nSeq; lo += 16 {
-		var rows []int
-		var toks [][]int32
-		for i := lo; i < lo+16; i++ {
-			rows, toks = append(rows, i), append(toks, tokens(1+rng.IntN(3)))
-		}
-		run(fmt.Sprintf("prefill %d-%d", lo, lo+15), rows, toks)
-	}
-	for _, c := range []struct {
-		n    int
-		base bool
-	}{{17, true}, {32, true}, {48, true}, {64, false}, {24, false}, {40, true}, {16, true}, {65, false}} {
-		pool := rng.Perm(nSeq)
-		if c.base {
-			pool = rng.Perm(nSeq / 2)
-		}
-		var rows []int
-		var toks [][]int32
-		for _, i := range pool[:min(c.n, len(pool))] {
-			rows, toks = append(rows, i), append(toks, tokens(1))
-		}
-		run(fmt.Sprintf("decode %d rows (base only %v)", len(rows), c.base), rows, toks)
-	}
-	return bOn, bOff
 }
 
 func f32bits(v []float32) []uint32 {
