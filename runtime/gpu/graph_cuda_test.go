@@ -261,14 +261,16 @@ func TestPDLMatchesSerialLaunch(t *testing.T) {
 	matchSteps(t, m, len(adapters), ep, es, "with and without PDL")
 }
 
-// TestLoRAVariantsMatch: with each off-by-default LoRA kernel (loraVariants:
-// the rank-32-class expands adding in place on sgmv_expand_tc64s at every
-// row count, kernelForce.stageOut 1, both engines' LoRA serial, where
-// every update adds in place; the bf16 updates beside the products written
-// by sgmv_expand_tch1s, kernelForce.halfStage 1), every logits row of the
-// prefill, mixed and decode steps (replayed recordings and eager steps,
-// adapters in them) is bit-identical to the default kernels', and each
-// variant ran.
+// TestLoRAVariantsMatch: with each LoRA kernel the defaults take only in
+// some steps forced into every step (loraVariants: the rank-32-class
+// expands adding in place on sgmv_expand_tc64s, kernelForce.stageOut 1,
+// both engines' LoRA serial, where every update adds in place; the bf16
+// updates beside the products written by sgmv_expand_tch1s,
+// kernelForce.halfStage 1, against sgmv_expand_tch1 in every step), every
+// logits row of the prefill, mixed and decode steps (replayed recordings
+// and eager steps, adapters in them) is bit-identical to the reference
+// engine's (the default kernels, or the variant's alternative forced), and
+// each variant ran.
 func TestLoRAVariantsMatch(t *testing.T) {
 	m, all, _ := loadFixture(t)
 	upTo32 := rank32Adapters(t, all)
@@ -284,20 +286,16 @@ func TestLoRAVariantsMatch(t *testing.T) {
 		}
 		bo := Options{SerialLoRA: v.serial}
 		k := key{len(adapters), v.serial}
-		ed := defaults[k]
-		if ed == nil {
+		ed, against := defaults[k], "the default kernels"
+		if v.ref != nil {
+			ed, _ = forcedEngine(t, m, adapters, bo, v.ref)
+			against = "its alternative"
+		} else if ed == nil {
 			ed, _ = newMatchEngine(t, m, adapters, bo)
 			defaults[k] = ed
 		}
-		ev, bv := newMatchEngine(t, m, adapters, bo)
-		v.set(&bv.force)
-		if err := bv.dropGraphs(); err != nil {
-			t.Fatal(err)
-		}
-		if err := ev.Warmup(); err != nil { // recorded again, with the variant
-			t.Fatal(err)
-		}
-		what := v.name + " and the default kernels"
+		ev, bv := forcedEngine(t, m, adapters, bo, v.set)
+		what := v.name + " and " + against
 		if v.serial {
 			what += ", LoRA serial"
 		}
@@ -308,10 +306,10 @@ func TestLoRAVariantsMatch(t *testing.T) {
 	}
 }
 
-// loraVariant is an off-by-default LoRA kernel choice with the default
-// kernels' bits: set forces it, runs counts its launches; op: it applies
-// to one loraSlices call (TestOpLoRAFused), not only to a step's aside
-// updates.
+// loraVariant is a LoRA kernel choice the defaults take only in some
+// steps (or none), with the default kernels' bits: set forces it, runs
+// counts its launches; op: it applies to one loraSlices call
+// (TestOpLoRAFused), not only to a step's aside updates.
 type loraVariant struct {
 	name      string
 	op        bool
@@ -319,11 +317,12 @@ type loraVariant struct {
 	serial    bool // its kernel runs only where an update adds in place: TestLoRAVariantsMatch runs LoRA serially (Options.SerialLoRA) in both engines
 	set       func(*kernelForce)
 	runs      func(*Backend) int
+	ref       func(*kernelForce) // the reference engine's setting: the kernel's alternative in every step (nil: the defaults)
 }
 
 var loraVariants = []loraVariant{
-	{"sgmv_expand_tc64s", true, true, true, func(f *kernelForce) { f.stageOut = 1 }, func(b *Backend) int { return b.expandStageds }},
-	{"sgmv_expand_tch1s", false, true, false, func(f *kernelForce) { f.halfStage = 1 }, func(b *Backend) int { return b.halfStageds }},
+	{"sgmv_expand_tc64s", true, true, true, func(f *kernelForce) { f.stageOut = 1 }, func(b *Backend) int { return b.expandStageds }, nil},
+	{"sgmv_expand_tch1s", false, true, false, func(f *kernelForce) { f.halfStage = 1 }, func(b *Backend) int { return b.halfStageds }, func(f *kernelForce) { f.halfStage = -1 }},
 }
 
 // rank32Adapters is the fixture's adapters of rank 32 or less: the rank-32
@@ -485,6 +484,21 @@ func newMatchEngine(t *testing.T, m *llama.Model, adapters map[string]*lora.Adap
 		t.Fatal(err)
 	}
 	return e, e.Backend().(*Backend)
+}
+
+// forcedEngine is newMatchEngine's engine with set applied to its kernel
+// choices and its step graphs recorded again with them.
+func forcedEngine(t *testing.T, m *llama.Model, adapters map[string]*lora.Adapter, bo Options, set func(*kernelForce)) (*engine.Engine, *Backend) {
+	t.Helper()
+	e, b := newMatchEngine(t, m, adapters, bo)
+	set(&b.force)
+	if err := b.dropGraphs(); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.Warmup(); err != nil {
+		t.Fatal(err)
+	}
+	return e, b
 }
 
 // sameLogits runs one step of inputs ip on ep and the same rows is (each

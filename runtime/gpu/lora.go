@@ -724,7 +724,7 @@ func (b *Backend) expandTC(st *cuda.Stream, tc int, outPtr cuda.DevicePtr, outSt
 	blk1, blk2 := slices12(start)
 	f := b.fn.sgExpandTC[bits.TrailingZeros(uint(tc))]
 	switch {
-	case acc == accHalf && tc == 1 && aligned && forcedOn(b.force.halfStage, halfStageAuto):
+	case acc == accHalf && tc == 1 && aligned && forcedOn(b.force.halfStage, halfStageAuto && b.nLora >= halfStageMinRows):
 		f = b.fn.sgExpandTCHS
 		b.halfStageds++
 	case acc == accHalf:
@@ -755,16 +755,21 @@ const (
 	stageOutAuto    = true
 )
 
-// halfStageAuto is kernelForce.halfStage's default: whether the rank-32
-// class's bf16 updates (accHalf: gate/up always, o and down in FP8 steps)
-// are written by sgmv_expand_tch1s, the output tile staged in shared
-// memory and stored in 16-byte pieces of whole rows. PERFORMANCE v0.93's
-// trace of an FP8 mixed step with four adapters: the gate/up expand
-// (tch1, 840 blocks of 16 rows x 512 columns on the 20 SMs its product
-// leaves) takes 68.5 µs beside a 60 µs product, and tch1 writes its bf16
-// pairs 8 rows x 16 bytes an instruction, half of each 32-byte sector.
-// Off until measured (`+hstage` in TestDecodeBench).
-const halfStageAuto = false
+// halfStageAuto and halfStageMinRows are kernelForce.halfStage's default:
+// the rank-32 class's bf16 updates (accHalf: gate/up always, o and down in
+// FP8 steps) of steps of halfStageMinRows LoRA rows or more are written by
+// sgmv_expand_tch1s, the output tile staged in shared memory and stored in
+// 16-byte pieces of whole rows, not by tch1 (8 rows x 16 bytes a store
+// instruction, half of each 32-byte sector). PERFORMANCE v0.94 (H100, four
+// rank-32 adapters, device ms a step, `+hstage` against tch1): FP8 mixed
+// steps (64 decode rows + a 176-token prompt) 7.11 against 7.28, FP8 64 /
+// 256 rows 6.08 / 12.81 against 6.10 / 12.96, bf16 256 rows 15.08 against
+// 15.23, FP8 serving with four adapters 9,368 against 9,153 tok/s; at 16
+// rows the same (4.49 / 4.50); at one row it loses (3.74 against 3.61).
+const (
+	halfStageAuto    = true
+	halfStageMinRows = 16
+)
 
 // x64Cols is X64_COLS in llama.cu: the output columns of an
 // sgmv_expand_tc64s block.
