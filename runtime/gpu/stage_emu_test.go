@@ -21,9 +21,9 @@ import (
 // shared-memory banks.
 func TestHalfStageEmulated(t *testing.T) {
 	const (
-		ng   = 8          // TcShape<1, 1>::NG
-		cols = 8 * 8 * ng // TcShape<1, 1>::COLS: 512
-		ow   = cols + 8   // OW: rows padded by 16 bytes
+		groupsPerWarp = 8                     // TcShape<1, 1>::NG
+		cols          = 8 * 8 * groupsPerWarp // TcShape<1, 1>::COLS: 512
+		ow            = cols + 8              // OW: rows padded by 16 bytes
 	)
 	groups := [][]int{{14336, 14336}, {4096, 1024, 1024}, {4096}, {352, 352}, {128, 32, 32}, {8}, {520, 8}}
 	for _, widths := range groups {
@@ -52,13 +52,13 @@ func TestHalfStageEmulated(t *testing.T) {
 					os[i] = -1
 				}
 				for w := 0; w < 8; w++ {
-					col0 := sOff + chunk*cols + w*8*ng
-					for g := range ng {
+					col0 := sOff + chunk*cols + w*8*groupsPerWarp
+					for ng := range groupsPerWarp {
 						for h := 0; h < 2; h++ {
 							banks := map[int]bool{}
 							for lane := 0; lane < 32; lane++ {
-								lg, q := lane>>2, lane&3
-								r, col := lg+8*h, col0+g*8+2*q
+								g, q := lane>>2, lane&3
+								r, col := g+8*h, col0+ng*8+2*q
 								if col >= sEnd || r >= n {
 									continue
 								}
@@ -67,7 +67,7 @@ func TestHalfStageEmulated(t *testing.T) {
 									t.Fatalf("%s: block %d warp %d: pair at %d is not word-aligned", name, bx, w, at)
 								}
 								if banks[(at/2)%32] {
-									t.Fatalf("%s: block %d warp %d group %d half %d: two lanes on bank %d", name, bx, w, g, h, (at/2)%32)
+									t.Fatalf("%s: block %d warp %d group %d half %d: two lanes on bank %d", name, bx, w, ng, h, (at/2)%32)
 								}
 								banks[(at/2)%32] = true
 								for j := range 2 {
