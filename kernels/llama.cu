@@ -2816,12 +2816,6 @@ extern "C" __global__ void __launch_bounds__(256) sgmv_expand_tch4(EXPAND_TC_ARG
 // of each sector). The same values: tch1's bits. Needs 16-byte aligned
 // rows (o_stride % 8 == 0, out 16-byte aligned: runtime/gpu checks).
 extern "C" __global__ void __launch_bounds__(256) sgmv_expand_tch1s(EXPAND_TC_ARGS) { expand_tc_body<1, 1, true, true>(EXPAND_TC_PASS); }
-// sgmv_expand_tch1o3: sgmv_expand_tch1 held to three blocks an SM (at most
-// 80 registers; tch1 takes 87, two blocks), its stores unstaged: which of
-// tch1s's two changes (three blocks an SM, whole-row stores) pays
-// (kernelForce.halfStage 2, decode rows `+ho3`; PERFORMANCE v0.94 Next 2).
-// tch1's code: its bits.
-extern "C" __global__ void __launch_bounds__(256, 3) sgmv_expand_tch1o3(EXPAND_TC_ARGS) { expand_tc_body<1, 1, false, true>(EXPAND_TC_PASS); }
 // sgmv_expand_tc64s: sgmv_expand_tc1 adding in place on the step's 64-row
 // tiles of one adapter (the big tiles sgmv_shrink64 takes: {first row,
 // rows, slot, 0}), 128 columns a block instead of 512 (expand_tc_body's MT

@@ -560,11 +560,7 @@ func (v decodeVariant) label(ads []*lora.Adapter, pdlOK bool) string {
 	lbl += onOffLabel(v.sh64, "sh64")
 	lbl += onOffLabel(v.wssilu, "wssilu")
 	lbl += onOffLabel(v.wsnorm, "wsnorm")
-	if v.hstage == 2 {
-		lbl += "+ho3"
-	} else {
-		lbl += onOffLabel(v.hstage, "hstage")
-	}
+	lbl += onOffLabel(v.hstage, "hstage")
 	lbl += onOffLabel(v.wshalf, "wshalf")
 	lbl += countLabel(v.wsearly, "wsearly") + countLabel(v.wsearlyo, "wsearlyo")
 	lbl += onOffLabel(v.silucl, "silucl")
@@ -809,7 +805,7 @@ func TestDecodeBench(t *testing.T) {
 		{sms: -1, wsfrom: 9, wssilu: 1, wsnorm: 1}, {sms: -1, wsfrom: 9, wssilu: 1, wsnorm: 1, wshalf: 1}, // FP8 9-16 rows: fp8_ws with the fused ends
 		{sms: -1, wsearlyo: 4}, {sms: -1, wsearlyo: 7}, {lora: true, sms: -1, wsearlyo: 4}, {lora: true, sms: -1, wsearlyo: 7},
 		{lora: true, sms: -1, onopdl: 1}, {lora: true, sms: -1, onopdl: -1},
-		{lora: true, sms: -1, hstage: 1}, {lora: true, sms: -1, hstage: -1}, {lora: true, sms: -1, hstage: 2},
+		{lora: true, sms: -1, hstage: 1}, {lora: true, sms: -1, hstage: -1},
 		{lora: true, sms: -1, guhalf: 1}, {lora: true, sms: -1, guhalf: -1}, {lora: true, sms: -1, outhalf: 1}, {lora: true, sms: -1, outhalf: -1}, {lora: true, sms: -1, qkvhalf: 1}, {lora: true, sms: -1, qkvhalf: -1}, {lora: true, sms: -1, outhalf: 1, qkvhalf: 1},
 		{sms: -1, alllogits: true}, {lora: true, sms: -1, alllogits: true},
 		{sms: -1, wsearly: 2}, {sms: -1, wsearly: 4}, {sms: -1, wsearly: 7}, {lora: true, sms: -1, wsearly: 2}, {lora: true, sms: -1, wsearly: 4}, {lora: true, sms: -1, wsearly: 7},

@@ -724,8 +724,6 @@ func (b *Backend) expandTC(st *cuda.Stream, tc int, outPtr cuda.DevicePtr, outSt
 	blk1, blk2 := slices12(start)
 	f := b.fn.sgExpandTC[bits.TrailingZeros(uint(tc))]
 	switch {
-	case acc == accHalf && tc == 1 && b.force.halfStage == 2:
-		f = b.fn.sgExpandTCH1O3
 	case acc == accHalf && tc == 1 && aligned && forcedOn(b.force.halfStage, halfStageAuto && b.nLora >= halfStageMinRows):
 		f = b.fn.sgExpandTCHS
 		b.halfStageds++
