@@ -826,7 +826,11 @@ func TestDecodeBench(t *testing.T) {
 	// fp8State.wsFrom: label 4xr32+ws9+hold16.16.16.16), an entry ending
 	// +splitbeside (32.32.20.32+splitbeside) the K split of FP8 products
 	// beside the LoRA stream planned for the whole card (fp8State.splitBeside:
-	// label 4xr32+splitbeside+hold32.32.20.32)
+	// label 4xr32+splitbeside+hold32.32.20.32). These rows are asked for by
+	// name, so PEFTD_DECODE_ROWS, PEFTD_DECODE_QUICK and
+	// PEFTD_DECODE_VARIANTS do not drop them (session 103 nearly ran an
+	// A/B whose hold rows PEFTD_DECODE_ROWS=4xr32 would have filtered out)
+	var asked []decodeVariant
 	if env := os.Getenv("PEFTD_DECODE_HOLDS"); env != "" {
 		for _, f := range strings.Split(env, ",") {
 			var h [4]int
@@ -852,7 +856,7 @@ func TestDecodeBench(t *testing.T) {
 				}
 				h[i] = n
 			}
-			vs = append(vs, decodeVariant{lora: true, sms: -1, holds: h, wsfrom: wsFrom, splitBeside: splitBeside})
+			asked = append(asked, decodeVariant{lora: true, sms: -1, holds: h, wsfrom: wsFrom, splitBeside: splitBeside})
 		}
 	}
 	if os.Getenv("PEFTD_DECODE_QUICK") != "" { // base and adapters, each with cuBLASLt (+lt), and with FP8 weights with fp8_stream at every row count (+fs) and at none (+gv)
@@ -869,6 +873,11 @@ func TestDecodeBench(t *testing.T) {
 	rowLabels := strings.Split(rowsWanted, ",")
 	wantRow := func(v decodeVariant) bool { return rowsWanted == "" || slices.Contains(rowLabels, v.label(ads, pdlOK)) }
 	vs = slices.DeleteFunc(vs, func(v decodeVariant) bool { return !wantRow(v) })
+	for _, v := range asked { // once each, where the list has that row too
+		if !slices.ContainsFunc(vs, func(w decodeVariant) bool { return w.label(ads, pdlOK) == v.label(ads, pdlOK) }) {
+			vs = append(vs, v)
+		}
+	}
 	type run struct {
 		B int
 		v decodeVariant
