@@ -465,6 +465,9 @@ WS_WIDTHS(fp8_ws, ws_body, 1, FP8_WS_ARGS, FP8_WS_PASS, 128)
 #define FP8_WS_NORM_ARGS FP8_WS_ARGS, bf16 *xr, bf16 *nout, const bf16 *nw, float eps, unsigned char *q, float *qscale, unsigned *sync
 #define FP8_WS_NORM_PASS FP8_WS_PASS, WsSiluQ{}, WsNorm{xr, nout, nw, eps, q, qscale, sync}
 WS_FUSED_KERNELS(fp8_ws, 1, FP8_WS_ARGS, FP8_WS_PASS, FP8_WS_SILU_ARGS, FP8_WS_SILU_PASS, FP8_WS_NORM_ARGS, FP8_WS_NORM_PASS)
+// fp8_wgsk_n{128,256}: 65-256 rows, stream-K over any SMs, TMA stages and
+// warp-specialized warpgroups (wgsk.cuh; runtime/gpu wgsk.go)
+#include "wgsk.cuh"
 #endif
 
 // fp8_splitk_reduce: the sum of a K-split product's float32 partials

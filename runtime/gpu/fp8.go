@@ -66,6 +66,7 @@ func fp8Projection(name string, shape []int) bool { return llama.FP8Projection(n
 type fp8Weight struct {
 	q, scale   *cuda.DeviceBuffer
 	rows, cols int
+	wgskMap    *cuda.TensorMap // fp8_wgsk's tensor map of q (wgsk.go; made at its first launch)
 }
 
 // fp8State holds the FP8 path's module, scratch and weights for a Backend
@@ -143,6 +144,12 @@ type fp8State struct {
 	// fp8_ws lost to cuBLASLt until v0.63's WS_INFLIGHT 1: four rank-32
 	// adapters 32 / 64 rows 4.35 / 5.13 -> 4.13 / 4.95 ms (H200)
 	wsAuto, wsAutoDefault, wsLone bool
+	// fp8_wgsk_n* (wgsk.go: up to 256 rows, stream-K over any SMs, TMA
+	// stages; only in the PEFTD_WG build, on sm_90a): nil where absent.
+	// wgskOn (tests, benchmarks) sends the products of wgskMinRows-256
+	// rows it takes to them ahead of every other route.
+	wgsk   *wgskProduct
+	wgskOn bool
 	// wsFrom (benchmarks, tests; 0: off): fp8_ws's products from wsFrom
 	// rows below wsMinRows too, ahead of fp8_stream, fp8_gemv_seg and
 	// fp8_gemv (wsMinRows dates from before v0.57's scale fix and v0.63's
@@ -237,6 +244,12 @@ func newFP8(ctx *cuda.Context, s *cuda.Stream, mm *cuda.Matmul, ko kernels.Optio
 		return nil, err
 	}
 	if f.ws, err = loadWS(ctx, s, f.mod, "fp8_ws", 1, limit); err != nil {
+		f.wg.free()
+		f.mod.Unload()
+		return nil, err
+	}
+	if f.wgsk, err = loadWGSK(ctx, s, f.mod, limit); err != nil {
+		f.ws.free()
 		f.wg.free()
 		f.mod.Unload()
 		return nil, err
@@ -417,6 +430,9 @@ func (f *fp8State) linear(out, x cuda.DevicePtr, T int, w *fp8Weight, gen uint64
 	K := w.cols
 	if err := f.prepare(x, T, K, gen); err != nil {
 		return err
+	}
+	if f.wgskOn && T >= wgskMinRows && f.wgsk.fits(T, w.rows, K) {
+		return f.wgsk.launch(f.s, out, f.actQ.Ptr(), f.actS.Ptr(), w, T)
 	}
 	if f.ltForce || f.ltRows[[4]int{T, w.rows, K, f.mm.SMTarget()}] {
 		return f.mm.GemmTNScaled(f.s, out, cuda.R16BF, f.actQ.Ptr(), f.actS.Ptr(), w.q.Ptr(), w.scale.Ptr(), T, w.rows, K)
@@ -635,6 +651,7 @@ func (f *fp8State) close() error {
 	f.tmp, f.actQ, f.actS, f.skPart, f.skDone, f.spPart = nil, nil, nil, nil, nil, nil
 	keep(f.wg.free())
 	keep(f.ws.free())
+	keep(f.wgsk.free())
 	if f.mod != nil {
 		keep(f.mod.Unload())
 		f.mod = nil

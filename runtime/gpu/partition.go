@@ -126,6 +126,9 @@ func (b *Backend) planFor() {
 		if f.wg != nil {
 			f.wg.sms = min(sms, f.wg.smsMax)
 		}
+		if f.wgsk != nil {
+			f.wgsk.sms = min(sms, f.wgsk.smsMax)
+		}
 	}
 }
 

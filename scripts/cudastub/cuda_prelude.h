@@ -11,6 +11,7 @@
 #define __forceinline__ __inline__ __attribute__((always_inline))
 #define __launch_bounds__(...) __attribute__((launch_bounds(__VA_ARGS__)))
 #define __align__(n) __attribute__((aligned(n)))
+#define __grid_constant__ __attribute__((grid_constant))
 #include <__clang_cuda_builtin_vars.h>
 struct __align__(16) uint4 { unsigned x, y, z, w; };
 struct __align__(16) int4 { int x, y, z, w; };

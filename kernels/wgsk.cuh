@@ -1,0 +1,240 @@
+// wgsk.cuh: wgsk_body, the FP8 product of 65-256 activation rows on
+// Hopper's warpgroup MMAs, stream-K over any number of SMs, its stages
+// copied by the tensor memory accelerator (TMA) and consumed by two
+// warpgroups while a third asks for the next ones (warp specialization).
+// Included by fp8.cu in its wgmma build only (PEFTD_WG, sm_90a).
+//
+// Why: at 65-256 rows cuBLASLt's FP8 product runs one block per 128 x 128
+// output tile, so o and down at 8B shapes (N = 4,096: 64 tiles at 129-256
+// rows) leave SMs idle when the LoRA stream holds some (84-100 SMs left,
+// 64 busy; PERFORMANCE v0.85 and v0.95), and split K only by powers of
+// two within one wave. A stream-K grid covers whatever SMs it is given.
+//
+// Work: the weight rows in tiles of WK_BM = 128 (64 per consumer
+// warpgroup), each tile's K in 128-byte stages (SPT a tile, the last one
+// zero-filled past K by the TMA), U = tiles * SPT stage units; block b of
+// G takes units [b U / G, (b + 1) U / G) (wg_first), so every block
+// streams the same bytes through one ring, across its tiles' boundaries.
+// A tile the block holds whole is scaled, rounded and stored from
+// registers; one it shares goes through float32 partials (two slots a
+// block), and the last of its blocks to finish (a per-tile counter) sums
+// them in block order and stores it, leaving the counter at zero (as
+// wg_body).
+//
+// A stage: WK_BM weight rows, then TR = 8 NT activation rows (zeros past
+// M: the activation map has M rows), 128 bytes of K each, in the 128-byte
+// swizzle wgmma reads (the TMA writes it so: boxes of 128 bytes x rows).
+// Warpgroup 0 is the producer: its thread 0 waits for a stage's slot to
+// be free (empty, 256 consumer arrivals), counts the stage's bytes in
+// (full) and asks for its two boxes; its other threads leave. Warpgroups 1
+// and 2 wait for full, each multiplies its 64 weight rows by the TR
+// activation rows (four m64nTRk32 wgmmas), waits for them and arrives on
+// empty. The weights' first ST boxes are asked for before
+// griddepcontrol.wait (no kernel writes weights). Accumulators as
+// wg_body's per warpgroup: thread (warp w, lane l) of consumer c holds
+// weight rows 64c + 16w + l/4 (+8) and activation rows 8t + 2(l%4) (+1)
+// in d[4t..4t+3]. The producer gives its registers to the consumers
+// (setmaxnreg): 128 accumulators a thread at TR = 256.
+// ---------------------------------------------------------------------------
+#pragma once
+#include "common.cuh"
+
+#define WK_BM 128      // weight rows a tile (two consumer warpgroups of 64)
+#define WK_THREADS 384 // producer warpgroup, then two consumer warpgroups
+#define WK_CONSUMERS 256
+#ifndef WK_SMEM
+#define WK_SMEM (200 * 1024) // the stages' shared memory at most, with 1 KB to align it
+#endif
+
+// WkShape: the ring of the variant with TR staged activation rows. WB, XB:
+// a stage's weight and activation bytes; ST: stages (3 to 8). runtime/gpu's
+// wgskStages must agree.
+template <int TR> struct WkShape {
+    static constexpr int WB = WK_BM * WG_RB, XB = TR * WG_RB, SB = WB + XB;
+    static constexpr int FIT = (WK_SMEM - 1024) / SB;
+    static constexpr int ST = FIT > 8 ? 8 : FIT;
+    static_assert(ST >= 3, "wgsk_body: fewer than 3 stages fit");
+};
+
+// TmaDesc: a CUtensorMap as a kernel parameter (const __grid_constant__,
+// 128 bytes, 64-aligned; runtime/cuda TensorMap).
+struct __align__(64) TmaDesc {
+    unsigned long long v[16];
+};
+
+__device__ __forceinline__ void mbar_init(unsigned bar, unsigned count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+// mbar_expect_tx: one arrival that also expects bytes to be counted in.
+__device__ __forceinline__ void mbar_expect_tx(unsigned bar, unsigned bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(unsigned bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+// mbar_wait: until the barrier's phase of this parity has completed.
+__device__ __forceinline__ void mbar_wait(unsigned bar, unsigned parity) {
+    asm volatile("{\n.reg .pred P1;\nWK_WAIT:\n"
+                 "mbarrier.try_wait.parity.shared::cta.b64 P1, [%0], %1;\n"
+                 "@P1 bra WK_DONE;\nbra WK_WAIT;\nWK_DONE:\n}\n" ::"r"(bar),
+                 "r"(parity)
+                 : "memory");
+}
+// tma_load2d: the box at (c0, c1) (inner element, row) of map into shared
+// memory at dst, its bytes counted in at bar.
+__device__ __forceinline__ void tma_load2d(unsigned dst, const TmaDesc* map, int c0, int c1, unsigned bar) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(dst),
+                 "l"(reinterpret_cast<unsigned long long>(map)), "r"(c0), "r"(c1), "r"(bar)
+                 : "memory");
+#endif
+}
+// wk_sync: the consumers' barrier (named barrier 1, their 256 threads; the
+// producer warpgroup has left).
+__device__ __forceinline__ void wk_sync() { asm volatile("bar.sync 1, %0;\n" ::"n"(WK_CONSUMERS) : "memory"); }
+
+template <int N> __device__ __forceinline__ void wk_setmaxnreg_dec() {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
+#endif
+}
+template <int N> __device__ __forceinline__ void wk_setmaxnreg_inc() {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
+#endif
+}
+
+// wgsk_body: out [M, N] = x [M, K] . w [N, K]^T times sx[m] sw[n], e4m3
+// operands (K bytes a row, K % 16 == 0), N % WK_BM == 0, M <= TR.
+// wmap: w in boxes of 128 bytes x WK_BM rows; xmap: x (M rows) in boxes of
+// 128 bytes x TR rows, both with the 128-byte swizzle; part: 2 G WK_BM TR
+// floats; done: N / WK_BM counters, zero.
+template <int NT>
+__device__ __forceinline__ void wgsk_body(const TmaDesc* wmap, const TmaDesc* xmap, bf16* __restrict__ out,
+                                          float* __restrict__ part, int* __restrict__ done,
+                                          const float* __restrict__ sx, const float* __restrict__ sw, int M, int N,
+                                          int K) {
+    constexpr int TR = 8 * NT;
+    using S = WkShape<TR>;
+    constexpr int WB = S::WB, SB = S::SB, ST = S::ST;
+    extern __shared__ __align__(16) unsigned char wkm[];
+    __shared__ __align__(8) unsigned long long full[ST], empty[ST];
+    __shared__ int last;
+    __shared__ float sxs[TR]; // the activation rows' scales
+    const int tid = threadIdx.x;
+    const int SPT = (K + WG_RB - 1) / WG_RB; // stages a tile
+    const int U = N / WK_BM * SPT, G = gridDim.x, bid = blockIdx.x;
+    const int u0 = wg_first(bid, U, G), n = wg_first(bid + 1, U, G) - u0;
+    const unsigned base = ((unsigned)__cvta_generic_to_shared(wkm) + 1023u) & ~1023u;
+    const unsigned fb = (unsigned)__cvta_generic_to_shared(full), eb = (unsigned)__cvta_generic_to_shared(empty);
+    if (tid == 0) {
+        for (int i = 0; i < ST; i++) {
+            mbar_init(fb + 8 * i, 1);
+            mbar_init(eb + 8 * i, WK_CONSUMERS);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+        fence_proxy_async();
+    }
+    __syncthreads();
+
+    if (tid < 128) { // the producer
+        wk_setmaxnreg_dec<40>();
+        if (tid == 0) {
+            auto ask_w = [&](int j) { // stage j's weight box, with the stage's whole count
+                const int u = u0 + j, tile = u / SPT;
+                mbar_expect_tx(fb + 8 * (j % ST), SB);
+                tma_load2d(base + (j % ST) * SB, wmap, (u - tile * SPT) * WG_RB, tile * WK_BM, fb + 8 * (j % ST));
+            };
+            auto ask_x = [&](int j) {
+                const int u = u0 + j, tile = u / SPT;
+                tma_load2d(base + (j % ST) * SB + WB, xmap, (u - tile * SPT) * WG_RB, 0, fb + 8 * (j % ST));
+            };
+            const int first = n < ST ? n : ST;
+            for (int j = 0; j < first; j++) ask_w(j); // weights: no kernel writes them
+            pdl_entry();
+            for (int j = 0; j < first; j++) ask_x(j);
+            for (int j = ST; j < n; j++) {
+                mbar_wait(eb + 8 * (j % ST), ((j / ST) & 1) ^ 1); // the consumers are done with use j - ST
+                ask_w(j);
+                ask_x(j);
+            }
+        } else {
+            pdl_entry();
+        }
+        return;
+    }
+
+    wk_setmaxnreg_inc<232>();
+    pdl_entry();
+    const int ct = tid - 128, c = ct >> 7; // consumer thread, warpgroup
+    for (int i = ct; i < TR; i += WK_CONSUMERS) sxs[i] = i < M ? sx[i] : 0.f;
+    wk_sync(); // the scales are in for every consumer
+    const int lane = ct & 31, warp = (ct >> 5) & 3, g = lane >> 2, tig = lane & 3;
+    const int row = 64 * c + 16 * warp + g; // this thread's first weight row in a tile
+    const int at = row * TR + 2 * tig;
+    auto slot = [&](int b, int tile) {
+        return part + ((long long)b * 2 + (wg_first(b, U, G) / SPT == tile ? 0 : 1)) * WK_BM * TR + at;
+    };
+    float d[4 * NT];
+    // flush: the accumulators of tile `tile`, which this block holds from
+    // its stage k0 to k1 (inclusive)
+    auto flush = [&](int tile, int k0, int k1) {
+        if (k0 == 0 && k1 == SPT - 1) {
+            frag_out<NT>(out, d, M, N, tile * WK_BM + 64 * c, 16 * warp + g, tig, sxs, sw);
+            return;
+        }
+        frag_store_pairs<NT>(slot(bid, tile), d, TR);
+        const int b0 = wg_block(tile * SPT, U, G), b1 = wg_block((tile + 1) * SPT - 1, U, G);
+        // the block's partials, ordered before its count by one thread's
+        // fence after the barrier, and the others' before the last block's
+        // reads by its fence after the count (wg_body's)
+        wk_sync();
+        if (ct == 0) {
+            __threadfence();
+            last = atomicAdd(done + tile, 1) == b1 - b0;
+            if (last) __threadfence();
+        }
+        wk_sync();
+        if (!last) return;
+#pragma unroll
+        for (int i = 0; i < 4 * NT; i++) d[i] = 0.f;
+        for (int b = b0; b <= b1; b++) frag_add_pairs<NT>(d, slot(b, tile), TR);
+        frag_out<NT>(out, d, M, N, tile * WK_BM + 64 * c, 16 * warp + g, tig, sxs, sw);
+        if (ct == 0) done[tile] = 0; // ready for the next launch
+    };
+
+#pragma unroll
+    for (int i = 0; i < 4 * NT; i++) d[i] = 0.f;
+    int tile = u0 / SPT, ks = u0 - tile * SPT, k0 = ks;
+#pragma unroll 1
+    for (int j = 0; j < n; j++) {
+        const int s = j % ST;
+        mbar_wait(fb + 8 * s, (j / ST) & 1); // stage j's boxes have landed
+        const unsigned wb = base + s * SB + 64 * c * WG_RB, xb = base + s * SB + WB;
+        wg_pin<4 * NT>(d);
+        wg_fence();
+#pragma unroll
+        for (int q = 0; q < WG_RB / 32; q++) wg_mma_n<1, TR>(d, wg_desc(wb + 32 * q), wg_desc(xb + 32 * q));
+        wg_commit();
+        wg_wait<0>();
+        wg_pin<4 * NT>(d);
+        mbar_arrive(eb + 8 * s); // this thread is done with the stage
+        if (ks == SPT - 1 || j == n - 1) { // this block's last stage of the tile
+            flush(tile, k0, ks);
+#pragma unroll
+            for (int i = 0; i < 4 * NT; i++) d[i] = 0.f;
+            tile++, ks = 0, k0 = 0;
+        } else {
+            ks++;
+        }
+    }
+}
+
+// fp8_wgsk_n{128,256}: wgsk_body for 65-128 and 129-256 rows (runtime/gpu
+// wgsk.go), one block of WK_THREADS an SM.
+#define FP8_WGSK_ARGS                                                                                             \
+    const __grid_constant__ TmaDesc wmap, const __grid_constant__ TmaDesc xmap, bf16 *out, float *part, int *done, \
+        const float *sx, const float *sw, int M, int N, int K
+#define FP8_WGSK_PASS &wmap, &xmap, out, part, done, sx, sw, M, N, K
+extern "C" __global__ void __launch_bounds__(WK_THREADS, 1) fp8_wgsk_n128(FP8_WGSK_ARGS) { wgsk_body<16>(FP8_WGSK_PASS); }
+extern "C" __global__ void __launch_bounds__(WK_THREADS, 1) fp8_wgsk_n256(FP8_WGSK_ARGS) { wgsk_body<32>(FP8_WGSK_PASS); }
