@@ -29,7 +29,8 @@
 // (full) and asks for its two boxes; its other threads leave. Warpgroups 1
 // and 2 wait for full, each multiplies its 64 weight rows by the TR
 // activation rows (four m64nTRk32 wgmmas), waits for them and arrives on
-// empty. The weights' first ST boxes are asked for before
+// empty (with WK_INFLIGHT 1 it waits for the stage before's, and frees
+// that one, but at a tile's end). The weights' first ST boxes are asked for before
 // griddepcontrol.wait (no kernel writes weights). Accumulators as
 // wg_body's per warpgroup: thread (warp w, lane l) of consumer c holds
 // weight rows 64c + 16w + l/4 (+8) and activation rows 8t + 2(l%4) (+1)
@@ -44,6 +45,9 @@
 #define WK_CONSUMERS 256
 #ifndef WK_SMEM
 #define WK_SMEM (200 * 1024) // the stages' shared memory at most, with 1 KB to align it
+#endif
+#ifndef WK_INFLIGHT
+#define WK_INFLIGHT 0 // a consumer's wgmma groups left running while it waits for the next stage (0 or 1)
 #endif
 
 // WkShape: the ring of the variant with TR staged activation rows. WB, XB:
@@ -203,9 +207,11 @@ __device__ __forceinline__ void wgsk_body(const TmaDesc* wmap, const TmaDesc* xm
         if (ct == 0) done[tile] = 0; // ready for the next launch
     };
 
+    static_assert(WK_INFLIGHT == 0 || WK_INFLIGHT == 1, "wgsk_body: WK_INFLIGHT");
 #pragma unroll
     for (int i = 0; i < 4 * NT; i++) d[i] = 0.f;
     int tile = u0 / SPT, ks = u0 - tile * SPT, k0 = ks;
+    int pend = -1; // a stage this thread is done with but has not freed (WK_INFLIGHT 1)
 #pragma unroll 1
     for (int j = 0; j < n; j++) {
         const int s = j % ST;
@@ -216,10 +222,20 @@ __device__ __forceinline__ void wgsk_body(const TmaDesc* wmap, const TmaDesc* xm
 #pragma unroll
         for (int q = 0; q < WG_RB / 32; q++) wg_mma_n<1, TR>(d, wg_desc(wb + 32 * q), wg_desc(xb + 32 * q));
         wg_commit();
-        wg_wait<0>();
-        wg_pin<4 * NT>(d);
-        mbar_arrive(eb + 8 * s); // this thread is done with the stage
-        if (ks == SPT - 1 || j == n - 1) { // this block's last stage of the tile
+        const bool end = ks == SPT - 1 || j == n - 1; // this block's last stage of the tile
+        if (WK_INFLIGHT == 0 || end) {
+            wg_wait<0>();
+            wg_pin<4 * NT>(d);
+            if (pend >= 0) mbar_arrive(eb + 8 * pend);
+            mbar_arrive(eb + 8 * s); // this thread is done with the stage
+            pend = -1;
+        } else {
+            wg_wait<1>(); // the stage before's group is done
+            wg_pin<4 * NT>(d);
+            if (pend >= 0) mbar_arrive(eb + 8 * pend);
+            pend = s;
+        }
+        if (end) {
             flush(tile, k0, ks);
 #pragma unroll
             for (int i = 0; i < 4 * NT; i++) d[i] = 0.f;
