@@ -34,9 +34,10 @@ type wgskProduct struct {
 var wgskRows = [...]int{128, 256}
 
 const (
-	wgskBM      = 128
-	wgskThreads = 384
-	wgskSmem    = 200 << 10
+	wgskBM        = 128
+	wgskThreads   = 384
+	wgskConsumers = 256 // WK_CONSUMERS: the two consumer warpgroups' threads (each arrives on a stage's empty barrier)
+	wgskSmem      = 200 << 10
 	// wgskMinRows is the fewest rows wgskOn sends to the kernels: below
 	// it fp8_ws, fp8_wg and fp8_stream take the products.
 	wgskMinRows = 65

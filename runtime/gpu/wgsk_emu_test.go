@@ -1,0 +1,307 @@
+package gpu
+
+import (
+	"math/rand/v2"
+	"testing"
+)
+
+// TestWgskEmulated runs wgsk_body's index arithmetic and its ring's
+// mbarrier protocol (kernels/wgsk.cuh: fp8_wgsk) on the CPU with integers
+// for the operands, each block in turn (in a shuffled order, so any of a
+// shared tile's blocks may finish it), its producer and two consumer
+// warpgroups interleaved at random:
+//   - the producer asks for stage j once its `empty` barrier's phase of
+//     parity ((j / ST) & 1) ^ 1 has completed (j >= ST), as the kernel's
+//     try_wait.parity does; the TMA's boxes land in the buffer in the
+//     128-byte swizzle (row r at r * 128, its 16-byte chunk c at c ^
+//     (r % 8)), zeros past K and past M's activation rows; `full`
+//     completes when its one arrival and both boxes' bytes are in;
+//   - a consumer waits for full's phase of parity (j / ST) & 1, its group
+//     reads the stage by descriptor as the PTX ISA defines the K-major
+//     128-byte swizzle (its 64 weight rows from 64 c, the TR activation
+//     rows after the WK_BM weight rows), and with WK_INFLIGHT 1 the group
+//     still reads the buffer until the consumer's next wait: the buffer
+//     must hold the same stage then;
+//   - it arrives on empty (128 arrivals a warpgroup, 256 complete a phase)
+//     as the kernel does, and at a tile's end both meet (wk_sync) to store
+//     it whole or through the partial slots and the per-tile counters.
+//
+// The result must be the plain product, each output written once and every
+// counter back at zero, for a tile inside one block, tiles shared by two or
+// more blocks, a last stage past K, activation rows past M, both variants
+// and both WK_INFLIGHT values.
+func TestWgskEmulated(t *testing.T) {
+	for _, inflight := range []int{0, 1} {
+		for _, c := range []struct{ M, N, K, G int }{
+			{65, 256, 128*5 + 64, 1}, {65, 256, 128*5 + 64, 3}, {100, 128, 128 * 7, 5}, {128, 384, 256, 6},
+			{129, 256, 128 * 3, 2}, {200, 128, 128*4 + 16, 7}, {256, 256, 128 * 2, 4}, {90, 128, 128 * 9, 9},
+		} {
+			wgskEmulate(t, c.M, c.N, c.K, c.G, inflight)
+		}
+	}
+}
+
+// emuBarrier is an mbarrier as the emulation needs it: the arrivals a phase
+// takes, those and the bytes still pending in the current one, and the
+// phases completed.
+type emuBarrier struct{ count, pending, tx, phases int }
+
+func (b *emuBarrier) arrive(n, bytes int) {
+	b.pending -= n
+	b.tx += bytes
+	b.settle()
+}
+
+// land counts bytes in (a TMA box's complete_tx).
+func (b *emuBarrier) land(bytes int) {
+	b.tx -= bytes
+	b.settle()
+}
+
+func (b *emuBarrier) settle() {
+	if b.pending == 0 && b.tx == 0 {
+		b.phases++
+		b.pending = b.count
+	}
+}
+
+// passed is try_wait.parity(p): the phase of parity p has completed (the
+// current phase's parity differs from p).
+func (b *emuBarrier) passed(p int) bool { return b.phases&1 != p }
+
+// wgskEmulate is one shape of TestWgskEmulated on G blocks.
+func wgskEmulate(t *testing.T, M, N, K, G, inflight int) {
+	const rb, BM = wgRowBytes, wgskBM
+	TR := wgskRows[0]
+	if M > TR {
+		TR = wgskRows[1]
+	}
+	NT := TR / 8
+	WB, SB, ST := BM*rb, wgskStageBytes(TR), wgskStages(TR)
+	rng := rand.New(rand.NewPCG(uint64(M*7+G), uint64(K)))
+	qw, qx := make([]int, N*K), make([]int, M*K)
+	for i := range qw {
+		qw[i] = rng.IntN(15) - 7
+	}
+	for i := range qx {
+		qx[i] = rng.IntN(15) - 7
+	}
+	SPT := (K + rb - 1) / rb
+	tiles := N / BM
+	U := tiles * SPT
+	if G > U {
+		G = U
+	}
+	first := func(b int) int { return b * U / G }
+	blockOf := func(u int) int { return ((u+1)*G - 1) / U }
+	part := make([]int, 2*G*BM*TR)
+	if len(part)*4 > wgskPartBytes(G) {
+		t.Fatalf("M=%d N=%d K=%d: the partials of %d blocks overrun wgskPartBytes", M, N, K, G)
+	}
+	for i := range part {
+		part[i] = 1 << 24 // never written: would show in the sums
+	}
+	slot := func(b, tile int) int {
+		w := 1
+		if first(b)/SPT == tile {
+			w = 0
+		}
+		return (b*2 + w) * BM * TR
+	}
+	out, written, done := make([]int, M*N), make([]int, M*N), make([]int, tiles)
+	addr := func(a, r, k int) int { // byte k of row r of a swizzled slice at a (1024-aligned stage)
+		lin := a + 1024*(r/8) + 128*(r%8) + k
+		return lin ^ (((lin >> 7) & 7) << 4)
+	}
+	for _, b := range rng.Perm(G) {
+		u0, n := first(b), first(b+1)-first(b)
+		smem := make([]int, ST*SB)
+		stageOf := make([]int, ST) // the stage j a buffer holds (-1: none)
+		for i := range smem {
+			smem[i] = 1 << 20 // never copied: would show in the sums
+		}
+		for i := range stageOf {
+			stageOf[i] = -1
+		}
+		full, empty := make([]emuBarrier, ST), make([]emuBarrier, ST)
+		for i := range ST {
+			full[i] = emuBarrier{count: 1, pending: 1}
+			empty[i] = emuBarrier{count: wgskConsumers, pending: wgskConsumers}
+		}
+		// tma lands a box of rows [r0, r0+rows) of src (lim rows of K
+		// bytes), bytes [k0, k0 + 128), at the stage offset dst of buffer s
+		tma := func(s, dst int, src []int, lim, r0, rows, k0 int) {
+			for r := range rows {
+				for k := range rb {
+					val := 0
+					if r0+r < lim && k0+k < K {
+						val = src[(r0+r)*K+k0+k]
+					}
+					smem[s*SB+addr(dst, r, k)] = val
+				}
+			}
+			full[s].land(rows * rb)
+		}
+		nextJ := 0 // the producer's next stage
+		produce := func() bool {
+			j := nextJ
+			if j >= n {
+				return false
+			}
+			s := j % ST
+			if j >= ST && !empty[s].passed(((j/ST)&1)^1) {
+				return false
+			}
+			u := u0 + j
+			tile, ks := u/SPT, u%SPT
+			full[s].arrive(1, SB) // expect_tx
+			stageOf[s] = j
+			tma(s, 0, qw, N, tile*BM, BM, ks*rb)
+			tma(s, WB, qx, M, 0, TR, ks*rb)
+			nextJ++
+			return true
+		}
+		// a consumer warpgroup's state
+		type consumer struct {
+			j, pend, pendStage int
+			tile, ks, k0       int     // the tile it accumulates, its stage there, the block's first stage of it
+			D                  [][]int // D[weight row - 64 c][activation row]
+			atSync             bool    // waiting at the tile's end for the other
+		}
+		cs := make([]*consumer, 2)
+		zero := func(c *consumer) {
+			c.D = make([][]int, 64)
+			for r := range c.D {
+				c.D[r] = make([]int, TR)
+			}
+		}
+		for i := range cs {
+			cs[i] = &consumer{pend: -1, pendStage: -1, tile: u0 / SPT, ks: u0 % SPT, k0: u0 % SPT}
+			zero(cs[i])
+		}
+		group := func(c int, j int) { // consumer c's wgmma group on stage j
+			s := j % ST
+			if stageOf[s] != j {
+				t.Fatalf("M=%d N=%d K=%d G=%d block %d: consumer %d reads stage %d but its buffer holds %d", M, N, K, G, b, c, j, stageOf[s])
+			}
+			wb, xb := s*SB+64*c*rb, s*SB+WB
+			for q := range rb / 32 {
+				for r := range 64 {
+					for nn := range TR {
+						sum := 0
+						for k := range 32 {
+							sum += smem[addr(wb+32*q, r, k)] * smem[addr(xb+32*q, nn, k)]
+						}
+						cs[c].D[r][nn] += sum
+					}
+				}
+			}
+		}
+		// flush: both consumers' accumulators of tile, held from stage k0
+		// to k1, through each thread's registers as frag_out and the slots
+		// use them (rows 16 warp + l/4 (+8) of each warpgroup's 64)
+		flush := func(tile, k0, k1 int) {
+			whole := k0 == 0 && k1 == SPT-1
+			for c := range 2 {
+				for tid := range 128 {
+					warp, lane := tid/32, tid%32
+					gg, tig := lane/4, lane%4
+					for tt := range NT {
+						for e := range 4 {
+							row := 16*warp + gg
+							if e >= 2 {
+								row += 8
+							}
+							m := 8*tt + 2*tig + (e & 1)
+							val, n := cs[c].D[row][m], tile*BM+64*c+row
+							if whole {
+								if m < M {
+									out[m*N+n] = val
+									written[m*N+n]++
+								}
+								continue
+							}
+							part[slot(b, tile)+(64*c+row)*TR+m] = val
+						}
+					}
+				}
+			}
+			if whole {
+				return
+			}
+			b0, b1 := blockOf(tile*SPT), blockOf((tile+1)*SPT-1)
+			if done[tile]++; done[tile] != b1-b0+1 {
+				return
+			}
+			for row := range BM {
+				for m := range M {
+					sum := 0
+					for bb := b0; bb <= b1; bb++ {
+						sum += part[slot(bb, tile)+row*TR+m]
+					}
+					out[m*N+tile*BM+row] = sum
+					written[m*N+tile*BM+row]++
+				}
+			}
+			done[tile] = 0
+		}
+		consume := func(ci int) bool {
+			c := cs[ci]
+			if c.atSync || c.j >= n {
+				return false
+			}
+			j, s := c.j, c.j%ST
+			if !full[s].passed((j / ST) & 1) {
+				return false
+			}
+			if c.pend >= 0 { // WK_INFLIGHT 1: the group before still read its buffer until this wait
+				group(ci, c.pend)
+			}
+			end := c.ks == SPT-1 || j == n-1
+			if inflight == 0 || end {
+				group(ci, j)
+				if c.pendStage >= 0 {
+					empty[c.pendStage].arrive(128, 0)
+				}
+				empty[s].arrive(128, 0)
+				c.pend, c.pendStage = -1, -1
+			} else {
+				if c.pendStage >= 0 {
+					empty[c.pendStage].arrive(128, 0)
+				}
+				c.pend, c.pendStage = j, s
+			}
+			c.j++
+			c.atSync = end
+			if !end {
+				c.ks++
+			}
+			return true
+		}
+		for cs[0].j < n || cs[1].j < n || cs[0].atSync || cs[1].atSync {
+			if cs[0].atSync && cs[1].atSync { // wk_sync: both at the tile's end
+				if cs[0].tile != cs[1].tile || cs[0].ks != cs[1].ks || cs[0].k0 != cs[1].k0 {
+					t.Fatalf("M=%d N=%d K=%d G=%d block %d: the consumers meet at different tiles", M, N, K, G, b)
+				}
+				flush(cs[0].tile, cs[0].k0, cs[0].ks)
+				for _, c := range cs {
+					zero(c)
+					c.atSync = false
+					c.tile, c.ks, c.k0 = c.tile+1, 0, 0
+				}
+				continue
+			}
+			progressed := false
+			for _, a := range rng.Perm(3) {
+				if a == 2 && produce() || a < 2 && consume(a) {
+					progressed = true
+					break
+				}
+			}
+			if !progressed {
+				t.Fatalf("M=%d N=%d K=%d G=%d inflight %d block %d: deadlock (producer at stage %d, consumers at %d and %d)", M, N, K, G, inflight, b, nextJ, cs[0].j, cs[1].j)
+			}
+		}
+	}
+	emuCheck(t, qx, qw, out, written, done, M, N, K, G, G)
+}
