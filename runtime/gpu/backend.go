@@ -299,7 +299,7 @@ type kernelForce struct {
 	noSkinny   bool          // bf16 products: cuBLASLt whatever the rows (no gemm_skinny)
 	skLate     bool          // gemm_skinny: no weight tiles before griddepcontrol.wait (opts 0)
 	wgFull     bool          // wgmma products beside the LoRA stream: a grid over every SM, not the SM target (v0.32's)
-	loraKChunk int           // LoRA shrinks: K split into pieces of about this many columns (0: fp8KChunk in FP8 steps of fp8KChunkRows, else enough blocks to cover the SMs twice; -1: the latter always)
+	loraKChunk int           // LoRA shrinks: K split into pieces of about this many columns (0: fp8KChunk in FP8 steps of fp8KChunkRows, fp8KChunkBig in those of more than fp8KChunkBigAbove, else enough blocks to cover the SMs twice; -1: the latter always)
 	loraInline int           // fused groups (bit g: llama.FusedGroups[g]) whose shrink runs inside gemm_skinny (lora_inline.go; 0: the default, q/k/v; -1: none)
 	serialLoRA int           // fused groups (bit g) whose update runs after the product on the compute stream, added in place, with no SMs held from the product (Backend.serialGroup; 0 or -1: none, the default)
 	wholeLoad  bool          // adapter loads: a step waits for the whole image before it starts (no per-layer start)
