@@ -63,39 +63,18 @@ func wgEmulate(t *testing.T, M, N, K, sms, inflight int) {
 	ahead := ST - 1 - inflight // AHEAD
 	threads := skinnyThreads
 	rng := rand.New(rand.NewPCG(uint64(M), uint64(K)))
-	qw, qx := make([]int, N*K), make([]int, M*K)
-	for i := range qw {
-		qw[i] = rng.IntN(15) - 7
-	}
-	for i := range qx {
-		qx[i] = rng.IntN(15) - 7
-	}
+	qw, qx := emuOperands(rng, M, N, K)
 	g := &wgProduct{sms: sms, esize: 1}
 	SPT := (K + ka*rb - 1) / (ka * rb)
 	tiles := N / BM
-	U := tiles * SPT
 	G := g.grid(M, N, K)
-	first := func(b int) int { return b * U / G }
-	blockOf := func(u int) int { return ((u+1)*G - 1) / U }
-	if len(make([]int, 2*G*BM*TR))*4 > wgPartBytes(sms) {
+	sp := newEmuSplit(tiles*SPT, G, SPT, BM, TR)
+	first, part, slot := sp.first, sp.part, sp.slot
+	if len(part)*4 > wgPartBytes(sms) {
 		t.Fatalf("M=%d N=%d K=%d: the partials of %d blocks overrun wgPartBytes", M, N, K, G)
 	}
-	part := make([]int, 2*G*BM*TR)
-	for i := range part {
-		part[i] = 1 << 24 // never written: would show in the sums
-	}
-	slot := func(b, tile int) int {
-		w := 1
-		if first(b)/SPT == tile {
-			w = 0
-		}
-		return (b*2 + w) * BM * TR
-	}
 	out, written, done := make([]int, M*N), make([]int, M*N), make([]int, tiles)
-	read := func(smem []int, a, r, k int) int {
-		lin := a + 1024*(r/8) + 128*(r%8) + k
-		return smem[lin^(((lin>>7)&7)<<4)]
-	}
+	read := func(smem []int, a, r, k int) int { return smem[emuSwizzled(a, r, k)] }
 	rstep := threads / CH
 	cpt, wk := (BM+TR)/rstep, BM/rstep
 	for _, b := range rng.Perm(G) {
@@ -151,46 +130,18 @@ func wgEmulate(t *testing.T, M, N, K, sms, inflight int) {
 		// each thread's registers d[4t + e] as the kernel's put and slots use them
 		flush := func(tile, k0, k1 int) {
 			whole := k0 == 0 && k1 == SPT-1
-			for tid := range skinnyThreads {
-				warp, lane := tid/32, tid%32
-				gg, tig := lane/4, lane%4
-				for tt := range NT {
-					for e := range 4 {
-						row := 16*warp + gg
-						if e >= 2 {
-							row += 8
-						}
-						m := 8*tt + 2*tig + (e & 1)
-						val := D[row][m]
-						if whole {
-							if m < M {
-								out[m*N+tile*BM+row] = val
-								written[m*N+tile*BM+row]++
-							}
-							continue
-						}
-						part[slot(b, tile)+row*TR+m] = val
-					}
-				}
-			}
-			if whole {
-				return
-			}
-			b0, b1 := blockOf(tile*SPT), blockOf((tile+1)*SPT-1)
-			if done[tile]++; done[tile] != b1-b0+1 {
-				return
-			}
-			for row := range skinnyRows {
-				for m := range min(M, TR) {
-					sum := 0
-					for bb := b0; bb <= b1; bb++ {
-						sum += part[slot(bb, tile)+row*TR+m]
-					}
-					out[m*N+tile*BM+row] = sum
+			emuFrag(NT, func(row, m int) {
+				val := D[row][m]
+				if !whole {
+					part[slot(b, tile)+row*TR+m] = val
+				} else if m < M {
+					out[m*N+tile*BM+row] = val
 					written[m*N+tile*BM+row]++
 				}
+			})
+			if !whole {
+				sp.finish(tile, M, N, out, written, done)
 			}
-			done[tile] = 0
 		}
 		for j := range ahead {
 			copyStage(j, 0, wk)
@@ -241,5 +192,101 @@ func TestWgGridTarget(t *testing.T) {
 	g.SetSMTarget(116)
 	if got := g.grid(17, 64, 64); got != 1 { // one stage unit: one block whatever the target
 		t.Errorf("one unit: grid %d, want 1", got)
+	}
+}
+
+// emuOperands are an emulated product's integer operands, qw [N, K] and
+// qx [M, K], in -7..7.
+func emuOperands(rng *rand.Rand, M, N, K int) (qw, qx []int) {
+	qw, qx = make([]int, N*K), make([]int, M*K)
+	for i := range qw {
+		qw[i] = rng.IntN(15) - 7
+	}
+	for i := range qx {
+		qx[i] = rng.IntN(15) - 7
+	}
+	return qw, qx
+}
+
+// emuSwizzled is where byte k of row r of a K-major slice starting at a (a
+// 1024-aligned stage plus the slice's offset) sits in the 128-byte
+// swizzle, as the PTX ISA defines it for wgmma's descriptors and the TMA
+// writes it: the linear address's 16-byte chunk bits XOR-ed with its bits
+// 7-9.
+func emuSwizzled(a, r, k int) int {
+	lin := a + 1024*(r/8) + 128*(r%8) + k
+	return lin ^ (((lin >> 7) & 7) << 4)
+}
+
+// emuSplit is wg_body's and wgsk_body's stream-K split of U stage units
+// (spt a tile of bm weight rows) over G blocks, and its partial slots of
+// bm x tr values (two a block: its first tile's and its last's), each
+// poisoned until written.
+type emuSplit struct {
+	U, G, spt, bm, tr int
+	part              []int
+}
+
+func newEmuSplit(U, G, spt, bm, tr int) *emuSplit {
+	e := &emuSplit{U: U, G: G, spt: spt, bm: bm, tr: tr, part: make([]int, 2*G*bm*tr)}
+	for i := range e.part {
+		e.part[i] = 1 << 24 // never written: would show in the sums
+	}
+	return e
+}
+
+// first is block b's first stage unit (wg_first).
+func (e *emuSplit) first(b int) int { return b * e.U / e.G }
+
+// blockOf is the block whose units hold unit u (wg_block).
+func (e *emuSplit) blockOf(u int) int { return ((u+1)*e.G - 1) / e.U }
+
+// slot is the first value of block b's partial slot for tile.
+func (e *emuSplit) slot(b, tile int) int {
+	w := 1
+	if e.first(b)/e.spt == tile {
+		w = 0
+	}
+	return (b*2 + w) * e.bm * e.tr
+}
+
+// finish counts a block's partials of tile in (done) and, for the last
+// of its blocks, sums every block's in block order into out's M rows of
+// N (written counts each store) and leaves the counter at zero.
+func (e *emuSplit) finish(tile, M, N int, out, written, done []int) {
+	b0, b1 := e.blockOf(tile*e.spt), e.blockOf((tile+1)*e.spt-1)
+	if done[tile]++; done[tile] != b1-b0+1 {
+		return
+	}
+	for row := range e.bm {
+		for m := range min(M, e.tr) {
+			sum := 0
+			for bb := b0; bb <= b1; bb++ {
+				sum += e.part[e.slot(bb, tile)+row*e.tr+m]
+			}
+			out[m*N+tile*e.bm+row] = sum
+			written[m*N+tile*e.bm+row]++
+		}
+	}
+	done[tile] = 0
+}
+
+// emuFrag calls at(row, m) for each accumulator a warpgroup's 128 threads
+// hold of an m64nN wgmma (N = 8 nt): thread (warp, lane) holds weight row
+// 16 warp + lane/4 (+8) and activation row 8t + 2 (lane%4) (+1) in d[4t +
+// e], as the kernels' frag_out and partial slots read them.
+func emuFrag(nt int, at func(row, m int)) {
+	for tid := range 128 {
+		warp, lane := tid/32, tid%32
+		gg, tig := lane/4, lane%4
+		for tt := range nt {
+			for e := range 4 {
+				row := 16*warp + gg
+				if e >= 2 {
+					row += 8
+				}
+				at(row, 8*tt+2*tig+(e&1))
+			}
+		}
 	}
 }

@@ -79,40 +79,16 @@ func wgskEmulate(t *testing.T, M, N, K, G, inflight int) {
 	NT := TR / 8
 	WB, SB, ST := BM*rb, wgskStageBytes(TR), wgskStages(TR)
 	rng := rand.New(rand.NewPCG(uint64(M*7+G), uint64(K)))
-	qw, qx := make([]int, N*K), make([]int, M*K)
-	for i := range qw {
-		qw[i] = rng.IntN(15) - 7
-	}
-	for i := range qx {
-		qx[i] = rng.IntN(15) - 7
-	}
+	qw, qx := emuOperands(rng, M, N, K)
 	SPT := (K + rb - 1) / rb
 	tiles := N / BM
-	U := tiles * SPT
-	if G > U {
-		G = U
-	}
-	first := func(b int) int { return b * U / G }
-	blockOf := func(u int) int { return ((u+1)*G - 1) / U }
-	part := make([]int, 2*G*BM*TR)
+	G = min(G, tiles*SPT)
+	sp := newEmuSplit(tiles*SPT, G, SPT, BM, TR)
+	first, part, slot, addr := sp.first, sp.part, sp.slot, emuSwizzled
 	if len(part)*4 > wgskPartBytes(G) {
 		t.Fatalf("M=%d N=%d K=%d: the partials of %d blocks overrun wgskPartBytes", M, N, K, G)
 	}
-	for i := range part {
-		part[i] = 1 << 24 // never written: would show in the sums
-	}
-	slot := func(b, tile int) int {
-		w := 1
-		if first(b)/SPT == tile {
-			w = 0
-		}
-		return (b*2 + w) * BM * TR
-	}
 	out, written, done := make([]int, M*N), make([]int, M*N), make([]int, tiles)
-	addr := func(a, r, k int) int { // byte k of row r of a swizzled slice at a (1024-aligned stage)
-		lin := a + 1024*(r/8) + 128*(r%8) + k
-		return lin ^ (((lin >> 7) & 7) << 4)
-	}
 	for _, b := range rng.Perm(G) {
 		u0, n := first(b), first(b+1)-first(b)
 		smem := make([]int, ST*SB)
@@ -203,47 +179,19 @@ func wgskEmulate(t *testing.T, M, N, K, G, inflight int) {
 		flush := func(tile, k0, k1 int) {
 			whole := k0 == 0 && k1 == SPT-1
 			for c := range 2 {
-				for tid := range 128 {
-					warp, lane := tid/32, tid%32
-					gg, tig := lane/4, lane%4
-					for tt := range NT {
-						for e := range 4 {
-							row := 16*warp + gg
-							if e >= 2 {
-								row += 8
-							}
-							m := 8*tt + 2*tig + (e & 1)
-							val, n := cs[c].D[row][m], tile*BM+64*c+row
-							if whole {
-								if m < M {
-									out[m*N+n] = val
-									written[m*N+n]++
-								}
-								continue
-							}
-							part[slot(b, tile)+(64*c+row)*TR+m] = val
-						}
+				emuFrag(NT, func(row, m int) {
+					val, n := cs[c].D[row][m], tile*BM+64*c+row
+					if !whole {
+						part[slot(b, tile)+(64*c+row)*TR+m] = val
+					} else if m < M {
+						out[m*N+n] = val
+						written[m*N+n]++
 					}
-				}
+				})
 			}
-			if whole {
-				return
+			if !whole {
+				sp.finish(tile, M, N, out, written, done)
 			}
-			b0, b1 := blockOf(tile*SPT), blockOf((tile+1)*SPT-1)
-			if done[tile]++; done[tile] != b1-b0+1 {
-				return
-			}
-			for row := range BM {
-				for m := range M {
-					sum := 0
-					for bb := b0; bb <= b1; bb++ {
-						sum += part[slot(bb, tile)+row*TR+m]
-					}
-					out[m*N+tile*BM+row] = sum
-					written[m*N+tile*BM+row]++
-				}
-			}
-			done[tile] = 0
 		}
 		consume := func(ci int) bool {
 			c := cs[ci]
