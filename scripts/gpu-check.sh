@@ -30,7 +30,8 @@
 #     fp8bench   TestFP8GemmBench: the FP8 product (fp8_gemv, fp8_gemm_skinny,
 #                its n128 variant, cuBLASLt) against bf16 at the 8B projection
 #                shapes, 1-2048 rows (PEFTD_FP8_BENCH_T: other rows; not in
-#                the default phases)
+#                the default phases); fp8wgsk lines: fp8_wgsk at 65-256 rows
+#                on every SM and on 84 against the default product there
 #     wsplanbench TestWsPlanBench: every one-wave plan of gemm_ws and fp8_ws
 #                (width x K split) at the 8B shapes against the planner's, with
 #                the activation bytes each reads from L2 (not in the default

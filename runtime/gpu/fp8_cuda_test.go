@@ -566,6 +566,23 @@ func TestFP8GemmBench(t *testing.T) {
 			for _, w := range wgGrids {
 				bench("fp8wg %-8s %5d grid %3d %8.1f us %6.2f of floor8", sh.name, T, w.G, w.us, fl8/w.us)
 			}
+			// fp8_wgsk (wgsk.go) where it takes the shape (65-256 rows): on
+			// every SM, and on the 84 a 48-SM LoRA hold leaves against the
+			// default product there (v0.96: o and down beside the LoRA stream)
+			if g := r.f.wgsk; g != nil && T >= wgskMinRows && g.fits(T, N, K) {
+				prod := func(i int) error { return r.f.linear(out.Ptr(), x.Ptr(), T, w8[i%n8], 7) }
+				const held = 84
+				r.f.wgskOn = true
+				wk := timeIt(30, prod)
+				g.SetSMTarget(held)
+				wk84 := timeIt(30, prod)
+				g.SetSMTarget(0)
+				r.f.wgskOn = false
+				r.f.mm.SetSMTarget(held)
+				def84 := timeIt(30, prod)
+				r.f.mm.SetSMTarget(0)
+				bench("fp8wgsk %-8s %5d all SMs %8.1f us (default %8.1f, %5.2f of floor8) | %d SMs %8.1f us (default %8.1f)", sh.name, T, wk, t8, fl8/wk, held, wk84, def84)
+			}
 			if !math.IsNaN(ws) {
 				bench("fp8ws %-8s %5d plan %-7v %8.1f us %6.2f of floor8 (default product %8.1f us %6.2f)", sh.name, T, wsp, ws, fl8/ws, t8, fl8/t8)
 			}
