@@ -363,7 +363,7 @@ func (b *Backend) Linear(out, in engine.Buffer, w engine.Weight) {
 			ws.SetSMTarget(target)
 			defer ws.SetSMTarget(0)
 		}
-		if fw, ok := w.(*fp8Weight); ok && fw != nil && b.f8 != nil && b.f8.wgsk != nil {
+		if _, ok := w.(*fp8Weight); ok && b.f8 != nil && b.f8.wgsk != nil {
 			b.f8.wgsk.SetSMTarget(target)
 			defer b.f8.wgsk.SetSMTarget(0)
 		}

@@ -139,10 +139,10 @@ func wgskEmulate(t *testing.T, M, N, K, G, inflight int) {
 		}
 		// a consumer warpgroup's state
 		type consumer struct {
-			j, pend, pendStage int
-			tile, ks, k0       int     // the tile it accumulates, its stage there, the block's first stage of it
-			D                  [][]int // D[weight row - 64 c][activation row]
-			atSync             bool    // waiting at the tile's end for the other
+			j, pend      int     // its next stage; the stage it is done with but has not freed (-1: none; WK_INFLIGHT 1)
+			tile, ks, k0 int     // the tile it accumulates, its stage there, the block's first stage of it
+			D            [][]int // D[weight row - 64 c][activation row]
+			atSync       bool    // waiting at the tile's end for the other
 		}
 		cs := make([]*consumer, 2)
 		zero := func(c *consumer) {
@@ -152,7 +152,7 @@ func wgskEmulate(t *testing.T, M, N, K, G, inflight int) {
 			}
 		}
 		for i := range cs {
-			cs[i] = &consumer{pend: -1, pendStage: -1, tile: u0 / SPT, ks: u0 % SPT, k0: u0 % SPT}
+			cs[i] = &consumer{pend: -1, tile: u0 / SPT, ks: u0 % SPT, k0: u0 % SPT}
 			zero(cs[i])
 		}
 		group := func(c int, j int) { // consumer c's wgmma group on stage j
@@ -206,18 +206,14 @@ func wgskEmulate(t *testing.T, M, N, K, G, inflight int) {
 				group(ci, c.pend)
 			}
 			end := c.ks == SPT-1 || j == n-1
+			if c.pend >= 0 {
+				empty[c.pend%ST].arrive(128, 0)
+			}
+			c.pend = j
 			if inflight == 0 || end {
 				group(ci, j)
-				if c.pendStage >= 0 {
-					empty[c.pendStage].arrive(128, 0)
-				}
 				empty[s].arrive(128, 0)
-				c.pend, c.pendStage = -1, -1
-			} else {
-				if c.pendStage >= 0 {
-					empty[c.pendStage].arrive(128, 0)
-				}
-				c.pend, c.pendStage = j, s
+				c.pend = -1
 			}
 			c.j++
 			c.atSync = end
