@@ -19,7 +19,8 @@
 // registers; one it shares goes through float32 partials (two slots a
 // block), and the last of its blocks to finish (a per-tile counter) sums
 // them in block order and stores it, leaving the counter at zero (as
-// wg_body).
+// wg_body). A slot is fragment-major (wk_store_part): each warp's stores
+// and loads of it are 512 contiguous bytes.
 //
 // A stage: WK_BM weight rows, then TR = 8 NT activation rows (zeros past
 // M: the activation map has M rows), 128 bytes of K each, in the 128-byte
@@ -108,6 +109,43 @@ template <int N> __device__ __forceinline__ void wk_setmaxnreg_inc() {
 #endif
 }
 
+// A partial slot holds each consumer thread's 4 NT accumulators
+// fragment-major: float4 i (accumulators 4i..4i+3) of consumer thread ct
+// at float4 i WK_CONSUMERS + ct, so a warp's 16-byte pieces are 512
+// contiguous bytes (full lines). PERFORMANCE v0.97: in wg_body's layout
+// ([weight row][activation row], a warp's float2 pieces over 8 rows) the
+// last block of a tile read its ~5 partials at ~12 bytes a cycle, 35 µs
+// of a 72 µs product (down, 240 rows). runtime/gpu's wgskPartIndex (the
+// emulation) must agree.
+template <int NT> __device__ __forceinline__ void wk_store_part(float* __restrict__ slot, const float* d, int ct) {
+    float4* p = reinterpret_cast<float4*>(slot) + ct;
+#pragma unroll
+    for (int i = 0; i < NT; i++) p[i * WK_CONSUMERS] = make_float4(d[4 * i], d[4 * i + 1], d[4 * i + 2], d[4 * i + 3]);
+}
+// wk_add_part adds a slot's values to d (through L2: other blocks wrote it).
+template <int NT> __device__ __forceinline__ void wk_add_part(float* d, const float* __restrict__ slot, int ct) {
+    const float4* p = reinterpret_cast<const float4*>(slot) + ct;
+#pragma unroll
+    for (int i = 0; i < NT; i++) {
+        const float4 q = __ldcg(p + i * WK_CONSUMERS);
+        d[4 * i] += q.x, d[4 * i + 1] += q.y, d[4 * i + 2] += q.z, d[4 * i + 3] += q.w;
+    }
+}
+// wk_out is frag_out with the scales at hand: the activation rows' in
+// shared memory (sxs), the thread's two weight rows' read once (sw0 for
+// weight row n, sw1 for n + 8), the same products in the same order.
+template <int NT>
+__device__ __forceinline__ void wk_out(bf16* __restrict__ out, const float* v, int M, int N, int n, int tig, const float* sxs, float sw0,
+                                       float sw1) {
+#pragma unroll
+    for (int t = 0; t < NT; t++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            const int m = 8 * t + 2 * tig + (e & 1);
+            if (m < M) out[(i64)m * N + n + (e >= 2 ? 8 : 0)] = __float2bfloat16_rn(v[4 * t + e] * sxs[m] * (e >= 2 ? sw1 : sw0));
+        }
+}
+
 // wgsk_body: out [M, N] = x [M, K] . w [N, K]^T times sx[m] sw[n], e4m3
 // operands (K bytes a row, K % 16 == 0), N % WK_BM == 0, M <= TR.
 // wmap: w in boxes of 128 bytes x WK_BM rows; xmap: x (M rows) in boxes of
@@ -175,19 +213,17 @@ __device__ __forceinline__ void wgsk_body(const TmaDesc* wmap, const TmaDesc* xm
     wk_sync(); // the scales are in for every consumer
     const int lane = ct & 31, warp = (ct >> 5) & 3, g = lane >> 2, tig = lane & 3;
     const int row = 64 * c + 16 * warp + g; // this thread's first weight row in a tile
-    const int at = row * TR + 2 * tig;
-    auto slot = [&](int b, int tile) {
-        return part + ((long long)b * 2 + (wg_first(b, U, G) / SPT == tile ? 0 : 1)) * WK_BM * TR + at;
-    };
+    auto slot = [&](int b, int tile) { return part + ((long long)b * 2 + (wg_first(b, U, G) / SPT == tile ? 0 : 1)) * WK_BM * TR; };
     float d[4 * NT];
     // flush: the accumulators of tile `tile`, which this block holds from
     // its stage k0 to k1 (inclusive)
     auto flush = [&](int tile, int k0, int k1) {
+        const int n = tile * WK_BM + row;
         if (k0 == 0 && k1 == SPT - 1) {
-            frag_out<NT>(out, d, M, N, tile * WK_BM + 64 * c, 16 * warp + g, tig, sxs, sw);
+            wk_out<NT>(out, d, M, N, n, tig, sxs, sw[n], sw[n + 8]);
             return;
         }
-        frag_store_pairs<NT>(slot(bid, tile), d, TR);
+        wk_store_part<NT>(slot(bid, tile), d, ct);
         const int b0 = wg_block(tile * SPT, U, G), b1 = wg_block((tile + 1) * SPT - 1, U, G);
         // the block's partials, ordered before its count by one thread's
         // fence after the barrier, and the others' before the last block's
@@ -202,8 +238,8 @@ __device__ __forceinline__ void wgsk_body(const TmaDesc* wmap, const TmaDesc* xm
         if (!last) return;
 #pragma unroll
         for (int i = 0; i < 4 * NT; i++) d[i] = 0.f;
-        for (int b = b0; b <= b1; b++) frag_add_pairs<NT>(d, slot(b, tile), TR);
-        frag_out<NT>(out, d, M, N, tile * WK_BM + 64 * c, 16 * warp + g, tig, sxs, sw);
+        for (int b = b0; b <= b1; b++) wk_add_part<NT>(d, slot(b, tile), ct);
+        wk_out<NT>(out, d, M, N, n, tig, sxs, sw[n], sw[n + 8]);
         if (ct == 0) done[tile] = 0; // ready for the next launch
     };
 

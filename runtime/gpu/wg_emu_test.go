@@ -221,14 +221,18 @@ func emuSwizzled(a, r, k int) int {
 // emuSplit is wg_body's and wgsk_body's stream-K split of U stage units
 // (spt a tile of bm weight rows) over G blocks, and its partial slots of
 // bm x tr values (two a block: its first tile's and its last's), each
-// poisoned until written.
+// poisoned until written. at is where the value of weight row row and
+// activation row m sits in a slot (wg_body's layout, row tr + m, unless
+// set).
 type emuSplit struct {
 	U, G, spt, bm, tr int
 	part              []int
+	at                func(row, m int) int
 }
 
 func newEmuSplit(U, G, spt, bm, tr int) *emuSplit {
 	e := &emuSplit{U: U, G: G, spt: spt, bm: bm, tr: tr, part: make([]int, 2*G*bm*tr)}
+	e.at = func(row, m int) int { return row*tr + m }
 	for i := range e.part {
 		e.part[i] = 1 << 24 // never written: would show in the sums
 	}
@@ -262,7 +266,7 @@ func (e *emuSplit) finish(tile, M, N int, out, written, done []int) {
 		for m := range min(M, e.tr) {
 			sum := 0
 			for bb := b0; bb <= b1; bb++ {
-				sum += e.part[e.slot(bb, tile)+row*e.tr+m]
+				sum += e.part[e.slot(bb, tile)+e.at(row, m)]
 			}
 			out[m*N+tile*e.bm+row] = sum
 			written[m*N+tile*e.bm+row]++
@@ -276,6 +280,12 @@ func (e *emuSplit) finish(tile, M, N int, out, written, done []int) {
 // 16 warp + lane/4 (+8) and activation row 8t + 2 (lane%4) (+1) in d[4t +
 // e], as the kernels' frag_out and partial slots read them.
 func emuFrag(nt int, at func(row, m int)) {
+	emuFragRegs(nt, func(_, _, row, m int) { at(row, m) })
+}
+
+// emuFragRegs is emuFrag naming the thread too: at(tid, i, row, m) for
+// thread tid's register d[i].
+func emuFragRegs(nt int, at func(tid, i, row, m int)) {
 	for tid := range 128 {
 		warp, lane := tid/32, tid%32
 		gg, tig := lane/4, lane%4
@@ -285,7 +295,7 @@ func emuFrag(nt int, at func(row, m int)) {
 				if e >= 2 {
 					row += 8
 				}
-				at(row, 8*tt+2*tig+(e&1))
+				at(tid, 4*tt+e, row, 8*tt+2*tig+(e&1))
 			}
 		}
 	}

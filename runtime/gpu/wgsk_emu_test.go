@@ -84,6 +84,7 @@ func wgskEmulate(t *testing.T, M, N, K, G, inflight int) {
 	tiles := N / BM
 	G = min(G, tiles*SPT)
 	sp := newEmuSplit(tiles*SPT, G, SPT, BM, TR)
+	sp.at = wgskPartAt
 	first, part, slot, addr := sp.first, sp.part, sp.slot, emuSwizzled
 	if len(part)*4 > wgskPartBytes(G) {
 		t.Fatalf("M=%d N=%d K=%d: the partials of %d blocks overrun wgskPartBytes", M, N, K, G)
@@ -179,10 +180,10 @@ func wgskEmulate(t *testing.T, M, N, K, G, inflight int) {
 		flush := func(tile, k0, k1 int) {
 			whole := k0 == 0 && k1 == SPT-1
 			for c := range 2 {
-				emuFrag(NT, func(row, m int) {
+				emuFragRegs(NT, func(tid, i, row, m int) {
 					val, n := cs[c].D[row][m], tile*BM+64*c+row
-					if !whole {
-						part[slot(b, tile)+(64*c+row)*TR+m] = val
+					if !whole { // wk_store_part: float4 i/4 of consumer thread 128 c + tid
+						part[slot(b, tile)+((i/4)*wgskConsumers+128*c+tid)*4+i%4] = val
 					} else if m < M {
 						out[m*N+n] = val
 						written[m*N+n]++
@@ -248,4 +249,16 @@ func wgskEmulate(t *testing.T, M, N, K, G, inflight int) {
 		}
 	}
 	emuCheck(t, qx, qw, out, written, done, M, N, K, G, G)
+}
+
+// wgskPartAt is where wk_store_part puts the value of a tile's weight row
+// row (of WK_BM) and activation row m in a partial slot: float4 i / 4 of
+// the consumer thread holding it (warpgroup row / 64, warp, lane as
+// emuFrag's), component i % 4.
+func wgskPartAt(row, m int) int {
+	c, r := row/64, row%64
+	warp, g, hi := r/16, r%8, (r%16)/8
+	t, tig, lo := m/8, (m%8)/2, m%2
+	ct := 128*c + 32*warp + 4*g + tig
+	return (t*wgskConsumers+ct)*4 + 2*hi + lo
 }
