@@ -22,21 +22,17 @@
 // wg_body). A slot is fragment-major (wk_store_part): each warp's stores
 // and loads of it are 512 contiguous bytes.
 //
-// A stage: a box of WK_BM weight rows and one of TR = 8 NT activation rows
-// (zeros past M: the activation map has M rows), 128 bytes of K each, in
-// the 128-byte swizzle wgmma reads (the TMA writes it so: boxes of 128
-// bytes x rows). The two boxes have rings of their own: WST weight slots
-// (the weights come from DRAM: the deeper ring) and XST activation slots
-// (read again by every tile: L2), each slot with a full and an empty
-// barrier. Warpgroup 0 is the producer: its thread 0 asks for the weight
-// boxes, thread 32 for the activation boxes, each in stage order, waiting
-// for its slot to be free (empty, 256 consumer arrivals) and counting the
-// box's bytes in (full); its other threads leave. Warpgroups 1 and 2 wait
-// for both boxes' full, each multiplies its 64 weight rows by the TR
+// A stage: WK_BM weight rows, then TR = 8 NT activation rows (zeros past
+// M: the activation map has M rows), 128 bytes of K each, in the 128-byte
+// swizzle wgmma reads (the TMA writes it so: boxes of 128 bytes x rows).
+// Warpgroup 0 is the producer: its thread 0 waits for a stage's slot to
+// be free (empty, 256 consumer arrivals), counts the stage's bytes in
+// (full) and asks for its two boxes; its other threads leave. Warpgroups 1
+// and 2 wait for full, each multiplies its 64 weight rows by the TR
 // activation rows (four m64nTRk32 wgmmas), waits for them and arrives on
-// both empties (with WK_INFLIGHT 1 it waits for the stage before's, and
-// frees that one's, but at a tile's end). The first WST weight boxes are
-// asked for before griddepcontrol.wait (no kernel writes weights). Accumulators as
+// empty (with WK_INFLIGHT 1 it waits for the stage before's, and frees
+// that one, but at a tile's end). The weights' first ST boxes are asked for before
+// griddepcontrol.wait (no kernel writes weights). Accumulators as
 // wg_body's per warpgroup: thread (warp w, lane l) of consumer c holds
 // weight rows 64c + 16w + l/4 (+8) and activation rows 8t + 2(l%4) (+1)
 // in d[4t..4t+3]. The producer gives its registers to the consumers
@@ -49,22 +45,20 @@
 #define WK_THREADS 384 // producer warpgroup, then two consumer warpgroups
 #define WK_CONSUMERS 256
 #ifndef WK_SMEM
-#define WK_SMEM (220 * 1024) // the rings' shared memory at most, with 1 KB to align them
+#define WK_SMEM (200 * 1024) // the stages' shared memory at most, with 1 KB to align it
 #endif
-#define WK_XST 3 // activation slots
 #ifndef WK_INFLIGHT
 #define WK_INFLIGHT 0 // a consumer's wgmma groups left running while it waits for the next stage (0 or 1)
 #endif
 
-// WkShape: the rings of the variant with TR staged activation rows. WB, XB:
-// a weight box's and an activation box's bytes; WST weight slots (as many
-// as WK_SMEM holds beside XST activation slots, 8 at most), XST = WK_XST.
-// runtime/gpu's wgskWStages and wgskShared must agree.
+// WkShape: the ring of the variant with TR staged activation rows. WB, XB:
+// a stage's weight and activation bytes; ST: stages (3 to 8). runtime/gpu's
+// wgskStages must agree.
 template <int TR> struct WkShape {
-    static constexpr int WB = WK_BM * WG_RB, XB = TR * WG_RB, XST = WK_XST;
-    static constexpr int FIT = (WK_SMEM - 1024 - XST * XB) / WB;
-    static constexpr int WST = FIT > 8 ? 8 : FIT;
-    static_assert(WST >= 3, "wgsk_body: fewer than 3 weight slots fit");
+    static constexpr int WB = WK_BM * WG_RB, XB = TR * WG_RB, SB = WB + XB;
+    static constexpr int FIT = (WK_SMEM - 1024) / SB;
+    static constexpr int ST = FIT > 8 ? 8 : FIT;
+    static_assert(ST >= 3, "wgsk_body: fewer than 3 stages fit");
 };
 
 // TmaDesc: a CUtensorMap as a kernel parameter (const __grid_constant__,
@@ -164,21 +158,19 @@ __device__ __forceinline__ void wgsk_body(const TmaDesc* wmap, const TmaDesc* xm
                                           int K) {
     constexpr int TR = 8 * NT;
     using S = WkShape<TR>;
-    constexpr int WB = S::WB, XB = S::XB, WST = S::WST, XST = S::XST;
+    constexpr int WB = S::WB, SB = S::SB, ST = S::ST;
     extern __shared__ __align__(16) unsigned char wkm[];
-    // full and empty barriers: the weight slots', then the activation slots'
-    __shared__ __align__(8) unsigned long long full[WST + XST], empty[WST + XST];
+    __shared__ __align__(8) unsigned long long full[ST], empty[ST];
     __shared__ int last;
     __shared__ float sxs[TR]; // the activation rows' scales
     const int tid = threadIdx.x;
     const int SPT = (K + WG_RB - 1) / WG_RB; // stages a tile
     const int U = N / WK_BM * SPT, G = gridDim.x, bid = blockIdx.x;
     const int u0 = wg_first(bid, U, G), n = wg_first(bid + 1, U, G) - u0;
-    const unsigned base = ((unsigned)__cvta_generic_to_shared(wkm) + 1023u) & ~1023u, xbase = base + WST * WB;
+    const unsigned base = ((unsigned)__cvta_generic_to_shared(wkm) + 1023u) & ~1023u;
     const unsigned fb = (unsigned)__cvta_generic_to_shared(full), eb = (unsigned)__cvta_generic_to_shared(empty);
-    const unsigned xfb = fb + 8 * WST, xeb = eb + 8 * WST; // the activation slots' barriers
     if (tid == 0) {
-        for (int i = 0; i < WST + XST; i++) {
+        for (int i = 0; i < ST; i++) {
             mbar_init(fb + 8 * i, 1);
             mbar_init(eb + 8 * i, WK_CONSUMERS);
         }
@@ -189,22 +181,24 @@ __device__ __forceinline__ void wgsk_body(const TmaDesc* wmap, const TmaDesc* xm
 
     if (tid < 128) { // the producer
         wk_setmaxnreg_dec<40>();
-        if (tid == 0) { // the weight boxes
-            for (int j = 0; j < n; j++) {
-                const int s = j % WST, u = u0 + j, tile = u / SPT;
-                if (j == WST) pdl_entry(); // the first WST before it: no kernel writes weights
-                if (j >= WST) mbar_wait(eb + 8 * s, ((j / WST) & 1) ^ 1); // the consumers are done with use j - WST
-                mbar_expect_tx(fb + 8 * s, WB);
-                tma_load2d(base + s * WB, wmap, (u - tile * SPT) * WG_RB, tile * WK_BM, fb + 8 * s);
-            }
-            if (n <= WST) pdl_entry();
-        } else if (tid == 32) { // the activation boxes
+        if (tid == 0) {
+            auto ask_w = [&](int j) { // stage j's weight box, with the stage's whole count
+                const int u = u0 + j, tile = u / SPT;
+                mbar_expect_tx(fb + 8 * (j % ST), SB);
+                tma_load2d(base + (j % ST) * SB, wmap, (u - tile * SPT) * WG_RB, tile * WK_BM, fb + 8 * (j % ST));
+            };
+            auto ask_x = [&](int j) {
+                const int u = u0 + j, tile = u / SPT;
+                tma_load2d(base + (j % ST) * SB + WB, xmap, (u - tile * SPT) * WG_RB, 0, fb + 8 * (j % ST));
+            };
+            const int first = n < ST ? n : ST;
+            for (int j = 0; j < first; j++) ask_w(j); // weights: no kernel writes them
             pdl_entry();
-            for (int j = 0; j < n; j++) {
-                const int s = j % XST, u = u0 + j, tile = u / SPT;
-                if (j >= XST) mbar_wait(xeb + 8 * s, ((j / XST) & 1) ^ 1);
-                mbar_expect_tx(xfb + 8 * s, XB);
-                tma_load2d(xbase + s * XB, xmap, (u - tile * SPT) * WG_RB, 0, xfb + 8 * s);
+            for (int j = 0; j < first; j++) ask_x(j);
+            for (int j = ST; j < n; j++) {
+                mbar_wait(eb + 8 * (j % ST), ((j / ST) & 1) ^ 1); // the consumers are done with use j - ST
+                ask_w(j);
+                ask_x(j);
             }
         } else {
             pdl_entry();
@@ -254,17 +248,11 @@ __device__ __forceinline__ void wgsk_body(const TmaDesc* wmap, const TmaDesc* xm
     for (int i = 0; i < 4 * NT; i++) d[i] = 0.f;
     int tile = u0 / SPT, ks = u0 - tile * SPT, k0 = ks;
     int pend = -1; // a stage this thread is done with but has not freed (WK_INFLIGHT 1)
-    // release: this thread is done with stage j's slots
-    auto release = [&](int j) {
-        mbar_arrive(eb + 8 * (j % WST));
-        mbar_arrive(xeb + 8 * (j % XST));
-    };
 #pragma unroll 1
     for (int j = 0; j < n; j++) {
-        const int s = j % WST, sx8 = j % XST;
-        mbar_wait(fb + 8 * s, (j / WST) & 1); // stage j's boxes have landed
-        mbar_wait(xfb + 8 * sx8, (j / XST) & 1);
-        const unsigned wb = base + s * WB + 64 * c * WG_RB, xb = xbase + sx8 * XB;
+        const int s = j % ST;
+        mbar_wait(fb + 8 * s, (j / ST) & 1); // stage j's boxes have landed
+        const unsigned wb = base + s * SB + 64 * c * WG_RB, xb = base + s * SB + WB;
         wg_pin<4 * NT>(d);
         wg_fence();
 #pragma unroll
@@ -274,14 +262,14 @@ __device__ __forceinline__ void wgsk_body(const TmaDesc* wmap, const TmaDesc* xm
         if (WK_INFLIGHT == 0 || end) {
             wg_wait<0>();
             wg_pin<4 * NT>(d);
-            if (pend >= 0) release(pend);
-            release(j);
+            if (pend >= 0) mbar_arrive(eb + 8 * pend);
+            mbar_arrive(eb + 8 * s); // this thread is done with the stage
             pend = -1;
         } else {
             wg_wait<1>(); // the stage before's group is done
             wg_pin<4 * NT>(d);
-            if (pend >= 0) release(pend);
-            pend = j;
+            if (pend >= 0) mbar_arrive(eb + 8 * pend);
+            pend = s;
         }
         if (end) {
             flush(tile, k0, ks);

@@ -29,37 +29,30 @@ type wgskProduct struct {
 
 // wgskRows are the variants' staged activation rows (fp8_wgsk_n128,
 // fp8_wgsk_n256); wgskBM the weight rows of a tile (WK_BM), wgskThreads a
-// block's threads (WK_THREADS), wgskSmem the rings' shared memory at most
-// (WK_SMEM), wgskXStages the activation slots (WK_XST).
+// block's threads (WK_THREADS), wgskSmem the stages' shared memory at
+// most (WK_SMEM).
 var wgskRows = [...]int{128, 256}
 
 const (
 	wgskBM        = 128
 	wgskThreads   = 384
 	wgskConsumers = 256 // WK_CONSUMERS: the two consumer warpgroups' threads (each arrives on a stage's empty barrier)
-	wgskSmem      = 220 << 10
-	wgskXStages   = 3
+	wgskSmem      = 200 << 10
 	// wgskMinRows is the fewest rows wgskOn sends to the kernels: below
 	// it fp8_ws, fp8_wg and fp8_stream take the products.
 	wgskMinRows = 65
 )
 
-// wgskWBytes and wgskXBytes are WkShape's WB and XB: a weight box of
-// WK_BM rows and an activation box of tr rows, 128 bytes each.
-func wgskWBytes() int       { return wgskBM * wgRowBytes }
-func wgskXBytes(tr int) int { return tr * wgRowBytes }
+// wgskStageBytes is WkShape's SB: a stage of WK_BM weight rows and tr
+// activation rows of 128 bytes.
+func wgskStageBytes(tr int) int { return (wgskBM + tr) * wgRowBytes }
 
-// wgskWStages is WkShape's WST: as many weight slots as WK_SMEM holds
-// beside the activation slots, 8 at most.
-func wgskWStages(tr int) int {
-	return min(8, (wgskSmem-1024-wgskXStages*wgskXBytes(tr))/wgskWBytes())
-}
+// wgskStages is WkShape's ST: as many stages as WK_SMEM holds, 8 at most.
+func wgskStages(tr int) int { return min(8, (wgskSmem-1024)/wgskStageBytes(tr)) }
 
-// wgskShared is a block's dynamic shared memory: its rings and 1 KB to
+// wgskShared is a block's dynamic shared memory: its stages and 1 KB to
 // round their base up to the swizzle's 1024 bytes.
-func wgskShared(tr int) int {
-	return wgskWStages(tr)*wgskWBytes() + wgskXStages*wgskXBytes(tr) + 1024
-}
+func wgskShared(tr int) int { return wgskStages(tr)*wgskStageBytes(tr) + 1024 }
 
 // wgskPartBytes is the partials of a GPU of sms SMs: two slots a block, a
 // block an SM, a tile's WK_BM weight rows by 256 activation rows of

@@ -10,24 +10,21 @@ import (
 // for the operands, each block in turn (in a shuffled order, so any of a
 // shared tile's blocks may finish it), its producer and two consumer
 // warpgroups interleaved at random:
-//   - two producers, the weight boxes' (WST slots) and the activation
-//     boxes' (XST slots), each ask for stage j's box once its slot's
-//     `empty` barrier's phase of parity ((j / S) & 1) ^ 1 has completed (j
-//     >= S, S its ring's slots), as the kernel's try_wait.parity does; the
-//     TMA's boxes land in the slot in the 128-byte swizzle (row r at r *
-//     128, its 16-byte chunk c at c ^ (r % 8)), zeros past K and past M's
-//     activation rows; a slot's `full` completes when its one arrival and
-//     its box's bytes are in;
-//   - a consumer waits for both slots' full phases of parity (j / S) & 1,
-//     its group reads them by descriptor as the PTX ISA defines the
-//     K-major 128-byte swizzle (its 64 weight rows from 64 c of the weight
-//     slot, the TR activation rows of the activation slot), and with
-//     WK_INFLIGHT 1 the group still reads them until the consumer's next
-//     wait: the slots must hold the same stage then;
-//   - it arrives on both empties (128 arrivals a warpgroup, 256 complete a
-//     phase) as the kernel does, and at a tile's end both meet (wk_sync)
-//     to store it whole or through the partial slots and the per-tile
-//     counters.
+//   - the producer asks for stage j once its `empty` barrier's phase of
+//     parity ((j / ST) & 1) ^ 1 has completed (j >= ST), as the kernel's
+//     try_wait.parity does; the TMA's boxes land in the buffer in the
+//     128-byte swizzle (row r at r * 128, its 16-byte chunk c at c ^
+//     (r % 8)), zeros past K and past M's activation rows; `full`
+//     completes when its one arrival and both boxes' bytes are in;
+//   - a consumer waits for full's phase of parity (j / ST) & 1, its group
+//     reads the stage by descriptor as the PTX ISA defines the K-major
+//     128-byte swizzle (its 64 weight rows from 64 c, the TR activation
+//     rows after the WK_BM weight rows), and with WK_INFLIGHT 1 the group
+//     still reads the buffer until the consumer's next wait: the buffer
+//     must hold the same stage then;
+//   - it arrives on empty (128 arrivals a warpgroup, 256 complete a phase)
+//     as the kernel does, and at a tile's end both meet (wk_sync) to store
+//     it whole or through the partial slots and the per-tile counters.
 //
 // The result must be the plain product, each output written once and every
 // counter back at zero, for a tile inside one block, tiles shared by two or
@@ -80,7 +77,7 @@ func wgskEmulate(t *testing.T, M, N, K, G, inflight int) {
 		TR = wgskRows[1]
 	}
 	NT := TR / 8
-	WB, XB, WST, XST := wgskWBytes(), wgskXBytes(TR), wgskWStages(TR), wgskXStages
+	WB, SB, ST := BM*rb, wgskStageBytes(TR), wgskStages(TR)
 	rng := rand.New(rand.NewPCG(uint64(M*7+G), uint64(K)))
 	qw, qx := emuOperands(rng, M, N, K)
 	SPT := (K + rb - 1) / rb
@@ -95,36 +92,50 @@ func wgskEmulate(t *testing.T, M, N, K, G, inflight int) {
 	out, written, done := make([]int, M*N), make([]int, M*N), make([]int, tiles)
 	for _, b := range rng.Perm(G) {
 		u0, n := first(b), first(b+1)-first(b)
-		wr, xr := newEmuRing(WST, WB), newEmuRing(XST, XB)
-		// produce: ring r's producer asks for its next stage's box (rows
-		// [r0, r0+rows) of src, lim rows of K bytes, from row0(tile)) if
-		// its slot is free
-		produce := func(r *emuRing, src []int, lim, rows int, row0 func(tile int) int) bool {
-			j := r.next
+		smem := make([]int, ST*SB)
+		stageOf := make([]int, ST) // the stage j a buffer holds (-1: none)
+		for i := range smem {
+			smem[i] = 1 << 20 // never copied: would show in the sums
+		}
+		for i := range stageOf {
+			stageOf[i] = -1
+		}
+		full, empty := make([]emuBarrier, ST), make([]emuBarrier, ST)
+		for i := range ST {
+			full[i] = emuBarrier{count: 1, pending: 1}
+			empty[i] = emuBarrier{count: wgskConsumers, pending: wgskConsumers}
+		}
+		// tma lands a box of rows [r0, r0+rows) of src (lim rows of K
+		// bytes), bytes [k0, k0 + 128), at the stage offset dst of buffer s
+		tma := func(s, dst int, src []int, lim, r0, rows, k0 int) {
+			for r := range rows {
+				for k := range rb {
+					val := 0
+					if r0+r < lim && k0+k < K {
+						val = src[(r0+r)*K+k0+k]
+					}
+					smem[s*SB+addr(dst, r, k)] = val
+				}
+			}
+			full[s].land(rows * rb)
+		}
+		nextJ := 0 // the producer's next stage
+		produce := func() bool {
+			j := nextJ
 			if j >= n {
 				return false
 			}
-			S := len(r.full)
-			s := j % S
-			if j >= S && !r.empty[s].passed(((j/S)&1)^1) {
+			s := j % ST
+			if j >= ST && !empty[s].passed(((j/ST)&1)^1) {
 				return false
 			}
 			u := u0 + j
 			tile, ks := u/SPT, u%SPT
-			r.full[s].arrive(1, r.bytes) // expect_tx
-			r.stageOf[s] = j
-			r0 := row0(tile)
-			for rr := range rows {
-				for k := range rb {
-					val := 0
-					if r0+rr < lim && ks*rb+k < K {
-						val = src[(r0+rr)*K+ks*rb+k]
-					}
-					r.smem[s*r.bytes+addr(0, rr, k)] = val
-				}
-			}
-			r.full[s].land(rows * rb)
-			r.next++
+			full[s].arrive(1, SB) // expect_tx
+			stageOf[s] = j
+			tma(s, 0, qw, N, tile*BM, BM, ks*rb)
+			tma(s, WB, qx, M, 0, TR, ks*rb)
+			nextJ++
 			return true
 		}
 		// a consumer warpgroup's state
@@ -146,17 +157,17 @@ func wgskEmulate(t *testing.T, M, N, K, G, inflight int) {
 			zero(cs[i])
 		}
 		group := func(c int, j int) { // consumer c's wgmma group on stage j
-			sw, sx := j%WST, j%XST
-			if wr.stageOf[sw] != j || xr.stageOf[sx] != j {
-				t.Fatalf("M=%d N=%d K=%d G=%d block %d: consumer %d reads stage %d but its slots hold %d and %d", M, N, K, G, b, c, j, wr.stageOf[sw], xr.stageOf[sx])
+			s := j % ST
+			if stageOf[s] != j {
+				t.Fatalf("M=%d N=%d K=%d G=%d block %d: consumer %d reads stage %d but its buffer holds %d", M, N, K, G, b, c, j, stageOf[s])
 			}
-			wb, xb := sw*WB+64*c*rb, sx*XB
+			wb, xb := s*SB+64*c*rb, s*SB+WB
 			for q := range rb / 32 {
 				for r := range 64 {
 					for nn := range TR {
 						sum := 0
 						for k := range 32 {
-							sum += wr.smem[addr(wb+32*q, r, k)] * xr.smem[addr(xb+32*q, nn, k)]
+							sum += smem[addr(wb+32*q, r, k)] * smem[addr(xb+32*q, nn, k)]
 						}
 						cs[c].D[r][nn] += sum
 					}
@@ -188,25 +199,21 @@ func wgskEmulate(t *testing.T, M, N, K, G, inflight int) {
 			if c.atSync || c.j >= n {
 				return false
 			}
-			j := c.j
-			if !wr.full[j%WST].passed((j/WST)&1) || !xr.full[j%XST].passed((j/XST)&1) {
+			j, s := c.j, c.j%ST
+			if !full[s].passed((j / ST) & 1) {
 				return false
-			}
-			release := func(j int) { // both slots' empty, from this warpgroup's 128 threads
-				wr.empty[j%WST].arrive(128, 0)
-				xr.empty[j%XST].arrive(128, 0)
 			}
 			if c.pend >= 0 { // WK_INFLIGHT 1: the group before still read its buffer until this wait
 				group(ci, c.pend)
 			}
 			end := c.ks == SPT-1 || j == n-1
 			if c.pend >= 0 {
-				release(c.pend)
+				empty[c.pend%ST].arrive(128, 0)
 			}
 			c.pend = j
 			if inflight == 0 || end {
 				group(ci, j)
-				release(j)
+				empty[s].arrive(128, 0)
 				c.pend = -1
 			}
 			c.j++
@@ -230,44 +237,18 @@ func wgskEmulate(t *testing.T, M, N, K, G, inflight int) {
 				continue
 			}
 			progressed := false
-			for _, a := range rng.Perm(4) {
-				if a == 2 && produce(wr, qw, N, BM, func(tile int) int { return tile * BM }) ||
-					a == 3 && produce(xr, qx, M, TR, func(int) int { return 0 }) || a < 2 && consume(a) {
+			for _, a := range rng.Perm(3) {
+				if a == 2 && produce() || a < 2 && consume(a) {
 					progressed = true
 					break
 				}
 			}
 			if !progressed {
-				t.Fatalf("M=%d N=%d K=%d G=%d inflight %d block %d: deadlock (producers at stages %d and %d, consumers at %d and %d)", M, N, K, G, inflight, b, wr.next, xr.next, cs[0].j, cs[1].j)
+				t.Fatalf("M=%d N=%d K=%d G=%d inflight %d block %d: deadlock (producer at stage %d, consumers at %d and %d)", M, N, K, G, inflight, b, nextJ, cs[0].j, cs[1].j)
 			}
 		}
 	}
 	emuCheck(t, qx, qw, out, written, done, M, N, K, G, G)
-}
-
-// emuRing is one of wgsk_body's rings: its slots' shared memory (bytes a
-// slot), the stage each slot holds (-1: none), their full and empty
-// barriers, and its producer's next stage.
-type emuRing struct {
-	bytes       int
-	smem        []int
-	stageOf     []int
-	full, empty []emuBarrier
-	next        int
-}
-
-func newEmuRing(slots, bytes int) *emuRing {
-	r := &emuRing{bytes: bytes, smem: make([]int, slots*bytes), stageOf: make([]int, slots),
-		full: make([]emuBarrier, slots), empty: make([]emuBarrier, slots)}
-	for i := range r.smem {
-		r.smem[i] = 1 << 20 // never copied: would show in the sums
-	}
-	for i := range slots {
-		r.stageOf[i] = -1
-		r.full[i] = emuBarrier{count: 1, pending: 1}
-		r.empty[i] = emuBarrier{count: wgskConsumers, pending: wgskConsumers}
-	}
-	return r
 }
 
 // wgskPartAt is where wk_store_part puts the value of a tile's weight row
