@@ -146,16 +146,30 @@ __device__ __forceinline__ void wk_out(bf16* __restrict__ out, const float* v, i
         }
 }
 
+// The phases of a block (runtime/gpu's wgskPhases reads them), globaltimer
+// nanoseconds stamped by its first consumer thread: the scales in, the
+// first stage landed, its last stage's products done, the last flush's
+// count done (the same stamp where the last tile is whole), the end; then
+// flags (1: the last tile shared, 2: this block summed it), the
+// nanoseconds of the flushes before the last, and its stages.
+#define WK_TIMES 8
+__device__ __forceinline__ unsigned long long wk_now() {
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+
 // wgsk_body: out [M, N] = x [M, K] . w [N, K]^T times sx[m] sw[n], e4m3
 // operands (K bytes a row, K % 16 == 0), N % WK_BM == 0, M <= TR.
 // wmap: w in boxes of 128 bytes x WK_BM rows; xmap: x (M rows) in boxes of
 // 128 bytes x TR rows, both with the 128-byte swizzle; part: 2 G WK_BM TR
-// floats; done: N / WK_BM counters, zero.
+// floats; done: N / WK_BM counters, zero. times (null: none) takes each
+// block's phases, WK_TIMES values a block (wk_times).
 template <int NT>
 __device__ __forceinline__ void wgsk_body(const TmaDesc* wmap, const TmaDesc* xmap, bf16* __restrict__ out,
                                           float* __restrict__ part, int* __restrict__ done,
-                                          const float* __restrict__ sx, const float* __restrict__ sw, int M, int N,
-                                          int K) {
+                                          unsigned long long* __restrict__ times, const float* __restrict__ sx,
+                                          const float* __restrict__ sw, int M, int N, int K) {
     constexpr int TR = 8 * NT;
     using S = WkShape<TR>;
     constexpr int WB = S::WB, SB = S::SB, ST = S::ST;
@@ -211,14 +225,18 @@ __device__ __forceinline__ void wgsk_body(const TmaDesc* wmap, const TmaDesc* xm
     const int ct = tid - 128, c = ct >> 7; // consumer thread, warpgroup
     for (int i = ct; i < TR; i += WK_CONSUMERS) sxs[i] = i < M ? sx[i] : 0.f;
     wk_sync(); // the scales are in for every consumer
+    const bool stamp = times != nullptr && ct == 0;
+    unsigned long long ph[WK_TIMES] = {}; // this block's phases (stamp)
+    if (stamp) ph[0] = wk_now();
     const int lane = ct & 31, warp = (ct >> 5) & 3, g = lane >> 2, tig = lane & 3;
     const int row = 64 * c + 16 * warp + g; // this thread's first weight row in a tile
     auto slot = [&](int b, int tile) { return part + ((long long)b * 2 + (wg_first(b, U, G) / SPT == tile ? 0 : 1)) * WK_BM * TR; };
     float d[4 * NT];
     // flush: the accumulators of tile `tile`, which this block holds from
     // its stage k0 to k1 (inclusive)
-    auto flush = [&](int tile, int k0, int k1) {
+    auto flush = [&](int tile, int k0, int k1, bool final) {
         const int n = tile * WK_BM + row;
+        if (stamp && final) ph[2] = ph[3] = wk_now();
         if (k0 == 0 && k1 == SPT - 1) {
             wk_out<NT>(out, d, M, N, n, tig, sxs, sw[n], sw[n + 8]);
             return;
@@ -235,6 +253,7 @@ __device__ __forceinline__ void wgsk_body(const TmaDesc* wmap, const TmaDesc* xm
             if (last) __threadfence();
         }
         wk_sync();
+        if (stamp && final) ph[3] = wk_now(), ph[5] = last ? 3 : 1;
         if (!last) return;
 #pragma unroll
         for (int i = 0; i < 4 * NT; i++) d[i] = 0.f;
@@ -252,6 +271,7 @@ __device__ __forceinline__ void wgsk_body(const TmaDesc* wmap, const TmaDesc* xm
     for (int j = 0; j < n; j++) {
         const int s = j % ST;
         mbar_wait(fb + 8 * s, (j / ST) & 1); // stage j's boxes have landed
+        if (stamp && j == 0) ph[1] = wk_now();
         const unsigned wb = base + s * SB + 64 * c * WG_RB, xb = base + s * SB + WB;
         wg_pin<4 * NT>(d);
         wg_fence();
@@ -272,7 +292,9 @@ __device__ __forceinline__ void wgsk_body(const TmaDesc* wmap, const TmaDesc* xm
             pend = s;
         }
         if (end) {
-            flush(tile, k0, ks);
+            const unsigned long long f0 = stamp && j < n - 1 ? wk_now() : 0;
+            flush(tile, k0, ks, j == n - 1);
+            if (f0) ph[6] += wk_now() - f0;
 #pragma unroll
             for (int i = 0; i < 4 * NT; i++) d[i] = 0.f;
             tile++, ks = 0, k0 = 0;
@@ -280,13 +302,18 @@ __device__ __forceinline__ void wgsk_body(const TmaDesc* wmap, const TmaDesc* xm
             ks++;
         }
     }
+    if (stamp) {
+        ph[4] = wk_now(), ph[7] = n;
+#pragma unroll
+        for (int i = 0; i < WK_TIMES; i++) times[bid * WK_TIMES + i] = ph[i];
+    }
 }
 
 // fp8_wgsk_n{128,256}: wgsk_body for 65-128 and 129-256 rows (runtime/gpu
 // wgsk.go), one block of WK_THREADS an SM.
 #define FP8_WGSK_ARGS                                                                                             \
     const __grid_constant__ TmaDesc wmap, const __grid_constant__ TmaDesc xmap, bf16 *out, float *part, int *done, \
-        const float *sx, const float *sw, int M, int N, int K
-#define FP8_WGSK_PASS &wmap, &xmap, out, part, done, sx, sw, M, N, K
+        unsigned long long *times, const float *sx, const float *sw, int M, int N, int K
+#define FP8_WGSK_PASS &wmap, &xmap, out, part, done, times, sx, sw, M, N, K
 extern "C" __global__ void __launch_bounds__(WK_THREADS, 1) fp8_wgsk_n128(FP8_WGSK_ARGS) { wgsk_body<16>(FP8_WGSK_PASS); }
 extern "C" __global__ void __launch_bounds__(WK_THREADS, 1) fp8_wgsk_n256(FP8_WGSK_ARGS) { wgsk_body<32>(FP8_WGSK_PASS); }

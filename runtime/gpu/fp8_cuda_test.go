@@ -582,6 +582,31 @@ func TestFP8GemmBench(t *testing.T) {
 				def84 := timeIt(30, prod)
 				r.f.mm.SetSMTarget(0)
 				bench("fp8wgsk %-8s %5d all SMs %8.1f us (default %8.1f, %5.2f of floor8) | %d SMs %8.1f us (default %8.1f)", sh.name, T, wk, t8, fl8/wk, held, wk84, def84)
+				// where a launch's time goes, block by block (wgskPhases:
+				// the stamps of a second eager launch)
+				for _, target := range []int{0, held} {
+					g.SetSMTarget(target)
+					G := g.grid(N, K)
+					buf := r.alloc(8 * wgskTimes * G)
+					g.times, r.f.wgskOn = buf.Ptr(), true
+					for i := range 2 {
+						if err := prod(i); err != nil {
+							t.Fatal(err)
+						}
+					}
+					g.times, r.f.wgskOn = 0, false
+					g.SetSMTarget(0)
+					h := make([]uint64, wgskTimes*G)
+					if err := cuda.CopyDtoH(r.s, h, buf.Ptr()); err != nil {
+						t.Fatal(err)
+					}
+					r.sync()
+					ph, err := wgskPhases(h)
+					if err != nil {
+						t.Fatalf("%s at %d rows on %d blocks: %v", sh.name, T, G, err)
+					}
+					bench("fp8wgsk phases %-8s %5d grid %3d: %v", sh.name, T, G, ph)
+				}
 			}
 			if !math.IsNaN(ws) {
 				bench("fp8ws %-8s %5d plan %-7v %8.1f us %6.2f of floor8 (default product %8.1f us %6.2f)", sh.name, T, wsp, ws, fl8/ws, t8, fl8/t8)

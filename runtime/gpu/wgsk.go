@@ -25,6 +25,7 @@ type wgskProduct struct {
 	smsMax     int                // the device's: the partials are sized for it
 	target     int                // SMs the products enqueued now may take (SetSMTarget; 0: sms)
 	forceG     int                // tests: this many blocks (0: one an SM; at most that)
+	times      cuda.DevicePtr     // tests: each block's phases (WK_TIMES uint64 a block; 0: none)
 }
 
 // wgskRows are the variants' staged activation rows (fp8_wgsk_n128,
@@ -164,7 +165,7 @@ func (g *wgskProduct) launch(s *cuda.Stream, out, x, sx cuda.DevicePtr, w *fp8We
 		return fmt.Errorf("gpu: fp8_wgsk activation map: %w", err)
 	}
 	return g.fn[i].Launch(s, cuda.Dim3{X: g.grid(N, K)}, cuda.Dim3{X: wgskThreads}, wgskShared(wgskRows[i]),
-		wm, &xm, uint64(out), uint64(g.part.Ptr()), uint64(g.done.Ptr()), uint64(sx), uint64(w.scale.Ptr()), T, N, K)
+		wm, &xm, uint64(out), uint64(g.part.Ptr()), uint64(g.done.Ptr()), uint64(g.times), uint64(sx), uint64(w.scale.Ptr()), T, N, K)
 }
 
 // free releases the split buffers (nil-safe).
