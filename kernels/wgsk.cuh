@@ -115,7 +115,7 @@ template <int N> __device__ __forceinline__ void wk_setmaxnreg_inc() {
 // contiguous bytes (full lines). PERFORMANCE v0.97: in wg_body's layout
 // ([weight row][activation row], a warp's float2 pieces over 8 rows) the
 // last block of a tile read its ~5 partials at ~12 bytes a cycle, 35 µs
-// of a 72 µs product (down, 240 rows). runtime/gpu's wgskPartIndex (the
+// of a 72 µs product (down, 240 rows). runtime/gpu's wgskPartAt (the
 // emulation) must agree.
 template <int NT> __device__ __forceinline__ void wk_store_part(float* __restrict__ slot, const float* d, int ct) {
     float4* p = reinterpret_cast<float4*>(slot) + ct;
@@ -164,7 +164,7 @@ __device__ __forceinline__ unsigned long long wk_now() {
 // wmap: w in boxes of 128 bytes x WK_BM rows; xmap: x (M rows) in boxes of
 // 128 bytes x TR rows, both with the 128-byte swizzle; part: 2 G WK_BM TR
 // floats; done: N / WK_BM counters, zero. times (null: none) takes each
-// block's phases, WK_TIMES values a block (wk_times).
+// block's phases, WK_TIMES values a block (above).
 template <int NT>
 __device__ __forceinline__ void wgsk_body(const TmaDesc* wmap, const TmaDesc* xmap, bf16* __restrict__ out,
                                           float* __restrict__ part, int* __restrict__ done,
