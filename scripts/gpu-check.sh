@@ -206,6 +206,16 @@ shift
 PHASES=("$@")
 [[ ${#PHASES[@]} -gt 0 ]] || PHASES=(tests kernels memcheck fixture8b serve lorabench decode serve8b)
 want() { local x; for x in "${PHASES[@]}"; do [[ "$x" == "$1" ]] && return 0; done; return 1; }
+# every phase named must be one this script runs (`want NAME` below): a
+# mistyped name or a gpu-multi.sh job ('label: ENV -- phase') would
+# otherwise run nothing and still cost a device call
+KNOWN=$(grep -oE '(^|[;&|] *|if )want [a-z0-9]+' "$0" | grep -oE '[a-z0-9]+$' | sort -u | tr '\n' ' ')
+for x in "${PHASES[@]}"; do
+	if [[ " $KNOWN" != *" $x "* ]]; then
+		echo "gpu-check: no phase '$x' (phases: $KNOWN; jobs with a label and settings, 'label: ENV -- phase', go to scripts/gpu-multi.sh)" >&2
+		exit 2
+	fi
+done
 unset PEFTD_FIXTURE_8B PEFTD_LORA_BENCH PEFTD_MODEL_8B
 # in_repo: path p as an absolute path, a relative one taken from the
 # repository root (the phases run from elsewhere, e.g. runtime/gpu)
