@@ -31,7 +31,8 @@
 #                its n128 variant, cuBLASLt) against bf16 at the 8B projection
 #                shapes, 1-2048 rows (PEFTD_FP8_BENCH_T: other rows; not in
 #                the default phases); fp8wgsk lines: fp8_wgsk at 65-256 rows
-#                on every SM and on 84 against the default product there
+#                on every SM and on 84 against the default product there, and
+#                its blocks' phases (fp8wgsk phases lines: wgskPhases)
 #     wsplanbench TestWsPlanBench: every one-wave plan of gemm_ws and fp8_ws
 #                (width x K split) at the 8B shapes against the planner's, with
 #                the activation bytes each reads from L2 (not in the default
