@@ -17,10 +17,18 @@
 // streams the same bytes through one ring, across its tiles' boundaries.
 // A tile the block holds whole is scaled, rounded and stored from
 // registers; one it shares goes through float32 partials (two slots a
-// block), and the last of its blocks to finish (a per-tile counter) sums
-// them in block order and stores it, leaving the counter at zero (as
-// wg_body). A slot is fragment-major (wk_store_part): each warp's stores
-// and loads of it are 512 contiguous bytes.
+// block) and a per-tile counter, and the sum is spread (wk_sum): every
+// block whose last tile it is waits for all of the tile's partials to be
+// counted in, then sums its share of the tile's activation rows, each
+// value in block order, and stores it; the last to count a second time
+// leaves the counter at zero. A slot is fragment-major (wk_store_part):
+// each warp's stores and loads of it are 512 contiguous bytes.
+//
+// Waiting is safe: a block waits only at its end, for blocks that started
+// (every block has triggered the next kernel's launch, pdl_entry, before
+// the next kernel's blocks can take an SM) or that take an SM as blocks
+// of other streams' kernels end; the grid is at most the SMs (one block an
+// SM) and each block holds at least one stage unit (wgskProduct.grid).
 //
 // A stage: WK_BM weight rows, then TR = 8 NT activation rows (zeros past
 // M: the activation map has M rows), 128 bytes of K each, in the 128-byte
@@ -117,19 +125,13 @@ template <int N> __device__ __forceinline__ void wk_setmaxnreg_inc() {
 // last block of a tile read its ~5 partials at ~12 bytes a cycle, 35 µs
 // of a 72 µs product (down, 240 rows). runtime/gpu's wgskPartAt (the
 // emulation) must agree.
-template <int NT> __device__ __forceinline__ void wk_store_part(float* __restrict__ slot, const float* d, int ct) {
+// Only the NV = ceil(M / 8) float4s holding activation rows below M are
+// stored (and summed: wk_sum).
+template <int NT> __device__ __forceinline__ void wk_store_part(float* __restrict__ slot, const float* d, int ct, int NV) {
     float4* p = reinterpret_cast<float4*>(slot) + ct;
 #pragma unroll
-    for (int i = 0; i < NT; i++) p[i * WK_CONSUMERS] = make_float4(d[4 * i], d[4 * i + 1], d[4 * i + 2], d[4 * i + 3]);
-}
-// wk_add_part adds a slot's values to d (through L2: other blocks wrote it).
-template <int NT> __device__ __forceinline__ void wk_add_part(float* d, const float* __restrict__ slot, int ct) {
-    const float4* p = reinterpret_cast<const float4*>(slot) + ct;
-#pragma unroll
-    for (int i = 0; i < NT; i++) {
-        const float4 q = __ldcg(p + i * WK_CONSUMERS);
-        d[4 * i] += q.x, d[4 * i + 1] += q.y, d[4 * i + 2] += q.z, d[4 * i + 3] += q.w;
-    }
+    for (int i = 0; i < NT; i++)
+        if (i < NV) p[i * WK_CONSUMERS] = make_float4(d[4 * i], d[4 * i + 1], d[4 * i + 2], d[4 * i + 3]);
 }
 // wk_out is frag_out with the scales at hand: the activation rows' in
 // shared memory (sxs), the thread's two weight rows' read once (sw0 for
@@ -144,6 +146,48 @@ __device__ __forceinline__ void wk_out(bf16* __restrict__ out, const float* v, i
             const int m = 8 * t + 2 * tig + (e & 1);
             if (m < M) out[(i64)m * N + n + (e >= 2 ? 8 : 0)] = __float2bfloat16_rn(v[4 * t + e] * sxs[m] * (e >= 2 ? sw1 : sw0));
         }
+}
+
+// wk_sum sums float4s [i0, i1) of consumer thread ct's values in the slots
+// of blocks b0..b1 (slot(b)), in block order from zero (through L2: other
+// blocks wrote them), and stores them as wk_out would: eight slots' loads
+// in flight at a time, two float4s a round.
+template <class Slot>
+__device__ __forceinline__ void wk_sum(bf16* __restrict__ out, Slot slot, int b0, int b1, int i0, int i1, int ct, int M, int N, int n,
+                                       int tig, const float* sxs, float sw0, float sw1) {
+    constexpr int CH = 8; // slots a round
+#pragma unroll 1
+    for (int i = i0; i < i1; i += 2) {
+        float4 a[2] = {make_float4(0.f, 0.f, 0.f, 0.f), make_float4(0.f, 0.f, 0.f, 0.f)};
+#pragma unroll 1
+        for (int b = b0; b <= b1; b += CH) {
+            float4 q[2][CH];
+#pragma unroll
+            for (int k = 0; k < CH; k++) {
+                q[0][k] = q[1][k] = make_float4(0.f, 0.f, 0.f, 0.f);
+                if (b + k > b1) continue;
+                const float4* p = reinterpret_cast<const float4*>(slot(b + k)) + ct;
+                q[0][k] = __ldcg(p + i * WK_CONSUMERS);
+                if (i + 1 < i1) q[1][k] = __ldcg(p + (i + 1) * WK_CONSUMERS);
+            }
+#pragma unroll
+            for (int k = 0; k < CH; k++)
+                if (b + k <= b1)
+#pragma unroll
+                    for (int h = 0; h < 2; h++) a[h].x += q[h][k].x, a[h].y += q[h][k].y, a[h].z += q[h][k].z, a[h].w += q[h][k].w;
+        }
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            const int t = i + h;
+            if (t >= i1) break;
+            const float v[4] = {a[h].x, a[h].y, a[h].z, a[h].w};
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int m = 8 * t + 2 * tig + (e & 1);
+                if (m < M) out[(i64)m * N + n + (e >= 2 ? 8 : 0)] = __float2bfloat16_rn(v[e] * sxs[m] * (e >= 2 ? sw1 : sw0));
+            }
+        }
+    }
 }
 
 // The phases of a block (runtime/gpu's wgskPhases reads them), globaltimer
@@ -175,7 +219,6 @@ __device__ __forceinline__ void wgsk_body(const TmaDesc* wmap, const TmaDesc* xm
     constexpr int WB = S::WB, SB = S::SB, ST = S::ST;
     extern __shared__ __align__(16) unsigned char wkm[];
     __shared__ __align__(8) unsigned long long full[ST], empty[ST];
-    __shared__ int last;
     __shared__ float sxs[TR]; // the activation rows' scales
     const int tid = threadIdx.x;
     const int SPT = (K + WG_RB - 1) / WG_RB; // stages a tile
@@ -241,25 +284,34 @@ __device__ __forceinline__ void wgsk_body(const TmaDesc* wmap, const TmaDesc* xm
             wk_out<NT>(out, d, M, N, n, tig, sxs, sw[n], sw[n + 8]);
             return;
         }
-        wk_store_part<NT>(slot(bid, tile), d, ct);
+        const int NV = (M + 7) >> 3; // float4s of activation rows below M
+        wk_store_part<NT>(slot(bid, tile), d, ct, NV);
+        // C blocks hold the tile; the P whose last tile it is (all but b1
+        // when b1 goes on to the next tile) sum it, block b0 + p the
+        // float4s [p NV / P, (p + 1) NV / P)
         const int b0 = wg_block(tile * SPT, U, G), b1 = wg_block((tile + 1) * SPT - 1, U, G);
+        const int C = b1 - b0 + 1, P = b1 - b0 + (wg_first(b1 + 1, U, G) == (tile + 1) * SPT ? 1 : 0);
         // the block's partials, ordered before its count by one thread's
-        // fence after the barrier, and the others' before the last block's
-        // reads by its fence after the count (wg_body's)
+        // fence after the barrier, and the others' before this block's
+        // reads by its acquire and fence after the wait (wg_body's)
         wk_sync();
         if (ct == 0) {
             __threadfence();
-            last = atomicAdd(done + tile, 1) == b1 - b0;
-            if (last) __threadfence();
+            atomicAdd(done + tile, 1);
+        }
+        if (!final) return; // b1, on to its next tile: the others sum this one
+        if (ct == 0) {
+            while ((int)ld_acquire_u32(reinterpret_cast<const unsigned*>(done + tile)) < C) {
+            }
+            __threadfence();
+            // a second count: the last leaves the counter at zero for the
+            // next launch (every block has passed the wait by then)
+            if (atomicAdd(done + tile, 1) == C + P - 1) done[tile] = 0;
         }
         wk_sync();
-        if (stamp && final) ph[3] = wk_now(), ph[5] = last ? 3 : 1;
-        if (!last) return;
-#pragma unroll
-        for (int i = 0; i < 4 * NT; i++) d[i] = 0.f;
-        for (int b = b0; b <= b1; b++) wk_add_part<NT>(d, slot(b, tile), ct);
-        wk_out<NT>(out, d, M, N, n, tig, sxs, sw[n], sw[n + 8]);
-        if (ct == 0) done[tile] = 0; // ready for the next launch
+        if (stamp) ph[3] = wk_now(), ph[5] = 3;
+        const int p = bid - b0;
+        wk_sum(out, [&](int b) { return slot(b, tile); }, b0, b1, p * NV / P, (p + 1) * NV / P, ct, M, N, n, tig, sxs, sw[n], sw[n + 8]);
     };
 
     static_assert(WK_INFLIGHT == 0 || WK_INFLIGHT == 1, "wgsk_body: WK_INFLIGHT");

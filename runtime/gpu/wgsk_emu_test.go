@@ -24,17 +24,25 @@ import (
 //     must hold the same stage then;
 //   - it arrives on empty (128 arrivals a warpgroup, 256 complete a phase)
 //     as the kernel does, and at a tile's end both meet (wk_sync) to store
-//     it whole or through the partial slots and the per-tile counters.
+//     it whole or through the partial slots (the float4s of rows below M)
+//     and the per-tile counters;
+//   - a block whose last tile is shared waits (wk_sum's spread): once
+//     every block has run, the waiting ones go on in a shuffled order,
+//     each finding its tile's count complete (else it would wait forever),
+//     counting a second time (the last to count clears the counter) and
+//     summing its share of the tile's float4s.
 //
 // The result must be the plain product, each output written once and every
 // counter back at zero, for a tile inside one block, tiles shared by two or
-// more blocks, a last stage past K, activation rows past M, both variants
-// and both WK_INFLIGHT values.
+// more blocks (more than wk_sum's eight slots a round too), a last stage
+// past K, activation rows past M, both variants and both WK_INFLIGHT
+// values.
 func TestWgskEmulated(t *testing.T) {
 	for _, inflight := range []int{0, 1} {
 		for _, c := range []struct{ M, N, K, G int }{
 			{65, 256, 128*5 + 64, 1}, {65, 256, 128*5 + 64, 3}, {100, 128, 128 * 7, 5}, {128, 384, 256, 6},
 			{129, 256, 128 * 3, 2}, {200, 128, 128*4 + 16, 7}, {256, 256, 128 * 2, 4}, {90, 128, 128 * 9, 9},
+			{70, 256, 128 * 11, 21}, {250, 128, 128 * 10, 10},
 		} {
 			wgskEmulate(t, c.M, c.N, c.K, c.G, inflight)
 		}
@@ -90,6 +98,9 @@ func wgskEmulate(t *testing.T, M, N, K, G, inflight int) {
 		t.Fatalf("M=%d N=%d K=%d: the partials of %d blocks overrun wgskPartBytes", M, N, K, G)
 	}
 	out, written, done := make([]int, M*N), make([]int, M*N), make([]int, tiles)
+	NV := (M + 7) / 8
+	type waiter struct{ b, tile int }
+	var waiting []waiter // blocks at wk_sum's wait, their last tile
 	for _, b := range rng.Perm(G) {
 		u0, n := first(b), first(b+1)-first(b)
 		smem := make([]int, ST*SB)
@@ -177,21 +188,24 @@ func wgskEmulate(t *testing.T, M, N, K, G, inflight int) {
 		// flush: both consumers' accumulators of tile, held from stage k0
 		// to k1, through each thread's registers as frag_out and the slots
 		// use them (rows 16 warp + l/4 (+8) of each warpgroup's 64)
-		flush := func(tile, k0, k1 int) {
+		flush := func(tile, k0, k1 int, final bool) {
 			whole := k0 == 0 && k1 == SPT-1
 			for c := range 2 {
 				emuFragRegs(NT, func(tid, i, row, m int) {
 					val, n := cs[c].D[row][m], tile*BM+64*c+row
-					if !whole { // wk_store_part: float4 i/4 of consumer thread 128 c + tid
+					if !whole && i/4 < NV { // wk_store_part: float4 i/4 of consumer thread 128 c + tid
 						part[slot(b, tile)+((i/4)*wgskConsumers+128*c+tid)*4+i%4] = val
-					} else if m < M {
+					} else if whole && m < M {
 						out[m*N+n] = val
 						written[m*N+n]++
 					}
 				})
 			}
 			if !whole {
-				sp.finish(tile, M, N, out, written, done)
+				done[tile]++
+				if final {
+					waiting = append(waiting, waiter{b, tile})
+				}
 			}
 		}
 		consume := func(ci int) bool {
@@ -228,7 +242,7 @@ func wgskEmulate(t *testing.T, M, N, K, G, inflight int) {
 				if cs[0].tile != cs[1].tile || cs[0].ks != cs[1].ks || cs[0].k0 != cs[1].k0 {
 					t.Fatalf("M=%d N=%d K=%d G=%d block %d: the consumers meet at different tiles", M, N, K, G, b)
 				}
-				flush(cs[0].tile, cs[0].k0, cs[0].ks)
+				flush(cs[0].tile, cs[0].k0, cs[0].ks, cs[0].j == n)
 				for _, c := range cs {
 					zero(c)
 					c.atSync = false
@@ -245,6 +259,33 @@ func wgskEmulate(t *testing.T, M, N, K, G, inflight int) {
 			}
 			if !progressed {
 				t.Fatalf("M=%d N=%d K=%d G=%d inflight %d block %d: deadlock (producer at stage %d, consumers at %d and %d)", M, N, K, G, inflight, b, nextJ, cs[0].j, cs[1].j)
+			}
+		}
+	}
+	for _, i := range rng.Perm(len(waiting)) {
+		b, tile := waiting[i].b, waiting[i].tile
+		b0, b1 := sp.blockOf(tile*SPT), sp.blockOf((tile+1)*SPT-1)
+		C, P := b1-b0+1, b1-b0
+		if first(b1+1) == (tile+1)*SPT {
+			P++
+		}
+		if done[tile] < C {
+			t.Fatalf("M=%d N=%d K=%d G=%d: block %d waits for tile %d's %d partials, %d counted: it would wait forever", M, N, K, G, b, tile, C, done[tile])
+		}
+		if done[tile]++; done[tile] == C+P {
+			done[tile] = 0
+		}
+		p := b - b0
+		for t := p * NV / P; t < (p+1)*NV/P; t++ { // wk_sum: float4 t of every consumer thread
+			for row := range BM {
+				for m := 8 * t; m < min(8*t+8, M); m++ {
+					sum := 0
+					for bb := b0; bb <= b1; bb++ {
+						sum += part[slot(bb, tile)+wgskPartAt(row, m)]
+					}
+					out[m*N+tile*BM+row] = sum
+					written[m*N+tile*BM+row]++
+				}
 			}
 		}
 	}
