@@ -149,38 +149,45 @@ __device__ __forceinline__ void wk_out(bf16* __restrict__ out, const float* v, i
 }
 
 // wk_sum sums float4s [i0, i1) of consumer thread ct's values in the slots
-// of blocks b0..b1 (slot(b)), in block order from zero (through L2: other
-// blocks wrote them), and stores them as wk_out would: eight slots' loads
-// in flight at a time, two float4s a round.
-template <class Slot>
-__device__ __forceinline__ void wk_sum(bf16* __restrict__ out, Slot slot, int b0, int b1, int i0, int i1, int ct, int M, int N, int n,
-                                       int tig, const float* sxs, float sw0, float sw1) {
-    constexpr int CH = 8; // slots a round
+// of blocks b0..b1, in block order from zero (through L2: other blocks
+// wrote them), and stores them as wk_out would. Block b0's slot is s0;
+// each block after it starts inside the tile, so its slot is its first,
+// at part + 2 b WK_BM TR floats. A round has WS_F float4s of WS_C slots'
+// loads in flight.
+#define WS_F 8
+#define WS_C 4
+template <int TR>
+__device__ __forceinline__ void wk_sum(bf16* __restrict__ out, const float* s0, const float* part, int b0, int b1, int i0, int i1, int ct,
+                                       int M, int N, int n, int tig, const float* sxs, float sw0, float sw1) {
+    const float4* p0 = reinterpret_cast<const float4*>(s0) + ct;
+    const float4* pb = reinterpret_cast<const float4*>(part) + ct;
+    constexpr long long SS = 2LL * WK_BM * TR / 4; // float4s from one block's first slot to the next's
 #pragma unroll 1
-    for (int i = i0; i < i1; i += 2) {
-        float4 a[2] = {make_float4(0.f, 0.f, 0.f, 0.f), make_float4(0.f, 0.f, 0.f, 0.f)};
-#pragma unroll 1
-        for (int b = b0; b <= b1; b += CH) {
-            float4 q[2][CH];
+    for (int i = i0; i < i1; i += WS_F) {
+        float4 a[WS_F];
 #pragma unroll
-            for (int k = 0; k < CH; k++) {
-                q[0][k] = q[1][k] = make_float4(0.f, 0.f, 0.f, 0.f);
-                if (b + k > b1) continue;
-                const float4* p = reinterpret_cast<const float4*>(slot(b + k)) + ct;
-                q[0][k] = __ldcg(p + i * WK_CONSUMERS);
-                if (i + 1 < i1) q[1][k] = __ldcg(p + (i + 1) * WK_CONSUMERS);
+        for (int f = 0; f < WS_F; f++) a[f] = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll 1
+        for (int b = b0; b <= b1; b += WS_C) {
+            float4 q[WS_C][WS_F];
+#pragma unroll
+            for (int k = 0; k < WS_C; k++) {
+                const float4* p = b + k == b0 ? p0 : pb + (b + k) * SS;
+#pragma unroll
+                for (int f = 0; f < WS_F; f++)
+                    q[k][f] = b + k <= b1 && i + f < i1 ? __ldcg(p + (i + f) * WK_CONSUMERS) : make_float4(0.f, 0.f, 0.f, 0.f);
             }
 #pragma unroll
-            for (int k = 0; k < CH; k++)
+            for (int k = 0; k < WS_C; k++)
                 if (b + k <= b1)
 #pragma unroll
-                    for (int h = 0; h < 2; h++) a[h].x += q[h][k].x, a[h].y += q[h][k].y, a[h].z += q[h][k].z, a[h].w += q[h][k].w;
+                    for (int f = 0; f < WS_F; f++) a[f].x += q[k][f].x, a[f].y += q[k][f].y, a[f].z += q[k][f].z, a[f].w += q[k][f].w;
         }
 #pragma unroll
-        for (int h = 0; h < 2; h++) {
-            const int t = i + h;
+        for (int f = 0; f < WS_F; f++) {
+            const int t = i + f;
             if (t >= i1) break;
-            const float v[4] = {a[h].x, a[h].y, a[h].z, a[h].w};
+            const float v[4] = {a[f].x, a[f].y, a[f].z, a[f].w};
 #pragma unroll
             for (int e = 0; e < 4; e++) {
                 const int m = 8 * t + 2 * tig + (e & 1);
@@ -311,7 +318,7 @@ __device__ __forceinline__ void wgsk_body(const TmaDesc* wmap, const TmaDesc* xm
         wk_sync();
         if (stamp) ph[3] = wk_now(), ph[5] = 3;
         const int p = bid - b0;
-        wk_sum(out, [&](int b) { return slot(b, tile); }, b0, b1, p * NV / P, (p + 1) * NV / P, ct, M, N, n, tig, sxs, sw[n], sw[n + 8]);
+        wk_sum<TR>(out, slot(b0, tile), part, b0, b1, p * NV / P, (p + 1) * NV / P, ct, M, N, n, tig, sxs, sw[n], sw[n + 8]);
     };
 
     static_assert(WK_INFLIGHT == 0 || WK_INFLIGHT == 1, "wgsk_body: WK_INFLIGHT");
