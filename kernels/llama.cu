@@ -2816,12 +2816,6 @@ extern "C" __global__ void __launch_bounds__(256) sgmv_expand_tch4(EXPAND_TC_ARG
 // of each sector). The same values: tch1's bits. Needs 16-byte aligned
 // rows (o_stride % 8 == 0, out 16-byte aligned: runtime/gpu checks).
 extern "C" __global__ void __launch_bounds__(256) sgmv_expand_tch1s(EXPAND_TC_ARGS) { expand_tc_body<1, 1, true, true>(EXPAND_TC_PASS); }
-// sgmv_expand_tch64s: sgmv_expand_tch1s on the step's 64-row tiles of one
-// adapter (MT 4, 128 columns a block, as sgmv_expand_tc64s): each B column
-// read once per 64 rows of its adapter instead of once per 16, the bf16
-// update staged and stored in whole rows. The same MMAs in the same order:
-// tch1's bits (kernelForce.halfBig).
-extern "C" __global__ void __launch_bounds__(256) sgmv_expand_tch64s(EXPAND_TC_ARGS) { expand_tc_body<1, 4, true, true>(EXPAND_TC_PASS); }
 // sgmv_expand_tc64s: sgmv_expand_tc1 adding in place on the step's 64-row
 // tiles of one adapter (the big tiles sgmv_shrink64 takes: {first row,
 // rows, slot, 0}), 128 columns a block instead of 512 (expand_tc_body's MT

@@ -429,7 +429,6 @@ type decodeVariant struct {
 	qkvhalf                      int    // the q/k/v LoRA update as bf16, read by rope_store_rows_h / rope_store_h (kernelForce.qkvHalf: 1 on, -1 off, 0 the default: qkvHalfAuto)
 	outhalf                      int    // the o and down LoRA updates as bf16, read by add_rmsnorm_h (kernelForce.outHalf: 1 on, -1 off, 0 the default: outHalfAuto)
 	hstage                       int    // the rank-32 class's bf16 updates written by sgmv_expand_tch1s, the output tile staged (kernelForce.halfStage: 1 on, -1 off, 0 the default: halfStageAuto)
-	h64s                         int    // the rank-32 class's bf16 updates written by sgmv_expand_tch64s, staged, on the 64-row tiles (kernelForce.halfBig: 1 on, -1 off, 0 the default: halfBigAuto)
 	guhalf                       int    // the gate/up LoRA update as bf16, read by silu_mul_h / _o2h / _clh (kernelForce.guHalf: 1 on, -1 off, 0 the default: guHalfAuto)
 	alllogits                    bool   // mixed recordings compute every row's logits (kernelForce.allLogits; the default: half their rows where that holds the step's, logitCaps)
 	wsnorm                       int    // o and down with the add_rmsnorm after them in one gemm_ws_norm / fp8_ws_norm launch where it fits (kernelForce.wsNorm: 1 on, -1 never, 0 the default: wsNormAuto)
@@ -445,7 +444,7 @@ func (v decodeVariant) force(f kernelForce) kernelForce {
 	f.ropeLoRA, f.nodePrio, f.siluCl, f.addCl = v.rfold, v.prio, v.silucl, v.addcl
 	f.memHoist, f.l2Win, f.shrink64, f.wsSiLU, f.wsEarly, f.wsNorm, f.wsEarlyO, f.wsHalf = v.hoist, v.l2, v.sh64, v.wssilu, v.wsearly, v.wsnorm, v.wsearlyo, v.wshalf
 	f.oNoPDL, f.siluO2, f.guHalf, f.outHalf, f.qkvHalf = v.onopdl, v.siluo2, v.guhalf, v.outhalf, v.qkvhalf
-	f.allLogits, f.halfStage, f.halfBig = v.alllogits, v.hstage, v.h64s
+	f.allLogits, f.halfStage = v.alllogits, v.hstage
 	return f
 }
 
@@ -565,7 +564,6 @@ func (v decodeVariant) label(ads []*lora.Adapter, pdlOK bool) string {
 	lbl += onOffLabel(v.wssilu, "wssilu")
 	lbl += onOffLabel(v.wsnorm, "wsnorm")
 	lbl += onOffLabel(v.hstage, "hstage")
-	lbl += onOffLabel(v.h64s, "h64s")
 	lbl += onOffLabel(v.wshalf, "wshalf")
 	lbl += countLabel(v.wsearly, "wsearly") + countLabel(v.wsearlyo, "wsearlyo")
 	lbl += onOffLabel(v.silucl, "silucl")
@@ -811,7 +809,7 @@ func TestDecodeBench(t *testing.T) {
 		{sms: -1, wsfrom: 9, wssilu: 1, wsnorm: 1}, {sms: -1, wsfrom: 9, wssilu: 1, wsnorm: 1, wshalf: 1}, // FP8 9-16 rows: fp8_ws with the fused ends
 		{sms: -1, wsearlyo: 4}, {sms: -1, wsearlyo: 7}, {lora: true, sms: -1, wsearlyo: 4}, {lora: true, sms: -1, wsearlyo: 7},
 		{lora: true, sms: -1, onopdl: 1}, {lora: true, sms: -1, onopdl: -1},
-		{lora: true, sms: -1, hstage: 1}, {lora: true, sms: -1, hstage: -1}, {lora: true, sms: -1, h64s: 1},
+		{lora: true, sms: -1, hstage: 1}, {lora: true, sms: -1, hstage: -1},
 		{lora: true, sms: -1, guhalf: 1}, {lora: true, sms: -1, guhalf: -1}, {lora: true, sms: -1, outhalf: 1}, {lora: true, sms: -1, outhalf: -1}, {lora: true, sms: -1, qkvhalf: 1}, {lora: true, sms: -1, qkvhalf: -1}, {lora: true, sms: -1, outhalf: 1, qkvhalf: 1},
 		{sms: -1, alllogits: true}, {lora: true, sms: -1, alllogits: true},
 		{sms: -1, wsearly: 2}, {sms: -1, wsearly: 4}, {sms: -1, wsearly: 7}, {lora: true, sms: -1, wsearly: 2}, {lora: true, sms: -1, wsearly: 4}, {lora: true, sms: -1, wsearly: 7},

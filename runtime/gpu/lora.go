@@ -721,33 +721,34 @@ func (b *Backend) expandTC(st *cuda.Stream, tc int, outPtr cuda.DevicePtr, outSt
 	off1, off2 := slices12(offs)
 	// sgmv_expand_tc64s (stageOut): the rank-32 class on the step's
 	// 64-row tiles with the output tile staged, for an update added in
-	// place into 16-byte aligned rows; for a bf16 update into such rows
-	// sgmv_expand_tch1s (halfStage), or tch64s on the 64-row tiles
-	// (halfBig; forced on, whatever halfStage says)
+	// place into 16-byte aligned rows (sgmv_expand_tch1s, halfStage: a bf16
+	// update into such rows)
 	aligned := outStride%8 == 0 && outPtr%16 == 0
-	half := acc == accHalf && tc == 1 && aligned && forcedOn(b.force.halfStage, halfStageAuto && b.nLora >= halfStageMinRows)
-	f, tiles, nTiles, cols := b.fn.sgExpandTC[bits.TrailingZeros(uint(tc))], b.off.tiles, b.nTiles, tcBlockCols(tc)
-	switch {
-	case acc == accAdd && aligned && forcedOn(b.force.stageOut, stageOutAuto && b.nLora >= stageOutMinRows) && tc == 1 && b.nBig > 0:
-		f, tiles, nTiles, cols = b.fn.sgExpandTC64S, b.off.bigTiles, b.nBig, x64Cols
-		b.expandStageds++
-	case acc == accHalf && tc == 1 && aligned && b.nBig > 0 && forcedOn(b.force.halfBig, halfBigAuto && b.nLora >= halfBigMinRows && half):
-		// sgmv_expand_tch64s (halfBig): tch1s on the 64-row tiles
-		f, tiles, nTiles, cols = b.fn.sgExpandTCH64S, b.off.bigTiles, b.nBig, x64Cols
-		b.halfBigs++
-	case half:
-		f = b.fn.sgExpandTCHS
-		b.halfStageds++
-	case acc == accHalf:
-		f = b.fn.sgExpandTCH[bits.TrailingZeros(uint(tc))]
+	big := acc == accAdd && aligned && forcedOn(b.force.stageOut, stageOutAuto && b.nLora >= stageOutMinRows) && tc == 1 && b.nBig > 0
+	// blocks per slice of sgmv_expand_tc{tc}; blk1, blk2: where slices 1 and 2 start
+	cols := tcBlockCols(tc)
+	if big {
+		cols = x64Cols
 	}
-	// blocks per slice; blk1, blk2: where slices 1 and 2 start
 	start := make([]int, n+1)
 	for i := 0; i < n; i++ {
 		start[i+1] = start[i] + (offs[i+1]-offs[i]+cols-1)/cols
 	}
 	grid := start[n]
 	blk1, blk2 := slices12(start)
+	f := b.fn.sgExpandTC[bits.TrailingZeros(uint(tc))]
+	switch {
+	case acc == accHalf && tc == 1 && aligned && forcedOn(b.force.halfStage, halfStageAuto && b.nLora >= halfStageMinRows):
+		f = b.fn.sgExpandTCHS
+		b.halfStageds++
+	case acc == accHalf:
+		f = b.fn.sgExpandTCH[bits.TrailingZeros(uint(tc))]
+	}
+	tiles, nTiles := b.off.tiles, b.nTiles
+	if big {
+		f, tiles, nTiles = b.fn.sgExpandTC64S, b.off.bigTiles, b.nBig
+		b.expandStageds++
+	}
 	b.launchOn(st, f, cuda.Dim3{X: grid, Y: nTiles}, cuda.Dim3{X: 256},
 		outPtr, b.stepTmp, b.table, b.i32(tiles), base, stride, ms[0], ms[1], ms[2], blk1, blk2, off1, off2, total,
 		b.stepRank, outStride, tStride, b.rows(), ks, int(acc))
@@ -782,14 +783,6 @@ const (
 const (
 	halfStageAuto    = true
 	halfStageMinRows = 16
-)
-
-// halfBigAuto and halfBigMinRows are kernelForce.halfBig's default: off
-// until a GPU run measures sgmv_expand_tch64s against tch1s (v0.83's
-// unstaged form, tch64, lost to tch1 in FP8 mixed steps: TRIED v0.83).
-const (
-	halfBigAuto    = false
-	halfBigMinRows = 128
 )
 
 // x64Cols is X64_COLS in llama.cu: the output columns of an
