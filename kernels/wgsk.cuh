@@ -199,9 +199,10 @@ __device__ __forceinline__ void wk_sum(bf16* __restrict__ out, const float* s0, 
 
 // The phases of a block (runtime/gpu's wgskPhases reads them), globaltimer
 // nanoseconds stamped by its first consumer thread: the scales in, the
-// first stage landed, its last stage's products done, the last flush's
-// count done (the same stamp where the last tile is whole), the end; then
-// flags (1: the last tile shared, 2: this block summed it), the
+// first stage landed, its last stage's products done, its last tile's
+// partials all counted in (wk_sum's wait over; the same stamp where the
+// last tile is whole), the end; then flags (1: the last tile shared, 2:
+// this block summed its share; every such block does), the
 // nanoseconds of the flushes before the last, and its stages.
 #define WK_TIMES 8
 __device__ __forceinline__ unsigned long long wk_now() {

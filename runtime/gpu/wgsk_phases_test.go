@@ -19,7 +19,7 @@ type wgskPhaseSummary struct {
 	startSpread     float64    // the last block's start after the first's
 	firstStage      float64    // median: start to the first stage landed
 	loop            [3]float64 // min, median, max: start to the last stage's products done
-	count           float64    // median, blocks whose last tile is shared: last stage done to its count done
+	count           float64    // median, blocks whose last tile is shared: last stage done to the tile's partials all counted in (its store, its count, the wait for the others')
 	sum             [2]float64 // median, max, summers: count done to end
 	summerEnd       float64    // median end of the summers, from the first start
 	otherEnd        float64    // median end of the others, from the first start
