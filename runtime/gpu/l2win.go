@@ -39,15 +39,20 @@ const loraL2Bytes = 8 << 20
 
 // l2Bytes is loraL2Bytes, or PEFTD_LORA_L2_MB's size where it is a whole
 // number of MB from 1 to 1024 (else the default, with a warning).
-func l2Bytes() int {
-	v := os.Getenv("PEFTD_LORA_L2_MB")
+func l2Bytes() int { return envMB("PEFTD_LORA_L2_MB", loraL2Bytes) }
+
+// envMB is environment variable name's size in bytes where it is a whole
+// number of MB from 1 to 1024, def where it is unset (and, with a
+// warning, where it is anything else).
+func envMB(name string, def int) int {
+	v := os.Getenv(name)
 	if v == "" {
-		return loraL2Bytes
+		return def
 	}
 	mb, err := strconv.Atoi(v)
 	if err != nil || mb < 1 || mb > 1024 {
-		slog.Warn("gpu: PEFTD_LORA_L2_MB is not 1 to 1024 MB; using the default", "value", v, "default_mb", loraL2Bytes>>20)
-		return loraL2Bytes
+		slog.Warn("gpu: "+name+" is not 1 to 1024 MB; using the default", "value", v, "default_mb", def>>20)
+		return def
 	}
 	return mb << 20
 }
@@ -118,15 +123,7 @@ func (b *Backend) guWindow(lw cuda.AccessWindow) cuda.AccessWindow {
 	if b.l2Keep == nil || dev.PersistL2Max <= lw.Bytes || dev.WindowMax == 0 {
 		return cuda.AccessWindow{}
 	}
-	n := guL2Bytes
-	if v := os.Getenv("PEFTD_GU_L2_MB"); v != "" {
-		if mb, err := strconv.Atoi(v); err == nil && mb >= 1 && mb <= 1024 {
-			n = mb << 20
-		} else {
-			slog.Warn("gpu: PEFTD_GU_L2_MB is not 1 to 1024 MB; using the default", "value", v, "default_mb", guL2Bytes>>20)
-		}
-	}
-	n = min(n, b.l2Keep.mem.Size(), dev.PersistL2Max-lw.Bytes, dev.WindowMax)
+	n := min(envMB("PEFTD_GU_L2_MB", guL2Bytes), b.l2Keep.mem.Size(), dev.PersistL2Max-lw.Bytes, dev.WindowMax)
 	return cuda.AccessWindow{Base: b.l2Keep.mem.Ptr(), Bytes: n, HitRatio: 1}
 }
 
