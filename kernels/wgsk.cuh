@@ -133,24 +133,30 @@ template <int NT> __device__ __forceinline__ void wk_store_part(float* __restric
     for (int i = 0; i < NT; i++)
         if (i < NV) p[i * WK_CONSUMERS] = make_float4(d[4 * i], d[4 * i + 1], d[4 * i + 2], d[4 * i + 3]);
 }
-// wk_out is frag_out with the scales at hand: the activation rows' in
-// shared memory (sxs), the thread's two weight rows' read once (sw0 for
-// weight row n, sw1 for n + 8), the same products in the same order.
+// wk_put scales, rounds and stores a thread's four values of fragment t
+// (activation rows 8t + 2 tig (+1), weight rows n and n + 8) as frag_out
+// does, with the scales at hand: the activation rows' in shared memory
+// (sxs), the thread's two weight rows' read once (sw0 for weight row n,
+// sw1 for n + 8); the same products in the same order.
+__device__ __forceinline__ void wk_put(bf16* __restrict__ out, const float* v, int t, int M, int N, int n, int tig, const float* sxs,
+                                       float sw0, float sw1) {
+#pragma unroll
+    for (int e = 0; e < 4; e++) {
+        const int m = 8 * t + 2 * tig + (e & 1);
+        if (m < M) out[(i64)m * N + n + (e >= 2 ? 8 : 0)] = __float2bfloat16_rn(v[e] * sxs[m] * (e >= 2 ? sw1 : sw0));
+    }
+}
+// wk_out is frag_out for a whole tile: wk_put of every fragment.
 template <int NT>
 __device__ __forceinline__ void wk_out(bf16* __restrict__ out, const float* v, int M, int N, int n, int tig, const float* sxs, float sw0,
                                        float sw1) {
 #pragma unroll
-    for (int t = 0; t < NT; t++)
-#pragma unroll
-        for (int e = 0; e < 4; e++) {
-            const int m = 8 * t + 2 * tig + (e & 1);
-            if (m < M) out[(i64)m * N + n + (e >= 2 ? 8 : 0)] = __float2bfloat16_rn(v[4 * t + e] * sxs[m] * (e >= 2 ? sw1 : sw0));
-        }
+    for (int t = 0; t < NT; t++) wk_put(out, v + 4 * t, t, M, N, n, tig, sxs, sw0, sw1);
 }
 
 // wk_sum sums float4s [i0, i1) of consumer thread ct's values in the slots
 // of blocks b0..b1, in block order from zero (through L2: other blocks
-// wrote them), and stores them as wk_out would. Block b0's slot is s0;
+// wrote them), and stores them (wk_put). Block b0's slot is s0;
 // each block after it starts inside the tile, so its slot is its first,
 // at part + 2 b WK_BM TR floats. A round has WS_F float4s of WS_C slots'
 // loads in flight.
@@ -188,11 +194,7 @@ __device__ __forceinline__ void wk_sum(bf16* __restrict__ out, const float* s0, 
             const int t = i + f;
             if (t >= i1) break;
             const float v[4] = {a[f].x, a[f].y, a[f].z, a[f].w};
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const int m = 8 * t + 2 * tig + (e & 1);
-                if (m < M) out[(i64)m * N + n + (e >= 2 ? 8 : 0)] = __float2bfloat16_rn(v[e] * sxs[m] * (e >= 2 ? sw1 : sw0));
-            }
+            wk_put(out, v, t, M, N, n, tig, sxs, sw0, sw1);
         }
     }
 }
@@ -205,11 +207,6 @@ __device__ __forceinline__ void wk_sum(bf16* __restrict__ out, const float* s0, 
 // this block summed its share; every such block does), the
 // nanoseconds of the flushes before the last, and its stages.
 #define WK_TIMES 8
-__device__ __forceinline__ unsigned long long wk_now() {
-    unsigned long long t;
-    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-    return t;
-}
 
 // wgsk_body: out [M, N] = x [M, K] . w [N, K]^T times sx[m] sw[n], e4m3
 // operands (K bytes a row, K % 16 == 0), N % WK_BM == 0, M <= TR.
@@ -278,7 +275,7 @@ __device__ __forceinline__ void wgsk_body(const TmaDesc* wmap, const TmaDesc* xm
     wk_sync(); // the scales are in for every consumer
     const bool stamp = times != nullptr && ct == 0;
     unsigned long long ph[WK_TIMES] = {}; // this block's phases (stamp)
-    if (stamp) ph[0] = wk_now();
+    if (stamp) ph[0] = globaltimer_ns();
     const int lane = ct & 31, warp = (ct >> 5) & 3, g = lane >> 2, tig = lane & 3;
     const int row = 64 * c + 16 * warp + g; // this thread's first weight row in a tile
     auto slot = [&](int b, int tile) { return part + ((long long)b * 2 + (wg_first(b, U, G) / SPT == tile ? 0 : 1)) * WK_BM * TR; };
@@ -287,7 +284,7 @@ __device__ __forceinline__ void wgsk_body(const TmaDesc* wmap, const TmaDesc* xm
     // its stage k0 to k1 (inclusive)
     auto flush = [&](int tile, int k0, int k1, bool final) {
         const int n = tile * WK_BM + row;
-        if (stamp && final) ph[2] = ph[3] = wk_now();
+        if (stamp && final) ph[2] = ph[3] = globaltimer_ns();
         if (k0 == 0 && k1 == SPT - 1) {
             wk_out<NT>(out, d, M, N, n, tig, sxs, sw[n], sw[n + 8]);
             return;
@@ -317,7 +314,7 @@ __device__ __forceinline__ void wgsk_body(const TmaDesc* wmap, const TmaDesc* xm
             if (atomicAdd(done + tile, 1) == C + P - 1) done[tile] = 0;
         }
         wk_sync();
-        if (stamp) ph[3] = wk_now(), ph[5] = 3;
+        if (stamp) ph[3] = globaltimer_ns(), ph[5] = 3;
         const int p = bid - b0;
         wk_sum<TR>(out, slot(b0, tile), part, b0, b1, p * NV / P, (p + 1) * NV / P, ct, M, N, n, tig, sxs, sw[n], sw[n + 8]);
     };
@@ -331,7 +328,7 @@ __device__ __forceinline__ void wgsk_body(const TmaDesc* wmap, const TmaDesc* xm
     for (int j = 0; j < n; j++) {
         const int s = j % ST;
         mbar_wait(fb + 8 * s, (j / ST) & 1); // stage j's boxes have landed
-        if (stamp && j == 0) ph[1] = wk_now();
+        if (stamp && j == 0) ph[1] = globaltimer_ns();
         const unsigned wb = base + s * SB + 64 * c * WG_RB, xb = base + s * SB + WB;
         wg_pin<4 * NT>(d);
         wg_fence();
@@ -352,9 +349,9 @@ __device__ __forceinline__ void wgsk_body(const TmaDesc* wmap, const TmaDesc* xm
             pend = s;
         }
         if (end) {
-            const unsigned long long f0 = stamp && j < n - 1 ? wk_now() : 0;
+            const unsigned long long f0 = stamp && j < n - 1 ? globaltimer_ns() : 0;
             flush(tile, k0, ks, j == n - 1);
-            if (f0) ph[6] += wk_now() - f0;
+            if (f0) ph[6] += globaltimer_ns() - f0;
 #pragma unroll
             for (int i = 0; i < 4 * NT; i++) d[i] = 0.f;
             tile++, ks = 0, k0 = 0;
@@ -363,7 +360,7 @@ __device__ __forceinline__ void wgsk_body(const TmaDesc* wmap, const TmaDesc* xm
         }
     }
     if (stamp) {
-        ph[4] = wk_now(), ph[7] = n;
+        ph[4] = globaltimer_ns(), ph[7] = n;
 #pragma unroll
         for (int i = 0; i < WK_TIMES; i++) times[bid * WK_TIMES + i] = ph[i];
     }
