@@ -221,18 +221,14 @@ func emuSwizzled(a, r, k int) int {
 // emuSplit is wg_body's and wgsk_body's stream-K split of U stage units
 // (spt a tile of bm weight rows) over G blocks, and its partial slots of
 // bm x tr values (two a block: its first tile's and its last's), each
-// poisoned until written. at is where the value of weight row row and
-// activation row m sits in a slot (wg_body's layout, row tr + m, unless
-// set).
+// poisoned until written.
 type emuSplit struct {
 	U, G, spt, bm, tr int
 	part              []int
-	at                func(row, m int) int
 }
 
 func newEmuSplit(U, G, spt, bm, tr int) *emuSplit {
 	e := &emuSplit{U: U, G: G, spt: spt, bm: bm, tr: tr, part: make([]int, 2*G*bm*tr)}
-	e.at = func(row, m int) int { return row*tr + m }
 	for i := range e.part {
 		e.part[i] = 1 << 24 // never written: would show in the sums
 	}
@@ -254,9 +250,11 @@ func (e *emuSplit) slot(b, tile int) int {
 	return (b*2 + w) * e.bm * e.tr
 }
 
-// finish counts a block's partials of tile in (done) and, for the last
-// of its blocks, sums every block's in block order into out's M rows of
-// N (written counts each store) and leaves the counter at zero.
+// finish is wg_body's end of a shared tile: it counts a block's partials
+// of tile in (done) and, for the last of its blocks, sums every block's in
+// block order (wg_body's slot layout: weight row row at row tr + m) into
+// out's M rows of N (written counts each store) and leaves the counter at
+// zero.
 func (e *emuSplit) finish(tile, M, N int, out, written, done []int) {
 	b0, b1 := e.blockOf(tile*e.spt), e.blockOf((tile+1)*e.spt-1)
 	if done[tile]++; done[tile] != b1-b0+1 {
@@ -266,7 +264,7 @@ func (e *emuSplit) finish(tile, M, N int, out, written, done []int) {
 		for m := range min(M, e.tr) {
 			sum := 0
 			for bb := b0; bb <= b1; bb++ {
-				sum += e.part[e.slot(bb, tile)+e.at(row, m)]
+				sum += e.part[e.slot(bb, tile)+row*e.tr+m]
 			}
 			out[m*N+tile*e.bm+row] = sum
 			written[m*N+tile*e.bm+row]++

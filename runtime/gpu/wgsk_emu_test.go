@@ -92,7 +92,6 @@ func wgskEmulate(t *testing.T, M, N, K, G, inflight int) {
 	tiles := N / BM
 	G = min(G, tiles*SPT)
 	sp := newEmuSplit(tiles*SPT, G, SPT, BM, TR)
-	sp.at = wgskPartAt
 	first, part, slot, addr := sp.first, sp.part, sp.slot, emuSwizzled
 	if len(part)*4 > wgskPartBytes(G) {
 		t.Fatalf("M=%d N=%d K=%d: the partials of %d blocks overrun wgskPartBytes", M, N, K, G)
