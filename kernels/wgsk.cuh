@@ -67,6 +67,7 @@ template <int TR> struct WkShape {
     static constexpr int FIT = (WK_SMEM - 1024) / SB;
     static constexpr int ST = FIT > 8 ? 8 : FIT;
     static_assert(ST >= 3, "wgsk_body: fewer than 3 stages fit");
+    static_assert(TR / 8 * WK_CONSUMERS * 16 <= ST * SB, "wgsk_body: a tile's own share (wk_keep) exceeds the ring");
 };
 
 // TmaDesc: a CUtensorMap as a kernel parameter (const __grid_constant__,
@@ -126,12 +127,22 @@ template <int N> __device__ __forceinline__ void wk_setmaxnreg_inc() {
 // of a 72 µs product (down, 240 rows). runtime/gpu's wgskPartAt (the
 // emulation) must agree.
 // Only the NV = ceil(M / 8) float4s holding activation rows below M are
-// stored (and summed: wk_sum).
-template <int NT> __device__ __forceinline__ void wk_store_part(float* __restrict__ slot, const float* d, int ct, int NV) {
+// stored (and summed: wk_sum), and of those not [o0, o1): a block that
+// sums that share of the tile keeps its own values of it in shared memory
+// instead (wk_keep).
+template <int NT> __device__ __forceinline__ void wk_store_part(float* __restrict__ slot, const float* d, int ct, int NV, int o0, int o1) {
     float4* p = reinterpret_cast<float4*>(slot) + ct;
 #pragma unroll
     for (int i = 0; i < NT; i++)
-        if (i < NV) p[i * WK_CONSUMERS] = make_float4(d[4 * i], d[4 * i + 1], d[4 * i + 2], d[4 * i + 3]);
+        if (i < NV && (i < o0 || i >= o1)) p[i * WK_CONSUMERS] = make_float4(d[4 * i], d[4 * i + 1], d[4 * i + 2], d[4 * i + 3]);
+}
+// wk_keep puts float4s [o0, o1) of consumer thread ct in own (float4 i -
+// o0 of the share WK_CONSUMERS apart): the ring's shared memory, free once
+// both consumer warpgroups are past their last stage.
+template <int NT> __device__ __forceinline__ void wk_keep(float4* own, const float* d, int ct, int o0, int o1) {
+#pragma unroll
+    for (int i = 0; i < NT; i++)
+        if (i >= o0 && i < o1) own[(i - o0) * WK_CONSUMERS + ct] = make_float4(d[4 * i], d[4 * i + 1], d[4 * i + 2], d[4 * i + 3]);
 }
 // wk_put scales, rounds and stores a thread's four values of fragment t
 // (activation rows 8t + 2 tig (+1), weight rows n and n + 8) as frag_out
@@ -158,13 +169,14 @@ __device__ __forceinline__ void wk_out(bf16* __restrict__ out, const float* v, i
 // of blocks b0..b1, in block order from zero (through L2: other blocks
 // wrote them), and stores them (wk_put). Block b0's slot is s0;
 // each block after it starts inside the tile, so its slot is its first,
-// at part + 2 b WK_BM TR floats. A round has WS_F float4s of WS_C slots'
-// loads in flight.
+// at part + 2 b WK_BM TR floats; block me's values are own (shared
+// memory, wk_store_part's). A round has WS_F float4s of WS_C slots' loads
+// in flight.
 #define WS_F 8
 #define WS_C 4
 template <int TR>
-__device__ __forceinline__ void wk_sum(bf16* __restrict__ out, const float* s0, const float* part, int b0, int b1, int i0, int i1, int ct,
-                                       int M, int N, int n, int tig, const float* sxs, float sw0, float sw1) {
+__device__ __forceinline__ void wk_sum(bf16* __restrict__ out, const float* s0, const float* part, const float4* own, int me, int b0, int b1,
+                                       int i0, int i1, int ct, int M, int N, int n, int tig, const float* sxs, float sw0, float sw1) {
     const float4* p0 = reinterpret_cast<const float4*>(s0) + ct;
     const float4* pb = reinterpret_cast<const float4*>(part) + ct;
     constexpr long long SS = 2LL * WK_BM * TR / 4; // float4s from one block's first slot to the next's
@@ -181,7 +193,9 @@ __device__ __forceinline__ void wk_sum(bf16* __restrict__ out, const float* s0, 
                 const float4* p = b + k == b0 ? p0 : pb + (b + k) * SS;
 #pragma unroll
                 for (int f = 0; f < WS_F; f++)
-                    q[k][f] = b + k <= b1 && i + f < i1 ? __ldcg(p + (i + f) * WK_CONSUMERS) : make_float4(0.f, 0.f, 0.f, 0.f);
+                    q[k][f] = b + k > b1 || i + f >= i1 ? make_float4(0.f, 0.f, 0.f, 0.f)
+                              : b + k == me         ? own[(i + f - i0) * WK_CONSUMERS + ct]
+                                                    : __ldcg(p + (i + f) * WK_CONSUMERS);
             }
 #pragma unroll
             for (int k = 0; k < WS_C; k++)
@@ -290,12 +304,14 @@ __device__ __forceinline__ void wgsk_body(const TmaDesc* wmap, const TmaDesc* xm
             return;
         }
         const int NV = (M + 7) >> 3; // float4s of activation rows below M
-        wk_store_part<NT>(slot(bid, tile), d, ct, NV);
         // C blocks hold the tile; the P whose last tile it is (all but b1
         // when b1 goes on to the next tile) sum it, block b0 + p the
-        // float4s [p NV / P, (p + 1) NV / P)
+        // float4s [p NV / P, (p + 1) NV / P), its own values of them kept
+        // in shared memory (wk_keep), not stored
         const int b0 = wg_block(tile * SPT, U, G), b1 = wg_block((tile + 1) * SPT - 1, U, G);
         const int C = b1 - b0 + 1, P = b1 - b0 + (wg_first(b1 + 1, U, G) == (tile + 1) * SPT ? 1 : 0);
+        const int p = bid - b0, i0 = final ? p * NV / P : 0, i1 = final ? (p + 1) * NV / P : 0;
+        wk_store_part<NT>(slot(bid, tile), d, ct, NV, i0, i1);
         // the block's partials, ordered before its count by one thread's
         // fence after the barrier, and the others' before this block's
         // reads by its acquire and fence after the wait (wg_body's)
@@ -305,6 +321,9 @@ __device__ __forceinline__ void wgsk_body(const TmaDesc* wmap, const TmaDesc* xm
             atomicAdd(done + tile, 1);
         }
         if (!final) return; // b1, on to its next tile: the others sum this one
+        // past the barrier both warpgroups are done with every stage
+        float4* own = reinterpret_cast<float4*>(wkm + (base - (unsigned)__cvta_generic_to_shared(wkm)));
+        wk_keep<NT>(own, d, ct, i0, i1);
         if (ct == 0) {
             while ((int)ld_acquire_u32(reinterpret_cast<const unsigned*>(done + tile)) < C) {
             }
@@ -315,8 +334,7 @@ __device__ __forceinline__ void wgsk_body(const TmaDesc* wmap, const TmaDesc* xm
         }
         wk_sync();
         if (stamp) ph[3] = globaltimer_ns(), ph[5] = 3;
-        const int p = bid - b0;
-        wk_sum<TR>(out, slot(b0, tile), part, b0, b1, p * NV / P, (p + 1) * NV / P, ct, M, N, n, tig, sxs, sw[n], sw[n + 8]);
+        wk_sum<TR>(out, slot(b0, tile), part, own, bid, b0, b1, i0, i1, ct, M, N, n, tig, sxs, sw[n], sw[n + 8]);
     };
 
     static_assert(WK_INFLIGHT == 0 || WK_INFLIGHT == 1, "wgsk_body: WK_INFLIGHT");

@@ -30,7 +30,8 @@ import (
 //     every block has run, the waiting ones go on in a shuffled order,
 //     each finding its tile's count complete (else it would wait forever),
 //     counting a second time (the last to count clears the counter) and
-//     summing its share of the tile's float4s.
+//     summing its share of the tile's float4s, its own values of that
+//     share from where it kept them (wk_keep), not from its slot.
 //
 // The result must be the plain product, each output written once and every
 // counter back at zero, for a tile inside one block, tiles shared by two or
@@ -98,8 +99,22 @@ func wgskEmulate(t *testing.T, M, N, K, G, inflight int) {
 	}
 	out, written, done := make([]int, M*N), make([]int, M*N), make([]int, tiles)
 	NV := (M + 7) / 8
-	type waiter struct{ b, tile int }
+	type waiter struct {
+		b, tile int
+		own     []int // wk_keep's values of the block's share, at wgskPartAt's places
+	}
 	var waiting []waiter // blocks at wk_sum's wait, their last tile
+	// share is wk_sum's float4s [i0, i1) of a tile for block b, and the
+	// tile's blocks b0..b1, C of them, P summing it
+	share := func(b, tile int) (i0, i1, b0, b1, C, P int) {
+		b0, b1 = sp.blockOf(tile*SPT), sp.blockOf((tile+1)*SPT-1)
+		C, P = b1-b0+1, b1-b0
+		if sp.first(b1+1) == (tile+1)*SPT {
+			P++
+		}
+		p := b - b0
+		return p * NV / P, (p + 1) * NV / P, b0, b1, C, P
+	}
 	for _, b := range rng.Perm(G) {
 		u0, n := first(b), first(b+1)-first(b)
 		smem := make([]int, ST*SB)
@@ -189,21 +204,33 @@ func wgskEmulate(t *testing.T, M, N, K, G, inflight int) {
 		// use them (rows 16 warp + l/4 (+8) of each warpgroup's 64)
 		flush := func(tile, k0, k1 int, final bool) {
 			whole := k0 == 0 && k1 == SPT-1
+			o0, o1 := 0, 0 // the share this block sums and keeps (final)
+			if !whole && final {
+				o0, o1, _, _, _, _ = share(b, tile)
+			}
+			own := make([]int, BM*TR)
+			for i := range own {
+				own[i] = 1 << 22 // not kept: would show in the sums
+			}
 			for c := range 2 {
 				emuFragRegs(NT, func(tid, i, row, m int) {
 					val, n := cs[c].D[row][m], tile*BM+64*c+row
-					if !whole && i/4 < NV { // wk_store_part: float4 i/4 of consumer thread 128 c + tid
-						part[slot(b, tile)+((i/4)*wgskConsumers+128*c+tid)*4+i%4] = val
-					} else if whole && m < M {
+					at := ((i/4)*wgskConsumers+128*c+tid)*4 + i%4 // float4 i/4 of consumer thread 128 c + tid
+					switch {
+					case whole && m < M:
 						out[m*N+n] = val
 						written[m*N+n]++
+					case !whole && i/4 >= o0 && i/4 < o1: // wk_keep
+						own[at] = val
+					case !whole && i/4 < NV: // wk_store_part
+						part[slot(b, tile)+at] = val
 					}
 				})
 			}
 			if !whole {
 				done[tile]++
 				if final {
-					waiting = append(waiting, waiter{b, tile})
+					waiting = append(waiting, waiter{b, tile, own})
 				}
 			}
 		}
@@ -263,24 +290,23 @@ func wgskEmulate(t *testing.T, M, N, K, G, inflight int) {
 	}
 	for _, i := range rng.Perm(len(waiting)) {
 		b, tile := waiting[i].b, waiting[i].tile
-		b0, b1 := sp.blockOf(tile*SPT), sp.blockOf((tile+1)*SPT-1)
-		C, P := b1-b0+1, b1-b0
-		if first(b1+1) == (tile+1)*SPT {
-			P++
-		}
+		i0, i1, b0, b1, C, P := share(b, tile)
 		if done[tile] < C {
 			t.Fatalf("M=%d N=%d K=%d G=%d: block %d waits for tile %d's %d partials, %d counted: it would wait forever", M, N, K, G, b, tile, C, done[tile])
 		}
 		if done[tile]++; done[tile] == C+P {
 			done[tile] = 0
 		}
-		p := b - b0
-		for t := p * NV / P; t < (p+1)*NV/P; t++ { // wk_sum: float4 t of every consumer thread
+		for t := i0; t < i1; t++ { // wk_sum: float4 t of every consumer thread
 			for row := range BM {
 				for m := 8 * t; m < min(8*t+8, M); m++ {
 					sum := 0
 					for bb := b0; bb <= b1; bb++ {
-						sum += part[slot(bb, tile)+wgskPartAt(row, m)]
+						if bb == b {
+							sum += waiting[i].own[wgskPartAt(row, m)]
+						} else {
+							sum += part[slot(bb, tile)+wgskPartAt(row, m)]
+						}
 					}
 					out[m*N+tile*BM+row] = sum
 					written[m*N+tile*BM+row]++
