@@ -343,6 +343,8 @@ type Backend struct {
 	// hugeHoldsOff: FP8 steps above fp8HugeRows rows hold autoBigHoldsFP8,
 	// not autoHugeHoldsFP8 (PEFTD_LORA_FP8_HUGE_HOLDS=off, read by New)
 	guHalfOn, hugeHoldsOff bool
+	// guSplitN is kernelForce.guSplit's default (guSplitDefault, read by New)
+	guSplitN int
 	// outHalfOn and qkvHalfOn are outHalf's and qkvHalf's defaults
 	// (outHalfDefault, qkvHalfDefault; read by New)
 	outHalfOn, qkvHalfOn bool
@@ -601,6 +603,7 @@ func (b *Backend) open(opts Options) error {
 	b.tune.fp8From = max(opts.TuneFP8From, 0)
 	b.la.on, b.la.sms = !opts.SerialLoRA, max(opts.LoRASMs, 0)
 	b.guHalfOn, b.hugeHoldsOff = guHalfDefault(), hugeHoldsOff()
+	b.guSplitN = guSplitDefault()
 	b.outHalfOn, b.qkvHalfOn = outHalfDefault(), qkvHalfDefault()
 	b.pinN = int(PinnedBytes(opts.PinnedImageBytes) / stageChunkBytes)
 	if opts.LoRASMs == 0 {

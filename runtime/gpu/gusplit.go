@@ -1,7 +1,10 @@
 package gpu
 
 import (
+	"log/slog"
+	"os"
 	"slices"
+	"strconv"
 
 	"github.com/peftd/peftd/runtime/cuda"
 	"github.com/peftd/peftd/runtime/llama"
@@ -38,12 +41,27 @@ type expandTail struct {
 // guSplitAuto is kernelForce.guSplit's default: off until measured.
 const guSplitAuto = 0
 
+// guSplitDefault is guSplitAuto, or the blocks PEFTD_LORA_GU_SPLIT gives
+// (0 for none; the whole engine's A/B, serving included; New reads it).
+func guSplitDefault() int {
+	v := os.Getenv("PEFTD_LORA_GU_SPLIT")
+	if v == "" {
+		return guSplitAuto
+	}
+	n, err := strconv.Atoi(v)
+	if err != nil || n < 0 || n > 1024 {
+		slog.Warn("gpu: PEFTD_LORA_GU_SPLIT is not 0 to 1024 blocks; using the default", "value", v, "default", guSplitAuto)
+		return guSplitAuto
+	}
+	return n
+}
+
 // guSplitFor is the 512-column blocks of each slice the LoRA stream
 // expands of group mods' update (tc, acc: expandTCRange's), 0 for all:
 // the gate/up group's bf16 update where kernelForce.guSplit (or
-// guSplitAuto) gives a split.
+// guSplitN, New's guSplitDefault) gives a split.
 func (b *Backend) guSplitFor(mods []llama.Module, tc int, acc loraAcc) int {
-	n := forced(b.force.guSplit, guSplitAuto)
+	n := forced(b.force.guSplit, b.guSplitN)
 	if n <= 0 || tc != 1 || acc != accHalf || b.fn.sgExpandTCHSR == nil || !slices.Equal(mods, []llama.Module{llama.Gate, llama.Up}) {
 		return 0
 	}

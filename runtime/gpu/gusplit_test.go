@@ -14,7 +14,7 @@ import (
 // sgmv_expand_tch1s's and some slice is wider than the split).
 func TestGuSplitPlan(t *testing.T) {
 	gu := []llama.Module{llama.Gate, llama.Up}
-	b := &Backend{nLora: 240}
+	b := &Backend{nLora: 240, guSplitN: guSplitAuto}
 	b.fn.sgExpandTCHSR = &cuda.Function{}
 	for _, c := range []struct {
 		name  string
@@ -24,7 +24,7 @@ func TestGuSplitPlan(t *testing.T) {
 		acc   loraAcc
 		want  int
 	}{
-		{"default (off)", 0, gu, 1, accHalf, guSplitAuto},
+		{"default (off)", 0, gu, 1, accHalf, 0},
 		{"forced off", -1, gu, 1, accHalf, 0},
 		{"gate/up, rank 32, bf16", 22, gu, 1, accHalf, 22},
 		{"float32 update", 22, gu, 1, accFloat, 0},
@@ -37,6 +37,10 @@ func TestGuSplitPlan(t *testing.T) {
 		if got := b.guSplitFor(c.mods, c.tc, c.acc); got != c.want {
 			t.Errorf("%s: guSplitFor %d, want %d", c.name, got, c.want)
 		}
+	}
+	b.force.guSplit, b.guSplitN = 0, 24 // PEFTD_LORA_GU_SPLIT=24
+	if got := b.guSplitFor(gu, 1, accHalf); got != 24 {
+		t.Errorf("guSplitN 24: guSplitFor %d, want 24", got)
 	}
 	b.fn.sgExpandTCHSR = nil
 	b.force.guSplit = 22
