@@ -323,7 +323,9 @@ func (b *Backend) waitUpdate(p pendingDelta) {
 		return
 	}
 	b.g.capture.source(b.la.s)
-	b.g.capture.waits(b.s)
+	if p.tail == nil || b.force.guTailFull <= 0 {
+		b.g.capture.waits(b.s)
+	}
 	b.fail(b.s.Wait(b.la.join))
 	if p.tail != nil {
 		b.launchTail(p.tail)
