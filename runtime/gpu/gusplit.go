@@ -96,3 +96,19 @@ func (b *Backend) launchTail(t *expandTail) {
 	b.expandTCRange(b.s, *t, accHalf, t.c0, wide)
 	b.guSplits++
 }
+
+// joinFullDefault is kernelForce.joinFull's default: none, or the fused
+// groups' mask PEFTD_LORA_JOIN_FULL gives (0-15; the whole engine's A/B,
+// serving included; New reads it).
+func joinFullDefault() int {
+	v := os.Getenv("PEFTD_LORA_JOIN_FULL")
+	if v == "" {
+		return 0
+	}
+	n, err := strconv.Atoi(v)
+	if err != nil || n < 0 || n > 15 {
+		slog.Warn("gpu: PEFTD_LORA_JOIN_FULL is not a mask of the four fused groups (0 to 15); using none", "value", v)
+		return 0
+	}
+	return n
+}

@@ -3,6 +3,7 @@ package gpu
 import (
 	"fmt"
 	"math/bits"
+	"slices"
 
 	"github.com/peftd/peftd/kernels"
 	"github.com/peftd/peftd/runtime/cuda"
@@ -192,6 +193,7 @@ type pendingDelta struct {
 	half        bool        // delta holds bf16 values (guHalf): only SiLUMul reads it (silu_mul_h / _o2h / _clh)
 	local       bool        // computed on the compute stream (lora_inline.go): nothing to wait for
 	tail        *expandTail // columns the LoRA stream left for the compute stream to expand after the wait (gusplit.go)
+	group       int         // 1 + its index in llama.FusedGroups (0: none known)
 	lora        *loraPend   // not expanded (delta 0): rope_store_lora expands it (lora_rope.go), any other op in place
 }
 
@@ -273,6 +275,7 @@ func (b *Backend) loraAside(o, x *Buffer, layer int, mods []llama.Module, total 
 		b.fail(b.la.join.Record(b.la.s))
 	}
 	if b.err == nil {
+		pend.group = fusedGroup(mods) + 1
 		b.la.pend = pend
 	}
 }
@@ -323,7 +326,8 @@ func (b *Backend) waitUpdate(p pendingDelta) {
 		return
 	}
 	b.g.capture.source(b.la.s)
-	if p.tail == nil || b.force.guTailFull <= 0 {
+	full := (p.tail != nil && b.force.guTailFull > 0) || (p.group > 0 && forced(b.force.joinFull, b.joinFullN)&(1<<(p.group-1)) != 0)
+	if !full {
 		b.g.capture.waits(b.s)
 	}
 	b.fail(b.s.Wait(b.la.join))
@@ -912,4 +916,14 @@ func (b *Backend) sgmvOK(x *Buffer, mods []llama.Module, outStride int, outPtr c
 		}
 	}
 	return x.cols%8 == 0 && x.ld%8 == 0 && ptr(x)%16 == 0
+}
+
+// fusedGroup is the index of mods in llama.FusedGroups, or -1.
+func fusedGroup(mods []llama.Module) int {
+	for g, m := range llama.FusedGroups {
+		if slices.Equal(m, mods) {
+			return g
+		}
+	}
+	return -1
 }
