@@ -2642,18 +2642,11 @@ struct TcShape {
 // aligned: runtime/gpu checks). With HS (sgmv_expand_tch1s) the tile is
 // the bf16 update alone: nothing is loaded into it first; the fragments'
 // rounded pairs land in it and it leaves the same way.
-//
-// RG (sgmv_expand_tch1sr): each slice's blocks start at column c0 (a
-// multiple of the block's columns; blk1, blk2 count the launch's blocks,
-// so a launch that ends inside a slice ends on a block's edge): the
-// gate/up update split between the LoRA stream, beside the product, and
-// the compute stream after it (runtime/gpu's guSplit). Each column's
-// products are the same: the bits of the whole launch.
-template <int KC, int MT = 1, bool ST = false, bool HS = false, bool RG = false>
+template <int KC, int MT = 1, bool ST = false, bool HS = false>
 __device__ __forceinline__ void expand_tc_body(
     bf16* __restrict__ out, const float* __restrict__ tmp, const LoraEntry* __restrict__ table, const int4* __restrict__ tiles,
     int entry_base, int entry_stride, int m0, int m1, int m2, int blk1, int blk2, int off1, int off2, int out_total,
-    int max_rank, int o_stride, int t_stride, int rows_total, int ksplit, int accum, int c0 = 0) {
+    int max_rank, int o_stride, int t_stride, int rows_total, int ksplit, int accum) {
     constexpr int NG = TcShape<KC, MT>::NG, R = 32 * KC, W = R + 4;
     // ST: the output tile, rows of COLS + 8 bf16 (the 8: a thread's
     // fragment rows g = 0..7 land 4 banks apart)
@@ -2675,7 +2668,7 @@ __device__ __forceinline__ void expand_tc_body(
     const int s = bx >= blk2 ? 2 : (bx >= blk1 ? 1 : 0);
     const int sOff = s == 0 ? 0 : (s == 1 ? off1 : off2);
     const int sEnd = s == 0 ? off1 : (s == 1 ? off2 : out_total);
-    const int chunk = bx - (s == 0 ? 0 : (s == 1 ? blk1 : blk2)) + (RG ? c0 / TcShape<KC, MT>::COLS : 0);
+    const int chunk = bx - (s == 0 ? 0 : (s == 1 ? blk1 : blk2));
     const LoraEntry e = table[entry_base + tile.z * entry_stride + sg_mod(s, m0, m1, m2)];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
     const int col0 = sOff + chunk * TcShape<KC, MT>::COLS + warp * 8 * NG;
@@ -2823,13 +2816,6 @@ extern "C" __global__ void __launch_bounds__(256) sgmv_expand_tch4(EXPAND_TC_ARG
 // of each sector). The same values: tch1's bits. Needs 16-byte aligned
 // rows (o_stride % 8 == 0, out 16-byte aligned: runtime/gpu checks).
 extern "C" __global__ void __launch_bounds__(256) sgmv_expand_tch1s(EXPAND_TC_ARGS) { expand_tc_body<1, 1, true, true>(EXPAND_TC_PASS); }
-// sgmv_expand_tch1sr: sgmv_expand_tch1s from column c0 of each slice
-// (RG; c0 a multiple of 512; the grid says where it ends): the gate/up
-// update's two parts (runtime/gpu guSplit), each column as tch1s
-// computes it.
-extern "C" __global__ void __launch_bounds__(256) sgmv_expand_tch1sr(EXPAND_TC_ARGS, int c0) {
-    expand_tc_body<1, 1, true, true, true>(EXPAND_TC_PASS, c0);
-}
 // sgmv_expand_tc64s: sgmv_expand_tc1 adding in place on the step's 64-row
 // tiles of one adapter (the big tiles sgmv_shrink64 takes: {first row,
 // rows, slot, 0}), 128 columns a block instead of 512 (expand_tc_body's MT

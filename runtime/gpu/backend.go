@@ -251,7 +251,6 @@ type funcs struct {
 	sgExpandTCH                                                                                                                                         [3]*cuda.Function // sgmv_expand_tch1, tch2, tch4 (the update as bf16: guHalf)
 	sgExpandTC64S                                                                                                                                       *cuda.Function    // sgmv_expand_tc64s (kernelForce.stageOut)
 	sgExpandTCHS                                                                                                                                        *cuda.Function    // sgmv_expand_tch1s (kernelForce.halfStage)
-	sgExpandTCHSR                                                                                                                                       *cuda.Function    // sgmv_expand_tch1sr (kernelForce.guSplit: a column range of each slice)
 	ropeRows, ropeRowsH, ropeStoreH                                                                                                                     *cuda.Function    // rope_store_rows, and with bf16 updates (qkvHalf) rope_store_rows_h and rope_store_h
 	ropeLoRA                                                                                                                                            *cuda.Function    // rope_store_lora
 }
@@ -321,9 +320,6 @@ type kernelForce struct {
 	halfStage  int           // rank-32-class expands writing a bf16 update (accHalf) as sgmv_expand_tch1s (the output tile staged in shared memory, out in 16-byte pieces of whole rows; tch1's bits) where the rows are 16-byte aligned: 1 on, -1 off, 0 the default (from halfStageMinRows LoRA rows where halfStageAuto, on)
 	stageOut   int           // rank-32-class expands adding in place as sgmv_expand_tc64s (the output tile staged in shared memory: 16-byte whole-row loads and stores, not 4-byte ones in the MMA fragment's layout; the same bits): 1 always, -1 never, 0 from stageOutMinRows LoRA rows where stageOutAuto (on)
 	oNoPDL     int           // the o group's LoRA kernels launched without PDL (loraAside: its expand's blocks, placed early under the shrink, would take the SMs the o product launching after them needs): 1 on, -1 off, 0 the default (FP8 steps above fp8MidRows rows; Backend.oNoPDL)
-	joinFull   int           // fused groups (bit g of llama.FusedGroups) whose LoRA join stays a full dependency in recordings (the op reading the update launches once the LoRA stream's kernel has finished, its blocks not waiting on SMs meanwhile; pdljoin.go): 0 none, the default
-	guTailFull int           // guSplit's tail expand with full edges from the product and the LoRA stream (not a programmatic join's consumer): 1 on
-	guSplit    int           // the gate/up group's bf16 update split (gusplit.go): the LoRA stream expands the first N 512-column blocks of each slice beside the product, the compute stream the rest after it; N > 0 that split, -1 or 0 none (the default: guSplitAuto)
 	l2Win      int           // the LoRA update buffer as an L2 persisting window (l2win.go): 1 on, -1 off, 0 the default (loraL2Default, PEFTD_LORA_L2); 3 on over the whole buffer, not loraL2Bytes of it (an A/B); 5 as the default, and the compute streams' window over the first guL2Bytes of the gate/up output instead (KeepCached; an A/B)
 }
 
@@ -345,10 +341,6 @@ type Backend struct {
 	// hugeHoldsOff: FP8 steps above fp8HugeRows rows hold autoBigHoldsFP8,
 	// not autoHugeHoldsFP8 (PEFTD_LORA_FP8_HUGE_HOLDS=off, read by New)
 	guHalfOn, hugeHoldsOff bool
-	// guSplitN is kernelForce.guSplit's default (guSplitDefault, read by New)
-	guSplitN int
-	// joinFullN is kernelForce.joinFull's default (joinFullDefault, read by New)
-	joinFullN int
 	// outHalfOn and qkvHalfOn are outHalf's and qkvHalf's defaults
 	// (outHalfDefault, qkvHalfDefault; read by New)
 	outHalfOn, qkvHalfOn bool
@@ -357,7 +349,6 @@ type Backend struct {
 	// sgmv_expand_tch1s, sgmv_shrink64, sgmv_shrink64p, silu_mul_*h,
 	// add_rmsnorm_h and rope_store*_h launches enqueued or recorded (tests)
 	expandStageds, halfStageds, shrinkBigs, shrinkPipes, siluHalfs, normHalfs, ropeHalfs int
-	guSplits                                                                             int // gate/up updates split (gusplit.go): tail expands launched
 	// sbpFits: a block may have sgmv_shrink64p's shared memory (sbpShared)
 	sbpFits bool
 	// attnOut is the buffer the step's last Attention op wrote: the
@@ -607,7 +598,6 @@ func (b *Backend) open(opts Options) error {
 	b.tune.fp8From = max(opts.TuneFP8From, 0)
 	b.la.on, b.la.sms = !opts.SerialLoRA, max(opts.LoRASMs, 0)
 	b.guHalfOn, b.hugeHoldsOff = guHalfDefault(), hugeHoldsOff()
-	b.guSplitN, b.joinFullN = guSplitDefault(), joinFullDefault()
 	b.outHalfOn, b.qkvHalfOn = outHalfDefault(), qkvHalfDefault()
 	b.pinN = int(PinnedBytes(opts.PinnedImageBytes) / stageChunkBytes)
 	if opts.LoRASMs == 0 {
@@ -732,7 +722,7 @@ func (b *Backend) open(opts Options) error {
 		{&b.fn.addBias, "add_bias"}, {&b.fn.headRMSNorm, "head_rmsnorm"}, {&b.fn.addDelta, "add_delta"}, {&b.fn.addDeltaH, "add_delta_h"}, {&b.fn.addRMSNormH, "add_rmsnorm_h"}, {&b.fn.fillRows, "fill_rows"},
 		{&b.fn.sgExpandTC[0], "sgmv_expand_tc1"}, {&b.fn.sgExpandTC[1], "sgmv_expand_tc2"}, {&b.fn.sgExpandTC[2], "sgmv_expand_tc4"},
 		{&b.fn.sgExpandTCH[0], "sgmv_expand_tch1"}, {&b.fn.sgExpandTCH[1], "sgmv_expand_tch2"}, {&b.fn.sgExpandTCH[2], "sgmv_expand_tch4"},
-		{&b.fn.sgExpandTC64S, "sgmv_expand_tc64s"}, {&b.fn.sgExpandTCHS, "sgmv_expand_tch1s"}, {&b.fn.sgExpandTCHSR, "sgmv_expand_tch1sr"},
+		{&b.fn.sgExpandTC64S, "sgmv_expand_tc64s"}, {&b.fn.sgExpandTCHS, "sgmv_expand_tch1s"},
 		{&b.fn.ropeRows, "rope_store_rows"}, {&b.fn.ropeRowsH, "rope_store_rows_h"}, {&b.fn.ropeStoreH, "rope_store_h"}, {&b.fn.ropeLoRA, "rope_store_lora"}}
 	// kcat.go's kernels, only where PEFTD_KERNEL_DEFINES=-DPEFTD_KCAT
 	// builds them in (the engine does not run them yet: TestKCatGroup)

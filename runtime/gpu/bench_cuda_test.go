@@ -428,9 +428,6 @@ type decodeVariant struct {
 	onopdl                       int    // the o group's LoRA kernels without PDL (kernelForce.oNoPDL: 1 on, -1 off, 0 the default)
 	qkvhalf                      int    // the q/k/v LoRA update as bf16, read by rope_store_rows_h / rope_store_h (kernelForce.qkvHalf: 1 on, -1 off, 0 the default: qkvHalfAuto)
 	outhalf                      int    // the o and down LoRA updates as bf16, read by add_rmsnorm_h (kernelForce.outHalf: 1 on, -1 off, 0 the default: outHalfAuto)
-	joinfull                     int    // fused groups whose LoRA join stays a full dependency (kernelForce.joinFull; label +jfN)
-	gutailfull                   int    // that tail expand with full edges, not a programmatic join's consumer (kernelForce.guTailFull)
-	gusplit                      int    // the LoRA stream expands the first N 512-column blocks of each gate/up slice, the compute stream the rest after the product (kernelForce.guSplit; 0: the default)
 	hstage                       int    // the rank-32 class's bf16 updates written by sgmv_expand_tch1s, the output tile staged (kernelForce.halfStage: 1 on, -1 off, 0 the default: halfStageAuto)
 	guhalf                       int    // the gate/up LoRA update as bf16, read by silu_mul_h / _o2h / _clh (kernelForce.guHalf: 1 on, -1 off, 0 the default: guHalfAuto)
 	alllogits                    bool   // mixed recordings compute every row's logits (kernelForce.allLogits; the default: half their rows where that holds the step's, logitCaps)
@@ -447,7 +444,7 @@ func (v decodeVariant) force(f kernelForce) kernelForce {
 	f.ropeLoRA, f.nodePrio, f.siluCl, f.addCl = v.rfold, v.prio, v.silucl, v.addcl
 	f.memHoist, f.l2Win, f.shrink64, f.wsSiLU, f.wsEarly, f.wsNorm, f.wsEarlyO, f.wsHalf = v.hoist, v.l2, v.sh64, v.wssilu, v.wsearly, v.wsnorm, v.wsearlyo, v.wshalf
 	f.oNoPDL, f.siluO2, f.guHalf, f.outHalf, f.qkvHalf = v.onopdl, v.siluo2, v.guhalf, v.outhalf, v.qkvhalf
-	f.allLogits, f.halfStage, f.guSplit, f.guTailFull, f.joinFull = v.alllogits, v.hstage, v.gusplit, v.gutailfull, v.joinfull
+	f.allLogits, f.halfStage = v.alllogits, v.hstage
 	return f
 }
 
@@ -568,7 +565,7 @@ func (v decodeVariant) label(ads []*lora.Adapter, pdlOK bool) string {
 	lbl += onOffLabel(v.wsnorm, "wsnorm")
 	lbl += onOffLabel(v.hstage, "hstage")
 	lbl += onOffLabel(v.wshalf, "wshalf")
-	lbl += countLabel(v.wsearly, "wsearly") + countLabel(v.wsearlyo, "wsearlyo") + countLabel(v.gusplit, "gusplit") + countLabel(v.gutailfull, "full") + countLabel(v.joinfull, "jf")
+	lbl += countLabel(v.wsearly, "wsearly") + countLabel(v.wsearlyo, "wsearlyo")
 	lbl += onOffLabel(v.silucl, "silucl")
 	lbl += onOffLabel(v.siluo2, "siluo2")
 	lbl += onOffLabel(v.guhalf, "guhalf")
@@ -813,9 +810,6 @@ func TestDecodeBench(t *testing.T) {
 		{sms: -1, wsearlyo: 4}, {sms: -1, wsearlyo: 7}, {lora: true, sms: -1, wsearlyo: 4}, {lora: true, sms: -1, wsearlyo: 7},
 		{lora: true, sms: -1, onopdl: 1}, {lora: true, sms: -1, onopdl: -1},
 		{lora: true, sms: -1, hstage: 1}, {lora: true, sms: -1, hstage: -1},
-		{lora: true, sms: -1, gusplit: 20}, {lora: true, sms: -1, gusplit: 22}, {lora: true, sms: -1, gusplit: 24}, {lora: true, sms: -1, gusplit: 26},
-		{lora: true, sms: -1, joinfull: 4}, {lora: true, sms: -1, joinfull: 1}, {lora: true, sms: -1, joinfull: 5}, {lora: true, sms: -1, joinfull: 15},
-		{lora: true, sms: -1, gusplit: 22, gutailfull: 1}, {lora: true, sms: -1, gusplit: 24, gutailfull: 1}, {lora: true, sms: -1, gusplit: 26, gutailfull: 1},
 		{lora: true, sms: -1, guhalf: 1}, {lora: true, sms: -1, guhalf: -1}, {lora: true, sms: -1, outhalf: 1}, {lora: true, sms: -1, outhalf: -1}, {lora: true, sms: -1, qkvhalf: 1}, {lora: true, sms: -1, qkvhalf: -1}, {lora: true, sms: -1, outhalf: 1, qkvhalf: 1},
 		{sms: -1, alllogits: true}, {lora: true, sms: -1, alllogits: true},
 		{sms: -1, wsearly: 2}, {sms: -1, wsearly: 4}, {sms: -1, wsearly: 7}, {lora: true, sms: -1, wsearly: 2}, {lora: true, sms: -1, wsearly: 4}, {lora: true, sms: -1, wsearly: 7},

@@ -3,7 +3,6 @@ package gpu
 import (
 	"fmt"
 	"math/bits"
-	"slices"
 
 	"github.com/peftd/peftd/kernels"
 	"github.com/peftd/peftd/runtime/cuda"
@@ -190,11 +189,9 @@ type loraAside struct {
 type pendingDelta struct {
 	base, delta cuda.DevicePtr
 	ld, cols    int
-	half        bool        // delta holds bf16 values (guHalf): only SiLUMul reads it (silu_mul_h / _o2h / _clh)
-	local       bool        // computed on the compute stream (lora_inline.go): nothing to wait for
-	tail        *expandTail // columns the LoRA stream left for the compute stream to expand after the wait (gusplit.go)
-	group       int         // 1 + its index in llama.FusedGroups (0: none known)
-	lora        *loraPend   // not expanded (delta 0): rope_store_lora expands it (lora_rope.go), any other op in place
+	half        bool      // delta holds bf16 values (guHalf): only SiLUMul reads it (silu_mul_h / _o2h / _clh)
+	local       bool      // computed on the compute stream (lora_inline.go): nothing to wait for
+	lora        *loraPend // not expanded (delta 0): rope_store_lora expands it (lora_rope.go), any other op in place
 }
 
 // alloc sizes delta for rows rows of the widest fused group.
@@ -269,13 +266,12 @@ func (b *Backend) loraAside(o, x *Buffer, layer int, mods []llama.Module, total 
 		if pend.half = b.halfUpdate(mods, tc); pend.half {
 			acc = accHalf
 		}
-		pend.tail = b.loraSlicesTo(b.la.s, d, total, x, layer, mods, acc, b.guSplitFor(mods, tc, acc))
+		b.loraSlices(b.la.s, d, total, x, layer, mods, acc)
 	}
 	if b.err == nil {
 		b.fail(b.la.join.Record(b.la.s))
 	}
 	if b.err == nil {
-		pend.group = fusedGroup(mods) + 1
 		b.la.pend = pend
 	}
 }
@@ -326,14 +322,8 @@ func (b *Backend) waitUpdate(p pendingDelta) {
 		return
 	}
 	b.g.capture.source(b.la.s)
-	full := (p.tail != nil && b.force.guTailFull > 0) || (p.group > 0 && forced(b.force.joinFull, b.joinFullN)&(1<<(p.group-1)) != 0)
-	if !full {
-		b.g.capture.waits(b.s)
-	}
+	b.g.capture.waits(b.s)
 	b.fail(b.s.Wait(b.la.join))
-	if p.tail != nil {
-		b.launchTail(p.tail)
-	}
 }
 
 // fuse hands an op that reads views (which together cover the pending
@@ -482,33 +472,25 @@ func (b *Backend) tmpFloatsFor(r int) int { return 4 * b.maxT * 3 * max(r, 1) }
 // stride outStride elements), the projections' outputs side by side in
 // mods order. Segments come from the step's metadata.
 func (b *Backend) loraSlices(st *cuda.Stream, outPtr cuda.DevicePtr, outStride int, x *Buffer, layer int, mods []llama.Module, acc loraAcc) {
-	b.loraSlicesTo(st, outPtr, outStride, x, layer, mods, acc, 0)
-}
-
-// loraSlicesTo is loraSlices expanding only the first upTo columns of each
-// slice where upTo > 0 and the expand is sgmv_expand_tch1s: it returns
-// the rest for the compute stream (launchTail), else nil (everything
-// expanded).
-func (b *Backend) loraSlicesTo(st *cuda.Stream, outPtr cuda.DevicePtr, outStride int, x *Buffer, layer int, mods []llama.Module, acc loraAcc, upTo int) *expandTail {
 	if !b.ok() || !b.stepLoRA() {
-		return nil
+		return
 	}
 	if !b.check(len(mods) >= 1 && len(mods) <= 3 && layer >= 0 && layer < b.cfg.Layers && acc >= accFloat && acc <= accHalf, "lora: %d slices, layer %d, acc %d", len(mods), layer, acc) {
-		return nil
+		return
 	}
 	b.gateLayer(st, layer)
 	offs, ms, inF, same := b.groupSlices(mods)
 	if !b.check(same, "lora: fused projections read different widths") {
-		return nil
+		return
 	}
 	total := offs[len(mods)]
 	if !b.check(x.cols >= inF && outStride >= total, "lora: input width %d < %d or output stride %d < %d", x.cols, inF, outStride, total) {
-		return nil
+		return
 	}
 	base, stride := b.tableRows(layer)
 	if !b.sgmvOK(x, mods, outStride, outPtr) {
 		if !b.check(acc == accAdd, "lora: the row-at-a-time kernels only add in place") {
-			return nil
+			return
 		}
 		rows, slots := b.i32(b.off.loraRows), b.i32(b.off.loraSlots)
 		for i, m := range mods {
@@ -518,7 +500,7 @@ func (b *Backend) loraSlicesTo(st *cuda.Stream, outPtr cuda.DevicePtr, outStride
 			b.launchOn(st, b.fn.expand, cuda.Dim3{X: b.nLora, Y: (outF + 255) / 256}, cuda.Dim3{X: 256},
 				outPtr+uint64(2*offs[i]), b.stepTmp, b.table, rows, slots, base+int(m), stride, outF, outStride, b.stepRank)
 		}
-		return nil
+		return
 	}
 	off1, off2 := slices12(offs)
 	T := b.rows()
@@ -531,7 +513,7 @@ func (b *Backend) loraSlicesTo(st *cuda.Stream, outPtr cuda.DevicePtr, outStride
 	tc := b.tcChunks(mods)
 	v2 := !b.graphLayout && (b.force.loraV2 || (!b.force.loraV1 && tc == 0 && b.nLora >= sgV2MinRows*b.nTiles))
 	if !b.check(acc != accHalf || (tc > 0 && !v2), "lora: a bf16 update (accHalf) needs the tensor-core expand") {
-		return nil
+		return
 	}
 	if f := b.sgFused[nb/32]; f != nil && v2 && b.nTiles <= sgFuMaxTiles && len(b.slots)*len(mods) <= sgFuMaxEnt {
 		nShrink := b.nTiles * len(mods) * rankTiles * ks
@@ -541,46 +523,39 @@ func (b *Backend) loraSlicesTo(st *cuda.Stream, outPtr cuda.DevicePtr, outStride
 			for _, g := range b.sgFused {
 				if err := g.SetMaxDynamicShared(shmem); err != nil {
 					b.fail(err)
-					return nil
+					return
 				}
 			}
 			b.fusedShmem = shmem
 		}
 		if b.err != nil {
-			return nil
+			return
 		}
 		b.fail(f.Launch(st, cuda.Dim3{X: grid}, cuda.Dim3{X: sgFuThreads}, shmem,
 			outPtr, b.stepTmp, ptr(x), b.table, tiles, b.loraCtr(), b.nTiles, len(b.slots), base, stride,
 			ms[0], ms[1], ms[2], len(mods), rankTiles, ks, kchunk, nShrink, off1, off2, total,
 			b.stepRank, inF, x.ld, outStride, tStride, T, int(acc)))
-		return nil
+		return
 	}
 	b.launchShrink(st, sp, x, base, stride, ms, inF, len(mods))
 	if tc > 0 {
-		t := expandTail{tc: tc, out: outPtr, stride: outStride, offs: offs, ms: ms, base: base, eStride: stride, tStride: tStride, ks: ks}
-		if c0 := b.splitAt(t, acc, upTo); c0 > 0 {
-			t.c0 = c0
-			b.expandTCRange(st, t, acc, 0, c0)
-			return &t
-		}
 		b.expandTC(st, tc, outPtr, outStride, offs, ms, base, stride, tStride, ks, acc)
-		return nil
+		return
 	}
 	shmem := sgTileRows * len(mods) * ((b.stepRank + 7) &^ 7) * 4 // [16][slices * rank rounded up to 8] floats
 	if shmem > 48<<10 && shmem > b.expandShmem {
 		if err := b.fn.sgExpand.SetMaxDynamicShared(shmem); err != nil {
 			b.fail(err)
-			return nil
+			return
 		}
 		b.expandShmem = shmem
 	}
 	if b.err != nil {
-		return nil
+		return
 	}
 	b.fail(b.fn.sgExpand.Launch(st, cuda.Dim3{X: b.nTiles, Y: (total + 255) / 256}, cuda.Dim3{X: 128}, shmem,
 		outPtr, b.stepTmp, b.table, tiles, base, stride, ms[0], ms[1], ms[2], len(mods), off1, off2, total,
 		b.stepRank, outStride, tStride, T, ks, int(acc)))
-	return nil
 }
 
 // stepLoRA reports whether the step runs a LoRA update: rows with an
@@ -741,70 +716,42 @@ func (b *Backend) launchShrink(st *cuda.Stream, sp sgShrinkPlan, x *Buffer, base
 // parts, tStride floats a row), written as acc says (accHalf:
 // sgmv_expand_tch{tc}).
 func (b *Backend) expandTC(st *cuda.Stream, tc int, outPtr cuda.DevicePtr, outStride int, offs []int, ms [3]int, base, stride, tStride, ks int, acc loraAcc) {
-	t := expandTail{tc: tc, out: outPtr, stride: outStride, offs: offs, ms: ms, base: base, eStride: stride, tStride: tStride, ks: ks}
-	b.expandTCRange(st, t, acc, 0, 0)
-}
-
-// expandTCRange is expandTC of t's update over columns [c0, c1) of each
-// slice, or every column where c1 is 0. A range takes sgmv_expand_tch1sr
-// (the caller checked halfStaged: splitAt); c0 and c1 are multiples of its
-// 512 columns, or c1 at least the widest slice.
-func (b *Backend) expandTCRange(st *cuda.Stream, t expandTail, acc loraAcc, c0, c1 int) {
-	n := len(t.offs) - 1
-	total := t.offs[n]
-	off1, off2 := slices12(t.offs)
+	n := len(offs) - 1
+	total := offs[n]
+	off1, off2 := slices12(offs)
 	// sgmv_expand_tc64s (stageOut): the rank-32 class on the step's
 	// 64-row tiles with the output tile staged, for an update added in
 	// place into 16-byte aligned rows (sgmv_expand_tch1s, halfStage: a bf16
 	// update into such rows)
-	aligned := t.stride%8 == 0 && t.out%16 == 0
-	big := c1 == 0 && acc == accAdd && aligned && forcedOn(b.force.stageOut, stageOutAuto && b.nLora >= stageOutMinRows) && t.tc == 1 && b.nBig > 0
+	aligned := outStride%8 == 0 && outPtr%16 == 0
+	big := acc == accAdd && aligned && forcedOn(b.force.stageOut, stageOutAuto && b.nLora >= stageOutMinRows) && tc == 1 && b.nBig > 0
 	// blocks per slice of sgmv_expand_tc{tc}; blk1, blk2: where slices 1 and 2 start
-	cols := tcBlockCols(t.tc)
+	cols := tcBlockCols(tc)
 	if big {
 		cols = x64Cols
 	}
 	start := make([]int, n+1)
 	for i := 0; i < n; i++ {
-		w := t.offs[i+1] - t.offs[i]
-		if c1 > 0 {
-			w = max(0, min(w, c1)-c0)
-		}
-		start[i+1] = start[i] + (w+cols-1)/cols
+		start[i+1] = start[i] + (offs[i+1]-offs[i]+cols-1)/cols
 	}
 	grid := start[n]
 	blk1, blk2 := slices12(start)
-	f := b.fn.sgExpandTC[bits.TrailingZeros(uint(t.tc))]
+	f := b.fn.sgExpandTC[bits.TrailingZeros(uint(tc))]
 	switch {
-	case c1 > 0:
-		f = b.fn.sgExpandTCHSR
-		b.halfStageds++
-	case b.halfStaged(t, acc):
+	case acc == accHalf && tc == 1 && aligned && forcedOn(b.force.halfStage, halfStageAuto && b.nLora >= halfStageMinRows):
 		f = b.fn.sgExpandTCHS
 		b.halfStageds++
 	case acc == accHalf:
-		f = b.fn.sgExpandTCH[bits.TrailingZeros(uint(t.tc))]
+		f = b.fn.sgExpandTCH[bits.TrailingZeros(uint(tc))]
 	}
 	tiles, nTiles := b.off.tiles, b.nTiles
 	if big {
 		f, tiles, nTiles = b.fn.sgExpandTC64S, b.off.bigTiles, b.nBig
 		b.expandStageds++
 	}
-	args := []any{t.out, b.stepTmp, b.table, b.i32(tiles), t.base, t.eStride, t.ms[0], t.ms[1], t.ms[2], blk1, blk2, off1, off2, total,
-		b.stepRank, t.stride, t.tStride, b.rows(), t.ks, int(acc)}
-	if c1 > 0 { // c1 ends each slice's blocks through the grid (a multiple of cols, or the slice's end)
-		args = append(args, c0)
-	}
-	b.launchOn(st, f, cuda.Dim3{X: grid, Y: nTiles}, cuda.Dim3{X: 256}, args...)
-}
-
-// halfStaged reports whether t's update, written as acc says, is
-// sgmv_expand_tch1s's: a bf16 update of the rank-32 class into 16-byte
-// aligned rows, with kernelForce.halfStage on (by default from
-// halfStageMinRows LoRA rows).
-func (b *Backend) halfStaged(t expandTail, acc loraAcc) bool {
-	aligned := t.stride%8 == 0 && t.out%16 == 0
-	return acc == accHalf && t.tc == 1 && aligned && forcedOn(b.force.halfStage, halfStageAuto && b.nLora >= halfStageMinRows)
+	b.launchOn(st, f, cuda.Dim3{X: grid, Y: nTiles}, cuda.Dim3{X: 256},
+		outPtr, b.stepTmp, b.table, b.i32(tiles), base, stride, ms[0], ms[1], ms[2], blk1, blk2, off1, off2, total,
+		b.stepRank, outStride, tStride, b.rows(), ks, int(acc))
 }
 
 // stageOutMinRows is the LoRA rows from which the rank-32 class's expands
@@ -916,14 +863,4 @@ func (b *Backend) sgmvOK(x *Buffer, mods []llama.Module, outStride int, outPtr c
 		}
 	}
 	return x.cols%8 == 0 && x.ld%8 == 0 && ptr(x)%16 == 0
-}
-
-// fusedGroup is the index of mods in llama.FusedGroups, or -1.
-func fusedGroup(mods []llama.Module) int {
-	for g, m := range llama.FusedGroups {
-		if slices.Equal(m, mods) {
-			return g
-		}
-	}
-	return -1
 }

@@ -5,7 +5,6 @@ package gpu
 import (
 	"fmt"
 	"math"
-	"slices"
 	"strings"
 	"testing"
 
@@ -138,9 +137,6 @@ func TestOpLoRAFused(t *testing.T) {
 				t.Fatalf("%s %v: tensor-core expand chunks %d, want 2 (rank 64)", mode, mods, kc)
 			case tc1 && kc != 1:
 				t.Fatalf("%s %v: tensor-core expand chunks %d, want 1 (rank 32)", mode, mods, kc)
-			}
-			if mode == "tc1-aside" && slices.Equal(mods, []llama.Module{llama.Gate, llama.Up}) {
-				guSplitAsideMatches(t, r, x, out, T, layer, mods)
 			}
 			if aside {
 				r.b.forkAt(x)
@@ -332,110 +328,13 @@ func halfUpdateMatches(t *testing.T, r *rig, x *Buffer, T, total, layer int, mod
 			t.Fatal(err)
 		}
 		what := map[int]string{-1: "sgmv_expand_tch1", 1: "sgmv_expand_tch1s"}[hs]
-		halfMatches(t, mods, what, want, got, total)
-	}
-	// split between two launches (guSplit: sgmv_expand_tch1sr over the
-	// first upTo 512-column blocks of each slice, then the rest): the same
-	// values; a split at or past every slice's width expands it whole
-	r.b.force.halfStage = 1
-	for _, upTo := range []int{1, 2, 5, 64} {
-		if err := r.b.s.Memset8(h16.Ptr(), 0xff, 2*n); err != nil {
-			t.Fatal(err)
-		}
-		split := false
-		for i := 1; i <= len(mods); i++ {
-			_, w := r.b.cfg.Dims(mods[i-1])
-			split = split || w > 512*upTo
-		}
-		tail := r.b.loraSlicesTo(r.b.s, h16.Ptr(), total, x, layer, mods, accHalf, upTo)
-		if (tail != nil) != split {
-			t.Fatalf("%v split after %d blocks: a tail %v, want %v", mods, upTo, tail != nil, split)
-		}
-		if tail != nil {
-			before := r.b.guSplits
-			r.b.launchTail(tail)
-			if r.b.guSplits != before+1 {
-				t.Fatalf("%v: launchTail did not count its launch", mods)
+		for i, w := range want {
+			switch {
+			case math.IsNaN(float64(w)) && got[i] != 0xffff:
+				t.Fatalf("%v: %s wrote %#04x at %d (row %d), where the float32 update is unwritten", mods, what, got[i], i, i/total)
+			case !math.IsNaN(float64(w)) && got[i] != safetensors.Float32ToBF16(w):
+				t.Fatalf("%v: %s's bf16 update %#04x at %d (row %d), the float32 update %g rounds to %#04x", mods, what, got[i], i, i/total, w, safetensors.Float32ToBF16(w))
 			}
 		}
-		got := make([]uint16, n)
-		if err := cuda.CopyDtoH(r.b.s, got, h16.Ptr()); err != nil {
-			t.Fatal(err)
-		}
-		if err := r.b.s.Synchronize(); err != nil {
-			t.Fatal(err)
-		}
-		halfMatches(t, mods, fmt.Sprintf("sgmv_expand_tch1sr split after %d blocks", upTo), want, got, total)
 	}
-}
-
-// halfMatches: got (bf16) is want (float32) rounded to bf16 value for value,
-// and unwritten (0xffff) exactly where want is NaN (unwritten).
-func halfMatches(t *testing.T, mods []llama.Module, what string, want []float32, got []uint16, total int) {
-	t.Helper()
-	for i, w := range want {
-		switch {
-		case math.IsNaN(float64(w)) && got[i] != 0xffff:
-			t.Fatalf("%v: %s wrote %#04x at %d (row %d), where the float32 update is unwritten", mods, what, got[i], i, i/total)
-		case !math.IsNaN(float64(w)) && got[i] != safetensors.Float32ToBF16(w):
-			t.Fatalf("%v: %s's bf16 update %#04x at %d (row %d), the float32 update %g rounds to %#04x", mods, what, got[i], i, i/total, w, safetensors.Float32ToBF16(w))
-		}
-	}
-}
-
-// guSplitAsideMatches: the gate/up group's bf16 update on the LoRA stream
-// split after two 512-column blocks of each slice (kernelForce.guSplit 2):
-// the LoRA stream leaves a tail, the op reading the update (fuseHalf, as
-// SiLUMul) has the compute stream expand it after the join, and the update
-// it hands over is the float32 update rounded to bf16, value for value.
-func guSplitAsideMatches(t *testing.T, r *rig, x, out *Buffer, T, layer int, mods []llama.Module) {
-	t.Helper()
-	_, I := r.b.cfg.Dims(llama.Gate)
-	total := 2 * I
-	n := T * total
-	f32, err := r.b.ctx.Alloc(4 * n)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f32.Free()
-	if err := r.b.s.Memset32(f32.Ptr(), 0x7fc00000, n); err != nil {
-		t.Fatal(err)
-	}
-	saved := r.b.force
-	defer func() { r.b.force = saved }()
-	r.b.loraSlices(r.b.s, f32.Ptr(), total, x, layer, mods, accFloat)
-	want := make([]float32, n)
-	if err := cuda.CopyDtoH(r.b.s, want, f32.Ptr()); err != nil {
-		t.Fatal(err)
-	}
-	r.b.force.guHalf, r.b.force.halfStage, r.b.force.guSplit = 1, 1, 2
-	if err := r.b.s.Memset8(r.b.la.delta.Ptr(), 0xff, 2*n); err != nil { // bf16 NaN: unwritten shows
-		t.Fatal(err)
-	}
-	before := r.b.guSplits
-	r.b.forkAt(x)
-	r.b.LoRA(out, x, layer, mods)
-	if p := r.b.la.pend; !p.half || p.tail == nil || p.tail.c0 != 1024 {
-		t.Fatalf("%v with guSplit 2: pending update half %v, tail %+v; want a bf16 update split at column 1024", mods, p.half, p.tail)
-	}
-	gv, err := r.b.NewView(out, 0, I)
-	if err != nil {
-		t.Fatal(err)
-	}
-	uv, err := r.b.NewView(out, I, I)
-	if err != nil {
-		t.Fatal(err)
-	}
-	d, ld, half := r.b.fuseHalf(true, gv.(*Buffer), uv.(*Buffer))
-	if d == nil || !half || ld != total || r.b.guSplits != before+1 {
-		t.Fatalf("%v: fuseHalf handed %v (stride %d, bf16 %v), tail expands %d; want the split bf16 update and one tail", mods, d, ld, half, r.b.guSplits-before)
-	}
-	got := make([]uint16, n)
-	if err := cuda.CopyDtoH(r.b.s, got, r.b.la.delta.Ptr()); err != nil {
-		t.Fatal(err)
-	}
-	if err := r.b.s.Synchronize(); err != nil {
-		t.Fatal(err)
-	}
-	halfMatches(t, mods, "the split update (LoRA stream, then the compute stream's tail)", want, got, total)
 }
