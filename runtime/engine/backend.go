@@ -292,17 +292,6 @@ type LinearSiLUOps interface {
 	LinearSiLU(act, in Buffer, w Weight) bool
 }
 
-// CacheHinter is an optional capability of a Backend: told which
-// activation buffer is written by one op and read back by the next while
-// a stream of weights passes through the cache between them (the gate/up
-// product's output, which SiLUMul reads), a backend may keep that
-// buffer's lines in its cache (the CUDA backend's L2 persisting window,
-// kernelForce.l2Win 5: an A/B, off by default). New calls it once, after
-// allocating the activations.
-type CacheHinter interface {
-	KeepCached(buf Buffer)
-}
-
 // LinearAddRMSNormOps is an optional capability of Ops: a projection and
 // the AddRMSNorm of the residual stream after it as one op, so that a
 // backend may do the add and the norm in the product's end instead of a

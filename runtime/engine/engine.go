@@ -194,9 +194,6 @@ func New(m *llama.Model, b Backend, opts Options) (*Engine, error) {
 			return nil, fmt.Errorf("engine: activations: %w", err)
 		}
 	}
-	if h, ok := b.(CacheHinter); ok {
-		h.KeepCached(e.gateUp)
-	}
 	e.refs = make([]int32, opts.KVBlocks)
 	e.freeBlocks = make([]int32, opts.KVBlocks)
 	for i := range e.freeBlocks {

@@ -145,29 +145,3 @@ func fixtureEngineOn(t *testing.T, m *llama.Model, adapters map[string]*lora.Ada
 	}
 	return e, slots
 }
-
-// hintCPU is the CPU backend with engine.CacheHinter: it records the
-// buffers it is told to keep cached.
-type hintCPU struct {
-	*cpu.Backend
-	kept []engine.Buffer
-}
-
-func (h *hintCPU) KeepCached(buf engine.Buffer) { h.kept = append(h.kept, buf) }
-
-// TestCacheHint: a backend with engine.CacheHinter is told once, at New,
-// to keep the gate/up output cached (a buffer of both halves' columns),
-// and the fixture's logits are unchanged.
-func TestCacheHint(t *testing.T) {
-	m, adapters, cases := loadFixture(t)
-	b := &hintCPU{Backend: cpu.New(0)}
-	e, slots := fixtureEngineOn(t, m, adapters, b)
-	if len(b.kept) != 1 || b.kept[0].Cols() != 2*m.Config.Intermediate {
-		cols := make([]int, len(b.kept))
-		for i, k := range b.kept {
-			cols[i] = k.Cols()
-		}
-		t.Fatalf("KeepCached got buffers of %v columns, want one of %d (gate/up)", cols, 2*m.Config.Intermediate)
-	}
-	runCases(t, e, slots, cases)
-}

@@ -320,7 +320,7 @@ type kernelForce struct {
 	halfStage  int           // rank-32-class expands writing a bf16 update (accHalf) as sgmv_expand_tch1s (the output tile staged in shared memory, out in 16-byte pieces of whole rows; tch1's bits) where the rows are 16-byte aligned: 1 on, -1 off, 0 the default (from halfStageMinRows LoRA rows where halfStageAuto, on)
 	stageOut   int           // rank-32-class expands adding in place as sgmv_expand_tc64s (the output tile staged in shared memory: 16-byte whole-row loads and stores, not 4-byte ones in the MMA fragment's layout; the same bits): 1 always, -1 never, 0 from stageOutMinRows LoRA rows where stageOutAuto (on)
 	oNoPDL     int           // the o group's LoRA kernels launched without PDL (loraAside: its expand's blocks, placed early under the shrink, would take the SMs the o product launching after them needs): 1 on, -1 off, 0 the default (FP8 steps above fp8MidRows rows; Backend.oNoPDL)
-	l2Win      int           // the LoRA update buffer as an L2 persisting window (l2win.go): 1 on, -1 off, 0 the default (loraL2Default, PEFTD_LORA_L2); 3 on over the whole buffer, not loraL2Bytes of it (an A/B); 5 as the default, and the compute streams' window over the first guL2Bytes of the gate/up output instead (KeepCached; an A/B)
+	l2Win      int           // the LoRA update buffer as an L2 persisting window (l2win.go): 1 on, -1 off, 0 the default (loraL2Default, PEFTD_LORA_L2); 3 on over the whole buffer, not loraL2Bytes of it (an A/B)
 }
 
 // Backend implements engine.Backend on one CUDA device.
@@ -449,8 +449,7 @@ type Backend struct {
 	stage *staging // weight uploads' pinned staging (upload.go), freed before the first step
 
 	la        loraAside    // the LoRA stream and the update it has in flight (lora.go)
-	l2Aside   int          // bytes of L2 set aside for the windows (l2win.go: the LoRA update's, and with kernelForce.l2Win 5 the gate/up output's)
-	l2Keep    *Buffer      // the buffer engine.CacheHinter named (the gate/up output): kernelForce.l2Win 5's window
+	l2Aside   int          // bytes of L2 set aside for the update buffer's window (l2win.go; the streams launch with a window of as many bytes)
 	l2Refused bool         // the card or driver refused the window: it stays off
 	smPart    *smPartition // Options.LoRAPartition (nil: none)
 	ctxFree   bool         // the kernels were loaded as context-independent libraries (kernels.Options.ContextFree)
@@ -1034,7 +1033,6 @@ func (b *Backend) UploadParts(name string, dtype safetensors.DType, shape []int,
 var (
 	_ engine.PartsUploader = (*Backend)(nil)
 	_ engine.FP8Uploader   = (*Backend)(nil)
-	_ engine.CacheHinter   = (*Backend)(nil)
 )
 
 // NewBuffer allocates a bf16 activation matrix.
