@@ -2642,11 +2642,35 @@ struct TcShape {
 // aligned: runtime/gpu checks). With HS (sgmv_expand_tch1s) the tile is
 // the bf16 update alone: nothing is loaded into it first; the fragments'
 // rounded pairs land in it and it leaves the same way.
+//
+// PEFTD_EXPAND_TS (a diagnostic build for TestDecodeBench's
+// PEFTD_EXPAND_TS=1): every expand takes one more argument, xts; where the
+// Backend passes one (the gate/up group's expand), block b writes
+// XTS_WORDS words at xts + XTS_WORDS b: %globaltimer at its entry, after
+// griddepcontrol.wait and at its end, and the SM it ran on (zeros for a
+// spare tile's block), so the last launch's blocks can be laid out in time.
+#ifdef PEFTD_EXPAND_TS
+#define XTS_WORDS 4
+#define XTS_PARAM , unsigned long long* __restrict__ xts
+#define XTS_ARG , xts
+// xts_put: thread 0 of a block that records writes word w of its stamps
+// (the address worked out again each time: nothing held in registers
+// across the kernel, so the build keeps the expand's occupancy)
+__device__ __forceinline__ void xts_put(unsigned long long* xts, int w, unsigned long long v) {
+    if (xts != nullptr && threadIdx.x == 0) xts[XTS_WORDS * ((i64)blockIdx.y * gridDim.x + blockIdx.x) + w] = v;
+}
+#else
+#define XTS_PARAM
+#define XTS_ARG
+#endif
 template <int KC, int MT = 1, bool ST = false, bool HS = false>
 __device__ __forceinline__ void expand_tc_body(
     bf16* __restrict__ out, const float* __restrict__ tmp, const LoraEntry* __restrict__ table, const int4* __restrict__ tiles,
     int entry_base, int entry_stride, int m0, int m1, int m2, int blk1, int blk2, int off1, int off2, int out_total,
-    int max_rank, int o_stride, int t_stride, int rows_total, int ksplit, int accum) {
+    int max_rank, int o_stride, int t_stride, int rows_total, int ksplit, int accum XTS_PARAM) {
+#ifdef PEFTD_EXPAND_TS
+    xts_put(xts, 0, globaltimer_ns());
+#endif
     constexpr int NG = TcShape<KC, MT>::NG, R = 32 * KC, W = R + 4;
     // ST: the output tile, rows of COLS + 8 bf16 (the 8: a thread's
     // fragment rows g = 0..7 land 4 banks apart)
@@ -2662,6 +2686,9 @@ __device__ __forceinline__ void expand_tc_body(
     const int4 tile = tiles[blockIdx.y];
     if (tile.y == 0) { // no rows (a recorded step's spare tile)
         pdl_entry();
+#ifdef PEFTD_EXPAND_TS
+        xts_put(xts, 0, 0);
+#endif
         return;
     }
     const int bx = blockIdx.x;
@@ -2684,6 +2711,9 @@ __device__ __forceinline__ void expand_tc_body(
         }
     }
     pdl_entry(); // tmp is the shrink's output
+#ifdef PEFTD_EXPAND_TS
+    xts_put(xts, 1, globaltimer_ns());
+#endif
     // ST: the block's output tile into os (the product before this kernel
     // wrote it: after the wait), in flight with tmp's loads; 16-byte
     // pieces, piece i row i / (COLS / 8)
@@ -2747,6 +2777,9 @@ __device__ __forceinline__ void expand_tc_body(
                 }
             }
         } else if (!HS && accum) {
+#ifdef PEFTD_EXPAND_TS
+            xts_put(xts, 0, 0);
+#endif
             return; // nothing to add
         }
 #pragma unroll
@@ -2789,15 +2822,23 @@ __device__ __forceinline__ void expand_tc_body(
             }
         }
     }
+#ifdef PEFTD_EXPAND_TS
+    {
+        unsigned sm;
+        asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+        xts_put(xts, 2, globaltimer_ns());
+        xts_put(xts, 3, sm);
+    }
+#endif
 }
 
 #define EXPAND_TC_ARGS                                                                                                   \
     bf16 *__restrict__ out, const float *__restrict__ tmp, const LoraEntry *__restrict__ table, const int4 *__restrict__ tiles, \
         int entry_base, int entry_stride, int m0, int m1, int m2, int blk1, int blk2, int off1, int off2, int out_total,  \
-        int max_rank, int o_stride, int t_stride, int rows_total, int ksplit, int accum
+        int max_rank, int o_stride, int t_stride, int rows_total, int ksplit, int accum XTS_PARAM
 #define EXPAND_TC_PASS                                                                                                   \
     out, tmp, table, tiles, entry_base, entry_stride, m0, m1, m2, blk1, blk2, off1, off2, out_total, max_rank, o_stride, \
-        t_stride, rows_total, ksplit, accum
+        t_stride, rows_total, ksplit, accum XTS_ARG
 
 extern "C" __global__ void __launch_bounds__(256) sgmv_expand_tc1(EXPAND_TC_ARGS) { expand_tc_body<1>(EXPAND_TC_PASS); }
 extern "C" __global__ void __launch_bounds__(256) sgmv_expand_tc2(EXPAND_TC_ARGS) { expand_tc_body<2>(EXPAND_TC_PASS); }

@@ -146,7 +146,10 @@
 # tests with cuBLASLt's float32 promotion, the default's A/B), DECODE_LAYERS
 # (layers of the random checkpoint, default 32), PEFTD_KERNEL_DEFINES=
 # -DPEFTD_ATTN_TS with PEFTD_ATTN_TS=1 (decode: each row's attn_decode
-# phases, the "attnts" lines of decode.txt; PERFORMANCE v0.47). A/B of two
+# phases, the "attnts" lines of decode.txt; PERFORMANCE v0.47),
+# PEFTD_KERNEL_DEFINES=-DPEFTD_EXPAND_TS with PEFTD_EXPAND_TS=1 (decode: how
+# the last gate/up expand's blocks ran in each row with adapters, the
+# "expandts" lines; PERFORMANCE v0.99 Next 1). A/B of two
 # trees in one call: GPUBIN_OVERRIDE (another runtime/gpu test binary) and
 # PEFTD_OVERRIDE (another peftd, for serve8b).
 set -uo pipefail

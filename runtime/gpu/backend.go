@@ -391,8 +391,14 @@ type Backend struct {
 	stepTmp       cuda.DevicePtr // LoRA scratch and its size in floats
 	stepTmpFloats int
 	part          *cuda.DeviceBuffer // attn_decode partials
-	graphLayout   bool               // the fixed-layout launches (graph.go)
-	g             graphState
+	// xtsBuild: the kernels are a PEFTD_EXPAND_TS build (every tensor-core
+	// expand takes the stamps' pointer; New reads it); expandTS, where set
+	// (TestDecodeBench's PEFTD_EXPAND_TS), is where the gate/up group's
+	// expand writes them (xtsBlocks blocks of xtsWords words)
+	xtsBuild    bool
+	expandTS    *cuda.DeviceBuffer
+	graphLayout bool // the fixed-layout launches (graph.go)
+	g           graphState
 
 	invFreqHost []float32
 	invFreq     *cuda.DeviceBuffer
@@ -597,6 +603,7 @@ func (b *Backend) open(opts Options) error {
 	b.tune.fp8From = max(opts.TuneFP8From, 0)
 	b.la.on, b.la.sms = !opts.SerialLoRA, max(opts.LoRASMs, 0)
 	b.guHalfOn, b.hugeHoldsOff = guHalfDefault(), hugeHoldsOff()
+	b.xtsBuild = kernels.Defined("PEFTD_EXPAND_TS")
 	b.outHalfOn, b.qkvHalfOn = outHalfDefault(), qkvHalfDefault()
 	b.pinN = int(PinnedBytes(opts.PinnedImageBytes) / stageChunkBytes)
 	if opts.LoRASMs == 0 {

@@ -703,6 +703,16 @@ func TestDecodeBench(t *testing.T) {
 	// each row prints where attn_decode's time goes (attnTimestamps)
 	attnTS := os.Getenv("PEFTD_ATTN_TS") != "" && kernels.Defined("PEFTD_ATTN_TS")
 	gb.force.attnTS = attnTS
+	// PEFTD_EXPAND_TS=1 with a PEFTD_EXPAND_TS build: each row with
+	// adapters prints how the last gate/up expand's blocks ran in time
+	// (expandTimestamps)
+	if os.Getenv("PEFTD_EXPAND_TS") != "" && gb.xtsBuild {
+		if gb.expandTS, err = gb.ctx.Alloc(8 * xtsBlocks * xtsWords); err != nil {
+			gb.Close()
+			t.Fatal(err)
+		}
+		defer gb.expandTS.Free()
+	}
 	e, err := engine.New(m, gb, opts)
 	if err != nil {
 		gb.Close()
@@ -1027,6 +1037,9 @@ func TestDecodeBench(t *testing.T) {
 		}
 		if attnTS {
 			attnTimestamps(t, gb, B, v.label(ads, pdlOK))
+		}
+		if gb.expandTS != nil && withLoRA {
+			expandTimestamps(t, gb, B, v.label(ads, pdlOK))
 		}
 		for _, s := range seqs {
 			e.Release(s)
@@ -1948,4 +1961,71 @@ func TestDecodeVariantKnobs(t *testing.T) {
 			}
 		}
 	}
+}
+
+// expandTimestamps prints how the blocks of the last gate/up expand of the
+// last step ran (a PEFTD_EXPAND_TS build: per block its entry, the end of
+// its griddepcontrol.wait and its end, %globaltimer ns, and its SM), in
+// µs from the first block's entry: the blocks, the SMs they ran on, the
+// last entry and end; then in 4 µs windows of entry, how many blocks
+// entered, on how many SMs, and their median wait and run (wait end to
+// end). A knee in the SMs a window shows where the product beside the
+// expand left the card to it.
+func expandTimestamps(t *testing.T, gb *Backend, B int, lbl string) {
+	if err := gb.s.Synchronize(); err != nil {
+		t.Fatal(err)
+	}
+	h := make([]uint64, xtsBlocks*xtsWords)
+	if err := cuda.CopyDtoH(gb.s, h, gb.expandTS.Ptr()); err != nil {
+		t.Fatal(err)
+	}
+	type blk struct {
+		entry, wait, run float64
+		sm               int
+	}
+	var bs []blk
+	t0 := uint64(math.MaxUint64)
+	for i := range xtsBlocks {
+		if r := h[i*xtsWords:]; r[0] != 0 {
+			t0 = min(t0, r[0])
+		}
+	}
+	last, lastEnd := 0.0, 0.0
+	sms := map[int]bool{}
+	for i := range xtsBlocks {
+		r := h[i*xtsWords:]
+		if r[0] == 0 || r[2] < r[1] || r[1] < r[0] {
+			continue
+		}
+		b := blk{entry: float64(r[0]-t0) / 1e3, wait: float64(r[1]-r[0]) / 1e3, run: float64(r[2]-r[1]) / 1e3, sm: int(r[3])}
+		bs = append(bs, b)
+		sms[b.sm] = true
+		last, lastEnd = max(last, b.entry), max(lastEnd, b.entry+b.wait+b.run)
+	}
+	if len(bs) == 0 {
+		bench("decode expandts %d %s: no gate/up expand recorded", B, lbl)
+		return
+	}
+	line := fmt.Sprintf("decode expandts %d %-10s %d blocks on %d SMs, last entry %.1f, last end %.1f µs; by entry (µs: blocks, SMs, median wait, median run):", B, lbl, len(bs), len(sms), last, lastEnd)
+	const win = 4.0
+	for w0 := 0.0; w0 <= last; w0 += win {
+		n, in, waits, runs := 0, map[int]bool{}, []float64{}, []float64{}
+		for _, b := range bs {
+			if b.entry >= w0 && b.entry < w0+win {
+				n++
+				in[b.sm] = true
+				waits, runs = append(waits, b.wait), append(runs, b.run)
+			}
+		}
+		if n > 0 {
+			line += fmt.Sprintf(" [%.0f,%.0f) %d %d %.1f %.1f", w0, w0+win, n, len(in), medianF(waits), medianF(runs))
+		}
+	}
+	bench("%s", line)
+}
+
+// medianF is the median of v (sorted in place).
+func medianF(v []float64) float64 {
+	slices.Sort(v)
+	return v[len(v)/2]
 }

@@ -749,10 +749,24 @@ func (b *Backend) expandTC(st *cuda.Stream, tc int, outPtr cuda.DevicePtr, outSt
 		f, tiles, nTiles = b.fn.sgExpandTC64S, b.off.bigTiles, b.nBig
 		b.expandStageds++
 	}
-	b.launchOn(st, f, cuda.Dim3{X: grid, Y: nTiles}, cuda.Dim3{X: 256},
-		outPtr, b.stepTmp, b.table, b.i32(tiles), base, stride, ms[0], ms[1], ms[2], blk1, blk2, off1, off2, total,
-		b.stepRank, outStride, tStride, b.rows(), ks, int(acc))
+	args := []any{outPtr, b.stepTmp, b.table, b.i32(tiles), base, stride, ms[0], ms[1], ms[2], blk1, blk2, off1, off2, total,
+		b.stepRank, outStride, tStride, b.rows(), ks, int(acc)}
+	if b.xtsBuild { // the PEFTD_EXPAND_TS build's stamps: the gate/up group's expand only
+		var xts cuda.DevicePtr
+		if b.expandTS != nil && n == 2 && offs[1] == b.cfg.Intermediate && total == 2*b.cfg.Intermediate && grid*nTiles <= xtsBlocks {
+			xts = b.expandTS.Ptr()
+		}
+		args = append(args, xts)
+	}
+	b.launchOn(st, f, cuda.Dim3{X: grid, Y: nTiles}, cuda.Dim3{X: 256}, args...)
 }
+
+// xtsBlocks and xtsWords size the PEFTD_EXPAND_TS build's stamps: the
+// blocks of a gate/up expand it records, and XTS_WORDS (llama.cu) a block.
+const (
+	xtsBlocks = 8192
+	xtsWords  = 4
+)
 
 // stageOutMinRows is the LoRA rows from which the rank-32 class's expands
 // adding in place run as sgmv_expand_tc64s where stageOutAuto is set.
