@@ -1102,7 +1102,7 @@ func (b *Backend) Close() error {
 	}
 	errs = append(errs, b.dropGraphs(), b.smPart.close(b))
 	for _, d := range []*cuda.DeviceBuffer{b.kcache, b.kscale, b.vcache, b.metaDev, b.invFreq, b.normed, b.table, b.loraTmp, b.smp[0].dev, b.smp[1].dev, b.attnPart, b.attnDone,
-		b.g.dev, b.g.part, b.g.tmp, b.la.delta} {
+		b.g.dev, b.g.part, b.g.tmp, b.la.delta, b.expandTS} {
 		errs = append(errs, d.Free())
 	}
 	for _, h := range []*cuda.HostBuffer{b.metaHost, b.readHost, b.smp[0].host, b.smp[1].host, b.g.host, b.g.host2} {

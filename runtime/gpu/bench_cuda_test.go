@@ -707,11 +707,10 @@ func TestDecodeBench(t *testing.T) {
 	// adapters prints how the last gate/up expand's blocks ran in time
 	// (expandTimestamps)
 	if os.Getenv("PEFTD_EXPAND_TS") != "" && gb.xtsBuild {
-		if gb.expandTS, err = gb.ctx.Alloc(8 * xtsBlocks * xtsWords); err != nil {
+		if gb.expandTS, err = gb.ctx.Alloc(8 * xtsBlocks * xtsWords); err != nil { // freed by Close
 			gb.Close()
 			t.Fatal(err)
 		}
-		defer gb.expandTS.Free()
 	}
 	e, err := engine.New(m, gb, opts)
 	if err != nil {
