@@ -1979,7 +1979,7 @@ func expandTimestamps(t *testing.T, gb *Backend, B int, lbl string) {
 		t.Fatal(err)
 	}
 	type blk struct {
-		entry, wait, run float64
+		entry, wait, run float32
 		sm               int
 	}
 	var bs []blk
@@ -1989,14 +1989,14 @@ func expandTimestamps(t *testing.T, gb *Backend, B int, lbl string) {
 			t0 = min(t0, r[0])
 		}
 	}
-	last, lastEnd := 0.0, 0.0
+	var last, lastEnd float32
 	sms := map[int]bool{}
 	for i := range xtsBlocks {
 		r := h[i*xtsWords:]
 		if r[0] == 0 || r[2] < r[1] || r[1] < r[0] {
 			continue
 		}
-		b := blk{entry: float64(r[0]-t0) / 1e3, wait: float64(r[1]-r[0]) / 1e3, run: float64(r[2]-r[1]) / 1e3, sm: int(r[3])}
+		b := blk{entry: float32(r[0]-t0) / 1e3, wait: float32(r[1]-r[0]) / 1e3, run: float32(r[2]-r[1]) / 1e3, sm: int(r[3])}
 		bs = append(bs, b)
 		sms[b.sm] = true
 		last, lastEnd = max(last, b.entry), max(lastEnd, b.entry+b.wait+b.run)
@@ -2006,9 +2006,9 @@ func expandTimestamps(t *testing.T, gb *Backend, B int, lbl string) {
 		return
 	}
 	line := fmt.Sprintf("decode expandts %d %-10s %d blocks on %d SMs, last entry %.1f, last end %.1f µs; by entry (µs: blocks, SMs, median wait, median run):", B, lbl, len(bs), len(sms), last, lastEnd)
-	const win = 4.0
-	for w0 := 0.0; w0 <= last; w0 += win {
-		n, in, waits, runs := 0, map[int]bool{}, []float64{}, []float64{}
+	const win = 4
+	for w0 := float32(0); w0 <= last; w0 += win {
+		n, in, waits, runs := 0, map[int]bool{}, []float32{}, []float32{}
 		for _, b := range bs {
 			if b.entry >= w0 && b.entry < w0+win {
 				n++
@@ -2017,14 +2017,8 @@ func expandTimestamps(t *testing.T, gb *Backend, B int, lbl string) {
 			}
 		}
 		if n > 0 {
-			line += fmt.Sprintf(" [%.0f,%.0f) %d %d %.1f %.1f", w0, w0+win, n, len(in), medianF(waits), medianF(runs))
+			line += fmt.Sprintf(" [%.0f,%.0f) %d %d %.1f %.1f", w0, w0+win, n, len(in), median(waits), median(runs))
 		}
 	}
 	bench("%s", line)
-}
-
-// medianF is the median of v (sorted in place).
-func medianF(v []float64) float64 {
-	slices.Sort(v)
-	return v[len(v)/2]
 }
