@@ -170,7 +170,7 @@ __device__ __forceinline__ void wk_out(bf16* __restrict__ out, const float* v, i
 // wrote them), and stores them (wk_put). Block b0's slot is s0;
 // each block after it starts inside the tile, so its slot is its first,
 // at part + 2 b WK_BM TR floats; block me's values are own (shared
-// memory, wk_store_part's). A round has WS_F float4s of WS_C slots' loads
+// memory, wk_keep's). A round has WS_F float4s of WS_C slots' loads
 // in flight.
 #define WS_F 8
 #define WS_C 4

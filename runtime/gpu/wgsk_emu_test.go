@@ -35,7 +35,7 @@ import (
 //
 // The result must be the plain product, each output written once and every
 // counter back at zero, for a tile inside one block, tiles shared by two or
-// more blocks (more than wk_sum's eight slots a round too), a last stage
+// more blocks (more than wk_sum's WS_C = 4 slots a round too), a last stage
 // past K, activation rows past M, both variants and both WK_INFLIGHT
 // values.
 func TestWgskEmulated(t *testing.T) {
