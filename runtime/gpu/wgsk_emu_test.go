@@ -2,7 +2,6 @@ package gpu
 
 import (
 	"math/rand/v2"
-	"sort"
 	"testing"
 )
 
@@ -38,11 +37,7 @@ import (
 // counter back at zero, for a tile inside one block, tiles shared by two or
 // more blocks (more than wk_sum's WS_C = 4 slots a round too), a last stage
 // past K, activation rows past M, both variants and both WK_INFLIGHT
-// values; then the same for fp8_wgsk2's pairs (each block's producer
-// multicasting its half of the activation rows into both blocks' buffers
-// and barriers, whose phase must be that stage's; each consumer warp
-// freeing a buffer on both blocks' empty barriers; a buffer's every box
-// must hold the stage a consumer reads).
+// values.
 func TestWgskEmulated(t *testing.T) {
 	for _, inflight := range []int{0, 1} {
 		for _, c := range []struct{ M, N, K, G int }{
@@ -50,15 +45,7 @@ func TestWgskEmulated(t *testing.T) {
 			{129, 256, 128 * 3, 2}, {200, 128, 128*4 + 16, 7}, {256, 256, 128 * 2, 4}, {90, 128, 128 * 9, 9},
 			{70, 256, 128 * 11, 21}, {250, 128, 128 * 10, 10},
 		} {
-			wgskEmulate(t, c.M, c.N, c.K, c.G, inflight, 1)
-		}
-		// fp8_wgsk2: pairs (G blocks, G / 2 clusters) on 256-row tiles
-		for _, c := range []struct{ M, N, K, G int }{
-			{65, 256, 128*5 + 64, 2}, {65, 256, 128*5 + 64, 6}, {100, 256, 128 * 9, 10}, {129, 512, 128 * 3, 4},
-			{200, 256, 128*4 + 16, 14}, {256, 512, 256, 8}, {70, 512, 128 * 11, 42}, {250, 256, 128 * 10, 20},
-			{65, 256, 128 * 20, 2}, {200, 512, 128*9 + 32, 2}, {129, 256, 128 * 13, 4}, // the rings wrap
-		} {
-			wgskEmulate(t, c.M, c.N, c.K, c.G, inflight, 2)
+			wgskEmulate(t, c.M, c.N, c.K, c.G, inflight)
 		}
 	}
 }
@@ -91,45 +78,35 @@ func (b *emuBarrier) settle() {
 // current phase's parity differs from p).
 func (b *emuBarrier) passed(p int) bool { return b.phases&1 != p }
 
-// wgskEmulate is one shape of TestWgskEmulated on G blocks in clusters of
-// cl (1: fp8_wgsk; 2: fp8_wgsk2, G / 2 pairs, each block its 128 rows of
-// the pair's 256-row tiles and half the activation rows, multicast to
-// both blocks' buffers and barriers; every consumer warp arrives on both
-// blocks' empty barriers).
-func wgskEmulate(t *testing.T, M, N, K, G, inflight, cl int) {
+// wgskEmulate is one shape of TestWgskEmulated on G blocks.
+func wgskEmulate(t *testing.T, M, N, K, G, inflight int) {
 	const rb, BM = wgRowBytes, wgskBM
 	TR := wgskRows[0]
 	if M > TR {
 		TR = wgskRows[1]
 	}
-	NT, TB, XH := TR/8, BM*cl, TR/cl
+	NT := TR / 8
 	WB, SB, ST := BM*rb, wgskStageBytes(TR), wgskStages(TR)
-	rng := rand.New(rand.NewPCG(uint64(M*7+G+cl), uint64(K)))
+	rng := rand.New(rand.NewPCG(uint64(M*7+G), uint64(K)))
 	qw, qx := emuOperands(rng, M, N, K)
 	SPT := (K + rb - 1) / rb
-	tiles := N / TB
-	Gc := max(1, min(G/cl, tiles*SPT)) // clusters (the split's blocks)
-	G = cl * Gc
-	sps := make([]*emuSplit, cl) // each rank's split and partial slots (the kernel's part + rank Gc 2 BM TR)
-	for r := range sps {
-		sps[r] = newEmuSplit(tiles*SPT, Gc, SPT, BM, TR)
-	}
-	first := sps[0].first
-	if cl*len(sps[0].part)*4 > wgskPartBytes(G) {
+	tiles := N / BM
+	G = min(G, tiles*SPT)
+	sp := newEmuSplit(tiles*SPT, G, SPT, BM, TR)
+	first, part, slot, addr := sp.first, sp.part, sp.slot, emuSwizzled
+	if len(part)*4 > wgskPartBytes(G) {
 		t.Fatalf("M=%d N=%d K=%d: the partials of %d blocks overrun wgskPartBytes", M, N, K, G)
 	}
-	addr := emuSwizzled
-	out, written, done := make([]int, M*N), make([]int, M*N), make([]int, N/BM) // rank r's counter of tile t at done[cl t + r]
+	out, written, done := make([]int, M*N), make([]int, M*N), make([]int, tiles)
 	NV := (M + 7) / 8
 	type waiter struct {
-		b, r, tile int
-		own        []int // wk_keep's values of the block's share, at wgskPartAt's places
+		b, tile int
+		own     []int // wk_keep's values of the block's share, at wgskPartAt's places
 	}
 	var waiting []waiter // blocks at wk_sum's wait, their last tile
-	// share is wk_sum's float4s [i0, i1) of a tile for cluster b's block
-	// of rank r, and the tile's clusters b0..b1, C of them, P summing it
-	share := func(r, b, tile int) (i0, i1, b0, b1, C, P int) {
-		sp := sps[r]
+	// share is wk_sum's float4s [i0, i1) of a tile for block b, and the
+	// tile's blocks b0..b1, C of them, P summing it
+	share := func(b, tile int) (i0, i1, b0, b1, C, P int) {
 		b0, b1 = sp.blockOf(tile*SPT), sp.blockOf((tile+1)*SPT-1)
 		C, P = b1-b0+1, b1-b0
 		if sp.first(b1+1) == (tile+1)*SPT {
@@ -138,70 +115,52 @@ func wgskEmulate(t *testing.T, M, N, K, G, inflight, cl int) {
 		p := b - b0
 		return p * NV / P, (p + 1) * NV / P, b0, b1, C, P
 	}
-	emptyCount, arrival := wgskConsumers, 128 // a warpgroup's arrivals on its block's barrier
-	if cl > 1 {
-		emptyCount, arrival = cl*wgskConsumers/32, 4 // a warp's on each block's
-	}
-	for _, b := range rng.Perm(Gc) {
+	for _, b := range rng.Perm(G) {
 		u0, n := first(b), first(b+1)-first(b)
-		// each block's buffers, the stage each box of them holds (box 0
-		// the weights, 1 + h activation half h; -1: none), barriers
-		smem, holds := make([][]int, cl), make([][][]int, cl)
-		full, empty := make([][]emuBarrier, cl), make([][]emuBarrier, cl)
-		for r := range cl {
-			smem[r] = make([]int, ST*SB)
-			for i := range smem[r] {
-				smem[r][i] = 1 << 20 // never copied: would show in the sums
-			}
-			holds[r] = make([][]int, ST)
-			full[r], empty[r] = make([]emuBarrier, ST), make([]emuBarrier, ST)
-			for i := range ST {
-				holds[r][i] = make([]int, 1+cl)
-				for h := range holds[r][i] {
-					holds[r][i][h] = -1
-				}
-				full[r][i] = emuBarrier{count: 1, pending: 1}
-				empty[r][i] = emuBarrier{count: emptyCount, pending: emptyCount}
-			}
+		smem := make([]int, ST*SB)
+		stageOf := make([]int, ST) // the stage j a buffer holds (-1: none)
+		for i := range smem {
+			smem[i] = 1 << 20 // never copied: would show in the sums
 		}
-		// tma lands stage j's box of rows [r0, r0+rows) of src (lim rows of
-		// K bytes), bytes [k0, k0 + 128), at offset dst of block c's buffer
-		// s (its box `box`), counted in at c's full barrier, whose phase
-		// must be stage j's
-		tma := func(c, s, j, box, dst int, src []int, lim, r0, rows, k0 int) {
-			if full[c][s].phases != j/ST {
-				t.Fatalf("M=%d N=%d K=%d G=%d cl %d cluster %d: stage %d's box lands on block %d's barrier in phase %d", M, N, K, G, cl, b, j, c, full[c][s].phases)
-			}
+		for i := range stageOf {
+			stageOf[i] = -1
+		}
+		full, empty := make([]emuBarrier, ST), make([]emuBarrier, ST)
+		for i := range ST {
+			full[i] = emuBarrier{count: 1, pending: 1}
+			empty[i] = emuBarrier{count: wgskConsumers, pending: wgskConsumers}
+		}
+		// tma lands a box of rows [r0, r0+rows) of src (lim rows of K
+		// bytes), bytes [k0, k0 + 128), at the stage offset dst of buffer s
+		tma := func(s, dst int, src []int, lim, r0, rows, k0 int) {
 			for r := range rows {
 				for k := range rb {
 					val := 0
 					if r0+r < lim && k0+k < K {
 						val = src[(r0+r)*K+k0+k]
 					}
-					smem[c][s*SB+addr(dst, r, k)] = val
+					smem[s*SB+addr(dst, r, k)] = val
 				}
 			}
-			holds[c][s][box] = j
-			full[c][s].land(rows * rb)
+			full[s].land(rows * rb)
 		}
-		nextJ := make([]int, cl) // each producer's next stage
-		produce := func(r int) bool {
-			j := nextJ[r]
+		nextJ := 0 // the producer's next stage
+		produce := func() bool {
+			j := nextJ
 			if j >= n {
 				return false
 			}
 			s := j % ST
-			if j >= ST && !empty[r][s].passed(((j/ST)&1)^1) {
+			if j >= ST && !empty[s].passed(((j/ST)&1)^1) {
 				return false
 			}
 			u := u0 + j
 			tile, ks := u/SPT, u%SPT
-			full[r][s].arrive(1, SB) // expect_tx
-			tma(r, s, j, 0, 0, qw, N, tile*TB+r*BM, BM, ks*rb)
-			for c := range cl { // cl 2: this block's half, into both
-				tma(c, s, j, 1+r, WB+r*XH*rb, qx, M, r*XH, XH, ks*rb)
-			}
-			nextJ[r]++
+			full[s].arrive(1, SB) // expect_tx
+			stageOf[s] = j
+			tma(s, 0, qw, N, tile*BM, BM, ks*rb)
+			tma(s, WB, qx, M, 0, TR, ks*rb)
+			nextJ++
 			return true
 		}
 		// a consumer warpgroup's state
@@ -211,53 +170,43 @@ func wgskEmulate(t *testing.T, M, N, K, G, inflight, cl int) {
 			D            [][]int // D[weight row - 64 c][activation row]
 			atSync       bool    // waiting at the tile's end for the other
 		}
+		cs := make([]*consumer, 2)
 		zero := func(c *consumer) {
 			c.D = make([][]int, 64)
 			for r := range c.D {
 				c.D[r] = make([]int, TR)
 			}
 		}
-		cs := make([][]*consumer, cl) // cs[block][warpgroup]
-		for r := range cl {
-			cs[r] = make([]*consumer, 2)
-			for i := range cs[r] {
-				cs[r][i] = &consumer{pend: -1, tile: u0 / SPT, ks: u0 % SPT, k0: u0 % SPT}
-				zero(cs[r][i])
-			}
+		for i := range cs {
+			cs[i] = &consumer{pend: -1, tile: u0 / SPT, ks: u0 % SPT, k0: u0 % SPT}
+			zero(cs[i])
 		}
-		group := func(r, c, j int) { // block r's consumer c's wgmma group on stage j
+		group := func(c int, j int) { // consumer c's wgmma group on stage j
 			s := j % ST
-			for box, h := range holds[r][s] {
-				if h != j {
-					t.Fatalf("M=%d N=%d K=%d G=%d cl %d cluster %d: block %d's consumer %d reads stage %d but its buffer's box %d holds %d", M, N, K, G, cl, b, r, c, j, box, h)
-				}
+			if stageOf[s] != j {
+				t.Fatalf("M=%d N=%d K=%d G=%d block %d: consumer %d reads stage %d but its buffer holds %d", M, N, K, G, b, c, j, stageOf[s])
 			}
 			wb, xb := s*SB+64*c*rb, s*SB+WB
 			for q := range rb / 32 {
-				for row := range 64 {
+				for r := range 64 {
 					for nn := range TR {
 						sum := 0
 						for k := range 32 {
-							sum += smem[r][addr(wb+32*q, row, k)] * smem[r][addr(xb+32*q, nn, k)]
+							sum += smem[addr(wb+32*q, r, k)] * smem[addr(xb+32*q, nn, k)]
 						}
-						cs[r][c].D[row][nn] += sum
+						cs[c].D[r][nn] += sum
 					}
 				}
 			}
 		}
-		release := func(s int) { // a warpgroup is done with buffer s: its arrivals on every block's empty barrier
-			for c := range cl {
-				empty[c][s].arrive(arrival, 0)
-			}
-		}
-		// flush: block r's consumers' accumulators of tile, held from stage
-		// k0 to k1, through each thread's registers as frag_out and the
-		// slots use them (rows 16 warp + l/4 (+8) of each warpgroup's 64)
-		flush := func(r, tile, k0, k1 int, final bool) {
+		// flush: both consumers' accumulators of tile, held from stage k0
+		// to k1, through each thread's registers as frag_out and the slots
+		// use them (rows 16 warp + l/4 (+8) of each warpgroup's 64)
+		flush := func(tile, k0, k1 int, final bool) {
 			whole := k0 == 0 && k1 == SPT-1
 			o0, o1 := 0, 0 // the share this block sums and keeps (final)
 			if !whole && final {
-				o0, o1, _, _, _, _ = share(r, b, tile)
+				o0, o1, _, _, _, _ = share(b, tile)
 			}
 			own := make([]int, BM*TR)
 			for i := range own {
@@ -265,46 +214,46 @@ func wgskEmulate(t *testing.T, M, N, K, G, inflight, cl int) {
 			}
 			for c := range 2 {
 				emuFragRegs(NT, func(tid, i, row, m int) {
-					val, nn := cs[r][c].D[row][m], tile*TB+r*BM+64*c+row
+					val, n := cs[c].D[row][m], tile*BM+64*c+row
 					at := ((i/4)*wgskConsumers+128*c+tid)*4 + i%4 // float4 i/4 of consumer thread 128 c + tid
 					switch {
 					case whole && m < M:
-						out[m*N+nn] = val
-						written[m*N+nn]++
+						out[m*N+n] = val
+						written[m*N+n]++
 					case !whole && i/4 >= o0 && i/4 < o1: // wk_keep
 						own[at] = val
 					case !whole && i/4 < NV: // wk_store_part
-						sps[r].part[sps[r].slot(b, tile)+at] = val
+						part[slot(b, tile)+at] = val
 					}
 				})
 			}
 			if !whole {
-				done[cl*tile+r]++
+				done[tile]++
 				if final {
-					waiting = append(waiting, waiter{b, r, tile, own})
+					waiting = append(waiting, waiter{b, tile, own})
 				}
 			}
 		}
-		consume := func(r, ci int) bool {
-			c := cs[r][ci]
+		consume := func(ci int) bool {
+			c := cs[ci]
 			if c.atSync || c.j >= n {
 				return false
 			}
 			j, s := c.j, c.j%ST
-			if !full[r][s].passed((j / ST) & 1) {
+			if !full[s].passed((j / ST) & 1) {
 				return false
 			}
 			if c.pend >= 0 { // WK_INFLIGHT 1: the group before still read its buffer until this wait
-				group(r, ci, c.pend)
+				group(ci, c.pend)
 			}
 			end := c.ks == SPT-1 || j == n-1
 			if c.pend >= 0 {
-				release(c.pend % ST)
+				empty[c.pend%ST].arrive(128, 0)
 			}
 			c.pend = j
 			if inflight == 0 || end {
-				group(r, ci, j)
-				release(s)
+				group(ci, j)
+				empty[s].arrive(128, 0)
 				c.pend = -1
 			}
 			c.j++
@@ -314,97 +263,58 @@ func wgskEmulate(t *testing.T, M, N, K, G, inflight, cl int) {
 			}
 			return true
 		}
-		// each actor's weight in the order they are tried: some run far
-		// ahead of others (a slow consumer of one block, a fast producer
-		// of the other), as the protocol must allow
-		weight := make([]float64, 3*cl)
-		for i := range weight {
-			weight[i] = []float64{1, 8, 64}[rng.IntN(3)]
-		}
-		busy := func() bool {
-			for r := range cl {
-				for _, c := range cs[r] {
-					if c.j < n || c.atSync {
-						return true
-					}
+		for cs[0].j < n || cs[1].j < n || cs[0].atSync || cs[1].atSync {
+			if cs[0].atSync && cs[1].atSync { // wk_sync: both at the tile's end
+				if cs[0].tile != cs[1].tile || cs[0].ks != cs[1].ks || cs[0].k0 != cs[1].k0 {
+					t.Fatalf("M=%d N=%d K=%d G=%d block %d: the consumers meet at different tiles", M, N, K, G, b)
 				}
-			}
-			return false
-		}
-		for busy() {
-			met := false
-			for r := range cl {
-				c0, c1 := cs[r][0], cs[r][1]
-				if c0.atSync && c1.atSync { // wk_sync: both at the tile's end
-					if c0.tile != c1.tile || c0.ks != c1.ks || c0.k0 != c1.k0 {
-						t.Fatalf("M=%d N=%d K=%d G=%d cl %d cluster %d block %d: the consumers meet at different tiles", M, N, K, G, cl, b, r)
-					}
-					flush(r, c0.tile, c0.k0, c0.ks, c0.j == n)
-					for _, c := range cs[r] {
-						zero(c)
-						c.atSync = false
-						c.tile, c.ks, c.k0 = c.tile+1, 0, 0
-					}
-					met = true
+				flush(cs[0].tile, cs[0].k0, cs[0].ks, cs[0].j == n)
+				for _, c := range cs {
+					zero(c)
+					c.atSync = false
+					c.tile, c.ks, c.k0 = c.tile+1, 0, 0
 				}
-			}
-			if met {
 				continue
 			}
 			progressed := false
-			for _, a := range emuOrder(rng, weight) { // per block: its producer (0) and two consumers
-				r, who := a/3, a%3
-				if who == 0 && produce(r) || who > 0 && consume(r, who-1) {
+			for _, a := range rng.Perm(3) {
+				if a == 2 && produce() || a < 2 && consume(a) {
 					progressed = true
 					break
 				}
 			}
 			if !progressed {
-				t.Fatalf("M=%d N=%d K=%d G=%d cl %d inflight %d cluster %d: deadlock (producers at %v, consumers at %d %d ...)", M, N, K, G, cl, inflight, b, nextJ, cs[0][0].j, cs[0][1].j)
+				t.Fatalf("M=%d N=%d K=%d G=%d inflight %d block %d: deadlock (producer at stage %d, consumers at %d and %d)", M, N, K, G, inflight, b, nextJ, cs[0].j, cs[1].j)
 			}
 		}
 	}
 	for _, i := range rng.Perm(len(waiting)) {
-		w := waiting[i]
-		b, r, tile := w.b, w.r, w.tile
-		i0, i1, b0, b1, C, P := share(r, b, tile)
-		d := &done[cl*tile+r]
-		if *d < C {
-			t.Fatalf("M=%d N=%d K=%d G=%d cl %d: cluster %d's block %d waits for tile %d's %d partials, %d counted: it would wait forever", M, N, K, G, cl, b, r, tile, C, *d)
+		b, tile := waiting[i].b, waiting[i].tile
+		i0, i1, b0, b1, C, P := share(b, tile)
+		if done[tile] < C {
+			t.Fatalf("M=%d N=%d K=%d G=%d: block %d waits for tile %d's %d partials, %d counted: it would wait forever", M, N, K, G, b, tile, C, done[tile])
 		}
-		if *d++; *d == C+P {
-			*d = 0
+		if done[tile]++; done[tile] == C+P {
+			done[tile] = 0
 		}
-		for f := i0; f < i1; f++ { // wk_sum: float4 f of every consumer thread
+		for t := i0; t < i1; t++ { // wk_sum: float4 t of every consumer thread
 			for row := range BM {
-				for m := 8 * f; m < min(8*f+8, M); m++ {
+				for m := 8 * t; m < min(8*t+8, M); m++ {
 					sum := 0
 					for bb := b0; bb <= b1; bb++ {
 						if bb == b {
-							sum += w.own[wgskPartAt(row, m)]
+							sum += waiting[i].own[wgskPartAt(row, m)]
 						} else {
-							sum += sps[r].part[sps[r].slot(bb, tile)+wgskPartAt(row, m)]
+							sum += part[slot(bb, tile)+wgskPartAt(row, m)]
 						}
 					}
-					out[m*N+tile*TB+r*BM+row] = sum
-					written[m*N+tile*TB+r*BM+row]++
+					out[m*N+tile*BM+row] = sum
+					written[m*N+tile*BM+row]++
 				}
 			}
 		}
 	}
 	emuCheck(t, qx, qw, out, written, done, M, N, K, G, G)
-}
-
-// emuOrder is a random order of len(w) actors, actor a coming early in
-// proportion to w[a] (an exponential race).
-func emuOrder(rng *rand.Rand, w []float64) []int {
-	key := make([]float64, len(w))
-	order := make([]int, len(w))
-	for i := range w {
-		key[i], order[i] = rng.ExpFloat64()/w[i], i
-	}
-	sort.Slice(order, func(i, j int) bool { return key[order[i]] < key[order[j]] })
-	return order
 }
 
 // wgskPartAt is where wk_store_part puts the value of a tile's weight row
