@@ -103,38 +103,6 @@ __device__ __forceinline__ void tma_load2d(unsigned dst, const TmaDesc* map, int
                  : "memory");
 #endif
 }
-// tma_load2d_mc: tma_load2d into every block of the cluster in mask, at
-// the same shared memory offset dst, each block's barrier at offset bar
-// counting the bytes in (multicast).
-__device__ __forceinline__ void tma_load2d_mc(unsigned dst, const TmaDesc* map, int c0, int c1, unsigned bar, unsigned short mask) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster [%0], [%1, {%2, %3}], [%4], %5;\n" ::"r"(dst),
-                 "l"(reinterpret_cast<unsigned long long>(map)), "r"(c0), "r"(c1), "r"(bar), "h"(mask)
-                 : "memory");
-#endif
-}
-// mbar_arrive_at: one arrival on the barrier at offset bar of the
-// cluster's block cta (this block's own too), released to the cluster.
-__device__ __forceinline__ void mbar_arrive_at(unsigned bar, unsigned cta) {
-    asm volatile("{\n.reg .b32 ra;\nmapa.shared::cluster.u32 ra, %0, %1;\n"
-                 "mbarrier.arrive.release.cluster.shared::cluster.b64 _, [ra];\n}\n" ::"r"(bar),
-                 "r"(cta)
-                 : "memory");
-}
-// mbar_wait_cluster: mbar_wait acquiring at the cluster's scope (the
-// arrivals came from other blocks of the cluster too).
-__device__ __forceinline__ void mbar_wait_cluster(unsigned bar, unsigned parity) {
-    asm volatile("{\n.reg .pred P1;\nWK_CWAIT:\n"
-                 "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 P1, [%0], %1;\n"
-                 "@P1 bra WK_CDONE;\nbra WK_CWAIT;\nWK_CDONE:\n}\n" ::"r"(bar),
-                 "r"(parity)
-                 : "memory");
-}
-// wk_cluster_sync: every thread of the cluster's blocks meets (release /
-// acquire at the cluster's scope).
-__device__ __forceinline__ void wk_cluster_sync() {
-    asm volatile("barrier.cluster.arrive.release;\nbarrier.cluster.wait.acquire;\n" ::: "memory");
-}
 // wk_sync: the consumers' barrier (named barrier 1, their 256 threads; the
 // producer warpgroup has left).
 __device__ __forceinline__ void wk_sync() { asm volatile("bar.sync 1, %0;\n" ::"n"(WK_CONSUMERS) : "memory"); }
@@ -260,13 +228,12 @@ __device__ __forceinline__ void wk_sum(bf16* __restrict__ out, const float* s0, 
 // 128 bytes x TR rows, both with the 128-byte swizzle; part: 2 G WK_BM TR
 // floats; done: N / WK_BM counters, zero. times (null: none) takes each
 // block's phases, WK_TIMES values a block (above).
-template <int NT, int CL = 1>
+template <int NT>
 __device__ __forceinline__ void wgsk_body(const TmaDesc* wmap, const TmaDesc* xmap, bf16* __restrict__ out,
                                           float* __restrict__ part, int* __restrict__ done,
                                           unsigned long long* __restrict__ times, const float* __restrict__ sx,
                                           const float* __restrict__ sw, int M, int N, int K) {
-    constexpr int TR = 8 * NT, TB = WK_BM * CL, XH = TR / CL; // a tile's weight rows, the activation rows a block asks for
-    static_assert(CL == 1 || CL == 2, "wgsk_body: clusters of 1 or 2 blocks");
+    constexpr int TR = 8 * NT;
     using S = WkShape<TR>;
     constexpr int WB = S::WB, SB = S::SB, ST = S::ST;
     extern __shared__ __align__(16) unsigned char wkm[];
@@ -274,30 +241,19 @@ __device__ __forceinline__ void wgsk_body(const TmaDesc* wmap, const TmaDesc* xm
     __shared__ float sxs[TR]; // the activation rows' scales
     const int tid = threadIdx.x;
     const int SPT = (K + WG_RB - 1) / WG_RB; // stages a tile
-    // CL 2: the blocks of a cluster (bid / CL) stream the same units of
-    // TB-row tiles, block `rank` its WK_BM rows of each; to the split below
-    // the cluster is one block of G / CL, and each rank has its own
-    // partial slots and counters
-    const int bid = blockIdx.x, rank = CL == 1 ? 0 : bid % CL, G = gridDim.x / CL, bc = bid / CL;
-    const int U = N / TB * SPT;
-    const int u0 = wg_first(bc, U, G), n = wg_first(bc + 1, U, G) - u0;
-    part += (long long)rank * G * 2 * WK_BM * TR;
-    done += rank; // tile t's counter at done[CL t]
+    const int U = N / WK_BM * SPT, G = gridDim.x, bid = blockIdx.x;
+    const int u0 = wg_first(bid, U, G), n = wg_first(bid + 1, U, G) - u0;
     const unsigned base = ((unsigned)__cvta_generic_to_shared(wkm) + 1023u) & ~1023u;
     const unsigned fb = (unsigned)__cvta_generic_to_shared(full), eb = (unsigned)__cvta_generic_to_shared(empty);
     if (tid == 0) {
         for (int i = 0; i < ST; i++) {
             mbar_init(fb + 8 * i, 1);
-            mbar_init(eb + 8 * i, CL == 1 ? WK_CONSUMERS : CL * WK_CONSUMERS / 32); // CL 2: a warp's arrival from each block
+            mbar_init(eb + 8 * i, WK_CONSUMERS);
         }
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
         fence_proxy_async();
     }
-    if constexpr (CL == 1) {
-        __syncthreads();
-    } else {
-        wk_cluster_sync(); // the other block's barriers are ready before its boxes and arrivals come
-    }
+    __syncthreads();
 
     if (tid < 128) { // the producer
         wk_setmaxnreg_dec<40>();
@@ -305,35 +261,24 @@ __device__ __forceinline__ void wgsk_body(const TmaDesc* wmap, const TmaDesc* xm
             auto ask_w = [&](int j) { // stage j's weight box, with the stage's whole count
                 const int u = u0 + j, tile = u / SPT;
                 mbar_expect_tx(fb + 8 * (j % ST), SB);
-                tma_load2d(base + (j % ST) * SB, wmap, (u - tile * SPT) * WG_RB, tile * TB + rank * WK_BM, fb + 8 * (j % ST));
+                tma_load2d(base + (j % ST) * SB, wmap, (u - tile * SPT) * WG_RB, tile * WK_BM, fb + 8 * (j % ST));
             };
-            auto ask_x = [&](int j) { // CL 2: this block's half of the rows, into both blocks
+            auto ask_x = [&](int j) {
                 const int u = u0 + j, tile = u / SPT;
-                if constexpr (CL == 1) {
-                    tma_load2d(base + (j % ST) * SB + WB, xmap, (u - tile * SPT) * WG_RB, 0, fb + 8 * (j % ST));
-                } else {
-                    tma_load2d_mc(base + (j % ST) * SB + WB + rank * XH * WG_RB, xmap, (u - tile * SPT) * WG_RB, rank * XH, fb + 8 * (j % ST),
-                                  (unsigned short)((1u << CL) - 1));
-                }
+                tma_load2d(base + (j % ST) * SB + WB, xmap, (u - tile * SPT) * WG_RB, 0, fb + 8 * (j % ST));
             };
             const int first = n < ST ? n : ST;
             for (int j = 0; j < first; j++) ask_w(j); // weights: no kernel writes them
             pdl_entry();
             for (int j = 0; j < first; j++) ask_x(j);
             for (int j = ST; j < n; j++) {
-                // the consumers (CL 2: both blocks') are done with use j - ST
-                if constexpr (CL == 1) {
-                    mbar_wait(eb + 8 * (j % ST), ((j / ST) & 1) ^ 1);
-                } else {
-                    mbar_wait_cluster(eb + 8 * (j % ST), ((j / ST) & 1) ^ 1);
-                }
+                mbar_wait(eb + 8 * (j % ST), ((j / ST) & 1) ^ 1); // the consumers are done with use j - ST
                 ask_w(j);
                 ask_x(j);
             }
         } else {
             pdl_entry();
         }
-        if constexpr (CL > 1) wk_cluster_sync(); // stays until the other block is done with this one's barriers
         return;
     }
 
@@ -348,23 +293,11 @@ __device__ __forceinline__ void wgsk_body(const TmaDesc* wmap, const TmaDesc* xm
     const int lane = ct & 31, warp = (ct >> 5) & 3, g = lane >> 2, tig = lane & 3;
     const int row = 64 * c + 16 * warp + g; // this thread's first weight row in a tile
     auto slot = [&](int b, int tile) { return part + ((long long)b * 2 + (wg_first(b, U, G) / SPT == tile ? 0 : 1)) * WK_BM * TR; };
-    // release: this thread is done with stage buffer s (CL 2: its warp
-    // tells both blocks once every lane is)
-    auto release = [&](int s) {
-        if constexpr (CL == 1) {
-            mbar_arrive(eb + 8 * s);
-        } else {
-            __syncwarp();
-            if (lane == 0)
-#pragma unroll
-                for (int r = 0; r < CL; r++) mbar_arrive_at(eb + 8 * s, r);
-        }
-    };
     float d[4 * NT];
     // flush: the accumulators of tile `tile`, which this block holds from
     // its stage k0 to k1 (inclusive)
     auto flush = [&](int tile, int k0, int k1, bool final) {
-        const int n = tile * TB + rank * WK_BM + row;
+        const int n = tile * WK_BM + row;
         if (stamp && final) ph[2] = ph[3] = globaltimer_ns();
         if (k0 == 0 && k1 == SPT - 1) {
             wk_out<NT>(out, d, M, N, n, tig, sxs, sw[n], sw[n + 8]);
@@ -377,31 +310,31 @@ __device__ __forceinline__ void wgsk_body(const TmaDesc* wmap, const TmaDesc* xm
         // in shared memory (wk_keep), not stored
         const int b0 = wg_block(tile * SPT, U, G), b1 = wg_block((tile + 1) * SPT - 1, U, G);
         const int C = b1 - b0 + 1, P = b1 - b0 + (wg_first(b1 + 1, U, G) == (tile + 1) * SPT ? 1 : 0);
-        const int p = bc - b0, i0 = final ? p * NV / P : 0, i1 = final ? (p + 1) * NV / P : 0;
-        wk_store_part<NT>(slot(bc, tile), d, ct, NV, i0, i1);
+        const int p = bid - b0, i0 = final ? p * NV / P : 0, i1 = final ? (p + 1) * NV / P : 0;
+        wk_store_part<NT>(slot(bid, tile), d, ct, NV, i0, i1);
         // the block's partials, ordered before its count by one thread's
         // fence after the barrier, and the others' before this block's
         // reads by its acquire and fence after the wait (wg_body's)
         wk_sync();
         if (ct == 0) {
             __threadfence();
-            atomicAdd(done + CL * tile, 1);
+            atomicAdd(done + tile, 1);
         }
         if (!final) return; // b1, on to its next tile: the others sum this one
         // past the barrier both warpgroups are done with every stage
         float4* own = reinterpret_cast<float4*>(wkm + (base - (unsigned)__cvta_generic_to_shared(wkm)));
         wk_keep<NT>(own, d, ct, i0, i1);
         if (ct == 0) {
-            while ((int)ld_acquire_u32(reinterpret_cast<const unsigned*>(done + CL * tile)) < C) {
+            while ((int)ld_acquire_u32(reinterpret_cast<const unsigned*>(done + tile)) < C) {
             }
             __threadfence();
             // a second count: the last leaves the counter at zero for the
             // next launch (every block has passed the wait by then)
-            if (atomicAdd(done + CL * tile, 1) == C + P - 1) done[CL * tile] = 0;
+            if (atomicAdd(done + tile, 1) == C + P - 1) done[tile] = 0;
         }
         wk_sync();
         if (stamp) ph[3] = globaltimer_ns(), ph[5] = 3;
-        wk_sum<TR>(out, slot(b0, tile), part, own, bc, b0, b1, i0, i1, ct, M, N, n, tig, sxs, sw[n], sw[n + 8]);
+        wk_sum<TR>(out, slot(b0, tile), part, own, bid, b0, b1, i0, i1, ct, M, N, n, tig, sxs, sw[n], sw[n + 8]);
     };
 
     static_assert(WK_INFLIGHT == 0 || WK_INFLIGHT == 1, "wgsk_body: WK_INFLIGHT");
@@ -424,13 +357,13 @@ __device__ __forceinline__ void wgsk_body(const TmaDesc* wmap, const TmaDesc* xm
         if (WK_INFLIGHT == 0 || end) {
             wg_wait<0>();
             wg_pin<4 * NT>(d);
-            if (pend >= 0) release(pend);
-            release(s); // this thread is done with the stage
+            if (pend >= 0) mbar_arrive(eb + 8 * pend);
+            mbar_arrive(eb + 8 * s); // this thread is done with the stage
             pend = -1;
         } else {
             wg_wait<1>(); // the stage before's group is done
             wg_pin<4 * NT>(d);
-            if (pend >= 0) release(pend);
+            if (pend >= 0) mbar_arrive(eb + 8 * pend);
             pend = s;
         }
         if (end) {
@@ -449,7 +382,6 @@ __device__ __forceinline__ void wgsk_body(const TmaDesc* wmap, const TmaDesc* xm
 #pragma unroll
         for (int i = 0; i < WK_TIMES; i++) times[bid * WK_TIMES + i] = ph[i];
     }
-    if constexpr (CL > 1) wk_cluster_sync(); // the other block's arrivals on this one's barriers are in
 }
 
 // fp8_wgsk_n{128,256}: wgsk_body for 65-128 and 129-256 rows (runtime/gpu
@@ -460,14 +392,3 @@ __device__ __forceinline__ void wgsk_body(const TmaDesc* wmap, const TmaDesc* xm
 #define FP8_WGSK_PASS &wmap, &xmap, out, part, done, times, sx, sw, M, N, K
 extern "C" __global__ void __launch_bounds__(WK_THREADS, 1) fp8_wgsk_n128(FP8_WGSK_ARGS) { wgsk_body<16>(FP8_WGSK_PASS); }
 extern "C" __global__ void __launch_bounds__(WK_THREADS, 1) fp8_wgsk_n256(FP8_WGSK_ARGS) { wgsk_body<32>(FP8_WGSK_PASS); }
-// fp8_wgsk2_n{128,256}: the same in clusters of two blocks (CL 2): a pair
-// streams tiles of 256 weight rows, each block its 128 and half the
-// activation rows, which the TMA multicasts to both, so each block reads
-// half the activation bytes from L2 a stage (PERFORMANCE v1.00). The grid
-// is even and within the clusters the GPU runs at once (wgsk.go).
-extern "C" __global__ void __cluster_dims__(2, 1, 1) __launch_bounds__(WK_THREADS, 1) fp8_wgsk2_n128(FP8_WGSK_ARGS) {
-    wgsk_body<16, 2>(FP8_WGSK_PASS);
-}
-extern "C" __global__ void __cluster_dims__(2, 1, 1) __launch_bounds__(WK_THREADS, 1) fp8_wgsk2_n256(FP8_WGSK_ARGS) {
-    wgsk_body<32, 2>(FP8_WGSK_PASS);
-}

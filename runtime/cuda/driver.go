@@ -70,9 +70,6 @@ type driver struct {
 	// cuLaunchKernelEx (optional: CUDA 12+): launches with attributes
 	// (Programmatic Dependent Launch)
 	cuLaunchKernelEx func(cfg unsafe.Pointer, f cuFunction, params unsafe.Pointer, extra unsafe.Pointer) int32
-	// cuOccupancyMaxActiveClusters (optional: CUDA 12+): how many clusters
-	// of a launch configuration's shape run at once
-	cuOccupancyMaxActiveClusters func(n *int32, f cuFunction, cfg unsafe.Pointer) int32
 	// cuTensorMapEncodeTiled (optional: CUDA 12+; tma.go)
 	cuTensorMapEncodeTiled func(m unsafe.Pointer, dtype int32, rank uint32, addr uintptr, dims, strides, box, estr unsafe.Pointer, interleave, swizzle, l2, oob int32) int32
 	// The L2 set-aside for persisting accesses (optional: CUDA 11+; l2.go)
@@ -188,7 +185,6 @@ func loadDriver() error {
 		b.fn(&d.cuGraphAddKernelNode, "cuGraphAddKernelNode_v2")
 		b.fn(&d.cuGraphDestroyNode, "cuGraphDestroyNode")
 		b.fn(&d.cuLaunchKernelEx, "cuLaunchKernelEx")
-		b.fn(&d.cuOccupancyMaxActiveClusters, "cuOccupancyMaxActiveClusters")
 		b.fn(&d.cuTensorMapEncodeTiled, "cuTensorMapEncodeTiled")
 		b.fn(&d.cuCtxSetLimit, "cuCtxSetLimit")
 		b.fn(&d.cuCtxGetLimit, "cuCtxGetLimit")

@@ -139,27 +139,6 @@ func (f *Function) BlocksPerSM(block, shared int) (int, error) {
 	return int(n), err
 }
 
-// MaxActiveClusters is how many thread-block clusters of cluster's shape,
-// each block of block threads and shared bytes of dynamic shared memory,
-// the device runs at once (cuOccupancyMaxActiveClusters). A kernel whose
-// blocks wait for blocks of other clusters needs its grid within it.
-func (f *Function) MaxActiveClusters(block, cluster Dim3, shared int) (int, error) {
-	if drv.cuOccupancyMaxActiveClusters == nil {
-		return 0, fmt.Errorf("%w: kernel %s: cuOccupancyMaxActiveClusters", ErrNotSupported, f.Name)
-	}
-	var n int32
-	err := f.c.Do(func() error {
-		cx, cy, cz := cluster.u()
-		bx, by, bz := block.u()
-		attr := launchAttr{id: launchAttrClusterDimension}
-		attr.value[0], attr.value[1], attr.value[2] = int32(cx), int32(cy), int32(cz)
-		cfg := launchConfig{gridX: cx, gridY: cy, gridZ: cz, blockX: bx, blockY: by, blockZ: bz, shared: uint32(shared),
-			attrs: unsafe.Pointer(&attr), numAttrs: 1}
-		return check("cuOccupancyMaxActiveClusters", drv.cuOccupancyMaxActiveClusters(&n, f.f, unsafe.Pointer(&cfg)))
-	})
-	return int(n), err
-}
-
 // Dim3 is a grid or block shape; zero components count as 1.
 type Dim3 struct{ X, Y, Z int }
 

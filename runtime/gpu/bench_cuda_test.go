@@ -412,7 +412,6 @@ type decodeVariant struct {
 	bws                          int    // bf16 weights: gemm_ws (ws.go) for 17-64 rows, 1 every product, 2 q/k/v and o, 3 every product no LoRA update runs beside (v0.68's default), 4 those and every product of at most bwsBesideRows rows beside one (the default on sm_90a: since v0.84 every row count, as 1), -1 none (kernelForce.bws)
 	nows                         bool   // FP8 weights: no fp8_ws for lone products by default (fp8State.wsAuto off: Options.NoWS)
 	wgsk                         bool   // FP8 weights: fp8_wgsk (wgsk.go: stream-K, TMA stages) for every product of 65-256 rows it takes (fp8State.wgskOn)
-	wgsk2                        bool   // the same through the cluster kernels (fp8_wgsk2: pairs, the activation rows multicast; wgskProduct.pair)
 	nowga                        bool   // FP8 weights: Options.NoFP8Wgmma, every product of 17-64 rows on cuBLASLt (the default routes wgAutoFits' to fp8_wg: fp8State.wgAuto)
 	part                         int    // SMs for the LoRA stream in a green-context split (partition.go; PEFTD_LORA_PARTITION lists them; 0: none)
 	holds                        [4]int // SMs each fused group's product leaves to the LoRA stream (kernelForce.holds; 0: the default, holdFor)
@@ -453,7 +452,7 @@ func (v decodeVariant) force(f kernelForce) kernelForce {
 // fields of those names).
 type fp8Knobs struct {
 	streamOn, streamOff, wgOn, wgAuto, wgBeside, segOff, splitBeside, padOff bool
-	wgskOn, wgskPair                                                         bool
+	wgskOn                                                                   bool
 	streamLate, padOld, wsOn, wsWide, wsNarrow                               bool
 	wsAuto, segEarlyOff, wsLone, fastAccum                                   bool
 	wsFrom, wsLoneFrom, wsBesideFrom                                         int
@@ -463,14 +462,14 @@ type fp8Knobs struct {
 func fp8KnobsOf(f *fp8State) fp8Knobs {
 	return fp8Knobs{streamOn: f.streamOn, streamOff: f.streamOff, wgOn: f.wgOn, wgAuto: f.wgAuto, wgBeside: f.wgBeside,
 		segOff: f.segOff, splitBeside: f.splitBeside, padOff: f.padOff, streamLate: f.streamLate, padOld: f.padOld,
-		wsOn: f.wsOn, wsWide: f.wsWide, wsNarrow: f.wsNarrow, wsAuto: f.wsAuto, segEarlyOff: f.segEarlyOff, wsLone: f.wsLone, wsFrom: f.wsFrom, wsLoneFrom: f.wsLoneFrom, wsBesideFrom: f.wsBesideFrom, fastAccum: f.mm.FastAccum(), wgskOn: f.wgskOn, wgskPair: f.wgsk != nil && f.wgsk.pair}
+		wsOn: f.wsOn, wsWide: f.wsWide, wsNarrow: f.wsNarrow, wsAuto: f.wsAuto, segEarlyOff: f.segEarlyOff, wsLone: f.wsLone, wsFrom: f.wsFrom, wsLoneFrom: f.wsLoneFrom, wsBesideFrom: f.wsBesideFrom, fastAccum: f.mm.FastAccum(), wgskOn: f.wgskOn}
 }
 
 // fp8 is the FP8 settings row v asks of f (wgAuto: f's default unless v.nowga).
 func (v decodeVariant) fp8(f *fp8State) fp8Knobs {
 	return fp8Knobs{streamOn: v.fs, streamOff: v.gv, wgOn: v.wg, wgAuto: f.wgAutoDefault && !v.nowga, wgBeside: v.wgBeside,
 		segOff: v.noseg, splitBeside: v.splitBeside, padOff: v.nopad, streamLate: v.fslate, padOld: v.padOld,
-		wsOn: v.ws, wsWide: v.wsgu, wsNarrow: v.wsqo, wsAuto: f.wsAutoDefault && !v.nows, segEarlyOff: v.nosege, wsLone: v.wslone, wsFrom: v.wsfrom, wsLoneFrom: v.wsLoneFrom(), wsBesideFrom: v.wsBesideFrom(), fastAccum: !v.pa, wgskOn: v.wgsk || v.wgsk2, wgskPair: v.wgsk2}
+		wsOn: v.ws, wsWide: v.wsgu, wsNarrow: v.wsqo, wsAuto: f.wsAutoDefault && !v.nows, segEarlyOff: v.nosege, wsLone: v.wslone, wsFrom: v.wsfrom, wsLoneFrom: v.wsLoneFrom(), wsBesideFrom: v.wsBesideFrom(), fastAccum: !v.pa, wgskOn: v.wgsk}
 }
 
 // wsLoneFrom is fp8State.wsLoneFrom as v asks for it.
@@ -495,9 +494,6 @@ func (k fp8Knobs) apply(f *fp8State) {
 	f.streamLate, f.padOld, f.wsOn, f.wsWide, f.wsNarrow, f.wsAuto = k.streamLate, k.padOld, k.wsOn, k.wsWide, k.wsNarrow, k.wsAuto
 	f.segEarlyOff, f.wsLone, f.wsFrom, f.wsLoneFrom, f.wsBesideFrom = k.segEarlyOff, k.wsLone, k.wsFrom, k.wsLoneFrom, k.wsBesideFrom
 	f.wgskOn = k.wgskOn
-	if f.wgsk != nil {
-		f.wgsk.pair = k.wgskPair
-	}
 	f.mm.SetFastAccum(k.fastAccum)
 }
 
@@ -527,7 +523,7 @@ func (v decodeVariant) label(ads []*lora.Adapter, pdlOK bool) string {
 		on   bool
 		name string
 	}{{v.eager, "eager"}, {v.serial, "serial"}, {v.nopdl && pdlOK, "nopdl"}, {v.ropeHeads, "ropeheads"}, {v.lt, "lt"}, {v.wgFull, "wgfull"}, {v.wgBeside, "wgbeside"}, {v.splitBeside, "splitbeside"}, {v.nopad, "nopad"}, {v.padOld, "padold"}, {v.fslate, "fslate"}, {v.skLate, "late"},
-		{v.fs, "fs"}, {v.gv, "gv"}, {v.noseg, "noseg"}, {v.nosege, "nosege"}, {v.wg, "wg"}, {v.wgsk && !v.wgsk2, "wgsk"}, {v.wgsk2, "wgsk2"}, {v.ws, "ws"}, {v.wsgu, "wsgu"}, {v.wsqo, "wsqo"}, {v.bws == 1, "bws"}, {v.bws == 2, "bwsqo"}, {v.bws == 3, "bwslone"}, {v.bws < 0, "nobws"}, {v.nows, "nows"}, {v.wslone, "wslone"}, {v.nowga, "nowga"}, {v.pa, "pa"}, {v.tuned, "tuned"}, {v.nowslone, "nowslone"}, {v.nowsbeside, "nowsbeside"}, {v.alllogits, "alllogits"}} {
+		{v.fs, "fs"}, {v.gv, "gv"}, {v.noseg, "noseg"}, {v.nosege, "nosege"}, {v.wg, "wg"}, {v.wgsk, "wgsk"}, {v.ws, "ws"}, {v.wsgu, "wsgu"}, {v.wsqo, "wsqo"}, {v.bws == 1, "bws"}, {v.bws == 2, "bwsqo"}, {v.bws == 3, "bwslone"}, {v.bws < 0, "nobws"}, {v.nows, "nows"}, {v.wslone, "wslone"}, {v.nowga, "nowga"}, {v.pa, "pa"}, {v.tuned, "tuned"}, {v.nowslone, "nowslone"}, {v.nowsbeside, "nowsbeside"}, {v.alllogits, "alllogits"}} {
 		if f.on {
 			lbl += "+" + f.name
 		}
@@ -801,7 +797,6 @@ func TestDecodeBench(t *testing.T) {
 		{lora: true, sms: -1, holds: [4]int{16}}, {lora: true, sms: -1, holds: [4]int{32}}, {lora: true, sms: -1, wgFull: true}, {lora: true, sms: -1, wgBeside: true}, {lora: true, sms: -1, splitBeside: true}, {sms: -1, nopad: true}, {lora: true, sms: -1, nopad: true}, {lora: true, sms: -1, kc: 1024}, {lora: true, sms: -1, kc: 512}, {lora: true, sms: -1, kc: 2048}, {lora: true, sms: -1, kc: 4096}, {lora: true, sms: -1, kc: -1}, {lora: true, sms: -1, inline: -1}, {lora: true, sms: -1, inline: 0b1011}, {lora: true, sms: -1, sergrp: 2}, {lora: true, sms: -1, sergrp: 4}, {lora: true, sms: -1, sergrp: 8}, {lora: true, sms: -1, sergrp: 12}, {lora: true, sms: -1, sergrp: 14}, {lora: true, sms: -1, sergrp: 15}, {lora: true, sms: -1, sergrp: -1}, {lora: true, sms: -1, pdlJoins: -1}, {lora: true, sms: -1, pdlJoins: 1}, {lora: true, sms: -1, pdlJoins: 3},
 		{sms: -1, wg: true}, {lora: true, sms: -1, wg: true},
 		{sms: -1, wgsk: true}, {lora: true, sms: -1, wgsk: true},
-		{sms: -1, wgsk2: true}, {lora: true, sms: -1, wgsk2: true},
 		{sms: -1, nowga: true}, {lora: true, sms: -1, nowga: true},
 		{sms: -1, ws: true}, {lora: true, sms: -1, ws: true}, {sms: -1, wsgu: true}, {lora: true, sms: -1, wsgu: true},
 		{sms: -1, wsqo: true}, {lora: true, sms: -1, wsqo: true}, {sms: -1, nows: true}, {lora: true, sms: -1, nows: true}, {lora: true, sms: -1, wslone: true},
@@ -940,7 +935,7 @@ func TestDecodeBench(t *testing.T) {
 		B, v := rn.B, rn.v
 		withLoRA, sampled := v.lora, v.sampled
 		gb.g.off = v.eager
-		if withLoRA && len(ads) == 0 || v.nopdl && !pdlOK || v.split > 0 && B > 64 || (v.fs || v.gv) && (gb.f8 == nil || gb.f8.stream == nil) || (v.wg || v.nowga) && (gb.f8 == nil || gb.f8.wg == nil) || v.wgsk && (gb.f8 == nil || gb.f8.wgsk == nil) || v.wgsk2 && (gb.f8 == nil || gb.f8.wgsk == nil || gb.f8.wgsk.fn2[len(wgskRows)-1] == nil) || v.bws != 0 && (gb.f8 != nil || gb.bws == nil) || v.nows && gb.f8 == nil || (v.wslone || v.wsfrom > 0 || v.nowslone || v.nowsbeside) && (gb.f8 == nil || gb.f8.ws == nil) || v.fslate && (gb.f8 == nil || gb.f8.stream == nil) || (v.padOld || v.pa) && gb.f8 == nil {
+		if withLoRA && len(ads) == 0 || v.nopdl && !pdlOK || v.split > 0 && B > 64 || (v.fs || v.gv) && (gb.f8 == nil || gb.f8.stream == nil) || (v.wg || v.nowga) && (gb.f8 == nil || gb.f8.wg == nil) || v.wgsk && (gb.f8 == nil || gb.f8.wgsk == nil) || v.bws != 0 && (gb.f8 != nil || gb.bws == nil) || v.nows && gb.f8 == nil || (v.wslone || v.wsfrom > 0 || v.nowslone || v.nowsbeside) && (gb.f8 == nil || gb.f8.ws == nil) || v.fslate && (gb.f8 == nil || gb.f8.stream == nil) || (v.padOld || v.pa) && gb.f8 == nil {
 			continue
 		}
 		retune := v.tuned && !gb.tune.done

@@ -582,53 +582,31 @@ func TestFP8GemmBench(t *testing.T) {
 				def84 := timeIt(30, prod)
 				r.f.mm.SetSMTarget(0)
 				bench("fp8wgsk %-8s %5d all SMs %8.1f us (default %8.1f, %5.2f of floor8) | %d SMs %8.1f us (default %8.1f)", sh.name, T, wk, t8, fl8/wk, held, wk84, def84)
-				// the cluster kernels (fp8_wgsk2: pairs of blocks sharing
-				// the activation rows by multicast) where loaded
-				pairs := []bool{false}
-				if g.pair = true; g.fits(T, N, K) {
-					pairs = append(pairs, true)
-					r.f.wgskOn = true
-					wk2 := timeIt(30, prod)
-					g.SetSMTarget(held)
-					wk284 := timeIt(30, prod)
-					g.SetSMTarget(0)
-					r.f.wgskOn = false
-					bench("fp8wgsk2 %-8s %5d all SMs %8.1f us (grid %d, %d pairs at once; one-block %8.1f) | %d SMs %8.1f us (one-block %8.1f)", sh.name, T, wk2, g.grid(N, K), g.clusters, wk, held, wk284, wk84)
-				}
-				g.pair = false
 				// where a launch's time goes, block by block (wgskPhases:
 				// the stamps of a second eager launch)
-				for _, pair := range pairs {
-					g.pair = pair
-					for _, target := range []int{0, held} {
-						g.SetSMTarget(target)
-						G := g.grid(N, K)
-						buf := r.alloc(8 * wgskTimes * G)
-						g.times, r.f.wgskOn = buf.Ptr(), true
-						for i := range 2 {
-							if err := prod(i); err != nil {
-								t.Fatal(err)
-							}
-						}
-						g.times, r.f.wgskOn = 0, false
-						g.SetSMTarget(0)
-						h := make([]uint64, wgskTimes*G)
-						if err := cuda.CopyDtoH(r.s, h, buf.Ptr()); err != nil {
+				for _, target := range []int{0, held} {
+					g.SetSMTarget(target)
+					G := g.grid(N, K)
+					buf := r.alloc(8 * wgskTimes * G)
+					g.times, r.f.wgskOn = buf.Ptr(), true
+					for i := range 2 {
+						if err := prod(i); err != nil {
 							t.Fatal(err)
 						}
-						r.sync()
-						ph, err := wgskPhases(h)
-						if err != nil {
-							t.Fatalf("%s at %d rows on %d blocks (pair %v): %v", sh.name, T, G, pair, err)
-						}
-						name := "fp8wgsk"
-						if pair {
-							name = "fp8wgsk2"
-						}
-						bench("%s phases %-8s %5d grid %3d: %v", name, sh.name, T, G, ph)
 					}
+					g.times, r.f.wgskOn = 0, false
+					g.SetSMTarget(0)
+					h := make([]uint64, wgskTimes*G)
+					if err := cuda.CopyDtoH(r.s, h, buf.Ptr()); err != nil {
+						t.Fatal(err)
+					}
+					r.sync()
+					ph, err := wgskPhases(h)
+					if err != nil {
+						t.Fatalf("%s at %d rows on %d blocks: %v", sh.name, T, G, err)
+					}
+					bench("fp8wgsk phases %-8s %5d grid %3d: %v", sh.name, T, G, ph)
 				}
-				g.pair = false
 			}
 			if !math.IsNaN(ws) {
 				bench("fp8ws %-8s %5d plan %-7v %8.1f us %6.2f of floor8 (default product %8.1f us %6.2f)", sh.name, T, wsp, ws, fl8/ws, t8, fl8/t8)

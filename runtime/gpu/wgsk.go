@@ -26,16 +26,6 @@ type wgskProduct struct {
 	target     int                // SMs the products enqueued now may take (SetSMTarget; 0: sms)
 	forceG     int                // tests: this many blocks (0: one an SM; at most that)
 	times      cuda.DevicePtr     // tests: each block's phases (WK_TIMES uint64 a block; 0: none)
-
-	// fn2: fp8_wgsk2_n*, the same in clusters of two blocks (a pair
-	// streams 256-row tiles, the TMA multicasting each block's half of
-	// the activation rows to both: half the L2 reads a stage); pair sends
-	// the products to them (tests, benchmarks: not routed by default);
-	// clusters is how many pairs the GPU runs at once (the grid stays
-	// within it: blocks wait for other blocks' partials)
-	fn2      [len(wgskRows)]*cuda.Function
-	pair     bool
-	clusters int
 }
 
 // wgskRows are the variants' staged activation rows (fp8_wgsk_n128,
@@ -93,19 +83,6 @@ func loadWGSK(ctx *cuda.Context, s *cuda.Stream, mod *cuda.Module, maxShared int
 			return nil, err
 		}
 		g.fn[i], found = fn, true
-		if fn2, err := mod.Function(fmt.Sprintf("fp8_wgsk2_n%d", tr)); err == nil {
-			if err := fn2.SetMaxDynamicShared(wgskShared(tr)); err != nil {
-				return nil, err
-			}
-			n, err := fn2.MaxActiveClusters(cuda.Dim3{X: wgskThreads}, cuda.Dim3{X: 2}, wgskShared(tr))
-			if err != nil || n < 1 {
-				continue // no pairs on this driver or card: the one-block kernels only
-			}
-			g.fn2[i] = fn2
-			if g.clusters == 0 || n < g.clusters {
-				g.clusters = n
-			}
-		}
 	}
 	if !found {
 		return nil, nil
@@ -121,40 +98,28 @@ func loadWGSK(ctx *cuda.Context, s *cuda.Stream, mod *cuda.Module, maxShared int
 // it plans for), as wgProduct's.
 func (g *wgskProduct) SetSMTarget(n int) { g.target = max(n, 0) }
 
-// variant is the smallest loaded variant that takes T rows (-1: none;
-// with pair, of the cluster kernels).
+// variant is the smallest loaded variant that takes T rows (-1: none).
 func (g *wgskProduct) variant(T int) int {
 	for i, tr := range wgskRows {
-		if T <= tr && g.fn[i] != nil && (!g.pair || g.fn2[i] != nil) {
+		if T <= tr && g.fn[i] != nil {
 			return i
 		}
 	}
 	return -1
 }
 
-// cl is the blocks of a cluster: 2 with pair, else 1.
-func (g *wgskProduct) cl() int {
-	if g.pair {
-		return 2
-	}
-	return 1
-}
-
 // fits reports whether the kernels take a T x N x K product: a variant
 // for T rows, N in whole tiles (within the counters), K a multiple of the
 // TMA's 16-byte row stride.
 func (g *wgskProduct) fits(T, N, K int) bool {
-	return g != nil && T >= 1 && g.variant(T) >= 0 && N%(wgskBM*g.cl()) == 0 && N/wgskBM <= wgMaxTiles && K >= 16 && K%16 == 0
+	return g != nil && T >= 1 && g.variant(T) >= 0 && N%wgskBM == 0 && N/wgskBM <= wgMaxTiles && K >= 16 && K%16 == 0
 }
 
 // grid is the blocks of a T x N x K product: one an SM (of the SM
 // target's, when set), no more than its stage units (tiles of WK_BM
-// weight rows, each row's K in 128-byte stages). With pair: an even
-// number, a cluster to each unit of 2 WK_BM-row tiles at most, within the
-// pairs the GPU runs at once.
+// weight rows, each row's K in 128-byte stages).
 func (g *wgskProduct) grid(N, K int) int {
-	cl := g.cl()
-	units := N / (wgskBM * cl) * ((K + wgRowBytes - 1) / wgRowBytes)
+	units := N / wgskBM * ((K + wgRowBytes - 1) / wgRowBytes)
 	sms := g.sms
 	if g.target > 0 {
 		sms = min(sms, g.target)
@@ -163,11 +128,7 @@ func (g *wgskProduct) grid(N, K int) int {
 	if g.forceG > 0 {
 		G = min(G, g.forceG)
 	}
-	if cl == 1 {
-		return max(1, min(G, units))
-	}
-	G = min(G, cl*g.clusters)
-	return cl * max(1, min(G/cl, units))
+	return max(1, min(G, units))
 }
 
 // weightMap is w's tensor map for the kernels (boxes of 128 bytes x WK_BM
@@ -199,15 +160,11 @@ func (g *wgskProduct) launch(s *cuda.Stream, out, x, sx cuda.DevicePtr, w *fp8We
 	if err != nil {
 		return err
 	}
-	fn, cl := g.fn[i], g.cl()
-	if cl > 1 {
-		fn = g.fn2[i]
-	}
-	var xm cuda.TensorMap // the activation rows (a cluster's block: its share of them): rows past T read as zeros
-	if err := cuda.EncodeTiled2D(s, &xm, cuda.TMapUint8, x, uint64(K), uint64(T), uint64(K), wgRowBytes, uint32(wgskRows[i]/cl), cuda.TMapSwizzle128B); err != nil {
+	var xm cuda.TensorMap // the activation rows: rows past T read as zeros
+	if err := cuda.EncodeTiled2D(s, &xm, cuda.TMapUint8, x, uint64(K), uint64(T), uint64(K), wgRowBytes, uint32(wgskRows[i]), cuda.TMapSwizzle128B); err != nil {
 		return fmt.Errorf("gpu: fp8_wgsk activation map: %w", err)
 	}
-	return fn.Launch(s, cuda.Dim3{X: g.grid(N, K)}, cuda.Dim3{X: wgskThreads}, wgskShared(wgskRows[i]),
+	return g.fn[i].Launch(s, cuda.Dim3{X: g.grid(N, K)}, cuda.Dim3{X: wgskThreads}, wgskShared(wgskRows[i]),
 		wm, &xm, uint64(out), uint64(g.part.Ptr()), uint64(g.done.Ptr()), uint64(g.times), uint64(sx), uint64(w.scale.Ptr()), T, N, K)
 }
 

@@ -13,9 +13,7 @@ import (
 // shared by many blocks, the partials summed by the last), rows on both
 // sides of the variants' 128 and 256, K not a multiple of the 128-byte
 // stage (the TMA's zeros past K), and the 8B o and down shapes at 240 rows
-// (a mixed step's) with the SM target a LoRA stream's hold leaves; then
-// the same through the cluster kernels (fp8_wgsk2: pairs of blocks, the
-// activation rows multicast) at every shape whose N they take.
+// (a mixed step's) with the SM target a LoRA stream's hold leaves.
 func TestFP8Wgsk(t *testing.T) {
 	r := newFP8Rig(t)
 	if r.f.wgsk == nil {
@@ -25,21 +23,36 @@ func TestFP8Wgsk(t *testing.T) {
 		t.Skip("fp8_wgsk is compiled only in the wgmma build, for sm_90a")
 	}
 	g := r.f.wgsk
-	defer func() { r.f.wgskOn, g.forceG, g.target, g.pair = false, 0, 0, false }()
+	defer func() { r.f.wgskOn, g.forceG, g.target = false, 0, 0 }()
 	on := func(b bool) { r.f.wgskOn = b }
 	sms := r.ctx.Device().SMs
-	modes := []bool{false}
-	if g.fn2[0] != nil || g.fn2[1] != nil {
-		modes = append(modes, true)
-		t.Logf("fp8_wgsk2: %d pairs at once", g.clusters)
-	} else if r.ctx.Device().Arch() == "sm_90a" {
-		t.Error("no fp8_wgsk2 kernel loaded on an sm_90a card")
+	for _, sz := range []struct {
+		T, N, K int
+		grids   []int // forceG values (0: one block an SM)
+	}{
+		{65, 384, 1040, []int{1, 2, 5, 0}},
+		{128, 256, 512, []int{1, 3, 0}},
+		{129, 1024, 4096, []int{1, 7, 0}},
+		{200, 640, 2048, []int{2, 9, 0}},
+		{256, 512, 14336, []int{1, 4, 0}},
+		{240, 4096, 4096, []int{0}},
+		{240, 4096, 14336, []int{0}},
+	} {
+		if !g.fits(sz.T, sz.N, sz.K) {
+			t.Fatalf("fp8_wgsk does not take %d x %d x %d", sz.T, sz.N, sz.K)
+		}
+		c := newFP8Case(t, r, sz.T, sz.N, sz.K)
+		for _, G := range sz.grids {
+			g.forceG = G
+			c.check(fmt.Sprintf("fp8_wgsk grid %d", g.grid(sz.N, sz.K)), on)
+		}
+		if sz.T == 240 { // beside a LoRA stream holding 48 SMs
+			g.forceG, g.target = 0, sms-48
+			c.check(fmt.Sprintf("fp8_wgsk grid %d (target %d)", g.grid(sz.N, sz.K), g.target), on)
+			g.target = 0
+		}
+		c.close()
 	}
-	for _, pair := range modes {
-		g.pair = pair
-		testWgskShapes(t, r, g, on, sms)
-	}
-	g.pair = false
 	// the grid: one block an SM of the target, no more than the units
 	g.forceG = 0
 	for _, tc := range []struct{ N, K, target, want int }{
@@ -53,62 +66,4 @@ func TestFP8Wgsk(t *testing.T) {
 		}
 	}
 	g.target = 0
-	if len(modes) == 2 { // pairs: even, within the pairs the GPU runs at once and the units
-		g.pair = true
-		for _, tc := range []struct{ N, K, target, want int }{
-			{4096, 14336, 0, min(sms, 2*g.clusters) &^ 1},
-			{4096, 14336, 83, min(82, 2*g.clusters)},
-			{256, 256, 0, 4},
-			{256, 128, 0, 2},
-		} {
-			g.target = tc.target
-			if got := g.grid(tc.N, tc.K); got != tc.want {
-				t.Errorf("pair grid(%d, %d) with target %d: %d blocks, want %d", tc.N, tc.K, tc.target, got, tc.want)
-			}
-		}
-		g.target, g.pair = 0, false
-	}
-}
-
-// testWgskShapes is TestFP8Wgsk's shapes through g's kernels as set (pair
-// or not); a pair kernel skips the shapes whose N is not whole 256-row
-// tiles.
-func testWgskShapes(t *testing.T, r *fp8Rig, g *wgskProduct, on func(bool), sms int) {
-	kind := "fp8_wgsk"
-	if g.pair {
-		kind = "fp8_wgsk2"
-	}
-	for _, sz := range []struct {
-		T, N, K int
-		grids   []int // forceG values (0: one block an SM)
-	}{
-		{65, 384, 1040, []int{1, 2, 5, 0}},
-		{65, 768, 1040, []int{2, 6, 0}},
-		{100, 256, 128 * 9, []int{2, 4, 0}},
-		{128, 256, 512, []int{1, 3, 0}},
-		{129, 1024, 4096, []int{1, 7, 0}},
-		{200, 640, 2048, []int{2, 9, 0}},
-		{256, 512, 14336, []int{1, 4, 0}},
-		{240, 4096, 4096, []int{0}},
-		{240, 4096, 14336, []int{0}},
-	} {
-		if g.pair && sz.N%(2*wgskBM) != 0 {
-			continue
-		}
-		if !g.fits(sz.T, sz.N, sz.K) {
-			t.Fatalf("%s does not take %d x %d x %d", kind, sz.T, sz.N, sz.K)
-		}
-		c := newFP8Case(t, r, sz.T, sz.N, sz.K)
-		for _, G := range sz.grids {
-			g.forceG = G
-			c.check(fmt.Sprintf("%s grid %d", kind, g.grid(sz.N, sz.K)), on)
-		}
-		if sz.T == 240 { // beside a LoRA stream holding 48 SMs
-			g.forceG, g.target = 0, sms-48
-			c.check(fmt.Sprintf("%s grid %d (target %d)", kind, g.grid(sz.N, sz.K), g.target), on)
-			g.target = 0
-		}
-		c.close()
-	}
-	g.forceG = 0
 }
