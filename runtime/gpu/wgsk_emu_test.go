@@ -2,6 +2,7 @@ package gpu
 
 import (
 	"math/rand/v2"
+	"sort"
 	"testing"
 )
 
@@ -37,13 +38,15 @@ import (
 // counter back at zero, for a tile inside one block, tiles shared by two or
 // more blocks (more than wk_sum's WS_C = 4 slots a round too), a last stage
 // past K, activation rows past M, both variants and both WK_INFLIGHT
-// values.
+// values. The producer and consumers are tried in a weighted random order
+// (weights fixed per block), so one can run far ahead of another.
 func TestWgskEmulated(t *testing.T) {
 	for _, inflight := range []int{0, 1} {
 		for _, c := range []struct{ M, N, K, G int }{
 			{65, 256, 128*5 + 64, 1}, {65, 256, 128*5 + 64, 3}, {100, 128, 128 * 7, 5}, {128, 384, 256, 6},
 			{129, 256, 128 * 3, 2}, {200, 128, 128*4 + 16, 7}, {256, 256, 128 * 2, 4}, {90, 128, 128 * 9, 9},
 			{70, 256, 128 * 11, 21}, {250, 128, 128 * 10, 10},
+			{100, 256, 128 * 20, 2}, {200, 256, 128*9 + 32, 1}, // the ring wraps several times
 		} {
 			wgskEmulate(t, c.M, c.N, c.K, c.G, inflight)
 		}
@@ -263,6 +266,10 @@ func wgskEmulate(t *testing.T, M, N, K, G, inflight int) {
 			}
 			return true
 		}
+		weight := make([]float64, 3) // the consumers' and the producer's, in the order they are tried
+		for i := range weight {
+			weight[i] = []float64{1, 8, 64}[rng.IntN(3)]
+		}
 		for cs[0].j < n || cs[1].j < n || cs[0].atSync || cs[1].atSync {
 			if cs[0].atSync && cs[1].atSync { // wk_sync: both at the tile's end
 				if cs[0].tile != cs[1].tile || cs[0].ks != cs[1].ks || cs[0].k0 != cs[1].k0 {
@@ -277,7 +284,7 @@ func wgskEmulate(t *testing.T, M, N, K, G, inflight int) {
 				continue
 			}
 			progressed := false
-			for _, a := range rng.Perm(3) {
+			for _, a := range emuOrder(rng, weight) {
 				if a == 2 && produce() || a < 2 && consume(a) {
 					progressed = true
 					break
@@ -315,6 +322,18 @@ func wgskEmulate(t *testing.T, M, N, K, G, inflight int) {
 		}
 	}
 	emuCheck(t, qx, qw, out, written, done, M, N, K, G, G)
+}
+
+// emuOrder is a random order of len(w) actors, actor a coming early in
+// proportion to w[a] (an exponential race).
+func emuOrder(rng *rand.Rand, w []float64) []int {
+	key := make([]float64, len(w))
+	order := make([]int, len(w))
+	for i := range w {
+		key[i], order[i] = rng.ExpFloat64()/w[i], i
+	}
+	sort.Slice(order, func(i, j int) bool { return key[order[i]] < key[order[j]] })
+	return order
 }
 
 // wgskPartAt is where wk_store_part puts the value of a tile's weight row
