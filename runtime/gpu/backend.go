@@ -280,8 +280,6 @@ func forcedOn(f int, def bool) bool {
 // Backend otherwise chooses by shape: the tests check every family against
 // the reference and the benchmarks compare them. Production never sets it.
 type kernelForce struct {
-	wsEarly    int           // K stages of weights every ws product asks before griddepcontrol.wait (0: wsEarlyStages; the kernel takes at most ST - 1)
-	wsEarlyO   int           // the same for the product that reads the attention output (o: it launches under attention), where set (0: as wsEarly says)
 	wsHalf     int           // ws products of widths 224 and 256 (gate/up): the half-row kernels (gemm_wsh, fp8_wsh) where loaded (1), -1 never (0: wsHalfAuto for bf16, off; wsHalfFP8Auto for FP8, on)
 	wsSiLU     int           // bf16 gate/up products gemm_ws takes in base steps: with silu_mul in the same launch (silu_ws.go) where it fits (1), -1 never (0: wsSiLUAuto: bf16 on, FP8 off)
 	wsNorm     int           // o and down products a ws kernel takes in base steps: with the add_rmsnorm after them in the same launch (norm_ws.go) where it fits (1), -1 never (0: wsNormAuto, off)
@@ -351,9 +349,6 @@ type Backend struct {
 	expandStageds, halfStageds, shrinkBigs, shrinkPipes, siluHalfs, normHalfs, ropeHalfs int
 	// sbpFits: a block may have sgmv_shrink64p's shared memory (sbpShared)
 	sbpFits bool
-	// attnOut is the buffer the step's last Attention op wrote: the
-	// product that reads it is o (kernelForce.wsEarlyO)
-	attnOut cuda.DevicePtr
 	fn      funcs
 	// KernelInfo tells whether the kernels were compiled or read from the cache.
 	KernelInfo kernels.Info

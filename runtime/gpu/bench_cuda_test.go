@@ -421,9 +421,7 @@ type decodeVariant struct {
 	rfold                        int    // q/k/v LoRA expanded inside RoPE at 1-16 rows (kernelForce.ropeLoRA: 1 on, -1 off, 0 the default)
 	l2                           int    // the LoRA update buffer as an L2 persisting window (kernelForce.l2Win: 1 on, -1 off, 3 on over the whole buffer, 0 the default)
 	sh64                         int    // LoRA shrinks as sgmv_shrink64 (kernelForce.shrink64: 1 always, -1 never, 0 the default)
-	wsearly                      int    // K stages of weights every ws product asks before griddepcontrol.wait (kernelForce.wsEarly; 0: wsEarlyStages)
 	wssilu                       int    // bf16 gate/up and silu_mul in one gemm_ws_silu launch where it fits (kernelForce.wsSiLU: 1 on, -1 never, 0 the default: wsSiLUAuto)
-	wsearlyo                     int    // the same for o alone (kernelForce.wsEarlyO; 0: as wsearly)
 	wshalf                       int    // gate/up on the half-row kernels (gemm_wsh, fp8_wsh) where loaded (kernelForce.wsHalf: 1 on, -1 never, 0 the default: wsHalfAuto, wsHalfFP8Auto)
 	onopdl                       int    // the o group's LoRA kernels without PDL (kernelForce.oNoPDL: 1 on, -1 off, 0 the default)
 	qkvhalf                      int    // the q/k/v LoRA update as bf16, read by rope_store_rows_h / rope_store_h (kernelForce.qkvHalf: 1 on, -1 off, 0 the default: qkvHalfAuto)
@@ -442,7 +440,7 @@ func (v decodeVariant) force(f kernelForce) kernelForce {
 	f.wgFull, f.loraKChunk = v.wgFull, v.kc
 	f.holds, f.pdlJoins, f.loraInline, f.serialLoRA = v.holds, v.pdlJoins, v.inline, v.sergrp
 	f.ropeLoRA, f.nodePrio, f.siluCl, f.addCl = v.rfold, v.prio, v.silucl, v.addcl
-	f.memHoist, f.l2Win, f.shrink64, f.wsSiLU, f.wsEarly, f.wsNorm, f.wsEarlyO, f.wsHalf = v.hoist, v.l2, v.sh64, v.wssilu, v.wsearly, v.wsnorm, v.wsearlyo, v.wshalf
+	f.memHoist, f.l2Win, f.shrink64, f.wsSiLU, f.wsNorm, f.wsHalf = v.hoist, v.l2, v.sh64, v.wssilu, v.wsnorm, v.wshalf
 	f.oNoPDL, f.siluO2, f.guHalf, f.outHalf, f.qkvHalf = v.onopdl, v.siluo2, v.guhalf, v.outhalf, v.qkvhalf
 	f.allLogits, f.halfStage = v.alllogits, v.hstage
 	return f
@@ -565,7 +563,6 @@ func (v decodeVariant) label(ads []*lora.Adapter, pdlOK bool) string {
 	lbl += onOffLabel(v.wsnorm, "wsnorm")
 	lbl += onOffLabel(v.hstage, "hstage")
 	lbl += onOffLabel(v.wshalf, "wshalf")
-	lbl += countLabel(v.wsearly, "wsearly") + countLabel(v.wsearlyo, "wsearlyo")
 	lbl += onOffLabel(v.silucl, "silucl")
 	lbl += onOffLabel(v.siluo2, "siluo2")
 	lbl += onOffLabel(v.guhalf, "guhalf")
@@ -816,12 +813,10 @@ func TestDecodeBench(t *testing.T) {
 		{sms: -1, wsnorm: 1}, {sms: -1, wsnorm: -1}, {sms: -1, wssilu: 1, wsnorm: 1},
 		{sms: -1, wshalf: 1}, {sms: -1, wshalf: -1}, {lora: true, sms: -1, wshalf: 1}, {lora: true, sms: -1, wshalf: -1}, {sms: -1, wshalf: 1, wssilu: 1}, {sms: -1, wshalf: 1, wssilu: 1, wsnorm: 1},
 		{sms: -1, wsfrom: 9, wssilu: 1, wsnorm: 1}, {sms: -1, wsfrom: 9, wssilu: 1, wsnorm: 1, wshalf: 1}, // FP8 9-16 rows: fp8_ws with the fused ends
-		{sms: -1, wsearlyo: 4}, {sms: -1, wsearlyo: 7}, {lora: true, sms: -1, wsearlyo: 4}, {lora: true, sms: -1, wsearlyo: 7},
 		{lora: true, sms: -1, onopdl: 1}, {lora: true, sms: -1, onopdl: -1},
 		{lora: true, sms: -1, hstage: 1}, {lora: true, sms: -1, hstage: -1},
 		{lora: true, sms: -1, guhalf: 1}, {lora: true, sms: -1, guhalf: -1}, {lora: true, sms: -1, outhalf: 1}, {lora: true, sms: -1, outhalf: -1}, {lora: true, sms: -1, qkvhalf: 1}, {lora: true, sms: -1, qkvhalf: -1}, {lora: true, sms: -1, outhalf: 1, qkvhalf: 1},
 		{sms: -1, alllogits: true}, {lora: true, sms: -1, alllogits: true},
-		{sms: -1, wsearly: 2}, {sms: -1, wsearly: 4}, {sms: -1, wsearly: 7}, {lora: true, sms: -1, wsearly: 2}, {lora: true, sms: -1, wsearly: 4}, {lora: true, sms: -1, wsearly: 7},
 	}
 	// PEFTD_LORA_PARTITION=16,32: rows +part16, +part32 with the SMs split by
 	// green contexts (Options.LoRAPartition), base and adapters, with and

@@ -342,7 +342,7 @@ func (b *Backend) Linear(out, in engine.Buffer, w engine.Weight) {
 		b.forkAt(buf(in))
 	}
 	if ws := b.wsFor(w); ws != nil {
-		ws.early, ws.half = b.wsEarly(buf(in)), b.wsHalf(ws.esize)
+		ws.early, ws.half = wsEarlyStages, b.wsHalf(ws.esize)
 	}
 	shared := false // the LoRA stream runs beside this product on SMs held back from it
 	if base, _, ok := b.Partition(); ok {
@@ -611,7 +611,6 @@ func (b *Backend) Attention(out, q, k, v engine.Buffer, layer int, scale float32
 		"attention: widths q %d k %d v %d out %d, layer %d", qb.cols, kb.cols, vb.cols, o.cols, layer) {
 		return
 	}
-	b.attnOut = o.mem.Ptr()
 	b.ropeStore(qb, kb, vb, layer, invFreq, c.Heads, b.kv.KVHeads, b.kv.HeadDim)
 	kc, vc, ks := b.layerCache(layer)
 	switch {

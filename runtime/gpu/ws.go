@@ -314,10 +314,10 @@ func (g *wsProduct) wsShortRows(p wsPlan, K int) bool {
 // wsEarlyStages is the K stages of weights a ws product asks before
 // griddepcontrol.wait (opts bits 0-3), so that they land while the kernel
 // before it ends. One since v0.55, measured in isolation only (0-3 stages
-// within noise there: PERFORMANCE v0.56); in a step the product after
-// attention (o) launches under a 40 µs kernel with 7 of its 8 stages empty
-// (PERFORMANCE v0.71 Next), so kernelForce.wsEarly sets another count for
-// the A/B (TestDecodeBench +wsearlyN).
+// within noise there: PERFORMANCE v0.56). In FP8 decode steps (H100,
+// PERFORMANCE v1.00) 2, 4 or 7 stages for every ws product, or 4 or 7 for
+// o alone (it launches under attention), were even or 0.2-2.2% slower at
+// 16 and 64 rows, with and without adapters, so the count stays one.
 const wsEarlyStages = 1
 
 // wsHalfAuto is whether the ws products of widths 224 and 256 take their
@@ -350,19 +350,6 @@ func (b *Backend) wsHalf(esize int) bool {
 		return forcedOn(b.force.wsHalf, wsHalfFP8Auto)
 	}
 	return forcedOn(b.force.wsHalf, wsHalfAuto)
-}
-
-// wsEarly is the early stages the step's ws product of input in asks
-// (kernelForce.wsEarlyO where set and in is the attention output, else
-// kernelForce.wsEarly where set, else wsEarlyStages).
-func (b *Backend) wsEarly(in *Buffer) int {
-	if b.force.wsEarlyO > 0 && in != nil && in.mem.Ptr() == b.attnOut {
-		return b.force.wsEarlyO
-	}
-	if b.force.wsEarly > 0 {
-		return b.force.wsEarly
-	}
-	return wsEarlyStages
 }
 
 // launch enqueues out [T, N] = x [T, K] . w [N, K]^T, times sx[t] sw[n]
