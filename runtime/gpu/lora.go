@@ -736,11 +736,24 @@ func (b *Backend) expandTC(st *cuda.Stream, tc int, outPtr cuda.DevicePtr, outSt
 	}
 	grid := start[n]
 	blk1, blk2 := slices12(start)
+	var extra []any // the kernel's arguments after EXPAND_TC_ARGS
 	f := b.fn.sgExpandTC[bits.TrailingZeros(uint(tc))]
 	switch {
 	case acc == accHalf && tc == 1 && aligned && forcedOn(b.force.halfStage, halfStageAuto && b.nLora >= halfStageMinRows):
 		f = b.fn.sgExpandTCHS
 		b.halfStageds++
+		if run := b.force.expandRun; run > 1 && b.fn.sgExpandTCHP != nil {
+			// sgmv_expand_tch1p: a block a run of `run` of a slice's
+			// column blocks (blk1, blk2 and the grid in runs)
+			f = b.fn.sgExpandTCHP
+			b.halfRuns++
+			for i := 0; i < n; i++ {
+				start[i+1] = start[i] + ((offs[i+1]-offs[i]+cols-1)/cols+run-1)/run
+			}
+			grid = start[n]
+			blk1, blk2 = slices12(start)
+			extra = []any{run}
+		}
 	case acc == accHalf:
 		f = b.fn.sgExpandTCH[bits.TrailingZeros(uint(tc))]
 	}
@@ -758,6 +771,7 @@ func (b *Backend) expandTC(st *cuda.Stream, tc int, outPtr cuda.DevicePtr, outSt
 		}
 		args = append(args, xts)
 	}
+	args = append(args, extra...)
 	b.launchOn(st, f, cuda.Dim3{X: grid, Y: nTiles}, cuda.Dim3{X: 256}, args...)
 }
 
