@@ -344,10 +344,11 @@ type Backend struct {
 	// outHalfOn and qkvHalfOn are outHalf's and qkvHalf's defaults
 	// (outHalfDefault, qkvHalfDefault; read by New)
 	outHalfOn, qkvHalfOn bool
-	// expandStageds, halfStageds, shrinkBigs, shrinkPipes, siluHalfs,
-	// normHalfs and ropeHalfs count the sgmv_expand_tc64s,
-	// sgmv_expand_tch1s, sgmv_shrink64, sgmv_shrink64p, silu_mul_*h,
-	// add_rmsnorm_h and rope_store*_h launches enqueued or recorded (tests)
+	// expandStageds, halfStageds, halfRuns, shrinkBigs, shrinkPipes,
+	// siluHalfs, normHalfs and ropeHalfs count the sgmv_expand_tc64s,
+	// sgmv_expand_tch1s (or tch1p in its place), sgmv_expand_tch1p,
+	// sgmv_shrink64, sgmv_shrink64p, silu_mul_*h, add_rmsnorm_h and
+	// rope_store*_h launches enqueued or recorded (tests)
 	expandStageds, halfStageds, halfRuns, shrinkBigs, shrinkPipes, siluHalfs, normHalfs, ropeHalfs int
 	// sbpFits: a block may have sgmv_shrink64p's shared memory (sbpShared)
 	sbpFits bool
