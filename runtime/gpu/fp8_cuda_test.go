@@ -1371,7 +1371,7 @@ func wsSweep(g *wsProduct, T, N, K int, timed func() float64, on func(bool)) []w
 	if !ok {
 		return nil
 	}
-	defer func() { g.force, g.early, g.noStagger = wsPlan{}, 1, false }()
+	defer func() { g.force, g.early, g.noStagger = wsPlan{}, wsEarlyStages, false }()
 	for i := range wsWidths {
 		for _, S := range []int{1, 2, 4, 8} {
 			p := wsPlan{i: i, split: S}

@@ -725,34 +725,21 @@ func (b *Backend) expandTC(st *cuda.Stream, tc int, outPtr cuda.DevicePtr, outSt
 	// update into such rows)
 	aligned := outStride%8 == 0 && outPtr%16 == 0
 	big := acc == accAdd && aligned && forcedOn(b.force.stageOut, stageOutAuto && b.nLora >= stageOutMinRows) && tc == 1 && b.nBig > 0
-	// blocks per slice of sgmv_expand_tc{tc}; blk1, blk2: where slices 1 and 2 start
 	cols := tcBlockCols(tc)
 	if big {
 		cols = x64Cols
 	}
-	start := make([]int, n+1)
-	for i := 0; i < n; i++ {
-		start[i+1] = start[i] + (offs[i+1]-offs[i]+cols-1)/cols
-	}
-	grid := start[n]
-	blk1, blk2 := slices12(start)
+	run := 1        // column blocks a launch's block takes (sgmv_expand_tch1p: kernelForce.expandRun)
 	var extra []any // the kernel's arguments after EXPAND_TC_ARGS
 	f := b.fn.sgExpandTC[bits.TrailingZeros(uint(tc))]
 	switch {
 	case acc == accHalf && tc == 1 && aligned && forcedOn(b.force.halfStage, halfStageAuto && b.nLora >= halfStageMinRows):
 		f = b.fn.sgExpandTCHS
 		b.halfStageds++
-		if run := b.force.expandRun; run > 1 && b.fn.sgExpandTCHP != nil {
-			// sgmv_expand_tch1p: a block a run of `run` of a slice's
-			// column blocks (blk1, blk2 and the grid in runs)
-			f = b.fn.sgExpandTCHP
+		if r := b.force.expandRun; r > 1 && b.fn.sgExpandTCHP != nil {
+			// sgmv_expand_tch1p: a block a run of r of a slice's column blocks
+			f, run, extra = b.fn.sgExpandTCHP, r, []any{r}
 			b.halfRuns++
-			for i := 0; i < n; i++ {
-				start[i+1] = start[i] + ((offs[i+1]-offs[i]+cols-1)/cols+run-1)/run
-			}
-			grid = start[n]
-			blk1, blk2 = slices12(start)
-			extra = []any{run}
 		}
 	case acc == accHalf:
 		f = b.fn.sgExpandTCH[bits.TrailingZeros(uint(tc))]
@@ -762,6 +749,14 @@ func (b *Backend) expandTC(st *cuda.Stream, tc int, outPtr cuda.DevicePtr, outSt
 		f, tiles, nTiles = b.fn.sgExpandTC64S, b.off.bigTiles, b.nBig
 		b.expandStageds++
 	}
+	// the launch's blocks per slice (runs of run column blocks of cols);
+	// blk1, blk2: where slices 1 and 2 start
+	start := make([]int, n+1)
+	for i := 0; i < n; i++ {
+		start[i+1] = start[i] + ((offs[i+1]-offs[i]+cols-1)/cols+run-1)/run
+	}
+	grid := start[n]
+	blk1, blk2 := slices12(start)
 	args := []any{outPtr, b.stepTmp, b.table, b.i32(tiles), base, stride, ms[0], ms[1], ms[2], blk1, blk2, off1, off2, total,
 		b.stepRank, outStride, tStride, b.rows(), ks, int(acc)}
 	if b.xtsBuild { // the PEFTD_EXPAND_TS build's stamps: the gate/up group's expand only

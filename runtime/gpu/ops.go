@@ -342,7 +342,7 @@ func (b *Backend) Linear(out, in engine.Buffer, w engine.Weight) {
 		b.forkAt(buf(in))
 	}
 	if ws := b.wsFor(w); ws != nil {
-		ws.early, ws.half = wsEarlyStages, b.wsHalf(ws.esize)
+		ws.half = b.wsHalf(ws.esize)
 	}
 	shared := false // the LoRA stream runs beside this product on SMs held back from it
 	if base, _, ok := b.Partition(); ok {

@@ -178,7 +178,7 @@ func (b *Backend) wsAlone(w engine.Weight, in *Buffer, T, N, K int) (*wsProduct,
 	} else if !b.bwsTakes(T, N, K, false) {
 		return nil, wsPlan{}, false
 	}
-	ws.early, ws.half = wsEarlyStages, b.wsHalf(ws.esize)
+	ws.half = b.wsHalf(ws.esize)
 	p, ok := ws.planFrom(T, N, K, from)
 	if !ok {
 		return nil, wsPlan{}, false
