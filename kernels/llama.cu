@@ -2659,10 +2659,44 @@ struct TcShape {
 __device__ __forceinline__ void xts_put(unsigned long long* xts, int w, unsigned long long v) {
     if (xts != nullptr && threadIdx.x == 0) xts[XTS_WORDS * ((i64)blockIdx.y * gridDim.x + blockIdx.x) + w] = v;
 }
+// xts_end: word 2, the block's end, and word 3, its SM
+__device__ __forceinline__ void xts_end(unsigned long long* xts) {
+    unsigned sm;
+    asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+    xts_put(xts, 2, globaltimer_ns());
+    xts_put(xts, 3, sm);
+}
 #else
 #define XTS_PARAM
 #define XTS_ARG
 #endif
+// expand_mma: c[ng] += the 16 rows at tr (W floats a row) times B's
+// fragments bv, each value split into a bf16 high part and the bf16
+// residual (two MMAs each), in K order (expand_tc_body, tch1p).
+template <int KC, int NG, int W>
+__device__ __forceinline__ void expand_mma(float (&c)[NG][4], const float* tr, const uint4 (&bv)[NG][KC], int g, int q) {
+#pragma unroll
+    for (int kc = 0; kc < KC; kc++) {
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            const int k = kc * 32 + q * 8 + 4 * h;
+            const float4 t0 = *reinterpret_cast<const float4*>(tr + g * W + k);
+            const float4 t1 = *reinterpret_cast<const float4*>(tr + (g + 8) * W + k);
+            unsigned ah[4], al[4];
+            split2(t0.x, t0.y, ah[0], al[0]);
+            split2(t1.x, t1.y, ah[1], al[1]);
+            split2(t0.z, t0.w, ah[2], al[2]);
+            split2(t1.z, t1.w, ah[3], al[3]);
+#pragma unroll
+            for (int ng = 0; ng < NG; ng++) {
+                const unsigned b0 = h == 0 ? bv[ng][kc].x : bv[ng][kc].z;
+                const unsigned b1 = h == 0 ? bv[ng][kc].y : bv[ng][kc].w;
+                mma16816(c[ng], ah[0], ah[1], ah[2], ah[3], b0, b1);
+                mma16816(c[ng], al[0], al[1], al[2], al[3], b0, b1);
+            }
+        }
+    }
+}
 template <int KC, int MT = 1, bool ST = false, bool HS = false>
 __device__ __forceinline__ void expand_tc_body(
     bf16* __restrict__ out, const float* __restrict__ tmp, const LoraEntry* __restrict__ table, const int4* __restrict__ tiles,
@@ -2755,27 +2789,7 @@ __device__ __forceinline__ void expand_tc_body(
 #pragma unroll
         for (int ng = 0; ng < NG; ng++) c[ng][0] = c[ng][1] = c[ng][2] = c[ng][3] = 0.f;
         if (rank > 0) {
-#pragma unroll
-            for (int kc = 0; kc < KC; kc++) {
-#pragma unroll
-                for (int h = 0; h < 2; h++) {
-                    const int k = kc * 32 + q * 8 + 4 * h;
-                    const float4 t0 = *reinterpret_cast<const float4*>(tr + g * W + k);
-                    const float4 t1 = *reinterpret_cast<const float4*>(tr + (g + 8) * W + k);
-                    unsigned ah[4], al[4];
-                    split2(t0.x, t0.y, ah[0], al[0]);
-                    split2(t1.x, t1.y, ah[1], al[1]);
-                    split2(t0.z, t0.w, ah[2], al[2]);
-                    split2(t1.z, t1.w, ah[3], al[3]);
-#pragma unroll
-                    for (int ng = 0; ng < NG; ng++) {
-                        const unsigned b0 = h == 0 ? bv[ng][kc].x : bv[ng][kc].z;
-                        const unsigned b1 = h == 0 ? bv[ng][kc].y : bv[ng][kc].w;
-                        mma16816(c[ng], ah[0], ah[1], ah[2], ah[3], b0, b1);
-                        mma16816(c[ng], al[0], al[1], al[2], al[3], b0, b1);
-                    }
-                }
-            }
+            expand_mma<KC, NG, W>(c, tr, bv, g, q);
         } else if (!HS && accum) {
 #ifdef PEFTD_EXPAND_TS
             xts_put(xts, 0, 0);
@@ -2823,12 +2837,7 @@ __device__ __forceinline__ void expand_tc_body(
         }
     }
 #ifdef PEFTD_EXPAND_TS
-    {
-        unsigned sm;
-        asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
-        xts_put(xts, 2, globaltimer_ns());
-        xts_put(xts, 3, sm);
-    }
+    xts_end(xts);
 #endif
 }
 
@@ -2894,7 +2903,7 @@ extern "C" __global__ void __launch_bounds__(256, EXR_BLOCKS) sgmv_expand_tch1p(
     const LoraEntry e = table[entry_base + tile.z * entry_stride + sg_mod(s, m0, m1, m2)];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
     const int n = tile.y, rank = e.rank;
-    uint4 bv[NG];
+    uint4 bv[NG][1];
     // B's columns of block c: lane (g, q) of each 8-column group, ranks
     // [8q, 8q + 8) (expand_tc_body's loads)
     auto load_b = [&](int c) {
@@ -2902,7 +2911,7 @@ extern "C" __global__ void __launch_bounds__(256, EXR_BLOCKS) sgmv_expand_tch1p(
 #pragma unroll
         for (int ng = 0; ng < NG; ng++) {
             const int col = col0 + ng * 8 + g, k = q * 8;
-            bv[ng] = (col < sEnd && k < rank) ? ldg16_early(e.b + (i64)(col - sOff) * rank + k) : make_uint4(0, 0, 0, 0);
+            bv[ng][0] = (col < sEnd && k < rank) ? ldg16_early(e.b + (i64)(col - sOff) * rank + k) : make_uint4(0, 0, 0, 0);
         }
     };
     load_b(c0);
@@ -2927,26 +2936,7 @@ extern "C" __global__ void __launch_bounds__(256, EXR_BLOCKS) sgmv_expand_tch1p(
         float acc[NG][4];
 #pragma unroll
         for (int ng = 0; ng < NG; ng++) acc[ng][0] = acc[ng][1] = acc[ng][2] = acc[ng][3] = 0.f;
-        if (rank > 0) {
-#pragma unroll
-            for (int h = 0; h < 2; h++) {
-                const int k = q * 8 + 4 * h;
-                const float4 t0 = *reinterpret_cast<const float4*>(ts + g * W + k);
-                const float4 t1 = *reinterpret_cast<const float4*>(ts + (g + 8) * W + k);
-                unsigned ah[4], al[4];
-                split2(t0.x, t0.y, ah[0], al[0]);
-                split2(t1.x, t1.y, ah[1], al[1]);
-                split2(t0.z, t0.w, ah[2], al[2]);
-                split2(t1.z, t1.w, ah[3], al[3]);
-#pragma unroll
-                for (int ng = 0; ng < NG; ng++) {
-                    const unsigned b0 = h == 0 ? bv[ng].x : bv[ng].z;
-                    const unsigned b1 = h == 0 ? bv[ng].y : bv[ng].w;
-                    mma16816(acc[ng], ah[0], ah[1], ah[2], ah[3], b0, b1);
-                    mma16816(acc[ng], al[0], al[1], al[2], al[3], b0, b1);
-                }
-            }
-        }
+        if (rank > 0) expand_mma<1, NG, W>(acc, ts, bv, g, q);
         const int bcol0 = sOff + c * COLS, col0 = bcol0 + warp * 8 * NG;
 #pragma unroll
         for (int ng = 0; ng < NG; ng++) {
@@ -2968,12 +2958,7 @@ extern "C" __global__ void __launch_bounds__(256, EXR_BLOCKS) sgmv_expand_tch1p(
         __syncthreads(); // os is the next block's
     }
 #ifdef PEFTD_EXPAND_TS
-    {
-        unsigned sm;
-        asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
-        xts_put(xts, 2, globaltimer_ns());
-        xts_put(xts, 3, sm);
-    }
+    xts_end(xts);
 #endif
 }
 // sgmv_expand_tc64s: sgmv_expand_tc1 adding in place on the step's 64-row
