@@ -344,6 +344,9 @@ type Backend struct {
 	// outHalfOn and qkvHalfOn are outHalf's and qkvHalf's defaults
 	// (outHalfDefault, qkvHalfDefault; read by New)
 	outHalfOn, qkvHalfOn bool
+	// expandRunEnv is PEFTD_LORA_EXPAND_RUN's sgmv_expand_tch1p run
+	// (expandRunDefault, read by New; kernelForce.expandRun overrides it)
+	expandRunEnv int
 	// expandStageds, halfStageds, halfRuns, shrinkBigs, shrinkPipes,
 	// siluHalfs, normHalfs and ropeHalfs count the sgmv_expand_tc64s,
 	// sgmv_expand_tch1s (or tch1p in its place), sgmv_expand_tch1p,
@@ -603,6 +606,7 @@ func (b *Backend) open(opts Options) error {
 	b.guHalfOn, b.hugeHoldsOff = guHalfDefault(), hugeHoldsOff()
 	b.xtsBuild = kernels.Defined("PEFTD_EXPAND_TS")
 	b.outHalfOn, b.qkvHalfOn = outHalfDefault(), qkvHalfDefault()
+	b.expandRunEnv = expandRunDefault()
 	b.pinN = int(PinnedBytes(opts.PinnedImageBytes) / stageChunkBytes)
 	if opts.LoRASMs == 0 {
 		b.la.sms = -1 // by the step's rows

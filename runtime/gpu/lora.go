@@ -2,7 +2,10 @@ package gpu
 
 import (
 	"fmt"
+	"log/slog"
 	"math/bits"
+	"os"
+	"strconv"
 
 	"github.com/peftd/peftd/kernels"
 	"github.com/peftd/peftd/runtime/cuda"
@@ -736,7 +739,7 @@ func (b *Backend) expandTC(st *cuda.Stream, tc int, outPtr cuda.DevicePtr, outSt
 	case acc == accHalf && tc == 1 && aligned && forcedOn(b.force.halfStage, halfStageAuto && b.nLora >= halfStageMinRows):
 		f = b.fn.sgExpandTCHS
 		b.halfStageds++
-		if r := b.force.expandRun; r > 1 && b.fn.sgExpandTCHP != nil {
+		if r := b.expandRun(); r > 1 && b.fn.sgExpandTCHP != nil {
 			// sgmv_expand_tch1p: a block a run of r of a slice's column blocks
 			f, run, extra = b.fn.sgExpandTCHP, r, []any{r}
 			b.halfRuns++
@@ -791,6 +794,36 @@ const (
 	stageOutMinRows = 1024
 	stageOutAuto    = true
 )
+
+// expandRun is the column blocks a sgmv_expand_tch1s block takes as
+// sgmv_expand_tch1p: kernelForce.expandRun where set, else
+// PEFTD_LORA_EXPAND_RUN's (serve8b's A/B without a rebuild; 0 or 1: off,
+// the default until a measurement says otherwise).
+func (b *Backend) expandRun() int {
+	if b.force.expandRun != 0 {
+		return b.force.expandRun
+	}
+	return b.expandRunEnv
+}
+
+// expandRunMax is the most column blocks PEFTD_LORA_EXPAND_RUN may ask a
+// block to take.
+const expandRunMax = 8
+
+// expandRunDefault is PEFTD_LORA_EXPAND_RUN's run length: a whole number
+// from 0 to expandRunMax, else 0 (off) with a warning.
+func expandRunDefault() int {
+	v := os.Getenv("PEFTD_LORA_EXPAND_RUN")
+	if v == "" {
+		return 0
+	}
+	n, err := strconv.Atoi(v)
+	if err != nil || n < 0 || n > expandRunMax {
+		slog.Warn("gpu: PEFTD_LORA_EXPAND_RUN is not 0 to 8; sgmv_expand_tch1p stays off", "value", v)
+		return 0
+	}
+	return n
+}
 
 // halfStageAuto and halfStageMinRows are kernelForce.halfStage's default:
 // the rank-32 class's bf16 updates (accHalf: gate/up always, o and down in
