@@ -2659,44 +2659,10 @@ struct TcShape {
 __device__ __forceinline__ void xts_put(unsigned long long* xts, int w, unsigned long long v) {
     if (xts != nullptr && threadIdx.x == 0) xts[XTS_WORDS * ((i64)blockIdx.y * gridDim.x + blockIdx.x) + w] = v;
 }
-// xts_end: word 2, the block's end, and word 3, its SM
-__device__ __forceinline__ void xts_end(unsigned long long* xts) {
-    unsigned sm;
-    asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
-    xts_put(xts, 2, globaltimer_ns());
-    xts_put(xts, 3, sm);
-}
 #else
 #define XTS_PARAM
 #define XTS_ARG
 #endif
-// expand_mma: c[ng] += the 16 rows at tr (W floats a row) times B's
-// fragments bv, each value split into a bf16 high part and the bf16
-// residual (two MMAs each), in K order (expand_tc_body, tch1p).
-template <int KC, int NG, int W>
-__device__ __forceinline__ void expand_mma(float (&c)[NG][4], const float* tr, const uint4 (&bv)[NG][KC], int g, int q) {
-#pragma unroll
-    for (int kc = 0; kc < KC; kc++) {
-#pragma unroll
-        for (int h = 0; h < 2; h++) {
-            const int k = kc * 32 + q * 8 + 4 * h;
-            const float4 t0 = *reinterpret_cast<const float4*>(tr + g * W + k);
-            const float4 t1 = *reinterpret_cast<const float4*>(tr + (g + 8) * W + k);
-            unsigned ah[4], al[4];
-            split2(t0.x, t0.y, ah[0], al[0]);
-            split2(t1.x, t1.y, ah[1], al[1]);
-            split2(t0.z, t0.w, ah[2], al[2]);
-            split2(t1.z, t1.w, ah[3], al[3]);
-#pragma unroll
-            for (int ng = 0; ng < NG; ng++) {
-                const unsigned b0 = h == 0 ? bv[ng][kc].x : bv[ng][kc].z;
-                const unsigned b1 = h == 0 ? bv[ng][kc].y : bv[ng][kc].w;
-                mma16816(c[ng], ah[0], ah[1], ah[2], ah[3], b0, b1);
-                mma16816(c[ng], al[0], al[1], al[2], al[3], b0, b1);
-            }
-        }
-    }
-}
 template <int KC, int MT = 1, bool ST = false, bool HS = false>
 __device__ __forceinline__ void expand_tc_body(
     bf16* __restrict__ out, const float* __restrict__ tmp, const LoraEntry* __restrict__ table, const int4* __restrict__ tiles,
@@ -2789,7 +2755,27 @@ __device__ __forceinline__ void expand_tc_body(
 #pragma unroll
         for (int ng = 0; ng < NG; ng++) c[ng][0] = c[ng][1] = c[ng][2] = c[ng][3] = 0.f;
         if (rank > 0) {
-            expand_mma<KC, NG, W>(c, tr, bv, g, q);
+#pragma unroll
+            for (int kc = 0; kc < KC; kc++) {
+#pragma unroll
+                for (int h = 0; h < 2; h++) {
+                    const int k = kc * 32 + q * 8 + 4 * h;
+                    const float4 t0 = *reinterpret_cast<const float4*>(tr + g * W + k);
+                    const float4 t1 = *reinterpret_cast<const float4*>(tr + (g + 8) * W + k);
+                    unsigned ah[4], al[4];
+                    split2(t0.x, t0.y, ah[0], al[0]);
+                    split2(t1.x, t1.y, ah[1], al[1]);
+                    split2(t0.z, t0.w, ah[2], al[2]);
+                    split2(t1.z, t1.w, ah[3], al[3]);
+#pragma unroll
+                    for (int ng = 0; ng < NG; ng++) {
+                        const unsigned b0 = h == 0 ? bv[ng][kc].x : bv[ng][kc].z;
+                        const unsigned b1 = h == 0 ? bv[ng][kc].y : bv[ng][kc].w;
+                        mma16816(c[ng], ah[0], ah[1], ah[2], ah[3], b0, b1);
+                        mma16816(c[ng], al[0], al[1], al[2], al[3], b0, b1);
+                    }
+                }
+            }
         } else if (!HS && accum) {
 #ifdef PEFTD_EXPAND_TS
             xts_put(xts, 0, 0);
@@ -2837,7 +2823,12 @@ __device__ __forceinline__ void expand_tc_body(
         }
     }
 #ifdef PEFTD_EXPAND_TS
-    xts_end(xts);
+    {
+        unsigned sm;
+        asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+        xts_put(xts, 2, globaltimer_ns());
+        xts_put(xts, 3, sm);
+    }
 #endif
 }
 
@@ -2866,101 +2857,6 @@ extern "C" __global__ void __launch_bounds__(256) sgmv_expand_tch4(EXPAND_TC_ARG
 // of each sector). The same values: tch1's bits. Needs 16-byte aligned
 // rows (o_stride % 8 == 0, out 16-byte aligned: runtime/gpu checks).
 extern "C" __global__ void __launch_bounds__(256) sgmv_expand_tch1s(EXPAND_TC_ARGS) { expand_tc_body<1, 1, true, true>(EXPAND_TC_PASS); }
-// sgmv_expand_tch1p: sgmv_expand_tch1s over a run of up to cpb of a
-// slice's 512-column blocks of one tile (blockIdx.x numbers the runs; blk1
-// and blk2 are the first runs of slices 1 and 2): the table entry, the
-// griddepcontrol.wait and the tile's rows of tmp (summed over the K parts)
-// once a run, and each block's B loads issued right after the MMAs of the
-// one before, in flight while its update goes out (kernelForce.expandRun;
-// PERFORMANCE v1.00: a tch1s block spends ~1 µs of its ~3.8 between entry
-// and the wait). The same MMAs in the same order: tch1s's bits.
-// EXR_BLOCKS: the blocks an SM it is compiled for (3, as tch1s: 80
-// registers and 64 bytes of stack by NVRTC 12.4; 2: 110 registers, none).
-#ifndef EXR_BLOCKS
-#define EXR_BLOCKS 3
-#endif
-extern "C" __global__ void __launch_bounds__(256, EXR_BLOCKS) sgmv_expand_tch1p(EXPAND_TC_ARGS, int cpb) {
-#ifdef PEFTD_EXPAND_TS
-    xts_put(xts, 0, globaltimer_ns());
-#endif
-    constexpr int NG = TcShape<1>::NG, R = 32, W = R + 4, COLS = TcShape<1>::COLS, OW = COLS + 8;
-    __shared__ __align__(16) float ts[SG_TR * W];
-    __shared__ __align__(16) bf16 os[16 * OW];
-    const int4 tile = tiles[blockIdx.y];
-    if (tile.y == 0) { // no rows (a recorded step's spare tile)
-        pdl_entry();
-#ifdef PEFTD_EXPAND_TS
-        xts_put(xts, 0, 0);
-#endif
-        return;
-    }
-    const int bx = blockIdx.x;
-    const int s = bx >= blk2 ? 2 : (bx >= blk1 ? 1 : 0);
-    const int sOff = s == 0 ? 0 : (s == 1 ? off1 : off2);
-    const int sEnd = s == 0 ? off1 : (s == 1 ? off2 : out_total);
-    const int run = bx - (s == 0 ? 0 : (s == 1 ? blk1 : blk2));
-    const int c0 = run * cpb, c1 = min(c0 + cpb, (sEnd - sOff + COLS - 1) / COLS); // the run's column blocks
-    const LoraEntry e = table[entry_base + tile.z * entry_stride + sg_mod(s, m0, m1, m2)];
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
-    const int n = tile.y, rank = e.rank;
-    uint4 bv[NG][1];
-    // B's columns of block c: lane (g, q) of each 8-column group, ranks
-    // [8q, 8q + 8) (expand_tc_body's loads)
-    auto load_b = [&](int c) {
-        const int col0 = sOff + c * COLS + warp * 8 * NG;
-#pragma unroll
-        for (int ng = 0; ng < NG; ng++) {
-            const int col = col0 + ng * 8 + g, k = q * 8;
-            bv[ng][0] = (col < sEnd && k < rank) ? ldg16_early(e.b + (i64)(col - sOff) * rank + k) : make_uint4(0, 0, 0, 0);
-        }
-    };
-    load_b(c0);
-    pdl_entry(); // tmp is the shrink's output
-#ifdef PEFTD_EXPAND_TS
-    xts_put(xts, 1, globaltimer_ns());
-#endif
-    if (rank > 0) {
-        constexpr int PER = SG_TR * R / 256, ZU = EX_ZU / PER > 0 ? EX_ZU / PER : 1, DR = 256 / R;
-        const int r0 = threadIdx.x / R, k = threadIdx.x % R;
-        bool ok[PER];
-#pragma unroll
-        for (int u = 0; u < PER; u++) ok[u] = r0 + DR * u < n && k < rank;
-        float v[PER];
-        sum_kparts<ZU>(v, tmp + ((i64)tile.x + r0) * t_stride + s * max_rank + k, (i64)DR * t_stride, (i64)rows_total * t_stride, ksplit, ok);
-#pragma unroll
-        for (int u = 0; u < PER; u++) ts[(r0 + DR * u) * W + k] = v[u];
-    }
-    __syncthreads();
-#pragma unroll 1
-    for (int c = c0; c < c1; c++) {
-        float acc[NG][4];
-#pragma unroll
-        for (int ng = 0; ng < NG; ng++) acc[ng][0] = acc[ng][1] = acc[ng][2] = acc[ng][3] = 0.f;
-        if (rank > 0) expand_mma<1, NG, W>(acc, ts, bv, g, q);
-        const int bcol0 = sOff + c * COLS, col0 = bcol0 + warp * 8 * NG;
-#pragma unroll
-        for (int ng = 0; ng < NG; ng++) {
-            const int col = col0 + ng * 8 + 2 * q;
-            if (col >= sEnd) continue;
-#pragma unroll
-            for (int half = 0; half < 2; half++) {
-                const int r = g + 8 * half;
-                if (r < n) *reinterpret_cast<__nv_bfloat162*>(os + r * OW + col - bcol0) = __floats2bfloat162_rn(acc[ng][2 * half], acc[ng][2 * half + 1]);
-            }
-        }
-        if (c + 1 < c1) load_b(c + 1); // in flight while this block's update goes out (acc is in os: its registers free)
-        __syncthreads();
-        for (int i = threadIdx.x; i < 16 * (COLS / 8); i += 256) {
-            const int r = i / (COLS / 8), col = bcol0 + 8 * (i % (COLS / 8));
-            if (r < n && col < sEnd)
-                *reinterpret_cast<uint4*>(out + (i64)(tile.x + r) * o_stride + col) = *reinterpret_cast<const uint4*>(os + r * OW + col - bcol0);
-        }
-        __syncthreads(); // os is the next block's
-    }
-#ifdef PEFTD_EXPAND_TS
-    xts_end(xts);
-#endif
-}
 // sgmv_expand_tc64s: sgmv_expand_tc1 adding in place on the step's 64-row
 // tiles of one adapter (the big tiles sgmv_shrink64 takes: {first row,
 // rows, slot, 0}), 128 columns a block instead of 512 (expand_tc_body's MT

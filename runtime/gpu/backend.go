@@ -251,7 +251,6 @@ type funcs struct {
 	sgExpandTCH                                                                                                                                         [3]*cuda.Function // sgmv_expand_tch1, tch2, tch4 (the update as bf16: guHalf)
 	sgExpandTC64S                                                                                                                                       *cuda.Function    // sgmv_expand_tc64s (kernelForce.stageOut)
 	sgExpandTCHS                                                                                                                                        *cuda.Function    // sgmv_expand_tch1s (kernelForce.halfStage)
-	sgExpandTCHP                                                                                                                                        *cuda.Function    // sgmv_expand_tch1p (kernelForce.expandRun)
 	ropeRows, ropeRowsH, ropeStoreH                                                                                                                     *cuda.Function    // rope_store_rows, and with bf16 updates (qkvHalf) rope_store_rows_h and rope_store_h
 	ropeLoRA                                                                                                                                            *cuda.Function    // rope_store_lora
 }
@@ -317,7 +316,6 @@ type kernelForce struct {
 	shrink64   int           // LoRA shrinks as sgmv_shrink64 (64-row tiles): 1 always, -1 never, 0 from sgBigMinRows LoRA rows
 	shrinkPipe int           // those shrinks as sgmv_shrink64p (each lane's loads through its own cp.async ring in shared memory; the same bits) where the card has the shared memory (sbpFits): 1 always, -1 never, 0 where shrinkPipeAuto
 	halfStage  int           // rank-32-class expands writing a bf16 update (accHalf) as sgmv_expand_tch1s (the output tile staged in shared memory, out in 16-byte pieces of whole rows; tch1's bits) where the rows are 16-byte aligned: 1 on, -1 off, 0 the default (from halfStageMinRows LoRA rows where halfStageAuto, on)
-	expandRun  int           // sgmv_expand_tch1s's launches as sgmv_expand_tch1p, each block a run of this many 512-column blocks of its tile (one wait, one sum of the shrink's K parts, the next block's B loads in flight during this one's stores; the same bits): 2 or more on, 0 or 1 off (the default)
 	stageOut   int           // rank-32-class expands adding in place as sgmv_expand_tc64s (the output tile staged in shared memory: 16-byte whole-row loads and stores, not 4-byte ones in the MMA fragment's layout; the same bits): 1 always, -1 never, 0 from stageOutMinRows LoRA rows where stageOutAuto (on)
 	oNoPDL     int           // the o group's LoRA kernels launched without PDL (loraAside: its expand's blocks, placed early under the shrink, would take the SMs the o product launching after them needs): 1 on, -1 off, 0 the default (FP8 steps above fp8MidRows rows; Backend.oNoPDL)
 	l2Win      int           // the LoRA update buffer as an L2 persisting window (l2win.go): 1 on, -1 off, 0 the default (loraL2Default, PEFTD_LORA_L2); 3 on over the whole buffer, not loraL2Bytes of it (an A/B)
@@ -344,15 +342,11 @@ type Backend struct {
 	// outHalfOn and qkvHalfOn are outHalf's and qkvHalf's defaults
 	// (outHalfDefault, qkvHalfDefault; read by New)
 	outHalfOn, qkvHalfOn bool
-	// expandRunEnv is PEFTD_LORA_EXPAND_RUN's sgmv_expand_tch1p run
-	// (expandRunDefault, read by New; kernelForce.expandRun overrides it)
-	expandRunEnv int
-	// expandStageds, halfStageds, halfRuns, shrinkBigs, shrinkPipes,
-	// siluHalfs, normHalfs and ropeHalfs count the sgmv_expand_tc64s,
-	// sgmv_expand_tch1s (or tch1p in its place), sgmv_expand_tch1p,
-	// sgmv_shrink64, sgmv_shrink64p, silu_mul_*h, add_rmsnorm_h and
-	// rope_store*_h launches enqueued or recorded (tests)
-	expandStageds, halfStageds, halfRuns, shrinkBigs, shrinkPipes, siluHalfs, normHalfs, ropeHalfs int
+	// expandStageds, halfStageds, shrinkBigs, shrinkPipes, siluHalfs,
+	// normHalfs and ropeHalfs count the sgmv_expand_tc64s,
+	// sgmv_expand_tch1s, sgmv_shrink64, sgmv_shrink64p, silu_mul_*h,
+	// add_rmsnorm_h and rope_store*_h launches enqueued or recorded (tests)
+	expandStageds, halfStageds, shrinkBigs, shrinkPipes, siluHalfs, normHalfs, ropeHalfs int
 	// sbpFits: a block may have sgmv_shrink64p's shared memory (sbpShared)
 	sbpFits bool
 	fn      funcs
@@ -606,7 +600,6 @@ func (b *Backend) open(opts Options) error {
 	b.guHalfOn, b.hugeHoldsOff = guHalfDefault(), hugeHoldsOff()
 	b.xtsBuild = kernels.Defined("PEFTD_EXPAND_TS")
 	b.outHalfOn, b.qkvHalfOn = outHalfDefault(), qkvHalfDefault()
-	b.expandRunEnv = expandRunDefault()
 	b.pinN = int(PinnedBytes(opts.PinnedImageBytes) / stageChunkBytes)
 	if opts.LoRASMs == 0 {
 		b.la.sms = -1 // by the step's rows
@@ -730,7 +723,7 @@ func (b *Backend) open(opts Options) error {
 		{&b.fn.addBias, "add_bias"}, {&b.fn.headRMSNorm, "head_rmsnorm"}, {&b.fn.addDelta, "add_delta"}, {&b.fn.addDeltaH, "add_delta_h"}, {&b.fn.addRMSNormH, "add_rmsnorm_h"}, {&b.fn.fillRows, "fill_rows"},
 		{&b.fn.sgExpandTC[0], "sgmv_expand_tc1"}, {&b.fn.sgExpandTC[1], "sgmv_expand_tc2"}, {&b.fn.sgExpandTC[2], "sgmv_expand_tc4"},
 		{&b.fn.sgExpandTCH[0], "sgmv_expand_tch1"}, {&b.fn.sgExpandTCH[1], "sgmv_expand_tch2"}, {&b.fn.sgExpandTCH[2], "sgmv_expand_tch4"},
-		{&b.fn.sgExpandTC64S, "sgmv_expand_tc64s"}, {&b.fn.sgExpandTCHS, "sgmv_expand_tch1s"}, {&b.fn.sgExpandTCHP, "sgmv_expand_tch1p"},
+		{&b.fn.sgExpandTC64S, "sgmv_expand_tc64s"}, {&b.fn.sgExpandTCHS, "sgmv_expand_tch1s"},
 		{&b.fn.ropeRows, "rope_store_rows"}, {&b.fn.ropeRowsH, "rope_store_rows_h"}, {&b.fn.ropeStoreH, "rope_store_h"}, {&b.fn.ropeLoRA, "rope_store_lora"}}
 	// kcat.go's kernels, only where PEFTD_KERNEL_DEFINES=-DPEFTD_KCAT
 	// builds them in (the engine does not run them yet: TestKCatGroup)

@@ -427,7 +427,6 @@ type decodeVariant struct {
 	qkvhalf                      int    // the q/k/v LoRA update as bf16, read by rope_store_rows_h / rope_store_h (kernelForce.qkvHalf: 1 on, -1 off, 0 the default: qkvHalfAuto)
 	outhalf                      int    // the o and down LoRA updates as bf16, read by add_rmsnorm_h (kernelForce.outHalf: 1 on, -1 off, 0 the default: outHalfAuto)
 	hstage                       int    // the rank-32 class's bf16 updates written by sgmv_expand_tch1s, the output tile staged (kernelForce.halfStage: 1 on, -1 off, 0 the default: halfStageAuto)
-	xrun                         int    // those launches as sgmv_expand_tch1p, runs of this many column blocks a block (kernelForce.expandRun; 0: off)
 	guhalf                       int    // the gate/up LoRA update as bf16, read by silu_mul_h / _o2h / _clh (kernelForce.guHalf: 1 on, -1 off, 0 the default: guHalfAuto)
 	alllogits                    bool   // mixed recordings compute every row's logits (kernelForce.allLogits; the default: half their rows where that holds the step's, logitCaps)
 	wsnorm                       int    // o and down with the add_rmsnorm after them in one gemm_ws_norm / fp8_ws_norm launch where it fits (kernelForce.wsNorm: 1 on, -1 never, 0 the default: wsNormAuto)
@@ -443,7 +442,7 @@ func (v decodeVariant) force(f kernelForce) kernelForce {
 	f.ropeLoRA, f.nodePrio, f.siluCl, f.addCl = v.rfold, v.prio, v.silucl, v.addcl
 	f.memHoist, f.l2Win, f.shrink64, f.wsSiLU, f.wsNorm, f.wsHalf = v.hoist, v.l2, v.sh64, v.wssilu, v.wsnorm, v.wshalf
 	f.oNoPDL, f.siluO2, f.guHalf, f.outHalf, f.qkvHalf = v.onopdl, v.siluo2, v.guhalf, v.outhalf, v.qkvhalf
-	f.allLogits, f.halfStage, f.expandRun = v.alllogits, v.hstage, v.xrun
+	f.allLogits, f.halfStage = v.alllogits, v.hstage
 	return f
 }
 
@@ -563,7 +562,6 @@ func (v decodeVariant) label(ads []*lora.Adapter, pdlOK bool) string {
 	lbl += onOffLabel(v.wssilu, "wssilu")
 	lbl += onOffLabel(v.wsnorm, "wsnorm")
 	lbl += onOffLabel(v.hstage, "hstage")
-	lbl += countLabel(v.xrun, "xrun")
 	lbl += onOffLabel(v.wshalf, "wshalf")
 	lbl += onOffLabel(v.silucl, "silucl")
 	lbl += onOffLabel(v.siluo2, "siluo2")
@@ -817,7 +815,6 @@ func TestDecodeBench(t *testing.T) {
 		{sms: -1, wsfrom: 9, wssilu: 1, wsnorm: 1}, {sms: -1, wsfrom: 9, wssilu: 1, wsnorm: 1, wshalf: 1}, // FP8 9-16 rows: fp8_ws with the fused ends
 		{lora: true, sms: -1, onopdl: 1}, {lora: true, sms: -1, onopdl: -1},
 		{lora: true, sms: -1, hstage: 1}, {lora: true, sms: -1, hstage: -1},
-		{lora: true, sms: -1, xrun: 2}, {lora: true, sms: -1, xrun: 3}, {lora: true, sms: -1, xrun: 4}, {lora: true, sms: -1, xrun: 7},
 		{lora: true, sms: -1, guhalf: 1}, {lora: true, sms: -1, guhalf: -1}, {lora: true, sms: -1, outhalf: 1}, {lora: true, sms: -1, outhalf: -1}, {lora: true, sms: -1, qkvhalf: 1}, {lora: true, sms: -1, qkvhalf: -1}, {lora: true, sms: -1, outhalf: 1, qkvhalf: 1},
 		{sms: -1, alllogits: true}, {lora: true, sms: -1, alllogits: true},
 	}

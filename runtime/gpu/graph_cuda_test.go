@@ -266,8 +266,7 @@ func TestPDLMatchesSerialLaunch(t *testing.T) {
 // expands adding in place on sgmv_expand_tc64s, kernelForce.stageOut 1,
 // both engines' LoRA serial, where every update adds in place; the bf16
 // updates beside the products written by sgmv_expand_tch1s,
-// kernelForce.halfStage 1, against sgmv_expand_tch1 in every step, and
-// sgmv_expand_tch1p, kernelForce.expandRun 3, against tch1s), every
+// kernelForce.halfStage 1, against sgmv_expand_tch1 in every step), every
 // logits row of the prefill, mixed and decode steps (replayed recordings
 // and eager steps, adapters in them) is bit-identical to the reference
 // engine's (the default kernels, or the variant's alternative forced), and
@@ -324,7 +323,6 @@ type loraVariant struct {
 var loraVariants = []loraVariant{
 	{"sgmv_expand_tc64s", true, true, true, func(f *kernelForce) { f.stageOut = 1 }, func(b *Backend) int { return b.expandStageds }, nil},
 	{"sgmv_expand_tch1s", false, true, false, func(f *kernelForce) { f.halfStage = 1 }, func(b *Backend) int { return b.halfStageds }, func(f *kernelForce) { f.halfStage = -1 }},
-	{"sgmv_expand_tch1p", false, true, false, func(f *kernelForce) { f.halfStage, f.expandRun = 1, 3 }, func(b *Backend) int { return b.halfRuns }, func(f *kernelForce) { f.halfStage = 1 }},
 }
 
 // rank32Adapters is the fixture's adapters of rank 32 or less: the rank-32

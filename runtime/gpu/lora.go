@@ -2,10 +2,7 @@ package gpu
 
 import (
 	"fmt"
-	"log/slog"
 	"math/bits"
-	"os"
-	"strconv"
 
 	"github.com/peftd/peftd/kernels"
 	"github.com/peftd/peftd/runtime/cuda"
@@ -728,22 +725,22 @@ func (b *Backend) expandTC(st *cuda.Stream, tc int, outPtr cuda.DevicePtr, outSt
 	// update into such rows)
 	aligned := outStride%8 == 0 && outPtr%16 == 0
 	big := acc == accAdd && aligned && forcedOn(b.force.stageOut, stageOutAuto && b.nLora >= stageOutMinRows) && tc == 1 && b.nBig > 0
+	// blocks per slice of sgmv_expand_tc{tc}; blk1, blk2: where slices 1 and 2 start
 	cols := tcBlockCols(tc)
 	if big {
 		cols = x64Cols
 	}
-	run := 1        // column blocks a launch's block takes (sgmv_expand_tch1p: kernelForce.expandRun)
-	var extra []any // the kernel's arguments after EXPAND_TC_ARGS
+	start := make([]int, n+1)
+	for i := 0; i < n; i++ {
+		start[i+1] = start[i] + (offs[i+1]-offs[i]+cols-1)/cols
+	}
+	grid := start[n]
+	blk1, blk2 := slices12(start)
 	f := b.fn.sgExpandTC[bits.TrailingZeros(uint(tc))]
 	switch {
 	case acc == accHalf && tc == 1 && aligned && forcedOn(b.force.halfStage, halfStageAuto && b.nLora >= halfStageMinRows):
 		f = b.fn.sgExpandTCHS
 		b.halfStageds++
-		if r := b.expandRun(); r > 1 && b.fn.sgExpandTCHP != nil {
-			// sgmv_expand_tch1p: a block a run of r of a slice's column blocks
-			f, run, extra = b.fn.sgExpandTCHP, r, []any{r}
-			b.halfRuns++
-		}
 	case acc == accHalf:
 		f = b.fn.sgExpandTCH[bits.TrailingZeros(uint(tc))]
 	}
@@ -752,14 +749,6 @@ func (b *Backend) expandTC(st *cuda.Stream, tc int, outPtr cuda.DevicePtr, outSt
 		f, tiles, nTiles = b.fn.sgExpandTC64S, b.off.bigTiles, b.nBig
 		b.expandStageds++
 	}
-	// the launch's blocks per slice (runs of run column blocks of cols);
-	// blk1, blk2: where slices 1 and 2 start
-	start := make([]int, n+1)
-	for i := 0; i < n; i++ {
-		start[i+1] = start[i] + ((offs[i+1]-offs[i]+cols-1)/cols+run-1)/run
-	}
-	grid := start[n]
-	blk1, blk2 := slices12(start)
 	args := []any{outPtr, b.stepTmp, b.table, b.i32(tiles), base, stride, ms[0], ms[1], ms[2], blk1, blk2, off1, off2, total,
 		b.stepRank, outStride, tStride, b.rows(), ks, int(acc)}
 	if b.xtsBuild { // the PEFTD_EXPAND_TS build's stamps: the gate/up group's expand only
@@ -769,7 +758,6 @@ func (b *Backend) expandTC(st *cuda.Stream, tc int, outPtr cuda.DevicePtr, outSt
 		}
 		args = append(args, xts)
 	}
-	args = append(args, extra...)
 	b.launchOn(st, f, cuda.Dim3{X: grid, Y: nTiles}, cuda.Dim3{X: 256}, args...)
 }
 
@@ -794,36 +782,6 @@ const (
 	stageOutMinRows = 1024
 	stageOutAuto    = true
 )
-
-// expandRun is the column blocks a sgmv_expand_tch1s block takes as
-// sgmv_expand_tch1p: kernelForce.expandRun where set, else
-// PEFTD_LORA_EXPAND_RUN's (serve8b's A/B without a rebuild; 0 or 1: off,
-// the default until a measurement says otherwise).
-func (b *Backend) expandRun() int {
-	if b.force.expandRun != 0 {
-		return b.force.expandRun
-	}
-	return b.expandRunEnv
-}
-
-// expandRunMax is the most column blocks PEFTD_LORA_EXPAND_RUN may ask a
-// block to take.
-const expandRunMax = 8
-
-// expandRunDefault is PEFTD_LORA_EXPAND_RUN's run length: a whole number
-// from 0 to expandRunMax, else 0 (off) with a warning.
-func expandRunDefault() int {
-	v := os.Getenv("PEFTD_LORA_EXPAND_RUN")
-	if v == "" {
-		return 0
-	}
-	n, err := strconv.Atoi(v)
-	if err != nil || n < 0 || n > expandRunMax {
-		slog.Warn("gpu: PEFTD_LORA_EXPAND_RUN is not 0 to 8; sgmv_expand_tch1p stays off", "value", v)
-		return 0
-	}
-	return n
-}
 
 // halfStageAuto and halfStageMinRows are kernelForce.halfStage's default:
 // the rank-32 class's bf16 updates (accHalf: gate/up always, o and down in

@@ -101,34 +101,3 @@ func TestLoRAKnobDefaults(t *testing.T) {
 		}
 	}
 }
-
-// TestExpandRunDefault: PEFTD_LORA_EXPAND_RUN's run length, and
-// kernelForce.expandRun over it.
-func TestExpandRunDefault(t *testing.T) {
-	for _, tc := range []struct {
-		env  string
-		want int
-	}{
-		{"", 0},
-		{"0", 0},
-		{"1", 1},
-		{"4", 4},
-		{"8", 8},
-		{"9", 0},
-		{"-2", 0},
-		{"two", 0},
-	} {
-		t.Setenv("PEFTD_LORA_EXPAND_RUN", tc.env)
-		if got := expandRunDefault(); got != tc.want {
-			t.Errorf("PEFTD_LORA_EXPAND_RUN=%q: %d, want %d", tc.env, got, tc.want)
-		}
-	}
-	b := &Backend{expandRunEnv: 4}
-	if got := b.expandRun(); got != 4 {
-		t.Errorf("expandRun with the environment's 4: %d", got)
-	}
-	b.force.expandRun = 2
-	if got := b.expandRun(); got != 2 {
-		t.Errorf("expandRun with kernelForce's 2 over the environment's 4: %d", got)
-	}
-}
