@@ -1002,20 +1002,36 @@ __device__ __forceinline__ void wg_body(bf16* __restrict__ out, float* __restric
 // as long in K as FP8's (-DWS_KA_BF16=4; runtime/gpu's wsKABF16 reads it)
 #define WS_KA_BF16 WS_KA
 #endif
-// KA: WS_KA (ES 2: WS_KA_BF16) atoms a stage, halved while fewer than 3
-// stages would fit (runtime/gpu's wsKAFor must agree).
-template <int BN, int ES = 1, bool HALF = false> struct WsShape {
-    static constexpr int TR = 64;                 // activation rows staged: the wgmma's M
+#ifndef WS16_KA
+// the 16-row blocks' (ws_body's TR 16: fp8_ws16_n*) 128-byte K atoms a
+// stage, halved while fewer than 3 stages would fit (runtime/gpu's
+// ws16KAFor must agree): their atoms stage 16 activation rows, not 64,
+// so a stage of 4 atoms costs what WS_KA 2's does at TR 64 (the narrow
+// products' stages are latency chains: PERFORMANCE v0.68)
+#define WS16_KA 4
+#endif
+// KA: WS_KA (ES 2: WS_KA_BF16; TR 16: WS16_KA) atoms a stage, halved while
+// fewer than 3 stages would fit (runtime/gpu's wsKAFor must agree).
+// TR 16 (ws_body's products of 1-16 rows, fp8_ws16_n*): 16 activation
+// rows staged in each atom, before the weight rows. The wgmma's A is still
+// 64 rows read from the atom's start: rows 16-63 are whatever bytes follow
+// (the weight rows, past the atom for BN 32: PAD bytes keep the last read
+// inside the buffer), multiplied into accumulator rows 16-63, which no
+// store reads (ws_store: rows below M <= 16 only, warp 0's).
+template <int BN, int ES = 1, bool HALF = false, int TR_ = 64> struct WsShape {
+    static constexpr int TR = TR_;                // activation rows staged (the wgmma's M is 64 whatever TR)
     static constexpr int WR = HALF ? BN / 2 : BN; // weight rows a stage
     static constexpr int AB = (TR + WR) * WG_RB;  // an atom: 128 bytes of each staged row (a multiple of 1024)
+    static constexpr int PAD = TR + WR < 64 ? (64 - TR - WR) * WG_RB : 0; // bytes the last atom's A reads past it
     static constexpr int SMEM = HALF ? WSH_SMEM : WS_SMEM;
-    __host__ __device__ static constexpr int fit(int ka) { return (SMEM - 1024) / (ka * AB); }
+    __host__ __device__ static constexpr int fit(int ka) { return (SMEM - 1024 - PAD) / (ka * AB); }
     __host__ __device__ static constexpr int ka(int k) { return k > 1 && fit(k) < 3 ? ka(k / 2) : k; }
-    static constexpr int KA = HALF ? 2 : ka(ES == 2 ? WS_KA_BF16 : WS_KA);
+    static constexpr int KA = HALF ? 2 : ka(TR == 16 ? WS16_KA : ES == 2 ? WS_KA_BF16 : WS_KA);
     static constexpr int SB = KA * AB;            // a stage
     static constexpr int ST = fit(KA) < 16 ? fit(KA) : 16;
     static constexpr int IF = BN <= 64 ? WS_INFLIGHT_NARROW : WS_INFLIGHT; // wgmma groups left running (ws_body)
     static_assert(BN % 16 == 0 && ST >= 2, "ws_body: weight rows a multiple of 16, 2 stages at least (runtime/gpu loads 3 or more)");
+    static_assert(TR == 64 || TR == 16 && !HALF && ES == 1, "ws_body: 64 activation rows, or 16 for plain FP8 products");
 };
 
 // ws_koff: the stage of its nst a block of ws_body starts its
@@ -1395,12 +1411,12 @@ __device__ __forceinline__ void ws_copy_halves(unsigned b, const unsigned char* 
     }
 }
 
-// ws_zero_rows: activation rows M..63 of each of ST stages of KA atoms
+// ws_zero_rows: activation rows M..TR-1 of each of ST stages of KA atoms
 // (SB bytes a stage, AB an atom) from base: zero (ws_body's copies
 // skip them); the block's first 128 threads.
-template <int ST, int KA, int SB, int AB>
+template <int ST, int KA, int SB, int AB, int TR>
 __device__ __forceinline__ void ws_zero_rows(unsigned base, int M) {
-    constexpr int TR = 64, CH = WG_RB / 16;
+    constexpr int CH = WG_RB / 16;
     if (M >= TR) return;
     for (int i = threadIdx.x; i < ST * KA * (TR - M) * CH; i += 128) {
         const int ch = i % CH, rest = i / CH, r = M + rest % (TR - M), sa = rest / (TR - M);
@@ -1413,10 +1429,10 @@ __device__ __forceinline__ void ws_zero_rows(unsigned base, int M) {
 // seen after the K loop's first barrier) and the first AHEAD stages'
 // copies, one cp.async group a stage (the ne early weight stages, asked
 // before the wait, join the first).
-template <int ES, int AHEAD, class CW, class CX>
+template <int ES, int AHEAD, int TR, class CW, class CX>
 __device__ __forceinline__ void ws_fill(float* xsc, const float* __restrict__ sx, int M, int ne, CW copy_w, CX copy_x) {
     if (ES == 1)
-        for (int i = threadIdx.x; i < 64; i += 128) xsc[i] = i < M ? sx[i] : 0.f;
+        for (int i = threadIdx.x; i < TR; i += 128) xsc[i] = i < M ? sx[i] : 0.f;
 #pragma unroll 1
     for (int j = 0; j < AHEAD; j++) {
         if (j >= ne) copy_w(j);
@@ -1426,8 +1442,8 @@ __device__ __forceinline__ void ws_fill(float* xsc, const float* __restrict__ sx
 }
 
 // ws_mma: one stage's wgmma group into d: KA atoms (AB bytes apart) at
-// b, each the 64 activation rows then the BN weight rows.
-template <int ES, int BN, int KA, int AB>
+// b, each the TR activation rows then the BN weight rows.
+template <int ES, int BN, int KA, int AB, int TR = 64>
 __device__ __forceinline__ void ws_mma(float* d, unsigned b) {
     wg_pin<BN / 2>(d);
     wg_fence();
@@ -1435,7 +1451,7 @@ __device__ __forceinline__ void ws_mma(float* d, unsigned b) {
     for (int a = 0; a < KA; a++)
 #pragma unroll
         for (int q = 0; q < WG_RB / 32; q++)
-            wg_mma_n<ES, BN>(d, wg_desc(b + a * AB + 32 * q), wg_desc(b + a * AB + 64 * WG_RB + 32 * q));
+            wg_mma_n<ES, BN>(d, wg_desc(b + a * AB + 32 * q), wg_desc(b + a * AB + TR * WG_RB + 32 * q));
     wg_commit();
 }
 
@@ -1451,7 +1467,7 @@ __device__ __forceinline__ void ws_mma(float* d, unsigned b) {
 // accumulators (d + H BN / 4: the registers BN's layout gives those rows);
 // the whole of d is pinned after the wait either way (in HALF the other
 // half's group may be the one left in flight).
-template <int ES, int BN, int KA, int AB, int AHEAD, int IF, int H = -1, class Issue>
+template <int ES, int BN, int KA, int AB, int AHEAD, int IF, int H = -1, int TR = 64, class Issue>
 __device__ __forceinline__ void ws_stage(float* d, int j, unsigned base, unsigned sb, int st, Issue issue) {
     cp_async_wait<AHEAD - 1>();
     fence_proxy_async();
@@ -1459,7 +1475,7 @@ __device__ __forceinline__ void ws_stage(float* d, int j, unsigned base, unsigne
     issue();
     cp_async_commit();
     if constexpr (H < 0)
-        ws_mma<ES, BN, KA, AB>(d, base + (j % st) * sb);
+        ws_mma<ES, BN, KA, AB, TR>(d, base + (j % st) * sb);
     else
         ws_mma<ES, BN / 2, KA, AB>(d + H * (BN / 4), base + (j % st) * sb);
     wg_wait<IF>();
@@ -1481,18 +1497,19 @@ __device__ __forceinline__ void ws_stage(float* d, int j, unsigned base, unsigne
 // qx and sx is a cp.async or comes before the grid's barrier and its
 // fences; a plain read of either after a barrier could compile to a
 // non-coherent load and see stale data.
-template <int ES, int BN, bool SILU = false, bool NORM = false, bool HALF = false>
+template <int ES, int BN, bool SILU = false, bool NORM = false, bool HALF = false, int TR_ = 64>
 __device__ __forceinline__ void ws_body(bf16* __restrict__ out, float* __restrict__ part, int* __restrict__ done,
                                         const unsigned char* __restrict__ qx, const float* __restrict__ sx,
                                         const unsigned char* __restrict__ qw, const float* __restrict__ sw, int M,
                                         int N, int K, int opts, WsSiluQ SQ = {}, WsNorm NP = {}) {
-    using W = WsShape<BN, ES, HALF>;
+    using W = WsShape<BN, ES, HALF, TR_>;
     constexpr int TR = W::TR, AB = W::AB, SB = W::SB, ST = W::ST, KA = W::KA, IF = W::IF, AHEAD = ST - 1 - IF;
     static_assert(IF >= 0 && IF <= 2, "ws_body: WS_INFLIGHT, WS_INFLIGHT_NARROW 0-2");
     static_assert(AHEAD >= 1, "ws_body: fewer than 2 + WS_INFLIGHT stages fit");
     static_assert(!SILU || BN % 32 == 0, "ws_body: SILU on whole 16-row groups a half");
     static_assert(!NORM || !SILU, "ws_body: NORM is a plain product's end");
     static_assert(!HALF || (!NORM && BN % 32 == 0 && W::KA == 2), "ws_body: HALF takes plain and SILU products of whole 16-row halves");
+    static_assert(TR == 64 || !SILU && !NORM, "ws_body: TR 16 takes plain products");
     constexpr int CH = WG_RB / 16;                 // 16-byte chunks a staged row
     constexpr int RSTEP = 128 / CH;                // rows between a thread's copies
     constexpr int CX = TR / RSTEP, CW = W::WR / RSTEP; // a thread's activation and weight rows an atom
@@ -1530,14 +1547,14 @@ __device__ __forceinline__ void ws_body(bf16* __restrict__ out, float* __restric
     auto copy_x = [&](int j) {
         if (j < nst) ws_copy<KA, AB, CX, true>(base + (j % ST) * SB + dst0, xsrc, KB, HALF ? kst(j) >> 1 : kst(j), KB / S, r0, M);
     };
-    ws_zero_rows<ST, KA, SB, AB>(base, M); // activation rows M..63 of every stage: zero, once (the copies skip them)
+    ws_zero_rows<ST, KA, SB, AB, TR>(base, M); // activation rows M..TR-1 of every stage: zero, once (the copies skip them)
     const int early = opts & 15, ne = early < AHEAD ? early : AHEAD;
     for (int j = 0; j < ne; j++) copy_w(j);
     if (ES == 1)
         for (int i = tid; i < BN; i += 128) // weights' scales: no kernel of a step writes them (SILU: gate's rows, then up's)
             wsc[i] = sw[SILU ? (i < BN / 2 ? gn0 + i : N / 2 + gn0 + i - BN / 2) : n0 + i];
     pdl_entry();
-    ws_fill<ES, AHEAD>(xsc, sx, M, ne, copy_w, copy_x);
+    ws_fill<ES, AHEAD, TR>(xsc, sx, M, ne, copy_w, copy_x);
     float d[BN / 2];
 #pragma unroll
     for (int i = 0; i < BN / 2; i++) d[i] = 0.f;
@@ -1558,7 +1575,7 @@ __device__ __forceinline__ void ws_body(bf16* __restrict__ out, float* __restric
     } else {
 #pragma unroll 1
         for (int j = 0; j < nst; j++)
-            ws_stage<ES, BN, KA, AB, AHEAD, IF>(d, j, base, SB, ST, [&] {
+            ws_stage<ES, BN, KA, AB, AHEAD, IF, -1, TR>(d, j, base, SB, ST, [&] {
                 copy_w(j + AHEAD);
                 copy_x(j + AHEAD);
             });

@@ -465,6 +465,17 @@ WS_WIDTHS(fp8_ws, ws_body, 1, FP8_WS_ARGS, FP8_WS_PASS, 128)
 #define FP8_WS_NORM_ARGS FP8_WS_ARGS, bf16 *xr, bf16 *nout, const bf16 *nw, float eps, unsigned char *q, float *qscale, unsigned *sync
 #define FP8_WS_NORM_PASS FP8_WS_PASS, WsSiluQ{}, WsNorm{xr, nout, nw, eps, q, qscale, sync}
 WS_FUSED_KERNELS(fp8_ws, 1, FP8_WS_ARGS, FP8_WS_PASS, FP8_WS_SILU_ARGS, FP8_WS_SILU_PASS, FP8_WS_NORM_ARGS, FP8_WS_NORM_PASS)
+// fp8_ws16_n{32,48,64,96,128}: fp8_ws_n* for products of 1-16 rows (ws_body's
+// TR 16: 16 activation rows staged an atom, not 64, so a stage holds
+// WS16_KA atoms of K for the shared memory of WS_KA's; runtime/gpu ws.go
+// takes them where wsProduct.narrowOn says so)
+#define WS16_KERNEL(bn) \
+    extern "C" __global__ void __launch_bounds__(128, 1) fp8_ws16_n##bn(FP8_WS_ARGS) { ws_body<1, bn, false, false, false, 16>(FP8_WS_PASS); }
+WS16_KERNEL(32)
+WS16_KERNEL(48)
+WS16_KERNEL(64)
+WS16_KERNEL(96)
+WS16_KERNEL(128)
 // fp8_wgsk_n{128,256}: 65-256 rows, stream-K over any SMs, TMA stages and
 // warp-specialized warpgroups (wgsk.cuh; runtime/gpu wgsk.go)
 #include "wgsk.cuh"

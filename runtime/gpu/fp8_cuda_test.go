@@ -1194,42 +1194,62 @@ func TestFP8WgStream(t *testing.T) {
 		}
 		t.Skip("fp8_ws is compiled only in the wgmma build, for sm_90a")
 	}
+	rows16 := r.f.ws.rows16
 	defer func() {
-		r.f.wsOn, r.f.skTop, r.f.ws.force, r.f.ws.noStagger, r.f.wsFrom = false, 0, wsPlan{}, false, 0
+		r.f.wsOn, r.f.skTop, r.f.ws.force, r.f.ws.noStagger, r.f.wsFrom, r.f.ws.rows16 = false, 0, wsPlan{}, false, 0, rows16
 	}()
 	r.f.wsFrom = 1 // the steps of 1-16 rows too (TestDecodeBench's +wsN A/Bs)
 	wsOn := func(on bool) { r.f.wsOn = on }
-	label := func(p wsPlan) string {
-		return fmt.Sprintf("fp8_ws %v, stagger %v", p, !r.f.ws.noStagger)
+	label := func(p wsPlan, T int) string {
+		kind := "fp8_ws"
+		if r.f.ws.on16(p.i, T) {
+			kind = "fp8_ws16"
+		}
+		return fmt.Sprintf("%s %v, stagger %v", kind, p, !r.f.ws.noStagger)
 	}
+	ran16 := 0 // plans fp8_ws16 took
 	for _, sz := range []struct{ T, N, K int }{
 		{17, 4096, 4096}, {32, 6144, 4096}, {64, 28672, 4096}, {64, 4096, 14336}, {48, 4096, 4096},
 		{33, 96, 256}, {64, 224, 384}, {20, 672, 1024},
 		{1, 4096, 4096}, {9, 6144, 4096}, {16, 4096, 14336},
+		{16, 4096, 4096}, {16, 6144, 4096}, {3, 96, 512}, {13, 384, 2048}, {16, 28672, 4096},
 	} {
 		c := newFP8Case(t, r, sz.T, sz.N, sz.K)
 		n := 0
-		for i := range wsWidths {
-			for _, S := range []int{1, 2, 4, 8} {
-				p := wsPlan{i: i, split: S}
-				if !r.f.ws.valid(p, sz.T, sz.N, sz.K) || sz.N/wsWidths[i]*S > r.ctx.Device().SMs {
-					continue
+		// 1-16 rows: the 64-row kernels, then the 16-row ones (fp8_ws16_n*)
+		for _, on := range []bool{false, true} {
+			if on && sz.T > ws16Rows {
+				continue
+			}
+			r.f.ws.rows16 = on
+			for i := range wsWidths {
+				for _, S := range []int{1, 2, 4, 8} {
+					p := wsPlan{i: i, split: S}
+					if !r.f.ws.valid(p, sz.T, sz.N, sz.K) || sz.N/wsWidths[i]*S > r.ctx.Device().SMs {
+						continue
+					}
+					r.f.ws.force = p
+					c.check(label(p, sz.T), wsOn)
+					if r.f.ws.on16(p.i, sz.T) {
+						ran16++
+					}
+					n++
 				}
-				r.f.ws.force = p
-				c.check(label(p), wsOn)
-				n++
+			}
+			// the automatic plan with every block walking K from its start
+			if p, ok := r.f.ws.planFrom(sz.T, sz.N, sz.K, 1); ok {
+				r.f.ws.force, r.f.ws.noStagger = p, true
+				c.check(label(p, sz.T), wsOn)
+				r.f.ws.noStagger = false
 			}
 		}
 		if n == 0 {
 			t.Fatalf("no fp8_ws plan takes %d x %d x %d", sz.T, sz.N, sz.K)
 		}
-		// the automatic plan with every block walking K from its start
-		if p, ok := r.f.ws.plan(sz.T, sz.N, sz.K); ok {
-			r.f.ws.force, r.f.ws.noStagger = p, true
-			c.check(label(p), wsOn)
-			r.f.ws.noStagger = false
-		}
 		c.close()
+	}
+	if ran16 == 0 {
+		t.Fatal("no plan ran on fp8_ws16 (not loaded?)")
 	}
 	// the automatic plan of each 8B shape at 64 rows fits one wave
 	r.f.ws.force = wsPlan{}

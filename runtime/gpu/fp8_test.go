@@ -323,6 +323,67 @@ func TestWsShape(t *testing.T) {
 	}
 }
 
+// TestWs16Shape: the 16-row kernels' stages (WsShape<bn, 1, false, 16>)
+// at the default WS16_KA: whole swizzle atoms, at least three, the 64-row
+// A read of the last atom inside the allocation, a block within an sm_90
+// SM; and the widths' KA, stages and bytes as worked out by hand.
+func TestWs16Shape(t *testing.T) {
+	want := map[int]struct{ ka, st, shared int }{
+		32:  {4, 8, 8*4*48*128 + 2048 + 1024}, // 48-row atoms: the A read goes 2 KB past the last
+		48:  {4, 6, 6*4*64*128 + 1024},
+		64:  {4, 4, 4*4*80*128 + 1024},
+		96:  {4, 3, 3*4*112*128 + 1024},
+		128: {2, 5, 5*2*144*128 + 1024}, // four atoms leave two stages
+	}
+	for bn, w := range want {
+		if ab := (ws16Rows + bn) * wsAtom; ab%1024 != 0 {
+			t.Errorf("n%d: a 16-row atom of %d bytes is not a multiple of 1024", bn, ab)
+		}
+		ka, st := ws16KAFor(bn), ws16Stages(bn)
+		if st < 3 || st > 16 {
+			t.Errorf("n%d: %d stages", bn, st)
+		}
+		sb := ka * (ws16Rows + bn) * wsAtom
+		if end := (st-1)*sb + (ka-1)*(ws16Rows+bn)*wsAtom + wsMaxRows*wsAtom; end > ws16Shared(bn)-1024 {
+			t.Errorf("n%d: the last atom's A read ends at %d, past the %d bytes after the alignment", bn, end, ws16Shared(bn)-1024)
+		}
+		if per := ws16Shared(bn) + 1024 + 4*(bn+ws16Rows) + 16; per > 227<<10 {
+			t.Errorf("n%d: a block of %d bytes does not fit an sm_90 SM", bn, per)
+		}
+		if ws16KA == 4 && (ka != w.ka || st != w.st || ws16Shared(bn) != w.shared) {
+			t.Errorf("n%d: KA %d, %d stages, %d bytes; want %d, %d, %d", bn, ka, st, ws16Shared(bn), w.ka, w.st, w.shared)
+		}
+	}
+}
+
+// TestWs16Valid: with the 16-row kernels on, a plan of 1-16 rows needs K
+// in whole stages of both kernels; above 16 rows only the 64-row one's.
+func TestWs16Valid(t *testing.T) {
+	g := &wsProduct{esize: 1, sms: 132, rows16: true}
+	for i := range wsWidths {
+		g.fn[i] = &cuda.Function{}
+		if wsWidths[i] <= 128 {
+			g.f16[i] = &cuda.Function{}
+		}
+	}
+	i32 := 0 // n32: 256-byte stages at TR 64 (WS_KA 2), 512 at TR 16 (WS16_KA 4)
+	for _, c := range []struct {
+		T, K, split int
+		want        bool
+	}{
+		{16, 4096, 1, true}, {16, 4096, 8, true}, {16, 3840, 1, ws16KAFor(32)*wsAtom <= 256}, {17, 3840, 1, true},
+		{16, 4096, 16, false}, {1, 512, 1, true}, {16, 256, 1, ws16KAFor(32)*wsAtom <= 256},
+	} {
+		if got := g.valid(wsPlan{i: i32, split: c.split}, c.T, 4096, c.K); got != c.want {
+			t.Errorf("n32x%d, %d rows, K %d: valid %v, want %v", c.split, c.T, c.K, got, c.want)
+		}
+	}
+	g.rows16 = false
+	if !g.valid(wsPlan{i: i32, split: 1}, 16, 4096, 3840) {
+		t.Error("n32x1, 16 rows, K 3840 with the 16-row kernels off: not valid")
+	}
+}
+
 // TestWsPlan: fp8_ws's and gemm_ws's plans at the 8B projection shapes:
 // one wave of the SM target, the most blocks, then the fewest splits
 // unless a block of under 64 weight rows would stream more than 8 KB of K

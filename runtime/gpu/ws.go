@@ -38,6 +38,8 @@ type wsProduct struct {
 	hfn        [len(wsWidths)]*cuda.Function // fn's products with half-row stages (gemm_wsh_n*, fp8_wsh_n*: 224 and 256), where compiled
 	hsfn       [len(wsWidths)]*cuda.Function // sfn's (gemm_wsh_silu_n*, fp8_wsh_silu_n*)
 	half       bool                          // the products enqueued now take hfn and hsfn where loaded (kernelForce.wsHalf)
+	f16        [len(wsWidths)]*cuda.Function // fn's products of 1-16 rows with 16 activation rows staged, not 64 (fp8_ws16_n*: 32-128), where compiled
+	rows16     bool                          // the products of 1-16 rows enqueued now take f16 where loaded (kernelForce.ws16, ws16Auto)
 	nsync      *cuda.DeviceBuffer            // nfn's barrier counters (zero between launches: wsSync)
 	part, done *cuda.DeviceBuffer            // the splits' partials and per-tile counters (zero between launches)
 	esize      int                           // operand bytes: 1 (e4m3)
@@ -122,13 +124,56 @@ const wshStatic = 4 << 10
 // half-row kernel (half set and the kernel loaded).
 func (g *wsProduct) halfOn(i int) bool { return g.half && g.hfn[i] != nil }
 
+// ws16KA is WS16_KA: the 16-row kernels' 128-byte atoms a stage
+// (common.cuh's default 4; PEFTD_KERNEL_DEFINES may set it).
+var ws16KA = max(1, kernels.DefinedInt("WS16_KA", 4))
+
+// ws16Rows is the most activation rows fp8_ws16_n* stages (ws_body's TR
+// 16); the wgmma's M stays 64, its rows 16-63 read from the bytes after
+// them and never stored.
+const ws16Rows = 16
+
+// ws16Pad is WsShape<bn, 1, false, 16>'s PAD: the bytes the last atom's
+// 64-row A read goes past it (bn 32 only), kept inside the allocation.
+func ws16Pad(bn int) int { return max(0, wsMaxRows-ws16Rows-bn) * wsAtom }
+
+// ws16Fit is how many stages of ka atoms (16 activation rows and bn
+// weight rows) wsSmem less the alignment and ws16Pad holds.
+func ws16Fit(bn, ka int) int { return (wsSmem - 1024 - ws16Pad(bn)) / (ka * (ws16Rows + bn) * wsAtom) }
+
+// ws16KAFor is the 16-row kernels' KA: WS16_KA, halved while fewer than 3
+// stages would fit (WsShape's ka).
+func ws16KAFor(bn int) int {
+	ka := ws16KA
+	for ka > 1 && ws16Fit(bn, ka) < 3 {
+		ka /= 2
+	}
+	return ka
+}
+
+// ws16Stages and ws16Shared are the 16-row kernels' ST (16 at most) and
+// dynamic shared memory (the stages, ws16Pad and 1 KB to round the base up
+// to the swizzle's 1024 bytes).
+func ws16Stages(bn int) int { return min(16, ws16Fit(bn, ws16KAFor(bn))) }
+func ws16Shared(bn int) int {
+	return ws16Stages(bn)*ws16KAFor(bn)*(ws16Rows+bn)*wsAtom + ws16Pad(bn) + 1024
+}
+
+// ws16Auto is whether products of 1-16 rows take the 16-row kernels by
+// default (kernelForce.ws16 1 or -1 sets it; TestDecodeBench +ws16).
+const ws16Auto = false
+
+// on16 reports whether a product of T rows takes width i's 16-row kernel
+// (rows16 set, T at most ws16Rows and the kernel loaded).
+func (g *wsProduct) on16(i, T int) bool { return g.rows16 && T <= ws16Rows && g.f16[i] != nil }
+
 // loadWS finds prefix_n{BN} in mod on an sm_90a card and raises their
 // shared memory limits; nil where none is there.
 func loadWS(ctx *cuda.Context, s *cuda.Stream, mod *cuda.Module, prefix string, esize, maxShared int) (*wsProduct, error) {
 	if ctx.Device().Arch() != "sm_90a" {
 		return nil, nil
 	}
-	g := &wsProduct{esize: esize, sms: ctx.Device().SMs, early: wsEarlyStages}
+	g := &wsProduct{esize: esize, sms: ctx.Device().SMs, early: wsEarlyStages, rows16: ws16Auto}
 	found := false
 	// kernel is name from mod with its shared memory limit raised to
 	// shared (nil where it is not compiled in)
@@ -170,6 +215,9 @@ func loadWS(ctx *cuda.Context, s *cuda.Stream, mod *cuda.Module, prefix string, 
 		if wshStages(bn) >= 3 && wshShared(bn)+wshStatic <= maxShared {
 			g.hfn[i] = optional(fmt.Sprintf("%sh_n%d", prefix, bn), wshShared(bn))
 			g.hsfn[i] = optional(fmt.Sprintf("%sh_silu_n%d", prefix, bn), wshShared(bn))
+		}
+		if esize == 1 && bn <= 128 && ws16Stages(bn) >= 3 && ws16Shared(bn) <= maxShared {
+			g.f16[i] = optional(fmt.Sprintf("%s16_n%d", prefix, bn), ws16Shared(bn))
 		}
 	}
 	if !found {
@@ -242,6 +290,9 @@ func (g *wsProduct) valid(p wsPlan, T, N, K int) bool {
 	stage := wsAtom * wsKAFor(bn, g.esize)
 	if g.halfOn(p.i) {
 		stage = max(stage, 2*wsAtom)
+	}
+	if g.on16(p.i, T) { // whole stages of both kernels (powers of two: the larger is a multiple of the other)
+		stage = max(stage, wsAtom*ws16KAFor(bn))
 	}
 	return g.fn[p.i] != nil && (K*g.esize)%(stage*p.split) == 0 && (p.split == 1 || p.split*N <= wsMaxPart)
 }
@@ -359,6 +410,9 @@ func (g *wsProduct) launch(s *cuda.Stream, p wsPlan, out, x, sx, w, sw cuda.Devi
 		return err
 	}
 	bn := wsWidths[p.i]
+	if g.on16(p.i, T) {
+		return g.f16[p.i].Launch(s, cuda.Dim3{X: N / bn, Y: p.split, Z: 1}, cuda.Dim3{X: 128, Y: 1, Z: 1}, ws16Shared(bn), g.args(out, x, sx, w, sw, T, N, K)...)
+	}
 	if g.halfOn(p.i) {
 		return g.hfn[p.i].Launch(s, cuda.Dim3{X: N / bn, Y: p.split, Z: 1}, cuda.Dim3{X: 128, Y: 1, Z: 1}, wshShared(bn), g.args(out, x, sx, w, sw, T, N, K)...)
 	}
