@@ -343,6 +343,9 @@ type Backend struct {
 	// outHalfOn and qkvHalfOn are outHalf's and qkvHalf's defaults
 	// (outHalfDefault, qkvHalfDefault; read by New)
 	outHalfOn, qkvHalfOn bool
+	// ws16On is the 16-row ws kernels' default (ws16Default, read by New;
+	// kernelForce.ws16 overrides it)
+	ws16On bool
 	// expandStageds, halfStageds, shrinkBigs, shrinkPipes, siluHalfs,
 	// normHalfs and ropeHalfs count the sgmv_expand_tc64s,
 	// sgmv_expand_tch1s, sgmv_shrink64, sgmv_shrink64p, silu_mul_*h,
@@ -601,6 +604,7 @@ func (b *Backend) open(opts Options) error {
 	b.guHalfOn, b.hugeHoldsOff = guHalfDefault(), hugeHoldsOff()
 	b.xtsBuild = kernels.Defined("PEFTD_EXPAND_TS")
 	b.outHalfOn, b.qkvHalfOn = outHalfDefault(), qkvHalfDefault()
+	b.ws16On = ws16Default()
 	b.pinN = int(PinnedBytes(opts.PinnedImageBytes) / stageChunkBytes)
 	if opts.LoRASMs == 0 {
 		b.la.sms = -1 // by the step's rows

@@ -160,8 +160,12 @@ func ws16Shared(bn int) int {
 }
 
 // ws16Auto is whether products of 1-16 rows take the 16-row kernels by
-// default (kernelForce.ws16 1 or -1 sets it; TestDecodeBench +ws16).
+// default (kernelForce.ws16 1 or -1 sets it; TestDecodeBench +ws16;
+// PEFTD_FP8_WS16=on|off for the whole engine: serving's A/B).
 const ws16Auto = false
+
+// ws16Default is PEFTD_FP8_WS16's switch (ws16Auto where unset).
+func ws16Default() bool { return envOnOff("PEFTD_FP8_WS16", ws16Auto) }
 
 // on16 reports whether a product of T rows takes width i's 16-row kernel
 // (rows16 set, T at most ws16Rows and the kernel loaded).
