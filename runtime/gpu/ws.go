@@ -160,9 +160,14 @@ func ws16Shared(bn int) int {
 }
 
 // ws16Auto is whether products of 1-16 rows take the 16-row kernels by
-// default (kernelForce.ws16 1 or -1 sets it; TestDecodeBench +ws16;
-// PEFTD_FP8_WS16=on|off for the whole engine: serving's A/B).
-const ws16Auto = false
+// default (kernelForce.ws16 1 or -1 sets it; TestDecodeBench +ws16,
+// +nows16; PEFTD_FP8_WS16=on|off for the whole engine: serving's A/B).
+// On since PERFORMANCE v1.01 (H100, FP8, device ms a step, one process):
+// 16 rows base 4.13 -> 4.10, four rank-32 adapters 4.49 -> 4.47; under
+// nsys o (n32) 10.2 -> 9.2 µs a layer, q/k/v (n48) 12.9 -> 12.6, down
+// (n64x2) unchanged; WS16_KA 8 4.12. Serving (steps of ~59 rows and
+// more) the same: 9,500 against 9,509 tok/s with four adapters.
+const ws16Auto = true
 
 // ws16Default is PEFTD_FP8_WS16's switch (ws16Auto where unset).
 func ws16Default() bool { return envOnOff("PEFTD_FP8_WS16", ws16Auto) }
