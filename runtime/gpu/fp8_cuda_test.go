@@ -1378,16 +1378,17 @@ type wsPlanTime struct {
 	us      float64
 }
 
-// wsSweep times a T x N x K ws product (fp8_ws, gemm_ws) with every valid plan of one
-// wave (at most the device's SMs blocks) and, for the automatic plan, 0
-// to 3 early stages (PEFTD_WS_SWEEP set; none otherwise): timed runs the
-// product once set up, on turns fp8_ws on and off.
+// wsSweep times a T x N x K ws product (fp8_ws, gemm_ws; at 9-16 rows
+// fp8_ws16 where rows16 and the width have it) with every valid plan of
+// one wave (at most the device's SMs blocks) and, for the automatic plan,
+// 0 to 3 early stages (PEFTD_WS_SWEEP set; none otherwise): timed runs
+// the product once set up, on turns fp8_ws on and off.
 func wsSweep(g *wsProduct, T, N, K int, timed func() float64, on func(bool)) []wsPlanTime {
 	if g == nil || os.Getenv("PEFTD_WS_SWEEP") == "" {
 		return nil
 	}
 	var res []wsPlanTime
-	auto, ok := g.plan(T, N, K)
+	auto, ok := g.planFrom(T, N, K, wsLoneFromDefault) // 9-16 rows too (lone products take fp8_ws there: fp8State.wsLoneFrom)
 	if !ok {
 		return nil
 	}
