@@ -660,3 +660,35 @@ func TestWs16Default(t *testing.T) {
 		}
 	}
 }
+
+// TestWs16Plan: the 8B down product's one-wave plan at 16 rows is n64x2
+// (wsShortRows) unless long16 waives the rule for the 16-row kernels,
+// then n32x1; above 16 rows, or with the 16-row kernels off, the rule
+// holds whatever long16 says; o keeps n32x1.
+func TestWs16Plan(t *testing.T) {
+	g := &wsProduct{esize: 1, sms: 132, rows16: true}
+	for i := range wsWidths {
+		g.fn[i] = &cuda.Function{}
+		if wsWidths[i] <= 128 {
+			g.f16[i] = &cuda.Function{}
+		}
+	}
+	for _, c := range []struct {
+		T, N, K        int
+		rows16, long16 bool
+		want           string
+	}{
+		{16, 4096, 14336, true, false, "n64x2"},
+		{16, 4096, 14336, true, true, "n32x1"},
+		{17, 4096, 14336, true, true, "n64x2"},
+		{16, 4096, 14336, false, true, "n64x2"},
+		{16, 4096, 4096, true, true, "n32x1"},
+		{16, 4096, 4096, true, false, "n32x1"},
+	} {
+		g.rows16, g.long16 = c.rows16, c.long16
+		p, ok := g.planFrom(c.T, c.N, c.K, 9)
+		if !ok || p.String() != c.want {
+			t.Errorf("%d x %d x %d, rows16 %v long16 %v: plan %v (ok %v), want %s", c.T, c.N, c.K, c.rows16, c.long16, p, ok, c.want)
+		}
+	}
+}

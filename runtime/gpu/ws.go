@@ -40,6 +40,7 @@ type wsProduct struct {
 	half       bool                          // the products enqueued now take hfn and hsfn where loaded (kernelForce.wsHalf)
 	f16        [len(wsWidths)]*cuda.Function // fn's products of 1-16 rows with 16 activation rows staged, not 64 (fp8_ws16_n*: 32-128), where compiled
 	rows16     bool                          // the products of 1-16 rows enqueued now take f16 where loaded (kernelForce.ws16, ws16Auto)
+	long16     bool                          // benchmarks: plans of 1-16 rows on f16 keep narrow blocks over long K (wsShortRows waived; kernelForce.wsLong16)
 	nsync      *cuda.DeviceBuffer            // nfn's barrier counters (zero between launches: wsSync)
 	part, done *cuda.DeviceBuffer            // the splits' partials and per-tile counters (zero between launches)
 	esize      int                           // operand bytes: 1 (e4m3)
@@ -346,7 +347,7 @@ func (g *wsProduct) oneWave(T, N, K, sms int) (wsPlan, int) {
 			if blocks > sms {
 				continue
 			}
-			if blocks > bestBlocks || blocks == bestBlocks && g.wsShortRows(best, K) && wsWidths[i] >= 64 {
+			if blocks > bestBlocks || blocks == bestBlocks && g.wsShortRows(best, T, K) && wsWidths[i] >= 64 {
 				best, bestBlocks = p, blocks
 			}
 		}
@@ -367,7 +368,15 @@ const wsLongSplit = 8 << 10
 // 26.4 us against n64x2 21.3; bf16 down n32x1 46.5 against n64x2 36.3;
 // with 4,096-8,192 bytes the fewest splits stay ahead (FP8 q/k/v n48x1
 // 11.0 against n96x2 12.7).
-func (g *wsProduct) wsShortRows(p wsPlan, K int) bool {
+//
+// At 1-16 rows on fp8_ws16 a 32-row block's stage is two thirds weights,
+// not one third, so long16 (kernelForce.wsLong16, TestDecodeBench
+// +wslong16) waives the rule there for the A/B: FP8 down at 16 rows
+// n32x1 (no partials to sum) against n64x2.
+func (g *wsProduct) wsShortRows(p wsPlan, T, K int) bool {
+	if g.long16 && g.on16(p.i, T) {
+		return false
+	}
 	return wsWidths[p.i] < 64 && K*g.esize/p.split > wsLongSplit
 }
 
