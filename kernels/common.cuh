@@ -1031,7 +1031,7 @@ template <int BN, int ES = 1, bool HALF = false, int TR_ = 64> struct WsShape {
     static constexpr int ST = fit(KA) < 16 ? fit(KA) : 16;
     static constexpr int IF = BN <= 64 ? WS_INFLIGHT_NARROW : WS_INFLIGHT; // wgmma groups left running (ws_body)
     static_assert(BN % 16 == 0 && ST >= 2, "ws_body: weight rows a multiple of 16, 2 stages at least (runtime/gpu loads 3 or more)");
-    static_assert(TR == 64 || TR == 16 && !HALF && ES == 1, "ws_body: 64 activation rows, or 16 for plain FP8 products");
+    static_assert(TR == 64 || TR == 16 && ES == 1, "ws_body: 64 activation rows, or 16 for FP8 products");
 };
 
 // ws_koff: the stage of its nst a block of ws_body starts its
@@ -1477,7 +1477,7 @@ __device__ __forceinline__ void ws_stage(float* d, int j, unsigned base, unsigne
     if constexpr (H < 0)
         ws_mma<ES, BN, KA, AB, TR>(d, base + (j % st) * sb);
     else
-        ws_mma<ES, BN / 2, KA, AB>(d + H * (BN / 4), base + (j % st) * sb);
+        ws_mma<ES, BN / 2, KA, AB, TR>(d + H * (BN / 4), base + (j % st) * sb);
     wg_wait<IF>();
     wg_pin<BN / 2>(d);
 }
@@ -1563,11 +1563,11 @@ __device__ __forceinline__ void ws_body(bf16* __restrict__ out, float* __restric
         // koff are even)
 #pragma unroll 1
         for (int j = 0; j < nst; j += 2) {
-            ws_stage<ES, BN, KA, AB, AHEAD, IF, 0>(d, j, base, SB, ST, [&] {
+            ws_stage<ES, BN, KA, AB, AHEAD, IF, 0, TR>(d, j, base, SB, ST, [&] {
                 copy_w(j + AHEAD);
                 copy_x(j + AHEAD);
             });
-            ws_stage<ES, BN, KA, AB, AHEAD, IF, 1>(d, j + 1, base, SB, ST, [&] {
+            ws_stage<ES, BN, KA, AB, AHEAD, IF, 1, TR>(d, j + 1, base, SB, ST, [&] {
                 copy_w(j + 1 + AHEAD);
                 copy_x(j + 1 + AHEAD);
             });

@@ -476,6 +476,13 @@ WS16_KERNEL(48)
 WS16_KERNEL(64)
 WS16_KERNEL(96)
 WS16_KERNEL(128)
+// fp8_wsh16_n{224,256}: the half-row kernels (fp8_wsh_n*) with TR 16: a
+// stage two atoms of 16 activation rows and half the block's weight rows
+// (7 stages at n224 in WSH_SMEM, not 5; kernelForce.wsHalf16, off)
+#define WSH16_KERNEL(bn) \
+    extern "C" __global__ void __launch_bounds__(128, 1) fp8_wsh16_n##bn(FP8_WS_ARGS) { ws_body<1, bn, false, false, true, 16>(FP8_WS_PASS); }
+WSH16_KERNEL(224)
+WSH16_KERNEL(256)
 // fp8_wgsk_n{128,256}: 65-256 rows, stream-K over any SMs, TMA stages and
 // warp-specialized warpgroups (wgsk.cuh; runtime/gpu wgsk.go)
 #include "wgsk.cuh"

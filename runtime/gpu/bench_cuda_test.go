@@ -422,6 +422,7 @@ type decodeVariant struct {
 	l2                           int    // the LoRA update buffer as an L2 persisting window (kernelForce.l2Win: 1 on, -1 off, 3 on over the whole buffer, 0 the default)
 	sh64                         int    // LoRA shrinks as sgmv_shrink64 (kernelForce.shrink64: 1 always, -1 never, 0 the default)
 	wssilu                       int    // bf16 gate/up and silu_mul in one gemm_ws_silu launch where it fits (kernelForce.wsSiLU: 1 on, -1 never, 0 the default: wsSiLUAuto)
+	wsh16                        bool   // FP8 gate/up of 1-16 rows on fp8_wsh16 (kernelForce.wsHalf16; label +wsh16)
 	wslong16                     bool   // plans of 1-16 rows on fp8_ws16 keep narrow blocks over long K (kernelForce.wsLong16; label +wslong16)
 	ws16                         int    // FP8 products of 1-16 rows on the 16-row kernels (fp8_ws16_n*) where a ws kernel takes them (kernelForce.ws16: 1 on, -1 never, 0 the default: ws16Auto)
 	wshalf                       int    // gate/up on the half-row kernels (gemm_wsh, fp8_wsh) where loaded (kernelForce.wsHalf: 1 on, -1 never, 0 the default: wsHalfAuto, wsHalfFP8Auto)
@@ -445,6 +446,9 @@ func (v decodeVariant) force(f kernelForce) kernelForce {
 	f.memHoist, f.l2Win, f.shrink64, f.wsSiLU, f.wsNorm, f.wsHalf, f.ws16 = v.hoist, v.l2, v.sh64, v.wssilu, v.wsnorm, v.wshalf, v.ws16
 	if v.wslong16 {
 		f.wsLong16 = 1
+	}
+	if v.wsh16 {
+		f.wsHalf16 = 1
 	}
 	f.oNoPDL, f.siluO2, f.guHalf, f.outHalf, f.qkvHalf = v.onopdl, v.siluo2, v.guhalf, v.outhalf, v.qkvhalf
 	f.allLogits, f.halfStage = v.alllogits, v.hstage
@@ -571,6 +575,9 @@ func (v decodeVariant) label(ads []*lora.Adapter, pdlOK bool) string {
 	lbl += onOffLabel(v.ws16, "ws16")
 	if v.wslong16 {
 		lbl += "+wslong16"
+	}
+	if v.wsh16 {
+		lbl += "+wsh16"
 	}
 	lbl += onOffLabel(v.silucl, "silucl")
 	lbl += onOffLabel(v.siluo2, "siluo2")
@@ -823,6 +830,7 @@ func TestDecodeBench(t *testing.T) {
 		{sms: -1, wshalf: 1}, {sms: -1, wshalf: -1}, {lora: true, sms: -1, wshalf: 1}, {lora: true, sms: -1, wshalf: -1}, {sms: -1, wshalf: 1, wssilu: 1}, {sms: -1, wshalf: 1, wssilu: 1, wsnorm: 1},
 		{sms: -1, wsfrom: 9, wssilu: 1, wsnorm: 1}, {sms: -1, wsfrom: 9, wssilu: 1, wsnorm: 1, wshalf: 1}, // FP8 9-16 rows: fp8_ws with the fused ends
 		{sms: -1, ws16: 1}, {sms: -1, ws16: -1}, {lora: true, sms: -1, ws16: 1}, {lora: true, sms: -1, ws16: -1}, {sms: -1, wslong16: true}, {lora: true, sms: -1, wslong16: true},
+		{sms: -1, wsh16: true}, {lora: true, sms: -1, wsh16: true}, {sms: -1, wsh16: true, wslong16: true}, {lora: true, sms: -1, wsh16: true, wslong16: true},
 		{lora: true, sms: -1, onopdl: 1}, {lora: true, sms: -1, onopdl: -1},
 		{lora: true, sms: -1, hstage: 1}, {lora: true, sms: -1, hstage: -1},
 		{lora: true, sms: -1, guhalf: 1}, {lora: true, sms: -1, guhalf: -1}, {lora: true, sms: -1, outhalf: 1}, {lora: true, sms: -1, outhalf: -1}, {lora: true, sms: -1, qkvhalf: 1}, {lora: true, sms: -1, qkvhalf: -1}, {lora: true, sms: -1, outhalf: 1, qkvhalf: 1},

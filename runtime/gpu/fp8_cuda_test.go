@@ -1194,20 +1194,26 @@ func TestFP8WgStream(t *testing.T) {
 		}
 		t.Skip("fp8_ws is compiled only in the wgmma build, for sm_90a")
 	}
-	rows16 := r.f.ws.rows16
+	rows16, half := r.f.ws.rows16, r.f.ws.half
 	defer func() {
 		r.f.wsOn, r.f.skTop, r.f.ws.force, r.f.ws.noStagger, r.f.wsFrom, r.f.ws.rows16 = false, 0, wsPlan{}, false, 0, rows16
+		r.f.ws.half, r.f.ws.half16 = half, false
 	}()
 	r.f.wsFrom = 1 // the steps of 1-16 rows too (TestDecodeBench's +wsN A/Bs)
 	wsOn := func(on bool) { r.f.wsOn = on }
 	label := func(p wsPlan, T int) string {
 		kind := "fp8_ws"
-		if r.f.ws.on16(p.i, T) {
+		switch {
+		case r.f.ws.on16(p.i, T):
 			kind = "fp8_ws16"
+		case r.f.ws.half16On(p.i, T):
+			kind = "fp8_wsh16"
+		case r.f.ws.halfOn(p.i):
+			kind = "fp8_wsh"
 		}
 		return fmt.Sprintf("%s %v, stagger %v", kind, p, !r.f.ws.noStagger)
 	}
-	ran16 := 0 // plans fp8_ws16 took
+	ran16, ranH16 := 0, 0 // plans fp8_ws16 and fp8_wsh16 took
 	for _, sz := range []struct{ T, N, K int }{
 		{17, 4096, 4096}, {32, 6144, 4096}, {64, 28672, 4096}, {64, 4096, 14336}, {48, 4096, 4096},
 		{33, 96, 256}, {64, 224, 384}, {20, 672, 1024},
@@ -1216,12 +1222,13 @@ func TestFP8WgStream(t *testing.T) {
 	} {
 		c := newFP8Case(t, r, sz.T, sz.N, sz.K)
 		n := 0
-		// 1-16 rows: the 64-row kernels, then the 16-row ones (fp8_ws16_n*)
-		for _, on := range []bool{false, true} {
-			if on && sz.T > ws16Rows {
+		// 1-16 rows: the 64-row kernels, then the 16-row ones (fp8_ws16_n*),
+		// then with the half-row widths on fp8_wsh16_n*
+		for mode := range 3 {
+			if mode > 0 && sz.T > ws16Rows {
 				continue
 			}
-			r.f.ws.rows16 = on
+			r.f.ws.rows16, r.f.ws.half, r.f.ws.half16 = mode > 0, mode == 2, mode == 2
 			for i := range wsWidths {
 				for _, S := range []int{1, 2, 4, 8} {
 					p := wsPlan{i: i, split: S}
@@ -1232,6 +1239,9 @@ func TestFP8WgStream(t *testing.T) {
 					c.check(label(p, sz.T), wsOn)
 					if r.f.ws.on16(p.i, sz.T) {
 						ran16++
+					}
+					if r.f.ws.half16On(p.i, sz.T) {
+						ranH16++
 					}
 					n++
 				}
@@ -1248,8 +1258,8 @@ func TestFP8WgStream(t *testing.T) {
 		}
 		c.close()
 	}
-	if ran16 == 0 {
-		t.Fatal("no plan ran on fp8_ws16 (not loaded?)")
+	if ran16 == 0 || ranH16 == 0 {
+		t.Fatalf("plans on fp8_ws16: %d, on fp8_wsh16: %d (not loaded?)", ran16, ranH16)
 	}
 	// the automatic plan of each 8B shape at 64 rows fits one wave
 	r.f.ws.force = wsPlan{}

@@ -354,6 +354,18 @@ func TestWs16Shape(t *testing.T) {
 			t.Errorf("n%d: KA %d, %d stages, %d bytes; want %d, %d, %d", bn, ka, st, ws16Shared(bn), w.ka, w.st, w.shared)
 		}
 	}
+	// the 16-row half-row kernels: two atoms of 16 activation rows and
+	// bn / 2 weight rows a stage, as many as WSH_SMEM holds (n224: 7, not
+	// fp8_wsh's 5), the 64-row A read inside each 128-row-or-more atom,
+	// the dynamic shared memory within the card's 227 KB
+	for bn, st := range map[int]int{224: 7, 256: 6} {
+		if ab := (ws16Rows + bn/2) * wsAtom; ab%1024 != 0 || ab < wsMaxRows*wsAtom {
+			t.Errorf("wsh16 n%d: an atom of %d bytes", bn, ab)
+		}
+		if got := wsh16Stages(bn); got != st || wsh16Shared(bn) > 227<<10 {
+			t.Errorf("wsh16 n%d: %d stages (want %d), %d bytes", bn, got, st, wsh16Shared(bn))
+		}
+	}
 }
 
 // TestWs16Valid: with the 16-row kernels on, a plan of 1-16 rows needs K

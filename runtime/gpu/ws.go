@@ -41,6 +41,8 @@ type wsProduct struct {
 	f16        [len(wsWidths)]*cuda.Function // fn's products of 1-16 rows with 16 activation rows staged, not 64 (fp8_ws16_n*: 32-128), where compiled
 	rows16     bool                          // the products of 1-16 rows enqueued now take f16 where loaded (kernelForce.ws16, ws16Auto)
 	long16     bool                          // benchmarks: plans of 1-16 rows on f16 keep narrow blocks over long K (wsShortRows waived; kernelForce.wsLong16)
+	hf16       [len(wsWidths)]*cuda.Function // hfn's products of 1-16 rows with 16 activation rows staged (fp8_wsh16_n224, n256), where compiled
+	half16     bool                          // benchmarks: the half-row products of 1-16 rows take hf16 where loaded (kernelForce.wsHalf16)
 	nsync      *cuda.DeviceBuffer            // nfn's barrier counters (zero between launches: wsSync)
 	part, done *cuda.DeviceBuffer            // the splits' partials and per-tile counters (zero between launches)
 	esize      int                           // operand bytes: 1 (e4m3)
@@ -160,6 +162,20 @@ func ws16Shared(bn int) int {
 	return ws16Stages(bn)*ws16KAFor(bn)*(ws16Rows+bn)*wsAtom + ws16Pad(bn) + 1024
 }
 
+// wsh16Stages and wsh16Shared are the 16-row half-row kernels' ST and
+// dynamic shared memory (fp8_wsh16_n*: two atoms of 16 activation rows
+// and half the block's bn weight rows a stage; the A read stays inside
+// an atom of 128 rows or more).
+func wsh16Stages(bn int) int { return min(16, (wshSmem-1024)/(2*(ws16Rows+bn/2)*wsAtom)) }
+func wsh16Shared(bn int) int { return wsh16Stages(bn)*2*(ws16Rows+bn/2)*wsAtom + 1024 }
+
+// half16On reports whether a product of T rows takes width i's 16-row
+// half-row kernel (half16 and the half-row kernels on, T at most
+// ws16Rows, the kernel loaded).
+func (g *wsProduct) half16On(i, T int) bool {
+	return g.half16 && g.halfOn(i) && T <= ws16Rows && g.hf16[i] != nil
+}
+
 // ws16Auto is whether products of 1-16 rows take the 16-row kernels by
 // default (kernelForce.ws16 1 or -1 sets it; TestDecodeBench +ws16,
 // +nows16; PEFTD_FP8_WS16=on|off for the whole engine: serving's A/B).
@@ -228,6 +244,12 @@ func loadWS(ctx *cuda.Context, s *cuda.Stream, mod *cuda.Module, prefix string, 
 		}
 		if esize == 1 && bn <= 128 && ws16Stages(bn) >= 3 && ws16Shared(bn) <= maxShared {
 			g.f16[i] = optional(fmt.Sprintf("%s16_n%d", prefix, bn), ws16Shared(bn))
+		}
+		// n224's seven stages leave its 2 KB of static shared memory exactly
+		// the card's 227 KB: SetMaxDynamicShared refuses it (and optional
+		// leaves it out) where the compiled static size is more
+		if esize == 1 && g.hfn[i] != nil && wsh16Stages(bn) >= 3 && wsh16Shared(bn) <= maxShared {
+			g.hf16[i] = optional(fmt.Sprintf("%sh16_n%d", prefix, bn), wsh16Shared(bn))
 		}
 	}
 	if !found {
@@ -430,6 +452,9 @@ func (g *wsProduct) launch(s *cuda.Stream, p wsPlan, out, x, sx, w, sw cuda.Devi
 	bn := wsWidths[p.i]
 	if g.on16(p.i, T) {
 		return g.f16[p.i].Launch(s, cuda.Dim3{X: N / bn, Y: p.split, Z: 1}, cuda.Dim3{X: 128, Y: 1, Z: 1}, ws16Shared(bn), g.args(out, x, sx, w, sw, T, N, K)...)
+	}
+	if g.half16On(p.i, T) {
+		return g.hf16[p.i].Launch(s, cuda.Dim3{X: N / bn, Y: p.split, Z: 1}, cuda.Dim3{X: 128, Y: 1, Z: 1}, wsh16Shared(bn), g.args(out, x, sx, w, sw, T, N, K)...)
 	}
 	if g.halfOn(p.i) {
 		return g.hfn[p.i].Launch(s, cuda.Dim3{X: N / bn, Y: p.split, Z: 1}, cuda.Dim3{X: 128, Y: 1, Z: 1}, wshShared(bn), g.args(out, x, sx, w, sw, T, N, K)...)
