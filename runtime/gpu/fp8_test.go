@@ -368,9 +368,10 @@ func TestWs16Shape(t *testing.T) {
 	}
 }
 
-// TestWs16Valid: with the 16-row kernels on, a plan of 1-16 rows needs K
-// in whole stages of both kernels; above 16 rows only the 64-row one's.
-func TestWs16Valid(t *testing.T) {
+// ws16Product is an FP8 wsProduct on 132 SMs for the plan tests: every
+// width's kernel and the 16-row kernels of 32-128 "loaded" (never
+// launched), rows16 on.
+func ws16Product() *wsProduct {
 	g := &wsProduct{esize: 1, sms: 132, rows16: true}
 	for i := range wsWidths {
 		g.fn[i] = &cuda.Function{}
@@ -378,6 +379,13 @@ func TestWs16Valid(t *testing.T) {
 			g.f16[i] = &cuda.Function{}
 		}
 	}
+	return g
+}
+
+// TestWs16Valid: with the 16-row kernels on, a plan of 1-16 rows needs K
+// in whole stages of both kernels; above 16 rows only the 64-row one's.
+func TestWs16Valid(t *testing.T) {
+	g := ws16Product()
 	i32 := 0 // n32: 256-byte stages at TR 64 (WS_KA 2), 512 at TR 16 (WS16_KA 4)
 	for _, c := range []struct {
 		T, K, split int
@@ -678,13 +686,7 @@ func TestWs16Default(t *testing.T) {
 // then n32x1; above 16 rows, or with the 16-row kernels off, the rule
 // holds whatever long16 says; o keeps n32x1.
 func TestWs16Plan(t *testing.T) {
-	g := &wsProduct{esize: 1, sms: 132, rows16: true}
-	for i := range wsWidths {
-		g.fn[i] = &cuda.Function{}
-		if wsWidths[i] <= 128 {
-			g.f16[i] = &cuda.Function{}
-		}
-	}
+	g := ws16Product()
 	for _, c := range []struct {
 		T, N, K        int
 		rows16, long16 bool
