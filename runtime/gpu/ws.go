@@ -8,9 +8,11 @@ import (
 )
 
 // wsProduct launches ws_body's kernels (kernels/common.cuh): the product of
-// 17-64 activation rows streamed through Hopper's warpgroup MMAs the way
-// fp8_stream streams 1-16 rows. The activation rows are the wgmma's M (64,
-// zeros past T) and each block's BN weight rows its N, so every block reads
+// 17-64 activation rows (FP8: 9-64, those of 1-16 rows on the fp8_ws16
+// kernels, which stage 16 activation rows, not 64: rows16) streamed
+// through Hopper's warpgroup MMAs the way fp8_stream streams 1-16 rows.
+// The activation rows are the wgmma's M (64, zeros past T) and each
+// block's BN weight rows its N, so every block reads
 // its weight rows once over its share of K and the activations once per BN
 // weight rows: one wave of blocks, no stream-K tiles to flush (fp8_wg's
 // 64-row weight tiles re-read the activations once per 64 rows, as many
