@@ -468,7 +468,7 @@ WS_FUSED_KERNELS(fp8_ws, 1, FP8_WS_ARGS, FP8_WS_PASS, FP8_WS_SILU_ARGS, FP8_WS_S
 // fp8_ws16_n{32,48,64,96,128}: fp8_ws_n* for products of 1-16 rows (ws_body's
 // TR 16: 16 activation rows staged an atom, not 64, so a stage holds
 // WS16_KA atoms of K for the shared memory of WS_KA's; runtime/gpu ws.go
-// takes them where wsProduct.narrowOn says so)
+// takes them where wsProduct.on16 says so)
 #define WS16_KERNEL(bn) \
     extern "C" __global__ void __launch_bounds__(128, 1) fp8_ws16_n##bn(FP8_WS_ARGS) { ws_body<1, bn, false, false, false, 16>(FP8_WS_PASS); }
 WS16_KERNEL(32)

@@ -280,8 +280,8 @@ func forcedOn(f int, def bool) bool {
 // Backend otherwise chooses by shape: the tests check every family against
 // the reference and the benchmarks compare them. Production never sets it.
 type kernelForce struct {
-	wsHalf16   int           // 1: the half-row products of 1-16 rows (FP8 gate/up) on fp8_wsh16_n* (16 activation rows staged); else fp8_wsh_n*
-	wsLong16   int           // 1: ws plans of 1-16 rows on the 16-row kernels keep narrow blocks over long K (wsShortRows waived: FP8 down n32x1, not n64x2); else the rule
+	wsHalf16   bool          // the half-row products of 1-16 rows (FP8 gate/up) on fp8_wsh16_n* (16 activation rows staged), not fp8_wsh_n*
+	wsLong16   bool          // ws plans of 1-16 rows on the 16-row kernels keep narrow blocks over long K (wsShortRows waived: FP8 down n32x1, not n64x2)
 	ws16       int           // FP8 ws products of 1-16 rows on the 16-row kernels (fp8_ws16_n*: 16 activation rows staged, WS16_KA atoms a stage) where loaded (1), -1 never (0: ws16Auto)
 	wsHalf     int           // ws products of widths 224 and 256 (gate/up): the half-row kernels (gemm_wsh, fp8_wsh) where loaded (1), -1 never (0: wsHalfAuto for bf16, off; wsHalfFP8Auto for FP8, on)
 	wsSiLU     int           // bf16 gate/up products gemm_ws takes in base steps: with silu_mul in the same launch (silu_ws.go) where it fits (1), -1 never (0: wsSiLUAuto: bf16 on, FP8 off)

@@ -444,12 +444,7 @@ func (v decodeVariant) force(f kernelForce) kernelForce {
 	f.holds, f.pdlJoins, f.loraInline, f.serialLoRA = v.holds, v.pdlJoins, v.inline, v.sergrp
 	f.ropeLoRA, f.nodePrio, f.siluCl, f.addCl = v.rfold, v.prio, v.silucl, v.addcl
 	f.memHoist, f.l2Win, f.shrink64, f.wsSiLU, f.wsNorm, f.wsHalf, f.ws16 = v.hoist, v.l2, v.sh64, v.wssilu, v.wsnorm, v.wshalf, v.ws16
-	if v.wslong16 {
-		f.wsLong16 = 1
-	}
-	if v.wsh16 {
-		f.wsHalf16 = 1
-	}
+	f.wsLong16, f.wsHalf16 = v.wslong16, v.wsh16
 	f.oNoPDL, f.siluO2, f.guHalf, f.outHalf, f.qkvHalf = v.onopdl, v.siluo2, v.guhalf, v.outhalf, v.qkvhalf
 	f.allLogits, f.halfStage = v.alllogits, v.hstage
 	return f
@@ -530,7 +525,8 @@ func (v decodeVariant) label(ads []*lora.Adapter, pdlOK bool) string {
 		on   bool
 		name string
 	}{{v.eager, "eager"}, {v.serial, "serial"}, {v.nopdl && pdlOK, "nopdl"}, {v.ropeHeads, "ropeheads"}, {v.lt, "lt"}, {v.wgFull, "wgfull"}, {v.wgBeside, "wgbeside"}, {v.splitBeside, "splitbeside"}, {v.nopad, "nopad"}, {v.padOld, "padold"}, {v.fslate, "fslate"}, {v.skLate, "late"},
-		{v.fs, "fs"}, {v.gv, "gv"}, {v.noseg, "noseg"}, {v.nosege, "nosege"}, {v.wg, "wg"}, {v.wgsk, "wgsk"}, {v.ws, "ws"}, {v.wsgu, "wsgu"}, {v.wsqo, "wsqo"}, {v.bws == 1, "bws"}, {v.bws == 2, "bwsqo"}, {v.bws == 3, "bwslone"}, {v.bws < 0, "nobws"}, {v.nows, "nows"}, {v.wslone, "wslone"}, {v.nowga, "nowga"}, {v.pa, "pa"}, {v.tuned, "tuned"}, {v.nowslone, "nowslone"}, {v.nowsbeside, "nowsbeside"}, {v.alllogits, "alllogits"}} {
+		{v.fs, "fs"}, {v.gv, "gv"}, {v.noseg, "noseg"}, {v.nosege, "nosege"}, {v.wg, "wg"}, {v.wgsk, "wgsk"}, {v.ws, "ws"}, {v.wsgu, "wsgu"}, {v.wsqo, "wsqo"}, {v.bws == 1, "bws"}, {v.bws == 2, "bwsqo"}, {v.bws == 3, "bwslone"}, {v.bws < 0, "nobws"}, {v.nows, "nows"}, {v.wslone, "wslone"}, {v.nowga, "nowga"}, {v.pa, "pa"}, {v.tuned, "tuned"}, {v.nowslone, "nowslone"}, {v.nowsbeside, "nowsbeside"}, {v.alllogits, "alllogits"},
+		{v.wslong16, "wslong16"}, {v.wsh16, "wsh16"}} {
 		if f.on {
 			lbl += "+" + f.name
 		}
@@ -573,12 +569,6 @@ func (v decodeVariant) label(ads []*lora.Adapter, pdlOK bool) string {
 	lbl += onOffLabel(v.hstage, "hstage")
 	lbl += onOffLabel(v.wshalf, "wshalf")
 	lbl += onOffLabel(v.ws16, "ws16")
-	if v.wslong16 {
-		lbl += "+wslong16"
-	}
-	if v.wsh16 {
-		lbl += "+wsh16"
-	}
 	lbl += onOffLabel(v.silucl, "silucl")
 	lbl += onOffLabel(v.siluo2, "siluo2")
 	lbl += onOffLabel(v.guhalf, "guhalf")

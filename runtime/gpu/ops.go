@@ -342,7 +342,7 @@ func (b *Backend) Linear(out, in engine.Buffer, w engine.Weight) {
 		b.forkAt(buf(in))
 	}
 	if ws := b.wsFor(w); ws != nil {
-		ws.half, ws.rows16, ws.long16, ws.half16 = b.wsHalf(ws.esize), forcedOn(b.force.ws16, b.ws16On), b.force.wsLong16 > 0, b.force.wsHalf16 > 0
+		b.wsKernels(ws)
 	}
 	shared := false // the LoRA stream runs beside this product on SMs held back from it
 	if base, _, ok := b.Partition(); ok {

@@ -178,7 +178,7 @@ func (b *Backend) wsAlone(w engine.Weight, in *Buffer, T, N, K int) (*wsProduct,
 	} else if !b.bwsTakes(T, N, K, false) {
 		return nil, wsPlan{}, false
 	}
-	ws.half, ws.rows16, ws.long16, ws.half16 = b.wsHalf(ws.esize), forcedOn(b.force.ws16, b.ws16On), b.force.wsLong16 > 0, b.force.wsHalf16 > 0
+	b.wsKernels(ws)
 	p, ok := ws.planFrom(T, N, K, from)
 	if !ok {
 		return nil, wsPlan{}, false

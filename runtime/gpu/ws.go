@@ -413,6 +413,14 @@ func (g *wsProduct) wsShortRows(p wsPlan, T, K int) bool {
 // 16 and 64 rows, with and without adapters, so the count stays one.
 const wsEarlyStages = 1
 
+// wsKernels sets which of ws's kernels the step's products take: the
+// half-row ones (wsHalf), the 16-row ones (kernelForce.ws16, else ws16On)
+// and the benchmarks' 16-row A/Bs (kernelForce.wsLong16, wsHalf16).
+func (b *Backend) wsKernels(ws *wsProduct) {
+	ws.half, ws.rows16 = b.wsHalf(ws.esize), forcedOn(b.force.ws16, b.ws16On)
+	ws.long16, ws.half16 = b.force.wsLong16, b.force.wsHalf16
+}
+
 // wsHalfAuto is whether the ws products of widths 224 and 256 take their
 // half-row kernels (gemm_wsh_n*, fp8_wsh_n*: two 128-byte atoms of half the
 // block's weight rows a stage, the halves alternating) by default, for
@@ -452,16 +460,16 @@ func (g *wsProduct) launch(s *cuda.Stream, p wsPlan, out, x, sx, w, sw cuda.Devi
 		return err
 	}
 	bn := wsWidths[p.i]
-	if g.on16(p.i, T) {
-		return g.f16[p.i].Launch(s, cuda.Dim3{X: N / bn, Y: p.split, Z: 1}, cuda.Dim3{X: 128, Y: 1, Z: 1}, ws16Shared(bn), g.args(out, x, sx, w, sw, T, N, K)...)
+	fn, shared := g.fn[p.i], wsShared(bn, g.esize)
+	switch {
+	case g.on16(p.i, T):
+		fn, shared = g.f16[p.i], ws16Shared(bn)
+	case g.half16On(p.i, T):
+		fn, shared = g.hf16[p.i], wsh16Shared(bn)
+	case g.halfOn(p.i):
+		fn, shared = g.hfn[p.i], wshShared(bn)
 	}
-	if g.half16On(p.i, T) {
-		return g.hf16[p.i].Launch(s, cuda.Dim3{X: N / bn, Y: p.split, Z: 1}, cuda.Dim3{X: 128, Y: 1, Z: 1}, wsh16Shared(bn), g.args(out, x, sx, w, sw, T, N, K)...)
-	}
-	if g.halfOn(p.i) {
-		return g.hfn[p.i].Launch(s, cuda.Dim3{X: N / bn, Y: p.split, Z: 1}, cuda.Dim3{X: 128, Y: 1, Z: 1}, wshShared(bn), g.args(out, x, sx, w, sw, T, N, K)...)
-	}
-	return g.fn[p.i].Launch(s, cuda.Dim3{X: N / bn, Y: p.split, Z: 1}, cuda.Dim3{X: 128, Y: 1, Z: 1}, wsShared(bn, g.esize), g.args(out, x, sx, w, sw, T, N, K)...)
+	return fn.Launch(s, cuda.Dim3{X: N / bn, Y: p.split, Z: 1}, cuda.Dim3{X: 128, Y: 1, Z: 1}, shared, g.args(out, x, sx, w, sw, T, N, K)...)
 }
 
 // args is a ws kernel's argument list for out [T, N] = x [T, K] . w [N,
