@@ -139,7 +139,8 @@
 # those labels; without QUICK, so any row of TestDecodeBench's list),
 # PEFTD_WEIGHTS=fp8 (decode), PEFTD_KV=fp8 and PEFTD_DECODE_PROMPT=4096
 # (decode, nsysdec, profile, kdetail), NSYSDEC_VARIANTS=2 (nsysdec: the
-# 4 x r32 rows too), SERVE8B_ARGS (e.g. "--weights fp8"), SERVE8B_QUICK=1
+# 4 x r32 rows too), NSYSDEC_METRICS=1 (nsysdec: the GPU's metrics sampled
+# too, averaged under each kernel family by scripts/nsys_metrics.py), SERVE8B_ARGS (e.g. "--weights fp8"), SERVE8B_QUICK=1
 # (serve8b: the Go client's base and four-adapter runs only; serve flags such
 # as --fp8-fast-accum=false go in SERVE8B_ARGS), PEFTD_FP8_PRECISE_ACCUM=1 (fp8ref's
 # TestFP8SchemeFidelity, quality's GPU fp8 candidates and the FP8 rig's
@@ -750,8 +751,14 @@ if want nsysdec; then
 	if [[ -n "$NSYS" ]] && random_ckpt "$MD" decode --layers "${DECODE_LAYERS:-32}"; then
 		# the trace starts at the first timed decode step
 		# (PEFTD_DECODE_PROFILE_RANGE): no prefill launches before it
+		# NSYSDEC_METRICS=1: nsys also samples the GPU's metrics (DRAM
+		# read / write throughput, SMs active, tensor activity) at
+		# NSYSDEC_METRICS_HZ (200 kHz, nsys's most), and
+		# scripts/nsys_metrics.py averages them under each kernel family
+		met=()
+		[[ ${NSYSDEC_METRICS:-} == 1 ]] && met=(--gpu-metrics-devices=0 "--gpu-metrics-frequency=${NSYSDEC_METRICS_HZ:-200000}")
 		(cd runtime/gpu && PEFTD_MODEL_8B=$MD PEFTD_DECODE_VARIANTS="${NSYSDEC_VARIANTS:-1}" PEFTD_DECODE_PROFILE_RANGE=1 PEFTD_DECODE_BATCHES="${PEFTD_DECODE_BATCHES:-1,16,64}" timeout "$(left 300)" \
-			"$NSYS" profile -t cuda --cuda-graph-trace=node --capture-range=cudaProfilerApi --capture-range-end=stop -o "$LOG/nsysdec" -f true "$GPUBIN" -test.v -test.count=1 -test.run '^TestDecodeBench$') >"$LOG/nsysdec.log" 2>&1 || status=1
+			"$NSYS" profile -t cuda --cuda-graph-trace=node "${met[@]}" --capture-range=cudaProfilerApi --capture-range-end=stop -o "$LOG/nsysdec" -f true "$GPUBIN" -test.v -test.count=1 -test.run '^TestDecodeBench$') >"$LOG/nsysdec.log" 2>&1 || status=1
 		nsys_import nsysdec
 		# stats' own output is kept: v0.24's bf16 runs left an empty CSV
 		# after a good import, and said nothing of why
@@ -760,6 +767,8 @@ if want nsysdec; then
 			grep -E '^BENCH decode' "$LOG/nsysdec.log"
 			echo "nsysdec: $(wc -l <"$LOG/nsysdec_cuda_gpu_trace.csv" 2>/dev/null || echo no) lines of GPU trace"
 			"$PY" scripts/nsys_steps.py "$LOG/nsysdec_cuda_gpu_trace.csv" 2>&1
+			# stats --force-export leaves the report's SQLite export beside it
+			[[ ${NSYSDEC_METRICS:-} == 1 ]] && "$PY" scripts/nsys_metrics.py "$LOG/nsysdec_cuda_gpu_trace.csv" "$LOG/nsysdec.sqlite" 2>&1
 		} | tee "$LOG/nsysdec.txt"
 		[[ -f "$LOG/nsysdec_cuda_gpu_trace.csv" ]] && gzip -c "$LOG/nsysdec_cuda_gpu_trace.csv" >"$LOG/nsysdec_cuda_gpu_trace.csv.gz"
 		tail -n 5 "$LOG/nsysdec.stats.log"
