@@ -755,8 +755,19 @@ if want nsysdec; then
 		# read / write throughput, SMs active, tensor activity) at
 		# NSYSDEC_METRICS_HZ (200 kHz, nsys's most), and
 		# scripts/nsys_metrics.py averages them under each kernel family
+		# (older nsys spell the switch --gpu-metrics-device; one with
+		# neither traces without the metrics and says so)
 		met=()
-		[[ ${NSYSDEC_METRICS:-} == 1 ]] && met=(--gpu-metrics-devices=0 "--gpu-metrics-frequency=${NSYSDEC_METRICS_HZ:-200000}")
+		if [[ ${NSYSDEC_METRICS:-} == 1 ]]; then
+			mh=$("$NSYS" profile --help 2>&1)
+			if grep -q -- '--gpu-metrics-devices' <<<"$mh"; then
+				met=(--gpu-metrics-devices=0 "--gpu-metrics-frequency=${NSYSDEC_METRICS_HZ:-200000}")
+			elif grep -q -- '--gpu-metrics-device' <<<"$mh"; then
+				met=(--gpu-metrics-device=0 "--gpu-metrics-frequency=${NSYSDEC_METRICS_HZ:-200000}")
+			else
+				echo "nsysdec: this nsys has no GPU metrics switch: tracing without them"
+			fi
+		fi
 		(cd runtime/gpu && PEFTD_MODEL_8B=$MD PEFTD_DECODE_VARIANTS="${NSYSDEC_VARIANTS:-1}" PEFTD_DECODE_PROFILE_RANGE=1 PEFTD_DECODE_BATCHES="${PEFTD_DECODE_BATCHES:-1,16,64}" timeout "$(left 300)" \
 			"$NSYS" profile -t cuda --cuda-graph-trace=node "${met[@]}" --capture-range=cudaProfilerApi --capture-range-end=stop -o "$LOG/nsysdec" -f true "$GPUBIN" -test.v -test.count=1 -test.run '^TestDecodeBench$') >"$LOG/nsysdec.log" 2>&1 || status=1
 		nsys_import nsysdec
