@@ -43,28 +43,36 @@ COLUMNS = (
 )
 
 
-def metric_samples(db):
-    """{metric name: (sorted timestamps, values)} from the report's
-    GPU_METRICS, or None with the reason where the report has none."""
+def metric_samples(db, t0=None, t1=None):
+    """({metric name: (sorted timestamps, values)}, every metric name) for
+    COLUMNS' metrics in the report's GPU_METRICS, samples from t0 to t1
+    where given (a 200 kHz capture of several seconds holds millions of
+    rows a metric: only what the tables use is read), or (None, reason)
+    where the report has none."""
     con = sqlite3.connect(db)
     tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     need = {"GPU_METRICS", "TARGET_INFO_GPU_METRICS"}
     if not need <= tables:
+        con.close()
         return None, f"no GPU metrics in {db}: tables {sorted(need - tables)} missing"
-    names = {}
-    for type_id, metric_id, name in con.execute("SELECT typeId, metricId, metricName FROM TARGET_INFO_GPU_METRICS"):
-        names[(type_id, metric_id)] = name
-    by = defaultdict(list)
-    for ts, type_id, metric_id, value in con.execute("SELECT timestamp, typeId, metricId, value FROM GPU_METRICS"):
-        name = names.get((type_id, metric_id))
-        if name is not None and value is not None:
-            by[name].append((ts, float(value)))
-    con.close()
+    ids = defaultdict(list)  # name -> [(typeId, metricId)]
+    for type_id, metric_id, name in con.execute("SELECT DISTINCT typeId, metricId, metricName FROM TARGET_INFO_GPU_METRICS"):
+        ids[name].append((type_id, metric_id))
     out = {}
-    for name, xs in by.items():
-        xs.sort()
-        out[name] = ([t for t, _ in xs], [v for _, v in xs])
-    return out, None
+    for _key, piece in COLUMNS:
+        for name in sorted(n for n in ids if piece.lower() in n.lower())[:1]:
+            xs = []
+            for type_id, metric_id in ids[name]:
+                q = "SELECT timestamp, value FROM GPU_METRICS WHERE typeId = ? AND metricId = ?"
+                args = [type_id, metric_id]
+                if t0 is not None and t1 is not None:
+                    q += " AND timestamp BETWEEN ? AND ?"
+                    args += [int(t0), int(t1)]
+                xs.extend((ts, float(v)) for ts, v in con.execute(q, args) if v is not None)
+            xs.sort()
+            out[name] = ([t for t, _ in xs], [v for _, v in xs])
+    con.close()
+    return out, sorted(ids)
 
 
 def kernel_offset(db, rows):
@@ -154,18 +162,22 @@ def main(argv):
         print(__doc__.strip().splitlines()[-2].strip(), file=sys.stderr)
         return 2
     rows = load(argv[1])
-    metrics, why = metric_samples(argv[2])
-    if metrics is None:
-        print(f"NSYSMET {why}")
-        return 0
-    print(f"NSYSMET metrics found: {', '.join(sorted(metrics))}")
-    if not rows or not metrics:
-        print("NSYSMET no kernels or no samples")
+    if not rows:
+        print("NSYSMET no kernels in the trace")
         return 0
     off = kernel_offset(argv[2], rows)
     if off:
         print(f"NSYSMET the report's kernel times are {off:.0f} ns from the trace CSV's: samples shifted")
-    for line in tables(rows, metrics, -off):
+    t1 = max(r[0] + r[1] for r in rows)
+    metrics, names = metric_samples(argv[2], rows[0][0] + off, t1 + off)
+    if metrics is None:
+        print(f"NSYSMET {names}")
+        return 0
+    print(f"NSYSMET metrics in the report: {', '.join(names)}")
+    if not any(ts for ts, _ in metrics.values()):
+        print("NSYSMET no samples of the tables' metrics inside the trace")
+        return 0
+    for line in tables(rows, metrics, off):
         print(line)
     return 0
 
@@ -208,10 +220,19 @@ def selftest():
         con.execute("INSERT INTO GPU_METRICS VALUES (?, 1, 6, ?)", (t, 100 if phase < 70_000 else 0))
     con.commit()
     con.close()
-    metrics, why = metric_samples(db)
-    assert metrics is not None, why
+    metrics, names = metric_samples(db)
+    assert metrics is not None, names
+    assert names == ["DRAM Read Bandwidth [Throughput %]", "SMs Active [Throughput %]"], names
+    part, _ = metric_samples(db, 100_000, 199_999)
+    assert len(part["DRAM Read Bandwidth [Throughput %]"][0]) == 20, part
     assert kernel_offset(db, load(trace)) == 0.0
     lines = tables(load(trace), metrics)
+    # a trace CSV whose clock is 1 us behind the report's: the offset found
+    # and applied gives the same tables
+    behind = [(r[0] - 1_000,) + r[1:] for r in load(trace)]
+    off = kernel_offset(db, behind)
+    assert off == 1_000.0, off
+    assert tables(behind, metrics, off) == lines
     got = {}
     for line in lines:
         parts = line.split()
