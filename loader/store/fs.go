@@ -92,13 +92,26 @@ func (s *FS) rootErr() error {
 	return nil
 }
 
-// List implements Store.
+// listedHook, where set (tests), runs in List between reading the folder
+// and reading its adapters' files.
+var listedHook func(root string)
+
+// List implements Store. A listing is whole or an error: where an adapter
+// listed in the folder cannot be read and the folder itself is gone or
+// unreadable by then (an unmounted volume, a renamed folder, between the
+// folder's read and its adapters'), List reports the folder unavailable
+// instead of the adapters it could still read, so that a watch or a
+// loader's Sync does not take the rest for deleted.
 func (s *FS) List(ctx context.Context) ([]Object, error) {
 	ents, err := os.ReadDir(s.root)
 	if err != nil {
 		return nil, fmt.Errorf("store: %w", err)
 	}
+	if listedHook != nil {
+		listedHook(s.root)
+	}
 	var out []Object
+	vanished := false
 	for _, e := range ents {
 		if err := ctx.Err(); err != nil {
 			return nil, err
@@ -114,9 +127,15 @@ func (s *FS) List(ctx context.Context) ([]Object, error) {
 		}
 		fis, err := atomicdir.Stat(s.root, e.Name(), ConfigFile, WeightsFile)
 		if err != nil {
+			vanished = true
 			continue // incomplete or vanished
 		}
 		out = append(out, objectOf(e.Name(), fis[0], fis[1]))
+	}
+	if vanished {
+		if err := s.rootErr(); err != nil {
+			return nil, err
+		}
 	}
 	return out, nil
 }

@@ -346,6 +346,67 @@ func TestFSStore(t *testing.T) {
 	}
 }
 
+// TestFSListFolderGoneMidway: the folder vanishing between List's read of
+// it and of its adapters' files (renamed, unmounted) makes List fail with
+// the folder unavailable, not return the adapters it still read (none): a
+// watch would report them deleted and a loader would forget them. An
+// adapter folder vanishing alone is still left out of a listing that
+// succeeds.
+func TestFSListFolderGoneMidway(t *testing.T) {
+	root := filepath.Join(t.TempDir(), "store")
+	s, err := store.NewFS(root, store.FSOptions{PollInterval: time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	for _, id := range []string{"a-1", "b-2"} {
+		if _, err := s.Put(ctx, id, []byte("{}"), []byte("w")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	t.Cleanup(func() { store.SetListedHook(nil) })
+	cases := []struct {
+		name    string
+		hook    func(root string) error
+		restore func(root string) error
+		want    []string // nil: List fails
+	}{
+		{"folder renamed", func(r string) error { return os.Rename(r, r+".away") }, func(r string) error { return os.Rename(r+".away", r) }, nil},
+		{"one adapter removed", func(r string) error { return os.Rename(filepath.Join(r, "b-2"), filepath.Join(r, "..", "b-2.away")) },
+			func(r string) error { return os.Rename(filepath.Join(r, "..", "b-2.away"), filepath.Join(r, "b-2")) }, []string{"a-1"}},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			var herr error
+			store.SetListedHook(func(r string) { herr = c.hook(r) })
+			objs, err := s.List(ctx)
+			store.SetListedHook(nil)
+			if herr != nil {
+				t.Fatal(herr)
+			}
+			if rerr := c.restore(root); rerr != nil {
+				t.Fatal(rerr)
+			}
+			if c.want == nil {
+				if err == nil || !strings.Contains(err.Error(), "is unavailable") {
+					t.Errorf("List with the folder gone midway = %v, %v; want the folder unavailable", objs, err)
+				}
+				return
+			}
+			var ids []string
+			for _, o := range objs {
+				ids = append(ids, o.ID)
+			}
+			if err != nil || !slices.Equal(ids, c.want) {
+				t.Errorf("List = %v, %v; want %v", ids, err, c.want)
+			}
+		})
+	}
+	if objs, err := s.List(ctx); err != nil || len(objs) != 2 {
+		t.Errorf("List after both = %+v, %v; want a-1 and b-2", objs, err)
+	}
+}
+
 // TestFSConsistentReads: a Get racing Puts returns one version's two files
 // together, with that version's ETag.
 func TestFSConsistentReads(t *testing.T) {
