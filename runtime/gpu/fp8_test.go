@@ -667,20 +667,6 @@ func TestSerialGroup(t *testing.T) {
 	}
 }
 
-// TestWs16Default: PEFTD_FP8_WS16 turns the 16-row kernels on or off for
-// the whole engine; unset (or not on/off) it is ws16Auto.
-func TestWs16Default(t *testing.T) {
-	for _, c := range []struct {
-		env  string
-		want bool
-	}{{"", ws16Auto}, {"on", true}, {"1", true}, {"off", false}, {"0", false}, {"maybe", ws16Auto}} {
-		t.Setenv("PEFTD_FP8_WS16", c.env)
-		if got := ws16Default(); got != c.want {
-			t.Errorf("PEFTD_FP8_WS16=%q: %v, want %v", c.env, got, c.want)
-		}
-	}
-}
-
 // TestWs16Plan: the 8B down product's one-wave plan at 16 rows is n64x2
 // (wsShortRows) unless long16 waives the rule for the 16-row kernels,
 // then n32x1; above 16 rows, or with the 16-row kernels off, the rule

@@ -29,19 +29,6 @@ func TestLoRAL2On(t *testing.T) {
 	}
 }
 
-// TestGuHalfDefault: PEFTD_LORA_GU_HALF decides over guHalfAuto.
-func TestGuHalfDefault(t *testing.T) {
-	for _, tc := range []struct {
-		env  string
-		want bool
-	}{{"", guHalfAuto}, {"on", true}, {"1", true}, {"off", false}, {"0", false}, {"bogus", guHalfAuto}} {
-		t.Setenv("PEFTD_LORA_GU_HALF", tc.env)
-		if got := guHalfDefault(); got != tc.want {
-			t.Errorf("PEFTD_LORA_GU_HALF=%q: %v, want %v", tc.env, got, tc.want)
-		}
-	}
-}
-
 // TestL2Bytes: PEFTD_LORA_L2_MB sizes the window in whole MB; anything
 // else keeps loraL2Bytes.
 func TestL2Bytes(t *testing.T) {

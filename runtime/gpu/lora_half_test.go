@@ -81,15 +81,18 @@ func TestQKVHalf(t *testing.T) {
 	}
 }
 
-// TestLoRAKnobDefaults: PEFTD_LORA_OUT_HALF and PEFTD_LORA_QKV_HALF turn
-// outHalf's and qkvHalf's defaults on or off;
-// anything else keeps the Auto constants.
-func TestLoRAKnobDefaults(t *testing.T) {
+// TestKnobDefaults: the engine-wide on/off switches (envOnOff)
+// PEFTD_LORA_OUT_HALF, PEFTD_LORA_QKV_HALF, PEFTD_LORA_GU_HALF and
+// PEFTD_FP8_WS16 turn outHalf's, qkvHalf's, guHalf's and the 16-row ws
+// kernels' defaults on or off; unset or anything else keeps the Auto
+// constants.
+func TestKnobDefaults(t *testing.T) {
 	for _, knob := range []struct {
 		env  string
 		auto bool
 		get  func() bool
-	}{{"PEFTD_LORA_OUT_HALF", outHalfAuto, outHalfDefault}, {"PEFTD_LORA_QKV_HALF", qkvHalfAuto, qkvHalfDefault}} {
+	}{{"PEFTD_LORA_OUT_HALF", outHalfAuto, outHalfDefault}, {"PEFTD_LORA_QKV_HALF", qkvHalfAuto, qkvHalfDefault},
+		{"PEFTD_LORA_GU_HALF", guHalfAuto, guHalfDefault}, {"PEFTD_FP8_WS16", ws16Auto, ws16Default}} {
 		for _, tc := range []struct {
 			env  string
 			want bool
