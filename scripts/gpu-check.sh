@@ -140,7 +140,8 @@
 # PEFTD_WEIGHTS=fp8 (decode), PEFTD_KV=fp8 and PEFTD_DECODE_PROMPT=4096
 # (decode, nsysdec, profile, kdetail), NSYSDEC_VARIANTS=2 (nsysdec: the
 # 4 x r32 rows too), NSYSDEC_METRICS=1 (nsysdec: the GPU's metrics sampled
-# too, averaged under each kernel family by scripts/nsys_metrics.py), SERVE8B_ARGS (e.g. "--weights fp8"), SERVE8B_QUICK=1
+# too, averaged under each kernel family by scripts/nsys_metrics.py),
+# SERVE8B_ARGS (e.g. "--weights fp8"), SERVE8B_QUICK=1
 # (serve8b: the Go client's base and four-adapter runs only; serve flags such
 # as --fp8-fast-accum=false go in SERVE8B_ARGS), PEFTD_FP8_PRECISE_ACCUM=1 (fp8ref's
 # TestFP8SchemeFidelity, quality's GPU fp8 candidates and the FP8 rig's
@@ -759,11 +760,10 @@ if want nsysdec; then
 		# neither traces without the metrics and says so)
 		met=()
 		if [[ ${NSYSDEC_METRICS:-} == 1 ]]; then
-			mh=$("$NSYS" profile --help 2>&1)
-			if grep -q -- '--gpu-metrics-devices' <<<"$mh"; then
-				met=(--gpu-metrics-devices=0 "--gpu-metrics-frequency=${NSYSDEC_METRICS_HZ:-200000}")
-			elif grep -q -- '--gpu-metrics-device' <<<"$mh"; then
-				met=(--gpu-metrics-device=0 "--gpu-metrics-frequency=${NSYSDEC_METRICS_HZ:-200000}")
+			# the longest spelling this nsys's help names (-devices matches -device too)
+			sw=$("$NSYS" profile --help 2>&1 | grep -o -- '--gpu-metrics-devices\?' | sort | tail -n 1)
+			if [[ -n $sw ]]; then
+				met=("$sw=0" "--gpu-metrics-frequency=${NSYSDEC_METRICS_HZ:-200000}")
 			else
 				echo "nsysdec: this nsys has no GPU metrics switch: tracing without them"
 			fi

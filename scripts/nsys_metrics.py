@@ -29,10 +29,10 @@ import sys
 from collections import defaultdict
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from nsys_steps import beside, label, load, steps_of  # noqa: E402
+from nsys_steps import beside, label, load, lora_step, steps_of  # noqa: E402
 
-# The metrics printed, by a piece of nsys's name, in this order; every
-# metric found is listed once by its full name.
+# The metrics printed (a column key, a piece of nsys's name), in this
+# order; every metric in the report is listed once by its full name.
 COLUMNS = (
     ("dram_rd", "DRAM Read"),
     ("dram_wr", "DRAM Write"),
@@ -44,11 +44,11 @@ COLUMNS = (
 
 
 def metric_samples(db, t0=None, t1=None):
-    """({metric name: (sorted timestamps, values)}, every metric name) for
-    COLUMNS' metrics in the report's GPU_METRICS, samples from t0 to t1
-    where given (a 200 kHz capture of several seconds holds millions of
-    rows a metric: only what the tables use is read), or (None, reason)
-    where the report has none."""
+    """({column key: (sorted timestamps, values)} for COLUMNS' metrics found
+    (the first full name holding the piece), every metric name) from the
+    report's GPU_METRICS, samples from t0 to t1 where given (a 200 kHz
+    capture of several seconds holds millions of rows a metric: only what
+    the tables use is read), or (None, reason) where the report has none."""
     con = sqlite3.connect(db)
     tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     need = {"GPU_METRICS", "TARGET_INFO_GPU_METRICS"}
@@ -59,18 +59,20 @@ def metric_samples(db, t0=None, t1=None):
     for type_id, metric_id, name in con.execute("SELECT DISTINCT typeId, metricId, metricName FROM TARGET_INFO_GPU_METRICS"):
         ids[name].append((type_id, metric_id))
     out = {}
-    for _key, piece in COLUMNS:
-        for name in sorted(n for n in ids if piece.lower() in n.lower())[:1]:
-            xs = []
-            for type_id, metric_id in ids[name]:
-                q = "SELECT timestamp, value FROM GPU_METRICS WHERE typeId = ? AND metricId = ?"
-                args = [type_id, metric_id]
-                if t0 is not None and t1 is not None:
-                    q += " AND timestamp BETWEEN ? AND ?"
-                    args += [int(t0), int(t1)]
-                xs.extend((ts, float(v)) for ts, v in con.execute(q, args) if v is not None)
-            xs.sort()
-            out[name] = ([t for t, _ in xs], [v for _, v in xs])
+    for key, piece in COLUMNS:
+        found = sorted(n for n in ids if piece.lower() in n.lower())
+        if not found:
+            continue
+        xs = []
+        for type_id, metric_id in ids[found[0]]:
+            q = "SELECT timestamp, value FROM GPU_METRICS WHERE typeId = ? AND metricId = ?"
+            args = [type_id, metric_id]
+            if t0 is not None and t1 is not None:
+                q += " AND timestamp BETWEEN ? AND ?"
+                args += [int(t0), int(t1)]
+            xs.extend((ts, float(v)) for ts, v in con.execute(q, args) if v is not None)
+        xs.sort()
+        out[key] = ([t for t, _ in xs], [v for _, v in xs])
     con.close()
     return out, sorted(ids)
 
@@ -96,23 +98,12 @@ def window(ts, vals, a, b):
     return vals[i:j]
 
 
-def column_names(metrics):
-    """COLUMNS' keys mapped to the full metric name found (or None)."""
-    cols = []
-    for key, piece in COLUMNS:
-        found = sorted(n for n in metrics if piece.lower() in n.lower())
-        cols.append((key, found[0] if found else None))
-    return cols
-
-
 def tables(rows, metrics, offset=0.0):
     """Lines of the per-family tables: for each step group, each compute-stream
     kernel family's mean of each column's metric under it, and the step's."""
-    cols = column_names(metrics)
     groups = defaultdict(list)
     for batch, _strm, ks in steps_of(rows):
-        side = any(beside(k) and not label(k).startswith("fill_rows") for k in ks)
-        groups[(batch, side)].append(ks)
+        groups[(batch, lora_step(ks))].append(ks)
     lines = []
     for key in sorted(groups):
         steps = groups[key][3:]  # warm-up steps left out, as nsys_steps.py does
@@ -127,23 +118,21 @@ def tables(rows, metrics, offset=0.0):
             t0 = ks[0][0] + offset
             t1 = max(k[0] + k[1] for k in ks) + offset
             spans.append(t1 - t0)
-            for ckey, name in cols:
-                if name:
-                    whole[ckey].extend(window(*metrics[name], t0, t1))
+            for ckey, m in metrics.items():
+                whole[ckey].extend(window(*m, t0, t1))
             for k in ks:
                 if beside(k):
                     continue
                 durs[label(k)].append(k[1])
                 a, b = k[0] + offset, k[0] + k[1] + offset
-                for ckey, name in cols:
-                    if name:
-                        fam[label(k)][ckey].extend(window(*metrics[name], a, b))
-        head = " ".join(f"{c:>8}" for c, _ in cols)
+                for ckey, m in metrics.items():
+                    fam[label(k)][ckey].extend(window(*m, a, b))
+        head = " ".join(f"{c:>8}" for c, _ in COLUMNS)
         lines.append(f"NSYSMET batch {batch}: {len(steps)} steps; mean % of peak over the samples under each compute-stream family")
         lines.append(f"NSYSMET batch {batch}   {'samples':>7} {'us each':>8} {head}  family")
 
         def row(n, each, vals, name):
-            cells = " ".join(f"{statistics.fmean(vals[c]):8.1f}" if vals.get(c) else f"{'-':>8}" for c, _ in cols)
+            cells = " ".join(f"{statistics.fmean(vals[c]):8.1f}" if vals.get(c) else f"{'-':>8}" for c, _ in COLUMNS)
             return f"NSYSMET batch {batch}   {n:7d} {each:8.2f} {cells}  {name}"
 
         n_whole = max((len(v) for v in whole.values()), default=0)
@@ -183,15 +172,16 @@ def main(argv):
 
 
 def selftest():
-    """Two steps of made-up kernels and samples: each family's mean must be
-    the mean of the samples inside its kernels only."""
+    """Eight steps of made-up kernels and samples, the last four with a LoRA
+    kernel: each family's mean must be the mean of the samples inside its
+    kernels only (the first three steps of each group are left out)."""
     import csv
     import tempfile
 
     d = tempfile.mkdtemp()
     trace = os.path.join(d, "t.csv")
-    # embed (0-10 us), gemm (10-60), silu (60-70); four steps 100 us apart,
-    # the last two with a LoRA kernel beside the gemm
+    # embed (0-10 us), gemm (10-60), silu (60-70); eight steps 100 us
+    # apart, the last four with a LoRA kernel beside the gemm
     with open(trace, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["Start (ns)", "Duration (ns)", "Name", "Strm", "GrdX", "GrdY", "GrdZ"])
@@ -223,8 +213,9 @@ def selftest():
     metrics, names = metric_samples(db)
     assert metrics is not None, names
     assert names == ["DRAM Read Bandwidth [Throughput %]", "SMs Active [Throughput %]"], names
+    assert sorted(metrics) == ["dram_rd", "sms_act"], sorted(metrics)
     part, _ = metric_samples(db, 100_000, 199_999)
-    assert len(part["DRAM Read Bandwidth [Throughput %]"][0]) == 20, part
+    assert len(part["dram_rd"][0]) == 20, part
     assert kernel_offset(db, load(trace)) == 0.0
     lines = tables(load(trace), metrics)
     # a trace CSV whose clock is 1 us behind the report's: the offset found

@@ -79,6 +79,12 @@ def beside(k):
     return family(k[2]).startswith(BESIDE)
 
 
+def lora_step(ks):
+    """Whether a step's kernels include the LoRA stream's (fill_rows, beside
+    the compute chain in every recording, does not count)."""
+    return any(beside(k) and not family(k[2]).startswith("fill_rows") for k in ks)
+
+
 def steps_of(rows):
     """Splits the trace at each embed kernel: (batch, compute stream, kernels)."""
     starts = [i for i, r in enumerate(rows) if family(r[2]) == "embed"]
@@ -99,8 +105,7 @@ def main():
         return
     by_batch = defaultdict(list)
     for batch, strm, ks in steps_of(rows):
-        side = any(beside(k) and not family(k[2]).startswith("fill_rows") for k in ks)  # the LoRA stream's kernels: a LoRA step
-        by_batch[(batch, side)].append((strm, ks))
+        by_batch[(batch, lora_step(ks))].append((strm, ks))
     for key in sorted(by_batch):
         steps = by_batch[key][3:]
         batch = f"{key[0]}{'+lora' if key[1] else ''}"
